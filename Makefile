@@ -1,0 +1,36 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CAMFACE := $(VENV)/bin/camface
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test models bench clean
+
+setup: $(STAMP)
+
+# One environment with everything: the live loop, TensorFlow for export/guided/train, and the
+# test tools. Re-installs when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[keras,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --snapshot-every 60 --snapshot-dir demo-out/snapshots
+
+test: setup
+	$(PY) -m pytest -q
+
+# Regenerate the bundled CAM graph from the bundled Keras model.
+models: setup
+	$(CAMFACE) export models/emotion/emotion_mini_xception_fer2013.hdf5 \
+		-o models/emotion/emotion.onnx --labels models/emotion/labels.txt \
+		--preset emotion
+
+bench: setup
+	$(CAMFACE) bench --source sample
+
+clean:
+	rm -rf $(VENV) demo-out build *.egg-info

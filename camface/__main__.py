@@ -1,0 +1,3 @@
+from camface.cli import run
+
+run()

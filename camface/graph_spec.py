@@ -1,0 +1,106 @@
+"""The CAM graph's contract: input and output names and its metadata keys.
+
+The exporter (TensorFlow side) writes graphs that follow this contract; the live loop,
+`camface info` and `camface guided` read them. This module imports nothing heavy so the
+live loop can use it without TensorFlow.
+
+Inputs
+  image        uint8 [N, H, W, C]  face crops in `color_order` (C = 1 for GRAY, 3 for RGB/BGR);
+                                   the graph casts and normalises them itself.
+  class_index  int64 [N]           class to explain per crop; -1 means the predicted class.
+Outputs (all float32, heatmaps at feature resolution, unnormalised)
+  probs        [N, classes]
+  activations  [N, h, w, K]        target-layer activations
+  gradcam      [N, h, w]           Grad-CAM (arXiv:1610.02391 eq. 1-2), pre-softmax logit
+  gradcampp    [N, h, w]           Grad-CAM++ (arXiv:1710.11063 eq. 19)
+  cam          [N, h, w]           CAM (arXiv:1512.04150); only when the head allows it
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+INPUT_IMAGE = "image"
+INPUT_CLASS = "class_index"
+OUTPUT_PROBS = "probs"
+OUTPUT_ACTIVATIONS = "activations"
+HEATMAPS = ("gradcam", "gradcampp", "cam")  # every heatmap a graph may hold, in menu order
+REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS, "gradcam", "gradcampp")
+
+# metadata_props keys; values are strings, JSON where marked.
+META_VERSION = "camface_version"
+META_LABELS = "labels"  # JSON list of class names
+META_INPUT_SIZE = "input_size"  # JSON [H, W]
+META_CHANNELS = "channels"  # "1" or "3"
+META_COLOR_ORDER = "color_order"  # "GRAY", "RGB" or "BGR"
+META_NORMALIZATION = "normalization"  # JSON {"scale": [...], "offset": [...]}: x * scale + offset
+META_TARGET_LAYER = "target_layer"
+META_FEATURE_SIZE = "feature_size"  # JSON [h, w]
+META_HEATMAPS = "heatmaps"  # JSON list of heatmap outputs present
+META_CAM_UNAVAILABLE = "cam_unavailable_reason"  # why `cam` is absent ("" when present)
+META_SOURCE_MODEL = "source_model"  # file name of the Keras model it was exported from
+META_SOURCE_SHA256 = "source_sha256"
+META_PRECISION = "precision"  # "fp32" or "fp16"
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """What the live loop needs to know about a CAM graph, read from its metadata."""
+
+    labels: tuple[str, ...]
+    input_size: tuple[int, int]  # (H, W) in pixels
+    color_order: str  # GRAY, RGB or BGR
+    target_layer: str
+    heatmaps: tuple[str, ...]
+    feature_size: tuple[int, int] = (0, 0)
+    normalization: dict = field(default_factory=dict)
+    cam_unavailable_reason: str = ""
+    source_model: str = ""
+    source_sha256: str = ""
+    precision: str = "fp32"
+    version: str = ""
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_order == "GRAY" else 3
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> "GraphInfo":
+        """Build from ONNX `metadata_props` (a str -> str mapping); raises KeyError naming
+        the first missing key."""
+        missing = [k for k in (META_LABELS, META_INPUT_SIZE, META_COLOR_ORDER, META_TARGET_LAYER,
+                               META_HEATMAPS) if k not in props]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return cls(
+            labels=tuple(json.loads(props[META_LABELS])),
+            input_size=tuple(json.loads(props[META_INPUT_SIZE])),
+            color_order=props[META_COLOR_ORDER],
+            target_layer=props[META_TARGET_LAYER],
+            heatmaps=tuple(json.loads(props[META_HEATMAPS])),
+            feature_size=tuple(json.loads(props.get(META_FEATURE_SIZE, "[0, 0]"))),
+            normalization=json.loads(props.get(META_NORMALIZATION, "{}")),
+            cam_unavailable_reason=props.get(META_CAM_UNAVAILABLE, ""),
+            source_model=props.get(META_SOURCE_MODEL, ""),
+            source_sha256=props.get(META_SOURCE_SHA256, ""),
+            precision=props.get(META_PRECISION, "fp32"),
+            version=props.get(META_VERSION, ""),
+        )
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            META_VERSION: self.version,
+            META_LABELS: json.dumps(list(self.labels)),
+            META_INPUT_SIZE: json.dumps(list(self.input_size)),
+            META_CHANNELS: str(self.channels),
+            META_COLOR_ORDER: self.color_order,
+            META_NORMALIZATION: json.dumps(self.normalization),
+            META_TARGET_LAYER: self.target_layer,
+            META_FEATURE_SIZE: json.dumps(list(self.feature_size)),
+            META_HEATMAPS: json.dumps(list(self.heatmaps)),
+            META_CAM_UNAVAILABLE: self.cam_unavailable_reason,
+            META_SOURCE_MODEL: self.source_model,
+            META_SOURCE_SHA256: self.source_sha256,
+            META_PRECISION: self.precision,
+        }
