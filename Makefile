@@ -27,7 +27,7 @@ test: setup
 models: setup
 	$(CAMFACE) export models/emotion/emotion_mini_xception_fer2013.hdf5 \
 		-o models/emotion/emotion.onnx --labels models/emotion/labels.txt \
-		--preset emotion
+		--preset emotion --target-layer add_3
 
 bench: setup
 	$(CAMFACE) bench --source sample

@@ -1,0 +1,84 @@
+"""`camface export MODEL -o OUT.onnx`: a Keras face classifier -> CAM graph (ONNX).
+
+The graph takes uint8 crops [N, H, W, C] in the recorded colour order plus class indices and
+returns probabilities, target-layer activations and heatmaps (see camface/graph_spec.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from camface.export.preprocess import COLOR_ORDERS, PRESETS
+
+log = logging.getLogger(__name__)
+
+HEAD_CHOICES = ("probs", "activations", "gradcam", "gradcampp", "cam")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="Keras model file (.keras, .h5, .hdf5)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
+                        help="where to write the CAM graph")
+    parser.add_argument("--target-layer", metavar="NAME", default=None,
+                        help="layer whose activations the heatmaps use (nested: outer/inner); "
+                             "default: the last 4-D layer before global pooling")
+    parser.add_argument("--labels", metavar="FILE", default=None,
+                        help="class names, one per line (default: class_0, class_1, ...)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="none",
+                        help="input normalisation and colour order the model expects: "
+                             "emotion = GRAY x/127.5-1; tf = RGB x/127.5-1 (MobileNetV2); "
+                             "torch = RGB (x/255-mean)/std; imagenet-caffe = BGR x-mean "
+                             "(ResNet50, VGG16); unit = RGB x/255; none = RGB x")
+    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
+                        help="override the preset's channel order of the uint8 input")
+    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
+                        help="override: x * scale + offset (1 value or one per channel)")
+    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
+                        help="override: x * scale + offset (1 value or one per channel)")
+    parser.add_argument("--fp16", action="store_true",
+                        help="float16 weights and internals (for GPUs); inputs/outputs keep types")
+    parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset")
+    parser.add_argument("--heads", nargs="+", choices=HEAD_CHOICES, default=list(HEAD_CHOICES),
+                        help=argparse.SUPPRESS)  # benchmarks: forward-only graphs
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the ONNX Runtime vs TensorFlow self-check")
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from camface.export.exporter import ExportOptions, export
+    from camface.models import read_labels
+
+    labels = None
+    if args.labels:
+        from pathlib import Path
+
+        from camface.errors import ModelError
+
+        if not Path(args.labels).is_file():
+            raise ModelError(f"labels file not found: {args.labels}")
+        labels = tuple(read_labels(args.labels))
+    options = ExportOptions(
+        target_layer=args.target_layer,
+        labels=labels,
+        preset=args.preset,
+        color_order=args.color_order,
+        scale=tuple(args.scale) if args.scale else None,
+        offset=tuple(args.offset) if args.offset else None,
+        fp16=args.fp16,
+        opset=args.opset,
+        heads=tuple(args.heads),
+        verify=not args.no_verify,
+    )
+    result = export(args.model, args.output, options)
+    info = result.info
+    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "
+          f"target layer {info.target_layer} {info.feature_size[0]}x{info.feature_size[1]}, "
+          f"heatmaps {', '.join(info.heatmaps)}, {info.color_order} {info.input_size[0]}x"
+          f"{info.input_size[1]}, {len(info.labels)} classes, {info.precision}")
+    for difference in result.differences:
+        print(f"  verify {difference}")
+    return 0

@@ -1,0 +1,308 @@
+"""TensorFlow function -> ONNX model with tf2onnx, plus the converter handlers that the
+in-graph gradients need, the metadata of camface.graph_spec, and optional float16.
+
+tf2onnx 1.17 has no handler for several ops that TensorFlow's gradients emit. The ones a
+classifier head needs are added here (and kept under test, tests/test_export_convert.py):
+- ShapeN (Conv2D's input gradient asks for the shapes of input and filter at once): one ONNX
+  Shape per input, cast to the int32 TensorFlow expects.
+- ReluGrad: gradient * (features > 0).
+- Relu6Grad: gradient * (0 < features < 6).
+- BroadcastGradientArgs (Add/Mul of two tensors with a dynamic batch): the axes along which
+  each input was broadcast, from NonZero over the padded shapes.
+- MaxPoolGrad: ONNX MaxPool's argmax indices, then ScatterElements(reduction="add") of the
+  gradient into zeros (opset >= 16); ties go to the first maximum, as in TensorFlow.
+- DepthwiseConv2dNativeBackpropInput (separable / depthwise convs): a grouped ConvTranspose.
+Global pooling's gradient is made convertible on the TensorFlow side instead
+(graph.safe_global_average_pool).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from camface.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+def _shape_n(ctx, node, name, args):
+    """ShapeN(x_1..x_n) -> n int32/int64 shapes: one Shape (+ Cast) per input."""
+    from onnx import TensorProto
+
+    out_type = node.get_attr_value("out_type", TensorProto.INT32)
+    for i, (source, output) in enumerate(zip(list(node.input), list(node.output))):
+        shape = ctx.make_node("Shape", [source], name=f"{node.name}_shape_{i}")
+        result = shape.output[0]
+        if out_type != TensorProto.INT64:
+            result = ctx.make_node("Cast", [result], attr={"to": out_type},
+                                   name=f"{node.name}_cast_{i}").output[0]
+        ctx.set_dtype(result, out_type)
+        rank = ctx.get_shape(source)
+        ctx.set_shape(result, [len(rank)] if rank is not None else [-1])
+        ctx.replace_all_inputs(output, result)
+    ctx.remove_node(node.name)
+
+
+def _relu_grad(ctx, node, name, args):
+    """ReluGrad(gradients, features) = gradients * (features > 0)."""
+    _masked_gradient(ctx, node, upper=None)
+
+
+def _relu6_grad(ctx, node, name, args):
+    """Relu6Grad(gradients, features) = gradients * (0 < features < 6)."""
+    _masked_gradient(ctx, node, upper=6.0)
+
+
+def _masked_gradient(ctx, node, upper):
+    import numpy as np
+    from onnx import helper
+
+    gradients, features = node.input[0], node.input[1]
+    dtype = ctx.get_dtype(gradients)
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    zero = ctx.make_const(f"{node.name}_zero", np.zeros((), dtype=np_dtype)).output[0]
+    mask = ctx.make_node("Greater", [features, zero], name=f"{node.name}_positive").output[0]
+    if upper is not None:
+        six = ctx.make_const(f"{node.name}_upper", np.asarray(upper, dtype=np_dtype)).output[0]
+        below = ctx.make_node("Less", [features, six], name=f"{node.name}_below").output[0]
+        mask = ctx.make_node("And", [mask, below], name=f"{node.name}_inside").output[0]
+    mask = ctx.make_node("Cast", [mask], attr={"to": dtype}, name=f"{node.name}_mask").output[0]
+    shapes, dtypes = [ctx.get_shape(node.output[0])], [dtype]
+    output = node.output[0]
+    ctx.remove_node(node.name)
+    ctx.make_node("Mul", [gradients, mask], outputs=[output], name=node.name,
+                  shapes=shapes, dtypes=dtypes)
+
+
+def _broadcast_gradient_args(ctx, node, name, args):
+    """BroadcastGradientArgs(s0, s1) -> (r0, r1): axes where one shape is 1 and the other not."""
+    import numpy as np
+    from onnx import TensorProto
+
+    shapes = [node.input[0], node.input[1]]
+    ranks = [ctx.get_shape(s)[0] if ctx.get_shape(s) else -1 for s in shapes]
+    utils_make_sure(all(r >= 0 for r in ranks), "BroadcastGradientArgs needs shapes of known rank")
+    rank = max(ranks)
+    dtype = ctx.get_dtype(node.input[0])
+    padded = []
+    for shape, r in zip(shapes, ranks):
+        shape = ctx.make_node("Cast", [shape], attr={"to": TensorProto.INT64}).output[0]
+        if r < rank:
+            ones = ctx.make_const(f"{node.name}_ones_{len(padded)}",
+                                  np.ones(rank - r, dtype=np.int64)).output[0]
+            shape = ctx.make_node("Concat", [ones, shape], attr={"axis": 0}).output[0]
+        padded.append(shape)
+    one = ctx.make_const(f"{node.name}_one", np.ones((), dtype=np.int64)).output[0]
+    is_one = [ctx.make_node("Equal", [s, one]).output[0] for s in padded]
+    outputs = list(node.output)
+    ctx.remove_node(node.name)
+    for i, output in enumerate(outputs):
+        other = ctx.make_node("Not", [is_one[1 - i]]).output[0]
+        mask = ctx.make_node("And", [is_one[i], other]).output[0]
+        where = ctx.make_node("NonZero", [mask]).output[0]
+        flat = ctx.make_node("Squeeze", [where, ctx.make_const(
+            f"{node.name}_axis_{i}", np.zeros(1, dtype=np.int64)).output[0]]).output[0]
+        ctx.make_node("Cast", [flat], attr={"to": dtype}, outputs=[output],
+                      shapes=[[-1]], dtypes=[dtype])
+
+
+def _max_pool_grad(ctx, node, name, args):
+    """MaxPoolGrad(orig_input, orig_output, grad), NHWC -> gradient w.r.t. orig_input."""
+    import numpy as np
+    from onnx import TensorProto
+
+    utils_make_sure(ctx.opset >= 16, "MaxPoolGrad needs opset >= 16 (ScatterElements add)")
+    utils_make_sure(_data_format(node) == "NHWC", "MaxPoolGrad: only NHWC is supported")
+    x, grad = node.input[0], node.input[2]
+    ksize = list(node.get_attr_value("ksize"))[1:3]
+    strides = list(node.get_attr_value("strides"))[1:3]
+    padding = _padding(node)
+    dtype = ctx.get_dtype(node.output[0])
+    out_shape = ctx.get_shape(node.output[0])
+    output = node.output[0]
+    ctx.remove_node(node.name)
+    x_nchw = ctx.make_node("Transpose", [x], attr={"perm": [0, 3, 1, 2]}).output[0]
+    pool = ctx.make_node("MaxPool", [x_nchw], output_count=2,
+                         attr={"kernel_shape": ksize, "strides": strides,
+                               "auto_pad": "SAME_UPPER" if padding == "SAME" else "VALID"},
+                         dtypes=[dtype, TensorProto.INT64])
+    minus_one = ctx.make_const(f"{node.name}_flat", np.array([-1], dtype=np.int64)).output[0]
+    indices = ctx.make_node("Reshape", [pool.output[1], minus_one]).output[0]
+    grad_nchw = ctx.make_node("Transpose", [grad], attr={"perm": [0, 3, 1, 2]}).output[0]
+    updates = ctx.make_node("Reshape", [grad_nchw, minus_one]).output[0]
+    x_shape = ctx.make_node("Shape", [x_nchw]).output[0]
+    flat_x = ctx.make_node("Reshape", [x_nchw, minus_one]).output[0]
+    zeros = ctx.make_node("Mul", [flat_x, ctx.make_const(
+        f"{node.name}_zero", np.zeros((), dtype=np.float32)).output[0]]).output[0]
+    scattered = ctx.make_node("ScatterElements", [zeros, indices, updates],
+                              attr={"axis": 0, "reduction": "add"}).output[0]
+    shaped = ctx.make_node("Reshape", [scattered, x_shape]).output[0]
+    ctx.make_node("Transpose", [shaped], attr={"perm": [0, 2, 3, 1]}, outputs=[output],
+                  shapes=[out_shape], dtypes=[dtype])
+
+
+def _depthwise_backprop_input(ctx, node, name, args):
+    """DepthwiseConv2dNativeBackpropInput(input_sizes, filter [kh, kw, C, M],
+    out_backprop [N, h, w, C*M]) -> [N, H, W, C]: ConvTranspose with group = C."""
+    import numpy as np
+
+    utils_make_sure(_data_format(node) == "NHWC", "depthwise gradient: only NHWC is supported")
+    padding = _padding(node)
+    filter_shape = ctx.get_shape(node.input[1])
+    out_shape = ctx.get_shape(node.output[0])
+    utils_make_sure(filter_shape is not None and -1 not in filter_shape,
+                    "depthwise gradient needs a filter of known shape")
+    utils_make_sure(out_shape is not None and -1 not in out_shape[1:3],
+                    "depthwise gradient needs a known input height and width")
+    kh, kw, channels, multiplier = filter_shape
+    strides = list(node.get_attr_value("strides"))[1:3]
+    dilations = list(node.get_attr_value("dilations") or [1, 1, 1, 1])[1:3]
+    grad_shape = ctx.get_shape(node.input[2])
+    in_dims = grad_shape[1:3]
+    pads, output_padding = [0, 0, 0, 0], [0, 0]
+    for i, (size, k, s, d) in enumerate(zip(out_shape[1:3], (kh, kw), strides, dilations)):
+        total = s * (in_dims[i] - 1) + (k - 1) * d + 1 - size
+        if padding == "VALID" or total < 0:
+            output_padding[i] = max(-total, 0)
+            total = max(total, 0)
+        pads[i], pads[i + 2] = total // 2, total - total // 2
+    dtype = ctx.get_dtype(node.output[0])
+    output = node.output[0]
+    weights, grad = node.input[1], node.input[2]
+    ctx.remove_node(node.name)
+    shape = ctx.make_const(f"{node.name}_wshape",
+                           np.array([kh, kw, channels * multiplier, 1], dtype=np.int64)).output[0]
+    w = ctx.make_node("Reshape", [weights, shape]).output[0]
+    w = ctx.make_node("Transpose", [w], attr={"perm": [2, 3, 0, 1]}).output[0]
+    grad_nchw = ctx.make_node("Transpose", [grad], attr={"perm": [0, 3, 1, 2]}).output[0]
+    attr = {"group": channels, "kernel_shape": [kh, kw], "strides": strides,
+            "dilations": dilations, "pads": pads}
+    if any(output_padding):
+        attr["output_padding"] = output_padding
+    conv = ctx.make_node("ConvTranspose", [grad_nchw, w], attr=attr).output[0]
+    ctx.make_node("Transpose", [conv], attr={"perm": [0, 2, 3, 1]}, outputs=[output],
+                  shapes=[out_shape], dtypes=[dtype])
+
+
+def _data_format(node) -> str:
+    value = node.get_attr_value("data_format", b"NHWC")
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _padding(node) -> str:
+    value = node.get_attr_value("padding")
+    value = value.decode() if isinstance(value, bytes) else value
+    utils_make_sure(value in ("SAME", "VALID"), f"{node.type}: padding {value} is not supported")
+    return value
+
+
+def utils_make_sure(condition: bool, message: str) -> None:
+    from tf2onnx import utils
+
+    utils.make_sure(condition, message)
+
+
+GRADIENT_HANDLERS = {
+    "BroadcastGradientArgs": (_broadcast_gradient_args, []),
+    "MaxPoolGrad": (_max_pool_grad, []),
+    "DepthwiseConv2dNativeBackpropInput": (_depthwise_backprop_input, []),
+    "ShapeN": (_shape_n, []),
+    "ReluGrad": (_relu_grad, []),
+    "Relu6Grad": (_relu6_grad, []),
+}
+
+
+def to_onnx(function, opset: int = DEFAULT_OPSET):
+    """Convert a `tf.function` with an input signature to an onnx.ModelProto (dynamic batch).
+
+    Output names are the keys of the function's returned dict."""
+    import tf2onnx
+
+    # tf2onnx logs every optimisation pass at INFO; keep them for --debug.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    model, _ = tf2onnx.convert.from_function(
+        function,
+        input_signature=function.input_signature,
+        opset=opset,
+        custom_op_handlers=dict(GRADIENT_HANDLERS),
+    )
+    return model
+
+
+def name_batch_dimension(model, name: str = "N") -> None:
+    """Call the first (dynamic) dimension of every graph input and output `name`."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = name
+
+
+def set_metadata(model, metadata: dict[str, str], doc: str = "") -> None:
+    """Replace the model's metadata_props with `metadata` (str -> str)."""
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    if doc:
+        model.doc_string = doc
+
+
+def to_float16(model):
+    """float16 weights and internals; inputs and outputs keep their types (uint8/int64 in,
+    float32 out). Uses onnxconverter-common's converter."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError as exc:
+        from camface.errors import CamfaceError
+
+        raise CamfaceError("--fp16 needs onnxconverter-common (pip install 'camface[keras]')") from exc
+    model = _isolate_outputs(model)
+    # tf2onnx casts int64 class indices to float for comparisons; the converter would retype the
+    # Cast's output without changing its `to` attribute, so Casts stay as they are.
+    from camface.export.graph import HEATMAP_SCOPE
+
+    keep = [node.name for node in model.graph.node
+            if node.op_type == "Cast" or HEATMAP_SCOPE in node.name]
+    # ScatterElements(add) (the max-pool gradient) has no float16 kernel on ONNX Runtime's CPU.
+    blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["ScatterElements"]
+    return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                            op_block_list=blocked)
+
+
+def _isolate_outputs(model):
+    """A copy where each graph output is written by its own Identity node.
+
+    The float16 converter casts graph outputs back to float32 in place, which breaks nodes that
+    also read an output tensor inside the graph (`activations` feeds the heatmaps)."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    for output in graph.output:
+        inner = f"{output.name}__inner"
+        for node in graph.node:
+            node.output[:] = [inner if o == output.name else o for o in node.output]
+            node.input[:] = [inner if i == output.name else i for i in node.input]
+        graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name],
+                                                name=f"{output.name}__output"))
+    return model
+
+
+def save(model, path: str | Path) -> Path:
+    """Write the model; raises OutputError naming the path when it cannot be written."""
+    import onnx
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
+    try:
+        onnx.save_model(model, str(path))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path

@@ -1,0 +1,142 @@
+"""Keras classifier file -> verified ONNX CAM graph with camface metadata (the `export` job)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camface import __version__, graph_spec
+from camface.errors import ModelError
+from camface.export.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export. `preprocessing` None means: resolve preset/colour/scale/offset below
+    against the model's channel count."""
+
+    target_layer: str | None = None
+    labels: tuple[str, ...] | None = None
+    preset: str = "none"
+    color_order: str | None = None
+    scale: tuple[float, ...] | None = None
+    offset: tuple[float, ...] | None = None
+    fp16: bool = False
+    opset: int = 17
+    heads: tuple[str, ...] = ("probs", "activations", "gradcam", "gradcampp", "cam")
+    verify: bool = True
+    safe_mode: bool = True
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    info: graph_spec.GraphInfo
+    differences: tuple = field(default_factory=tuple)  # verify.Difference per output
+    seconds: float = 0.0
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build(model, options: ExportOptions):
+    """(tf.function, GraphInfo without source fields) for an in-memory Keras model."""
+    import numpy as np
+
+    from camface.export import graph, keras_model
+
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or None in shape[1:]:
+        raise ModelError(f"model {model.name!r} input has shape {shape}; camface needs a fixed "
+                         "(N, H, W, C) image input")
+    _, height, width, channels = shape
+    num_classes = int(model.outputs[0].shape[-1])
+    labels = options.labels or tuple(f"class_{i}" for i in range(num_classes))
+    if len(labels) != num_classes:
+        raise ModelError(f"{len(labels)} labels given for a model with {num_classes} classes")
+    preprocessing = Preprocessing.resolve(channels, options.preset, options.color_order,
+                                          options.scale, options.offset)
+    target = keras_model.resolve_target(model, options.target_layer)
+    split = keras_model.split_model(model, target)
+    probe = split.features(np.zeros((1, height, width, channels), np.float32))
+    if len(probe.shape) != 4:
+        raise ModelError(f"target layer {split.target_layer!r} output is not 4-D")
+    feature_size = (int(probe.shape[1]), int(probe.shape[2]))
+    weights, why_no_cam = keras_model.cam_weights(split, num_classes, int(probe.shape[3]))
+    heads = tuple(options.heads)
+    if "cam" in heads and weights is None:
+        heads = tuple(h for h in heads if h != "cam")
+    elif "cam" not in heads:
+        why_no_cam = why_no_cam or "not exported (heads)"
+    parts = graph.GraphParts(split, (height, width), channels, num_classes,
+                             preprocessing.scale, preprocessing.offset, weights)
+    function = graph.build_function(parts, heads)
+    info = graph_spec.GraphInfo(
+        labels=tuple(labels),
+        input_size=(height, width),
+        color_order=preprocessing.color_order,
+        target_layer=split.target_layer,
+        heatmaps=tuple(h for h in graph_spec.HEATMAPS if h in heads),
+        feature_size=feature_size,
+        normalization=preprocessing.to_metadata(),
+        cam_unavailable_reason=why_no_cam if weights is None or "cam" not in heads else "",
+        precision="fp16" if options.fp16 else "fp32",
+        version=__version__,
+    )
+    return function, info
+
+
+def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
+    """Load, build, convert, verify and write. Raises ModelError / OutputError."""
+    import time
+    from dataclasses import replace
+
+    from camface.export import convert, keras_model, verify
+
+    started = time.perf_counter()
+    model_path, output = Path(model_path), Path(output)
+    _check_writable(output)
+    model = keras_model.load_model(model_path, safe_mode=options.safe_mode)
+    function, info = build(model, options)
+    info = replace(info, source_model=model_path.name, source_sha256=sha256(model_path))
+    log.info("exporting %s at target layer %s (feature map %dx%d), heatmaps %s",
+             model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps))
+    if info.cam_unavailable_reason:
+        log.info("no CAM: %s", info.cam_unavailable_reason)
+    onnx_model = convert.to_onnx(function, opset=options.opset)
+    convert.name_batch_dimension(onnx_model)
+    if options.fp16:
+        onnx_model = convert.to_float16(onnx_model)
+    convert.set_metadata(onnx_model, info.to_metadata(),
+                         doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
+    differences = ()
+    if options.verify:
+        differences = tuple(verify.verify(onnx_model.SerializeToString(), function,
+                                          info.input_size, info.channels, len(info.labels),
+                                          info.precision))
+    convert.save(onnx_model, output)
+    return ExportResult(output, info, differences, time.perf_counter() - started)
+
+
+def _check_writable(output: Path) -> None:
+    """Fail before the slow part when the output path cannot be written."""
+    import os
+
+    from camface.errors import OutputError
+
+    if output.is_dir():
+        raise OutputError(f"cannot write {output}: it is a directory")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {output}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise OutputError(f"cannot write {output}: permission denied")

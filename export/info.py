@@ -1,0 +1,99 @@
+"""`camface info MODEL.onnx`: what a CAM graph holds (metadata, inputs, outputs).
+
+Reads the file with `onnx` when it is installed, else with ONNX Runtime (the live-loop install).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from camface import graph_spec
+from camface.errors import ModelError
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    path: Path
+    metadata: dict[str, str]
+    inputs: tuple[tuple[str, str, tuple], ...]  # (name, element type, shape)
+    outputs: tuple[tuple[str, str, tuple], ...]
+    opset: int | None
+
+    @property
+    def info(self) -> graph_spec.GraphInfo:
+        return graph_spec.GraphInfo.from_metadata(self.metadata)
+
+
+def read(path: str | Path) -> GraphSummary:
+    """Metadata and signature of an ONNX file. Raises ModelError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"ONNX file not found: {path}")
+    try:
+        import onnx
+    except ImportError:
+        return _read_with_onnxruntime(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{path}: not an ONNX model (no graph)")
+
+    def signature(values):
+        rows = []
+        for value in values:
+            tensor = value.type.tensor_type
+            dims = tuple(d.dim_param or d.dim_value for d in tensor.shape.dim)
+            rows.append((value.name, onnx.TensorProto.DataType.Name(tensor.elem_type).lower(), dims))
+        return tuple(rows)
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return GraphSummary(path, {p.key: p.value for p in model.metadata_props}, signature(inputs),
+                        signature(model.graph.output), opset)
+
+
+def _read_with_onnxruntime(path: Path) -> GraphSummary:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
+    meta = session.get_modelmeta().custom_metadata_map
+
+    def signature(values):
+        return tuple((v.name, v.type, tuple(v.shape)) for v in values)
+
+    return GraphSummary(path, dict(meta), signature(session.get_inputs()),
+                        signature(session.get_outputs()), None)
+
+
+def format_summary(summary: GraphSummary) -> str:
+    lines = [f"{summary.path}" + (f" (opset {summary.opset})" if summary.opset else "")]
+    lines.append("metadata:")
+    width = max((len(k) for k in summary.metadata), default=0)
+    for key, value in summary.metadata.items():
+        lines.append(f"  {key:<{width}}  {value}")
+    for title, rows in (("inputs:", summary.inputs), ("outputs:", summary.outputs)):
+        lines.append(title)
+        for name, kind, shape in rows:
+            lines.append(f"  {name:<12} {kind:<8} [{', '.join(str(d) for d in shape)}]")
+    try:
+        summary.info
+    except KeyError as exc:
+        lines.append(f"not a camface CAM graph: metadata lacks {exc}")
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("graph", metavar="MODEL.onnx", help="a CAM graph written by camface export")
+
+
+def main(args: argparse.Namespace) -> int:
+    print(format_summary(read(args.graph)))
+    return 0

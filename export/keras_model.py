@@ -1,0 +1,339 @@
+"""Read a Keras classifier: load it, find its target layer, and cut it in two at that layer.
+
+The CAM graph needs three things from a model: the `features` part (image -> target-layer
+activations A, [N, h, w, K]), the `head` part (A -> logits, the input of the final softmax) and,
+when the head is global-average-pooling followed by one linear layer, the class weights that CAM
+uses. Backbones nested as one layer (a `keras.Model` used inside another, as in Keras' transfer
+learning guide) are walked into; their layers are named `outer/inner`.
+
+TensorFlow and Keras are imported inside functions: this module is imported by the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from camface.errors import ModelError
+
+POOLING_TYPES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+# Layers that are the identity at inference: CAM may look through them.
+_IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
+                          "AlphaDropout", "ActivityRegularization", "Flatten", "Reshape", "Identity")
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def load_model(path: str | Path, safe_mode: bool = True):
+    """Load a `.keras` / `.h5` / `.hdf5` model without compiling it.
+
+    Raises `ModelError` naming the path when the file is missing or is not a Keras model.
+    `safe_mode=True` refuses to deserialise Lambda-layer bytecode (Keras' own safety switch).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
+        raise ModelError(f"{path}: expected a Keras model file (.keras, .h5 or .hdf5)")
+    import keras
+
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            raise ModelError(f"{path}: refused in safe mode ({_first_line(exc)})") from exc
+        raise ModelError(f"{path}: not a loadable Keras model ({_first_line(exc)})") from exc
+    except Exception as exc:  # h5py/zipfile raise many types for a file that is not a model
+        raise ModelError(f"{path}: not a loadable Keras model ({_first_line(exc)})") from exc
+    if not isinstance(model, keras.Model) or len(model.outputs) != 1 or len(model.inputs) != 1:
+        raise ModelError(f"{path}: camface needs a model with one image input and one output")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _is_model(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.Model)
+
+
+def _node(layer):
+    """The single call of `layer` inside its parent graph."""
+    nodes = layer._inbound_nodes
+    if len(nodes) != 1:
+        raise ModelError(f"layer {layer.name!r} is called {len(nodes)} times; camface needs one call")
+    return nodes[0]
+
+
+def _output_in_parent(layer):
+    """`layer`'s output tensor in the graph that calls it (for a nested model, its call's output)."""
+    return _node(layer).output_tensors[0]
+
+
+def _input_in_parent(layer):
+    return _node(layer).input_tensors[0]
+
+
+def iter_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(path, layer) for every layer in topological order; nested models are walked into and
+    also listed themselves (after their layers). Input layers are skipped."""
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        path = prefix + layer.name
+        if _is_model(layer):
+            yield from iter_layers(layer, prefix=path + "/")
+        yield path, layer
+
+
+def _rank(layer) -> int:
+    try:
+        return len(_output_in_parent(layer).shape)
+    except (ModelError, AttributeError):
+        return -1
+
+
+def candidate_layers(model) -> list[str]:
+    """Paths of layers with a 4-D output (NHWC feature maps), in topological order."""
+    return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
+
+
+def default_target_layer(model) -> str:
+    """The last layer with a 4-D output before the first global pooling layer (the study's
+    "last conv"); with no global pooling, the last 4-D layer. Raises `ModelError` when the model
+    has no 4-D layer."""
+    candidates = []
+    for path, layer in iter_layers(model):
+        if type(layer).__name__ in POOLING_TYPES:
+            break
+        if _rank(layer) == 4:
+            candidates.append((path, layer))
+    if not candidates:
+        candidates = [(p, layer) for p, layer in iter_layers(model) if _rank(layer) == 4]
+    if not candidates:
+        raise ModelError(f"model {model.name!r} has no layer with a 4-D output (N, H, W, C): "
+                         "camface explains convolutional classifiers")
+    path, layer = candidates[-1]
+    while _is_model(layer):  # name the layer that produces a nested model's output
+        inner = layer.outputs[0]
+        owner = next(sub for sub in reversed(layer.layers) if _output_in_parent(sub) is inner)
+        path, layer = f"{path}/{owner.name}", owner
+    return path
+
+
+def resolve_target(model, name: str | None) -> list[str]:
+    """Split a target-layer name into its path through nested models.
+
+    Accepts a full path (`resnet50/conv5_block3_out`) or a bare layer name when it is unique.
+    Raises `ModelError` listing the candidate layers for an unknown name."""
+    if name is None:
+        return default_target_layer(model).split("/")
+    candidates = candidate_layers(model)
+    if name in candidates:
+        return name.split("/")
+    matches = [c for c in candidates if c.split("/")[-1] == name]
+    if len(matches) == 1:
+        return matches[0].split("/")
+    known = {path for path, _ in iter_layers(model)}
+    if name in known or matches:
+        why = f"layer {name!r} has no 4-D output" if not matches else f"{name!r} is ambiguous"
+    else:
+        why = f"no layer named {name!r}"
+    shown = candidates[-30:]
+    more = f" (and {len(candidates) - len(shown)} earlier)" if len(candidates) > len(shown) else ""
+    raise ModelError(f"{why} in model {model.name!r}; candidate target layers{more}: "
+                     + ", ".join(shown))
+
+
+@dataclass(frozen=True)
+class Split:
+    """A classifier cut at its target layer.
+
+    features(x) -> A: float32 [N, H, W, C] normalised image -> [N, h, w, K] activations.
+    head(A) -> logits: [N, h, w, K] -> [N, classes], the input of the final softmax/sigmoid.
+    probabilities(logits) -> [N, classes]: the model's own final activation.
+    head_layers: the layers between A and the logits, in order (for the CAM check).
+    final_kernel: [K', classes] kernel of a final Dense whose linear part `head` applies (or None).
+    """
+
+    target_layer: str
+    features: Callable
+    head: Callable
+    probabilities: Callable
+    head_layers: tuple
+    final_kernel: object
+    final_activation: str
+
+
+def split_model(model, target_path: list[str]) -> Split:
+    """Cut `model` at `target_path` (from `resolve_target`). Raises `ModelError` when layers
+    after the target also read tensors from before it (inside a residual block)."""
+    import keras
+
+    final = _final_layer(model)
+    final_kind = type(final).__name__
+    activation = _activation_name(final)
+    final_kernel = None
+    if final_kind in ("Activation", "Softmax") and activation in _PROBABILITY_ACTIVATIONS:
+        end = _input_in_parent(final)
+        tail = None
+    elif activation in _PROBABILITY_ACTIVATIONS and final_kind == "Dense":
+        end = _input_in_parent(final)
+        tail = _linear_dense(final)
+        final_kernel = final.kernel
+    else:  # the model already outputs logits (linear activation): softmax them for `probs`
+        end = model.outputs[0]
+        tail = None
+        activation = "softmax"
+    probabilities = keras.activations.get(activation)
+    features, head, head_layers = _split(model, list(target_path), end)
+    if tail is not None:
+        head_layers = head_layers + (final,)
+
+        def head_with_tail(a, head=head, tail=tail):
+            return tail(head(a))
+    else:
+        head_with_tail = head
+    return Split("/".join(target_path), features, head_with_tail, probabilities, head_layers,
+                 final_kernel, activation)
+
+
+def _final_layer(model):
+    out = model.outputs[0]
+    for layer in reversed(model.layers):
+        if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is out:
+            return layer
+    raise ModelError(f"cannot find the output layer of model {model.name!r}")
+
+
+def _activation_name(layer) -> str:
+    if type(layer).__name__ == "Softmax":
+        return "softmax"
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", str(act)) if act is not None else "linear"
+
+
+def _linear_dense(dense) -> Callable:
+    """The linear part x @ kernel + bias of a Dense layer whose activation is softmax/sigmoid."""
+    from keras import ops
+
+    def linear(x):
+        y = ops.matmul(x, dense.kernel)
+        return y + dense.bias if dense.bias is not None else y
+
+    return linear
+
+
+def _submodel(inputs, outputs, what: str, differentiated: bool = False):
+    """A callable running the layers between two tensors, and those layers; a differentiated
+    part has its global pooling layers replaced by ones whose gradient converts to ONNX."""
+    import keras
+
+    if inputs is outputs:
+        return (lambda x: x), ()
+    try:
+        sub = keras.Model(inputs, outputs)
+    except ValueError as exc:
+        raise ModelError(f"cannot cut the model at {what}: layers after it also read tensors from "
+                         f"before it (inside a residual block?); choose a layer where the network "
+                         f"narrows, such as an `add` or block output ({_first_line(exc)})") from exc
+    layers = tuple(layer for layer in sub.layers if type(layer).__name__ != "InputLayer")
+    if differentiated:
+        sub = _gradient_safe(sub)
+
+    def call(x, sub=sub):
+        return sub(x, training=False)
+
+    return call, layers
+
+
+def _gradient_safe(sub):
+    """`sub` with its GlobalAverage/MaxPooling2D layers (channels_last, no keepdims) replaced by
+    `graph.safe_global_*_pool`; every other layer is shared, weights included."""
+    import keras
+
+    from camface.export import graph
+
+    functions = {"GlobalAveragePooling2D": graph.safe_global_average_pool,
+                 "GlobalMaxPooling2D": graph.safe_global_max_pool}
+
+    class SafePooling(keras.layers.Layer):
+        def __init__(self, function, **kwargs):
+            super().__init__(**kwargs)
+            self.function = function
+
+        def call(self, x):
+            return self.function(x)
+
+    def swap(layer):
+        kind = type(layer).__name__
+        if (kind in functions and not layer.keepdims
+                and getattr(layer, "data_format", "channels_last") == "channels_last"):
+            return SafePooling(functions[kind], name=layer.name)
+        return layer
+
+    return keras.models.clone_model(sub, clone_function=swap)
+
+
+def _split(model, path: list[str], end) -> tuple[Callable, Callable, tuple]:
+    """features, head and head layers of `model` cut at `path`, the head ending at `end`."""
+    layer = model.get_layer(path[0])
+    where = f"layer {'/'.join(path)!r}"
+    if len(path) == 1:
+        target = _output_in_parent(layer)
+        features, _ = _submodel(model.inputs[0], target, where)
+        head, layers = _submodel(target, end, where, differentiated=True)
+        return features, head, layers
+    if not _is_model(layer):
+        raise ModelError(f"{path[0]!r} is not a nested model in {model.name!r}")
+    inner_features, inner_head, inner_layers = _split(layer, path[1:], layer.outputs[0])
+    before, _ = _submodel(model.inputs[0], _input_in_parent(layer), where)
+    after, outer_layers = _submodel(_output_in_parent(layer), end, where, differentiated=True)
+
+    def features(x):
+        return inner_features(before(x))
+
+    def head(a):
+        return after(inner_head(a))
+
+    return features, head, inner_layers + outer_layers
+
+
+def cam_weights(split: Split, num_classes: int, channels: int):
+    """CAM class weights W [K, classes] (CAM, arXiv:1512.04150 eq. 2: M_c = sum_k w_k^c f_k) when
+    the head is global average pooling then one linear layer (or nothing: identity weights),
+    else (None, reason). Biases are left out, as in the paper."""
+    import numpy as np
+
+    layers = [layer for layer in split.head_layers
+              if type(layer).__name__ not in _IDENTITY_AT_INFERENCE]
+    kinds = [type(layer).__name__ for layer in layers]
+    if not kinds or kinds[0] != "GlobalAveragePooling2D":
+        first = kinds[0] if kinds else "nothing"
+        return None, (f"CAM needs global average pooling right after the target layer "
+                      f"{split.target_layer!r}; found {first}")
+    rest = layers[1:]
+    if not rest:
+        if channels != num_classes:
+            return None, (f"global average pooling feeds the softmax directly but has {channels} "
+                          f"channels for {num_classes} classes")
+        return np.eye(channels, dtype=np.float32), ""
+    if len(rest) == 1:
+        layer = rest[0]
+        kind = type(layer).__name__
+        linear = _activation_name(layer) in ("linear",) or layer is _final_of(split)
+        if kind == "Dense" and linear:
+            return np.asarray(layer.kernel, dtype=np.float32), ""
+        if kind == "Conv2D" and linear and tuple(layer.kernel_size) == (1, 1):
+            return np.asarray(layer.kernel, dtype=np.float32).reshape(channels, -1), ""
+    names = " -> ".join(f"{layer.name} ({type(layer).__name__})" for layer in rest)
+    return None, (f"the head after global average pooling is not one linear layer "
+                  f"({names}); CAM needs GAP -> Dense/1x1 conv -> softmax")
+
+
+def _final_of(split: Split):
+    return split.head_layers[-1] if split.final_kernel is not None else None

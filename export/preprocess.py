@@ -1,0 +1,96 @@
+"""What the CAM graph does to its uint8 input before the model sees it: x * scale + offset.
+
+The live loop sends uint8 crops in the colour order recorded in the graph; the graph casts to
+float32 and applies the per-channel affine map recorded here (metadata `normalization`).
+Presets name the conventions of common models:
+
+  emotion         GRAY, x / 127.5 - 1          the bundled FER2013 mini-Xception
+  tf              RGB,  x / 127.5 - 1          keras.applications "tf" mode (MobileNetV2)
+  torch           RGB,  (x / 255 - mean) / std keras.applications "torch" mode (ImageNet mean/std)
+  imagenet-caffe  BGR,  x - [103.939, 116.779, 123.68]
+                                               keras.applications "caffe" mode (ResNet50, VGG16):
+                                               BGR channel order, ImageNet mean subtracted
+  unit            RGB,  x / 255
+  none            RGB,  x                      raw 0..255 floats
+A one-channel model is always GRAY.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from camface.errors import ModelError
+
+COLOR_ORDERS = ("GRAY", "RGB", "BGR")
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PRESETS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
+    "emotion": ("GRAY", (1 / 127.5,), (-1.0,)),
+    "tf": ("RGB", (1 / 127.5,), (-1.0,)),
+    "torch": ("RGB", tuple(1 / (255 * s) for s in _IMAGENET_STD),
+              tuple(-m / s for m, s in zip(_IMAGENET_MEAN, _IMAGENET_STD))),
+    "imagenet-caffe": ("BGR", (1.0,), (-103.939, -116.779, -123.68)),
+    "unit": ("RGB", (1 / 255,), (0.0,)),
+    "none": ("RGB", (1.0,), (0.0,)),
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """uint8 [N, H, W, C] in `color_order` -> float32 x * scale + offset (per channel)."""
+
+    color_order: str
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+    preset: str = ""
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_order == "GRAY" else 3
+
+    def to_metadata(self) -> dict:
+        """The `normalization` metadata value (graph_spec.META_NORMALIZATION)."""
+        out = {"scale": list(self.scale), "offset": list(self.offset)}
+        if self.preset:
+            out["preset"] = self.preset
+        return out
+
+    @classmethod
+    def resolve(cls, channels: int, preset: str = "none", color_order: str | None = None,
+                scale: list[float] | None = None, offset: list[float] | None = None
+                ) -> "Preprocessing":
+        """The preset, overridden by explicit values; scale/offset hold 1 or `channels` values."""
+        if preset not in PRESETS:
+            raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        order, preset_scale, preset_offset = PRESETS[preset]
+        if color_order is not None:
+            order = color_order.upper()
+            if order not in COLOR_ORDERS:
+                raise ModelError(f"unknown colour order {color_order!r}; choose GRAY, RGB or BGR")
+        if channels == 1:
+            if order != "GRAY" and color_order is not None:
+                raise ModelError(f"the model takes 1 channel; colour order {order} needs 3")
+            order = "GRAY"
+        elif channels == 3 and order == "GRAY":
+            if color_order is not None:
+                raise ModelError("the model takes 3 channels; colour order GRAY needs 1")
+            order = "RGB"
+        elif channels not in (1, 3):
+            raise ModelError(f"the model takes {channels} channels; camface supports 1 or 3")
+        scale_values = _per_channel(scale if scale is not None else preset_scale, channels, "scale")
+        offset_values = _per_channel(offset if offset is not None else preset_offset, channels,
+                                     "offset")
+        explicit = scale is not None or offset is not None or color_order is not None
+        return cls(order, scale_values, offset_values, preset if not explicit else f"{preset}+custom")
+
+
+def _per_channel(values, channels: int, what: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        return values * channels
+    if len(values) == channels:
+        return values
+    if channels == 1 and len(set(values)) == 1:
+        return values[:1]
+    raise ModelError(f"--{what} needs 1 or {channels} values, got {len(values)}")

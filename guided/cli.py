@@ -1,0 +1,239 @@
+"""`camface guided INPUT`: Guided Backprop / Guided Grad-CAM figures from snapshots or images.
+
+    camface guided SNAPSHOT_DIR                      -> SNAPSHOT_DIR/guided.png
+    camface guided photo.jpg -o fig.png --class happy sad
+    camface guided SNAPSHOT_DIR --layers all -o layers.gif
+
+Top-level imports stay light (no TensorFlow): `camface --help` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from camface.errors import ModelError, OutputError, SourceError
+
+log = logging.getLogger(__name__)
+
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
+
+
+@dataclass(frozen=True)
+class GuidedConfig:
+    """Everything `camface guided` was asked to do, built once from the command line."""
+
+    input: Path
+    output: Path | None
+    model: Path | None
+    layer: str | None
+    classes: tuple[str, ...]
+    all_layers: bool
+    cam_boxes: bool
+    detector: str
+    margin: float
+    min_confidence: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "GuidedConfig":
+        return cls(Path(args.input), Path(args.output) if args.output else None,
+                   Path(args.model) if args.model else None, args.layer,
+                   tuple(args.classes or ()), args.layers == "all", args.cam_boxes,
+                   args.detector, args.margin, args.min_confidence)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="INPUT",
+                        help="a snapshot folder saved by `camface live` (key s, --snapshot-every), "
+                             "or an image file (faces are detected and cropped as in the live loop)")
+    parser.add_argument("--model", metavar="MODEL.keras|.h5", default=None,
+                        help="Keras model to explain with; default: the snapshot's (found beside its "
+                             "ONNX graph, or the bundled one when its sha256 matches), or the bundled "
+                             "emotion model for images")
+    parser.add_argument("--layer", metavar="NAME", default=None,
+                        help="layer for CAM / Grad-CAM / Grad-CAM++; default: the snapshot graph's "
+                             "target layer, else the last 4-D layer before global pooling")
+    parser.add_argument("--class", dest="classes", nargs="+", metavar="NAME|INDEX", default=None,
+                        help="class(es) to explain; several give one row per face and class; "
+                             "default: the class the snapshot explained, or the predicted class")
+    parser.add_argument("-o", "--output", metavar="OUT", default=None,
+                        help="figure file (.png, .pdf, .svg), or OUT.gif with --layers all; default: "
+                             "guided.png / guided_layers.gif in the snapshot folder, or "
+                             "IMAGE_guided.png / IMAGE_guided_layers.gif beside the image")
+    parser.add_argument("--layers", choices=["all"], default=None,
+                        help="animate Grad-CAM over every convolutional layer, first to last (GIF)")
+    parser.add_argument("--cam-boxes", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw the study's localisation box (largest region above 20%% of the "
+                             "map's maximum) on the overlays")
+    parser.add_argument("--detector", choices=["short", "full"], default="full",
+                        help="face detector for image inputs (as `camface live --detector`)")
+    parser.add_argument("--margin", type=float, default=0.1,
+                        help="crop margin around each face for image inputs, fraction of the box's "
+                             "longer side (as `camface live --margin`)")
+    parser.add_argument("--min-confidence", type=float, default=0.5,
+                        help="detector confidence threshold for image inputs")
+
+
+def _output_path(config: GuidedConfig) -> Path:
+    """The output file, checked before any work: right suffix, writable folder."""
+    suffix = ".gif" if config.all_layers else ".png"
+    if config.output is not None:
+        out = config.output
+    elif config.input.is_dir():
+        out = config.input / ("guided_layers.gif" if config.all_layers else "guided.png")
+    else:
+        out = config.input.with_name(config.input.stem + ("_guided_layers" if config.all_layers
+                                                           else "_guided") + suffix)
+    if config.all_layers and out.suffix.lower() != ".gif":
+        raise OutputError(f"--layers all writes an animated GIF: use -o OUT.gif, not {out}")
+    if not config.all_layers and out.suffix.lower() not in FIGURE_SUFFIXES:
+        raise OutputError(f"cannot write a figure to {out}: use one of "
+                          f"{', '.join(FIGURE_SUFFIXES)} (or --layers all with .gif)")
+    if not out.parent.is_dir():
+        raise OutputError(f"cannot write {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _class_indices(names: tuple[str, ...], labels: tuple[str, ...], classes: int) -> list[int]:
+    """--class values (names, case-insensitive, or indices) -> class indices."""
+    lowered = [label.lower() for label in labels]
+    indices = []
+    for name in names:
+        if name.lstrip("-").isdigit():
+            index = int(name)
+        elif name.lower() in lowered:
+            index = lowered.index(name.lower())
+        else:
+            raise ModelError(f"unknown class {name!r}: the model's classes are "
+                             f"{', '.join(labels) or f'0..{classes - 1}'}")
+        if not 0 <= index < classes:
+            raise ModelError(f"class index {index} is out of range: the model has {classes} classes")
+        indices.append(index)
+    return indices
+
+
+def _load_keras(path: Path):
+    import keras
+
+    try:
+        return keras.models.load_model(str(path), compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for files that are not models
+        raise ModelError(f"cannot load Keras model {path}: {exc}") from exc
+
+
+def _read_input(config: GuidedConfig):
+    """(GuidedInput, keras model) for a snapshot folder or an image file."""
+    from camface.guided import snapshot
+    from camface.guided.image import image_model, read_image
+
+    if config.input.is_dir():
+        source = snapshot.read_snapshot(config.input, config.model)
+        return source, _load_keras(source.keras_path)
+    if not config.input.is_file():
+        raise SourceError(f"input not found: {config.input} (a snapshot folder or an image file)")
+    keras_path, preprocessing, labels, layer = image_model(config.model)
+    model = _load_keras(keras_path)
+    channels = int(model.input_shape[-1])
+    if preprocessing is None:
+        if channels != 1:
+            raise ModelError(f"cannot tell how {keras_path} expects its pixels: export it first "
+                             f"(camface export {keras_path} -o {keras_path.with_suffix('.onnx')}) "
+                             "or explain a snapshot made with its graph")
+        log.warning("%s: assuming grayscale input scaled as x/127.5-1 (the emotion model's)",
+                    keras_path)
+        preprocessing = snapshot.EMOTION_PREPROCESSING
+    size = tuple(int(v) for v in model.input_shape[1:3])
+    return read_image(config.input, keras_path, preprocessing, size, labels,
+                      detector=config.detector, margin=config.margin,
+                      min_confidence=config.min_confidence, target_layer=layer), model
+
+
+def main(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from camface.guided import gradcam
+
+    config = GuidedConfig.from_args(args)
+    out = _output_path(config)
+    started = time.perf_counter()
+    source, model = _read_input(config)
+    for note in source.notes:
+        log.warning("%s", note)
+    channels, crop_channels = int(model.input_shape[-1]), source.faces[0].crop.shape[-1]
+    if channels != crop_channels:
+        raise ModelError(f"model {source.keras_path} takes {channels} channel(s) but the crops of "
+                         f"{source.origin} have {crop_channels} ({source.preprocessing.color_order})")
+    classes = int(model.output_shape[-1])
+    labels = source.labels if len(source.labels) == classes else tuple(
+        f"class {i}" for i in range(classes))
+
+    requested = _class_indices(config.classes, labels, classes) if config.classes else None
+    crops, class_index, names = [], [], []
+    for face in source.faces:
+        for index in requested if requested is not None else [face.explained]:
+            crops.append(face.crop)
+            class_index.append(index)
+            names.append(face.name)
+    crops = np.stack(crops)
+    class_index = np.asarray(class_index, np.int64)
+
+    if config.all_layers:
+        return _write_layers_gif(model, crops, class_index, names, labels, source, out, started)
+
+    layer = config.layer or source.target_layer or None
+    try:
+        layer = gradcam.resolve_layer(model, layer)
+    except ModelError:
+        if config.layer:
+            raise
+        default = gradcam.resolve_layer(model, None)
+        log.warning("target layer %r of the CAM graph is not in %s: using %r",
+                    source.target_layer, source.keras_path.name, default)
+        layer = default
+    return _write_figure(model, layer, crops, class_index, names, labels, source, config, out,
+                         started)
+
+
+def _write_figure(model, layer, crops, class_index, names, labels, source, config, out,
+                  started) -> int:
+    from camface.guided.explain import Explainer
+    from camface.guided.figure import comparison_figure, save_figure
+
+    explainer = Explainer(model, layer, source.preprocessing)
+    items = explainer.explain(crops, class_index, tuple(names))
+    if explainer.cam_reason:
+        log.info("CAM not shown: %s", explainer.cam_reason)
+    fig = comparison_figure(items, labels, boxes=config.cam_boxes,
+                            color_order=source.preprocessing.color_order,
+                            gradient_label=explainer.gradient_label,
+                            cam_note=explainer.cam_reason)
+    try:
+        save_figure(fig, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write figure {out}: {exc}") from exc
+    log.info("wrote %s: %d row(s), layer %r, %s, %.1f s", out, len(items), layer,
+             explainer.gradient_label, time.perf_counter() - started)
+    return 0
+
+
+def _write_layers_gif(model, crops, class_index, names, labels, source, out, started) -> int:
+    from camface.guided import gradcam
+    from camface.guided.explain import layer_sweep, to_rgb
+    from camface.guided.figure import layer_frames, save_gif
+
+    layers = gradcam.conv_layers(model)
+    if not layers:
+        raise ModelError(f"model {source.keras_path} has no convolutional layer")
+    sweep = layer_sweep(model, layers, crops, class_index, source.preprocessing)
+    crops_rgb = [to_rgb(crop, source.preprocessing.color_order) for crop in crops]
+    frames = layer_frames(sweep, crops_rgb, labels, names)
+    try:
+        save_gif(frames, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write animation {out}: {exc}") from exc
+    log.info("wrote %s: %d frames (one per conv layer, %s .. %s), %.1f s", out, len(frames),
+             layers[0], layers[-1], time.perf_counter() - started)
+    return 0

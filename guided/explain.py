@@ -1,0 +1,134 @@
+"""Explain face crops with every map the comparison figure shows, in TensorFlow.
+
+One `Explainer` per (model, layer): a forward/backward pass for CAM, Grad-CAM and Grad-CAM++
+at the layer, and a guided copy of the model for Guided Backprop. Guided Grad-CAM is Guided
+Backprop times Grad-CAM upsampled (bilinear) to the input (Selvaraju et al., arXiv:1610.02391,
+sec. 3 "Guided Grad-CAM"); Grad-CAM is scaled to [0, 1] first so the product keeps the units
+of the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from camface.guided import gradcam as maps
+from camface.guided.snapshot import Preprocessing
+
+
+def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a [h, w] map to size (H, W); float32, input untouched."""
+    import cv2
+
+    return cv2.resize(np.asarray(heatmap, np.float32), (size[1], size[0]),
+                      interpolation=cv2.INTER_LINEAR)
+
+
+def to_rgb(crop: np.ndarray, color_order: str) -> np.ndarray:
+    """uint8 [H, W, C] in `color_order` -> uint8 [H, W, 3] RGB for display."""
+    if color_order == "GRAY" or crop.shape[-1] == 1:
+        return np.repeat(crop[..., :1], 3, axis=-1)
+    return np.ascontiguousarray(crop[..., ::-1]) if color_order == "BGR" else crop
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """All maps for one crop and one explained class.
+
+    Heatmaps `cam`, `gradcam`, `gradcampp` are float32 [h, w] at the layer's resolution,
+    unnormalised (`cam` is None when the head does not allow CAM). `input_gradient` and
+    `guided_gradcam` are float32 [H, W, C] at the crop's resolution, in the crop's colour
+    order, with respect to raw uint8 pixel values.
+    """
+
+    name: str
+    image_rgb: np.ndarray  # uint8 [H, W, 3] the crop as the graph saw it, shown in RGB
+    probs: np.ndarray  # float32 [classes]
+    predicted: int
+    explained: int
+    layer: str
+    cam: np.ndarray | None
+    gradcam: np.ndarray
+    gradcampp: np.ndarray
+    input_gradient: np.ndarray
+    guided_gradcam: np.ndarray
+    guided: bool  # False: input_gradient is a plain gradient (model without ReLU)
+
+
+class Explainer:
+    """CAM / Grad-CAM / Grad-CAM++ / Guided Backprop / Guided Grad-CAM for one model and layer.
+
+    `layer`: a layer name or `backbone/layer` path; None = the default target layer.
+    `cam_reason` says why CAM is absent (set by `explain`)."""
+
+    def __init__(self, model, layer: str | None, preprocessing: Preprocessing):
+        from camface.guided.backprop import GuidedBackprop
+
+        self.layer = maps.resolve_layer(model, layer)
+        self.preprocessing = preprocessing
+        self._model = model
+        self._runner = maps.GradientRunner(model, [self.layer])
+        self._backprop = GuidedBackprop(maps.logits_model(model))
+        self.cam_reason = ""
+
+    @property
+    def guided(self) -> bool:
+        return self._backprop.guided
+
+    @property
+    def gradient_label(self) -> str:
+        return self._backprop.label
+
+    def explain(self, crops: np.ndarray, class_index: np.ndarray,
+                names: tuple[str, ...] = ()) -> list[Explanation]:
+        """crops: uint8 [N, H, W, C] in the preprocessing's colour order; class_index: int [N],
+        -1 = the predicted class. Returns one Explanation per crop."""
+        images = self.preprocessing.apply(crops)
+        passes = self._runner.run(images, class_index)
+        predicted = passes.probs.argmax(axis=-1)
+        explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
+        activations, gradients = passes.activations[0], passes.gradients[0]
+        gradcam = maps.grad_cam(activations, gradients)
+        gradcampp = maps.grad_cam_plus_plus(activations, gradients)
+        weights, self.cam_reason = maps.cam_weights(self._model, self._runner.cuts[0],
+                                                    activations.shape[-1])
+        cam = (maps.class_activation_map(activations, weights.T[explained])
+               if weights is not None else None)
+        # Chain rule through x * scale + offset: gradient w.r.t. raw pixel values.
+        input_gradient = (self._backprop.gradients(images, explained)
+                          * np.asarray(self.preprocessing.scale, np.float32))
+        size = crops.shape[1:3]
+        results = []
+        for i in range(len(crops)):
+            upsampled = upsample(gradcam[i], size)
+            peak = float(upsampled.max())
+            weight = upsampled / peak if peak > 0 else upsampled
+            results.append(Explanation(
+                name=names[i] if i < len(names) else f"face {i}",
+                image_rgb=to_rgb(crops[i], self.preprocessing.color_order),
+                probs=passes.probs[i], predicted=int(predicted[i]), explained=int(explained[i]),
+                layer=self.layer, cam=None if cam is None else cam[i],
+                gradcam=gradcam[i], gradcampp=gradcampp[i], input_gradient=input_gradient[i],
+                guided_gradcam=input_gradient[i] * weight[:, :, None], guided=self.guided))
+        return results
+
+
+@dataclass(frozen=True)
+class LayerMaps:
+    """Grad-CAM of every crop at one layer (for the --layers all animation)."""
+
+    layer: str
+    gradcam: np.ndarray  # float32 [N, h, w], unnormalised
+    explained: np.ndarray  # int64 [N]
+
+
+def layer_sweep(model, layers: list[str], crops: np.ndarray, class_index: np.ndarray,
+                preprocessing: Preprocessing) -> list[LayerMaps]:
+    """Grad-CAM for the chosen classes at each of `layers`, in one forward/backward pass."""
+    runner = maps.GradientRunner(model, layers)
+    passes = runner.run(preprocessing.apply(crops), class_index)
+    predicted = passes.probs.argmax(axis=-1)
+    explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
+    return [LayerMaps(layer, maps.grad_cam(a, g), explained)
+            for layer, a, g in zip(layers, passes.activations, passes.gradients)]

@@ -1,0 +1,179 @@
+"""CAM, Grad-CAM and Grad-CAM++ in TensorFlow for `camface guided`, at any layer of a Keras model.
+
+The live loop gets these maps from the exported ONNX CAM graph; this module recomputes them in
+TensorFlow so the guided figure can explain any layer (`--layer`, `--layers all`), and so the two
+can be checked against each other (tests/test_guided_gradcam.py).
+
+Math (pure numpy, inputs never modified), per image, with A [h, w, K] the target layer's
+activations and G = d y^c / d A the gradient of the class's PRE-softmax logit y^c:
+- CAM (Zhou et al., arXiv:1512.04150, eq. 2):  M_c = sum_k w_k^c A_k, with w the weights of the
+  linear head after global average pooling.
+- Grad-CAM (Selvaraju et al., arXiv:1610.02391, eq. 1-2): alpha_k = mean_ij G_ijk;
+  L = ReLU(sum_k alpha_k A_k).
+- Grad-CAM++ (Chattopadhay et al., arXiv:1710.11063, eq. 19, closed form for the score exp(y^c)):
+  a_ij^k = G^2 / (2 G^2 + sum_ab A_ab^k G^3); w_k = sum_ij a_ij^k ReLU(G_ij^k);
+  L = ReLU(sum_k w_k A_k). The positive factor exp(y^c) of eq. 19 only rescales the map and is
+  left out (maps are shown normalised).
+All maps stay at feature resolution [h, w], unnormalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def grad_cam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM, arXiv:1610.02391 eq. 1-2. [N, h, w, K] float x2 -> [N, h, w] float32."""
+    alpha = gradients.mean(axis=(1, 2))  # eq. 1: global-average-pooled gradients, [N, K]
+    return np.maximum(np.einsum("nhwk,nk->nhw", activations, alpha), 0.0).astype(np.float32)
+
+
+def grad_cam_plus_plus(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM++, arXiv:1710.11063 eq. 19 (exp-score closed form). [N, h, w, K] x2 -> [N, h, w]."""
+    g2 = gradients ** 2
+    g3 = g2 * gradients
+    sum_a = activations.sum(axis=(1, 2), keepdims=True)  # sum_ab A_ab^k, [N, 1, 1, K]
+    denominator = 2.0 * g2 + sum_a * g3
+    # alpha is 0/0 where the gradient is 0; it contributes nothing there.
+    alpha = np.where(denominator != 0, g2 / np.where(denominator == 0, 1.0, denominator), 0.0)
+    weights = (alpha * np.maximum(gradients, 0.0)).sum(axis=(1, 2))  # [N, K]
+    return np.maximum(np.einsum("nhwk,nk->nhw", activations, weights), 0.0).astype(np.float32)
+
+
+def class_activation_map(activations: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
+    """CAM, arXiv:1512.04150 eq. 2. activations [N, h, w, K], class_weights [N, K] -> [N, h, w]."""
+    return np.einsum("nhwk,nk->nhw", activations, class_weights).astype(np.float32)
+
+
+# ---------------------------------------------------------------- Keras model structure
+# Target layers are resolved and the model is cut exactly as `camface export` does
+# (camface.export.keras_model), so a snapshot's graph target, nested backbones included
+# (`backbone/layer` paths), means the same layer here.
+
+
+def _is_softmax(activation) -> bool:
+    import keras
+
+    return activation is keras.activations.softmax
+
+
+def logits_model(model):
+    """A Keras model from `model`'s input to its PRE-softmax logits [N, classes].
+
+    If the model ends in softmax (an `Activation("softmax")` / `Softmax` layer, or a layer with
+    softmax activation) its input / pre-activation is used; otherwise the output is taken as
+    the logits. Shares weights with `model` (the copied final layer gets the same values).
+    """
+    import keras
+
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    if isinstance(last, keras.layers.Softmax) or (
+            isinstance(last, keras.layers.Activation) and _is_softmax(activation)):
+        return keras.Model(model.inputs, last.input, name=f"{model.name}_logits")
+    if _is_softmax(activation):
+        linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
+                                             "name": f"{last.name}_logits"})
+        logits = linear(last.input)
+        linear.set_weights(last.get_weights())
+        return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+    return model
+
+
+def resolve_layer(model, name: str | None) -> str:
+    """Full path of a target layer (`layer` or `backbone/layer`); None -> the default target,
+    the last 4-D layer before global pooling (the study's "last conv"). Raises ModelError
+    listing the candidates for an unknown name."""
+    from camface.export.keras_model import resolve_target
+
+    return "/".join(resolve_target(model, name))
+
+
+def conv_layers(model) -> list[str]:
+    """Paths of the convolutional layers (Conv2D, SeparableConv2D, DepthwiseConv2D,
+    Conv2DTranspose), first to last, nested backbones walked into."""
+    import keras
+
+    from camface.export.keras_model import iter_layers
+
+    kinds = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D,
+             keras.layers.Conv2DTranspose)
+    return [path for path, layer in iter_layers(model) if isinstance(layer, kinds)]
+
+
+def split(model, layer: str):
+    """The model cut at `layer` (a path from `resolve_layer`): `features(x) -> A` and
+    `head(A) -> logits` callables, as the exporter builds them."""
+    from camface.export.keras_model import split_model
+
+    return split_model(model, layer.split("/"))
+
+
+def cam_weights(model, cut, channels: int) -> tuple[np.ndarray | None, str]:
+    """CAM class weights [K, classes] for a cut model whose target has `channels` (K) channels,
+    or (None, reason) when the head after the target is not global average pooling followed by
+    one linear layer (or nothing)."""
+    from camface.export.keras_model import cam_weights as export_cam_weights
+
+    return export_cam_weights(cut, int(model.outputs[0].shape[-1]), channels)
+
+
+# ---------------------------------------------------------------- TensorFlow runner
+
+@dataclass(frozen=True)
+class LayerGradients:
+    """One forward/backward pass: per target layer, activations and d logit[class] / d activations."""
+
+    probs: np.ndarray  # float32 [N, classes]
+    logits: np.ndarray  # float32 [N, classes], pre-softmax
+    activations: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
+    gradients: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
+
+
+class GradientRunner:
+    """Activations and class-logit gradients at several layers of a Keras classifier.
+
+    `layers` are paths from `resolve_layer` / `conv_layers`. Built once per model and layer
+    list; `run` takes normalised float32 images [N, H, W, C] and one class per image
+    (-1 = the predicted class). Runs in a `tf.function`: TF 2.21's eager conv backprop
+    segfaults in oneDNN on some CPUs, graph mode does not.
+    """
+
+    def __init__(self, model, layers: list[str]):
+        import tensorflow as tf
+
+        self.layers = tuple(layers)
+        self.cuts = tuple(split(model, layer) for layer in layers)
+        cuts = self.cuts
+
+        @tf.function(reduce_retracing=True)
+        def forward_backward(images, class_index):
+            activations, gradients = [], []
+            logits = None
+            for cut in cuts:
+                a = cut.features(images)
+                with tf.GradientTape() as tape:
+                    tape.watch(a)
+                    logits = cut.head(a)
+                    chosen_class = tf.where(class_index < 0,
+                                            tf.argmax(logits, axis=-1, output_type=tf.int32),
+                                            class_index)
+                    # Images are independent (inference mode): one sum gives per-image gradients.
+                    target = tf.reduce_sum(tf.gather(logits, chosen_class, batch_dims=1))
+                activations.append(a)
+                gradients.append(tape.gradient(target, a))
+            return cuts[0].probabilities(logits), logits, activations, gradients
+
+        self._run = forward_backward
+
+    def run(self, images: np.ndarray, class_index: np.ndarray) -> LayerGradients:
+        import tensorflow as tf
+
+        probs, logits, activations, gradients = self._run(
+            tf.convert_to_tensor(np.asarray(images, dtype=np.float32)),
+            tf.convert_to_tensor(np.asarray(class_index, dtype=np.int32)))
+        return LayerGradients(probs.numpy(), logits.numpy(),
+                              tuple(a.numpy() for a in activations),
+                              tuple(g.numpy() for g in gradients))

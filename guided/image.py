@@ -1,0 +1,82 @@
+"""Plain images as input of `camface guided`: faces found and cropped with the live loop's code.
+
+Detection is `camface.realtime.detect.FaceDetector` (MediaPipe BlazeFace, bundled models) and
+cropping is `camface.realtime.crop.crop_faces` (square, margin, padded at the edges), so a crop
+here is the crop the live loop would feed the CAM graph for the same frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import ModelError, SourceError
+from camface.guided.snapshot import (EMOTION_PREPROCESSING, FaceCrop, GuidedInput, Preprocessing,
+                                     read_graph_metadata, sha256_file)
+
+log = logging.getLogger(__name__)
+
+
+def image_model(model_override: str | Path | None) -> tuple[Path, Preprocessing | None,
+                                                              tuple[str, ...], str]:
+    """Keras model, preprocessing, labels and target layer for a plain image.
+
+    Default: the bundled emotion model (gray, x/127.5-1). With `--model M`: the metadata of
+    an exported graph `M.onnx` beside it whose source_sha256 matches `M`, else the emotion
+    preprocessing when M is the bundled model's copy; otherwise preprocessing is None
+    (the caller decides from the model's channel count).
+    """
+    from camface.models import EMOTION_KERAS, EMOTION_LABELS, read_labels
+
+    emotion = (EMOTION_KERAS, EMOTION_PREPROCESSING, tuple(read_labels(EMOTION_LABELS)), "")
+    if model_override is None:
+        return emotion
+    path = Path(model_override)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    digest = sha256_file(path)
+    graph = path.with_suffix(".onnx")
+    if graph.is_file():
+        info = read_graph_metadata(graph)
+        if info.source_sha256 == digest and info.normalization:
+            return (path, Preprocessing.from_normalization(info.color_order, info.normalization),
+                    info.labels, info.target_layer)
+    if EMOTION_KERAS.is_file() and digest == sha256_file(EMOTION_KERAS):
+        return (path,) + emotion[1:]
+    return path, None, (), ""
+
+
+def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
+               input_size: tuple[int, int], labels: tuple[str, ...], *, detector: str = "full",
+               margin: float = 0.1, min_confidence: float = 0.5,
+               target_layer: str = "") -> GuidedInput:
+    """Detect and crop the faces of an image file (any format OpenCV reads).
+
+    input_size: the model's (H, W) in pixels. Raises SourceError for an unreadable image or
+    one with no faces.
+    """
+    import cv2
+
+    from camface.models import DETECTORS
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.detect import FaceDetector
+
+    path = Path(path)
+    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if frame is None:
+        raise SourceError(f"cannot read image {path}")
+    with FaceDetector(DETECTORS[detector], min_confidence=min_confidence) as face_detector:
+        faces = face_detector.detect(frame)
+    if not faces:
+        raise SourceError(f"no faces found in {path} (detector {detector!r}, "
+                          f"min confidence {min_confidence})")
+    crops, placed = crop_faces(frame, faces, margin, input_size, preprocessing.color_order)
+    log.info("%s: %d face(s) found", path, len(placed))
+    return GuidedInput(
+        origin=path,
+        faces=tuple(FaceCrop(np.ascontiguousarray(crop), face.box, -1, f"face {i}")
+                    for i, (crop, face) in enumerate(zip(crops, placed))),
+        keras_path=keras_path, labels=labels, preprocessing=preprocessing,
+        target_layer=target_layer)

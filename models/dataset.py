@@ -1,0 +1,350 @@
+"""Training data for `camface train`: class folders -> face crops (cached) -> stratified split.
+
+The pipeline, in data-flow order:
+  scan_classes(DATA_DIR)        one sub-folder per class, image files inside (recursively)
+  prepare_crops(...)            each photo read (uint8 BGR), its face detected and cropped with the
+                                live loop's own detector and crop code, the crop cached as PNG
+  usable_crops(...)             photos with exactly one face, per class; clear errors otherwise
+  stratified_split(...)         train / val / test indices, same class ratios, fixed seed
+  load_crops(...)               uint8 BGR [N, S, S, 3] arrays for Keras / ONNX Runtime
+
+Photos with no face or several faces are skipped and counted (the original study removed those
+by hand); unreadable files are listed and skipped. This module imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from camface.errors import OutputError, SourceError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+
+OK = "ok"
+NO_FACE = "no_face"
+MANY_FACES = "many_faces"
+UNREADABLE = "unreadable"
+STATUSES = (OK, NO_FACE, MANY_FACES, UNREADABLE)
+
+CACHE_INDEX = "index.json"
+
+
+class FaceCropper(Protocol):
+    """Finds the faces in one still photo and returns them cropped as the live loop would."""
+
+    def crop_faces(self, image_bgr: np.ndarray) -> list[np.ndarray]:
+        """image_bgr: uint8 [H, W, 3] BGR. Returns one uint8 [S, S, 3] BGR crop per face found."""
+        ...
+
+
+class LiveCropper:
+    """FaceCropper made of the live loop's own pieces (camface.realtime.detect.FaceDetector and
+    camface.realtime.crop.crop_faces), so training crops look like the crops `camface live`
+    feeds the graph: same detector model, confidence threshold, square margin and size.
+
+    A context manager (MediaPipe's detector must be closed); close() is idempotent.
+    """
+
+    def __init__(self, detector_model: Path, margin: float, size: int,
+                 min_confidence: float = 0.5):
+        from camface.realtime.detect import FaceDetector
+
+        self.margin = margin
+        self.size = size
+        self._detector = FaceDetector(detector_model, min_confidence=min_confidence).__enter__()
+
+    def crop_faces(self, image_bgr: np.ndarray) -> list[np.ndarray]:
+        from camface.realtime.crop import crop_faces
+
+        faces = self._detector.detect(image_bgr)
+        crops, _ = crop_faces(image_bgr, faces, self.margin, (self.size, self.size), "BGR")
+        return list(crops)
+
+    def close(self) -> None:
+        self._detector.close()
+
+    def __enter__(self) -> "LiveCropper":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class CropSettings:
+    """What makes a cached crop reusable: a change to any field invalidates the cache."""
+
+    size: int  # crop side in pixels (the model's input size)
+    detect: bool  # False: photos are already face crops, only resized
+    detector: str  # live loop detector name ("short" / "full")
+    margin: float  # live loop crop margin (fraction of the box side added around it)
+    min_confidence: float
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One source photo and what became of it.
+
+    source: the photo's path; label: its class (folder name); status: one of STATUSES;
+    crop: the cached face crop (uint8 BGR PNG, `size` x `size`) when status is OK;
+    faces: faces the detector found (-1 when not detected: unreadable or --no-detect).
+    """
+
+    source: Path
+    label: str
+    status: str
+    crop: Path | None = None
+    faces: int = -1
+
+
+def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
+    """Class name -> image files (sorted), one class per sub-folder of `data_dir`.
+
+    Hidden files and folders are ignored; files with other extensions are ignored. Raises
+    SourceError naming `data_dir` when it is missing, holds no class folder with images, or
+    holds only one class.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SourceError(f"DATA_DIR {data_dir} is not a folder")
+    classes: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            p for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if files:
+            classes[folder.name] = files
+        else:
+            log.warning("skipping %s: no image files (%s)", folder, ", ".join(sorted(IMAGE_EXTENSIONS)))
+    if not classes:
+        raise SourceError(
+            f"DATA_DIR {data_dir} holds no class folders with images: put each class's photos in "
+            f"its own sub-folder (e.g. {data_dir}/alice/*.jpg, {data_dir}/bob/*.jpg)")
+    if len(classes) == 1:
+        only = next(iter(classes))
+        raise SourceError(
+            f"DATA_DIR {data_dir} holds one class only ({only!r}): a classifier needs at least two "
+            "class folders")
+    return classes
+
+
+def read_photo(path: Path) -> np.ndarray | None:
+    """uint8 [H, W, 3] BGR, or None when OpenCV cannot decode the file (grayscale, 16-bit and
+    alpha images are converted)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # fromfile + imdecode: non-ASCII paths work
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
+    try:
+        return cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+
+
+def resize_square(image_bgr: np.ndarray, size: int) -> np.ndarray:
+    """An already-cropped face (uint8 [H, W, 3] BGR) resized to [size, size, 3], as is (--no-detect)."""
+    interpolation = cv2.INTER_AREA if min(image_bgr.shape[:2]) > size else cv2.INTER_LINEAR
+    return cv2.resize(image_bgr, (size, size), interpolation=interpolation)
+
+
+def _cache_name(source: Path, class_dir: Path) -> str:
+    # Photos may sit in sub-folders and share stems ("a.jpg", "a.png"): keep the whole relative name.
+    return "__".join(source.relative_to(class_dir).parts) + ".png"
+
+
+def _fingerprint(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def prepare_crops(
+    data_dir: Path,
+    classes: Mapping[str, Sequence[Path]],
+    cache_dir: Path,
+    settings: CropSettings,
+    open_cropper: Callable[[], FaceCropper] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[Photo, ...]:
+    """Detect, crop and cache every photo; returns one Photo per file, in class then file order.
+
+    `classes` is what scan_classes(data_dir) returned (files under data_dir/<class>/).
+    cache_dir/<class>/<file>.png holds the crops (uint8 BGR, settings.size square) and
+    cache_dir/index.json what each photo gave, keyed by path, size and mtime, so a re-run with the
+    same settings reads no photo twice. `open_cropper` is called (once, lazily: not at all when
+    every photo is cached) to make a FaceCropper; it may return a context manager, which is closed
+    at the end. Required when settings.detect is True.
+    """
+    cache_dir = Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the crop cache {cache_dir}: {exc.strerror}") from exc
+    index_path = cache_dir / CACHE_INDEX
+    index = _read_index(index_path, settings)
+    progress = progress or (lambda items: items)
+
+    cropper = None
+    photos: list[Photo] = []
+    todo = [(label, Path(path)) for label, files in classes.items() for path in files]
+    try:
+        for label, source in progress(todo):
+            class_dir = Path(data_dir) / label
+            key = str(source.resolve())
+            fingerprint = _fingerprint(source)
+            cached = index.get(key)
+            crop_path = cache_dir / label / _cache_name(source, class_dir)
+            if cached and cached["fingerprint"] == fingerprint and (
+                    cached["status"] != OK or crop_path.is_file()):
+                photos.append(Photo(source, label, cached["status"],
+                                    crop_path if cached["status"] == OK else None, cached["faces"]))
+                continue
+            image = read_photo(source)
+            if image is None:
+                photo = Photo(source, label, UNREADABLE)
+            elif not settings.detect:
+                photo = _write_crop(Photo(source, label, OK, crop_path), resize_square(image, settings.size))
+            else:
+                if cropper is None:
+                    if open_cropper is None:
+                        raise ValueError("prepare_crops needs open_cropper when settings.detect is True")
+                    cropper = open_cropper()
+                crops = cropper.crop_faces(image)
+                if len(crops) == 1:
+                    photo = _write_crop(Photo(source, label, OK, crop_path, 1), crops[0])
+                else:
+                    photo = Photo(source, label, NO_FACE if not crops else MANY_FACES, None, len(crops))
+            index[key] = {"fingerprint": fingerprint, "status": photo.status, "faces": photo.faces}
+            photos.append(photo)
+    finally:
+        if cropper is not None and hasattr(cropper, "close"):
+            cropper.close()
+        _write_index(index_path, settings, index)
+    return tuple(photos)
+
+
+def _write_crop(photo: Photo, crop_bgr: np.ndarray) -> Photo:
+    assert photo.crop is not None
+    photo.crop.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(photo.crop), crop_bgr):
+        raise OutputError(f"cannot write the face crop {photo.crop}")
+    return photo
+
+
+def _read_index(path: Path, settings: CropSettings) -> dict:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if stored.get("settings") != asdict(settings):
+        log.info("crop cache %s was made with other settings: cropping again", path.parent)
+        return {}
+    return stored.get("photos", {})
+
+
+def _write_index(path: Path, settings: CropSettings, photos: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": asdict(settings), "photos": photos}, indent=1))
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written index
+
+
+def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:
+    """label -> {status: count} for every status (zeros included), labels in first-seen order."""
+    counts: dict[str, Counter] = {}
+    for photo in photos:
+        counts.setdefault(photo.label, Counter())[photo.status] += 1
+    return {label: {status: c[status] for status in STATUSES} for label, c in counts.items()}
+
+
+def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,
+                 min_per_class: int = 3) -> tuple[list[Path], np.ndarray]:
+    """Crop paths of usable photos and their class indices (int64 [N], into `labels`).
+
+    Raises SourceError naming the class folder when a class has fewer than `min_per_class`
+    usable faces (the split needs one each for train, validation and test).
+    """
+    paths: list[Path] = []
+    targets: list[int] = []
+    for class_index, label in enumerate(labels):
+        mine = [p for p in photos if p.label == label]
+        ok = [p.crop for p in mine if p.status == OK]
+        if len(ok) < min_per_class:
+            tally = Counter(p.status for p in mine)
+            why = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in tally.items() if s != OK)
+            raise SourceError(
+                f"class folder {Path(data_dir) / label} has {len(ok)} usable face photo(s) of "
+                f"{len(mine)} ({why or 'none skipped'}); it needs at least {min_per_class} "
+                "(train, validation and test each need one)")
+        paths.extend(ok)
+        targets.extend([class_index] * len(ok))
+    return paths, np.asarray(targets, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices (int64, sorted) into the usable crops for each part of a stratified split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
+                     seed: int) -> Split:
+    """Split indices so that every class keeps its share in each part.
+
+    Per class of n items: round(n * test_fraction) to test and round(n * val_fraction) to
+    validation, each at least 1, the rest (at least 1) to training. Deterministic for a seed.
+    Raises ValueError when fractions leave no training data.
+    """
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
+                         "(0, 1) and sum to less than 1")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for cls in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == cls))
+        n = len(members)
+        n_test = max(1, round(n * test_fraction))
+        n_val = max(1, round(n * val_fraction))
+        if n - n_test - n_val < 1:
+            raise ValueError(f"class {cls} has {n} items: too few for a train/val/test split")
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test:n_test + n_val])
+        parts["train"].append(members[n_test + n_val:])
+    return Split(**{name: np.sort(np.concatenate(chunks)).astype(np.int64)
+                    for name, chunks in parts.items()})
+
+
+def load_crops(paths: Sequence[Path], size: int) -> np.ndarray:
+    """uint8 [N, size, size, 3] BGR stack of cached crops."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        image = read_photo(Path(path))
+        if image is None:
+            raise SourceError(f"cached crop {path} cannot be read: delete it and run again")
+        out[i] = image if image.shape[:2] == (size, size) else resize_square(image, size)
+    return out
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Balanced class weights n / (classes * n_c) (the scikit-learn "balanced" rule), so each
+    class contributes equally to the loss however many photos it has."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    total = counts.sum()
+    return {c: float(total / (num_classes * counts[c])) if counts[c] else 0.0
+            for c in range(num_classes)}

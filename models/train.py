@@ -1,0 +1,358 @@
+"""`camface train DATA_DIR -o OUT_DIR`: the original study's transfer-learning workflow, from a
+folder of raw photos to a CAM graph that `camface live` runs.
+
+  DATA_DIR/<class>/*.jpg --detect + crop (live loop code)--> OUT_DIR/crops/ (cache)
+    --stratified split--> train / val / test
+    --frozen backbone -> GAP -> Dense(softmax), then optional last-block fine-tuning-->
+  OUT_DIR/model.keras (best val accuracy), labels.txt
+    --camface export (self-checked)--> model.onnx
+    --ONNX Runtime on the test split--> metrics.json, confusion.png, cam_montage.png, report.md
+
+Heavy imports (TensorFlow, Keras, MediaPipe, ONNX Runtime) happen inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import ModelError, OutputError, SourceError
+from camface.models import dataset, report
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
+# Used only when the live loop's CLI is not installed; otherwise its own defaults are read, so
+# training crops match live crops by construction.
+FALLBACK_LIVE_DEFAULTS = {"margin": 0.25, "detector": "full", "min_confidence": 0.5}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs, built once from the command line."""
+
+    data_dir: Path
+    out_dir: Path
+    backbone: str = "resnet50"
+    input_size: int = 224
+    epochs: int = 20
+    fine_tune_epochs: int = 0
+    batch_size: int = 32
+    weights: str = "imagenet"  # imagenet, none, or a path
+    val_split: float = 0.15
+    test_split: float = 0.15
+    seed: int = 0
+    detect: bool = True
+    detector: str = "full"
+    margin: float = 0.25
+    min_confidence: float = 0.5
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-5
+    patience: int = 5
+    montage: int = 24
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        return cls(data_dir=Path(args.data_dir), out_dir=Path(args.out_dir), backbone=args.backbone,
+                   input_size=args.input_size, epochs=args.epochs,
+                   fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size,
+                   weights=args.weights, val_split=args.val_split, test_split=args.test_split,
+                   seed=args.seed, detect=not args.no_detect, detector=args.detector,
+                   margin=args.margin, min_confidence=args.min_confidence,
+                   learning_rate=args.learning_rate,
+                   fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
+                   montage=args.montage)
+
+    def command(self) -> str:
+        """The full command line (every flag explicit) that reproduces this run."""
+        argv = ["camface", "train", str(self.data_dir), "-o", str(self.out_dir),
+                "--backbone", self.backbone, "--input-size", str(self.input_size),
+                "--epochs", str(self.epochs), "--fine-tune-epochs", str(self.fine_tune_epochs),
+                "--batch-size", str(self.batch_size), "--weights", self.weights,
+                "--val-split", str(self.val_split), "--test-split", str(self.test_split),
+                "--seed", str(self.seed)]
+        if self.detect:
+            argv += ["--detector", self.detector, "--margin", str(self.margin),
+                     "--min-confidence", str(self.min_confidence)]
+        else:
+            argv += ["--no-detect"]
+        argv += ["--learning-rate", str(self.learning_rate),
+                 "--fine-tune-learning-rate", str(self.fine_tune_learning_rate),
+                 "--patience", str(self.patience), "--montage", str(self.montage)]
+        return shlex.join(argv)
+
+
+def live_defaults() -> dict:
+    """--margin, --detector and --min-confidence defaults of `camface live` (its own parser)."""
+    try:
+        from camface.realtime import cli as live_cli
+    except ImportError:
+        return dict(FALLBACK_LIVE_DEFAULTS)
+    parser = argparse.ArgumentParser()
+    live_cli.configure(parser)
+    defaults = vars(parser.parse_args([]))
+    return {key: defaults.get(key, value) for key, value in FALLBACK_LIVE_DEFAULTS.items()}
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in (0, 1)")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    live = live_defaults()
+    defaults = TrainConfig(Path("."), Path("."))
+    parser.add_argument("data_dir", metavar="DATA_DIR",
+                        help="one sub-folder of photos per class (folder name = class name)")
+    parser.add_argument("-o", "--out-dir", metavar="OUT_DIR", required=True,
+                        help="where model.keras, model.onnx, metrics and the report go")
+    parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
+                        help="ImageNet backbone -> GAP -> Dense(softmax) (vgg16-gap adds "
+                             "Conv2D(1024) before GAP, as the study did)")
+    parser.add_argument("--input-size", type=_positive, default=defaults.input_size,
+                        help="crop side in pixels (model input); at least 32")
+    parser.add_argument("--epochs", type=_positive, default=defaults.epochs,
+                        help="epochs with the backbone frozen")
+    parser.add_argument("--fine-tune-epochs", type=_non_negative, default=defaults.fine_tune_epochs,
+                        help="then epochs with the backbone's last block unfrozen (0: skip)")
+    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
+    parser.add_argument("--weights", default=defaults.weights, metavar="imagenet|none|PATH",
+                        help="backbone weights: ImageNet (Keras downloads them on first use), "
+                             "random, or a local weights file")
+    parser.add_argument("--val-split", type=_fraction, default=defaults.val_split,
+                        help="fraction of each class for validation (checkpoint, early stopping)")
+    parser.add_argument("--test-split", type=_fraction, default=defaults.test_split,
+                        help="fraction of each class held out for the final metrics")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the split, the augmentation and the weights' initialisation")
+    parser.add_argument("--no-detect", action="store_true",
+                        help="photos are already face crops: resize them, detect nothing")
+    parser.add_argument("--detector", choices=("short", "full"), default=live["detector"],
+                        help="face detector model (default: the live loop's)")
+    parser.add_argument("--margin", type=float, default=live["margin"],
+                        help="crop margin around the face box, fraction of its side (default: "
+                             "the live loop's)")
+    parser.add_argument("--min-confidence", type=float, default=live["min_confidence"],
+                        help="face detector confidence threshold (default: the live loop's)")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                        help="Adam learning rate with the backbone frozen")
+    parser.add_argument("--fine-tune-learning-rate", type=float,
+                        default=defaults.fine_tune_learning_rate,
+                        help="Adam learning rate while fine-tuning the last block")
+    parser.add_argument("--patience", type=_positive, default=defaults.patience,
+                        help="early stopping: epochs without a better validation accuracy")
+    parser.add_argument("--montage", type=_positive, default=defaults.montage,
+                        help="test crops shown in cam_montage.png")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = TrainConfig.from_args(args)
+    run(config)
+    return 0
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".camface-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write to OUT_DIR {out_dir}: {exc.strerror or exc}") from exc
+
+
+def _progress(items):
+    from tqdm import tqdm
+
+    return tqdm(items, desc="detect + crop", unit="photo", disable=None, leave=False)
+
+
+def run(config: TrainConfig) -> dict:
+    """Train, export and report; returns the test metrics (as written to metrics.json)."""
+    started = time.perf_counter()
+    if config.input_size < 32:
+        raise ModelError(f"--input-size {config.input_size} is too small: the backbones need 32+")
+    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
+        raise ModelError(f"--weights {config.weights}: no such file (use imagenet, none or a path "
+                         f"to a weights file of the {config.backbone} backbone without its top)")
+    classes = dataset.scan_classes(config.data_dir)
+    _prepare_out_dir(config.out_dir)
+    out = config.out_dir
+
+    # 1. photos -> face crops (cached), skipped photos counted
+    labels = list(classes)
+    settings = dataset.CropSettings(size=config.input_size, detect=config.detect,
+                                    detector=config.detector if config.detect else "",
+                                    margin=config.margin if config.detect else 0.0,
+                                    min_confidence=config.min_confidence if config.detect else 0.0)
+    photos = dataset.prepare_crops(config.data_dir, classes, out / "crops", settings,
+                                   open_cropper=lambda: _open_cropper(config), progress=_progress)
+    counts = dataset.count_statuses(photos)
+    unreadable = [str(p.source) for p in photos if p.status == dataset.UNREADABLE]
+    _log_counts(counts, unreadable)
+    paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
+    try:
+        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed)
+    except ValueError as exc:
+        raise SourceError(f"DATA_DIR {config.data_dir}: {exc}") from exc
+    log.info("split (stratified, seed %d): %d train, %d validation, %d test", config.seed,
+             len(split.train), len(split.val), len(split.test))
+    images = dataset.load_crops(paths, config.input_size)
+
+    # 2. Keras: frozen backbone, head, optional fine-tuning
+    model_path = out / "model.keras"
+    stages = _fit(config, labels, images, targets, split, model_path)
+    labels_path = out / "labels.txt"
+    labels_path.write_text("\n".join(labels) + "\n")
+
+    # 3. the CAM graph, through the exporter (with its self-check)
+    onnx_path = out / "model.onnx"
+    export_graph(model_path, onnx_path, labels, config.backbone)
+
+    # 4. the test split on model.onnx: metrics and figures
+    test_crops = images[split.test]
+    probs, heatmaps = run_graph(onnx_path, test_crops)
+    y_true = targets[split.test]
+    y_pred = probs.argmax(axis=1)
+    metrics = report.classification_metrics(y_true, y_pred, labels)
+    metrics["skipped"] = {status: sum(c[status] for c in counts.values())
+                          for status in dataset.STATUSES if status != dataset.OK}
+    metrics["unreadable_files"] = unreadable
+    metrics["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
+    metrics["stages"] = [asdict(s) | {"history": None} for s in stages]
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    report.write_json(out / "metrics.json", metrics)
+    report.save_confusion(np.asarray(metrics["confusion"]), labels, out / "confusion.png")
+    shown = report.pick_montage(y_true, y_pred, config.montage)
+    report.save_cam_montage(test_crops[shown], heatmaps[shown], y_true[shown], probs[shown], labels,
+                            out / "cam_montage.png")
+    report.write_report(out / "report.md", command=config.command(), labels=labels, counts=counts,
+                        unreadable=unreadable, split_sizes=metrics["split"],
+                        stages=[asdict(s) for s in stages], metrics=metrics,
+                        settings=_settings_for_report(config), seconds=metrics["seconds"])
+    log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
+             metrics["test_images"], metrics["chance"], out)
+    return metrics
+
+
+def _settings_for_report(config: TrainConfig) -> dict:
+    keys = ("backbone", "input_size", "weights", "epochs", "fine_tune_epochs", "batch_size",
+            "learning_rate", "fine_tune_learning_rate", "val_split", "test_split", "seed", "detect")
+    out = {k: getattr(config, k) for k in keys}
+    if config.detect:
+        out |= {"detector": config.detector, "margin": config.margin,
+                "min_confidence": config.min_confidence}
+    return out
+
+
+def _log_counts(counts: dict, unreadable: list[str]) -> None:
+    for label, c in counts.items():
+        log.info("%s: %d photo(s), %d used, %d no face, %d several faces, %d unreadable", label,
+                 sum(c.values()), c[dataset.OK], c[dataset.NO_FACE], c[dataset.MANY_FACES],
+                 c[dataset.UNREADABLE])
+    for path in unreadable:
+        log.warning("unreadable image skipped: %s", path)
+
+
+def _open_cropper(config: TrainConfig):
+    from camface.models import DETECTORS
+
+    return dataset.LiveCropper(DETECTORS[config.detector], margin=config.margin,
+                               size=config.input_size, min_confidence=config.min_confidence)
+
+
+def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np.ndarray,
+         split: dataset.Split, model_path: Path) -> list:
+    from camface.models import transfer
+
+    preprocessing = backbone_preprocessing(config.backbone)
+    model = transfer.build_model(config.backbone, config.input_size, len(labels), config.weights,
+                                 config.seed)
+    if config.weights == "none":
+        sample = images[split.train][:64]
+        n = transfer.calibrate_batchnorm(model, transfer.normalise(sample, preprocessing))
+        log.info("--weights none: %d BatchNorm layers' statistics set from %d training crops", n,
+                 len(sample))
+    train_ds = transfer.tf_dataset(images[split.train], targets[split.train], config.batch_size,
+                                   preprocessing, augment=transfer.augmentation(config.seed),
+                                   shuffle_seed=config.seed)
+    val_ds = transfer.tf_dataset(images[split.val], targets[split.val], config.batch_size,
+                                 preprocessing)
+    weights = dataset.class_weights(targets[split.train], len(labels))
+    stages = [transfer.fit_stage(model, "frozen backbone", train_ds, val_ds, config.epochs,
+                                 config.learning_rate, model_path, weights, config.patience)]
+    if config.fine_tune_epochs:
+        model.load_weights(model_path)
+        unfrozen = transfer.set_backbone_trainable(model, config.backbone, "last-block")
+        log.info("fine-tuning: %d layers of the backbone's last block unfrozen", unfrozen)
+        stages.append(transfer.fit_stage(
+            model, "fine-tune last block", train_ds, val_ds, config.fine_tune_epochs,
+            config.fine_tune_learning_rate, model_path, weights, config.patience,
+            best_so_far=stages[0].best_val_accuracy))
+    return stages
+
+
+def backbone_preprocessing(backbone: str):
+    """The exporter's Preprocessing for `backbone` (colour order and x * scale + offset)."""
+    from camface.export.preprocess import Preprocessing
+    from camface.models import builders
+
+    return Preprocessing.resolve(3, builders.PRESETS[backbone])
+
+
+def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone: str):
+    """model.keras -> model.onnx through the exporter, which verifies ONNX Runtime against
+    TensorFlow (largest difference per output, logged) and raises ModelError when they differ."""
+    from camface.export.exporter import ExportOptions, export
+    from camface.models import builders
+
+    result = export(model_path, onnx_path,
+                    ExportOptions(labels=tuple(labels), preset=builders.PRESETS[backbone]))
+    for difference in result.differences:
+        log.info("export self-check: %s", difference)
+    return result
+
+
+def run_graph(onnx_path: Path, crops_bgr: np.ndarray, method: str = "gradcam"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities [N, classes] and `method` heatmaps [N, h, w] (predicted class) of the CAM
+    graph on uint8 BGR crops [N, S, S, 3], batched by the contract's limit."""
+    from camface.realtime.graph import MAX_BATCH, CamGraph
+
+    graph = CamGraph(onnx_path, device="cpu", threads=0)
+    order = graph.info.color_order
+    crops = crops_bgr[..., ::-1] if order == "RGB" else crops_bgr
+    if order == "GRAY":
+        import cv2
+
+        crops = np.stack([cv2.cvtColor(c, cv2.COLOR_BGR2GRAY) for c in crops_bgr])[..., None]
+    crops = np.ascontiguousarray(crops)
+    probs, maps = [], []
+    for start in range(0, len(crops), MAX_BATCH):
+        chunk = crops[start:start + MAX_BATCH]
+        p, h = graph.run(chunk, np.full(len(chunk), -1, np.int64), method)
+        probs.append(p)
+        maps.append(h)
+    return np.concatenate(probs), np.concatenate(maps)

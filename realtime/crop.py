@@ -1,0 +1,65 @@
+"""Face crops for the CAM graph: square, with a margin, padded (not shifted) at frame edges.
+
+Keeping the square centred on the face even at the border means the heatmap, which covers
+the whole crop, maps back onto the frame by the same square (`Face.crop_box`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+from camface.realtime.results import Box, Face
+
+_TO_COLOR = {"BGR": None, "RGB": cv2.COLOR_BGR2RGB, "GRAY": cv2.COLOR_BGR2GRAY}
+
+
+def square_box(box: Box, margin: float) -> Box:
+    """The square (x, y, side, side) centred on `box` (to the pixel) whose side is the box's
+    longer side times (1 + margin), rounded up; it always contains `box` and may extend
+    past the frame."""
+    x, y, w, h = box
+    side = max(1, w, h, math.ceil(max(w, h) * (1.0 + margin) - 1e-9))
+    return x - (side - w) // 2, y - (side - h) // 2, side, side
+
+
+def crop_square(frame: np.ndarray, square: Box) -> np.ndarray:
+    """Pixels of `square` from `frame` (uint8 [H, W, C]); parts outside the frame are black.
+    Returns a new array [side, side, C]."""
+    x, y, side, _ = square
+    height, width = frame.shape[:2]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, width), min(y + side, height)
+    if x0 == x and y0 == y and x1 == x + side and y1 == y + side:
+        return frame[y0:y1, x0:x1]
+    out = np.zeros((side, side) + frame.shape[2:], frame.dtype)
+    if x1 > x0 and y1 > y0:
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = frame[y0:y1, x0:x1]
+    return out
+
+
+def crop_faces(frame: np.ndarray, faces: tuple[Face, ...], margin: float,
+               size: tuple[int, int], color_order: str) -> tuple[np.ndarray, tuple[Face, ...]]:
+    """Batch of crops for the graph, and the faces with their `crop_box` filled in.
+
+    frame: uint8 BGR [H, W, 3]. size: graph input (H, W) pixels. color_order: GRAY, RGB or BGR.
+    Returns uint8 [N, H, W, C] (C = 1 for GRAY, else 3) in `color_order`, and N faces.
+    """
+    if color_order not in _TO_COLOR:
+        raise ValueError(f"unknown colour order {color_order!r}; expected GRAY, RGB or BGR")
+    out_h, out_w = size
+    channels = 1 if color_order == "GRAY" else 3
+    batch = np.empty((len(faces), out_h, out_w, channels), np.uint8)
+    placed = []
+    conversion = _TO_COLOR[color_order]
+    for i, face in enumerate(faces):
+        square = square_box(face.box, margin)
+        crop = crop_square(frame, square)
+        interpolation = cv2.INTER_AREA if square[2] > out_w else cv2.INTER_LINEAR
+        crop = cv2.resize(crop, (out_w, out_h), interpolation=interpolation)
+        if conversion is not None:
+            crop = cv2.cvtColor(crop, conversion)
+        batch[i] = crop.reshape(out_h, out_w, channels)
+        placed.append(Face(box=face.box, score=face.score, crop_box=square, track_id=face.track_id))
+    return batch, tuple(placed)

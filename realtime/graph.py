@@ -1,0 +1,165 @@
+"""The CAM graph on ONNX Runtime: probabilities and a heatmap for a batch of face crops, in
+one call per frame. The graph's contract is `camface.graph_spec`.
+
+Providers are tried in the order TensorRT, CUDA, CPU, and each is kept only when a session
+created with it really runs on it (`get_providers()`); ONNX Runtime otherwise falls back
+quietly, so the check is the session itself, not `get_available_providers()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from camface import graph_spec as spec
+from camface.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TENSORRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+DEVICE_CHAINS = {
+    "auto": (TENSORRT, CUDA, CPU),
+    "tensorrt": (TENSORRT, CUDA, CPU),
+    "cuda": (CUDA, CPU),
+    "cpu": (CPU,),
+}
+MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
+
+
+def _provider_options(provider: str, image_shape: str) -> dict:
+    if provider != TENSORRT:
+        return {}
+    # One engine for every batch size 1..32 (without profiles TensorRT rebuilds per new N),
+    # cached on disk so the next start does not rebuild it.
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(Path(tempfile.gettempdir()) / "camface-trt-cache"),
+        "trt_profile_min_shapes": f"{spec.INPUT_IMAGE}:1x{image_shape},{spec.INPUT_CLASS}:1",
+        "trt_profile_opt_shapes": f"{spec.INPUT_IMAGE}:4x{image_shape},{spec.INPUT_CLASS}:4",
+        "trt_profile_max_shapes": f"{spec.INPUT_IMAGE}:{MAX_BATCH}x{image_shape},{spec.INPUT_CLASS}:{MAX_BATCH}",
+    }
+
+
+class CamGraph:
+    """A loaded CAM graph.
+
+    path: the .onnx file. device: auto, cpu, cuda or tensorrt. threads: intra-op threads for
+    the CPU provider (1 leaves the other core to the detector in the live loop; 0 = ORT's default).
+    Attributes: info (GraphInfo from the metadata), provider (the provider that runs it).
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 1):
+        if device not in DEVICE_CHAINS:
+            raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICE_CHAINS)}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"CAM graph not found: {self.path}")
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._model_bytes = self.path.read_bytes()
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3
+        if threads:
+            self._options.intra_op_num_threads = threads
+            self._options.inter_op_num_threads = 1
+        self._session = self._create(CPU)  # validates the file before any GPU work
+        self.info = self._read_info(self._session)
+        self.provider = CPU
+        self._select_provider(device)
+        log.info("CAM graph %s on %s", self.path.name, self.provider)
+
+    # -------------------------------------------------------------- loading and checks
+
+    def _create(self, provider: str):
+        height, width = self.info.input_size if hasattr(self, "info") else (1, 1)
+        channels = self.info.channels if hasattr(self, "info") else 1
+        options = _provider_options(provider, f"{height}x{width}x{channels}")
+        providers = [(provider, options)] if provider == CPU else [(provider, options), CPU]
+        try:
+            # A provider that cannot load prints to stdout and logs errors before ORT falls
+            # back; the check after creation is what decides, so keep the noise away.
+            with contextlib.redirect_stdout(io.StringIO()):
+                if provider != CPU:
+                    self._ort.set_default_logger_severity(4)
+                try:
+                    return self._ort.InferenceSession(self._model_bytes, self._options, providers=providers)
+                finally:
+                    self._ort.set_default_logger_severity(2)
+        except Exception as exc:  # ORT raises several unrelated types for a bad file
+            if provider != CPU:
+                raise
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
+
+    def _read_info(self, session) -> spec.GraphInfo:
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        missing = [n for n in (spec.INPUT_IMAGE, spec.INPUT_CLASS) if n not in inputs]
+        missing += [n for n in spec.REQUIRED_OUTPUTS if n not in outputs]
+        if missing:
+            raise ModelError(f"{self.path} is not a camface CAM graph: missing {', '.join(missing)} "
+                             f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})")
+        try:
+            info = spec.GraphInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
+        except KeyError as exc:
+            raise ModelError(f"{self.path} lacks CAM graph metadata: {exc.args[0]}") from exc
+        except ValueError as exc:  # malformed JSON in a metadata value
+            raise ModelError(f"{self.path} has malformed CAM graph metadata: {exc}") from exc
+        classes = outputs[spec.OUTPUT_PROBS].shape[-1]
+        if isinstance(classes, int) and classes != len(info.labels):
+            raise ModelError(f"{self.path}: {len(info.labels)} labels in the metadata but the graph "
+                             f"returns {classes} class probabilities")
+        absent = [h for h in info.heatmaps if h not in outputs]
+        if absent:
+            raise ModelError(f"{self.path}: metadata lists heatmaps {', '.join(absent)} that are not outputs")
+        return info
+
+    def _select_provider(self, device: str) -> None:
+        available = set(self._ort.get_available_providers())
+        for provider in DEVICE_CHAINS[device]:
+            if provider == CPU:
+                break
+            if provider not in available:
+                continue
+            try:
+                session = self._create(provider)
+            except Exception as exc:  # a provider that fails to initialise: try the next one
+                log.debug("%s failed to initialise: %s", provider, exc)
+                continue
+            if session.get_providers()[0] == provider:
+                self._session, self.provider = session, provider
+                return
+        if device != "cpu" and device != "auto":
+            log.warning("camface: --device %s is not usable here; running the CAM graph on CPU", device)
+
+    # -------------------------------------------------------------- running
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Heatmap methods this graph offers, in menu order."""
+        return tuple(h for h in spec.HEATMAPS if h in self.info.heatmaps)
+
+    def run(self, crops: np.ndarray, class_index: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """One call for all faces of a frame.
+
+        crops: uint8 [N, H, W, C] in the graph's colour order, N in 1..32.
+        class_index: int64 [N], class to explain per crop, -1 = the predicted class.
+        method: a heatmap output name, or "none".
+        Returns probs float32 [N, classes] and heatmaps float32 [N, h, w] (unnormalised, the
+        graph's feature resolution; [N, 0, 0] for method "none").
+        """
+        if method != "none" and method not in self.info.heatmaps:
+            raise ModelError(f"{self.path.name} has no {method!r} heatmap (it has {', '.join(self.methods)})"
+                             + (f": {self.info.cam_unavailable_reason}" if method == "cam" else ""))
+        names = [spec.OUTPUT_PROBS] if method == "none" else [spec.OUTPUT_PROBS, method]
+        feeds = {spec.INPUT_IMAGE: crops, spec.INPUT_CLASS: np.asarray(class_index, np.int64)}
+        result = self._session.run(names, feeds)
+        probs = result[0]
+        heatmaps = result[1] if method != "none" else np.zeros((len(crops), 0, 0), np.float32)
+        return probs, heatmaps

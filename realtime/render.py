@@ -1,0 +1,219 @@
+"""Drawing a FrameResult on its frame. Every annotator has one verb,
+`annotate(frame, result) -> frame`, draws IN PLACE on the uint8 BGR frame and returns it;
+style goes to `__init__`, data comes per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from camface.realtime.results import Box, Face, FrameResult, Prediction
+
+COLORMAPS = {name[len("COLORMAP_"):].lower(): getattr(cv2, name)
+             for name in dir(cv2) if name.startswith("COLORMAP_")}
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+GREEN, WHITE, BLACK = (0, 200, 0), (255, 255, 255), (0, 0, 0)
+
+
+def normalize_heatmap(heatmap: np.ndarray, method: str) -> np.ndarray:
+    """Unnormalised heatmap float [h, w] -> float32 [h, w] in [0, 1].
+
+    Grad-CAM and Grad-CAM++ are ReLU'd and divided by their maximum (arXiv:1610.02391 eq. 2
+    keeps only positive influence). CAM (arXiv:1512.04150) can be negative: min-max scaled.
+    A constant map becomes all zeros.
+    """
+    heatmap = np.asarray(heatmap, np.float32)
+    if method == "cam":
+        heatmap = heatmap - heatmap.min()
+    else:
+        heatmap = np.maximum(heatmap, 0.0)
+    peak = float(heatmap.max()) if heatmap.size else 0.0
+    return heatmap / peak if peak > 1e-12 else np.zeros_like(heatmap)
+
+
+def upsample(heatmap01: np.ndarray, side: int) -> np.ndarray:
+    """float32 [h, w] in [0, 1] -> float32 [side, side], bilinear."""
+    return cv2.resize(heatmap01, (side, side), interpolation=cv2.INTER_LINEAR)
+
+
+def _visible(face: Face, frame: np.ndarray) -> tuple[int, int, int, int, int, int]:
+    """The face box (x0, y0, x1, y1) inside the frame, and its offset (dx, dy) in the crop square."""
+    x, y, w, h = face.box
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, frame.shape[1]), min(y + h, frame.shape[0])
+    return x0, y0, x1, y1, x0 - face.crop_box[0], y0 - face.crop_box[1]
+
+
+def localisation_box(heatmap01: np.ndarray, threshold: float = 0.2) -> Box | None:
+    """The CAM paper's localisation box (arXiv:1512.04150 sec. 3.1): bounding box (x, y, w, h)
+    of the largest connected region above `threshold` x the heatmap's maximum, in the
+    heatmap's pixels; None when the heatmap is all zeros."""
+    peak = float(heatmap01.max()) if heatmap01.size else 0.0
+    if peak <= 0:
+        return None
+    mask = (heatmap01 > threshold * peak).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count < 2:
+        return None
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h = stats[largest, :4]
+    return int(x), int(y), int(w), int(h)
+
+
+class HeatmapAnnotator:
+    """Each face's heatmap, upsampled to its crop square, coloured with an OpenCV colormap and
+    alpha-blended over the face box only (pixels outside every box are untouched)."""
+
+    def __init__(self, colormap: str = "jet", alpha: float = 0.45):
+        if colormap not in COLORMAPS:
+            raise ValueError(f"unknown colormap {colormap!r}; choose from {', '.join(sorted(COLORMAPS))}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.colormap, self.alpha = COLORMAPS[colormap], alpha
+
+    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+        if result.method == "none":
+            return frame
+        for face, prediction in zip(result.faces, result.predictions):
+            if prediction.heatmap.size == 0:
+                continue
+            x0, y0, x1, y1, dx, dy = _visible(face, frame)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            heat = upsample(normalize_heatmap(prediction.heatmap, prediction.method), face.crop_box[2])
+            heat = heat[dy:dy + (y1 - y0), dx:dx + (x1 - x0)]
+            colored = cv2.applyColorMap((heat * 255.0).astype(np.uint8), self.colormap)
+            roi = frame[y0:y1, x0:x1]
+            roi[:] = cv2.addWeighted(colored, self.alpha, roi, 1.0 - self.alpha, 0.0)
+        return frame
+
+
+class CamBoxAnnotator:
+    """The CAM paper's localisation box (see `localisation_box`) of each face, in frame pixels."""
+
+    def __init__(self, threshold: float = 0.2, color: tuple[int, int, int] = (0, 255, 255)):
+        self.threshold, self.color = threshold, color
+
+    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+        if result.method == "none":
+            return frame
+        for face, prediction in zip(result.faces, result.predictions):
+            if prediction.heatmap.size == 0:
+                continue
+            x0, y0, x1, y1, dx, dy = _visible(face, frame)
+            heat = upsample(normalize_heatmap(prediction.heatmap, prediction.method), face.crop_box[2])
+            box = localisation_box(heat[dy:dy + (y1 - y0), dx:dx + (x1 - x0)], self.threshold)
+            if box is not None:
+                bx, by, bw, bh = box
+                cv2.rectangle(frame, (x0 + bx, y0 + by), (x0 + bx + bw - 1, y0 + by + bh - 1),
+                              self.color, 1)
+        return frame
+
+
+def _label_text(prediction: Prediction, labels: Sequence[str]) -> str:
+    name = labels[prediction.predicted] if prediction.predicted < len(labels) else str(prediction.predicted)
+    text = f"{name} {prediction.probs[prediction.predicted]:.2f}"
+    if prediction.explained != prediction.predicted:
+        explained = labels[prediction.explained] if prediction.explained < len(labels) else str(prediction.explained)
+        text += f" (why {explained}?)"
+    return text
+
+
+class BoxAnnotator:
+    """Face box with the predicted label and its probability (above the box, or inside it at
+    the top edge of the frame); the explained class when it differs from the predicted one."""
+
+    def __init__(self, color: tuple[int, int, int] = GREEN, thickness: int = 2, scale: float = 0.5):
+        self.color, self.thickness, self.scale = color, thickness, scale
+
+    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+        for i, face in enumerate(result.faces):
+            x, y, w, h = face.box
+            cv2.rectangle(frame, (x, y), (x + w - 1, y + h - 1), self.color, self.thickness)
+            if i >= len(result.predictions):
+                continue
+            text = _label_text(result.predictions[i], result.labels)
+            (tw, th), base = cv2.getTextSize(text, FONT, self.scale, 1)
+            top = y - th - base - 2 if y - th - base - 2 >= 0 else y + self.thickness
+            cv2.rectangle(frame, (x, top), (x + tw + 4, top + th + base + 2), self.color, -1)
+            cv2.putText(frame, text, (x + 2, top + th + 1), FONT, self.scale, BLACK, 1, cv2.LINE_AA)
+        return frame
+
+
+class BarsAnnotator:
+    """The `top` most probable classes of each face as horizontal bars under its box (or
+    inside it near the bottom of the frame)."""
+
+    def __init__(self, top: int = 3, width: int = 90, row: int = 14):
+        self.top, self.width, self.row = top, width, row
+
+    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+        for face, prediction in zip(result.faces, result.predictions):
+            x, y, w, h = face.box
+            order = np.argsort(prediction.probs)[::-1][: self.top]
+            top = y + h + 2
+            if top + self.row * len(order) > frame.shape[0]:
+                top = max(0, y + h - self.row * len(order) - 2)
+            for rank, k in enumerate(order):
+                row_y = top + rank * self.row
+                filled = int(round(float(prediction.probs[k]) * self.width))
+                cv2.rectangle(frame, (x, row_y), (x + self.width, row_y + self.row - 3), BLACK, -1)
+                cv2.rectangle(frame, (x, row_y), (x + filled, row_y + self.row - 3), GREEN, -1)
+                name = result.labels[k] if k < len(result.labels) else str(k)
+                cv2.putText(frame, f"{name} {prediction.probs[k]:.2f}", (x + self.width + 4, row_y + self.row - 4),
+                            FONT, 0.4, WHITE, 1, cv2.LINE_AA)
+        return frame
+
+
+class HudAnnotator:
+    """Heads-up display at the top left: rolling fps, per-stage milliseconds, method, class
+    explained, provider, and faces dropped beyond --max-faces."""
+
+    def __init__(self, scale: float = 0.45):
+        self.scale = scale
+
+    def lines(self, result: FrameResult) -> list[str]:
+        stages = " ".join(f"{name} {ms:.1f}" for name, ms in result.stage_ms.items())
+        explained = ("predicted class" if result.explained_class is None else
+                     result.labels[result.explained_class] if result.explained_class < len(result.labels)
+                     else f"class {result.explained_class}")
+        lines = [f"{result.fps:.0f} fps | ms: {stages}" if stages else f"{result.fps:.0f} fps",
+                 f"{result.method} of {explained} | {result.provider.replace('ExecutionProvider', '')}"]
+        if result.dropped:
+            lines.append(f"{result.dropped} more face(s) not shown (--max-faces)")
+        return lines
+
+    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+        y = 4
+        for text in self.lines(result):
+            (tw, th), base = cv2.getTextSize(text, FONT, self.scale, 1)
+            cv2.rectangle(frame, (4, y), (8 + tw, y + th + base + 4), BLACK, -1)
+            cv2.putText(frame, text, (6, y + th + 2), FONT, self.scale, WHITE, 1, cv2.LINE_AA)
+            y += th + base + 6
+        return frame
+
+
+class Renderer:
+    """Runs annotators in order: `annotate(frame, result) -> frame`, in place. `hud` can be
+    toggled between calls (key h)."""
+
+    def __init__(self, colormap: str = "jet", alpha: float = 0.45, cam_boxes: bool = False,
+                 bars: bool = False, hud: bool = True):
+        self.layers = [HeatmapAnnotator(colormap, alpha)]
+        if cam_boxes:
+            self.layers.append(CamBoxAnnotator())
+        self.layers.append(BoxAnnotator())
+        if bars:
+            self.layers.append(BarsAnnotator())
+        self.hud_layer = HudAnnotator()
+        self.hud = hud
+
+    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+        for layer in self.layers:
+            layer.annotate(frame, result)
+        if self.hud:
+            self.hud_layer.annotate(frame, result)
+        return frame

@@ -1,0 +1,123 @@
+"""Snapshots: one folder per saved frame, read back by `camface guided`.
+
+Folder contents:
+  frame.png       the full frame as the source delivered it (uint8 BGR, no overlays)
+  face_NN.png     each crop exactly as fed to the graph: single-channel PNG for GRAY graphs,
+                  an ordinary colour PNG (stored BGR by OpenCV, so it looks right) for RGB/BGR
+  snapshot.json   {camface_version, source, frame_index, method, labels, color_order,
+                   input_size, model: {path, sha256, source_model, source_sha256},
+                   faces: [{crop, box [x, y, w, h] pixels, crop_box, score, probs, predicted,
+                            predicted_label, explained, explained_label, track_id}]}
+Folder names are `frame_NNNNNN` (frame index) with `-2`, `-3` ... added when taken, created
+atomically with mkdir so two runs writing to the same folder never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from camface import __version__
+from camface.errors import OutputError
+from camface.graph_spec import GraphInfo
+from camface.realtime.results import FrameResult
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unique_folder(parent: Path, name: str) -> Path:
+    """Create and return parent/name, or parent/name-2, -3 ... if taken (atomic mkdir)."""
+    for attempt in range(1, 10_000):
+        folder = parent / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise OutputError(f"cannot find a free snapshot folder name for {parent / name}")
+
+
+class SnapshotWriter:
+    """`save(frame, crops, result) -> folder`. `folder` is created on the first save; fails at
+    construction when it could not be (its parent missing, or not writable)."""
+
+    def __init__(self, folder: str | Path, source: str, model_path: str | Path, info: GraphInfo):
+        self.folder = Path(folder)
+        existing = self.folder if self.folder.is_dir() else self.folder.parent
+        if self.folder.exists() and not self.folder.is_dir():
+            raise OutputError(f"cannot write snapshots to {self.folder}: it is a file")
+        if not existing.is_dir():
+            raise OutputError(f"cannot write snapshots to {self.folder}: folder {existing} does not exist")
+        if not os.access(existing, os.W_OK):
+            raise OutputError(f"cannot write snapshots to {self.folder}: folder {existing} is not writable")
+        self.source, self.model_path, self.info = source, Path(model_path).resolve(), info
+        self.count = 0
+        self.last: Path | None = None
+
+    @cached_property
+    def model_sha256(self) -> str:
+        return sha256_file(self.model_path)
+
+    def save(self, frame: np.ndarray, crops: np.ndarray, result: FrameResult) -> Path:
+        """Write one snapshot. frame: uint8 BGR [H, W, 3] without overlays; crops: uint8
+        [N, H, W, C] as fed to the graph (in the graph's colour order)."""
+        try:
+            self.folder.mkdir(exist_ok=True)
+            folder = unique_folder(self.folder, f"frame_{result.index:06d}")
+            self._write_image(folder / "frame.png", frame)
+            faces = []
+            labels = result.labels
+            for i, (face, prediction) in enumerate(zip(result.faces, result.predictions)):
+                crop = crops[i]
+                if self.info.color_order == "GRAY":
+                    crop = crop[:, :, 0]
+                elif self.info.color_order == "RGB":
+                    crop = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)
+                name = f"face_{i:02d}.png"
+                self._write_image(folder / name, crop)
+                faces.append({
+                    "crop": name,
+                    "box": [int(v) for v in face.box],
+                    "crop_box": [int(v) for v in face.crop_box],
+                    "score": round(float(face.score), 6),
+                    "probs": [round(float(p), 6) for p in prediction.probs],
+                    "predicted": int(prediction.predicted),
+                    "predicted_label": labels[prediction.predicted] if prediction.predicted < len(labels) else "",
+                    "explained": int(prediction.explained),
+                    "explained_label": labels[prediction.explained] if prediction.explained < len(labels) else "",
+                    "track_id": int(face.track_id),
+                })
+            meta = {
+                "camface_version": __version__,
+                "source": self.source,
+                "frame_index": int(result.index),
+                "method": result.method,
+                "labels": list(labels),
+                "color_order": self.info.color_order,
+                "input_size": list(self.info.input_size),
+                "model": {"path": str(self.model_path), "sha256": self.model_sha256,
+                          "source_model": self.info.source_model, "source_sha256": self.info.source_sha256},
+                "faces": faces,
+            }
+            (folder / "snapshot.json").write_text(json.dumps(meta, indent=2))
+        except OSError as exc:
+            raise OutputError(f"cannot write snapshot in {self.folder}: {exc}") from exc
+        self.count, self.last = self.count + 1, folder
+        return folder
+
+    @staticmethod
+    def _write_image(path: Path, image: np.ndarray) -> None:
+        if not cv2.imwrite(str(path), image):
+            raise OutputError(f"cannot write {path}")

@@ -1,0 +1,360 @@
+"""Frame sources: a camera index, a video file, a folder of images, a stream URL, or `sample`.
+
+Every source is a context manager; entering it opens the device or file (raising
+`SourceError` naming the index / path / URL when it cannot), iterating it yields frames as
+contiguous uint8 BGR arrays [H, W, 3], and leaving it releases everything.
+
+Files and folders yield every frame, in order. Live sources (cameras, streams) are read on
+their own thread and the loop always gets the newest frame, so a slow loop drops frames
+instead of lagging behind (as Ultralytics' `LoadStreams` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from camface.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+DEFAULT_FPS = 30.0  # for files that report no frame rate
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the loop and the recorder need to know about a source.
+
+    name: what the user passed (camera index, path, URL or "sample").
+    fps: frames per second of the source (measured for cameras that report none).
+    frames: number of frames when known (files, folders, sample), else None.
+    live: True for cameras and streams (frames may be dropped to stay current).
+    """
+
+    name: str
+    fps: float
+    frames: int | None
+    live: bool
+
+
+class Source(Protocol):
+    info: SourceInfo
+
+    def __enter__(self) -> "Source": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def __iter__(self) -> Iterator[np.ndarray]: ...
+
+
+def to_bgr8(image: np.ndarray) -> np.ndarray:
+    """Any frame a source may deliver -> contiguous uint8 BGR [H, W, 3].
+
+    Accepts gray [H, W] or [H, W, 1], BGR [H, W, 3], BGRA [H, W, 4]; uint8, uint16 (scaled by
+    1/257) or float in [0, 1]. Returns the input itself when it already is uint8 BGR contiguous.
+    """
+    if image is None or image.ndim not in (2, 3) or image.size == 0:
+        raise ValueError(f"not an image: {None if image is None else image.shape}")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype.kind == "f":
+        image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise ValueError(f"unsupported frame dtype {image.dtype}")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif channels == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    elif channels != 3:
+        raise ValueError(f"unsupported number of channels: {channels}")
+    return np.ascontiguousarray(image)
+
+
+def _valid_fps(fps: float) -> bool:
+    return fps is not None and math.isfinite(fps) and 0.5 <= fps <= 1000
+
+
+# ---------------------------------------------------------------------------- files
+
+
+class VideoFileSource:
+    """Every frame of a video file, in order.
+
+    A file that ends early (truncated, damaged) stops at its last good frame with one warning;
+    `truncated` then is True and `frames_read` says how far it got.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.frames_read = 0
+        self.truncated = False
+        self._capture = None
+
+    def __enter__(self) -> "VideoFileSource":
+        if not self.path.is_file():
+            raise SourceError(f"video file not found: {self.path}")
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open video file {self.path}: not a video OpenCV can decode")
+        self._capture = capture
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        if not _valid_fps(fps):
+            log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
+            fps = DEFAULT_FPS
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.info = SourceInfo(str(self.path), float(fps), count if count > 0 else None, live=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            ok, frame = self._capture.read()
+            if not ok or frame is None:
+                break
+            self.frames_read += 1
+            yield to_bgr8(frame)
+        if self.frames_read == 0:
+            raise SourceError(f"no frame could be read from video file {self.path}")
+        expected = self.info.frames
+        if expected and self.frames_read < expected:
+            self.truncated = True
+            log.warning("%s ended early: read %d of %d frames (file truncated or damaged)",
+                        self.path, self.frames_read, expected)
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+class ImageFolderSource:
+    """The images of a folder (or one image file), in natural name order, at `fps`.
+
+    Frames may differ in size; unreadable files are skipped with a warning.
+    """
+
+    def __init__(self, path: str | Path, fps: float = DEFAULT_FPS):
+        self.path = Path(path)
+        self.fps = fps
+        self.files: list[Path] = []
+
+    def __enter__(self) -> "ImageFolderSource":
+        if self.path.is_dir():
+            self.files = sorted((p for p in self.path.iterdir()
+                                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+            if not self.files:
+                raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {self.path}")
+        elif self.path.is_file():
+            self.files = [self.path]
+        else:
+            raise SourceError(f"image folder not found: {self.path}")
+        self.info = SourceInfo(str(self.path), self.fps, len(self.files), live=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        read = 0
+        for path in self.files:
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if image is None:
+                log.warning("skipping %s: not an image OpenCV can read", path)
+                continue
+            read += 1
+            yield to_bgr8(image)
+        if read == 0:
+            raise SourceError(f"none of the {len(self.files)} image files in {self.path} could be read")
+
+
+# ---------------------------------------------------------------------------- live
+
+
+def _open_capture(target: int | str, timeout_s: float):
+    """cv2.VideoCapture for a camera index or stream URL, with open/read time-outs for URLs."""
+    if isinstance(target, int):
+        return cv2.VideoCapture(target)
+    ms = int(timeout_s * 1000)
+    return cv2.VideoCapture(target, cv2.CAP_FFMPEG,
+                            [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+
+
+class LiveSource:
+    """A camera index or a stream URL, read on a background thread; iteration yields the newest
+    frame each time (never the same frame twice).
+
+    fps: the device's own figure, or measured over the first frames when it reports 0/NaN.
+    A camera that stops delivering frames, or a stream that stays silent after `reconnects`
+    attempts with doubling back-off, ends the iteration with a `SourceError` saying so.
+
+    `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
+    """
+
+    def __init__(self, target: int | str, timeout_s: float = 5.0, reconnects: int = 3,
+                 opener: Callable = _open_capture):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.reconnects = reconnects if isinstance(target, str) else 0
+        self._opener = opener
+        self._capture = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._frame: np.ndarray | None = None
+        self._seq = 0
+        self._error: str | None = None
+        self._stop = threading.Event()
+
+    @property
+    def _what(self) -> str:
+        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.target}"
+
+    def _open(self):
+        capture = self._opener(self.target, self.timeout_s)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"{self._what} could not be opened")
+        return capture
+
+    def __enter__(self) -> "LiveSource":
+        self._capture = self._open()
+        ok, frame = self._capture.read()
+        if not ok or frame is None:
+            self._capture.release()
+            raise SourceError(f"{self._what} opened but delivered no frame")
+        fps = self._capture.get(cv2.CAP_PROP_FPS)
+        self._frame, self._seq = frame, 1
+        self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
+                                        daemon=True)
+        self._thread.start()
+        if not _valid_fps(fps):
+            fps = self._measure_fps()
+        self.info = SourceInfo(str(self.target), float(fps), None, live=True)
+        return self
+
+    def _measure_fps(self, frames: int = 10) -> float:
+        """Frame rate from the arrival times of the next `frames` frames (N frames: N-1 gaps)."""
+        start_seq, start = self._seq, time.perf_counter()
+        deadline = start + 2.0
+        with self._cond:
+            while self._seq - start_seq < frames and self._error is None and time.perf_counter() < deadline:
+                self._cond.wait(0.1)
+            got = self._seq - start_seq
+        elapsed = time.perf_counter() - start
+        fps = got / elapsed if got >= 2 and elapsed > 0 else DEFAULT_FPS
+        log.info("%s reports no frame rate; measured %.1f fps", self._what, fps)
+        return fps
+
+    def _read_forever(self) -> None:
+        failures, attempt = 0, 0
+        while not self._stop.is_set():
+            ok, frame = self._capture.read()
+            if ok and frame is not None:
+                failures, attempt = 0, 0
+                with self._cond:
+                    self._frame, self._seq = frame, self._seq + 1
+                    self._cond.notify_all()
+                continue
+            failures += 1
+            if failures < 5:  # cameras drop a frame now and then
+                time.sleep(0.01)
+                continue
+            if attempt < self.reconnects:
+                delay = 0.5 * 2 ** attempt
+                attempt += 1
+                log.warning("%s stalled; reconnecting in %.1f s (attempt %d of %d)",
+                            self._what, delay, attempt, self.reconnects)
+                if self._stop.wait(delay):
+                    break
+                self._capture.release()
+                try:
+                    self._capture = self._open()
+                    failures = 0
+                except SourceError:
+                    pass
+                continue
+            with self._cond:
+                self._error = (f"{self._what} stopped delivering frames after {self._seq} frames"
+                               + (f" and {self.reconnects} reconnection attempts" if self.reconnects else ""))
+                self._cond.notify_all()
+            return
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        seen = 0
+        while True:
+            with self._cond:
+                deadline = time.perf_counter() + self.timeout_s * (1 + self.reconnects * 2)
+                while self._seq == seen and self._error is None:
+                    if self._stop.is_set():
+                        return
+                    if time.perf_counter() > deadline:
+                        self._error = f"{self._what} delivered no frame for {self.timeout_s:g} s"
+                        break
+                    self._cond.wait(0.05)
+                if self._seq == seen and self._error is not None:
+                    raise SourceError(self._error)
+                frame, seen = self._frame, self._seq
+            yield to_bgr8(frame)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s + 1)
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+# ---------------------------------------------------------------------------- choosing
+
+
+def _camera_opens(index: int) -> bool:
+    capture = cv2.VideoCapture(index)
+    try:
+        return capture.isOpened()
+    finally:
+        capture.release()
+
+
+def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
+    """The source for a `--source` value (not yet entered).
+
+    spec: a camera index ("0"), a video file, a folder of images (or one image), a stream URL
+    (rtsp://, http(s)://...), "sample", or None: camera 0 if it opens, else the sample clip
+    (with one log line saying so).
+    """
+    from camface.realtime.sample import SampleSource
+
+    if spec is None:
+        if _camera_opens(0):
+            return LiveSource(0)
+        log.info("camface: no camera 0 could be opened; playing the sample clip instead (--source sample)")
+        return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
+    if spec == "sample":
+        return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
+    if spec.isdigit():
+        return LiveSource(int(spec))
+    if "://" in spec:
+        return LiveSource(spec)
+    path = Path(spec)
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
+        return ImageFolderSource(path)
+    if path.is_file():
+        return VideoFileSource(path)
+    raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
+                      "a folder of images, a stream URL or 'sample')")

@@ -1,0 +1,112 @@
+"""Helpers for the live-loop tests: a tiny CAM graph that follows camface.graph_spec, built
+with onnx.helper (no TensorFlow), and small synthetic clips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from camface.graph_spec import GraphInfo
+
+TINY_LABELS = ("bright", "dark", "flat")
+
+
+def tiny_cam_graph(path: Path, color_order: str = "GRAY", size: int = 32, cam: bool = True,
+                   drop_outputs: tuple[str, ...] = (), labels: tuple[str, ...] = TINY_LABELS,
+                   metadata: bool = True) -> Path:
+    """Write a contract-following CAM graph to `path`.
+
+    The crop is scaled to [-1, 1], averaged over channels and over 8x8-pixel cells into a
+    4x4 map p; the activations are A_k = w_k * p + b_k with w = (1, -1, 0), b = (0, 0, 0.1),
+    logits the spatial mean of A (a CAM head), probs their softmax. For this linear head
+    Grad-CAM (eq. 1-2 of arXiv:1610.02391) is ReLU(A_c) / 16 and CAM is A_c, so class 0
+    lights up bright cells and class 1 dark cells.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    channels = 1 if color_order == "GRAY" else 3
+    k = 3
+    cell = size // 4
+    weights = np.array([1.0, -1.0, 0.0], np.float32)
+    biases = np.array([0.0, 0.0, 0.1], np.float32)
+    inits = [
+        numpy_helper.from_array(np.array(1 / 127.5, np.float32), "scale"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(weights, "w"),
+        numpy_helper.from_array(biases, "b"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "hw_axes"),
+        numpy_helper.from_array(np.array([3], np.int64), "last_axis"),
+        numpy_helper.from_array(np.array([1], np.int64), "chan_axis"),
+        numpy_helper.from_array(np.array(k, np.int64), "depth"),
+        numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "onehot_values"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1 / 16, np.float32), "inv_hw"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["image"], ["x_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x_f", "scale"], ["x_s"]),
+        helper.make_node("Sub", ["x_s", "one"], ["x_n"]),
+        helper.make_node("Transpose", ["x_n"], ["x_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("ReduceMean", ["x_nchw", "chan_axis"], ["x_mean"], keepdims=1),
+        helper.make_node("AveragePool", ["x_mean"], ["pooled"], kernel_shape=[cell, cell],
+                         strides=[cell, cell]),
+        helper.make_node("Transpose", ["pooled"], ["p"], perm=[0, 2, 3, 1]),  # [N,4,4,1]
+        helper.make_node("Mul", ["p", "w"], ["a_w"]),
+        helper.make_node("Add", ["a_w", "b"], ["activations"]),  # [N,4,4,K]
+        helper.make_node("ReduceMean", ["activations", "hw_axes"], ["logits"], keepdims=0),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        helper.make_node("ArgMax", ["probs"], ["argmax"], axis=1, keepdims=0),
+        helper.make_node("Less", ["class_index", "zero"], ["use_pred"]),
+        helper.make_node("Where", ["use_pred", "argmax", "class_index"], ["target"]),
+        helper.make_node("OneHot", ["target", "depth", "onehot_values"], ["onehot"], axis=-1),
+        helper.make_node("Unsqueeze", ["onehot", "hw_axes"], ["onehot_4d"]),  # [N,1,1,K]
+        helper.make_node("Mul", ["activations", "onehot_4d"], ["a_sel"]),
+        helper.make_node("ReduceSum", ["a_sel", "last_axis"], ["cam"], keepdims=0),  # [N,4,4]
+        helper.make_node("Relu", ["cam"], ["cam_pos"]),
+        helper.make_node("Mul", ["cam_pos", "inv_hw"], ["gradcam"]),
+        helper.make_node("Mul", ["cam_pos", "cam_pos"], ["gradcampp"]),
+    ]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, channels]),
+              helper.make_tensor_value_info("class_index", TensorProto.INT64, ["N"])]
+    out_shapes = {"probs": ["N", k], "activations": ["N", 4, 4, k], "gradcam": ["N", 4, 4],
+                  "gradcampp": ["N", 4, 4], "cam": ["N", 4, 4]}
+    names = [n for n in out_shapes if (cam or n != "cam") and n not in drop_outputs]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, out_shapes[n]) for n in names]
+    graph = helper.make_graph(nodes, "tiny_cam", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    if metadata:
+        heatmaps = tuple(h for h in ("gradcam", "gradcampp", "cam") if h in names)
+        info = GraphInfo(labels=labels, input_size=(size, size), color_order=color_order,
+                         target_layer="tiny_conv", heatmaps=heatmaps, feature_size=(4, 4),
+                         normalization={"scale": [1 / 127.5], "offset": [-1.0]},
+                         cam_unavailable_reason="" if cam else "head is not GAP+dense",
+                         source_model="tiny.keras", source_sha256="0" * 64, version="test")
+        helper.set_model_props(model, info.to_metadata())
+    onnx.save(model, str(path))
+    return path
+
+
+def write_clip(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> Path:
+    """Write uint8 BGR frames to an mp4 (mp4v)."""
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def count_frames(path: Path) -> int:
+    """Frames OpenCV can decode from `path` (decoding each, not trusting the header)."""
+    capture = cv2.VideoCapture(str(path))
+    assert capture.isOpened(), f"{path} does not open"
+    count = 0
+    while capture.read()[0]:
+        count += 1
+    capture.release()
+    return count

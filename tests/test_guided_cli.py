@@ -1,0 +1,242 @@
+"""`camface guided` end to end: snapshot folders built by hand from the astronaut photo (in the
+live loop's snapshot format), plain images, the figure's axes, the GIF, and misuse."""
+
+import json
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from camface.cli import main  # noqa: E402
+from camface.guided.figure import COLUMNS, comparison_figure  # noqa: E402
+from camface.guided.snapshot import sha256_file  # noqa: E402
+from camface.models import EMOTION_KERAS, EMOTION_ONNX, EMOTION_LABELS, read_labels  # noqa: E402
+
+LABELS = read_labels(EMOTION_LABELS)
+BOX = (177, 82, 95, 95)  # the astronaut's face, pixels
+
+
+def make_snapshot(folder, astronaut_bgr, *, faces=2, explained=(-1, 4), model=None):
+    """A snapshot folder as the live loop writes it: frame.png, face_NN.png (gray), snapshot.json.
+    Face 1 is the mirrored crop, so the two rows differ."""
+    import cv2
+
+    folder.mkdir()
+    cv2.imwrite(str(folder / "frame.png"), astronaut_bgr)
+    x, y, w, h = BOX
+    crop = cv2.cvtColor(cv2.resize(astronaut_bgr[y:y + h, x:x + w], (64, 64),
+                                   interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
+    entries = []
+    for i in range(faces):
+        cv2.imwrite(str(folder / f"face_{i:02d}.png"), crop if i % 2 == 0 else crop[:, ::-1])
+        entries.append({"crop": f"face_{i:02d}.png", "box": list(BOX), "score": 0.92,
+                        "probs": [0.0] * 6 + [1.0], "predicted": 3,
+                        "explained": explained[i % len(explained)]})
+    if model is None:
+        model = {"path": str(EMOTION_ONNX),
+                 "sha256": sha256_file(EMOTION_ONNX) if EMOTION_ONNX.is_file() else "",
+                 "source_model": EMOTION_KERAS.name, "source_sha256": sha256_file(EMOTION_KERAS)}
+    meta = {"camface_version": "0.1.0", "source": "test", "frame_index": 12, "method": "gradcam",
+            "labels": LABELS, "color_order": "GRAY", "model": model, "faces": entries}
+    (folder / "snapshot.json").write_text(json.dumps(meta))
+    return folder
+
+
+def files_under(path):
+    return sorted(p.relative_to(path) for p in path.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def snapshot_dir(tmp_path_factory, astronaut_bgr):
+    return make_snapshot(tmp_path_factory.mktemp("snap") / "frame_000012", astronaut_bgr)
+
+
+def test_snapshot_figure(snapshot_dir, caplog):
+    import cv2
+
+    before = files_under(snapshot_dir)
+    with caplog.at_level(logging.INFO):
+        assert main(["guided", str(snapshot_dir), "--layer", "conv2d_7"]) == 0
+    out = snapshot_dir / "guided.png"
+    assert files_under(snapshot_dir) == sorted(before + [out.relative_to(snapshot_dir)])
+    image = cv2.imread(str(out))
+    assert image is not None and image.shape[1] > 1000
+    assert "2 row(s)" in caplog.text and "conv2d_7" in caplog.text
+
+
+def test_snapshot_without_graph_uses_bundled_model_by_sha(tmp_path, astronaut_bgr, caplog):
+    """The ONNX file is gone: the Keras model is found by source_sha256, preprocessing assumed."""
+    model = {"path": str(tmp_path / "gone" / "emotion.onnx"), "sha256": "",
+             "source_model": "renamed.hdf5", "source_sha256": sha256_file(EMOTION_KERAS)}
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1, model=model)
+    with caplog.at_level(logging.INFO):
+        assert main(["guided", str(folder), "-o", str(tmp_path / "fig.png"), "--class", "sad"]) == 0
+    assert (tmp_path / "fig.png").is_file()
+    assert "assuming the emotion model's preprocessing" in caplog.text
+    assert "1 row(s), layer 'conv2d_7'" in caplog.text
+
+
+def test_layers_gif_has_one_frame_per_conv_layer(snapshot_dir, tmp_path):
+    from PIL import Image
+
+    model = keras.models.load_model(str(EMOTION_KERAS), compile=False)
+    convs = [layer.name for layer in model.layers
+             if type(layer).__name__ in ("Conv2D", "SeparableConv2D", "DepthwiseConv2D")]
+    assert len(convs) == 15
+    out = tmp_path / "layers.gif"
+    assert main(["guided", str(snapshot_dir), "--layers", "all", "-o", str(out),
+                 "--class", "happy"]) == 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == len(convs)
+        first = np.asarray(gif.convert("RGB"))
+        gif.seek(gif.n_frames - 1)
+        last = np.asarray(gif.convert("RGB"))
+    assert first.shape == last.shape and not np.array_equal(first, last)
+
+
+def test_plain_image(tmp_path, astronaut_bgr, caplog):
+    import cv2
+
+    image = tmp_path / "astronaut.png"
+    cv2.imwrite(str(image), astronaut_bgr)
+    with caplog.at_level(logging.INFO):
+        assert main(["guided", str(image), "--class", "happy", "4"]) == 0
+    assert (tmp_path / "astronaut_guided.png").is_file()
+    assert "1 face(s) found" in caplog.text and "2 row(s)" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def explanations(astronaut_bgr):
+    from camface.guided.explain import Explainer
+    from camface.guided.snapshot import EMOTION_PREPROCESSING
+
+    import cv2
+
+    x, y, w, h = BOX
+    gray = cv2.cvtColor(cv2.resize(astronaut_bgr[y:y + h, x:x + w], (64, 64)), cv2.COLOR_BGR2GRAY)
+    crops = np.stack([gray, gray[:, ::-1], gray])[..., None]
+    model = keras.models.load_model(str(EMOTION_KERAS), compile=False)
+    return {layer: Explainer(model, layer, EMOTION_PREPROCESSING).explain(
+        crops, np.array([-1, -1, 4]), ("face 0", "face 1", "face 0")) for layer in ("conv2d_7", "add_3")}
+
+
+@pytest.mark.parametrize("layer", ["conv2d_7", "add_3"])
+def test_figure_has_one_row_per_face_and_eight_panels(explanations, layer):
+    items = explanations[layer]
+    fig = comparison_figure(items, LABELS)
+    axes = fig.axes
+    assert len(axes) == 3 * len(COLUMNS) == 24
+    assert [ax.get_title() for ax in axes[:8]] == list(COLUMNS)
+    rows = [axes[r * 8:(r + 1) * 8] for r in range(3)]
+    titles = [row[0].get_ylabel() for row in rows]
+    assert titles[0].startswith("face 0\nhappy 0.99") and "explaining" not in titles[0]
+    assert titles[1].startswith("face 1\nhappy")
+    assert "explaining sad" in titles[2]
+    for row in rows:
+        images_per_panel = [len(ax.get_images()) for ax in row]
+        cam_panels = images_per_panel[1] + images_per_panel[4]
+        # image, Grad-CAM, Grad-CAM++, Guided Backprop, Guided Grad-CAM: one image each;
+        # the two overlays hold the crop and the map.
+        assert images_per_panel[0] == images_per_panel[2] == images_per_panel[3] == 1
+        assert images_per_panel[5] == 2 and images_per_panel[6] == images_per_panel[7] == 1
+        if layer == "conv2d_7":  # GAP right after: CAM exists
+            assert cam_panels == 3
+        else:  # add_3 is not followed by pooling: CAM panels say so
+            assert cam_panels == 0 and "CAM n/a" in row[1].texts[0].get_text()
+    # the localisation box is drawn on the Grad-CAM overlay (a Rectangle patch)
+    assert len(rows[2][5].patches) == 1
+    assert len(comparison_figure(items, LABELS, boxes=False).axes[13].patches) == 0
+
+
+def test_figure_labels_plain_gradients_for_models_without_relu():
+    from camface.guided.explain import Explainer
+    from camface.guided.snapshot import Preprocessing
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(3, 3, activation="swish", padding="same", name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    explainer = Explainer(model, "conv", Preprocessing("GRAY", (1 / 255,), (0.0,)))
+    crops = np.random.default_rng(0).integers(0, 255, (1, 8, 8, 1), dtype=np.uint8)
+    items = explainer.explain(crops, np.array([1]))
+    assert not items[0].guided
+    titles = [ax.get_title() for ax in comparison_figure(items, ["a", "b"],
+                                                         gradient_label=explainer.gradient_label).axes]
+    assert titles[6] == "Gradient (no ReLU)" and titles[7] == "Gradient x Grad-CAM"
+
+
+# ------------------------------------------------------------------------------- misuse
+
+
+def _no_json(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    (folder / "snapshot.json").unlink()
+    return [str(folder)], "snapshot.json is missing"
+
+
+def _model_missing(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--model", str(tmp_path / "nope.keras")], "model file not found: .*nope.keras"
+
+
+def _model_mismatch(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"not the snapshot's model")
+    return [str(folder), "--model", str(other)], "other.h5 does not match snapshot .*source_sha256"
+
+
+def _model_not_found(tmp_path, astronaut_bgr):
+    model = {"path": str(tmp_path / "gone.onnx"), "sha256": "", "source_model": "mine.keras",
+             "source_sha256": "0" * 64}
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1, model=model)
+    return [str(folder)], "cannot find the Keras model .*mine.keras.*--model"
+
+
+def _no_faces(tmp_path, astronaut_bgr):
+    import cv2
+
+    blank = tmp_path / "wall.png"
+    cv2.imwrite(str(blank), np.full((240, 320, 3), 128, np.uint8))
+    return [str(blank)], "no faces found in .*wall.png"
+
+
+def _gif_needs_gif_suffix(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--layers", "all", "-o", str(tmp_path / "x.png")], "--layers all writes an animated GIF"
+
+
+def _unknown_class(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--class", "joy"], "unknown class 'joy'.*angry, disgust"
+
+
+def _unknown_layer(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--layer", "conv9"], "layer 'conv9' is not .*choose from: conv2d_1"
+
+
+def _missing_input(tmp_path, astronaut_bgr):
+    return [str(tmp_path / "nothing")], "input not found: .*nothing"
+
+
+@pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
+                                  _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
+                                  _missing_input], ids=lambda f: f.__name__.strip("_"))
+def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
+    import re
+
+    argv, message = case(tmp_path, astronaut_bgr)
+    before = files_under(tmp_path)
+    capsys.readouterr()
+    assert main(["guided"] + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("camface: error: "), err
+    assert re.search(message, err[-1]), err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert files_under(tmp_path) == before

@@ -1,0 +1,133 @@
+"""TensorFlow CAM / Grad-CAM / Grad-CAM++ of `camface guided`: hand-computed arrays, the bundled
+emotion model, and agreement with the exported ONNX CAM graph."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from camface.guided import gradcam as maps  # noqa: E402
+from camface.guided.explain import Explainer  # noqa: E402
+from camface.guided.snapshot import EMOTION_PREPROCESSING  # noqa: E402
+from camface.models import EMOTION_KERAS, EMOTION_ONNX, EMOTION_LABELS, read_labels  # noqa: E402
+
+HAPPY, SAD = 3, 4
+
+
+def astronaut_crop(astronaut_bgr, flip=False):
+    """The astronaut's face (box about 177, 82, 95, 95), 64x64 gray, as the live loop crops it."""
+    import cv2
+
+    x, y, side = 177, 82, 95
+    crop = cv2.resize(astronaut_bgr[y:y + side, x:x + side], (64, 64), interpolation=cv2.INTER_AREA)
+    gray = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
+    return (gray[:, ::-1] if flip else gray)[:, :, None].copy()
+
+
+@pytest.fixture(scope="module")
+def emotion_model():
+    return keras.models.load_model(str(EMOTION_KERAS), compile=False)
+
+
+@pytest.fixture(scope="module")
+def crops(astronaut_bgr):
+    return np.stack([astronaut_crop(astronaut_bgr), astronaut_crop(astronaut_bgr, flip=True)])
+
+
+def test_grad_cam_math_by_hand():
+    a = np.zeros((1, 2, 2, 2), np.float32)
+    a[0, :, :, 0] = [[1, 2], [3, 4]]
+    a[0, :, :, 1] = [[4, 0], [0, 0]]
+    g = np.zeros_like(a)
+    g[0, :, :, 0] = [[1, 1], [1, 1]]  # alpha_0 = 1
+    g[0, :, :, 1] = [[-2, -2], [-2, -2]]  # alpha_1 = -2
+    before = a.copy()
+    np.testing.assert_allclose(maps.grad_cam(a, g)[0], [[0, 2], [3, 4]])  # ReLU(1*A0 - 2*A1)
+    np.testing.assert_array_equal(a, before)
+    # Grad-CAM++ eq. 19: channel 0: g=1, sum A=10 -> alpha = 1/(2+10) everywhere, w = 4/12;
+    # channel 1: g=-2 -> ReLU(g) = 0, w = 0.
+    np.testing.assert_allclose(maps.grad_cam_plus_plus(a, g)[0], a[0, :, :, 0] / 3, rtol=1e-6)
+    # zero gradient: 0/0 handled, map is 0
+    assert not maps.grad_cam_plus_plus(a, np.zeros_like(g)).any()
+    w = np.array([[2.0, -1.0]], np.float32)
+    np.testing.assert_allclose(maps.class_activation_map(a, w)[0], 2 * a[0, :, :, 0] - a[0, :, :, 1])
+
+
+def test_emotion_model_structure(emotion_model):
+    assert maps.default_target_layer(emotion_model) == "conv2d_7"
+    weights, reason = maps.cam_weights(emotion_model, "conv2d_7")
+    np.testing.assert_array_equal(weights, np.eye(7))  # conv2d_7 -> GAP -> softmax
+    assert reason == ""
+    weights, reason = maps.cam_weights(emotion_model, "add_3")
+    assert weights is None and "global average pooling" in reason
+    convs = maps.conv_layers(emotion_model)
+    assert len(convs) == 15 and convs[0] == "conv2d_1" and convs[-1] == "conv2d_7"
+    with pytest.raises(Exception, match="not a layer with a 4-D output.*conv2d_7"):
+        maps.check_layer(emotion_model, "nope")
+
+
+@pytest.fixture(scope="module")
+def explained(emotion_model, crops):
+    """happy and sad for the astronaut, at conv2d_7."""
+    explainer = Explainer(emotion_model, "conv2d_7", EMOTION_PREPROCESSING)
+    pair = np.stack([crops[0], crops[0]])
+    return explainer, explainer.explain(pair, np.array([-1, SAD]))
+
+
+def test_predicts_happy_and_cam_matches_gradcam(explained):
+    """GAP -> logits head: Grad-CAM = ReLU(CAM) / (h*w) (Grad-CAM paper, appendix A)."""
+    _, (happy, sad) = explained
+    assert happy.predicted == HAPPY and happy.explained == HAPPY and happy.probs[HAPPY] > 0.99
+    assert sad.predicted == HAPPY and sad.explained == SAD
+    for item in (happy, sad):
+        np.testing.assert_allclose(item.gradcam, np.maximum(item.cam, 0) / 16, rtol=1e-5, atol=1e-6)
+    # At conv2d_7, "happy" Grad-CAM peaks in the top rows (measured for issue 2).
+    assert np.unravel_index(happy.gradcam.argmax(), (4, 4))[0] <= 1
+
+
+def test_changing_the_class_changes_guided_gradcam(explained):
+    explainer, (happy, sad) = explained
+    assert explainer.guided and happy.guided
+    a, b = happy.guided_gradcam.ravel(), sad.guided_gradcam.ravel()
+    correlation = np.corrcoef(a, b)[0, 1]
+    assert correlation < 0.8, correlation
+    assert not np.allclose(happy.gradcam, sad.gradcam)
+    # Guided Grad-CAM is Guided Backprop x Grad-CAM upsampled and scaled to [0, 1].
+    from camface.guided.explain import upsample
+
+    weight = upsample(sad.gradcam, (64, 64))
+    np.testing.assert_allclose(sad.guided_gradcam[..., 0],
+                               sad.input_gradient[..., 0] * weight / weight.max(), rtol=1e-5,
+                               atol=1e-9)
+
+
+@pytest.mark.skipif(not EMOTION_ONNX.is_file(), reason="bundled CAM graph not exported yet")
+def test_gradcam_equals_exported_onnx_graph(emotion_model, crops):
+    """Same crop and class: this command's TF Grad-CAM / Grad-CAM++ / CAM / probs equal the ONNX
+    graph's. Tolerance: max |difference| <= 1e-4 x the map's max (+1e-6): float32, different kernels."""
+    import onnxruntime as ort
+
+    from camface.graph_spec import GraphInfo
+    from camface.guided.snapshot import Preprocessing
+
+    session = ort.InferenceSession(str(EMOTION_ONNX), providers=["CPUExecutionProvider"])
+    info = GraphInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
+    preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
+    explainer = Explainer(emotion_model, info.target_layer, preprocessing)
+    classes = np.array([-1, SAD, 0], np.int64)
+    batch = np.stack([crops[0], crops[0], crops[1]])
+    ours = explainer.explain(batch, classes)
+    outputs = dict(zip([o.name for o in session.get_outputs()],
+                       session.run(None, {"image": batch, "class_index": classes})))
+    for i, item in enumerate(ours):
+        np.testing.assert_allclose(item.probs, outputs["probs"][i], atol=1e-5)
+        for name in ("gradcam", "gradcampp") + (("cam",) if "cam" in outputs else ()):
+            expected = outputs[name][i]
+            got = getattr(item, name)
+            tolerance = 1e-4 * float(np.abs(expected).max()) + 1e-6
+            assert np.abs(got - expected).max() <= tolerance, (name, i, np.abs(got - expected).max())
+    assert read_labels(EMOTION_LABELS) == list(info.labels)

@@ -1,0 +1,311 @@
+"""The live loop end to end: sources, detector, the bundled emotion graph, recording,
+snapshots, signals and the `camface live` command. Short synthetic clips; no camera."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import count_frames, write_clip
+
+from camface.cli import main as camface_main
+from camface.errors import OutputError, SourceError
+from camface.models import DETECTORS, EMOTION_ONNX
+from camface.realtime.loop import LiveConfig, LiveLoop
+from camface.realtime.sample import SampleSource
+from camface.realtime.smooth import iou
+from camface.realtime.sources import ImageFolderSource, LiveSource, VideoFileSource, make_source
+
+pytestmark = pytest.mark.skipif(not EMOTION_ONNX.is_file(), reason="bundled emotion graph not exported yet")
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def sample_frames():
+    """Frames 0, 40, ..., 280 of the 300-frame sample clip, and the clip itself."""
+    clip = SampleSource()
+    return clip, {i: clip.frame(i) for i in range(0, 300, 40)}
+
+
+@pytest.fixture(scope="module")
+def face_clip(tmp_path_factory, sample_frames):
+    """A 12-frame mp4 of sample frames (faces moving between frames)."""
+    clip, _ = sample_frames
+    folder = tmp_path_factory.mktemp("clip")
+    return write_clip(folder / "faces.mp4", [clip.frame(i) for i in range(100, 220, 10)])
+
+
+# ------------------------------------------------------------------------------ detector, sample
+
+def test_detector_finds_the_sample_faces(sample_frames):
+    from camface.realtime.detect import FaceDetector
+
+    clip, frames = sample_frames
+    found = total = 0
+    with FaceDetector(DETECTORS["full"]) as detector:
+        for index, frame in frames.items():
+            faces = detector.detect(frame)
+            truth = clip.face_boxes(index)
+            total += len(truth)
+            found += sum(any(iou(t, f.box) > 0.4 for f in faces) for t in truth)
+            for f in faces:
+                x, y, w, h = f.box
+                assert x >= 0 and y >= 0 and x + w <= 640 and y + h <= 480 and 0 < f.score <= 1
+        assert detector.detect(np.zeros((48, 64, 3), np.uint8)) == ()
+    assert total >= 14 and found >= 0.9 * total
+    counts = [len(clip.face_boxes(i)) for i in range(300)]
+    assert max(counts) >= 3 and min(counts) == 1  # faces enter and leave
+
+
+def test_detector_astronaut_and_faces_cut_by_the_border(astronaut_bgr):
+    from camface.realtime.detect import FaceDetector
+
+    with FaceDetector(DETECTORS["short"]) as detector:
+        (face,) = detector.detect(astronaut_bgr)
+        assert iou(face.box, (177, 82, 95, 95)) > 0.8 and face.score > 0.8
+        cut = np.ascontiguousarray(astronaut_bgr[100:, 210:])  # face cut at the top-left corner
+        for f in detector.detect(cut):
+            x, y, w, h = f.box
+            assert x >= 0 and y >= 0 and x + w <= cut.shape[1] and y + h <= cut.shape[0]
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        detector.detect(astronaut_bgr)
+
+
+def test_mediapipe_import_does_not_import_tensorflow():
+    code = ("import sys, time; t = time.perf_counter();"
+            "from camface.realtime.detect import import_mediapipe_vision; import_mediapipe_vision();"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported';"
+            "import importlib.util; assert importlib.util.find_spec('tensorflow') is not None;"
+            "print(round(time.perf_counter() - t, 2))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# ------------------------------------------------------------------------------ the loop
+
+def _run(config: LiveConfig, source=None) -> LiveLoop:
+    loop = LiveLoop(config, source=source)
+    loop.run()
+    return loop
+
+
+def test_recording_holds_every_processed_frame_and_snapshots(tmp_path, face_clip):
+    out = tmp_path / "out.mp4"
+    loop = _run(LiveConfig(source=str(face_clip), record=out, detector="full", snapshot_every=5,
+                           snapshot_dir=tmp_path / "snaps", cam_boxes=True, bars=True, smooth=0.5))
+    s = loop.summary
+    assert s.frames == 12 and s.stopped_by == "end of input"
+    assert s.recordings == ((str(out), 12),) and count_frames(out) == 12
+    assert s.faces_per_frame >= 2 and s.snapshots == 3
+    assert {"decode", "detect", "crop", "classify", "render", "encode"} <= set(s.stages)
+    assert all(st.median_ms > 0 for st in s.stages.values())
+    assert s.line().startswith("Speed: ") and "recorded 12 frames" in s.line()
+    snap = tmp_path / "snaps" / "frame_000005"
+    meta = json.loads((snap / "snapshot.json").read_text())
+    assert meta["frame_index"] == 5 and meta["source"] == str(face_clip) and len(meta["faces"]) >= 2
+    assert {f["predicted_label"] for f in meta["faces"]} == {"happy"}
+    crop = cv2.imread(str(snap / meta["faces"][0]["crop"]), cv2.IMREAD_UNCHANGED)
+    assert crop.shape == (64, 64)  # exactly the graph's input: 64x64 gray
+
+
+def test_max_faces_drops_the_smallest(tmp_path, sample_frames):
+    _, frames = sample_frames
+    frame = frames[160]  # three faces
+    folder = tmp_path / "one"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), frame)
+    loop = _run(LiveConfig(source=str(folder), max_faces=1))
+    assert loop.summary.frames == 1 and loop.summary.faces == 1 and loop.summary.dropped == 2
+
+
+def test_frames_of_every_kind(tmp_path, astronaut_bgr):
+    """Gray, BGRA, 16-bit, all-black, 1x1 and odd-sized images in one folder."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    gray = cv2.cvtColor(astronaut_bgr, cv2.COLOR_BGR2GRAY)
+    cv2.imwrite(str(folder / "01_gray.png"), gray)
+    cv2.imwrite(str(folder / "02_bgra.png"), cv2.cvtColor(astronaut_bgr, cv2.COLOR_BGR2BGRA))
+    cv2.imwrite(str(folder / "03_16bit.png"), astronaut_bgr.astype(np.uint16) * 257)
+    cv2.imwrite(str(folder / "04_black.png"), np.zeros((100, 120, 3), np.uint8))
+    cv2.imwrite(str(folder / "05_tiny.png"), np.zeros((1, 1, 3), np.uint8))
+    cv2.imwrite(str(folder / "06_odd.png"), astronaut_bgr[:333, :251])
+    (folder / "07_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "mixed.mp4"
+    loop = _run(LiveConfig(source=str(folder), record=out, detector="short"))
+    assert loop.summary.frames == 6 and count_frames(out) == 6
+    assert loop.summary.faces >= 4  # the astronaut in each of the four photos
+
+
+def test_fails_before_processing_when_output_is_unwritable(tmp_path, face_clip):
+    with pytest.raises(OutputError, match="folder .*nowhere does not exist"):
+        _run(LiveConfig(source=str(face_clip), record=tmp_path / "nowhere" / "x.mp4"))
+    existing = tmp_path / "x.mp4"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        _run(LiveConfig(source=str(face_clip), record=existing))
+    assert existing.read_bytes() == b"keep me"
+    _run(LiveConfig(source=str(face_clip), record=existing, overwrite=True, max_frames=3))
+    assert count_frames(existing) == 3
+
+
+class FakeCamera:
+    """A cv2.VideoCapture stand-in: `good` frames at ~200 fps, then nothing (unplugged);
+    reports 0 fps like many webcams."""
+
+    def __init__(self, good: int):
+        self.good, self.reads = good, 0
+
+    def isOpened(self):
+        return True
+
+    def get(self, prop):
+        return 0.0
+
+    def read(self):
+        time.sleep(0.005)
+        self.reads += 1
+        if self.reads > self.good:
+            return False, None
+        frame = np.full((48, 64, 3), self.reads % 255, np.uint8)
+        return True, frame
+
+    def release(self):
+        pass
+
+
+def test_camera_that_disappears_finalises_the_recording(tmp_path):
+    out = tmp_path / "cam.mp4"
+    source = LiveSource(0, timeout_s=1.0, opener=lambda target, timeout: FakeCamera(good=60))
+    loop = LiveLoop(LiveConfig(record=out, detector="short"), source=source)
+    with pytest.raises(SourceError, match="camera 0 stopped delivering frames"):
+        loop.run()
+    assert 0 < loop.summary.frames <= 60
+    assert count_frames(out) == loop.summary.frames
+    assert 100 < source.info.fps < 250  # measured, the camera reported 0
+
+
+def test_live_source_keeps_only_the_newest_frame():
+    camera = FakeCamera(good=1000)
+    with LiveSource(0, opener=lambda target, timeout: camera) as source:
+        frames = iter(source)
+        first = next(frames)[0, 0, 0]
+        time.sleep(0.1)  # ~20 frames arrive meanwhile
+        second = next(frames)[0, 0, 0]
+    assert second - first >= 10
+
+
+def test_truncated_video_stops_at_the_last_good_frame(tmp_path, face_clip, caplog):
+    data = face_clip.read_bytes()
+    truncated = tmp_path / "cut.mp4"
+    # mp4v from OpenCV writes the index (moov) last: cut the middle of the data instead
+    truncated.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+    out = tmp_path / "cut_out.mp4"
+    try:
+        loop = _run(LiveConfig(source=str(truncated), record=out, detector="short"))
+    except SourceError as exc:
+        assert "cut.mp4" in str(exc)
+        return
+    assert 0 < loop.summary.frames <= 12 and count_frames(out) == loop.summary.frames
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing.mp4", "source not found: missing.mp4"),
+    ("empty_dir", "no images .* in folder .*empty_dir"),
+    ("text.mp4", "cannot open video file .*text.mp4"),
+    ("7", "camera 7 could not be opened"),
+])
+def test_bad_sources_name_the_thing(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "text.mp4").write_text("hello")
+    with pytest.raises(SourceError, match=message):
+        with make_source(spec) as source:
+            list(source)
+
+
+def test_stream_that_does_not_answer_times_out():
+    start = time.perf_counter()
+    with pytest.raises(SourceError, match="stream rtsp://127.0.0.1:9/none could not be opened"):
+        with LiveSource("rtsp://127.0.0.1:9/none", timeout_s=2.0):
+            pass
+    assert time.perf_counter() - start < 10
+
+
+def test_file_and_folder_sources_yield_every_frame(tmp_path, face_clip):
+    with VideoFileSource(face_clip) as video:
+        assert video.info.frames == 12 and video.info.fps == pytest.approx(30)
+        assert sum(1 for _ in video) == 12
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"img{10 - i}.jpg"), np.full((20, 30), i * 50, np.uint8))
+    with ImageFolderSource(tmp_path) as folder:
+        values = [int(f[0, 0, 0]) for f in folder]
+    assert len(values) == 3 and values == sorted(values, reverse=True)  # img8, img9, img10
+
+
+# ------------------------------------------------------------------------------ the command
+
+def test_cli_smoke_file_folder_and_bad_camera(tmp_path, face_clip, capsys):
+    out = tmp_path / "cli.mp4"
+    assert camface_main(["live", "--source", str(face_clip), "--no-show", "--record", str(out),
+                         "--method", "gradcampp", "--detector", "short", "--max-frames", "4"]) == 0
+    assert count_frames(out) == 4
+    assert "Speed: " in capsys.readouterr().err
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), SampleSource().frame(150))
+    assert camface_main(["live", "--source", str(folder), "--no-show", "--method", "none", "--top3"]) == 0
+    assert camface_main(["live", "--source", "9", "--no-show"]) == 2
+    assert "camface: error: camera 9 could not be opened" in capsys.readouterr().err
+    assert camface_main(["live", "--source", "sample", "--no-show", "--record", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert camface_main(["live", "--source", "sample", "--no-show", "--alpha", "2"]) == 2
+
+
+BLOCK_TF = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
+            raise ImportError(f'{name} is blocked in this test')
+sys.meta_path.insert(0, Block())
+from camface.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_sample_runs_with_tensorflow_blocked(tmp_path):
+    out = tmp_path / "sample.mp4"
+    run = subprocess.run([sys.executable, "-c", BLOCK_TF, "live", "--source", "sample", "--no-show",
+                          "--record", str(out), "--max-frames", "20", "--snapshot-every", "10",
+                          "--snapshot-dir", str(tmp_path / "snaps")],
+                         capture_output=True, text=True, env=ENV, timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "recorded 20 frames" in run.stderr and count_frames(out) == 20
+    assert len(list((tmp_path / "snaps").iterdir())) == 2
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
+    out = tmp_path / "sig.mp4"
+    process = subprocess.Popen([sys.executable, "-m", "camface", "live", "--source", "sample", "--no-show",
+                                "--record", str(out)], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (out.exists() and out.stat().st_size > 20_000) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == code, err
+    recorded = int(err.split("recorded ")[1].split(" frames")[0])
+    assert 0 < recorded < 300 and count_frames(out) == recorded

@@ -1,0 +1,344 @@
+"""Unit tests of the live loop's stages: frames, crops, the ORT wrapper, rendering, smoothing,
+timing, keys, recording and snapshots. Tiny synthetic data; no camera, no display."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import TINY_LABELS, count_frames, tiny_cam_graph
+
+from camface.errors import ModelError, OutputError
+from camface.realtime.crop import crop_faces, crop_square, square_box
+from camface.realtime.render import (BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box,
+                                     normalize_heatmap)
+from camface.realtime.results import Face, FrameResult, Prediction
+from camface.realtime.sinks import VideoSink, check_output_file
+from camface.realtime.smooth import Smoother, iou
+from camface.realtime.snapshot import SnapshotWriter
+from camface.realtime.sources import to_bgr8
+from camface.realtime.timing import RateMeter, StageTimer
+from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls, apply_key
+
+
+@pytest.fixture(scope="module")
+def tiny_graph_path(tmp_path_factory):
+    return tiny_cam_graph(tmp_path_factory.mktemp("graph") / "tiny.onnx")
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tiny_graph_path):
+    from camface.realtime.graph import CamGraph
+
+    return CamGraph(tiny_graph_path, "cpu")
+
+
+# ------------------------------------------------------------------------------ frames
+
+@pytest.mark.parametrize("image, expected_pixel", [
+    (np.full((5, 7), 200, np.uint8), (200, 200, 200)),                  # gray
+    (np.full((5, 7, 1), 10, np.uint8), (10, 10, 10)),                   # gray, channel axis
+    (np.dstack([np.full((5, 7), v, np.uint8) for v in (1, 2, 3, 255)]), (1, 2, 3)),  # BGRA
+    (np.full((5, 7, 3), 65535, np.uint16), (255, 255, 255)),            # 16-bit
+    (np.full((5, 7, 3), 0x1234, np.uint16), (0x12, 0x12, 0x12)),
+    (np.full((1, 1, 3), 0.5, np.float32), (128, 128, 128)),             # float, 1x1
+])
+def test_to_bgr8_normalises_frames(image, expected_pixel):
+    out = to_bgr8(image)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    assert out.shape[:2] == image.shape[:2]
+    assert tuple(int(v) for v in out[0, 0]) == expected_pixel
+    assert out.flags["C_CONTIGUOUS"]
+
+
+def test_to_bgr8_rejects_non_images():
+    with pytest.raises(ValueError, match="not an image"):
+        to_bgr8(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ValueError, match="channels"):
+        to_bgr8(np.zeros((4, 4, 2), np.uint8))
+
+
+# ------------------------------------------------------------------------------ crops
+
+@pytest.mark.parametrize("box, margin", [((10, 20, 30, 30), 0.0), ((10, 20, 31, 40), 0.1),
+                                         ((0, 0, 1, 1), 0.5), ((5, 5, 40, 13), 0.25)])
+def test_square_box_contains_the_face_and_is_centred(box, margin):
+    x, y, side, side2 = square_box(box, margin)
+    bx, by, bw, bh = box
+    assert side == side2 >= max(bw, bh) * (1 + margin) - 1e-6
+    assert x <= bx and y <= by and x + side >= bx + bw and y + side >= by + bh
+    assert abs((x + side / 2) - (bx + bw / 2)) <= 1 and abs((y + side / 2) - (by + bh / 2)) <= 1
+
+
+def test_crop_at_the_border_is_padded_not_shifted():
+    frame = np.arange(100, dtype=np.uint8).reshape(10, 10)[:, :, None].repeat(3, axis=2)
+    crop = crop_square(frame, (-2, -3, 6, 6))
+    assert crop.shape == (6, 6, 3)
+    assert (crop[:3] == 0).all() and (crop[:, :2] == 0).all()
+    assert crop[3, 2, 0] == frame[0, 0, 0] and crop[5, 5, 0] == frame[2, 3, 0]
+    assert (crop_square(frame, (20, 20, 4, 4)) == 0).all()  # entirely outside: all padding
+
+
+def test_crop_faces_sizes_colour_and_crop_boxes():
+    frame = np.zeros((40, 50, 3), np.uint8)
+    frame[:, :, 2] = 200  # red in BGR
+    faces = (Face((0, 0, 10, 20), 0.9), Face((30, 10, 19, 29), 0.8))
+    gray, placed = crop_faces(frame, faces, 0.0, (16, 16), "GRAY")
+    assert gray.shape == (2, 16, 16, 1) and gray.dtype == np.uint8
+    assert placed[0].crop_box == square_box(faces[0].box, 0.0)
+    assert gray[0, 8, 12, 0] == round(0.299 * 200)  # inside the frame: red seen as gray
+    assert gray[0, 8, 0, 0] == 0  # left of the frame: padding
+    rgb, _ = crop_faces(frame, faces, 0.0, (16, 8), "RGB")
+    assert rgb.shape == (2, 16, 8, 3) and rgb[1, 8, 4, 0] == 200 and rgb[1, 8, 4, 2] == 0
+    empty, none = crop_faces(frame, (), 0.1, (16, 16), "BGR")
+    assert empty.shape == (0, 16, 16, 3) and none == ()
+    with pytest.raises(ValueError, match="colour order"):
+        crop_faces(frame, faces, 0.0, (16, 16), "YUV")
+
+
+# ------------------------------------------------------------------------------ graph
+
+def test_graph_reads_metadata_and_runs_a_batch(tiny_graph):
+    assert tiny_graph.info.labels == TINY_LABELS and tiny_graph.info.input_size == (32, 32)
+    assert tiny_graph.provider == "CPUExecutionProvider"
+    assert tiny_graph.methods == ("gradcam", "gradcampp", "cam")
+    crops = np.zeros((2, 32, 32, 1), np.uint8)
+    crops[0, :16, :16] = 255  # bright top-left: class 0 ("bright") lights it up
+    crops[1] = 255
+    crops[1, :8, :8] = 0  # dark top-left cell: class 1 ("dark") lights it up
+    probs, heat = tiny_graph.run(crops, np.array([0, -1]), "gradcam")
+    assert probs[0].argmax() == 1 and probs[1].argmax() == 0  # mostly dark; mostly bright
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(heat[0][:2, :2], 1 / 16, atol=1e-6)  # ReLU(p) / 16 with p = +1
+    assert (heat[0][2:] == 0).all()
+    np.testing.assert_allclose(heat[1].ravel()[1:], 1 / 16, atol=1e-6)  # predicted "bright"
+    assert heat[1][0, 0] == 0
+    _, none = tiny_graph.run(crops, np.array([-1, -1]), "none")
+    assert none.shape == (2, 0, 0)
+
+
+def test_heatmap_changes_with_the_explained_class(tiny_graph):
+    crops = np.full((1, 32, 32, 1), 255, np.uint8)
+    crops[0, 16:, 16:] = 0
+    _, bright = tiny_graph.run(crops, np.array([0]), "gradcam")
+    _, dark = tiny_graph.run(crops, np.array([1]), "gradcam")
+    assert bright[0][0, 0] > 0 and bright[0][3, 3] == 0
+    assert dark[0][0, 0] == 0 and dark[0][3, 3] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(drop_outputs=("gradcam", "activations")), "missing activations, gradcam"),
+    (dict(metadata=False), "lacks CAM graph metadata: labels"),
+    (dict(labels=("a", "b")), "2 labels in the metadata but the graph returns 3"),
+])
+def test_graph_refuses_graphs_that_break_the_contract(tmp_path, kwargs, message):
+    from camface.realtime.graph import CamGraph
+
+    path = tiny_cam_graph(tmp_path / "bad.onnx", **kwargs)
+    with pytest.raises(ModelError, match=message):
+        CamGraph(path, "cpu")
+
+
+def test_graph_missing_and_corrupt_files(tmp_path):
+    from camface.realtime.graph import CamGraph
+
+    with pytest.raises(ModelError, match="CAM graph not found: .*nope.onnx"):
+        CamGraph(tmp_path / "nope.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not a protobuf" * 10)
+    with pytest.raises(ModelError, match="cannot load CAM graph .*corrupt.onnx"):
+        CamGraph(corrupt)
+    with pytest.raises(ValueError, match="unknown device"):
+        CamGraph(corrupt, "tpu")
+
+
+def test_graph_without_cam_says_why(tmp_path):
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(tiny_cam_graph(tmp_path / "nocam.onnx", cam=False), "cpu")
+    assert graph.methods == ("gradcam", "gradcampp")
+    with pytest.raises(ModelError, match="no 'cam' heatmap.*head is not GAP"):
+        graph.run(np.zeros((1, 32, 32, 1), np.uint8), np.array([-1]), "cam")
+
+
+def test_unusable_gpu_provider_falls_back_to_cpu_with_one_line(tiny_graph_path, caplog):
+    import onnxruntime as ort
+
+    from camface.realtime.graph import CamGraph
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
+    with caplog.at_level(logging.INFO):
+        graph = CamGraph(tiny_graph_path, "cuda")
+    if graph.provider == "CUDAExecutionProvider":
+        pytest.skip("a usable GPU is present")
+    assert graph.provider == "CPUExecutionProvider"
+    assert [r.message for r in caplog.records if r.levelno == logging.WARNING] == [
+        "camface: --device cuda is not usable here; running the CAM graph on CPU"]
+
+
+# ------------------------------------------------------------------------------ rendering
+
+def _result(faces, heatmaps, method="gradcam", probs=None):
+    predictions = tuple(Prediction(probs=np.array(probs or [0.7, 0.2, 0.1], np.float32), heatmap=h,
+                                   predicted=0, explained=0, method=method) for h in heatmaps)
+    return FrameResult(index=0, faces=tuple(faces), predictions=predictions, method=method, labels=TINY_LABELS)
+
+
+def test_normalize_heatmap():
+    np.testing.assert_allclose(normalize_heatmap(np.array([[-1.0, 0.0], [1.0, 2.0]]), "gradcam"),
+                               [[0, 0], [0.5, 1]])
+    np.testing.assert_allclose(normalize_heatmap(np.array([[-1.0, 0.0], [1.0, 3.0]]), "cam"),
+                               [[0, 0.25], [0.5, 1]])
+    assert (normalize_heatmap(np.zeros((3, 3)), "gradcam") == 0).all()
+
+
+def test_localisation_box_is_the_largest_region_above_20_percent():
+    heat = np.zeros((20, 20), np.float32)
+    heat[2:5, 2:5] = 1.0  # 9 px at the maximum
+    heat[10:18, 8:14] = 0.3  # 48 px above 20 % of it: the largest region wins
+    heat[0, 19] = 0.1  # below the threshold
+    assert localisation_box(heat) == (8, 10, 6, 8)
+    assert localisation_box(np.zeros((4, 4), np.float32)) is None
+
+
+@pytest.mark.parametrize("frame_shape", [(120, 160, 3), (121, 161, 3), (1, 1, 3)])
+def test_heatmap_overlay_changes_pixels_only_inside_face_boxes(frame_shape):
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, frame_shape, dtype=np.uint8)
+    faces = [Face((10, 20, 40, 40), 0.9, crop_box=(6, 16, 48, 48)),
+             Face((130, 90, 40, 40), 0.8, crop_box=(126, 86, 48, 48))]  # cut by the border
+    heat = np.arange(16, dtype=np.float32).reshape(4, 4)
+    before = frame.copy()
+    out = HeatmapAnnotator("jet", 0.5).annotate(frame, _result(faces, [heat, heat]))
+    assert out is frame  # in place
+    inside = np.zeros(frame_shape[:2], bool)
+    for f in faces:
+        x, y, w, h = f.box
+        inside[max(y, 0):y + h, max(x, 0):x + w] = True
+    changed = (before != frame).any(axis=2)
+    assert not changed[~inside].any()
+    if frame_shape[0] > 60:
+        assert changed[20:60, 10:50].mean() > 0.5
+
+
+def test_box_labels_and_hud_draw_where_expected():
+    frame = np.zeros((120, 160, 3), np.uint8)
+    result = _result([Face((40, 40, 40, 40), 0.9, crop_box=(40, 40, 40, 40))], [np.ones((4, 4), np.float32)])
+    BoxAnnotator().annotate(frame, result)
+    changed = frame.any(axis=2)
+    assert changed[40:80, 40:80].any() and changed[20:40, 40:120].any()  # box, label above it
+    assert not changed[85:, :].any()
+    hud_frame = np.zeros((120, 160, 3), np.uint8)
+    Renderer(hud=True).hud_layer.annotate(hud_frame, result)
+    assert hud_frame[:20, :40].any() and not hud_frame[60:].any()
+
+
+# ------------------------------------------------------------------------------ smoothing
+
+def test_smoother_keeps_ids_and_averages():
+    smoother = Smoother(0.5)
+    heat_a, heat_b = np.zeros((4, 4), np.float32), np.ones((4, 4), np.float32)
+    first = smoother.update(_result([Face((0, 0, 20, 20), 1), Face((50, 50, 20, 20), 1)],
+                                    [heat_a, heat_a], probs=[1.0, 0.0, 0.0]))
+    assert [f.track_id for f in first.faces] == [0, 1]
+    second = smoother.update(_result([Face((52, 50, 20, 20), 1), Face((2, 1, 20, 20), 1)],
+                                     [heat_b, heat_b], probs=[0.0, 1.0, 0.0]))
+    assert [f.track_id for f in second.faces] == [1, 0]
+    np.testing.assert_allclose(second.predictions[0].probs, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(second.predictions[0].heatmap, 0.5)
+    third = smoother.update(_result([Face((200, 200, 20, 20), 1)], [heat_a]))
+    assert third.faces[0].track_id == 2
+    assert iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="smoothing factor"):
+        Smoother(1.0)
+
+
+# ------------------------------------------------------------------------------ timing, keys
+
+def test_stage_timer_and_rate_meter():
+    timer = StageTimer(("a",), capacity=4)
+    for ms in (1, 2, 3, 4, 100):  # ring keeps the last 4
+        timer.add("a", ms / 1000)
+    stats = timer.stats()["a"]
+    assert stats.count == 5 and stats.median_ms == pytest.approx(3.5)
+    rate = RateMeter(window=3)
+    for t in (0.0, 0.1, 0.2, 0.3, 0.4):
+        rate.tick(t)
+    assert rate.rolling_fps == pytest.approx(10) and rate.overall_fps == pytest.approx(10)
+
+
+@pytest.mark.parametrize("key, expected, command", [
+    (-1, Controls("gradcam"), None),
+    (ord("m"), Controls("gradcampp"), None),
+    (ord("3"), Controls("gradcam", explained=3), None),
+    (ord("9"), Controls("gradcam"), None),  # beyond the 7 classes: ignored
+    (ord("h"), Controls("gradcam", hud=False), None),
+    (ord("s"), Controls("gradcam"), SNAPSHOT),
+    (ord("r"), Controls("gradcam"), RECORD),
+    (ord("q"), Controls("gradcam"), QUIT),
+    (27, Controls("gradcam"), QUIT),
+])
+def test_keys(key, expected, command):
+    assert apply_key(Controls("gradcam"), key, ("gradcam", "gradcampp", "cam"), 7) == (expected, command)
+
+
+def test_m_cycles_through_none_and_a_returns_to_predicted():
+    controls = Controls("cam", explained=2)
+    controls, _ = apply_key(controls, ord("m"), ("gradcam", "gradcampp", "cam"), 7)
+    assert controls.method == "none"
+    controls, _ = apply_key(controls, ord("m"), ("gradcam", "gradcampp", "cam"), 7)
+    assert controls.method == "gradcam"
+    assert apply_key(controls, ord("a"), ("gradcam",), 7)[0].explained is None
+
+
+# ------------------------------------------------------------------------------ outputs
+
+def test_check_output_file(tmp_path):
+    with pytest.raises(OutputError, match="folder .*missing does not exist"):
+        check_output_file(tmp_path / "missing" / "out.mp4")
+    existing = tmp_path / "out.mp4"
+    existing.write_bytes(b"x")
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        check_output_file(existing)
+    assert check_output_file(existing, overwrite=True) == existing
+
+
+def test_video_sink_counts_frames_and_handles_odd_and_changing_sizes(tmp_path):
+    path = tmp_path / "odd.mp4"
+    with VideoSink(path, fps=25.0) as sink:
+        for i in range(5):
+            sink.write(np.full((61, 81, 3), i * 40, np.uint8))
+        sink.write(np.zeros((30, 30, 3), np.uint8))  # another size: resized
+    assert sink.frames_written == 6 and count_frames(path) == 6
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(25.0)
+    assert capture.read()[1].shape == (60, 80, 3)
+
+
+def test_snapshot_contents_and_folders_never_collide(tmp_path, tiny_graph):
+    writer = SnapshotWriter(tmp_path / "snaps", "clip.mp4", tiny_graph.path, tiny_graph.info)
+    frame = np.full((60, 80, 3), 7, np.uint8)
+    crops = np.arange(2 * 32 * 32, dtype=np.uint8).reshape(2, 32, 32, 1)
+    faces = [Face((1, 2, 30, 30), 0.91, crop_box=(0, 1, 32, 32)), Face((40, 20, 30, 30), 0.5, crop_box=(39, 19, 32, 32))]
+    result = _result(faces, [np.ones((4, 4), np.float32)] * 2)
+    first = writer.save(frame, crops, result)
+    second = writer.save(frame, crops, result)
+    assert first.name == "frame_000000" and second.name == "frame_000000-2"
+    meta = json.loads((first / "snapshot.json").read_text())
+    assert meta["source"] == "clip.mp4" and meta["frame_index"] == 0 and meta["method"] == "gradcam"
+    assert meta["labels"] == list(TINY_LABELS) and meta["color_order"] == "GRAY"
+    assert meta["model"]["path"] == str(tiny_graph.path.resolve())
+    import hashlib
+    assert meta["model"]["sha256"] == hashlib.sha256(tiny_graph.path.read_bytes()).hexdigest()
+    assert meta["model"]["source_model"] == "tiny.keras"
+    face = meta["faces"][1]
+    assert face["box"] == [40, 20, 30, 30] and face["score"] == 0.5 and face["predicted"] == 0
+    assert face["probs"] == pytest.approx([0.7, 0.2, 0.1]) and face["explained_label"] == "bright"
+    np.testing.assert_array_equal(cv2.imread(str(first / face["crop"]), cv2.IMREAD_UNCHANGED), crops[1, :, :, 0])
+    np.testing.assert_array_equal(cv2.imread(str(first / "frame.png")), frame)
+    with pytest.raises(OutputError, match="does not exist"):
+        SnapshotWriter(tmp_path / "no" / "snaps", "x", tiny_graph.path, tiny_graph.info)

@@ -1,0 +1,205 @@
+"""camface train end to end: synthetic photos of the astronaut in three colour casts, one photo
+with no face, one with two faces and one unreadable file -> a MobileNetV2-GAP trained from random
+weights (frozen backbone, BatchNorm statistics set from the data) -> model.onnx and the report.
+
+One training run (module fixture) serves every test here; it takes well under a minute.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from camface import cli, graph_spec  # noqa: E402
+from camface.models import dataset  # noqa: E402
+
+# BGR gains per class: strong colour casts a random-feature backbone can tell apart.
+CASTS = {"cool": (1.3, 1.0, 0.6), "neutral": (1.0, 1.0, 1.0), "warm": (0.6, 0.9, 1.3)}
+PHOTOS_PER_CLASS = 9
+SIZE = 96
+
+
+def _cast(image_bgr: np.ndarray, gains) -> np.ndarray:
+    return np.clip(image_bgr.astype(np.float32) * np.float32(gains), 0, 255).astype(np.uint8)
+
+
+def _jitter(image_bgr: np.ndarray, rng: np.random.Generator, out_side: int = 256) -> np.ndarray:
+    """A 'photo': the image scaled by 0.9-1.1 and shifted by up to 12 px, downsized."""
+    scale = rng.uniform(0.9, 1.1)
+    dx, dy = rng.uniform(-12, 12, 2)
+    h, w = image_bgr.shape[:2]
+    matrix = np.float32([[scale, 0, (1 - scale) * w / 2 + dx], [0, scale, (1 - scale) * h / 2 + dy]])
+    moved = cv2.warpAffine(image_bgr, matrix, (w, h), borderMode=cv2.BORDER_REFLECT)
+    return cv2.resize(moved, (out_side, out_side), interpolation=cv2.INTER_AREA)
+
+
+def make_dataset(root: Path, astronaut_bgr: np.ndarray, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for label, gains in CASTS.items():
+        folder = root / label
+        folder.mkdir(parents=True)
+        for i in range(PHOTOS_PER_CLASS):
+            cv2.imwrite(str(folder / f"{label}_{i}.jpg"), _jitter(_cast(astronaut_bgr, gains), rng))
+    # no face: the astronaut's lower body
+    cv2.imwrite(str(root / "neutral" / "body.png"), np.ascontiguousarray(astronaut_bgr[300:, :]))
+    # two faces side by side
+    head = astronaut_bgr[30:230, 125:325]
+    cv2.imwrite(str(root / "warm" / "two.png"), _cast(np.hstack([head, head]), CASTS["warm"]))
+    (root / "cool" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, astronaut_bgr):
+    """(exit code, OUT_DIR, stderr) of one `camface train` run."""
+    root = tmp_path_factory.mktemp("train")
+    data = make_dataset(root / "data", astronaut_bgr)
+    out = root / "out"
+    argv = ["train", str(data), "-o", str(out), "--backbone", "mobilenetv2", "--weights", "none",
+            "--input-size", str(SIZE), "--epochs", "15", "--batch-size", "8",
+            "--learning-rate", "0.01", "--val-split", "0.2", "--test-split", "0.25",
+            "--seed", "0", "--patience", "15"]
+    rc = cli.main(argv)
+    return rc, out, data
+
+
+def test_run_succeeds_and_writes_every_output(trained):
+    rc, out, _ = trained
+    assert rc == 0
+    for name in ("model.keras", "labels.txt", "model.onnx", "metrics.json", "confusion.png",
+                 "cam_montage.png", "report.md", "crops/index.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for figure in ("confusion.png", "cam_montage.png"):
+        image = cv2.imread(str(out / figure))
+        assert image is not None and min(image.shape[:2]) > 100 and image.std() > 10
+
+
+def test_bad_photos_are_skipped_and_counted(trained):
+    _, out, data = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped"] == {"no_face": 1, "many_faces": 1, "unreadable": 1}
+    assert metrics["unreadable_files"] == [str(data / "cool" / "broken.jpg")]
+    report = (out / "report.md").read_text()
+    assert "| neutral | 10 | 9 | 1 | 0 | 0 |" in report
+    assert "| warm | 10 | 9 | 0 | 1 | 0 |" in report
+    assert "| cool | 10 | 9 | 0 | 0 | 1 |" in report
+    assert "broken.jpg" in report
+
+
+def test_beats_chance_on_the_test_split(trained):
+    _, out, _ = trained
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == {"train": 15, "val": 6, "test": 6}  # 9 per class: 5 / 2 / 2
+    assert metrics["test_images"] == 6 and metrics["chance"] == pytest.approx(1 / 3)
+    assert metrics["accuracy"] >= 2 * metrics["chance"], metrics
+    assert sum(m["support"] for m in metrics["per_class"].values()) == 6
+    assert np.trace(metrics["confusion"]) == round(6 * metrics["accuracy"])
+    assert set(metrics["per_class"]) == set(CASTS)
+
+
+def test_graph_metadata_and_labels(trained):
+    import onnx
+
+    _, out, _ = trained
+    assert (out / "labels.txt").read_text().split() == sorted(CASTS)
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    info = graph_spec.GraphInfo.from_metadata(props)
+    assert info.labels == tuple(sorted(CASTS))
+    assert info.input_size == (SIZE, SIZE) and info.color_order == "RGB"
+    assert info.source_model == "model.keras" and "gradcam" in info.heatmaps
+
+
+def test_keras_model_and_graph_agree_on_training_preprocessing(trained):
+    """The normalisation used in training equals the one the graph bakes in: model.keras on
+    transfer.normalise(crops) and model.onnx on the uint8 crops give the same probabilities."""
+    import keras
+
+    from camface.models import train, transfer
+
+    _, out, _ = trained
+    crops = dataset.load_crops(sorted((out / "crops" / "warm").glob("*.png"))[:4], SIZE)
+    probs_onnx, heatmaps = train.run_graph(out / "model.onnx", crops)
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    preprocessing = train.backbone_preprocessing("mobilenetv2")
+    probs_keras = model(transfer.normalise(crops, preprocessing), training=False).numpy()
+    np.testing.assert_allclose(probs_onnx, probs_keras, atol=1e-4)
+    assert heatmaps.shape == (4, 3, 3) and heatmaps.max() > 0
+
+
+def test_report_names_the_exact_command(trained):
+    _, out, data = trained
+    report = (out / "report.md").read_text()
+    assert f"camface train {data} -o {out} --backbone mobilenetv2 --input-size 96" in report
+    assert "--weights none" in report and "--learning-rate 0.01" in report
+
+
+def test_crop_cache_is_reused(trained):
+    _, out, data = trained
+
+    def must_not_open():
+        raise AssertionError("all photos are cached")
+
+    index = json.loads((out / "crops" / "index.json").read_text())
+    settings = dataset.CropSettings(**index["settings"])
+    photos = dataset.prepare_crops(data, dataset.scan_classes(data), out / "crops", settings,
+                                   must_not_open)
+    assert sum(p.status == dataset.OK for p in photos) == 27
+
+
+def test_graph_runs_in_camface_live(trained, tmp_path, astronaut_bgr):
+    pytest.importorskip("camface.realtime.cli")
+    _, out, _ = trained
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (320, 320))
+    rng = np.random.default_rng(1)
+    for _ in range(8):
+        writer.write(_jitter(_cast(astronaut_bgr, CASTS["warm"]), rng, out_side=320))
+    writer.release()
+    record = tmp_path / "live.mp4"
+    rc = cli.main(["live", "--source", str(clip), "--model", str(out / "model.onnx"), "--no-show",
+                   "--record", str(record)])
+    assert rc == 0
+    capture = cv2.VideoCapture(str(record))
+    frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    capture.release()
+    assert frames == 8
+
+
+def test_offline_imagenet_weights_give_a_clear_error(tmp_path, capsys, monkeypatch, astronaut_bgr):
+    """With no network Keras' get_file raises Exception('URL fetch failure ...'): camface says
+    what happened and what to do instead."""
+    from keras.src.utils import file_utils
+
+    def offline(fname, origin=None, *args, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -3] Temporary failure "
+                        "in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    data = tmp_path / "data"
+    for label, gains in CASTS.items():
+        (data / label).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(data / label / f"{i}.png"), _cast(astronaut_bgr[:64, :64], gains))
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
+                   "--backbone", "mobilenetv2", "--input-size", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cannot download the ImageNet weights of mobilenetv2" in err
+    assert "--weights none" in err and "--weights PATH" in err
+
+
+def test_missing_weights_file(tmp_path, capsys, astronaut_bgr):
+    data = tmp_path / "data"
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(data / label / f"{i}.png"), astronaut_bgr[:64, :64])
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
+                   "--backbone", "mobilenetv2", "--input-size", "64",
+                   "--weights", str(tmp_path / "nope.h5")])
+    assert rc == 2 and "nope.h5: no such file" in capsys.readouterr().err

@@ -1,0 +1,230 @@
+"""camface train, the parts without TensorFlow: folder scan, crop cache, split, metrics, errors."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from camface import cli
+from camface.models import dataset, report
+
+
+def _write(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+class FakeCropper:
+    """Returns as many crops as `faces[name]` says (by file size, which differs per photo)."""
+
+    def __init__(self, faces_by_mean: dict[int, int], size: int):
+        self.faces_by_mean = faces_by_mean
+        self.size = size
+        self.calls = 0
+        self.closed = False
+
+    def crop_faces(self, image_bgr):
+        self.calls += 1
+        n = self.faces_by_mean[int(round(image_bgr.mean()))]
+        return [np.full((self.size, self.size, 3), 7 * i, np.uint8) for i in range(n)]
+
+    def close(self):
+        self.closed = True
+
+
+def test_scan_classes_sorted_ignores_hidden_and_other_files(tmp_path):
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    _write(tmp_path / "bob" / "b.png", grey)
+    _write(tmp_path / "bob" / "nested" / "a.jpg", grey)
+    _write(tmp_path / "alice" / "x.PNG", grey)
+    _write(tmp_path / ".hidden" / "x.png", grey)
+    _write(tmp_path / "alice" / ".thumbs" / "y.png", grey)
+    (tmp_path / "alice" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    classes = dataset.scan_classes(tmp_path)
+    assert list(classes) == ["alice", "bob"]
+    assert [p.name for p in classes["alice"]] == ["x.PNG"]
+    assert [p.relative_to(tmp_path / "bob").as_posix() for p in classes["bob"]] == ["b.png", "nested/a.jpg"]
+
+
+@pytest.mark.parametrize("layout, match", [
+    ({}, "holds no class folders with images"),
+    ({"only": 2}, "one class only \\('only'\\)"),
+])
+def test_scan_classes_errors(tmp_path, layout, match):
+    for label, n in layout.items():
+        for i in range(n):
+            _write(tmp_path / label / f"{i}.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(dataset.SourceError, match=match):
+        dataset.scan_classes(tmp_path)
+
+
+def test_scan_classes_missing_folder(tmp_path):
+    with pytest.raises(dataset.SourceError, match="is not a folder"):
+        dataset.scan_classes(tmp_path / "nope")
+
+
+def test_prepare_crops_counts_statuses_and_reuses_cache(tmp_path):
+    data = tmp_path / "data"
+    # pixel mean -> faces the fake detector reports: 10 -> 1, 20 -> 0, 30 -> 2
+    _write(data / "a" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    _write(data / "a" / "none.png", np.full((20, 30, 3), 20, np.uint8))
+    _write(data / "b" / "one.jpg", np.full((20, 30, 3), 10, np.uint8))
+    _write(data / "b" / "one.png", np.full((20, 30, 3), 10, np.uint8))  # same stem, other ext
+    _write(data / "b" / "two.png", np.full((20, 30, 3), 30, np.uint8))
+    (data / "b" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    classes = dataset.scan_classes(data)
+    settings = dataset.CropSettings(size=16, detect=True, detector="full", margin=0.25,
+                                    min_confidence=0.5)
+    cropper = FakeCropper({10: 1, 20: 0, 30: 2}, 16)
+    photos = dataset.prepare_crops(data, classes, tmp_path / "crops", settings, lambda: cropper)
+    assert cropper.closed and cropper.calls == 5  # the broken file never reaches the detector
+    status = {(p.label, p.source.name): p.status for p in photos}
+    assert status == {("a", "none.png"): "no_face", ("a", "one.png"): "ok",
+                      ("b", "broken.jpg"): "unreadable", ("b", "one.jpg"): "ok",
+                      ("b", "one.png"): "ok", ("b", "two.png"): "many_faces"}
+    assert dataset.count_statuses(photos) == {
+        "a": {"ok": 1, "no_face": 1, "many_faces": 0, "unreadable": 0},
+        "b": {"ok": 2, "no_face": 0, "many_faces": 1, "unreadable": 1}}
+    crops = [p.crop for p in photos if p.status == "ok"]
+    assert len(set(crops)) == 3 and all(c.is_file() for c in crops)
+    assert cv2.imread(str(crops[0])).shape == (16, 16, 3)
+
+    def must_not_open():
+        raise AssertionError("every photo is cached: the detector must not be opened")
+
+    again = dataset.prepare_crops(data, classes, tmp_path / "crops", settings, must_not_open)
+    assert again == photos
+    # other settings invalidate the cache
+    other = dataset.CropSettings(size=16, detect=True, detector="full", margin=0.5,
+                                 min_confidence=0.5)
+    cropper2 = FakeCropper({10: 1, 20: 0, 30: 2}, 16)
+    dataset.prepare_crops(data, classes, tmp_path / "crops", other, lambda: cropper2)
+    assert cropper2.calls == 5
+
+
+def test_prepare_crops_no_detect_resizes(tmp_path):
+    data = tmp_path / "data"
+    _write(data / "a" / "x.png", np.full((40, 20, 3), 50, np.uint8))
+    _write(data / "b" / "y.png", np.full((10, 10), 200, np.uint8))  # grayscale file
+    settings = dataset.CropSettings(size=24, detect=False, detector="", margin=0.0,
+                                    min_confidence=0.0)
+    photos = dataset.prepare_crops(data, dataset.scan_classes(data), tmp_path / "c", settings)
+    images = dataset.load_crops([p.crop for p in photos], 24)
+    assert images.shape == (2, 24, 24, 3) and images.dtype == np.uint8
+    assert images[0].min() == images[0].max() == 50 and images[1].min() == 200
+
+
+def test_usable_crops_names_the_class_folder(tmp_path):
+    photos = [dataset.Photo(tmp_path / "a" / f"{i}.png", "a", "ok", tmp_path / f"{i}.png", 1)
+              for i in range(3)]
+    photos += [dataset.Photo(tmp_path / "b" / "0.png", "b", "no_face", None, 0),
+               dataset.Photo(tmp_path / "b" / "1.png", "b", "ok", tmp_path / "b1.png", 1)]
+    with pytest.raises(dataset.SourceError,
+                       match=r"class folder .*data[/\\]b has 1 usable face photo\(s\) of 2 \(1 no face\)"):
+        dataset.usable_crops(photos, ["a", "b"], tmp_path / "data")
+    paths, targets = dataset.usable_crops(photos[:3] + photos[:3], ["a"], tmp_path / "data")
+    assert targets.tolist() == [0] * 6
+
+
+def test_stratified_split_keeps_class_shares_and_is_deterministic():
+    targets = np.array([0] * 20 + [1] * 10 + [2] * 5)
+    split = dataset.stratified_split(targets, 0.2, 0.2, seed=3)
+    parts = np.concatenate([split.train, split.val, split.test])
+    assert sorted(parts.tolist()) == list(range(35))  # disjoint and complete
+    assert np.bincount(targets[split.test]).tolist() == [4, 2, 1]
+    assert np.bincount(targets[split.val]).tolist() == [4, 2, 1]
+    assert np.bincount(targets[split.train]).tolist() == [12, 6, 3]
+    again = dataset.stratified_split(targets, 0.2, 0.2, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(
+        (split.train, split.val, split.test), (again.train, again.val, again.test)))
+    other = dataset.stratified_split(targets, 0.2, 0.2, seed=4)
+    assert not np.array_equal(split.test, other.test)
+
+
+@pytest.mark.parametrize("targets, val, test, match", [
+    ([0, 0, 1, 1, 1], 0.2, 0.2, "too few"),
+    ([0, 0, 0, 1, 1, 1], 0.6, 0.5, "sum to less than 1"),
+])
+def test_stratified_split_errors(targets, val, test, match):
+    with pytest.raises(ValueError, match=match):
+        dataset.stratified_split(np.array(targets), val, test, seed=0)
+
+
+def test_class_weights_balance_the_loss():
+    weights = dataset.class_weights(np.array([0, 0, 0, 1]), 2)
+    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
+    assert 3 * weights[0] == pytest.approx(1 * weights[1] * 1)  # each class sums to the same
+
+
+def test_classification_metrics_hand_computed():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 0, 1])
+    m = report.classification_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["confusion"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    assert m["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3,
+                                                 "f1": 2 / 3, "support": 3})
+    assert m["per_class"]["b"] == pytest.approx({"precision": 1 / 3, "recall": 1 / 2,
+                                                 "f1": 0.4, "support": 2})
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["macro"]["recall"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+
+
+def test_pick_montage_covers_classes_mistakes_first():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 0, 1, 1, 2])
+    picked = report.pick_montage(y_true, y_pred, 4)
+    assert picked.tolist() == [1, 3, 5, 0]
+
+
+def test_overlay_heatmap_blends_new_image():
+    crop = np.full((32, 32, 3), 128, np.uint8)
+    heat = np.zeros((4, 4), np.float32)
+    assert np.array_equal(report.overlay_heatmap(crop, heat), crop)
+    heat[0, 0] = 5.0
+    out = report.overlay_heatmap(crop, heat)
+    assert out is not crop and np.array_equal(crop, np.full((32, 32, 3), 128, np.uint8))
+    # JET: the hot corner turns red (BGR channel 2 > channel 0), the cold one blue
+    assert out[0, 0, 2] > out[0, 0, 0] + 40 and out[31, 31, 0] > out[31, 31, 2] + 40
+
+
+# ------------------------------------------------------------------ CLI errors (exit 2)
+
+def _train(argv, capsys):
+    rc = cli.main(["train", *argv])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_empty_data_dir(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    rc, err = _train([str(tmp_path / "data"), "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "holds no class folders with images" in err
+    assert err.strip().startswith("camface: error: DATA_DIR")
+
+
+def test_cli_one_class(tmp_path, capsys):
+    _write(tmp_path / "data" / "solo" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    rc, err = _train([str(tmp_path / "data"), "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "one class only ('solo')" in err
+
+
+def test_cli_class_without_a_usable_face(tmp_path, capsys, astronaut_bgr):
+    data = tmp_path / "data"
+    for i in range(3):
+        _write(data / "astronaut" / f"{i}.png", np.roll(astronaut_bgr, 4 * i, axis=1))
+    for i in range(3):  # the astronaut's lower body: no face
+        _write(data / "noface" / f"{i}.png", np.ascontiguousarray(astronaut_bgr[300 + 10 * i:, :]))
+    rc, err = _train([str(data), "-o", str(tmp_path / "out"), "--detector", "short"], capsys)
+    assert rc == 2
+    assert "class folder" in err and "noface has 0 usable face photo(s) of 3 (3 no face)" in err
+    index = (tmp_path / "out" / "crops" / "index.json").read_text()
+    assert index.count('"ok"') == 3 and index.count('"no_face"') == 3
+
+
+def test_cli_bad_split_fraction(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(tmp_path), "-o", str(tmp_path / "o"), "--val-split", "1.5"])
+    assert "not a fraction" in capsys.readouterr().err
