@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --snapshot-every 60 --snapshot-dir demo-out/snapshots
+	mkdir -p demo-out
+	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --overwrite --snapshot-every 60 --snapshot-dir demo-out/snapshots
 
 test: setup
 	$(PY) -m pytest -q

@@ -19,6 +19,7 @@ Global pooling's gradient is made convertible on the TensorFlow side instead
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from camface.errors import OutputError
@@ -268,9 +269,13 @@ def to_float16(model):
     keep = [node.name for node in model.graph.node
             if node.op_type == "Cast" or HEATMAP_SCOPE in node.name]
     # ScatterElements(add) (the max-pool gradient) has no float16 kernel on ONNX Runtime's CPU.
-    blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["ScatterElements"]
-    return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                            op_block_list=blocked)
+    # Comparisons fed by those Casts stay float32 with them.
+    blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["ScatterElements", "Less", "Greater",
+                                                     "Equal", "LessOrEqual", "GreaterOrEqual"]
+    with warnings.catch_warnings():  # one warning per denormal weight clipped to 1e-7
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                                op_block_list=blocked)
 
 
 def _isolate_outputs(model):
@@ -289,6 +294,21 @@ def _isolate_outputs(model):
             node.input[:] = [inner if i == output.name else i for i in node.input]
         graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name],
                                                 name=f"{output.name}__output"))
+    # tf2onnx shares equal constants between nodes; one read by a node kept in float32 and one
+    # converted would stay float32 for both. Give every reader its own copy.
+    initializers = {init.name: init for init in graph.initializer}
+    seen: set[str] = set()
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name not in initializers:
+                continue
+            if name in seen:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(initializers[name])
+                copy.name = f"{name}__{node.name}_{position}"
+                graph.initializer.append(copy)
+                node.input[position] = copy.name
+            seen.add(name)
     return model
 
 

@@ -126,7 +126,16 @@ def guided_copy(model) -> GuidedCopy:
             relus.append(layer.name)
             return GuidedReLU(max_value=layer.max_value, threshold=layer.threshold,
                               negative_slope=layer.negative_slope, name=layer.name)
-        new = layer.__class__.from_config(layer.get_config())
+        if type(layer).__name__ in ("LeakyReLU", "PReLU", "ELU"):
+            others.add(type(layer).__name__)
+        try:
+            new = layer.__class__.from_config(layer.get_config())
+        except Exception as exc:  # e.g. a Lambda layer refused by safe mode: share it
+            if _relu_params(getattr(layer, "activation", None)) is not None:
+                raise ModelError(f"cannot copy ReLU layer {layer.name!r} for Guided Backprop: "
+                                 f"{exc}") from exc
+            log.debug("sharing layer %r in the guided copy: %s", layer.name, exc)
+            return layer
         build_config = layer.get_build_config()
         if build_config is not None:
             new.build_from_config(build_config)

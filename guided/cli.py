@@ -10,6 +10,7 @@ Top-level imports stay light (no TensorFlow): `camface --help` imports this modu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -157,6 +158,8 @@ def main(args: argparse.Namespace) -> int:
     from camface.guided import gradcam
 
     config = GuidedConfig.from_args(args)
+    if config.input.name == "snapshot.json":  # the snapshot's own file names its folder
+        config = dataclasses.replace(config, input=config.input.parent)
     out = _output_path(config)
     started = time.perf_counter()
     source, model = _read_input(config)
@@ -166,6 +169,10 @@ def main(args: argparse.Namespace) -> int:
     if channels != crop_channels:
         raise ModelError(f"model {source.keras_path} takes {channels} channel(s) but the crops of "
                          f"{source.origin} have {crop_channels} ({source.preprocessing.color_order})")
+    size, crop_size = tuple(model.input_shape[1:3]), source.faces[0].crop.shape[:2]
+    if None not in size and size != crop_size:
+        raise ModelError(f"model {source.keras_path} takes {size[0]}x{size[1]} inputs but the crops "
+                         f"of {source.origin} are {crop_size[0]}x{crop_size[1]}")
     classes = int(model.output_shape[-1])
     labels = source.labels if len(source.labels) == classes else tuple(
         f"class {i}" for i in range(classes))
@@ -173,6 +180,9 @@ def main(args: argparse.Namespace) -> int:
     requested = _class_indices(config.classes, labels, classes) if config.classes else None
     crops, class_index, names = [], [], []
     for face in source.faces:
+        if requested is None and face.explained >= classes:
+            raise ModelError(f"{face.name} of {source.origin} explains class {face.explained} but "
+                             f"model {source.keras_path} has {classes} classes")
         for index in requested if requested is not None else [face.explained]:
             crops.append(face.crop)
             class_index.append(index)

@@ -60,17 +60,16 @@ class Explainer:
     """CAM / Grad-CAM / Grad-CAM++ / Guided Backprop / Guided Grad-CAM for one model and layer.
 
     `layer`: a layer name or `backbone/layer` path; None = the default target layer.
-    `cam_reason` says why CAM is absent (set by `explain`)."""
+    `cam_reason` says why CAM is absent ("" when present)."""
 
     def __init__(self, model, layer: str | None, preprocessing: Preprocessing):
         from camface.guided.backprop import GuidedBackprop
 
         self.layer = maps.resolve_layer(model, layer)
         self.preprocessing = preprocessing
-        self._model = model
         self._runner = maps.GradientRunner(model, [self.layer])
+        self._cam_weights, self.cam_reason = maps.cam_weights(model, self.layer)
         self._backprop = GuidedBackprop(maps.logits_model(model))
-        self.cam_reason = ""
 
     @property
     def guided(self) -> bool:
@@ -91,10 +90,8 @@ class Explainer:
         activations, gradients = passes.activations[0], passes.gradients[0]
         gradcam = maps.grad_cam(activations, gradients)
         gradcampp = maps.grad_cam_plus_plus(activations, gradients)
-        weights, self.cam_reason = maps.cam_weights(self._model, self._runner.cuts[0],
-                                                    activations.shape[-1])
-        cam = (maps.class_activation_map(activations, weights.T[explained])
-               if weights is not None else None)
+        cam = (maps.class_activation_map(activations, self._cam_weights.T[explained])
+               if self._cam_weights is not None else None)
         # Chain rule through x * scale + offset: gradient w.r.t. raw pixel values.
         input_gradient = (self._backprop.gradients(images, explained)
                           * np.asarray(self.preprocessing.scale, np.float32))

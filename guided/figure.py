@@ -106,7 +106,8 @@ def comparison_figure(items: Sequence[Explanation], labels: Sequence[str], *,
             ax.set_xticks([])
             ax.set_yticks([])
             if image is None:
-                note = textwrap.fill(cam_note or "not defined for this layer", 20)
+                note = textwrap.fill((cam_note or "not defined for this layer")
+                                     .removeprefix("CAM "), 20)
                 ax.text(0.5, 0.5, f"CAM n/a:\n{note}", ha="center", va="center", fontsize=8,
                         transform=ax.transAxes)
                 continue

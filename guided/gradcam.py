@@ -59,6 +59,16 @@ def _is_softmax(activation) -> bool:
     return activation is keras.activations.softmax
 
 
+def _node_output(layer):
+    """`layer`'s output in the graph that built it (for a nested model: its call's output).
+    The first inbound node: cutting a model elsewhere may call its layers again (more nodes)."""
+    return layer._inbound_nodes[0].output_tensors[0]
+
+
+def _node_input(layer):
+    return layer._inbound_nodes[0].input_tensors[0]
+
+
 def logits_model(model):
     """A Keras model from `model`'s input to its PRE-softmax logits [N, classes].
 
@@ -72,11 +82,11 @@ def logits_model(model):
     activation = getattr(last, "activation", None)
     if isinstance(last, keras.layers.Softmax) or (
             isinstance(last, keras.layers.Activation) and _is_softmax(activation)):
-        return keras.Model(model.inputs, last.input, name=f"{model.name}_logits")
+        return keras.Model(model.inputs, _node_input(last), name=f"{model.name}_logits")
     if _is_softmax(activation):
         linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
                                              "name": f"{last.name}_logits"})
-        logits = linear(last.input)
+        logits = linear(_node_input(last))
         linear.set_weights(last.get_weights())
         return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
     return model
@@ -103,21 +113,83 @@ def conv_layers(model) -> list[str]:
     return [path for path, layer in iter_layers(model) if isinstance(layer, kinds)]
 
 
-def split(model, layer: str):
-    """The model cut at `layer` (a path from `resolve_layer`): `features(x) -> A` and
-    `head(A) -> logits` callables, as the exporter builds them."""
-    from camface.export.keras_model import split_model
+def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
+    """CAM class weights [K, classes] for the layer at path `layer`, or (None, reason).
 
-    return split_model(model, layer.split("/"))
+    CAM (arXiv:1512.04150) needs the head after the target to be global average pooling then
+    a linear map to the logits: one Dense layer (softmax or linear) or nothing (the pooled
+    channels are the logits, as in the bundled emotion model: conv2d_7 -> GAP -> softmax).
+    A layer inside a nested backbone qualifies when it produces the backbone's output.
+    """
+    import keras
+
+    names = layer.split("/")
+    top = model.get_layer(names[0])
+    if len(names) > 1:
+        inner = top
+        for name in names[1:]:
+            inner = inner.get_layer(name)
+        if _node_output(inner) is not top.outputs[0]:
+            return None, f"CAM needs global average pooling right after {layer!r}"
+    head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
+    head = [item for item in head if not isinstance(item, keras.layers.Dropout)]
+    if not head or not isinstance(head[0], keras.layers.GlobalAveragePooling2D):
+        return None, f"CAM needs global average pooling right after {layer!r}"
+    rest = head[1:]
+    if rest and (isinstance(rest[-1], keras.layers.Softmax) or (
+            isinstance(rest[-1], keras.layers.Activation) and _is_softmax(rest[-1].activation))):
+        rest = rest[:-1]
+    channels = int(_node_output(head[0]).shape[-1])
+    if not rest:
+        return np.eye(channels, dtype=np.float32), ""
+    if len(rest) == 1 and isinstance(rest[0], keras.layers.Dense) and (
+            _is_softmax(rest[0].activation) or rest[0].activation is keras.activations.linear):
+        return np.asarray(rest[0].get_weights()[0], dtype=np.float32), ""
+    return None, f"CAM needs one linear layer between the pooling after {layer!r} and the softmax"
 
 
-def cam_weights(model, cut, channels: int) -> tuple[np.ndarray | None, str]:
-    """CAM class weights [K, classes] for a cut model whose target has `channels` (K) channels,
-    or (None, reason) when the head after the target is not global average pooling followed by
-    one linear layer (or nothing)."""
-    from camface.export.keras_model import cam_weights as export_cam_weights
+def _segments(model, layers: list[str]):
+    """Keras callables that together output every layer's activations and the logits.
 
-    return export_cam_weights(cut, int(model.outputs[0].shape[-1]), channels)
+    Built only from tensors already in the model's graph, so the model is not modified (the
+    exporter's cutting code calls shared layers again, which a second cut then refuses).
+    Returns [(callable x -> [activations..., logits], [indices into `layers`])].
+    """
+    import keras
+
+    logits = logits_model(model).outputs[0]
+    by_owner: dict[str, list[int]] = {}
+    for index, path in enumerate(layers):
+        owner = path.split("/")[0] if "/" in path else ""
+        by_owner.setdefault(owner, []).append(index)
+    segments = []
+    for owner, indices in by_owner.items():
+        if not owner:
+            outputs = [_node_output(model.get_layer(layers[i])) for i in indices] + [logits]
+            net = keras.Model(model.inputs, outputs)
+            segments.append((lambda x, net=net: list(net(x, training=False)), indices))
+            continue
+        backbone = model.get_layer(owner)
+        inner_layers = []
+        for i in indices:
+            inner = backbone
+            for name in layers[i].split("/")[1:]:
+                inner = inner.get_layer(name)
+            inner_layers.append(inner)
+        inner_net = keras.Model(backbone.inputs, [_node_output(layer) for layer in inner_layers]
+                                + [backbone.outputs[0]])
+        source = _node_input(backbone)
+        before = keras.Model(model.inputs, source) if source is not model.inputs[0] else None
+        after = keras.Model(_node_output(backbone), logits)
+
+        def segment(x, before=before, inner_net=inner_net, after=after):
+            if before is not None:
+                x = before(x, training=False)
+            *activations, features = inner_net(x, training=False)
+            return activations + [after(features, training=False)]
+
+        segments.append((segment, indices))
+    return segments
 
 
 # ---------------------------------------------------------------- TensorFlow runner
@@ -145,26 +217,28 @@ class GradientRunner:
         import tensorflow as tf
 
         self.layers = tuple(layers)
-        self.cuts = tuple(split(model, layer) for layer in layers)
-        cuts = self.cuts
+        segments = _segments(model, list(layers))
+        count = len(layers)
 
         @tf.function(reduce_retracing=True)
         def forward_backward(images, class_index):
-            activations, gradients = [], []
-            logits = None
-            for cut in cuts:
-                a = cut.features(images)
-                with tf.GradientTape() as tape:
-                    tape.watch(a)
-                    logits = cut.head(a)
+            activations, gradients = [None] * count, [None] * count
+            with tf.GradientTape(persistent=len(segments) > 1) as tape:
+                # Watch the input so every op is recorded, trainable weights or not.
+                tape.watch(images)
+                passes = []
+                for segment, indices in segments:
+                    *acts, logits = segment(images)
                     chosen_class = tf.where(class_index < 0,
                                             tf.argmax(logits, axis=-1, output_type=tf.int32),
                                             class_index)
                     # Images are independent (inference mode): one sum gives per-image gradients.
                     target = tf.reduce_sum(tf.gather(logits, chosen_class, batch_dims=1))
-                activations.append(a)
-                gradients.append(tape.gradient(target, a))
-            return cuts[0].probabilities(logits), logits, activations, gradients
+                    passes.append((acts, target, indices))
+            for acts, target, indices in passes:
+                for a, g, i in zip(acts, tape.gradient(target, acts), indices):
+                    activations[i], gradients[i] = a, g
+            return tf.nn.softmax(logits), logits, activations, gradients
 
         self._run = forward_backward
 

@@ -23,28 +23,26 @@ def image_model(model_override: str | Path | None) -> tuple[Path, Preprocessing 
                                                               tuple[str, ...], str]:
     """Keras model, preprocessing, labels and target layer for a plain image.
 
-    Default: the bundled emotion model (gray, x/127.5-1). With `--model M`: the metadata of
-    an exported graph `M.onnx` beside it whose source_sha256 matches `M`, else the emotion
-    preprocessing when M is the bundled model's copy; otherwise preprocessing is None
+    Default: the bundled emotion model. Preprocessing, labels and target layer come from an
+    exported CAM graph made from that exact file (same sha256): `MODEL.onnx` beside it, or the
+    bundled graph; so the figure explains the layer the live loop shows. Without such a graph:
+    the bundled model's known preprocessing (gray, x/127.5-1) for the bundled model, else None
     (the caller decides from the model's channel count).
     """
-    from camface.models import EMOTION_KERAS, EMOTION_LABELS, read_labels
+    from camface.models import EMOTION_KERAS, EMOTION_LABELS, EMOTION_ONNX, read_labels
 
-    emotion = (EMOTION_KERAS, EMOTION_PREPROCESSING, tuple(read_labels(EMOTION_LABELS)), "")
-    if model_override is None:
-        return emotion
-    path = Path(model_override)
+    path = Path(model_override) if model_override is not None else EMOTION_KERAS
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     digest = sha256_file(path)
-    graph = path.with_suffix(".onnx")
-    if graph.is_file():
-        info = read_graph_metadata(graph)
-        if info.source_sha256 == digest and info.normalization:
-            return (path, Preprocessing.from_normalization(info.color_order, info.normalization),
-                    info.labels, info.target_layer)
+    for graph in dict.fromkeys((path.with_suffix(".onnx"), EMOTION_ONNX)):
+        if graph.is_file():
+            info = read_graph_metadata(graph)
+            if info.source_sha256 == digest and info.normalization:
+                return (path, Preprocessing.from_normalization(info.color_order, info.normalization),
+                        info.labels, info.target_layer)
     if EMOTION_KERAS.is_file() and digest == sha256_file(EMOTION_KERAS):
-        return (path,) + emotion[1:]
+        return path, EMOTION_PREPROCESSING, tuple(read_labels(EMOTION_LABELS)), ""
     return path, None, (), ""
 
 

@@ -139,8 +139,8 @@ def resolve_keras_model(model_entry: dict, override: Path | None, where: Path) -
                 candidate = EMOTION_KERAS
         if candidate is None:
             raise ModelError(f"cannot find the Keras model of snapshot {where} "
-                             f"(source_model {source_name or '?'!r}; tried: {', '.join(tried) or 'nothing'}); "
-                             "pass it with --model")
+                             f"(source_model {source_name or '?'!r}; "
+                             f"tried: {', '.join(tried) or 'nothing'}); pass it with --model")
     if expected:
         actual = sha256_file(candidate)
         if actual != expected:

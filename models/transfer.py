@@ -100,30 +100,25 @@ def backbone_layers(model) -> list:
 
 
 def set_backbone_trainable(model, backbone: str, part: str) -> int:
-    """Freeze the backbone ("none"), or unfreeze its last block ("last-block"); the head stays
-    trainable. BatchNormalization layers stay frozen either way (inference mode, as Keras'
-    transfer-learning guide advises: small batches would wreck their statistics). Returns the
-    number of backbone layers left trainable."""
+    """Freeze the backbone ("none"), unfreeze its last block ("last-block") or all of it
+    ("all"); the head stays trainable. BatchNormalization layers stay frozen in every case
+    (inference mode, as Keras' transfer-learning guide advises: small batches would wreck their
+    statistics). Returns the number of backbone layers left trainable."""
     import keras
 
-    if part not in ("none", "last-block"):
+    if part not in ("none", "last-block", "all"):
         raise ValueError(f"unknown part {part!r}")
     prefixes = LAST_BLOCK_PREFIXES[backbone]
-    trainable = 0
     layers = backbone_layers(model)
+    for nested in model.layers:  # a nested backbone must be trainable for its layers to be
+        if isinstance(nested, keras.Model):
+            nested.trainable = True
+    trainable = 0
     for layer in layers:
-        unfreeze = (part == "last-block" and layer.name.startswith(prefixes)
-                    and not isinstance(layer, keras.layers.BatchNormalization))
+        unfreeze = (part == "all" or (part == "last-block" and layer.name.startswith(prefixes))) \
+            and not isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = unfreeze
         trainable += unfreeze
-    # A nested backbone model is itself a layer: it must be trainable for its layers to be.
-    for layer in model.layers:
-        if isinstance(layer, keras.Model) and any(sub in layers for sub in layer.layers):
-            layer.trainable = True
-            for sub in layer.layers:
-                if sub in layers:
-                    sub.trainable = part == "last-block" and sub.name.startswith(prefixes) and \
-                        not isinstance(sub, keras.layers.BatchNormalization)
     return trainable
 
 

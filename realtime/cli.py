@@ -91,11 +91,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"camface live: error: {exc}", file=sys.stderr)
         return 2
-    from camface.realtime.loop import LiveLoop, Terminated
+    from camface.realtime.loop import LiveLoop, Terminated, sigterm_raises
 
     loop = LiveLoop(config)
     try:
-        loop.run()
+        with sigterm_raises():  # also while models load and the source opens
+            loop.run()
         return 0
     except KeyboardInterrupt:
         return 130

@@ -39,6 +39,17 @@ def crop_square(frame: np.ndarray, square: Box) -> np.ndarray:
     return out
 
 
+def resize_down(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize to (width, height) pixels. Shrinking by more than 2x goes bilinear to twice the
+    size, then area-averages 2x2 blocks: anti-aliased like INTER_AREA, which is ~7x slower
+    at non-integer ratios. Enlarging is bilinear."""
+    if image.shape[1] > 2 * width and image.shape[0] > 2 * height:
+        image = cv2.resize(image, (2 * width, 2 * height), interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    interpolation = cv2.INTER_AREA if image.shape[1] > width else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
 def crop_faces(frame: np.ndarray, faces: tuple[Face, ...], margin: float,
                size: tuple[int, int], color_order: str) -> tuple[np.ndarray, tuple[Face, ...]]:
     """Batch of crops for the graph, and the faces with their `crop_box` filled in.
@@ -55,9 +66,7 @@ def crop_faces(frame: np.ndarray, faces: tuple[Face, ...], margin: float,
     conversion = _TO_COLOR[color_order]
     for i, face in enumerate(faces):
         square = square_box(face.box, margin)
-        crop = crop_square(frame, square)
-        interpolation = cv2.INTER_AREA if square[2] > out_w else cv2.INTER_LINEAR
-        crop = cv2.resize(crop, (out_w, out_h), interpolation=interpolation)
+        crop = resize_down(crop_square(frame, square), out_w, out_h)
         if conversion is not None:
             crop = cv2.cvtColor(crop, conversion)
         batch[i] = crop.reshape(out_h, out_w, channels)

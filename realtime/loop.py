@@ -149,7 +149,7 @@ def _get(q: queue.Queue, stop: threading.Event | None = None):
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def sigterm_raises():
     """While the block runs, SIGTERM raises Terminated in the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -177,6 +177,20 @@ def _signals_held():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _opencv_single_threaded():
+    """OpenCV's own worker threads only add contention: the pipeline's stages already run
+    in parallel, one thread each."""
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
 
 
 class _Writer:
@@ -334,6 +348,7 @@ class LiveLoop:
             with contextlib.ExitStack() as stack:
                 if window is not None and hasattr(window, "__enter__"):
                     stack.enter_context(window)
+                stack.enter_context(_opencv_single_threaded())
                 self._pipeline(cfg, source, detector, graph, renderer, smoother, writer, window)
         return self.summary
 
@@ -371,7 +386,7 @@ class LiveLoop:
         for thread in threads:
             thread.start()
         try:
-            with _sigterm_raises():
+            with sigterm_raises():
                 while True:
                     item = _get(detections_q)
                     if item is _END:

@@ -65,14 +65,27 @@ def localisation_box(heatmap01: np.ndarray, threshold: float = 0.2) -> Box | Non
 
 class HeatmapAnnotator:
     """Each face's heatmap, upsampled to its crop square, coloured with an OpenCV colormap and
-    alpha-blended over the face box only (pixels outside every box are untouched)."""
+    alpha-blended over the face box only (pixels outside every box are untouched).
 
-    def __init__(self, colormap: str = "jet", alpha: float = 0.45):
+    The colormap is applied at `detail` pixels across and the colours are then upsampled
+    to the box: a few times cheaper than colouring every box pixel, and the same to the eye.
+    """
+
+    def __init__(self, colormap: str = "jet", alpha: float = 0.45, detail: int = 64):
         if colormap not in COLORMAPS:
             raise ValueError(f"unknown colormap {colormap!r}; choose from {', '.join(sorted(COLORMAPS))}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.colormap, self.alpha = COLORMAPS[colormap], alpha
+        self.alpha, self.detail = alpha, detail
+        levels = np.arange(256, dtype=np.uint8).reshape(256, 1)
+        self._lut = cv2.applyColorMap(levels, COLORMAPS[colormap]).reshape(256, 1, 3)
+
+    def colorize(self, heatmap: np.ndarray, method: str, side: int) -> np.ndarray:
+        """Heatmap float [h, w] -> uint8 BGR [side, side, 3] in the colormap."""
+        small = min(side, self.detail)
+        levels = (upsample(normalize_heatmap(heatmap, method), small) * 255.0 + 0.5).astype(np.uint8)
+        colored = cv2.LUT(cv2.merge([levels, levels, levels]), self._lut)
+        return colored if small == side else cv2.resize(colored, (side, side), interpolation=cv2.INTER_LINEAR)
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
         if result.method == "none":
@@ -83,9 +96,8 @@ class HeatmapAnnotator:
             x0, y0, x1, y1, dx, dy = _visible(face, frame)
             if x1 <= x0 or y1 <= y0:
                 continue
-            heat = upsample(normalize_heatmap(prediction.heatmap, prediction.method), face.crop_box[2])
-            heat = heat[dy:dy + (y1 - y0), dx:dx + (x1 - x0)]
-            colored = cv2.applyColorMap((heat * 255.0).astype(np.uint8), self.colormap)
+            colored = self.colorize(prediction.heatmap, prediction.method, face.crop_box[2])
+            colored = colored[dy:dy + (y1 - y0), dx:dx + (x1 - x0)]
             roi = frame[y0:y1, x0:x1]
             roi[:] = cv2.addWeighted(colored, self.alpha, roi, 1.0 - self.alpha, 0.0)
         return frame

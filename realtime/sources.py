@@ -201,15 +201,17 @@ class LiveSource:
 
     fps: the device's own figure, or measured over the first frames when it reports 0/NaN.
     A camera that stops delivering frames, or a stream that stays silent after `reconnects`
-    attempts with doubling back-off, ends the iteration with a `SourceError` saying so.
+    attempts with doubling back-off (backoff_s, 2 x backoff_s, ...), ends the iteration with a
+    `SourceError` saying so.
 
     `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
     """
 
     def __init__(self, target: int | str, timeout_s: float = 5.0, reconnects: int = 3,
-                 opener: Callable = _open_capture):
+                 opener: Callable = _open_capture, backoff_s: float = 0.5):
         self.target = target
         self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
         self.reconnects = reconnects if isinstance(target, str) else 0
         self._opener = opener
         self._capture = None
@@ -275,7 +277,7 @@ class LiveSource:
                 time.sleep(0.01)
                 continue
             if attempt < self.reconnects:
-                delay = 0.5 * 2 ** attempt
+                delay = self.backoff_s * 2 ** attempt
                 attempt += 1
                 log.warning("%s stalled; reconnecting in %.1f s (attempt %d of %d)",
                             self._what, delay, attempt, self.reconnects)

@@ -208,7 +208,8 @@ def _no_faces(tmp_path, astronaut_bgr):
 
 def _gif_needs_gif_suffix(tmp_path, astronaut_bgr):
     folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
-    return [str(folder), "--layers", "all", "-o", str(tmp_path / "x.png")], "--layers all writes an animated GIF"
+    argv = [str(folder), "--layers", "all", "-o", str(tmp_path / "x.png")]
+    return argv, "--layers all writes an animated GIF"
 
 
 def _unknown_class(tmp_path, astronaut_bgr):
@@ -218,7 +219,7 @@ def _unknown_class(tmp_path, astronaut_bgr):
 
 def _unknown_layer(tmp_path, astronaut_bgr):
     folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
-    return [str(folder), "--layer", "conv9"], "layer 'conv9' is not .*choose from: conv2d_1"
+    return [str(folder), "--layer", "conv9"], "no layer named 'conv9' .*candidate target layers.*conv2d_7"
 
 
 def _missing_input(tmp_path, astronaut_bgr):

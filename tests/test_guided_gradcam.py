@@ -58,7 +58,7 @@ def test_grad_cam_math_by_hand():
 
 
 def test_emotion_model_structure(emotion_model):
-    assert maps.default_target_layer(emotion_model) == "conv2d_7"
+    assert maps.resolve_layer(emotion_model, None) == "conv2d_7"
     weights, reason = maps.cam_weights(emotion_model, "conv2d_7")
     np.testing.assert_array_equal(weights, np.eye(7))  # conv2d_7 -> GAP -> softmax
     assert reason == ""
@@ -66,8 +66,43 @@ def test_emotion_model_structure(emotion_model):
     assert weights is None and "global average pooling" in reason
     convs = maps.conv_layers(emotion_model)
     assert len(convs) == 15 and convs[0] == "conv2d_1" and convs[-1] == "conv2d_7"
-    with pytest.raises(Exception, match="not a layer with a 4-D output.*conv2d_7"):
-        maps.check_layer(emotion_model, "nope")
+    with pytest.raises(Exception, match="no layer named 'nope'.*conv2d_7"):
+        maps.resolve_layer(emotion_model, "nope")
+
+
+def test_nested_backbone_gradcam_equals_flat_model():
+    """A backbone nested as one layer (`backbone/conv_b` path) gives the same Grad-CAM as the
+    same weights in one flat graph."""
+    def build(nested):
+        inputs = keras.Input((12, 12, 1))
+        conv_a = keras.layers.Conv2D(4, 3, activation="relu", name="conv_a")
+        conv_b = keras.layers.Conv2D(5, 3, activation="relu", name="conv_b")
+        if nested:
+            inner_in = keras.Input((12, 12, 1))
+            backbone = keras.Model(inner_in, conv_b(conv_a(inner_in)), name="backbone")
+            x = backbone(inputs)
+        else:
+            x = conv_b(conv_a(inputs))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+        return keras.Model(inputs, outputs)
+
+    keras.utils.set_random_seed(1)
+    flat, nested = build(False), build(True)
+    nested.set_weights(flat.get_weights())
+    images = np.random.default_rng(2).integers(0, 255, (2, 12, 12, 1), dtype=np.uint8)
+    preprocessing = EMOTION_PREPROCESSING
+    want = Explainer(flat, "conv_b", preprocessing).explain(images, np.array([0, 2]))
+    explainer = Explainer(nested, "conv_b", preprocessing)
+    assert explainer.layer == "backbone/conv_b" and explainer.cam_reason == ""
+    got = explainer.explain(images, np.array([0, 2]))
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a.gradcam, b.gradcam, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.cam, b.cam, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.input_gradient, b.input_gradient, rtol=1e-4, atol=1e-7)
+        # GAP -> Dense head: Grad-CAM = ReLU(CAM) / (h*w) (Grad-CAM paper, appendix A); 8x8 here.
+        np.testing.assert_allclose(b.gradcam, np.maximum(b.cam, 0) / 64, rtol=1e-4, atol=1e-7)
+    assert maps.conv_layers(nested) == ["backbone/conv_a", "backbone/conv_b"]
 
 
 @pytest.fixture(scope="module")

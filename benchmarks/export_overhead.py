@@ -1,0 +1,111 @@
+"""What the in-graph gradients cost: ONNX Runtime CPU time of a ResNet50-GAP CAM graph with and
+without the Grad-CAM outputs, plus the largest ONNX-vs-TensorFlow difference per output of the
+bundled emotion graph.
+
+    .venv/bin/python benchmarks/export_overhead.py [--size 224] [--batches 1 8] [--repeats 30]
+
+Both ResNet50 graphs (weights=None, 5 classes) come from `camface export`; the forward-only one
+with the internal `--heads probs activations`. Runs alternate between the two graphs so that
+load on a shared machine hits both alike. Prints medians and p95 in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+
+def export_resnet(folder: Path, size: int) -> dict[str, Path]:
+    from camface.cli import main as camface_main
+    from camface.models.builders import resnet50_gap
+
+    model_path = folder / "resnet50_gap.keras"
+    resnet50_gap(5, input_size=size, weights=None).save(model_path)
+    graphs = {"with gradients": folder / "full.onnx", "forward only": folder / "forward.onnx"}
+    common = ["export", str(model_path), "--preset", "imagenet-caffe"]
+    for name, path in graphs.items():
+        extra = ["--heads", "probs", "activations", "--no-verify"] if name == "forward only" else []
+        started = time.perf_counter()
+        assert camface_main([*common, "-o", str(path), *extra]) == 0
+        print(f"exported {name}: {time.perf_counter() - started:.1f} s, "
+              f"{path.stat().st_size / 1e6:.1f} MB")
+    return graphs
+
+
+def time_graphs(graphs: dict[str, Path], size: int, batches, repeats: int, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for name, path in graphs.items()}
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        feed = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                "class_index": np.full(batch, -1, np.int64)}
+        samples = {name: [] for name in sessions}
+        for session in sessions.values():
+            session.run(None, feed)  # warm-up
+        for _ in range(repeats):
+            for name, session in sessions.items():
+                started = time.perf_counter()
+                session.run(None, feed)
+                samples[name].append((time.perf_counter() - started) * 1e3)
+        for name, values in samples.items():
+            values.sort()
+            p95 = values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+            print(f"batch {batch:>2}  {name:<15} median {statistics.median(values):8.1f} ms   "
+                  f"p95 {p95:8.1f} ms   ({repeats} runs)")
+        full, forward = (statistics.median(samples[k]) for k in ("with gradients", "forward only"))
+        print(f"batch {batch:>2}  gradients add {full - forward:+.1f} ms "
+              f"({(full / forward - 1) * 100:+.1f}%)")
+
+
+def emotion_differences(batch: int = 32) -> None:
+    """Largest |ORT - TF| per output of the committed emotion graph vs the exporter's
+    TensorFlow function, on the verification batch."""
+    import onnx
+
+    from camface.export import exporter, keras_model, verify
+    from camface.models import EMOTION_KERAS, EMOTION_LABELS, EMOTION_ONNX, read_labels
+
+    graph = onnx.load(str(EMOTION_ONNX))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    model = keras_model.load_model(EMOTION_KERAS)
+    function, info = exporter.build(model, exporter.ExportOptions(
+        target_layer=meta["target_layer"], labels=tuple(read_labels(EMOTION_LABELS)),
+        preset="emotion"))
+    images, classes = verify.sample_batch(info.input_size, info.channels, len(info.labels), batch)
+    reference = {k: v.numpy() for k, v in function(images, classes).items()}
+    got = verify.run_onnx(graph.SerializeToString(), images, classes)
+    print(f"bundled emotion graph ({meta['target_layer']}), batch {batch}:")
+    for difference in verify.compare(got, reference):
+        print(f"  {difference}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = default)")
+    parser.add_argument("--skip-emotion", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_emotion:
+        emotion_differences()
+    with tempfile.TemporaryDirectory() as folder:
+        graphs = export_resnet(Path(folder), args.size)
+        time_graphs(graphs, args.size, args.batches, args.repeats, args.threads)
+
+
+if __name__ == "__main__":
+    main()

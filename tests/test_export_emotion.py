@@ -1,0 +1,164 @@
+"""The bundled emotion CAM graph: re-exported like `make models`, compared with the committed
+file, with an independent TensorFlow reference, and on the astronaut's face."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import json
+
+import numpy as np
+import pytest
+from test_export_graph import Graph, assert_outputs_close, export_in_memory, tape_reference
+
+from camface import graph_spec
+from camface.cli import main as camface_main
+from camface.models import EMOTION_KERAS, EMOTION_LABELS, EMOTION_ONNX, read_labels
+
+HAPPY = 3
+TARGET = "add_3"  # models/emotion/README.md says why
+FACE_BOX = (177, 82, 95, 95)  # x, y, w, h: MediaPipe's box on skimage's astronaut
+
+
+def face_crop(astronaut_bgr, interpolation=None):
+    """The face, cropped square around the box centre, gray, 64x64: uint8 [64, 64]."""
+    import cv2
+
+    x, y, w, h = FACE_BOX
+    side = max(w, h)
+    cx, cy = x + w // 2, y + h // 2
+    square = astronaut_bgr[cy - side // 2: cy - side // 2 + side, cx - side // 2: cx - side // 2 + side]
+    gray = cv2.cvtColor(square, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(gray, (64, 64), interpolation=cv2.INTER_AREA if interpolation is None
+                      else interpolation)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The bundled graph exported again exactly as `make models` does."""
+    out = tmp_path_factory.mktemp("emotion") / "emotion.onnx"
+    code = camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--labels",
+                         str(EMOTION_LABELS), "--preset", "emotion", "--target-layer", TARGET])
+    assert code == 0
+    import onnx
+
+    return Graph(onnx.load(str(out)))
+
+
+@pytest.fixture(scope="module")
+def committed():
+    import onnx
+
+    assert EMOTION_ONNX.is_file(), "models/emotion/emotion.onnx is missing: run `make models`"
+    return Graph(onnx.load(str(EMOTION_ONNX)))
+
+
+@pytest.fixture(scope="module")
+def keras_model():
+    import keras
+
+    return keras.models.load_model(EMOTION_KERAS, compile=False)
+
+
+@pytest.fixture(scope="module")
+def last_conv(keras_model):
+    """A graph at the last conv (conv2d_7, 4x4), where CAM exists (GAP -> softmax)."""
+    return export_in_memory(keras_model, preset="emotion",
+                            labels=tuple(read_labels(EMOTION_LABELS)))[0]
+
+
+def crops(astronaut_bgr, n):
+    """The face crop, then shifted / mirrored / noisy variants: uint8 [n, 64, 64, 1]."""
+    import cv2
+
+    rng = np.random.default_rng(n)
+    face = face_crop(astronaut_bgr)
+    out = [face]
+    while len(out) < n:
+        variant = np.roll(face, rng.integers(-6, 7, 2), axis=(0, 1))
+        if rng.random() < 0.5:
+            variant = variant[:, ::-1]
+        noise = rng.normal(0, 12, variant.shape)
+        out.append(np.clip(cv2.GaussianBlur(variant, (3, 3), 0) + noise, 0, 255).astype(np.uint8))
+    return np.stack(out)[..., None]
+
+
+def test_committed_graph_matches_fresh_export(exported, committed, astronaut_bgr):
+    for key in graph_spec.GraphInfo.from_metadata(committed.metadata).to_metadata():
+        assert committed.metadata[key] == exported.metadata[key], key
+    image = crops(astronaut_bgr, 8)
+    classes = np.array([-1, 0, 1, 2, 3, 4, 5, 6], dtype=np.int64)
+    assert_outputs_close(committed(image, classes), exported(image, classes), rtol=1e-5)
+
+
+def test_committed_metadata(committed):
+    from camface.export.exporter import sha256
+
+    info = graph_spec.GraphInfo.from_metadata(committed.metadata)
+    assert info.labels == tuple(read_labels(EMOTION_LABELS))
+    assert (info.input_size, info.color_order, info.channels) == ((64, 64), "GRAY", 1)
+    assert info.target_layer == TARGET and info.feature_size == (8, 8)
+    assert info.heatmaps == ("gradcam", "gradcampp") and "conv" in info.cam_unavailable_reason.lower()
+    assert info.source_model == EMOTION_KERAS.name and info.source_sha256 == sha256(EMOTION_KERAS)
+    norm = json.loads(committed.metadata["normalization"])
+    np.testing.assert_allclose(norm["scale"], [1 / 127.5])
+    np.testing.assert_allclose(norm["offset"], [-1.0])
+    shapes = {o.name: o.shape for o in committed.session.get_outputs()}
+    assert shapes["gradcam"] == ["N", 8, 8] and shapes["activations"] == ["N", 8, 8, 64]
+
+
+@pytest.mark.parametrize("n", (1, 3, 32))
+def test_bundled_graph_matches_tape_reference(committed, keras_model, astronaut_bgr, n):
+    import keras
+
+    target = keras_model.get_layer(TARGET).output
+    features = keras.Model(keras_model.input, target)
+    head = keras.Model(target, keras_model.get_layer("predictions").input)
+    image = crops(astronaut_bgr, n)
+    classes = np.array([(i % 8) - 1 for i in range(n)], dtype=np.int64)
+    want = tape_reference(features, lambda a: head(a, training=False),
+                          image.astype(np.float32) / 127.5 - 1, classes)
+    assert_outputs_close(committed(image, classes), want)
+
+
+@pytest.mark.parametrize("n", (1, 3, 32))
+def test_last_conv_graph_matches_tape_reference_with_cam(last_conv, keras_model, astronaut_bgr, n):
+    import keras
+    import tensorflow as tf
+
+    assert last_conv.metadata["target_layer"] == "conv2d_7" and "cam" in last_conv.names
+    features = keras.Model(keras_model.input, keras_model.get_layer("conv2d_7").output)
+    image = crops(astronaut_bgr, n)
+    classes = np.array([(i % 8) - 1 for i in range(n)], dtype=np.int64)
+    # GAP feeds the softmax directly: the CAM weights are the identity.
+    want = tape_reference(features, lambda a: tf.reduce_mean(a, axis=[1, 2]),
+                          image.astype(np.float32) / 127.5 - 1, classes, np.eye(7, dtype=np.float32))
+    assert_outputs_close(last_conv(image, classes), want)
+    got = last_conv(image, classes)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(got["cam"], 0) / 16, rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_astronaut_is_happy_and_gradcam_points_at_the_smile(committed, astronaut_bgr):
+    """At add_3 (8x8) Grad-CAM for "happy" lies mostly in the lower half, peaking at rows 5-6
+    (the mouth); at conv2d_7 it peaks in row 0 (models/emotion/README.md)."""
+    import cv2
+
+    for interpolation in (cv2.INTER_AREA, cv2.INTER_LINEAR):
+        face = face_crop(astronaut_bgr, interpolation)[None, :, :, None]
+        out = committed(face, np.array([-1], dtype=np.int64))
+        assert int(out["probs"][0].argmax()) == HAPPY and out["probs"][0, HAPPY] > 0.99
+        heat = np.maximum(out["gradcam"][0], 0)
+        lower = heat[4:].sum() / heat.sum()
+        row, _ = np.unravel_index(heat.argmax(), heat.shape)
+        assert lower > 0.6, f"only {lower:.0%} of Grad-CAM in the lower half"
+        assert row in (5, 6), f"Grad-CAM peaks at row {row}"
+
+
+def test_info_prints_metadata_and_signature(capsys):
+    assert camface_main(["info", str(EMOTION_ONNX)]) == 0
+    text = capsys.readouterr().out
+    for expected in ("target_layer", TARGET, '"happy"', "image", "uint8", "[N, 64, 64, 1]",
+                     "gradcam", "[N, 8, 8]", "source_sha256"):
+        assert expected in text

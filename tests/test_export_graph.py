@@ -1,0 +1,420 @@
+"""CAM graphs of small random models: ONNX Runtime vs an independent TensorFlow reference.
+
+The reference here shares no code with camface.export: the head after the target layer is written
+out by hand (or taken from Keras), the gradient comes from tf.GradientTape with TensorFlow's own
+gradients, and the heatmaps are numpy transcriptions of the papers' equations.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # eager conv gradients segfault in oneDNN here
+
+import numpy as np
+import pytest
+
+BATCHES = (1, 3, 32)
+NUM_CLASSES = 5
+
+
+# ---- independent reference -------------------------------------------------------------------
+
+def reference_gradcam(activations, gradients):
+    """Grad-CAM, arXiv:1610.02391 eq. 1 (alpha = spatial mean of gradients) and eq. 2."""
+    alpha = gradients.mean(axis=(1, 2))  # [N, K]
+    return np.maximum(np.einsum("nhwk,nk->nhw", activations, alpha), 0)
+
+
+def reference_gradcampp(activations, gradients):
+    """Grad-CAM++, arXiv:1710.11063 eq. 19 for Y = exp(S): alpha = g^2 / (2 g^2 + sum_ab A g^3),
+    w = sum_ij alpha relu(g) (exp(S) left out), map = relu(sum_k w A)."""
+    g2, g3 = gradients ** 2, gradients ** 3
+    denominator = 2 * g2 + activations.sum(axis=(1, 2), keepdims=True) * g3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(denominator != 0, g2 / denominator, 0.0)
+    weights = (alpha * np.maximum(gradients, 0)).sum(axis=(1, 2))  # [N, K]
+    return np.maximum(np.einsum("nhwk,nk->nhw", activations, weights), 0)
+
+
+def reference_cam(activations, class_weights, classes):
+    """CAM, arXiv:1512.04150 eq. 2: M_c(x, y) = sum_k w_k^c f_k(x, y)."""
+    return np.einsum("nhwk,kn->nhw", activations, class_weights[:, classes])
+
+
+def tape_reference(features, head, x, class_index, class_weights=None):
+    """Outputs of a CAM graph computed with tf.GradientTape (inside tf.function, as eager conv
+    gradients crash oneDNN on this CPU). features: x -> A; head: A -> logits (pre-softmax)."""
+    import tensorflow as tf
+
+    @tf.function
+    def run(x, picked_class):
+        activations = features(x)
+        with tf.GradientTape() as tape:
+            tape.watch(activations)
+            logits = head(activations)
+            chosen = tf.where(picked_class < 0, tf.argmax(logits, -1), picked_class)
+            picked = tf.gather(logits, chosen, batch_dims=1)
+        return tf.nn.softmax(logits), activations, tape.gradient(picked, activations), chosen
+
+    probs, activations, gradients, chosen = (t.numpy() for t in run(
+        tf.constant(x, tf.float32), tf.constant(class_index, tf.int64)))
+    out = {"probs": probs, "activations": activations,
+           "gradcam": reference_gradcam(activations, gradients),
+           "gradcampp": reference_gradcampp(activations, gradients)}
+    if class_weights is not None:
+        out["cam"] = reference_cam(activations, class_weights, chosen)
+    return out
+
+
+def assert_outputs_close(got, want, rtol=1e-4, names=None):
+    """Every output within rtol of the reference's largest magnitude (plus 1e-6)."""
+    for name in names or want:
+        scale = float(np.abs(want[name]).max())
+        assert scale > 1e-3 or name == "gradcampp", f"{name}: reference is ~0, test is vacuous"
+        # Grad-CAM++ divides by 2 g^2 + sum(A) g^3, near 0 where activations sum negative: float
+        # rounding grows there (to ~2e-3 of the range at the emotion model's add_3).
+        tolerance = 1e-6 + rtol * (100 if name == "gradcampp" else 1) * scale
+        diff = float(np.abs(got[name] - want[name]).max())
+        assert diff <= tolerance, f"{name}: max |onnx - tf| = {diff:.3g} > {tolerance:.3g}"
+
+
+def class_indices(n, num_classes=NUM_CLASSES):
+    """-1 (predicted) and explicit classes, cycling."""
+    return np.array([(i % (num_classes + 1)) - 1 for i in range(n)], dtype=np.int64)
+
+
+def images(n, size, channels, seed=0):
+    from camface.export.verify import sample_batch
+
+    return sample_batch((size, size), channels, NUM_CLASSES, batch=n, seed=seed)[0]
+
+
+class Graph:
+    """An exported CAM graph held in memory, run on ONNX Runtime."""
+
+    def __init__(self, model_proto):
+        import onnxruntime as ort
+
+        self.proto = model_proto
+        self.session = ort.InferenceSession(model_proto.SerializeToString(),
+                                            providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.metadata = {p.key: p.value for p in model_proto.metadata_props}
+
+    def __call__(self, image, class_index):
+        values = self.session.run(None, {"image": image, "class_index": class_index})
+        return dict(zip(self.names, values))
+
+
+def export_in_memory(model, **options):
+    """(Graph, GraphInfo) via the exporter's build + convert, without files."""
+    from camface.export import convert, exporter
+
+    function, info = exporter.build(model, exporter.ExportOptions(**options))
+    proto = convert.to_onnx(function)
+    convert.set_metadata(proto, info.to_metadata())
+    return Graph(proto), info
+
+
+# ---- small models with the builders' head shapes ----------------------------------------------
+
+def _randomise_batch_norm(model, seed=1):
+    """Random BN statistics, so that random nets do not collapse to ~0 activations."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers() if hasattr(model, "_flatten_layers") else model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = (w.shape for w in layer.get_weights())
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma), rng.normal(0, 0.2, beta),
+                               rng.normal(0, 0.2, mean), rng.uniform(0.5, 1.5, var)])
+
+
+def tiny_residual_base(size=32, name="base"):
+    """ResNet-shaped: conv stem, one residual block (conv-BN-ReLU-conv-BN + add), ReLU out."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    y = layers.Conv2D(8, 3, padding="same", name="conv_a")(x)
+    y = layers.BatchNormalization(name="bn_a")(y)
+    y = layers.Activation("relu", name="relu_a")(y)
+    y = layers.Conv2D(8, 3, padding="same", name="conv_b")(y)
+    y = layers.BatchNormalization(name="bn_b")(y)
+    x = layers.Add(name="add")([x, y])
+    x = layers.MaxPooling2D(3, strides=2, padding="same", name="pool")(x)
+    x = layers.Activation("relu", name="block_out")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def tiny_vgg_base(size=32, name="vgg"):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    return keras.Model(inputs, x, name=name)
+
+
+@pytest.fixture(scope="module")
+def resnet_like():
+    """Flat ResNet-GAP shape (builders.resnet50_gap's head): base -> GAP -> Dense(softmax)."""
+    import keras
+
+    from camface.models.builders import _with_head
+
+    keras.utils.set_random_seed(0)
+    model = _with_head(tiny_residual_base(), NUM_CLASSES, nested=False, name="resnet_like")
+    _randomise_batch_norm(model)
+    graph, info = export_in_memory(model, preset="imagenet-caffe")
+    return model, graph, info
+
+
+@pytest.fixture(scope="module")
+def vgg_like_nested():
+    """VGG16-conv-GAP shape with the base nested as one layer: base -> Conv2D(relu) -> GAP -> Dense."""
+    import keras
+    from keras import layers
+
+    from camface.models.builders import _with_head
+
+    keras.utils.set_random_seed(1)
+    extra = layers.Conv2D(16, 3, padding="same", activation="relu", name="cam_conv")
+    model = _with_head(tiny_vgg_base(), NUM_CLASSES, nested=True, name="vgg_like", extra=extra)
+    graph, info = export_in_memory(model, preset="tf")
+    return model, graph, info
+
+
+@pytest.fixture(scope="module")
+def resnet_like_nested():
+    """The residual base nested as one layer; target inside it, before its residual block, so
+    the differentiated head runs through the rest of the nested base (conv, BN, ReLU, add,
+    max pool) and then the outer GAP -> Dense."""
+    import keras
+
+    from camface.models.builders import _with_head
+
+    keras.utils.set_random_seed(2)
+    model = _with_head(tiny_residual_base(name="backbone"), NUM_CLASSES, nested=True,
+                       name="resnet_nested")
+    _randomise_batch_norm(model.get_layer("backbone"))
+    default = export_in_memory(model, preset="unit")
+    inner = export_in_memory(model, preset="unit", target_layer="backbone/stem")
+    return model, default, inner
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    """The real builders.mobilenetv2_gap at width 0.35 and 32x32, random weights."""
+    import keras
+
+    from camface.models.builders import mobilenetv2_gap
+
+    keras.utils.set_random_seed(3)
+    model = mobilenetv2_gap(NUM_CLASSES, input_size=32, weights=None, alpha=0.35)
+    _randomise_batch_norm(model)
+    graph, info = export_in_memory(model, preset="tf")
+    return model, graph, info
+
+
+@pytest.fixture(scope="module")
+def nonlinear_head():
+    """The study's earlier head: GAP -> Dense(512, relu) -> Dense(softmax). No CAM."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(4)
+    base = tiny_vgg_base(name="vgg_flat")
+    x = layers.GlobalAveragePooling2D(name="gap")(base.output)
+    x = layers.Dense(512, activation="relu", name="hidden")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="predictions")(x)
+    model = keras.Model(base.input, outputs)
+    graph, info = export_in_memory(model, preset="unit")
+    return model, graph, info
+
+
+def _dense_head(model, dense_name="predictions", hidden=None):
+    """Hand-written head: GAP (mean) [-> relu(Dense hidden)] -> Dense linear part."""
+    import tensorflow as tf
+
+    dense = model.get_layer(dense_name)
+
+    def head(a):
+        x = tf.reduce_mean(a, axis=[1, 2])
+        if hidden is not None:
+            layer = model.get_layer(hidden)
+            x = tf.nn.relu(tf.matmul(x, layer.kernel) + layer.bias)
+        return tf.matmul(x, dense.kernel) + dense.bias
+
+    return head, np.asarray(dense.kernel)
+
+
+def _normalised(x, scale, offset):
+    return x.astype(np.float32) * np.float32(scale) + np.float32(offset)
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_resnet_like_matches_tape_reference(resnet_like, n):
+    import keras
+
+    model, graph, info = resnet_like
+    assert info.target_layer == "block_out" and info.heatmaps == ("gradcam", "gradcampp", "cam")
+    features = keras.Model(model.input, model.get_layer("block_out").output)
+    head, weights = _dense_head(model)
+    image = images(n, 32, 3, seed=n)
+    classes = class_indices(n)
+    caffe_mean = np.array([103.939, 116.779, 123.68], np.float32)
+    want = tape_reference(features, head, image.astype(np.float32) - caffe_mean, classes, weights)
+    assert_outputs_close(graph(image, classes), want)
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_nested_vgg_like_matches_tape_reference(vgg_like_nested, n):
+    import keras
+
+    model, graph, info = vgg_like_nested
+    assert info.target_layer == "cam_conv"
+    base_out = model.get_layer("vgg")(model.input)
+    features = keras.Model(model.input, model.get_layer("cam_conv")(base_out))
+    head, weights = _dense_head(model)
+    image = images(n, 32, 3, seed=10 + n)
+    classes = class_indices(n)
+    want = tape_reference(features, head, _normalised(image, 1 / 127.5, -1), classes, weights)
+    assert_outputs_close(graph(image, classes), want)
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_target_inside_nested_backbone(resnet_like_nested, n):
+    import keras
+
+    model, (default_graph, default_info), (inner_graph, inner_info) = resnet_like_nested
+    base = model.get_layer("backbone")
+    assert default_info.target_layer == "backbone/block_out"
+    assert default_info.heatmaps == ("gradcam", "gradcampp", "cam")
+    assert inner_info.target_layer == "backbone/stem" and inner_info.feature_size == (16, 16)
+    assert "cam" not in inner_info.heatmaps and "stem" in inner_info.cam_unavailable_reason
+    image = images(n, 32, 3, seed=20 + n)
+    x = _normalised(image, 1 / 255, 0)
+    classes = class_indices(n)
+    dense_head, weights = _dense_head(model)
+
+    block_out = keras.Model(base.input, base.get_layer("block_out").output)
+    want = tape_reference(block_out, dense_head, x, classes, weights)
+    assert_outputs_close(default_graph(image, classes), want)
+
+    stem = keras.Model(base.input, base.get_layer("stem").output)
+    rest = keras.Model(base.get_layer("stem").output, base.output)
+
+    def head(a):
+        return dense_head(rest(a, training=False))
+
+    want = tape_reference(stem, head, x, classes)
+    assert_outputs_close(inner_graph(image, classes), want)
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_mobilenetv2_builder_matches_tape_reference(mobilenet, n):
+    import keras
+
+    model, graph, info = mobilenet
+    assert info.target_layer == "out_relu" and info.color_order == "RGB"
+    features = keras.Model(model.input, model.get_layer("out_relu").output)
+    head, weights = _dense_head(model)
+    image = images(n, 32, 3, seed=30 + n)
+    classes = class_indices(n)
+    want = tape_reference(features, head, _normalised(image, 1 / 127.5, -1), classes, weights)
+    assert_outputs_close(graph(image, classes), want)
+
+
+@pytest.mark.parametrize("n", BATCHES)
+def test_nonlinear_head_has_no_cam_and_matches_reference(nonlinear_head, n):
+    import keras
+
+    model, graph, info = nonlinear_head
+    assert "cam" not in graph.names and info.heatmaps == ("gradcam", "gradcampp")
+    assert "hidden" in info.cam_unavailable_reason
+    assert graph.metadata["cam_unavailable_reason"] == info.cam_unavailable_reason
+    features = keras.Model(model.input, model.get_layer("pool2").output)
+    head, _ = _dense_head(model, hidden="hidden")
+    image = images(n, 32, 3, seed=40 + n)
+    classes = class_indices(n)
+    want = tape_reference(features, head, _normalised(image, 1 / 255, 0), classes)
+    assert_outputs_close(graph(image, classes), want)
+
+
+def test_cam_is_proportional_to_gradcam_for_gap_dense_head(resnet_like):
+    """Grad-CAM paper, appendix A: with GAP -> Dense, alpha_k = w_k^c / (h w), so
+    Grad-CAM = ReLU(CAM) / (h w) exactly."""
+    _, graph, info = resnet_like
+    image = images(8, 32, 3, seed=5)
+    out = graph(image, class_indices(8))
+    h, w = info.feature_size
+    assert np.abs(out["cam"]).max() > 1e-2
+    np.testing.assert_allclose(out["gradcam"], np.maximum(out["cam"], 0) / (h * w),
+                               rtol=1e-4, atol=1e-6 * np.abs(out["cam"]).max())
+
+
+def test_explicit_class_index_selects_that_class(resnet_like):
+    """The same crop explained for every class gives every class's own CAM; -1 = argmax."""
+    _, graph, _ = resnet_like
+    image = np.repeat(images(1, 32, 3, seed=6), NUM_CLASSES + 1, axis=0)
+    classes = np.array([-1] + list(range(NUM_CLASSES)), dtype=np.int64)
+    out = graph(image, classes)
+    predicted = int(out["probs"][0].argmax())
+    np.testing.assert_allclose(out["cam"][0], out["cam"][1 + predicted], rtol=1e-6)
+    cams = out["cam"][1:].reshape(NUM_CLASSES, -1)
+    assert np.linalg.matrix_rank(cams) > 1, "different classes should give different maps"
+    np.testing.assert_allclose(out["probs"], np.repeat(out["probs"][:1], NUM_CLASSES + 1, 0),
+                               rtol=1e-6)
+
+
+def test_metadata_follows_graph_spec(resnet_like):
+    from camface import graph_spec
+
+    _, graph, info = resnet_like
+    assert graph_spec.GraphInfo.from_metadata(graph.metadata) == info
+    assert graph.metadata["channels"] == "3" and graph.metadata["color_order"] == "BGR"
+    assert [i.name for i in graph.session.get_inputs()] == ["image", "class_index"]
+    assert graph.session.get_inputs()[0].type == "tensor(uint8)"
+    assert set(graph.names) == {"probs", "activations", "gradcam", "gradcampp", "cam"}
+
+
+# ---- heatmap maths on hand-computed arrays -----------------------------------------------------
+
+def test_gradcam_and_gradcampp_by_hand():
+    """One crop, 1x2 map, 2 channels. A = [[1, 2], [3, 0]] per position (channels last)."""
+    import tensorflow as tf
+
+    from camface.export import graph
+
+    a = np.array([[[[1.0, 3.0], [2.0, 0.0]]]], np.float32)  # [1, 1, 2, 2]: positions x channels
+    g = np.array([[[[1.0, -1.0], [3.0, 0.0]]]], np.float32)
+    # Grad-CAM: alpha = mean over positions = [2, -0.5]; map = relu([1*2 - 0.5*3, 2*2]) = [0.5, 4]
+    np.testing.assert_allclose(graph.gradcam(tf.constant(a), tf.constant(g)).numpy(),
+                               [[[0.5, 4.0]]], rtol=1e-6)
+    # Grad-CAM++: sum_ab A = [3, 3]; alpha = g^2 / (2 g^2 + 3 g^3)
+    # channel 0: g=1 -> 1/5, g=3 -> 9/(18+81) = 1/11; w0 = 1/5 * 1 + 1/11 * 3 = 26/55
+    # channel 1: g=-1 -> 1/(2-3) = -1 but relu(g)=0; g=0 -> 0 (0/0 guarded); w1 = 0
+    # map = relu([1 * 26/55, 2 * 26/55])
+    np.testing.assert_allclose(graph.gradcampp(tf.constant(a), tf.constant(g)).numpy(),
+                               [[[26 / 55, 52 / 55]]], rtol=1e-6)
+    np.testing.assert_allclose(reference_gradcampp(a, g), [[[26 / 55, 52 / 55]]], rtol=1e-6)
+    # CAM with W [K=2, classes=2]: class 1 uses column [0.5, -1]: [1*0.5 - 3, 2*0.5] = [-2.5, 1]
+    weights = np.array([[1.0, 0.5], [2.0, -1.0]], np.float32)
+    np.testing.assert_allclose(
+        graph.cam(tf.constant(a), tf.constant(weights), tf.constant([1], tf.int64)).numpy(),
+        [[[-2.5, 1.0]]], rtol=1e-6)
+
+
+def test_gradcampp_is_zero_where_gradients_vanish():
+    import tensorflow as tf
+
+    from camface.export import graph
+
+    a = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype(np.float32)
+    out = graph.gradcampp(tf.constant(a), tf.zeros_like(a)).numpy()
+    assert np.isfinite(out).all() and not out.any()

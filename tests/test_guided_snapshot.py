@@ -1,0 +1,70 @@
+"""Reading snapshot folders for `camface guided` (no TensorFlow needed)."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from camface.errors import ModelError, SourceError
+from camface.guided.snapshot import EMOTION_PREPROCESSING, read_snapshot, sha256_file
+
+
+def write_snapshot(folder, crops_bgr, color_order, model):
+    folder.mkdir()
+    faces = []
+    for i, crop in enumerate(crops_bgr):
+        cv2.imwrite(str(folder / f"face_{i:02d}.png"), crop)
+        faces.append({"crop": f"face_{i:02d}.png", "box": [10 * i, 5, 40, 40], "score": 0.9,
+                      "probs": [0.5, 0.5], "predicted": 0, "explained": 1 - i})
+    (folder / "snapshot.json").write_text(json.dumps(
+        {"camface_version": "0.1.0", "source": "x", "frame_index": 3, "method": "gradcam",
+         "labels": ["a", "b"], "color_order": color_order, "model": model, "faces": faces}))
+    return folder
+
+
+@pytest.mark.parametrize("color_order", ["RGB", "BGR", "GRAY"])
+def test_crops_come_back_in_the_graph_colour_order(tmp_path, astronaut_bgr, color_order):
+    """The Keras file is found by `source_model` beside the (absent) ONNX file; crops are
+    converted from the PNG's BGR to the graph's order; the emotion scaling is assumed."""
+    keras_file = tmp_path / "mine.keras"
+    keras_file.write_bytes(b"weights")
+    model = {"path": str(tmp_path / "mine.onnx"), "sha256": "", "source_model": "mine.keras",
+             "source_sha256": sha256_file(keras_file)}
+    crop_bgr = cv2.resize(astronaut_bgr[82:177, 177:272], (32, 32))
+    png = crop_bgr if color_order != "GRAY" else cv2.cvtColor(crop_bgr, cv2.COLOR_BGR2GRAY)
+    source = read_snapshot(write_snapshot(tmp_path / "snap", [png, png], color_order, model))
+    assert source.keras_path == keras_file
+    assert source.labels == ("a", "b")
+    assert [f.explained for f in source.faces] == [1, 0]
+    assert source.faces[1].box == (10, 5, 40, 40)
+    crop = source.faces[0].crop
+    if color_order == "RGB":
+        np.testing.assert_array_equal(crop, crop_bgr[:, :, ::-1])
+    elif color_order == "BGR":
+        np.testing.assert_array_equal(crop, crop_bgr)
+    else:
+        np.testing.assert_array_equal(crop[:, :, 0], png)
+    assert source.preprocessing.color_order == color_order
+    assert source.preprocessing.scale == EMOTION_PREPROCESSING.scale
+    assert any("not found" in note for note in source.notes)
+
+
+def test_bad_snapshots(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(SourceError, match="not a camface snapshot: snapshot.json is missing"):
+        read_snapshot(folder)
+    (folder / "snapshot.json").write_text("{not json")
+    with pytest.raises(SourceError, match="cannot read .*snapshot.json"):
+        read_snapshot(folder)
+    model = {"path": str(tmp_path / "m.onnx"), "source_model": "m.keras", "source_sha256": "f" * 64}
+    (tmp_path / "m.keras").write_bytes(b"other")
+    crops = [np.zeros((8, 8), np.uint8)]
+    with pytest.raises(ModelError, match="m.keras does not match snapshot .*sha256"):
+        read_snapshot(write_snapshot(tmp_path / "snap", crops, "GRAY", model))
+    model["source_sha256"] = sha256_file(tmp_path / "m.keras")
+    folder = write_snapshot(tmp_path / "snap2", crops, "GRAY", model)
+    (folder / "face_00.png").unlink()
+    with pytest.raises(SourceError, match="cannot read face crop .*face_00.png"):
+        read_snapshot(folder)
