@@ -70,6 +70,49 @@ def time_graphs(graphs: dict[str, Path], size: int, batches, repeats: int, threa
               f"({(full / forward - 1) * 100:+.1f}%)")
 
 
+def profile_gradient_nodes(graphs: dict[str, Path], size: int, batches, repeats: int = 10):
+    """Load-independent view: ONNX Runtime's own per-node times inside the full graph, split
+    into nodes that the forward-only graph also has and the rest (gradients, heatmaps, class
+    selection). Medians over `repeats` runs."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    forward_names = {n.name for n in onnx.load(str(graphs["forward only"])).graph.node}
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(graphs["forward only"].parent / "profile")
+    session = ort.InferenceSession(str(graphs["with gradients"]), options,
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for batch in batches:
+        feed = {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+                "class_index": np.full(batch, -1, np.int64)}
+        for _ in range(repeats + 1):
+            session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+
+    def is_forward(name: str) -> bool:  # ORT renames/fuses some forward nodes
+        return (name in forward_names or ("functional" in name and "gradient_tape" not in name)
+                or name.startswith(("Conv", "Reorder", "Transpose", "Pad", "Cast", "Softmax")))
+
+    runs, current = [], {"forward": 0.0, "extra": 0.0}
+    for event in events:
+        if event.get("cat") == "Session" and event["name"] == "model_run":
+            runs.append(current)
+            current = {"forward": 0.0, "extra": 0.0}
+        elif event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            name = event["name"][: -len("_kernel_time")]
+            current["forward" if is_forward(name) else "extra"] += event["dur"] / 1e3
+    for i, batch in enumerate(batches):
+        chunk = runs[i * (repeats + 1) + 1: (i + 1) * (repeats + 1)]  # skip each warm-up
+        forward = statistics.median(r["forward"] for r in chunk)
+        extra = statistics.median(r["extra"] for r in chunk)
+        print(f"batch {batch:>2}  profile: forward nodes {forward:.1f} ms, gradient/heatmap "
+              f"nodes {extra:.2f} ms ({extra / forward * 100:.1f}% of forward)")
+
+
 def emotion_differences(batch: int = 32) -> None:
     """Largest |ORT - TF| per output of the committed emotion graph vs the exporter's
     TensorFlow function, on the verification batch."""
@@ -105,6 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         graphs = export_resnet(Path(folder), args.size)
         time_graphs(graphs, args.size, args.batches, args.repeats, args.threads)
+        profile_gradient_nodes(graphs, args.size, args.batches)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def _broadcast_gradient_args(ctx, node, name, args):
 
     shapes = [node.input[0], node.input[1]]
     ranks = [ctx.get_shape(s)[0] if ctx.get_shape(s) else -1 for s in shapes]
-    utils_make_sure(all(r >= 0 for r in ranks), "BroadcastGradientArgs needs shapes of known rank")
+    _require(all(r >= 0 for r in ranks), "BroadcastGradientArgs needs shapes of known rank")
     rank = max(ranks)
     dtype = ctx.get_dtype(node.input[0])
     padded = []
@@ -115,8 +115,8 @@ def _max_pool_grad(ctx, node, name, args):
     import numpy as np
     from onnx import TensorProto
 
-    utils_make_sure(ctx.opset >= 16, "MaxPoolGrad needs opset >= 16 (ScatterElements add)")
-    utils_make_sure(_data_format(node) == "NHWC", "MaxPoolGrad: only NHWC is supported")
+    _require(ctx.opset >= 16, "MaxPoolGrad needs opset >= 16 (ScatterElements add)")
+    _require(_data_format(node) == "NHWC", "MaxPoolGrad: only NHWC is supported")
     x, grad = node.input[0], node.input[2]
     ksize = list(node.get_attr_value("ksize"))[1:3]
     strides = list(node.get_attr_value("strides"))[1:3]
@@ -150,13 +150,13 @@ def _depthwise_backprop_input(ctx, node, name, args):
     out_backprop [N, h, w, C*M]) -> [N, H, W, C]: ConvTranspose with group = C."""
     import numpy as np
 
-    utils_make_sure(_data_format(node) == "NHWC", "depthwise gradient: only NHWC is supported")
+    _require(_data_format(node) == "NHWC", "depthwise gradient: only NHWC is supported")
     padding = _padding(node)
     filter_shape = ctx.get_shape(node.input[1])
     out_shape = ctx.get_shape(node.output[0])
-    utils_make_sure(filter_shape is not None and -1 not in filter_shape,
+    _require(filter_shape is not None and -1 not in filter_shape,
                     "depthwise gradient needs a filter of known shape")
-    utils_make_sure(out_shape is not None and -1 not in out_shape[1:3],
+    _require(out_shape is not None and -1 not in out_shape[1:3],
                     "depthwise gradient needs a known input height and width")
     kh, kw, channels, multiplier = filter_shape
     strides = list(node.get_attr_value("strides"))[1:3]
@@ -196,11 +196,11 @@ def _data_format(node) -> str:
 def _padding(node) -> str:
     value = node.get_attr_value("padding")
     value = value.decode() if isinstance(value, bytes) else value
-    utils_make_sure(value in ("SAME", "VALID"), f"{node.type}: padding {value} is not supported")
+    _require(value in ("SAME", "VALID"), f"{node.type}: padding {value} is not supported")
     return value
 
 
-def utils_make_sure(condition: bool, message: str) -> None:
+def _require(condition: bool, message: str) -> None:
     from tf2onnx import utils
 
     utils.make_sure(condition, message)

@@ -84,13 +84,16 @@ def build_config(args: argparse.Namespace):
 
 def main(args: argparse.Namespace) -> int:
     debug = getattr(args, "debug", False)
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "DEBUG" if debug else "ERROR")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "DEBUG" if debug else "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "32" if debug else "-8")
     try:
         config = build_config(args)
     except ValueError as exc:
         print(f"camface live: error: {exc}", file=sys.stderr)
         return 2
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_DEBUG if debug else cv2.utils.logging.LOG_LEVEL_SILENT)
     from camface.realtime.loop import LiveLoop, Terminated, sigterm_raises
 
     loop = LiveLoop(config)

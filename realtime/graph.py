@@ -161,5 +161,8 @@ class CamGraph:
         feeds = {spec.INPUT_IMAGE: crops, spec.INPUT_CLASS: np.asarray(class_index, np.int64)}
         result = self._session.run(names, feeds)
         probs = result[0]
+        if probs.shape[1] != len(self.info.labels):
+            raise ModelError(f"{self.path}: {len(self.info.labels)} labels in the metadata but the graph "
+                             f"returns {probs.shape[1]} class probabilities")
         heatmaps = result[1] if method != "none" else np.zeros((len(crops), 0, 0), np.float32)
         return probs, heatmaps

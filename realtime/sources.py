@@ -61,8 +61,8 @@ class Source(Protocol):
 def to_bgr8(image: np.ndarray) -> np.ndarray:
     """Any frame a source may deliver -> contiguous uint8 BGR [H, W, 3].
 
-    Accepts gray [H, W] or [H, W, 1], BGR [H, W, 3], BGRA [H, W, 4]; uint8, uint16 (scaled by
-    1/257) or float in [0, 1]. Returns the input itself when it already is uint8 BGR contiguous.
+    Accepts gray [H, W] or [H, W, 1], BGR [H, W, 3], BGRA [H, W, 4]; uint8, uint16 (its top 8
+    bits) or float in [0, 1]. Returns the input itself when it already is uint8 BGR contiguous.
     """
     if image is None or image.ndim not in (2, 3) or image.size == 0:
         raise ValueError(f"not an image: {None if image is None else image.shape}")

@@ -1,0 +1,54 @@
+"""CAM graphs of the study's big backbones with random weights, for `camface bench --backbone`.
+
+Users see what a large backbone costs on their machine without downloading ImageNet weights:
+the speed of a network does not depend on its weights. Graphs are built once, seeded, and kept
+in a cache folder (with the Keras model, which `--baseline keras` needs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CLASSES = 7  # as many as the bundled emotion model, so the heads cost the same
+
+
+def backbone_graph(builder: str, size: int, folder: str | Path) -> tuple[Path, Path]:
+    """(CAM graph .onnx, Keras model .keras) of `models.builders.BUILDERS[builder]` at
+    `size` x `size` pixels with seeded random weights, in `folder`; built and exported on first
+    use (minutes for ResNet50), reused afterwards."""
+    from camface.models.builders import BUILDERS, PRESETS
+
+    if builder not in BUILDERS:
+        raise ValueError(f"unknown backbone {builder!r}; expected one of {', '.join(BUILDERS)}")
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{builder}_{size}_random_seed0"
+    onnx_path, keras_path = folder / f"{stem}.onnx", folder / f"{stem}.keras"
+    if onnx_path.is_file() and keras_path.is_file():
+        return onnx_path, keras_path
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+
+    from camface.export.exporter import ExportOptions, export
+
+    log.info("building %s at %dx%d with random weights and exporting it to %s (once)",
+             builder, size, size, onnx_path)
+    keras.utils.set_random_seed(0)
+    model = BUILDERS[builder](CLASSES, input_size=size, weights=None)
+    # Written under private names and renamed, so a concurrent run never reads half a file.
+    partial_keras = keras_path.with_name(f"{stem}.{os.getpid()}.partial.keras")
+    partial_onnx = onnx_path.with_name(f"{stem}.{os.getpid()}.partial.onnx")
+    try:
+        model.save(partial_keras)
+        os.replace(partial_keras, keras_path)
+        export(keras_path, partial_onnx, ExportOptions(preset=PRESETS[builder]))
+        os.replace(partial_onnx, onnx_path)
+    finally:
+        for leftover in (partial_keras, partial_onnx):
+            leftover.unlink(missing_ok=True)
+    return onnx_path, keras_path

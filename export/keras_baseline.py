@@ -1,0 +1,104 @@
+"""The baseline `camface bench --baseline keras` compares against: Grad-CAM computed the way
+the original study and the Keras Grad-CAM example do it, one face at a time.
+
+Grad-CAM (Selvaraju et al., arXiv:1610.02391, eq. 1-2): alpha_k = spatial mean of
+d(logit_c) / dA_k, heatmap = ReLU(sum_k alpha_k A_k), with the PRE-softmax logit, as in the
+Keras example (https://keras.io/examples/vision/grad_cam/), which removes the final softmax,
+builds `grad_model = Model(inputs, [target.output, logits])`, and for each image runs it
+eagerly under `tf.GradientTape`, then `tape.gradient`, `reduce_mean` and a matrix product.
+
+One kindness to the baseline: the example builds `grad_model` inside its per-image function;
+here it is built once, so the comparison measures the per-face eager tape, not model building.
+
+TensorFlow is imported in `KerasGradCam.__init__`, never at module level; `camface bench`
+loads this module only for `--baseline keras`. TF_ENABLE_ONEDNN_OPTS=0 is set before that
+import: eager convolution gradients segfault in oneDNN on some CPUs (TF 2.21).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _import_tensorflow():
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    elif os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
+        log.warning("camface: TensorFlow was imported before TF_ENABLE_ONEDNN_OPTS=0 was set; "
+                    "eager Grad-CAM may crash in oneDNN on this CPU")
+    from camface.realtime.detect import quiet_native_stderr
+
+    with quiet_native_stderr():  # CUDA-stub and absl start-up lines written straight to fd 2
+        import tensorflow as tf
+
+    return tf
+
+
+class KerasGradCam:
+    """`explain(crops, class_index) -> (probs, heatmaps)` with a Keras model, per face, eagerly.
+
+    keras_path: the .keras/.h5 model the CAM graph was exported from (same weights).
+    target_layer: the layer whose activations Grad-CAM weighs (the graph's `target_layer`;
+        a flat layer name: nested backbones are not supported by the Keras example's recipe).
+    scale, offset: the graph's normalisation (x * scale + offset, per channel or one value).
+    """
+
+    provider = "TensorFlow eager"
+
+    def __init__(self, keras_path: str | Path, target_layer: str,
+                 scale: Sequence[float], offset: Sequence[float]):
+        tf = _import_tensorflow()
+        import keras
+
+        from camface.export.keras_model import load_model
+
+        self._tf = tf
+        model = load_model(keras_path)
+        if "/" in target_layer:
+            raise ModelError(f"the Keras baseline needs a flat target layer; {target_layer!r} is "
+                             f"inside a nested model of {Path(keras_path).name}")
+        try:
+            target = model.get_layer(target_layer)
+        except ValueError as exc:
+            raise ModelError(f"{Path(keras_path).name} has no layer {target_layer!r} "
+                             "(the CAM graph's target layer)") from exc
+        final = model.layers[-1]
+        if type(final).__name__ in ("Activation", "Softmax"):
+            logits = final.input  # the example's "remove the last layer's softmax"
+        else:
+            if getattr(final, "activation", None) is not None:
+                final.activation = None  # exactly what the example does
+            logits = model.output
+        self._grad_model = keras.Model(model.inputs[0], [target.output, logits])
+        self._scale = np.asarray(scale, np.float32)
+        self._offset = np.asarray(offset, np.float32)
+
+    def explain(self, crops: np.ndarray, class_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """crops: uint8 [N, H, W, C] in the graph's colour order; class_index: int64 [N], -1 = the
+        predicted class. Returns probs float32 [N, classes] and Grad-CAM float32 [N, h, w]
+        (ReLU'd, unnormalised: the renderer divides by the maximum, as the example does)."""
+        tf = self._tf
+        probs, heatmaps = [], []
+        for crop, wanted in zip(crops, class_index):
+            image = crop[None].astype(np.float32) * self._scale + self._offset
+            with tf.GradientTape() as tape:
+                activations, logits = self._grad_model(image)
+                index = int(tf.argmax(logits[0])) if wanted < 0 else int(wanted)
+                class_channel = logits[:, index]
+            grads = tape.gradient(class_channel, activations)
+            pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))  # eq. 1
+            heatmap = activations[0] @ pooled_grads[..., tf.newaxis]  # eq. 2, before ReLU
+            heatmaps.append(tf.maximum(tf.squeeze(heatmap, -1), 0.0).numpy())
+            probs.append(tf.nn.softmax(logits[0]).numpy())
+        return np.stack(probs).astype(np.float32), np.stack(heatmaps).astype(np.float32)

@@ -1,0 +1,206 @@
+"""`camface bench`: the report's fields and their consistency, the Keras baseline, the
+forward-only graph, and clear errors. A 6-frame clip with a known number of faces; speed
+itself is never asserted (it is measured in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # eager conv gradients segfault in oneDNN here
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from realtime_helpers import write_clip  # noqa: E402
+
+from camface.cli import main as camface_main  # noqa: E402
+from camface.models import EMOTION_KERAS, EMOTION_ONNX  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not EMOTION_ONNX.is_file(), reason="bundled emotion graph not exported yet")
+
+STAGES = ("decode", "detect", "crop", "classify", "render", "encode")
+FACES = (1, 1, 0, 1, 0, 1)  # faces in each frame of the clip
+
+
+@pytest.fixture(scope="module")
+def faces_clip(tmp_path_factory, astronaut_bgr):
+    """6 frames of 640x480: the astronaut (one face, about 75 px) where FACES says 1, plain grey
+    where it says 0. The full-range detector finds exactly those faces."""
+    face = np.full((480, 640, 3), 128, np.uint8)
+    face[48:432, 128:512] = cv2.resize(astronaut_bgr, (384, 384), interpolation=cv2.INTER_AREA)
+    blank = np.full((480, 640, 3), 128, np.uint8)
+    folder = tmp_path_factory.mktemp("bench")
+    return write_clip(folder / "faces.mp4", [face if n else blank for n in FACES])
+
+
+def check_row(row: dict, frames: int, faces: int, stages=STAGES) -> None:
+    assert row["frames"] == frames and row["faces"] == faces
+    assert row["faces_per_frame"] == pytest.approx(faces / frames)
+    assert row["fps"] > 0
+    assert row["ms_per_frame"] == pytest.approx(1000.0 / row["fps"])
+    assert row["span_s"] == pytest.approx((frames - 1) / row["fps"])  # N completions, N-1 intervals
+    assert 0 < row["span_s"] <= row["wall_s"]
+    assert row["peak_rss_mb"] > 50
+    assert set(row["stages"]) == set(stages)
+    for name, stage in row["stages"].items():
+        assert stage["count"] == frames, name
+        assert 0 < stage["median_ms"] <= stage["p95_ms"], name
+        assert stage["mean_ms"] > 0, name
+    # Every stage handles every frame, so none can take longer per frame than the whole
+    # pipeline does (a pipelined loop overlaps stages; generous for 6-frame noise).
+    assert max(s["median_ms"] for s in row["stages"].values()) <= 2 * row["ms_per_frame"]
+
+
+def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
+    out = tmp_path / "bench.json"
+    assert camface_main(["bench", "--source", str(faces_clip), "--frames", "6", "--warmup", "2",
+                         "--record", "--compare-heads", "--batches", "1", "3", "--repeats", "3",
+                         "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    for text in ("classify+explain", "end to end (fps)", "faces per frame", "camface live",
+                 "gradients add"):
+        assert text in table
+
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and 1 <= machine["usable_cores"] <= machine["cores"]
+    assert isinstance(machine["gpus"], list) and machine["onnxruntime"]
+    settings = report["settings"]
+    assert settings["source_size"] == "640x480" and settings["frames"] == 6 and settings["record"]
+    assert settings["provider"] == "CPUExecutionProvider" and settings["target_layer"]
+    assert report["date"] and report["speedup"] is None
+
+    (live,) = report["runs"]
+    assert live["name"] == "camface live" and live["provider"] == "CPUExecutionProvider"
+    check_row(live, frames=6, faces=sum(FACES))
+
+    heads = report["heads"]
+    assert set(heads["batches"]) == {"1", "3"}
+    for batch in heads["batches"].values():
+        full, forward = batch["with_gradients"], batch["forward_only"]
+        assert 0 < full["median_ms"] <= full["p95_ms"] and 0 < forward["median_ms"] <= forward["p95_ms"]
+        assert batch["overhead_pct"] == pytest.approx(100 * (full["median_ms"] / forward["median_ms"] - 1))
+
+
+def test_keras_baseline_runs_on_the_same_frames(tmp_path, faces_clip, capsys):
+    out = tmp_path / "baseline.json"
+    assert camface_main(["bench", "--source", str(faces_clip), "--frames", "4", "--warmup", "1",
+                         "--baseline", "keras", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "speedup over the Keras baseline" in capsys.readouterr().out
+    rows = {row["name"]: row for row in report["runs"]}
+    assert list(rows) == ["camface live", "ONNX, one thread", "Keras GradientTape"]
+    no_encode = tuple(s for s in STAGES if s != "encode")
+    for row in rows.values():
+        check_row(row, frames=4, faces=sum(FACES[:4]), stages=no_encode)
+    assert rows["Keras GradientTape"]["provider"] == "TensorFlow eager"
+    for row in (rows["ONNX, one thread"], rows["Keras GradientTape"]):
+        # One thread: the span between first and last completion is the stages of frames 1..N-1.
+        per_frame = sum(s["mean_ms"] for s in row["stages"].values()) / 1000
+        assert 0.5 <= row["span_s"] / ((row["frames"] - 1) * per_frame) <= 2.0
+    speedup = report["speedup"]
+    keras, live, same = rows["Keras GradientTape"], rows["camface live"], rows["ONNX, one thread"]
+    assert speedup["end_to_end"] == pytest.approx(live["fps"] / keras["fps"])
+    assert speedup["same_loop"] == pytest.approx(same["fps"] / keras["fps"])
+    assert speedup["classify"] == pytest.approx(keras["stages"]["classify"]["mean_ms"]
+                                                / live["stages"]["classify"]["mean_ms"])
+
+
+def test_keras_baseline_computes_the_graphs_gradcam(astronaut_bgr):
+    """The baseline explains the same thing as the graph: same probabilities, same Grad-CAM
+    (arXiv:1610.02391 eq. 1-2) at the graph's target layer, for the predicted and a chosen class."""
+    from camface.export.keras_baseline import KerasGradCam
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.render import normalize_heatmap
+    from camface.realtime.results import Face
+
+    graph = CamGraph(EMOTION_ONNX, "cpu")
+    info = graph.info
+    faces = (Face(box=(177, 82, 95, 95), score=1.0), Face(box=(150, 60, 150, 150), score=1.0))
+    crops, _ = crop_faces(astronaut_bgr, faces, 0.1, info.input_size, info.color_order)
+    classes = np.array([-1, 0], np.int64)
+    keras = KerasGradCam(EMOTION_KERAS, info.target_layer, info.normalization["scale"],
+                         info.normalization["offset"])
+    probs, heatmaps = keras.explain(crops, classes)
+    want_probs, want_heatmaps = graph.run(crops, classes, "gradcam")
+    assert probs.argmax(1)[0] == info.labels.index("happy")
+    np.testing.assert_allclose(probs, want_probs, atol=1e-4)
+    assert heatmaps.shape == want_heatmaps.shape == (2, *info.feature_size)
+    for got, want in zip(heatmaps, want_heatmaps):
+        np.testing.assert_allclose(normalize_heatmap(got, "gradcam"), normalize_heatmap(want, "gradcam"),
+                                   atol=1e-3)
+
+
+def test_forward_only_graph_keeps_the_forward_outputs():
+    import onnx
+    import onnxruntime as ort
+
+    from camface.realtime.bench import forward_only
+
+    full_bytes = EMOTION_ONNX.read_bytes()
+    pruned_bytes = forward_only(full_bytes)
+    full, pruned = onnx.load_from_string(full_bytes), onnx.load_from_string(pruned_bytes)
+    assert [o.name for o in pruned.graph.output] == ["probs", "activations"]
+    assert len(pruned.graph.node) < len(full.graph.node)
+    assert {p.key: p.value for p in pruned.metadata_props} == {p.key: p.value for p in full.metadata_props}
+    crops = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 1), dtype=np.uint8)
+    feed = {"image": crops, "class_index": np.full(3, -1, np.int64)}
+    sessions = [ort.InferenceSession(b, providers=["CPUExecutionProvider"]) for b in (full_bytes, pruned_bytes)]
+    want = sessions[0].run(["probs", "activations"], feed)
+    got = sessions[1].run(["probs", "activations"], {i.name: feed[i.name] for i in sessions[1].get_inputs()})
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: str(tmp / "missing.mp4"), "source not found: .*missing.mp4"),
+    (lambda tmp: (tmp / "junk.mp4").write_bytes(b"not a video") and str(tmp / "junk.mp4"),
+     "cannot open video file .*junk.mp4"),
+    (lambda tmp: "9", "camera 9 could not be opened"),
+])
+def test_source_that_does_not_open_is_a_clear_error(tmp_path, capsys, make, message):
+    import re
+
+    assert camface_main(["bench", "--source", make(tmp_path), "--frames", "3"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"camface: error: {message}", err), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--frames", "1"], "--frames must be at least 2"),
+    (["--max-faces", "40"], "--max-faces must be 1..32"),
+    (["--backbone", "resnet50", "--model", "x.onnx"], "exclude each other"),
+    (["--json", "/nonexistent-folder/out.json"], "does not exist"),
+    (["--model", "missing.onnx"], "CAM graph not found: missing.onnx"),
+])
+def test_bad_flags_are_clear_errors(faces_clip, capsys, argv, message):
+    assert camface_main(["bench", "--source", str(faces_clip), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+BLOCK_TF = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
+            raise ImportError(f'{name} is blocked in this test')
+sys.meta_path.insert(0, Block())
+from camface.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_bench_runs_without_tensorflow(tmp_path, faces_clip):
+    run = subprocess.run([sys.executable, "-c", BLOCK_TF, "bench", "--source", str(faces_clip),
+                          "--frames", "3", "--warmup", "0", "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["runs"][0]["faces"] == sum(FACES[:3])
