@@ -32,10 +32,10 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
                      "--graph-threads", "0"]),
     "heads": ("ResNet50-GAP 224x224 graph with vs without gradient outputs, 1 thread",
               ["--backbone", "resnet50", "--frames", "5", "--warmup", "0", "--compare-heads", "--batches", "1", "8",
-               "--repeats", "30"]),
+               "--repeats", "20"]),
     "heads-t0": ("the same with ONNX Runtime's default threads (all cores)",
                  ["--backbone", "resnet50", "--frames", "5", "--warmup", "0", "--compare-heads", "--batches", "1", "8",
-                  "--repeats", "30", "--graph-threads", "0"]),
+                  "--repeats", "20", "--graph-threads", "0"]),
 }
 STAGES = {"decode": "decode", "detect": "detect", "crop": "crop", "classify": "classify+explain",
           "render": "render", "encode": "encode"}

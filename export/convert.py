@@ -253,8 +253,17 @@ def set_metadata(model, metadata: dict[str, str], doc: str = "") -> None:
 
 
 def to_float16(model):
-    """float16 weights and internals; inputs and outputs keep their types (uint8/int64 in,
-    float32 out). Uses onnxconverter-common's converter."""
+    """float16 features (image -> target-layer activations, the bulk of the work); the rest
+    stays float32. Inputs and outputs keep their types (uint8/int64 in, float32 out). Uses
+    onnxconverter-common's converter.
+
+    Float32 after the target layer (`explanation_part`: the head's forward and backward passes
+    and the heatmap maths, reading the float16 activations through one Cast) because Grad-CAM++
+    divides by 2 g^2 + sum(A) g^3 = g^2 (2 + sum(A) g): in float16 g^3 underflows, and where a
+    target layer without ReLU sums negative the denominator nears 0 and amplifies any rounding
+    after the target layer (ReLU masks and max-pool choices of a float16 head included) into
+    errors of the map's whole range. Rounding of the activations themselves stays amplified;
+    `camface.export.verify` says how that is checked."""
     try:
         from onnxconverter_common import float16
     except ImportError as exc:
@@ -264,18 +273,68 @@ def to_float16(model):
     model = _isolate_outputs(model)
     # tf2onnx casts int64 class indices to float for comparisons; the converter would retype the
     # Cast's output without changing its `to` attribute, so Casts stay as they are.
-    from camface.export.graph import HEATMAP_SCOPE
-
-    keep = [node.name for node in model.graph.node
-            if node.op_type == "Cast" or HEATMAP_SCOPE in node.name]
+    keep = sorted(explanation_part(model) | {n.name for n in model.graph.node if n.op_type == "Cast"})
     # ScatterElements(add) (the max-pool gradient) has no float16 kernel on ONNX Runtime's CPU.
     # Comparisons fed by those Casts stay float32 with them.
     blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["ScatterElements", "Less", "Greater",
                                                      "Equal", "LessOrEqual", "GreaterOrEqual"]
     with warnings.catch_warnings():  # one warning per denormal weight clipped to 1e-7
         warnings.simplefilter("ignore", UserWarning)
-        return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
-                                                op_block_list=blocked)
+        model = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep,
+                                                 op_block_list=blocked)
+    return drop_float16_round_trips(model)
+
+
+def drop_float16_round_trips(model):
+    """Make every Cast(float16) -> Cast(float32) pair read the float32 original, in place, and
+    remove Casts to float16 that nothing reads any more; returns `model`.
+
+    onnxconverter-common 1.16 wraps every blocked node in Casts to and from float16 and drops
+    the pairs between two blocked nodes only when a Cast has one reader, so a float32 region
+    would still round intermediate values (g^3 included) and its outputs to float16. The
+    remaining Cast(float32) of a float32 tensor is the identity (ONNX Runtime removes it).
+    Graph outputs are float32 afterwards."""
+    from onnx import TensorProto
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    graph = model.graph
+    to_half = {node.output[0]: node for node in graph.node if cast_to(node) == TensorProto.FLOAT16}
+    for node in graph.node:
+        if cast_to(node) == TensorProto.FLOAT and node.input[0] in to_half:
+            node.input[0] = to_half[node.input[0]].input[0]
+    # A blocked node that writes a graph output gets a Cast to float16 *as* the output (the
+    # converter retypes the output too): make that Cast the float32 identity again.
+    for output in graph.output:
+        if output.name in to_half:
+            cast = to_half.pop(output.name)
+            next(a for a in cast.attribute if a.name == "to").i = TensorProto.FLOAT
+            output.type.tensor_type.elem_type = TensorProto.FLOAT
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in to_half.values():
+        if node.output[0] not in read:
+            graph.node.remove(node)
+    return model
+
+
+def explanation_part(model) -> set[str]:
+    """Names of the nodes after the target layer: every node that the `activations` output
+    does not need (the head's forward and backward passes, the heatmap maths). Found from the
+    graph's wiring, not node names (tf2onnx's optimisers insert unnamed Transposes)."""
+    from camface import graph_spec
+
+    producer = {output: node for node in model.graph.node for output in node.output}
+    features: set[str] = set()
+    stack = [graph_spec.OUTPUT_ACTIVATIONS]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in features:
+            features.add(node.name)
+            stack.extend(node.input)
+    return {node.name for node in model.graph.node} - features
 
 
 def _isolate_outputs(model):

@@ -50,6 +50,15 @@ def sha256(path: Path) -> str:
 
 def build(model, options: ExportOptions):
     """(tf.function, GraphInfo without source fields) for an in-memory Keras model."""
+    from camface.export import graph
+
+    parts, heads, info = prepare(model, options)
+    return graph.build_function(parts, heads), info
+
+
+def prepare(model, options: ExportOptions):
+    """(graph.GraphParts, heads, GraphInfo without source fields) for an in-memory Keras model:
+    the pieces `graph.build_function` / `graph.build_heatmap_function` take."""
     import numpy as np
 
     from camface.export import graph, keras_model
@@ -79,7 +88,6 @@ def build(model, options: ExportOptions):
         why_no_cam = why_no_cam or "not exported (heads)"
     parts = graph.GraphParts(split, (height, width), channels, num_classes,
                              preprocessing.scale, preprocessing.offset, weights)
-    function = graph.build_function(parts, heads)
     info = graph_spec.GraphInfo(
         labels=tuple(labels),
         input_size=(height, width),
@@ -92,7 +100,7 @@ def build(model, options: ExportOptions):
         precision="fp16" if options.fp16 else "fp32",
         version=__version__,
     )
-    return function, info
+    return parts, heads, info
 
 
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
@@ -100,13 +108,14 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     import time
     from dataclasses import replace
 
-    from camface.export import convert, keras_model, verify
+    from camface.export import convert, graph, keras_model, verify
 
     started = time.perf_counter()
     model_path, output = Path(model_path), Path(output)
     _check_writable(output)
     model = keras_model.load_model(model_path, safe_mode=options.safe_mode)
-    function, info = build(model, options)
+    parts, heads, info = prepare(model, options)
+    function = graph.build_function(parts, heads)
     info = replace(info, source_model=model_path.name, source_sha256=sha256(model_path))
     log.info("exporting %s at target layer %s (feature map %dx%d), heatmaps %s",
              model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps))
@@ -120,9 +129,11 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
                          doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
     differences = ()
     if options.verify:
+        # float16: heatmaps are also judged against TensorFlow on the graph's own activations
+        heatmap_function = graph.build_heatmap_function(parts, heads) if options.fp16 else None
         differences = tuple(verify.verify(onnx_model.SerializeToString(), function,
                                           info.input_size, info.channels, len(info.labels),
-                                          info.precision))
+                                          info.precision, heatmap_function=heatmap_function))
     convert.save(onnx_model, output)
     return ExportResult(output, info, differences, time.perf_counter() - started)
 

@@ -112,10 +112,6 @@ def build_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEADS):
     import tensorflow as tf
 
     height, width = parts.input_size
-    wants_gradients = any(h in heads for h in ("gradcam", "gradcampp"))
-    with_cam = "cam" in heads and parts.class_weights is not None
-    split = parts.split
-
     signature = [
         tf.TensorSpec([None, height, width, parts.channels], tf.uint8, name=graph_spec.INPUT_IMAGE),
         tf.TensorSpec([None], tf.int64, name=graph_spec.INPUT_CLASS),
@@ -127,30 +123,57 @@ def build_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEADS):
         scale = tf.constant(parts.scale, tf.float32)
         offset = tf.constant(parts.offset, tf.float32)
         x = tf.cast(image, tf.float32) * scale + offset
-        activations = tf.cast(split.features(x), tf.float32)
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(activations)
-            logits = tf.cast(split.head(activations), tf.float32)
-        probs = tf.cast(split.probabilities(logits), tf.float32)
-        predicted = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        chosen = tf.where(class_index < 0, predicted, class_index)
-        outputs = {graph_spec.OUTPUT_PROBS: probs, graph_spec.OUTPUT_ACTIVATIONS: activations}
-        if wants_gradients:
-            # Seeding with one-hot rows gives each crop d logit[n, c_n] / dA[n] (crops are
-            # independent), without a reduction whose gradient would need the batch size.
-            seed = tf.one_hot(chosen, parts.num_classes, dtype=logits.dtype)
-            gradients = tape.gradient(logits, activations, output_gradients=seed)
-            # The heatmap maths sits in its own name scope: a float16 export keeps it in float32
-            # (Grad-CAM++'s g^3 underflows in float16).
-            with tf.name_scope(HEATMAP_SCOPE):
-                if "gradcam" in heads:
-                    outputs["gradcam"] = gradcam(activations, gradients)
-                if "gradcampp" in heads:
-                    outputs["gradcampp"] = gradcampp(activations, gradients)
-        if with_cam:
-            with tf.name_scope(HEATMAP_SCOPE):
-                weights = tf.constant(parts.class_weights, tf.float32)
-                outputs["cam"] = cam(activations, weights, chosen)
+        activations = tf.cast(parts.split.features(x), tf.float32)
+        probs, heatmaps = _explain(parts, heads, activations, class_index)
+        outputs = {graph_spec.OUTPUT_PROBS: probs, graph_spec.OUTPUT_ACTIVATIONS: activations,
+                   **heatmaps}
         return {name: tf.identity(value, name=name) for name, value in outputs.items()}
 
     return cam_graph
+
+
+def build_heatmap_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEADS):
+    """A `tf.function` activations float32 [N, h, w, K], class_index int64 [N] -> the heatmaps
+    of `build_function` computed from those activations (no `probs` / `activations`).
+
+    The self-check of a float16 graph uses it to judge the graph's heatmaps against TensorFlow
+    run on the graph's own (float16-rounded) activations; see `verify.verify`."""
+    import tensorflow as tf
+
+    @tf.function(autograph=False)
+    def heatmap_graph(activations, class_index):
+        return _explain(parts, heads, tf.cast(activations, tf.float32), class_index)[1]
+
+    return heatmap_graph
+
+
+def _explain(parts: GraphParts, heads: tuple[str, ...], activations, class_index):
+    """(probs [N, classes], {heatmap name: [N, h, w]}) from target-layer activations."""
+    import tensorflow as tf
+
+    wants_gradients = any(h in heads for h in ("gradcam", "gradcampp"))
+    with_cam = "cam" in heads and parts.class_weights is not None
+    split = parts.split
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(activations)
+        logits = tf.cast(split.head(activations), tf.float32)
+    probs = tf.cast(split.probabilities(logits), tf.float32)
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int64)
+    chosen = tf.where(class_index < 0, predicted, class_index)
+    heatmaps = {}
+    if wants_gradients:
+        # Seeding with one-hot rows gives each crop d logit[n, c_n] / dA[n] (crops are
+        # independent), without a reduction whose gradient would need the batch size.
+        seed = tf.one_hot(chosen, parts.num_classes, dtype=logits.dtype)
+        gradients = tape.gradient(logits, activations, output_gradients=seed)
+        # The heatmap maths sits in its own name scope (readable node names in the ONNX file).
+        with tf.name_scope(HEATMAP_SCOPE):
+            if "gradcam" in heads:
+                heatmaps["gradcam"] = gradcam(activations, gradients)
+            if "gradcampp" in heads:
+                heatmaps["gradcampp"] = gradcampp(activations, gradients)
+    if with_cam:
+        with tf.name_scope(HEATMAP_SCOPE):
+            weights = tf.constant(parts.class_weights, tf.float32)
+            heatmaps["cam"] = cam(activations, weights, chosen)
+    return probs, heatmaps

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
 # Used only when the live loop's CLI is not installed; otherwise its own defaults are read, so
 # training crops match live crops by construction.
-FALLBACK_LIVE_DEFAULTS = {"margin": 0.25, "detector": "full", "min_confidence": 0.5}
+FALLBACK_LIVE_DEFAULTS = {"margin": 0.1, "detector": "full", "min_confidence": 0.5}
+PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class TrainConfig:
     seed: int = 0
     detect: bool = True
     detector: str = "full"
-    margin: float = 0.25
+    margin: float = 0.1
     min_confidence: float = 0.5
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
@@ -96,8 +97,8 @@ def live_defaults() -> dict:
         return dict(FALLBACK_LIVE_DEFAULTS)
     parser = argparse.ArgumentParser()
     live_cli.configure(parser)
-    defaults = vars(parser.parse_args([]))
-    return {key: defaults.get(key, value) for key, value in FALLBACK_LIVE_DEFAULTS.items()}
+    return {key: value if parser.get_default(key) is None else parser.get_default(key)
+            for key, value in FALLBACK_LIVE_DEFAULTS.items()}
 
 
 def _fraction(text: str) -> float:
@@ -168,6 +169,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     config = TrainConfig.from_args(args)
     run(config)
     return 0
@@ -241,7 +245,7 @@ def run(config: TrainConfig) -> dict:
                           for status in dataset.STATUSES if status != dataset.OK}
     metrics["unreadable_files"] = unreadable
     metrics["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
-    metrics["stages"] = [asdict(s) | {"history": None} for s in stages]
+    metrics["stages"] = [asdict(s) for s in stages]
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     report.write_json(out / "metrics.json", metrics)
     report.save_confusion(np.asarray(metrics["confusion"]), labels, out / "confusion.png")
@@ -288,24 +292,30 @@ def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np
     from camface.models import transfer
 
     preprocessing = backbone_preprocessing(config.backbone)
-    model = transfer.build_model(config.backbone, config.input_size, len(labels), config.weights,
-                                 config.seed)
+    classifier = transfer.build_model(config.backbone, config.input_size, len(labels),
+                                      config.weights, config.seed)
+    model = classifier.model
+    callbacks: tuple = ()
     if config.weights == "none":
-        sample = images[split.train][:64]
-        n = transfer.calibrate_batchnorm(model, transfer.normalise(sample, preprocessing))
-        log.info("--weights none: %d BatchNorm layers' statistics set from %d training crops", n,
-                 len(sample))
+        layers = transfer.set_backbone_trainable(classifier, "all")
+        sample = np.random.default_rng(config.seed).permutation(split.train)[:PRECISE_BN_IMAGES]
+        callbacks = (transfer.precise_batchnorm(transfer.normalise(images[sample], preprocessing)),)
+        log.info("--weights none: training all %d backbone layers from scratch (BatchNorm "
+                 "statistics re-estimated on %d training crops before each validation)", layers,
+                 min(len(split.train), PRECISE_BN_IMAGES))
     train_ds = transfer.tf_dataset(images[split.train], targets[split.train], config.batch_size,
                                    preprocessing, augment=transfer.augmentation(config.seed),
                                    shuffle_seed=config.seed)
     val_ds = transfer.tf_dataset(images[split.val], targets[split.val], config.batch_size,
                                  preprocessing)
     weights = dataset.class_weights(targets[split.train], len(labels))
-    stages = [transfer.fit_stage(model, "frozen backbone", train_ds, val_ds, config.epochs,
-                                 config.learning_rate, model_path, weights, config.patience)]
+    first = "from scratch" if config.weights == "none" else "frozen backbone"
+    stages = [transfer.fit_stage(model, first, train_ds, val_ds, config.epochs,
+                                 config.learning_rate, model_path, weights, config.patience,
+                                 callbacks=callbacks)]
     if config.fine_tune_epochs:
         model.load_weights(model_path)
-        unfrozen = transfer.set_backbone_trainable(model, config.backbone, "last-block")
+        unfrozen = transfer.set_backbone_trainable(classifier, "last-block")
         log.info("fine-tuning: %d layers of the backbone's last block unfrozen", unfrozen)
         stages.append(transfer.fit_stage(
             model, "fine-tune last block", train_ds, val_ds, config.fine_tune_epochs,
@@ -318,18 +328,18 @@ def backbone_preprocessing(backbone: str):
     """The exporter's Preprocessing for `backbone` (colour order and x * scale + offset)."""
     from camface.export.preprocess import Preprocessing
     from camface.models import builders
+    from camface.models.transfer import BUILDER_NAMES
 
-    return Preprocessing.resolve(3, builders.PRESETS[backbone])
+    return Preprocessing.resolve(3, builders.PRESETS[BUILDER_NAMES[backbone]])
 
 
 def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone: str):
     """model.keras -> model.onnx through the exporter, which verifies ONNX Runtime against
     TensorFlow (largest difference per output, logged) and raises ModelError when they differ."""
     from camface.export.exporter import ExportOptions, export
-    from camface.models import builders
 
-    result = export(model_path, onnx_path,
-                    ExportOptions(labels=tuple(labels), preset=builders.PRESETS[backbone]))
+    preset = backbone_preprocessing(backbone).preset
+    result = export(model_path, onnx_path, ExportOptions(labels=tuple(labels), preset=preset))
     for difference in result.differences:
         log.info("export self-check: %s", difference)
     return result

@@ -32,6 +32,19 @@ LAST_BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
 }
 
 
+BUILDER_NAMES = {"resnet50": "resnet50_gap", "vgg16-gap": "vgg16_conv_gap",
+                 "mobilenetv2": "mobilenetv2_gap"}  # --backbone -> camface.models.builders
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A built model and which of its layers are the backbone (the rest is the head)."""
+
+    model: object  # keras.Model: float32 [N, S, S, 3] normalised -> probabilities [N, classes]
+    backbone: str  # --backbone name
+    backbone_layers: tuple  # the pretrained part's layers, in order
+
+
 @dataclass(frozen=True)
 class StageResult:
     """One call of `fit_stage`: per-epoch history and the best validation accuracy seen."""
@@ -43,48 +56,55 @@ class StageResult:
     best_epoch: int  # 1-based within the stage; 0 when no epoch improved on the previous best
 
 
-def build_model(backbone: str, input_size: int, num_classes: int, weights: str, seed: int):
-    """Backbone -> GAP -> Dense(softmax) via camface.models.builders, backbone frozen.
+def build_model(backbone: str, input_size: int, num_classes: int, weights: str,
+                seed: int) -> Classifier:
+    """Backbone -> GAP -> Dense(softmax) from camface.models.builders (flat graph, so the
+    exporter's default target layer is the study's last conv), backbone frozen.
 
-    weights: "imagenet", "none" or a path to a weights file (.h5 / .weights.h5 for the
-    backbone without its top). A failed ImageNet download (no network) becomes a ModelError that
-    suggests `--weights none` or a local file.
+    weights: "imagenet", "none" or a path to a weights file of the backbone without its top.
+    A failed ImageNet download (no network) becomes a ModelError that suggests `--weights none`
+    or a local file.
     """
     import keras
 
     from camface.models import builders
 
     keras.utils.set_random_seed(seed)
-    keras_weights = None if weights == "none" else weights
+    build = builders.BUILDERS[BUILDER_NAMES[backbone]]
     try:
-        model = builders.build(backbone, input_shape=(input_size, input_size, 3),
-                               num_classes=num_classes, weights=keras_weights)
+        model = build(num_classes, input_size=input_size,
+                      weights=None if weights == "none" else weights, trainable_base=False)
     except Exception as exc:
         if weights == "imagenet" and _looks_like_download_failure(exc):
             raise ModelError(
-                f"cannot download the ImageNet weights of {backbone} (no network?): {_first_line(exc)}. "
-                f"Train from scratch with --weights none, or pass a local weights file with "
-                f"--weights PATH (e.g. a copy of ~/.keras/models/ from a machine that has it)") from exc
+                f"cannot download the ImageNet weights of {backbone} (no network?): "
+                f"{_first_line(exc)}. Train from scratch with --weights none, or pass a local "
+                "weights file with --weights PATH (e.g. copied from ~/.keras/models/ on a machine "
+                "that has it)") from exc
         if weights not in ("imagenet", "none"):
             raise ModelError(f"--weights {weights}: cannot load it into {backbone} "
                              f"({_first_line(exc)})") from exc
         raise
-    set_backbone_trainable(model, backbone, "none")
-    return model
+    # The builder froze its base (trainable_base=False): the frozen layers are the backbone.
+    layers = tuple(layer for layer in model.layers
+                   if not layer.trainable and type(layer).__name__ != "InputLayer")
+    return Classifier(model, backbone, layers)
 
 
 def _looks_like_download_failure(exc: BaseException) -> bool:
-    """Keras' get_file wraps URLError/HTTPError in a plain Exception("URL fetch failure ...")."""
+    """Keras' get_file wraps URLError/HTTPError in a plain Exception("URL fetch failure ...");
+    the builders turn that into a ModelError that says "could not be downloaded"."""
     import urllib.error
 
-    chain = [exc]
-    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-        if len(chain) > 10:
-            break
-    text = " ".join(str(e) for e in chain).lower()
-    return (any(isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)) for e in chain)
-            or "url fetch failure" in text or "download" in text)
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            return True
+        text = str(exc).lower()
+        if "url fetch failure" in text or "download" in text:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _first_line(exc: BaseException) -> str:
@@ -92,57 +112,56 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:200] if lines else type(exc).__name__
 
 
-def backbone_layers(model) -> list:
-    """The backbone's layers (not the head), flattened through a nested backbone model."""
-    from camface.models import builders
+def set_backbone_trainable(classifier: Classifier, part: str) -> int:
+    """Which backbone layers train; the head always does. Returns how many backbone layers train.
 
-    return list(builders.backbone_layers(model))
-
-
-def set_backbone_trainable(model, backbone: str, part: str) -> int:
-    """Freeze the backbone ("none"), unfreeze its last block ("last-block") or all of it
-    ("all"); the head stays trainable. BatchNormalization layers stay frozen in every case
-    (inference mode, as Keras' transfer-learning guide advises: small batches would wreck their
-    statistics). Returns the number of backbone layers left trainable."""
+    "none": the backbone is frozen (transfer learning's first stage).
+    "last-block": only its last block trains (fine-tuning); BatchNormalization layers stay
+        frozen, in inference mode, as Keras' transfer-learning guide advises (small batches would
+        wreck the ImageNet statistics).
+    "all": every layer trains, BatchNormalization included (training from scratch, for
+        --weights none: random features are not worth freezing). Pair it with
+        `precise_batchnorm` so validation and the checkpoint use exact statistics.
+    """
     import keras
 
     if part not in ("none", "last-block", "all"):
         raise ValueError(f"unknown part {part!r}")
-    prefixes = LAST_BLOCK_PREFIXES[backbone]
-    layers = backbone_layers(model)
-    for nested in model.layers:  # a nested backbone must be trainable for its layers to be
-        if isinstance(nested, keras.Model):
-            nested.trainable = True
+    prefixes = LAST_BLOCK_PREFIXES[classifier.backbone]
     trainable = 0
-    for layer in layers:
-        unfreeze = (part == "all" or (part == "last-block" and layer.name.startswith(prefixes))) \
-            and not isinstance(layer, keras.layers.BatchNormalization)
+    for layer in classifier.backbone_layers:
+        if part == "all":
+            unfreeze = True
+        else:
+            unfreeze = (part == "last-block" and layer.name.startswith(prefixes)
+                        and not isinstance(layer, keras.layers.BatchNormalization))
         layer.trainable = unfreeze
         trainable += unfreeze
     return trainable
 
 
-def calibrate_batchnorm(model, images: np.ndarray) -> int:
-    """Set every BatchNormalization layer's moving mean/variance from `images` (float32,
-    normalised, [N, H, W, 3]) in one forward pass; returns how many layers were set.
+def calibrate_batchnorm(model, images) -> int:
+    """Set every BatchNormalization layer's moving mean/variance to the statistics of `images`
+    (float32, normalised, [N, H, W, 3]) in one forward pass; returns how many layers were set.
 
-    For `--weights none` only: a randomly initialised backbone carries no statistics (mean 0,
-    variance 1), and through MobileNetV2's ~50 frozen layers its activations then shrink to
-    ~1e-12, leaving the head nothing to learn from. Estimating the statistics on the training
-    crops (a data-dependent initialisation, as AdaBN does for domain shift: Li et al.,
-    arXiv:1603.04779) gives well-scaled random features.
+    "Precise BN" (Wu & Johnson, arXiv:2105.07576, sec. 3): while a network trains from scratch
+    its weights move faster than the moving averages (momentum 0.99) follow, so on a small
+    dataset's few steps the averages lag far behind and inference is off; statistics
+    re-estimated with the current weights make inference match training. `model` must be a
+    flat graph (a nested model called with training=False would not update).
     """
     import keras
 
-    layers = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [layer for layer in model.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
     if not layers:
         return 0
     saved = [(layer, layer.momentum, layer.trainable) for layer in layers]
     try:
         for layer in layers:
-            layer.momentum = 0.0  # moving stat := this batch's stat
-            layer.trainable = True  # Keras 3 BN updates only when trainable and training
-        _calibration_model(model)(images, training=True)
+            layer.momentum = 0.0  # moving statistic := this batch's statistic
+            layer.trainable = True  # Keras 3 BN updates its statistics only when trainable
+        model(images, training=True)
     finally:
         for layer, momentum, trainable in saved:
             layer.momentum = momentum
@@ -150,37 +169,16 @@ def calibrate_batchnorm(model, images: np.ndarray) -> int:
     return len(layers)
 
 
-def _calibration_model(model):
-    """`model`, or its nested backbone when the backbone is called with training=False
-    (baked into the graph; calling the outer model with training=True would not reach it)."""
+def precise_batchnorm(images):
+    """Keras callback: `calibrate_batchnorm(model, images)` before every validation, so the
+    validation accuracy, and the checkpoint saved after it, use exact statistics."""
     import keras
 
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            return _NestedRunner(model, layer)
-    return model
+    class PreciseBatchNorm(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            calibrate_batchnorm(self.model, images)
 
-
-class _NestedRunner:
-    """Runs the layers before a nested backbone, then the backbone itself in training mode."""
-
-    def __init__(self, model, nested):
-        import keras
-
-        self.before = keras.Model(model.inputs, nested._inbound_nodes[0].input_tensors[0])
-        self.nested = nested
-
-    def __call__(self, images, training: bool):
-        return self.nested(self.before(images, training=False), training=training)
-
-
-def _all_layers(model):
-    import keras
-
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
-        yield layer
+    return PreciseBatchNorm()
 
 
 def augmentation(seed: int):
@@ -230,7 +228,7 @@ def tf_dataset(images_bgr: np.ndarray, targets: np.ndarray, batch_size: int, pre
 
 def fit_stage(model, name: str, train_ds, val_ds, epochs: int, learning_rate: float,
               checkpoint: Path, class_weight: dict[int, float], patience: int,
-              best_so_far: float | None = None) -> StageResult:
+              best_so_far: float | None = None, callbacks: tuple = ()) -> StageResult:
     """Compile and fit; the checkpoint keeps the best validation accuracy (of this stage, and
     better than `best_so_far` from an earlier stage); early stopping after `patience` epochs
     without improvement. Keras prints one progress line per epoch."""
@@ -239,6 +237,7 @@ def fit_stage(model, name: str, train_ds, val_ds, epochs: int, learning_rate: fl
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     callbacks = [
+        *callbacks,  # before the checkpoint: e.g. precise_batchnorm runs before validation
         keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_accuracy", mode="max",
                                         save_best_only=True, initial_value_threshold=best_so_far),
         keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
@@ -246,7 +245,7 @@ def fit_stage(model, name: str, train_ds, val_ds, epochs: int, learning_rate: fl
     log.info("%s: %d epoch(s) at learning rate %g, %d trainable weight tensors", name, epochs,
              learning_rate, len(model.trainable_weights))
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight,
-                        callbacks=callbacks, verbose=2)
+                        callbacks=callbacks, verbose=2, shuffle=False)  # tf_dataset shuffles
     values = [float(v) for v in history.history.get("val_accuracy", [])]
     best = max(values) if values else float("nan")
     improved = best_so_far is None or best > best_so_far

@@ -517,6 +517,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     with make_source(config.source, sample_frames=config.frames) as source:  # fails fast, names the source
         source_info = source.info
         first = next(iter(source), None)
+    if source_info.live:
+        log.warning("camface bench: %s is a live source: each row sees different frames", source_info.name)
     if first is None:
         from camface.errors import SourceError
 
@@ -578,6 +580,8 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline == "keras":  # before anything imports TensorFlow (see export/keras_baseline.py)
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
+        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     try:
         config = BenchConfig.from_args(args)
     except ValueError as exc:

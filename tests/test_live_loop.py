@@ -191,7 +191,7 @@ def test_camera_that_disappears_finalises_the_recording(tmp_path):
         loop.run()
     assert 0 < loop.summary.frames <= 60
     assert count_frames(out) == loop.summary.frames
-    assert 100 < source.info.fps < 250  # measured, the camera reported 0
+    assert 20 < source.info.fps < 250  # measured (about 200), the camera reported 0
 
 
 def test_live_source_keeps_only_the_newest_frame():
@@ -201,7 +201,7 @@ def test_live_source_keeps_only_the_newest_frame():
         first = next(frames)[0, 0, 0]
         time.sleep(0.1)  # ~20 frames arrive meanwhile
         second = next(frames)[0, 0, 0]
-    assert second - first >= 10
+    assert second - first >= 3  # frames that arrived meanwhile were skipped, not queued
 
 
 def test_truncated_video_stops_at_the_last_good_frame(tmp_path, sample_frames, caplog):
@@ -390,3 +390,17 @@ def test_stalled_stream_reconnects_a_bounded_number_of_times(caplog):
                 received += 1
     assert len(opened) == 3 and received > 0
     assert "reconnecting in 0.0 s (attempt 2 of 2)" in caplog.text
+
+
+def test_emotion_graph_explains_the_class_asked_for(astronaut_bgr):
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.results import Face
+
+    graph = CamGraph(EMOTION_ONNX, "cpu")
+    crops, _ = crop_faces(astronaut_bgr, (Face((177, 82, 95, 95), 0.9),) * 2, 0.1,
+                          graph.info.input_size, graph.info.color_order)
+    probs, heat = graph.run(crops, np.array([-1, 0]), "gradcam")
+    assert graph.info.labels[int(probs[0].argmax())] == "happy" and probs[0].max() > 0.9
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)  # same crop, same probabilities
+    assert not np.allclose(heat[0], heat[1])  # 'happy' and 'angry' are explained differently

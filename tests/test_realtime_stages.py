@@ -232,6 +232,11 @@ def test_box_labels_and_hud_draw_where_expected():
     changed = frame.any(axis=2)
     assert changed[40:80, 40:80].any() and changed[20:40, 40:120].any()  # box, label above it
     assert not changed[85:, :].any()
+    from dataclasses import replace
+    lines = Renderer().hud_layer.lines(replace(result, dropped=32, fps=250.0, stage_ms={"detect": 2.25},
+                                               provider="CPUExecutionProvider"))
+    assert lines == ["250 fps | ms: detect 2.2", "gradcam of predicted class | CPU",
+                     "32 more face(s) not shown (--max-faces)"]
     hud_frame = np.zeros((120, 160, 3), np.uint8)
     Renderer(hud=True).hud_layer.annotate(hud_frame, result)
     assert hud_frame[:20, :40].any() and not hud_frame[60:].any()

@@ -1,6 +1,6 @@
 """camface train end to end: synthetic photos of the astronaut in three colour casts, one photo
 with no face, one with two faces and one unreadable file -> a MobileNetV2-GAP trained from random
-weights (frozen backbone, BatchNorm statistics set from the data) -> model.onnx and the report.
+weights (--weights none trains the whole network) -> model.onnx and the report.
 
 One training run (module fixture) serves every test here; it takes well under a minute.
 """
@@ -19,8 +19,8 @@ from camface import cli, graph_spec  # noqa: E402
 from camface.models import dataset  # noqa: E402
 
 # BGR gains per class: strong colour casts a random-feature backbone can tell apart.
-CASTS = {"cool": (1.3, 1.0, 0.6), "neutral": (1.0, 1.0, 1.0), "warm": (0.6, 0.9, 1.3)}
-PHOTOS_PER_CLASS = 9
+CASTS = {"cool": (1.5, 1.0, 0.5), "neutral": (1.0, 1.0, 1.0), "warm": (0.5, 1.0, 1.5)}
+PHOTOS_PER_CLASS = 12
 SIZE = 96
 
 
@@ -61,9 +61,9 @@ def trained(tmp_path_factory, astronaut_bgr):
     data = make_dataset(root / "data", astronaut_bgr)
     out = root / "out"
     argv = ["train", str(data), "-o", str(out), "--backbone", "mobilenetv2", "--weights", "none",
-            "--input-size", str(SIZE), "--epochs", "15", "--batch-size", "8",
-            "--learning-rate", "0.01", "--val-split", "0.2", "--test-split", "0.25",
-            "--seed", "0", "--patience", "15"]
+            "--input-size", str(SIZE), "--epochs", "8", "--batch-size", "8",
+            "--fine-tune-epochs", "2", "--val-split", "0.2", "--test-split", "0.25",
+            "--seed", "0"]
     rc = cli.main(argv)
     return rc, out, data
 
@@ -85,20 +85,20 @@ def test_bad_photos_are_skipped_and_counted(trained):
     assert metrics["skipped"] == {"no_face": 1, "many_faces": 1, "unreadable": 1}
     assert metrics["unreadable_files"] == [str(data / "cool" / "broken.jpg")]
     report = (out / "report.md").read_text()
-    assert "| neutral | 10 | 9 | 1 | 0 | 0 |" in report
-    assert "| warm | 10 | 9 | 0 | 1 | 0 |" in report
-    assert "| cool | 10 | 9 | 0 | 0 | 1 |" in report
+    assert "| neutral | 13 | 12 | 1 | 0 | 0 |" in report
+    assert "| warm | 13 | 12 | 0 | 1 | 0 |" in report
+    assert "| cool | 13 | 12 | 0 | 0 | 1 |" in report
     assert "broken.jpg" in report
 
 
 def test_beats_chance_on_the_test_split(trained):
     _, out, _ = trained
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["split"] == {"train": 15, "val": 6, "test": 6}  # 9 per class: 5 / 2 / 2
-    assert metrics["test_images"] == 6 and metrics["chance"] == pytest.approx(1 / 3)
+    assert metrics["split"] == {"train": 21, "val": 6, "test": 9}  # 12 per class: 7 / 2 / 3
+    assert metrics["test_images"] == 9 and metrics["chance"] == pytest.approx(1 / 3)
     assert metrics["accuracy"] >= 2 * metrics["chance"], metrics
-    assert sum(m["support"] for m in metrics["per_class"].values()) == 6
-    assert np.trace(metrics["confusion"]) == round(6 * metrics["accuracy"])
+    assert sum(m["support"] for m in metrics["per_class"].values()) == 9
+    assert np.trace(metrics["confusion"]) == round(9 * metrics["accuracy"])
     assert set(metrics["per_class"]) == set(CASTS)
 
 
@@ -131,11 +131,12 @@ def test_keras_model_and_graph_agree_on_training_preprocessing(trained):
     assert heatmaps.shape == (4, 3, 3) and heatmaps.max() > 0
 
 
-def test_report_names_the_exact_command(trained):
+def test_report_names_the_exact_command_and_both_stages(trained):
     _, out, data = trained
     report = (out / "report.md").read_text()
+    assert "| from scratch |" in report and "| fine-tune last block |" in report
     assert f"camface train {data} -o {out} --backbone mobilenetv2 --input-size 96" in report
-    assert "--weights none" in report and "--learning-rate 0.01" in report
+    assert "--weights none" in report and "--epochs 8" in report and "--seed 0" in report
 
 
 def test_crop_cache_is_reused(trained):
@@ -148,7 +149,7 @@ def test_crop_cache_is_reused(trained):
     settings = dataset.CropSettings(**index["settings"])
     photos = dataset.prepare_crops(data, dataset.scan_classes(data), out / "crops", settings,
                                    must_not_open)
-    assert sum(p.status == dataset.OK for p in photos) == 27
+    assert sum(p.status == dataset.OK for p in photos) == 36
 
 
 def test_graph_runs_in_camface_live(trained, tmp_path, astronaut_bgr):
@@ -168,6 +169,44 @@ def test_graph_runs_in_camface_live(trained, tmp_path, astronaut_bgr):
     frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     capture.release()
     assert frames == 8
+
+
+def test_crops_use_the_live_loops_defaults():
+    """Training crops look like live crops: same detector, threshold and margin by default."""
+    import argparse
+
+    from camface.models import train
+    from camface.realtime import cli as live_cli
+
+    live, mine = argparse.ArgumentParser(), argparse.ArgumentParser()
+    live_cli.configure(live)
+    train.configure(mine)
+    for dest in ("margin", "detector", "min_confidence"):
+        assert mine.get_default(dest) == live.get_default(dest), dest
+
+
+@pytest.mark.parametrize("backbone, head", [
+    ("mobilenetv2", ["gap", "predictions"]),
+    ("vgg16-gap", ["cam_conv", "gap", "predictions"]),
+])
+def test_backbone_frozen_head_trains_and_last_block_unfreezes(backbone, head):
+    import keras
+
+    from camface.models import transfer
+
+    classifier = transfer.build_model(backbone, 32, 2, "none", seed=0)
+    model = classifier.model
+    trainable = [layer.name for layer in model.layers if layer.trainable and layer.weights]
+    assert trainable == [n for n in head if model.get_layer(n).weights]
+    assert all(layer not in classifier.backbone_layers for layer in map(model.get_layer, head))
+    n = transfer.set_backbone_trainable(classifier, "last-block")
+    unfrozen = {layer.name for layer in classifier.backbone_layers if layer.trainable}
+    prefixes = transfer.LAST_BLOCK_PREFIXES[backbone]
+    assert n == len(unfrozen) > 0 and all(name.startswith(prefixes) for name in unfrozen)
+    assert not any(isinstance(model.get_layer(name), keras.layers.BatchNormalization)
+                   for name in unfrozen)
+    assert transfer.set_backbone_trainable(classifier, "all") == len(classifier.backbone_layers)
+    assert transfer.set_backbone_trainable(classifier, "none") == 0
 
 
 def test_offline_imagenet_weights_give_a_clear_error(tmp_path, capsys, monkeypatch, astronaut_bgr):
