@@ -19,6 +19,7 @@ Outputs (all float32, heatmaps at feature resolution, unnormalised)
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 INPUT_IMAGE = "image"
@@ -104,3 +105,38 @@ class GraphInfo:
             META_SOURCE_SHA256: self.source_sha256,
             META_PRECISION: self.precision,
         }
+
+
+def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequence],
+             metadata: Mapping[str, str]) -> GraphInfo:
+    """Check that a loaded ONNX model is a CAM graph and read its metadata.
+
+    where: the file (named in messages). inputs: input names. outputs: output name -> shape
+    (ints, or str/None/0 for dynamic dims). metadata: `metadata_props` as str -> str.
+    Raises `camface.errors.ModelError` with one line naming the file and what is wrong (missing
+    inputs/outputs listed); used by `camface info` and the live loop's graph loader.
+    """
+    from camface.errors import ModelError
+
+    inputs, outputs = list(inputs), dict(outputs)
+    missing = [n for n in (INPUT_IMAGE, INPUT_CLASS) if n not in inputs]
+    missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
+    if missing:
+        raise ModelError(f"{where} is not a camface CAM graph: missing {', '.join(missing)} "
+                         f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})")
+    try:
+        info = GraphInfo.from_metadata(dict(metadata))
+    except KeyError as exc:
+        raise ModelError(f"{where} lacks CAM graph metadata: {exc.args[0]}") from exc
+    except (ValueError, TypeError) as exc:  # malformed JSON in a metadata value
+        raise ModelError(f"{where} has malformed CAM graph metadata: {exc}") from exc
+    shape = list(outputs[OUTPUT_PROBS] or [])
+    classes = shape[-1] if shape else None
+    if isinstance(classes, int) and classes > 0 and classes != len(info.labels):
+        raise ModelError(f"{where}: {len(info.labels)} labels in the metadata but the graph "
+                         f"returns {classes} class probabilities")
+    absent = [h for h in info.heatmaps if h not in outputs]
+    if absent:
+        raise ModelError(f"{where}: metadata lists heatmaps {', '.join(absent)} "
+                         "that are not outputs")
+    return info

@@ -39,6 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true",
                         help="float16 weights and internals (for GPUs); inputs/outputs keep types")
     parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="turn Keras safe mode off to load a model with Lambda layers: this "
+                             "RUNS PYTHON CODE FROM THE MODEL FILE; use only with files you trust")
     parser.add_argument("--heads", nargs="+", choices=HEAD_CHOICES, default=list(HEAD_CHOICES),
                         help=argparse.SUPPRESS)  # benchmarks: forward-only graphs
     parser.add_argument("--no-verify", action="store_true",
@@ -49,18 +52,9 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from camface.export.exporter import ExportOptions, export
-    from camface.models import read_labels
+    from camface.export.exporter import ExportOptions, export, read_labels_file
 
-    labels = None
-    if args.labels:
-        from pathlib import Path
-
-        from camface.errors import ModelError
-
-        if not Path(args.labels).is_file():
-            raise ModelError(f"labels file not found: {args.labels}")
-        labels = tuple(read_labels(args.labels))
+    labels = read_labels_file(args.labels) if args.labels else None
     options = ExportOptions(
         target_layer=args.target_layer,
         labels=labels,
@@ -72,6 +66,8 @@ def main(args: argparse.Namespace) -> int:
         opset=args.opset,
         heads=tuple(args.heads),
         verify=not args.no_verify,
+        safe_mode=not args.unsafe_load,
+        labels_source=args.labels or "",
     )
     result = export(args.model, args.output, options)
     info = result.info

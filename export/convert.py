@@ -258,7 +258,7 @@ def to_float16(model):
     onnxconverter-common's converter.
 
     Float32 after the target layer (`explanation_part`: the head's forward and backward passes
-    and the heatmap maths, reading the float16 activations through one Cast) because Grad-CAM++
+    and the heatmap maths, reading the float16 activations through Casts) because Grad-CAM++
     divides by 2 g^2 + sum(A) g^3 = g^2 (2 + sum(A) g): in float16 g^3 underflows, and where a
     target layer without ReLU sums negative the denominator nears 0 and amplifies any rounding
     after the target layer (ReLU masks and max-pool choices of a float16 head included) into
@@ -273,7 +273,8 @@ def to_float16(model):
     model = _isolate_outputs(model)
     # tf2onnx casts int64 class indices to float for comparisons; the converter would retype the
     # Cast's output without changing its `to` attribute, so Casts stay as they are.
-    keep = sorted(explanation_part(model) | {n.name for n in model.graph.node if n.op_type == "Cast"})
+    casts = {node.name for node in model.graph.node if node.op_type == "Cast"}
+    keep = sorted(explanation_part(model) | casts)
     # ScatterElements(add) (the max-pool gradient) has no float16 kernel on ONNX Runtime's CPU.
     # Comparisons fed by those Casts stay float32 with them.
     blocked = list(float16.DEFAULT_OP_BLOCK_LIST) + ["ScatterElements", "Less", "Greater",

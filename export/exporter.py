@@ -30,6 +30,7 @@ class ExportOptions:
     heads: tuple[str, ...] = ("probs", "activations", "gradcam", "gradcampp", "cam")
     verify: bool = True
     safe_mode: bool = True
+    labels_source: str = ""  # where `labels` came from (a file path), for error messages
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,23 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_labels_file(path: str | Path) -> tuple[str, ...]:
+    """Class names, one per non-empty line, from a UTF-8 text file. Raises ModelError naming
+    the path when it is missing, unreadable or holds no names."""
+    from camface.models import read_labels
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"labels file not found: {path}")
+    try:
+        labels = tuple(read_labels(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read labels file {path}: {exc}") from exc
+    if not labels:
+        raise ModelError(f"labels file {path} holds no labels (one class name per line)")
+    return labels
 
 
 def build(model, options: ExportOptions):
@@ -71,7 +89,9 @@ def prepare(model, options: ExportOptions):
     num_classes = int(model.outputs[0].shape[-1])
     labels = options.labels or tuple(f"class_{i}" for i in range(num_classes))
     if len(labels) != num_classes:
-        raise ModelError(f"{len(labels)} labels given for a model with {num_classes} classes")
+        where = f"labels file {options.labels_source}" if options.labels_source else "labels"
+        raise ModelError(f"{where}: {len(labels)} labels, but model {model.name!r} has "
+                         f"{num_classes} classes (one label per line, in class order)")
     preprocessing = Preprocessing.resolve(channels, options.preset, options.color_order,
                                           options.scale, options.offset)
     target = keras_model.resolve_target(model, options.target_layer)
@@ -129,13 +149,27 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
                          doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
     differences = ()
     if options.verify:
-        # float16: heatmaps are also judged against TensorFlow on the graph's own activations
+        # float16: heatmap tolerances widen by their sensitivity to float16 activations
         heatmap_function = graph.build_heatmap_function(parts, heads) if options.fp16 else None
         differences = tuple(verify.verify(onnx_model.SerializeToString(), function,
                                           info.input_size, info.channels, len(info.labels),
                                           info.precision, heatmap_function=heatmap_function))
+        _warn_ill_conditioned(differences, info.target_layer)
     convert.save(onnx_model, output)
     return ExportResult(output, info, differences, time.perf_counter() - started)
+
+
+def _warn_ill_conditioned(differences, target_layer: str) -> None:
+    """One warning per float16 heatmap whose measured sensitivity to float16 activations
+    exceeds its stated tolerance (the self-check then bounds it only loosely)."""
+    from camface.export.verify import SENSITIVITY_FACTOR
+
+    for difference in differences:
+        if difference.sensitivity > difference.allowed - difference.sensitivity:
+            log.warning("float16 %s at %s is ill-conditioned: float16 activations alone move it "
+                        "by %.3g (its maximum is %.3g); a float32 export computes it as TensorFlow "
+                        "does", difference.output, target_layer,
+                        difference.sensitivity / SENSITIVITY_FACTOR, difference.reference_max)
 
 
 def _check_writable(output: Path) -> None:

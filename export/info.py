@@ -23,7 +23,11 @@ class GraphSummary:
 
     @property
     def info(self) -> graph_spec.GraphInfo:
-        return graph_spec.GraphInfo.from_metadata(self.metadata)
+        """The graph's GraphInfo; raises ModelError (graph_spec.validate) when it is not a
+        CAM graph."""
+        return graph_spec.validate(self.path, (name for name, _, _ in self.inputs),
+                                   {name: shape for name, _, shape in self.outputs},
+                                   self.metadata)
 
 
 def read(path: str | Path) -> GraphSummary:
@@ -38,7 +42,7 @@ def read(path: str | Path) -> GraphSummary:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
+        raise ModelError(f"{path}: not an ONNX model ({_first_line(exc)})") from exc
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph)")
 
@@ -57,13 +61,18 @@ def read(path: str | Path) -> GraphSummary:
                         signature(model.graph.output), opset)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 def _read_with_onnxruntime(path: Path) -> GraphSummary:
     import onnxruntime as ort
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"{path}: not an ONNX model ({exc})") from exc
+        raise ModelError(f"{path}: not an ONNX model ({_first_line(exc)})") from exc
     meta = session.get_modelmeta().custom_metadata_map
 
     def signature(values):
@@ -74,6 +83,7 @@ def _read_with_onnxruntime(path: Path) -> GraphSummary:
 
 
 def format_summary(summary: GraphSummary) -> str:
+    """Metadata, inputs and outputs as text (any ONNX file; `main` checks it is a CAM graph)."""
     lines = [f"{summary.path}" + (f" (opset {summary.opset})" if summary.opset else "")]
     lines.append("metadata:")
     width = max((len(k) for k in summary.metadata), default=0)
@@ -83,10 +93,6 @@ def format_summary(summary: GraphSummary) -> str:
         lines.append(title)
         for name, kind, shape in rows:
             lines.append(f"  {name:<12} {kind:<8} [{', '.join(str(d) for d in shape)}]")
-    try:
-        summary.info
-    except KeyError as exc:
-        lines.append(f"not a camface CAM graph: metadata lacks {exc}")
     return "\n".join(lines)
 
 
@@ -95,5 +101,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(format_summary(read(args.graph)))
+    summary = read(args.graph)
+    info = summary.info  # ModelError, one line, when it is not a CAM graph
+    print(format_summary(summary))
+    print(f"CAM graph: {info.color_order} {info.input_size[0]}x{info.input_size[1]} crops -> "
+          f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_layer} "
+          f"{info.feature_size[0]}x{info.feature_size[1]}; {info.precision}")
     return 0

@@ -28,7 +28,8 @@ def load_model(path: str | Path, safe_mode: bool = True):
     """Load a `.keras` / `.h5` / `.hdf5` model without compiling it.
 
     Raises `ModelError` naming the path when the file is missing or is not a Keras model.
-    `safe_mode=True` refuses to deserialise Lambda-layer bytecode (Keras' own safety switch).
+    `safe_mode=True` refuses to deserialise Lambda-layer bytecode (Keras' own safety switch);
+    `safe_mode=False` (the CLI's --unsafe-load) runs that code.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,8 +41,10 @@ def load_model(path: str | Path, safe_mode: bool = True):
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except ValueError as exc:
-        if "safe_mode" in str(exc) or "Lambda" in str(exc):
-            raise ModelError(f"{path}: refused in safe mode ({_first_line(exc)})") from exc
+        if safe_mode and ("safe_mode" in str(exc) or "Lambda" in str(exc)):
+            raise ModelError(f"{path}: Keras safe mode refuses to load it: it holds Python code "
+                             f"(a Lambda layer). If you trust the file, --unsafe-load loads it "
+                             f"and so runs code from the file") from exc
         raise ModelError(f"{path}: not a loadable Keras model ({_first_line(exc)})") from exc
     except Exception as exc:  # h5py/zipfile raise many types for a file that is not a model
         raise ModelError(f"{path}: not a loadable Keras model ({_first_line(exc)})") from exc

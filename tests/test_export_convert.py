@@ -115,3 +115,41 @@ def test_safe_global_pooling_gradient(pool):
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
     _check(safe, (3, 4, 5), (5,))
+
+
+def test_float16_round_trips_are_dropped():
+    """Two float32 nodes joined by the converter's Cast(float16) -> Cast(float32) read each
+    other directly afterwards (no float16 rounding), also where the Cast has several readers
+    or writes a graph output."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from camface.export import convert
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Cast", ["r"], ["r16"], to=TensorProto.FLOAT16, name="to16"),
+        helper.make_node("Cast", ["r16"], ["a"], to=TensorProto.FLOAT, name="back_a"),
+        helper.make_node("Cast", ["r16"], ["b"], to=TensorProto.FLOAT, name="back_b"),
+        helper.make_node("Neg", ["a"], ["neg"], name="neg"),
+        helper.make_node("Abs", ["b"], ["abs"], name="abs"),
+        helper.make_node("Identity", ["r"], ["i"], name="identity"),
+        helper.make_node("Cast", ["i"], ["out"], to=TensorProto.FLOAT16, name="out16"),
+    ]
+    value = lambda name, kind: helper.make_tensor_value_info(name, kind, [2])  # noqa: E731
+    graph = helper.make_graph(nodes, "g", [value("x", TensorProto.FLOAT)],
+                              [value("neg", TensorProto.FLOAT), value("abs", TensorProto.FLOAT),
+                               value("out", TensorProto.FLOAT16)])
+    model = convert.drop_float16_round_trips(helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9))
+    onnx.checker.check_model(model)
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert all(n.attribute[0].i == TensorProto.FLOAT for n in casts)
+    assert model.graph.output[2].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = np.array([1.0001, 3.14159265], np.float32)  # not representable in float16
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    neg, absolute, out = session.run(None, {"x": x})
+    np.testing.assert_array_equal(neg, -x)
+    np.testing.assert_array_equal(absolute, x)
+    np.testing.assert_array_equal(out, x)

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import numpy as np
 import pytest
 
 from camface.cli import main as camface_main
@@ -105,7 +106,65 @@ def test_wrong_label_count(tmp_path, capsys):
     labels.write_text("a\nb\n")
     code, line = run(capsys, "export", str(EMOTION_KERAS), "-o", str(tmp_path / "o.onnx"),
                      "--labels", str(labels))
-    assert code == 2 and "2 labels given for a model with 7 classes" in line
+    assert code == 2 and f"labels file {labels}: 2 labels, but model" in line, line
+    assert "has 7 classes" in line and not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "absent.txt", "labels file not found: .*absent.txt"),
+    (lambda tmp: _write(tmp / "blank.txt", b"\n  \n"), "labels file .*blank.txt holds no labels"),
+    (lambda tmp: _write(tmp / "binary.txt", b"\xff\xfe\x00\x81"),
+     "cannot read labels file .*binary.txt"),
+])
+def test_bad_labels_file(tmp_path, capsys, make, message):
+    """Checked before the model is loaded (fast), one line naming the file."""
+    import re
+
+    code, line = run(capsys, "export", str(EMOTION_KERAS), "-o", str(tmp_path / "o.onnx"),
+                     "--labels", str(make(tmp_path)))
+    assert code == 2 and re.search(message, line), line
+
+
+@pytest.fixture(scope="module")
+def lambda_model(tmp_path_factory):
+    """A tiny classifier whose first layer is a Lambda (Python code stored in the file)."""
+    import keras
+
+    path = tmp_path_factory.mktemp("lambda") / "lambda.keras"
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Lambda(lambda t: t * 2.0 - 1.0, name="rescale")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def test_lambda_model_is_refused_without_unsafe_load(lambda_model, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, line = run(capsys, "export", str(lambda_model), "-o", str(out))
+    assert code == 2 and f"{lambda_model}: Keras safe mode refuses to load it" in line, line
+    assert "--unsafe-load" in line and "runs code from the file" in line and not out.exists()
+
+
+def test_lambda_model_exports_with_unsafe_load(lambda_model, tmp_path, capsys):
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "o.onnx"
+    assert camface_main(["export", str(lambda_model), "-o", str(out), "--unsafe-load"]) == 0
+    assert "verify gradcam" in capsys.readouterr().out  # the self-check ran and passed
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    probs, = session.run(["probs"], {"image": np.zeros((2, 8, 8, 1), np.uint8),
+                                     "class_index": np.array([-1, 0], np.int64)})
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_unsafe_load_help_says_it_runs_code(capsys):
+    with pytest.raises(SystemExit):
+        camface_main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--unsafe-load" in help_text and "RUNS PYTHON CODE FROM THE MODEL FILE" in help_text
 
 
 def test_preprocessing_misuse():
@@ -122,13 +181,78 @@ def test_preprocessing_misuse():
     assert custom.color_order == "BGR" and custom.scale == (2.0, 2.0, 2.0)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "ONNX file not found"),
-    (b"\x00\x01garbage", "not an ONNX model"),
+def _onnx_without_cam_outputs(tmp):
+    """A valid ONNX model with the `image` input but only a `probs` output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["x"], ["probs"], keepdims=0)]
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 4, 4, 1])
+    probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, [])
+    graph = helper.make_graph(nodes, "not_cam", [image], [probs])
+    path = tmp / "plain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _committed_without_metadata(tmp):
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    del model.metadata_props[:]
+    path = tmp / "bare.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _truncated_committed(tmp):
+    from camface.models import EMOTION_ONNX
+
+    return _write(tmp / "truncated.onnx", EMOTION_ONNX.read_bytes()[:50_000])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "graph.onnx", "ONNX file not found: .*graph.onnx"),
+    (lambda tmp: _write(tmp / "graph.onnx", b"\x00\x01garbage"), "graph.onnx: not an ONNX model"),
+    (lambda tmp: _write(tmp / "random.onnx", bytes(np.random.default_rng(7).integers(0, 256, 4096,
+                                                                              np.uint8))),
+     "random.onnx: not an ONNX model"),
+    (_truncated_committed, "truncated.onnx: not an ONNX model"),
+    (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
+                                "activations, gradcam, gradcampp "),
+    (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),
 ])
-def test_info_errors(tmp_path, capsys, content, message):
-    path = tmp_path / "graph.onnx"
-    if content is not None:
-        path.write_bytes(content)
-    code, line = run(capsys, "info", str(path))
-    assert code == 2 and message in line
+def test_info_errors(tmp_path, capsys, make, message):
+    import re
+
+    code = camface_main(["info", str(make(tmp_path))])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not captured.out, captured
+    assert err[0].startswith("camface: error: ") and re.search(message, err[0]), err[0]
+
+
+def test_graph_spec_validate():
+    """The shared check (camface info, the live loop's loader) on hand-made signatures."""
+    from camface import graph_spec
+
+    info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(4, 4), color_order="GRAY",
+                                target_layer="conv", heatmaps=("gradcam", "gradcampp"))
+    inputs = ["image", "class_index"]
+    outputs = {"probs": ("N", 2), "activations": ("N", 2, 2, 3), "gradcam": ("N", 2, 2),
+               "gradcampp": ("N", 2, 2)}
+    assert graph_spec.validate("g.onnx", inputs, outputs, info.to_metadata()) == info
+    with pytest.raises(ModelError, match=r"g.onnx is not a camface CAM graph: missing gradcampp "
+                                         r"\(it has inputs"):
+        without = {k: v for k, v in outputs.items() if k != "gradcampp"}
+        graph_spec.validate("g.onnx", inputs, without, info.to_metadata())
+    with pytest.raises(ModelError, match="2 labels in the metadata but the graph returns 5"):
+        graph_spec.validate("g.onnx", inputs, {**outputs, "probs": ("N", 5)}, info.to_metadata())
+    with pytest.raises(ModelError, match="malformed CAM graph metadata"):
+        graph_spec.validate("g.onnx", inputs, outputs, {**info.to_metadata(), "labels": "[oops"})
+    listed = {**info.to_metadata(), "heatmaps": '["gradcam", "gradcampp", "cam"]'}
+    with pytest.raises(ModelError, match="metadata lists heatmaps cam that are not outputs"):
+        graph_spec.validate("g.onnx", inputs, outputs, listed)
