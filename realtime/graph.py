@@ -98,27 +98,9 @@ class CamGraph:
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:
-        inputs = {i.name for i in session.get_inputs()}
-        outputs = {o.name: o for o in session.get_outputs()}
-        missing = [n for n in (spec.INPUT_IMAGE, spec.INPUT_CLASS) if n not in inputs]
-        missing += [n for n in spec.REQUIRED_OUTPUTS if n not in outputs]
-        if missing:
-            raise ModelError(f"{self.path} is not a camface CAM graph: missing {', '.join(missing)} "
-                             f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})")
-        try:
-            info = spec.GraphInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
-        except KeyError as exc:
-            raise ModelError(f"{self.path} lacks CAM graph metadata: {exc.args[0]}") from exc
-        except ValueError as exc:  # malformed JSON in a metadata value
-            raise ModelError(f"{self.path} has malformed CAM graph metadata: {exc}") from exc
-        classes = outputs[spec.OUTPUT_PROBS].shape[-1]
-        if isinstance(classes, int) and classes != len(info.labels):
-            raise ModelError(f"{self.path}: {len(info.labels)} labels in the metadata but the graph "
-                             f"returns {classes} class probabilities")
-        absent = [h for h in info.heatmaps if h not in outputs]
-        if absent:
-            raise ModelError(f"{self.path}: metadata lists heatmaps {', '.join(absent)} that are not outputs")
-        return info
+        return spec.validate(self.path, [i.name for i in session.get_inputs()],
+                             {o.name: o.shape for o in session.get_outputs()},
+                             session.get_modelmeta().custom_metadata_map)
 
     def _select_provider(self, device: str) -> None:
         available = set(self._ort.get_available_providers())
