@@ -28,6 +28,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (None, False) or the
+    help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default:" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def _available() -> dict[str, object]:
     """Subcommand modules that exist in this install (later features may be absent)."""
     found = {}
@@ -54,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=SUBCOMMANDS[name][1],
             description=SUBCOMMANDS[name][1],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="show tracebacks and debug logs")

@@ -135,10 +135,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-size", type=_positive, default=defaults.input_size,
                         help="crop side in pixels (model input); at least 32")
     parser.add_argument("--epochs", type=_positive, default=defaults.epochs,
-                        help="epochs with the backbone frozen")
+                        help="epochs of the first stage: backbone frozen (with --weights none "
+                             "the whole network trains from scratch)")
     parser.add_argument("--fine-tune-epochs", type=_non_negative, default=defaults.fine_tune_epochs,
                         help="then epochs with the backbone's last block unfrozen (0: skip)")
-    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size,
+                        help="crops per training step")
     parser.add_argument("--weights", default=defaults.weights, metavar="imagenet|none|PATH",
                         help="backbone weights: ImageNet (Keras downloads them on first use), "
                              "random, or a local weights file")
@@ -151,12 +153,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-detect", action="store_true",
                         help="photos are already face crops: resize them, detect nothing")
     parser.add_argument("--detector", choices=("short", "full"), default=live["detector"],
-                        help="face detector model (default: the live loop's)")
+                        help="face detector model; same default as `camface live`")
     parser.add_argument("--margin", type=float, default=live["margin"],
-                        help="crop margin around the face box, fraction of its side (default: "
-                             "the live loop's)")
+                        help="crop margin around the face box, fraction of its side; same "
+                             "default as `camface live`")
     parser.add_argument("--min-confidence", type=float, default=live["min_confidence"],
-                        help="face detector confidence threshold (default: the live loop's)")
+                        help="face detector confidence threshold; same default as `camface live`")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
                         help="Adam learning rate with the backbone frozen")
     parser.add_argument("--fine-tune-learning-rate", type=float,
@@ -225,7 +227,7 @@ def run(config: TrainConfig) -> dict:
              len(split.train), len(split.val), len(split.test))
     images = dataset.load_crops(paths, config.input_size)
 
-    # 2. Keras: frozen backbone, head, optional fine-tuning
+    # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
     model_path = out / "model.keras"
     stages = _fit(config, labels, images, targets, split, model_path)
     labels_path = out / "labels.txt"
@@ -236,9 +238,20 @@ def run(config: TrainConfig) -> dict:
     export_graph(model_path, onnx_path, labels, config.backbone)
 
     # 4. the test split on model.onnx: metrics and figures
-    test_crops = images[split.test]
-    probs, heatmaps = run_graph(onnx_path, test_crops)
-    y_true = targets[split.test]
+    metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
+                                   counts, unreadable, split, stages, started)
+    log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
+             metrics["test_images"], metrics["chance"], out)
+    return metrics
+
+
+def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.ndarray,
+                         y_true: np.ndarray, counts: dict, unreadable: list[str],
+                         split: dataset.Split, stages: list, started: float) -> dict:
+    """model.onnx on the test crops (uint8 BGR) -> metrics.json, confusion.png,
+    cam_montage.png and report.md in OUT_DIR; returns the metrics."""
+    out = config.out_dir
+    probs, heatmaps = run_graph(out / "model.onnx", test_crops)
     y_pred = probs.argmax(axis=1)
     metrics = report.classification_metrics(y_true, y_pred, labels)
     metrics["skipped"] = {status: sum(c[status] for c in counts.values())
@@ -254,10 +267,8 @@ def run(config: TrainConfig) -> dict:
                             out / "cam_montage.png")
     report.write_report(out / "report.md", command=config.command(), labels=labels, counts=counts,
                         unreadable=unreadable, split_sizes=metrics["split"],
-                        stages=[asdict(s) for s in stages], metrics=metrics,
+                        stages=metrics["stages"], metrics=metrics,
                         settings=_settings_for_report(config), seconds=metrics["seconds"])
-    log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
-             metrics["test_images"], metrics["chance"], out)
     return metrics
 
 

@@ -2,8 +2,10 @@
 
 The original study's recipe: an ImageNet backbone, frozen, then global average pooling and a
 Dense softmax trained on the user's faces; optionally the backbone's last block is unfrozen and
-fine-tuned at a low learning rate. Models come from `camface.models.builders`, so training and
-the exporter agree on layer names and preprocessing.
+fine-tuned at a low learning rate. With random weights (`--weights none`) there is nothing to
+transfer: the whole network trains from scratch, its BatchNorm statistics re-estimated before
+each validation ("precise BN"). Models come from `camface.models.builders`, so training and the
+exporter agree on layer names and preprocessing.
 
 Data reach the model as uint8 crops; `tf_dataset` applies augmentation (training only) and then
 the backbone's normalisation (the exporter's `Preprocessing`, which the CAM graph later bakes in),
@@ -30,7 +32,6 @@ LAST_BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
     "vgg16-gap": ("block5_",),
     "mobilenetv2": ("block_16_", "Conv_1", "out_relu"),
 }
-
 
 BUILDER_NAMES = {"resnet50": "resnet50_gap", "vgg16-gap": "vgg16_conv_gap",
                  "mobilenetv2": "mobilenetv2_gap"}  # --backbone -> camface.models.builders
@@ -220,8 +221,9 @@ def tf_dataset(images_bgr: np.ndarray, targets: np.ndarray, batch_size: int, pre
         ds = ds.shuffle(len(targets), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
-        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        # Sequential on purpose: the augmentation's random state advances call by call, so a
+        # fixed --seed gives the same augmented images in the same order on every run.
+        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y))
     ds = ds.map(lambda x, y: (normalise(x, preprocessing), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
