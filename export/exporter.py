@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from camface import __version__, graph_spec
 from camface.errors import ModelError
 from camface.export.preprocess import Preprocessing
+from camface.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ class ExportResult:
     info: graph_spec.GraphInfo
     differences: tuple = field(default_factory=tuple)  # verify.Difference per output
     seconds: float = 0.0
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_labels_file(path: str | Path) -> tuple[str, ...]:
@@ -136,7 +128,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     model = keras_model.load_model(model_path, safe_mode=options.safe_mode)
     parts, heads, info = prepare(model, options)
     function = graph.build_function(parts, heads)
-    info = replace(info, source_model=model_path.name, source_sha256=sha256(model_path))
+    info = replace(info, source_model=model_path.name, source_sha256=sha256_file(model_path))
     log.info("exporting %s at target layer %s (feature map %dx%d), heatmaps %s",
              model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps))
     if info.cam_unavailable_reason:

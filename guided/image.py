@@ -14,7 +14,8 @@ import numpy as np
 
 from camface.errors import ModelError, SourceError
 from camface.guided.snapshot import (EMOTION_PREPROCESSING, FaceCrop, GuidedInput, Preprocessing,
-                                     read_graph_metadata, sha256_file)
+                                     read_graph_metadata)
+from camface.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

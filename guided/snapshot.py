@@ -15,7 +15,6 @@ needed to rebuild the graph's input (the Keras model, its normalisation, the tar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import ModelError, SourceError
+from camface.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,6 @@ class GuidedInput:
     preprocessing: Preprocessing
     target_layer: str = ""  # "" = the model's default (last 4-D layer before pooling)
     notes: tuple[str, ...] = field(default=())  # caveats to log (assumed preprocessing ...)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_color_order(image: np.ndarray, color_order: str) -> np.ndarray:

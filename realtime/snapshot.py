@@ -14,7 +14,6 @@ atomically with mkdir so two runs writing to the same folder never collide.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from functools import cached_property
@@ -26,15 +25,8 @@ import numpy as np
 from camface import __version__
 from camface.errors import OutputError
 from camface.graph_spec import GraphInfo
+from camface.hashing import sha256_file
 from camface.realtime.results import FrameResult
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unique_folder(parent: Path, name: str) -> Path:

@@ -93,7 +93,7 @@ def test_committed_graph_matches_fresh_export(exported, committed, astronaut_bgr
 
 
 def test_committed_metadata(committed):
-    from camface.export.exporter import sha256
+    from camface.hashing import sha256_file as sha256
 
     info = graph_spec.GraphInfo.from_metadata(committed.metadata)
     assert info.labels == tuple(read_labels(EMOTION_LABELS))

@@ -14,7 +14,7 @@ keras = pytest.importorskip("keras")
 
 from camface.cli import main  # noqa: E402
 from camface.guided.figure import COLUMNS, comparison_figure  # noqa: E402
-from camface.guided.snapshot import sha256_file  # noqa: E402
+from camface.hashing import sha256_file  # noqa: E402
 from camface.models import EMOTION_KERAS, EMOTION_ONNX, EMOTION_LABELS, read_labels  # noqa: E402
 
 LABELS = read_labels(EMOTION_LABELS)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from camface.errors import ModelError, SourceError
-from camface.guided.snapshot import EMOTION_PREPROCESSING, read_snapshot, sha256_file
+from camface.guided.snapshot import EMOTION_PREPROCESSING, read_snapshot
+from camface.hashing import sha256_file
 
 
 def write_snapshot(folder, crops_bgr, color_order, model):
