@@ -47,6 +47,20 @@ def _visible(face: Face, frame: np.ndarray) -> tuple[int, int, int, int, int, in
     return x0, y0, x1, y1, x0 - face.crop_box[0], y0 - face.crop_box[1]
 
 
+def _explained_faces(frame: np.ndarray, result: FrameResult):
+    """(face, prediction, (x0, y0, x1, y1, dx, dy)) for each face that has a heatmap and a
+    visible box (see `_visible`); nothing when the method is 'none'."""
+    if result.method == "none":
+        return
+    for face, prediction in zip(result.faces, result.predictions):
+        if prediction.heatmap.size == 0:
+            continue
+        visible = _visible(face, frame)
+        x0, y0, x1, y1 = visible[:4]
+        if x1 > x0 and y1 > y0:
+            yield face, prediction, visible
+
+
 def localisation_box(heatmap01: np.ndarray, threshold: float = 0.2) -> Box | None:
     """The CAM paper's localisation box (arXiv:1512.04150 sec. 3.1): bounding box (x, y, w, h)
     of the largest connected region above `threshold` x the heatmap's maximum, in the
@@ -88,14 +102,7 @@ class HeatmapAnnotator:
         return colored if small == side else cv2.resize(colored, (side, side), interpolation=cv2.INTER_LINEAR)
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
-        if result.method == "none":
-            return frame
-        for face, prediction in zip(result.faces, result.predictions):
-            if prediction.heatmap.size == 0:
-                continue
-            x0, y0, x1, y1, dx, dy = _visible(face, frame)
-            if x1 <= x0 or y1 <= y0:
-                continue
+        for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result):
             colored = self.colorize(prediction.heatmap, prediction.method, face.crop_box[2])
             colored = colored[dy:dy + (y1 - y0), dx:dx + (x1 - x0)]
             roi = frame[y0:y1, x0:x1]
@@ -110,12 +117,7 @@ class CamBoxAnnotator:
         self.threshold, self.color = threshold, color
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
-        if result.method == "none":
-            return frame
-        for face, prediction in zip(result.faces, result.predictions):
-            if prediction.heatmap.size == 0:
-                continue
-            x0, y0, x1, y1, dx, dy = _visible(face, frame)
+        for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result):
             heat = upsample(normalize_heatmap(prediction.heatmap, prediction.method), face.crop_box[2])
             box = localisation_box(heat[dy:dy + (y1 - y0), dx:dx + (x1 - x0)], self.threshold)
             if box is not None:
