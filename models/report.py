@@ -161,11 +161,15 @@ def write_report(path: Path, *, command: str, labels: Sequence[str],
     if unreadable:
         lines += ["Unreadable files (skipped):", ""] + [f"- `{p}`" for p in unreadable] + [""]
     lines += ["Split (stratified): " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()), ""]
-    lines += ["## Training", "", "| stage | epochs run | best val accuracy | best epoch |",
-              "|---|---:|---:|---:|"]
+    lines += ["## Training", "",
+              "Checkpoint: best validation accuracy, ties to the lower validation loss; a stage "
+              "with best epoch '-' did not beat the one before it.", "",
+              "| stage | epochs run | best val accuracy | its val loss | best epoch |",
+              "|---|---:|---:|---:|---:|"]
     for stage in stages:
         lines.append(f"| {stage['name']} | {stage['epochs_run']} | "
-                     f"{stage['best_val_accuracy']:.3f} | {stage['best_epoch'] or '-'} |")
+                     f"{stage['best_val_accuracy']:.3f} | {stage['best_val_loss']:.3f} | "
+                     f"{stage['best_epoch'] or '-'} |")
     lines += ["", f"Total time: {seconds:.0f} s", "",
               "## Test split (model.onnx on ONNX Runtime)", "",
               f"Accuracy **{metrics['accuracy']:.3f}** on {metrics['test_images']} crops "

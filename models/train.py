@@ -331,7 +331,7 @@ def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np
         stages.append(transfer.fit_stage(
             model, "fine-tune last block", train_ds, val_ds, config.fine_tune_epochs,
             config.fine_tune_learning_rate, model_path, weights, config.patience,
-            best_so_far=stages[0].best_val_accuracy))
+            best_so_far=(stages[0].best_val_accuracy, stages[0].best_val_loss)))
     return stages
 
 

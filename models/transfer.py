@@ -53,7 +53,8 @@ class StageResult:
     name: str
     history: dict
     epochs_run: int
-    best_val_accuracy: float
+    best_val_accuracy: float  # of the checkpoint so far (this stage or an earlier one)
+    best_val_loss: float
     best_epoch: int  # 1-based within the stage; 0 when no epoch improved on the previous best
 
 
@@ -228,29 +229,61 @@ def tf_dataset(images_bgr: np.ndarray, targets: np.ndarray, batch_size: int, pre
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def best_checkpoint(path: Path, patience: int, best_so_far: tuple[float, float] | None = None):
+    """Keras callback: save the model to `path` whenever validation gets better, stop after
+    `patience` epochs without it getting better.
+
+    "Better" is a higher validation accuracy, ties going to a lower validation loss: with the
+    few validation photos a small dataset has, accuracy ties are common (6 photos allow only 7
+    values) and Keras' ModelCheckpoint/EarlyStopping on accuracy alone would keep the first,
+    barely trained epoch. `best_so_far` (accuracy, loss) carries an earlier stage's best over.
+    """
+    import keras
+
+    class BestCheckpoint(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = best_so_far
+            self.best_epoch = 0  # 1-based; 0 = nothing better than best_so_far
+            self.waited = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            score = (float(logs["val_accuracy"]), -float(logs["val_loss"]))
+            if self.best is None or score > (self.best[0], -self.best[1]):
+                self.best = (score[0], -score[1])
+                self.best_epoch = epoch + 1
+                self.waited = 0
+                self.model.save(path)
+            else:
+                self.waited += 1
+                if self.waited >= patience:
+                    self.model.stop_training = True
+
+    return BestCheckpoint()
+
+
 def fit_stage(model, name: str, train_ds, val_ds, epochs: int, learning_rate: float,
               checkpoint: Path, class_weight: dict[int, float], patience: int,
-              best_so_far: float | None = None, callbacks: tuple = ()) -> StageResult:
-    """Compile and fit; the checkpoint keeps the best validation accuracy (of this stage, and
-    better than `best_so_far` from an earlier stage); early stopping after `patience` epochs
-    without improvement. Keras prints one progress line per epoch."""
+              best_so_far: tuple[float, float] | None = None,
+              callbacks: tuple = ()) -> StageResult:
+    """Compile and fit with `best_checkpoint` (best validation accuracy, ties to the lower loss,
+    better than `best_so_far` (accuracy, loss) from an earlier stage; early stopping after
+    `patience` epochs without improvement). Keras prints one progress line per epoch."""
     import keras
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    callbacks = [
-        *callbacks,  # before the checkpoint: e.g. precise_batchnorm runs before validation
-        keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_accuracy", mode="max",
-                                        save_best_only=True, initial_value_threshold=best_so_far),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max", patience=patience),
-    ]
-    log.info("%s: %d epoch(s) at learning rate %g, %d trainable weight tensors", name, epochs,
-             learning_rate, len(model.trainable_weights))
+    keeper = best_checkpoint(checkpoint, patience, best_so_far)
+    log.info("%s: up to %d epoch(s) at learning rate %g, %d trainable weight tensors", name,
+             epochs, learning_rate, len(model.trainable_weights))
+    # `callbacks` go first: precise_batchnorm must run before validation and the checkpoint.
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, class_weight=class_weight,
-                        callbacks=callbacks, verbose=2, shuffle=False)  # tf_dataset shuffles
-    values = [float(v) for v in history.history.get("val_accuracy", [])]
-    best = max(values) if values else float("nan")
-    improved = best_so_far is None or best > best_so_far
-    return StageResult(name=name, history={k: [float(v) for v in vs] for k, vs in history.history.items()},
-                       epochs_run=len(values), best_val_accuracy=best,
-                       best_epoch=(values.index(best) + 1) if improved and values else 0)
+                        callbacks=[*callbacks, keeper], verbose=2,
+                        shuffle=False)  # tf_dataset shuffles, with the seed
+    values = history.history.get("val_accuracy", [])
+    best = keeper.best or (float("nan"), float("nan"))
+    return StageResult(name=name,
+                       history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+                       epochs_run=len(values), best_val_accuracy=best[0], best_val_loss=best[1],
+                       best_epoch=keeper.best_epoch)

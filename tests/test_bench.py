@@ -45,6 +45,7 @@ def check_row(row: dict, frames: int, faces: int, stages=STAGES) -> None:
     assert row["span_s"] == pytest.approx((frames - 1) / row["fps"])  # N completions, N-1 intervals
     assert 0 < row["span_s"] <= row["wall_s"]
     assert row["peak_rss_mb"] > 50
+    assert row["cpu_ms_per_frame"] is None or row["cpu_ms_per_frame"] > 0
     assert set(row["stages"]) == set(stages)
     for name, stage in row["stages"].items():
         assert stage["count"] == frames, name

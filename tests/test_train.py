@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Keras 3.15 saves variables with np.array(variable); numpy 2.4 warns once per variable per save.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 
 from camface import cli, graph_spec  # noqa: E402
 from camface.models import dataset  # noqa: E402
