@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from camface.errors import ModelError, SourceError
+
 log = logging.getLogger(__name__)
 
 STAGE_LABELS = {"decode": "decode", "detect": "detect", "crop": "crop",
@@ -46,8 +48,9 @@ HUD_EVERY = 15  # frames between HUD stage-time refreshes, as in the live loop
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="sample",
-                        help="video file, folder of images, or 'sample' (the bundled demo clip, 640x480); "
-                             "every row runs on the same frames")
+                        help="video file, folder of images, or 'sample' (the bundled demo clip, 640x480): "
+                             "every row runs on the same frames (a camera index or stream URL works too, "
+                             "but then each row sees other frames)")
     parser.add_argument("--model", type=Path, default=None,
                         help="CAM graph (.onnx); default: the bundled emotion graph")
     parser.add_argument("--method", choices=("gradcam", "gradcampp", "cam", "none"), default="gradcam",
@@ -142,6 +145,9 @@ class Row:
     wall_s: from the first frame requested to the pipeline shut down (>= span_s).
     stages: stage name -> StageStats (milliseconds). peak_rss_mb: the process's peak resident
     memory after this row (cumulative: rows run in order, the live row first).
+    cpu_ms_per_frame: CPU time of all threads per frame (less sensitive than wall time to other
+    work on a shared machine; 1000 x cores / cpu_ms_per_frame bounds the fps of an idle machine);
+    None when it cannot be separated from start-up.
     """
 
     name: str
@@ -152,6 +158,7 @@ class Row:
     stages: dict = field(default_factory=dict)
     provider: str = ""
     peak_rss_mb: float = 0.0
+    cpu_ms_per_frame: float | None = None
 
     @property
     def faces_per_frame(self) -> float:
@@ -170,7 +177,7 @@ class Row:
             "name": self.name, "frames": self.frames, "faces": self.faces,
             "faces_per_frame": self.faces_per_frame, "fps": self.fps, "ms_per_frame": self.ms_per_frame,
             "span_s": self.span_s, "wall_s": self.wall_s, "provider": self.provider,
-            "peak_rss_mb": self.peak_rss_mb,
+            "peak_rss_mb": self.peak_rss_mb, "cpu_ms_per_frame": self.cpu_ms_per_frame,
             "stages": {name: {"median_ms": s.median_ms, "p95_ms": s.p95_ms, "mean_ms": s.mean_ms,
                               "count": s.count} for name, s in self.stages.items()},
         }
@@ -252,13 +259,23 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
     def record(name: str) -> Path | None:
         return record_dir / f"{name}.mp4" if record_dir is not None else None
 
+    warmup_cpu_s, warmup_frames = 0.0, 0
     if config.warmup:
-        LiveLoop(loop_config(config.warmup, record("live-warmup")),
-                 source=make_source(config.source, sample_frames=config.frames)).run()
+        cpu_start = time.process_time()
+        warmup_frames = LiveLoop(loop_config(config.warmup, record("live-warmup")),
+                                 source=make_source(config.source, sample_frames=config.frames)).run().frames
+        warmup_cpu_s = time.process_time() - cpu_start
+    cpu_start = time.process_time()
     summary = LiveLoop(loop_config(config.frames, record("live")),
                        source=make_source(config.source, sample_frames=config.frames)).run()
+    cpu_s = time.process_time() - cpu_start
+    # Both runs pay the same start-up (graph session, detector, threads): their difference is
+    # the CPU time of the extra frames alone.
+    cpu_ms = None
+    if warmup_frames and summary.frames > warmup_frames and cpu_s > warmup_cpu_s:
+        cpu_ms = 1000 * (cpu_s - warmup_cpu_s) / (summary.frames - warmup_frames)
     return Row("camface live", summary.frames, summary.faces, summary.fps, summary.wall_s,
-               dict(summary.stages), summary.provider, peak_rss_mb())
+               dict(summary.stages), summary.provider, peak_rss_mb(), cpu_ms)
 
 
 class OnnxExplainer:
@@ -289,11 +306,12 @@ def run_sequential(name: str, config: BenchConfig, info, explainer, method: str,
                              record_dir / f"{name}-warmup.mp4" if record_dir else None,
                              StageTimer(), RateMeter())
         timer, rate = StageTimer(tuple(STAGE_LABELS)), RateMeter()
-        started = time.perf_counter()
+        started, cpu_start = time.perf_counter(), time.process_time()
         frames, faces = _sequential_pass(config, info, detector, explainer, renderer, method, config.frames,
                                          record_dir / f"{name}.mp4" if record_dir else None, timer, rate)
-        wall_s = time.perf_counter() - started
-    return Row(name, frames, faces, rate.overall_fps, wall_s, timer.stats(), explainer.provider, peak_rss_mb())
+        wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_start
+    return Row(name, frames, faces, rate.overall_fps, wall_s, timer.stats(), explainer.provider, peak_rss_mb(),
+               1000 * cpu_s / frames if frames else None)
 
 
 def _sequential_pass(config, info, detector, explainer, renderer, method, limit, record, timer, rate):
@@ -363,8 +381,6 @@ def forward_only(model_bytes: bytes) -> bytes:
         import onnx
         import onnx.utils
     except ImportError as exc:
-        from camface.errors import ModelError
-
         raise ModelError("--compare-heads needs the `onnx` package (pip install 'camface[keras]')") from exc
     model = onnx.load_from_string(model_bytes)
     inputs = [i.name for i in model.graph.input]
@@ -467,6 +483,8 @@ def format_report(report: dict, rows: list[Row]) -> str:
     for label, cell in (("end to end (fps)", lambda r: f"{r.fps:.1f}"),
                         ("end to end (ms per frame)", lambda r: f"{r.ms_per_frame:.2f}"),
                         ("faces per frame", lambda r: f"{r.faces_per_frame:.2f}"),
+                        ("CPU ms per frame", lambda r: "-" if r.cpu_ms_per_frame is None
+                         else f"{r.cpu_ms_per_frame:.2f}"),
                         ("peak RSS (MB)", lambda r: f"{r.peak_rss_mb:.0f}"),
                         ("runs on", lambda r: r.provider.replace("ExecutionProvider", ""))):
         lines.append(f"{label:<28}" + "".join(f"{cell(r)[:width - 2]:>{width}}" for r in rows))
@@ -474,7 +492,8 @@ def format_report(report: dict, rows: list[Row]) -> str:
     if speedup:
         lines += ["", f"speedup over the Keras baseline, this run: {speedup['end_to_end']:.1f}x end to end "
                       f"(camface live vs Keras); {speedup['same_loop']:.1f}x with the same one-thread loop; "
-                      f"{speedup['classify']:.1f}x in classify+explain (mean ms per frame)"]
+                      f"{speedup['classify']:.1f}x in classify+explain (mean ms per frame)"
+                      + (f"; {speedup['cpu_time']:.1f}x in CPU time per frame" if speedup["cpu_time"] else "")]
     heads = report.get("heads")
     if heads:
         lines += ["", f"gradient outputs vs forward only ({heads['provider'].replace('ExecutionProvider', '')}, "
@@ -491,7 +510,6 @@ def format_report(report: dict, rows: list[Row]) -> str:
 
 def _resolve_models(config: BenchConfig) -> tuple[Path, Path | None]:
     """(CAM graph, Keras model or None) for the run."""
-    from camface.errors import ModelError
     from camface.models import EMOTION_KERAS, EMOTION_ONNX
 
     if config.backbone:
@@ -520,14 +538,13 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     if source_info.live:
         log.warning("camface bench: %s is a live source: each row sees different frames", source_info.name)
     if first is None:
-        from camface.errors import SourceError
-
         raise SourceError(f"no frame could be read from {config.source}")
+    from camface.realtime.detect import import_mediapipe_vision
+
+    import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
     graph_path, keras_path = _resolve_models(config)
     graph = CamGraph(graph_path, config.device, threads=config.graph_threads)
     if config.method != "none" and config.method not in graph.methods:
-        from camface.errors import ModelError
-
         raise ModelError(f"{graph_path} has no {config.method!r} heatmap; it offers {', '.join(graph.methods)}")
     info = graph.info
     rows: list[Row] = []
@@ -549,7 +566,9 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             speedup = {"end_to_end": live.fps / keras_row.fps if keras_row.fps else None,
                        "same_loop": onnx_seq.fps / keras_row.fps if keras_row.fps else None,
                        "classify": (keras_row.stages["classify"].mean_ms / live.stages["classify"].mean_ms
-                                    if live.stages.get("classify") and live.stages["classify"].mean_ms else None)}
+                                    if live.stages.get("classify") and live.stages["classify"].mean_ms else None),
+                       "cpu_time": (keras_row.cpu_ms_per_frame / live.cpu_ms_per_frame
+                                    if keras_row.cpu_ms_per_frame and live.cpu_ms_per_frame else None)}
     heads = compare_heads(config, graph_path, info, graph.provider) if config.compare_heads else None
     report = {
         "camface_bench": 1,
