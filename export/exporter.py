@@ -173,6 +173,8 @@ def _check_writable(output: Path) -> None:
     if output.is_dir():
         raise OutputError(f"cannot write {output}: it is a directory")
     folder = output.parent if str(output.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"cannot write {output}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise OutputError(f"cannot write {output}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):

@@ -79,10 +79,12 @@ def test_target_inside_a_residual_block_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("output, message", [
     ("no/such/folder/out.onnx", "folder .* does not exist"),
     (".", "it is a directory"),
+    ("a_file/out.onnx", "a_file is a file, not a folder"),  # unwritable even for root
 ])
 def test_unwritable_output(tmp_path, capsys, output, message):
     import re
 
+    (tmp_path / "a_file").write_text("not a folder")
     target = tmp_path / output if output != "." else tmp_path
     code, line = run(capsys, "export", str(EMOTION_KERAS), "-o", str(target))
     assert code == 2 and re.search(message, line), line
