@@ -10,6 +10,7 @@ from camface import __version__, graph_spec
 from camface.errors import ModelError
 from camface.export.preprocess import Preprocessing
 from camface.hashing import sha256_file
+from camface.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
 
     started = time.perf_counter()
     model_path, output = Path(model_path), Path(output)
-    _check_writable(output)
+    check_output_file(output, overwrite=True)
     model = keras_model.load_model(model_path, safe_mode=options.safe_mode)
     parts, heads, info = prepare(model, options)
     function = graph.build_function(parts, heads)
@@ -162,20 +163,3 @@ def _warn_ill_conditioned(differences, target_layer: str) -> None:
                         "by %.3g (its maximum is %.3g); a float32 export computes it as TensorFlow "
                         "does", difference.output, target_layer,
                         difference.sensitivity / SENSITIVITY_FACTOR, difference.reference_max)
-
-
-def _check_writable(output: Path) -> None:
-    """Fail before the slow part when the output path cannot be written."""
-    import os
-
-    from camface.errors import OutputError
-
-    if output.is_dir():
-        raise OutputError(f"cannot write {output}: it is a directory")
-    folder = output.parent if str(output.parent) else Path(".")
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"cannot write {output}: {folder} is a file, not a folder")
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {output}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
-        raise OutputError(f"cannot write {output}: permission denied")

@@ -607,7 +607,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"camface bench: error: {exc}", file=sys.stderr)
         return 2
     if config.json is not None:
-        from camface.realtime.sinks import check_output_file
+        from camface.outputs import check_output_file
 
         check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
     report, rows = run(config)

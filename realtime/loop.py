@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -317,7 +317,7 @@ class LiveLoop:
         from camface.realtime.detect import FaceDetector
         from camface.realtime.graph import CamGraph
         from camface.realtime.render import Renderer
-        from camface.realtime.sinks import check_output_file
+        from camface.outputs import check_output_file
         from camface.realtime.smooth import Smoother
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import make_source

@@ -8,31 +8,15 @@ SIGTERM) always finalises the file so it stays playable.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from camface.errors import OutputError
+from camface.outputs import check_output_file
 
 log = logging.getLogger(__name__)
-
-
-def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
-    """Raise OutputError unless `path` can be written: its folder exists and is writable, and
-    it does not exist yet (or `overwrite`)."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"cannot write {path}: folder {folder} is not writable")
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists; pass --overwrite to replace it")
-    return path
 
 
 class VideoSink:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from realtime_helpers import count_frames, write_clip
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
 from camface.models import DETECTORS, EMOTION_ONNX
+from camface.realtime.detect import FaceDetector
 from camface.realtime.loop import LiveConfig, LiveLoop
 from camface.realtime.sample import SampleSource
 from camface.realtime.smooth import iou
@@ -126,6 +126,33 @@ def test_max_faces_drops_the_smallest(tmp_path, sample_frames):
     cv2.imwrite(str(folder / "a.png"), frame)
     loop = _run(LiveConfig(source=str(folder), max_faces=1))
     assert loop.summary.frames == 1 and loop.summary.faces == 1 and loop.summary.dropped == 2
+
+
+def test_a_crowd_keeps_the_largest_faces_and_says_how_many_were_dropped(tmp_path, astronaut_bgr):
+    """40 faces in one frame (a 5 x 8 grid, one tile of them larger): --max-faces 8 classifies the
+    8 largest, the summary counts the rest, and the HUD says so on the recorded frame."""
+    from camface.realtime.render import HudAnnotator
+    from camface.realtime.results import FrameResult
+
+    face = astronaut_bgr[40:240, 130:330]
+    frame = np.tile(cv2.resize(face, (120, 120), interpolation=cv2.INTER_AREA), (5, 8, 1))
+    frame[0:240, 0:240] = cv2.resize(face, (240, 240), interpolation=cv2.INTER_AREA)  # 4 tiles -> 1 big face
+    folder = tmp_path / "crowd"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "crowd.png"), frame)
+    out = tmp_path / "crowd.mp4"
+    loop = _run(LiveConfig(source=str(folder), max_faces=8, record=out))
+    s = loop.summary
+    assert s.frames == 1 and s.faces == 8 and s.dropped >= 1
+    assert count_frames(out) == 1
+    found = s.faces + s.dropped
+    with FaceDetector(DETECTORS["full"]) as detector:
+        faces = detector.detect(frame)
+    assert len(faces) == found and faces[0].box[2] > 1.5 * faces[-1].box[2]  # largest first
+    hud = HudAnnotator().lines(FrameResult(index=0, faces=(), predictions=(), dropped=s.dropped,
+                                           method="gradcam", explained_class=None, labels=("a",),
+                                           fps=1.0, stage_ms={}, provider="CPUExecutionProvider"))
+    assert f"{s.dropped} more face(s) not shown (--max-faces)" in hud
 
 
 def test_frames_of_every_kind(tmp_path, astronaut_bgr):

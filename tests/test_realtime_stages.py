@@ -16,7 +16,8 @@ from camface.realtime.crop import crop_faces, crop_square, square_box
 from camface.realtime.render import (BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box,
                                      normalize_heatmap)
 from camface.realtime.results import Face, FrameResult, Prediction
-from camface.realtime.sinks import VideoSink, check_output_file
+from camface.outputs import check_output_file
+from camface.realtime.sinks import VideoSink
 from camface.realtime.smooth import Smoother, iou
 from camface.realtime.snapshot import SnapshotWriter
 from camface.realtime.sources import to_bgr8
