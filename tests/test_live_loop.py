@@ -431,3 +431,20 @@ def test_emotion_graph_explains_the_class_asked_for(astronaut_bgr):
     assert graph.info.labels[int(probs[0].argmax())] == "happy" and probs[0].max() > 0.9
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)  # same crop, same probabilities
     assert not np.allclose(heat[0], heat[1])  # 'happy' and 'angry' are explained differently
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "2"], "--alpha must be in [0, 1]"),
+    (["--smooth", "1"], "--smooth must be in [0, 1)"),
+    (["--graph-threads", "-1"], "--graph-threads must be >= 0"),
+    (["--colormap", "rainbowish"], "--colormap 'rainbowish' unknown"),
+    (["--max-faces", "0"], "--max-faces must be 1..32"),
+])
+def test_bad_live_flags_name_the_flag(flags, message, capsys):
+    assert camface_main(["live", "--source", "sample", "--no-show", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_graph_threads_zero_uses_every_core(face_clip):
+    loop = _run(LiveConfig(source=str(face_clip), graph_threads=0, max_frames=2))
+    assert loop.summary.frames == 2 and loop.summary.faces >= 2
