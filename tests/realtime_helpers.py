@@ -110,3 +110,19 @@ def count_frames(path: Path) -> int:
         count += 1
     capture.release()
     return count
+
+
+# `python -c BLOCK_TF ARGS...` runs `camface ARGS...` with TensorFlow, Keras and tf2onnx made
+# unimportable, and fails if any of them got imported anyway.
+BLOCK_TF = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
+            raise ImportError(f'{name} is blocked in this test')
+sys.meta_path.insert(0, Block())
+from camface.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules)
+sys.exit(code)
+"""

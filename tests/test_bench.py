@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from realtime_helpers import write_clip  # noqa: E402
+from realtime_helpers import BLOCK_TF, write_clip  # noqa: E402
 
 from camface.cli import main as camface_main  # noqa: E402
 from camface.models import EMOTION_KERAS, EMOTION_ONNX  # noqa: E402
@@ -182,20 +182,6 @@ def test_source_that_does_not_open_is_a_clear_error(tmp_path, capsys, make, mess
 def test_bad_flags_are_clear_errors(faces_clip, capsys, argv, message):
     assert camface_main(["bench", "--source", str(faces_clip), *argv]) == 2
     assert message in capsys.readouterr().err
-
-
-BLOCK_TF = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
-            raise ImportError(f'{name} is blocked in this test')
-sys.meta_path.insert(0, Block())
-from camface.cli import main
-code = main(sys.argv[1:])
-assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules)
-sys.exit(code)
-"""
 
 
 def test_bench_runs_without_tensorflow(tmp_path, faces_clip):

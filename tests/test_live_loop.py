@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import count_frames, write_clip
+from realtime_helpers import BLOCK_TF, count_frames, write_clip
 
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
@@ -307,20 +307,6 @@ def test_cli_smoke_file_folder_and_bad_camera(tmp_path, face_clip, capsys):
     assert camface_main(["live", "--source", "sample", "--no-show", "--record", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert camface_main(["live", "--source", "sample", "--no-show", "--alpha", "2"]) == 2
-
-
-BLOCK_TF = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
-            raise ImportError(f'{name} is blocked in this test')
-sys.meta_path.insert(0, Block())
-from camface.cli import main
-code = main(sys.argv[1:])
-assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules)
-sys.exit(code)
-"""
 
 
 def test_sample_runs_with_tensorflow_blocked(tmp_path):
