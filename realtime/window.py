@@ -67,16 +67,20 @@ class Window:
 
     def __init__(self, title: str = "camface"):
         self.title = title
+        self._sized = False
 
     def __enter__(self) -> "Window":
         import cv2
 
-        cv2.namedWindow(self.title, cv2.WINDOW_NORMAL)
+        cv2.namedWindow(self.title, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
         return self
 
     def show(self, frame: np.ndarray) -> int:
         import cv2
 
+        if not self._sized:  # a resizable window starts small: open it at the frame's size
+            cv2.resizeWindow(self.title, frame.shape[1], frame.shape[0])
+            self._sized = True
         cv2.imshow(self.title, frame)
         return cv2.waitKey(1)
 

@@ -1,0 +1,73 @@
+"""The real OpenCV window on a virtual display: keys typed with xdotool drive the loop.
+
+Needs Xvfb and xdotool (Debian packages `xvfb`, `xdotool`; `.ci/run` installs them when it
+can). Skipped where they are missing: the key handling itself is tested without a display in
+test_live_loop.py (`apply_key`, fake window)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from realtime_helpers import count_frames, write_clip
+
+from camface.realtime.sample import SampleSource
+
+pytestmark = pytest.mark.skipif(not (shutil.which("Xvfb") and shutil.which("xdotool")),
+                                reason="needs Xvfb and xdotool")
+
+
+@pytest.fixture
+def display():
+    number = 90 + os.getpid() % 9
+    server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        yield f":{number}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _window_id(env: dict, timeout_s: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = subprocess.run(["xdotool", "search", "--name", "^camface$"], env=env,
+                               capture_output=True, text=True)
+        if found.stdout.strip():
+            return found.stdout.split()[0]
+        time.sleep(0.2)
+    raise AssertionError("the camface window never appeared")
+
+
+def test_keys_in_a_real_window(tmp_path, display):
+    clip = SampleSource()
+    frames = [clip.frame(i) for i in range(300)]
+    source = write_clip(tmp_path / "long.mp4", frames * 4)  # 1,200 frames: outlasts the keys
+    out = tmp_path / "window.mp4"
+    env = {**os.environ, "DISPLAY": display, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "camface", "live", "--source", str(source), "--record", str(out),
+         "--snapshot-dir", str(tmp_path / "snaps")],  # --show is automatic with a display
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        window = _window_id(env)
+        for key in ("m", "s", "q"):  # next method, one snapshot, quit
+            subprocess.run(["xdotool", "key", "--window", window, key], env=env, check=True)
+            time.sleep(0.5)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert "(quit)" in err, err
+    processed = int(err.split(" frames, ")[0].rsplit(" ", 1)[-1])
+    assert 0 < processed < 1200 and count_frames(out) == processed
+    snapshots = list((tmp_path / "snaps").iterdir())
+    assert len(snapshots) == 1 and (snapshots[0] / "snapshot.json").is_file()
+    assert '"method": "gradcampp"' in (snapshots[0] / "snapshot.json").read_text()  # after m
