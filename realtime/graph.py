@@ -81,6 +81,8 @@ class CamGraph:
         channels = self.info.channels if hasattr(self, "info") else 1
         options = _provider_options(provider, f"{height}x{width}x{channels}")
         providers = [(provider, options)] if provider == CPU else [(provider, options), CPU]
+        if provider == TENSORRT and CUDA in self._ort.get_available_providers():
+            providers.insert(1, CUDA)  # nodes TensorRT does not take run on CUDA, not the CPU
         try:
             # A provider that cannot load prints to stdout and logs errors before ORT falls
             # back; the check after creation is what decides, so keep the noise away.
