@@ -95,7 +95,11 @@ class FaceDetector:
                 self._detector = vision.FaceDetector.create_from_options(options)
             except (RuntimeError, ValueError) as exc:
                 raise ModelError(f"cannot load face detector {self.model_path}: {exc}") from exc
-            self.detect(np.zeros((64, 64, 3), np.uint8))  # first call logs; keep it quiet too
+            try:
+                self.detect(np.zeros((64, 64, 3), np.uint8))  # first call logs; keep it quiet too
+            except BaseException:  # `with` will not call __exit__ when __enter__ fails
+                self.close()
+                raise
         return self
 
     def close(self) -> None:

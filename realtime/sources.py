@@ -177,8 +177,13 @@ class ImageFolderSource:
             if image is None:
                 log.warning("skipping %s: not an image OpenCV can read", path)
                 continue
+            try:
+                frame = to_bgr8(image)
+            except ValueError as exc:  # e.g. a signed 16-bit TIFF
+                log.warning("skipping %s: %s", path, exc)
+                continue
             read += 1
-            yield to_bgr8(image)
+            yield frame
         if read == 0:
             raise SourceError(f"none of the {len(self.files)} image files in {self.path} could be read")
 
@@ -244,8 +249,12 @@ class LiveSource:
         self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
                                         daemon=True)
         self._thread.start()
-        if not _valid_fps(fps):
-            fps = self._measure_fps()
+        try:
+            if not _valid_fps(fps):
+                fps = self._measure_fps()
+        except BaseException:  # e.g. Ctrl-C while measuring: `with` will not call __exit__
+            self.__exit__(None, None, None)
+            raise
         self.info = SourceInfo(str(self.target), float(fps), None, live=True)
         return self
 

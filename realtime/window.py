@@ -40,7 +40,7 @@ def apply_key(controls: Controls, key: int, methods: tuple[str, ...], classes: i
         cycle = tuple(methods) + ("none",)
         position = cycle.index(controls.method) if controls.method in cycle else -1
         return replace(controls, method=cycle[(position + 1) % len(cycle)]), None
-    if char.isdigit():
+    if "0" <= char <= "9":  # not str.isdigit(): '²' (0xB2, an AZERTY key) is a digit to it
         k = int(char)
         return (replace(controls, explained=k), None) if k < classes else (controls, None)
     if char == "a":
