@@ -89,6 +89,8 @@ class LiveConfig:
             raise ValueError(f"--margin must be >= 0, got {self.margin}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"--max-frames must be >= 1, got {self.max_frames}")
         if self.snapshot_every < 0:
             raise ValueError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
 

@@ -82,7 +82,10 @@ class Window:
             cv2.resizeWindow(self.title, frame.shape[1], frame.shape[0])
             self._sized = True
         cv2.imshow(self.title, frame)
-        return cv2.waitKey(1)
+        key = cv2.waitKeyEx(1)
+        # Arrows, Shift, F-keys... come as 0xFF51 and the like: cv2.waitKey keeps the low byte,
+        # so Left would read as 'Q' (quit), Up as 'R', Right as 'S'. Only Latin-1 keys count.
+        return key if key <= 0xFF else -1
 
     @property
     def closed(self) -> bool:

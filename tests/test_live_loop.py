@@ -425,6 +425,7 @@ def test_emotion_graph_explains_the_class_asked_for(astronaut_bgr):
     (["--graph-threads", "-1"], "--graph-threads must be >= 0"),
     (["--colormap", "rainbowish"], "--colormap 'rainbowish' unknown"),
     (["--max-faces", "0"], "--max-faces must be 1..32"),
+    (["--max-frames", "0"], "--max-frames must be >= 1"),
 ])
 def test_bad_live_flags_name_the_flag(flags, message, capsys):
     assert camface_main(["live", "--source", "sample", "--no-show", *flags]) == 2

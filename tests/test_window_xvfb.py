@@ -57,9 +57,11 @@ def test_keys_in_a_real_window(tmp_path, display):
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         window = _window_id(env)
-        for key in ("m", "s", "q"):  # next method, one snapshot, quit
+        # arrows and Shift must do nothing (their low bytes read as 'Q', 'R', 'S', 'T'), then:
+        # next method, one snapshot, quit
+        for key in ("Left", "Up", "Right", "Down", "shift", "m", "s", "q"):
             subprocess.run(["xdotool", "key", "--window", window, key], env=env, check=True)
-            time.sleep(0.5)
+            time.sleep(0.3)
         _, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
