@@ -410,12 +410,17 @@ class LiveLoop:
                     self.timer.add("crop", after_crop - start)
                     predictions: tuple[Prediction, ...] = ()
                     if faces:
-                        wanted = -1 if controls.explained is None else controls.explained
-                        probs, heatmaps = graph.run(crops, np.full(len(faces), wanted, np.int64), controls.method)
+                        if controls.explained is not None:
+                            wanted = np.full(len(faces), controls.explained, np.int64)
+                        elif smoother is not None:  # explain what the smoothed label will say
+                            wanted = smoother.explain_classes(faces)
+                        else:
+                            wanted = np.full(len(faces), -1, np.int64)
+                        probs, heatmaps = graph.run(crops, wanted, controls.method)
                         predicted = probs.argmax(axis=1)
                         predictions = tuple(
                             Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                                       explained=int(predicted[i]) if wanted < 0 else wanted,
+                                       explained=int(predicted[i]) if wanted[i] < 0 else int(wanted[i]),
                                        method=controls.method)
                             for i in range(len(faces)))
                     after_classify = time.perf_counter()

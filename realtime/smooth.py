@@ -59,6 +59,15 @@ class Smoother:
                 used.add(track_id)
         return matched
 
+    def explain_classes(self, faces: tuple[Face, ...]) -> np.ndarray:
+        """int64 [N]: the class to explain for each face when the user pinned none: its track's
+        smoothed predicted class, or -1 (the frame's own prediction) for a face with no track.
+
+        Explaining the smoothed class keeps the heatmap on the class the label shows, and keeps
+        its average going while the raw top class flickers between two close classes."""
+        return np.array([-1 if track_id is None else self._tracks[track_id].prediction.predicted
+                         for track_id in self._match(faces)], np.int64)
+
     def _blend(self, old: Prediction, new: Prediction) -> Prediction:
         f = self.factor
         probs = (f * old.probs + (1.0 - f) * new.probs).astype(np.float32)

@@ -263,6 +263,26 @@ def test_smoother_keeps_ids_and_averages():
         Smoother(1.0)
 
 
+def test_smoother_explains_the_smoothed_class_while_the_raw_top_class_flickers():
+    def frame(box, probs):
+        probs = np.array(probs, np.float32)
+        top = int(probs.argmax())
+        prediction = Prediction(probs=probs, heatmap=np.ones((4, 4), np.float32), predicted=top,
+                                explained=top, method="gradcam")
+        return FrameResult(index=0, faces=(Face(box, 1.0),), predictions=(prediction,),
+                           method="gradcam", labels=TINY_LABELS)
+
+    smoother = Smoother(0.8)
+    far = Face((300, 300, 20, 20), 1.0)
+    np.testing.assert_array_equal(smoother.explain_classes((Face((0, 0, 20, 20), 1.0), far)), [-1, -1])
+    smoother.update(frame((0, 0, 20, 20), [0.1, 0.6, 0.3]))
+    second = smoother.update(frame((1, 0, 20, 20), [0.1, 0.3, 0.6]))  # raw top class flips to 2
+    np.testing.assert_allclose(second.predictions[0].probs, [0.1, 0.54, 0.36], atol=1e-6)
+    assert second.predictions[0].predicted == 1  # the label keeps saying class 1 ...
+    # ... so the next frame's heatmap is asked for class 1 too; a new face gets its own (-1)
+    np.testing.assert_array_equal(smoother.explain_classes((Face((2, 0, 20, 20), 1.0), far)), [1, -1])
+
+
 # ------------------------------------------------------------------------------ timing, keys
 
 def test_stage_timer_and_rate_meter():
