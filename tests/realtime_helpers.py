@@ -126,3 +126,29 @@ code = main(sys.argv[1:])
 assert not any(m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx') for m in sys.modules)
 sys.exit(code)
 """
+
+
+class FakeCamera:
+    """A cv2.VideoCapture stand-in: frames at ~200 fps (`good` of them, then nothing, as if
+    unplugged; None = forever until released); reports 0 fps like many webcams."""
+
+    def __init__(self, good: int | None = None):
+        self.good, self.reads, self.released = good, 0, False
+
+    def isOpened(self):
+        return True
+
+    def get(self, prop):
+        return 0.0
+
+    def read(self):
+        import time
+
+        time.sleep(0.005)
+        self.reads += 1
+        if self.released or (self.good is not None and self.reads > self.good):
+            return False, None
+        return True, np.full((48, 64, 3), self.reads % 255, np.uint8)
+
+    def release(self):
+        self.released = True

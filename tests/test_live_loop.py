@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import BLOCK_TF, count_frames, write_clip
+from realtime_helpers import BLOCK_TF, FakeCamera, count_frames, write_clip
 
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
@@ -183,31 +183,6 @@ def test_fails_before_processing_when_output_is_unwritable(tmp_path, face_clip):
     assert existing.read_bytes() == b"keep me"
     _run(LiveConfig(source=str(face_clip), record=existing, overwrite=True, max_frames=3))
     assert count_frames(existing) == 3
-
-
-class FakeCamera:
-    """A cv2.VideoCapture stand-in: `good` frames at ~200 fps, then nothing (unplugged);
-    reports 0 fps like many webcams."""
-
-    def __init__(self, good: int):
-        self.good, self.reads = good, 0
-
-    def isOpened(self):
-        return True
-
-    def get(self, prop):
-        return 0.0
-
-    def read(self):
-        time.sleep(0.005)
-        self.reads += 1
-        if self.reads > self.good:
-            return False, None
-        frame = np.full((48, 64, 3), self.reads % 255, np.uint8)
-        return True, frame
-
-    def release(self):
-        pass
 
 
 def test_camera_that_disappears_finalises_the_recording(tmp_path):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import cv2
 import numpy as np
 import pytest
+from realtime_helpers import FakeCamera
 
 from camface.realtime.sources import ImageFolderSource, LiveSource
 from camface.realtime.window import Controls, apply_key
@@ -22,30 +22,10 @@ def test_superscript_digit_keys_are_ignored_not_a_crash(char):
     assert apply_key(controls, ord("2"), ("gradcam",), 7) == (Controls("gradcam", explained=2), None)
 
 
-class _ZeroFpsCamera:
-    """Delivers frames forever at ~200 fps, reports 0 fps (so the source measures it)."""
-
-    def __init__(self):
-        self.released = False
-
-    def isOpened(self):
-        return True
-
-    def get(self, prop):
-        return 0.0
-
-    def read(self):
-        time.sleep(0.005)
-        return (False, None) if self.released else (True, np.zeros((8, 8, 3), np.uint8))
-
-    def release(self):
-        self.released = True
-
-
 def test_live_source_interrupted_while_opening_releases_the_camera(monkeypatch):
     """Ctrl-C while the camera's frame rate is being measured: `with` never calls __exit__
     for a failed __enter__, so __enter__ itself must stop the reader thread and release."""
-    camera = _ZeroFpsCamera()
+    camera = FakeCamera()
 
     def interrupted(self, frames=10):
         raise KeyboardInterrupt
