@@ -83,6 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads (1, as `camface live` uses: the detector has "
                              "the other core; 0 = ONNX Runtime's default, all cores)")
+    parser.add_argument("--detect-workers", type=int, default=0,
+                        help="face detectors side by side, as `camface live --detect-workers` (0 = auto)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto",
                         help="ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json",
@@ -110,6 +112,7 @@ class BenchConfig:
     detector: str = "full"
     max_faces: int = 8
     graph_threads: int = 1
+    detect_workers: int = 0
     device: str = "auto"
     json: Path | None = None
     quiet_native: bool = True
@@ -134,7 +137,8 @@ class BenchConfig:
                    compare_heads=args.compare_heads, batches=tuple(args.batches), repeats=args.repeats,
                    backbone=args.backbone, backbone_size=args.backbone_size, work_dir=args.work_dir,
                    detector=args.detector, max_faces=max_faces, graph_threads=args.graph_threads,
-                   device=args.device, json=args.json, quiet_native=not getattr(args, "debug", False))
+                   detect_workers=args.detect_workers, device=args.device, json=args.json,
+                   quiet_native=not getattr(args, "debug", False))
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,12 @@ def machine_info() -> dict:
 # ------------------------------------------------------------------------------ rows
 
 
+def _detect_workers(requested: int) -> int:
+    from camface.realtime.loop import detect_workers_for
+
+    return detect_workers_for(requested)
+
+
 def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
     """The real live loop on the first `config.frames` frames, after an untimed run on the
     first `config.warmup` frames (first-frame costs: codec set-up, caches, page faults)."""
@@ -254,7 +264,8 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
         return LiveConfig(source=config.source, model=model, method=config.method, record=record,
                           show=False, detector=config.detector, max_faces=config.max_faces,
                           device=config.device, overwrite=True, max_frames=frames, progress=False,
-                          graph_threads=config.graph_threads, quiet_native=config.quiet_native)
+                          graph_threads=config.graph_threads, detect_workers=config.detect_workers,
+                          quiet_native=config.quiet_native)
 
     def record(name: str) -> Path | None:
         return record_dir / f"{name}.mp4" if record_dir is not None else None
@@ -470,7 +481,8 @@ def format_report(report: dict, rows: list[Row]) -> str:
         f"+ {setup['warmup']} warm-up), {Path(setup['model']).name} ({setup['method']}), detector "
         f"{setup['detector']}, max {setup['max_faces']} faces, recording {'on' if setup['record'] else 'off'}",
         f"machine: {machine['cpu']}, {machine['usable_cores']} cores, {gpus}; ONNX Runtime "
-        f"{machine['onnxruntime']}, {setup['graph_threads']} graph thread(s); load average "
+        f"{machine['onnxruntime']}, {setup['graph_threads']} graph thread(s), {setup['detect_workers']} "
+        f"detector(s); load average "
         f"{report['load_average']['before']:.2f} -> {report['load_average']['after']:.2f}",
         "",
     ]
@@ -583,7 +595,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             "input_size": list(info.input_size), "color_order": info.color_order,
             "target_layer": info.target_layer, "method": config.method, "frames": config.frames,
             "warmup": config.warmup, "record": config.record, "detector": config.detector,
-            "max_faces": config.max_faces, "graph_threads": config.graph_threads, "device": config.device,
+            "max_faces": config.max_faces, "graph_threads": config.graph_threads,
+            "detect_workers": _detect_workers(config.detect_workers), "device": config.device,
             "provider": graph.provider, "baseline": config.baseline,
         },
         "runs": [row.to_json() for row in rows],

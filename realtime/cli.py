@@ -55,6 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-threads", type=int, default=1, metavar="N",
                         help="ONNX Runtime intra-op threads on CPU: 1 leaves the other core to the "
                              "detector; 0 = all cores (faster for large graphs such as ResNet50)")
+    parser.add_argument("--detect-workers", type=int, default=0, metavar="N",
+                        help="face detectors running side by side on consecutive frames (each one "
+                             "MediaPipe instance on one core); 0 = one per core, at most 2")
 
 
 def build_config(args: argparse.Namespace):
@@ -82,7 +85,7 @@ def build_config(args: argparse.Namespace):
         margin=args.margin, device=args.device, smooth=args.smooth, cam_boxes=args.cam_boxes,
         bars=args.top3, colormap=args.colormap, alpha=args.alpha, snapshot_every=args.snapshot_every,
         snapshot_dir=args.snapshot_dir, overwrite=args.overwrite, max_frames=args.max_frames,
-        graph_threads=args.graph_threads,
+        graph_threads=args.graph_threads, detect_workers=args.detect_workers,
         progress=not show and sys.stderr.isatty(),
         quiet_native=not getattr(args, "debug", False),
     )

@@ -1,12 +1,17 @@
 """The live loop: source -> detect -> crop -> classify + explain -> smooth -> render -> sink.
 
-Four threads joined by bounded queues, so decoding and encoding overlap detection and
-inference on another core (OpenCV, MediaPipe and ONNX Runtime release the GIL):
+Threads joined by bounded queues, so decoding and encoding overlap detection and inference
+on another core (OpenCV, MediaPipe and ONNX Runtime release the GIL):
 
-  reader    decodes frames from the source                      -> frames queue
-  detector  MediaPipe face detection                            -> detections queue
-  main      crop, one graph call, smooth, render, window + keys -> output queue
-  writer    mp4 recording and snapshots
+  reader      decodes frames from the source                      -> frames queue
+  detector(s) MediaPipe face detection                            -> detections queue
+  main        crop, one graph call, smooth, render, window + keys -> output queue
+  writer      mp4 recording and snapshots
+
+Detection is the costliest stage, and MediaPipe runs one detector on one core. With
+`detect_workers` > 1, that many detectors (each its own MediaPipe instance, in VIDEO mode with
+its own increasing timestamps) take frames from the one frames queue; the main thread puts
+their results back in frame order, so every later stage still sees frames 0, 1, 2, ...
 
 The main thread owns the window (GUI toolkits want it) and receives the signals: Ctrl-C
 raises KeyboardInterrupt and SIGTERM raises `Terminated` there; every exit path then stops
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import signal
 import sys
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 STAGES = ("decode", "detect", "crop", "classify", "render", "encode")
 HUD_STAGES = ("detect", "classify", "render")
 QUEUE_SIZE = 4
+MAX_DETECT_WORKERS = 8
 _END = object()
 
 
@@ -80,6 +87,7 @@ class LiveConfig:
     max_frames: int | None = None
     progress: bool = False
     graph_threads: int = 1
+    detect_workers: int = 0  # 0: auto (see detect_workers_for)
     quiet_native: bool = True
 
     def __post_init__(self) -> None:
@@ -93,6 +101,18 @@ class LiveConfig:
             raise ValueError(f"--max-frames must be >= 1, got {self.max_frames}")
         if self.snapshot_every < 0:
             raise ValueError(f"--snapshot-every must be >= 0, got {self.snapshot_every}")
+        if not 0 <= self.detect_workers <= MAX_DETECT_WORKERS:
+            raise ValueError(f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}")
+
+
+def detect_workers_for(requested: int, cpus: int | None = None) -> int:
+    """How many detector threads to run: `requested`, or for 0 (auto) one per core, at most
+    2 (a third did not help on two cores; the other stages need CPU too)."""
+    if requested:
+        return requested
+    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                          else os.cpu_count() or 1)
+    return max(1, min(2, cpus))
 
 
 @dataclass(frozen=True)
@@ -148,6 +168,30 @@ def _get(q: queue.Queue, stop: threading.Event | None = None):
         except queue.Empty:
             if stop is not None and stop.is_set():
                 return _END
+
+
+def _in_order(inbox: queue.Queue, producers: int):
+    """Yield (index, frame, faces) from `producers` detector threads in frame order.
+
+    Each producer sends increasing indices and one _END; together they cover 0, 1, 2, ...
+    without gaps, so the next index always arrives. A _Failure is raised at once.
+    """
+    pending: dict[int, tuple] = {}
+    wanted = 0
+    ended = 0
+    while True:
+        while wanted in pending:
+            yield pending.pop(wanted)
+            wanted += 1
+        if ended == producers:
+            return
+        item = _get(inbox)
+        if item is _END:
+            ended += 1
+        elif isinstance(item, _Failure):
+            raise item.exc
+        else:
+            pending[item[0]] = item
 
 
 @contextlib.contextmanager
@@ -278,7 +322,8 @@ class LiveLoop:
 
     # ---------------------------------------------------------------- worker threads
 
-    def _read(self, source, out: queue.Queue, stop: threading.Event) -> None:
+    def _read(self, source, out: queue.Queue, stop: threading.Event, consumers: int = 1) -> None:
+        """Decode frames into `out`, then one _END per consumer (each detector stops on its own)."""
         try:
             frames = iter(source)
             index = 0
@@ -292,7 +337,8 @@ class LiveLoop:
                 if not _put(out, (index, frame), stop):
                     return
                 index += 1
-            _put(out, _END, stop)
+            for _ in range(consumers):
+                _put(out, _END, stop)
         except BaseException as exc:
             _put(out, _Failure(exc), stop)
 
@@ -337,7 +383,10 @@ class LiveLoop:
         graph.run(np.zeros((1, *graph.info.input_size, graph.info.channels), np.uint8),
                   np.array([-1], np.int64), cfg.method)  # warm-up: first ORT run allocates
         source = self._source if self._source is not None else make_source(cfg.source)
-        with source, FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence, cfg.quiet_native) as detector:
+        with source, contextlib.ExitStack() as detectors_open:
+            detectors = [detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence,
+                                                                   cfg.quiet_native))
+                         for _ in range(detect_workers_for(cfg.detect_workers))]
             snapshots = None
             if cfg.snapshot_every or cfg.show:
                 snapshots = SnapshotWriter(cfg.snapshot_dir, source.info.name, model_path, graph.info)
@@ -351,21 +400,21 @@ class LiveLoop:
                 if window is not None and hasattr(window, "__enter__"):
                     stack.enter_context(window)
                 stack.enter_context(_opencv_single_threaded())
-                self._pipeline(cfg, source, detector, graph, renderer, smoother, writer, window)
+                self._pipeline(cfg, source, detectors, graph, renderer, smoother, writer, window)
         return self.summary
 
-    def _pipeline(self, cfg, source, detector, graph, renderer, smoother, writer, window) -> None:
+    def _pipeline(self, cfg, source, detectors, graph, renderer, smoother, writer, window) -> None:
         from camface.realtime.crop import crop_faces
 
         stop = threading.Event()
         frames_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         detections_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         output_q: queue.Queue = queue.Queue(QUEUE_SIZE)
-        threads = [
-            threading.Thread(target=self._read, args=(source, frames_q, stop), name="camface-reader", daemon=True),
-            threading.Thread(target=self._detect, args=(detector, frames_q, detections_q, stop),
-                             name="camface-detector", daemon=True),
-        ]
+        threads = [threading.Thread(target=self._read, args=(source, frames_q, stop, len(detectors)),
+                                    name="camface-reader", daemon=True)]
+        threads += [threading.Thread(target=self._detect, args=(detector, frames_q, detections_q, stop),
+                                     name=f"camface-detector-{n}", daemon=True)
+                    for n, detector in enumerate(detectors)]
         writer_thread = threading.Thread(target=writer.run, args=(output_q,), name="camface-writer", daemon=True)
 
         info = graph.info
@@ -389,15 +438,9 @@ class LiveLoop:
             thread.start()
         try:
             with sigterm_raises():
-                while True:
-                    item = _get(detections_q)
-                    if item is _END:
-                        break
-                    if isinstance(item, _Failure):
-                        raise item.exc
+                for index, frame, faces in _in_order(detections_q, len(detectors)):
                     if writer.error is not None:
                         raise writer.error
-                    index, frame, faces = item
                     start = time.perf_counter()
                     dropped = max(0, len(faces) - cfg.max_faces)
                     faces = faces[: cfg.max_faces]

@@ -401,6 +401,7 @@ def test_emotion_graph_explains_the_class_asked_for(astronaut_bgr):
     (["--colormap", "rainbowish"], "--colormap 'rainbowish' unknown"),
     (["--max-faces", "0"], "--max-faces must be 1..32"),
     (["--max-frames", "0"], "--max-frames must be >= 1"),
+    (["--detect-workers", "9"], "--detect-workers must be 0 (auto) .. 8"),
 ])
 def test_bad_live_flags_name_the_flag(flags, message, capsys):
     assert camface_main(["live", "--source", "sample", "--no-show", *flags]) == 2
@@ -410,3 +411,69 @@ def test_bad_live_flags_name_the_flag(flags, message, capsys):
 def test_graph_threads_zero_uses_every_core(face_clip):
     loop = _run(LiveConfig(source=str(face_clip), graph_threads=0, max_frames=2))
     assert loop.summary.frames == 2 and loop.summary.faces >= 2
+
+
+# ------------------------------------------------------------------------------ parallel detectors
+
+def test_detect_workers_auto_is_one_per_core_at_most_two():
+    from camface.realtime.loop import detect_workers_for
+
+    assert [detect_workers_for(0, cpus=c) for c in (1, 2, 16)] == [1, 2, 2]
+    assert detect_workers_for(3, cpus=1) == 3
+    with pytest.raises(ValueError, match="--detect-workers must be 0"):
+        LiveConfig(detect_workers=-1)
+
+
+def test_in_order_puts_detector_results_back_in_frame_order():
+    import queue
+
+    from camface.realtime.loop import _END, _Failure, _in_order
+
+    inbox = queue.Queue()
+    for item in [(1, "f1", ()), (3, "f3", ()), (0, "f0", ()), _END, (2, "f2", ()), (4, "f4", ()), _END]:
+        inbox.put(item)
+    assert [(i, f) for i, f, _ in _in_order(inbox, producers=2)] == [(i, f"f{i}") for i in range(5)]
+
+    inbox = queue.Queue()
+    for item in [(1, "f1", ()), _Failure(SourceError("camera 0 disappeared"))]:
+        inbox.put(item)
+    with pytest.raises(SourceError, match="camera 0 disappeared"):
+        list(_in_order(inbox, producers=2))
+
+
+def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monkeypatch):
+    """Three detectors, the first one slowed down so results arrive out of order: every later
+    stage still sees frames 0..11 in order, each with the faces of its own frame."""
+    from camface.realtime import detect, render
+
+    cap = cv2.VideoCapture(str(face_clip))
+    frames = [cap.read()[1] for _ in range(12)]
+    cap.release()
+    with FaceDetector(DETECTORS["full"]) as single:
+        expected = [tuple(f.box for f in single.detect(frame)) for frame in frames]
+    assert len(set(expected)) > 6  # the faces move: a frame mix-up would show
+
+    instances: dict[int, int] = {}
+    real_detect = detect.FaceDetector.detect
+
+    def uneven_detect(self, frame):
+        n = instances.setdefault(id(self), len(instances))
+        if n == 0:
+            time.sleep(0.03)
+        return real_detect(self, frame)
+
+    seen = []
+    real_annotate = render.Renderer.annotate
+
+    def spy_annotate(self, frame, result):
+        seen.append((result.index, tuple(f.box for f in result.faces)))
+        return real_annotate(self, frame, result)
+
+    monkeypatch.setattr(detect.FaceDetector, "detect", uneven_detect)
+    monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
+    out = tmp_path / "out.mp4"
+    loop = _run(LiveConfig(source=str(face_clip), record=out, detect_workers=3))
+    assert len(instances) == 3  # the warm-up frame of each detector counts too
+    assert [i for i, _ in seen] == list(range(12))
+    assert [boxes for _, boxes in seen] == expected
+    assert loop.summary.frames == 12 and count_frames(out) == 12
