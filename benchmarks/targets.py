@@ -23,6 +23,10 @@ from pathlib import Path
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "live": ("emotion graph, sample 640x480, headless, recording on",
              ["--source", "sample", "--record", "--frames", "300", "--warmup", "30"]),
+    "live-1det": ("the same with one face detector (`--detect-workers 1`, the loop before 2 detectors)",
+                  ["--source", "sample", "--record", "--frames", "300", "--warmup", "30", "--detect-workers", "1"]),
+    "live-short": ("the same with the short-range detector",
+                   ["--source", "sample", "--record", "--frames", "300", "--warmup", "30", "--detector", "short"]),
     "baseline": ("the same with the Keras GradientTape baseline (100 frames: the baseline is slow)",
                  ["--source", "sample", "--record", "--frames", "100", "--warmup", "10", "--baseline", "keras"]),
     "resnet50": ("ResNet50-GAP 224x224 (random weights), one face per frame, recording on, 1 graph thread",

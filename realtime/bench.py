@@ -248,10 +248,10 @@ def machine_info() -> dict:
 # ------------------------------------------------------------------------------ rows
 
 
-def _detect_workers(requested: int) -> int:
+def _detect_workers(config: BenchConfig) -> int:
     from camface.realtime.loop import detect_workers_for
 
-    return detect_workers_for(requested)
+    return detect_workers_for(config.detect_workers, config.graph_threads)
 
 
 def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
@@ -596,7 +596,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             "target_layer": info.target_layer, "method": config.method, "frames": config.frames,
             "warmup": config.warmup, "record": config.record, "detector": config.detector,
             "max_faces": config.max_faces, "graph_threads": config.graph_threads,
-            "detect_workers": _detect_workers(config.detect_workers), "device": config.device,
+            "detect_workers": _detect_workers(config), "device": config.device,
             "provider": graph.provider, "baseline": config.baseline,
         },
         "runs": [row.to_json() for row in rows],

@@ -419,6 +419,7 @@ def test_detect_workers_auto_is_one_per_core_at_most_two():
     from camface.realtime.loop import detect_workers_for
 
     assert [detect_workers_for(0, cpus=c) for c in (1, 2, 16)] == [1, 2, 2]
+    assert detect_workers_for(0, graph_threads=0, cpus=16) == 1  # the graph takes every core
     assert detect_workers_for(3, cpus=1) == 3
     with pytest.raises(ValueError, match="--detect-workers must be 0"):
         LiveConfig(detect_workers=-1)
