@@ -2,7 +2,7 @@
 against the baselines users would otherwise use, measured on the same frames in one run.
 
 Rows (each on the same frames of `--source`, after `--warmup` frames that are not timed):
-  camface live        the real live loop (`LiveLoop`: reader, detector, main and writer
+  camface live        the real live loop (`LiveLoop`: reader, detector(s), main and writer
                       threads), headless, recording when `--record`.
   ONNX, one thread    (with `--baseline keras`) the same stages one after the other in one
                       thread, with the CAM graph: separates what pipelining gains from what
@@ -248,10 +248,10 @@ def machine_info() -> dict:
 # ------------------------------------------------------------------------------ rows
 
 
-def _detect_workers(config: BenchConfig) -> int:
+def _detect_workers(config: BenchConfig, live: bool) -> int:
     from camface.realtime.loop import detect_workers_for
 
-    return detect_workers_for(config.detect_workers, config.graph_threads)
+    return detect_workers_for(config.detect_workers, config.graph_threads, live)
 
 
 def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
@@ -596,7 +596,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             "target_layer": info.target_layer, "method": config.method, "frames": config.frames,
             "warmup": config.warmup, "record": config.record, "detector": config.detector,
             "max_faces": config.max_faces, "graph_threads": config.graph_threads,
-            "detect_workers": _detect_workers(config), "device": config.device,
+            "detect_workers": _detect_workers(config, source_info.live), "device": config.device,
             "provider": graph.provider, "baseline": config.baseline,
         },
         "runs": [row.to_json() for row in rows],

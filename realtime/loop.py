@@ -105,18 +105,20 @@ class LiveConfig:
             raise ValueError(f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}")
 
 
-def detect_workers_for(requested: int, graph_threads: int = 1, cpus: int | None = None) -> int:
+def detect_workers_for(requested: int, graph_threads: int = 1, live: bool = False, cpus: int | None = None) -> int:
     """How many detector threads to run: `requested`, or for 0 (auto) one per core, at most 2.
 
-    Measured on two cores (sample clip, 1,500 frames, 5 interleaved pairs): 2 detectors ran
-    1.03-1.13x the frames per second of one (median 1.10x). When the graph gets every core
-    (`graph_threads` 0, for large graphs) the graph is the slow stage and a second detector
-    only competes with it, so auto gives 1 there. More cores may gain from more detectors,
-    which `--detect-workers N` asks for.
+    Two detectors raise throughput, not latency: on two cores (sample clip, 1,500 frames, 5
+    interleaved pairs) they ran 1.03-1.13x the frames per second of one (median 1.10x), while
+    each detection took about twice as long. So auto gives 1 for a `live` source (a camera or
+    stream sends 30-60 frames a second, which one detector keeps up with, and a frame should
+    reach the screen soon), and 1 when the graph gets every core (`graph_threads` 0, for large
+    graphs: the graph is then the slow stage and a second detector only competes with it).
+    More cores may gain from more detectors, which `--detect-workers N` asks for.
     """
     if requested:
         return requested
-    if graph_threads == 0:
+    if live or graph_threads == 0:
         return 1
     cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                           else os.cpu_count() or 1)
@@ -138,14 +140,21 @@ class RunSummary:
     recordings: tuple[tuple[str, int], ...] = ()  # (path, frames written)
     snapshots: int = 0
     stopped_by: str = "end of input"
+    detectors: int = 1  # detector threads, each timing its own frames
 
     @property
     def faces_per_frame(self) -> float:
         return self.faces / self.frames if self.frames else 0.0
 
+    def _stage_text(self, stage: str) -> str:
+        text = f"{self.stages[stage].median_ms:.1f} ms {stage}"
+        if stage == "detect" and self.detectors > 1:  # each detector's own frames: a latency
+            text += f" ({self.detectors} detectors side by side)"
+        return text
+
     def line(self) -> str:
         """One line: 'Speed: 2.3 ms detect, 1.1 ms classify, 0.4 ms render per frame; ...'."""
-        ms = ", ".join(f"{self.stages[s].median_ms:.1f} ms {s}" for s in HUD_STAGES if s in self.stages)
+        ms = ", ".join(self._stage_text(s) for s in HUD_STAGES if s in self.stages)
         text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frames, "
                 f"{self.faces_per_frame:.1f} faces/frame, {self.fps:.0f} fps")
         for path, written in self.recordings:
@@ -394,7 +403,7 @@ class LiveLoop:
         with source, contextlib.ExitStack() as detectors_open:
             detectors = [detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence,
                                                                    cfg.quiet_native))
-                         for _ in range(detect_workers_for(cfg.detect_workers, cfg.graph_threads))]
+                         for _ in range(detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live))]
             snapshots = None
             if cfg.snapshot_every or cfg.show:
                 snapshots = SnapshotWriter(cfg.snapshot_dir, source.info.name, model_path, graph.info)
@@ -531,6 +540,6 @@ class LiveLoop:
                     wall_s=time.perf_counter() - started, stages=self.timer.stats(), provider=graph.provider,
                     source=source.info.name, recordings=tuple(writer.recordings),
                     snapshots=writer.snapshots.count if writer.snapshots is not None else 0,
-                    stopped_by=stopped_by)
+                    stopped_by=stopped_by, detectors=len(detectors))
         if writer.error is not None:
             raise writer.error

@@ -20,7 +20,7 @@ from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
 from camface.models import DETECTORS, EMOTION_ONNX
 from camface.realtime.detect import FaceDetector
-from camface.realtime.loop import LiveConfig, LiveLoop
+from camface.realtime.loop import LiveConfig, LiveLoop, detect_workers_for
 from camface.realtime.sample import SampleSource
 from camface.realtime.smooth import iou
 from camface.realtime.sources import ImageFolderSource, LiveSource, VideoFileSource, make_source
@@ -105,6 +105,7 @@ def test_recording_holds_every_processed_frame_and_snapshots(tmp_path, face_clip
                            snapshot_dir=tmp_path / "snaps", cam_boxes=True, bars=True, smooth=0.5))
     s = loop.summary
     assert s.frames == 12 and s.stopped_by == "end of input"
+    assert s.detectors == detect_workers_for(0) == min(2, len(os.sched_getaffinity(0)))  # a file
     assert s.recordings == ((str(out), 12),) and count_frames(out) == 12
     assert s.faces_per_frame >= 2 and s.snapshots == 3
     assert {"decode", "detect", "crop", "classify", "render", "encode"} <= set(s.stages)
@@ -194,6 +195,7 @@ def test_camera_that_disappears_finalises_the_recording(tmp_path):
     assert 0 < loop.summary.frames <= 60
     assert count_frames(out) == loop.summary.frames
     assert 20 < source.info.fps < 250  # measured (about 200), the camera reported 0
+    assert loop.summary.detectors == 1  # a camera: one detector, the shortest latency
 
 
 def test_live_source_keeps_only_the_newest_frame():
@@ -416,10 +418,9 @@ def test_graph_threads_zero_uses_every_core(face_clip):
 # ------------------------------------------------------------------------------ parallel detectors
 
 def test_detect_workers_auto_is_one_per_core_at_most_two():
-    from camface.realtime.loop import detect_workers_for
-
     assert [detect_workers_for(0, cpus=c) for c in (1, 2, 16)] == [1, 2, 2]
     assert detect_workers_for(0, graph_threads=0, cpus=16) == 1  # the graph takes every core
+    assert detect_workers_for(0, live=True, cpus=16) == 1  # a camera: latency first
     assert detect_workers_for(3, cpus=1) == 3
     with pytest.raises(ValueError, match="--detect-workers must be 0"):
         LiveConfig(detect_workers=-1)
@@ -478,3 +479,4 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     assert [i for i, _ in seen] == list(range(12))
     assert [boxes for _, boxes in seen] == expected
     assert loop.summary.frames == 12 and count_frames(out) == 12
+    assert " ms detect (3 detectors side by side), " in loop.summary.line()
