@@ -2,7 +2,8 @@
 frames per second from frame completion times (N timestamps hold N-1 intervals).
 
 Buffers are fixed-size rings, so a run of any length uses bounded memory; statistics cover
-the last `capacity` samples. Each stage is written by one thread only.
+the last `capacity` samples. A ring may be written from several threads (the detectors share
+the "detect" stage).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ class Ring:
     def __init__(self, capacity: int = 4096):
         self._data = np.zeros(capacity, np.float64)
         self._count = 0
+        self._lock = threading.Lock()
 
     def add(self, value: float) -> None:
-        self._data[self._count % len(self._data)] = value
-        self._count += 1
+        with self._lock:  # `_count += 1` is a read then a write: not atomic without a GIL
+            self._data[self._count % len(self._data)] = value
+            self._count += 1
 
     @property
     def count(self) -> int:
