@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("decode", "detect", "crop", "classify", "render", "encode")
 HUD_STAGES = ("detect", "classify", "render")
-QUEUE_SIZE = 4
+QUEUE_SIZE = 4  # items between each pair of threads
 MAX_DETECT_WORKERS = 8
 _END = object()
 
@@ -56,10 +56,14 @@ class Terminated(BaseException):
 
 
 class _Failure:
-    """An exception travelling down the pipeline from a worker thread."""
+    """An exception travelling down the pipeline from a worker thread.
 
-    def __init__(self, exc: BaseException):
+    index: the frame a detector failed on; None for the reader (after every frame it read).
+    """
+
+    def __init__(self, exc: BaseException, index: int | None = None):
         self.exc = exc
+        self.index = index
 
 
 @dataclass(frozen=True)
@@ -187,28 +191,46 @@ def _get(q: queue.Queue, stop: threading.Event | None = None):
                 return _END
 
 
-def _in_order(inbox: queue.Queue, producers: int):
+def _in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | None = None):
     """Yield (index, frame, faces) from `producers` detector threads in frame order.
 
-    Each producer sends increasing indices and one _END; together they cover 0, 1, 2, ...
-    without gaps, so the next index always arrives. A _Failure is raised at once.
+    Each producer sends increasing indices and then one _END (or a _Failure, after which it
+    stops); together they cover 0, 1, 2, ... without gaps. A failure is raised once every
+    frame before it has been yielded, so nothing already read is lost: a detector's failure
+    on frame k after frames 0..k-1, the reader's after every frame it read. `slots` gets one
+    release per frame yielded (the reader takes one per frame read: see LiveLoop._read).
     """
     pending: dict[int, tuple] = {}
-    wanted = 0
-    ended = 0
+    wanted = ended = 0
+    failure: _Failure | None = None
     while True:
         while wanted in pending:
+            if slots is not None:
+                slots.release()
             yield pending.pop(wanted)
             wanted += 1
+        if failure is not None and (ended == producers or (failure.index is not None and wanted >= failure.index)):
+            raise failure.exc
         if ended == producers:
             return
         item = _get(inbox)
         if item is _END:
             ended += 1
         elif isinstance(item, _Failure):
-            raise item.exc
+            ended += 1  # its producer has stopped
+            earlier = item.index is not None and (failure is None or failure.index is None or item.index < failure.index)
+            if failure is None or earlier:
+                failure = item
         else:
             pending[item[0]] = item
+
+
+def _acquire(slots: threading.Semaphore, stop: threading.Event) -> bool:
+    """Take a slot, waiting while none is free; False if `stop` was set meanwhile."""
+    while not slots.acquire(timeout=0.05):
+        if stop.is_set():
+            return False
+    return True
 
 
 @contextlib.contextmanager
@@ -339,13 +361,22 @@ class LiveLoop:
 
     # ---------------------------------------------------------------- worker threads
 
-    def _read(self, source, out: queue.Queue, stop: threading.Event, consumers: int = 1) -> None:
-        """Decode frames into `out`, then one _END per consumer (each detector stops on its own)."""
+    def _read(self, source, out: queue.Queue, stop: threading.Event, consumers: int,
+              slots: threading.Semaphore) -> None:
+        """Decode frames into `out`, then one _END per consumer (each detector stops on its own).
+
+        A frame is read only when one of `slots` is free: the main thread frees one per frame
+        it takes, which bounds the frames between here and there even if one detector stalls
+        while another runs ahead. A failure goes to one consumer, _END to the others.
+        """
+        failed = 0
         try:
             frames = iter(source)
             index = 0
             limit = self.config.max_frames
             while not stop.is_set() and (limit is None or index < limit):
+                if not _acquire(slots, stop):
+                    return
                 start = time.perf_counter()
                 frame = next(frames, None)
                 if frame is None:
@@ -354,12 +385,14 @@ class LiveLoop:
                 if not _put(out, (index, frame), stop):
                     return
                 index += 1
-            for _ in range(consumers):
-                _put(out, _END, stop)
         except BaseException as exc:
             _put(out, _Failure(exc), stop)
+            failed = 1
+        for _ in range(consumers - failed):
+            _put(out, _END, stop)
 
     def _detect(self, detector, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+        index = None
         try:
             while True:
                 item = _get(inbox, stop)
@@ -373,7 +406,7 @@ class LiveLoop:
                 if not _put(out, (index, frame, faces), stop):
                     return
         except BaseException as exc:
-            _put(out, _Failure(exc), stop)
+            _put(out, _Failure(exc, index), stop)
 
     # ---------------------------------------------------------------- main thread
 
@@ -427,7 +460,8 @@ class LiveLoop:
         frames_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         detections_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         output_q: queue.Queue = queue.Queue(QUEUE_SIZE)
-        threads = [threading.Thread(target=self._read, args=(source, frames_q, stop, len(detectors)),
+        slots = threading.Semaphore(2 * QUEUE_SIZE + len(detectors))  # frames read but not yet taken
+        threads = [threading.Thread(target=self._read, args=(source, frames_q, stop, len(detectors), slots),
                                     name="camface-reader", daemon=True)]
         threads += [threading.Thread(target=self._detect, args=(detector, frames_q, detections_q, stop),
                                      name=f"camface-detector-{n}", daemon=True)
@@ -455,7 +489,7 @@ class LiveLoop:
             thread.start()
         try:
             with sigterm_raises():
-                for index, frame, faces in _in_order(detections_q, len(detectors)):
+                for index, frame, faces in _in_order(detections_q, len(detectors), slots):
                     if writer.error is not None:
                         raise writer.error
                     start = time.perf_counter()
@@ -530,8 +564,9 @@ class LiveLoop:
                 stop.set()
                 output_q.put(_END)
                 writer_thread.join()
+                deadline = time.monotonic() + 5
                 for thread in threads:
-                    thread.join(timeout=5)
+                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
                 writer.close_sink()
                 if progress is not None:
                     progress.close()

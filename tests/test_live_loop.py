@@ -426,26 +426,63 @@ def test_detect_workers_auto_is_one_per_core_at_most_two():
         LiveConfig(detect_workers=-1)
 
 
-def test_in_order_puts_detector_results_back_in_frame_order():
+def _drain(items, producers):
+    """What _in_order yields from `items` (and the exception it ends with), in a thread so
+    that a regression that waits forever fails instead of hanging the suite."""
     import queue
+    import threading
 
-    from camface.realtime.loop import _END, _Failure, _in_order
-
-    inbox = queue.Queue()
-    for item in [(1, "f1", ()), (3, "f3", ()), (0, "f0", ()), _END, (2, "f2", ()), (4, "f4", ()), _END]:
-        inbox.put(item)
-    assert [(i, f) for i, f, _ in _in_order(inbox, producers=2)] == [(i, f"f{i}") for i in range(5)]
+    from camface.realtime.loop import _in_order
 
     inbox = queue.Queue()
-    for item in [(1, "f1", ()), _Failure(SourceError("camera 0 disappeared"))]:
+    for item in items:
         inbox.put(item)
-    with pytest.raises(SourceError, match="camera 0 disappeared"):
-        list(_in_order(inbox, producers=2))
+    out: dict = {"yielded": []}
+
+    def consume():
+        try:
+            for index, frame, _ in _in_order(inbox, producers):
+                out["yielded"].append((index, frame))
+        except Exception as exc:  # noqa: BLE001 - what the test checks
+            out["raised"] = exc
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), f"_in_order still waiting after {out['yielded']}"
+    return out["yielded"], out.get("raised")
+
+
+def test_in_order_puts_detector_results_back_in_frame_order():
+    from camface.realtime.loop import _END
+
+    items = [(1, "f1", ()), (3, "f3", ()), (0, "f0", ()), _END, (2, "f2", ()), (4, "f4", ()), _END]
+    yielded, raised = _drain(items, producers=2)
+    assert yielded == [(i, f"f{i}") for i in range(5)] and raised is None
+
+
+def test_in_order_raises_a_failure_after_the_frames_before_it():
+    from camface.realtime.loop import _END, _Failure
+
+    # The reader failed after frame 2: detector A passes the failure on, detector B still
+    # delivers frame 2 and ends. Frames 0-2 come out, then the error.
+    items = [(1, "f1", ()), (0, "f0", ()), _Failure(SourceError("camera 0 disappeared")), (2, "f2", ()), _END]
+    yielded, raised = _drain(items, producers=2)
+    assert yielded == [(0, "f0"), (1, "f1"), (2, "f2")]
+    assert isinstance(raised, SourceError) and "camera 0 disappeared" in str(raised)
+
+    # Detector A failed on frame 2 while B still had frame 1: 0 and 1 come out, then the
+    # error, without waiting for B to end; frame 3 (after the failure) is not delivered.
+    items = [(0, "f0", ()), (3, "f3", ()), _Failure(RuntimeError("detector crashed"), index=2), (1, "f1", ())]
+    yielded, raised = _drain(items, producers=2)
+    assert yielded == [(0, "f0"), (1, "f1")] and isinstance(raised, RuntimeError)
 
 
 def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monkeypatch):
-    """Three detectors, the first one slowed down so results arrive out of order: every later
-    stage still sees frames 0..11 in order, each with the faces of its own frame."""
+    """Three detectors, the first one slowed down so that results really arrive out of order:
+    every later stage still sees frames 0..11 in order, each with the faces of its own frame."""
+    import threading
+
     from camface.realtime import detect, render
 
     cap = cv2.VideoCapture(str(face_clip))
@@ -454,15 +491,21 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     with FaceDetector(DETECTORS["full"]) as single:
         expected = [tuple(f.box for f in single.detect(frame)) for frame in frames]
     assert len(set(expected)) > 6  # the faces move: a frame mix-up would show
+    index_of = {frame.tobytes(): i for i, frame in enumerate(frames)}
 
     instances: dict[int, int] = {}
+    finished, workers = [], set()  # frames in the order detection finished; detecting threads
     real_detect = detect.FaceDetector.detect
 
     def uneven_detect(self, frame):
         n = instances.setdefault(id(self), len(instances))
         if n == 0:
             time.sleep(0.03)
-        return real_detect(self, frame)
+        faces = real_detect(self, frame)
+        if frame.tobytes() in index_of:  # not a detector's warm-up frame
+            finished.append(index_of[frame.tobytes()])
+            workers.add(threading.current_thread().name)
+        return faces
 
     seen = []
     real_annotate = render.Renderer.annotate
@@ -475,8 +518,80 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
     out = tmp_path / "out.mp4"
     loop = _run(LiveConfig(source=str(face_clip), record=out, detect_workers=3))
-    assert len(instances) == 3  # the warm-up frame of each detector counts too
+    assert len(workers) >= 2 and sorted(finished) == list(range(12))
+    assert finished != list(range(12))  # detection really finished out of order
     assert [i for i, _ in seen] == list(range(12))
     assert [boxes for _, boxes in seen] == expected
     assert loop.summary.frames == 12 and count_frames(out) == 12
     assert " ms detect (3 detectors side by side), " in loop.summary.line()
+
+
+class _FailingClip:
+    """A file-like source (not live) that raises after `good` frames (None: never);
+    `pulled` counts the frames taken from it."""
+
+    def __init__(self, frames, good: int | None):
+        from camface.realtime.sources import SourceInfo
+
+        self.frames, self.good = frames, good
+        self.pulled = 0
+        self.info = SourceInfo("failing-clip", 30.0, None, live=False)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def __iter__(self):
+        for i, frame in enumerate(self.frames):
+            if i == self.good:
+                raise SourceError("failing-clip: read error at frame 5")
+            self.pulled += 1
+            yield frame
+
+
+def test_a_source_failure_with_two_detectors_keeps_every_frame_read(tmp_path, face_clip):
+    cap = cv2.VideoCapture(str(face_clip))
+    frames = [cap.read()[1] for _ in range(12)]
+    cap.release()
+    out = tmp_path / "out.mp4"
+    loop = LiveLoop(LiveConfig(record=out, detect_workers=2), source=_FailingClip(frames, good=5))
+    with pytest.raises(SourceError, match="read error at frame 5"):
+        loop.run()
+    assert loop.summary.frames == 5 and loop.summary.detectors == 2
+    assert count_frames(out) == 5
+
+
+def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
+    """One detector stalls on its first frame while the other could run through the clip:
+    the frames read but not yet taken by the main thread stay bounded."""
+    from camface.realtime import detect, render
+    from camface.realtime.loop import QUEUE_SIZE
+
+    cap = cv2.VideoCapture(str(face_clip))
+    frames = [cap.read()[1] for _ in range(12)] * 5
+    cap.release()
+    clip = _FailingClip(frames, good=None)
+    instances: dict[int, int] = {}
+    ahead = []
+    seen = []
+    real_detect, real_annotate = detect.FaceDetector.detect, render.Renderer.annotate
+
+    def stalling_detect(self, frame):
+        n = instances.setdefault(id(self), len(instances))
+        if n == 0 and frame.shape == frames[0].shape and not ahead:  # its first frame of the clip
+            time.sleep(1.5)  # long enough for the other detector to run through all 60 frames
+            ahead.append(clip.pulled - len(seen))
+        return real_detect(self, frame)
+
+    def spy_annotate(self, frame, result):
+        seen.append(result.index)
+        return real_annotate(self, frame, result)
+
+    monkeypatch.setattr(detect.FaceDetector, "detect", stalling_detect)
+    monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
+    loop = LiveLoop(LiveConfig(detect_workers=2, detector="short"), source=clip)
+    loop.run()
+    assert seen == list(range(60)) and clip.pulled == 60
+    assert ahead and ahead[0] <= 2 * QUEUE_SIZE + 2
