@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("camface.export.cli", "export a Keras face classifier to a CAM graph (ONNX)"),
     "info": ("camface.export.info", "print what a CAM graph (.onnx) holds"),
     "guided": ("camface.guided.cli", "Guided Backprop / Guided Grad-CAM figures from snapshots"),
-    "bench": ("camface.realtime.bench", "frames per second and per-stage latency"),
+    "bench": ("camface.realtime.bench.cli", "frames per second and per-stage latency"),
     "train": ("camface.models.train", "train a face classifier on your photos, export it"),
 }
 

@@ -11,9 +11,9 @@ Inputs
 Outputs (all float32, heatmaps at feature resolution, unnormalised)
   probs        [N, classes]
   activations  [N, h, w, K]        target-layer activations
-  gradcam      [N, h, w]           Grad-CAM (arXiv:1610.02391 eq. 1-2), pre-softmax logit
-  gradcampp    [N, h, w]           Grad-CAM++ (arXiv:1710.11063 eq. 19)
-  cam          [N, h, w]           CAM (arXiv:1512.04150); only when the head allows it
+  <method>     [N, h, w]           one heatmap per method of the registry (camface.methods) that
+                                   the graph holds, named as its entry (gradcam, gradcampp, cam,
+                                   ...), of the pre-softmax logit; `cam` only when the head allows it
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from camface import methods as _methods
+
 INPUT_IMAGE = "image"
 INPUT_CLASS = "class_index"
 OUTPUT_PROBS = "probs"
 OUTPUT_ACTIVATIONS = "activations"
-HEATMAPS = ("gradcam", "gradcampp", "cam")  # every heatmap a graph may hold, in menu order
 REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS, "gradcam", "gradcampp")
 
 # metadata_props keys; values are strings, JSON where marked.
@@ -105,6 +106,17 @@ class GraphInfo:
             META_SOURCE_SHA256: self.source_sha256,
             META_PRECISION: self.precision,
         }
+
+
+def heatmap_outputs() -> tuple[str, ...]:
+    """Every heatmap output a graph may hold, in menu order (the method registry's)."""
+    return tuple(_methods.METHODS)
+
+
+def methods_of(info: GraphInfo, display_only: bool = True) -> tuple[str, ...]:
+    """The heatmap methods `info`'s graph holds, in menu order; without the ones not meant for
+    display (baselines) unless `display_only` is False."""
+    return tuple(name for name in _methods.names(display_only) if name in info.heatmaps)
 
 
 def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequence],

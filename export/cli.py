@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 
+from camface import graph_spec, methods
 from camface.export.preprocess import COLOR_ORDERS, PRESETS
 
 log = logging.getLogger(__name__)
-
-HEAD_CHOICES = ("probs", "activations", "gradcam", "gradcampp", "cam")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsafe-load", action="store_true",
                         help="turn Keras safe mode off to load a model with Lambda layers: this "
                              "RUNS PYTHON CODE FROM THE MODEL FILE; use only with files you trust")
-    parser.add_argument("--heads", nargs="+", choices=HEAD_CHOICES, default=list(HEAD_CHOICES),
+    heads = (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS, *methods.names())
+    parser.add_argument("--heads", nargs="+", choices=heads, default=list(heads),
                         help=argparse.SUPPRESS)  # benchmarks: forward-only graphs
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the ONNX Runtime vs TensorFlow self-check")

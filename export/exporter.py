@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from camface import __version__, graph_spec
+from camface import __version__, graph_spec, methods
 from camface.errors import ModelError
 from camface.export.preprocess import Preprocessing
 from camface.hashing import sha256_file
@@ -28,7 +28,7 @@ class ExportOptions:
     offset: tuple[float, ...] | None = None
     fp16: bool = False
     opset: int = 17
-    heads: tuple[str, ...] = ("probs", "activations", "gradcam", "gradcampp", "cam")
+    heads: tuple[str, ...] | None = None  # None: probs, activations and every registry method
     verify: bool = True
     safe_mode: bool = True
     labels_source: str = ""  # where `labels` came from (a file path), for error messages
@@ -94,9 +94,10 @@ def prepare(model, options: ExportOptions):
         raise ModelError(f"target layer {split.target_layer!r} output is not 4-D")
     feature_size = (int(probe.shape[1]), int(probe.shape[2]))
     weights, why_no_cam = keras_model.cam_weights(split, num_classes, int(probe.shape[3]))
-    heads = tuple(options.heads)
-    if "cam" in heads and weights is None:
-        heads = tuple(h for h in heads if h != "cam")
+    heads = tuple(options.heads) if options.heads is not None else graph.FULL_HEADS
+    needs_weights = [h for h in heads if h in methods.METHODS and methods.CLASS_WEIGHTS in methods.get(h).needs]
+    if needs_weights and weights is None:
+        heads = tuple(h for h in heads if h not in needs_weights)
     elif "cam" not in heads:
         why_no_cam = why_no_cam or "not exported (heads)"
     parts = graph.GraphParts(split, (height, width), channels, num_classes,
@@ -106,7 +107,7 @@ def prepare(model, options: ExportOptions):
         input_size=(height, width),
         color_order=preprocessing.color_order,
         target_layer=split.target_layer,
-        heatmaps=tuple(h for h in graph_spec.HEATMAPS if h in heads),
+        heatmaps=tuple(h for h in graph_spec.heatmap_outputs() if h in heads),
         feature_size=feature_size,
         normalization=preprocessing.to_metadata(),
         cam_unavailable_reason=why_no_cam if weights is None or "cam" not in heads else "",

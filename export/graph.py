@@ -1,58 +1,54 @@
 """The CAM graph as a TensorFlow function: uint8 crops + class indices -> probabilities,
 activations and heatmaps, with the gradient of the logit computed inside the graph.
 
-Heatmap maths (all at the target layer's resolution h x w, unnormalised; A = activations
-[N, h, w, K], g = d logit_c / dA [N, h, w, K], logit = the input of the final softmax):
-- Grad-CAM (Selvaraju et al., arXiv:1610.02391, eq. 1-2): alpha_k = mean_ij g_ijk,
-  map = ReLU(sum_k alpha_k A_k).
-- Grad-CAM++ (Chattopadhyay et al., arXiv:1710.11063, eq. 19 with Y_c = exp(logit_c)):
-  alpha_ijk = g^2 / (2 g^2 + sum_ab A_abk g^3), w_k = sum_ij alpha_ijk ReLU(g_ijk),
-  map = ReLU(sum_k w_k A_k). The factor exp(logit_c) scales every w_k alike and is dropped.
-- CAM (Zhou et al., arXiv:1512.04150, eq. 2): map = sum_k W_kc A_k from the classifier weights.
-
-Only the head (target layer -> logits) is differentiated, so the gradients cost little.
+The heatmap equations are the registry's (`camface.methods`), run on TensorFlow tensors
+through `TF_OPS`. Only the head (target layer -> logits) is differentiated, so the gradients
+cost little.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from camface import graph_spec
+from camface import graph_spec, methods
 
-FULL_HEADS = ("probs", "activations", "gradcam", "gradcampp", "cam")
-FORWARD_HEADS = ("probs", "activations")  # a forward-only graph (benchmarks)
+FORWARD_HEADS = (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS)  # a forward-only graph
+FULL_HEADS = FORWARD_HEADS + methods.names()
 HEATMAP_SCOPE = "camface_heatmaps"
 
 
-def gradcam(activations, gradients):
-    """Grad-CAM, arXiv:1610.02391 eq. 1-2. [N, h, w, K] x2 -> [N, h, w]."""
-    import tensorflow as tf
+class TensorFlowOps:
+    """`camface.methods.Ops` on TensorFlow tensors: the registry's equations inside the graph."""
 
-    alpha = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)
-    return tf.nn.relu(tf.reduce_sum(alpha * activations, axis=-1))
+    def sum(self, x, axis, keepdims=False):
+        import tensorflow as tf
+
+        return tf.reduce_sum(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x, axis, keepdims=False):
+        import tensorflow as tf
+
+        return tf.reduce_mean(x, axis=axis, keepdims=keepdims)
+
+    def relu(self, x):
+        import tensorflow as tf
+
+        return tf.nn.relu(x)
+
+    def square(self, x):
+        import tensorflow as tf
+
+        return tf.square(x)
+
+    def safe_divide(self, numerator, denominator):
+        import tensorflow as tf
+
+        nonzero = denominator != 0.0
+        safe = tf.where(nonzero, denominator, tf.ones_like(denominator))
+        return tf.where(nonzero, numerator / safe, tf.zeros_like(numerator))
 
 
-def gradcampp(activations, gradients):
-    """Grad-CAM++, arXiv:1710.11063 eq. 19 (exp(logit) output, factor dropped). -> [N, h, w]."""
-    import tensorflow as tf
-
-    g2 = tf.square(gradients)
-    g3 = g2 * gradients
-    sum_a = tf.reduce_sum(activations, axis=[1, 2], keepdims=True)
-    denominator = 2.0 * g2 + sum_a * g3
-    # alpha is 0/0 where the gradient is 0; it contributes nothing there.
-    safe = tf.where(denominator != 0.0, denominator, tf.ones_like(denominator))
-    alpha = tf.where(denominator != 0.0, g2 / safe, tf.zeros_like(g2))
-    weights = tf.reduce_sum(alpha * tf.nn.relu(gradients), axis=[1, 2], keepdims=True)
-    return tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))
-
-
-def cam(activations, class_weights, class_index):
-    """CAM, arXiv:1512.04150 eq. 2: sum_k W[k, c_n] A_nk. W [K, classes] -> [N, h, w]."""
-    import tensorflow as tf
-
-    w = tf.gather(tf.transpose(class_weights), class_index)  # [N, K]
-    return tf.reduce_sum(activations * w[:, None, None, :], axis=-1)
+TF_OPS = TensorFlowOps()
 
 
 def safe_global_average_pool(x):
@@ -151,8 +147,9 @@ def _explain(parts: GraphParts, heads: tuple[str, ...], activations, class_index
     """(probs [N, classes], {heatmap name: [N, h, w]}) from target-layer activations."""
     import tensorflow as tf
 
-    wants_gradients = any(h in heads for h in ("gradcam", "gradcampp"))
-    with_cam = "cam" in heads and parts.class_weights is not None
+    wanted = [methods.get(h) for h in heads if h in methods.METHODS]
+    if parts.class_weights is None:
+        wanted = [m for m in wanted if methods.CLASS_WEIGHTS not in m.needs]
     split = parts.split
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(activations)
@@ -160,20 +157,18 @@ def _explain(parts: GraphParts, heads: tuple[str, ...], activations, class_index
     probs = tf.cast(split.probabilities(logits), tf.float32)
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int64)
     chosen = tf.where(class_index < 0, predicted, class_index)
-    heatmaps = {}
-    if wants_gradients:
+    gradients = weights = None
+    if any(methods.GRADIENTS in m.needs for m in wanted):
         # Seeding with one-hot rows gives each crop d logit[n, c_n] / dA[n] (crops are
         # independent), without a reduction whose gradient would need the batch size.
         seed = tf.one_hot(chosen, parts.num_classes, dtype=logits.dtype)
         gradients = tape.gradient(logits, activations, output_gradients=seed)
-        # The heatmap maths sits in its own name scope (readable node names in the ONNX file).
-        with tf.name_scope(HEATMAP_SCOPE):
-            if "gradcam" in heads:
-                heatmaps["gradcam"] = gradcam(activations, gradients)
-            if "gradcampp" in heads:
-                heatmaps["gradcampp"] = gradcampp(activations, gradients)
-    if with_cam:
-        with tf.name_scope(HEATMAP_SCOPE):
-            weights = tf.constant(parts.class_weights, tf.float32)
-            heatmaps["cam"] = cam(activations, weights, chosen)
+    heatmaps = {}
+    # The heatmap maths sits in its own name scope (readable node names in the ONNX file).
+    with tf.name_scope(HEATMAP_SCOPE):
+        if any(methods.CLASS_WEIGHTS in m.needs for m in wanted):
+            columns = tf.gather(tf.transpose(tf.constant(parts.class_weights, tf.float32)), chosen)
+            weights = columns[:, None, None, :]  # [N, 1, 1, K]
+        for method in wanted:
+            heatmaps[method.name] = method.compute(TF_OPS, activations, gradients, weights)
     return probs, heatmaps

@@ -37,7 +37,7 @@ def _import_tensorflow():
     elif os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
         log.warning("camface: TensorFlow was imported before TF_ENABLE_ONEDNN_OPTS=0 was set; "
                     "eager Grad-CAM may crash in oneDNN on this CPU")
-    from camface.realtime.detect import quiet_native_stderr
+    from camface.native import quiet_native_stderr
 
     with quiet_native_stderr():  # CUDA-stub and absl start-up lines written straight to fd 2
         import tensorflow as tf

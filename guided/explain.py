@@ -1,7 +1,8 @@
 """Explain face crops with every map the comparison figure shows, in TensorFlow.
 
-One `Explainer` per (model, layer): a forward/backward pass for CAM, Grad-CAM and Grad-CAM++
-at the layer, and a guided copy of the model for Guided Backprop. Guided Grad-CAM is Guided
+One `Explainer` per (model, layer): a forward/backward pass at the layer, every heatmap of the
+method registry (camface.methods, its numpy references) from it, and a guided copy of the model
+for Guided Backprop. Guided Grad-CAM is Guided
 Backprop times Grad-CAM upsampled (bilinear) to the input (Selvaraju et al., arXiv:1610.02391,
 sec. 3 "Guided Grad-CAM"); Grad-CAM is scaled to [0, 1] first so the product keeps the units
 of the gradient.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from camface import methods
 from camface.guided import gradcam as maps
 from camface.guided.snapshot import Preprocessing
 
@@ -36,10 +38,10 @@ def to_rgb(crop: np.ndarray, color_order: str) -> np.ndarray:
 class Explanation:
     """All maps for one crop and one explained class.
 
-    Heatmaps `cam`, `gradcam`, `gradcampp` are float32 [h, w] at the layer's resolution,
-    unnormalised (`cam` is None when the head does not allow CAM). `input_gradient` and
-    `guided_gradcam` are float32 [H, W, C] at the crop's resolution, in the crop's colour
-    order, with respect to raw uint8 pixel values.
+    heatmaps: method name -> float32 [h, w] at the layer's resolution, unnormalised, for every
+    registry method the model allows at this layer, in registry order (no `cam` when the head
+    does not allow CAM). `input_gradient` and `guided_gradcam` are float32 [H, W, C] at the
+    crop's resolution, in the crop's colour order, with respect to raw uint8 pixel values.
     """
 
     name: str
@@ -48,9 +50,7 @@ class Explanation:
     predicted: int
     explained: int
     layer: str
-    cam: np.ndarray | None
-    gradcam: np.ndarray
-    gradcampp: np.ndarray
+    heatmaps: dict[str, np.ndarray]
     input_gradient: np.ndarray
     guided_gradcam: np.ndarray
     guided: bool  # False: input_gradient is a plain gradient (model without ReLU)
@@ -72,6 +72,12 @@ class Explainer:
         self._backprop = GuidedBackprop(maps.logits_model(model))
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The registry methods this model allows at the layer, in menu order."""
+        return tuple(m.name for m in methods.METHODS.values()
+                     if m.display and (methods.CLASS_WEIGHTS not in m.needs or self._cam_weights is not None))
+
+    @property
     def guided(self) -> bool:
         return self._backprop.guided
 
@@ -88,10 +94,9 @@ class Explainer:
         predicted = passes.probs.argmax(axis=-1)
         explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
         activations, gradients = passes.activations[0], passes.gradients[0]
-        gradcam = maps.grad_cam(activations, gradients)
-        gradcampp = maps.grad_cam_plus_plus(activations, gradients)
-        cam = (maps.class_activation_map(activations, self._cam_weights.T[explained])
-               if self._cam_weights is not None else None)
+        weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
+        heatmaps = {name: methods.get(name).reference(activations, gradients, weights) for name in self.methods}
+        gradcam = heatmaps["gradcam"]
         # Chain rule through x * scale + offset: gradient w.r.t. raw pixel values.
         input_gradient = (self._backprop.gradients(images, explained)
                           * np.asarray(self.preprocessing.scale, np.float32))
@@ -105,8 +110,8 @@ class Explainer:
                 name=names[i] if i < len(names) else f"face {i}",
                 image_rgb=to_rgb(crops[i], self.preprocessing.color_order),
                 probs=passes.probs[i], predicted=int(predicted[i]), explained=int(explained[i]),
-                layer=self.layer, cam=None if cam is None else cam[i],
-                gradcam=gradcam[i], gradcampp=gradcampp[i], input_gradient=input_gradient[i],
+                layer=self.layer, heatmaps={name: maps_[i] for name, maps_ in heatmaps.items()},
+                input_gradient=input_gradient[i],
                 guided_gradcam=input_gradient[i] * weight[:, :, None], guided=self.guided))
         return results
 
@@ -127,5 +132,6 @@ def layer_sweep(model, layers: list[str], crops: np.ndarray, class_index: np.nda
     passes = runner.run(preprocessing.apply(crops), class_index)
     predicted = passes.probs.argmax(axis=-1)
     explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
-    return [LayerMaps(layer, maps.grad_cam(a, g), explained)
+    gradcam = methods.get("gradcam")
+    return [LayerMaps(layer, gradcam.reference(a, g), explained)
             for layer, a, g in zip(layers, passes.activations, passes.gradients)]

@@ -1,11 +1,13 @@
 """The original study's comparison figure (PNG) and the per-layer Grad-CAM animation (GIF).
 
 Figure: one row per explained crop, columns
-    image | CAM | Grad-CAM | Grad-CAM++ | CAM overlay | Grad-CAM overlay | Guided Backprop | Guided Grad-CAM
-(the study showed image, CAM, Grad-CAM, both overlays and Guided Grad-CAM). Each row is titled
-with the predicted class and its probability, and the explained class when it differs. Overlays
-can show the study's localisation box: the bounding box of the largest connected region above
-20% of the map's maximum.
+    image | one overlay per heatmap method the model has at the layer | Guided Backprop | Guided Grad-CAM
+(the study showed the image, the CAM and Grad-CAM overlays and Guided Grad-CAM; the methods come
+from the registry, camface.methods, so a new method gets its column, and a model without a CAM
+head gets no empty CAM column). Each overlay is drawn by the live loop's overlay function, so it
+looks as `camface live` shows it, optionally with the study's localisation box: the bounding box
+of the largest connected region above 20% of the map's maximum. Each row is titled with the
+predicted class and its probability, and the explained class when it differs.
 
 matplotlib is used with the non-interactive Agg canvas, created per figure (no pyplot state).
 """
@@ -17,29 +19,33 @@ from pathlib import Path
 
 import numpy as np
 
+from camface import methods
 from camface.guided.explain import Explanation, LayerMaps, upsample
 
-COLUMNS = ("image", "CAM", "Grad-CAM", "Grad-CAM++", "CAM overlay", "Grad-CAM overlay",
-           "Guided Backprop", "Guided Grad-CAM")
+GUIDED_COLUMNS = ("Guided Backprop", "Guided Grad-CAM")
 BOX_FRACTION = 0.2  # the study's localisation threshold, fraction of the map's maximum
 
 
-def normalise(heatmap: np.ndarray) -> np.ndarray:
-    """Scale a map to [0, 1] for display: divide by the max for non-negative maps (Grad-CAM),
-    min-max for maps with negative values (CAM). Constant maps become zeros."""
-    heatmap = np.asarray(heatmap, np.float32)
-    low = min(float(heatmap.min()), 0.0)
-    span = float(heatmap.max()) - low
-    return (heatmap - low) / span if span > 0 else np.zeros_like(heatmap)
+def columns_for(method_names: Sequence[str]) -> list[str]:
+    """The figure's column titles for explanations holding `method_names`' heatmaps."""
+    return ["image", *(methods.get(name).title for name in method_names), *GUIDED_COLUMNS]
 
 
-def localisation_box(heatmap01: np.ndarray, fraction: float = BOX_FRACTION):
-    """(x, y, w, h) in the map's pixels of the largest region above `fraction` of the map's
-    maximum (CAM paper, arXiv:1512.04150 sec. 3.1), or None: the live loop's own function, so
-    the figure and the live overlay draw the same box."""
+def shown_overlay(image_rgb: np.ndarray, heatmap: np.ndarray, method: str) -> np.ndarray:
+    """uint8 RGB [H, W, 3]: the heatmap over the crop, by the one overlay function (which works
+    in BGR, as the live loop)."""
+    from camface.realtime.overlay import overlay
+
+    return overlay(np.ascontiguousarray(image_rgb[..., ::-1]), heatmap, method)[..., ::-1]
+
+
+def localisation_box(heatmap: np.ndarray, method: str, size: tuple[int, int], fraction: float = BOX_FRACTION):
+    """(x, y, w, h) in crop pixels of the largest region above `fraction` of the normalised,
+    upsampled map's maximum (CAM paper, arXiv:1512.04150 sec. 3.1), or None: the live loop's own
+    function, so the figure and the live overlay draw the same box."""
     from camface.realtime.render import localisation_box as live_localisation_box
 
-    return live_localisation_box(np.asarray(heatmap01, np.float32), fraction)
+    return live_localisation_box(upsample(methods.normalize(heatmap, method), size), fraction)
 
 
 def gradient_image(gradient: np.ndarray, color_order: str = "GRAY") -> np.ndarray:
@@ -67,63 +73,44 @@ def _row_title(item: Explanation, labels: Sequence[str]) -> str:
 def comparison_figure(items: Sequence[Explanation], labels: Sequence[str], *,
                       boxes: bool = True, color_order: str = "GRAY", gradient_label: str = "",
                       cam_note: str = ""):
-    """Build the comparison figure: len(items) rows x 8 columns of axes, in row-major order.
+    """Build the comparison figure: len(items) rows x `columns_for(methods)` columns of axes, in
+    row-major order, the methods being those of the first item's heatmaps.
 
     Returns a matplotlib Figure (Agg canvas); save it with `fig.savefig(path)`.
     `gradient_label` names the input-gradient columns ("Gradient (no ReLU)" for models
-    without ReLU); it defaults to Guided Backprop. `cam_note` says why CAM is absent.
+    without ReLU); it defaults to Guided Backprop. `cam_note` says why CAM is absent (shown
+    under the title).
     """
-    import textwrap
-
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    columns = list(COLUMNS)
+    names = tuple(items[0].heatmaps) if items else ()
+    columns = columns_for(names)
     if gradient_label and gradient_label != "Guided Backprop":
-        columns[6] = gradient_label
-        columns[7] = f"{gradient_label.split(' (')[0]} x Grad-CAM"
+        columns[-2] = gradient_label
+        columns[-1] = f"{gradient_label.split(' (')[0]} x Grad-CAM"
     rows = max(len(items), 1)
     fig = Figure(figsize=(2.0 * len(columns) + 0.6, 2.15 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, len(columns), squeeze=False)
     layer = items[0].layer if items else ""
-    fig.suptitle(f"camface guided: maps at layer {layer!r}", fontsize=12)
+    title = f"camface guided: maps at layer {layer!r}"
+    fig.suptitle(title + (f"\n(no CAM: {cam_note})" if cam_note else ""), fontsize=12 if not cam_note else 10)
 
     for row, item in zip(axes, items):
         size = item.image_rgb.shape[:2]
-        gradcam_up = normalise(upsample(item.gradcam, size))
-        cam_up = normalise(upsample(item.cam, size)) if item.cam is not None else None
-        panels = [
-            ("image", item.image_rgb, None),
-            ("CAM", normalise(item.cam) if item.cam is not None else None, "jet"),
-            ("Grad-CAM", normalise(item.gradcam), "jet"),
-            ("Grad-CAM++", normalise(item.gradcampp), "jet"),
-            ("CAM overlay", cam_up, "jet"),
-            ("Grad-CAM overlay", gradcam_up, "jet"),
-            ("guided", gradient_image(item.input_gradient, color_order), "gray"),
-            ("guided-gradcam", gradient_image(item.guided_gradcam, color_order), "gray"),
-        ]
-        for column, (ax, (kind, image, cmap)) in enumerate(zip(row, panels)):
+        panels = [item.image_rgb]
+        panels += [shown_overlay(item.image_rgb, item.heatmaps[name], name) for name in names]
+        panels += [gradient_image(item.input_gradient, color_order), gradient_image(item.guided_gradcam, color_order)]
+        for column, (ax, image) in enumerate(zip(row, panels)):
             ax.set_xticks([])
             ax.set_yticks([])
-            if image is None:
-                note = textwrap.fill((cam_note or "not defined for this layer")
-                                     .removeprefix("CAM "), 20)
-                ax.text(0.5, 0.5, f"CAM n/a:\n{note}", ha="center", va="center", fontsize=8,
-                        transform=ax.transAxes)
-                continue
-            if kind.endswith("overlay"):
-                ax.imshow(item.image_rgb)
-                ax.imshow(image, cmap=cmap, alpha=0.5, vmin=0, vmax=1)
-                box = localisation_box(image) if boxes else None
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1 if image.ndim == 2 else None)
+            if boxes and 1 <= column <= len(names):
+                name = names[column - 1]
+                box = localisation_box(item.heatmaps[name], name, size)
                 if box is not None:
                     x, y, w, h = box
-                    ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False,
-                                           edgecolor="lime", linewidth=2))
-            elif image.ndim == 2:
-                ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest"
-                          if image.shape != size else "antialiased")
-            else:
-                ax.imshow(image)
+                    ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="lime", linewidth=2))
         row[0].set_ylabel(_row_title(item, labels), fontsize=10, rotation=0, ha="right",
                           va="center", labelpad=8)
     for ax, title in zip(axes[0], columns):
@@ -152,10 +139,7 @@ def layer_frames(sweep: Sequence[LayerMaps], crops_rgb: Sequence[np.ndarray],
         fig.suptitle(f"Grad-CAM at layer {number}/{len(sweep)}: {item.layer} ({h}x{w})",
                      fontsize=11)
         for i, ax in enumerate(axes):
-            crop = crops_rgb[i]
-            ax.imshow(crop)
-            ax.imshow(normalise(upsample(item.gradcam[i], crop.shape[:2])), cmap="jet",
-                      alpha=0.5, vmin=0, vmax=1)
+            ax.imshow(shown_overlay(crops_rgb[i], item.gradcam[i], "gradcam"))
             explained = int(item.explained[i])
             label = labels[explained] if explained < len(labels) else f"class {explained}"
             ax.set_title(f"{names[i]}: {label}", fontsize=9)

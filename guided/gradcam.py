@@ -1,20 +1,11 @@
-"""CAM, Grad-CAM and Grad-CAM++ in TensorFlow for `camface guided`, at any layer of a Keras model.
+"""The gradients of `camface guided`, in TensorFlow, at any layer of a Keras model.
 
-The live loop gets these maps from the exported ONNX CAM graph; this module recomputes them in
-TensorFlow so the guided figure can explain any layer (`--layer`, `--layers all`), and so the two
-can be checked against each other (tests/test_guided_gradcam.py).
-
-Math (pure numpy, inputs never modified), per image, with A [h, w, K] the target layer's
-activations and G = d y^c / d A the gradient of the class's PRE-softmax logit y^c:
-- CAM (Zhou et al., arXiv:1512.04150, eq. 2):  M_c = sum_k w_k^c A_k, with w the weights of the
-  linear head after global average pooling.
-- Grad-CAM (Selvaraju et al., arXiv:1610.02391, eq. 1-2): alpha_k = mean_ij G_ijk;
-  L = ReLU(sum_k alpha_k A_k).
-- Grad-CAM++ (Chattopadhay et al., arXiv:1710.11063, eq. 19, closed form for the score exp(y^c)):
-  a_ij^k = G^2 / (2 G^2 + sum_ab A_ab^k G^3); w_k = sum_ij a_ij^k ReLU(G_ij^k);
-  L = ReLU(sum_k w_k A_k). The positive factor exp(y^c) of eq. 19 only rescales the map and is
-  left out (maps are shown normalised).
-All maps stay at feature resolution [h, w], unnormalised.
+The live loop gets its heatmaps from the exported ONNX CAM graph; `camface guided` recomputes
+the target layer's activations A and the gradient G = d y^c / d A of the class's PRE-softmax
+logit y^c here, so the guided figure can explain any layer (`--layer`, `--layers all`), and
+every heatmap comes from the method registry's numpy references (camface.methods), the same
+equations the graph runs (tests/test_guided_gradcam.py checks the two against each other).
+Target layers are resolved and the model is cut exactly as `camface export` does.
 """
 
 from __future__ import annotations
@@ -22,29 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def grad_cam(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
-    """Grad-CAM, arXiv:1610.02391 eq. 1-2. [N, h, w, K] float x2 -> [N, h, w] float32."""
-    alpha = gradients.mean(axis=(1, 2))  # eq. 1: global-average-pooled gradients, [N, K]
-    return np.maximum(np.einsum("nhwk,nk->nhw", activations, alpha), 0.0).astype(np.float32)
-
-
-def grad_cam_plus_plus(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
-    """Grad-CAM++, arXiv:1710.11063 eq. 19 (exp-score closed form). [N, h, w, K] x2 -> [N, h, w]."""
-    g2 = gradients ** 2
-    g3 = g2 * gradients
-    sum_a = activations.sum(axis=(1, 2), keepdims=True)  # sum_ab A_ab^k, [N, 1, 1, K]
-    denominator = 2.0 * g2 + sum_a * g3
-    # alpha is 0/0 where the gradient is 0; it contributes nothing there.
-    alpha = np.where(denominator != 0, g2 / np.where(denominator == 0, 1.0, denominator), 0.0)
-    weights = (alpha * np.maximum(gradients, 0.0)).sum(axis=(1, 2))  # [N, K]
-    return np.maximum(np.einsum("nhwk,nk->nhw", activations, weights), 0.0).astype(np.float32)
-
-
-def class_activation_map(activations: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
-    """CAM, arXiv:1512.04150 eq. 2. activations [N, h, w, K], class_weights [N, K] -> [N, h, w]."""
-    return np.einsum("nhwk,nk->nhw", activations, class_weights).astype(np.float32)
 
 
 # ---------------------------------------------------------------- Keras model structure

@@ -9,7 +9,6 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 
@@ -78,17 +77,12 @@ def save_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path,
 def overlay_heatmap(crop_bgr: np.ndarray, heatmap: np.ndarray, method: str = "gradcam",
                     alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
     """A new uint8 BGR [S, S, 3] image: `heatmap` (float [h, w], unnormalised, feature
-    resolution) normalised, upsampled, coloured and blended over `crop_bgr` (uint8 [S, S, 3] BGR)
-    exactly as `camface live` draws it (camface.realtime.render's pieces and defaults). An
+    resolution) over `crop_bgr` (uint8 [S, S, 3] BGR), drawn by the live loop's one overlay
+    function (camface.realtime.overlay), so the montage looks as `camface live` does. An
     all-zero map leaves the crop as it is."""
-    from camface.realtime.render import COLORMAPS, normalize_heatmap, upsample
+    from camface.realtime.overlay import overlay
 
-    heat01 = normalize_heatmap(heatmap, method)
-    if not heat01.any():
-        return crop_bgr.copy()
-    heat = upsample(heat01, crop_bgr.shape[0])
-    colour = cv2.applyColorMap((heat * 255.0).astype(np.uint8), COLORMAPS[colormap])
-    return cv2.addWeighted(colour, alpha, crop_bgr, 1.0 - alpha, 0.0)
+    return overlay(crop_bgr, heatmap, method, colormap, alpha)
 
 
 def pick_montage(y_true: np.ndarray, y_pred: np.ndarray, max_tiles: int) -> np.ndarray:

@@ -28,9 +28,6 @@ from camface.models import dataset, report
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
-# Used only when the live loop's CLI is not installed; otherwise its own defaults are read, so
-# training crops match live crops by construction.
-FALLBACK_LIVE_DEFAULTS = {"margin": 0.1, "detector": "full", "min_confidence": 0.5}
 PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
 
 
@@ -90,15 +87,11 @@ class TrainConfig:
 
 
 def live_defaults() -> dict:
-    """--margin, --detector and --min-confidence defaults of `camface live` (its own parser)."""
-    try:
-        from camface.realtime import cli as live_cli
-    except ImportError:
-        return dict(FALLBACK_LIVE_DEFAULTS)
-    parser = argparse.ArgumentParser()
-    live_cli.configure(parser)
-    return {key: value if parser.get_default(key) is None else parser.get_default(key)
-            for key, value in FALLBACK_LIVE_DEFAULTS.items()}
+    """--margin, --detector and --min-confidence defaults of `camface live` (its config's fields),
+    so training crops match live crops by construction."""
+    from camface.realtime.config import DEFAULTS
+
+    return {key: DEFAULTS[key] for key in ("margin", "detector", "min_confidence")}
 
 
 def _fraction(text: str) -> float:

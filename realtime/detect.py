@@ -5,9 +5,7 @@ Boxes come back in pixels of the frame, clipped to it, largest first.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ import cv2
 import numpy as np
 
 from camface.errors import ModelError
+from camface.native import quiet_native_stderr
 from camface.realtime.results import Face
 
 log = logging.getLogger(__name__)
@@ -41,24 +40,6 @@ def import_mediapipe_vision():
         if blocked and sys.modules.get("tensorflow", 0) is None:
             del sys.modules["tensorflow"]
     return vision
-
-
-@contextlib.contextmanager
-def quiet_native_stderr(enabled: bool = True):
-    """Silence C++ log lines written straight to file descriptor 2 (LiteRT/XNNPACK start-up
-    chatter) while the block runs. Python-level logging is unaffected after the block."""
-    if not enabled:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class FaceDetector:

@@ -54,32 +54,47 @@ class CamGraph:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 1):
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"CAM graph not found: {path}")
+        self._load(path.read_bytes(), path, device, threads)
+
+    @classmethod
+    def from_bytes(cls, model: bytes, name: str | Path = "<memory>", device: str = "auto",
+                   threads: int = 1, contract: bool = True) -> "CamGraph":
+        """A CamGraph from a serialised ONNX model (bytes, or an onnx.ModelProto); `name` is
+        the `path` named in messages. contract=False skips the output check, for a graph
+        pruned to fewer outputs on purpose (the bench's forward-only graph): only `session`
+        is meant to be used then."""
+        if not isinstance(model, (bytes, bytearray)):
+            model = model.SerializeToString()
+        graph = cls.__new__(cls)
+        graph._load(bytes(model), Path(name), device, threads, contract)
+        return graph
+
+    def _load(self, model_bytes: bytes, path: Path, device: str, threads: int, contract: bool = True) -> None:
         if device not in DEVICE_CHAINS:
             raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICE_CHAINS)}")
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelError(f"CAM graph not found: {self.path}")
         import onnxruntime as ort
 
-        self._ort = ort
-        self._model_bytes = self.path.read_bytes()
+        self.path, self._ort, self._model_bytes = path, ort, model_bytes
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3
         if threads:
             self._options.intra_op_num_threads = threads
             self._options.inter_op_num_threads = 1
-        self._session = self._create(CPU)  # validates the file before any GPU work
-        self.info = self._read_info(self._session)
+        self._session = self._create(CPU, "1x1x1")  # validates the file before any GPU work
+        self.info = (self._read_info(self._session) if contract else
+                     spec.GraphInfo.from_metadata(self._session.get_modelmeta().custom_metadata_map))
         self.provider = CPU
         self._select_provider(device)
         log.info("CAM graph %s on %s", self.path.name, self.provider)
 
     # -------------------------------------------------------------- loading and checks
 
-    def _create(self, provider: str):
-        height, width = self.info.input_size if hasattr(self, "info") else (1, 1)
-        channels = self.info.channels if hasattr(self, "info") else 1
-        options = _provider_options(provider, f"{height}x{width}x{channels}")
+    def _create(self, provider: str, image_shape: str):
+        """A session on `provider`; image_shape "HxWxC" sizes TensorRT's optimisation profile."""
+        options = _provider_options(provider, image_shape)
         providers = [(provider, options)] if provider == CPU else [(provider, options), CPU]
         if provider == TENSORRT and CUDA in self._ort.get_available_providers():
             providers.insert(1, CUDA)  # nodes TensorRT does not take run on CUDA, not the CPU
@@ -112,7 +127,8 @@ class CamGraph:
             if provider not in available:
                 continue
             try:
-                session = self._create(provider)
+                height, width = self.info.input_size
+                session = self._create(provider, f"{height}x{width}x{self.info.channels}")
             except Exception as exc:  # a provider that fails to initialise: try the next one
                 log.debug("%s failed to initialise: %s", provider, exc)
                 continue
@@ -125,9 +141,14 @@ class CamGraph:
     # -------------------------------------------------------------- running
 
     @property
+    def session(self):
+        """The ONNX Runtime InferenceSession (for timing it alone)."""
+        return self._session
+
+    @property
     def methods(self) -> tuple[str, ...]:
         """Heatmap methods this graph offers, in menu order."""
-        return tuple(h for h in spec.HEATMAPS if h in self.info.heatmaps)
+        return spec.methods_of(self.info)
 
     def run(self, crops: np.ndarray, class_index: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
         """One call for all faces of a frame.

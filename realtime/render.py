@@ -10,33 +10,12 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from camface.methods import normalize
+from camface.realtime.overlay import colormap_lut, overlay, upsample
 from camface.realtime.results import Box, Face, FrameResult, Prediction
 
-COLORMAPS = {name[len("COLORMAP_"):].lower(): getattr(cv2, name)
-             for name in dir(cv2) if name.startswith("COLORMAP_")}
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 GREEN, WHITE, BLACK = (0, 200, 0), (255, 255, 255), (0, 0, 0)
-
-
-def normalize_heatmap(heatmap: np.ndarray, method: str) -> np.ndarray:
-    """Unnormalised heatmap float [h, w] -> float32 [h, w] in [0, 1].
-
-    Grad-CAM and Grad-CAM++ are ReLU'd and divided by their maximum (arXiv:1610.02391 eq. 2
-    keeps only positive influence). CAM (arXiv:1512.04150) can be negative: min-max scaled.
-    A constant map becomes all zeros.
-    """
-    heatmap = np.asarray(heatmap, np.float32)
-    if method == "cam":
-        heatmap = heatmap - heatmap.min()
-    else:
-        heatmap = np.maximum(heatmap, 0.0)
-    peak = float(heatmap.max()) if heatmap.size else 0.0
-    return heatmap / peak if peak > 1e-12 else np.zeros_like(heatmap)
-
-
-def upsample(heatmap01: np.ndarray, side: int) -> np.ndarray:
-    """float32 [h, w] in [0, 1] -> float32 [side, side], bilinear."""
-    return cv2.resize(heatmap01, (side, side), interpolation=cv2.INTER_LINEAR)
 
 
 def _visible(face: Face, frame: np.ndarray) -> tuple[int, int, int, int, int, int]:
@@ -78,35 +57,21 @@ def localisation_box(heatmap01: np.ndarray, threshold: float = 0.2) -> Box | Non
 
 
 class HeatmapAnnotator:
-    """Each face's heatmap, upsampled to its crop square, coloured with an OpenCV colormap and
-    alpha-blended over the face box only (pixels outside every box are untouched).
+    """Each face's heatmap over its face box only (pixels outside every box are untouched),
+    drawn by the one overlay function (`camface.realtime.overlay.overlay`) with the heatmap
+    spread over the face's crop square."""
 
-    The colormap is applied at `detail` pixels across and the colours are then upsampled
-    to the box: a few times cheaper than colouring every box pixel, and the same to the eye.
-    """
-
-    def __init__(self, colormap: str = "jet", alpha: float = 0.45, detail: int = 64):
-        if colormap not in COLORMAPS:
-            raise ValueError(f"unknown colormap {colormap!r}; choose from {', '.join(sorted(COLORMAPS))}")
+    def __init__(self, colormap: str = "jet", alpha: float = 0.45):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha, self.detail = alpha, detail
-        levels = np.arange(256, dtype=np.uint8).reshape(256, 1)
-        self._lut = cv2.applyColorMap(levels, COLORMAPS[colormap]).reshape(256, 1, 3)
-
-    def colorize(self, heatmap: np.ndarray, method: str, side: int) -> np.ndarray:
-        """Heatmap float [h, w] -> uint8 BGR [side, side, 3] in the colormap."""
-        small = min(side, self.detail)
-        levels = (upsample(normalize_heatmap(heatmap, method), small) * 255.0 + 0.5).astype(np.uint8)
-        colored = cv2.LUT(cv2.merge([levels, levels, levels]), self._lut)
-        return colored if small == side else cv2.resize(colored, (side, side), interpolation=cv2.INTER_LINEAR)
+        self.colormap, self.alpha = colormap, alpha
+        self._lut = colormap_lut(colormap)
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
         for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result):
-            colored = self.colorize(prediction.heatmap, prediction.method, face.crop_box[2])
-            colored = colored[dy:dy + (y1 - y0), dx:dx + (x1 - x0)]
-            roi = frame[y0:y1, x0:x1]
-            roi[:] = cv2.addWeighted(colored, self.alpha, roi, 1.0 - self.alpha, 0.0)
+            frame[y0:y1, x0:x1] = overlay(frame[y0:y1, x0:x1], prediction.heatmap, prediction.method,
+                                          self.colormap, self.alpha, side=face.crop_box[2], offset=(dx, dy),
+                                          lut=self._lut)
         return frame
 
 
@@ -118,7 +83,7 @@ class CamBoxAnnotator:
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
         for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result):
-            heat = upsample(normalize_heatmap(prediction.heatmap, prediction.method), face.crop_box[2])
+            heat = upsample(normalize(prediction.heatmap, prediction.method), face.crop_box[2])
             box = localisation_box(heat[dy:dy + (y1 - y0), dx:dx + (x1 - x0)], self.threshold)
             if box is not None:
                 bx, by, bw, bh = box
@@ -211,11 +176,11 @@ class HudAnnotator:
 
 
 class Renderer:
-    """Runs annotators in order: `annotate(frame, result) -> frame`, in place. `hud` can be
-    toggled between calls (key h)."""
+    """Runs annotators in order: `annotate(frame, result, hud) -> frame`, in place; the HUD is
+    drawn when `hud` (the window's key h toggles it per frame)."""
 
     def __init__(self, colormap: str = "jet", alpha: float = 0.45, cam_boxes: bool = False,
-                 bars: bool = False, hud: bool = True):
+                 bars: bool = False):
         self.layers = [HeatmapAnnotator(colormap, alpha)]
         if cam_boxes:
             self.layers.append(CamBoxAnnotator())
@@ -223,11 +188,15 @@ class Renderer:
         if bars:
             self.layers.append(BarsAnnotator())
         self.hud_layer = HudAnnotator()
-        self.hud = hud
 
-    def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
+    @classmethod
+    def from_config(cls, config) -> "Renderer":
+        """The renderer a LiveConfig asks for."""
+        return cls(config.colormap, config.alpha, config.cam_boxes, config.bars)
+
+    def annotate(self, frame: np.ndarray, result: FrameResult, hud: bool = True) -> np.ndarray:
         for layer in self.layers:
             layer.annotate(frame, result)
-        if self.hud:
+        if hud:
             self.hud_layer.annotate(frame, result)
         return frame

@@ -22,7 +22,7 @@ class Controls:
     class), HUD on or off."""
 
     method: str
-    explained: int | None = None
+    explained_class: int | None = None
     hud: bool = True
 
 
@@ -42,9 +42,9 @@ def apply_key(controls: Controls, key: int, methods: tuple[str, ...], classes: i
         return replace(controls, method=cycle[(position + 1) % len(cycle)]), None
     if "0" <= char <= "9":  # not str.isdigit(): '²' (0xB2, an AZERTY key) is a digit to it
         k = int(char)
-        return (replace(controls, explained=k), None) if k < classes else (controls, None)
+        return (replace(controls, explained_class=k), None) if k < classes else (controls, None)
     if char == "a":
-        return replace(controls, explained=None), None
+        return replace(controls, explained_class=None), None
     if char == "h":
         return replace(controls, hud=not controls.hud), None
     if char == "s":

@@ -121,7 +121,7 @@ def test_keras_baseline_computes_the_graphs_gradcam(astronaut_bgr):
     from camface.export.keras_baseline import KerasGradCam
     from camface.realtime.crop import crop_faces
     from camface.realtime.graph import CamGraph
-    from camface.realtime.render import normalize_heatmap
+    from camface.methods import normalize as normalize_heatmap
     from camface.realtime.results import Face
 
     graph = CamGraph(EMOTION_ONNX, "cpu")
@@ -145,7 +145,7 @@ def test_forward_only_graph_keeps_the_forward_outputs():
     import onnx
     import onnxruntime as ort
 
-    from camface.realtime.bench import forward_only
+    from camface.realtime.bench.heads import forward_only
 
     full_bytes = EMOTION_ONNX.read_bytes()
     pruned_bytes = forward_only(full_bytes)

@@ -383,38 +383,6 @@ def test_metadata_follows_graph_spec(resnet_like):
     assert set(graph.names) == {"probs", "activations", "gradcam", "gradcampp", "cam"}
 
 
-# ---- heatmap maths on hand-computed arrays -----------------------------------------------------
-
-def test_gradcam_and_gradcampp_by_hand():
-    """One crop, 1x2 map, 2 channels. A = [[1, 2], [3, 0]] per position (channels last)."""
-    import tensorflow as tf
-
-    from camface.export import graph
-
-    a = np.array([[[[1.0, 3.0], [2.0, 0.0]]]], np.float32)  # [1, 1, 2, 2]: positions x channels
-    g = np.array([[[[1.0, -1.0], [3.0, 0.0]]]], np.float32)
-    # Grad-CAM: alpha = mean over positions = [2, -0.5]; map = relu([1*2 - 0.5*3, 2*2]) = [0.5, 4]
-    np.testing.assert_allclose(graph.gradcam(tf.constant(a), tf.constant(g)).numpy(),
-                               [[[0.5, 4.0]]], rtol=1e-6)
-    # Grad-CAM++: sum_ab A = [3, 3]; alpha = g^2 / (2 g^2 + 3 g^3)
-    # channel 0: g=1 -> 1/5, g=3 -> 9/(18+81) = 1/11; w0 = 1/5 * 1 + 1/11 * 3 = 26/55
-    # channel 1: g=-1 -> 1/(2-3) = -1 but relu(g)=0; g=0 -> 0 (0/0 guarded); w1 = 0
-    # map = relu([1 * 26/55, 2 * 26/55])
-    np.testing.assert_allclose(graph.gradcampp(tf.constant(a), tf.constant(g)).numpy(),
-                               [[[26 / 55, 52 / 55]]], rtol=1e-6)
-    np.testing.assert_allclose(reference_gradcampp(a, g), [[[26 / 55, 52 / 55]]], rtol=1e-6)
-    # CAM with W [K=2, classes=2]: class 1 uses column [0.5, -1]: [1*0.5 - 3, 2*0.5] = [-2.5, 1]
-    weights = np.array([[1.0, 0.5], [2.0, -1.0]], np.float32)
-    np.testing.assert_allclose(
-        graph.cam(tf.constant(a), tf.constant(weights), tf.constant([1], tf.int64)).numpy(),
-        [[[-2.5, 1.0]]], rtol=1e-6)
+# ---- the heatmap maths on hand-computed arrays: tests/test_methods.py (numpy and TensorFlow)
 
 
-def test_gradcampp_is_zero_where_gradients_vanish():
-    import tensorflow as tf
-
-    from camface.export import graph
-
-    a = np.random.default_rng(0).normal(size=(2, 3, 3, 4)).astype(np.float32)
-    out = graph.gradcampp(tf.constant(a), tf.zeros_like(a)).numpy()
-    assert np.isfinite(out).all() and not out.any()

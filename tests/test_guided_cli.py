@@ -13,7 +13,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from camface.cli import main  # noqa: E402
-from camface.guided.figure import COLUMNS, comparison_figure  # noqa: E402
+from camface.guided.figure import comparison_figure  # noqa: E402
 from camface.hashing import sha256_file  # noqa: E402
 from camface.models import EMOTION_KERAS, EMOTION_ONNX, EMOTION_LABELS, read_labels  # noqa: E402
 
@@ -125,32 +125,41 @@ def explanations(astronaut_bgr):
         crops, np.array([-1, -1, 4]), ("face 0", "face 1", "face 0")) for layer in ("conv2d_7", "add_3")}
 
 
-@pytest.mark.parametrize("layer", ["conv2d_7", "add_3"])
-def test_figure_has_one_row_per_face_and_eight_panels(explanations, layer):
+@pytest.mark.parametrize("layer, columns", [
+    # GAP right after conv2d_7: CAM exists and gets its column
+    ("conv2d_7", ["image", "Grad-CAM", "Grad-CAM++", "CAM", "Guided Backprop", "Guided Grad-CAM"]),
+    # add_3 is not followed by pooling: no CAM column (the title says why), no empty panels
+    ("add_3", ["image", "Grad-CAM", "Grad-CAM++", "Guided Backprop", "Guided Grad-CAM"]),
+])
+def test_figure_has_one_row_per_face_and_a_panel_per_method(explanations, layer, columns):
     items = explanations[layer]
-    fig = comparison_figure(items, LABELS)
-    axes = fig.axes
-    assert len(axes) == 3 * len(COLUMNS) == 24
-    assert [ax.get_title() for ax in axes[:8]] == list(COLUMNS)
-    rows = [axes[r * 8:(r + 1) * 8] for r in range(3)]
+    fig = comparison_figure(items, LABELS, cam_note="" if layer == "conv2d_7" else "no pooling after add_3")
+    axes, width = fig.axes, len(columns)
+    assert len(axes) == 3 * width
+    assert [ax.get_title() for ax in axes[:width]] == columns
+    assert ("no CAM" in fig._suptitle.get_text()) == (layer == "add_3")
+    rows = [axes[r * width:(r + 1) * width] for r in range(3)]
     titles = [row[0].get_ylabel() for row in rows]
     assert titles[0].startswith("face 0\nhappy 0.99") and "explaining" not in titles[0]
     assert titles[1].startswith("face 1\nhappy")
     assert "explaining sad" in titles[2]
     for row in rows:
-        images_per_panel = [len(ax.get_images()) for ax in row]
-        cam_panels = images_per_panel[1] + images_per_panel[4]
-        # image, Grad-CAM, Grad-CAM++, Guided Backprop, Guided Grad-CAM: one image each;
-        # the two overlays hold the crop and the map.
-        assert images_per_panel[0] == images_per_panel[2] == images_per_panel[3] == 1
-        assert images_per_panel[5] == 2 and images_per_panel[6] == images_per_panel[7] == 1
-        if layer == "conv2d_7":  # GAP right after: CAM exists
-            assert cam_panels == 3
-        else:  # add_3 is not followed by pooling: CAM panels say so
-            assert cam_panels == 0 and "CAM n/a" in row[1].texts[0].get_text()
-    # the localisation box is drawn on the Grad-CAM overlay (a Rectangle patch)
-    assert len(rows[2][5].patches) == 1
-    assert len(comparison_figure(items, LABELS, boxes=False).axes[13].patches) == 0
+        # every panel is one image: overlays are drawn by the live overlay function
+        assert [len(ax.get_images()) for ax in row] == [1] * width
+        assert not any(ax.texts for ax in row)
+    # the localisation box is drawn on each overlay (a Rectangle patch), not on the others
+    assert [len(ax.patches) for ax in rows[2]] == [0] + [1] * (width - 3) + [0, 0]
+    assert sum(len(ax.patches) for ax in comparison_figure(items, LABELS, boxes=False).axes) == 0
+
+
+def test_figure_overlay_is_the_live_overlay(explanations):
+    """The figure's Grad-CAM panel shows exactly what the live overlay draws on that crop."""
+    from camface.realtime.overlay import overlay
+
+    item = explanations["conv2d_7"][0]
+    shown = comparison_figure([item], LABELS, boxes=False).axes[1].get_images()[0].get_array()
+    want = overlay(np.ascontiguousarray(item.image_rgb[..., ::-1]), item.heatmaps["gradcam"], "gradcam")
+    np.testing.assert_array_equal(np.asarray(shown), want[..., ::-1])
 
 
 def test_figure_labels_plain_gradients_for_models_without_relu():
@@ -167,7 +176,7 @@ def test_figure_labels_plain_gradients_for_models_without_relu():
     assert not items[0].guided
     titles = [ax.get_title() for ax in comparison_figure(items, ["a", "b"],
                                                          gradient_label=explainer.gradient_label).axes]
-    assert titles[6] == "Gradient (no ReLU)" and titles[7] == "Gradient x Grad-CAM"
+    assert titles[-2] == "Gradient (no ReLU)" and titles[-1] == "Gradient x Grad-CAM"
 
 
 # ------------------------------------------------------------------------------- misuse

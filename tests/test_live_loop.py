@@ -426,58 +426,6 @@ def test_detect_workers_auto_is_one_per_core_at_most_two():
         LiveConfig(detect_workers=-1)
 
 
-def _drain(items, producers):
-    """What _in_order yields from `items` (and the exception it ends with), in a thread so
-    that a regression that waits forever fails instead of hanging the suite."""
-    import queue
-    import threading
-
-    from camface.realtime.loop import _in_order
-
-    inbox = queue.Queue()
-    for item in items:
-        inbox.put(item)
-    out: dict = {"yielded": []}
-
-    def consume():
-        try:
-            for index, frame, _ in _in_order(inbox, producers):
-                out["yielded"].append((index, frame))
-        except Exception as exc:  # noqa: BLE001 - what the test checks
-            out["raised"] = exc
-
-    thread = threading.Thread(target=consume, daemon=True)
-    thread.start()
-    thread.join(timeout=5)
-    assert not thread.is_alive(), f"_in_order still waiting after {out['yielded']}"
-    return out["yielded"], out.get("raised")
-
-
-def test_in_order_puts_detector_results_back_in_frame_order():
-    from camface.realtime.loop import _END
-
-    items = [(1, "f1", ()), (3, "f3", ()), (0, "f0", ()), _END, (2, "f2", ()), (4, "f4", ()), _END]
-    yielded, raised = _drain(items, producers=2)
-    assert yielded == [(i, f"f{i}") for i in range(5)] and raised is None
-
-
-def test_in_order_raises_a_failure_after_the_frames_before_it():
-    from camface.realtime.loop import _END, _Failure
-
-    # The reader failed after frame 2: detector A passes the failure on, detector B still
-    # delivers frame 2 and ends. Frames 0-2 come out, then the error.
-    items = [(1, "f1", ()), (0, "f0", ()), _Failure(SourceError("camera 0 disappeared")), (2, "f2", ()), _END]
-    yielded, raised = _drain(items, producers=2)
-    assert yielded == [(0, "f0"), (1, "f1"), (2, "f2")]
-    assert isinstance(raised, SourceError) and "camera 0 disappeared" in str(raised)
-
-    # Detector A failed on frame 2 while B still had frame 1: 0 and 1 come out, then the
-    # error, without waiting for B to end; frame 3 (after the failure) is not delivered.
-    items = [(0, "f0", ()), (3, "f3", ()), _Failure(RuntimeError("detector crashed"), index=2), (1, "f1", ())]
-    yielded, raised = _drain(items, producers=2)
-    assert yielded == [(0, "f0"), (1, "f1")] and isinstance(raised, RuntimeError)
-
-
 def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monkeypatch):
     """Three detectors, the first one slowed down so that results really arrive out of order:
     every later stage still sees frames 0..11 in order, each with the faces of its own frame."""
@@ -510,7 +458,7 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     seen = []
     real_annotate = render.Renderer.annotate
 
-    def spy_annotate(self, frame, result):
+    def spy_annotate(self, frame, result, *args):
         seen.append((result.index, tuple(f.box for f in result.faces)))
         return real_annotate(self, frame, result)
 
@@ -585,7 +533,7 @@ def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
             ahead.append(clip.pulled - len(seen))
         return real_detect(self, frame)
 
-    def spy_annotate(self, frame, result):
+    def spy_annotate(self, frame, result, *args):
         seen.append(result.index)
         return real_annotate(self, frame, result)
 

@@ -9,18 +9,18 @@ import logging
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import TINY_LABELS, count_frames, tiny_cam_graph
+from realtime_helpers import TINY_LABELS, FakeCamera, count_frames, tiny_cam_graph
 
 from camface.errors import ModelError, OutputError
 from camface.realtime.crop import crop_faces, crop_square, square_box
-from camface.realtime.render import (BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box,
-                                     normalize_heatmap)
+from camface.methods import normalize as normalize_heatmap
+from camface.realtime.render import BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box
 from camface.realtime.results import Face, FrameResult, Prediction
 from camface.outputs import check_output_file
 from camface.realtime.sinks import VideoSink
 from camface.realtime.smooth import Smoother, iou
 from camface.realtime.snapshot import SnapshotWriter
-from camface.realtime.sources import to_bgr8
+from camface.realtime.sources import ImageFolderSource, LiveSource, to_bgr8
 from camface.realtime.timing import RateMeter, StageTimer
 from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls, apply_key
 
@@ -239,7 +239,7 @@ def test_box_labels_and_hud_draw_where_expected():
     assert lines == ["250 fps | ms: detect 2.2", "gradcam of predicted class | CPU",
                      "32 more face(s) not shown (--max-faces)"]
     hud_frame = np.zeros((120, 160, 3), np.uint8)
-    Renderer(hud=True).hud_layer.annotate(hud_frame, result)
+    Renderer().hud_layer.annotate(hud_frame, result)
     assert hud_frame[:20, :40].any() and not hud_frame[60:].any()
 
 
@@ -300,7 +300,7 @@ def test_stage_timer_and_rate_meter():
 @pytest.mark.parametrize("key, expected, command", [
     (-1, Controls("gradcam"), None),
     (ord("m"), Controls("gradcampp"), None),
-    (ord("3"), Controls("gradcam", explained=3), None),
+    (ord("3"), Controls("gradcam", explained_class=3), None),
     (ord("9"), Controls("gradcam"), None),  # beyond the 7 classes: ignored
     (ord("h"), Controls("gradcam", hud=False), None),
     (ord("s"), Controls("gradcam"), SNAPSHOT),
@@ -313,12 +313,12 @@ def test_keys(key, expected, command):
 
 
 def test_m_cycles_through_none_and_a_returns_to_predicted():
-    controls = Controls("cam", explained=2)
+    controls = Controls("cam", explained_class=2)
     controls, _ = apply_key(controls, ord("m"), ("gradcam", "gradcampp", "cam"), 7)
     assert controls.method == "none"
     controls, _ = apply_key(controls, ord("m"), ("gradcam", "gradcampp", "cam"), 7)
     assert controls.method == "gradcam"
-    assert apply_key(controls, ord("a"), ("gradcam",), 7)[0].explained is None
+    assert apply_key(controls, ord("a"), ("gradcam",), 7)[0].explained_class is None
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -368,3 +368,60 @@ def test_snapshot_contents_and_folders_never_collide(tmp_path, tiny_graph):
     np.testing.assert_array_equal(cv2.imread(str(first / "frame.png")), frame)
     with pytest.raises(OutputError, match="does not exist"):
         SnapshotWriter(tmp_path / "no" / "snaps", "x", tiny_graph.path, tiny_graph.info)
+
+
+# ---- regressions found in review of the live loop
+
+@pytest.mark.parametrize("char", ["\u00b2", "\u00b3", "\u00b9"])  # ² (AZERTY top-left key), ³, ¹
+def test_superscript_digit_keys_are_ignored_not_a_crash(char):
+    """cv2.waitKey returns the low byte of the key (Latin-1): '²'.isdigit() is True but
+    int('²') raises ValueError, which used to stop the live loop."""
+    controls = Controls(method="gradcam", explained_class=1)
+    assert apply_key(controls, ord(char), ("gradcam",), 7) == (controls, None)
+    assert apply_key(controls, ord("2"), ("gradcam",), 7) == (Controls("gradcam", explained_class=2), None)
+
+
+def test_live_source_interrupted_while_opening_releases_the_camera(monkeypatch):
+    """Ctrl-C while the camera's frame rate is being measured: `with` never calls __exit__
+    for a failed __enter__, so __enter__ itself must stop the reader thread and release."""
+    camera = FakeCamera()
+
+    def interrupted(self, frames=10):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LiveSource, "_measure_fps", interrupted)
+    source = LiveSource(0, timeout_s=0.5, opener=lambda target, timeout: camera)
+    with pytest.raises(KeyboardInterrupt):
+        with source:
+            pass
+    assert camera.released
+    assert source._thread is not None and not source._thread.is_alive()
+
+
+def test_face_detector_failing_warm_up_is_closed(monkeypatch):
+    """An error (or Ctrl-C) in the warm-up detection inside __enter__ left MediaPipe's
+    detector open: it must be closed explicitly."""
+    from camface.models import DETECTORS
+    from camface.realtime.detect import FaceDetector
+
+    def interrupted(self, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FaceDetector, "detect", interrupted)
+    detector = FaceDetector(DETECTORS["short"])
+    with pytest.raises(KeyboardInterrupt):
+        with detector:
+            pass
+    assert detector._detector is None
+
+
+def test_image_folder_skips_images_of_unsupported_type(tmp_path, caplog):
+    """A signed 16-bit TIFF in a folder raised a bare ValueError (no file named) and stopped
+    the run; like an unreadable file it is skipped with a warning naming it."""
+    cv2.imwrite(str(tmp_path / "01.png"), np.full((6, 8, 3), 50, np.uint8))
+    cv2.imwrite(str(tmp_path / "02.tiff"), np.full((6, 8), 200, np.int16))
+    cv2.imwrite(str(tmp_path / "03.png"), np.full((6, 8, 3), 90, np.uint8))
+    with caplog.at_level(logging.WARNING), ImageFolderSource(tmp_path) as source:
+        frames = list(source)
+    assert [int(f[0, 0, 0]) for f in frames] == [50, 90]
+    assert "02.tiff" in caplog.text

@@ -1,0 +1,157 @@
+"""`camface bench`: frames per second and per-stage latency of the live pipeline, headless,
+against the baselines users would otherwise use, measured on the same frames in one run.
+
+Rows (each on the same frames of `--source`, after `--warmup` frames that are not timed):
+  camface live        the real live loop (`LiveLoop`: reader, detector(s), main and writer
+                      threads), headless, recording when `--record`.
+  ONNX, one thread    (with `--baseline keras`) the same stages one after the other in one
+                      thread, with the CAM graph: separates what pipelining gains from what
+                      the graph gains.
+  Keras GradientTape  (with `--baseline keras`) the same loop, but each face's Grad-CAM
+                      computed the Keras-example way (export/keras_baseline.py).
+Stages: decode, detect, crop, classify+explain, render, encode; median and p95 milliseconds.
+`--compare-heads` adds the gradient outputs' cost (camface.realtime.bench.heads).
+
+The pieces: config (flags and BenchConfig), rows (the pipelines timed), heads, machine, report.
+Top-level imports stay light; TensorFlow is never imported by this module: the Keras baseline
+and the backbone builder live in camface.export and are loaded only when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from camface.errors import ModelError, SourceError
+from camface.realtime.bench.config import BACKBONES, BenchConfig, configure  # noqa: F401 (configure: the CLI)
+
+if TYPE_CHECKING:
+    from camface.realtime.bench.rows import Row
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_models(config: BenchConfig) -> tuple[Path, Path | None]:
+    """(CAM graph, Keras model or None) for the run."""
+    from camface.models import EMOTION_KERAS, EMOTION_ONNX
+
+    if config.backbone:
+        from camface.export.bench_graphs import backbone_graph  # TensorFlow, on first use only
+
+        graph, keras_model = backbone_graph(BACKBONES[config.backbone], config.backbone_size, config.work_dir)
+        return graph, config.keras_model or keras_model
+    graph = config.pipeline.model or EMOTION_ONNX
+    keras_model = config.keras_model
+    if keras_model is None and config.pipeline.model is None:
+        keras_model = EMOTION_KERAS
+    if config.baseline == "keras" and keras_model is None:
+        raise ModelError(f"--baseline keras needs the Keras model of {graph} (--keras-model FILE)")
+    return graph, keras_model
+
+
+def run(config: BenchConfig) -> tuple[dict, list[Row]]:
+    """Measure everything `config` asks for; returns the report (JSON-ready) and the rows."""
+    from camface.realtime.bench.heads import compare_heads
+    from camface.realtime.bench.machine import machine_info
+    from camface.realtime.bench.rows import ExplainerGraph, run_live, run_sequential
+    from camface.realtime.explainer import check_method
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.loop import detect_workers_for
+    from camface.realtime.sources import make_source
+
+    pipeline = config.pipeline
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with make_source(pipeline.source, sample_frames=config.frames) as source:  # fails fast, names the source
+        source_info = source.info
+        first = next(iter(source), None)
+    if source_info.live:
+        log.warning("camface bench: %s is a live source: each row sees different frames", source_info.name)
+    if first is None:
+        raise SourceError(f"no frame could be read from {pipeline.source}")
+    from camface.realtime.detect import import_mediapipe_vision
+
+    import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
+    graph_path, keras_path = _resolve_models(config)
+    graph = CamGraph(graph_path, pipeline.device, threads=pipeline.graph_threads)
+    check_method(graph, pipeline.method)
+    info = graph.info
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="camface-bench-") as tmp:
+        record_dir = Path(tmp) if config.record else None
+        rows.append(run_live(config, graph_path, record_dir))
+        speedup = None
+        if config.baseline == "keras":
+            import importlib
+
+            baseline = importlib.import_module("camface.export.keras_baseline")
+            method = "gradcam"  # what the Keras example computes
+            rows.append(run_sequential("ONNX, one thread", config, graph, method, record_dir))
+            norm = info.normalization or {"scale": [1.0], "offset": [0.0]}
+            keras = baseline.KerasGradCam(keras_path, info.target_layer, norm["scale"], norm["offset"])
+            rows.append(run_sequential("Keras GradientTape", config, ExplainerGraph(keras, info, method), method,
+                                       record_dir))
+            live, onnx_seq, keras_row = rows
+            speedup = {"end_to_end": live.fps / keras_row.fps if keras_row.fps else None,
+                       "same_loop": onnx_seq.fps / keras_row.fps if keras_row.fps else None,
+                       "classify": (keras_row.stages["classify"].mean_ms / live.stages["classify"].mean_ms
+                                    if live.stages.get("classify") and live.stages["classify"].mean_ms else None),
+                       "cpu_time": (keras_row.cpu_ms_per_frame / live.cpu_ms_per_frame
+                                    if keras_row.cpu_ms_per_frame and live.cpu_ms_per_frame else None)}
+    heads = compare_heads(config, graph_path, info, graph.provider) if config.compare_heads else None
+    report = {
+        "camface_bench": 1,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average": {"before": load_before,
+                         "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")},
+        "settings": {
+            "source": source_info.name, "source_size": f"{first.shape[1]}x{first.shape[0]}",
+            "source_fps": source_info.fps, "model": str(graph_path),
+            "keras_model": str(keras_path) if keras_path else None, "backbone": config.backbone,
+            "input_size": list(info.input_size), "color_order": info.color_order,
+            "target_layer": info.target_layer, "method": pipeline.method, "frames": config.frames,
+            "warmup": config.warmup, "record": config.record, "detector": pipeline.detector,
+            "max_faces": pipeline.max_faces, "graph_threads": pipeline.graph_threads,
+            "detect_workers": detect_workers_for(pipeline.detect_workers, pipeline.graph_threads, source_info.live),
+            "device": pipeline.device,
+            "provider": graph.provider, "baseline": config.baseline,
+        },
+        "runs": [row.to_json() for row in rows],
+        "speedup": speedup,
+        "heads": heads,
+    }
+    return report, rows
+
+
+def main(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if args.baseline == "keras":  # before anything imports TensorFlow (see export/keras_baseline.py)
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
+        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
+    try:
+        config = BenchConfig.from_args(args)
+    except ValueError as exc:
+        print(f"camface bench: error: {exc}", file=sys.stderr)
+        return 2
+    if config.json is not None:
+        from camface.outputs import check_output_file
+
+        check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
+    report, rows = run(config)
+    from camface.realtime.bench.report import format_report
+
+    print(format_report(report, rows))
+    if config.json is not None:
+        config.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {config.json}", file=sys.stderr)
+    return 0

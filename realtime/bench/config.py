@@ -1,0 +1,88 @@
+"""What `camface bench` was asked to measure: its own options, plus the frame pipeline's
+(`LiveConfig`, shared with `camface live`: same flags, same defaults, same checks)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from camface.realtime.config import LiveConfig, add_arguments, from_args
+
+PIPELINE_OPTIONS = ("source", "model", "method", "detector", "graph_threads", "detect_workers", "device")
+BACKBONES = {"resnet50": "resnet50_gap", "vgg16": "vgg16_conv_gap", "mobilenetv2": "mobilenetv2_gap"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="sample",
+                        help="video file, folder of images, or 'sample' (the bundled demo clip, 640x480): "
+                             "every row runs on the same frames (a camera index or stream URL works too, "
+                             "but then each row sees other frames)")
+    add_arguments(parser, "model", "method")  # the pipeline's own flags: PIPELINE_OPTIONS
+    parser.add_argument("--frames", type=int, default=300, help="frames timed per row")
+    parser.add_argument("--warmup", type=int, default=30, help="frames run before timing each row")
+    parser.add_argument("--record", action="store_true",
+                        help="encode the annotated frames to an mp4 (in a temporary folder), as "
+                             "`camface live --record` does; adds the encode stage")
+    parser.add_argument("--baseline", choices=("keras", "none"), default="none",
+                        help="keras: also run each face's Grad-CAM the Keras-example way (eager "
+                             "GradientTape per face) on the same frames, and print the speedup")
+    parser.add_argument("--keras-model", type=Path, default=None,
+                        help="Keras model with the CAM graph's weights, for --baseline keras; default: "
+                             "the bundled emotion model (bundled graph) or the --backbone's model")
+    parser.add_argument("--compare-heads", action="store_true",
+                        help="also time the graph with and without its gradient outputs (forward only)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], metavar="N",
+                        help="batch sizes for --compare-heads")
+    parser.add_argument("--repeats", type=int, default=50, help="graph runs per batch size for --compare-heads")
+    parser.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
+                        help="bench a CAM graph of this backbone (GAP head, random weights, built with "
+                             "camface.models.builders and exported once into --work-dir) instead of --model")
+    parser.add_argument("--backbone-size", type=int, default=224, help="input size of the --backbone graph")
+    parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/camface/bench"),
+                        help="cache folder for --backbone graphs")
+    add_arguments(parser, "detector")
+    parser.add_argument("--max-faces", type=int, default=None,
+                        help="faces classified per frame, largest first; default 8, or 1 with --backbone")
+    add_arguments(parser, "graph_threads", "detect_workers", "device")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json",
+                        help="also write the numbers to this JSON file")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `camface bench` was asked to measure. pipeline: the frame pipeline every row runs
+    (source, model, method, detector, faces, threads, device), as `camface live` would."""
+
+    pipeline: LiveConfig = field(default_factory=lambda: LiveConfig(source="sample"))
+    keras_model: Path | None = None
+    frames: int = 300
+    warmup: int = 30
+    record: bool = False
+    baseline: str = "none"
+    compare_heads: bool = False
+    batches: tuple[int, ...] = (1, 8)
+    repeats: int = 50
+    backbone: str | None = None
+    backbone_size: int = 224
+    work_dir: Path = Path("~/.cache/camface/bench")
+    json: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.frames < 2:
+            raise ValueError(f"--frames must be at least 2 (fps needs two frame completions), got {self.frames}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.repeats < 1 or any(not 1 <= b <= 32 for b in self.batches):
+            raise ValueError("--repeats must be >= 1 and --batches within 1..32")
+        if self.backbone and self.pipeline.model is not None:
+            raise ValueError("--model and --backbone exclude each other")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
+        max_faces = args.max_faces if args.max_faces is not None else (1 if args.backbone else 8)
+        return cls(pipeline=from_args(args, PIPELINE_OPTIONS, max_faces=max_faces), keras_model=args.keras_model,
+                   frames=args.frames, warmup=args.warmup, record=args.record, baseline=args.baseline,
+                   compare_heads=args.compare_heads, batches=tuple(args.batches), repeats=args.repeats,
+                   backbone=args.backbone, backbone_size=args.backbone_size, work_dir=args.work_dir,
+                   json=args.json)

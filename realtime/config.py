@@ -1,0 +1,156 @@
+"""The live options: one frozen dataclass, its checks, and the command-line flags built from it.
+
+`LiveConfig` holds every option of the frame pipeline (detection, cropping, the graph, the
+overlay, recording). Its field defaults are the only defaults: `add_arguments` reads them into
+argparse, and `camface live`, `camface bench`, `camface train` (and later front ends) add the
+flags they share with it by name. Checks live in `__post_init__` only, so a config built in
+code is checked as one built from the command line; a bad value raises ValueError naming the flag.
+
+Top-level imports stay light (no cv2, onnxruntime or mediapipe): `camface --help` imports this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from camface import methods
+
+MAX_DETECT_WORKERS = 8
+MAX_FACES = 32  # the graph's batch range is 1..32
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+DETECTORS = ("short", "full")
+
+
+def method_choices() -> tuple[str, ...]:
+    """`--method` choices: the registry's displayable methods, then "none" (no heatmap)."""
+    return (*methods.names(display_only=True), "none")
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """Everything one run of the frame pipeline was asked to do (see `FLAGS` for each meaning)."""
+
+    source: str | None = None
+    model: Path | None = None  # None: the bundled emotion graph
+    method: str = "gradcam"
+    record: Path | None = None
+    show: bool = False
+    detector: str = "full"
+    min_confidence: float = 0.5
+    max_faces: int = 8
+    margin: float = 0.1
+    device: str = "auto"
+    smooth: float = 0.0
+    cam_boxes: bool = False
+    bars: bool = False
+    colormap: str = "jet"
+    alpha: float = 0.45
+    snapshot_every: int = 0
+    snapshot_dir: Path = Path("snapshots")
+    overwrite: bool = False
+    max_frames: int | None = None
+    progress: bool = False
+    graph_threads: int = 1
+    detect_workers: int = 0  # 0: auto (see loop.detect_workers_for)
+    quiet_native: bool = True
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.method in method_choices() or self.method in methods.METHODS,
+             f"--method {self.method!r} unknown; choose from {', '.join(method_choices())}"),
+            (self.detector in DETECTORS, f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
+            (1 <= self.max_faces <= MAX_FACES,
+             f"--max-faces must be 1..{MAX_FACES} (the graph's batch range), got {self.max_faces}"),
+            (self.margin >= 0, f"--margin must be >= 0, got {self.margin}"),
+            (0.0 <= self.min_confidence <= 1.0, f"--min-confidence must be in [0, 1], got {self.min_confidence}"),
+            (self.max_frames is None or self.max_frames >= 1, f"--max-frames must be >= 1, got {self.max_frames}"),
+            (self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}"),
+            (0 <= self.detect_workers <= MAX_DETECT_WORKERS,
+             f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}"),
+            (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
+            (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
+            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        from camface.realtime.overlay import COLORMAPS  # cv2: only when a config is built
+
+        if self.colormap not in COLORMAPS:
+            raise ValueError(f"--colormap {self.colormap!r} unknown; choose from {', '.join(sorted(COLORMAPS))}")
+
+    def replace(self, **changes) -> "LiveConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# field -> (flag, argparse keywords without the default). Help texts are the options' documentation.
+FLAGS: dict[str, tuple[str, dict]] = {
+    "source": ("--source", dict(help="camera index (0), video file, folder of images, stream URL (rtsp/http) "
+                                     "or 'sample' (a bundled demo clip); default: camera 0 if it opens, else sample")),
+    "model": ("--model", dict(type=Path, help="CAM graph (.onnx) made by `camface export`; default: the "
+                                              "bundled emotion graph")),
+    "method": ("--method", dict(choices=method_choices, help="heatmap to overlay (key m cycles in the window)")),
+    "record": ("--record", dict(type=Path, metavar="OUT.mp4",
+                                help="write the annotated frames to this mp4, at the source's frame rate")),
+    "detector": ("--detector", dict(choices=DETECTORS, help="BlazeFace model: full-range (faces up to ~5 m) or "
+                                                            "short-range (faster, faces within ~2 m)")),
+    "min_confidence": ("--min-confidence", dict(type=float, help="face detector score threshold")),
+    "max_faces": ("--max-faces", dict(type=int, help=f"classify at most this many faces per frame, the largest "
+                                                     f"(1-{MAX_FACES})")),
+    "margin": ("--margin", dict(type=float, help="crop margin around each face box, as a fraction of the box's "
+                                                 "longer side")),
+    "device": ("--device", dict(choices=DEVICES, help="ONNX Runtime provider; auto tries TensorRT, CUDA, then CPU")),
+    "smooth": ("--smooth", dict(type=float, help="temporal smoothing of heatmaps and probabilities, weight of "
+                                                 "the past in [0, 1)")),
+    "cam_boxes": ("--cam-boxes", dict(action="store_true", help="draw the CAM paper's localisation box: bounding "
+                                                                "box of the largest region above 20%% of the "
+                                                                "heatmap's maximum")),
+    "bars": ("--top3", dict(action="store_true", help="draw each face's three most probable classes as bars")),
+    "colormap": ("--colormap", dict(help="OpenCV colormap for heatmaps (jet, turbo, inferno, ...)")),
+    "alpha": ("--alpha", dict(type=float, help="heatmap opacity in [0, 1]")),
+    "snapshot_every": ("--snapshot-every", dict(type=int, metavar="N",
+                                                help="save a snapshot every N frames (0: only with key s)")),
+    "snapshot_dir": ("--snapshot-dir", dict(type=Path, help="folder for snapshots (one sub-folder per snapshot; "
+                                                            "read by `camface guided`)")),
+    "overwrite": ("--overwrite", dict(action="store_true", help="replace an existing --record file")),
+    "max_frames": ("--max-frames", dict(type=int, metavar="N", help="stop after N frames")),
+    "graph_threads": ("--graph-threads", dict(type=int, metavar="N",
+                                              help="ONNX Runtime intra-op threads on CPU: 1 leaves the other core "
+                                                   "to the detector; 0 = all cores (faster for large graphs such "
+                                                   "as ResNet50)")),
+    "detect_workers": ("--detect-workers", dict(type=int, metavar="N",
+                                                help="face detectors running side by side on consecutive frames "
+                                                     "(each one MediaPipe instance on one core): more frames per "
+                                                     "second, not less latency; 0 = one per core, at most 2, for "
+                                                     "files, folders and sample; 1 for cameras and streams and "
+                                                     "with --graph-threads 0")),
+}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(LiveConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
+    """Add the flags of LiveConfig fields `names` to `parser`, defaults from the dataclass
+    (or `defaults`, for a command whose own default differs, e.g. bench's source)."""
+    for name in names:
+        flag, keywords = FLAGS[name]
+        keywords = dict(keywords)
+        if callable(keywords.get("choices")):
+            keywords["choices"] = keywords["choices"]()  # read the registry when the parser is built
+        default = defaults.get(name, DEFAULTS[name])
+        if keywords.get("action") != "store_true":
+            keywords["default"] = default
+        parser.add_argument(flag, dest=name, **keywords)
+
+
+def from_args(args: argparse.Namespace, names, **overrides) -> LiveConfig:
+    """A LiveConfig from the parsed flags of fields `names` (the ones the command added with
+    `add_arguments`; others keep their defaults), then `overrides`. Raises ValueError naming
+    the flag."""
+    values = {name: getattr(args, name) for name in names}
+    values["quiet_native"] = not getattr(args, "debug", False)
+    values.update(overrides)
+    return LiveConfig(**values)

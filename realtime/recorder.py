@@ -1,0 +1,106 @@
+"""The writer thread's work: the recording (started and stopped by key r) and snapshots.
+
+The main thread hands over one `Output` per processed frame; the writer encodes it, saves a
+snapshot when asked, and finalises the recording whatever happens (the file stays playable).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from camface.realtime.explainer import Explained
+from camface.realtime.threads import END
+from camface.realtime.timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One processed frame for the writer.
+
+    frame: the annotated uint8 BGR frame. raw: the frame before drawing, when a snapshot is
+    due (else None). explained: its crops and result. snapshot: save one. toggle: start or
+    stop recording before writing this frame.
+    """
+
+    frame: np.ndarray
+    explained: Explained
+    raw: np.ndarray | None = None
+    snapshot: bool = False
+    toggle: bool = False
+
+
+class Recorder:
+    """Recording and snapshots for one run. first_record: the --record file (None: not
+    recording until key r). fps: the source's rate, written into the file. snapshots: a
+    SnapshotWriter or None. timer: gets the `encode` and `snapshot` stages."""
+
+    def __init__(self, first_record: Path | None, fps: float, overwrite: bool, snapshots, timer: StageTimer):
+        self.fps, self.first_record, self.overwrite = fps, first_record, overwrite
+        self.snapshots, self.timer = snapshots, timer
+        self.sink = self._open(first_record, overwrite) if first_record else None
+        self.recordings: list[tuple[str, int]] = []  # (path, frames written)
+        self.error: BaseException | None = None
+
+    def _open(self, path: Path, overwrite: bool):
+        from camface.realtime.sinks import VideoSink
+
+        return VideoSink(path, self.fps, overwrite)
+
+    def _next_path(self) -> Path:
+        """The --record name, or a timestamped one, with -2, -3, ... until it is new."""
+        base = self.first_record or Path(time.strftime("camface-%Y%m%d-%H%M%S.mp4"))
+        candidate, n = base, 1
+        while candidate.exists():
+            n += 1
+            candidate = base.with_name(f"{base.stem}-{n}{base.suffix}")
+        return candidate
+
+    def toggle(self) -> None:
+        if self.sink is not None:
+            self.close_sink()
+            log.info("recording stopped")
+        else:
+            self.sink = self._open(self._next_path(), False)
+            log.info("recording to %s", self.sink.path)
+
+    def close_sink(self) -> None:
+        """Finalise the recording in progress, if any (idempotent)."""
+        if self.sink is not None:
+            self.sink.close()
+            if self.sink.frames_written:
+                self.recordings.append((str(self.sink.path), self.sink.frames_written))
+            self.sink = None
+
+    def handle(self, item: Output) -> None:
+        if item.toggle:
+            self.toggle()
+        if self.sink is not None:
+            with self.timer.stage("encode"):
+                self.sink.write(item.frame)
+        if item.snapshot and self.snapshots is not None and item.raw is not None:
+            with self.timer.stage("snapshot"):
+                self.snapshots.save(item.raw, item.explained.crops, item.explained.result)
+
+    def run(self, inbox: queue.Queue) -> None:
+        """The writer thread: handle items until END; the first error is kept (the main thread
+        raises it) and the rest of the queue is drained so the main thread never blocks."""
+        try:
+            while True:
+                item = inbox.get()
+                if item is END:
+                    return
+                if self.error is None:
+                    try:
+                        self.handle(item)
+                    except BaseException as exc:  # reported by the main thread; keep draining
+                        self.error = exc
+        finally:
+            self.close_sink()

@@ -1,0 +1,143 @@
+"""Plumbing of the live loop's threads: bounded queues that can be stopped, results put back
+in frame order, failures carried from worker threads, and signals turned into exceptions.
+
+Nothing here knows about frames or faces: `camface.realtime.loop` builds the pipeline from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import threading
+
+END = object()  # sent once by each producer when it has nothing more
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, like KeyboardInterrupt, so `except Exception` in
+    library code cannot swallow it)."""
+
+    exit_code = 143
+
+
+class Failure:
+    """An exception travelling down the pipeline from a worker thread.
+
+    index: the frame a detector failed on; None for the reader (after every frame it read).
+    """
+
+    def __init__(self, exc: BaseException, index: int | None = None):
+        self.exc = exc
+        self.index = index
+
+
+def put(q: queue.Queue, item, stop: threading.Event | None) -> bool:
+    """Put, waiting while the queue is full; False if `stop` was set meanwhile (None: wait
+    for room however long it takes)."""
+    while True:
+        try:
+            q.put(item, timeout=0.05)  # a timeout keeps Ctrl-C responsive while waiting
+            return True
+        except queue.Full:
+            if stop is not None and stop.is_set():
+                return False
+
+
+def get(q: queue.Queue, stop: threading.Event | None = None):
+    """Get, waiting (interruptibly) for an item; END once `stop` is set and nothing comes."""
+    while True:
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            if stop is not None and stop.is_set():
+                return END
+
+
+def in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | None = None):
+    """Yield (index, frame, faces) from `producers` detector threads in frame order.
+
+    Each producer sends increasing indices and then one END (or a Failure, after which it
+    stops); together they cover 0, 1, 2, ... without gaps. A failure is raised once every
+    frame before it has been yielded, so nothing already read is lost: a detector's failure
+    on frame k after frames 0..k-1, the reader's after every frame it read. `slots` gets one
+    release per frame yielded (the reader takes one per frame read: see LiveLoop._read).
+    """
+    pending: dict[int, tuple] = {}
+    wanted = ended = 0
+    failure: Failure | None = None
+    while True:
+        while wanted in pending:
+            if slots is not None:
+                slots.release()
+            yield pending.pop(wanted)
+            wanted += 1
+        if failure is not None and (ended == producers or (failure.index is not None and wanted >= failure.index)):
+            raise failure.exc
+        if ended == producers:
+            return
+        item = get(inbox)
+        if item is END:
+            ended += 1
+        elif isinstance(item, Failure):
+            ended += 1  # its producer has stopped
+            earlier = item.index is not None and (failure is None or failure.index is None or item.index < failure.index)
+            if failure is None or earlier:
+                failure = item
+        else:
+            pending[item[0]] = item
+
+
+def acquire(slots: threading.Semaphore, stop: threading.Event) -> bool:
+    """Take a slot, waiting while none is free; False if `stop` was set meanwhile."""
+    while not slots.acquire(timeout=0.05):
+        if stop.is_set():
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the block runs, SIGTERM raises Terminated in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ignore SIGINT/SIGTERM while the block runs (finalising the recording must finish)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def opencv_single_threaded():
+    """OpenCV's own worker threads only add contention: the pipeline's stages already run
+    in parallel, one thread each."""
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+

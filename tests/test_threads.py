@@ -1,0 +1,53 @@
+"""The live loop's thread plumbing (camface.realtime.threads): results put back in frame order,
+failures raised after every frame before them."""
+
+from camface.errors import SourceError
+from camface.realtime.threads import END, Failure
+
+
+def _drain(items, producers):
+    """What in_order yields from `items` (and the exception it ends with), in a thread so
+    that a regression that waits forever fails instead of hanging the suite."""
+    import queue
+    import threading
+
+    from camface.realtime.threads import in_order
+
+    inbox = queue.Queue()
+    for item in items:
+        inbox.put(item)
+    out: dict = {"yielded": []}
+
+    def consume():
+        try:
+            for index, frame, _ in in_order(inbox, producers):
+                out["yielded"].append((index, frame))
+        except Exception as exc:  # noqa: BLE001 - what the test checks
+            out["raised"] = exc
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), f"in_order still waiting after {out['yielded']}"
+    return out["yielded"], out.get("raised")
+
+
+def test_in_order_puts_detector_results_back_in_frame_order():
+    items = [(1, "f1", ()), (3, "f3", ()), (0, "f0", ()), END, (2, "f2", ()), (4, "f4", ()), END]
+    yielded, raised = _drain(items, producers=2)
+    assert yielded == [(i, f"f{i}") for i in range(5)] and raised is None
+
+
+def test_in_order_raises_a_failure_after_the_frames_before_it():
+    # The reader failed after frame 2: detector A passes the failure on, detector B still
+    # delivers frame 2 and ends. Frames 0-2 come out, then the error.
+    items = [(1, "f1", ()), (0, "f0", ()), Failure(SourceError("camera 0 disappeared")), (2, "f2", ()), END]
+    yielded, raised = _drain(items, producers=2)
+    assert yielded == [(0, "f0"), (1, "f1"), (2, "f2")]
+    assert isinstance(raised, SourceError) and "camera 0 disappeared" in str(raised)
+
+    # Detector A failed on frame 2 while B still had frame 1: 0 and 1 come out, then the
+    # error, without waiting for B to end; frame 3 (after the failure) is not delivered.
+    items = [(0, "f0", ()), (3, "f3", ()), Failure(RuntimeError("detector crashed"), index=2), (1, "f1", ())]
+    yielded, raised = _drain(items, producers=2)
+    assert yielded == [(0, "f0"), (1, "f1")] and isinstance(raised, RuntimeError)
