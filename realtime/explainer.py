@@ -66,10 +66,10 @@ class FrameExplainer:
         return np.full(len(faces), -1, np.int64)
 
     def explain(self, frame: np.ndarray, faces: tuple[Face, ...], controls: Controls, index: int = 0,
-                fps: float = 0.0, stage_ms: dict | None = None) -> Explained:
+                fps: float = 0.0, stage_ms: dict | None = None, pace_fps: float = 0.0) -> Explained:
         """frame: uint8 BGR [H, W, 3], not modified. faces: the detector's faces, largest first.
-        index: the frame's index in its source. fps / stage_ms: the caller's rolling figures,
-        carried in the result for the HUD."""
+        index: the frame's index in its run. fps / stage_ms / pace_fps: the caller's rolling
+        figures, carried in the result for the HUD (see FrameResult)."""
         start = time.perf_counter()
         dropped = max(0, len(faces) - self.max_faces)
         faces = tuple(faces[: self.max_faces])
@@ -89,7 +89,8 @@ class FrameExplainer:
                 for i in range(len(faces)))
         result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
                              method=controls.method, explained_class=controls.explained_class,
-                             labels=info.labels, fps=fps, stage_ms=stage_ms or {}, provider=self.graph.provider)
+                             labels=info.labels, fps=fps, stage_ms=stage_ms or {}, provider=self.graph.provider,
+                             pace_fps=pace_fps)
         if self.smoother is not None:
             result = self.smoother.update(result)
         if self.timer is not None:

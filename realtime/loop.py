@@ -86,6 +86,8 @@ class RunSummary:
     snapshots: int = 0
     stopped_by: str = "end of input"
     detectors: int = 1  # detector threads, each timing its own frames
+    pace_fps: float = 0.0  # frames held to this rate for display (0: as fast as possible)
+    paused_s: float = 0.0  # time spent paused (space key)
 
     @property
     def faces_per_frame(self) -> float:
@@ -102,10 +104,14 @@ class RunSummary:
         ms = ", ".join(self._stage_text(s) for s in HUD_STAGES if s in self.stages)
         text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frames, "
                 f"{self.faces_per_frame:.1f} faces/frame, {self.fps:.0f} fps")
+        if self.pace_fps:
+            text += f" (paced to the source's {self.pace_fps:.3g} fps)"
         for path, written in self.recordings:
             text += f"; recorded {written} frames to {path}"
         if self.snapshots:
             text += f"; {self.snapshots} snapshot(s)"
+        if self.paused_s:
+            text += f"; paused {self.paused_s:.1f} s"
         if self.stopped_by != "end of input":
             text += f" ({self.stopped_by})"
         return text
@@ -125,6 +131,7 @@ class LiveLoop:
         self.rate = RateMeter()
         self._source = source
         self._window = window
+        self._paused_s = 0.0
         self.summary: RunSummary | None = None
 
     # ---------------------------------------------------------------- worker threads
@@ -184,6 +191,7 @@ class LiveLoop:
         from camface.realtime.detect import FaceDetector
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.graph import CamGraph
+        from camface.realtime.pace import LoopingSource
         from camface.realtime.render import Renderer
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import make_source
@@ -197,6 +205,8 @@ class LiveLoop:
         explainer = FrameExplainer.from_config(cfg, graph, self.timer)
         explainer.warm_up(cfg.method)
         source = self._source if self._source is not None else make_source(cfg.source)
+        if cfg.loop:
+            source = LoopingSource(source)
         with source, contextlib.ExitStack() as detectors_open:
             detectors = [detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence,
                                                                    cfg.quiet_native))
@@ -227,8 +237,30 @@ class LiveLoop:
             total = min(total, self.config.max_frames)
         return tqdm(total=total, unit="frame", file=sys.stderr, mininterval=0.5, leave=False)
 
+    def _show(self, window, frame, controls, pacer, methods, classes) -> tuple[Controls, str | None]:
+        """Show the frame (at its time when paced) and apply the key pressed; while paused,
+        keep the frame on screen and wait for space (or quit). Returns the controls and the
+        command of the key (SNAPSHOT, RECORD, QUIT or None)."""
+        if pacer is not None:
+            pacer.wait()
+        controls, command = apply_key(controls, window.show(frame), methods, classes)
+        if controls.paused:
+            paused_at = time.perf_counter()
+            while controls.paused and command != QUIT and not getattr(window, "closed", False):
+                time.sleep(0.02)  # the window keeps the frame; poll its keys
+                controls, command = apply_key(controls, window.show(frame), methods, classes)
+            held = time.perf_counter() - paused_at
+            self._paused_s += held
+            if pacer is not None:
+                pacer.hold(held)
+        return controls, command
+
     def _pipeline(self, source, detectors, explainer, renderer, recorder, window) -> None:
+        from camface.realtime.pace import Pacer, pace_period
+
         cfg = self.config
+        period = pace_period(cfg.pace, source.info, window is not None, cfg.image_seconds)
+        pacer = Pacer(period) if period else None
         stop = threading.Event()
         frames_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         detections_q: queue.Queue = queue.Queue(QUEUE_SIZE)
@@ -264,12 +296,15 @@ class LiveLoop:
                     if frames % HUD_EVERY == 0:
                         stats = self.timer.medians_ms()
                         hud_ms = {s: stats[s] for s in HUD_STAGES if s in stats}
-                    explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms)
+                    explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
+                                                  pacer.fps if pacer is not None else 0.0)
                     with self.timer.stage("render"):
                         renderer.annotate(frame, explained.result, controls.hud)
                     toggle = False
+                    if window is None and pacer is not None:  # --pace source, headless
+                        pacer.wait()
                     if window is not None:
-                        controls, command = apply_key(controls, window.show(frame), methods, len(labels))
+                        controls, command = self._show(window, frame, controls, pacer, methods, len(labels))
                         snapshot_requested = command == SNAPSHOT
                         toggle = command == RECORD
                         if command == QUIT or getattr(window, "closed", False):
@@ -309,6 +344,7 @@ class LiveLoop:
                     provider=explainer.graph.provider, source=source.info.name,
                     recordings=tuple(recorder.recordings),
                     snapshots=recorder.snapshots.count if recorder.snapshots is not None else 0,
-                    stopped_by=stopped_by, detectors=len(detectors))
+                    stopped_by=stopped_by, detectors=len(detectors), pace_fps=pacer.fps if pacer else 0.0,
+                    paused_s=self._paused_s)
         if recorder.error is not None:
             raise recorder.error
