@@ -133,7 +133,8 @@ def run_sequential(name: str, config: BenchConfig, graph, method: str, record_di
 
 def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record, timer, rate):
     from camface.realtime.explainer import FrameExplainer
-    from camface.realtime.loop import HUD_EVERY, HUD_STAGES
+    from camface.realtime.loop import HUD_EVERY
+    from camface.realtime.summary import HUD_STAGES
     from camface.realtime.sinks import VideoSink
     from camface.realtime.sources import make_source
     from camface.realtime.window import Controls
