@@ -87,15 +87,15 @@ class FrameExplainer:
                            explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]),
                            method=controls.method)
                 for i in range(len(faces)))
+        if self.timer is not None:
+            self.timer.add("crop", cropped - start)
+            self.timer.add("classify", time.perf_counter() - cropped)
         result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
                              method=controls.method, explained_class=controls.explained_class,
                              labels=info.labels, fps=fps, stage_ms=stage_ms or {}, provider=self.graph.provider,
                              pace_fps=pace_fps)
         if self.smoother is not None:
             result = self.smoother.update(result)
-        if self.timer is not None:
-            self.timer.add("crop", cropped - start)
-            self.timer.add("classify", time.perf_counter() - cropped)
         return Explained(result, crops)
 
 

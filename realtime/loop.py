@@ -33,11 +33,11 @@ from pathlib import Path
 from camface.errors import CamfaceError
 from camface.realtime.config import LiveConfig
 from camface.realtime.recorder import Output, Recorder
-from camface.realtime.summary import HUD_STAGES, RunSummary, detect_workers_for
+from camface.realtime.summary import RunSummary, detect_workers_for, hud_stage_ms
 from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in_order, opencv_single_threaded,
                                       put, sigterm_raises, signals_held)
 from camface.realtime.timing import RateMeter, StageTimer
-from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls, apply_key
+from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ class LiveLoop:
         self.rate = RateMeter()
         self._source = source
         self._window = window
-        self._paused_s = 0.0
         self.summary: RunSummary | None = None
 
     # ---------------------------------------------------------------- worker threads
@@ -168,30 +167,14 @@ class LiveLoop:
             total = min(total, self.config.max_frames)
         return tqdm(total=total, unit="frame", file=sys.stderr, mininterval=0.5, leave=False)
 
-    def _show(self, window, frame, controls, pacer, methods, classes) -> tuple[Controls, str | None]:
-        """Show the frame (at its time when paced) and apply the key pressed; while paused,
-        keep the frame on screen and wait for space (or quit). Returns the controls and the
-        command of the key (SNAPSHOT, RECORD, QUIT or None)."""
-        if pacer is not None:
-            pacer.wait()
-        controls, command = apply_key(controls, window.show(frame), methods, classes)
-        if controls.paused:
-            paused_at = time.perf_counter()
-            while controls.paused and command != QUIT and not getattr(window, "closed", False):
-                time.sleep(0.02)  # the window keeps the frame; poll its keys
-                controls, command = apply_key(controls, window.show(frame), methods, classes)
-            held = time.perf_counter() - paused_at
-            self._paused_s += held
-            if pacer is not None:
-                pacer.hold(held)
-        return controls, command
-
     def _pipeline(self, source, detectors, explainer, renderer, recorder, window) -> None:
         from camface.realtime.pace import Pacer, pace_period
+        from camface.realtime.viewer import Viewer
 
         cfg = self.config
         period = pace_period(cfg.pace, source.info, window is not None, cfg.image_seconds)
         pacer = Pacer(period) if period else None
+        viewer = Viewer(window, pacer, explainer.graph.methods, len(explainer.graph.info.labels))
         stop = threading.Event()
         frames_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         detections_q: queue.Queue = queue.Queue(QUEUE_SIZE)
@@ -204,8 +187,6 @@ class LiveLoop:
                     for n, detector in enumerate(detectors)]
         writer_thread = threading.Thread(target=recorder.run, args=(output_q,), name="camface-writer", daemon=True)
 
-        labels = explainer.graph.info.labels
-        methods = explainer.graph.methods
         controls = Controls(method=cfg.method)
         frames = faces_total = dropped_total = 0
         hud_ms: dict[str, float] = {}
@@ -225,21 +206,16 @@ class LiveLoop:
                     snapshot_requested = False
                     raw = frame.copy() if snapshot and recorder.snapshots is not None else None
                     if frames % HUD_EVERY == 0:
-                        stats = self.timer.medians_ms()
-                        hud_ms = {s: stats[s] for s in HUD_STAGES if s in stats}
+                        hud_ms = hud_stage_ms(self.timer)
                     explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
                                                   pacer.fps if pacer is not None else 0.0)
                     with self.timer.stage("render"):
                         renderer.annotate(frame, explained.result, controls.hud)
-                    toggle = False
-                    if window is None and pacer is not None:  # --pace source, headless
-                        pacer.wait()
-                    if window is not None:
-                        controls, command = self._show(window, frame, controls, pacer, methods, len(labels))
-                        snapshot_requested = command == SNAPSHOT
-                        toggle = command == RECORD
-                        if command == QUIT or getattr(window, "closed", False):
-                            stopped_by = "quit"
+                    controls, commands = viewer.show(frame, controls)
+                    snapshot_requested = SNAPSHOT in commands
+                    toggle = commands.count(RECORD) % 2 == 1  # r pressed twice while held: no change
+                    if QUIT in commands or viewer.closed:
+                        stopped_by = "quit"
                     put(output_q, Output(frame, explained, raw, snapshot, toggle), None)
                     frames += 1
                     faces_total += len(explained.result.faces)
@@ -249,6 +225,8 @@ class LiveLoop:
                         progress.update(1)
                     if stopped_by == "quit":
                         break
+                if stopped_by == "end of input":
+                    viewer.hold_last(controls)
         except KeyboardInterrupt:
             stopped_by = "interrupted"
             raise
@@ -276,6 +254,6 @@ class LiveLoop:
                     recordings=tuple(recorder.recordings),
                     snapshots=recorder.snapshots.count if recorder.snapshots is not None else 0,
                     stopped_by=stopped_by, detectors=len(detectors), pace_fps=pacer.fps if pacer else 0.0,
-                    paused_s=self._paused_s)
+                    paused_s=viewer.paused_s, still=bool(getattr(source.info, "still", False)))
         if recorder.error is not None:
             raise recorder.error

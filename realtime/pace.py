@@ -52,12 +52,22 @@ class Pacer:
         self.period, self._clock, self._sleep = period, clock, sleep
         self._due: float | None = None
 
-    def wait(self) -> None:
+    def wait(self, poll: Callable[[], bool] | None = None, slice_s: float = 0.05) -> None:
+        """Return once the next frame's time has come. poll: called every `slice_s` while
+        waiting longer than that (a window keeps drawing and reading keys: a folder's image is
+        held for seconds); it returns True to stop waiting (the user quit)."""
         now = self._clock()
         if self._due is None or now > self._due + self.period:  # first frame, or late: re-base
             self._due = now
-        elif now < self._due:
-            self._sleep(self._due - now)
+        while now < self._due:
+            step = self._due - now
+            if poll is not None and step > slice_s:
+                self._sleep(slice_s)
+                if poll():
+                    break
+            else:
+                self._sleep(step)
+            now = self._clock()
         self._due += self.period
 
     def hold(self, seconds: float) -> None:

@@ -11,6 +11,12 @@ from camface.realtime.timing import StageStats
 HUD_STAGES = ("detect", "classify", "render")
 
 
+def hud_stage_ms(timer) -> dict[str, float]:
+    """The HUD's stage figures: median milliseconds of HUD_STAGES from a StageTimer."""
+    stats = timer.medians_ms()
+    return {stage: stats[stage] for stage in HUD_STAGES if stage in stats}
+
+
 def detect_workers_for(requested: int, graph_threads: int = 1, live: bool = False, cpus: int | None = None) -> int:
     """How many detector threads to run: `requested`, or for 0 (auto) one per core, at most 2.
 
@@ -49,6 +55,7 @@ class RunSummary:
     detectors: int = 1  # detector threads, each timing its own frames
     pace_fps: float = 0.0  # frames held to this rate for display (0: as fast as possible)
     paused_s: float = 0.0  # time spent paused (space key)
+    still: bool = False  # the source was a folder of images (pacing holds each one)
 
     @property
     def faces_per_frame(self) -> float:
@@ -65,7 +72,9 @@ class RunSummary:
         ms = ", ".join(self._stage_text(s) for s in HUD_STAGES if s in self.stages)
         text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frames, "
                 f"{self.faces_per_frame:.1f} faces/frame, {self.fps:.0f} fps")
-        if self.pace_fps:
+        if self.pace_fps and self.still:
+            text += f" (each image held {1 / self.pace_fps:.3g} s)"
+        elif self.pace_fps:
             text += f" (paced to the source's {self.pace_fps:.3g} fps)"
         for path, written in self.recordings:
             text += f"; recorded {written} frames to {path}"
