@@ -151,3 +151,45 @@ def test_pause_holds_the_frame_and_the_recording(tmp_path, clip60):
     np.testing.assert_array_equal(window.shown[2], window.shown[3])
     np.testing.assert_array_equal(window.shown[3], window.shown[5])
     assert count_frames(out) == processed
+
+
+def test_a_folder_image_is_held_with_the_window_alive(tmp_path, astronaut_bgr):
+    """Each image is held --image-seconds, the last one too, and the window keeps being
+    drawn (keys read) while it is held."""
+    import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"{i}.png"), astronaut_bgr)
+    window = FakeWindow("")
+    summary = LiveLoop(LiveConfig(source=str(folder), show=True, image_seconds=0.4, detector="short"),
+                       window=window).run()
+    assert summary.frames == 2 and 0.7 <= summary.wall_s <= 3.0
+    assert len(window.shown) >= 8  # polled every 50 ms while each image was held
+    assert "each image held 0.4 s" in summary.line()
+
+
+def test_quit_while_a_folder_image_is_held(tmp_path, astronaut_bgr):
+    import cv2
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), astronaut_bgr)
+    summary = LiveLoop(LiveConfig(source=str(folder), show=True, image_seconds=30.0, detector="short"),
+                       window=FakeWindow(".q")).run()  # q on the first poll of the first image's hold
+    assert summary.stopped_by == "quit" and summary.wall_s < 10
+
+
+def test_keys_pressed_while_paused_are_kept(tmp_path, clip60):
+    """Space on frame 1; s and r while paused (then space): a snapshot of the next frame, and the
+    recording stops; q on frame 4."""
+    out = tmp_path / "rec.mp4"
+    window = FakeWindow(". sr ..q")
+    summary = LiveLoop(LiveConfig(source=str(clip60), show=True, record=out, detector="short",
+                                  snapshot_dir=tmp_path / "snaps"), window=window).run()
+    assert summary.stopped_by == "quit" and summary.snapshots == 1
+    assert summary.recordings == ((str(out), 1),)  # r on frame 1 (while paused) stops before it, as on any frame
+    (snap,) = (tmp_path / "snaps").iterdir()
+    assert snap.name == "frame_000002"
