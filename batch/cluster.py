@@ -1,0 +1,139 @@
+"""Joining or starting Ray, and planning the actors from what the cluster has.
+
+An actor that asks for a resource the cluster lacks waits forever (a `num_gpus=1` actor on a
+cluster without GPUs never starts), so `plan` reads `ray.cluster_resources()` first and asks
+only for what is there; the plan says what it chose and why (`Plan.describe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+from camface.errors import CamfaceError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+RENDER_CPU = 0.5  # a render actor decodes, draws and encodes: about half the work of detection
+GRAPH_CPU = 0.5  # the CPU share of a graph actor without a GPU (ORT on one thread)
+
+
+class ClusterError(CamfaceError):
+    """Ray could not be started or joined, or the cluster cannot run the plan."""
+
+
+def _check_reachable(address: str) -> None:
+    """ClusterError naming `address` when nothing answers on its host:port within
+    CONNECT_TIMEOUT_S (ray.init itself retries for about a minute)."""
+    if address == "auto" or address.startswith(("ray://", "local")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default), "
+                           "'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` ('auto', HOST:PORT, ray://...; None: RAY_ADDRESS if set,
+    else start a local Ray on this machine's cores, quietly, without the dashboard). Returns
+    True when this call started or joined Ray (the caller shuts it down), False when Ray was
+    already initialised in this process (tests, a `ray job` entry point that did it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                  configure_logging=True)
+    try:
+        if address is None:
+            ray.init(**common)
+        else:
+            _check_reachable(address)
+            common.pop("include_dashboard")  # the cluster's own choice
+            ray.init(address=address, **common)
+    except ClusterError:
+        raise
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"cannot {'start a local Ray' if address is None else f'join the Ray cluster at {address}'}: "
+                           f"{first}") from exc
+    return True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many actors of each stage, and what each asks Ray for.
+
+    detect_actors x detect_cpus: decode + MediaPipe detection + cropping, one video at a time.
+    graph_actors x (graph_cpus, graph_gpus): the CAM graph; graph_gpus > 0 puts them on GPU
+    nodes (ONNX Runtime then picks CUDA/TensorRT through CamGraph's device chain).
+    render_actors x render_cpus: decode again, draw, encode, write the rows.
+    """
+
+    detect_actors: int
+    detect_cpus: float
+    graph_actors: int
+    graph_cpus: float
+    graph_gpus: float
+    render_actors: int
+    render_cpus: float
+    cluster_cpus: float
+    cluster_gpus: float
+    reason: str
+
+    def describe(self) -> str:
+        graph = (f"{self.graph_actors} graph actor(s) with {self.graph_gpus:g} GPU each" if self.graph_gpus
+                 else f"{self.graph_actors} graph actor(s) on CPU")
+        return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; "
+                f"{self.detect_actors} detection actor(s), {graph}, {self.render_actors} render actor(s) "
+                f"({self.reason})")
+
+
+def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 0, render_actors: int = 0,
+         graph_actors: int = 1, videos: int | None = None) -> Plan:
+    """The plan for a cluster with `resources` (`ray.cluster_resources()`).
+
+    graph_gpus: GPUs per graph actor; None = 1 when the cluster has a GPU, else 0. A request
+    for more GPUs than the cluster has raises ClusterError (it would wait forever).
+    detect_actors / render_actors: 0 = auto: the CPUs left after the graph and render shares
+    go to detection (the costliest stage), at most one actor per video; one render actor per
+    four CPUs. Logical CPU shares are scaled down when the requests would not fit, so every
+    actor can start (Ray's CPU counts only gate scheduling; the OS shares the cores).
+    """
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    if cpus <= 0:
+        raise ClusterError("the Ray cluster has no CPU to run detection on")
+    if graph_gpus is None:
+        graph_gpus, reason = (1.0, "a GPU is there: the graph runs on it") if gpus else \
+            (0.0, "no GPU in the cluster: the graph runs on CPU")
+    else:
+        reason = f"--graph-gpus {graph_gpus:g}"
+    if graph_gpus < 0:
+        raise ClusterError(f"--graph-gpus must be >= 0, got {graph_gpus}")
+    if graph_gpus > 0 and graph_gpus * graph_actors > gpus + 1e-9:
+        raise ClusterError(f"--graph-gpus {graph_gpus:g} x {graph_actors} graph actor(s) asks for more GPUs than "
+                           f"the cluster has ({gpus:g}); an actor asking for a missing GPU would wait forever")
+    graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU
+    render_actors = render_actors or max(1, math.ceil(cpus / 4))
+    if not detect_actors:
+        detect_actors = max(1, math.floor(cpus - graph_cpus * graph_actors - RENDER_CPU * render_actors + 1e-9))
+        if videos is not None:
+            detect_actors = min(detect_actors, max(1, videos))
+            render_actors = min(render_actors, max(1, videos))
+    detect_cpus, render_cpus = 1.0, RENDER_CPU
+    wanted = detect_actors * detect_cpus + graph_actors * graph_cpus + render_actors * render_cpus
+    if wanted > cpus:
+        scale = cpus / wanted
+        detect_cpus, graph_cpus, render_cpus = detect_cpus * scale, graph_cpus * scale, render_cpus * scale
+    return Plan(detect_actors, round(detect_cpus, 4), graph_actors, round(graph_cpus, 4), graph_gpus,
+                render_actors, round(render_cpus, 4), cpus, gpus, reason)
