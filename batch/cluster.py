@@ -48,16 +48,19 @@ def connect(address: str | None) -> bool:
     already initialised in this process (tests, a `ray job` entry point that did it)."""
     import ray
 
+    if address is not None:
+        _check_reachable(address)  # also when Ray is up already: a wrong address is a mistake
     if ray.is_initialized():
+        quiet_ray_data()
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
     try:
         if address is None:
             ray.init(**common)
         else:
-            _check_reachable(address)
+            _check_reachable(address)  # RAY_ADDRESS too
             common.pop("include_dashboard")  # the cluster's own choice
             ray.init(address=address, **common)
     except ClusterError:
@@ -66,7 +69,15 @@ def connect(address: str | None) -> bool:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"cannot {'start a local Ray' if address is None else f'join the Ray cluster at {address}'}: "
                            f"{first}") from exc
+    quiet_ray_data()
     return True
+
+
+def quiet_ray_data() -> None:
+    """Ray Data logs every execution and that its own bars are off: the driver draws one bar."""
+    import ray.data  # noqa: F401  (configures its loggers on import)
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -135,5 +146,10 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
     if wanted > cpus:
         scale = cpus / wanted
         detect_cpus, graph_cpus, render_cpus = detect_cpus * scale, graph_cpus * scale, render_cpus * scale
-    return Plan(detect_actors, round(detect_cpus, 4), graph_actors, round(graph_cpus, 4), graph_gpus,
-                render_actors, round(render_cpus, 4), cpus, gpus, reason)
+    return Plan(detect_actors, _floor(detect_cpus), graph_actors, _floor(graph_cpus), graph_gpus,
+                render_actors, _floor(render_cpus), cpus, gpus, reason)
+
+
+def _floor(share: float) -> float:
+    """Round a CPU share down (to 1/10000) so the requests never add up past the cluster."""
+    return math.floor(share * 10_000) / 10_000
