@@ -44,6 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "one per video")
     parser.add_argument("--render-actors", type=int, default=0, metavar="N",
                         help="render + encode actors; 0 = one per 4 CPUs")
+    parser.add_argument("--split-stages", action=argparse.BooleanOptionalAction, default=None,
+                        help="run detection, the graph and rendering in separate actor pools; default: when the "
+                             "graph gets GPUs (else one actor per CPU runs all three on whole videos)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a run in OUT_DIR: skip videos already done, redo the rest")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -115,7 +118,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     try:
         ray_start_s = time.perf_counter() - start
         plan = cluster.plan(ray.cluster_resources(), args.graph_gpus, args.detect_actors, args.render_actors,
-                            args.graph_actors, videos=len(todo))
+                            args.graph_actors, videos=len(todo), split=args.split_stages)
         print(f"camface batch: {plan.describe()}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         result = pipeline.run(job, plan, todo, graph.info.labels, progress, on_video)
@@ -126,7 +129,9 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     run_info = {"plan": plan.describe(), "ray_start_s": round(ray_start_s, 3), "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
                 "videos_this_run": [r["video"] for r in result.finished], "interrupted": result.interrupted,
-                "graph_calls": sum(r.get("graph_calls", 0) for r in result.finished)}
+                "graph_calls": sum(r.get("graph_calls", 0) for r in result.finished),
+                "first_video_started_s": round(min((r["started_at"] for r in result.finished if "started_at" in r),
+                                                   default=result.started_at) - result.started_at, 3)}
     summary = write_report(outputs, videos, graph.info.labels, graph.info.color_order, config.method,
                            config.colormap, config.alpha, run_info)
     totals = summary["totals"]

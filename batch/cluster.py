@@ -100,8 +100,13 @@ class Plan:
     cluster_cpus: float
     cluster_gpus: float
     reason: str
+    fused: bool = False  # one actor per video runs all three stages (detect_actors of them)
 
     def describe(self) -> str:
+        if self.fused:
+            return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; {self.detect_actors} "
+                    f"actor(s) each running detection, the graph on CPU and rendering on whole videos "
+                    f"({self.reason}; no GPU to hand the graph to, so the stages share one process per video)")
         graph = (f"{self.graph_actors} graph actor(s) with {self.graph_gpus:g} GPU each" if self.graph_gpus
                  else f"{self.graph_actors} graph actor(s) on CPU")
         return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; "
@@ -110,14 +115,16 @@ class Plan:
 
 
 def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 0, render_actors: int = 0,
-         graph_actors: int = 1, videos: int | None = None) -> Plan:
+         graph_actors: int = 1, videos: int | None = None, split: bool | None = None) -> Plan:
     """The plan for a cluster with `resources` (`ray.cluster_resources()`).
 
     graph_gpus: GPUs per graph actor; None = 1 when the cluster has a GPU, else 0. A request
     for more GPUs than the cluster has raises ClusterError (it would wait forever).
     detect_actors / render_actors: 0 = auto: the CPUs left after the graph and render shares
     go to detection (the costliest stage), at most one actor per video; one render actor per
-    four CPUs. Logical CPU shares are scaled down when the requests would not fit, so every
+    four CPUs. split: separate stages (None: only when the graph gets GPUs; without, one
+    actor per video runs every stage and detect_actors is their number, one per CPU by
+    default: measured faster on one machine, see benchmarks/RESULTS.md). Logical CPU shares are scaled down when the requests would not fit, so every
     actor can start (Ray's CPU counts only gate scheduling; the OS shares the cores).
     """
     cpus = float(resources.get("CPU", 0))
@@ -134,6 +141,11 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
     if graph_gpus > 0 and graph_gpus * graph_actors > gpus + 1e-9:
         raise ClusterError(f"--graph-gpus {graph_gpus:g} x {graph_actors} graph actor(s) asks for more GPUs than "
                            f"the cluster has ({gpus:g}); an actor asking for a missing GPU would wait forever")
+    if not (graph_gpus > 0 if split is None else split):
+        actors = detect_actors or max(1, math.floor(cpus))
+        actors = min(actors, max(1, videos)) if videos is not None and not detect_actors else actors
+        return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,
+                    fused=True)
     graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU
     render_actors = render_actors or max(1, math.ceil(cpus / 4))
     if not detect_actors:

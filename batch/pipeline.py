@@ -3,6 +3,9 @@
   from_items(videos, one block each) -> Detect (CPU actors) -> Explain (graph actors, GPU when
   planned) -> Render (CPU actors) -> one small row per video back to the driver
 
+or, when the graph has no GPU (`Plan.fused`), one `Whole` actor per CPU running the three on
+each video in turn.
+
 Ray Data streams: while a render actor encodes video 1, the graph runs on video 2 and the
 detectors decode video 3 and 4. `preserve_order` makes the rows come back in input order.
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
-from camface.batch.stages import Detect, Explain, Render
+from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class RunResult:
     finished: list[dict] = field(default_factory=list)
     interrupted: bool = False
     wall_s: float = 0.0
+    started_at: float = 0.0  # time.time() when the pipeline was started
 
 
 def frame_count(path: str) -> int:
@@ -76,21 +80,25 @@ def build_dataset(job: BatchJob, plan: Plan, videos: list[Video], labels: tuple[
     context.print_on_execution_start = False
     items = [{"video": v.id, "path": v.path} for v in videos]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
+    detect = dict(model=job.model, detector=job.detector, min_confidence=job.min_confidence, margin=job.margin,
+                  max_faces=job.max_faces, quiet=job.quiet_native)
+    explain = dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus else "cpu",
+                   threads=job.graph_threads, method=job.method, explained_class=job.explained_class)
+    render = dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap, alpha=job.alpha,
+                  cam_boxes=job.cam_boxes, bars=job.bars, method=job.method, explained_class=job.explained_class,
+                  labels=labels)
+    if plan.fused:
+        return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
+                      fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))
     ds = ds.map(Detect, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
-                fn_constructor_kwargs=dict(model=job.model, detector=job.detector,
-                                           min_confidence=job.min_confidence, margin=job.margin,
-                                           max_faces=job.max_faces, quiet=job.quiet_native))
+                fn_constructor_kwargs=detect)
     graph_resources = dict(num_cpus=plan.graph_cpus)
     if plan.graph_gpus:
         graph_resources["num_gpus"] = plan.graph_gpus
     ds = ds.map(Explain, compute=rd.ActorPoolStrategy(size=plan.graph_actors), **graph_resources,
-                fn_constructor_kwargs=dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus
-                                           else "cpu", threads=job.graph_threads, method=job.method,
-                                           explained_class=job.explained_class))
+                fn_constructor_kwargs=explain)
     ds = ds.map(Render, compute=rd.ActorPoolStrategy(size=plan.render_actors), num_cpus=plan.render_cpus,
-                fn_constructor_kwargs=dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap,
-                                           alpha=job.alpha, cam_boxes=job.cam_boxes, bars=job.bars,
-                                           method=job.method, explained_class=job.explained_class, labels=labels))
+                fn_constructor_kwargs=render)
     return ds
 
 
@@ -102,6 +110,7 @@ def run(job: BatchJob, plan: Plan, todo: list[Video], labels: tuple[str, ...], p
     if not todo:
         return result
     started = time.perf_counter()
+    result.started_at = time.time()
     bar = None
     if progress:
         from tqdm import tqdm

@@ -43,6 +43,14 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _single_threaded_opencv() -> None:
+    """As the live loop does (`opencv_single_threaded`): the actors already run side by side,
+    one per core; OpenCV's own worker threads only add contention. An actor owns its process."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -53,12 +61,13 @@ class Detect:
     uint8 [total faces, H, W, C] (the graph's input), counts int [frames] (faces kept)."""
 
     def __init__(self, model: str, detector: str, min_confidence: float, margin: float, max_faces: int,
-                 quiet: bool = True):
+                 quiet: bool = True, info=None):
         from camface.models import DETECTORS
         from camface.realtime.detect import FaceDetector
         from camface.realtime.graph import CamGraph
 
-        self.info = CamGraph(model, "cpu").info  # input size and colour order of the crops
+        _single_threaded_opencv()
+        self.info = info or CamGraph(model, "cpu").info  # input size and colour order of the crops
         self.margin, self.max_faces = margin, max_faces
         self.detector = FaceDetector(DETECTORS[detector], min_confidence, quiet).__enter__()
 
@@ -67,7 +76,7 @@ class Detect:
         from camface.realtime.sources import make_source
 
         start = time.perf_counter()
-        out = {"path": row["path"], "ok": True, "detect_node": _node()}
+        out = {"path": row["path"], "ok": True, "detect_node": _node(), "started_at": time.time()}
         try:
             faces, dropped, crops = [], [], []
             with make_source(row["path"]) as source:
@@ -135,6 +144,7 @@ class Render:
         from camface.batch.state import Outputs
         from camface.realtime.render import Renderer
 
+        _single_threaded_opencv()
         self.outputs = Outputs(out_dir)
         self.record = record
         self.renderer = Renderer(colormap, alpha, cam_boxes, bars)
@@ -153,5 +163,20 @@ class Render:
             except Exception as exc:
                 out.update(ok=False, error=_reason(exc), stage="render")
         out["render_s"] = time.perf_counter() - start
+        out["finished_at"] = time.time()
         record = self.outputs.write_record(row["video"], out, self.labels)
         return {"video": row["video"], "record": json.dumps(record)}
+
+
+class Whole:
+    """All three stages in one actor, one video at a time (when the graph has no GPU to go to,
+    moving a video's crops between processes buys nothing)."""
+
+    def __init__(self, detect: dict, explain: dict, render: dict):
+        start = time.perf_counter()
+        self.explain = Explain(**explain)
+        self.detect, self.render = Detect(**detect, info=self.explain.graph.info), Render(**render)
+        self.init_s = time.perf_counter() - start
+
+    def __call__(self, row: dict) -> dict:
+        return self.render(self.explain(self.detect(row)))

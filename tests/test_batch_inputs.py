@@ -47,19 +47,23 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args
 
 
 @pytest.mark.parametrize("resources, kwargs, expected", [
-    # (cluster, options) -> (detect actors, detect cpu, graph gpus, graph cpu, render actors, render cpu)
-    ({"CPU": 2}, {}, (1, 1.0, 0.0, 0.5, 1, 0.5)),
-    ({"CPU": 16}, {}, (13, 1.0, 0.0, 0.5, 4, 0.5)),
-    ({"CPU": 16, "GPU": 2}, {}, (14, 1.0, 1.0, 0.0, 4, 0.5)),
-    ({"CPU": 16, "GPU": 1}, {"graph_gpus": 0.25, "graph_actors": 4}, (14, 1.0, 0.25, 0.0, 4, 0.5)),
-    ({"CPU": 16}, {"videos": 3}, (3, 1.0, 0.0, 0.5, 3, 0.5)),
-    ({"CPU": 1}, {}, (1, 0.5, 0.0, 0.25, 1, 0.25)),  # scaled so all three stages can start
-    ({"CPU": 4, "GPU": 1}, {"graph_gpus": 0}, (3, 1.0, 0.0, 0.5, 1, 0.5)),
+    # (cluster, options) -> (fused, detect actors, detect cpu, graph gpus, graph cpu, render actors, render cpu)
+    ({"CPU": 2}, {}, (True, 2, 1.0, 0.0, 0.0, 2, 0.0)),  # no GPU: one actor per CPU runs every stage
+    ({"CPU": 16}, {"videos": 3}, (True, 3, 1.0, 0.0, 0.0, 3, 0.0)),  # never more actors than videos
+    ({"CPU": 2}, {"detect_actors": 4}, (True, 4, 0.5, 0.0, 0.0, 4, 0.0)),  # scaled so all four start
+    ({"CPU": 2}, {"split": True}, (False, 1, 1.0, 0.0, 0.5, 1, 0.5)),
+    ({"CPU": 16}, {"split": True}, (False, 13, 1.0, 0.0, 0.5, 4, 0.5)),
+    ({"CPU": 16, "GPU": 2}, {}, (False, 14, 1.0, 1.0, 0.0, 4, 0.5)),  # a GPU: the graph goes there
+    ({"CPU": 16, "GPU": 1}, {"graph_gpus": 0.25, "graph_actors": 4}, (False, 14, 1.0, 0.25, 0.0, 4, 0.5)),
+    ({"CPU": 1, "GPU": 1}, {"split": True, "graph_gpus": 0}, (False, 1, 0.5, 0.0, 0.25, 1, 0.25)),  # scaled
+    ({"CPU": 4, "GPU": 1}, {"graph_gpus": 0}, (True, 4, 1.0, 0.0, 0.0, 4, 0.0)),
 ])
 def test_plan_asks_only_for_what_the_cluster_has(resources, kwargs, expected):
     p = plan(resources, **kwargs)
-    assert (p.detect_actors, p.detect_cpus, p.graph_gpus, p.graph_cpus, p.render_actors, p.render_cpus) == expected
-    total = p.detect_actors * p.detect_cpus + p.graph_actors * p.graph_cpus + p.render_actors * p.render_cpus
+    assert (p.fused, p.detect_actors, p.detect_cpus, p.graph_gpus, p.graph_cpus, p.render_actors,
+            p.render_cpus) == expected
+    total = p.detect_actors * p.detect_cpus + (0 if p.fused else p.graph_actors * p.graph_cpus
+                                               + p.render_actors * p.render_cpus)
     assert total <= resources["CPU"] + 1e-9
     assert p.graph_gpus * p.graph_actors <= resources.get("GPU", 0)
     assert isinstance(p, Plan) and f"{resources['CPU']:g} CPU" in p.describe()
