@@ -43,7 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="detection actors (one MediaPipe detector each); 0 = the CPUs left over, at most "
                              "one per video")
     parser.add_argument("--render-actors", type=int, default=0, metavar="N",
-                        help="render + encode actors; 0 = one per 4 CPUs")
+                        help="render + encode actors (separate stages only); 0 = 0.375 per CPU when recording, "
+                             "1/16 per CPU without")
     parser.add_argument("--split-stages", action=argparse.BooleanOptionalAction, default=None,
                         help="run detection, the graph and rendering in separate actor pools; default: when the "
                              "graph gets GPUs (else one actor per CPU runs all three on whole videos)")
@@ -118,7 +119,8 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     try:
         ray_start_s = time.perf_counter() - start
         plan = cluster.plan(ray.cluster_resources(), args.graph_gpus, args.detect_actors, args.render_actors,
-                            args.graph_actors, videos=len(todo), split=args.split_stages)
+                            args.graph_actors, videos=len(todo), split=args.split_stages,
+                            record=args.record)
         print(f"camface batch: {plan.describe()}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         result = pipeline.run(job, plan, todo, graph.info.labels, progress, on_video)

@@ -18,7 +18,10 @@ from camface.errors import CamfaceError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
-RENDER_CPU = 0.5  # a render actor decodes, draws and encodes: about half the work of detection
+RENDER_CPU = 1.0  # a recording render actor keeps a core busy (decode, draw, encode)
+# Render actors per CPU when recording: measured (benchmarks/RESULTS.md) a render actor does about
+# 1.7x the frames per second of a detection actor, so R = 0.6 D balances them: R = 0.375 C.
+RENDER_SHARE, RENDER_SHARE_ROWS_ONLY = 0.375, 1 / 16
 GRAPH_CPU = 0.5  # the CPU share of a graph actor without a GPU (ORT on one thread)
 
 
@@ -115,14 +118,14 @@ class Plan:
 
 
 def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 0, render_actors: int = 0,
-         graph_actors: int = 1, videos: int | None = None, split: bool | None = None) -> Plan:
+         graph_actors: int = 1, videos: int | None = None, split: bool | None = None, record: bool = True) -> Plan:
     """The plan for a cluster with `resources` (`ray.cluster_resources()`).
 
     graph_gpus: GPUs per graph actor; None = 1 when the cluster has a GPU, else 0. A request
     for more GPUs than the cluster has raises ClusterError (it would wait forever).
     detect_actors / render_actors: 0 = auto: the CPUs left after the graph and render shares
-    go to detection (the costliest stage), at most one actor per video; one render actor per
-    four CPUs. split: separate stages (None: only when the graph gets GPUs; without, one
+    go to detection (the costliest stage), at most one actor per video; render actors: 0.375
+    per CPU when recording (1/16 without: rows only). split: separate stages (None: only when the graph gets GPUs; without, one
     actor per video runs every stage and detect_actors is their number, one per CPU by
     default: measured faster on one machine, see benchmarks/RESULTS.md). Logical CPU shares are scaled down when the requests would not fit, so every
     actor can start (Ray's CPU counts only gate scheduling; the OS shares the cores).
@@ -147,7 +150,7 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
         return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,
                     fused=True)
     graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU
-    render_actors = render_actors or max(1, math.ceil(cpus / 4))
+    render_actors = render_actors or max(1, round(cpus * (RENDER_SHARE if record else RENDER_SHARE_ROWS_ONLY)))
     if not detect_actors:
         detect_actors = max(1, math.floor(cpus - graph_cpus * graph_actors - RENDER_CPU * render_actors + 1e-9))
         if videos is not None:

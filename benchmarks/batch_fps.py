@@ -99,8 +99,23 @@ def main() -> int:
     print(f"| Ray start-up (s) | {median['ray_start_s']:.1f} | " + ", ".join(f"{r['ray_start_s']:.1f}" for r in runs) + " |")
     if crops_per_call:
         print(f"| crops per graph call | {crops_per_call:.1f} | |")
+    # The scaling model's terms, from the last run's per-video records (seconds inside each stage)
+    videos = [r for r in summary["videos"] if r["status"] == "done"]
+    frames = sum(r["frames"] for r in videos)
+    faces = summary["totals"]["faces"]
+    detect_s, graph_s, render_s = (sum(r[key] for r in videos) for key in ("detect_s", "graph_s", "render_s"))
+    calls = sum(r["graph_calls"] for r in videos)
+    model = {"detect_fps_per_actor": frames / detect_s, "graph_ms_per_call": 1000 * graph_s / calls,
+             "graph_fps_per_actor": frames / graph_s, "render_fps_per_actor": frames / render_s,
+             "faces_per_frame": faces / frames}
+    print(f"| decode + detect + crop, frames/s per detector actor (one core) | {model['detect_fps_per_actor']:.0f} | |")
+    print(f"| graph, ms per call ({crops_per_call:.1f} crops), frames/s per graph actor on CPU | "
+          f"{model['graph_ms_per_call']:.0f} ms, {model['graph_fps_per_actor']:.0f} fps | |")
+    print(f"| decode + draw + encode + rows, frames/s per render actor | {model['render_fps_per_actor']:.0f} | |")
+    print(f"| faces per frame | {model['faces_per_frame']:.2f} | |")
     if args.json:
-        args.json.write_text(json.dumps({"runs": runs, "median": median, "crops_per_call": crops_per_call}, indent=2))
+        args.json.write_text(json.dumps({"runs": runs, "median": median, "crops_per_call": crops_per_call,
+                                         "model": model}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -51,11 +51,12 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args
     ({"CPU": 2}, {}, (True, 2, 1.0, 0.0, 0.0, 2, 0.0)),  # no GPU: one actor per CPU runs every stage
     ({"CPU": 16}, {"videos": 3}, (True, 3, 1.0, 0.0, 0.0, 3, 0.0)),  # never more actors than videos
     ({"CPU": 2}, {"detect_actors": 4}, (True, 4, 0.5, 0.0, 0.0, 4, 0.0)),  # scaled so all four start
-    ({"CPU": 2}, {"split": True}, (False, 1, 1.0, 0.0, 0.5, 1, 0.5)),
-    ({"CPU": 16}, {"split": True}, (False, 13, 1.0, 0.0, 0.5, 4, 0.5)),
-    ({"CPU": 16, "GPU": 2}, {}, (False, 14, 1.0, 1.0, 0.0, 4, 0.5)),  # a GPU: the graph goes there
-    ({"CPU": 16, "GPU": 1}, {"graph_gpus": 0.25, "graph_actors": 4}, (False, 14, 1.0, 0.25, 0.0, 4, 0.5)),
-    ({"CPU": 1, "GPU": 1}, {"split": True, "graph_gpus": 0}, (False, 1, 0.5, 0.0, 0.25, 1, 0.25)),  # scaled
+    ({"CPU": 2}, {"split": True}, (False, 1, 0.8, 0.0, 0.4, 1, 0.8)),  # 2.5 CPUs asked: scaled to fit
+    ({"CPU": 16}, {"split": True}, (False, 9, 1.0, 0.0, 0.5, 6, 1.0)),
+    ({"CPU": 16, "GPU": 2}, {}, (False, 10, 1.0, 1.0, 0.0, 6, 1.0)),  # a GPU: the graph goes there
+    ({"CPU": 16, "GPU": 2}, {"record": False}, (False, 15, 1.0, 1.0, 0.0, 1, 1.0)),  # rows only: one render
+    ({"CPU": 16, "GPU": 1}, {"graph_gpus": 0.25, "graph_actors": 4}, (False, 10, 1.0, 0.25, 0.0, 6, 1.0)),
+    ({"CPU": 1, "GPU": 1}, {"split": True, "graph_gpus": 0}, (False, 1, 0.4, 0.0, 0.2, 1, 0.4)),  # scaled
     ({"CPU": 4, "GPU": 1}, {"graph_gpus": 0}, (True, 4, 1.0, 0.0, 0.0, 4, 0.0)),
 ])
 def test_plan_asks_only_for_what_the_cluster_has(resources, kwargs, expected):
