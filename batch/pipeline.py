@@ -117,7 +117,7 @@ def run(job: BatchJob, plan: Plan, todo: list[Video], labels: tuple[str, ...], p
 
         bar = tqdm(total=sum(frame_count(v.path) for v in todo) or None, unit="frame", file=sys.stderr,
                    mininterval=0.5, leave=False, desc=f"videos 0/{len(todo)}")
-    rows = build_dataset(job, plan, todo, labels).iter_rows()
+    rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
     try:
         for row in rows:
             record = json.loads(row["record"])
@@ -134,7 +134,7 @@ def run(job: BatchJob, plan: Plan, todo: list[Video], labels: tuple[str, ...], p
     finally:
         close = getattr(rows, "close", None)
         if close is not None:
-            close()  # stops the streaming executor and its actors
+            close()  # GeneratorExit into Ray Data's iterator: it shuts its streaming executor down
         if bar is not None:
             bar.close()
         result.wall_s = time.perf_counter() - started
