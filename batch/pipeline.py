@@ -126,7 +126,8 @@ def run(job: BatchJob, plan: Plan, todo: list[Video], labels: tuple[str, ...], p
                 bar.update(record.get("frames", 0) if record["status"] == DONE else 0)
                 bar.set_description(f"videos {len(result.finished)}/{len(todo)}")
             if record["status"] != DONE:
-                log.warning("camface batch: %s failed: %s", record["path"], record.get("reason"))
+                message = f"camface batch: {record['path']} failed: {record.get('reason')}"
+                bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
             if on_video is not None:
                 on_video(record)
     except KeyboardInterrupt:
