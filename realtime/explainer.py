@@ -105,3 +105,59 @@ def check_method(graph, method: str) -> None:
         reason = f" ({graph.info.cam_unavailable_reason})" if graph.info.cam_unavailable_reason else ""
         raise ModelError(f"{graph.path} has no {method!r} heatmap{reason}; "
                          f"it offers {', '.join(graph.methods) or 'none'}")
+
+
+# ---------------------------------------------------------------- batched across frames (camface batch)
+# `camface batch` runs cropping, the graph and drawing in separate Ray stages, so it needs the
+# three steps of `FrameExplainer.explain` one at a time: `crop_for_graph` (per frame, on the
+# detection workers), `run_graph_across_frames` (crops of many frames in calls of up to 32, on
+# the graph workers) and `frame_result` (per frame again). For the same frame and faces they
+# give what `explain` gives without smoothing (smoothing keeps state from frame to frame and
+# chooses the class to explain from it, which a stage batched across frames cannot know).
+# These are separate from `explain` on purpose; `explain` is unchanged.
+
+
+def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, max_faces: int,
+                   info) -> tuple[tuple[Face, ...], np.ndarray, int]:
+    """`explain`'s crop step: (faces kept, crops uint8 [N, H, W, C] in the graph's colour
+    order, faces dropped beyond `max_faces`). frame: uint8 BGR [H, W, 3], not modified.
+    info: the graph's GraphInfo."""
+    dropped = max(0, len(faces) - max_faces)
+    faces = tuple(faces[:max_faces])
+    if not faces:
+        return (), np.zeros((0, *info.input_size, info.channels), np.uint8), dropped
+    crops, faces = crop_faces(frame, faces, margin, info.input_size, info.color_order)
+    return tuple(faces), crops, dropped
+
+
+def run_graph_across_frames(graph, crops: np.ndarray, class_index: np.ndarray, method: str,
+                            max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """The graph on crops of many frames: uint8 [N, H, W, C] (any N >= 0), class_index int64
+    [N] (-1: the predicted class), in calls of at most `max_batch` crops (the contract's batch
+    range is 1..32). Returns probs float32 [N, classes], heatmaps float32 [N, h, w] ([N, 0, 0]
+    for method "none") and the number of graph calls made."""
+    probs, heatmaps, calls = [], [], 0
+    for start in range(0, len(crops), max_batch):
+        p, h = graph.run(crops[start:start + max_batch], class_index[start:start + max_batch], method)
+        probs.append(p)
+        heatmaps.append(h)
+        calls += 1
+    if not calls:
+        return (np.zeros((0, len(graph.info.labels)), np.float32),
+                np.zeros((0, 0, 0), np.float32), 0)
+    return np.concatenate(probs), np.concatenate(heatmaps), calls
+
+
+def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmaps: np.ndarray,
+                 class_index: np.ndarray, dropped: int, method: str, explained_class: int | None,
+                 labels: tuple[str, ...], provider: str) -> FrameResult:
+    """`explain`'s result step for one frame: probs float32 [N, classes] and heatmaps float32
+    [N, h, w] of its N faces (rows of `run_graph_across_frames`), class_index int64 [N] as
+    given to the graph."""
+    predicted = probs.argmax(axis=1) if len(faces) else np.zeros(0, np.int64)
+    predictions = tuple(
+        Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
+                   explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]), method=method)
+        for i in range(len(faces)))
+    return FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped, method=method,
+                       explained_class=explained_class, labels=labels, fps=0.0, stage_ms={}, provider=provider)
