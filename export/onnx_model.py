@@ -48,7 +48,6 @@ class Classifier:
 def load(path: str | Path):
     """onnx.ModelProto of `path` with local functions inlined and shapes inferred."""
     import onnx
-    from onnx import inliner, shape_inference
 
     path = Path(path)
     if not path.is_file():
