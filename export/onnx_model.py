@@ -336,7 +336,9 @@ def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[
         if node.input[1] in values:
             weights = np.asarray(values[node.input[1]], np.float32)
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            if weights.ndim == 2:
+            plain = not any((a.name == "transA" and a.i) or (a.name == "alpha" and a.f != 1.0)
+                            for a in node.attribute)
+            if weights.ndim == 2 and plain:
                 return (weights if trans_b else weights.T), ""
     names = " -> ".join(f"{n.name} ({n.op_type})" for n in rest) or "nothing"
     return None, (f"the head after global average pooling is not one linear layer ({names}); "

@@ -21,6 +21,15 @@ from camface.export import onnx_cam, verify
 from camface.export.verify import Difference
 
 FD_RTOL = 2e-2
+
+
+class Check(Difference):
+    """A `verify.Difference` against the original model or the numpy reference (not TF)."""
+
+    def __str__(self) -> str:
+        return (super().__str__().replace("|onnx - tf|", "|graph - ref|")
+                .replace("max |tf|", "max |ref|"))
+
 FD_STEP = 1e-3  # the step moves the target tensor by this fraction of its norm
 
 
@@ -99,6 +108,7 @@ def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> l
     reference = {name: methods.get(name).reference(got["activations"], gradient_nhwc, weights)
                  for name in built.heatmaps}
     differences += verify.compare(got, reference)
+    differences = [Check(d.output, d.max_abs, d.reference_max, d.allowed) for d in differences]
     failed = [d for d in differences if not d.ok]
     if failed:
         raise ModelError("the CAM graph fails its self-check: "

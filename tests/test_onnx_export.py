@@ -202,3 +202,23 @@ def test_a_program_exported_with_a_fixed_batch_says_how_to_fix_it(tmp_path):
     path = save_program(torch_models()["linear"], tmp_path / "fixed.pt2", dynamic=False)
     with pytest.raises(ModelError, match=r"fixed batch dimension of 2.*torch.export.Dim"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch"))
+
+
+def test_self_check_fails_a_wrong_gradient_rule(tmp_path, monkeypatch):
+    from camface.export import onnx_grad
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits)
+    options = ExportOptions(preset="unit", target_layer="conv")
+    onnx_export.export(path, tmp_path / "good.onnx", options)  # the right rule passes
+    monkeypatch.setitem(onnx_grad.RULES, "Relu", onnx_grad.RULES["Identity"])  # no mask
+    with pytest.raises(ModelError, match=r"fails its self-check: gradient .* FAIL"):
+        onnx_export.export(path, tmp_path / "bad.onnx", options)
+    assert not (tmp_path / "bad.onnx").exists()
