@@ -231,7 +231,8 @@ def default_target(classifier: Classifier) -> str:
 
 
 def module_outputs(model) -> dict[str, str]:
-    """PyTorch module name -> its output tensor, from `pkg.torch.onnx.name_scopes`."""
+    """PyTorch module name -> its output tensor, from `pkg.torch.onnx.name_scopes` (dynamo
+    exporter: `layer4.1`) or from node names (TorchScript exporter: `layer4`, `layer4/conv1`)."""
     scopes: dict[str, list[str]] = {}
     for node in model.graph.node:
         value = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
@@ -240,6 +241,9 @@ def module_outputs(model) -> dict[str, str]:
                 scopes[node.name] = [s for s in ast.literal_eval(value) if s]
             except (ValueError, SyntaxError):
                 continue
+        elif node.name.startswith("/"):  # the TorchScript exporter: /layer4/conv1/Conv
+            parts = node.name.strip("/").split("/")
+            scopes[node.name] = ["/".join(parts[:i + 1]) for i in range(len(parts))]
     readers: dict[str, list] = {}
     for node in model.graph.node:
         for x in node.input:

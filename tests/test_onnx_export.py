@@ -222,3 +222,27 @@ def test_self_check_fails_a_wrong_gradient_rule(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"fails its self-check: gradient .* FAIL"):
         onnx_export.export(path, tmp_path / "bad.onnx", options)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_torchscript_exported_onnx_resolves_module_names(tmp_path):
+    """A .onnx from torch.onnx's older TorchScript exporter (module names only in node names)."""
+    import warnings
+
+    model = torch_models()["linear"]
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="torch", target_layer="layer3"))
+    assert result.info.target_layer == "layer3" and result.info.feature_size == (8, 8)
+    images = np.random.default_rng(6).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 2, 4], np.int64)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": classes})))
+    reference = torch_reference(model, images, classes, "layer3", with_cam=False)
+    for name in ("gradcam", "gradcampp", "activations"):
+        np.testing.assert_allclose(got[name], reference[name], rtol=1e-4,
+                                   atol=1e-6 + 1e-4 * float(np.abs(reference[name]).max()))
