@@ -111,7 +111,8 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     predicted = b.op("ArgMax", [logits], axis=-1, keepdims=0)
     chosen = b.op("Where", [b.op("Less", [graph_spec.INPUT_CLASS, b.const(0, np.int64)]),
                             predicted, graph_spec.INPUT_CLASS])
-    wanted = [methods.get(h) for h in (heads or methods.names()) if h in methods.METHODS]
+    wanted = [methods.get(h) for h in (methods.names() if heads is None else heads)
+              if h in methods.METHODS]
     weights, why_no_cam = onnx_model.cam_weights(classifier, target, head_nodes)
     if weights is None:
         wanted = [m for m in wanted if methods.CLASS_WEIGHTS not in m.needs]

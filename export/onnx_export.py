@@ -31,13 +31,32 @@ def preprocessing(options: ExportOptions, channels: int) -> Preprocessing:
                                  options.scale, options.offset)
 
 
+def upgrade(model, source: object = "model"):
+    """The model at opset >= 16 (the MaxPool gradient's ScatterElements add), converted with
+    onnx.version_converter when older; below 13 conversion is required (Squeeze, Unsqueeze and
+    ReduceSum take their axes as inputs from 13 on), at 13-15 it is tried and skipped if it fails."""
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 16:
+        return model
+    try:
+        return version_converter.convert_version(model, 17)
+    except Exception as exc:  # the converter raises several types for ops it cannot convert
+        if opset >= 13:
+            log.info("%s: kept at opset %d (conversion to 17 fails: %s)", source, opset, exc)
+            return model
+        raise ModelError(f"{source}: opset {opset} is older than 13 and onnx.version_converter "
+                         f"cannot convert it ({exc}); re-export it with opset >= 13") from exc
+
+
 def build(model, options: ExportOptions, source: str = "model"):
     """(CAM graph ModelProto, GraphInfo, self-check differences) of a forward onnx.ModelProto."""
     from camface.export import onnx_cam, onnx_model, onnx_verify
 
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
-    model = onnx_model.prepare(model, where=source)
+    model = onnx_model.prepare(upgrade(model, source), where=source)
     classifier = onnx_model.describe(model, where=source)
     labels = options.labels or tuple(f"class_{i}" for i in range(classifier.num_classes))
     if len(labels) != classifier.num_classes:
@@ -46,9 +65,9 @@ def build(model, options: ExportOptions, source: str = "model"):
                          f"{classifier.num_classes} classes (one label per line, in class order)")
     pre = preprocessing(options, classifier.channels)
     target, target_name = onnx_model.resolve_target(classifier, options.target_layer)
-    heads = tuple(h for h in (options.heads or ()) if h not in (graph_spec.OUTPUT_PROBS,
-                                                                graph_spec.OUTPUT_ACTIVATIONS))
-    built = onnx_cam.build(classifier, target, pre.scale, pre.offset, heads or None)
+    heads = None if options.heads is None else tuple(
+        h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
+    built = onnx_cam.build(classifier, target, pre.scale, pre.offset, heads)
     info = graph_spec.GraphInfo(
         labels=tuple(labels), input_size=classifier.input_size, color_order=pre.color_order,
         target_layer=target_name, heatmaps=built.heatmaps, feature_size=built.feature_size,

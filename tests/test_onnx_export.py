@@ -246,3 +246,23 @@ def test_torchscript_exported_onnx_resolves_module_names(tmp_path):
     for name in ("gradcam", "gradcampp", "activations"):
         np.testing.assert_allclose(got[name], reference[name], rtol=1e-4,
                                    atol=1e-6 + 1e-4 * float(np.abs(reference[name]).max()))
+
+
+def test_an_old_opset_is_converted(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["conv"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["pooled"], ["pool"]),
+             helper.make_node("Squeeze", ["pool"], ["flat"], axes=[2, 3]),  # opset 11 form
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    cam_graph, info, differences = onnx_export.build(
+        model, ExportOptions(preset="unit", target_layer="conv"))
+    assert cam_graph.opset_import[0].version == 17 and info.feature_size == (8, 8)
+    assert {d.output for d in differences} >= {"gradient", "gradcam"}

@@ -101,3 +101,9 @@ def test_reductions_follow_the_opset(opset):
     out = ONNX_OPS.mean(OnnxTensor(builder, "x"), axis=(1, 2))
     got = run_nodes(builder.nodes, {"x": x}, [out.name], builder.initializers, opset=opset)[0]
     np.testing.assert_allclose(got, x.mean(axis=(1, 2)))
+
+
+def test_onnx_ops_offers_every_numpy_op():
+    """An op added to NumpyOps (the registry's reference namespace) needs its ONNX twin here."""
+    wanted = {name for name in dir(methods.NumpyOps) if not name.startswith("_")}
+    assert wanted <= {name for name in dir(ONNX_OPS) if not name.startswith("_")}
