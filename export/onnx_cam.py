@@ -106,8 +106,9 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     pre_nodes, b.nodes = b.nodes, []
 
     logits = classifier.logits
-    probs = classifier.output_name if classifier.softmax_output else b.op(
-        "Softmax", [logits], axis=-1)
+    # the model's own probabilities (Softmax or Sigmoid), else the softmax of its logits
+    probs = classifier.output_name if classifier.final_activation in ("Softmax", "Sigmoid") \
+        else b.op("Softmax", [logits], axis=-1)
     predicted = b.op("ArgMax", [logits], axis=-1, keepdims=0)
     chosen = b.op("Where", [b.op("Less", [graph_spec.INPUT_CLASS, b.const(0, np.int64)]),
                             predicted, graph_spec.INPUT_CLASS])

@@ -20,6 +20,7 @@ from camface.errors import ModelError
 FLOAT = 1  # onnx.TensorProto.FLOAT
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _POOLS = ("GlobalAveragePool", "GlobalMaxPool")
+_FINAL = ("Softmax", "Sigmoid", "LogSoftmax")  # their input is the logits
 _SPATIAL_REDUCE = ("ReduceMean", "ReduceMax")
 # Ops CAM may look through between the pooling and the linear layer.
 _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
@@ -28,7 +29,8 @@ _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 @dataclass(frozen=True)
 class Classifier:
     """A loaded classifier. input_layout: NCHW or NHWC; logits: the pre-softmax tensor [N, classes];
-    softmax_output: True when the model's output is Softmax(logits) already."""
+    final_activation: the op that turns the logits into the model's output (Softmax, Sigmoid,
+    LogSoftmax), or "" when the output is the logits."""
 
     model: object  # onnx.ModelProto, functions inlined, shapes inferred
     input_name: str
@@ -37,7 +39,7 @@ class Classifier:
     channels: int
     output_name: str
     logits: str
-    softmax_output: bool
+    final_activation: str
     num_classes: int
 
     @property
@@ -137,14 +139,14 @@ def describe(model, where: object = "model") -> Classifier:
         raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims})")
     producer = {o: n for n in graph.node for o in n.output}
     final = producer.get(output.name)
-    softmax = final is not None and final.op_type == "Softmax"
-    logits = final.input[0] if softmax else output.name
+    activation = final.op_type if final is not None and final.op_type in _FINAL else ""
+    logits = final.input[0] if activation else output.name
     logit_dims = shapes(model).get(logits)
     if not logit_dims or len(logit_dims) != 2 or not isinstance(logit_dims[1], int):
         raise ModelError(f"{where}: the logits {logits!r} must be [N, classes] (they are "
                          f"{logit_dims})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
-                      output.name, logits, softmax, int(logit_dims[1]))
+                      output.name, logits, activation, int(logit_dims[1]))
 
 
 def differentiable(model, start: str) -> set[str]:

@@ -1,6 +1,7 @@
 """The ONNX engine's self-check, framework-free (ONNX Runtime only), on one smooth random batch:
 
-1. forward: `probs` and `activations` of the CAM graph against the original model run on the
+1. forward: `probs` (the model's own Softmax/Sigmoid output, else the softmax of its logits)
+   and `activations` of the CAM graph against the original model run on the
    same normalised images (|diff| <= 1e-4 + 1e-3 max|ref|, verify.TOLERANCE fp32);
 2. gradient: the graph's d logit_c / dA against central finite differences of the original
    model's logit_c with the target tensor overridden (the extracted head), along the gradient's
@@ -89,6 +90,8 @@ def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> l
     names = [o.name for o in original.get_outputs()]
     ref = dict(zip(names, original.run(None, {classifier.input_name: x})))
     logits = ref[classifier.logits]
+    probs = ref[classifier.output_name] if classifier.final_activation in ("Softmax", "Sigmoid") \
+        else _softmax(logits)
     target = ref[built.target]
     to_nhwc = (lambda t: t.transpose(0, 2, 3, 1)) if built.layout == "NCHW" else (lambda t: t)
     extra = [onnx_cam.GRADIENT] if any(methods.GRADIENTS in methods.get(h).needs
@@ -96,7 +99,7 @@ def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> l
     graph = _session(_with_outputs(built.model, extra))
     got = dict(zip([o.name for o in graph.get_outputs()],
                    graph.run(None, {"image": images, "class_index": classes})))
-    differences = verify.compare(got, {"probs": _softmax(logits),
+    differences = verify.compare(got, {"probs": probs,
                                        "activations": to_nhwc(target)})
     chosen = np.where(classes < 0, logits.argmax(-1), classes)
     gradient_nhwc = got.get(onnx_cam.GRADIENT)

@@ -266,3 +266,29 @@ def test_an_old_opset_is_converted(tmp_path):
         model, ExportOptions(preset="unit", target_layer="conv"))
     assert cam_graph.opset_import[0].version == 17 and info.feature_size == (8, 8)
     assert {d.output for d in differences} >= {"gradient", "gradcam"}
+
+
+@pytest.mark.parametrize("final", ["Softmax", "Sigmoid", "LogSoftmax", None])
+def test_the_logits_are_the_input_of_a_final_activation(tmp_path, final):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["scores" if final else "logits"], transB=1)]
+    if final:
+        nodes.append(helper.make_node(final, ["scores"], ["logits"]))
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    out = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    # linear head: d logit_c / dA = W[c] / (h w) everywhere, whatever the final activation
+    fc = numpy_helper.to_array(inits[1])
+    expected = np.einsum("nhwk,nk->nhw", out["activations"], fc[[1, 3]])
+    np.testing.assert_allclose(out["cam"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+    sums = out["probs"].sum(axis=1)
+    assert (np.allclose(sums, 1, atol=1e-5)) == (final != "Sigmoid")
