@@ -24,8 +24,6 @@ def resnet18_like():
     import torch
     from torch import nn
 
-    from onnx_helpers import torch_models  # noqa: F401  (Block lives inside; rebuilt here)
-
     class Block(nn.Module):
         def __init__(self, cin, cout, stride):
             super().__init__()
