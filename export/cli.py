@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
+    parser.add_argument("model", metavar="MODEL",
+                        help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
                              "or PyTorch program saved with torch.export.save (.pt2)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
                         help="where to write the CAM graph")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the heatmaps use (Keras: nested outer/inner;"
-                             " ONNX: a tensor or node name; .pt2: a module name such as layer4); "
+                             " .onnx/.pt2: a tensor, node or PyTorch module name such as layer4); "
                              "default: the last 4-D layer before global pooling")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
@@ -52,7 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", nargs="+", choices=heads, default=list(heads),
                         help=argparse.SUPPRESS)  # benchmarks: forward-only graphs
     parser.add_argument("--no-verify", action="store_true",
-                        help="skip the ONNX Runtime vs TensorFlow self-check")
+                        help="skip the self-check (Keras: ONNX Runtime vs TensorFlow; .onnx/.pt2: "
+                             "forward vs the model, gradient vs finite differences)")
 
 
 def main(args: argparse.Namespace) -> int:
