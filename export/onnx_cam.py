@@ -142,6 +142,10 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     if outputs[graph_spec.OUTPUT_PROBS] != graph_spec.OUTPUT_PROBS:
         b.op("Identity", [probs], outputs=[graph_spec.OUTPUT_PROBS])
 
+    for node in graph.node:  # torch's stack traces name files on the exporting machine
+        kept = [p for p in node.metadata_props if p.key == onnx_model.NAME_SCOPES]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
     nodes = pre_nodes + list(graph.node) + b.nodes
     del graph.node[:]
     graph.node.extend(nodes)
