@@ -20,7 +20,7 @@ from camface.errors import CamfaceError
 # name -> (module, one-line help). Modules are imported only when needed.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "live": ("camface.realtime.cli", "run the live loop: detect faces, classify, overlay heatmaps"),
-    "export": ("camface.export.cli", "export a Keras face classifier to a CAM graph (ONNX)"),
+    "export": ("camface.export.cli", "export a Keras, ONNX or PyTorch classifier to a CAM graph"),
     "info": ("camface.export.info", "print what a CAM graph (.onnx) holds"),
     "guided": ("camface.guided.cli", "Guided Backprop / Guided Grad-CAM figures from snapshots"),
     "bench": ("camface.realtime.bench.cli", "frames per second and per-stage latency"),

@@ -1,4 +1,7 @@
-"""`camface export MODEL -o OUT.onnx`: a Keras face classifier -> CAM graph (ONNX).
+"""`camface export MODEL -o OUT.onnx`: a Keras, ONNX or PyTorch (.pt2) classifier -> CAM graph.
+
+Keras files go through TensorFlow and tf2onnx (`exporter`); .onnx and .pt2 files through the
+ONNX engine (`onnx_export`), which differentiates the head inside the ONNX graph.
 
 The graph takes uint8 crops [N, H, W, C] in the recorded colour order plus class indices and
 returns probabilities, target-layer activations and heatmaps (see camface/graph_spec.py).
@@ -16,16 +19,21 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="Keras model file (.keras, .h5, .hdf5)")
+    parser.add_argument("model", metavar="MODEL",
+                        help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
+                             "or PyTorch program saved with torch.export.save (.pt2)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
                         help="where to write the CAM graph")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
-                        help="layer whose activations the heatmaps use (nested: outer/inner); "
+                        help="layer whose activations the heatmaps use (Keras: nested outer/inner;"
+                             " .onnx/.pt2: a tensor, node or PyTorch module name such as layer4); "
                              "default: the last 4-D layer before global pooling")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="none",
-                        help="input normalisation and colour order the model expects: "
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="input normalisation and colour order the model expects (required "
+                             "for .onnx/.pt2 unless --scale/--offset are given; Keras default: "
+                             "none): "
                              "emotion = GRAY x/127.5-1; tf = RGB x/127.5-1 (MobileNetV2); "
                              "torch = RGB (x/255-mean)/std; imagenet-caffe = BGR x-mean "
                              "(ResNet50, VGG16); unit = RGB x/255; none = RGB x")
@@ -45,20 +53,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", nargs="+", choices=heads, default=list(heads),
                         help=argparse.SUPPRESS)  # benchmarks: forward-only graphs
     parser.add_argument("--no-verify", action="store_true",
-                        help="skip the ONNX Runtime vs TensorFlow self-check")
+                        help="skip the self-check (Keras: ONNX Runtime vs TensorFlow; .onnx/.pt2: "
+                             "forward vs the model, gradient vs finite differences)")
 
 
 def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from camface.export.exporter import ExportOptions, export, read_labels_file
+    from pathlib import Path
 
+    from camface.export.exporter import ExportOptions, export, read_labels_file
+    from camface.export.onnx_export import SUFFIXES
+    from camface.export.torch_model import PICKLE_SUFFIXES
+
+    suffix = Path(args.model).suffix.lower()
+    onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     labels = read_labels_file(args.labels) if args.labels else None
     options = ExportOptions(
         target_layer=args.target_layer,
         labels=labels,
-        preset=args.preset,
+        preset=args.preset if onnx_engine else args.preset or "none",
         color_order=args.color_order,
         scale=tuple(args.scale) if args.scale else None,
         offset=tuple(args.offset) if args.offset else None,
@@ -69,7 +84,12 @@ def main(args: argparse.Namespace) -> int:
         safe_mode=not args.unsafe_load,
         labels_source=args.labels or "",
     )
-    result = export(args.model, args.output, options)
+    if onnx_engine:
+        from camface.export import onnx_export
+
+        result = onnx_export.export(args.model, args.output, options)
+    else:
+        result = export(args.model, args.output, options)
     info = result.info
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "
           f"target layer {info.target_layer} {info.feature_size[0]}x{info.feature_size[1]}, "

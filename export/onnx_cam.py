@@ -1,0 +1,169 @@
+"""Forward ONNX classifier -> CAM graph (camface/graph_spec.py) in ONNX itself.
+
+The model's nodes stay as they are. Added around them: the uint8 NHWC `image` input cast and
+normalised (x * scale + offset per channel, transposed to NCHW when the model takes that), the
+class choice (`class_index`, -1 = the predicted class), the gradient of the chosen class's
+pre-softmax logit with respect to the target tensor (the head differentiated in reverse by
+`onnx_grad`, seeded with one-hot rows: each crop gets d logit[n, c_n] / dA[n]), and every
+registry heatmap the head allows, written by `camface.methods` through `onnx_ops.ONNX_OPS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from camface import graph_spec, methods
+from camface.errors import ModelError
+from camface.export import onnx_grad, onnx_model
+from camface.export.onnx_builder import GraphBuilder
+from camface.export.onnx_ops import OnnxTensor, ONNX_OPS
+
+GRADIENT = "camface/gradient_nhwc"  # the gradient tensor, for the self-check
+
+
+@dataclass(frozen=True)
+class Built:
+    """The CAM graph and what the self-check needs to look into it."""
+
+    model: object  # onnx.ModelProto
+    target: str  # the target tensor's name in the model
+    layout: str  # the target's layout, NCHW or NHWC
+    feature_size: tuple[int, int]
+    heatmaps: tuple[str, ...]
+    class_weights: np.ndarray | None  # [classes, K] when CAM is present
+    cam_unavailable_reason: str
+
+
+def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: str,
+             seed: str, head_nodes: list | None = None) -> str:
+    """Write d(sum(seed * logits)) / d target; returns the gradient tensor's name."""
+    model = classifier.model
+    nodes = head_nodes if head_nodes is not None else onnx_model.head(model, target,
+                                                                      classifier.logits)
+    for node in nodes:
+        if node.op_type not in onnx_grad.RULES or (node.domain not in ("", "ai.onnx")):
+            raise ModelError(f"no gradient rule for op {node.op_type} (node {node.name!r}) "
+                             f"between target {target!r} and the logits; choose a later "
+                             f"target layer (--target-layer) or an op from: "
+                             f"{', '.join(sorted(onnx_grad.RULES))}")
+    live = onnx_model.differentiable(model, target)
+    context = onnx_grad.Context(builder, onnx_model.shapes(model), onnx_model.constants(model))
+    pending: dict[str, list[str]] = {classifier.logits: [seed]}
+    for node in reversed(nodes):
+        grads = []
+        for out in node.output:
+            parts = pending.pop(out, [])
+            grads.append(None if not parts else parts[0] if len(parts) == 1
+                         else builder.op("Sum", parts))
+        if grads[0] is None:
+            continue
+        carry = onnx_grad.DIFFERENTIABLE_INPUTS.get(node.op_type)
+        results = onnx_grad.RULES[node.op_type](context, node, grads)
+        for i, (x, g) in enumerate(zip(node.input, results)):
+            if g is not None and x in live and (carry is None or i in carry):
+                pending.setdefault(x, []).append(g)
+    parts = pending.get(target, [])
+    if not parts:
+        raise ModelError(f"the gradient does not reach target {target!r}")
+    return parts[0] if len(parts) == 1 else builder.op("Sum", parts)
+
+
+def build(classifier: onnx_model.Classifier, target: str, scale, offset,
+          heads: tuple[str, ...] | None = None) -> Built:
+    """The CAM graph of `classifier` at `target` (a 4-D tensor name). scale/offset: per channel
+    of the uint8 input. heads: registry methods to include (None: all the head allows)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    source = classifier.model
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    graph = model.graph
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | \
+        {v.name for v in graph.input}
+    clash = taken & {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
+                     graph_spec.OUTPUT_ACTIVATIONS, *methods.METHODS}
+    if clash - {classifier.input_name}:
+        raise ModelError(f"the model already has tensors named {sorted(clash)}, which the CAM "
+                         "graph's contract uses")
+    b = GraphBuilder(classifier.opset, taken=taken)
+    layout = onnx_model.target_layout(source, target)
+    dims = onnx_model.shapes(source)[target]
+    feature_size = tuple(int(d) for d in (dims[2:] if layout == "NCHW" else dims[1:3]))
+    head_nodes = onnx_model.head(source, target, classifier.logits)
+
+    # image uint8 [N, H, W, C] -> the model's float input
+    height, width = classifier.input_size
+    x = b.op("Cast", [graph_spec.INPUT_IMAGE], to=TensorProto.FLOAT)
+    x = b.op("Add", [b.op("Mul", [x, b.const(np.asarray(scale, np.float32))]),
+                     b.const(np.asarray(offset, np.float32))])
+    if classifier.input_layout == "NCHW":
+        b.op("Transpose", [x], outputs=[classifier.input_name], perm=[0, 3, 1, 2])
+    else:
+        b.op("Identity", [x], outputs=[classifier.input_name])
+    pre_nodes, b.nodes = b.nodes, []
+
+    logits = classifier.logits
+    # the model's own probabilities (Softmax or Sigmoid), else the softmax of its logits
+    probs = classifier.output_name if classifier.final_activation in ("Softmax", "Sigmoid") \
+        else b.op("Softmax", [logits], axis=-1)
+    predicted = b.op("ArgMax", [logits], axis=-1, keepdims=0)
+    chosen = b.op("Where", [b.op("Less", [graph_spec.INPUT_CLASS, b.const(0, np.int64)]),
+                            predicted, graph_spec.INPUT_CLASS])
+    wanted = [methods.get(h) for h in (methods.names() if heads is None else heads)
+              if h in methods.METHODS]
+    weights, why_no_cam = onnx_model.cam_weights(classifier, target, head_nodes)
+    if weights is None:
+        wanted = [m for m in wanted if methods.CLASS_WEIGHTS not in m.needs]
+    elif not any(methods.CLASS_WEIGHTS in m.needs for m in wanted):
+        why_no_cam, weights = "not exported (heads)", None
+
+    to_nhwc = (lambda t, name=None: b.op("Transpose", [t], outputs=[name] if name else 1,
+                                         perm=[0, 2, 3, 1])) if layout == "NCHW" else \
+        (lambda t, name=None: b.op("Identity", [t], outputs=[name] if name else 1))
+    activations = to_nhwc(target, graph_spec.OUTPUT_ACTIVATIONS)
+    grad_nhwc = class_w = None
+    if any(methods.GRADIENTS in m.needs for m in wanted):
+        seed = b.op("OneHot", [chosen, b.const(classifier.num_classes, np.int64),
+                               b.const([0.0, 1.0])], axis=-1)
+        grad = gradient(classifier, b, target, seed, head_nodes)
+        grad_nhwc = to_nhwc(grad, GRADIENT)
+    if weights is not None:
+        rows = b.op("Gather", [b.const(weights), chosen], axis=0)  # [N, K]
+        class_w = OnnxTensor(b, b.unsqueeze(rows, [1, 2]))
+    a = OnnxTensor(b, activations)
+    g = None if grad_nhwc is None else OnnxTensor(b, grad_nhwc)
+    outputs = {graph_spec.OUTPUT_PROBS: probs, graph_spec.OUTPUT_ACTIVATIONS: activations}
+    for method in wanted:
+        heatmap = method.compute(ONNX_OPS, a, g, class_w)
+        outputs[method.name] = b.op("Identity", [heatmap.name], outputs=[method.name])
+    if outputs[graph_spec.OUTPUT_PROBS] != graph_spec.OUTPUT_PROBS:
+        b.op("Identity", [probs], outputs=[graph_spec.OUTPUT_PROBS])
+
+    for node in graph.node:  # torch's stack traces name files on the exporting machine
+        kept = [p for p in node.metadata_props if p.key == onnx_model.NAME_SCOPES]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    nodes = pre_nodes + list(graph.node) + b.nodes
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(b.initializers)
+    del graph.input[:]
+    del graph.output[:]
+    del graph.value_info[:]
+    k = int(dims[1] if layout == "NCHW" else dims[3])
+    channels = classifier.channels
+    graph.input.extend([
+        helper.make_tensor_value_info(graph_spec.INPUT_IMAGE, TensorProto.UINT8,
+                                      ["N", height, width, channels]),
+        helper.make_tensor_value_info(graph_spec.INPUT_CLASS, TensorProto.INT64, ["N"])])
+    out_shapes = {graph_spec.OUTPUT_PROBS: ["N", classifier.num_classes],
+                  graph_spec.OUTPUT_ACTIVATIONS: ["N", *feature_size, k]}
+    graph.output.extend(helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, out_shapes.get(name, ["N", *feature_size])) for name in outputs)
+    onnx.checker.check_model(model)
+    model = onnx_model.prepare(model, where="the CAM graph")
+    return Built(model, target, layout, feature_size, tuple(m.name for m in wanted),
+                 weights, "" if weights is not None else why_no_cam)

@@ -1,0 +1,71 @@
+"""Reverse-mode differentiation of an ONNX subgraph (the head: target tensor -> logits) with
+standard ONNX ops only, one rule per op type (`RULES`).
+
+A rule reads the node, the gradient of its outputs and the forward tensors (which stay in the
+graph: nothing is recomputed) and writes nodes that give the gradient of each input that depends
+on the target. Gradients of several readers of a tensor are summed. Float32 only. Spatial sizes
+of the convolution and pooling layers must be known (shape inference): they fix the transposed
+convolutions' output padding; the batch dimension may stay dynamic.
+
+The rules live in `onnx_grad_pointwise` (element-wise, activations, shapes) and
+`onnx_grad_layers` (batch norm, pooling, reductions, MatMul/Gemm, Conv); what they share in
+`onnx_grad_context`. Adding an op: a rule there, a row here, a row in tests/test_onnx_grad.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from camface.export import onnx_grad_layers as layers
+from camface.export import onnx_grad_pointwise as pointwise
+from camface.export.onnx_grad_context import Context
+
+Rule = Callable[[Context, object, list], list]
+
+# op type -> rule. Inputs a rule returns None for (shapes, axes, weights) are not differentiated.
+RULES: dict[str, Rule] = {
+    "Identity": pointwise.identity,
+    "Dropout": pointwise.identity,
+    "Cast": pointwise.identity,  # float -> float only (checked where the head is read)
+    "Flatten": pointwise.reshape_like_input,
+    "Reshape": pointwise.reshape_like_input,
+    "Squeeze": pointwise.reshape_like_input,
+    "Unsqueeze": pointwise.reshape_like_input,
+    "Add": pointwise.add,
+    "Sub": pointwise.sub,
+    "Mul": pointwise.mul,
+    "Div": pointwise.div,
+    "Neg": pointwise.neg,
+    "Relu": pointwise.relu,
+    "LeakyRelu": pointwise.leaky_relu,
+    "Clip": pointwise.clip,
+    "Sigmoid": pointwise.sigmoid,
+    "HardSigmoid": pointwise.hard_sigmoid,
+    "HardSwish": pointwise.hard_swish,
+    "Tanh": pointwise.tanh,
+    "Exp": pointwise.exp,
+    "Sqrt": pointwise.sqrt,
+    "Erf": pointwise.erf,
+    "Pow": pointwise.power,
+    "Gelu": pointwise.gelu,
+    "Softmax": pointwise.softmax,
+    "BatchNormalization": layers.batch_norm,
+    "GlobalAveragePool": layers.global_average_pool,
+    "GlobalMaxPool": layers.global_max_pool,
+    "ReduceMean": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=True),
+    "ReduceSum": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=False),
+    "ReduceMax": layers.reduce_max,
+    "AveragePool": layers.average_pool,
+    "MaxPool": layers.max_pool,
+    "Transpose": pointwise.transpose,
+    "Concat": pointwise.concat,
+    "MatMul": layers.matmul,
+    "Gemm": layers.gemm,
+    "Conv": layers.conv,
+}
+# Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
+DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Clip": (0,), "Pow": (0,),
+    "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
+    "Conv": (0,), "Dropout": (0,),
+}

@@ -1,0 +1,105 @@
+"""What every gradient rule of `onnx_grad` reads and shares: the `Context` (builder, shapes,
+constants), node attributes, and summing a gradient back over broadcast axes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from camface.errors import ModelError
+from camface.export.onnx_builder import GraphBuilder
+
+Dim = int | str | None  # a static size, a symbolic one (dim_param) or unknown
+
+
+@dataclass
+class Context:
+    """What a rule may read: the builder to write to, tensor shapes, the node's attributes."""
+
+    builder: GraphBuilder
+    shapes: dict[str, list[Dim] | None]
+    constants: dict[str, np.ndarray]
+
+    def shape(self, name: str) -> list[Dim] | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def static(self, name: str, node, what: str) -> list[int]:
+        """The fully known shape of `name`, or ModelError naming the node."""
+        shape = self.shape(name)
+        if shape is None or not all(isinstance(d, int) for d in shape[1:]):
+            raise ModelError(f"node {node.name!r} ({node.op_type}): the gradient needs the "
+                             f"{what} shape of {name!r}, which shape inference left unknown "
+                             f"({shape})")
+        return shape
+
+    def constant(self, name: str, node, what: str) -> np.ndarray:
+        if name not in self.constants:
+            raise ModelError(f"node {node.name!r} ({node.op_type}): {what} ({name!r}) must be "
+                             "a constant for its gradient")
+        return self.constants[name]
+
+
+def attribute(node, name: str, default=None):
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def unbroadcast(ctx: Context, grad: str, x: str, out: str) -> str:
+    """Sum `grad` (shaped like `out`) over the axes numpy broadcasting stretched `x` along."""
+    b = ctx.builder
+    xs, ys = ctx.shape(x), ctx.shape(out)
+    if xs is not None and ys is not None and len(xs) == len(ys) and all(
+            d1 == d2 and d1 is not None for d1, d2 in zip(xs, ys)):
+        return grad
+    if xs is not None and ys is not None and all(
+            isinstance(d, int) for d in xs + ys[len(ys) - len(xs):]) and len(ys) >= len(xs):
+        lead = len(ys) - len(xs)
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(xs)
+                                    if d == 1 and ys[lead + i] != 1]
+        if not axes:
+            return grad
+        summed = b.reduce("ReduceSum", grad, axes, keepdims=True)
+        return b.op("Reshape", [summed, b.op("Shape", [x])]) if lead or xs != ys else summed
+    # Ranks only (or less) known: the broadcast axes are found at run time.
+    rank = max(len(ys) if ys else 0, len(xs) if xs else 0)
+    if not rank:
+        raise ModelError(f"cannot tell how {x!r} was broadcast to {out!r}: unknown ranks")
+    padded = b.op("Concat", [b.op("ConstantOfShape", [b.op("Sub", [
+        b.ints([rank]), b.op("Shape", [b.op("Shape", [x])])])],
+        value=int_tensor(1)), b.op("Shape", [x])], axis=0)
+    one = b.ints([1])
+    stretched = b.op("And", [b.op("Equal", [padded, one]),
+                             b.op("Not", [b.op("Equal", [b.op("Shape", [grad]), one])])])
+    axes = b.op("Reshape", [b.op("NonZero", [stretched]), b.ints([-1])])
+    summed = b.op("ReduceSum", [grad, axes], keepdims=1, noop_with_empty_axes=1)
+    return b.op("Reshape", [summed, b.op("Shape", [x])])
+
+
+def int_tensor(value: int):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array([value], np.int64))
+
+
+def mask(ctx: Context, condition: str, grad: str) -> str:
+    """grad where `condition` (bool) holds, else 0."""
+    b = ctx.builder
+    return b.op("Where", [condition, grad, b.const(0.0)])
+
+
+
+def float_tensor(value: float):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array([value], np.float32))

@@ -1,0 +1,231 @@
+"""Gradient rules of layers (see `onnx_grad`): batch norm, pooling and reductions, MatMul/Gemm,
+Conv (a transposed convolution), AveragePool and MaxPool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from camface.errors import ModelError
+from camface.export.onnx_grad_context import Context, attribute, float_tensor, unbroadcast
+
+def batch_norm(ctx, node, grads):
+    """Inference BatchNormalization: dx = g * scale / sqrt(var + eps), per channel (axis 1)."""
+    b = ctx.builder
+    if len([o for o in node.output if o]) > 1 or attribute(node, "training_mode", 0):
+        raise ModelError(f"node {node.name!r}: BatchNormalization in training mode has no rule")
+    x, scale, _, _, var = node.input[:5]
+    eps = float(attribute(node, "epsilon", 1e-5))
+    factor = b.op("Div", [scale, b.op("Sqrt", [b.op("Add", [var, b.const(eps)])])])
+    rank = ctx.rank(x) or 4
+    if rank > 2:
+        factor = b.unsqueeze(factor, list(range(1, rank - 1)))
+    return [b.op("Mul", [grads[0], factor]), None, None, None, None]
+
+
+def global_average_pool(ctx, node, grads):
+    b = ctx.builder
+    x = node.input[0]
+    spread = b.op("Expand", [grads[0], b.op("Shape", [x])])
+    return [b.op("Div", [spread, b.count(x, node.output[0])])]
+
+
+def global_max_pool(ctx, node, grads):
+    """The gradient shared among the positions that hold the maximum."""
+    from onnx import TensorProto
+
+    b = ctx.builder
+    x = node.input[0]
+    hits = b.op("Cast", [b.op("Equal", [x, node.output[0]])], to=TensorProto.FLOAT)
+    rank = ctx.rank(x) or 4
+    ties = b.reduce("ReduceSum", hits, list(range(2, rank)), keepdims=True)
+    return [b.op("Mul", [hits, b.op("Div", [grads[0], ties])])]
+
+
+def _reduce_axes(ctx, node):
+    """(axes normalised to non-negative, keepdims) of a Reduce* node."""
+    rank = ctx.rank(node.input[0])
+    axes = attribute(node, "axes")
+    if len(node.input) > 1 and node.input[1]:
+        axes = ctx.constant(node.input[1], node, "the axes").tolist()
+    if axes is None or len(axes) == 0:
+        if attribute(node, "noop_with_empty_axes", 0):
+            return None, True
+        if rank is None:
+            raise ModelError(f"node {node.name!r}: unknown rank")
+        axes = list(range(rank))
+    if rank is None and any(a < 0 for a in axes):
+        raise ModelError(f"node {node.name!r}: negative axes of a tensor of unknown rank")
+    return sorted(a % rank if rank else a for a in axes), bool(attribute(node, "keepdims", 1))
+
+
+def reduce(ctx, node, grads, mean: bool):
+    b = ctx.builder
+    x = node.input[0]
+    axes, keepdims = _reduce_axes(ctx, node)
+    if axes is None:
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+    spread = b.op("Expand", [grad, b.op("Shape", [x])])
+    if mean:
+        spread = b.op("Div", [spread, b.count(x, node.output[0])])
+    return [spread] + [None] * (len(node.input) - 1)
+
+
+def reduce_max(ctx, node, grads):
+    from onnx import TensorProto
+
+    b = ctx.builder
+    x = node.input[0]
+    axes, keepdims = _reduce_axes(ctx, node)
+    top = node.output[0] if keepdims else b.unsqueeze(node.output[0], axes)
+    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+    hits = b.op("Cast", [b.op("Equal", [x, top])], to=TensorProto.FLOAT)
+    ties = b.reduce("ReduceSum", hits, axes, keepdims=True)
+    return [b.op("Mul", [hits, b.op("Div", [grad, ties])])] + [None] * (len(node.input) - 1)
+
+
+def matmul(ctx, node, grads):
+    """numpy matmul of rank >= 2 operands: dA = g B^T, dB = A^T g, summed over the leading
+    axes an operand of lower rank was broadcast along."""
+    b = ctx.builder
+    a, c = node.input
+    ranks = [ctx.rank(a), ctx.rank(c)]
+    if None in ranks or min(ranks) < 2:
+        raise ModelError(f"node {node.name!r} (MatMul): only operands of known rank >= 2 have "
+                         f"a rule (ranks {ranks})")
+    rank = max(ranks)
+    for x in (a, c):
+        shape, out = ctx.shape(x), ctx.shape(node.output[0])
+        lead = rank - len(shape)
+        if any(d == 1 and out[lead + i] != 1 for i, d in enumerate(shape[:-2])):
+            raise ModelError(f"node {node.name!r} (MatMul): batch axes of size 1 broadcast "
+                             "have no rule")
+
+    def swap(t, r):
+        return b.op("Transpose", [t], perm=list(range(r - 2)) + [r - 1, r - 2])
+
+    def reduce_to(product, x, r):
+        if r == rank:
+            return product
+        summed = b.reduce("ReduceSum", product, list(range(rank - r)), keepdims=False)
+        return b.op("Reshape", [summed, b.op("Shape", [x])])
+
+    ga = reduce_to(b.op("MatMul", [grads[0], swap(c, ranks[1])]), a, ranks[0])
+    gc = reduce_to(b.op("MatMul", [swap(a, ranks[0]), grads[0]]), c, ranks[1])
+    return [ga, gc]
+
+
+def gemm(ctx, node, grads):
+    """Y = alpha A' B' + beta C (A' = A^T when transA, B' likewise)."""
+    b = ctx.builder
+    a, c = node.input[:2]
+    alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
+    trans_a, trans_b = int(attribute(node, "transA", 0)), int(attribute(node, "transB", 0))
+    g = grads[0]
+    # dA' = alpha g B'^T and dB' = alpha A'^T g; transposed back when the operand was.
+    if trans_a:
+        ga = b.op("Gemm", [c, g], alpha=alpha, transA=trans_b, transB=1)
+    else:
+        ga = b.op("Gemm", [g, c], alpha=alpha, transB=1 - trans_b)
+    if trans_b:
+        gb = b.op("Gemm", [g, a], alpha=alpha, transA=1, transB=trans_a)
+    else:
+        gb = b.op("Gemm", [a, g], alpha=alpha, transA=1 - trans_a)
+    result = [ga, gb]
+    if len(node.input) > 2 and node.input[2]:
+        scaled = g if beta == 1.0 else b.op("Mul", [g, b.const(beta)])
+        result.append(unbroadcast(ctx, scaled, node.input[2], node.output[0]))
+    return result
+
+
+def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
+    """(strides, dilations, pads [begin..., end...]) with auto_pad resolved on static shapes."""
+    dims = len(kernel)
+    strides = list(attribute(node, "strides", [1] * dims))
+    dilations = list(attribute(node, "dilations", [1] * dims))
+    pads = list(attribute(node, "pads", [0] * (2 * dims)))
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        size = ctx.static(x, node, "input")[2:]
+        pads = [0] * (2 * dims)
+        for i in range(dims):
+            out = -(-size[i] // strides[i])
+            total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size[i], 0)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + dims] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * dims)
+    return strides, dilations, pads
+
+
+def _transpose_conv(ctx, node, grad, x, weights, kernel, group):
+    """The input gradient of a convolution: ConvTranspose with the same weights, padded back to
+    the input's spatial size."""
+    strides, dilations, pads = _spatial(node, ctx, x, kernel)
+    size = ctx.static(x, node, "input")[2:]
+    out = ctx.static(node.output[0], node, "output")[2:]
+    dims = len(kernel)
+    output_padding = [size[i] - ((out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                                 - pads[i] - pads[i + dims]) for i in range(dims)]
+    attrs = dict(strides=strides, dilations=dilations, pads=pads, group=group,
+                 kernel_shape=list(kernel))
+    if any(output_padding):
+        attrs["output_padding"] = output_padding
+    return ctx.builder.op("ConvTranspose", [grad, weights], **attrs)
+
+
+def conv(ctx, node, grads):
+    x, weights = node.input[:2]
+    shape = ctx.static(weights, node, "weight")
+    kernel = attribute(node, "kernel_shape", shape[2:])
+    group = int(attribute(node, "group", 1))
+    gx = _transpose_conv(ctx, node, grads[0], x, weights, kernel, group)
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+def average_pool(ctx, node, grads):
+    """Each output's gradient shared equally over its window: a transposed convolution with a
+    ones kernel per channel (group = C), divided by the window's count first."""
+    b = ctx.builder
+    x = node.input[0]
+    if attribute(node, "ceil_mode", 0):
+        raise ModelError(f"node {node.name!r}: AveragePool with ceil_mode has no rule")
+    kernel = list(attribute(node, "kernel_shape"))
+    channels = ctx.static(x, node, "input")[1]
+    ones = b.const(np.ones([channels, 1, *kernel], np.float32))
+    strides, dilations, pads = _spatial(node, ctx, x, kernel)
+    grad = grads[0]
+    if attribute(node, "count_include_pad", 0) or not any(pads):
+        grad = b.op("Mul", [grad, b.const(1.0 / float(np.prod(kernel)))])
+    else:  # the count of real (unpadded) inputs under each window
+        window = b.op("AveragePool", [b.op("ConstantOfShape", [b.op("Shape", [x])],
+                                           value=float_tensor(1.0))],
+                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1)
+        counts = b.op("Mul", [window, b.const(float(np.prod(kernel)))])
+        grad = b.op("Div", [grad, counts])
+    padded = _transpose_conv(ctx, node, grad, x, ones, kernel, channels)
+    return [padded]
+
+
+def max_pool(ctx, node, grads):
+    """The gradient goes to the max of each window (first one on ties): MaxPool's indices, then
+    ScatterElements(add) into zeros (opset >= 16)."""
+    b = ctx.builder
+    if b.opset < 16:
+        raise ModelError(f"node {node.name!r}: the MaxPool gradient needs opset >= 16 "
+                         f"(the model has {b.opset})")
+    if int(attribute(node, "storage_order", 0)):
+        raise ModelError(f"node {node.name!r}: MaxPool with storage_order 1 has no rule")
+    x = node.input[0]
+    attrs = {a.name: attribute(node, a.name) for a in node.attribute}
+    _, indices = b.op("MaxPool", [x], outputs=2, **attrs)
+    flat = b.ints([-1])
+    zeros = b.op("ConstantOfShape", [b.op("Reshape", [b.op("Size", [x]), flat])],
+                 value=float_tensor(0.0))
+    scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [indices, flat]),
+                                         b.op("Reshape", [grads[0], flat])],
+                     axis=0, reduction="add")
+    return [b.op("Reshape", [scattered, b.op("Shape", [x])])]

@@ -1,0 +1,184 @@
+"""Gradient rules of element-wise, activation and shape ops (see `onnx_grad`):
+rule(ctx, node, grads) -> the gradient of each input, None where not needed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from camface.export.onnx_grad_context import attribute, mask, unbroadcast
+
+def identity(ctx, node, grads):
+    return [grads[0]] + [None] * (len(node.input) - 1)
+
+
+def reshape_like_input(ctx, node, grads):
+    """Flatten, Reshape, Squeeze, Unsqueeze: the gradient takes the input's shape back."""
+    b = ctx.builder
+    return [b.op("Reshape", [grads[0], b.op("Shape", [node.input[0]])])] + \
+        [None] * (len(node.input) - 1)
+
+
+def add(ctx, node, grads):
+    return [unbroadcast(ctx, grads[0], x, node.output[0]) for x in node.input]
+
+
+def sub(ctx, node, grads):
+    b = ctx.builder
+    a, c = node.input
+    return [unbroadcast(ctx, grads[0], a, node.output[0]),
+            unbroadcast(ctx, b.op("Neg", [grads[0]]), c, node.output[0])]
+
+
+def mul(ctx, node, grads):
+    b = ctx.builder
+    a, c = node.input
+    return [unbroadcast(ctx, b.op("Mul", [grads[0], c]), a, node.output[0]),
+            unbroadcast(ctx, b.op("Mul", [grads[0], a]), c, node.output[0])]
+
+
+def div(ctx, node, grads):
+    b = ctx.builder
+    a, c = node.input
+    ga = b.op("Div", [grads[0], c])
+    gc = b.op("Neg", [b.op("Mul", [ga, node.output[0]])])  # -g a / c^2 = -(g / c) y
+    return [unbroadcast(ctx, ga, a, node.output[0]), unbroadcast(ctx, gc, c, node.output[0])]
+
+
+def relu(ctx, node, grads):
+    b = ctx.builder
+    return [mask(ctx, b.op("Greater", [node.input[0], b.const(0.0)]), grads[0])]
+
+
+def leaky_relu(ctx, node, grads):
+    b = ctx.builder
+    alpha = float(attribute(node, "alpha", 0.01))
+    positive = b.op("Greater", [node.input[0], b.const(0.0)])
+    return [b.op("Where", [positive, grads[0], b.op("Mul", [grads[0], b.const(alpha)])])]
+
+
+def clip(ctx, node, grads):
+    """Pass-through strictly between the bounds (as TensorFlow's Relu6Grad)."""
+    b = ctx.builder
+    x = node.input[0]
+    bounds = [node.input[i] if len(node.input) > i and node.input[i] else None for i in (1, 2)]
+    if ctx.builder.opset < 11:
+        lo, hi = attribute(node, "min"), attribute(node, "max")
+        bounds = [None if v is None else b.const(v) for v in (lo, hi)]
+    inside = None
+    for bound, op_type in zip(bounds, ("Greater", "Less")):
+        if bound is None:
+            continue
+        test = b.op(op_type, [x, bound])
+        inside = test if inside is None else b.op("And", [inside, test])
+    grad = grads[0] if inside is None else mask(ctx, inside, grads[0])
+    return [grad] + [None] * (len(node.input) - 1)
+
+
+def sigmoid(ctx, node, grads):
+    b = ctx.builder
+    y = node.output[0]
+    return [b.op("Mul", [grads[0], b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])])]
+
+
+def hard_sigmoid(ctx, node, grads):
+    b = ctx.builder
+    alpha = float(attribute(node, "alpha", 0.2))
+    beta = float(attribute(node, "beta", 0.5))
+    z = b.op("Add", [b.op("Mul", [node.input[0], b.const(alpha)]), b.const(beta)])
+    inside = b.op("And", [b.op("Greater", [z, b.const(0.0)]), b.op("Less", [z, b.const(1.0)])])
+    return [mask(ctx, inside, b.op("Mul", [grads[0], b.const(alpha)]))]
+
+
+def hard_swish(ctx, node, grads):
+    """y = x * clip(x / 6 + 1/2, 0, 1): dy/dx = 0 below -3, 1 above 3, (2x + 3) / 6 between."""
+    b = ctx.builder
+    x = node.input[0]
+    slope = b.op("Add", [b.op("Mul", [x, b.const(1 / 3)]), b.const(0.5)])
+    slope = b.op("Where", [b.op("Less", [x, b.const(-3.0)]), b.const(0.0), slope])
+    slope = b.op("Where", [b.op("Greater", [x, b.const(3.0)]), b.const(1.0), slope])
+    return [b.op("Mul", [grads[0], slope])]
+
+
+def tanh(ctx, node, grads):
+    b = ctx.builder
+    y = node.output[0]
+    return [b.op("Mul", [grads[0], b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])]
+
+
+def exp(ctx, node, grads):
+    return [ctx.builder.op("Mul", [grads[0], node.output[0]])]
+
+
+def neg(ctx, node, grads):
+    return [ctx.builder.op("Neg", [grads[0]])]
+
+
+def sqrt(ctx, node, grads):
+    b = ctx.builder
+    return [b.op("Div", [grads[0], b.op("Mul", [node.output[0], b.const(2.0)])])]
+
+
+def erf(ctx, node, grads):
+    b = ctx.builder
+    x = node.input[0]
+    slope = b.op("Mul", [b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])]),
+                         b.const(2 / np.sqrt(np.pi))])
+    return [b.op("Mul", [grads[0], slope])]
+
+
+def power(ctx, node, grads):
+    b = ctx.builder
+    x, p = node.input
+    exponent = ctx.constant(p, node, "the exponent")
+    slope = b.op("Mul", [b.op("Pow", [x, b.const(exponent - 1)]), b.const(exponent)])
+    return [b.op("Mul", [grads[0], slope]), None]
+
+
+def gelu(ctx, node, grads):
+    """Gelu (opset 20): exact dy/dx = Phi(x) + x phi(x); tanh form differentiated as written."""
+    b = ctx.builder
+    x = node.input[0]
+    if attribute(node, "approximate", b"none") in (b"tanh", "tanh"):
+        c = float(np.sqrt(2 / np.pi))
+        x2 = b.op("Mul", [x, x])
+        inner = b.op("Mul", [b.op("Mul", [x, b.op("Add", [b.const(1.0), b.op(
+            "Mul", [x2, b.const(0.044715)])])]), b.const(c)])
+        t = b.op("Tanh", [inner])
+        dinner = b.op("Mul", [b.op("Add", [b.const(1.0), b.op("Mul", [x2, b.const(3 * 0.044715)])]),
+                              b.const(c)])
+        slope = b.op("Add", [b.op("Mul", [b.op("Add", [b.const(1.0), t]), b.const(0.5)]),
+                             b.op("Mul", [b.op("Mul", [b.op("Mul", [x, b.const(0.5)]), b.op(
+                                 "Sub", [b.const(1.0), b.op("Mul", [t, t])])]), dinner])])
+    else:
+        cdf = b.op("Mul", [b.op("Add", [b.const(1.0), b.op("Erf", [
+            b.op("Mul", [x, b.const(1 / np.sqrt(2))])])]), b.const(0.5)])
+        pdf = b.op("Mul", [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),
+                           b.const(1 / np.sqrt(2 * np.pi))])
+        slope = b.op("Add", [cdf, b.op("Mul", [x, pdf])])
+    return [b.op("Mul", [grads[0], slope])]
+
+
+def softmax(ctx, node, grads):
+    """dx = y * (g - sum(g * y, axis)) (opset >= 13: one axis)."""
+    b = ctx.builder
+    y = node.output[0]
+    axis = int(attribute(node, "axis", -1))
+    dot = b.reduce("ReduceSum", b.op("Mul", [grads[0], y]), [axis], keepdims=True)
+    return [b.op("Mul", [y, b.op("Sub", [grads[0], dot])])]
+
+
+def transpose(ctx, node, grads):
+    perm = attribute(node, "perm")
+    if perm is None:
+        perm = list(reversed(range(ctx.rank(node.input[0]))))
+    inverse = [int(i) for i in np.argsort(perm)]
+    return [ctx.builder.op("Transpose", [grads[0]], perm=inverse)]
+
+
+def concat(ctx, node, grads):
+    b = ctx.builder
+    axis = int(attribute(node, "axis"))
+    sizes = [b.op("Gather", [b.op("Shape", [x]), b.ints([axis])]) for x in node.input]
+    parts = b.op("Split", [grads[0], b.op("Concat", sizes, axis=0)], outputs=len(node.input),
+                 axis=axis)
+    return [parts] if len(node.input) == 1 else list(parts)

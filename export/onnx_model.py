@@ -1,0 +1,351 @@
+"""Read a forward-only ONNX classifier: its image input, its logits, its target tensor and the
+head between them (the nodes the in-graph gradient differentiates), and CAM's class weights.
+
+Every node lies on the graph as written (local functions inlined first); shapes come from
+`onnx.shape_inference`. A PyTorch module name (`layer4`) names a tensor through the node
+metadata `pkg.torch.onnx.name_scopes` that torch.onnx's dynamo exporter writes: the module's
+output is the last tensor written inside the module and read outside it.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import ModelError
+
+FLOAT = 1  # onnx.TensorProto.FLOAT
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+_POOLS = ("GlobalAveragePool", "GlobalMaxPool")
+_FINAL = ("Softmax", "Sigmoid", "LogSoftmax")  # their input is the logits
+_SPATIAL_REDUCE = ("ReduceMean", "ReduceMax")
+# Ops CAM may look through between the pooling and the linear layer.
+_PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A loaded classifier. input_layout: NCHW or NHWC; logits: the pre-softmax tensor [N, classes];
+    final_activation: the op that turns the logits into the model's output (Softmax, Sigmoid,
+    LogSoftmax), or "" when the output is the logits."""
+
+    model: object  # onnx.ModelProto, functions inlined, shapes inferred
+    input_name: str
+    input_layout: str
+    input_size: tuple[int, int]
+    channels: int
+    output_name: str
+    logits: str
+    final_activation: str
+    num_classes: int
+
+    @property
+    def opset(self) -> int:
+        return next(o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def load(path: str | Path):
+    """onnx.ModelProto of `path` with local functions inlined and shapes inferred."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types for a file that is not ONNX
+        raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    return prepare(model, where=path)
+
+
+def prepare(model, where: object = "model"):
+    """Inline local functions and infer shapes (data propagation on, for Reshape targets)."""
+    from onnx import inliner, shape_inference
+
+    if model.functions:
+        model = inliner.inline_local_functions(model)
+    try:
+        return shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
+
+
+def shapes(model) -> dict[str, list | None]:
+    """Tensor name -> dims (int, dim_param str, or None) for every typed tensor."""
+    from onnx import numpy_helper
+
+    found: dict[str, list | None] = {}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        tensor = value.type.tensor_type
+        if not tensor.HasField("shape"):
+            found[value.name] = None
+            continue
+        found[value.name] = [d.dim_value if d.HasField("dim_value") else
+                             (d.dim_param or None) for d in tensor.shape.dim]
+    for init in model.graph.initializer:
+        found[init.name] = list(numpy_helper.to_array(init).shape)
+    return found
+
+
+def elem_types(model) -> dict[str, int]:
+    values = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
+
+
+def constants(model) -> dict[str, np.ndarray]:
+    """Initializers and Constant nodes' values by tensor name."""
+    from onnx import numpy_helper
+
+    found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return found
+
+
+def describe(model, where: object = "model") -> Classifier:
+    """The classifier's input, layout and logits. Raises ModelError for what camface cannot
+    explain: several inputs/outputs, a non-float or non-image input, a fixed batch dimension."""
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ModelError(f"{where}: camface needs one image input and one output (it has inputs "
+                         f"{[v.name for v in inputs]}, outputs {[v.name for v in graph.output]})")
+    image, output = inputs[0], graph.output[0]
+    dims = shapes(model)[image.name] or []
+    if image.type.tensor_type.elem_type != FLOAT or len(dims) != 4:
+        raise ModelError(f"{where}: input {image.name!r} must be float32 [N, C, H, W] or "
+                         f"[N, H, W, C] (it is {dims}, element type "
+                         f"{image.type.tensor_type.elem_type})")
+    if isinstance(dims[0], int) and dims[0] > 0:
+        raise ModelError(f"{where}: input {image.name!r} has a fixed batch dimension of "
+                         f"{dims[0]}; camface graphs take 1 to 32 crops at once. Export it with a "
+                         "dynamic batch (torch.export: dynamic_shapes={'x': {0: "
+                         "torch.export.Dim('batch', min=1, max=32)}}; torch.onnx.export: "
+                         "dynamic_axes; tf2onnx: an input signature with None)")
+    if dims[1] in (1, 3) and not (dims[3] in (1, 3)):
+        layout, channels, size = "NCHW", dims[1], dims[2:]
+    elif dims[3] in (1, 3):
+        layout, channels, size = "NHWC", dims[3], dims[1:3]
+    else:
+        raise ModelError(f"{where}: input {image.name!r} {dims} has no channel axis of 1 or 3")
+    if not all(isinstance(d, int) and d > 0 for d in size):
+        raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims})")
+    producer = {o: n for n in graph.node for o in n.output}
+    final = producer.get(output.name)
+    activation = final.op_type if final is not None and final.op_type in _FINAL else ""
+    logits = final.input[0] if activation else output.name
+    logit_dims = shapes(model).get(logits)
+    if not logit_dims or len(logit_dims) != 2 or not isinstance(logit_dims[1], int):
+        raise ModelError(f"{where}: the logits {logits!r} must be [N, classes] (they are "
+                         f"{logit_dims})")
+    return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
+                      output.name, logits, activation, int(logit_dims[1]))
+
+
+def differentiable(model, start: str) -> set[str]:
+    """Float tensors that depend on `start` through the inputs that carry gradient."""
+    from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
+
+    types = elem_types(model)
+    live = {start}
+    for node in model.graph.node:
+        carry = DIFFERENTIABLE_INPUTS.get(node.op_type)
+        reads = [x for i, x in enumerate(node.input) if carry is None or i in carry]
+        if node.op_type in ("Shape", "Size") or not any(x in live for x in reads):
+            continue
+        live.update(o for o in node.output if o and types.get(o, FLOAT) == FLOAT)
+    return live
+
+
+def head(model, target: str, logits: str) -> list:
+    """The nodes on a path target -> logits, in graph (topological) order."""
+    from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
+
+    live = differentiable(model, target)
+    if logits not in live:
+        raise ModelError(f"the logits {logits!r} do not depend on target {target!r}")
+    needed, nodes = {logits}, []
+    for node in reversed(model.graph.node):
+        if not any(o in needed for o in node.output):
+            continue
+        carry = DIFFERENTIABLE_INPUTS.get(node.op_type)
+        reads = [x for i, x in enumerate(node.input) if (carry is None or i in carry) and x in live]
+        if not reads:
+            continue
+        nodes.append(node)
+        needed.update(reads)
+    return nodes[::-1]
+
+
+def _spatial_pool_input(node, dims, values) -> str | None:
+    """The input of a global spatial pooling node (NCHW GlobalPool, or a Reduce over H and W)."""
+    if node.op_type in _POOLS:
+        return node.input[0]
+    if node.op_type in _SPATIAL_REDUCE:
+        shape = dims.get(node.input[0])
+        axes = None
+        for attr in node.attribute:
+            if attr.name == "axes":
+                axes = list(attr.ints)
+        if len(node.input) > 1 and node.input[1] in values:
+            axes = values[node.input[1]].tolist()
+        if shape and len(shape) == 4 and axes is not None:
+            if sorted(a % 4 for a in axes) in ([2, 3], [1, 2]):
+                return node.input[0]
+    return None
+
+
+def candidates(model, logits: str) -> list[str]:
+    """4-D float tensors that the logits depend on, in graph order (tensor names)."""
+    dims, types = shapes(model), elem_types(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    ancestors, stack = set(), [logits]
+    while stack:
+        name = stack.pop()
+        if name in ancestors:
+            continue
+        ancestors.add(name)
+        if name in producer:
+            stack.extend(producer[name].input)
+    return [o for n in model.graph.node for o in n.output
+            if o in ancestors and len(dims.get(o) or []) == 4 and types.get(o, FLOAT) == FLOAT]
+
+
+def default_target(classifier: Classifier) -> str:
+    """The input of the last global spatial pooling before the logits; without one, the last
+    4-D tensor. ModelError when the logits depend on no 4-D tensor."""
+    model = classifier.model
+    found = candidates(model, classifier.logits)
+    if not found:
+        raise ModelError(f"no 4-D tensor (N, C, h, w) before the logits {classifier.logits!r}: "
+                         "camface explains convolutional classifiers")
+    dims, values = shapes(model), constants(model)
+    pooled = [_spatial_pool_input(n, dims, values) for n in model.graph.node]
+    pooled = [p for p in pooled if p in set(found)]
+    return pooled[-1] if pooled else found[-1]
+
+
+def module_outputs(model) -> dict[str, str]:
+    """PyTorch module name -> its output tensor, from `pkg.torch.onnx.name_scopes` (dynamo
+    exporter: `layer4.1`) or from node names (TorchScript exporter: `layer4`, `layer4/conv1`)."""
+    scopes: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        value = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        if value:
+            try:
+                scopes[node.name] = [s for s in ast.literal_eval(value) if s]
+            except (ValueError, SyntaxError):
+                continue
+        elif node.name.startswith("/"):  # the TorchScript exporter: /layer4/conv1/Conv
+            parts = node.name.strip("/").split("/")
+            scopes[node.name] = ["/".join(parts[:i + 1]) for i in range(len(parts))]
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            readers.setdefault(x, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    found: dict[str, str] = {}
+    for node in model.graph.node:
+        for module in scopes.get(node.name, [])[:-1]:  # the last scope is the op itself
+            for out in node.output:
+                outside = [r for r in readers.get(out, []) if module not in scopes.get(r.name, [])]
+                if outside or out in outputs:
+                    found[module] = out  # later nodes overwrite: the module's last output
+    return found
+
+
+def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
+    """(tensor, the name to record) for a tensor name, a node name or a PyTorch module name;
+    None picks `default_target`. ModelError listing the candidates for an unknown name."""
+    model = classifier.model
+    if name is None:
+        tensor = default_target(classifier)
+        owners = [m for m, t in module_outputs(model).items() if t == tensor]
+        return tensor, min(owners, key=lambda m: m.count(".")) if owners else tensor
+    found = candidates(model, classifier.logits)
+    modules = module_outputs(model)
+    nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
+    for tensor in (name if name in found else None, modules.get(name), nodes.get(name)):
+        if tensor is not None and tensor in found:
+            return tensor, name
+    four_d = set(found)
+    module_names = [m for m, t in modules.items() if t in four_d]
+    shown = (module_names + found)[-40:]
+    known = name in modules or name in nodes or name in shapes(model)
+    why = f"{name!r} is not a 4-D tensor before the logits" if known else f"no tensor, node or " \
+        f"module named {name!r}"
+    raise ModelError(f"{why}; candidate target layers: {', '.join(shown)}")
+
+
+def target_layout(model, tensor: str) -> str:
+    """NCHW or NHWC for a 4-D tensor, from the ops that read or write it (ONNX's Conv and pools
+    are NCHW; a Transpose to or from NHWC, or a Reduce over axes 1, 2, tells the other)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            readers.setdefault(x, []).append(node)
+    dims, values = shapes(model), constants(model)
+    seen, stack = set(), [tensor]
+    elementwise = ("Relu", "Add", "Mul", "Sub", "Div", "Identity", "Sigmoid", "Clip",
+                   "LeakyRelu", "HardSwish", "Tanh")
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in readers.get(name, []):
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if node.op_type in ("Conv", "BatchNormalization", "MaxPool", "AveragePool", *_POOLS):
+                return "NCHW"
+            if node.op_type == "Transpose" and perm in ([0, 3, 1, 2], [0, 2, 3, 1]):
+                return "NHWC" if perm == [0, 3, 1, 2] else "NCHW"
+            if _spatial_pool_input(node, dims, values) == name:
+                axes_nhwc = [a for a in node.attribute if a.name == "axes"]
+                axes = list(axes_nhwc[0].ints) if axes_nhwc else values.get(
+                    node.input[1], np.array([])).tolist()
+                return "NHWC" if sorted(a % 4 for a in axes) == [1, 2] else "NCHW"
+            if node.op_type in elementwise:
+                stack.extend(node.output)
+        node = producer.get(name)
+        if node is not None and node.op_type in ("Conv", "MaxPool", "AveragePool",
+                                                 "BatchNormalization"):
+            return "NCHW"
+    return "NCHW"
+
+
+def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[np.ndarray | None, str]:
+    """CAM's class weights W [classes, K] (arXiv:1512.04150 eq. 2, biases left out) when the head
+    is global average pooling -> one linear layer (Gemm or MatMul with constant weights), else
+    (None, the reason)."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    core = [n for n in head_nodes if n.op_type not in _PASS_THROUGH]
+    first = core[0] if core else None
+    if first is None or first.op_type not in ("GlobalAveragePool", "ReduceMean") or \
+            _spatial_pool_input(first, dims, values) != target:
+        kind = first.op_type if first is not None else "nothing"
+        return None, (f"CAM needs global average pooling right after the target {target!r}; "
+                      f"found {kind}")
+    rest = core[1:]
+    if rest and rest[-1].op_type == "Add" and len(rest) == 2:
+        rest = rest[:1]  # MatMul + bias
+    if len(rest) == 1 and rest[0].op_type in ("Gemm", "MatMul"):
+        node = rest[0]
+        if node.input[1] in values:
+            weights = np.asarray(values[node.input[1]], np.float32)
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            plain = not any((a.name == "transA" and a.i) or (a.name == "alpha" and a.f != 1.0)
+                            for a in node.attribute)
+            if weights.ndim == 2 and plain:
+                return (weights if trans_b else weights.T), ""
+    names = " -> ".join(f"{n.name} ({n.op_type})" for n in rest) or "nothing"
+    return None, (f"the head after global average pooling is not one linear layer ({names}); "
+                  "CAM needs GAP -> Gemm/MatMul -> softmax")

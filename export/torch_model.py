@@ -1,0 +1,61 @@
+"""A PyTorch program saved with `torch.export.save` (.pt2) -> forward-only ONNX model, through
+`torch.onnx.export(..., dynamo=True)`; the ONNX engine (`onnx_export`) does the rest, so every
+framework shares one gradient engine and one set of heatmap equations.
+
+`.pt` / `.pth` files are refused: loading them unpickles, which runs code from the file.
+torch is imported inside functions (the `camface[torch]` extra; the live loop never needs it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from camface.errors import CamfaceError, ModelError
+
+PICKLE_SUFFIXES = (".pt", ".pth")
+DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
+
+
+def refuse_pickle(path: Path) -> None:
+    """ModelError for .pt / .pth: unpickling runs code, like Keras' unsafe mode."""
+    raise ModelError(
+        f"{path}: camface does not load {path.suffix} files: torch.load unpickles them, which "
+        "RUNS CODE FROM THE FILE (like Keras' unsafe mode). Save the model as an exported "
+        "program instead: ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
+        "dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=32)},)); "
+        "torch.export.save(ep, 'model.pt2'); then camface export model.pt2 ...")
+
+
+def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
+    """onnx.ModelProto of the exported program at `path` (dynamic batch kept as exported)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        import torch
+    except ImportError as exc:
+        raise CamfaceError(f"{path}: .pt2 models need PyTorch: pip install 'camface[torch]'") from exc
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # a zip that is not an exported program raises many types
+        raise ModelError(f"{path}: not a program saved with torch.export.save ({exc})") from exc
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
+                    and n.name in program.graph_signature.user_inputs]
+    if len(placeholders) != 1:
+        raise ModelError(f"{path}: camface needs a program with one image input "
+                         f"(it has {len(placeholders)})")
+    example = placeholders[0].meta.get("val")
+    if example is None or example.dim() != 4:
+        raise ModelError(f"{path}: the program's input must be a 4-D image batch")
+    shape = [d if isinstance(d, int) else 2 for d in example.shape]  # SymInt: dynamic
+    args = (torch.zeros(shape, dtype=torch.float32),)
+    import contextlib
+    import io
+
+    try:  # the exporter's optimiser prints its passes to stdout
+        with contextlib.redirect_stdout(io.StringIO()):
+            exported = torch.onnx.export(program, args, dynamo=True,
+                                         opset_version=max(opset, 16), verbose=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: torch.onnx.export fails ({str(exc).splitlines()[0]})") from exc
+    return exported.model_proto

@@ -1,0 +1,86 @@
+"""Helpers for the ONNX engine's tests: run a few nodes on ONNX Runtime, and inline PyTorch
+models (torchvision does not import beside the pinned torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def run_nodes(nodes, inputs: dict[str, np.ndarray], outputs: list[str], initializers=(),
+              opset: int = 18) -> list[np.ndarray]:
+    """Build a float32 graph of `nodes` reading `inputs`, run it on ONNX Runtime's CPU."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        list(nodes), "t",
+        [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+         for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(outputs, inputs)
+
+
+def torch_models():
+    """name -> an inline PyTorch classifier (eval mode, fixed seed): a small ResNet-like net with a
+    linear head, the same with an MLP head; blocks with BN, SiLU, HardSwish, max pooling."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride, act):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.act = act()
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                       nn.BatchNorm2d(cout)) if stride != 1 or cin != cout
+                         else nn.Identity())
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+            return torch.relu(y + self.down(x))
+
+    class ResNetish(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
+                                      nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+            self.layer1 = Block(8, 8, 1, nn.ReLU)
+            self.layer2 = Block(8, 12, 2, nn.SiLU)
+            self.layer3 = Block(12, 16, 1, nn.Hardswish)
+            self.layer4 = Block(16, 16, 1, nn.ReLU)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = head
+
+        def forward(self, x):
+            x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+            return self.fc(torch.flatten(self.pool(x), 1))
+
+    torch.manual_seed(0)
+    models = {"linear": ResNetish(nn.Linear(16, 5)),
+              "mlp": ResNetish(nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Dropout(0.2),
+                                             nn.Linear(24, 5)))}
+    for model in models.values():
+        for module in model.modules():  # non-trivial BN statistics
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.data.uniform_(0.5, 1.5)
+        model.eval()
+    return models
+
+
+def save_program(model, path, size: int = 32, dynamic: bool = True):
+    """torch.export.save of `model` on [N, 3, size, size] (N dynamic 1..32 unless not)."""
+    import torch
+
+    example = (torch.zeros(2, 3, size, size),)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=32)},) if dynamic else None
+    torch.export.save(torch.export.export(model, example, dynamic_shapes=shapes), str(path))
+    return path

@@ -1,0 +1,294 @@
+"""The ONNX engine on whole PyTorch models (inline, see onnx_helpers.torch_models): every
+registry heatmap from ONNX Runtime equals eager torch autograd on the same weights, and the
+errors a user can run into."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx_helpers import save_program, torch_models  # noqa: E402
+
+from camface import methods  # noqa: E402
+from camface.cli import main  # noqa: E402
+from camface.errors import ModelError  # noqa: E402
+from camface.export import onnx_export, torch_model  # noqa: E402
+from camface.export.exporter import ExportOptions  # noqa: E402
+from camface.export.preprocess import PRESETS  # noqa: E402
+from camface.graph_spec import GraphInfo  # noqa: E402
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name -> (torch model, forward ONNX ModelProto from its .pt2)."""
+    folder = tmp_path_factory.mktemp("pt2")
+    found = {}
+    for name, model in torch_models().items():
+        path = save_program(model, folder / f"{name}.pt2")
+        found[name] = (model, torch_model.to_onnx(path))
+    return found
+
+
+def torch_reference(model, images, classes, module, with_cam=True):
+    """Eager torch: probs, activations NHWC and every registry heatmap at `module`'s output."""
+    _, scale, offset = PRESETS["torch"]
+    x = torch.tensor(images.astype(np.float32) * np.float32(scale) + np.float32(offset))
+    x = x.permute(0, 3, 1, 2).contiguous()
+    seen = {}
+
+    def keep(module_, inputs, out):
+        out.retain_grad()
+        seen["a"] = out
+
+    hook = getattr(model, module).register_forward_hook(keep)
+    logits = model(x)
+    hook.remove()
+    chosen = torch.where(torch.tensor(classes) < 0, logits.argmax(1), torch.tensor(classes))
+    logits.gather(1, chosen[:, None]).sum().backward()  # crops are independent
+    a = seen["a"].detach().permute(0, 2, 3, 1).numpy()
+    g = seen["a"].grad.permute(0, 2, 3, 1).numpy()
+    fc = model.fc if isinstance(model.fc, torch.nn.Linear) and with_cam else None
+    w = None if fc is None else fc.weight.detach().numpy()[chosen.numpy()][:, None, None, :]
+    out = {"probs": torch.softmax(logits, 1).detach().numpy(), "activations": a}
+    for method in methods.METHODS.values():
+        if methods.CLASS_WEIGHTS not in method.needs or w is not None:
+            out[method.name] = method.reference(a, g, w)
+    return out
+
+
+CASES = [("linear", None, "layer4"), ("mlp", None, "layer4"), ("linear", "layer3", "layer3")]
+
+
+@pytest.mark.parametrize("name, target, module", CASES)
+def test_every_heatmap_equals_torch_autograd(exported, name, target, module):
+    model, forward = exported[name]
+    options = ExportOptions(preset="torch", target_layer=target)
+    cam_graph, info, differences = onnx_export.build(forward, options)
+    assert info.target_layer == module and all(d.ok for d in differences)
+    expected = {"gradcam", "gradcampp"} | ({"cam"} if name == "linear" and module == "layer4"
+                                           else set())
+    assert set(info.heatmaps) == expected
+    session = ort.InferenceSession(cam_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for batch in (1, 4, 32):
+        images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+        classes = rng.integers(-1, 5, batch).astype(np.int64)
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
+        reference = torch_reference(model, images, classes, module, "cam" in expected)
+        assert set(got) == set(reference)
+        for output, value in reference.items():
+            scale = float(np.abs(value).max())
+            error = float(np.abs(got[output] - value).max())
+            print(f"{name} {module} batch {batch} {output}: max |onnx - torch| = {error:.2e} "
+                  f"(max |torch| = {scale:.3g})")
+            assert error <= 1e-6 + 1e-4 * scale, output
+
+
+def test_gradcam_is_relu_cam_over_hw_for_a_linear_head(exported):
+    cam_graph, info, _ = onnx_export.build(exported["linear"][1], ExportOptions(preset="torch"))
+    session = ort.InferenceSession(cam_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    out = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([-1, 1, 4])})))
+    h, w = info.feature_size
+    np.testing.assert_allclose(out["gradcam"], np.maximum(out["cam"], 0) / (h * w),
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_cli_exports_a_pt2_and_records_the_metadata(tmp_path, capsys):
+    model = torch_models()["linear"]
+    path = save_program(model, tmp_path / "net.pt2")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\nd\ne\n")
+    out = tmp_path / "net.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "torch",
+                 "--labels", str(labels)]) == 0
+    import onnx
+
+    graph = onnx.load(str(out))
+    info = GraphInfo.from_metadata({p.key: p.value for p in graph.metadata_props})
+    assert info.labels == tuple("abcde") and info.target_layer == "layer4"
+    assert info.color_order == "RGB" and info.normalization["preset"] == "torch"
+    assert info.source_model == "net.pt2" and info.heatmaps == ("gradcam", "gradcampp", "cam")
+    printed = capsys.readouterr().out
+    assert "verify gradient" in printed and "FAIL" not in printed
+
+
+def _tiny_onnx(path, nodes, inits, input_shape=("N", 3, 8, 8), classes=4):
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(input_shape))], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", classes])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
+
+
+def _conv_sin_model(path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Sin", ["conv"], ["wave"], name="wave_node"),
+             helper.make_node("GlobalAveragePool", ["wave"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
+def test_onnx_file_with_default_target_exports(tmp_path):
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(_conv_sin_model(tmp_path / "m.onnx")), "-o", str(out),
+                 "--preset", "unit"]) == 0
+    assert out.is_file()
+
+
+def _mlp_only(path):
+    inits = [numpy_helper.from_array(np.ones((4, 192), np.float32), "fc")]
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
+def _fixed_batch(path):
+    return _tiny_onnx(path, [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+                             helper.make_node("Flatten", ["p"], ["logits"])], [],
+                      input_shape=(1, 3, 8, 8), classes=3)
+
+
+ERRORS = [
+    ("unsupported op", _conv_sin_model, ["--target-layer", "conv"],
+     r"no gradient rule for op Sin \(node 'wave_node'\).*later target layer"),
+    ("unknown target", _conv_sin_model, ["--target-layer", "layer9"],
+     r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
+    ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
+    ("fixed batch", _fixed_batch, [], r"fixed batch dimension of 1.*dynamic"),
+    ("no preset", _conv_sin_model, ["--no-preset"], r"does not say how it normalises.*--preset"),
+]
+
+
+@pytest.mark.parametrize("what, make, flags, message", ERRORS, ids=[e[0] for e in ERRORS])
+def test_export_errors(tmp_path, capsys, what, make, flags, message):
+    path = make(tmp_path / "m.onnx")
+    preset = [] if "--no-preset" in flags else ["--preset", "unit"]
+    flags = [f for f in flags if f != "--no-preset"]
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), *preset, *flags]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err), what
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_pickled_torch_files_are_refused(tmp_path, capsys, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"not opened")
+    assert main(["export", str(path), "-o", str(tmp_path / "o.onnx"), "--preset", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "RUNS CODE FROM THE FILE" in err and "torch.export.save" in err
+
+
+def test_a_program_exported_with_a_fixed_batch_says_how_to_fix_it(tmp_path):
+    path = save_program(torch_models()["linear"], tmp_path / "fixed.pt2", dynamic=False)
+    with pytest.raises(ModelError, match=r"fixed batch dimension of 2.*torch.export.Dim"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch"))
+
+
+def test_self_check_fails_a_wrong_gradient_rule(tmp_path, monkeypatch):
+    from camface.export import onnx_grad
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits)
+    options = ExportOptions(preset="unit", target_layer="conv")
+    onnx_export.export(path, tmp_path / "good.onnx", options)  # the right rule passes
+    monkeypatch.setitem(onnx_grad.RULES, "Relu", onnx_grad.RULES["Identity"])  # no mask
+    with pytest.raises(ModelError, match=r"fails its self-check: gradient .* FAIL"):
+        onnx_export.export(path, tmp_path / "bad.onnx", options)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_torchscript_exported_onnx_resolves_module_names(tmp_path):
+    """A .onnx from torch.onnx's older TorchScript exporter (module names only in node names)."""
+    import warnings
+
+    model = torch_models()["linear"]
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="torch", target_layer="layer3"))
+    assert result.info.target_layer == "layer3" and result.info.feature_size == (8, 8)
+    images = np.random.default_rng(6).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 2, 4], np.int64)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": classes})))
+    reference = torch_reference(model, images, classes, "layer3", with_cam=False)
+    for name in ("gradcam", "gradcampp", "activations"):
+        np.testing.assert_allclose(got[name], reference[name], rtol=1e-4,
+                                   atol=1e-6 + 1e-4 * float(np.abs(reference[name]).max()))
+
+
+def test_an_old_opset_is_converted(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["conv"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["pooled"], ["pool"]),
+             helper.make_node("Squeeze", ["pool"], ["flat"], axes=[2, 3]),  # opset 11 form
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    cam_graph, info, differences = onnx_export.build(
+        model, ExportOptions(preset="unit", target_layer="conv"))
+    assert cam_graph.opset_import[0].version == 17 and info.feature_size == (8, 8)
+    assert {d.output for d in differences} >= {"gradient", "gradcam"}
+
+
+@pytest.mark.parametrize("final", ["Softmax", "Sigmoid", "LogSoftmax", None])
+def test_the_logits_are_the_input_of_a_final_activation(tmp_path, final):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["scores" if final else "logits"], transB=1)]
+    if final:
+        nodes.append(helper.make_node(final, ["scores"], ["logits"]))
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    out = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    # linear head: d logit_c / dA = W[c] / (h w) everywhere, whatever the final activation
+    fc = numpy_helper.to_array(inits[1])
+    expected = np.einsum("nhwk,nk->nhw", out["activations"], fc[[1, 3]])
+    np.testing.assert_allclose(out["cam"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+    sums = out["probs"].sum(axis=1)
+    assert (np.allclose(sums, 1, atol=1e-5)) == (final != "Sigmoid")

@@ -1,0 +1,225 @@
+"""Every gradient rule of camface.export.onnx_grad on a one-op (or few-op) head built with
+onnx.helper: the emitted gradient of sum(seed * y) against central finite differences, and
+against torch autograd where torch is installed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx_helpers import run_nodes  # noqa: E402
+
+from camface.errors import ModelError  # noqa: E402
+from camface.export import onnx_cam, onnx_grad, onnx_model  # noqa: E402
+from camface.export.onnx_builder import GraphBuilder  # noqa: E402
+
+RNG = np.random.default_rng(11)
+W_CONV = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+W_DEPTH = RNG.standard_normal((3, 1, 3, 3)).astype(np.float32) * 0.3
+W_GEMM = RNG.standard_normal((5, 48)).astype(np.float32) * 0.2
+W_MAT = RNG.standard_normal((4, 6)).astype(np.float32) * 0.3
+B_VEC = RNG.standard_normal(4).astype(np.float32)
+BN = [RNG.uniform(0.5, 1.5, 3).astype(np.float32), RNG.standard_normal(3).astype(np.float32),
+      RNG.standard_normal(3).astype(np.float32), RNG.uniform(0.5, 2, 3).astype(np.float32)]
+X_SHAPE = (2, 3, 4, 4)
+
+
+def node(op, inputs, outputs=("y",), **attrs):
+    return helper.make_node(op, list(inputs), list(outputs), **attrs)
+
+
+def init(name, value):
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _torch():
+    import torch
+    import torch.nn.functional as F
+
+    return torch, F
+
+
+# name -> (nodes, initializers, torch function of x or None)
+CASES = {
+    "Identity": ([node("Identity", ["x"])], [], lambda t, F, x: x),
+    "Dropout": ([node("Dropout", ["x"])], [], lambda t, F, x: x),
+    "Relu": ([node("Relu", ["x"])], [], lambda t, F, x: F.relu(x)),
+    "LeakyRelu": ([node("LeakyRelu", ["x"], alpha=0.2)], [], lambda t, F, x: F.leaky_relu(x, 0.2)),
+    "Clip(ReLU6)": ([node("Clip", ["x", "lo", "hi"])], [init("lo", np.float32(0)),
+                                                       init("hi", np.float32(0.5))],
+                    lambda t, F, x: t.clamp(x, 0, 0.5)),
+    "Sigmoid": ([node("Sigmoid", ["x"])], [], lambda t, F, x: t.sigmoid(x)),
+    "HardSigmoid": ([node("HardSigmoid", ["x"], alpha=1 / 6, beta=0.5)], [],
+                    lambda t, F, x: F.hardsigmoid(x)),
+    "HardSwish": ([node("HardSwish", ["x"])], [], lambda t, F, x: F.hardswish(x)),
+    "SiLU": ([node("Sigmoid", ["x"], ["s"]), node("Mul", ["x", "s"])], [],
+             lambda t, F, x: F.silu(x)),
+    "Gelu": ([node("Gelu", ["x"])], [], lambda t, F, x: F.gelu(x)),
+    "Gelu(tanh)": ([node("Gelu", ["x"], approximate="tanh")], [],
+                   lambda t, F, x: F.gelu(x, approximate="tanh")),
+    "Gelu(erf)": ([node("Div", ["x", "r2"], ["d"]), node("Erf", ["d"], ["e"]),
+                   node("Add", ["e", "one"], ["p"]), node("Mul", ["x", "p"], ["m"]),
+                   node("Mul", ["m", "half"])],
+                  [init("r2", np.float32(np.sqrt(2))), init("one", np.float32(1)),
+                   init("half", np.float32(0.5))], lambda t, F, x: F.gelu(x)),
+    "Tanh": ([node("Tanh", ["x"])], [], lambda t, F, x: t.tanh(x)),
+    "Exp/Neg/Sqrt/Pow": ([node("Neg", ["x"], ["n"]), node("Exp", ["n"], ["e"]),
+                          node("Sqrt", ["e"], ["s"]), node("Pow", ["s", "three"])],
+                         [init("three", np.float32(3))],
+                         lambda t, F, x: t.sqrt(t.exp(-x)) ** 3),
+    "Add(broadcast)": ([node("ReduceMean", ["x", "hw"], ["m"], keepdims=1),
+                        node("Add", ["x", "m"])], [init("hw", np.array([2, 3]))],
+                       lambda t, F, x: x + x.mean((2, 3), keepdim=True)),
+    "Sub": ([node("Sub", ["c", "x"])], [init("c", np.float32(0.3))], lambda t, F, x: 0.3 - x),
+    "Mul(SE block)": ([node("GlobalAveragePool", ["x"], ["p"]), node("Sigmoid", ["p"], ["s"]),
+                       node("Mul", ["x", "s"])], [],
+                      lambda t, F, x: x * t.sigmoid(x.mean((2, 3), keepdim=True))),
+    "Div": ([node("Mul", ["x", "x"], ["q"]), node("Add", ["q", "one"], ["d"]),
+             node("Div", ["x", "d"])], [init("one", np.float32(1))],
+            lambda t, F, x: x / (x * x + 1)),
+    "BatchNormalization": ([node("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)],
+                           [init(n, v) for n, v in zip("sbmv", BN)],
+                           lambda t, F, x: F.batch_norm(x, *[t.tensor(v) for v in (BN[2], BN[3])],
+                                                        t.tensor(BN[0]), t.tensor(BN[1]),
+                                                        eps=1e-3)),
+    "GlobalAveragePool": ([node("GlobalAveragePool", ["x"])], [],
+                          lambda t, F, x: x.mean((2, 3), keepdim=True)),
+    "GlobalMaxPool": ([node("GlobalMaxPool", ["x"])], [], lambda t, F, x: x.amax((2, 3), True)),
+    "ReduceMean": ([node("ReduceMean", ["x", "hw"], keepdims=0)], [init("hw", np.array([-1, -2]))],
+                   lambda t, F, x: x.mean((2, 3))),
+    "ReduceSum": ([node("ReduceSum", ["x", "ax"], keepdims=1)], [init("ax", np.array([1]))],
+                  lambda t, F, x: x.sum(1, keepdim=True)),
+    "ReduceMax": ([node("ReduceMax", ["x", "ax"], keepdims=0)], [init("ax", np.array([1]))],
+                  lambda t, F, x: x.amax(1)),
+    "AveragePool": ([node("AveragePool", ["x"], kernel_shape=[2, 2], strides=[2, 2])], [],
+                    lambda t, F, x: F.avg_pool2d(x, 2)),
+    "AveragePool(pad, exclude)": ([node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                        pads=[1, 1, 1, 1])], [],
+                                  lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)),
+    "MaxPool": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
+                [], lambda t, F, x: F.max_pool2d(x, 3, 2, 1)),
+    "Flatten+Gemm": ([node("Flatten", ["x"], ["f"]), node("Gemm", ["f", "w", "b"], transB=1)],
+                     [init("w", W_GEMM), init("b", np.zeros(5, np.float32))],
+                     lambda t, F, x: F.linear(x.flatten(1), t.tensor(W_GEMM))),
+    "Gemm(transA, alpha)": ([node("Flatten", ["x"], ["f"]), node("Transpose", ["f"], ["ft"],
+                                                                 perm=[1, 0]),
+                             node("Gemm", ["ft", "w"], transA=1, transB=1, alpha=0.5)],
+                            [init("w", W_GEMM)],
+                            lambda t, F, x: 0.5 * x.flatten(1) @ t.tensor(W_GEMM).T),
+    "Reshape+MatMul+Add": ([node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+                            node("Reshape", ["t", "shape"], ["r"]),
+                            node("MatMul", ["r", "w"], ["mm"]), node("Add", ["mm", "b6"])],
+                           [init("shape", np.array([2, 16, 3])), init("w", W_MAT[:3]),
+                            init("b6", np.ones(6, np.float32))],
+                           lambda t, F, x: x.permute(0, 2, 3, 1).reshape(2, 16, 3)
+                           @ t.tensor(W_MAT[:3]) + 1),
+    "Squeeze/Unsqueeze": ([node("GlobalAveragePool", ["x"], ["p"]),
+                           node("Squeeze", ["p", "ax"], ["s"]),
+                           node("Unsqueeze", ["s", "ax0"])],
+                          [init("ax", np.array([2, 3])), init("ax0", np.array([0]))],
+                          lambda t, F, x: x.mean((2, 3))[None]),
+    "Concat": ([node("Relu", ["x"], ["r"]), node("Concat", ["x", "r", "x"], axis=1)], [],
+               lambda t, F, x: t.cat([x, F.relu(x), x], 1)),
+    "Softmax": ([node("Flatten", ["x"], ["f"]), node("Softmax", ["f"], axis=-1)], [],
+                lambda t, F, x: t.softmax(x.flatten(1), -1)),
+    "Conv": ([node("Conv", ["x", "w"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+             [init("w", W_CONV)], lambda t, F, x: F.conv2d(x, t.tensor(W_CONV), padding=1)),
+    "Conv(stride 2, bias)": ([node("Conv", ["x", "w", "b"], strides=[2, 2], pads=[1, 1, 1, 1])],
+                             [init("w", W_CONV), init("b", B_VEC)],
+                             lambda t, F, x: F.conv2d(x, t.tensor(W_CONV), t.tensor(B_VEC),
+                                                      stride=2, padding=1)),
+    "Conv(depthwise, SAME_UPPER)": ([node("Conv", ["x", "w"], group=3, strides=[2, 2],
+                                          auto_pad="SAME_UPPER")], [init("w", W_DEPTH)], None),
+    "Conv(dilated)": ([node("Conv", ["x", "w"], dilations=[2, 2], pads=[2, 2, 2, 2])],
+                      [init("w", W_CONV)],
+                      lambda t, F, x: F.conv2d(x, t.tensor(W_CONV), padding=2, dilation=2)),
+}
+
+
+def gradient_model(nodes, initializers, x_shape=X_SHAPE):
+    """(model bytes with outputs y and dx, y's shape): dx = d sum(seed * y) / dx."""
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(x_shape))], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 9
+    model = onnx_model.prepare(model)
+    y_shape = onnx_model.shapes(model)["y"]
+    classifier = SimpleNamespace(model=model, logits="y")
+    builder = GraphBuilder(20, taken={"x", "y", "seed"})
+    dx = onnx_cam.gradient(classifier, builder, "x", "seed")
+    return model, builder, dx, y_shape
+
+
+def run_gradient(nodes, initializers, x, seed):
+    model, builder, dx, _ = gradient_model(nodes, initializers, x.shape)
+    y, g = run_nodes(list(model.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
+                     list(model.graph.initializer) + builder.initializers, opset=20)
+    return y, g
+
+
+def finite_differences(nodes, initializers, x, seed, eps=1e-3):
+    flat = x.reshape(-1)
+    probes = np.repeat(x[None], 2 * flat.size, axis=0).reshape(2 * flat.size, -1)
+    for i in range(flat.size):
+        probes[2 * i, i] += eps
+        probes[2 * i + 1, i] -= eps
+    values = []
+    for probe in probes:  # the batch dimension is part of the op's shape: one run per probe
+        y = run_nodes(nodes, {"x": probe.reshape(x.shape)}, ["y"], initializers, opset=20)[0]
+        values.append(float((y.astype(np.float64) * seed).sum()))
+    values = np.asarray(values).reshape(flat.size, 2)
+    return ((values[:, 0] - values[:, 1]) / (2 * eps)).reshape(x.shape)
+
+
+def _inputs(name, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(X_SHAPE).astype(np.float32)
+    # keep values off the kinks (ReLU, Clip, HardSwish at +-3) and off ties (max pools)
+    x = np.where(np.abs(x) < 0.05, 0.1, x)
+    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x) if "Clip" in name else x
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradient_rule_against_finite_differences(name):
+    nodes, initializers, _ = CASES[name]
+    x = _inputs(name)
+    model, _, _, y_shape = gradient_model(nodes, initializers)
+    seed = np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
+    y, grad = run_gradient(nodes, initializers, x, seed)
+    expected = finite_differences(nodes, initializers, x, seed.astype(np.float64))
+    assert grad.shape == x.shape
+    np.testing.assert_allclose(grad, expected, atol=5e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, case in CASES.items() if case[2] is not None))
+def test_gradient_rule_against_torch_autograd(name):
+    torch, F = pytest.importorskip("torch"), pytest.importorskip("torch.nn.functional")
+    nodes, initializers, function = CASES[name]
+    x = _inputs(name)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = function(torch, F, xt)
+    seed = np.random.default_rng(1).standard_normal(tuple(yt.shape)).astype(np.float32)
+    (yt * torch.tensor(seed)).sum().backward()
+    y, grad = run_gradient(nodes, initializers, x, seed)
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad, xt.grad.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_every_listed_op_has_a_rule():
+    listed = ("Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip Sigmoid HardSigmoid HardSwish Gelu "
+              "Tanh BatchNormalization GlobalAveragePool ReduceMean AveragePool MaxPool Flatten "
+              "Reshape Transpose Squeeze Unsqueeze Concat Identity Dropout Conv").split()
+    assert not [op for op in listed if op not in onnx_grad.RULES]
+
+
+def test_an_op_without_a_rule_is_named_with_its_node():
+    nodes = [node("Sin", ["x"], ["s"], name="the_sine"), node("Relu", ["s"])]
+    with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'the_sine'\).*later "
+                                         r"target layer"):
+        gradient_model(nodes, [])
