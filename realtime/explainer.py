@@ -104,3 +104,71 @@ def check_method(graph, method: str) -> None:
         reason = f" ({graph.info.cam_unavailable_reason})" if graph.info.cam_unavailable_reason else ""
         raise ModelError(f"{graph.path} has no {method!r} heatmap{reason}; "
                          f"it offers {', '.join(graph.methods) or 'none'}")
+
+
+def explain_many(items) -> list[Explained]:
+    """Explain several frames, each of its own stream, with ONE graph call per method in use
+    for the crops of all of them (the browser server's batch: one call for every client's
+    current frame). Each result equals `explainer.explain(frame, faces, controls, index, fps,
+    stage_ms)` for its item; `explain` itself is unchanged.
+
+    items: sequence of (explainer, frame, faces, controls, index, fps, stage_ms), the arguments
+    of `explain` after its explainer; each explainer keeps its own smoother. Crops beyond the
+    graph's batch range (32) go in further calls of at most 32. The explainers' timers, if
+    any, get their `crop` and `classify` stages (the shared call's time, for each).
+    """
+    from camface.realtime.graph import MAX_BATCH
+
+    start = time.perf_counter()
+    prepared = []  # (crops, faces, class_index, dropped) per item
+    for explainer, frame, faces, controls, *_ in items:
+        dropped = max(0, len(faces) - explainer.max_faces)
+        faces = tuple(faces[: explainer.max_faces])
+        info = explainer.graph.info
+        crops, faces = (crop_faces(frame, faces, explainer.margin, info.input_size, info.color_order)
+                        if faces else (explainer._empty, ()))
+        class_index = explainer._class_index(faces, controls) if faces else np.zeros(0, np.int64)
+        prepared.append((crops, faces, class_index, dropped))
+    cropped = time.perf_counter()
+    outputs: list = [None] * len(prepared)  # (probs, heatmaps) per item with faces
+    by_method: dict[tuple[int, str], list[int]] = {}  # one call per (graph, method)
+    for i, (explainer, _, _, controls, *_) in enumerate(items):
+        if prepared[i][1]:
+            by_method.setdefault((id(explainer.graph), controls.method), []).append(i)
+    for (_, method), members in by_method.items():
+        graph = items[members[0]][0].graph
+        sizes = [len(prepared[i][1]) for i in members]
+        crops = np.concatenate([prepared[i][0] for i in members])
+        class_index = np.concatenate([prepared[i][2] for i in members])
+        parts = [graph.run(crops[s:s + MAX_BATCH], class_index[s:s + MAX_BATCH], method)
+                 for s in range(0, len(crops), MAX_BATCH)]
+        probs = np.concatenate([p for p, _ in parts])
+        heatmaps = np.concatenate([h for _, h in parts])
+        offsets = np.cumsum([0, *sizes])
+        for i, a, b in zip(members, offsets[:-1], offsets[1:]):
+            outputs[i] = (probs[a:b], heatmaps[a:b])
+    classified = time.perf_counter()
+    explained = []
+    for (explainer, _, _, controls, index, fps, stage_ms), (crops, faces, class_index, dropped), output in zip(
+            items, prepared, outputs):
+        predictions: tuple[Prediction, ...] = ()
+        if output is not None:
+            probs, heatmaps = output
+            predicted = probs.argmax(axis=1)
+            predictions = tuple(
+                Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
+                           explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]),
+                           method=controls.method)
+                for i in range(len(faces)))
+        info = explainer.graph.info
+        result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
+                             method=controls.method, explained_class=controls.explained_class,
+                             labels=info.labels, fps=fps, stage_ms=stage_ms or {},
+                             provider=explainer.graph.provider)
+        if explainer.smoother is not None:
+            result = explainer.smoother.update(result)
+        if explainer.timer is not None:
+            explainer.timer.add("crop", (cropped - start) / len(items))
+            explainer.timer.add("classify", classified - cropped)
+        explained.append(Explained(result, crops))
+    return explained
