@@ -110,6 +110,9 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     check_method(graph, config.method)
     FrameExplainer(graph).warm_up(config.method)
     state = ServeState(config, options, graph, model_path)
+    import cv2
+
+    cv2.setNumThreads(1)  # the stages already run side by side (worker, decoding, encoding threads)
     sock = _listen(host, port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(

@@ -10,7 +10,8 @@ const token = new URLSearchParams(location.search).get("token");
 const query = token ? `?token=${encodeURIComponent(token)}` : "";
 const stats = { framesSent: 0, framesShown: 0, lastLatencyMs: null, method: null };
 const camface = window.camface = { stats, latenciesMs: [], bytesSent: 0, bytesReceived: 0, last: null,
-                                   hello: null, notes: [], error: null };
+                                   hello: null, notes: [], error: null, cameraFrames: 0, encodeMs: null,
+                                   drawMs: null };
 const $ = (id) => document.getElementById(id);
 const view = $("view"), viewContext = view.getContext("2d");
 const video = $("camera");
@@ -52,8 +53,10 @@ async function start() {
 // Only new camera frames are sent, and only while fewer than WINDOW are unanswered.
 function onCameraFrame() {
   video.requestVideoFrameCallback(onCameraFrame);
+  camface.cameraFrames += 1;
   if (!socket || socket.readyState !== WebSocket.OPEN || encoding || sent - answered >= WINDOW) return;
   encoding = true;
+  const started = performance.now();
   const width = video.videoWidth, height = video.videoHeight;
   if (grab.width !== width || grab.height !== height) { grab.width = width; grab.height = height; }
   grabContext.drawImage(video, 0, 0, width, height);
@@ -65,7 +68,9 @@ function onCameraFrame() {
       message.set(body, 4);
       if (socket.readyState !== WebSocket.OPEN) return;
       sent += 1;
-      sentAt.set(sent, performance.now());
+      const now = performance.now();
+      camface.encodeMs = now - started;
+      sentAt.set(sent, now);
       socket.send(message);
       stats.framesSent += 1;
       camface.bytesSent += body.length;
@@ -86,6 +91,7 @@ function onMessage(event) {
   answered = Math.max(answered, result.seq);
   const sentTime = sentAt.get(result.seq);
   for (const seq of sentAt.keys()) if (seq <= result.seq) sentAt.delete(seq);
+  const received = performance.now();
   createImageBitmap(jpeg).then((bitmap) => {
     if (result.seq <= drawn) return;  // an older frame decoded late
     drawn = result.seq;
@@ -95,6 +101,7 @@ function onMessage(event) {
     viewContext.drawImage(bitmap, 0, 0);
     bitmap.close();
     const now = performance.now();
+    camface.drawMs = now - received;
     if (sentTime !== undefined) {
       stats.lastLatencyMs = now - sentTime;
       camface.latenciesMs.push(stats.lastLatencyMs);
@@ -141,8 +148,9 @@ function panel(result) {
   const latency = stats.lastLatencyMs === null ? "-" : stats.lastLatencyMs.toFixed(0);
   const stages = Object.entries(result.stage_ms).map(([k, v]) => `${k} ${v.toFixed(1)}`).join(", ");
   const provider = camface.hello ? camface.hello.provider.replace("ExecutionProvider", "") : "";
+  const browser = `browser ms: encode ${(camface.encodeMs ?? 0).toFixed(1)}, decode+draw ${camface.drawMs.toFixed(1)}`;
   $("speed").innerHTML = `${shownAt.length} fps, latency ${latency} ms<br>${result.frames_dropped} stale frames ` +
-    `dropped; ${result.batch_frames} frame(s) per graph call<br>ms: ${stages}<br>${provider}`;
+    `dropped; ${result.batch_frames} frame(s) per graph call<br>server ms: ${stages}<br>${browser}<br>${provider}`;
   const faces = $("faces");
   faces.replaceChildren();
   if (!result.faces.length) faces.textContent = "no face";
