@@ -80,6 +80,7 @@ class ServeState:
         self._loops: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = False
         self.clients_served = 0
+        self.connected = 0  # sockets past the checks (the event loop's only: no lock needed)
         self._gone = {"received": 0, "dropped": 0}  # counters of clients that left
 
     def encode(self, frame) -> bytes:
@@ -209,13 +210,18 @@ def create_app(state: ServeState):
             refusal = (protocol.POLICY, "missing or wrong token")
         elif (why := origin_error(ws.headers)) is not None:
             refusal = (protocol.POLICY, why)
-        elif len(state.sessions) >= state.options.max_clients:
+        elif state.connected >= state.options.max_clients:
             n = state.options.max_clients
             refusal = (protocol.TRY_LATER, f"server full: {n} client(s) connected (--max-clients {n}); try later")
         if refusal is not None:
             await ws.close(refusal[0], _reason(refusal[1]))
             return
-        session = await asyncio.to_thread(_open_session, state)
+        state.connected += 1  # counted before the first await: two at once cannot both take the last place
+        try:
+            session = await asyncio.to_thread(_open_session, state)
+        except BaseException:
+            state.connected -= 1
+            raise
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         state._loops[session.id] = (loop, outbox)
         state.sessions[session.id] = session
@@ -242,6 +248,7 @@ def create_app(state: ServeState):
                 await sender
             await asyncio.to_thread(session.close)  # the recording stays finalised and playable
             state._loops.pop(session.id, None)
+            state.connected -= 1
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -198,14 +198,24 @@ def test_the_socket_checks_the_origin(make_client, origin, accepted):
             assert close["code"] == 1008 and f"origin {origin} is not this server's (testserver)" in close["reason"]
 
 
+def wait_until(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_max_clients_is_enforced_with_a_clear_message(make_client):
-    client, _ = make_client(max_clients=1)
+    client, state = make_client(max_clients=1)
     with client.websocket_connect("/ws") as first:
         first.receive_json()
         with client.websocket_connect("/ws") as extra:
             close = closed(extra)
             assert close["code"] == 1013
             assert close["reason"] == "server full: 1 client(s) connected (--max-clients 1); try later"
+    wait_until(lambda: state.connected == 0)  # the server has closed the first one's detector
     with client.websocket_connect("/ws") as again:  # the place is free once the first left
         assert again.receive_json()["type"] == "hello"
 
@@ -249,12 +259,7 @@ def test_a_client_leaving_mid_recording_leaves_a_playable_file(make_client, astr
             send_frame(ws, k + 1, jpeg(astronaut_bgr))
     # the socket is gone without a "stop": the server finalised the file
     path = tmp_path / "recordings" / name
-    for _ in range(100):
-        if state.stats()["clients"] == 0 and name in state.recordings:
-            break
-        import time
-
-        time.sleep(0.02)
+    wait_until(lambda: state.connected == 0 and name in state.recordings)
     assert count_frames(path) == 3 and state.recordings[name] == path
 
 

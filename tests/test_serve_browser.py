@@ -10,15 +10,13 @@ import base64
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from realtime_helpers import count_frames
+from serve_helpers import start_server
 
 CHROMIUM = Path(os.environ.get("CAMFACE_CHROMIUM", "/usr/lib/chromium/chromium"))
 
@@ -27,24 +25,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 if not CHROMIUM.is_file():
     pytest.skip(f"Chromium is not installed here ({CHROMIUM} missing; `apt-get install chromium` or "
                 "CAMFACE_CHROMIUM=/path/to/chromium)", allow_module_level=True)
-
-
-def start_server(tmp_path: Path, *argv: str):
-    """`camface serve --port 0 ...` in a subprocess; returns (process, URL it printed)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "camface", "serve", "--port", "0", "--snapshot-dir", str(tmp_path / "snapshots"),
-         "--record-dir", str(tmp_path / "recordings"), *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        match = re.search(r"(https?://\S+)", line)
-        if match:
-            return process, match.group(1)
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise AssertionError(f"camface serve printed no URL: {process.stderr.read()}")
 
 
 def launch(playwright, clip: Path):
@@ -156,35 +136,3 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
         _, err = server.communicate(timeout=30)
     assert server.returncode == 143, err
     assert re.search(r"camface serve: \d+ frames in \d+ graph calls", err), err
-
-
-def test_sigterm_finalises_a_recording_in_progress(tmp_path):
-    """A Python client (no browser) records, and the server is stopped mid-recording."""
-    import json
-    import struct
-
-    from websockets.sync.client import connect
-
-    from camface.realtime.sample import SampleSource
-    from camface.serve import protocol
-
-    server, url = start_server(tmp_path, "--host", "127.0.0.2")  # not localhost: a token is required
-    token = url.split("token=")[1]
-    assert len(token) >= 24
-    try:
-        frame = cv2.imencode(".jpg", SampleSource(frames=300, size=(320, 240)).frame(150))[1].tobytes()
-        with connect(f"ws://127.0.0.2:{url.split(':')[2].split('/')[0]}/ws?token={token}") as ws:
-            assert json.loads(ws.recv())["type"] == "hello"
-            ws.send('{"type": "record", "on": true}')
-            name = json.loads(ws.recv())["file"]
-            for sequence in range(1, 8):
-                ws.send(struct.pack(">I", sequence) + frame)
-                message, _ = protocol.unpack_result(ws.recv())
-                assert message["recording"] and len(message["faces"]) == 3
-            server.send_signal(signal.SIGTERM)
-            _, err = server.communicate(timeout=30)
-    finally:
-        if server.poll() is None:
-            server.kill()
-    assert server.returncode == 143, err
-    assert count_frames(tmp_path / "recordings" / name) == 7
