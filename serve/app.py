@@ -106,7 +106,11 @@ class ServeState:
 
     def _deliver(self, session, work) -> None:
         """From the worker thread: hand a processed frame to the client's sender task."""
-        loop, outbox = self._loops[session.id]
+        target = self._loops.get(session.id)
+        if target is None:  # the client has just left
+            session.sent()
+            return
+        loop, outbox = target
         try:
             loop.call_soon_threadsafe(outbox.put_nowait, work)
         except RuntimeError:  # the client's loop is gone
@@ -242,13 +246,14 @@ def create_app(state: ServeState):
         except WebSocketDisconnect:
             pass
         finally:
+            # bookkeeping first, without awaiting: the handler may be cancelled at the next await
             state.retire(session)
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
-            await asyncio.to_thread(session.close)  # the recording stays finalised and playable
-            state._loops.pop(session.id, None)
             state.connected -= 1
+            state._loops.pop(session.id, None)
+            sender.cancel()
+            # the recording is finalised (playable) and the detector closed even if this handler
+            # is cancelled meanwhile: the thread runs to its end
+            await asyncio.shield(asyncio.to_thread(session.close))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
