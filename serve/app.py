@@ -1,8 +1,8 @@
 """The ASGI app of `camface serve` (Starlette): one page, its script, one WebSocket per client,
 the finished recordings, and a small JSON of counters.
 
-Routes (each refuses a request without the token when the server has one: HTTP 403, or
-WebSocket close code 1008):
+Routes (each refuses a request without the token when the server has one, or, without a
+token, one whose Host is not localhost: HTTP 403, or WebSocket close code 1008):
   GET /                  the page (static/index.html)
   GET /app.js            the page's script (no secrets in it: served without the token)
   WS  /ws                the protocol of camface.serve.protocol; the Origin must be the page's
@@ -74,7 +74,7 @@ class ServeState:
         self.sessions: dict[int, object] = {}
         self.recordings: dict[str, Path] = {}
         self.lock = threading.Lock()
-        self.worker = InferenceWorker(lambda: list(self.sessions.values()), self._deliver)
+        self.worker = InferenceWorker(self.active, self._deliver)
         self.started = time.monotonic()
         self._jpeg = [int(cv2.IMWRITE_JPEG_QUALITY), options.jpeg_quality]
         self._loops: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -116,6 +116,15 @@ class ServeState:
         except RuntimeError:  # the client's loop is gone
             session.sent()
 
+    def add(self, session) -> None:
+        with self.lock:
+            self.sessions[session.id] = session
+            self.clients_served += 1
+
+    def active(self) -> list:
+        with self.lock:
+            return list(self.sessions.values())
+
     def retire(self, session) -> None:
         """Forget a client that left, keeping its counts."""
         with self.lock:
@@ -140,7 +149,7 @@ class ServeState:
         if self._closed:
             return
         self._closed = True
-        for session in list(self.sessions.values()):
+        for session in self.active():
             session.close()
         self.worker.stop()
 
@@ -151,6 +160,22 @@ class ServeState:
 def token_ok(state: ServeState, given: str | None) -> bool:
     expected = state.options.token
     return expected is None or (given is not None and hmac.compare_digest(given.encode(), expected.encode()))
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def host_error(state: ServeState, headers) -> str | None:
+    """Without a token the server is for this machine only: the Host header must name it
+    (localhost, 127.0.0.1 or [::1]), so a web page cannot reach it by DNS rebinding (a name
+    of its own that resolves to 127.0.0.1 would pass the Origin check)."""
+    if state.options.token is not None:
+        return None
+    host = (headers.get("host") or "").lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name in LOOPBACK_NAMES:
+        return None
+    return f"host {host!r} refused: without --token this server answers to localhost only"
 
 
 def origin_error(headers) -> str | None:
@@ -178,16 +203,23 @@ def _reason(text: str) -> str:
 
 def create_app(state: ServeState):
     from starlette.applications import Starlette
-    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket, WebSocketDisconnect
 
     forbidden = PlainTextResponse("camface: this server needs its token: open the URL that `camface serve` "
                                   "printed (it ends in ?token=...)\n", status_code=403)
 
-    async def page(request):
+    def refused(request):
+        """The 403 for a request without the token or to a foreign Host, or None."""
         if not token_ok(state, request.query_params.get("token")):
             return forbidden
+        why = host_error(state, request.headers)
+        return None if why is None else PlainTextResponse(f"camface: {why}\n", status_code=403)
+
+    async def page(request):
+        if (refusal := refused(request)) is not None:
+            return refusal
         return FileResponse(STATIC / "index.html", media_type="text/html",
                             headers={"Cache-Control": "no-store"})
 
@@ -195,16 +227,16 @@ def create_app(state: ServeState):
         return FileResponse(STATIC / "app.js", media_type="text/javascript", headers={"Cache-Control": "no-store"})
 
     async def recording(request):
-        if not token_ok(state, request.query_params.get("token")):
-            return forbidden
+        if (refusal := refused(request)) is not None:
+            return refusal
         path = state.recordings.get(request.path_params["name"])
         if path is None or not path.is_file():
             return PlainTextResponse("camface: no such recording\n", status_code=404)
         return FileResponse(path, media_type="video/mp4", filename=path.name)
 
     async def stats(request):
-        if not token_ok(state, request.query_params.get("token")):
-            return forbidden
+        if (refusal := refused(request)) is not None:
+            return refusal
         return JSONResponse(state.stats())
 
     async def socket(ws: WebSocket):
@@ -212,6 +244,8 @@ def create_app(state: ServeState):
         refusal = None
         if not token_ok(state, ws.query_params.get("token")):
             refusal = (protocol.POLICY, "missing or wrong token")
+        elif (why := host_error(state, ws.headers)) is not None:
+            refusal = (protocol.POLICY, why)
         elif (why := origin_error(ws.headers)) is not None:
             refusal = (protocol.POLICY, why)
         elif state.connected >= state.options.max_clients:
@@ -228,8 +262,7 @@ def create_app(state: ServeState):
             raise
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         state._loops[session.id] = (loop, outbox)
-        state.sessions[session.id] = session
-        state.clients_served += 1
+        state.add(session)
         sender = asyncio.create_task(_send(ws, state, session, outbox))
         graph = state.graph
         try:

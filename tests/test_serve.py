@@ -18,6 +18,17 @@ from starlette.testclient import TestClient  # noqa: E402
 from camface.serve import protocol  # noqa: E402
 
 
+class Client(TestClient):
+    """A TestClient that talks to http(s)://127.0.0.1:8000, as a browser on this machine would
+    (the server without a token answers to localhost names only)."""
+
+    def __init__(self, app):
+        super().__init__(app, base_url="http://127.0.0.1:8000")
+
+    def websocket_connect(self, url, *args, **kwargs):
+        return super().websocket_connect("ws://127.0.0.1:8000" + url, *args, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def graph():
     from camface.models import EMOTION_ONNX
@@ -39,7 +50,7 @@ def make_client(graph, tmp_path):
         options.setdefault("record_dir", tmp_path / "recordings")
         options.setdefault("snapshot_dir", tmp_path / "snapshots")
         state = ServeState(config or LiveConfig(), ServeOptions(**options), graph, EMOTION_ONNX)
-        client = TestClient(create_app(state))
+        client = Client(create_app(state))
         client.__enter__()
         opened.append(client)
         return client, state
@@ -181,10 +192,11 @@ def test_the_token_is_needed_by_the_page_the_socket_and_the_files(make_client):
 
 
 @pytest.mark.parametrize("origin, accepted", [
-    ("http://testserver", True),  # the page's own origin (TestClient's host is "testserver")
+    ("http://127.0.0.1:8000", True),  # the page's own origin
     (None, True),  # not a browser
     ("http://evil.example", False),
-    ("https://testserver.evil.example", False),
+    ("http://127.0.0.1:8001", False),
+    ("https://127.0.0.1:8000.evil.example", False),
     ("null", False),
 ])
 def test_the_socket_checks_the_origin(make_client, origin, accepted):
@@ -195,7 +207,27 @@ def test_the_socket_checks_the_origin(make_client, origin, accepted):
             assert ws.receive_json()["type"] == "hello"
         else:
             close = closed(ws)
-            assert close["code"] == 1008 and f"origin {origin} is not this server's (testserver)" in close["reason"]
+            assert close["code"] == 1008 and f"origin {origin} is not this server's (127.0.0.1:8000)" in close["reason"]
+
+
+@pytest.mark.parametrize("host, token, accepted", [
+    ("localhost:8000", None, True), ("[::1]:8000", None, True),
+    ("rebound.evil.example:8000", None, False),  # DNS rebinding: another name for 127.0.0.1
+    ("rebound.evil.example:8000", "s3cret-token", True),  # the token guards it then
+])
+def test_without_a_token_only_localhost_names_are_answered(make_client, host, token, accepted):
+    client, _ = make_client(token=token)
+    query = f"?token={token}" if token else ""
+    response = client.get("/" + query, headers={"host": host})
+    assert response.status_code == (200 if accepted else 403)
+    with client.websocket_connect("/ws" + query, headers={"host": host}) as ws:
+        if accepted:
+            assert ws.receive_json()["type"] == "hello"
+        else:
+            close = closed(ws)
+            assert close["code"] == 1008
+            assert close["reason"] == f"host '{host}' refused: without --token this server answers to localhost only"
+            assert "answers to localhost only" in response.text
 
 
 def wait_until(condition, timeout: float = 5.0) -> None:
