@@ -6,6 +6,7 @@
 "use strict";
 
 const WINDOW = 2;
+const PANEL_EVERY_MS = 250;  // the side panel's refresh: layout costs the browser CPU the frames need
 const token = new URLSearchParams(location.search).get("token");
 const query = token ? `?token=${encodeURIComponent(token)}` : "";
 const stats = { framesSent: 0, framesShown: 0, lastLatencyMs: null, method: null };
@@ -19,7 +20,7 @@ const grab = document.createElement("canvas"), grabContext = grab.getContext("2d
 let socket = null, sent = 0, answered = 0, drawn = 0, encoding = false, recording = false;
 const sentAt = new Map();
 const shownAt = [];
-let lastJpeg = null, labels = [];
+let lastJpeg = null, labels = [], panelAt = 0;
 
 function status(text, error = false) {
   $("status").textContent = text;
@@ -113,7 +114,7 @@ function onMessage(event) {
     lastJpeg = jpeg;
     shownAt.push(now);
     while (shownAt.length && now - shownAt[0] > 1000) shownAt.shift();
-    panel(result);
+    if (now - panelAt >= PANEL_EVERY_MS) { panelAt = now; panel(result); }
   });
 }
 
