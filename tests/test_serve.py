@@ -137,6 +137,24 @@ def test_two_clients_at_once_get_their_own_results(make_client, astronaut_bgr):
     assert stats["frames_processed"] == stats["frames_received"] == 6 and stats["clients_served"] == 2
 
 
+def test_the_smoothing_switch_gives_the_client_a_smoother(make_client, astronaut_bgr):
+    from camface.realtime.config import LiveConfig
+
+    client, _ = make_client(LiveConfig(smooth=0.7))
+    dim = cv2.convertScaleAbs(astronaut_bgr, alpha=0.6)
+    with client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["smooth"] is True  # --smooth 0.7: on from the start
+        first, _ = send_frame(ws, 1, jpeg(astronaut_bgr))
+        smoothed, _ = send_frame(ws, 2, jpeg(dim))
+        ws.send_text('{"type": "controls", "smooth": false}')
+        send_frame(ws, 3, jpeg(astronaut_bgr))
+        raw, _ = send_frame(ws, 4, jpeg(dim))
+    assert first["faces"][0]["track_id"] == smoothed["faces"][0]["track_id"] == 0
+    assert raw["faces"][0]["track_id"] == -1  # no smoother: no tracks
+    want = 0.7 * np.array(first["faces"][0]["probs"]) + 0.3 * np.array(raw["faces"][0]["probs"])
+    np.testing.assert_allclose(smoothed["faces"][0]["probs"], want, atol=2e-4)
+
+
 def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
 
@@ -391,3 +409,21 @@ def test_urls_name_the_token_when_one_is_needed():
     assert _urls("127.0.0.1", 8000, False, None) == ["http://127.0.0.1:8000/"]
     assert _urls("::1", 8443, True, "abc") == ["https://[::1]:8443/?token=abc"]
     assert _urls("0.0.0.0", 80, False, "t")[-1] == "http://127.0.0.1:80/?token=t"
+
+
+def test_write_y4m_makes_what_opencv_reads_back(tmp_path):
+    from camface.serve.y4m import write_y4m
+
+    frames = [np.full((48, 64, 3), (40 * k, 100, 200 - 40 * k), np.uint8) for k in range(3)]
+    path = write_y4m(tmp_path / "clip.y4m", frames, fps=25)
+    assert path.read_bytes().startswith(b"YUV4MPEG2 W64 H48 F25:1 Ip A1:1 C420jpeg\nFRAME\n")
+    assert path.stat().st_size == len(b"YUV4MPEG2 W64 H48 F25:1 Ip A1:1 C420jpeg\n") + 3 * (6 + 64 * 48 * 3 // 2)
+    y = np.frombuffer(path.read_bytes(), np.uint8)[-(64 * 48 * 3 // 2):][: 64 * 48].reshape(48, 64)
+    expected_y = cv2.cvtColor(frames[2], cv2.COLOR_BGR2YUV_I420)[:48]
+    np.testing.assert_array_equal(y, expected_y)
+    with pytest.raises(ValueError, match="even sizes, got 63x48"):
+        write_y4m(tmp_path / "odd.y4m", [np.zeros((48, 63, 3), np.uint8)])
+    with pytest.raises(ValueError, match="frame of 32x32 in a 64x48 clip"):
+        write_y4m(tmp_path / "mixed.y4m", [frames[0], np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match="at least one frame"):
+        write_y4m(tmp_path / "empty.y4m", [])
