@@ -84,7 +84,8 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
             assert len(boxes) == 3, last
             assert page.locator("#faces .face").count() == 3  # the side panel's bars, one set per face
 
-            page.uncheck("#hud")  # the HUD's changing figures would cover a face
+            page.keyboard.press("h")  # the live window's key: the HUD's changing figures would cover a face
+            assert not page.is_checked("#hud")
             shown(page, 4)
             pictures = {}
             for method in ("none", "gradcam", "gradcampp"):

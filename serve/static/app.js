@@ -189,3 +189,26 @@ $("record").addEventListener("click", () => {
   socket.send(JSON.stringify(recording ? { type: "record", on: false } : { type: "record", on: true, fps }));
 });
 start();
+
+// The live window's keys: m method, 0-9 explain class k, a predicted class, h HUD, s snapshot, r record.
+document.addEventListener("keydown", (event) => {
+  if (event.target.tagName === "SELECT" || event.ctrlKey || event.metaKey || event.altKey) return;
+  const key = event.key.toLowerCase();
+  const method = $("method"), klass = $("class");
+  if (key === "m" && method.options.length) {
+    method.selectedIndex = (method.selectedIndex + 1) % method.options.length;
+  } else if (key >= "0" && key <= "9" && Number(key) < labels.length) {
+    klass.value = key;
+  } else if (key === "a") {
+    klass.value = "";
+  } else if (key === "h") {
+    $("hud").checked = !$("hud").checked;
+  } else if (key === "s") {
+    $("snapshot").click(); return;
+  } else if (key === "r") {
+    $("record").click(); return;
+  } else {
+    return;
+  }
+  sendControls();
+});
