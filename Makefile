@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[keras,dev,serve]'
+	$(PY) -m pip install --quiet -e '.[keras,batch,dev,serve]'
 	touch $(STAMP)
 
 demo: setup

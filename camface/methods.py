@@ -73,7 +73,7 @@ NUMPY = NumpyOps()
 class Method:
     """One heatmap method.
 
-    name: graph output and `--method` choice. title: shown in figures and the HUD.
+    name: graph output, `--method` choice and what the HUD shows. title: shown in figures.
     paper: citation with the equation used. compute: `compute(ops, A, g, w) -> [N, h, w]`
     (g or w is None when the method does not need it). needs: GRADIENTS and/or CLASS_WEIGHTS.
     normalization: POSITIVE or MINMAX (see `normalize`). tolerance: per precision, a factor on

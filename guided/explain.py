@@ -15,16 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from camface import methods
-from camface.guided import gradcam as maps
+from camface.guided import gradcam as grads  # layers, model cuts and gradients in TF
 from camface.guided.snapshot import Preprocessing
-
-
-def upsample(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a [h, w] map to size (H, W); float32, input untouched."""
-    import cv2
-
-    return cv2.resize(np.asarray(heatmap, np.float32), (size[1], size[0]),
-                      interpolation=cv2.INTER_LINEAR)
+from camface.realtime.overlay import upsample  # noqa: F401 (the one bilinear upsample, (H, W))
 
 
 def to_rgb(crop: np.ndarray, color_order: str) -> np.ndarray:
@@ -65,11 +58,11 @@ class Explainer:
     def __init__(self, model, layer: str | None, preprocessing: Preprocessing):
         from camface.guided.backprop import GuidedBackprop
 
-        self.layer = maps.resolve_layer(model, layer)
+        self.layer = grads.resolve_layer(model, layer)
         self.preprocessing = preprocessing
-        self._runner = maps.GradientRunner(model, [self.layer])
-        self._cam_weights, self.cam_reason = maps.cam_weights(model, self.layer)
-        self._backprop = GuidedBackprop(maps.logits_model(model))
+        self._runner = grads.GradientRunner(model, [self.layer])
+        self._cam_weights, self.cam_reason = grads.cam_weights(model, self.layer)
+        self._backprop = GuidedBackprop(grads.logits_model(model))
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -128,7 +121,7 @@ class LayerMaps:
 def layer_sweep(model, layers: list[str], crops: np.ndarray, class_index: np.ndarray,
                 preprocessing: Preprocessing) -> list[LayerMaps]:
     """Grad-CAM for the chosen classes at each of `layers`, in one forward/backward pass."""
-    runner = maps.GradientRunner(model, layers)
+    runner = grads.GradientRunner(model, layers)
     passes = runner.run(preprocessing.apply(crops), class_index)
     predicted = passes.probs.argmax(axis=-1)
     explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)

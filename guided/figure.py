@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from camface import methods
-from camface.guided.explain import Explanation, LayerMaps, upsample
+from camface.guided.explain import Explanation, LayerMaps
 
 GUIDED_COLUMNS = ("Guided Backprop", "Guided Grad-CAM")
 BOX_FRACTION = 0.2  # the study's localisation threshold, fraction of the map's maximum
@@ -45,7 +45,9 @@ def localisation_box(heatmap: np.ndarray, method: str, size: tuple[int, int], fr
     function, so the figure and the live overlay draw the same box."""
     from camface.realtime.render import localisation_box as live_localisation_box
 
-    return live_localisation_box(upsample(methods.normalize(heatmap, method), size), fraction)
+    from camface.realtime.overlay import upsample as live_upsample
+
+    return live_localisation_box(live_upsample(methods.normalize(heatmap, method), size), fraction)
 
 
 def gradient_image(gradient: np.ndarray, color_order: str = "GRAY") -> np.ndarray:
@@ -94,7 +96,8 @@ def comparison_figure(items: Sequence[Explanation], labels: Sequence[str], *,
     axes = fig.subplots(rows, len(columns), squeeze=False)
     layer = items[0].layer if items else ""
     title = f"camface guided: maps at layer {layer!r}"
-    fig.suptitle(title + (f"\n(no CAM: {cam_note})" if cam_note else ""), fontsize=12 if not cam_note else 10)
+    note = cam_note.removeprefix("CAM ") if cam_note else ""
+    fig.suptitle(title + (f"\n(no CAM: {note})" if note else ""), fontsize=10 if note else 12)
 
     for row, item in zip(axes, items):
         size = item.image_rgb.shape[:2]

@@ -14,6 +14,7 @@ Heavy imports (TensorFlow, Keras, MediaPipe, ONNX Runtime) happen inside functio
 from __future__ import annotations
 
 import argparse
+import sys
 import logging
 import shlex
 import time
@@ -24,10 +25,12 @@ import numpy as np
 
 from camface.errors import ModelError, OutputError, SourceError
 from camface.models import dataset, report
+from camface.realtime import config as live_config
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
+LIVE_DEFAULTS = live_config.DEFAULTS  # detector, margin, min_confidence: as `camface live`
 PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
 
 
@@ -47,13 +50,17 @@ class TrainConfig:
     test_split: float = 0.15
     seed: int = 0
     detect: bool = True
-    detector: str = "full"
-    margin: float = 0.1
-    min_confidence: float = 0.5
+    detector: str = LIVE_DEFAULTS["detector"]
+    margin: float = LIVE_DEFAULTS["margin"]
+    min_confidence: float = LIVE_DEFAULTS["min_confidence"]
     learning_rate: float = 1e-3
     fine_tune_learning_rate: float = 1e-5
     patience: int = 5
     montage: int = 24
+
+    def __post_init__(self) -> None:
+        # the live loop's checks of the crop options (ValueError naming the flag)
+        live_config.LiveConfig(detector=self.detector, margin=self.margin, min_confidence=self.min_confidence)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -86,14 +93,6 @@ class TrainConfig:
         return shlex.join(argv)
 
 
-def live_defaults() -> dict:
-    """--margin, --detector and --min-confidence defaults of `camface live` (its config's fields),
-    so training crops match live crops by construction."""
-    from camface.realtime.config import DEFAULTS
-
-    return {key: DEFAULTS[key] for key in ("margin", "detector", "min_confidence")}
-
-
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -116,7 +115,8 @@ def _non_negative(text: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    live = live_defaults()
+    from camface.realtime.config import add_arguments
+
     defaults = TrainConfig(Path("."), Path("."))
     parser.add_argument("data_dir", metavar="DATA_DIR",
                         help="one sub-folder of photos per class (folder name = class name)")
@@ -145,13 +145,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seed of the split, the augmentation and the weights' initialisation")
     parser.add_argument("--no-detect", action="store_true",
                         help="photos are already face crops: resize them, detect nothing")
-    parser.add_argument("--detector", choices=("short", "full"), default=live["detector"],
-                        help="face detector model; same default as `camface live`")
-    parser.add_argument("--margin", type=float, default=live["margin"],
-                        help="crop margin around the face box, fraction of its side; same "
-                             "default as `camface live`")
-    parser.add_argument("--min-confidence", type=float, default=live["min_confidence"],
-                        help="face detector confidence threshold; same default as `camface live`")
+    # the live loop's own flags and defaults: training crops match live crops by construction
+    add_arguments(parser, "detector", "margin", "min_confidence")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
                         help="Adam learning rate with the backbone frozen")
     parser.add_argument("--fine-tune-learning-rate", type=float,
@@ -167,7 +162,11 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    config = TrainConfig.from_args(args)
+    try:
+        config = TrainConfig.from_args(args)
+    except ValueError as exc:
+        print(f"camface train: error: {exc}", file=sys.stderr)
+        return 2
     run(config)
     return 0
 

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 LIVE_OPTIONS = ("source", "model", "method", "record", "detector", "min_confidence", "max_faces", "margin",
                 "device", "smooth", "cam_boxes", "bars", "colormap", "alpha", "snapshot_every", "snapshot_dir",
-                "overwrite", "max_frames", "graph_threads", "detect_workers")
+                "overwrite", "max_frames", "graph_threads", "detect_workers", "pace", "image_seconds", "loop")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, *LIVE_OPTIONS[:4])
     parser.add_argument("--show", action=argparse.BooleanOptionalAction, default=None,
                         help="show a window (keys: m method, 0-9 explain class k, a predicted class, "
-                             "s snapshot, r record, h HUD, q/Esc quit); default: when a display is available")
+                             "s snapshot, r record, h HUD, space pause, q/Esc quit); default: when a display "
+                             "is available")
     add_arguments(parser, *LIVE_OPTIONS[4:])
 
 

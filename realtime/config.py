@@ -22,6 +22,7 @@ MAX_DETECT_WORKERS = 8
 MAX_FACES = 32  # the graph's batch range is 1..32
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 DETECTORS = ("short", "full")
+PACES = ("auto", "source", "none")  # see camface.realtime.pace
 
 
 def method_choices() -> tuple[str, ...]:
@@ -55,6 +56,9 @@ class LiveConfig:
     progress: bool = False
     graph_threads: int = 1
     detect_workers: int = 0  # 0: auto (see loop.detect_workers_for)
+    pace: str = "auto"
+    image_seconds: float = 2.0
+    loop: bool = False
     quiet_native: bool = True
 
     def __post_init__(self) -> None:
@@ -74,6 +78,8 @@ class LiveConfig:
             (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
             (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
+            (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),
+            (self.image_seconds > 0, f"--image-seconds must be > 0, got {self.image_seconds}"),
         )
         for ok, message in checks:
             if not ok:
@@ -128,6 +134,15 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
                                                      "with --graph-threads 0")),
+    "pace": ("--pace", dict(choices=PACES, help="play files, folders and the sample at their own speed: auto = "
+                                                "when shown in a window (headless runs and recordings go as fast "
+                                                "as possible), source = always, none = never; cameras and "
+                                                "streams are never held back")),
+    "image_seconds": ("--image-seconds", dict(type=float, metavar="S",
+                                              help="how long a paced window shows each image of a folder")),
+    "loop": ("--loop", dict(action="store_true", help="start files, folders and the sample again at their end "
+                                                      "until you quit (--max-frames still bounds the run; frame "
+                                                      "indices keep counting across passes)")),
 }
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(LiveConfig)}
 

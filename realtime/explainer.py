@@ -66,10 +66,10 @@ class FrameExplainer:
         return np.full(len(faces), -1, np.int64)
 
     def explain(self, frame: np.ndarray, faces: tuple[Face, ...], controls: Controls, index: int = 0,
-                fps: float = 0.0, stage_ms: dict | None = None) -> Explained:
+                fps: float = 0.0, stage_ms: dict | None = None, pace_fps: float = 0.0) -> Explained:
         """frame: uint8 BGR [H, W, 3], not modified. faces: the detector's faces, largest first.
-        index: the frame's index in its source. fps / stage_ms: the caller's rolling figures,
-        carried in the result for the HUD."""
+        index: the frame's index in its run. fps / stage_ms / pace_fps: the caller's rolling
+        figures, carried in the result for the HUD (see FrameResult)."""
         start = time.perf_counter()
         dropped = max(0, len(faces) - self.max_faces)
         faces = tuple(faces[: self.max_faces])
@@ -87,14 +87,15 @@ class FrameExplainer:
                            explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]),
                            method=controls.method)
                 for i in range(len(faces)))
-        result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
-                             method=controls.method, explained_class=controls.explained_class,
-                             labels=info.labels, fps=fps, stage_ms=stage_ms or {}, provider=self.graph.provider)
-        if self.smoother is not None:
-            result = self.smoother.update(result)
         if self.timer is not None:
             self.timer.add("crop", cropped - start)
             self.timer.add("classify", time.perf_counter() - cropped)
+        result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
+                             method=controls.method, explained_class=controls.explained_class,
+                             labels=info.labels, fps=fps, stage_ms=stage_ms or {}, provider=self.graph.provider,
+                             pace_fps=pace_fps)
+        if self.smoother is not None:
+            result = self.smoother.update(result)
         return Explained(result, crops)
 
 
@@ -106,69 +107,110 @@ def check_method(graph, method: str) -> None:
                          f"it offers {', '.join(graph.methods) or 'none'}")
 
 
+# ---------------------------------------------------------------- batched across frames (camface batch)
+# `camface batch` runs cropping, the graph and drawing in separate Ray stages, so it needs the
+# three steps of `FrameExplainer.explain` one at a time: `crop_for_graph` (per frame, on the
+# detection workers), `run_graph_across_frames` (crops of many frames in calls of up to 32, on
+# the graph workers) and `frame_result` (per frame again). For the same frame and faces they
+# give what `explain` gives without smoothing (smoothing keeps state from frame to frame and
+# chooses the class to explain from it, which a stage batched across frames cannot know).
+# These are separate from `explain` on purpose; `explain` is unchanged.
+
+
+def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, max_faces: int,
+                   info) -> tuple[tuple[Face, ...], np.ndarray, int]:
+    """`explain`'s crop step: (faces kept, crops uint8 [N, H, W, C] in the graph's colour
+    order, faces dropped beyond `max_faces`). frame: uint8 BGR [H, W, 3], not modified.
+    info: the graph's GraphInfo."""
+    dropped = max(0, len(faces) - max_faces)
+    faces = tuple(faces[:max_faces])
+    if not faces:
+        return (), np.zeros((0, *info.input_size, info.channels), np.uint8), dropped
+    crops, faces = crop_faces(frame, faces, margin, info.input_size, info.color_order)
+    return tuple(faces), crops, dropped
+
+
+def run_graph_across_frames(graph, crops: np.ndarray, class_index: np.ndarray, method: str,
+                            max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """The graph on crops of many frames: uint8 [N, H, W, C] (any N >= 0), class_index int64
+    [N] (-1: the predicted class), in calls of at most `max_batch` crops (the contract's batch
+    range is 1..32). Returns probs float32 [N, classes], heatmaps float32 [N, h, w] ([N, 0, 0]
+    for method "none") and the number of graph calls made."""
+    probs, heatmaps, calls = [], [], 0
+    for start in range(0, len(crops), max_batch):
+        p, h = graph.run(crops[start:start + max_batch], class_index[start:start + max_batch], method)
+        probs.append(p)
+        heatmaps.append(h)
+        calls += 1
+    if not calls:
+        return (np.zeros((0, len(graph.info.labels)), np.float32),
+                np.zeros((0, 0, 0), np.float32), 0)
+    return np.concatenate(probs), np.concatenate(heatmaps), calls
+
+
+def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmaps: np.ndarray,
+                 class_index: np.ndarray, dropped: int, method: str, explained_class: int | None,
+                 labels: tuple[str, ...], provider: str) -> FrameResult:
+    """`explain`'s result step for one frame: probs float32 [N, classes] and heatmaps float32
+    [N, h, w] of its N faces (rows of `run_graph_across_frames`), class_index int64 [N] as
+    given to the graph."""
+    predicted = probs.argmax(axis=1) if len(faces) else np.zeros(0, np.int64)
+    predictions = tuple(
+        Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
+                   explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]), method=method)
+        for i in range(len(faces)))
+    return FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped, method=method,
+                       explained_class=explained_class, labels=labels, fps=0.0, stage_ms={}, provider=provider)
+
+
 def explain_many(items) -> list[Explained]:
     """Explain several frames, each of its own stream, with ONE graph call per method in use
-    for the crops of all of them (the browser server's batch: one call for every client's
-    current frame). Each result equals `explainer.explain(frame, faces, controls, index, fps,
-    stage_ms)` for its item; `explain` itself is unchanged.
+    for the crops of all of them (`camface serve`'s batch: one call for every client's current
+    frame). Each result equals `explainer.explain(frame, faces, controls, index, fps, stage_ms)`
+    for its item, smoothing included (each explainer keeps its own smoother, which chooses its
+    class to explain before the call); built from the three steps above.
 
     items: sequence of (explainer, frame, faces, controls, index, fps, stage_ms), the arguments
-    of `explain` after its explainer; each explainer keeps its own smoother. Crops beyond the
-    graph's batch range (32) go in further calls of at most 32. The explainers' timers, if
-    any, get their `crop` and `classify` stages (the shared call's time, for each).
+    of `explain` after its explainer. Crops beyond the graph's batch range go in further calls
+    of at most 32. The explainers' timers, if any, get `crop` and `classify` (the shared call's
+    time, for each).
     """
-    from camface.realtime.graph import MAX_BATCH
+    from dataclasses import replace
 
     start = time.perf_counter()
-    prepared = []  # (crops, faces, class_index, dropped) per item
+    prepared = []  # (faces kept, crops, dropped, class_index) per item
     for explainer, frame, faces, controls, *_ in items:
-        dropped = max(0, len(faces) - explainer.max_faces)
-        faces = tuple(faces[: explainer.max_faces])
-        info = explainer.graph.info
-        crops, faces = (crop_faces(frame, faces, explainer.margin, info.input_size, info.color_order)
-                        if faces else (explainer._empty, ()))
-        class_index = explainer._class_index(faces, controls) if faces else np.zeros(0, np.int64)
-        prepared.append((crops, faces, class_index, dropped))
+        kept, crops, dropped = crop_for_graph(frame, faces, explainer.margin, explainer.max_faces,
+                                              explainer.graph.info)
+        class_index = explainer._class_index(kept, controls) if kept else np.zeros(0, np.int64)
+        prepared.append((kept, crops, dropped, class_index))
     cropped = time.perf_counter()
-    outputs: list = [None] * len(prepared)  # (probs, heatmaps) per item with faces
-    by_method: dict[tuple[int, str], list[int]] = {}  # one call per (graph, method)
+    rows: list = [None] * len(items)  # (probs, heatmaps) per item with faces
+    groups: dict[tuple[int, str], list[int]] = {}  # one call per (graph, method)
     for i, (explainer, _, _, controls, *_) in enumerate(items):
-        if prepared[i][1]:
-            by_method.setdefault((id(explainer.graph), controls.method), []).append(i)
-    for (_, method), members in by_method.items():
-        graph = items[members[0]][0].graph
-        sizes = [len(prepared[i][1]) for i in members]
-        crops = np.concatenate([prepared[i][0] for i in members])
-        class_index = np.concatenate([prepared[i][2] for i in members])
-        parts = [graph.run(crops[s:s + MAX_BATCH], class_index[s:s + MAX_BATCH], method)
-                 for s in range(0, len(crops), MAX_BATCH)]
-        probs = np.concatenate([p for p, _ in parts])
-        heatmaps = np.concatenate([h for _, h in parts])
-        offsets = np.cumsum([0, *sizes])
+        if prepared[i][0]:
+            groups.setdefault((id(explainer.graph), controls.method), []).append(i)
+    for (_, method), members in groups.items():
+        probs, heatmaps, _ = run_graph_across_frames(items[members[0]][0].graph,
+                                                     np.concatenate([prepared[i][1] for i in members]),
+                                                     np.concatenate([prepared[i][3] for i in members]), method)
+        offsets = np.cumsum([0, *(len(prepared[i][0]) for i in members)])
         for i, a, b in zip(members, offsets[:-1], offsets[1:]):
-            outputs[i] = (probs[a:b], heatmaps[a:b])
+            rows[i] = (probs[a:b], heatmaps[a:b])
     classified = time.perf_counter()
     explained = []
-    for (explainer, _, _, controls, index, fps, stage_ms), (crops, faces, class_index, dropped), output in zip(
-            items, prepared, outputs):
-        predictions: tuple[Prediction, ...] = ()
-        if output is not None:
-            probs, heatmaps = output
-            predicted = probs.argmax(axis=1)
-            predictions = tuple(
-                Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                           explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]),
-                           method=controls.method)
-                for i in range(len(faces)))
-        info = explainer.graph.info
-        result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
-                             method=controls.method, explained_class=controls.explained_class,
-                             labels=info.labels, fps=fps, stage_ms=stage_ms or {},
-                             provider=explainer.graph.provider)
-        if explainer.smoother is not None:
-            result = explainer.smoother.update(result)
+    for (explainer, _, _, controls, index, fps, stage_ms), (kept, crops, dropped, class_index), row in zip(
+            items, prepared, rows):
+        graph = explainer.graph
+        probs, heatmaps = row if row is not None else (np.zeros((0, len(graph.info.labels)), np.float32),
+                                                       np.zeros((0, 0, 0), np.float32))
+        result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
+                              controls.explained_class, graph.info.labels, graph.provider)
+        result = replace(result, fps=fps, stage_ms=stage_ms or {})
         if explainer.timer is not None:
             explainer.timer.add("crop", (cropped - start) / len(items))
             explainer.timer.add("classify", classified - cropped)
+        if explainer.smoother is not None:
+            result = explainer.smoother.update(result)
         explained.append(Explained(result, crops))
     return explained

@@ -28,6 +28,7 @@ DEVICE_CHAINS = {
     "cuda": (CUDA, CPU),
     "cpu": (CPU,),
 }
+PROVIDER_DEVICES = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}  # --device that asks for each
 MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
 
 
@@ -139,6 +140,11 @@ class CamGraph:
             log.warning("camface: --device %s is not usable here; running the CAM graph on CPU", device)
 
     # -------------------------------------------------------------- running
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialised ONNX model this graph was loaded from."""
+        return self._model_bytes
 
     @property
     def session(self):

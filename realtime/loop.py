@@ -24,91 +24,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import CamfaceError
 from camface.realtime.config import LiveConfig
 from camface.realtime.recorder import Output, Recorder
+from camface.realtime.summary import RunSummary, detect_workers_for, hud_stage_ms
 from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in_order, opencv_single_threaded,
                                       put, sigterm_raises, signals_held)
-from camface.realtime.timing import RateMeter, StageStats, StageTimer
-from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls, apply_key
+from camface.realtime.timing import RateMeter, StageTimer
+from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LiveConfig", "LiveLoop", "RunSummary", "Terminated", "detect_workers_for", "sigterm_raises"]
 
 STAGES = ("decode", "detect", "crop", "classify", "render", "encode")
-HUD_STAGES = ("detect", "classify", "render")
 HUD_EVERY = 15  # frames between refreshes of the HUD's stage times
 QUEUE_SIZE = 4  # items between each pair of threads
-
-
-def detect_workers_for(requested: int, graph_threads: int = 1, live: bool = False, cpus: int | None = None) -> int:
-    """How many detector threads to run: `requested`, or for 0 (auto) one per core, at most 2.
-
-    Two detectors raise throughput, not latency: on two cores (sample clip, 1,500 frames, 5
-    interleaved pairs) they ran 1.03-1.13x the frames per second of one (median 1.10x), while
-    each detection took about twice as long. So auto gives 1 for a `live` source (a camera or
-    stream sends 30-60 frames a second, which one detector keeps up with, and a frame should
-    reach the screen soon), and 1 when the graph gets every core (`graph_threads` 0, for large
-    graphs: the graph is then the slow stage and a second detector only competes with it).
-    More cores may gain from more detectors, which `--detect-workers N` asks for.
-    """
-    if requested:
-        return requested
-    if live or graph_threads == 0:
-        return 1
-    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                          else os.cpu_count() or 1)
-    return max(1, min(2, cpus))
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What a run did. fps: end-to-end throughput (frame completions, N-1 intervals)."""
-
-    frames: int
-    faces: int
-    dropped: int
-    fps: float
-    wall_s: float
-    stages: dict[str, StageStats]
-    provider: str
-    source: str
-    recordings: tuple[tuple[str, int], ...] = ()  # (path, frames written)
-    snapshots: int = 0
-    stopped_by: str = "end of input"
-    detectors: int = 1  # detector threads, each timing its own frames
-
-    @property
-    def faces_per_frame(self) -> float:
-        return self.faces / self.frames if self.frames else 0.0
-
-    def _stage_text(self, stage: str) -> str:
-        text = f"{self.stages[stage].median_ms:.1f} ms {stage}"
-        if stage == "detect" and self.detectors > 1:  # each detector's own frames: a latency
-            text += f" ({self.detectors} detectors side by side)"
-        return text
-
-    def line(self) -> str:
-        """One line: 'Speed: 2.3 ms detect, 1.1 ms classify, 0.4 ms render per frame; ...'."""
-        ms = ", ".join(self._stage_text(s) for s in HUD_STAGES if s in self.stages)
-        text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frames, "
-                f"{self.faces_per_frame:.1f} faces/frame, {self.fps:.0f} fps")
-        for path, written in self.recordings:
-            text += f"; recorded {written} frames to {path}"
-        if self.snapshots:
-            text += f"; {self.snapshots} snapshot(s)"
-        if self.stopped_by != "end of input":
-            text += f" ({self.stopped_by})"
-        return text
 
 
 class LiveLoop:
@@ -184,6 +121,7 @@ class LiveLoop:
         from camface.realtime.detect import FaceDetector
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.graph import CamGraph
+        from camface.realtime.pace import LoopingSource
         from camface.realtime.render import Renderer
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import make_source
@@ -197,6 +135,8 @@ class LiveLoop:
         explainer = FrameExplainer.from_config(cfg, graph, self.timer)
         explainer.warm_up(cfg.method)
         source = self._source if self._source is not None else make_source(cfg.source)
+        if cfg.loop:
+            source = LoopingSource(source)
         with source, contextlib.ExitStack() as detectors_open:
             detectors = [detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence,
                                                                    cfg.quiet_native))
@@ -228,7 +168,13 @@ class LiveLoop:
         return tqdm(total=total, unit="frame", file=sys.stderr, mininterval=0.5, leave=False)
 
     def _pipeline(self, source, detectors, explainer, renderer, recorder, window) -> None:
+        from camface.realtime.pace import Pacer, pace_period
+        from camface.realtime.viewer import Viewer
+
         cfg = self.config
+        period = pace_period(cfg.pace, source.info, window is not None, cfg.image_seconds)
+        pacer = Pacer(period) if period else None
+        viewer = Viewer(window, pacer, explainer.graph.methods, len(explainer.graph.info.labels))
         stop = threading.Event()
         frames_q: queue.Queue = queue.Queue(QUEUE_SIZE)
         detections_q: queue.Queue = queue.Queue(QUEUE_SIZE)
@@ -241,8 +187,6 @@ class LiveLoop:
                     for n, detector in enumerate(detectors)]
         writer_thread = threading.Thread(target=recorder.run, args=(output_q,), name="camface-writer", daemon=True)
 
-        labels = explainer.graph.info.labels
-        methods = explainer.graph.methods
         controls = Controls(method=cfg.method)
         frames = faces_total = dropped_total = 0
         hud_ms: dict[str, float] = {}
@@ -262,18 +206,16 @@ class LiveLoop:
                     snapshot_requested = False
                     raw = frame.copy() if snapshot and recorder.snapshots is not None else None
                     if frames % HUD_EVERY == 0:
-                        stats = self.timer.medians_ms()
-                        hud_ms = {s: stats[s] for s in HUD_STAGES if s in stats}
-                    explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms)
+                        hud_ms = hud_stage_ms(self.timer)
+                    explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
+                                                  pacer.fps if pacer is not None else 0.0)
                     with self.timer.stage("render"):
                         renderer.annotate(frame, explained.result, controls.hud)
-                    toggle = False
-                    if window is not None:
-                        controls, command = apply_key(controls, window.show(frame), methods, len(labels))
-                        snapshot_requested = command == SNAPSHOT
-                        toggle = command == RECORD
-                        if command == QUIT or getattr(window, "closed", False):
-                            stopped_by = "quit"
+                    controls, commands = viewer.show(frame, controls)
+                    snapshot_requested = SNAPSHOT in commands
+                    toggle = commands.count(RECORD) % 2 == 1  # r pressed twice while held: no change
+                    if QUIT in commands or viewer.closed:
+                        stopped_by = "quit"
                     put(output_q, Output(frame, explained, raw, snapshot, toggle), None)
                     frames += 1
                     faces_total += len(explained.result.faces)
@@ -283,6 +225,8 @@ class LiveLoop:
                         progress.update(1)
                     if stopped_by == "quit":
                         break
+                if stopped_by == "end of input":
+                    viewer.hold_last(controls)
         except KeyboardInterrupt:
             stopped_by = "interrupted"
             raise
@@ -309,6 +253,7 @@ class LiveLoop:
                     provider=explainer.graph.provider, source=source.info.name,
                     recordings=tuple(recorder.recordings),
                     snapshots=recorder.snapshots.count if recorder.snapshots is not None else 0,
-                    stopped_by=stopped_by, detectors=len(detectors))
+                    stopped_by=stopped_by, detectors=len(detectors), pace_fps=pacer.fps if pacer else 0.0,
+                    paused_s=viewer.paused_s, still=bool(getattr(source.info, "still", False)))
         if recorder.error is not None:
             raise recorder.error

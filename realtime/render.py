@@ -159,7 +159,10 @@ class HudAnnotator:
         explained = ("predicted class" if result.explained_class is None else
                      result.labels[result.explained_class] if result.explained_class < len(result.labels)
                      else f"class {result.explained_class}")
-        lines = [f"{result.fps:.0f} fps | ms: {stages}" if stages else f"{result.fps:.0f} fps",
+        rate = (f"{result.fps:.0f} fps shown (paced to {result.pace_fps:.3g})" if result.pace_fps
+                else f"{result.fps:.0f} fps")
+        lines = [f"{rate} | processing ms: {stages}" if stages and result.pace_fps else
+                 f"{rate} | ms: {stages}" if stages else rate,
                  f"{result.method} of {explained} | {result.provider.replace('ExecutionProvider', '')}"]
         if result.dropped:
             lines.append(f"{result.dropped} more face(s) not shown (--max-faces)")

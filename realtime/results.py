@@ -63,8 +63,11 @@ class FrameResult:
     method: heatmap method shown ("gradcam", "gradcampp", "cam" or "none").
     explained_class: class the user asked to explain, or None for each face's predicted class.
     labels: class names of the graph.
-    fps / stage_ms: rolling figures for the HUD (loop-wide, not this frame alone).
+    fps / stage_ms: rolling figures for the HUD (loop-wide, not this frame alone): frames
+        completed per second and each stage's processing milliseconds.
     provider: ONNX Runtime execution provider running the graph.
+    pace_fps: the rate a window is held to (the source's own), 0 when not paced: then `fps`
+        is the displayed rate and says nothing about how fast frames could be processed.
     """
 
     index: int
@@ -77,6 +80,7 @@ class FrameResult:
     fps: float = 0.0
     stage_ms: Mapping[str, float] = field(default_factory=dict)
     provider: str = ""
+    pace_fps: float = 0.0
 
     def __post_init__(self) -> None:
         if self.predictions and len(self.predictions) != len(self.faces):

@@ -40,12 +40,14 @@ class SourceInfo:
     fps: frames per second of the source (measured for cameras that report none).
     frames: number of frames when known (files, folders, sample), else None.
     live: True for cameras and streams (frames may be dropped to stay current).
+    still: True for folders of images (each a still picture: a window holds it --image-seconds).
     """
 
     name: str
     fps: float
     frames: int | None
     live: bool
+    still: bool = False
 
 
 class Source(Protocol):
@@ -110,6 +112,7 @@ class VideoFileSource:
             capture.release()
             raise SourceError(f"cannot open video file {self.path}: not a video OpenCV can decode")
         self._capture = capture
+        self.frames_read, self.truncated = 0, False  # per pass: --loop enters again
         fps = capture.get(cv2.CAP_PROP_FPS)
         if not _valid_fps(fps):
             log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
@@ -164,7 +167,7 @@ class ImageFolderSource:
             self.files = [self.path]
         else:
             raise SourceError(f"image folder not found: {self.path}")
-        self.info = SourceInfo(str(self.path), self.fps, len(self.files), live=False)
+        self.info = SourceInfo(str(self.path), self.fps, len(self.files), live=False, still=True)
         return self
 
     def __exit__(self, *exc) -> None:

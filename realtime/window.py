@@ -1,7 +1,8 @@
 """Window mode: what the keys do (pure, testable without a display) and the OpenCV window.
 
 Keys: m cycles the method, 0-9 explains class k, a returns to the predicted class,
-s takes a snapshot, r starts/stops recording, h toggles the HUD, q or Esc quits.
+s takes a snapshot, r starts/stops recording, h toggles the HUD, space pauses and resumes
+(the frame stays on screen; nothing is read, processed or recorded meanwhile), q or Esc quits.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ SNAPSHOT, RECORD, QUIT = "snapshot", "record", "quit"
 @dataclass(frozen=True)
 class Controls:
     """What the user chose: heatmap method, class to explain (None = each face's predicted
-    class), HUD on or off."""
+    class), HUD on or off, paused or playing."""
 
     method: str
     explained_class: int | None = None
     hud: bool = True
+    paused: bool = False
 
 
 def apply_key(controls: Controls, key: int, methods: tuple[str, ...], classes: int) -> tuple[Controls, str | None]:
@@ -47,6 +49,8 @@ def apply_key(controls: Controls, key: int, methods: tuple[str, ...], classes: i
         return replace(controls, explained_class=None), None
     if char == "h":
         return replace(controls, hud=not controls.hud), None
+    if char == " ":
+        return replace(controls, paused=not controls.paused), None
     if char == "s":
         return controls, SNAPSHOT
     if char == "r":

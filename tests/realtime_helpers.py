@@ -152,3 +152,17 @@ class FakeCamera:
 
     def release(self):
         self.released = True
+
+
+class FakeWindow:
+    """Stands in for the OpenCV window: returns one scripted key per shown frame."""
+
+    def __init__(self, keys: str):
+        self.keys = list(keys)
+        self.shown: list[np.ndarray] = []
+        self.closed = False
+
+    def show(self, frame):
+        self.shown.append(frame.copy())
+        key = self.keys.pop(0) if self.keys else "."
+        return -1 if key == "." else ord(key)

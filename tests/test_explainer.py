@@ -137,8 +137,9 @@ def test_overlay_misuse():
     from camface.realtime.overlay import overlay
 
     heatmap = np.ones((2, 2), np.float32)
-    with pytest.raises(ValueError, match="square image"):
-        overlay(np.zeros((8, 9, 3), np.uint8), heatmap, "gradcam")
+    assert overlay(np.zeros((8, 9, 3), np.uint8), heatmap, "gradcam").shape == (8, 9, 3)  # not square: fine
+    with pytest.raises(ValueError, match=r"BGR image \[h, w, 3\]"):
+        overlay(np.zeros((8, 8), np.uint8), heatmap, "gradcam")
     with pytest.raises(ValueError, match="outside the 8-pixel square"):
         overlay(np.zeros((4, 4, 3), np.uint8), heatmap, "gradcam", side=8, offset=(6, 0))
     with pytest.raises(ValueError, match="unknown colormap 'nope'"):

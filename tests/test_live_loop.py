@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import BLOCK_TF, FakeCamera, count_frames, write_clip
+from realtime_helpers import BLOCK_TF, FakeCamera, FakeWindow, count_frames, write_clip
 
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
@@ -310,20 +310,6 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
     assert process.returncode == code, err
     recorded = int(err.split("recorded ")[1].split(" frames")[0])
     assert 0 < recorded < 300 and count_frames(out) == recorded
-
-
-class FakeWindow:
-    """Stands in for the OpenCV window: returns one scripted key per shown frame."""
-
-    def __init__(self, keys: str):
-        self.keys = list(keys)
-        self.shown: list[np.ndarray] = []
-        self.closed = False
-
-    def show(self, frame):
-        self.shown.append(frame.copy())
-        key = self.keys.pop(0) if self.keys else "."
-        return -1 if key == "." else ord(key)
 
 
 def test_window_keys_drive_the_loop(tmp_path, face_clip):

@@ -228,3 +228,25 @@ def test_cli_bad_split_fraction(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", str(tmp_path), "-o", str(tmp_path / "o"), "--val-split", "1.5"])
     assert "not a fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--margin", "-0.5"], "--margin must be >= 0"),  # the live loop's own checks of the crop options
+    (["--min-confidence", "2"], "--min-confidence must be in [0, 1]"),
+])
+def test_cli_bad_crop_options_name_the_flag(tmp_path, capsys, flags, message):
+    rc, err = _train([str(tmp_path), "-o", str(tmp_path / "o"), *flags], capsys)
+    assert rc == 2 and message in err
+
+
+def test_train_crop_defaults_are_the_live_ones():
+    import argparse
+
+    from camface.models.train import configure
+    from camface.realtime.config import LiveConfig
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    live = LiveConfig()
+    for name in ("detector", "margin", "min_confidence"):
+        assert parser.get_default(name) == getattr(live, name)

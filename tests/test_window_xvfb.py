@@ -58,10 +58,11 @@ def test_keys_in_a_real_window(tmp_path, display):
     try:
         window = _window_id(env)
         # arrows and Shift must do nothing (their low bytes read as 'Q', 'R', 'S', 'T'), then:
-        # next method, one snapshot, quit
-        for key in ("Left", "Up", "Right", "Down", "shift", "m", "s", "q"):
+        # next method, pause for 1.5 s and resume (space), one snapshot, quit
+        for key, wait in (("Left", 0.3), ("Up", 0.3), ("Right", 0.3), ("Down", 0.3), ("shift", 0.3), ("m", 0.3),
+                          ("space", 1.5), ("space", 0.3), ("s", 0.3), ("q", 0.3)):
             subprocess.run(["xdotool", "key", "--window", window, key], env=env, check=True)
-            time.sleep(0.3)
+            time.sleep(wait)
         _, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
@@ -70,6 +71,11 @@ def test_keys_in_a_real_window(tmp_path, display):
     assert "(quit)" in err, err
     processed = int(err.split(" frames, ")[0].rsplit(" ", 1)[-1])
     assert 0 < processed < 1200 and count_frames(out) == processed
+    # the window played the file at its 30 fps (about 4 s of keys, 1.5 s of them paused)
+    assert "paced to the source's 30 fps" in err, err
+    paused = float(err.split("; paused ")[1].split(" s")[0])
+    assert 1.0 <= paused <= 3.0, err
+    assert processed <= 30 * 6, err
     snapshots = list((tmp_path / "snaps").iterdir())
     assert len(snapshots) == 1 and (snapshots[0] / "snapshot.json").is_file()
     assert '"method": "gradcampp"' in (snapshots[0] / "snapshot.json").read_text()  # after m

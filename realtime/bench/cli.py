@@ -104,7 +104,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
                                     if live.stages.get("classify") and live.stages["classify"].mean_ms else None),
                        "cpu_time": (keras_row.cpu_ms_per_frame / live.cpu_ms_per_frame
                                     if keras_row.cpu_ms_per_frame and live.cpu_ms_per_frame else None)}
-    heads = compare_heads(config, graph_path, info, graph.provider) if config.compare_heads else None
+    heads = compare_heads(config, graph) if config.compare_heads else None
     report = {
         "camface_bench": 1,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

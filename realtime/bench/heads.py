@@ -5,7 +5,6 @@ both alike."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from camface.errors import ModelError
@@ -59,22 +58,24 @@ def sample_crops(config: BenchConfig, info, count: int = 8):
     return np.stack(crops[:count])
 
 
-def compare_heads(config: BenchConfig, model: Path, info, provider: str) -> dict:
-    """Median and p95 ms of one graph call with and without the gradient outputs, per batch
-    size, runs alternating between the two graphs. Same provider and threads as the loop."""
+def compare_heads(config: BenchConfig, graph) -> dict:
+    """Median and p95 ms of one call of `graph` (a loaded CamGraph) with and without its
+    gradient outputs, per batch size, runs alternating between the two graphs. The forward-only
+    graph runs on the same provider with the same threads (an error if it cannot)."""
     import numpy as np
 
-    from camface.realtime.graph import CamGraph
+    from camface.realtime.graph import PROVIDER_DEVICES, CamGraph
     from camface.realtime.timing import StageTimer
 
-    full = model.read_bytes()
     pipeline = config.pipeline
-    graphs = {"with gradients": CamGraph.from_bytes(full, model, pipeline.device, pipeline.graph_threads),
-              "forward only": CamGraph.from_bytes(forward_only(full), model, pipeline.device,
-                                                  pipeline.graph_threads, contract=False)}
-    sessions = {name: graph.session for name, graph in graphs.items()}
-    pool = sample_crops(config, info, max(config.batches))
-    out = {"provider": provider, "threads": pipeline.graph_threads, "repeats": config.repeats, "batches": {}}
+    forward = CamGraph.from_bytes(forward_only(graph.model_bytes), graph.path, PROVIDER_DEVICES[graph.provider],
+                                  pipeline.graph_threads, contract=False)
+    if forward.provider != graph.provider:
+        raise ModelError(f"--compare-heads: the forward-only graph runs on {forward.provider}, "
+                         f"the full graph on {graph.provider}: the times would not compare")
+    sessions = {"with gradients": graph.session, "forward only": forward.session}
+    pool = sample_crops(config, graph.info, max(config.batches))
+    out = {"provider": graph.provider, "threads": pipeline.graph_threads, "repeats": config.repeats, "batches": {}}
     for batch in config.batches:
         crops = np.ascontiguousarray(pool[np.arange(batch) % len(pool)])
         feed = {"image": crops, "class_index": np.full(batch, -1, np.int64)}

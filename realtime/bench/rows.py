@@ -133,7 +133,8 @@ def run_sequential(name: str, config: BenchConfig, graph, method: str, record_di
 
 def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record, timer, rate):
     from camface.realtime.explainer import FrameExplainer
-    from camface.realtime.loop import HUD_EVERY, HUD_STAGES
+    from camface.realtime.loop import HUD_EVERY
+    from camface.realtime.summary import hud_stage_ms
     from camface.realtime.sinks import VideoSink
     from camface.realtime.sources import make_source
     from camface.realtime.window import Controls
@@ -154,7 +155,7 @@ def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record,
             with timer.stage("detect"):
                 faces = detector.detect(frame)
             if frames % HUD_EVERY == 0:
-                hud_ms = {s: m for s, m in timer.medians_ms().items() if s in HUD_STAGES}
+                hud_ms = hud_stage_ms(timer)
             result = explainer.explain(frame, faces, controls, frames, rate.rolling_fps, hud_ms).result
             with timer.stage("render"):
                 renderer.annotate(frame, result)

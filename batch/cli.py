@@ -1,0 +1,151 @@
+"""`camface batch INPUT... -o OUT_DIR`: explain a whole video archive on one machine or a Ray cluster.
+
+Top-level imports stay light (no ray, cv2 or onnxruntime): `camface --help` imports this.
+Exit codes: 0 every video explained, 1 some failed (see summary.json), 2 bad input or cluster,
+130 interrupted (rerun with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "device",
+                  "cam_boxes", "bars", "colormap", "alpha", "graph_threads")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from camface.realtime.config import add_arguments
+
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="video files, folders of videos, glob patterns (quoted); on a cluster, paths every "
+                             "node sees")
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR",
+                        help="output folder: videos/, rows/ (Parquet), summary.json, report.md")
+    add_arguments(parser, *SHARED_OPTIONS[:2])
+    parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
+                        help="write each annotated video to OUT_DIR/videos/")
+    add_arguments(parser, *SHARED_OPTIONS[2:])
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: 'auto', HOST:PORT or ray://HOST:PORT; default: RAY_ADDRESS if "
+                             "set, else a local Ray on this machine's cores")
+    parser.add_argument("--graph-gpus", type=float, default=None, metavar="F",
+                        help="GPUs per graph actor (fractions share one GPU); default: 1 if the cluster has a "
+                             "GPU, else 0 (CPU)")
+    parser.add_argument("--graph-actors", type=int, default=1, metavar="N", help="CAM graph actors")
+    parser.add_argument("--detect-actors", type=int, default=0, metavar="N",
+                        help="detection actors (one MediaPipe detector each); 0 = the CPUs left over, at most "
+                             "one per video")
+    parser.add_argument("--render-actors", type=int, default=0, metavar="N",
+                        help="render + encode actors (separate stages only); 0 = 0.375 per CPU when recording, "
+                             "1/16 per CPU without")
+    parser.add_argument("--split-stages", action=argparse.BooleanOptionalAction, default=None,
+                        help="run detection, the graph and rendering in separate actor pools; default: when the "
+                             "graph gets GPUs (else one actor per CPU runs all three on whole videos)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run in OUT_DIR: skip videos already done, redo the rest")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar over videos and frames; default: when stderr is a terminal")
+
+
+def _check_out_dir(out: Path, resume: bool):
+    from camface.batch.state import Outputs
+    from camface.errors import OutputError
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write to output folder {out}: it is a file")
+    outputs = Outputs(out)
+    if outputs.records() and not resume:
+        raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
+                          "or choose another folder")
+    try:
+        outputs.make()
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out}: {exc}") from exc
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"cannot write to output folder {out}: permission denied")
+    return outputs
+
+
+def main(args: argparse.Namespace, on_video=None) -> int:
+    from camface.realtime.config import from_args
+
+    for flag, value in (("--graph-actors", args.graph_actors), ("--detect-actors", args.detect_actors),
+                        ("--render-actors", args.render_actors)):
+        if value < (1 if flag == "--graph-actors" else 0):
+            print(f"camface batch: error: {flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}",
+                  file=sys.stderr)
+            return 2
+    try:
+        config = from_args(args, SHARED_OPTIONS)
+    except ValueError as exc:
+        print(f"camface batch: error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    from camface.batch import cluster, pipeline
+    from camface.batch.inputs import find_videos
+    from camface.batch.report import write_report
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.explainer import check_method
+    from camface.realtime.graph import CamGraph
+
+    videos = find_videos(args.inputs)
+    outputs = _check_out_dir(args.out, args.resume)
+    model = str(Path(config.model).resolve() if config.model else EMOTION_ONNX)
+    graph = CamGraph(model, "cpu")  # fail on a bad model before Ray starts; labels for the report
+    check_method(graph, config.method)
+    job = pipeline.BatchJob(
+        videos=tuple(videos), out_dir=str(args.out.resolve()), model=model, method=config.method, record=args.record,
+        detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,
+        max_faces=config.max_faces, device=config.device, graph_threads=config.graph_threads,
+        colormap=config.colormap, alpha=config.alpha, cam_boxes=config.cam_boxes, bars=config.bars,
+        quiet_native=config.quiet_native)
+    removed = outputs.clean_partials()
+    todo = pipeline.videos_to_do(outputs, videos)
+    if args.resume:
+        print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
+              + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
+    start = time.perf_counter()
+    started = cluster.connect(args.address)
+    import ray
+
+    try:
+        ray_start_s = time.perf_counter() - start
+        plan = cluster.plan(ray.cluster_resources(), args.graph_gpus, args.detect_actors, args.render_actors,
+                            args.graph_actors, videos=len(todo), split=args.split_stages,
+                            record=args.record)
+        print(f"camface batch: {plan.describe()}", file=sys.stderr)
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        result = pipeline.run(job, plan, todo, graph.info.labels, progress, on_video)
+    finally:
+        if started:
+            ray.shutdown()
+    frames = sum(r.get("frames", 0) for r in result.finished if r["status"] == "done")
+    run_info = {"plan": plan.describe(), "ray_start_s": round(ray_start_s, 3), "wall_s": round(result.wall_s, 3),
+                "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
+                "videos_this_run": [r["video"] for r in result.finished], "interrupted": result.interrupted,
+                "graph_calls": sum(r.get("graph_calls", 0) for r in result.finished),
+                "first_video_started_s": round(min((r["started_at"] for r in result.finished if "started_at" in r),
+                                                   default=result.started_at) - result.started_at, 3)}
+    summary = write_report(outputs, videos, graph.info.labels, graph.info.color_order, config.method,
+                           config.colormap, config.alpha, run_info)
+    totals = summary["totals"]
+    print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
+          f"{totals['not_finished']} not finished; {frames} frames in {result.wall_s:.1f} s "
+          f"({run_info['fps']:.0f} fps; Ray start {ray_start_s:.1f} s); report: {args.out / 'report.md'}",
+          file=sys.stderr)
+    for record in summary["videos"]:
+        if record["status"] == "failed":
+            print(f"camface batch: failed: {record['path']}: {record.get('reason')}", file=sys.stderr)
+    if result.interrupted:
+        print(f"camface batch: interrupted; rerun with --resume to finish the {totals['videos'] - totals['done']} "
+              "video(s) left", file=sys.stderr)
+        return 130
+    return 1 if totals["failed"] else 0

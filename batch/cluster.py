@@ -1,0 +1,170 @@
+"""Joining or starting Ray, and planning the actors from what the cluster has.
+
+An actor that asks for a resource the cluster lacks waits forever (a `num_gpus=1` actor on a
+cluster without GPUs never starts), so `plan` reads `ray.cluster_resources()` first and asks
+only for what is there; the plan says what it chose and why (`Plan.describe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+from camface.errors import CamfaceError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+RENDER_CPU = 1.0  # a recording render actor keeps a core busy (decode, draw, encode)
+# Render actors per CPU when recording: measured (benchmarks/RESULTS.md) a render actor does about
+# 1.7x the frames per second of a detection actor, so R = 0.6 D balances them: R = 0.375 C.
+RENDER_SHARE, RENDER_SHARE_ROWS_ONLY = 0.375, 1 / 16
+GRAPH_CPU = 0.5  # the CPU share of a graph actor without a GPU (ORT on one thread)
+
+
+class ClusterError(CamfaceError):
+    """Ray could not be started or joined, or the cluster cannot run the plan."""
+
+
+def _check_reachable(address: str) -> None:
+    """ClusterError naming `address` when nothing answers on its host:port within
+    CONNECT_TIMEOUT_S (ray.init itself retries for about a minute)."""
+    if address == "auto" or address.startswith(("ray://", "local")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default), "
+                           "'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {address}: {exc}") from exc
+
+
+def connect(address: str | None) -> bool:
+    """Join the cluster at `address` ('auto', HOST:PORT, ray://...; None: RAY_ADDRESS if set,
+    else start a local Ray on this machine's cores, quietly, without the dashboard). Returns
+    True when this call started or joined Ray (the caller shuts it down), False when Ray was
+    already initialised in this process (tests, a `ray job` entry point that did it)."""
+    import ray
+
+    if address is not None:
+        _check_reachable(address)  # also when Ray is up already: a wrong address is a mistake
+    if ray.is_initialized():
+        quiet_ray_data()
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  configure_logging=True)
+    try:
+        if address is None:
+            ray.init(**common)
+        else:
+            _check_reachable(address)  # RAY_ADDRESS too
+            common.pop("include_dashboard")  # the cluster's own choice
+            ray.init(address=address, **common)
+    except ClusterError:
+        raise
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClusterError(f"cannot {'start a local Ray' if address is None else f'join the Ray cluster at {address}'}: "
+                           f"{first}") from exc
+    quiet_ray_data()
+    return True
+
+
+def quiet_ray_data() -> None:
+    """Ray Data logs every execution and that its own bars are off: the driver draws one bar."""
+    import ray.data  # noqa: F401  (configures its loggers on import)
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many actors of each stage, and what each asks Ray for.
+
+    detect_actors x detect_cpus: decode + MediaPipe detection + cropping, one video at a time.
+    graph_actors x (graph_cpus, graph_gpus): the CAM graph; graph_gpus > 0 puts them on GPU
+    nodes (ONNX Runtime then picks CUDA/TensorRT through CamGraph's device chain).
+    render_actors x render_cpus: decode again, draw, encode, write the rows.
+    """
+
+    detect_actors: int
+    detect_cpus: float
+    graph_actors: int
+    graph_cpus: float
+    graph_gpus: float
+    render_actors: int
+    render_cpus: float
+    cluster_cpus: float
+    cluster_gpus: float
+    reason: str
+    fused: bool = False  # one actor per video runs all three stages (detect_actors of them)
+
+    def describe(self) -> str:
+        if self.fused:
+            return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; {self.detect_actors} "
+                    f"actor(s) each running detection, the graph on CPU and rendering on whole videos "
+                    f"({self.reason}; no GPU to hand the graph to, so the stages share one process per video)")
+        graph = (f"{self.graph_actors} graph actor(s) with {self.graph_gpus:g} GPU each" if self.graph_gpus
+                 else f"{self.graph_actors} graph actor(s) on CPU")
+        return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; "
+                f"{self.detect_actors} detection actor(s), {graph}, {self.render_actors} render actor(s) "
+                f"({self.reason})")
+
+
+def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 0, render_actors: int = 0,
+         graph_actors: int = 1, videos: int | None = None, split: bool | None = None, record: bool = True) -> Plan:
+    """The plan for a cluster with `resources` (`ray.cluster_resources()`).
+
+    graph_gpus: GPUs per graph actor; None = 1 when the cluster has a GPU, else 0. A request
+    for more GPUs than the cluster has raises ClusterError (it would wait forever).
+    detect_actors / render_actors: 0 = auto: the CPUs left after the graph and render shares
+    go to detection (the costliest stage), at most one actor per video; render actors: 0.375
+    per CPU when recording (1/16 without: rows only). split: separate stages (None: only when the graph gets GPUs; without, one
+    actor per video runs every stage and detect_actors is their number, one per CPU by
+    default: measured faster on one machine, see benchmarks/RESULTS.md). Logical CPU shares are scaled down when the requests would not fit, so every
+    actor can start (Ray's CPU counts only gate scheduling; the OS shares the cores).
+    """
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    if cpus <= 0:
+        raise ClusterError("the Ray cluster has no CPU to run detection on")
+    if graph_gpus is None:
+        graph_gpus, reason = (1.0, "a GPU is there: the graph runs on it") if gpus else \
+            (0.0, "no GPU in the cluster: the graph runs on CPU")
+    else:
+        reason = f"--graph-gpus {graph_gpus:g}"
+    if graph_gpus < 0:
+        raise ClusterError(f"--graph-gpus must be >= 0, got {graph_gpus}")
+    if graph_gpus > 0 and graph_gpus * graph_actors > gpus + 1e-9:
+        raise ClusterError(f"--graph-gpus {graph_gpus:g} x {graph_actors} graph actor(s) asks for more GPUs than "
+                           f"the cluster has ({gpus:g}); an actor asking for a missing GPU would wait forever")
+    if not (graph_gpus > 0 if split is None else split):
+        actors = detect_actors or max(1, math.floor(cpus))
+        actors = min(actors, max(1, videos)) if videos is not None and not detect_actors else actors
+        return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,
+                    fused=True)
+    graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU
+    render_actors = render_actors or max(1, round(cpus * (RENDER_SHARE if record else RENDER_SHARE_ROWS_ONLY)))
+    if not detect_actors:
+        detect_actors = max(1, math.floor(cpus - graph_cpus * graph_actors - RENDER_CPU * render_actors + 1e-9))
+        if videos is not None:
+            detect_actors = min(detect_actors, max(1, videos))
+            render_actors = min(render_actors, max(1, videos))
+    detect_cpus, render_cpus = 1.0, RENDER_CPU
+    wanted = detect_actors * detect_cpus + graph_actors * graph_cpus + render_actors * render_cpus
+    if wanted > cpus:
+        scale = cpus / wanted
+        detect_cpus, graph_cpus, render_cpus = detect_cpus * scale, graph_cpus * scale, render_cpus * scale
+    return Plan(detect_actors, _floor(detect_cpus), graph_actors, _floor(graph_cpus), graph_gpus,
+                render_actors, _floor(render_cpus), cpus, gpus, reason)
+
+
+def _floor(share: float) -> float:
+    """Round a CPU share down (to 1/10000) so the requests never add up past the cluster."""
+    return math.floor(share * 10_000) / 10_000

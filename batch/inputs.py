@@ -1,0 +1,58 @@
+"""INPUT... -> the videos to explain: files, folders of videos (not recursive) and glob patterns.
+
+Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>`, which names
+its outputs: two `clip.mp4` in different folders get different ids, and a rerun (`--resume`)
+finds the same ids whatever the order of the arguments.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from camface.errors import CamfaceError
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
+
+
+class InputError(CamfaceError):
+    """No video matched the inputs, or an input names nothing."""
+
+
+@dataclass(frozen=True)
+class Video:
+    """One input video. path: absolute. id: stable name of its outputs (see module doc)."""
+
+    path: str
+    id: str
+
+
+def video_id(path: Path) -> str:
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{path.stem}-{digest}"
+
+
+def _expand(spec: str) -> list[Path]:
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    if path.is_file():
+        return [path]
+    if glob.has_magic(spec):
+        return sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    raise InputError(f"input not found: {spec} (expected a video file, a folder of videos or a glob pattern)")
+
+
+def find_videos(specs: list[str]) -> list[Video]:
+    """The videos named by `specs`, in argument order (folders and globs sorted by name),
+    each once. Raises InputError naming the inputs when none matched."""
+    seen: dict[Path, None] = {}
+    for spec in specs:
+        for path in _expand(spec):
+            seen.setdefault(path.resolve(), None)
+    if not seen:
+        raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
+                         f"{', '.join(sorted(VIDEO_SUFFIXES))})")
+    return [Video(str(path), video_id(path)) for path in seen]

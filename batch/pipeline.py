@@ -1,0 +1,148 @@
+"""The driver: the Ray Data pipeline over the videos, the progress bar, Ctrl-C, the summary.
+
+  from_items(videos, one block each) -> Detect (CPU actors) -> Explain (graph actors, GPU when
+  planned) -> Render (CPU actors) -> one small row per video back to the driver
+
+or, when the graph has no GPU (`Plan.fused`), one `Whole` actor per CPU running the three on
+each video in turn.
+
+Ray Data streams: while a render actor encodes video 1, the graph runs on video 2 and the
+detectors decode video 3 and 4. `preserve_order` makes the rows come back in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+from camface.batch.cluster import Plan
+from camface.batch.inputs import Video
+from camface.batch.stages import Detect, Explain, Render, Whole
+from camface.batch.state import DONE, Outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What one `camface batch` run was asked to do (the options of the stages)."""
+
+    videos: tuple[Video, ...]
+    out_dir: str
+    model: str
+    method: str = "gradcam"
+    record: bool = True
+    detector: str = "full"
+    min_confidence: float = 0.5
+    margin: float = 0.1
+    max_faces: int = 8
+    device: str = "auto"
+    graph_threads: int = 1
+    colormap: str = "jet"
+    alpha: float = 0.45
+    cam_boxes: bool = False
+    bars: bool = False
+    explained_class: int | None = None
+    quiet_native: bool = True
+
+
+@dataclass
+class RunResult:
+    """What the driver saw. finished: records of the videos done or failed in this run, in order."""
+
+    finished: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+    wall_s: float = 0.0
+    started_at: float = 0.0  # time.time() when the pipeline was started
+
+
+def frame_count(path: str) -> int:
+    """Frames the container announces (0 when unknown or unreadable), for the progress bar."""
+    import cv2
+
+    capture = cv2.VideoCapture(path)
+    try:
+        return max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)) if capture.isOpened() else 0
+    finally:
+        capture.release()
+
+
+def build_dataset(job: BatchJob, plan: Plan, videos: list[Video], labels: tuple[str, ...]):
+    """The lazy Ray Dataset: one output row per video, {video, record (JSON)}."""
+    import ray.data as rd
+
+    context = rd.DataContext.get_current()
+    context.execution_options.preserve_order = True  # rows of the driver in input order
+    context.enable_progress_bars = False  # the driver draws its own bar over videos and frames
+    context.print_on_execution_start = False
+    items = [{"video": v.id, "path": v.path} for v in videos]
+    ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
+    detect = dict(model=job.model, detector=job.detector, min_confidence=job.min_confidence, margin=job.margin,
+                  max_faces=job.max_faces, quiet=job.quiet_native)
+    explain = dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus else "cpu",
+                   threads=job.graph_threads, method=job.method, explained_class=job.explained_class)
+    render = dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap, alpha=job.alpha,
+                  cam_boxes=job.cam_boxes, bars=job.bars, method=job.method, explained_class=job.explained_class,
+                  labels=labels)
+    if plan.fused:
+        return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
+                      fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))
+    ds = ds.map(Detect, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
+                fn_constructor_kwargs=detect)
+    graph_resources = dict(num_cpus=plan.graph_cpus)
+    if plan.graph_gpus:
+        graph_resources["num_gpus"] = plan.graph_gpus
+    ds = ds.map(Explain, compute=rd.ActorPoolStrategy(size=plan.graph_actors), **graph_resources,
+                fn_constructor_kwargs=explain)
+    ds = ds.map(Render, compute=rd.ActorPoolStrategy(size=plan.render_actors), num_cpus=plan.render_cpus,
+                fn_constructor_kwargs=render)
+    return ds
+
+
+def run(job: BatchJob, plan: Plan, todo: list[Video], labels: tuple[str, ...], progress: bool,
+        on_video=None) -> RunResult:
+    """Run the pipeline on `todo`; `on_video(record)` is called on the driver as each video
+    finishes (tests interrupt there). Ctrl-C stops the pipeline: the result says interrupted."""
+    result = RunResult()
+    if not todo:
+        return result
+    started = time.perf_counter()
+    result.started_at = time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(frame_count(v.path) for v in todo) or None, unit="frame", file=sys.stderr,
+                   mininterval=0.5, leave=False, desc=f"videos 0/{len(todo)}")
+    rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
+    try:
+        for row in rows:
+            record = json.loads(row["record"])
+            result.finished.append(record)
+            if bar is not None:
+                bar.update(record.get("frames", 0) if record["status"] == DONE else 0)
+                bar.set_description(f"videos {len(result.finished)}/{len(todo)}")
+            if record["status"] != DONE:
+                message = f"camface batch: {record['path']} failed: {record.get('reason')}"
+                bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
+            if on_video is not None:
+                on_video(record)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()  # GeneratorExit into Ray Data's iterator: it shuts its streaming executor down
+        if bar is not None:
+            bar.close()
+        result.wall_s = time.perf_counter() - started
+    return result
+
+
+def videos_to_do(outputs: Outputs, videos: list[Video]) -> list[Video]:
+    """The videos without a 'done' record (failed ones are tried again)."""
+    records = outputs.records()
+    return [v for v in videos if records.get(v.id, {}).get("status") != DONE]

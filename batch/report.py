@@ -1,0 +1,125 @@
+"""summary.json and report.md (with one PNG per class) from the videos' records.
+
+The per-class picture is the mean, over every face whose heatmap explains that class, of the
+display-normalised heatmap (`camface.methods.normalize`, [0, 1]) in face-crop coordinates (the
+graph's feature grid spans the crop square), drawn by the one overlay function over the mean
+crop of those faces: "for 'happy' it looks at the mouth", across the whole archive.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from camface.batch.state import DONE, Outputs, write_json
+
+PICTURE_SIDE = 256  # pixels of each class picture
+
+
+def _class_sums(outputs: Outputs, video_ids, classes: int):
+    count = np.zeros(classes, np.int64)
+    heat = crop = None
+    for video_id in video_ids:
+        path = outputs.sums_path(video_id)
+        if not path.is_file():
+            continue
+        with np.load(path) as sums:
+            count += sums["count"]
+            crop = sums["crop_sum"] if crop is None else crop + sums["crop_sum"]
+            if "heatmap_sum" in sums:
+                heat = sums["heatmap_sum"] if heat is None else heat + sums["heatmap_sum"]
+    return count, heat, crop
+
+
+def _picture(mean_heat: np.ndarray, mean_crop: np.ndarray, color_order: str, method: str, colormap: str,
+             alpha: float) -> np.ndarray:
+    import cv2
+
+    from camface.realtime.overlay import overlay
+
+    crop = np.clip(mean_crop + 0.5, 0, 255).astype(np.uint8)
+    if crop.shape[-1] == 1:
+        crop = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
+    elif color_order == "RGB":
+        crop = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)
+    crop = cv2.resize(crop, (PICTURE_SIDE, PICTURE_SIDE), interpolation=cv2.INTER_CUBIC)
+    return overlay(crop, mean_heat.astype(np.float32), method, colormap, alpha)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label) or "class"
+
+
+def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order: str, method: str,
+                 colormap: str, alpha: float, run: dict) -> dict:
+    """Write summary.json, report.md and report/<class>.png for `videos` (inputs, in order);
+    `run` (plan, timings, interrupted...) goes into the summary as is. Returns the summary."""
+    import cv2
+
+    records = outputs.records()
+    rows = []
+    for video in videos:
+        record = records.get(video.id) or {"video": video.id, "path": video.path, "status": "not finished"}
+        rows.append(record)
+    done_ids = [r["video"] for r in rows if r["status"] == DONE]
+    count, heat, crop = _class_sums(outputs, done_ids, len(labels))
+    total_faces = int(count.sum())
+    folder = outputs.root / "report"
+    folder.mkdir(exist_ok=True)
+    classes = {}
+    for k, label in enumerate(labels):
+        entry = {"faces": int(count[k]), "share": float(count[k] / total_faces) if total_faces else 0.0}
+        if count[k] and heat is not None:
+            mean_heat = heat[k] / count[k]
+            picture = folder / f"{k:02d}-{_slug(label)}.png"
+            cv2.imwrite(str(picture), _picture(mean_heat, crop[k] / count[k], color_order, method, colormap, alpha))
+            entry.update(mean_heatmap=np.round(mean_heat, 5).tolist(), picture=str(picture.relative_to(outputs.root)))
+        classes[label] = entry
+    failed = [r for r in rows if r["status"] not in (DONE,)]
+    summary = {
+        "videos": rows,
+        "totals": {"videos": len(rows), "done": len(done_ids), "failed": sum(r["status"] == "failed" for r in rows),
+                   "not_finished": sum(r["status"] == "not finished" for r in rows),
+                   "frames": int(sum(r.get("frames", 0) for r in rows if r["status"] == DONE)),
+                   "faces": total_faces},
+        "method": method, "labels": list(labels), "classes": classes, "run": run,
+    }
+    write_json(outputs.root / "summary.json", summary)
+    _write_markdown(outputs.root / "report.md", summary, failed)
+    return summary
+
+
+def _write_markdown(path: Path, summary: dict, failed: list) -> None:
+    totals, labels = summary["totals"], summary["labels"]
+    lines = ["# camface batch report", "",
+             f"{totals['done']} of {totals['videos']} videos explained ({totals['failed']} failed, "
+             f"{totals['not_finished']} not finished), {totals['frames']} frames, {totals['faces']} faces; "
+             f"heatmaps: {summary['method']}.", "",
+             "## Videos", "", "| video | frames | faces | class shares | status |", "|---|---|---|---|---|"]
+    for r in summary["videos"]:
+        counts = r.get("class_counts", {})
+        faces = sum(counts.values())
+        shares = ", ".join(f"{name} {n / faces:.0%}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) \
+            if faces else ""
+        status = r["status"] if r["status"] != "failed" else f"failed: {r.get('reason', '')}"
+        lines.append(f"| {r['video']} | {r.get('frames', '')} | {faces if r['status'] == DONE else ''} | "
+                     f"{shares} | {status} |")
+    lines += ["", "## Where the classifier looked, per class",
+              "", "Mean heatmap over every face explained as that class, in face-crop coordinates, "
+              "over the mean crop.", ""]
+    for label in labels:
+        entry = summary["classes"][label]
+        lines.append(f"### {label}: {entry['faces']} faces ({entry['share']:.0%})")
+        if "picture" in entry:
+            lines += ["", f"![{label}]({entry['picture']})"]
+        lines.append("")
+    if failed:
+        lines += ["## Not explained", ""] + [f"- {r['path']}: {r.get('reason', r['status'])}" for r in failed]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def load_summary(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "summary.json").read_text())

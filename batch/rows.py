@@ -1,0 +1,79 @@
+"""The Parquet rows: one per face per frame. Read them with `pyarrow.parquet.read_table(OUT/rows)`,
+pandas, or `ray.data.read_parquet(OUT/rows)` (temporary files start with "." and are skipped).
+
+Columns:
+  video (str: the video's id), path (str), frame (int64, 0-based), timestamp_s (float64:
+  frame / the file's fps), face (int32: rank in the frame, largest first), box and crop_box
+  (list<int32> [x, y, w, h], pixels of the frame; the crop square may pass the frame's edges),
+  score (float32, detector), track_id (int32, -1: not tracked), probs (list<float32> [classes]),
+  predicted / explained (int32) and predicted_label / explained_label (str), method (str),
+  heatmap (list<float32>, the unnormalised heatmap at feature resolution, row-major),
+  heatmap_h / heatmap_w (int32), heatmap_peak (float32: its maximum), peak_row / peak_col
+  (int32: where, in feature cells; -1 without a heatmap).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def schema():
+    import pyarrow as pa
+
+    i32, f32 = pa.int32(), pa.float32()
+    return pa.schema([
+        ("video", pa.string()), ("path", pa.string()), ("frame", pa.int64()), ("timestamp_s", pa.float64()),
+        ("face", i32), ("box", pa.list_(i32)), ("crop_box", pa.list_(i32)), ("score", f32), ("track_id", i32),
+        ("probs", pa.list_(f32)), ("predicted", i32), ("predicted_label", pa.string()), ("explained", i32),
+        ("explained_label", pa.string()), ("method", pa.string()), ("heatmap", pa.list_(f32)),
+        ("heatmap_h", i32), ("heatmap_w", i32), ("heatmap_peak", f32), ("peak_row", i32), ("peak_col", i32),
+    ])
+
+
+def _label(labels, k: int) -> str:
+    return labels[k] if 0 <= k < len(labels) else str(k)
+
+
+def build_rows(video_id: str, path: str, fps: float, results):
+    """A pyarrow Table of the rows of `results` (FrameResults of one video, in frame order)."""
+    import pyarrow as pa
+
+    columns: dict[str, list] = {name: [] for name in schema().names}
+    for result in results:
+        for rank, (face, prediction) in enumerate(zip(result.faces, result.predictions)):
+            heat = np.asarray(prediction.heatmap, np.float32)
+            if heat.size:
+                row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+                peak = float(heat[row, col])
+            else:
+                row = col = -1
+                peak = float("nan")
+            values = dict(
+                video=video_id, path=path, frame=result.index, timestamp_s=result.index / fps if fps else 0.0,
+                face=rank, box=list(face.box), crop_box=list(face.crop_box), score=face.score,
+                track_id=face.track_id, probs=prediction.probs.astype(np.float32).tolist(),
+                predicted=prediction.predicted, predicted_label=_label(result.labels, prediction.predicted),
+                explained=prediction.explained, explained_label=_label(result.labels, prediction.explained),
+                method=prediction.method, heatmap=heat.ravel().tolist(),
+                heatmap_h=heat.shape[0] if heat.ndim == 2 else 0, heatmap_w=heat.shape[1] if heat.ndim == 2 else 0,
+                heatmap_peak=peak, peak_row=int(row), peak_col=int(col))
+            for name, value in values.items():
+                columns[name].append(value)
+    return pa.table(columns, schema=schema())
+
+
+def write_parquet(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)
+
+
+def heatmaps_of(table) -> np.ndarray:
+    """float32 [rows, h, w]: the heatmap column back as arrays (all rows share one shape)."""
+    if table.num_rows == 0:
+        return np.zeros((0, 0, 0), np.float32)
+    h, w = table.column("heatmap_h")[0].as_py(), table.column("heatmap_w")[0].as_py()
+    flat = np.asarray(table.column("heatmap").combine_chunks().flatten(), np.float32)
+    return flat.reshape(table.num_rows, h, w)

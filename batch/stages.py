@@ -1,0 +1,182 @@
+"""The three Ray Data stages, one callable class each (Ray Data builds one per actor; actors
+never run a `with` block, so resources open in `__init__` and close in `close`).
+
+Unit of work: one whole video per row (see README/benchmarks: on one machine whole videos keep
+every worker busy with the least data moved; segments only pay when there are fewer videos than
+detection actors). A row is {"video": id, "payload": bytes}: the payload is a pickled dict of
+ragged per-frame arrays (faces per frame vary), which Arrow tensor columns cannot hold.
+
+  Detect  (CPU)          decode every frame, MediaPipe detection, crop (`crop_for_graph`)
+  Explain (GPU-capable)  the CAM graph on the video's crops, in calls of up to 32 crops across
+                         frames (`run_graph_across_frames`)
+  Render  (CPU)          decode again (frames are not shipped between nodes), `frame_result`,
+                         `Renderer.annotate`, `VideoSink`, the Parquet rows, the video's record
+
+A failure inside a stage (a corrupt file) travels on as {"ok": False, "error": ...} and is
+recorded by Render as a failed video: one bad file never stops the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+import traceback
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def pack(video: str, payload: dict) -> dict:
+    return {"video": video, "payload": pickle.dumps(payload, protocol=5)}
+
+
+def unpack(row: dict) -> dict:
+    return pickle.loads(row["payload"])
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _single_threaded_opencv() -> None:
+    """As the live loop does (`opencv_single_threaded`): the actors already run side by side,
+    one per core; OpenCV's own worker threads only add contention. An actor owns its process."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Detect:
+    """{video, path} -> payload with fps, frames, faces per frame, dropped per frame, crops
+    uint8 [total faces, H, W, C] (the graph's input), counts int [frames] (faces kept)."""
+
+    def __init__(self, model: str, detector: str, min_confidence: float, margin: float, max_faces: int,
+                 quiet: bool = True, info=None):
+        from camface.models import DETECTORS
+        from camface.realtime.detect import FaceDetector
+        from camface.realtime.graph import CamGraph
+
+        _single_threaded_opencv()
+        self.info = info or CamGraph(model, "cpu").info  # input size and colour order of the crops
+        self.margin, self.max_faces = margin, max_faces
+        self.detector = FaceDetector(DETECTORS[detector], min_confidence, quiet).__enter__()
+
+    def __call__(self, row: dict) -> dict:
+        from camface.realtime.explainer import crop_for_graph
+        from camface.realtime.sources import make_source
+
+        start = time.perf_counter()
+        out = {"path": row["path"], "ok": True, "detect_node": _node(), "started_at": time.time()}
+        try:
+            faces, dropped, crops = [], [], []
+            with make_source(row["path"]) as source:
+                out["fps"] = source.info.fps
+                for frame in source:
+                    kept, frame_crops, lost = crop_for_graph(frame, self.detector.detect(frame), self.margin,
+                                                             self.max_faces, self.info)
+                    faces.append(kept)
+                    dropped.append(lost)
+                    crops.append(frame_crops)
+            out.update(frames=len(faces), faces=faces, dropped=dropped,
+                       counts=np.array([len(f) for f in faces], np.int64),
+                       crops=np.concatenate(crops) if crops else
+                       np.zeros((0, *self.info.input_size, self.info.channels), np.uint8))
+        except Exception as exc:  # recorded as a failed video by Render
+            out.update(ok=False, error=_reason(exc), stage="detect")
+            log.debug("detect failed on %s:\n%s", row["path"], traceback.format_exc())
+        out["detect_s"] = time.perf_counter() - start
+        return pack(row["video"], out)
+
+    def __del__(self):
+        detector = getattr(self, "detector", None)
+        if detector is not None:
+            detector.close()
+
+
+class Explain:
+    """payload -> payload + probs float32 [total faces, classes], heatmaps float32 [total faces,
+    h, w], class_index int64 [total faces], graph_calls, provider, graph_node."""
+
+    def __init__(self, model: str, device: str, threads: int, method: str, explained_class: int | None):
+        from camface.realtime.explainer import check_method
+        from camface.realtime.graph import CamGraph
+
+        self.graph = CamGraph(model, device, threads=threads)
+        check_method(self.graph, method)
+        self.method, self.explained_class = method, explained_class
+
+    def __call__(self, row: dict) -> dict:
+        from camface.realtime.explainer import run_graph_across_frames
+
+        out = unpack(row)
+        out.update(provider=self.graph.provider, graph_node=_node())
+        if not out["ok"]:
+            return pack(row["video"], out)
+        start = time.perf_counter()
+        try:
+            crops = out["crops"]
+            class_index = np.full(len(crops), -1 if self.explained_class is None else self.explained_class, np.int64)
+            out["probs"], out["heatmaps"], out["graph_calls"] = run_graph_across_frames(
+                self.graph, crops, class_index, self.method)
+            out["class_index"] = class_index
+        except Exception as exc:
+            out.update(ok=False, error=_reason(exc), stage="graph")
+        out["graph_s"] = time.perf_counter() - start
+        return pack(row["video"], out)
+
+
+class Render:
+    """payload -> the video's outputs in out_dir (annotated video, Parquet rows, record);
+    returns a small row: {video, ok, frames, faces, error, ...} for the driver."""
+
+    def __init__(self, out_dir: str, record: bool, colormap: str, alpha: float, cam_boxes: bool, bars: bool,
+                 method: str, explained_class: int | None, labels: tuple[str, ...]):
+        from camface.batch.state import Outputs
+        from camface.realtime.render import Renderer
+
+        _single_threaded_opencv()
+        self.outputs = Outputs(out_dir)
+        self.record = record
+        self.renderer = Renderer(colormap, alpha, cam_boxes, bars)
+        self.method, self.explained_class, self.labels = method, explained_class, tuple(labels)
+
+    def __call__(self, row: dict) -> dict:
+        from camface.batch.state import write_video_outputs
+
+        out = unpack(row)
+        out["render_node"] = _node()
+        start = time.perf_counter()
+        if out["ok"]:
+            try:
+                write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,
+                                    self.method, self.explained_class, self.labels)
+            except Exception as exc:
+                out.update(ok=False, error=_reason(exc), stage="render")
+        out["render_s"] = time.perf_counter() - start
+        out["finished_at"] = time.time()
+        record = self.outputs.write_record(row["video"], out, self.labels)
+        return {"video": row["video"], "record": json.dumps(record)}
+
+
+class Whole:
+    """All three stages in one actor, one video at a time (when the graph has no GPU to go to,
+    moving a video's crops between processes buys nothing)."""
+
+    def __init__(self, detect: dict, explain: dict, render: dict):
+        start = time.perf_counter()
+        self.explain = Explain(**explain)
+        self.detect, self.render = Detect(**detect, info=self.explain.graph.info), Render(**render)
+        self.init_s = time.perf_counter() - start
+
+    def __call__(self, row: dict) -> dict:
+        return self.render(self.explain(self.detect(row)))

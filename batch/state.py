@@ -1,0 +1,165 @@
+"""OUT_DIR's layout, atomic writes, and one record per finished video.
+
+  OUT_DIR/videos/<id>.mp4        annotated video (--record)
+  OUT_DIR/rows/<id>.parquet      its rows (one per face per frame; `camface.batch.rows`)
+  OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts
+  OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
+  OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
+
+Every file is written under a temporary name starting with "." (which Parquet readers skip)
+and renamed into place, the record last: a video counts as finished only when its record
+exists, so a task that Ray retries, or a run killed half-way, never leaves a duplicate or a
+half-written file behind, and `--resume` redoes exactly the videos without a "done" record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+DONE, FAILED = "done", "failed"
+
+
+def atomic_path(final: Path) -> Path:
+    """A temporary name beside `final` (same folder, so the rename is atomic)."""
+    return final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
+
+
+class Outputs:
+    """Paths under OUT_DIR (see the module doc)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.root = Path(out_dir)
+        self.videos, self.rows, self.state = self.root / "videos", self.root / "rows", self.root / "state"
+
+    def make(self) -> None:
+        for folder in (self.videos, self.rows, self.state):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def video(self, video_id: str) -> Path:
+        return self.videos / f"{video_id}.mp4"
+
+    def parquet(self, video_id: str) -> Path:
+        return self.rows / f"{video_id}.parquet"
+
+    def record_path(self, video_id: str) -> Path:
+        return self.state / f"{video_id}.json"
+
+    def sums_path(self, video_id: str) -> Path:
+        return self.state / f"{video_id}.npz"
+
+    def read_record(self, video_id: str) -> dict | None:
+        try:
+            return json.loads(self.record_path(video_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def records(self) -> dict[str, dict]:
+        found = {}
+        if self.state.is_dir():
+            for path in sorted(self.state.glob("[!.]*.json")):
+                try:
+                    found[path.stem] = json.loads(path.read_text())
+                except ValueError:
+                    continue
+        return found
+
+    def clean_partials(self) -> int:
+        """Remove temporary files a killed run left behind; returns how many."""
+        removed = 0
+        for folder in (self.videos, self.rows, self.state):
+            for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def write_record(self, video_id: str, out: dict, labels: tuple[str, ...]) -> dict:
+        """The video's record (done or failed) from a Render payload, written last."""
+        record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
+        if not out["ok"]:
+            record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
+            for stale in (self.video(video_id), self.parquet(video_id), self.sums_path(video_id)):
+                stale.unlink(missing_ok=True)  # a failed redo leaves no older outputs behind
+        for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
+                    "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
+                    "started_at", "finished_at",
+                    "video_file", "rows_file"):
+            if key in out:
+                record[key] = out[key]
+        write_json(self.record_path(video_id), record)
+        return record
+
+
+def write_json(path: Path, value) -> None:
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, method: str,
+                        explained_class: int | None, labels: tuple[str, ...]) -> None:
+    """Render stage body: the annotated video (when `renderer`), the rows, the class sums.
+    Adds frames / faces_total / dropped_total / class_counts / files to `out`."""
+    from camface.batch.rows import build_rows, write_parquet
+    from camface.methods import normalize
+    from camface.realtime.explainer import frame_result
+
+    counts = out["counts"]
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    results = [frame_result(i, out["faces"][i], out["probs"][starts[i]:ends[i]], out["heatmaps"][starts[i]:ends[i]],
+                            out["class_index"][starts[i]:ends[i]], out["dropped"][i], method, explained_class,
+                            labels, out["provider"])
+               for i in range(out["frames"])]
+    if renderer is not None:
+        out["video_file"] = str(_write_video(outputs.video(video_id), out, results, renderer))
+    table = build_rows(video_id, out["path"], out["fps"], results)
+    final = outputs.parquet(video_id)
+    tmp = atomic_path(final)
+    write_parquet(table, tmp)
+    os.replace(tmp, final)
+    out["rows_file"] = str(final)
+    # Per explained class: normalised heatmaps (display normalisation, [0, 1]) and crops, summed.
+    classes = len(labels)
+    explained = np.array([p.explained for r in results for p in r.predictions], np.int64)
+    crops = out["crops"].astype(np.float64)
+    heat = (np.stack([normalize(p.heatmap, method) for r in results for p in r.predictions]).astype(np.float64)
+            if len(explained) and method != "none" else None)
+    sums = {"count": np.bincount(explained, minlength=classes)}
+    sums["crop_sum"] = np.stack([crops[explained == k].sum(axis=0) for k in range(classes)])
+    if heat is not None:
+        sums["heatmap_sum"] = np.stack([heat[explained == k].sum(axis=0) for k in range(classes)])
+    final = outputs.sums_path(video_id)
+    tmp = atomic_path(final)
+    np.savez(tmp, **sums)
+    os.replace(tmp, final)
+    out["frames"] = int(out["frames"])
+    out["faces_total"] = int(counts.sum())
+    out["dropped_total"] = int(np.sum(out["dropped"]))
+    out["class_counts"] = {labels[k]: int(n) for k, n in enumerate(sums["count"]) if n}
+
+
+def _write_video(final: Path, out: dict, results, renderer) -> Path:
+    """Decode the video again, draw each frame's result, encode with the live loop's sink."""
+    from camface.errors import SourceError
+    from camface.realtime.sinks import VideoSink
+    from camface.realtime.sources import make_source
+
+    tmp = atomic_path(final)
+    written = 0
+    try:
+        with make_source(out["path"]) as source, VideoSink(tmp, out["fps"], overwrite=True) as sink:
+            for frame, result in zip(source, results):
+                renderer.annotate(frame, result, hud=False)  # no HUD: rolling fps means nothing here
+                sink.write(frame)
+                written += 1
+        if written != len(results):
+            raise SourceError(f"{out['path']}: {written} frames decoded for drawing, {len(results)} detected")
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final

@@ -1,0 +1,74 @@
+"""The window side of the live loop: each frame shown at its time (when paced), the keys read,
+and the frame held on screen while paused.
+
+`Viewer.show(frame, controls)` returns the new controls and every command the keys asked for
+meanwhile (SNAPSHOT, RECORD, QUIT), so nothing pressed during a long hold or a pause is lost.
+Keys that change the view (m, h, 0-9) while paused apply from the next frame on.
+"""
+
+from __future__ import annotations
+
+import time
+
+from camface.realtime.window import QUIT, Controls, apply_key
+
+
+class Viewer:
+    """window: a Window-like object (`show(frame) -> key`, `closed`), or None (headless).
+    pacer: a Pacer or None. methods: the graph's heatmap methods (key m). classes: class count."""
+
+    def __init__(self, window, pacer, methods: tuple[str, ...], classes: int):
+        self.window, self.pacer, self.methods, self.classes = window, pacer, methods, classes
+        self.paused_s = 0.0
+        self._shown = None  # the frame on screen
+
+    @property
+    def closed(self) -> bool:
+        return self.window is not None and bool(getattr(self.window, "closed", False))
+
+    def _key(self, frame, controls: Controls, commands: list) -> Controls:
+        controls, command = apply_key(controls, self.window.show(frame), self.methods, self.classes)
+        if command is not None:
+            commands.append(command)
+        return controls
+
+    def _wait(self, controls: Controls, commands: list) -> Controls:
+        """Wait for the next frame's time, keeping the shown frame on screen and reading keys."""
+        if self.pacer is None:
+            return controls
+        if self.window is None or self._shown is None:
+            self.pacer.wait()
+            return controls
+        box = [controls]
+
+        def poll() -> bool:
+            box[0] = self._key(self._shown, box[0], commands)
+            return QUIT in commands or self.closed
+
+        self.pacer.wait(poll)
+        return box[0]
+
+    def show(self, frame, controls: Controls) -> tuple[Controls, tuple[str, ...]]:
+        """Show `frame` when its time comes; while paused keep it on screen until space or quit."""
+        commands: list[str] = []
+        controls = self._wait(controls, commands)
+        if self.window is None:
+            return controls, tuple(commands)
+        controls = self._key(frame, controls, commands)
+        self._shown = frame
+        if controls.paused:
+            paused_at = time.perf_counter()
+            while controls.paused and QUIT not in commands and not self.closed:
+                time.sleep(0.02)  # the window keeps the frame; poll its keys
+                controls = self._key(frame, controls, commands)
+            held = time.perf_counter() - paused_at
+            self.paused_s += held
+            if self.pacer is not None:
+                self.pacer.hold(held)
+        return controls, tuple(commands)
+
+    def hold_last(self, controls: Controls) -> None:
+        """At the end of the input: keep the last frame on screen for its time (a folder's last
+        image, or a single one, is held --image-seconds like the others)."""
+        if self.window is not None and self._shown is not None:
+            self._wait(controls, [])

@@ -1,0 +1,195 @@
+"""`camface batch` on Ray: outputs equal `camface live`, order, faults, resume, placement.
+
+One Ray for the whole session (`ray_cluster`): a two-node `ray.cluster_utils.Cluster` on this
+machine, the head with 2 CPUs and a second node with no CPU and one (advertised) GPU, so the
+graph actors that ask for a GPU land there; ONNX Runtime runs them on CPU (`--device cpu`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from tests.realtime_helpers import count_frames, write_clip
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+MIB = 1024 * 1024
+CLIP_FRAMES = 10
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=200 * MIB,
+                                                                include_dashboard=False))
+    gpu_node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=100 * MIB)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+    head_id = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU", 0) == 0)
+    yield {"head": head_id, "gpu": gpu_node.node_id}
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Three small clips of the sample's moving faces (different parts of it) and one corrupt file."""
+    from camface.realtime.sample import SampleSource
+
+    folder = tmp_path_factory.mktemp("archive")
+    sample = SampleSource(frames=3 * CLIP_FRAMES, size=(320, 240))
+    paths = [write_clip(folder / f"clip{k}.mp4", [sample.frame(k * CLIP_FRAMES + i) for i in range(CLIP_FRAMES)])
+             for k in range(3)]
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    return folder, paths
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """A clip long enough to be still in work when the first short one comes back."""
+    from camface.realtime.sample import SampleSource
+
+    sample = SampleSource(frames=120, size=(320, 240))
+    return write_clip(tmp_path_factory.mktemp("long") / "long.mp4", [sample.frame(i) for i in range(120)])
+
+
+def batch(argv, on_video=None):
+    """Exit code of `camface batch argv` (through the CLI, so errors print and return 2);
+    on_video: called on the driver as each video finishes."""
+    from camface.batch import cli as batch_cli
+    from camface.cli import main
+
+    if on_video is None:
+        return main(["batch", *map(str, argv)])
+    real = batch_cli.main
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_cli, "main", lambda args: real(args, on_video=on_video))
+        return main(["batch", *map(str, argv)])
+
+
+def live_results(clip, monkeypatch, tmp_path):
+    """Every FrameResult `camface live` hands its writer for `clip`, in order, and its recording."""
+    from camface.cli import main
+    from camface.realtime.recorder import Recorder
+
+    seen = []
+    handle = Recorder.handle
+
+    def capture(self, item):
+        seen.append(item.explained.result)
+        handle(self, item)
+
+    monkeypatch.setattr(Recorder, "handle", capture)
+    recording = tmp_path / f"live-{clip.stem}.mp4"
+    assert main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--record", str(recording)]) == 0
+    monkeypatch.setattr(Recorder, "handle", handle)
+    return seen, recording
+
+
+def rows_of(out, video_id):
+    return pq.read_table(out / "rows" / f"{video_id}.parquet")
+
+
+def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, tmp_path, monkeypatch):
+    from camface.batch.rows import heatmaps_of
+    from camface.batch.inputs import video_id
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    code = batch([folder, "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress"])
+    assert code == 1  # one video failed
+    summary = json.loads((out / "summary.json").read_text())
+    names = [r["path"].rsplit("/", 1)[1] for r in summary["videos"]]
+    assert names == ["broken.mp4", "clip0.mp4", "clip1.mp4", "clip2.mp4"]  # input order
+    assert summary["run"]["videos_this_run"] == [r["video"] for r in summary["videos"]]  # came back in order
+    broken = summary["videos"][0]
+    assert broken["status"] == "failed" and "broken.mp4" in broken["reason"]
+    assert summary["totals"] == {**summary["totals"], "videos": 4, "done": 3, "failed": 1}
+    assert "broken.mp4" in (out / "report.md").read_text()
+    faces_by_class = {}
+    for clip in paths:
+        vid = video_id(clip.resolve())
+        table = rows_of(out, vid)
+        live, recording = live_results(clip, monkeypatch, tmp_path)
+        assert len(live) == CLIP_FRAMES
+        expected = [(r.index, rank, face, p) for r in live for rank, (face, p) in enumerate(zip(r.faces, r.predictions))]
+        assert table.num_rows == len(expected) > 0
+        assert table.column("frame").to_pylist() == [e[0] for e in expected]  # frame order, none lost or twice
+        assert table.column("face").to_pylist() == [e[1] for e in expected]
+        assert table.column("box").to_pylist() == [list(e[2].box) for e in expected]
+        assert table.column("crop_box").to_pylist() == [list(e[2].crop_box) for e in expected]
+        np.testing.assert_allclose(table.column("score").to_numpy(), [e[2].score for e in expected], rtol=1e-6)
+        probs = np.array(table.column("probs").to_pylist(), np.float32)
+        np.testing.assert_allclose(probs, np.stack([e[3].probs for e in expected]), rtol=1e-5, atol=1e-6)
+        heat = heatmaps_of(table)
+        np.testing.assert_allclose(heat, np.stack([e[3].heatmap for e in expected]), rtol=1e-5, atol=1e-6)
+        assert table.column("predicted").to_pylist() == [e[3].predicted for e in expected]
+        assert table.column("explained").to_pylist() == [e[3].explained for e in expected]
+        np.testing.assert_allclose(table.column("heatmap_peak").to_numpy(), heat.reshape(len(heat), -1).max(axis=1))
+        np.testing.assert_allclose(table.column("timestamp_s").to_numpy(), table.column("frame").to_numpy() / 30.0)
+        assert count_frames(out / "videos" / f"{vid}.mp4") == count_frames(recording) == CLIP_FRAMES
+        for e in expected:
+            faces_by_class.setdefault(e[3].explained, []).append(e[3])
+    # the report's mean heatmap per class: the mean of the display-normalised heatmaps of live's faces
+    from camface.methods import normalize
+
+    labels = summary["labels"]
+    for k, predictions in faces_by_class.items():
+        entry = summary["classes"][labels[k]]
+        assert entry["faces"] == len(predictions)
+        mean = np.mean([normalize(p.heatmap, "gradcam") for p in predictions], axis=0)
+        np.testing.assert_allclose(entry["mean_heatmap"], mean, atol=1e-4)
+        assert (out / entry["picture"]).is_file()
+
+
+def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_clip, tmp_path):
+    folder, paths = clips
+    out = tmp_path / "out"
+    argv = [paths[0], long_clip, paths[1], "-o", out, "--device", "cpu", "--no-progress", "--detect-actors", "1"]
+
+    def stop_after_first(record):
+        raise KeyboardInterrupt
+
+    assert batch(argv, on_video=stop_after_first) == 130
+    first = json.loads((out / "summary.json").read_text())
+    assert first["run"]["interrupted"] and first["videos"][0]["status"] == "done"
+    # Actors may have finished more videos before the pipeline stopped. Make the run look like
+    # one SIGKILLed while the others were in work: their records (written last) are gone,
+    # their rows and videos (renamed into place before) stay, and a partial file lies about.
+    first_id = first["videos"][0]["video"]
+    for record in first["videos"][1:]:
+        (out / "state" / f"{record['video']}.json").unlink(missing_ok=True)
+    done = [first_id]
+    stamps = {first_id: (out / "state" / f"{first_id}.json").stat().st_mtime_ns}
+    (out / "rows" / ".long-0123abcd.1234abcd.tmp.parquet").write_bytes(b"half")
+    assert batch(argv) == 2  # without --resume the folder is refused
+    assert batch([*argv, "--resume"]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    redone = second["run"]["videos_this_run"]
+    assert set(redone).isdisjoint(done) and sorted(redone + done) == sorted(r["video"] for r in second["videos"])
+    assert {v: (out / "state" / f"{v}.json").stat().st_mtime_ns for v in done} == stamps
+    assert not list((out / "rows").glob(".*")) and not list((out / "videos").glob(".*"))
+    for record in second["videos"]:
+        table = rows_of(out, record["video"])
+        assert table.num_rows == record["faces_total"]
+        keys = list(zip(table.column("frame").to_pylist(), table.column("face").to_pylist()))
+        assert len(set(keys)) == len(keys)  # no duplicate rows
+    assert batch([*argv, "--resume"]) == 0  # all done: nothing to redo
+    assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
+
+
+def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips, tmp_path):
+    folder, paths = clips
+    out = tmp_path / "out"
+    assert batch([paths[0], "-o", out, "--device", "cpu", "--no-progress", "--no-record"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "1 GPU each" in summary["run"]["plan"]
+    record = summary["videos"][0]
+    assert record["graph_node"] == ray_cluster["gpu"]
+    assert record["detect_node"] == record["render_node"] == ray_cluster["head"]
+    assert record["provider"] == "CPUExecutionProvider"

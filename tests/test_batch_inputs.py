@@ -1,0 +1,85 @@
+"""`camface batch` without Ray running: inputs, bad input, output folder, the actor plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from camface.batch.cluster import ClusterError, Plan, plan
+from camface.batch.inputs import InputError, find_videos, video_id
+from camface.cli import main
+
+
+def test_inputs_files_folders_globs_each_once_in_order(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("a/2.mp4", "a/10.avi", "a/notes.txt", "b.mkv", "c.mov"):
+        (tmp_path / name).write_bytes(b"x")
+    videos = find_videos([str(tmp_path / "c.mov"), str(tmp_path / "a"), str(tmp_path / "*.m*"), str(tmp_path / "c.mov")])
+    assert [v.path.rsplit("/", 1)[1] for v in videos] == ["c.mov", "10.avi", "2.mp4", "b.mkv"]
+    assert len({v.id for v in videos}) == 4 and videos[0].id.startswith("c-")
+
+
+def test_same_name_in_two_folders_gets_two_ids(tmp_path):
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    assert video_id(tmp_path / "x" / "clip.mp4") != video_id(tmp_path / "y" / "clip.mp4")
+    assert video_id(tmp_path / "x" / "clip.mp4") == video_id(tmp_path / "x" / "clip.mp4")
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda p: (p / "empty").mkdir(), ["{p}/empty"], "no videos matched"),
+    (lambda p: None, ["{p}/*.mp4"], "no videos matched"),
+    (lambda p: None, ["{p}/missing.mp4"], "input not found"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x") and (p / "out").write_text("file"),
+     ["{p}/v.mp4", "-o", "{p}/out"], "it is a file"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--address", "127.0.0.1:1"],
+     "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--address", "nonsense"], "expected HOST:PORT"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--max-faces", "0"], "--max-faces must be"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-actors", "0"], "--graph-actors must be"),
+])
+def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args, message):
+    make(tmp_path)
+    argv = [a.format(p=tmp_path) for a in args]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "result")]
+    assert main(["batch", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "result" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("resources, kwargs, expected", [
+    # (cluster, options) -> (fused, detect actors, detect cpu, graph gpus, graph cpu, render actors, render cpu)
+    ({"CPU": 2}, {}, (True, 2, 1.0, 0.0, 0.0, 2, 0.0)),  # no GPU: one actor per CPU runs every stage
+    ({"CPU": 16}, {"videos": 3}, (True, 3, 1.0, 0.0, 0.0, 3, 0.0)),  # never more actors than videos
+    ({"CPU": 2}, {"detect_actors": 4}, (True, 4, 0.5, 0.0, 0.0, 4, 0.0)),  # scaled so all four start
+    ({"CPU": 2}, {"split": True}, (False, 1, 0.8, 0.0, 0.4, 1, 0.8)),  # 2.5 CPUs asked: scaled to fit
+    ({"CPU": 16}, {"split": True}, (False, 9, 1.0, 0.0, 0.5, 6, 1.0)),
+    ({"CPU": 16, "GPU": 2}, {}, (False, 10, 1.0, 1.0, 0.0, 6, 1.0)),  # a GPU: the graph goes there
+    ({"CPU": 16, "GPU": 2}, {"record": False}, (False, 15, 1.0, 1.0, 0.0, 1, 1.0)),  # rows only: one render
+    ({"CPU": 16, "GPU": 1}, {"graph_gpus": 0.25, "graph_actors": 4}, (False, 10, 1.0, 0.25, 0.0, 6, 1.0)),
+    ({"CPU": 1, "GPU": 1}, {"split": True, "graph_gpus": 0}, (False, 1, 0.4, 0.0, 0.2, 1, 0.4)),  # scaled
+    ({"CPU": 4, "GPU": 1}, {"graph_gpus": 0}, (True, 4, 1.0, 0.0, 0.0, 4, 0.0)),
+])
+def test_plan_asks_only_for_what_the_cluster_has(resources, kwargs, expected):
+    p = plan(resources, **kwargs)
+    assert (p.fused, p.detect_actors, p.detect_cpus, p.graph_gpus, p.graph_cpus, p.render_actors,
+            p.render_cpus) == expected
+    total = p.detect_actors * p.detect_cpus + (0 if p.fused else p.graph_actors * p.graph_cpus
+                                               + p.render_actors * p.render_cpus)
+    assert total <= resources["CPU"] + 1e-9
+    assert p.graph_gpus * p.graph_actors <= resources.get("GPU", 0)
+    assert isinstance(p, Plan) and f"{resources['CPU']:g} CPU" in p.describe()
+
+
+@pytest.mark.parametrize("resources, kwargs, message", [
+    ({"CPU": 4}, {"graph_gpus": 1}, "more GPUs than the cluster has"),
+    ({"CPU": 4, "GPU": 1}, {"graph_gpus": 1, "graph_actors": 2}, "would wait forever"),
+    ({"CPU": 0}, {}, "no CPU"),
+])
+def test_plan_refuses_what_would_wait_forever(resources, kwargs, message):
+    with pytest.raises(ClusterError, match=message):
+        plan(resources, **kwargs)
+
+
+def test_no_inputs_error_names_them(tmp_path):
+    with pytest.raises(InputError, match="no videos matched .*nothing"):
+        find_videos([str(tmp_path / "nothing*")])
