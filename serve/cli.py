@@ -71,7 +71,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def main(args: argparse.Namespace) -> int:
     from camface.realtime.config import from_args
-    from camface.serve.app import ServeOptions
+    from camface.serve.state import ServeOptions
 
     try:
         config = from_args(args, LIVE_OPTIONS)
@@ -103,7 +103,8 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     from camface.realtime.graph import CamGraph
     from camface.realtime.threads import Terminated, sigterm_raises
     from camface.serve import protocol
-    from camface.serve.app import ServeState, create_app
+    from camface.serve.app import create_app
+    from camface.serve.state import ServeState
 
     model_path = Path(config.model) if config.model else EMOTION_ONNX
     graph = CamGraph(model_path, config.device, threads=config.graph_threads)

@@ -42,7 +42,8 @@ def make_client(graph, tmp_path):
     """make_client(**ServeOptions fields) -> (TestClient entered, ServeState)."""
     from camface.models import EMOTION_ONNX
     from camface.realtime.config import LiveConfig
-    from camface.serve.app import ServeOptions, ServeState, create_app
+    from camface.serve.app import create_app
+    from camface.serve.state import ServeOptions, ServeState
 
     opened = []
 
