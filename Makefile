@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[keras,batch,torch,dev]'
+	$(PY) -m pip install --quiet -e '.[keras,batch,torch,serve,dev]'
 	touch $(STAMP)
 
 demo: setup

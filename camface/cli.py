@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "guided": ("camface.guided.cli", "Guided Backprop / Guided Grad-CAM figures from snapshots"),
     "bench": ("camface.realtime.bench.cli", "frames per second and per-stage latency"),
     "train": ("camface.models.train", "train a face classifier on your photos, export it"),
+    "serve": ("camface.serve.cli", "serve the live demo to web browsers (camera in the page)"),
     "batch": ("camface.batch.cli", "explain a whole video archive, on one machine or a Ray cluster"),
 }
 

@@ -161,3 +161,56 @@ def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmap
         for i in range(len(faces)))
     return FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped, method=method,
                        explained_class=explained_class, labels=labels, fps=0.0, stage_ms={}, provider=provider)
+
+
+def explain_many(items) -> list[Explained]:
+    """Explain several frames, each of its own stream, with ONE graph call per method in use
+    for the crops of all of them (`camface serve`'s batch: one call for every client's current
+    frame). Each result equals `explainer.explain(frame, faces, controls, index, fps, stage_ms)`
+    for its item, smoothing included (each explainer keeps its own smoother, which chooses its
+    class to explain before the call); built from the three steps above.
+
+    items: sequence of (explainer, frame, faces, controls, index, fps, stage_ms), the arguments
+    of `explain` after its explainer. Crops beyond the graph's batch range go in further calls
+    of at most 32. The explainers' timers, if any, get `crop` and `classify` (the shared call's
+    time, for each).
+    """
+    from dataclasses import replace
+
+    start = time.perf_counter()
+    prepared = []  # (faces kept, crops, dropped, class_index) per item
+    for explainer, frame, faces, controls, *_ in items:
+        kept, crops, dropped = crop_for_graph(frame, faces, explainer.margin, explainer.max_faces,
+                                              explainer.graph.info)
+        class_index = explainer._class_index(kept, controls) if kept else np.zeros(0, np.int64)
+        prepared.append((kept, crops, dropped, class_index))
+    cropped = time.perf_counter()
+    rows: list = [None] * len(items)  # (probs, heatmaps) per item with faces
+    groups: dict[tuple[int, str], list[int]] = {}  # one call per (graph, method)
+    for i, (explainer, _, _, controls, *_) in enumerate(items):
+        if prepared[i][0]:
+            groups.setdefault((id(explainer.graph), controls.method), []).append(i)
+    for (_, method), members in groups.items():
+        probs, heatmaps, _ = run_graph_across_frames(items[members[0]][0].graph,
+                                                     np.concatenate([prepared[i][1] for i in members]),
+                                                     np.concatenate([prepared[i][3] for i in members]), method)
+        offsets = np.cumsum([0, *(len(prepared[i][0]) for i in members)])
+        for i, a, b in zip(members, offsets[:-1], offsets[1:]):
+            rows[i] = (probs[a:b], heatmaps[a:b])
+    classified = time.perf_counter()
+    explained = []
+    for (explainer, _, _, controls, index, fps, stage_ms), (kept, crops, dropped, class_index), row in zip(
+            items, prepared, rows):
+        graph = explainer.graph
+        probs, heatmaps = row if row is not None else (np.zeros((0, len(graph.info.labels)), np.float32),
+                                                       np.zeros((0, 0, 0), np.float32))
+        result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
+                              controls.explained_class, graph.info.labels, graph.provider)
+        result = replace(result, fps=fps, stage_ms=stage_ms or {})
+        if explainer.timer is not None:
+            explainer.timer.add("crop", (cropped - start) / len(items))
+            explainer.timer.add("classify", classified - cropped)
+        if explainer.smoother is not None:
+            result = explainer.smoother.update(result)
+        explained.append(Explained(result, crops))
+    return explained

@@ -1,0 +1,247 @@
+"""The ASGI app of `camface serve` (Starlette): one page, its script, one WebSocket per client,
+the finished recordings, and a small JSON of counters.
+
+Routes (each refuses a request without the token when the server has one, or, without a
+token, one whose Host is not localhost: HTTP 403, or WebSocket close code 1008):
+  GET /                  the page (static/index.html)
+  GET /app.js            the page's script (no secrets in it: served without the token)
+  WS  /ws                the protocol of camface.serve.protocol; the Origin must be the page's
+  GET /recordings/NAME   a finished recording of this server (video/mp4)
+  GET /stats             counters: clients, frames received/dropped/processed, graph calls
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from camface.serve import protocol
+from camface.serve.protocol import ProtocolError
+from camface.serve.state import ServeOptions, ServeState
+
+__all__ = ["ServeOptions", "ServeState", "create_app"]
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+# ------------------------------------------------------------------ checks
+
+
+def token_ok(state: ServeState, given: str | None) -> bool:
+    expected = state.options.token
+    return expected is None or (given is not None and hmac.compare_digest(given.encode(), expected.encode()))
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def host_error(state: ServeState, headers) -> str | None:
+    """Without a token the server is for this machine only: the Host header must name it
+    (localhost, 127.0.0.1 or [::1]), so a web page cannot reach it by DNS rebinding (a name
+    of its own that resolves to 127.0.0.1 would pass the Origin check)."""
+    if state.options.token is not None:
+        return None
+    host = (headers.get("host") or "").lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name in LOOPBACK_NAMES:
+        return None
+    return f"host {host!r} refused: without --token this server answers to localhost only"
+
+
+def origin_error(headers) -> str | None:
+    """Why the WebSocket's Origin is refused (it must be the page's own scheme://host:port,
+    i.e. match the Host header), or None. No Origin (a non-browser client) is allowed: only
+    browsers send other sites' requests on a user's behalf, and they always send Origin."""
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    host = (headers.get("host") or "").lower()
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() != host:
+        return f"origin {origin} is not this server's ({host})"
+    return None
+
+
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes of UTF-8 (RFC 6455 sec. 5.5)."""
+    data = text.encode()
+    return text if len(data) <= 123 else data[:120].decode(errors="ignore") + "..."
+
+
+# ------------------------------------------------------------------ the app
+
+
+def create_app(state: ServeState):
+    from starlette.applications import Starlette
+    from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    forbidden = PlainTextResponse("camface: this server needs its token: open the URL that `camface serve` "
+                                  "printed (it ends in ?token=...)\n", status_code=403)
+
+    def refused(request):
+        """The 403 for a request without the token or to a foreign Host, or None."""
+        if not token_ok(state, request.query_params.get("token")):
+            return forbidden
+        why = host_error(state, request.headers)
+        return None if why is None else PlainTextResponse(f"camface: {why}\n", status_code=403)
+
+    async def page(request):
+        if (refusal := refused(request)) is not None:
+            return refusal
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-store"})
+
+    async def script(request):
+        return FileResponse(STATIC / "app.js", media_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+    async def recording(request):
+        if (refusal := refused(request)) is not None:
+            return refusal
+        path = state.recordings.get(request.path_params["name"])
+        if path is None or not path.is_file():
+            return PlainTextResponse("camface: no such recording\n", status_code=404)
+        return FileResponse(path, media_type="video/mp4", filename=path.name)
+
+    async def stats(request):
+        if (refusal := refused(request)) is not None:
+            return refusal
+        return JSONResponse(state.stats())
+
+    async def socket(ws: WebSocket):
+        await ws.accept()
+        refusal = None
+        if not token_ok(state, ws.query_params.get("token")):
+            refusal = (protocol.POLICY, "missing or wrong token")
+        elif (why := host_error(state, ws.headers)) is not None:
+            refusal = (protocol.POLICY, why)
+        elif (why := origin_error(ws.headers)) is not None:
+            refusal = (protocol.POLICY, why)
+        elif state.connected >= state.options.max_clients:
+            n = state.options.max_clients
+            refusal = (protocol.TRY_LATER, f"server full: {n} client(s) connected (--max-clients {n}); try later")
+        if refusal is not None:
+            await ws.close(refusal[0], _reason(refusal[1]))
+            return
+        state.connected += 1  # counted before the first await: two at once cannot both take the last place
+        try:
+            session = await asyncio.to_thread(_open_session, state)
+        except BaseException:
+            state.connected -= 1
+            raise
+        loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
+        state._loops[session.id] = (loop, outbox)
+        state.add(session)
+        sender = asyncio.create_task(_send(ws, state, session, outbox))
+        graph = state.graph
+        try:
+            await ws.send_json({"type": "hello", "client": session.id, "methods": list(graph.methods),
+                                "method": session.controls.method, "labels": list(graph.info.labels),
+                                "provider": graph.provider, "smooth": session.explainer.smoother is not None,
+                                "limits": {"message_bytes": protocol.MAX_MESSAGE_BYTES,
+                                           "side": protocol.MAX_SIDE}})
+            await _receive(ws, state, session)
+        except ProtocolError as exc:
+            log.info("client %d closed: %s", session.id, exc)
+            with contextlib.suppress(Exception):
+                await ws.close(exc.code, _reason(str(exc)))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            # bookkeeping first, without awaiting: the handler may be cancelled at the next await
+            state.retire(session)
+            state.connected -= 1
+            state._loops.pop(session.id, None)
+            sender.cancel()
+            # the recording is finalised (playable) and the detector closed even if this handler
+            # is cancelled meanwhile: the thread runs to its end
+            await asyncio.shield(asyncio.to_thread(session.close))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(state.close)
+
+    return Starlette(routes=[Route("/", page), Route("/app.js", script), Route("/stats", stats),
+                             Route("/recordings/{name}", recording), WebSocketRoute("/ws", socket)],
+                     lifespan=lifespan)
+
+
+def _open_session(state: ServeState):
+    from camface.models import DETECTORS
+    from camface.realtime.detect import FaceDetector
+    from camface.serve.session import Session
+
+    cfg = state.config
+    detector = FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence, cfg.quiet_native).__enter__()
+    try:
+        return Session(state, detector)
+    except BaseException:
+        detector.close()
+        raise
+
+
+async def _receive(ws, state: ServeState, session) -> None:
+    """Read the client's messages until it leaves; a bad one raises ProtocolError."""
+    from camface.serve.session import Frame
+
+    graph = state.graph
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("bytes") is not None:
+            sequence, image = protocol.parse_frame(message["bytes"])
+            start = time.perf_counter()
+            frame = await asyncio.to_thread(protocol.decode_image, image)
+            session.put(Frame(sequence, frame, (time.perf_counter() - start) * 1000))
+            state.worker.wake()
+        elif message.get("text") is not None:
+            control = protocol.parse_control(message["text"], graph.methods, len(graph.info.labels))
+            await _apply(ws, state, session, control)
+
+
+async def _apply(ws, state: ServeState, session, control) -> None:
+    if control.kind == "controls":
+        session.set_controls(control.fields)
+    elif control.kind == "snapshot":
+        session.snapshot_due = True
+    elif control.fields.get("on", True):
+        path = await asyncio.to_thread(session.start_recording, float(control.fields.get("fps", 30)))
+        await ws.send_json({"type": "recording", "on": True, "file": path.name})
+    else:
+        done = await asyncio.to_thread(session.stop_recording)
+        path, frames = done if done else (None, 0)
+        await ws.send_json({"type": "recorded", "file": path.name if path else None, "frames": frames,
+                            "url": f"/recordings/{path.name}" if frames else None})
+
+
+async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
+    """The client's sender: draw, record and encode each processed frame off the event loop,
+    then send it (and any notes, e.g. a snapshot taken)."""
+    while True:
+        work = await outbox.get()
+        try:
+            data, notes = await asyncio.to_thread(session.finish, work)
+            await ws.send_bytes(data)
+            for note in notes:
+                await ws.send_json(note)
+        except Exception as exc:  # e.g. the snapshot folder became unwritable: say so, end this client
+            log.warning("client %d: %s", session.id, exc)
+            with contextlib.suppress(Exception):
+                await ws.close(1011, _reason(f"server error: {exc}"))
+            return
+        finally:
+            session.sent()
+            state.worker.wake()

@@ -1,0 +1,143 @@
+"""`camface serve`: the live overlays in a web browser, from any laptop camera to the machine
+with the model.
+
+Top-level imports stay light (no onnxruntime, mediapipe, cv2 or starlette): `camface --help`
+imports this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LIVE_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "device", "smooth",
+                "cam_boxes", "bars", "colormap", "alpha", "snapshot_dir", "graph_threads")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from camface.realtime.config import add_arguments
+
+    parser.description = (
+        "Serve the live demo to web browsers: open the printed URL, allow the camera, and the page shows "
+        "the annotated frames. Browsers allow the camera only on https or localhost: for a remote machine "
+        "run `ssh -L 8000:localhost:8000 HOST` and open http://localhost:8000, or give --ssl-certfile/"
+        "--ssl-keyfile.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; any other than 127.0.0.1/localhost/::1 requires a token")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    parser.add_argument("--max-clients", type=int, default=4, help="browsers served at once")
+    parser.add_argument("--token", help="secret every request must carry (?token=...); default: none on "
+                                        "localhost, a random one (printed) on any other address")
+    parser.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM): serve https/wss")
+    parser.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
+    parser.add_argument("--record-dir", type=Path, default=Path("recordings"),
+                        help="folder for recordings started from the page")
+    parser.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of the annotated frames")
+    add_arguments(parser, *LIVE_OPTIONS)
+
+
+def _urls(host: str, port: int, tls: bool, token: str | None) -> list[str]:
+    scheme = "https" if tls else "http"
+    query = f"/?token={token}" if token else "/"
+    if host in ("0.0.0.0", "::", ""):
+        names = [socket.gethostname(), "127.0.0.1"]
+    else:
+        names = [f"[{host}]" if ":" in host else host]
+    return [f"{scheme}://{name}:{port}{query}" for name in names]
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket (so --port 0 is known before the URL is printed)."""
+    from camface.errors import CamfaceError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise CamfaceError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.listen(128)
+    return sock
+
+
+def main(args: argparse.Namespace) -> int:
+    from camface.realtime.config import from_args
+    from camface.serve.state import ServeOptions
+
+    try:
+        config = from_args(args, LIVE_OPTIONS)
+        if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
+        for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        token = args.token
+        if token is None and args.host not in LOOPBACK:
+            token = secrets.token_urlsafe(24)  # another address: never serve the camera page without one
+        options = ServeOptions(token=token, max_clients=args.max_clients, record_dir=args.record_dir,
+                               snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
+    except ValueError as exc:
+        print(f"camface serve: error: {exc}", file=sys.stderr)
+        return 2
+    return serve(config, options, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
+
+
+def serve(config, options, host: str, port: int, certfile: Path | None = None, keyfile: Path | None = None) -> int:
+    """Load the graph, listen, print the URL, serve until Ctrl-C / SIGTERM; every recording in
+    progress is finalised before this returns (130 after Ctrl-C, 143 after SIGTERM)."""
+    import uvicorn
+
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.explainer import FrameExplainer, check_method
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.threads import Terminated, sigterm_raises
+    from camface.serve import protocol
+    from camface.serve.app import create_app
+    from camface.serve.state import ServeState
+
+    model_path = Path(config.model) if config.model else EMOTION_ONNX
+    graph = CamGraph(model_path, config.device, threads=config.graph_threads)
+    check_method(graph, config.method)
+    FrameExplainer(graph).warm_up(config.method)
+    state = ServeState(config, options, graph, model_path)
+    import cv2
+
+    cv2.setNumThreads(1)  # the stages already run side by side (worker, decoding, encoding threads)
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
+        ssl_certfile=str(certfile) if certfile else None, ssl_keyfile=str(keyfile) if keyfile else None,
+        timeout_graceful_shutdown=5, lifespan="on"))
+    urls = _urls(host, port, certfile is not None, options.token)
+    print(f"camface serve: {model_path.name} on {graph.provider.replace('ExecutionProvider', '')}; "
+          f"open this URL in a browser (Ctrl-C stops):\n    " + "\n or " .join(urls), flush=True)
+    code = 0
+    try:
+        with sigterm_raises():  # uvicorn re-raises the signal it caught once it has shut down
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        code = 130
+    except Terminated:
+        code = Terminated.exit_code
+    finally:
+        state.close()
+        sock.close()
+        stats = state.stats()
+        wall = max(stats["uptime_s"], 1e-9)
+        recorded = f"; {len(state.recordings)} recording(s) in {options.record_dir}" if state.recordings else ""
+        print(f"camface serve: {stats['frames_processed']} frames in {stats['graph_calls']} graph calls "
+              f"({stats['frames_processed'] / wall:.1f} frames/s, {stats['graph_calls'] / wall:.1f} calls/s), "
+              f"{stats['frames_dropped']} stale frames dropped{recorded}", file=sys.stderr)
+    return code

@@ -1,0 +1,430 @@
+"""`camface serve` without a browser: the WebSocket protocol through Starlette's TestClient,
+the checks on every message, token / Origin / max-clients, snapshots and recordings, and the
+shared inference worker (one graph call for every client's frame)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import count_frames
+
+pytest.importorskip("starlette", reason="camface[serve] is not installed")
+from starlette.testclient import TestClient  # noqa: E402
+
+from camface.serve import protocol  # noqa: E402
+
+
+class Client(TestClient):
+    """A TestClient that talks to http(s)://127.0.0.1:8000, as a browser on this machine would
+    (the server without a token answers to localhost names only)."""
+
+    def __init__(self, app):
+        super().__init__(app, base_url="http://127.0.0.1:8000")
+
+    def websocket_connect(self, url, *args, **kwargs):
+        return super().websocket_connect("ws://127.0.0.1:8000" + url, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.graph import CamGraph
+
+    return CamGraph(EMOTION_ONNX, "cpu", threads=1)
+
+
+@pytest.fixture
+def make_client(graph, tmp_path):
+    """make_client(**ServeOptions fields) -> (TestClient entered, ServeState)."""
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.config import LiveConfig
+    from camface.serve.app import create_app
+    from camface.serve.state import ServeOptions, ServeState
+
+    opened = []
+
+    def make(config=None, **options):
+        options.setdefault("record_dir", tmp_path / "recordings")
+        options.setdefault("snapshot_dir", tmp_path / "snapshots")
+        state = ServeState(config or LiveConfig(), ServeOptions(**options), graph, EMOTION_ONNX)
+        client = Client(create_app(state))
+        client.__enter__()
+        opened.append(client)
+        return client, state
+
+    yield make
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    return cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def send_frame(ws, sequence: int, image: bytes):
+    ws.send_bytes(struct.pack(">I", sequence) + image)
+    return protocol.unpack_result(ws.receive_bytes())
+
+
+def closed(ws) -> dict:
+    """The close message the server sent (after any replies still on their way)."""
+    while True:
+        message = ws.receive()
+        if message["type"] == "websocket.close":
+            return message
+
+
+@pytest.mark.parametrize("controls", [
+    {"hud": False},
+    {"hud": False, "method": "gradcampp", "explained_class": 0},
+    {"hud": False, "method": "none"},
+])
+def test_a_frame_comes_back_as_the_frame_explainer_and_renderer_make_it(make_client, graph, astronaut_bgr,
+                                                                        controls):
+    from camface.models import DETECTORS
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.detect import FaceDetector
+    from camface.realtime.explainer import FrameExplainer
+    from camface.realtime.render import Renderer
+    from camface.realtime.window import Controls
+
+    config = LiveConfig(cam_boxes=True, bars=True)
+    client, _ = make_client(config, jpeg_quality=85)
+    image = jpeg(astronaut_bgr)
+    with client.websocket_connect("/ws") as ws:
+        hello = ws.receive_json()
+        assert hello["type"] == "hello" and hello["methods"] == ["gradcam", "gradcampp"]
+        assert hello["labels"] == list(graph.info.labels)
+        ws.send_text(json.dumps({"type": "controls", **controls}))
+        message, annotated = send_frame(ws, 41, image)
+    # the same frame through the same pieces, here
+    frame = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
+    with FaceDetector(DETECTORS["full"]) as detector:
+        faces = detector.detect(frame)
+    want = Controls(controls.get("method", "gradcam"), controls.get("explained_class"), hud=False)
+    result = FrameExplainer.from_config(config, graph).explain(frame, faces, want).result
+    assert message["seq"] == 41 and message["index"] == 0 and message["method"] == want.method
+    assert message["explained_class"] == want.explained_class and message["batch_frames"] == 1
+    assert len(message["faces"]) == len(result.faces) == 1
+    got, face, prediction = message["faces"][0], result.faces[0], result.predictions[0]
+    assert got["box"] == list(face.box)
+    np.testing.assert_allclose(got["probs"], prediction.probs, atol=6e-5)
+    assert got["predicted"] == prediction.predicted and got["explained"] == prediction.explained
+    assert set(message["stage_ms"]) >= {"decode", "detect", "classify", "render", "encode"}
+    Renderer.from_config(config).annotate(frame, result, hud=False)
+    assert annotated == jpeg(frame, 85)  # the very bytes: the live loop's pictures
+
+
+def test_two_clients_at_once_get_their_own_results(make_client, astronaut_bgr):
+    client, state = make_client()
+    blank = np.full((240, 320, 3), 128, np.uint8)
+    with client.websocket_connect("/ws") as a, client.websocket_connect("/ws") as b:
+        a.receive_json(), b.receive_json()
+        a.send_text(json.dumps({"type": "controls", "method": "gradcampp"}))
+        for sequence in range(1, 4):
+            got_a, jpeg_a = send_frame(a, sequence, jpeg(astronaut_bgr))
+            got_b, jpeg_b = send_frame(b, 100 + sequence, jpeg(blank))
+            assert got_a["seq"] == sequence and got_b["seq"] == 100 + sequence
+            assert len(got_a["faces"]) == 1 and got_b["faces"] == []
+            assert got_a["method"] == "gradcampp" and got_b["method"] == "gradcam"
+            assert cv2.imdecode(np.frombuffer(jpeg_a, np.uint8), 1).shape == (512, 512, 3)
+            assert cv2.imdecode(np.frombuffer(jpeg_b, np.uint8), 1).shape == (240, 320, 3)
+        assert state.stats()["clients"] == 2
+    stats = state.stats()
+    assert stats["frames_processed"] == stats["frames_received"] == 6 and stats["clients_served"] == 2
+
+
+def test_the_smoothing_switch_gives_the_client_a_smoother(make_client, astronaut_bgr):
+    from camface.realtime.config import LiveConfig
+
+    client, _ = make_client(LiveConfig(smooth=0.7))
+    dim = cv2.convertScaleAbs(astronaut_bgr, alpha=0.6)
+    with client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["smooth"] is True  # --smooth 0.7: on from the start
+        first, _ = send_frame(ws, 1, jpeg(astronaut_bgr))
+        smoothed, _ = send_frame(ws, 2, jpeg(dim))
+        ws.send_text('{"type": "controls", "smooth": false}')
+        send_frame(ws, 3, jpeg(astronaut_bgr))
+        raw, _ = send_frame(ws, 4, jpeg(dim))
+    assert first["faces"][0]["track_id"] == smoothed["faces"][0]["track_id"] == 0
+    assert raw["faces"][0]["track_id"] == -1  # no smoother: no tracks
+    want = 0.7 * np.array(first["faces"][0]["probs"]) + 0.3 * np.array(raw["faces"][0]["probs"])
+    np.testing.assert_allclose(smoothed["faces"][0]["probs"], want, atol=2e-4)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
+
+
+@pytest.mark.parametrize("message, code, reason", [
+    (b"\0\0\0\1" + b"\xff\xd8\xff" + b"\0" * protocol.MAX_MESSAGE_BYTES, 1009, "over the 2 MiB cap"),
+    (b"\0\0\0\1hello", 1003, "not a JPEG or PNG"),
+    (b"\0\0", 1003, "expected a 4-byte sequence number"),
+    (b"\0\0\0\1" + _png_header(5000, 10), 1009, "5000x10 pixels is over the 4096x4096 cap"),
+    (b"\0\0\0\1" + _png_header(64, 64) + b"garbage", 1003, "does not decode"),
+    (b"\0\0\0\1\xff\xd8\xff\xe0\0\x10JFIF", 1003, "truncated or corrupt JPEG"),
+    ("not json", 1003, "not JSON"),
+    ("[1, 2]", 1003, "needs a type among controls, snapshot, record"),
+    ('{"type": "reboot"}', 1003, "needs a type"),
+    ('{"type": "controls", "colour": "red"}', 1003, "unknown field 'colour' in 'controls'"),
+    ('{"type": "controls", "hud": 1}', 1003, "field 'hud' of 'controls' has the wrong type"),
+    ('{"type": "controls", "explained_class": true}', 1003, "field 'explained_class' .* wrong type"),
+    ('{"type": "controls", "method": "lime"}', 1003, "method 'lime' unknown; the graph offers gradcam"),
+    ('{"type": "controls", "explained_class": 7}', 1003, "explained_class 7 out of range 0..6"),
+    ('{"type": "record", "on": true, "fps": 0}', 1003, "fps 0 out of range"),
+    ('{"type": "snapshot", "x": "' + "y" * 5000 + '"}', 1009, "control message over 4096 bytes"),
+])
+def test_a_bad_message_closes_that_client_only(make_client, astronaut_bgr, message, code, reason):
+    import re
+
+    client, _ = make_client()
+    with client.websocket_connect("/ws") as good, client.websocket_connect("/ws") as bad:
+        good.receive_json(), bad.receive_json()
+        if isinstance(message, bytes):
+            bad.send_bytes(message)
+        else:
+            bad.send_text(message)
+        close = closed(bad)
+        assert close["code"] == code and re.search(reason, close["reason"]), close
+        got, _ = send_frame(good, 5, jpeg(astronaut_bgr))  # the other client keeps running
+        assert got["seq"] == 5 and len(got["faces"]) == 1
+
+
+def test_the_token_is_needed_by_the_page_the_socket_and_the_files(make_client):
+    client, _ = make_client(token="s3cret-token")
+    for path in ("/", "/?token=wrong", "/stats", "/recordings/x.mp4"):
+        response = client.get(path)
+        assert response.status_code == 403 and "token" in response.text
+    assert client.get("/?token=s3cret-token").status_code == 200
+    assert client.get("/app.js").status_code == 200  # the script holds no secret
+    assert client.get("/stats?token=s3cret-token").json()["clients"] == 0
+    for path in ("/ws", "/ws?token=nope"):
+        with client.websocket_connect(path) as ws:
+            close = closed(ws)
+            assert close["code"] == 1008 and close["reason"] == "missing or wrong token"
+    with client.websocket_connect("/ws?token=s3cret-token") as ws:
+        assert ws.receive_json()["type"] == "hello"
+
+
+@pytest.mark.parametrize("origin, accepted", [
+    ("http://127.0.0.1:8000", True),  # the page's own origin
+    (None, True),  # not a browser
+    ("http://evil.example", False),
+    ("http://127.0.0.1:8001", False),
+    ("https://127.0.0.1:8000.evil.example", False),
+    ("null", False),
+])
+def test_the_socket_checks_the_origin(make_client, origin, accepted):
+    client, _ = make_client()
+    headers = {"origin": origin} if origin else {}
+    with client.websocket_connect("/ws", headers=headers) as ws:
+        if accepted:
+            assert ws.receive_json()["type"] == "hello"
+        else:
+            close = closed(ws)
+            assert close["code"] == 1008 and f"origin {origin} is not this server's (127.0.0.1:8000)" in close["reason"]
+
+
+@pytest.mark.parametrize("host, token, accepted", [
+    ("localhost:8000", None, True), ("[::1]:8000", None, True),
+    ("rebound.evil.example:8000", None, False),  # DNS rebinding: another name for 127.0.0.1
+    ("rebound.evil.example:8000", "s3cret-token", True),  # the token guards it then
+])
+def test_without_a_token_only_localhost_names_are_answered(make_client, host, token, accepted):
+    client, _ = make_client(token=token)
+    query = f"?token={token}" if token else ""
+    response = client.get("/" + query, headers={"host": host})
+    assert response.status_code == (200 if accepted else 403)
+    with client.websocket_connect("/ws" + query, headers={"host": host}) as ws:
+        if accepted:
+            assert ws.receive_json()["type"] == "hello"
+        else:
+            close = closed(ws)
+            assert close["code"] == 1008
+            assert close["reason"] == f"host '{host}' refused: without --token this server answers to localhost only"
+            assert "answers to localhost only" in response.text
+
+
+def wait_until(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_max_clients_is_enforced_with_a_clear_message(make_client):
+    client, state = make_client(max_clients=1)
+    with client.websocket_connect("/ws") as first:
+        first.receive_json()
+        with client.websocket_connect("/ws") as extra:
+            close = closed(extra)
+            assert close["code"] == 1013
+            assert close["reason"] == "server full: 1 client(s) connected (--max-clients 1); try later"
+    wait_until(lambda: state.connected == 0)  # the server has closed the first one's detector
+    with client.websocket_connect("/ws") as again:  # the place is free once the first left
+        assert again.receive_json()["type"] == "hello"
+
+
+def test_snapshot_and_recording_from_the_page(make_client, astronaut_bgr, tmp_path):
+    from camface.guided.snapshot import read_snapshot
+
+    client, state = make_client()
+    image = jpeg(astronaut_bgr)
+    with client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "snapshot"}')
+        got, _ = send_frame(ws, 1, image)
+        note = ws.receive_json()
+        assert note["type"] == "snapshot" and note["faces"] == 1
+        ws.send_text('{"type": "record", "on": true, "fps": 15}')
+        started = ws.receive_json()
+        assert started["type"] == "recording" and started["file"].endswith(".mp4")
+        recorded_flags = [send_frame(ws, 1 + k, image)[0]["recording"] for k in range(1, 6)]
+        ws.send_text('{"type": "record", "on": false}')
+        done = ws.receive_json()
+    assert recorded_flags == [True] * 5
+    assert done == {"type": "recorded", "file": started["file"], "frames": 5, "url": f"/recordings/{started['file']}"}
+    path = tmp_path / "recordings" / started["file"]
+    assert count_frames(path) == 5
+    assert cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FPS) == pytest.approx(15, abs=0.01)
+    response = client.get(done["url"])
+    assert response.status_code == 200 and response.content == path.read_bytes()
+    assert client.get("/recordings/..%2Fsecret").status_code == 404
+    snapshot = read_snapshot(tmp_path / "snapshots" / note["folder"])  # what `camface guided` reads
+    assert len(snapshot.faces) == 1 and tuple(snapshot.labels) == state.graph.info.labels
+
+
+def test_a_client_leaving_mid_recording_leaves_a_playable_file(make_client, astronaut_bgr, tmp_path):
+    client, state = make_client()
+    with client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "record", "on": true}')
+        name = ws.receive_json()["file"]
+        for k in range(3):
+            send_frame(ws, k + 1, jpeg(astronaut_bgr))
+    # the socket is gone without a "stop": the server finalised the file
+    path = tmp_path / "recordings" / name
+    wait_until(lambda: state.connected == 0 and name in state.recordings)
+    assert count_frames(path) == 3 and state.recordings[name] == path
+
+
+# ------------------------------------------------------------------ the shared worker
+
+
+def test_one_graph_call_for_every_clients_newest_frame(make_client, graph, astronaut_bgr):
+    """Three clients with a frame waiting (one sent two: the older is dropped as stale): one
+    round of the worker makes ONE graph call and gives each what its own explainer would."""
+    from camface.models import DETECTORS
+    from camface.realtime.detect import FaceDetector
+    from camface.realtime.explainer import FrameExplainer
+    from camface.realtime.window import Controls
+    from camface.serve.session import Frame, Session
+
+    _, state = make_client()
+    state.worker.stop()  # drive rounds by hand
+    delivered = []
+    state.worker._deliver = lambda session, work: delivered.append((session, work))
+    frames = [astronaut_bgr, cv2.flip(astronaut_bgr, 1), np.ascontiguousarray(astronaut_bgr[50:350, 60:400])]
+    sessions = [Session(state, FaceDetector(DETECTORS["full"]).__enter__()) for _ in frames]
+    state.sessions.update({s.id: s for s in sessions})
+    try:
+        sessions[0].put(Frame(1, np.zeros((64, 64, 3), np.uint8), 0.0))  # stale: replaced before the round
+        for k, (session, frame) in enumerate(zip(sessions, frames)):
+            session.put(Frame(10 + k, frame.copy(), 0.0))
+        calls = state.graph.calls
+        assert state.worker.round() == 3
+        assert state.graph.calls == calls + 1 and state.graph.crops >= 3
+        assert sessions[0].dropped == 1 and [s.dropped for s in sessions[1:]] == [0, 0]
+        assert state.worker.round() == 0  # nothing new: nothing done
+        with FaceDetector(DETECTORS["full"]) as detector:
+            for (session, work), frame in zip(delivered, frames):
+                assert work.frame.sequence == 10 + sessions.index(session) and work.batch_frames == 3
+                want = FrameExplainer(graph).explain(frame, detector.detect(frame), Controls("gradcam")).result
+                got = work.explained.result
+                assert got.faces == want.faces and len(got.faces) == 1
+                np.testing.assert_allclose(got.predictions[0].probs, want.predictions[0].probs, rtol=1e-4, atol=1e-6)
+                np.testing.assert_allclose(got.predictions[0].heatmap, want.predictions[0].heatmap,
+                                           rtol=1e-4, atol=1e-6)
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def test_a_client_with_unsent_frames_is_skipped_and_keeps_its_newest(make_client):
+    from camface.serve.session import MAX_PENDING, Frame, Session
+
+    _, state = make_client()
+    state.worker.stop()
+    state.worker._deliver = lambda session, work: None
+    session = Session(state, None)  # no detector: no faces
+    state.sessions[session.id] = session
+    for k in range(MAX_PENDING):
+        session.put(Frame(k, np.zeros((32, 32, 3), np.uint8), 0.0))
+        assert state.worker.round() == 1
+    session.put(Frame(7, np.zeros((32, 32, 3), np.uint8), 0.0))
+    session.put(Frame(8, np.zeros((32, 32, 3), np.uint8), 0.0))
+    assert state.worker.round() == 0 and session.dropped == 1  # the client has not read its replies
+    session.sent()
+    assert state.worker.round() == 1 and session.slot is None and session.processed == 0
+
+
+# ------------------------------------------------------------------ protocol pieces and the command
+
+
+def test_image_size_reads_headers_without_decoding(astronaut_bgr):
+    assert protocol.image_size(jpeg(astronaut_bgr)) == ("jpeg", 512, 512)
+    png = cv2.imencode(".png", astronaut_bgr[:100, :300])[1].tobytes()
+    assert protocol.image_size(png) == ("png", 300, 100)
+    progressive = cv2.imencode(".jpg", astronaut_bgr[:70, :90], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    assert protocol.image_size(progressive) == ("jpeg", 90, 70)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ssl-certfile", "cert.pem"], "--ssl-certfile and --ssl-keyfile go together"),
+    (["--ssl-certfile", "nope.pem", "--ssl-keyfile", "nope.key"], "--ssl-certfile nope.pem: no such file"),
+    (["--max-clients", "0"], "--max-clients must be >= 1"),
+    (["--token", "short"], "--token must have at least 8 characters"),
+    (["--record-dir", "missing/deeper"], "--record-dir missing/deeper: folder .* does not exist"),
+    (["--alpha", "2"], "--alpha must be in"),
+    (["--port", "70000"], "--port must be in 0..65535"),
+])
+def test_serve_refuses_bad_options(argv, message, capsys, tmp_path, monkeypatch):
+    import re
+
+    from camface.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_urls_name_the_token_when_one_is_needed():
+    from camface.serve.cli import _urls
+
+    assert _urls("127.0.0.1", 8000, False, None) == ["http://127.0.0.1:8000/"]
+    assert _urls("::1", 8443, True, "abc") == ["https://[::1]:8443/?token=abc"]
+    assert _urls("0.0.0.0", 80, False, "t")[-1] == "http://127.0.0.1:80/?token=t"
+
+
+def test_write_y4m_makes_what_opencv_reads_back(tmp_path):
+    from camface.serve.y4m import write_y4m
+
+    frames = [np.full((48, 64, 3), (40 * k, 100, 200 - 40 * k), np.uint8) for k in range(3)]
+    path = write_y4m(tmp_path / "clip.y4m", frames, fps=25)
+    assert path.read_bytes().startswith(b"YUV4MPEG2 W64 H48 F25:1 Ip A1:1 C420jpeg\nFRAME\n")
+    assert path.stat().st_size == len(b"YUV4MPEG2 W64 H48 F25:1 Ip A1:1 C420jpeg\n") + 3 * (6 + 64 * 48 * 3 // 2)
+    y = np.frombuffer(path.read_bytes(), np.uint8)[-(64 * 48 * 3 // 2):][: 64 * 48].reshape(48, 64)
+    expected_y = cv2.cvtColor(frames[2], cv2.COLOR_BGR2YUV_I420)[:48]
+    np.testing.assert_array_equal(y, expected_y)
+    with pytest.raises(ValueError, match="even sizes, got 63x48"):
+        write_y4m(tmp_path / "odd.y4m", [np.zeros((48, 63, 3), np.uint8)])
+    with pytest.raises(ValueError, match="frame of 32x32 in a 64x48 clip"):
+        write_y4m(tmp_path / "mixed.y4m", [frames[0], np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match="at least one frame"):
+        write_y4m(tmp_path / "empty.y4m", [])

@@ -1,0 +1,139 @@
+"""`camface serve` in a real browser: headless Chromium (Debian's `chromium` package, driven
+by Playwright by path; never `playwright install`) with a fake camera playing a .y4m made from
+the sample clip. The server is the real command in a subprocess, stopped with SIGTERM.
+
+Skipped only where Chromium is not installed (`.ci/run` installs it with apt-get)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import count_frames
+from serve_helpers import start_server
+
+CHROMIUM = Path(os.environ.get("CAMFACE_CHROMIUM", "/usr/lib/chromium/chromium"))
+
+pytest.importorskip("starlette", reason="camface[serve] is not installed")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (camface[dev])")
+if not CHROMIUM.is_file():
+    pytest.skip(f"Chromium is not installed here ({CHROMIUM} missing; `apt-get install chromium` or "
+                "CAMFACE_CHROMIUM=/path/to/chromium)", allow_module_level=True)
+
+
+def launch(playwright, clip: Path):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-video-capture={clip}"])
+
+
+def shown(page, more: int = 0, timeout: float = 20_000) -> int:
+    """Wait until `more` frames beyond those shown now were shown; returns the count."""
+    now = page.evaluate("window.camface ? window.camface.stats.framesShown : 0")
+    page.wait_for_function(f"window.camface && window.camface.stats.framesShown >= {now + more}", timeout=timeout)
+    return page.evaluate("window.camface.stats.framesShown")
+
+
+def view_pixels(page) -> np.ndarray:
+    """The pixels #view shows, uint8 BGR."""
+    url = page.evaluate("document.getElementById('view').toDataURL('image/png')")
+    data = base64.b64decode(url.split(",", 1)[1])
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def interiors(shape, boxes, inset: int = 4) -> np.ndarray:
+    """Mask of the face boxes' insides (borders left out)."""
+    mask = np.zeros(shape[:2], bool)
+    for x, y, w, h in boxes:
+        mask[y + inset:y + h - inset, x + inset:x + w - inset] = True
+    return mask
+
+
+def far_from(shape, boxes, pad: int = 32) -> np.ndarray:
+    """Mask of pixels away from every box and its label (JPEG blocks near a box change too)."""
+    mask = np.ones(shape[:2], bool)
+    for x, y, w, h in boxes:
+        mask[max(0, y - pad):y + h + pad, max(0, x - pad):x + w + pad] = False
+    return mask
+
+
+def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp_path):
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    raw = SampleSource(frames=300, size=(320, 240)).frame(150)  # three faces, standing still
+    clip = write_y4m(tmp_path / "camera.y4m", [raw] * 15)
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = browser.new_context().new_page()
+            page.goto(url)
+            shown(page, 5)
+            stats = page.evaluate("window.camface.stats")
+            assert stats["framesSent"] >= stats["framesShown"] >= 5 and stats["method"] == "gradcam"
+            assert 0 < stats["lastLatencyMs"] < 5000
+            last = page.evaluate("window.camface.last")
+            boxes = [face["box"] for face in last["faces"]]
+            assert len(boxes) == 3, last
+            assert page.locator("#faces .face").count() == 3  # the side panel's bars, one set per face
+
+            page.keyboard.press("h")  # the live window's key: the HUD's changing figures would cover a face
+            assert not page.is_checked("#hud")
+            shown(page, 4)
+            pictures = {}
+            for method in ("none", "gradcam", "gradcampp"):
+                page.select_option("#method", method)
+                page.wait_for_function(f"window.camface.stats.method === '{method}'", timeout=10_000)
+                shown(page, 3)
+                pictures[method] = view_pixels(page).astype(np.int16)
+            assert pictures["none"].shape == raw.shape
+            inside, outside = interiors(raw.shape, boxes), far_from(raw.shape, boxes)
+
+            def difference(a, b, mask):
+                return float(np.abs(a - b).mean(axis=2)[mask].mean())
+
+            # no heatmap: the camera's own pixels (through two JPEG encodings)
+            assert difference(pictures["none"], raw.astype(np.int16), inside) < 6
+            # the heatmap is inside the face boxes, and only there
+            assert difference(pictures["gradcam"], pictures["none"], inside) > 20
+            assert difference(pictures["gradcam"], pictures["none"], outside) < 1
+            # another method, another heatmap
+            assert difference(pictures["gradcampp"], pictures["gradcam"], inside) > 5
+
+            page.click("#snapshot")
+            page.wait_for_function("window.camface.notes.some(n => n.type === 'snapshot')", timeout=10_000)
+            folder = page.evaluate("window.camface.notes.find(n => n.type === 'snapshot').folder")
+            snapshot = tmp_path / "snapshots" / folder
+            assert (snapshot / "snapshot.json").is_file() and (snapshot / "face_02.png").is_file()
+            assert page.locator("#downloads a", has_text=folder).count() == 1  # the annotated frame's download
+
+            page.click("#record")
+            page.wait_for_function("window.camface.notes.some(n => n.type === 'recording')", timeout=10_000)
+            sent_before, shown_before = page.evaluate("[camface.stats.framesSent, camface.stats.framesShown]")
+            shown(page, 15)
+            page.click("#record")
+            page.wait_for_function("window.camface.notes.some(n => n.type === 'recorded')", timeout=10_000)
+            sent_after, shown_after = page.evaluate("[camface.stats.framesSent, camface.stats.framesShown]")
+            note = page.evaluate("window.camface.notes.find(n => n.type === 'recorded')")
+            path = tmp_path / "recordings" / note["file"]
+            # every frame processed while recording is in the file: no more than were sent, and
+            # at least those shown in between (up to the two in flight at either end)
+            assert count_frames(path) == note["frames"]
+            assert shown_after - shown_before - 2 <= note["frames"] <= sent_after - sent_before + 2
+            href = page.locator("#downloads a", has_text=note["file"]).get_attribute("href")
+            assert href.startswith(f"/recordings/{note['file']}")
+            assert page.request.get(url.rstrip("/") + href).body() == path.read_bytes()
+            page.screenshot(path=str(tmp_path / "page.png"))
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 143, err
+    assert re.search(r"camface serve: \d+ frames in \d+ graph calls", err), err

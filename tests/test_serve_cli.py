@@ -1,0 +1,78 @@
+"""`camface serve` as a command: the real server in a subprocess, driven by a Python WebSocket
+client (no browser): a token off localhost, SIGTERM finalising a recording, https/wss."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import ssl
+import struct
+import subprocess
+import urllib.request
+
+import cv2
+import pytest
+from realtime_helpers import count_frames
+from serve_helpers import start_server
+
+pytest.importorskip("starlette", reason="camface[serve] is not installed")
+from websockets.sync.client import connect  # noqa: E402
+
+from camface.serve import protocol  # noqa: E402
+
+
+def _frame_jpeg() -> bytes:
+    from camface.realtime.sample import SampleSource
+
+    return cv2.imencode(".jpg", SampleSource(frames=300, size=(320, 240)).frame(150))[1].tobytes()
+
+
+def test_sigterm_finalises_a_recording_in_progress(tmp_path):
+    """A Python client (no browser) records, and the server is stopped mid-recording."""
+    server, url = start_server(tmp_path, "--host", "127.0.0.2")  # not localhost: a token is required
+    token = url.split("token=")[1]
+    assert len(token) >= 24
+    try:
+        frame = _frame_jpeg()
+        with connect(f"ws://127.0.0.2:{url.split(':')[2].split('/')[0]}/ws?token={token}") as ws:
+            assert json.loads(ws.recv())["type"] == "hello"
+            ws.send('{"type": "record", "on": true}')
+            name = json.loads(ws.recv())["file"]
+            for sequence in range(1, 8):
+                ws.send(struct.pack(">I", sequence) + frame)
+                message, _ = protocol.unpack_result(ws.recv())
+                assert message["recording"] and len(message["faces"]) == 3
+            server.send_signal(signal.SIGTERM)
+            _, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == 143, err
+    assert count_frames(tmp_path / "recordings" / name) == 7
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl (to make a test certificate) is missing")
+def test_https_and_wss_with_a_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server, url = start_server(tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        with urllib.request.urlopen(url, context=context) as response:
+            assert response.status == 200 and b'id="view"' in response.read()
+        with connect(url.replace("https", "wss") + "ws", ssl=context,
+                     origin=url.rstrip("/")) as ws:
+            assert json.loads(ws.recv())["type"] == "hello"
+            ws.send(struct.pack(">I", 3) + _frame_jpeg())
+            message, _ = protocol.unpack_result(ws.recv())
+            assert message["seq"] == 3 and len(message["faces"]) == 3
+    finally:
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 130, err  # Ctrl-C
+    assert re.search(r"camface serve: [1-9]\d* frames in [1-9]\d* graph calls", err), err
