@@ -43,8 +43,6 @@ class FrameExplainer:
 
         self.graph, self.margin, self.max_faces, self.timer = graph, margin, max_faces, timer
         self.smoother = Smoother(smooth) if smooth > 0 else None
-        info = graph.info
-        self._empty = np.zeros((0, *info.input_size, info.channels), np.uint8)
 
     @classmethod
     def from_config(cls, config, graph, timer=None) -> "FrameExplainer":
@@ -71,29 +69,18 @@ class FrameExplainer:
         index: the frame's index in its run. fps / stage_ms / pace_fps: the caller's rolling
         figures, carried in the result for the HUD (see FrameResult)."""
         start = time.perf_counter()
-        dropped = max(0, len(faces) - self.max_faces)
-        faces = tuple(faces[: self.max_faces])
         info = self.graph.info
-        crops, faces = (crop_faces(frame, faces, self.margin, info.input_size, info.color_order)
-                        if faces else (self._empty, ()))
+        faces, crops, dropped = crop_for_graph(frame, faces, self.margin, self.max_faces, info)
         cropped = time.perf_counter()
-        predictions: tuple[Prediction, ...] = ()
-        if faces:
-            class_index = self._class_index(faces, controls)
-            probs, heatmaps = self.graph.run(crops, class_index, controls.method)
-            predicted = probs.argmax(axis=1)
-            predictions = tuple(
-                Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                           explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]),
-                           method=controls.method)
-                for i in range(len(faces)))
+        class_index = self._class_index(faces, controls) if faces else np.zeros(0, np.int64)
+        probs, heatmaps = (self.graph.run(crops, class_index, controls.method) if faces else
+                           (np.zeros((0, len(info.labels)), np.float32), np.zeros((0, 0, 0), np.float32)))
         if self.timer is not None:
             self.timer.add("crop", cropped - start)
             self.timer.add("classify", time.perf_counter() - cropped)
-        result = FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped,
-                             method=controls.method, explained_class=controls.explained_class,
-                             labels=info.labels, fps=fps, stage_ms=stage_ms or {}, provider=self.graph.provider,
-                             pace_fps=pace_fps)
+        result = frame_result(index, faces, probs, heatmaps, class_index, dropped, controls.method,
+                              controls.explained_class, info.labels, self.graph.provider,
+                              fps=fps, stage_ms=stage_ms, pace_fps=pace_fps)
         if self.smoother is not None:
             result = self.smoother.update(result)
         return Explained(result, crops)
@@ -107,14 +94,13 @@ def check_method(graph, method: str) -> None:
                          f"it offers {', '.join(graph.methods) or 'none'}")
 
 
-# ---------------------------------------------------------------- batched across frames (camface batch)
-# `camface batch` runs cropping, the graph and drawing in separate Ray stages, so it needs the
-# three steps of `FrameExplainer.explain` one at a time: `crop_for_graph` (per frame, on the
-# detection workers), `run_graph_across_frames` (crops of many frames in calls of up to 32, on
-# the graph workers) and `frame_result` (per frame again). For the same frame and faces they
-# give what `explain` gives without smoothing (smoothing keeps state from frame to frame and
-# chooses the class to explain from it, which a stage batched across frames cannot know).
-# These are separate from `explain` on purpose; `explain` is unchanged.
+# ---------------------------------------------------------------- the steps, for batches across frames
+# `FrameExplainer.explain` is three steps: `crop_for_graph`, the graph call and `frame_result`.
+# `camface batch` runs them in separate Ray stages (cropping on the detection workers, the graph
+# on crops of many frames in calls of up to 32 with `run_graph_across_frames`, the result per
+# frame again), and `camface serve` through `explain_many` (one call for every client's frame).
+# Without smoothing they give what `explain` gives; smoothing keeps state from frame to frame and
+# chooses the class to explain from it, which a stage batched across frames cannot know.
 
 
 def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, max_faces: int,
@@ -150,17 +136,19 @@ def run_graph_across_frames(graph, crops: np.ndarray, class_index: np.ndarray, m
 
 def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmaps: np.ndarray,
                  class_index: np.ndarray, dropped: int, method: str, explained_class: int | None,
-                 labels: tuple[str, ...], provider: str) -> FrameResult:
+                 labels: tuple[str, ...], provider: str, *, fps: float = 0.0, stage_ms: dict | None = None,
+                 pace_fps: float = 0.0) -> FrameResult:
     """`explain`'s result step for one frame: probs float32 [N, classes] and heatmaps float32
     [N, h, w] of its N faces (rows of `run_graph_across_frames`), class_index int64 [N] as
-    given to the graph."""
+    given to the graph; fps / stage_ms / pace_fps: the caller's HUD figures (see FrameResult)."""
     predicted = probs.argmax(axis=1) if len(faces) else np.zeros(0, np.int64)
     predictions = tuple(
         Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
                    explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]), method=method)
         for i in range(len(faces)))
     return FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped, method=method,
-                       explained_class=explained_class, labels=labels, fps=0.0, stage_ms={}, provider=provider)
+                       explained_class=explained_class, labels=labels, fps=fps, stage_ms=stage_ms or {},
+                       provider=provider, pace_fps=pace_fps)
 
 
 def explain_many(items) -> list[Explained]:
@@ -175,8 +163,6 @@ def explain_many(items) -> list[Explained]:
     of at most 32. The explainers' timers, if any, get `crop` and `classify` (the shared call's
     time, for each).
     """
-    from dataclasses import replace
-
     start = time.perf_counter()
     prepared = []  # (faces kept, crops, dropped, class_index) per item
     for explainer, frame, faces, controls, *_ in items:
@@ -205,8 +191,7 @@ def explain_many(items) -> list[Explained]:
         probs, heatmaps = row if row is not None else (np.zeros((0, len(graph.info.labels)), np.float32),
                                                        np.zeros((0, 0, 0), np.float32))
         result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
-                              controls.explained_class, graph.info.labels, graph.provider)
-        result = replace(result, fps=fps, stage_ms=stage_ms or {})
+                              controls.explained_class, graph.info.labels, graph.provider, fps=fps, stage_ms=stage_ms)
         if explainer.timer is not None:
             explainer.timer.add("crop", (cropped - start) / len(items))
             explainer.timer.add("classify", classified - cropped)
