@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "guided": ("camface.guided.cli", "Guided Backprop / Guided Grad-CAM figures from snapshots"),
     "bench": ("camface.realtime.bench.cli", "frames per second and per-stage latency"),
     "train": ("camface.models.train", "train a face classifier on your photos, export it"),
+    "evaluate": ("camface.evaluate.cli", "faithfulness of each heatmap method: deletion/insertion AUC, average drop"),
 }
 
 
