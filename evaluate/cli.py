@@ -87,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
     from camface.outputs import check_output_file
     from camface.realtime.graph import CamGraph
 
+    if not getattr(args, "debug", False):  # the table names the provider
+        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
         print("camface evaluate: error: give SNAPSHOT_DIRs or --source, not both", file=sys.stderr)
         return 2

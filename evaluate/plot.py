@@ -23,7 +23,7 @@ def plot_curves(report: dict, path: Path) -> Path:
         for name, m in report["methods"].items():
             values = m[f"{key}_curve"]
             xs = [i / (len(values) - 1) for i in range(len(values))]
-            ax.plot(xs, values, "--" if name == "random" else "-", color="gray" if name == "random" else None,
+            ax.plot(xs, values, "--" if name == "random" else "-", color="black" if name == "random" else None,
                     label=f"{name} ({m[f'{key}_auc']:.3f})")
         ax.set_title(title)
         ax.set_xlabel(f"fraction of pixels {'removed' if key == 'deletion' else 'revealed'}")
