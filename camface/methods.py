@@ -33,7 +33,10 @@ MINMAX = "minmax"  # (map - min) / (max - min): maps whose sign carries no "agai
 
 
 class Ops(Protocol):
-    """The array operations a `compute` function may use (besides +, -, *, / and scalars).
+    """The array operations a `compute` function may use (besides +, -, *, /, unary - and Python
+    float scalars, which are float32 constants: the random baseline's hash needs float32
+    arithmetic, without fused multiply-adds). A compute function may read `x.shape[1:]`, the
+    static height, width and channels of the activations.
 
     axis: an int or a tuple of ints; keepdims as numpy.
     """
