@@ -96,7 +96,6 @@ def main(args: argparse.Namespace) -> int:
         config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
         if args.frames < 1 or args.every < 1:
             raise ValueError("--frames and --every must be >= 1")
-        scorer_args = dict(steps=args.steps, baseline=args.baseline)
         if args.steps < 2:
             raise ValueError(f"--steps must be at least 2, got {args.steps}")
     except ValueError as exc:
@@ -116,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
         crops, frames = crop_sources.from_source(config, graph, args.frames, args.every, progress)
         source = config.source
     detected = time.perf_counter()
-    scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, **scorer_args)
+    scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,
+                    baseline=args.baseline)
     predicted, probability, scores = scorer.score(crops, names)
     finished = time.perf_counter()
     report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
