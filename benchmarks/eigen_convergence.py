@@ -67,7 +67,7 @@ def table(name: str, x: np.ndarray, squarings=range(0, 9)) -> list[str]:
              f"max {ratios.max():.3f}",
              f"  {'squarings':>9} {'steps':>6} {'median':>10} {'p95':>10} {'max':>10}"]
     for s in squarings:
-        got = methods.first_component(methods.NUMPY, x, squarings=s)
+        got = methods.first_component(methods.NUMPY, x, x.shape[1:], squarings=s)
         diff = np.array([np.abs(methods.normalize(g, "eigencam") - w).max() for g, w in zip(got, normalized)])
         mark = "  <- EIGEN_SQUARINGS" if s == methods.EIGEN_SQUARINGS else ""
         lines.append(f"  {s:>9} {2 ** s:>6} {np.median(diff):>10.2e} {np.percentile(diff, 95):>10.2e} "

@@ -35,8 +35,8 @@ MINMAX = "minmax"  # (map - min) / (max - min): maps whose sign carries no "agai
 class Ops(Protocol):
     """The array operations a `compute` function may use (besides +, -, *, /, unary - and Python
     float scalars, which are float32 constants: the random baseline's hash needs float32
-    arithmetic, without fused multiply-adds). A compute function may read `x.shape[1:]`, the
-    static height, width and channels of the activations.
+    arithmetic, without fused multiply-adds). A compute function may read `a.shape[1:]` of the
+    activations it is given (static height, width and channels; not of results of ops).
 
     axis: an int or a tuple of ints; keepdims as numpy.
     """
@@ -53,9 +53,10 @@ class Ops(Protocol):
     def floor(self, x): ...
     def cumsum(self, x, axis: int):
         """Inclusive cumulative sum along one axis (an int), as numpy.cumsum."""
-    def matmul(self, a, b, transpose_b: bool = False):
-        """Matrix product over the last two axes of two 3-D arrays [N, m, k] x [N, k, n] (b
-        [N, n, k] transposed when transpose_b), as numpy's `a @ b`."""
+    def matmul(self, a, b):
+        """Matrix product over the last two axes, [N, m, k] x [N, k, n], as numpy.matmul."""
+    def transpose(self, x, axes: tuple[int, ...]):
+        """x with its axes permuted, as numpy.transpose with an explicit `axes`."""
     def reshape(self, x, shape: tuple[int, ...]):
         """x in a new shape (ints, one of them -1: the batch), as numpy.reshape."""
 
@@ -91,8 +92,11 @@ class NumpyOps:
     def cumsum(self, x, axis):
         return np.cumsum(x, axis=axis, dtype=x.dtype)
 
-    def matmul(self, a, b, transpose_b=False):
-        return a @ (np.swapaxes(b, -1, -2) if transpose_b else b)
+    def matmul(self, a, b):
+        return np.matmul(a, b)
+
+    def transpose(self, x, axes):
+        return np.transpose(x, axes)
 
     def reshape(self, x, shape):
         return np.reshape(x, shape)
@@ -192,8 +196,9 @@ def layercam(ops, a, g, w=None):
 EIGEN_SQUARINGS = 6  # 2^6 = 64 power-iteration steps (convergence: benchmarks/eigen_convergence.py)
 
 
-def first_component(ops, x, squarings: int = EIGEN_SQUARINGS):
-    """Projection on the first principal component: x float [N, h, w, K], seen per crop as the
+def first_component(ops, x, dims: tuple[int, int, int], squarings: int = EIGEN_SQUARINGS):
+    """Projection on the first principal component: x float [N, h, w, K] (dims = (h, w, K),
+    static), seen per crop as the
     (h w) x K matrix X of positions x channels, centred per channel (minus its spatial mean);
     returns X v_1 [N, h, w], v_1 the first right singular vector of X (numpy:
     `U, S, Vt = svd(X); X @ Vt[0]`), with the sign that makes the largest-magnitude entry
@@ -203,9 +208,9 @@ def first_component(ops, x, squarings: int = EIGEN_SQUARINGS):
     v = X^T u / |X^T u|, map = X v. The error of u shrinks as (s_2 / s_1)^(2^(squarings + 1))
     for singular values s_1 > s_2. Cost per crop: (h w)^2 K + squarings (h w)^3 multiply-adds
     (8x8x64: 1.8 M; 7x7x2048: 5.6 M). A crop whose X is 0 gives a map of zeros."""
-    _, height, width, channels = x.shape
+    height, width, channels = (int(d) for d in dims)
     x = ops.reshape(x - ops.mean(x, axis=(1, 2), keepdims=True), (-1, height * width, channels))
-    gram = ops.matmul(x, x, transpose_b=True)  # [N, hw, hw]
+    gram = ops.matmul(x, ops.transpose(x, (0, 2, 1)))  # [N, hw, hw]
     for _ in range(squarings):
         gram = ops.safe_divide(gram, ops.max(gram, axis=(1, 2), keepdims=True))
         gram = ops.matmul(gram, gram)
@@ -233,13 +238,13 @@ def eigencam(ops, a, g=None, w=None):
     their first principal component, L = A_centred v_1 (see `first_component`: power iteration,
     fixed sign). Class-agnostic. pytorch-grad-cam leaves the SVD's sign to chance and then
     applies ReLU, which shows an empty map whenever the sign comes out negative."""
-    return first_component(ops, a)
+    return first_component(ops, a, a.shape[1:])
 
 
 def eigengradcam(ops, a, g, w=None):
     """Eigen-Grad-CAM (pytorch-grad-cam's EigenGradCAM): the first principal component
     projection of g * A (as Eigen-CAM, on the class-specific element-wise products)."""
-    return first_component(ops, g * a)
+    return first_component(ops, g * a, a.shape[1:])
 
 
 def random_weights(ops, a):

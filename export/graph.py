@@ -67,10 +67,15 @@ class TensorFlowOps:
 
         return tf.cumsum(x, axis=axis)
 
-    def matmul(self, a, b, transpose_b=False):
+    def matmul(self, a, b):
         import tensorflow as tf
 
-        return tf.linalg.matmul(a, b, transpose_b=transpose_b)
+        return tf.linalg.matmul(a, b)
+
+    def transpose(self, x, axes):
+        import tensorflow as tf
+
+        return tf.transpose(x, axes)
 
     def reshape(self, x, shape):
         import tensorflow as tf
