@@ -33,7 +33,10 @@ MINMAX = "minmax"  # (map - min) / (max - min): maps whose sign carries no "agai
 
 
 class Ops(Protocol):
-    """The array operations a `compute` function may use (besides +, -, *, / and scalars).
+    """The array operations a `compute` function may use (besides +, -, *, /, unary - and Python
+    float scalars, which are float32 constants: the random baseline's hash needs float32
+    arithmetic, without fused multiply-adds). A compute function may read `a.shape[1:]` of the
+    activations it is given (static height, width and channels; not of results of ops).
 
     axis: an int or a tuple of ints; keepdims as numpy.
     """
@@ -44,6 +47,18 @@ class Ops(Protocol):
     def square(self, x): ...
     def safe_divide(self, numerator, denominator):
         """numerator / denominator where denominator != 0, else 0."""
+    def max(self, x, axis, keepdims: bool = False):
+        """Largest element along `axis` (a reduction, as numpy.max)."""
+    def sqrt(self, x): ...
+    def floor(self, x): ...
+    def cumsum(self, x, axis: int):
+        """Inclusive cumulative sum along one axis (an int), as numpy.cumsum."""
+    def matmul(self, a, b):
+        """Matrix product over the last two axes, [N, m, k] x [N, k, n], as numpy.matmul."""
+    def transpose(self, x, axes: tuple[int, ...]):
+        """x with its axes permuted, as numpy.transpose with an explicit `axes`."""
+    def reshape(self, x, shape: tuple[int, ...]):
+        """x in a new shape (ints, one of them -1: the batch), as numpy.reshape."""
 
 
 class NumpyOps:
@@ -64,6 +79,27 @@ class NumpyOps:
     def safe_divide(self, numerator, denominator):
         nonzero = denominator != 0
         return np.where(nonzero, numerator / np.where(nonzero, denominator, 1.0), 0.0)
+
+    def max(self, x, axis, keepdims=False):
+        return np.max(x, axis=axis, keepdims=keepdims)
+
+    def sqrt(self, x):
+        return np.sqrt(x)
+
+    def floor(self, x):
+        return np.floor(x)
+
+    def cumsum(self, x, axis):
+        return np.cumsum(x, axis=axis, dtype=x.dtype)
+
+    def matmul(self, a, b):
+        return np.matmul(a, b)
+
+    def transpose(self, x, axes):
+        return np.transpose(x, axes)
+
+    def reshape(self, x, shape):
+        return np.reshape(x, shape)
 
 
 NUMPY = NumpyOps()
@@ -127,6 +163,115 @@ def cam(ops, a, g=None, w=None):
     return ops.sum(w * a, axis=-1)
 
 
+def hirescam(ops, a, g, w=None):
+    """HiResCAM (Draelos & Carin, arXiv:2011.08891, sec. 3): map = sum_k g_k * A_k, the
+    element-wise product summed over channels, without Grad-CAM's spatial averaging of g.
+    Signed (negative: against class c); the display keeps the positive part (POSITIVE)."""
+    return ops.sum(g * a, axis=-1)
+
+
+def gradcamelementwise(ops, a, g, w=None):
+    """Grad-CAM element-wise (pytorch-grad-cam's GradCAMElementWise, a HiResCAM variant):
+    map = sum_k ReLU(g_k * A_k): every position's positive contributions only."""
+    return ops.sum(ops.relu(g * a), axis=-1)
+
+
+def xgradcam(ops, a, g, w=None):
+    """XGrad-CAM (Fu et al., arXiv:2008.02312, its weight alpha_k): w_k = sum_ij (A_ijk / sum_ab A_abk)
+    g_ijk, map = ReLU(sum_k w_k A_k). No epsilon in the denominator (pytorch-grad-cam adds 1e-7):
+    w_k is 0 where sum_ab A_abk is exactly 0 (a channel that is zero everywhere after a ReLU,
+    whose numerator is 0 too). The paper derives it for A >= 0; at a target layer without ReLU
+    a channel summing to ~0 gets a large weight, as in the paper's formula (see `tolerance`)."""
+    sum_a = ops.sum(a, axis=(1, 2), keepdims=True)
+    weights = ops.safe_divide(ops.sum(g * a, axis=(1, 2), keepdims=True), sum_a)
+    return ops.relu(ops.sum(weights * a, axis=-1))
+
+
+def layercam(ops, a, g, w=None):
+    """LayerCAM (Jiang et al., IEEE TIP 30:5875, 2021): map = ReLU(sum_k ReLU(g_k) * A_k),
+    each position weighted by its own positive gradient."""
+    return ops.relu(ops.sum(ops.relu(g) * a, axis=-1))
+
+
+EIGEN_SQUARINGS = 6  # 2^6 = 64 power-iteration steps (convergence: benchmarks/eigen_convergence.py)
+
+
+def first_component(ops, x, dims: tuple[int, int, int], squarings: int = EIGEN_SQUARINGS):
+    """Projection on the first principal component: x float [N, h, w, K] (dims = (h, w, K),
+    static), seen per crop as the
+    (h w) x K matrix X of positions x channels, centred per channel (minus its spatial mean);
+    returns X v_1 [N, h, w], v_1 the first right singular vector of X (numpy:
+    `U, S, Vt = svd(X); X @ Vt[0]`), with the sign that makes the largest-magnitude entry
+    positive. ONNX has no SVD, so: the power method on the Gram matrix G = X X^T [h w, h w],
+    u = G^(2^squarings) X 1 (the channel sum as the start vector), with G squared `squarings`
+    times (each time divided by its largest entry, G being positive semi-definite), then
+    v = X^T u / |X^T u|, map = X v. The error of u shrinks as (s_2 / s_1)^(2^(squarings + 1))
+    for singular values s_1 > s_2. Cost per crop: (h w)^2 K + squarings (h w)^3 multiply-adds
+    (8x8x64: 1.8 M; 7x7x2048: 5.6 M). A crop whose X is 0 gives a map of zeros."""
+    height, width, channels = (int(d) for d in dims)
+    x = ops.reshape(x - ops.mean(x, axis=(1, 2), keepdims=True), (-1, height * width, channels))
+    gram = ops.matmul(x, ops.transpose(x, (0, 2, 1)))  # [N, hw, hw]
+    for _ in range(squarings):
+        gram = ops.safe_divide(gram, ops.max(gram, axis=(1, 2), keepdims=True))
+        gram = ops.matmul(gram, gram)
+    u = ops.matmul(gram, ops.sum(x, axis=-1, keepdims=True))  # [N, hw, 1]
+    v = _unit(ops, ops.sum(x * u, axis=1, keepdims=True))  # [N, 1, K]
+    projection = ops.sum(x * v, axis=-1)  # [N, hw]
+    peak = ops.max(projection, axis=1, keepdims=True)
+    trough = ops.max(-projection, axis=1, keepdims=True)
+    return ops.reshape(_sign_or_one(ops, peak - trough) * projection, (-1, height, width))
+
+
+def _unit(ops, x):
+    """x / |x|_2 over the last axis (0 where |x| = 0)."""
+    return ops.safe_divide(x, ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True)))
+
+
+def _sign_or_one(ops, x):
+    """sign(x), with 1 where x = 0."""
+    magnitude = ops.sqrt(ops.square(x))
+    return ops.safe_divide(x, magnitude) + 1.0 - ops.safe_divide(magnitude, magnitude)
+
+
+def eigencam(ops, a, g=None, w=None):
+    """Eigen-CAM (Muhammad & Yeasin, arXiv:2008.00299): the activations projected on
+    their first principal component, L = A_centred v_1 (see `first_component`: power iteration,
+    fixed sign). Class-agnostic. pytorch-grad-cam leaves the SVD's sign to chance and then
+    applies ReLU, which shows an empty map whenever the sign comes out negative."""
+    return first_component(ops, a, a.shape[1:])
+
+
+def eigengradcam(ops, a, g, w=None):
+    """Eigen-Grad-CAM (pytorch-grad-cam's EigenGradCAM): the first principal component
+    projection of g * A (as Eigen-CAM, on the class-specific element-wise products)."""
+    return first_component(ops, g * a, a.shape[1:])
+
+
+def random_weights(ops, a):
+    """w_nk ~ U(-1, 1) [N, 1, 1, K], seeded by crop n's row in the batch and channel k: a fixed
+    hash of the integers (n + 1) * 4099 + (k + 1) with float32 products, sums and floor only
+    ("hash without sine", D. Hoskins), so numpy, TensorFlow and every ONNX runtime compute the
+    same bits and every run the same weights. Not seeded from the crop's pixels or activations:
+    runtimes round activations differently, and a hash of them would differ between them."""
+    ones = ops.mean(a * 0.0, axis=(1, 2), keepdims=True) + 1.0  # [N, 1, 1, K]
+    seed = ops.cumsum(ones, axis=0) * 4099.0 + ops.cumsum(ones, axis=3)
+    p = _fraction(ops, seed * 0.1031)
+    p = p * (p + 33.33)
+    p = _fraction(ops, p * (p + p))
+    return 2.0 * p - 1.0
+
+
+def _fraction(ops, x):
+    return x - ops.floor(x)
+
+
+def random_baseline(ops, a, g=None, w=None):
+    """Random baseline (the "random" floor of faithfulness scores, e.g. Petsiuk et al.,
+    arXiv:1806.07421 sec. 4): map = sum_k w_k A_k with w_k ~ U(-1, 1) (see `random_weights`),
+    knowing nothing of the class or the gradients. Not offered for display."""
+    return ops.sum(random_weights(ops, a) * a, axis=-1)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gradcam", "Grad-CAM", "Selvaraju et al. 2017, arXiv:1610.02391, eq. 1-2",
            gradcam, frozenset({GRADIENTS})),
@@ -136,6 +281,24 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            gradcampp, frozenset({GRADIENTS}), tolerance={"fp32": 10.0, "fp16": 2.0}),
     Method("cam", "CAM", "Zhou et al. 2016, arXiv:1512.04150, eq. 2",
            cam, frozenset({CLASS_WEIGHTS}), normalization=MINMAX),
+    # HiResCAM is signed; its positive part is the evidence for the class (as Grad-CAM's).
+    Method("hirescam", "HiResCAM", "Draelos & Carin 2020, arXiv:2011.08891: sum_k g * A",
+           hirescam, frozenset({GRADIENTS})),
+    Method("gradcamelementwise", "Grad-CAM element-wise", "pytorch-grad-cam GradCAMElementWise",
+           gradcamelementwise, frozenset({GRADIENTS})),
+    # XGrad-CAM divides by sum(A), near 0 for channels of a target layer without ReLU.
+    Method("xgradcam", "XGrad-CAM", "Fu et al. 2020, arXiv:2008.02312: w_k = sum g A / sum A",
+           xgradcam, frozenset({GRADIENTS}), tolerance={"fp32": 10.0, "fp16": 2.0}),
+    Method("layercam", "LayerCAM", "Jiang et al. 2021, IEEE TIP 30:5875: ReLU(g) * A",
+           layercam, frozenset({GRADIENTS})),
+    # Eigen maps: the sign is a convention and 0 is the spatial mean (centring), so neither sign
+    # means "against": min-max.
+    Method("eigencam", "Eigen-CAM", "Muhammad & Yeasin 2020, arXiv:2008.00299: first principal component",
+           eigencam, frozenset(), normalization=MINMAX),
+    Method("eigengradcam", "Eigen-Grad-CAM", "pytorch-grad-cam EigenGradCAM (Eigen-CAM of g * A)",
+           eigengradcam, frozenset({GRADIENTS}), normalization=MINMAX),
+    Method("random", "Random", "random channel weights, the faithfulness floor",
+           random_baseline, frozenset(), normalization=MINMAX, display=False),
 )}
 
 

@@ -28,7 +28,7 @@ def backbone_graph(builder: str, size: int, folder: str | Path) -> tuple[Path, P
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{builder}_{size}_random_seed0"
     onnx_path, keras_path = folder / f"{stem}.onnx", folder / f"{stem}.keras"
-    if onnx_path.is_file() and keras_path.is_file():
+    if onnx_path.is_file() and keras_path.is_file() and _has_every_method(onnx_path):
         return onnx_path, keras_path
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -52,3 +52,17 @@ def backbone_graph(builder: str, size: int, folder: str | Path) -> tuple[Path, P
         for leftover in (partial_keras, partial_onnx):
             leftover.unlink(missing_ok=True)
     return onnx_path, keras_path
+
+
+def _has_every_method(path: Path) -> bool:
+    """Whether a cached graph holds every method of the registry (one exported before a method
+    was added does not, and is exported again)."""
+    import json
+
+    import onnx
+
+    from camface import methods
+
+    model = onnx.load(str(path), load_external_data=False)
+    heatmaps = json.loads({p.key: p.value for p in model.metadata_props}.get("heatmaps", "[]"))
+    return set(methods.names()) <= set(heatmaps)

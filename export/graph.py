@@ -47,6 +47,41 @@ class TensorFlowOps:
         safe = tf.where(nonzero, denominator, tf.ones_like(denominator))
         return tf.where(nonzero, numerator / safe, tf.zeros_like(numerator))
 
+    def max(self, x, axis, keepdims=False):
+        import tensorflow as tf
+
+        return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+    def sqrt(self, x):
+        import tensorflow as tf
+
+        return tf.sqrt(x)
+
+    def floor(self, x):
+        import tensorflow as tf
+
+        return tf.floor(x)
+
+    def cumsum(self, x, axis):
+        import tensorflow as tf
+
+        return tf.cumsum(x, axis=axis)
+
+    def matmul(self, a, b):
+        import tensorflow as tf
+
+        return tf.linalg.matmul(a, b)
+
+    def transpose(self, x, axes):
+        import tensorflow as tf
+
+        return tf.transpose(x, axes)
+
+    def reshape(self, x, shape):
+        import tensorflow as tf
+
+        return tf.reshape(x, shape)
+
 
 TF_OPS = TensorFlowOps()
 

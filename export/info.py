@@ -92,7 +92,7 @@ def format_summary(summary: GraphSummary) -> str:
     for title, rows in (("inputs:", summary.inputs), ("outputs:", summary.outputs)):
         lines.append(title)
         for name, kind, shape in rows:
-            lines.append(f"  {name:<12} {kind:<8} [{', '.join(str(d) for d in shape)}]")
+            lines.append(f"  {name:<18} {kind:<8} [{', '.join(str(d) for d in shape)}]")
     return "\n".join(lines)
 
 

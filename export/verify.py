@@ -48,7 +48,7 @@ class Difference:
         mark = "ok" if self.ok else "FAIL"
         widened = (f" incl. {self.sensitivity:.2e} for float16 activations"
                    if self.sensitivity else "")
-        return (f"{self.output:<12} max |onnx - tf| = {self.max_abs:.2e}  (allowed "
+        return (f"{self.output:<18} max |onnx - tf| = {self.max_abs:.2e}  (allowed "
                 f"{self.allowed:.2e}{widened}, max |tf| = {self.reference_max:.3g})  {mark}")
 
 

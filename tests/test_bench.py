@@ -66,7 +66,7 @@ def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
     for text in ("classify+explain", "end to end (fps)", "faces per frame", "camface live",
-                 "gradients add"):
+                 "every heatmap add", "forward only", "eigencam"):
         assert text in table
 
     machine = report["machine"]
@@ -88,6 +88,15 @@ def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
         full, forward = batch["with_gradients"], batch["forward_only"]
         assert 0 < full["median_ms"] <= full["p95_ms"] and 0 < forward["median_ms"] <= forward["p95_ms"]
         assert batch["overhead_pct"] == pytest.approx(100 * (full["median_ms"] / forward["median_ms"] - 1))
+        # one pruned graph per heatmap of the graph, each with its cost per crop over forward only
+        from camface.realtime.graph import CamGraph
+
+        assert tuple(batch["methods"]) == CamGraph(EMOTION_ONNX, "cpu").info.heatmaps
+        size = next(b for b, v in heads["batches"].items() if v is batch)
+        for cell in batch["methods"].values():
+            assert 0 < cell["median_ms"] <= cell["p95_ms"]
+            assert cell["ms_per_crop"] == pytest.approx(cell["median_ms"] / int(size))
+            assert cell["overhead_pct"] == pytest.approx(100 * (cell["median_ms"] / forward["median_ms"] - 1))
 
 
 def test_keras_baseline_runs_on_the_same_frames(tmp_path, faces_clip, capsys):

@@ -13,6 +13,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # eager conv gradients segf
 import numpy as np
 import pytest
 
+from camface import methods
+
 BATCHES = (1, 3, 32)
 NUM_CLASSES = 5
 
@@ -262,7 +264,7 @@ def test_resnet_like_matches_tape_reference(resnet_like, n):
     import keras
 
     model, graph, info = resnet_like
-    assert info.target_layer == "block_out" and info.heatmaps == ("gradcam", "gradcampp", "cam")
+    assert info.target_layer == "block_out" and info.heatmaps == methods.names()
     features = keras.Model(model.input, model.get_layer("block_out").output)
     head, weights = _dense_head(model)
     image = images(n, 32, 3, seed=n)
@@ -294,7 +296,7 @@ def test_target_inside_nested_backbone(resnet_like_nested, n):
     model, (default_graph, default_info), (inner_graph, inner_info) = resnet_like_nested
     base = model.get_layer("backbone")
     assert default_info.target_layer == "backbone/block_out"
-    assert default_info.heatmaps == ("gradcam", "gradcampp", "cam")
+    assert default_info.heatmaps == methods.names()
     assert inner_info.target_layer == "backbone/stem" and inner_info.feature_size == (16, 16)
     assert "cam" not in inner_info.heatmaps and "stem" in inner_info.cam_unavailable_reason
     image = images(n, 32, 3, seed=20 + n)
@@ -335,7 +337,7 @@ def test_nonlinear_head_has_no_cam_and_matches_reference(nonlinear_head, n):
     import keras
 
     model, graph, info = nonlinear_head
-    assert "cam" not in graph.names and info.heatmaps == ("gradcam", "gradcampp")
+    assert "cam" not in graph.names and info.heatmaps == tuple(m for m in methods.names() if m != "cam")
     assert "hidden" in info.cam_unavailable_reason
     assert graph.metadata["cam_unavailable_reason"] == info.cam_unavailable_reason
     features = keras.Model(model.input, model.get_layer("pool2").output)
@@ -380,7 +382,7 @@ def test_metadata_follows_graph_spec(resnet_like):
     assert graph.metadata["channels"] == "3" and graph.metadata["color_order"] == "BGR"
     assert [i.name for i in graph.session.get_inputs()] == ["image", "class_index"]
     assert graph.session.get_inputs()[0].type == "tensor(uint8)"
-    assert set(graph.names) == {"probs", "activations", "gradcam", "gradcampp", "cam"}
+    assert set(graph.names) == {"probs", "activations", *methods.names()}
 
 
 # ---- the heatmap maths on hand-computed arrays: tests/test_methods.py (numpy and TensorFlow)

@@ -125,13 +125,23 @@ def explanations(astronaut_bgr):
         crops, np.array([-1, -1, 4]), ("face 0", "face 1", "face 0")) for layer in ("conv2d_7", "add_3")}
 
 
+def _columns(cam: bool) -> list[str]:
+    """image, one column per displayable registry method (CAM only where it exists), the guided pair."""
+    from camface import methods
+
+    shown = [methods.get(m).title for m in methods.names(display_only=True) if cam or m != "cam"]
+    return ["image", *shown, "Guided Backprop", "Guided Grad-CAM"]
+
+
 @pytest.mark.parametrize("layer, columns", [
     # GAP right after conv2d_7: CAM exists and gets its column
-    ("conv2d_7", ["image", "Grad-CAM", "Grad-CAM++", "CAM", "Guided Backprop", "Guided Grad-CAM"]),
+    ("conv2d_7", _columns(cam=True)),
     # add_3 is not followed by pooling: no CAM column (the title says why), no empty panels
-    ("add_3", ["image", "Grad-CAM", "Grad-CAM++", "Guided Backprop", "Guided Grad-CAM"]),
+    ("add_3", _columns(cam=False)),
 ])
 def test_figure_has_one_row_per_face_and_a_panel_per_method(explanations, layer, columns):
+    assert columns[1:3] == ["Grad-CAM", "Grad-CAM++"] and ("CAM" in columns) == (layer == "conv2d_7")
+    assert len(columns) >= 10  # nine methods at add_3 besides the image and the guided pair
     items = explanations[layer]
     fig = comparison_figure(items, LABELS, cam_note="" if layer == "conv2d_7" else "no pooling after add_3")
     axes, width = fig.axes, len(columns)

@@ -1,7 +1,8 @@
-"""`camface bench --compare-heads`: what the gradient outputs cost. The CAM graph is timed with
-and without them (the forward-only graph is the same graph pruned to `probs` and `activations`
-with onnx.utils) at fixed batch sizes, alternating the two so load on a shared machine hits
-both alike."""
+"""`camface bench --compare-heads`: what the heatmaps cost. The CAM graph is timed whole (every
+method: ONNX Runtime runs every node whatever outputs are asked for), forward only (pruned to
+`probs` and `activations` with onnx.utils) and once per method (pruned to the forward outputs and
+that method's heatmap), at fixed batch sizes, the graphs alternating run by run so load on a
+shared machine hits all alike."""
 
 from __future__ import annotations
 
@@ -17,8 +18,13 @@ FORWARD_OUTPUTS = ("probs", "activations")
 
 def forward_only(model_bytes: bytes) -> bytes:
     """The CAM graph pruned to its forward outputs (`probs`, `activations`): every node that
-    only the gradient heatmaps need is gone (ONNX Runtime runs the whole graph whatever
-    outputs are asked for, so asking for fewer outputs would not show the difference)."""
+    only the heatmaps need is gone (ONNX Runtime runs the whole graph whatever outputs are
+    asked for, so asking for fewer outputs would not show the difference)."""
+    return prune(model_bytes, FORWARD_OUTPUTS)
+
+
+def prune(model_bytes: bytes, outputs) -> bytes:
+    """The CAM graph pruned to `outputs` (names), metadata kept."""
     try:
         import onnx
         import onnx.utils
@@ -26,7 +32,7 @@ def forward_only(model_bytes: bytes) -> bytes:
         raise ModelError("--compare-heads needs the `onnx` package (pip install 'camface[keras]')") from exc
     model = onnx.load_from_string(model_bytes)
     inputs = [i.name for i in model.graph.input]
-    pruned = onnx.utils.Extractor(model).extract_model(inputs, list(FORWARD_OUTPUTS))
+    pruned = onnx.utils.Extractor(model).extract_model(inputs, list(outputs))
     del pruned.metadata_props[:]
     pruned.metadata_props.extend(model.metadata_props)
     return pruned.SerializeToString()
@@ -59,21 +65,30 @@ def sample_crops(config: BenchConfig, info, count: int = 8):
 
 
 def compare_heads(config: BenchConfig, graph) -> dict:
-    """Median and p95 ms of one call of `graph` (a loaded CamGraph) with and without its
-    gradient outputs, per batch size, runs alternating between the two graphs. The forward-only
-    graph runs on the same provider with the same threads (an error if it cannot)."""
+    """Median and p95 ms of one call of `graph` (a loaded CamGraph), whole ("with gradients":
+    every heatmap), forward only, and per method (forward outputs + that heatmap), per batch
+    size; runs alternate between the graphs. Every pruned graph runs on the graph's provider
+    with the same threads (an error if it cannot). ms_per_crop = median / batch; overhead_pct:
+    against forward only."""
     import numpy as np
 
     from camface.realtime.graph import PROVIDER_DEVICES, CamGraph
     from camface.realtime.timing import StageTimer
 
     pipeline = config.pipeline
-    forward = CamGraph.from_bytes(forward_only(graph.model_bytes), graph.path, PROVIDER_DEVICES[graph.provider],
-                                  pipeline.graph_threads, contract=False)
-    if forward.provider != graph.provider:
-        raise ModelError(f"--compare-heads: the forward-only graph runs on {forward.provider}, "
-                         f"the full graph on {graph.provider}: the times would not compare")
-    sessions = {"with gradients": graph.session, "forward only": forward.session}
+
+    def load(model_bytes: bytes):
+        pruned = CamGraph.from_bytes(model_bytes, graph.path, PROVIDER_DEVICES[graph.provider],
+                                     pipeline.graph_threads, contract=False)
+        if pruned.provider != graph.provider:
+            raise ModelError(f"--compare-heads: a pruned graph runs on {pruned.provider}, "
+                             f"the full graph on {graph.provider}: the times would not compare")
+        return pruned.session
+
+    full = graph.model_bytes
+    sessions = {"with gradients": graph.session, "forward only": load(forward_only(full))}
+    for method in graph.info.heatmaps:
+        sessions[method] = load(prune(full, FORWARD_OUTPUTS + (method,)))
     pool = sample_crops(config, graph.info, max(config.batches))
     out = {"provider": graph.provider, "threads": pipeline.graph_threads, "repeats": config.repeats, "batches": {}}
     for batch in config.batches:
@@ -87,9 +102,17 @@ def compare_heads(config: BenchConfig, graph) -> dict:
                 with timer.stage(name):
                     session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
         stats = timer.stats()
-        full_ms, forward_ms = stats["with gradients"].median_ms, stats["forward only"].median_ms
+        forward_ms = stats["forward only"].median_ms
+
+        def cell(name):
+            s = stats[name]
+            return {"median_ms": s.median_ms, "p95_ms": s.p95_ms, "ms_per_crop": s.median_ms / batch,
+                    "overhead_pct": 100.0 * (s.median_ms / forward_ms - 1.0) if forward_ms > 0 else None}
+
+        whole = cell("with gradients")
         out["batches"][str(batch)] = {
-            **{name.replace(" ", "_"): {"median_ms": s.median_ms, "p95_ms": s.p95_ms} for name, s in stats.items()},
-            "overhead_pct": 100.0 * (full_ms / forward_ms - 1.0) if forward_ms > 0 else None,
+            "with_gradients": whole, "forward_only": cell("forward only"),
+            "overhead_pct": whole["overhead_pct"],
+            "methods": {method: cell(method) for method in graph.info.heatmaps},
         }
     return out

@@ -52,10 +52,28 @@ def format_report(report: dict, rows: list[Row]) -> str:
                       + (f"; {speedup['cpu_time']:.1f}x in CPU time per frame" if speedup["cpu_time"] else "")]
     heads = report.get("heads")
     if heads:
-        lines += ["", f"gradient outputs vs forward only ({heads['provider'].replace('ExecutionProvider', '')}, "
-                      f"{heads['threads']} thread(s), {heads['repeats']} runs each, median / p95 ms per call):"]
-        for batch, b in heads["batches"].items():
-            lines.append(f"  batch {batch:>2}: with gradients {b['with_gradients']['median_ms']:.2f} / "
-                         f"{b['with_gradients']['p95_ms']:.2f}, forward only {b['forward_only']['median_ms']:.2f} / "
-                         f"{b['forward_only']['p95_ms']:.2f}: gradients add {b['overhead_pct']:+.1f}%")
+        lines += ["", *format_heads(heads)]
     return "\n".join(lines)
+
+
+def format_heads(heads: dict) -> list[str]:
+    """--compare-heads: ms per crop (median) of the whole graph, forward only and each method,
+    per batch size, with the cost over forward only."""
+    batches = heads["batches"]
+    lines = [f"heatmap cost vs forward only ({heads['provider'].replace('ExecutionProvider', '')}, "
+             f"{heads['threads']} thread(s), {heads['repeats']} runs each; ms per crop, median):"]
+    lines.append(f"  {'graph':<26}" + "".join(f"{'batch ' + b:>22}" for b in batches))
+    first = next(iter(batches.values()))
+    rows = [("forward only", lambda b: b["forward_only"]),
+            ("all methods (the graph)", lambda b: b["with_gradients"])]
+    rows += [(m, lambda b, m=m: b["methods"][m]) for m in first.get("methods", {})]
+    for label, pick in rows:
+        cells = []
+        for b in batches.values():
+            c = pick(b)
+            extra = "" if label == "forward only" else f" ({c['overhead_pct']:+.1f}%)"
+            cells.append(f"{c['ms_per_crop']:.3f}{extra}")
+        lines.append(f"  {label:<26}" + "".join(f"{cell:>22}" for cell in cells))
+    whole = ", ".join(f"batch {b}: {v['overhead_pct']:+.1f}%" for b, v in batches.items())
+    lines.append(f"  gradients and every heatmap add {whole}")
+    return lines

@@ -1,0 +1,1 @@
+"""`camface evaluate`: faithfulness scores of the CAM graph's heatmap methods."""

@@ -1,0 +1,134 @@
+"""`camface evaluate`: which heatmap method is faithful to the model? Deletion / insertion AUC
+(RISE) and Average Drop / Increase in Confidence (Grad-CAM++) per method of the CAM graph, beside
+the random baseline's, on faces detected and cropped as `camface live` does (or on snapshots).
+
+    camface evaluate                                  # the sample clip, every method
+    camface evaluate --source clip.mp4 --methods gradcam,layercam --json scores.json --plot curves.png
+    camface evaluate snapshots/                       # crops saved by `camface live` (key s)
+
+Everything runs on ONNX Runtime (no TensorFlow); the metrics are camface.evaluate.metrics.
+Top-level imports stay light: `camface --help` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from camface.errors import CamfaceError
+from camface.realtime.config import add_arguments, from_args
+
+log = logging.getLogger(__name__)
+
+PIPELINE_OPTIONS = ("source", "model", "detector", "min_confidence", "margin", "max_faces", "device",
+                    "graph_threads")
+RANDOM = "random"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("snapshots", nargs="*", metavar="SNAPSHOT_DIR",
+                        help="snapshot folders saved by `camface live` (or a folder of them): score their "
+                             "crops instead of a --source")
+    parser.add_argument("--source", default=None,
+                        help="video file, folder of images, camera index, stream URL or 'sample' (the bundled "
+                             "demo clip); default: sample, unless SNAPSHOT_DIRs are given")
+    add_arguments(parser, "model")
+    parser.add_argument("--methods", default="all",
+                        help="'all' (every heatmap of the graph, the random baseline included) or a "
+                             "comma-separated list; the random baseline is always added when the graph has it")
+    parser.add_argument("--frames", type=int, default=300, help="frames read from --source")
+    parser.add_argument("--every", type=int, default=5,
+                        help="score the faces of every N-th frame read (neighbouring video frames are near "
+                             "duplicates; 1: every frame)")
+    parser.add_argument("--steps", type=int, default=16,
+                        help="K: deletion / insertion curves remove or reveal 1/K of the pixels per step")
+    parser.add_argument("--baseline", choices=("blur", "mean"), default="blur",
+                        help="what removed pixels become: the crop blurred (sigma = side/8) or its mean colour")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write every number here")
+    parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                        help="plot the mean deletion and insertion curves per method (matplotlib)")
+    add_arguments(parser, "detector", "min_confidence", "margin", "max_faces", "device")
+    add_arguments(parser, "graph_threads", graph_threads=0)
+
+
+def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
+    """The methods to score, in registry order, the random baseline last. CamfaceError naming
+    the valid ones for an unknown or absent name."""
+    from camface import methods
+
+    if spec.strip() == "all":
+        wanted = list(available)
+    else:
+        wanted = [name.strip() for name in spec.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in methods.METHODS]
+        if unknown or not wanted:
+            raise CamfaceError(f"unknown method {', '.join(unknown) or repr(spec)}; choose from "
+                               f"all, {', '.join(methods.METHODS)}")
+        absent = [name for name in wanted if name not in available]
+        if absent:
+            raise CamfaceError(f"the graph has no {', '.join(absent)} heatmap; it offers "
+                               f"{', '.join(available) or 'none'}")
+    if not [name for name in wanted if name != RANDOM]:
+        raise CamfaceError("the graph has no heatmap to evaluate (a graph without gradients?); it offers "
+                           f"{', '.join(available) or 'none'}: export it with `camface export`")
+    ordered = [name for name in methods.METHODS if name in wanted and name != RANDOM]
+    return tuple(ordered + ([RANDOM] if RANDOM in available else []))
+
+
+def main(args: argparse.Namespace) -> int:
+    from camface.evaluate import crops as crop_sources
+    from camface.evaluate.report import format_table, to_json
+    from camface.evaluate.scores import Scorer
+    from camface.models import EMOTION_ONNX
+    from camface.outputs import check_output_file
+    from camface.realtime.graph import CamGraph
+
+    if not getattr(args, "debug", False):  # the table names the provider
+        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
+    if args.snapshots and args.source is not None:
+        print("camface evaluate: error: give SNAPSHOT_DIRs or --source, not both", file=sys.stderr)
+        return 2
+    try:
+        config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
+        if args.frames < 1 or args.every < 1:
+            raise ValueError("--frames and --every must be >= 1")
+        if args.steps < 2:
+            raise ValueError(f"--steps must be at least 2, got {args.steps}")
+    except ValueError as exc:
+        print(f"camface evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    for out in (args.json, args.plot):
+        if out is not None:
+            check_output_file(out, overwrite=True)  # fail before minutes of work
+    graph_path = config.model or EMOTION_ONNX
+    graph = CamGraph(graph_path, config.device, threads=config.graph_threads)
+    names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
+    started = time.perf_counter()
+    progress = sys.stderr.isatty()
+    if args.snapshots:
+        crops, frames, source = crop_sources.from_snapshots(args.snapshots, graph.info), None, ", ".join(args.snapshots)
+    else:
+        crops, frames = crop_sources.from_source(config, graph, args.frames, args.every, progress)
+        source = config.source
+    detected = time.perf_counter()
+    scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,
+                    baseline=args.baseline)
+    predicted, probability, scores = scorer.score(crops, names)
+    finished = time.perf_counter()
+    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
+                     steps=args.steps, baseline=args.baseline, seconds={"crops": detected - started,
+                                                                         "scores": finished - detected})
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        from camface.evaluate.plot import plot_curves
+
+        plot_curves(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

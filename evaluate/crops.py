@@ -1,0 +1,90 @@
+"""The crops `camface evaluate` scores: faces detected and cropped exactly as `camface live` does
+(the frame explainer), or the crops saved in snapshot folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import SourceError
+
+SNAPSHOT_JSON = "snapshot.json"
+
+
+def from_source(config, graph, frames: int, every: int, progress: bool = False) -> tuple[np.ndarray, int]:
+    """(crops uint8 [N, H, W, C] in the graph's colour order, frames read): every `every`-th of the
+    first `frames` frames of `config.source`, faces detected with `config.detector` and cropped by
+    `FrameExplainer` with `config.margin` and `config.max_faces`. Raises SourceError when no
+    face is found."""
+    from camface.models import DETECTORS
+    from camface.realtime.detect import FaceDetector
+    from camface.realtime.explainer import FrameExplainer
+    from camface.realtime.sources import make_source
+    from camface.realtime.window import Controls
+
+    explainer = FrameExplainer.from_config(config.replace(method="none", smooth=0.0), graph)
+    controls = Controls(method="none")
+    crops, read = [], 0
+    with make_source(config.source, sample_frames=frames) as source, \
+            FaceDetector(DETECTORS[config.detector], config.min_confidence, config.quiet_native) as detector:
+        bar = _bar(source.info.frames and min(frames, source.info.frames) or frames, progress, "detect")
+        for index, frame in enumerate(source):
+            if index >= frames:
+                break
+            read += 1
+            bar.update(1)
+            if index % every:
+                continue
+            faces = detector.detect(frame)
+            if faces:
+                crops.append(explainer.explain(frame, faces, controls, index).crops)
+        bar.close()
+    if not crops:
+        raise SourceError(f"no faces found in {read} frames of {config.source} (every {every}th frame "
+                          f"looked at, detector {config.detector}, min confidence {config.min_confidence})")
+    return np.concatenate(crops), read
+
+
+def from_snapshots(folders, info) -> np.ndarray:
+    """Crops uint8 [N, H, W, C] saved by `camface live` snapshots (folders holding snapshot.json,
+    or folders of such folders), checked against the graph's input size and colour order."""
+    import cv2
+
+    found = []
+    for folder in map(Path, folders):
+        if (folder / SNAPSHOT_JSON).is_file():
+            found.append(folder)
+        elif folder.is_dir() and sorted(folder.glob(f"*/{SNAPSHOT_JSON}")):
+            found.extend(p.parent for p in sorted(folder.glob(f"*/{SNAPSHOT_JSON}")))
+        else:
+            raise SourceError(f"{folder} is not a camface snapshot folder (no {SNAPSHOT_JSON} in it or "
+                              "its sub-folders)")
+    crops = []
+    for folder in found:
+        try:
+            meta = json.loads((folder / SNAPSHOT_JSON).read_text())
+            faces, order, size = meta["faces"], meta["color_order"], tuple(meta["input_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: {exc}") from exc
+        if order != info.color_order or size != tuple(info.input_size):
+            raise SourceError(f"snapshot {folder} holds {order} {size[0]}x{size[1]} crops; the graph takes "
+                              f"{info.color_order} {info.input_size[0]}x{info.input_size[1]}")
+        for face in faces:
+            path = folder / face["crop"]
+            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if order == "GRAY" else cv2.IMREAD_COLOR)
+            if image is None:
+                raise SourceError(f"cannot read face crop {path}")
+            if order == "RGB":
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+            crops.append(image.reshape(*size, info.channels))
+    if not crops:
+        raise SourceError(f"no faces found in the snapshots {', '.join(str(f) for f in found)}")
+    return np.stack(crops)
+
+
+def _bar(total, enabled: bool, what: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="frame", disable=not enabled, leave=False)

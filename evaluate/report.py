@@ -1,0 +1,88 @@
+"""What `camface evaluate` prints and writes: every number as JSON, a table of the means beside
+the random baseline's, the ranking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RANDOM = "random"
+# metric -> (JSON key, label, True when higher is better)
+METRICS = {"deletion": ("deletion_auc", "deletion AUC", False),
+           "insertion": ("insertion_auc", "insertion AUC", True),
+           "average_drop": ("average_drop_pct", "avg drop %", False),
+           "increase": ("increase_in_confidence_pct", "incr. conf. %", True)}
+
+
+def to_json(scores, predicted, probability, graph, *, source, frames, every, steps, baseline, seconds) -> dict:
+    """The report: settings, per-crop predictions, per-method scores (means, curves, per crop),
+    ranks per metric (1 = most faithful; the random baseline is ranked too) and the comparison
+    of each method with the random baseline."""
+    from camface import __version__
+
+    info = graph.info
+    methods = {s.method: s.to_json() for s in scores}
+    ranks = {}
+    for metric, (key, _, higher) in METRICS.items():
+        order = sorted(methods, key=lambda m: methods[m][key], reverse=higher)
+        ranks[metric] = {m: order.index(m) + 1 for m in methods}
+    versus = {}
+    if RANDOM in methods:
+        floor = methods[RANDOM]
+        for name, m in methods.items():
+            if name != RANDOM:
+                versus[name] = {metric: (m[key] > floor[key]) if higher else (m[key] < floor[key])
+                                for metric, (key, _, higher) in METRICS.items()}
+    return {
+        "camface_evaluate": 1, "camface_version": __version__,
+        "settings": {"source": str(source), "frames_read": frames, "every": every, "crops": len(predicted),
+                     "model": str(graph.path), "target_layer": info.target_layer,
+                     "feature_size": list(info.feature_size), "input_size": list(info.input_size),
+                     "steps": steps, "baseline": baseline, "provider": graph.provider,
+                     "explained_class": "predicted"},
+        "crops": {"predicted": [int(p) for p in predicted],
+                  "predicted_label": [info.labels[p] for p in predicted],
+                  "probability": [round(float(p), 6) for p in probability]},
+        "seconds": seconds,
+        "methods": methods,
+        "ranks": ranks,
+        "beats_random": versus,
+        "ranking": sorted((m for m in methods if m != RANDOM), key=lambda m: ranks["deletion"][m]),
+    }
+
+
+def format_table(report: dict) -> str:
+    settings, methods = report["settings"], report["methods"]
+    frames = (f"every {settings['every']} of {settings['frames_read']} frames" if settings["frames_read"]
+              else "snapshots")
+    lines = [f"camface evaluate: {settings['source']} ({frames}, {settings['crops']} face crops), "
+             f"{Path(settings['model']).name} at {settings['target_layer']}, explaining each crop's predicted class",
+             f"deletion / insertion: {settings['steps']} steps, removed pixels -> "
+             + ("the crop blurred (sigma = side/8)" if settings["baseline"] == "blur" else "the crop's mean colour")
+             + f"; {report['seconds']['crops'] + report['seconds']['scores']:.1f} s "
+               f"({report['seconds']['scores']:.1f} s scoring)", ""]
+    header = f"{'rank':<5}{'method':<20}" + "".join(
+        f"{label + (' (+)' if higher else ' (-)'):>22}" for _, label, higher in METRICS.values()) + f"{'crops/s':>10}"
+    lines.append(header)
+    floor = methods.get(RANDOM)
+    order = report["ranking"] + ([RANDOM] if floor else [])
+    for name in order:
+        m = methods[name]
+        cells = []
+        for metric, (key, _, higher) in METRICS.items():
+            text = f"{m[key]:.3f}" if "auc" in key else f"{m[key]:.1f}"
+            if floor and name != RANDOM:
+                delta = m[key] - floor[key]
+                text += f" ({delta:+.3f})" if "auc" in key else f" ({delta:+.1f})"
+                text += " " if report["beats_random"][name][metric] else "!"
+            cells.append(text)
+        rank = "-" if name == RANDOM else str(report["ranks"]["deletion"][name] - (
+            1 if floor and report["ranks"]["deletion"][RANDOM] < report["ranks"]["deletion"][name] else 0))
+        lines.append(f"{rank:<5}{name:<20}" + "".join(f"{c:>22}" for c in cells) + f"{m['crops_per_second']:>10.0f}")
+    lines.append("")
+    lines.append("(-) lower is better, (+) higher is better; in brackets: the difference to the random baseline, "
+                 "! where a method does not beat it")
+    if floor:
+        losers = [name for name, beats in report["beats_random"].items() if not beats["deletion"]]
+        lines.append("ranked by deletion AUC; " + ("every method beats the random baseline on deletion AUC" if not losers
+                                                   else f"NOT better than random on deletion AUC: {', '.join(losers)}"))
+    return "\n".join(lines)

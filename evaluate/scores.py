@@ -1,0 +1,156 @@
+"""Scores of every heatmap method of a CAM graph on a set of crops, through ONNX Runtime only:
+one graph call per 32 crops for the maps, then the perturbed crops (camface.evaluate.metrics)
+classified in batches of 32 by the graph pruned to `probs` (the whole graph when the `onnx`
+package is absent: slower, same numbers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from camface import graph_spec, methods
+from camface.evaluate import metrics
+
+log = logging.getLogger(__name__)
+
+BATCH = 32  # the graph's batch range is 1..32
+
+
+@dataclass(frozen=True)
+class MethodScores:
+    """One method's scores over N crops (means, and per crop). Curves: mean probability of the
+    explained class at steps 0..K (fraction t / K of the pixels removed or revealed)."""
+
+    method: str
+    deletion_auc: float
+    insertion_auc: float
+    average_drop: float  # %
+    increase_in_confidence: float  # %
+    deletion_curve: tuple[float, ...]
+    insertion_curve: tuple[float, ...]
+    seconds: float  # perturbing and classifying, this method's share
+    per_crop: dict = field(default_factory=dict)  # deletion_auc, insertion_auc, masked_prob: lists
+
+    @property
+    def crops_per_second(self) -> float:
+        count = len(self.per_crop.get("deletion_auc", ()))
+        return count / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "deletion_auc": self.deletion_auc, "insertion_auc": self.insertion_auc,
+                "average_drop_pct": self.average_drop, "increase_in_confidence_pct": self.increase_in_confidence,
+                "deletion_curve": list(self.deletion_curve), "insertion_curve": list(self.insertion_curve),
+                "seconds": self.seconds, "crops_per_second": self.crops_per_second, "per_crop": self.per_crop}
+
+
+class Scorer:
+    """`score(crops, method_names) -> (predicted, probability, [MethodScores])` for one graph.
+
+    graph: a CamGraph loaded from its file. steps: K of the deletion / insertion curves.
+    baseline: "blur" or "mean" (metrics.BASELINES). device, threads: as the graph's (for the
+    pruned copy). progress: show a tqdm bar."""
+
+    def __init__(self, graph, steps: int = 16, baseline: str = "blur", device: str = "auto", threads: int = 0,
+                 progress: bool = False):
+        if steps < 2:
+            raise ValueError(f"--steps must be at least 2, got {steps}")
+        if baseline not in metrics.BASELINES:
+            raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(metrics.BASELINES)}")
+        self.graph, self.steps, self.baseline, self.progress = graph, steps, baseline, progress
+        self._probs_session = _probability_session(graph, device, threads)
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities float32 [M, classes] of uint8 crops [M, H, W, C], BATCH per call."""
+        session = self._probs_session
+        wanted = {i.name for i in session.get_inputs()}
+        out = []
+        for start in range(0, len(images), BATCH):
+            chunk = np.ascontiguousarray(images[start:start + BATCH])
+            feed = {graph_spec.INPUT_IMAGE: chunk, graph_spec.INPUT_CLASS: np.full(len(chunk), -1, np.int64)}
+            out.append(session.run([graph_spec.OUTPUT_PROBS], {k: v for k, v in feed.items() if k in wanted})[0])
+        return np.concatenate(out) if out else np.zeros((0, len(self.graph.info.labels)), np.float32)
+
+    def heatmaps(self, crops: np.ndarray, names) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(probs [N, classes], {method: [N, h, w]}) of the predicted class, BATCH crops per call."""
+        session = self.graph.session
+        probs, maps = [], {name: [] for name in names}
+        for start in range(0, len(crops), BATCH):
+            chunk = np.ascontiguousarray(crops[start:start + BATCH])
+            values = session.run([graph_spec.OUTPUT_PROBS, *names], {
+                graph_spec.INPUT_IMAGE: chunk, graph_spec.INPUT_CLASS: np.full(len(chunk), -1, np.int64)})
+            probs.append(values[0])
+            for name, value in zip(names, values[1:]):
+                maps[name].append(value)
+        return np.concatenate(probs), {name: np.concatenate(v) for name, v in maps.items()}
+
+    def score(self, crops: np.ndarray, names) -> tuple[np.ndarray, np.ndarray, list[MethodScores]]:
+        """Every method of `names` on `crops` (uint8 [N, H, W, C]): (predicted class [N],
+        its probability [N], scores in the order of `names`)."""
+        from tqdm import tqdm
+
+        names = list(names)
+        probs, maps = self.heatmaps(crops, names)
+        predicted = probs.argmax(axis=1)
+        full = probs[np.arange(len(crops)), predicted].astype(np.float64)
+        baselines = np.stack([metrics.BASELINES[self.baseline](crop) for crop in crops])
+        empty = self.classify(baselines)[np.arange(len(crops)), predicted].astype(np.float64)
+        size = crops.shape[1:3]
+        inner = self.steps - 1
+        results = []
+        with tqdm(total=len(names) * len(crops), desc="evaluate", unit="crop", disable=not self.progress,
+                  leave=False) as bar:
+            for name in names:
+                started = time.perf_counter()
+                deletion, insertion, masked = [], [], []
+                for start in range(0, len(crops), 8):  # 8 crops x (2 K - 1) images per group
+                    group = range(start, min(start + 8, len(crops)))
+                    images = []
+                    for i in group:
+                        saliency = metrics.upsample(maps[name][i], size)
+                        ranks = metrics.pixel_ranks(saliency)
+                        images.append(metrics.perturbation_series(crops[i], baselines[i], ranks, self.steps, False))
+                        images.append(metrics.perturbation_series(crops[i], baselines[i], ranks, self.steps, True))
+                        shown = metrics.upsample(methods.normalize(maps[name][i], name), size)
+                        images.append(metrics.masked_crop(crops[i], shown)[None])
+                    p = self.classify(np.concatenate(images))
+                    per_crop = 2 * inner + 1
+                    for j, i in enumerate(group):
+                        chosen = p[j * per_crop:(j + 1) * per_crop, predicted[i]]
+                        deletion.append(metrics.curve(full[i], chosen[:inner], empty[i], insert=False))
+                        insertion.append(metrics.curve(full[i], chosen[inner:2 * inner], empty[i], insert=True))
+                        masked.append(float(chosen[-1]))
+                    bar.update(len(group))
+                seconds = time.perf_counter() - started
+                deletion, insertion = np.array(deletion), np.array(insertion)
+                results.append(MethodScores(
+                    method=name,
+                    deletion_auc=float(np.mean([metrics.auc(c) for c in deletion])),
+                    insertion_auc=float(np.mean([metrics.auc(c) for c in insertion])),
+                    average_drop=metrics.average_drop(full, masked),
+                    increase_in_confidence=metrics.increase_in_confidence(full, masked),
+                    deletion_curve=tuple(float(v) for v in deletion.mean(axis=0)),
+                    insertion_curve=tuple(float(v) for v in insertion.mean(axis=0)),
+                    seconds=seconds,
+                    per_crop={"deletion_auc": [round(metrics.auc(c), 6) for c in deletion],
+                              "insertion_auc": [round(metrics.auc(c), 6) for c in insertion],
+                              "masked_prob": [round(v, 6) for v in masked]},
+                ))
+        return predicted, full, results
+
+
+def _probability_session(graph, device: str, threads: int):
+    """An ONNX Runtime session of the graph pruned to `probs` (ORT runs every node of a graph
+    whatever is asked for, and the perturbed crops need no heatmaps), or the graph's own
+    session when the `onnx` package is not installed."""
+    try:
+        from camface.realtime.bench.heads import prune
+        from camface.realtime.graph import CamGraph
+
+        pruned = prune(graph.path.read_bytes(), (graph_spec.OUTPUT_PROBS,))
+    except Exception as exc:  # onnx missing (ModelError) or a graph onnx cannot prune
+        log.info("camface evaluate: classifying perturbed crops with the whole graph (%s)", exc)
+        return graph.session
+    return CamGraph.from_bytes(pruned, graph.path, device, threads, contract=False).session

@@ -1,0 +1,209 @@
+"""`camface evaluate`: the faithfulness metrics on a toy ONNX classifier whose probability is the
+crop's mean brightness (values by hand), and the command on a tiny clip (JSON fields present and
+consistent, clear errors). TensorFlow is never needed."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import write_clip
+
+from camface.cli import main as camface_main
+from camface.evaluate import metrics
+from camface.graph_spec import GraphInfo
+from camface.models import EMOTION_ONNX
+
+# 4x4 crop: 12 pixels at 255 (rows 0-2), 4 at 0 (row 3): mean brightness 0.75
+CROP = np.zeros((4, 4, 1), np.uint8)
+CROP[:3] = 255
+
+
+def toy_graph(path):
+    """A contract-following CAM graph on GRAY 4x4 crops: x = image / 255, probs = [mean(x),
+    1 - mean(x)] (classes bright, dark), activations = x, gradcam = x, gradcampp = 1 - x: the
+    first map points at the bright pixels, the second at the dark ones."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(1 / 255, np.float32), "scale"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array([1, 2, 3], np.int64), "all_axes"),
+             numpy_helper.from_array(np.array([3], np.int64), "last")]
+    nodes = [helper.make_node("Cast", ["image"], ["x_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x_f", "scale"], ["activations"]),
+             helper.make_node("ReduceMean", ["activations", "all_axes"], ["bright_1"], keepdims=0),
+             helper.make_node("Unsqueeze", ["bright_1", "one_axis"], ["bright"]),
+             helper.make_node("Sub", ["one", "bright"], ["dark"]),
+             helper.make_node("Concat", ["bright", "dark"], ["probs"], axis=1),
+             helper.make_node("Squeeze", ["activations", "last"], ["gradcam"]),
+             helper.make_node("Sub", ["one", "gradcam"], ["gradcampp"]),
+             helper.make_node("Identity", ["class_index"], ["unused_class"])]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one_axis"))
+    inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 4, 4, 1]),
+              helper.make_tensor_value_info("class_index", TensorProto.INT64, ["N"])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
+               (("probs", ["N", 2]), ("activations", ["N", 4, 4, 1]), ("gradcam", ["N", 4, 4]),
+                ("gradcampp", ["N", 4, 4]))]
+    model = helper.make_model(helper.make_graph(nodes, "toy", inputs, outputs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    info = GraphInfo(labels=("bright", "dark"), input_size=(4, 4), color_order="GRAY", target_layer="x",
+                     heatmaps=("gradcam", "gradcampp"), feature_size=(4, 4))
+    helper.set_model_props(model, info.to_metadata())
+    onnx.save(model, str(path))
+    return path
+
+
+def brightness(removed_bright, removed_dark, value):
+    """Mean of CROP / 255 with that many bright / dark pixels set to `value`."""
+    return (255 * (12 - removed_bright) + value * (removed_bright + removed_dark)) / (16 * 255)
+
+
+def test_metrics_on_a_toy_classifier_by_hand(tmp_path):
+    from camface.evaluate.scores import Scorer
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(toy_graph(tmp_path / "toy.onnx"), "cpu")
+    scorer = Scorer(graph, steps=4, baseline="mean", device="cpu", threads=1)
+    mean = 191  # round(0.75 * 255): the mean baseline
+    np.testing.assert_array_equal(metrics.mean_baseline(CROP), np.full_like(CROP, mean))
+    predicted, full, (bright_first, dark_first) = scorer.score(CROP[None], ["gradcam", "gradcampp"])
+    assert predicted.tolist() == [0] and full[0] == pytest.approx(0.75)
+    # 4 steps of 4 pixels; gradcam deletes the 12 bright pixels first, then the 4 dark ones
+    deletion = [brightness(min(n, 12), max(n - 12, 0), mean) for n in (0, 4, 8, 12, 16)]
+    insertion = [brightness(12 - min(n, 12), 4 - max(n - 12, 0), mean) for n in (0, 4, 8, 12, 16)]
+    np.testing.assert_allclose(bright_first.deletion_curve, deletion, atol=1e-6)
+    np.testing.assert_allclose(bright_first.insertion_curve, insertion, atol=1e-6)
+    trapezoid = lambda v: (sum(v) - (v[0] + v[-1]) / 2) / (len(v) - 1)  # noqa: E731
+    assert bright_first.deletion_auc == pytest.approx(trapezoid(deletion))
+    assert bright_first.insertion_auc == pytest.approx(trapezoid(insertion))
+    # gradcampp deletes the dark pixels first: the probability rises, then falls
+    deletion = [brightness(max(n - 4, 0), min(n, 4), mean) for n in (0, 4, 8, 12, 16)]
+    np.testing.assert_allclose(dark_first.deletion_curve, deletion, atol=1e-6)
+    assert dark_first.deletion_auc > bright_first.deletion_auc  # the faithful map deletes faster
+    assert dark_first.insertion_auc < bright_first.insertion_auc
+    # Average Drop: gradcam's map is 1 on the bright pixels, 0 on the dark: crop x map = crop
+    assert (bright_first.average_drop, bright_first.increase_in_confidence) == (0.0, 0.0)
+    # gradcampp's map is 0 on the bright pixels: the masked crop is black, probability 0
+    assert dark_first.average_drop == pytest.approx(100.0)
+    assert dark_first.per_crop["masked_prob"] == [0.0]
+
+
+@pytest.mark.parametrize("saliency, expected", [
+    ([[3.0, 1.0], [2.0, 0.0]], [[0, 2], [1, 3]]),
+    ([[1.0, 1.0], [5.0, 1.0]], None),  # ties: 5 first, then the three in a fixed random order
+])
+def test_pixel_ranks(saliency, expected):
+    ranks = metrics.pixel_ranks(np.array(saliency))
+    assert sorted(ranks.ravel().tolist()) == [0, 1, 2, 3]
+    if expected is not None:
+        np.testing.assert_array_equal(ranks, expected)
+    else:
+        assert ranks[1, 0] == 0
+        np.testing.assert_array_equal(ranks, metrics.pixel_ranks(np.array(saliency)))  # fixed
+
+
+def test_series_average_drop_and_increase_by_hand():
+    crop = np.arange(16, dtype=np.uint8).reshape(4, 4, 1) * 10
+    base = np.full_like(crop, 7)
+    ranks = np.arange(16).reshape(4, 4)  # row-major order
+    deleted = metrics.perturbation_series(crop, base, ranks, 4, insert=False)
+    assert deleted.shape == (3, 4, 4, 1)
+    for step, image in enumerate(deleted, start=1):  # 4 more pixels (one row) per step
+        np.testing.assert_array_equal(image[:step], base[:step])
+        np.testing.assert_array_equal(image[step:], crop[step:])
+    inserted = metrics.perturbation_series(crop, base, ranks, 4, insert=True)
+    np.testing.assert_array_equal(inserted[0][:1], crop[:1])
+    np.testing.assert_array_equal(inserted[0][1:], base[1:])
+    assert metrics.auc([1.0, 0.5, 0.0]) == pytest.approx(0.5)
+    assert metrics.average_drop([0.8, 0.5], [0.4, 0.6]) == pytest.approx(25.0)  # (0.4/0.8 + 0) / 2
+    assert metrics.increase_in_confidence([0.8, 0.5], [0.4, 0.6]) == pytest.approx(50.0)
+    half = np.full((4, 4), 0.5, np.float32)
+    np.testing.assert_array_equal(metrics.masked_crop(crop, half), np.round(crop * 0.5).astype(np.uint8))
+    blurred = metrics.blur_baseline(np.pad(np.full((8, 8, 1), 255, np.uint8), ((4, 4), (4, 4), (0, 0))))
+    assert blurred.shape == (16, 16, 1) and 0 < blurred[0, 0, 0] < blurred[8, 8, 0] < 255
+
+
+@pytest.fixture(scope="module")
+def faces_clip(tmp_path_factory, astronaut_bgr):
+    """4 frames of 640x480: the astronaut in frames 0, 1 and 3, plain grey in frame 2."""
+    face = np.full((480, 640, 3), 128, np.uint8)
+    face[48:432, 128:512] = cv2.resize(astronaut_bgr, (384, 384), interpolation=cv2.INTER_AREA)
+    blank = np.full((480, 640, 3), 128, np.uint8)
+    folder = tmp_path_factory.mktemp("evaluate")
+    return {"faces": write_clip(folder / "faces.mp4", [face, face, blank, face]),
+            "blank": write_clip(folder / "blank.mp4", [blank] * 3)}
+
+
+def test_evaluate_cli_writes_consistent_json(tmp_path, faces_clip, capsys):
+    out, figure = tmp_path / "scores.json", tmp_path / "curves.png"
+    assert camface_main(["evaluate", "--source", str(faces_clip["faces"]), "--every", "1", "--steps", "4",
+                         "--json", str(out), "--plot", str(figure)]) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert figure.stat().st_size > 10_000
+    settings = report["settings"]
+    assert settings["frames_read"] == 4 and settings["crops"] == 3 and settings["steps"] == 4
+    assert settings["baseline"] == "blur" and settings["target_layer"] == "add_3"
+    assert report["crops"]["predicted_label"] == ["happy"] * 3
+    probability = np.array(report["crops"]["probability"])
+    names = list(report["methods"])
+    assert names[-1] == "random" and len(names) >= 9 and "gradcam" in names
+    for name, m in report["methods"].items():
+        assert name in table
+        for key in ("deletion_auc", "insertion_auc"):
+            assert m[key] == pytest.approx(np.mean(m["per_crop"][key]), abs=1e-5)
+            assert 0 <= m[key] <= 1
+        assert len(m["deletion_curve"]) == len(m["insertion_curve"]) == 5
+        assert m["deletion_curve"][0] == pytest.approx(probability.mean(), abs=1e-5)  # the crop itself
+        assert m["insertion_curve"][-1] == pytest.approx(probability.mean(), abs=1e-5)
+        assert m["deletion_curve"][-1] == pytest.approx(m["insertion_curve"][0])  # the blurred crop
+        masked = np.array(m["per_crop"]["masked_prob"])
+        assert m["average_drop_pct"] == pytest.approx(100 * np.mean(np.maximum(0, probability - masked) / probability),
+                                                      abs=1e-3)
+        assert m["crops_per_second"] > 0
+    for metric, ranks in report["ranks"].items():
+        assert sorted(ranks.values()) == list(range(1, len(names) + 1)), metric
+    assert report["ranking"] == sorted(names[:-1], key=lambda n: report["methods"][n]["deletion_auc"])
+    random = report["methods"]["random"]
+    for name, beats in report["beats_random"].items():
+        assert beats["deletion"] == (report["methods"][name]["deletion_auc"] < random["deletion_auc"])
+
+
+def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
+    """Crops saved by `camface live --snapshot-every` score as the same crops from the clip."""
+    snapshots = tmp_path / "snaps"
+    assert camface_main(["live", "--source", str(faces_clip["faces"]), "--no-show", "--snapshot-every", "1",
+                         "--snapshot-dir", str(snapshots)]) == 0
+    out = tmp_path / "snap.json"
+    assert camface_main(["evaluate", str(snapshots), "--methods", "gradcam,layercam", "--steps", "4",
+                         "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["crops"] == 3 and list(report["methods"]) == ["gradcam", "layercam", "random"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda clips, tmp: ["--source", str(clips["blank"])], "no faces found in 3 frames"),
+    (lambda clips, tmp: ["--source", str(clips["faces"]), "--methods", "gradcam,nope"],
+     "unknown method nope; choose from all, gradcam, gradcampp, cam, .*random"),
+    (lambda clips, tmp: ["--source", str(clips["faces"]), "--model", str(tmp / "forward.onnx")],
+     "forward.onnx is not a camface CAM graph: missing gradcam, gradcampp"),
+    (lambda clips, tmp: ["--source", str(clips["faces"]), "--model", str(tmp / "old.onnx"), "--methods", "eigencam"],
+     "has no eigencam heatmap; it offers gradcam, gradcampp, cam"),
+    (lambda clips, tmp: [str(tmp), "--source", str(clips["faces"])], "SNAPSHOT_DIRs or --source, not both"),
+    (lambda clips, tmp: [str(tmp)], "is not a camface snapshot folder"),
+    (lambda clips, tmp: ["--steps", "1"], "--steps must be at least 2"),
+])
+def test_bad_inputs_are_clear_errors(tmp_path, faces_clip, capsys, argv, message):
+    import re
+
+    from camface.realtime.bench.heads import forward_only
+    from realtime_helpers import tiny_cam_graph
+
+    (tmp_path / "forward.onnx").write_bytes(forward_only(EMOTION_ONNX.read_bytes()))
+    tiny_cam_graph(tmp_path / "old.onnx")
+    assert camface_main(["evaluate", *argv(faces_clip, tmp_path)]) == 2
+    assert re.search(message, capsys.readouterr().err), message
