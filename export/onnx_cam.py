@@ -92,6 +92,7 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     layout = onnx_model.target_layout(source, target)
     dims = onnx_model.shapes(source)[target]
     feature_size = tuple(int(d) for d in (dims[2:] if layout == "NCHW" else dims[1:3]))
+    k = int(dims[1] if layout == "NCHW" else dims[3])  # channels of the target
     head_nodes = onnx_model.head(source, target, classifier.logits)
 
     # image uint8 [N, H, W, C] -> the model's float input
@@ -133,7 +134,7 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     if weights is not None:
         rows = b.op("Gather", [b.const(weights), chosen], axis=0)  # [N, K]
         class_w = OnnxTensor(b, b.unsqueeze(rows, [1, 2]))
-    a = OnnxTensor(b, activations)
+    a = OnnxTensor(b, activations, shape=(None, *feature_size, k))  # the Eigen methods read a.shape
     g = None if grad_nhwc is None else OnnxTensor(b, grad_nhwc)
     outputs = {graph_spec.OUTPUT_PROBS: probs, graph_spec.OUTPUT_ACTIVATIONS: activations}
     for method in wanted:
@@ -153,7 +154,6 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     del graph.input[:]
     del graph.output[:]
     del graph.value_info[:]
-    k = int(dims[1] if layout == "NCHW" else dims[3])
     channels = classifier.channels
     graph.input.extend([
         helper.make_tensor_value_info(graph_spec.INPUT_IMAGE, TensorProto.UINT8,

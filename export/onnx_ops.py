@@ -23,8 +23,9 @@ class OnnxTensor:
 
     __array_priority__ = 1000  # numpy scalars on the left defer to our reflected operators
 
-    def __init__(self, builder: GraphBuilder, name: str):
+    def __init__(self, builder: GraphBuilder, name: str, shape: tuple | None = None):
         self.builder, self.name = builder, name
+        self.shape = shape  # static shape where the caller knows it (None for unknown dims)
 
     def _lift(self, other) -> str:
         if isinstance(other, OnnxTensor):
@@ -118,6 +119,11 @@ class OnnxOps:
     tanh = _unary("Tanh")
     sigmoid = _unary("Sigmoid")
     negative = _unary("Neg")
+    floor = _unary("Floor")
+
+    def cumsum(self, x, axis):
+        """Inclusive cumulative sum along one axis (an int), as numpy.cumsum."""
+        return OnnxTensor(x.builder, x.builder.op("CumSum", [x.name, x.builder.const(int(axis), np.int64)]))
 
     def square(self, x):
         return x * x

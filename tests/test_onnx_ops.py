@@ -58,6 +58,9 @@ CASES = {
     "sigmoid": lambda o, x, y: o.sigmoid(x),
     "negative": lambda o, x, y: o.negative(x),
     "expand_squeeze": lambda o, x, y: o.squeeze(o.expand_dims(x, 1), 1),
+    "floor": lambda o, x, y: o.floor(3.0 * x),
+    "cumsum_rows": lambda o, x, y: o.cumsum(x, axis=0),
+    "cumsum_last": lambda o, x, y: o.cumsum(x, axis=3),
 }
 
 
@@ -88,7 +91,7 @@ def test_every_registry_method_as_onnx_nodes(name):
     w = rng.standard_normal((3, 1, 1, 6)).astype(np.float32)
     method = methods.get(name)
     builder = GraphBuilder(opset=18)
-    handles = [OnnxTensor(builder, n) for n in ("a", "g", "w")]
+    handles = [OnnxTensor(builder, n, shape=(None, *array.shape[1:])) for n, array in (("a", a), ("g", g), ("w", w))]
     out = method.compute(ONNX_OPS, *handles)
     got = run_nodes(builder.nodes, {"a": a, "g": g, "w": w}, [out.name], builder.initializers)[0]
     np.testing.assert_allclose(got, method.reference(a, g, w), rtol=1e-4, atol=1e-6)
