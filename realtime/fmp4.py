@@ -53,12 +53,14 @@ def h264_encoder() -> tuple[str | None, str]:
 
 
 def _opens(av, name: str) -> bool:
-    """True when encoder `name` exists and opens (NVENC needs a GPU, a driver and an encoder
-    unit: the wheel has it everywhere, most machines cannot open it)."""
+    """True when encoder `name` exists and opens with the options recordings use (NVENC needs
+    a GPU, a driver and an encoder unit: the wheel has it everywhere, most machines, and
+    data-centre GPUs without NVENC such as the H100, cannot open it)."""
     try:
         context = av.CodecContext.create(name, "w")
         context.width, context.height, context.pix_fmt = 256, 256, "yuv420p"
         context.time_base = Fraction(1, 30)
+        context.options = ENCODER_OPTIONS.get(name, {})
         context.open()  # freed with the object
         return True
     except (av.FFmpegError, ValueError, NotImplementedError):  # unknown codec, cannot open
@@ -82,6 +84,8 @@ class H264Writer:
                                       options={"movflags": MOVFLAGS, "flush_packets": "1"})
         except av.FFmpegError as exc:
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
+        from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc
+
         rate = Fraction(fps).limit_denominator(1001)
         self._stream = self._container.add_stream(encoder, rate=rate)
         context = self._stream.codec_context
@@ -89,9 +93,16 @@ class H264Writer:
         context.pix_fmt = "yuv420p"
         context.gop_size = max(1, round(fps * KEYFRAME_S))
         # swscale converts BGR with BT.601 coefficients: say so, so players convert back alike
-        context.colorspace = context.color_primaries = context.color_trc = 6  # SMPTE 170M
-        context.color_range = 1  # MPEG (limited)
+        context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
+        context.color_primaries, context.color_trc = ColorPrimaries.SMPTE170M, ColorTrc.SMPTE170M
+        context.color_range = ColorRange.MPEG  # limited range, 16-235
         context.options = {**ENCODER_OPTIONS.get(encoder, {}), **(options or {})}
+        try:
+            context.open()  # now rather than on the first frame, so a refusal is clear
+        except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+            self._container.close()
+            path.unlink(missing_ok=True)
+            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
         self._av, self._pts = av, 0
 
     def write(self, frame: np.ndarray) -> None:

@@ -98,9 +98,16 @@ class VideoSink:
         self._size = (max(2, width - width % 2), max(2, height - height % 2))
         if self.encoder == "mp4v":
             self._writer = Mp4vWriter(self.path, self.fps, self._size)
-        else:
-            from camface.realtime.fmp4 import H264Writer
+            return
+        from camface.realtime.fmp4 import H264Writer
 
+        try:
+            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
+        except OutputError as exc:
+            if self.encoder != "h264_nvenc":
+                raise
+            log.warning("camface: %s; recording with libx264 instead", exc)
+            self.encoder = "libx264"
             self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
 
     def write(self, frame: np.ndarray) -> None:

@@ -112,6 +112,19 @@ def test_h264_recordings_are_fragmented_with_a_keyframe_every_second(tmp_path, c
     assert kinds.count(b"moof") == len(keyframes) == kinds.count(b"mdat")
 
 
+@pytest.mark.parametrize("codec", ["h264", "mp4v"])
+@pytest.mark.parametrize("fps", [29.97, 192.103, 7.5])  # a measured camera rate is rarely round
+def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
+    path = tmp_path / "rate.mp4"
+    with VideoSink(path, fps, codec=codec) as sink:
+        for frame in clip_frames[:20]:
+            sink.write(frame)
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(fps, rel=1e-3)
+    capture.release()
+    assert count_frames(path) == 20
+
+
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),
     ("H264", ValueError, "unknown codec 'H264'"),
@@ -168,6 +181,15 @@ def test_without_h264_auto_records_mp4v_and_says_so_once(tmp_path, clip_frames, 
     with pytest.raises(OutputError, match=f"cannot record H.264: .*{reason}.*--codec mp4v"):
         VideoSink(tmp_path / "c.mp4", FPS, codec="h264")
     assert encoder_for("mp4v") == "mp4v"
+
+
+def test_an_nvenc_that_refuses_the_recording_gives_way_to_libx264(tmp_path, clip_frames, monkeypatch, caplog):
+    monkeypatch.setattr(fmp4, "h264_encoder", lambda: ("h264_nvenc", ""))
+    monkeypatch.setitem(fmp4.ENCODER_OPTIONS, "h264_nvenc", {"preset": "no-such-preset"})  # refused everywhere
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        sink = record(tmp_path / "nv.mp4", clip_frames[:10])
+    assert sink.encoder == "libx264" and count_frames(sink.path) == 10
+    assert "h264_nvenc cannot encode 160x120 video for" in caplog.text and "with libx264 instead" in caplog.text
 
 
 # ------------------------------------------------------------------------------ files cut short
@@ -291,28 +313,40 @@ def test_sigkill_leaves_every_frame_but_the_last_second_and_a_next_run_reads_it(
 CHROMIUM = Path("/usr/lib/chromium/chromium")
 
 
-def test_chromium_plays_a_recording(tmp_path, clip_frames):
-    """Headless Chromium loads a recording in <video>, reports its duration and plays it."""
+def _play(page, folder: Path, name: str) -> tuple[float, float]:
+    """Load `name` in a <video>, play it; (duration, currentTime once past 1 s), seconds."""
+    (folder / f"{name}.html").write_text(f'<video id="v" src="{name}" muted playsinline></video>')
+    page.goto((folder / f"{name}.html").as_uri())
+    page.wait_for_function("document.getElementById('v').readyState >= 1 || document.getElementById('v').error",
+                           timeout=20_000)
+    assert page.evaluate("document.getElementById('v').error") is None, f"Chromium refused {name}"
+    duration = page.evaluate("document.getElementById('v').duration")
+    page.evaluate("document.getElementById('v').play()")
+    page.wait_for_function("document.getElementById('v').currentTime > 1.0", timeout=20_000)
+    return duration, page.evaluate("document.getElementById('v').currentTime")
+
+
+def test_chromium_plays_a_recording_and_one_cut_short(tmp_path, clip_frames):
+    """Headless Chromium loads a recording in <video>, reports its duration and plays it; the
+    same for a recording cut between fragments, as a hard kill leaves it."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    record(tmp_path / "clip.mp4", clip_frames * 2, "h264")  # 6 s
-    (tmp_path / "page.html").write_text('<video id="v" src="clip.mp4" muted playsinline></video>')
+    data = record(tmp_path / "clip.mp4", clip_frames * 2, "h264").path.read_bytes()  # 6 s
+    third = [offset for offset, _, kind in boxes(data) if kind == b"moof"][2]
+    (tmp_path / "cut.mp4").write_bytes(data[:third])  # fragments 1 and 2: 2 s
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            page.goto((tmp_path / "page.html").as_uri())
-            support = page.evaluate("""document.getElementById('v').canPlayType('video/mp4; codecs="avc1.42E01E"')""")
+            page.goto("about:blank")
+            support = page.evaluate("""document.createElement('video').canPlayType('video/mp4; codecs="avc1.42E01E"')""")
             if not support:
                 pytest.skip("this Chromium build has no H.264 decoder (canPlayType('video/mp4; "
                             "codecs=\"avc1.42E01E\"') is empty): proprietary codecs left out")
-            page.wait_for_function("document.getElementById('v').readyState >= 1", timeout=20_000)
-            duration = page.evaluate("document.getElementById('v').duration")
-            assert duration == pytest.approx(180 / FPS, abs=0.1)
-            page.evaluate("document.getElementById('v').play()")
-            page.wait_for_function("document.getElementById('v').currentTime > 1.0", timeout=20_000)
-            error = page.evaluate("document.getElementById('v').error && document.getElementById('v').error.code")
-            assert not error
+            duration, played = _play(page, tmp_path, "clip.mp4")
+            assert duration == pytest.approx(180 / FPS, abs=0.1) and 1.0 < played <= duration
+            duration, played = _play(page, tmp_path, "cut.mp4")
+            assert duration == pytest.approx(60 / FPS, abs=0.1) and 1.0 < played <= duration
         finally:
             browser.close()
