@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from realtime_helpers import count_frames, write_clip
 
-from camface.errors import OutputError
+from camface.errors import OutputError, SourceError
 from camface.models import EMOTION_ONNX
 from camface.realtime import fmp4, sinks
 from camface.realtime.sample import SampleSource
@@ -231,7 +231,7 @@ def test_reader_gives_a_clear_error_when_no_fragment_survived(tmp_path, clip_fra
     first_moof = next(offset for offset, _, kind in boxes(data) if kind == b"moof")
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[:first_moof + 40])
-    with pytest.raises(Exception, match="no frame could be read from video file .*cut.mp4"):
+    with pytest.raises(SourceError, match="no frame could be read from video file .*cut.mp4"):
         decode(cut)
 
 
