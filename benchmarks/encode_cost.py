@@ -1,7 +1,7 @@
 """What recording costs per frame: OpenCV's mp4v writer (the recorder before issue 13) against
 H.264 (libx264, zerolatency tune) in fragmented MP4 at three presets, at 640x480 and 1280x720.
 
-    .venv/bin/python benchmarks/encode_cost.py [--frames 300] [--rounds 3] [--threads 0 1]
+    .venv/bin/python benchmarks/encode_cost.py [--frames 300] [--rounds 3] [--threads 1 0]
 
 Frames are the sample clip's (camface.realtime.sample) with camera-like sensor noise added
 (Gaussian, sigma `--noise` grey levels, a fixed seed), drawn before timing. Each round writes
@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=300, help="frames per file (10 s at 30 fps)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds")
     parser.add_argument("--noise", type=float, default=3.0, help="sensor noise, grey levels (sigma)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="libx264 threads (0 = auto)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 0],
+                        help="libx264 threads (0 = auto; recordings use 1)")
     args = parser.parse_args(argv)
     import cv2
 

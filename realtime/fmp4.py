@@ -28,14 +28,16 @@ from camface.errors import OutputError
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 KEYFRAME_S = 1.0  # seconds between keyframes, so between fragments
-# libx264's fastest preset: the only one about as cheap as OpenCV's mp4v writer (CPU per frame,
-# 640x480: 3.1 ms vs 2.2 ms; superfast and veryfast 6 ms), at about mp4v's bit rate
-# (benchmarks/encode_cost.py; figures in benchmarks/RESULTS.md).
+# libx264's fastest preset: the only one as cheap as OpenCV's mp4v writer (CPU per frame at
+# 640x480: 2.5 ms vs 2.4 ms; superfast 3.9, veryfast 5.0; at 1280x720 5.7 vs 7.4 ms), at about
+# mp4v's bit rate (benchmarks/encode_cost.py; figures in benchmarks/RESULTS.md).
 X264_PRESET = "ultrafast"
 # Per-encoder options. x264's zerolatency tune: no B-frames, no look-ahead, so every frame
-# leaves the encoder (and reaches a fragment) as soon as it is encoded.
+# leaves the encoder (and reaches a fragment) as soon as it is encoded. One x264 thread: the
+# same CPU time as x264's own slice threads, but on a busy machine the writer no longer waits
+# for several threads to be scheduled (`camface bench --record`: encode 2.5 vs 3.9 ms a frame).
 ENCODER_OPTIONS = {
-    "libx264": {"preset": X264_PRESET, "tune": "zerolatency"},
+    "libx264": {"preset": X264_PRESET, "tune": "zerolatency", "threads": "1"},
     "h264_nvenc": {"preset": "p3", "tune": "ll", "zerolatency": "1"},
 }
 
