@@ -23,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from camface.errors import OutputError
+from camface.realtime.sinks import VideoSink
 from camface.realtime.sources import SourceInfo
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class SampleSource:
     def __enter__(self) -> "SampleSource":
         try:
             path = self.cached_clip()
-        except OSError as exc:  # read-only temp folder: draw frames on the fly instead
+        except (OSError, OutputError) as exc:  # read-only temp folder: draw frames on the fly instead
             log.debug("cannot cache the sample clip (%s); drawing frames on the fly", exc)
             return self
         self._capture = cv2.VideoCapture(str(path))
@@ -100,14 +102,11 @@ class SampleSource:
         if path.is_file() and path.stat().st_size > 0:
             return path
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.mp4")
-        writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
-        if not writer.isOpened():
-            raise OSError(f"cannot write {partial}")
-        try:
+        # mp4v, not H.264: this cache is only ever decoded here, and mp4v decodes in half the
+        # time (0.5 vs 1 ms a frame at 640x480), which the reader thread would otherwise pay.
+        with VideoSink(partial, self.fps, overwrite=True, codec="mp4v") as sink:
             for index in range(self.frames):
-                writer.write(self.frame(index))
-        finally:
-            writer.release()
+                sink.write(self.frame(index))
         os.replace(partial, path)
         return path
 

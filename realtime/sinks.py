@@ -1,12 +1,19 @@
 """Recording annotated frames to an mp4 file.
 
+By default recordings are H.264 in a fragmented MP4 (see `camface.realtime.fmp4`): every web
+browser plays them, and a recorder killed hard leaves a playable file that lacks at most its
+last second. Where PyAV is missing or has no H.264 encoder, `auto` falls back to OpenCV's
+MPEG-4 Part 2 (`mp4v`) in a plain MP4, with one log line saying so: browsers do not play
+that, and a hard kill leaves it unplayable.
+
 `check_output_file` runs before any frame is processed, so a recording that cannot be written
 fails at once; `VideoSink` is a context manager whose exit (normal end, error, Ctrl-C,
-SIGTERM) always finalises the file so it stays playable.
+SIGTERM) always finalises the file.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -18,19 +25,67 @@ from camface.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
+# --codec choices: auto = H.264 (NVENC when it opens, else libx264) or else mp4v; h264 = H.264
+# or an error; mp4v = OpenCV's MPEG-4 Part 2.
+CODECS = ("auto", "h264", "mp4v")
+
+
+def encoder_for(codec: str = "auto") -> str:
+    """The encoder a recording with `codec` (one of CODECS) uses: "h264_nvenc", "libx264" or
+    "mp4v". Raises OutputError for `h264` when no H.264 encoder is available."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    if codec == "mp4v":
+        return "mp4v"
+    from camface.realtime.fmp4 import h264_encoder
+
+    encoder, reason = h264_encoder()
+    if encoder is not None:
+        return encoder
+    if codec == "h264":
+        raise OutputError(f"cannot record H.264: {reason}; record with --codec mp4v (or auto) instead")
+    _say_fallback(reason)
+    return "mp4v"
+
+
+@functools.cache
+def _say_fallback(reason: str) -> None:
+    """Once per process, however many recordings fall back."""
+    log.warning("camface: %s; recording MPEG-4 Part 2 (mp4v) with OpenCV instead, which web "
+                "browsers do not play and a hard kill leaves unplayable", reason)
+
+
+class Mp4vWriter:
+    """MPEG-4 Part 2 (`mp4v`, which every OpenCV build can encode) in a plain MP4."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]):
+        # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
+        # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
+        fps = round(fps, 2) if fps * 100 < 65535 else float(round(fps))
+        self._writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        if not self._writer.isOpened():
+            raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
+
+    def write(self, frame: np.ndarray) -> None:
+        self._writer.write(frame)
+
+    def close(self) -> None:
+        self._writer.release()
+
 
 class VideoSink:
-    """Writes uint8 BGR frames to an mp4 (MPEG-4 Part 2, `mp4v`, which every OpenCV build can
-    encode) at `fps`.
+    """Writes uint8 BGR frames to an mp4 at `fps`, with `codec` (one of CODECS; `encoder` is
+    what it resolved to).
 
     The writer opens on the first frame, at that frame's size rounded down to even numbers
-    (the codec needs even sizes; odd frames lose their last row/column). Later frames of
-    another size are resized to it. `frames_written` counts frames in the file.
+    (4:2:0 video needs even sizes; odd frames lose their last row/column). Later frames of
+    another size are resized to it. `frames_written` counts frames handed to the encoder.
     """
 
-    def __init__(self, path: str | Path, fps: float, overwrite: bool = False):
+    def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
         self.path = check_output_file(path, overwrite)
         self.fps = fps
+        self.encoder = encoder_for(codec)
         self.frames_written = 0
         self._writer = None
         self._size: tuple[int, int] | None = None  # (width, height)
@@ -41,13 +96,19 @@ class VideoSink:
     def _open(self, frame: np.ndarray) -> None:
         height, width = frame.shape[:2]
         self._size = (max(2, width - width % 2), max(2, height - height % 2))
-        # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
-        # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
-        fps = round(self.fps, 2) if self.fps * 100 < 65535 else float(round(self.fps))
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), fps, self._size)
-        if not writer.isOpened():
-            raise OutputError(f"cannot open {self.path} for writing (mp4v codec unavailable?)")
-        self._writer = writer
+        if self.encoder == "mp4v":
+            self._writer = Mp4vWriter(self.path, self.fps, self._size)
+            return
+        from camface.realtime.fmp4 import H264Writer
+
+        try:
+            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
+        except OutputError as exc:
+            if self.encoder != "h264_nvenc":
+                raise
+            log.warning("camface: %s; recording with libx264 instead", exc)
+            self.encoder = "libx264"
+            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
 
     def write(self, frame: np.ndarray) -> None:
         """Append one uint8 BGR [H, W, 3] frame."""
@@ -65,9 +126,9 @@ class VideoSink:
     def close(self) -> None:
         """Finalise the file (idempotent)."""
         if self._writer is not None:
-            self._writer.release()
-            self._writer = None
-            log.debug("recording %s finalised: %d frames", self.path, self.frames_written)
+            writer, self._writer = self._writer, None
+            writer.close()
+            log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
     def __exit__(self, *exc) -> None:
         self.close()

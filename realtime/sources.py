@@ -94,8 +94,10 @@ def _valid_fps(fps: float) -> bool:
 class VideoFileSource:
     """Every frame of a video file, in order.
 
-    A file that ends early (truncated, damaged) stops at its last good frame with one warning;
-    `truncated` then is True and `frames_read` says how far it got.
+    A file that ends early (truncated, damaged; a recording whose writer was killed) stops at
+    its last good frame with one warning; `truncated` then is True and `frames_read` says how
+    far it got. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
+    is read up to its last complete fragment.
     """
 
     def __init__(self, path: str | Path):
@@ -103,6 +105,7 @@ class VideoFileSource:
         self.frames_read = 0
         self.truncated = False
         self._capture = None
+        self._prefix = None
 
     def __enter__(self) -> "VideoFileSource":
         if not self.path.is_file():
@@ -110,7 +113,7 @@ class VideoFileSource:
         capture = cv2.VideoCapture(str(self.path))
         if not capture.isOpened():
             capture.release()
-            raise SourceError(f"cannot open video file {self.path}: not a video OpenCV can decode")
+            capture = self._open_complete_part()
         self._capture = capture
         self.frames_read, self.truncated = 0, False  # per pass: --loop enters again
         fps = capture.get(cv2.CAP_PROP_FPS)
@@ -121,10 +124,34 @@ class VideoFileSource:
         self.info = SourceInfo(str(self.path), float(fps), count if count > 0 else None, live=False)
         return self
 
+    def _open_complete_part(self):
+        from camface.realtime.fmp4 import PrefixReader, complete_length
+
+        length = complete_length(self.path)
+        if length is not None:
+            self._prefix = PrefixReader(self.path, length)
+            try:
+                capture = cv2.VideoCapture(self._prefix, cv2.CAP_FFMPEG, [])
+            except (cv2.error, TypeError):  # an OpenCV that cannot read from a stream
+                capture = None
+            if capture is not None and capture.isOpened():
+                self.truncated = True
+                log.warning("%s is cut short (it ends inside an MP4 box); reading its first %d of %d bytes",
+                            self.path, length, self.path.stat().st_size)
+                return capture
+            self._close_prefix()
+        raise SourceError(f"cannot open video file {self.path}: not a video OpenCV can decode")
+
+    def _close_prefix(self) -> None:
+        if self._prefix is not None:
+            self._prefix.close()
+            self._prefix = None
+
     def __exit__(self, *exc) -> None:
         if self._capture is not None:
             self._capture.release()
             self._capture = None
+        self._close_prefix()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -136,10 +163,11 @@ class VideoFileSource:
         if self.frames_read == 0:
             raise SourceError(f"no frame could be read from video file {self.path}")
         expected = self.info.frames
-        if expected and self.frames_read < expected:
+        if self.truncated or (expected and self.frames_read < expected):
             self.truncated = True
-            log.warning("%s ended early: read %d of %d frames (file truncated or damaged)",
-                        self.path, self.frames_read, expected)
+            of = f" of {expected}" if expected and expected > self.frames_read else ""
+            log.warning("%s ended early: read %d%s frames (file truncated or damaged)",
+                        self.path, self.frames_read, of)
 
 
 def _natural_key(path: Path) -> list:

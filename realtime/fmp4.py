@@ -1,0 +1,180 @@
+"""H.264 in fragmented MP4, written through PyAV (FFmpeg), and the one fact readers need
+about a fragmented file cut short.
+
+A plain MP4 keeps its index (`moov`) at the end, so a writer killed hard leaves nothing
+playable. A fragmented MP4 starts with an empty `moov` and then appends self-contained
+fragments (`moof` index + `mdat` samples), here one per keyframe, a keyframe every
+`KEYFRAME_S` seconds: a SIGKILL, power loss or out-of-memory kill loses at most the fragment
+being filled. `flush_packets` hands each finished fragment to the operating system at once
+(without it FFmpeg's 32 KiB write buffer would hold the first fragments back).
+`default_base_moof` is what browsers' Media Source Extensions expect of fragments.
+
+OpenCV converts each BGR frame to YUV 4:2:0 (BT.601, limited range: what swscale would do, in
+a third of the time, 0.4 vs 1.2-1.6 ms at 640x480) and PyAV encodes and muxes it; both release
+the GIL meanwhile, so the writer thread does not hold up the live loop's other threads.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from camface.errors import OutputError
+
+MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+KEYFRAME_S = 1.0  # seconds between keyframes, so between fragments
+# libx264's fastest preset: the only one as cheap as OpenCV's mp4v writer (CPU per frame at
+# 640x480: 2.5 ms vs 2.4 ms; superfast 3.9, veryfast 5.0; at 1280x720 5.7 vs 7.4 ms), at about
+# mp4v's bit rate (benchmarks/encode_cost.py; figures in benchmarks/RESULTS.md).
+X264_PRESET = "ultrafast"
+# Per-encoder options. x264's zerolatency tune: no B-frames, no look-ahead, so every frame
+# leaves the encoder (and reaches a fragment) as soon as it is encoded. One x264 thread: the
+# same CPU time as x264's own slice threads, but on a busy machine the writer no longer waits
+# for several threads to be scheduled (`camface bench --record`: encode 2.5 vs 3.9 ms a frame).
+ENCODER_OPTIONS = {
+    "libx264": {"preset": X264_PRESET, "tune": "zerolatency", "threads": "1"},
+    "h264_nvenc": {"preset": "p3", "tune": "ll", "zerolatency": "1"},
+}
+
+
+@functools.cache
+def h264_encoder() -> tuple[str | None, str]:
+    """The H.264 encoder recordings use and why: ("h264_nvenc", "") when an NVIDIA encoder
+    opens, else ("libx264", ""), else (None, the reason: PyAV missing or without H.264)."""
+    try:
+        import av
+    except ImportError as exc:
+        return None, f"PyAV is not installed ({exc})"
+    for name in ("h264_nvenc", "libx264"):
+        if _opens(av, name):
+            return name, ""
+    return None, f"PyAV {av.__version__} has no usable H.264 encoder (libx264, h264_nvenc)"
+
+
+def _opens(av, name: str) -> bool:
+    """True when encoder `name` exists and opens with the options recordings use (NVENC needs
+    a GPU, a driver and an encoder unit: the wheel has it everywhere, most machines, and
+    data-centre GPUs without NVENC such as the H100, cannot open it)."""
+    try:
+        context = av.CodecContext.create(name, "w")
+        context.width, context.height, context.pix_fmt = 256, 256, "yuv420p"
+        context.time_base = Fraction(1, 30)
+        context.options = ENCODER_OPTIONS.get(name, {})
+        context.open()  # freed with the object
+        return True
+    except (av.FFmpegError, ValueError, NotImplementedError):  # unknown codec, cannot open
+        return False
+
+
+class H264Writer:
+    """Writes uint8 BGR [height, width, 3] frames of exactly `size` (width, height; even
+    numbers) at `fps` as H.264 (yuv420p, BT.601 limited range) in a fragmented MP4.
+
+    `options` add to or replace the encoder's ENCODER_OPTIONS (benchmarks try other presets).
+    """
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int], encoder: str,
+                 options: dict[str, str] | None = None):
+        import av
+
+        self.path, self.encoder = path, encoder
+        try:
+            self._container = av.open(str(path), "w", format="mp4",
+                                      options={"movflags": MOVFLAGS, "flush_packets": "1"})
+        except av.FFmpegError as exc:
+            raise OutputError(f"cannot open {path} for writing: {exc}") from exc
+        from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc
+
+        rate = Fraction(fps).limit_denominator(1001)
+        self._stream = self._container.add_stream(encoder, rate=rate)
+        context = self._stream.codec_context
+        context.width, context.height = size
+        context.pix_fmt = "yuv420p"
+        context.gop_size = max(1, round(fps * KEYFRAME_S))
+        # frames are converted with BT.601 coefficients: say so, so players convert back alike
+        context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
+        context.color_primaries, context.color_trc = ColorPrimaries.SMPTE170M, ColorTrc.SMPTE170M
+        context.color_range = ColorRange.MPEG  # limited range, 16-235
+        context.options = {**ENCODER_OPTIONS.get(encoder, {}), **(options or {})}
+        try:
+            context.open()  # now rather than on the first frame, so a refusal is clear
+        except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+            self._container.close()
+            path.unlink(missing_ok=True)
+            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
+        self._av, self._pts = av, 0
+
+    def write(self, frame: np.ndarray) -> None:
+        i420 = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)  # [height * 3 / 2, width]: Y, U, V planes
+        video_frame = self._av.VideoFrame.from_ndarray(i420, format="yuv420p")
+        video_frame.pts = self._pts
+        self._pts += 1
+        self._container.mux(self._stream.encode(video_frame))
+
+    def close(self) -> None:
+        """Drain the encoder and finish the last fragment (the file stays playable even if
+        this never runs)."""
+        try:
+            self._container.mux(self._stream.encode(None))
+        finally:
+            self._container.close()
+
+
+def complete_length(path: Path) -> int | None:
+    """For an ISO base media file (MP4) that ends inside a top-level box, the byte length of
+    its complete boxes; None when the file is whole or not an MP4.
+
+    FFmpeg reads every fragment index (`moof`) when it opens a fragmented MP4 and refuses the
+    file if the last one is cut; a reader can open the complete prefix instead."""
+    size = path.stat().st_size
+    position = 0
+    with open(path, "rb") as file:
+        while position + 8 <= size:
+            file.seek(position)
+            header = file.read(16)
+            length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if position == 0 and kind != b"ftyp":
+                return None
+            if length == 1 and len(header) == 16:  # 64-bit size follows the type
+                length = int.from_bytes(header[8:16], "big")
+            elif length == 0:  # the box runs to the end of the file
+                return None
+            if length < 8 or position + length > size:
+                break
+            position += length
+    return position if 0 < position < size else None
+
+
+class PrefixReader(io.BufferedIOBase):
+    """The first `length` bytes of a file, as a binary stream that OpenCV's VideoCapture
+    (OpenCV >= 4.10, FFmpeg backend) can read from."""
+
+    def __init__(self, path: Path, length: int):
+        self._file, self._length = open(path, "rb"), length
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(0, self._length - self._file.tell())
+        return self._file.read(left if size is None or size < 0 else min(size, left))
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            return self._file.seek(self._length + offset)
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()

@@ -1,0 +1,352 @@
+"""Recordings: H.264 in fragmented MP4 (PyAV) with an mp4v fallback; what survives a hard kill;
+reading files cut short; browser playback. Small synthetic clips (160x120) in tmp_path."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import count_frames, write_clip
+
+from camface.errors import OutputError, SourceError
+from camface.models import EMOTION_ONNX
+from camface.realtime import fmp4, sinks
+from camface.realtime.sample import SampleSource
+from camface.realtime.sinks import CODECS, VideoSink, encoder_for
+from camface.realtime.sources import VideoFileSource
+
+FPS = 30.0
+SIZE = (160, 120)
+LOSSY = 6.0  # mean absolute difference (grey levels) a decoded frame may have from its original
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def clip_frames():
+    """90 frames (3 s at 30 fps) of the sample clip at 160x120, uint8 BGR; faces move."""
+    sample = SampleSource(frames=90, size=SIZE)
+    return [sample.frame(i) for i in range(90)]
+
+
+@pytest.fixture
+def fresh_probe():
+    """Forget which encoder was found (and that the fallback was announced), before and after."""
+    fmp4.h264_encoder.cache_clear()
+    sinks._say_fallback.cache_clear()
+    yield
+    fmp4.h264_encoder.cache_clear()
+    sinks._say_fallback.cache_clear()
+
+
+def record(path: Path, frames, codec: str = "auto") -> VideoSink:
+    with VideoSink(path, FPS, codec=codec) as sink:
+        for frame in frames:
+            sink.write(frame)
+    return sink
+
+
+def decode(path: Path) -> list[np.ndarray]:
+    with VideoFileSource(path) as source:
+        return list(source)
+
+
+def boxes(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Top-level MP4 boxes: (offset, size, type)."""
+    out, position = [], 0
+    while position + 8 <= len(data):
+        size, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        out.append((position, size, kind))
+        position += size
+    return out
+
+
+def mad(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+# ------------------------------------------------------------------------------ recording
+
+@pytest.mark.parametrize("codec, encoder, fourcc", [("auto", "libx264", "h264"), ("h264", "libx264", "h264"),
+                                                    ("mp4v", "mp4v", "FMP4")])
+def test_a_recording_of_n_frames_decodes_to_n_frames_with_their_content(tmp_path, clip_frames, codec,
+                                                                         encoder, fourcc):
+    if encoder == "libx264" and fmp4.h264_encoder()[0] == "h264_nvenc":
+        encoder = "h264_nvenc"
+    path = tmp_path / f"{codec}.mp4"
+    sink = record(path, clip_frames, codec)
+    assert sink.encoder == encoder and sink.frames_written == 90
+    capture = cv2.VideoCapture(str(path))
+    code = int(capture.get(cv2.CAP_PROP_FOURCC))
+    assert code.to_bytes(4, "little").decode() == fourcc
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(FPS)
+    capture.release()
+    decoded = decode(path)
+    assert len(decoded) == 90
+    for index in (0, 1, 45, 89):
+        assert mad(decoded[index], clip_frames[index]) < LOSSY, index
+        # the comparison can fail: frames 20 apart differ by 17-38 grey levels
+        assert mad(decoded[index], clip_frames[(index + 20) % 90]) > 2 * LOSSY, index
+
+
+def test_h264_recordings_are_fragmented_with_a_keyframe_every_second(tmp_path, clip_frames):
+    path = tmp_path / "fragments.mp4"
+    record(path, clip_frames, "h264")
+    kinds = [kind for _, _, kind in boxes(path.read_bytes())]
+    assert kinds[:2] == [b"ftyp", b"moov"]
+    import av
+
+    with av.open(str(path)) as container:
+        keyframes = [i for i, packet in enumerate(p for p in container.demux(video=0) if p.size)
+                     if packet.is_keyframe]
+    assert keyframes[:3] == [0, 30, 60]  # one per second of video; x264 may add scene cuts
+    assert kinds.count(b"moof") == len(keyframes) == kinds.count(b"mdat")
+
+
+@pytest.mark.parametrize("codec", ["h264", "mp4v"])
+@pytest.mark.parametrize("fps", [29.97, 192.103, 7.5])  # a measured camera rate is rarely round
+def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
+    path = tmp_path / "rate.mp4"
+    with VideoSink(path, fps, codec=codec) as sink:
+        for frame in clip_frames[:20]:
+            sink.write(frame)
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(fps, rel=1e-3)
+    capture.release()
+    assert count_frames(path) == 20
+
+
+@pytest.mark.parametrize("codec, error, message", [
+    ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),
+    ("H264", ValueError, "unknown codec 'H264'"),
+])
+def test_unknown_codecs_are_refused(tmp_path, codec, error, message):
+    with pytest.raises(error, match=message):
+        VideoSink(tmp_path / "x.mp4", FPS, codec=codec)
+    assert not (tmp_path / "x.mp4").exists()
+    assert CODECS == ("auto", "h264", "mp4v")
+
+
+# ------------------------------------------------------------------------------ choosing the encoder
+
+@pytest.mark.parametrize("usable, encoder, reason", [
+    ({"h264_nvenc", "libx264"}, "h264_nvenc", ""),
+    ({"libx264"}, "libx264", ""),
+    (set(), None, r"PyAV \S+ has no usable H.264 encoder \(libx264, h264_nvenc\)"),
+])
+def test_h264_encoder_prefers_nvenc_then_libx264(monkeypatch, fresh_probe, usable, encoder, reason):
+    monkeypatch.setattr(fmp4, "_opens", lambda av, name: name in usable)
+    found, why = fmp4.h264_encoder()
+    assert found == encoder
+    assert why == "" if not reason else re.fullmatch(reason, why)
+
+
+def test_this_machine_has_an_h264_encoder(fresh_probe):
+    import av
+
+    encoder, reason = fmp4.h264_encoder()
+    assert encoder in ("libx264", "h264_nvenc") and reason == ""
+    assert fmp4._opens(av, "libx264") and not fmp4._opens(av, "no_such_encoder")
+
+
+@pytest.mark.parametrize("break_pyav, reason", [
+    ("missing", "PyAV is not installed"),
+    ("no h264", "has no usable H.264 encoder"),
+])
+def test_without_h264_auto_records_mp4v_and_says_so_once(tmp_path, clip_frames, monkeypatch, caplog,
+                                                         fresh_probe, break_pyav, reason):
+    if break_pyav == "missing":
+        monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    else:
+        monkeypatch.setattr(fmp4, "_opens", lambda av, name: False)
+    with caplog.at_level(logging.INFO, logger="camface"):
+        first = record(tmp_path / "a.mp4", clip_frames[:10])
+        second = record(tmp_path / "b.mp4", clip_frames[:10])  # key r: another take
+    assert first.encoder == second.encoder == "mp4v"
+    lines = [r.getMessage() for r in caplog.records if "mp4v" in r.getMessage()]
+    assert len(lines) == 1 and reason in lines[0] and "browsers do not play" in lines[0]
+    capture = cv2.VideoCapture(str(tmp_path / "b.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little") == b"FMP4"  # FFmpeg's mp4v
+    capture.release()
+    assert count_frames(tmp_path / "a.mp4") == 10
+    with pytest.raises(OutputError, match=f"cannot record H.264: .*{reason}.*--codec mp4v"):
+        VideoSink(tmp_path / "c.mp4", FPS, codec="h264")
+    assert encoder_for("mp4v") == "mp4v"
+
+
+def test_an_nvenc_that_refuses_the_recording_gives_way_to_libx264(tmp_path, clip_frames, monkeypatch, caplog):
+    monkeypatch.setattr(fmp4, "h264_encoder", lambda: ("h264_nvenc", ""))
+    monkeypatch.setitem(fmp4.ENCODER_OPTIONS, "h264_nvenc", {"preset": "no-such-preset"})  # refused everywhere
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        sink = record(tmp_path / "nv.mp4", clip_frames[:10])
+    assert sink.encoder == "libx264" and count_frames(sink.path) == 10
+    assert "h264_nvenc cannot encode 160x120 video for" in caplog.text and "with libx264 instead" in caplog.text
+
+
+# ------------------------------------------------------------------------------ files cut short
+
+def _cut_at(data: bytes, where: str) -> int:
+    """Byte offset of a cut of a 3-fragment recording: inside the 2nd fragment's samples,
+    inside the 3rd fragment's index, between fragments 2 and 3."""
+    moofs = [(offset, size) for offset, size, kind in boxes(data) if kind == b"moof"]
+    mdats = [(offset, size) for offset, size, kind in boxes(data) if kind == b"mdat"]
+    return {"mid-samples": mdats[1][0] + mdats[1][1] // 2,
+            "mid-index": moofs[2][0] + moofs[2][1] // 2,
+            "between fragments": moofs[2][0]}[where]
+
+
+@pytest.mark.parametrize("where, at_least, at_most", [
+    ("mid-samples", 30, 59),  # the 1st fragment, and the 2nd one's frames before the cut
+    ("mid-index", 60, 60),  # FFmpeg refuses the cut index: the reader opens the two fragments before it
+    ("between fragments", 60, 60),
+])
+def test_reader_stops_at_the_last_good_frame_of_a_cut_recording(tmp_path, clip_frames, caplog, where,
+                                                                at_least, at_most):
+    whole = tmp_path / "whole.mp4"
+    record(whole, clip_frames, "h264")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:_cut_at(data, where)])
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        frames = decode(cut)
+    assert at_least <= len(frames) <= at_most
+    assert max(mad(frame, clip_frames[i]) for i, frame in enumerate(frames)) < LOSSY  # no broken frame
+    if where != "between fragments":  # a cut between fragments looks like a whole, shorter file
+        assert f"cut.mp4 ended early: read {len(frames)}" in caplog.text
+
+
+def test_reader_gives_a_clear_error_when_no_fragment_survived(tmp_path, clip_frames):
+    whole = tmp_path / "whole.mp4"
+    record(whole, clip_frames, "h264")
+    data = whole.read_bytes()
+    first_moof = next(offset for offset, _, kind in boxes(data) if kind == b"moof")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[:first_moof + 40])
+    with pytest.raises(SourceError, match="no frame could be read from video file .*cut.mp4"):
+        decode(cut)
+
+
+def test_complete_length_of_whole_cut_and_foreign_files(tmp_path, clip_frames):
+    whole = record(tmp_path / "whole.mp4", clip_frames[:40], "h264").path
+    data = whole.read_bytes()
+    assert fmp4.complete_length(whole) is None
+    last = boxes(data)[-1]
+    (tmp_path / "cut.mp4").write_bytes(data[:last[0] + 3])
+    assert fmp4.complete_length(tmp_path / "cut.mp4") == last[0]
+    (tmp_path / "text.mp4").write_text("not a video at all")
+    assert fmp4.complete_length(tmp_path / "text.mp4") is None
+
+
+# ------------------------------------------------------------------------------ a recorder killed hard
+
+# `python -c COUNT_WRITES ARGS...` runs `camface ARGS...` and prints, on stdout, the number of
+# frames the recording holds after each write (what was handed to the sink when it was killed).
+COUNT_WRITES = """
+import sys
+from camface.realtime import sinks
+write = sinks.VideoSink.write
+def counted(self, frame):
+    write(self, frame)
+    print(self.frames_written, flush=True)
+sinks.VideoSink.write = counted
+from camface.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not EMOTION_ONNX.is_file(), reason="bundled emotion graph not exported yet")
+def test_sigkill_leaves_every_frame_but_the_last_second_and_a_next_run_reads_it(tmp_path):
+    sample = SampleSource(frames=1800, size=SIZE)
+    clip = write_clip(tmp_path / "long.mp4", [sample.frame(i) for i in range(1800)])  # 60 s of video
+    out = tmp_path / "killed.mp4"
+    process = subprocess.Popen([sys.executable, "-c", COUNT_WRITES, "live", "--source", str(clip),
+                                "--no-show", "--record", str(out), "--detector", "short"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    written: list[tuple[float, int]] = []  # (time, frames handed to the sink)
+
+    def follow():
+        for line in process.stdout:
+            if line.strip().isdigit():
+                written.append((time.perf_counter(), int(line)))
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    deadline = time.perf_counter() + 120
+    # kill when at least 200 frames were handed over and the first of them 1.5 s ago
+    while ((not written or written[-1][1] < 200 or time.perf_counter() - written[0][0] < 1.5)
+           and time.perf_counter() < deadline and process.poll() is None):
+        time.sleep(0.01)
+    killed_at = time.perf_counter()
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    reader.join(timeout=30)
+    stderr = process.stderr.read()
+    assert process.returncode == -signal.SIGKILL, stderr
+    handed = written[-1][1]  # the prints made before the kill are all in the pipe
+    assert 200 <= handed < 1800, stderr
+    older = max(n for t, n in written if t <= killed_at - 1.0)  # handed over > 1 s before the kill
+    kept = count_frames(out)
+    # lost: at most the fragment being filled, one keyframe interval (1 s of video, 30 frames)
+    assert kept >= max(older, handed - FPS), (kept, handed, older)
+    assert kept <= handed
+
+    again = tmp_path / "again.mp4"
+    run = subprocess.run([sys.executable, "-m", "camface", "live", "--source", str(out), "--no-show",
+                          "--record", str(again), "--detector", "short"],
+                         capture_output=True, text=True, env=ENV, timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert f"; {kept} frames, " in run.stderr and f"recorded {kept} frames" in run.stderr
+    assert count_frames(again) == kept
+
+
+# ------------------------------------------------------------------------------ browser playback
+
+CHROMIUM = Path("/usr/lib/chromium/chromium")
+
+
+def _play(page, folder: Path, name: str) -> tuple[float, float]:
+    """Load `name` in a <video>, play it; (duration, currentTime once past 1 s), seconds."""
+    (folder / f"{name}.html").write_text(f'<video id="v" src="{name}" muted playsinline></video>')
+    page.goto((folder / f"{name}.html").as_uri())
+    page.wait_for_function("document.getElementById('v').readyState >= 1 || document.getElementById('v').error",
+                           timeout=20_000)
+    assert page.evaluate("document.getElementById('v').error") is None, f"Chromium refused {name}"
+    duration = page.evaluate("document.getElementById('v').duration")
+    page.evaluate("document.getElementById('v').play()")
+    page.wait_for_function("document.getElementById('v').currentTime > 1.0", timeout=20_000)
+    return duration, page.evaluate("document.getElementById('v').currentTime")
+
+
+def test_chromium_plays_a_recording_and_one_cut_short(tmp_path, clip_frames):
+    """Headless Chromium loads a recording in <video>, reports its duration and plays it; the
+    same for a recording cut between fragments, as a hard kill leaves it."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    data = record(tmp_path / "clip.mp4", clip_frames * 2, "h264").path.read_bytes()  # 6 s
+    third = [offset for offset, _, kind in boxes(data) if kind == b"moof"][2]
+    (tmp_path / "cut.mp4").write_bytes(data[:third])  # fragments 1 and 2: 2 s
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto("about:blank")
+            support = page.evaluate("""document.createElement('video').canPlayType('video/mp4; codecs="avc1.42E01E"')""")
+            if not support:
+                pytest.skip("this Chromium build has no H.264 decoder (canPlayType('video/mp4; "
+                            "codecs=\"avc1.42E01E\"') is empty): proprietary codecs left out")
+            duration, played = _play(page, tmp_path, "clip.mp4")
+            assert duration == pytest.approx(180 / FPS, abs=0.1) and 1.0 < played <= duration
+            duration, played = _play(page, tmp_path, "cut.mp4")
+            assert duration == pytest.approx(60 / FPS, abs=0.1) and 1.0 < played <= duration
+        finally:
+            browser.close()
