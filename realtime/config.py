@@ -23,6 +23,9 @@ MAX_FACES = 32  # the graph's batch range is 1..32
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 DETECTORS = ("short", "full")
 PACES = ("auto", "source", "none")  # see camface.realtime.pace
+# recording codecs (camface.realtime.sinks): auto = H.264 (NVENC when it opens, else libx264) or
+# else mp4v with one line saying so; h264 = H.264 or an error; mp4v = OpenCV's MPEG-4 Part 2
+CODECS = ("auto", "h264", "mp4v")
 
 
 def method_choices() -> tuple[str, ...]:
@@ -59,6 +62,7 @@ class LiveConfig:
     pace: str = "auto"
     image_seconds: float = 2.0
     loop: bool = False
+    codec: str = "auto"
     quiet_native: bool = True
 
     def __post_init__(self) -> None:
@@ -80,6 +84,7 @@ class LiveConfig:
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),
             (self.image_seconds > 0, f"--image-seconds must be > 0, got {self.image_seconds}"),
+            (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
         )
         for ok, message in checks:
             if not ok:
@@ -122,6 +127,10 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                 help="save a snapshot every N frames (0: only with key s)")),
     "snapshot_dir": ("--snapshot-dir", dict(type=Path, help="folder for snapshots (one sub-folder per snapshot; "
                                                             "read by `camface guided`)")),
+    "codec": ("--codec", dict(choices=CODECS, help="recording codec: auto = H.264 in fragmented MP4 (plays in "
+                                                   "browsers, survives a hard kill; NVENC on NVIDIA GPUs, else "
+                                                   "libx264 ultrafast), mp4v when PyAV has no H.264 (one line says "
+                                                   "so); h264 = H.264 or an error; mp4v = MPEG-4 Part 2")),
     "overwrite": ("--overwrite", dict(action="store_true", help="replace an existing --record file")),
     "max_frames": ("--max-frames", dict(type=int, metavar="N", help="stop after N frames")),
     "graph_threads": ("--graph-threads", dict(type=int, metavar="N",

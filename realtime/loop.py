@@ -123,12 +123,14 @@ class LiveLoop:
         from camface.realtime.graph import CamGraph
         from camface.realtime.pace import LoopingSource
         from camface.realtime.render import Renderer
+        from camface.realtime.sinks import encoder_for
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import make_source
 
         cfg = self.config
         if cfg.record is not None:  # fail before any model or camera is opened
             check_output_file(cfg.record, cfg.overwrite)
+        encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
         renderer = Renderer.from_config(cfg)
         model_path = Path(cfg.model) if cfg.model else EMOTION_ONNX
         graph = CamGraph(model_path, cfg.device, threads=cfg.graph_threads)
@@ -144,7 +146,7 @@ class LiveLoop:
             snapshots = None
             if cfg.snapshot_every or cfg.show:
                 snapshots = SnapshotWriter(cfg.snapshot_dir, source.info.name, model_path, graph.info)
-            recorder = Recorder(cfg.record, source.info.fps, cfg.overwrite, snapshots, self.timer)
+            recorder = Recorder(cfg.record, source.info.fps, cfg.overwrite, snapshots, self.timer, cfg.codec)
             window = self._window
             if window is None and cfg.show:
                 from camface.realtime.window import Window

@@ -40,10 +40,12 @@ class Output:
 class Recorder:
     """Recording and snapshots for one run. first_record: the --record file (None: not
     recording until key r). fps: the source's rate, written into the file. snapshots: a
-    SnapshotWriter or None. timer: gets the `encode` and `snapshot` stages."""
+    SnapshotWriter or None. timer: gets the `encode` and `snapshot` stages. codec: see
+    camface.realtime.sinks."""
 
-    def __init__(self, first_record: Path | None, fps: float, overwrite: bool, snapshots, timer: StageTimer):
-        self.fps, self.first_record, self.overwrite = fps, first_record, overwrite
+    def __init__(self, first_record: Path | None, fps: float, overwrite: bool, snapshots, timer: StageTimer,
+                 codec: str = "auto"):
+        self.fps, self.first_record, self.overwrite, self.codec = fps, first_record, overwrite, codec
         self.snapshots, self.timer = snapshots, timer
         self.sink = self._open(first_record, overwrite) if first_record else None
         self.recordings: list[tuple[str, int]] = []  # (path, frames written)
@@ -52,7 +54,7 @@ class Recorder:
     def _open(self, path: Path, overwrite: bool):
         from camface.realtime.sinks import VideoSink
 
-        return VideoSink(path, self.fps, overwrite)
+        return VideoSink(path, self.fps, overwrite, codec=self.codec)
 
     def _next_path(self) -> Path:
         """The --record name, or a timestamped one, with -2, -3, ... until it is new."""

@@ -25,9 +25,7 @@ from camface.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
-# --codec choices: auto = H.264 (NVENC when it opens, else libx264) or else mp4v; h264 = H.264
-# or an error; mp4v = OpenCV's MPEG-4 Part 2.
-CODECS = ("auto", "h264", "mp4v")
+from camface.realtime.config import CODECS  # noqa: E402,F401 (the --codec choices live with the options)
 
 
 def encoder_for(codec: str = "auto") -> str:

@@ -114,7 +114,8 @@ class Session:
         with self.record_lock:
             if self.sink is not None:
                 return self.sink.path
-            self.sink = VideoSink(self.server.next_recording_path(self.id), fps, overwrite=False)
+            self.sink = VideoSink(self.server.next_recording_path(self.id), fps, overwrite=False,
+                                  codec=self.server.config.codec)
             log.info("client %d: recording to %s", self.id, self.sink.path)
             return self.sink.path
 

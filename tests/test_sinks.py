@@ -350,3 +350,22 @@ def test_chromium_plays_a_recording_and_one_cut_short(tmp_path, clip_frames):
             assert duration == pytest.approx(60 / FPS, abs=0.1) and 1.0 < played <= duration
         finally:
             browser.close()
+
+
+def test_codec_flag_reaches_the_recording(tmp_path):
+    """`camface live --codec mp4v` records MPEG-4 Part 2; the default records H.264; a bad
+    value is refused naming the flag."""
+    import av
+
+    from camface.cli import main
+    from camface.realtime.config import LiveConfig
+
+    for codec, stream_codec in (("mp4v", "mpeg4"), ("auto", "h264")):
+        out = tmp_path / f"{codec}.mp4"
+        assert main(["live", "--source", "sample", "--no-show", "--max-frames", "5", "--record", str(out),
+                     "--codec", codec, "--method", "none"]) == 0
+        with av.open(str(out)) as container:
+            assert container.streams.video[0].codec_context.name == stream_codec
+            assert sum(1 for _ in container.decode(video=0)) == 5
+    with pytest.raises(ValueError, match="--codec must be one of auto, h264, mp4v"):
+        LiveConfig(codec="webm")

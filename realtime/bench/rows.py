@@ -144,7 +144,7 @@ def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record,
     hud_ms: dict[str, float] = {}
     frames = faces_total = 0
     with make_source(pipeline.source, sample_frames=config.frames) as source, contextlib.ExitStack() as stack:
-        sink = stack.enter_context(VideoSink(record, source.info.fps, overwrite=True)) if record else None
+        sink = stack.enter_context(VideoSink(record, source.info.fps, overwrite=True, codec=pipeline.codec)) if record else None
         stream = iter(source)
         while frames < limit:
             start = time.perf_counter()
