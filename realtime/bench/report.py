@@ -58,4 +58,8 @@ def format_report(report: dict, rows: list[Row]) -> str:
             lines.append(f"  batch {batch:>2}: with gradients {b['with_gradients']['median_ms']:.2f} / "
                          f"{b['with_gradients']['p95_ms']:.2f}, forward only {b['forward_only']['median_ms']:.2f} / "
                          f"{b['forward_only']['p95_ms']:.2f}: gradients add {b['overhead_pct']:+.1f}%")
+    if report.get("int8"):
+        from camface.realtime.bench.precision import format_int8
+
+        lines += format_int8(report["int8"])
     return "\n".join(lines)
