@@ -27,6 +27,30 @@ class CropSets:
     calibration: np.ndarray
     held_out: np.ndarray
 
+    def __post_init__(self) -> None:
+        if len(self.calibration) < MIN_CALIBRATION or len(self.held_out) < MIN_HELD_OUT:
+            raise ModelError(f"calibration source {self.source}: {len(self.calibration)} calibration and "
+                             f"{len(self.held_out)} held-out face crops; int8 needs at least {MIN_CALIBRATION} "
+                             f"and {MIN_HELD_OUT}")
+
+
+def evenly(crops: np.ndarray, limit: int = MAX_CROPS) -> np.ndarray:
+    """At most `limit` of `crops`, evenly spaced, in order."""
+    if len(crops) <= limit:
+        return crops
+    return crops[np.unique(np.linspace(0, len(crops) - 1, limit).round().astype(int))]
+
+
+def from_bgr(crops_bgr: np.ndarray, color_order: str) -> np.ndarray:
+    """uint8 BGR crops [N, H, W, 3] -> the graph's colour order ([N, H, W, 1] for GRAY)."""
+    import cv2
+
+    if color_order == "BGR":
+        return crops_bgr
+    code = cv2.COLOR_BGR2GRAY if color_order == "GRAY" else cv2.COLOR_BGR2RGB
+    out = np.stack([cv2.cvtColor(crop, code) for crop in crops_bgr])
+    return out[..., None] if color_order == "GRAY" else out
+
 
 def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int = MAX_CROPS,
                max_frames: int = MAX_FRAMES) -> np.ndarray:
@@ -51,8 +75,7 @@ def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int 
                 crops.extend(crop_faces(frame, faces, live.margin, size, color_order)[0])
     if not crops:
         return np.zeros((0, *size, 1 if color_order == "GRAY" else 3), np.uint8)
-    keep = np.unique(np.linspace(0, len(crops) - 1, min(limit, len(crops))).round().astype(int))
-    return np.stack([crops[i] for i in keep])
+    return evenly(np.stack(crops), limit)
 
 
 def split(source: str, crops: np.ndarray) -> CropSets:

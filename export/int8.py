@@ -107,17 +107,19 @@ def check_float_tail(model) -> None:
 class _Crops:
     """onnxruntime.quantization.CalibrationDataReader over uint8 crops, BATCH at a time."""
 
-    def __init__(self, crops: np.ndarray):
+    def __init__(self, crops: np.ndarray, with_class: bool = True):
         self._batches = [crops[i:i + BATCH] for i in range(0, len(crops), BATCH)]
-        self._next = 0
+        self._next, self._with_class = 0, with_class
 
     def get_next(self):
         if self._next >= len(self._batches):
             return None
         batch = self._batches[self._next]
         self._next += 1
-        return {graph_spec.INPUT_IMAGE: np.ascontiguousarray(batch),
-                graph_spec.INPUT_CLASS: np.full(len(batch), -1, np.int64)}
+        feed = {graph_spec.INPUT_IMAGE: np.ascontiguousarray(batch)}
+        if self._with_class:
+            feed[graph_spec.INPUT_CLASS] = np.full(len(batch), -1, np.int64)
+        return feed
 
     def __len__(self):
         return len(self._batches)
@@ -139,18 +141,42 @@ def quantize_features(model, calibration: np.ndarray, method: str = DEFAULT_CALI
     features = [node.name for node in feature_nodes(model)]
     calibrate = {"percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax,
                  "entropy": CalibrationMethod.Entropy}[method]
-    extra = {"CalibPercentile": PERCENTILE} if method == "percentile" else {}
     with tempfile.TemporaryDirectory(prefix="camface-int8-") as tmp, _quiet_quantizer():
+        ranges = Path(tmp) / "ranges.json"
+        _calibrate_features(model, calibration, calibrate, Path(tmp), ranges)
         out = Path(tmp) / "int8.onnx"
-        quantize_static(model, out, _Crops(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=features, calibrate_method=calibrate,
-                        calibration_providers=["CPUExecutionProvider"], extra_options=extra)
+                        nodes_to_quantize=features, calibrate_method=calibrate, calibration_cache_path=ranges)
         quantized = onnx.load(str(out))
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(model.metadata_props)
     quantized.doc_string = model.doc_string
     return quantized
+
+
+def _calibrate_features(model, calibration: np.ndarray, calibrate, folder: Path, ranges: Path) -> None:
+    """Activation ranges of the feature tensors, written to `ranges` (quantize_static's
+    calibration cache). Measured on the features cut out of the CAM graph (image ->
+    activations: the gradient's tensors are neither needed nor computed), one batch at a time
+    (histograms merge batch by batch; quantize_static's own loop keeps every tensor of every
+    batch in memory: over 20 GB for ResNet50's CAM graph)."""
+    import onnx
+    import onnx.utils
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    features = onnx.utils.Extractor(model).extract_model([graph_spec.INPUT_IMAGE], [graph_spec.OUTPUT_ACTIVATIONS])
+    path = folder / "features.onnx"
+    onnx.save(features, str(path))
+    options = {"symmetric": False}  # quantize_static's default for activations (ActivationSymmetric)
+    if calibrate == CalibrationMethod.Percentile:
+        options["percentile"] = PERCENTILE
+    calibrator = create_calibrator(path, None, augmented_model_path=str(folder / "augmented.onnx"),
+                                   calibrate_method=calibrate, providers=["CPUExecutionProvider"],
+                                   extra_options=options)
+    for start in range(0, len(calibration), BATCH):
+        calibrator.collect_data(_Crops(calibration[start:start + BATCH], with_class=False))
+    save_tensors_data(calibrator.compute_data(), ranges)
 
 
 @contextlib.contextmanager

@@ -224,3 +224,17 @@ def test_failures_name_each_missed_bar(result, floor, misses):
 def test_agreement_round_trips_through_json():
     result = _agreement(top1=0.9, r=0.95)
     assert agreement.Agreement.from_json(json.loads(json.dumps(result.to_json()))) == result
+
+
+def test_export_int8_from_keras_writes_a_checked_graph(tmp_path, capsys):
+    from camface.models import EMOTION_KERAS, EMOTION_LABELS
+
+    out = tmp_path / "emotion8.onnx"
+    assert camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--labels", str(EMOTION_LABELS),
+                         "--preset", "emotion", "--target-layer", "add_3", "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert ", int8" in printed and "int8 calibration: 192 face crops from sample, percentile 99.999" in printed
+    assert "int8   top-1 agreement" in printed
+    info = CamGraph(out, "cpu").info
+    assert info.precision == "int8" and info.quantization["passed"] and info.source_model == EMOTION_KERAS.name
+    int8.check_float_tail(onnx.load(str(out)))
