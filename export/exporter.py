@@ -34,6 +34,7 @@ class ExportOptions:
     labels_source: str = ""  # where `labels` came from (a file path), for error messages
     int8: bool = False  # quantize the features after the float32 self-check (export/int8.py)
     calibration: str = "sample"  # int8: face crops from this folder / clip / 'sample'
+    calibration_method: str = "minmax"  # int8: export/int8.py CALIBRATION_METHODS
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     if options.int8:  # on the verified float32 graph; raises ModelError when it disagrees
         from camface.export.int8 import to_int8
 
-        quantized = to_int8(onnx_model, options.calibration)
+        quantized = to_int8(onnx_model, options.calibration, options.calibration_method)
         onnx_model, info = quantized.model, replace(info, precision="int8", quantization=quantized.report)
     convert.save(onnx_model, output)
     return ExportResult(output, info, differences, time.perf_counter() - started, quantized)

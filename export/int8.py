@@ -12,9 +12,11 @@ over cutting the features out, quantizing them and splicing them back: one call,
 of tensors shared by the two halves, and the graph's inputs, outputs, dynamic batch and
 metadata come through untouched (the splice would have to rebuild all four).
 
-Calibration: static ranges from face crops cut as live (export/calibration.py), with
-calibration method `percentile` (99.999th percentile of |x| histograms: one outlier pixel
-does not stretch a whole tensor's range, as with minmax) unless asked otherwise.
+Calibration: static ranges from face crops cut as live (export/calibration.py), calibration
+method `minmax` (ONNX Runtime's default: each tensor's range is the smallest and largest value
+seen) unless asked otherwise. `percentile` (99.999th percentile of histograms, robust to a
+single outlier) agreed no better on the emotion graph (Grad-CAM r 0.992 both) and its
+histograms of every feature tensor take minutes for ResNet50 on two cores, minmax seconds.
 
 After quantizing, `check_float_tail` proves the rest is float32 (no quantize/dequantize or
 integer op, no int8/float16 initializer), and the agreement with the float32 graph on held-out
@@ -40,7 +42,7 @@ from camface.export.agreement import THRESHOLDS, Agreement, Thresholds, compare,
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
-DEFAULT_CALIBRATION_METHOD = "percentile"
+DEFAULT_CALIBRATION_METHOD = "minmax"
 PERCENTILE = 99.999
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
                  "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QGemm"}
