@@ -37,8 +37,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=50,
                         help="graph runs per batch size for --compare-heads and --compare-int8")
     parser.add_argument("--compare-int8", action="store_true",
-                        help="also quantize the graph as `camface export --int8` does (calibrated on --source) and "
+                        help="also quantize the graph as `camface export --int8` does (calibrated on --calibration) and "
                              "time float32 vs int8: a live row, and graph calls at --batches x --int8-threads")
+    parser.add_argument("--calibration", metavar="SRC", default="sample",
+                        help="with --compare-int8: folder of photos or clip whose faces calibrate the int8 graph")
     parser.add_argument("--int8-threads", type=int, nargs="+", default=[1, 2], metavar="N",
                         help="graph threads for the --compare-int8 table")
     parser.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
@@ -71,6 +73,7 @@ class BenchConfig:
     repeats: int = 50
     compare_int8: bool = False
     int8_threads: tuple[int, ...] = (1, 2)
+    calibration: str = "sample"
     backbone: str | None = None
     backbone_size: int = 224
     work_dir: Path = Path("~/.cache/camface/bench")
@@ -95,5 +98,6 @@ class BenchConfig:
                    frames=args.frames, warmup=args.warmup, record=args.record, baseline=args.baseline,
                    compare_heads=args.compare_heads, batches=tuple(args.batches), repeats=args.repeats,
                    compare_int8=args.compare_int8, int8_threads=tuple(args.int8_threads),
+                   calibration=args.calibration,
                    backbone=args.backbone, backbone_size=args.backbone_size, work_dir=args.work_dir,
                    json=args.json)

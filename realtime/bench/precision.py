@@ -1,7 +1,7 @@
 """`camface bench --compare-int8`: the same model in float32 and int8, in one run.
 
 The bench's float32 graph is quantized here as `camface export --int8` does
-(camface.export.int8, calibrated on `--source`'s faces; the agreement is reported, not
+(camface.export.int8, calibrated on `--calibration`'s faces; the agreement is reported, not
 enforced: a `--backbone` graph has random weights). Then, per graph-thread count and batch
 size, one graph call is timed for: float32, int8, and int8 pruned to its forward outputs
 (heads.forward_only), runs alternating between the three so load on a shared machine hits
@@ -27,7 +27,7 @@ def quantize(config: BenchConfig, model: Path, folder: Path):
         from camface.export.int8 import to_int8
     except ImportError as exc:
         raise ModelError("--compare-int8 needs the `onnx` package (pip install 'camface[keras]')") from exc
-    result = to_int8(model.read_bytes(), config.pipeline.source, enforce=False)
+    result = to_int8(model.read_bytes(), config.calibration, enforce=False)
     path = folder / f"{model.stem}.int8.onnx"
     path.write_bytes(result.model.SerializeToString())
     return path, result
