@@ -34,7 +34,7 @@ class ExportOptions:
     labels_source: str = ""  # where `labels` came from (a file path), for error messages
     int8: bool = False  # quantize the features after the float32 self-check (export/int8.py)
     calibration: str = "sample"  # int8: face crops from this folder / clip / 'sample'
-    calibration_method: str = "minmax"  # int8: export/int8.py CALIBRATION_METHODS
+    calibration_method: str = "percentile"  # int8: export/int8.py CALIBRATION_METHODS
 
 
 @dataclass(frozen=True)

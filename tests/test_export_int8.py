@@ -116,7 +116,7 @@ def test_metadata_records_what_an_independent_comparison_measures(int8_path, cro
     assert info.precision == "int8"
     report = info.quantization
     assert report["passed"] and report["calibration"] == {"source": "sample", "crops": len(crops.calibration),
-                                                          "method": "minmax"}
+                                                          "method": "percentile 99.999"}
     reference = CamGraph(EMOTION_ONNX, "cpu")
     ref_probs, ref_maps = reference.run(crops.held_out, np.full(len(crops.held_out), -1, np.int64), "gradcam")
     probs, maps = graph.run(crops.held_out, ref_probs.argmax(1), "gradcam")
@@ -132,7 +132,7 @@ def test_metadata_records_what_an_independent_comparison_measures(int8_path, cro
 def test_info_shows_the_agreement(int8_path, capsys):
     assert camface_main(["info", str(int8_path)]) == 0
     out = capsys.readouterr().out
-    assert "; int8" in out and "calibration: 192 face crops from sample, minmax" in out
+    assert "; int8" in out and "calibration: 192 face crops from sample, percentile 99.999" in out
     assert "top-1 agreement 100.0% on 64 held-out crops" in out and "gradcam: Pearson r 0.9" in out
 
 
@@ -233,7 +233,7 @@ def test_export_int8_from_keras_writes_a_checked_graph(tmp_path, capsys):
     assert camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--labels", str(EMOTION_LABELS),
                          "--preset", "emotion", "--target-layer", "add_3", "--int8"]) == 0
     printed = capsys.readouterr().out
-    assert ", int8" in printed and "int8 calibration: 192 face crops from sample, minmax" in printed
+    assert ", int8" in printed and "int8 calibration: 192 face crops from sample, percentile 99.999" in printed
     assert "int8   top-1 agreement" in printed
     info = CamGraph(out, "cpu").info
     assert info.precision == "int8" and info.quantization["passed"] and info.source_model == EMOTION_KERAS.name
