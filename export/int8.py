@@ -16,9 +16,9 @@ Calibration: static ranges from face crops cut as live (export/calibration.py), 
 method `percentile` (the 99.999th percentile of each tensor's histogram) unless asked
 otherwise: one outlier value does not stretch a whole tensor's range. `minmax` (ONNX Runtime's
 default, the smallest and largest value seen) is much faster (ResNet50 on two cores: seconds
-instead of minutes for the histograms) but agreed worse where it was compared: on the toy
-MobileNetV2 of tests/test_train.py minmax gave top-1 89% (percentile 100% on the same model;
-that model sits near the bars, another training run gave percentile 83%).
+instead of minutes for the histograms), and cruder with outliers. Neither was compared on one
+and the same trained model: the toy MobileNetV2 of tests/test_train.py (retrained per run) gave
+minmax top-1 89% in one run, percentile a pass in another and 83% in a third.
 
 After quantizing, `check_float_tail` proves the rest is float32 (no quantize/dequantize or
 integer op, no int8/float16 initializer), and the agreement with the float32 graph on held-out
