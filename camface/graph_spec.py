@@ -43,7 +43,10 @@ META_HEATMAPS = "heatmaps"  # JSON list of heatmap outputs present
 META_CAM_UNAVAILABLE = "cam_unavailable_reason"  # why `cam` is absent ("" when present)
 META_SOURCE_MODEL = "source_model"  # file name of the Keras model it was exported from
 META_SOURCE_SHA256 = "source_sha256"
-META_PRECISION = "precision"  # "fp32" or "fp16"
+META_PRECISION = "precision"  # "fp32", "fp16" or "int8"
+# JSON, int8 graphs only: how they were quantized and calibrated, and their agreement with the
+# float32 graph on held-out crops (camface/export/int8.py, camface/export/agreement.py)
+META_QUANTIZATION = "quantization"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class GraphInfo:
     source_sha256: str = ""
     precision: str = "fp32"
     version: str = ""
+    quantization: dict = field(default_factory=dict)  # int8 graphs: see META_QUANTIZATION
 
     @property
     def channels(self) -> int:
@@ -88,6 +92,7 @@ class GraphInfo:
             source_sha256=props.get(META_SOURCE_SHA256, ""),
             precision=props.get(META_PRECISION, "fp32"),
             version=props.get(META_VERSION, ""),
+            quantization=json.loads(props.get(META_QUANTIZATION, "{}")),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -105,6 +110,7 @@ class GraphInfo:
             META_SOURCE_MODEL: self.source_model,
             META_SOURCE_SHA256: self.source_sha256,
             META_PRECISION: self.precision,
+            **({META_QUANTIZATION: json.dumps(self.quantization)} if self.quantization else {}),
         }
 
 

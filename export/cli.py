@@ -43,8 +43,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="override: x * scale + offset (1 value or one per channel)")
     parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
                         help="override: x * scale + offset (1 value or one per channel)")
-    parser.add_argument("--fp16", action="store_true",
-                        help="float16 weights and internals (for GPUs); inputs/outputs keep types")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true",
+                           help="float16 weights and internals (for GPUs); inputs/outputs keep types")
+    precision.add_argument("--int8", action="store_true",
+                           help="int8 features (for CPUs with VNNI): everything before the target layer "
+                                "quantized by ONNX Runtime; head, gradient and heatmaps stay float32; fails "
+                                "when it no longer agrees with float32 on held-out crops")
+    parser.add_argument("--calibration", metavar="SRC", default="sample",
+                        help="with --int8: folder of photos or a clip whose faces (detected and cropped as "
+                             "live) calibrate the int8 ranges; the last quarter is held out for the agreement")
+    parser.add_argument("--calibration-method", choices=("percentile", "minmax", "entropy"),
+                        default="percentile", help="with --int8: how ONNX Runtime turns the calibration crops "
+                                                   "into ranges (minmax: faster, less robust to outliers)")
     parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="turn Keras safe mode off to load a model with Lambda layers: this "
@@ -83,6 +94,9 @@ def main(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         safe_mode=not args.unsafe_load,
         labels_source=args.labels or "",
+        int8=args.int8,
+        calibration=args.calibration,
+        calibration_method=args.calibration_method,
     )
     if onnx_engine:
         from camface.export import onnx_export
@@ -97,4 +111,9 @@ def main(args: argparse.Namespace) -> int:
           f"{info.input_size[1]}, {len(info.labels)} classes, {info.precision}")
     for difference in result.differences:
         print(f"  verify {difference}")
+    if result.int8 is not None:
+        from camface.export.int8 import summary_lines
+
+        for line in summary_lines(result.int8.report):
+            print(f"  int8 {line}")
     return 0

@@ -32,6 +32,9 @@ class ExportOptions:
     verify: bool = True
     safe_mode: bool = True
     labels_source: str = ""  # where `labels` came from (a file path), for error messages
+    int8: bool = False  # quantize the features after the float32 self-check (export/int8.py)
+    calibration: str = "sample"  # int8: face crops from this folder / clip / 'sample'
+    calibration_method: str = "percentile"  # int8: export/int8.py CALIBRATION_METHODS
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ExportResult:
     info: graph_spec.GraphInfo
     differences: tuple = field(default_factory=tuple)  # verify.Difference per output
     seconds: float = 0.0
+    int8: object = None  # int8.Int8Result when options.int8
 
 
 def read_labels_file(path: str | Path) -> tuple[str, ...]:
@@ -126,6 +130,8 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
 
     started = time.perf_counter()
     model_path, output = Path(model_path), Path(output)
+    if options.int8 and options.fp16:
+        raise ModelError("--int8 and --fp16 exclude each other (int8 for CPUs, float16 for GPUs)")
     check_output_file(output, overwrite=True)
     model = keras_model.load_model(model_path, safe_mode=options.safe_mode)
     parts, heads, info = prepare(model, options)
@@ -149,8 +155,14 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
                                           info.input_size, info.channels, len(info.labels),
                                           info.precision, heatmap_function=heatmap_function))
         _warn_ill_conditioned(differences, info.target_layer)
+    quantized = None
+    if options.int8:  # on the verified float32 graph; raises ModelError when it disagrees
+        from camface.export.int8 import to_int8
+
+        quantized = to_int8(onnx_model, options.calibration, options.calibration_method)
+        onnx_model, info = quantized.model, replace(info, precision="int8", quantization=quantized.report)
     convert.save(onnx_model, output)
-    return ExportResult(output, info, differences, time.perf_counter() - started)
+    return ExportResult(output, info, differences, time.perf_counter() - started, quantized)
 
 
 def _warn_ill_conditioned(differences, target_layer: str) -> None:

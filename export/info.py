@@ -107,4 +107,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"CAM graph: {info.color_order} {info.input_size[0]}x{info.input_size[1]} crops -> "
           f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_layer} "
           f"{info.feature_size[0]}x{info.feature_size[1]}; {info.precision}")
+    if info.quantization:
+        from camface.export.int8 import summary_lines  # imports numpy only until it quantizes
+
+        print("quantization:")
+        for line in summary_lines(info.quantization):
+            print(f"  {line}")
     return 0

@@ -57,6 +57,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     patience: int = 5
     montage: int = 24
+    int8: bool = False  # also model.int8.onnx (export/int8.py)
 
     def __post_init__(self) -> None:
         # the live loop's checks of the crop options (ValueError naming the flag)
@@ -72,7 +73,7 @@ class TrainConfig:
                    margin=args.margin, min_confidence=args.min_confidence,
                    learning_rate=args.learning_rate,
                    fine_tune_learning_rate=args.fine_tune_learning_rate, patience=args.patience,
-                   montage=args.montage)
+                   montage=args.montage, int8=args.int8)
 
     def command(self) -> str:
         """The full command line (every flag explicit) that reproduces this run."""
@@ -90,6 +91,8 @@ class TrainConfig:
         argv += ["--learning-rate", str(self.learning_rate),
                  "--fine-tune-learning-rate", str(self.fine_tune_learning_rate),
                  "--patience", str(self.patience), "--montage", str(self.montage)]
+        if self.int8:
+            argv += ["--int8"]
         return shlex.join(argv)
 
 
@@ -156,6 +159,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="early stopping: epochs without a better validation accuracy")
     parser.add_argument("--montage", type=_positive, default=defaults.montage,
                         help="test crops shown in cam_montage.png")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write model.int8.onnx (int8 features for CPUs, as `camface export --int8`), "
+                             "calibrated on the training crops, its agreement with model.onnx checked on the "
+                             "test crops")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -228,6 +235,8 @@ def run(config: TrainConfig) -> dict:
     # 3. the CAM graph, through the exporter (with its self-check)
     onnx_path = out / "model.onnx"
     export_graph(model_path, onnx_path, labels, config.backbone)
+    if config.int8:
+        export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
 
     # 4. the test split on model.onnx: metrics and figures
     metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
@@ -345,6 +354,25 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
     result = export(model_path, onnx_path, ExportOptions(labels=tuple(labels), preset=preset))
     for difference in result.differences:
         log.info("export self-check: %s", difference)
+    return result
+
+
+def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bgr: np.ndarray):
+    """model.onnx -> model.int8.onnx (camface.export.int8), calibrated on training crops and
+    checked on test crops (uint8 BGR, cut as live); raises ModelError when they disagree."""
+    import onnx
+
+    from camface.export import calibration
+    from camface.export.int8 import summary_lines, to_int8
+
+    model = onnx.load(str(onnx_path))
+    color_order = {p.key: p.value for p in model.metadata_props}["color_order"]
+    crops = calibration.CropSets("the training split", calibration.from_bgr(calibration.evenly(train_bgr), color_order),
+                                 calibration.from_bgr(calibration.evenly(test_bgr, 64), color_order))
+    result = to_int8(model, crops=crops)
+    onnx.save(result.model, str(int8_path))
+    for line in summary_lines(result.report):
+        log.info("int8: %s", line)
     return result
 
 

@@ -204,3 +204,26 @@ def test_bench_runs_without_tensorflow(tmp_path, faces_clip):
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / "b.json").read_text())["runs"][0]["faces"] == sum(FACES[:3])
+
+
+def test_compare_int8_adds_a_live_row_and_the_precision_table(tmp_path, faces_clip, capsys):
+    out = tmp_path / "bench.json"
+    assert camface_main(["bench", "--source", str(faces_clip), "--frames", "3", "--warmup", "0",
+                         "--compare-int8", "--batches", "1", "2", "--int8-threads", "1", "2", "--repeats", "2",
+                         "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    table = capsys.readouterr().out
+    assert "camface live int8" in table and "float32 vs int8" in table and "top-1 agreement" in table
+    live, live_int8 = report["runs"]
+    assert live_int8["name"] == "camface live int8"
+    check_row(live_int8, frames=3, faces=sum(FACES[:3]), stages=STAGES[:-1],
+              detectors=report["settings"]["detect_workers"])  # no --record: no encode stage
+    int8 = report["int8"]
+    assert int8["calibration"] == {"source": "sample", "crops": 192, "method": "minmax"} and int8["passed"]
+    assert set(int8["threads"]) == {"1", "2"}
+    for batches in int8["threads"].values():
+        assert set(batches) == {"1", "2"}
+        for b in batches.values():
+            assert b["speedup"] == pytest.approx(b["fp32"]["median_ms"] / b["int8"]["median_ms"])
+            forward = b["int8_forward_only"]["median_ms"]
+            assert b["gradient_overhead_pct"] == pytest.approx(100 * (b["int8"]["median_ms"] / forward - 1))

@@ -11,6 +11,7 @@ Rows (each on the same frames of `--source`, after `--warmup` frames that are no
                       computed the Keras-example way (export/keras_baseline.py).
 Stages: decode, detect, crop, classify+explain, render, encode; median and p95 milliseconds.
 `--compare-heads` adds the gradient outputs' cost (camface.realtime.bench.heads).
+`--compare-int8` adds the int8 graph: a live row and float32 vs int8 graph calls (bench.precision).
 
 The pieces: config (flags and BenchConfig), rows (the pipelines timed), heads, machine, report.
 Top-level imports stay light; TensorFlow is never imported by this module: the Keras baseline
@@ -104,6 +105,13 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
                                     if live.stages.get("classify") and live.stages["classify"].mean_ms else None),
                        "cpu_time": (keras_row.cpu_ms_per_frame / live.cpu_ms_per_frame
                                     if keras_row.cpu_ms_per_frame and live.cpu_ms_per_frame else None)}
+        int8 = None
+        if config.compare_int8:
+            from camface.realtime.bench.precision import compare_int8, quantize
+
+            int8_path, quantized = quantize(config, graph_path, Path(tmp))
+            rows.append(run_live(config, int8_path, record_dir, name="camface live int8"))
+            int8 = compare_int8(config, graph_path, int8_path, info, graph.provider, quantized)
     heads = compare_heads(config, graph) if config.compare_heads else None
     report = {
         "camface_bench": 1,
@@ -126,6 +134,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
         "runs": [row.to_json() for row in rows],
         "speedup": speedup,
         "heads": heads,
+        "int8": int8,
     }
     return report, rows
 

@@ -34,7 +34,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also time the graph with and without its gradient outputs (forward only)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], metavar="N",
                         help="batch sizes for --compare-heads")
-    parser.add_argument("--repeats", type=int, default=50, help="graph runs per batch size for --compare-heads")
+    parser.add_argument("--repeats", type=int, default=50,
+                        help="graph runs per batch size for --compare-heads and --compare-int8")
+    parser.add_argument("--compare-int8", action="store_true",
+                        help="also quantize the graph as `camface export --int8` does (calibrated on --calibration) and "
+                             "time float32 vs int8: a live row, and graph calls at --batches x --int8-threads")
+    parser.add_argument("--calibration", metavar="SRC", default="sample",
+                        help="with --compare-int8: folder of photos or clip whose faces calibrate the int8 graph")
+    parser.add_argument("--int8-threads", type=int, nargs="+", default=[1, 2], metavar="N",
+                        help="graph threads for the --compare-int8 table")
     parser.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
                         help="bench a CAM graph of this backbone (GAP head, random weights, built with "
                              "camface.models.builders and exported once into --work-dir) instead of --model")
@@ -63,6 +71,9 @@ class BenchConfig:
     compare_heads: bool = False
     batches: tuple[int, ...] = (1, 8)
     repeats: int = 50
+    compare_int8: bool = False
+    int8_threads: tuple[int, ...] = (1, 2)
+    calibration: str = "sample"
     backbone: str | None = None
     backbone_size: int = 224
     work_dir: Path = Path("~/.cache/camface/bench")
@@ -75,6 +86,8 @@ class BenchConfig:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if self.repeats < 1 or any(not 1 <= b <= 32 for b in self.batches):
             raise ValueError("--repeats must be >= 1 and --batches within 1..32")
+        if any(t < 1 for t in self.int8_threads):
+            raise ValueError(f"--int8-threads must be >= 1, got {list(self.int8_threads)}")
         if self.backbone and self.pipeline.model is not None:
             raise ValueError("--model and --backbone exclude each other")
 
@@ -84,5 +97,7 @@ class BenchConfig:
         return cls(pipeline=from_args(args, PIPELINE_OPTIONS, max_faces=max_faces), keras_model=args.keras_model,
                    frames=args.frames, warmup=args.warmup, record=args.record, baseline=args.baseline,
                    compare_heads=args.compare_heads, batches=tuple(args.batches), repeats=args.repeats,
+                   compare_int8=args.compare_int8, int8_threads=tuple(args.int8_threads),
+                   calibration=args.calibration,
                    backbone=args.backbone, backbone_size=args.backbone_size, work_dir=args.work_dir,
                    json=args.json)

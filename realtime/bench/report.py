@@ -53,6 +53,10 @@ def format_report(report: dict, rows: list[Row]) -> str:
     heads = report.get("heads")
     if heads:
         lines += ["", *format_heads(heads)]
+    if report.get("int8"):
+        from camface.realtime.bench.precision import format_int8
+
+        lines += format_int8(report["int8"])
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ class Row:
         }
 
 
-def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
+def run_live(config: BenchConfig, model: Path, record_dir: Path | None, name: str = "camface live") -> Row:
     """The real live loop on the first `config.frames` frames, after an untimed run on the
     first `config.warmup` frames (first-frame costs: codec set-up, caches, page faults)."""
     from camface.realtime.loop import LiveLoop
@@ -73,8 +73,8 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
         return config.pipeline.replace(model=model, record=record, show=False, overwrite=True, max_frames=frames,
                                        progress=False)
 
-    def record(name: str) -> Path | None:
-        return record_dir / f"{name}.mp4" if record_dir is not None else None
+    def record(stem: str) -> Path | None:
+        return record_dir / f"{name.replace(' ', '-')}-{stem}.mp4" if record_dir is not None else None
 
     warmup_cpu_s, warmup_frames = 0.0, 0
     if config.warmup:
@@ -91,7 +91,7 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None) -> Row:
     cpu_ms = None
     if warmup_frames and summary.frames > warmup_frames and cpu_s > warmup_cpu_s:
         cpu_ms = 1000 * (cpu_s - warmup_cpu_s) / (summary.frames - warmup_frames)
-    return Row("camface live", summary.frames, summary.faces, summary.fps, summary.wall_s,
+    return Row(name, summary.frames, summary.faces, summary.fps, summary.wall_s,
                dict(summary.stages), summary.provider, peak_rss_mb(), cpu_ms)
 
 

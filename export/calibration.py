@@ -1,0 +1,94 @@
+"""Face crops for int8 calibration and for the agreement check, cut exactly as the live loop
+cuts them: the same source reader (`make_source`), MediaPipe detector and crop
+(`camface.realtime.crop.crop_faces`) with `LiveConfig`'s default detector, confidence and margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from camface.errors import ModelError
+
+MAX_CROPS = 256  # crops kept from a source (evenly spaced over it); more adds calibration time only
+MAX_FRAMES = 1200  # frames read from a long clip at most
+HELD_OUT_FRACTION = 0.25  # the last quarter of the source is held out for the agreement check
+MIN_CALIBRATION, MIN_HELD_OUT = 8, 4
+
+
+@dataclass(frozen=True)
+class CropSets:
+    """calibration and held_out: uint8 [N, H, W, C] in the graph's colour order, from the
+    first 75% and the last 25% of `source` (in time: consecutive frames look alike, so an
+    interleaved split would test on near-copies of calibration crops)."""
+
+    source: str
+    calibration: np.ndarray
+    held_out: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.calibration) < MIN_CALIBRATION or len(self.held_out) < MIN_HELD_OUT:
+            raise ModelError(f"calibration source {self.source}: {len(self.calibration)} calibration and "
+                             f"{len(self.held_out)} held-out face crops; int8 needs at least {MIN_CALIBRATION} "
+                             f"and {MIN_HELD_OUT}")
+
+
+def evenly(crops: np.ndarray, limit: int = MAX_CROPS) -> np.ndarray:
+    """At most `limit` of `crops`, evenly spaced, in order."""
+    if len(crops) <= limit:
+        return crops
+    return crops[np.unique(np.linspace(0, len(crops) - 1, limit).round().astype(int))]
+
+
+def from_bgr(crops_bgr: np.ndarray, color_order: str) -> np.ndarray:
+    """uint8 BGR crops [N, H, W, 3] -> the graph's colour order ([N, H, W, 1] for GRAY)."""
+    import cv2
+
+    if color_order == "BGR":
+        return crops_bgr
+    code = cv2.COLOR_BGR2GRAY if color_order == "GRAY" else cv2.COLOR_BGR2RGB
+    out = np.stack([cv2.cvtColor(crop, code) for crop in crops_bgr])
+    return out[..., None] if color_order == "GRAY" else out
+
+
+def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int = MAX_CROPS,
+               max_frames: int = MAX_FRAMES) -> np.ndarray:
+    """Up to `limit` face crops, uint8 [N, H, W, C] (C = 1 for GRAY), in source order, evenly
+    spaced over every face found in the first `max_frames` frames of `source` (a folder of
+    photos, a clip, or 'sample'). Raises SourceError when the source does not open."""
+    from camface.models import DETECTORS
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.detect import FaceDetector
+    from camface.realtime.sources import make_source
+
+    live = LiveConfig()
+    crops = []
+    with make_source(source) as frames, \
+            FaceDetector(DETECTORS[live.detector], live.min_confidence, live.quiet_native) as detector:
+        for index, frame in enumerate(frames):
+            if index >= max_frames:
+                break
+            faces = detector.detect(frame)[:live.max_faces]
+            if faces:
+                crops.extend(crop_faces(frame, faces, live.margin, size, color_order)[0])
+    if not crops:
+        return np.zeros((0, *size, 1 if color_order == "GRAY" else 3), np.uint8)
+    return evenly(np.stack(crops), limit)
+
+
+def split(source: str, crops: np.ndarray) -> CropSets:
+    """The first 75% of `crops` for calibration, the rest held out. Raises ModelError naming
+    the source when either part would be too small to trust."""
+    held = max(MIN_HELD_OUT, int(round(len(crops) * HELD_OUT_FRACTION)))
+    if len(crops) - held < MIN_CALIBRATION:
+        raise ModelError(f"calibration source {source}: {len(crops)} face crops found, int8 needs at least "
+                         f"{MIN_CALIBRATION + MIN_HELD_OUT} ({MIN_CALIBRATION} to calibrate, {MIN_HELD_OUT} "
+                         "held out for the agreement check); give a folder of photos or a clip with more faces")
+    return CropSets(source, crops[:-held], crops[-held:])
+
+
+def crop_sets(source: str, size: tuple[int, int], color_order: str) -> CropSets:
+    """Calibration and held-out crops of `source` for a graph of input `size` and `color_order`."""
+    return split(source, face_crops(source, size, color_order))

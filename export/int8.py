@@ -1,0 +1,303 @@
+"""float32 CAM graph -> int8 CAM graph: the FEATURES (every node the target-layer activations
+depend on) quantized with ONNX Runtime's own static quantizer, the head, the in-graph gradient
+and every heatmap left in float32.
+
+How: `onnxruntime.quantization.quantize_static` on the whole CAM graph, QDQ format, per-channel
+int8 weights, uint8 activations (ONNX Runtime's advice for x86 CPUs with VNNI, reduce_range off),
+restricted with `nodes_to_quantize` to the features: the ancestors of the `activations` output.
+The quantizer then puts QuantizeLinear/DequantizeLinear pairs on the features' tensors only;
+the last pair sits on the target activations, so the head and the gradient read dequantized
+float32 activations and the heatmaps are the float32 maths of the registry on them. Chosen
+over cutting the features out, quantizing them and splicing them back: one call, no renaming
+of tensors shared by the two halves, and the graph's inputs, outputs, dynamic batch and
+metadata come through untouched (the splice would have to rebuild all four).
+
+Calibration: static ranges from face crops cut as live (export/calibration.py), calibration
+method `percentile` (the 99.999th percentile of each tensor's histogram) unless asked
+otherwise: one outlier value does not stretch a whole tensor's range. `minmax` (ONNX Runtime's
+default, the smallest and largest value seen) is much faster (ResNet50 on two cores: seconds
+instead of minutes for the histograms), and cruder with outliers. Neither was compared on one
+and the same trained model: the toy MobileNetV2 of tests/test_train.py (retrained per run) gave
+minmax top-1 89% in one run, percentile a pass in another and 83% in a third.
+
+After quantizing, `check_float_tail` proves the rest is float32 (no quantize/dequantize or
+integer op, no int8/float16 initializer), and the agreement with the float32 graph on held-out
+crops (export/agreement.py) decides whether the graph is written at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from camface import graph_spec
+from camface.errors import ModelError
+from camface.export.agreement import THRESHOLDS, Agreement, Thresholds, compare, nudge
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
+DEFAULT_CALIBRATION_METHOD = "percentile"
+PERCENTILE = 99.999
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QGemm"}
+FLOAT_TAIL_DTYPES = {"FLOAT", "INT64", "INT32", "BOOL"}  # initializers the float32 tail may hold
+BATCH = 8  # crops per calibration / comparison call
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    """The int8 graph (onnx.ModelProto, metadata included) and how it was made and checked;
+    floor: the float32 graph's own agreement under a one-grey-level nudge (agreement.py)."""
+
+    model: object
+    agreement: Agreement
+    floor: Agreement
+    report: dict  # what goes into the graph's `quantization` metadata
+
+
+def _feature_indices(model) -> set[int]:
+    """Positions in model.graph.node of the nodes the `activations` output depends on."""
+    nodes = list(model.graph.node)
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output}
+    if graph_spec.OUTPUT_ACTIVATIONS not in producer:
+        raise ModelError(f"the CAM graph has no {graph_spec.OUTPUT_ACTIVATIONS!r} output to find its features by")
+    seen, stack = set(), [graph_spec.OUTPUT_ACTIVATIONS]
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in seen:
+            seen.add(index)
+            stack.extend(nodes[index].input)
+    return seen
+
+
+def feature_nodes(model) -> list:
+    """The nodes (onnx.NodeProto) that the `activations` output depends on, in graph order."""
+    features = _feature_indices(model)
+    return [node for index, node in enumerate(model.graph.node) if index in features]
+
+
+def tail_nodes(model) -> list:
+    """Every node that is not a feature node: the head, the gradient and the heatmaps."""
+    features = _feature_indices(model)
+    return [node for index, node in enumerate(model.graph.node) if index not in features]
+
+
+def check_float_tail(model) -> None:
+    """Raise ModelError unless every node after the features is a float32 op: no quantize /
+    dequantize / integer node, no int8, uint8 or float16 initializer among their inputs."""
+    from onnx import TensorProto
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    for node in tail_nodes(model):
+        if node.op_type in QUANTIZED_OPS:
+            raise ModelError(f"int8 graph: {node.op_type} node {node.name!r} lies after the target activations "
+                             "(the head, gradient and heatmaps must stay float32)")
+        for name in node.input:
+            if name in initializers:
+                dtype = TensorProto.DataType.Name(initializers[name].data_type)
+                if dtype not in FLOAT_TAIL_DTYPES:
+                    raise ModelError(f"int8 graph: node {node.name!r} after the target reads a {dtype} constant "
+                                     f"{name!r} (the head, gradient and heatmaps must stay float32)")
+
+
+class _Crops:
+    """onnxruntime.quantization.CalibrationDataReader over uint8 crops, BATCH at a time."""
+
+    def __init__(self, crops: np.ndarray, with_class: bool = True):
+        self._batches = [crops[i:i + BATCH] for i in range(0, len(crops), BATCH)]
+        self._next, self._with_class = 0, with_class
+
+    def get_next(self):
+        if self._next >= len(self._batches):
+            return None
+        batch = self._batches[self._next]
+        self._next += 1
+        feed = {graph_spec.INPUT_IMAGE: np.ascontiguousarray(batch)}
+        if self._with_class:
+            feed[graph_spec.INPUT_CLASS] = np.full(len(batch), -1, np.int64)
+        return feed
+
+    def __len__(self):
+        return len(self._batches)
+
+
+def quantize_features(model, calibration: np.ndarray, method: str = DEFAULT_CALIBRATION_METHOD):
+    """A new onnx.ModelProto: `model` (a float32 CAM graph, ModelProto) with its feature nodes
+    quantized (QDQ, per-channel int8 weights, uint8 activations) from ranges measured on
+    `calibration` (uint8 crops [N, H, W, C]). Metadata is copied; precision is not touched."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r} unknown; expected one of {', '.join(CALIBRATION_METHODS)}")
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for index, node in enumerate(model.graph.node):  # nodes_to_quantize goes by name
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    features = [node.name for node in feature_nodes(model)]
+    calibrate = {"percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax,
+                 "entropy": CalibrationMethod.Entropy}[method]
+    with tempfile.TemporaryDirectory(prefix="camface-int8-") as tmp, _quiet_quantizer():
+        ranges = Path(tmp) / "ranges.json"
+        _calibrate_features(model, calibration, calibrate, Path(tmp), ranges)
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(model, out, None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=features, calibrate_method=calibrate, calibration_cache_path=ranges)
+        quantized = onnx.load(str(out))
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(model.metadata_props)
+    quantized.doc_string = model.doc_string
+    return quantized
+
+
+def _calibrate_features(model, calibration: np.ndarray, calibrate, folder: Path, ranges: Path) -> None:
+    """Activation ranges of the feature tensors, written to `ranges` (quantize_static's
+    calibration cache). Measured on the features cut out of the CAM graph (image ->
+    activations: the gradient's tensors are neither needed nor computed), one batch at a time
+    (histograms merge batch by batch; quantize_static's own loop keeps every tensor of every
+    batch in memory: over 20 GB for ResNet50's CAM graph)."""
+    import onnx
+    import onnx.utils
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    features = onnx.utils.Extractor(model).extract_model([graph_spec.INPUT_IMAGE], [graph_spec.OUTPUT_ACTIVATIONS])
+    path = folder / "features.onnx"
+    onnx.save(features, str(path))
+    options = {"symmetric": False}  # quantize_static's default for activations (ActivationSymmetric)
+    if calibrate == CalibrationMethod.Percentile:
+        options["percentile"] = PERCENTILE
+    calibrator = create_calibrator(path, None, augmented_model_path=str(folder / "augmented.onnx"),
+                                   calibrate_method=calibrate, providers=["CPUExecutionProvider"],
+                                   extra_options=options)
+    for start in range(0, len(calibration), BATCH):
+        calibrator.collect_data(_Crops(calibration[start:start + BATCH], with_class=False))
+    save_tensors_data(calibrator.compute_data(), ranges)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """The quantizer prints its progress and logs advice on the root logger (pre-processing,
+    rescaled biases of all-zero weight channels): kept at debug level here."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            yield
+    finally:
+        root.setLevel(level)
+    log.debug("quantize_static: %s", printed.getvalue().strip())
+
+
+def run_graph(model_bytes: bytes, crops: np.ndarray, class_index: np.ndarray, methods: tuple[str, ...]):
+    """(probs [N, classes], {method: heatmap [N, h, w]}) of a CAM graph on ONNX Runtime's CPU
+    provider, BATCH crops per call."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    names = [graph_spec.OUTPUT_PROBS, *methods]
+    parts = [session.run(names, {graph_spec.INPUT_IMAGE: np.ascontiguousarray(crops[i:i + BATCH]),
+                                 graph_spec.INPUT_CLASS: class_index[i:i + BATCH]})
+             for i in range(0, len(crops), BATCH)]
+    probs = np.concatenate([p[0] for p in parts])
+    return probs, {m: np.concatenate([p[1 + j] for p in parts]) for j, m in enumerate(methods)}
+
+
+def agreement(reference: bytes, quantized: bytes, crops: np.ndarray, info: graph_spec.GraphInfo,
+              nudged: bool = False) -> Agreement:
+    """Agreement of the `quantized` graph with the float32 `reference` on `crops`; both graphs'
+    heatmaps explain the class the float32 graph predicts, so heatmaps are compared for the same
+    question and a changed prediction shows in the top-1 agreement alone. nudged: feed the
+    `quantized` graph the crops nudged by one grey level."""
+    methods = tuple(info.heatmaps)
+    probs_ref, maps_ref = run_graph(reference, crops, np.full(len(crops), -1, np.int64), methods)
+    probs, maps = run_graph(quantized, nudge(crops) if nudged else crops, probs_ref.argmax(1).astype(np.int64), methods)
+    return compare(probs_ref, probs, maps_ref, maps, side=max(info.input_size))
+
+
+def noise_floor(reference: bytes, crops: np.ndarray, info: graph_spec.GraphInfo) -> Agreement:
+    """The float32 graph's agreement with itself on `crops` nudged by one grey level
+    (agreement.nudge): how much its heatmaps move under less than camera noise."""
+    return agreement(reference, reference, crops, info, nudged=True)
+
+
+def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATION_METHOD, crops=None,
+            thresholds: Thresholds = THRESHOLDS, enforce: bool = True) -> Int8Result:
+    """The int8 version of a float32 CAM graph (onnx.ModelProto or its bytes), checked.
+
+    calibration: source of face crops (folder of photos, clip, 'sample'); `crops` (a
+    calibration.CropSets) replaces it when given. Raises ModelError when the graph is not
+    float32, when the tail is not float32 after quantizing, or (`enforce`) when the agreement
+    with the float32 graph on the held-out crops misses `thresholds`; the message lists each miss.
+    """
+    import onnx
+    import onnxruntime
+
+    from camface.export import calibration as calibration_crops
+
+    if isinstance(model, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(model))
+    info = graph_spec.GraphInfo.from_metadata({p.key: p.value for p in model.metadata_props})
+    if info.precision != "fp32":
+        raise ModelError(f"int8 quantizes a float32 CAM graph; this one is {info.precision}")
+    crops = crops or calibration_crops.crop_sets(calibration, info.input_size, info.color_order)
+    log.info("int8: calibrating on %d face crops from %s (%s), %d held out",
+             len(crops.calibration), crops.source, method, len(crops.held_out))
+    quantized = quantize_features(model, crops.calibration, method)
+    check_float_tail(quantized)
+    reference = model.SerializeToString()
+    result = agreement(reference, quantized.SerializeToString(), crops.held_out, info)
+    floor = noise_floor(reference, crops.held_out, info)
+    failures = result.failures(thresholds, floor)
+    if failures and enforce:
+        raise ModelError(f"int8 graph calibrated on {crops.source} no longer explains what the float32 graph "
+                         f"explains on {result.crops} held-out crops: {'; '.join(failures)} (try another "
+                         "--calibration source with more, varied faces, or keep float32)")
+    report = {
+        "scheme": "ONNX Runtime quantize_static, QDQ, int8 per-channel weights, uint8 activations; features "
+                  f"(before {info.target_layer}) only, head, gradient and heatmaps float32",
+        "onnxruntime": onnxruntime.__version__,
+        "quantized_nodes": len(feature_nodes(model)),
+        "calibration": {"source": str(crops.source), "crops": len(crops.calibration),
+                        "method": f"{method} {PERCENTILE}" if method == "percentile" else method},
+        "agreement": result.to_json(),
+        "noise_floor": floor.to_json(),
+        "thresholds": {**{k: getattr(thresholds, k) for k in thresholds.__dataclass_fields__},
+                       "heatmaps": {name: {"pearson": p, "overlap": o}
+                                    for name, (p, o) in result.bars(thresholds, floor).items()}},
+        "passed": not failures,
+    }
+    props = {p.key: p.value for p in quantized.metadata_props}
+    props[graph_spec.META_PRECISION] = "int8"
+    props[graph_spec.META_QUANTIZATION] = json.dumps(report)
+    del quantized.metadata_props[:]
+    onnx.helper.set_model_props(quantized, props)
+    return Int8Result(quantized, result, floor, report)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The `quantization` metadata of an int8 graph as text: scheme, calibration, agreement
+    against the bars it had to meet (`camface export --int8` and `camface info` print it)."""
+    calibration, agreement_ = report["calibration"], Agreement.from_json(report["agreement"])
+    bars = report["thresholds"]
+    lines = [report["scheme"],
+             f"calibration: {calibration['crops']} face crops from {calibration['source']}, "
+             f"{calibration['method']}; {report['quantized_nodes']} feature nodes quantized",
+             f"agreement with float32 ({'passed' if report['passed'] else 'FAILED'}; bars: top-1 >= "
+             f"{bars['top1_agreement']:.0%}, mean probability difference <= {bars['mean_prob_difference']}):"]
+    lines += [f"  {line}" for line in agreement_.lines()]
+    for name, bar in bars.get("heatmaps", {}).items():
+        floor = report.get("noise_floor", {}).get("methods", {}).get(name, {})
+        lines.append(f"  {name} bars: Pearson r >= {bar['pearson']:.2f}, overlap >= {bar['overlap']:.2f}"
+                     + (f" (float32 under a one-grey-level nudge: r {floor['pearson']:.3f}, overlap "
+                        f"{floor['overlap']:.3f})" if floor else ""))
+    return lines

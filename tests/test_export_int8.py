@@ -1,0 +1,240 @@
+"""`--int8`: the bundled emotion graph's features quantized with ONNX Runtime, calibrated on the
+sample clip's faces; agreement with float32, a float32 tail, dynamic batch, metadata, a bad
+calibration caught, the live loop on the int8 graph, and the agreement maths on small arrays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import pytest  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from realtime_helpers import BLOCK_TF, count_frames, write_clip  # noqa: E402
+
+from camface import graph_spec  # noqa: E402
+from camface.cli import main as camface_main  # noqa: E402
+from camface.errors import ModelError  # noqa: E402
+from camface.export import agreement, calibration, int8  # noqa: E402
+from camface.models import EMOTION_ONNX  # noqa: E402
+from camface.realtime.graph import CamGraph  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not EMOTION_ONNX.is_file(), reason="bundled emotion graph not exported yet")
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+@pytest.fixture(scope="module")
+def float32():
+    return onnx.load(str(EMOTION_ONNX))
+
+
+@pytest.fixture(scope="module")
+def crops():
+    return calibration.crop_sets("sample", (64, 64), "GRAY")
+
+
+@pytest.fixture(scope="module")
+def quantized(float32, crops):
+    return int8.to_int8(float32, crops=crops)
+
+
+@pytest.fixture(scope="module")
+def int8_path(quantized, tmp_path_factory):
+    path = tmp_path_factory.mktemp("int8") / "emotion.int8.onnx"
+    onnx.save(quantized.model, str(path))
+    return path
+
+
+def test_crops_are_cut_as_live_and_split_in_time(crops):
+    assert crops.calibration.dtype == np.uint8 and crops.calibration.shape[1:] == (64, 64, 1)
+    total = len(crops.calibration) + len(crops.held_out)
+    assert total == calibration.MAX_CROPS  # the sample clip has ~2 faces in each of 300 frames
+    assert len(crops.held_out) == round(total * calibration.HELD_OUT_FRACTION)
+    assert 60 < crops.held_out.mean() < 200  # faces, not padding
+
+
+def test_int8_agrees_with_float32_within_the_bars(quantized):
+    result = quantized.agreement
+    assert result.failures(agreement.THRESHOLDS, quantized.floor) == []
+    assert result.top1_agreement >= agreement.THRESHOLDS.top1_agreement
+    assert result.mean_prob_difference <= agreement.THRESHOLDS.mean_prob_difference
+    assert result.methods["gradcam"].pearson >= agreement.THRESHOLDS.heatmap_pearson
+    assert set(result.methods) == {"gradcam", "gradcampp"}
+
+
+def test_features_are_int8_and_everything_after_the_target_float32(float32, quantized):
+    model = quantized.model
+    int8.check_float_tail(model)
+    features, tail = int8.feature_nodes(model), int8.tail_nodes(model)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    feature_ops = {n.op_type for n in features}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= feature_ops
+    assert any(inits.get(name) == TensorProto.INT8 for n in features for name in n.input)  # weights
+    assert not {n.op_type for n in tail} & int8.QUANTIZED_OPS
+    tail_dtypes = {inits[name] for n in tail for name in n.input if name in inits}
+    assert tail_dtypes <= {TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL}
+    # the tail is the float32 graph's tail, node for node (the quantizer may reorder them)
+    assert sorted(n.op_type for n in tail) == sorted(n.op_type for n in int8.tail_nodes(float32))
+    producers = {out: n for n in tail for out in n.output}
+    assert all(name in producers for name in ("probs", "gradcam", "gradcampp"))
+    assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in model.graph.output)
+
+
+def test_a_quantize_node_in_the_tail_is_refused(quantized):
+    model = onnx.ModelProto.FromString(quantized.model.SerializeToString())
+    gradcam = next(n for n in model.graph.node if "gradcam" in n.output)
+    gradcam.output[0] = "gradcam_f"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(0.01, np.float32), "s"),
+                                    numpy_helper.from_array(np.array(0, np.uint8), "z")])
+    model.graph.node.extend([helper.make_node("QuantizeLinear", ["gradcam_f", "s", "z"], ["gradcam_q"], name="q"),
+                             helper.make_node("DequantizeLinear", ["gradcam_q", "s", "z"], ["gradcam"], name="dq")])
+    with pytest.raises(ModelError, match="QuantizeLinear node 'q' lies after the target"):
+        int8.check_float_tail(model)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 17])
+def test_dynamic_batch_gives_each_crop_its_own_answer(int8_path, crops, batch):
+    graph = CamGraph(int8_path, "cpu")
+    pool = crops.held_out[:batch]
+    probs, heatmaps = graph.run(pool, np.full(batch, -1, np.int64), "gradcam")
+    assert probs.shape == (batch, 7) and heatmaps.shape == (batch, 8, 8)
+    for i in (0, batch - 1):
+        one_p, one_h = graph.run(pool[i:i + 1], np.array([-1]), "gradcam")
+        np.testing.assert_allclose(probs[i], one_p[0], atol=1e-5)
+        np.testing.assert_allclose(heatmaps[i], one_h[0], rtol=1e-4, atol=1e-6 * float(np.abs(one_h).max()))
+
+
+def test_metadata_records_what_an_independent_comparison_measures(int8_path, crops):
+    graph = CamGraph(int8_path, "cpu")
+    info = graph.info
+    assert info.precision == "int8"
+    report = info.quantization
+    assert report["passed"] and report["calibration"] == {"source": "sample", "crops": len(crops.calibration),
+                                                          "method": "percentile 99.999"}
+    reference = CamGraph(EMOTION_ONNX, "cpu")
+    ref_probs, ref_maps = reference.run(crops.held_out, np.full(len(crops.held_out), -1, np.int64), "gradcam")
+    probs, maps = graph.run(crops.held_out, ref_probs.argmax(1), "gradcam")
+    recorded = report["agreement"]
+    assert recorded["crops"] == len(crops.held_out)
+    assert recorded["top1_agreement"] == pytest.approx(np.mean(probs.argmax(1) == ref_probs.argmax(1)))
+    assert recorded["mean_prob_difference"] == pytest.approx(np.abs(probs - ref_probs).max(1).mean(), rel=1e-3)
+    again = agreement.compare(ref_probs, probs, {"gradcam": ref_maps}, {"gradcam": maps}, 64)
+    assert recorded["methods"]["gradcam"]["pearson"] == pytest.approx(again.methods["gradcam"].pearson, abs=1e-4)
+    assert report["thresholds"]["heatmaps"]["gradcampp"]["pearson"] < agreement.THRESHOLDS.heatmap_pearson
+
+
+def test_info_shows_the_agreement(int8_path, capsys):
+    assert camface_main(["info", str(int8_path)]) == 0
+    out = capsys.readouterr().out
+    assert "; int8" in out and "calibration: 192 face crops from sample, percentile 99.999" in out
+    assert "top-1 agreement 100.0% on 64 held-out crops" in out and "gradcam: Pearson r 0.9" in out
+
+
+def test_all_black_calibration_is_caught(float32, crops):
+    black = calibration.CropSets("black.mp4", np.zeros_like(crops.calibration), crops.held_out)
+    with pytest.raises(ModelError, match=r"calibrated on black.mp4 no longer explains what the float32 graph "
+                                         r"explains on 64 held-out crops: top-1 agreement .*gradcam heatmap"):
+        int8.to_int8(float32, crops=black)
+
+
+def test_a_float16_graph_is_refused(float32, crops):
+    model = onnx.ModelProto.FromString(float32.SerializeToString())
+    props = {p.key: p.value for p in model.metadata_props} | {graph_spec.META_PRECISION: "fp16"}
+    del model.metadata_props[:]
+    helper.set_model_props(model, props)
+    with pytest.raises(ModelError, match="int8 quantizes a float32 CAM graph; this one is fp16"):
+        int8.to_int8(model, crops=crops)
+
+
+def test_a_source_without_faces_is_a_clear_error(tmp_path, float32):
+    folder = tmp_path / "blank"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((120, 160, 3), 90, np.uint8))
+    with pytest.raises(ModelError, match=f"calibration source {folder}: 0 face crops found, int8 needs at least 12"):
+        int8.to_int8(float32, str(folder))
+
+
+def test_int8_graph_runs_live_with_tensorflow_blocked(tmp_path, int8_path, astronaut_bgr):
+    frame = np.full((480, 640, 3), 128, np.uint8)
+    frame[48:432, 128:512] = cv2.resize(astronaut_bgr, (384, 384), interpolation=cv2.INTER_AREA)
+    clip = write_clip(tmp_path / "face.mp4", [np.roll(frame, 4 * i, axis=1) for i in range(12)])
+    out = tmp_path / "live.mp4"
+    run = subprocess.run([sys.executable, "-c", BLOCK_TF, "live", "--source", str(clip), "--no-show",
+                          "--model", str(int8_path), "--method", "gradcampp", "--record", str(out)],
+                         capture_output=True, text=True, env=ENV, timeout=180, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "recorded 12 frames" in run.stderr and count_frames(out) == 12
+
+
+def test_fp16_and_int8_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        camface_main(["export", "model.keras", "-o", "x.onnx", "--fp16", "--int8"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the agreement maths
+
+
+@pytest.mark.parametrize("a, b, want", [
+    ([[0, 1], [2, 3]], [[0, 2], [4, 6]], 1.0),  # same picture, twice as bright
+    ([[0, 1], [2, 3]], [[3, 2], [1, 0]], -1.0),
+    ([[1, 0], [0, 1]], [[1, 1], [0, 0]], 0.0),
+    ([[5, 5], [5, 5]], [[0, 0], [0, 0]], 1.0),  # both constant: nothing to tell apart
+    ([[5, 5], [5, 5]], [[0, 1], [0, 0]], 0.0),
+])
+def test_pearson(a, b, want):
+    assert agreement.pearson(np.array(a, float), np.array(b, float)) == pytest.approx(want)
+
+
+def test_top_region_overlap_is_intersection_over_union():
+    a = np.arange(10, dtype=np.float32)  # top 20%: 8, 9
+    assert agreement.top_region(a).tolist() == [False] * 8 + [True] * 2
+    b = np.roll(a, 1)  # top 20% at 9, 0 -> shares 9 with a
+    assert agreement.region_overlap(a, b) == pytest.approx(1 / 3)
+    assert agreement.region_overlap(a, a) == 1.0
+    assert agreement.region_overlap(np.zeros(10), np.zeros(10)) == 1.0  # no evidence in either
+    assert agreement.region_overlap(np.zeros(10), a) == 0.0
+
+
+def _agreement(top1=1.0, diff=0.0, r=1.0, overlap=1.0):
+    return agreement.Agreement(8, top1, diff, diff, {"gradcam": agreement.MethodAgreement(r, overlap, r)})
+
+
+@pytest.mark.parametrize("result, floor, misses", [
+    (_agreement(), None, []),
+    (_agreement(top1=0.875), None, ["top-1 agreement 87.5% < 90%"]),
+    (_agreement(diff=0.06), None, ["mean probability difference 0.060 > 0.050"]),
+    (_agreement(r=0.8, overlap=0.5), None, ["gradcam heatmap Pearson r 0.800 < 0.90",
+                                            "gradcam top-20% overlap 0.500 < 0.60"]),
+    (_agreement(r=0.8, overlap=0.5), _agreement(r=0.85, overlap=0.55), []),  # an ill-conditioned map
+    (_agreement(r=0.7, overlap=0.5), _agreement(r=0.85, overlap=0.55), ["gradcam heatmap Pearson r 0.700 < 0.75"]),
+    (_agreement(r=float("nan")), None, ["gradcam heatmap Pearson r nan < 0.90"]),
+])
+def test_failures_name_each_missed_bar(result, floor, misses):
+    assert result.failures(agreement.THRESHOLDS, floor) == misses
+
+
+def test_agreement_round_trips_through_json():
+    result = _agreement(top1=0.9, r=0.95)
+    assert agreement.Agreement.from_json(json.loads(json.dumps(result.to_json()))) == result
+
+
+def test_export_int8_from_keras_writes_a_checked_graph(tmp_path, capsys):
+    from camface.models import EMOTION_KERAS, EMOTION_LABELS
+
+    out = tmp_path / "emotion8.onnx"
+    assert camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--labels", str(EMOTION_LABELS),
+                         "--preset", "emotion", "--target-layer", "add_3", "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert ", int8" in printed and "int8 calibration: 192 face crops from sample, percentile 99.999" in printed
+    assert "int8   top-1 agreement" in printed
+    info = CamGraph(out, "cpu").info
+    assert info.precision == "int8" and info.quantization["passed"] and info.source_model == EMOTION_KERAS.name
+    int8.check_float_tail(onnx.load(str(out)))
