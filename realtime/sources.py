@@ -110,12 +110,12 @@ class VideoFileSource:
     def __enter__(self) -> "VideoFileSource":
         if not self.path.is_file():
             raise SourceError(f"video file not found: {self.path}")
+        self.frames_read, self.truncated = 0, False  # per pass: --loop enters again
         capture = cv2.VideoCapture(str(self.path))
         if not capture.isOpened():
             capture.release()
             capture = self._open_complete_part()
         self._capture = capture
-        self.frames_read, self.truncated = 0, False  # per pass: --loop enters again
         fps = capture.get(cv2.CAP_PROP_FPS)
         if not _valid_fps(fps):
             log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
