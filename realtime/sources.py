@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -220,146 +218,7 @@ class ImageFolderSource:
 
 
 # ---------------------------------------------------------------------------- live
-
-
-def _open_capture(target: int | str, timeout_s: float):
-    """cv2.VideoCapture for a camera index or stream URL, with open/read time-outs for URLs."""
-    if isinstance(target, int):
-        return cv2.VideoCapture(target)
-    ms = int(timeout_s * 1000)
-    return cv2.VideoCapture(target, cv2.CAP_FFMPEG,
-                            [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
-
-
-class LiveSource:
-    """A camera index or a stream URL, read on a background thread; iteration yields the newest
-    frame each time (never the same frame twice).
-
-    fps: the device's own figure, or measured over the first frames when it reports 0/NaN.
-    A camera that stops delivering frames, or a stream that stays silent after `reconnects`
-    attempts with doubling back-off (backoff_s, 2 x backoff_s, ...), ends the iteration with a
-    `SourceError` saying so.
-
-    `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
-    """
-
-    def __init__(self, target: int | str, timeout_s: float = 5.0, reconnects: int = 3,
-                 opener: Callable = _open_capture, backoff_s: float = 0.5):
-        self.target = target
-        self.timeout_s = timeout_s
-        self.backoff_s = backoff_s
-        self.reconnects = reconnects if isinstance(target, str) else 0
-        self._opener = opener
-        self._capture = None
-        self._thread: threading.Thread | None = None
-        self._cond = threading.Condition()
-        self._frame: np.ndarray | None = None
-        self._seq = 0
-        self._error: str | None = None
-        self._stop = threading.Event()
-
-    @property
-    def _what(self) -> str:
-        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.target}"
-
-    def _open(self):
-        capture = self._opener(self.target, self.timeout_s)
-        if not capture.isOpened():
-            capture.release()
-            raise SourceError(f"{self._what} could not be opened")
-        return capture
-
-    def __enter__(self) -> "LiveSource":
-        self._capture = self._open()
-        ok, frame = self._capture.read()
-        if not ok or frame is None:
-            self._capture.release()
-            raise SourceError(f"{self._what} opened but delivered no frame")
-        fps = self._capture.get(cv2.CAP_PROP_FPS)
-        self._frame, self._seq = frame, 1
-        self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
-                                        daemon=True)
-        self._thread.start()
-        try:
-            if not _valid_fps(fps):
-                fps = self._measure_fps()
-        except BaseException:  # e.g. Ctrl-C while measuring: `with` will not call __exit__
-            self.__exit__(None, None, None)
-            raise
-        self.info = SourceInfo(str(self.target), float(fps), None, live=True)
-        return self
-
-    def _measure_fps(self, frames: int = 10) -> float:
-        """Frame rate from the arrival times of the next `frames` frames (N frames: N-1 gaps)."""
-        start_seq, start = self._seq, time.perf_counter()
-        deadline = start + 2.0
-        with self._cond:
-            while self._seq - start_seq < frames and self._error is None and time.perf_counter() < deadline:
-                self._cond.wait(0.1)
-            got = self._seq - start_seq
-        elapsed = time.perf_counter() - start
-        fps = got / elapsed if got >= 2 and elapsed > 0 else DEFAULT_FPS
-        log.info("%s reports no frame rate; measured %.1f fps", self._what, fps)
-        return fps
-
-    def _read_forever(self) -> None:
-        failures, attempt = 0, 0
-        while not self._stop.is_set():
-            ok, frame = self._capture.read()
-            if ok and frame is not None:
-                failures, attempt = 0, 0
-                with self._cond:
-                    self._frame, self._seq = frame, self._seq + 1
-                    self._cond.notify_all()
-                continue
-            failures += 1
-            if failures < 5:  # cameras drop a frame now and then
-                time.sleep(0.01)
-                continue
-            if attempt < self.reconnects:
-                delay = self.backoff_s * 2 ** attempt
-                attempt += 1
-                log.warning("%s stalled; reconnecting in %.1f s (attempt %d of %d)",
-                            self._what, delay, attempt, self.reconnects)
-                if self._stop.wait(delay):
-                    break
-                self._capture.release()
-                try:
-                    self._capture = self._open()
-                    failures = 0
-                except SourceError:
-                    pass
-                continue
-            with self._cond:
-                self._error = (f"{self._what} stopped delivering frames after {self._seq} frames"
-                               + (f" and {self.reconnects} reconnection attempts" if self.reconnects else ""))
-                self._cond.notify_all()
-            return
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        seen = 0
-        while True:
-            with self._cond:
-                deadline = time.perf_counter() + self.timeout_s * (1 + self.reconnects * 2)
-                while self._seq == seen and self._error is None:
-                    if self._stop.is_set():
-                        return
-                    if time.perf_counter() > deadline:
-                        self._error = f"{self._what} delivered no frame for {self.timeout_s:g} s"
-                        break
-                    self._cond.wait(0.05)
-                if self._seq == seen and self._error is not None:
-                    raise SourceError(self._error)
-                frame, seen = self._frame, self._seq
-            yield to_bgr8(frame)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s + 1)
-        if self._capture is not None:
-            self._capture.release()
-            self._capture = None
+# Cameras and streams: camface.realtime.live_source (imported below, after what it uses).
 
 
 # ---------------------------------------------------------------------------- choosing
@@ -373,6 +232,15 @@ def _camera_opens(index: int) -> bool:
         capture.release()
 
 
+def __getattr__(name: str):
+    """`LiveSource` lives in camface.realtime.live_source (which builds on this module)."""
+    if name == "LiveSource":
+        from camface.realtime.live_source import LiveSource
+
+        return LiveSource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
     """The source for a `--source` value (not yet entered).
 
@@ -380,6 +248,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
     (rtsp://, http(s)://...), "sample", or None: camera 0 if it opens, else the sample clip
     (with one log line saying so).
     """
+    from camface.realtime.live_source import LiveSource
     from camface.realtime.sample import SampleSource
 
     if spec is None:

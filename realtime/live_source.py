@@ -1,0 +1,159 @@
+"""Live sources: a camera index or a stream URL, read on their own thread so the loop always
+gets the newest frame (a slow loop drops frames instead of lagging behind, as Ultralytics'
+`LoadStreams` does); streams reconnect with back-off a bounded number of times."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from camface.errors import SourceError
+from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, to_bgr8
+
+log = logging.getLogger(__name__)
+
+
+
+def _open_capture(target: int | str, timeout_s: float):
+    """cv2.VideoCapture for a camera index or stream URL, with open/read time-outs for URLs."""
+    if isinstance(target, int):
+        return cv2.VideoCapture(target)
+    ms = int(timeout_s * 1000)
+    return cv2.VideoCapture(target, cv2.CAP_FFMPEG,
+                            [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
+
+
+class LiveSource:
+    """A camera index or a stream URL, read on a background thread; iteration yields the newest
+    frame each time (never the same frame twice).
+
+    fps: the device's own figure, or measured over the first frames when it reports 0/NaN.
+    A camera that stops delivering frames, or a stream that stays silent after `reconnects`
+    attempts with doubling back-off (backoff_s, 2 x backoff_s, ...), ends the iteration with a
+    `SourceError` saying so.
+
+    `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
+    """
+
+    def __init__(self, target: int | str, timeout_s: float = 5.0, reconnects: int = 3,
+                 opener: Callable = _open_capture, backoff_s: float = 0.5):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.reconnects = reconnects if isinstance(target, str) else 0
+        self._opener = opener
+        self._capture = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._frame: np.ndarray | None = None
+        self._seq = 0
+        self._error: str | None = None
+        self._stop = threading.Event()
+
+    @property
+    def _what(self) -> str:
+        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.target}"
+
+    def _open(self):
+        capture = self._opener(self.target, self.timeout_s)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"{self._what} could not be opened")
+        return capture
+
+    def __enter__(self) -> "LiveSource":
+        self._capture = self._open()
+        ok, frame = self._capture.read()
+        if not ok or frame is None:
+            self._capture.release()
+            raise SourceError(f"{self._what} opened but delivered no frame")
+        fps = self._capture.get(cv2.CAP_PROP_FPS)
+        self._frame, self._seq = frame, 1
+        self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            if not _valid_fps(fps):
+                fps = self._measure_fps()
+        except BaseException:  # e.g. Ctrl-C while measuring: `with` will not call __exit__
+            self.__exit__(None, None, None)
+            raise
+        self.info = SourceInfo(str(self.target), float(fps), None, live=True)
+        return self
+
+    def _measure_fps(self, frames: int = 10) -> float:
+        """Frame rate from the arrival times of the next `frames` frames (N frames: N-1 gaps)."""
+        start_seq, start = self._seq, time.perf_counter()
+        deadline = start + 2.0
+        with self._cond:
+            while self._seq - start_seq < frames and self._error is None and time.perf_counter() < deadline:
+                self._cond.wait(0.1)
+            got = self._seq - start_seq
+        elapsed = time.perf_counter() - start
+        fps = got / elapsed if got >= 2 and elapsed > 0 else DEFAULT_FPS
+        log.info("%s reports no frame rate; measured %.1f fps", self._what, fps)
+        return fps
+
+    def _read_forever(self) -> None:
+        failures, attempt = 0, 0
+        while not self._stop.is_set():
+            ok, frame = self._capture.read()
+            if ok and frame is not None:
+                failures, attempt = 0, 0
+                with self._cond:
+                    self._frame, self._seq = frame, self._seq + 1
+                    self._cond.notify_all()
+                continue
+            failures += 1
+            if failures < 5:  # cameras drop a frame now and then
+                time.sleep(0.01)
+                continue
+            if attempt < self.reconnects:
+                delay = self.backoff_s * 2 ** attempt
+                attempt += 1
+                log.warning("%s stalled; reconnecting in %.1f s (attempt %d of %d)",
+                            self._what, delay, attempt, self.reconnects)
+                if self._stop.wait(delay):
+                    break
+                self._capture.release()
+                try:
+                    self._capture = self._open()
+                    failures = 0
+                except SourceError:
+                    pass
+                continue
+            with self._cond:
+                self._error = (f"{self._what} stopped delivering frames after {self._seq} frames"
+                               + (f" and {self.reconnects} reconnection attempts" if self.reconnects else ""))
+                self._cond.notify_all()
+            return
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        seen = 0
+        while True:
+            with self._cond:
+                deadline = time.perf_counter() + self.timeout_s * (1 + self.reconnects * 2)
+                while self._seq == seen and self._error is None:
+                    if self._stop.is_set():
+                        return
+                    if time.perf_counter() > deadline:
+                        self._error = f"{self._what} delivered no frame for {self.timeout_s:g} s"
+                        break
+                    self._cond.wait(0.05)
+                if self._seq == seen and self._error is not None:
+                    raise SourceError(self._error)
+                frame, seen = self._frame, self._seq
+            yield to_bgr8(frame)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s + 1)
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
