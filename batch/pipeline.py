@@ -22,6 +22,7 @@ from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs
+from camface.realtime.config import DEFAULTS as LIVE  # the shared options' defaults
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,16 @@ class BatchJob:
     videos: tuple[Video, ...]
     out_dir: str
     model: str
-    method: str = "gradcam"
+    method: str = LIVE["method"]
     record: bool = True
-    detector: str = "full"
-    min_confidence: float = 0.5
-    margin: float = 0.1
-    max_faces: int = 8
-    device: str = "auto"
-    graph_threads: int = 1
-    colormap: str = "jet"
-    alpha: float = 0.45
+    detector: str = LIVE["detector"]
+    min_confidence: float = LIVE["min_confidence"]
+    margin: float = LIVE["margin"]
+    max_faces: int = LIVE["max_faces"]
+    device: str = LIVE["device"]
+    graph_threads: int = LIVE["graph_threads"]
+    colormap: str = LIVE["colormap"]
+    alpha: float = LIVE["alpha"]
     cam_boxes: bool = False
     bars: bool = False
     explained_class: int | None = None

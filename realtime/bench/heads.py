@@ -64,16 +64,34 @@ def sample_crops(config: BenchConfig, info, count: int = 8):
     return np.stack(crops[:count])
 
 
+def time_sessions(sessions: dict, pool, batch: int, repeats: int) -> dict:
+    """StageStats per session name: `repeats` runs of each ONNX Runtime session on `batch` crops
+    taken from `pool` (uint8 [n, H, W, C]), one run of each in turn so that load on a shared
+    machine hits all alike, after one untimed run each (allocation)."""
+    import numpy as np
+
+    from camface.realtime.timing import StageTimer
+
+    crops = np.ascontiguousarray(pool[np.arange(batch) % len(pool)])
+    feed = {"image": crops, "class_index": np.full(batch, -1, np.int64)}
+    feeds = {name: {i.name: feed[i.name] for i in session.get_inputs()} for name, session in sessions.items()}
+    timer = StageTimer(tuple(sessions))
+    for name, session in sessions.items():
+        session.run(None, feeds[name])
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            with timer.stage(name):
+                session.run(None, feeds[name])
+    return timer.stats()
+
+
 def compare_heads(config: BenchConfig, graph) -> dict:
     """Median and p95 ms of one call of `graph` (a loaded CamGraph), whole ("with gradients":
     every heatmap), forward only, and per method (forward outputs + that heatmap), per batch
     size; runs alternate between the graphs. Every pruned graph runs on the graph's provider
     with the same threads (an error if it cannot). ms_per_crop = median / batch; overhead_pct:
     against forward only."""
-    import numpy as np
-
     from camface.realtime.graph import PROVIDER_DEVICES, CamGraph
-    from camface.realtime.timing import StageTimer
 
     pipeline = config.pipeline
 
@@ -92,16 +110,7 @@ def compare_heads(config: BenchConfig, graph) -> dict:
     pool = sample_crops(config, graph.info, max(config.batches))
     out = {"provider": graph.provider, "threads": pipeline.graph_threads, "repeats": config.repeats, "batches": {}}
     for batch in config.batches:
-        crops = np.ascontiguousarray(pool[np.arange(batch) % len(pool)])
-        feed = {"image": crops, "class_index": np.full(batch, -1, np.int64)}
-        timer = StageTimer(tuple(sessions))
-        for session in sessions.values():
-            session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})  # allocation
-        for _ in range(config.repeats):
-            for name, session in sessions.items():
-                with timer.stage(name):
-                    session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
-        stats = timer.stats()
+        stats = time_sessions(sessions, pool, batch, config.repeats)
         forward_ms = stats["forward only"].median_ms
 
         def cell(name):

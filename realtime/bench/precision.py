@@ -38,11 +38,8 @@ def quantize(config: BenchConfig, model: Path, folder: Path):
 def compare_int8(config: BenchConfig, fp32: Path, int8: Path, info, provider: str, quantized) -> dict:
     """Median and p95 ms per graph call of GRAPHS at each of config.int8_threads x
     config.batches (CPU provider unless --device says otherwise), and the agreement."""
-    import numpy as np
-
-    from camface.realtime.bench.heads import forward_only, sample_crops
+    from camface.realtime.bench.heads import forward_only, sample_crops, time_sessions
     from camface.realtime.graph import CamGraph
-    from camface.realtime.timing import StageTimer
 
     pipeline = config.pipeline
     int8_bytes = int8.read_bytes()
@@ -57,16 +54,7 @@ def compare_int8(config: BenchConfig, fp32: Path, int8: Path, info, provider: st
                     for name, (data, contract) in sources.items()}
         per_batch = {}
         for batch in config.batches:
-            crops = np.ascontiguousarray(pool[np.arange(batch) % len(pool)])
-            feed = {"image": crops, "class_index": np.full(batch, -1, np.int64)}
-            timer = StageTimer(GRAPHS)
-            for session in sessions.values():
-                session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})  # allocation
-            for _ in range(config.repeats):
-                for name, session in sessions.items():
-                    with timer.stage(name):
-                        session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
-            stats = timer.stats()
+            stats = time_sessions(sessions, pool, batch, config.repeats)
             ms = {name: stats[name].median_ms for name in GRAPHS}
             per_batch[str(batch)] = {
                 **{name.replace(" ", "_"): {"median_ms": s.median_ms, "p95_ms": s.p95_ms} for name, s in stats.items()},
