@@ -46,6 +46,20 @@ def _provider_options(provider: str, image_shape: str) -> dict:
     }
 
 
+def prune(model_bytes: bytes, outputs) -> bytes:
+    """The CAM graph (serialised ONNX) pruned to `outputs` (names) with onnx.utils, inputs and
+    metadata kept. Raises ImportError without the `onnx` package."""
+    import onnx
+    import onnx.utils
+
+    model = onnx.load_from_string(model_bytes)
+    inputs = [i.name for i in model.graph.input]
+    pruned = onnx.utils.Extractor(model).extract_model(inputs, list(outputs))
+    del pruned.metadata_props[:]
+    pruned.metadata_props.extend(model.metadata_props)
+    return pruned.SerializeToString()
+
+
 class CamGraph:
     """A loaded CAM graph.
 
@@ -79,6 +93,7 @@ class CamGraph:
         import onnxruntime as ort
 
         self.path, self._ort, self._model_bytes = path, ort, model_bytes
+        self._by_method: dict[str, tuple] = {}  # method -> (session, its input names); see _session_for
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3
         if threads:
@@ -93,8 +108,9 @@ class CamGraph:
 
     # -------------------------------------------------------------- loading and checks
 
-    def _create(self, provider: str, image_shape: str):
-        """A session on `provider`; image_shape "HxWxC" sizes TensorRT's optimisation profile."""
+    def _create(self, provider: str, image_shape: str, model_bytes: bytes | None = None):
+        """A session on `provider` (of `model_bytes`, default the graph); image_shape "HxWxC"
+        sizes TensorRT's optimisation profile."""
         options = _provider_options(provider, image_shape)
         providers = [(provider, options)] if provider == CPU else [(provider, options), CPU]
         if provider == TENSORRT and CUDA in self._ort.get_available_providers():
@@ -106,7 +122,8 @@ class CamGraph:
                 if provider != CPU:
                     self._ort.set_default_logger_severity(4)
                 try:
-                    return self._ort.InferenceSession(self._model_bytes, self._options, providers=providers)
+                    return self._ort.InferenceSession(model_bytes or self._model_bytes, self._options,
+                                                      providers=providers)
                 finally:
                     self._ort.set_default_logger_severity(2)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
@@ -156,6 +173,29 @@ class CamGraph:
         """Heatmap methods this graph offers, in menu order."""
         return spec.methods_of(self.info)
 
+    def _session_for(self, method: str):
+        """(session, input names) that `run` uses for `method`: the graph pruned to `probs` and
+        that heatmap, made on first use. ONNX Runtime runs every node of a graph whatever
+        outputs are asked for, so the whole graph would compute every heatmap of the registry
+        on each call. Without the `onnx` package (it comes with camface's extras), or where
+        pruning fails, the whole graph."""
+        entry = self._by_method.get(method)
+        if entry is None:
+            session = self._session
+            try:
+                outputs = (spec.OUTPUT_PROBS,) + (() if method == "none" else (method,))
+                height, width = self.info.input_size
+                pruned = self._create(self.provider, f"{height}x{width}x{self.info.channels}",
+                                      prune(self._model_bytes, outputs))
+                if pruned.get_providers()[0] == self.provider:
+                    session = pruned
+            except ImportError:
+                log.debug("no `onnx` package: every call computes every heatmap of %s", self.path.name)
+            except Exception as exc:  # a graph onnx.utils cannot cut: run it whole
+                log.debug("cannot prune %s to %s (%s): running it whole", self.path.name, method, exc)
+            entry = self._by_method[method] = (session, tuple(i.name for i in session.get_inputs()))
+        return entry
+
     def run(self, crops: np.ndarray, class_index: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
         """One call for all faces of a frame.
 
@@ -170,7 +210,8 @@ class CamGraph:
                              + (f": {self.info.cam_unavailable_reason}" if method == "cam" else ""))
         names = [spec.OUTPUT_PROBS] if method == "none" else [spec.OUTPUT_PROBS, method]
         feeds = {spec.INPUT_IMAGE: crops, spec.INPUT_CLASS: np.asarray(class_index, np.int64)}
-        result = self._session.run(names, feeds)
+        session, inputs = self._session_for(method)
+        result = session.run(names, {name: feeds[name] for name in inputs})
         probs = result[0]
         if probs.shape[1] != len(self.info.labels):
             raise ModelError(f"{self.path}: {len(self.info.labels)} labels in the metadata but the graph "

@@ -425,3 +425,33 @@ def test_image_folder_skips_images_of_unsupported_type(tmp_path, caplog):
         frames = list(source)
     assert [int(f[0, 0, 0]) for f in frames] == [50, 90]
     assert "02.tiff" in caplog.text
+
+
+# ---- the graph runs only what the method needs
+
+def test_graph_runs_a_pruned_session_per_method_with_the_same_values(tiny_graph_path, monkeypatch):
+    """ONNX Runtime runs every node whatever outputs are asked for: CamGraph runs each method on
+    the graph pruned to probs + that heatmap, with the whole graph's values; without `onnx` it
+    runs the whole graph."""
+    import sys
+
+    from camface.realtime.graph import CamGraph
+
+    crops = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
+    classes = np.array([-1, 0, 1], np.int64)
+    graph = CamGraph(tiny_graph_path, "cpu")
+    feeds = {"image": crops, "class_index": classes}
+    whole = dict(zip(["probs", "gradcam", "cam"], graph.session.run(["probs", "gradcam", "cam"], feeds)))
+    for method in ("gradcam", "cam", "none"):
+        probs, heatmaps = graph.run(crops, classes, method)
+        np.testing.assert_allclose(probs, whole["probs"], rtol=1e-6)
+        if method != "none":
+            np.testing.assert_allclose(heatmaps, whole[method], rtol=1e-6)
+        session, _ = graph._session_for(method)
+        assert session is not graph.session
+        assert {o.name for o in session.get_outputs()} == {"probs"} | ({method} if method != "none" else set())
+    monkeypatch.setitem(sys.modules, "onnx", None)  # a core install without the onnx package
+    bare = CamGraph(tiny_graph_path, "cpu")
+    probs, heatmaps = bare.run(crops, classes, "gradcam")
+    assert bare._session_for("gradcam")[0] is bare.session
+    np.testing.assert_allclose(heatmaps, whole["gradcam"], rtol=1e-6)

@@ -24,18 +24,13 @@ def forward_only(model_bytes: bytes) -> bytes:
 
 
 def prune(model_bytes: bytes, outputs) -> bytes:
-    """The CAM graph pruned to `outputs` (names), metadata kept."""
+    """The CAM graph pruned to `outputs` (names), metadata kept (camface.realtime.graph.prune)."""
+    from camface.realtime.graph import prune as prune_graph
+
     try:
-        import onnx
-        import onnx.utils
+        return prune_graph(model_bytes, outputs)
     except ImportError as exc:
         raise ModelError("--compare-heads needs the `onnx` package (pip install 'camface[keras]')") from exc
-    model = onnx.load_from_string(model_bytes)
-    inputs = [i.name for i in model.graph.input]
-    pruned = onnx.utils.Extractor(model).extract_model(inputs, list(outputs))
-    del pruned.metadata_props[:]
-    pruned.metadata_props.extend(model.metadata_props)
-    return pruned.SerializeToString()
 
 
 def sample_crops(config: BenchConfig, info, count: int = 8):
