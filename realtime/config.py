@@ -158,7 +158,7 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(LiveConfig)}
 
 def add_arguments(parser: argparse.ArgumentParser, *names: str, **defaults) -> None:
     """Add the flags of LiveConfig fields `names` to `parser`, defaults from the dataclass
-    (or `defaults`, for a command whose own default differs, e.g. bench's source)."""
+    (or `defaults`, for a command whose own default differs, e.g. evaluate's graph threads)."""
     for name in names:
         flag, keywords = FLAGS[name]
         keywords = dict(keywords)
