@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "device",
+SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "smooth", "device",
                   "cam_boxes", "bars", "colormap", "alpha", "graph_threads")
 
 
@@ -48,6 +48,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-stages", action=argparse.BooleanOptionalAction, default=None,
                         help="run detection, the graph and rendering in separate actor pools; default: when the "
                              "graph gets GPUs (else one actor per CPU runs all three on whole videos)")
+    parser.add_argument("--segment-frames", type=int, default=None, metavar="N",
+                        help="cut videos into segments of at most N frames so one video uses several actors; "
+                             "0 = whole videos; default: automatic (two units per detection actor, segments of "
+                             "at least 300 frames; whole videos with --smooth)")
     parser.add_argument("--resume", action="store_true",
                         help="continue a run in OUT_DIR: skip videos already done, redo the rest")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -77,8 +81,8 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     from camface.realtime.config import from_args
 
     for flag, value in (("--graph-actors", args.graph_actors), ("--detect-actors", args.detect_actors),
-                        ("--render-actors", args.render_actors)):
-        if value < (1 if flag == "--graph-actors" else 0):
+                        ("--render-actors", args.render_actors), ("--segment-frames", args.segment_frames)):
+        if value is not None and value < (1 if flag == "--graph-actors" else 0):
             print(f"camface batch: error: {flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}",
                   file=sys.stderr)
             return 2
@@ -87,9 +91,13 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     except ValueError as exc:
         print(f"camface batch: error: {exc}", file=sys.stderr)
         return 2
+    if config.smooth and args.segment_frames:
+        print("camface batch: error: --segment-frames cannot be used with --smooth: smoothing carries each face's "
+              "state from frame to frame through the whole video", file=sys.stderr)
+        return 2
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    from camface.batch import cluster, pipeline
+    from camface.batch import cluster, pipeline, segments
     from camface.batch.inputs import find_videos
     from camface.batch.report import write_report
     from camface.models import EMOTION_ONNX
@@ -106,7 +114,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,
         max_faces=config.max_faces, device=config.device, graph_threads=config.graph_threads,
         colormap=config.colormap, alpha=config.alpha, cam_boxes=config.cam_boxes, bars=config.bars,
-        quiet_native=config.quiet_native)
+        quiet_native=config.quiet_native, smooth=config.smooth)
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos)
     if args.resume:
@@ -118,17 +126,23 @@ def main(args: argparse.Namespace, on_video=None) -> int:
 
     try:
         ray_start_s = time.perf_counter() - start
-        plan = cluster.plan(ray.cluster_resources(), args.graph_gpus, args.detect_actors, args.render_actors,
-                            args.graph_actors, videos=len(todo), split=args.split_stages,
-                            record=args.record)
-        print(f"camface batch: {plan.describe()}", file=sys.stderr)
+        resources = ray.cluster_resources()
+        planned = dict(graph_gpus=args.graph_gpus, detect_actors=args.detect_actors, render_actors=args.render_actors,
+                       graph_actors=args.graph_actors, split=args.split_stages, record=args.record)
+        actors = cluster.plan(resources, **planned).detect_actors  # before the cap of one per unit
+        announced = {v.id: pipeline.frame_count(v.path) for v in todo}
+        units, unit_reason = segments.split(todo, [announced[v.id] for v in todo], actors, args.segment_frames,
+                                            bool(config.smooth))
+        plan = cluster.plan(resources, **planned, videos=len(units))
+        print(f"camface batch: {plan.describe()}; unit of work: {unit_reason}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
-        result = pipeline.run(job, plan, todo, graph.info.labels, progress, on_video)
+        result = pipeline.run(job, plan, units, outputs, graph.info.labels, progress, announced, on_video)
     finally:
         if started:
             ray.shutdown()
     frames = sum(r.get("frames", 0) for r in result.finished if r["status"] == "done")
-    run_info = {"plan": plan.describe(), "ray_start_s": round(ray_start_s, 3), "wall_s": round(result.wall_s, 3),
+    run_info = {"plan": plan.describe(), "units": unit_reason, "ray_start_s": round(ray_start_s, 3),
+                "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
                 "videos_this_run": [r["video"] for r in result.finished], "interrupted": result.interrupted,
                 "graph_calls": sum(r.get("graph_calls", 0) for r in result.finished),

@@ -1,10 +1,11 @@
 """The driver: the Ray Data pipeline over the videos, the progress bar, Ctrl-C, the summary.
 
-  from_items(videos, one block each) -> Detect (CPU actors) -> Explain (graph actors, GPU when
-  planned) -> Render (CPU actors) -> one small row per video back to the driver
+  from_items(units, one block each) -> Detect (CPU actors) -> Explain (graph actors, GPU when
+  planned) -> Render (CPU actors) -> one small row per unit back to the driver
 
 or, when the graph has no GPU (`Plan.fused`), one `Whole` actor per CPU running the three on
-each video in turn.
+each unit in turn. A unit is a whole video or a segment of one (`camface.batch.segments`);
+the driver joins a segmented video's parts when its last segment comes back.
 
 Ray Data streams: while a render actor encodes video 1, the graph runs on video 2 and the
 detectors decode video 3 and 4. `preserve_order` makes the rows come back in input order.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
+from camface.batch.segments import Unit, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs
 from camface.realtime.config import DEFAULTS as LIVE  # the shared options' defaults
@@ -48,6 +50,7 @@ class BatchJob:
     bars: bool = False
     explained_class: int | None = None
     quiet_native: bool = True
+    smooth: float = 0.0
 
 
 @dataclass
@@ -71,23 +74,24 @@ def frame_count(path: str) -> int:
         capture.release()
 
 
-def build_dataset(job: BatchJob, plan: Plan, videos: list[Video], labels: tuple[str, ...]):
-    """The lazy Ray Dataset: one output row per video, {video, record (JSON)}."""
+def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[str, ...]):
+    """The lazy Ray Dataset: one output row per unit, {video, unit (JSON), record (JSON)}."""
     import ray.data as rd
 
     context = rd.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows of the driver in input order
     context.enable_progress_bars = False  # the driver draws its own bar over videos and frames
     context.print_on_execution_start = False
-    items = [{"video": v.id, "path": v.path} for v in videos]
+    items = [unit.row() for unit in units]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
     detect = dict(model=job.model, detector=job.detector, min_confidence=job.min_confidence, margin=job.margin,
                   max_faces=job.max_faces, quiet=job.quiet_native)
     explain = dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus else "cpu",
-                   threads=job.graph_threads, method=job.method, explained_class=job.explained_class)
+                   threads=job.graph_threads, method=job.method, explained_class=job.explained_class,
+                   smooth=job.smooth)
     render = dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap, alpha=job.alpha,
                   cam_boxes=job.cam_boxes, bars=job.bars, method=job.method, explained_class=job.explained_class,
-                  labels=labels)
+                  labels=labels, smooth=job.smooth)
     if plan.fused:
         return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
                       fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))
@@ -103,38 +107,63 @@ def build_dataset(job: BatchJob, plan: Plan, videos: list[Video], labels: tuple[
     return ds
 
 
-def run(job: BatchJob, plan: Plan, todo: list[Video], labels: tuple[str, ...], progress: bool,
-        on_video=None) -> RunResult:
-    """Run the pipeline on `todo`; `on_video(record)` is called on the driver as each video
-    finishes (tests interrupt there). Ctrl-C stops the pipeline: the result says interrupted."""
+def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: tuple[str, ...],
+        progress: bool, frames: dict[str, int] | None = None, on_video=None) -> RunResult:
+    """Run the pipeline on the videos of `units` (all units of each, in order; a segment done
+    in an earlier run, with its part record, is not run again) and join segmented videos;
+    `on_video(record)` is called on the driver as each video finishes (tests interrupt
+    there). frames: per video id the frames its file announces, for the progress bar. Ctrl-C
+    stops the pipeline: the result says interrupted."""
     result = RunResult()
-    if not todo:
+    if not units:
         return result
     started = time.perf_counter()
     result.started_at = time.time()
+    by_video: dict[str, list[Unit]] = {}
+    for unit in units:
+        by_video.setdefault(unit.video, []).append(unit)
+    done_before = {u for u in units if not u.whole and (part_record(outputs, u) or {}).get("status") == DONE}
+    left = {video: sum(u not in done_before for u in parts) for video, parts in by_video.items()}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(frame_count(v.path) for v in todo) or None, unit="frame", file=sys.stderr,
-                   mininterval=0.5, leave=False, desc=f"videos 0/{len(todo)}")
-    rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
+        total = sum((frames or {}).get(v, 0) for v in by_video)
+        bar = tqdm(total=total or None, unit="frame", file=sys.stderr, mininterval=0.5, leave=False,
+                   desc=f"videos 0/{len(by_video)}")
+
+    def finished(record: dict) -> None:
+        result.finished.append(record)
+        if bar is not None:
+            bar.set_description(f"videos {len(result.finished)}/{len(by_video)}")
+        if record["status"] != DONE:
+            message = f"camface batch: {record['path']} failed: {record.get('reason')}"
+            bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
+        if on_video is not None:
+            on_video(record)
+
+    rows = None
     try:
-        for row in rows:
+        for video, parts in by_video.items():  # every segment done in an earlier run: join them
+            if not left[video]:
+                finished(finish(outputs, parts, labels, job.record))
+        todo = [u for u in units if u not in done_before]
+        if todo:
+            rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
+        for row in rows or ():
             record = json.loads(row["record"])
-            result.finished.append(record)
             if bar is not None:
                 bar.update(record.get("frames", 0) if record["status"] == DONE else 0)
-                bar.set_description(f"videos {len(result.finished)}/{len(todo)}")
-            if record["status"] != DONE:
-                message = f"camface batch: {record['path']} failed: {record.get('reason')}"
-                bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
-            if on_video is not None:
-                on_video(record)
+            video = row["video"]
+            left[video] -= 1
+            if by_video[video][0].whole:
+                finished(record)
+            elif not left[video]:  # the video's last segment: join its parts
+                finished(finish(outputs, by_video[video], labels, job.record))
     except KeyboardInterrupt:
         result.interrupted = True
     finally:
-        close = getattr(rows, "close", None)
+        close = getattr(rows, "close", None) if rows is not None else None
         if close is not None:
             close()  # GeneratorExit into Ray Data's iterator: it shuts its streaming executor down
         if bar is not None:

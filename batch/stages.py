@@ -1,16 +1,18 @@
 """The three Ray Data stages, one callable class each (Ray Data builds one per actor; actors
 never run a `with` block, so resources open in `__init__` and close in `close`).
 
-Unit of work: one whole video per row (see README/benchmarks: on one machine whole videos keep
-every worker busy with the least data moved; segments only pay when there are fewer videos than
-detection actors). A row is {"video": id, "payload": bytes}: the payload is a pickled dict of
-ragged per-frame arrays (faces per frame vary), which Arrow tensor columns cannot hold.
+Unit of work: a whole video or a segment of one (`camface.batch.segments`: chosen from the
+archive and the actors). The first stage gets a unit's row; later rows are {"video": id,
+"payload": bytes}: the payload is a pickled dict of ragged per-frame arrays (faces per frame
+vary), which Arrow tensor columns cannot hold.
 
   Detect  (CPU)          decode every frame, MediaPipe detection, crop (`crop_for_graph`)
   Explain (GPU-capable)  the CAM graph on the video's crops, in calls of up to 32 crops across
                          frames (`run_graph_across_frames`)
-  Render  (CPU)          decode again (frames are not shipped between nodes), `frame_result`,
-                         `Renderer.annotate`, `VideoSink`, the Parquet rows, the video's record
+  Render  (CPU)          decode again (frames are not shipped between nodes), `frame_result`
+                         (+ `Smoother.update` with --smooth), `Renderer.annotate`, `VideoSink`,
+                         the Parquet rows, the video's record (a segment: its parts and part
+                         record; the driver joins them, `segments.finish`)
 
 A failure inside a stage (a corrupt file) travels on as {"ok": False, "error": ...} and is
 recorded by Render as a failed video: one bad file never stops the others.
@@ -72,14 +74,17 @@ class Detect:
         self.detector = FaceDetector(DETECTORS[detector], min_confidence, quiet).__enter__()
 
     def __call__(self, row: dict) -> dict:
+        from camface.batch.segments import Unit
         from camface.realtime.explainer import crop_for_graph
-        from camface.realtime.sources import make_source
+        from camface.realtime.sources import VideoFileSource
 
         start = time.perf_counter()
-        out = {"path": row["path"], "ok": True, "detect_node": _node(), "started_at": time.time()}
+        unit = Unit.from_row(row)
+        out = {"path": unit.path, "unit": unit, "start": unit.start, "stop": unit.stop, "ok": True,
+               "detect_node": _node(), "started_at": time.time()}
         try:
             faces, dropped, crops = [], [], []
-            with make_source(row["path"]) as source:
+            with VideoFileSource(unit.path, unit.start, unit.stop) as source:
                 out["fps"] = source.info.fps
                 for frame in source:
                     kept, frame_crops, lost = crop_for_graph(frame, self.detector.detect(frame), self.margin,
@@ -93,7 +98,7 @@ class Detect:
                        np.zeros((0, *self.info.input_size, self.info.channels), np.uint8))
         except Exception as exc:  # recorded as a failed video by Render
             out.update(ok=False, error=_reason(exc), stage="detect")
-            log.debug("detect failed on %s:\n%s", row["path"], traceback.format_exc())
+            log.debug("detect failed on %s:\n%s", unit.path, traceback.format_exc())
         out["detect_s"] = time.perf_counter() - start
         return pack(row["video"], out)
 
@@ -107,16 +112,17 @@ class Explain:
     """payload -> payload + probs float32 [total faces, classes], heatmaps float32 [total faces,
     h, w], class_index int64 [total faces], graph_calls, provider, graph_node."""
 
-    def __init__(self, model: str, device: str, threads: int, method: str, explained_class: int | None):
+    def __init__(self, model: str, device: str, threads: int, method: str, explained_class: int | None,
+                 smooth: float = 0.0):
         from camface.realtime.explainer import check_method
         from camface.realtime.graph import CamGraph
 
         self.graph = CamGraph(model, device, threads=threads)
         check_method(self.graph, method)
-        self.method, self.explained_class = method, explained_class
+        self.method, self.explained_class, self.smooth = method, explained_class, smooth
 
     def __call__(self, row: dict) -> dict:
-        from camface.realtime.explainer import run_graph_across_frames
+        from camface.realtime.explainer import run_graph_across_frames, run_graph_smoothed
 
         out = unpack(row)
         out.update(provider=self.graph.provider, graph_node=_node())
@@ -125,10 +131,15 @@ class Explain:
         start = time.perf_counter()
         try:
             crops = out["crops"]
-            class_index = np.full(len(crops), -1 if self.explained_class is None else self.explained_class, np.int64)
-            out["probs"], out["heatmaps"], out["graph_calls"] = run_graph_across_frames(
-                self.graph, crops, class_index, self.method)
-            out["class_index"] = class_index
+            if self.smooth and self.explained_class is None:  # the smoothed class, as live chooses it
+                out["probs"], out["heatmaps"], out["class_index"], out["graph_calls"] = run_graph_smoothed(
+                    self.graph, crops, out["faces"], self.method, self.smooth)
+            else:
+                class_index = np.full(len(crops), -1 if self.explained_class is None else self.explained_class,
+                                      np.int64)
+                out["probs"], out["heatmaps"], out["graph_calls"] = run_graph_across_frames(
+                    self.graph, crops, class_index, self.method)
+                out["class_index"] = class_index
         except Exception as exc:
             out.update(ok=False, error=_reason(exc), stage="graph")
         out["graph_s"] = time.perf_counter() - start
@@ -136,11 +147,12 @@ class Explain:
 
 
 class Render:
-    """payload -> the video's outputs in out_dir (annotated video, Parquet rows, record);
-    returns a small row: {video, ok, frames, faces, error, ...} for the driver."""
+    """payload -> the unit's outputs in out_dir (annotated video, Parquet rows, record; for a
+    segment its parts and part record); returns a small row for the driver: {video, unit (the
+    unit's row as JSON), record (JSON)}."""
 
     def __init__(self, out_dir: str, record: bool, colormap: str, alpha: float, cam_boxes: bool, bars: bool,
-                 method: str, explained_class: int | None, labels: tuple[str, ...]):
+                 method: str, explained_class: int | None, labels: tuple[str, ...], smooth: float = 0.0):
         from camface.batch.state import Outputs
         from camface.realtime.render import Renderer
 
@@ -149,23 +161,30 @@ class Render:
         self.record = record
         self.renderer = Renderer(colormap, alpha, cam_boxes, bars)
         self.method, self.explained_class, self.labels = method, explained_class, tuple(labels)
+        self.smooth = smooth
 
     def __call__(self, row: dict) -> dict:
+        from camface.batch.segments import part_paths
         from camface.batch.state import write_video_outputs
 
         out = unpack(row)
+        unit = out.pop("unit")
         out["render_node"] = _node()
         start = time.perf_counter()
+        paths = None if unit.whole else part_paths(self.outputs, unit)
+        if paths is not None:
+            paths["record"].parent.mkdir(parents=True, exist_ok=True)
         if out["ok"]:
             try:
                 write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,
-                                    self.method, self.explained_class, self.labels)
+                                    self.method, self.explained_class, self.labels, self.smooth, paths)
             except Exception as exc:
                 out.update(ok=False, error=_reason(exc), stage="render")
         out["render_s"] = time.perf_counter() - start
         out["finished_at"] = time.time()
-        record = self.outputs.write_record(row["video"], out, self.labels)
-        return {"video": row["video"], "record": json.dumps(record)}
+        record = self.outputs.write_record(row["video"], out, self.labels,
+                                           None if paths is None else paths["record"])
+        return {"video": row["video"], "unit": json.dumps(unit.row()), "record": json.dumps(record)}
 
 
 class Whole:

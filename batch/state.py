@@ -4,6 +4,7 @@
   OUT_DIR/rows/<id>.parquet      its rows (one per face per frame; `camface.batch.rows`)
   OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts
   OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
+  OUT_DIR/parts/<id>/            a segmented video's parts while it is in work (`camface.batch.segments`)
   OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
 
 Every file is written under a temporary name starting with "." (which Parquet readers skip)
@@ -35,6 +36,7 @@ class Outputs:
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
         self.videos, self.rows, self.state = self.root / "videos", self.root / "rows", self.root / "state"
+        self.parts = self.root / "parts"
 
     def make(self) -> None:
         for folder in (self.videos, self.rows, self.state):
@@ -71,26 +73,30 @@ class Outputs:
     def clean_partials(self) -> int:
         """Remove temporary files a killed run left behind; returns how many."""
         removed = 0
-        for folder in (self.videos, self.rows, self.state):
+        parts = [p for p in self.parts.iterdir() if p.is_dir()] if self.parts.is_dir() else []
+        for folder in (self.videos, self.rows, self.state, *parts):
             for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
 
-    def write_record(self, video_id: str, out: dict, labels: tuple[str, ...]) -> dict:
-        """The video's record (done or failed) from a Render payload, written last."""
+    def write_record(self, video_id: str, out: dict, labels: tuple[str, ...], path: Path | None = None) -> dict:
+        """The video's record (done or failed) from a Render payload, written last; or, with
+        `path`, a segment's part record."""
         record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
-        if not out["ok"]:
+        if not out["ok"] and path is None:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
             for stale in (self.video(video_id), self.parquet(video_id), self.sums_path(video_id)):
                 stale.unlink(missing_ok=True)  # a failed redo leaves no older outputs behind
         for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
                     "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
-                    "started_at", "finished_at",
+                    "started_at", "finished_at", "start", "stop", "segments",
                     "video_file", "rows_file"):
             if key in out:
                 record[key] = out[key]
-        write_json(self.record_path(video_id), record)
+        if not out["ok"] and path is not None:
+            record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
+        write_json(path or self.record_path(video_id), record)
         return record
 
 
@@ -101,24 +107,33 @@ def write_json(path: Path, value) -> None:
 
 
 def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, method: str,
-                        explained_class: int | None, labels: tuple[str, ...]) -> None:
-    """Render stage body: the annotated video (when `renderer`), the rows, the class sums.
+                        explained_class: int | None, labels: tuple[str, ...], smooth: float = 0.0,
+                        paths: dict | None = None) -> None:
+    """Render stage body: the annotated video (when `renderer`), the rows, the class sums, of
+    a whole video or (with `paths`: `segments.part_paths`) of one segment, frames numbered from
+    out["start"]. smooth: the live loop's smoothing, run over the frames in order (a whole video).
     Adds frames / faces_total / dropped_total / class_counts / files to `out`."""
     from camface.batch.rows import build_rows, write_parquet
     from camface.methods import normalize
     from camface.realtime.explainer import frame_result
+    from camface.realtime.smooth import Smoother
 
     counts = out["counts"]
     ends = np.cumsum(counts)
     starts = ends - counts
-    results = [frame_result(i, out["faces"][i], out["probs"][starts[i]:ends[i]], out["heatmaps"][starts[i]:ends[i]],
-                            out["class_index"][starts[i]:ends[i]], out["dropped"][i], method, explained_class,
-                            labels, out["provider"])
+    first = out.get("start", 0)
+    results = [frame_result(first + i, out["faces"][i], out["probs"][starts[i]:ends[i]],
+                            out["heatmaps"][starts[i]:ends[i]], out["class_index"][starts[i]:ends[i]],
+                            out["dropped"][i], method, explained_class, labels, out["provider"])
                for i in range(out["frames"])]
-    if renderer is not None:
-        out["video_file"] = str(_write_video(outputs.video(video_id), out, results, renderer))
+    if smooth:
+        smoother = Smoother(smooth)
+        results = [smoother.update(result) for result in results]
+    if renderer is not None and results:  # a segment past the file's real end has none
+        video = outputs.video(video_id) if paths is None else paths["video"]
+        out["video_file"] = str(_write_video(video, out, results, renderer))
     table = build_rows(video_id, out["path"], out["fps"], results)
-    final = outputs.parquet(video_id)
+    final = outputs.parquet(video_id) if paths is None else paths["rows"]
     tmp = atomic_path(final)
     write_parquet(table, tmp)
     os.replace(tmp, final)
@@ -133,7 +148,7 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
     sums["crop_sum"] = np.stack([crops[explained == k].sum(axis=0) for k in range(classes)])
     if heat is not None:
         sums["heatmap_sum"] = np.stack([heat[explained == k].sum(axis=0) for k in range(classes)])
-    final = outputs.sums_path(video_id)
+    final = outputs.sums_path(video_id) if paths is None else paths["sums"]
     tmp = atomic_path(final)
     np.savez(tmp, **sums)
     os.replace(tmp, final)
@@ -147,12 +162,13 @@ def _write_video(final: Path, out: dict, results, renderer) -> Path:
     """Decode the video again, draw each frame's result, encode with the live loop's sink."""
     from camface.errors import SourceError
     from camface.realtime.sinks import VideoSink
-    from camface.realtime.sources import make_source
+    from camface.realtime.sources import VideoFileSource
 
     tmp = atomic_path(final)
     written = 0
     try:
-        with make_source(out["path"]) as source, VideoSink(tmp, out["fps"], overwrite=True) as sink:
+        with VideoFileSource(out["path"], out.get("start", 0), out.get("stop")) as source, \
+                VideoSink(tmp, out["fps"], overwrite=True) as sink:
             for frame, result in zip(source, results):
                 renderer.annotate(frame, result, hud=False)  # no HUD: rolling fps means nothing here
                 sink.write(frame)

@@ -99,8 +99,9 @@ def check_method(graph, method: str) -> None:
 # `camface batch` runs them in separate Ray stages (cropping on the detection workers, the graph
 # on crops of many frames in calls of up to 32 with `run_graph_across_frames`, the result per
 # frame again), and `camface serve` through `explain_many` (one call for every client's frame).
-# Without smoothing they give what `explain` gives; smoothing keeps state from frame to frame and
-# chooses the class to explain from it, which a stage batched across frames cannot know.
+# Without smoothing they give what `explain` gives. Smoothing keeps state from frame to frame and
+# chooses the class to explain from it: `run_graph_smoothed` gets the same classes for a whole
+# video in calls across frames (the class changes the heatmap, not the probabilities).
 
 
 def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, max_faces: int,
@@ -132,6 +133,40 @@ def run_graph_across_frames(graph, crops: np.ndarray, class_index: np.ndarray, m
         return (np.zeros((0, len(graph.info.labels)), np.float32),
                 np.zeros((0, 0, 0), np.float32), 0)
     return np.concatenate(probs), np.concatenate(heatmaps), calls
+
+
+def run_graph_smoothed(graph, crops: np.ndarray, faces_per_frame, method: str, smooth: float,
+                       max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The graph on a whole video's crops, giving what `FrameExplainer(smooth=smooth)` gives
+    frame by frame: with smoothing, the class explained for a face is its track's smoothed
+    class (`Smoother.explain_classes`), known only after the frames before it. The class does
+    not change the probabilities (the forward pass), so: (1) every crop with its predicted
+    class, in calls across frames; (2) the smoother run over the frames' probabilities gives
+    each face's class, exactly as live; (3) the faces whose class is not their predicted one
+    again, with that class. crops: uint8 [N, H, W, C], the crops of `faces_per_frame` (a
+    sequence of face tuples, one per frame, in order). Returns (probs, heatmaps, class_index,
+    graph calls) as `run_graph_across_frames`; run `Smoother(smooth).update` over the frames'
+    `frame_result`s to get the live results."""
+    from camface.realtime.smooth import Smoother
+
+    class_index = np.full(len(crops), -1, np.int64)
+    probs, heatmaps, calls = run_graph_across_frames(graph, crops, class_index, method, max_batch)
+    if not len(crops) or method == "none":
+        return probs, heatmaps, class_index, calls
+    smoother, start = Smoother(smooth), 0
+    for index, faces in enumerate(faces_per_frame):
+        stop = start + len(faces)
+        if faces:
+            class_index[start:stop] = smoother.explain_classes(tuple(faces))
+        smoother.update(frame_result(index, tuple(faces), probs[start:stop], heatmaps[start:stop],
+                                     class_index[start:stop], 0, method, None, graph.info.labels, ""))
+        start = stop
+    redo = np.flatnonzero((class_index >= 0) & (class_index != probs.argmax(axis=1)))
+    if len(redo):
+        _, again, more = run_graph_across_frames(graph, crops[redo], class_index[redo], method, max_batch)
+        heatmaps[redo] = again
+        calls += more
+    return probs, heatmaps, class_index, calls
 
 
 def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmaps: np.ndarray,

@@ -90,7 +90,9 @@ def _valid_fps(fps: float) -> bool:
 
 
 class VideoFileSource:
-    """Every frame of a video file, in order.
+    """Every frame of a video file, in order; or frames start..stop-1 of it (`camface batch`'s
+    segments: `start` is reached by seeking, checked, and by reading from the first frame when
+    the seek lands elsewhere; a range past the file's end gives no frame and no error).
 
     A file that ends early (truncated, damaged; a recording whose writer was killed) stops at
     its last good frame with one warning; `truncated` then is True and `frames_read` says how
@@ -98,8 +100,11 @@ class VideoFileSource:
     is read up to its last complete fragment.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, start: int = 0, stop: int | None = None):
+        if start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"bad frame range {start}..{stop} of {path}")
         self.path = Path(path)
+        self.start, self.stop = start, stop
         self.frames_read = 0
         self.truncated = False
         self._capture = None
@@ -109,18 +114,39 @@ class VideoFileSource:
         if not self.path.is_file():
             raise SourceError(f"video file not found: {self.path}")
         self.frames_read, self.truncated = 0, False  # per pass: --loop enters again
-        capture = cv2.VideoCapture(str(self.path))
-        if not capture.isOpened():
-            capture.release()
-            capture = self._open_complete_part()
-        self._capture = capture
+        self._capture = capture = self._open()
         fps = capture.get(cv2.CAP_PROP_FPS)
         if not _valid_fps(fps):
             log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
             fps = DEFAULT_FPS
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.info = SourceInfo(str(self.path), float(fps), count if count > 0 else None, live=False)
+        if self.start:
+            self._seek(self.start)
         return self
+
+    def _seek(self, start: int) -> None:
+        """Put the capture before frame `start`. FFmpeg's seek goes to the keyframe before it
+        and decodes forward (exact on the MP4s checked, B-frames included); when the position
+        it reports is not `start`, read the frames before it instead."""
+        if self._capture.set(cv2.CAP_PROP_POS_FRAMES, start) and \
+                int(self._capture.get(cv2.CAP_PROP_POS_FRAMES)) == start:
+            return
+        log.debug("%s: seeking to frame %d missed; reading up to it", self.path, start)
+        truncated = self.truncated
+        self.__exit__()
+        self._capture = self._open()
+        self.truncated = truncated
+        for _ in range(start):
+            if not self._capture.grab():
+                break
+
+    def _open(self):
+        capture = cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            capture.release()
+            capture = self._open_complete_part()
+        return capture
 
     def _open_complete_part(self):
         from camface.realtime.fmp4 import PrefixReader, complete_length
@@ -152,15 +178,18 @@ class VideoFileSource:
         self._close_prefix()
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        while True:
+        wanted = None if self.stop is None else self.stop - self.start
+        while wanted is None or self.frames_read < wanted:
             ok, frame = self._capture.read()
             if not ok or frame is None:
                 break
             self.frames_read += 1
             yield to_bgr8(frame)
-        if self.frames_read == 0:
+        if self.frames_read == 0 and self.start == 0 and wanted != 0:
             raise SourceError(f"no frame could be read from video file {self.path}")
         expected = self.info.frames
+        if expected:
+            expected = max(0, min(expected, self.stop or expected) - self.start)
         if self.truncated or (expected and self.frames_read < expected):
             self.truncated = True
             of = f" of {expected}" if expected and expected > self.frames_read else ""

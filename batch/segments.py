@@ -1,0 +1,223 @@
+"""The unit of work: a whole video, or a segment of one (frames start..stop-1), and putting a
+segmented video's parts back together.
+
+Why segments, and when (benchmarks/RESULTS.md, "unit of work"): one video runs on one actor
+at a time, so an archive with fewer videos than detection actors (one long interview on a
+16-core node) leaves actors idle; cut into segments it keeps every actor busy. Where videos
+already outnumber the actors, whole videos are faster: a segment pays a seek, an encoder start
+and a concatenation. The automatic rule (`split`): aim at two units per detection actor
+(so the last ones finish close together), never below MIN_SEGMENT_FRAMES a segment, and cut
+only the videos longer than that; with `--smooth` whole videos always, because smoothing
+carries each face's state from one frame to the next through the whole video.
+
+Frames of a segment are found by seeking (`VideoFileSource(path, start, stop)`, checked), and
+detection is per frame (BlazeFace in VIDEO mode keeps no state between frames: checked), so
+segments give exactly the rows of the whole video. Each segment's Render writes its parts under
+OUT_DIR/parts/<video id>/ (atomically, with a part record written last); when all of a video's
+parts are there, the driver concatenates them (`finish`): the rows table, the class sums, and
+the video by copying its H.264 packets (no re-encoding) into one fragmented MP4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MIN_SEGMENT_FRAMES = 300  # 10 s at 30 fps: seek + encoder start + concat stay under ~1% of it
+UNITS_PER_ACTOR = 2
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One row of the pipeline. stop None: to the end of the file. segments 1: a whole video."""
+
+    video: str
+    path: str
+    segment: int = 0
+    segments: int = 1
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.segments == 1
+
+    @property
+    def name(self) -> str:
+        """The part files' stem: segment and range, so a resume with other segments finds none."""
+        return f"{self.segment:05d}-{self.start}-{'end' if self.stop is None else self.stop}"
+
+    def row(self) -> dict:
+        row = asdict(self)
+        row["stop"] = -1 if self.stop is None else self.stop  # Arrow: one integer type per column
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Unit":
+        stop = int(row["stop"])
+        return cls(row["video"], row["path"], int(row["segment"]), int(row["segments"]), int(row["start"]),
+                   None if stop < 0 else stop)
+
+
+def segment_frames_for(frames: list[int], actors: int) -> int:
+    """The automatic segment length: two units per actor over the archive's frames, at least
+    MIN_SEGMENT_FRAMES."""
+    total = sum(frames)
+    return max(MIN_SEGMENT_FRAMES, math.ceil(total / max(1, actors * UNITS_PER_ACTOR)))
+
+
+def split(videos, frames: list[int], actors: int, segment_frames: int | None, smooth: bool) -> tuple[list[Unit], str]:
+    """The units for `videos` (with the frame counts their files announce, 0 when unknown)
+    and why. segment_frames: None = automatic, 0 = whole videos, N = segments of at most N
+    frames (a file that announces no frame count stays whole)."""
+    if smooth:
+        return [Unit(v.id, v.path) for v in videos], "whole videos: --smooth carries state from frame to frame"
+    if segment_frames == 0:
+        return [Unit(v.id, v.path) for v in videos], "whole videos (--segment-frames 0)"
+    length = segment_frames or segment_frames_for(frames, actors)
+    units = []
+    for video, count in zip(videos, frames):
+        # --segment-frames N: segments of at most N frames; automatic: of at least `length`
+        pieces = max(1, math.ceil(count / length) if segment_frames else count // length)
+        if pieces == 1:
+            units.append(Unit(video.id, video.path))
+            continue
+        bounds = [round(k * count / pieces) for k in range(pieces + 1)]  # near-equal pieces
+        for k in range(pieces):
+            stop = None if k == pieces - 1 else bounds[k + 1]  # the last runs to the real end
+            units.append(Unit(video.id, video.path, k, pieces, bounds[k], stop))
+    cut = len({u.video for u in units if not u.whole})
+    how = "--segment-frames" if segment_frames else f"automatic: {UNITS_PER_ACTOR} units per actor, " \
+                                                    f">= {MIN_SEGMENT_FRAMES} frames"
+    reason = (f"{len(units)} units: {cut} of {len(videos)} videos cut into segments of ~{length} frames ({how})"
+              if cut else f"whole videos (none longer than ~{length} frames; {how})")
+    return units, reason
+
+
+# ---------------------------------------------------------------- parts and putting them together
+
+
+def part_paths(outputs, unit: Unit) -> dict[str, Path]:
+    folder = outputs.parts / unit.video
+    return {kind: folder / f"{unit.name}.{suffix}"
+            for kind, suffix in (("video", "mp4"), ("rows", "parquet"), ("sums", "npz"), ("record", "json"))}
+
+
+def part_record(outputs, unit: Unit) -> dict | None:
+    try:
+        return json.loads(part_paths(outputs, unit)["record"].read_text())
+    except (OSError, ValueError):
+        return None
+
+
+SUMMED = ("frames", "faces_total", "dropped_total", "graph_calls", "detect_s", "graph_s", "render_s")
+
+
+def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bool) -> dict:
+    """Put a segmented video's parts together into its final files and write its record
+    (done, or failed with the first failed segment's reason); removes the parts. units: all
+    segments of one video, in order, each with a part record."""
+    from camface.batch.state import DONE, atomic_path
+
+    parts = [part_record(outputs, u) for u in units]
+    video, path = units[0].video, units[0].path
+    out = {"path": path, "ok": True}
+    failed = next((p for p in parts if p is None or p["status"] != DONE), None)
+    if failed is not None:
+        out.update(ok=False, error=(failed or {}).get("reason", "a segment's outputs are missing"),
+                   stage=(failed or {}).get("stage", "render"))
+    else:
+        try:
+            _join(outputs, units, parts, labels, record_video, out, atomic_path)
+        except Exception as exc:  # noqa: BLE001 (recorded: one bad video never stops the rest)
+            out.update(ok=False, error=f"joining {len(units)} segments: {type(exc).__name__}: {exc}", stage="join")
+    record = outputs.write_record(video, out, labels)
+    shutil.rmtree(outputs.parts / video, ignore_errors=True)
+    return record
+
+
+def _join(outputs, units, parts, labels, record_video, out, atomic_path) -> None:
+    import pyarrow as pa
+
+    from camface.batch.rows import schema, write_parquet
+
+    files = [part_paths(outputs, u) for u in units]
+    table = pa.concat_tables([_read_rows(f["rows"]) for f in files]).cast(schema())
+    _replace(outputs.parquet(units[0].video), atomic_path, lambda tmp: write_parquet(table, tmp))
+    sums: dict[str, np.ndarray] = {}
+    for f in files:
+        with np.load(f["sums"]) as part:
+            for key in part.files:
+                sums[key] = sums[key] + part[key] if key in sums else part[key]
+    _replace(outputs.sums_path(units[0].video), atomic_path, lambda tmp: np.savez(tmp, **sums))
+    if record_video:
+        _replace(outputs.video(units[0].video), atomic_path,
+                 lambda tmp: concatenate([f["video"] for f, p in zip(files, parts) if p.get("frames")], tmp))
+        out["video_file"] = str(outputs.video(units[0].video))
+    out["rows_file"] = str(outputs.parquet(units[0].video))
+    for key in SUMMED:
+        out[key] = sum(p.get(key, 0) for p in parts)
+    out["fps"] = parts[0].get("fps")
+    out["provider"] = parts[0].get("provider")
+    counts: dict[str, int] = {}
+    for p in parts:
+        for label, n in p.get("class_counts", {}).items():
+            counts[label] = counts.get(label, 0) + n
+    out["class_counts"] = {label: counts[label] for label in labels if label in counts}
+    for key in ("detect_node", "graph_node", "render_node"):
+        out[key] = parts[0].get(key)
+    out["started_at"] = min(p.get("started_at", float("inf")) for p in parts)
+    out["finished_at"] = max(p.get("finished_at", 0.0) for p in parts)
+    out["segments"] = len(units)
+
+
+def _read_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def _replace(final: Path, atomic_path, write) -> None:
+    tmp = atomic_path(final)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def concatenate(parts: list[Path], out: Path) -> None:
+    """Copy the video packets of `parts` (MP4s from one encoder setup: same codec, size and
+    parameter sets) one after another into `out`, a fragmented MP4 like the live recordings,
+    shifting each part's timestamps to follow the previous part. No re-encoding."""
+    import av
+
+    from camface.realtime.fmp4 import MOVFLAGS
+
+    with av.open(str(parts[0])) as first:
+        template = first.streams.video[0]
+        extradata = template.codec_context.extradata
+        with av.open(str(out), "w", format="mp4", options={"movflags": MOVFLAGS}) as output:
+            stream = output.add_stream_from_template(template)
+            offset = 0
+            for part in parts:
+                with av.open(str(part)) as container:
+                    source = container.streams.video[0]
+                    if source.codec_context.extradata != extradata or source.time_base != template.time_base:
+                        raise ValueError(f"{part} was encoded unlike {parts[0]} (codec parameters differ)")
+                    end = offset
+                    for packet in container.demux(source):
+                        if packet.dts is None:  # the demuxer's empty flush packet
+                            continue
+                        packet.pts += offset
+                        packet.dts += offset
+                        end = max(end, packet.pts + (packet.duration or 0))
+                        packet.stream = stream
+                        output.mux(packet)
+                    offset = end
