@@ -133,7 +133,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         announced = {v.id: pipeline.frame_count(v.path) for v in todo}
         units, unit_reason = segments.split(todo, [announced[v.id] for v in todo], actors, args.segment_frames,
                                             bool(config.smooth))
-        plan = cluster.plan(resources, **planned, videos=len(units))
+        plan = cluster.plan(resources, **planned, videos=sum(not segments.done_before(outputs, u) for u in units))
         print(f"camface batch: {plan.describe()}; unit of work: {unit_reason}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         result = pipeline.run(job, plan, units, outputs, graph.info.labels, progress, announced, on_video)
@@ -141,7 +141,8 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         if started:
             ray.shutdown()
     frames = sum(r.get("frames", 0) for r in result.finished if r["status"] == "done")
-    run_info = {"plan": plan.describe(), "units": unit_reason, "ray_start_s": round(ray_start_s, 3),
+    run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run,
+                "ray_start_s": round(ray_start_s, 3),
                 "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
                 "videos_this_run": [r["video"] for r in result.finished], "interrupted": result.interrupted,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
-from camface.batch.segments import Unit, finish, part_record
+from camface.batch.segments import Unit, done_before, finish
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs
 from camface.realtime.config import DEFAULTS as LIVE  # the shared options' defaults
@@ -59,6 +59,7 @@ class RunResult:
 
     finished: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    units_run: int = 0  # units handed to the pipeline (segments done in an earlier run are not)
     wall_s: float = 0.0
     started_at: float = 0.0  # time.time() when the pipeline was started
 
@@ -122,8 +123,8 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     by_video: dict[str, list[Unit]] = {}
     for unit in units:
         by_video.setdefault(unit.video, []).append(unit)
-    done_before = {u for u in units if not u.whole and (part_record(outputs, u) or {}).get("status") == DONE}
-    left = {video: sum(u not in done_before for u in parts) for video, parts in by_video.items()}
+    done = {u for u in units if done_before(outputs, u)}
+    left = {video: sum(u not in done for u in parts) for video, parts in by_video.items()}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -147,7 +148,8 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         for video, parts in by_video.items():  # every segment done in an earlier run: join them
             if not left[video]:
                 finished(finish(outputs, parts, labels, job.record))
-        todo = [u for u in units if u not in done_before]
+        todo = [u for u in units if u not in done]
+        result.units_run = len(todo)
         if todo:
             rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
         for row in rows or ():

@@ -116,6 +116,13 @@ def part_record(outputs, unit: Unit) -> dict | None:
         return None
 
 
+def done_before(outputs, unit: Unit) -> bool:
+    """A segment whose parts an earlier run finished (its part record says done)."""
+    from camface.batch.state import DONE
+
+    return not unit.whole and (part_record(outputs, unit) or {}).get("status") == DONE
+
+
 SUMMED = ("frames", "faces_total", "dropped_total", "graph_calls", "detect_s", "graph_s", "render_s")
 
 

@@ -72,8 +72,8 @@ def batch(argv, on_video=None):
         return main(["batch", *map(str, argv)])
 
 
-def live_results(clip, monkeypatch, tmp_path):
-    """Every FrameResult `camface live` hands its writer for `clip`, in order, and its recording."""
+def live_results(clip, folder, *extra):
+    """Every FrameResult `camface live --source clip` hands its writer, in order, and its recording."""
     from camface.cli import main
     from camface.realtime.recorder import Recorder
 
@@ -84,24 +84,68 @@ def live_results(clip, monkeypatch, tmp_path):
         seen.append(item.explained.result)
         handle(self, item)
 
-    monkeypatch.setattr(Recorder, "handle", capture)
-    recording = tmp_path / f"live-{clip.stem}.mp4"
-    assert main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--record", str(recording)]) == 0
-    monkeypatch.setattr(Recorder, "handle", handle)
+    recording = folder / f"live-{clip.stem}{'-'.join(('', *extra))}.mp4"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Recorder, "handle", capture)
+        assert main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--record", str(recording),
+                     *extra]) == 0
     return seen, recording
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """live(clip, *flags) -> `live_results`, each computed once per module."""
+    folder, cache = tmp_path_factory.mktemp("live"), {}
+
+    def results(clip, *extra):
+        if (clip, extra) not in cache:
+            cache[clip, extra] = live_results(clip, folder, *extra)
+        return cache[clip, extra]
+
+    return results
+
+
+def drawn(clip, results):
+    """The frames of `clip` with `results` drawn as batch draws them (no HUD), uint8 BGR."""
+    from camface.realtime.config import DEFAULTS
+    from camface.realtime.render import Renderer
+    from camface.realtime.sources import VideoFileSource
+
+    renderer = Renderer(DEFAULTS["colormap"], DEFAULTS["alpha"], False, False)
+    with VideoFileSource(clip) as source:
+        frames = list(source)
+    for frame, result in zip(frames, results):
+        renderer.annotate(frame, result, hud=False)
+    return frames
+
+
+def decoded(path):
+    from camface.realtime.sources import VideoFileSource
+
+    with VideoFileSource(path) as source:
+        return list(source)
 
 
 def rows_of(out, video_id):
     return pq.read_table(out / "rows" / f"{video_id}.parquet")
 
 
-def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, tmp_path, monkeypatch):
+MODES = {  # name: (camface batch flags, camface live flags)
+    "whole videos": ((), ()),
+    "segments": (("--segment-frames", "4"), ()),  # 10 frames: 0-3, 4-6, 7-9 (near-equal pieces)
+    "smoothing": (("--smooth", "0.6"), ("--smooth", "0.6")),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, live, tmp_path, mode):
     from camface.batch.rows import heatmaps_of
     from camface.batch.inputs import video_id
 
     folder, paths = clips
+    batch_flags, live_flags = MODES[mode]
     out = tmp_path / "out"
-    code = batch([folder, "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress"])
+    code = batch([folder, "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", *batch_flags])
     assert code == 1  # one video failed
     summary = json.loads((out / "summary.json").read_text())
     names = [r["path"].rsplit("/", 1)[1] for r in summary["videos"]]
@@ -115,9 +159,10 @@ def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, 
     for clip in paths:
         vid = video_id(clip.resolve())
         table = rows_of(out, vid)
-        live, recording = live_results(clip, monkeypatch, tmp_path)
-        assert len(live) == CLIP_FRAMES
-        expected = [(r.index, rank, face, p) for r in live for rank, (face, p) in enumerate(zip(r.faces, r.predictions))]
+        results, recording = live(clip, *live_flags)
+        assert len(results) == CLIP_FRAMES
+        expected = [(r.index, rank, face, p) for r in results
+                    for rank, (face, p) in enumerate(zip(r.faces, r.predictions))]
         assert table.num_rows == len(expected) > 0
         assert table.column("frame").to_pylist() == [e[0] for e in expected]  # frame order, none lost or twice
         assert table.column("face").to_pylist() == [e[1] for e in expected]
@@ -132,7 +177,16 @@ def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, 
         assert table.column("explained").to_pylist() == [e[3].explained for e in expected]
         np.testing.assert_allclose(table.column("heatmap_peak").to_numpy(), heat.reshape(len(heat), -1).max(axis=1))
         np.testing.assert_allclose(table.column("timestamp_s").to_numpy(), table.column("frame").to_numpy() / 30.0)
+        assert table.column("track_id").to_pylist() == [e[2].track_id for e in expected]
         assert count_frames(out / "videos" / f"{vid}.mp4") == count_frames(recording) == CLIP_FRAMES
+        record = next(r for r in summary["videos"] if r["video"] == vid)
+        assert record.get("segments", 1) == (3 if mode == "segments" else 1)
+        # the annotated video: live's results drawn on the clip, frame by frame (H.264 is lossy)
+        want, got = drawn(clip, results), decoded(out / "videos" / f"{vid}.mp4")
+        assert len(got) == len(want)
+        errors = np.array([[np.abs(a.astype(np.int16) - b).mean() for a in want] for b in got])
+        assert errors.diagonal().max() < 8  # the codec's loss (about 2-6 grey levels here)
+        assert list(errors.argmin(axis=1)) == list(range(len(got)))  # each frame nearest its own: in order
         for e in expected:
             faces_by_class.setdefault(e[3].explained, []).append(e[3])
     # the report's mean heatmap per class: the mean of the display-normalised heatmaps of live's faces
@@ -145,6 +199,7 @@ def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, 
         mean = np.mean([normalize(p.heatmap, "gradcam") for p in predictions], axis=0)
         np.testing.assert_allclose(entry["mean_heatmap"], mean, atol=1e-4)
         assert (out / entry["picture"]).is_file()
+    assert not (out / "parts").exists() or not any((out / "parts").iterdir())  # joined parts are removed
 
 
 def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_clip, tmp_path):
@@ -181,6 +236,42 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
         assert len(set(keys)) == len(keys)  # no duplicate rows
     assert batch([*argv, "--resume"]) == 0  # all done: nothing to redo
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
+
+
+def test_segments_killed_before_joining_then_resume_runs_only_what_is_missing(ray_cluster, long_clip, tmp_path):
+    from camface.batch import pipeline
+    from camface.batch.inputs import video_id
+
+    vid = video_id(long_clip.resolve())
+    flags = ["--device", "cpu", "--graph-gpus", "0", "--no-progress"]
+    argv = [long_clip, "-o", tmp_path / "out", *flags, "--segment-frames", "40"]  # 120 frames: 3 segments
+
+    def killed(*args, **kwargs):  # the driver dies when the last segment is back, before joining
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "finish", killed)
+        assert batch(argv) == 130
+    parts = tmp_path / "out" / "parts" / vid
+    assert sorted(p.name for p in parts.glob("*.json")) == ["00000-0-40.json", "00001-40-80.json",
+                                                            "00002-80-end.json"]
+    (parts / "00001-40-80.json").unlink()  # as if segment 1 was still in work
+    (parts / ".00001-40-80.0123abcd.tmp.parquet").write_bytes(b"half")
+    assert not (tmp_path / "out" / "state" / f"{vid}.json").exists()
+    assert batch([*argv, "--resume"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["run"]["units_run"] == 1  # segments 0 and 2 were not done again
+    assert summary["videos"][0]["status"] == "done" and summary["videos"][0]["segments"] == 3
+    assert not parts.exists()
+    # the same rows as the video in one piece
+    assert batch([long_clip, "-o", tmp_path / "whole", *flags, "--segment-frames", "0"]) == 0
+    joined, whole = rows_of(tmp_path / "out", vid), rows_of(tmp_path / "whole", vid)
+    assert joined.num_rows == whole.num_rows == summary["videos"][0]["faces_total"] > 0
+    for column in ("frame", "face", "box", "predicted", "explained"):
+        assert joined.column(column).to_pylist() == whole.column(column).to_pylist()
+    np.testing.assert_allclose(np.array(joined.column("probs").to_pylist()),
+                               np.array(whole.column("probs").to_pylist()), rtol=1e-5, atol=1e-6)
+    assert count_frames(tmp_path / "out" / "videos" / f"{vid}.mp4") == 120
 
 
 def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips, tmp_path):

@@ -35,6 +35,10 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--address", "nonsense"], "expected HOST:PORT"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--max-faces", "0"], "--max-faces must be"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-actors", "0"], "--graph-actors must be"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--segment-frames", "-1"], "--segment-frames must be"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "0.5", "--segment-frames", "100"],
+     "--segment-frames cannot be used with --smooth"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "1.5"], "--smooth must be in [0, 1)"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args, message):
     make(tmp_path)

@@ -1,0 +1,216 @@
+"""`camface batch`'s units of work without Ray: the split into segments, reading a frame range,
+joining parts, and smoothing computed across frames as the live loop computes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.realtime_helpers import write_clip
+
+
+def videos(*ids):
+    from camface.batch.inputs import Video
+
+    return [Video(f"/archive/{i}.mp4", i) for i in ids]
+
+
+def covers(units, frames):
+    """The units of each video are contiguous, start at 0 and the last runs to the end."""
+    by_video = {}
+    for unit in units:
+        by_video.setdefault(unit.video, []).append(unit)
+    for parts, count in zip(by_video.values(), frames):
+        assert [u.segment for u in parts] == list(range(len(parts)))
+        assert all(u.segments == len(parts) for u in parts)
+        assert parts[0].start == 0 and parts[-1].stop is None
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+    return {v: len(p) for v, p in by_video.items()}
+
+
+def test_automatic_split_cuts_only_when_actors_would_idle():
+    from camface.batch.segments import MIN_SEGMENT_FRAMES, split
+
+    # one long video, 8 actors: 16 units of 1500 frames
+    units, reason = split(videos("long"), [24_000], 8, None, smooth=False)
+    assert covers(units, [24_000]) == {"long": 16} and "1 of 1 videos cut" in reason
+    assert {u.stop - u.start for u in units[:-1]} == {1500}
+    # eight 300-frame clips on 2 actors: whole videos (each is shorter than a segment would be)
+    units, reason = split(videos(*"abcdefgh"), [300] * 8, 2, None, smooth=False)
+    assert all(u.whole for u in units) and len(units) == 8 and reason.startswith("whole videos")
+    # never below the minimum, even with many actors
+    units, _ = split(videos("a"), [2 * MIN_SEGMENT_FRAMES + 10], 64, None, smooth=False)
+    assert covers(units, [0]) == {"a": 2} and units[0].stop - units[0].start >= MIN_SEGMENT_FRAMES
+    # a file announcing no frame count stays whole
+    units, _ = split(videos("a", "b"), [0, 10_000], 4, None, smooth=False)
+    assert units[0].whole and covers(units[1:], [10_000]) == {"b": 8}
+
+
+def test_explicit_split_whole_videos_and_smoothing():
+    from camface.batch.segments import split
+
+    units, _ = split(videos("a", "b"), [10, 3], 2, 4, smooth=False)
+    assert [(u.video, u.start, u.stop) for u in units] == [("a", 0, 3), ("a", 3, 7), ("a", 7, None), ("b", 0, None)]
+    units, reason = split(videos("a"), [10_000], 2, 0, smooth=False)
+    assert units[0].whole and "--segment-frames 0" in reason
+    units, reason = split(videos("a"), [10_000], 16, None, smooth=True)
+    assert units[0].whole and "--smooth" in reason
+
+
+def test_unit_survives_a_ray_data_row():
+    from camface.batch.segments import Unit
+
+    for unit in (Unit("v", "/p.mp4"), Unit("v", "/p.mp4", 2, 3, 20, None), Unit("v", "/p.mp4", 0, 3, 0, 10)):
+        assert Unit.from_row(unit.row()) == unit
+    assert Unit("v", "/p.mp4", 1, 3, 10, None).name == "00001-10-end"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    from camface.realtime.sample import SampleSource
+
+    sample = SampleSource(frames=40, size=(160, 120))
+    return write_clip(tmp_path_factory.mktemp("range") / "clip.mp4", [sample.frame(i) for i in range(40)])
+
+
+def frames_of(clip, start=0, stop=None):
+    from camface.realtime.sources import VideoFileSource
+
+    with VideoFileSource(clip, start, stop) as source:
+        return list(source)
+
+
+def test_frame_ranges_are_exactly_the_frames_of_the_whole_file(clip):
+    whole = frames_of(clip)
+    assert len(whole) == 40
+    for start, stop in ((0, 7), (7, 23), (23, None), (39, None), (13, 14)):
+        part = frames_of(clip, start, stop)
+        assert len(part) == (stop or 40) - start
+        assert all(np.array_equal(a, b) for a, b in zip(part, whole[start:stop]))
+    assert frames_of(clip, 45, None) == [] and frames_of(clip, 40, 50) == []  # past the end: none, no error
+
+
+def test_frame_range_when_the_seek_misses_reads_up_to_it(clip, monkeypatch):
+    import cv2
+
+    from camface.realtime import sources
+
+    real = cv2.VideoCapture
+
+    class NoSeek:  # a backend whose seek lands 3 frames late
+        def __init__(self, *args):
+            self.capture = real(*args)
+
+        def set(self, prop, value):
+            return self.capture.set(prop, value + 3 if prop == cv2.CAP_PROP_POS_FRAMES else value)
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+    whole = frames_of(clip)
+    monkeypatch.setattr(sources.cv2, "VideoCapture", NoSeek)
+    part = frames_of(clip, 17, 25)
+    assert len(part) == 8 and all(np.array_equal(a, b) for a, b in zip(part, whole[17:25]))
+
+
+def test_bad_frame_range_names_the_file():
+    from camface.realtime.sources import VideoFileSource
+
+    with pytest.raises(ValueError, match="clip.mp4"):
+        VideoFileSource("clip.mp4", 10, 5)
+
+
+def test_concatenate_joins_parts_in_order_and_refuses_unlike_parts(tmp_path):
+    from camface.batch.segments import concatenate
+    from camface.realtime.sinks import VideoSink
+    from camface.realtime.sources import VideoFileSource
+
+    rng = np.random.default_rng(0)
+    frames = [np.full((96, 128, 3), 10 * i, np.uint8) + rng.integers(0, 5, (96, 128, 3), dtype=np.uint8)
+              for i in range(12)]
+    parts = []
+    for k, (a, b) in enumerate(((0, 5), (5, 9), (9, 12))):
+        with VideoSink(tmp_path / f"p{k}.mp4", 30.0) as sink:
+            for frame in frames[a:b]:
+                sink.write(frame)
+        parts.append(tmp_path / f"p{k}.mp4")
+    concatenate(parts, tmp_path / "all.mp4")
+    with VideoFileSource(tmp_path / "all.mp4") as source:
+        got = list(source)
+        assert source.info.fps == pytest.approx(30.0)
+    assert len(got) == 12
+    assert [int(round(g.mean() / 10)) for g in got] == list(range(12))  # each frame where it belongs
+    with VideoSink(tmp_path / "other.mp4", 30.0) as sink:
+        sink.write(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="other.mp4"):
+        concatenate([parts[0], tmp_path / "other.mp4"], tmp_path / "bad.mp4")
+
+
+# ---------------------------------------------------------------- smoothing across frames
+
+
+class FlickerGraph:
+    """A CAM graph whose top class flickers with the crop's brightness (0 bright, 1 dark), so
+    that smoothing explains class 0 on dark frames; heatmaps say which class they explain."""
+
+    def __init__(self):
+        from camface.graph_spec import GraphInfo
+
+        self.info = GraphInfo(labels=("a", "b", "c"), input_size=(8, 8), color_order="BGR", target_layer="x",
+                              heatmaps=("gradcam",))
+        self.methods, self.provider, self.path = ("gradcam",), "CPUExecutionProvider", Path("flicker.onnx")
+        self.seen: list[np.ndarray] = []
+        self.overridden = 0  # crops explained with a class that is not their top one
+
+    def run(self, crops, class_index, method):
+        self.seen.append(np.array(class_index))
+        m = crops.reshape(len(crops), -1).mean(axis=1) / 255.0
+        bright = (m > 0.5)[:, None]
+        probs = np.where(bright, [0.55, 0.40, 0.05], [0.42, 0.53, 0.05]) + 0.01 * m[:, None]
+        probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+        explained = np.where(class_index < 0, probs.argmax(axis=1), class_index)
+        self.overridden += int(np.sum(explained != probs.argmax(axis=1)))
+        heat = explained[:, None, None] * 10.0 + m[:, None, None] + np.zeros((1, 2, 2))
+        return probs, heat.astype(np.float32)
+
+
+def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame():
+    from camface.realtime.explainer import FrameExplainer, crop_for_graph, frame_result, run_graph_smoothed
+    from camface.realtime.results import Face
+    from camface.realtime.smooth import Smoother
+    from camface.realtime.window import Controls
+
+    frames, faces = [], []
+    for i in range(12):
+        frame = np.full((64, 96, 3), 200 if i % 2 == 0 else 40, np.uint8)
+        faces.append((Face((8, 8, 24, 24), 0.9),) + ((Face((60, 30, 20, 20), 0.8),) if 3 <= i < 8 else ()))
+        frames.append(frame)
+    live_graph = FlickerGraph()
+    explainer = FrameExplainer(live_graph, margin=0.1, max_faces=8, smooth=0.8)
+    live = [explainer.explain(f, d, Controls("gradcam"), i).result for i, (f, d) in enumerate(zip(frames, faces))]
+    assert live_graph.overridden >= 4  # dark frames explain the smoothed class 0: the case that needs care
+
+    graph = FlickerGraph()
+    kept, crops = [], []
+    for frame, found in zip(frames, faces):
+        k, c, _ = crop_for_graph(frame, found, 0.1, 8, graph.info)
+        kept.append(k)
+        crops.append(c)
+    probs, heat, class_index, calls = run_graph_smoothed(graph, np.concatenate(crops), kept, "gradcam", 0.8)
+    assert calls == 2 and len(graph.seen[1]) == live_graph.overridden  # only those again
+    smoother, start, batch = Smoother(0.8), 0, []
+    for i, found in enumerate(kept):
+        stop = start + len(found)
+        batch.append(smoother.update(frame_result(i, found, probs[start:stop], heat[start:stop],
+                                                  class_index[start:stop], 0, "gradcam", None, graph.info.labels,
+                                                  graph.provider)))
+        start = stop
+    for a, b in zip(live, batch):
+        assert [f.track_id for f in a.faces] == [f.track_id for f in b.faces]
+        assert [f.box for f in a.faces] == [f.box for f in b.faces]
+        for p, q in zip(a.predictions, b.predictions):
+            assert (p.predicted, p.explained) == (q.predicted, q.explained)
+            np.testing.assert_allclose(p.probs, q.probs, rtol=1e-6)
+            np.testing.assert_allclose(p.heatmap, q.heatmap, rtol=1e-6)
