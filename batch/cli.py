@@ -65,7 +65,8 @@ def _check_out_dir(out: Path, resume: bool):
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write to output folder {out}: it is a file")
     outputs = Outputs(out)
-    if outputs.records() and not resume:
+    unjoined = outputs.parts.is_dir() and any(outputs.parts.iterdir())
+    if (outputs.records() or unjoined) and not resume:
         raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
                           "or choose another folder")
     try:
@@ -133,22 +134,25 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         announced = {v.id: pipeline.frame_count(v.path) for v in todo}
         units, unit_reason = segments.split(todo, [announced[v.id] for v in todo], actors, args.segment_frames,
                                             bool(config.smooth))
-        plan = cluster.plan(resources, **planned, videos=sum(not segments.done_before(outputs, u) for u in units))
+        settings = job.settings()
+        units = segments.keep_splits(outputs, units, settings)  # a resume cuts as the killed run did
+        plan = cluster.plan(resources, **planned,
+                            videos=sum(not segments.done_before(outputs, u, settings) for u in units))
         print(f"camface batch: {plan.describe()}; unit of work: {unit_reason}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         result = pipeline.run(job, plan, units, outputs, graph.info.labels, progress, announced, on_video)
     finally:
         if started:
             ray.shutdown()
-    frames = sum(r.get("frames", 0) for r in result.finished if r["status"] == "done")
+    frames = result.frames_run  # of the units run now (a resumed video's earlier segments are not)
     run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run,
                 "ray_start_s": round(ray_start_s, 3),
                 "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
                 "videos_this_run": [r["video"] for r in result.finished], "interrupted": result.interrupted,
-                "graph_calls": sum(r.get("graph_calls", 0) for r in result.finished),
-                "first_video_started_s": round(min((r["started_at"] for r in result.finished if "started_at" in r),
-                                                   default=result.started_at) - result.started_at, 3)}
+                "graph_calls": result.graph_calls_run,
+                "first_video_started_s": round((result.first_unit_started or result.started_at)
+                                               - result.started_at, 3)}
     summary = write_report(outputs, videos, graph.info.labels, graph.info.color_order, config.method,
                            config.colormap, config.alpha, run_info)
     totals = summary["totals"]

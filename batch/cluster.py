@@ -87,7 +87,8 @@ def quiet_ray_data() -> None:
 class Plan:
     """How many actors of each stage, and what each asks Ray for.
 
-    detect_actors x detect_cpus: decode + MediaPipe detection + cropping, one video at a time.
+    detect_actors x detect_cpus: decode + MediaPipe detection + cropping, one unit (video or
+    segment) at a time.
     graph_actors x (graph_cpus, graph_gpus): the CAM graph; graph_gpus > 0 puts them on GPU
     nodes (ONNX Runtime then picks CUDA/TensorRT through CamGraph's device chain).
     render_actors x render_cpus: decode again, draw, encode, write the rows.
@@ -103,13 +104,13 @@ class Plan:
     cluster_cpus: float
     cluster_gpus: float
     reason: str
-    fused: bool = False  # one actor per video runs all three stages (detect_actors of them)
+    fused: bool = False  # one actor per unit runs all three stages (detect_actors of them)
 
     def describe(self) -> str:
         if self.fused:
             return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; {self.detect_actors} "
-                    f"actor(s) each running detection, the graph on CPU and rendering on whole videos "
-                    f"({self.reason}; no GPU to hand the graph to, so the stages share one process per video)")
+                    f"actor(s) each running detection, the graph on CPU and rendering on a video or segment "
+                    f"({self.reason}; no GPU to hand the graph to, so the stages share one process per unit)")
         graph = (f"{self.graph_actors} graph actor(s) with {self.graph_gpus:g} GPU each" if self.graph_gpus
                  else f"{self.graph_actors} graph actor(s) on CPU")
         return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; "
@@ -124,9 +125,10 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
     graph_gpus: GPUs per graph actor; None = 1 when the cluster has a GPU, else 0. A request
     for more GPUs than the cluster has raises ClusterError (it would wait forever).
     detect_actors / render_actors: 0 = auto: the CPUs left after the graph and render shares
-    go to detection (the costliest stage), at most one actor per video; render actors: 0.375
+    go to detection (the costliest stage), at most one actor per unit (`videos`: the number of
+    units); render actors: 0.375
     per CPU when recording (1/16 without: rows only). split: separate stages (None: only when the graph gets GPUs; without, one
-    actor per video runs every stage and detect_actors is their number, one per CPU by
+    actor per unit runs every stage and detect_actors is their number, one per CPU by
     default: measured faster on one machine, see benchmarks/RESULTS.md). Logical CPU shares are scaled down when the requests would not fit, so every
     actor can start (Ray's CPU counts only gate scheduling; the OS shares the cores).
     """

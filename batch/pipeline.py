@@ -18,10 +18,11 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
-from camface.batch.segments import Unit, done_before, finish
+from camface.batch.segments import Unit, done_before, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs
 from camface.realtime.config import DEFAULTS as LIVE  # the shared options' defaults
@@ -52,6 +53,18 @@ class BatchJob:
     quiet_native: bool = True
     smooth: float = 0.0
 
+    def settings(self) -> dict:
+        """The options that change a unit's outputs, as JSON gives them back: a segment an
+        earlier run finished is kept only when they are the same."""
+        model = Path(self.model)
+        stat = model.stat() if model.is_file() else None
+        values = dict(model=str(model), model_size=stat.st_size if stat else 0,
+                      model_mtime_ns=stat.st_mtime_ns if stat else 0, method=self.method, record=self.record,
+                      detector=self.detector, min_confidence=self.min_confidence, margin=self.margin,
+                      max_faces=self.max_faces, colormap=self.colormap, alpha=self.alpha, cam_boxes=self.cam_boxes,
+                      bars=self.bars, explained_class=self.explained_class, smooth=self.smooth)
+        return json.loads(json.dumps(values))
+
 
 @dataclass
 class RunResult:
@@ -60,6 +73,9 @@ class RunResult:
     finished: list[dict] = field(default_factory=list)
     interrupted: bool = False
     units_run: int = 0  # units handed to the pipeline (segments done in an earlier run are not)
+    frames_run: int = 0  # frames of the units run (and done) in this run
+    graph_calls_run: int = 0
+    first_unit_started: float | None = None  # time.time() the first unit of this run started
     wall_s: float = 0.0
     started_at: float = 0.0  # time.time() when the pipeline was started
 
@@ -92,7 +108,7 @@ def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[st
                    smooth=job.smooth)
     render = dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap, alpha=job.alpha,
                   cam_boxes=job.cam_boxes, bars=job.bars, method=job.method, explained_class=job.explained_class,
-                  labels=labels, smooth=job.smooth)
+                  labels=labels, smooth=job.smooth, settings=job.settings())
     if plan.fused:
         return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
                       fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))
@@ -123,15 +139,17 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     by_video: dict[str, list[Unit]] = {}
     for unit in units:
         by_video.setdefault(unit.video, []).append(unit)
-    done = {u for u in units if done_before(outputs, u)}
+    settings = job.settings()
+    done = {u for u in units if done_before(outputs, u, settings)}
     left = {video: sum(u not in done for u in parts) for video, parts in by_video.items()}
     bar = None
     if progress:
         from tqdm import tqdm
 
         total = sum((frames or {}).get(v, 0) for v in by_video)
-        bar = tqdm(total=total or None, unit="frame", file=sys.stderr, mininterval=0.5, leave=False,
-                   desc=f"videos 0/{len(by_video)}")
+        initial = sum((part_record(outputs, u) or {}).get("frames", 0) for u in done)
+        bar = tqdm(total=total or None, initial=initial, unit="frame", file=sys.stderr, mininterval=0.5,
+                   leave=False, desc=f"videos 0/{len(by_video)}")
 
     def finished(record: dict) -> None:
         result.finished.append(record)
@@ -153,14 +171,27 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         if todo:
             rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
         for row in rows or ():
-            record = json.loads(row["record"])
+            record = json.loads(row["record"])  # the video's record, or a segment's part record
+            if record["status"] == DONE:
+                result.frames_run += record.get("frames", 0)
+                result.graph_calls_run += record.get("graph_calls", 0)
+            if "started_at" in record:
+                result.first_unit_started = min(result.first_unit_started or record["started_at"],
+                                                record["started_at"])
             if bar is not None:
                 bar.update(record.get("frames", 0) if record["status"] == DONE else 0)
             video = row["video"]
             left[video] -= 1
-            if by_video[video][0].whole:
+            unit = Unit.from_row(json.loads(row["unit"]))
+            if unit.whole:
                 finished(record)
-            elif not left[video]:  # the video's last segment: join its parts
+                continue
+            if record["status"] != DONE:  # said now; the video fails when its last segment is back
+                message = (f"camface batch: {record['path']} segment {unit.segment + 1} of {unit.segments} "
+                           f"(frames {unit.start}-{'end' if unit.stop is None else unit.stop - 1}) failed: "
+                           f"{record.get('reason')}")
+                bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
+            if not left[video]:  # the video's last segment: join its parts
                 finished(finish(outputs, by_video[video], labels, job.record))
     except KeyboardInterrupt:
         result.interrupted = True

@@ -5,10 +5,11 @@ Why segments, and when (benchmarks/RESULTS.md, "unit of work"): one video runs o
 at a time, so an archive with fewer videos than detection actors (one long interview on a
 16-core node) leaves actors idle; cut into segments it keeps every actor busy. Where videos
 already outnumber the actors, whole videos are faster: a segment pays a seek, an encoder start
-and a concatenation. The automatic rule (`split`): aim at two units per detection actor
-(so the last ones finish close together), never below MIN_SEGMENT_FRAMES a segment, and cut
-only the videos longer than that; with `--smooth` whole videos always, because smoothing
-carries each face's state from one frame to the next through the whole video.
+and a concatenation. The automatic rule (`split`): aim at two units per detection actor (so
+the last ones finish close together): segments of at most total frames / (2 x actors), never
+below MIN_SEGMENT_FRAMES, so only videos longer than a fair share are cut; with `--smooth`
+whole videos always, because smoothing carries each face's state from one frame to the next
+through the whole video.
 
 Frames of a segment are found by seeking (`VideoFileSource(path, start, stop)`, checked), and
 detection is per frame (BlazeFace in VIDEO mode keeps no state between frames: checked), so
@@ -21,6 +22,7 @@ the video by copying its H.264 packets (no re-encoding) into one fragmented MP4.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MIN_SEGMENT_FRAMES = 300  # 10 s at 30 fps: seek + encoder start + concat stay under ~1% of it
 UNITS_PER_ACTOR = 2
@@ -83,8 +87,10 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
     length = segment_frames or segment_frames_for(frames, actors)
     units = []
     for video, count in zip(videos, frames):
-        # --segment-frames N: segments of at most N frames; automatic: of at least `length`
-        pieces = max(1, math.ceil(count / length) if segment_frames else count // length)
+        # segments of at most `length` frames; automatic: never below MIN_SEGMENT_FRAMES
+        pieces = math.ceil(count / length) if segment_frames else min(math.ceil(count / length),
+                                                                       count // MIN_SEGMENT_FRAMES)
+        pieces = max(1, pieces)
         if pieces == 1:
             units.append(Unit(video.id, video.path))
             continue
@@ -116,11 +122,40 @@ def part_record(outputs, unit: Unit) -> dict | None:
         return None
 
 
-def done_before(outputs, unit: Unit) -> bool:
-    """A segment whose parts an earlier run finished (its part record says done)."""
+def done_before(outputs, unit: Unit, settings: dict) -> bool:
+    """A segment whose parts an earlier run finished with the same `settings` (its part
+    record says done and names them)."""
     from camface.batch.state import DONE
 
-    return not unit.whole and (part_record(outputs, unit) or {}).get("status") == DONE
+    record = {} if unit.whole else part_record(outputs, unit) or {}
+    return record.get("status") == DONE and record.get("settings") == settings
+
+
+def keep_splits(outputs, units: list[Unit], settings: dict) -> list[Unit]:
+    """The units with each segmented video cut as an earlier run cut it, if that run saved
+    its split (parts/<id>/split.json) with the same settings: the automatic split depends on
+    the videos left and the actors, so a resume would otherwise cut elsewhere and redo every
+    segment. Saves the split of each video cut now."""
+    from camface.batch.state import write_json
+
+    by_video: dict[str, list[Unit]] = {}
+    for unit in units:
+        by_video.setdefault(unit.video, []).append(unit)
+    kept = []
+    for video, parts in by_video.items():
+        saved = outputs.parts / video / "split.json"
+        try:
+            earlier = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        if earlier and earlier.get("settings") == settings and earlier.get("bounds"):
+            bounds = earlier["bounds"]
+            parts = [Unit(video, parts[0].path, k, len(bounds), start, stop) for k, (start, stop) in enumerate(bounds)]
+        elif not parts[0].whole:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            write_json(saved, {"settings": settings, "bounds": [[u.start, u.stop] for u in parts]})
+        kept.extend(parts)
+    return kept
 
 
 SUMMED = ("frames", "faces_total", "dropped_total", "graph_calls", "detect_s", "graph_s", "render_s")
@@ -165,7 +200,8 @@ def _join(outputs, units, parts, labels, record_video, out, atomic_path) -> None
     _replace(outputs.sums_path(units[0].video), atomic_path, lambda tmp: np.savez(tmp, **sums))
     if record_video:
         _replace(outputs.video(units[0].video), atomic_path,
-                 lambda tmp: concatenate([f["video"] for f, p in zip(files, parts) if p.get("frames")], tmp))
+                 lambda tmp: join_videos([f["video"] for f, p in zip(files, parts) if p.get("frames")], tmp,
+                                         parts[0].get("fps") or 30.0))
         out["video_file"] = str(outputs.video(units[0].video))
     out["rows_file"] = str(outputs.parquet(units[0].video))
     for key in SUMMED:
@@ -197,6 +233,24 @@ def _replace(final: Path, atomic_path, write) -> None:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def join_videos(parts: list[Path], out: Path, fps: float) -> None:
+    """`concatenate` the parts; when they were encoded unalike (one node's NVENC and another's
+    libx264, an encoder that fell back), decode them and encode them again, in order."""
+    try:
+        concatenate(parts, out)
+        return
+    except ValueError as exc:
+        log.warning("camface batch: %s; encoding %s again from its %d parts", exc, out.name, len(parts))
+    from camface.realtime.sinks import VideoSink
+    from camface.realtime.sources import VideoFileSource
+
+    with VideoSink(out, fps, overwrite=True) as sink:
+        for part in parts:
+            with VideoFileSource(part) as source:
+                for frame in source:
+                    sink.write(frame)
 
 
 def concatenate(parts: list[Path], out: Path) -> None:

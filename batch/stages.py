@@ -152,7 +152,8 @@ class Render:
     unit's row as JSON), record (JSON)}."""
 
     def __init__(self, out_dir: str, record: bool, colormap: str, alpha: float, cam_boxes: bool, bars: bool,
-                 method: str, explained_class: int | None, labels: tuple[str, ...], smooth: float = 0.0):
+                 method: str, explained_class: int | None, labels: tuple[str, ...], smooth: float = 0.0,
+                 settings: dict | None = None):
         from camface.batch.state import Outputs
         from camface.realtime.render import Renderer
 
@@ -161,7 +162,7 @@ class Render:
         self.record = record
         self.renderer = Renderer(colormap, alpha, cam_boxes, bars)
         self.method, self.explained_class, self.labels = method, explained_class, tuple(labels)
-        self.smooth = smooth
+        self.smooth, self.settings = smooth, settings or {}
 
     def __call__(self, row: dict) -> dict:
         from camface.batch.segments import part_paths
@@ -174,6 +175,7 @@ class Render:
         paths = None if unit.whole else part_paths(self.outputs, unit)
         if paths is not None:
             paths["record"].parent.mkdir(parents=True, exist_ok=True)
+            out["settings"] = self.settings  # a resume keeps the part only under the same options
         if out["ok"]:
             try:
                 write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,
@@ -188,7 +190,7 @@ class Render:
 
 
 class Whole:
-    """All three stages in one actor, one video at a time (when the graph has no GPU to go to,
+    """All three stages in one actor, one unit at a time (when the graph has no GPU to go to,
     moving a video's crops between processes buys nothing)."""
 
     def __init__(self, detect: dict, explain: dict, render: dict):

@@ -90,7 +90,7 @@ class Outputs:
                 stale.unlink(missing_ok=True)  # a failed redo leaves no older outputs behind
         for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
                     "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
-                    "started_at", "finished_at", "start", "stop", "segments",
+                    "started_at", "finished_at", "start", "stop", "segments", "settings",
                     "video_file", "rows_file"):
             if key in out:
                 record[key] = out[key]

@@ -52,7 +52,7 @@ def run_batch(folder: Path, out: Path, frames: int, extra: list[str]) -> dict:
         raise SystemExit(f"camface batch failed ({done.returncode}):\n{done.stderr}")
     run = json.loads((out / "summary.json").read_text())["run"]
     return {"batch_fps": run["fps"], "ray_start_s": run["ray_start_s"], "command_fps": frames / wall,
-            "graph_calls": run["graph_calls"], "plan": run["plan"]}
+            "graph_calls": run["graph_calls"], "plan": run["plan"], "units": run.get("units", "")}
 
 
 def main() -> int:

@@ -151,7 +151,7 @@ def run_graph_smoothed(graph, crops: np.ndarray, faces_per_frame, method: str, s
 
     class_index = np.full(len(crops), -1, np.int64)
     probs, heatmaps, calls = run_graph_across_frames(graph, crops, class_index, method, max_batch)
-    if not len(crops) or method == "none":
+    if not len(crops):
         return probs, heatmaps, class_index, calls
     smoother, start = Smoother(smooth), 0
     for index, faces in enumerate(faces_per_frame):
@@ -162,7 +162,7 @@ def run_graph_smoothed(graph, crops: np.ndarray, faces_per_frame, method: str, s
                                      class_index[start:stop], 0, method, None, graph.info.labels, ""))
         start = stop
     redo = np.flatnonzero((class_index >= 0) & (class_index != probs.argmax(axis=1)))
-    if len(redo):
+    if len(redo) and method != "none":  # "none": no heatmap to redo, only the classes to say
         _, again, more = run_graph_across_frames(graph, crops[redo], class_index[redo], method, max_batch)
         heatmaps[redo] = again
         calls += more

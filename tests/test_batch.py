@@ -253,14 +253,16 @@ def test_segments_killed_before_joining_then_resume_runs_only_what_is_missing(ra
         patch.setattr(pipeline, "finish", killed)
         assert batch(argv) == 130
     parts = tmp_path / "out" / "parts" / vid
-    assert sorted(p.name for p in parts.glob("*.json")) == ["00000-0-40.json", "00001-40-80.json",
+    assert sorted(p.name for p in parts.glob("0*.json")) == ["00000-0-40.json", "00001-40-80.json",
                                                             "00002-80-end.json"]
     (parts / "00001-40-80.json").unlink()  # as if segment 1 was still in work
     (parts / ".00001-40-80.0123abcd.tmp.parquet").write_bytes(b"half")
     assert not (tmp_path / "out" / "state" / f"{vid}.json").exists()
+    assert batch(argv) == 2  # unjoined parts: without --resume the folder is refused
     assert batch([*argv, "--resume"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["run"]["units_run"] == 1  # segments 0 and 2 were not done again
+    assert summary["run"]["frames_this_run"] == 40
     assert summary["videos"][0]["status"] == "done" and summary["videos"][0]["segments"] == 3
     assert not parts.exists()
     # the same rows as the video in one piece

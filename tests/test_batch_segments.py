@@ -43,6 +43,9 @@ def test_automatic_split_cuts_only_when_actors_would_idle():
     # never below the minimum, even with many actors
     units, _ = split(videos("a"), [2 * MIN_SEGMENT_FRAMES + 10], 64, None, smooth=False)
     assert covers(units, [0]) == {"a": 2} and units[0].stop - units[0].start >= MIN_SEGMENT_FRAMES
+    # three long videos on 2 actors: whole, the third would run alone; halves balance
+    units, _ = split(videos("a", "b", "c"), [3000] * 3, 2, None, smooth=False)
+    assert covers(units, [3000] * 3) == {"a": 2, "b": 2, "c": 2}
     # a file announcing no frame count stays whole
     units, _ = split(videos("a", "b"), [0, 10_000], 4, None, smooth=False)
     assert units[0].whole and covers(units[1:], [10_000]) == {"b": 8}
@@ -123,7 +126,7 @@ def test_bad_frame_range_names_the_file():
 
 
 def test_concatenate_joins_parts_in_order_and_refuses_unlike_parts(tmp_path):
-    from camface.batch.segments import concatenate
+    from camface.batch.segments import concatenate, join_videos
     from camface.realtime.sinks import VideoSink
     from camface.realtime.sources import VideoFileSource
 
@@ -146,6 +149,31 @@ def test_concatenate_joins_parts_in_order_and_refuses_unlike_parts(tmp_path):
         sink.write(np.zeros((64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="other.mp4"):
         concatenate([parts[0], tmp_path / "other.mp4"], tmp_path / "bad.mp4")
+    join_videos([parts[0], tmp_path / "other.mp4"], tmp_path / "mixed.mp4", 30.0)  # encoded again instead
+    with VideoFileSource(tmp_path / "mixed.mp4") as source:
+        mixed = list(source)
+    assert len(mixed) == 6 and mixed[-1].mean() < 8 and abs(mixed[2].mean() - got[2].mean()) < 3
+
+
+def test_resume_keeps_a_split_and_parts_only_under_the_same_settings(tmp_path):
+    from camface.batch.segments import Unit, done_before, keep_splits, part_paths
+    from camface.batch.state import Outputs, write_json
+
+    outputs = Outputs(tmp_path)
+    outputs.make()
+    settings = {"method": "gradcam", "alpha": 0.5}
+    first = [Unit("v", "/v.mp4", k, 3, a, b) for k, (a, b) in enumerate(((0, 100), (100, 200), (200, None)))]
+    assert keep_splits(outputs, first, settings) == first  # saved
+    later = [Unit("v", "/v.mp4", k, 2, a, b) for k, (a, b) in enumerate(((0, 150), (150, None)))]
+    assert keep_splits(outputs, later, settings) == first  # cut as the earlier run cut it
+    assert keep_splits(outputs, later, {**settings, "alpha": 0.3}) == later  # other options: cut anew
+    paths = part_paths(outputs, first[1])
+    write_json(paths["record"], {"status": "done", "settings": settings, "frames": 100})
+    assert done_before(outputs, first[1], settings)
+    assert not done_before(outputs, first[1], {**settings, "method": "layercam"})
+    assert not done_before(outputs, first[0], settings)  # no record
+    write_json(paths["record"], {"status": "failed", "settings": settings})
+    assert not done_before(outputs, first[1], settings)
 
 
 # ---------------------------------------------------------------- smoothing across frames
@@ -165,6 +193,7 @@ class FlickerGraph:
         self.overridden = 0  # crops explained with a class that is not their top one
 
     def run(self, crops, class_index, method):
+        assert method in ("gradcam", "none")
         self.seen.append(np.array(class_index))
         m = crops.reshape(len(crops), -1).mean(axis=1) / 255.0
         bright = (m > 0.5)[:, None]
@@ -173,10 +202,11 @@ class FlickerGraph:
         explained = np.where(class_index < 0, probs.argmax(axis=1), class_index)
         self.overridden += int(np.sum(explained != probs.argmax(axis=1)))
         heat = explained[:, None, None] * 10.0 + m[:, None, None] + np.zeros((1, 2, 2))
-        return probs, heat.astype(np.float32)
+        return probs, (heat if method != "none" else np.zeros((len(crops), 0, 0))).astype(np.float32)
 
 
-def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame():
+@pytest.mark.parametrize("method", ["gradcam", "none"])
+def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame(method):
     from camface.realtime.explainer import FrameExplainer, crop_for_graph, frame_result, run_graph_smoothed
     from camface.realtime.results import Face
     from camface.realtime.smooth import Smoother
@@ -189,7 +219,7 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame():
         frames.append(frame)
     live_graph = FlickerGraph()
     explainer = FrameExplainer(live_graph, margin=0.1, max_faces=8, smooth=0.8)
-    live = [explainer.explain(f, d, Controls("gradcam"), i).result for i, (f, d) in enumerate(zip(frames, faces))]
+    live = [explainer.explain(f, d, Controls(method), i).result for i, (f, d) in enumerate(zip(frames, faces))]
     assert live_graph.overridden >= 4  # dark frames explain the smoothed class 0: the case that needs care
 
     graph = FlickerGraph()
@@ -198,13 +228,16 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame():
         k, c, _ = crop_for_graph(frame, found, 0.1, 8, graph.info)
         kept.append(k)
         crops.append(c)
-    probs, heat, class_index, calls = run_graph_smoothed(graph, np.concatenate(crops), kept, "gradcam", 0.8)
-    assert calls == 2 and len(graph.seen[1]) == live_graph.overridden  # only those again
+    probs, heat, class_index, calls = run_graph_smoothed(graph, np.concatenate(crops), kept, method, 0.8)
+    if method == "none":  # no heatmap to compute again, but the classes said are the smoothed ones
+        assert calls == 1
+    else:
+        assert calls == 2 and len(graph.seen[1]) == live_graph.overridden  # only those again
     smoother, start, batch = Smoother(0.8), 0, []
     for i, found in enumerate(kept):
         stop = start + len(found)
         batch.append(smoother.update(frame_result(i, found, probs[start:stop], heat[start:stop],
-                                                  class_index[start:stop], 0, "gradcam", None, graph.info.labels,
+                                                  class_index[start:stop], 0, method, None, graph.info.labels,
                                                   graph.provider)))
         start = stop
     for a, b in zip(live, batch):
