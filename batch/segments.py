@@ -181,6 +181,10 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
             out.update(ok=False, error=f"joining {len(units)} segments: {type(exc).__name__}: {exc}", stage="join")
     record = outputs.write_record(video, out, labels)
     shutil.rmtree(outputs.parts / video, ignore_errors=True)
+    try:
+        outputs.parts.rmdir()  # the last video joined: no empty folder left behind
+    except OSError:
+        pass  # other videos' parts are still there
     return record
 
 
