@@ -31,7 +31,7 @@ def ray_cluster():
     gpu_node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=100 * MIB)
     ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
     head_id = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU", 0) == 0)
-    yield {"head": head_id, "gpu": gpu_node.node_id}
+    yield {"head": head_id, "gpu": gpu_node.node_id, "address": cluster.address}
     ray.shutdown()
     cluster.shutdown()
 
@@ -286,3 +286,71 @@ def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips,
     assert record["graph_node"] == ray_cluster["gpu"]
     assert record["detect_node"] == record["render_node"] == ray_cluster["head"]
     assert record["provider"] == "CPUExecutionProvider"
+
+
+def wait_for(condition, process, timeout=90.0):
+    """Poll `condition()` every 20 ms until true (returns True) or `process` ended (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return condition()
+        time.sleep(0.02)
+    raise AssertionError(f"nothing happened in {timeout} s")
+
+
+def test_real_ctrl_c_then_sigkill_of_the_driver_then_resume(ray_cluster, clips, tmp_path):
+    """The driver as users run it, in its own process, joined to the session's cluster: Ctrl-C
+    (SIGINT) after the first video says what finished and exits 130; a SIGKILL in the middle
+    of a segmented video leaves parts that the next --resume keeps; nothing is done twice."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from camface.batch.inputs import video_id
+    from camface.realtime.sample import SampleSource
+
+    folder, paths = clips
+    sample = SampleSource(frames=400, size=(320, 240))
+    long_clip = write_clip(tmp_path / "long400.mp4", [sample.frame(i) for i in range(400)])
+    out = tmp_path / "out"
+    camface = Path(sys.executable).with_name("camface")
+    argv = [str(camface), "batch", str(paths[0]), str(long_clip), str(paths[1]), "-o", str(out), "--device", "cpu",
+            "--graph-gpus", "0", "--no-progress", "--detect-actors", "1", "--segment-frames", "50",
+            "--address", ray_cluster["address"]]
+    long_id, first_id = video_id(long_clip.resolve()), video_id(paths[0].resolve())
+
+    def start(*extra):
+        return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    run = start()
+    assert wait_for(lambda: (out / "state" / f"{first_id}.json").exists(), run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "interrupted; rerun with --resume" in err and "1 of 3 videos done" in err
+
+    run = start("--resume")
+    parts = out / "parts" / long_id
+    if wait_for(lambda: len(list(parts.glob("0*.json"))) >= 2, run):
+        run.kill()  # SIGKILL: no handler runs
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL  # killed with the long video in work
+    kept = len(list(parts.glob("0*.json")))
+    assert not (out / "state" / f"{long_id}.json").exists() and kept >= 2
+
+    run = start("--resume")
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["status"] for r in summary["videos"]] == ["done"] * 3
+    assert summary["run"]["units_run"] <= 8 - kept + 1  # the long video's kept segments were not redone
+    table = rows_of(out, long_id)
+    keys = list(zip(table.column("frame").to_pylist(), table.column("face").to_pylist()))
+    assert len(set(keys)) == len(keys) == table.num_rows > 0 and max(k[0] for k in keys) == 399
+    assert count_frames(out / "videos" / f"{long_id}.mp4") == 400
+    assert not list(out.rglob(".*.tmp*"))
