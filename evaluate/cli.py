@@ -5,6 +5,7 @@ the random baseline's, on faces detected and cropped as `camface live` does (or 
     camface evaluate                                  # the sample clip, every method
     camface evaluate --source clip.mp4 --methods gradcam,layercam --json scores.json --plot curves.png
     camface evaluate snapshots/                       # crops saved by `camface live` (key s)
+    camface evaluate --sanity --json s.json --plot s.png  # + do the maps depend on the model and class?
 
 Everything runs on ONNX Runtime (no TensorFlow); the metrics are camface.evaluate.metrics.
 Top-level imports stay light: `camface --help` imports this module.
@@ -51,6 +52,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write every number here")
     parser.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                         help="plot the mean deletion and insertion curves per method (matplotlib)")
+    parser.add_argument("--sanity", action="store_true",
+                        help="also run the sanity checks of Adebayo et al. 2018: cascading randomisation of "
+                             "the graph's weights (logits down) and the random-logit test, per method "
+                             "(needs the onnx package); with --plot, the randomisation figure goes to "
+                             "OUT-sanity.png")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sanity checks' weight draws and classes")
     add_arguments(parser, "detector", "min_confidence", "margin", "max_faces", "device")
     add_arguments(parser, "graph_threads", graph_threads=0)
 
@@ -101,7 +108,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"camface evaluate: error: {exc}", file=sys.stderr)
         return 2
-    for out in (args.json, args.plot):
+    sanity_plot = None if args.plot is None or not args.sanity else \
+        args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
+    for out in (args.json, args.plot, sanity_plot):
         if out is not None:
             check_output_file(out, overwrite=True)  # fail before minutes of work
     graph_path = config.model or EMOTION_ONNX
@@ -119,9 +128,16 @@ def main(args: argparse.Namespace) -> int:
                     baseline=args.baseline)
     predicted, probability, scores = scorer.score(crops, names)
     finished = time.perf_counter()
+    seconds = {"crops": detected - started, "scores": finished - detected}
+    sanity_results = figure = None
+    if args.sanity:
+        sanity_results, figure = run_sanity(graph_path, crops, names, args.seed, config.graph_threads, progress)
+        seconds["sanity"] = time.perf_counter() - finished
     report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
-                     steps=args.steps, baseline=args.baseline, seconds={"crops": detected - started,
-                                                                         "scores": finished - detected})
+                     steps=args.steps, baseline=args.baseline, seconds=seconds)
+    if sanity_results is not None:
+        report["settings"]["sanity_seed"] = args.seed
+        report["sanity"] = {m.method: m.to_json() for m in sanity_results}
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -131,4 +147,23 @@ def main(args: argparse.Namespace) -> int:
 
         plot_curves(report, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+    if sanity_plot is not None:
+        from camface.evaluate.plot import plot_sanity
+
+        plot_sanity(report, figure, sanity_plot)
+        print(f"wrote {sanity_plot}", file=sys.stderr)
     return 0
+
+
+def run_sanity(graph_path, crops, names, seed: int, threads: int, progress: bool):
+    """camface.evaluate.sanity.check on the graph file's model, for `names` (the random baseline
+    included: its figures show what a model-dependent but class-blind map scores)."""
+    from camface.errors import ModelError
+    from camface.evaluate import sanity
+
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ModelError("--sanity rebuilds the CAM graph and needs the onnx package "
+                         "(pip install 'camface[keras]' or 'camface[torch]')") from exc
+    return sanity.check(onnx.load(str(graph_path)), crops, names, seed=seed, threads=threads, progress=progress)

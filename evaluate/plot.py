@@ -40,3 +40,46 @@ def plot_curves(report: dict, path: Path) -> Path:
     finally:
         plt.close(figure)
     return path
+
+
+def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
+    """The cascading-randomisation figure (Adebayo et al. 2018, fig. 2): per method, a row per
+    shown crop; columns: the crop, its original map, then each randomisation step's map (|map|
+    normalised, as compared); each method's row title gives its verdicts."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise OutputError("--plot needs matplotlib (pip install 'camface[keras]')") from exc
+    from camface.evaluate.report import sanity_cell
+
+    crops, steps, maps = figure_data["crops"], figure_data["steps"], figure_data["maps"]
+    rows = [(name, i) for name in maps for i in range(len(crops))]
+    columns = 2 + len(steps)
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.25 * columns, 1.3 * len(rows) + 0.6), squeeze=False)
+    for row, (name, i) in enumerate(rows):
+        gray = crops[i].shape[-1] == 1  # crops are in the graph's colour order: GRAY or RGB
+        axes[row, 0].imshow(crops[i][..., 0] if gray else crops[i], cmap="gray" if gray else None)
+        for column, step_maps in enumerate(maps[name]):
+            axes[row, column + 1].imshow(step_maps[i], cmap="jet", vmin=0, vmax=1)
+        axes[row, 0].set_ylabel(name if i == 0 else "", fontsize=7)
+        if i == 0:
+            axes[row, 1].set_title(f"{name}: {sanity_cell(report['sanity'][name])}", fontsize=6, loc="left")
+    for column, title in enumerate(["crop", "original", *steps]):
+        axes[-1, column].set_xlabel(title, fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    settings = report["settings"]
+    figure.suptitle(f"Sanity check: {Path(settings['model']).name} at {settings['target_layer']}, weights re-drawn "
+                    f"from the logits down (seed {settings.get('sanity_seed', 0)})", fontsize=8)
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+    finally:
+        plt.close(figure)
+    return path

@@ -59,9 +59,13 @@ def format_table(report: dict) -> str:
              f"deletion / insertion: {settings['steps']} steps, removed pixels -> "
              + ("the crop blurred (sigma = side/8)" if settings["baseline"] == "blur" else "the crop's mean colour")
              + f"; {report['seconds']['crops'] + report['seconds']['scores']:.1f} s "
-               f"({report['seconds']['scores']:.1f} s scoring)", ""]
+               f"({report['seconds']['scores']:.1f} s scoring"
+             + (f", {report['seconds']['sanity']:.1f} s sanity checks" if "sanity" in report["seconds"] else "") + ")", ""]
     header = f"{'rank':<5}{'method':<20}" + "".join(
         f"{label + (' (+)' if higher else ' (-)'):>22}" for _, label, higher in METRICS.values()) + f"{'crops/s':>10}"
+    sanity = report.get("sanity")
+    if sanity:
+        header += f"  {'sanity: randomised model / random class':<44}"
     lines.append(header)
     floor = methods.get(RANDOM)
     order = report["ranking"] + ([RANDOM] if floor else [])
@@ -77,12 +81,30 @@ def format_table(report: dict) -> str:
             cells.append(text)
         rank = "-" if name == RANDOM else str(report["ranks"]["deletion"][name] - (
             1 if floor and report["ranks"]["deletion"][RANDOM] < report["ranks"]["deletion"][name] else 0))
-        lines.append(f"{rank:<5}{name:<20}" + "".join(f"{c:>22}" for c in cells) + f"{m['crops_per_second']:>10.0f}")
+        row = f"{rank:<5}{name:<20}" + "".join(f"{c:>22}" for c in cells) + f"{m['crops_per_second']:>10.0f}"
+        if sanity and name in sanity:
+            row += f"  {sanity_cell(sanity[name]):<44}"
+        lines.append(row)
     lines.append("")
     lines.append("(-) lower is better, (+) higher is better; in brackets: the difference to the random baseline, "
                  "! where a method does not beat it")
+    if sanity:
+        from camface.evaluate.sanity import SPEARMAN_PASS, SSIM_SAME
+
+        steps = next(iter(sanity.values()))["model_randomization"]["steps"]
+        lines.append(f"sanity (Adebayo et al. 2018): weights re-drawn from the logits down in {len(steps)} steps "
+                     f"({', '.join(steps)}); rho = median Spearman of |map| with every weight re-drawn against the "
+                     f"original (passes < {SPEARMAN_PASS}); SSIM of the predicted class's map against a random "
+                     f"other class's (passes < {SSIM_SAME})")
     if floor:
         losers = [name for name, beats in report["beats_random"].items() if not beats["deletion"]]
         lines.append("ranked by deletion AUC; " + ("every method beats the random baseline on deletion AUC" if not losers
                                                    else f"NOT better than random on deletion AUC: {', '.join(losers)}"))
     return "\n".join(lines)
+
+
+def sanity_cell(result: dict) -> str:
+    """One method's sanity verdicts: 'pass'/'FAIL' per test, with its figure."""
+    randomised, logit = result["model_randomization"], result["random_logit"]
+    return (f"{'pass' if randomised['passed'] else 'FAIL'} (rho {randomised['spearman'][-1]:+.2f}) / "
+            f"{'pass' if logit['passed'] else 'FAIL'} (SSIM {logit['ssim']:.2f})")

@@ -1,0 +1,199 @@
+"""`camface evaluate --sanity`: do a graph's maps depend on the model, and on the class?
+(Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018, arXiv:1810.03292.)
+
+- Model randomisation (sec. 3.1, cascading): the weights are re-drawn from the logits down
+  (`camface.evaluate.randomize`), and each step's map of the originally predicted class is
+  compared with the original map: Spearman rank correlation and SSIM of the absolute values
+  (as the paper's fig. 2-4), the median over crops. A map that still looks like the original
+  when every weight is random shows the input, not the model.
+- Random logit (the paper's "data randomisation" idea at the output): the map of the predicted
+  class against the map of another class drawn at random for the same face. A method that gives
+  the same map whatever the class cannot say why the model chose one.
+
+Pass criteria (chosen here; the paper reports curves, not thresholds):
+- model randomisation passes when, with every weight re-drawn (the last step), the median
+  Spearman correlation is below SPEARMAN_PASS (0.5): at most a quarter of the rank order's variance
+  survives a model that learned nothing; Grad-CAM-like maps of the bundled model fall near 0.
+- random logit passes when the median SSIM between the two classes' maps is below SSIM_SAME (0.9):
+  above it, the maps differ by less than their rounding and smoothing; Eigen-CAM is near 1 (it is
+  class-agnostic by design).
+
+Maps are compared as shown: |map| / max |map| upsampled to the crop size (bilinear); a crop
+whose original map is 0 everywhere (nothing to compare) is left out of the medians; a map that
+becomes constant correlates 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPEARMAN_PASS = 0.5
+SSIM_SAME = 0.9
+BATCH = 32
+SHOWN = 3  # crops drawn in the figure
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two arrays (flattened; ties get their average rank); 0 when
+    either is constant."""
+    ra, rb = _ranks(np.ravel(a)), _ranks(np.ravel(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denominator) if denominator > 0 else 0.0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x))
+    values, inverse = np.unique(x, return_inverse=True)
+    if len(values) < len(x):  # average the ranks of ties
+        ranks = (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+    return ranks
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean structural similarity (Wang et al., IEEE TIP 13:600, 2004, eq. 13) of two maps in
+    [0, 1] (data range 1): 11x11 Gaussian windows of sigma 1.5, K1 = 0.01, K2 = 0.03, the mean
+    over the positions whose window lies inside the image."""
+    import cv2
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+
+    def blur(x):
+        return cv2.GaussianBlur(x, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    inner = index[5:-5, 5:-5] if min(index.shape) > 10 else index
+    return float(inner.mean())
+
+
+def shown(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """|heatmap| / max |heatmap| (0 where it is 0 everywhere), bilinear to `size` (h, w): float64."""
+    import cv2
+
+    magnitude = np.abs(np.asarray(heatmap, np.float64))
+    peak = magnitude.max()
+    magnitude = magnitude / peak if peak > 0 else magnitude
+    return cv2.resize(magnitude, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+
+@dataclass(frozen=True)
+class MethodSanity:
+    """One method's sanity figures: per cascade step the median Spearman / SSIM against the
+    original map; the random-logit median SSIM; both verdicts."""
+
+    method: str
+    steps: tuple[str, ...]
+    spearman: tuple[float, ...]
+    ssim: tuple[float, ...]
+    random_logit_ssim: float
+    crops: int  # crops with a non-zero original map (the medians' sample)
+
+    @property
+    def randomization_passed(self) -> bool:
+        return bool(self.spearman) and self.spearman[-1] < SPEARMAN_PASS
+
+    @property
+    def random_logit_passed(self) -> bool:
+        return self.random_logit_ssim < SSIM_SAME
+
+    def to_json(self) -> dict:
+        return {"model_randomization": {"steps": list(self.steps), "spearman": list(self.spearman),
+                                        "ssim": list(self.ssim), "passed": self.randomization_passed,
+                                        "crops": self.crops},
+                "random_logit": {"ssim": self.random_logit_ssim, "passed": self.random_logit_passed}}
+
+
+def _run(session, crops: np.ndarray, classes: np.ndarray, names) -> dict[str, np.ndarray]:
+    out = {name: [] for name in names}
+    for start in range(0, len(crops), BATCH):
+        values = session.run(list(names), {"image": crops[start:start + BATCH],
+                                           "class_index": classes[start:start + BATCH]})
+        for name, value in zip(names, values):
+            out[name].append(value)
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def _session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def check(cam, crops: np.ndarray, names: tuple[str, ...], seed: int = 0, threads: int = 0,
+          progress: bool = False) -> tuple[list[MethodSanity], dict]:
+    """Both tests on CAM graph `cam` (onnx.ModelProto) for crops uint8 [N, H, W, C] and heatmap
+    `names`. Returns the per-method figures and what the figure draws: {"crops": SHOWN crops
+    spread over the input, "steps": names, "maps": {method: [steps + 1][SHOWN] shown maps}}. Raises
+    ModelError for a graph whose weights cannot be re-drawn, or a method it lacks."""
+    from tqdm import tqdm
+
+    from camface.errors import ModelError
+    from camface.evaluate.randomize import Randomizer
+
+    outputs = {o.name for o in cam.graph.output}
+    absent = [name for name in names if name not in outputs]
+    if absent:
+        raise ModelError(f"the graph has no {', '.join(absent)} heatmap; it offers "
+                         f"{', '.join(sorted(outputs - {'probs', 'activations'}))}")
+    crops = np.ascontiguousarray(crops)
+    size = crops.shape[1:3]
+    original = _session(cam.SerializeToString(), threads)
+    probs = _run(original, crops, -np.ones(len(crops), np.int64), ("probs",))["probs"]
+    predicted = probs.argmax(axis=1)
+    reference = _run(original, crops, predicted, names)
+    randomizer = Randomizer(cam, seed=seed)
+    want = {name: [shown(m, size) for m in reference[name]] for name in names}
+    drawn = sorted(set(np.linspace(0, len(crops) - 1, SHOWN).round().astype(int)))  # spread over the clip
+    usable = {name: [i for i, m in enumerate(reference[name]) if np.abs(m).max() > 0] for name in names}
+    spearmen = {name: [] for name in names}
+    ssims = {name: [] for name in names}
+    figure_maps = {name: [[want[name][i] for i in drawn]] for name in names}
+    for step in tqdm(randomizer.steps, desc="sanity", unit="step", disable=not progress, leave=False):
+        graph = randomizer.graph(step)
+        missing = [name for name in names if name not in {o.name for o in graph.graph.output}]
+        if missing:
+            raise ModelError(f"the rebuilt graph has no {', '.join(missing)} heatmap")
+        maps = _run(_session(graph.SerializeToString(), threads), crops, predicted, names)
+        for name in names:
+            got = [shown(m, size) for m in maps[name]]
+            spearmen[name].append(_median([spearman(got[i], want[name][i]) for i in usable[name]]))
+            ssims[name].append(_median([ssim(got[i], want[name][i]) for i in usable[name]]))
+            figure_maps[name].append([got[i] for i in drawn])
+    other = _other_classes(predicted, probs.shape[1], seed)
+    switched = _run(original, crops, other, names)
+    results = []
+    for name in names:
+        logit = [ssim(shown(switched[name][i], size), want[name][i]) for i in usable[name]]
+        results.append(MethodSanity(name, tuple(s.name for s in randomizer.steps), tuple(spearmen[name]),
+                                    tuple(ssims[name]), _median(logit), len(usable[name])))
+    return results, {"crops": crops[drawn], "steps": [s.name for s in randomizer.steps], "maps": figure_maps}
+
+
+def _other_classes(predicted: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """Per crop, a class other than its predicted one, uniformly at random (seeded)."""
+    if num_classes < 2:
+        from camface.errors import ModelError
+
+        raise ModelError("the random-logit test needs at least 2 classes")
+    rng = np.random.default_rng([seed, 1])
+    shift = rng.integers(1, num_classes, len(predicted))
+    return ((predicted + shift) % num_classes).astype(np.int64)
+
+
+def _median(values) -> float:
+    return round(float(np.median(values)), 6) if len(values) else float("nan")

@@ -1,0 +1,186 @@
+"""`camface evaluate --sanity` (Adebayo et al. 2018): cascading randomisation of the CAM graph's
+weights and the random-logit test, on the bundled graph and the crops of tests/test_numerics.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+from test_export_graph import ort_session  # noqa: E402
+from test_numerics import many_crops  # noqa: E402
+
+from camface.cli import main as camface_main  # noqa: E402
+from camface.errors import ModelError  # noqa: E402
+from camface.evaluate import sanity  # noqa: E402
+from camface.evaluate.randomize import Randomizer  # noqa: E402
+from camface.models import EMOTION_ONNX  # noqa: E402
+
+NAMES = ("gradcam", "gradcampp", "hirescam", "gradcamelementwise", "xgradcam", "layercam", "eigencam",
+         "eigengradcam", "random")
+
+
+@pytest.fixture(scope="module")
+def cam():
+    import onnx
+
+    return onnx.load(str(EMOTION_ONNX))
+
+
+@pytest.fixture(scope="module")
+def results(cam, astronaut_bgr):
+    found, figure = sanity.check(cam, many_crops(astronaut_bgr), NAMES, seed=0)
+    return {r.method: r for r in found}, figure
+
+
+def _initializers(model) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_spearman_and_ssim_match_scipy_and_scikit_image():
+    from scipy.stats import spearmanr
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = rng.random((64, 64))
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    ties = np.round(a * 4) / 4  # many tied ranks
+    assert sanity.spearman(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel())[0], abs=1e-9)
+    assert sanity.spearman(ties, b) == pytest.approx(spearmanr(ties.ravel(), b.ravel())[0], abs=1e-9)
+    assert sanity.spearman(np.zeros(9), b[:3, :3]) == 0.0
+    want = structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                 use_sample_covariance=False)
+    assert sanity.ssim(a, b) == pytest.approx(want, abs=2e-3)
+    assert sanity.ssim(a, a) == pytest.approx(1.0)
+
+
+def test_rebuilt_graph_equals_the_original_before_any_weight_is_redrawn(cam, astronaut_bgr):
+    """The sanity graphs are the forward pass cut out of the CAM graph with the explanation written
+    again by camface's ONNX engine: with no weight re-drawn they give the graph's own outputs."""
+    image = many_crops(astronaut_bgr)[:16]
+    classes = np.arange(16, dtype=np.int64) % 8 - 1
+    names = ["probs", *NAMES]
+    want = ort_session(cam.SerializeToString()).run(names, {"image": image, "class_index": classes})
+    got = ort_session(Randomizer(cam).graph().SerializeToString()).run(names, {"image": image, "class_index": classes})
+    for name, w, g in zip(names, want, got):
+        assert np.abs(g - w).max() <= 1e-5 * np.abs(w).max() + 1e-7, name
+
+
+def test_randomisation_changes_exactly_the_weights_it_claims(cam):
+    randomizer = Randomizer(cam, seed=5)
+    original = _initializers(randomizer.forward)
+    steps = randomizer.steps
+    assert [s.name for s in steps][:2] == ["logits", "head"] and steps[-1].name == "all"
+    assert 5 <= len(steps) - 2 <= 8  # the features in 5-8 groups
+    assert original[steps[0].initializers[0]].shape[0] == 7  # the 7-class layer first
+    previous: set[str] = set()
+    for step in steps:
+        claimed = set(step.initializers)
+        assert previous < claimed  # cumulative, each step adds layers
+        after = _initializers(randomizer.graph(step))
+        changed = {name for name, value in original.items() if not np.array_equal(after[name], value)}
+        assert changed == claimed, step.name
+        for name in claimed:  # drawn with the tensor's own mean and standard deviation (5 sigma)
+            value, std, n = after[name].astype(np.float64), float(original[name].std()), original[name].size
+            assert abs(value.mean() - original[name].mean()) <= 5 * std / np.sqrt(n) + 1e-6, name
+            if n >= 16:
+                assert abs(value.std() - std) <= 5 * std / np.sqrt(2 * n), name
+        previous = claimed
+    # every weight of the forward pass is re-drawn by the last step, and nothing else is a weight
+    weights = {n for n, v in original.items() if v.dtype.kind == "f" and v.size >= 2 and np.ptp(v) > 0}
+    assert set(steps[-1].initializers) <= weights and len(steps[-1].initializers) >= 30
+    # a tensor has the same new values in every step that re-draws it
+    first, last = _initializers(randomizer.graph(steps[0])), _initializers(randomizer.graph(steps[-1]))
+    name = steps[0].initializers[0]
+    np.testing.assert_array_equal(first[name], last[name])
+
+
+def test_seeded_runs_repeat_exactly(cam, astronaut_bgr):
+    crops = many_crops(astronaut_bgr)[::4]
+    names = ("gradcam", "layercam")
+    run = (lambda seed: [r.to_json() for r in sanity.check(cam, crops, names, seed=seed)[0]])
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_gradcam_correlation_falls_as_steps_are_added(results):
+    found, _ = results
+    gradcam = found["gradcam"]
+    assert len(gradcam.spearman) == len(gradcam.steps) >= 7
+    assert max(gradcam.spearman) < sanity.SPEARMAN_PASS  # from 1 (the original itself) at the first step
+    assert max(gradcam.ssim) < 0.5 and gradcam.randomization_passed
+    layercam = found["layercam"]  # falls gradually as the cascade reaches the features
+    assert layercam.spearman[0] > 0.3 and layercam.spearman[-1] < layercam.spearman[0] - 0.3
+
+
+def test_class_agnostic_methods_fail_random_logit(results):
+    found, _ = results
+    for name in ("eigencam", "random"):  # class-agnostic by design
+        assert found[name].random_logit_ssim > 0.99 and not found[name].random_logit_passed, name
+    for name in ("gradcam", "hirescam", "xgradcam"):
+        assert found[name].random_logit_passed, (name, found[name].random_logit_ssim)
+
+
+def test_figure_data_holds_every_step(results):
+    found, figure = results
+    assert figure["steps"] == list(found["gradcam"].steps)
+    assert len(figure["crops"]) == sanity.SHOWN
+    for name in NAMES:
+        assert len(figure["maps"][name]) == 1 + len(figure["steps"])  # the original, then each step
+        assert all(m.shape == (64, 64) and 0 <= m.min() and m.max() <= 1 for m in figure["maps"][name][0])
+
+
+def test_weights_that_are_not_initializers_are_refused(cam, astronaut_bgr):
+    """Weights held in Constant nodes cannot be re-drawn: a clear error, not a silent no-op."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(cam)
+    constants = [helper.make_node("Constant", [], [i.name], value=i) for i in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = constants + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    with pytest.raises(ModelError, match="no weights held as initializers.*Constant"):
+        sanity.check(model, many_crops(astronaut_bgr)[:2], ("gradcam",))
+
+
+def test_a_method_the_graph_lacks_is_refused(cam, astronaut_bgr):
+    with pytest.raises(ModelError, match="has no cam heatmap; it offers"):
+        sanity.check(cam, many_crops(astronaut_bgr)[:2], ("gradcam", "cam"))
+
+
+def test_evaluate_sanity_command(tmp_path, capsys):
+    """`camface evaluate --sanity` on the sample: the table's sanity column, the JSON and both figures."""
+    out, plot = tmp_path / "s.json", tmp_path / "curves.png"
+    code = camface_main(["evaluate", "--sanity", "--frames", "30", "--every", "10", "--steps", "4",
+                         "--methods", "gradcam,eigencam", "--json", str(out), "--plot", str(plot)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "sanity: randomised model / random class" in table
+    eigencam_row = next(line for line in table.splitlines() if line.split()[1:2] == ["eigencam"])
+    assert "FAIL (SSIM 1.00)" in eigencam_row
+    report = json.loads(out.read_text())
+    assert set(report["sanity"]) == {"gradcam", "eigencam", "random"}
+    entry = report["sanity"]["gradcam"]
+    randomised = entry["model_randomization"]
+    assert len(randomised["steps"]) == len(randomised["spearman"]) == len(randomised["ssim"]) >= 7
+    assert isinstance(randomised["passed"], bool) and isinstance(entry["random_logit"]["passed"], bool)
+    assert entry["random_logit"]["ssim"] < 0.9 and report["sanity"]["eigencam"]["random_logit"]["passed"] is False
+    assert report["settings"]["sanity_seed"] == 0 and report["seconds"]["sanity"] > 0
+    import cv2
+
+    figure = cv2.imread(str(tmp_path / "curves-sanity.png"))
+    assert figure is not None and figure.shape[0] > 900 and figure.shape[1] > 1000  # 9 rows, 10 columns
+    assert len(np.unique(figure.reshape(-1, 3), axis=0)) > 50  # maps drawn, not a blank page
+    assert plot.is_file()
+
+
+def test_evaluate_sanity_names_a_missing_method(capsys):
+    assert camface_main(["evaluate", "--sanity", "--frames", "5", "--methods", "cam"]) == 2
+    assert "no cam heatmap" in capsys.readouterr().err
