@@ -58,6 +58,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(needs the onnx package); with --plot, the randomisation figure goes to "
                              "OUT-sanity.png")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sanity checks' weight draws and classes")
+    parser.add_argument("--keras", type=Path, default=None, metavar="MODEL",
+                        help="with --sanity: the Keras model the graph was exported from, to check Guided Backprop "
+                             "and Guided Grad-CAM too (TensorFlow); default: the graph's source model beside it "
+                             "or the bundled one when its sha256 matches, else they are skipped")
     add_arguments(parser, "detector", "min_confidence", "margin", "max_faces", "device")
     add_arguments(parser, "graph_threads", graph_threads=0)
 
@@ -131,7 +135,11 @@ def main(args: argparse.Namespace) -> int:
     seconds = {"crops": detected - started, "scores": finished - detected}
     sanity_results = figure = None
     if args.sanity:
-        sanity_results, figure = run_sanity(graph_path, crops, names, args.seed, config.graph_threads, progress)
+        guided, why_not = keras_for_guided(graph_path, graph.info, args.keras)
+        if why_not:
+            print(f"camface evaluate: Guided Backprop / Guided Grad-CAM sanity skipped: {why_not}", file=sys.stderr)
+        sanity_results, figure = run_sanity(graph_path, crops, names, args.seed, config.graph_threads, progress,
+                                            guided)
         seconds["sanity"] = time.perf_counter() - finished
     report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
                      steps=args.steps, baseline=args.baseline, seconds=seconds)
@@ -155,7 +163,33 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sanity(graph_path, crops, names, seed: int, threads: int, progress: bool):
+def keras_for_guided(graph_path, info, override):
+    """((Keras model, Preprocessing, target layer), "") for the guided sanity checks, or (None, why
+    not). An explicit `override` that cannot be used is an error (ModelError)."""
+    from camface.errors import ModelError
+    from camface.guided.snapshot import Preprocessing, resolve_keras_model
+
+    entry = {"path": str(graph_path), "source_model": info.source_model, "source_sha256": info.source_sha256}
+    try:
+        path = resolve_keras_model(entry, override, graph_path)
+    except ModelError as exc:
+        if override is not None:
+            raise
+        return None, str(exc).replace(" with --model", " with --keras")
+    if not info.normalization:
+        return None, f"the graph {graph_path} records no input normalisation"
+    try:
+        import keras
+    except ImportError:
+        return None, "TensorFlow/Keras is not installed (pip install 'camface[keras]')"
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types for unreadable files
+        raise ModelError(f"cannot load Keras model {path}: {exc}") from exc
+    return (model, Preprocessing.from_normalization(info.color_order, info.normalization), info.target_layer), ""
+
+
+def run_sanity(graph_path, crops, names, seed: int, threads: int, progress: bool, guided=None):
     """camface.evaluate.sanity.check on the graph file's model, for `names` (the random baseline
     included: its figures show what a model-dependent but class-blind map scores)."""
     from camface.errors import ModelError
@@ -166,4 +200,5 @@ def run_sanity(graph_path, crops, names, seed: int, threads: int, progress: bool
     except ImportError as exc:
         raise ModelError("--sanity rebuilds the CAM graph and needs the onnx package "
                          "(pip install 'camface[keras]' or 'camface[torch]')") from exc
-    return sanity.check(onnx.load(str(graph_path)), crops, names, seed=seed, threads=threads, progress=progress)
+    return sanity.check(onnx.load(str(graph_path)), crops, names, seed=seed, threads=threads, progress=progress,
+                        guided=guided)

@@ -57,7 +57,7 @@ def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
 
     crops, steps, maps = figure_data["crops"], figure_data["steps"], figure_data["maps"]
     rows = [(name, i) for name in maps for i in range(len(crops))]
-    columns = 2 + len(steps)
+    columns = 1 + max(len(step_maps) for step_maps in maps.values())  # the guided cascade may differ
     figure, axes = plt.subplots(len(rows), columns, figsize=(1.25 * columns, 1.3 * len(rows) + 0.6), squeeze=False)
     for row, (name, i) in enumerate(rows):
         gray = crops[i].shape[-1] == 1  # crops are in the graph's colour order: GRAY or RGB
@@ -72,6 +72,8 @@ def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+        if not ax.images:
+            ax.axis("off")
     settings = report["settings"]
     figure.suptitle(f"Sanity check: {Path(settings['model']).name} at {settings['target_layer']}, weights re-drawn "
                     f"from the logits down (seed {settings.get('sanity_seed', 0)})", fontsize=8)

@@ -40,11 +40,11 @@ _SANITY = "camface/sanity"
 
 @dataclass(frozen=True)
 class Step:
-    """One cascade step: its name and every initializer it re-draws (those of the earlier steps
-    included), in the order they were added."""
+    """One cascade step: its name and every weight it re-draws (ONNX initializers, or Keras
+    layers in `sanity_guided`), those of the earlier steps included, in the order they were added."""
 
     name: str
-    initializers: tuple[str, ...]
+    weights: tuple[str, ...]
 
 
 def _onnx():
@@ -207,7 +207,7 @@ class Randomizer:
         model = onnx.ModelProto()
         model.CopyFrom(self.forward)
         if step is not None:
-            chosen = set(step.initializers)
+            chosen = set(step.weights)
             for init in model.graph.initializer:
                 if init.name in chosen:
                     init.CopyFrom(numpy_helper.from_array(self.redrawn(init.name), init.name))

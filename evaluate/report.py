@@ -91,10 +91,14 @@ def format_table(report: dict) -> str:
     if sanity:
         from camface.evaluate.sanity import SPEARMAN_PASS, SSIM_SAME
 
+        for name in (n for n in sanity if n not in methods):  # Guided Backprop / Guided Grad-CAM
+            lines.append(f"{'-':<5}{name:<20}{'(TensorFlow, not in the graph: no faithfulness scores)':<98}"
+                         f"  {sanity_cell(sanity[name]):<44}")
+
         steps = next(iter(sanity.values()))["model_randomization"]["steps"]
         lines.append(f"sanity (Adebayo et al. 2018): weights re-drawn from the logits down in {len(steps)} steps "
-                     f"({', '.join(steps)}); rho = median Spearman of |map| with every weight re-drawn against the "
-                     f"original (passes < {SPEARMAN_PASS}); SSIM of the predicted class's map against a random "
+                     f"({', '.join(steps)}); rho = median Spearman of |map| against the original once the head is re-drawn, "
+                     f"and with every weight re-drawn (passes when both < {SPEARMAN_PASS}); SSIM of the predicted class's map against a random "
                      f"other class's (passes < {SSIM_SAME})")
     if floor:
         losers = [name for name, beats in report["beats_random"].items() if not beats["deletion"]]
@@ -106,5 +110,6 @@ def format_table(report: dict) -> str:
 def sanity_cell(result: dict) -> str:
     """One method's sanity verdicts: 'pass'/'FAIL' per test, with its figure."""
     randomised, logit = result["model_randomization"], result["random_logit"]
-    return (f"{'pass' if randomised['passed'] else 'FAIL'} (rho {randomised['spearman'][-1]:+.2f}) / "
+    head = randomised["spearman"][randomised["steps"].index(randomised["head_step"])]
+    return (f"{'pass' if randomised['passed'] else 'FAIL'} (rho {head:+.2f}, {randomised['spearman'][-1]:+.2f}) / "
             f"{'pass' if logit['passed'] else 'FAIL'} (SSIM {logit['ssim']:.2f})")

@@ -76,10 +76,10 @@ def test_randomisation_changes_exactly_the_weights_it_claims(cam):
     steps = randomizer.steps
     assert [s.name for s in steps][:2] == ["logits", "head"] and steps[-1].name == "all"
     assert 5 <= len(steps) - 2 <= 8  # the features in 5-8 groups
-    assert original[steps[0].initializers[0]].shape[0] == 7  # the 7-class layer first
+    assert original[steps[0].weights[0]].shape[0] == 7  # the 7-class layer first
     previous: set[str] = set()
     for step in steps:
-        claimed = set(step.initializers)
+        claimed = set(step.weights)
         assert previous < claimed  # cumulative, each step adds layers
         after = _initializers(randomizer.graph(step))
         changed = {name for name, value in original.items() if not np.array_equal(after[name], value)}
@@ -92,10 +92,10 @@ def test_randomisation_changes_exactly_the_weights_it_claims(cam):
         previous = claimed
     # every weight of the forward pass is re-drawn by the last step, and nothing else is a weight
     weights = {n for n, v in original.items() if v.dtype.kind == "f" and v.size >= 2 and np.ptp(v) > 0}
-    assert set(steps[-1].initializers) <= weights and len(steps[-1].initializers) >= 30
+    assert set(steps[-1].weights) <= weights and len(steps[-1].weights) >= 30
     # a tensor has the same new values in every step that re-draws it
     first, last = _initializers(randomizer.graph(steps[0])), _initializers(randomizer.graph(steps[-1]))
-    name = steps[0].initializers[0]
+    name = steps[0].weights[0]
     np.testing.assert_array_equal(first[name], last[name])
 
 
@@ -117,12 +117,47 @@ def test_gradcam_correlation_falls_as_steps_are_added(results):
     assert layercam.spearman[0] > 0.3 and layercam.spearman[-1] < layercam.spearman[0] - 0.3
 
 
+def test_maps_of_the_activations_alone_fail_the_head_step(results):
+    """Eigen-CAM and the random baseline read only the target's activations: re-drawing the layers
+    after the target leaves their maps exactly as they were (rho 1), so they fail; the whole
+    cascade then changes them."""
+    found, _ = results
+    for name in ("eigencam", "random"):
+        entry = found[name]
+        assert entry.steps[entry.head_step] == "head"
+        assert entry.spearman[entry.head_step] == pytest.approx(1.0) and not entry.randomization_passed
+        assert entry.spearman[-1] < sanity.SPEARMAN_PASS
+    assert found["gradcamelementwise"].spearman[-1] > sanity.SPEARMAN_PASS  # keeps the input's structure
+
+
+def test_guided_backprop_fails_while_the_top_layers_are_random(cam, astronaut_bgr):
+    """Adebayo et al.'s finding, through the TensorFlow path on the bundled Keras model: Guided
+    Backprop's map stays put while the layers that decide the class are re-drawn; Guided Grad-CAM's
+    (Guided Backprop times Grad-CAM) does not."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from camface.guided.snapshot import EMOTION_PREPROCESSING
+    from camface.models import EMOTION_KERAS
+
+    model = keras.models.load_model(EMOTION_KERAS, compile=False)
+    found, figure = sanity.check(cam, many_crops(astronaut_bgr)[::4], ("gradcam",), seed=0,
+                                 guided=(model, EMOTION_PREPROCESSING, "add_3"))
+    by_name = {r.method: r for r in found}
+    backprop, guided_gradcam = by_name["guidedbackprop"], by_name["guidedgradcam"]
+    assert backprop.steps[0] == "logits" and backprop.steps[-1] == "all"
+    assert backprop.spearman[0] > 0.8 and not backprop.randomization_passed
+    assert guided_gradcam.spearman[guided_gradcam.head_step] < sanity.SPEARMAN_PASS
+    assert set(figure["maps"]) == {"gradcam", "guidedbackprop", "guidedgradcam"}
+
+
 def test_class_agnostic_methods_fail_random_logit(results):
     found, _ = results
     for name in ("eigencam", "random"):  # class-agnostic by design
         assert found[name].random_logit_ssim > 0.99 and not found[name].random_logit_passed, name
     for name in ("gradcam", "hirescam", "xgradcam"):
         assert found[name].random_logit_passed, (name, found[name].random_logit_ssim)
+    assert found["gradcam"].randomization_passed
 
 
 def test_figure_data_holds_every_step(results):
@@ -165,8 +200,9 @@ def test_evaluate_sanity_command(tmp_path, capsys):
     assert "sanity: randomised model / random class" in table
     eigencam_row = next(line for line in table.splitlines() if line.split()[1:2] == ["eigencam"])
     assert "FAIL (SSIM 1.00)" in eigencam_row
+    assert "guidedbackprop" in table  # the bundled Keras model is at hand
     report = json.loads(out.read_text())
-    assert set(report["sanity"]) == {"gradcam", "eigencam", "random"}
+    assert set(report["sanity"]) == {"gradcam", "eigencam", "random", "guidedbackprop", "guidedgradcam"}
     entry = report["sanity"]["gradcam"]
     randomised = entry["model_randomization"]
     assert len(randomised["steps"]) == len(randomised["spearman"]) == len(randomised["ssim"]) >= 7
