@@ -21,6 +21,9 @@ from camface.export.onnx_builder import GraphBuilder
 from camface.export.onnx_ops import OnnxTensor, ONNX_OPS
 
 GRADIENT = "camface/gradient_nhwc"  # the gradient tensor, for the self-check
+# Names the CAM graph's contract uses; `onnx_model.rename` moves a model's own tensors aside.
+RESERVED = (graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
+            graph_spec.OUTPUT_ACTIVATIONS, *methods.METHODS, GRADIENT)
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,10 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     graph = model.graph
     taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | \
         {v.name for v in graph.input}
-    clash = taken & {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
-                     graph_spec.OUTPUT_ACTIVATIONS, *methods.METHODS}
-    if clash - {classifier.input_name}:
+    clash = taken & set(RESERVED)
+    if clash:  # onnx_export.build renames them first (onnx_model.rename)
         raise ModelError(f"the model already has tensors named {sorted(clash)}, which the CAM "
-                         "graph's contract uses")
+                         "graph's contract uses (rename them with onnx_model.rename)")
     b = GraphBuilder(classifier.opset, taken=taken)
     layout = onnx_model.target_layout(source, target)
     dims = onnx_model.shapes(source)[target]

@@ -57,6 +57,11 @@ def build(model, options: ExportOptions, source: str = "model"):
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
     model = onnx_model.prepare(upgrade(model, source), where=source)
+    # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins
+    model, renamed = onnx_model.rename(model, onnx_cam.RESERVED)
+    if renamed:
+        log.info("%s: tensors renamed inside the CAM graph: %s", source,
+                 ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
     classifier = onnx_model.describe(model, where=source)
     labels = options.labels or tuple(f"class_{i}" for i in range(classifier.num_classes))
     if len(labels) != classifier.num_classes:
@@ -64,7 +69,8 @@ def build(model, options: ExportOptions, source: str = "model"):
         raise ModelError(f"{where}: {len(labels)} labels, but {source} has "
                          f"{classifier.num_classes} classes (one label per line, in class order)")
     pre = preprocessing(options, classifier.channels)
-    target, target_name = onnx_model.resolve_target(classifier, options.target_layer)
+    target, target_name = onnx_model.resolve_target(
+        classifier, renamed.get(options.target_layer, options.target_layer))
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
     built = onnx_cam.build(classifier, target, pre.scale, pre.offset, heads)

@@ -73,6 +73,55 @@ def prepare(model, where: object = "model"):
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
 
 
+def rename(model, reserved) -> tuple[object, dict[str, str]]:
+    """A copy of `model` in which every tensor named in `reserved` (the CAM graph's own names:
+    `probs`, `image`, ...) is called `model/<name>` instead, everywhere it appears (nodes and
+    their subgraphs, graph inputs and outputs, initializers, value_info); and the old -> new
+    names. The model itself is returned when nothing clashes."""
+    import onnx
+
+    def names(graph):
+        found = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+        found |= {i.name for i in graph.initializer}
+        for node in graph.node:
+            found.update(node.input)
+            found.update(node.output)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    found |= names(sub)
+        return found
+
+    taken = names(model.graph)
+    clash = sorted(set(reserved) & taken)
+    if not clash:
+        return model, {}
+    mapping = {}
+    for name in clash:
+        new, index = f"model/{name}", 1
+        while new in taken:
+            index += 1
+            new = f"model/{name}_{index}"
+        taken.add(new)
+        mapping[name] = new
+
+    def apply(graph):
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            value.name = mapping.get(value.name, value.name)
+        for init in graph.initializer:
+            init.name = mapping.get(init.name, init.name)
+        for node in graph.node:
+            node.input[:] = [mapping.get(x, x) for x in node.input]
+            node.output[:] = [mapping.get(x, x) for x in node.output]
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    apply(sub)
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    apply(copy.graph)
+    return copy, mapping
+
+
 def shapes(model) -> dict[str, list | None]:
     """Tensor name -> dims (int, dim_param str, or None) for every typed tensor."""
     from onnx import numpy_helper
