@@ -55,7 +55,8 @@ def build(model, options: ExportOptions, source: str = "model"):
     from camface.export import onnx_cam, onnx_model, onnx_verify
 
     if options.fp16:
-        raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
+        raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet"
+                         + (" (and --int8 excludes it)" if options.int8 else ""))
     model = onnx_model.prepare(upgrade(model, source), where=source)
     # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins
     model, renamed = onnx_model.rename(model, onnx_cam.RESERVED)
@@ -107,5 +108,10 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         log.info("no CAM: %s", info.cam_unavailable_reason)
     convert.set_metadata(cam_graph, info.to_metadata(),
                          doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
+    quantized = None
+    if options.int8:  # on the self-checked float32 graph; ModelError when it disagrees
+        from camface.export.int8 import export_int8
+
+        cam_graph, info, quantized = export_int8(cam_graph, info, options)
     convert.save(cam_graph, output)
-    return ExportResult(output, info, differences, time.perf_counter() - started)
+    return ExportResult(output, info, differences, time.perf_counter() - started, quantized)

@@ -81,3 +81,38 @@ def test_tensors_named_like_the_contract_are_renamed_inside_the_graph(tmp_path, 
     graph = onnx.load(str(out))
     assert [i.name for i in graph.graph.input] == ["image", "class_index"]
     assert f"{output_name} -> model/{output_name}" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_int8_quantizes_the_features_of_an_onnx_or_pt2_model(tmp_path, capsys, suffix):
+    from onnx_helpers import save_program
+
+    from camface.export import int8
+    from camface.graph_spec import GraphInfo
+
+    model = small_cnn()
+    if suffix == ".pt2":
+        pytest.importorskip("onnxscript")
+        path = save_program(model, tmp_path / "m.pt2", size=SIZE)
+    else:
+        path = legacy_onnx(model, tmp_path / "m.onnx")
+    fp32, int8_path = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    assert main(["export", str(path), "-o", str(fp32), "--preset", "unit", "--no-verify"]) == 0
+    assert main(["export", str(path), "-o", str(int8_path), "--preset", "unit", "--int8",
+                 "--calibration-method", "minmax"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert ", int8" in printed and "int8 agreement with float32 (passed" in printed
+    graph = onnx.load(str(int8_path))
+    info = GraphInfo.from_metadata({p.key: p.value for p in graph.metadata_props})
+    assert info.precision == "int8" and info.quantization["passed"]
+    assert info.source_model == path.name and info.quantization["calibration"]["method"] == "minmax"
+    features = {n.op_type for n in int8.feature_nodes(graph)}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= features
+    int8.check_float_tail(graph)  # head, gradient and heatmaps float32
+    images = np.random.default_rng(3).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 1, 2, 3], np.int64)
+    reference, got = run_graph(fp32, images, classes), run_graph(int8_path, images, classes)
+    assert set(got) == set(reference)
+    np.testing.assert_allclose(got["probs"], reference["probs"], atol=0.02)
+    a, b = got["activations"].ravel(), reference["activations"].ravel()
+    assert not np.array_equal(a, b) and np.corrcoef(a, b)[0, 1] > 0.99  # int8, and close
