@@ -91,10 +91,9 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
         raise ModelError(f"the model already has tensors named {sorted(clash)}, which the CAM "
                          "graph's contract uses (rename them with onnx_model.rename)")
     b = GraphBuilder(classifier.opset, taken=taken)
-    layout = onnx_model.target_layout(source, target)
-    dims = onnx_model.shapes(source)[target]
-    feature_size = tuple(int(d) for d in (dims[2:] if layout == "NCHW" else dims[1:3]))
-    k = int(dims[1] if layout == "NCHW" else dims[3])  # channels of the target
+    layout = onnx_model.target_layout(source, target, onnx_model.spatial_maps(classifier))
+    *feature_size, k = onnx_model.feature_dims(classifier, target, layout)  # k: channels
+    feature_size = tuple(feature_size)
     head_nodes = onnx_model.head(source, target, classifier.logits)
 
     # image uint8 [N, H, W, C] -> the model's float input

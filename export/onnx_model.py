@@ -267,18 +267,145 @@ def candidates(model, logits: str) -> list[str]:
             if o in ancestors and len(dims.get(o) or []) == 4 and types.get(o, FLOAT) == FLOAT]
 
 
+# Ops that lay a feature map on the image grid whatever their input: ONNX's are NCHW.
+_GRID_MAKERS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
+# Ops whose output keeps the grid (and layout) of an input of the output's shape: elementwise
+# maths, normalisations, resizing. Softmax, Reshape, Transpose (but NCHW <-> NHWC), Slice,
+# Gather and MatMul of two varying tensors (attention) do not: their output is no feature map.
+_GRID_KEEPERS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
+                 "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Clip", "Abs",
+                 "Neg", "Exp", "Log", "Sqrt", "Pow", "Sin", "Cos", "Identity", "Dropout", "Cast",
+                 "Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Where",
+                 "BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                 "GroupNormalization", "LRN", "Resize", "Upsample", "Pad", "Concat")
+_LAYOUT_PERMS = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
+
+
+def spatial_maps(classifier: Classifier) -> dict[str, str]:
+    """4-D float tensors laid on the image grid -> their layout (NCHW or NHWC), in graph order:
+    the outputs of convolutions and pools, what elementwise ops, normalisations, channel-wise
+    linear layers (MatMul by a constant on NHWC) and NCHW <-> NHWC transposes make of them, and
+    the input of a global spatial pooling. Attention tensors [N, heads, tokens, dim] are none."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    grid = {classifier.input_name: classifier.input_layout}
+    for node in model.graph.node:
+        out = node.output[0] if node.output else ""
+        if len(dims.get(out) or []) != 4:
+            pooled = _spatial_pool_input(node, dims, values)
+            if pooled is not None and pooled not in grid and len(dims.get(pooled) or []) == 4:
+                grid[pooled] = target_layout(model, pooled)  # the model pools it over h and w
+            continue
+        inputs = [x for x in node.input if x in grid and dims.get(x) == dims.get(out)]
+        perm = tuple(next((a.ints for a in node.attribute if a.name == "perm"), ()))
+        if node.op_type in _GRID_MAKERS:
+            grid[out] = "NCHW"
+        elif node.op_type in _GRID_KEEPERS and inputs:
+            grid[out] = grid[inputs[0]]
+        elif node.op_type == "Transpose" and node.input[0] in grid:
+            layout = _LAYOUT_PERMS.get((grid[node.input[0]], perm))
+            if layout:
+                grid[out] = layout
+        elif node.op_type == "MatMul" and node.input[0] in grid and node.input[1] in values \
+                and grid[node.input[0]] == "NHWC":
+            grid[out] = "NHWC"  # a linear layer over the channels of an NHWC map
+    return {name: layout for name, layout in grid.items() if name != classifier.input_name}
+
+
+def grid_size(classifier: Classifier, tensor: str, layout: str) -> tuple[int, int] | None:
+    """(h, w) of a spatial map when both are fixed and lie on the input's grid (h, w = H, W
+    divided by one stride s, rounded either way); else None."""
+    dims = shapes(classifier.model).get(tensor) or []
+    size = dims[2:4] if layout == "NCHW" else dims[1:3]
+    if len(size) != 2 or not all(isinstance(d, int) and d > 0 for d in size):
+        return None
+    (height, width), (h, w) = classifier.input_size, size
+    fits = any(h in (height // s, -(-height // s)) and w in (width // s, -(-width // s))
+               for s in range(1, max(height, width) + 1))
+    return (h, w) if fits else None
+
+
+def _symbolic(dims) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in dims or []) + "]"
+
+
+def feature_dims(classifier: Classifier, tensor: str, layout: str) -> tuple[int, int, int]:
+    """(h, w, channels) of the target `tensor`; ModelError naming it when one is not a fixed
+    number after ONNX shape inference (a Reshape computed from Shape ops leaves them symbolic)."""
+    dims = shapes(classifier.model).get(tensor) or []
+    if len(dims) != 4:
+        raise ModelError(f"target {tensor!r} {_symbolic(dims)} is not 4-D")
+    h, w, k = (dims[2], dims[3], dims[1]) if layout == "NCHW" else (dims[1], dims[2], dims[3])
+    missing = [name for name, d in (("height", h), ("width", w), ("channels", k))
+               if not (isinstance(d, int) and d > 0)]
+    if missing:
+        grid = spatial_maps(classifier)
+        known = [t for t in grid if grid_size(classifier, t, grid[t])][-2:]
+        shown = f", such as {', '.join(known)}" if known else ""
+        raise ModelError(
+            f"target {tensor!r} {_symbolic(dims)} ({layout}): its {' and '.join(missing)} "
+            "are not fixed after ONNX shape inference (computed at run time from Shape ops); the "
+            "CAM graph needs a fixed feature map: re-export the model with static shapes "
+            "(torch.onnx.export(..., dynamo=True), or onnxsim) or pick a target whose height "
+            f"and width are known with --target-layer{shown}")
+    return int(h), int(w), int(k)
+
+
+def _attention(model, target: str, logits: str):
+    """The first node between `target` and the logits that mixes tokens (Softmax, or MatMul /
+    Einsum of two tensors that both depend on the target), or None."""
+    live = differentiable(model, target)
+    for node in head(model, target, logits):
+        varying = [x for x in node.input if x in live]
+        if (node.op_type == "Softmax" and node.output[0] != logits) or \
+                (node.op_type in ("MatMul", "Einsum") and len(varying) > 1):
+            return node
+    return None
+
+
 def default_target(classifier: Classifier) -> str:
-    """The input of the last global spatial pooling before the logits; without one, the last
-    4-D tensor. ModelError when the logits depend on no 4-D tensor."""
+    """The spatial feature map the heatmaps use when none is named: the input of the last global
+    spatial pooling before the logits, else the last spatial map (`spatial_maps`), when its
+    height and width are fixed, on the input's grid, and no attention lies between it and the
+    logits. ModelError naming the tensors and what each lacks otherwise (a vision transformer's
+    tensors are tokens and attention, not maps: token grids are a later feature)."""
     model = classifier.model
     found = candidates(model, classifier.logits)
     if not found:
         raise ModelError(f"no 4-D tensor (N, C, h, w) before the logits {classifier.logits!r}: "
                          "camface explains convolutional classifiers")
     dims, values = shapes(model), constants(model)
+    grid = spatial_maps(classifier)
+    maps = [t for t in found if t in grid]
     pooled = [_spatial_pool_input(n, dims, values) for n in model.graph.node]
-    pooled = [p for p in pooled if p in set(found)]
-    return pooled[-1] if pooled else found[-1]
+    pooled = [p for p in pooled if p in set(maps)]
+    if not maps:
+        shown = ", ".join(f"{t} {_symbolic(dims.get(t))}" for t in found[-3:])
+        raise ModelError(f"no spatial feature map (N, C, h, w) on the image grid before the logits "
+                         f"{classifier.logits!r}: its 4-D tensors come from reshapes, transposes "
+                         f"or attention, not from convolutions (e.g. {shown}); pass one with "
+                         "--target-layer to explain it anyway")
+    target = pooled[-1] if pooled else maps[-1]
+    layout = grid[target]
+    feature_dims(classifier, target, layout)  # ModelError when h, w are symbolic
+    if grid_size(classifier, target, layout) is None:
+        raise ModelError(f"no spatial feature map before the logits {classifier.logits!r}: the "
+                         f"last 4-D tensor, {target!r} {_symbolic(dims.get(target))} ({layout}), "
+                         f"is not on the {classifier.input_size[0]}x{classifier.input_size[1]} "
+                         "input's grid (no stride gives its height and width); pass a target "
+                         "with --target-layer")
+    mixing = _attention(model, target, classifier.logits)
+    if mixing is not None:
+        tokens = [t for t in found if t not in grid][-1:]
+        shown = "".join(f" such as {t!r} {_symbolic(dims.get(t))}" for t in tokens)
+        raise ModelError(f"no spatial feature map that the logits {classifier.logits!r} read "
+                         f"without attention: the last one, {target!r} "
+                         f"{_symbolic(dims.get(target))}, passes through {mixing.op_type} node "
+                         f"{mixing.name!r} (a transformer: its 4-D tensors{shown} are tokens and "
+                         f"attention, not feature maps, and token grids are not supported yet); "
+                         f"spatial maps: {', '.join(maps[-3:])}; pass one with --target-layer to "
+                         "explain it anyway")
+    return target
 
 
 def module_outputs(model) -> dict[str, str]:
@@ -333,9 +460,12 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     raise ModelError(f"{why}; candidate target layers: {', '.join(shown)}")
 
 
-def target_layout(model, tensor: str) -> str:
-    """NCHW or NHWC for a 4-D tensor, from the ops that read or write it (ONNX's Conv and pools
-    are NCHW; a Transpose to or from NHWC, or a Reduce over axes 1, 2, tells the other)."""
+def target_layout(model, tensor: str, grid: dict[str, str] | None = None) -> str:
+    """NCHW or NHWC for a 4-D tensor: its layout in `grid` (`spatial_maps`) when there, else
+    from the ops that read or write it (ONNX's Conv and pools are NCHW; a Transpose to or from
+    NHWC, or a Reduce over axes 1, 2, tells the other)."""
+    if grid and tensor in grid:
+        return grid[tensor]
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list] = {}
     for node in model.graph.node:

@@ -50,6 +50,135 @@ def small_cnn():
     return SmallCNN().eval()
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention as timm writes it: qkv -> [3, N, heads, tokens, dim]."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(n, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attention = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(n, tokens, dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim, heads, norm=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """ViT-like: 8x8 patch-embedding conv, position embedding, two blocks; the head on the class
+    token after a LayerNorm (as ViT-Tiny), or on the mean of the tokens without norms."""
+
+    def __init__(self, class_token=True, dim=16, classes=4):
+        super().__init__()
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim)) if class_token else None
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, (SIZE // 8) ** 2 + bool(class_token), dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, 2, class_token) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim) if class_token else nn.Identity()
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1)
+        x = self.norm(self.blocks(x + self.pos))
+        return self.head(x[:, 0] if self.class_token is not None else x.mean(1))
+
+
+class Swin(nn.Module):
+    """Swin-like, NHWC: patch-embedding conv, window attention, patch merging (a 2x2
+    space-to-depth by reshapes of the traced shape, which leaves ONNX's shapes symbolic), a
+    LayerNorm and the mean over h and w before the linear head."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.patch_embed, self.norm0 = nn.Conv2d(3, 16, 4, 4), nn.LayerNorm(16)
+        self.stage1 = TransformerBlock(16, 2)
+        self.merge_norm, self.reduction = nn.LayerNorm(64), nn.Linear(64, 32, bias=False)
+        self.stage2 = TransformerBlock(32, 2)
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, classes)
+
+    @staticmethod
+    def windows(block, x, window):
+        n, h, w, c = x.shape
+        y = x.view(n, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
+        y = block.attn(block.norm1(y.reshape(-1, window * window, c)))
+        y = y.view(n, h // window, w // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+        x = x + y.reshape(n, h, w, c)
+        return x + block.mlp(block.norm2(x))
+
+    def forward(self, x):
+        x = self.windows(self.stage1, self.norm0(self.patch_embed(x).permute(0, 2, 3, 1)), 4)
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        x = self.windows(self.stage2, self.reduction(self.merge_norm(x)), 2)
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+
+def refused(capsys, path, tmp_path, *flags) -> str:
+    """`camface export` on `path` fails: exit 2, one line on stderr, no graph; that line."""
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camface: error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("class_token", [True, False], ids=["class-token", "mean-tokens"])
+def test_a_vision_transformer_is_refused_naming_its_maps_and_the_attention(tmp_path, capsys,
+                                                                          class_token):
+    """Its 4-D tensors are attention [N, heads, tokens, dim] (no map) and the patch embedding (a
+    map, but attention lies between it and the logits): no default target, one line."""
+    torch.manual_seed(0)
+    err = refused(capsys, legacy_onnx(ViT(class_token), tmp_path / "vit.onnx"), tmp_path)
+    assert re.search(r"no spatial feature map that the logits 'logits' read without attention: "
+                     r"the last one, '/patch_embed/Conv_output_0' \[N, 16, 4, 4\], passes through "
+                     r"MatMul node '/blocks/blocks.0/attn/MatMul' .*token grids are not supported "
+                     r"yet\); spatial maps: /patch_embed/Conv_output_0; pass one with --target-layer",
+                     err), err
+
+
+def test_a_target_with_symbolic_height_and_width_is_one_line_naming_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = legacy_onnx(Swin(), tmp_path / "swin.onnx")
+    err = refused(capsys, path, tmp_path)
+    assert re.search(r"target '/norm/LayerNormalization_output_0' \[N, unk__\d+, unk__\d+, 32\] "
+                     r"\(NHWC\): its height and width are not fixed after ONNX shape inference.*"
+                     r"--target-layer, such as .*/Add_1_output_0$", err), err
+    explicit = refused(capsys, path, tmp_path, "--target-layer", "norm")  # a module name
+    assert explicit.startswith("camface: error: target '/norm/LayerNormalization_output_0' [N, unk__")
+
+
+def test_an_attention_tensor_is_no_spatial_map(tmp_path):
+    """spatial_maps on the mean-token ViT: the patch embedding only, though its attention
+    [N, 2, 16, 16] has 16 = 32 / 2 on both sides, like a map at stride 2."""
+    from camface.export import onnx_model
+
+    torch.manual_seed(0)
+    path = legacy_onnx(ViT(class_token=False), tmp_path / "vit.onnx")
+    classifier = onnx_model.describe(onnx_model.load(path))
+    dims = onnx_model.shapes(classifier.model)
+    softmax = next(n.output[0] for n in classifier.model.graph.node if n.op_type == "Softmax")
+    assert dims[softmax][1:] == [2, 16, 16]
+    assert onnx_model.spatial_maps(classifier) == {"/patch_embed/Conv_output_0": "NCHW"}
+
+
 def run_graph(path, images, classes):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
