@@ -198,6 +198,59 @@ def describe(model, where: object = "model") -> Classifier:
                       output.name, logits, activation, int(logit_dims[1]))
 
 
+def settle_shapes(classifier: Classifier) -> Classifier:
+    """`classifier` with the dims that ONNX shape inference leaves symbolic although they do
+    not depend on the batch (a Reshape to a shape computed from Shape ops, as the TorchScript
+    exporter writes Swin's patch merging) fixed to what ONNX Runtime gives them on batches of
+    1 and 2 zero images; a dim that differs between the two stays symbolic. Unchanged when no
+    dim is open or the model does not run (the target's dims are checked later, by name)."""
+    import dataclasses
+
+    import onnx
+    from onnx import helper
+
+    model = classifier.model
+    types = elem_types(model)
+    open_dims = [v.name for v in model.graph.value_info
+                 if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])]
+    if not open_dims:
+        return classifier
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
+                              for name in open_dims)
+    height, width = classifier.input_size
+    layout = ((classifier.channels, height, width) if classifier.input_layout == "NCHW"
+              else (height, width, classifier.channels))
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *layout), np.float32)})
+                for n in (1, 2)]
+    except Exception as exc:  # ONNX Runtime raises its own types; the shapes stay as inferred
+        import logging
+
+        logging.getLogger(__name__).debug("shapes not settled by a probe run: %s", exc)
+        return classifier
+    settled = {name: (a.shape, b.shape) for name, a, b in zip(open_dims, *runs)}
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.value_info:
+        one, two = settled.get(value.name, ((), ()))
+        dims = value.type.tensor_type.shape.dim
+        if len(one) != len(dims):
+            continue
+        for dim, a, b in zip(dims, one, two):
+            if a == b and not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = int(a)
+    return dataclasses.replace(classifier, model=fixed)
+
+
 def differentiable(model, start: str) -> set[str]:
     """Float tensors that depend on `start` through the inputs that carry gradient."""
     from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
