@@ -211,8 +211,10 @@ def settle_shapes(classifier: Classifier) -> Classifier:
 
     model = classifier.model
     types = elem_types(model)
+    outputs = {o.name for o in model.graph.output}
     open_dims = [v.name for v in model.graph.value_info
-                 if any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])]
+                 if v.name not in outputs and types.get(v.name) and
+                 any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])]
     if not open_dims:
         return classifier
     probe = onnx.ModelProto()
@@ -337,17 +339,24 @@ _LAYOUT_PERMS = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
 def spatial_maps(classifier: Classifier) -> dict[str, str]:
     """4-D float tensors laid on the image grid -> their layout (NCHW or NHWC), in graph order:
     the outputs of convolutions and pools, what elementwise ops, normalisations, channel-wise
-    linear layers (MatMul by a constant on NHWC) and NCHW <-> NHWC transposes make of them, and
-    the input of a global spatial pooling. Attention tensors [N, heads, tokens, dim] are none."""
+    linear layers (MatMul by a constant on NHWC) and NCHW <-> NHWC transposes make of them; and
+    the input of a global spatial pooling whose height and width are the input's divided by one
+    stride (`on_grid`) or not fixed yet, whatever made it. No attention tensor [N, heads,
+    tokens, dim] is one: Softmax, Reshape, Slice, Gather and MatMul of two tensors break the
+    chain."""
     model = classifier.model
     dims, values = shapes(model), constants(model)
     grid = {classifier.input_name: classifier.input_layout}
     for node in model.graph.node:
+        pooled = _spatial_pool_input(node, dims, values)
+        if pooled is not None and pooled not in grid:
+            layout = target_layout(model, pooled)
+            size = _hw(dims.get(pooled), layout)
+            fixed = all(isinstance(d, int) for d in size)
+            if on_grid(classifier, dims.get(pooled), layout) or not fixed:
+                grid[pooled] = layout  # pooled over h, w by the model (open dims: feature_dims)
         out = node.output[0] if node.output else ""
         if len(dims.get(out) or []) != 4:
-            pooled = _spatial_pool_input(node, dims, values)
-            if pooled is not None and pooled not in grid and len(dims.get(pooled) or []) == 4:
-                grid[pooled] = target_layout(model, pooled)  # the model pools it over h and w
             continue
         inputs = [x for x in node.input if x in grid and dims.get(x) == dims.get(out)]
         perm = tuple(next((a.ints for a in node.attribute if a.name == "perm"), ()))
@@ -365,17 +374,20 @@ def spatial_maps(classifier: Classifier) -> dict[str, str]:
     return {name: layout for name, layout in grid.items() if name != classifier.input_name}
 
 
-def grid_size(classifier: Classifier, tensor: str, layout: str) -> tuple[int, int] | None:
-    """(h, w) of a spatial map when both are fixed and lie on the input's grid (h, w = H, W
-    divided by one stride s, rounded either way); else None."""
-    dims = shapes(classifier.model).get(tensor) or []
-    size = dims[2:4] if layout == "NCHW" else dims[1:3]
+def _hw(dims, layout: str) -> list:
+    """The (height, width) dims of 4-D `dims` in `layout`; [] for other ranks."""
+    return list(dims[2:4] if layout == "NCHW" else dims[1:3]) if dims and len(dims) == 4 else []
+
+
+def on_grid(classifier: Classifier, dims, layout: str) -> bool:
+    """Whether 4-D `dims` have a fixed height and width that are the input's divided by one
+    stride s (rounded either way)."""
+    size = _hw(dims, layout)
     if len(size) != 2 or not all(isinstance(d, int) and d > 0 for d in size):
-        return None
+        return False
     (height, width), (h, w) = classifier.input_size, size
-    fits = any(h in (height // s, -(-height // s)) and w in (width // s, -(-width // s))
+    return any(h in (height // s, -(-height // s)) and w in (width // s, -(-width // s))
                for s in range(1, max(height, width) + 1))
-    return (h, w) if fits else None
 
 
 def _symbolic(dims) -> str:
@@ -392,8 +404,9 @@ def feature_dims(classifier: Classifier, tensor: str, layout: str) -> tuple[int,
     missing = [name for name, d in (("height", h), ("width", w), ("channels", k))
                if not (isinstance(d, int) and d > 0)]
     if missing:
-        grid = spatial_maps(classifier)
-        known = [t for t in grid if grid_size(classifier, t, grid[t])][-2:]
+        grid, found = spatial_maps(classifier), shapes(classifier.model)
+        known = [t for t in grid if all(isinstance(d, int) for d in _hw(found.get(t), grid[t]))
+                 and _hw(found.get(t), grid[t])][-2:]
         shown = f", such as {', '.join(known)}" if known else ""
         raise ModelError(
             f"target {tensor!r} {_symbolic(dims)} ({layout}): its {' and '.join(missing)} "
@@ -419,9 +432,9 @@ def _attention(model, target: str, logits: str):
 def default_target(classifier: Classifier) -> str:
     """The spatial feature map the heatmaps use when none is named: the input of the last global
     spatial pooling before the logits, else the last spatial map (`spatial_maps`), when its
-    height and width are fixed, on the input's grid, and no attention lies between it and the
-    logits. ModelError naming the tensors and what each lacks otherwise (a vision transformer's
-    tensors are tokens and attention, not maps: token grids are a later feature)."""
+    height and width are fixed and no attention lies between it and the logits. ModelError
+    naming the tensors and what they lack otherwise (a vision transformer's 4-D tensors are
+    attention, and its patch embedding is read through attention: token grids come later)."""
     model = classifier.model
     found = candidates(model, classifier.logits)
     if not found:
@@ -439,14 +452,7 @@ def default_target(classifier: Classifier) -> str:
                          f"or attention, not from convolutions (e.g. {shown}); pass one with "
                          "--target-layer to explain it anyway")
     target = pooled[-1] if pooled else maps[-1]
-    layout = grid[target]
-    feature_dims(classifier, target, layout)  # ModelError when h, w are symbolic
-    if grid_size(classifier, target, layout) is None:
-        raise ModelError(f"no spatial feature map before the logits {classifier.logits!r}: the "
-                         f"last 4-D tensor, {target!r} {_symbolic(dims.get(target))} ({layout}), "
-                         f"is not on the {classifier.input_size[0]}x{classifier.input_size[1]} "
-                         "input's grid (no stride gives its height and width); pass a target "
-                         "with --target-layer")
+    feature_dims(classifier, target, grid[target])  # ModelError when h, w are symbolic
     mixing = _attention(model, target, classifier.logits)
     if mixing is not None:
         tokens = [t for t in found if t not in grid][-1:]
@@ -454,10 +460,10 @@ def default_target(classifier: Classifier) -> str:
         raise ModelError(f"no spatial feature map that the logits {classifier.logits!r} read "
                          f"without attention: the last one, {target!r} "
                          f"{_symbolic(dims.get(target))}, passes through {mixing.op_type} node "
-                         f"{mixing.name!r} (a transformer: its 4-D tensors{shown} are tokens and "
-                         f"attention, not feature maps, and token grids are not supported yet); "
-                         f"spatial maps: {', '.join(maps[-3:])}; pass one with --target-layer to "
-                         "explain it anyway")
+                         f"{mixing.name!r}, which mixes tokens (attention); the other 4-D tensors"
+                         f"{shown} are tokens and attention, not feature maps (token grids are not "
+                         f"supported yet); spatial maps: {', '.join(maps[-3:])}; pass one with "
+                         "--target-layer to explain it anyway")
     return target
 
 

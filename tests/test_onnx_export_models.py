@@ -149,8 +149,9 @@ def test_a_vision_transformer_is_refused_naming_its_maps_and_the_attention(tmp_p
     err = refused(capsys, legacy_onnx(ViT(class_token), tmp_path / "vit.onnx"), tmp_path)
     assert re.search(r"no spatial feature map that the logits 'logits' read without attention: "
                      r"the last one, '/patch_embed/Conv_output_0' \[N, 16, 4, 4\], passes through "
-                     r"MatMul node '/blocks/blocks.0/attn/MatMul' .*token grids are not supported "
-                     r"yet\); spatial maps: /patch_embed/Conv_output_0; pass one with --target-layer",
+                     r"MatMul node '/blocks/blocks.0/attn/MatMul', which mixes tokens \(attention\); "
+                     r"the other 4-D tensors such as '/blocks/blocks.1/attn/\w+' \[.*\] are tokens "
+                     r".*; spatial maps: /patch_embed/Conv_output_0; pass one with --target-layer",
                      err), err
 
 
@@ -202,6 +203,27 @@ def test_a_target_with_symbolic_height_and_width_is_one_line_naming_it(tmp_path,
                      r"--target-layer, such as .*/Add_1_output_0$", err), err
     explicit = refused(capsys, path, tmp_path, "--target-layer", "norm")  # a module name
     assert explicit.startswith("camface: error: target '/norm/LayerNormalization_output_0' [N, unk__")
+
+
+def test_a_model_whose_4d_tensors_are_reshapes_has_no_default_target(tmp_path, capsys):
+    """[N, 3, 8, 8] reshaped to [N, 3, 4, 16] and averaged over its last two axes: pooled like a
+    map, but 16 is no stride of 8, and nothing else is 4-D."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([0, 3, 4, 16], np.int64), "shape"),
+             numpy_helper.from_array(np.ones((4, 3), np.float32), "fc")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["tokens"]),
+             helper.make_node("ReduceMean", ["tokens"], ["pool"], axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["pool", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    err = refused(capsys, tmp_path / "m.onnx", tmp_path)
+    assert "no spatial feature map (N, C, h, w) on the image grid before the logits 'logits'" in err
+    assert "(e.g. tokens [N, 3, 4, 16]); pass one with --target-layer" in err
 
 
 def test_an_attention_tensor_is_no_spatial_map(tmp_path):
