@@ -10,12 +10,15 @@ output is the last tensor written inside the module and read outside it.
 from __future__ import annotations
 
 import ast
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from camface.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -234,9 +237,7 @@ def settle_shapes(classifier: Classifier) -> Classifier:
         runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *layout), np.float32)})
                 for n in (1, 2)]
     except Exception as exc:  # ONNX Runtime raises its own types; the shapes stay as inferred
-        import logging
-
-        logging.getLogger(__name__).debug("shapes not settled by a probe run: %s", exc)
+        log.debug("shapes not settled by a probe run: %s", exc)
         return classifier
     settled = {name: (a.shape, b.shape) for name, a, b in zip(open_dims, *runs)}
     fixed = onnx.ModelProto()
@@ -509,6 +510,12 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
     for tensor in (name if name in found else None, modules.get(name), nodes.get(name)):
         if tensor is not None and tensor in found:
+            if tensor not in spatial_maps(classifier):
+                producer = next((n for n in model.graph.node if tensor in n.output), None)
+                log.warning("target %s (%s %s) is no spatial feature map on the image grid: its "
+                            "heatmaps span its last two axes, not the image", name,
+                            producer.op_type if producer else "input",
+                            _symbolic(shapes(model).get(tensor)))
             return tensor, name
     four_d = set(found)
     module_names = [m for m, t in modules.items() if t in four_d]

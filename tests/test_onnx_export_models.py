@@ -188,6 +188,19 @@ def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_o
     np.testing.assert_allclose(got["gradcam"], np.maximum(cam, 0) / 16, rtol=1e-4, atol=1e-6)
 
 
+def test_an_attention_target_named_explicitly_is_exported_with_a_warning(tmp_path, caplog):
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = legacy_onnx(ViT(class_token=False), tmp_path / "vit.onnx")
+    softmax = "/blocks/blocks.1/attn/Softmax_output_0"
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer=softmax))
+    assert result.info.target_layer == softmax and result.info.feature_size == (16, 16)
+    assert f"target {softmax} (Softmax [N, 2, 16, 16]) is no spatial feature map" in caplog.text
+
+
 def test_a_target_with_symbolic_height_and_width_is_one_line_naming_it(tmp_path, capsys,
                                                                        monkeypatch):
     """When the probe run cannot fix them (a model ONNX Runtime does not run, here: the probe
