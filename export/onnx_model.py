@@ -326,14 +326,16 @@ def candidates(model, logits: str) -> list[str]:
 # Ops that lay a feature map on the image grid whatever their input: ONNX's are NCHW.
 _GRID_MAKERS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 # Ops whose output keeps the grid (and layout) of an input of the output's shape: elementwise
-# maths, normalisations, resizing. Softmax, Reshape, Transpose (but NCHW <-> NHWC), Slice,
-# Gather and MatMul of two varying tensors (attention) do not: their output is no feature map.
+# maths and normalisations (resizing, and a Concat of channels, below). Softmax, Reshape,
+# Transpose (but NCHW <-> NHWC), Slice, Gather and MatMul of two varying tensors (attention)
+# do not: their output is no feature map.
 _GRID_KEEPERS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
                  "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Clip", "Abs",
                  "Neg", "Exp", "Log", "Sqrt", "Pow", "Sin", "Cos", "Identity", "Dropout", "Cast",
                  "Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Where",
                  "BatchNormalization", "InstanceNormalization", "LayerNormalization",
-                 "GroupNormalization", "LRN", "Resize", "Upsample", "Pad", "Concat")
+                 "GroupNormalization", "LRN")
+_GRID_RESIZERS = ("Resize", "Upsample", "Pad")  # the same grid, another size
 _LAYOUT_PERMS = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
 
 
@@ -365,6 +367,12 @@ def spatial_maps(classifier: Classifier) -> dict[str, str]:
             grid[out] = "NCHW"
         elif node.op_type in _GRID_KEEPERS and inputs:
             grid[out] = grid[inputs[0]]
+        elif node.op_type in _GRID_RESIZERS and node.input[0] in grid:
+            grid[out] = grid[node.input[0]]
+        elif node.op_type == "Concat" and node.input[0] in grid:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % 4
+            if axis == (1 if grid[node.input[0]] == "NCHW" else 3):  # DenseNet: channels
+                grid[out] = grid[node.input[0]]
         elif node.op_type == "Transpose" and node.input[0] in grid:
             layout = _LAYOUT_PERMS.get((grid[node.input[0]], perm))
             if layout:

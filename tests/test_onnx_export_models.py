@@ -239,6 +239,38 @@ def test_a_model_whose_4d_tensors_are_reshapes_has_no_default_target(tmp_path, c
     assert "(e.g. tokens [N, 3, 4, 16]); pass one with --target-layer" in err
 
 
+class DenseSE(nn.Module):
+    """A dense block (a Concat of channels), squeeze-and-excitation (a Mul by [N, C, 1, 1]) and
+    an upsampling: maps all of them, through to the global pooling."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem, self.grow = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 4, 3, 1, 1)
+        self.squeeze, self.excite = nn.Conv2d(12, 3, 1), nn.Conv2d(3, 12, 1)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, self.grow(x)], 1)
+        x = x * torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = torch.relu(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_concat_of_channels_excitation_and_upsampling_keep_the_map(tmp_path):
+    from camface.export import onnx_model
+
+    torch.manual_seed(0)
+    path = legacy_onnx(DenseSE(), tmp_path / "dense.onnx")
+    classifier = onnx_model.describe(onnx_model.load(path))
+    maps = onnx_model.spatial_maps(classifier)
+    producers = {o: n.op_type for n in classifier.model.graph.node for o in n.output}
+    kinds = {producers[t] for t in maps}
+    assert {"Concat", "Mul", "Resize", "Relu"} <= kinds and set(maps.values()) == {"NCHW"}
+    target = onnx_model.default_target(classifier)
+    assert producers[target] == "Relu" and onnx_model.shapes(classifier.model)[target][1:] == [12, 32, 32]
+
+
 def test_an_attention_tensor_is_no_spatial_map(tmp_path):
     """spatial_maps on the mean-token ViT: the patch embedding only, though its attention
     [N, 2, 16, 16] has 16 = 32 / 2 on both sides, like a map at stride 2."""
