@@ -361,7 +361,8 @@ def spatial_maps(classifier: Classifier) -> dict[str, str]:
         out = node.output[0] if node.output else ""
         if len(dims.get(out) or []) != 4:
             continue
-        inputs = [x for x in node.input if x in grid and dims.get(x) == dims.get(out)]
+        # the batch dim may be named differently (N, unk__3): compared without it
+        inputs = [x for x in node.input if x in grid and (dims.get(x) or [])[1:] == dims[out][1:]]
         perm = tuple(next((a.ints for a in node.attribute if a.name == "perm"), ()))
         if node.op_type in _GRID_MAKERS:
             grid[out] = "NCHW"

@@ -271,6 +271,37 @@ def test_concat_of_channels_excitation_and_upsampling_keep_the_map(tmp_path):
     assert producers[target] == "Relu" and onnx_model.shapes(classifier.model)[target][1:] == [12, 32, 32]
 
 
+def test_a_residual_add_keeps_the_map_whatever_its_batch_dim_is_called():
+    """conv + (conv reshaped away and back): shape inference names the sum's batch unk__2, the
+    conv's N; the sum, and the ReLU after it, are still the map."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from camface.export import onnx_model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 384], np.int64), "rows_shape"),
+             numpy_helper.from_array(np.array([-1, 6, 8, 8], np.int64), "grid_shape"),
+             numpy_helper.from_array(rng.standard_normal((4, 384)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["conv", "rows_shape"], ["rows"]),
+             helper.make_node("Reshape", ["rows", "grid_shape"], ["back"]),
+             helper.make_node("Add", ["back", "conv"], ["sum"]),
+             helper.make_node("Relu", ["sum"], ["relu"]),
+             helper.make_node("Flatten", ["relu"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    classifier = onnx_model.describe(onnx_model.prepare(model))
+    dims = onnx_model.shapes(classifier.model)
+    assert dims["conv"][0] != dims["sum"][0]
+    assert onnx_model.spatial_maps(classifier) == {"conv": "NCHW", "sum": "NCHW", "relu": "NCHW"}
+    assert onnx_model.default_target(classifier) == "relu"
+
+
 def test_an_attention_tensor_is_no_spatial_map(tmp_path):
     """spatial_maps on the mean-token ViT: the patch embedding only, though its attention
     [N, 2, 16, 16] has 16 = 32 / 2 on both sides, like a map at stride 2."""
