@@ -92,8 +92,8 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
                          "graph's contract uses (rename them with onnx_model.rename)")
     b = GraphBuilder(classifier.opset, taken=taken)
     layout = onnx_model.target_layout(source, target, onnx_model.spatial_maps(classifier))
-    *feature_size, k = onnx_model.feature_dims(classifier, target, layout)  # k: channels
-    feature_size = tuple(feature_size)
+    h, w, k = onnx_model.feature_dims(classifier, target, layout)  # k: the target's channels
+    feature_size = (h, w)
     head_nodes = onnx_model.head(source, target, classifier.logits)
 
     # image uint8 [N, H, W, C] -> the model's float input

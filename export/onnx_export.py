@@ -55,8 +55,7 @@ def build(model, options: ExportOptions, source: str = "model"):
     from camface.export import onnx_cam, onnx_model, onnx_verify
 
     if options.fp16:
-        raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet"
-                         + (" (and --int8 excludes it)" if options.int8 else ""))
+        raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
     model = onnx_model.prepare(upgrade(model, source), where=source)
     # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins
     model, renamed = onnx_model.rename(model, onnx_cam.RESERVED)

@@ -225,8 +225,8 @@ def settle_shapes(classifier: Classifier) -> Classifier:
     probe.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
                               for name in open_dims)
     height, width = classifier.input_size
-    layout = ((classifier.channels, height, width) if classifier.input_layout == "NCHW"
-              else (height, width, classifier.channels))
+    image = ((classifier.channels, height, width) if classifier.input_layout == "NCHW"
+             else (height, width, classifier.channels))
     try:
         import onnxruntime as ort
 
@@ -234,7 +234,7 @@ def settle_shapes(classifier: Classifier) -> Classifier:
         options.log_severity_level = 3
         session = ort.InferenceSession(probe.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-        runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *layout), np.float32)})
+        runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *image), np.float32)})
                 for n in (1, 2)]
     except Exception as exc:  # ONNX Runtime raises its own types; the shapes stay as inferred
         log.debug("shapes not settled by a probe run: %s", exc)
