@@ -27,7 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the heatmaps use (Keras: nested outer/inner;"
                              " .onnx/.pt2: a tensor, node or PyTorch module name such as layer4); "
-                             "default: the last 4-D layer before global pooling")
+                             "default: the last spatial feature map (N, C, h, w on the image grid) before "
+                             "global pooling")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None,

@@ -157,10 +157,9 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         _warn_ill_conditioned(differences, info.target_layer)
     quantized = None
     if options.int8:  # on the verified float32 graph; raises ModelError when it disagrees
-        from camface.export.int8 import to_int8
+        from camface.export.int8 import export_int8
 
-        quantized = to_int8(onnx_model, options.calibration, options.calibration_method)
-        onnx_model, info = quantized.model, replace(info, precision="int8", quantization=quantized.report)
+        onnx_model, info, quantized = export_int8(onnx_model, info, options)
     convert.save(onnx_model, output)
     return ExportResult(output, info, differences, time.perf_counter() - started, quantized)
 

@@ -32,7 +32,7 @@ import io
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +282,14 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
     del quantized.metadata_props[:]
     onnx.helper.set_model_props(quantized, props)
     return Int8Result(quantized, result, floor, report)
+
+
+def export_int8(model, info: graph_spec.GraphInfo, options) -> tuple[object, graph_spec.GraphInfo, Int8Result]:
+    """`camface export --int8`, every engine: the verified float32 CAM graph `model` (metadata
+    set) quantized from `options.calibration` by `options.calibration_method` and checked
+    (`to_int8`); returns the int8 graph, `info` with precision and quantization, and the result."""
+    result = to_int8(model, options.calibration, options.calibration_method)
+    return result.model, replace(info, precision="int8", quantization=result.report), result
 
 
 def summary_lines(report: dict) -> list[str]:

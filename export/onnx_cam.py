@@ -21,6 +21,9 @@ from camface.export.onnx_builder import GraphBuilder
 from camface.export.onnx_ops import OnnxTensor, ONNX_OPS
 
 GRADIENT = "camface/gradient_nhwc"  # the gradient tensor, for the self-check
+# Names the CAM graph's contract uses; `onnx_model.rename` moves a model's own tensors aside.
+RESERVED = (graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
+            graph_spec.OUTPUT_ACTIVATIONS, *methods.METHODS, GRADIENT)
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,14 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     graph = model.graph
     taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | \
         {v.name for v in graph.input}
-    clash = taken & {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
-                     graph_spec.OUTPUT_ACTIVATIONS, *methods.METHODS}
-    if clash - {classifier.input_name}:
+    clash = taken & set(RESERVED)
+    if clash:  # onnx_export.build renames them first (onnx_model.rename)
         raise ModelError(f"the model already has tensors named {sorted(clash)}, which the CAM "
-                         "graph's contract uses")
+                         "graph's contract uses (rename them with onnx_model.rename)")
     b = GraphBuilder(classifier.opset, taken=taken)
-    layout = onnx_model.target_layout(source, target)
-    dims = onnx_model.shapes(source)[target]
-    feature_size = tuple(int(d) for d in (dims[2:] if layout == "NCHW" else dims[1:3]))
-    k = int(dims[1] if layout == "NCHW" else dims[3])  # channels of the target
+    layout = onnx_model.target_layout(source, target, onnx_model.spatial_maps(classifier))
+    h, w, k = onnx_model.feature_dims(classifier, target, layout)  # k: the target's channels
+    feature_size = (h, w)
     head_nodes = onnx_model.head(source, target, classifier.logits)
 
     # image uint8 [N, H, W, C] -> the model's float input

@@ -57,14 +57,20 @@ def build(model, options: ExportOptions, source: str = "model"):
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
     model = onnx_model.prepare(upgrade(model, source), where=source)
-    classifier = onnx_model.describe(model, where=source)
+    # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins
+    model, renamed = onnx_model.rename(model, onnx_cam.RESERVED)
+    if renamed:
+        log.info("%s: tensors renamed inside the CAM graph: %s", source,
+                 ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
+    classifier = onnx_model.settle_shapes(onnx_model.describe(model, where=source))
     labels = options.labels or tuple(f"class_{i}" for i in range(classifier.num_classes))
     if len(labels) != classifier.num_classes:
         where = f"labels file {options.labels_source}" if options.labels_source else "labels"
         raise ModelError(f"{where}: {len(labels)} labels, but {source} has "
                          f"{classifier.num_classes} classes (one label per line, in class order)")
     pre = preprocessing(options, classifier.channels)
-    target, target_name = onnx_model.resolve_target(classifier, options.target_layer)
+    target, target_name = onnx_model.resolve_target(
+        classifier, renamed.get(options.target_layer, options.target_layer))
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
     built = onnx_cam.build(classifier, target, pre.scale, pre.offset, heads)
@@ -101,5 +107,10 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         log.info("no CAM: %s", info.cam_unavailable_reason)
     convert.set_metadata(cam_graph, info.to_metadata(),
                          doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
+    quantized = None
+    if options.int8:  # on the self-checked float32 graph; ModelError when it disagrees
+        from camface.export.int8 import export_int8
+
+        cam_graph, info, quantized = export_int8(cam_graph, info, options)
     convert.save(cam_graph, output)
-    return ExportResult(output, info, differences, time.perf_counter() - started)
+    return ExportResult(output, info, differences, time.perf_counter() - started, quantized)

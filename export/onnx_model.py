@@ -10,12 +10,15 @@ output is the last tensor written inside the module and read outside it.
 from __future__ import annotations
 
 import ast
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from camface.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
@@ -71,6 +74,55 @@ def prepare(model, where: object = "model"):
         return shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
+
+
+def rename(model, reserved) -> tuple[object, dict[str, str]]:
+    """A copy of `model` in which every tensor named in `reserved` (the CAM graph's own names:
+    `probs`, `image`, ...) is called `model/<name>` instead, everywhere it appears (nodes and
+    their subgraphs, graph inputs and outputs, initializers, value_info); and the old -> new
+    names. The model itself is returned when nothing clashes."""
+    import onnx
+
+    def names(graph):
+        found = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+        found |= {i.name for i in graph.initializer}
+        for node in graph.node:
+            found.update(node.input)
+            found.update(node.output)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    found |= names(sub)
+        return found
+
+    taken = names(model.graph)
+    clash = sorted(set(reserved) & taken)
+    if not clash:
+        return model, {}
+    mapping = {}
+    for name in clash:
+        new, index = f"model/{name}", 1
+        while new in taken:
+            index += 1
+            new = f"model/{name}_{index}"
+        taken.add(new)
+        mapping[name] = new
+
+    def apply(graph):
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            value.name = mapping.get(value.name, value.name)
+        for init in graph.initializer:
+            init.name = mapping.get(init.name, init.name)
+        for node in graph.node:
+            node.input[:] = [mapping.get(x, x) for x in node.input]
+            node.output[:] = [mapping.get(x, x) for x in node.output]
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    apply(sub)
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    apply(copy.graph)
+    return copy, mapping
 
 
 def shapes(model) -> dict[str, list | None]:
@@ -149,6 +201,59 @@ def describe(model, where: object = "model") -> Classifier:
                       output.name, logits, activation, int(logit_dims[1]))
 
 
+def settle_shapes(classifier: Classifier) -> Classifier:
+    """`classifier` with the dims that ONNX shape inference leaves symbolic although they do
+    not depend on the batch (a Reshape to a shape computed from Shape ops, as the TorchScript
+    exporter writes Swin's patch merging) fixed to what ONNX Runtime gives them on batches of
+    1 and 2 zero images; a dim that differs between the two stays symbolic. Unchanged when no
+    dim is open or the model does not run (the target's dims are checked later, by name)."""
+    import dataclasses
+
+    import onnx
+    from onnx import helper
+
+    model = classifier.model
+    types = elem_types(model)
+    outputs = {o.name for o in model.graph.output}
+    open_dims = [v.name for v in model.graph.value_info
+                 if v.name not in outputs and types.get(v.name) and
+                 any(not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim[1:])]
+    if not open_dims:
+        return classifier
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, types[name], None)
+                              for name in open_dims)
+    height, width = classifier.input_size
+    image = ((classifier.channels, height, width) if classifier.input_layout == "NCHW"
+             else (height, width, classifier.channels))
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *image), np.float32)})
+                for n in (1, 2)]
+    except Exception as exc:  # ONNX Runtime raises its own types; the shapes stay as inferred
+        log.debug("shapes not settled by a probe run: %s", exc)
+        return classifier
+    settled = {name: (a.shape, b.shape) for name, a, b in zip(open_dims, *runs)}
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.value_info:
+        one, two = settled.get(value.name, ((), ()))
+        dims = value.type.tensor_type.shape.dim
+        if len(one) != len(dims):
+            continue
+        for dim, a, b in zip(dims, one, two):
+            if a == b and not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = int(a)
+    return dataclasses.replace(classifier, model=fixed)
+
+
 def differentiable(model, start: str) -> set[str]:
     """Float tensors that depend on `start` through the inputs that carry gradient."""
     from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
@@ -218,18 +323,158 @@ def candidates(model, logits: str) -> list[str]:
             if o in ancestors and len(dims.get(o) or []) == 4 and types.get(o, FLOAT) == FLOAT]
 
 
+# Ops that lay a feature map on the image grid whatever their input: ONNX's are NCHW.
+_GRID_MAKERS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
+# Ops whose output keeps the grid (and layout) of an input of the output's shape: elementwise
+# maths and normalisations (resizing, and a Concat of channels, below). Softmax, Reshape,
+# Transpose (but NCHW <-> NHWC), Slice, Gather and MatMul of two varying tensors (attention)
+# do not: their output is no feature map.
+_GRID_KEEPERS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
+                 "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Clip", "Abs",
+                 "Neg", "Exp", "Log", "Sqrt", "Pow", "Sin", "Cos", "Identity", "Dropout", "Cast",
+                 "Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Where",
+                 "BatchNormalization", "InstanceNormalization", "LayerNormalization",
+                 "GroupNormalization", "LRN")
+_GRID_RESIZERS = ("Resize", "Upsample", "Pad")  # the same grid, another size
+_LAYOUT_PERMS = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
+
+
+def spatial_maps(classifier: Classifier) -> dict[str, str]:
+    """4-D float tensors laid on the image grid -> their layout (NCHW or NHWC), in graph order:
+    the outputs of convolutions and pools, what elementwise ops, normalisations, channel-wise
+    linear layers (MatMul by a constant on NHWC) and NCHW <-> NHWC transposes make of them; and
+    the input of a global spatial pooling whose height and width are the input's divided by one
+    stride (`on_grid`) or not fixed yet, whatever made it. No attention tensor [N, heads,
+    tokens, dim] is one: Softmax, Reshape, Slice, Gather and MatMul of two tensors break the
+    chain."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    grid = {classifier.input_name: classifier.input_layout}
+    for node in model.graph.node:
+        pooled = _spatial_pool_input(node, dims, values)
+        if pooled is not None and pooled not in grid:
+            layout = target_layout(model, pooled)
+            size = _hw(dims.get(pooled), layout)
+            fixed = all(isinstance(d, int) for d in size)
+            if on_grid(classifier, dims.get(pooled), layout) or not fixed:
+                grid[pooled] = layout  # pooled over h, w by the model (open dims: feature_dims)
+        out = node.output[0] if node.output else ""
+        if len(dims.get(out) or []) != 4:
+            continue
+        # the batch dim may be named differently (N, unk__3): compared without it
+        inputs = [x for x in node.input if x in grid and (dims.get(x) or [])[1:] == dims[out][1:]]
+        perm = tuple(next((a.ints for a in node.attribute if a.name == "perm"), ()))
+        if node.op_type in _GRID_MAKERS:
+            grid[out] = "NCHW"
+        elif node.op_type in _GRID_KEEPERS and inputs:
+            grid[out] = grid[inputs[0]]
+        elif node.op_type in _GRID_RESIZERS and node.input[0] in grid:
+            grid[out] = grid[node.input[0]]
+        elif node.op_type == "Concat" and node.input[0] in grid:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % 4
+            if axis == (1 if grid[node.input[0]] == "NCHW" else 3):  # DenseNet: channels
+                grid[out] = grid[node.input[0]]
+        elif node.op_type == "Transpose" and node.input[0] in grid:
+            layout = _LAYOUT_PERMS.get((grid[node.input[0]], perm))
+            if layout:
+                grid[out] = layout
+        elif node.op_type == "MatMul" and node.input[0] in grid and node.input[1] in values \
+                and grid[node.input[0]] == "NHWC":
+            grid[out] = "NHWC"  # a linear layer over the channels of an NHWC map
+    return {name: layout for name, layout in grid.items() if name != classifier.input_name}
+
+
+def _hw(dims, layout: str) -> list:
+    """The (height, width) dims of 4-D `dims` in `layout`; [] for other ranks."""
+    return list(dims[2:4] if layout == "NCHW" else dims[1:3]) if dims and len(dims) == 4 else []
+
+
+def on_grid(classifier: Classifier, dims, layout: str) -> bool:
+    """Whether 4-D `dims` have a fixed height and width that are the input's divided by one
+    stride s (rounded either way)."""
+    size = _hw(dims, layout)
+    if len(size) != 2 or not all(isinstance(d, int) and d > 0 for d in size):
+        return False
+    (height, width), (h, w) = classifier.input_size, size
+    return any(h in (height // s, -(-height // s)) and w in (width // s, -(-width // s))
+               for s in range(1, max(height, width) + 1))
+
+
+def _symbolic(dims) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in dims or []) + "]"
+
+
+def feature_dims(classifier: Classifier, tensor: str, layout: str) -> tuple[int, int, int]:
+    """(h, w, channels) of the target `tensor`; ModelError naming it when one is not a fixed
+    number after ONNX shape inference (a Reshape computed from Shape ops leaves them symbolic)."""
+    dims = shapes(classifier.model).get(tensor) or []
+    if len(dims) != 4:
+        raise ModelError(f"target {tensor!r} {_symbolic(dims)} is not 4-D")
+    h, w, k = (dims[2], dims[3], dims[1]) if layout == "NCHW" else (dims[1], dims[2], dims[3])
+    missing = [name for name, d in (("height", h), ("width", w), ("channels", k))
+               if not (isinstance(d, int) and d > 0)]
+    if missing:
+        grid, found = spatial_maps(classifier), shapes(classifier.model)
+        known = [t for t in grid if all(isinstance(d, int) for d in _hw(found.get(t), grid[t]))
+                 and _hw(found.get(t), grid[t])][-2:]
+        shown = f", such as {', '.join(known)}" if known else ""
+        raise ModelError(
+            f"target {tensor!r} {_symbolic(dims)} ({layout}): its {' and '.join(missing)} "
+            "are not fixed after ONNX shape inference (computed at run time from Shape ops); the "
+            "CAM graph needs a fixed feature map: re-export the model with static shapes "
+            "(torch.onnx.export(..., dynamo=True), or onnxsim) or pick a target whose height "
+            f"and width are known with --target-layer{shown}")
+    return int(h), int(w), int(k)
+
+
+def _attention(model, target: str, logits: str):
+    """The first node between `target` and the logits that mixes tokens (Softmax, or MatMul /
+    Einsum of two tensors that both depend on the target), or None."""
+    live = differentiable(model, target)
+    for node in head(model, target, logits):
+        varying = [x for x in node.input if x in live]
+        if (node.op_type == "Softmax" and node.output[0] != logits) or \
+                (node.op_type in ("MatMul", "Einsum") and len(varying) > 1):
+            return node
+    return None
+
+
 def default_target(classifier: Classifier) -> str:
-    """The input of the last global spatial pooling before the logits; without one, the last
-    4-D tensor. ModelError when the logits depend on no 4-D tensor."""
+    """The spatial feature map the heatmaps use when none is named: the input of the last global
+    spatial pooling before the logits, else the last spatial map (`spatial_maps`), when its
+    height and width are fixed and no attention lies between it and the logits. ModelError
+    naming the tensors and what they lack otherwise (a vision transformer's 4-D tensors are
+    attention, and its patch embedding is read through attention: token grids come later)."""
     model = classifier.model
     found = candidates(model, classifier.logits)
     if not found:
         raise ModelError(f"no 4-D tensor (N, C, h, w) before the logits {classifier.logits!r}: "
                          "camface explains convolutional classifiers")
     dims, values = shapes(model), constants(model)
+    grid = spatial_maps(classifier)
+    maps = [t for t in found if t in grid]
     pooled = [_spatial_pool_input(n, dims, values) for n in model.graph.node]
-    pooled = [p for p in pooled if p in set(found)]
-    return pooled[-1] if pooled else found[-1]
+    pooled = [p for p in pooled if p in set(maps)]
+    if not maps:
+        shown = ", ".join(f"{t} {_symbolic(dims.get(t))}" for t in found[-3:])
+        raise ModelError(f"no spatial feature map (N, C, h, w) on the image grid before the logits "
+                         f"{classifier.logits!r}: its 4-D tensors come from reshapes, transposes "
+                         f"or attention, not from convolutions (e.g. {shown}); pass one with "
+                         "--target-layer to explain it anyway")
+    target = pooled[-1] if pooled else maps[-1]
+    feature_dims(classifier, target, grid[target])  # ModelError when h, w are symbolic
+    mixing = _attention(model, target, classifier.logits)
+    if mixing is not None:
+        tokens = [t for t in found if t not in grid][-1:]
+        shown = "".join(f" such as {t!r} {_symbolic(dims.get(t))}" for t in tokens)
+        raise ModelError(f"no spatial feature map that the logits {classifier.logits!r} read "
+                         f"without attention: the last one, {target!r} "
+                         f"{_symbolic(dims.get(target))}, passes through {mixing.op_type} node "
+                         f"{mixing.name!r}, which mixes tokens (attention); the other 4-D tensors"
+                         f"{shown} are tokens and attention, not feature maps (token grids are not "
+                         f"supported yet); spatial maps: {', '.join(maps[-3:])}; pass one with "
+                         "--target-layer to explain it anyway")
+    return target
 
 
 def module_outputs(model) -> dict[str, str]:
@@ -274,6 +519,12 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
     for tensor in (name if name in found else None, modules.get(name), nodes.get(name)):
         if tensor is not None and tensor in found:
+            if tensor not in spatial_maps(classifier):
+                producer = next((n for n in model.graph.node if tensor in n.output), None)
+                log.warning("target %s (%s %s) is no spatial feature map on the image grid: its "
+                            "heatmaps span its last two axes, not the image", name,
+                            producer.op_type if producer else "input",
+                            _symbolic(shapes(model).get(tensor)))
             return tensor, name
     four_d = set(found)
     module_names = [m for m, t in modules.items() if t in four_d]
@@ -284,9 +535,12 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     raise ModelError(f"{why}; candidate target layers: {', '.join(shown)}")
 
 
-def target_layout(model, tensor: str) -> str:
-    """NCHW or NHWC for a 4-D tensor, from the ops that read or write it (ONNX's Conv and pools
-    are NCHW; a Transpose to or from NHWC, or a Reduce over axes 1, 2, tells the other)."""
+def target_layout(model, tensor: str, grid: dict[str, str] | None = None) -> str:
+    """NCHW or NHWC for a 4-D tensor: its layout in `grid` (`spatial_maps`) when there, else
+    from the ops that read or write it (ONNX's Conv and pools are NCHW; a Transpose to or from
+    NHWC, or a Reduce over axes 1, 2, tells the other)."""
+    if grid and tensor in grid:
+        return grid[tensor]
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, list] = {}
     for node in model.graph.node:

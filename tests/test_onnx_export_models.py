@@ -1,0 +1,384 @@
+"""Models users export that are not plain CNNs with camface-friendly names: transformers
+(ViT-like, Swin-like), outputs named like camface's own tensors, and --int8 on the ONNX engine.
+Inline PyTorch models, exported with torch.onnx's legacy (TorchScript) exporter at opset 17 as
+users do, and `camface export` run on them: a CAM graph, or one line that names what is wrong."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from torch import nn  # noqa: E402
+
+from camface.cli import main  # noqa: E402
+
+SIZE = 32
+
+
+def legacy_onnx(model, path, input_name="x", output_name="logits"):
+    """`model` -> ONNX at `path` by torch.onnx's TorchScript exporter (opset 17, dynamic batch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          opset_version=17, input_names=[input_name], output_names=[output_name],
+                          dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
+    return path
+
+
+class SmallCNN(nn.Module):
+    """conv-relu-pool-conv-relu, global average pooling, linear, softmax (`probs` out)."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 12, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(self.features(x).mean(dim=(2, 3))), 1)
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return SmallCNN().eval()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention as timm writes it: qkv -> [3, N, heads, tokens, dim]."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(n, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attention = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((attention @ v).transpose(1, 2).reshape(n, tokens, dim))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim, heads, norm=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim) if norm else nn.Identity()
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """ViT-like: 8x8 patch-embedding conv, position embedding, two blocks; the head on the class
+    token after a LayerNorm (as ViT-Tiny), or on the mean of the tokens without norms."""
+
+    def __init__(self, class_token=True, dim=16, classes=4):
+        super().__init__()
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim)) if class_token else None
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, (SIZE // 8) ** 2 + bool(class_token), dim))
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, 2, class_token) for _ in range(2)])
+        self.norm = nn.LayerNorm(dim) if class_token else nn.Identity()
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1)
+        x = self.norm(self.blocks(x + self.pos))
+        return self.head(x[:, 0] if self.class_token is not None else x.mean(1))
+
+
+class Swin(nn.Module):
+    """Swin-like, NHWC: patch-embedding conv, window attention, patch merging (a 2x2
+    space-to-depth by reshapes of the traced shape, which leaves ONNX's shapes symbolic), a
+    LayerNorm and the mean over h and w before the linear head."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.patch_embed, self.norm0 = nn.Conv2d(3, 16, 4, 4), nn.LayerNorm(16)
+        self.stage1 = TransformerBlock(16, 2)
+        self.merge_norm, self.reduction = nn.LayerNorm(64), nn.Linear(64, 32, bias=False)
+        self.stage2 = TransformerBlock(32, 2)
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, classes)
+
+    @staticmethod
+    def windows(block, x, window):
+        n, h, w, c = x.shape
+        y = x.view(n, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
+        y = block.attn(block.norm1(y.reshape(-1, window * window, c)))
+        y = y.view(n, h // window, w // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+        x = x + y.reshape(n, h, w, c)
+        return x + block.mlp(block.norm2(x))
+
+    def forward(self, x):
+        x = self.windows(self.stage1, self.norm0(self.patch_embed(x).permute(0, 2, 3, 1)), 4)
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        x = self.windows(self.stage2, self.reduction(self.merge_norm(x)), 2)
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+
+def refused(capsys, path, tmp_path, *flags) -> str:
+    """`camface export` on `path` fails: exit 2, one line on stderr, no graph; that line."""
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("camface: error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+    return err
+
+
+@pytest.mark.parametrize("class_token", [True, False], ids=["class-token", "mean-tokens"])
+def test_a_vision_transformer_is_refused_naming_its_maps_and_the_attention(tmp_path, capsys,
+                                                                          class_token):
+    """Its 4-D tensors are attention [N, heads, tokens, dim] (no map) and the patch embedding (a
+    map, but attention lies between it and the logits): no default target, one line."""
+    torch.manual_seed(0)
+    err = refused(capsys, legacy_onnx(ViT(class_token), tmp_path / "vit.onnx"), tmp_path)
+    assert re.search(r"no spatial feature map that the logits 'logits' read without attention: "
+                     r"the last one, '/patch_embed/Conv_output_0' \[N, 16, 4, 4\], passes through "
+                     r"MatMul node '/blocks/blocks.0/attn/MatMul', which mixes tokens \(attention\); "
+                     r"the other 4-D tensors such as '/blocks/blocks.1/attn/\w+' \[.*\] are tokens "
+                     r".*; spatial maps: /patch_embed/Conv_output_0; pass one with --target-layer",
+                     err), err
+
+
+def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_open(tmp_path):
+    """Patch merging by reshapes of the traced shape: ONNX's shape inference leaves h and w of
+    every later tensor symbolic; a probe run fixes them, and the map before the mean over h, w
+    (NHWC) is the target. Values against torch on the same weights."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = Swin().eval()
+    path = legacy_onnx(model, tmp_path / "swin.onnx")
+    shapes = onnx.shape_inference.infer_shapes(onnx.load(str(path)), data_prop=True).graph.value_info
+    assert any(v.name == "/norm/LayerNormalization_output_0" and v.type.tensor_type.shape.dim[1].dim_param
+               for v in shapes)  # what shape inference alone leaves
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    assert result.info.target_layer == "norm" and result.info.feature_size == (4, 4)
+    assert "cam" in result.info.heatmaps and all(d.ok for d in result.differences)
+    images = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1, 3], np.int64)
+    got = run_graph(result.path, images, classes)
+    seen = {}
+    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(a=out))
+    with torch.no_grad():
+        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)).numpy()
+    hook.remove()
+    np.testing.assert_allclose(got["probs"], torch.softmax(torch.tensor(logits), 1).numpy(),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["activations"], seen["a"].numpy(), rtol=1e-4, atol=1e-4)
+    chosen = np.where(classes < 0, logits.argmax(1), classes)
+    cam = np.einsum("nhwk,nk->nhw", got["activations"], model.head.weight.detach().numpy()[chosen])
+    np.testing.assert_allclose(got["cam"], cam, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(cam, 0) / 16, rtol=1e-4, atol=1e-6)
+
+
+def test_an_attention_target_named_explicitly_is_exported_with_a_warning(tmp_path, caplog):
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = legacy_onnx(ViT(class_token=False), tmp_path / "vit.onnx")
+    softmax = "/blocks/blocks.1/attn/Softmax_output_0"
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer=softmax))
+    assert result.info.target_layer == softmax and result.info.feature_size == (16, 16)
+    assert f"target {softmax} (Softmax [N, 2, 16, 16]) is no spatial feature map" in caplog.text
+
+
+def test_a_target_with_symbolic_height_and_width_is_one_line_naming_it(tmp_path, capsys,
+                                                                       monkeypatch):
+    """When the probe run cannot fix them (a model ONNX Runtime does not run, here: the probe
+    left out), the target's open dims are named, not a ValueError from int('unk__5')."""
+    from camface.export import onnx_model
+
+    monkeypatch.setattr(onnx_model, "settle_shapes", lambda classifier: classifier)
+    torch.manual_seed(0)
+    path = legacy_onnx(Swin(), tmp_path / "swin.onnx")
+    err = refused(capsys, path, tmp_path)
+    assert re.search(r"target '/norm/LayerNormalization_output_0' \[N, unk__\d+, unk__\d+, 32\] "
+                     r"\(NHWC\): its height and width are not fixed after ONNX shape inference.*"
+                     r"--target-layer, such as .*/Add_1_output_0$", err), err
+    explicit = refused(capsys, path, tmp_path, "--target-layer", "norm")  # a module name
+    assert explicit.startswith("camface: error: target '/norm/LayerNormalization_output_0' [N, unk__")
+
+
+def test_a_model_whose_4d_tensors_are_reshapes_has_no_default_target(tmp_path, capsys):
+    """[N, 3, 8, 8] reshaped to [N, 3, 4, 16] and averaged over its last two axes: pooled like a
+    map, but 16 is no stride of 8, and nothing else is 4-D."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([0, 3, 4, 16], np.int64), "shape"),
+             numpy_helper.from_array(np.ones((4, 3), np.float32), "fc")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["tokens"]),
+             helper.make_node("ReduceMean", ["tokens"], ["pool"], axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["pool", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    err = refused(capsys, tmp_path / "m.onnx", tmp_path)
+    assert "no spatial feature map (N, C, h, w) on the image grid before the logits 'logits'" in err
+    assert "(e.g. tokens [N, 3, 4, 16]); pass one with --target-layer" in err
+
+
+class DenseSE(nn.Module):
+    """A dense block (a Concat of channels), squeeze-and-excitation (a Mul by [N, C, 1, 1]) and
+    an upsampling: maps all of them, through to the global pooling."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem, self.grow = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 4, 3, 1, 1)
+        self.squeeze, self.excite = nn.Conv2d(12, 3, 1), nn.Conv2d(3, 12, 1)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, self.grow(x)], 1)
+        x = x * torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        x = torch.relu(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_concat_of_channels_excitation_and_upsampling_keep_the_map(tmp_path):
+    from camface.export import onnx_model
+
+    torch.manual_seed(0)
+    path = legacy_onnx(DenseSE(), tmp_path / "dense.onnx")
+    classifier = onnx_model.describe(onnx_model.load(path))
+    maps = onnx_model.spatial_maps(classifier)
+    producers = {o: n.op_type for n in classifier.model.graph.node for o in n.output}
+    kinds = {producers[t] for t in maps}
+    assert {"Concat", "Mul", "Resize", "Relu"} <= kinds and set(maps.values()) == {"NCHW"}
+    target = onnx_model.default_target(classifier)
+    assert producers[target] == "Relu" and onnx_model.shapes(classifier.model)[target][1:] == [12, 32, 32]
+
+
+def test_a_residual_add_keeps_the_map_whatever_its_batch_dim_is_called():
+    """conv + (conv reshaped away and back): shape inference names the sum's batch unk__2, the
+    conv's N; the sum, and the ReLU after it, are still the map."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from camface.export import onnx_model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 384], np.int64), "rows_shape"),
+             numpy_helper.from_array(np.array([-1, 6, 8, 8], np.int64), "grid_shape"),
+             numpy_helper.from_array(rng.standard_normal((4, 384)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["conv", "rows_shape"], ["rows"]),
+             helper.make_node("Reshape", ["rows", "grid_shape"], ["back"]),
+             helper.make_node("Add", ["back", "conv"], ["sum"]),
+             helper.make_node("Relu", ["sum"], ["relu"]),
+             helper.make_node("Flatten", ["relu"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    classifier = onnx_model.describe(onnx_model.prepare(model))
+    dims = onnx_model.shapes(classifier.model)
+    assert dims["conv"][0] != dims["sum"][0]
+    assert onnx_model.spatial_maps(classifier) == {"conv": "NCHW", "sum": "NCHW", "relu": "NCHW"}
+    assert onnx_model.default_target(classifier) == "relu"
+
+
+def test_an_attention_tensor_is_no_spatial_map(tmp_path):
+    """spatial_maps on the mean-token ViT: the patch embedding only, though its attention
+    [N, 2, 16, 16] has 16 = 32 / 2 on both sides, like a map at stride 2."""
+    from camface.export import onnx_model
+
+    torch.manual_seed(0)
+    path = legacy_onnx(ViT(class_token=False), tmp_path / "vit.onnx")
+    classifier = onnx_model.describe(onnx_model.load(path))
+    dims = onnx_model.shapes(classifier.model)
+    softmax = next(n.output[0] for n in classifier.model.graph.node if n.op_type == "Softmax")
+    assert dims[softmax][1:] == [2, 16, 16]
+    assert onnx_model.spatial_maps(classifier) == {"/patch_embed/Conv_output_0": "NCHW"}
+
+
+def run_graph(path, images, classes):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
+
+
+@pytest.mark.parametrize("input_name, output_name", [("x", "probs"), ("image", "probs"),
+                                                      ("x", "gradcam"), ("activations", "class_index")])
+def test_tensors_named_like_the_contract_are_renamed_inside_the_graph(tmp_path, capsys, caplog,
+                                                                     input_name, output_name):
+    caplog.set_level(logging.INFO)
+    model = small_cnn()
+    path = legacy_onnx(model, tmp_path / "m.onnx", input_name, output_name)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit"]) == 0, capsys.readouterr().err
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    got = run_graph(out, images, np.array([-1, 0, 3], np.int64))
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        features = model.features(x)
+        expected = model(x).numpy()
+    np.testing.assert_allclose(got["probs"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["activations"], features.permute(0, 2, 3, 1).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    chosen = np.where(np.array([-1, 0, 3]) < 0, expected.argmax(1), [-1, 0, 3])
+    weights = model.fc.weight.detach().numpy()[chosen]  # CAM: a GAP -> linear head
+    np.testing.assert_allclose(got["cam"], np.einsum("nhwk,nk->nhw", got["activations"], weights),
+                               rtol=1e-4, atol=1e-5)
+    graph = onnx.load(str(out))
+    assert [i.name for i in graph.graph.input] == ["image", "class_index"]
+    assert f"{output_name} -> model/{output_name}" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt2"])
+def test_int8_quantizes_the_features_of_an_onnx_or_pt2_model(tmp_path, capsys, suffix):
+    from onnx_helpers import save_program
+
+    from camface.export import int8
+    from camface.graph_spec import GraphInfo
+
+    model = small_cnn()
+    if suffix == ".pt2":
+        pytest.importorskip("onnxscript")
+        path = save_program(model, tmp_path / "m.pt2", size=SIZE)
+    else:
+        path = legacy_onnx(model, tmp_path / "m.onnx")
+    fp32, int8_path = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    assert main(["export", str(path), "-o", str(fp32), "--preset", "unit", "--no-verify"]) == 0
+    assert main(["export", str(path), "-o", str(int8_path), "--preset", "unit", "--int8",
+                 "--calibration-method", "minmax"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert ", int8" in printed and "int8 agreement with float32 (passed" in printed
+    graph = onnx.load(str(int8_path))
+    info = GraphInfo.from_metadata({p.key: p.value for p in graph.metadata_props})
+    assert info.precision == "int8" and info.quantization["passed"]
+    assert info.source_model == path.name and info.quantization["calibration"]["method"] == "minmax"
+    features = {n.op_type for n in int8.feature_nodes(graph)}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= features
+    int8.check_float_tail(graph)  # head, gradient and heatmaps float32
+    images = np.random.default_rng(3).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 1, 2, 3], np.int64)
+    reference, got = run_graph(fp32, images, classes), run_graph(int8_path, images, classes)
+    assert set(got) == set(reference)
+    np.testing.assert_allclose(got["probs"], reference["probs"], atol=0.02)
+    a, b = got["activations"].ravel(), reference["activations"].ravel()
+    assert not np.array_equal(a, b) and np.corrcoef(a, b)[0, 1] > 0.99  # int8, and close
