@@ -30,6 +30,7 @@ def main() -> None:
     from camface import methods
     from camface.evaluate import crops as crop_sources
     from camface.evaluate import sanity
+    from camface.evaluate.randomize import Randomizer
     from camface.guided.snapshot import Preprocessing
     from camface.models import EMOTION_KERAS, EMOTION_ONNX
     from camface.realtime.config import LiveConfig
@@ -46,7 +47,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for label, extra in (("onnx (every method)", None), ("onnx + guided (TensorFlow)", guided)):
             started = time.perf_counter()
-            sanity.check(cam, crops, names, seed=0, guided=extra)
+            sanity.check(Randomizer(cam, seed=0), crops, names, guided=extra)
             timings[label].append(time.perf_counter() - started)
     print(f"{len(crops)} crops, {len(names)} methods, os.cpu_count() = {os.cpu_count()}, "
           f"load {os.getloadavg()[0]:.1f}")

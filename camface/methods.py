@@ -153,7 +153,7 @@ def gradcampp(ops, a, g, w=None):
     activations sum negative, 2 + S_k g passes through 0 as g grows and the weight changes sign
     or explodes with the rounding of S_k (at the bundled model's add_3 this made the map depend
     on the CPU). camface uses S_k^+ = max(S_k, 0): identical to the paper wherever A >= 0, and
-    otherwise alpha stays in (0, 1/2] (the channel is weighted as Grad-CAM weights it, g / 2),
+    otherwise alpha stays in (0, 1/2] (each position with g > 0 adds g / 2 to w_k, as if S_k = 0),
     so the denominator is at least 2 and the map is as well conditioned as Grad-CAM's. No
     epsilon (pytorch-grad-cam adds 1e-7 to the denominator, which dominates when gradients are
     ~1e-4)."""
@@ -288,7 +288,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gradcam", "Grad-CAM", "Selvaraju et al. 2017, arXiv:1610.02391, eq. 1-2",
            gradcam, frozenset({GRADIENTS})),
     # Grad-CAM++ and XGrad-CAM: conditioned at target layers without ReLU (see their docstrings).
-    Method("gradcampp", "Grad-CAM++", "Chattopadhay et al. 2018, arXiv:1710.11063, eq. 19",
+    Method("gradcampp", "Grad-CAM++", "Chattopadhay et al. 2018, arXiv:1710.11063, eq. 19 (camface: S+)",
            gradcampp, frozenset({GRADIENTS})),
     Method("cam", "CAM", "Zhou et al. 2016, arXiv:1512.04150, eq. 2",
            cam, frozenset({CLASS_WEIGHTS}), normalization=MINMAX),
@@ -297,7 +297,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            hirescam, frozenset({GRADIENTS})),
     Method("gradcamelementwise", "Grad-CAM element-wise", "pytorch-grad-cam GradCAMElementWise",
            gradcamelementwise, frozenset({GRADIENTS})),
-    Method("xgradcam", "XGrad-CAM", "Fu et al. 2020, arXiv:2008.02312: w_k = sum g A / sum |A|",
+    Method("xgradcam", "XGrad-CAM", "Fu et al. 2020, arXiv:2008.02312 (camface: sum |A| as the denominator)",
            xgradcam, frozenset({GRADIENTS})),
     Method("layercam", "LayerCAM", "Jiang et al. 2021, IEEE TIP 30:5875: ReLU(g) * A",
            layercam, frozenset({GRADIENTS})),

@@ -7,7 +7,8 @@ the random baseline's, on faces detected and cropped as `camface live` does (or 
     camface evaluate snapshots/                       # crops saved by `camface live` (key s)
     camface evaluate --sanity --json s.json --plot s.png  # + do the maps depend on the model and class?
 
-Everything runs on ONNX Runtime (no TensorFlow); the metrics are camface.evaluate.metrics.
+Everything runs on ONNX Runtime (no TensorFlow); the metrics are camface.evaluate.metrics. `--sanity`
+also checks Guided Backprop and Guided Grad-CAM in TensorFlow when the graph's Keras model is at hand.
 Top-level imports stay light: `camface --help` imports this module.
 """
 
@@ -109,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("--frames and --every must be >= 1")
         if args.steps < 2:
             raise ValueError(f"--steps must be at least 2, got {args.steps}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        if args.keras is not None and not args.sanity:
+            raise ValueError("--keras is for the --sanity checks: add --sanity")
     except ValueError as exc:
         print(f"camface evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -120,6 +125,12 @@ def main(args: argparse.Namespace) -> int:
     graph_path = config.model or EMOTION_ONNX
     graph = CamGraph(graph_path, config.device, threads=config.graph_threads)
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
+    randomizer = guided = None
+    if args.sanity:  # fail before minutes of scoring
+        randomizer = sanity_randomizer(graph_path, args.seed)
+        guided, why_not = keras_for_guided(graph_path, graph.info, args.keras)
+        if why_not:
+            print(f"camface evaluate: Guided Backprop / Guided Grad-CAM sanity skipped: {why_not}", file=sys.stderr)
     started = time.perf_counter()
     progress = sys.stderr.isatty()
     if args.snapshots:
@@ -135,11 +146,10 @@ def main(args: argparse.Namespace) -> int:
     seconds = {"crops": detected - started, "scores": finished - detected}
     sanity_results = figure = None
     if args.sanity:
-        guided, why_not = keras_for_guided(graph_path, graph.info, args.keras)
-        if why_not:
-            print(f"camface evaluate: Guided Backprop / Guided Grad-CAM sanity skipped: {why_not}", file=sys.stderr)
-        sanity_results, figure = run_sanity(graph_path, crops, names, args.seed, config.graph_threads, progress,
-                                            guided)
+        from camface.evaluate import sanity
+
+        sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
+                                              progress=progress, guided=guided)
         seconds["sanity"] = time.perf_counter() - finished
     report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
                      steps=args.steps, baseline=args.baseline, seconds=seconds)
@@ -163,24 +173,39 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
 def keras_for_guided(graph_path, info, override):
     """((Keras model, Preprocessing, target layer), "") for the guided sanity checks, or (None, why
-    not). An explicit `override` that cannot be used is an error (ModelError)."""
+    not): `override` (--keras), else the graph's source model beside it, else the bundled Keras
+    model when it is the graph's source (sha256). An explicit `override` that cannot be used is
+    an error (ModelError)."""
     from camface.errors import ModelError
-    from camface.guided.snapshot import Preprocessing, resolve_keras_model
+    from camface.guided.snapshot import Preprocessing
+    from camface.hashing import sha256_file
+    from camface.models import EMOTION_KERAS
 
-    entry = {"path": str(graph_path), "source_model": info.source_model, "source_sha256": info.source_sha256}
-    try:
-        path = resolve_keras_model(entry, override, graph_path)
-    except ModelError as exc:
-        if override is not None:
-            raise
-        return None, str(exc).replace(" with --model", " with --keras")
+    if override is not None:
+        if not override.is_file():
+            raise ModelError(f"--keras: model file not found: {override}")
+        path = override
+    else:
+        source = Path(info.source_model or "")
+        candidates = [Path(graph_path).parent / source.name] if source.suffix.lower() in KERAS_SUFFIXES else []
+        candidates.append(EMOTION_KERAS)
+        path = next((c for c in candidates if c.is_file() and info.source_sha256
+                     and sha256_file(c) == info.source_sha256), None)
+        if path is None:
+            return None, (f"the graph's source model {info.source_model or '(none recorded)'} is not a Keras "
+                          "model found beside it; pass one with --keras")
     if not info.normalization:
         return None, f"the graph {graph_path} records no input normalisation"
     try:
         import keras
     except ImportError:
+        if override is not None:
+            raise ModelError("--keras needs TensorFlow (pip install 'camface[keras]')") from None
         return None, "TensorFlow/Keras is not installed (pip install 'camface[keras]')"
     try:
         model = keras.models.load_model(path, compile=False)
@@ -189,16 +214,8 @@ def keras_for_guided(graph_path, info, override):
     return (model, Preprocessing.from_normalization(info.color_order, info.normalization), info.target_layer), ""
 
 
-def run_sanity(graph_path, crops, names, seed: int, threads: int, progress: bool, guided=None):
-    """camface.evaluate.sanity.check on the graph file's model, for `names` (the random baseline
-    included: its figures show what a model-dependent but class-blind map scores)."""
-    from camface.errors import ModelError
-    from camface.evaluate import sanity
+def sanity_randomizer(graph_path, seed: int):
+    """The sanity checks' Randomizer of the graph file (ModelError when it cannot be randomised)."""
+    from camface.evaluate.randomize import Randomizer, load_graph
 
-    try:
-        import onnx
-    except ImportError as exc:
-        raise ModelError("--sanity rebuilds the CAM graph and needs the onnx package "
-                         "(pip install 'camface[keras]' or 'camface[torch]')") from exc
-    return sanity.check(onnx.load(str(graph_path)), crops, names, seed=seed, threads=threads, progress=progress,
-                        guided=guided)
+    return Randomizer(load_graph(graph_path), seed=seed)

@@ -60,13 +60,16 @@ def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
     columns = 1 + max(len(step_maps) for step_maps in maps.values())  # the guided cascade may differ
     figure, axes = plt.subplots(len(rows), columns, figsize=(1.25 * columns, 1.3 * len(rows) + 0.6), squeeze=False)
     for row, (name, i) in enumerate(rows):
-        gray = crops[i].shape[-1] == 1  # crops are in the graph's colour order: GRAY or RGB
-        axes[row, 0].imshow(crops[i][..., 0] if gray else crops[i], cmap="gray" if gray else None)
+        gray = crops[i].shape[-1] == 1  # crops are in the graph's colour order
+        rgb = crops[i][..., ::-1] if report["settings"].get("color_order") == "BGR" else crops[i]
+        axes[row, 0].imshow(crops[i][..., 0] if gray else rgb, cmap="gray" if gray else None)
         for column, step_maps in enumerate(maps[name]):
             axes[row, column + 1].imshow(step_maps[i], cmap="jet", vmin=0, vmax=1)
         axes[row, 0].set_ylabel(name if i == 0 else "", fontsize=7)
         if i == 0:
-            axes[row, 1].set_title(f"{name}: {sanity_cell(report['sanity'][name])}", fontsize=6, loc="left")
+            own = report["sanity"][name]["model_randomization"]["steps"]
+            note = "" if own == steps else f" (steps: {', '.join(own)})"
+            axes[row, 1].set_title(f"{name}: {sanity_cell(report['sanity'][name])}{note}", fontsize=6, loc="left")
     for column, title in enumerate(["crop", "original", *steps]):
         axes[-1, column].set_xlabel(title, fontsize=6)
     for ax in axes.flat:

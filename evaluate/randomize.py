@@ -12,15 +12,22 @@ is), re-draws its weights, and writes the explanation again with camface's ONNX 
 weight is touched the rebuilt graph gives the original graph's outputs (to float rounding; a test
 checks it), so every change a step shows comes from the weights it re-drew.
 
-Weights: the forward pass's float initializers with at least 2 distinct values, each consumed by
-a node after the first linear layer (Conv, ConvTranspose, Gemm, MatMul) or by that layer itself,
-so input normalisation constants are not weights. Order: by their consumer's position in the
-forward pass, from the logits down. Steps (cumulative, as the paper's cascade): "logits" (the
-last weight layer), "head" (the other layers between the target and the logits, when any), then
-the layers before the target in `FEATURE_STEPS` groups of about equal size, the last reaching the
-input. Each tensor's new values are drawn once, from a normal distribution with the tensor's own
-mean and standard deviation, seeded by (seed, tensor name): a tensor has the same new values in
-every step that includes it, and equal seeds give equal graphs.
+Weights: the learned parameters of the forward pass's layers, held as initializers: the weight
+and bias inputs of Conv, ConvTranspose, Gemm and MatMul, the scale and bias of
+BatchNormalization, InstanceNormalization and LayerNormalization (a BatchNormalization's running
+mean and variance are kept: a drawn variance could be negative), PRelu's slope, and the
+initializer operand of an Add, Mul, Sub or Div that follows such a layer through elementwise and
+layout ops (a bias, or batch normalisation folded into Mul and Add). A layer is that anchor op
+with the parameters that follow it (tf2onnx's Dense is MatMul + Add: one layer). Constants with
+fewer than 2 distinct values, input normalisation (no layer before it) and shape inputs (Resize
+scales) are not weights. A weight shared by two layers belongs to the later one. Order: by the
+anchor's position in the forward pass, from the logits down. Steps (cumulative, as the paper's
+cascade): "logits" (the last layer), "head" (the other layers after the target, when any), then
+the layers before the target in `FEATURE_STEPS` groups of about equal size, the last ("all")
+reaching the input. Each tensor's new values are drawn once (`redraw`), from a normal
+distribution with the tensor's own mean and standard deviation, seeded by (seed, tensor name):
+a tensor has the same new values in every step that includes it, and equal seeds give equal
+graphs. float16 and int8 graphs are refused: their weights are not float32 initializers.
 """
 
 from __future__ import annotations
@@ -113,104 +120,166 @@ def forward_model(cam):
     return model, target
 
 
-def weight_layers(forward, target: str) -> tuple[list[list[str]], int]:
-    """(layers, head): the weight initializers of `forward` grouped by consuming node, from the
-    logits down (see the module docstring); the first `head` layers lie between the target and
-    the logits."""
+ANCHORS = LINEAR + ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu")
+# op -> input positions that hold learned parameters
+PARAMETERS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
+              "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+              "PRelu": (1,), "Add": (0, 1), "Mul": (0, 1), "Sub": (0, 1), "Div": (1,)}
+# ops a bias or folded scale may follow its layer through
+_THROUGH = ("Add", "Mul", "Sub", "Div", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+            "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast")
+
+
+def weight_layers(forward, target: str) -> tuple[list[list[str]], list[list[str]]]:
+    """(head, features): the weight initializers of `forward` grouped by layer (see the module
+    docstring), each list from the logits down; head: the layers after the target."""
     from onnx import numpy_helper
 
     values = {i.name: numpy_helper.to_array(i) for i in forward.graph.initializer}
     nodes = list(forward.graph.node)
     producer = {o: n for n in nodes for o in n.output}
+    position = {id(n): i for i, n in enumerate(nodes)}
+    constants = {n.output[0]: n for n in nodes if n.op_type == "Constant"}
+    for node in nodes:
+        if node.op_type in LINEAR:
+            held = [x for x in node.input[1:] if x in constants]
+            if held:
+                raise ModelError(f"the CAM graph's {node.op_type} node {node.name!r} reads its weights from "
+                                 f"Constant node(s) {held}, not initializers: the sanity check re-draws "
+                                 "initializers; export the model so that its weights are initializers")
     before_target = _ancestors([target], producer)
-    first_linear = next((i for i, n in enumerate(nodes) if n.op_type in LINEAR
-                         and any(x in values for x in n.input)), None)
-    if first_linear is None:
-        raise ModelError("the CAM graph's forward pass has no weights held as initializers (no Conv, "
-                         "Gemm or MatMul reads one): the sanity check re-draws initializers; export the "
-                         "model so that its weights are initializers (not Constant nodes)")
-    after_linear = _descendants(nodes, first_linear)
-    layers, head, seen = [], 0, set()
-    for index in reversed(range(len(nodes))):
-        node = nodes[index]
-        if index != first_linear and id(node) not in after_linear:
-            continue
-        names = [x for x in node.input if x in values and x not in seen and _is_weight(values[x])]
-        if names:
+    groups: dict[int, list[str]] = {}
+    seen: set[str] = set()
+    for node in reversed(nodes):
+        slots = PARAMETERS.get(node.op_type, ())
+        names = [x for i, x in enumerate(node.input) if i in slots and x in values and x not in seen
+                 and _is_weight(values[x])]
+        anchor = _anchor(node, producer, values) if names else None
+        if anchor is not None:
             seen.update(names)
-            layers.append(names)
-            head += not any(o in before_target for o in node.output)
-    return layers, head
+            groups.setdefault(position[id(anchor)], []).extend(names)
+    if not groups:
+        raise ModelError("the CAM graph's forward pass has no weights held as initializers (no Conv, "
+                         "Gemm or MatMul reads one): the sanity check re-draws initializers")
+    head, features = [], []
+    for index in sorted(groups, reverse=True):
+        after = not any(o in before_target for o in nodes[index].output)
+        (head if after else features).append(groups[index])
+    return head, features
 
 
-def _descendants(nodes, start: int) -> set[int]:
-    reached = set(nodes[start].output)
-    found = set()
-    for node in nodes[start + 1:]:
-        if any(x in reached for x in node.input):
-            found.add(id(node))
-            reached.update(node.output)
-    return found
+def _anchor(node, producer, values):
+    """The layer op that `node`'s parameters belong to: `node` itself when it is one, else the
+    nearest one its data input comes from through `_THROUGH` ops; None for none (input
+    normalisation)."""
+    seen = 0
+    while node is not None and seen < 64:
+        if node.op_type in ANCHORS:
+            return node
+        if node.op_type not in _THROUGH:
+            return None
+        data = [x for x in node.input if x and x not in values]
+        node = producer.get(data[0]) if data else None
+        seen += 1
+    return None
 
 
 def _is_weight(value: np.ndarray) -> bool:
     return value.dtype.kind == "f" and value.size >= 2 and float(np.ptp(value)) > 0
 
 
-def cascade(layers: list[list[str]], head: int, feature_steps: int = FEATURE_STEPS) -> list[Step]:
-    """The cumulative steps over `layers` (from the logits down; the first `head` of them after the
-    target)."""
+def cascade(head: list, features: list, feature_steps: int = FEATURE_STEPS) -> list[Step]:
+    """The cumulative steps over layers (each a list of weight names, from the logits down):
+    `head` after the target, `features` before it."""
     steps, done = [], []
 
     def add(name, group):
         done.extend(x for layer in group for x in layer)
         steps.append(Step(name, tuple(done)))
 
+    layers = head + features
     add("logits", layers[:1])
-    if head > 1:
-        add("head", layers[1:head])
-    features = layers[max(head, 1):]
-    count = min(feature_steps, len(features))
-    bounds = np.linspace(0, len(features), count + 1).round().astype(int)
+    if len(head) > 1:
+        add("head", head[1:])
+    rest = features if head else features[1:]
+    count = min(feature_steps, len(rest))
+    bounds = np.linspace(0, len(rest), count + 1).round().astype(int)
     for i in range(count):
-        add(f"features {i + 1}/{count}" if i + 1 < count else "all", features[bounds[i]:bounds[i + 1]])
+        add(f"features {i + 1}/{count}" if i + 1 < count else "all", rest[bounds[i]:bounds[i + 1]])
     return steps
 
 
+def redraw(value: np.ndarray, seed: int, key: str) -> np.ndarray:
+    """`value` drawn again: normal, with its own mean and standard deviation, seeded by (seed, key)."""
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    return rng.normal(value.mean(), value.std(), value.shape).astype(value.dtype)
+
+
 class Randomizer:
-    """Cascading randomisation of one CAM graph. `steps`: the cascade; `graph(step)` -> the CAM
-    graph (onnx.ModelProto, every heatmap the head allows) with that step's weights re-drawn
-    (None: none re-drawn), `seed` fixing every draw."""
+    """Cascading randomisation of one float32 CAM graph (onnx.ModelProto). `steps`: the cascade;
+    `graph(step)`: the CAM graph with that step's weights re-drawn (None: none), `seed` fixing
+    every draw. Raises ModelError for a graph it cannot randomise (float16, int8, weights in
+    Constant nodes, a forward pass camface's ONNX engine cannot differentiate)."""
 
     def __init__(self, cam, seed: int = 0, feature_steps: int = FEATURE_STEPS):
         from onnx import numpy_helper
 
-        self.forward, self.target = forward_model(cam)
-        layers, head = weight_layers(self.forward, self.target)
-        self.steps = cascade(layers, head, feature_steps)
+        from camface.export import onnx_model
+
+        _refuse_reduced_precision(cam)
+        self.cam = cam
+        forward, self.target = forward_model(cam)
+        where = "the CAM graph's forward pass"
+        self._classifier = onnx_model.settle_shapes(onnx_model.describe(onnx_model.prepare(forward, where), where))
+        self.forward = self._classifier.model
+        head, features = weight_layers(self.forward, self.target)
+        self.steps = cascade(head, features, feature_steps)
         self.seed = int(seed)
         self._values = {i.name: numpy_helper.to_array(i) for i in self.forward.graph.initializer}
 
     def redrawn(self, name: str) -> np.ndarray:
-        """Initializer `name` drawn again: normal, its own mean and standard deviation, seeded
-        by (seed, name)."""
-        value = self._values[name]
-        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
-        return rng.normal(value.mean(), value.std(), value.shape).astype(value.dtype)
+        """Initializer `name` drawn again (`redraw`, keyed by its name)."""
+        return redraw(self._values[name], self.seed, name)
 
     def graph(self, step: Step | None = None):
+        """The CAM graph (every heatmap the head allows, no metadata) with `step`'s weights re-drawn."""
+        import dataclasses
+
         onnx = _onnx()
         from onnx import numpy_helper
 
-        from camface.export import onnx_cam, onnx_model
+        from camface.export import onnx_cam
 
         model = onnx.ModelProto()
         model.CopyFrom(self.forward)
-        if step is not None:
-            chosen = set(step.weights)
-            for init in model.graph.initializer:
-                if init.name in chosen:
-                    init.CopyFrom(numpy_helper.from_array(self.redrawn(init.name), init.name))
-        classifier = onnx_model.describe(onnx_model.prepare(model, where="the CAM graph's forward pass"),
-                                         where="the CAM graph's forward pass")
+        chosen = set(step.weights) if step is not None else set()
+        for init in model.graph.initializer:
+            if init.name in chosen:
+                init.CopyFrom(numpy_helper.from_array(self.redrawn(init.name), init.name))
+        classifier = dataclasses.replace(self._classifier, model=model)
         return onnx_cam.build(classifier, self.target, np.ones(1, np.float32), np.zeros(1, np.float32)).model
+
+
+def load_graph(path):
+    """onnx.ModelProto of a CAM graph file; ModelError naming the file when it cannot be read."""
+    from pathlib import Path
+
+    onnx = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several types for a file that is not ONNX
+        raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+
+
+def _refuse_reduced_precision(cam) -> None:
+    from onnx import TensorProto
+
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in cam.graph.node):
+        raise ModelError("this is an int8 CAM graph: the sanity check re-draws float32 weights; run it on "
+                         "the float32 graph it was quantized from")
+    if any(i.data_type == TensorProto.FLOAT16 for i in cam.graph.initializer):
+        raise ModelError("this is a float16 CAM graph: the sanity check re-draws float32 weights; run it "
+                         "on a float32 export of the model")

@@ -38,7 +38,7 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
                      "model": str(graph.path), "target_layer": info.target_layer,
                      "feature_size": list(info.feature_size), "input_size": list(info.input_size),
                      "steps": steps, "baseline": baseline, "provider": graph.provider,
-                     "explained_class": "predicted"},
+                     "explained_class": "predicted", "color_order": info.color_order},
         "crops": {"predicted": [int(p) for p in predicted],
                   "predicted_label": [info.labels[p] for p in predicted],
                   "probability": [round(float(p), 6) for p in probability]},

@@ -22,9 +22,14 @@ Pass criteria (chosen here; the paper reports curves, not thresholds):
   above it, the maps differ by less than their rounding and smoothing; Eigen-CAM is near 1 (it is
   class-agnostic by design).
 
-Maps are compared as shown: |map| / max |map| upsampled to the crop size (bilinear); a crop
-whose original map is 0 everywhere (nothing to compare) is left out of the medians; a map that
-becomes constant correlates 0.
+Maps are compared as the paper compares them, by their absolute values: |map| / max |map|,
+upsampled to the crop size (bilinear, as the overlay), so a signed map's negative part counts as
+much as its positive part (the overlay of HiResCAM and CAM shows only one side). A crop whose
+original map is 0 everywhere (nothing to compare) is left out of the medians; a map that becomes
+constant correlates 0; another class's map that is 0 everywhere differs (SSIM about 0). Every
+map, the original included, comes from the rebuilt graph (`camface.evaluate.randomize`), which is
+checked once against the graph's own outputs: a graph whose maps differ from camface's rebuild
+(exported by an older camface, say) gets a warning.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +89,12 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def shown(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """|heatmap| / max |heatmap| (0 where it is 0 everywhere), bilinear to `size` (h, w): float64."""
-    import cv2
+    """|heatmap| / max |heatmap| (0 where it is 0 everywhere), bilinear to `size` (h, w): float32."""
+    from camface.realtime.overlay import upsample
 
-    magnitude = np.abs(np.asarray(heatmap, np.float64))
-    peak = magnitude.max()
-    magnitude = magnitude / peak if peak > 0 else magnitude
-    return cv2.resize(magnitude, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+    magnitude = np.abs(np.asarray(heatmap, np.float32))
+    peak = float(magnitude.max())
+    return upsample(magnitude / peak if peak > 0 else magnitude, size)
 
 
 @dataclass(frozen=True)
@@ -99,9 +104,9 @@ class MethodSanity:
 
     method: str
     steps: tuple[str, ...]
-    spearman: tuple[float, ...]
-    ssim: tuple[float, ...]
-    random_logit_ssim: float
+    spearman: tuple[float | None, ...]
+    ssim: tuple[float | None, ...]
+    random_logit_ssim: float | None
     crops: int  # crops with a non-zero original map (the medians' sample)
 
     @property
@@ -111,11 +116,12 @@ class MethodSanity:
 
     @property
     def randomization_passed(self) -> bool:
-        return bool(self.spearman) and max(self.spearman[self.head_step], self.spearman[-1]) < SPEARMAN_PASS
+        figures = (self.spearman[self.head_step], self.spearman[-1]) if self.spearman else (None,)
+        return None not in figures and max(figures) < SPEARMAN_PASS
 
     @property
     def random_logit_passed(self) -> bool:
-        return self.random_logit_ssim < SSIM_SAME
+        return self.random_logit_ssim is not None and self.random_logit_ssim < SSIM_SAME
 
     def to_json(self) -> dict:
         return {"model_randomization": {"steps": list(self.steps), "spearman": list(self.spearman),
@@ -144,18 +150,18 @@ def _session(model_bytes: bytes, threads: int):
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def check(cam, crops: np.ndarray, names: tuple[str, ...], seed: int = 0, threads: int = 0,
+def check(randomizer, crops: np.ndarray, names: tuple[str, ...], threads: int = 0,
           progress: bool = False, guided=None) -> tuple[list[MethodSanity], dict]:
-    """Both tests on CAM graph `cam` (onnx.ModelProto) for crops uint8 [N, H, W, C] and heatmap
-    `names`; with guided = (Keras model, Preprocessing, target layer), Guided Backprop and Guided
+    """Both tests on the CAM graph of `randomizer` (a `camface.evaluate.randomize.Randomizer`, its
+    seed fixing every draw) for crops uint8 [N, H, W, C] and heatmap `names`; with guided = (Keras model, Preprocessing, target layer), Guided Backprop and Guided
     Grad-CAM too (`camface.evaluate.sanity_guided`, TensorFlow). Returns the per-method figures and what the figure draws: {"crops": SHOWN crops
     spread over the input, "steps": names, "maps": {method: [steps + 1][SHOWN] shown maps}}. Raises
     ModelError for a graph whose weights cannot be re-drawn, or a method it lacks."""
     from tqdm import tqdm
 
     from camface.errors import ModelError
-    from camface.evaluate.randomize import Randomizer
 
+    cam, seed = randomizer.cam, randomizer.seed
     outputs = {o.name for o in cam.graph.output}
     absent = [name for name in names if name not in outputs]
     if absent:
@@ -163,11 +169,11 @@ def check(cam, crops: np.ndarray, names: tuple[str, ...], seed: int = 0, threads
                          f"{', '.join(sorted(outputs - {'probs', 'activations'}))}")
     crops = np.ascontiguousarray(crops)
     size = crops.shape[1:3]
-    original = _session(cam.SerializeToString(), threads)
+    original = _session(randomizer.graph().SerializeToString(), threads)
     probs = _run(original, crops, -np.ones(len(crops), np.int64), ("probs",))["probs"]
     predicted = probs.argmax(axis=1)
     reference = _run(original, crops, predicted, names)
-    randomizer = Randomizer(cam, seed=seed)
+    _compare_with_the_graph(cam, crops[:BATCH], predicted[:BATCH], reference, names, threads)
     want = {name: [shown(m, size) for m in reference[name]] for name in names}
     drawn = sorted(set(np.linspace(0, len(crops) - 1, SHOWN).round().astype(int)))  # spread over the clip
     usable = {name: [i for i, m in enumerate(reference[name]) if np.abs(m).max() > 0] for name in names}
@@ -180,6 +186,9 @@ def check(cam, crops: np.ndarray, names: tuple[str, ...], seed: int = 0, threads
         if missing:
             raise ModelError(f"the rebuilt graph has no {', '.join(missing)} heatmap")
         maps = _run(_session(graph.SerializeToString(), threads), crops, predicted, names)
+        broken = [name for name in names if not np.isfinite(maps[name]).all()]
+        if broken:
+            raise ModelError(f"randomisation step {step.name!r} gives non-finite {', '.join(broken)} maps")
         for name in names:
             got = [shown(m, size) for m in maps[name]]
             spearmen[name].append(_median([spearman(got[i], want[name][i]) for i in usable[name]]))
@@ -214,5 +223,22 @@ def _other_classes(predicted: np.ndarray, num_classes: int, seed: int) -> np.nda
     return ((predicted + shift) % num_classes).astype(np.int64)
 
 
-def _median(values) -> float:
-    return round(float(np.median(values)), 6) if len(values) else float("nan")
+def _compare_with_the_graph(cam, crops, classes, rebuilt: dict, names, threads: int) -> None:
+    """Warn when the graph's own maps differ from the rebuilt graph's by more than 1e-3 of their
+    largest magnitude (rounding gives ~1e-7)."""
+    own = _run(_session(cam.SerializeToString(), threads), crops, classes, names)
+    differ = {}
+    for name in names:
+        scale = float(np.abs(own[name]).max())
+        worst = float(np.abs(own[name] - rebuilt[name][:len(crops)]).max())
+        if worst > 1e-3 * scale + 1e-9:
+            differ[name] = f"{worst:.3g} of {scale:.3g}"
+    if differ:
+        log.warning("the graph's own maps differ from camface's rebuild of its explanation (largest difference "
+                    "%s): was it exported by another camface version? The sanity figures are those of the "
+                    "rebuild; re-export the graph to show the same maps", differ)
+
+
+def _median(values) -> float | None:
+    """The median, rounded; None (JSON null) for no values."""
+    return round(float(np.median(values)), 6) if len(values) else None

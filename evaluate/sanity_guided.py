@@ -14,11 +14,9 @@ the weights, so its cascade re-draws them with the layer.
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 
-from camface.evaluate.randomize import FEATURE_STEPS, cascade
+from camface.evaluate.randomize import FEATURE_STEPS, cascade, redraw
 from camface.evaluate.sanity import MethodSanity, _median, shown, spearman, ssim
 
 GUIDED = ("guidedbackprop", "guidedgradcam")
@@ -61,10 +59,10 @@ def check(model, preprocessing, layer: str, crops: np.ndarray, predicted: np.nda
     want = _maps(explainer, crops, predicted)
     switched = _maps(explainer, crops, other)
     order = [layer_.name for layer_ in all_layers(model)]
-    names = [layer_.name for layer_ in weighted_layers(model)]
     target = order.index(explainer.layer.split("/")[-1])
-    head = sum(order.index(name) > target for name in names)  # weighted layers after the target
-    steps = cascade([[name] for name in reversed(names)], head, feature_steps)
+    weighted = [[layer_.name] for layer_ in reversed(weighted_layers(model))]  # from the logits down
+    steps = cascade([w for w in weighted if order.index(w[0]) > target],
+                    [w for w in weighted if order.index(w[0]) <= target], feature_steps)
     usable = {m: [i for i, x in enumerate(want[m]) if x.max() > 0] for m in GUIDED}
     spearmen, ssims = {m: [] for m in GUIDED}, {m: [] for m in GUIDED}
     figure = {m: [[want[m][i] for i in drawn]] for m in GUIDED}
@@ -75,9 +73,7 @@ def check(model, preprocessing, layer: str, crops: np.ndarray, predicted: np.nda
         for layer_ in weighted_layers(clone):
             if layer_.name in chosen:
                 for index, variable in enumerate(layer_.trainable_weights):
-                    value = variable.numpy()
-                    rng = np.random.default_rng([seed, zlib.crc32(f"{layer_.name}/{index}".encode())])
-                    variable.assign(rng.normal(value.mean(), value.std(), value.shape).astype(value.dtype))
+                    variable.assign(redraw(variable.numpy(), seed, f"{layer_.name}/{index}"))
         got = _maps(Explainer(clone, layer, preprocessing), crops, predicted)
         for m in GUIDED:
             spearmen[m].append(_median([spearman(got[m][i], want[m][i]) for i in usable[m]]))

@@ -258,12 +258,11 @@ def to_float16(model):
     onnxconverter-common's converter.
 
     Float32 after the target layer (`explanation_part`: the head's forward and backward passes
-    and the heatmap maths, reading the float16 activations through Casts) because Grad-CAM++
-    divides by 2 g^2 + sum(A) g^3 = g^2 (2 + sum(A) g): in float16 g^3 underflows, and where a
-    target layer without ReLU sums negative the denominator nears 0 and amplifies any rounding
-    after the target layer (ReLU masks and max-pool choices of a float16 head included) into
-    errors of the map's whole range. Rounding of the activations themselves stays amplified;
-    `camface.export.verify` says how that is checked."""
+    and the heatmap maths, reading the float16 activations through Casts) because gradients of
+    ~1e-4 lose most of their bits in float16, sums over positions and channels overflow or cancel
+    there, and a float16 head's ReLU masks and max-pool choices flip on rounding, moving whole
+    regions of a map. Rounding of the activations themselves stays; `camface.export.verify`
+    says how that is checked."""
     try:
         from onnxconverter_common import float16
     except ImportError as exc:

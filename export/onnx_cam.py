@@ -90,7 +90,8 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     if clash:  # onnx_export.build renames them first (onnx_model.rename)
         raise ModelError(f"the model already has tensors named {sorted(clash)}, which the CAM "
                          "graph's contract uses (rename them with onnx_model.rename)")
-    b = GraphBuilder(classifier.opset, taken=taken)
+    # node names must be unique too (a CAM graph's own nodes, rebuilt by the sanity check, are camface/...)
+    b = GraphBuilder(classifier.opset, taken=taken | {n.name for n in graph.node})
     layout = onnx_model.target_layout(source, target, onnx_model.spatial_maps(classifier))
     h, w, k = onnx_model.feature_dims(classifier, target, layout)  # k: the target's channels
     feature_size = (h, w)

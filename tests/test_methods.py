@@ -319,7 +319,8 @@ def assert_heatmaps_match_reference(graph, head, image, classes, class_weights=N
         scale = float(np.abs(want).max())
         assert scale > 1e-6, f"{name}: reference is ~0, test is vacuous"
         sensitivity = float(np.abs(entry.reference(moved_a, moved_g, weights) - want).max())
-        tolerance = 1e-7 + RTOL * scale + CONDITIONING * sensitivity
+        # capped: a map that became ill-conditioned again must not widen its own bound without limit
+        tolerance = 1e-7 + RTOL * scale + min(CONDITIONING * sensitivity, 10 * RTOL * scale)
         diff = float(np.abs(out[name] - want).max())
         assert diff <= tolerance, f"{name}: max |onnx - reference| = {diff:.3g} > {tolerance:.3g}"
 
