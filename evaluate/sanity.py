@@ -23,8 +23,8 @@ Pass criteria (chosen here; the paper reports curves, not thresholds):
   class-agnostic by design).
 
 Maps are compared as the paper compares them, by their absolute values: |map| / max |map|,
-upsampled to the crop size (bilinear, as the overlay), so a signed map's negative part counts as
-much as its positive part (the overlay of HiResCAM and CAM shows only one side). A crop whose
+upsampled to the crop size (bilinear, as the overlay; at most COMPARED pixels a side), so a
+signed map's negative part counts as much as its positive part (the overlay of HiResCAM and CAM shows only one side). A crop whose
 original map is 0 everywhere (nothing to compare) is left out of the medians; a map that becomes
 constant correlates 0; another class's map that is 0 everywhere differs (SSIM about 0). Every
 map, the original included, comes from the rebuilt graph (`camface.evaluate.randomize`), which is
@@ -46,6 +46,7 @@ SPEARMAN_PASS = 0.5
 SSIM_SAME = 0.9
 BATCH = 32
 SHOWN = 3  # crops drawn in the figure
+COMPARED = 112  # largest side (pixels) at which maps are compared
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,6 +87,14 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     inner = index[5:-5, 5:-5] if min(index.shape) > 10 else index
     return float(inner.mean())
+
+
+def compared_size(crop_size) -> tuple[int, int]:
+    """Where maps are compared: the crop's size, scaled down to at most COMPARED pixels a side
+    (memory: every crop's map is kept for every method)."""
+    height, width = (int(d) for d in crop_size)
+    scale = min(1.0, COMPARED / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def shown(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -168,7 +177,7 @@ def check(randomizer, crops: np.ndarray, names: tuple[str, ...], threads: int = 
         raise ModelError(f"the graph has no {', '.join(absent)} heatmap; it offers "
                          f"{', '.join(sorted(outputs - {'probs', 'activations'}))}")
     crops = np.ascontiguousarray(crops)
-    size = crops.shape[1:3]
+    size = compared_size(crops.shape[1:3])
     original = _session(randomizer.graph().SerializeToString(), threads)
     probs = _run(original, crops, -np.ones(len(crops), np.int64), ("probs",))["probs"]
     predicted = probs.argmax(axis=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from camface.evaluate.randomize import FEATURE_STEPS, cascade, redraw
-from camface.evaluate.sanity import MethodSanity, _median, shown, spearman, ssim
+from camface.evaluate.sanity import MethodSanity, _median, compared_size, shown, spearman, ssim
 
 GUIDED = ("guidedbackprop", "guidedgradcam")
 
@@ -38,7 +38,7 @@ def weighted_layers(model) -> list:
 
 
 def _maps(explainer, crops: np.ndarray, classes: np.ndarray) -> dict[str, list[np.ndarray]]:
-    size = crops.shape[1:3]
+    size = compared_size(crops.shape[1:3])
     items = explainer.explain(crops, classes)
     return {"guidedbackprop": [shown(np.abs(e.input_gradient).sum(axis=-1), size) for e in items],
             "guidedgradcam": [shown(np.abs(e.guided_gradcam).sum(axis=-1), size) for e in items]}
