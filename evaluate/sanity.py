@@ -24,9 +24,9 @@ Pass criteria (chosen here; the paper reports curves, not thresholds):
 
 Maps are compared as the paper compares them, by their absolute values: |map| / max |map|,
 upsampled to the crop size (bilinear, as the overlay; at most COMPARED pixels a side), so a
-signed map's negative part counts as much as its positive part (the overlay of HiResCAM and CAM shows only one side). A crop whose
-original map is 0 everywhere (nothing to compare) is left out of the medians; a map that becomes
-constant correlates 0; another class's map that is 0 everywhere differs (SSIM about 0). Every
+signed map's negative part counts as much as its positive part (the overlay of HiResCAM and CAM
+shows only one side). A crop whose original map is 0 everywhere (nothing to compare) is left out
+of the medians; a map that becomes constant correlates 0; another class's map that is 0 everywhere differs (SSIM about 0). Every
 map, the original included, comes from the rebuilt graph (`camface.evaluate.randomize`), which is
 checked once against the graph's own outputs: a graph whose maps differ from camface's rebuild
 (exported by an older camface, say) gets a warning.
