@@ -59,6 +59,7 @@ class LiveConfig:
     progress: bool = False
     graph_threads: int = 1
     detect_workers: int = 0  # 0: auto (see loop.detect_workers_for)
+    detect_every: str | int = "auto"  # "auto" or N >= 1 (see camface.realtime.carry)
     pace: str = "auto"
     image_seconds: float = 2.0
     loop: bool = False
@@ -79,6 +80,8 @@ class LiveConfig:
             (self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}"),
             (0 <= self.detect_workers <= MAX_DETECT_WORKERS,
              f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}"),
+            (self.detect_every == "auto" or (isinstance(self.detect_every, int) and self.detect_every >= 1),
+             f"--detect-every must be auto or an integer >= 1, got {self.detect_every!r}"),
             (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
             (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
@@ -143,6 +146,14 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
                                                      "with --graph-threads 0")),
+    "detect_every": ("--detect-every", dict(type=lambda text: text if text == "auto" else int(text),
+                                            metavar="N|auto",
+                                            help="run the face detector on every N-th frame (frames 0, N, 2N, ... "
+                                                 "of the video or stream) and carry the boxes by optical flow in "
+                                                 "between, detecting again at once when a box's content changes a "
+                                                 "lot; a face that enters is boxed within N-1 frames. 1 = detect "
+                                                 "every frame; auto = 4 for videos, cameras, streams and the "
+                                                 "sample, 1 for folders of images")),
     "pace": ("--pace", dict(choices=PACES, help="play files, folders and the sample at their own speed: auto = "
                                                 "when shown in a window (headless runs and recordings go as fast "
                                                 "as possible), source = always, none = never; cameras and "
