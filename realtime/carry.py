@@ -42,14 +42,15 @@ FLOW_SCALE = 0.5  # flow runs on the frame downscaled by this (faces are >= ~40 
 LK = dict(winSize=(11, 11), maxLevel=2, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03))
 
 
-def every_for(requested: str | int, still: bool = False) -> int:
+def every_for(requested: str | int, still: bool = False, detect_workers: int = 0) -> int:
     """The detection period N for `--detect-every` (an int >= 1 or "auto").
 
     auto: AUTO_EVERY for videos, cameras, streams and the sample, whose consecutive frames show
     the same faces; 1 for folders of images (`still`: SourceInfo.still), whose consecutive
-    frames may be unrelated photos."""
+    frames may be unrelated photos, and when several detectors side by side were asked for
+    (`detect_workers` > 1: carrying boxes takes the frames in order, in one thread)."""
     if requested == "auto":
-        return 1 if still else AUTO_EVERY
+        return 1 if still or detect_workers > 1 else AUTO_EVERY
     return int(requested)
 
 
@@ -85,6 +86,10 @@ class BoxCarrier:
         self._grey: np.ndarray | None = None
         self._boxes: list[tuple[np.ndarray, float]] = []  # (x0, y0, x1, y1) float in flow pixels, score
         self._last: int | None = None
+
+    def close(self) -> None:
+        """Close the detector (for owners that hold only the carrier, as `camface serve`)."""
+        self.detector.close()
 
     def detect(self, frame: np.ndarray, index: int) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3], frame `index` of its stream), boxes in pixels

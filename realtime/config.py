@@ -82,6 +82,9 @@ class LiveConfig:
              f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}"),
             (self.detect_every == "auto" or (isinstance(self.detect_every, int) and self.detect_every >= 1),
              f"--detect-every must be auto or an integer >= 1, got {self.detect_every!r}"),
+            (self.detect_every in ("auto", 1) or self.detect_workers <= 1,
+             "--detect-workers above 1 needs --detect-every 1 (carried boxes follow the frames in order, "
+             "in one thread)"),
             (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
             (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
@@ -153,7 +156,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                  "between, detecting again at once when a box's content changes a "
                                                  "lot; a face that enters is boxed within N-1 frames. 1 = detect "
                                                  "every frame; auto = 4 for videos, cameras, streams and the "
-                                                 "sample, 1 for folders of images")),
+                                                 "sample, 1 for folders of images and with --detect-workers above 1")),
     "pace": ("--pace", dict(choices=PACES, help="play files, folders and the sample at their own speed: auto = "
                                                 "when shown in a window (headless runs and recordings go as fast "
                                                 "as possible), source = always, none = never; cameras and "

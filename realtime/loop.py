@@ -144,7 +144,7 @@ class LiveLoop:
         with source, contextlib.ExitStack() as detectors_open:
             # Carrying boxes needs the frames in order: one detection thread, whose average cost
             # (one detection every N frames, flow on the others) is then below the main thread's.
-            every = every_for(cfg.detect_every, bool(getattr(source.info, "still", False)))
+            every = every_for(cfg.detect_every, bool(getattr(source.info, "still", False)), cfg.detect_workers)
             workers = 1 if every > 1 else detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live)
             detectors = [BoxCarrier(detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector],
                                                                               cfg.min_confidence, cfg.quiet_native)),
