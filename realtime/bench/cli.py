@@ -106,7 +106,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             keras = baseline.KerasGradCam(keras_path, info.target_layer, norm["scale"], norm["offset"])
             rows.append(run_sequential("Keras GradientTape", config, ExplainerGraph(keras, info, method), method,
                                        record_dir))
-            live, onnx_seq, keras_row = rows
+            live, onnx_seq, keras_row = rows[0], rows[-2], rows[-1]
             speedup = {"end_to_end": live.fps / keras_row.fps if keras_row.fps else None,
                        "same_loop": onnx_seq.fps / keras_row.fps if keras_row.fps else None,
                        "classify": (keras_row.stages["classify"].mean_ms / live.stages["classify"].mean_ms
