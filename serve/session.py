@@ -66,7 +66,8 @@ class Session:
         from camface.realtime.carry import BoxCarrier, every_for
 
         cfg = server.config
-        self.server, self.detector = server, BoxCarrier(detector, every_for(cfg.detect_every))
+        self.server = server
+        self.detector = None if detector is None else BoxCarrier(detector, every_for(cfg.detect_every))
         self.controls = Controls(method=cfg.method)
         self.smooth_factor = cfg.smooth if cfg.smooth > 0 else 0.5  # the page's smoothing switch
         self.explainer = FrameExplainer.from_config(cfg, server.graph)
