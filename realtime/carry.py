@@ -1,9 +1,10 @@
 """Detection every N frames, face boxes carried by optical flow in between (`--detect-every`).
 
-Why: MediaPipe's BlazeFace (Tasks wrapper) is the costliest stage of a frame, about 2.8 ms for
-the full-range model on 640x480 on a 2-core CPU, while following a face box from one frame to
-the next with pyramidal Lucas-Kanade flow costs about 0.15 ms (benchmarks/carry_cost.py). In
-videos, files and a camera's stream faces move little between frames.
+Why: MediaPipe's BlazeFace (Tasks wrapper) is the costliest stage of a frame, about 2.8-3 ms
+for the full-range model on 640x480 on a 2-core CPU (2.5 ms on the frame downscaled to 320x240:
+downscaling buys little, the wrapper's fixed cost stays), while carrying a frame's 1-3 boxes
+with pyramidal Lucas-Kanade flow costs 0.5-1 ms (benchmarks/detect_every.py costs). In videos,
+files and a camera's stream faces move little between frames.
 
 The rule, a pure function of the frames (so `camface batch` segments give the rows that live
 gives, see `keyframe`):
