@@ -28,6 +28,16 @@ PACES = ("auto", "source", "none")  # see camface.realtime.pace
 CODECS = ("auto", "h264", "mp4v")
 
 
+def _detect_every(text: str) -> str | int:
+    """`--detect-every` as given: "auto" or an integer (checked >= 1 by LiveConfig)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
+
+
 def method_choices() -> tuple[str, ...]:
     """`--method` choices: the registry's displayable methods, then "none" (no heatmap)."""
     return (*methods.names(display_only=True), "none")
@@ -148,8 +158,9 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                      "(each one MediaPipe instance on one core): more frames per "
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
-                                                     "with --graph-threads 0")),
-    "detect_every": ("--detect-every", dict(type=lambda text: text if text == "auto" else int(text),
+                                                     "with --graph-threads 0; with --detect-every above 1 one "
+                                                     "thread detects and carries the boxes")),
+    "detect_every": ("--detect-every", dict(type=_detect_every,
                                             metavar="N|auto",
                                             help="run the face detector on every N-th frame (frames 0, N, 2N, ... "
                                                  "of the video or stream) and carry the boxes by optical flow in "
