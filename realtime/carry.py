@@ -151,7 +151,8 @@ class BoxCarrier:
             cx, cy = (box[0] + box[2]) / 2 + shift[0], (box[1] + box[3]) / 2 + shift[1]
             half_w, half_h = (box[2] - box[0]) * scale / 2, (box[3] - box[1]) * scale / 2
             new = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h])
-            inside = (max(0.0, min(new[2], width) - max(new[0], 0.0)) * max(0.0, min(new[3], height) - max(new[1], 0.0)))
+            inside = (max(0.0, min(new[2], width) - max(new[0], 0.0))
+                      * max(0.0, min(new[3], height) - max(new[1], 0.0)))
             if not math.isfinite(scale) or inside < MIN_VISIBLE * (new[2] - new[0]) * (new[3] - new[1]):
                 continue  # leaving the frame
             carried.append((new, score))
