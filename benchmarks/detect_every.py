@@ -148,7 +148,8 @@ def bench(repeats: int) -> None:
     camface = Path(sys.executable).with_name("camface")
     runs = []
     for variant, extra in (("default (2 detector threads on every frame)", []),
-                           ("--detect-workers 1", ["--detect-workers", "1"])):
+                           ("--detect-workers 1", ["--detect-workers", "1"]),
+                           ("bound: --detect-every 300 (detector on frame 0 only)", ["--detect-every", "300"])):
         for repeat in range(repeats):
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 subprocess.run([str(camface), "bench", "--source", "sample", "--record", "--frames", "300",
@@ -157,7 +158,7 @@ def bench(repeats: int) -> None:
             carried, every = report["runs"][0], report["runs"][1]
             runs.append((variant, carried, every, report["load_average"]))
     print("\ncamface bench --source sample --record --frames 300 (640x480, 2 faces), each run both rows")
-    print("| every-frame row | CPU ms/frame, auto (N=4) | CPU ms/frame, every frame | ratio | fps auto | fps every frame "
+    print("| variant | CPU ms/frame, carried | CPU ms/frame, every frame | ratio | fps auto | fps every frame "
           "| detect ms mean, auto / every frame | load |")
     print("|---|---|---|---|---|---|---|---|")
     for variant in dict.fromkeys(r[0] for r in runs):

@@ -89,6 +89,12 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     with tempfile.TemporaryDirectory(prefix="camface-bench-") as tmp:
         record_dir = Path(tmp) if config.record else None
         every = every_for(pipeline.detect_every, bool(getattr(source_info, "still", False)), pipeline.detect_workers)
+        if config.warmup:
+            # The first loop of a process pays one-time costs (library and codec set-up) in its
+            # warm-up, which each row subtracts from its CPU time: an untimed loop first, so
+            # that the rows compared below start alike.
+            run_live(dataclasses.replace(config, frames=max(2, config.warmup), warmup=0), graph_path, record_dir,
+                     name="priming")
         rows.append(run_live(config, graph_path, record_dir))
         carried = None
         if every > 1:  # the same frames with the detector on every frame, for the comparison
