@@ -17,7 +17,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "smooth", "device",
-                  "cam_boxes", "bars", "colormap", "alpha", "graph_threads")
+                  "cam_boxes", "bars", "colormap", "alpha", "graph_threads", "detect_every")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,
         max_faces=config.max_faces, device=config.device, graph_threads=config.graph_threads,
         colormap=config.colormap, alpha=config.alpha, cam_boxes=config.cam_boxes, bars=config.bars,
-        quiet_native=config.quiet_native, smooth=config.smooth)
+        quiet_native=config.quiet_native, smooth=config.smooth, detect_every=config.detect_every)
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos)
     if args.resume:

@@ -52,6 +52,7 @@ class BatchJob:
     explained_class: int | None = None
     quiet_native: bool = True
     smooth: float = 0.0
+    detect_every: str | int = LIVE["detect_every"]
 
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
@@ -62,7 +63,8 @@ class BatchJob:
                       model_mtime_ns=stat.st_mtime_ns if stat else 0, method=self.method, record=self.record,
                       detector=self.detector, min_confidence=self.min_confidence, margin=self.margin,
                       max_faces=self.max_faces, colormap=self.colormap, alpha=self.alpha, cam_boxes=self.cam_boxes,
-                      bars=self.bars, explained_class=self.explained_class, smooth=self.smooth)
+                      bars=self.bars, explained_class=self.explained_class, smooth=self.smooth,
+                      detect_every=self.detect_every)
         return json.loads(json.dumps(values))
 
 
@@ -102,7 +104,7 @@ def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[st
     items = [unit.row() for unit in units]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
     detect = dict(model=job.model, detector=job.detector, min_confidence=job.min_confidence, margin=job.margin,
-                  max_faces=job.max_faces, quiet=job.quiet_native)
+                  max_faces=job.max_faces, quiet=job.quiet_native, detect_every=job.detect_every)
     explain = dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus else "cpu",
                    threads=job.graph_threads, method=job.method, explained_class=job.explained_class,
                    smooth=job.smooth)

@@ -60,10 +60,15 @@ def _reason(exc: BaseException) -> str:
 
 class Detect:
     """{video, path} -> payload with fps, frames, faces per frame, dropped per frame, crops
-    uint8 [total faces, H, W, C] (the graph's input), counts int [frames] (faces kept)."""
+    uint8 [total faces, H, W, C] (the graph's input), counts int [frames] (faces kept).
+
+    With `detect_every` N > 1 the detector runs on frames 0, N, 2N, ... of the video and boxes
+    are carried in between (camface.realtime.carry); a segment starting at frame s decodes from
+    the key frame at or before s and keeps frames s.. only, so its boxes are the whole video's
+    (and live's)."""
 
     def __init__(self, model: str, detector: str, min_confidence: float, margin: float, max_faces: int,
-                 quiet: bool = True, info=None):
+                 quiet: bool = True, info=None, detect_every: str | int = 1):
         from camface.models import DETECTORS
         from camface.realtime.detect import FaceDetector
         from camface.realtime.graph import CamGraph
@@ -72,9 +77,11 @@ class Detect:
         self.info = info or CamGraph(model, "cpu").info  # input size and colour order of the crops
         self.margin, self.max_faces = margin, max_faces
         self.detector = FaceDetector(DETECTORS[detector], min_confidence, quiet).__enter__()
+        self.detect_every = detect_every
 
     def __call__(self, row: dict) -> dict:
         from camface.batch.segments import Unit
+        from camface.realtime.carry import BoxCarrier, every_for, keyframe
         from camface.realtime.explainer import crop_for_graph
         from camface.realtime.sources import VideoFileSource
 
@@ -84,11 +91,15 @@ class Detect:
                "detect_node": _node(), "started_at": time.time()}
         try:
             faces, dropped, crops = [], [], []
-            with VideoFileSource(unit.path, unit.start, unit.stop) as source:
+            carrier = BoxCarrier(self.detector, every_for(self.detect_every))
+            first = keyframe(unit.start, carrier.every)
+            with VideoFileSource(unit.path, first, unit.stop) as source:
                 out["fps"] = source.info.fps
-                for frame in source:
-                    kept, frame_crops, lost = crop_for_graph(frame, self.detector.detect(frame), self.margin,
-                                                             self.max_faces, self.info)
+                for index, frame in enumerate(source, first):
+                    found = carrier.detect(frame, index)
+                    if index < unit.start:  # decoded only to carry the boxes into the segment
+                        continue
+                    kept, frame_crops, lost = crop_for_graph(frame, found, self.margin, self.max_faces, self.info)
                     faces.append(kept)
                     dropped.append(lost)
                     crops.append(frame_crops)

@@ -28,6 +28,16 @@ PACES = ("auto", "source", "none")  # see camface.realtime.pace
 CODECS = ("auto", "h264", "mp4v")
 
 
+def _detect_every(text: str) -> str | int:
+    """`--detect-every` as given: "auto" or an integer (checked >= 1 by LiveConfig)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
+
+
 def method_choices() -> tuple[str, ...]:
     """`--method` choices: the registry's displayable methods, then "none" (no heatmap)."""
     return (*methods.names(display_only=True), "none")
@@ -59,6 +69,7 @@ class LiveConfig:
     progress: bool = False
     graph_threads: int = 1
     detect_workers: int = 0  # 0: auto (see loop.detect_workers_for)
+    detect_every: str | int = "auto"  # "auto" or N >= 1 (see camface.realtime.carry)
     pace: str = "auto"
     image_seconds: float = 2.0
     loop: bool = False
@@ -79,6 +90,11 @@ class LiveConfig:
             (self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}"),
             (0 <= self.detect_workers <= MAX_DETECT_WORKERS,
              f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}"),
+            (self.detect_every == "auto" or (isinstance(self.detect_every, int) and self.detect_every >= 1),
+             f"--detect-every must be auto or an integer >= 1, got {self.detect_every!r}"),
+            (self.detect_every in ("auto", 1) or self.detect_workers <= 1,
+             "--detect-workers above 1 needs --detect-every 1 (carried boxes follow the frames in order, "
+             "in one thread)"),
             (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
             (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
@@ -142,7 +158,16 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                      "(each one MediaPipe instance on one core): more frames per "
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
-                                                     "with --graph-threads 0")),
+                                                     "with --graph-threads 0; with --detect-every above 1 one "
+                                                     "thread detects and carries the boxes")),
+    "detect_every": ("--detect-every", dict(type=_detect_every,
+                                            metavar="N|auto",
+                                            help="run the face detector on every N-th frame (frames 0, N, 2N, ... "
+                                                 "of the video or stream) and carry the boxes by optical flow in "
+                                                 "between, detecting again at once when a box's content changes a "
+                                                 "lot; a face that enters is boxed within N-1 frames. 1 = detect "
+                                                 "every frame; auto = 4 for videos, cameras, streams and the "
+                                                 "sample, 1 for folders of images and with --detect-workers above 1")),
     "pace": ("--pace", dict(choices=PACES, help="play files, folders and the sample at their own speed: auto = "
                                                 "when shown in a window (headless runs and recordings go as fast "
                                                 "as possible), source = always, none = never; cameras and "

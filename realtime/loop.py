@@ -97,6 +97,7 @@ class LiveLoop:
             put(out, END, stop)
 
     def _detect(self, detector, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+        """detector: a BoxCarrier (`detect(frame, index)`)."""
         index = None
         try:
             while True:
@@ -106,7 +107,7 @@ class LiveLoop:
                     return
                 index, frame = item
                 start = time.perf_counter()
-                faces = detector.detect(frame)
+                faces = detector.detect(frame, index)
                 self.timer.add("detect", time.perf_counter() - start)
                 if not put(out, (index, frame, faces), stop):
                     return
@@ -118,6 +119,7 @@ class LiveLoop:
     def run(self) -> RunSummary:
         from camface.models import DETECTORS, EMOTION_ONNX
         from camface.outputs import check_output_file
+        from camface.realtime.carry import BoxCarrier, every_for
         from camface.realtime.detect import FaceDetector
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.graph import CamGraph
@@ -140,9 +142,14 @@ class LiveLoop:
         if cfg.loop:
             source = LoopingSource(source)
         with source, contextlib.ExitStack() as detectors_open:
-            detectors = [detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence,
-                                                                   cfg.quiet_native))
-                         for _ in range(detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live))]
+            # Carrying boxes needs the frames in order: one detection thread, whose average cost
+            # (one detection every N frames, flow on the others) is then below the main thread's.
+            every = every_for(cfg.detect_every, bool(getattr(source.info, "still", False)), cfg.detect_workers)
+            workers = 1 if every > 1 else detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live)
+            detectors = [BoxCarrier(detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector],
+                                                                              cfg.min_confidence, cfg.quiet_native)),
+                                    every)
+                         for _ in range(workers)]
             snapshots = None
             if cfg.snapshot_every or cfg.show:
                 snapshots = SnapshotWriter(cfg.snapshot_dir, source.info.name, model_path, graph.info)
@@ -255,7 +262,8 @@ class LiveLoop:
                     provider=explainer.graph.provider, source=source.info.name,
                     recordings=tuple(recorder.recordings),
                     snapshots=recorder.snapshots.count if recorder.snapshots is not None else 0,
-                    stopped_by=stopped_by, detectors=len(detectors), pace_fps=pacer.fps if pacer else 0.0,
+                    stopped_by=stopped_by, detectors=len(detectors), detect_every=detectors[0].every,
+                    detections=sum(d.detections for d in detectors), pace_fps=pacer.fps if pacer else 0.0,
                     paused_s=viewer.paused_s, still=bool(getattr(source.info, "still", False)))
         if recorder.error is not None:
             raise recorder.error

@@ -56,6 +56,8 @@ class RunSummary:
     pace_fps: float = 0.0  # frames held to this rate for display (0: as fast as possible)
     paused_s: float = 0.0  # time spent paused (space key)
     still: bool = False  # the source was a folder of images (pacing holds each one)
+    detect_every: int = 1  # the detector ran on key frames 0, N, 2N, ... (camface.realtime.carry)
+    detections: int = 0  # detector runs: key frames and re-detections
 
     @property
     def faces_per_frame(self) -> float:
@@ -63,7 +65,10 @@ class RunSummary:
 
     def _stage_text(self, stage: str) -> str:
         text = f"{self.stages[stage].median_ms:.1f} ms {stage}"
-        if stage == "detect" and self.detectors > 1:  # each detector's own frames: a latency
+        if stage == "detect" and self.detect_every > 1:  # the median is a carried frame's
+            text = (f"{self.stages[stage].mean_ms:.1f} ms detect (mean; detector on {self.detections} of "
+                    f"{self.frames} frames, boxes carried on the others)")
+        elif stage == "detect" and self.detectors > 1:  # each detector's own frames: a latency
             text += f" ({self.detectors} detectors side by side)"
         return text
 

@@ -55,14 +55,19 @@ class Work:
 
 class Session:
     """One client. server: the ServeState (graph, renderer, config, folders). detector: an
-    entered FaceDetector of its own (MediaPipe VIDEO mode wants one stream per detector)."""
+    entered FaceDetector of its own (MediaPipe VIDEO mode wants one stream per detector), run
+    through a BoxCarrier with the config's `detect_every` (boxes carried along this client's
+    frames)."""
 
     def __init__(self, server, detector):
         from camface.realtime.snapshot import SnapshotWriter
 
         self.id = next(_ids)
-        self.server, self.detector = server, detector
+        from camface.realtime.carry import BoxCarrier, every_for
+
         cfg = server.config
+        self.server = server
+        self.detector = None if detector is None else BoxCarrier(detector, every_for(cfg.detect_every))
         self.controls = Controls(method=cfg.method)
         self.smooth_factor = cfg.smooth if cfg.smooth > 0 else 0.5  # the page's smoothing switch
         self.explainer = FrameExplainer.from_config(cfg, server.graph)
@@ -154,11 +159,12 @@ class Session:
             self.index += 1
             return frame, self.explainer, self.controls, self.index - 1
 
-    def detect(self, frame: np.ndarray):
+    def detect(self, frame: np.ndarray, index: int):
+        """Faces of this client's frame `index` (the count of frames the worker took)."""
         with self.detect_lock:
             if self.detector is None:
                 return ()
-            return self.detector.detect(frame)
+            return self.detector.detect(frame, index)
 
     def hud(self) -> tuple[float, dict[str, float]]:
         """(rolling fps, per-stage median ms) for the frame being explained."""

@@ -80,7 +80,7 @@ class InferenceWorker:
             frame, explainer, controls, index = item
             start = time.perf_counter()
             try:
-                faces = session.detect(frame.frame)
+                faces = session.detect(frame.frame, index)
             except BaseException:
                 session.sent()
                 for other, *_ in taken:

@@ -3,6 +3,7 @@ with onnx.helper (no TensorFlow), and small synthetic clips."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
@@ -166,3 +167,109 @@ class FakeWindow:
         self.shown.append(frame.copy())
         key = self.keys.pop(0) if self.keys else "."
         return -1 if key == "." else ord(key)
+
+
+# ---------------------------------------------------------------- a clip of real faces that move
+# Heads cut from the photos that packages ship (scikit-image's astronaut, matplotlib's Grace
+# Hopper), as (x0, y0, x1, y1) in the photo, and the face box MediaPipe finds there (x, y, w, h).
+HEADS = {"astronaut": ((113, 7, 336, 230), (173, 67, 103, 103)),
+         "hopper": ((86, 50, 446, 410), (166, 130, 199, 199))}
+
+
+def head_sprites() -> dict[str, tuple[np.ndarray, tuple[float, float, float, float]]]:
+    """name -> (head image uint8 BGR, face box inside it as fractions (x, y, w, h) of the head)."""
+    from matplotlib import cbook
+    from skimage import data
+
+    photos = {"astronaut": np.ascontiguousarray(data.astronaut()[:, :, ::-1]),
+              "hopper": cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))}
+    sprites = {}
+    for name, ((x0, y0, x1, y1), (fx, fy, fw, fh)) in HEADS.items():
+        head = photos[name][y0:y1, x0:x1]
+        sprites[name] = (head, ((fx - x0) / (x1 - x0), (fy - y0) / (y1 - y0), fw / (x1 - x0), fh / (y1 - y0)))
+    return sprites
+
+
+def face_plan(index: int, frames: int, width: int, height: int) -> list[tuple[str, str, float, float, float]]:
+    """The faces of frame `index` as (face, sprite name, face centre x, face centre y, face size), in
+    pixels: A (astronaut) sweeps left and right fast (up to ~15 px a frame at 640 wide over 60
+    frames) while growing and shrinking 2x; B (Hopper) enters at the right edge at 1/6 of the
+    clip and leaves at the left edge; C (astronaut) pops in at 21/60 and out at 45/60 of the clip
+    (no fade: the hardest case for boxes carried between detections)."""
+    t = index / frames
+    s = height / 480
+    plan = [("A", "astronaut", width * (0.3 + 0.15 * math.sin(2 * math.pi * t)), height * 0.27,
+             s * (120 + 40 * math.sin(4 * math.pi * t)))]
+    u = (t - 1 / 6) / (5 / 6 - 1 / 6)
+    if 0 <= u <= 1:
+        plan.append(("B", "hopper", width * (1.1 - 1.2 * u), height * 0.72, s * 110))
+    if round(21 / 60 * frames) <= index < round(45 / 60 * frames):
+        plan.append(("C", "astronaut", width * 0.8, height * 0.25, s * 80))
+    return plan
+
+
+def moving_faces_clip(frames: int = 60, size: tuple[int, int] = (640, 480)
+                      ) -> tuple[list[np.ndarray], list[dict[str, tuple[int, int, int, int]]]]:
+    """(frames uint8 BGR [H, W, 3], per frame the true face boxes {face: (x, y, w, h)} in pixels,
+    clipped to the frame, faces named as in `face_plan`); a pure function of its arguments."""
+    width, height = size
+    sprites = head_sprites()
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = np.stack([90 + 40 * np.sin(xx / 97.0), 110 + 30 * np.cos(yy / 61.0),
+                           120 + 20 * np.sin((xx + yy) / 143.0)], axis=2).astype(np.uint8)
+    clip, truth = [], []
+    for index in range(frames):
+        frame = background.copy()
+        boxes = {}
+        for face, name, cx, cy, face_size in face_plan(index, frames, width, height):
+            head, (fx, fy, fw, fh) = sprites[name]
+            head_w = face_size / fw
+            head_h = head_w * head.shape[0] / head.shape[1]
+            hx, hy = cx - (fx + fw / 2) * head_w, cy - (fy + fh / 2) * head_h
+            x0, y0 = int(round(hx)), int(round(hy))
+            scaled = cv2.resize(head, (max(1, int(round(head_w))), max(1, int(round(head_h)))),
+                                interpolation=cv2.INTER_AREA)
+            sx0, sy0 = max(0, -x0), max(0, -y0)
+            sx1, sy1 = min(scaled.shape[1], width - x0), min(scaled.shape[0], height - y0)
+            if sx1 > sx0 and sy1 > sy0:
+                frame[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1] = scaled[sy0:sy1, sx0:sx1]
+            bx0, by0 = max(0, round(cx - face_size / 2)), max(0, round(cy - face_size / 2))
+            bx1, by1 = min(width, round(cx + face_size / 2)), min(height, round(cy + face_size / 2))
+            if bx1 > bx0 and by1 > by0:
+                boxes[face] = (bx0, by0, bx1 - bx0, by1 - by0)
+        clip.append(frame)
+        truth.append(boxes)
+    return clip, truth
+
+
+def carry_accuracy(carried: list, detected: list, truth: list[dict] | None = None) -> dict:
+    """How boxes carried between detections compare with detection on every frame.
+
+    carried, detected: per frame a tuple of Face (same frames). truth: per frame {face: box}
+    or None. Returns {"face_frames": detected faces over all frames, "iou90": fraction of them
+    that a carried box overlaps with IoU >= 0.9, "late": the longest run of frames in which a
+    face (truth name, or the detected face) is detected but has no carried box with IoU >= 0.3
+    (how late an appearing face is boxed), "stale": the longest run of frames holding a carried
+    box that no detected box overlaps with IoU >= 0.3 (how long a leaving face keeps its box)}.
+    """
+    from camface.realtime.smooth import iou
+
+    def best(box, faces):
+        return max((iou(box, face.box) for face in faces), default=0.0)
+
+    face_frames = hits = 0
+    late_run: dict = {}
+    late = stale = stale_run = 0
+    for index, (mine, theirs) in enumerate(zip(carried, detected)):
+        face_frames += len(theirs)
+        hits += sum(best(face.box, mine) >= 0.9 for face in theirs)
+        names = truth[index] if truth is not None else {n: f.box for n, f in enumerate(theirs)}
+        for name, box in names.items():
+            seen = best(box, theirs) >= 0.3
+            missing = seen and best(box, mine) < 0.3
+            late_run[name] = late_run.get(name, 0) + 1 if missing else 0
+            late = max(late, late_run[name])
+        stale_run = stale_run + 1 if any(best(face.box, theirs) < 0.3 for face in mine) else 0
+        stale = max(stale, stale_run)
+    return {"face_frames": face_frames, "iou90": hits / face_frames if face_frames else 1.0,
+            "late": late, "stale": stale}

@@ -134,6 +134,9 @@ MODES = {  # name: (camface batch flags, camface live flags)
     "whole videos": ((), ()),
     "segments": (("--segment-frames", "4"), ()),  # 10 frames: 0-3, 4-6, 7-9 (near-equal pieces)
     "smoothing": (("--smooth", "0.6"), ("--smooth", "0.6")),
+    # key frames 0, 3, 6, 9: segments 4-6 and 7-9 start between them (decoded from 3 and 6)
+    "segments, detect every 3": (("--segment-frames", "4", "--detect-every", "3"), ("--detect-every", "3")),
+    "every frame": (("--detect-every", "1"), ("--detect-every", "1")),
 }
 
 
@@ -180,7 +183,7 @@ def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, 
         assert table.column("track_id").to_pylist() == [e[2].track_id for e in expected]
         assert count_frames(out / "videos" / f"{vid}.mp4") == count_frames(recording) == CLIP_FRAMES
         record = next(r for r in summary["videos"] if r["video"] == vid)
-        assert record.get("segments", 1) == (3 if mode == "segments" else 1)
+        assert record.get("segments", 1) == (3 if mode.startswith("segments") else 1)
         # the annotated video: live's results drawn on the clip, frame by frame (H.264 is lossy)
         want, got = drawn(clip, results), decoded(out / "videos" / f"{vid}.mp4")
         assert len(got) == len(want)

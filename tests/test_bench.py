@@ -78,9 +78,23 @@ def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
     assert 1 <= settings["detect_workers"] <= 2
     assert report["date"] and report["speedup"] is None
 
-    (live,) = report["runs"]
+    # the default --detect-every auto (4 for a file) and, on the same frames, every frame
+    live, every_frame = report["runs"]
     assert live["name"] == "camface live" and live["provider"] == "CPUExecutionProvider"
-    check_row(live, frames=6, faces=sum(FACES), detectors=settings["detect_workers"])
+    assert settings["detect_every"] == 4 and settings["detect_workers"] == 1
+    # faces here pop in and out from frame to frame: carried boxes see frames 0 (key) and 1
+    # (carried); the faces of frames 3 and 5 appear after key frame 0 and 4 and are not boxed
+    check_row(live, frames=6, faces=2, detectors=1)
+    assert every_frame["name"] == "live, every frame"
+    check_row(every_frame, frames=6, faces=sum(FACES), detectors=2)
+    carried = report["detect_every"]
+    assert carried["every"] == 4 and carried["cpu_ms_per_frame"] == live["cpu_ms_per_frame"]
+    if live["cpu_ms_per_frame"] and every_frame["cpu_ms_per_frame"]:  # None: not separable from start-up
+        assert carried["cpu_ratio"] == pytest.approx(every_frame["cpu_ms_per_frame"] / live["cpu_ms_per_frame"])
+    else:
+        assert carried["cpu_ratio"] is None
+    assert carried["fps_ratio"] == pytest.approx(live["fps"] / every_frame["fps"])
+    assert "detector full on every 4th frame" in table
 
     heads = report["heads"]
     assert set(heads["batches"]) == {"1", "3"}
@@ -106,11 +120,12 @@ def test_keras_baseline_runs_on_the_same_frames(tmp_path, faces_clip, capsys):
     report = json.loads(out.read_text())
     assert "speedup over the Keras baseline" in capsys.readouterr().out
     rows = {row["name"]: row for row in report["runs"]}
-    assert list(rows) == ["camface live", "ONNX, one thread", "Keras GradientTape"]
+    assert list(rows) == ["camface live", "live, every frame", "ONNX, one thread", "Keras GradientTape"]
     no_encode = tuple(s for s in STAGES if s != "encode")
     for row in rows.values():
-        check_row(row, frames=4, faces=sum(FACES[:4]), stages=no_encode,
-                  detectors=report["settings"]["detect_workers"] if row["name"] == "camface live" else 1)
+        every_frame = row["name"] == "live, every frame" or report["settings"]["detect_every"] == 1
+        check_row(row, frames=4, faces=sum(FACES[:4]) if every_frame else 2, stages=no_encode,
+                  detectors=2 if row["name"] == "live, every frame" else 1)
     assert rows["Keras GradientTape"]["provider"] == "TensorFlow eager"
     for row in (rows["ONNX, one thread"], rows["Keras GradientTape"]):
         # One thread: the span between first and last completion is the stages of frames 1..N-1.
@@ -214,8 +229,8 @@ def test_compare_int8_adds_a_live_row_and_the_precision_table(tmp_path, faces_cl
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
     assert "camface live int8" in table and "float32 vs int8" in table and "top-1 agreement" in table
-    live, live_int8 = report["runs"]
-    assert live_int8["name"] == "camface live int8"
+    live, every_frame, live_int8 = report["runs"]
+    assert live_int8["name"] == "camface live int8" and every_frame["name"] == "live, every frame"
     check_row(live_int8, frames=3, faces=sum(FACES[:3]), stages=STAGES[:-1],
               detectors=report["settings"]["detect_workers"])  # no --record: no encode stage
     int8 = report["int8"]

@@ -105,7 +105,9 @@ def test_recording_holds_every_processed_frame_and_snapshots(tmp_path, face_clip
                            snapshot_dir=tmp_path / "snaps", cam_boxes=True, bars=True, smooth=0.5))
     s = loop.summary
     assert s.frames == 12 and s.stopped_by == "end of input"
-    assert s.detectors == detect_workers_for(0) == min(2, len(os.sched_getaffinity(0)))  # a file
+    # a file: --detect-every auto carries boxes between key frames 0, 4, 8 in one detector thread
+    assert s.detectors == 1 and s.detect_every == 4 and s.detections == 3
+    assert detect_workers_for(0) == min(2, len(os.sched_getaffinity(0)))  # with --detect-every 1
     assert s.recordings == ((str(out), 12),) and count_frames(out) == 12
     assert s.faces_per_frame >= 2 and s.snapshots == 3
     assert {"decode", "detect", "crop", "classify", "render", "encode"} <= set(s.stages)

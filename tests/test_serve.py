@@ -428,3 +428,26 @@ def test_write_y4m_makes_what_opencv_reads_back(tmp_path):
         write_y4m(tmp_path / "mixed.y4m", [frames[0], np.zeros((32, 32, 3), np.uint8)])
     with pytest.raises(ValueError, match="at least one frame"):
         write_y4m(tmp_path / "empty.y4m", [])
+
+
+def test_a_client_gets_boxes_carried_between_key_frames(make_client):
+    """--detect-every 3: the client's frames 0 and 3 are detected, 1, 2 and 4 carried, as a
+    BoxCarrier gives them on the same decoded frames (frames taken in order, none dropped)."""
+    from camface.models import DETECTORS
+    from camface.realtime.carry import BoxCarrier
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.detect import FaceDetector
+    from realtime_helpers import moving_faces_clip
+
+    frames, _ = moving_faces_clip(60)
+    images = [jpeg(frame) for frame in frames[20:25]]
+    client, state = make_client(LiveConfig(detect_every=3))
+    with client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        got = [[face["box"] for face in send_frame(ws, k, image)[0]["faces"]] for k, image in enumerate(images)]
+    with FaceDetector(DETECTORS["full"]) as detector:
+        carrier = BoxCarrier(detector, 3)
+        want = [[list(face.box) for face in carrier.detect(cv2.imdecode(np.frombuffer(image, np.uint8),
+                                                                         cv2.IMREAD_COLOR), k)]
+                for k, image in enumerate(images)]
+    assert got == want and carrier.detections == 2 and all(len(boxes) >= 2 for boxes in got)

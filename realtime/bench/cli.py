@@ -21,6 +21,7 @@ and the backbone builder live in camface.export and are loaded only when asked f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import logging
@@ -61,7 +62,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     """Measure everything `config` asks for; returns the report (JSON-ready) and the rows."""
     from camface.realtime.bench.heads import compare_heads
     from camface.realtime.bench.machine import machine_info
-    from camface.realtime.bench.rows import ExplainerGraph, run_live, run_sequential
+    from camface.realtime.bench.rows import ExplainerGraph, compare_detect_every, run_live, run_sequential
+    from camface.realtime.carry import every_for
     from camface.realtime.explainer import check_method
     from camface.realtime.graph import CamGraph
     from camface.realtime.loop import detect_workers_for
@@ -86,7 +88,19 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="camface-bench-") as tmp:
         record_dir = Path(tmp) if config.record else None
+        every = every_for(pipeline.detect_every, bool(getattr(source_info, "still", False)), pipeline.detect_workers)
+        if config.warmup:
+            # The first loop of a process pays one-time costs (library and codec set-up) in its
+            # warm-up, which each row subtracts from its CPU time: an untimed loop first, so
+            # that the rows compared below start alike.
+            run_live(dataclasses.replace(config, frames=max(2, config.warmup), warmup=0), graph_path, record_dir,
+                     name="priming")
         rows.append(run_live(config, graph_path, record_dir))
+        carried = None
+        if every > 1:  # the same frames with the detector on every frame, for the comparison
+            rows.append(run_live(dataclasses.replace(config, pipeline=pipeline.replace(detect_every=1)), graph_path,
+                                 record_dir, name="live, every frame"))
+            carried = compare_detect_every(every, rows[0], rows[-1])
         speedup = None
         if config.baseline == "keras":
             import importlib
@@ -98,7 +112,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             keras = baseline.KerasGradCam(keras_path, info.target_layer, norm["scale"], norm["offset"])
             rows.append(run_sequential("Keras GradientTape", config, ExplainerGraph(keras, info, method), method,
                                        record_dir))
-            live, onnx_seq, keras_row = rows
+            live, onnx_seq, keras_row = rows[0], rows[-2], rows[-1]
             speedup = {"end_to_end": live.fps / keras_row.fps if keras_row.fps else None,
                        "same_loop": onnx_seq.fps / keras_row.fps if keras_row.fps else None,
                        "classify": (keras_row.stages["classify"].mean_ms / live.stages["classify"].mean_ms
@@ -127,12 +141,15 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             "target_layer": info.target_layer, "method": pipeline.method, "frames": config.frames,
             "warmup": config.warmup, "record": config.record, "detector": pipeline.detector,
             "max_faces": pipeline.max_faces, "graph_threads": pipeline.graph_threads,
-            "detect_workers": detect_workers_for(pipeline.detect_workers, pipeline.graph_threads, source_info.live),
+            "detect_workers": 1 if every > 1 else detect_workers_for(pipeline.detect_workers, pipeline.graph_threads,
+                                                                    source_info.live),
+            "detect_every": every,
             "device": pipeline.device,
             "provider": graph.provider, "baseline": config.baseline,
         },
         "runs": [row.to_json() for row in rows],
         "speedup": speedup,
+        "detect_every": carried,
         "heads": heads,
         "int8": int8,
     }

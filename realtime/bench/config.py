@@ -9,7 +9,8 @@ from pathlib import Path
 
 from camface.realtime.config import LiveConfig, add_arguments, from_args
 
-PIPELINE_OPTIONS = ("source", "model", "method", "detector", "graph_threads", "detect_workers", "device", "codec")
+PIPELINE_OPTIONS = ("source", "model", "method", "detector", "graph_threads", "detect_workers", "detect_every",
+                    "device", "codec")
 BACKBONES = {"resnet50": "resnet50_gap", "vgg16": "vgg16_conv_gap", "mobilenetv2": "mobilenetv2_gap"}
 
 
@@ -52,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, "detector")
     parser.add_argument("--max-faces", type=int, default=None,
                         help="faces classified per frame, largest first; default 8, or 1 with --backbone")
-    add_arguments(parser, "graph_threads", "detect_workers", "device", "codec")
+    add_arguments(parser, "graph_threads", "detect_workers", "detect_every", "device", "codec")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json",
                         help="also write the numbers to this JSON file")
 

@@ -16,6 +16,11 @@ def _stage_cell(row: Row, stage: str) -> str:
     return f"{s.median_ms:.2f} / {s.p95_ms:.2f}" if s is not None else "-"
 
 
+def _every(every: int) -> str:
+    """'every frame', 'every 2nd frame', 'every 3rd frame', 'every 4th frame', ..."""
+    return "every frame" if every == 1 else f"every {({2: '2nd', 3: '3rd'}).get(every, f'{every}th')} frame"
+
+
 def format_report(report: dict, rows: list[Row]) -> str:
     """The table printed on stdout: stages down, rows across."""
     machine, setup = report["machine"], report["settings"]
@@ -23,7 +28,8 @@ def format_report(report: dict, rows: list[Row]) -> str:
     lines = [
         f"camface bench {report['date']}: {setup['source']} ({setup['source_size']}, {rows[0].frames} frames "
         f"+ {setup['warmup']} warm-up), {Path(setup['model']).name} ({setup['method']}), detector "
-        f"{setup['detector']}, max {setup['max_faces']} faces, recording {'on' if setup['record'] else 'off'}",
+        f"{setup['detector']} on {_every(setup.get('detect_every', 1))}, "
+        f"max {setup['max_faces']} faces, recording {'on' if setup['record'] else 'off'}",
         f"machine: {machine['cpu']}, {machine['usable_cores']} cores, {gpus}; ONNX Runtime "
         f"{machine['onnxruntime']}, {setup['graph_threads']} graph thread(s), {setup['detect_workers']} "
         f"detector(s); load average "
@@ -50,6 +56,14 @@ def format_report(report: dict, rows: list[Row]) -> str:
                       f"(camface live vs Keras); {speedup['same_loop']:.1f}x with the same one-thread loop; "
                       f"{speedup['classify']:.1f}x in classify+explain (mean ms per frame)"
                       + (f"; {speedup['cpu_time']:.1f}x in CPU time per frame" if speedup["cpu_time"] else "")]
+    carried = report.get("detect_every")
+    if carried:
+        cpu = ("CPU time per frame not separable from start-up (more --frames)" if not carried["cpu_ratio"] else
+               f"{carried['cpu_ms_per_frame']:.2f} CPU ms per frame against "
+               f"{carried['every_frame_cpu_ms_per_frame']:.2f} with detection on every frame, "
+               f"{carried['cpu_ratio']:.2f}x less")
+        lines += ["", f"detector on {_every(carried['every'])} (boxes carried between): {cpu}; "
+                      f"{carried['fps_ratio']:.2f}x the fps (this run)"]
     heads = report.get("heads")
     if heads:
         lines += ["", *format_heads(heads)]

@@ -95,6 +95,18 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None, name: st
                dict(summary.stages), summary.provider, peak_rss_mb(), cpu_ms)
 
 
+def compare_detect_every(every: int, carried: Row, every_frame: Row) -> dict:
+    """The live row with the detector on every `every`-th frame against the one with it on
+    every frame (same frames, same run): CPU time per frame and fps, and their ratios."""
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    return {"every": every, "cpu_ms_per_frame": carried.cpu_ms_per_frame,
+            "every_frame_cpu_ms_per_frame": every_frame.cpu_ms_per_frame,
+            "cpu_ratio": ratio(every_frame.cpu_ms_per_frame, carried.cpu_ms_per_frame),
+            "fps_ratio": ratio(carried.fps, every_frame.fps)}
+
+
 class ExplainerGraph:
     """Another explainer (the Keras baseline: `explain(crops, class_index) -> (probs, heatmaps)`)
     dressed as the CamGraph that FrameExplainer calls, so the baseline row runs the same frame
@@ -112,16 +124,19 @@ def run_sequential(name: str, config: BenchConfig, graph, method: str, record_di
     """decode -> detect -> explain -> render -> encode, one frame after the other in this
     thread, on the same frames as `run_live`; `graph` is a CamGraph (or an ExplainerGraph)."""
     from camface.models import DETECTORS
+    from camface.realtime.carry import BoxCarrier, every_for
     from camface.realtime.detect import FaceDetector
     from camface.realtime.render import Renderer
     from camface.realtime.timing import RateMeter, StageTimer
 
     pipeline = config.pipeline.replace(method=method)
     renderer = Renderer.from_config(pipeline)
-    with FaceDetector(DETECTORS[pipeline.detector], pipeline.min_confidence, pipeline.quiet_native) as detector:
+    with FaceDetector(DETECTORS[pipeline.detector], pipeline.min_confidence, pipeline.quiet_native) as mediapipe:
+        detector = BoxCarrier(mediapipe, every_for(pipeline.detect_every))  # a fresh one per pass: frames from 0
         if config.warmup:
             _sequential_pass(config, pipeline, graph, detector, renderer, config.warmup,
                              record_dir / f"{name}-warmup.mp4" if record_dir else None, StageTimer(), RateMeter())
+            detector = BoxCarrier(mediapipe, detector.every)
         timer, rate = StageTimer(STAGES), RateMeter()
         started, cpu_start = time.perf_counter(), time.process_time()
         frames, faces = _sequential_pass(config, pipeline, graph, detector, renderer, config.frames,
@@ -153,7 +168,7 @@ def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record,
                 break
             timer.add("decode", time.perf_counter() - start)
             with timer.stage("detect"):
-                faces = detector.detect(frame)
+                faces = detector.detect(frame, frames)
             if frames % HUD_EVERY == 0:
                 hud_ms = hud_stage_ms(timer)
             result = explainer.explain(frame, faces, controls, frames, rate.rolling_fps, hud_ms).result
