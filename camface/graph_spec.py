@@ -143,7 +143,7 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
     if ranked:
         return ranked[0], ""
     if not info.ranking:
-        why = "it records no method ranking (exported before camface ranked methods at export)"
+        why = "it records no method ranking (made by an older camface, or not by `camface export`)"
     elif info.ranking.get("skipped"):
         why = f"its export ranked no methods: {info.ranking['skipped']}"
     else:
