@@ -152,11 +152,17 @@ def summary_lines(ranked: dict) -> list[str]:
 
 
 def _estimate(scorer, crops: np.ndarray, methods_count: int) -> float:
-    """Seconds that scoring `crops` with `methods_count` methods should take: one batch of
-    perturbed-crop-sized work timed (after a first, warming run) and scaled."""
+    """Seconds that scoring `crops` with `methods_count` methods should take: a batch of 32
+    crops classified (2 warming runs, then the median of 5 timed ones: one run is ~10 ms, which
+    a busy machine's scheduling can double) and scaled to crops x (2 K - 1) x methods."""
+    import statistics
+
     batch = np.ascontiguousarray(np.repeat(crops[:1], 32, axis=0))
-    scorer.classify(batch)
-    started = time.perf_counter()
-    scorer.classify(batch)
-    per_image = (time.perf_counter() - started) / len(batch)
+    times = []
+    for run in range(7):
+        started = time.perf_counter()
+        scorer.classify(batch)
+        if run >= 2:
+            times.append(time.perf_counter() - started)
+    per_image = statistics.median(times) / len(batch)
     return per_image * len(crops) * (2 * STEPS - 1) * methods_count
