@@ -216,6 +216,21 @@ def test_a_live_run_on_an_unranked_graph_warns_once(tmp_path, clip, caplog):
     assert len(warnings) == 1 and "shows gradcam" in warnings[0] and "records no method ranking" in warnings[0]
 
 
+def test_crops_given_by_the_caller_are_ranked_and_named(tmp_path):
+    """`camface train`'s way: the exporter's result ranked on crops it already holds."""
+    from camface.export.exporter import ExportResult
+
+    path = tiny_cam_graph(tmp_path / "tiny.onnx")
+    crops = np.random.default_rng(1).integers(0, 256, (20, 32, 32, 1), dtype=np.uint8)
+    result = ranking.record(ExportResult(path, CamGraph(path, "cpu").info), None, crops=crops,
+                            settings={"source": "the test split"})
+    ranked = CamGraph(path, "cpu").info.ranking
+    assert ranked == result.info.ranking and ranked["settings"]["source"] == "the test split"
+    assert ranked["settings"]["crops"] == 20 and set(ranked["ranking"]) == {"gradcam", "gradcampp", "cam"}
+    assert ranking.summary_lines(ranked)[0].startswith("by deletion_auc (lower is better) on 20 face crops of "
+                                                       "the test split, 16 steps")
+
+
 # ------------------------------------------------------------------------------ the time budget
 @pytest.mark.parametrize("estimate, seconds, crops, skipped", [
     (10.0, 30.0, 40, False),   # fits: every crop
