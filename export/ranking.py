@@ -9,7 +9,7 @@ Crops: those `camface evaluate --source SRC` scores with its defaults: every EVE
 FRAMES frames of a clip or the sample (every image of a folder), at most MAX_CROPS of them, evenly
 spaced. Steps and baseline: evaluate's defaults (16 steps, the crop blurred).
 
-Time budget: scoring costs about crops x (2 steps - 1) x methods classifications. One batch is
+Time budget: scoring costs about crops x (2 steps - 1) x methods classifications. A batch is
 timed first; when the estimate exceeds `seconds` the crops are thinned (evenly) to fit, down to
 MIN_CROPS, and below that nothing is scored: the metadata then says why, and `--method auto`
 falls back to Grad-CAM. `make models` ranks the bundled graph without a budget (all 117 of the
@@ -52,6 +52,7 @@ def rank_crops(graph, crops: np.ndarray, settings: dict, seconds: float = SECOND
     if len(crops) < MIN_CROPS:
         return {"skipped": f"{len(crops)} face crops in {settings['source']}, fewer than the {MIN_CROPS} "
                            "a ranking needs"}
+    found = len(crops)
     crops = evenly(crops, MAX_CROPS)
     scorer = Scorer(graph, steps=STEPS, baseline=BASELINE, device="cpu", threads=THREADS)
     estimate = _estimate(scorer, crops, len(names)) if seconds > 0 else 0.0
@@ -75,7 +76,8 @@ def rank_crops(graph, crops: np.ndarray, settings: dict, seconds: float = SECOND
         "rule": f"{METRICS[RANKED_BY][0]} ({'higher' if METRICS[RANKED_BY][2] else 'lower'} is better)",
         "ranking": [name for name in ranking(rank(by_method)) if name in shown],
         "scores": {name: {key: round(m[key], 4) for key in keys} for name, m in by_method.items()},
-        "settings": {**settings, "crops": int(len(crops)), "steps": STEPS, "baseline": BASELINE,
+        "settings": {**settings, "crops": int(len(crops)), **({"crops_found": found} if found > len(crops) else {}),
+                     "steps": STEPS, "baseline": BASELINE,
                      "explained_class": "predicted", "baseline_method": RANDOM if RANDOM in by_method else None,
                      "provider": graph.provider},
     }
@@ -138,8 +140,11 @@ def summary_lines(ranked: dict) -> list[str]:
     s = ranked["settings"]
     frames = "" if "every" not in s else (
         f" (every {s['every']} of {s['frames_read']} frames)" if s["every"] > 1 else f" ({s['frames_read']} images)")
-    lines = [f"by {ranked['rule']} on {s['crops']} face crops of {s['source']}{frames}"
-             + f", {s['steps']} steps, removed pixels -> {s['baseline']} (camface evaluate's defaults)",
+    crops = f"{s['crops']} (evenly spaced) of {s['crops_found']}" if "crops_found" in s else f"{s['crops']}"
+    again = ("" if "every" not in s or "crops_found" in s else
+             f"; `camface evaluate --source {s['source']}{' --every 1' if s['every'] == 1 else ''}` reproduces it")
+    lines = [f"by {ranked['rule']} on {crops} face crops of {s['source']}{frames}"
+             + f", {s['steps']} steps, removed pixels -> {s['baseline']}{again}",
              f"{'':4}{'method':<20}" + "".join(f"{label:>16}" for _, label, _ in METRICS.values())]
     scores = ranked["scores"]
     rows = [(str(i + 1), name) for i, name in enumerate(ranked["ranking"])]

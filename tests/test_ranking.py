@@ -113,7 +113,8 @@ def test_export_records_the_ranking_evaluate_computes_on_the_same_crops(tmp_path
     assert camface_main(["info", str(out)]) == 0
     shown = capsys.readouterr().out
     assert f"method ranking (--method auto shows {ranked['ranking'][0]}):" in shown
-    assert f"on {settings['crops']} face crops of sample (every 5 of 300 frames)" in shown
+    assert (f"on {settings['crops']} face crops of sample (every 5 of 300 frames), 16 steps, removed pixels -> blur; "
+            "`camface evaluate --source sample` reproduces it") in shown
     best = ranked["scores"][ranked["ranking"][0]]
     assert f"1   {ranked['ranking'][0]:<20}{best['deletion_auc']:>16.3f}{best['insertion_auc']:>16.3f}" in shown
 
@@ -247,6 +248,9 @@ def test_the_budget_thins_the_crops_or_skips(tmp_path, monkeypatch, estimate, se
         assert set(ranked) == {"skipped"} and f"over the {seconds:g} s budget (--rank-seconds)" in ranked["skipped"]
     else:
         assert ranked["settings"]["crops"] == crops and ranked["ranking"][0] in graph.methods
+        assert ranked["settings"].get("crops_found", 40) == 40
+        thinned = f"on {crops} (evenly spaced) of 40 face crops of noise" if crops < 40 else f"on {crops} face crops"
+        assert thinned in ranking.summary_lines(ranked)[0]
 
 
 def test_the_estimate_is_the_classifications_scoring_makes(tmp_path):
