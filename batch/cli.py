@@ -109,7 +109,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     outputs = _check_out_dir(args.out, args.resume)
     model = str(Path(config.model).resolve() if config.model else EMOTION_ONNX)
     graph = CamGraph(model, "cpu")  # fail on a bad model before Ray starts; labels for the report
-    check_method(graph, config.method)
+    config = config.replace(method=check_method(graph, config.method))  # "auto" -> a heatmap
     job = pipeline.BatchJob(
         videos=tuple(videos), out_dir=str(args.out.resolve()), model=model, method=config.method, record=args.record,
         detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,

@@ -47,6 +47,12 @@ META_PRECISION = "precision"  # "fp32", "fp16" or "int8"
 # JSON, int8 graphs only: how they were quantized and calibrated, and their agreement with the
 # float32 graph on held-out crops (camface/export/int8.py, camface/export/agreement.py)
 META_QUANTIZATION = "quantization"
+# JSON: the heatmap methods ranked at export by their faithfulness scores (camface/export/ranking.py):
+# {"rule", "ranking": [method, ...] best first, "scores": {method: {metric: mean}}, "settings": {...}},
+# or {"skipped": why} when the export scored nothing; absent in graphs exported before it existed
+META_RANKING = "method_ranking"
+AUTO = "auto"  # --method auto: the graph's top-ranked displayable method (`auto_method`)
+FALLBACK_METHOD = "gradcam"  # what `auto` shows on a graph without a ranking
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class GraphInfo:
     precision: str = "fp32"
     version: str = ""
     quantization: dict = field(default_factory=dict)  # int8 graphs: see META_QUANTIZATION
+    ranking: dict = field(default_factory=dict)  # see META_RANKING; {} when none was recorded
 
     @property
     def channels(self) -> int:
@@ -93,6 +100,7 @@ class GraphInfo:
             precision=props.get(META_PRECISION, "fp32"),
             version=props.get(META_VERSION, ""),
             quantization=json.loads(props.get(META_QUANTIZATION, "{}")),
+            ranking=json.loads(props.get(META_RANKING, "{}")),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -111,6 +119,7 @@ class GraphInfo:
             META_SOURCE_SHA256: self.source_sha256,
             META_PRECISION: self.precision,
             **({META_QUANTIZATION: json.dumps(self.quantization)} if self.quantization else {}),
+            **({META_RANKING: json.dumps(self.ranking)} if self.ranking else {}),
         }
 
 
@@ -123,6 +132,23 @@ def methods_of(info: GraphInfo, display_only: bool = True) -> tuple[str, ...]:
     """The heatmap methods `info`'s graph holds, in menu order; without the ones not meant for
     display (baselines) unless `display_only` is False."""
     return tuple(name for name in _methods.names(display_only) if name in info.heatmaps)
+
+
+def auto_method(info: GraphInfo) -> tuple[str, str]:
+    """(method, why_fallback) that `--method auto` shows on `info`'s graph: the first method of
+    its recorded ranking that the graph holds and that is meant for display, with why_fallback
+    ""; else FALLBACK_METHOD and one sentence saying why there was no ranking to follow."""
+    offered = methods_of(info)
+    ranked = [name for name in info.ranking.get("ranking", ()) if name in offered]
+    if ranked:
+        return ranked[0], ""
+    if not info.ranking:
+        why = "it records no method ranking (made by an older camface, or not by `camface export`)"
+    elif info.ranking.get("skipped"):
+        why = f"its export ranked no methods: {info.ranking['skipped']}"
+    else:
+        why = "its method ranking names none of the heatmaps it holds"
+    return FALLBACK_METHOD, why
 
 
 def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequence],

@@ -13,6 +13,14 @@ from camface.errors import SourceError
 SNAPSHOT_JSON = "snapshot.json"
 
 
+class NoFaces(SourceError):
+    """A source that opened but showed no face; `frames`: how many frames were read."""
+
+    def __init__(self, message: str, frames: int):
+        super().__init__(message)
+        self.frames = frames
+
+
 def from_source(config, graph, frames: int, every: int, progress: bool = False) -> tuple[np.ndarray, int]:
     """(crops uint8 [N, H, W, C] in the graph's colour order, frames read): every `every`-th of the
     first `frames` frames of `config.source`, faces detected with `config.detector` and cropped by
@@ -42,8 +50,8 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
                 crops.append(explainer.explain(frame, faces, controls, index).crops)
         bar.close()
     if not crops:
-        raise SourceError(f"no faces found in {read} frames of {config.source} (every {every}th frame "
-                          f"looked at, detector {config.detector}, min confidence {config.min_confidence})")
+        raise NoFaces(f"no faces found in {read} frames of {config.source} (every {every}th frame "
+                      f"looked at, detector {config.detector}, min confidence {config.min_confidence})", read)
     return np.concatenate(crops), read
 
 

@@ -11,6 +11,7 @@ METRICS = {"deletion": ("deletion_auc", "deletion AUC", False),
            "insertion": ("insertion_auc", "insertion AUC", True),
            "average_drop": ("average_drop_pct", "avg drop %", False),
            "increase": ("increase_in_confidence_pct", "incr. conf. %", True)}
+RANKED_BY = "deletion"  # the metric the ranking follows
 
 
 def to_json(scores, predicted, probability, graph, *, source, frames, every, steps, baseline, seconds) -> dict:
@@ -21,10 +22,7 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
 
     info = graph.info
     methods = {s.method: s.to_json() for s in scores}
-    ranks = {}
-    for metric, (key, _, higher) in METRICS.items():
-        order = sorted(methods, key=lambda m: methods[m][key], reverse=higher)
-        ranks[metric] = {m: order.index(m) + 1 for m in methods}
+    ranks = rank(methods)
     versus = {}
     if RANDOM in methods:
         floor = methods[RANDOM]
@@ -46,8 +44,24 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
         "methods": methods,
         "ranks": ranks,
         "beats_random": versus,
-        "ranking": sorted((m for m in methods if m != RANDOM), key=lambda m: ranks["deletion"][m]),
+        "ranking": ranking(ranks),
     }
+
+
+def rank(methods: dict) -> dict:
+    """{metric: {method: rank}} of `methods` ({method: MethodScores.to_json()}, the random
+    baseline included), 1 = most faithful; ties keep the order of `methods` (the registry's)."""
+    ranks = {}
+    for metric, (key, _, higher) in METRICS.items():
+        order = sorted(methods, key=lambda m: methods[m][key], reverse=higher)
+        ranks[metric] = {m: order.index(m) + 1 for m in methods}
+    return ranks
+
+
+def ranking(ranks: dict) -> list[str]:
+    """The methods, most faithful first, without the random baseline: by RANKED_BY (deletion
+    AUC, see the README's "Which map to trust"). `camface export` records this list in the graph."""
+    return sorted((m for m in ranks[RANKED_BY] if m != RANDOM), key=lambda m: ranks[RANKED_BY][m])
 
 
 def format_table(report: dict) -> str:

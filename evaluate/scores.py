@@ -149,7 +149,7 @@ def _probability_session(graph, device: str, threads: int):
         from camface.realtime.bench.heads import prune
         from camface.realtime.graph import CamGraph
 
-        pruned = prune(graph.path.read_bytes(), (graph_spec.OUTPUT_PROBS,))
+        pruned = prune(graph.model_bytes, (graph_spec.OUTPUT_PROBS,))
     except Exception as exc:  # onnx missing (ModelError) or a graph onnx cannot prune
         log.info("camface evaluate: classifying perturbed crops with the whole graph (%s)", exc)
         return graph.session

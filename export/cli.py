@@ -13,6 +13,7 @@ import argparse
 import logging
 
 from camface import graph_spec, methods
+from camface.export import ranking
 from camface.export.preprocess import COLOR_ORDERS, PRESETS
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                 "quantized by ONNX Runtime; head, gradient and heatmaps stay float32; fails "
                                 "when it no longer agrees with float32 on held-out crops")
     parser.add_argument("--calibration", metavar="SRC", default="sample",
-                        help="with --int8: folder of photos or a clip whose faces (detected and cropped as "
-                             "live) calibrate the int8 ranges; the last quarter is held out for the agreement")
+                        help="folder of photos, a clip or 'sample' (the bundled clip): its faces, detected and "
+                             "cropped as live, rank the graph's methods by faithfulness as `camface evaluate "
+                             "--source SRC` does (recorded in the graph; `--method auto` shows the first); with "
+                             "--int8 they also calibrate the int8 ranges, the last quarter held out for the "
+                             "agreement")
+    parser.add_argument("--rank-seconds", type=float, default=ranking.SECONDS, metavar="S",
+                        help="time budget of the ranking, estimated before it starts: fewer crops when it "
+                             f"would take longer (at least {ranking.MIN_CROPS}, else no ranking); 0 = no limit")
+    parser.add_argument("--no-rank", action="store_true",
+                        help="record no ranking (`--method auto` then shows Grad-CAM and says why)")
     parser.add_argument("--calibration-method", choices=("percentile", "minmax", "entropy"),
                         default="percentile", help="with --int8: how ONNX Runtime turns the calibration crops "
                                                    "into ranges (minmax: faster, less robust to outliers)")
@@ -79,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
     from camface.export.onnx_export import SUFFIXES
     from camface.export.torch_model import PICKLE_SUFFIXES
 
+    if not getattr(args, "debug", False):  # the ranking loads the graph twice; its provider is CPU
+        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     suffix = Path(args.model).suffix.lower()
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     labels = read_labels_file(args.labels) if args.labels else None
@@ -105,6 +116,7 @@ def main(args: argparse.Namespace) -> int:
         result = onnx_export.export(args.model, args.output, options)
     else:
         result = export(args.model, args.output, options)
+    result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds)
     info = result.info
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "
           f"target layer {info.target_layer} {info.feature_size[0]}x{info.feature_size[1]}, "
@@ -117,4 +129,6 @@ def main(args: argparse.Namespace) -> int:
 
         for line in summary_lines(result.int8.report):
             print(f"  int8 {line}")
+    for line in ranking.summary_lines(info.ranking):
+        print(f"  ranking {line}")
     return 0

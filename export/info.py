@@ -113,4 +113,10 @@ def main(args: argparse.Namespace) -> int:
         print("quantization:")
         for line in summary_lines(info.quantization):
             print(f"  {line}")
+    from camface.export.ranking import summary_lines as ranking_lines
+
+    method, _ = graph_spec.auto_method(info)
+    print(f"method ranking (--method auto shows {method}):")
+    for line in ranking_lines(info.ranking):
+        print(f"  {line}")
     return 0

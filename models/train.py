@@ -234,7 +234,7 @@ def run(config: TrainConfig) -> dict:
 
     # 3. the CAM graph, through the exporter (with its self-check)
     onnx_path = out / "model.onnx"
-    export_graph(model_path, onnx_path, labels, config.backbone)
+    export_graph(model_path, onnx_path, labels, config.backbone, images[split.test])
     if config.int8:
         export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
 
@@ -345,15 +345,23 @@ def backbone_preprocessing(backbone: str):
     return Preprocessing.resolve(3, builders.PRESETS[BUILDER_NAMES[backbone]])
 
 
-def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone: str):
+def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone: str, test_bgr: np.ndarray):
     """model.keras -> model.onnx through the exporter, which verifies ONNX Runtime against
-    TensorFlow (largest difference per output, logged) and raises ModelError when they differ."""
+    TensorFlow (largest difference per output, logged) and raises ModelError when they differ;
+    then its methods are ranked on the test crops (uint8 BGR, cut as live) as `camface export`
+    ranks them on its calibration crops (camface.export.ranking)."""
+    from camface.export import calibration, ranking
     from camface.export.exporter import ExportOptions, export
 
     preset = backbone_preprocessing(backbone).preset
     result = export(model_path, onnx_path, ExportOptions(labels=tuple(labels), preset=preset))
     for difference in result.differences:
         log.info("export self-check: %s", difference)
+    crops = calibration.from_bgr(test_bgr, result.info.color_order) if len(test_bgr) else test_bgr
+    result = ranking.record(result, None, crops=crops,
+                            settings={"source": "the test split"})
+    for line in ranking.summary_lines(result.info.ranking):
+        log.info("method ranking: %s", line)
     return result
 
 

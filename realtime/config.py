@@ -39,8 +39,9 @@ def _detect_every(text: str) -> str | int:
 
 
 def method_choices() -> tuple[str, ...]:
-    """`--method` choices: the registry's displayable methods, then "none" (no heatmap)."""
-    return (*methods.names(display_only=True), "none")
+    """`--method` choices: "auto" (the graph's top-ranked method, `graph_spec.auto_method`), the
+    registry's displayable methods, then "none" (no heatmap)."""
+    return ("auto", *methods.names(display_only=True), "none")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class LiveConfig:
 
     source: str | None = None
     model: Path | None = None  # None: the bundled emotion graph
-    method: str = "gradcam"
+    method: str = "auto"  # resolved to a heatmap name once the graph is loaded (explainer.check_method)
     record: Path | None = None
     show: bool = False
     detector: str = "full"
@@ -120,7 +121,10 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                      "or 'sample' (a bundled demo clip); default: camera 0 if it opens, else sample")),
     "model": ("--model", dict(type=Path, help="CAM graph (.onnx) made by `camface export`; default: the "
                                               "bundled emotion graph")),
-    "method": ("--method", dict(choices=method_choices, help="heatmap to overlay (key m cycles in the window)")),
+    "method": ("--method", dict(choices=method_choices,
+                                help="heatmap to overlay (key m cycles in the window); auto = the graph's most "
+                                     "faithful method as ranked at export (`camface info` shows the ranking; "
+                                     "Grad-CAM on a graph without one)")),
     "record": ("--record", dict(type=Path, metavar="OUT.mp4",
                                 help="write the annotated frames to this mp4, at the source's frame rate")),
     "detector": ("--detector", dict(choices=DETECTORS, help="BlazeFace model: full-range (faces up to ~5 m) or "

@@ -9,16 +9,19 @@ detection runs in its own threads, and drawing is `Renderer.annotate(frame, resu
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from camface.errors import ModelError
+from camface.graph_spec import AUTO, auto_method
 from camface.realtime.crop import crop_faces
 from camface.realtime.results import Face, FrameResult, Prediction
 from camface.realtime.window import Controls
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Explained:
@@ -46,13 +49,15 @@ class FrameExplainer:
 
     @classmethod
     def from_config(cls, config, graph, timer=None) -> "FrameExplainer":
-        """The explainer a LiveConfig asks for; checks that the graph has `config.method`."""
+        """The explainer a LiveConfig asks for; checks that the graph has `config.method` (front
+        ends first resolve "auto" with `check_method`, and pass the name it returns)."""
         check_method(graph, config.method)
         return cls(graph, config.margin, config.max_faces, config.smooth, timer)
 
     def warm_up(self, method: str) -> None:
         """Run the graph once on a blank crop: the first ONNX Runtime run allocates."""
         info = self.graph.info
+        method = auto_method(info)[0] if method == AUTO else method
         self.graph.run(np.zeros((1, *info.input_size, info.channels), np.uint8), np.array([-1], np.int64), method)
 
     def _class_index(self, faces: tuple[Face, ...], controls: Controls) -> np.ndarray:
@@ -70,6 +75,7 @@ class FrameExplainer:
         figures, carried in the result for the HUD (see FrameResult)."""
         start = time.perf_counter()
         info = self.graph.info
+        controls = concrete(controls, info)
         faces, crops, dropped = crop_for_graph(frame, faces, self.margin, self.max_faces, info)
         cropped = time.perf_counter()
         class_index = self._class_index(faces, controls) if faces else np.zeros(0, np.int64)
@@ -86,12 +92,31 @@ class FrameExplainer:
         return Explained(result, crops)
 
 
-def check_method(graph, method: str) -> None:
-    """ModelError naming the graph and what it offers when it has no `method` heatmap."""
+def check_method(graph, method: str) -> str:
+    """The heatmap `method` asks for on `graph`, for a front end to use from then on: "auto" is
+    the graph's top-ranked displayable method (`graph_spec.auto_method`), or Grad-CAM with one
+    warning saying why on a graph without a ranking; any other name is returned as it is.
+    ModelError naming the graph and what it offers when it has no such heatmap."""
+    if method == AUTO:
+        method, why = auto_method(graph.info)
+        if why:
+            log.warning("camface: --method auto shows %s on %s: %s; `camface export` ranks the methods, "
+                        "--method picks one", method, graph.path.name, why)
+        else:
+            log.info("camface: --method auto shows %s, the most faithful method of %s (`camface info` "
+                     "shows the ranking)", method, graph.path.name)
     if method != "none" and method not in graph.methods:
         reason = f" ({graph.info.cam_unavailable_reason})" if graph.info.cam_unavailable_reason else ""
         raise ModelError(f"{graph.path} has no {method!r} heatmap{reason}; "
                          f"it offers {', '.join(graph.methods) or 'none'}")
+    return method
+
+
+def concrete(controls: Controls, info) -> Controls:
+    """`controls` with method "auto" replaced by the graph's top-ranked method, silently (for
+    callers of the Python API that pass "auto" per frame; front ends resolve it once with
+    `check_method`, which says when it falls back)."""
+    return replace(controls, method=auto_method(info)[0]) if controls.method == AUTO else controls
 
 
 # ---------------------------------------------------------------- the steps, for batches across frames
@@ -199,6 +224,8 @@ def explain_many(items) -> list[Explained]:
     time, for each).
     """
     start = time.perf_counter()
+    items = [(explainer, frame, faces, concrete(controls, explainer.graph.info), *rest)
+             for explainer, frame, faces, controls, *rest in items]
     prepared = []  # (faces kept, crops, dropped, class_index) per item
     for explainer, frame, faces, controls, *_ in items:
         kept, crops, dropped = crop_for_graph(frame, faces, explainer.margin, explainer.max_faces,

@@ -121,7 +121,7 @@ class LiveLoop:
         from camface.outputs import check_output_file
         from camface.realtime.carry import BoxCarrier, every_for
         from camface.realtime.detect import FaceDetector
-        from camface.realtime.explainer import FrameExplainer
+        from camface.realtime.explainer import FrameExplainer, check_method
         from camface.realtime.graph import CamGraph
         from camface.realtime.pace import LoopingSource
         from camface.realtime.render import Renderer
@@ -136,6 +136,7 @@ class LiveLoop:
         renderer = Renderer.from_config(cfg)
         model_path = Path(cfg.model) if cfg.model else EMOTION_ONNX
         graph = CamGraph(model_path, cfg.device, threads=cfg.graph_threads)
+        cfg = self.config = cfg.replace(method=check_method(graph, cfg.method))  # "auto" -> a heatmap
         explainer = FrameExplainer.from_config(cfg, graph, self.timer)
         explainer.warm_up(cfg.method)
         source = self._source if self._source is not None else make_source(cfg.source)

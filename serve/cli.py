@@ -108,7 +108,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
 
     model_path = Path(config.model) if config.model else EMOTION_ONNX
     graph = CamGraph(model_path, config.device, threads=config.graph_threads)
-    check_method(graph, config.method)
+    config = config.replace(method=check_method(graph, config.method))  # "auto" -> a heatmap
     FrameExplainer(graph).warm_up(config.method)
     state = ServeState(config, options, graph, model_path)
     import cv2

@@ -45,9 +45,11 @@ class ServeState:
     def __init__(self, config, options: ServeOptions, graph, model_path: Path):
         import cv2
 
+        from camface.realtime.explainer import check_method
         from camface.realtime.render import Renderer
         from camface.serve.worker import CountingGraph, InferenceWorker
 
+        config = config.replace(method=check_method(graph, config.method))  # "auto" -> a heatmap
         self.config, self.options, self.model_path = config, options, Path(model_path)
         self.graph = CountingGraph(graph)
         self.renderer = Renderer.from_config(config)

@@ -199,7 +199,7 @@ def test_outputs_equal_live_order_kept_and_corrupt_reported(ray_cluster, clips, 
     for k, predictions in faces_by_class.items():
         entry = summary["classes"][labels[k]]
         assert entry["faces"] == len(predictions)
-        mean = np.mean([normalize(p.heatmap, "gradcam") for p in predictions], axis=0)
+        mean = np.mean([normalize(p.heatmap, p.method) for p in predictions], axis=0)
         np.testing.assert_allclose(entry["mean_heatmap"], mean, atol=1e-4)
         assert (out / entry["picture"]).is_file()
     assert not (out / "parts").exists()  # joined parts are removed

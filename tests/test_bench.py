@@ -77,6 +77,10 @@ def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
     assert settings["provider"] == "CPUExecutionProvider" and settings["target_layer"]
     assert 1 <= settings["detect_workers"] <= 2
     assert report["date"] and report["speedup"] is None
+    from camface.graph_spec import auto_method
+    from camface.realtime.graph import CamGraph
+
+    assert settings["method"] == auto_method(CamGraph(EMOTION_ONNX, "cpu").info)[0]  # --method auto, resolved
 
     # the default --detect-every auto (4 for a file) and, on the same frames, every frame
     live, every_frame = report["runs"]

@@ -36,10 +36,12 @@ def face_crop(astronaut_bgr, interpolation=None):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The bundled graph exported again exactly as `make models` does."""
+    """The bundled graph exported again exactly as `make models` does (its methods ranked on
+    every face crop of the sample, without a time budget)."""
     out = tmp_path_factory.mktemp("emotion") / "emotion.onnx"
     code = camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--labels",
-                         str(EMOTION_LABELS), "--preset", "emotion", "--target-layer", TARGET])
+                         str(EMOTION_LABELS), "--preset", "emotion", "--target-layer", TARGET,
+                         "--rank-seconds", "0"])
     assert code == 0
     import onnx
 
@@ -90,10 +92,41 @@ def test_committed_graph_matches_fresh_export(exported, committed, astronaut_bgr
     equals a fresh export's (default session) to 1e-5 of its range: the predicted class and every
     class forced, on the face and noisy shifted copies."""
     for key in graph_spec.GraphInfo.from_metadata(committed.metadata).to_metadata():
-        assert committed.metadata[key] == exported.metadata[key], key
+        if key != graph_spec.META_RANKING:  # measured means: equal to rounding (next test)
+            assert committed.metadata[key] == exported.metadata[key], key
     image = crops(astronaut_bgr, 8)
     classes = np.array([-1, 0, 1, 2, 3, 4, 5, 6], dtype=np.int64)
     assert_outputs_close(committed.with_settings(setting)(image, classes), exported(image, classes), rtol=1e-5)
+
+
+def test_fresh_export_records_the_committed_ranking(exported, committed):
+    """The method ranking `make models` recorded is what a fresh export measures: the same
+    order, the same crops and settings, the same means to rounding."""
+    fresh, kept = (graph_spec.GraphInfo.from_metadata(g.metadata).ranking for g in (exported, committed))
+    assert fresh["ranking"] == kept["ranking"] and fresh["rule"] == kept["rule"]
+    assert fresh["settings"] == kept["settings"]
+    for name, scores in kept["scores"].items():
+        for key, value in scores.items():
+            assert fresh["scores"][name][key] == pytest.approx(value, abs=1e-3), (name, key)
+
+
+def test_committed_ranking_is_what_evaluate_computes(committed, tmp_path):
+    """`camface evaluate` with its defaults (the sample, every 5th of 300 frames, 16 steps,
+    blur) on the bundled graph gives the ranking and the scores recorded in it; Grad-CAM
+    element-wise leads, Grad-CAM is last (README, "Heatmap methods")."""
+    from camface.evaluate.report import METRICS
+
+    ranked = graph_spec.GraphInfo.from_metadata(committed.metadata).ranking
+    out = tmp_path / "scores.json"
+    assert camface_main(["evaluate", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["crops"] == ranked["settings"]["crops"] == 117
+    assert ranked["ranking"] == [m for m in report["ranking"] if m in methods.names(display_only=True)]
+    for name, scores in ranked["scores"].items():
+        for key, _, _ in METRICS.values():
+            assert scores[key] == pytest.approx(report["methods"][name][key], abs=1e-4), (name, key)
+    assert ranked["ranking"][0] == "gradcamelementwise" and ranked["ranking"][-1] == "gradcam"
+    assert graph_spec.auto_method(graph_spec.GraphInfo.from_metadata(committed.metadata)) == ("gradcamelementwise", "")
 
 
 def test_committed_metadata(committed):
@@ -164,7 +197,9 @@ def test_info_prints_metadata_and_signature(capsys):
     assert camface_main(["info", str(EMOTION_ONNX)]) == 0
     text = capsys.readouterr().out
     for expected in ("target_layer", TARGET, '"happy"', "image", "uint8", "[N, 64, 64, 1]",
-                     "gradcam", "[N, 8, 8]", "source_sha256"):
+                     "gradcam", "[N, 8, 8]", "source_sha256",
+                     "method ranking (--method auto shows gradcamelementwise):",
+                     "on 117 face crops of sample (every 5 of 300 frames), 16 steps"):
         assert expected in text
 
 
@@ -174,7 +209,7 @@ def test_fp16_export_keeps_io_types(tmp_path, astronaut_bgr, last_conv):
 
     out = tmp_path / "emotion16.onnx"
     assert camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--preset", "emotion",
-                         "--target-layer", "conv2d_7", "--fp16"]) == 0
+                         "--target-layer", "conv2d_7", "--fp16", "--no-rank"]) == 0
     proto = onnx.load(str(out))
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
     half = Graph(proto)
@@ -198,7 +233,7 @@ def half_add_3(tmp_path_factory):
     out = tmp_path_factory.mktemp("emotion16") / "emotion16.onnx"
     code = camface_main(["export", str(EMOTION_KERAS), "-o", str(out), "--labels",
                          str(EMOTION_LABELS), "--preset", "emotion", "--target-layer", TARGET,
-                         "--fp16"])
+                         "--fp16", "--no-rank"])
     assert code == 0, "the float16 export at add_3 failed its self-check"
     return Graph(onnx.load(str(out)))
 

@@ -319,7 +319,7 @@ def test_window_keys_drive_the_loop(tmp_path, face_clip):
     r: stop, then start recording (a second file); h: HUD off; q: quit."""
     out = tmp_path / "win.mp4"
     window = FakeWindow("m3s.r.rhq")
-    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, show=True, detector="short",
+    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, show=True, detector="short", method="gradcam",
                                snapshot_dir=tmp_path / "snaps"), window=window)
     summary = loop.run()
     assert summary.frames == 9 and summary.stopped_by == "quit"

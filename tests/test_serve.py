@@ -15,6 +15,7 @@ from realtime_helpers import count_frames
 pytest.importorskip("starlette", reason="camface[serve] is not installed")
 from starlette.testclient import TestClient  # noqa: E402
 
+from camface.graph_spec import auto_method  # noqa: E402
 from camface.serve import protocol  # noqa: E402
 
 
@@ -99,13 +100,14 @@ def test_a_frame_comes_back_as_the_frame_explainer_and_renderer_make_it(make_cli
         hello = ws.receive_json()
         assert hello["type"] == "hello" and hello["methods"] == list(graph.methods)  # the registry's, in the graph
         assert hello["labels"] == list(graph.info.labels)
+        assert hello["method"] == auto_method(graph.info)[0]  # --method auto: the graph's top-ranked method
         ws.send_text(json.dumps({"type": "controls", **controls}))
         message, annotated = send_frame(ws, 41, image)
     # the same frame through the same pieces, here
     frame = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
     with FaceDetector(DETECTORS["full"]) as detector:
         faces = detector.detect(frame)
-    want = Controls(controls.get("method", "gradcam"), controls.get("explained_class"), hud=False)
+    want = Controls(controls.get("method", auto_method(graph.info)[0]), controls.get("explained_class"), hud=False)
     result = FrameExplainer.from_config(config, graph).explain(frame, faces, want).result
     assert message["seq"] == 41 and message["index"] == 0 and message["method"] == want.method
     assert message["explained_class"] == want.explained_class and message["batch_frames"] == 1
@@ -130,7 +132,7 @@ def test_two_clients_at_once_get_their_own_results(make_client, astronaut_bgr):
             got_b, jpeg_b = send_frame(b, 100 + sequence, jpeg(blank))
             assert got_a["seq"] == sequence and got_b["seq"] == 100 + sequence
             assert len(got_a["faces"]) == 1 and got_b["faces"] == []
-            assert got_a["method"] == "gradcampp" and got_b["method"] == "gradcam"
+            assert got_a["method"] == "gradcampp" and got_b["method"] == state.config.method  # --method auto's
             assert cv2.imdecode(np.frombuffer(jpeg_a, np.uint8), 1).shape == (512, 512, 3)
             assert cv2.imdecode(np.frombuffer(jpeg_b, np.uint8), 1).shape == (240, 320, 3)
         assert state.stats()["clients"] == 2
@@ -345,7 +347,7 @@ def test_one_graph_call_for_every_clients_newest_frame(make_client, graph, astro
         with FaceDetector(DETECTORS["full"]) as detector:
             for (session, work), frame in zip(delivered, frames):
                 assert work.frame.sequence == 10 + sessions.index(session) and work.batch_frames == 3
-                want = FrameExplainer(graph).explain(frame, detector.detect(frame), Controls("gradcam")).result
+                want = FrameExplainer(graph).explain(frame, detector.detect(frame), Controls(state.config.method)).result
                 got = work.explained.result
                 assert got.faces == want.faces and len(got.faces) == 1
                 np.testing.assert_allclose(got.predictions[0].probs, want.predictions[0].probs, rtol=1e-4, atol=1e-6)

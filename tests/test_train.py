@@ -115,6 +115,8 @@ def test_graph_metadata_and_labels(trained):
     assert info.labels == tuple(sorted(CASTS))
     assert info.input_size == (SIZE, SIZE) and info.color_order == "RGB"
     assert info.source_model == "model.keras" and "gradcam" in info.heatmaps
+    # the methods are ranked on the test split's crops: here too few of them (9 < 16), and it says so
+    assert info.ranking["skipped"].endswith("face crops in the test split, fewer than the 16 a ranking needs")
 
 
 def test_keras_model_and_graph_agree_on_training_preprocessing(trained):

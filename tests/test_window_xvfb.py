@@ -53,7 +53,7 @@ def test_keys_in_a_real_window(tmp_path, display):
     env = {**os.environ, "DISPLAY": display, "TF_CPP_MIN_LOG_LEVEL": "3"}
     process = subprocess.Popen(
         [sys.executable, "-m", "camface", "live", "--source", str(source), "--record", str(out),
-         "--snapshot-dir", str(tmp_path / "snaps")],  # --show is automatic with a display
+         "--snapshot-dir", str(tmp_path / "snaps"), "--method", "gradcam"],  # --show is automatic with a display
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         window = _window_id(env)

@@ -83,7 +83,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
     graph_path, keras_path = _resolve_models(config)
     graph = CamGraph(graph_path, pipeline.device, threads=pipeline.graph_threads)
-    check_method(graph, pipeline.method)
+    pipeline = pipeline.replace(method=check_method(graph, pipeline.method))  # "auto" -> a heatmap, once
+    config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="camface-bench-") as tmp:
