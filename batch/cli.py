@@ -101,15 +101,12 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     from camface.batch import cluster, pipeline, segments
     from camface.batch.inputs import find_videos
     from camface.batch.report import write_report
-    from camface.models import EMOTION_ONNX
-    from camface.realtime.explainer import check_method
-    from camface.realtime.graph import CamGraph
+    from camface.api import load
 
     videos = find_videos(args.inputs)
     outputs = _check_out_dir(args.out, args.resume)
-    model = str(Path(config.model).resolve() if config.model else EMOTION_ONNX)
-    graph = CamGraph(model, "cpu")  # fail on a bad model before Ray starts; labels for the report
-    check_method(graph, config.method)
+    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
+        graph, model = opened.graph, str(opened.model_path.resolve())
     job = pipeline.BatchJob(
         videos=tuple(videos), out_dir=str(args.out.resolve()), model=model, method=config.method, record=args.record,
         detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,

@@ -94,9 +94,8 @@ def main(args: argparse.Namespace) -> int:
     from camface.evaluate import crops as crop_sources
     from camface.evaluate.report import format_table, to_json
     from camface.evaluate.scores import Scorer
-    from camface.models import EMOTION_ONNX
+    from camface.api import load
     from camface.outputs import check_output_file
-    from camface.realtime.graph import CamGraph
 
     if not getattr(args, "debug", False):  # the table names the provider
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
@@ -117,8 +116,8 @@ def main(args: argparse.Namespace) -> int:
     for out in (args.json, args.plot, sanity_plot):
         if out is not None:
             check_output_file(out, overwrite=True)  # fail before minutes of work
-    graph_path = config.model or EMOTION_ONNX
-    graph = CamGraph(graph_path, config.device, threads=config.graph_threads)
+    pipeline = load(config=config)
+    graph_path, graph = pipeline.model_path, pipeline.graph
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
     started = time.perf_counter()
     progress = sys.stderr.isatty()

@@ -28,7 +28,6 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 
 from camface.errors import CamfaceError
 from camface.realtime.config import LiveConfig
@@ -116,13 +115,9 @@ class LiveLoop:
     # ---------------------------------------------------------------- main thread
 
     def run(self) -> RunSummary:
-        from camface.models import DETECTORS, EMOTION_ONNX
+        from camface.api import load
         from camface.outputs import check_output_file
-        from camface.realtime.detect import FaceDetector
-        from camface.realtime.explainer import FrameExplainer
-        from camface.realtime.graph import CamGraph
         from camface.realtime.pace import LoopingSource
-        from camface.realtime.render import Renderer
         from camface.realtime.sinks import encoder_for
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import make_source
@@ -131,17 +126,14 @@ class LiveLoop:
         if cfg.record is not None:  # fail before any model or camera is opened
             check_output_file(cfg.record, cfg.overwrite)
         encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
-        renderer = Renderer.from_config(cfg)
-        model_path = Path(cfg.model) if cfg.model else EMOTION_ONNX
-        graph = CamGraph(model_path, cfg.device, threads=cfg.graph_threads)
-        explainer = FrameExplainer.from_config(cfg, graph, self.timer)
-        explainer.warm_up(cfg.method)
+        pipeline = load(config=cfg, timer=self.timer)
+        renderer, model_path = pipeline.renderer, pipeline.model_path
+        graph, explainer = pipeline.graph, pipeline.explainer
         source = self._source if self._source is not None else make_source(cfg.source)
         if cfg.loop:
             source = LoopingSource(source)
-        with source, contextlib.ExitStack() as detectors_open:
-            detectors = [detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence,
-                                                                   cfg.quiet_native))
+        with pipeline, source, contextlib.ExitStack() as detectors_open:
+            detectors = [detectors_open.enter_context(pipeline.face_detector())
                          for _ in range(detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live))]
             snapshots = None
             if cfg.snapshot_every or cfg.show:

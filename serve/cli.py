@@ -98,18 +98,14 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     progress is finalised before this returns (130 after Ctrl-C, 143 after SIGTERM)."""
     import uvicorn
 
-    from camface.models import EMOTION_ONNX
-    from camface.realtime.explainer import FrameExplainer, check_method
-    from camface.realtime.graph import CamGraph
+    from camface.api import load
     from camface.realtime.threads import Terminated, sigterm_raises
     from camface.serve import protocol
     from camface.serve.app import create_app
     from camface.serve.state import ServeState
 
-    model_path = Path(config.model) if config.model else EMOTION_ONNX
-    graph = CamGraph(model_path, config.device, threads=config.graph_threads)
-    check_method(graph, config.method)
-    FrameExplainer(graph).warm_up(config.method)
+    pipeline = load(config=config)
+    model_path, graph = pipeline.model_path, pipeline.graph
     state = ServeState(config, options, graph, model_path)
     import cv2
 
@@ -133,6 +129,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
         code = Terminated.exit_code
     finally:
         state.close()
+        pipeline.close()
         sock.close()
         stats = state.stats()
         wall = max(stats["uptime_s"], 1e-9)

@@ -41,14 +41,15 @@ log = logging.getLogger(__name__)
 
 def _resolve_models(config: BenchConfig) -> tuple[Path, Path | None]:
     """(CAM graph, Keras model or None) for the run."""
-    from camface.models import EMOTION_KERAS, EMOTION_ONNX
+    from camface.api import model_path
+    from camface.models import EMOTION_KERAS
 
     if config.backbone:
         from camface.export.bench_graphs import backbone_graph  # TensorFlow, on first use only
 
         graph, keras_model = backbone_graph(BACKBONES[config.backbone], config.backbone_size, config.work_dir)
         return graph, config.keras_model or keras_model
-    graph = config.pipeline.model or EMOTION_ONNX
+    graph = model_path(config.pipeline)
     keras_model = config.keras_model
     if keras_model is None and config.pipeline.model is None:
         keras_model = EMOTION_KERAS
