@@ -18,8 +18,7 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
     first `frames` frames of `config.source`, faces detected with `config.detector` and cropped by
     `FrameExplainer` with `config.margin` and `config.max_faces`. Raises SourceError when no
     face is found."""
-    from camface.models import DETECTORS
-    from camface.realtime.detect import FaceDetector
+    from camface.api import face_detector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.sources import make_source
     from camface.realtime.window import Controls
@@ -28,7 +27,7 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
     controls = Controls(method="none")
     crops, read = [], 0
     with make_source(config.source, sample_frames=frames) as source, \
-            FaceDetector(DETECTORS[config.detector], config.min_confidence, config.quiet_native) as detector:
+            face_detector(config) as detector:
         bar = _bar(source.info.frames and min(frames, source.info.frames) or frames, progress, "detect")
         for index, frame in enumerate(source):
             if index >= frames:

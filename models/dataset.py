@@ -54,16 +54,14 @@ class LiveCropper:
     camface.realtime.crop.crop_faces), so training crops look like the crops `camface live`
     feeds the graph: same detector model, confidence threshold, square margin and size.
 
+    detector: a FaceDetector not yet opened (`camface.api.face_detector`); the cropper opens it.
     A context manager (MediaPipe's detector must be closed); close() is idempotent.
     """
 
-    def __init__(self, detector_model: Path, margin: float, size: int,
-                 min_confidence: float = 0.5):
-        from camface.realtime.detect import FaceDetector
-
+    def __init__(self, detector, margin: float, size: int):
         self.margin = margin
         self.size = size
-        self._detector = FaceDetector(detector_model, min_confidence=min_confidence).__enter__()
+        self._detector = detector.__enter__()
 
     def crop_faces(self, image_bgr: np.ndarray) -> list[np.ndarray]:
         from camface.realtime.crop import crop_faces

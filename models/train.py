@@ -293,10 +293,11 @@ def _log_counts(counts: dict, unreadable: list[str]) -> None:
 
 
 def _open_cropper(config: TrainConfig):
-    from camface.models import DETECTORS
+    from camface.api import face_detector
+    from camface.realtime.config import LiveConfig
 
-    return dataset.LiveCropper(DETECTORS[config.detector], margin=config.margin,
-                               size=config.input_size, min_confidence=config.min_confidence)
+    detector = face_detector(LiveConfig(detector=config.detector, min_confidence=config.min_confidence))
+    return dataset.LiveCropper(detector, margin=config.margin, size=config.input_size)
 
 
 def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np.ndarray,

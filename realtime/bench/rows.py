@@ -111,14 +111,13 @@ class ExplainerGraph:
 def run_sequential(name: str, config: BenchConfig, graph, method: str, record_dir: Path | None) -> Row:
     """decode -> detect -> explain -> render -> encode, one frame after the other in this
     thread, on the same frames as `run_live`; `graph` is a CamGraph (or an ExplainerGraph)."""
-    from camface.models import DETECTORS
-    from camface.realtime.detect import FaceDetector
+    from camface.api import face_detector
     from camface.realtime.render import Renderer
     from camface.realtime.timing import RateMeter, StageTimer
 
     pipeline = config.pipeline.replace(method=method)
     renderer = Renderer.from_config(pipeline)
-    with FaceDetector(DETECTORS[pipeline.detector], pipeline.min_confidence, pipeline.quiet_native) as detector:
+    with face_detector(pipeline) as detector:
         if config.warmup:
             _sequential_pass(config, pipeline, graph, detector, renderer, config.warmup,
                              record_dir / f"{name}-warmup.mp4" if record_dir else None, StageTimer(), RateMeter())
