@@ -20,6 +20,7 @@ recorded by Render as a failed video: one bad file never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -71,7 +72,8 @@ class Detect:
         _single_threaded_opencv()
         self.info = info or CamGraph(model, "cpu").info  # input size and colour order of the crops
         self.margin, self.max_faces = margin, max_faces
-        self.detector = FaceDetector(DETECTORS[detector], min_confidence, quiet).__enter__()
+        self._opened = contextlib.ExitStack()
+        self.detector = self._opened.enter_context(FaceDetector(DETECTORS[detector], min_confidence, quiet))
 
     def __call__(self, row: dict) -> dict:
         from camface.batch.segments import Unit
@@ -103,9 +105,9 @@ class Detect:
         return pack(row["video"], out)
 
     def __del__(self):
-        detector = getattr(self, "detector", None)
-        if detector is not None:
-            detector.close()
+        opened = getattr(self, "_opened", None)
+        if opened is not None:
+            opened.close()
 
 
 class Explain:

@@ -14,6 +14,7 @@ by hand); unreadable files are listed and skipped. This module imports no Tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,7 +62,8 @@ class LiveCropper:
     def __init__(self, detector, margin: float, size: int):
         self.margin = margin
         self.size = size
-        self._detector = detector.__enter__()
+        self._opened = contextlib.ExitStack()
+        self._detector = self._opened.enter_context(detector)
 
     def crop_faces(self, image_bgr: np.ndarray) -> list[np.ndarray]:
         from camface.realtime.crop import crop_faces
@@ -71,7 +73,7 @@ class LiveCropper:
         return list(crops)
 
     def close(self) -> None:
-        self._detector.close()
+        self._opened.close()
 
     def __enter__(self) -> "LiveCropper":
         return self
