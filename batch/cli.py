@@ -107,12 +107,8 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     outputs = _check_out_dir(args.out, args.resume)
     with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
         graph, model = opened.graph, str(opened.model_path.resolve())
-    job = pipeline.BatchJob(
-        videos=tuple(videos), out_dir=str(args.out.resolve()), model=model, method=config.method, record=args.record,
-        detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,
-        max_faces=config.max_faces, device=config.device, graph_threads=config.graph_threads,
-        colormap=config.colormap, alpha=config.alpha, cam_boxes=config.cam_boxes, bars=config.bars,
-        quiet_native=config.quiet_native, smooth=config.smooth)
+    job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
+                            config=config.replace(model=Path(model)), record=args.record)
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos)
     if args.resume:
