@@ -175,8 +175,8 @@ class Pipeline:
         (default: each face's predicted class). Successive calls are one stream (frame index,
         smoothing tracks). Raises UsageError for a bad frame, ModelError for an absent method.
         """
+        from camface.realtime.controls import Controls
         from camface.realtime.explainer import check_method
-        from camface.realtime.window import Controls
 
         frame = _check_frame(frame)
         if explained_class is not None and not 0 <= explained_class < len(self.labels):
@@ -201,9 +201,9 @@ class Pipeline:
         uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
         indices from 0, fresh smoothing tracks. The source is closed when the loop ends or breaks.
         """
+        from camface.realtime.controls import Controls
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.sources import make_source
-        from camface.realtime.window import Controls
 
         if max_frames is not None and max_frames < 1:
             raise UsageError(f"max_frames must be >= 1, got {max_frames}")

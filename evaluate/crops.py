@@ -21,7 +21,7 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
     from camface.api import face_detector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.sources import make_source
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     explainer = FrameExplainer.from_config(config.replace(method="none", smooth=0.0), graph)
     controls = Controls(method="none")

@@ -17,7 +17,7 @@ import numpy as np
 from camface.errors import ModelError
 from camface.realtime.crop import crop_faces
 from camface.realtime.results import Face, FrameResult, Prediction
-from camface.realtime.window import Controls
+from camface.realtime.controls import Controls
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from camface.realtime.summary import RunSummary, detect_workers_for, hud_stage_m
 from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in_order, opencv_single_threaded,
                                       put, sigterm_raises, signals_held)
 from camface.realtime.timing import RateMeter, StageTimer
-from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls
+from camface.realtime.controls import QUIT, RECORD, SNAPSHOT, Controls
 
 log = logging.getLogger(__name__)
 

@@ -136,7 +136,7 @@ def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record,
     from camface.realtime.summary import hud_stage_ms
     from camface.realtime.sinks import VideoSink
     from camface.realtime.sources import make_source
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     explainer = FrameExplainer(graph, pipeline.margin, pipeline.max_faces, pipeline.smooth, timer)
     controls = Controls(method=pipeline.method)
