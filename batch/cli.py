@@ -79,23 +79,17 @@ def _check_out_dir(out: Path, resume: bool):
 
 
 def main(args: argparse.Namespace, on_video=None) -> int:
+    from camface.errors import UsageError
     from camface.realtime.config import from_args
 
     for flag, value in (("--graph-actors", args.graph_actors), ("--detect-actors", args.detect_actors),
                         ("--render-actors", args.render_actors), ("--segment-frames", args.segment_frames)):
         if value is not None and value < (1 if flag == "--graph-actors" else 0):
-            print(f"camface batch: error: {flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}",
-                  file=sys.stderr)
-            return 2
-    try:
-        config = from_args(args, SHARED_OPTIONS)
-    except ValueError as exc:
-        print(f"camface batch: error: {exc}", file=sys.stderr)
-        return 2
+            raise UsageError(f"{flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}")
+    config = from_args(args, SHARED_OPTIONS)
     if config.smooth and args.segment_frames:
-        print("camface batch: error: --segment-frames cannot be used with --smooth: smoothing carries each face's "
-              "state from frame to frame through the whole video", file=sys.stderr)
-        return 2
+        raise UsageError("--segment-frames cannot be used with --smooth: smoothing carries each face's "
+                         "state from frame to frame through the whole video")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     from camface.batch import cluster, pipeline, segments

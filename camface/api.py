@@ -86,11 +86,7 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UsageError(f"unknown option {', '.join(unknown)}; LiveConfig has {', '.join(sorted(fields))}")
-    try:
-        config = (config or LiveConfig()).replace(**options)
-    except ValueError as exc:  # LiveConfig's checks
-        raise UsageError(str(exc)) from exc
-    return Pipeline(config, timer)
+    return Pipeline((config or LiveConfig()).replace(**options), timer)  # LiveConfig checks: UsageError
 
 
 class Pipeline:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError
+from camface.errors import CamfaceError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -100,17 +100,12 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "debug", False):  # the table names the provider
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
-        print("camface evaluate: error: give SNAPSHOT_DIRs or --source, not both", file=sys.stderr)
-        return 2
-    try:
-        config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
-        if args.frames < 1 or args.every < 1:
-            raise ValueError("--frames and --every must be >= 1")
-        if args.steps < 2:
-            raise ValueError(f"--steps must be at least 2, got {args.steps}")
-    except ValueError as exc:
-        print(f"camface evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError("give SNAPSHOT_DIRs or --source, not both")
+    config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
+    if args.frames < 1 or args.every < 1:
+        raise UsageError("--frames and --every must be >= 1")
+    if args.steps < 2:
+        raise UsageError(f"--steps must be at least 2, got {args.steps}")
     sanity_plot = None if args.plot is None or not args.sanity else \
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
     for out in (args.json, args.plot, sanity_plot):

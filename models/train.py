@@ -14,7 +14,6 @@ Heavy imports (TensorFlow, Keras, MediaPipe, ONNX Runtime) happen inside functio
 from __future__ import annotations
 
 import argparse
-import sys
 import logging
 import shlex
 import time
@@ -60,7 +59,7 @@ class TrainConfig:
     int8: bool = False  # also model.int8.onnx (export/int8.py)
 
     def __post_init__(self) -> None:
-        # the live loop's checks of the crop options (ValueError naming the flag)
+        # the live loop's checks of the crop options (UsageError naming the flag)
         live_config.LiveConfig(detector=self.detector, margin=self.margin, min_confidence=self.min_confidence)
 
     @classmethod
@@ -169,11 +168,7 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        config = TrainConfig.from_args(args)
-    except ValueError as exc:
-        print(f"camface train: error: {exc}", file=sys.stderr)
-        return 2
+    config = TrainConfig.from_args(args)
     run(config)
     return 0
 

@@ -70,26 +70,23 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(args: argparse.Namespace) -> int:
+    from camface.errors import UsageError
     from camface.realtime.config import from_args
     from camface.serve.state import ServeOptions
 
-    try:
-        config = from_args(args, LIVE_OPTIONS)
-        if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
-            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
-        for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
-            if path is not None and not path.is_file():
-                raise ValueError(f"{flag} {path}: no such file")
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be in 0..65535, got {args.port}")
-        token = args.token
-        if token is None and args.host not in LOOPBACK:
-            token = secrets.token_urlsafe(24)  # another address: never serve the camera page without one
-        options = ServeOptions(token=token, max_clients=args.max_clients, record_dir=args.record_dir,
-                               snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
-    except ValueError as exc:
-        print(f"camface serve: error: {exc}", file=sys.stderr)
-        return 2
+    config = from_args(args, LIVE_OPTIONS)
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    token = args.token
+    if token is None and args.host not in LOOPBACK:
+        token = secrets.token_urlsafe(24)  # another address: never serve the camera page without one
+    options = ServeOptions(token=token, max_clients=args.max_clients, record_dir=args.record_dir,
+                           snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
     return serve(config, options, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
 
 

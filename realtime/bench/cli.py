@@ -148,11 +148,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
-    try:
-        config = BenchConfig.from_args(args)
-    except ValueError as exc:
-        print(f"camface bench: error: {exc}", file=sys.stderr)
-        return 2
+    config = BenchConfig.from_args(args)
     if config.json is not None:
         from camface.outputs import check_output_file
 
