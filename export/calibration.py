@@ -43,13 +43,9 @@ def evenly(crops: np.ndarray, limit: int = MAX_CROPS) -> np.ndarray:
 
 def from_bgr(crops_bgr: np.ndarray, color_order: str) -> np.ndarray:
     """uint8 BGR crops [N, H, W, 3] -> the graph's colour order ([N, H, W, 1] for GRAY)."""
-    import cv2
+    from camface.color_order import ColorOrder
 
-    if color_order == "BGR":
-        return crops_bgr
-    code = cv2.COLOR_BGR2GRAY if color_order == "GRAY" else cv2.COLOR_BGR2RGB
-    out = np.stack([cv2.cvtColor(crop, code) for crop in crops_bgr])
-    return out[..., None] if color_order == "GRAY" else out
+    return ColorOrder.of(color_order).from_bgr(crops_bgr)
 
 
 def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int = MAX_CROPS,

@@ -379,13 +379,7 @@ def run_graph(onnx_path: Path, crops_bgr: np.ndarray, method: str = "gradcam"
     from camface.realtime.graph import MAX_BATCH, CamGraph
 
     graph = CamGraph(onnx_path, device="cpu", threads=0)
-    order = graph.info.color_order
-    crops = crops_bgr[..., ::-1] if order == "RGB" else crops_bgr
-    if order == "GRAY":
-        import cv2
-
-        crops = np.stack([cv2.cvtColor(c, cv2.COLOR_BGR2GRAY) for c in crops_bgr])[..., None]
-    crops = np.ascontiguousarray(crops)
+    crops = np.ascontiguousarray(graph.info.color_order.from_bgr(crops_bgr))
     probs, maps = [], []
     for start in range(0, len(crops), MAX_BATCH):
         chunk = crops[start:start + MAX_BATCH]

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from camface import __version__
+from camface.color_order import ColorOrder
 from camface.errors import OutputError, SourceError
 from camface.graph_spec import GraphInfo
 from camface.hashing import sha256_file
@@ -75,11 +76,7 @@ class SnapshotWriter:
             faces = []
             labels = result.labels
             for i, (face, prediction) in enumerate(zip(result.faces, result.predictions)):
-                crop = crops[i]
-                if self.info.color_order == "GRAY":
-                    crop = crop[:, :, 0]
-                elif self.info.color_order == "RGB":
-                    crop = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)
+                crop = ColorOrder.of(self.info.color_order).to_opencv(crops[i])
                 name = f"face_{i:02d}.png"
                 self._write_image(folder / name, crop)
                 faces.append({
@@ -158,6 +155,4 @@ def read_crop(path: str | Path, color_order: str) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR)
     if image is None:
         raise SourceError(f"cannot read face crop {path}")
-    if color_order == "GRAY":
-        return image[:, :, None]
-    return np.ascontiguousarray(image[:, :, ::-1]) if color_order == "RGB" else image
+    return ColorOrder.of(color_order).from_opencv(image)
