@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("mypy")
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLIC = ["camface/__init__.py", "camface/api.py", "camface/errors.py", "camface/realtime/results.py"]
@@ -18,8 +19,6 @@ PUBLIC = ["camface/__init__.py", "camface/api.py", "camface/errors.py", "camface
 
 def installed_layout(root: Path) -> Path:
     """root/camface with camface/'s files and the subpackage folders linked in; returns root."""
-    import tomllib
-
     package = root / "camface"
     package.mkdir()
     for path in (REPO / "camface").iterdir():
@@ -65,8 +64,6 @@ def test_a_misuse_of_the_api_is_a_type_error(layout):
 
 
 def test_py_typed_ships_with_the_package():
-    import tomllib
-
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "py.typed" in config["package-data"]["camface"]
     assert (REPO / "camface" / "py.typed").is_file()
