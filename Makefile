@@ -21,7 +21,9 @@ demo: setup
 	mkdir -p demo-out
 	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --overwrite --snapshot-every 60 --snapshot-dir demo-out/snapshots
 
+# ruff (pyproject's small rule set), then the tests; tests/test_api_typing.py runs mypy on the public API
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # Regenerate the bundled CAM graph from the bundled Keras model. Its methods are ranked on all

@@ -79,43 +79,31 @@ def _check_out_dir(out: Path, resume: bool):
 
 
 def main(args: argparse.Namespace, on_video=None) -> int:
+    from camface.errors import UsageError
     from camface.realtime.config import from_args
 
     for flag, value in (("--graph-actors", args.graph_actors), ("--detect-actors", args.detect_actors),
                         ("--render-actors", args.render_actors), ("--segment-frames", args.segment_frames)):
         if value is not None and value < (1 if flag == "--graph-actors" else 0):
-            print(f"camface batch: error: {flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}",
-                  file=sys.stderr)
-            return 2
-    try:
-        config = from_args(args, SHARED_OPTIONS)
-    except ValueError as exc:
-        print(f"camface batch: error: {exc}", file=sys.stderr)
-        return 2
+            raise UsageError(f"{flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}")
+    config = from_args(args, SHARED_OPTIONS)
     if config.smooth and args.segment_frames:
-        print("camface batch: error: --segment-frames cannot be used with --smooth: smoothing carries each face's "
-              "state from frame to frame through the whole video", file=sys.stderr)
-        return 2
+        raise UsageError("--segment-frames cannot be used with --smooth: smoothing carries each face's "
+                         "state from frame to frame through the whole video")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     from camface.batch import cluster, pipeline, segments
     from camface.batch.inputs import find_videos
     from camface.batch.report import write_report
-    from camface.models import EMOTION_ONNX
-    from camface.realtime.explainer import check_method
-    from camface.realtime.graph import CamGraph
+    from camface.api import load
 
     videos = find_videos(args.inputs)
     outputs = _check_out_dir(args.out, args.resume)
-    model = str(Path(config.model).resolve() if config.model else EMOTION_ONNX)
-    graph = CamGraph(model, "cpu")  # fail on a bad model before Ray starts; labels for the report
-    config = config.replace(method=check_method(graph, config.method))  # "auto" -> a heatmap
-    job = pipeline.BatchJob(
-        videos=tuple(videos), out_dir=str(args.out.resolve()), model=model, method=config.method, record=args.record,
-        detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,
-        max_faces=config.max_faces, device=config.device, graph_threads=config.graph_threads,
-        colormap=config.colormap, alpha=config.alpha, cam_boxes=config.cam_boxes, bars=config.bars,
-        quiet_native=config.quiet_native, smooth=config.smooth, detect_every=config.detect_every)
+    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
+        graph, model = opened.graph, str(opened.model_path.resolve())
+        config = config.replace(method=opened.config.method)  # "auto" -> a heatmap
+    job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
+                            config=config.replace(model=Path(model)), record=args.record)
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos)
     if args.resume:

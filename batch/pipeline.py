@@ -25,46 +25,37 @@ from camface.batch.inputs import Video
 from camface.batch.segments import Unit, done_before, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs
-from camface.realtime.config import DEFAULTS as LIVE  # the shared options' defaults
+from camface.realtime.config import LiveConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BatchJob:
-    """What one `camface batch` run was asked to do (the options of the stages)."""
+    """What one `camface batch` run was asked to do: the videos, the output folder, and the
+    pipeline's options (`config`, whose `model` is a path every node sees)."""
 
     videos: tuple[Video, ...]
     out_dir: str
-    model: str
-    method: str = LIVE["method"]
+    config: LiveConfig
     record: bool = True
-    detector: str = LIVE["detector"]
-    min_confidence: float = LIVE["min_confidence"]
-    margin: float = LIVE["margin"]
-    max_faces: int = LIVE["max_faces"]
-    device: str = LIVE["device"]
-    graph_threads: int = LIVE["graph_threads"]
-    colormap: str = LIVE["colormap"]
-    alpha: float = LIVE["alpha"]
-    cam_boxes: bool = False
-    bars: bool = False
     explained_class: int | None = None
-    quiet_native: bool = True
-    smooth: float = 0.0
-    detect_every: str | int = LIVE["detect_every"]
+
+    @property
+    def model(self) -> str:
+        return str(self.config.model)
 
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
         earlier run finished is kept only when they are the same."""
-        model = Path(self.model)
+        model, cfg = Path(self.model), self.config
         stat = model.stat() if model.is_file() else None
         values = dict(model=str(model), model_size=stat.st_size if stat else 0,
-                      model_mtime_ns=stat.st_mtime_ns if stat else 0, method=self.method, record=self.record,
-                      detector=self.detector, min_confidence=self.min_confidence, margin=self.margin,
-                      max_faces=self.max_faces, colormap=self.colormap, alpha=self.alpha, cam_boxes=self.cam_boxes,
-                      bars=self.bars, explained_class=self.explained_class, smooth=self.smooth,
-                      detect_every=self.detect_every)
+                      model_mtime_ns=stat.st_mtime_ns if stat else 0, method=cfg.method, record=self.record,
+                      detector=cfg.detector, min_confidence=cfg.min_confidence, margin=cfg.margin,
+                      max_faces=cfg.max_faces, colormap=cfg.colormap, alpha=cfg.alpha, cam_boxes=cfg.cam_boxes,
+                      bars=cfg.bars, explained_class=self.explained_class, smooth=cfg.smooth,
+                      detect_every=cfg.detect_every)
         return json.loads(json.dumps(values))
 
 
@@ -103,14 +94,12 @@ def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[st
     context.print_on_execution_start = False
     items = [unit.row() for unit in units]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
-    detect = dict(model=job.model, detector=job.detector, min_confidence=job.min_confidence, margin=job.margin,
-                  max_faces=job.max_faces, quiet=job.quiet_native, detect_every=job.detect_every)
-    explain = dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus else "cpu",
-                   threads=job.graph_threads, method=job.method, explained_class=job.explained_class,
-                   smooth=job.smooth)
-    render = dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap, alpha=job.alpha,
-                  cam_boxes=job.cam_boxes, bars=job.bars, method=job.method, explained_class=job.explained_class,
-                  labels=labels, smooth=job.smooth, settings=job.settings())
+    cfg = job.config
+    detect = dict(config=cfg)
+    explain = dict(config=cfg.replace(device=cfg.device if cfg.device != "auto" or plan.graph_gpus else "cpu"),
+                   explained_class=job.explained_class)
+    render = dict(out_dir=job.out_dir, record=job.record, config=cfg, explained_class=job.explained_class,
+                  labels=labels, settings=job.settings())
     if plan.fused:
         return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
                       fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))

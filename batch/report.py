@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from camface.batch.state import DONE, Outputs, write_json
+from camface.color_order import ColorOrder
 
 PICTURE_SIDE = 256  # pixels of each class picture
 
@@ -40,11 +41,7 @@ def _picture(mean_heat: np.ndarray, mean_crop: np.ndarray, color_order: str, met
 
     from camface.realtime.overlay import overlay
 
-    crop = np.clip(mean_crop + 0.5, 0, 255).astype(np.uint8)
-    if crop.shape[-1] == 1:
-        crop = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
-    elif color_order == "RGB":
-        crop = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)
+    crop = ColorOrder.of(color_order).to_bgr(np.clip(mean_crop + 0.5, 0, 255).astype(np.uint8))
     crop = cv2.resize(crop, (PICTURE_SIDE, PICTURE_SIDE), interpolation=cv2.INTER_CUBIC)
     return overlay(crop, mean_heat.astype(np.float32), method, colormap, alpha)
 

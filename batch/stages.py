@@ -20,6 +20,7 @@ recorded by Render as a failed video: one bad file never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pickle
@@ -67,17 +68,16 @@ class Detect:
     the key frame at or before s and keeps frames s.. only, so its boxes are the whole video's
     (and live's)."""
 
-    def __init__(self, model: str, detector: str, min_confidence: float, margin: float, max_faces: int,
-                 quiet: bool = True, info=None, detect_every: str | int = 1):
-        from camface.models import DETECTORS
-        from camface.realtime.detect import FaceDetector
+    def __init__(self, config, info=None):
+        from camface.api import face_detector
         from camface.realtime.graph import CamGraph
 
         _single_threaded_opencv()
-        self.info = info or CamGraph(model, "cpu").info  # input size and colour order of the crops
-        self.margin, self.max_faces = margin, max_faces
-        self.detector = FaceDetector(DETECTORS[detector], min_confidence, quiet).__enter__()
-        self.detect_every = detect_every
+        self.info = info or CamGraph(config.model, "cpu").info  # input size and colour order of the crops
+        self.margin, self.max_faces = config.margin, config.max_faces
+        self._opened = contextlib.ExitStack()
+        self.detector = self._opened.enter_context(face_detector(config))
+        self.detect_every = config.detect_every
 
     def __call__(self, row: dict) -> dict:
         from camface.batch.segments import Unit
@@ -114,23 +114,22 @@ class Detect:
         return pack(row["video"], out)
 
     def __del__(self):
-        detector = getattr(self, "detector", None)
-        if detector is not None:
-            detector.close()
+        opened = getattr(self, "_opened", None)
+        if opened is not None:
+            opened.close()
 
 
 class Explain:
     """payload -> payload + probs float32 [total faces, classes], heatmaps float32 [total faces,
     h, w], class_index int64 [total faces], graph_calls, provider, graph_node."""
 
-    def __init__(self, model: str, device: str, threads: int, method: str, explained_class: int | None,
-                 smooth: float = 0.0):
+    def __init__(self, config, explained_class: int | None = None):
         from camface.realtime.explainer import check_method
         from camface.realtime.graph import CamGraph
 
-        self.graph = CamGraph(model, device, threads=threads)
-        check_method(self.graph, method)
-        self.method, self.explained_class, self.smooth = method, explained_class, smooth
+        self.graph = CamGraph(config.model, config.device, threads=config.graph_threads)
+        check_method(self.graph, config.method)
+        self.method, self.explained_class, self.smooth = config.method, explained_class, config.smooth
 
     def __call__(self, row: dict) -> dict:
         from camface.realtime.explainer import run_graph_across_frames, run_graph_smoothed
@@ -162,8 +161,7 @@ class Render:
     segment its parts and part record); returns a small row for the driver: {video, unit (the
     unit's row as JSON), record (JSON)}."""
 
-    def __init__(self, out_dir: str, record: bool, colormap: str, alpha: float, cam_boxes: bool, bars: bool,
-                 method: str, explained_class: int | None, labels: tuple[str, ...], smooth: float = 0.0,
+    def __init__(self, out_dir: str, record: bool, config, explained_class: int | None, labels: tuple[str, ...],
                  settings: dict | None = None):
         from camface.batch.state import Outputs
         from camface.realtime.render import Renderer
@@ -171,9 +169,9 @@ class Render:
         _single_threaded_opencv()
         self.outputs = Outputs(out_dir)
         self.record = record
-        self.renderer = Renderer(colormap, alpha, cam_boxes, bars)
-        self.method, self.explained_class, self.labels = method, explained_class, tuple(labels)
-        self.smooth, self.settings = smooth, settings or {}
+        self.renderer = Renderer.from_config(config)
+        self.method, self.explained_class, self.labels = config.method, explained_class, tuple(labels)
+        self.smooth, self.settings = config.smooth, settings or {}
 
     def __call__(self, row: dict) -> dict:
         from camface.batch.segments import part_paths

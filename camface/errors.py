@@ -17,3 +17,8 @@ class ModelError(CamfaceError):
 
 class OutputError(CamfaceError):
     """An output path (recording, snapshot, figure) cannot be written."""
+
+
+class UsageError(CamfaceError, ValueError):
+    """A bad option value or argument (a flag, a keyword of `camface.load`, a frame of the
+    wrong dtype or shape): the CLI prints the message on one line and exits 2."""

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from camface import methods as _methods
+from camface.color_order import ColorOrder
 
 INPUT_IMAGE = "image"
 INPUT_CLASS = "class_index"
@@ -61,7 +62,7 @@ class GraphInfo:
 
     labels: tuple[str, ...]
     input_size: tuple[int, int]  # (H, W) in pixels
-    color_order: str  # GRAY, RGB or BGR
+    color_order: ColorOrder  # GRAY, RGB or BGR (its name is accepted, and checked)
     target_layer: str
     heatmaps: tuple[str, ...]
     feature_size: tuple[int, int] = (0, 0)
@@ -74,9 +75,12 @@ class GraphInfo:
     quantization: dict = field(default_factory=dict)  # int8 graphs: see META_QUANTIZATION
     ranking: dict = field(default_factory=dict)  # see META_RANKING; {} when none was recorded
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "color_order", ColorOrder.of(self.color_order))
+
     @property
     def channels(self) -> int:
-        return 1 if self.color_order == "GRAY" else 3
+        return self.color_order.channels
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> "GraphInfo":
@@ -109,7 +113,7 @@ class GraphInfo:
             META_LABELS: json.dumps(list(self.labels)),
             META_INPUT_SIZE: json.dumps(list(self.input_size)),
             META_CHANNELS: str(self.channels),
-            META_COLOR_ORDER: self.color_order,
+            META_COLOR_ORDER: self.color_order.value,
             META_NORMALIZATION: json.dumps(self.normalization),
             META_TARGET_LAYER: self.target_layer,
             META_FEATURE_SIZE: json.dumps(list(self.feature_size)),

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError
+from camface.errors import CamfaceError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -95,35 +95,29 @@ def main(args: argparse.Namespace) -> int:
     from camface.evaluate import crops as crop_sources
     from camface.evaluate.report import format_table, to_json
     from camface.evaluate.scores import Scorer
-    from camface.models import EMOTION_ONNX
+    from camface.api import load
     from camface.outputs import check_output_file
-    from camface.realtime.graph import CamGraph
 
     if not getattr(args, "debug", False):  # the table names the provider
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
-        print("camface evaluate: error: give SNAPSHOT_DIRs or --source, not both", file=sys.stderr)
-        return 2
-    try:
-        config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
-        if args.frames < 1 or args.every < 1:
-            raise ValueError("--frames and --every must be >= 1")
-        if args.steps < 2:
-            raise ValueError(f"--steps must be at least 2, got {args.steps}")
-        if args.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {args.seed}")
-        if args.keras is not None and not args.sanity:
-            raise ValueError("--keras is for the --sanity checks: add --sanity")
-    except ValueError as exc:
-        print(f"camface evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError("give SNAPSHOT_DIRs or --source, not both")
+    config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
+    if args.frames < 1 or args.every < 1:
+        raise UsageError("--frames and --every must be >= 1")
+    if args.steps < 2:
+        raise UsageError(f"--steps must be at least 2, got {args.steps}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.keras is not None and not args.sanity:
+        raise UsageError("--keras is for the --sanity checks: add --sanity")
     sanity_plot = None if args.plot is None or not args.sanity else \
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
     for out in (args.json, args.plot, sanity_plot):
         if out is not None:
             check_output_file(out, overwrite=True)  # fail before minutes of work
-    graph_path = config.model or EMOTION_ONNX
-    graph = CamGraph(graph_path, config.device, threads=config.graph_threads)
+    pipeline = load(config=config)
+    graph_path, graph = pipeline.model_path, pipeline.graph
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
     randomizer = guided = None
     if args.sanity:  # fail before minutes of scoring

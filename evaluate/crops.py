@@ -3,14 +3,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from camface.errors import SourceError
-
-SNAPSHOT_JSON = "snapshot.json"
 
 
 class NoFaces(SourceError):
@@ -26,17 +21,16 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
     first `frames` frames of `config.source`, faces detected with `config.detector` and cropped by
     `FrameExplainer` with `config.margin` and `config.max_faces`. Raises SourceError when no
     face is found."""
-    from camface.models import DETECTORS
-    from camface.realtime.detect import FaceDetector
+    from camface.api import face_detector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.sources import make_source
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     explainer = FrameExplainer.from_config(config.replace(method="none", smooth=0.0), graph)
     controls = Controls(method="none")
     crops, read = [], 0
     with make_source(config.source, sample_frames=frames) as source, \
-            FaceDetector(DETECTORS[config.detector], config.min_confidence, config.quiet_native) as detector:
+            face_detector(config) as detector:
         bar = _bar(source.info.frames and min(frames, source.info.frames) or frames, progress, "detect")
         for index, frame in enumerate(source):
             if index >= frames:
@@ -58,35 +52,21 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
 def from_snapshots(folders, info) -> np.ndarray:
     """Crops uint8 [N, H, W, C] saved by `camface live` snapshots (folders holding snapshot.json,
     or folders of such folders), checked against the graph's input size and colour order."""
-    import cv2
+    from camface.realtime.snapshot import SNAPSHOT_JSON, find_snapshots, read_crop, read_meta
 
-    found = []
-    for folder in map(Path, folders):
-        if (folder / SNAPSHOT_JSON).is_file():
-            found.append(folder)
-        elif folder.is_dir() and sorted(folder.glob(f"*/{SNAPSHOT_JSON}")):
-            found.extend(p.parent for p in sorted(folder.glob(f"*/{SNAPSHOT_JSON}")))
-        else:
-            raise SourceError(f"{folder} is not a camface snapshot folder (no {SNAPSHOT_JSON} in it or "
-                              "its sub-folders)")
+    found = find_snapshots(folders)
     crops = []
     for folder in found:
+        meta = read_meta(folder)
         try:
-            meta = json.loads((folder / SNAPSHOT_JSON).read_text())
             faces, order, size = meta["faces"], meta["color_order"], tuple(meta["input_size"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: {exc}") from exc
         if order != info.color_order or size != tuple(info.input_size):
             raise SourceError(f"snapshot {folder} holds {order} {size[0]}x{size[1]} crops; the graph takes "
                               f"{info.color_order} {info.input_size[0]}x{info.input_size[1]}")
         for face in faces:
-            path = folder / face["crop"]
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if order == "GRAY" else cv2.IMREAD_COLOR)
-            if image is None:
-                raise SourceError(f"cannot read face crop {path}")
-            if order == "RGB":
-                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-            crops.append(image.reshape(*size, info.channels))
+            crops.append(read_crop(folder / face["crop"], order).reshape(*size, info.channels))
     if not crops:
         raise SourceError(f"no faces found in the snapshots {', '.join(str(f) for f in found)}")
     return np.stack(crops)

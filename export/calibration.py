@@ -43,13 +43,9 @@ def evenly(crops: np.ndarray, limit: int = MAX_CROPS) -> np.ndarray:
 
 def from_bgr(crops_bgr: np.ndarray, color_order: str) -> np.ndarray:
     """uint8 BGR crops [N, H, W, 3] -> the graph's colour order ([N, H, W, 1] for GRAY)."""
-    import cv2
+    from camface.color_order import ColorOrder
 
-    if color_order == "BGR":
-        return crops_bgr
-    code = cv2.COLOR_BGR2GRAY if color_order == "GRAY" else cv2.COLOR_BGR2RGB
-    out = np.stack([cv2.cvtColor(crop, code) for crop in crops_bgr])
-    return out[..., None] if color_order == "GRAY" else out
+    return ColorOrder.of(color_order).from_bgr(crops_bgr)
 
 
 def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int = MAX_CROPS,
@@ -57,16 +53,15 @@ def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int 
     """Up to `limit` face crops, uint8 [N, H, W, C] (C = 1 for GRAY), in source order, evenly
     spaced over every face found in the first `max_frames` frames of `source` (a folder of
     photos, a clip, or 'sample'). Raises SourceError when the source does not open."""
-    from camface.models import DETECTORS
+    from camface.api import face_detector
     from camface.realtime.config import LiveConfig
     from camface.realtime.crop import crop_faces
-    from camface.realtime.detect import FaceDetector
     from camface.realtime.sources import make_source
 
     live = LiveConfig()
     crops = []
     with make_source(source) as frames, \
-            FaceDetector(DETECTORS[live.detector], live.min_confidence, live.quiet_native) as detector:
+            face_detector(live) as detector:
         for index, frame in enumerate(frames):
             if index >= max_frames:
                 break

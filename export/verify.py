@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from camface import methods
 from camface.errors import ModelError
 
 # |onnx - tf| <= ATOL + RTOL * max|tf| (+ the float16 sensitivity above), per output. float32

@@ -156,9 +156,10 @@ def main(args: argparse.Namespace) -> int:
     import numpy as np
 
     from camface.guided import gradcam
+    from camface.realtime.snapshot import SNAPSHOT_JSON
 
     config = GuidedConfig.from_args(args)
-    if config.input.name == "snapshot.json":  # the snapshot's own file names its folder
+    if config.input.name == SNAPSHOT_JSON:  # the snapshot's own file names its folder
         config = dataclasses.replace(config, input=config.input.parent)
     out = _output_path(config)
     started = time.perf_counter()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from camface import methods
+from camface.color_order import ColorOrder
 from camface.guided import gradcam as grads  # layers, model cuts and gradients in TF
 from camface.guided.snapshot import Preprocessing
 from camface.realtime.overlay import upsample  # noqa: F401 (the one bilinear upsample, (H, W))
@@ -22,9 +23,7 @@ from camface.realtime.overlay import upsample  # noqa: F401 (the one bilinear up
 
 def to_rgb(crop: np.ndarray, color_order: str) -> np.ndarray:
     """uint8 [H, W, C] in `color_order` -> uint8 [H, W, 3] RGB for display."""
-    if color_order == "GRAY" or crop.shape[-1] == 1:
-        return np.repeat(crop[..., :1], 3, axis=-1)
-    return np.ascontiguousarray(crop[..., ::-1]) if color_order == "BGR" else crop
+    return ColorOrder.of(color_order).to_rgb(crop)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from camface import methods
+from camface.color_order import ColorOrder
 from camface.guided.explain import Explanation, LayerMaps
 
 GUIDED_COLUMNS = ("Guided Backprop", "Guided Grad-CAM")
@@ -59,7 +60,7 @@ def gradient_image(gradient: np.ndarray, color_order: str = "GRAY") -> np.ndarra
     g = np.clip(g, 0.0, 1.0)
     if g.shape[-1] == 1:
         return g[..., 0]
-    return g[..., ::-1] if color_order == "BGR" else g
+    return ColorOrder.of(color_order).to_rgb(g)
 
 
 def _row_title(item: Explanation, labels: Sequence[str]) -> str:

@@ -58,16 +58,16 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
     """
     import cv2
 
-    from camface.models import DETECTORS
+    from camface.api import face_detector
+    from camface.realtime.config import LiveConfig
     from camface.realtime.crop import crop_faces
-    from camface.realtime.detect import FaceDetector
 
     path = Path(path)
     frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if frame is None:
         raise SourceError(f"cannot read image {path}")
-    with FaceDetector(DETECTORS[detector], min_confidence=min_confidence) as face_detector:
-        faces = face_detector.detect(frame)
+    with face_detector(LiveConfig(detector=detector, min_confidence=min_confidence)) as opened:
+        faces = opened.detect(frame)
     if not faces:
         raise SourceError(f"no faces found in {path} (detector {detector!r}, "
                           f"min confidence {min_confidence})")

@@ -15,7 +15,6 @@ needed to rebuild the graph's input (the Keras model, its normalisation, the tar
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,9 @@ import numpy as np
 
 from camface.errors import ModelError, SourceError
 from camface.hashing import sha256_file
+from camface.realtime.snapshot import SNAPSHOT_JSON, read_crop, read_meta
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_JSON = "snapshot.json"
 
 
 @dataclass(frozen=True)
@@ -75,17 +73,6 @@ class GuidedInput:
     preprocessing: Preprocessing
     target_layer: str = ""  # "" = the model's default (last 4-D layer before pooling)
     notes: tuple[str, ...] = field(default=())  # caveats to log (assumed preprocessing ...)
-
-
-def to_color_order(image: np.ndarray, color_order: str) -> np.ndarray:
-    """A crop read by OpenCV (gray [H, W] or BGR [H, W, 3], uint8) -> uint8 [H, W, C] in `color_order`."""
-    import cv2
-
-    if color_order == "GRAY":
-        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        return gray[:, :, None]
-    bgr = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image
-    return np.ascontiguousarray(bgr[:, :, ::-1]) if color_order == "RGB" else bgr
 
 
 def read_graph_metadata(onnx_path: Path):
@@ -146,18 +133,9 @@ def resolve_keras_model(model_entry: dict, override: Path | None, where: Path) -
 
 def read_snapshot(folder: str | Path, model_override: str | Path | None = None) -> GuidedInput:
     """Read a snapshot folder; raises SourceError (missing/invalid files) or ModelError."""
-    import cv2
-
     folder = Path(folder)
-    meta_path = folder / SNAPSHOT_JSON
-    if not meta_path.is_file():
-        raise SourceError(f"{folder} is not a camface snapshot: {SNAPSHOT_JSON} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-        faces_meta = meta["faces"]
-        model_entry = meta.get("model", {})
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise SourceError(f"cannot read {meta_path}: {exc}") from exc
+    meta = read_meta(folder)
+    faces_meta, model_entry = meta["faces"], meta.get("model", {})
     if not faces_meta:
         raise SourceError(f"snapshot {folder} holds no faces")
 
@@ -190,12 +168,8 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
 
     faces = []
     for index, face in enumerate(faces_meta):
-        crop_path = folder / face.get("crop", f"face_{index:02d}.png")
-        flag = cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR
-        image = cv2.imread(str(crop_path), flag)
-        if image is None:
-            raise SourceError(f"cannot read face crop {crop_path} of snapshot {folder}")
-        faces.append(FaceCrop(to_color_order(image, color_order),
+        crop = read_crop(folder / face.get("crop", f"face_{index:02d}.png"), color_order)
+        faces.append(FaceCrop(crop,
                               tuple(int(v) for v in face.get("box", (0, 0, 0, 0))),
                               int(face.get("explained", -1)), f"face {index}"))
     return GuidedInput(folder, tuple(faces), keras_path, labels, preprocessing, target_layer,

@@ -14,6 +14,7 @@ by hand); unreadable files are listed and skipped. This module imports no Tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -54,16 +55,15 @@ class LiveCropper:
     camface.realtime.crop.crop_faces), so training crops look like the crops `camface live`
     feeds the graph: same detector model, confidence threshold, square margin and size.
 
+    detector: a FaceDetector not yet opened (`camface.api.face_detector`); the cropper opens it.
     A context manager (MediaPipe's detector must be closed); close() is idempotent.
     """
 
-    def __init__(self, detector_model: Path, margin: float, size: int,
-                 min_confidence: float = 0.5):
-        from camface.realtime.detect import FaceDetector
-
+    def __init__(self, detector, margin: float, size: int):
         self.margin = margin
         self.size = size
-        self._detector = FaceDetector(detector_model, min_confidence=min_confidence).__enter__()
+        self._opened = contextlib.ExitStack()
+        self._detector = self._opened.enter_context(detector)
 
     def crop_faces(self, image_bgr: np.ndarray) -> list[np.ndarray]:
         from camface.realtime.crop import crop_faces
@@ -73,7 +73,7 @@ class LiveCropper:
         return list(crops)
 
     def close(self) -> None:
-        self._detector.close()
+        self._opened.close()
 
     def __enter__(self) -> "LiveCropper":
         return self

@@ -75,14 +75,14 @@ def save_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path,
 
 
 def overlay_heatmap(crop_bgr: np.ndarray, heatmap: np.ndarray, method: str = "gradcam",
-                    alpha: float = 0.45, colormap: str = "jet") -> np.ndarray:
+                    alpha: float | None = None, colormap: str | None = None) -> np.ndarray:
     """A new uint8 BGR [S, S, 3] image: `heatmap` (float [h, w], unnormalised, feature
     resolution) over `crop_bgr` (uint8 [S, S, 3] BGR), drawn by the live loop's one overlay
-    function (camface.realtime.overlay), so the montage looks as `camface live` does. An
-    all-zero map leaves the crop as it is."""
-    from camface.realtime.overlay import overlay
+    function (camface.realtime.overlay) with its defaults (None: LiveConfig's alpha and
+    colormap), so the montage looks as `camface live` does. An all-zero map leaves the crop as it is."""
+    from camface.realtime.overlay import LIVE, overlay
 
-    return overlay(crop_bgr, heatmap, method, colormap, alpha)
+    return overlay(crop_bgr, heatmap, method, colormap or LIVE["colormap"], LIVE["alpha"] if alpha is None else alpha)
 
 
 def pick_montage(y_true: np.ndarray, y_pred: np.ndarray, max_tiles: int) -> np.ndarray:

@@ -14,7 +14,6 @@ Heavy imports (TensorFlow, Keras, MediaPipe, ONNX Runtime) happen inside functio
 from __future__ import annotations
 
 import argparse
-import sys
 import logging
 import shlex
 import time
@@ -60,7 +59,7 @@ class TrainConfig:
     int8: bool = False  # also model.int8.onnx (export/int8.py)
 
     def __post_init__(self) -> None:
-        # the live loop's checks of the crop options (ValueError naming the flag)
+        # the live loop's checks of the crop options (UsageError naming the flag)
         live_config.LiveConfig(detector=self.detector, margin=self.margin, min_confidence=self.min_confidence)
 
     @classmethod
@@ -169,11 +168,7 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        config = TrainConfig.from_args(args)
-    except ValueError as exc:
-        print(f"camface train: error: {exc}", file=sys.stderr)
-        return 2
+    config = TrainConfig.from_args(args)
     run(config)
     return 0
 
@@ -293,10 +288,11 @@ def _log_counts(counts: dict, unreadable: list[str]) -> None:
 
 
 def _open_cropper(config: TrainConfig):
-    from camface.models import DETECTORS
+    from camface.api import face_detector
+    from camface.realtime.config import LiveConfig
 
-    return dataset.LiveCropper(DETECTORS[config.detector], margin=config.margin,
-                               size=config.input_size, min_confidence=config.min_confidence)
+    detector = face_detector(LiveConfig(detector=config.detector, min_confidence=config.min_confidence))
+    return dataset.LiveCropper(detector, margin=config.margin, size=config.input_size)
 
 
 def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np.ndarray,
@@ -391,13 +387,7 @@ def run_graph(onnx_path: Path, crops_bgr: np.ndarray, method: str = "gradcam"
     from camface.realtime.graph import MAX_BATCH, CamGraph
 
     graph = CamGraph(onnx_path, device="cpu", threads=0)
-    order = graph.info.color_order
-    crops = crops_bgr[..., ::-1] if order == "RGB" else crops_bgr
-    if order == "GRAY":
-        import cv2
-
-        crops = np.stack([cv2.cvtColor(c, cv2.COLOR_BGR2GRAY) for c in crops_bgr])[..., None]
-    crops = np.ascontiguousarray(crops)
+    crops = np.ascontiguousarray(graph.info.color_order.from_bgr(crops_bgr))
     probs, maps = [], []
     for start in range(0, len(crops), MAX_BATCH):
         chunk = crops[start:start + MAX_BATCH]

@@ -2,5 +2,5 @@
 
 Modules along the data flow: sources (and sample) -> detect -> crop -> graph (classify +
 explain) -> smooth -> render -> sinks / snapshot; loop wires them with threads, timing times
-them, window handles keys, cli is the command.
+them, controls says what the keys change, window shows frames, cli is the command.
 """

@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    """LiveConfig from parsed arguments; bad values raise ValueError naming the flag."""
+    """LiveConfig from parsed arguments; bad values raise UsageError naming the flag."""
+    from camface.errors import UsageError
     from camface.realtime.config import from_args
     from camface.realtime.window import display_available
 
@@ -38,7 +39,7 @@ def build_config(args: argparse.Namespace):
     if show is None:
         show = display_available()
     elif show and not display_available():
-        raise ValueError("--show needs a display (DISPLAY / WAYLAND_DISPLAY is not set); use --no-show")
+        raise UsageError("--show needs a display (DISPLAY / WAYLAND_DISPLAY is not set); use --no-show")
     return from_args(args, LIVE_OPTIONS, show=show, progress=not show and sys.stderr.isatty())
 
 
@@ -46,11 +47,7 @@ def main(args: argparse.Namespace) -> int:
     debug = getattr(args, "debug", False)
     os.environ.setdefault("OPENCV_LOG_LEVEL", "DEBUG" if debug else "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "32" if debug else "-8")
-    try:
-        config = build_config(args)
-    except ValueError as exc:
-        print(f"camface live: error: {exc}", file=sys.stderr)
-        return 2
+    config = build_config(args)
     import cv2
 
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_DEBUG if debug else cv2.utils.logging.LOG_LEVEL_SILENT)

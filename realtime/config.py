@@ -4,7 +4,7 @@
 overlay, recording). Its field defaults are the only defaults: `add_arguments` reads them into
 argparse, and `camface live`, `camface bench`, `camface train` (and later front ends) add the
 flags they share with it by name. Checks live in `__post_init__` only, so a config built in
-code is checked as one built from the command line; a bad value raises ValueError naming the flag.
+code is checked as one built from the command line; a bad value raises UsageError naming the flag.
 
 Top-level imports stay light (no cv2, onnxruntime or mediapipe): `camface --help` imports this.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface import methods
+from camface.errors import UsageError
 
 MAX_DETECT_WORKERS = 8
 MAX_FACES = 32  # the graph's batch range is 1..32
@@ -105,11 +106,11 @@ class LiveConfig:
         )
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UsageError(message)
         from camface.realtime.overlay import COLORMAPS  # cv2: only when a config is built
 
         if self.colormap not in COLORMAPS:
-            raise ValueError(f"--colormap {self.colormap!r} unknown; choose from {', '.join(sorted(COLORMAPS))}")
+            raise UsageError(f"--colormap {self.colormap!r} unknown; choose from {', '.join(sorted(COLORMAPS))}")
 
     def replace(self, **changes) -> "LiveConfig":
         return dataclasses.replace(self, **changes)
@@ -201,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser, *names: str, **defaults) -> N
 
 def from_args(args: argparse.Namespace, names, **overrides) -> LiveConfig:
     """A LiveConfig from the parsed flags of fields `names` (the ones the command added with
-    `add_arguments`; others keep their defaults), then `overrides`. Raises ValueError naming
+    `add_arguments`; others keep their defaults), then `overrides`. Raises UsageError naming
     the flag."""
     values = {name: getattr(args, name) for name in names}
     values["quiet_native"] = not getattr(args, "debug", False)

@@ -11,9 +11,8 @@ import math
 import cv2
 import numpy as np
 
+from camface.color_order import ColorOrder
 from camface.realtime.results import Box, Face
-
-_TO_COLOR = {"BGR": None, "RGB": cv2.COLOR_BGR2RGB, "GRAY": cv2.COLOR_BGR2GRAY}
 
 
 def square_box(box: Box, margin: float) -> Box:
@@ -57,18 +56,14 @@ def crop_faces(frame: np.ndarray, faces: tuple[Face, ...], margin: float,
     frame: uint8 BGR [H, W, 3]. size: graph input (H, W) pixels. color_order: GRAY, RGB or BGR.
     Returns uint8 [N, H, W, C] (C = 1 for GRAY, else 3) in `color_order`, and N faces.
     """
-    if color_order not in _TO_COLOR:
-        raise ValueError(f"unknown colour order {color_order!r}; expected GRAY, RGB or BGR")
+    order = ColorOrder.of(color_order)
     out_h, out_w = size
-    channels = 1 if color_order == "GRAY" else 3
+    channels = order.channels
     batch = np.empty((len(faces), out_h, out_w, channels), np.uint8)
     placed = []
-    conversion = _TO_COLOR[color_order]
     for i, face in enumerate(faces):
         square = square_box(face.box, margin)
         crop = resize_down(crop_square(frame, square), out_w, out_h)
-        if conversion is not None:
-            crop = cv2.cvtColor(crop, conversion)
-        batch[i] = crop.reshape(out_h, out_w, channels)
+        batch[i] = order.from_bgr(crop).reshape(out_h, out_w, channels)
         placed.append(Face(box=face.box, score=face.score, crop_box=square, track_id=face.track_id))
     return batch, tuple(placed)

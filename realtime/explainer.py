@@ -19,7 +19,7 @@ from camface.errors import ModelError
 from camface.graph_spec import AUTO, auto_method
 from camface.realtime.crop import crop_faces
 from camface.realtime.results import Face, FrameResult, Prediction
-from camface.realtime.window import Controls
+from camface.realtime.controls import Controls
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import queue
 import sys
 import threading
 import time
-from pathlib import Path
 
 from camface.errors import CamfaceError
 from camface.realtime.config import LiveConfig
@@ -37,7 +36,7 @@ from camface.realtime.summary import RunSummary, detect_workers_for, hud_stage_m
 from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in_order, opencv_single_threaded,
                                       put, sigterm_raises, signals_held)
 from camface.realtime.timing import RateMeter, StageTimer
-from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls
+from camface.realtime.controls import QUIT, RECORD, SNAPSHOT, Controls
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +116,10 @@ class LiveLoop:
     # ---------------------------------------------------------------- main thread
 
     def run(self) -> RunSummary:
-        from camface.models import DETECTORS, EMOTION_ONNX
-        from camface.outputs import check_output_file
+        from camface.api import load
         from camface.realtime.carry import BoxCarrier, every_for
-        from camface.realtime.detect import FaceDetector
-        from camface.realtime.explainer import FrameExplainer, check_method
-        from camface.realtime.graph import CamGraph
+        from camface.outputs import check_output_file
         from camface.realtime.pace import LoopingSource
-        from camface.realtime.render import Renderer
         from camface.realtime.sinks import encoder_for
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import make_source
@@ -133,23 +128,19 @@ class LiveLoop:
         if cfg.record is not None:  # fail before any model or camera is opened
             check_output_file(cfg.record, cfg.overwrite)
         encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
-        renderer = Renderer.from_config(cfg)
-        model_path = Path(cfg.model) if cfg.model else EMOTION_ONNX
-        graph = CamGraph(model_path, cfg.device, threads=cfg.graph_threads)
-        cfg = self.config = cfg.replace(method=check_method(graph, cfg.method))  # "auto" -> a heatmap
-        explainer = FrameExplainer.from_config(cfg, graph, self.timer)
-        explainer.warm_up(cfg.method)
+        pipeline = load(config=cfg, timer=self.timer)
+        cfg = self.config = pipeline.config  # method "auto" resolved
+        renderer, model_path = pipeline.renderer, pipeline.model_path
+        graph, explainer = pipeline.graph, pipeline.explainer
         source = self._source if self._source is not None else make_source(cfg.source)
         if cfg.loop:
             source = LoopingSource(source)
-        with source, contextlib.ExitStack() as detectors_open:
+        with pipeline, source, contextlib.ExitStack() as detectors_open:
             # Carrying boxes needs the frames in order: one detection thread, whose average cost
             # (one detection every N frames, flow on the others) is then below the main thread's.
             every = every_for(cfg.detect_every, bool(getattr(source.info, "still", False)), cfg.detect_workers)
             workers = 1 if every > 1 else detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live)
-            detectors = [BoxCarrier(detectors_open.enter_context(FaceDetector(DETECTORS[cfg.detector],
-                                                                              cfg.min_confidence, cfg.quiet_native)),
-                                    every)
+            detectors = [BoxCarrier(detectors_open.enter_context(pipeline.face_detector()), every)
                          for _ in range(workers)]
             snapshots = None
             if cfg.snapshot_every or cfg.show:

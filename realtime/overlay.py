@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from camface.methods import normalize
+from camface.realtime.config import DEFAULTS as LIVE  # the look's defaults: LiveConfig's colormap and alpha
 
 COLORMAPS = {name[len("COLORMAP_"):].lower(): getattr(cv2, name)
              for name in dir(cv2) if name.startswith("COLORMAP_")}
@@ -45,8 +46,8 @@ def colorize(heatmap01: np.ndarray, size: tuple[int, int], lut: np.ndarray, deta
     return colored if small == size else cv2.resize(colored, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, method: str, colormap: str = "jet",
-            alpha: float = 0.45, *, side: int | None = None, offset: tuple[int, int] = (0, 0),
+def overlay(image: np.ndarray, heatmap: np.ndarray, method: str, colormap: str = LIVE["colormap"],
+            alpha: float = LIVE["alpha"], *, side: int | None = None, offset: tuple[int, int] = (0, 0),
             lut: np.ndarray | None = None) -> np.ndarray:
     """A NEW uint8 BGR image, shaped as `image` (uint8 BGR [h, w, 3]): `heatmap` of `method`
     blended over it with opacity `alpha`. `image` is not modified.

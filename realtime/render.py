@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from camface.methods import normalize
-from camface.realtime.overlay import colormap_lut, overlay, upsample
+from camface.realtime.overlay import LIVE, colormap_lut, overlay, upsample
 from camface.realtime.results import Box, Face, FrameResult, Prediction
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -61,7 +61,7 @@ class HeatmapAnnotator:
     drawn by the one overlay function (`camface.realtime.overlay.overlay`) with the heatmap
     spread over the face's crop square."""
 
-    def __init__(self, colormap: str = "jet", alpha: float = 0.45):
+    def __init__(self, colormap: str = LIVE["colormap"], alpha: float = LIVE["alpha"]):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.colormap, self.alpha = colormap, alpha
@@ -182,7 +182,7 @@ class Renderer:
     """Runs annotators in order: `annotate(frame, result, hud) -> frame`, in place; the HUD is
     drawn when `hud` (the window's key h toggles it per frame)."""
 
-    def __init__(self, colormap: str = "jet", alpha: float = 0.45, cam_boxes: bool = False,
+    def __init__(self, colormap: str = LIVE["colormap"], alpha: float = LIVE["alpha"], cam_boxes: bool = False,
                  bars: bool = False):
         self.layers = [HeatmapAnnotator(colormap, alpha)]
         if cam_boxes:

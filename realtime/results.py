@@ -6,8 +6,10 @@ corner; `w` and `h` are at least 1 and the box lies inside the frame.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,16 @@ class Face:
     def area(self) -> int:
         return self.box[2] * self.box[3]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: box and crop_box [x, y, w, h] pixels, score, track_id."""
+        return {"box": [int(v) for v in self.box], "crop_box": [int(v) for v in self.crop_box],
+                "score": float(self.score), "track_id": int(self.track_id)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Face":
+        return cls(box=_box(data["box"]), score=float(data["score"]), crop_box=_box(data["crop_box"]),
+                   track_id=int(data["track_id"]))
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -51,6 +63,20 @@ class Prediction:
     predicted: int
     explained: int
     method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: probs (list of floats), predicted, explained, method, heatmap (rows of
+        floats, [] for method "none"). float32 values survive JSON exactly."""
+        return {"probs": [float(p) for p in self.probs], "predicted": int(self.predicted),
+                "explained": int(self.explained), "method": self.method,
+                "heatmap": np.asarray(self.heatmap, np.float32).tolist() if self.heatmap.size else []}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Prediction":
+        heatmap = np.asarray(data["heatmap"], np.float32)
+        return cls(probs=np.asarray(data["probs"], np.float32),
+                   heatmap=heatmap if heatmap.size else np.zeros((0, 0), np.float32),
+                   predicted=int(data["predicted"]), explained=int(data["explained"]), method=data["method"])
 
 
 @dataclass(frozen=True)
@@ -86,3 +112,54 @@ class FrameResult:
         if self.predictions and len(self.predictions) != len(self.faces):
             raise ValueError(
                 f"{len(self.faces)} faces but {len(self.predictions)} predictions in frame {self.index}")
+
+    def label(self, k: int) -> str:
+        """Class name of index k (the index itself when the graph has no such label)."""
+        return self.labels[k] if 0 <= k < len(self.labels) else str(k)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, the fields `camface serve` sends and `camface batch` writes: index, method,
+        explained_class, labels, dropped, provider, fps, stage_ms, and per face (largest first)
+        its Face and Prediction fields with predicted_label and explained_label."""
+        faces = []
+        for i, face in enumerate(self.faces):
+            entry = face.to_dict()
+            if i < len(self.predictions):
+                prediction = self.predictions[i]
+                entry.update(prediction.to_dict(), predicted_label=self.label(prediction.predicted),
+                             explained_label=self.label(prediction.explained))
+            faces.append(entry)
+        return {"index": int(self.index), "method": self.method, "explained_class": self.explained_class,
+                "labels": list(self.labels), "dropped": int(self.dropped), "provider": self.provider,
+                "fps": float(self.fps), "pace_fps": float(self.pace_fps),
+                "stage_ms": {k: float(v) for k, v in self.stage_ms.items()}, "faces": faces}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FrameResult":
+        """The FrameResult `to_dict` was made from (arrays back as float32)."""
+        faces = data["faces"]
+        return cls(index=int(data["index"]), faces=tuple(Face.from_dict(f) for f in faces),
+                   predictions=tuple(Prediction.from_dict(f) for f in faces if "probs" in f),
+                   dropped=int(data["dropped"]), method=data["method"], explained_class=data["explained_class"],
+                   labels=tuple(data["labels"]), fps=float(data["fps"]), stage_ms=dict(data["stage_ms"]),
+                   provider=data["provider"], pace_fps=float(data["pace_fps"]))
+
+    def _repr_html_(self) -> str:
+        """Jupyter: one row per face, its box and a bar per class probability."""
+        rows = []
+        for i, (face, prediction) in enumerate(zip(self.faces, self.predictions)):
+            bars = "".join(
+                f'<div style="white-space:nowrap"><span style="display:inline-block;width:6em">'
+                f'{html.escape(self.label(k))}</span><span style="display:inline-block;width:{100 * p:.0f}px;'
+                f'height:0.8em;background:{"#2a2" if k == prediction.predicted else "#999"}"></span> {p:.2f}</div>'
+                for k, p in enumerate(float(v) for v in prediction.probs))
+            rows.append(f"<tr><td>face {i}<br>box {list(face.box)}<br>score {face.score:.2f}</td>"
+                        f"<td>{bars}</td></tr>")
+        head = (f"<b>frame {self.index}</b>: {len(self.faces)} face(s), heatmap {html.escape(self.method)}"
+                + (f", {self.dropped} more not classified" if self.dropped else ""))
+        return f"<div>{head}<table>{''.join(rows)}</table></div>"
+
+
+def _box(values) -> Box:
+    x, y, w, h = (int(v) for v in values)
+    return x, y, w, h

@@ -1,4 +1,5 @@
-"""Snapshots: one folder per saved frame, read back by `camface guided`.
+"""Snapshots: one folder per saved frame, written here and read back here (by `camface guided`
+and `camface evaluate`).
 
 Folder contents:
   frame.png       the full frame as the source delivered it (uint8 BGR, no overlays)
@@ -23,10 +24,13 @@ import cv2
 import numpy as np
 
 from camface import __version__
-from camface.errors import OutputError
+from camface.color_order import ColorOrder
+from camface.errors import OutputError, SourceError
 from camface.graph_spec import GraphInfo
 from camface.hashing import sha256_file
 from camface.realtime.results import FrameResult
+
+SNAPSHOT_JSON = "snapshot.json"
 
 
 def unique_folder(parent: Path, name: str) -> Path:
@@ -72,11 +76,7 @@ class SnapshotWriter:
             faces = []
             labels = result.labels
             for i, (face, prediction) in enumerate(zip(result.faces, result.predictions)):
-                crop = crops[i]
-                if self.info.color_order == "GRAY":
-                    crop = crop[:, :, 0]
-                elif self.info.color_order == "RGB":
-                    crop = cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)
+                crop = ColorOrder.of(self.info.color_order).to_opencv(crops[i])
                 name = f"face_{i:02d}.png"
                 self._write_image(folder / name, crop)
                 faces.append({
@@ -103,7 +103,7 @@ class SnapshotWriter:
                           "source_model": self.info.source_model, "source_sha256": self.info.source_sha256},
                 "faces": faces,
             }
-            (folder / "snapshot.json").write_text(json.dumps(meta, indent=2))
+            (folder / SNAPSHOT_JSON).write_text(json.dumps(meta, indent=2))
         except OSError as exc:
             raise OutputError(f"cannot write snapshot in {self.folder}: {exc}") from exc
         self.count, self.last = self.count + 1, folder
@@ -113,3 +113,46 @@ class SnapshotWriter:
     def _write_image(path: Path, image: np.ndarray) -> None:
         if not cv2.imwrite(str(path), image):
             raise OutputError(f"cannot write {path}")
+
+
+# ---------------------------------------------------------------- reading them back
+
+
+def find_snapshots(folders) -> list[Path]:
+    """The snapshot folders among `folders`: each one holding snapshot.json, or a folder of such
+    folders (its snapshots in name order). SourceError names a folder that is neither."""
+    found = []
+    for folder in map(Path, folders):
+        inside = sorted(folder.glob(f"*/{SNAPSHOT_JSON}")) if folder.is_dir() else []
+        if (folder / SNAPSHOT_JSON).is_file():
+            found.append(folder)
+        elif inside:
+            found.extend(path.parent for path in inside)
+        else:
+            raise SourceError(f"{folder} is not a camface snapshot folder (no {SNAPSHOT_JSON} in it or "
+                              "its sub-folders)")
+    return found
+
+
+def read_meta(folder: str | Path) -> dict:
+    """The snapshot.json of `folder` (see the module's docstring); SourceError when it is missing,
+    unreadable or lists no "faces"."""
+    path = Path(folder) / SNAPSHOT_JSON
+    if not path.is_file():
+        raise SourceError(f"{folder} is not a camface snapshot: {SNAPSHOT_JSON} is missing")
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta["faces"], list):
+            raise TypeError("faces is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from exc
+    return meta
+
+
+def read_crop(path: str | Path, color_order: str) -> np.ndarray:
+    """A face crop as `SnapshotWriter` saved it, back as it was fed to the graph: uint8 [H, W, C]
+    in `color_order` (C = 1 for GRAY). SourceError when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR)
+    if image is None:
+        raise SourceError(f"cannot read face crop {path}")
+    return ColorOrder.of(color_order).from_opencv(image)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from camface.realtime.window import QUIT, Controls, apply_key
+from camface.realtime.controls import QUIT, Controls, apply_key
 
 
 class Viewer:

@@ -179,17 +179,13 @@ def create_app(state: ServeState):
 
 
 def _open_session(state: ServeState):
-    from camface.models import DETECTORS
-    from camface.realtime.detect import FaceDetector
+    from camface.api import face_detector
     from camface.serve.session import Session
 
-    cfg = state.config
-    detector = FaceDetector(DETECTORS[cfg.detector], cfg.min_confidence, cfg.quiet_native).__enter__()
-    try:
-        return Session(state, detector)
-    except BaseException:
-        detector.close()
-        raise
+    with contextlib.ExitStack() as opened:  # the session closes its detector; until it exists, this does
+        session = Session(state, opened.enter_context(face_detector(state.config)))
+        opened.pop_all()
+    return session
 
 
 async def _receive(ws, state: ServeState, session) -> None:

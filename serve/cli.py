@@ -70,26 +70,23 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def main(args: argparse.Namespace) -> int:
+    from camface.errors import UsageError
     from camface.realtime.config import from_args
     from camface.serve.state import ServeOptions
 
-    try:
-        config = from_args(args, LIVE_OPTIONS)
-        if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
-            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
-        for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
-            if path is not None and not path.is_file():
-                raise ValueError(f"{flag} {path}: no such file")
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be in 0..65535, got {args.port}")
-        token = args.token
-        if token is None and args.host not in LOOPBACK:
-            token = secrets.token_urlsafe(24)  # another address: never serve the camera page without one
-        options = ServeOptions(token=token, max_clients=args.max_clients, record_dir=args.record_dir,
-                               snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
-    except ValueError as exc:
-        print(f"camface serve: error: {exc}", file=sys.stderr)
-        return 2
+    config = from_args(args, LIVE_OPTIONS)
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise UsageError("--ssl-certfile and --ssl-keyfile go together")
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    token = args.token
+    if token is None and args.host not in LOOPBACK:
+        token = secrets.token_urlsafe(24)  # another address: never serve the camera page without one
+    options = ServeOptions(token=token, max_clients=args.max_clients, record_dir=args.record_dir,
+                           snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
     return serve(config, options, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
 
 
@@ -98,18 +95,14 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     progress is finalised before this returns (130 after Ctrl-C, 143 after SIGTERM)."""
     import uvicorn
 
-    from camface.models import EMOTION_ONNX
-    from camface.realtime.explainer import FrameExplainer, check_method
-    from camface.realtime.graph import CamGraph
+    from camface.api import load
     from camface.realtime.threads import Terminated, sigterm_raises
     from camface.serve import protocol
     from camface.serve.app import create_app
     from camface.serve.state import ServeState
 
-    model_path = Path(config.model) if config.model else EMOTION_ONNX
-    graph = CamGraph(model_path, config.device, threads=config.graph_threads)
-    config = config.replace(method=check_method(graph, config.method))  # "auto" -> a heatmap
-    FrameExplainer(graph).warm_up(config.method)
+    pipeline = load(config=config)
+    config, model_path, graph = pipeline.config, pipeline.model_path, pipeline.graph  # method "auto" resolved
     state = ServeState(config, options, graph, model_path)
     import cv2
 
@@ -133,6 +126,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
         code = Terminated.exit_code
     finally:
         state.close()
+        pipeline.close()
         sock.close()
         stats = state.stats()
         wall = max(stats["uptime_s"], 1e-9)

@@ -20,7 +20,7 @@ import numpy as np
 
 from camface.realtime.explainer import Explained, FrameExplainer
 from camface.realtime.timing import RateMeter, StageTimer
-from camface.realtime.window import Controls
+from camface.realtime.controls import Controls
 from camface.serve import protocol
 
 log = logging.getLogger(__name__)

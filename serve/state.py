@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from camface.errors import UsageError
+
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -25,16 +27,16 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         if self.max_clients < 1:
-            raise ValueError(f"--max-clients must be >= 1, got {self.max_clients}")
+            raise UsageError(f"--max-clients must be >= 1, got {self.max_clients}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+            raise UsageError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.token is not None and len(self.token) < 8:
-            raise ValueError("--token must have at least 8 characters")
+            raise UsageError("--token must have at least 8 characters")
         for flag, folder in (("--record-dir", self.record_dir), ("--snapshot-dir", self.snapshot_dir)):
             if folder.exists() and not folder.is_dir():
-                raise ValueError(f"{flag} {folder} is a file")
+                raise UsageError(f"{flag} {folder} is a file")
             if not folder.exists() and not folder.resolve().parent.is_dir():
-                raise ValueError(f"{flag} {folder}: folder {folder.resolve().parent} does not exist")
+                raise UsageError(f"{flag} {folder}: folder {folder.resolve().parent} does not exist")
 
 
 class ServeState:

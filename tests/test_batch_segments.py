@@ -210,7 +210,7 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame(method
     from camface.realtime.explainer import FrameExplainer, crop_for_graph, frame_result, run_graph_smoothed
     from camface.realtime.results import Face
     from camface.realtime.smooth import Smoother
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     frames, faces = [], []
     for i in range(12):

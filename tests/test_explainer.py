@@ -10,7 +10,7 @@ from realtime_helpers import tiny_cam_graph
 from camface.errors import ModelError
 from camface.realtime.crop import crop_faces
 from camface.realtime.results import Face, FrameResult, Prediction
-from camface.realtime.window import Controls
+from camface.realtime.controls import Controls
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from realtime_helpers import tiny_cam_graph
 
 from camface.realtime.results import Face
-from camface.realtime.window import Controls
+from camface.realtime.controls import Controls
 
 
 class Counted:

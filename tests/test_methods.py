@@ -258,7 +258,7 @@ def test_registry_drives_the_cli_choices(extra_method):
 
 def test_registry_drives_the_graph_contract_and_menus(extra_method):
     from camface import graph_spec
-    from camface.realtime.window import Controls, apply_key
+    from camface.realtime.controls import Controls, apply_key
 
     assert graph_spec.heatmap_outputs()[-1] == "fakecam"
     info = graph_spec.GraphInfo(labels=("a",), input_size=(4, 4), color_order="GRAY", target_layer="t",

@@ -11,7 +11,7 @@ from camface.errors import SourceError
 from camface.realtime.loop import LiveConfig, LiveLoop
 from camface.realtime.pace import LoopingSource, Pacer, pace_period
 from camface.realtime.sources import LiveSource, SourceInfo, VideoFileSource
-from camface.realtime.window import Controls, apply_key
+from camface.realtime.controls import Controls, apply_key
 
 FILE = SourceInfo("clip.mp4", 30.0, 60, live=False)
 FOLDER = SourceInfo("photos", 30.0, 4, live=False, still=True)

@@ -22,7 +22,7 @@ from camface.realtime.smooth import Smoother, iou
 from camface.realtime.snapshot import SnapshotWriter
 from camface.realtime.sources import ImageFolderSource, LiveSource, to_bgr8
 from camface.realtime.timing import RateMeter, StageTimer
-from camface.realtime.window import QUIT, RECORD, SNAPSHOT, Controls, apply_key
+from camface.realtime.controls import QUIT, RECORD, SNAPSHOT, Controls, apply_key
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_a_frame_comes_back_as_the_frame_explainer_and_renderer_make_it(make_cli
     from camface.realtime.detect import FaceDetector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.render import Renderer
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     config = LiveConfig(cam_boxes=True, bars=True)
     client, _ = make_client(config, jpeg_quality=85)
@@ -325,7 +325,7 @@ def test_one_graph_call_for_every_clients_newest_frame(make_client, graph, astro
     from camface.models import DETECTORS
     from camface.realtime.detect import FaceDetector
     from camface.realtime.explainer import FrameExplainer
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
     from camface.serve.session import Frame, Session
 
     _, state = make_client()

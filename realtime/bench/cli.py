@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 
 def _resolve_models(config: BenchConfig) -> tuple[Path, Path | None]:
     """(CAM graph, Keras model or None) for the run."""
-    from camface.models import EMOTION_KERAS, EMOTION_ONNX
+    from camface.api import model_path
+    from camface.models import EMOTION_KERAS
 
     if config.backbone:
         from camface.export.bench_graphs import backbone_graph  # TensorFlow, on first use only
 
         graph, keras_model = backbone_graph(BACKBONES[config.backbone], config.backbone_size, config.work_dir)
         return graph, config.keras_model or keras_model
-    graph = config.pipeline.model or EMOTION_ONNX
+    graph = model_path(config.pipeline)
     keras_model = config.keras_model
     if keras_model is None and config.pipeline.model is None:
         keras_model = EMOTION_KERAS
@@ -165,11 +166,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
-    try:
-        config = BenchConfig.from_args(args)
-    except ValueError as exc:
-        print(f"camface bench: error: {exc}", file=sys.stderr)
-        return 2
+    config = BenchConfig.from_args(args)
     if config.json is not None:
         from camface.outputs import check_output_file
 

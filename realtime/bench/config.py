@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from camface.errors import UsageError
 from camface.realtime.config import LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "graph_threads", "detect_workers", "detect_every",
@@ -82,15 +83,15 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.frames < 2:
-            raise ValueError(f"--frames must be at least 2 (fps needs two frame completions), got {self.frames}")
+            raise UsageError(f"--frames must be at least 2 (fps needs two frame completions), got {self.frames}")
         if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
         if self.repeats < 1 or any(not 1 <= b <= 32 for b in self.batches):
-            raise ValueError("--repeats must be >= 1 and --batches within 1..32")
+            raise UsageError("--repeats must be >= 1 and --batches within 1..32")
         if any(t < 1 for t in self.int8_threads):
-            raise ValueError(f"--int8-threads must be >= 1, got {list(self.int8_threads)}")
+            raise UsageError(f"--int8-threads must be >= 1, got {list(self.int8_threads)}")
         if self.backbone and self.pipeline.model is not None:
-            raise ValueError("--model and --backbone exclude each other")
+            raise UsageError("--model and --backbone exclude each other")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchConfig":

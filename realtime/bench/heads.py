@@ -38,15 +38,14 @@ def sample_crops(config: BenchConfig, info, count: int = 8):
     the source; uniform random pixels when the source shows no face."""
     import numpy as np
 
-    from camface.models import DETECTORS
+    from camface.api import face_detector
     from camface.realtime.crop import crop_faces
-    from camface.realtime.detect import FaceDetector
     from camface.realtime.sources import make_source
 
     crops = []
     pipeline = config.pipeline
     with make_source(pipeline.source, sample_frames=config.frames) as source, \
-            FaceDetector(DETECTORS[pipeline.detector], pipeline.min_confidence, pipeline.quiet_native) as detector:
+            face_detector(pipeline) as detector:
         for index, frame in enumerate(source):
             faces = detector.detect(frame)
             if faces:

@@ -123,15 +123,14 @@ class ExplainerGraph:
 def run_sequential(name: str, config: BenchConfig, graph, method: str, record_dir: Path | None) -> Row:
     """decode -> detect -> explain -> render -> encode, one frame after the other in this
     thread, on the same frames as `run_live`; `graph` is a CamGraph (or an ExplainerGraph)."""
-    from camface.models import DETECTORS
+    from camface.api import face_detector
     from camface.realtime.carry import BoxCarrier, every_for
-    from camface.realtime.detect import FaceDetector
     from camface.realtime.render import Renderer
     from camface.realtime.timing import RateMeter, StageTimer
 
     pipeline = config.pipeline.replace(method=method)
     renderer = Renderer.from_config(pipeline)
-    with FaceDetector(DETECTORS[pipeline.detector], pipeline.min_confidence, pipeline.quiet_native) as mediapipe:
+    with face_detector(pipeline) as mediapipe:
         detector = BoxCarrier(mediapipe, every_for(pipeline.detect_every))  # a fresh one per pass: frames from 0
         if config.warmup:
             _sequential_pass(config, pipeline, graph, detector, renderer, config.warmup,
@@ -152,7 +151,7 @@ def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record,
     from camface.realtime.summary import hud_stage_ms
     from camface.realtime.sinks import VideoSink
     from camface.realtime.sources import make_source
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     explainer = FrameExplainer(graph, pipeline.margin, pipeline.max_faces, pipeline.smooth, timer)
     controls = Controls(method=pipeline.method)

@@ -1,0 +1,256 @@
+"""camface from Python: `camface.load()` opens the one pipeline every front end uses.
+
+    import camface
+    with camface.load() as cam:                      # bundled emotion graph, LiveConfig's defaults
+        result = cam.explain(frame)                  # uint8 BGR [H, W, 3] -> FrameResult
+        picture = cam.annotate(frame, result)        # a new uint8 BGR picture with the overlay
+        for result, frame in cam.process_video("talk.mp4"): ...
+        maps = cam.explain_crops(crops, method="hirescam")   # crops in the graph's input format
+
+`load` builds a `LiveConfig` (any of its fields as a keyword), loads the CAM graph and the
+renderer; the face detector opens on the first frame. The same function opens the pipeline of
+`camface live`, `bench`, `serve`, `batch` and `evaluate`, so the default model
+(`model_path`), the detector (`face_detector`) and the renderer are each chosen here once.
+
+Top-level imports stay light (numpy and camface's own light modules): heavy ones (onnxruntime,
+mediapipe, cv2) load when a pipeline is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from camface.errors import UsageError
+from camface.realtime.config import LiveConfig
+from camface.realtime.results import FrameResult, Prediction
+
+if TYPE_CHECKING:
+    from camface.realtime.detect import FaceDetector
+    from camface.realtime.explainer import FrameExplainer
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.render import Renderer
+
+__all__ = ["Picture", "Pipeline", "face_detector", "load", "model_path"]
+
+
+def model_path(config: LiveConfig) -> Path:
+    """The CAM graph a config asks for: `config.model`, or the bundled emotion graph."""
+    from camface.models import EMOTION_ONNX
+
+    return Path(config.model) if config.model is not None else EMOTION_ONNX
+
+
+def face_detector(config: LiveConfig) -> FaceDetector:
+    """The face detector a config asks for (BlazeFace `config.detector`, `min_confidence`),
+    not yet opened: use it as a context manager."""
+    from camface.models import DETECTORS
+    from camface.realtime.detect import FaceDetector
+
+    return FaceDetector(DETECTORS[config.detector], config.min_confidence, config.quiet_native)
+
+
+class Picture(np.ndarray):
+    """A uint8 BGR image [H, W, 3] (an ordinary numpy array) that Jupyter shows as a PNG."""
+
+    def _repr_png_(self) -> bytes:
+        import cv2
+
+        ok, data = cv2.imencode(".png", np.asarray(self))
+        if not ok:
+            raise ValueError(f"cannot encode an image of shape {self.shape} as PNG")
+        return data.tobytes()
+
+
+def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | None = None, timer: Any = None,
+         **options: Any) -> Pipeline:
+    """Open a pipeline: the CAM graph `model` (default: `config.model`, else the bundled emotion
+    graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field:
+    method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence, max_faces,
+    margin, smooth, colormap, alpha, graph_threads, ...
+
+    timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
+    Raises UsageError for an unknown option or a bad value, ModelError for a missing or broken
+    graph, or a method the graph does not offer. Use the pipeline as a context manager (or call
+    `close()`): it holds a MediaPipe detector and ONNX Runtime sessions.
+    """
+    if model is not None:
+        options["model"] = Path(model)
+    fields = {f.name for f in dataclasses.fields(LiveConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise UsageError(f"unknown option {', '.join(unknown)}; LiveConfig has {', '.join(sorted(fields))}")
+    return Pipeline((config or LiveConfig()).replace(**options), timer)  # LiveConfig checks: UsageError
+
+
+class Pipeline:
+    """Detect faces -> crop -> ONE CAM-graph call -> FrameResult, and the live overlay.
+
+    Attributes: config (LiveConfig), model_path, graph (CamGraph: `info`, `methods`, `provider`),
+    explainer (FrameExplainer: its smoother's tracks are this pipeline's stream), renderer.
+    Build it with `camface.load()`.
+    """
+
+    def __init__(self, config: LiveConfig, timer: Any = None):
+        from camface.realtime.explainer import FrameExplainer
+        from camface.realtime.graph import CamGraph
+        from camface.realtime.render import Renderer
+
+        from camface.realtime.explainer import check_method
+
+        self.model_path = model_path(config)
+        self._stack = contextlib.ExitStack()
+        self._detector: FaceDetector | None = None
+        self._closed = False
+        self._index = 0
+        self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
+        # "auto" -> the graph's top-ranked method (said once), here for every front end
+        self.config = config = config.replace(method=check_method(self._graph, config.method))
+        self._explainer: FrameExplainer | None = FrameExplainer.from_config(config, self._graph, timer)
+        self._explainer.warm_up(config.method)
+        self.renderer: Renderer = Renderer.from_config(config)
+
+    # ---------------------------------------------------------------- resources
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the face detector and release the graph's sessions (idempotent)."""
+        self._closed = True
+        self._stack.close()
+        self._detector = self._graph = self._explainer = None
+
+    @property
+    def graph(self) -> CamGraph:
+        if self._graph is None:
+            raise UsageError("this camface pipeline is closed")
+        return self._graph
+
+    @property
+    def explainer(self) -> FrameExplainer:
+        if self._explainer is None:
+            raise UsageError("this camface pipeline is closed")
+        return self._explainer
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The graph's class names."""
+        return self.graph.info.labels
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The heatmap methods the graph offers."""
+        return self.graph.methods
+
+    def face_detector(self) -> FaceDetector:
+        """A new face detector as the config asks (not yet opened; one per stream of frames)."""
+        return face_detector(self.config)
+
+    def _detect(self, frame: np.ndarray) -> tuple:
+        if self._closed:
+            raise UsageError("this camface pipeline is closed")
+        if self._detector is None:
+            self._detector = self._stack.enter_context(self.face_detector())
+        return self._detector.detect(frame)
+
+    # ---------------------------------------------------------------- the verbs
+
+    def explain(self, frame: np.ndarray, *, method: str | None = None,
+                explained_class: int | None = None) -> FrameResult:
+        """Faces, probabilities and heatmaps of one frame, as `camface live` computes them.
+
+        frame: uint8 BGR [H, W, 3] (as OpenCV reads it), not modified. method: heatmap to
+        compute (default: the config's). explained_class: class every heatmap explains
+        (default: each face's predicted class). Successive calls are one stream (frame index,
+        smoothing tracks). Raises UsageError for a bad frame, ModelError for an absent method.
+        """
+        from camface.realtime.controls import Controls
+        from camface.realtime.explainer import check_method
+
+        frame = _check_frame(frame)
+        if explained_class is not None and not 0 <= explained_class < len(self.labels):
+            raise UsageError(f"explained_class {explained_class} out of range 0..{len(self.labels) - 1}")
+        controls = Controls(method=method or self.config.method, explained_class=explained_class)
+        check_method(self.graph, controls.method)
+        result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
+        self._index += 1
+        return result
+
+    def annotate(self, frame: np.ndarray, result: FrameResult, *, hud: bool = False) -> Picture:
+        """A NEW uint8 BGR picture: `frame` with the live overlay of `result` (heatmaps over the
+        face boxes, boxes and labels; the HUD with `hud`). `frame` is not modified."""
+        picture = _check_frame(frame).copy()
+        self.renderer.annotate(picture, result, hud)
+        return picture.view(Picture)
+
+    def process_video(self, source: str | int | os.PathLike[str] | Any,
+                      max_frames: int | None = None) -> Iterator[tuple[FrameResult, np.ndarray]]:
+        """(result, frame) for each frame of `source`: a video file, a folder of images, a
+        camera index, a stream URL, "sample", or an un-entered camface source object. frame:
+        uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
+        indices from 0, fresh smoothing tracks. The source is closed when the loop ends or breaks.
+        """
+        from camface.realtime.controls import Controls
+        from camface.realtime.explainer import FrameExplainer
+        from camface.realtime.sources import make_source
+
+        if max_frames is not None and max_frames < 1:
+            raise UsageError(f"max_frames must be >= 1, got {max_frames}")
+        opened = make_source(os.fspath(source) if isinstance(source, os.PathLike) else str(source)) \
+            if isinstance(source, (str, int, os.PathLike)) else source
+        explainer = FrameExplainer.from_config(self.config, self.graph)
+        controls = Controls(method=self.config.method)
+        with opened:
+            for index, frame in enumerate(opened):
+                if max_frames is not None and index >= max_frames:
+                    return
+                yield explainer.explain(frame, self._detect(frame), controls, index).result, frame
+
+    def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
+                      class_index: int | np.ndarray | None = None) -> tuple[Prediction, ...]:
+        """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
+        the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
+        class_index: class to explain, one for all or int [N]; default each crop's predicted
+        class. Any N >= 0 (the graph is called on at most 32 at a time)."""
+        from camface.realtime.explainer import check_method, run_graph_across_frames
+
+        info = self.graph.info
+        expected = (*info.input_size, info.channels)
+        if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8 or crops.ndim != 4 \
+                or crops.shape[1:] != expected:
+            shape = getattr(crops, "shape", None)
+            raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
+                             f"({info.color_order}), got {getattr(crops, 'dtype', type(crops).__name__)} {shape}")
+        method = method or self.config.method
+        check_method(self.graph, method)
+        wanted = np.broadcast_to(np.asarray(-1 if class_index is None else class_index, np.int64), (len(crops),))
+        if ((wanted < -1) | (wanted >= len(info.labels))).any():
+            raise UsageError(f"class_index out of range 0..{len(info.labels) - 1}")
+        probs, heatmaps, _ = run_graph_across_frames(self.graph, np.ascontiguousarray(crops),
+                                                     np.ascontiguousarray(wanted), method)
+        predicted = probs.argmax(axis=1)
+        return tuple(Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
+                                explained=int(predicted[i] if wanted[i] < 0 else wanted[i]), method=method)
+                     for i in range(len(crops)))
+
+
+def _check_frame(frame: Any) -> np.ndarray:
+    """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError."""
+    if not isinstance(frame, np.ndarray):
+        raise UsageError(f"a frame must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise UsageError(f"a frame must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} "
+                         "(scale floats in [0, 1] by 255 and convert with .astype(np.uint8))")
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise UsageError(f"a frame must be uint8 BGR [H, W, 3]; got shape {frame.shape}")
+    return np.ascontiguousarray(frame)

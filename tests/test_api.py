@@ -1,0 +1,239 @@
+"""`camface.load()`: the Python API on real photos (two faces side by side) and a clip; its
+numbers against `camface live`'s; JSON; Jupyter; misuse; resources released."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from realtime_helpers import write_clip
+
+import camface
+from camface.cli import main as camface_main
+from camface.errors import CamfaceError, ModelError, UsageError
+from camface.realtime.explainer import crop_for_graph
+
+EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+
+
+@pytest.fixture(scope="module")
+def two_faces(astronaut_bgr) -> np.ndarray:
+    """scikit-image's astronaut beside matplotlib's Grace Hopper, 512 pixels high, uint8 BGR
+    [512, 949, 3]. MediaPipe finds Hopper at about (653, 116, 168, 168), the astronaut at
+    about (175, 73, 102, 102)."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        hopper = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)
+    hopper = cv2.resize(hopper, (round(hopper.shape[1] * 512 / hopper.shape[0]), 512), interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(np.hstack([astronaut_bgr, hopper]))
+
+
+@pytest.fixture(scope="module")
+def cam():
+    with camface.load(device="cpu", method="hirescam") as pipeline:
+        yield pipeline
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, two_faces) -> Path:
+    """8 frames: the two-face photo, shifted 4 pixels right per frame."""
+    frames = [np.ascontiguousarray(np.roll(two_faces, 4 * i, axis=1)[:, :944]) for i in range(8)]
+    return write_clip(tmp_path_factory.mktemp("clip") / "two.mp4", frames)
+
+
+def test_two_faces_are_found_classified_and_explained(cam, two_faces):
+    result = cam.explain(two_faces)
+    assert len(result.faces) == len(result.predictions) == 2
+    hopper, astronaut = result.faces  # largest first
+    assert np.allclose(hopper.box, (653, 116, 168, 168), atol=12)
+    assert np.allclose(astronaut.box, (175, 73, 102, 102), atol=12)
+    assert result.labels == EMOTIONS and result.method == "hirescam"
+    assert [EMOTIONS[p.predicted] for p in result.predictions] == ["neutral", "happy"]
+    for prediction in result.predictions:
+        assert prediction.probs.dtype == np.float32 and prediction.probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert prediction.heatmap.shape == (8, 8) and prediction.heatmap.max() > 0
+        assert prediction.explained == prediction.predicted and prediction.method == "hirescam"
+    assert cam.explain(np.zeros((120, 160, 3), np.uint8)).faces == ()  # no face: an empty result
+
+
+def test_explained_class_and_method_per_call(cam, two_faces):
+    result = cam.explain(two_faces, method="gradcam", explained_class=0)
+    assert result.method == "gradcam" and result.explained_class == 0
+    assert [p.explained for p in result.predictions] == [0, 0]
+    assert [p.predicted for p in result.predictions] == [6, 3]
+
+
+def test_explain_crops_equals_explain_on_the_same_crops(cam, two_faces):
+    result = cam.explain(two_faces)
+    _, crops, _ = crop_for_graph(two_faces, result.faces, cam.config.margin, cam.config.max_faces, cam.graph.info)
+    maps = cam.explain_crops(crops, method="hirescam")
+    for got, want in zip(maps, result.predictions):
+        np.testing.assert_allclose(got.probs, want.probs, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got.heatmap, want.heatmap, rtol=1e-5, atol=1e-6)
+    fear = cam.explain_crops(crops, method="gradcam", class_index=2)
+    assert [p.explained for p in fear] == [2, 2] and [p.predicted for p in fear] == [6, 3]
+    assert cam.explain_crops(crops[:0]) == ()
+
+
+def test_annotate_returns_a_new_picture_drawn_over_the_faces_only(cam, two_faces):
+    before = two_faces.copy()
+    result = cam.explain(two_faces)
+    picture = cam.annotate(two_faces, result)
+    np.testing.assert_array_equal(two_faces, before)  # not drawn in place
+    assert picture.shape == two_faces.shape and picture.dtype == np.uint8
+    changed = np.abs(picture.astype(int) - two_faces).sum(axis=2) > 0
+    x, y, w, h = result.faces[0].box
+    assert changed[y + 10:y + h - 10, x + 10:x + w - 10].mean() > 0.5  # the heatmap covers the face
+    assert not changed[400:, 300:600].any()  # nothing drawn far from the faces
+    decoded = cv2.imdecode(np.frombuffer(picture._repr_png_(), np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(decoded, picture)  # Jupyter shows exactly this picture
+
+
+def test_results_show_their_probability_bars_in_jupyter(cam, two_faces):
+    result = cam.explain(two_faces)
+    page = result._repr_html_()
+    assert page.count("<tr>") == 2 and "heatmap hirescam" in page
+    neutral = result.predictions[0].probs[6]
+    assert f"width:{100 * neutral:.0f}px" in page and "neutral</span>" in page
+
+
+def test_to_dict_round_trips_through_json(cam, two_faces):
+    result = cam.explain(two_faces)
+    data = result.to_dict()
+    again = json.loads(json.dumps(data))
+    assert again == data
+    face = again["faces"][0]
+    assert face["predicted_label"] == "neutral" and face["box"] == list(result.faces[0].box)
+    assert set(face) >= {"box", "crop_box", "score", "track_id", "probs", "predicted", "explained",
+                         "predicted_label", "explained_label", "method", "heatmap"}
+    back = camface.FrameResult.from_dict(again)
+    assert back.faces == result.faces and back.labels == result.labels
+    for got, want in zip(back.predictions, result.predictions):
+        np.testing.assert_array_equal(got.probs, want.probs)  # float32 survives JSON exactly
+        np.testing.assert_array_equal(got.heatmap, want.heatmap)
+        assert (got.predicted, got.explained, got.method) == (want.predicted, want.explained, want.method)
+
+
+def test_process_video_yields_every_frame_with_both_faces(cam, clip):
+    seen = [(result.index, len(result.faces), frame.shape) for result, frame in cam.process_video(clip)]
+    assert seen == [(i, 2, (512, 944, 3)) for i in range(8)]
+    assert len(list(cam.process_video(str(clip), max_frames=3))) == 3
+
+
+def test_explain_equals_camface_live_for_the_same_frames(tmp_path, clip):
+    snapshots = tmp_path / "snaps"
+    snapshots.mkdir()
+    assert camface_main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--method", "gradcampp",
+                         "--snapshot-every", "1", "--snapshot-dir", str(snapshots)]) == 0
+    live = {}
+    for meta_path in snapshots.glob("*/snapshot.json"):
+        meta = json.loads(meta_path.read_text())
+        live[meta["frame_index"]] = meta["faces"]
+    assert sorted(live) == list(range(8))
+    capture = cv2.VideoCapture(str(clip))
+    with camface.load(device="cpu", method="gradcampp") as api:
+        for index in range(8):
+            ok, frame = capture.read()
+            assert ok
+            result = api.explain(frame)
+            assert [list(f.box) for f in result.faces] == [f["box"] for f in live[index]]
+            for prediction, face in zip(result.predictions, live[index]):
+                np.testing.assert_allclose(prediction.probs, face["probs"], atol=1e-6)
+                assert prediction.predicted == face["predicted"]
+    capture.release()
+
+
+@pytest.mark.parametrize("frame, message", [
+    (np.zeros((64, 64, 3), np.float32), "uint8 BGR .* got dtype float32"),
+    (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\)"),
+    (np.zeros((64, 64, 4), np.uint8), r"got shape \(64, 64, 4\)"),
+    ([[0, 0, 0]], "numpy array.* got list"),
+])
+def test_a_bad_frame_is_a_clear_error(cam, frame, message):
+    with pytest.raises(UsageError, match=message):
+        cam.explain(frame)
+
+
+def test_bad_crops_and_classes_are_clear_errors(cam):
+    with pytest.raises(UsageError, match=r"crops must be uint8 \[N, 64, 64, 1\] \(GRAY\), got uint8 \(2, 64, 64, 3\)"):
+        cam.explain_crops(np.zeros((2, 64, 64, 3), np.uint8))
+    with pytest.raises(UsageError, match="class_index out of range 0..6"):
+        cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), class_index=7)
+    with pytest.raises(UsageError, match="explained_class 9 out of range"):
+        cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=9)
+
+
+def test_a_method_the_graph_lacks_is_a_clear_error(cam, tmp_path):
+    with pytest.raises(ModelError, match=r"emotion.onnx has no 'cam' heatmap \(CAM needs global average pooling"):
+        cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), method="cam")
+    with pytest.raises(ModelError, match="has no 'cam' heatmap"):
+        camface.load(device="cpu", method="cam")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: camface.load("no/such/model.onnx"), ModelError, "CAM graph not found: no/such/model.onnx"),
+    (lambda: camface.load(device="gpu"), UsageError, "--device must be one of"),
+    (lambda: camface.load(alpha=2.0), UsageError, r"--alpha must be in \[0, 1\], got 2.0"),
+    (lambda: camface.load(colour_map="jet"), UsageError, "unknown option colour_map; LiveConfig has"),
+])
+def test_bad_load_arguments_are_clear_errors(call, error, message):
+    with pytest.raises(error, match=message) as caught:
+        call()
+    assert isinstance(caught.value, CamfaceError)
+
+
+def test_a_closed_pipeline_says_so(two_faces):
+    with camface.load(device="cpu") as closed:
+        closed.explain(two_faces)
+    with pytest.raises(UsageError, match="closed"):
+        closed.explain(two_faces)
+
+
+# Run in a fresh process: what other tests left loaded (TensorFlow's allocators and thread pools)
+# moves RSS by tens of MB on its own.
+CYCLES = """
+import ctypes, gc, json, os, sys
+from pathlib import Path
+import cv2
+import camface
+
+frame = cv2.imread(sys.argv[1])
+kept = []  # closed pipelines stay referenced: closing, not garbage collection, must free them
+
+
+def memory_mb():
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed native memory back to the system first
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def cycle():
+    with camface.load(device="cpu") as pipeline:
+        assert len(pipeline.explain(frame).faces) == 2
+    kept.append(pipeline)
+
+
+for _ in range(5):  # first-use allocations (ONNX Runtime, MediaPipe, OpenCV) come first
+    cycle()
+before = (len(os.listdir("/proc/self/fd")), memory_mb())
+for _ in range(50):
+    cycle()
+print(json.dumps({"before": before, "after": (len(os.listdir("/proc/self/fd")), memory_mb())}))
+"""
+
+
+def test_opening_and_closing_50_times_releases_detector_and_graph(two_faces, tmp_path):
+    photo = tmp_path / "two.png"
+    cv2.imwrite(str(photo), two_faces)
+    done = subprocess.run([sys.executable, "-c", CYCLES, str(photo)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    (fds, rss), (fds_after, rss_after) = measured["before"], measured["after"]
+    assert fds_after == fds
+    # one pipeline holds a MediaPipe detector and ONNX Runtime sessions, several MB: 50 of them
+    # kept would be hundreds; allocator noise is a few
+    assert rss_after - rss < 20
