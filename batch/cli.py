@@ -2,7 +2,8 @@
 
 Top-level imports stay light (no ray, cv2 or onnxruntime): `camface --help` imports this.
 Exit codes: 0 every video explained, 1 some failed (see summary.json), 2 bad input or cluster,
-130 interrupted (rerun with --resume).
+3 every video explained but some only in part (a file truncated or damaged: its record says
+"incomplete", frames announced and read, and why), 130 interrupted (rerun with --resume).
 """
 
 from __future__ import annotations
@@ -16,12 +17,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+EXIT_INCOMPLETE = 3  # every video explained, some only up to where their file ends early
+
 SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "smooth", "device",
                   "cam_boxes", "bars", "colormap", "alpha", "graph_threads")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
+
+    parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
+                     f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
+                     "report.md says which, frames announced and read); 130 interrupted (rerun with --resume)")
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="video files, folders of videos, glob patterns (quoted); on a cluster, paths every "
@@ -101,6 +108,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     from camface.batch import cluster, pipeline, segments
     from camface.batch.inputs import find_videos
     from camface.batch.report import write_report
+    from camface.batch.state import describe_incomplete
     from camface.models import EMOTION_ONNX
     from camface.realtime.explainer import check_method
     from camface.realtime.graph import CamGraph
@@ -157,14 +165,18 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                            config.colormap, config.alpha, run_info)
     totals = summary["totals"]
     print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
-          f"{totals['not_finished']} not finished; {frames} frames in {result.wall_s:.1f} s "
+          f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in {result.wall_s:.1f} s "
           f"({run_info['fps']:.0f} fps; Ray start {ray_start_s:.1f} s); report: {args.out / 'report.md'}",
           file=sys.stderr)
     for record in summary["videos"]:
         if record["status"] == "failed":
             print(f"camface batch: failed: {record['path']}: {record.get('reason')}", file=sys.stderr)
+        elif "incomplete" in record:
+            print(f"camface batch: incomplete: {record['path']}: {describe_incomplete(record)}", file=sys.stderr)
     if result.interrupted:
         print(f"camface batch: interrupted; rerun with --resume to finish the {totals['videos'] - totals['done']} "
               "video(s) left", file=sys.stderr)
         return 130
-    return 1 if totals["failed"] else 0
+    if totals["failed"]:
+        return 1
+    return EXIT_INCOMPLETE if totals["incomplete"] else 0

@@ -24,7 +24,7 @@ from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
 from camface.batch.segments import Unit, done_before, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
-from camface.batch.state import DONE, Outputs
+from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import DEFAULTS as LIVE  # the shared options' defaults
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,12 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         result.finished.append(record)
         if bar is not None:
             bar.set_description(f"videos {len(result.finished)}/{len(by_video)}")
+        message = None
         if record["status"] != DONE:
             message = f"camface batch: {record['path']} failed: {record.get('reason')}"
+        elif "incomplete" in record:  # the worker's "ended early" warning stays in the worker's log
+            message = f"camface batch: {record['path']} incomplete: {describe_incomplete(record)}"
+        if message is not None:
             bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
         if on_video is not None:
             on_video(record)

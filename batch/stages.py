@@ -92,6 +92,9 @@ class Detect:
                     faces.append(kept)
                     dropped.append(lost)
                     crops.append(frame_crops)
+            if source.truncated:  # said on the video's record, in the report and on the driver
+                out["incomplete"] = {"frames_announced": source.info.frames,
+                                     "reason": f"file truncated or damaged: {source.truncation}"}
             out.update(frames=len(faces), faces=faces, dropped=dropped,
                        counts=np.array([len(f) for f in faces], np.int64),
                        crops=np.concatenate(crops) if crops else

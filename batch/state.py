@@ -96,8 +96,24 @@ class Outputs:
                 record[key] = out[key]
         if not out["ok"] and path is not None:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
+        if out["ok"] and out.get("incomplete"):
+            record["incomplete"] = incomplete(out["incomplete"], out.get("frames", 0))
         write_json(path or self.record_path(video_id), record)
         return record
+
+
+def incomplete(found: dict, frames_read: int) -> dict:
+    """A record's "incomplete" entry: frames the file announces (None: it does not say), frames
+    read, and why it ended early."""
+    return {"frames_announced": found.get("frames_announced"), "frames_read": int(frames_read),
+            "reason": found.get("reason", "file truncated or damaged")}
+
+
+def describe_incomplete(record: dict) -> str:
+    """'read 17 of 60 announced frames (file truncated or damaged: ...)' for the driver and the report."""
+    entry = record["incomplete"]
+    of = f" of {entry['frames_announced']} announced" if entry.get("frames_announced") else ""
+    return f"read {entry['frames_read']}{of} frames ({entry['reason']})"
 
 
 def write_json(path: Path, value) -> None:
