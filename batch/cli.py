@@ -66,23 +66,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_out_dir(out: Path, resume: bool):
+    """(Outputs, the RunLock held on OUT_DIR): the folder made, writable, not in use by another
+    run, and holding no earlier run's outputs unless resuming."""
+    from camface.batch.owner import RunLock
     from camface.batch.state import Outputs
     from camface.errors import OutputError
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write to output folder {out}: it is a file")
     outputs = Outputs(out)
-    unjoined = outputs.parts.is_dir() and any(outputs.parts.iterdir())
-    if (outputs.records() or unjoined) and not resume:
-        raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
-                          "or choose another folder")
     try:
         outputs.make()
     except OSError as exc:
         raise OutputError(f"cannot create output folder {out}: {exc}") from exc
     if not os.access(out, os.W_OK):
         raise OutputError(f"cannot write to output folder {out}: permission denied")
-    return outputs
+    lock = RunLock(out).acquire()
+    unjoined = outputs.parts.is_dir() and any(outputs.parts.iterdir())
+    if (outputs.records() or unjoined) and not resume:
+        lock.release()
+        raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
+                          "or choose another folder")
+    outputs.owner = lock.owner
+    return outputs, lock
 
 
 def main(args: argparse.Namespace, on_video=None) -> int:
@@ -105,16 +111,25 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         return 2
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    from camface.batch import cluster, pipeline, segments
     from camface.batch.inputs import find_videos
+
+    videos = find_videos(args.inputs)
+    outputs, lock = _check_out_dir(args.out, args.resume)
+    try:
+        return _run(args, config, videos, outputs, lock, on_video)
+    finally:
+        lock.release()  # the run has ended: any worker still alive stops, and writes nothing
+
+
+def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> int:
+    from camface.batch import cluster, pipeline, segments
+    from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
     from camface.batch.state import describe_incomplete
     from camface.models import EMOTION_ONNX
     from camface.realtime.explainer import check_method
     from camface.realtime.graph import CamGraph
 
-    videos = find_videos(args.inputs)
-    outputs = _check_out_dir(args.out, args.resume)
     model = str(Path(config.model).resolve() if config.model else EMOTION_ONNX)
     graph = CamGraph(model, "cpu")  # fail on a bad model before Ray starts; labels for the report
     check_method(graph, config.method)
@@ -123,7 +138,11 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         detector=config.detector, min_confidence=config.min_confidence, margin=config.margin,
         max_faces=config.max_faces, device=config.device, graph_threads=config.graph_threads,
         colormap=config.colormap, alpha=config.alpha, cam_boxes=config.cam_boxes, bars=config.bars,
-        quiet_native=config.quiet_native, smooth=config.smooth)
+        quiet_native=config.quiet_native, smooth=config.smooth, owner=lock.owner.to_dict())
+    if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
+        print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
+              f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
+        time.sleep(ORPHAN_GRACE_S)
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos)
     if args.resume:
@@ -152,8 +171,9 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     finally:
         if started:
             ray.shutdown()
+        outputs.clean_partials()  # nothing of this run is in flight now; a dead run's leftovers go too
     frames = result.frames_run  # of the units run now (a resumed video's earlier segments are not)
-    run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run,
+    run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run, "run": lock.owner.token,
                 "ray_start_s": round(ray_start_s, 3),
                 "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
@@ -165,7 +185,8 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                            config.colormap, config.alpha, run_info)
     totals = summary["totals"]
     print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
-          f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in {result.wall_s:.1f} s "
+          f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in "
+          f"{result.wall_s:.1f} s "
           f"({run_info['fps']:.0f} fps; Ray start {ray_start_s:.1f} s); report: {args.out / 'report.md'}",
           file=sys.stderr)
     for record in summary["videos"]:

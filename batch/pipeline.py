@@ -52,6 +52,7 @@ class BatchJob:
     explained_class: int | None = None
     quiet_native: bool = True
     smooth: float = 0.0
+    owner: dict | None = None  # the run that owns out_dir (`camface.batch.owner.Owner.to_dict`)
 
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
@@ -102,13 +103,13 @@ def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[st
     items = [unit.row() for unit in units]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
     detect = dict(model=job.model, detector=job.detector, min_confidence=job.min_confidence, margin=job.margin,
-                  max_faces=job.max_faces, quiet=job.quiet_native)
+                  max_faces=job.max_faces, quiet=job.quiet_native, owner=job.owner)
     explain = dict(model=job.model, device=job.device if job.device != "auto" or plan.graph_gpus else "cpu",
                    threads=job.graph_threads, method=job.method, explained_class=job.explained_class,
-                   smooth=job.smooth)
+                   smooth=job.smooth, owner=job.owner)
     render = dict(out_dir=job.out_dir, record=job.record, colormap=job.colormap, alpha=job.alpha,
                   cam_boxes=job.cam_boxes, bars=job.bars, method=job.method, explained_class=job.explained_class,
-                  labels=labels, smooth=job.smooth, settings=job.settings())
+                  labels=labels, smooth=job.smooth, settings=job.settings(), owner=job.owner)
     if plan.fused:
         return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
                       fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))

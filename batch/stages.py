@@ -53,6 +53,15 @@ def _single_threaded_opencv() -> None:
     cv2.setNumThreads(1)
 
 
+def _watch_owner(owner: dict | None) -> None:
+    """This actor's process ends once its run no longer owns OUT_DIR (its driver was killed,
+    or a --resume took over): orphans neither write nor hold CPUs (`camface.batch.owner`)."""
+    from camface.batch.owner import Owner
+
+    if owner is not None:
+        Owner.of(owner).watch()
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -63,11 +72,12 @@ class Detect:
     uint8 [total faces, H, W, C] (the graph's input), counts int [frames] (faces kept)."""
 
     def __init__(self, model: str, detector: str, min_confidence: float, margin: float, max_faces: int,
-                 quiet: bool = True, info=None):
+                 quiet: bool = True, info=None, owner: dict | None = None):
         from camface.models import DETECTORS
         from camface.realtime.detect import FaceDetector
         from camface.realtime.graph import CamGraph
 
+        _watch_owner(owner)
         _single_threaded_opencv()
         self.info = info or CamGraph(model, "cpu").info  # input size and colour order of the crops
         self.margin, self.max_faces = margin, max_faces
@@ -116,10 +126,11 @@ class Explain:
     h, w], class_index int64 [total faces], graph_calls, provider, graph_node."""
 
     def __init__(self, model: str, device: str, threads: int, method: str, explained_class: int | None,
-                 smooth: float = 0.0):
+                 smooth: float = 0.0, owner: dict | None = None):
         from camface.realtime.explainer import check_method
         from camface.realtime.graph import CamGraph
 
+        _watch_owner(owner)
         self.graph = CamGraph(model, device, threads=threads)
         check_method(self.graph, method)
         self.method, self.explained_class, self.smooth = method, explained_class, smooth
@@ -156,18 +167,21 @@ class Render:
 
     def __init__(self, out_dir: str, record: bool, colormap: str, alpha: float, cam_boxes: bool, bars: bool,
                  method: str, explained_class: int | None, labels: tuple[str, ...], smooth: float = 0.0,
-                 settings: dict | None = None):
+                 settings: dict | None = None, owner: dict | None = None):
+        from camface.batch.owner import Owner
         from camface.batch.state import Outputs
         from camface.realtime.render import Renderer
 
+        _watch_owner(owner)
         _single_threaded_opencv()
-        self.outputs = Outputs(out_dir)
+        self.outputs = Outputs(out_dir, Owner.of(owner))  # files published only while the run owns OUT_DIR
         self.record = record
         self.renderer = Renderer(colormap, alpha, cam_boxes, bars)
         self.method, self.explained_class, self.labels = method, explained_class, tuple(labels)
         self.smooth, self.settings = smooth, settings or {}
 
     def __call__(self, row: dict) -> dict:
+        from camface.batch.owner import Superseded
         from camface.batch.segments import part_paths
         from camface.batch.state import write_video_outputs
 
@@ -183,6 +197,8 @@ class Render:
             try:
                 write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,
                                     self.method, self.explained_class, self.labels, self.smooth, paths)
+            except Superseded:
+                raise  # no record either
             except Exception as exc:
                 out.update(ok=False, error=_reason(exc), stage="render")
         out["render_s"] = time.perf_counter() - start

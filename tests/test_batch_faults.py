@@ -98,3 +98,126 @@ def test_a_failed_video_outranks_an_incomplete_one(ray_cluster, cut_clips, tmp_p
     assert batch(argv) == 1
     totals = json.loads((tmp_path / "out" / "summary.json").read_text())["totals"]
     assert totals["failed"] == 1 and totals["incomplete"] == 1
+
+
+# ------------------------------------------------------------------ a killed driver, its workers, a resume
+
+
+def test_one_run_at_a_time_per_output_folder(tmp_path):
+    from camface.batch.owner import RunLock
+    from camface.errors import OutputError
+
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(OutputError, match=rf"{tmp_path} is in use by another camface batch run \(pid \d+ on "):
+        RunLock(tmp_path).acquire()
+    first.release()
+    second = RunLock(tmp_path).acquire()  # free again; the first ended cleanly, so no grace wait
+    assert second.earlier is None and second.owner.token != first.owner.token
+    second.release()
+
+
+def _driver(tmp_path):
+    """A process that takes OUT_DIR and dies with SIGKILL when the test says: (process, Owner)."""
+    import subprocess
+    import sys
+
+    from camface.batch.owner import Owner
+
+    code = ("import sys, time; from camface.batch.owner import RunLock; "
+            "lock = RunLock(sys.argv[1]).acquire(); print(lock.owner.token, flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    token = process.stdout.readline().strip()
+    info = json.loads((tmp_path / ".camface-run.json").read_text())
+    assert info["token"] == token and info["pid"] == process.pid
+    return process, Owner(info["path"], token, info["pid"], info["host"])
+
+
+def test_a_worker_of_a_killed_driver_publishes_nothing(tmp_path):
+    from camface.batch.owner import RunLock, Superseded
+    from camface.batch.state import Outputs, write_json
+
+    driver, owner = _driver(tmp_path)
+    outputs = Outputs(tmp_path, owner)
+    outputs.make()
+    write_json(outputs.record_path("a"), {"status": "done"}, outputs.publish)  # the driver lives: published
+    driver.kill()
+    driver.wait()
+    with pytest.raises(Superseded, match=rf"its driver \(pid {driver.pid}\) is dead"):
+        write_json(outputs.record_path("b"), {"status": "done"}, outputs.publish)
+    assert sorted(p.name for p in outputs.state.iterdir()) == ["a.json"]  # no temporary file left either
+    resume = RunLock(tmp_path).acquire()  # the kernel dropped the dead driver's lock
+    assert resume.earlier["token"] == owner.token  # it never released: the resume gives its workers time
+    with pytest.raises(Superseded, match="another run owns the output folder now"):
+        owner.check()
+    resume.release()
+
+
+def test_a_worker_process_ends_when_its_driver_dies(tmp_path):
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    driver, owner = _driver(tmp_path)
+    code = ("import sys, json, time; from camface.batch.owner import Owner; "
+            "Owner(**json.loads(sys.argv[1])).watch(); print('watching', flush=True); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(owner))], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "watching"
+        assert worker.poll() is None
+        driver.kill()
+        driver.wait()
+        _, err = worker.communicate(timeout=60)  # without the watcher: killed after 60 s, and fails
+        assert worker.returncode == 3 and f"stopping: its driver (pid {driver.pid}) is dead" in err
+    finally:
+        for process in (worker, driver):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_sigkill_of_the_driver_then_resume_at_once_nothing_written_by_the_old_run(ray_cluster, tmp_path):
+    """The driver as users run it, joined to the session's cluster, SIGKILLed while its workers
+    are busy, then a --resume started at once: the old run's workers write nothing after the
+    kill (every record is one the old run had published before it, or the resume's own), no
+    temporary file is left, every video is done once."""
+    import signal
+    import subprocess
+    import sys
+
+    from camface.realtime.sample import SampleSource
+    from tests.realtime_helpers import write_clip
+    from tests.test_batch import rows_of, wait_for
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    sample = SampleSource(frames=6 * 40, size=(320, 240))
+    for k in range(6):
+        write_clip(folder / f"clip{k}.mp4", [sample.frame(k * 40 + i) for i in range(40)])
+    out = tmp_path / "out"
+    camface = Path(sys.executable).with_name("camface")
+    argv = [str(camface), "batch", str(folder), "-o", str(out), "--device", "cpu", "--graph-gpus", "0",
+            "--no-progress", "--segment-frames", "0", "--address", ray_cluster["address"]]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: any((out / "state").glob("[!.]*.json")), run)
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    before = {p.name: p.read_text() for p in (out / "state").glob("[!.]*.json")}
+    old = json.loads((out / ".camface-run.json").read_text())["token"]
+
+    resume = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr
+    assert "ended without releasing" in resume.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    new = summary["run"]["run"]
+    assert new != old and [r["status"] for r in summary["videos"]] == ["done"] * 6
+    for path in (out / "state").glob("[!.]*.json"):
+        record = json.loads(path.read_text())
+        assert path.read_text() == before.get(path.name) or record["run"] == new, (path.name, record["run"])
+    assert not list(out.rglob(".*.tmp*"))
+    assert json.loads((out / ".camface-run.json").read_text())["token"] is None  # released
+    for record in summary["videos"]:
+        table = rows_of(out, record["video"])
+        keys = list(zip(table.column("frame").to_pylist(), table.column("face").to_pylist()))
+        assert len(set(keys)) == len(keys) == record["faces_total"]
