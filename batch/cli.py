@@ -18,6 +18,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EXIT_INCOMPLETE = 3  # every video explained, some only up to where their file ends early
+# Resident memory per actor, measured with the bundled emotion model on 320x240 clips (peak RSS:
+# whole pipeline 486 MiB, detect 396, graph on CPU 345, render 325; the driver 303; a local Ray's
+# own processes ~1 GB). A unit's crops and heatmaps (~4.5 kB per face per frame) come on top.
+STAGE_MEMORY_GB = {"whole": 0.5, "detect": 0.4, "graph": 0.35, "render": 0.35}
 
 SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "smooth", "device",
                   "cam_boxes", "bars", "colormap", "alpha", "graph_threads")
@@ -28,7 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
                      f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
-                     "report.md says which, frames announced and read); 130 interrupted (rerun with --resume)")
+                     "report.md says which, frames announced and read); 130 interrupted (rerun with --resume). "
+                     f"Memory: ~{STAGE_MEMORY_GB['whole']} GB per worker (--detect-actors caps them), ~0.3 GB for "
+                     "this driver, ~1 GB for a local Ray's own processes")
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="video files, folders of videos, glob patterns (quoted); on a cluster, paths every "
@@ -45,13 +51,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-gpus", type=float, default=None, metavar="F",
                         help="GPUs per graph actor (fractions share one GPU); default: 1 if the cluster has a "
                              "GPU, else 0 (CPU)")
-    parser.add_argument("--graph-actors", type=int, default=1, metavar="N", help="CAM graph actors")
+    parser.add_argument("--graph-actors", type=int, default=1, metavar="N",
+                        help=f"CAM graph actors (separate stages only; ~{STAGE_MEMORY_GB['graph']} GB each)")
     parser.add_argument("--detect-actors", type=int, default=0, metavar="N",
-                        help="detection actors (one MediaPipe detector each); 0 = the CPUs left over, at most "
-                             "one per video")
+                        help="the most workers running at once: where one actor runs every stage (the default "
+                             f"without a GPU) those actors, ~{STAGE_MEMORY_GB['whole']} GB of memory each; with "
+                             f"separate stages the detection actors (~{STAGE_MEMORY_GB['detect']} GB each). Lower N "
+                             "where memory is short. 0 = one per CPU (with --split-stages: the CPUs left over), at "
+                             "most one per unit")
     parser.add_argument("--render-actors", type=int, default=0, metavar="N",
-                        help="render + encode actors (separate stages only); 0 = 0.375 per CPU when recording, "
-                             "1/16 per CPU without")
+                        help=f"render + encode actors (separate stages only; ~{STAGE_MEMORY_GB['render']} GB "
+                             "each); 0 = 0.375 per CPU when recording, 1/16 per CPU without")
     parser.add_argument("--split-stages", action=argparse.BooleanOptionalAction, default=None,
                         help="run detection, the graph and rendering in separate actor pools; default: when the "
                              "graph gets GPUs (else one actor per CPU runs all three on whole videos)")
