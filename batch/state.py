@@ -6,6 +6,7 @@
   OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
   OUT_DIR/parts/<id>/            a segmented video's parts while it is in work (`camface.batch.segments`)
   OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
+  OUT_DIR/.camface-run.lock, .camface-run.json    the run that owns OUT_DIR (camface.batch.owner)
 
 Every file is written under a temporary name starting with "." (which Parquet readers skip)
 and renamed into place, the record last: a video counts as finished only when its record
@@ -104,6 +105,7 @@ class Outputs:
         `path`, a segment's part record."""
         record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
         if self.owner is not None:
+            self.owner.check()  # before anything is removed, too
             record["run"] = self.owner.token  # which run wrote it
         if not out["ok"] and path is None:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
