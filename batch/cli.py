@@ -2,7 +2,8 @@
 
 Top-level imports stay light (no ray, cv2 or onnxruntime): `camface --help` imports this.
 Exit codes: 0 every video explained, 1 some failed (see summary.json), 2 bad input or cluster,
-130 interrupted (rerun with --resume).
+3 every video explained but some only in part (a file truncated or damaged: its record says
+"incomplete", frames announced and read, and why), 130 interrupted (rerun with --resume).
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+EXIT_INCOMPLETE = 3  # every video explained, some only up to where their file ends early
+# Resident memory per actor, measured with the bundled emotion model on 320x240 clips (peak RSS:
+# whole pipeline 486 MiB, detect 396, graph on CPU 345, render 325; the driver 303; a local Ray's
+# own processes ~1 GB). A unit's crops and heatmaps (~4.5 kB per face per frame) come on top.
+STAGE_MEMORY_GB = {"whole": 0.5, "detect": 0.4, "graph": 0.35, "render": 0.35}
+
 SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "smooth", "device",
                   "cam_boxes", "bars", "colormap", "alpha", "graph_threads", "detect_every")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
+
+    parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
+                     f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
+                     "report.md says which, frames announced and read); 130 interrupted (rerun with --resume). "
+                     f"Memory: ~{STAGE_MEMORY_GB['whole']} GB per worker (--detect-actors caps them), ~0.3 GB for "
+                     "this driver, ~1 GB for a local Ray's own processes")
 
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="video files, folders of videos, glob patterns (quoted); on a cluster, paths every "
@@ -38,13 +51,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-gpus", type=float, default=None, metavar="F",
                         help="GPUs per graph actor (fractions share one GPU); default: 1 if the cluster has a "
                              "GPU, else 0 (CPU)")
-    parser.add_argument("--graph-actors", type=int, default=1, metavar="N", help="CAM graph actors")
+    parser.add_argument("--graph-actors", type=int, default=1, metavar="N",
+                        help=f"CAM graph actors (separate stages only; ~{STAGE_MEMORY_GB['graph']} GB each)")
     parser.add_argument("--detect-actors", type=int, default=0, metavar="N",
-                        help="detection actors (one MediaPipe detector each); 0 = the CPUs left over, at most "
-                             "one per video")
+                        help="the most workers running at once: where one actor runs every stage (the default "
+                             f"without a GPU) those actors, ~{STAGE_MEMORY_GB['whole']} GB of memory each; with "
+                             f"separate stages the detection actors (~{STAGE_MEMORY_GB['detect']} GB each). Lower N "
+                             "where memory is short. 0 = one per CPU (with --split-stages: the CPUs left over), at "
+                             "most one per unit")
     parser.add_argument("--render-actors", type=int, default=0, metavar="N",
-                        help="render + encode actors (separate stages only); 0 = 0.375 per CPU when recording, "
-                             "1/16 per CPU without")
+                        help=f"render + encode actors (separate stages only; ~{STAGE_MEMORY_GB['render']} GB "
+                             "each); 0 = 0.375 per CPU when recording, 1/16 per CPU without")
     parser.add_argument("--split-stages", action=argparse.BooleanOptionalAction, default=None,
                         help="run detection, the graph and rendering in separate actor pools; default: when the "
                              "graph gets GPUs (else one actor per CPU runs all three on whole videos)")
@@ -59,23 +76,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_out_dir(out: Path, resume: bool):
+    """(Outputs, the RunLock held on OUT_DIR): the folder made, writable, not in use by another
+    run, and holding no earlier run's outputs unless resuming."""
+    from camface.batch.owner import RunLock
     from camface.batch.state import Outputs
     from camface.errors import OutputError
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write to output folder {out}: it is a file")
     outputs = Outputs(out)
-    unjoined = outputs.parts.is_dir() and any(outputs.parts.iterdir())
-    if (outputs.records() or unjoined) and not resume:
-        raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
-                          "or choose another folder")
     try:
         outputs.make()
     except OSError as exc:
         raise OutputError(f"cannot create output folder {out}: {exc}") from exc
     if not os.access(out, os.W_OK):
         raise OutputError(f"cannot write to output folder {out}: permission denied")
-    return outputs
+    lock = RunLock(out).acquire()
+    unjoined = outputs.parts.is_dir() and any(outputs.parts.iterdir())
+    if (outputs.records() or unjoined) and not resume:
+        lock.release()
+        raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
+                          "or choose another folder")
+    outputs.owner = lock.owner
+    return outputs, lock
 
 
 def main(args: argparse.Namespace, on_video=None) -> int:
@@ -92,18 +115,33 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                          "state from frame to frame through the whole video")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    from camface.batch import cluster, pipeline, segments
     from camface.batch.inputs import find_videos
-    from camface.batch.report import write_report
-    from camface.api import load
 
     videos = find_videos(args.inputs)
-    outputs = _check_out_dir(args.out, args.resume)
+    outputs, lock = _check_out_dir(args.out, args.resume)
+    try:
+        return _run(args, config, videos, outputs, lock, on_video)
+    finally:
+        lock.release()  # the run has ended: any worker still alive stops, and writes nothing
+
+
+def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> int:
+    from camface.batch import cluster, pipeline, segments
+    from camface.batch.owner import ORPHAN_GRACE_S
+    from camface.batch.report import write_report
+    from camface.api import load
+    from camface.batch.state import describe_incomplete
+
     with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
         graph, model = opened.graph, str(opened.model_path.resolve())
         config = config.replace(method=opened.config.method)  # "auto" -> a heatmap
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
-                            config=config.replace(model=Path(model)), record=args.record)
+                            config=config.replace(model=Path(model)), record=args.record,
+                            owner=lock.owner.to_dict())
+    if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
+        print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
+              f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
+        time.sleep(ORPHAN_GRACE_S)
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos)
     if args.resume:
@@ -132,8 +170,9 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     finally:
         if started:
             ray.shutdown()
+        outputs.clean_partials()  # nothing of this run is in flight now; a dead run's leftovers go too
     frames = result.frames_run  # of the units run now (a resumed video's earlier segments are not)
-    run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run,
+    run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run, "run": lock.owner.token,
                 "ray_start_s": round(ray_start_s, 3),
                 "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
@@ -145,14 +184,19 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                            config.colormap, config.alpha, run_info)
     totals = summary["totals"]
     print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
-          f"{totals['not_finished']} not finished; {frames} frames in {result.wall_s:.1f} s "
+          f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in "
+          f"{result.wall_s:.1f} s "
           f"({run_info['fps']:.0f} fps; Ray start {ray_start_s:.1f} s); report: {args.out / 'report.md'}",
           file=sys.stderr)
     for record in summary["videos"]:
         if record["status"] == "failed":
             print(f"camface batch: failed: {record['path']}: {record.get('reason')}", file=sys.stderr)
+        elif "incomplete" in record:
+            print(f"camface batch: incomplete: {record['path']}: {describe_incomplete(record)}", file=sys.stderr)
     if result.interrupted:
         print(f"camface batch: interrupted; rerun with --resume to finish the {totals['videos'] - totals['done']} "
               "video(s) left", file=sys.stderr)
         return 130
-    return 1 if totals["failed"] else 0
+    if totals["failed"]:
+        return 1
+    return EXIT_INCOMPLETE if totals["incomplete"] else 0

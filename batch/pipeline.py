@@ -24,7 +24,7 @@ from camface.batch.cluster import Plan
 from camface.batch.inputs import Video
 from camface.batch.segments import Unit, done_before, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
-from camface.batch.state import DONE, Outputs
+from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class BatchJob:
     config: LiveConfig
     record: bool = True
     explained_class: int | None = None
+    owner: dict | None = None  # the run that owns out_dir (`camface.batch.owner.Owner.to_dict`)
 
     @property
     def model(self) -> str:
@@ -95,11 +96,11 @@ def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[st
     items = [unit.row() for unit in units]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
     cfg = job.config
-    detect = dict(config=cfg)
+    detect = dict(config=cfg, owner=job.owner)
     explain = dict(config=cfg.replace(device=cfg.device if cfg.device != "auto" or plan.graph_gpus else "cpu"),
-                   explained_class=job.explained_class)
+                   explained_class=job.explained_class, owner=job.owner)
     render = dict(out_dir=job.out_dir, record=job.record, config=cfg, explained_class=job.explained_class,
-                  labels=labels, settings=job.settings())
+                  labels=labels, settings=job.settings(), owner=job.owner)
     if plan.fused:
         return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
                       fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))
@@ -146,8 +147,12 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         result.finished.append(record)
         if bar is not None:
             bar.set_description(f"videos {len(result.finished)}/{len(by_video)}")
+        message = None
         if record["status"] != DONE:
             message = f"camface batch: {record['path']} failed: {record.get('reason')}"
+        elif "incomplete" in record:  # the worker's "ended early" warning stays in the worker's log
+            message = f"camface batch: {record['path']} incomplete: {describe_incomplete(record)}"
+        if message is not None:
             bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
         if on_video is not None:
             on_video(record)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camface.batch.state import DONE, Outputs, write_json
+from camface.batch.state import DONE, Outputs, describe_incomplete, write_json
 from camface.color_order import ColorOrder
 
 PICTURE_SIDE = 256  # pixels of each class picture
@@ -80,6 +80,7 @@ def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order:
         "videos": rows,
         "totals": {"videos": len(rows), "done": len(done_ids), "failed": sum(r["status"] == "failed" for r in rows),
                    "not_finished": sum(r["status"] == "not finished" for r in rows),
+                   "incomplete": sum(r["status"] == DONE and "incomplete" in r for r in rows),
                    "frames": int(sum(r.get("frames", 0) for r in rows if r["status"] == DONE)),
                    "faces": total_faces},
         "method": method, "labels": list(labels), "classes": classes, "run": run,
@@ -93,7 +94,8 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
     totals, labels = summary["totals"], summary["labels"]
     lines = ["# camface batch report", "",
              f"{totals['done']} of {totals['videos']} videos explained ({totals['failed']} failed, "
-             f"{totals['not_finished']} not finished), {totals['frames']} frames, {totals['faces']} faces; "
+             f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete), {totals['frames']} frames, "
+             f"{totals['faces']} faces; "
              f"heatmaps: {summary['method']}.", "",
              "## Videos", "", "| video | frames | faces | class shares | status |", "|---|---|---|---|---|"]
     for r in summary["videos"]:
@@ -102,6 +104,8 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
         shares = ", ".join(f"{name} {n / faces:.0%}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) \
             if faces else ""
         status = r["status"] if r["status"] != "failed" else f"failed: {r.get('reason', '')}"
+        if r["status"] == DONE and "incomplete" in r:
+            status = f"incomplete: {describe_incomplete(r)}"
         lines.append(f"| {r['video']} | {r.get('frames', '')} | {faces if r['status'] == DONE else ''} | "
                      f"{shares} | {status} |")
     lines += ["", "## Where the classifier looked, per class",
@@ -113,6 +117,10 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
         if "picture" in entry:
             lines += ["", f"![{label}]({entry['picture']})"]
         lines.append("")
+    cut = [r for r in summary["videos"] if r["status"] == DONE and "incomplete" in r]
+    if cut:
+        lines += ["## Incomplete (explained up to where the file ends early)", ""] + \
+            [f"- {r['path']}: {describe_incomplete(r)}" for r in cut] + [""]
     if failed:
         lines += ["## Not explained", ""] + [f"- {r['path']}: {r.get('reason', r['status'])}" for r in failed]
     path.write_text("\n".join(lines) + "\n")

@@ -222,6 +222,9 @@ def _join(outputs, units, parts, labels, record_video, out, atomic_path) -> None
     out["started_at"] = min(p.get("started_at", float("inf")) for p in parts)
     out["finished_at"] = max(p.get("finished_at", 0.0) for p in parts)
     out["segments"] = len(units)
+    cut = next((p["incomplete"] for p in parts if p.get("incomplete")), None)
+    if cut is not None:  # the segment that met the file's early end; frames read: of all segments
+        out["incomplete"] = {"frames_announced": cut.get("frames_announced"), "reason": cut.get("reason")}
 
 
 def _read_rows(path: Path):

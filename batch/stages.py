@@ -54,6 +54,15 @@ def _single_threaded_opencv() -> None:
     cv2.setNumThreads(1)
 
 
+def _watch_owner(owner: dict | None) -> None:
+    """This actor's process ends once its run no longer owns OUT_DIR (its driver was killed,
+    or a --resume took over): orphans neither write nor hold CPUs (`camface.batch.owner`)."""
+    from camface.batch.owner import Owner
+
+    if owner is not None:
+        Owner.of(owner).watch()
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -68,10 +77,11 @@ class Detect:
     the key frame at or before s and keeps frames s.. only, so its boxes are the whole video's
     (and live's)."""
 
-    def __init__(self, config, info=None):
+    def __init__(self, config, info=None, owner: dict | None = None):
         from camface.api import face_detector
         from camface.realtime.graph import CamGraph
 
+        _watch_owner(owner)
         _single_threaded_opencv()
         self.info = info or CamGraph(config.model, "cpu").info  # input size and colour order of the crops
         self.margin, self.max_faces = config.margin, config.max_faces
@@ -103,6 +113,9 @@ class Detect:
                     faces.append(kept)
                     dropped.append(lost)
                     crops.append(frame_crops)
+            if source.truncated:  # said on the video's record, in the report and on the driver
+                out["incomplete"] = {"frames_announced": source.info.frames,
+                                     "reason": f"file truncated or damaged: {source.truncation}"}
             out.update(frames=len(faces), faces=faces, dropped=dropped,
                        counts=np.array([len(f) for f in faces], np.int64),
                        crops=np.concatenate(crops) if crops else
@@ -123,10 +136,11 @@ class Explain:
     """payload -> payload + probs float32 [total faces, classes], heatmaps float32 [total faces,
     h, w], class_index int64 [total faces], graph_calls, provider, graph_node."""
 
-    def __init__(self, config, explained_class: int | None = None):
+    def __init__(self, config, explained_class: int | None = None, owner: dict | None = None):
         from camface.realtime.explainer import check_method
         from camface.realtime.graph import CamGraph
 
+        _watch_owner(owner)
         self.graph = CamGraph(config.model, config.device, threads=config.graph_threads)
         check_method(self.graph, config.method)
         self.method, self.explained_class, self.smooth = config.method, explained_class, config.smooth
@@ -162,18 +176,21 @@ class Render:
     unit's row as JSON), record (JSON)}."""
 
     def __init__(self, out_dir: str, record: bool, config, explained_class: int | None, labels: tuple[str, ...],
-                 settings: dict | None = None):
+                 settings: dict | None = None, owner: dict | None = None):
+        from camface.batch.owner import Owner
         from camface.batch.state import Outputs
         from camface.realtime.render import Renderer
 
+        _watch_owner(owner)
         _single_threaded_opencv()
-        self.outputs = Outputs(out_dir)
+        self.outputs = Outputs(out_dir, Owner.of(owner))  # files published only while the run owns OUT_DIR
         self.record = record
         self.renderer = Renderer.from_config(config)
         self.method, self.explained_class, self.labels = config.method, explained_class, tuple(labels)
         self.smooth, self.settings = config.smooth, settings or {}
 
     def __call__(self, row: dict) -> dict:
+        from camface.batch.owner import Superseded
         from camface.batch.segments import part_paths
         from camface.batch.state import write_video_outputs
 
@@ -189,6 +206,8 @@ class Render:
             try:
                 write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,
                                     self.method, self.explained_class, self.labels, self.smooth, paths)
+            except Superseded:
+                raise  # no record either
             except Exception as exc:
                 out.update(ok=False, error=_reason(exc), stage="render")
         out["render_s"] = time.perf_counter() - start

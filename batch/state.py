@@ -6,6 +6,7 @@
   OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
   OUT_DIR/parts/<id>/            a segmented video's parts while it is in work (`camface.batch.segments`)
   OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
+  OUT_DIR/.camface-run.lock, .camface-run.json    the run that owns OUT_DIR (camface.batch.owner)
 
 Every file is written under a temporary name starting with "." (which Parquet readers skip)
 and renamed into place, the record last: a video counts as finished only when its record
@@ -31,12 +32,31 @@ def atomic_path(final: Path) -> Path:
 
 
 class Outputs:
-    """Paths under OUT_DIR (see the module doc)."""
+    """Paths under OUT_DIR (see the module doc). owner: the run that owns OUT_DIR
+    (`camface.batch.owner.Owner`); given, every file is published only while it still does."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, owner=None):
         self.root = Path(out_dir)
+        self.owner = owner
         self.videos, self.rows, self.state = self.root / "videos", self.root / "rows", self.root / "state"
         self.parts = self.root / "parts"
+
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Rename a finished temporary file into place, if this run still owns OUT_DIR (a
+        worker of a killed driver raises Superseded instead, and its file is never seen)."""
+        if self.owner is not None:
+            self.owner.check()
+        os.replace(tmp, final)
+
+    def write(self, final: Path, write) -> None:
+        """`write(tmp)` a temporary file beside `final`, then publish it; no temporary file
+        is left behind either way."""
+        tmp = atomic_path(final)
+        try:
+            write(tmp)
+            self.publish(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def make(self) -> None:
         for folder in (self.videos, self.rows, self.state):
@@ -84,6 +104,9 @@ class Outputs:
         """The video's record (done or failed) from a Render payload, written last; or, with
         `path`, a segment's part record."""
         record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
+        if self.owner is not None:
+            self.owner.check()  # before anything is removed, too
+            record["run"] = self.owner.token  # which run wrote it
         if not out["ok"] and path is None:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
             for stale in (self.video(video_id), self.parquet(video_id), self.sums_path(video_id)):
@@ -96,14 +119,33 @@ class Outputs:
                 record[key] = out[key]
         if not out["ok"] and path is not None:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
-        write_json(path or self.record_path(video_id), record)
+        if out["ok"] and out.get("incomplete"):
+            record["incomplete"] = incomplete(out["incomplete"], out.get("frames", 0))
+        write_json(path or self.record_path(video_id), record, self.publish)
         return record
 
 
-def write_json(path: Path, value) -> None:
+def incomplete(found: dict, frames_read: int) -> dict:
+    """A record's "incomplete" entry: frames the file announces (None: it does not say), frames
+    read, and why it ended early."""
+    return {"frames_announced": found.get("frames_announced"), "frames_read": int(frames_read),
+            "reason": found.get("reason", "file truncated or damaged")}
+
+
+def describe_incomplete(record: dict) -> str:
+    """'read 17 of 60 announced frames (file truncated or damaged: ...)' for the driver and the report."""
+    entry = record["incomplete"]
+    of = f" of {entry['frames_announced']} announced" if entry.get("frames_announced") else ""
+    return f"read {entry['frames_read']}{of} frames ({entry['reason']})"
+
+
+def write_json(path: Path, value, publish=os.replace) -> None:
     tmp = atomic_path(path)
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2))
+        publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, method: str,
@@ -131,12 +173,10 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
         results = [smoother.update(result) for result in results]
     if renderer is not None and results:  # a segment past the file's real end has none
         video = outputs.video(video_id) if paths is None else paths["video"]
-        out["video_file"] = str(_write_video(video, out, results, renderer))
+        out["video_file"] = str(_write_video(video, out, results, renderer, outputs.publish))
     table = build_rows(video_id, out["path"], out["fps"], results)
     final = outputs.parquet(video_id) if paths is None else paths["rows"]
-    tmp = atomic_path(final)
-    write_parquet(table, tmp)
-    os.replace(tmp, final)
+    outputs.write(final, lambda tmp: write_parquet(table, tmp))
     out["rows_file"] = str(final)
     # Per explained class: normalised heatmaps (display normalisation, [0, 1]) and crops, summed.
     classes = len(labels)
@@ -149,16 +189,14 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
     if heat is not None:
         sums["heatmap_sum"] = np.stack([heat[explained == k].sum(axis=0) for k in range(classes)])
     final = outputs.sums_path(video_id) if paths is None else paths["sums"]
-    tmp = atomic_path(final)
-    np.savez(tmp, **sums)
-    os.replace(tmp, final)
+    outputs.write(final, lambda tmp: np.savez(tmp, **sums))
     out["frames"] = int(out["frames"])
     out["faces_total"] = int(counts.sum())
     out["dropped_total"] = int(np.sum(out["dropped"]))
     out["class_counts"] = {labels[k]: int(n) for k, n in enumerate(sums["count"]) if n}
 
 
-def _write_video(final: Path, out: dict, results, renderer) -> Path:
+def _write_video(final: Path, out: dict, results, renderer, publish=os.replace) -> Path:
     """Decode the video again, draw each frame's result, encode with the live loop's sink."""
     from camface.errors import SourceError
     from camface.realtime.sinks import VideoSink
@@ -175,7 +213,7 @@ def _write_video(final: Path, out: dict, results, renderer) -> Path:
                 written += 1
         if written != len(results):
             raise SourceError(f"{out['path']}: {written} frames decoded for drawing, {len(results)} detected")
-        os.replace(tmp, final)
+        publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final

@@ -95,8 +95,8 @@ class VideoFileSource:
     the seek lands elsewhere; a range past the file's end gives no frame and no error).
 
     A file that ends early (truncated, damaged; a recording whose writer was killed) stops at
-    its last good frame with one warning; `truncated` then is True and `frames_read` says how
-    far it got. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
+    its last good frame with one warning; `truncated` then is True, `frames_read` says how
+    far it got and `truncation` why. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
     is read up to its last complete fragment.
     """
 
@@ -107,13 +107,14 @@ class VideoFileSource:
         self.start, self.stop = start, stop
         self.frames_read = 0
         self.truncated = False
+        self.truncation: str | None = None  # why, when truncated
         self._capture = None
         self._prefix = None
 
     def __enter__(self) -> "VideoFileSource":
         if not self.path.is_file():
             raise SourceError(f"video file not found: {self.path}")
-        self.frames_read, self.truncated = 0, False  # per pass: --loop enters again
+        self.frames_read, self.truncated, self.truncation = 0, False, None  # per pass: --loop enters again
         self._capture = capture = self._open()
         fps = capture.get(cv2.CAP_PROP_FPS)
         if not _valid_fps(fps):
@@ -133,10 +134,10 @@ class VideoFileSource:
                 int(self._capture.get(cv2.CAP_PROP_POS_FRAMES)) == start:
             return
         log.debug("%s: seeking to frame %d missed; reading up to it", self.path, start)
-        truncated = self.truncated
+        truncated, truncation = self.truncated, self.truncation
         self.__exit__()
         self._capture = self._open()
-        self.truncated = truncated
+        self.truncated, self.truncation = truncated, truncation
         for _ in range(start):
             if not self._capture.grab():
                 break
@@ -160,6 +161,8 @@ class VideoFileSource:
                 capture = None
             if capture is not None and capture.isOpened():
                 self.truncated = True
+                self.truncation = (f"it ends inside an MP4 box: only its first {length} of "
+                                   f"{self.path.stat().st_size} bytes are readable")
                 log.warning("%s is cut short (it ends inside an MP4 box); reading its first %d of %d bytes",
                             self.path, length, self.path.stat().st_size)
                 return capture
@@ -192,6 +195,7 @@ class VideoFileSource:
             expected = max(0, min(expected, self.stop or expected) - self.start)
         if self.truncated or (expected and self.frames_read < expected):
             self.truncated = True
+            self.truncation = self.truncation or "fewer frames decode than its header announces"
             of = f" of {expected}" if expected and expected > self.frames_read else ""
             log.warning("%s ended early: read %d%s frames (file truncated or damaged)",
                         self.path, self.frames_read, of)

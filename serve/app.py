@@ -29,6 +29,7 @@ __all__ = ["ServeOptions", "ServeState", "create_app"]
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+CLOSE_WAIT_S = 2.0  # for the close frame to go out; a client that does not read may never take it
 
 
 # ------------------------------------------------------------------ checks
@@ -141,18 +142,27 @@ def create_app(state: ServeState):
         state._loops[session.id] = (loop, outbox)
         state.add(session)
         sender = asyncio.create_task(_send(ws, state, session, outbox))
-        graph = state.graph
+        receiver = None
+        graph, options = state.graph, state.options
         try:
-            await ws.send_json({"type": "hello", "client": session.id, "methods": list(graph.methods),
-                                "method": session.controls.method, "labels": list(graph.info.labels),
-                                "provider": graph.provider, "smooth": session.explainer.smoother is not None,
-                                "limits": {"message_bytes": protocol.MAX_MESSAGE_BYTES,
-                                           "side": protocol.MAX_SIDE}})
-            await _receive(ws, state, session)
+            await _timed_send(ws.send_json({
+                "type": "hello", "client": session.id, "methods": list(graph.methods),
+                "method": session.controls.method, "labels": list(graph.info.labels), "provider": graph.provider,
+                "smooth": session.explainer.smoother is not None,
+                "limits": {"message_bytes": protocol.MAX_MESSAGE_BYTES, "side": protocol.MAX_SIDE,
+                           "idle_timeout_s": options.idle_timeout_s, "send_timeout_s": options.send_timeout_s}}),
+                options.send_timeout_s)
+            # whichever ends first ends the client: it left, sent a bad message or nothing for
+            # too long (receiver), or did not read its frames (sender)
+            receiver = asyncio.create_task(_receive(ws, state, session))
+            await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (receiver, sender):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
         except ProtocolError as exc:
             log.info("client %d closed: %s", session.id, exc)
-            with contextlib.suppress(Exception):
-                await ws.close(exc.code, _reason(str(exc)))
+            with contextlib.suppress(Exception):  # bounded: a client that does not read may not take it
+                await asyncio.wait_for(ws.close(exc.code, _reason(str(exc))), CLOSE_WAIT_S)
         except WebSocketDisconnect:
             pass
         finally:
@@ -161,6 +171,8 @@ def create_app(state: ServeState):
             state.connected -= 1
             state._loops.pop(session.id, None)
             sender.cancel()
+            if receiver is not None:
+                receiver.cancel()
             # the recording is finalised (playable) and the detector closed even if this handler
             # is cancelled meanwhile: the thread runs to its end
             await asyncio.shield(asyncio.to_thread(session.close))
@@ -188,13 +200,26 @@ def _open_session(state: ServeState):
     return session
 
 
+async def _timed_send(sending, seconds: float) -> None:
+    """Await a send; a client that has not taken it within `seconds` raises ProtocolError
+    (closed, its place freed: a never-reading client would otherwise hold it for ever)."""
+    try:
+        await asyncio.wait_for(sending, seconds)
+    except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+        raise ProtocolError(f"client did not read for {seconds:g} s (--send-timeout)", protocol.POLICY) from None
+
+
 async def _receive(ws, state: ServeState, session) -> None:
-    """Read the client's messages until it leaves; a bad one raises ProtocolError."""
+    """Read the client's messages until it leaves; a bad one raises ProtocolError, and so
+    does nothing at all for the idle timeout."""
     from camface.serve.session import Frame
 
-    graph = state.graph
+    graph, idle = state.graph, state.options.idle_timeout_s
     while True:
-        message = await ws.receive()
+        try:
+            message = await asyncio.wait_for(ws.receive(), idle)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+            raise ProtocolError(f"idle: no message for {idle:g} s (--idle-timeout)", protocol.POLICY) from None
         if message["type"] == "websocket.disconnect":
             return
         if message.get("bytes") is not None:
@@ -215,12 +240,14 @@ async def _apply(ws, state: ServeState, session, control) -> None:
         session.snapshot_due = True
     elif control.fields.get("on", True):
         path = await asyncio.to_thread(session.start_recording, float(control.fields.get("fps", 30)))
-        await ws.send_json({"type": "recording", "on": True, "file": path.name})
+        await _timed_send(ws.send_json({"type": "recording", "on": True, "file": path.name}),
+                          state.options.send_timeout_s)
     else:
         done = await asyncio.to_thread(session.stop_recording)
         path, frames = done if done else (None, 0)
-        await ws.send_json({"type": "recorded", "file": path.name if path else None, "frames": frames,
-                            "url": f"/recordings/{path.name}" if frames else None})
+        await _timed_send(ws.send_json({"type": "recorded", "file": path.name if path else None, "frames": frames,
+                                         "url": f"/recordings/{path.name}" if frames else None}),
+                          state.options.send_timeout_s)
 
 
 async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
@@ -230,9 +257,11 @@ async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
         work = await outbox.get()
         try:
             data, notes = await asyncio.to_thread(session.finish, work)
-            await ws.send_bytes(data)
+            await _timed_send(ws.send_bytes(data), state.options.send_timeout_s)
             for note in notes:
-                await ws.send_json(note)
+                await _timed_send(ws.send_json(note), state.options.send_timeout_s)
+        except ProtocolError:
+            raise  # the handler closes the client
         except Exception as exc:  # e.g. the snapshot folder became unwritable: say so, end this client
             log.warning("client %d: %s", session.id, exc)
             with contextlib.suppress(Exception):

@@ -33,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on; any other than 127.0.0.1/localhost/::1 requires a token")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     parser.add_argument("--max-clients", type=int, default=4, help="browsers served at once")
+    parser.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                        help="close a client that sends nothing for S seconds (frees its place)")
+    parser.add_argument("--send-timeout", type=float, default=10.0, metavar="S",
+                        help="close a client that does not read an annotated frame within S seconds")
     parser.add_argument("--token", help="secret every request must carry (?token=...); default: none on "
                                         "localhost, a random one (printed) on any other address")
     parser.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM): serve https/wss")
@@ -85,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     token = args.token
     if token is None and args.host not in LOOPBACK:
         token = secrets.token_urlsafe(24)  # another address: never serve the camera page without one
-    options = ServeOptions(token=token, max_clients=args.max_clients, record_dir=args.record_dir,
+    options = ServeOptions(token=token, max_clients=args.max_clients, idle_timeout_s=args.idle_timeout,
+                           send_timeout_s=args.send_timeout, record_dir=args.record_dir,
                            snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
     return serve(config, options, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
 

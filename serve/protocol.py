@@ -128,9 +128,12 @@ def parse_control(text: str, methods: tuple[str, ...], classes: int) -> Control:
         message = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"control message is not JSON ({exc.msg})") from None
-    if not isinstance(message, dict) or message.get("type") not in _CONTROL_FIELDS:
+    except RecursionError:  # thousands of nested [ or { fit in MAX_CONTROL_BYTES
+        raise ProtocolError("control message is nested too deeply") from None
+    kind = message.get("type") if isinstance(message, dict) else None
+    if not isinstance(kind, str) or kind not in _CONTROL_FIELDS:  # a list or dict type is unhashable
         raise ProtocolError(f"control message needs a type among {', '.join(_CONTROL_FIELDS)}")
-    kind = message.pop("type")
+    del message["type"]
     allowed = _CONTROL_FIELDS[kind]
     for name, value in message.items():
         if name not in allowed:

@@ -16,11 +16,16 @@ from camface.errors import UsageError
 @dataclass(frozen=True)
 class ServeOptions:
     """What `camface serve` adds to the LiveConfig. token: required on every request when not
-    None. max_clients: WebSockets at once. record_dir / snapshot_dir: server-side folders
-    (created on first use; their parent must exist). jpeg_quality: of the annotated frames."""
+    None. max_clients: WebSockets at once. idle_timeout_s: a client that sends nothing for
+    this long is closed, freeing its place. send_timeout_s: a client that does not take a
+    message (an annotated frame) within this long is closed too. record_dir / snapshot_dir:
+    server-side folders (created on first use; their parent must exist). jpeg_quality: of the
+    annotated frames."""
 
     token: str | None = None
     max_clients: int = 4
+    idle_timeout_s: float = 60.0  # the page sends every camera frame; a minute of nothing is a gone client
+    send_timeout_s: float = 10.0  # one annotated frame (tens of kB) in 10 s: slower is a client not reading
     record_dir: Path = Path("recordings")
     snapshot_dir: Path = Path("snapshots")
     jpeg_quality: int = 80
@@ -28,6 +33,9 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if self.max_clients < 1:
             raise UsageError(f"--max-clients must be >= 1, got {self.max_clients}")
+        for flag, value in (("--idle-timeout", self.idle_timeout_s), ("--send-timeout", self.send_timeout_s)):
+            if not value > 0:
+                raise UsageError(f"{flag} must be > 0 seconds, got {value}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.token is not None and len(self.token) < 8:

@@ -12,3 +12,27 @@ def astronaut_bgr() -> np.ndarray:
     from skimage import data
 
     return np.ascontiguousarray(data.astronaut()[:, :, ::-1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray for the whole session, shared by the batch test files: a two-node
+    `ray.cluster_utils.Cluster` on this machine, the head with 2 CPUs and a second node with no
+    CPU and one (advertised) GPU, so the graph actors that ask for a GPU land there; ONNX
+    Runtime runs them on CPU (`--device cpu`)."""
+    pytest.importorskip("ray")
+    import logging
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    MIB = 1024 * 1024
+
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=200 * MIB,
+                                                                include_dashboard=False))
+    gpu_node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=100 * MIB)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+    head_id = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU", 0) == 0)
+    yield {"head": head_id, "gpu": gpu_node.node_id, "address": cluster.address}
+    ray.shutdown()
+    cluster.shutdown()

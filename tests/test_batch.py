@@ -1,14 +1,12 @@
 """`camface batch` on Ray: outputs equal `camface live`, order, faults, resume, placement.
 
-One Ray for the whole session (`ray_cluster`): a two-node `ray.cluster_utils.Cluster` on this
-machine, the head with 2 CPUs and a second node with no CPU and one (advertised) GPU, so the
-graph actors that ask for a GPU land there; ONNX Runtime runs them on CPU (`--device cpu`).
+One Ray for the whole session (`ray_cluster`, in conftest.py): a two-node cluster on this
+machine, the head with 2 CPUs and a node with one (advertised) GPU.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -18,22 +16,7 @@ from tests.realtime_helpers import count_frames, write_clip
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
-MIB = 1024 * 1024
 CLIP_FRAMES = 10
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=200 * MIB,
-                                                                include_dashboard=False))
-    gpu_node = cluster.add_node(num_cpus=0, num_gpus=1, object_store_memory=100 * MIB)
-    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
-    head_id = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU", 0) == 0)
-    yield {"head": head_id, "gpu": gpu_node.node_id, "address": cluster.address}
-    ray.shutdown()
-    cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -87,3 +87,13 @@ def test_plan_refuses_what_would_wait_forever(resources, kwargs, message):
 def test_no_inputs_error_names_them(tmp_path):
     with pytest.raises(InputError, match="no videos matched .*nothing"):
         find_videos([str(tmp_path / "nothing*")])
+
+
+def test_help_says_how_many_workers_and_their_memory_and_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["batch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--detect-actors N the most workers running at once" in text
+    assert "~0.5 GB of memory each" in text and "Lower N where memory is short" in text
+    assert "Memory: ~0.5 GB per worker (--detect-actors caps them), ~0.3 GB for this driver" in text
+    assert "3 every video explained, some only in part" in text

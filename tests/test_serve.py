@@ -172,6 +172,11 @@ def _png_header(width: int, height: int) -> bytes:
     ("not json", 1003, "not JSON"),
     ("[1, 2]", 1003, "needs a type among controls, snapshot, record"),
     ('{"type": "reboot"}', 1003, "needs a type"),
+    ('{"type": []}', 1003, "needs a type among"),  # unhashable: a TypeError before the fix
+    ('{"type": {}}', 1003, "needs a type among"),
+    ('{"type": ["controls"]}', 1003, "needs a type among"),
+    ("[" * 3000, 1003, "nested too deeply"),  # a RecursionError in json.loads before the fix
+    ('{"type": "controls", "hud": ' + "[" * 2000 + "]" * 2000 + "}", 1003, "nested too deeply"),
     ('{"type": "controls", "colour": "red"}', 1003, "unknown field 'colour' in 'controls'"),
     ('{"type": "controls", "hud": 1}', 1003, "field 'hud' of 'controls' has the wrong type"),
     ('{"type": "controls", "explained_class": true}', 1003, "field 'explained_class' .* wrong type"),

@@ -1,0 +1,223 @@
+"""`camface batch` and what goes wrong around it: videos cut short (reported as incomplete, on
+the driver, in summary.json / report.md and by the exit code), and a driver killed while its
+Ray workers are still busy (OUT_DIR is locked by one run; workers of a dead run stop and never
+publish a file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_batch import batch
+
+ray = pytest.importorskip("ray")
+av = pytest.importorskip("av")
+
+FRAMES = 60
+
+
+def _faststart(source: Path, out: Path) -> Path:
+    """`source`'s packets in an MP4 with its index (moov) before the samples, as `ffmpeg
+    -movflags faststart` writes it: a cut file still announces every frame."""
+    with av.open(str(source)) as inp, av.open(str(out), "w", format="mp4", options={"movflags": "faststart"}) as dst:
+        stream = dst.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cut_clips(tmp_path_factory):
+    """{kind: (cut file, frames the file announces, frames that decode)} for a fragmented MP4
+    (the live recorder's) and a faststart MP4 of 60 frames, each cut to 30% of its bytes."""
+    import cv2
+
+    from camface.realtime.sample import SampleSource
+    from camface.realtime.sinks import VideoSink
+    from camface.realtime.sources import VideoFileSource
+
+    folder = tmp_path_factory.mktemp("cut")
+    sample = SampleSource(frames=FRAMES, size=(320, 240))
+    whole = folder / "whole-fragmented.mp4"
+    with VideoSink(whole, 30.0) as sink:
+        for i in range(FRAMES):
+            sink.write(sample.frame(i))
+    files = {"fragmented": whole, "faststart": _faststart(whole, folder / "whole-faststart.mp4")}
+    cut = {}
+    for kind, path in files.items():
+        data = path.read_bytes()
+        target = folder / f"cut-{kind}.mp4"
+        target.write_bytes(data[:int(len(data) * 0.3)])
+        capture = cv2.VideoCapture(str(target))
+        announced = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        capture.release()
+        with VideoFileSource(target) as source:
+            read = len(list(source))
+        assert 0 < read < announced, (kind, read, announced)
+        cut[kind] = (target, announced, read)
+    assert cut["faststart"][1] == FRAMES  # its index survived the cut
+    return cut
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_a_cut_video_is_reported_incomplete_with_exit_code_3(ray_cluster, cut_clips, tmp_path, capfd, segments):
+    from camface.batch.cli import EXIT_INCOMPLETE
+    from camface.batch.inputs import video_id
+
+    out = tmp_path / "out"
+    paths = [cut_clips[kind][0] for kind in ("faststart", "fragmented")]
+    flags = ["--device", "cpu", "--graph-gpus", "0", "--no-progress", "--segment-frames", "20" if segments else "0"]
+    assert batch([*paths, "-o", out, *flags]) == EXIT_INCOMPLETE == 3
+    err = capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    report = (out / "report.md").read_text()
+    assert summary["totals"]["incomplete"] == 2 and summary["totals"]["done"] == 2
+    for kind in ("faststart", "fragmented"):
+        path, announced, read = cut_clips[kind]
+        record = next(r for r in summary["videos"] if r["video"] == video_id(path.resolve()))
+        assert record["status"] == "done" and record["frames"] == read
+        assert record["incomplete"] == {"frames_announced": announced, "frames_read": read,
+                                        "reason": "file truncated or damaged: fewer frames decode than its "
+                                                  "header announces"}
+        said = f"read {read} of {announced} announced frames (file truncated or damaged"
+        assert f"camface batch: incomplete: {path}: {said}" in err  # on the driver
+        assert f"| incomplete: {said}" in report and f"- {path}: {said}" in report
+    # a resume finds nothing to do and still says so
+    assert batch([*paths, "-o", out, *flags, "--resume"]) == EXIT_INCOMPLETE
+
+
+def test_a_failed_video_outranks_an_incomplete_one(ray_cluster, cut_clips, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    argv = [cut_clips["faststart"][0], broken, "-o", tmp_path / "out", "--device", "cpu", "--graph-gpus", "0",
+            "--no-progress"]
+    assert batch(argv) == 1
+    totals = json.loads((tmp_path / "out" / "summary.json").read_text())["totals"]
+    assert totals["failed"] == 1 and totals["incomplete"] == 1
+
+
+# ------------------------------------------------------------------ a killed driver, its workers, a resume
+
+
+def test_one_run_at_a_time_per_output_folder(tmp_path):
+    from camface.batch.owner import RunLock
+    from camface.errors import OutputError
+
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(OutputError, match=rf"{tmp_path} is in use by another camface batch run \(pid \d+ on "):
+        RunLock(tmp_path).acquire()
+    first.release()
+    second = RunLock(tmp_path).acquire()  # free again; the first ended cleanly, so no grace wait
+    assert second.earlier is None and second.owner.token != first.owner.token
+    second.release()
+
+
+def _driver(tmp_path):
+    """A process that takes OUT_DIR and dies with SIGKILL when the test says: (process, Owner)."""
+    import subprocess
+    import sys
+
+    from camface.batch.owner import Owner
+
+    code = ("import sys, time; from camface.batch.owner import RunLock; "
+            "lock = RunLock(sys.argv[1]).acquire(); print(lock.owner.token, flush=True); time.sleep(600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    token = process.stdout.readline().strip()
+    info = json.loads((tmp_path / ".camface-run.json").read_text())
+    assert info["token"] == token and info["pid"] == process.pid
+    return process, Owner(info["path"], token, info["pid"], info["host"])
+
+
+def test_a_worker_of_a_killed_driver_publishes_nothing(tmp_path):
+    from camface.batch.owner import RunLock, Superseded
+    from camface.batch.state import Outputs, write_json
+
+    driver, owner = _driver(tmp_path)
+    outputs = Outputs(tmp_path, owner)
+    outputs.make()
+    write_json(outputs.record_path("a"), {"status": "done"}, outputs.publish)  # the driver lives: published
+    driver.kill()
+    driver.wait()
+    with pytest.raises(Superseded, match=rf"its driver \(pid {driver.pid}\) is dead"):
+        write_json(outputs.record_path("b"), {"status": "done"}, outputs.publish)
+    assert sorted(p.name for p in outputs.state.iterdir()) == ["a.json"]  # no temporary file left either
+    resume = RunLock(tmp_path).acquire()  # the kernel dropped the dead driver's lock
+    assert resume.earlier["token"] == owner.token  # it never released: the resume gives its workers time
+    with pytest.raises(Superseded, match="another run owns the output folder now"):
+        owner.check()
+    resume.release()
+
+
+def test_a_worker_process_ends_when_its_driver_dies(tmp_path):
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    driver, owner = _driver(tmp_path)
+    code = ("import sys, json, time; from camface.batch.owner import Owner; "
+            "Owner(**json.loads(sys.argv[1])).watch(); print('watching', flush=True); time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", code, json.dumps(asdict(owner))], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "watching"
+        assert worker.poll() is None
+        driver.kill()
+        driver.wait()
+        _, err = worker.communicate(timeout=60)  # without the watcher: killed after 60 s, and fails
+        assert worker.returncode == 3 and f"stopping: its driver (pid {driver.pid}) is dead" in err
+    finally:
+        for process in (worker, driver):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_sigkill_of_the_driver_then_resume_at_once_nothing_written_by_the_old_run(ray_cluster, tmp_path):
+    """The driver as users run it, joined to the session's cluster, SIGKILLed while its workers
+    are busy, then a --resume started at once: the old run's workers write nothing after the
+    kill (every record is one the old run had published before it, or the resume's own), no
+    temporary file is left, every video is done once."""
+    import signal
+    import subprocess
+    import sys
+
+    from camface.realtime.sample import SampleSource
+    from tests.realtime_helpers import write_clip
+    from tests.test_batch import rows_of, wait_for
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    sample = SampleSource(frames=6 * 40, size=(320, 240))
+    for k in range(6):
+        write_clip(folder / f"clip{k}.mp4", [sample.frame(k * 40 + i) for i in range(40)])
+    out = tmp_path / "out"
+    camface = Path(sys.executable).with_name("camface")
+    argv = [str(camface), "batch", str(folder), "-o", str(out), "--device", "cpu", "--graph-gpus", "0",
+            "--no-progress", "--segment-frames", "0", "--address", ray_cluster["address"]]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: any((out / "state").glob("[!.]*.json")), run)
+    run.send_signal(signal.SIGKILL)
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    before = {p.name: p.read_text() for p in (out / "state").glob("[!.]*.json")}
+    old = json.loads((out / ".camface-run.json").read_text())["token"]
+
+    resume = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr
+    assert "ended without releasing" in resume.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    new = summary["run"]["run"]
+    assert new != old and [r["status"] for r in summary["videos"]] == ["done"] * 6
+    for path in (out / "state").glob("[!.]*.json"):
+        record = json.loads(path.read_text())
+        assert path.read_text() == before.get(path.name) or record["run"] == new, (path.name, record["run"])
+    assert not list(out.rglob(".*.tmp*"))
+    assert json.loads((out / ".camface-run.json").read_text())["token"] is None  # released
+    for record in summary["videos"]:
+        table = rows_of(out, record["video"])
+        keys = list(zip(table.column("frame").to_pylist(), table.column("face").to_pylist()))
+        assert len(set(keys)) == len(keys) == record["faces_total"]

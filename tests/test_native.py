@@ -1,0 +1,104 @@
+"""camface.native.quiet_native_stderr: fd 2 silenced while any block runs, and given back,
+whatever the order in which threads enter and leave (camface serve opens and closes
+detectors from several threads at once)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from camface.native import quiet_native_stderr
+
+
+@contextlib.contextmanager
+def fd2_to_file(tmp_path):
+    """Point fd 2 at a file inside the test (pytest's own capture moves fd 2 between setup and
+    call, so not in a fixture) and put it back after; gives (the file's path, its (st_dev,
+    st_ino))."""
+    path = tmp_path / "stderr.txt"
+    saved = os.dup(2)
+    with open(path, "wb") as target:
+        os.dup2(target.fileno(), 2)
+    try:
+        stat = os.fstat(2)
+        yield path, (stat.st_dev, stat.st_ino)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def fd2_identity() -> tuple[int, int]:
+    stat = os.fstat(2)
+    return stat.st_dev, stat.st_ino
+
+
+def run_threads(*targets) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "a thread did not finish"
+
+
+def test_interleaved_blocks_give_fd2_back_and_silence_while_any_runs(tmp_path):
+    """A enters, B enters, A leaves, B leaves: before the fix B "restored" the /dev/null it
+    had saved, and the process's stderr was lost for good."""
+    with fd2_to_file(tmp_path) as (path, original):
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with quiet_native_stderr():
+                a_in.set()
+                b_in.wait(10)
+            a_out.set()
+
+        def b():
+            a_in.wait(10)
+            with quiet_native_stderr():
+                b_in.set()
+                a_out.wait(10)
+                os.write(2, b"native chatter while B runs\n")  # A has left; B's block still silences
+                seen["inside"] = fd2_identity()
+
+        run_threads(a, b)
+        assert seen["inside"] != original
+        assert fd2_identity() == original
+        os.write(2, b"the server's log line\n")
+        assert path.read_bytes() == b"the server's log line\n"
+
+
+def test_detectors_opened_and_closed_from_parallel_threads_give_fd2_back(tmp_path):
+    from camface.models import DETECTORS
+    from camface.realtime.detect import FaceDetector
+
+    with fd2_to_file(tmp_path) as (path, original):
+        start = threading.Barrier(4)
+        failures = []
+
+        def client():
+            try:
+                start.wait(30)
+                for _ in range(3):
+                    with FaceDetector(DETECTORS["full"], quiet=True):
+                        pass
+            except Exception as exc:  # noqa: BLE001 (reported below)
+                failures.append(exc)
+
+        run_threads(*[client] * 4)
+        assert not failures
+        assert fd2_identity() == original
+        os.write(2, b"shutdown summary\n")
+        assert path.read_bytes().endswith(b"shutdown summary\n")
+
+
+def test_disabled_leaves_fd2_alone(tmp_path):
+    with fd2_to_file(tmp_path) as (_, original):
+        with quiet_native_stderr(enabled=False):
+            assert fd2_identity() == original
+        with contextlib.suppress(RuntimeError), quiet_native_stderr():
+            assert fd2_identity() != original
+            raise RuntimeError("a failure inside the block")
+        assert fd2_identity() == original

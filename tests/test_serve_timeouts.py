@@ -1,0 +1,77 @@
+"""`camface serve` frees the place of a client that sends nothing (--idle-timeout) or does not
+read what it is sent (--send-timeout): closed with 1008 and the reason, so idle or stuck
+sockets cannot lock everyone else out with "server full"."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import pytest
+
+pytest.importorskip("starlette", reason="camface[serve] is not installed")
+
+from tests.test_serve import closed, graph, jpeg, make_client, wait_until  # noqa: E402, F401 (fixtures)
+
+
+def close_of(ws, limit: float = 60.0) -> dict:
+    """The close message the server sends, read in a thread so that a server that never
+    closes fails the test instead of hanging it."""
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(closed(ws)), daemon=True)
+    reader.start()
+    reader.join(limit)
+    assert got, f"the server did not close the socket in {limit:g} s"
+    return got
+
+
+def test_an_idle_client_is_closed_and_its_place_freed(make_client):
+    client, state = make_client(max_clients=1, idle_timeout_s=0.3)
+    with client.websocket_connect("/ws") as idle:
+        hello = idle.receive_json()
+        assert hello["limits"]["idle_timeout_s"] == 0.3
+        close = close_of(idle)
+        assert close["code"] == 1008 and close["reason"] == "idle: no message for 0.3 s (--idle-timeout)"
+    wait_until(lambda: state.connected == 0)
+    with client.websocket_connect("/ws") as next_one:  # not "server full"
+        assert next_one.receive_json()["type"] == "hello"
+
+
+def test_a_client_that_keeps_sending_is_not_idle(make_client, astronaut_bgr):
+    client, _ = make_client(idle_timeout_s=5.0)
+    with client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        for sequence in range(3):
+            ws.send_bytes(struct.pack(">I", sequence) + jpeg(astronaut_bgr))
+            assert isinstance(ws.receive_bytes(), bytes)
+
+
+def test_a_client_that_does_not_read_is_closed_and_its_place_freed(make_client, astronaut_bgr, monkeypatch):
+    from starlette.websockets import WebSocket
+
+    async def never_taken(self, data):  # a socket whose peer never reads: the send never completes
+        import asyncio
+
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(WebSocket, "send_bytes", never_taken)
+    client, state = make_client(max_clients=1, send_timeout_s=0.3)
+    with client.websocket_connect("/ws") as stuck:
+        stuck.receive_json()
+        stuck.send_bytes(struct.pack(">I", 1) + jpeg(astronaut_bgr))
+        close = close_of(stuck)
+        assert close["code"] == 1008 and close["reason"] == "client did not read for 0.3 s (--send-timeout)"
+    wait_until(lambda: state.connected == 0)
+    with client.websocket_connect("/ws") as next_one:
+        assert next_one.receive_json()["type"] == "hello"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"idle_timeout_s": 0}, "--idle-timeout must be > 0 seconds, got 0"),
+    ({"send_timeout_s": -1.0}, "--send-timeout must be > 0 seconds, got -1.0"),
+])
+def test_timeouts_must_be_positive(options, message, tmp_path):
+    from camface.serve.state import ServeOptions
+
+    with pytest.raises(ValueError, match=message):
+        ServeOptions(record_dir=tmp_path / "r", snapshot_dir=tmp_path / "s", **options)
