@@ -106,7 +106,6 @@ def perfect_motion(every_frame: list, truth: list[dict], every: int) -> list:
 
 def costs() -> None:
     import cv2
-    import numpy as np
 
     from camface.models import DETECTORS
     from camface.realtime.carry import BoxCarrier
