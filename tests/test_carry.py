@@ -82,7 +82,7 @@ def test_heatmaps_stay_on_the_faces(detector, clips):
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.graph import CamGraph
     from camface.realtime.smooth import iou
-    from camface.realtime.window import Controls
+    from camface.realtime.controls import Controls
 
     frames, truth, _ = clips["moving 120"]
     explainer = FrameExplainer(CamGraph(EMOTION_ONNX, "cpu"))

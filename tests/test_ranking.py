@@ -25,7 +25,7 @@ from camface.graph_spec import GraphInfo, auto_method
 from camface.realtime.explainer import FrameExplainer, check_method
 from camface.realtime.graph import CamGraph
 from camface.realtime.results import Face
-from camface.realtime.window import Controls
+from camface.realtime.controls import Controls
 
 SIZE = 16
 
