@@ -169,7 +169,8 @@ class Pipeline:
                 explained_class: int | None = None) -> FrameResult:
         """Faces, probabilities and heatmaps of one frame, as `camface live` computes them.
 
-        frame: uint8 BGR [H, W, 3] (as OpenCV reads it), not modified. method: heatmap to
+        frame: uint8 BGR [H, W, 3] (as OpenCV reads it), not modified; faces are detected in every
+        frame given (`process_video` carries them between key frames, as live). method: heatmap to
         compute (default: the config's). explained_class: class every heatmap explains
         (default: each face's predicted class). Successive calls are one stream (frame index,
         smoothing tracks). Raises UsageError for a bad frame, ModelError for an absent method.
@@ -198,8 +199,11 @@ class Pipeline:
         """(result, frame) for each frame of `source`: a video file, a folder of images, a
         camera index, a stream URL, "sample", or an un-entered camface source object. frame:
         uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
-        indices from 0, fresh smoothing tracks. The source is closed when the loop ends or breaks.
+        indices from 0, fresh smoothing tracks, its own detector carrying boxes between key frames
+        as `camface live` does (`detect_every`), so the results are live's. The source is closed
+        when the loop ends or breaks.
         """
+        from camface.realtime.carry import BoxCarrier, every_for
         from camface.realtime.controls import Controls
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.sources import make_source
@@ -210,11 +214,15 @@ class Pipeline:
             if isinstance(source, (str, int, os.PathLike)) else source
         explainer = FrameExplainer.from_config(self.config, self.graph)
         controls = Controls(method=self.config.method)
-        with opened:
+        if self._closed:
+            raise UsageError("this camface pipeline is closed")
+        with opened, self.face_detector() as detector:
+            carrier = BoxCarrier(detector, every_for(self.config.detect_every,
+                                                     bool(getattr(opened.info, "still", False))))
             for index, frame in enumerate(opened):
                 if max_frames is not None and index >= max_frames:
                     return
-                yield explainer.explain(frame, self._detect(frame), controls, index).result, frame
+                yield explainer.explain(frame, carrier.detect(frame, index), controls, index).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
                       class_index: int | np.ndarray | None = None) -> tuple[Prediction, ...]:

@@ -128,7 +128,7 @@ def test_explain_equals_camface_live_for_the_same_frames(tmp_path, clip):
     snapshots = tmp_path / "snaps"
     snapshots.mkdir()
     assert camface_main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--method", "gradcampp",
-                         "--snapshot-every", "1", "--snapshot-dir", str(snapshots)]) == 0
+                         "--detect-every", "1", "--snapshot-every", "1", "--snapshot-dir", str(snapshots)]) == 0
     live = {}
     for meta_path in snapshots.glob("*/snapshot.json"):
         meta = json.loads(meta_path.read_text())
@@ -145,6 +145,27 @@ def test_explain_equals_camface_live_for_the_same_frames(tmp_path, clip):
                 np.testing.assert_allclose(prediction.probs, face["probs"], atol=1e-6)
                 assert prediction.predicted == face["predicted"]
     capture.release()
+
+
+def test_process_video_equals_camface_live_with_carried_boxes(tmp_path, clip):
+    """The default --detect-every auto carries boxes between key frames; process_video does as
+    live does, frame for frame."""
+    snapshots = tmp_path / "snaps"
+    snapshots.mkdir()
+    assert camface_main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--method", "gradcam",
+                         "--snapshot-every", "1", "--snapshot-dir", str(snapshots)]) == 0
+    live = {}
+    for meta_path in snapshots.glob("*/snapshot.json"):
+        meta = json.loads(meta_path.read_text())
+        live[meta["frame_index"]] = meta["faces"]
+    with camface.load(device="cpu", method="gradcam") as api:
+        seen = 0
+        for result, _ in api.process_video(clip):
+            assert [list(f.box) for f in result.faces] == [f["box"] for f in live[result.index]]
+            for prediction, face in zip(result.predictions, live[result.index]):
+                np.testing.assert_allclose(prediction.probs, face["probs"], atol=1e-6)
+            seen += 1
+    assert seen == len(live) == 8
 
 
 @pytest.mark.parametrize("frame, message", [

@@ -253,7 +253,7 @@ def test_registry_drives_the_cli_choices(extra_method):
     assert "fakecam" in _choices(live_cli.configure)
     assert "fakecam" in _choices(bench_cli.configure)
     assert "fakecam" in _choices(export_cli.configure, "--heads")
-    assert list(_choices(live_cli.configure)) == [*methods.names(display_only=True), "none"]
+    assert list(_choices(live_cli.configure)) == ["auto", *methods.names(display_only=True), "none"]
 
 
 def test_registry_drives_the_graph_contract_and_menus(extra_method):
