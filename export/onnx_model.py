@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -638,25 +639,24 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
     spatial map the tokens come from: the input's size divided by its stride), or `grid`
     (--token-grid); the prefix T - h * w, or `prefix` (--prefix-tokens). ModelError when the
     tensor is no [N, T, C] (attention [N, heads, T, T] is 4-D) or its T is no prefix + h * w."""
-    dims = shapes(classifier.model).get(tokens) or []
+    found = shapes(classifier.model)
+    dims = found.get(tokens) or []
     if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
         raise ModelError(f"{tokens!r} {_symbolic(dims)} is no token tensor [N, tokens, channels] "
                          "with a fixed number of tokens and channels")
     count = dims[1]
     how = "given"
     if grid is None:
-        maps = spatial_maps(classifier)
-        sources = [t for t in maps if t in _ancestors(classifier.model, tokens)
-                   and all(isinstance(d, int) for d in _hw(shapes(classifier.model).get(t),
-                                                           maps[t]))]
+        maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
+        sources = [t for t in maps if t in before
+                   and all(isinstance(d, int) for d in _hw(found.get(t), maps[t]))]
+        squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
+                   if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]
         if sources:
-            grid = tuple(_hw(shapes(classifier.model)[sources[-1]], maps[sources[-1]]))
+            grid = tuple(_hw(found[sources[-1]], maps[sources[-1]]))
             how = f"the patch embedding {sources[-1]!r}"
-        elif classifier.input_size[0] == classifier.input_size[1]:
-            side = next((int(round(np.sqrt(count - p))) for p in range(MAX_PREFIX + 1)
-                         if count - p > 0 and round(np.sqrt(count - p)) ** 2 == count - p
-                         and (prefix is None or p == prefix)), None)
-            grid, how = ((side, side), "a square") if side else (None, "")
+        elif squares and classifier.input_size[0] == classifier.input_size[1]:
+            grid, how = (squares[0][1],) * 2, "a square"
     if grid is None:
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} form no grid that camface "
                          "recognises (no patch embedding before them, no square); pass "

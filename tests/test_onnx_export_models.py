@@ -480,7 +480,7 @@ def test_a_convnext_exports_at_its_last_stage_without_cam(convnext_graph):
     default target is the input of the global pooling, the last stage's output (recorded as
     `stages`, the module whose output it is); CAM is left out: a norm lies between the pooling
     and the linear layer."""
-    model, result, opset = convnext_graph
+    _, result, opset = convnext_graph
     info = result.info
     assert info.target_layer == "stages" and info.feature_size == (4, 4)
     assert "cam" not in info.heatmaps and {"gradcam", "hirescam", "eigencam"} <= set(info.heatmaps)

@@ -196,3 +196,30 @@ def test_tokens_that_form_no_grid_and_attention_are_refused(tmp_path):
                                          r"channels\]"):
         onnx_model.token_grid(classifier, attention)
     assert onnx_model.token_grid(classifier, tokens, grid=(5, 7)) == onnx_model.TokenGrid(0, 5, 7)
+
+
+class LinearPatchViT(ViT):
+    """Patches cut by reshapes and embedded by a linear layer (no convolution): its grid is
+    found as the square that the tokens less a prefix make."""
+
+    def __init__(self):
+        super().__init__(True)
+        self.embed = nn.Linear(8 * 8 * 3, 16)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = x.reshape(n, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(n, 16, 8 * 8 * 3)
+        x = torch.cat([self.class_token.expand(n, -1, -1), self.embed(x)], 1)
+        return self.head(self.norm(self.blocks(x + self.pos))[:, 0])
+
+
+def test_tokens_without_a_patch_embedding_conv_make_a_square(tmp_path):
+    torch.manual_seed(0)
+    classifier = classifier_of(LinearPatchViT(), tmp_path / "m.onnx")
+    tokens = onnx_model.default_token_target(classifier)
+    assert onnx_model.spatial_maps(classifier) == {}
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(1, 4, 4)
+    assert onnx_model.token_grid(classifier, tokens, prefix=1) == onnx_model.TokenGrid(1, 4, 4)
+    with pytest.raises(ModelError, match=r"form no grid that camface recognises \(no patch "
+                                         r"embedding before them, no square\); pass --token-grid"):
+        onnx_model.token_grid(classifier, tokens, prefix=2)
