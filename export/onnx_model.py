@@ -309,6 +309,23 @@ def _spatial_pool_input(node, dims, values) -> str | None:
     return None
 
 
+def _token_pool_input(model, node, dims, values) -> str | None:
+    """The token grid (`with_token_grid`, no prefix tokens) whose tokens [N, h * w, C] `node`
+    averages over the token axis, or None."""
+    if node.op_type != "ReduceMean" or len(dims.get(node.input[0]) or []) != 3:
+        return None
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if len(node.input) > 1 and node.input[1] in values:
+        axes = values[node.input[1]].tolist()
+    producer = {o: n for n in model.graph.node for o in n.output}
+    back = producer.get(node.input[0])
+    laid = producer.get(back.input[0]) if back is not None and back.op_type == "Reshape" else None
+    if axes is None or [a % 3 for a in axes] != [1] or laid is None or \
+            not any(p.key == TOKEN_GRID for p in laid.metadata_props):
+        return None
+    return back.input[0]
+
+
 def candidates(model, logits: str) -> list[str]:
     """4-D float tensors that the logits depend on, in graph order (tensor names)."""
     dims, types = shapes(model), elem_types(model)
@@ -581,14 +598,15 @@ def target_layout(model, tensor: str, grid: dict[str, str] | None = None) -> str
 
 def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[np.ndarray | None, str]:
     """CAM's class weights W [classes, K] (arXiv:1512.04150 eq. 2, biases left out) when the head
-    is global average pooling -> one linear layer (Gemm or MatMul with constant weights), else
-    (None, the reason)."""
+    is global average pooling (or the mean of a token grid's tokens, no prefix tokens) -> one
+    linear layer (Gemm or MatMul with constant weights), else (None, the reason)."""
     model = classifier.model
     dims, values = shapes(model), constants(model)
     core = [n for n in head_nodes if n.op_type not in _PASS_THROUGH]
     first = core[0] if core else None
     if first is None or first.op_type not in ("GlobalAveragePool", "ReduceMean") or \
-            _spatial_pool_input(first, dims, values) != target:
+            target not in (_spatial_pool_input(first, dims, values),
+                           _token_pool_input(model, first, dims, values)):
         kind = first.op_type if first is not None else "nothing"
         return None, (f"CAM needs global average pooling right after the target {target!r}; "
                       f"found {kind}")

@@ -223,3 +223,42 @@ def test_tokens_without_a_patch_embedding_conv_make_a_square(tmp_path):
     with pytest.raises(ModelError, match=r"form no grid that camface recognises \(no patch "
                                          r"embedding before them, no square\); pass --token-grid"):
         onnx_model.token_grid(classifier, tokens, prefix=2)
+
+
+def test_cam_is_offered_where_the_tokens_are_averaged_into_one_linear_layer(tmp_path):
+    """The mean-token ViT at its last block's output: the head is the mean of the tokens and the
+    linear layer, so CAM is a weighted sum of the channels on the grid (eq. 2); with a class
+    token (the head reads one token) it is not."""
+    torch.manual_seed(0)
+    model = ViT(False).eval()
+    classifier = classifier_of(model, tmp_path / "m.onnx")
+    tokens = onnx_model.module_outputs(classifier.model)["blocks"]
+    gridded, target = onnx_model.with_token_grid(classifier, tokens,
+                                                 onnx_model.token_grid(classifier, tokens))
+    built = onnx_cam.build(gridded, target, *UNIT)
+    assert "cam" in built.heatmaps and built.cam_unavailable_reason == ""
+    np.testing.assert_array_equal(built.class_weights, model.head.weight.detach().numpy())
+    assert all(d.ok for d in onnx_verify.check(gridded, built, *UNIT))
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 1, 3], np.int64)
+    session = ort.InferenceSession(built.model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": classes})))
+    with torch.no_grad():
+        x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+        a = model.blocks(model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos)
+        logits = model.head(a.mean(1)).numpy()
+    chosen = np.where(classes < 0, logits.argmax(1), classes)
+    cam = np.einsum("ntk,nk->nt", a.numpy(), model.head.weight.detach().numpy()[chosen])
+    np.testing.assert_allclose(got["cam"], cam.reshape(4, 4, 4), rtol=1e-4, atol=1e-5)
+
+    torch.manual_seed(0)
+    classifier = classifier_of(ViT(True), tmp_path / "class_token.onnx")
+    tokens = onnx_model.module_outputs(classifier.model)["norm"]
+    gridded, target = onnx_model.with_token_grid(classifier, tokens,
+                                                 onnx_model.token_grid(classifier, tokens))
+    built = onnx_cam.build(gridded, target, *UNIT)
+    assert "cam" not in built.heatmaps
+    assert "CAM needs global average pooling right after the target" in \
+        built.cam_unavailable_reason
