@@ -5,6 +5,10 @@ Every node lies on the graph as written (local functions inlined first); shapes 
 `onnx.shape_inference`. A PyTorch module name (`layer4`) names a tensor through the node
 metadata `pkg.torch.onnx.name_scopes` that torch.onnx's dynamo exporter writes: the module's
 output is the last tensor written inside the module and read outside it.
+
+A vision transformer's target is tokens [N, T, C] (`default_token_target`): `token_grid` finds
+how they lie on the image, `with_token_grid` lays the patches out as an NHWC map that the model
+reads back through, and that map is then a target like any spatial map.
 """
 
 from __future__ import annotations
