@@ -35,6 +35,11 @@ _SPATIAL_REDUCE = ("ReduceMean", "ReduceMax")
 _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 
 
+
+class AttentionBeforeLogits(ModelError):
+    """The default target: every spatial map reaches the logits only through attention (a vision
+    transformer); the exporter then looks for a token target instead."""
+
 @dataclass(frozen=True)
 class Classifier:
     """A loaded classifier. input_layout: NCHW or NHWC; logits: the pre-softmax tensor [N, classes];
@@ -492,12 +497,12 @@ def default_target(classifier: Classifier) -> str:
     if mixing is not None:
         tokens = [t for t in found if t not in grid][-1:]
         shown = "".join(f" such as {t!r} {_symbolic(dims.get(t))}" for t in tokens)
-        raise ModelError(f"no spatial feature map that the logits {classifier.logits!r} read "
+        raise AttentionBeforeLogits(f"no spatial feature map that the logits {classifier.logits!r} read "
                          f"without attention: the last one, {target!r} "
                          f"{_symbolic(dims.get(target))}, passes through {mixing.op_type} node "
                          f"{mixing.name!r}, which mixes tokens (attention); the other 4-D tensors"
-                         f"{shown} are tokens and attention, not feature maps (token grids are not "
-                         f"supported yet); spatial maps: {', '.join(maps[-3:])}; pass one with "
+                         f"{shown} are tokens and attention, not feature maps (a token target [N, T, C] "
+                         f"needs an attention whose tokens lie on a grid); spatial maps: {', '.join(maps[-3:])}; pass one with "
                          "--target-layer to explain it anyway")
     return target
 

@@ -193,18 +193,35 @@ def refused(capsys, path, tmp_path, *flags) -> str:
 
 
 @pytest.mark.parametrize("class_token", [True, False], ids=["class-token", "mean-tokens"])
-def test_a_vision_transformer_is_refused_naming_its_maps_and_the_attention(tmp_path, capsys,
-                                                                          class_token):
-    """Its 4-D tensors are attention [N, heads, tokens, dim] (no map) and the patch embedding (a
-    map, but attention lies between it and the logits): no default target, one line."""
+def test_a_vision_transformer_exports_on_its_token_grid_and_runs_live(tmp_path, capsys, class_token):
+    """No spatial map reaches the logits without attention: the default target is the last
+    block's norm1 tokens, laid out on the 4x4 patch grid after the class token (if any); the
+    graph runs in `camface live` unchanged, with maps on the faces."""
+    import json
+
     torch.manual_seed(0)
-    err = refused(capsys, legacy_onnx(ViT(class_token), tmp_path / "vit.onnx"), tmp_path)
-    assert re.search(r"no spatial feature map that the logits 'logits' read without attention: "
-                     r"the last one, '/patch_embed/Conv_output_0' \[N, 16, 4, 4\], passes through "
-                     r"MatMul node '/blocks/blocks.0/attn/MatMul', which mixes tokens \(attention\); "
-                     r"the other 4-D tensors such as '/blocks/blocks.1/attn/\w+' \[.*\] are tokens "
-                     r".*; spatial maps: /patch_embed/Conv_output_0; pass one with --target-layer",
-                     err), err
+    out = tmp_path / "vit.cam.onnx"
+    assert main(["export", str(legacy_onnx(ViT(class_token), tmp_path / "vit.onnx")), "-o", str(out),
+                 "--preset", "unit", "--no-rank"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    # the input of the last block's qkv: its norm1, or (blocks without norms) the block before's output
+    module = "blocks/blocks.1/norm1" if class_token else "blocks/blocks.0"  # TorchScript's names
+    assert meta["target_layer"] == f"{module} (tokens: {int(class_token)} + 4x4)"
+    assert json.loads(meta["feature_size"]) == [4, 4]
+    snapshots = tmp_path / "snaps"
+    assert main(["live", "--model", str(out), "--source", "sample", "--no-show", "--max-frames", "3",
+                 "--method", "gradcam", "--snapshot-every", "2", "--snapshot-dir", str(snapshots)]) == 0
+    saved = json.loads(next(snapshots.glob("*/snapshot.json")).read_text())
+    assert saved["faces"] and saved["method"] == "gradcam"
+
+
+def test_a_token_grid_flag_is_for_onnx_models(tmp_path, capsys):
+    from camface.models import EMOTION_KERAS
+
+    assert main(["export", str(EMOTION_KERAS), "-o", str(tmp_path / "x.onnx"), "--token-grid", "4x4"]) == 2
+    assert "--token-grid and --prefix-tokens are for .onnx / .pt2 transformers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(EMOTION_KERAS), "-o", str(tmp_path / "x.onnx"), "--token-grid", "4by4"])
 
 
 def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_open(tmp_path):
