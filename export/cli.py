@@ -30,6 +30,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              " .onnx/.pt2: a tensor, node or PyTorch module name such as layer4); "
                              "default: the last spatial feature map (N, C, h, w on the image grid) before "
                              "global pooling")
+    parser.add_argument("--token-grid", metavar="HxW", default=None, type=_grid,
+                        help=".onnx/.pt2 transformers: the patch grid of a token target [N, T, C] (default: "
+                             "the input size over the patch embedding's stride)")
+    parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
+                        help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
+                             "(default: T - h * w)")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
@@ -95,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
     labels = read_labels_file(args.labels) if args.labels else None
     options = ExportOptions(
         target_layer=args.target_layer,
+        token_grid=args.token_grid,
+        prefix_tokens=args.prefix_tokens,
         labels=labels,
         preset=args.preset if onnx_engine else args.preset or "none",
         color_order=args.color_order,
@@ -110,6 +118,10 @@ def main(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         calibration_method=args.calibration_method,
     )
+    if not onnx_engine and (args.token_grid or args.prefix_tokens is not None):
+        from camface.errors import UsageError
+
+        raise UsageError("--token-grid and --prefix-tokens are for .onnx / .pt2 transformers")
     if onnx_engine:
         from camface.export import onnx_export
 
@@ -132,3 +144,14 @@ def main(args: argparse.Namespace) -> int:
     for line in ranking.summary_lines(info.ranking):
         print(f"  ranking {line}")
     return 0
+
+
+def _grid(text: str) -> tuple[int, int]:
+    """'14x14' -> (14, 14), for --token-grid."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--token-grid takes HxW, such as 14x14, not {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"--token-grid {text}: both sides must be >= 1")
+    return height, width

@@ -35,6 +35,8 @@ class ExportOptions:
     int8: bool = False  # quantize the features after the float32 self-check (export/int8.py)
     calibration: str = "sample"  # int8: face crops from this folder / clip / 'sample'
     calibration_method: str = "percentile"  # int8: export/int8.py CALIBRATION_METHODS
+    token_grid: tuple[int, int] | None = None  # .onnx/.pt2 transformers: the patch grid (h, w) of the tokens
+    prefix_tokens: int | None = None  # .onnx/.pt2 transformers: class / distillation / register tokens
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,13 @@ def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: s
             parts = pending.pop(out, [])
             grads.append(None if not parts else parts[0] if len(parts) == 1
                          else builder.op("Sum", parts))
-        if grads[0] is None:
+        if all(g is None for g in grads):
             continue
+        if node.op_type not in onnx_grad.EVERY_OUTPUT and any(g is not None for g in grads[1:]):
+            later = next(o for o, g in zip(node.output[1:], grads[1:]) if g is not None)
+            raise ModelError(f"node {node.name!r} ({node.op_type}): its output {later!r} lies "
+                             "between the target and the logits, and only the first output of "
+                             "this op has a gradient rule")
         carry = onnx_grad.DIFFERENTIABLE_INPUTS.get(node.op_type)
         results = onnx_grad.RULES[node.op_type](context, node, grads)
         for i, (x, g) in enumerate(zip(node.input, results)):

@@ -50,6 +50,37 @@ def upgrade(model, source: object = "model"):
                          f"cannot convert it ({exc}); re-export it with opset >= 13") from exc
 
 
+def choose_target(classifier, name: str | None, options: ExportOptions):
+    """(classifier, target tensor, the name recorded): a spatial map (`onnx_model.resolve_target`),
+    or a transformer's tokens [N, T, C] laid out on their patch grid (`onnx_model.with_token_grid`,
+    the classifier rewritten to read them back through it): the default when the model has
+    attention and no spatial map the logits read without it, or a token tensor named by `name`.
+    The recorded name says the grid: `blocks.11.norm1 (tokens: 1 + 14x14)`."""
+    from camface.export import onnx_model
+
+    tokens = None
+    if name is None:
+        try:
+            return (classifier, *onnx_model.resolve_target(classifier, None))
+        except onnx_model.AttentionBeforeLogits:
+            tokens = onnx_model.default_token_target(classifier)
+            if tokens is None:
+                raise
+    else:
+        tensor = onnx_model.module_outputs(classifier.model).get(name) or next(
+            (n.output[0] for n in classifier.model.graph.node if n.name == name and n.output), name)
+        if len(onnx_model.shapes(classifier.model).get(tensor) or []) != 3:
+            return (classifier, *onnx_model.resolve_target(classifier, name))
+        tokens = tensor
+    grid = onnx_model.token_grid(classifier, tokens, options.token_grid, options.prefix_tokens)
+    gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
+    owners = [m for m, t in onnx_model.module_outputs(classifier.model).items() if t == tokens]
+    recorded = name or (min(owners, key=lambda m: m.count(".")) if owners else tokens)
+    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)", recorded, tokens,
+             grid.height, grid.width, grid.prefix)
+    return gridded, target, f"{recorded} (tokens: {grid.prefix} + {grid.height}x{grid.width})"
+
+
 def build(model, options: ExportOptions, source: str = "model"):
     """(CAM graph ModelProto, GraphInfo, self-check differences) of a forward onnx.ModelProto."""
     from camface.export import onnx_cam, onnx_model, onnx_verify
@@ -69,8 +100,8 @@ def build(model, options: ExportOptions, source: str = "model"):
         raise ModelError(f"{where}: {len(labels)} labels, but {source} has "
                          f"{classifier.num_classes} classes (one label per line, in class order)")
     pre = preprocessing(options, classifier.channels)
-    target, target_name = onnx_model.resolve_target(
-        classifier, renamed.get(options.target_layer, options.target_layer))
+    classifier, target, target_name = choose_target(classifier, renamed.get(options.target_layer,
+                                                                            options.target_layer), options)
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
     built = onnx_cam.build(classifier, target, pre.scale, pre.offset, heads)

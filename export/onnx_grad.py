@@ -50,6 +50,7 @@ RULES: dict[str, Rule] = {
     "Gelu": pointwise.gelu,
     "Softmax": pointwise.softmax,
     "BatchNormalization": layers.batch_norm,
+    "LayerNormalization": layers.layer_norm,
     "GlobalAveragePool": layers.global_average_pool,
     "GlobalMaxPool": layers.global_max_pool,
     "ReduceMean": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=True),
@@ -59,6 +60,11 @@ RULES: dict[str, Rule] = {
     "MaxPool": layers.max_pool,
     "Transpose": pointwise.transpose,
     "Concat": pointwise.concat,
+    "Split": pointwise.split,
+    "Slice": pointwise.slice_,
+    "Gather": pointwise.gather,
+    "Expand": pointwise.expand,
+    "Where": pointwise.where,
     "MatMul": layers.matmul,
     "Gemm": layers.gemm,
     "Conv": layers.conv,
@@ -67,5 +73,9 @@ RULES: dict[str, Rule] = {
 DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Clip": (0,), "Pow": (0,),
     "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
-    "Conv": (0,), "Dropout": (0,),
+    "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
+    "Gather": (0,), "Expand": (0,), "Where": (1, 2),
 }
+# Ops whose rule reads the gradient of every output (None where nothing reads one); the other
+# rules read the first output's only.
+EVERY_OUTPUT = frozenset({"Split", "LayerNormalization"})

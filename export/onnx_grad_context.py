@@ -98,6 +98,29 @@ def mask(ctx: Context, condition: str, grad: str) -> str:
     return b.op("Where", [condition, grad, b.const(0.0)])
 
 
+def positions(ctx: Context, x: str) -> str:
+    """int64 tensor shaped like `x` holding each element's flat (row-major) index: an op that
+    only moves elements (Gather, Slice, MaxPool's indices) applied to it says where each of its
+    outputs came from."""
+    b = ctx.builder
+    flat = b.op("Range", [b.const(0, np.int64), b.op("Size", [x]), b.const(1, np.int64)])
+    return b.op("Reshape", [flat, b.op("Shape", [x])])
+
+
+def scatter(ctx: Context, x: str, where: str, grad: str, add: bool) -> str:
+    """A tensor shaped like `x`, zero but at the flat indices `where` (shaped like `grad`), which
+    receive `grad`; summed where an index repeats when `add` (ScatterElements' reduction, opset
+    >= 16), else each index must come once."""
+    b = ctx.builder
+    flat = b.ints([-1])
+    zeros = b.op("ConstantOfShape", [b.op("Reshape", [b.op("Size", [x]), flat])],
+                 value=float_tensor(0.0))
+    attrs = {"reduction": "add"} if add else {}
+    scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [where, flat]),
+                                         b.op("Reshape", [grad, flat])], axis=0, **attrs)
+    return b.op("Reshape", [scattered, b.op("Shape", [x])])
+
+
 
 def float_tensor(value: float):
     from onnx import numpy_helper

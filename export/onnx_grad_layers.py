@@ -1,5 +1,5 @@
-"""Gradient rules of layers (see `onnx_grad`): batch norm, pooling and reductions, MatMul/Gemm,
-Conv (a transposed convolution), AveragePool and MaxPool."""
+"""Gradient rules of layers (see `onnx_grad`): batch and layer norm, pooling and reductions,
+MatMul/Gemm, Conv (a transposed convolution), AveragePool and MaxPool."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from camface.errors import ModelError
-from camface.export.onnx_grad_context import Context, attribute, float_tensor, unbroadcast
+from camface.export.onnx_grad_context import (Context, attribute, float_tensor, scatter,
+                                               unbroadcast)
 
 def batch_norm(ctx, node, grads):
     """Inference BatchNormalization: dx = g * scale / sqrt(var + eps), per channel (axis 1)."""
@@ -22,6 +23,37 @@ def batch_norm(ctx, node, grads):
     if rank > 2:
         factor = b.unsqueeze(factor, list(range(1, rank - 1)))
     return [b.op("Mul", [grads[0], factor]), None, None, None, None]
+
+
+def layer_norm(ctx, node, grads):
+    """LayerNormalization (opset 17) over the axes from `axis` on: with x^ = (x - mean) r,
+    r = 1 / sqrt(var + eps) and d = g * scale, dx = r (d - mean(d) - x^ mean(d x^)) (means over
+    the normalised axes). The statistics are recomputed from x (the node rarely outputs them);
+    scale and bias are weights, not differentiated."""
+    b = ctx.builder
+    if any(g is not None for g in grads[1:]):
+        raise ModelError(f"node {node.name!r}: LayerNormalization's mean and inverse standard "
+                         "deviation outputs have no gradient rule")
+    x, scale = node.input[:2]
+    axis = int(attribute(node, "axis", -1))
+    eps = float(attribute(node, "epsilon", 1e-5))
+    rank = ctx.rank(x)
+    if axis >= 0 and rank is None:
+        raise ModelError(f"node {node.name!r}: LayerNormalization over axis {axis} of a tensor "
+                         "of unknown rank")
+    axes = list(range(axis, 0)) if axis < 0 else list(range(axis - rank, 0))
+
+    def mean(t):
+        return b.reduce("ReduceMean", t, axes, keepdims=True)
+
+    centred = b.op("Sub", [x, mean(x)])
+    inverse = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [
+        mean(b.op("Mul", [centred, centred])), b.const(eps)])])])
+    normalised = b.op("Mul", [centred, inverse])
+    d = b.op("Mul", [grads[0], scale])
+    inner = b.op("Sub", [b.op("Sub", [d, mean(d)]),
+                         b.op("Mul", [normalised, mean(b.op("Mul", [d, normalised]))])])
+    return [b.op("Mul", [inner, inverse])] + [None] * (len(node.input) - 1)
 
 
 def global_average_pool(ctx, node, grads):
@@ -222,10 +254,4 @@ def max_pool(ctx, node, grads):
     x = node.input[0]
     attrs = {a.name: attribute(node, a.name) for a in node.attribute}
     _, indices = b.op("MaxPool", [x], outputs=2, **attrs)
-    flat = b.ints([-1])
-    zeros = b.op("ConstantOfShape", [b.op("Reshape", [b.op("Size", [x]), flat])],
-                 value=float_tensor(0.0))
-    scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [indices, flat]),
-                                         b.op("Reshape", [grads[0], flat])],
-                     axis=0, reduction="add")
-    return [b.op("Reshape", [scattered, b.op("Shape", [x])])]
+    return [scatter(ctx, x, indices, grads[0], add=True)]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from camface.export.onnx_grad_context import attribute, mask, unbroadcast
+from camface.errors import ModelError
+from camface.export.onnx_grad_context import (attribute, float_tensor, mask, positions, scatter,
+                                               unbroadcast)
 
 def identity(ctx, node, grads):
     return [grads[0]] + [None] * (len(node.input) - 1)
@@ -182,3 +184,52 @@ def concat(ctx, node, grads):
     parts = b.op("Split", [grads[0], b.op("Concat", sizes, axis=0)], outputs=len(node.input),
                  axis=axis)
     return [parts] if len(node.input) == 1 else list(parts)
+
+
+def split(ctx, node, grads):
+    """The gradients of the parts concatenated back, zeros for a part nothing reads (a Split of
+    q, k, v where only some depend on the target)."""
+    b = ctx.builder
+    axis = int(attribute(node, "axis", 0))
+    parts = [g if g is not None else b.op("ConstantOfShape", [b.op("Shape", [out])],
+                                          value=float_tensor(0.0))
+             for g, out in zip(grads, node.output)]
+    return [b.op("Concat", parts, axis=axis)] + [None] * (len(node.input) - 1)
+
+
+def slice_(ctx, node, grads):
+    """The gradient put back where the slice took it from, zeros elsewhere: the same Slice of
+    the input's element positions says where (any starts, ends, axes, steps)."""
+    b = ctx.builder
+    x = node.input[0]
+    taken = b.op("Slice", [positions(ctx, x), *node.input[1:]])
+    return [scatter(ctx, x, taken, grads[0], add=False)] + [None] * (len(node.input) - 1)
+
+
+def gather(ctx, node, grads):
+    """Gather (the class token x[:, 0], a token subset): the gradient added back at the rows
+    taken, as Slice; an index taken twice sums its gradients (ScatterElements add, opset >= 16)
+    unless the indices are constant and distinct."""
+    b = ctx.builder
+    x, indices = node.input
+    values = ctx.constants.get(indices)
+    distinct = values is not None and np.unique(values).size == np.asarray(values).size
+    if not distinct and b.opset < 16:
+        raise ModelError(f"node {node.name!r}: the gradient of Gather with run-time or repeated "
+                         f"indices needs opset >= 16 (the model has {b.opset})")
+    taken = b.op("Gather", [positions(ctx, x), indices], axis=int(attribute(node, "axis", 0)))
+    return [scatter(ctx, x, taken, grads[0], add=not distinct), None]
+
+
+def expand(ctx, node, grads):
+    return [unbroadcast(ctx, grads[0], node.input[0], node.output[0]), None]
+
+
+def where(ctx, node, grads):
+    """The gradient goes to X where the condition holds, to Y elsewhere."""
+    b = ctx.builder
+    condition, x, y = node.input
+    zero = b.const(0.0)
+    return [None,
+            unbroadcast(ctx, b.op("Where", [condition, grads[0], zero]), x, node.output[0]),
+            unbroadcast(ctx, b.op("Where", [condition, zero, grads[0]]), y, node.output[0])]

@@ -5,12 +5,17 @@ Every node lies on the graph as written (local functions inlined first); shapes 
 `onnx.shape_inference`. A PyTorch module name (`layer4`) names a tensor through the node
 metadata `pkg.torch.onnx.name_scopes` that torch.onnx's dynamo exporter writes: the module's
 output is the last tensor written inside the module and read outside it.
+
+A vision transformer's target is tokens [N, T, C] (`default_token_target`): `token_grid` finds
+how they lie on the image, `with_token_grid` lays the patches out as an NHWC map that the model
+reads back through, and that map is then a target like any spatial map.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +27,18 @@ log = logging.getLogger(__name__)
 
 FLOAT = 1  # onnx.TensorProto.FLOAT
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+TOKEN_GRID = "camface.token_grid"  # marks the Reshape that `with_token_grid` lays tokens out by
 _POOLS = ("GlobalAveragePool", "GlobalMaxPool")
 _FINAL = ("Softmax", "Sigmoid", "LogSoftmax")  # their input is the logits
 _SPATIAL_REDUCE = ("ReduceMean", "ReduceMax")
 # Ops CAM may look through between the pooling and the linear layer.
 _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 
+
+
+class AttentionBeforeLogits(ModelError):
+    """The default target: every spatial map reaches the logits only through attention (a vision
+    transformer); the exporter then looks for a token target instead."""
 
 @dataclass(frozen=True)
 class Classifier:
@@ -307,6 +318,23 @@ def _spatial_pool_input(node, dims, values) -> str | None:
     return None
 
 
+def _token_pool_input(model, node, dims, values) -> str | None:
+    """The token grid (`with_token_grid`, no prefix tokens) whose tokens [N, h * w, C] `node`
+    averages over the token axis, or None."""
+    if node.op_type != "ReduceMean" or len(dims.get(node.input[0]) or []) != 3:
+        return None
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if len(node.input) > 1 and node.input[1] in values:
+        axes = values[node.input[1]].tolist()
+    producer = {o: n for n in model.graph.node for o in n.output}
+    back = producer.get(node.input[0])
+    laid = producer.get(back.input[0]) if back is not None and back.op_type == "Reshape" else None
+    if axes is None or [a % 3 for a in axes] != [1] or laid is None or \
+            not any(p.key == TOKEN_GRID for p in laid.metadata_props):
+        return None
+    return back.input[0]
+
+
 def candidates(model, logits: str) -> list[str]:
     """4-D float tensors that the logits depend on, in graph order (tensor names)."""
     dims, types = shapes(model), elem_types(model)
@@ -381,6 +409,8 @@ def spatial_maps(classifier: Classifier) -> dict[str, str]:
         elif node.op_type == "MatMul" and node.input[0] in grid and node.input[1] in values \
                 and grid[node.input[0]] == "NHWC":
             grid[out] = "NHWC"  # a linear layer over the channels of an NHWC map
+        elif node.op_type == "Reshape" and any(p.key == TOKEN_GRID for p in node.metadata_props):
+            grid[out] = "NHWC"  # tokens laid on their patch grid by `with_token_grid`
     return {name: layout for name, layout in grid.items() if name != classifier.input_name}
 
 
@@ -467,12 +497,12 @@ def default_target(classifier: Classifier) -> str:
     if mixing is not None:
         tokens = [t for t in found if t not in grid][-1:]
         shown = "".join(f" such as {t!r} {_symbolic(dims.get(t))}" for t in tokens)
-        raise ModelError(f"no spatial feature map that the logits {classifier.logits!r} read "
+        raise AttentionBeforeLogits(f"no spatial feature map that the logits {classifier.logits!r} read "
                          f"without attention: the last one, {target!r} "
                          f"{_symbolic(dims.get(target))}, passes through {mixing.op_type} node "
                          f"{mixing.name!r}, which mixes tokens (attention); the other 4-D tensors"
-                         f"{shown} are tokens and attention, not feature maps (token grids are not "
-                         f"supported yet); spatial maps: {', '.join(maps[-3:])}; pass one with "
+                         f"{shown} are tokens and attention, not feature maps (a token target [N, T, C] "
+                         f"needs an attention whose tokens lie on a grid); spatial maps: {', '.join(maps[-3:])}; pass one with "
                          "--target-layer to explain it anyway")
     return target
 
@@ -577,14 +607,15 @@ def target_layout(model, tensor: str, grid: dict[str, str] | None = None) -> str
 
 def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[np.ndarray | None, str]:
     """CAM's class weights W [classes, K] (arXiv:1512.04150 eq. 2, biases left out) when the head
-    is global average pooling -> one linear layer (Gemm or MatMul with constant weights), else
-    (None, the reason)."""
+    is global average pooling (or the mean of a token grid's tokens, no prefix tokens) -> one
+    linear layer (Gemm or MatMul with constant weights), else (None, the reason)."""
     model = classifier.model
     dims, values = shapes(model), constants(model)
     core = [n for n in head_nodes if n.op_type not in _PASS_THROUGH]
     first = core[0] if core else None
     if first is None or first.op_type not in ("GlobalAveragePool", "ReduceMean") or \
-            _spatial_pool_input(first, dims, values) != target:
+            target not in (_spatial_pool_input(first, dims, values),
+                           _token_pool_input(model, first, dims, values)):
         kind = first.op_type if first is not None else "nothing"
         return None, (f"CAM needs global average pooling right after the target {target!r}; "
                       f"found {kind}")
@@ -603,3 +634,154 @@ def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[
     names = " -> ".join(f"{n.name} ({n.op_type})" for n in rest) or "nothing"
     return None, (f"the head after global average pooling is not one linear layer ({names}); "
                   "CAM needs GAP -> Gemm/MatMul -> softmax")
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a transformer's tokens [N, T, C] lie on the image: T = prefix + height * width, the
+    prefix tokens (class, distillation, registers) first, then the patches row by row."""
+
+    prefix: int
+    height: int
+    width: int
+
+
+MAX_PREFIX = 8  # more leading tokens than this are not taken for class/distillation tokens
+
+
+def _ancestors(model, tensor: str) -> set[str]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen, stack = set(), [tensor]
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(producer[name].input if name in producer else [])
+    return seen
+
+
+def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None = None,
+               prefix: int | None = None) -> TokenGrid:
+    """The grid of `tokens` [N, T, C]: height and width those of the patch embedding (the last
+    spatial map the tokens come from: the input's size divided by its stride), or `grid`
+    (--token-grid); the prefix T - h * w, or `prefix` (--prefix-tokens). ModelError when the
+    tensor is no [N, T, C] (attention [N, heads, T, T] is 4-D) or its T is no prefix + h * w."""
+    found = shapes(classifier.model)
+    dims = found.get(tokens) or []
+    if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        raise ModelError(f"{tokens!r} {_symbolic(dims)} is no token tensor [N, tokens, channels] "
+                         "with a fixed number of tokens and channels")
+    count = dims[1]
+    how = "given"
+    if grid is None:
+        maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
+        sources = [t for t in maps if t in before
+                   and all(isinstance(d, int) for d in _hw(found.get(t), maps[t]))]
+        squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
+                   if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]
+        if sources:
+            grid = tuple(_hw(found[sources[-1]], maps[sources[-1]]))
+            how = f"the patch embedding {sources[-1]!r}"
+        elif squares and classifier.input_size[0] == classifier.input_size[1]:
+            grid, how = (squares[0][1],) * 2, "a square"
+    if grid is None:
+        raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} form no grid that camface "
+                         "recognises (no patch embedding before them, no square); pass "
+                         "--token-grid HxW and --prefix-tokens N")
+    height, width = int(grid[0]), int(grid[1])
+    prefix = count - height * width if prefix is None else int(prefix)
+    if height <= 0 or width <= 0 or not 0 <= prefix <= MAX_PREFIX or \
+            prefix + height * width != count:
+        raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} are not {prefix} prefix "
+                         f"tokens + a {height}x{width} grid ({how}): {count} != {prefix} + "
+                         f"{height * width}; pass --token-grid HxW and --prefix-tokens N "
+                         f"(at most {MAX_PREFIX} prefix tokens)")
+    return TokenGrid(prefix, height, width)
+
+
+def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tuple[Classifier, str]:
+    """(the classifier rewritten, the grid tensor): the patch tokens of `tokens` [N, T, C] laid
+    out as an NHWC map [N, h, w, C] that the model's own readers of `tokens` read back through
+    (prefix tokens, then the map reshaped to [N, h * w, C]). The values are the model's; the
+    map is a target like any spatial map: its gradient is the tokens' gradient, rearranged."""
+    import dataclasses
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(classifier.model)
+    graph = model.graph
+    channels = shapes(model)[tokens][2]
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+
+    def fresh(hint):
+        name, index = f"{tokens}/{hint}", 1
+        while name in taken:
+            index += 1
+            name = f"{tokens}/{hint}_{index}"
+        taken.add(name)
+        return name
+
+    def ints(hint, values):
+        name = fresh(hint)
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    axis, count = ints("token_axis", [1]), grid.prefix + grid.height * grid.width
+    patches, laid, back, joined = fresh("patches"), fresh("grid"), fresh("patches_back"), \
+        fresh("tokens_back")
+    added = [helper.make_node("Slice", [tokens, ints("first_patch", [grid.prefix]),
+                                        ints("token_count", [count]), axis], [patches],
+                              name=fresh("slice_patches")),
+             helper.make_node("Reshape", [patches, ints("grid_shape", [-1, grid.height,
+                                                                       grid.width, channels])],
+                              [laid], name=fresh("reshape_grid")),
+             helper.make_node("Reshape", [laid, ints("patches_shape", [-1, grid.height
+                                                                       * grid.width, channels])],
+                              [back], name=fresh("reshape_back"))]
+    added[1].metadata_props.add(key=TOKEN_GRID, value=f"{grid.prefix}+{grid.height}x{grid.width}")
+    if grid.prefix:
+        prefix = fresh("prefix")
+        added += [helper.make_node("Slice", [tokens, ints("zero", [0]), added[0].input[1], axis],
+                                   [prefix], name=fresh("slice_prefix")),
+                  helper.make_node("Concat", [prefix, back], [joined], axis=1,
+                                   name=fresh("concat_tokens"))]
+    else:
+        joined = back
+    nodes = list(graph.node)
+    at = next((i + 1 for i, n in enumerate(nodes) if tokens in n.output), 0)
+    for node in nodes[at:]:
+        node.input[:] = [joined if x == tokens else x for x in node.input]
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + added + nodes[at:])
+    return dataclasses.replace(classifier, model=prepare(model, where="the token grid")), laid
+
+
+def default_token_target(classifier: Classifier) -> str | None:
+    """A vision transformer's default target: the tokens [N, T, C] that the last attention's
+    queries, keys and values are computed from (the input of its qkv linear layer: ViT and
+    DeiT's blocks[-1].norm1); None when the model has no attention [N, heads, T, T]."""
+    model = classifier.model
+    dims = shapes(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax" and n.output[0] !=
+                 classifier.output_name and len(dims.get(n.output[0]) or []) == 4
+                 and dims[n.output[0]][2] == dims[n.output[0]][3]]
+    if not softmaxes:
+        return None
+    count = dims[softmaxes[-1].output[0]][3]
+    values = constants(model)
+    seen, queue = set(), list(softmaxes[-1].input)
+    while queue:  # breadth first: the nearest linear layer of tokens, q, k and v's
+        name = queue.pop(0)
+        if name in seen or name not in producer:
+            continue
+        seen.add(name)
+        node = producer[name]
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in values:
+            shape = dims.get(node.input[0]) or []
+            if len(shape) == 3 and shape[1] == count:
+                return node.input[0]
+        queue.extend(node.input)
+    return None

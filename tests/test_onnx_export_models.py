@@ -22,12 +22,13 @@ from camface.cli import main  # noqa: E402
 SIZE = 32
 
 
-def legacy_onnx(model, path, input_name="x", output_name="logits"):
-    """`model` -> ONNX at `path` by torch.onnx's TorchScript exporter (opset 17, dynamic batch)."""
+def legacy_onnx(model, path, input_name="x", output_name="logits", opset=17):
+    """`model` -> ONNX at `path` by torch.onnx's TorchScript exporter (opset 17 unless told,
+    dynamic batch)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
-                          opset_version=17, input_names=[input_name], output_names=[output_name],
+                          opset_version=opset, input_names=[input_name], output_names=[output_name],
                           dynamic_axes={input_name: {0: "N"}, output_name: {0: "N"}})
     return path
 
@@ -130,6 +131,57 @@ class Swin(nn.Module):
         return self.head(self.norm(x).mean(dim=(1, 2)))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of NCHW, by permutes to NHWC and back."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv, LayerNorm and the MLP (linear, GELU, linear) on NHWC, layer scale."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtHead(nn.Module):
+    """timm's NormMlpClassifierHead: global average pooling, LayerNorm2d, flatten, linear."""
+
+    def __init__(self, dim, classes):
+        super().__init__()
+        self.global_pool, self.norm = nn.AdaptiveAvgPool2d(1), LayerNorm2d(dim)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.global_pool(x)).flatten(1))
+
+
+class ConvNeXt(nn.Module):
+    """ConvNeXt-like (as timm's ConvNeXt-Atto, smaller): a 4x4 patchify stem with LayerNorm2d,
+    two stages (the second downsamples by LayerNorm2d and a 2x2 conv), the head above."""
+
+    def __init__(self, dims=(8, 16), classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))
+        self.stages = nn.Sequential(
+            nn.Sequential(ConvNeXtBlock(dims[0]), ConvNeXtBlock(dims[0])),
+            nn.Sequential(LayerNorm2d(dims[0], eps=1e-6), nn.Conv2d(dims[0], dims[1], 2, 2),
+                          ConvNeXtBlock(dims[1])))
+        self.head = ConvNeXtHead(dims[1], classes)
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
 def refused(capsys, path, tmp_path, *flags) -> str:
     """`camface export` on `path` fails: exit 2, one line on stderr, no graph; that line."""
     out = tmp_path / "cam.onnx"
@@ -141,18 +193,35 @@ def refused(capsys, path, tmp_path, *flags) -> str:
 
 
 @pytest.mark.parametrize("class_token", [True, False], ids=["class-token", "mean-tokens"])
-def test_a_vision_transformer_is_refused_naming_its_maps_and_the_attention(tmp_path, capsys,
-                                                                          class_token):
-    """Its 4-D tensors are attention [N, heads, tokens, dim] (no map) and the patch embedding (a
-    map, but attention lies between it and the logits): no default target, one line."""
+def test_a_vision_transformer_exports_on_its_token_grid_and_runs_live(tmp_path, capsys, class_token):
+    """No spatial map reaches the logits without attention: the default target is the last
+    block's norm1 tokens, laid out on the 4x4 patch grid after the class token (if any); the
+    graph runs in `camface live` unchanged, with maps on the faces."""
+    import json
+
     torch.manual_seed(0)
-    err = refused(capsys, legacy_onnx(ViT(class_token), tmp_path / "vit.onnx"), tmp_path)
-    assert re.search(r"no spatial feature map that the logits 'logits' read without attention: "
-                     r"the last one, '/patch_embed/Conv_output_0' \[N, 16, 4, 4\], passes through "
-                     r"MatMul node '/blocks/blocks.0/attn/MatMul', which mixes tokens \(attention\); "
-                     r"the other 4-D tensors such as '/blocks/blocks.1/attn/\w+' \[.*\] are tokens "
-                     r".*; spatial maps: /patch_embed/Conv_output_0; pass one with --target-layer",
-                     err), err
+    out = tmp_path / "vit.cam.onnx"
+    assert main(["export", str(legacy_onnx(ViT(class_token), tmp_path / "vit.onnx")), "-o", str(out),
+                 "--preset", "unit", "--no-rank"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    # the input of the last block's qkv: its norm1, or (blocks without norms) the block before's output
+    module = "blocks/blocks.1/norm1" if class_token else "blocks/blocks.0"  # TorchScript's names
+    assert meta["target_layer"] == f"{module} (tokens: {int(class_token)} + 4x4)"
+    assert json.loads(meta["feature_size"]) == [4, 4]
+    snapshots = tmp_path / "snaps"
+    assert main(["live", "--model", str(out), "--source", "sample", "--no-show", "--max-frames", "3",
+                 "--method", "gradcam", "--snapshot-every", "2", "--snapshot-dir", str(snapshots)]) == 0
+    saved = json.loads(next(snapshots.glob("*/snapshot.json")).read_text())
+    assert saved["faces"] and saved["method"] == "gradcam"
+
+
+def test_a_token_grid_flag_is_for_onnx_models(tmp_path, capsys):
+    from camface.models import EMOTION_KERAS
+
+    assert main(["export", str(EMOTION_KERAS), "-o", str(tmp_path / "x.onnx"), "--token-grid", "4x4"]) == 2
+    assert "--token-grid and --prefix-tokens are for .onnx / .pt2 transformers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", str(EMOTION_KERAS), "-o", str(tmp_path / "x.onnx"), "--token-grid", "4by4"])
 
 
 def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_open(tmp_path):
@@ -382,3 +451,78 @@ def test_int8_quantizes_the_features_of_an_onnx_or_pt2_model(tmp_path, capsys, s
     np.testing.assert_allclose(got["probs"], reference["probs"], atol=0.02)
     a, b = got["activations"].ravel(), reference["activations"].ravel()
     assert not np.array_equal(a, b) and np.corrcoef(a, b)[0, 1] > 0.99  # int8, and close
+
+
+def torch_heatmaps(model, stage, images, classes, heatmaps):
+    """(probs, activations [N, h, w, K], {method: reference heatmap}) of `model` on uint8 NHWC
+    `images` (preset unit), from torch autograd's gradient of the chosen logits at the output
+    of `stage`."""
+    from camface import methods
+
+    seen = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen["a"] = out
+
+    hook = stage.register_forward_hook(keep)
+    logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    hook.remove()
+    chosen = np.where(classes < 0, logits.detach().numpy().argmax(1), classes)
+    logits[torch.arange(len(chosen)), torch.tensor(chosen)].sum().backward()
+    a = seen["a"].detach().permute(0, 2, 3, 1).numpy()
+    g = seen["a"].grad.permute(0, 2, 3, 1).numpy()
+    expected = {name: methods.get(name).reference(a, g) for name in heatmaps}
+    return torch.softmax(logits, 1).detach().numpy(), a, expected
+
+
+@pytest.fixture(scope="module", params=[17, 14], ids=["opset17", "opset14-decomposed"])
+def convnext_graph(tmp_path_factory, request):
+    """(the torch model, the export result, the opset) of the ConvNeXt-like model, legacy exporter: at
+    opset 17 (LayerNormalization nodes) and 14 (LayerNorm as ReduceMean, Sub, Pow, Sqrt, Div)."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    folder = tmp_path_factory.mktemp("convnext")
+    torch.manual_seed(0)
+    model = ConvNeXt().eval()
+    path = legacy_onnx(model, folder / "convnext.onnx", opset=request.param)
+    return model, onnx_export.export(path, folder / "cam.onnx", ExportOptions(preset="unit")), \
+        request.param
+
+
+def test_a_convnext_exports_at_its_last_stage_without_cam(convnext_graph):
+    """ConvNeXt-Atto failed with "no gradient rule for op LayerNormalization (node
+    '/head/norm/LayerNormalization')": the head's LayerNorm2d is differentiated now. The
+    default target is the input of the global pooling, the last stage's output (recorded as
+    `stages`, the module whose output it is); CAM is left out: a norm lies between the pooling
+    and the linear layer."""
+    _, result, opset = convnext_graph
+    info = result.info
+    assert info.target_layer == "stages" and info.feature_size == (4, 4)
+    assert "cam" not in info.heatmaps and {"gradcam", "hirescam", "eigencam"} <= set(info.heatmaps)
+    assert all(d.ok for d in result.differences)
+    norm = "LayerNormalization" if opset >= 17 else "ReduceMean"  # its decomposition below 17
+    assert re.search(r"the head after global average pooling is not one linear layer "
+                     rf"\(/head/norm/Transpose \(Transpose\) -> /head/norm/{norm} \({norm}\)",
+                     info.cam_unavailable_reason), info.cam_unavailable_reason
+
+
+@pytest.mark.parametrize("batch", [1, 4, 32])
+def test_convnext_heatmaps_equal_those_of_torch_autograd(convnext_graph, batch):
+    """Every heatmap of the graph against the method's numpy reference on the activations and
+    torch autograd's gradient at the last stage, the same weights, at batch 1, 4 and 32."""
+    model, result, _ = convnext_graph
+    rng = np.random.default_rng(batch)
+    images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = rng.integers(-1, 4, batch).astype(np.int64)
+    got = run_graph(result.path, images, classes)
+    probs, activations, expected = torch_heatmaps(model, model.stages, images, classes,
+                                                  result.info.heatmaps)
+    np.testing.assert_allclose(got["probs"], probs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
+    for name, heatmap in expected.items():
+        assert got[name].shape == (batch, 4, 4)
+        scale = float(np.abs(heatmap).max())
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=name)

@@ -139,6 +139,121 @@ CASES = {
                       lambda t, F, x: F.conv2d(x, t.tensor(W_CONV), padding=2, dilation=2)),
 }
 
+# Transformer and modern-CNN heads: tokens x [N, T, C] = [2, 5, 8] (ViT, DeiT, Swin, ConvNeXt).
+TOKENS = (2, 5, 8)
+W_LN = [RNG.uniform(0.5, 1.5, 8).astype(np.float32), RNG.standard_normal(8).astype(np.float32)]
+W_LN_CHW = [RNG.uniform(0.5, 1.5, (3, 4, 4)).astype(np.float32),
+            RNG.standard_normal((3, 4, 4)).astype(np.float32)]
+W_QKV = RNG.standard_normal((8, 24)).astype(np.float32) * 0.3
+KEEP = RNG.random((5, 8)) > 0.5  # Where's condition: a constant mask
+
+
+def _attention(t, F, x):
+    """Two-head self-attention as timm writes it (no projections after)."""
+    q, k, v = (x @ t.tensor(W_QKV)).reshape(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    a = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+    return (a @ v).transpose(1, 2).reshape(2, 5, 8)
+
+
+TOKEN_CASES = {
+    "LayerNormalization": ([node("LayerNormalization", ["x", "s", "b"], epsilon=1e-5)],
+                           [init("s", W_LN[0]), init("b", W_LN[1])],
+                           lambda t, F, x: F.layer_norm(x, (8,), *map(t.tensor, W_LN), 1e-5)),
+    "LayerNorm(decomposed)": (
+        [node("ReduceMean", ["x", "last"], ["m"]), node("Sub", ["x", "m"], ["d"]),
+         node("Pow", ["d", "two"], ["p"]), node("ReduceMean", ["p", "last"], ["v"]),
+         node("Add", ["v", "eps"], ["ve"]), node("Sqrt", ["ve"], ["sd"]),
+         node("Div", ["d", "sd"], ["n"]), node("Mul", ["n", "s"], ["ns"]),
+         node("Add", ["ns", "b"])],
+        [init("last", np.array([-1])), init("two", np.float32(2)), init("eps", np.float32(1e-5)),
+         init("s", W_LN[0]), init("b", W_LN[1])],
+        lambda t, F, x: F.layer_norm(x, (8,), *map(t.tensor, W_LN), 1e-5)),
+    # q, k, v by one MatMul and a Split; heads by Reshapes to shapes computed by Shape / Gather /
+    # Concat (the shape path is not differentiated); softmax(q k^T / 2) v; heads merged back
+    "Attention(Split, Reshape, Transpose, MatMul, Softmax)": (
+        [node("MatMul", ["x", "w"], ["qkv"]),
+         node("Split", ["qkv", "thirds"], ["q", "k", "v"], axis=-1),
+         node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "i0"], ["n"]),
+         node("Gather", ["shape", "i1"], ["tokens"]), node("Unsqueeze", ["n", "ax0"], ["n1"]),
+         node("Unsqueeze", ["tokens", "ax0"], ["t1"]),
+         node("Concat", ["n1", "t1", "two_heads"], ["heads_shape"], axis=0),
+         node("Concat", ["n1", "t1", "minus_one"], ["merged_shape"], axis=0),
+         *[node("Reshape", [p, "heads_shape"], [p + "h"]) for p in "qkv"],
+         node("Transpose", ["qh"], ["qt"], perm=[0, 2, 1, 3]),
+         node("Transpose", ["kh"], ["kt"], perm=[0, 2, 3, 1]),
+         node("Transpose", ["vh"], ["vt"], perm=[0, 2, 1, 3]),
+         node("MatMul", ["qt", "kt"], ["scores"]), node("Mul", ["scores", "half"], ["scaled"]),
+         node("Softmax", ["scaled"], ["a"], axis=-1), node("MatMul", ["a", "vt"], ["av"]),
+         node("Transpose", ["av"], ["avt"], perm=[0, 2, 1, 3]),
+         node("Reshape", ["avt", "merged_shape"])],
+        [init("w", W_QKV), init("thirds", np.array([8, 8, 8])), init("i0", np.array(0)),
+         init("i1", np.array(1)), init("ax0", np.array([0])), init("two_heads", np.array([2, 4])),
+         init("minus_one", np.array([-1])), init("half", np.float32(0.5))],
+        _attention),
+    "Softmax(axis 1, tokens)": ([node("Softmax", ["x"], axis=1)], [],
+                                lambda t, F, x: x.softmax(1)),
+    "MatMul(x x^T)": ([node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+                       node("MatMul", ["x", "xt"])], [], lambda t, F, x: x @ x.transpose(1, 2)),
+    "Split(first part unused)": ([node("Split", ["x", "sizes"], ["a", "b", "c"], axis=2),
+                                  node("Mul", ["b", "c"])], [init("sizes", np.array([2, 3, 3]))],
+                                 lambda t, F, x: x[..., 2:5] * x[..., 5:]),
+    "Gather(class token)": ([node("Gather", ["x", "i0"], axis=1)], [init("i0", np.array(0))],
+                            lambda t, F, x: x[:, 0]),
+    "Gather(repeated, negative)": ([node("Gather", ["x", "rows"], axis=1)],
+                                   [init("rows", np.array([[0, 2], [0, -1]]))],
+                                   lambda t, F, x: x[:, [[0, 2], [0, 4]]]),
+    "Gather(run-time indices)": ([node("Shape", ["x"], ["shape"]),
+                                  node("Gather", ["shape", "i1"], ["tokens"]),
+                                  node("Sub", ["tokens", "one"], ["last"]),
+                                  node("Gather", ["x", "last"], axis=1)],
+                                 [init("i1", np.array(1)), init("one", np.array(1))],
+                                 lambda t, F, x: x[:, -1]),
+    "Slice(patch tokens)": ([node("Slice", ["x", "start", "end", "axis"])],
+                            [init("start", np.array([1])), init("end", np.array([2 ** 62])),
+                             init("axis", np.array([1]))], lambda t, F, x: x[:, 1:]),
+    "Slice(steps 3, -2)": ([node("Slice", ["x", "starts", "ends", "axes", "steps"])],
+                           [init("starts", np.array([1, 4])), init("ends", np.array([8, -100])),
+                            init("axes", np.array([2, 1])), init("steps", np.array([3, -2]))],
+                           lambda t, F, x: x[:, [4, 2, 0], 1:8:3]),
+    "Concat(tokens)": ([node("Slice", ["x", "zero", "one", "axis"], ["first"]),
+                        node("Concat", ["first", "x"], axis=1)],
+                       [init("zero", np.array([0])), init("one", np.array([1])),
+                        init("axis", np.array([1]))], lambda t, F, x: t.cat([x[:, :1], x], 1)),
+    "Erf": ([node("Erf", ["x"])], [], lambda t, F, x: t.erf(x)),
+    "Gelu(tanh, decomposed)": ([node("Pow", ["x", "three"], ["p"]), node("Mul", ["p", "c1"], ["a"]),
+                                node("Add", ["x", "a"], ["s"]), node("Mul", ["s", "c2"], ["i"]),
+                                node("Tanh", ["i"], ["th"]), node("Add", ["th", "one"], ["u"]),
+                                node("Mul", ["x", "u"], ["m"]), node("Mul", ["m", "half"])],
+                               [init("three", np.float32(3)), init("c1", np.float32(0.044715)),
+                                init("c2", np.float32(np.sqrt(2 / np.pi))),
+                                init("one", np.float32(1)), init("half", np.float32(0.5))],
+                               lambda t, F, x: F.gelu(x, approximate="tanh")),
+    "Expand(to a computed shape)": ([node("ReduceMean", ["x", "ax1"], ["m"]),
+                                     node("Shape", ["x"], ["shape"]),
+                                     node("Expand", ["m", "shape"], ["e"]), node("Mul", ["e", "x"])],
+                                    [init("ax1", np.array([1]))],
+                                    lambda t, F, x: x.mean(1, keepdim=True).expand(2, 5, 8) * x),
+    "Where": ([node("ReduceMean", ["x", "ax1"], ["m"]), node("Where", ["keep", "x", "m"])],
+              [init("keep", KEEP), init("ax1", np.array([1]))],
+              lambda t, F, x: t.where(t.tensor(KEEP), x, x.mean(1, keepdim=True))),
+    "ReduceMean(tokens)": ([node("ReduceMean", ["x", "ax1"], keepdims=0)],
+                           [init("ax1", np.array([1]))], lambda t, F, x: x.mean(1)),
+}
+CASES.update(TOKEN_CASES)
+CASES.update({
+    "LayerNormalization(axis 1)": ([node("LayerNormalization", ["x", "s", "b"], axis=1)],
+                                   [init("s", W_LN_CHW[0]), init("b", W_LN_CHW[1])],
+                                   lambda t, F, x: F.layer_norm(x, (3, 4, 4),
+                                                                *map(t.tensor, W_LN_CHW))),
+    "LayerNorm2d(permuted)": ([node("Transpose", ["x"], ["nhwc"], perm=[0, 2, 3, 1]),
+                               node("LayerNormalization", ["nhwc", "s", "b"], ["n"], epsilon=1e-6),
+                               node("Transpose", ["n"], perm=[0, 3, 1, 2])],
+                              [init("s", W_LN[0][:3]), init("b", W_LN[1][:3])],
+                              lambda t, F, x: F.layer_norm(x.permute(0, 2, 3, 1), (3,), t.tensor(
+                                  W_LN[0][:3]), t.tensor(W_LN[1][:3]), 1e-6).permute(0, 3, 1, 2)),
+})
+SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
+
 
 def gradient_model(nodes, initializers, x_shape=X_SHAPE):
     """(model bytes with outputs y and dx, y's shape): dx = d sum(seed * y) / dx."""
@@ -178,7 +293,7 @@ def finite_differences(nodes, initializers, x, seed, eps=1e-3):
 
 def _inputs(name, seed=0):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(X_SHAPE).astype(np.float32)
+    x = rng.standard_normal(SHAPES.get(name, X_SHAPE)).astype(np.float32)
     # keep values off the kinks (ReLU, Clip, HardSwish at +-3) and off ties (max pools)
     x = np.where(np.abs(x) < 0.05, 0.1, x)
     x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x) if "Clip" in name else x
@@ -189,7 +304,7 @@ def _inputs(name, seed=0):
 def test_gradient_rule_against_finite_differences(name):
     nodes, initializers, _ = CASES[name]
     x = _inputs(name)
-    model, _, _, y_shape = gradient_model(nodes, initializers)
+    model, _, _, y_shape = gradient_model(nodes, initializers, x.shape)
     seed = np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
     y, grad = run_gradient(nodes, initializers, x, seed)
     expected = finite_differences(nodes, initializers, x, seed.astype(np.float64))
@@ -214,7 +329,8 @@ def test_gradient_rule_against_torch_autograd(name):
 def test_every_listed_op_has_a_rule():
     listed = ("Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip Sigmoid HardSigmoid HardSwish Gelu "
               "Tanh BatchNormalization GlobalAveragePool ReduceMean AveragePool MaxPool Flatten "
-              "Reshape Transpose Squeeze Unsqueeze Concat Identity Dropout Conv").split()
+              "Reshape Transpose Squeeze Unsqueeze Concat Identity Dropout Conv LayerNormalization "
+              "Softmax Pow Sqrt Erf Split Slice Gather Expand Where").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -223,3 +339,13 @@ def test_an_op_without_a_rule_is_named_with_its_node():
     with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'the_sine'\).*later "
                                          r"target layer"):
         gradient_model(nodes, [])
+
+
+
+def test_layer_norms_statistics_outputs_on_the_path_are_refused():
+    """LayerNormalization's mean output read on the way to the logits: no silent zero."""
+    nodes = [node("LayerNormalization", ["x", "s"], ["n", "mean"], name="the_norm"),
+             node("Add", ["n", "mean"])]
+    with pytest.raises(ModelError, match=r"node 'the_norm': LayerNormalization's mean and "
+                                         r"inverse standard deviation outputs have no gradient"):
+        gradient_model(nodes, [init("s", W_LN[0])], TOKENS)

@@ -1,0 +1,264 @@
+"""Token targets of vision transformers (ViT, DeiT): tokens [N, T, C] laid on their patch grid
+[N, h, w, C] (T = prefix + h * w, the grid from the patch embedding) and explained there. Inline
+PyTorch models, exported by torch.onnx's legacy exporter at opset 17; every heatmap against the
+method's numpy reference on torch autograd's gradient at the same tokens."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import onnxruntime as ort  # noqa: E402
+from test_onnx_export_models import SIZE, TransformerBlock, ViT, legacy_onnx  # noqa: E402
+from torch import nn  # noqa: E402
+
+from camface import methods  # noqa: E402
+from camface.errors import ModelError  # noqa: E402
+from camface.export import onnx_cam, onnx_model, onnx_verify  # noqa: E402
+
+UNIT = ([1 / 255] * 3, [0.0] * 3)  # the `unit` preset: x / 255
+
+
+class DeiT(ViT):
+    """DeiT-like: a class and a distillation token before the patches, one head on each, the
+    logits their mean (as DeiT at inference)."""
+
+    def __init__(self, dim=16, classes=4):
+        super().__init__(True, dim, classes)
+        self.dist_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (SIZE // 8) ** 2 + 2, dim))
+        self.head_dist = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        n = x.shape[0]
+        x = torch.cat([self.class_token.expand(n, -1, -1), self.dist_token.expand(n, -1, -1), x], 1)
+        x = self.norm(self.blocks(x + self.pos))
+        return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+
+class PatchViT(nn.Module):
+    """One block, `patch` x `patch` patches of a `size` x `size` image, a class token."""
+
+    def __init__(self, size, patch, dim=8, classes=3):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(TransformerBlock(dim, 1))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.blocks(x)[:, 0])
+
+
+class TokenMixer(ViT):
+    """Patch tokens mixed into 35 tokens by a linear layer over the token axis: no grid."""
+
+    def __init__(self):
+        super().__init__(False)
+        self.mix = nn.Linear((SIZE // 8) ** 2, 35)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2)  # [N, C, 16]
+        x = self.mix(x).transpose(1, 2)  # [N, 35, C]
+        return self.head(self.blocks(x).mean(1))
+
+
+def classifier_of(model, path, size=SIZE):
+    if size == SIZE:
+        path = legacy_onnx(model, path)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, size, size),), str(path),
+                              dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["logits"],
+                              dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    return onnx_model.settle_shapes(onnx_model.describe(onnx_model.load(path)))
+
+
+MODELS = {"vit": (lambda: ViT(True), "blocks/blocks.1/norm1", 1),
+          "deit": (DeiT, "blocks/blocks.1/norm1", 2),
+          "vit-mean-tokens": (lambda: ViT(False), "blocks/blocks.0", 0)}  # no norms: block input
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def token_graph(request, tmp_path_factory):
+    """(name, torch model, classifier with the grid, built CAM graph, self-check differences)."""
+    make, _, _ = MODELS[request.param]
+    torch.manual_seed(0)
+    model = make().eval()
+    classifier = classifier_of(model, tmp_path_factory.mktemp("tokens") / "m.onnx")
+    tokens = onnx_model.default_token_target(classifier)
+    grid = onnx_model.token_grid(classifier, tokens)
+    gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
+    built = onnx_cam.build(gridded, target, *UNIT)
+    return request.param, model, classifier, tokens, grid, built, \
+        onnx_verify.check(gridded, built, *UNIT)
+
+
+def test_the_default_token_target_is_the_last_blocks_norm1_on_its_patch_grid(token_graph):
+    name, _, classifier, tokens, grid, built, differences = token_graph
+    _, module, prefix = MODELS[name]
+    assert onnx_model.module_outputs(classifier.model)[module] == tokens
+    assert grid == onnx_model.TokenGrid(prefix, 4, 4)
+    assert built.layout == "NHWC" and built.feature_size == (4, 4)
+    assert set(methods.names()) - {"cam"} == set(built.heatmaps)
+    assert all(d.ok for d in differences)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 32])
+def test_token_heatmaps_equal_those_of_torch_autograd(token_graph, batch):
+    name, model, _, _, grid, built, _ = token_graph
+    stage = model.blocks[1].norm1 if name != "vit-mean-tokens" else model.blocks[0]
+    seen = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen["a"] = out
+
+    rng = np.random.default_rng(batch)
+    images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = rng.integers(-1, 4, batch).astype(np.int64)
+    hook = stage.register_forward_hook(keep)
+    logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    hook.remove()
+    chosen = np.where(classes < 0, logits.detach().numpy().argmax(1), classes)
+    logits[torch.arange(batch), torch.tensor(chosen)].sum().backward()
+
+    def on_grid(t):  # [N, T, C] -> the patches [N, 4, 4, C]
+        return t[:, grid.prefix:].reshape(batch, 4, 4, -1).numpy()
+
+    a, g = on_grid(seen["a"].detach()), on_grid(seen["a"].grad)
+    session = ort.InferenceSession(built.model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
+    np.testing.assert_allclose(got["probs"], torch.softmax(logits, 1).detach().numpy(),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["activations"], a, rtol=1e-4, atol=1e-5)
+    for method in built.heatmaps:
+        expected, heatmap = methods.get(method).reference(a, g), got[method]
+        assert heatmap.shape == (batch, 4, 4)
+        if method.startswith("eigen"):  # crops with a first principal component only
+            kept = separated(a if method == "eigencam" else a * g)
+            assert kept.sum() >= batch // 2
+            if not kept.any():
+                continue
+            expected, heatmap = expected[kept], heatmap[kept]
+        np.testing.assert_allclose(heatmap, expected, rtol=1e-4,
+                                   atol=1e-4 * float(np.abs(expected).max()), err_msg=method)
+
+
+def separated(x, ratio=1.1):
+    """Crops of x [N, h, w, K] whose centred matrix's first two singular values differ by more
+    than `ratio`: elsewhere the Eigen maps' 64 power-iteration steps have not converged (LayerNorm
+    outputs of 16 tokens have near-equal ones in a few crops in 32) and float32 rounding alone
+    moves them by up to 10%."""
+    rows = x.reshape(len(x), -1, x.shape[-1]).astype(np.float64)
+    values = np.linalg.svd(rows - rows.mean(1, keepdims=True), compute_uv=False)
+    return values[:, 0] > ratio * values[:, 1]
+
+
+@pytest.mark.parametrize("size, patch, side", [(224, 16, 14), (224, 14, 16), (384, 16, 24),
+                                               (384, 14, 27)])
+def test_the_grid_is_the_input_size_over_the_patch_stride(tmp_path, size, patch, side):
+    torch.manual_seed(0)
+    classifier = classifier_of(PatchViT(size, patch), tmp_path / "m.onnx", size)
+    tokens = onnx_model.default_token_target(classifier)
+    assert onnx_model.shapes(classifier.model)[tokens][1:] == [side * side + 1, 8]
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(1, side, side)
+    # the overrides, as --token-grid and --prefix-tokens give them
+    assert onnx_model.token_grid(classifier, tokens, grid=(side, side), prefix=1) == \
+        onnx_model.TokenGrid(1, side, side)
+    with pytest.raises(ModelError, match=rf"are not 1 prefix tokens \+ a {side - 1}x{side + 1} "
+                                         rf"grid \(given\): {side * side + 1} != 1 \+ "):
+        onnx_model.token_grid(classifier, tokens, grid=(side - 1, side + 1), prefix=1)
+
+
+def test_tokens_that_form_no_grid_and_attention_are_refused(tmp_path):
+    torch.manual_seed(0)
+    classifier = classifier_of(TokenMixer(), tmp_path / "m.onnx")
+    tokens = onnx_model.default_token_target(classifier)
+    assert onnx_model.shapes(classifier.model)[tokens][1:] == [35, 16]
+    with pytest.raises(ModelError, match=r"are not 19 prefix tokens \+ a 4x4 grid \(the patch "
+                                         r"embedding '/patch_embed/Conv_output_0'\): 35 != 19 \+ "
+                                         r"16; pass --token-grid HxW and --prefix-tokens N"):
+        onnx_model.token_grid(classifier, tokens)
+    attention = next(n.output[0] for n in classifier.model.graph.node if n.op_type == "Softmax")
+    with pytest.raises(ModelError, match=r"\[N, 2, 35, 35\] is no token tensor \[N, tokens, "
+                                         r"channels\]"):
+        onnx_model.token_grid(classifier, attention)
+    assert onnx_model.token_grid(classifier, tokens, grid=(5, 7)) == onnx_model.TokenGrid(0, 5, 7)
+
+
+class LinearPatchViT(ViT):
+    """Patches cut by reshapes and embedded by a linear layer (no convolution): its grid is
+    found as the square that the tokens less a prefix make."""
+
+    def __init__(self):
+        super().__init__(True)
+        self.embed = nn.Linear(8 * 8 * 3, 16)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = x.reshape(n, 3, 4, 8, 4, 8).permute(0, 2, 4, 3, 5, 1).reshape(n, 16, 8 * 8 * 3)
+        x = torch.cat([self.class_token.expand(n, -1, -1), self.embed(x)], 1)
+        return self.head(self.norm(self.blocks(x + self.pos))[:, 0])
+
+
+def test_tokens_without_a_patch_embedding_conv_make_a_square(tmp_path):
+    torch.manual_seed(0)
+    classifier = classifier_of(LinearPatchViT(), tmp_path / "m.onnx")
+    tokens = onnx_model.default_token_target(classifier)
+    assert onnx_model.spatial_maps(classifier) == {}
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(1, 4, 4)
+    assert onnx_model.token_grid(classifier, tokens, prefix=1) == onnx_model.TokenGrid(1, 4, 4)
+    with pytest.raises(ModelError, match=r"form no grid that camface recognises \(no patch "
+                                         r"embedding before them, no square\); pass --token-grid"):
+        onnx_model.token_grid(classifier, tokens, prefix=2)
+
+
+def test_cam_is_offered_where_the_tokens_are_averaged_into_one_linear_layer(tmp_path):
+    """The mean-token ViT at its last block's output: the head is the mean of the tokens and the
+    linear layer, so CAM is a weighted sum of the channels on the grid (eq. 2); with a class
+    token (the head reads one token) it is not."""
+    torch.manual_seed(0)
+    model = ViT(False).eval()
+    classifier = classifier_of(model, tmp_path / "m.onnx")
+    tokens = onnx_model.module_outputs(classifier.model)["blocks"]
+    gridded, target = onnx_model.with_token_grid(classifier, tokens,
+                                                 onnx_model.token_grid(classifier, tokens))
+    built = onnx_cam.build(gridded, target, *UNIT)
+    assert "cam" in built.heatmaps and built.cam_unavailable_reason == ""
+    np.testing.assert_array_equal(built.class_weights, model.head.weight.detach().numpy())
+    assert all(d.ok for d in onnx_verify.check(gridded, built, *UNIT))
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 1, 3], np.int64)
+    session = ort.InferenceSession(built.model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": classes})))
+    with torch.no_grad():
+        x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+        a = model.blocks(model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos)
+        logits = model.head(a.mean(1)).numpy()
+    chosen = np.where(classes < 0, logits.argmax(1), classes)
+    cam = np.einsum("ntk,nk->nt", a.numpy(), model.head.weight.detach().numpy()[chosen])
+    np.testing.assert_allclose(got["cam"], cam.reshape(4, 4, 4), rtol=1e-4, atol=1e-5)
+
+    torch.manual_seed(0)
+    classifier = classifier_of(ViT(True), tmp_path / "class_token.onnx")
+    tokens = onnx_model.module_outputs(classifier.model)["norm"]
+    gridded, target = onnx_model.with_token_grid(classifier, tokens,
+                                                 onnx_model.token_grid(classifier, tokens))
+    built = onnx_cam.build(gridded, target, *UNIT)
+    assert "cam" not in built.heatmaps
+    assert "CAM needs global average pooling right after the target" in \
+        built.cam_unavailable_reason
