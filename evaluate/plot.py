@@ -32,14 +32,7 @@ def plot_curves(report: dict, path: Path) -> Path:
     axes[0].set_ylabel("probability of the explained class")
     settings = report["settings"]
     figure.suptitle(f"{Path(settings['model']).name}: {settings['crops']} crops of {settings['source']}", fontsize=10)
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=110)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
-    finally:
-        plt.close(figure)
-    return path
+    return _save(figure, path, dpi=110)
 
 
 def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
@@ -80,9 +73,16 @@ def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
     settings = report["settings"]
     figure.suptitle(f"Sanity check: {Path(settings['model']).name} at {settings['target_layer']}, weights re-drawn "
                     f"from the logits down (seed {settings.get('sanity_seed', 0)})", fontsize=8)
+    return _save(figure, path, dpi=100)
+
+
+def _save(figure, path: Path, dpi: int) -> Path:
+    """Lay out, write and close a matplotlib figure; OutputError naming `path` when it cannot be written."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     try:
-        figure.savefig(path, dpi=100)
+        figure.savefig(path, dpi=dpi)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
     finally:
