@@ -137,12 +137,11 @@ class Explain:
     h, w], class_index int64 [total faces], graph_calls, provider, graph_node."""
 
     def __init__(self, config, explained_class: int | None = None, owner: dict | None = None):
-        from camface.realtime.explainer import check_method
-        from camface.realtime.graph import CamGraph
+        from camface.api import load
 
         _watch_owner(owner)
-        self.graph = CamGraph(config.model, config.device, threads=config.graph_threads)
-        check_method(self.graph, config.method)
+        self._pipeline = load(config=config)  # the graph on this node's device, the method checked
+        self.graph, config = self._pipeline.graph, self._pipeline.config
         self.method, self.explained_class, self.smooth = config.method, explained_class, config.smooth
 
     def __call__(self, row: dict) -> dict:
@@ -168,6 +167,11 @@ class Explain:
             out.update(ok=False, error=_reason(exc), stage="graph")
         out["graph_s"] = time.perf_counter() - start
         return pack(row["video"], out)
+
+    def __del__(self):
+        pipeline = getattr(self, "_pipeline", None)
+        if pipeline is not None:
+            pipeline.close()
 
 
 class Render:

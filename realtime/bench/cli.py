@@ -65,8 +65,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     from camface.realtime.bench.machine import machine_info
     from camface.realtime.bench.rows import ExplainerGraph, compare_detect_every, run_live, run_sequential
     from camface.realtime.carry import every_for
-    from camface.realtime.explainer import check_method
-    from camface.realtime.graph import CamGraph
+    from camface.api import load
     from camface.realtime.loop import detect_workers_for
     from camface.realtime.sources import make_source
 
@@ -83,8 +82,10 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
 
     import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
     graph_path, keras_path = _resolve_models(config)
-    graph = CamGraph(graph_path, pipeline.device, threads=pipeline.graph_threads)
-    pipeline = pipeline.replace(method=check_method(graph, pipeline.method))  # "auto" -> a heatmap, once
+    # the graph of the rows run here (sequential, heads) and "auto" resolved, once; its detector is
+    # never opened (each row opens its own), so closing it at once leaves the graph in use
+    with load(graph_path, config=pipeline) as opened:
+        graph, pipeline = opened.graph, opened.config
     config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info
     rows: list[Row] = []
