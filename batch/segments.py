@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -165,7 +164,7 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
     """Put a segmented video's parts together into its final files and write its record
     (done, or failed with the first failed segment's reason); removes the parts. units: all
     segments of one video, in order, each with a part record."""
-    from camface.batch.state import DONE, atomic_path
+    from camface.batch.state import DONE
 
     parts = [part_record(outputs, u) for u in units]
     video, path = units[0].video, units[0].path
@@ -176,7 +175,7 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
                    stage=(failed or {}).get("stage", "render"))
     else:
         try:
-            _join(outputs, units, parts, labels, record_video, out, atomic_path)
+            _join(outputs, units, parts, labels, record_video, out)
         except Exception as exc:  # noqa: BLE001 (recorded: one bad video never stops the rest)
             out.update(ok=False, error=f"joining {len(units)} segments: {type(exc).__name__}: {exc}", stage="join")
     record = outputs.write_record(video, out, labels)
@@ -188,24 +187,26 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
     return record
 
 
-def _join(outputs, units, parts, labels, record_video, out, atomic_path) -> None:
+def _join(outputs, units, parts, labels, record_video, out) -> None:
+    """The parts' rows, class sums and video written as the video's own files (`Outputs.write`:
+    atomic, and only while this run owns OUT_DIR)."""
     import pyarrow as pa
 
     from camface.batch.rows import schema, write_parquet
 
     files = [part_paths(outputs, u) for u in units]
     table = pa.concat_tables([_read_rows(f["rows"]) for f in files]).cast(schema())
-    _replace(outputs.parquet(units[0].video), atomic_path, lambda tmp: write_parquet(table, tmp))
+    outputs.write(outputs.parquet(units[0].video), lambda tmp: write_parquet(table, tmp))
     sums: dict[str, np.ndarray] = {}
     for f in files:
         with np.load(f["sums"]) as part:
             for key in part.files:
                 sums[key] = sums[key] + part[key] if key in sums else part[key]
-    _replace(outputs.sums_path(units[0].video), atomic_path, lambda tmp: np.savez(tmp, **sums))
+    outputs.write(outputs.sums_path(units[0].video), lambda tmp: np.savez(tmp, **sums))
     if record_video:
-        _replace(outputs.video(units[0].video), atomic_path,
-                 lambda tmp: join_videos([f["video"] for f, p in zip(files, parts) if p.get("frames")], tmp,
-                                         parts[0].get("fps") or 30.0))
+        outputs.write(outputs.video(units[0].video),
+                      lambda tmp: join_videos([f["video"] for f, p in zip(files, parts) if p.get("frames")], tmp,
+                                              parts[0].get("fps") or 30.0))
         out["video_file"] = str(outputs.video(units[0].video))
     out["rows_file"] = str(outputs.parquet(units[0].video))
     for key in SUMMED:
@@ -231,15 +232,6 @@ def _read_rows(path: Path):
     import pyarrow.parquet as pq
 
     return pq.read_table(path)
-
-
-def _replace(final: Path, atomic_path, write) -> None:
-    tmp = atomic_path(final)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def join_videos(parts: list[Path], out: Path, fps: float) -> None:
