@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("camface.models.train", "train a face classifier on your photos, export it"),
     "serve": ("camface.serve.cli", "serve the live demo to web browsers (camera in the page)"),
     "batch": ("camface.batch.cli", "explain a whole video archive, on one machine or a Ray cluster"),
+    "enroll": ("camface.export.enroll", "enrol photos of people with a face-recognition model: a gallery graph"),
+    "compare": ("camface.export.compare", "same person? cosine similarity of two faces and the maps behind it"),
     "evaluate": ("camface.evaluate.cli", "faithfulness of each heatmap method: deletion/insertion AUC, average drop"),
 }
 

@@ -14,6 +14,10 @@ Outputs (all float32, heatmaps at feature resolution, unnormalised)
   <method>     [N, h, w]           one heatmap per method of the registry (camface.methods) that
                                    the graph holds, named as its entry (gradcam, gradcampp, cam,
                                    ...), of the pre-softmax logit; `cam` only when the head allows it
+Optional output (gallery graphs of `camface enroll`, whose classes are enrolled identities)
+  similarity   [N, identities]     cosine similarity of each crop's embedding to each identity's:
+                                   the "logit" the heatmaps explain; probs = softmax(scale *
+                                   similarity), scale and the unknown threshold in META_GALLERY
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ INPUT_IMAGE = "image"
 INPUT_CLASS = "class_index"
 OUTPUT_PROBS = "probs"
 OUTPUT_ACTIVATIONS = "activations"
+OUTPUT_SIMILARITY = "similarity"  # gallery graphs only
 REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS, "gradcam", "gradcampp")
 
 # metadata_props keys; values are strings, JSON where marked.
@@ -52,6 +57,9 @@ META_QUANTIZATION = "quantization"
 # {"rule", "ranking": [method, ...] best first, "scores": {method: {metric: mean}}, "settings": {...}},
 # or {"skipped": why} when the export scored nothing; absent in graphs exported before it existed
 META_RANKING = "method_ranking"
+# JSON, gallery graphs only (camface/export/gallery.py): {"scale", "threshold", "threshold_rule",
+# "embedding_dim", "photos": {identity: photos used}, "embedder", "embedder_sha256"}
+META_GALLERY = "gallery"
 AUTO = "auto"  # --method auto: the graph's top-ranked displayable method (`auto_method`)
 FALLBACK_METHOD = "gradcam"  # what `auto` shows on a graph without a ranking
 
@@ -74,6 +82,7 @@ class GraphInfo:
     version: str = ""
     quantization: dict = field(default_factory=dict)  # int8 graphs: see META_QUANTIZATION
     ranking: dict = field(default_factory=dict)  # see META_RANKING; {} when none was recorded
+    gallery: dict = field(default_factory=dict)  # see META_GALLERY; {} for a classifier's graph
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "color_order", ColorOrder.of(self.color_order))
@@ -105,6 +114,7 @@ class GraphInfo:
             version=props.get(META_VERSION, ""),
             quantization=json.loads(props.get(META_QUANTIZATION, "{}")),
             ranking=json.loads(props.get(META_RANKING, "{}")),
+            gallery=json.loads(props.get(META_GALLERY, "{}")),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -124,7 +134,14 @@ class GraphInfo:
             META_PRECISION: self.precision,
             **({META_QUANTIZATION: json.dumps(self.quantization)} if self.quantization else {}),
             **({META_RANKING: json.dumps(self.ranking)} if self.ranking else {}),
+            **({META_GALLERY: json.dumps(self.gallery)} if self.gallery else {}),
         }
+
+    @property
+    def threshold(self) -> float | None:
+        """A gallery graph's unknown threshold on the best cosine similarity; None otherwise."""
+        value = self.gallery.get("threshold")
+        return None if value is None else float(value)
 
 
 def heatmap_outputs() -> tuple[str, ...]:
@@ -183,6 +200,9 @@ def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequenc
     if isinstance(classes, int) and classes > 0 and classes != len(info.labels):
         raise ModelError(f"{where}: {len(info.labels)} labels in the metadata but the graph "
                          f"returns {classes} class probabilities")
+    if info.gallery and OUTPUT_SIMILARITY not in outputs:
+        raise ModelError(f"{where}: its metadata describes a gallery but it has no "
+                         f"{OUTPUT_SIMILARITY!r} output")
     absent = [h for h in info.heatmaps if h not in outputs]
     if absent:
         raise ModelError(f"{where}: metadata lists heatmaps {', '.join(absent)} "

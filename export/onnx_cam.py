@@ -23,7 +23,7 @@ from camface.export.onnx_ops import OnnxTensor, ONNX_OPS
 GRADIENT = "camface/gradient_nhwc"  # the gradient tensor, for the self-check
 # Names the CAM graph's contract uses; `onnx_model.rename` moves a model's own tensors aside.
 RESERVED = (graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
-            graph_spec.OUTPUT_ACTIVATIONS, *methods.METHODS, GRADIENT)
+            graph_spec.OUTPUT_ACTIVATIONS, graph_spec.OUTPUT_SIMILARITY, *methods.METHODS, GRADIENT)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ Presets name the conventions of common models:
   imagenet-caffe  BGR,  x - [103.939, 116.779, 123.68]
                                                keras.applications "caffe" mode (ResNet50, VGG16):
                                                BGR channel order, ImageNet mean subtracted
+  arcface         RGB,  (x - 127.5) / 127.5    ArcFace / InsightFace recognition models (112x112)
+  facenet         RGB,  (x - 127.5) / 128      FaceNet (160x160, facenet-pytorch's fixed_image_standardization)
   unit            RGB,  x / 255
   none            RGB,  x                      raw 0..255 floats
 A one-channel model is always GRAY.
@@ -31,6 +33,8 @@ PRESETS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
     "torch": ("RGB", tuple(1 / (255 * s) for s in _IMAGENET_STD),
               tuple(-m / s for m, s in zip(_IMAGENET_MEAN, _IMAGENET_STD))),
     "imagenet-caffe": ("BGR", (1.0,), (-103.939, -116.779, -123.68)),
+    "arcface": ("RGB", (1 / 127.5,), (-1.0,)),
+    "facenet": ("RGB", (1 / 128,), (-127.5 / 128,)),
     "unit": ("RGB", (1 / 255,), (0.0,)),
     "none": ("RGB", (1.0,), (0.0,)),
 }

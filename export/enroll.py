@@ -1,0 +1,248 @@
+"""`camface enroll PEOPLE_DIR --model EMBEDDER -o gallery.onnx`: photos of people -> a gallery graph.
+
+PEOPLE_DIR holds one folder per person (its name is the label). Each photo's face is detected
+and cropped as `camface live` crops it (`models.dataset.prepare_crops`, as `camface train`);
+photos with no face or several faces are skipped and counted. Each identity's embedding is the
+L2-normalised mean of its photos' L2-normalised embeddings (`gallery.identity_embeddings`).
+
+Written: OUT.onnx (the gallery graph, graph_spec's contract with `similarity`), and beside it
+OUT.npz (`embeddings` float32 [identities, D], `labels`, `photos` and `photo_labels`: the photos
+used and their identity index, `photo_embeddings` float32 [photos, D]), OUT.enroll.json (the
+report: photos used / skipped per identity, leave-one-out accuracy, threshold) and
+OUT.similarity.png (photo-by-photo cosine similarities, identities in blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import SourceError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from camface.export.preprocess import COLOR_ORDERS, PRESETS
+
+    parser.add_argument("people", metavar="PEOPLE_DIR", help="one folder of photos per person; the folder "
+                                                              "name is the label")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="EMBEDDER", help="face-recognition model (.onnx, .pt2 or Keras) "
+                                                           "whose one output is an embedding [N, D]")
+    which.add_argument("--embedding-from", metavar="MODEL",
+                       help="a classifier (.onnx, .pt2 or Keras, e.g. from `camface train`): its pooled "
+                            "features, the input of its first linear layer, are the embedding")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the gallery graph to write")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="input normalisation and colour order of the embedder (required unless "
+                             "--scale/--offset): arcface = RGB (x-127.5)/127.5; facenet = RGB (x-127.5)/128; "
+                             "see `camface export --help` for the others")
+    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
+                        help="override the preset's channel order of the uint8 input")
+    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
+                        help="override: x * scale + offset (1 value or one per channel)")
+    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
+                        help="override: x * scale + offset (1 value or one per channel)")
+    parser.add_argument("--target-layer", metavar="NAME", default=None,
+                        help="tensor, node or PyTorch module whose activations the maps use (default: the "
+                             "last spatial feature map before global pooling, or a transformer's tokens)")
+    parser.add_argument("--threshold", type=float, default=None, metavar="T",
+                        help="cosine similarity below which a face is unknown (default: the equal-error point "
+                             "of the gallery's leave-one-out scores)")
+    parser.add_argument("--softmax-scale", type=float, default=None, metavar="S",
+                        help="probs = softmax(S * similarity) (default: 30, as CosFace/ArcFace train)")
+    parser.add_argument("--no-detect", action="store_true", help="photos are face crops already: resize only")
+    parser.add_argument("--no-rank", action="store_true",
+                        help="record no method ranking (default: rank the methods on the enrolled faces)")
+    parser.add_argument("--rank-seconds", type=float, default=30.0, metavar="S",
+                        help="time budget of that ranking (0 = no limit)")
+    parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="Keras: allow Lambda layers (RUNS PYTHON CODE FROM THE MODEL FILE)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the graph's self-check")
+
+
+def scan_people(people_dir: Path) -> dict[str, list[Path]]:
+    """Identity -> its image files (sorted), one identity per sub-folder. SourceError naming the
+    folder when PEOPLE_DIR is missing, holds no person folder, or a person folder holds no image."""
+    from camface.models.dataset import IMAGE_EXTENSIONS
+
+    people_dir = Path(people_dir)
+    if not people_dir.is_dir():
+        raise SourceError(f"PEOPLE_DIR {people_dir} is not a folder")
+    people: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in people_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if not files:
+            raise SourceError(f"person folder {folder} holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        people[folder.name] = files
+    if not people:
+        raise SourceError(f"PEOPLE_DIR {people_dir} holds no person folders: put each person's photos in "
+                          f"its own sub-folder (e.g. {people_dir}/alice/*.jpg, {people_dir}/bob/*.jpg)")
+    return people
+
+
+def face_crops(people_dir: Path, people: dict[str, list[Path]], input_size: tuple[int, int], color_order,
+               detect: bool = True):
+    """(crops uint8 [M, H, W, C] in `color_order`, targets int64 [M], photos used [M], counts
+    {identity: {status: n}}): one crop per usable photo, cropped as live (LiveConfig's detector,
+    confidence and margin). SourceError naming the folder of an identity with no usable face."""
+    import tempfile
+
+    import cv2
+
+    from camface.api import face_detector
+    from camface.color_order import ColorOrder
+    from camface.models import dataset
+    from camface.realtime.config import LiveConfig
+
+    live = LiveConfig()
+    height, width = input_size
+    settings = dataset.CropSettings(size=max(height, width), detect=detect,
+                                    detector=live.detector if detect else "",
+                                    margin=live.margin if detect else 0.0,
+                                    min_confidence=live.min_confidence if detect else 0.0)
+    with tempfile.TemporaryDirectory(prefix="camface-enroll-") as cache:
+        photos = dataset.prepare_crops(people_dir, people, Path(cache), settings, open_cropper=lambda: (
+            dataset.LiveCropper(face_detector(live), live.margin, settings.size)))
+        counts = dataset.count_statuses(photos)
+        labels = list(people)
+        for label in labels:
+            if not counts.get(label, {}).get(dataset.OK):
+                c = counts.get(label, {})
+                raise SourceError(f"person folder {Path(people_dir) / label} has no usable face photo ("
+                                  + ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in c.items() if n) + ")")
+        used = [p for p in photos if p.status == dataset.OK]
+        bgr = [cv2.imread(str(p.crop), cv2.IMREAD_COLOR) for p in used]
+    bgr = np.stack([b if b.shape[:2] == (height, width) else cv2.resize(b, (width, height),
+                                                                        interpolation=cv2.INTER_AREA)
+                    for b in bgr])
+    crops = ColorOrder.of(color_order).from_bgr(bgr)
+    targets = np.array([labels.index(p.label) for p in used], np.int64)
+    return crops, targets, [p.source for p in used], counts
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from camface.export.exporter import ExportOptions
+
+    options = ExportOptions(
+        target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
+        scale=tuple(args.scale) if args.scale else None, offset=tuple(args.offset) if args.offset else None,
+        opset=args.opset, verify=not args.no_verify, safe_mode=not args.unsafe_load)
+    result = enroll(Path(args.people), Path(args.model or args.embedding_from), Path(args.output), options,
+                    from_classifier=args.embedding_from is not None, threshold=args.threshold,
+                    softmax_scale=args.softmax_scale, detect=not args.no_detect,
+                    rank_seconds=None if args.no_rank else args.rank_seconds)
+    for line in summary_lines(result):
+        print(line)
+    return 0
+
+
+def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier: bool = False,
+           threshold: float | None = None, softmax_scale: float | None = None, detect: bool = True,
+           rank_seconds: float | None = None) -> dict:
+    """Enrol PEOPLE_DIR with the embedder in `model`; writes the files the module docstring lists
+    and returns the report (as written to OUT.enroll.json)."""
+    from camface.export import convert, gallery, ranking
+    from camface.export.exporter import ExportResult
+    from camface.export.threshold import equal_error_threshold, leave_one_out
+    from camface.outputs import check_output_file
+
+    started = time.perf_counter()
+    if softmax_scale is not None and softmax_scale <= 0:
+        raise UsageError(f"--softmax-scale must be positive, got {softmax_scale}")
+    check_output_file(output, overwrite=True)
+    people = scan_people(people_dir)
+    embedder = gallery.load(model, options, from_classifier)
+    labels = list(people)
+    crops, targets, used, counts = face_crops(people_dir, people, embedder.input_size,
+                                              embedder.preprocessing.color_order, detect)
+    embeddings = gallery.embed(embedder, crops)
+    identities = gallery.identity_embeddings(embeddings, targets, len(labels))
+    loo = leave_one_out(embeddings, targets, len(labels))
+    chosen, rule = equal_error_threshold(loo.genuine, loo.impostor)
+    if threshold is not None:
+        chosen, rule = float(threshold), "--threshold"
+    photos = {label: int((targets == k).sum()) for k, label in enumerate(labels)}
+    meta = {"scale": float(softmax_scale or gallery.SCALE), "threshold": round(chosen, 6), "threshold_rule": rule,
+            "photos": photos}
+    graph, info, differences = gallery.build(embedder, identities, labels, options, meta)
+    convert.save(graph, output)
+    result = ExportResult(output, info, differences, time.perf_counter() - started)
+    result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
+                            settings={"source": str(people_dir)})
+    stem = output.with_suffix("")
+    np.savez(stem.with_suffix(".npz"), embeddings=identities, labels=np.array(labels),
+             photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
+    report = {
+        "model": str(model), "embedding_from": from_classifier, "graph": str(output),
+        "identities": labels, "embedding_dim": embedder.dim,
+        "photos": {label: {**counts[label], "used": photos[label]} for label in labels},
+        "leave_one_out": {"accuracy": loo.accuracy, "identified": int((loo.predicted >= 0).sum()),
+                          "genuine_mean": float(loo.genuine.mean()) if len(loo.genuine) else None,
+                          "impostor_mean": float(loo.impostor.mean()) if len(loo.impostor) else None},
+        "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
+        "target_layer": info.target_layer, "seconds": round(time.perf_counter() - started, 2),
+        "files": {"npz": str(stem.with_suffix(".npz")), "report": str(stem.with_suffix(".enroll.json")),
+                  "figure": str(stem.with_suffix(".similarity.png"))},
+    }
+    similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
+                      f"{model.name}: leave-one-out accuracy "
+                      + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
+    Path(report["files"]["report"]).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path, title: str) -> Path:
+    """Photo-by-photo cosine similarities (units: L2-normalised [M, D], targets int [M] sorted
+    by identity) as an image, one block per identity, labelled."""
+    from camface.evaluate.plot import _save
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("no matplotlib: %s not drawn", path)
+        return path
+    matrix = units @ units.T
+    side = min(10.0, 3.0 + 0.08 * len(units))
+    figure, ax = plt.subplots(figsize=(side + 1.2, side))
+    shown = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
+    edges = np.flatnonzero(np.diff(targets)) + 0.5
+    for edge in edges:
+        ax.axhline(edge, color="white", lw=0.8)
+        ax.axvline(edge, color="white", lw=0.8)
+    centres = [float(np.flatnonzero(targets == k).mean()) for k in range(len(labels))]
+    ax.set_xticks(centres, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(centres, labels, fontsize=8)
+    figure.colorbar(shown, ax=ax, label="cosine similarity")
+    ax.set_title(title, fontsize=9)
+    return _save(figure, path, dpi=100)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """What `camface enroll` prints: per identity photos used / skipped, accuracy, threshold, files."""
+    lines = [f"wrote {report['graph']}: {len(report['identities'])} identities, D = {report['embedding_dim']}, "
+             f"target {report['target_layer']} ({report['seconds']:.1f} s)"]
+    for label, c in report["photos"].items():
+        skipped = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in c.items() if s not in ("ok", "used") and n)
+        lines.append(f"  {label}: {c['used']} photo(s) used" + (f", skipped {skipped}" if skipped else ""))
+    loo = report["leave_one_out"]
+    accuracy = "n/a (no identity has 2 photos)" if loo["accuracy"] is None else f"{loo['accuracy']:.3f}"
+    lines.append(f"  leave-one-out identification accuracy: {accuracy} ({loo['identified']} photos)")
+    lines.append(f"  unknown below cosine similarity {report['threshold']:.3f} ({report['threshold_rule']})")
+    files = report["files"]
+    lines.append(f"  gallery {files['npz']}, report {files['report']}, similarity matrix {files['figure']}")
+    return lines

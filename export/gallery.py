@@ -1,0 +1,268 @@
+"""Face-recognition embedders and gallery graphs: the gallery becomes the classes.
+
+An embedder is a forward model whose one output is an embedding float32 [N, D] (ArcFace,
+FaceNet, ... or the pooled features of a classifier, `embedding_from`). A gallery holds one
+L2-normalised row per enrolled identity, float32 [identities, D]. The gallery graph is the
+embedder with a similarity head appended,
+
+    u = e / sqrt(sum(e * e) + EPS)        (L2-normalised embedding, [N, D])
+    similarity = u @ gallery.T            (cosine similarity to each identity, [N, identities])
+
+run through the ONNX engine's exporter (`onnx_export.build`) with `similarity` as the logits:
+the heatmaps explain d similarity_c / dA (c = `class_index`, -1 = the best match), and every
+method, token targets and the self-check come with it. `finish` then makes the contract's
+`probs` = softmax(scale * similarity) and adds the `similarity` output (graph_spec).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from camface import __version__, graph_spec
+from camface.errors import ModelError
+from camface.export.exporter import ExportOptions
+from camface.export.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-12  # inside the square root of the norm: a zero embedding gives 0, not NaN
+SCALE = 30.0  # probs = softmax(SCALE * cosine): CosFace / ArcFace train with s = 30..64
+COSINE = "gallery/cosine"  # the similarity head's output inside the graph (the logits)
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """A loaded embedder. model: forward onnx.ModelProto with one image input and the embedding
+    [N, D] as its one output; input_name / layout (NCHW or NHWC) / input_size (H, W) / channels:
+    its image input; preprocessing: uint8 crops in `preprocessing.color_order` -> its input."""
+
+    model: object
+    source: Path
+    input_name: str
+    layout: str
+    input_size: tuple[int, int]
+    channels: int
+    dim: int
+    preprocessing: Preprocessing
+
+    @property
+    def output_name(self) -> str:
+        return self.model.graph.output[0].name
+
+
+def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
+    """onnx.ModelProto of an .onnx, .pt2 or Keras file, forward only (as `camface export` reads them)."""
+    from camface.export import onnx_model, torch_model
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if suffix in torch_model.PICKLE_SUFFIXES:
+        torch_model.refuse_pickle(path)
+    if suffix == ".pt2":
+        return torch_model.to_onnx(path, max(opset, torch_model.DEFAULT_OPSET))
+    if suffix in KERAS_SUFFIXES:
+        from camface.export import keras_model
+
+        return keras_to_onnx(keras_model.load_model(path, safe_mode=safe_mode), opset)
+    if suffix != ".onnx":
+        raise ModelError(f"{path}: expected an .onnx, .pt2 or Keras (.keras, .h5) model")
+    return onnx_model.load(path)
+
+
+def keras_to_onnx(model, opset: int = 17):
+    """A Keras model (one image input, fixed H, W, C) -> forward onnx.ModelProto by tf2onnx."""
+    import tensorflow as tf
+    import tf2onnx
+
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or None in shape[1:]:
+        raise ModelError(f"model {model.name!r} input has shape {shape}; camface needs a fixed "
+                         "(N, H, W, C) image input")
+    converted, _ = tf2onnx.convert.from_keras(
+        model, input_signature=[tf.TensorSpec([None, *shape[1:]], tf.float32, name="image_in")], opset=opset)
+    return converted
+
+
+def embedding_from(model, where: object = "model"):
+    """A classifier's pooled features as an embedder: `model` (forward onnx.ModelProto) cut at
+    the input of the first linear layer (Gemm / MatMul) after its global pooling, flattened to
+    [N, K]. ModelError when the classifier has no such layer."""
+    import onnx.utils
+
+    from camface.export import onnx_export, onnx_model
+
+    model = onnx_model.prepare(onnx_export.upgrade(model, where), where=where)
+    classifier = onnx_model.describe(model, where=where)
+    target, _ = onnx_model.resolve_target(classifier, None)
+    nodes = onnx_model.head(model, target, classifier.logits)
+    linear = next((n for n in nodes if n.op_type in ("Gemm", "MatMul")), None)
+    if linear is None:
+        raise ModelError(f"{where}: no linear layer (Gemm / MatMul) after the pooling of {target!r}: "
+                         "--embedding-from needs a classifier with pooled features -> linear layer")
+    pooled = linear.input[0]
+    dims = onnx_model.shapes(model).get(pooled) or []
+    cut = onnx.utils.Extractor(model).extract_model([classifier.input_name], [pooled])
+    if len(dims) != 2:
+        from onnx import helper
+
+        flat = "embedding/flat"
+        cut.graph.node.append(helper.make_node("Flatten", [pooled], [flat], axis=1))
+        del cut.graph.output[:]
+        cut.graph.output.append(helper.make_tensor_value_info(flat, onnx.TensorProto.FLOAT, None))
+    log.info("%s: embedding = the input of %s (%s), the pooled features", where, linear.name or pooled,
+             linear.op_type)
+    return onnx_model.prepare(cut, where=where)
+
+
+def load(path: str | Path, options: ExportOptions, from_classifier: bool = False) -> Embedder:
+    """The embedder in `path` (or the pooled features of the classifier in `path`), checked:
+    one image input, one output [N, D]. options: preset / colour order / scale / offset / opset."""
+    from camface.export import onnx_export, onnx_model
+
+    path = Path(path)
+    model = forward_model(path, options.opset, options.safe_mode)
+    if from_classifier:
+        model = embedding_from(model, where=path)
+    model = onnx_model.prepare(onnx_export.upgrade(model, path), where=path)
+    outputs = list(model.graph.output)
+    if len(outputs) != 1:
+        raise ModelError(f"embedder {path}: needs one output, the embedding [N, D] (it has "
+                         f"{[o.name for o in outputs]})")
+    dims = onnx_model.shapes(model).get(outputs[0].name) or []
+    if len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 1:
+        raise ModelError(f"embedder {path}: output {outputs[0].name!r} is {dims or 'of unknown shape'}; "
+                         "camface needs an embedding [N, D] (use --embedding-from for a classifier)")
+    described = onnx_model.describe(model, where=path)  # the image input checks
+    pre = onnx_export.preprocessing(options, described.channels)
+    return Embedder(model, path, described.input_name, described.input_layout, described.input_size,
+                    described.channels, int(dims[1]), pre)
+
+
+def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Embeddings float32 [N, D] of uint8 crops [N, H, W, C] in the embedder's colour order
+    (ONNX Runtime on CPU). ModelError when a row holds NaN or infinity."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(embedder.model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    pre = embedder.preprocessing
+    out = []
+    for start in range(0, len(crops), batch):
+        x = crops[start:start + batch].astype(np.float32) * np.asarray(pre.scale, np.float32) + \
+            np.asarray(pre.offset, np.float32)
+        if embedder.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        out.append(session.run(None, {embedder.input_name: np.ascontiguousarray(x)})[0])
+    embeddings = np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if len(bad):
+        raise ModelError(f"embedder {embedder.source.name}: {len(bad)} of {len(crops)} embeddings hold NaN "
+                         f"or infinity (first: row {bad[0]}); check its preprocessing (--preset)")
+    return embeddings.astype(np.float32)
+
+
+def normalise(rows: np.ndarray) -> np.ndarray:
+    """Rows float [M, D] divided by their L2 norm (as the graph does: sqrt(sum x^2 + EPS))."""
+    rows = np.asarray(rows, np.float64)
+    return (rows / np.sqrt((rows * rows).sum(axis=-1, keepdims=True) + EPS)).astype(np.float32)
+
+
+def identity_embeddings(embeddings: np.ndarray, targets: np.ndarray, identities: int) -> np.ndarray:
+    """float32 [identities, D]: each identity's L2-normalised mean of its photos' L2-normalised
+    embeddings (embeddings [M, D], targets int [M] into 0..identities-1)."""
+    units = normalise(embeddings)
+    return normalise(np.stack([units[targets == k].mean(axis=0) for k in range(identities)]))
+
+
+def with_similarity_head(embedder: Embedder, gallery: np.ndarray):
+    """The embedder's model with the similarity head appended: its one output is COSINE
+    [N, identities]. gallery: float32 [identities, D], L2-normalised rows."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    gallery = np.asarray(gallery, np.float32)
+    if gallery.ndim != 2 or gallery.shape[1] != embedder.dim:
+        raise ModelError(f"the gallery's embeddings are {list(gallery.shape)} but embedder "
+                         f"{embedder.source.name} gives D = {embedder.dim}: enrol with the same embedder")
+    if not np.isfinite(gallery).all():
+        raise ModelError("the gallery's embeddings hold NaN or infinity")
+    model = onnx.ModelProto()
+    model.CopyFrom(embedder.model)
+    graph = model.graph
+    e = embedder.output_name
+    graph.initializer.extend([
+        numpy_helper.from_array(gallery.T.copy(), "gallery/embeddings_t"),
+        numpy_helper.from_array(np.array([1], np.int64), "gallery/axis"),
+        numpy_helper.from_array(np.array(EPS, np.float32), "gallery/eps")])
+    graph.node.extend([
+        helper.make_node("Mul", [e, e], ["gallery/squares"], name="gallery/squares"),
+        helper.make_node("ReduceSum", ["gallery/squares", "gallery/axis"], ["gallery/sum"], keepdims=1,
+                         name="gallery/sum"),
+        helper.make_node("Add", ["gallery/sum", "gallery/eps"], ["gallery/sum_eps"], name="gallery/sum_eps"),
+        helper.make_node("Sqrt", ["gallery/sum_eps"], ["gallery/norm"], name="gallery/norm"),
+        helper.make_node("Div", [e, "gallery/norm"], ["gallery/unit"], name="gallery/unit"),
+        helper.make_node("MatMul", ["gallery/unit", "gallery/embeddings_t"], [COSINE], name="gallery/cosine")])
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(COSINE, TensorProto.FLOAT, ["N", len(gallery)]))
+    return model
+
+
+def finish(cam_graph, scale: float):
+    """The CAM graph `onnx_export.build` made of `with_similarity_head`'s model, made a gallery
+    graph: `probs` = softmax(scale * similarity) (the build wrote softmax(similarity)) and the
+    `similarity` output [N, identities] added."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.ModelProto()
+    model.CopyFrom(cam_graph)
+    graph = model.graph
+    index, softmax = next(((i, n) for i, n in enumerate(graph.node)
+                           if n.op_type == "Softmax" and n.input[0] == COSINE), (None, None))
+    if softmax is None:
+        raise ModelError("the gallery graph has no softmax of its similarities (camface bug)")
+    graph.initializer.append(numpy_helper.from_array(np.array(scale, np.float32), "gallery/scale"))
+    scaled = helper.make_node("Mul", [COSINE, "gallery/scale"], ["gallery/scaled"], name="gallery/scaled")
+    softmax.input[0] = "gallery/scaled"
+    graph.node.insert(index, scaled)
+    graph.node.append(helper.make_node("Identity", [COSINE], [graph_spec.OUTPUT_SIMILARITY],
+                                       name="gallery/similarity"))
+    identities = next(o for o in graph.output if o.name == graph_spec.OUTPUT_PROBS) \
+        .type.tensor_type.shape.dim[1].dim_value
+    graph.output.append(helper.make_tensor_value_info(graph_spec.OUTPUT_SIMILARITY, TensorProto.FLOAT,
+                                                      ["N", identities]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOptions, gallery_meta: dict):
+    """(gallery graph ModelProto with metadata, GraphInfo, self-check differences).
+    gallery: float32 [identities, D], L2-normalised rows, one per label; gallery_meta: the
+    META_GALLERY value without the scale and embedder fields (threshold, photos, ...)."""
+    from camface.export import convert, onnx_export
+    from camface.hashing import sha256_file
+
+    labels = tuple(labels)
+    if len(labels) != len(gallery):
+        raise ModelError(f"{len(labels)} labels for {len(gallery)} gallery embeddings")
+    scale = float(gallery_meta.get("scale", SCALE))
+    model = with_similarity_head(embedder, gallery)
+    cam_graph, info, differences = onnx_export.build(model, replace(options, labels=labels),
+                                                     source=str(embedder.source))
+    cam_graph = finish(cam_graph, scale)
+    meta = {"scale": scale, "embedding_dim": embedder.dim, "embedder": embedder.source.name,
+            "embedder_sha256": sha256_file(embedder.source), **gallery_meta}
+    info = replace(info, gallery=meta, source_model=embedder.source.name,
+                   source_sha256=meta["embedder_sha256"], version=__version__)
+    convert.set_metadata(cam_graph, info.to_metadata(),
+                         doc=f"camface gallery graph of {embedder.source.name}, see camface/graph_spec.py")
+    return cam_graph, info, differences
