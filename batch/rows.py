@@ -9,7 +9,9 @@ Columns:
   predicted / explained (int32) and predicted_label / explained_label (str), method (str),
   heatmap (list<float32>, the unnormalised heatmap at feature resolution, row-major),
   heatmap_h / heatmap_w (int32), heatmap_peak (float32: its maximum), peak_row / peak_col
-  (int32: where, in feature cells; -1 without a heatmap).
+  (int32: where, in feature cells; -1 without a heatmap), similarity (list<float32>
+  [identities]: a gallery graph's cosine similarities, [] for a classifier's graph; its
+  predicted_label reads `unknown (best: NAME 0.31)` below the graph's threshold).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def schema():
         ("probs", pa.list_(f32)), ("predicted", i32), ("predicted_label", pa.string()), ("explained", i32),
         ("explained_label", pa.string()), ("method", pa.string()), ("heatmap", pa.list_(f32)),
         ("heatmap_h", i32), ("heatmap_w", i32), ("heatmap_peak", f32), ("peak_row", i32), ("peak_col", i32),
+        ("similarity", pa.list_(f32)),
     ])
 
 
@@ -54,11 +57,12 @@ def build_rows(video_id: str, path: str, fps: float, results):
                 video=video_id, path=path, frame=result.index, timestamp_s=result.index / fps if fps else 0.0,
                 face=rank, box=list(face.box), crop_box=list(face.crop_box), score=face.score,
                 track_id=face.track_id, probs=prediction.probs.astype(np.float32).tolist(),
-                predicted=prediction.predicted, predicted_label=_label(result.labels, prediction.predicted),
+                predicted=prediction.predicted, predicted_label=prediction.label(result.labels, result.threshold),
                 explained=prediction.explained, explained_label=_label(result.labels, prediction.explained),
                 method=prediction.method, heatmap=heat.ravel().tolist(),
                 heatmap_h=heat.shape[0] if heat.ndim == 2 else 0, heatmap_w=heat.shape[1] if heat.ndim == 2 else 0,
-                heatmap_peak=peak, peak_row=int(row), peak_col=int(col))
+                heatmap_peak=peak, peak_row=int(row), peak_col=int(col),
+                similarity=prediction.similarity.astype(np.float32).tolist())
             for name, value in values.items():
                 columns[name].append(value)
     return pa.table(columns, schema=schema())

@@ -145,22 +145,22 @@ class Explain:
         self.method, self.explained_class, self.smooth = config.method, explained_class, config.smooth
 
     def __call__(self, row: dict) -> dict:
-        from camface.realtime.explainer import run_graph_across_frames, run_graph_smoothed
+        from camface.realtime.explainer import run_graph_scores, run_graph_smoothed
 
         out = unpack(row)
-        out.update(provider=self.graph.provider, graph_node=_node())
+        out.update(provider=self.graph.provider, graph_node=_node(), threshold=self.graph.info.threshold)
         if not out["ok"]:
             return pack(row["video"], out)
         start = time.perf_counter()
         try:
             crops = out["crops"]
             if self.smooth and self.explained_class is None:  # the smoothed class, as live chooses it
-                out["probs"], out["heatmaps"], out["class_index"], out["graph_calls"] = run_graph_smoothed(
-                    self.graph, crops, out["faces"], self.method, self.smooth)
+                (out["probs"], out["heatmaps"], out["similarity"], out["class_index"],
+                 out["graph_calls"]) = run_graph_smoothed(self.graph, crops, out["faces"], self.method, self.smooth)
             else:
                 class_index = np.full(len(crops), -1 if self.explained_class is None else self.explained_class,
                                       np.int64)
-                out["probs"], out["heatmaps"], out["graph_calls"] = run_graph_across_frames(
+                out["probs"], out["heatmaps"], out["similarity"], out["graph_calls"] = run_graph_scores(
                     self.graph, crops, class_index, self.method)
                 out["class_index"] = class_index
         except Exception as exc:

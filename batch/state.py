@@ -164,9 +164,12 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
     ends = np.cumsum(counts)
     starts = ends - counts
     first = out.get("start", 0)
+    similarity = out.get("similarity")  # a gallery graph's, with its threshold
     results = [frame_result(first + i, out["faces"][i], out["probs"][starts[i]:ends[i]],
                             out["heatmaps"][starts[i]:ends[i]], out["class_index"][starts[i]:ends[i]],
-                            out["dropped"][i], method, explained_class, labels, out["provider"])
+                            out["dropped"][i], method, explained_class, labels, out["provider"],
+                            similarity=None if similarity is None else similarity[starts[i]:ends[i]],
+                            threshold=out.get("threshold"))
                for i in range(out["frames"])]
     if smooth:
         smoother = Smoother(smooth)

@@ -230,7 +230,7 @@ class Pipeline:
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
         class_index: class to explain, one for all or int [N]; default each crop's predicted
         class. Any N >= 0 (the graph is called on at most 32 at a time)."""
-        from camface.realtime.explainer import check_method, run_graph_across_frames
+        from camface.realtime.explainer import check_method, run_graph_scores
 
         info = self.graph.info
         expected = (*info.input_size, info.channels)
@@ -244,11 +244,12 @@ class Pipeline:
         wanted = np.broadcast_to(np.asarray(-1 if class_index is None else class_index, np.int64), (len(crops),))
         if ((wanted < -1) | (wanted >= len(info.labels))).any():
             raise UsageError(f"class_index out of range 0..{len(info.labels) - 1}")
-        probs, heatmaps, _ = run_graph_across_frames(self.graph, np.ascontiguousarray(crops),
-                                                     np.ascontiguousarray(wanted), method)
+        probs, heatmaps, similarity, _ = run_graph_scores(self.graph, np.ascontiguousarray(crops),
+                                                          np.ascontiguousarray(wanted), method)
         predicted = probs.argmax(axis=1)
         return tuple(Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                                explained=int(predicted[i] if wanted[i] < 0 else wanted[i]), method=method)
+                                explained=int(predicted[i] if wanted[i] < 0 else wanted[i]), method=method,
+                                similarity=similarity[i])
                      for i in range(len(crops)))
 
 

@@ -79,14 +79,15 @@ class FrameExplainer:
         faces, crops, dropped = crop_for_graph(frame, faces, self.margin, self.max_faces, info)
         cropped = time.perf_counter()
         class_index = self._class_index(faces, controls) if faces else np.zeros(0, np.int64)
-        probs, heatmaps = (self.graph.run(crops, class_index, controls.method) if faces else
-                           (np.zeros((0, len(info.labels)), np.float32), np.zeros((0, 0, 0), np.float32)))
+        probs, heatmaps, similarity = (run_scores(self.graph, crops, class_index, controls.method) if faces else
+                                       _no_scores(info))
         if self.timer is not None:
             self.timer.add("crop", cropped - start)
             self.timer.add("classify", time.perf_counter() - cropped)
         result = frame_result(index, faces, probs, heatmaps, class_index, dropped, controls.method,
                               controls.explained_class, info.labels, self.graph.provider,
-                              fps=fps, stage_ms=stage_ms, pace_fps=pace_fps)
+                              fps=fps, stage_ms=stage_ms, pace_fps=pace_fps, similarity=similarity,
+                              threshold=info.threshold)
         if self.smoother is not None:
             result = self.smoother.update(result)
         return Explained(result, crops)
@@ -142,26 +143,48 @@ def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, ma
     return tuple(faces), crops, dropped
 
 
-def run_graph_across_frames(graph, crops: np.ndarray, class_index: np.ndarray, method: str,
-                            max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+def run_scores(graph, crops: np.ndarray, class_index: np.ndarray, method: str):
+    """(probs, heatmaps, similarity) of one graph call: `CamGraph.run_scores` on a gallery graph,
+    else `run` with similarity float32 [N, 0] (so that graphs wrapped by a front end need `run` only)."""
+    if getattr(graph.info, "gallery", None):
+        return graph.run_scores(crops, class_index, method)
+    probs, heatmaps = graph.run(crops, class_index, method)
+    return probs, heatmaps, np.zeros((len(crops), 0), np.float32)
+
+
+def _no_scores(info) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.zeros((0, len(info.labels)), np.float32), np.zeros((0, 0, 0), np.float32),
+            np.zeros((0, len(info.labels) if getattr(info, "gallery", None) else 0), np.float32))
+
+
+def run_graph_scores(graph, crops: np.ndarray, class_index: np.ndarray, method: str,
+                     max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The graph on crops of many frames: uint8 [N, H, W, C] (any N >= 0), class_index int64
     [N] (-1: the predicted class), in calls of at most `max_batch` crops (the contract's batch
     range is 1..32). Returns probs float32 [N, classes], heatmaps float32 [N, h, w] ([N, 0, 0]
-    for method "none") and the number of graph calls made."""
-    probs, heatmaps, calls = [], [], 0
+    for method "none"), similarity float32 [N, identities] of a gallery graph ([N, 0] otherwise)
+    and the number of graph calls made."""
+    probs, heatmaps, similarity, calls = [], [], [], 0
     for start in range(0, len(crops), max_batch):
-        p, h = graph.run(crops[start:start + max_batch], class_index[start:start + max_batch], method)
+        p, h, s = run_scores(graph, crops[start:start + max_batch], class_index[start:start + max_batch], method)
         probs.append(p)
         heatmaps.append(h)
+        similarity.append(s)
         calls += 1
     if not calls:
-        return (np.zeros((0, len(graph.info.labels)), np.float32),
-                np.zeros((0, 0, 0), np.float32), 0)
-    return np.concatenate(probs), np.concatenate(heatmaps), calls
+        return (*_no_scores(graph.info), 0)
+    return np.concatenate(probs), np.concatenate(heatmaps), np.concatenate(similarity), calls
+
+
+def run_graph_across_frames(graph, crops: np.ndarray, class_index: np.ndarray, method: str,
+                            max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """`run_graph_scores` without the similarities: (probs, heatmaps, graph calls)."""
+    probs, heatmaps, _, calls = run_graph_scores(graph, crops, class_index, method, max_batch)
+    return probs, heatmaps, calls
 
 
 def run_graph_smoothed(graph, crops: np.ndarray, faces_per_frame, method: str, smooth: float,
-                       max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+                       max_batch: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """The graph on a whole video's crops, giving what `FrameExplainer(smooth=smooth)` gives
     frame by frame: with smoothing, the class explained for a face is its track's smoothed
     class (`Smoother.explain_classes`), known only after the frames before it. The class does
@@ -171,44 +194,51 @@ def run_graph_smoothed(graph, crops: np.ndarray, faces_per_frame, method: str, s
     again, with that class. crops: uint8 [N, H, W, C], the crops of `faces_per_frame` (a
     sequence of face tuples, one per frame, in order). Returns (probs, heatmaps, class_index,
     graph calls) as `run_graph_across_frames`; run `Smoother(smooth).update` over the frames'
-    `frame_result`s to get the live results."""
+    `frame_result`s to get the live results. Returns (probs, heatmaps, similarity, class_index,
+    graph calls), the similarities as `run_graph_scores`."""
     from camface.realtime.smooth import Smoother
 
     class_index = np.full(len(crops), -1, np.int64)
-    probs, heatmaps, calls = run_graph_across_frames(graph, crops, class_index, method, max_batch)
+    probs, heatmaps, similarity, calls = run_graph_scores(graph, crops, class_index, method, max_batch)
     if not len(crops):
-        return probs, heatmaps, class_index, calls
+        return probs, heatmaps, similarity, class_index, calls
     smoother, start = Smoother(smooth), 0
     for index, faces in enumerate(faces_per_frame):
         stop = start + len(faces)
         if faces:
             class_index[start:stop] = smoother.explain_classes(tuple(faces))
         smoother.update(frame_result(index, tuple(faces), probs[start:stop], heatmaps[start:stop],
-                                     class_index[start:stop], 0, method, None, graph.info.labels, ""))
+                                     class_index[start:stop], 0, method, None, graph.info.labels, "",
+                                     similarity=similarity[start:stop]))
         start = stop
     redo = np.flatnonzero((class_index >= 0) & (class_index != probs.argmax(axis=1)))
     if len(redo) and method != "none":  # "none": no heatmap to redo, only the classes to say
         _, again, more = run_graph_across_frames(graph, crops[redo], class_index[redo], method, max_batch)
         heatmaps[redo] = again
         calls += more
-    return probs, heatmaps, class_index, calls
+    return probs, heatmaps, similarity, class_index, calls
 
 
 def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmaps: np.ndarray,
                  class_index: np.ndarray, dropped: int, method: str, explained_class: int | None,
                  labels: tuple[str, ...], provider: str, *, fps: float = 0.0, stage_ms: dict | None = None,
-                 pace_fps: float = 0.0) -> FrameResult:
+                 pace_fps: float = 0.0, similarity: np.ndarray | None = None,
+                 threshold: float | None = None) -> FrameResult:
     """`explain`'s result step for one frame: probs float32 [N, classes] and heatmaps float32
     [N, h, w] of its N faces (rows of `run_graph_across_frames`), class_index int64 [N] as
-    given to the graph; fps / stage_ms / pace_fps: the caller's HUD figures (see FrameResult)."""
+    given to the graph; fps / stage_ms / pace_fps: the caller's HUD figures (see FrameResult);
+    similarity float32 [N, identities] and threshold: a gallery graph's (`run_graph_scores`,
+    `GraphInfo.threshold`), None for a classifier's."""
     predicted = probs.argmax(axis=1) if len(faces) else np.zeros(0, np.int64)
+    empty = np.zeros(0, np.float32)
     predictions = tuple(
         Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                   explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]), method=method)
+                   explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]), method=method,
+                   similarity=empty if similarity is None or not similarity.size else similarity[i])
         for i in range(len(faces)))
     return FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped, method=method,
                        explained_class=explained_class, labels=labels, fps=fps, stage_ms=stage_ms or {},
-                       provider=provider, pace_fps=pace_fps)
+                       provider=provider, pace_fps=pace_fps, threshold=threshold)
 
 
 def explain_many(items) -> list[Explained]:
@@ -233,27 +263,27 @@ def explain_many(items) -> list[Explained]:
         class_index = explainer._class_index(kept, controls) if kept else np.zeros(0, np.int64)
         prepared.append((kept, crops, dropped, class_index))
     cropped = time.perf_counter()
-    rows: list = [None] * len(items)  # (probs, heatmaps) per item with faces
+    rows: list = [None] * len(items)  # (probs, heatmaps, similarity) per item with faces
     groups: dict[tuple[int, str], list[int]] = {}  # one call per (graph, method)
     for i, (explainer, _, _, controls, *_) in enumerate(items):
         if prepared[i][0]:
             groups.setdefault((id(explainer.graph), controls.method), []).append(i)
     for (_, method), members in groups.items():
-        probs, heatmaps, _ = run_graph_across_frames(items[members[0]][0].graph,
-                                                     np.concatenate([prepared[i][1] for i in members]),
-                                                     np.concatenate([prepared[i][3] for i in members]), method)
+        probs, heatmaps, similarity, _ = run_graph_scores(items[members[0]][0].graph,
+                                                          np.concatenate([prepared[i][1] for i in members]),
+                                                          np.concatenate([prepared[i][3] for i in members]), method)
         offsets = np.cumsum([0, *(len(prepared[i][0]) for i in members)])
         for i, a, b in zip(members, offsets[:-1], offsets[1:]):
-            rows[i] = (probs[a:b], heatmaps[a:b])
+            rows[i] = (probs[a:b], heatmaps[a:b], similarity[a:b])
     classified = time.perf_counter()
     explained = []
     for (explainer, _, _, controls, index, fps, stage_ms), (kept, crops, dropped, class_index), row in zip(
             items, prepared, rows):
         graph = explainer.graph
-        probs, heatmaps = row if row is not None else (np.zeros((0, len(graph.info.labels)), np.float32),
-                                                       np.zeros((0, 0, 0), np.float32))
+        probs, heatmaps, similarity = row if row is not None else _no_scores(graph.info)
         result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
-                              controls.explained_class, graph.info.labels, graph.provider, fps=fps, stage_ms=stage_ms)
+                              controls.explained_class, graph.info.labels, graph.provider, fps=fps, stage_ms=stage_ms,
+                              similarity=similarity, threshold=graph.info.threshold)
         if explainer.timer is not None:
             explainer.timer.add("crop", (cropped - start) / len(items))
             explainer.timer.add("classify", classified - cropped)

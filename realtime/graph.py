@@ -183,7 +183,7 @@ class CamGraph:
         if entry is None:
             session = self._session
             try:
-                outputs = (spec.OUTPUT_PROBS,) + (() if method == "none" else (method,))
+                outputs = self._outputs(method)
                 height, width = self.info.input_size
                 pruned = self._create(self.provider, f"{height}x{width}x{self.info.channels}",
                                       prune(self._model_bytes, outputs))
@@ -196,6 +196,11 @@ class CamGraph:
             entry = self._by_method[method] = (session, tuple(i.name for i in session.get_inputs()))
         return entry
 
+    def _outputs(self, method: str) -> tuple[str, ...]:
+        """What `run_scores` asks for: probs, the heatmap unless "none", a gallery's similarity."""
+        return ((spec.OUTPUT_PROBS,) + (() if method == "none" else (method,))
+                + ((spec.OUTPUT_SIMILARITY,) if self.info.gallery else ()))
+
     def run(self, crops: np.ndarray, class_index: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
         """One call for all faces of a frame.
 
@@ -205,16 +210,24 @@ class CamGraph:
         Returns probs float32 [N, classes] and heatmaps float32 [N, h, w] (unnormalised, the
         graph's feature resolution; [N, 0, 0] for method "none").
         """
+        probs, heatmaps, _ = self.run_scores(crops, class_index, method)
+        return probs, heatmaps
+
+    def run_scores(self, crops: np.ndarray, class_index: np.ndarray,
+                   method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`run`, and a gallery graph's cosine similarities float32 [N, identities] as a third
+        value (float32 [N, 0] for a classifier's graph), from the same call."""
         if method != "none" and method not in self.info.heatmaps:
             raise ModelError(f"{self.path.name} has no {method!r} heatmap (it has {', '.join(self.methods)})"
                              + (f": {self.info.cam_unavailable_reason}" if method == "cam" else ""))
-        names = [spec.OUTPUT_PROBS] if method == "none" else [spec.OUTPUT_PROBS, method]
+        names = list(self._outputs(method))
         feeds = {spec.INPUT_IMAGE: crops, spec.INPUT_CLASS: np.asarray(class_index, np.int64)}
         session, inputs = self._session_for(method)
-        result = session.run(names, {name: feeds[name] for name in inputs})
-        probs = result[0]
+        result = dict(zip(names, session.run(names, {name: feeds[name] for name in inputs})))
+        probs = result[spec.OUTPUT_PROBS]
         if probs.shape[1] != len(self.info.labels):
             raise ModelError(f"{self.path}: {len(self.info.labels)} labels in the metadata but the graph "
                              f"returns {probs.shape[1]} class probabilities")
-        heatmaps = result[1] if method != "none" else np.zeros((len(crops), 0, 0), np.float32)
-        return probs, heatmaps
+        heatmaps = result[method] if method != "none" else np.zeros((len(crops), 0, 0), np.float32)
+        similarity = result.get(spec.OUTPUT_SIMILARITY, np.zeros((len(crops), 0), np.float32))
+        return probs, heatmaps, similarity

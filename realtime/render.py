@@ -5,14 +5,13 @@ style goes to `__init__`, data comes per call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
 from camface.methods import normalize
 from camface.realtime.overlay import LIVE, colormap_lut, overlay, upsample
-from camface.realtime.results import Box, Face, FrameResult, Prediction
+from camface.realtime.results import Box, Face, FrameResult
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 GREEN, WHITE, BLACK = (0, 200, 0), (255, 255, 255), (0, 0, 0)
@@ -92,15 +91,6 @@ class CamBoxAnnotator:
         return frame
 
 
-def _label_text(prediction: Prediction, labels: Sequence[str]) -> str:
-    name = labels[prediction.predicted] if prediction.predicted < len(labels) else str(prediction.predicted)
-    text = f"{name} {prediction.probs[prediction.predicted]:.2f}"
-    if prediction.explained != prediction.predicted:
-        explained = labels[prediction.explained] if prediction.explained < len(labels) else str(prediction.explained)
-        text += f" (why {explained}?)"
-    return text
-
-
 class BoxAnnotator:
     """Face box with the predicted label and its probability (above the box, or inside it at
     the top edge of the frame); the explained class when it differs from the predicted one."""
@@ -114,7 +104,7 @@ class BoxAnnotator:
             cv2.rectangle(frame, (x, y), (x + w - 1, y + h - 1), self.color, self.thickness)
             if i >= len(result.predictions):
                 continue
-            text = _label_text(result.predictions[i], result.labels)
+            text = result.predictions[i].caption(result.labels, result.threshold)
             (tw, th), base = cv2.getTextSize(text, FONT, self.scale, 1)
             top = y - th - base - 2 if y - th - base - 2 >= 0 else y + self.thickness
             cv2.rectangle(frame, (x, top), (x + tw + 4, top + th + base + 2), self.color, -1)

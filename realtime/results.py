@@ -56,6 +56,8 @@ class Prediction:
         for class `explained`; empty (0, 0) when the method is "none".
     predicted: argmax of probs.
     explained: class index the heatmap explains.
+    similarity: float32 [identities], a gallery graph's cosine similarities (the heatmap explains
+        similarity[explained]); empty [0] for a classifier's graph.
     """
 
     probs: np.ndarray
@@ -63,20 +65,49 @@ class Prediction:
     predicted: int
     explained: int
     method: str
+    similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    def is_unknown(self, threshold: float | None) -> bool:
+        """A gallery graph's face whose best similarity is below `threshold` (None: never)."""
+        return threshold is not None and self.similarity.size > 0 and \
+            float(self.similarity[self.predicted]) < threshold
+
+    def label(self, labels, threshold: float | None = None) -> str:
+        """The one place a face's name is made (live, serve, batch rows, snapshots): the
+        predicted label, or `unknown (best: NAME 0.31)` when `is_unknown(threshold)`."""
+        name = _label_of(labels, self.predicted)
+        if self.is_unknown(threshold):
+            return f"{UNKNOWN} (best: {name} {float(self.similarity[self.predicted]):.2f})"
+        return name
+
+    def caption(self, labels, threshold: float | None = None) -> str:
+        """The text drawn on the face box: `label` with its score (the cosine similarity on a
+        gallery graph, else the probability; an unknown face's label holds it already) and
+        `(why NAME?)` when the explained class is not the predicted one."""
+        text = self.label(labels, threshold)
+        if not self.is_unknown(threshold):
+            score = self.similarity[self.predicted] if self.similarity.size else self.probs[self.predicted]
+            text += f" {float(score):.2f}"
+        if self.explained != self.predicted:
+            text += f" (why {_label_of(labels, self.explained)}?)"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: probs (list of floats), predicted, explained, method, heatmap (rows of
-        floats, [] for method "none"). float32 values survive JSON exactly."""
+        floats, [] for method "none"), and similarity (gallery graphs only). float32 values
+        survive JSON exactly."""
         return {"probs": [float(p) for p in self.probs], "predicted": int(self.predicted),
                 "explained": int(self.explained), "method": self.method,
-                "heatmap": np.asarray(self.heatmap, np.float32).tolist() if self.heatmap.size else []}
+                "heatmap": np.asarray(self.heatmap, np.float32).tolist() if self.heatmap.size else [],
+                **({"similarity": [float(s) for s in self.similarity]} if self.similarity.size else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Prediction":
         heatmap = np.asarray(data["heatmap"], np.float32)
         return cls(probs=np.asarray(data["probs"], np.float32),
                    heatmap=heatmap if heatmap.size else np.zeros((0, 0), np.float32),
-                   predicted=int(data["predicted"]), explained=int(data["explained"]), method=data["method"])
+                   predicted=int(data["predicted"]), explained=int(data["explained"]), method=data["method"],
+                   similarity=np.asarray(data.get("similarity", []), np.float32))
 
 
 @dataclass(frozen=True)
@@ -94,6 +125,7 @@ class FrameResult:
     provider: ONNX Runtime execution provider running the graph.
     pace_fps: the rate a window is held to (the source's own), 0 when not paced: then `fps`
         is the displayed rate and says nothing about how fast frames could be processed.
+    threshold: a gallery graph's unknown threshold on the best cosine similarity; None otherwise.
     """
 
     index: int
@@ -107,6 +139,7 @@ class FrameResult:
     stage_ms: Mapping[str, float] = field(default_factory=dict)
     provider: str = ""
     pace_fps: float = 0.0
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.predictions and len(self.predictions) != len(self.faces):
@@ -115,7 +148,7 @@ class FrameResult:
 
     def label(self, k: int) -> str:
         """Class name of index k (the index itself when the graph has no such label)."""
-        return self.labels[k] if 0 <= k < len(self.labels) else str(k)
+        return _label_of(self.labels, k)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, the fields `camface serve` sends and `camface batch` writes: index, method,
@@ -126,13 +159,14 @@ class FrameResult:
             entry = face.to_dict()
             if i < len(self.predictions):
                 prediction = self.predictions[i]
-                entry.update(prediction.to_dict(), predicted_label=self.label(prediction.predicted),
+                entry.update(prediction.to_dict(), predicted_label=prediction.label(self.labels, self.threshold),
                              explained_label=self.label(prediction.explained))
             faces.append(entry)
         return {"index": int(self.index), "method": self.method, "explained_class": self.explained_class,
                 "labels": list(self.labels), "dropped": int(self.dropped), "provider": self.provider,
                 "fps": float(self.fps), "pace_fps": float(self.pace_fps),
-                "stage_ms": {k: float(v) for k, v in self.stage_ms.items()}, "faces": faces}
+                "stage_ms": {k: float(v) for k, v in self.stage_ms.items()}, "faces": faces,
+                **({"threshold": self.threshold} if self.threshold is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FrameResult":
@@ -142,7 +176,7 @@ class FrameResult:
                    predictions=tuple(Prediction.from_dict(f) for f in faces if "probs" in f),
                    dropped=int(data["dropped"]), method=data["method"], explained_class=data["explained_class"],
                    labels=tuple(data["labels"]), fps=float(data["fps"]), stage_ms=dict(data["stage_ms"]),
-                   provider=data["provider"], pace_fps=float(data["pace_fps"]))
+                   provider=data["provider"], pace_fps=float(data["pace_fps"]), threshold=data.get("threshold"))
 
     def _repr_html_(self) -> str:
         """Jupyter: one row per face, its box and a bar per class probability."""
@@ -158,6 +192,13 @@ class FrameResult:
         head = (f"<b>frame {self.index}</b>: {len(self.faces)} face(s), heatmap {html.escape(self.method)}"
                 + (f", {self.dropped} more not classified" if self.dropped else ""))
         return f"<div>{head}<table>{''.join(rows)}</table></div>"
+
+
+UNKNOWN = "unknown"
+
+
+def _label_of(labels, k: int) -> str:
+    return labels[k] if 0 <= k < len(labels) else str(k)
 
 
 def _box(values) -> Box:

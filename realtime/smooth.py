@@ -74,7 +74,9 @@ class Smoother:
         same = (old.method == new.method and old.explained == new.explained
                 and old.heatmap.shape == new.heatmap.shape)
         heatmap = (f * old.heatmap + (1.0 - f) * new.heatmap).astype(np.float32) if same else new.heatmap
-        return replace(new, probs=probs, heatmap=heatmap, predicted=int(np.argmax(probs)))
+        similarity = (f * old.similarity + (1.0 - f) * new.similarity).astype(np.float32) \
+            if old.similarity.shape == new.similarity.shape else new.similarity
+        return replace(new, probs=probs, heatmap=heatmap, predicted=int(np.argmax(probs)), similarity=similarity)
 
     def update(self, result: FrameResult) -> FrameResult:
         matched = self._match(result.faces)

@@ -86,10 +86,12 @@ class SnapshotWriter:
                     "score": round(float(face.score), 6),
                     "probs": [round(float(p), 6) for p in prediction.probs],
                     "predicted": int(prediction.predicted),
-                    "predicted_label": labels[prediction.predicted] if prediction.predicted < len(labels) else "",
+                    "predicted_label": prediction.label(labels, result.threshold),
                     "explained": int(prediction.explained),
                     "explained_label": labels[prediction.explained] if prediction.explained < len(labels) else "",
                     "track_id": int(face.track_id),
+                    **({"similarity": [round(float(v), 6) for v in prediction.similarity]}
+                       if prediction.similarity.size else {}),
                 })
             meta = {
                 "camface_version": __version__,

@@ -33,6 +33,11 @@ class CountingGraph:
         self.crops += len(crops)
         return self._graph.run(crops, class_index, method)
 
+    def run_scores(self, crops, class_index, method):
+        self.calls += 1
+        self.crops += len(crops)
+        return self._graph.run_scores(crops, class_index, method)
+
     def __getattr__(self, name):
         return getattr(self._graph, name)
 

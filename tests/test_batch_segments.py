@@ -228,7 +228,7 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame(method
         k, c, _ = crop_for_graph(frame, found, 0.1, 8, graph.info)
         kept.append(k)
         crops.append(c)
-    probs, heat, class_index, calls = run_graph_smoothed(graph, np.concatenate(crops), kept, method, 0.8)
+    probs, heat, _, class_index, calls = run_graph_smoothed(graph, np.concatenate(crops), kept, method, 0.8)
     if method == "none":  # no heatmap to compute again, but the classes said are the smoothed ones
         assert calls == 1
     else:
