@@ -1,0 +1,372 @@
+"""Face-recognition models explained: gallery graphs (`camface enroll`), their similarity maps
+against torch / TensorFlow autograd, the unknown threshold, bad input, and `camface live` on a
+gallery graph. Small random-weight embedders defined inline (tests/gallery_helpers.py); real
+faces that scikit-image and matplotlib ship, augmented into several photos per person."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import onnxruntime as ort  # noqa: E402
+from gallery_helpers import SIZE, centre_on, faces_bgr, people_dir, to_onnx, torch_embedder  # noqa: E402
+
+from camface import graph_spec, methods  # noqa: E402
+from camface.cli import main  # noqa: E402
+from camface.errors import ModelError, SourceError  # noqa: E402
+from camface.export import enroll, gallery, threshold  # noqa: E402
+from camface.export.exporter import ExportOptions  # noqa: E402
+from camface.realtime.results import Prediction  # noqa: E402
+
+ARCFACE = ExportOptions(preset="arcface")
+SHOWN = ("gradcam", "gradcampp", "layercam", "hirescam")
+
+
+def _session(model):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(model, images, classes):
+    session = _session(model)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
+
+
+def _maps_agree(got: np.ndarray, want: np.ndarray, name: str) -> None:
+    """Normalised maps (as shown) within 2e-3 of the maximum: float32 gradients of the same
+    function, summed in another order, differ by ~1e-6 relative; ReLU kinks stay continuous."""
+    for n in range(len(want)):
+        a, b = methods.normalize(got[n], name), methods.normalize(want[n], name)
+        assert np.abs(a - b).max() <= 2e-3, (name, n, float(np.abs(a - b).max()))
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory) -> Path:
+    """3 identities x 4 augmented photos, plus a photo without a face (a cat) and one with two
+    faces in collins' folder: skipped and counted."""
+    from skimage import data
+
+    root = people_dir(tmp_path_factory.mktemp("people"), per_person=4)
+    cv2.imwrite(str(root / "collins" / "cat.png"), data.chelsea()[:, :, ::-1])
+    faces = faces_bgr()
+    two = np.concatenate([faces["collins"], cv2.resize(faces["hopper"], (512, 512))], axis=1)
+    cv2.imwrite(str(root / "collins" / "two.png"), two)
+    return root
+
+
+@pytest.fixture(scope="module")
+def crops(people):
+    """The enrolment's face crops (uint8 RGB [M, SIZE, SIZE, 3]) and their identities."""
+    found, targets, _, _ = enroll.face_crops(people, enroll.scan_people(people), (SIZE, SIZE), "RGB")
+    return found, targets
+
+
+@pytest.fixture(scope="module")
+def embedder(crops, tmp_path_factory):
+    """(torch module, its ONNX file): a random CNN embedder centred on the enrolment crops."""
+    model = centre_on(torch_embedder(), crops[0])
+    return model, to_onnx(model, tmp_path_factory.mktemp("embedder") / "embedder.onnx")
+
+
+@pytest.fixture(scope="module")
+def enrolled(people, embedder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gallery") / "gallery.onnx"
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--no-rank"]) == 0
+    return out
+
+
+def _torch_similarity(model, crops_rgb, gallery_rows, classes):
+    """(similarity [N, K], gradient of similarity[n, c_n] at the last conv [N, h, w, C],
+    activations [N, h, w, C]) by torch autograd; c_n = argmax for -1."""
+    x = torch.from_numpy(crops_rgb.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    a = model.features(x).detach().requires_grad_(True)
+    e = model.fc(a.mean(dim=(2, 3))) - model.centre
+    u = e / torch.sqrt((e * e).sum(1, keepdim=True) + gallery.EPS)
+    sim = u @ torch.from_numpy(gallery_rows).T
+    chosen = torch.where(torch.from_numpy(classes) < 0, sim.argmax(1), torch.from_numpy(classes))
+    sim.gather(1, chosen[:, None]).sum().backward()
+    nhwc = (lambda t: t.detach().permute(0, 2, 3, 1).numpy())
+    return sim.detach().numpy(), nhwc(a.grad), nhwc(a)
+
+
+def test_similarity_heatmaps_equal_torch_autograd(embedder, crops):
+    model, path = embedder
+    rows = gallery.normalise(np.random.default_rng(0).standard_normal((3, 16)))
+    graph, info, _ = gallery.build(gallery.load(path, ARCFACE), rows, ("a", "b", "c"), ARCFACE, {"threshold": 0.3})
+    images = crops[0][[0, 5, 9, 11]]
+    classes = np.array([-1, 0, 2, 1], np.int64)
+    got = _run(graph, images, classes)
+    sim, grad, activations = _torch_similarity(model, images, rows, classes)
+    assert np.abs(got["similarity"] - sim).max() <= 1e-5
+    scaled = 30.0 * sim.astype(np.float64)
+    softmax = np.exp(scaled - scaled.max(1, keepdims=True))
+    assert np.abs(got["probs"] - softmax / softmax.sum(1, keepdims=True)).max() <= 1e-4
+    assert np.abs(got["activations"] - activations).max() <= 1e-5 * np.abs(activations).max()
+    for name in SHOWN:
+        _maps_agree(got[name], methods.get(name).reference(activations, grad, None), name)
+    assert info.gallery["scale"] == 30.0 and info.labels == ("a", "b", "c")
+
+
+def test_keras_embedder_maps_equal_tensorflow_gradients(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D()(x)
+    a = keras.layers.Conv2D(12, 3, padding="same", name="last_conv")(x)
+    e = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(a))
+    model = keras.Model(inputs, e)
+    path = tmp_path / "embedder.keras"
+    model.save(path)
+    rows = gallery.normalise(np.random.default_rng(1).standard_normal((2, 10)))
+    graph, info, _ = gallery.build(gallery.load(path, ARCFACE), rows, ("p", "q"), ARCFACE, {})
+    images = np.stack([cv2.resize(f, (SIZE, SIZE))[:, :, ::-1] for f in faces_bgr().values()])
+    classes = np.array([-1, 1, 0], np.int64)
+    got = _run(graph, images, classes)
+    x = tf.constant(images.astype(np.float32) / 127.5 - 1)
+    features = keras.Model(inputs, a)
+    head = keras.Sequential([model.layers[-2], model.layers[-1]])
+    activations = features(x)
+    with tf.GradientTape() as tape:
+        tape.watch(activations)
+        emb = head(activations)
+        unit = emb / tf.sqrt(tf.reduce_sum(emb * emb, 1, keepdims=True) + gallery.EPS)
+        sim = unit @ tf.constant(rows.T)
+        chosen = tf.where(classes < 0, tf.argmax(sim, 1), classes)
+        target = tf.reduce_sum(tf.gather(sim, chosen, batch_dims=1))
+    grad = tape.gradient(target, activations).numpy()
+    assert np.abs(got["similarity"] - sim.numpy()).max() <= 1e-5
+    assert np.abs(got["activations"] - activations.numpy()).max() <= 1e-4 * np.abs(activations.numpy()).max()
+    for name in SHOWN:
+        _maps_agree(got[name], methods.get(name).reference(activations.numpy(), grad, None), name)
+
+
+def test_transformer_embedder_gets_a_token_grid_gallery_graph(tmp_path):
+    from test_onnx_export_models import TransformerBlock
+    from torch import nn
+
+    class ViTEmbedder(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+            self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+            self.pos = nn.Parameter(torch.randn(1, (SIZE // 8) ** 2 + 1, dim))
+            self.blocks = nn.Sequential(TransformerBlock(dim, 2))
+            self.norm = nn.LayerNorm(dim)
+            self.head = nn.Linear(dim, 12)
+
+        def forward(self, x):
+            x = self.patch_embed(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            return self.head(self.norm(self.blocks(x))[:, 0])
+
+    torch.manual_seed(0)
+    path = to_onnx(ViTEmbedder().eval(), tmp_path / "vit.onnx")
+    rows = gallery.normalise(np.random.default_rng(2).standard_normal((3, 12)))
+    graph, info, differences = gallery.build(gallery.load(path, ARCFACE), rows, ("a", "b", "c"), ARCFACE, {})
+    assert "tokens: 1 + 6x6" in info.target_layer and info.feature_size == (6, 6)
+    assert all(d.ok for d in differences)  # the gradient against finite differences of the similarity
+    images = np.stack([cv2.resize(f, (SIZE, SIZE))[:, :, ::-1] for f in faces_bgr().values()])
+    got = _run(graph, images, np.array([-1, -1, -1], np.int64))
+    assert got["gradcam"].shape == (3, 6, 6) and (got["gradcam"].max(axis=(1, 2)) > 0).any()
+
+
+def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
+    report = json.loads(enrolled.with_suffix(".enroll.json").read_text())
+    assert report["identities"] == ["cameraman", "collins", "hopper"]
+    assert report["photos"]["collins"]["used"] == 4
+    assert report["photos"]["collins"]["no_face"] == 1 and report["photos"]["collins"]["many_faces"] == 1
+    assert report["photos"]["hopper"]["used"] == 4 and report["photos"]["hopper"]["no_face"] == 0
+    assert report["leave_one_out"]["accuracy"] == 1.0 and report["leave_one_out"]["identified"] == 12
+    loo = report["leave_one_out"]
+    assert loo["impostor_mean"] < report["threshold"] < loo["genuine_mean"]
+    assert enrolled.with_suffix(".similarity.png").stat().st_size > 5000
+    # the gallery: L2-normalised means of the L2-normalised torch embeddings of each identity's crops
+    stored = np.load(enrolled.with_suffix(".npz"))
+    model, _ = embedder
+    with torch.no_grad():
+        e = model(torch.from_numpy(crops[0].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)).numpy()
+    units = e / np.linalg.norm(e, axis=1, keepdims=True)
+    means = np.stack([units[crops[1] == k].mean(0) for k in range(3)])
+    assert np.abs(stored["embeddings"] - means / np.linalg.norm(means, axis=1, keepdims=True)).max() <= 1e-5
+    assert list(stored["labels"]) == report["identities"] and len(stored["photos"]) == 12
+    # the graph names each enrolled face, its similarity the cosine to its identity
+    import onnx
+
+    info = graph_spec.GraphInfo.from_metadata({p.key: p.value for p in onnx.load(str(enrolled)).metadata_props})
+    assert info.labels == ("cameraman", "collins", "hopper") and info.threshold == report["threshold"]
+    assert info.gallery["photos"] == {"cameraman": 4, "collins": 4, "hopper": 4}
+    got = _run(onnx.load(str(enrolled)), crops[0], np.full(12, -1, np.int64))
+    assert (got["similarity"].argmax(1) == crops[1]).all()
+    assert np.abs(got["similarity"] - units @ stored["embeddings"].T).max() <= 1e-5
+
+
+def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path, capsys):
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface", "--no-rank", "--threshold", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "collins: 4 photo(s) used, skipped 1 no face, 1 many faces" in out
+    assert "leave-one-out identification accuracy: 1.000 (12 photos)" in out
+    assert "unknown below cosine similarity 0.250 (--threshold)" in out
+    assert (tmp_path / "g.npz").is_file() and (tmp_path / "g.similarity.png").is_file()
+
+
+# ---------------------------------------------------------------- the unknown threshold
+
+def test_equal_error_threshold_on_hand_made_scores():
+    t, rule = threshold.equal_error_threshold(np.array([0.9, 0.8, 0.7]), np.array([0.1, 0.2, 0.3, 0.4]))
+    assert t == pytest.approx(0.55) and "FRR 0.000, FAR 0.000" in rule  # the middle of the gap
+    # overlapping: one genuine below one impostor; the best T errs once on each side of 4
+    t, _ = threshold.equal_error_threshold(np.array([0.9, 0.8, 0.7, 0.35]), np.array([0.1, 0.2, 0.5, 0.3]))
+    assert 0.35 < t <= 0.5
+    assert threshold.equal_error_threshold(np.array([]), np.array([0.1]))[0] == threshold.DEFAULT
+
+
+def test_leave_one_out_rebuilds_each_identity_without_the_photo():
+    e = np.array([[1, 0], [1, 0.2], [1, -0.2], [0, 1], [0.1, 1], [-1, 0]], np.float64)
+    targets = np.array([0, 0, 0, 1, 1, 2])
+    loo = threshold.leave_one_out(e, targets, 3)
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    without_first = (u[1] + u[2]) / np.linalg.norm(u[1] + u[2])
+    assert loo.genuine[0] == pytest.approx(float(without_first @ u[0]))
+    assert len(loo.genuine) == 5 and len(loo.impostor) == 12  # identity 2 has one photo: no genuine
+    assert list(loo.predicted) == [0, 0, 0, 1, 1, -1] and loo.accuracy == 1.0
+
+
+@pytest.mark.parametrize("similarity, threshold_, label, caption", [
+    ([0.31, 0.2], 0.4, "unknown (best: alice 0.31)", "unknown (best: alice 0.31)"),
+    ([0.55, 0.2], 0.4, "alice", "alice 0.55"),
+    ([], 0.4, "alice", "alice 0.70"),  # a classifier's graph: no similarity, the probability
+    ([0.31, 0.2], None, "alice", "alice 0.31"),
+])
+def test_labels_say_unknown_below_the_threshold(similarity, threshold_, label, caption):
+    p = Prediction(np.array([0.7, 0.3], np.float32), np.zeros((2, 2), np.float32), 0, 0, "gradcam",
+                   np.array(similarity, np.float32))
+    assert p.label(("alice", "bob"), threshold_) == label and p.caption(("alice", "bob"), threshold_) == caption
+    assert Prediction.from_dict(p.to_dict()).label(("alice", "bob"), threshold_) == label
+
+
+def test_a_face_not_enrolled_is_unknown_and_its_map_explains_the_best_match(people, embedder, crops, tmp_path):
+    import shutil
+
+    two = tmp_path / "two"
+    for name in ("collins", "hopper"):
+        shutil.copytree(people / name, two / name)
+    out = tmp_path / "two.onnx"
+    assert main(["enroll", str(two), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--no-rank"]) == 0
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(out, "cpu")
+    stranger = crops[0][crops[1] == 0]  # the cameraman, not enrolled here
+    probs, maps, similarity = graph.run_scores(stranger, np.full(len(stranger), -1, np.int64), "gradcam")
+    best = similarity.max(1)
+    assert (best < graph.info.threshold).all()
+    labels = [Prediction(probs[i], maps[i], int(probs[i].argmax()), int(probs[i].argmax()), "gradcam",
+                         similarity[i]).label(graph.info.labels, graph.info.threshold) for i in range(len(best))]
+    assert all(t.startswith("unknown (best: ") and t.endswith(f"{b:.2f})") for t, b in zip(labels, best))
+    assert (maps.reshape(len(maps), -1).max(1) > 0).any()  # the map explains the best match
+    known = crops[0][crops[1] == 2]  # hopper, enrolled
+    _, _, similarity = graph.run_scores(known, np.full(len(known), -1, np.int64), "gradcam")
+    assert (similarity.max(1) >= graph.info.threshold).all()
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_empty_people_dir_and_folders_without_a_usable_face(tmp_path, embedder, capsys):
+    from skimage import data
+
+    model = str(embedder[1])
+    (tmp_path / "empty").mkdir()
+    assert main(["enroll", str(tmp_path / "empty"), "--model", model, "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface"]) == 2
+    assert "holds no person folders" in capsys.readouterr().err
+    (tmp_path / "p" / "alice").mkdir(parents=True)
+    with pytest.raises(SourceError, match=r"person folder .*alice holds no photos"):
+        enroll.scan_people(tmp_path / "p")
+    cv2.imwrite(str(tmp_path / "p" / "alice" / "cat.png"), data.chelsea()[:, :, ::-1])
+    assert main(["enroll", str(tmp_path / "p"), "--model", model, "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface"]) == 2
+    err = capsys.readouterr().err
+    assert "person folder" in err and "alice has no usable face photo (1 no face)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_model_whose_output_is_not_an_embedding(tmp_path):
+    from torch import nn
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU())
+    path = to_onnx(conv, tmp_path / "conv.onnx")
+    with pytest.raises(ModelError, match=r"embedder .*conv.onnx: output 'embedding' is \[.*4, 48, 48\]; "
+                                         r"camface needs an embedding \[N, D\]"):
+        gallery.load(path, ARCFACE)
+
+
+def test_a_gallery_whose_dimension_differs_from_the_model(embedder):
+    loaded = gallery.load(embedder[1], ARCFACE)
+    with pytest.raises(ModelError, match=r"gallery's embeddings are \[3, 8\] but embedder embedder.onnx gives "
+                                         r"D = 16"):
+        gallery.with_similarity_head(loaded, np.ones((3, 8), np.float32))
+    with pytest.raises(ModelError, match="NaN"):
+        gallery.with_similarity_head(loaded, np.full((3, 16), np.nan, np.float32))
+
+
+def test_embeddings_with_nans_are_refused(people, tmp_path, capsys):
+    from torch import nn
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 1, 1)
+
+        def forward(self, x):
+            return torch.sqrt(self.conv(x).mean(dim=(2, 3)) - 100.0)  # negative: NaN
+
+    path = to_onnx(Broken(), tmp_path / "broken.onnx")
+    assert main(["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface"]) == 2
+    err = capsys.readouterr().err
+    assert "embedder broken.onnx: 12 of 12 embeddings hold NaN or infinity (first: row 0)" in err
+
+
+def test_embedding_from_a_classifier_uses_its_pooled_features(tmp_path, crops):
+    from test_onnx_export_models import SmallCNN
+
+    torch.manual_seed(0)
+    classifier = SmallCNN(classes=5).eval()
+    path = to_onnx(classifier, tmp_path / "classifier.onnx", output="probs")
+    loaded = gallery.load(path, ARCFACE, from_classifier=True)
+    assert loaded.dim == 12
+    x = torch.from_numpy(crops[0][:3].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        pooled = classifier.features(x).mean(dim=(2, 3)).numpy()
+    assert np.abs(gallery.embed(loaded, crops[0][:3]) - pooled).max() <= 1e-5
+
+
+# ---------------------------------------------------------------- front ends
+
+def test_live_names_the_faces_and_draws_the_maps(enrolled, tmp_path):
+    from realtime_helpers import count_frames, write_clip
+
+    faces = faces_bgr()
+    clip = write_clip(tmp_path / "clip.mp4", [faces["hopper"][:512, :512], faces["collins"]] * 3)
+    out = tmp_path / "live.mp4"
+    assert main(["live", "--model", str(enrolled), "--source", str(clip), "--no-show", "--record", str(out),
+                 "--snapshot-every", "1", "--snapshot-dir", str(tmp_path / "snaps"), "--detect-every", "1",
+                 "--method", "gradcam"]) == 0
+    assert count_frames(out) == 6
+    named = {}
+    for snap in sorted((tmp_path / "snaps").iterdir()):
+        meta = json.loads((snap / "snapshot.json").read_text())
+        named[meta["frame_index"]] = [(f["predicted_label"], len(f["similarity"])) for f in meta["faces"]]
+    assert named[0] == [("hopper", 3)] and named[1] == [("collins", 3)]
