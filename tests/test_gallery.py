@@ -370,3 +370,30 @@ def test_live_names_the_faces_and_draws_the_maps(enrolled, tmp_path):
         meta = json.loads((snap / "snapshot.json").read_text())
         named[meta["frame_index"]] = [(f["predicted_label"], len(f["similarity"])) for f in meta["faces"]]
     assert named[0] == [("hopper", 3)] and named[1] == [("collins", 3)]
+
+
+# ---------------------------------------------------------------- camface compare
+
+def test_compare_explains_each_face_s_similarity_to_the_other(people, embedder, tmp_path, capsys):
+    from camface.export import compare
+
+    model, path = embedder
+    a, b = people / "collins" / "0.png", people / "collins" / "1.png"
+    result = compare.compare(a, b, path, ARCFACE)
+    x = torch.from_numpy(result.crops.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        e = model(x).numpy()
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    assert result.similarity == pytest.approx(float(u[0] @ u[1]), abs=1e-5)
+    # map of A: d cos(u_A, u_B) / dA_A with B's embedding held as the gallery row (and B's likewise)
+    _, grad, activations = _torch_similarity(model, result.crops, u[::-1].copy(), np.array([0, 1], np.int64))
+    _maps_agree(result.maps, methods.get("gradcam").reference(activations, grad, None), "gradcam")
+    figure = tmp_path / "compare.png"
+    assert main(["compare", str(a), str(people / "hopper" / "0.png"), "--model", str(path), "--preset", "arcface",
+                 "-o", str(figure), "--threshold", "0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity collins/0.png - hopper/0.png: " in out and "(different people at threshold 0.4)" in out
+    assert figure.stat().st_size > 5000
+    assert main(["compare", str(a), str(people / "collins" / "cat.png"), "--model", str(path),
+                 "--preset", "arcface"]) == 2
+    assert "cat.png: no face found; compare needs one face per photo" in capsys.readouterr().err

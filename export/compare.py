@@ -1,0 +1,179 @@
+"""`camface compare A.jpg B.jpg --model EMBEDDER [-o figure.png]`: same person? and what made the
+model say so.
+
+Each photo's one face is detected and cropped as `camface live` crops it. The cosine similarity
+of their embeddings answers the first question; for the second, a two-identity gallery graph
+(`gallery.build`, the rows A's and B's L2-normalised embeddings) explains A's similarity to B's
+embedding and B's to A's: each face's map says which of its regions raise its similarity to the
+other face. One figure: the two crops under their maps, the similarity in the title.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from camface.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """similarity: cosine of the two embeddings; crops: uint8 [2, H, W, C] in the embedder's
+    colour order; maps: float32 [2, h, w], unnormalised, of `method`: maps[0] explains A's
+    similarity to B, maps[1] B's to A; names: the two photos' file names."""
+
+    similarity: float
+    crops: np.ndarray
+    maps: np.ndarray
+    method: str
+    names: tuple[str, str]
+    color_order: str
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from camface import methods
+    from camface.export.preprocess import COLOR_ORDERS, PRESETS
+
+    parser.add_argument("photos", nargs=2, metavar="PHOTO", help="two photos, one face in each")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="EMBEDDER", help="face-recognition model (.onnx, .pt2 or Keras) "
+                                                           "whose one output is an embedding [N, D]")
+    which.add_argument("--embedding-from", metavar="MODEL",
+                       help="a classifier whose pooled features are the embedding (as `camface enroll`)")
+    parser.add_argument("-o", "--output", metavar="FIGURE.png", default=None,
+                        help="write the figure (the crops under their maps) here")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                        help="the embedder's input normalisation (arcface, facenet, ...; see `camface enroll`)")
+    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
+                        help="override the preset's channel order of the uint8 input")
+    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
+                        help="override: x * scale + offset")
+    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
+                        help="override: x * scale + offset")
+    parser.add_argument("--target-layer", metavar="NAME", default=None,
+                        help="layer whose activations the maps use (default: as `camface export`)")
+    parser.add_argument("--method", default="gradcam", choices=methods.names(),
+                        help="heatmap method of the maps")
+    parser.add_argument("--threshold", type=float, default=None, metavar="T",
+                        help="say 'same person' at cosine similarity >= T (e.g. a gallery's threshold)")
+    parser.add_argument("--no-detect", action="store_true", help="the photos are face crops already")
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from camface.export.exporter import ExportOptions
+
+    options = ExportOptions(target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
+                            scale=tuple(args.scale) if args.scale else None,
+                            offset=tuple(args.offset) if args.offset else None, verify=False)
+    result = compare(Path(args.photos[0]), Path(args.photos[1]), Path(args.model or args.embedding_from),
+                     options, args.method, from_classifier=args.embedding_from is not None,
+                     detect=not args.no_detect)
+    verdict = "" if args.threshold is None else \
+        (" (same person" if result.similarity >= args.threshold else " (different people") + \
+        f" at threshold {args.threshold:g})"
+    print(f"cosine similarity {result.names[0]} - {result.names[1]}: {result.similarity:.3f}{verdict}")
+    if args.output:
+        path = figure(result, Path(args.output), verdict)
+        print(f"wrote {path}")
+    return 0
+
+
+def one_face(path: Path, cropper, input_size: tuple[int, int], color_order: str, detect: bool) -> np.ndarray:
+    """uint8 [H, W, C] crop of the one face of the photo at `path`, in `color_order`; SourceError
+    naming the photo when it cannot be read or holds no face or several."""
+    import cv2
+
+    from camface.color_order import ColorOrder
+    from camface.models.dataset import read_photo, resize_square
+
+    image = read_photo(path) if path.is_file() else None
+    if image is None:
+        raise SourceError(f"cannot read the photo {path}")
+    height, width = input_size
+    if detect:
+        crops = cropper.crop_faces(image)
+        if len(crops) != 1:
+            raise SourceError(f"{path}: {'no face' if not crops else f'{len(crops)} faces'} found; "
+                              "compare needs one face per photo (crop it, or --no-detect for a face crop)")
+        crop = crops[0]
+    else:
+        crop = resize_square(image, max(height, width))
+    if crop.shape[:2] != (height, width):
+        crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
+    return ColorOrder.of(color_order).from_bgr(crop[None])[0]
+
+
+def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", from_classifier: bool = False,
+            detect: bool = True) -> Comparison:
+    """The comparison of photos `a` and `b` by the embedder in `model` (see the module docstring)."""
+    import contextlib
+
+    import onnxruntime as ort
+
+    from camface import graph_spec
+    from camface.api import face_detector
+    from camface.export import gallery
+    from camface.models.dataset import LiveCropper
+    from camface.realtime.config import LiveConfig
+
+    embedder = gallery.load(model, options, from_classifier)
+    order = embedder.preprocessing.color_order
+    live = LiveConfig()
+    with contextlib.ExitStack() as stack:
+        cropper = stack.enter_context(LiveCropper(face_detector(live), live.margin, max(embedder.input_size))) \
+            if detect else None
+        crops = np.stack([one_face(p, cropper, embedder.input_size, order, detect) for p in (a, b)])
+    rows = gallery.normalise(gallery.embed(embedder, crops))
+    graph, info, _ = gallery.build(embedder, rows, _names(a, b), options, {})
+    if method not in info.heatmaps:
+        from camface.errors import ModelError
+
+        raise ModelError(f"the graph of {model.name} has no {method!r} map (it has {', '.join(info.heatmaps)})")
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    session = ort.InferenceSession(graph.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
+    similarity, maps = session.run([graph_spec.OUTPUT_SIMILARITY, method],
+                                   {graph_spec.INPUT_IMAGE: crops,
+                                    graph_spec.INPUT_CLASS: np.array([1, 0], np.int64)})  # A to B, B to A
+    return Comparison(float(similarity[0, 1]), crops, maps, method, _names(a, b), str(order))
+
+
+def _names(a: Path, b: Path) -> tuple[str, str]:
+    """The photos' file names, with their folders when the names alone are the same."""
+    return (a.name, b.name) if a.name != b.name else (f"{a.parent.name}/{a.name}", f"{b.parent.name}/{b.name}")
+
+
+def figure(result: Comparison, path: Path, verdict: str = "") -> Path:
+    """The two crops, each with its map over it, side by side; the similarity in the title."""
+    from camface.color_order import ColorOrder
+    from camface.evaluate.plot import _save
+    from camface.realtime.overlay import overlay
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = ColorOrder.of(result.color_order)
+    fig, axes = plt.subplots(1, 4, figsize=(10, 3.1))
+    for i, other in ((0, 1), (1, 0)):
+        bgr = order.to_bgr(result.crops[i:i + 1])[0]
+        shown = overlay(bgr, result.maps[i], result.method)
+        axes[2 * i].imshow(bgr[:, :, ::-1])
+        axes[2 * i].set_title(result.names[i], fontsize=8)
+        axes[2 * i + 1].imshow(shown[:, :, ::-1])
+        axes[2 * i + 1].set_title(f"{result.method}: why similar to\n{result.names[other]}", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"cosine similarity {result.similarity:.3f}{verdict}", fontsize=10)
+    return _save(fig, path, dpi=110)
