@@ -60,26 +60,31 @@ class Scorer:
         if baseline not in metrics.BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(metrics.BASELINES)}")
         self.graph, self.steps, self.baseline, self.progress = graph, steps, baseline, progress
-        self._probs_session = _probability_session(graph, device, threads)
+        # what the curves score: the explained class's probability, or on a gallery graph the
+        # cosine similarity its maps explain
+        self.output = graph_spec.OUTPUT_SIMILARITY if graph.info.gallery else graph_spec.OUTPUT_PROBS
+        self._probs_session = _probability_session(graph, device, threads, self.output)
 
     def classify(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities float32 [M, classes] of uint8 crops [M, H, W, C], BATCH per call."""
+        """Probabilities (a gallery graph's similarities) float32 [M, classes] of uint8 crops
+        [M, H, W, C], BATCH per call."""
         session = self._probs_session
         wanted = {i.name for i in session.get_inputs()}
         out = []
         for start in range(0, len(images), BATCH):
             chunk = np.ascontiguousarray(images[start:start + BATCH])
             feed = {graph_spec.INPUT_IMAGE: chunk, graph_spec.INPUT_CLASS: np.full(len(chunk), -1, np.int64)}
-            out.append(session.run([graph_spec.OUTPUT_PROBS], {k: v for k, v in feed.items() if k in wanted})[0])
+            out.append(session.run([self.output], {k: v for k, v in feed.items() if k in wanted})[0])
         return np.concatenate(out) if out else np.zeros((0, len(self.graph.info.labels)), np.float32)
 
     def heatmaps(self, crops: np.ndarray, names) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(probs [N, classes], {method: [N, h, w]}) of the predicted class, BATCH crops per call."""
+        """(probs [N, classes] (a gallery graph's similarities), {method: [N, h, w]}) of the
+        predicted class, BATCH crops per call."""
         session = self.graph.session
         probs, maps = [], {name: [] for name in names}
         for start in range(0, len(crops), BATCH):
             chunk = np.ascontiguousarray(crops[start:start + BATCH])
-            values = session.run([graph_spec.OUTPUT_PROBS, *names], {
+            values = session.run([self.output, *names], {
                 graph_spec.INPUT_IMAGE: chunk, graph_spec.INPUT_CLASS: np.full(len(chunk), -1, np.int64)})
             probs.append(values[0])
             for name, value in zip(names, values[1:]):
@@ -141,7 +146,7 @@ class Scorer:
         return predicted, full, results
 
 
-def _probability_session(graph, device: str, threads: int):
+def _probability_session(graph, device: str, threads: int, output: str = graph_spec.OUTPUT_PROBS):
     """An ONNX Runtime session of the graph pruned to `probs` (ORT runs every node of a graph
     whatever is asked for, and the perturbed crops need no heatmaps), or the graph's own
     session when the `onnx` package is not installed."""
@@ -149,7 +154,7 @@ def _probability_session(graph, device: str, threads: int):
         from camface.realtime.bench.heads import prune
         from camface.realtime.graph import CamGraph
 
-        pruned = prune(graph.model_bytes, (graph_spec.OUTPUT_PROBS,))
+        pruned = prune(graph.model_bytes, (output,))
     except Exception as exc:  # onnx missing (ModelError) or a graph onnx cannot prune
         log.info("camface evaluate: classifying perturbed crops with the whole graph (%s)", exc)
         return graph.session

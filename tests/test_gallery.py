@@ -397,3 +397,37 @@ def test_compare_explains_each_face_s_similarity_to_the_other(people, embedder, 
     assert main(["compare", str(a), str(people / "collins" / "cat.png"), "--model", str(path),
                  "--preset", "arcface"]) == 2
     assert "cat.png: no face found; compare needs one face per photo" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_similarity_of_a_gallery_graph(enrolled, crops):
+    from camface.evaluate.scores import Scorer
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(enrolled, "cpu")
+    scorer = Scorer(graph, steps=4, device="cpu", threads=1)
+    predicted, full, scores = scorer.score(crops[0][:3], ["gradcam", "random"])
+    _, _, similarity = graph.run_scores(crops[0][:3], np.full(3, -1, np.int64), "gradcam")
+    assert list(predicted) == list(crops[1][:3])
+    assert np.abs(full - similarity.max(1)).max() <= 1e-6  # the curves start at the similarity
+    assert scores[0].deletion_curve[0] == pytest.approx(float(full.mean()), abs=1e-6)
+
+
+def test_serve_messages_and_batch_rows_carry_the_similarities_and_the_unknown_label():
+    from camface.realtime.explainer import frame_result
+    from camface.realtime.results import Face, FrameResult
+
+    faces = (Face((0, 0, 10, 10), 0.9), Face((20, 0, 10, 10), 0.8))
+    similarity = np.array([[0.8, 0.1], [0.2, 0.31]], np.float32)
+    probs = np.exp(30 * similarity) / np.exp(30 * similarity).sum(1, keepdims=True)
+    result = frame_result(3, faces, probs, np.zeros((2, 2, 2), np.float32), np.array([-1, -1]), 0, "gradcam",
+                          None, ("alice", "bob"), "cpu", similarity=similarity, threshold=0.4)
+    message = result.to_dict()  # what `camface serve` sends
+    assert [f["predicted_label"] for f in message["faces"]] == ["alice", "unknown (best: bob 0.31)"]
+    assert message["faces"][1]["similarity"] == pytest.approx([0.2, 0.31]) and message["threshold"] == 0.4
+    assert FrameResult.from_dict(message).to_dict() == message
+    pytest.importorskip("pyarrow")
+    from camface.batch.rows import build_rows
+
+    rows = build_rows("v", "v.mp4", 30.0, [result]).to_pydict()
+    assert rows["predicted_label"] == ["alice", "unknown (best: bob 0.31)"]
+    assert rows["similarity"][1] == pytest.approx([0.2, 0.31])
