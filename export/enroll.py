@@ -192,7 +192,8 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
                           "genuine_mean": float(loo.genuine.mean()) if len(loo.genuine) else None,
                           "impostor_mean": float(loo.impostor.mean()) if len(loo.impostor) else None},
         "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
-        "target_layer": info.target_layer, "seconds": round(time.perf_counter() - started, 2),
+        "target_layer": info.target_layer, "method_ranking": result.info.ranking,
+        "seconds": round(time.perf_counter() - started, 2),
         "files": {"npz": str(stem.with_suffix(".npz")), "report": str(stem.with_suffix(".enroll.json")),
                   "figure": str(stem.with_suffix(".similarity.png"))},
     }
@@ -243,6 +244,9 @@ def summary_lines(report: dict) -> list[str]:
     accuracy = "n/a (no identity has 2 photos)" if loo["accuracy"] is None else f"{loo['accuracy']:.3f}"
     lines.append(f"  leave-one-out identification accuracy: {accuracy} ({loo['identified']} photos)")
     lines.append(f"  unknown below cosine similarity {report['threshold']:.3f} ({report['threshold_rule']})")
+    from camface.export.ranking import summary_lines as ranking_lines
+
+    lines += [f"  ranking {line}" for line in ranking_lines(report["method_ranking"])]
     files = report["files"]
     lines.append(f"  gallery {files['npz']}, report {files['report']}, similarity matrix {files['figure']}")
     return lines

@@ -93,8 +93,11 @@ def keras_to_onnx(model, opset: int = 17):
 def embedding_from(model, where: object = "model"):
     """A classifier's pooled features as an embedder: `model` (forward onnx.ModelProto) cut at
     the input of the first linear layer (Gemm / MatMul) after its global pooling, flattened to
-    [N, K]. ModelError when the classifier has no such layer."""
+    [N, K]; in an all-convolutional head (a convolution makes one map per class, then global
+    pooling: mini-Xception) the global average pool of that convolution's input. ModelError
+    when the classifier has neither."""
     import onnx.utils
+    from onnx import TensorProto, helper
 
     from camface.export import onnx_export, onnx_model
 
@@ -103,21 +106,26 @@ def embedding_from(model, where: object = "model"):
     target, _ = onnx_model.resolve_target(classifier, None)
     nodes = onnx_model.head(model, target, classifier.logits)
     linear = next((n for n in nodes if n.op_type in ("Gemm", "MatMul")), None)
-    if linear is None:
-        raise ModelError(f"{where}: no linear layer (Gemm / MatMul) after the pooling of {target!r}: "
-                         "--embedding-from needs a classifier with pooled features -> linear layer")
-    pooled = linear.input[0]
-    dims = onnx_model.shapes(model).get(pooled) or []
-    cut = onnx.utils.Extractor(model).extract_model([classifier.input_name], [pooled])
-    if len(dims) != 2:
-        from onnx import helper
-
-        flat = "embedding/flat"
-        cut.graph.node.append(helper.make_node("Flatten", [pooled], [flat], axis=1))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    added = []
+    if linear is not None:
+        features, what = linear.input[0], f"the input of {linear.name or linear.op_type}, the pooled features"
+        if len(onnx_model.shapes(model).get(features) or []) != 2:
+            added = [helper.make_node("Flatten", [features], ["embedding/flat"], axis=1)]
+    elif producer.get(target) is not None and producer[target].op_type == "Conv":
+        conv = producer[target]
+        features, what = conv.input[0], f"the global average pool of the input of {conv.name or 'Conv'}"
+        added = [helper.make_node("GlobalAveragePool", [features], ["embedding/pooled"]),
+                 helper.make_node("Flatten", ["embedding/pooled"], ["embedding/flat"], axis=1)]
+    else:
+        raise ModelError(f"{where}: no linear layer (Gemm / MatMul) after the pooling of {target!r}, nor a "
+                         "convolution making it: --embedding-from needs a classifier with pooled features")
+    cut = onnx.utils.Extractor(model).extract_model([classifier.input_name], [features])
+    if added:
+        cut.graph.node.extend(added)
         del cut.graph.output[:]
-        cut.graph.output.append(helper.make_tensor_value_info(flat, onnx.TensorProto.FLOAT, None))
-    log.info("%s: embedding = the input of %s (%s), the pooled features", where, linear.name or pooled,
-             linear.op_type)
+        cut.graph.output.append(helper.make_tensor_value_info(added[-1].output[0], TensorProto.FLOAT, None))
+    log.info("%s: embedding = %s", where, what)
     return onnx_model.prepare(cut, where=where)
 
 

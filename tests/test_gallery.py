@@ -431,3 +431,13 @@ def test_serve_messages_and_batch_rows_carry_the_similarities_and_the_unknown_la
     rows = build_rows("v", "v.mp4", 30.0, [result]).to_pydict()
     assert rows["predicted_label"] == ["alice", "unknown (best: bob 0.31)"]
     assert rows["similarity"][1] == pytest.approx([0.2, 0.31])
+
+
+def test_embedding_from_an_all_convolutional_classifier_pools_the_last_features():
+    pytest.importorskip("tensorflow")
+    from camface.models import EMOTION_KERAS
+
+    loaded = gallery.load(EMOTION_KERAS, ExportOptions(preset="emotion"), from_classifier=True)
+    assert loaded.dim == 128 and loaded.channels == 1  # GAP of add_3 (128 channels), not the 7 class maps
+    e = gallery.embed(loaded, np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8))
+    assert e.shape == (2, 128) and np.isfinite(e).all()
