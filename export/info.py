@@ -113,6 +113,11 @@ def main(args: argparse.Namespace) -> int:
         print("quantization:")
         for line in summary_lines(info.quantization):
             print(f"  {line}")
+    if info.gallery:
+        g = info.gallery
+        print(f"gallery: {len(info.labels)} identities, D = {g.get('embedding_dim')}, embedder "
+              f"{g.get('embedder', '?')}; probs = softmax({g.get('scale')} * similarity); unknown below "
+              f"{info.threshold} ({g.get('threshold_rule', '')})")
     from camface.export.ranking import summary_lines as ranking_lines
 
     method, _ = graph_spec.auto_method(info)

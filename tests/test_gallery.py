@@ -209,6 +209,10 @@ def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
     got = _run(onnx.load(str(enrolled)), crops[0], np.full(12, -1, np.int64))
     assert (got["similarity"].argmax(1) == crops[1]).all()
     assert np.abs(got["similarity"] - units @ stored["embeddings"].T).max() <= 1e-5
+    capsys.readouterr()
+    assert main(["info", str(enrolled)]) == 0
+    assert f"gallery: 3 identities, D = 16, embedder embedder.onnx; probs = softmax(30.0 * similarity); " \
+           f"unknown below {report['threshold']}" in capsys.readouterr().out
 
 
 def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path, capsys):
@@ -441,3 +445,15 @@ def test_embedding_from_an_all_convolutional_classifier_pools_the_last_features(
     assert loaded.dim == 128 and loaded.channels == 1  # GAP of add_3 (128 channels), not the 7 class maps
     e = gallery.embed(loaded, np.random.default_rng(0).integers(0, 256, (2, 64, 64, 1), dtype=np.uint8))
     assert e.shape == (2, 128) and np.isfinite(e).all()
+
+
+def test_a_pt2_embedder_enrols_as_its_onnx_export_does(people, embedder, tmp_path, capsys):
+    from onnx_helpers import save_program
+
+    model, onnx_path = embedder
+    program = save_program(model, tmp_path / "embedder.pt2", size=SIZE)
+    for path, out in ((program, tmp_path / "pt2.onnx"), (onnx_path, tmp_path / "onnx.onnx")):
+        assert main(["enroll", str(people), "--model", str(path), "-o", str(out), "--preset", "arcface",
+                     "--no-rank"]) == 0
+    a, b = np.load(tmp_path / "pt2.npz"), np.load(tmp_path / "onnx.npz")
+    assert np.abs(a["embeddings"] - b["embeddings"]).max() <= 1e-5
