@@ -154,14 +154,18 @@ def parse_control(text: str, methods: tuple[str, ...], classes: int) -> Control:
 def result_message(sequence: int, result, stage_ms: dict, dropped_frames: int, batch_frames: int,
                    recording: bool) -> dict:
     """The JSON sent with an annotated frame: its sequence number, each face (box x, y, w, h
-    in pixels of the frame, detector score, probabilities, predicted and explained class,
-    track id), the method and explained class, this frame's per-stage milliseconds, stale
+    in pixels of the frame, detector score, probabilities, predicted and explained class, the
+    predicted label (`Prediction.label`: `unknown (best: NAME 0.31)` on a gallery graph below its
+    threshold), track id, and a gallery graph's similarities), the method and explained class, this frame's per-stage milliseconds, stale
     frames of this client dropped so far, how many frames shared the graph call, and whether
     it was recorded."""
     faces = [{"box": [int(v) for v in face.box], "score": round(float(face.score), 4),
               "probs": [round(float(p), 4) for p in prediction.probs],
               "predicted": int(prediction.predicted), "explained": int(prediction.explained),
-              "track_id": int(face.track_id)}
+              "predicted_label": prediction.label(result.labels, result.threshold),
+              "track_id": int(face.track_id),
+              **({"similarity": [round(float(s), 4) for s in prediction.similarity]}
+                 if prediction.similarity.size else {})}
              for face, prediction in zip(result.faces, result.predictions)]
     return {"type": "result", "seq": sequence, "index": result.index, "faces": faces,
             "faces_dropped": result.dropped, "method": result.method,

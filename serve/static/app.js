@@ -158,7 +158,7 @@ function panel(result) {
   result.faces.forEach((face, i) => {
     const box = document.createElement("div");
     box.className = "face";
-    box.append(`face ${i + 1}: ${labels[face.predicted] ?? face.predicted}`);
+    box.append(`face ${i + 1}: ${face.predicted_label ?? labels[face.predicted] ?? face.predicted}`);
     const order = face.probs.map((p, k) => k).sort((a, b) => face.probs[b] - face.probs[a]).slice(0, 5);
     for (const k of order) {
       const row = document.createElement("div");
