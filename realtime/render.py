@@ -146,7 +146,8 @@ class HudAnnotator:
 
     def lines(self, result: FrameResult) -> list[str]:
         stages = " ".join(f"{name} {ms:.1f}" for name, ms in result.stage_ms.items())
-        explained = ("predicted class" if result.explained_class is None else
+        best = "similarity to the best match" if result.threshold is not None else "predicted class"
+        explained = (best if result.explained_class is None else
                      result.labels[result.explained_class] if result.explained_class < len(result.labels)
                      else f"class {result.explained_class}")
         rate = (f"{result.fps:.0f} fps shown (paced to {result.pace_fps:.3g})" if result.pace_fps
