@@ -161,6 +161,8 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     started = time.perf_counter()
     if softmax_scale is not None and softmax_scale <= 0:
         raise UsageError(f"--softmax-scale must be positive, got {softmax_scale}")
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)
     people = scan_people(people_dir)
     embedder = gallery.load(model, options, from_classifier)
