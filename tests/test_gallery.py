@@ -473,3 +473,21 @@ def test_a_pt2_embedder_enrols_as_its_onnx_export_does(people, embedder, tmp_pat
                      "--no-rank"]) == 0
     a, b = np.load(tmp_path / "pt2.npz"), np.load(tmp_path / "onnx.npz")
     assert np.abs(a["embeddings"] - b["embeddings"]).max() <= 1e-5
+
+
+def test_the_contract_requires_similarity_of_a_gallery_graph():
+    info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
+                                heatmaps=("gradcam",), gallery={"scale": 30.0, "threshold": 0.4})
+    outputs = {"probs": ["N", 2], "activations": ["N", 2, 2, 4], "gradcam": ["N", 2, 2], "gradcampp": ["N", 2, 2]}
+    meta = info.to_metadata()
+    assert graph_spec.GraphInfo.from_metadata(meta).threshold == 0.4
+    with pytest.raises(ModelError, match="g.onnx: its metadata describes a gallery but it has no 'similarity' output"):
+        graph_spec.validate("g.onnx", ["image", "class_index"], outputs, meta)
+    assert graph_spec.validate("g.onnx", ["image", "class_index"], {**outputs, "similarity": ["N", 2]},
+                               meta).gallery["scale"] == 30.0
+
+
+def test_a_threshold_outside_minus_one_to_one_is_refused(people, embedder, tmp_path, capsys):
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface", "--threshold", "31"]) == 2
+    assert "--threshold is a cosine similarity in [-1, 1], got 31.0" in capsys.readouterr().err
