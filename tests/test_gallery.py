@@ -151,7 +151,7 @@ def test_keras_embedder_maps_equal_tensorflow_gradients(tmp_path):
         _maps_agree(got[name], methods.get(name).reference(activations.numpy(), grad, None), name)
 
 
-def test_transformer_embedder_gets_a_token_grid_gallery_graph(tmp_path):
+def test_transformer_embedder_maps_equal_torch_autograd_at_its_tokens(tmp_path):
     from test_onnx_export_models import TransformerBlock
     from torch import nn
 
@@ -171,14 +171,37 @@ def test_transformer_embedder_gets_a_token_grid_gallery_graph(tmp_path):
             return self.head(self.norm(self.blocks(x))[:, 0])
 
     torch.manual_seed(0)
-    path = to_onnx(ViTEmbedder().eval(), tmp_path / "vit.onnx")
+    model = ViTEmbedder().eval()
+    path = to_onnx(model, tmp_path / "vit.onnx")
     rows = gallery.normalise(np.random.default_rng(2).standard_normal((3, 12)))
     graph, info, differences = gallery.build(gallery.load(path, ARCFACE), rows, ("a", "b", "c"), ARCFACE, {})
-    assert "tokens: 1 + 6x6" in info.target_layer and info.feature_size == (6, 6)
-    assert all(d.ok for d in differences)  # the gradient against finite differences of the similarity
+    assert info.target_layer.endswith("norm1 (tokens: 1 + 6x6)") and info.feature_size == (6, 6)
+    assert all(d.ok for d in differences)
     images = np.stack([cv2.resize(f, (SIZE, SIZE))[:, :, ::-1] for f in faces_bgr().values()])
-    got = _run(graph, images, np.array([-1, -1, -1], np.int64))
-    assert got["gradcam"].shape == (3, 6, 6) and (got["gradcam"].max(axis=(1, 2)) > 0).any()
+    classes = np.array([-1, 2, 0], np.int64)
+    got = _run(graph, images, classes)
+    seen = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen["tokens"] = out
+
+    hook = model.blocks[0].norm1.register_forward_hook(keep)
+    e = model(torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2))
+    hook.remove()
+    u = e / torch.sqrt((e * e).sum(1, keepdim=True) + gallery.EPS)
+    sim = u @ torch.from_numpy(rows).T
+    chosen = np.where(classes < 0, sim.detach().numpy().argmax(1), classes)
+    sim[torch.arange(3), torch.from_numpy(chosen)].sum().backward()
+
+    def on_grid(t):  # [N, 1 + 36, C] -> the patches [N, 6, 6, C]
+        return t[:, 1:].reshape(3, 6, 6, -1).numpy()
+
+    a, g = on_grid(seen["tokens"].detach()), on_grid(seen["tokens"].grad)
+    assert np.abs(got["similarity"] - sim.detach().numpy()).max() <= 1e-5
+    assert np.abs(got["activations"] - a).max() <= 1e-4 * np.abs(a).max()
+    for name in SHOWN:
+        _maps_agree(got[name], methods.get(name).reference(a, g, None), name)
 
 
 def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
