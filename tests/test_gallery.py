@@ -112,6 +112,9 @@ def test_similarity_heatmaps_equal_torch_autograd(embedder, crops):
     assert np.abs(got["activations"] - activations).max() <= 1e-5 * np.abs(activations).max()
     for name in SHOWN:
         _maps_agree(got[name], methods.get(name).reference(activations, grad, None), name)
+    # unnormalised too: the maps are of the cosine similarity itself, not of the scaled logits
+    want = methods.get("gradcam").reference(activations, grad, None)
+    assert np.abs(got["gradcam"] - want).max() <= 1e-3 * np.abs(want).max()
     assert info.gallery["scale"] == 30.0 and info.labels == ("a", "b", "c")
 
 
