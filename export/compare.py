@@ -133,7 +133,9 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
             if detect else None
         crops = np.stack([one_face(p, cropper, embedder.input_size, order, detect) for p in (a, b)])
     rows = gallery.normalise(gallery.embed(embedder, crops))
-    graph, info, _ = gallery.build(embedder, rows, _names(a, b), options, {})
+    from dataclasses import replace
+
+    graph, info, _ = gallery.build(embedder, rows, _names(a, b), replace(options, heads=(method,)), {})
     if method not in info.heatmaps:
         from camface.errors import ModelError
 
