@@ -139,7 +139,8 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
     if method not in info.heatmaps:
         from camface.errors import ModelError
 
-        raise ModelError(f"the graph of {model.name} has no {method!r} map (it has {', '.join(info.heatmaps)})")
+        why = info.cam_unavailable_reason or "its head does not allow it"
+        raise ModelError(f"{model.name}: no {method!r} map of its similarity ({why}); choose another --method")
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3
     session = ort.InferenceSession(graph.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
