@@ -97,3 +97,44 @@ def to_onnx(model, path: Path, size: int = SIZE, output: str = "embedding") -> P
                           opset_version=17, input_names=["x"], output_names=[output],
                           dynamic_axes={"x": {0: "N"}, output: {0: "N"}})
     return path
+
+
+def iresnet_like(seed: int = 0):
+    """ArcFace's IResNet in miniature, random weights: 112x112 in, blocks BN-conv-BN-PReLU-conv-BN
+    (+ a projected shortcut, stride 2) down to 7x7, then no global pooling: BN2d -> dropout ->
+    flatten -> Linear -> BatchNorm1d (the embedding, [N, 128]), as insightface's models end."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                                      nn.BatchNorm2d(cout), nn.PReLU(cout),
+                                      nn.Conv2d(cout, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            return self.body(x) + self.down(x)
+
+    class IResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.PReLU(16))
+            self.layers = nn.Sequential(Block(16, 16), Block(16, 32), Block(32, 32), Block(32, 64))
+            self.bn2 = nn.BatchNorm2d(64)
+            self.dropout = nn.Dropout(0.0)
+            self.fc = nn.Linear(64 * 7 * 7, 128)
+            self.features = nn.BatchNorm1d(128)
+
+        def forward(self, x):
+            x = self.dropout(self.bn2(self.layers(self.stem(x))))
+            return self.features(self.fc(x.flatten(1)))
+
+    torch.manual_seed(seed)
+    model = IResNet().eval()
+    for module in model.modules():  # non-trivial statistics, as a trained model has
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model

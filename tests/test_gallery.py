@@ -207,6 +207,25 @@ def test_transformer_embedder_maps_equal_torch_autograd_at_its_tokens(tmp_path):
         _maps_agree(got[name], methods.get(name).reference(a, g, None), name)
 
 
+def test_an_arcface_shaped_embedder_without_global_pooling(tmp_path):
+    """IResNet ends BN2d -> flatten -> Linear -> BN1d, no pooling: the target is its last 7x7 map
+    (bn2), PReLU stays before it, and the gradient passes flatten, the linear layer and BN1d."""
+    from gallery_helpers import iresnet_like
+
+    model = iresnet_like()
+    path = to_onnx(model, tmp_path / "iresnet.onnx", size=112)
+    rows = gallery.normalise(np.random.default_rng(3).standard_normal((5, 128)))
+    graph, info, differences = gallery.build(gallery.load(path, ARCFACE), rows, tuple("abcde"), ARCFACE, {})
+    assert info.target_layer == "bn2" and info.feature_size == (7, 7) and info.input_size == (112, 112)
+    assert all(d.ok for d in differences) and "gradient" in {d.output for d in differences}
+    images = np.stack([cv2.resize(f, (112, 112))[:, :, ::-1] for f in faces_bgr().values()])
+    got = _run(graph, images, np.array([-1, 3, 1], np.int64))
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        e = model(x).numpy()
+    assert np.abs(got["similarity"] - (e / np.linalg.norm(e, axis=1, keepdims=True)) @ rows.T).max() <= 1e-5
+
+
 def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
     report = json.loads(enrolled.with_suffix(".enroll.json").read_text())
     assert report["identities"] == ["cameraman", "collins", "hopper"]
