@@ -38,6 +38,7 @@ RULES: dict[str, Rule] = {
     "Neg": pointwise.neg,
     "Relu": pointwise.relu,
     "LeakyRelu": pointwise.leaky_relu,
+    "PRelu": pointwise.prelu,
     "Clip": pointwise.clip,
     "Sigmoid": pointwise.sigmoid,
     "HardSigmoid": pointwise.hard_sigmoid,
@@ -74,7 +75,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Clip": (0,), "Pow": (0,),
     "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
     "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
-    "Gather": (0,), "Expand": (0,), "Where": (1, 2),
+    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

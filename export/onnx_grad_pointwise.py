@@ -58,6 +58,14 @@ def leaky_relu(ctx, node, grads):
     return [b.op("Where", [positive, grads[0], b.op("Mul", [grads[0], b.const(alpha)])])]
 
 
+def prelu(ctx, node, grads):
+    """PRelu(x, slope): the gradient passes where x > 0, times the (broadcast) slope elsewhere;
+    the slope is a weight, not differentiated (ArcFace's IResNet blocks)."""
+    b = ctx.builder
+    positive = b.op("Greater", [node.input[0], b.const(0.0)])
+    return [b.op("Where", [positive, grads[0], b.op("Mul", [grads[0], node.input[1]])]), None]
+
+
 def clip(ctx, node, grads):
     """Pass-through strictly between the bounds (as TensorFlow's Relu6Grad)."""
     b = ctx.builder

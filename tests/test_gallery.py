@@ -224,6 +224,10 @@ def test_an_arcface_shaped_embedder_without_global_pooling(tmp_path):
     with torch.no_grad():
         e = model(x).numpy()
     assert np.abs(got["similarity"] - (e / np.linalg.norm(e, axis=1, keepdims=True)) @ rows.T).max() <= 1e-5
+    # an earlier stage: PReLU between it and the embedding, differentiated too (finer maps)
+    earlier = ExportOptions(preset="arcface", target_layer="layers/layers.2")
+    _, info, differences = gallery.build(gallery.load(path, earlier), rows, tuple("abcde"), earlier, {})
+    assert info.feature_size == (14, 14) and all(d.ok for d in differences)
 
 
 def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):

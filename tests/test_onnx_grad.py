@@ -49,6 +49,8 @@ CASES = {
     "Dropout": ([node("Dropout", ["x"])], [], lambda t, F, x: x),
     "Relu": ([node("Relu", ["x"])], [], lambda t, F, x: F.relu(x)),
     "LeakyRelu": ([node("LeakyRelu", ["x"], alpha=0.2)], [], lambda t, F, x: F.leaky_relu(x, 0.2)),
+    "PRelu": ([node("PRelu", ["x", "slope"])], [init("slope", np.float32([[[0.1]], [[0.5]], [[-0.2]]]))],
+              lambda t, F, x: F.prelu(x, t.tensor([0.1, 0.5, -0.2]))),
     "Clip(ReLU6)": ([node("Clip", ["x", "lo", "hi"])], [init("lo", np.float32(0)),
                                                        init("hi", np.float32(0.5))],
                     lambda t, F, x: t.clamp(x, 0, 0.5)),
