@@ -44,7 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "none): "
                              "emotion = GRAY x/127.5-1; tf = RGB x/127.5-1 (MobileNetV2); "
                              "torch = RGB (x/255-mean)/std; imagenet-caffe = BGR x-mean "
-                             "(ResNet50, VGG16); unit = RGB x/255; none = RGB x")
+                             "(ResNet50, VGG16); arcface = RGB (x-127.5)/127.5 (ArcFace, InsightFace); "
+                             "facenet = RGB (x-127.5)/128; unit = RGB x/255; none = RGB x")
     parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
                         help="override the preset's channel order of the uint8 input")
     parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
