@@ -8,7 +8,8 @@ from camface.errors import OutputError
 
 
 def plot_curves(report: dict, path: Path) -> Path:
-    """Two panels (deletion, insertion): mean probability of the explained class against the
+    """Two panels (deletion, insertion): the mean of what was scored (settings["scored"]: the
+    probability of the explained class, a gallery graph's cosine similarity) against the
     fraction of pixels removed / revealed, one line per method, the random baseline dashed."""
     try:
         import matplotlib
@@ -29,7 +30,7 @@ def plot_curves(report: dict, path: Path) -> Path:
         ax.set_xlabel(f"fraction of pixels {'removed' if key == 'deletion' else 'revealed'}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("probability of the explained class")
+    axes[0].set_ylabel(report["settings"].get("scored", "probability of the explained class"))  # older reports
     settings = report["settings"]
     figure.suptitle(f"{Path(settings['model']).name}: {settings['crops']} crops of {settings['source']}", fontsize=10)
     return _save(figure, path, dpi=110)

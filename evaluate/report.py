@@ -19,6 +19,7 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
     ranks per metric (1 = most faithful; the random baseline is ranked too) and the comparison
     of each method with the random baseline."""
     from camface import __version__
+    from camface.evaluate.scores import SCORED, scored_output
 
     info = graph.info
     methods = {s.method: s.to_json() for s in scores}
@@ -36,7 +37,8 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
                      "model": str(graph.path), "target_layer": info.target_layer,
                      "feature_size": list(info.feature_size), "input_size": list(info.input_size),
                      "steps": steps, "baseline": baseline, "provider": graph.provider,
-                     "explained_class": "predicted", "color_order": info.color_order},
+                     "explained_class": "predicted", "color_order": info.color_order,
+                     "scored": SCORED[scored_output(info)]},
         "crops": {"predicted": [int(p) for p in predicted],
                   "predicted_label": [info.labels[p] for p in predicted],
                   "probability": [round(float(p), 6) for p in probability]},
@@ -70,6 +72,7 @@ def format_table(report: dict) -> str:
               else "snapshots")
     lines = [f"camface evaluate: {settings['source']} ({frames}, {settings['crops']} face crops), "
              f"{Path(settings['model']).name} at {settings['target_layer']}, explaining each crop's predicted class",
+             f"curves and drops score the {settings.get('scored', 'probability of the explained class')}",
              f"deletion / insertion: {settings['steps']} steps, removed pixels -> "
              + ("the crop blurred (sigma = side/8)" if settings["baseline"] == "blur" else "the crop's mean colour")
              + f"; {report['seconds']['crops'] + report['seconds']['scores']:.1f} s "

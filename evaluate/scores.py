@@ -17,6 +17,15 @@ from camface.evaluate import metrics
 log = logging.getLogger(__name__)
 
 BATCH = 32  # the graph's batch range is 1..32
+# what the curves score, by the graph output read: words for the plot's axis and the table
+SCORED = {graph_spec.OUTPUT_PROBS: "probability of the explained class",
+          graph_spec.OUTPUT_SIMILARITY: "cosine similarity to the explained identity"}
+
+
+def scored_output(info) -> str:
+    """The output the curves score: a gallery graph's `similarity` (what its maps explain),
+    else `probs`."""
+    return graph_spec.OUTPUT_SIMILARITY if info.gallery else graph_spec.OUTPUT_PROBS
 
 
 @dataclass(frozen=True)
@@ -60,9 +69,7 @@ class Scorer:
         if baseline not in metrics.BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(metrics.BASELINES)}")
         self.graph, self.steps, self.baseline, self.progress = graph, steps, baseline, progress
-        # what the curves score: the explained class's probability, or on a gallery graph the
-        # cosine similarity its maps explain
-        self.output = graph_spec.OUTPUT_SIMILARITY if graph.info.gallery else graph_spec.OUTPUT_PROBS
+        self.output = scored_output(graph.info)
         self._probs_session = _probability_session(graph, device, threads, self.output)
 
     def classify(self, images: np.ndarray) -> np.ndarray:

@@ -148,6 +148,7 @@ def test_evaluate_cli_writes_consistent_json(tmp_path, faces_clip, capsys):
     settings = report["settings"]
     assert settings["frames_read"] == 4 and settings["crops"] == 3 and settings["steps"] == 4
     assert settings["baseline"] == "blur" and settings["target_layer"] == "add_3"
+    assert settings["scored"] == "probability of the explained class"  # the plot's y-axis
     assert report["crops"]["predicted_label"] == ["happy"] * 3
     probability = np.array(report["crops"]["probability"])
     names = list(report["methods"])

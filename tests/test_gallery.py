@@ -474,6 +474,19 @@ def test_evaluate_scores_the_similarity_of_a_gallery_graph(enrolled, crops):
     assert list(predicted) == list(crops[1][:3])
     assert np.abs(full - similarity.max(1)).max() <= 1e-6  # the curves start at the similarity
     assert scores[0].deletion_curve[0] == pytest.approx(float(full.mean()), abs=1e-6)
+    # the report, its table and the plot's y-axis say what was scored
+    from camface.evaluate import plot
+    from camface.evaluate.report import format_table, to_json
+
+    report = to_json(scores, predicted, full, graph, source="crops", frames=0, every=1, steps=4, baseline="blur",
+                     seconds={"crops": 0.0, "scores": 0.0})
+    assert report["settings"]["scored"] == "cosine similarity to the explained identity"
+    assert "curves and drops score the cosine similarity to the explained identity" in format_table(report)
+    figures = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plot, "_save", lambda figure, path, dpi: figures.append(figure) or path)
+        plot.plot_curves(report, Path("unused.png"))
+    assert figures[0].axes[0].get_ylabel() == "cosine similarity to the explained identity"
 
 
 def test_serve_messages_and_batch_rows_carry_the_similarities_and_the_unknown_label():
