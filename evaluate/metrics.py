@@ -96,9 +96,15 @@ def auc(values: np.ndarray) -> float:
 
 
 def average_drop(full: np.ndarray, masked: np.ndarray) -> float:
-    """Average Drop in %: mean of max(0, Y - O) / Y over crops (Y: full-crop probabilities)."""
+    """Average Drop in %: mean of max(0, Y - O) / Y over crops (Y: full-crop probabilities)
+    with Y > 0. A probability always is; a gallery graph's cosine similarity, which its curves
+    score, may be <= 0 (an unknown face), where a drop relative to Y means nothing: such crops
+    are left out, and with none left the drop is NaN."""
     full, masked = np.asarray(full, np.float64), np.asarray(masked, np.float64)
-    return float(100.0 * np.mean(np.maximum(0.0, full - masked) / full))
+    kept = full > 0
+    if not kept.any():
+        return float("nan")
+    return float(100.0 * np.mean(np.maximum(0.0, full[kept] - masked[kept]) / full[kept]))
 
 
 def increase_in_confidence(full: np.ndarray, masked: np.ndarray) -> float:

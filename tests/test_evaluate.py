@@ -120,6 +120,9 @@ def test_series_average_drop_and_increase_by_hand():
     np.testing.assert_array_equal(inserted[0][1:], base[1:])
     assert metrics.auc([1.0, 0.5, 0.0]) == pytest.approx(0.5)
     assert metrics.average_drop([0.8, 0.5], [0.4, 0.6]) == pytest.approx(25.0)  # (0.4/0.8 + 0) / 2
+    # cosine similarities (gallery graphs): only crops with a positive score have a relative drop
+    assert metrics.average_drop([0.8, -0.25, 0.0], [0.4, -0.5, -0.1]) == pytest.approx(50.0)  # 0.4/0.8
+    assert np.isnan(metrics.average_drop([-0.25], [-0.5]))
     assert metrics.increase_in_confidence([0.8, 0.5], [0.4, 0.6]) == pytest.approx(50.0)
     half = np.full((4, 4), 0.5, np.float32)
     np.testing.assert_array_equal(metrics.masked_crop(crop, half), np.round(crop * 0.5).astype(np.uint8))
