@@ -179,7 +179,8 @@ class FrameResult:
                    provider=data["provider"], pace_fps=float(data["pace_fps"]), threshold=data.get("threshold"))
 
     def _repr_html_(self) -> str:
-        """Jupyter: one row per face, its box and a bar per class probability."""
+        """Jupyter: one row per face, its label (`Prediction.label`), its box and a bar per class
+        probability."""
         rows = []
         for i, (face, prediction) in enumerate(zip(self.faces, self.predictions)):
             bars = "".join(
@@ -187,7 +188,7 @@ class FrameResult:
                 f'{html.escape(self.label(k))}</span><span style="display:inline-block;width:{100 * p:.0f}px;'
                 f'height:0.8em;background:{"#2a2" if k == prediction.predicted else "#999"}"></span> {p:.2f}</div>'
                 for k, p in enumerate(float(v) for v in prediction.probs))
-            rows.append(f"<tr><td>face {i}<br>box {list(face.box)}<br>score {face.score:.2f}</td>"
+            rows.append(f"<tr><td>face {i}: {html.escape(prediction.label(self.labels, self.threshold))}<br>box {list(face.box)}<br>score {face.score:.2f}</td>"
                         f"<td>{bars}</td></tr>")
         head = (f"<b>frame {self.index}</b>: {len(self.faces)} face(s), heatmap {html.escape(self.method)}"
                 + (f", {self.dropped} more not classified" if self.dropped else ""))

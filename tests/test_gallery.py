@@ -502,6 +502,8 @@ def test_serve_messages_and_batch_rows_carry_the_similarities_and_the_unknown_la
     assert [f["predicted_label"] for f in message["faces"]] == ["alice", "unknown (best: bob 0.31)"]
     assert message["faces"][1]["similarity"] == pytest.approx([0.2, 0.31]) and message["threshold"] == 0.4
     assert FrameResult.from_dict(message).to_dict() == message
+    page = result._repr_html_()  # Jupyter
+    assert "face 0: alice<br>" in page and "face 1: unknown (best: bob 0.31)<br>" in page
     from camface.serve.protocol import result_message
 
     sent = result_message(1, result, {}, 0, 1, False)  # what `camface serve` sends with each frame
