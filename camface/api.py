@@ -229,7 +229,9 @@ class Pipeline:
         """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
         class_index: class to explain, one for all or int [N]; default each crop's predicted
-        class. Any N >= 0 (the graph is called on at most 32 at a time)."""
+        class. Any N >= 0 (the graph is called on at most 32 at a time). On a gallery graph
+        each Prediction carries its `similarity`; name it with
+        `prediction.label(pipeline.labels, pipeline.graph.info.threshold)` (`unknown (best: ...)`)."""
         from camface.realtime.explainer import check_method, run_graph_scores
 
         info = self.graph.info

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camface.errors import SourceError
+from camface.errors import SourceError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from camface.export.exporter import ExportOptions
 
+    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
     options = ExportOptions(target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
                             scale=tuple(args.scale) if args.scale else None,
                             offset=tuple(args.offset) if args.offset else None, verify=False)
@@ -151,8 +153,12 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
 
 
 def _names(a: Path, b: Path) -> tuple[str, str]:
-    """The photos' file names, with their folders when the names alone are the same."""
-    return (a.name, b.name) if a.name != b.name else (f"{a.parent.name}/{a.name}", f"{b.parent.name}/{b.name}")
+    """The photos' file names, with their folders when the names alone are the same (a photo
+    in the working folder keeps its bare name)."""
+    if a.name != b.name:
+        return a.name, b.name
+    first, second = (f"{p.parent.name}/{p.name}" if p.parent.name else p.name for p in (a, b))
+    return first, second
 
 
 def figure(result: Comparison, path: Path, verdict: str = "") -> Path:

@@ -461,6 +461,10 @@ def test_compare_explains_each_face_s_similarity_to_the_other(people, embedder, 
     assert main(["compare", str(a), str(people / "collins" / "cat.png"), "--model", str(path),
                  "--preset", "arcface"]) == 2
     assert "cat.png: no face found; compare needs one face per photo" in capsys.readouterr().err
+    assert main(["compare", str(a), str(a), "--model", str(path), "--preset", "arcface", "--threshold", "5"]) == 2
+    assert "--threshold is a cosine similarity in [-1, 1], got 5.0" in capsys.readouterr().err
+    assert compare._names(Path("a.jpg"), Path("a.jpg")) == ("a.jpg", "a.jpg")
+    assert compare._names(Path("x/a.jpg"), Path("y/a.jpg")) == ("x/a.jpg", "y/a.jpg")
 
 
 def test_evaluate_scores_the_similarity_of_a_gallery_graph(enrolled, crops):
