@@ -521,6 +521,24 @@ def test_serve_messages_and_batch_rows_carry_the_similarities_and_the_unknown_la
     assert rows["similarity"][1] == pytest.approx([0.2, 0.31])
 
 
+def test_serve_s_shared_graph_call_names_the_face_as_live_does(enrolled):
+    """`explain_many` (serve's one call for every client's frame) on a gallery graph gives each
+    result the similarities and the threshold that `FrameExplainer.explain` (live) gives."""
+    from camface.realtime.controls import Controls
+    from camface.realtime.explainer import FrameExplainer, explain_many
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.results import Face
+
+    graph = CamGraph(enrolled, "cpu")
+    frame, faces = faces_bgr()["collins"], (Face((177, 82, 95, 95), 0.9),)  # conftest: where the face is
+    many = explain_many([(FrameExplainer(graph), frame, faces, Controls("gradcam"), 0, 30.0, {})])[0].result
+    one = FrameExplainer(graph).explain(frame, faces, Controls("gradcam")).result
+    assert many.threshold == one.threshold == graph.info.threshold is not None
+    assert many.predictions[0].similarity.shape == (3,)  # the three identities
+    np.testing.assert_allclose(many.predictions[0].similarity, one.predictions[0].similarity, atol=1e-6)
+    assert many.to_dict()["faces"][0]["predicted_label"] == one.to_dict()["faces"][0]["predicted_label"] == "collins"
+
+
 def test_embedding_from_an_all_convolutional_classifier_pools_the_last_features():
     pytest.importorskip("tensorflow")
     from camface.models import EMOTION_KERAS
