@@ -183,8 +183,8 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     result = ExportResult(output, info, differences, time.perf_counter() - started)
     result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
                             settings={"source": str(people_dir)})
-    stem = output.with_suffix("")
-    np.savez(stem.with_suffix(".npz"), embeddings=identities, labels=np.array(labels),
+    beside = beside_paths(output)
+    np.savez(beside["npz"], embeddings=identities, labels=np.array(labels),
              photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
     report = {
         "model": str(model), "embedding_from": from_classifier, "graph": str(output),
@@ -196,14 +196,20 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
         "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
         "target_layer": info.target_layer, "method_ranking": result.info.ranking,
         "seconds": round(time.perf_counter() - started, 2),
-        "files": {"npz": str(stem.with_suffix(".npz")), "report": str(stem.with_suffix(".enroll.json")),
-                  "figure": str(stem.with_suffix(".similarity.png"))},
+        "files": {name: str(path) for name, path in beside.items()},
     }
     similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
                       f"{model.name}: leave-one-out accuracy "
                       + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
     Path(report["files"]["report"]).write_text(json.dumps(report, indent=1))
     return report
+
+
+def beside_paths(output: Path) -> dict[str, Path]:
+    """The files written beside OUT.onnx, named after it without its last suffix only
+    (a.b.onnx -> a.b.npz, a.b.enroll.json, a.b.similarity.png)."""
+    return {"npz": output.with_name(output.stem + ".npz"), "report": output.with_name(output.stem + ".enroll.json"),
+            "figure": output.with_name(output.stem + ".similarity.png")}
 
 
 def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path, title: str) -> Path:

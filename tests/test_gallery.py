@@ -272,6 +272,10 @@ def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path,
     assert "leave-one-out identification accuracy: 1.000 (12 photos)" in out
     assert "unknown below cosine similarity 0.250 (--threshold)" in out
     assert (tmp_path / "g.npz").is_file() and (tmp_path / "g.similarity.png").is_file()
+    # beside a dotted name, named after it (not cut at its first dot)
+    assert enroll.beside_paths(tmp_path / "people.v2.onnx") == {
+        "npz": tmp_path / "people.v2.npz", "report": tmp_path / "people.v2.enroll.json",
+        "figure": tmp_path / "people.v2.similarity.png"}
 
 
 # ---------------------------------------------------------------- the unknown threshold
