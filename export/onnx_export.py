@@ -25,7 +25,8 @@ def preprocessing(options: ExportOptions, channels: int) -> Preprocessing:
     if options.preset is None and options.scale is None and options.offset is None:
         raise ModelError("an ONNX or PyTorch model does not say how it normalises its input: "
                          "pass --preset (torch = RGB (x/255 - ImageNet mean) / std, tf, unit, "
-                         "imagenet-caffe, none = raw 0..255) or --scale/--offset "
+                         "imagenet-caffe, arcface = RGB (x-127.5)/127.5, facenet = RGB (x-127.5)/128, "
+                         "none = raw 0..255) or --scale/--offset "
                          "(and --color-order)")
     return Preprocessing.resolve(channels, options.preset or "none", options.color_order,
                                  options.scale, options.offset)

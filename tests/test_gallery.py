@@ -577,6 +577,14 @@ def test_the_contract_requires_similarity_of_a_gallery_graph():
                                meta).gallery["scale"] == 30.0
 
 
+def test_an_embedder_without_a_preset_is_refused_naming_the_recognition_presets(people, embedder, tmp_path,
+                                                                                  capsys):
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "does not say how it normalises its input" in err and "arcface = RGB (x-127.5)/127.5" in err
+    assert "facenet = RGB (x-127.5)/128" in err and not (tmp_path / "g.onnx").exists()
+
+
 def test_a_threshold_outside_minus_one_to_one_is_refused(people, embedder, tmp_path, capsys):
     assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
                  "--preset", "arcface", "--threshold", "31"]) == 2
