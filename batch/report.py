@@ -103,6 +103,8 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
         faces = sum(counts.values())
         shares = ", ".join(f"{name} {n / faces:.0%}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) \
             if faces else ""
+        if faces and "unknown_faces" in r:  # a gallery graph: the shares are of the best matches
+            shares += f"; unknown (below the threshold) {r['unknown_faces'] / faces:.0%}"
         status = r["status"] if r["status"] != "failed" else f"failed: {r.get('reason', '')}"
         if r["status"] == DONE and "incomplete" in r:
             status = f"incomplete: {describe_incomplete(r)}"

@@ -218,6 +218,8 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
         for label, n in p.get("class_counts", {}).items():
             counts[label] = counts.get(label, 0) + n
     out["class_counts"] = {label: counts[label] for label in labels if label in counts}
+    if any("unknown_faces" in p for p in parts):  # a gallery graph's
+        out["unknown_faces"] = sum(p.get("unknown_faces", 0) for p in parts)
     for key in ("detect_node", "graph_node", "render_node"):
         out[key] = parts[0].get(key)
     out["started_at"] = min(p.get("started_at", float("inf")) for p in parts)

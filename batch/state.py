@@ -112,7 +112,7 @@ class Outputs:
             for stale in (self.video(video_id), self.parquet(video_id), self.sums_path(video_id)):
                 stale.unlink(missing_ok=True)  # a failed redo leaves no older outputs behind
         for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
-                    "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
+                    "unknown_faces", "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
                     "started_at", "finished_at", "start", "stop", "segments", "settings",
                     "video_file", "rows_file"):
             if key in out:
@@ -154,7 +154,8 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
     """Render stage body: the annotated video (when `renderer`), the rows, the class sums, of
     a whole video or (with `paths`: `segments.part_paths`) of one segment, frames numbered from
     out["start"]. smooth: the live loop's smoothing, run over the frames in order (a whole video).
-    Adds frames / faces_total / dropped_total / class_counts / files to `out`."""
+    Adds frames / faces_total / dropped_total / class_counts / files to `out`, and on a gallery
+    graph unknown_faces (faces whose best similarity is below its threshold)."""
     from camface.batch.rows import build_rows, write_parquet
     from camface.methods import normalize
     from camface.realtime.explainer import frame_result
@@ -197,6 +198,8 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
     out["faces_total"] = int(counts.sum())
     out["dropped_total"] = int(np.sum(out["dropped"]))
     out["class_counts"] = {labels[k]: int(n) for k, n in enumerate(sums["count"]) if n}
+    if out.get("threshold") is not None:  # a gallery graph: faces below its threshold, named unknown
+        out["unknown_faces"] = sum(p.is_unknown(r.threshold) for r in results for p in r.predictions)
 
 
 def _write_video(final: Path, out: dict, results, renderer, publish=os.replace) -> Path:

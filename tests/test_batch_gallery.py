@@ -93,6 +93,10 @@ def test_batch_rows_carry_the_similarities_and_the_unknown_label(ray_cluster, ga
     summary = json.loads((out / "summary.json").read_text())
     assert summary["labels"] == list(labels) and summary["videos"][0]["status"] == "done"
     assert summary["videos"][0].get("segments", 1) == (2 if mode == "two segments" else 1)
+    # the report counts the unknown faces beside the shares of the best matches
+    unknown = sum(label.startswith("unknown (best: ") for label in want)
+    assert summary["videos"][0]["unknown_faces"] == unknown
+    assert f"; unknown (below the threshold) {unknown / 6:.0%} |" in (out / "report.md").read_text()
     if mode == "smoothing":  # a track's probs and similarities are blended over its frames
         return
     # probs = softmax(scale * similarity), the scale in the graph's metadata
