@@ -93,7 +93,7 @@ def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
 
 def main(args: argparse.Namespace) -> int:
     from camface.evaluate import crops as crop_sources
-    from camface.evaluate.report import format_table, to_json
+    from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
     from camface.api import load
     from camface.outputs import check_output_file
@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         report["sanity"] = {m.method: m.to_json() for m in sanity_results}
     print(format_table(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        args.json.write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
         from camface.evaluate.plot import plot_curves

@@ -3,6 +3,7 @@ the random baseline's, the ranking."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 RANDOM = "random"
@@ -48,6 +49,19 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
         "beats_random": versus,
         "ranking": ranking(ranks),
     }
+
+
+def strict_json(value):
+    """`value` (dicts, lists, numbers, strings) with every NaN or infinity replaced by None, so
+    that `json.dumps(..., allow_nan=False)` writes strict JSON (`null` where a metric is
+    undefined, e.g. Average Drop over no crop with a positive score)."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def rank(methods: dict) -> dict:

@@ -106,6 +106,18 @@ def test_pixel_ranks(saliency, expected):
         np.testing.assert_array_equal(ranks, metrics.pixel_ranks(np.array(saliency)))  # fixed
 
 
+def test_undefined_metrics_are_written_as_strict_json_null():
+    from camface.evaluate.report import strict_json
+
+    report = {"methods": {"gradcam": {"average_drop_pct": metrics.average_drop([-0.25], [-0.5]),
+                                      "curve": [0.5, float("inf"), 1.0]}}, "frames": 3}
+    text = json.dumps(strict_json(report), allow_nan=False)
+    assert json.loads(text) == {"methods": {"gradcam": {"average_drop_pct": None, "curve": [0.5, None, 1.0]}},
+                                "frames": 3}
+    with pytest.raises(ValueError):
+        json.dumps(report, allow_nan=False)
+
+
 def test_series_average_drop_and_increase_by_hand():
     crop = np.arange(16, dtype=np.uint8).reshape(4, 4, 1) * 10
     base = np.full_like(crop, 7)
