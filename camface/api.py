@@ -167,7 +167,9 @@ class Pipeline:
         if self._closed:
             raise UsageError("this camface pipeline is closed")
         if self._detector is None:
-            self._detector = self._stack.enter_context(self.face_detector())
+            detector = self.face_detector()
+            self._stack.enter_context(detector)  # either runtime's __enter__ returns the detector itself
+            self._detector = detector
         return self._detector.detect(frame)
 
     # ---------------------------------------------------------------- the verbs
