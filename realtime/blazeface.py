@@ -139,8 +139,11 @@ def letterbox(frame: np.ndarray, size: int) -> tuple[np.ndarray, float, float, f
     matrix = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float64)
     warped = cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-    rgb = warped[None, :, :, ::-1].astype(np.float32)
-    return rgb * np.float32(1 / 127.5) - np.float32(1.0), x0, y0, side
+    rgb = cv2.cvtColor(warped, cv2.COLOR_BGR2RGB)
+    tensor = np.empty((1, size, size, 3), np.float32)
+    np.multiply(rgb, np.float32(1 / 127.5), out=tensor[0], casting="unsafe")  # one pass each, in place
+    np.subtract(tensor, np.float32(1.0), out=tensor)
+    return tensor, x0, y0, side
 
 
 class OnnxFaceDetector:
