@@ -171,7 +171,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                    "as ResNet50)")),
     "detect_workers": ("--detect-workers", dict(type=int, metavar="N",
                                                 help="face detectors running side by side on consecutive frames "
-                                                     "(each one MediaPipe instance on one core): more frames per "
+                                                     "(each one detector on one core): more frames per "
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
                                                      "with --graph-threads 0; with --detect-every above 1 one "
