@@ -243,7 +243,7 @@ def batch(repeats: int, copies: int, frames: int) -> None:
             run = run_batch(folder, out, copies * frames, ["--detect-every", every, "--detector-runtime", runtime])
             videos = [r for r in json.loads((out / "summary.json").read_text())["videos"] if r["status"] == "done"]
             per_core = sum(r["frames"] for r in videos) / sum(r["detect_s"] for r in videos)
-            results[every].append((per_core, run["batch_fps"], os.getloadavg()[0]))
+            results[setting].append((per_core, run["batch_fps"], os.getloadavg()[0]))
     print(f"\ncamface batch, {copies} x {frames} sample frames, recording on, interleaved")
     print("| --detect-every, --detector-runtime | decode+detect+crop frames/s per detection actor | pipeline fps | load |")
     print("|---|---|---|---|")
@@ -254,6 +254,9 @@ def batch(repeats: int, copies: int, frames: int) -> None:
         ratios = [a[0] / b[0] for a, b in zip(results[f"auto {runtime}"], results["1 mediapipe"])]
         print(f"per detection core: auto on {runtime} / every frame on mediapipe = {statistics.median(ratios):.2f}x ("
               + ", ".join(f"{x:.2f}" for x in ratios) + ")")
+    ratios = [a[0] / b[0] for a, b in zip(results["1 onnx"], results["1 mediapipe"])]
+    print(f"per detection core: every frame, onnx / mediapipe = {statistics.median(ratios):.2f}x ("
+          + ", ".join(f"{x:.2f}" for x in ratios) + ")")
     shutil.rmtree(work, ignore_errors=True)
 
 
