@@ -1,7 +1,7 @@
 """BlazeFace on ONNX Runtime: the bundled MediaPipe face detectors without the Tasks wrapper.
 
-The `.onnx` files in models/detectors are the bundled `.tflite` models converted as they are
-(`camface.realtime.blazeface_export`, `make detectors`); this module does what MediaPipe's
+The `.onnx` files in models/detectors are the bundled `.tflite` models converted (full-range densified)
+(`camface.export.detectors`, `make detectors`); this module does what MediaPipe's
 `FaceDetectorGraph` (mediapipe/tasks/cc/vision/face_detector/face_detector_graph.cc) does
 around the model, with the same options, so the boxes are MediaPipe's:
 
