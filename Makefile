@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CAMFACE := $(VENV)/bin/camface
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test models bench clean
+.PHONY: setup demo test models detectors bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ models: setup
 	$(CAMFACE) export models/emotion/emotion_mini_xception_fer2013.hdf5 \
 		-o models/emotion/emotion.onnx --labels models/emotion/labels.txt \
 		--preset emotion --target-layer add_3 --rank-seconds 0
+
+# Regenerate the bundled face detectors' ONNX conversions from their .tflite files (TensorFlow's
+# TFLite interpreter densifies the full-range model's sparse weights; tf2onnx converts; the
+# outputs are checked against TFLite's).
+detectors: setup
+	$(PY) -m camface.export.detectors
 
 bench: setup
 	$(CAMFACE) bench --source sample

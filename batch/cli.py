@@ -23,7 +23,7 @@ EXIT_INCOMPLETE = 3  # every video explained, some only up to where their file e
 # own processes ~1 GB). A unit's crops and heatmaps (~4.5 kB per face per frame) come on top.
 STAGE_MEMORY_GB = {"whole": 0.5, "detect": 0.4, "graph": 0.35, "render": 0.35}
 
-SHARED_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "smooth", "device",
+SHARED_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confidence", "max_faces", "margin", "smooth", "device",
                   "cam_boxes", "bars", "colormap", "alpha", "graph_threads", "detect_every")
 
 

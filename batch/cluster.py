@@ -87,7 +87,7 @@ def quiet_ray_data() -> None:
 class Plan:
     """How many actors of each stage, and what each asks Ray for.
 
-    detect_actors x detect_cpus: decode + MediaPipe detection + cropping, one unit (video or
+    detect_actors x detect_cpus: decode + BlazeFace detection + cropping, one unit (video or
     segment) at a time.
     graph_actors x (graph_cpus, graph_gpus): the CAM graph; graph_gpus > 0 puts them on GPU
     nodes (ONNX Runtime then picks CUDA/TensorRT through CamGraph's device chain).

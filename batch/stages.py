@@ -6,7 +6,7 @@ archive and the actors). The first stage gets a unit's row; later rows are {"vid
 "payload": bytes}: the payload is a pickled dict of ragged per-frame arrays (faces per frame
 vary), which Arrow tensor columns cannot hold.
 
-  Detect  (CPU)          decode every frame, MediaPipe detection, crop (`crop_for_graph`)
+  Detect  (CPU)          decode every frame, BlazeFace detection, crop (`crop_for_graph`)
   Explain (GPU-capable)  the CAM graph on the video's crops, in calls of up to 32 crops across
                          frames (`run_graph_across_frames`)
   Render  (CPU)          decode again (frames are not shipped between nodes), `frame_result`

@@ -39,12 +39,14 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def accuracy() -> None:
+def accuracy(runtime: str, settings: list[str]) -> None:
+    """`settings`: "N" or "N/M" (detect every N, re-detect when a box moved by more than M of its
+    width since its detection; "N/-": no such re-detection)."""
     import numpy as np
 
-    from camface.models import DETECTORS
-    from camface.realtime.carry import BoxCarrier
-    from camface.realtime.detect import FaceDetector
+    from camface.api import face_detector
+    from camface.realtime.carry import MAX_MOVE, BoxCarrier
+    from camface.realtime.config import LiveConfig
     from camface.realtime.sample import SampleSource
     from camface.realtime.smooth import iou
     from realtime_helpers import carry_accuracy, moving_faces_clip
@@ -53,11 +55,11 @@ def accuracy() -> None:
     clips = {"sample (300 frames)": ([sample.frame(i) for i in range(300)], None)}
     for frames in (60, 120, 180):
         clips[f"moving faces ({frames} frames)"] = moving_faces_clip(frames)
-    print(f"accuracy, {load()}")
-    print("| clip | N | IoU >= 0.9 with every-frame detection | appearing face boxed after (frames) "
+    print(f"accuracy, full-range detector on {runtime}, {load()}")
+    print("| clip | N / max move | IoU >= 0.9 with every-frame detection | appearing face boxed after (frames) "
           "| leaving face unboxed after (frames) | detector runs |")
     print("|---|---|---|---|---|---|")
-    with FaceDetector(DETECTORS["full"]) as detector:
+    with face_detector(LiveConfig(detector_runtime=runtime)) as detector:
         for name, (frames, truth) in clips.items():
             every_frame = [detector.detect(f) for f in frames]
             shifted = []
@@ -70,11 +72,14 @@ def accuracy() -> None:
                 oracle = perfect_motion(every_frame, truth, 4)
                 a = carry_accuracy(oracle, every_frame, truth)
                 print(f"| {name} | 4, key-frame boxes moved by the true motion | {a['iou90']:.1%} | | | |")
-            for every in (2, 3, 4, 5, 6):
-                carrier = BoxCarrier(detector, every)
+            for setting in settings:
+                every, _, move = setting.partition("/")
+                max_move = MAX_MOVE if not move else None if move == "-" else float(move)
+                carrier = BoxCarrier(detector, int(every), max_move)
                 carried = [carrier.detect(f, i) for i, f in enumerate(frames)]
                 a = carry_accuracy(carried, every_frame, truth)
-                print(f"| {name} | {every} | {a['iou90']:.1%} of {a['face_frames']} | {a['late']} | {a['stale']} | "
+                print(f"| {name} | {every} / {max_move if max_move is not None else '-'} | {a['iou90']:.1%} of "
+                      f"{a['face_frames']} | {a['late']} | {a['stale']} | "
                       f"{carrier.detections} of {len(frames)} ({carrier.redetections} re-detections) |")
 
 
@@ -107,8 +112,10 @@ def perfect_motion(every_frame: list, truth: list[dict], every: int) -> list:
 def costs() -> None:
     import cv2
 
+    from camface.api import face_detector
     from camface.models import DETECTORS
     from camface.realtime.carry import BoxCarrier
+    from camface.realtime.config import LiveConfig
     from camface.realtime.detect import FaceDetector
     from realtime_helpers import moving_faces_clip
 
@@ -123,12 +130,21 @@ def costs() -> None:
             times.append(1000 * (time.perf_counter() - start))
         return statistics.median(times)
 
-    print(f"\ncosts (ms per call, median over 120 frames), {load()}")
+    print(f"\ncosts (ms per call, median over 120 frames; CPU ms: process time / calls), {load()}")
     small = [cv2.resize(f, (320, 240), interpolation=cv2.INTER_AREA) for f in frames]
     for model in ("full", "short"):
-        with FaceDetector(DETECTORS[model]) as detector:
-            print(f"  MediaPipe {model}-range 640x480: {median_ms(detector.detect, frames):.2f}; "
-                  f"320x240: {median_ms(detector.detect, small):.2f}")
+        cells: dict[str, list] = {runtime: [] for runtime in RUNTIMES}
+        for _ in range(3):  # runtimes interleaved
+            for runtime in RUNTIMES:
+                with face_detector(LiveConfig(detector=model, detector_runtime=runtime)) as detector:
+                    cpu = time.process_time()
+                    wall = median_ms(detector.detect, frames)
+                    cpu = 1000 * (time.process_time() - cpu) / len(frames)
+                    cells[runtime].append((wall, cpu, median_ms(detector.detect, small)))
+        for runtime, rows in cells.items():
+            print(f"  {runtime} {model}-range 640x480: {statistics.median(r[0] for r in rows):.2f} wall, "
+                  f"{statistics.median(r[1] for r in rows):.2f} CPU; "
+                  f"320x240: {statistics.median(r[2] for r in rows):.2f} wall")
     with FaceDetector(DETECTORS["full"]) as detector:
         faces = [detector.detect(f) for f in frames]
         by_count: dict[int, list[float]] = {}
@@ -143,50 +159,69 @@ def costs() -> None:
         print(f"  carried frame with {count} face(s): {statistics.median(times):.2f} ms ({len(times)} frames)")
     # MediaPipe runs each call on threads of its own graph executor: called on one frame in N,
     # with other work in between (here a 3 ms sleep), a call costs more than in a tight loop.
-    with FaceDetector(DETECTORS["full"]) as detector:
-        for every in (1, 4):
-            cpu, wall, calls = time.process_time(), time.perf_counter(), 0
-            for index, frame in enumerate(frames * 2):
-                if index % every == 0:
-                    detector.detect(frame)
-                    calls += 1
-                else:
-                    time.sleep(0.003)
-            slept = 0.003 * (2 * len(frames) - calls)
-            print(f"  MediaPipe full-range called on 1 frame in {every}: "
-                  f"{1000 * (time.process_time() - cpu) / calls:.2f} ms CPU, "
-                  f"{1000 * (time.perf_counter() - wall - slept) / calls:.2f} ms wall per call")
+    for runtime in RUNTIMES:
+        with face_detector(LiveConfig(detector="full", detector_runtime=runtime)) as detector:
+            for every in (1, 4):
+                cpu, wall, calls = time.process_time(), time.perf_counter(), 0
+                for index, frame in enumerate(frames * 2):
+                    if index % every == 0:
+                        detector.detect(frame)
+                        calls += 1
+                    else:
+                        time.sleep(0.003)
+                slept = 0.003 * (2 * len(frames) - calls)
+                print(f"  {runtime} full-range called on 1 frame in {every}: "
+                      f"{1000 * (time.process_time() - cpu) / calls:.2f} ms CPU, "
+                      f"{1000 * (time.perf_counter() - wall - slept) / calls:.2f} ms wall per call")
 
 
-def bench(repeats: int) -> None:
+RUNTIMES = ("mediapipe", "onnx")  # --detector-runtime: MediaPipe Tasks (today's baseline) and ONNX Runtime
+
+
+def bench(repeats: int, variants: list[str]) -> None:
+    """Each repeat runs `camface bench` once per (variant, runtime), interleaved; each run has
+    both rows (auto, then every frame) on the same frames. Ratios: auto against every frame in
+    the same run, and auto on ONNX against every frame on MediaPipe (today's default) in the
+    same repeat."""
     camface = Path(sys.executable).with_name("camface")
-    runs = []
-    for variant, extra in (("default (2 detector threads on every frame)", []),
-                           ("--detect-workers 1", ["--detect-workers", "1"]),
-                           ("bound: --detect-every 300 (detector on frame 0 only)", ["--detect-every", "300"])):
-        for repeat in range(repeats):
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                subprocess.run([str(camface), "bench", "--source", "sample", "--record", "--frames", "300",
-                                "--json", out.name, *extra], check=True, capture_output=True)
-                report = json.loads(Path(out.name).read_text())
-            carried, every = report["runs"][0], report["runs"][1]
-            runs.append((variant, carried, every, report["load_average"]))
-    print("\ncamface bench --source sample --record --frames 300 (640x480, 2 faces), each run both rows")
-    print("| variant | CPU ms/frame, carried | CPU ms/frame, every frame | ratio | fps auto | fps every frame "
-          "| detect ms mean, auto / every frame | load |")
-    print("|---|---|---|---|---|---|---|---|")
-    for variant in dict.fromkeys(r[0] for r in runs):
-        mine = [r for r in runs if r[0] == variant]
-        cells = []
-        for _, carried, every, load_average in mine:
-            cells.append((carried["cpu_ms_per_frame"], every["cpu_ms_per_frame"],
-                          every["cpu_ms_per_frame"] / carried["cpu_ms_per_frame"], carried["fps"], every["fps"],
-                          carried["stages"]["detect"]["mean_ms"], every["stages"]["detect"]["mean_ms"],
-                          f"{load_average['before']:.1f}-{load_average['after']:.1f}"))
-        med = [statistics.median(c[k] for c in cells) for k in range(7)]
-        print(f"| {variant} | {med[0]:.2f} | {med[1]:.2f} | **{med[2]:.2f}x** ("
-              + ", ".join(f"{c[2]:.2f}" for c in cells) + f") | {med[3]:.0f} | {med[4]:.0f} | "
-              f"{med[5]:.2f} / {med[6]:.2f} | " + ", ".join(c[7] for c in cells) + " |")
+    known = {"default": ("default (every frame: 2 detector threads)", []),
+             "workers1": ("--detect-workers 1", ["--detect-workers", "1"]),
+             "bound": ("bound: --detect-every 300 (detector on frame 0 only)", ["--detect-every", "300"])}
+    runs: dict[tuple[str, str], list] = {}
+    started = time.strftime("%H:%M", time.gmtime())
+    for repeat in range(repeats):
+        for key in variants:
+            variant, extra = known[key]
+            for runtime in RUNTIMES:
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    subprocess.run([str(camface), "bench", "--source", "sample", "--record", "--frames", "300",
+                                    "--json", out.name, "--detector-runtime", runtime, *extra],
+                                   check=True, capture_output=True)
+                    report = json.loads(Path(out.name).read_text())
+                runs.setdefault((variant, runtime), []).append(
+                    (report["runs"][0], report["runs"][1], report["load_average"]))
+    print(f"\ncamface bench --source sample --record --frames 300 (640x480, 2 faces), each run both rows; "
+          f"{repeats} repeats, runtimes and variants interleaved, {started}-{time.strftime('%H:%M', time.gmtime())} UTC")
+    print("| variant | runtime | CPU ms/frame, auto | CPU ms/frame, every frame | ratio in the run | "
+          "fps auto | fps every frame | detect ms mean, auto / every frame | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (variant, runtime), cells in runs.items():
+        rows = [(a["cpu_ms_per_frame"], e["cpu_ms_per_frame"], e["cpu_ms_per_frame"] / a["cpu_ms_per_frame"],
+                 a["fps"], e["fps"], a["stages"]["detect"]["mean_ms"], e["stages"]["detect"]["mean_ms"],
+                 f"{load_average['before']:.1f}-{load_average['after']:.1f}") for a, e, load_average in cells]
+        med = [statistics.median(r[k] for r in rows) for k in range(7)]
+        print(f"| {variant} | {runtime} | {med[0]:.2f} | {med[1]:.2f} | **{med[2]:.2f}x** ("
+              + ", ".join(f"{r[2]:.2f}" for r in rows) + f") | {med[3]:.0f} | {med[4]:.0f} | "
+              f"{med[5]:.2f} / {med[6]:.2f} | " + ", ".join(r[7] for r in rows) + " |")
+    print("\nauto on ONNX Runtime against every frame on MediaPipe (today's default), same repeat:")
+    for key in variants:
+        variant = known[key][0]
+        onnx, mediapipe = runs[(variant, "onnx")], runs[(variant, "mediapipe")]
+        ratios = [m[1]["cpu_ms_per_frame"] / o[0]["cpu_ms_per_frame"] for o, m in zip(onnx, mediapipe)]
+        every = [m[1]["cpu_ms_per_frame"] / o[1]["cpu_ms_per_frame"] for o, m in zip(onnx, mediapipe)]
+        print(f"  {variant}: auto/onnx vs every frame/mediapipe **{statistics.median(ratios):.2f}x** ("
+              + ", ".join(f"{x:.2f}" for x in ratios) + "); every frame, onnx vs mediapipe "
+              f"{statistics.median(every):.2f}x (" + ", ".join(f"{x:.2f}" for x in every) + ")")
 
 
 def batch(repeats: int, copies: int, frames: int) -> None:
@@ -200,22 +235,27 @@ def batch(repeats: int, copies: int, frames: int) -> None:
     folder.mkdir()
     for k in range(copies):
         shutil.copy(clip, folder / f"clip{k}.mp4")
-    results: dict[str, list] = {"1": [], "auto": []}
+    results: dict[str, list] = {"1 mediapipe": [], "1 onnx": [], "auto onnx": [], "auto mediapipe": []}
     for repeat in range(repeats):
-        for every in results:
-            out = work / f"out-{every}"
-            run = run_batch(folder, out, copies * frames, ["--detect-every", every])
+        for setting in results:
+            every, runtime = setting.split()
+            out = work / f"out-{every}-{runtime}"
+            run = run_batch(folder, out, copies * frames, ["--detect-every", every, "--detector-runtime", runtime])
             videos = [r for r in json.loads((out / "summary.json").read_text())["videos"] if r["status"] == "done"]
             per_core = sum(r["frames"] for r in videos) / sum(r["detect_s"] for r in videos)
-            results[every].append((per_core, run["batch_fps"], os.getloadavg()[0]))
+            results[setting].append((per_core, run["batch_fps"], os.getloadavg()[0]))
     print(f"\ncamface batch, {copies} x {frames} sample frames, recording on, interleaved")
-    print("| --detect-every | decode+detect+crop frames/s per detection actor | pipeline fps | load |")
+    print("| --detect-every, --detector-runtime | decode+detect+crop frames/s per detection actor | pipeline fps | load |")
     print("|---|---|---|---|")
     for every, rows in results.items():
         print(f"| {every} | {statistics.median(r[0] for r in rows):.0f} (" + ", ".join(f"{r[0]:.0f}" for r in rows)
               + f") | {statistics.median(r[1] for r in rows):.1f} | " + ", ".join(f"{r[2]:.1f}" for r in rows) + " |")
-    ratios = [a[0] / b[0] for a, b in zip(results["auto"], results["1"])]
-    print(f"per detection core: auto / every frame = {statistics.median(ratios):.2f}x ("
+    for runtime in ("onnx", "mediapipe"):
+        ratios = [a[0] / b[0] for a, b in zip(results[f"auto {runtime}"], results["1 mediapipe"])]
+        print(f"per detection core: auto on {runtime} / every frame on mediapipe = {statistics.median(ratios):.2f}x ("
+              + ", ".join(f"{x:.2f}" for x in ratios) + ")")
+    ratios = [a[0] / b[0] for a, b in zip(results["1 onnx"], results["1 mediapipe"])]
+    print(f"per detection core: every frame, onnx / mediapipe = {statistics.median(ratios):.2f}x ("
           + ", ".join(f"{x:.2f}" for x in ratios) + ")")
     shutil.rmtree(work, ignore_errors=True)
 
@@ -224,15 +264,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("parts", nargs="*", default=["accuracy", "costs", "bench", "batch"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help="detector runtime for accuracy")
+    parser.add_argument("--settings", nargs="+", default=["2/-", "3/-", "4/-", "5/-", "6/-", "4", "6", "8"],
+                        help="accuracy: N, or N/M with M the re-detection move (- for none; default MAX_MOVE)")
+    parser.add_argument("--variants", nargs="+", default=["default", "workers1"],
+                        help="bench variants: default, workers1 (--detect-workers 1), bound (--detect-every 300)")
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--frames", type=int, default=300)
     args = parser.parse_args()
     if "accuracy" in args.parts:
-        accuracy()
+        accuracy(args.runtime, args.settings)
     if "costs" in args.parts:
         costs()
     if "bench" in args.parts:
-        bench(args.repeats)
+        bench(args.repeats, args.variants)
     if "batch" in args.parts:
         batch(args.repeats, args.copies, args.frames)
     return 0

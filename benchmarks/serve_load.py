@@ -7,7 +7,7 @@ replies. Per setting of --detect-every, interleaved per repeat, each a fresh ser
   server CPU/frame  the server process's CPU time (user + system, /proc) over replies
 
     .venv/bin/python benchmarks/serve_load.py [--clients 4] [--seconds 15] [--repeats 2] \
-        [--settings 1 auto]
+        [--settings 1 auto]   (or e.g. 1:mediapipe auto:onnx to set --detector-runtime too)
 
 The machine is shared: the load average is printed with each run.
 """
@@ -46,9 +46,12 @@ def sample_jpegs(frames: int = 300, quality: int = 80) -> list[bytes]:
             for i in range(frames)]
 
 
-def start_server(folder: Path, every: str) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, setting: str) -> tuple[subprocess.Popen, str]:
+    """setting: a --detect-every value, or VALUE:RUNTIME to add --detector-runtime RUNTIME."""
+    every, _, runtime = setting.partition(":")
     process = subprocess.Popen(
         [sys.executable, "-m", "camface", "serve", "--port", "0", "--max-clients", "8", "--detect-every", every,
+         *(["--detector-runtime", runtime] if runtime else []),
          "--device", "cpu", "--snapshot-dir", str(folder / "snapshots"), "--record-dir", str(folder / "rec")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 60
@@ -144,7 +147,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--settings", nargs="+", default=["1", "auto"], help="--detect-every values, interleaved")
+    parser.add_argument("--settings", nargs="+", default=["1", "auto"],
+                        help="--detect-every values, interleaved; VALUE:RUNTIME also sets --detector-runtime")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     jpegs = sample_jpegs()
@@ -155,12 +159,12 @@ def main() -> int:
             runs.append(run)
             print(json.dumps(run), flush=True)
     print(f"\n{args.clients} clients at 30 fps, {args.seconds:g} s each, medians over {args.repeats} run(s):")
-    print(f"{'--detect-every':<16}{'fps/client':>12}{'p50 ms':>10}{'p95 ms':>10}{'server CPU ms/frame':>22}")
+    print(f"{'--detect-every':<20}{'fps/client':>12}{'p50 ms':>10}{'p95 ms':>10}{'server CPU ms/frame':>22}")
     for every in args.settings:
         mine = [r for r in runs if r["every"] == every]
         med = {k: statistics.median(r[k] for r in mine) for k in
                ("fps_median", "latency_p50_ms", "latency_p95_ms", "server_cpu_ms_per_frame")}
-        print(f"{every:<16}{med['fps_median']:>12.1f}{med['latency_p50_ms']:>10.1f}{med['latency_p95_ms']:>10.1f}"
+        print(f"{every:<20}{med['fps_median']:>12.1f}{med['latency_p50_ms']:>10.1f}{med['latency_p95_ms']:>10.1f}"
               f"{med['server_cpu_ms_per_frame']:>22.2f}")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2) + "\n")

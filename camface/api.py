@@ -32,6 +32,7 @@ from camface.realtime.config import LiveConfig
 from camface.realtime.results import FrameResult, Prediction
 
 if TYPE_CHECKING:
+    from camface.realtime.blazeface import OnnxFaceDetector
     from camface.realtime.detect import FaceDetector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.graph import CamGraph
@@ -47,9 +48,15 @@ def model_path(config: LiveConfig) -> Path:
     return Path(config.model) if config.model is not None else EMOTION_ONNX
 
 
-def face_detector(config: LiveConfig) -> FaceDetector:
-    """The face detector a config asks for (BlazeFace `config.detector`, `min_confidence`),
-    not yet opened: use it as a context manager."""
+def face_detector(config: LiveConfig) -> FaceDetector | OnnxFaceDetector:
+    """The face detector a config asks for (BlazeFace `config.detector` on
+    `config.detector_runtime`, `min_confidence`), not yet opened: use it as a context manager.
+    Both runtimes give the same boxes (tests/test_blazeface.py)."""
+    if config.detector_runtime == "onnx":
+        from camface.models import DETECTORS_ONNX
+        from camface.realtime.blazeface import OnnxFaceDetector
+
+        return OnnxFaceDetector(DETECTORS_ONNX[config.detector], config.min_confidence, config.quiet_native)
     from camface.models import DETECTORS
     from camface.realtime.detect import FaceDetector
 
@@ -106,7 +113,7 @@ class Pipeline:
 
         self.model_path = model_path(config)
         self._stack = contextlib.ExitStack()
-        self._detector: FaceDetector | None = None
+        self._detector: FaceDetector | OnnxFaceDetector | None = None
         self._closed = False
         self._index = 0
         self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
@@ -152,7 +159,7 @@ class Pipeline:
         """The heatmap methods the graph offers."""
         return self.graph.methods
 
-    def face_detector(self) -> FaceDetector:
+    def face_detector(self) -> FaceDetector | OnnxFaceDetector:
         """A new face detector as the config asks (not yet opened; one per stream of frames)."""
         return face_detector(self.config)
 
@@ -160,7 +167,9 @@ class Pipeline:
         if self._closed:
             raise UsageError("this camface pipeline is closed")
         if self._detector is None:
-            self._detector = self._stack.enter_context(self.face_detector())
+            detector = self.face_detector()
+            self._stack.enter_context(detector)  # either runtime's __enter__ returns the detector itself
+            self._detector = detector
         return self._detector.detect(frame)
 
     # ---------------------------------------------------------------- the verbs

@@ -26,7 +26,7 @@ from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
 
-PIPELINE_OPTIONS = ("source", "model", "detector", "min_confidence", "margin", "max_faces", "device",
+PIPELINE_OPTIONS = ("source", "model", "detector", "detector_runtime", "min_confidence", "margin", "max_faces", "device",
                     "graph_threads")
 RANDOM = "random"
 
@@ -63,7 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --sanity: the Keras model the graph was exported from, to check Guided Backprop "
                              "and Guided Grad-CAM too (TensorFlow); default: the graph's source model beside it "
                              "or the bundled one when its sha256 matches, else they are skipped")
-    add_arguments(parser, "detector", "min_confidence", "margin", "max_faces", "device")
+    add_arguments(parser, "detector", "detector_runtime", "min_confidence", "margin", "max_faces", "device")
     add_arguments(parser, "graph_threads", graph_threads=0)
 
 

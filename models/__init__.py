@@ -16,6 +16,8 @@ DETECTORS = {
     "short": MODELS_DIR / "detectors" / "blaze_face_short_range.tflite",
     "full": MODELS_DIR / "detectors" / "blaze_face_full_range_sparse.tflite",
 }
+# the same models converted to ONNX (`make detectors`; camface.realtime.blazeface runs them)
+DETECTORS_ONNX = {name: path.with_suffix(".onnx") for name, path in DETECTORS.items()}
 
 
 def read_labels(path: str | Path) -> list[str]:

@@ -1,10 +1,10 @@
 """Detection every N frames, face boxes carried by optical flow in between (`--detect-every`).
 
-Why: MediaPipe's BlazeFace (Tasks wrapper) is the costliest stage of a frame, about 2.8-3 ms
-for the full-range model on 640x480 on a 2-core CPU (2.5 ms on the frame downscaled to 320x240:
-downscaling buys little, the wrapper's fixed cost stays), while carrying a frame's 1-3 boxes
-with pyramidal Lucas-Kanade flow costs 0.5-1 ms (benchmarks/detect_every.py costs). In videos,
-files and a camera's stream faces move little between frames.
+Why: BlazeFace is the costliest stage of a frame, about 2.6-3.5 ms of CPU for the full-range
+model on 640x480 on a 2-core CPU (MediaPipe Tasks or ONNX Runtime; downscaling the frame buys
+little), while carrying a frame's 1-3 boxes with pyramidal Lucas-Kanade flow costs 0.5-1 ms
+(benchmarks/detect_every.py costs). In videos, files and a camera's stream faces move little
+between frames.
 
 The rule, a pure function of the frames (so `camface batch` segments give the rows that live
 gives, see `keyframe`):
@@ -15,7 +15,10 @@ gives, see `keyframe`):
     and its size follows the median change of the points' distances from their centre;
   - the detector also runs, and replaces the boxes, when any box's points are lost (fewer
     than half pass the forward-backward check: the face turned, was covered or its content
-    changed a lot) -- a *re-detection*;
+    changed a lot), or when a box has moved, since the detection it comes from, by more than
+    MAX_MOVE (10%) of its width or changed its width by more (a fast face: the detector's own
+    box would have changed) -- a *re-detection*. Slow faces are detected every N frames, fast
+    ones about every other frame or every frame;
   - a carried box that goes more than half out of the frame is dropped (the face leaves).
 A face that enters is boxed at the next key frame, at most N - 1 frames late, and a face that
 leaves loses its box at the latest at the next key frame, so N <= 4 keeps both within 3 frames.
@@ -40,6 +43,12 @@ FB_MAX_PX = 1.0  # forward-backward error (pixels of the flow image) for a point
 MIN_KEPT = 0.5  # fraction of a box's points that must pass, else re-detect
 MIN_VISIBLE = 0.5  # fraction of a carried box's area inside the frame, else the box is dropped
 FLOW_SCALE = 0.5  # flow runs on the frame downscaled by this (faces are >= ~40 px: still >= 20)
+# A carried box that has moved, since the detection it comes from, by more than this fraction of
+# its width (centre) or grown or shrunk by more than it: the detector runs now. The detector's
+# box for a face is not a rigid function of the face's position (it jitters by 5-10% of its size
+# as the face crosses its anchor grid): a box carried far from where it was detected drifts from
+# what detection would give, so fast faces are detected more often and slow ones every N frames.
+MAX_MOVE = 0.1
 LK = dict(winSize=(11, 11), maxLevel=2, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03))
 
 
@@ -79,13 +88,14 @@ class BoxCarrier:
     starts over at a detection. Counters `detections` and `frames` say what was done.
     """
 
-    def __init__(self, detector, every: int = 1):
+    def __init__(self, detector, every: int = 1, max_move: float | None = MAX_MOVE):
         if every < 1:
             raise ValueError(f"detect every must be >= 1, got {every}")
-        self.detector, self.every = detector, every
+        self.detector, self.every, self.max_move = detector, every, max_move
         self.detections = self.redetections = self.frames = 0
         self._grey: np.ndarray | None = None
-        self._boxes: list[tuple[np.ndarray, float]] = []  # (x0, y0, x1, y1) float in flow pixels, score
+        # (x0, y0, x1, y1) float in flow pixels, score, and the box as detected
+        self._boxes: list[tuple[np.ndarray, float, np.ndarray]] = []
         self._last: int | None = None
 
     def close(self) -> None:
@@ -115,19 +125,20 @@ class BoxCarrier:
         self.detections += 1
         faces = self.detector.detect(frame)
         self._grey = grey
-        self._boxes = [(np.array([x, y, x + w, y + h], np.float64) * FLOW_SCALE, face.score)
-                       for face in faces for x, y, w, h in [face.box]]
+        self._boxes = [(box, face.score, box) for face in faces for x, y, w, h in [face.box]
+                       for box in [np.array([x, y, x + w, y + h], np.float64) * FLOW_SCALE]]
         return faces
 
     def _carry(self, before: np.ndarray, after: np.ndarray) -> list | None:
         """The boxes moved from `before` to `after` (grey flow images), or None when one box
-        lost its points (re-detect). Boxes that leave the frame are dropped."""
+        lost its points or moved too far from where it was detected (re-detect). Boxes that
+        leave the frame are dropped."""
         if not self._boxes:
             return []
         height, width = after.shape
         steps = (np.arange(GRID) + 0.5) / GRID * 0.8 + 0.1  # the middle 80% of the box
         points = []
-        for (x0, y0, x1, y1), _ in self._boxes:
+        for (x0, y0, x1, y1), _, _ in self._boxes:
             gx, gy = np.meshgrid(x0 + steps * (x1 - x0), y0 + steps * (y1 - y0))
             points.append(np.stack([gx.ravel(), gy.ravel()], axis=1))
         start = np.concatenate(points).astype(np.float32).reshape(-1, 1, 2)
@@ -138,7 +149,7 @@ class BoxCarrier:
                 & (np.linalg.norm(back.reshape(-1, 2) - start, axis=1) < FB_MAX_PX))
         carried = []
         per_box = GRID * GRID
-        for n, (box, score) in enumerate(self._boxes):
+        for n, (box, score, detected) in enumerate(self._boxes):
             keep = good[n * per_box:(n + 1) * per_box]
             if keep.mean() < MIN_KEPT:
                 return None
@@ -151,17 +162,19 @@ class BoxCarrier:
             cx, cy = (box[0] + box[2]) / 2 + shift[0], (box[1] + box[3]) / 2 + shift[1]
             half_w, half_h = (box[2] - box[0]) * scale / 2, (box[3] - box[1]) * scale / 2
             new = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h])
+            if self.max_move is not None and _moved(detected, new) > self.max_move:
+                return None
             inside = (max(0.0, min(new[2], width) - max(new[0], 0.0))
                       * max(0.0, min(new[3], height) - max(new[1], 0.0)))
             if not math.isfinite(scale) or inside < MIN_VISIBLE * (new[2] - new[0]) * (new[3] - new[1]):
                 continue  # leaving the frame
-            carried.append((new, score))
+            carried.append((new, score, detected))
         return carried
 
     def _faces(self, shape) -> tuple[Face, ...]:
         height, width = shape[:2]
         faces = []
-        for box, score in self._boxes:
+        for box, score, _ in self._boxes:
             x0, y0, x1, y1 = box / FLOW_SCALE
             x0, y0 = max(int(round(x0)), 0), max(int(round(y0)), 0)
             x1, y1 = min(int(round(x1)), width), min(int(round(y1)), height)
@@ -169,3 +182,14 @@ class BoxCarrier:
                 faces.append(Face(box=(x0, y0, x1 - x0, y1 - y0), score=score))
         faces.sort(key=lambda f: f.area, reverse=True)
         return tuple(faces)
+
+
+def _moved(detected: np.ndarray, carried: np.ndarray) -> float:
+    """How far `carried` is from `detected` (x0, y0, x1, y1): the larger of its centre's shift
+    in widths of the detected box and its relative change of width."""
+    width = detected[2] - detected[0]
+    if width <= 0:
+        return 0.0
+    shift = math.hypot((carried[0] + carried[2] - detected[0] - detected[2]) / 2,
+                       (carried[1] + carried[3] - detected[1] - detected[3]) / 2)
+    return max(shift / width, abs((carried[2] - carried[0]) / width - 1.0))

@@ -12,7 +12,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-LIVE_OPTIONS = ("source", "model", "method", "record", "detector", "min_confidence", "max_faces", "margin",
+LIVE_OPTIONS = ("source", "model", "method", "record", "detector", "detector_runtime", "min_confidence", "max_faces", "margin",
                 "device", "smooth", "cam_boxes", "bars", "colormap", "alpha", "snapshot_every", "snapshot_dir",
                 "overwrite", "codec", "max_frames", "graph_threads", "detect_workers", "detect_every", "pace",
                 "image_seconds", "loop")

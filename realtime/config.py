@@ -23,6 +23,9 @@ MAX_DETECT_WORKERS = 8
 MAX_FACES = 32  # the graph's batch range is 1..32
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 DETECTORS = ("short", "full")
+# how the BlazeFace model runs (camface.api.face_detector): the bundled .onnx on ONNX Runtime with
+# MediaPipe's pre- and post-processing (camface.realtime.blazeface), or MediaPipe Tasks on the .tflite
+DETECTOR_RUNTIMES = ("onnx", "mediapipe")
 PACES = ("auto", "source", "none")  # see camface.realtime.pace
 # recording codecs (camface.realtime.sinks): auto = H.264 (NVENC when it opens, else libx264) or
 # else mp4v with one line saying so; h264 = H.264 or an error; mp4v = OpenCV's MPEG-4 Part 2
@@ -55,6 +58,7 @@ class LiveConfig:
     record: Path | None = None
     show: bool = False
     detector: str = "full"
+    detector_runtime: str = "onnx"
     min_confidence: float = 0.5
     max_faces: int = 8
     margin: float = 0.1
@@ -83,6 +87,8 @@ class LiveConfig:
             (self.method in method_choices() or self.method in methods.METHODS,
              f"--method {self.method!r} unknown; choose from {', '.join(method_choices())}"),
             (self.detector in DETECTORS, f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}"),
+            (self.detector_runtime in DETECTOR_RUNTIMES,
+             f"--detector-runtime must be one of {', '.join(DETECTOR_RUNTIMES)}, got {self.detector_runtime!r}"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
             (1 <= self.max_faces <= MAX_FACES,
              f"--max-faces must be 1..{MAX_FACES} (the graph's batch range), got {self.max_faces}"),
@@ -130,6 +136,11 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                 help="write the annotated frames to this mp4, at the source's frame rate")),
     "detector": ("--detector", dict(choices=DETECTORS, help="BlazeFace model: full-range (faces up to ~5 m) or "
                                                             "short-range (faster, faces within ~2 m)")),
+    "detector_runtime": ("--detector-runtime", dict(choices=DETECTOR_RUNTIMES,
+                                                    help="how the BlazeFace model runs: onnx = its ONNX conversion on "
+                                                         "ONNX Runtime (one thread) with MediaPipe's anchors, "
+                                                         "decoding and weighted NMS (same boxes, less CPU); "
+                                                         "mediapipe = MediaPipe Tasks' FaceDetector on the .tflite")),
     "min_confidence": ("--min-confidence", dict(type=float, help="face detector score threshold")),
     "max_faces": ("--max-faces", dict(type=int, help=f"classify at most this many faces per frame, the largest "
                                                      f"(1-{MAX_FACES})")),
@@ -160,7 +171,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                    "as ResNet50)")),
     "detect_workers": ("--detect-workers", dict(type=int, metavar="N",
                                                 help="face detectors running side by side on consecutive frames "
-                                                     "(each one MediaPipe instance on one core): more frames per "
+                                                     "(each one detector on one core): more frames per "
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
                                                      "with --graph-threads 0; with --detect-every above 1 one "

@@ -4,13 +4,13 @@ Threads joined by bounded queues, so decoding and encoding overlap detection and
 on another core (OpenCV, MediaPipe and ONNX Runtime release the GIL):
 
   reader      decodes frames from the source                      -> frames queue
-  detector(s) MediaPipe face detection                            -> detections queue
+  detector(s) BlazeFace face detection (`--detector-runtime`)      -> detections queue
   main        FrameExplainer, render, window + keys               -> output queue
   writer      recording and snapshots (camface.realtime.recorder)
 
-Detection is the costliest stage, and MediaPipe runs one detector on one core. With
-`detect_workers` > 1, that many detectors (each its own MediaPipe instance, in VIDEO mode with
-its own increasing timestamps) take frames from the one frames queue; the main thread puts
+Detection is the costliest stage, and one detector runs on one core. With `detect_workers` > 1,
+that many detectors (each its own ONNX Runtime session, or MediaPipe instance in VIDEO mode
+with its own increasing timestamps) take frames from the one frames queue; the main thread puts
 their results back in frame order, so every later stage still sees frames 0, 1, 2, ...
 
 The main thread owns the window (GUI toolkits want it) and receives the signals: Ctrl-C

@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-LIVE_OPTIONS = ("model", "method", "detector", "min_confidence", "max_faces", "margin", "device", "smooth",
+LIVE_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confidence", "max_faces", "margin", "device", "smooth",
                 "cam_boxes", "bars", "colormap", "alpha", "snapshot_dir", "graph_threads", "codec", "detect_every")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

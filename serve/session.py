@@ -55,7 +55,7 @@ class Work:
 
 class Session:
     """One client. server: the ServeState (graph, renderer, config, folders). detector: an
-    entered FaceDetector of its own (MediaPipe VIDEO mode wants one stream per detector), run
+    entered face detector of its own (carried boxes and MediaPipe VIDEO mode follow one stream), run
     through a BoxCarrier with the config's `detect_every` (boxes carried along this client's
     frames)."""
 

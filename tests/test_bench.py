@@ -98,7 +98,7 @@ def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
     else:
         assert carried["cpu_ratio"] is None
     assert carried["fps_ratio"] == pytest.approx(live["fps"] / every_frame["fps"])
-    assert "detector full on every 4th frame" in table
+    assert "detector full (onnx) on every 4th frame" in table
 
     heads = report["heads"]
     assert set(heads["batches"]) == {"1", "3"}

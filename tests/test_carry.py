@@ -7,17 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from camface.models import DETECTORS, EMOTION_ONNX
-from camface.realtime.carry import AUTO_EVERY, BoxCarrier, every_for, keyframe
+from camface.api import face_detector
+from camface.models import EMOTION_ONNX
+from camface.realtime.carry import AUTO_EVERY, MAX_MOVE, BoxCarrier, _moved, every_for, keyframe
 from camface.realtime.config import LiveConfig
-from camface.realtime.detect import FaceDetector
 from realtime_helpers import carry_accuracy, moving_faces_clip
 
 
 @pytest.fixture(scope="module")
 def detector():
-    with FaceDetector(DETECTORS["full"]) as mediapipe:
-        yield mediapipe
+    with face_detector(LiveConfig()) as blazeface:  # the default: full-range, as every front end opens it
+        yield blazeface
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +26,23 @@ def clips(detector):
     from camface.realtime.sample import SampleSource
 
     sample = SampleSource(300)
-    out = {"moving 120": moving_faces_clip(120), "moving 180": moving_faces_clip(180),
+    out = {"moving 60": moving_faces_clip(60), "moving 120": moving_faces_clip(120),
+           "moving 180": moving_faces_clip(180),
            "sample": ([sample.frame(i) for i in range(300)], None)}
     return {name: (frames, truth, [detector.detect(f) for f in frames]) for name, (frames, truth) in out.items()}
 
 
-def carried(detector, frames, every, start=0):
-    carrier = BoxCarrier(detector, every)
+def carried(detector, frames, every, start=0, max_move=MAX_MOVE):
+    carrier = BoxCarrier(detector, every, max_move)
     return [carrier.detect(frame, index) for index, frame in enumerate(frames[start:], start)], carrier
 
 
 # clip, N, least fraction of face-frames with IoU >= 0.9 against every-frame detection. The
 # detector itself reaches IoU >= 0.9 with its own boxes on the same faces shifted by 2 pixels
-# on only 95-97% of them (benchmarks/RESULTS-detect-every.md): the bound for any carrying.
-ACCURACY = [("sample", AUTO_EVERY, 0.95), ("moving 180", 2, 0.95), ("moving 120", 2, 0.95),
-            ("moving 180", AUTO_EVERY, 0.93), ("moving 120", AUTO_EVERY, 0.90), ("moving 120", 3, 0.93)]
+# on only 96-98% of them (benchmarks/RESULTS-detect-every.md): the bound for any carrying. With
+# re-detection of boxes that moved far (MAX_MOVE), auto meets 95% on the fast clips too.
+ACCURACY = [("sample", AUTO_EVERY, 0.95), ("moving 60", AUTO_EVERY, 0.95), ("moving 120", AUTO_EVERY, 0.95),
+            ("moving 180", AUTO_EVERY, 0.95), ("moving 120", 2, 0.95), ("moving 120", 3, 0.93)]
 
 
 @pytest.mark.parametrize("name, every, least", ACCURACY)
@@ -53,7 +55,23 @@ def test_carried_boxes_match_detection_on_every_frame(detector, clips, name, eve
     assert accuracy["late"] <= 3  # a face that appears is boxed within 3 frames
     assert accuracy["stale"] <= 3  # a face that leaves loses its box within 3 frames
     assert carrier.detections <= len(frames) // every + 1 + carrier.redetections
-    assert carrier.detections < len(frames) / 1.5
+    if name == "sample":  # slow faces: the detector runs on key frames only (and rarely more)
+        assert carrier.redetections <= 3 and carrier.detections <= len(frames) // every + 4
+
+
+def test_fast_faces_are_detected_more_often_slow_ones_on_key_frames(detector, clips):
+    """A box carried more than MAX_MOVE of its width from its detection is detected again:
+    on the fast clip that is what lifts auto from about 82% to over 95% (ACCURACY)."""
+    frames, truth, every_frame = clips["moving 60"]
+    rigid, rigid_carrier = carried(detector, frames, AUTO_EVERY, max_move=None)
+    moving, moving_carrier = carried(detector, frames, AUTO_EVERY)
+    assert rigid_carrier.redetections <= 2 < 10 < moving_carrier.redetections
+    assert carry_accuracy(rigid, every_frame, truth)["iou90"] < 0.9 <= carry_accuracy(moving, every_frame,
+                                                                                       truth)["iou90"]
+    detected = np.array([10.0, 20.0, 50.0, 60.0])  # 40 wide
+    assert _moved(detected, detected) == 0.0
+    assert _moved(detected, detected + [3, 4, 3, 4]) == pytest.approx(5 / 40)  # the centre moved 5 px
+    assert _moved(detected, np.array([8.0, 18.0, 52.0, 62.0])) == pytest.approx(0.1)  # 10% wider
 
 
 def test_every_frame_is_the_detector_itself(detector, clips):
@@ -159,7 +177,8 @@ def test_every_front_end_takes_the_option(capsys):
     for command in ("live", "bench", "serve", "batch"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        assert "--detect-every N|auto" in capsys.readouterr().out, command
+        out = capsys.readouterr().out
+        assert "--detect-every N|auto" in out and "--detector-runtime {onnx,mediapipe}" in out, command
     with pytest.raises(SystemExit):
         main(["live", "--detect-every", "x"])
     assert "--detect-every" in capsys.readouterr().err

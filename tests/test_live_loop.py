@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from realtime_helpers import BLOCK_TF, FakeCamera, FakeWindow, count_frames, write_clip
 
+from camface.api import face_detector
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
 from camface.models import DETECTORS, EMOTION_ONNX
-from camface.realtime.detect import FaceDetector
 from camface.realtime.loop import LiveConfig, LiveLoop, detect_workers_for
 from camface.realtime.sample import SampleSource
 from camface.realtime.smooth import iou
@@ -105,8 +105,9 @@ def test_recording_holds_every_processed_frame_and_snapshots(tmp_path, face_clip
                            snapshot_dir=tmp_path / "snaps", cam_boxes=True, bars=True, smooth=0.5))
     s = loop.summary
     assert s.frames == 12 and s.stopped_by == "end of input"
-    # a file: --detect-every auto carries boxes between key frames 0, 4, 8 in one detector thread
-    assert s.detectors == 1 and s.detect_every == 4 and s.detections == 3
+    # a file: --detect-every auto (key frames 0, 4, 8) in one detector thread; this clip's faces jump
+    # (every 10th sample frame), so every carried box moves past carry.MAX_MOVE: detected again
+    assert s.detectors == 1 and s.detect_every == 4 and s.detections == 12
     assert detect_workers_for(0) == min(2, len(os.sched_getaffinity(0)))  # with --detect-every 1
     assert s.recordings == ((str(out), 12),) and count_frames(out) == 12
     assert s.faces_per_frame >= 2 and s.snapshots == 3
@@ -149,7 +150,7 @@ def test_a_crowd_keeps_the_largest_faces_and_says_how_many_were_dropped(tmp_path
     assert s.frames == 1 and s.faces == 8 and s.dropped >= 1
     assert count_frames(out) == 1
     found = s.faces + s.dropped
-    with FaceDetector(DETECTORS["full"]) as detector:
+    with face_detector(LiveConfig()) as detector:
         faces = detector.detect(frame)
     assert len(faces) == found and faces[0].box[2] > 1.5 * faces[-1].box[2]  # largest first
     hud = HudAnnotator().lines(FrameResult(index=0, faces=(), predictions=(), dropped=s.dropped,
@@ -419,19 +420,20 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     every later stage still sees frames 0..11 in order, each with the faces of its own frame."""
     import threading
 
-    from camface.realtime import detect, render
+    from camface.realtime import render
 
     cap = cv2.VideoCapture(str(face_clip))
     frames = [cap.read()[1] for _ in range(12)]
     cap.release()
-    with FaceDetector(DETECTORS["full"]) as single:
+    detector_class = type(face_detector(LiveConfig()))  # the one the loop opens
+    with face_detector(LiveConfig()) as single:
         expected = [tuple(f.box for f in single.detect(frame)) for frame in frames]
     assert len(set(expected)) > 6  # the faces move: a frame mix-up would show
     index_of = {frame.tobytes(): i for i, frame in enumerate(frames)}
 
     instances: dict[int, int] = {}
     finished, workers = [], set()  # frames in the order detection finished; detecting threads
-    real_detect = detect.FaceDetector.detect
+    real_detect = detector_class.detect
 
     def uneven_detect(self, frame):
         n = instances.setdefault(id(self), len(instances))
@@ -450,7 +452,7 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
         seen.append((result.index, tuple(f.box for f in result.faces)))
         return real_annotate(self, frame, result)
 
-    monkeypatch.setattr(detect.FaceDetector, "detect", uneven_detect)
+    monkeypatch.setattr(detector_class, "detect", uneven_detect)
     monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
     out = tmp_path / "out.mp4"
     loop = _run(LiveConfig(source=str(face_clip), record=out, detect_workers=3))
@@ -502,7 +504,7 @@ def test_a_source_failure_with_two_detectors_keeps_every_frame_read(tmp_path, fa
 def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
     """One detector stalls on its first frame while the other could run through the clip:
     the frames read but not yet taken by the main thread stay bounded."""
-    from camface.realtime import detect, render
+    from camface.realtime import render
     from camface.realtime.loop import QUEUE_SIZE
 
     cap = cv2.VideoCapture(str(face_clip))
@@ -512,7 +514,8 @@ def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
     instances: dict[int, int] = {}
     ahead = []
     seen = []
-    real_detect, real_annotate = detect.FaceDetector.detect, render.Renderer.annotate
+    detector_class = type(face_detector(LiveConfig(detector="short")))  # the one the loop opens
+    real_detect, real_annotate = detector_class.detect, render.Renderer.annotate
 
     def stalling_detect(self, frame):
         n = instances.setdefault(id(self), len(instances))
@@ -525,7 +528,7 @@ def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
         seen.append(result.index)
         return real_annotate(self, frame, result)
 
-    monkeypatch.setattr(detect.FaceDetector, "detect", stalling_detect)
+    monkeypatch.setattr(detector_class, "detect", stalling_detect)
     monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
     loop = LiveLoop(LiveConfig(detect_workers=2, detector="short"), source=clip)
     loop.run()

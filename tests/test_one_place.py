@@ -44,7 +44,7 @@ def test_every_overlay_defaults_to_live_configs_look():
 def test_the_pipelines_pieces_are_chosen_in_one_place():
     assert where(r"\bEMOTION_ONNX\b") == ["camface/api.py", "guided/image.py", "models/__init__.py"]  # guided:
     # the bundled graph as the one made from the bundled Keras model, not a default
-    assert where(r"\bFaceDetector\(") == ["camface/api.py"]
+    assert where(r"\b(Onnx)?FaceDetector\(") == ["camface/api.py"]
     assert where(r"\bRenderer\(") == []  # Renderer.from_config(config) everywhere
     assert where(r"\.__enter__\(\)") == ["realtime/pace.py"]  # LoopingSource re-enters the source it wraps
     assert where(r"^class Controls\b") == ["realtime/controls.py"] and "Controls" not in sources()["realtime/window.py"]

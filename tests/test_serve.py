@@ -86,9 +86,8 @@ def closed(ws) -> dict:
 ])
 def test_a_frame_comes_back_as_the_frame_explainer_and_renderer_make_it(make_client, graph, astronaut_bgr,
                                                                         controls):
-    from camface.models import DETECTORS
+    from camface.api import face_detector
     from camface.realtime.config import LiveConfig
-    from camface.realtime.detect import FaceDetector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.render import Renderer
     from camface.realtime.controls import Controls
@@ -105,7 +104,7 @@ def test_a_frame_comes_back_as_the_frame_explainer_and_renderer_make_it(make_cli
         message, annotated = send_frame(ws, 41, image)
     # the same frame through the same pieces, here
     frame = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
-    with FaceDetector(DETECTORS["full"]) as detector:
+    with face_detector(config) as detector:
         faces = detector.detect(frame)
     want = Controls(controls.get("method", auto_method(graph.info)[0]), controls.get("explained_class"), hud=False)
     result = FrameExplainer.from_config(config, graph).explain(frame, faces, want).result
@@ -327,8 +326,7 @@ def test_a_client_leaving_mid_recording_leaves_a_playable_file(make_client, astr
 def test_one_graph_call_for_every_clients_newest_frame(make_client, graph, astronaut_bgr):
     """Three clients with a frame waiting (one sent two: the older is dropped as stale): one
     round of the worker makes ONE graph call and gives each what its own explainer would."""
-    from camface.models import DETECTORS
-    from camface.realtime.detect import FaceDetector
+    from camface.api import face_detector
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.controls import Controls
     from camface.serve.session import Frame, Session
@@ -338,7 +336,7 @@ def test_one_graph_call_for_every_clients_newest_frame(make_client, graph, astro
     delivered = []
     state.worker._deliver = lambda session, work: delivered.append((session, work))
     frames = [astronaut_bgr, cv2.flip(astronaut_bgr, 1), np.ascontiguousarray(astronaut_bgr[50:350, 60:400])]
-    sessions = [Session(state, FaceDetector(DETECTORS["full"]).__enter__()) for _ in frames]
+    sessions = [Session(state, face_detector(state.config).__enter__()) for _ in frames]
     state.sessions.update({s.id: s for s in sessions})
     try:
         sessions[0].put(Frame(1, np.zeros((64, 64, 3), np.uint8), 0.0))  # stale: replaced before the round
@@ -349,7 +347,7 @@ def test_one_graph_call_for_every_clients_newest_frame(make_client, graph, astro
         assert state.graph.calls == calls + 1 and state.graph.crops >= 3
         assert sessions[0].dropped == 1 and [s.dropped for s in sessions[1:]] == [0, 0]
         assert state.worker.round() == 0  # nothing new: nothing done
-        with FaceDetector(DETECTORS["full"]) as detector:
+        with face_detector(state.config) as detector:
             for (session, work), frame in zip(delivered, frames):
                 assert work.frame.sequence == 10 + sessions.index(session) and work.batch_frames == 3
                 want = FrameExplainer(graph).explain(frame, detector.detect(frame), Controls(state.config.method)).result
@@ -440,21 +438,20 @@ def test_write_y4m_makes_what_opencv_reads_back(tmp_path):
 def test_a_client_gets_boxes_carried_between_key_frames(make_client):
     """--detect-every 3: the client's frames 0 and 3 are detected, 1, 2 and 4 carried, as a
     BoxCarrier gives them on the same decoded frames (frames taken in order, none dropped)."""
-    from camface.models import DETECTORS
+    from camface.api import face_detector
     from camface.realtime.carry import BoxCarrier
     from camface.realtime.config import LiveConfig
-    from camface.realtime.detect import FaceDetector
-    from realtime_helpers import moving_faces_clip
+    from camface.realtime.sample import SampleSource
 
-    frames, _ = moving_faces_clip(60)
-    images = [jpeg(frame) for frame in frames[20:25]]
+    sample = SampleSource(300)  # faces that move slowly: carried, not detected again (carry.MAX_MOVE)
+    images = [jpeg(sample.frame(i)) for i in range(20, 25)]
     client, state = make_client(LiveConfig(detect_every=3))
     with client.websocket_connect("/ws") as ws:
         ws.receive_json()
         got = [[face["box"] for face in send_frame(ws, k, image)[0]["faces"]] for k, image in enumerate(images)]
-    with FaceDetector(DETECTORS["full"]) as detector:
+    with face_detector(state.config) as detector:
         carrier = BoxCarrier(detector, 3)
         want = [[list(face.box) for face in carrier.detect(cv2.imdecode(np.frombuffer(image, np.uint8),
                                                                          cv2.IMREAD_COLOR), k)]
                 for k, image in enumerate(images)]
-    assert got == want and carrier.detections == 2 and all(len(boxes) >= 2 for boxes in got)
+    assert got == want and carrier.detections == 2 and all(len(boxes) >= 1 for boxes in got)

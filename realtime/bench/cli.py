@@ -143,6 +143,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             "input_size": list(info.input_size), "color_order": info.color_order,
             "target_layer": info.target_layer, "method": pipeline.method, "frames": config.frames,
             "warmup": config.warmup, "record": config.record, "detector": pipeline.detector,
+            "detector_runtime": pipeline.detector_runtime,
             "max_faces": pipeline.max_faces, "graph_threads": pipeline.graph_threads,
             "detect_workers": 1 if every > 1 else detect_workers_for(pipeline.detect_workers, pipeline.graph_threads,
                                                                     source_info.live),

@@ -10,7 +10,7 @@ from pathlib import Path
 from camface.errors import UsageError
 from camface.realtime.config import LiveConfig, add_arguments, from_args
 
-PIPELINE_OPTIONS = ("source", "model", "method", "detector", "graph_threads", "detect_workers", "detect_every",
+PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
                     "device", "codec")
 BACKBONES = {"resnet50": "resnet50_gap", "vgg16": "vgg16_conv_gap", "mobilenetv2": "mobilenetv2_gap"}
 
@@ -51,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-size", type=int, default=224, help="input size of the --backbone graph")
     parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/camface/bench"),
                         help="cache folder for --backbone graphs")
-    add_arguments(parser, "detector")
+    add_arguments(parser, "detector", "detector_runtime")
     parser.add_argument("--max-faces", type=int, default=None,
                         help="faces classified per frame, largest first; default 8, or 1 with --backbone")
     add_arguments(parser, "graph_threads", "detect_workers", "detect_every", "device", "codec")

@@ -28,7 +28,7 @@ def format_report(report: dict, rows: list[Row]) -> str:
     lines = [
         f"camface bench {report['date']}: {setup['source']} ({setup['source_size']}, {rows[0].frames} frames "
         f"+ {setup['warmup']} warm-up), {Path(setup['model']).name} ({setup['method']}), detector "
-        f"{setup['detector']} on {_every(setup.get('detect_every', 1))}, "
+        f"{setup['detector']} ({setup.get('detector_runtime', 'mediapipe')}) on {_every(setup.get('detect_every', 1))}, "
         f"max {setup['max_faces']} faces, recording {'on' if setup['record'] else 'off'}",
         f"machine: {machine['cpu']}, {machine['usable_cores']} cores, {gpus}; ONNX Runtime "
         f"{machine['onnxruntime']}, {setup['graph_threads']} graph thread(s), {setup['detect_workers']} "

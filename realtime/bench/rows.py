@@ -130,12 +130,12 @@ def run_sequential(name: str, config: BenchConfig, graph, method: str, record_di
 
     pipeline = config.pipeline.replace(method=method)
     renderer = Renderer.from_config(pipeline)
-    with face_detector(pipeline) as mediapipe:
-        detector = BoxCarrier(mediapipe, every_for(pipeline.detect_every))  # a fresh one per pass: frames from 0
+    with face_detector(pipeline) as blazeface:
+        detector = BoxCarrier(blazeface, every_for(pipeline.detect_every))  # a fresh one per pass: frames from 0
         if config.warmup:
             _sequential_pass(config, pipeline, graph, detector, renderer, config.warmup,
                              record_dir / f"{name}-warmup.mp4" if record_dir else None, StageTimer(), RateMeter())
-            detector = BoxCarrier(mediapipe, detector.every)
+            detector = BoxCarrier(blazeface, detector.every)
         timer, rate = StageTimer(STAGES), RateMeter()
         started, cpu_start = time.perf_counter(), time.process_time()
         frames, faces = _sequential_pass(config, pipeline, graph, detector, renderer, config.frames,
