@@ -106,6 +106,10 @@ def candidate_layers(model) -> list[str]:
     return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
 
 
+DEFAULT_TARGET_REASON = ("default: the last 4-D layer before global pooling (the last 4-D layer "
+                         "when there is none)")
+
+
 def default_target_layer(model) -> str:
     """The last layer with a 4-D output before the first global pooling layer (the study's
     "last conv"); with no global pooling, the last 4-D layer. Raises `ModelError` when the model
