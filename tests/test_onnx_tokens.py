@@ -111,6 +111,12 @@ def test_the_default_token_target_is_the_last_blocks_norm1_on_its_patch_grid(tok
     assert built.layout == "NHWC" and built.feature_size == (4, 4)
     assert set(methods.names()) - {"cam"} == set(built.heatmaps)
     assert all(d.ok for d in differences)
+    # no gradient that nothing reads: the rules' weight gradients (A^T g) are left out
+    graph = built.model.graph
+    read = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    unread = [n.name for n in graph.node if n.name.startswith("camface/")
+              and not any(o in read for o in n.output)]
+    assert unread == [] and {i.name for i in graph.initializer} <= read
 
 
 @pytest.mark.parametrize("batch", [1, 4, 32])
