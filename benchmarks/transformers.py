@@ -1,7 +1,8 @@
 """Transformers and modern backbones: camface's Grad-CAM against pytorch-grad-cam 1.5.7 on the
 same timm model (ViT-Small/16 and ConvNeXt-Tiny at 224, random weights), and the in-graph
 gradient's cost over the forward-only graph, at camface's default targets (ViT: blocks[-1].norm1
-with pytorch-grad-cam's documented reshape_transform; ConvNeXt: the last stage). One thread,
+with pytorch-grad-cam's documented reshape_transform; ConvNeXt: the last stage; the maps of a
+Swin-Tiny too, at layers[-1].blocks[-1].norm2, not timed). One thread,
 batch 1 and 8; medians per image of interleaved runs (camface graph, forward-only graph,
 pytorch-grad-cam, in turn). Also checks that the maps agree: camface's raw Grad-CAM, put through
 pytorch-grad-cam's own post-processing (ReLU, min-max per image, resized to 224x224, min-max
@@ -14,7 +15,7 @@ the timm models are made and pytorch-grad-cam runs in a peer venv (torch 2.14.1,
 
     PEER=/work/peers/.venv/bin/python DIR=/tmp/camface-transformers
     $PEER benchmarks/transformers.py export --dir $DIR        # timm -> ONNX (legacy, opset 17)
-    for m in vit_small_patch16_224 convnext_tiny; do
+    for m in vit_small_patch16_224 convnext_tiny swin_tiny_patch4_window7_224; do
       .venv/bin/camface export $DIR/$m.onnx -o $DIR/$m.cam.onnx --preset torch --heads gradcam --no-rank
     done
     .venv/bin/python benchmarks/transformers.py time --dir $DIR --peer $PEER --repeats 10
@@ -33,7 +34,8 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = ("vit_small_patch16_224", "convnext_tiny")
+MODELS = ("vit_small_patch16_224", "convnext_tiny")  # timed
+AGREEMENT_ONLY = ("swin_tiny_patch4_window7_224",)  # maps compared, not timed
 SIZE = 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # --preset torch
 
@@ -47,7 +49,7 @@ def export(folder: Path) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name in MODELS:
+    for name in MODELS + AGREEMENT_ONLY:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()
         torch.save(model.state_dict(), folder / f"{name}.pt")
@@ -80,6 +82,14 @@ def worker(folder: Path, name: str) -> None:
             return result.transpose(2, 3).transpose(1, 2)
 
         cam = GradCAM(model, [model.blocks[-1].norm1], reshape_transform=reshape_transform)
+    elif name.startswith("swin"):
+        side = SIZE // 32
+
+        def swin_reshape(tensor):  # pytorch-grad-cam's Swin example: tokens [N, 49, C] -> NCHW
+            result = tensor.reshape(tensor.size(0), side, side, tensor.size(-1))
+            return result.transpose(2, 3).transpose(1, 2)
+
+        cam = GradCAM(model, [model.layers[-1].blocks[-1].norm2], reshape_transform=swin_reshape)
     else:
         cam = GradCAM(model, [model.stages[-1]])
     mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
@@ -116,7 +126,7 @@ def run_time(folder: Path, peer: str, repeats: int, batches: tuple[int, ...]) ->
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     scratch = Path(tempfile.mkdtemp())
-    for name in MODELS:
+    for name in MODELS + AGREEMENT_ONLY:
         graph = onnx.load(str(folder / f"{name}.cam.onnx"))
         meta = {p.key: p.value for p in graph.metadata_props}
         forward = onnx.utils.Extractor(graph).extract_model(["image", "class_index"],
@@ -146,7 +156,7 @@ def run_time(folder: Path, peer: str, repeats: int, batches: tuple[int, ...]) ->
         print(f"  agreement (4 crops, predicted class): max |camface - pytorch-grad-cam| = "
               f"{agreement['max_abs']:.2e} on [0, 1] maps {agreement['shape']}, same classes: "
               f"{same_class}")
-        for batch in batches:
+        for batch in batches if name in MODELS else ():
             images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
             np.save(scratch / "images.npy", images)
             feeds = {"image": images, "class_index": np.full(batch, -1, np.int64)}
@@ -185,7 +195,7 @@ def main(argv=None) -> int:
                         help="where the models and graphs are (outside the repository)")
     parser.add_argument("--peer", default="/work/peers/.venv/bin/python",
                         help="the peer venv's python (time)")
-    parser.add_argument("--model", choices=MODELS, help="worker: the model")
+    parser.add_argument("--model", choices=MODELS + AGREEMENT_ONLY, help="worker: the model")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args(argv)
