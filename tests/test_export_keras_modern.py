@@ -5,8 +5,13 @@ tf.GradientTape reference; a small Keras ViT is refused with one line naming the
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # before TensorFlow loads: eager conv gradients segfault in oneDNN here
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 pytest.importorskip("tensorflow")
 from test_export_graph import assert_outputs_close, class_indices, export_in_memory, images  # noqa: E402
