@@ -10,7 +10,8 @@ Inputs
   class_index  int64 [N]           class to explain per crop; -1 means the predicted class.
 Outputs (all float32, heatmaps at feature resolution, unnormalised)
   probs        [N, classes]
-  activations  [N, h, w, K]        target-layer activations
+  activations  [N, h, w, K]        target-layer activations (a transformer's tokens [N, T, C]:
+                                   its patches on their grid, metadata `token_grid`)
   <method>     [N, h, w]           one heatmap per method of the registry (camface.methods) that
                                    the graph holds, named as its entry (gradcam, gradcampp, cam,
                                    ...), of the pre-softmax logit; `cam` only when the head allows it
@@ -44,6 +45,10 @@ META_CHANNELS = "channels"  # "1" or "3"
 META_COLOR_ORDER = "color_order"  # "GRAY", "RGB" or "BGR"
 META_NORMALIZATION = "normalization"  # JSON {"scale": [...], "offset": [...]}: x * scale + offset
 META_TARGET_LAYER = "target_layer"
+META_TARGET_REASON = "target_reason"  # why that target: the user's flag, or which default and why
+# JSON {"prefix": P, "height": h, "width": w}: a transformer's token target [N, P + h * w, C] laid
+# out on its patch grid (the activations and heatmaps are on [N, h, w]); absent for feature maps
+META_TOKEN_GRID = "token_grid"
 META_FEATURE_SIZE = "feature_size"  # JSON [h, w]
 META_HEATMAPS = "heatmaps"  # JSON list of heatmap outputs present
 META_CAM_UNAVAILABLE = "cam_unavailable_reason"  # why `cam` is absent ("" when present)
@@ -83,6 +88,8 @@ class GraphInfo:
     quantization: dict = field(default_factory=dict)  # int8 graphs: see META_QUANTIZATION
     ranking: dict = field(default_factory=dict)  # see META_RANKING; {} when none was recorded
     gallery: dict = field(default_factory=dict)  # see META_GALLERY; {} for a classifier's graph
+    target_reason: str = ""  # see META_TARGET_REASON; "" in graphs exported before it existed
+    token_grid: dict = field(default_factory=dict)  # see META_TOKEN_GRID; {} for feature maps
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "color_order", ColorOrder.of(self.color_order))
@@ -90,6 +97,13 @@ class GraphInfo:
     @property
     def channels(self) -> int:
         return self.color_order.channels
+
+    @property
+    def target_description(self) -> str:
+        """The target in words: `blocks.11.norm1 (tokens: 1 + 14x14)` for a token grid."""
+        grid = self.token_grid
+        return f"{self.target_layer} (tokens: {grid['prefix']} + {grid['height']}x{grid['width']})" \
+            if grid else self.target_layer
 
     @classmethod
     def from_metadata(cls, props: dict[str, str]) -> "GraphInfo":
@@ -115,6 +129,8 @@ class GraphInfo:
             quantization=json.loads(props.get(META_QUANTIZATION, "{}")),
             ranking=json.loads(props.get(META_RANKING, "{}")),
             gallery=json.loads(props.get(META_GALLERY, "{}")),
+            target_reason=props.get(META_TARGET_REASON, ""),
+            token_grid=json.loads(props.get(META_TOKEN_GRID, "{}")),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -126,6 +142,8 @@ class GraphInfo:
             META_COLOR_ORDER: self.color_order.value,
             META_NORMALIZATION: json.dumps(self.normalization),
             META_TARGET_LAYER: self.target_layer,
+            **({META_TARGET_REASON: self.target_reason} if self.target_reason else {}),
+            **({META_TOKEN_GRID: json.dumps(self.token_grid)} if self.token_grid else {}),
             META_FEATURE_SIZE: json.dumps(list(self.feature_size)),
             META_HEATMAPS: json.dumps(list(self.heatmaps)),
             META_CAM_UNAVAILABLE: self.cam_unavailable_reason,

@@ -36,6 +36,7 @@ def to_json(scores, predicted, probability, graph, *, source, frames, every, ste
         "camface_evaluate": 1, "camface_version": __version__,
         "settings": {"source": str(source), "frames_read": frames, "every": every, "crops": len(predicted),
                      "model": str(graph.path), "target_layer": info.target_layer,
+                     "token_grid": info.token_grid or None,
                      "feature_size": list(info.feature_size), "input_size": list(info.input_size),
                      "steps": steps, "baseline": baseline, "provider": graph.provider,
                      "explained_class": "predicted", "color_order": info.color_order,

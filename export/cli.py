@@ -132,9 +132,11 @@ def main(args: argparse.Namespace) -> int:
     result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds)
     info = result.info
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "
-          f"target layer {info.target_layer} {info.feature_size[0]}x{info.feature_size[1]}, "
+          f"target layer {info.target_description} {info.feature_size[0]}x{info.feature_size[1]}, "
           f"heatmaps {', '.join(info.heatmaps)}, {info.color_order} {info.input_size[0]}x"
           f"{info.input_size[1]}, {len(info.labels)} classes, {info.precision}")
+    if info.target_reason:
+        print(f"  target: {info.target_reason}")
     for difference in result.differences:
         print(f"  verify {difference}")
     if result.int8 is not None:

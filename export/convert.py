@@ -12,6 +12,8 @@ classifier head needs are added here (and kept under test, tests/test_export_con
 - MaxPoolGrad: ONNX MaxPool's argmax indices, then ScatterElements(reduction="add") of the
   gradient into zeros (opset >= 16); ties go to the first maximum, as in TensorFlow.
 - DepthwiseConv2dNativeBackpropInput (separable / depthwise convs): a grouped ConvTranspose.
+- Erfc (Keras' exact GELU, in ConvNeXt blocks): 1 - Erf.
+- RsqrtGrad (LayerNormalization in a head: ConvNeXt's): dy * -0.5 * y^3.
 Global pooling's gradient is made convertible on the TensorFlow side instead
 (graph.safe_global_average_pool).
 """
@@ -76,6 +78,38 @@ def _masked_gradient(ctx, node, upper):
     ctx.remove_node(node.name)
     ctx.make_node("Mul", [gradients, mask], outputs=[output], name=node.name,
                   shapes=shapes, dtypes=dtypes)
+
+
+def _erfc(ctx, node, name, args):
+    """Erfc(x) = 1 - Erf(x): Keras' exact GELU (keras.applications' ConvNeXt) on TensorFlow."""
+    import numpy as np
+    from onnx import helper
+
+    dtype = ctx.get_dtype(node.input[0])
+    one = ctx.make_const(f"{node.name}_one",
+                         np.ones((), dtype=helper.tensor_dtype_to_np_dtype(dtype))).output[0]
+    erf = ctx.make_node("Erf", [node.input[0]], name=f"{node.name}_erf").output[0]
+    shapes, dtypes, output = [ctx.get_shape(node.output[0])], [dtype], node.output[0]
+    ctx.remove_node(node.name)
+    ctx.make_node("Sub", [one, erf], outputs=[output], name=node.name, shapes=shapes, dtypes=dtypes)
+
+
+def _rsqrt_grad(ctx, node, name, args):
+    """RsqrtGrad(y, dy) = dy * -0.5 * y^3, y = 1 / sqrt(x) (a LayerNormalization's gradient)."""
+    import numpy as np
+    from onnx import helper
+
+    y, dy = node.input[0], node.input[1]
+    dtype = ctx.get_dtype(dy)
+    half = ctx.make_const(f"{node.name}_minus_half",
+                          np.asarray(-0.5, dtype=helper.tensor_dtype_to_np_dtype(dtype))).output[0]
+    square = ctx.make_node("Mul", [y, y], name=f"{node.name}_square").output[0]
+    cube = ctx.make_node("Mul", [square, y], name=f"{node.name}_cube").output[0]
+    scaled = ctx.make_node("Mul", [dy, half], name=f"{node.name}_scaled").output[0]
+    shapes, dtypes, output = [ctx.get_shape(node.output[0])], [dtype], node.output[0]
+    ctx.remove_node(node.name)
+    ctx.make_node("Mul", [scaled, cube], outputs=[output], name=node.name, shapes=shapes,
+                  dtypes=dtypes)
 
 
 def _broadcast_gradient_args(ctx, node, name, args):
@@ -213,6 +247,8 @@ GRADIENT_HANDLERS = {
     "ShapeN": (_shape_n, []),
     "ReluGrad": (_relu_grad, []),
     "Relu6Grad": (_relu6_grad, []),
+    "Erfc": (_erfc, []),
+    "RsqrtGrad": (_rsqrt_grad, []),
 }
 
 
@@ -231,6 +267,25 @@ def to_onnx(function, opset: int = DEFAULT_OPSET):
         opset=opset,
         custom_op_handlers=dict(GRADIENT_HANDLERS),
     )
+    return _captures_as_initializers(model, function)
+
+
+def _captures_as_initializers(model, function):
+    """`model` with the graph inputs that tf2onnx leaves for tensors the function captured
+    (constants that are no variables: a keras Normalization layer's mean and variance, given
+    when it was built) turned into initializers holding their values."""
+    from onnx import numpy_helper
+
+    concrete = function.get_concrete_function()
+    values = {inner.name: outer for inner, outer in zip(concrete.graph.internal_captures,
+                                                        concrete.captured_inputs)}
+    captured = [v for v in model.graph.input if v.name in values]
+    for value in captured:
+        tensor = values[value.name]
+        if getattr(tensor, "dtype", None) is not None and tensor.dtype.name == "resource":
+            continue  # a variable: tf2onnx freezes those itself
+        model.graph.initializer.append(numpy_helper.from_array(tensor.numpy(), value.name))
+        model.graph.input.remove(value)
     return model
 
 

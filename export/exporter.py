@@ -119,6 +119,8 @@ def prepare(model, options: ExportOptions):
         cam_unavailable_reason=why_no_cam if weights is None or "cam" not in heads else "",
         precision="fp16" if options.fp16 else "fp32",
         version=__version__,
+        target_reason=f"--target-layer {options.target_layer} (a Keras layer name)"
+        if options.target_layer else keras_model.DEFAULT_TARGET_REASON,
     )
     return parts, heads, info
 

@@ -105,8 +105,9 @@ def main(args: argparse.Namespace) -> int:
     info = summary.info  # ModelError, one line, when it is not a CAM graph
     print(format_summary(summary))
     print(f"CAM graph: {info.color_order} {info.input_size[0]}x{info.input_size[1]} crops -> "
-          f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_layer} "
+          f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_description} "
           f"{info.feature_size[0]}x{info.feature_size[1]}; {info.precision}")
+    print(f"target {info.target_layer}: {info.target_reason or 'not recorded (an older camface)'}")
     if info.quantization:
         from camface.export.int8 import summary_lines  # imports numpy only until it quantizes
 

@@ -18,6 +18,9 @@ from pathlib import Path
 from camface.errors import ModelError
 
 POOLING_TYPES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
+# Layers that mix tokens: a target before one is no feature map of what the model decides on.
+ATTENTION_TYPES = ("MultiHeadAttention", "GroupedQueryAttention", "GroupQueryAttention",
+                   "Attention", "AdditiveAttention")
 # Layers that are the identity at inference: CAM may look through them.
 _IDENTITY_AT_INFERENCE = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout",
                           "AlphaDropout", "ActivityRegularization", "Flatten", "Reshape", "Identity")
@@ -58,6 +61,13 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
+def operations(model) -> list:
+    """The layers of `model` and the operations its functional graph calls that are no layer
+    (Keras 3: `inputs + x` in keras.applications' ConvNeXt blocks is an `Add` operation, the
+    block's output), in topological order."""
+    return list(getattr(model, "operations", None) or model.layers)
+
+
 def _is_model(layer) -> bool:
     import keras
 
@@ -85,7 +95,7 @@ def _input_in_parent(layer):
 def iter_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
     """(path, layer) for every layer in topological order; nested models are walked into and
     also listed themselves (after their layers). Input layers are skipped."""
-    for layer in model.layers:
+    for layer in operations(model):
         if type(layer).__name__ == "InputLayer":
             continue
         path = prefix + layer.name
@@ -106,6 +116,10 @@ def candidate_layers(model) -> list[str]:
     return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
 
 
+DEFAULT_TARGET_REASON = ("default: the last 4-D layer before global pooling (the last 4-D layer "
+                         "when there is none)")
+
+
 def default_target_layer(model) -> str:
     """The last layer with a 4-D output before the first global pooling layer (the study's
     "last conv"); with no global pooling, the last 4-D layer. Raises `ModelError` when the model
@@ -124,7 +138,7 @@ def default_target_layer(model) -> str:
     path, layer = candidates[-1]
     while _is_model(layer):  # name the layer that produces a nested model's output
         inner = layer.outputs[0]
-        owner = next(sub for sub in reversed(layer.layers) if _output_in_parent(sub) is inner)
+        owner = next(sub for sub in reversed(operations(layer)) if _output_in_parent(sub) is inner)
         path, layer = f"{path}/{owner.name}", owner
     return path
 
@@ -144,7 +158,11 @@ def resolve_target(model, name: str | None) -> list[str]:
         return matches[0].split("/")
     known = {path for path, _ in iter_layers(model)}
     if name in known or matches:
-        why = f"layer {name!r} has no 4-D output" if not matches else f"{name!r} is ambiguous"
+        ranks = [_rank(layer) for path, layer in iter_layers(model) if path == name or
+                 path.split("/")[-1] == name]
+        tokens = " (it gives tokens [N, T, C]: token targets are for .onnx / .pt2 models)" \
+            if 3 in ranks else ""
+        why = f"layer {name!r} has no 4-D output{tokens}" if not matches else f"{name!r} is ambiguous"
     else:
         why = f"no layer named {name!r}"
     shown = candidates[-30:]
@@ -178,6 +196,7 @@ def split_model(model, target_path: list[str]) -> Split:
     after the target also read tensors from before it (inside a residual block)."""
     import keras
 
+    model = depthwise_convolutions(model)
     final = _final_layer(model)
     final_kind = type(final).__name__
     activation = _activation_name(final)
@@ -202,13 +221,54 @@ def split_model(model, target_path: list[str]) -> Split:
             return tail(head(a))
     else:
         head_with_tail = head
+    attention = next((layer for layer in head_layers if type(layer).__name__ in ATTENTION_TYPES), None)
+    if attention is not None:
+        raise ModelError(
+            f"model {model.name!r}: target layer {'/'.join(target_path)!r} reaches the logits through "
+            f"attention (layer {attention.name!r}, {type(attention).__name__}): in a vision "
+            "transformer the 4-D layers are its patch embedding, not the map it decides on, and "
+            "token targets [N, T, C] are for .onnx / .pt2 models; name a 4-D layer after the "
+            "last attention with --target-layer, if there is one")
     return Split("/".join(target_path), features, head_with_tail, probabilities, head_layers,
                  final_kernel, activation)
 
 
+def _grouped(layer) -> bool:
+    return type(layer).__name__ == "Conv2D" and getattr(layer, "groups", 1) > 1
+
+
+def depthwise_convolutions(model):
+    """`model`, its Conv2D layers of groups == channels == filters (keras.applications' ConvNeXt
+    writes its depthwise convolutions so) computing as the depthwise convolutions they are (in
+    place: the same weights and maths, through `ops.depthwise_conv`): TensorFlow runs a grouped
+    Conv2D as an XLA function, which tf2onnx does not convert. ModelError naming a grouped
+    convolution that is not depthwise."""
+    import functools
+
+    for _, layer in iter_layers(model):
+        if not _grouped(layer):
+            continue
+        channels = int(_input_in_parent(layer).shape[-1])
+        if not layer.groups == layer.filters == channels or layer.data_format != "channels_last":
+            raise ModelError(f"layer {layer.name!r}: a grouped Conv2D ({layer.groups} groups, "
+                             f"{channels} -> {layer.filters} channels) that is not depthwise has "
+                             "no ONNX conversion (TensorFlow runs it as an XLA function)")
+        layer.convolution_op = functools.partial(_depthwise, layer)
+    return model
+
+
+def _depthwise(layer, inputs, kernel):
+    """Conv2D.convolution_op of a depthwise `layer`: kernel [kh, kw, 1, C] as [kh, kw, C, 1]."""
+    from keras import ops
+
+    return ops.depthwise_conv(inputs, ops.swapaxes(kernel, 2, 3), strides=tuple(layer.strides),
+                              padding=layer.padding, dilation_rate=layer.dilation_rate,
+                              data_format=layer.data_format)
+
+
 def _final_layer(model):
     out = model.outputs[0]
-    for layer in reversed(model.layers):
+    for layer in reversed(operations(model)):
         if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is out:
             return layer
     raise ModelError(f"cannot find the output layer of model {model.name!r}")
@@ -245,7 +305,7 @@ def _submodel(inputs, outputs, what: str, differentiated: bool = False):
         raise ModelError(f"cannot cut the model at {what}: layers after it also read tensors from "
                          f"before it (inside a residual block?); choose a layer where the network "
                          f"narrows, such as an `add` or block output ({_first_line(exc)})") from exc
-    layers = tuple(layer for layer in sub.layers if type(layer).__name__ != "InputLayer")
+    layers = tuple(layer for layer in operations(sub) if type(layer).__name__ != "InputLayer")
     if differentiated:
         sub = _gradient_safe(sub)
 
@@ -285,7 +345,8 @@ def _gradient_safe(sub):
 
 def _split(model, path: list[str], end) -> tuple[Callable, Callable, tuple]:
     """features, head and head layers of `model` cut at `path`, the head ending at `end`."""
-    layer = model.get_layer(path[0])
+    layer = next((op for op in operations(model) if op.name == path[0]), None) or \
+        model.get_layer(path[0])
     where = f"layer {'/'.join(path)!r}"
     if len(path) == 1:
         target = _output_in_parent(layer)

@@ -78,6 +78,18 @@ def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: s
     return parts[0] if len(parts) == 1 else builder.op("Sum", parts)
 
 
+def used(nodes: list, outputs) -> list:
+    """`nodes` (camface's own, in order) less those that no tensor in `outputs` depends on: the
+    gradients the rules write for inputs that do not depend on the target (a linear layer's
+    weights: A^T g, the size of its input again) are left out, so ONNX Runtime does not run them."""
+    needed, kept = set(outputs) | {graph_spec.OUTPUT_PROBS}, []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1]
+
+
 def build(classifier: onnx_model.Classifier, target: str, scale, offset,
           heads: tuple[str, ...] | None = None) -> Built:
     """The CAM graph of `classifier` at `target` (a 4-D tensor name). scale/offset: per channel
@@ -154,10 +166,11 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
         kept = [p for p in node.metadata_props if p.key == onnx_model.NAME_SCOPES]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
-    nodes = pre_nodes + list(graph.node) + b.nodes
+    nodes = pre_nodes + list(graph.node) + used(b.nodes, {*outputs, *outputs.values()})
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(b.initializers)
+    read = {x for node in nodes for x in node.input}
+    graph.initializer.extend(i for i in b.initializers if i.name in read)
     del graph.input[:]
     del graph.output[:]
     del graph.value_info[:]

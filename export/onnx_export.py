@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from camface import __version__, graph_spec
@@ -51,35 +51,77 @@ def upgrade(model, source: object = "model"):
                          f"cannot convert it ({exc}); re-export it with opset >= 13") from exc
 
 
-def choose_target(classifier, name: str | None, options: ExportOptions):
-    """(classifier, target tensor, the name recorded): a spatial map (`onnx_model.resolve_target`),
-    or a transformer's tokens [N, T, C] laid out on their patch grid (`onnx_model.with_token_grid`,
-    the classifier rewritten to read them back through it): the default when the model has
-    attention and no spatial map the logits read without it, or a token tensor named by `name`.
-    The recorded name says the grid: `blocks.11.norm1 (tokens: 1 + 14x14)`."""
+@dataclass(frozen=True)
+class TargetChoice:
+    """The target the heatmaps use. classifier: the model, rewritten to read a token target back
+    through its grid; tensor: the 4-D map; name: what is recorded (a PyTorch module name when
+    the tensor is a module's output, else the tensor's); reason: why it was chosen, in words;
+    grid: the token grid (onnx_model.TokenGrid) of a token target, else None."""
+
+    classifier: object
+    tensor: str
+    name: str
+    reason: str
+    grid: object = None
+
+
+# why a default target was chosen, by kind (`camface info` prints it)
+REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
+REASON_LAST_MAP = "default: the last spatial feature map before the logits (no global pooling)"
+REASON_VIT = ("default for ViT/DeiT: the last block's norm1, the tokens the last attention reads "
+              "(pytorch-grad-cam's choice)")
+REASON_SWIN = ("default for Swin: the last block's norm2, the tokens the MLP after the last "
+               "attention reads (pytorch-grad-cam's choice)")
+
+
+def choose_target(classifier, name: str | None, options: ExportOptions) -> TargetChoice:
+    """The target: a spatial map (`onnx_model.resolve_target`), or a transformer's tokens
+    [N, T, C] laid out on their patch grid (`onnx_model.with_token_grid`, the classifier
+    rewritten to read them back through it). The defaults: the pooled map of a CNN; a ViT's
+    (attention before the logits, no map read without it) last attention's input tokens; a
+    Swin's (its pooled map follows the last attention) last MLP's input. `name`: a PyTorch
+    module name (`blocks.11.norm1`, or TorchScript's `blocks/blocks.11/norm1`), a node name or
+    a tensor name."""
     from camface.export import onnx_model
 
-    tokens = None
+    model = classifier.model
     if name is None:
         try:
-            return (classifier, *onnx_model.resolve_target(classifier, None))
+            tensor, recorded = onnx_model.resolve_target(classifier, None)
         except onnx_model.AttentionBeforeLogits:
             tokens = onnx_model.default_token_target(classifier)
             if tokens is None:
                 raise
-    else:
-        tensor = onnx_model.module_outputs(classifier.model).get(name) or next(
-            (n.output[0] for n in classifier.model.graph.node if n.name == name and n.output), name)
-        if len(onnx_model.shapes(classifier.model).get(tensor) or []) != 3:
-            return (classifier, *onnx_model.resolve_target(classifier, name))
-        tokens = tensor
+            return _on_grid(classifier, tokens, onnx_model.module_name(model, tokens), REASON_VIT,
+                            options)
+        mlp = onnx_model.default_mlp_target(classifier, tensor)
+        if mlp is not None:
+            if len(onnx_model.shapes(model).get(mlp) or []) == 3:
+                return _on_grid(classifier, mlp, onnx_model.module_name(model, mlp), REASON_SWIN,
+                                options)
+            return TargetChoice(classifier, mlp, onnx_model.module_name(model, mlp), REASON_SWIN)
+        pooled = tensor in onnx_model.pooled_maps(model)
+        return TargetChoice(classifier, tensor, recorded, REASON_CNN if pooled else REASON_LAST_MAP)
+    modules = onnx_model.module_outputs(model)
+    nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
+    tensor = modules.get(name) or nodes.get(name) or name
+    kind = "a PyTorch module name" if name in modules else "a node name" if name in nodes else \
+        "a tensor name"
+    reason = f"--target-layer {name} ({kind})"
+    if len(onnx_model.shapes(model).get(tensor) or []) == 3:
+        return _on_grid(classifier, tensor, name, reason, options)
+    tensor, recorded = onnx_model.resolve_target(classifier, name)
+    return TargetChoice(classifier, tensor, recorded, reason)
+
+
+def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOptions) -> TargetChoice:
+    from camface.export import onnx_model
+
     grid = onnx_model.token_grid(classifier, tokens, options.token_grid, options.prefix_tokens)
     gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
-    owners = [m for m, t in onnx_model.module_outputs(classifier.model).items() if t == tokens]
-    recorded = name or (min(owners, key=lambda m: m.count(".")) if owners else tokens)
-    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)", recorded, tokens,
+    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)", name, tokens,
              grid.height, grid.width, grid.prefix)
-    return gridded, target, f"{recorded} (tokens: {grid.prefix} + {grid.height}x{grid.width})"
+    return TargetChoice(gridded, target, name, reason, grid)
 
 
 def build(model, options: ExportOptions, source: str = "model"):
@@ -101,16 +143,18 @@ def build(model, options: ExportOptions, source: str = "model"):
         raise ModelError(f"{where}: {len(labels)} labels, but {source} has "
                          f"{classifier.num_classes} classes (one label per line, in class order)")
     pre = preprocessing(options, classifier.channels)
-    classifier, target, target_name = choose_target(classifier, renamed.get(options.target_layer,
-                                                                            options.target_layer), options)
+    choice = choose_target(classifier, renamed.get(options.target_layer, options.target_layer),
+                           options)
+    classifier = choice.classifier
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
-    built = onnx_cam.build(classifier, target, pre.scale, pre.offset, heads)
+    built = onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, heads)
     info = graph_spec.GraphInfo(
         labels=tuple(labels), input_size=classifier.input_size, color_order=pre.color_order,
-        target_layer=target_name, heatmaps=built.heatmaps, feature_size=built.feature_size,
+        target_layer=choice.name, heatmaps=built.heatmaps, feature_size=built.feature_size,
         normalization=pre.to_metadata(), cam_unavailable_reason=built.cam_unavailable_reason,
-        precision="fp32", version=__version__)
+        precision="fp32", version=__version__, target_reason=choice.reason,
+        token_grid=asdict(choice.grid) if choice.grid else {})
     differences = ()
     if options.verify:
         differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset))
@@ -134,7 +178,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     cam_graph, info, differences = build(model, options, source=str(model_path))
     info = replace(info, source_model=model_path.name, source_sha256=sha256_file(model_path))
     log.info("exported %s at target %s (feature map %dx%d), heatmaps %s", model_path.name,
-             info.target_layer, *info.feature_size, ", ".join(info.heatmaps))
+             info.target_description, *info.feature_size, ", ".join(info.heatmaps))
     if info.cam_unavailable_reason:
         log.info("no CAM: %s", info.cam_unavailable_reason)
     convert.set_metadata(cam_graph, info.to_metadata(),

@@ -318,6 +318,12 @@ def _spatial_pool_input(node, dims, values) -> str | None:
     return None
 
 
+def pooled_maps(model) -> set[str]:
+    """The tensors that a global spatial pooling reads (GlobalAveragePool, or a Reduce over H, W)."""
+    dims, values = shapes(model), constants(model)
+    return {p for p in (_spatial_pool_input(n, dims, values) for n in model.graph.node) if p}
+
+
 def _token_pool_input(model, node, dims, values) -> str | None:
     """The token grid (`with_token_grid`, no prefix tokens) whose tokens [N, h * w, C] `node`
     averages over the token axis, or None."""
@@ -411,7 +417,18 @@ def spatial_maps(classifier: Classifier) -> dict[str, str]:
             grid[out] = "NHWC"  # a linear layer over the channels of an NHWC map
         elif node.op_type == "Reshape" and any(p.key == TOKEN_GRID for p in node.metadata_props):
             grid[out] = "NHWC"  # tokens laid on their patch grid by `with_token_grid`
+        elif node.op_type == "Reshape" and _channels_last_grid(classifier, dims.get(node.input[0]),
+                                                               dims[out]):
+            grid[out] = "NHWC"  # Swin: tokens or windows [..., C] put back as a stage [N, h, w, C]
     return {name: layout for name, layout in grid.items() if name != classifier.input_name}
+
+
+def _channels_last_grid(classifier: Classifier, before, after) -> bool:
+    """Whether a Reshape of `before` to 4-D `after` puts tokens or windows back on the image grid
+    as [N, h, w, C] (Swin's stages): the channels stay the last axis (a split into attention heads
+    changes it) and h, w are the input's divided by one stride."""
+    return bool(before) and len(before) >= 3 and isinstance(after[3], int) and \
+        before[-1] == after[3] and on_grid(classifier, after, "NHWC")
 
 
 def _hw(dims, layout: str) -> list:
@@ -533,7 +550,30 @@ def module_outputs(model) -> dict[str, str]:
                 outside = [r for r in readers.get(out, []) if module not in scopes.get(r.name, [])]
                 if outside or out in outputs:
                     found[module] = out  # later nodes overwrite: the module's last output
+    # TorchScript's scopes `blocks/blocks.11/norm1` are PyTorch's `blocks.11.norm1` too
+    found.update({dotted(m): t for m, t in list(found.items()) if "/" in m and dotted(m) not in found})
     return found
+
+
+def dotted(scope: str) -> str:
+    """PyTorch's module name of a TorchScript scope: `layers/layers.3/blocks/blocks.1/norm2` ->
+    `layers.3.blocks.1.norm2` (a child of a Sequential or ModuleList is scoped `parent.index`)."""
+    parts: list[str] = []
+    for part in scope.split("/"):
+        if parts and part.startswith(parts[-1].rsplit(".", 1)[-1] + ".") and \
+                part.rsplit(".", 1)[0] == parts[-1].rsplit(".", 1)[-1]:
+            parts[-1] = f"{parts[-1].rsplit('.', 1)[0]}.{part}" if "." in parts[-1] else part
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def module_name(model, tensor: str) -> str:
+    """The PyTorch module whose output `tensor` is (the outermost, as PyTorch spells it:
+    `blocks.11.norm1`), else the tensor's own name."""
+    owners = [m for m, t in module_outputs(model).items() if t == tensor]
+    plain = [m for m in owners if "/" not in m] or owners
+    return min(plain, key=lambda m: (m.count("."), len(m))) if plain else tensor
 
 
 def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
@@ -542,8 +582,7 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     model = classifier.model
     if name is None:
         tensor = default_target(classifier)
-        owners = [m for m, t in module_outputs(model).items() if t == tensor]
-        return tensor, min(owners, key=lambda m: m.count(".")) if owners else tensor
+        return tensor, module_name(model, tensor)
     found = candidates(model, classifier.logits)
     modules = module_outputs(model)
     nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
@@ -589,6 +628,10 @@ def target_layout(model, tensor: str, grid: dict[str, str] | None = None) -> str
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             if node.op_type in ("Conv", "BatchNormalization", "MaxPool", "AveragePool", *_POOLS):
                 return "NCHW"
+            if (node.op_type == "MatMul" and node.input[0] == name and node.input[1] in values) or \
+                    (node.op_type == "LayerNormalization" and
+                     next((a.i for a in node.attribute if a.name == "axis"), -1) in (-1, 3)):
+                return "NHWC"  # a linear layer or a LayerNorm over the channels, last (Swin)
             if node.op_type == "Transpose" and perm in ([0, 3, 1, 2], [0, 2, 3, 1]):
                 return "NHWC" if perm == [0, 3, 1, 2] else "NCHW"
             if _spatial_pool_input(node, dims, values) == name:
@@ -677,6 +720,11 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
         maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
         sources = [t for t in maps if t in before
                    and all(isinstance(d, int) for d in _hw(found.get(t), maps[t]))]
+        # the last map whose grid the tokens make, less a prefix (Swin's last stage, not its
+        # patch embedding); else the last one, named in the refusal
+        fitting = [t for t in sources if 0 <= count - math.prod(_hw(found[t], maps[t])) <= MAX_PREFIX
+                   and prefix in (None, count - math.prod(_hw(found[t], maps[t])))]
+        sources = fitting or sources
         squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
                    if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]
         if sources:
@@ -758,6 +806,35 @@ def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tup
     return dataclasses.replace(classifier, model=prepare(model, where="the token grid")), laid
 
 
+def _attentions(classifier: Classifier) -> list:
+    """Softmax nodes of attention [N, heads, T, T] (not the model's own output), in graph order."""
+    dims = shapes(classifier.model)
+    return [n for n in classifier.model.graph.node if n.op_type == "Softmax" and n.output[0] !=
+            classifier.output_name and len(dims.get(n.output[0]) or []) == 4
+            and dims[n.output[0]][2] == dims[n.output[0]][3]]
+
+
+def default_mlp_target(classifier: Classifier, target: str) -> str | None:
+    """A hierarchical transformer's default target: the tokens that the MLP after the last
+    attention reads (Swin's layers[-1].blocks[-1].norm2, pytorch-grad-cam's choice), [N, h * w, C]
+    or an NHWC stage [N, h, w, C], when the default map `target` (the pooled one) follows the last
+    attention with no convolution between; None otherwise (CNNs, and hybrids such as MobileViT,
+    whose convolutions read their attention's output)."""
+    model = classifier.model
+    attentions = _attentions(classifier)
+    if not attentions:
+        return None
+    after, before = differentiable(model, attentions[-1].output[0]), _ancestors(model, target)
+    between = [n for n in model.graph.node if any(x in after for x in n.input)
+               and any(o in before for o in n.output)]
+    if not before & after or any(n.op_type in _GRID_MAKERS for n in between):
+        return None
+    values = constants(model)
+    linear = [n for n in between if n.op_type in ("MatMul", "Gemm") and n.input[1] in values]
+    # the attention's output projection, then the MLP's first layer
+    return linear[1].input[0] if len(linear) >= 2 else None
+
+
 def default_token_target(classifier: Classifier) -> str | None:
     """A vision transformer's default target: the tokens [N, T, C] that the last attention's
     queries, keys and values are computed from (the input of its qkv linear layer: ViT and
@@ -765,9 +842,7 @@ def default_token_target(classifier: Classifier) -> str | None:
     model = classifier.model
     dims = shapes(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    softmaxes = [n for n in model.graph.node if n.op_type == "Softmax" and n.output[0] !=
-                 classifier.output_name and len(dims.get(n.output[0]) or []) == 4
-                 and dims[n.output[0]][2] == dims[n.output[0]][3]]
+    softmaxes = _attentions(classifier)
     if not softmaxes:
         return None
     count = dims[softmaxes[-1].output[0]][3]

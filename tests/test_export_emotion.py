@@ -99,6 +99,12 @@ def test_committed_graph_matches_fresh_export(exported, committed, astronaut_bgr
     assert_outputs_close(committed.with_settings(setting)(image, classes), exported(image, classes), rtol=1e-5)
 
 
+def test_a_fresh_export_records_why_its_target(exported):
+    assert exported.metadata[graph_spec.META_TARGET_REASON] == \
+        f"--target-layer {TARGET} (a Keras layer name)"
+    assert graph_spec.META_TOKEN_GRID not in exported.metadata  # a feature map, no token grid
+
+
 def test_fresh_export_records_the_committed_ranking(exported, committed):
     """The method ranking `make models` recorded is what a fresh export measures: the same
     order, the same crops and settings, the same means to rounding."""

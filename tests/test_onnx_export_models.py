@@ -101,33 +101,45 @@ class ViT(nn.Module):
         return self.head(x[:, 0] if self.class_token is not None else x.mean(1))
 
 
-class Swin(nn.Module):
-    """Swin-like, NHWC: patch-embedding conv, window attention, patch merging (a 2x2
-    space-to-depth by reshapes of the traced shape, which leaves ONNX's shapes symbolic), a
-    LayerNorm and the mean over h and w before the linear head."""
+class SwinBlock(TransformerBlock):
+    """timm's SwinTransformerBlock on an NHWC stage [N, h, w, C]: norm1, attention within
+    window x window windows, then norm2 and the MLP on the tokens [N, h * w, C] (`tokens`, as
+    timm 1.0 writes it) or on the stage itself."""
 
-    def __init__(self, classes=4):
-        super().__init__()
-        self.patch_embed, self.norm0 = nn.Conv2d(3, 16, 4, 4), nn.LayerNorm(16)
-        self.stage1 = TransformerBlock(16, 2)
-        self.merge_norm, self.reduction = nn.LayerNorm(64), nn.Linear(64, 32, bias=False)
-        self.stage2 = TransformerBlock(32, 2)
-        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, classes)
-
-    @staticmethod
-    def windows(block, x, window):
-        n, h, w, c = x.shape
-        y = x.view(n, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
-        y = block.attn(block.norm1(y.reshape(-1, window * window, c)))
-        y = y.view(n, h // window, w // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
-        x = x + y.reshape(n, h, w, c)
-        return x + block.mlp(block.norm2(x))
+    def __init__(self, dim, heads, window, tokens):
+        super().__init__(dim, heads)
+        self.window, self.tokens = window, tokens
 
     def forward(self, x):
-        x = self.windows(self.stage1, self.norm0(self.patch_embed(x).permute(0, 2, 3, 1)), 4)
+        n, h, w, c = x.shape
+        win = self.window
+        y = self.norm1(x).view(n, h // win, win, w // win, win, c).permute(0, 1, 3, 2, 4, 5)
+        y = self.attn(y.reshape(-1, win * win, c))
+        y = y.view(n, h // win, w // win, win, win, c).permute(0, 1, 3, 2, 4, 5)
+        x = x + y.reshape(n, h, w, c)
+        if self.tokens:
+            x = x.reshape(n, -1, c)
+        return (x + self.mlp(self.norm2(x))).reshape(n, h, w, c)
+
+
+class Swin(nn.Module):
+    """Swin-like, NHWC: patch-embedding conv, two stages of one block of window attention with
+    patch merging between (a 2x2 space-to-depth by reshapes of the traced shape, which leaves
+    ONNX's shapes symbolic), a LayerNorm and the mean over h and w before the linear head."""
+
+    def __init__(self, classes=4, tokens=True):
+        super().__init__()
+        self.patch_embed, self.norm0 = nn.Conv2d(3, 16, 4, 4), nn.LayerNorm(16)
+        self.stage1 = SwinBlock(16, 2, 4, tokens)
+        self.merge_norm, self.reduction = nn.LayerNorm(64), nn.Linear(64, 32, bias=False)
+        self.stage2 = SwinBlock(32, 2, 2, tokens)
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.stage1(self.norm0(self.patch_embed(x).permute(0, 2, 3, 1)))
         n, h, w, c = x.shape
         x = x.reshape(n, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        x = self.windows(self.stage2, self.reduction(self.merge_norm(x)), 2)
+        x = self.stage2(self.reduction(self.merge_norm(x)))
         return self.head(self.norm(x).mean(dim=(1, 2)))
 
 
@@ -204,15 +216,65 @@ def test_a_vision_transformer_exports_on_its_token_grid_and_runs_live(tmp_path, 
     assert main(["export", str(legacy_onnx(ViT(class_token), tmp_path / "vit.onnx")), "-o", str(out),
                  "--preset", "unit", "--no-rank"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    # the input of the last block's qkv: its norm1, or (blocks without norms) the block before's output
-    module = "blocks/blocks.1/norm1" if class_token else "blocks/blocks.0"  # TorchScript's names
-    assert meta["target_layer"] == f"{module} (tokens: {int(class_token)} + 4x4)"
+    # the input of the last block's qkv: its norm1, or (blocks without norms) the block before's
+    # output, named as PyTorch names the module (TorchScript's scope: blocks/blocks.1/norm1)
+    module = "blocks.1.norm1" if class_token else "blocks.0"
+    assert meta["target_layer"] == module
+    assert json.loads(meta["token_grid"]) == {"prefix": int(class_token), "height": 4, "width": 4}
     assert json.loads(meta["feature_size"]) == [4, 4]
+    assert meta["target_reason"].startswith("default for ViT/DeiT: the last block's norm1")
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"at {module} (tokens: {int(class_token)} + 4x4) 4x4; fp32" in printed
+    assert f"target {module}: default for ViT/DeiT: the last block's norm1, the tokens the last " \
+           "attention reads (pytorch-grad-cam's choice)" in printed
     snapshots = tmp_path / "snaps"
     assert main(["live", "--model", str(out), "--source", "sample", "--no-show", "--max-frames", "3",
                  "--method", "gradcam", "--snapshot-every", "2", "--snapshot-dir", str(snapshots)]) == 0
     saved = json.loads(next(snapshots.glob("*/snapshot.json")).read_text())
     assert saved["faces"] and saved["method"] == "gradcam"
+
+
+@pytest.mark.parametrize("name, kind", [("blocks.0.norm1", "a PyTorch module name"),
+                                        ("blocks/blocks.0/norm1", "a PyTorch module name"),
+                                        ("/blocks/blocks.0/norm1/LayerNormalization_output_0",
+                                         "a tensor name"),
+                                        ("/blocks/blocks.0/norm1/LayerNormalization", "a node name")])
+def test_target_layer_takes_a_module_node_or_tensor_name(tmp_path, capsys, name, kind):
+    """The first block's norm1 named four ways: the same tokens on the same grid, the name given
+    recorded with what kind of name it was; `camface info` says so."""
+    import json
+
+    torch.manual_seed(0)
+    out = tmp_path / "vit.cam.onnx"
+    assert main(["export", str(legacy_onnx(ViT(True), tmp_path / "vit.onnx")), "-o", str(out),
+                 "--preset", "unit", "--no-rank", "--target-layer", name]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["target_layer"] == name and meta["target_reason"] == f"--target-layer {name} ({kind})"
+    assert json.loads(meta["token_grid"]) == {"prefix": 1, "height": 4, "width": 4}
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"target {name}: --target-layer {name} ({kind})" in capsys.readouterr().out
+    default = tmp_path / "default.cam.onnx"
+    assert main(["export", str(tmp_path / "vit.onnx"), "-o", str(default), "--preset", "unit",
+                 "--no-rank"]) == 0
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2], np.int64)
+    first, last = run_graph(out, images, classes), run_graph(default, images, classes)
+    np.testing.assert_allclose(first["probs"], last["probs"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(first["activations"], last["activations"])  # blocks.0, not blocks.1
+
+
+def test_a_cnns_target_reason_is_the_map_before_pooling(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "cnn.cam.onnx"
+    assert main(["export", str(legacy_onnx(small_cnn(), tmp_path / "cnn.onnx")), "-o", str(out),
+                 "--preset", "unit", "--no-rank"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["target_reason"] == "default: the last 4-D feature map before global pooling " \
+                                    "(ConvNeXt: its last stage)" and "token_grid" not in meta
+    assert json.loads(meta["feature_size"]) == [16, 16]
 
 
 def test_a_token_grid_flag_is_for_onnx_models(tmp_path, capsys):
@@ -227,7 +289,9 @@ def test_a_token_grid_flag_is_for_onnx_models(tmp_path, capsys):
 def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_open(tmp_path):
     """Patch merging by reshapes of the traced shape: ONNX's shape inference leaves h and w of
     every later tensor symbolic; a probe run fixes them, and the map before the mean over h, w
-    (NHWC) is the target. Values against torch on the same weights."""
+    (NHWC), named as a PyTorch module, is the target. CAM: its head is that mean and one linear
+    layer. Values against torch on the same weights (the default target, the last block's
+    norm2: tests/test_onnx_tokens.py)."""
     from camface.export import onnx_export
     from camface.export.exporter import ExportOptions
 
@@ -237,8 +301,10 @@ def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_o
     shapes = onnx.shape_inference.infer_shapes(onnx.load(str(path)), data_prop=True).graph.value_info
     assert any(v.name == "/norm/LayerNormalization_output_0" and v.type.tensor_type.shape.dim[1].dim_param
                for v in shapes)  # what shape inference alone leaves
-    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                           target_layer="norm"))
     assert result.info.target_layer == "norm" and result.info.feature_size == (4, 4)
+    assert result.info.target_reason == "--target-layer norm (a PyTorch module name)"
     assert "cam" in result.info.heatmaps and all(d.ok for d in result.differences)
     images = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     classes = np.array([-1, 1, 3], np.int64)
@@ -282,7 +348,7 @@ def test_a_target_with_symbolic_height_and_width_is_one_line_naming_it(tmp_path,
     err = refused(capsys, path, tmp_path)
     assert re.search(r"target '/norm/LayerNormalization_output_0' \[N, unk__\d+, unk__\d+, 32\] "
                      r"\(NHWC\): its height and width are not fixed after ONNX shape inference.*"
-                     r"--target-layer, such as .*/Add_1_output_0$", err), err
+                     r"--target-layer, such as .*/stage1/Reshape_\d+_output_0$", err), err
     explicit = refused(capsys, path, tmp_path, "--target-layer", "norm")  # a module name
     assert explicit.startswith("camface: error: target '/norm/LayerNormalization_output_0' [N, unk__")
 

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import onnxruntime as ort  # noqa: E402
-from test_onnx_export_models import SIZE, TransformerBlock, ViT, legacy_onnx  # noqa: E402
+from test_onnx_export_models import SIZE, Swin, TransformerBlock, ViT, legacy_onnx  # noqa: E402
 from torch import nn  # noqa: E402
 
 from camface import methods  # noqa: E402
@@ -111,6 +111,12 @@ def test_the_default_token_target_is_the_last_blocks_norm1_on_its_patch_grid(tok
     assert built.layout == "NHWC" and built.feature_size == (4, 4)
     assert set(methods.names()) - {"cam"} == set(built.heatmaps)
     assert all(d.ok for d in differences)
+    # no gradient that nothing reads: the rules' weight gradients (A^T g) are left out
+    graph = built.model.graph
+    read = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    unread = [n.name for n in graph.node if n.name.startswith("camface/")
+              and not any(o in read for o in n.output)]
+    assert unread == [] and {i.name for i in graph.initializer} <= read
 
 
 @pytest.mark.parametrize("batch", [1, 4, 32])
@@ -140,12 +146,18 @@ def test_token_heatmaps_equal_those_of_torch_autograd(token_graph, batch):
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
-    np.testing.assert_allclose(got["probs"], torch.softmax(logits, 1).detach().numpy(),
-                               rtol=1e-4, atol=1e-6)
+    assert_heatmaps(got, torch.softmax(logits, 1).detach().numpy(), a, g, built.heatmaps)
+
+
+def assert_heatmaps(got, probs, a, g, heatmaps):
+    """The graph's outputs `got` against torch: probabilities, activations a [N, h, w, K] and
+    every heatmap against its method's numpy reference on a and the gradient g."""
+    np.testing.assert_allclose(got["probs"], probs, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got["activations"], a, rtol=1e-4, atol=1e-5)
-    for method in built.heatmaps:
+    batch = len(a)
+    for method in heatmaps:
         expected, heatmap = methods.get(method).reference(a, g), got[method]
-        assert heatmap.shape == (batch, 4, 4)
+        assert heatmap.shape == a.shape[:3]
         if method.startswith("eigen"):  # crops with a first principal component only
             kept = separated(a if method == "eigencam" else a * g)
             assert kept.sum() >= batch // 2
@@ -262,3 +274,58 @@ def test_cam_is_offered_where_the_tokens_are_averaged_into_one_linear_layer(tmp_
     assert "cam" not in built.heatmaps
     assert "CAM needs global average pooling right after the target" in \
         built.cam_unavailable_reason
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tokens", "nhwc-stage"])
+def swin_graph(request, tmp_path_factory):
+    """(torch model, export result) of the Swin-like model, its last block's norm2 reading
+    tokens [N, h * w, C] (timm 1.0) or the NHWC stage [N, h, w, C], through `camface export`'s
+    target choice."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    folder = tmp_path_factory.mktemp("swin")
+    torch.manual_seed(0)
+    model = Swin(tokens=request.param).eval()
+    path = legacy_onnx(model, folder / "swin.onnx")
+    return model, onnx_export.export(path, folder / "cam.onnx", ExportOptions(preset="unit"))
+
+
+def test_a_swins_default_target_is_its_last_blocks_norm2(swin_graph):
+    """pytorch-grad-cam's documented Swin target, layers[-1].blocks[-1].norm2: tokens without a
+    prefix on the last stage's 4x4 grid (not the patch embedding's 8x8), or the NHWC stage
+    itself; the reason recorded."""
+    from camface.export.onnx_export import REASON_SWIN
+
+    model, result = swin_graph
+    info = result.info
+    assert info.target_layer == "stage2.norm2" and info.target_reason == REASON_SWIN
+    assert info.token_grid == ({"prefix": 0, "height": 4, "width": 4} if model.stage2.tokens else {})
+    assert info.feature_size == (4, 4) and "cam" not in info.heatmaps  # the MLP lies before the head
+    assert all(d.ok for d in result.differences)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 32])
+def test_swin_heatmaps_equal_those_of_torch_autograd(swin_graph, batch):
+    model, result = swin_graph
+    seen = {}
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen["a"] = out
+
+    rng = np.random.default_rng(batch)
+    images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = rng.integers(-1, 4, batch).astype(np.int64)
+    hook = model.stage2.norm2.register_forward_hook(keep)
+    logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    hook.remove()
+    chosen = np.where(classes < 0, logits.detach().numpy().argmax(1), classes)
+    logits[torch.arange(batch), torch.tensor(chosen)].sum().backward()
+    # tokens [N, 16, C] row by row, or the stage [N, 4, 4, C]: the same NHWC map
+    a = seen["a"].detach().reshape(batch, 4, 4, -1).numpy()
+    g = seen["a"].grad.reshape(batch, 4, 4, -1).numpy()
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
+    assert_heatmaps(got, torch.softmax(logits, 1).detach().numpy(), a, g, result.info.heatmaps)

@@ -1,0 +1,112 @@
+"""Modern Keras backbones through the TensorFlow path: keras.applications' ConvNeXt (built by its
+own `ConvNeXt` function and blocks, small: depths 1, 64x64 input; ConvNeXtTiny itself takes ~45 s
+to export, benchmarks/RESULTS-transformers.md) exports at its last stage and matches a
+tf.GradientTape reference; a small Keras ViT is refused with one line naming the attention."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # before TensorFlow loads: eager conv gradients segfault in oneDNN here
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("tensorflow")
+from test_export_graph import assert_outputs_close, class_indices, export_in_memory, images  # noqa: E402
+
+from camface.errors import ModelError  # noqa: E402
+from camface.export import keras_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    """(model, graph, info) of a small keras.applications ConvNeXt (its preprocessing inside:
+    preset none), random weights."""
+    import keras
+    from keras.src.applications.convnext import ConvNeXt
+
+    keras.utils.set_random_seed(0)
+    model = ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 24, 32], default_size=64,
+                     name="convnext_small_test", input_shape=(64, 64, 3), classes=5,
+                     layer_scale_init_value=0.5, weights=None)
+    graph, info = export_in_memory(model, preset="none")
+    return model, graph, info
+
+
+def test_a_keras_convnext_exports_at_its_last_stage(convnext):
+    """The last block's output is an `Add` operation (Keras 3: `inputs + x`), no layer: it is the
+    default target, the map before the global pooling; no CAM (a LayerNorm follows the pooling)."""
+    model, graph, info = convnext
+    last = keras_model.operations(model)[-4]
+    assert type(last).__name__ == "Add" and info.target_layer == last.name
+    assert info.feature_size == (2, 2) and "cam" not in info.heatmaps
+    assert "convnext_small_test_head_layernorm (LayerNormalization)" in info.cam_unavailable_reason
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_keras_convnext_heatmaps_equal_the_tape_reference(convnext, n):
+    """Depthwise convolutions written as grouped Conv2D (run as depthwise ones: TensorFlow's
+    grouped convolution is an XLA call tf2onnx cannot convert), the exact GELU (Erfc) and the
+    head's LayerNorm gradient (RsqrtGrad), all converted: every output as tf.GradientTape gives."""
+    import keras
+    from keras import ops
+    from test_export_graph import tape_reference
+
+    model, graph, info = convnext
+    target = next(op for op in keras_model.operations(model) if op.name == info.target_layer)
+    features = keras.Model(model.input, target._inbound_nodes[0].output_tensors[0])
+    gap, norm, dense = (model.get_layer(f"convnext_small_test_head_{name}")
+                        for name in ("gap", "layernorm", "dense"))
+
+    def head(a):  # the logits: the dense layer without its softmax
+        return ops.matmul(norm(gap(a)), dense.kernel) + dense.bias
+
+    image = images(n, 64, 3, seed=n)
+    classes = class_indices(n)
+    want = tape_reference(features, head, image.astype(np.float32), classes)
+    assert_outputs_close(graph(image, classes), want)
+
+
+def tiny_vit():
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Reshape((16, 16), name="tokens")(layers.Conv2D(16, 8, strides=8,
+                                                              name="patch_embed")(inputs))
+    for i in range(2):
+        y = layers.LayerNormalization(name=f"block{i}_norm1")(x)
+        x = layers.Add()([x, layers.MultiHeadAttention(2, 8, name=f"block{i}_attn")(y, y)])
+        y = layers.Dense(32, activation="gelu")(layers.LayerNormalization(name=f"block{i}_norm2")(x))
+        x = layers.Add()([x, layers.Dense(16)(y)])
+    outputs = layers.Dense(4, activation="softmax")(layers.GlobalAveragePooling1D()(x))
+    return keras.Model(inputs, outputs, name="tiny_vit")
+
+
+def test_a_keras_vit_is_refused_naming_its_attention():
+    """Its only 4-D layer is the patch embedding, read through attention: no feature map of what
+    it decides on; its tokens are 3-D (token targets are the ONNX path's)."""
+    model = tiny_vit()
+    with pytest.raises(ModelError, match=r"^model 'tiny_vit': target layer 'patch_embed' reaches the "
+                                         r"logits through attention \(layer 'block0_attn', "
+                                         r"MultiHeadAttention\).*token targets \[N, T, C\] are for "
+                                         r"\.onnx / \.pt2 models"):
+        export_in_memory(model, preset="unit")
+    with pytest.raises(ModelError, match=r"^layer 'block1_norm1' has no 4-D output \(it gives tokens "
+                                         r"\[N, T, C\]: token targets are for \.onnx / \.pt2 models\)"):
+        export_in_memory(model, preset="unit", target_layer="block1_norm1")
+
+
+def test_a_grouped_convolution_that_is_not_depthwise_is_refused():
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, groups=3, name="grouped")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(ModelError, match=r"^layer 'grouped': a grouped Conv2D \(3 groups, 3 -> 6 "
+                                         r"channels\) that is not depthwise has no ONNX conversion"):
+        export_in_memory(model, preset="unit")
