@@ -178,7 +178,8 @@ def test_transformer_embedder_maps_equal_torch_autograd_at_its_tokens(tmp_path):
     path = to_onnx(model, tmp_path / "vit.onnx")
     rows = gallery.normalise(np.random.default_rng(2).standard_normal((3, 12)))
     graph, info, differences = gallery.build(gallery.load(path, ARCFACE), rows, ("a", "b", "c"), ARCFACE, {})
-    assert info.target_layer.endswith("norm1 (tokens: 1 + 6x6)") and info.feature_size == (6, 6)
+    assert info.target_layer.endswith("norm1") and info.token_grid == {"prefix": 1, "height": 6, "width": 6}
+    assert info.feature_size == (6, 6)
     assert all(d.ok for d in differences)
     images = np.stack([cv2.resize(f, (SIZE, SIZE))[:, :, ::-1] for f in faces_bgr().values()])
     classes = np.array([-1, 2, 0], np.int64)
