@@ -287,9 +287,18 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
 def export_int8(model, info: graph_spec.GraphInfo, options) -> tuple[object, graph_spec.GraphInfo, Int8Result]:
     """`camface export --int8`, every engine: the verified float32 CAM graph `model` (metadata
     set) quantized from `options.calibration` by `options.calibration_method` and checked
-    (`to_int8`); returns the int8 graph, `info` with precision and quantization, and the result."""
+    (`to_int8`); returns the int8 graph, `info` with precision and quantization, and the result.
+    Ablation-CAM and Score-CAM (onnx_rerun) are taken out first and added back to the int8 graph,
+    so they run its int8 features; the metadata is the caller's to write."""
+    from camface.export import onnx_rerun
+
+    # the methods that run the model again are added back after quantising, so that they run
+    # the int8 features too
+    model, info, reruns = onnx_rerun.without(model, info)
     result = to_int8(model, options.calibration, options.calibration_method)
-    return result.model, replace(info, precision="int8", quantization=result.report), result
+    info = replace(info, precision="int8", quantization=result.report)
+    quantized, info, _ = onnx_rerun.attach(result.model, info, reruns, options.verify, required=reruns)
+    return quantized, info, replace(result, model=quantized)
 
 
 def summary_lines(report: dict) -> list[str]:
