@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 MAX_PASS_BYTES = 2 << 30  # one chunk's largest tensor may hold this much (float32 bytes)
 _NORMALISING = ("Cast", "Mul", "Add", "Sub", "Div")
 _FINAL = ("Softmax", "Sigmoid")
+_TO_ACTIVATIONS = ("Identity", "Transpose", "QuantizeLinear", "DequantizeLinear")  # target -> `activations`
 
 
 def rerun_names(names) -> tuple[str, ...]:
@@ -104,7 +105,6 @@ def between(graph, start: str, end: str) -> tuple:
 def anatomy(model) -> Anatomy:
     """The target, logits and normalised input of a CAM graph (onnx.ModelProto, shapes
     inferred). Raises ModelError naming what is missing."""
-    from camface.evaluate.randomize import _target
     from camface.export import onnx_model
 
     graph = model.graph
@@ -112,15 +112,6 @@ def anatomy(model) -> Anatomy:
     names = {o.name for o in graph.output}
     if not {graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS} <= names:
         raise ModelError("not a CAM graph: it needs `probs` and `activations` outputs")
-    target = _target(graph, producer)
-    perm = None
-    tensor = graph_spec.OUTPUT_ACTIVATIONS
-    while tensor != target:
-        node = producer[tensor]
-        if node.op_type == "Transpose":
-            forward = [a.ints for a in node.attribute if a.name == "perm"][0]
-            perm = tuple(int(i) for i in np.argsort(list(forward)))
-        tensor = node.input[0]
     probs = graph_spec.OUTPUT_PROBS
     while probs in producer and producer[probs].op_type == "Identity":
         probs = producer[probs].input[0]
@@ -129,6 +120,25 @@ def anatomy(model) -> Anatomy:
         raise ModelError(f"the CAM graph's probs come from {final.op_type if final else 'nowhere'}, "
                          f"not from {' or '.join(_FINAL)} of the logits")
     logits = final.input[0]
+    # the target: the first tensor behind `activations` (through layout and int8 QDQ nodes) that
+    # the logits read
+    upstream, stack = set(), [logits]
+    while stack:
+        tensor = stack.pop()
+        if tensor not in upstream:
+            upstream.add(tensor)
+            if tensor in producer:
+                stack.extend(reads(producer[tensor]))
+    target, perm = graph_spec.OUTPUT_ACTIVATIONS, None
+    while target not in upstream:
+        node = producer.get(target)
+        if node is None or node.op_type not in _TO_ACTIVATIONS:
+            raise ModelError(f"the CAM graph's activations come from {node.op_type if node else 'nowhere'} "
+                             "rather than from a tensor the logits read")
+        if node.op_type == "Transpose":
+            forward = [list(a.ints) for a in node.attribute if a.name == "perm"][0]
+            perm = tuple(int(i) for i in np.argsort(forward))
+        target = node.input[0]
     images = graph_spec.INPUT_IMAGE
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -330,10 +340,10 @@ def reference_calls(model, parts: Anatomy, images, class_index):
     return got, calls
 
 
-def check(model, names, input_size, channels, num_classes, batch: int = 1):
+def check(model, names, input_size, channels, num_classes, batch: int = 1, precision: str = "fp32"):
     """verify.Difference per method `names`: the graph's heatmaps against the numpy reference on
     its own head and model (`reference_calls`), on `batch` smooth random crops. Raises
-    ModelError naming the methods over tolerance (verify.TOLERANCE fp32)."""
+    ModelError naming the methods over tolerance (verify.TOLERANCE of `precision`)."""
     from camface.export import verify
 
     parts = anatomy(model)
@@ -343,7 +353,7 @@ def check(model, names, input_size, channels, num_classes, batch: int = 1):
                  for name in names}
     from camface.export.onnx_verify import Check
 
-    differences = [Check(d.output, d.max_abs, d.reference_max, d.allowed) for d in verify.compare(got, reference)]
+    differences = [Check(d.output, d.max_abs, d.reference_max, d.allowed) for d in verify.compare(got, reference, precision)]
     failed = [d for d in differences if not d.ok]
     if failed:
         raise ModelError("the gradient-free methods disagree with their numpy reference: "
@@ -395,5 +405,6 @@ def attach(model, info: graph_spec.GraphInfo, names, verify: bool = True, requir
     info = replace(info, heatmaps=heatmaps)
     differences = ()
     if verify and added:
-        differences = tuple(check(model, added, info.input_size, info.channels, len(info.labels)))
+        differences = tuple(check(model, added, info.input_size, info.channels, len(info.labels),
+                                  precision=info.precision))
     return model, info, differences
