@@ -248,7 +248,7 @@ class Method:
             return f"{channels} forward passes per crop"
         if HEAD in self.needs:
             return f"{channels} head passes per crop"
-        return "gradients" if GRADIENTS in self.needs else "activations only"
+        return "one backward pass through the head" if GRADIENTS in self.needs else "activations only"
 
     def reference(self, activations, gradients=None, class_weights=None, model: ModelCalls | None = None
                   ) -> np.ndarray:

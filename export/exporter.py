@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from camface import __version__, graph_spec, methods
@@ -66,11 +66,16 @@ def read_labels_file(path: str | Path) -> tuple[str, ...]:
 
 
 def build(model, options: ExportOptions):
-    """(tf.function, GraphInfo without source fields) for an in-memory Keras model."""
-    from camface.export import graph
+    """(tf.function, GraphInfo without source fields) for an in-memory Keras model: what tf2onnx
+    converts. The methods that run the model again (Ablation-CAM, Score-CAM) are left out of
+    both: `onnx_rerun.attach` writes them into the converted graph (a converted TensorFlow clone
+    would carry a frozen copy of the weights per clone)."""
+    from camface.export import graph, onnx_rerun
 
     parts, heads, info = prepare(model, options)
-    return graph.build_function(parts, heads), info
+    reruns = onnx_rerun.rerun_names(heads)
+    return (graph.build_function(parts, tuple(h for h in heads if h not in reruns)),
+            replace(info, heatmaps=tuple(h for h in info.heatmaps if h not in reruns)))
 
 
 def prepare(model, options: ExportOptions):
@@ -126,7 +131,6 @@ def prepare(model, options: ExportOptions):
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
     """Load, build, convert, verify and write. Raises ModelError / OutputError."""
     import time
-    from dataclasses import replace
 
     from camface.export import convert, graph, keras_model, onnx_rerun, verify
 
@@ -141,7 +145,8 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     if options.fp16 and reruns:
         log.info("%s left out: a float16 graph has no float32 model to run again", ", ".join(reruns))
         reruns = ()
-    # tf2onnx converts the rest; the methods that run the model again are added to the ONNX graph
+    # tf2onnx converts the rest (see `build`); the methods that run the model again are written
+    # into the ONNX graph after the self-check
     function = graph.build_function(parts, tuple(h for h in heads if h not in onnx_rerun.rerun_names(heads)))
     info = replace(info, source_model=model_path.name, source_sha256=sha256_file(model_path),
                    heatmaps=tuple(h for h in info.heatmaps if h not in onnx_rerun.rerun_names(heads)))

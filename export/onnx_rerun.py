@@ -386,7 +386,8 @@ def attach(model, info: graph_spec.GraphInfo, names, verify: bool = True, requir
     differences of their self-check). A method that cannot be added (its pass too large, a node
     that cannot be cloned) is left out with a log line, unless it is in `required` (the ones the
     user asked for by name): then the ModelError stands."""
-    names = tuple(n for n in rerun_names(names) if n not in info.heatmaps)
+    present = {o.name for o in model.graph.output}
+    names = tuple(n for n in rerun_names(names) if n not in present)
     added = []
     if names:
         parts = None

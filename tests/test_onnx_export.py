@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from onnx_helpers import save_program, torch_models  # noqa: E402
+from onnx_helpers import torch_calls, save_program, torch_models  # noqa: E402
 
 from camface import methods  # noqa: E402
 from camface.cli import main  # noqa: E402
@@ -56,9 +56,10 @@ def torch_reference(model, images, classes, module, with_cam=True):
     fc = model.fc if isinstance(model.fc, torch.nn.Linear) and with_cam else None
     w = None if fc is None else fc.weight.detach().numpy()[chosen.numpy()][:, None, None, :]
     out = {"probs": torch.softmax(logits, 1).detach().numpy(), "activations": a}
+    calls = torch_calls(model, module, x.permute(0, 2, 3, 1).numpy(), a, classes)
     for method in methods.METHODS.values():
         if methods.CLASS_WEIGHTS not in method.needs or w is not None:
-            out[method.name] = method.reference(a, g, w)
+            out[method.name] = method.reference(a, g, w, model=calls)
     return out
 
 
