@@ -61,6 +61,7 @@ class Scorer:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(metrics.BASELINES)}")
         self.graph, self.steps, self.baseline, self.progress = graph, steps, baseline, progress
         self._probs_session = _probability_session(graph, device, threads)
+        self._device, self._threads, self._heatmap_sessions = device, threads, {}
 
     def classify(self, images: np.ndarray) -> np.ndarray:
         """Probabilities float32 [M, classes] of uint8 crops [M, H, W, C], BATCH per call."""
@@ -75,7 +76,10 @@ class Scorer:
 
     def heatmaps(self, crops: np.ndarray, names) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(probs [N, classes], {method: [N, h, w]}) of the predicted class, BATCH crops per call."""
-        session = self.graph.session
+        names = tuple(names)
+        if names not in self._heatmap_sessions:
+            self._heatmap_sessions[names] = _probability_session(self.graph, self._device, self._threads, names)
+        session = self._heatmap_sessions[names]
         probs, maps = [], {name: [] for name in names}
         for start in range(0, len(crops), BATCH):
             chunk = np.ascontiguousarray(crops[start:start + BATCH])
@@ -141,16 +145,17 @@ class Scorer:
         return predicted, full, results
 
 
-def _probability_session(graph, device: str, threads: int):
-    """An ONNX Runtime session of the graph pruned to `probs` (ORT runs every node of a graph
-    whatever is asked for, and the perturbed crops need no heatmaps), or the graph's own
-    session when the `onnx` package is not installed."""
+def _probability_session(graph, device: str, threads: int, names: tuple[str, ...] = ()):
+    """An ONNX Runtime session of the graph pruned to `probs` and the heatmaps `names` (ORT runs
+    every node of a graph whatever is asked for: the perturbed crops need no heatmaps, and the
+    heatmaps asked for need no Score-CAM), or the graph's own session when the `onnx` package
+    is not installed."""
     try:
         from camface.realtime.bench.heads import prune
         from camface.realtime.graph import CamGraph
 
-        pruned = prune(graph.model_bytes, (graph_spec.OUTPUT_PROBS,))
+        pruned = prune(graph.model_bytes, (graph_spec.OUTPUT_PROBS, *names))
     except Exception as exc:  # onnx missing (ModelError) or a graph onnx cannot prune
-        log.info("camface evaluate: classifying perturbed crops with the whole graph (%s)", exc)
+        log.info("camface evaluate: running the whole graph (%s)", exc)
         return graph.session
     return CamGraph.from_bytes(pruned, graph.path, device, threads, contract=False).session

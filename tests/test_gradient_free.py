@@ -315,3 +315,29 @@ def test_reference_without_the_model_is_refused():
     a = np.ones((1, 2, 2, 3), np.float32)
     with pytest.raises(ValueError, match="scorecam runs the model again: pass model=ModelCalls"):
         methods.get("scorecam").reference(a)
+
+
+def test_ranking_leaves_out_what_its_budget_cannot_afford():
+    """`camface export` ranks every method within --rank-seconds; a gradient-free method whose
+    maps alone would overrun it is left out of the ranking (not of the graph), with the reason."""
+    from camface.evaluate.scores import Scorer
+    from camface.export import ranking
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.graph import CamGraph
+
+    if not EMOTION_ONNX.is_file():
+        pytest.skip("bundled emotion graph not exported yet")
+    graph = CamGraph(EMOTION_ONNX, "cpu", threads=1)
+    if "scorecam" not in graph.info.heatmaps:
+        pytest.skip("bundled graph exported before Score-CAM")
+    crops = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 1), dtype=np.uint8)
+    scorer = Scorer(graph, device="cpu", threads=1)
+    names = graph.info.heatmaps
+    left_out = ranking._too_costly(graph, scorer, crops, names, seconds=1e-6)
+    assert set(left_out) == set(RERUNS)
+    assert left_out["scorecam"].startswith("64 forward passes per crop: about ")
+    assert left_out["ablationcam"].endswith("over the 1e-06 s budget (--rank-seconds)")
+    assert not ranking._too_costly(graph, scorer, crops, names, seconds=3600)
+    lines = ranking.summary_lines({"rule": "r", "ranking": [], "scores": {}, "left_out": left_out,
+                                   "settings": {"source": "s", "crops": 20, "steps": 16, "baseline": "blur"}})
+    assert any("scorecam" in line and "not ranked: 64 forward passes" in line for line in lines)
