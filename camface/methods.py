@@ -414,6 +414,10 @@ def random_baseline(ops, a, g=None, w=None):
     return ops.sum(random_weights(ops, a) * a, axis=-1)
 
 
+# variants per crop in one pass: pytorch-grad-cam's batch sizes (AblationCAM 32, ScoreCAM 16)
+ABLATION_CHUNK, SCORE_CHUNK = 32, 16
+
+
 def ablationcam(ops, a, g=None, w=None):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020, eq. 3): w_k = (y_c - y_c^k) / y_c, with y_c
     the explained class's logit and y_c^k the logit when channel k of A is set to 0 (the head
@@ -427,13 +431,13 @@ def ablationcam(ops, a, g=None, w=None):
     both agree) and min(A) - 1e7 otherwise; camface keeps 0 at targets that can be negative (the
     bundled model's add_3): a 1e7 activation drives the head far outside anything it was
     trained on. Division: 0 where y_c = 0."""
-    height, width, channels = (int(d) for d in a.shape[1:])
+    channels = int(a.shape[3])
 
     def ablated(k):  # [N, B, h, w, K]: crop n with channel k[b] zeroed
         keep = 1.0 - ops.one_hot(k, channels)  # [B, K]
         return ops.expand_dims(a, 1) * ops.reshape(keep, (1, -1, 1, 1, channels))
 
-    scores = ops.head(ablated, channels, get("ablationcam").chunk)  # [N, K]
+    scores = ops.head(ablated, channels, ABLATION_CHUNK)  # [N, K]
     weights = ops.safe_divide(ops.class_logit - scores, ops.class_logit)
     return ops.relu(ops.sum(ops.reshape(weights, (-1, 1, 1, channels)) * a, axis=-1))
 
@@ -465,7 +469,7 @@ def scorecam(ops, a, g=None, w=None):
     the normalised model input (after mean / std, not the pixels). Upsampling is two small
     interpolation matrices (`bilinear_matrix`), so every runtime computes it alike."""
     height, width, channels = (int(d) for d in a.shape[1:])
-    image_height, image_width, image_channels = (int(d) for d in ops.images.shape[1:])
+    image_height, image_width = (int(d) for d in ops.images.shape[1:3])
     rows = bilinear_matrix(height, image_height)  # [H, h]
     columns = np.ascontiguousarray(bilinear_matrix(width, image_width).T)  # [w, W]
 
@@ -477,7 +481,7 @@ def scorecam(ops, a, g=None, w=None):
         mask = (up - low) / (high - low + 1e-8)
         return ops.expand_dims(ops.images, 1) * ops.expand_dims(mask, 4)
 
-    scores = ops.forward(masked, channels, get("scorecam").chunk)  # [N, K]
+    scores = ops.forward(masked, channels, SCORE_CHUNK)  # [N, K]
     weights = ops.exp(scores - ops.max(scores, axis=1, keepdims=True))
     weights = weights / ops.sum(weights, axis=1, keepdims=True)
     return ops.relu(ops.sum(ops.reshape(weights, (-1, 1, 1, channels)) * a, axis=-1))
@@ -506,11 +510,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            eigencam, frozenset(), normalization=MINMAX),
     Method("eigengradcam", "Eigen-Grad-CAM", "pytorch-grad-cam EigenGradCAM (Eigen-CAM of g * A)",
            eigengradcam, frozenset({GRADIENTS}), normalization=MINMAX),
-    # Gradient-free, re-running part of the model (ModelOps); chunks as pytorch-grad-cam's batches.
+    # Gradient-free, re-running part of the model (ModelOps).
     Method("ablationcam", "Ablation-CAM", "Desai & Ramaswamy 2020, WACV, eq. 3 (as pytorch-grad-cam 1.5.7)",
-           ablationcam, frozenset({HEAD}), chunk=32),
+           ablationcam, frozenset({HEAD}), chunk=ABLATION_CHUNK),
     Method("scorecam", "Score-CAM", "Wang et al. 2020, arXiv:1910.01279 (as pytorch-grad-cam 1.5.7)",
-           scorecam, frozenset({FORWARD}), chunk=16),
+           scorecam, frozenset({FORWARD}), chunk=SCORE_CHUNK),
     Method("random", "Random", "random channel weights, the faithfulness floor",
            random_baseline, frozenset(), normalization=MINMAX, display=False),
 )}

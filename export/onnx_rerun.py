@@ -202,14 +202,6 @@ class OnnxModelOps(OnnxOps):
         return self._loop(self.parts.model_nodes, self.parts.images, self.parts.image_dims, None,
                           variants, count, chunk, "model")
 
-    def take(self, x, indices, axis):
-        return OnnxTensor(x.builder, x.builder.op("Gather", [x.name, indices.name], axis=int(axis)))
-
-    def one_hot(self, indices, depth):
-        b = indices.builder
-        return OnnxTensor(b, b.op("OneHot", [indices.name, b.const(int(depth), np.int64), b.const([0.0, 1.0])],
-                                  axis=-1))
-
     def _loop(self, nodes, start, dims, perm, variants, count, chunk, what):
         from onnx import TensorProto, helper
 

@@ -341,3 +341,31 @@ def test_ranking_leaves_out_what_its_budget_cannot_afford():
     lines = ranking.summary_lines({"rule": "r", "ranking": [], "scores": {}, "left_out": left_out,
                                    "settings": {"source": "s", "crops": 20, "steps": 16, "baseline": "blur"}})
     assert any("scorecam" in line and "not ranked: 64 forward passes" in line for line in lines)
+
+
+def test_weights_by_hand_on_a_linear_head():
+    """Head logit_c = sum_k v_ck mean_ij A_ijk (no bias): zeroing channel k removes v_ck m_k, so
+    Ablation-CAM's w_k = v_ck m_k / y_c; Score-CAM with a model whose logit is the mean of the
+    masked image (one class) weighs channel k by softmax_k(mean(x * mask_k))."""
+    a = np.zeros((1, 1, 2, 2), np.float32)
+    a[0, 0, :, 0], a[0, 0, :, 1] = [1.0, 3.0], [2.0, 0.0]  # m = [2, 1]
+    v = np.array([[1.0, -1.0], [0.5, 2.0]], np.float32)  # [classes, K]
+
+    def head(rows):
+        return rows.mean(axis=(1, 2)) @ v.T
+
+    x = np.array([[[[1.0], [2.0], [4.0]]]], np.float32)  # image 1x3, one channel
+
+    def forward(rows):
+        return np.repeat(rows.mean(axis=(1, 2, 3))[:, None], 2, axis=1)
+
+    calls = methods.ModelCalls(head, forward, x, a, np.array([1]))
+    y = 0.5 * 2 + 2.0 * 1  # class 1: 3
+    w = np.array([0.5 * 2 / y, 2.0 * 1 / y])
+    np.testing.assert_allclose(methods.get("ablationcam").reference(a, model=calls)[0],
+                               np.maximum(a[0] @ w, 0), rtol=1e-6)
+    # masks: channel 0 [1, 3] -> upsampled to 3 columns [1, 2, 3] -> [0, .5, 1]; channel 1 [2, 0] -> [1, .5, 0]
+    scores = np.array([(0 * 1 + 0.5 * 2 + 1 * 4) / 3, (1 * 1 + 0.5 * 2 + 0 * 4) / 3])
+    weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+    np.testing.assert_allclose(methods.get("scorecam").reference(a, model=calls)[0],
+                               np.maximum(a[0] @ weights, 0), rtol=1e-5)
