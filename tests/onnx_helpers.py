@@ -86,16 +86,17 @@ def save_program(model, path, size: int = 32, dynamic: bool = True):
     return path
 
 
-def torch_calls(model, module: str, images, activations, class_index):
+def torch_calls(model, module, images, activations, class_index):
     """camface.methods.ModelCalls around an eager torch model (the reference of the methods that
     run the model again): the head is the model with `module`'s output replaced by the rows (a
     forward hook, as pytorch-grad-cam's AblationLayer replaces the layer), the forward is the
-    model on the rows. images: normalised NHWC float32 [N, H, W, C]; activations: NHWC."""
+    model on the rows. module: a submodule or its name; images: normalised NHWC float32
+    [N, H, W, C]; activations: NHWC."""
     import torch
 
     from camface import methods
 
-    layer = model.get_submodule(module)
+    layer = model.get_submodule(module) if isinstance(module, str) else module
     channels, height, width = images.shape[3], images.shape[1], images.shape[2]
 
     def head(rows):
