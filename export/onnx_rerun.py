@@ -33,6 +33,11 @@ from camface.realtime.graph import reads
 log = logging.getLogger(__name__)
 
 MAX_PASS_BYTES = 2 << 30  # one chunk's largest tensor may hold this much (float32 bytes)
+# Passes up to this many chunks are unrolled into the graph, one clone each: ONNX Runtime applies
+# its layout optimisations (NCHWc convolutions) to the main graph, not to a Loop's body, where the
+# bundled model's forward pass ran 2-3x slower. More chunks (ResNet-50's 2048 channels: 128
+# Score-CAM chunks) run in a Loop, one clone, so the graph does not grow with the channels.
+MAX_UNROLLED = 32
 _NORMALISING = ("Cast", "Mul", "Add", "Sub", "Div")
 _FINAL = ("Softmax", "Sigmoid")
 _TO_ACTIVATIONS = ("Identity", "Transpose", "QuantizeLinear", "DequantizeLinear")  # target -> `activations`
@@ -203,14 +208,23 @@ class OnnxModelOps(OnnxOps):
                           variants, count, chunk, "model")
 
     def _loop(self, nodes, start, dims, perm, variants, count, chunk, what):
-        from onnx import TensorProto, helper
-
+        """[N, count] scores: the passes unrolled into the graph (one clone per chunk) up to
+        MAX_UNROLLED chunks, else an ONNX Loop over chunks (one clone in its body)."""
         b, count, chunk = self.b, int(count), int(chunk)
-        outer, b.nodes = b.nodes, []
-        iteration, condition = b.name("iteration"), b.name("condition")
-        first = b.op("Mul", [iteration, b.const(chunk, np.int64)])
-        k = b.op("Min", [b.op("Add", [first, b.const(np.arange(chunk), np.int64)]),
-                         b.const(count - 1, np.int64)])  # the last chunk repeats the last variant
+        trips = math.ceil(count / chunk)
+        if trips <= MAX_UNROLLED:
+            parts = []
+            for first in range(0, count, chunk):
+                k = b.const(np.arange(first, min(first + chunk, count)), np.int64)
+                parts.append(self._pass(nodes, start, dims, perm, variants, k, min(chunk, count - first), what))
+            return OnnxTensor(b, parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=1))
+        return self._scan(nodes, start, dims, perm, variants, count, chunk, what)
+
+    def _pass(self, nodes, start, dims, perm, variants, k: str, size: int, what) -> str:
+        """Scores [N, size] of the variants `k` (int64 [size]): one clone of `nodes`."""
+        from onnx import helper
+
+        b = self.b
         batch = variants(OnnxTensor(b, k))
         rows = b.op("Reshape", [batch.name, b.ints([-1, *dims])])
         if perm is not None:
@@ -222,9 +236,20 @@ class OnnxModelOps(OnnxOps):
                                      for o in node.output], name=b.name(what), domain=node.domain)
             copy.attribute.extend(node.attribute)
             b.nodes.append(copy)
-        logits = b.op("Reshape", [renamed[self.parts.logits], b.ints([-1, chunk, self.parts.num_classes])])
-        picked = b.reduce("ReduceSum", b.op("Mul", [logits, b.unsqueeze(self.one_hot_classes, [1])]), [2], False)
-        scores = b.op("Transpose", [picked], perm=[1, 0])  # [chunk, N]
+        logits = b.op("Reshape", [renamed[self.parts.logits], b.ints([-1, size, self.parts.num_classes])])
+        return b.reduce("ReduceSum", b.op("Mul", [logits, b.unsqueeze(self.one_hot_classes, [1])]), [2], False)
+
+    def _scan(self, nodes, start, dims, perm, variants, count, chunk, what):
+        from onnx import TensorProto, helper
+
+        b = self.b
+        outer, b.nodes = b.nodes, []
+        iteration, condition = b.name("iteration"), b.name("condition")
+        first = b.op("Mul", [iteration, b.const(chunk, np.int64)])
+        k = b.op("Min", [b.op("Add", [first, b.const(np.arange(chunk), np.int64)]),
+                         b.const(count - 1, np.int64)])  # the last chunk repeats the last variant
+        scores = b.op("Transpose", [self._pass(nodes, start, dims, perm, variants, k, chunk, what)],
+                      perm=[1, 0])  # [chunk, N]
         done = b.op("Identity", [condition])
         body = helper.make_graph(
             b.nodes, b.name(f"{what}_chunk"),

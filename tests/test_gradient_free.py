@@ -185,44 +185,67 @@ def test_onnx_runtime_equals_numpy_reference_and_tensorflow(keras_export, batch)
     assert NUM_CLASSES == parts.num_classes
 
 
-def test_live_graph_runs_each_gradient_free_method_alone(keras_export):
-    """The live loop prunes the graph to one method (Loop bodies read outer tensors: kept)."""
-    from camface.realtime.graph import CamGraph, prune
-
-    result, _, _ = keras_export
-    graph = CamGraph(result.path, "cpu")
-    crops = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    full = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    for name in RERUNS:
-        pruned = onnx.load_from_string(prune(graph.model_bytes, ("probs", name)))
-        assert "gradcam" not in {o.name for o in pruned.graph.output}
-        _, heatmaps = graph.run(crops, np.array([-1, 2]), name)
-        want = full.run([name], {"image": crops, "class_index": np.array([-1, 2])})[0]
-        np.testing.assert_allclose(heatmaps, want, rtol=1e-5, atol=1e-6)
-
-
 def _initializers(model):
     return {i.name: i.ByteSize() for i in model.graph.initializer}
 
 
-def test_clones_share_the_weights(keras_export):
-    """The graph grows by the clones' nodes and a few small constants, never by a weight."""
-    from camface.export import onnx_rerun
+def _without_reruns(model):
     from camface.realtime.graph import prune
 
+    kept = [o.name for o in model.graph.output if o.name not in RERUNS]
+    return onnx.load_from_string(prune(model.SerializeToString(), kept))
+
+
+@pytest.fixture(scope="module")
+def looped(keras_export):
+    """The exported graph with its passes written as ONNX Loops (what models with more than
+    MAX_UNROLLED chunks get) instead of unrolled clones."""
+    from camface.export import onnx_rerun
+
     result, _, _ = keras_export
-    with_them = onnx.load(str(result.path))
-    kept = [o.name for o in with_them.graph.output if o.name not in RERUNS]
-    without = onnx.load_from_string(prune(with_them.SerializeToString(), kept))
-    before, after = _initializers(without), _initializers(with_them)
-    assert set(before) <= set(after)
-    added = {name: size for name, size in after.items() if name not in before}
-    weights = sum(size for size in before.values() if size > 1024)
-    assert sum(added.values()) < 4096 < weights, added  # interpolation matrices and indices only
-    loops = [n for n in with_them.graph.node if n.op_type == "Loop"]
-    assert len(loops) == 2 and all(not a.g.initializer for n in loops for a in n.attribute)
-    again = onnx_rerun.add(without, RERUNS)  # written again: the same weights, read from the outer scope
-    assert _initializers(again).keys() - added.keys() == before.keys()
+    saved = onnx_rerun.MAX_UNROLLED
+    onnx_rerun.MAX_UNROLLED = 0
+    try:
+        return onnx_rerun.add(_without_reruns(onnx.load(str(result.path))), RERUNS)
+    finally:
+        onnx_rerun.MAX_UNROLLED = saved
+
+
+def test_loops_equal_unrolled_passes_and_survive_pruning(keras_export, looped, tmp_path):
+    """The live loop prunes the graph to one method; a Loop body reads outer tensors, kept."""
+    from camface.realtime.graph import CamGraph, prune
+
+    result, _, _ = keras_export
+    unrolled = onnx.load(str(result.path))
+    assert not any(n.op_type == "Loop" for n in unrolled.graph.node)
+    assert sum(n.op_type == "Loop" for n in looped.graph.node) == 2
+    path = tmp_path / "looped.onnx"
+    onnx.save(looped, str(path))
+    crops = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    full = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    for graph_path in (result.path, path):
+        graph = CamGraph(graph_path, "cpu")
+        for name in RERUNS:
+            pruned = onnx.load_from_string(prune(graph.model_bytes, ("probs", name)))
+            assert "gradcam" not in {o.name for o in pruned.graph.output}
+            _, heatmaps = graph.run(crops, classes, name)
+            want = full.run([name], {"image": crops, "class_index": classes})[0]
+            np.testing.assert_allclose(heatmaps, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_clones_share_the_weights(keras_export, looped):
+    """The graph grows by the clones' nodes and a few small constants, never by a weight."""
+    result, _, _ = keras_export
+    for with_them in (onnx.load(str(result.path)), looped):
+        without = _without_reruns(with_them)
+        before, after = _initializers(without), _initializers(with_them)
+        assert set(before) <= set(after)
+        added = {name: size for name, size in after.items() if name not in before}
+        weights = sum(size for size in before.values() if size > 1024)
+        assert sum(added.values()) < 4096 < weights, added  # interpolation matrices and indices only
+        loops = [n for n in with_them.graph.node if n.op_type == "Loop"]
+        assert all(not a.g.initializer for n in loops for a in n.attribute)
 
 
 def test_int8_graph_offers_both(tmp_path):

@@ -167,8 +167,6 @@ def _fixed_batch(path):
 
 
 ERRORS = [
-    ("unsupported op", _conv_sin_model, ["--target-layer", "conv"],
-     r"no gradient rule for op Sin \(node 'wave_node'\).*later target layer"),
     ("unknown target", _conv_sin_model, ["--target-layer", "layer9"],
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
@@ -188,6 +186,25 @@ def test_export_errors(tmp_path, capsys, what, make, flags, message):
 
     assert re.search(message, capsys.readouterr().err), what
     assert not out.exists()
+
+
+def test_a_head_without_gradient_rules_exports_the_gradient_free_methods(tmp_path, capsys, caplog):
+    """Sin after the target has no gradient rule: the export says why (one line) and offers the
+    methods that need no gradient; the graph loads and `camface info` lists what it offers."""
+    import logging
+
+    path = _conv_sin_model(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--target-layer", "conv",
+                     "--no-rank"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "no gradient methods" in r.getMessage()]
+    assert len(warned) == 1 and "no gradient rule for op Sin (node 'wave_node')" in warned[0]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ablationcam" in printed and "scorecam" in printed and "gradcam " not in printed
+    assert "--method auto shows eigencam" in printed
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
