@@ -6,10 +6,11 @@ Inside the graph they find three tensors: the target (`activations` followed bac
 Identity / Transpose), the logits (the input of the Softmax / Sigmoid that `probs` comes from)
 and the normalised input (`image` cast, then scaled and offset per channel: NHWC float32). The
 head is every node between the target and the logits, the model every node between the
-normalised input and the logits; each is cloned, once per method that needs it, into the body of
-an ONNX Loop that runs `chunk` variants of every crop per iteration (at most N * chunk rows at a
-time, so memory does not grow with the number of channels). The clones read the graph's own
-initializers from the outer scope: the file grows by the clones' nodes only, never by weights.
+normalised input and the logits; each is cloned, once per chunk of `chunk` variants of every
+crop (at most N * chunk rows at a time, so memory does not grow with the number of channels):
+unrolled into the graph up to MAX_UNROLLED chunks, beyond that once, into the body of an ONNX
+Loop over the chunks. The clones read the graph's own initializers (from the outer scope in a
+Loop): the file grows by the clones' nodes only, never by a weight.
 
 `attach` adds them and checks them against the numpy reference (`methods.ModelCalls` around ONNX
 Runtime sessions of the same graph's head and model); `camface export` calls it last, after
