@@ -85,9 +85,14 @@ def feature_nodes(model) -> list:
 
 
 def tail_nodes(model) -> list:
-    """Every node that is not a feature node: the head, the gradient and the heatmaps."""
+    """Every node that is not a feature node: the head, the gradient and the heatmaps; not the
+    clones of the whole model that Score-CAM runs (export/onnx_rerun.py), which copy the
+    features, quantised in an int8 graph by design."""
+    from camface.export.onnx_rerun import MODEL_CLONE
+
     features = _feature_indices(model)
-    return [node for index, node in enumerate(model.graph.node) if index not in features]
+    return [node for index, node in enumerate(model.graph.node)
+            if index not in features and not node.name.startswith(MODEL_CLONE)]
 
 
 def check_float_tail(model) -> None:

@@ -33,6 +33,8 @@ from camface.realtime.graph import reads
 
 log = logging.getLogger(__name__)
 
+PREFIX = "camface/rerun/"  # the names of every node and tensor `add` writes
+MODEL_CLONE = f"{PREFIX}model_"  # the names of the nodes of the clones of the whole model
 MAX_PASS_BYTES = 2 << 30  # one chunk's largest tensor may hold this much (float32 bytes)
 # Passes up to this many chunks are unrolled into the graph, one clone each: ONNX Runtime applies
 # its layout optimisations (NCHWc convolutions) to the main graph, not to a Loop's body, where the
@@ -286,7 +288,7 @@ def add(model, names, parts: Anatomy | None = None):
     taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | \
         {i.name for i in graph.input} | {n.name for n in graph.node}
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    b = GraphBuilder(opset, prefix="camface/rerun/", taken=taken)
+    b = GraphBuilder(opset, prefix=PREFIX, taken=taken)
     predicted = b.op("ArgMax", [parts.logits], axis=-1, keepdims=0)
     chosen = b.op("Where", [b.op("Less", [graph_spec.INPUT_CLASS, b.const(0, np.int64)]), predicted,
                             graph_spec.INPUT_CLASS])
