@@ -3,7 +3,7 @@ Score-CAM) written into a finished CAM graph, whatever made it: tf2onnx (Keras),
 engine, int8 quantisation.
 
 Inside the graph they find three tensors: the target (`activations` followed back through
-Identity / Transpose), the logits (the input of the Softmax / Sigmoid that `probs` comes from)
+Identity, Transpose and int8 QDQ nodes to a tensor the logits read), the logits (the input of the Softmax / Sigmoid that `probs` comes from)
 and the normalised input (`image` cast, then scaled and offset per channel: NHWC float32). The
 head is every node between the target and the logits, the model every node between the
 normalised input and the logits; each is cloned, once per chunk of `chunk` variants of every
@@ -13,8 +13,9 @@ Loop over the chunks. The clones read the graph's own initializers (from the out
 Loop): the file grows by the clones' nodes only, never by a weight.
 
 `attach` adds them and checks them against the numpy reference (`methods.ModelCalls` around ONNX
-Runtime sessions of the same graph's head and model); `camface export` calls it last, after
-int8 quantisation (so Score-CAM runs the int8 features an int8 graph runs).
+Runtime sessions of the same graph's head and model); `camface export` calls it after the
+graph's own self-check. int8 quantisation takes them out (`without`) and adds them back to the
+int8 graph (export/int8.py), so Score-CAM runs the int8 features an int8 graph runs.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ log = logging.getLogger(__name__)
 PREFIX = "camface/rerun/"  # the names of every node and tensor `add` writes
 MODEL_CLONE = f"{PREFIX}model_"  # the names of the nodes of the clones of the whole model
 MAX_PASS_BYTES = 2 << 30  # one chunk's largest tensor may hold this much (float32 bytes)
-# Passes up to this many chunks are unrolled into the graph, one clone each: ONNX Runtime applies
-# its layout optimisations (NCHWc convolutions) to the main graph, not to a Loop's body, where the
-# bundled model's forward pass ran 2-3x slower. More chunks (ResNet-50's 2048 channels: 128
+# Passes up to this many chunks are unrolled into the graph, one clone each: in a Loop's body the
+# bundled model's forward pass ran 2-3x slower than in the main graph (about what ONNX Runtime's
+# basic optimisation level gives the main graph: its layout optimisations seem not to reach
+# subgraphs; benchmarks/gradient_free.py, bench --compare-heads). More chunks (ResNet-50's 2048 channels: 128
 # Score-CAM chunks) run in a Loop, one clone, so the graph does not grow with the channels.
 MAX_UNROLLED = 32
 _NORMALISING = ("Cast", "Mul", "Add", "Sub", "Div")
