@@ -35,7 +35,8 @@ INPUT_CLASS = "class_index"
 OUTPUT_PROBS = "probs"
 OUTPUT_ACTIVATIONS = "activations"
 OUTPUT_SIMILARITY = "similarity"  # gallery graphs only
-REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS, "gradcam", "gradcampp")
+# and at least one heatmap: a graph whose head has no gradient holds only gradient-free ones
+REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS)
 
 # metadata_props keys; values are strings, JSON where marked.
 META_VERSION = "camface_version"
@@ -187,7 +188,8 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
         why = f"its export ranked no methods: {info.ranking['skipped']}"
     else:
         why = "its method ranking names none of the heatmaps it holds"
-    return FALLBACK_METHOD, why
+    # a graph without gradients (int8 or a head without gradient rules) may lack Grad-CAM
+    return (FALLBACK_METHOD if FALLBACK_METHOD in offered or not offered else offered[0]), why
 
 
 def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequence],
@@ -204,6 +206,8 @@ def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequenc
     inputs, outputs = list(inputs), dict(outputs)
     missing = [n for n in (INPUT_IMAGE, INPUT_CLASS) if n not in inputs]
     missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
+    if not any(name in outputs for name in _methods.METHODS):
+        missing.append("a heatmap output")
     if missing:
         raise ModelError(f"{where} is not a camface CAM graph: missing {', '.join(missing)} "
                          f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})")

@@ -9,6 +9,16 @@ exporter). Adding a method means adding an entry here and its test, then re-expo
 bundled graph (`make models`); `--method`, the window's `m` key, `camface bench`, `camface info`,
 the guided figure and graph_spec's list of heatmap outputs all read `METHODS`.
 
+Two kinds of method. Most compute a map from (A, g, w) alone. Gradient-free methods that run
+part of the model again (Ablation-CAM, Score-CAM) need HEAD or FORWARD and are handed a runtime
+`ops` (see `ModelOps`) that also offers `ops.head(variants, count, chunk)` (the target -> logits
+part on modified activations) and `ops.forward(variants, count, chunk)` (the whole model on
+modified normalised images, `ops.images`); each runtime provides them: `ModelCalls` here (numpy,
+around callables: a TensorFlow model, an ONNX Runtime session, a torch model), the sub-models in
+TensorFlow (`camface.export.graph`) and, in ONNX, the head or model cloned inside the CAM graph
+in a Loop over chunks, its weights shared (`camface.export.onnx_rerun`). Adding such a method is
+still one entry here and its test.
+
 Notation (all at the target layer's resolution h x w, unnormalised): A = activations
 [N, h, w, K]; g = d logit_c / dA [N, h, w, K] with logit_c the PRE-softmax score of the
 explained class c; w = the linear head's weights of class c per crop, [N, 1, 1, K] (CAM only).
@@ -27,6 +37,9 @@ import numpy as np
 
 GRADIENTS = "gradients"  # needs g = d logit_c / dA
 CLASS_WEIGHTS = "class_weights"  # needs a pooling -> one linear layer head
+HEAD = "head"  # runs the head (target -> logits) again: ops.head, ops.class_logit
+FORWARD = "forward"  # runs the whole model again: ops.forward, ops.images
+RERUNS = frozenset({HEAD, FORWARD})  # the gradient-free methods that re-run part of the model
 
 POSITIVE = "positive"  # ReLU, then divided by the maximum (maps of positive evidence)
 MINMAX = "minmax"  # (map - min) / (max - min): maps whose sign carries no "against" meaning
@@ -59,6 +72,33 @@ class Ops(Protocol):
         """x with its axes permuted, as numpy.transpose with an explicit `axes`."""
     def reshape(self, x, shape: tuple[int, ...]):
         """x in a new shape (ints, one of them -1: the batch), as numpy.reshape."""
+    def min(self, x, axis, keepdims: bool = False): ...
+    def exp(self, x): ...
+    def expand_dims(self, x, axis: int):
+        """x with a new axis of length 1 at `axis` (an int), as numpy.expand_dims."""
+    def take(self, x, indices, axis: int):
+        """x's entries at int64 `indices` [B] along `axis`, as numpy.take."""
+    def one_hot(self, indices, depth: int):
+        """float32 [B, depth], row b one at indices[b] (int64 [B]) and zero elsewhere."""
+
+
+class ModelOps(Ops, Protocol):
+    """`Ops` plus the model, for the methods that need HEAD or FORWARD. Bound to one batch of N
+    crops, each with its explained class c_n.
+
+    variants(k) -> the modified batch for the variant indices k (int64 [B], 0 <= k < count),
+    [N, B, ...] (crop n's variant k[b] at [n, b]); the runtime calls it once per chunk of at most
+    `chunk` indices (so at most N * chunk rows run at once) and returns the explained class's
+    pre-softmax logit of every variant, float32 [N, count].
+    """
+
+    images: object  # the normalised model input, float32 [N, H, W, C] (NHWC, the model's colour order)
+    class_logit: object  # logit_c of each unmodified crop, float32 [N, 1]
+
+    def head(self, variants: Callable, count: int, chunk: int):
+        """logit_c of the head (target -> logits) on variants [N, B, h, w, K] of A."""
+    def forward(self, variants: Callable, count: int, chunk: int):
+        """logit_c of the whole model on variants [N, B, H, W, C] of `images`."""
 
 
 class NumpyOps:
@@ -101,8 +141,79 @@ class NumpyOps:
     def reshape(self, x, shape):
         return np.reshape(x, shape)
 
+    def min(self, x, axis, keepdims=False):
+        return np.min(x, axis=axis, keepdims=keepdims)
+
+    def exp(self, x):
+        return np.exp(x)
+
+    def expand_dims(self, x, axis):
+        return np.expand_dims(x, axis)
+
+    def take(self, x, indices, axis):
+        return np.take(x, indices, axis=axis)
+
+    def one_hot(self, indices, depth):
+        return np.eye(depth, dtype=np.float32)[indices]
+
 
 NUMPY = NumpyOps()
+
+
+class Chunked:
+    """`ModelOps.head` / `.forward` as a loop over chunks of variants, for runtimes that run
+    Python per call (numpy, TensorFlow tracing). The class needs `_logits_of_head(x)`,
+    `_logits_of_model(x)` (float32 rows -> [rows, classes]), `_classes` (float32 one-hot
+    [N, classes] of the explained classes), `_indices(start, stop)` and `_concat(parts, axis)`."""
+
+    def head(self, variants, count, chunk):
+        return self._scores(self._logits_of_head, variants, count, chunk)
+
+    def forward(self, variants, count, chunk):
+        return self._scores(self._logits_of_model, variants, count, chunk)
+
+    def _scores(self, logits_of, variants, count, chunk):
+        parts = []
+        for start in range(0, int(count), int(chunk)):
+            stop = min(start + int(chunk), int(count))
+            batch = variants(self._indices(start, stop))  # [N, B, ...]
+            rows = self.reshape(batch, (-1, *(int(d) for d in batch.shape[2:])))
+            logits = self.reshape(logits_of(rows), (-1, stop - start, int(self._classes.shape[-1])))
+            parts.append(self.sum(logits * self.expand_dims(self._classes, 1), axis=-1))  # [N, B]
+        return self._concat(parts, 1)
+
+
+class ModelCalls(Chunked, NumpyOps):
+    """`ModelOps` in numpy around callables (the reference of HEAD / FORWARD methods).
+
+    head: float32 activations [M, h, w, K] (NHWC) -> logits [M, classes]; forward: normalised
+    images float32 [M, H, W, C] (NHWC) -> logits [M, classes]; images: the batch's normalised
+    images [N, H, W, C]; activations: its A [N, h, w, K]; class_index int [N] (-1: predicted).
+    Either callable may be None when no method asks for it. Wrap a TensorFlow model, an ONNX
+    Runtime session or a torch model (with its NCHW transposes) in these callables.
+    """
+
+    def __init__(self, head, forward, images, activations, class_index):
+        self._head, self._forward = head, forward
+        self.images = np.asarray(images, np.float32)
+        activations = np.asarray(activations, np.float32)
+        logits = np.asarray(head(activations) if head is not None else forward(self.images), np.float32)
+        index = np.asarray(class_index).astype(np.int64)
+        chosen = np.where(index < 0, logits.argmax(-1), index)
+        self._classes = np.eye(logits.shape[-1], dtype=np.float32)[chosen]
+        self.class_logit = logits[np.arange(len(chosen)), chosen][:, None]
+
+    def _logits_of_head(self, rows):
+        return np.asarray(self._head(rows), np.float32)
+
+    def _logits_of_model(self, rows):
+        return np.asarray(self._forward(np.ascontiguousarray(rows)), np.float32)
+
+    def _indices(self, start, stop):
+        return np.arange(start, stop, dtype=np.int64)
+
+    def _concat(self, parts, axis):
+        return np.concatenate(parts, axis=axis)
 
 
 @dataclass(frozen=True)
@@ -113,7 +224,8 @@ class Method:
     paper: citation with the equation used. compute: `compute(ops, A, g, w) -> [N, h, w]`
     (g or w is None when the method does not need it). needs: GRADIENTS and/or CLASS_WEIGHTS.
     normalization: POSITIVE or MINMAX (see `normalize`). display: offered
-    in `--method` and the `m` key (a baseline that is not an explanation is not).
+    in `--method` and the `m` key (a baseline that is not an explanation is not). chunk (HEAD /
+    FORWARD methods): variants per crop in one pass of the head or model (`ModelOps`).
     """
 
     name: str
@@ -123,13 +235,31 @@ class Method:
     needs: frozenset[str]
     normalization: str = POSITIVE
     display: bool = True
+    chunk: int = 0
 
-    def reference(self, activations, gradients=None, class_weights=None) -> np.ndarray:
-        """The numpy reference: float [N, h, w, K] inputs -> float32 [N, h, w]."""
+    @property
+    def reruns(self) -> bool:
+        """True for a method that runs the head or the model again (HEAD / FORWARD)."""
+        return bool(self.needs & RERUNS)
+
+    def passes(self, channels: int) -> str:
+        """What one crop costs beyond the graph's forward pass, in words (`camface info`, bench)."""
+        if FORWARD in self.needs:
+            return f"{channels} forward passes per crop"
+        if HEAD in self.needs:
+            return f"{channels} head passes per crop"
+        return "one backward pass through the head" if GRADIENTS in self.needs else "activations only"
+
+    def reference(self, activations, gradients=None, class_weights=None, model: ModelCalls | None = None
+                  ) -> np.ndarray:
+        """The numpy reference: float [N, h, w, K] inputs -> float32 [N, h, w]. model: the
+        batch's `ModelCalls`, for HEAD / FORWARD methods (ValueError without it)."""
         a = np.asarray(activations, np.float32)
         g = None if gradients is None else np.asarray(gradients, np.float32)
         w = None if class_weights is None else np.asarray(class_weights, np.float32)
-        return np.asarray(self.compute(NUMPY, a, g, w), np.float32)
+        if self.reruns and model is None:
+            raise ValueError(f"{self.name} runs the model again: pass model=ModelCalls(...)")
+        return np.asarray(self.compute(model if self.reruns else NUMPY, a, g, w), np.float32)
 
 
 def gradcam(ops, a, g, w=None):
@@ -284,6 +414,79 @@ def random_baseline(ops, a, g=None, w=None):
     return ops.sum(random_weights(ops, a) * a, axis=-1)
 
 
+# variants per crop in one pass: pytorch-grad-cam's batch sizes (AblationCAM 32, ScoreCAM 16)
+ABLATION_CHUNK, SCORE_CHUNK = 32, 16
+
+
+def ablationcam(ops, a, g=None, w=None):
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020, eq. 3): w_k = (y_c - y_c^k) / y_c, with y_c
+    the explained class's logit and y_c^k the logit when channel k of A is set to 0 (the head
+    only runs again: K head passes per crop, `chunk` at a time), map = ReLU(sum_k w_k A_k).
+
+    As pytorch-grad-cam 1.5.7's AblationCAM (ablation_cam.py, ablation_layer.py): the target is
+    the pre-softmax logit (ClassifierOutputTarget), every channel is ablated
+    (ratio_channels_to_ablate 1.0), the weights are divided by y_c (so a negative y_c flips the
+    map, as there), the map is ReLU'd before display. Ablation value: always 0, as the paper.
+    pytorch-grad-cam uses 0 only when min(A) == 0 (a post-ReLU target, the usual case, where
+    both agree) and min(A) - 1e7 otherwise; camface keeps 0 at targets that can be negative (the
+    bundled model's add_3): a 1e7 activation drives the head far outside anything it was
+    trained on. Division: 0 where y_c = 0."""
+    channels = int(a.shape[3])
+
+    def ablated(k):  # [N, B, h, w, K]: crop n with channel k[b] zeroed
+        keep = 1.0 - ops.one_hot(k, channels)  # [B, K]
+        return ops.expand_dims(a, 1) * ops.reshape(keep, (1, -1, 1, 1, channels))
+
+    scores = ops.head(ablated, channels, ABLATION_CHUNK)  # [N, K]
+    weights = ops.safe_divide(ops.class_logit - scores, ops.class_logit)
+    return ops.relu(ops.sum(ops.reshape(weights, (-1, 1, 1, channels)) * a, axis=-1))
+
+
+def bilinear_matrix(source: int, size: int) -> np.ndarray:
+    """float32 [size, source]: 1-D linear interpolation from `source` samples to `size`, corners
+    aligned (torch.nn.UpsamplingBilinear2d, i.e. align_corners=True: output i reads input
+    i * (source - 1) / (size - 1)). Rows sum to 1."""
+    matrix = np.zeros((size, source), np.float64)
+    where = np.arange(size) * ((source - 1) / (size - 1) if size > 1 else 0.0)
+    low = np.minimum(np.floor(where).astype(int), source - 1)
+    high = np.minimum(low + 1, source - 1)
+    frac = where - low
+    np.add.at(matrix, (np.arange(size), low), 1.0 - frac)
+    np.add.at(matrix, (np.arange(size), high), frac)
+    return matrix.astype(np.float32)
+
+
+def scorecam(ops, a, g=None, w=None):
+    """Score-CAM (Wang et al., CVPRW 2020, arXiv:1910.01279, eq. 3-4 and Alg. 1): each channel
+    A_k, upsampled bilinearly to the input size and min-max normalised to [0, 1], masks the
+    normalised input image; the masked images' class scores, softmaxed over the K channels, are
+    the weights: map = ReLU(sum_k w_k A_k). K forward passes per crop, `chunk` at a time.
+
+    As pytorch-grad-cam 1.5.7's ScoreCAM (score_cam.py), which departs from the paper: the score
+    is the pre-softmax logit of the class (the paper: the softmax probability, minus the
+    baseline's), the softmax runs over the channels' logits, the upsampling aligns corners
+    (UpsamplingBilinear2d), the normalisation adds 1e-8 to max - min, and the mask multiplies
+    the normalised model input (after mean / std, not the pixels). Upsampling is two small
+    interpolation matrices (`bilinear_matrix`), so every runtime computes it alike."""
+    height, width, channels = (int(d) for d in a.shape[1:])
+    image_height, image_width = (int(d) for d in ops.images.shape[1:3])
+    rows = bilinear_matrix(height, image_height)  # [H, h]
+    columns = np.ascontiguousarray(bilinear_matrix(width, image_width).T)  # [w, W]
+
+    def masked(k):  # [N, B, H, W, C]: crop n's image times channel k[b]'s mask
+        maps = ops.transpose(ops.take(a, k, axis=3), (0, 3, 1, 2))  # [N, B, h, w]
+        up = ops.matmul(ops.matmul(rows, maps), columns)  # [N, B, H, W]
+        low = ops.min(up, axis=(2, 3), keepdims=True)
+        high = ops.max(up, axis=(2, 3), keepdims=True)
+        mask = (up - low) / (high - low + 1e-8)
+        return ops.expand_dims(ops.images, 1) * ops.expand_dims(mask, 4)
+
+    scores = ops.forward(masked, channels, SCORE_CHUNK)  # [N, K]
+    weights = ops.exp(scores - ops.max(scores, axis=1, keepdims=True))
+    weights = weights / ops.sum(weights, axis=1, keepdims=True)
+    return ops.relu(ops.sum(ops.reshape(weights, (-1, 1, 1, channels)) * a, axis=-1))
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gradcam", "Grad-CAM", "Selvaraju et al. 2017, arXiv:1610.02391, eq. 1-2",
            gradcam, frozenset({GRADIENTS})),
@@ -307,6 +510,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            eigencam, frozenset(), normalization=MINMAX),
     Method("eigengradcam", "Eigen-Grad-CAM", "pytorch-grad-cam EigenGradCAM (Eigen-CAM of g * A)",
            eigengradcam, frozenset({GRADIENTS}), normalization=MINMAX),
+    # Gradient-free, re-running part of the model (ModelOps).
+    Method("ablationcam", "Ablation-CAM", "Desai & Ramaswamy 2020, WACV, eq. 3 (as pytorch-grad-cam 1.5.7)",
+           ablationcam, frozenset({HEAD}), chunk=ABLATION_CHUNK),
+    Method("scorecam", "Score-CAM", "Wang et al. 2020, arXiv:1910.01279 (as pytorch-grad-cam 1.5.7)",
+           scorecam, frozenset({FORWARD}), chunk=SCORE_CHUNK),
     Method("random", "Random", "random channel weights, the faithfulness floor",
            random_baseline, frozenset(), normalization=MINMAX, display=False),
 )}

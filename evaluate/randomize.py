@@ -8,7 +8,8 @@ and batch-norm-unfolded constants), so re-drawing initializers in place would le
 describing the old model. So `Randomizer` cuts the forward pass out of the graph
 (`forward_model`: the nodes that `probs` and the target depend on, the uint8 input kept as it
 is), re-draws its weights, and writes the explanation again with camface's ONNX engine
-(`camface.export.onnx_cam.build`, the gradient rules of `camface export model.onnx`). Before any
+(`camface.export.onnx_cam.build`, the gradient rules of `camface export model.onnx`, and
+Ablation-CAM / Score-CAM re-running the re-drawn head or model: `onnx_rerun`). Before any
 weight is touched the rebuilt graph gives the original graph's outputs (to float rounding; a test
 checks it), so every change a step shows comes from the weights it re-drew.
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from camface import graph_spec
+from camface import graph_spec, methods
 from camface.errors import ModelError
 
 FEATURE_STEPS = 6
@@ -248,7 +249,7 @@ class Randomizer:
         onnx = _onnx()
         from onnx import numpy_helper
 
-        from camface.export import onnx_cam
+        from camface.export import onnx_cam, onnx_rerun
 
         model = onnx.ModelProto()
         model.CopyFrom(self.forward)
@@ -257,7 +258,11 @@ class Randomizer:
             if init.name in chosen:
                 init.CopyFrom(numpy_helper.from_array(self.redrawn(init.name), init.name))
         classifier = dataclasses.replace(self._classifier, model=model)
-        return onnx_cam.build(classifier, self.target, np.ones(1, np.float32), np.zeros(1, np.float32)).model
+        built = onnx_cam.build(classifier, self.target, np.ones(1, np.float32), np.zeros(1, np.float32)).model
+        try:  # Ablation-CAM and Score-CAM: the re-drawn head or model run again (onnx_rerun)
+            return onnx_rerun.add(built, methods.names())
+        except ModelError:  # too large for them: the sanity check then names what is missing
+            return built
 
 
 def load_graph(path):

@@ -70,7 +70,8 @@ class Scorer:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(metrics.BASELINES)}")
         self.graph, self.steps, self.baseline, self.progress = graph, steps, baseline, progress
         self.output = scored_output(graph.info)
-        self._probs_session = _probability_session(graph, device, threads, self.output)
+        self._probs_session = _probability_session(graph, device, threads, (self.output,))
+        self._device, self._threads, self._heatmap_sessions = device, threads, {}
 
     def classify(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (a gallery graph's similarities) float32 [M, classes] of uint8 crops
@@ -87,7 +88,11 @@ class Scorer:
     def heatmaps(self, crops: np.ndarray, names) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(probs [N, classes] (a gallery graph's similarities), {method: [N, h, w]}) of the
         predicted class, BATCH crops per call."""
-        session = self.graph.session
+        names = tuple(names)
+        if names not in self._heatmap_sessions:
+            self._heatmap_sessions[names] = _probability_session(self.graph, self._device, self._threads,
+                                                                 (self.output, *names))
+        session = self._heatmap_sessions[names]
         probs, maps = [], {name: [] for name in names}
         for start in range(0, len(crops), BATCH):
             chunk = np.ascontiguousarray(crops[start:start + BATCH])
@@ -153,16 +158,17 @@ class Scorer:
         return predicted, full, results
 
 
-def _probability_session(graph, device: str, threads: int, output: str = graph_spec.OUTPUT_PROBS):
-    """An ONNX Runtime session of the graph pruned to `probs` (ORT runs every node of a graph
-    whatever is asked for, and the perturbed crops need no heatmaps), or the graph's own
-    session when the `onnx` package is not installed."""
+def _probability_session(graph, device: str, threads: int, outputs: tuple[str, ...]):
+    """An ONNX Runtime session of the graph pruned to `outputs` (the scored output, and the
+    heatmaps asked for: ORT runs every node of a graph whatever is asked for, the perturbed crops
+    need no heatmaps and the heatmaps asked for need no Score-CAM), or the graph's own session
+    when the `onnx` package is not installed."""
     try:
         from camface.realtime.bench.heads import prune
         from camface.realtime.graph import CamGraph
 
-        pruned = prune(graph.model_bytes, (output,))
+        pruned = prune(graph.model_bytes, outputs)
     except Exception as exc:  # onnx missing (ModelError) or a graph onnx cannot prune
-        log.info("camface evaluate: classifying perturbed crops with the whole graph (%s)", exc)
+        log.info("camface evaluate: running the whole graph (%s)", exc)
         return graph.session
     return CamGraph.from_bytes(pruned, graph.path, device, threads, contract=False).session

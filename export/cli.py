@@ -78,8 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="turn Keras safe mode off to load a model with Lambda layers: this "
                              "RUNS PYTHON CODE FROM THE MODEL FILE; use only with files you trust")
     heads = (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS, *methods.names())
-    parser.add_argument("--heads", nargs="+", choices=heads, default=list(heads),
-                        help=argparse.SUPPRESS)  # benchmarks: forward-only graphs
+    parser.add_argument("--heads", nargs="+", choices=heads, default=None,
+                        help=argparse.SUPPRESS)  # benchmarks: forward-only graphs; default: every method that fits
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the self-check (Keras: ONNX Runtime vs TensorFlow; .onnx/.pt2: "
                              "forward vs the model, gradient vs finite differences)")
@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
         offset=tuple(args.offset) if args.offset else None,
         fp16=args.fp16,
         opset=args.opset,
-        heads=tuple(args.heads),
+        heads=tuple(args.heads) if args.heads else None,
         verify=not args.no_verify,
         safe_mode=not args.unsafe_load,
         labels_source=args.labels or "",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from camface import __version__, graph_spec, methods
@@ -66,11 +66,16 @@ def read_labels_file(path: str | Path) -> tuple[str, ...]:
 
 
 def build(model, options: ExportOptions):
-    """(tf.function, GraphInfo without source fields) for an in-memory Keras model."""
-    from camface.export import graph
+    """(tf.function, GraphInfo without source fields) for an in-memory Keras model: what tf2onnx
+    converts. The methods that run the model again (Ablation-CAM, Score-CAM) are left out of
+    both: `onnx_rerun.attach` writes them into the converted graph (a converted TensorFlow clone
+    would carry a frozen copy of the weights per clone)."""
+    from camface.export import graph, onnx_rerun
 
     parts, heads, info = prepare(model, options)
-    return graph.build_function(parts, heads), info
+    reruns = onnx_rerun.rerun_names(heads)
+    return (graph.build_function(parts, tuple(h for h in heads if h not in reruns)),
+            replace(info, heatmaps=tuple(h for h in info.heatmaps if h not in reruns)))
 
 
 def prepare(model, options: ExportOptions):
@@ -128,9 +133,8 @@ def prepare(model, options: ExportOptions):
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
     """Load, build, convert, verify and write. Raises ModelError / OutputError."""
     import time
-    from dataclasses import replace
 
-    from camface.export import convert, graph, keras_model, verify
+    from camface.export import convert, graph, keras_model, onnx_rerun, verify
 
     started = time.perf_counter()
     model_path, output = Path(model_path), Path(output)
@@ -139,10 +143,17 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     check_output_file(output, overwrite=True)
     model = keras_model.load_model(model_path, safe_mode=options.safe_mode)
     parts, heads, info = prepare(model, options)
-    function = graph.build_function(parts, heads)
-    info = replace(info, source_model=model_path.name, source_sha256=sha256_file(model_path))
+    reruns = onnx_rerun.rerun_names(heads)
+    if options.fp16 and reruns:
+        log.info("%s left out: a float16 graph has no float32 model to run again", ", ".join(reruns))
+        reruns = ()
+    # tf2onnx converts the rest (see `build`); the methods that run the model again are written
+    # into the ONNX graph after the self-check
+    function = graph.build_function(parts, tuple(h for h in heads if h not in onnx_rerun.rerun_names(heads)))
+    info = replace(info, source_model=model_path.name, source_sha256=sha256_file(model_path),
+                   heatmaps=tuple(h for h in info.heatmaps if h not in onnx_rerun.rerun_names(heads)))
     log.info("exporting %s at target layer %s (feature map %dx%d), heatmaps %s",
-             model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps))
+             model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps + reruns))
     if info.cam_unavailable_reason:
         log.info("no CAM: %s", info.cam_unavailable_reason)
     onnx_model = convert.to_onnx(function, opset=options.opset)
@@ -159,11 +170,16 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
                                           info.input_size, info.channels, len(info.labels),
                                           info.precision, heatmap_function=heatmap_function))
         _warn_ill_conditioned(differences, info.target_layer)
+    onnx_model, info, rerun_differences = onnx_rerun.attach(onnx_model, info, reruns, options.verify,
+                                                            required=onnx_rerun.asked(options.heads))
+    differences += rerun_differences
+    convert.set_metadata(onnx_model, info.to_metadata())
     quantized = None
     if options.int8:  # on the verified float32 graph; raises ModelError when it disagrees
         from camface.export.int8 import export_int8
 
         onnx_model, info, quantized = export_int8(onnx_model, info, options)
+        convert.set_metadata(onnx_model, info.to_metadata())
     convert.save(onnx_model, output)
     return ExportResult(output, info, differences, time.perf_counter() - started, quantized)
 

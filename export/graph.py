@@ -14,6 +14,9 @@ from camface import graph_spec, methods
 
 FORWARD_HEADS = (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS)  # a forward-only graph
 FULL_HEADS = FORWARD_HEADS + methods.names()
+# what tf2onnx converts: the methods that run the model again are written into the ONNX graph
+# afterwards (export/onnx_rerun.py: frozen weights would otherwise be copied per clone)
+CONVERTED_HEADS = tuple(h for h in FULL_HEADS if h not in methods.METHODS or not methods.get(h).reruns)
 HEATMAP_SCOPE = "camface_heatmaps"
 
 
@@ -82,8 +85,66 @@ class TensorFlowOps:
 
         return tf.reshape(x, shape)
 
+    def min(self, x, axis, keepdims=False):
+        import tensorflow as tf
+
+        return tf.reduce_min(x, axis=axis, keepdims=keepdims)
+
+    def exp(self, x):
+        import tensorflow as tf
+
+        return tf.exp(x)
+
+    def expand_dims(self, x, axis):
+        import tensorflow as tf
+
+        return tf.expand_dims(x, axis)
+
+    def take(self, x, indices, axis):
+        import tensorflow as tf
+
+        return tf.gather(x, indices, axis=axis)
+
+    def one_hot(self, indices, depth):
+        import tensorflow as tf
+
+        return tf.one_hot(indices, depth, dtype=tf.float32)
+
 
 TF_OPS = TensorFlowOps()
+
+
+class TensorFlowModelOps(methods.Chunked, TensorFlowOps):
+    """`camface.methods.ModelOps` on TensorFlow tensors: the head and the whole model are the
+    Keras sub-models (`keras_model.Split`), run once per chunk (a Python loop, unrolled when
+    traced). images: the normalised input [N, H, W, C]; logits: [N, classes]; chosen: int64 [N]."""
+
+    def __init__(self, split, images, logits, chosen):
+        import tensorflow as tf
+
+        self._split, self.images = split, images
+        self._classes = tf.one_hot(chosen, int(logits.shape[-1]), dtype=tf.float32)
+        self.class_logit = tf.reduce_sum(logits * self._classes, axis=-1, keepdims=True)
+
+    def _logits_of_head(self, rows):
+        import tensorflow as tf
+
+        return tf.cast(self._split.head(rows), tf.float32)
+
+    def _logits_of_model(self, rows):
+        import tensorflow as tf
+
+        return tf.cast(self._split.head(tf.cast(self._split.features(rows), tf.float32)), tf.float32)
+
+    def _indices(self, start, stop):
+        import tensorflow as tf
+
+        return tf.range(start, stop, dtype=tf.int64)
+
+    def _concat(self, parts, axis):
+        import tensorflow as tf
+
+        return tf.concat(parts, axis=axis)
 
 
 def safe_global_average_pool(x):
@@ -155,7 +216,7 @@ def build_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEADS):
         offset = tf.constant(parts.offset, tf.float32)
         x = tf.cast(image, tf.float32) * scale + offset
         activations = tf.cast(parts.split.features(x), tf.float32)
-        probs, heatmaps = _explain(parts, heads, activations, class_index)
+        probs, heatmaps = _explain(parts, heads, activations, class_index, x)
         outputs = {graph_spec.OUTPUT_PROBS: probs, graph_spec.OUTPUT_ACTIVATIONS: activations,
                    **heatmaps}
         return {name: tf.identity(value, name=name) for name, value in outputs.items()}
@@ -165,7 +226,8 @@ def build_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEADS):
 
 def build_heatmap_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEADS):
     """A `tf.function` activations float32 [N, h, w, K], class_index int64 [N] -> the heatmaps
-    of `build_function` computed from those activations (no `probs` / `activations`).
+    of `build_function` computed from those activations (no `probs` / `activations`), but for
+    the methods that run the model again (they need the images).
 
     The self-check of a float16 graph uses it to judge the graph's heatmaps against TensorFlow
     run on the graph's own (float16-rounded) activations; see `verify.verify`."""
@@ -178,11 +240,14 @@ def build_heatmap_function(parts: GraphParts, heads: tuple[str, ...] = FULL_HEAD
     return heatmap_graph
 
 
-def _explain(parts: GraphParts, heads: tuple[str, ...], activations, class_index):
-    """(probs [N, classes], {heatmap name: [N, h, w]}) from target-layer activations."""
+def _explain(parts: GraphParts, heads: tuple[str, ...], activations, class_index, images=None):
+    """(probs [N, classes], {heatmap name: [N, h, w]}) from target-layer activations (and the
+    normalised images [N, H, W, C], which the methods that run the model again need)."""
     import tensorflow as tf
 
     wanted = [methods.get(h) for h in heads if h in methods.METHODS]
+    if images is None:
+        wanted = [m for m in wanted if not m.reruns]
     if parts.class_weights is None:
         wanted = [m for m in wanted if methods.CLASS_WEIGHTS not in m.needs]
     split = parts.split
@@ -204,6 +269,8 @@ def _explain(parts: GraphParts, heads: tuple[str, ...], activations, class_index
         if any(methods.CLASS_WEIGHTS in m.needs for m in wanted):
             columns = tf.gather(tf.transpose(tf.constant(parts.class_weights, tf.float32)), chosen)
             weights = columns[:, None, None, :]  # [N, 1, 1, K]
+        rerun = TensorFlowModelOps(split, images, logits, chosen) if any(m.reruns for m in wanted) else None
         for method in wanted:
-            heatmaps[method.name] = method.compute(TF_OPS, activations, gradients, weights)
+            ops = rerun if method.reruns else TF_OPS
+            heatmaps[method.name] = method.compute(ops, activations, gradients, weights)
     return probs, heatmaps

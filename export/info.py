@@ -96,6 +96,17 @@ def format_summary(summary: GraphSummary) -> str:
     return "\n".join(lines)
 
 
+def method_lines(summary: GraphSummary, info: graph_spec.GraphInfo) -> list[str]:
+    """One line per heatmap the graph offers: its name, title and cost (gradients, K head or
+    forward passes per crop for the gradient-free methods that run the model again)."""
+    from camface import methods
+
+    shape = next((shape for name, _, shape in summary.outputs if name == graph_spec.OUTPUT_ACTIVATIONS), ())
+    channels = shape[-1] if shape else "K"
+    return [f"{name:<18} {methods.get(name).title:<22} {methods.get(name).passes(channels)}"
+            for name in info.heatmaps if name in methods.METHODS]
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph", metavar="MODEL.onnx", help="a CAM graph written by camface export")
 
@@ -108,6 +119,9 @@ def main(args: argparse.Namespace) -> int:
           f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_description} "
           f"{info.feature_size[0]}x{info.feature_size[1]}; {info.precision}")
     print(f"target {info.target_layer}: {info.target_reason or 'not recorded (an older camface)'}")
+    print("methods (what each costs beyond the forward pass):")
+    for line in method_lines(summary, info):
+        print(f"  {line}")
     if info.quantization:
         from camface.export.int8 import summary_lines  # imports numpy only until it quantizes
 

@@ -85,9 +85,14 @@ def feature_nodes(model) -> list:
 
 
 def tail_nodes(model) -> list:
-    """Every node that is not a feature node: the head, the gradient and the heatmaps."""
+    """Every node that is not a feature node: the head, the gradient and the heatmaps; not the
+    clones of the whole model that Score-CAM runs (export/onnx_rerun.py), which copy the
+    features, quantised in an int8 graph by design."""
+    from camface.export.onnx_rerun import MODEL_CLONE
+
     features = _feature_indices(model)
-    return [node for index, node in enumerate(model.graph.node) if index not in features]
+    return [node for index, node in enumerate(model.graph.node)
+            if index not in features and not node.name.startswith(MODEL_CLONE)]
 
 
 def check_float_tail(model) -> None:
@@ -238,17 +243,24 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
     calibration.CropSets) replaces it when given. Raises ModelError when the graph is not
     float32, when the tail is not float32 after quantizing, or (`enforce`) when the agreement
     with the float32 graph on the held-out crops misses `thresholds`; the message lists each miss.
+
+    The methods that run the model again (Ablation-CAM, Score-CAM: export/onnx_rerun.py) are
+    taken out first and written again into the int8 graph, so they run its int8 features; they
+    are checked against the numpy reference on that graph's own head and model, not against the
+    float32 graph's maps (the agreement covers the other methods).
     """
     import onnx
     import onnxruntime
 
     from camface.export import calibration as calibration_crops
+    from camface.export import onnx_rerun
 
     if isinstance(model, (bytes, bytearray)):
         model = onnx.load_from_string(bytes(model))
     info = graph_spec.GraphInfo.from_metadata({p.key: p.value for p in model.metadata_props})
     if info.precision != "fp32":
         raise ModelError(f"int8 quantizes a float32 CAM graph; this one is {info.precision}")
+    model, info, reruns = onnx_rerun.without(model, info)
     crops = crops or calibration_crops.crop_sets(calibration, info.input_size, info.color_order)
     log.info("int8: calibrating on %d face crops from %s (%s), %d held out",
              len(crops.calibration), crops.source, method, len(crops.held_out))
@@ -276,7 +288,9 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
                                     for name, (p, o) in result.bars(thresholds, floor).items()}},
         "passed": not failures,
     }
+    quantized, info, _ = onnx_rerun.attach(quantized, replace(info, precision="int8"), reruns, required=reruns)
     props = {p.key: p.value for p in quantized.metadata_props}
+    props[graph_spec.META_HEATMAPS] = json.dumps(list(info.heatmaps))
     props[graph_spec.META_PRECISION] = "int8"
     props[graph_spec.META_QUANTIZATION] = json.dumps(report)
     del quantized.metadata_props[:]
@@ -287,7 +301,9 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
 def export_int8(model, info: graph_spec.GraphInfo, options) -> tuple[object, graph_spec.GraphInfo, Int8Result]:
     """`camface export --int8`, every engine: the verified float32 CAM graph `model` (metadata
     set) quantized from `options.calibration` by `options.calibration_method` and checked
-    (`to_int8`); returns the int8 graph, `info` with precision and quantization, and the result."""
+    (`to_int8`); returns the int8 graph, `info` with precision and quantization, and the result.
+    Ablation-CAM and Score-CAM (onnx_rerun) are taken out first and added back to the int8 graph,
+    so they run its int8 features (`to_int8`)."""
     result = to_int8(model, options.calibration, options.calibration_method)
     return result.model, replace(info, precision="int8", quantization=result.report), result
 

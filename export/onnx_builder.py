@@ -6,6 +6,7 @@ Only `onnx` (and numpy) are imported; nothing here runs a model.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -50,17 +51,18 @@ class GraphBuilder:
         return names[0] if len(names) == 1 else names
 
     def const(self, value, dtype=np.float32) -> str:
-        """An initializer holding `value` as `dtype` (shared between equal small constants)."""
+        """An initializer holding `value` as `dtype` (shared between equal constants)."""
         from onnx import numpy_helper
 
         array = np.asarray(value, dtype=dtype)
-        key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 64 else None
-        if key is not None and key in self._consts:
+        data = array.tobytes()
+        # large ones by digest (a clone per chunk asks for the same interpolation matrices)
+        key = (array.dtype.str, array.shape, data if array.size <= 64 else hashlib.sha256(data).digest())
+        if key in self._consts:
             return self._consts[key]
         name = self.name("const")
         self.initializers.append(numpy_helper.from_array(array, name))
-        if key is not None:
-            self._consts[key] = name
+        self._consts[key] = name
         return name
 
     def ints(self, values) -> str:

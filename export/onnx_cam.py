@@ -10,6 +10,7 @@ registry heatmap the head allows, written by `camface.methods` through `onnx_ops
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from camface.export import onnx_grad, onnx_model
 from camface.export.onnx_builder import GraphBuilder
 from camface.export.onnx_ops import OnnxTensor, ONNX_OPS
 
+log = logging.getLogger(__name__)
 GRADIENT = "camface/gradient_nhwc"  # the gradient tensor, for the self-check
 # Names the CAM graph's contract uses; `onnx_model.rename` moves a model's own tensors aside.
 RESERVED = (graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS, graph_spec.OUTPUT_PROBS,
@@ -132,8 +134,9 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     predicted = b.op("ArgMax", [logits], axis=-1, keepdims=0)
     chosen = b.op("Where", [b.op("Less", [graph_spec.INPUT_CLASS, b.const(0, np.int64)]),
                             predicted, graph_spec.INPUT_CLASS])
+    # the methods that run the model again are added to the finished graph (onnx_rerun)
     wanted = [methods.get(h) for h in (methods.names() if heads is None else heads)
-              if h in methods.METHODS]
+              if h in methods.METHODS and not methods.get(h).reruns]
     weights, why_no_cam = onnx_model.cam_weights(classifier, target, head_nodes)
     if weights is None:
         wanted = [m for m in wanted if methods.CLASS_WEIGHTS not in m.needs]
@@ -146,10 +149,22 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
     activations = to_nhwc(target, graph_spec.OUTPUT_ACTIVATIONS)
     grad_nhwc = class_w = None
     if any(methods.GRADIENTS in m.needs for m in wanted):
+        written = len(b.nodes)
         seed = b.op("OneHot", [chosen, b.const(classifier.num_classes, np.int64),
                                b.const([0.0, 1.0])], axis=-1)
-        grad = gradient(classifier, b, target, seed, head_nodes)
-        grad_nhwc = to_nhwc(grad, GRADIENT)
+        try:
+            grad = gradient(classifier, b, target, seed, head_nodes)
+        except ModelError as exc:
+            if heads is not None:  # asked for by name: the reason stands
+                raise
+            # the gradient-free methods still explain it
+            gradient_free = [m.name for m in wanted if methods.GRADIENTS not in m.needs]
+            log.warning("no gradient methods (%s); exporting %s and the gradient-free methods",
+                        exc, ", ".join(gradient_free) or "none of the others")
+            wanted = [m for m in wanted if methods.GRADIENTS not in m.needs]
+            del b.nodes[written:]  # unused initializers it wrote do no harm
+        else:
+            grad_nhwc = to_nhwc(grad, GRADIENT)
     if weights is not None:
         rows = b.op("Gather", [b.const(weights), chosen], axis=0)  # [N, K]
         class_w = OnnxTensor(b, b.unsqueeze(rows, [1, 2]))

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from camface import __version__, graph_spec
+from camface import __version__, graph_spec, methods
 from camface.errors import ModelError
 from camface.export.exporter import ExportOptions, ExportResult
 from camface.export.preprocess import Preprocessing
@@ -126,7 +126,7 @@ def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOpt
 
 def build(model, options: ExportOptions, source: str = "model"):
     """(CAM graph ModelProto, GraphInfo, self-check differences) of a forward onnx.ModelProto."""
-    from camface.export import onnx_cam, onnx_model, onnx_verify
+    from camface.export import onnx_cam, onnx_model, onnx_rerun, onnx_verify
 
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
@@ -158,7 +158,10 @@ def build(model, options: ExportOptions, source: str = "model"):
     differences = ()
     if options.verify:
         differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset))
-    return built.model, info, differences
+    wanted = onnx_rerun.rerun_names(methods.names() if heads is None else heads)
+    model, info, rerun_differences = onnx_rerun.attach(built.model, info, wanted, options.verify,
+                                                       required=onnx_rerun.asked(heads))
+    return model, info, differences + rerun_differences
 
 
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
@@ -188,5 +191,6 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         from camface.export.int8 import export_int8
 
         cam_graph, info, quantized = export_int8(cam_graph, info, options)
+        convert.set_metadata(cam_graph, info.to_metadata())
     convert.save(cam_graph, output)
     return ExportResult(output, info, differences, time.perf_counter() - started, quantized)

@@ -166,6 +166,18 @@ class OnnxOps:
         """numpy.reshape; `shape` ints, -1 at most once."""
         return OnnxTensor(x.builder, x.builder.op("Reshape", [x.name, x.builder.ints(shape)]))
 
+    def take(self, x, indices, axis):
+        """numpy.take: x's entries at int64 `indices` (a handle or ints) along `axis`."""
+        b = x.builder
+        index = indices.name if isinstance(indices, OnnxTensor) else b.const(np.asarray(indices), np.int64)
+        return OnnxTensor(b, b.op("Gather", [x.name, index], axis=int(axis)))
+
+    def one_hot(self, indices, depth):
+        """float32 [B, depth]: row b one at int64 indices[b] (a handle or ints), zero elsewhere."""
+        b = indices.builder
+        return OnnxTensor(b, b.op("OneHot", [indices.name, b.const(int(depth), np.int64), b.const([0.0, 1.0])],
+                                  axis=-1))
+
     def expand_dims(self, x, axis):
         return OnnxTensor(x.builder, x.builder.unsqueeze(x.name, _axes(axis)))
 

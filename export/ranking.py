@@ -55,6 +55,8 @@ def rank_crops(graph, crops: np.ndarray, settings: dict, seconds: float = SECOND
     found = len(crops)
     crops = evenly(crops, MAX_CROPS)
     scorer = Scorer(graph, steps=STEPS, baseline=BASELINE, device="cpu", threads=THREADS)
+    left_out = _too_costly(graph, scorer, crops, names, seconds) if seconds > 0 else {}
+    names = tuple(name for name in names if name not in left_out)
     estimate = _estimate(scorer, crops, len(names)) if seconds > 0 else 0.0
     log.info("ranking %d methods on %d crops (%s)", len(names), len(crops),
              f"estimated {estimate:.0f} s" if seconds > 0 else "no time budget")
@@ -76,6 +78,7 @@ def rank_crops(graph, crops: np.ndarray, settings: dict, seconds: float = SECOND
         "rule": f"{METRICS[RANKED_BY][0]} ({'higher' if METRICS[RANKED_BY][2] else 'lower'} is better)",
         "ranking": [name for name in ranking(rank(by_method)) if name in shown],
         "scores": {name: {key: round(m[key], 4) for key in keys} for name, m in by_method.items()},
+        **({"left_out": left_out} if left_out else {}),
         "settings": {**settings, "crops": int(len(crops)), **({"crops_found": found} if found > len(crops) else {}),
                      "steps": STEPS, "baseline": BASELINE,
                      "explained_class": "predicted", "baseline_method": RANDOM if RANDOM in by_method else None,
@@ -153,7 +156,40 @@ def summary_lines(ranked: dict) -> list[str]:
         lines.append(f"{place:<4}{name:<20}" + "".join(
             f"{scores[name][key]:>16.3f}" if "auc" in key else f"{scores[name][key]:>16.1f}"
             for key, _, _ in METRICS.values()))
+    lines += [f"    {name:<20}not ranked: {why}" for name, why in ranked.get("left_out", {}).items()]
     return lines
+
+
+def _too_costly(graph, scorer, crops: np.ndarray, names, seconds: float) -> dict[str, str]:
+    """{method: why} for the methods that run the model again (Ablation-CAM, Score-CAM) whose
+    maps alone would take longer than `seconds` on `crops`: a FORWARD method is estimated as K
+    classifications per crop (without running it: 2048 ResNet-50 passes take minutes), a HEAD
+    method is timed on one crop. They are left out of the ranking, not the graph."""
+    left_out = {}
+    channels = next(o.shape[-1] for o in graph.session.get_outputs() if o.name == graph_spec.OUTPUT_ACTIVATIONS)
+    per_image = None
+    for name in names:
+        method = methods.get(name)
+        if not method.reruns:
+            continue
+        if methods.FORWARD in method.needs:
+            if per_image is None:
+                batch = np.ascontiguousarray(np.repeat(crops[:1], 8, axis=0))
+                scorer.classify(batch)
+                started = time.perf_counter()
+                scorer.classify(batch)
+                per_image = (time.perf_counter() - started) / len(batch)
+            cost = per_image * channels * len(crops)
+        else:
+            graph.run(crops[:1], np.array([-1], np.int64), name)  # allocation
+            started = time.perf_counter()
+            graph.run(crops[:1], np.array([-1], np.int64), name)
+            cost = (time.perf_counter() - started) * len(crops)
+        if cost > seconds:
+            left_out[name] = (f"{method.passes(channels)}: about {cost:.0f} s for {len(crops)} crops here, "
+                              f"over the {seconds:g} s budget (--rank-seconds)")
+            log.info("ranking without %s (%s)", name, left_out[name])
+    return left_out
 
 
 def _estimate(scorer, crops: np.ndarray, methods_count: int) -> float:

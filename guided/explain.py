@@ -62,12 +62,26 @@ class Explainer:
         self._runner = grads.GradientRunner(model, [self.layer])
         self._cam_weights, self.cam_reason = grads.cam_weights(model, self.layer)
         self._backprop = GuidedBackprop(grads.logits_model(model))
+        self._model = model  # Ablation-CAM / Score-CAM run its head or itself again (`_calls`)
 
     @property
     def methods(self) -> tuple[str, ...]:
         """The registry methods this model allows at the layer, in menu order."""
         return tuple(m.name for m in methods.METHODS.values()
                      if m.display and (methods.CLASS_WEIGHTS not in m.needs or self._cam_weights is not None))
+
+    def _calls(self, images, activations, class_index):
+        """methods.ModelCalls of the Keras model for the methods that run it again (its head cut
+        at the layer as the exporter cuts it, and the model to its logits); lazily built."""
+        if not any(methods.get(name).reruns for name in self.methods):
+            return None
+        if getattr(self, "_parts", None) is None:
+            from camface.export.keras_model import split_model
+
+            self._parts = (split_model(self._model, self.layer.split("/")), grads.logits_model(self._model))
+        split, logits = self._parts
+        return methods.ModelCalls(lambda a: np.asarray(split.head(a)), lambda x: np.asarray(logits(x, training=False)),
+                                  images, activations, class_index)
 
     @property
     def guided(self) -> bool:
@@ -87,7 +101,9 @@ class Explainer:
         explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
         activations, gradients = passes.activations[0], passes.gradients[0]
         weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
-        heatmaps = {name: methods.get(name).reference(activations, gradients, weights) for name in self.methods}
+        calls = self._calls(images, activations, class_index)
+        heatmaps = {name: methods.get(name).reference(activations, gradients, weights, model=calls)
+                    for name in self.methods}
         gradcam = heatmaps["gradcam"]
         # Chain rule through x * scale + offset: gradient w.r.t. raw pixel values.
         input_gradient = (self._backprop.gradients(images, explained)

@@ -46,18 +46,47 @@ def _provider_options(provider: str, image_shape: str) -> dict:
     }
 
 
+def reads(node) -> list[str]:
+    """The tensors `node` reads: its inputs, and what the graphs in its attributes (a Loop's
+    body: the gradient-free methods' chunks) read from the outer scope."""
+    names = [x for x in node.input if x]
+    for attribute in node.attribute:
+        for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            made = {o for n in body.node for o in n.output} | {i.name for i in body.input} | \
+                {i.name for i in body.initializer}
+            names += [x for inner in body.node for x in reads(inner) if x not in made]
+    return names
+
+
 def prune(model_bytes: bytes, outputs) -> bytes:
-    """The CAM graph (serialised ONNX) pruned to `outputs` (names) with onnx.utils, inputs and
-    metadata kept. Raises ImportError without the `onnx` package."""
+    """The CAM graph (serialised ONNX) pruned to `outputs` (names): the nodes and initializers
+    they need, subgraphs' outer-scope reads included; inputs and metadata kept. Raises
+    ImportError without the `onnx` package."""
     import onnx
-    import onnx.utils
 
     model = onnx.load_from_string(model_bytes)
-    inputs = [i.name for i in model.graph.input]
-    pruned = onnx.utils.Extractor(model).extract_model(inputs, list(outputs))
-    del pruned.metadata_props[:]
-    pruned.metadata_props.extend(model.metadata_props)
-    return pruned.SerializeToString()
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        tensor = stack.pop()
+        if tensor not in needed:
+            needed.add(tensor)
+            if tensor in producer:
+                stack.extend(reads(producer[tensor]))
+    kept = [n for n in graph.node if any(o in needed for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    kept_init = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_init)
+    kept_out = [o for name in outputs for o in graph.output if o.name == name]
+    del graph.output[:]
+    graph.output.extend(kept_out)
+    kept_info = [v for v in graph.value_info if v.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    return model.SerializeToString()
 
 
 class CamGraph:

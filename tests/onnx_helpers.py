@@ -84,3 +84,32 @@ def save_program(model, path, size: int = 32, dynamic: bool = True):
     shapes = ({0: torch.export.Dim("batch", min=1, max=32)},) if dynamic else None
     torch.export.save(torch.export.export(model, example, dynamic_shapes=shapes), str(path))
     return path
+
+
+def torch_calls(model, module, images, activations, class_index):
+    """camface.methods.ModelCalls around an eager torch model (the reference of the methods that
+    run the model again): the head is the model with `module`'s output replaced by the rows (a
+    forward hook, as pytorch-grad-cam's AblationLayer replaces the layer), the forward is the
+    model on the rows. module: a submodule or its name; images: normalised NHWC float32
+    [N, H, W, C]; activations: NHWC."""
+    import torch
+
+    from camface import methods
+
+    layer = model.get_submodule(module) if isinstance(module, str) else module
+    channels, height, width = images.shape[3], images.shape[1], images.shape[2]
+
+    def head(rows):
+        replaced = torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2)
+        hook = layer.register_forward_hook(lambda _module, _inputs, _output: replaced)
+        try:
+            with torch.no_grad():
+                return model(torch.zeros(len(rows), channels, height, width)).numpy()
+        finally:
+            hook.remove()
+
+    def forward(rows):
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2)).numpy()
+
+    return methods.ModelCalls(head, forward, images, activations, class_index)

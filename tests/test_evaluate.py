@@ -208,7 +208,7 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     (lambda clips, tmp: ["--source", str(clips["faces"]), "--methods", "gradcam,nope"],
      "unknown method nope; choose from all, gradcam, gradcampp, cam, .*random"),
     (lambda clips, tmp: ["--source", str(clips["faces"]), "--model", str(tmp / "forward.onnx")],
-     "forward.onnx is not a camface CAM graph: missing gradcam, gradcampp"),
+     "forward.onnx is not a camface CAM graph: missing a heatmap output"),
     (lambda clips, tmp: ["--source", str(clips["faces"]), "--model", str(tmp / "old.onnx"), "--methods", "eigencam"],
      "has no eigencam heatmap; it offers gradcam, gradcampp, cam"),
     (lambda clips, tmp: [str(tmp), "--source", str(clips["faces"])], "SNAPSHOT_DIRs or --source, not both"),

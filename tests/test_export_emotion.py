@@ -286,5 +286,6 @@ def test_fp16_at_add_3_matches_float32_within_the_stated_tolerance(half_add_3, c
     sensitivity = verify.float16_sensitivity(graph.build_heatmap_function(parts, heads), want,
                                              got["activations"], classes)
     assert sensitivity["gradcam"] < 0.1 * np.abs(want["gradcam"]).max()  # well-conditioned
-    for difference in verify.compare(got, want, "fp16", sensitivity):
+    common = {name: value for name, value in want.items() if name in got}  # float16: no Score-CAM / Ablation-CAM
+    for difference in verify.compare(got, common, "fp16", sensitivity):
         assert difference.ok, str(difference)

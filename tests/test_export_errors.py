@@ -224,7 +224,7 @@ def _truncated_committed(tmp):
      "random.onnx: not an ONNX model"),
     (_truncated_committed, "truncated.onnx: not an ONNX model"),
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
-                                "activations, gradcam, gradcampp "),
+                                "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),
 ])
 def test_info_errors(tmp_path, capsys, make, message):
@@ -247,8 +247,11 @@ def test_graph_spec_validate():
     outputs = {"probs": ("N", 2), "activations": ("N", 2, 2, 3), "gradcam": ("N", 2, 2),
                "gradcampp": ("N", 2, 2)}
     assert graph_spec.validate("g.onnx", inputs, outputs, info.to_metadata()) == info
-    with pytest.raises(ModelError, match=r"g.onnx is not a camface CAM graph: missing gradcampp "
+    with pytest.raises(ModelError, match=r"g.onnx is not a camface CAM graph: missing a heatmap output "
                                          r"\(it has inputs"):
+        without = {k: v for k, v in outputs.items() if k not in ("gradcam", "gradcampp")}
+        graph_spec.validate("g.onnx", inputs, without, info.to_metadata())
+    with pytest.raises(ModelError, match=r"g.onnx: metadata lists heatmaps gradcampp that are not outputs"):
         without = {k: v for k, v in outputs.items() if k != "gradcampp"}
         graph_spec.validate("g.onnx", inputs, without, info.to_metadata())
     with pytest.raises(ModelError, match="2 labels in the metadata but the graph returns 5"):

@@ -137,10 +137,11 @@ class Graph:
 
 def export_in_memory(model, **options):
     """(Graph, GraphInfo) via the exporter's build + convert, without files."""
-    from camface.export import convert, exporter
+    from camface.export import convert, exporter, onnx_rerun
 
     function, info = exporter.build(model, exporter.ExportOptions(**options))
     proto = convert.to_onnx(function)
+    proto, info, _ = onnx_rerun.attach(proto, info, methods.names())  # as exporter.export
     convert.set_metadata(proto, info.to_metadata())
     return Graph(proto), info
 

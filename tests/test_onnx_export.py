@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-from onnx_helpers import save_program, torch_models  # noqa: E402
+from onnx_helpers import torch_calls, save_program, torch_models  # noqa: E402
 
 from camface import methods  # noqa: E402
 from camface.cli import main  # noqa: E402
@@ -56,9 +56,10 @@ def torch_reference(model, images, classes, module, with_cam=True):
     fc = model.fc if isinstance(model.fc, torch.nn.Linear) and with_cam else None
     w = None if fc is None else fc.weight.detach().numpy()[chosen.numpy()][:, None, None, :]
     out = {"probs": torch.softmax(logits, 1).detach().numpy(), "activations": a}
+    calls = torch_calls(model, module, x.permute(0, 2, 3, 1).numpy(), a, classes)
     for method in methods.METHODS.values():
         if methods.CLASS_WEIGHTS not in method.needs or w is not None:
-            out[method.name] = method.reference(a, g, w)
+            out[method.name] = method.reference(a, g, w, model=calls)
     return out
 
 
@@ -166,8 +167,6 @@ def _fixed_batch(path):
 
 
 ERRORS = [
-    ("unsupported op", _conv_sin_model, ["--target-layer", "conv"],
-     r"no gradient rule for op Sin \(node 'wave_node'\).*later target layer"),
     ("unknown target", _conv_sin_model, ["--target-layer", "layer9"],
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
@@ -187,6 +186,25 @@ def test_export_errors(tmp_path, capsys, what, make, flags, message):
 
     assert re.search(message, capsys.readouterr().err), what
     assert not out.exists()
+
+
+def test_a_head_without_gradient_rules_exports_the_gradient_free_methods(tmp_path, capsys, caplog):
+    """Sin after the target has no gradient rule: the export says why (one line) and offers the
+    methods that need no gradient; the graph loads and `camface info` lists what it offers."""
+    import logging
+
+    path = _conv_sin_model(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--target-layer", "conv",
+                     "--no-rank"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "no gradient methods" in r.getMessage()]
+    assert len(warned) == 1 and "no gradient rule for op Sin (node 'wave_node')" in warned[0]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ablationcam" in printed and "scorecam" in printed and "gradcam " not in printed
+    assert "--method auto shows eigencam" in printed
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])

@@ -538,7 +538,11 @@ def torch_heatmaps(model, stage, images, classes, heatmaps):
     logits[torch.arange(len(chosen)), torch.tensor(chosen)].sum().backward()
     a = seen["a"].detach().permute(0, 2, 3, 1).numpy()
     g = seen["a"].grad.permute(0, 2, 3, 1).numpy()
-    expected = {name: methods.get(name).reference(a, g) for name in heatmaps}
+    from onnx_helpers import torch_calls
+
+    x = (images.astype(np.float32) / 255).astype(np.float32)
+    calls = torch_calls(model, stage, x, a, classes)
+    expected = {name: methods.get(name).reference(a, g, model=calls) for name in heatmaps}
     return torch.softmax(logits, 1).detach().numpy(), a, expected
 
 

@@ -109,7 +109,7 @@ def test_the_default_token_target_is_the_last_blocks_norm1_on_its_patch_grid(tok
     assert onnx_model.module_outputs(classifier.model)[module] == tokens
     assert grid == onnx_model.TokenGrid(prefix, 4, 4)
     assert built.layout == "NHWC" and built.feature_size == (4, 4)
-    assert set(methods.names()) - {"cam"} == set(built.heatmaps)
+    assert {m for m in methods.names() if not methods.get(m).reruns} - {"cam"} == set(built.heatmaps)
     assert all(d.ok for d in differences)
     # no gradient that nothing reads: the rules' weight gradients (A^T g) are left out
     graph = built.model.graph

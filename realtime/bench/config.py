@@ -33,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Keras model with the CAM graph's weights, for --baseline keras; default: "
                              "the bundled emotion model (bundled graph) or the --backbone's model")
     parser.add_argument("--compare-heads", action="store_true",
-                        help="also time the graph with and without its gradient outputs (forward only)")
+                        help="also time the graph forward only, whole and per method (ms per crop; the "
+                             "gradient-free methods include their K head or forward passes)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], metavar="N",
                         help="batch sizes for --compare-heads")
     parser.add_argument("--repeats", type=int, default=50,

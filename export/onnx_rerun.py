@@ -1,0 +1,433 @@
+"""The methods that run part of the model again (`camface.methods` HEAD / FORWARD: Ablation-CAM,
+Score-CAM) written into a finished CAM graph, whatever made it: tf2onnx (Keras), camface's ONNX
+engine, int8 quantisation.
+
+Inside the graph they find three tensors: the target (`activations` followed back through
+Identity, Transpose and int8 QDQ nodes to a tensor the logits read), the logits (the input of the Softmax / Sigmoid that `probs` comes from)
+and the normalised input (`image` cast, then scaled and offset per channel: NHWC float32). The
+head is every node between the target and the logits, the model every node between the
+normalised input and the logits; each is cloned, once per chunk of `chunk` variants of every
+crop (at most N * chunk rows at a time, so memory does not grow with the number of channels):
+unrolled into the graph up to MAX_UNROLLED chunks, beyond that once, into the body of an ONNX
+Loop over the chunks. The clones read the graph's own initializers (from the outer scope in a
+Loop): the file grows by the clones' nodes only, never by a weight.
+
+`attach` adds them and checks them against the numpy reference (`methods.ModelCalls` around ONNX
+Runtime sessions of the same graph's head and model); `camface export` calls it after the
+graph's own self-check. int8 quantisation takes them out (`without`) and adds them back to the
+int8 graph (export/int8.py), so Score-CAM runs the int8 features an int8 graph runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from camface import graph_spec, methods
+from camface.errors import ModelError
+from camface.export.onnx_builder import GraphBuilder
+from camface.export.onnx_ops import OnnxOps, OnnxTensor
+from camface.realtime.graph import reads
+
+log = logging.getLogger(__name__)
+
+PREFIX = "camface/rerun/"  # the names of every node and tensor `add` writes
+MODEL_CLONE = f"{PREFIX}model_"  # the names of the nodes of the clones of the whole model
+MAX_PASS_BYTES = 2 << 30  # one chunk's largest tensor may hold this much (float32 bytes)
+# Passes up to this many chunks are unrolled into the graph, one clone each: in a Loop's body the
+# bundled model's forward pass ran 2-3x slower than in the main graph (about what ONNX Runtime's
+# basic optimisation level gives the main graph: its layout optimisations seem not to reach
+# subgraphs; benchmarks/gradient_free.py, bench --compare-heads). More chunks (ResNet-50's 2048 channels: 128
+# Score-CAM chunks) run in a Loop, one clone, so the graph does not grow with the channels.
+MAX_UNROLLED = 32
+_NORMALISING = ("Cast", "Mul", "Add", "Sub", "Div")
+_FINAL = ("Softmax", "Sigmoid")
+_TO_ACTIVATIONS = ("Identity", "Transpose", "QuantizeLinear", "DequantizeLinear")  # target -> `activations`
+
+
+def rerun_names(names) -> tuple[str, ...]:
+    """The methods among `names` that run the head or the model again."""
+    return tuple(n for n in names if n in methods.METHODS and methods.get(n).reruns)
+
+
+def asked(heads) -> tuple[str, ...]:
+    """The methods that run the model again named in `heads` (ExportOptions.heads; None: the
+    default set, in which one that cannot be added is left out instead of failing the export)."""
+    return () if heads is None else rerun_names(heads)
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Where a CAM graph's target, logits and normalised input are, and the nodes between."""
+
+    target: str
+    target_perm: tuple[int, ...] | None  # NHWC rows -> the target's layout (None: NHWC)
+    logits: str
+    num_classes: int
+    images: str  # the normalised input, float32 [N, H, W, C]
+    image_dims: tuple[int, int, int]
+    feature_dims: tuple[int, int, int]
+    head_nodes: tuple
+    model_nodes: tuple
+    shapes: dict  # tensor -> dims, inferred (onnx_model.shapes)
+
+
+def _producers(graph) -> dict:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _descendants(graph, start: set[str]) -> set[str]:
+    live = set(start)
+    for node in graph.node:
+        if any(x in live for x in reads(node)):
+            live.update(node.output)
+    return live
+
+
+def between(graph, start: str, end: str) -> tuple:
+    """The nodes that depend on `start` and that `end` depends on, in graph order. Raises
+    ModelError when one of them also reads a tensor computed from the graph's inputs some other
+    way (its batch would not be the clone's)."""
+    live = _descendants(graph, {start})
+    producer = _producers(graph)
+    needed, stack = set(), [end]
+    while stack:
+        tensor = stack.pop()
+        node = producer.get(tensor)
+        if tensor in needed or tensor == start or node is None or tensor not in live:
+            continue
+        needed.add(tensor)
+        stack.extend(reads(node))
+    nodes = tuple(n for n in graph.node if any(o in needed for o in n.output))
+    inputs = _descendants(graph, {i.name for i in graph.input})
+    for node in nodes:
+        outside = [x for x in reads(node) if x not in live and x in inputs]
+        if outside:
+            raise ModelError(f"node {node.name!r} ({node.op_type}) between {start!r} and {end!r} also reads "
+                             f"{outside[0]!r}, computed from the graph's input without passing through "
+                             f"{start!r}: it cannot be run again on modified copies")
+    return nodes
+
+
+def anatomy(model) -> Anatomy:
+    """The target, logits and normalised input of a CAM graph (onnx.ModelProto, shapes
+    inferred). Raises ModelError naming what is missing."""
+    from camface.export import onnx_model
+
+    graph = model.graph
+    producer = _producers(graph)
+    names = {o.name for o in graph.output}
+    if not {graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS} <= names:
+        raise ModelError("not a CAM graph: it needs `probs` and `activations` outputs")
+    probs = graph_spec.OUTPUT_PROBS
+    while probs in producer and producer[probs].op_type == "Identity":
+        probs = producer[probs].input[0]
+    final = producer.get(probs)
+    if final is None or final.op_type not in _FINAL:
+        raise ModelError(f"the CAM graph's probs come from {final.op_type if final else 'nowhere'}, "
+                         f"not from {' or '.join(_FINAL)} of the logits")
+    logits = final.input[0]
+    # the target: the first tensor behind `activations` (through layout and int8 QDQ nodes) that
+    # the logits read
+    upstream, stack = set(), [logits]
+    while stack:
+        tensor = stack.pop()
+        if tensor not in upstream:
+            upstream.add(tensor)
+            if tensor in producer:
+                stack.extend(reads(producer[tensor]))
+    target, perm = graph_spec.OUTPUT_ACTIVATIONS, None
+    while target not in upstream:
+        node = producer.get(target)
+        if node is None or node.op_type not in _TO_ACTIVATIONS:
+            raise ModelError(f"the CAM graph's activations come from {node.op_type if node else 'nowhere'} "
+                             "rather than from a tensor the logits read")
+        if node.op_type == "Transpose":
+            forward = [list(a.ints) for a in node.attribute if a.name == "perm"][0]
+            perm = tuple(int(i) for i in np.argsort(forward))
+        target = node.input[0]
+    images = graph_spec.INPUT_IMAGE
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    values = onnx_model.constants(model)
+    while True:
+        users = consumers.get(images, [])
+        step = users[0] if len(users) == 1 else None
+        if step is None or step.op_type not in _NORMALISING or \
+                any(x != images and x not in values for x in step.input):
+            break
+        images = step.output[0]
+    if images == graph_spec.INPUT_IMAGE:
+        raise ModelError("the CAM graph's image is not cast to float where camface can find it")
+    shapes = onnx_model.shapes(onnx_model.prepare(model, where="the CAM graph"))
+
+    def dims(name, what):
+        found = shapes.get(name) or []
+        if len(found) != 4 or not all(isinstance(d, int) for d in found[1:]):
+            raise ModelError(f"the CAM graph's {what} {name!r} has no static [N, h, w, C] shape ({found})")
+        return tuple(int(d) for d in found[1:])
+
+    image_dims = dims(images, "normalised input")
+    feature_dims = dims(graph_spec.OUTPUT_ACTIVATIONS, "activations")
+    num_classes = (shapes.get(graph_spec.OUTPUT_PROBS) or [None, None])[-1]
+    if not isinstance(num_classes, int):
+        raise ModelError("the CAM graph's probs have no static number of classes")
+    return Anatomy(target, perm, logits, num_classes, images, image_dims, feature_dims,
+                   between(graph, target, logits), between(graph, images, logits), shapes)
+
+
+def pass_bytes(shapes: dict, nodes, chunk: int) -> tuple[int, str, list]:
+    """(bytes, tensor, dims): the largest float32 tensor of one chunk's pass through `nodes`
+    (shapes: tensor -> dims)."""
+    worst = (0, "", [])
+    for node in nodes:
+        for out in node.output:
+            found = shapes.get(out) or []
+            if found and all(isinstance(d, int) for d in found[1:]):
+                size = 4 * chunk * math.prod(found[1:])
+                if size > worst[0]:
+                    worst = (size, out, found)
+    return worst
+
+
+class OnnxModelOps(OnnxOps):
+    """`methods.ModelOps` as ONNX nodes: head / forward as Loops over chunks of variants whose
+    bodies hold clones of the graph's own head / model nodes."""
+
+    def __init__(self, builder: GraphBuilder, parts: Anatomy, chosen_one_hot: str, class_logit: str):
+        self.b, self.parts, self.one_hot_classes = builder, parts, chosen_one_hot
+        self.images = OnnxTensor(builder, parts.images, shape=(None, *parts.image_dims))
+        self.class_logit = OnnxTensor(builder, class_logit)
+
+    def head(self, variants, count, chunk):
+        return self._loop(self.parts.head_nodes, self.parts.target, self.parts.feature_dims,
+                          self.parts.target_perm, variants, count, chunk, "head")
+
+    def forward(self, variants, count, chunk):
+        return self._loop(self.parts.model_nodes, self.parts.images, self.parts.image_dims, None,
+                          variants, count, chunk, "model")
+
+    def _loop(self, nodes, start, dims, perm, variants, count, chunk, what):
+        """[N, count] scores: the passes unrolled into the graph (one clone per chunk) up to
+        MAX_UNROLLED chunks, else an ONNX Loop over chunks (one clone in its body)."""
+        b, count, chunk = self.b, int(count), int(chunk)
+        trips = math.ceil(count / chunk)
+        if trips <= MAX_UNROLLED:
+            parts = []
+            for first in range(0, count, chunk):
+                k = b.const(np.arange(first, min(first + chunk, count)), np.int64)
+                parts.append(self._pass(nodes, start, dims, perm, variants, k, min(chunk, count - first), what))
+            return OnnxTensor(b, parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=1))
+        return self._scan(nodes, start, dims, perm, variants, count, chunk, what)
+
+    def _pass(self, nodes, start, dims, perm, variants, k: str, size: int, what) -> str:
+        """Scores [N, size] of the variants `k` (int64 [size]): one clone of `nodes`."""
+        from onnx import helper
+
+        b = self.b
+        batch = variants(OnnxTensor(b, k))
+        rows = b.op("Reshape", [batch.name, b.ints([-1, *dims])])
+        if perm is not None:
+            rows = b.op("Transpose", [rows], perm=list(perm))
+        renamed = {start: rows}
+        for node in nodes:
+            copy = helper.make_node(node.op_type, [renamed.get(x, x) for x in node.input],
+                                    [renamed.setdefault(o, b.name(f"{what}_{node.op_type.lower()}")) if o else ""
+                                     for o in node.output], name=b.name(what), domain=node.domain)
+            copy.attribute.extend(node.attribute)
+            b.nodes.append(copy)
+        logits = b.op("Reshape", [renamed[self.parts.logits], b.ints([-1, size, self.parts.num_classes])])
+        return b.reduce("ReduceSum", b.op("Mul", [logits, b.unsqueeze(self.one_hot_classes, [1])]), [2], False)
+
+    def _scan(self, nodes, start, dims, perm, variants, count, chunk, what):
+        from onnx import TensorProto, helper
+
+        b = self.b
+        outer, b.nodes = b.nodes, []
+        iteration, condition = b.name("iteration"), b.name("condition")
+        first = b.op("Mul", [iteration, b.const(chunk, np.int64)])
+        k = b.op("Min", [b.op("Add", [first, b.const(np.arange(chunk), np.int64)]),
+                         b.const(count - 1, np.int64)])  # the last chunk repeats the last variant
+        scores = b.op("Transpose", [self._pass(nodes, start, dims, perm, variants, k, chunk, what)],
+                      perm=[1, 0])  # [chunk, N]
+        done = b.op("Identity", [condition])
+        body = helper.make_graph(
+            b.nodes, b.name(f"{what}_chunk"),
+            [helper.make_tensor_value_info(iteration, TensorProto.INT64, []),
+             helper.make_tensor_value_info(condition, TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info(done, TensorProto.BOOL, []),
+             helper.make_tensor_value_info(scores, TensorProto.FLOAT, [chunk, None])])
+        b.nodes = outer
+        trips = math.ceil(count / chunk)
+        stacked = b.op("Loop", [b.const(trips, np.int64), ""], body=body, hint=f"{what}_loop")  # [trips, chunk, N]
+        flat = b.op("Reshape", [stacked, b.ints([trips * chunk, -1])])
+        kept = b.op("Slice", [flat, b.ints([0]), b.ints([count]), b.ints([0])])
+        return OnnxTensor(b, b.op("Transpose", [kept], perm=[1, 0]))  # [N, count]
+
+
+def add(model, names, parts: Anatomy | None = None):
+    """A copy of the CAM graph `model` with the HEAD / FORWARD methods `names` as outputs
+    [N, h, w] (already present ones are left as they are). Raises ModelError when one pass of a
+    method's chunk would hold a tensor over MAX_PASS_BYTES."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    model = copy
+    names = [n for n in rerun_names(names) if n not in {o.name for o in model.graph.output}]
+    if not names:
+        return model
+    parts = parts or anatomy(model)
+    for name in names:
+        check_size(model, parts, name)
+    graph = model.graph
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | \
+        {i.name for i in graph.input} | {n.name for n in graph.node}
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    b = GraphBuilder(opset, prefix=PREFIX, taken=taken)
+    predicted = b.op("ArgMax", [parts.logits], axis=-1, keepdims=0)
+    chosen = b.op("Where", [b.op("Less", [graph_spec.INPUT_CLASS, b.const(0, np.int64)]), predicted,
+                            graph_spec.INPUT_CLASS])
+    one_hot = b.op("OneHot", [chosen, b.const(parts.num_classes, np.int64), b.const([0.0, 1.0])], axis=-1)
+    class_logit = b.reduce("ReduceSum", b.op("Mul", [parts.logits, one_hot]), [1], True)
+    ops = OnnxModelOps(b, parts, one_hot, class_logit)
+    a = OnnxTensor(b, graph_spec.OUTPUT_ACTIVATIONS, shape=(None, *parts.feature_dims))
+    for name in names:
+        heatmap = methods.get(name).compute(ops, a, None, None)
+        b.op("Identity", [heatmap.name], outputs=[name])
+    graph.node.extend(b.nodes)
+    graph.initializer.extend(b.initializers)
+    h, w, _ = parts.feature_dims
+    graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", h, w]) for n in names)
+    onnx.checker.check_model(model)
+    return model
+
+
+def check_size(model, parts: Anatomy, name: str) -> None:
+    """ModelError when one chunk of `name`'s passes would hold a tensor over MAX_PASS_BYTES."""
+    method = methods.get(name)
+    nodes = parts.model_nodes if methods.FORWARD in method.needs else parts.head_nodes
+    size, tensor, dims = pass_bytes(parts.shapes, nodes, method.chunk)
+    if size > MAX_PASS_BYTES:
+        raise ModelError(f"{name}: one pass of {method.chunk} variants per crop holds tensor {tensor!r} "
+                         f"[{method.chunk} x {', '.join(str(d) for d in dims[1:])}] = {size / 2**30:.1f} GiB "
+                         f"per crop, over the {MAX_PASS_BYTES / 2**30:.0f} GiB a pass may take; this model is "
+                         f"too large for {name} (leave it out of --heads)")
+
+
+def _session(model):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def reference_calls(model, parts: Anatomy, images, class_index):
+    """(outputs of the graph incl. the normalised images, methods.ModelCalls): the numpy reference
+    of the HEAD / FORWARD methods around ONNX Runtime sessions of the graph's own head (target ->
+    logits) and model (normalised input -> logits), cut out with onnx.utils."""
+    import onnx
+    import onnx.utils
+    from onnx import TensorProto, helper
+
+    from camface.export import onnx_model
+
+    extractor = onnx.utils.Extractor(onnx_model.prepare(model, where="the CAM graph"))
+    head = _session(extractor.extract_model([parts.target], [parts.logits]))
+    whole = _session(extractor.extract_model([parts.images], [parts.logits]))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend([helper.make_tensor_value_info(parts.images, TensorProto.FLOAT, None)])
+    session = _session(probe)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {graph_spec.INPUT_IMAGE: images, graph_spec.INPUT_CLASS: class_index})))
+    perm = parts.target_perm
+
+    def run_head(rows):
+        rows = rows if perm is None else np.ascontiguousarray(rows.transpose(perm))
+        return head.run(None, {parts.target: rows})[0]
+
+    def run_model(rows):
+        return whole.run(None, {parts.images: rows})[0]
+
+    calls = methods.ModelCalls(run_head, run_model, got[parts.images], got[graph_spec.OUTPUT_ACTIVATIONS],
+                               class_index)
+    return got, calls
+
+
+def check(model, names, input_size, channels, num_classes, batch: int = 1, precision: str = "fp32"):
+    """verify.Difference per method `names`: the graph's heatmaps against the numpy reference on
+    its own head and model (`reference_calls`), on `batch` smooth random crops. Raises
+    ModelError naming the methods over tolerance (verify.TOLERANCE of `precision`)."""
+    from camface.export import verify
+
+    parts = anatomy(model)
+    images, classes = verify.sample_batch(input_size, channels, num_classes, batch)
+    got, calls = reference_calls(model, parts, images, classes)
+    reference = {name: methods.get(name).reference(got[graph_spec.OUTPUT_ACTIVATIONS], model=calls)
+                 for name in names}
+    from camface.export.onnx_verify import Check
+
+    differences = [Check(d.output, d.max_abs, d.reference_max, d.allowed) for d in verify.compare(got, reference, precision)]
+    failed = [d for d in differences if not d.ok]
+    if failed:
+        raise ModelError("the gradient-free methods disagree with their numpy reference: "
+                         + "; ".join(str(d) for d in failed))
+    return differences
+
+
+def without(model, info: graph_spec.GraphInfo):
+    """(the CAM graph without its HEAD / FORWARD methods' outputs and nodes, its info, their
+    names): what int8 quantises (export/int8.py), `attach` adding them back after."""
+    import onnx
+
+    from camface.realtime.graph import prune
+
+    names = rerun_names(info.heatmaps)
+    if not names:
+        return model, info, names
+    kept = [o.name for o in model.graph.output if o.name not in names]
+    pruned = onnx.load_from_string(prune(model.SerializeToString(), kept))
+    info = replace(info, heatmaps=tuple(h for h in info.heatmaps if h not in names))
+    del pruned.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        entry = pruned.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    return pruned, info, names
+
+
+def attach(model, info: graph_spec.GraphInfo, names, verify: bool = True, required: tuple[str, ...] = ()):
+    """(graph with the HEAD / FORWARD methods `names` added, info with them in its heatmaps,
+    differences of their self-check). A method that cannot be added (its pass too large, a node
+    that cannot be cloned) is left out with a log line, unless it is in `required` (the ones the
+    user asked for by name): then the ModelError stands."""
+    present = {o.name for o in model.graph.output}
+    names = tuple(n for n in rerun_names(names) if n not in present)
+    added = []
+    if names:
+        parts = None
+        for name in names:
+            try:
+                parts = parts or anatomy(model)
+                check_size(model, parts, name)
+                added.append(name)
+            except ModelError as exc:
+                if name in required:
+                    raise
+                log.warning("%s left out: %s", name, exc)
+        if added:
+            model = add(model, added, parts)
+    heatmaps = tuple(h for h in graph_spec.heatmap_outputs() if h in info.heatmaps or h in added)
+    info = replace(info, heatmaps=heatmaps)
+    differences = ()
+    if verify and added:
+        differences = tuple(check(model, added, info.input_size, info.channels, len(info.labels),
+                                  precision=info.precision))
+    return model, info, differences
