@@ -96,7 +96,13 @@ def test_committed_graph_matches_fresh_export(exported, committed, astronaut_bgr
             assert committed.metadata[key] == exported.metadata[key], key
     image = crops(astronaut_bgr, 8)
     classes = np.array([-1, 0, 1, 2, 3, 4, 5, 6], dtype=np.int64)
-    assert_outputs_close(committed.with_settings(setting)(image, classes), exported(image, classes), rtol=1e-5)
+    got, want = committed.with_settings(setting)(image, classes), exported(image, classes)
+    reruns = [name for name in want if name in methods.METHODS and methods.get(name).reruns]
+    assert_outputs_close(got, want, rtol=1e-5, names=[name for name in want if name not in reruns])
+    # Ablation-CAM's weights are differences of nearly equal logits, (y_c - y_c^k) / y_c: the
+    # logits' rounding (1e-7 of them) grows by |y_c| / |y_c - y_c^k| (measured: 1.1e-5 of the map's
+    # range between ONNX Runtime settings); the self-check's float32 tolerance, 1e-3
+    assert_outputs_close(got, want, rtol=1e-3, names=reruns)
 
 
 def test_a_fresh_export_records_why_its_target(exported):

@@ -131,7 +131,7 @@ def test_heatmap_changes_with_the_explained_class(tiny_graph):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(drop_outputs=("gradcam", "activations")), "missing activations, gradcam"),
+    (dict(drop_outputs=("gradcam", "activations")), r"missing activations \(it has"),
     (dict(metadata=False), "lacks CAM graph metadata: labels"),
     (dict(labels=("a", "b")), "2 labels in the metadata but the graph returns 3"),
 ])
