@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q
 
 # Regenerate the bundled CAM graph from the bundled Keras model. Its methods are ranked on all
-# 117 face crops of the sample (--rank-seconds 0: no time budget, so the ranking does not depend
+# 116 face crops of the sample (--rank-seconds 0: no time budget, so the ranking does not depend
 # on the machine's speed); `camface evaluate` reproduces it.
 models: setup
 	$(CAMFACE) export models/emotion/emotion_mini_xception_fer2013.hdf5 \

@@ -1,5 +1,5 @@
 """What ranking the methods adds to `camface export`: the bundled emotion graph exported as
-`make models` does, with the ranking (no budget, all 117 sample crops, as `make models`; and the
+`make models` does, with the ranking (no budget, all 116 sample crops, as `make models`; and the
 default --rank-seconds budget) and with --no-rank, each a fresh `camface` process, the variants
 alternating run by run so that load on a shared machine hits them alike.
 
