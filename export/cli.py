@@ -14,7 +14,7 @@ import logging
 
 from camface import graph_spec, methods
 from camface.export import ranking
-from camface.export.preprocess import COLOR_ORDERS, PRESETS
+from camface.export.preprocess import add_input_arguments
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default: T - h * w)")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                        help="input normalisation and colour order the model expects (required "
-                             "for .onnx/.pt2 unless --scale/--offset are given; Keras default: "
-                             "none): "
-                             "emotion = GRAY x/127.5-1; tf = RGB x/127.5-1 (MobileNetV2); "
-                             "torch = RGB (x/255-mean)/std; imagenet-caffe = BGR x-mean "
-                             "(ResNet50, VGG16); arcface = RGB (x-127.5)/127.5 (ArcFace, InsightFace); "
-                             "facenet = RGB (x-127.5)/128; unit = RGB x/255; none = RGB x")
-    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
-                        help="override the preset's channel order of the uint8 input")
-    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
-                        help="override: x * scale + offset (1 value or one per channel)")
-    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
-                        help="override: x * scale + offset (1 value or one per channel)")
+    add_input_arguments(parser, "input normalisation and colour order the model expects (required "
+                                "for .onnx/.pt2 unless --scale/--offset are given; Keras default: "
+                                "none): "
+                                "emotion = GRAY x/127.5-1; tf = RGB x/127.5-1 (MobileNetV2); "
+                                "torch = RGB (x/255-mean)/std; imagenet-caffe = BGR x-mean "
+                                "(ResNet50, VGG16); arcface = RGB (x-127.5)/127.5 (ArcFace, InsightFace); "
+                                "facenet = RGB (x-127.5)/128; unit = RGB x/255; none = RGB x")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true",
                            help="float16 weights and internals (for GPUs); inputs/outputs keep types")

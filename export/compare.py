@@ -38,7 +38,7 @@ class Comparison:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface import methods
-    from camface.export.preprocess import COLOR_ORDERS, PRESETS
+    from camface.export.preprocess import add_input_arguments
 
     parser.add_argument("photos", nargs=2, metavar="PHOTO", help="two photos, one face in each")
     which = parser.add_mutually_exclusive_group(required=True)
@@ -48,14 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="a classifier whose pooled features are the embedding (as `camface enroll`)")
     parser.add_argument("-o", "--output", metavar="FIGURE.png", default=None,
                         help="write the figure (the crops under their maps) here")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                        help="the embedder's input normalisation (arcface, facenet, ...; see `camface enroll`)")
-    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
-                        help="override the preset's channel order of the uint8 input")
-    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
-                        help="override: x * scale + offset")
-    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
-                        help="override: x * scale + offset")
+    add_input_arguments(parser, "the embedder's input normalisation (arcface, facenet, ...; see `camface enroll`)")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the maps use (default: as `camface export`)")
     parser.add_argument("--method", default="gradcam", choices=methods.names(),

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from camface.export.preprocess import COLOR_ORDERS, PRESETS
+    from camface.export.preprocess import add_input_arguments
 
     parser.add_argument("people", metavar="PEOPLE_DIR", help="one folder of photos per person; the folder "
                                                               "name is the label")
@@ -39,16 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="a classifier (.onnx, .pt2 or Keras, e.g. from `camface train`): its pooled "
                             "features, the input of its first linear layer, are the embedding")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the gallery graph to write")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                        help="input normalisation and colour order of the embedder (required unless "
-                             "--scale/--offset): arcface = RGB (x-127.5)/127.5; facenet = RGB (x-127.5)/128; "
-                             "see `camface export --help` for the others")
-    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
-                        help="override the preset's channel order of the uint8 input")
-    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
-                        help="override: x * scale + offset (1 value or one per channel)")
-    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
-                        help="override: x * scale + offset (1 value or one per channel)")
+    add_input_arguments(parser, "input normalisation and colour order of the embedder (required unless "
+                                "--scale/--offset): arcface = RGB (x-127.5)/127.5; facenet = RGB (x-127.5)/128; "
+                                "see `camface export --help` for the others")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="tensor, node or PyTorch module whose activations the maps use (default: the "
                              "last spatial feature map before global pooling, or a transformer's tokens)")

@@ -98,3 +98,15 @@ def _per_channel(values, channels: int, what: str) -> tuple[float, ...]:
     if channels == 1 and len(set(values)) == 1:
         return values[:1]
     raise ModelError(f"--{what} needs 1 or {channels} values, got {len(values)}")
+
+
+def add_input_arguments(parser, preset_help: str) -> None:
+    """`--preset` (help: `preset_help`), `--color-order`, `--scale` and `--offset`: how a model's
+    uint8 input is normalised, as `camface export`, `enroll` and `compare` take it."""
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help=preset_help)
+    parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
+                        help="override the preset's channel order of the uint8 input")
+    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
+                        help="override: x * scale + offset (1 value or one per channel)")
+    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
+                        help="override: x * scale + offset (1 value or one per channel)")
