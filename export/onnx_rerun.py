@@ -30,7 +30,7 @@ from camface import graph_spec, methods
 from camface.errors import ModelError
 from camface.export.onnx_builder import GraphBuilder
 from camface.export.onnx_ops import OnnxOps, OnnxTensor
-from camface.realtime.graph import reads
+from camface.realtime.graph import reads, upstream
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,9 @@ def anatomy(model) -> Anatomy:
     logits = final.input[0]
     # the target: the first tensor behind `activations` (through layout and int8 QDQ nodes) that
     # the logits read
-    upstream, stack = set(), [logits]
-    while stack:
-        tensor = stack.pop()
-        if tensor not in upstream:
-            upstream.add(tensor)
-            if tensor in producer:
-                stack.extend(reads(producer[tensor]))
+    before_logits = upstream(producer, [logits])
     target, perm = graph_spec.OUTPUT_ACTIVATIONS, None
-    while target not in upstream:
+    while target not in before_logits:
         node = producer.get(target)
         if node is None or node.op_type not in _TO_ACTIVATIONS:
             raise ModelError(f"the CAM graph's activations come from {node.op_type if node else 'nowhere'} "

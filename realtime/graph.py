@@ -58,6 +58,19 @@ def reads(node) -> list[str]:
     return names
 
 
+def upstream(producer: dict, tensors) -> set[str]:
+    """Every tensor that `tensors` (names) are computed from, themselves included; `producer`
+    maps a tensor's name to the node that makes it."""
+    found, stack = set(), list(tensors)
+    while stack:
+        tensor = stack.pop()
+        if tensor not in found:
+            found.add(tensor)
+            if tensor in producer:
+                stack.extend(reads(producer[tensor]))
+    return found
+
+
 def prune(model_bytes: bytes, outputs) -> bytes:
     """The CAM graph (serialised ONNX) pruned to `outputs` (names): the nodes and initializers
     they need, subgraphs' outer-scope reads included; inputs and metadata kept. Raises
@@ -66,14 +79,7 @@ def prune(model_bytes: bytes, outputs) -> bytes:
 
     model = onnx.load_from_string(model_bytes)
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    needed, stack = set(), list(outputs)
-    while stack:
-        tensor = stack.pop()
-        if tensor not in needed:
-            needed.add(tensor)
-            if tensor in producer:
-                stack.extend(reads(producer[tensor]))
+    needed = upstream({o: n for n in graph.node for o in n.output}, outputs)
     kept = [n for n in graph.node if any(o in needed for o in n.output)]
     del graph.node[:]
     graph.node.extend(kept)
