@@ -1,5 +1,6 @@
-"""`camface bench --compare-heads`: what the heatmaps cost. The CAM graph is timed whole (every
-method: ONNX Runtime runs every node whatever outputs are asked for), forward only (pruned to
+"""`camface bench --compare-heads`: what the heatmaps cost. The CAM graph is timed with every
+gradient method (pruned to them: what the in-graph backward pass costs; the gradient-free
+methods, K passes each, only on their own rows), forward only (pruned to
 `probs` and `activations` with onnx.utils) and once per method (pruned to the forward outputs and
 that method's heatmap), at fixed batch sizes, the graphs alternating run by run so load on a
 shared machine hits all alike."""
@@ -80,8 +81,8 @@ def time_sessions(sessions: dict, pool, batch: int, repeats: int) -> dict:
 
 
 def compare_heads(config: BenchConfig, graph) -> dict:
-    """Median and p95 ms of one call of `graph` (a loaded CamGraph), whole ("with gradients":
-    every heatmap), forward only, and per method (forward outputs + that heatmap), per batch
+    """Median and p95 ms of one call of `graph` (a loaded CamGraph) with every gradient method
+    ("with gradients": the graph without its gradient-free methods), forward only, and per method (forward outputs + that heatmap), per batch
     size; runs alternate between the graphs. Every pruned graph runs on the graph's provider
     with the same threads (an error if it cannot). ms_per_crop = median / batch; overhead_pct:
     against forward only."""
@@ -98,7 +99,13 @@ def compare_heads(config: BenchConfig, graph) -> dict:
         return pruned.session
 
     full = graph.model_bytes
-    sessions = {"with gradients": graph.session, "forward only": load(forward_only(full))}
+    # "with gradients": every gradient method of the graph together, what the in-graph backward
+    # pass costs; the gradient-free methods (each K passes of the head or model: on ResNet-50
+    # Score-CAM alone is about a minute a crop) are timed on their own rows only
+    from camface.methods import METHODS
+
+    gradient = tuple(m for m in graph.info.heatmaps if not (m in METHODS and METHODS[m].reruns))
+    sessions = {"with gradients": load(prune(full, FORWARD_OUTPUTS + gradient)), "forward only": load(forward_only(full))}
     for method in graph.info.heatmaps:
         sessions[method] = load(prune(full, FORWARD_OUTPUTS + (method,)))
     pool = sample_crops(config, graph.info, max(config.batches))

@@ -75,7 +75,7 @@ def format_report(report: dict, rows: list[Row]) -> str:
 
 
 def format_heads(heads: dict) -> list[str]:
-    """--compare-heads: ms per crop (median) of the whole graph, forward only and each method,
+    """--compare-heads: ms per crop (median) of the gradient methods together, forward only and each method,
     per batch size, with the cost over forward only."""
     batches = heads["batches"]
     lines = [f"heatmap cost vs forward only ({heads['provider'].replace('ExecutionProvider', '')}, "
@@ -83,7 +83,7 @@ def format_heads(heads: dict) -> list[str]:
     lines.append(f"  {'graph':<26}" + "".join(f"{'batch ' + b:>22}" for b in batches))
     first = next(iter(batches.values()))
     rows = [("forward only", lambda b: b["forward_only"]),
-            ("all methods (the graph)", lambda b: b["with_gradients"])]
+            ("gradient methods, all", lambda b: b["with_gradients"])]
     rows += [(m, lambda b, m=m: b["methods"][m]) for m in first.get("methods", {})]
     for label, pick in rows:
         cells = []
@@ -93,5 +93,5 @@ def format_heads(heads: dict) -> list[str]:
             cells.append(f"{c['ms_per_crop']:.3f}{extra}")
         lines.append(f"  {label:<26}" + "".join(f"{cell:>22}" for cell in cells))
     whole = ", ".join(f"batch {b}: {v['overhead_pct']:+.1f}%" for b, v in batches.items())
-    lines.append(f"  gradients and every heatmap add {whole}")
+    lines.append(f"  the in-graph gradient and its heatmaps add {whole}")
     return lines
