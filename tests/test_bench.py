@@ -66,7 +66,8 @@ def test_bench_writes_every_field(tmp_path, faces_clip, capsys):
     report = json.loads(out.read_text())
     table = capsys.readouterr().out
     for text in ("classify+explain", "end to end (fps)", "faces per frame", "camface live",
-                 "every heatmap add", "forward only", "eigencam"):
+                 "the in-graph gradient and its heatmaps add", "gradient methods, all", "forward only", "eigencam",
+                 "scorecam"):
         assert text in table
 
     machine = report["machine"]
