@@ -2,9 +2,10 @@
 
 Why: BlazeFace is the costliest stage of a frame, about 2.6-3.5 ms of CPU for the full-range
 model on 640x480 on a 2-core CPU (MediaPipe Tasks or ONNX Runtime; downscaling the frame buys
-little), while carrying a frame's 1-3 boxes with pyramidal Lucas-Kanade flow costs 0.5-1 ms
+little), while carrying a frame's 1-3 boxes with pyramidal Lucas-Kanade flow costs 0.15-0.4 ms
 (benchmarks/detect_every.py costs). In videos, files and a camera's stream faces move little
-between frames.
+between frames. The flow runs on a region around each box, downscaled so the box is about
+32-64 pixels wide, so carrying costs about the same at 640x480 and at 1920x1080.
 
 The rule, a pure function of the frames (so `camface batch` segments give the rows that live
 gives, see `keyframe`):
@@ -12,7 +13,8 @@ gives, see `keyframe`):
     counting from 0): the detector runs and its faces replace every carried box;
   - on other frames each carried box follows the median flow of a grid of points inside it
     (forward and backward Lucas-Kanade, Kalal et al., "Forward-Backward Error", ICPR 2010),
-    and its size follows the median change of the points' distances from their centre;
+    and its size follows the median change of the points' distances from their centre; the
+    flow runs in a region around the box, fixed at its detection (`_region`);
   - the detector also runs, and replaces the boxes, when any box's points are lost (fewer
     than half pass the forward-backward check: the face turned, was covered or its content
     changed a lot), or when a box has moved, since the detection it comes from, by more than
@@ -23,7 +25,7 @@ gives, see `keyframe`):
 A face that enters is boxed at the next key frame, at most N - 1 frames late, and a face that
 leaves loses its box at the latest at the next key frame, so N <= 4 keeps both within 3 frames.
 
-State kept between frames (the previous grey frame and the carried boxes) depends only on the
+State kept between frames (the carried boxes and their regions' grey images) depends only on the
 frames since the last key frame or re-detection. A run that starts at frame s (a batch segment)
 therefore starts decoding at `keyframe(s, N)` and drops the frames before s.
 """
@@ -42,7 +44,14 @@ GRID = 5  # points per side of the grid followed inside a box
 FB_MAX_PX = 1.0  # forward-backward error (pixels of the flow image) for a point to count
 MIN_KEPT = 0.5  # fraction of a box's points that must pass, else re-detect
 MIN_VISIBLE = 0.5  # fraction of a carried box's area inside the frame, else the box is dropped
-FLOW_SCALE = 0.5  # flow runs on the frame downscaled by this (faces are >= ~40 px: still >= 20)
+# Flow runs on a region around each box, not the whole frame (the image pyramids cost more than
+# the points: benchmarks/detect_every.py costs): the box grown by REGION_MARGIN of its size plus
+# REGION_PAD frame pixels on every side, grey and downscaled by the power of two that leaves the
+# box FLOW_WIDTH flow pixels wide or more (faces are >= ~40 px: small ones are not downscaled).
+REGION_MARGIN = 0.25
+REGION_PAD = 8
+FLOW_WIDTH = 32
+MAX_DOWNSCALE = 8
 # A carried box that has moved, since the detection it comes from, by more than this fraction of
 # its width (centre) or grown or shrunk by more than it: the detector runs now. The detector's
 # box for a face is not a rigid function of the face's position (it jitters by 5-10% of its size
@@ -70,12 +79,54 @@ def keyframe(index: int, every: int) -> int:
     return index - index % every
 
 
-def _grey(frame: np.ndarray) -> np.ndarray:
-    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-    if FLOW_SCALE == 1.0:
-        return grey
-    height, width = grey.shape
-    return cv2.resize(grey, (round(width * FLOW_SCALE), round(height * FLOW_SCALE)), interpolation=cv2.INTER_AREA)
+def _downscale(width: float) -> int:
+    """The flow image's downscale factor for a box `width` frame pixels wide: the largest power
+    of two <= MAX_DOWNSCALE that leaves it FLOW_WIDTH flow pixels wide or more (1 when smaller)."""
+    factor = 1
+    while factor < MAX_DOWNSCALE and width / (2 * factor) >= FLOW_WIDTH:
+        factor *= 2
+    return factor
+
+
+def _region(box: np.ndarray, factor: int, shape) -> tuple[int, int, int, int]:
+    """The part of the frame (x0, y0, x1, y1 frame pixels, multiples of `factor`) whose flow
+    image a box's points are followed in: the box (frame pixels) grown by REGION_MARGIN of its
+    size plus REGION_PAD on every side, clipped to the frame. A box moves at most MAX_MOVE of
+    its width before it is detected again, so its points stay inside the region it was
+    detected with."""
+    height, width = shape[:2]
+    x0, y0, x1, y1 = box
+    grow_x, grow_y = (x1 - x0) * REGION_MARGIN + REGION_PAD, (y1 - y0) * REGION_MARGIN + REGION_PAD
+    left = max(0, math.floor((x0 - grow_x) / factor) * factor)
+    top = max(0, math.floor((y0 - grow_y) / factor) * factor)
+    right = min(width - width % factor, math.ceil((x1 + grow_x) / factor) * factor)
+    bottom = min(height - height % factor, math.ceil((y1 + grow_y) / factor) * factor)
+    return left, top, max(right, left + factor), max(bottom, top + factor)
+
+
+def _grey(frame: np.ndarray, region: tuple[int, int, int, int], factor: int) -> np.ndarray:
+    """The flow image of `region` of `frame`: grey, area-averaged over `factor` x `factor`
+    blocks, by halving (OpenCV's INTER_AREA is fast at 2x, two to three times slower than
+    repeated halving at 4x and 8x)."""
+    x0, y0, x1, y1 = region
+    grey = cv2.cvtColor(frame[y0:y1, x0:x1], cv2.COLOR_BGR2GRAY)
+    while factor > 1:
+        grey = cv2.resize(grey, (grey.shape[1] // 2, grey.shape[0] // 2), interpolation=cv2.INTER_AREA)
+        factor //= 2
+    return grey
+
+
+class _Carried:
+    """One box being carried: where it is (x0, y0, x1, y1 float, frame pixels), its
+    detection's score and box, and, fixed from the detection on, the downscale factor and the
+    region of the frame its points are followed in, with that region's flow image in the
+    last frame."""
+
+    __slots__ = ("box", "score", "detected", "factor", "region", "grey")
+
+    def __init__(self, box: np.ndarray, score: float, detected: np.ndarray, factor: int, region, grey: np.ndarray):
+        self.box, self.score, self.detected, self.factor = box, score, detected, factor
+        self.region, self.grey = region, grey
 
 
 class BoxCarrier:
@@ -93,9 +144,7 @@ class BoxCarrier:
             raise ValueError(f"detect every must be >= 1, got {every}")
         self.detector, self.every, self.max_move = detector, every, max_move
         self.detections = self.redetections = self.frames = 0
-        self._grey: np.ndarray | None = None
-        # (x0, y0, x1, y1) float in flow pixels, score, and the box as detected
-        self._boxes: list[tuple[np.ndarray, float, np.ndarray]] = []
+        self._boxes: list[_Carried] = []
         self._last: int | None = None
 
     def close(self) -> None:
@@ -111,77 +160,84 @@ class BoxCarrier:
             return self.detector.detect(frame)
         follows = self._last is not None and index == self._last + 1
         self._last = index
-        if index % self.every == 0 or not follows or self._grey is None:
-            return self._detect(frame, _grey(frame))
-        grey = _grey(frame)
-        carried = self._carry(self._grey, grey)
+        if index % self.every == 0 or not follows:
+            return self._detect(frame)
+        carried = self._carry(frame)
         if carried is None:
             self.redetections += 1
-            return self._detect(frame, grey)
-        self._grey, self._boxes = grey, carried
+            return self._detect(frame)
+        self._boxes = carried
         return self._faces(frame.shape)
 
-    def _detect(self, frame: np.ndarray, grey: np.ndarray) -> tuple[Face, ...]:
+    def _detect(self, frame: np.ndarray) -> tuple[Face, ...]:
         self.detections += 1
         faces = self.detector.detect(frame)
-        self._grey = grey
-        self._boxes = [(box, face.score, box) for face in faces for x, y, w, h in [face.box]
-                       for box in [np.array([x, y, x + w, y + h], np.float64) * FLOW_SCALE]]
+        self._boxes = []
+        for face in faces:
+            x, y, w, h = face.box
+            box = np.array([x, y, x + w, y + h], np.float64)
+            factor = _downscale(w)
+            region = _region(box, factor, frame.shape)
+            self._boxes.append(_Carried(box, face.score, box, factor, region, _grey(frame, region, factor)))
         return faces
 
-    def _carry(self, before: np.ndarray, after: np.ndarray) -> list | None:
-        """The boxes moved from `before` to `after` (grey flow images), or None when one box
-        lost its points or moved too far from where it was detected (re-detect). Boxes that
-        leave the frame are dropped."""
-        if not self._boxes:
-            return []
-        height, width = after.shape
+    def _carry(self, frame: np.ndarray) -> list[_Carried] | None:
+        """The boxes moved to `frame`, or None when one box lost its points or moved too far
+        from where it was detected (re-detect). Boxes that leave the frame are dropped."""
+        height, width = frame.shape[:2]
         steps = (np.arange(GRID) + 0.5) / GRID * 0.8 + 0.1  # the middle 80% of the box
-        points = []
-        for (x0, y0, x1, y1), _, _ in self._boxes:
-            gx, gy = np.meshgrid(x0 + steps * (x1 - x0), y0 + steps * (y1 - y0))
-            points.append(np.stack([gx.ravel(), gy.ravel()], axis=1))
-        start = np.concatenate(points).astype(np.float32).reshape(-1, 1, 2)
-        moved, status, _ = cv2.calcOpticalFlowPyrLK(before, after, start, None, **LK)
-        back, status_back, _ = cv2.calcOpticalFlowPyrLK(after, before, moved, None, **LK)
-        start, moved = start.reshape(-1, 2), moved.reshape(-1, 2)
-        good = ((status.ravel() == 1) & (status_back.ravel() == 1)
-                & (np.linalg.norm(back.reshape(-1, 2) - start, axis=1) < FB_MAX_PX))
         carried = []
-        per_box = GRID * GRID
-        for n, (box, score, detected) in enumerate(self._boxes):
-            keep = good[n * per_box:(n + 1) * per_box]
+        for old in self._boxes:
+            x0, y0, x1, y1 = old.box
+            origin = np.array(old.region[:2], np.float64)
+            gx, gy = np.meshgrid(x0 + steps * (x1 - x0), y0 + steps * (y1 - y0))
+            points = (np.stack([gx.ravel(), gy.ravel()], axis=1) - origin) / old.factor  # flow pixels
+            start = points.astype(np.float32).reshape(-1, 1, 2)
+            grey = _grey(frame, old.region, old.factor)
+            moved, status, _ = cv2.calcOpticalFlowPyrLK(old.grey, grey, start, None, **LK)
+            back, status_back, _ = cv2.calcOpticalFlowPyrLK(grey, old.grey, moved, None, **LK)
+            start, moved = start.reshape(-1, 2), moved.reshape(-1, 2)
+            keep = ((status.ravel() == 1) & (status_back.ravel() == 1)
+                    & (np.linalg.norm(back.reshape(-1, 2) - start, axis=1) < FB_MAX_PX))
             if keep.mean() < MIN_KEPT:
                 return None
-            a, b = start[n * per_box:(n + 1) * per_box][keep], moved[n * per_box:(n + 1) * per_box][keep]
-            shift = np.median(b - a, axis=0)
-            spread_a = np.linalg.norm(a - np.median(a, axis=0), axis=1)
-            spread_b = np.linalg.norm(b - np.median(b, axis=0), axis=1)
+            a, b = start[keep], moved[keep]
+            shift = _median(b - a) * old.factor  # frame pixels
+            spread_a = np.linalg.norm(a - _median(a), axis=1)
+            spread_b = np.linalg.norm(b - _median(b), axis=1)
             usable = spread_a > 1.0
-            scale = float(np.median(spread_b[usable] / spread_a[usable])) if usable.sum() >= 3 else 1.0
-            cx, cy = (box[0] + box[2]) / 2 + shift[0], (box[1] + box[3]) / 2 + shift[1]
-            half_w, half_h = (box[2] - box[0]) * scale / 2, (box[3] - box[1]) * scale / 2
+            scale = float(_median(spread_b[usable] / spread_a[usable])) if usable.sum() >= 3 else 1.0
+            cx, cy = (x0 + x1) / 2 + shift[0], (y0 + y1) / 2 + shift[1]
+            half_w, half_h = (x1 - x0) * scale / 2, (y1 - y0) * scale / 2
             new = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h])
-            if self.max_move is not None and _moved(detected, new) > self.max_move:
+            if self.max_move is not None and _moved(old.detected, new) > self.max_move:
                 return None
             inside = (max(0.0, min(new[2], width) - max(new[0], 0.0))
                       * max(0.0, min(new[3], height) - max(new[1], 0.0)))
             if not math.isfinite(scale) or inside < MIN_VISIBLE * (new[2] - new[0]) * (new[3] - new[1]):
                 continue  # leaving the frame
-            carried.append((new, score, detected))
+            carried.append(_Carried(new, old.score, old.detected, old.factor, old.region, grey))
         return carried
 
     def _faces(self, shape) -> tuple[Face, ...]:
         height, width = shape[:2]
         faces = []
-        for box, score, _ in self._boxes:
-            x0, y0, x1, y1 = box / FLOW_SCALE
+        for carried in self._boxes:
+            x0, y0, x1, y1 = carried.box
             x0, y0 = max(int(round(x0)), 0), max(int(round(y0)), 0)
             x1, y1 = min(int(round(x1)), width), min(int(round(y1)), height)
             if x1 - x0 >= 1 and y1 - y0 >= 1:
-                faces.append(Face(box=(x0, y0, x1 - x0, y1 - y0), score=score))
+                faces.append(Face(box=(x0, y0, x1 - x0, y1 - y0), score=carried.score))
         faces.sort(key=lambda f: f.area, reverse=True)
         return tuple(faces)
+
+
+def _median(values: np.ndarray) -> np.ndarray:
+    """np.median over the first axis (the same values), without its overhead: a tenth of the
+    time on the 25 points of a box."""
+    ordered = np.sort(values, axis=0)
+    middle = len(ordered) // 2
+    return (ordered[(len(ordered) - 1) // 2] + ordered[middle]) / 2
 
 
 def _moved(detected: np.ndarray, carried: np.ndarray) -> float:

@@ -4,12 +4,14 @@ fast, scale, enter and leave (tests/realtime_helpers.py: `moving_faces_clip`).""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
 from camface.api import face_detector
 from camface.models import EMOTION_ONNX
-from camface.realtime.carry import AUTO_EVERY, MAX_MOVE, BoxCarrier, _moved, every_for, keyframe
+from camface.realtime.carry import (AUTO_EVERY, FLOW_WIDTH, MAX_DOWNSCALE, MAX_MOVE, BoxCarrier, _downscale, _grey,
+                                    _median, _moved, _region, every_for, keyframe)
 from camface.realtime.config import LiveConfig
 from realtime_helpers import carry_accuracy, moving_faces_clip
 
@@ -29,6 +31,10 @@ def clips(detector):
     out = {"moving 60": moving_faces_clip(60), "moving 120": moving_faces_clip(120),
            "moving 180": moving_faces_clip(180),
            "sample": ([sample.frame(i) for i in range(300)], None)}
+    # The same faces twice as large in a 1280x960 frame: boxes of 100-300 px, flow at 1/4-1/8.
+    frames, truth = moving_faces_clip(120)
+    out["moving 120 at 1280x960"] = ([cv2.resize(f, (1280, 960), interpolation=cv2.INTER_LINEAR) for f in frames],
+                                     [{n: tuple(2 * v for v in box) for n, box in t.items()} for t in truth])
     return {name: (frames, truth, [detector.detect(f) for f in frames]) for name, (frames, truth) in out.items()}
 
 
@@ -42,7 +48,8 @@ def carried(detector, frames, every, start=0, max_move=MAX_MOVE):
 # on only 96-98% of them (benchmarks/RESULTS-detect-every.md): the bound for any carrying. With
 # re-detection of boxes that moved far (MAX_MOVE), auto meets 95% on the fast clips too.
 ACCURACY = [("sample", AUTO_EVERY, 0.95), ("moving 60", AUTO_EVERY, 0.95), ("moving 120", AUTO_EVERY, 0.95),
-            ("moving 180", AUTO_EVERY, 0.95), ("moving 120", 2, 0.95), ("moving 120", 3, 0.93)]
+            ("moving 180", AUTO_EVERY, 0.95), ("moving 120", 2, 0.95), ("moving 120", 3, 0.93),
+            ("moving 120 at 1280x960", AUTO_EVERY, 0.95)]
 
 
 @pytest.mark.parametrize("name, every, least", ACCURACY)
@@ -72,6 +79,33 @@ def test_fast_faces_are_detected_more_often_slow_ones_on_key_frames(detector, cl
     assert _moved(detected, detected) == 0.0
     assert _moved(detected, detected + [3, 4, 3, 4]) == pytest.approx(5 / 40)  # the centre moved 5 px
     assert _moved(detected, np.array([8.0, 18.0, 52.0, 62.0])) == pytest.approx(0.1)  # 10% wider
+
+
+def test_flow_runs_on_a_region_around_each_box_downscaled_to_its_size():
+    """A box's flow image covers the box grown by a margin (aligned to the downscale factor,
+    clipped to the frame), downscaled by the power of two that leaves the box FLOW_WIDTH to
+    2 x FLOW_WIDTH flow pixels wide; its pixels are those of the whole frame's flow image there."""
+    assert [_downscale(w) for w in (20, 63, 64, 127, 128, 255, 256, 2000)] == [1, 1, 2, 2, 4, 4, 8, MAX_DOWNSCALE]
+    assert all(FLOW_WIDTH <= w / _downscale(w) < 2 * FLOW_WIDTH for w in (64, 100, 128, 200, 255))
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (480, 640, 3), np.uint8)
+    for box in ([100.0, 50.0, 300.0, 290.0], [-30.0, 400.0, 90.0, 520.0], [600.0, 10.0, 700.0, 100.0]):
+        box = np.array(box)
+        factor = _downscale(box[2] - box[0])
+        x0, y0, x1, y1 = region = _region(box, factor, frame.shape)
+        assert all(v % factor == 0 for v in region) and 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+        assert x0 <= max(box[0], 0) and y0 <= max(box[1], 0) and x1 >= min(box[2], 640) and y1 >= min(box[3], 480)
+        assert (x1 - x0) * (y1 - y0) < 0.6 * 640 * 480  # a region, not the frame
+        whole = _grey(frame, (0, 0, 640, 480), factor)
+        part = _grey(frame, region, factor)
+        assert part.shape == ((y1 - y0) // factor, (x1 - x0) // factor)
+        assert np.array_equal(part, whole[y0 // factor:y1 // factor, x0 // factor:x1 // factor])
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).astype(np.float64)
+    means = grey.reshape(60, 8, 80, 8).mean(axis=(1, 3))  # 8 x 8 block means
+    assert np.abs(_grey(frame, (0, 0, 640, 480), 8) - means).max() <= 1.5  # three halvings, each rounded
+    values = rng.normal(size=(25, 2))
+    assert np.array_equal(_median(values), np.median(values, axis=0))
+    assert np.array_equal(_median(values[:24]), np.median(values[:24], axis=0))
 
 
 def test_every_frame_is_the_detector_itself(detector, clips):
