@@ -6,7 +6,10 @@
             frame against its boxes on the frame shifted by 2 pixels) as the bound; the clips
             are tests/realtime_helpers.py's `moving_faces_clip` and the sample
   costs     ms per call: MediaPipe full / short range at 640x480 and at 320x240 (detecting on a
-            downscaled frame), one carried frame with 1..3 faces
+            downscaled frame), one carried frame with 1..3 faces, a carried frame at 640x480,
+            1280x960 and 1920x1440
+  threads   CPU ms per frame of each thread of `camface live --record` on the sample (Linux: from
+            /proc), auto against every frame: what limits the ratio of the two
   bench     `camface bench --source sample --record` --repeats times: each run has both rows
             (auto and every frame) on the same frames, one after the other
   batch     `camface batch` on --copies sample clips, --detect-every 1 and auto interleaved:
@@ -157,6 +160,7 @@ def costs() -> None:
                 by_count.setdefault(len(faces[i - 1]), []).append(1000 * (time.perf_counter() - start))
     for count, times in sorted(by_count.items()):
         print(f"  carried frame with {count} face(s): {statistics.median(times):.2f} ms ({len(times)} frames)")
+    carried_by_size()
     # MediaPipe runs each call on threads of its own graph executor: called on one frame in N,
     # with other work in between (here a 3 ms sleep), a call costs more than in a tight loop.
     for runtime in RUNTIMES:
@@ -173,6 +177,127 @@ def costs() -> None:
                 print(f"  {runtime} full-range called on 1 frame in {every}: "
                       f"{1000 * (time.process_time() - cpu) / calls:.2f} ms CPU, "
                       f"{1000 * (time.perf_counter() - wall - slept) / calls:.2f} ms wall per call")
+
+
+def carried_by_size() -> None:
+    """CPU ms per carried frame (no detection: N huge, no re-detection) of the sample's frames
+    40-99 (one face, 145-215 px at 640x480) scaled to larger frames: the flow's regions follow
+    the face's size, not the frame's."""
+    import cv2
+
+    from camface.api import face_detector
+    from camface.realtime.carry import BoxCarrier
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.sample import SampleSource
+
+    sample = SampleSource(300)
+    base = [sample.frame(i) for i in range(40, 100)]
+    with face_detector(LiveConfig()) as detector:
+        for size in ((640, 480), (1280, 960), (1920, 1440)):
+            frames = [cv2.resize(f, size, interpolation=cv2.INTER_LINEAR) for f in base]
+            times = []
+            for _ in range(7):
+                carrier = BoxCarrier(detector, 10 ** 6, None)
+                carrier.detect(frames[0], 0)
+                cpu = time.process_time()
+                for index in range(1, len(frames)):
+                    carrier.detect(frames[index], index)
+                times.append(1000 * (time.process_time() - cpu) / (len(frames) - 1))
+            cpu = time.process_time()
+            for frame in frames[:20]:
+                detector.detect(frame)
+            detect = 1000 * (time.process_time() - cpu) / 20
+            print(f"  carried frame at {size[0]}x{size[1]}, one face: {statistics.median(times):.3f} ms CPU "
+                  f"(median of 7 x 59 frames); a detection there: {detect:.2f} ms CPU")
+
+
+def thread_costs(repeats: int, frames: int) -> None:
+    """Each repeat runs the live loop (sample, recording on) with auto and with every-frame
+    detection, each for 60 and for `frames` frames in fresh processes; the difference of the
+    two runs' CPU time per thread, over the extra frames, is that thread's CPU per frame
+    without start-up."""
+    from camface.realtime.sample import SampleSource
+
+    for count in (60, frames):  # drawn and cached now, not inside a timed run
+        SampleSource(count).cached_clip()
+    rows: dict[str, list[dict]] = {"auto": [], "1": []}
+    for _ in range(repeats):
+        for every in rows:
+            cpu = {}
+            for count in (60, frames):
+                out = subprocess.run([sys.executable, __file__, "_threads", every, str(count)],
+                                     capture_output=True, text=True, check=True).stdout
+                cpu[count] = json.loads(out.strip().splitlines()[-1])
+            names = set(cpu[frames]) | set(cpu[60])
+            rows[every].append({name: 1000 * (cpu[frames].get(name, 0.0) - cpu[60].get(name, 0.0)) / (frames - 60)
+                                for name in names})
+    names = sorted(rows["1"][0], key=lambda n: -rows["1"][0][n])
+    print(f"\nCPU ms per frame by thread, `camface live --source sample --record` ({frames} - 60 frames), "
+          f"median of {repeats} interleaved repeats, {load()}")
+    print("| thread | auto | every frame (2 detector threads) | every frame - auto |")
+    print("|---|---|---|---|")
+    for name in names:
+        auto = statistics.median(r.get(name, 0.0) for r in rows["auto"])
+        every = statistics.median(r.get(name, 0.0) for r in rows["1"])
+        print(f"| {name} | {auto:.2f} | {every:.2f} | {every - auto:+.2f} |")
+    ratios = [e["process"] / a["process"] for a, e in zip(rows["auto"], rows["1"])]
+    print("ratio of the process totals, same repeat: " + ", ".join(f"{x:.2f}x" for x in ratios))
+
+
+def _threads(every: str, frames: int) -> None:
+    """(In a fresh process) run the live loop, print {thread: CPU seconds} as one JSON line."""
+    import collections
+    import ctypes
+    import threading
+
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.loop import LiveLoop
+    from camface.realtime.sources import make_source
+
+    libc = ctypes.CDLL(None)
+    bootstrap = threading.Thread._bootstrap_inner
+
+    def named(thread):  # the thread's name where /proc shows it (15 bytes)
+        libc.prctl(15, thread.name.removeprefix("camface-")[:15].encode(), 0, 0, 0)
+        bootstrap(thread)
+
+    threading.Thread._bootstrap_inner = named
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen: dict[int, tuple[str, float]] = {}
+
+    def snapshot():
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                stat = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+            seen[int(tid)] = (comm, (int(stat[11]) + int(stat[12])) / ticks)
+
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.05):
+            snapshot()
+
+    watcher = threading.Thread(target=watch, name="watcher", daemon=True)
+    watcher.start()
+    with tempfile.TemporaryDirectory() as folder:
+        config = LiveConfig(source="sample", record=Path(folder) / "run.mp4", show=False, overwrite=True,
+                            max_frames=frames, progress=False, detect_every="auto" if every == "auto" else int(every))
+        start = time.process_time()
+        LiveLoop(config, source=make_source("sample", sample_frames=frames)).run()
+        snapshot()
+        total = time.process_time() - start
+    done.set()
+    watcher.join()
+    by_name: collections.Counter = collections.Counter()
+    for comm, seconds in seen.values():
+        name = ("main (crop, classify, render)" if comm == "python" else "detector" if comm.startswith("detector")
+                else "decoder threads (FFmpeg)" if comm.startswith("av:") else comm)
+        by_name[name] += seconds
+    by_name["process"] = total
+    print(json.dumps(dict(by_name)))
 
 
 RUNTIMES = ("mediapipe", "onnx")  # --detector-runtime: MediaPipe Tasks (today's baseline) and ONNX Runtime
@@ -262,6 +387,9 @@ def batch(repeats: int, copies: int, frames: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if sys.argv[1:2] == ["_threads"]:
+        _threads(sys.argv[2], int(sys.argv[3]))
+        return 0
     parser.add_argument("parts", nargs="*", default=["accuracy", "costs", "bench", "batch"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnx", help="detector runtime for accuracy")
@@ -276,6 +404,8 @@ def main() -> int:
         accuracy(args.runtime, args.settings)
     if "costs" in args.parts:
         costs()
+    if "threads" in args.parts:
+        thread_costs(args.repeats, args.frames * 8)
     if "bench" in args.parts:
         bench(args.repeats, args.variants)
     if "batch" in args.parts:

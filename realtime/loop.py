@@ -53,10 +53,18 @@ class LiveLoop:
     source: an un-entered source to use instead of `config.source` (tests, benchmarks).
     window: a Window-like object (`show(frame) -> key`, `closed`) for window mode; by default
     an OpenCV window when `config.show`.
+    cpu_marks: (first, last) frame counts, 0 < first < last: the summary's `cpu_ms_per_frame`
+    is then the process CPU time from the moment `first` frames were done to the moment `last`
+    were, over last - first (benchmarks: the steady state of one run, without start-up; both
+    marks while the reader and detector still run ahead, so each thread's work in between is
+    that of last - first frames).
     """
 
-    def __init__(self, config: LiveConfig, source=None, window=None):
+    def __init__(self, config: LiveConfig, source=None, window=None, cpu_marks: tuple[int, int] | None = None):
+        if cpu_marks is not None and not 0 < cpu_marks[0] < cpu_marks[1]:
+            raise ValueError(f"cpu_marks must be 0 < first < last, got {cpu_marks}")
         self.config = config
+        self.cpu_marks = cpu_marks
         self.timer = StageTimer(STAGES)
         self.rate = RateMeter()
         self._source = source
@@ -193,6 +201,8 @@ class LiveLoop:
         hud_ms: dict[str, float] = {}
         snapshot_requested = False
         stopped_by = "end of input"
+        first_mark, last_mark = self.cpu_marks or (0, 0)
+        cpu_at: dict[int, float] = {}
         progress = self._progress(source)
         started = time.perf_counter()
         writer_thread.start()
@@ -219,6 +229,8 @@ class LiveLoop:
                         stopped_by = "quit"
                     put(output_q, Output(frame, explained, raw, snapshot, toggle), None)
                     frames += 1
+                    if frames in (first_mark, last_mark):
+                        cpu_at[frames] = time.process_time()
                     faces_total += len(explained.result.faces)
                     dropped_total += explained.result.dropped
                     self.rate.tick()
@@ -256,6 +268,8 @@ class LiveLoop:
                     snapshots=recorder.snapshots.count if recorder.snapshots is not None else 0,
                     stopped_by=stopped_by, detectors=len(detectors), detect_every=detectors[0].every,
                     detections=sum(d.detections for d in detectors), pace_fps=pacer.fps if pacer else 0.0,
+                    cpu_ms_per_frame=(1000 * (cpu_at[last_mark] - cpu_at[first_mark]) / (last_mark - first_mark)
+                                      if len(cpu_at) == 2 else None),
                     paused_s=viewer.paused_s, still=bool(getattr(source.info, "still", False)))
         if recorder.error is not None:
             raise recorder.error

@@ -58,6 +58,9 @@ class RunSummary:
     still: bool = False  # the source was a folder of images (pacing holds each one)
     detect_every: int = 1  # the detector ran on key frames 0, N, 2N, ... (camface.realtime.carry)
     detections: int = 0  # detector runs: key frames and re-detections
+    # Process CPU time per frame between LiveLoop's `cpu_marks`: the steady state, without
+    # start-up (camface bench); None without marks or when the run stopped before the last.
+    cpu_ms_per_frame: float | None = None
 
     @property
     def faces_per_frame(self) -> float:

@@ -122,6 +122,27 @@ def test_recording_holds_every_processed_frame_and_snapshots(tmp_path, face_clip
     assert crop.shape == (64, 64)  # exactly the graph's input: 64x64 gray
 
 
+def test_cpu_marks_time_the_steady_state_of_a_run():
+    """LiveLoop's `cpu_marks` give the process CPU per frame between two frames of the run
+    (what `camface bench` reports): within what the process spent in all, and more than the
+    graph alone needs; None when the run stops before the last mark."""
+    from camface.realtime.bench.rows import MARK_TAIL, cpu_marks
+
+    config = LiveConfig(source="sample", max_frames=60, detect_every=1)
+    start = time.process_time()
+    summary = LiveLoop(config, source=make_source("sample", sample_frames=60), cpu_marks=(10, 44)).run()
+    total_ms = 1000 * (time.process_time() - start)
+    assert summary.frames == 60
+    assert 0.1 < summary.cpu_ms_per_frame * 34 < total_ms  # the 34 frames between the marks, start-up excluded
+    short = LiveLoop(config.replace(max_frames=20), source=make_source("sample", sample_frames=60),
+                     cpu_marks=(10, 44)).run()
+    assert short.frames == 20 and short.cpu_ms_per_frame is None
+    assert LiveLoop(config).run().cpu_ms_per_frame is None  # no marks asked for
+    with pytest.raises(ValueError, match="cpu_marks must be 0 < first < last"):
+        LiveLoop(config, cpu_marks=(5, 5))
+    assert cpu_marks(300) == (30, 300 - MARK_TAIL) and cpu_marks(30) is None
+
+
 def test_max_faces_drops_the_smallest(tmp_path, sample_frames):
     _, frames = sample_frames
     frame = frames[160]  # three faces

@@ -63,9 +63,22 @@ class Row:
         }
 
 
+MARK_TAIL = 16  # frames before the end of a run: more than the reader and detectors run ahead
+
+
+def cpu_marks(frames: int) -> tuple[int, int] | None:
+    """(first, last) frames between which a run of `frames` frames is timed for CPU: after its
+    first tenth (first-frame costs) and MARK_TAIL frames before its end (the reader and detector
+    have stopped there: the threads' work in flight differs from the rest of the run); None
+    when that leaves fewer than 20 frames."""
+    first, last = max(1, frames // 10), frames - MARK_TAIL
+    return (first, last) if last - first >= 20 else None
+
+
 def run_live(config: BenchConfig, model: Path, record_dir: Path | None, name: str = "camface live") -> Row:
     """The real live loop on the first `config.frames` frames, after an untimed run on the
-    first `config.warmup` frames (first-frame costs: codec set-up, caches, page faults)."""
+    first `config.warmup` frames (first-frame costs: codec set-up, caches, page faults). CPU
+    per frame: between `cpu_marks` of the timed run."""
     from camface.realtime.loop import LiveLoop
     from camface.realtime.sources import make_source
 
@@ -82,14 +95,16 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None, name: st
         warmup_frames = LiveLoop(loop_config(config.warmup, record("live-warmup")),
                                  source=make_source(config.pipeline.source, sample_frames=config.frames)).run().frames
         warmup_cpu_s = time.process_time() - cpu_start
+    marks = cpu_marks(config.frames)
     cpu_start = time.process_time()
     summary = LiveLoop(loop_config(config.frames, record("live")),
-                       source=make_source(config.pipeline.source, sample_frames=config.frames)).run()
+                       source=make_source(config.pipeline.source, sample_frames=config.frames), cpu_marks=marks).run()
     cpu_s = time.process_time() - cpu_start
-    # Both runs pay the same start-up (graph session, detector, threads): their difference is
-    # the CPU time of the extra frames alone.
-    cpu_ms = None
-    if warmup_frames and summary.frames > warmup_frames and cpu_s > warmup_cpu_s:
+    # CPU per frame of the steady state: between the marks inside the timed run; else (a run
+    # too short, or a source that ended early) the timed run less the warm-up run, which pay
+    # the same start-up (graph session, detector, threads).
+    cpu_ms = summary.cpu_ms_per_frame
+    if cpu_ms is None and warmup_frames and summary.frames > warmup_frames and cpu_s > warmup_cpu_s:
         cpu_ms = 1000 * (cpu_s - warmup_cpu_s) / (summary.frames - warmup_frames)
     return Row(name, summary.frames, summary.faces, summary.fps, summary.wall_s,
                dict(summary.stages), summary.provider, peak_rss_mb(), cpu_ms)
