@@ -272,7 +272,8 @@ def _threads(every: str, frames: int) -> None:
                 comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
             except FileNotFoundError:  # the thread ended meanwhile
                 continue
-            seen[int(tid)] = (comm, (int(stat[11]) + int(stat[12])) / ticks)
+            main = int(tid) == threading.main_thread().native_id
+            seen[int(tid)] = ("main" if main else comm, (int(stat[11]) + int(stat[12])) / ticks)
 
     done = threading.Event()
 
@@ -293,7 +294,7 @@ def _threads(every: str, frames: int) -> None:
     watcher.join()
     by_name: collections.Counter = collections.Counter()
     for comm, seconds in seen.values():
-        name = ("main (crop, classify, render)" if comm == "python" else "detector" if comm.startswith("detector")
+        name = ("main (crop, classify, render)" if comm == "main" else "detector" if comm.startswith("detector")
                 else "decoder threads (FFmpeg)" if comm.startswith("av:") else comm)
         by_name[name] += seconds
     by_name["process"] = total

@@ -40,6 +40,7 @@ import numpy as np
 
 from camface import graph_spec, methods
 from camface.errors import ModelError
+from camface.realtime.graph import upstream
 
 FEATURE_STEPS = 6
 LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -73,17 +74,6 @@ def _target(graph, producer) -> str:
     return tensor
 
 
-def _ancestors(outputs, producer) -> set[str]:
-    seen, stack = set(), list(outputs)
-    while stack:
-        tensor = stack.pop()
-        if tensor not in seen:
-            seen.add(tensor)
-            if tensor in producer:
-                stack.extend(producer[tensor].input)
-    return seen
-
-
 def forward_model(cam):
     """(forward ModelProto, target tensor name) of a CAM graph `cam` (onnx.ModelProto): the nodes
     and initializers that `probs` and the target depend on; its one input is float32
@@ -99,7 +89,7 @@ def forward_model(cam):
         raise ModelError(f"not a CAM graph: no {', '.join(sorted(missing))} output")
     producer = {o: n for n in graph.node for o in n.output}
     target = _target(graph, producer)
-    keep = _ancestors([graph_spec.OUTPUT_PROBS, target], producer)
+    keep = upstream(producer, [graph_spec.OUTPUT_PROBS, target])
     pixels, image, probs = f"{_SANITY}/pixels", f"{_SANITY}/image", f"{_SANITY}/probs"
     rename = {graph_spec.INPUT_IMAGE: image, graph_spec.OUTPUT_PROBS: probs}
     nodes = [helper.make_node("Cast", [pixels], [image], to=TensorProto.UINT8)]
@@ -148,7 +138,7 @@ def weight_layers(forward, target: str) -> tuple[list[list[str]], list[list[str]
                 raise ModelError(f"the CAM graph's {node.op_type} node {node.name!r} reads its weights from "
                                  f"Constant node(s) {held}, not initializers: the sanity check re-draws "
                                  "initializers; export the model so that its weights are initializers")
-    before_target = _ancestors([target], producer)
+    before_target = upstream(producer, [target])
     groups: dict[int, list[str]] = {}
     seen: set[str] = set()
     for node in reversed(nodes):

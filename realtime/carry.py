@@ -93,7 +93,8 @@ def _region(box: np.ndarray, factor: int, shape) -> tuple[int, int, int, int]:
     image a box's points are followed in: the box (frame pixels) grown by REGION_MARGIN of its
     size plus REGION_PAD on every side, clipped to the frame. A box moves at most MAX_MOVE of
     its width before it is detected again, so its points stay inside the region it was
-    detected with."""
+    detected with. (Without that limit, `max_move` None, a box whose points leave its region
+    loses them, and the detector runs again: the region bounds how far a box is carried.)"""
     height, width = shape[:2]
     x0, y0, x1, y1 = box
     grow_x, grow_y = (x1 - x0) * REGION_MARGIN + REGION_PAD, (y1 - y0) * REGION_MARGIN + REGION_PAD
@@ -146,6 +147,7 @@ class BoxCarrier:
         self.detections = self.redetections = self.frames = 0
         self._boxes: list[_Carried] = []
         self._last: int | None = None
+        self._shape: tuple | None = None  # of the last frame: a new size starts over at a detection
 
     def close(self) -> None:
         """Close the detector (for owners that hold only the carrier, as `camface serve`)."""
@@ -158,8 +160,8 @@ class BoxCarrier:
         if self.every == 1:
             self.detections += 1
             return self.detector.detect(frame)
-        follows = self._last is not None and index == self._last + 1
-        self._last = index
+        follows = self._last is not None and index == self._last + 1 and frame.shape == self._shape
+        self._last, self._shape = index, frame.shape
         if index % self.every == 0 or not follows:
             return self._detect(frame)
         carried = self._carry(frame)

@@ -178,6 +178,12 @@ def test_a_gap_or_a_face_that_vanishes_detects_again(detector, clips):
     blank = np.full_like(frames[6], 128)  # the faces are gone: the flow finds nothing to follow
     assert carrier.detect(blank, 6) == () and carrier.detections == 3 and carrier.redetections == 1
     assert carrier.detect(blank, 7) == () and carrier.detections == 3  # no boxes: nothing to carry
+    carrier.detect(frames[8], 8)  # key frame
+    assert carrier.detections == 4
+    bigger = cv2.resize(frames[9], (800, 600))  # a stream that changes its size: start over
+    assert carrier.detect(bigger, 9) == detector.detect(bigger) and carrier.detections == 5
+    carrier.detect(cv2.resize(frames[10], (800, 600)), 10)
+    assert carrier.detections == 5  # carried at the new size
 
 
 @pytest.mark.parametrize("requested, still, workers, every", [

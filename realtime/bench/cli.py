@@ -93,9 +93,10 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
         record_dir = Path(tmp) if config.record else None
         every = every_for(pipeline.detect_every, bool(getattr(source_info, "still", False)), pipeline.detect_workers)
         if config.warmup:
-            # The first loop of a process pays one-time costs (library and codec set-up) in its
-            # warm-up, which each row subtracts from its CPU time: an untimed loop first, so
-            # that the rows compared below start alike.
+            # The first loop of a process pays one-time costs (library and codec set-up): an
+            # untimed loop first, so that the rows compared below start alike (each row's CPU
+            # per frame is timed between two frames of its timed run, or, for runs too short
+            # for that, less its own warm-up run's CPU).
             run_live(dataclasses.replace(config, frames=max(2, config.warmup), warmup=0), graph_path, record_dir,
                      name="priming")
         rows.append(run_live(config, graph_path, record_dir))

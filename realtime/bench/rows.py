@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from camface.realtime.bench.machine import peak_rss_mb
-from camface.realtime.loop import STAGES
+from camface.realtime.loop import QUEUE_SIZE, STAGES
 
 if TYPE_CHECKING:
     from camface.realtime.bench.config import BenchConfig
@@ -63,7 +63,10 @@ class Row:
         }
 
 
-MARK_TAIL = 16  # frames before the end of a run: more than the reader and detectors run ahead
+# Frames before the end of a run for the last CPU mark: more than are in flight in the loop's
+# queues (read ahead of the main thread: 2 x QUEUE_SIZE + 2 detectors; waiting for the writer:
+# QUEUE_SIZE), so the reader and detectors still run at that mark as at the first.
+MARK_TAIL = 3 * QUEUE_SIZE + 6
 
 
 def cpu_marks(frames: int) -> tuple[int, int] | None:
