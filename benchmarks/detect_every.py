@@ -8,6 +8,9 @@
   costs     ms per call: MediaPipe full / short range at 640x480 and at 320x240 (detecting on a
             downscaled frame), one carried frame with 1..3 faces, a carried frame at 640x480,
             1280x960 and 1920x1440
+  windows   re-detecting only around a face: the full-range model (made size-free) on a K x K
+            window of its 192 x 192 input centred on each face of the sample, against the
+            whole input: CPU ms per call and IoU of the window's box with the whole input's
   threads   CPU ms per frame of each thread of `camface live --record` on the sample (Linux: from
             /proc), auto against every frame: what limits the ratio of the two
   bench     `camface bench --source sample --record` --repeats times: each run has both rows
@@ -15,7 +18,8 @@
   batch     `camface batch` on --copies sample clips, --detect-every 1 and auto interleaved:
             decode + detect + crop frames/s per detection actor (one core), from the records
 
-    .venv/bin/python benchmarks/detect_every.py [accuracy] [costs] [bench] [batch] [--repeats 3]
+    .venv/bin/python benchmarks/detect_every.py [accuracy] [costs] [windows] [threads] [bench] [batch]
+                                                 [--repeats 3]
 
 Medians over repeats; the machine is shared, so the load average is printed with each part.
 """
@@ -209,6 +213,79 @@ def carried_by_size() -> None:
             detect = 1000 * (time.process_time() - cpu) / 20
             print(f"  carried frame at {size[0]}x{size[1]}, one face: {statistics.median(times):.3f} ms CPU "
                   f"(median of 7 x 59 frames); a detection there: {detect:.2f} ms CPU")
+
+
+def windows() -> None:
+    """The full-range model's input is 192 x 192 whatever the frame; a re-detection of one face
+    could run it on a window of that input around the face instead (the model is convolutional:
+    its two Reshapes are its only fixed sizes). Per window side K and alignment of its corner
+    (input pixels): CPU ms per call, and how often the window's box for a face has IoU >= 0.9
+    with the whole input's (the sample, every 5th frame)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from camface.models import DETECTORS_ONNX
+    from camface.realtime import blazeface
+    from camface.realtime.sample import SampleSource
+    from camface.realtime.smooth import iou
+
+    model = onnx.load(str(DETECTORS_ONNX["full"]))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_param, dims[2].dim_param = "height", "width"
+    for output in model.graph.output:
+        output.type.tensor_type.shape.dim[1].dim_param = "anchors"
+    constants = {c.name: c for c in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Reshape":  # [1, 2304, C] -> [1, -1, C]
+            shape = numpy_helper.to_array(constants[node.input[1]]).copy()
+            shape[1] = -1
+            constants[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
+    del model.graph.value_info[:]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    by_width = {o.shape[-1]: o.name for o in session.get_outputs()}
+
+    def detect(tensor, x0=0, y0=0):
+        raw_boxes, raw_scores = session.run([by_width[16], by_width[1]], {name: tensor})
+        rows, cols = tensor.shape[1] // 4, tensor.shape[2] // 4  # one anchor per 4 x 4 input pixels
+        ys, xs = np.meshgrid(np.arange(rows) * 4 + 2 + y0, np.arange(cols) * 4 + 2 + x0, indexing="ij")
+        anchors = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32) / 192
+        boxes, _ = blazeface.weighted_nms(*blazeface.decode(raw_boxes[0], raw_scores[0], anchors, 192, 0.5))
+        return [tuple(b) for b in (boxes * 192).tolist()]
+
+    sample = SampleSource(300)
+    inputs = [blazeface.letterbox(sample.frame(i), 192)[0] for i in range(0, 300, 5)]
+    whole = [detect(t) for t in inputs]
+    print(f"\nwindows (full-range ONNX, sample every 5th frame, {sum(map(len, whole))} faces), {load()}")
+    for side in (192, 128, 96, 64):
+        window = np.ascontiguousarray(inputs[0][:, :side, :side])
+        for _ in range(10):
+            detect(window)
+        times = []
+        for _ in range(7):
+            cpu = time.process_time()
+            for _ in range(30):
+                detect(window)
+            times.append(1000 * (time.process_time() - cpu) / 30)
+        cells = [f"{side} x {side}: {statistics.median(times):.2f} ms CPU"]
+        for align in ((4, 8, 32) if side < 192 else ()):
+            hits = []
+            for tensor, boxes in zip(inputs, whole):
+                for box in boxes:
+                    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+                    x0, y0 = (int(min(max(round((c - side / 2) / align) * align, 0), 192 - side)) for c in (cx, cy))
+                    found = detect(np.ascontiguousarray(tensor[:, y0:y0 + side, x0:x0 + side]), x0, y0)
+                    hits.append(max((iou(_xywh(box), _xywh(f)) for f in found), default=0.0) >= 0.9)
+            cells.append(f"aligned to {align}: IoU >= 0.9 on {np.mean(hits):.1%}")
+        print("  " + "; ".join(cells))
+
+
+def _xywh(box):
+    return box[0], box[1], box[2] - box[0], box[3] - box[1]
 
 
 def thread_costs(repeats: int, frames: int) -> None:
@@ -405,6 +482,8 @@ def main() -> int:
         accuracy(args.runtime, args.settings)
     if "costs" in args.parts:
         costs()
+    if "windows" in args.parts:
+        windows()
     if "threads" in args.parts:
         thread_costs(args.repeats, args.frames * 8)
     if "bench" in args.parts:

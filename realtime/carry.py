@@ -81,12 +81,17 @@ def keyframe(index: int, every: int) -> int:
     return index - index % every
 
 
-def _downscale(width: float) -> int:
+def _downscale(width: float, shape=None) -> int:
     """The flow image's downscale factor for a box `width` frame pixels wide: the largest power
-    of two <= MAX_DOWNSCALE that leaves it FLOW_WIDTH flow pixels wide or more (1 when smaller)."""
+    of two <= MAX_DOWNSCALE that leaves it FLOW_WIDTH flow pixels wide or more (1 when smaller),
+    and, in a frame of `shape`, no larger than the frame's height and width (a region is at
+    least one flow pixel of the frame)."""
     factor = 1
     while factor < MAX_DOWNSCALE and width / (2 * factor) >= FLOW_WIDTH:
         factor *= 2
+    if shape is not None:
+        while factor > 1 and min(shape[:2]) < factor:
+            factor //= 2
     return factor
 
 
@@ -159,41 +164,47 @@ class BoxCarrier:
 
     def detect(self, frame: np.ndarray, index: int) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3], frame `index` of its stream), boxes in pixels
-        clipped to the frame, largest first (as FaceDetector.detect)."""
+        clipped to the frame, largest first (as FaceDetector.detect). A call that raises (the
+        detector's error) leaves nothing to carry: the next frame is detected."""
         self.frames += 1
         if self.every == 1:
             self.detections += 1
             return self.detector.detect(frame)
         follows = self._last is not None and index == self._last + 1 and frame.shape == self._shape
-        self._last, self._shape = index, frame.shape
+        self._boxes, boxes = [], self._boxes
+        self._last, self._shape = None, frame.shape  # until this frame's boxes are known
         if index % self.every == 0 or not follows:
-            return self._detect(frame)
-        carried = self._carry(frame)
-        if carried is None:
-            self.redetections += 1
-            return self._detect(frame)
-        self._boxes = carried
-        return self._faces(frame.shape)
+            faces = self._detect(frame)
+        else:
+            carried = self._carry(frame, boxes)
+            if carried is None:
+                self.redetections += 1
+                faces = self._detect(frame)
+            else:
+                self._boxes, faces = carried, self._faces(carried, frame.shape)
+        self._last = index
+        return faces
 
     def _detect(self, frame: np.ndarray) -> tuple[Face, ...]:
-        self.detections += 1
         faces = self.detector.detect(frame)
-        self._boxes = []
+        self.detections += 1
+        boxes = []
         for face in faces:
             x, y, w, h = face.box
             box = np.array([x, y, x + w, y + h], np.float64)
-            factor = _downscale(w)
+            factor = _downscale(w, frame.shape)
             region = _region(box, factor, frame.shape)
-            self._boxes.append(_Carried(box, face.score, box, factor, region, _grey(frame, region, factor)))
+            boxes.append(_Carried(box, face.score, box, factor, region, _grey(frame, region, factor)))
+        self._boxes = boxes
         return faces
 
-    def _carry(self, frame: np.ndarray) -> list[_Carried] | None:
-        """The boxes moved to `frame`, or None when one box lost its points or moved too far
+    def _carry(self, frame: np.ndarray, boxes: list[_Carried]) -> list[_Carried] | None:
+        """`boxes` moved to `frame`, or None when one box lost its points or moved too far
         from where it was detected (re-detect). Boxes that leave the frame are dropped."""
         height, width = frame.shape[:2]
         steps = (np.arange(GRID) + 0.5) / GRID * 0.8 + 0.1  # the middle 80% of the box
         carried = []
-        for old in self._boxes:
+        for old in boxes:
             x0, y0, x1, y1 = old.box
             origin = np.array(old.region[:2], np.float64)
             gx, gy = np.meshgrid(x0 + steps * (x1 - x0), y0 + steps * (y1 - y0))
@@ -225,10 +236,11 @@ class BoxCarrier:
             carried.append(_Carried(new, old.score, old.detected, old.factor, old.region, grey))
         return carried
 
-    def _faces(self, shape) -> tuple[Face, ...]:
+    @staticmethod
+    def _faces(boxes: list[_Carried], shape) -> tuple[Face, ...]:
         height, width = shape[:2]
         faces = []
-        for carried in self._boxes:
+        for carried in boxes:
             x0, y0, x1, y1 = carried.box
             x0, y0 = max(int(round(x0)), 0), max(int(round(y0)), 0)
             x1, y1 = min(int(round(x1)), width), min(int(round(y1)), height)

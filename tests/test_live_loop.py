@@ -127,6 +127,7 @@ def test_cpu_marks_time_the_steady_state_of_a_run():
     (what `camface bench` reports): within what the process spent in all, and more than the
     graph alone needs; None when the run stops before the last mark."""
     from camface.realtime.bench.rows import MARK_TAIL, cpu_marks
+    from camface.realtime.loop import QUEUE_SIZE
 
     config = LiveConfig(source="sample", max_frames=60, detect_every=1)
     start = time.process_time()
@@ -141,6 +142,7 @@ def test_cpu_marks_time_the_steady_state_of_a_run():
     with pytest.raises(ValueError, match="cpu_marks must be 0 < first < last"):
         LiveLoop(config, cpu_marks=(5, 5))
     assert cpu_marks(300) == (30, 300 - MARK_TAIL) and cpu_marks(30) is None
+    assert cpu_marks(300, detectors=8) == (30, 300 - 3 * QUEUE_SIZE - 8)  # more read ahead: an earlier mark
 
 
 def test_max_faces_drops_the_smallest(tmp_path, sample_frames):

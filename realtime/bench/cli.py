@@ -111,11 +111,11 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
 
             baseline = importlib.import_module("camface.export.keras_baseline")
             method = "gradcam"  # what the Keras example computes
-            rows.append(run_sequential("ONNX, one thread", config, graph, method, record_dir))
+            rows.append(run_sequential("ONNX, one thread", config, graph, method, record_dir, every))
             norm = info.normalization or {"scale": [1.0], "offset": [0.0]}
             keras = baseline.KerasGradCam(keras_path, info.target_layer, norm["scale"], norm["offset"])
             rows.append(run_sequential("Keras GradientTape", config, ExplainerGraph(keras, info, method), method,
-                                       record_dir))
+                                       record_dir, every))
             live, onnx_seq, keras_row = rows[0], rows[-2], rows[-1]
             speedup = {"end_to_end": live.fps / keras_row.fps if keras_row.fps else None,
                        "same_loop": onnx_seq.fps / keras_row.fps if keras_row.fps else None,

@@ -64,17 +64,18 @@ class Row:
 
 
 # Frames before the end of a run for the last CPU mark: more than are in flight in the loop's
-# queues (read ahead of the main thread: 2 x QUEUE_SIZE + 2 detectors; waiting for the writer:
-# QUEUE_SIZE), so the reader and detectors still run at that mark as at the first.
-MARK_TAIL = 3 * QUEUE_SIZE + 6
+# queues (read ahead of the main thread: 2 x QUEUE_SIZE + one per detector; waiting for the
+# writer: QUEUE_SIZE), so the reader and detectors still run at that mark as at the first.
+MARK_TAIL = 3 * QUEUE_SIZE + 6  # room for up to 6 detectors
 
 
-def cpu_marks(frames: int) -> tuple[int, int] | None:
+def cpu_marks(frames: int, detectors: int = 2) -> tuple[int, int] | None:
     """(first, last) frames between which a run of `frames` frames is timed for CPU: after its
-    first tenth (first-frame costs) and MARK_TAIL frames before its end (the reader and detector
-    have stopped there: the threads' work in flight differs from the rest of the run); None
+    first tenth (first-frame costs) and far enough before its end that the reader and the
+    `detectors` detector threads still run at the last mark as they did at the first (after
+    it they stop, and the threads' work in flight differs from the rest of the run); None
     when that leaves fewer than 20 frames."""
-    first, last = max(1, frames // 10), frames - MARK_TAIL
+    first, last = max(1, frames // 10), frames - max(MARK_TAIL, 3 * QUEUE_SIZE + detectors)
     return (first, last) if last - first >= 20 else None
 
 
@@ -98,7 +99,7 @@ def run_live(config: BenchConfig, model: Path, record_dir: Path | None, name: st
         warmup_frames = LiveLoop(loop_config(config.warmup, record("live-warmup")),
                                  source=make_source(config.pipeline.source, sample_frames=config.frames)).run().frames
         warmup_cpu_s = time.process_time() - cpu_start
-    marks = cpu_marks(config.frames)
+    marks = cpu_marks(config.frames, max(2, config.pipeline.detect_workers))
     cpu_start = time.process_time()
     summary = LiveLoop(loop_config(config.frames, record("live")),
                        source=make_source(config.pipeline.source, sample_frames=config.frames), cpu_marks=marks).run()
@@ -138,18 +139,22 @@ class ExplainerGraph:
         return self._explainer.explain(crops, class_index)
 
 
-def run_sequential(name: str, config: BenchConfig, graph, method: str, record_dir: Path | None) -> Row:
+def run_sequential(name: str, config: BenchConfig, graph, method: str, record_dir: Path | None,
+                   every: int) -> Row:
     """decode -> detect -> explain -> render -> encode, one frame after the other in this
-    thread, on the same frames as `run_live`; `graph` is a CamGraph (or an ExplainerGraph)."""
+    thread, on the same frames as `run_live`, with the detector on every `every`-th frame as the
+    live row has it (`every_for` of the source and options); `graph` is a CamGraph (or an
+    ExplainerGraph). CPU per frame: the whole timed pass (opening the source and the sink
+    included), which the baseline's per-frame cost dwarfs."""
     from camface.api import face_detector
-    from camface.realtime.carry import BoxCarrier, every_for
+    from camface.realtime.carry import BoxCarrier
     from camface.realtime.render import Renderer
     from camface.realtime.timing import RateMeter, StageTimer
 
     pipeline = config.pipeline.replace(method=method)
     renderer = Renderer.from_config(pipeline)
     with face_detector(pipeline) as blazeface:
-        detector = BoxCarrier(blazeface, every_for(pipeline.detect_every))  # a fresh one per pass: frames from 0
+        detector = BoxCarrier(blazeface, every)  # a fresh one per pass: frames from 0
         if config.warmup:
             _sequential_pass(config, pipeline, graph, detector, renderer, config.warmup,
                              record_dir / f"{name}-warmup.mp4" if record_dir else None, StageTimer(), RateMeter())
