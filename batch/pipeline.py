@@ -49,6 +49,8 @@ class BatchJob:
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
         earlier run finished is kept only when they are the same."""
+        from camface.realtime.carry import every_for
+
         model, cfg = Path(self.model), self.config
         stat = model.stat() if model.is_file() else None
         values = dict(model=str(model), model_size=stat.st_size if stat else 0,
@@ -56,7 +58,7 @@ class BatchJob:
                       detector=cfg.detector, min_confidence=cfg.min_confidence, margin=cfg.margin,
                       max_faces=cfg.max_faces, colormap=cfg.colormap, alpha=cfg.alpha, cam_boxes=cfg.cam_boxes,
                       bars=cfg.bars, explained_class=self.explained_class, smooth=cfg.smooth,
-                      detect_every=cfg.detect_every)
+                      detector_runtime=cfg.detector_runtime, detect_every=every_for(cfg.detect_every))
         return json.loads(json.dumps(values))
 
 

@@ -226,8 +226,8 @@ class Pipeline:
         if self._closed:
             raise UsageError("this camface pipeline is closed")
         with opened, self.face_detector() as detector:
-            carrier = BoxCarrier(detector, every_for(self.config.detect_every,
-                                                     bool(getattr(opened.info, "still", False))))
+            carrier = BoxCarrier(detector, every_for(self.config.detect_every, bool(getattr(opened.info, "still", False)),
+                                                     self.config.detect_workers))
             for index, frame in enumerate(opened):
                 if max_frames is not None and index >= max_frames:
                     return

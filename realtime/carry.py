@@ -162,15 +162,17 @@ class BoxCarrier:
         """Close the detector (for owners that hold only the carrier, as `camface serve`)."""
         self.detector.close()
 
-    def detect(self, frame: np.ndarray, index: int) -> tuple[Face, ...]:
+    def detect(self, frame: np.ndarray, index: int, cut: bool = False) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3], frame `index` of its stream), boxes in pixels
-        clipped to the frame, largest first (as FaceDetector.detect). A call that raises (the
-        detector's error) leaves nothing to carry: the next frame is detected."""
+        clipped to the frame, largest first (as FaceDetector.detect). `cut`: the frame does not
+        follow the one before it although its index does (a looped file starting again): it is
+        detected. A call that raises (the detector's error) leaves nothing to carry: the next
+        frame is detected."""
         self.frames += 1
         if self.every == 1:
             self.detections += 1
             return self.detector.detect(frame)
-        follows = self._last is not None and index == self._last + 1 and frame.shape == self._shape
+        follows = not cut and self._last is not None and index == self._last + 1 and frame.shape == self._shape
         self._boxes, boxes = [], self._boxes
         self._last, self._shape = None, frame.shape  # until this frame's boxes are known
         if index % self.every == 0 or not follows:

@@ -86,6 +86,7 @@ class LiveLoop:
             frames = iter(source)
             index = 0
             limit = self.config.max_frames
+            passes = getattr(source, "passes", 0)  # a LoopingSource's: a new pass is a cut
             while not stop.is_set() and (limit is None or index < limit):
                 if not acquire(slots, stop):
                     return
@@ -94,7 +95,8 @@ class LiveLoop:
                 if frame is None:
                     break
                 self.timer.add("decode", time.perf_counter() - start)
-                if not put(out, (index, frame), stop):
+                cut, passes = getattr(source, "passes", 0) != passes, getattr(source, "passes", 0)
+                if not put(out, (index, frame, cut), stop):
                     return
                 index += 1
         except BaseException as exc:
@@ -104,7 +106,8 @@ class LiveLoop:
             put(out, END, stop)
 
     def _detect(self, detector, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
-        """detector: a BoxCarrier (`detect(frame, index)`)."""
+        """detector: a BoxCarrier (`detect(frame, index, cut)`; cut: a looped source's first
+        frame of a pass, which does not follow the frame before it)."""
         index = None
         try:
             while True:
@@ -112,9 +115,9 @@ class LiveLoop:
                 if item is END or isinstance(item, Failure):
                     put(out, item, stop)
                     return
-                index, frame = item
+                index, frame, cut = item
                 start = time.perf_counter()
-                faces = detector.detect(frame, index)
+                faces = detector.detect(frame, index, cut)
                 self.timer.add("detect", time.perf_counter() - start)
                 if not put(out, (index, frame, faces), stop):
                     return

@@ -256,13 +256,15 @@ async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
     while True:
         work = await outbox.get()
         try:
+            if isinstance(work, Exception):  # the worker could not process this client's frame
+                raise work
             data, notes = await asyncio.to_thread(session.finish, work)
             await _timed_send(ws.send_bytes(data), state.options.send_timeout_s)
             for note in notes:
                 await _timed_send(ws.send_json(note), state.options.send_timeout_s)
         except ProtocolError:
             raise  # the handler closes the client
-        except Exception as exc:  # e.g. the snapshot folder became unwritable: say so, end this client
+        except Exception as exc:  # the snapshot folder became unwritable, the frame failed (FrameFailed): say so, end this client
             log.warning("client %d: %s", session.id, exc)
             with contextlib.suppress(Exception):
                 await ws.close(1011, _reason(f"server error: {exc}"))

@@ -44,8 +44,9 @@ class CountingGraph:
 
 class InferenceWorker:
     """`start()`, then `wake()` whenever a client has a new frame or has sent one; `deliver(
-    session, work)` is called from the worker thread for each processed frame. `stop()` joins.
-    Counters: rounds, frames (processed), errors."""
+    session, work)` is called from the worker thread for each frame taken: a Work, or a
+    FrameFailed when that client's frame failed. `stop()` joins. Counters: rounds, frames
+    (processed), errors (frames failed, and rounds that raised)."""
 
     def __init__(self, sessions, deliver):
         self._sessions, self._deliver = sessions, deliver  # sessions: () -> list[Session]
@@ -76,38 +77,73 @@ class InferenceWorker:
                 log.exception("camface serve: inference round failed")
 
     def round(self) -> int:
-        """One round over every client with a new frame; returns the frames processed."""
+        """One round over every client with a new frame; returns the frames processed. A frame
+        whose detection or explanation fails is that client's alone: it gets a FrameFailed in
+        place of its Work (the server closes it, saying why) and the others' frames go on."""
         taken: list[tuple] = []  # (session, frame, explainer, controls, index, faces, detect ms)
-        for session in self._sessions():
-            item = session.take()
-            if item is None:
-                continue
-            frame, explainer, controls, index = item
-            start = time.perf_counter()
-            try:
-                faces = session.detect(frame.frame, index)
-            except BaseException:
-                session.sent()
-                for other, *_ in taken:
-                    other.sent()
-                raise
-            taken.append((session, frame, explainer, controls, index, faces, (time.perf_counter() - start) * 1000))
-        if not taken:
-            return 0
         try:
-            items = []
-            for session, frame, explainer, controls, index, faces, _ in taken:
-                fps, hud_ms = session.hud()
-                items.append((explainer, frame.frame, faces, controls, index, fps, hud_ms))
+            for session in self._sessions():
+                item = session.take()
+                if item is None:
+                    continue
+                frame, explainer, controls, index = item
+                start = time.perf_counter()
+                try:
+                    faces = session.detect(frame.frame, index)
+                except Exception as exc:
+                    self._fail(session, "face detection", exc)
+                    continue
+                taken.append((session, frame, explainer, controls, index, faces,
+                              (time.perf_counter() - start) * 1000))
+            if not taken:
+                return 0
             start = time.perf_counter()
-            explained = explain_many(items)
+            explained = self._explain(taken)
             classify_ms = (time.perf_counter() - start) * 1000
-        except BaseException:
+        except BaseException:  # e.g. KeyboardInterrupt: nothing will be sent for these frames
             for session, *_ in taken:
-                session.sent()  # nothing will be sent for these frames: free their places
+                session.sent()
             raise
-        for (session, frame, _, controls, _, _, detect_ms), done in zip(taken, explained):
-            self._deliver(session, Work(frame, done, detect_ms, classify_ms, len(taken), controls.hud))
+        done = 0
+        for (session, frame, _, controls, _, _, detect_ms), result in zip(taken, explained):
+            if isinstance(result, FrameFailed):
+                self._deliver(session, result)
+                continue
+            self._deliver(session, Work(frame, result, detect_ms, classify_ms, len(taken), controls.hud))
+            done += 1
         self.rounds += 1
-        self.frames += len(taken)
-        return len(taken)
+        self.frames += done
+        return done
+
+    def _explain(self, taken: list[tuple]) -> list:
+        """Each taken frame's Explained from ONE call for all; when that call fails, each frame
+        alone, so one client's bad frame fails only that client (FrameFailed in its place)."""
+        items = []
+        for session, frame, explainer, controls, index, faces, _ in taken:
+            fps, hud_ms = session.hud()
+            items.append((explainer, frame.frame, faces, controls, index, fps, hud_ms))
+        try:
+            return explain_many(items)
+        except Exception as exc:
+            if len(items) == 1:
+                return [self._failure(taken[0][0], "explaining faces", exc)]
+        results = []
+        for (session, *_), item in zip(taken, items):
+            try:
+                results += explain_many([item])
+            except Exception as exc:
+                results.append(self._failure(session, "explaining faces", exc))
+        return results
+
+    def _failure(self, session, what: str, exc: Exception) -> "FrameFailed":
+        self.errors += 1
+        log.warning("camface serve: client %d: %s failed: %s: %s", session.id, what, type(exc).__name__, exc)
+        return FrameFailed(f"{what} failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, session, what: str, exc: Exception) -> None:
+        self._deliver(session, self._failure(session, what, exc))
+
+
+class FrameFailed(RuntimeError):
+    """Delivered instead of a Work when a client's frame could not be processed: the client is
+    closed with this message (1011), its place freed."""

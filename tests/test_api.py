@@ -168,6 +168,25 @@ def test_process_video_equals_camface_live_with_carried_boxes(tmp_path, clip):
     assert seen == len(live) == 8
 
 
+@pytest.mark.parametrize("options, every", [({}, 4), ({"detect_workers": 2}, 1), ({"detect_every": 3}, 3)])
+def test_process_video_resolves_auto_as_live_does(clip, monkeypatch, options, every):
+    """auto is N = 4 for a video, and 1 when several detectors side by side were asked for (live
+    cannot carry boxes across detector threads, so neither does process_video)."""
+    from camface.realtime import carry
+    from camface.realtime.carry import every_for
+
+    periods, original = [], carry.BoxCarrier.__init__
+
+    def spy(self, detector, n=1, *args, **kwargs):
+        periods.append(n)
+        original(self, detector, n, *args, **kwargs)
+
+    monkeypatch.setattr(carry.BoxCarrier, "__init__", spy)
+    with camface.load(device="cpu", **options) as api:
+        assert len(list(api.process_video(clip, max_frames=2))) == 2
+    assert periods == [every] == [every_for(api.config.detect_every, False, api.config.detect_workers)]
+
+
 @pytest.mark.parametrize("frame, message", [
     (np.zeros((64, 64, 3), np.float32), "uint8 BGR .* got dtype float32"),
     (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\)"),

@@ -176,6 +176,21 @@ def test_resume_keeps_a_split_and_parts_only_under_the_same_settings(tmp_path):
     assert not done_before(outputs, first[1], settings)
 
 
+def test_settings_name_what_changes_the_boxes():
+    """A part made with the other detector runtime, or another detection period, is not kept
+    by a resume; `auto` is stored as the period it stands for (4 for videos), so it matches 4."""
+    from camface.batch.pipeline import BatchJob
+    from camface.realtime.carry import AUTO_EVERY
+    from camface.realtime.config import LiveConfig
+
+    def settings(**options):
+        return BatchJob((), "out", LiveConfig(model=Path("g.onnx"), **options)).settings()
+
+    assert settings()["detect_every"] == AUTO_EVERY and settings() == settings(detect_every=AUTO_EVERY)
+    assert settings() != settings(detect_every=1)
+    assert settings(detector_runtime="onnx") != settings(detector_runtime="mediapipe")
+
+
 # ---------------------------------------------------------------- smoothing across frames
 
 

@@ -117,6 +117,16 @@ def test_loop_records_every_pass_in_order(tmp_path, clip60):
     assert np.abs(np.array(stripes) - expected).max() < 8
 
 
+def test_a_looped_file_is_detected_afresh_where_it_starts_again(tmp_path, astronaut_bgr):
+    """Boxes are carried between key frames only within a pass: the first frame of the next
+    pass does not follow the last one, so it is detected, whatever N says. A still clip of 6
+    frames looped to 12 with N = 4: detections on frames 0, 4, 6 (a new pass) and 8."""
+    clip = write_clip(tmp_path / "still.mp4", [astronaut_bgr] * 6)
+    summary = LiveLoop(LiveConfig(source=str(clip), loop=True, max_frames=12, detect_every=4,
+                                  method="none")).run()
+    assert summary.frames == 12 and summary.faces == 12 and summary.detections == 4
+
+
 def test_loop_refuses_a_camera():
     source = LiveSource(0, timeout_s=1.0, opener=lambda target, timeout: FakeCamera(good=40))
     with pytest.raises(SourceError, match="--loop plays files, folders and the sample again; 0 is a camera"):

@@ -4,6 +4,7 @@ shared inference worker (one graph call for every client's frame)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
@@ -377,6 +378,89 @@ def test_a_client_with_unsent_frames_is_skipped_and_keeps_its_newest(make_client
     assert state.worker.round() == 0 and session.dropped == 1  # the client has not read its replies
     session.sent()
     assert state.worker.round() == 1 and session.slot is None and session.processed == 0
+
+
+class _BrokenDetector:
+    """A face detector whose every call raises (a detector that broke on this client's frames)."""
+
+    def detect(self, frame):
+        raise RuntimeError("detector broke on this frame")
+
+    def close(self):
+        pass
+
+
+def test_a_frame_that_fails_fails_only_its_client(make_client, astronaut_bgr, monkeypatch):
+    """One client's detection raising, or its faces failing to explain, costs the others
+    nothing: their frames of the same round are explained and delivered; the failing client
+    gets a FrameFailed naming the stage and the error (its sender closes it, see below)."""
+    from camface.api import face_detector
+    from camface.serve import worker as worker_module
+    from camface.serve.session import Frame, Session
+    from camface.serve.worker import FrameFailed
+
+    _, state = make_client()
+    state.worker.stop()  # drive rounds by hand
+    delivered = []
+    state.worker._deliver = lambda session, work: delivered.append((session.id, work))
+    good = Session(state, face_detector(state.config).__enter__())
+    bad = Session(state, _BrokenDetector())
+    later = Session(state, face_detector(state.config).__enter__())
+    state.sessions.update({s.id: s for s in (good, bad, later)})
+    try:
+        for k, session in enumerate((good, bad, later)):
+            session.put(Frame(k, astronaut_bgr.copy(), 0.0))
+        assert state.worker.round() == 2 and state.worker.errors == 1
+        got = dict(delivered)
+        assert isinstance(got[bad.id], FrameFailed)
+        assert str(got[bad.id]) == "face detection failed: RuntimeError: detector broke on this frame"
+        assert bad.pending == good.pending == later.pending == 1  # each frame delivered once: its sender frees it
+        for session in (good, later):
+            assert len(got[session.id].explained.result.faces) == 1 and got[session.id].batch_frames == 2
+
+        # the graph call for everyone fails once (one client's crops): each frame alone, then
+        explain_many, calls = worker_module.explain_many, []
+
+        def flaky(items):
+            calls.append(len(items))
+            if len(items) > 1 or items[0][1].shape[1] == 100:
+                raise ValueError("this crop upset the graph")
+            return explain_many(items)
+
+        monkeypatch.setattr(worker_module, "explain_many", flaky)
+        delivered.clear()
+        good.sent(), later.sent()
+        good.put(Frame(5, astronaut_bgr.copy(), 0.0))
+        later.put(Frame(6, np.ascontiguousarray(astronaut_bgr[:, :100]), 0.0))
+        assert state.worker.round() == 1 and calls == [2, 1, 1] and state.worker.errors == 2
+        got = dict(delivered)
+        assert len(got[good.id].explained.result.faces) == 1
+        assert str(got[later.id]) == "explaining faces failed: ValueError: this crop upset the graph"
+        assert good.pending == later.pending == 1
+    finally:
+        for session in (good, bad, later):
+            session.close()
+
+
+def test_a_client_whose_frames_fail_is_closed_saying_why(make_client, astronaut_bgr, monkeypatch):
+    """The page is told why (1011, the stage and the error) at once, not closed as idle later;
+    another client keeps running."""
+    import camface.api
+
+    client, state = make_client(idle_timeout_s=30)
+    with client.websocket_connect("/ws") as good:
+        good.receive_json()
+        opened = camface.api.face_detector
+        monkeypatch.setattr(camface.api, "face_detector", lambda config: contextlib.nullcontext(_BrokenDetector()))
+        with client.websocket_connect("/ws") as bad:
+            bad.receive_json()
+            monkeypatch.setattr(camface.api, "face_detector", opened)
+            bad.send_bytes(struct.pack(">I", 1) + jpeg(astronaut_bgr))
+            close = closed(bad)
+            assert close["code"] == 1011, close
+            assert close["reason"] == "server error: face detection failed: RuntimeError: detector broke on this frame"
+        got, _ = send_frame(good, 2, jpeg(astronaut_bgr))
+        assert got["seq"] == 2 and len(got["faces"]) == 1
 
 
 # ------------------------------------------------------------------ protocol pieces and the command
