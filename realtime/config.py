@@ -21,6 +21,7 @@ from camface.errors import UsageError
 
 MAX_DETECT_WORKERS = 8
 MAX_FACES = 32  # the graph's batch range is 1..32
+MAX_MARGIN = 2.0  # a crop 5 boxes wide: more shows the model mostly background
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 DETECTORS = ("short", "full")
 # how the BlazeFace model runs (camface.api.face_detector): the bundled .onnx on ONNX Runtime with
@@ -92,7 +93,7 @@ class LiveConfig:
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
             (1 <= self.max_faces <= MAX_FACES,
              f"--max-faces must be 1..{MAX_FACES} (the graph's batch range), got {self.max_faces}"),
-            (self.margin >= 0, f"--margin must be >= 0, got {self.margin}"),
+            (0 <= self.margin <= MAX_MARGIN, f"--margin must be in [0, {MAX_MARGIN:g}], got {self.margin}"),
             (0.0 <= self.min_confidence <= 1.0, f"--min-confidence must be in [0, 1], got {self.min_confidence}"),
             (self.max_frames is None or self.max_frames >= 1, f"--max-frames must be >= 1, got {self.max_frames}"),
             (self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}"),
@@ -107,7 +108,9 @@ class LiveConfig:
             (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),
-            (self.image_seconds > 0, f"--image-seconds must be > 0, got {self.image_seconds}"),
+            (0 < self.image_seconds < float("inf"), f"--image-seconds must be > 0 and finite, got {self.image_seconds}"),
+            (self.record is None or Path(self.record).suffix.lower() == ".mp4",
+             f"--record {self.record}: recordings are MP4 files; give a name ending in .mp4"),
             (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
         )
         for ok, message in checks:

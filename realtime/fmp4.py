@@ -83,10 +83,18 @@ class H264Writer:
         import av
 
         self.path, self.encoder = path, encoder
+        # Through a Python file, unbuffered: FFmpeg's own file protocol loses the error of the
+        # last writes (a full disk while the last fragment is written: PyAV's close() returns,
+        # the fragment is cut), while a Python file's write raises and PyAV passes it on.
         try:
-            self._container = av.open(str(path), "w", format="mp4",
+            self._file = open(path, "wb", buffering=0)
+        except OSError as exc:
+            raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
+        try:
+            self._container = av.open(self._file, "w", format="mp4",
                                       options={"movflags": MOVFLAGS, "flush_packets": "1"})
         except av.FFmpegError as exc:
+            self._file.close()
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
         from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc
 
@@ -105,24 +113,36 @@ class H264Writer:
             context.open()  # now rather than on the first frame, so a refusal is clear
         except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
             self._container.close()
+            self._file.close()
             path.unlink(missing_ok=True)
             raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
         self._av, self._pts = av, 0
 
     def write(self, frame: np.ndarray) -> None:
+        """Encode one frame; OutputError (naming the file) when it cannot be written, e.g. a
+        full disk: the fragments written before it stay playable."""
         i420 = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)  # [height * 3 / 2, width]: Y, U, V planes
         video_frame = self._av.VideoFrame.from_ndarray(i420, format="yuv420p")
         video_frame.pts = self._pts
         self._pts += 1
-        self._container.mux(self._stream.encode(video_frame))
+        try:
+            self._container.mux(self._stream.encode(video_frame))
+        except OSError as exc:  # PyAV's errors are OSErrors too
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         """Drain the encoder and finish the last fragment (the file stays playable even if
-        this never runs)."""
+        this never runs); OutputError when that cannot be written (the file then ends at the
+        last complete fragment)."""
         try:
-            self._container.mux(self._stream.encode(None))
+            try:
+                self._container.mux(self._stream.encode(None))
+            finally:
+                self._container.close()
+        except OSError as exc:
+            raise OutputError(f"cannot finish {self.path}: {exc.strerror or exc}") from exc
         finally:
-            self._container.close()
+            self._file.close()
 
 
 def complete_length(path: Path) -> int | None:

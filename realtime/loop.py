@@ -137,6 +137,7 @@ class LiveLoop:
 
         cfg = self.config
         if cfg.record is not None:  # fail before any model or camera is opened
+            _check_not_the_source(cfg.record, cfg.source)
             check_output_file(cfg.record, cfg.overwrite)
         encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
         pipeline = load(config=cfg, timer=self.timer)
@@ -276,3 +277,15 @@ class LiveLoop:
                     paused_s=viewer.paused_s, still=bool(getattr(source.info, "still", False)))
         if recorder.error is not None:
             raise recorder.error
+
+
+def _check_not_the_source(record, source) -> None:
+    """--record naming the --source file (with --overwrite) would wipe the video while it is read."""
+    import os
+    from pathlib import Path
+
+    from camface.errors import OutputError
+
+    record, source = Path(record), Path(str(source))
+    if record.exists() and source.is_file() and os.path.samefile(record, source):
+        raise OutputError(f"--record {record} is the --source file; record to another file")

@@ -74,12 +74,20 @@ class Recorder:
             log.info("recording to %s", self.sink.path)
 
     def close_sink(self) -> None:
-        """Finalise the recording in progress, if any (idempotent)."""
-        if self.sink is not None:
-            self.sink.close()
-            if self.sink.frames_written:
-                self.recordings.append((str(self.sink.path), self.sink.frames_written))
-            self.sink = None
+        """Finalise the recording in progress, if any (idempotent). A failure (a full disk)
+        becomes `error` unless one came first: the main thread raises it."""
+        sink, self.sink = self.sink, None
+        if sink is None:
+            return
+        try:
+            sink.close()
+        except Exception as exc:
+            if self.error is None:
+                self.error = exc
+            else:
+                log.warning("camface: %s", exc)
+        if sink.frames_written:
+            self.recordings.append((str(sink.path), sink.frames_written))
 
     def handle(self, item: Output) -> None:
         if item.toggle:

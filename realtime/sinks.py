@@ -63,12 +63,27 @@ class Mp4vWriter:
         self._writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
         if not self._writer.isOpened():
             raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
+        self._path, self._frames = path, 0
 
     def write(self, frame: np.ndarray) -> None:
         self._writer.write(frame)
+        self._frames += 1
 
     def close(self) -> None:
+        """Finalise the file, then read its index back: OpenCV's writer reports no write
+        error, so a full disk would otherwise leave an unplayable file (its index, written
+        last, missing) and no word of it. OutputError when the file holds fewer frames."""
         self._writer.release()
+        if not self._frames:
+            return
+        capture = cv2.VideoCapture(str(self._path))
+        try:
+            readable = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+        finally:
+            capture.release()
+        if readable < self._frames:
+            raise OutputError(f"cannot finish {self._path}: it holds {readable} of the {self._frames} frames "
+                              "written (is the disk full?)")
 
 
 class VideoSink:
@@ -87,6 +102,7 @@ class VideoSink:
         self.frames_written = 0
         self._writer = None
         self._size: tuple[int, int] | None = None  # (width, height)
+        self._resized = False  # a frame of another size was scaled (said once)
 
     def __enter__(self) -> "VideoSink":
         return self
@@ -117,6 +133,10 @@ class VideoSink:
             if frame.shape[1] in (width, width + 1) and frame.shape[0] in (height, height + 1):
                 frame = frame[:height, :width]
             else:
+                if not self._resized:
+                    self._resized = True
+                    log.warning("camface: %s: frames of %dx%d are scaled to the recording's %dx%d (its first "
+                                "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
         self._writer.write(np.ascontiguousarray(frame))
         self.frames_written += 1
@@ -128,5 +148,10 @@ class VideoSink:
             writer.close()
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except OutputError as error:
+            if exc is None:
+                raise
+            log.warning("camface: %s", error)  # the error already on its way says more

@@ -235,7 +235,10 @@ class ImageFolderSource:
     def __iter__(self) -> Iterator[np.ndarray]:
         read = 0
         for path in self.files:
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            # any depth and colour as stored (to_bgr8 converts), turned upright by its EXIF
+            # orientation as viewers show it (IMREAD_UNCHANGED would ignore it: phone portraits
+            # would lie on their side, their faces missed)
+            image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
             if image is None:
                 log.warning("skipping %s: not an image OpenCV can read", path)
                 continue

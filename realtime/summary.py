@@ -69,8 +69,9 @@ class RunSummary:
     def _stage_text(self, stage: str) -> str:
         text = f"{self.stages[stage].median_ms:.1f} ms {stage}"
         if stage == "detect" and self.detect_every > 1:  # the median is a carried frame's
+            carried = ", boxes carried on the others" if self.detections < self.frames else ""
             text = (f"{self.stages[stage].mean_ms:.1f} ms detect (mean; detector on {self.detections} of "
-                    f"{self.frames} frames, boxes carried on the others)")
+                    f"{self.frames} frames{carried})")
         elif stage == "detect" and self.detectors > 1:  # each detector's own frames: a latency
             text += f" ({self.detectors} detectors side by side)"
         return text

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from camface.errors import OutputError
 from camface.realtime.explainer import Explained, FrameExplainer
 from camface.realtime.timing import RateMeter, StageTimer
 from camface.realtime.controls import Controls
@@ -125,12 +126,17 @@ class Session:
             return self.sink.path
 
     def stop_recording(self) -> tuple[Path, int] | None:
-        """Finalise the recording in progress (idempotent): (path, frames written), or None."""
+        """Finalise the recording in progress (idempotent): (path, frames written), or None.
+        A file that cannot be finished (a full disk) is logged; it keeps its complete
+        fragments."""
         with self.record_lock:
             sink, self.sink = self.sink, None
             if sink is None:
                 return None
-            sink.close()
+            try:
+                sink.close()
+            except OutputError as exc:
+                log.warning("client %d: %s", self.id, exc)
         if sink.frames_written:
             self.server.recorded(sink.path)
         log.info("client %d: recorded %d frames to %s", self.id, sink.frames_written, sink.path)

@@ -309,6 +309,9 @@ def test_cli_smoke_file_folder_and_bad_camera(tmp_path, face_clip, capsys):
     assert "camface: error: camera 9 could not be opened" in capsys.readouterr().err
     assert camface_main(["live", "--source", "sample", "--no-show", "--record", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+    size = out.stat().st_size  # recording over the video being read would wipe it
+    assert camface_main(["live", "--source", str(out), "--no-show", "--record", str(out), "--overwrite"]) == 2
+    assert f"--record {out} is the --source file" in capsys.readouterr().err and out.stat().st_size == size
     assert camface_main(["live", "--source", "sample", "--no-show", "--alpha", "2"]) == 2
 
 

@@ -333,13 +333,16 @@ def test_check_output_file(tmp_path):
     assert check_output_file(existing, overwrite=True) == existing
 
 
-def test_video_sink_counts_frames_and_handles_odd_and_changing_sizes(tmp_path):
+def test_video_sink_counts_frames_and_handles_odd_and_changing_sizes(tmp_path, caplog):
     path = tmp_path / "odd.mp4"
-    with VideoSink(path, fps=25.0) as sink:
+    with caplog.at_level(logging.WARNING), VideoSink(path, fps=25.0) as sink:
         for i in range(5):
             sink.write(np.full((61, 81, 3), i * 40, np.uint8))
-        sink.write(np.zeros((30, 30, 3), np.uint8))  # another size: resized
-    assert sink.frames_written == 6 and count_frames(path) == 6
+        assert "scaled" not in caplog.text  # the odd row and column are trimmed, not scaled
+        sink.write(np.zeros((30, 30, 3), np.uint8))  # another size: resized, said once
+        sink.write(np.zeros((30, 30, 3), np.uint8))
+    assert sink.frames_written == 7 and count_frames(path) == 7
+    assert caplog.text.count("frames of 30x30 are scaled to the recording's 80x60") == 1
     capture = cv2.VideoCapture(str(path))
     assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(25.0)
     assert capture.read()[1].shape == (60, 80, 3)
@@ -425,6 +428,27 @@ def test_image_folder_skips_images_of_unsupported_type(tmp_path, caplog):
         frames = list(source)
     assert [int(f[0, 0, 0]) for f in frames] == [50, 90]
     assert "02.tiff" in caplog.text
+
+
+def test_image_folder_turns_photos_upright_and_keeps_depth_and_alpha_as_before(tmp_path):
+    """A phone's portrait JPEG is stored on its side with an EXIF orientation: it comes in as
+    viewers show it (faces upright). 16-bit and BGRA images still reach to_bgr8 as stored."""
+    from PIL import Image
+
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[:, :50] = 255  # white on the left as stored
+    photo = Image.fromarray(wide[:, :, ::-1])
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored rotated: show it turned 90 degrees clockwise
+    photo.save(tmp_path / "01.jpg", exif=exif.tobytes())
+    cv2.imwrite(str(tmp_path / "02.png"), np.full((6, 8, 3), 0x1234, np.uint16))
+    cv2.imwrite(str(tmp_path / "03.png"), np.dstack([np.full((6, 8), v, np.uint8) for v in (1, 2, 3, 128)]))
+    with ImageFolderSource(tmp_path) as source:
+        upright, deep, alpha = list(source)
+    assert upright.shape == (200, 100, 3)  # tall, as shown
+    assert upright[:40].mean() > 240 and upright[-40:].mean() < 15  # the left white band is now the top
+    assert deep.shape == (6, 8, 3) and int(deep[0, 0, 0]) == 0x12  # the top 8 bits, as before
+    assert alpha.shape == (6, 8, 3) and tuple(int(v) for v in alpha[0, 0]) == (1, 2, 3)
 
 
 # ---- the graph runs only what the method needs

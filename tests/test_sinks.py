@@ -3,6 +3,8 @@ reading files cut short; browser playback. Small synthetic clips (160x120) in tm
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import re
@@ -124,6 +126,99 @@ def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
     capture.release()
     assert count_frames(path) == 20
 
+
+class _DiskOf:
+    """open() whose files fail with ENOSPC once `limit` bytes in all were written (a disk
+    that fills up); `written` counts the bytes that went through."""
+
+    def __init__(self, limit: float):
+        self.limit, self.written = limit, 0
+
+    def __call__(self, path, mode="r", buffering=-1):
+        disk = self
+
+        class File(io.FileIO):
+            def write(self, data):
+                if disk.written + len(data) > disk.limit:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                disk.written += len(data)
+                return super().write(data)
+
+        return File(path, mode)
+
+
+def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_path, clip_frames, monkeypatch):
+    """A disk that fills while frames are written, or while the last fragment is (at close):
+    OutputError naming the file, never silence; the fragments before stay playable."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    counting = _DiskOf(float("inf"))
+    monkeypatch.setattr(fmp4, "open", counting, raising=False)
+    with VideoSink(tmp_path / "whole.mp4", FPS) as sink:
+        for frame in clip_frames[:75]:
+            sink.write(frame)
+        before_close = counting.written
+    assert count_frames(tmp_path / "whole.mp4") == 75
+
+    monkeypatch.setattr(fmp4, "open", _DiskOf(before_close + 16), raising=False)  # full at close
+    sink = VideoSink(tmp_path / "close.mp4", FPS)
+    for frame in clip_frames[:75]:
+        sink.write(frame)
+    with pytest.raises(OutputError, match=f"cannot finish {re.escape(str(tmp_path / 'close.mp4'))}: "
+                                          "No space left on device"):
+        sink.close()
+    assert count_frames(tmp_path / "close.mp4") == 60  # two whole fragments of 30 frames
+
+    monkeypatch.setattr(fmp4, "open", _DiskOf(before_close / 2), raising=False)  # full while writing
+    sink = VideoSink(tmp_path / "write.mp4", FPS)
+    with pytest.raises(OutputError, match=f"cannot write {re.escape(str(tmp_path / 'write.mp4'))}: "
+                                          "No space left on device"):
+        for frame in clip_frames[:75]:
+            sink.write(frame)
+    assert 0 < sink.frames_written < 75
+    try:
+        sink.close()  # the disk is still full: it may say so again
+    except OutputError as exc:
+        assert "write.mp4" in str(exc)
+    assert count_frames(tmp_path / "write.mp4") == 30
+
+
+def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, monkeypatch):
+    """OpenCV's writer reports no write error (a full disk leaves a file without its index, and
+    silence): the file is read back at close instead."""
+    real = cv2.VideoWriter
+
+    class LosesItsIndex:  # what a full disk does to OpenCV's mp4v file: the index, written last, is lost
+        def __init__(self, path, *args):
+            self.path, self.writer = path, real(path, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.writer, name)
+
+        def release(self):
+            self.writer.release()
+            os.truncate(self.path, os.path.getsize(self.path) // 2)
+
+    assert count_frames(record(tmp_path / "fine.mp4", clip_frames[:10], "mp4v").path) == 10  # a whole file passes
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", LosesItsIndex)
+    sink = VideoSink(tmp_path / "cut.mp4", FPS, codec="mp4v")
+    for frame in clip_frames[:10]:
+        sink.write(frame)
+    path = re.escape(str(tmp_path / "cut.mp4"))
+    with pytest.raises(OutputError, match=f"cannot finish {path}: it holds 0 of the 10 frames written"):
+        sink.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
+    from camface.cli import main
+
+    full = tmp_path / "full.mp4"
+    full.symlink_to("/dev/full")
+    assert main(["live", "--source", "sample", "--no-show", "--max-frames", "10", "--record", str(full),
+                 "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: cannot write {full}: No space left on device" in err and "Traceback" not in err
 
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),

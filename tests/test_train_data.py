@@ -231,7 +231,7 @@ def test_cli_bad_split_fraction(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--margin", "-0.5"], "--margin must be >= 0"),  # the live loop's own checks of the crop options
+    (["--margin", "-0.5"], "--margin must be in [0, 2]"),  # the live loop's own checks of the crop options
     (["--min-confidence", "2"], "--min-confidence must be in [0, 1]"),
 ])
 def test_cli_bad_crop_options_name_the_flag(tmp_path, capsys, flags, message):

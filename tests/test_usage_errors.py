@@ -18,7 +18,9 @@ from camface.realtime.config import LiveConfig
     (["batch", "in.mp4", "-o", "out", "--smooth", "0.5", "--segment-frames", "10"],
      "--segment-frames cannot be used with --smooth"),
     (["evaluate", "--steps", "1"], "--steps must be at least 2, got 1"),
-    (["evaluate", "--margin", "-1"], "--margin must be >= 0, got -1.0"),
+    (["evaluate", "--margin", "-1"], "--margin must be in [0, 2], got -1.0"),
+    (["live", "--margin", "inf"], "--margin must be in [0, 2], got inf"),
+    (["live", "--record", "out.avi"], "--record out.avi: recordings are MP4 files; give a name ending in .mp4"),
     (["bench", "--frames", "1"], "--frames must be at least 2"),
     (["train", "data", "-o", "out", "--min-confidence", "2"], "--min-confidence must be in [0, 1], got 2.0"),
 ])
