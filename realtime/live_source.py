@@ -137,12 +137,13 @@ class LiveSource:
         seen = 0
         while True:
             with self._cond:
-                deadline = time.perf_counter() + self.timeout_s * (1 + self.reconnects * 2)
+                wait_s = self.timeout_s * (1 + self.reconnects * 2)  # room for the reader's reconnections
+                deadline = time.perf_counter() + wait_s
                 while self._seq == seen and self._error is None:
                     if self._stop.is_set():
                         return
                     if time.perf_counter() > deadline:
-                        self._error = f"{self._what} delivered no frame for {self.timeout_s:g} s"
+                        self._error = f"{self._what} delivered no frame for {wait_s:g} s"
                         break
                     self._cond.wait(0.05)
                 if self._seq == seen and self._error is not None:

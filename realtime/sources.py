@@ -116,6 +116,14 @@ class VideoFileSource:
             raise SourceError(f"video file not found: {self.path}")
         self.frames_read, self.truncated, self.truncation = 0, False, None  # per pass: --loop enters again
         self._capture = capture = self._open()
+        if not self.truncated:  # FFmpeg opens some MP4s cut inside their last index, and says nothing
+            from camface.realtime.fmp4 import complete_length
+
+            length = complete_length(self.path)
+            if length is not None:
+                self.truncated = True
+                self.truncation = (f"it ends inside an MP4 box: only its first {length} of "
+                                   f"{self.path.stat().st_size} bytes are whole")
         fps = capture.get(cv2.CAP_PROP_FPS)
         if not _valid_fps(fps):
             log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)

@@ -397,6 +397,32 @@ def test_stalled_stream_reconnects_a_bounded_number_of_times(caplog):
     assert "reconnecting in 0.0 s (attempt 2 of 2)" in caplog.text
 
 
+def test_a_stream_whose_reads_hang_says_how_long_it_waited():
+    """A read that does not return (a stalled network stream): the iteration ends after the
+    time it allows for the reconnections too, and the message says that time, not timeout_s."""
+    import threading
+
+    class Hangs(FakeCamera):
+        def __init__(self):
+            super().__init__()
+            self.gone = threading.Event()
+
+        def read(self):
+            if self.reads:  # the first frame comes, then nothing
+                self.gone.wait(5)
+                return False, None
+            return super().read()
+
+        def release(self):
+            self.gone.set()
+
+    source = LiveSource("rtsp://camera.local/live", timeout_s=0.1, reconnects=2, opener=lambda t, s: Hangs())
+    with pytest.raises(SourceError, match=r"stream rtsp://camera.local/live delivered no frame for 0.5 s"):
+        with source:
+            for _ in source:
+                pass
+
+
 def test_emotion_graph_explains_the_class_asked_for(astronaut_bgr):
     from camface.realtime.crop import crop_faces
     from camface.realtime.graph import CamGraph

@@ -296,12 +296,14 @@ def _cut_at(data: bytes, where: str) -> int:
     mdats = [(offset, size) for offset, size, kind in boxes(data) if kind == b"mdat"]
     return {"mid-samples": mdats[1][0] + mdats[1][1] // 2,
             "mid-index": moofs[2][0] + moofs[2][1] // 2,
+            "start of an index": moofs[2][0] + 8,
             "between fragments": moofs[2][0]}[where]
 
 
 @pytest.mark.parametrize("where, at_least, at_most", [
     ("mid-samples", 30, 59),  # the 1st fragment, and the 2nd one's frames before the cut
     ("mid-index", 60, 60),  # FFmpeg refuses the cut index: the reader opens the two fragments before it
+    ("start of an index", 60, 60),  # FFmpeg opens this one and says nothing: the reader still says it is cut
     ("between fragments", 60, 60),
 ])
 def test_reader_stops_at_the_last_good_frame_of_a_cut_recording(tmp_path, clip_frames, caplog, where,
