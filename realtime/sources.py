@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -248,7 +249,8 @@ class ImageFolderSource:
             # would lie on their side, their faces missed)
             image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
             if image is None:
-                log.warning("skipping %s: not an image OpenCV can read", path)
+                why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
+                log.warning("skipping %s: %s", path, why)
                 continue
             try:
                 frame = to_bgr8(image)
@@ -300,6 +302,9 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
             return LiveSource(0)
         log.info("camface: no camera 0 could be opened; playing the sample clip instead (--source sample)")
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
+    if not spec.strip():  # Path("") is the current folder: an empty value is a mistake, not "."
+        raise SourceError("--source is empty (expected a camera index, a video file, a folder of images, "
+                          "a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
     if spec.isdigit():

@@ -264,6 +264,7 @@ def test_truncated_mp4_without_its_index_is_a_clear_error(tmp_path, face_clip):
     ("empty_dir", "no images .* in folder .*empty_dir"),
     ("text.mp4", "cannot open video file .*text.mp4"),
     ("7", "camera 7 could not be opened"),
+    ("", "--source is empty"),
 ])
 def test_bad_sources_name_the_thing(tmp_path, monkeypatch, spec, message):
     monkeypatch.chdir(tmp_path)

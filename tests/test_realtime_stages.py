@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -428,6 +430,20 @@ def test_image_folder_skips_images_of_unsupported_type(tmp_path, caplog):
         frames = list(source)
     assert [int(f[0, 0, 0]) for f in frames] == [50, 90]
     assert "02.tiff" in caplog.text
+
+
+def test_image_folder_says_why_a_file_was_skipped(tmp_path, caplog, monkeypatch):
+    from camface.realtime import sources
+
+    cv2.imwrite(str(tmp_path / "01.png"), np.full((6, 8, 3), 50, np.uint8))
+    (tmp_path / "02.png").write_bytes(b"not a png")
+    (tmp_path / "03.png").write_bytes(b"")
+    readable = os.access
+    monkeypatch.setattr(sources.os, "access", lambda path, mode: readable(path, mode) and Path(path).name != "03.png")
+    with caplog.at_level(logging.WARNING), ImageFolderSource(tmp_path) as source:
+        assert len(list(source)) == 1
+    assert "02.png: not an image OpenCV can read" in caplog.text
+    assert "03.png: permission denied" in caplog.text  # (root reads anything: the check is faked here)
 
 
 def test_image_folder_turns_photos_upright_and_keeps_depth_and_alpha_as_before(tmp_path):
