@@ -111,6 +111,18 @@ def test_a_fresh_export_records_why_its_target(exported):
     assert graph_spec.META_TOKEN_GRID not in exported.metadata  # a feature map, no token grid
 
 
+def score_tolerance(key: str, crops: int) -> float:
+    """How far a faithfulness mean may move with the CPU's rounding and still be the same
+    result to a user (the ranking, and the scores shown to two decimals). Measured: with ONNX
+    Runtime's graph optimisations off (other kernels, other rounding), against the recorded
+    values (rounded to 4 decimals), the average drops moved by up to 0.0014 points and the AUCs
+    by up to 6e-5; `increase in confidence` counts crops, so one crop on the edge would move it
+    by a whole 100 / crops points. The ranking's closest pair is 0.0026 of deletion AUC apart."""
+    if key == "increase_in_confidence_pct":
+        return 100.0 / crops + 1e-6
+    return 0.02 if key.endswith("_pct") else 1e-3
+
+
 def test_fresh_export_records_the_committed_ranking(exported, committed):
     """The method ranking `make models` recorded is what a fresh export measures: the same
     order, the same crops and settings, the same means to rounding."""
@@ -119,7 +131,8 @@ def test_fresh_export_records_the_committed_ranking(exported, committed):
     assert fresh["settings"] == kept["settings"]
     for name, scores in kept["scores"].items():
         for key, value in scores.items():
-            assert fresh["scores"][name][key] == pytest.approx(value, abs=1e-3), (name, key)
+            tolerance = score_tolerance(key, kept["settings"]["crops"])
+            assert fresh["scores"][name][key] == pytest.approx(value, abs=tolerance), (name, key)
 
 
 def test_committed_ranking_is_what_evaluate_computes(committed, tmp_path):
@@ -136,7 +149,8 @@ def test_committed_ranking_is_what_evaluate_computes(committed, tmp_path):
     assert ranked["ranking"] == [m for m in report["ranking"] if m in methods.names(display_only=True)]
     for name, scores in ranked["scores"].items():
         for key, _, _ in METRICS.values():
-            assert scores[key] == pytest.approx(report["methods"][name][key], abs=1e-4), (name, key)
+            tolerance = score_tolerance(key, ranked["settings"]["crops"])
+            assert scores[key] == pytest.approx(report["methods"][name][key], abs=tolerance), (name, key)
     assert ranked["ranking"][0] == "gradcamelementwise" and ranked["ranking"][-1] == "gradcam"
     assert graph_spec.auto_method(graph_spec.GraphInfo.from_metadata(committed.metadata)) == ("gradcamelementwise", "")
 
