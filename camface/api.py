@@ -88,7 +88,13 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     `close()`): it holds a MediaPipe detector and ONNX Runtime sessions.
     """
     if model is not None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise UsageError(f"model must be a path (str or os.PathLike), got {type(model).__name__}")
         options["model"] = Path(model)
+    if config is not None and not isinstance(config, LiveConfig):
+        raise UsageError(f"config must be a LiveConfig (or None; options go as keywords), got {type(config).__name__}")
+    if timer is not None and not (callable(getattr(timer, "add", None)) and callable(getattr(timer, "stage", None))):
+        raise UsageError(f"timer must be a camface.realtime.timing.StageTimer (or None), got {type(timer).__name__}")
     fields = {f.name for f in dataclasses.fields(LiveConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -101,7 +107,8 @@ class Pipeline:
 
     Attributes: config (LiveConfig), model_path, graph (CamGraph: `info`, `methods`, `provider`),
     explainer (FrameExplainer: its smoother's tracks are this pipeline's stream), renderer.
-    Build it with `camface.load()`.
+    Build it with `camface.load()`. One thread at a time: successive calls are one stream (frame
+    index, smoothing tracks); threads that explain frames side by side each load their own.
     """
 
     def __init__(self, config: LiveConfig, timer: Any = None):
@@ -161,11 +168,15 @@ class Pipeline:
 
     def face_detector(self) -> FaceDetector | OnnxFaceDetector:
         """A new face detector as the config asks (not yet opened; one per stream of frames)."""
+        self._check_open()
         return face_detector(self.config)
 
-    def _detect(self, frame: np.ndarray) -> tuple:
+    def _check_open(self) -> None:
         if self._closed:
             raise UsageError("this camface pipeline is closed")
+
+    def _detect(self, frame: np.ndarray) -> tuple:
+        self._check_open()
         if self._detector is None:
             detector = self.face_detector()
             self._stack.enter_context(detector)  # either runtime's __enter__ returns the detector itself
@@ -188,10 +199,10 @@ class Pipeline:
         from camface.realtime.explainer import check_method
 
         frame = _check_frame(frame)
-        if explained_class is not None and not 0 <= explained_class < len(self.labels):
-            raise UsageError(f"explained_class {explained_class} out of range 0..{len(self.labels) - 1}")
-        controls = Controls(method=method or self.config.method, explained_class=explained_class)
-        check_method(self.graph, controls.method)
+        if explained_class is not None:
+            explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
+        controls = Controls(method=check_method(self.graph, _method(method, self.config.method)),
+                            explained_class=explained_class)
         result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
         self._index += 1
         return result
@@ -199,6 +210,9 @@ class Pipeline:
     def annotate(self, frame: np.ndarray, result: FrameResult, *, hud: bool = False) -> Picture:
         """A NEW uint8 BGR picture: `frame` with the live overlay of `result` (heatmaps over the
         face boxes, boxes and labels; the HUD with `hud`). `frame` is not modified."""
+        self._check_open()
+        if not isinstance(result, FrameResult):
+            raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
         picture = _check_frame(frame).copy()
         self.renderer.annotate(picture, result, hud)
         return picture.view(Picture)
@@ -210,27 +224,39 @@ class Pipeline:
         uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
         indices from 0, fresh smoothing tracks, its own detector carrying boxes between key frames
         as `camface live` does (`detect_every`), so the results are live's. The source is closed
-        when the loop ends or breaks.
+        when the loop ends or breaks. A bad `source` type or `max_frames`, or a closed pipeline,
+        is a UsageError at once (a missing file at the first frame); closing the pipeline while
+        iterating ends the iteration with one.
         """
+        from camface.realtime.sources import make_source
+
+        self._check_open()
+        if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool)
+                                       or max_frames < 1):
+            raise UsageError(f"max_frames must be an integer >= 1 (or None), got {max_frames!r}")
+        if isinstance(source, (str, os.PathLike)) or (isinstance(source, int) and not isinstance(source, bool)):
+            opened = make_source(os.fspath(source) if isinstance(source, os.PathLike) else str(source))
+        elif all(callable(getattr(source, name, None)) for name in ("__enter__", "__exit__", "__iter__")):
+            opened = source
+        else:
+            raise UsageError(f"source must be a video file, a folder of images, a camera index, a stream URL, "
+                             f"'sample' or a camface source object; got {type(source).__name__}")
+        return self._frames_of(opened, max_frames)
+
+    def _frames_of(self, opened, max_frames: int | None) -> Iterator[tuple[FrameResult, np.ndarray]]:
+        import itertools
+
         from camface.realtime.carry import BoxCarrier, every_for
         from camface.realtime.controls import Controls
         from camface.realtime.explainer import FrameExplainer
-        from camface.realtime.sources import make_source
 
-        if max_frames is not None and max_frames < 1:
-            raise UsageError(f"max_frames must be >= 1, got {max_frames}")
-        opened = make_source(os.fspath(source) if isinstance(source, os.PathLike) else str(source)) \
-            if isinstance(source, (str, int, os.PathLike)) else source
         explainer = FrameExplainer.from_config(self.config, self.graph)
         controls = Controls(method=self.config.method)
-        if self._closed:
-            raise UsageError("this camface pipeline is closed")
         with opened, self.face_detector() as detector:
             carrier = BoxCarrier(detector, every_for(self.config.detect_every, bool(getattr(opened.info, "still", False)),
                                                      self.config.detect_workers))
-            for index, frame in enumerate(opened):
-                if max_frames is not None and index >= max_frames:
-                    return
+            for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
+                self._check_open()  # closed while the caller iterates
                 yield explainer.explain(frame, carrier.detect(frame, index), controls, index).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
@@ -250,11 +276,9 @@ class Pipeline:
             shape = getattr(crops, "shape", None)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
                              f"({info.color_order}), got {getattr(crops, 'dtype', type(crops).__name__)} {shape}")
-        method = method or self.config.method
-        check_method(self.graph, method)
-        wanted = np.broadcast_to(np.asarray(-1 if class_index is None else class_index, np.int64), (len(crops),))
-        if ((wanted < -1) | (wanted >= len(info.labels))).any():
-            raise UsageError(f"class_index out of range 0..{len(info.labels) - 1}")
+        method = check_method(self.graph, _method(method, self.config.method))
+        wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
+                  _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))
         probs, heatmaps, similarity, _ = run_graph_scores(self.graph, np.ascontiguousarray(crops),
                                                           np.ascontiguousarray(wanted), method)
         predicted = probs.argmax(axis=1)
@@ -262,6 +286,35 @@ class Pipeline:
                                 explained=int(predicted[i] if wanted[i] < 0 else wanted[i]), method=method,
                                 similarity=similarity[i])
                      for i in range(len(crops)))
+
+
+def _method(method: Any, default: str) -> str:
+    """A call's `method` argument: None for the config's, else a heatmap name (or "auto", "none")."""
+    if method is None:
+        return default
+    if not isinstance(method, str) or not method:
+        raise UsageError(f"method must be a heatmap name (str), got {method!r}")
+    return method
+
+
+def _class_indices(value: Any, count: int, classes: int, name: str, allow_predicted: bool = False) -> np.ndarray:
+    """int64 [count]: one class index for all, or one per item; UsageError naming `name` for a
+    non-integer, a wrong length or a class outside 0..classes-1 (-1 also, the predicted class,
+    with `allow_predicted`)."""
+    import numbers
+
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        indices = np.full(count, int(value) if -2 ** 62 < int(value) < 2 ** 62 else classes, np.int64)
+    else:
+        array = np.asarray(value)
+        if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
+            raise UsageError(f"{name} must be an integer or {count} integers, got {value!r}")
+        indices = np.broadcast_to(array.astype(np.int64), (count,))
+    lowest = -1 if allow_predicted else 0
+    if ((indices < lowest) | (indices >= classes)).any():
+        predicted = " or -1 (the predicted class)" if allow_predicted else ""
+        raise UsageError(f"{name} {value!r} out of range 0..{classes - 1}{predicted}")
+    return indices
 
 
 def _check_frame(frame: Any) -> np.ndarray:

@@ -84,6 +84,7 @@ class LiveConfig:
     quiet_native: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         checks = (
             (self.method in method_choices() or self.method in methods.METHODS,
              f"--method {self.method!r} unknown; choose from {', '.join(method_choices())}"),
@@ -121,8 +122,39 @@ class LiveConfig:
         if self.colormap not in COLORMAPS:
             raise UsageError(f"--colormap {self.colormap!r} unknown; choose from {', '.join(sorted(COLORMAPS))}")
 
+    def _check_types(self) -> None:
+        """UsageError naming the option for a value of the wrong type (a LiveConfig built in
+        code, e.g. `camface.load(max_faces="3")`): the value checks that follow compare numbers."""
+        import numbers
+
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), _field_kinds(field)
+            if value is None and "None" in kind:
+                continue
+            ok = ((isinstance(value, bool) if "bool" in kind else False)
+                  or ("int" in kind and isinstance(value, numbers.Integral) and not isinstance(value, bool))
+                  or ("float" in kind and isinstance(value, numbers.Real) and not isinstance(value, bool))
+                  or ("str" in kind and isinstance(value, str))
+                  or ("Path" in kind and isinstance(value, (str, Path))))
+            if not ok:
+                flag = FLAGS.get(field.name, (f"--{field.name.replace('_', '-')}",))[0]
+                raise UsageError(f"{flag} must be {_describe(kind)}, got {value!r} ({type(value).__name__})")
+
     def replace(self, **changes) -> "LiveConfig":
         return dataclasses.replace(self, **changes)
+
+
+_KIND_WORDS = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",
+               "Path": "a path", "None": "None"}
+
+
+def _field_kinds(field) -> frozenset[str]:
+    """The type names of a LiveConfig field's annotation ("str | None" -> {"str", "None"})."""
+    return frozenset(part.strip() for part in str(field.type).split("|"))
+
+
+def _describe(kind: frozenset[str]) -> str:
+    return " or ".join(_KIND_WORDS[name] for name in ("bool", "int", "float", "str", "Path", "None") if name in kind)
 
 
 # field -> (flag, argparse keywords without the default). Help texts are the options' documentation.

@@ -107,7 +107,7 @@ def check_method(graph, method: str) -> str:
             log.info("camface: --method auto shows %s, the most faithful method of %s (`camface info` "
                      "shows the ranking)", method, graph.path.name)
     if method != "none" and method not in graph.methods:
-        reason = f" ({graph.info.cam_unavailable_reason})" if graph.info.cam_unavailable_reason else ""
+        reason = f" ({graph.info.cam_unavailable_reason})" if method == "cam" and graph.info.cam_unavailable_reason else ""
         raise ModelError(f"{graph.path} has no {method!r} heatmap{reason}; "
                          f"it offers {', '.join(graph.methods) or 'none'}")
     return method

@@ -12,6 +12,7 @@ import pytest
 from realtime_helpers import write_clip
 
 import camface
+from camface.graph_spec import auto_method
 from camface.cli import main as camface_main
 from camface.errors import CamfaceError, ModelError, UsageError
 from camface.realtime.explainer import crop_for_graph
@@ -201,10 +202,24 @@ def test_a_bad_frame_is_a_clear_error(cam, frame, message):
 def test_bad_crops_and_classes_are_clear_errors(cam):
     with pytest.raises(UsageError, match=r"crops must be uint8 \[N, 64, 64, 1\] \(GRAY\), got uint8 \(2, 64, 64, 3\)"):
         cam.explain_crops(np.zeros((2, 64, 64, 3), np.uint8))
-    with pytest.raises(UsageError, match="class_index out of range 0..6"):
+    with pytest.raises(UsageError, match="class_index 7 out of range 0..6"):
         cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), class_index=7)
     with pytest.raises(UsageError, match="explained_class 9 out of range"):
         cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=9)
+    crops = np.zeros((2, 64, 64, 1), np.uint8)
+    for bad, message in [(1.7, "class_index must be an integer or 2 integers, got 1.7"),
+                         ("1", "class_index must be an integer or 2 integers, got '1'"),
+                         ([1, 2, 3], r"class_index must be an integer or 2 integers, got \[1, 2, 3\]"),
+                         (True, "class_index must be an integer"), (2 ** 70, "class_index 1180591620717411303424 out"),
+                         (-2, r"class_index -2 out of range 0..6 or -1 \(the predicted class\)")]:
+        with pytest.raises(UsageError, match=message):
+            cam.explain_crops(crops, class_index=bad)
+    assert [p.explained for p in cam.explain_crops(crops, class_index=np.array([2, 5]))] == [2, 5]
+    for bad in (1.5, "1", -1):
+        with pytest.raises(UsageError, match="explained_class"):
+            cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
+    result = cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=np.int64(2))
+    assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
 
 
 def test_a_method_the_graph_lacks_is_a_clear_error(cam, tmp_path):
@@ -214,11 +229,77 @@ def test_a_method_the_graph_lacks_is_a_clear_error(cam, tmp_path):
         camface.load(device="cpu", method="cam")
 
 
+def test_explain_crops_takes_auto_and_names_only_the_bad_method(cam):
+    crops = np.zeros((1, 64, 64, 1), np.uint8)
+    auto, = cam.explain_crops(crops, method="auto")  # the graph's most faithful method, as explain's
+    top, = cam.explain_crops(crops, method="gradcamelementwise")
+    assert auto.method == top.method == auto_method(cam.graph.info)[0] == "gradcamelementwise"
+    np.testing.assert_array_equal(auto.heatmap, top.heatmap)
+    with pytest.raises(ModelError, match="has no 'bogus' heatmap; it offers") as caught:
+        cam.explain_crops(crops, method="bogus")
+    assert "global average pooling" not in str(caught.value)  # CAM's reason is said for 'cam' only
+    with pytest.raises(UsageError, match="method must be a heatmap name"):
+        cam.explain_crops(crops, method=3)
+
+
+class _CountingSource:
+    """A camface source over `frames` that counts the frames taken from it."""
+
+    def __init__(self, frames):
+        from camface.realtime.sources import SourceInfo
+
+        self.frames, self.taken, self.entered = frames, 0, False
+        self.info = SourceInfo("counting", 30.0, len(frames), live=False)
+
+    def __enter__(self):
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc):
+        self.entered = False
+
+    def __iter__(self):
+        for frame in self.frames:
+            self.taken += 1
+            yield frame
+
+
+def test_process_video_checks_its_arguments_at_once_and_reads_no_frame_beyond(two_faces):
+    with camface.load(device="cpu") as api:
+        for bad in (None, 1.5, b"sample", two_faces, [two_faces], True):
+            with pytest.raises(UsageError, match="source must be a video file, a folder of images"):
+                api.process_video(bad)
+        for bad in (0, 2.5, "3", True):
+            with pytest.raises(UsageError, match="max_frames must be an integer >= 1"):
+                api.process_video("sample", max_frames=bad)
+        counting = _CountingSource([two_faces] * 5)
+        assert len(list(api.process_video(counting, max_frames=2))) == 2
+        assert counting.taken == 2 and not counting.entered  # read no frame more, and closed
+        frames = api.process_video(_CountingSource([two_faces] * 5))
+        next(frames)
+        with pytest.raises(UsageError, match="result must be the FrameResult of `explain`"):
+            api.annotate(two_faces, None)
+    with pytest.raises(UsageError, match="this camface pipeline is closed"):
+        next(frames)  # closed while iterating
+    for call in (lambda: api.process_video("sample"), lambda: api.face_detector(),
+                 lambda: api.annotate(two_faces, None)):
+        with pytest.raises(UsageError, match="this camface pipeline is closed"):
+            call()
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: camface.load("no/such/model.onnx"), ModelError, "CAM graph not found: no/such/model.onnx"),
     (lambda: camface.load(device="gpu"), UsageError, "--device must be one of"),
     (lambda: camface.load(alpha=2.0), UsageError, r"--alpha must be in \[0, 1\], got 2.0"),
     (lambda: camface.load(colour_map="jet"), UsageError, "unknown option colour_map; LiveConfig has"),
+    (lambda: camface.load(max_faces="3"), UsageError, r"--max-faces must be an integer, got '3' \(str\)"),
+    (lambda: camface.load(max_faces=2.5), UsageError, "--max-faces must be an integer, got 2.5"),
+    (lambda: camface.load(margin=None), UsageError, "--margin must be a number, got None"),
+    (lambda: camface.load(colormap=["jet"]), UsageError, r"--colormap must be a string, got \['jet'\]"),
+    (lambda: camface.load(graph_threads=1.5), UsageError, "--graph-threads must be an integer"),
+    (lambda: camface.load(config={"max_faces": 2}), UsageError, "config must be a LiveConfig"),
+    (lambda: camface.load(123), UsageError, "model must be a path"),
+    (lambda: camface.load(timer=5), UsageError, "timer must be a camface.realtime.timing.StageTimer"),
 ])
 def test_bad_load_arguments_are_clear_errors(call, error, message):
     with pytest.raises(error, match=message) as caught:
