@@ -11,12 +11,45 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from camface import graph_spec, methods
+from camface.errors import UsageError
 from camface.export import ranking
+from camface.export.convert import DEFAULT_OPSET
 from camface.export.preprocess import add_input_arguments
+from camface.export.torch_model import DEFAULT_OPSET as TORCH_MIN_OPSET
 
 log = logging.getLogger(__name__)
+
+
+MIN_OPSET, MAX_OPSET = 13, 18  # 13: the gradient ops' forms; 18: the newest tf2onnx converts
+
+
+def check_graph_output(output: Path, *inputs: Path) -> None:
+    """A CAM graph's -o: an .onnx name (the files written beside it are named after it) that is
+    not one of the command's input files (which writing would destroy). UsageError naming it."""
+    import os
+
+    from camface.outputs import check_output_file
+
+    check_output_file(output, overwrite=True)  # its folder, a directory in the way: said first
+    if output.suffix.lower() != ".onnx":
+        raise UsageError(f"-o {output}: a CAM graph is an .onnx file; give a name ending in .onnx")
+    for given in inputs:
+        if output.exists() and given.exists() and os.path.samefile(output, given):
+            raise UsageError(f"-o {output} is the model it is made from; write the graph to another file")
+
+
+def check_crop_source(source: str, flag: str) -> None:
+    """SourceError naming `source` now when it does not exist or holds no image, rather than
+    after the graph is built (cameras and streams are opened only when read)."""
+    from camface.realtime.sources import ImageFolderSource, make_source
+
+    opened = make_source(source)
+    if isinstance(opened, ImageFolderSource):
+        with opened:
+            pass
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +99,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-method", choices=("percentile", "minmax", "entropy"),
                         default="percentile", help="with --int8: how ONNX Runtime turns the calibration crops "
                                                    "into ranges (minmax: faster, less robust to outliers)")
-    parser.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset")
+    parser.add_argument("--opset", type=int, default=None, metavar="N",
+                        help=f"ONNX opset of a Keras or .pt2 model's conversion, {MIN_OPSET}..{MAX_OPSET} "
+                             f"(default {DEFAULT_OPSET}; .pt2 at least {TORCH_MIN_OPSET}); an .onnx model keeps its own")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="turn Keras safe mode off to load a model with Lambda layers: this "
                              "RUNS PYTHON CODE FROM THE MODEL FILE; use only with files you trust")
@@ -82,8 +117,6 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from pathlib import Path
-
     from camface.export.exporter import ExportOptions, export, read_labels_file
     from camface.export.onnx_export import SUFFIXES
     from camface.export.torch_model import PICKLE_SUFFIXES
@@ -92,6 +125,15 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     suffix = Path(args.model).suffix.lower()
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
+    check_graph_output(Path(args.output), Path(args.model))
+    if args.opset is not None and not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise UsageError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (tf2onnx converts up to {MAX_OPSET}), "
+                         f"got {args.opset}")
+    if args.opset is not None and suffix in SUFFIXES:
+        log.warning("camface: --opset is for converting Keras and .pt2 models; %s keeps its own opset",
+                    Path(args.model).name)
+    if args.int8 or not args.no_rank:  # before the build: a bad source must not cost minutes, or leave a graph
+        check_crop_source(args.calibration, "--calibration")
     labels = read_labels_file(args.labels) if args.labels else None
     options = ExportOptions(
         target_layer=args.target_layer,
@@ -103,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
         scale=tuple(args.scale) if args.scale else None,
         offset=tuple(args.offset) if args.offset else None,
         fp16=args.fp16,
-        opset=args.opset,
+        opset=args.opset or DEFAULT_OPSET,
         heads=tuple(args.heads) if args.heads else None,
         verify=not args.no_verify,
         safe_mode=not args.unsafe_load,
@@ -113,8 +155,6 @@ def main(args: argparse.Namespace) -> int:
         calibration_method=args.calibration_method,
     )
     if not onnx_engine and (args.token_grid or args.prefix_tokens is not None):
-        from camface.errors import UsageError
-
         raise UsageError("--token-grid and --prefix-tokens are for .onnx / .pt2 transformers")
     if onnx_engine:
         from camface.export import onnx_export

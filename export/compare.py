@@ -66,6 +66,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
+    if args.output:  # before the work: the figure's folder and format
+        check_figure_output(Path(args.output))
     options = ExportOptions(target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
                             scale=tuple(args.scale) if args.scale else None,
                             offset=tuple(args.offset) if args.offset else None, verify=False)
@@ -80,6 +82,18 @@ def main(args: argparse.Namespace) -> int:
         path = figure(result, Path(args.output), verdict)
         print(f"wrote {path}")
     return 0
+
+
+def check_figure_output(path: Path) -> None:
+    """UsageError/OutputError naming `path` when matplotlib cannot write a figure there."""
+    from matplotlib.figure import Figure
+
+    from camface.outputs import check_output_file
+
+    check_output_file(path, overwrite=True)
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UsageError(f"-o {path}: a figure is one of {', '.join('.' + f for f in sorted(formats))}")
 
 
 def one_face(path: Path, cropper, input_size: tuple[int, int], color_order: str, detect: bool) -> np.ndarray:

@@ -21,6 +21,7 @@ Global pooling's gradient is made convertible on the TensorFlow side instead
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -435,8 +436,13 @@ def save(model, path: str | Path) -> Path:
         raise OutputError(f"cannot write {path}: it is a directory")
     if not path.parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
+    # whole or not at all: written beside it, then renamed over it (a failure or a kill midway
+    # leaves the previous file, or none, never half a graph)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        onnx.save_model(model, str(path))
+        onnx.save_model(model, str(partial))
+        os.replace(partial, path)
     except OSError as exc:
+        partial.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path

@@ -137,6 +137,8 @@ def build(model, options: ExportOptions, source: str = "model"):
         log.info("%s: tensors renamed inside the CAM graph: %s", source,
                  ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
     classifier = onnx_model.settle_shapes(onnx_model.describe(model, where=source))
+    if classifier.num_classes < 1:
+        raise ModelError(f"{source}: its output has {classifier.num_classes} classes; a classifier needs at least one")
     labels = options.labels or tuple(f"class_{i}" for i in range(classifier.num_classes))
     if len(labels) != classifier.num_classes:
         where = f"labels file {options.labels_source}" if options.labels_source else "labels"

@@ -106,7 +106,21 @@ def add_input_arguments(parser, preset_help: str) -> None:
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help=preset_help)
     parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
                         help="override the preset's channel order of the uint8 input")
-    parser.add_argument("--scale", type=float, nargs="+", default=None, metavar="S",
+    parser.add_argument("--scale", type=_finite, nargs="+", default=None, metavar="S",
                         help="override: x * scale + offset (1 value or one per channel)")
-    parser.add_argument("--offset", type=float, nargs="+", default=None, metavar="O",
+    parser.add_argument("--offset", type=_finite, nargs="+", default=None, metavar="O",
                         help="override: x * scale + offset (1 value or one per channel)")
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (nan or inf would make every input nan or inf)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value

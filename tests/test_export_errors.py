@@ -90,6 +90,48 @@ def test_unwritable_output(tmp_path, capsys, output, message):
     assert code == 2 and re.search(message, line), line
 
 
+def test_checked_before_any_work(tmp_path, capsys):
+    """What would cost minutes of building before failing, or destroy a file, is refused first:
+    a name that is not .onnx (the files written beside it are named after it), the model itself
+    as the output, an opset tf2onnx cannot write, a calibration source that is not there, and a
+    --scale that is not a finite number. Nothing is written."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not even read")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["-o", str(tmp_path / "graph.npz")], "a CAM graph is an .onnx file; give a name ending in .onnx"),
+        (["-o", str(model)], f"-o {model} is the model it is made from"),
+        (["-o", str(tmp_path / "g.onnx"), "--opset", "99"], "--opset must be 13..18 (tf2onnx converts up to 18)"),
+        (["-o", str(tmp_path / "g.onnx"), "--opset", "5"], "--opset must be 13..18"),
+        (["-o", str(tmp_path / "g.onnx"), "--calibration", str(tmp_path / "nothing")], "source not found"),
+        (["-o", str(tmp_path / "g.onnx"), "--calibration", str(tmp_path / "empty")], "no images"),
+    ]
+    for flags, message in cases:
+        code, line = run(capsys, "export", str(model), *flags)
+        assert code == 2 and message in line, (flags, line)
+    with pytest.raises(SystemExit) as exit_:
+        camface_main(["export", str(model), "-o", str(tmp_path / "g.onnx"), "--scale", "nan"])
+    assert exit_.value.code == 2 and "argument --scale: 'nan' is not a finite number" in capsys.readouterr().err
+    assert model.read_bytes() == b"not even read" and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.onnx"]
+
+
+def test_a_model_without_classes_is_refused(tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [0, 3, 1, 1], [])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["f"]), helper.make_node("GlobalAveragePool", ["f"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["logits"])], "zero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 0])], [weight])
+    model = tmp_path / "zero.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    code, line = run(capsys, "export", str(model), "-o", str(tmp_path / "g.onnx"), "--preset", "torch", "--no-rank")
+    assert code == 2 and "its output has 0 classes; a classifier needs at least one" in line, line
+    assert not (tmp_path / "g.onnx").exists()
+
+
 def test_read_only_folder(tmp_path, capsys):
     folder = tmp_path / "ro"
     folder.mkdir()

@@ -590,3 +590,27 @@ def test_a_threshold_outside_minus_one_to_one_is_refused(people, embedder, tmp_p
     assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
                  "--preset", "arcface", "--threshold", "31"]) == 2
     assert "--threshold is a cosine similarity in [-1, 1], got 31.0" in capsys.readouterr().err
+
+
+def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people, embedder, tmp_path, capsys):
+    """enroll -o must be an .onnx name (X.npz would be overwritten by the gallery written beside
+    it) and not the embedder itself; compare -o must be a format matplotlib writes, checked
+    before the photos are embedded. Nothing is written."""
+    model = tmp_path / "embedder.onnx"
+    model.write_bytes(embedder[1].read_bytes())
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    for argv, message in [
+        (["enroll", str(people), "--model", str(model), "-o", str(tmp_path / "g.npz"), "--preset", "arcface"],
+         "a CAM graph is an .onnx file"),
+        (["enroll", str(people), "--model", str(model), "-o", str(model), "--preset", "arcface"],
+         "is the model it is made from"),
+        (["compare", str(a), str(b), "--model", str(model), "--preset", "arcface", "-o", str(tmp_path / "c.txt")],
+         f"-o {tmp_path / 'c.txt'}: a figure is one of"),
+        (["compare", str(a), str(b), "--model", str(model), "--preset", "arcface", "-o",
+          str(tmp_path / "no" / "c.png")], "folder"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert model.read_bytes() == embedder[1].read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "embedder.onnx"]
