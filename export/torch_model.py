@@ -8,6 +8,7 @@ torch is imported inside functions (the `camface[torch]` extra; the live loop ne
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError
@@ -36,7 +37,10 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
     except ImportError as exc:
         raise CamfaceError(f"{path}: .pt2 models need PyTorch: pip install 'camface[torch]'") from exc
     try:
-        program = torch.export.load(str(path))
+        # torch logs a traceback (as a warning) for a file it cannot read before it raises:
+        # the error below says it in one line
+        with _quiet("torch.export"):
+            program = torch.export.load(str(path))
     except Exception as exc:  # a zip that is not an exported program raises many types
         raise ModelError(f"{path}: not a program saved with torch.export.save ({exc})") from exc
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
@@ -59,3 +63,17 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
     except Exception as exc:
         raise ModelError(f"{path}: torch.onnx.export fails ({str(exc).splitlines()[0]})") from exc
     return exported.model_proto
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Logger `logger` at ERROR inside the block (its warnings dropped)."""
+    import logging
+
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)

@@ -115,6 +115,15 @@ def test_checked_before_any_work(tmp_path, capsys):
     assert model.read_bytes() == b"not even read" and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.onnx"]
 
 
+def test_a_pt2_that_is_not_a_program_is_one_line(tmp_path, capsys):
+    pytest.importorskip("torch")
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip")
+    assert camface_main(["export", str(bad), "-o", str(tmp_path / "g.onnx"), "--preset", "torch", "--no-rank"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"camface: error: {bad}: not a program saved with torch.export.save")
+
+
 def test_a_model_without_classes_is_refused(tmp_path, capsys):
     import onnx
     from onnx import TensorProto, helper
