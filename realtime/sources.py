@@ -117,7 +117,8 @@ class VideoFileSource:
             raise SourceError(f"video file not found: {self.path}")
         self.frames_read, self.truncated, self.truncation = 0, False, None  # per pass: --loop enters again
         self._capture = capture = self._open()
-        if not self.truncated:  # FFmpeg opens some MP4s cut inside their last index, and says nothing
+        if not self.truncated and self.stop is None:  # FFmpeg opens some MP4s cut inside their last
+            # index and says nothing (a range that stops earlier does not reach the cut)
             from camface.realtime.fmp4 import complete_length
 
             length = complete_length(self.path)
@@ -204,6 +205,8 @@ class VideoFileSource:
             expected = max(0, min(expected, self.stop or expected) - self.start)
         if self.truncated or (expected and self.frames_read < expected):
             self.truncated = True
+            if expected and self.frames_read < expected:  # the header's count says more than the boxes
+                self.truncation = "fewer frames decode than its header announces"
             self.truncation = self.truncation or "fewer frames decode than its header announces"
             of = f" of {expected}" if expected and expected > self.frames_read else ""
             log.warning("%s ended early: read %d%s frames (file truncated or damaged)",
