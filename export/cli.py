@@ -41,6 +41,17 @@ def check_graph_output(output: Path, *inputs: Path) -> None:
             raise UsageError(f"-o {output} is the model it is made from; write the graph to another file")
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """UsageError for option values that would make the export meaningless."""
+    if getattr(args, "rank_seconds", 0) < 0:
+        raise UsageError(f"--rank-seconds must be >= 0 (0 = no limit), got {args.rank_seconds:g}")
+    if getattr(args, "prefix_tokens", None) is not None and args.prefix_tokens < 0:
+        raise UsageError(f"--prefix-tokens must be >= 0, got {args.prefix_tokens}")
+    if getattr(args, "scale", None) and any(value == 0 for value in args.scale):
+        raise UsageError(f"--scale {' '.join(f'{v:g}' for v in args.scale)}: a zero scale makes every image "
+                         "the same input")
+
+
 def check_crop_source(source: str, flag: str) -> None:
     """SourceError naming `source` now when it does not exist or holds no image, rather than
     after the graph is built (cameras and streams are opened only when read)."""
@@ -126,6 +137,7 @@ def main(args: argparse.Namespace) -> int:
     suffix = Path(args.model).suffix.lower()
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     check_graph_output(Path(args.output), Path(args.model))
+    check_numbers(args)
     if args.opset is not None and not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise UsageError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (tf2onnx converts up to {MAX_OPSET}), "
                          f"got {args.opset}")

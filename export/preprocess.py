@@ -82,14 +82,17 @@ class Preprocessing:
             order = "RGB"
         elif channels not in (1, 3):
             raise ModelError(f"the model takes {channels} channels; camface supports 1 or 3")
-        scale_values = _per_channel(scale if scale is not None else preset_scale, channels, "scale")
+        scale_values = _per_channel(scale if scale is not None else preset_scale, channels,
+                                    "--scale" if scale is not None else f"--preset {preset}'s scale")
         offset_values = _per_channel(offset if offset is not None else preset_offset, channels,
-                                     "offset")
+                                     "--offset" if offset is not None else f"--preset {preset}'s offset")
         explicit = scale is not None or offset is not None or color_order is not None
         return cls(order, scale_values, offset_values, preset if not explicit else f"{preset}+custom")
 
 
 def _per_channel(values, channels: int, what: str) -> tuple[float, ...]:
+    """`values` per input channel (one value is every channel's); ModelError naming `what`
+    (the flag, or the preset it came from) when they do not fit the model's channels."""
     values = tuple(float(v) for v in values)
     if len(values) == 1:
         return values * channels
@@ -97,7 +100,9 @@ def _per_channel(values, channels: int, what: str) -> tuple[float, ...]:
         return values
     if channels == 1 and len(set(values)) == 1:
         return values[:1]
-    raise ModelError(f"--{what} needs 1 or {channels} values, got {len(values)}")
+    fits = "1 value" if channels == 1 else f"1 or {channels} values"
+    raise ModelError(f"{what} has {len(values)} values, but the model's input has {channels} channel"
+                     f"{'s' if channels != 1 else ''}: give {fits}")
 
 
 def add_input_arguments(parser, preset_help: str) -> None:

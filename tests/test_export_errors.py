@@ -105,6 +105,9 @@ def test_checked_before_any_work(tmp_path, capsys):
         (["-o", str(tmp_path / "g.onnx"), "--opset", "5"], "--opset must be 13..18"),
         (["-o", str(tmp_path / "g.onnx"), "--calibration", str(tmp_path / "nothing")], "source not found"),
         (["-o", str(tmp_path / "g.onnx"), "--calibration", str(tmp_path / "empty")], "no images"),
+        (["-o", str(tmp_path / "g.onnx"), "--rank-seconds", "-1"], "--rank-seconds must be >= 0"),
+        (["-o", str(tmp_path / "g.onnx"), "--prefix-tokens", "-2"], "--prefix-tokens must be >= 0, got -2"),
+        (["-o", str(tmp_path / "g.onnx"), "--scale", "0"], "--scale 0: a zero scale makes every image the same"),
     ]
     for flags, message in cases:
         code, line = run(capsys, "export", str(model), *flags)
@@ -225,8 +228,11 @@ def test_preprocessing_misuse():
 
     with pytest.raises(ModelError, match="1 channel; colour order RGB needs 3"):
         Preprocessing.resolve(1, "tf", color_order="RGB")
-    with pytest.raises(ModelError, match="--offset needs 1 or 3 values, got 2"):
+    with pytest.raises(ModelError, match="--offset has 2 values, but the model's input has 3 channels: give 1 or 3 values"):
         Preprocessing.resolve(3, "none", offset=[1.0, 2.0])
+    with pytest.raises(ModelError, match="--preset torch's scale has 3 values, but the model's input has 1 channel: "
+                                         "give 1 value$"):
+        Preprocessing.resolve(1, "torch", color_order="GRAY")
     caffe = Preprocessing.resolve(3, "imagenet-caffe")
     assert caffe.color_order == "BGR" and caffe.offset == (-103.939, -116.779, -123.68)
     assert Preprocessing.resolve(1, "tf").color_order == "GRAY"  # one channel is always GRAY
