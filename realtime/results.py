@@ -117,7 +117,7 @@ class FrameResult:
     index: 0-based frame index in the source.
     faces / predictions: same length and order (largest faces first).
     dropped: faces found beyond --max-faces (not classified).
-    method: heatmap method shown ("gradcam", "gradcampp", "cam" or "none").
+    method: heatmap method shown (a name of `camface.methods`, e.g. "gradcam", or "none").
     explained_class: class the user asked to explain, or None for each face's predicted class.
     labels: class names of the graph.
     fps / stage_ms: rolling figures for the HUD (loop-wide, not this frame alone): frames
