@@ -25,3 +25,22 @@ def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise OutputError(f"{path} already exists; pass --overwrite to replace it")
     return path
+
+
+def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
+    """OutputError when writing `output` would destroy one of the command's `inputs` (files or
+    folders): the same file, or a file that already exists inside an input folder (a new file
+    beside the inputs is fine). `what` names the output's flag in the message ("--json", ...)."""
+    output = Path(output).absolute()
+    for given in inputs:
+        if given is None:
+            continue
+        given = Path(given).absolute()
+        if not given.exists():
+            continue
+        if given.is_dir():
+            if output.exists() and (output == given or given in output.parents):
+                raise OutputError(f"{what + ' ' if what else ''}{output} is a file of the input folder {given}; "
+                                  "write it elsewhere")
+        elif output.exists() and os.path.samefile(output, given):
+            raise OutputError(f"{what + ' ' if what else ''}{output} is an input ({given}); write it elsewhere")

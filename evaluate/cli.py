@@ -96,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
     from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
     from camface.api import load
-    from camface.outputs import check_output_file
+    from camface.outputs import check_not_an_input, check_output_file
 
     if not getattr(args, "debug", False):  # the table names the provider
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
@@ -113,9 +113,19 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--keras is for the --sanity checks: add --sanity")
     sanity_plot = None if args.plot is None or not args.sanity else \
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
-    for out in (args.json, args.plot, sanity_plot):
-        if out is not None:
-            check_output_file(out, overwrite=True)  # fail before minutes of work
+    written = [(flag, out) for flag, out in (("--json", args.json), ("--plot", args.plot),
+                                              ("--plot (its sanity figure)", sanity_plot)) if out is not None]
+    inputs = [*(args.snapshots or ()), getattr(args, "model", None), getattr(args, "keras", None),
+              args.source if args.source and Path(args.source).exists() else None]
+    for flag, out in written:  # fail before minutes of work, and never over an input
+        check_output_file(out, overwrite=True)
+        check_not_an_input(out, inputs, flag)
+    if len({Path(out).absolute() for _, out in written}) < len(written):
+        raise UsageError("--json and --plot name the same file; give each its own")
+    if args.plot is not None:
+        from camface.export.compare import check_figure_output
+
+        check_figure_output(args.plot)
     pipeline = load(config=config)
     graph_path, graph = pipeline.model_path, pipeline.graph
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))

@@ -65,8 +65,14 @@ def from_snapshots(folders, info) -> np.ndarray:
         if order != info.color_order or size != tuple(info.input_size):
             raise SourceError(f"snapshot {folder} holds {order} {size[0]}x{size[1]} crops; the graph takes "
                               f"{info.color_order} {info.input_size[0]}x{info.input_size[1]}")
-        for face in faces:
-            crops.append(read_crop(folder / face["crop"], order).reshape(*size, info.channels))
+        for number, face in enumerate(faces):
+            if not isinstance(face, dict) or not isinstance(face.get("crop"), str):
+                raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: face {number} names no crop file")
+            crop = read_crop(folder / face["crop"], order)
+            if crop.size != size[0] * size[1] * info.channels:
+                raise SourceError(f"{folder / face['crop']} is {crop.shape[1]}x{crop.shape[0]}, not the "
+                                  f"{size[1]}x{size[0]} crop its snapshot.json says")
+            crops.append(crop.reshape(*size, info.channels))
     if not crops:
         raise SourceError(f"no faces found in the snapshots {', '.join(str(f) for f in found)}")
     return np.stack(crops)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError, OutputError, SourceError
+from camface.outputs import check_not_an_input
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ def _output_path(config: GuidedConfig) -> Path:
                           f"{', '.join(FIGURE_SUFFIXES)} (or --layers all with .gif)")
     if not out.parent.is_dir():
         raise OutputError(f"cannot write {out}: folder {out.parent} does not exist")
+    if config.output is not None:  # the default names are new files beside the input
+        check_not_an_input(out, [config.input], "-o")
     return out
 
 

@@ -202,6 +202,34 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     report = json.loads(out.read_text())
     assert report["settings"]["crops"] == 3 and list(report["methods"]) == ["gradcam", "layercam", "random"]
 
+    # outputs that would destroy an input, or fail after the scoring, are refused before it
+    snapshot = next(f for f in sorted(snapshots.iterdir()) if json.loads((f / "snapshot.json").read_text())["faces"])
+    crop = snapshot / json.loads((snapshot / "snapshot.json").read_text())["faces"][0]["crop"]
+    graph = tmp_path / "graph.onnx"
+    graph.write_bytes(EMOTION_ONNX.read_bytes())
+    before = {p: p.read_bytes() for p in (graph, *snapshot.iterdir())}
+    for flags, message in [
+        (["--model", str(graph), "--json", str(graph)], f"--json {graph} is an input"),
+        (["--json", str(snapshot / "snapshot.json")], f"is a file of the input folder {snapshots}"),
+        (["--plot", str(crop)], "is a file of the input folder"),
+        (["--json", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")], "name the same file"),
+        (["--plot", str(tmp_path / "curves.xyz")], "a figure is one of"),
+    ]:
+        assert camface_main(["evaluate", str(snapshots), "--methods", "gradcam", "--steps", "2", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+    # a crop of the wrong size, or a face without a crop, names the file
+    cv2.imwrite(str(crop), np.zeros((10, 10), np.uint8))
+    assert camface_main(["evaluate", str(snapshot), "--methods", "gradcam", "--steps", "2"]) == 2
+    assert f"{crop.name} is 10x10, not the 64x64 crop its snapshot.json says" in capsys.readouterr().err
+    meta = json.loads((snapshot / "snapshot.json").read_text())
+    meta["faces"][0].pop("crop")
+    (snapshot / "snapshot.json").write_text(json.dumps(meta))
+    assert camface_main(["evaluate", str(snapshot), "--methods", "gradcam", "--steps", "2"]) == 2
+    assert "face 0 names no crop file" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("argv, message", [
     (lambda clips, tmp: ["--source", str(clips["blank"])], "no faces found in 3 frames"),

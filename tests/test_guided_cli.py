@@ -245,9 +245,23 @@ def _missing_input(tmp_path, astronaut_bgr):
     return [str(tmp_path / "nothing")], "input not found: .*nothing"
 
 
+def _output_over_the_photo(tmp_path, astronaut_bgr):
+    import cv2
+
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), astronaut_bgr)
+    return [str(photo), "-o", str(photo)], "-o .*photo.png is an input"
+
+
+def _output_into_the_snapshot(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "-o", str(folder / "face_00.png")], "-o .*face_00.png is a file of the input folder"
+
+
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
-                                  _missing_input], ids=lambda f: f.__name__.strip("_"))
+                                  _missing_input, _output_over_the_photo, _output_into_the_snapshot],
+                         ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re
 

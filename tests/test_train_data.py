@@ -224,6 +224,16 @@ def test_cli_class_without_a_usable_face(tmp_path, capsys, astronaut_bgr):
     assert index.count('"ok"') == 3 and index.count('"no_face"') == 3
 
 
+def test_cli_out_dir_inside_the_data_is_refused(tmp_path, capsys):
+    """Its crops and figures would be read as a class by the next run."""
+    for name in ("a", "b"):
+        _write(tmp_path / "data" / name / "0.png", np.zeros((8, 8, 3), np.uint8))
+    for out in (tmp_path / "data", tmp_path / "data" / "run1"):
+        rc, err = _train([str(tmp_path / "data"), "-o", str(out)], capsys)
+        assert rc == 2 and f"-o {out} is inside DATA_DIR" in err, err
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a", "b"]
+
+
 def test_cli_bad_split_fraction(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", str(tmp_path), "-o", str(tmp_path / "o"), "--val-split", "1.5"])
