@@ -128,6 +128,10 @@ def main(args: argparse.Namespace) -> int:
         check_figure_output(args.plot)
     pipeline = load(config=config)
     graph_path, graph = pipeline.model_path, pipeline.graph
+    pixels = graph.info.input_size[0] * graph.info.input_size[1]
+    if args.steps > pixels:  # a step removes or adds at least one pixel
+        raise UsageError(f"--steps must be at most {pixels}, the pixels of {graph_path.name}'s "
+                         f"{graph.info.input_size[0]}x{graph.info.input_size[1]} input; got {args.steps}")
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
     randomizer = guided = None
     if args.sanity:  # fail before minutes of scoring

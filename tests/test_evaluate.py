@@ -242,6 +242,7 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     (lambda clips, tmp: [str(tmp), "--source", str(clips["faces"])], "SNAPSHOT_DIRs or --source, not both"),
     (lambda clips, tmp: [str(tmp)], "is not a camface snapshot folder"),
     (lambda clips, tmp: ["--steps", "1"], "--steps must be at least 2"),
+    (lambda clips, tmp: ["--steps", "100000"], "--steps must be at most 4096, the pixels of emotion.onnx's 64x64"),
 ])
 def test_bad_inputs_are_clear_errors(tmp_path, faces_clip, capsys, argv, message):
     import re
