@@ -62,7 +62,7 @@ def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
     if suffix in torch_model.PICKLE_SUFFIXES:
         torch_model.refuse_pickle(path)
     if suffix == ".pt2":

@@ -34,7 +34,7 @@ def read(path: str | Path) -> GraphSummary:
     """Metadata and signature of an ONNX file. Raises ModelError naming the path."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"ONNX file not found: {path}")
+        raise ModelError(f"{path} is a folder, not an ONNX file" if path.is_dir() else f"ONNX file not found: {path}")
     try:
         import onnx
     except ImportError:

@@ -36,7 +36,7 @@ def load_model(path: str | Path, safe_mode: bool = True):
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
     if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{path}: expected a Keras model file (.keras, .h5 or .hdf5)")
     import keras

@@ -67,7 +67,7 @@ def load(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX

@@ -31,7 +31,7 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
     """onnx.ModelProto of the exported program at `path` (dynamic batch kept as exported)."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
     try:
         import torch
     except ImportError as exc:

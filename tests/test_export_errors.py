@@ -118,6 +118,12 @@ def test_checked_before_any_work(tmp_path, capsys):
     assert model.read_bytes() == b"not even read" and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.onnx"]
 
 
+def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, capsys):
+    for command in (["info", str(tmp_path)], ["export", str(tmp_path), "-o", str(tmp_path / "g.onnx")]):
+        code, line = run(capsys, *command)
+        assert code == 2 and f"{tmp_path} is a folder, not a" in line, line
+
+
 def test_a_pt2_that_is_not_a_program_is_one_line(tmp_path, capsys):
     pytest.importorskip("torch")
     bad = tmp_path / "bad.pt2"
