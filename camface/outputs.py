@@ -1,4 +1,5 @@
-"""Checks on output paths (recordings, graphs, JSON), run before any slow work starts."""
+"""Checks on output paths (recordings, graphs, JSON) and on model files read, run before any
+slow work starts."""
 
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
                                   "write it elsewhere")
         elif output.exists() and os.path.samefile(output, given):
             raise OutputError(f"{what + ' ' if what else ''}{output} is an input ({given}); write it elsewhere")
+
+
+def check_model_file(path: Path, what: str = "model file") -> None:
+    """ModelError naming `path` when it is not a file: a folder, or nothing there."""
+    from camface.errors import ModelError
+
+    if not path.is_file():
+        raise ModelError(f"{path} is a folder, not {'an' if what[0] in 'AEIOU' else 'a'} {what}"
+                         if path.is_dir() else f"{what} not found: {path}")

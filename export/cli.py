@@ -29,20 +29,19 @@ MIN_OPSET, MAX_OPSET = 13, 18  # 13: the gradient ops' forms; 18: the newest tf2
 def check_graph_output(output: Path, *inputs: Path) -> None:
     """A CAM graph's -o: an .onnx name (the files written beside it are named after it) that is
     not one of the command's input files (which writing would destroy). UsageError naming it."""
-    import os
-
-    from camface.outputs import check_output_file
+    from camface.outputs import check_not_an_input, check_output_file
 
     check_output_file(output, overwrite=True)  # its folder, a directory in the way: said first
     if output.suffix.lower() != ".onnx":
         raise UsageError(f"-o {output}: a CAM graph is an .onnx file; give a name ending in .onnx")
-    for given in inputs:
-        if output.exists() and given.exists() and os.path.samefile(output, given):
-            raise UsageError(f"-o {output} is the model it is made from; write the graph to another file")
+    check_not_an_input(output, inputs, "-o")
 
 
 def check_numbers(args: argparse.Namespace) -> None:
     """UsageError for option values that would make the export meaningless."""
+    if getattr(args, "opset", None) is not None and not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise UsageError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (tf2onnx converts up to {MAX_OPSET}), "
+                         f"got {args.opset}")
     if getattr(args, "rank_seconds", 0) < 0:
         raise UsageError(f"--rank-seconds must be >= 0 (0 = no limit), got {args.rank_seconds:g}")
     if getattr(args, "prefix_tokens", None) is not None and args.prefix_tokens < 0:
@@ -138,9 +137,6 @@ def main(args: argparse.Namespace) -> int:
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     check_graph_output(Path(args.output), Path(args.model))
     check_numbers(args)
-    if args.opset is not None and not MIN_OPSET <= args.opset <= MAX_OPSET:
-        raise UsageError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (tf2onnx converts up to {MAX_OPSET}), "
-                         f"got {args.opset}")
     if args.opset is not None and suffix in SUFFIXES:
         log.warning("camface: --opset is for converting Keras and .pt2 models; %s keeps its own opset",
                     Path(args.model).name)

@@ -126,13 +126,11 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from camface.export.cli import MAX_OPSET, MIN_OPSET, check_graph_output, check_numbers
+    from camface.export.cli import check_graph_output, check_numbers
     from camface.export.exporter import ExportOptions
 
     check_graph_output(Path(args.output), Path(args.model or args.embedding_from))
     check_numbers(args)
-    if not MIN_OPSET <= args.opset <= MAX_OPSET:
-        raise UsageError(f"--opset must be {MIN_OPSET}..{MAX_OPSET}, got {args.opset}")
     options = ExportOptions(
         target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
         scale=tuple(args.scale) if args.scale else None, offset=tuple(args.offset) if args.offset else None,

@@ -24,6 +24,7 @@ import numpy as np
 
 from camface import __version__, graph_spec
 from camface.errors import ModelError
+from camface.outputs import check_model_file
 from camface.export.exporter import ExportOptions
 from camface.export.preprocess import Preprocessing
 
@@ -61,8 +62,7 @@ def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
+    check_model_file(path)
     if suffix in torch_model.PICKLE_SUFFIXES:
         torch_model.refuse_pickle(path)
     if suffix == ".pt2":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from camface import graph_spec
 from camface.errors import ModelError
+from camface.outputs import check_model_file
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,7 @@ class GraphSummary:
 def read(path: str | Path) -> GraphSummary:
     """Metadata and signature of an ONNX file. Raises ModelError naming the path."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path} is a folder, not an ONNX file" if path.is_dir() else f"ONNX file not found: {path}")
+    check_model_file(path, "ONNX file")
     try:
         import onnx
     except ImportError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError
+from camface.outputs import check_model_file
 
 POOLING_TYPES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 # Layers that mix tokens: a target before one is no feature map of what the model decides on.
@@ -35,8 +36,7 @@ def load_model(path: str | Path, safe_mode: bool = True):
     `safe_mode=False` (the CLI's --unsafe-load) runs that code.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
+    check_model_file(path)
     if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{path}: expected a Keras model file (.keras, .h5 or .hdf5)")
     import keras

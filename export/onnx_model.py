@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import ModelError
+from camface.outputs import check_model_file
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ def load(path: str | Path):
     import onnx
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
+    check_model_file(path)
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX

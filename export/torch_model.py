@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError
+from camface.outputs import check_model_file
 
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
@@ -30,8 +31,7 @@ def refuse_pickle(path: Path) -> None:
 def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
     """onnx.ModelProto of the exported program at `path` (dynamic batch kept as exported)."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path} is a folder, not a model file" if path.is_dir() else f"model file not found: {path}")
+    check_model_file(path)
     try:
         import torch
     except ImportError as exc:

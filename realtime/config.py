@@ -131,7 +131,7 @@ class LiveConfig:
             value, kind = getattr(self, field.name), _field_kinds(field)
             if value is None and "None" in kind:
                 continue
-            ok = ((isinstance(value, bool) if "bool" in kind else False)
+            ok = (("bool" in kind and isinstance(value, bool))
                   or ("int" in kind and isinstance(value, numbers.Integral) and not isinstance(value, bool))
                   or ("float" in kind and isinstance(value, numbers.Real) and not isinstance(value, bool))
                   or ("str" in kind and isinstance(value, str))

@@ -95,7 +95,8 @@ class LiveLoop:
                 if frame is None:
                     break
                 self.timer.add("decode", time.perf_counter() - start)
-                cut, passes = getattr(source, "passes", 0) != passes, getattr(source, "passes", 0)
+                now = getattr(source, "passes", 0)
+                cut, passes = now != passes, now
                 if not put(out, (index, frame, cut), stop):
                     return
                 index += 1
@@ -129,7 +130,7 @@ class LiveLoop:
     def run(self) -> RunSummary:
         from camface.api import load
         from camface.realtime.carry import BoxCarrier, every_for
-        from camface.outputs import check_output_file
+        from camface.outputs import check_not_an_input, check_output_file
         from camface.realtime.pace import LoopingSource
         from camface.realtime.sinks import encoder_for
         from camface.realtime.snapshot import SnapshotWriter
@@ -137,7 +138,7 @@ class LiveLoop:
 
         cfg = self.config
         if cfg.record is not None:  # fail before any model or camera is opened
-            _check_not_the_source(cfg.record, cfg.source)
+            check_not_an_input(cfg.record, [cfg.source], "--record")  # --overwrite would wipe the video read
             check_output_file(cfg.record, cfg.overwrite)
         encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
         pipeline = load(config=cfg, timer=self.timer)
@@ -278,14 +279,3 @@ class LiveLoop:
         if recorder.error is not None:
             raise recorder.error
 
-
-def _check_not_the_source(record, source) -> None:
-    """--record naming the --source file (with --overwrite) would wipe the video while it is read."""
-    import os
-    from pathlib import Path
-
-    from camface.errors import OutputError
-
-    record, source = Path(record), Path(str(source))
-    if record.exists() and source.is_file() and os.path.samefile(record, source):
-        raise OutputError(f"--record {record} is the --source file; record to another file")

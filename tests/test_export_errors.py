@@ -100,7 +100,7 @@ def test_checked_before_any_work(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
         (["-o", str(tmp_path / "graph.npz")], "a CAM graph is an .onnx file; give a name ending in .onnx"),
-        (["-o", str(model)], f"-o {model} is the model it is made from"),
+        (["-o", str(model)], f"-o {model} is an input ({model})"),
         (["-o", str(tmp_path / "g.onnx"), "--opset", "99"], "--opset must be 13..18 (tf2onnx converts up to 18)"),
         (["-o", str(tmp_path / "g.onnx"), "--opset", "5"], "--opset must be 13..18"),
         (["-o", str(tmp_path / "g.onnx"), "--calibration", str(tmp_path / "nothing")], "source not found"),

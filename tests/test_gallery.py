@@ -603,7 +603,7 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people
         (["enroll", str(people), "--model", str(model), "-o", str(tmp_path / "g.npz"), "--preset", "arcface"],
          "a CAM graph is an .onnx file"),
         (["enroll", str(people), "--model", str(model), "-o", str(model), "--preset", "arcface"],
-         "is the model it is made from"),
+         "is an input"),
         (["compare", str(a), str(b), "--model", str(model), "--preset", "arcface", "-o", str(tmp_path / "c.txt")],
          f"-o {tmp_path / 'c.txt'}: a figure is one of"),
         (["compare", str(a), str(b), "--model", str(model), "--preset", "arcface", "-o",

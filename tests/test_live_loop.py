@@ -312,7 +312,7 @@ def test_cli_smoke_file_folder_and_bad_camera(tmp_path, face_clip, capsys):
     assert "already exists" in capsys.readouterr().err
     size = out.stat().st_size  # recording over the video being read would wipe it
     assert camface_main(["live", "--source", str(out), "--no-show", "--record", str(out), "--overwrite"]) == 2
-    assert f"--record {out} is the --source file" in capsys.readouterr().err and out.stat().st_size == size
+    assert f"--record {out} is an input" in capsys.readouterr().err and out.stat().st_size == size
     assert camface_main(["live", "--source", "sample", "--no-show", "--alpha", "2"]) == 2
 
 
