@@ -166,11 +166,14 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
                          doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
     differences = ()
     if options.verify:
-        # float16: heatmap tolerances widen by their sensitivity to float16 activations
+        # tolerances widen by the outputs' sensitivity: to float16 activations (float16), to
+        # rounding inside the model (float32)
         heatmap_function = graph.build_heatmap_function(parts, heads) if options.fp16 else None
+        variables = () if options.fp16 else tuple(function.get_concrete_function().variables)
         differences = tuple(verify.verify(onnx_model.SerializeToString(), function,
                                           info.input_size, info.channels, len(info.labels),
-                                          info.precision, heatmap_function=heatmap_function))
+                                          info.precision, heatmap_function=heatmap_function,
+                                          variables=variables))
         _warn_ill_conditioned(differences, info.target_layer)
     onnx_model, info, rerun_differences = onnx_rerun.attach(onnx_model, info, reruns, options.verify,
                                                             required=onnx_rerun.asked(options.heads))
@@ -187,13 +190,21 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
 
 
 def _warn_ill_conditioned(differences, target_layer: str) -> None:
-    """One warning per float16 heatmap whose measured sensitivity to float16 activations
-    exceeds its stated tolerance (the self-check then bounds it only loosely)."""
+    """One warning per output whose measured sensitivity (to float16 activations, or to
+    rounding inside a float32 model) exceeds its stated tolerance (the self-check then bounds
+    it only loosely)."""
     from camface.export.verify import SENSITIVITY_FACTOR
 
     for difference in differences:
-        if difference.sensitivity > difference.allowed - difference.sensitivity:
+        if difference.sensitivity <= difference.allowed - difference.sensitivity:
+            continue
+        moved = difference.sensitivity / SENSITIVITY_FACTOR
+        if difference.cause == "float16 activations":
             log.warning("float16 %s at %s is ill-conditioned: float16 activations alone move it "
                         "by %.3g (its maximum is %.3g); a float32 export computes it as TensorFlow "
-                        "does", difference.output, target_layer,
-                        difference.sensitivity / SENSITIVITY_FACTOR, difference.reference_max)
+                        "does", difference.output, target_layer, moved, difference.reference_max)
+        else:
+            log.warning("%s at %s is ill-conditioned: rounding inside the model alone (%s) moves "
+                        "it by %.3g (its maximum is %.3g), so ONNX Runtime and TensorFlow may differ "
+                        "by that much", difference.output, target_layer, difference.cause, moved,
+                        difference.reference_max)
