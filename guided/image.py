@@ -61,11 +61,14 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
     from camface.api import face_detector
     from camface.realtime.config import LiveConfig
     from camface.realtime.crop import crop_faces
+    from camface.realtime.sources import cut_short
 
     path = Path(path)
     frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if frame is None:
         raise SourceError(f"cannot read image {path}")
+    if (why := cut_short(path)) is not None:
+        log.warning("%s: %s", path, why)
     with face_detector(LiveConfig(detector=detector, min_confidence=min_confidence)) as opened:
         faces = opened.detect(frame)
     if not faces:

@@ -31,6 +31,23 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 DEFAULT_FPS = 30.0  # for files that report no frame rate
 
 
+def cut_short(path: str | Path) -> str | None:
+    """Why the JPEG at `path` looks cut short, or None (other formats, unreadable files: None).
+
+    cv2.imread decodes a JPEG that ends early without an error, the missing rows grey (libjpeg
+    prints "Premature end of JPEG file" without a name), so readers warn by name. A whole JPEG
+    has its end marker (FF D9) after its last scan (FF DA): inside a scan's entropy-coded data
+    an FF byte is followed by 00 or a restart marker, never by D9 or DA."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return None
+    if data[:3] == b"\xff\xd8\xff" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        return "a JPEG cut short (no end marker after its last scan): its lower part decodes grey"
+    return None
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     """What the loop and the recorder need to know about a source.
@@ -255,6 +272,8 @@ class ImageFolderSource:
                 why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
                 log.warning("skipping %s: %s", path, why)
                 continue
+            if (why := cut_short(path)) is not None:
+                log.warning("%s: %s", path, why)
             try:
                 frame = to_bgr8(image)
             except ValueError as exc:  # e.g. a signed 16-bit TIFF

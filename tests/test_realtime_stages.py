@@ -446,6 +446,47 @@ def test_image_folder_says_why_a_file_was_skipped(tmp_path, caplog, monkeypatch)
     assert "03.png: permission denied" in caplog.text  # (root reads anything: the check is faked here)
 
 
+def test_a_jpeg_cut_short_is_named(tmp_path, caplog, astronaut_bgr):
+    """OpenCV decodes a JPEG that ends early without an error, its lower rows grey, and libjpeg's
+    own line names no file: the folder warns by name. Whole JPEGs (baseline, progressive, with
+    an EXIF thumbnail's own end marker before the image) and other formats are not named."""
+    from PIL import Image
+
+    from camface.realtime.sources import cut_short
+
+    whole = cv2.imencode(".jpg", astronaut_bgr)[1].tobytes()
+    progressive = cv2.imencode(".jpg", astronaut_bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    photo = Image.fromarray(astronaut_bgr[:, :, ::-1])
+    photo.save(tmp_path / "thumbnail.jpg", exif=_exif_with_thumbnail(astronaut_bgr))
+    (tmp_path / "01.jpg").write_bytes(whole)
+    (tmp_path / "02.jpg").write_bytes(whole[:len(whole) * 3 // 4])
+    (tmp_path / "03.jpg").write_bytes(progressive)
+    (tmp_path / "04.jpg").write_bytes(progressive[:len(progressive) - 2000])
+    cv2.imwrite(str(tmp_path / "05.png"), astronaut_bgr)
+    thumbnail_cut = (tmp_path / "thumbnail.jpg").read_bytes()
+    assert thumbnail_cut.count(b"\xff\xd9") == 2  # the thumbnail's end marker, then the image's
+    (tmp_path / "06.jpg").write_bytes(thumbnail_cut[:len(thumbnail_cut) - 5000])
+    named = {p.name for p in tmp_path.iterdir() if cut_short(p)}
+    assert named == {"02.jpg", "04.jpg", "06.jpg"}
+    with caplog.at_level(logging.WARNING), ImageFolderSource(tmp_path) as source:
+        frames = list(source)
+    assert len(frames) == 7  # named, still shown: the upper part may hold the faces
+    assert frames[1][-20:].std() < 1.0 and frames[0][-20:].std() > 10  # the cut one: grey rows
+    for name in ("02.jpg", "04.jpg", "06.jpg"):
+        assert f"{name}: a JPEG cut short" in caplog.text
+    assert "01.jpg:" not in caplog.text and "thumbnail.jpg:" not in caplog.text
+
+
+def _exif_with_thumbnail(bgr) -> bytes:
+    """EXIF bytes carrying a small JPEG (its own start, scan and end markers) ahead of the main
+    image's, as cameras embed a thumbnail."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    return exif.tobytes() + cv2.imencode(".jpg", cv2.resize(bgr, (64, 64)))[1].tobytes()
+
+
 def test_image_folder_turns_photos_upright_and_keeps_depth_and_alpha_as_before(tmp_path):
     """A phone's portrait JPEG is stored on its side with an EXIF orientation: it comes in as
     viewers show it (faces upright). 16-bit and BGRA images still reach to_bgr8 as stored."""
