@@ -143,9 +143,11 @@ def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> i
               f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
         time.sleep(ORPHAN_GRACE_S)
     removed = outputs.clean_partials()
-    todo = pipeline.videos_to_do(outputs, videos)
+    todo = pipeline.videos_to_do(outputs, videos, job.settings())
     if args.resume:
+        changed = pipeline.changed_settings(outputs, videos, job.settings())
         print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
+              + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
               + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
     start = time.perf_counter()
     started = cluster.connect(args.address)

@@ -203,7 +203,26 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     return result
 
 
-def videos_to_do(outputs: Outputs, videos: list[Video]) -> list[Video]:
-    """The videos without a 'done' record (failed ones are tried again)."""
+def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:
+    """The videos without a 'done' record made with these `settings` (`BatchJob.settings`):
+    failed ones are tried again, and so are those done with other options (another model,
+    method, detector, drawing...), so that every video of a report is explained alike."""
     records = outputs.records()
-    return [v for v in videos if records.get(v.id, {}).get("status") != DONE]
+    return [v for v in videos if not done_alike(records.get(v.id), settings)]
+
+
+def done_alike(record: dict | None, settings: dict) -> bool:
+    return bool(record) and record.get("status") == DONE and record.get("settings") == settings
+
+
+def changed_settings(outputs: Outputs, videos: list[Video], settings: dict) -> list[str]:
+    """The options (keys of `settings`) that differ in the 'done' records of `videos` made
+    with other settings, for the driver to say why they are done again."""
+    records = outputs.records()
+    changed: set[str] = set()
+    for video in videos:
+        record = records.get(video.id) or {}
+        if record.get("status") == DONE and record.get("settings") != settings:
+            earlier = record.get("settings") or {}
+            changed |= {key for key in settings if earlier.get(key) != settings[key]}
+    return sorted(changed)

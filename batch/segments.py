@@ -225,6 +225,7 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     out["started_at"] = min(p.get("started_at", float("inf")) for p in parts)
     out["finished_at"] = max(p.get("finished_at", 0.0) for p in parts)
     out["segments"] = len(units)
+    out["settings"] = parts[0].get("settings")  # each part's: a part is kept only under the run's settings
     cut = next((p["incomplete"] for p in parts if p.get("incomplete")), None)
     if cut is not None:  # the segment that met the file's early end; frames read: of all segments
         out["incomplete"] = {"frames_announced": cut.get("frames_announced"), "reason": cut.get("reason")}

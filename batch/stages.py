@@ -203,9 +203,9 @@ class Render:
         out["render_node"] = _node()
         start = time.perf_counter()
         paths = None if unit.whole else part_paths(self.outputs, unit)
+        out["settings"] = self.settings  # a resume keeps the video or part only under the same options
         if paths is not None:
             paths["record"].parent.mkdir(parents=True, exist_ok=True)
-            out["settings"] = self.settings  # a resume keeps the part only under the same options
         if out["ok"]:
             try:
                 write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,

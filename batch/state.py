@@ -111,6 +111,8 @@ class Outputs:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
             for stale in (self.video(video_id), self.parquet(video_id), self.sums_path(video_id)):
                 stale.unlink(missing_ok=True)  # a failed redo leaves no older outputs behind
+        elif path is None and "video_file" not in out:  # done without drawing (--no-record): an
+            self.video(video_id).unlink(missing_ok=True)  # earlier run's video, of other options, goes
         for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
                     "unknown_faces", "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
                     "started_at", "finished_at", "start", "stop", "segments", "settings",

@@ -224,6 +224,27 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
 
 
+def test_resume_with_other_options_does_the_videos_again(ray_cluster, clips, tmp_path, capfd):
+    """A video done with other options (here the heatmap method and drawing) is not kept: the
+    report would describe rows, pictures and videos of another method."""
+    from camface.batch.inputs import video_id
+
+    folder, paths = clips
+    out, vid = tmp_path / "out", video_id(paths[0].resolve())
+    argv = [paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress"]
+    assert batch([*argv, "--method", "gradcam"]) == 0
+    assert (out / "videos" / f"{vid}.mp4").is_file()
+    assert batch([*argv, "--method", "gradcam", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []  # same options: kept
+    capfd.readouterr()
+    assert batch([*argv, "--method", "none", "--no-record", "--resume"]) == 0
+    assert "videos done with other options (method, record) are done again" in capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["videos_this_run"] == [vid] and summary["method"] == "none"
+    assert set(rows_of(out, vid).column("method").to_pylist()) == {"none"}
+    assert not (out / "videos" / f"{vid}.mp4").exists()  # the gradcam drawing is gone with its options
+
+
 def test_segments_killed_before_joining_then_resume_runs_only_what_is_missing(ray_cluster, long_clip, tmp_path):
     from camface.batch import pipeline
     from camface.batch.inputs import video_id
