@@ -198,7 +198,15 @@ def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> i
     if result.interrupted:
         print(f"camface batch: interrupted; rerun with --resume to finish the {totals['videos'] - totals['done']} "
               "video(s) left", file=sys.stderr)
+    return exit_code(totals, result.interrupted)
+
+
+def exit_code(totals: dict, interrupted: bool) -> int:
+    """The run's exit code from the summary's totals (see the module doc). A video left
+    without a record by a run that was not interrupted (its record could not be written)
+    failed."""
+    if interrupted:
         return 130
-    if totals["failed"]:
+    if totals["failed"] or totals["not_finished"]:
         return 1
     return EXIT_INCOMPLETE if totals["incomplete"] else 0

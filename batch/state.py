@@ -102,7 +102,8 @@ class Outputs:
 
     def write_record(self, video_id: str, out: dict, labels: tuple[str, ...], path: Path | None = None) -> dict:
         """The video's record (done or failed) from a Render payload, written last; or, with
-        `path`, a segment's part record."""
+        `path`, a segment's part record. Returns it; when it cannot be written (OSError: a full
+        disk) returns a failed record saying so, written nowhere."""
         record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
         if self.owner is not None:
             self.owner.check()  # before anything is removed, too
@@ -123,7 +124,12 @@ class Outputs:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
         if out["ok"] and out.get("incomplete"):
             record["incomplete"] = incomplete(out["incomplete"], out.get("frames", 0))
-        write_json(path or self.record_path(video_id), record, self.publish)
+        try:
+            write_json(path or self.record_path(video_id), record, self.publish)
+        except OSError as exc:  # a full disk: no record, so the unit is not finished; the driver says why
+            return {"video": video_id, "path": out["path"], "status": FAILED, "stage": "record",
+                    "reason": f"cannot write its record {path or self.record_path(video_id)}: "
+                              f"{exc.strerror or exc}"}
         return record
 
 
