@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -109,34 +110,41 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                         ("--render-actors", args.render_actors), ("--segment-frames", args.segment_frames)):
         if value is not None and value < (1 if flag == "--graph-actors" else 0):
             raise UsageError(f"{flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}")
+    if args.graph_gpus is not None and not 0 <= args.graph_gpus < math.inf:  # NaN too
+        raise UsageError(f"--graph-gpus must be a number >= 0, got {args.graph_gpus}")
     config = from_args(args, SHARED_OPTIONS)
     if config.smooth and args.segment_frames:
         raise UsageError("--segment-frames cannot be used with --smooth: smoothing carries each face's "
                          "state from frame to frame through the whole video")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    from camface.api import load
+    from camface.batch.cluster import check_reachable
     from camface.batch.inputs import find_videos
 
     videos = find_videos(args.inputs)
+    # Bad input fails before OUT_DIR is made: the model, the cluster's address.
+    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
+        graph, model = opened.graph, str(opened.model_path.resolve())
+        config = config.replace(method=opened.config.method, model=Path(model))  # "auto" -> a heatmap
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     outputs, lock = _check_out_dir(args.out, args.resume)
     try:
-        return _run(args, config, videos, outputs, lock, on_video)
+        return _run(args, config, graph, videos, outputs, lock, on_video)
     finally:
         lock.release()  # the run has ended: any worker still alive stops, and writes nothing
 
 
-def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> int:
+def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_video) -> int:
     from camface.batch import cluster, pipeline, segments
     from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
-    from camface.api import load
     from camface.batch.state import describe_incomplete
 
-    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
-        graph, model = opened.graph, str(opened.model_path.resolve())
-        config = config.replace(method=opened.config.method)  # "auto" -> a heatmap
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
-                            config=config.replace(model=Path(model)), record=args.record,
+                            config=config, record=args.record,
                             owner=lock.owner.to_dict())
     if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
         print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "

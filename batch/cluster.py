@@ -29,7 +29,7 @@ class ClusterError(CamfaceError):
     """Ray could not be started or joined, or the cluster cannot run the plan."""
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """ClusterError naming `address` when nothing answers on its host:port within
     CONNECT_TIMEOUT_S (ray.init itself retries for about a minute)."""
     if address == "auto" or address.startswith(("ray://", "local")):
@@ -52,7 +52,7 @@ def connect(address: str | None) -> bool:
     import ray
 
     if address is not None:
-        _check_reachable(address)  # also when Ray is up already: a wrong address is a mistake
+        check_reachable(address)  # also when Ray is up already: a wrong address is a mistake
     if ray.is_initialized():
         quiet_ray_data()
         return False
@@ -63,7 +63,7 @@ def connect(address: str | None) -> bool:
         if address is None:
             ray.init(**common)
         else:
-            _check_reachable(address)  # RAY_ADDRESS too
+            check_reachable(address)  # RAY_ADDRESS too
             common.pop("include_dashboard")  # the cluster's own choice
             ray.init(address=address, **common)
     except ClusterError:

@@ -39,6 +39,9 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "0.5", "--segment-frames", "100"],
      "--segment-frames cannot be used with --smooth"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "1.5"], "--smooth must be in [0, 1)"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "-1"], "--graph-gpus must be a number >= 0"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "nan"], "--graph-gpus must be a number >= 0"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--model", "{p}/missing.onnx"], "missing.onnx"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args, message):
     make(tmp_path)
@@ -47,7 +50,7 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args
         argv += ["-o", str(tmp_path / "result")]
     assert main(["batch", *argv]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "result" / "summary.json").exists()
+    assert not (tmp_path / "result").exists()  # nothing made: no empty OUT_DIR, lock or Ray left behind
 
 
 @pytest.mark.parametrize("resources, kwargs, expected", [
