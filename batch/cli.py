@@ -3,7 +3,8 @@
 Top-level imports stay light (no ray, cv2 or onnxruntime): `camface --help` imports this.
 Exit codes: 0 every video explained, 1 some failed (see summary.json), 2 bad input or cluster,
 3 every video explained but some only in part (a file truncated or damaged: its record says
-"incomplete", frames announced and read, and why), 130 interrupted (rerun with --resume).
+"incomplete", frames announced and read, and why), 130 interrupted by Ctrl-C, 143 by SIGTERM
+(rerun with --resume).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
                      f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
-                     "report.md says which, frames announced and read); 130 interrupted (rerun with --resume). "
+                     "report.md says which, frames announced and read); 130 interrupted (143: by SIGTERM; rerun with --resume). "
                      f"Memory: ~{STAGE_MEMORY_GB['whole']} GB per worker (--detect-actors caps them), ~0.3 GB for "
                      "this driver, ~1 GB for a local Ray's own processes")
 
@@ -206,15 +207,15 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     if result.interrupted:
         print(f"camface batch: interrupted; rerun with --resume to finish the {totals['videos'] - totals['done']} "
               "video(s) left", file=sys.stderr)
-    return exit_code(totals, result.interrupted)
+    return exit_code(totals, result.interrupted, result.terminated)
 
 
-def exit_code(totals: dict, interrupted: bool) -> int:
+def exit_code(totals: dict, interrupted: bool, terminated: bool = False) -> int:
     """The run's exit code from the summary's totals (see the module doc). A video left
     without a record by a run that was not interrupted (its record could not be written)
     failed."""
     if interrupted:
-        return 130
+        return 143 if terminated else 130
     if totals["failed"] or totals["not_finished"]:
         return 1
     return EXIT_INCOMPLETE if totals["incomplete"] else 0

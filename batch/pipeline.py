@@ -13,6 +13,7 @@ detectors decode video 3 and 4. `preserve_order` makes the rows come back in inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -26,6 +27,7 @@ from camface.batch.segments import Unit, done_before, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
+from camface.realtime.threads import Terminated, sigterm_raises
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ class RunResult:
     """What the driver saw. finished: records of the videos done or failed in this run, in order."""
 
     finished: list[dict] = field(default_factory=list)
-    interrupted: bool = False
+    interrupted: bool = False  # by Ctrl-C or SIGTERM
+    terminated: bool = False  # by SIGTERM (`ray job stop`, a scheduler's time limit, kill)
     units_run: int = 0  # units handed to the pipeline (segments done in an earlier run are not)
     frames_run: int = 0  # frames of the units run (and done) in this run
     graph_calls_run: int = 0
@@ -124,7 +127,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     in an earlier run, with its part record, is not run again) and join segmented videos;
     `on_video(record)` is called on the driver as each video finishes (tests interrupt
     there). frames: per video id the frames its file announces, for the progress bar. Ctrl-C
-    stops the pipeline: the result says interrupted."""
+    or SIGTERM stops the pipeline: the result says interrupted (and terminated: by SIGTERM)."""
     result = RunResult()
     if not units:
         return result
@@ -160,7 +163,9 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             on_video(record)
 
     rows = None
+    signals = contextlib.ExitStack()
     try:
+        signals.enter_context(sigterm_raises())  # not Ray's handler (sys.exit): the run stops as on Ctrl-C
         for video, parts in by_video.items():  # every segment done in an earlier run: join them
             if not left[video]:
                 finished(finish(outputs, parts, labels, job.record))
@@ -191,9 +196,10 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
                 bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
             if not left[video]:  # the video's last segment: join its parts
                 finished(finish(outputs, by_video[video], labels, job.record))
-    except KeyboardInterrupt:
-        result.interrupted = True
+    except (KeyboardInterrupt, Terminated) as exc:
+        result.interrupted, result.terminated = True, isinstance(exc, Terminated)
     finally:
+        signals.close()
         close = getattr(rows, "close", None) if rows is not None else None
         if close is not None:
             close()  # GeneratorExit into Ray Data's iterator: it shuts its streaming executor down

@@ -224,6 +224,29 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
 
 
+def test_sigterm_stops_the_run_as_ctrl_c_does_with_a_summary(ray_cluster, clips, tmp_path, capfd):
+    """`ray job stop`, a scheduler's time limit: SIGTERM says what finished, writes the summary
+    and exits 143 (Ray's own handler would exit 15 at once, saying nothing)."""
+    import os
+    import signal
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    argv = [paths[0], paths[1], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record",
+            "--detect-actors", "1"]
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def terminate(record):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert batch(argv, on_video=terminate) == 143
+    assert "interrupted; rerun with --resume" in capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["interrupted"] and summary["videos"][0]["status"] == "done"
+    assert signal.getsignal(signal.SIGTERM) is handler  # the driver's handler is back
+    assert batch([*argv, "--resume"]) == 0
+
+
 def test_resume_with_other_options_does_the_videos_again(ray_cluster, clips, tmp_path, capfd):
     """A video done with other options (here the heatmap method and drawing) is not kept: the
     report would describe rows, pictures and videos of another method."""
