@@ -123,7 +123,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     from camface.batch.cluster import check_reachable
     from camface.batch.inputs import find_videos
 
-    videos = find_videos(args.inputs)
+    videos = find_videos(args.inputs, args.out)
     # Bad input fails before OUT_DIR is made: the model, the cluster's address.
     with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
         graph, model = opened.graph, str(opened.model_path.resolve())

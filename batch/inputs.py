@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import CamfaceError
+
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 
@@ -45,14 +48,24 @@ def _expand(spec: str) -> list[Path]:
     raise InputError(f"input not found: {spec} (expected a video file, a folder of videos or a glob pattern)")
 
 
-def find_videos(specs: list[str]) -> list[Video]:
+def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
-    each once. Raises InputError naming the inputs when none matched."""
+    each once, but none inside `out_dir` (the run's own annotated videos and segment parts,
+    which a recursive glob over an archive holding OUT_DIR finds on a --resume). Raises
+    InputError naming the inputs when none matched."""
     seen: dict[Path, None] = {}
     for spec in specs:
         for path in _expand(spec):
             seen.setdefault(path.resolve(), None)
+    outputs = out_dir.resolve() if out_dir is not None else None
+    ours = [path for path in seen if outputs is not None and outputs in path.parents]
+    if ours:
+        log.warning("camface batch: skipping %d file(s) inside the output folder %s (its own outputs), e.g. %s",
+                    len(ours), out_dir, ours[0])
+    for path in ours:
+        del seen[path]
     if not seen:
         raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
-                         f"{', '.join(sorted(VIDEO_SUFFIXES))})")
+                         f"{', '.join(sorted(VIDEO_SUFFIXES))}"
+                         f"{f'; {len(ours)} inside the output folder {out_dir} skipped' if ours else ''})")
     return [Video(str(path), video_id(path)) for path in seen]

@@ -18,6 +18,21 @@ def test_inputs_files_folders_globs_each_once_in_order(tmp_path):
     assert len({v.id for v in videos}) == 4 and videos[0].id.startswith("c-")
 
 
+def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
+    """A recursive glob over an archive that holds OUT_DIR finds, on a --resume, the annotated
+    videos and segment parts of the run itself."""
+    out = tmp_path / "archive" / "out"
+    for name in ("archive/a.mp4", "archive/day2/b.mp4", "archive/out/videos/a-0123abcd.mp4",
+                 "archive/out/parts/b-4567abcd/00000-0-300.mp4"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    videos = find_videos([str(tmp_path / "archive" / "**" / "*.mp4")], out)
+    assert [v.path for v in videos] == [str(tmp_path / "archive" / "a.mp4"), str(tmp_path / "archive/day2/b.mp4")]
+    assert "skipping 2 file(s) inside the output folder" in caplog.text
+    with pytest.raises(InputError, match="2 inside the output folder .*out skipped"):
+        find_videos([str(out / "videos"), str(out / "parts" / "*" / "*.mp4")], out)
+
+
 def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
     assert video_id(tmp_path / "x" / "clip.mp4") != video_id(tmp_path / "y" / "clip.mp4")
