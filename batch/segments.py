@@ -100,8 +100,9 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
     cut = len({u.video for u in units if not u.whole})
     how = "--segment-frames" if segment_frames else f"automatic: {UNITS_PER_ACTOR} units per actor, " \
                                                     f">= {MIN_SEGMENT_FRAMES} frames"
+    shortest = length if segment_frames else max(length, 2 * MIN_SEGMENT_FRAMES - 1)  # longest left whole
     reason = (f"{len(units)} units: {cut} of {len(videos)} videos cut into segments of ~{length} frames ({how})"
-              if cut else f"whole videos (none longer than ~{length} frames; {how})")
+              if cut else f"whole videos (none longer than {shortest} frames; {how})")
     return units, reason
 
 

@@ -40,6 +40,11 @@ def test_automatic_split_cuts_only_when_actors_would_idle():
     # eight 300-frame clips on 2 actors: whole videos (each is shorter than a segment would be)
     units, reason = split(videos(*"abcdefgh"), [300] * 8, 2, None, smooth=False)
     assert all(u.whole for u in units) and len(units) == 8 and reason.startswith("whole videos")
+    # one 400-frame video on 2 actors: two segments would be under the minimum; the reason says so
+    units, reason = split(videos("a"), [400], 2, None, smooth=False)
+    assert units[0].whole and reason.startswith(f"whole videos (none longer than {2 * MIN_SEGMENT_FRAMES - 1} frames")
+    units, reason = split(videos("a"), [400], 2, 500, smooth=False)
+    assert units[0].whole and reason.startswith("whole videos (none longer than 500 frames; --segment-frames")
     # never below the minimum, even with many actors
     units, _ = split(videos("a"), [2 * MIN_SEGMENT_FRAMES + 10], 64, None, smooth=False)
     assert covers(units, [0]) == {"a": 2} and units[0].stop - units[0].start >= MIN_SEGMENT_FRAMES
