@@ -94,7 +94,7 @@ class Outputs:
         """Remove temporary files a killed run left behind; returns how many."""
         removed = 0
         parts = [p for p in self.parts.iterdir() if p.is_dir()] if self.parts.is_dir() else []
-        for folder in (self.videos, self.rows, self.state, *parts):
+        for folder in (self.root, self.root / "report", self.videos, self.rows, self.state, *parts):
             for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
                 path.unlink(missing_ok=True)
                 removed += 1

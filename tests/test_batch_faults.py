@@ -162,6 +162,12 @@ def test_a_full_disk_is_a_one_line_error_and_the_last_report_stays_whole(tmp_pat
     RunLock(tmp_path).acquire().release()  # the flock was dropped all the same
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".camface-run.json",
                                                                                      ".camface-run.lock"]
+    # a run killed while writing the report: the next run removes its temporary files
+    killed = [tmp_path / ".report.0123abcd.tmp.md", tmp_path / "report" / ".03-happy.0123abcd.tmp.png"]
+    for path in killed:
+        path.write_bytes(b"half")
+    assert outputs.clean_partials() == 2 and not any(path.exists() for path in killed)
+    assert (tmp_path / "report.md").read_text() == before["report.md"]
 
 
 def test_a_record_the_full_disk_refuses_leaves_the_video_not_finished_and_the_run_failed(tmp_path, monkeypatch):
