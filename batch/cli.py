@@ -154,9 +154,10 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     removed = outputs.clean_partials()
     todo = pipeline.videos_to_do(outputs, videos, job.settings())
     if args.resume:
-        changed = pipeline.changed_settings(outputs, videos, job.settings())
+        changed, files = pipeline.changed_since(outputs, videos, job.settings())
         print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
               + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
+              + (f"; {files} video file(s) changed since they were done are done again" if files else "")
               + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
     start = time.perf_counter()
     started = cluster.connect(args.address)

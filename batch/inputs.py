@@ -32,6 +32,16 @@ class Video:
     id: str
 
 
+def stamp(path: str | Path) -> dict | None:
+    """What says a file is still the one explained: {"size", "mtime_ns"} (None: unreadable).
+    A record keeps the stamp of the file it read; --resume redoes a video whose file changed."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def video_id(path: Path) -> str:
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     return f"{path.stem}-{digest}"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camface.batch.cluster import Plan
-from camface.batch.inputs import Video
+from camface.batch.inputs import Video, stamp
 from camface.batch.segments import Unit, done_before, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
@@ -210,25 +210,31 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
 
 
 def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:
-    """The videos without a 'done' record made with these `settings` (`BatchJob.settings`):
-    failed ones are tried again, and so are those done with other options (another model,
-    method, detector, drawing...), so that every video of a report is explained alike."""
+    """The videos without a 'done' record made with these `settings` (`BatchJob.settings`)
+    from the file as it is now: failed ones are tried again, and so are those done with other
+    options (another model, method, detector, drawing...), so that every video of a report is
+    explained alike, and those whose file changed since (replaced, or a cut file copied again)."""
     records = outputs.records()
-    return [v for v in videos if not done_alike(records.get(v.id), settings)]
+    return [v for v in videos if not done_alike(records.get(v.id), settings, v.path)]
 
 
-def done_alike(record: dict | None, settings: dict) -> bool:
-    return bool(record) and record.get("status") == DONE and record.get("settings") == settings
+def done_alike(record: dict | None, settings: dict, path: str) -> bool:
+    return (bool(record) and record.get("status") == DONE and record.get("settings") == settings
+            and record.get("source") == stamp(path))
 
 
-def changed_settings(outputs: Outputs, videos: list[Video], settings: dict) -> list[str]:
-    """The options (keys of `settings`) that differ in the 'done' records of `videos` made
-    with other settings, for the driver to say why they are done again."""
+def changed_since(outputs: Outputs, videos: list[Video], settings: dict) -> tuple[list[str], int]:
+    """Why 'done' records of `videos` are not kept, for the driver to say: the options (keys
+    of `settings`) that differ, and how many of the files changed since they were read."""
     records = outputs.records()
     changed: set[str] = set()
+    files = 0
     for video in videos:
         record = records.get(video.id) or {}
-        if record.get("status") == DONE and record.get("settings") != settings:
+        if record.get("status") != DONE:
+            continue
+        if record.get("settings") != settings:
             earlier = record.get("settings") or {}
             changed |= {key for key in settings if earlier.get(key) != settings[key]}
-    return sorted(changed)
+        files += record.get("source") != stamp(video.path)
+    return sorted(changed), files

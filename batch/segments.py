@@ -127,8 +127,11 @@ def done_before(outputs, unit: Unit, settings: dict) -> bool:
     record says done and names them)."""
     from camface.batch.state import DONE
 
+    from camface.batch.inputs import stamp
+
     record = {} if unit.whole else part_record(outputs, unit) or {}
-    return record.get("status") == DONE and record.get("settings") == settings
+    return (record.get("status") == DONE and record.get("settings") == settings
+            and record.get("source") == stamp(unit.path))  # and the file is the one it read
 
 
 def keep_splits(outputs, units: list[Unit], settings: dict) -> list[Unit]:
@@ -174,6 +177,8 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
     if failed is not None:
         out.update(ok=False, error=(failed or {}).get("reason", "a segment's outputs are missing"),
                    stage=(failed or {}).get("stage", "render"))
+    elif any(p.get("source") != parts[0].get("source") for p in parts):
+        out.update(ok=False, error=f"{path} changed while its segments were explained", stage="join")
     else:
         try:
             _join(outputs, units, parts, labels, record_video, out)
@@ -227,6 +232,7 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     out["finished_at"] = max(p.get("finished_at", 0.0) for p in parts)
     out["segments"] = len(units)
     out["settings"] = parts[0].get("settings")  # each part's: a part is kept only under the run's settings
+    out["source"] = parts[0].get("source")  # each part's too (`finish` checks)
     cut = next((p["incomplete"] for p in parts if p.get("incomplete")), None)
     if cut is not None:  # the segment that met the file's early end; frames read: of all segments
         out["incomplete"] = {"frames_announced": cut.get("frames_announced"), "reason": cut.get("reason")}

@@ -116,7 +116,7 @@ class Outputs:
             self.video(video_id).unlink(missing_ok=True)  # earlier run's video, of other options, goes
         for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
                     "unknown_faces", "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
-                    "started_at", "finished_at", "start", "stop", "segments", "settings",
+                    "started_at", "finished_at", "start", "stop", "segments", "settings", "source",
                     "video_file", "rows_file"):
             if key in out:
                 record[key] = out[key]

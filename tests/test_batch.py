@@ -250,13 +250,14 @@ def test_sigterm_stops_the_run_as_ctrl_c_does_with_a_summary(ray_cluster, clips,
 def test_resume_with_other_options_does_the_videos_again(ray_cluster, clips, tmp_path, capfd):
     """A video done with other options (here the heatmap method and drawing) is not kept: the
     report would describe rows, pictures and videos of another method."""
-    from camface.batch.inputs import video_id
+    from camface.batch.inputs import stamp, video_id
 
     folder, paths = clips
     out, vid = tmp_path / "out", video_id(paths[0].resolve())
     argv = [paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress"]
     assert batch([*argv, "--method", "gradcam"]) == 0
     assert (out / "videos" / f"{vid}.mp4").is_file()
+    assert json.loads((out / "state" / f"{vid}.json").read_text())["source"] == stamp(paths[0])  # the file read
     assert batch([*argv, "--method", "gradcam", "--resume"]) == 0
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []  # same options: kept
     capfd.readouterr()

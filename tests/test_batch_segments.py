@@ -181,6 +181,36 @@ def test_resume_keeps_a_split_and_parts_only_under_the_same_settings(tmp_path):
     assert not done_before(outputs, first[1], settings)
 
 
+def test_resume_redoes_what_was_read_from_a_file_that_changed_since(tmp_path):
+    """A cut file copied again whole (or any file replaced) after its video was done: --resume
+    does it again, whole or segment by segment; parts read from two versions never join."""
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.pipeline import changed_since, videos_to_do
+    from camface.batch.segments import Unit, done_before, finish, part_paths
+    from camface.batch.state import Outputs, write_json
+
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    settings = {"method": "gradcam"}
+    clip = tmp_path / "cut.mp4"
+    clip.write_bytes(b"x" * 100)
+    video = Video(str(clip), "cut-0123abcd")
+    units = [Unit(video.id, video.path, 0, 2, 0, 50), Unit(video.id, video.path, 1, 2, 50, None)]
+    read = {"status": "done", "settings": settings, "source": stamp(clip)}
+    write_json(outputs.record_path(video.id), read)
+    part_paths(outputs, units[1])["record"].parent.mkdir(parents=True)
+    write_json(part_paths(outputs, units[1])["record"], read)
+    assert videos_to_do(outputs, [video], settings) == [] and done_before(outputs, units[1], settings)
+    assert changed_since(outputs, [video], settings) == ([], 0)
+    clip.write_bytes(b"x" * 200)  # copied again, whole
+    assert videos_to_do(outputs, [video], settings) == [video] and not done_before(outputs, units[1], settings)
+    assert changed_since(outputs, [video], settings) == ([], 1)
+    assert changed_since(outputs, [video], {"method": "layercam"}) == (["method"], 1)
+    write_json(part_paths(outputs, units[0])["record"], {**read, "source": stamp(clip)})  # the new version
+    record = finish(outputs, units, ("x",), False)
+    assert record["status"] == "failed" and record["reason"] == f"{clip} changed while its segments were explained"
+
+
 def test_settings_name_what_changes_the_boxes():
     """A part made with the other detector runtime, or another detection period, is not kept
     by a resume; `auto` is stored as the period it stands for (4 for videos), so it matches 4."""
