@@ -23,7 +23,7 @@ from pathlib import Path
 
 from camface.batch.cluster import Plan
 from camface.batch.inputs import Video, stamp
-from camface.batch.segments import Unit, done_before, finish, part_record
+from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
@@ -187,6 +187,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             left[video] -= 1
             unit = Unit.from_row(json.loads(row["unit"]))
             if unit.whole:
+                drop_parts(outputs, video)  # a killed run's, cut under other options
                 finished(record)
                 continue
             if record["status"] != DONE:  # said now; the video fails when its last segment is back

@@ -185,12 +185,17 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
         except Exception as exc:  # noqa: BLE001 (recorded: one bad video never stops the rest)
             out.update(ok=False, error=f"joining {len(units)} segments: {type(exc).__name__}: {exc}", stage="join")
     record = outputs.write_record(video, out, labels)
+    drop_parts(outputs, video)
+    return record
+
+
+def drop_parts(outputs, video: str) -> None:
+    """Remove a video's parts (joined, or of a killed run when the video was done whole)."""
     shutil.rmtree(outputs.parts / video, ignore_errors=True)
     try:
         outputs.parts.rmdir()  # the last video joined: no empty folder left behind
     except OSError:
         pass  # other videos' parts are still there
-    return record
 
 
 def _join(outputs, units, parts, labels, record_video, out) -> None:

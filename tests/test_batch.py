@@ -307,6 +307,28 @@ def test_segments_killed_before_joining_then_resume_runs_only_what_is_missing(ra
     assert count_frames(tmp_path / "out" / "videos" / f"{vid}.mp4") == 120
 
 
+def test_parts_of_a_killed_run_go_when_the_resume_does_the_video_whole(ray_cluster, clips, tmp_path):
+    """Under other options a resume does a video in one piece: the killed run's parts (and its
+    saved split) are garbage then, not kept forever in OUT_DIR/parts/."""
+    from camface.batch import pipeline
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    argv = [paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record"]
+
+    def killed(*args, **kwargs):  # the driver dies when the last segment is back, before joining
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "finish", killed)
+        assert batch([*argv, "--segment-frames", "4"]) == 130
+    assert len(list((out / "parts").glob("*/0*.json"))) == 3
+    assert batch([*argv, "--segment-frames", "0", "--method", "none", "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["videos"][0]["status"] == "done" and "segments" not in summary["videos"][0]
+    assert not (out / "parts").exists()
+
+
 def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips, tmp_path):
     folder, paths = clips
     out = tmp_path / "out"
