@@ -1,4 +1,5 @@
-"""INPUT... -> the videos to explain: files, folders of videos (not recursive) and glob patterns.
+"""INPUT... -> the videos to explain: files, folders of videos (not recursive; hidden files, as a
+glob's *, skipped) and glob patterns.
 
 Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>`, which names
 its outputs: two `clip.mp4` in different folders get different ids, and a rerun (`--resume`)
@@ -50,7 +51,10 @@ def video_id(path: Path) -> str:
 def _expand(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        # hidden files are skipped, as a glob's * skips them: macOS leaves a "._clip.mp4" of
+        # metadata beside each video on shared drives, which would fail as a corrupt video
+        return sorted(p for p in path.iterdir()
+                      if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
     if path.is_file():
         return [path]
     if glob.has_magic(spec):

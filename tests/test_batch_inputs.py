@@ -11,7 +11,7 @@ from camface.cli import main
 
 def test_inputs_files_folders_globs_each_once_in_order(tmp_path):
     (tmp_path / "a").mkdir()
-    for name in ("a/2.mp4", "a/10.avi", "a/notes.txt", "b.mkv", "c.mov"):
+    for name in ("a/2.mp4", "a/10.avi", "a/notes.txt", "a/._2.mp4", "b.mkv", "c.mov"):  # ._2.mp4: macOS metadata
         (tmp_path / name).write_bytes(b"x")
     videos = find_videos([str(tmp_path / "c.mov"), str(tmp_path / "a"), str(tmp_path / "*.m*"), str(tmp_path / "c.mov")])
     assert [v.path.rsplit("/", 1)[1] for v in videos] == ["c.mov", "10.avi", "2.mp4", "b.mkv"]
