@@ -113,6 +113,9 @@ def main(args: argparse.Namespace, on_video=None) -> int:
             raise UsageError(f"{flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}")
     if args.graph_gpus is not None and not 0 <= args.graph_gpus < math.inf:  # NaN too
         raise UsageError(f"--graph-gpus must be a number >= 0, got {args.graph_gpus}")
+    if args.graph_gpus and args.split_stages is False:
+        raise UsageError(f"--graph-gpus {args.graph_gpus:g} puts the graph in its own actors on GPUs, which "
+                         "--no-split-stages rules out; drop one of them")
     config = from_args(args, SHARED_OPTIONS)
     if config.smooth and args.segment_frames:
         raise UsageError("--segment-frames cannot be used with --smooth: smoothing carries each face's "

@@ -57,6 +57,8 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "-1"], "--graph-gpus must be a number >= 0"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "nan"], "--graph-gpus must be a number >= 0"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--model", "{p}/missing.onnx"], "missing.onnx"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "1", "--no-split-stages"],
+     "--graph-gpus 1 puts the graph in its own actors on GPUs, which --no-split-stages rules out"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args, message):
     make(tmp_path)
@@ -90,6 +92,12 @@ def test_plan_asks_only_for_what_the_cluster_has(resources, kwargs, expected):
     assert total <= resources["CPU"] + 1e-9
     assert p.graph_gpus * p.graph_actors <= resources.get("GPU", 0)
     assert isinstance(p, Plan) and f"{resources['CPU']:g} CPU" in p.describe()
+
+
+def test_plan_says_where_the_graph_runs():
+    assert "no GPU in the cluster: the graph runs on CPU; no GPU to hand the graph to" in plan({"CPU": 2}).describe()
+    text = plan({"CPU": 4, "GPU": 1}, split=False).describe()  # --no-split-stages on a GPU cluster
+    assert "graph on CPU" in text and "the cluster's GPUs are not used" in text and "runs on it" not in text
 
 
 @pytest.mark.parametrize("resources, kwargs, message", [
