@@ -64,22 +64,30 @@ def _expand(spec: str) -> list[Path]:
 
 def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
-    each once, but none inside `out_dir` (the run's own annotated videos and segment parts,
-    which a recursive glob over an archive holding OUT_DIR finds on a --resume). Raises
-    InputError naming the inputs when none matched."""
+    each once, but none of the outputs in `out_dir` of another of them (its annotated video
+    OUT_DIR/videos/<id>.mp4 or its segments' parts OUT_DIR/parts/<id>/, which a recursive glob
+    over an archive holding OUT_DIR finds on a --resume). Raises InputError naming the inputs
+    when none matched."""
     seen: dict[Path, None] = {}
     for spec in specs:
         for path in _expand(spec):
             seen.setdefault(path.resolve(), None)
-    outputs = out_dir.resolve() if out_dir is not None else None
-    ours = [path for path in seen if outputs is not None and outputs in path.parents]
+    ours = _outputs_among(list(seen), out_dir) if out_dir is not None else []
     if ours:
-        log.warning("camface batch: skipping %d file(s) inside the output folder %s (its own outputs), e.g. %s",
+        log.warning("camface batch: skipping %d file(s) that this run writes in %s, e.g. %s",
                     len(ours), out_dir, ours[0])
     for path in ours:
         del seen[path]
     if not seen:
         raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
-                         f"{', '.join(sorted(VIDEO_SUFFIXES))}"
-                         f"{f'; {len(ours)} inside the output folder {out_dir} skipped' if ours else ''})")
+                         f"{', '.join(sorted(VIDEO_SUFFIXES))})")
     return [Video(str(path), video_id(path)) for path in seen]
+
+
+def _outputs_among(paths: list[Path], out_dir: Path) -> list[Path]:
+    """The `paths` (resolved) that are outputs in `out_dir` of others among them."""
+    root = out_dir.resolve()
+    ids = {video_id(path) for path in paths}
+    videos = {root / "videos" / f"{id_}.mp4" for id_ in ids}
+    parts = {root / "parts" / id_ for id_ in ids}
+    return [path for path in paths if path in videos or path.parent in parts]

@@ -20,17 +20,24 @@ def test_inputs_files_folders_globs_each_once_in_order(tmp_path):
 
 def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
     """A recursive glob over an archive that holds OUT_DIR finds, on a --resume, the annotated
-    videos and segment parts of the run itself."""
-    out = tmp_path / "archive" / "out"
-    for name in ("archive/a.mp4", "archive/day2/b.mp4", "archive/out/videos/a-0123abcd.mp4",
-                 "archive/out/parts/b-4567abcd/00000-0-300.mp4"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"x")
-    videos = find_videos([str(tmp_path / "archive" / "**" / "*.mp4")], out)
-    assert [v.path for v in videos] == [str(tmp_path / "archive" / "a.mp4"), str(tmp_path / "archive/day2/b.mp4")]
-    assert "skipping 2 file(s) inside the output folder" in caplog.text
-    with pytest.raises(InputError, match="2 inside the output folder .*out skipped"):
-        find_videos([str(out / "videos"), str(out / "parts" / "*" / "*.mp4")], out)
+    videos and segment parts of the run itself; the user's videos under OUT_DIR stay inputs."""
+    archive = tmp_path / "archive"
+    out = archive / "out"
+    a, b = video_id(archive / "a.mp4"), video_id(archive / "day2" / "b.mp4")
+    for path in (archive / "a.mp4", archive / "day2" / "b.mp4", out / "videos" / f"{a}.mp4",
+                 out / "parts" / b / "00000-0-300.mp4", out / "videos" / "mine.mp4"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    videos = find_videos([str(archive / "**" / "*.mp4")], out)
+    assert [v.path for v in videos] == [str(archive / "a.mp4"), str(archive / "day2" / "b.mp4"),
+                                        str(out / "videos" / "mine.mp4")]
+    assert "skipping 2 file(s) that this run writes in" in caplog.text
+    # OUT_DIR above the archive (`camface batch recordings/ -o .`): the inputs are inputs
+    assert [v.path for v in find_videos([str(archive / "a.mp4"), str(archive / "day2")], tmp_path)] == [
+        str(archive / "a.mp4"), str(archive / "day2" / "b.mp4")]
+    # named beside their video, they are skipped too
+    assert [v.path for v in find_videos([str(out / "videos" / f"{a}.mp4"), str(archive / "a.mp4")], out)] == [
+        str(archive / "a.mp4")]
 
 
 def test_same_name_in_two_folders_gets_two_ids(tmp_path):
