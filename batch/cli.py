@@ -3,13 +3,15 @@
 Top-level imports stay light (no ray, cv2 or onnxruntime): `camface --help` imports this.
 Exit codes: 0 every video explained, 1 some failed (see summary.json), 2 bad input or cluster,
 3 every video explained but some only in part (a file truncated or damaged: its record says
-"incomplete", frames announced and read, and why), 130 interrupted (rerun with --resume).
+"incomplete", frames announced and read, and why), 130 interrupted by Ctrl-C, 143 by SIGTERM
+(rerun with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -32,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
                      f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
-                     "report.md says which, frames announced and read); 130 interrupted (rerun with --resume). "
+                     "report.md says which, frames announced and read); 130 interrupted (143: by SIGTERM; rerun with --resume). "
                      f"Memory: ~{STAGE_MEMORY_GB['whole']} GB per worker (--detect-actors caps them), ~0.3 GB for "
                      "this driver, ~1 GB for a local Ray's own processes")
 
@@ -109,43 +111,56 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                         ("--render-actors", args.render_actors), ("--segment-frames", args.segment_frames)):
         if value is not None and value < (1 if flag == "--graph-actors" else 0):
             raise UsageError(f"{flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}")
+    if args.graph_gpus is not None and not 0 <= args.graph_gpus < math.inf:  # NaN too
+        raise UsageError(f"--graph-gpus must be a number >= 0, got {args.graph_gpus}")
+    if args.graph_gpus and args.split_stages is False:
+        raise UsageError(f"--graph-gpus {args.graph_gpus:g} puts the graph in its own actors on GPUs, which "
+                         "--no-split-stages rules out; drop one of them")
     config = from_args(args, SHARED_OPTIONS)
     if config.smooth and args.segment_frames:
         raise UsageError("--segment-frames cannot be used with --smooth: smoothing carries each face's "
                          "state from frame to frame through the whole video")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    from camface.api import load
+    from camface.batch.cluster import check_reachable
     from camface.batch.inputs import find_videos
 
-    videos = find_videos(args.inputs)
+    videos = find_videos(args.inputs, args.out)
+    # Bad input fails before OUT_DIR is made: the model, the cluster's address.
+    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
+        graph, model = opened.graph, str(opened.model_path.resolve())
+        config = config.replace(method=opened.config.method, model=Path(model))  # "auto" -> a heatmap
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
     outputs, lock = _check_out_dir(args.out, args.resume)
     try:
-        return _run(args, config, videos, outputs, lock, on_video)
+        return _run(args, config, graph, videos, outputs, lock, on_video)
     finally:
         lock.release()  # the run has ended: any worker still alive stops, and writes nothing
 
 
-def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> int:
+def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_video) -> int:
     from camface.batch import cluster, pipeline, segments
     from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
-    from camface.api import load
     from camface.batch.state import describe_incomplete
 
-    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
-        graph, model = opened.graph, str(opened.model_path.resolve())
-        config = config.replace(method=opened.config.method)  # "auto" -> a heatmap
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
-                            config=config.replace(model=Path(model)), record=args.record,
+                            config=config, record=args.record,
                             owner=lock.owner.to_dict())
     if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
         print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
               f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
         time.sleep(ORPHAN_GRACE_S)
     removed = outputs.clean_partials()
-    todo = pipeline.videos_to_do(outputs, videos)
+    todo = pipeline.videos_to_do(outputs, videos, job.settings())
     if args.resume:
+        changed, files = pipeline.changed_since(outputs, videos, job.settings())
         print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
+              + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
+              + (f"; {files} video file(s) changed since they were done are done again" if files else "")
               + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
     start = time.perf_counter()
     started = cluster.connect(args.address)
@@ -196,7 +211,15 @@ def _run(args: argparse.Namespace, config, videos, outputs, lock, on_video) -> i
     if result.interrupted:
         print(f"camface batch: interrupted; rerun with --resume to finish the {totals['videos'] - totals['done']} "
               "video(s) left", file=sys.stderr)
-        return 130
-    if totals["failed"]:
+    return exit_code(totals, result.interrupted, result.terminated)
+
+
+def exit_code(totals: dict, interrupted: bool, terminated: bool = False) -> int:
+    """The run's exit code from the summary's totals (see the module doc). A video left
+    without a record by a run that was not interrupted (its record could not be written)
+    failed."""
+    if interrupted:
+        return 143 if terminated else 130
+    if totals["failed"] or totals["not_finished"]:
         return 1
     return EXIT_INCOMPLETE if totals["incomplete"] else 0

@@ -29,7 +29,7 @@ class ClusterError(CamfaceError):
     """Ray could not be started or joined, or the cluster cannot run the plan."""
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """ClusterError naming `address` when nothing answers on its host:port within
     CONNECT_TIMEOUT_S (ray.init itself retries for about a minute)."""
     if address == "auto" or address.startswith(("ray://", "local")):
@@ -52,7 +52,7 @@ def connect(address: str | None) -> bool:
     import ray
 
     if address is not None:
-        _check_reachable(address)  # also when Ray is up already: a wrong address is a mistake
+        check_reachable(address)  # also when Ray is up already: a wrong address is a mistake
     if ray.is_initialized():
         quiet_ray_data()
         return False
@@ -63,7 +63,7 @@ def connect(address: str | None) -> bool:
         if address is None:
             ray.init(**common)
         else:
-            _check_reachable(address)  # RAY_ADDRESS too
+            check_reachable(address)  # RAY_ADDRESS too
             common.pop("include_dashboard")  # the cluster's own choice
             ray.init(address=address, **common)
     except ClusterError:
@@ -110,7 +110,7 @@ class Plan:
         if self.fused:
             return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; {self.detect_actors} "
                     f"actor(s) each running detection, the graph on CPU and rendering on a video or segment "
-                    f"({self.reason}; no GPU to hand the graph to, so the stages share one process per unit)")
+                    f"({self.reason})")
         graph = (f"{self.graph_actors} graph actor(s) with {self.graph_gpus:g} GPU each" if self.graph_gpus
                  else f"{self.graph_actors} graph actor(s) on CPU")
         return (f"Ray cluster: {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; "
@@ -147,6 +147,9 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
         raise ClusterError(f"--graph-gpus {graph_gpus:g} x {graph_actors} graph actor(s) asks for more GPUs than "
                            f"the cluster has ({gpus:g}); an actor asking for a missing GPU would wait forever")
     if not (graph_gpus > 0 if split is None else split):
+        reason = ("--no-split-stages: the graph runs on CPU in each actor; the cluster's GPUs are not used"
+                  if graph_gpus > 0 else f"{reason}; no GPU to hand the graph to, so the stages share one process "
+                                         "per unit")
         actors = detect_actors or max(1, math.floor(cpus))
         actors = min(actors, max(1, videos)) if videos is not None and not detect_actors else actors
         return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,

@@ -1,4 +1,5 @@
-"""INPUT... -> the videos to explain: files, folders of videos (not recursive) and glob patterns.
+"""INPUT... -> the videos to explain: files, folders of videos (not recursive; hidden files, as a
+glob's *, skipped) and glob patterns.
 
 Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>`, which names
 its outputs: two `clip.mp4` in different folders get different ids, and a rerun (`--resume`)
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import CamfaceError
+
+log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 
@@ -29,6 +33,16 @@ class Video:
     id: str
 
 
+def stamp(path: str | Path) -> dict | None:
+    """What says a file is still the one explained: {"size", "mtime_ns"} (None: unreadable).
+    A record keeps the stamp of the file it read; --resume redoes a video whose file changed."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def video_id(path: Path) -> str:
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     return f"{path.stem}-{digest}"
@@ -37,7 +51,10 @@ def video_id(path: Path) -> str:
 def _expand(spec: str) -> list[Path]:
     path = Path(spec)
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        # hidden files are skipped, as a glob's * skips them: macOS leaves a "._clip.mp4" of
+        # metadata beside each video on shared drives, which would fail as a corrupt video
+        return sorted(p for p in path.iterdir()
+                      if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
     if path.is_file():
         return [path]
     if glob.has_magic(spec):
@@ -45,14 +62,32 @@ def _expand(spec: str) -> list[Path]:
     raise InputError(f"input not found: {spec} (expected a video file, a folder of videos or a glob pattern)")
 
 
-def find_videos(specs: list[str]) -> list[Video]:
+def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
-    each once. Raises InputError naming the inputs when none matched."""
+    each once, but none of the outputs in `out_dir` of another of them (its annotated video
+    OUT_DIR/videos/<id>.mp4 or its segments' parts OUT_DIR/parts/<id>/, which a recursive glob
+    over an archive holding OUT_DIR finds on a --resume). Raises InputError naming the inputs
+    when none matched."""
     seen: dict[Path, None] = {}
     for spec in specs:
         for path in _expand(spec):
             seen.setdefault(path.resolve(), None)
+    ours = _outputs_among(list(seen), out_dir) if out_dir is not None else []
+    if ours:
+        log.warning("camface batch: skipping %d file(s) that this run writes in %s, e.g. %s",
+                    len(ours), out_dir, ours[0])
+    for path in ours:
+        del seen[path]
     if not seen:
         raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
                          f"{', '.join(sorted(VIDEO_SUFFIXES))})")
     return [Video(str(path), video_id(path)) for path in seen]
+
+
+def _outputs_among(paths: list[Path], out_dir: Path) -> list[Path]:
+    """The `paths` (resolved) that are outputs in `out_dir` of others among them."""
+    root = out_dir.resolve()
+    ids = {video_id(path) for path in paths}
+    videos = {root / "videos" / f"{id_}.mp4" for id_ in ids}
+    parts = {root / "parts" / id_ for id_ in ids}
+    return [path for path in paths if path in videos or path.parent in parts]

@@ -139,24 +139,42 @@ class RunLock:
             earlier = None
         self.earlier = earlier if earlier and earlier.get("token") else None
         self.owner = Owner(str(info), uuid.uuid4().hex, os.getpid(), socket.gethostname())
-        self._write({**self.owner.to_dict(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            self._write({**self.owner.to_dict(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        except OutputError:
+            self._close()
+            raise
         return self
 
     def release(self) -> None:
-        """Say the run has ended (its workers stop) and drop the flock."""
+        """Say the run has ended (its workers stop) and drop the flock. A failure to say it (a
+        full disk) is logged, not raised: it must not hide the error that ended the run, and
+        the workers on this host stop anyway once the driver is gone."""
         if self._fd is None:
             return
         try:
             self._write({"token": None, "ended": time.strftime("%Y-%m-%d %H:%M:%S")})
+        except OutputError as exc:
+            log.warning("camface batch: %s", exc)
         finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
             os.close(self._fd)  # drops the flock
             self._fd = None
 
     def _write(self, value: dict) -> None:
+        """Replace the owner file (OutputError naming it when it cannot be written: a full disk)."""
         path = self.out_dir / OWNER_NAME
         tmp = path.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)  # workers never read half a file
+        try:
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, path)  # workers never read half a file
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _describe(info: Path) -> str:

@@ -13,6 +13,7 @@ detectors decode video 3 and 4. `preserve_order` makes the rows come back in inp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camface.batch.cluster import Plan
-from camface.batch.inputs import Video
-from camface.batch.segments import Unit, done_before, finish, part_record
+from camface.batch.inputs import Video, stamp
+from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
+from camface.realtime.threads import Terminated, sigterm_raises
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ class RunResult:
     """What the driver saw. finished: records of the videos done or failed in this run, in order."""
 
     finished: list[dict] = field(default_factory=list)
-    interrupted: bool = False
+    interrupted: bool = False  # by Ctrl-C or SIGTERM
+    terminated: bool = False  # by SIGTERM (`ray job stop`, a scheduler's time limit, kill)
     units_run: int = 0  # units handed to the pipeline (segments done in an earlier run are not)
     frames_run: int = 0  # frames of the units run (and done) in this run
     graph_calls_run: int = 0
@@ -124,7 +127,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     in an earlier run, with its part record, is not run again) and join segmented videos;
     `on_video(record)` is called on the driver as each video finishes (tests interrupt
     there). frames: per video id the frames its file announces, for the progress bar. Ctrl-C
-    stops the pipeline: the result says interrupted."""
+    or SIGTERM stops the pipeline: the result says interrupted (and terminated: by SIGTERM)."""
     result = RunResult()
     if not units:
         return result
@@ -160,7 +163,9 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             on_video(record)
 
     rows = None
+    signals = contextlib.ExitStack()
     try:
+        signals.enter_context(sigterm_raises())  # not Ray's handler (sys.exit): the run stops as on Ctrl-C
         for video, parts in by_video.items():  # every segment done in an earlier run: join them
             if not left[video]:
                 finished(finish(outputs, parts, labels, job.record))
@@ -182,6 +187,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             left[video] -= 1
             unit = Unit.from_row(json.loads(row["unit"]))
             if unit.whole:
+                drop_parts(outputs, video)  # a killed run's, cut under other options
                 finished(record)
                 continue
             if record["status"] != DONE:  # said now; the video fails when its last segment is back
@@ -191,9 +197,10 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
                 bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
             if not left[video]:  # the video's last segment: join its parts
                 finished(finish(outputs, by_video[video], labels, job.record))
-    except KeyboardInterrupt:
-        result.interrupted = True
+    except (KeyboardInterrupt, Terminated) as exc:
+        result.interrupted, result.terminated = True, isinstance(exc, Terminated)
     finally:
+        signals.close()
         close = getattr(rows, "close", None) if rows is not None else None
         if close is not None:
             close()  # GeneratorExit into Ray Data's iterator: it shuts its streaming executor down
@@ -203,7 +210,32 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     return result
 
 
-def videos_to_do(outputs: Outputs, videos: list[Video]) -> list[Video]:
-    """The videos without a 'done' record (failed ones are tried again)."""
+def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:
+    """The videos without a 'done' record made with these `settings` (`BatchJob.settings`)
+    from the file as it is now: failed ones are tried again, and so are those done with other
+    options (another model, method, detector, drawing...), so that every video of a report is
+    explained alike, and those whose file changed since (replaced, or a cut file copied again)."""
     records = outputs.records()
-    return [v for v in videos if records.get(v.id, {}).get("status") != DONE]
+    return [v for v in videos if not done_alike(records.get(v.id), settings, v.path)]
+
+
+def done_alike(record: dict | None, settings: dict, path: str) -> bool:
+    return (bool(record) and record.get("status") == DONE and record.get("settings") == settings
+            and record.get("source") == stamp(path))
+
+
+def changed_since(outputs: Outputs, videos: list[Video], settings: dict) -> tuple[list[str], int]:
+    """Why 'done' records of `videos` are not kept, for the driver to say: the options (keys
+    of `settings`) that differ, and how many of the files changed since they were read."""
+    records = outputs.records()
+    changed: set[str] = set()
+    files = 0
+    for video in videos:
+        record = records.get(video.id) or {}
+        if record.get("status") != DONE:
+            continue
+        if record.get("settings") != settings:
+            earlier = record.get("settings") or {}
+            changed |= {key for key in settings if earlier.get(key) != settings[key]}
+        files += record.get("source") != stamp(video.path)
+    return sorted(changed), files

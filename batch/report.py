@@ -8,14 +8,17 @@ crop of those faces: "for 'happy' it looks at the mouth", across the whole archi
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from camface.batch.state import DONE, Outputs, describe_incomplete, write_json
+from camface.batch.state import DONE, Outputs, atomic_path, describe_incomplete
 from camface.color_order import ColorOrder
+from camface.errors import OutputError
 
 PICTURE_SIDE = 256  # pixels of each class picture
 
@@ -53,7 +56,16 @@ def _slug(label: str) -> str:
 def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order: str, method: str,
                  colormap: str, alpha: float, run: dict) -> dict:
     """Write summary.json, report.md and report/<class>.png for `videos` (inputs, in order);
-    `run` (plan, timings, interrupted...) goes into the summary as is. Returns the summary."""
+    `run` (plan, timings, interrupted...) goes into the summary as is. Returns the summary.
+    OutputError naming the file that cannot be written (a full disk); each file is replaced
+    whole or not at all."""
+    try:
+        return _write_report(outputs, videos, labels, color_order, method, colormap, alpha, run)
+    except OSError as exc:
+        raise OutputError(f"cannot write {exc.filename or outputs.root}: {exc.strerror or exc}") from exc
+
+
+def _write_report(outputs: Outputs, videos, labels, color_order, method, colormap, alpha, run) -> dict:
     import cv2
 
     records = outputs.records()
@@ -72,7 +84,8 @@ def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order:
         if count[k] and heat is not None:
             mean_heat = heat[k] / count[k]
             picture = folder / f"{k:02d}-{_slug(label)}.png"
-            cv2.imwrite(str(picture), _picture(mean_heat, crop[k] / count[k], color_order, method, colormap, alpha))
+            _publish(picture, lambda tmp: cv2.imwrite(str(tmp), _picture(mean_heat, crop[k] / count[k], color_order,
+                                                                          method, colormap, alpha)))
             entry.update(mean_heatmap=np.round(mean_heat, 5).tolist(), picture=str(picture.relative_to(outputs.root)))
         classes[label] = entry
     failed = [r for r in rows if r["status"] not in (DONE,)]
@@ -85,9 +98,24 @@ def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order:
                    "faces": total_faces},
         "method": method, "labels": list(labels), "classes": classes, "run": run,
     }
-    write_json(outputs.root / "summary.json", summary)
+    _publish(outputs.root / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     _write_markdown(outputs.root / "report.md", summary, failed)
     return summary
+
+
+def _publish(final: Path, write) -> None:
+    """`write(tmp)` a temporary file beside `final`, then rename it into place: an earlier
+    `final` stays whole when the write fails (OSError naming `final`: a full disk)."""
+    tmp = atomic_path(final)
+    try:
+        if write(tmp) is False:  # cv2.imwrite says False, and raises nothing
+            raise OSError(errno.EIO, "the image could not be written (is the disk full?)", str(final))
+        os.replace(tmp, final)
+    except OSError as exc:
+        exc.filename = str(final)  # not the temporary name
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_markdown(path: Path, summary: dict, failed: list) -> None:
@@ -125,7 +153,7 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
             [f"- {r['path']}: {describe_incomplete(r)}" for r in cut] + [""]
     if failed:
         lines += ["## Not explained", ""] + [f"- {r['path']}: {r.get('reason', r['status'])}" for r in failed]
-    path.write_text("\n".join(lines) + "\n")
+    _publish(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 def load_summary(out_dir: str | Path) -> dict:

@@ -100,8 +100,9 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
     cut = len({u.video for u in units if not u.whole})
     how = "--segment-frames" if segment_frames else f"automatic: {UNITS_PER_ACTOR} units per actor, " \
                                                     f">= {MIN_SEGMENT_FRAMES} frames"
+    shortest = length if segment_frames else max(length, 2 * MIN_SEGMENT_FRAMES - 1)  # longest left whole
     reason = (f"{len(units)} units: {cut} of {len(videos)} videos cut into segments of ~{length} frames ({how})"
-              if cut else f"whole videos (none longer than ~{length} frames; {how})")
+              if cut else f"whole videos (none longer than {shortest} frames; {how})")
     return units, reason
 
 
@@ -126,8 +127,11 @@ def done_before(outputs, unit: Unit, settings: dict) -> bool:
     record says done and names them)."""
     from camface.batch.state import DONE
 
+    from camface.batch.inputs import stamp
+
     record = {} if unit.whole else part_record(outputs, unit) or {}
-    return record.get("status") == DONE and record.get("settings") == settings
+    return (record.get("status") == DONE and record.get("settings") == settings
+            and record.get("source") == stamp(unit.path))  # and the file is the one it read
 
 
 def keep_splits(outputs, units: list[Unit], settings: dict) -> list[Unit]:
@@ -173,18 +177,25 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
     if failed is not None:
         out.update(ok=False, error=(failed or {}).get("reason", "a segment's outputs are missing"),
                    stage=(failed or {}).get("stage", "render"))
+    elif any(p.get("source") != parts[0].get("source") for p in parts):
+        out.update(ok=False, error=f"{path} changed while its segments were explained", stage="join")
     else:
         try:
             _join(outputs, units, parts, labels, record_video, out)
         except Exception as exc:  # noqa: BLE001 (recorded: one bad video never stops the rest)
             out.update(ok=False, error=f"joining {len(units)} segments: {type(exc).__name__}: {exc}", stage="join")
     record = outputs.write_record(video, out, labels)
+    drop_parts(outputs, video)
+    return record
+
+
+def drop_parts(outputs, video: str) -> None:
+    """Remove a video's parts (joined, or of a killed run when the video was done whole)."""
     shutil.rmtree(outputs.parts / video, ignore_errors=True)
     try:
         outputs.parts.rmdir()  # the last video joined: no empty folder left behind
     except OSError:
         pass  # other videos' parts are still there
-    return record
 
 
 def _join(outputs, units, parts, labels, record_video, out) -> None:
@@ -225,6 +236,8 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     out["started_at"] = min(p.get("started_at", float("inf")) for p in parts)
     out["finished_at"] = max(p.get("finished_at", 0.0) for p in parts)
     out["segments"] = len(units)
+    out["settings"] = parts[0].get("settings")  # each part's: a part is kept only under the run's settings
+    out["source"] = parts[0].get("source")  # each part's too (`finish` checks)
     cut = next((p["incomplete"] for p in parts if p.get("incomplete")), None)
     if cut is not None:  # the segment that met the file's early end; frames read: of all segments
         out["incomplete"] = {"frames_announced": cut.get("frames_announced"), "reason": cut.get("reason")}

@@ -90,6 +90,7 @@ class Detect:
         self.detect_every = config.detect_every
 
     def __call__(self, row: dict) -> dict:
+        from camface.batch.inputs import stamp
         from camface.batch.segments import Unit
         from camface.realtime.carry import BoxCarrier, every_for, keyframe
         from camface.realtime.explainer import crop_for_graph
@@ -100,6 +101,7 @@ class Detect:
         out = {"path": unit.path, "unit": unit, "start": unit.start, "stop": unit.stop, "ok": True,
                "detect_node": _node(), "started_at": time.time()}
         try:
+            out["source"] = stamp(unit.path)  # before reading: a file changed later is redone by --resume
             faces, dropped, crops = [], [], []
             carrier = BoxCarrier(self.detector, every_for(self.detect_every))
             first = keyframe(unit.start, carrier.every)
@@ -203,9 +205,9 @@ class Render:
         out["render_node"] = _node()
         start = time.perf_counter()
         paths = None if unit.whole else part_paths(self.outputs, unit)
+        out["settings"] = self.settings  # a resume keeps the video or part only under the same options
         if paths is not None:
             paths["record"].parent.mkdir(parents=True, exist_ok=True)
-            out["settings"] = self.settings  # a resume keeps the part only under the same options
         if out["ok"]:
             try:
                 write_video_outputs(self.outputs, row["video"], out, self.renderer if self.record else None,

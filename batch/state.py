@@ -94,7 +94,7 @@ class Outputs:
         """Remove temporary files a killed run left behind; returns how many."""
         removed = 0
         parts = [p for p in self.parts.iterdir() if p.is_dir()] if self.parts.is_dir() else []
-        for folder in (self.videos, self.rows, self.state, *parts):
+        for folder in (self.root, self.root / "report", self.videos, self.rows, self.state, *parts):
             for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -102,7 +102,8 @@ class Outputs:
 
     def write_record(self, video_id: str, out: dict, labels: tuple[str, ...], path: Path | None = None) -> dict:
         """The video's record (done or failed) from a Render payload, written last; or, with
-        `path`, a segment's part record."""
+        `path`, a segment's part record. Returns it; when it cannot be written (OSError: a full
+        disk) returns a failed record saying so, written nowhere."""
         record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
         if self.owner is not None:
             self.owner.check()  # before anything is removed, too
@@ -111,9 +112,11 @@ class Outputs:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
             for stale in (self.video(video_id), self.parquet(video_id), self.sums_path(video_id)):
                 stale.unlink(missing_ok=True)  # a failed redo leaves no older outputs behind
+        elif path is None and "video_file" not in out:  # done without drawing (--no-record): an
+            self.video(video_id).unlink(missing_ok=True)  # earlier run's video, of other options, goes
         for key in ("frames", "faces_total", "dropped_total", "fps", "graph_calls", "provider", "class_counts",
                     "unknown_faces", "detect_node", "graph_node", "render_node", "detect_s", "graph_s", "render_s",
-                    "started_at", "finished_at", "start", "stop", "segments", "settings",
+                    "started_at", "finished_at", "start", "stop", "segments", "settings", "source",
                     "video_file", "rows_file"):
             if key in out:
                 record[key] = out[key]
@@ -121,7 +124,12 @@ class Outputs:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
         if out["ok"] and out.get("incomplete"):
             record["incomplete"] = incomplete(out["incomplete"], out.get("frames", 0))
-        write_json(path or self.record_path(video_id), record, self.publish)
+        try:
+            write_json(path or self.record_path(video_id), record, self.publish)
+        except OSError as exc:  # a full disk: no record, so the unit is not finished; the driver says why
+            return {"video": video_id, "path": out["path"], "status": FAILED, "stage": "record",
+                    "reason": f"cannot write its record {path or self.record_path(video_id)}: "
+                              f"{exc.strerror or exc}"}
         return record
 
 
@@ -185,11 +193,11 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
     # Per explained class: normalised heatmaps (display normalisation, [0, 1]) and crops, summed.
     classes = len(labels)
     explained = np.array([p.explained for r in results for p in r.predictions], np.int64)
-    crops = out["crops"].astype(np.float64)
+    crops = out["crops"]  # uint8, summed in float64 below without a float64 copy of them all (8x their size)
     heat = (np.stack([normalize(p.heatmap, method) for r in results for p in r.predictions]).astype(np.float64)
             if len(explained) and method != "none" else None)
     sums = {"count": np.bincount(explained, minlength=classes)}
-    sums["crop_sum"] = np.stack([crops[explained == k].sum(axis=0) for k in range(classes)])
+    sums["crop_sum"] = np.stack([crops[explained == k].sum(axis=0, dtype=np.float64) for k in range(classes)])
     if heat is not None:
         sums["heatmap_sum"] = np.stack([heat[explained == k].sum(axis=0) for k in range(classes)])
     final = outputs.sums_path(video_id) if paths is None else paths["sums"]

@@ -224,6 +224,51 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
 
 
+def test_sigterm_stops_the_run_as_ctrl_c_does_with_a_summary(ray_cluster, clips, tmp_path, capfd):
+    """`ray job stop`, a scheduler's time limit: SIGTERM says what finished, writes the summary
+    and exits 143 (Ray's own handler would exit 15 at once, saying nothing)."""
+    import os
+    import signal
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    argv = [paths[0], paths[1], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record",
+            "--detect-actors", "1"]
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def terminate(record):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert batch(argv, on_video=terminate) == 143
+    assert "interrupted; rerun with --resume" in capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["interrupted"] and summary["videos"][0]["status"] == "done"
+    assert signal.getsignal(signal.SIGTERM) is handler  # the driver's handler is back
+    assert batch([*argv, "--resume"]) == 0
+
+
+def test_resume_with_other_options_does_the_videos_again(ray_cluster, clips, tmp_path, capfd):
+    """A video done with other options (here the heatmap method and drawing) is not kept: the
+    report would describe rows, pictures and videos of another method."""
+    from camface.batch.inputs import stamp, video_id
+
+    folder, paths = clips
+    out, vid = tmp_path / "out", video_id(paths[0].resolve())
+    argv = [paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress"]
+    assert batch([*argv, "--method", "gradcam"]) == 0
+    assert (out / "videos" / f"{vid}.mp4").is_file()
+    assert json.loads((out / "state" / f"{vid}.json").read_text())["source"] == stamp(paths[0])  # the file read
+    assert batch([*argv, "--method", "gradcam", "--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []  # same options: kept
+    capfd.readouterr()
+    assert batch([*argv, "--method", "none", "--no-record", "--resume"]) == 0
+    assert "videos done with other options (method, record) are done again" in capfd.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["videos_this_run"] == [vid] and summary["method"] == "none"
+    assert set(rows_of(out, vid).column("method").to_pylist()) == {"none"}
+    assert not (out / "videos" / f"{vid}.mp4").exists()  # the gradcam drawing is gone with its options
+
+
 def test_segments_killed_before_joining_then_resume_runs_only_what_is_missing(ray_cluster, long_clip, tmp_path):
     from camface.batch import pipeline
     from camface.batch.inputs import video_id
@@ -260,6 +305,28 @@ def test_segments_killed_before_joining_then_resume_runs_only_what_is_missing(ra
     np.testing.assert_allclose(np.array(joined.column("probs").to_pylist()),
                                np.array(whole.column("probs").to_pylist()), rtol=1e-5, atol=1e-6)
     assert count_frames(tmp_path / "out" / "videos" / f"{vid}.mp4") == 120
+
+
+def test_parts_of_a_killed_run_go_when_the_resume_does_the_video_whole(ray_cluster, clips, tmp_path):
+    """Under other options a resume does a video in one piece: the killed run's parts (and its
+    saved split) are garbage then, not kept forever in OUT_DIR/parts/."""
+    from camface.batch import pipeline
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    argv = [paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record"]
+
+    def killed(*args, **kwargs):  # the driver dies when the last segment is back, before joining
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "finish", killed)
+        assert batch([*argv, "--segment-frames", "4"]) == 130
+    assert len(list((out / "parts").glob("*/0*.json"))) == 3
+    assert batch([*argv, "--segment-frames", "0", "--method", "none", "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["videos"][0]["status"] == "done" and "segments" not in summary["videos"][0]
+    assert not (out / "parts").exists()
 
 
 def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips, tmp_path):

@@ -116,6 +116,77 @@ def test_one_run_at_a_time_per_output_folder(tmp_path):
     second.release()
 
 
+def _disk_full_for(patch, name_part):
+    """Path.write_text fails as on a full disk for names holding `name_part`: the file is
+    opened (an existing one truncated, as open("w") does) and nothing gets written."""
+    import errno
+
+    real = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if name_part in self.name:
+            self.open("w").close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    patch.setattr(Path, "write_text", write_text)
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_last_report_stays_whole(tmp_path, monkeypatch):
+    from camface.batch.inputs import Video
+    from camface.batch.owner import OWNER_NAME, RunLock
+    from camface.batch.report import write_report
+    from camface.batch.state import Outputs
+    from camface.errors import OutputError
+
+    outputs = Outputs(tmp_path)
+    outputs.make()
+    args = (outputs, [Video("/archive/a.mp4", "a-0123abcd")], ("x", "y"), "BGR", "gradcam", "jet", 0.5, {})
+    write_report(*args)
+    before = {name: (tmp_path / name).read_text() for name in ("summary.json", "report.md")}
+    assert "a-0123abcd" in before["report.md"] and "a-0123abcd" in before["summary.json"]
+    for name in before:
+        with monkeypatch.context() as patch:
+            _disk_full_for(patch, Path(name).stem)
+            with pytest.raises(OutputError, match=f"cannot write {tmp_path / name}: No space left on device"):
+                write_report(*args)
+        assert {n: (tmp_path / n).read_text() for n in before} == before  # whole, not emptied
+    with monkeypatch.context() as patch:  # the run's lock: refused in one line, the lock free again
+        _disk_full_for(patch, OWNER_NAME)
+        with pytest.raises(OutputError, match=f"cannot write {tmp_path / OWNER_NAME}: No space left on device"):
+            RunLock(tmp_path).acquire()
+    lock = RunLock(tmp_path).acquire()
+    with monkeypatch.context() as patch:
+        _disk_full_for(patch, OWNER_NAME)
+        lock.release()  # logged, not raised: it would hide the error that ended the run
+    RunLock(tmp_path).acquire().release()  # the flock was dropped all the same
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".camface-run.json",
+                                                                                     ".camface-run.lock"]
+    # a run killed while writing the report: the next run removes its temporary files
+    killed = [tmp_path / ".report.0123abcd.tmp.md", tmp_path / "report" / ".03-happy.0123abcd.tmp.png"]
+    for path in killed:
+        path.write_bytes(b"half")
+    assert outputs.clean_partials() == 2 and not any(path.exists() for path in killed)
+    assert (tmp_path / "report.md").read_text() == before["report.md"]
+
+
+def test_a_record_the_full_disk_refuses_leaves_the_video_not_finished_and_the_run_failed(tmp_path, monkeypatch):
+    from camface.batch.cli import exit_code
+    from camface.batch.state import Outputs
+
+    outputs = Outputs(tmp_path)
+    outputs.make()
+    with monkeypatch.context() as patch:
+        _disk_full_for(patch, "a-0123abcd")
+        record = outputs.write_record("a-0123abcd", {"path": "/archive/a.mp4", "ok": True, "frames": 3}, ("x",))
+    assert record["status"] == "failed" and record["stage"] == "record"  # said on the driver, not raised
+    assert record["reason"].startswith("cannot write its record ") and "No space left on device" in record["reason"]
+    assert outputs.records() == {} and not list(outputs.state.iterdir())  # no record, no temporary file
+    totals = {"videos": 2, "done": 1, "failed": 0, "not_finished": 1, "incomplete": 0}
+    assert exit_code(totals, interrupted=False) == 1 and exit_code(totals, interrupted=True) == 130
+    assert exit_code({**totals, "done": 2, "not_finished": 0}, interrupted=False) == 0
+
+
 def _driver(tmp_path):
     """A process that takes OUT_DIR and dies with SIGKILL when the test says: (process, Owner)."""
     import subprocess

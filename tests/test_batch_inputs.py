@@ -11,11 +11,33 @@ from camface.cli import main
 
 def test_inputs_files_folders_globs_each_once_in_order(tmp_path):
     (tmp_path / "a").mkdir()
-    for name in ("a/2.mp4", "a/10.avi", "a/notes.txt", "b.mkv", "c.mov"):
+    for name in ("a/2.mp4", "a/10.avi", "a/notes.txt", "a/._2.mp4", "b.mkv", "c.mov"):  # ._2.mp4: macOS metadata
         (tmp_path / name).write_bytes(b"x")
     videos = find_videos([str(tmp_path / "c.mov"), str(tmp_path / "a"), str(tmp_path / "*.m*"), str(tmp_path / "c.mov")])
     assert [v.path.rsplit("/", 1)[1] for v in videos] == ["c.mov", "10.avi", "2.mp4", "b.mkv"]
     assert len({v.id for v in videos}) == 4 and videos[0].id.startswith("c-")
+
+
+def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
+    """A recursive glob over an archive that holds OUT_DIR finds, on a --resume, the annotated
+    videos and segment parts of the run itself; the user's videos under OUT_DIR stay inputs."""
+    archive = tmp_path / "archive"
+    out = archive / "out"
+    a, b = video_id(archive / "a.mp4"), video_id(archive / "day2" / "b.mp4")
+    for path in (archive / "a.mp4", archive / "day2" / "b.mp4", out / "videos" / f"{a}.mp4",
+                 out / "parts" / b / "00000-0-300.mp4", out / "videos" / "mine.mp4"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    videos = find_videos([str(archive / "**" / "*.mp4")], out)
+    assert [v.path for v in videos] == [str(archive / "a.mp4"), str(archive / "day2" / "b.mp4"),
+                                        str(out / "videos" / "mine.mp4")]
+    assert "skipping 2 file(s) that this run writes in" in caplog.text
+    # OUT_DIR above the archive (`camface batch recordings/ -o .`): the inputs are inputs
+    assert [v.path for v in find_videos([str(archive / "a.mp4"), str(archive / "day2")], tmp_path)] == [
+        str(archive / "a.mp4"), str(archive / "day2" / "b.mp4")]
+    # named beside their video, they are skipped too
+    assert [v.path for v in find_videos([str(out / "videos" / f"{a}.mp4"), str(archive / "a.mp4")], out)] == [
+        str(archive / "a.mp4")]
 
 
 def test_same_name_in_two_folders_gets_two_ids(tmp_path):
@@ -39,6 +61,11 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "0.5", "--segment-frames", "100"],
      "--segment-frames cannot be used with --smooth"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "1.5"], "--smooth must be in [0, 1)"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "-1"], "--graph-gpus must be a number >= 0"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "nan"], "--graph-gpus must be a number >= 0"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--model", "{p}/missing.onnx"], "missing.onnx"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "1", "--no-split-stages"],
+     "--graph-gpus 1 puts the graph in its own actors on GPUs, which --no-split-stages rules out"),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args, message):
     make(tmp_path)
@@ -47,7 +74,7 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args
         argv += ["-o", str(tmp_path / "result")]
     assert main(["batch", *argv]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "result" / "summary.json").exists()
+    assert not (tmp_path / "result").exists()  # nothing made: no empty OUT_DIR, lock or Ray left behind
 
 
 @pytest.mark.parametrize("resources, kwargs, expected", [
@@ -72,6 +99,12 @@ def test_plan_asks_only_for_what_the_cluster_has(resources, kwargs, expected):
     assert total <= resources["CPU"] + 1e-9
     assert p.graph_gpus * p.graph_actors <= resources.get("GPU", 0)
     assert isinstance(p, Plan) and f"{resources['CPU']:g} CPU" in p.describe()
+
+
+def test_plan_says_where_the_graph_runs():
+    assert "no GPU in the cluster: the graph runs on CPU; no GPU to hand the graph to" in plan({"CPU": 2}).describe()
+    text = plan({"CPU": 4, "GPU": 1}, split=False).describe()  # --no-split-stages on a GPU cluster
+    assert "graph on CPU" in text and "the cluster's GPUs are not used" in text and "runs on it" not in text
 
 
 @pytest.mark.parametrize("resources, kwargs, message", [

@@ -40,6 +40,11 @@ def test_automatic_split_cuts_only_when_actors_would_idle():
     # eight 300-frame clips on 2 actors: whole videos (each is shorter than a segment would be)
     units, reason = split(videos(*"abcdefgh"), [300] * 8, 2, None, smooth=False)
     assert all(u.whole for u in units) and len(units) == 8 and reason.startswith("whole videos")
+    # one 400-frame video on 2 actors: two segments would be under the minimum; the reason says so
+    units, reason = split(videos("a"), [400], 2, None, smooth=False)
+    assert units[0].whole and reason.startswith(f"whole videos (none longer than {2 * MIN_SEGMENT_FRAMES - 1} frames")
+    units, reason = split(videos("a"), [400], 2, 500, smooth=False)
+    assert units[0].whole and reason.startswith("whole videos (none longer than 500 frames; --segment-frames")
     # never below the minimum, even with many actors
     units, _ = split(videos("a"), [2 * MIN_SEGMENT_FRAMES + 10], 64, None, smooth=False)
     assert covers(units, [0]) == {"a": 2} and units[0].stop - units[0].start >= MIN_SEGMENT_FRAMES
@@ -174,6 +179,73 @@ def test_resume_keeps_a_split_and_parts_only_under_the_same_settings(tmp_path):
     assert not done_before(outputs, first[0], settings)  # no record
     write_json(paths["record"], {"status": "failed", "settings": settings})
     assert not done_before(outputs, first[1], settings)
+
+
+def test_resume_redoes_what_was_read_from_a_file_that_changed_since(tmp_path):
+    """A cut file copied again whole (or any file replaced) after its video was done: --resume
+    does it again, whole or segment by segment; parts read from two versions never join."""
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.pipeline import changed_since, videos_to_do
+    from camface.batch.segments import Unit, done_before, finish, part_paths
+    from camface.batch.state import Outputs, write_json
+
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    settings = {"method": "gradcam"}
+    clip = tmp_path / "cut.mp4"
+    clip.write_bytes(b"x" * 100)
+    video = Video(str(clip), "cut-0123abcd")
+    units = [Unit(video.id, video.path, 0, 2, 0, 50), Unit(video.id, video.path, 1, 2, 50, None)]
+    read = {"status": "done", "settings": settings, "source": stamp(clip)}
+    write_json(outputs.record_path(video.id), read)
+    part_paths(outputs, units[1])["record"].parent.mkdir(parents=True)
+    write_json(part_paths(outputs, units[1])["record"], read)
+    assert videos_to_do(outputs, [video], settings) == [] and done_before(outputs, units[1], settings)
+    assert changed_since(outputs, [video], settings) == ([], 0)
+    clip.write_bytes(b"x" * 200)  # copied again, whole
+    assert videos_to_do(outputs, [video], settings) == [video] and not done_before(outputs, units[1], settings)
+    assert changed_since(outputs, [video], settings) == ([], 1)
+    assert changed_since(outputs, [video], {"method": "layercam"}) == (["method"], 1)
+    write_json(part_paths(outputs, units[0])["record"], {**read, "source": stamp(clip)})  # the new version
+    record = finish(outputs, units, ("x",), False)
+    assert record["status"] == "failed" and record["reason"] == f"{clip} changed while its segments were explained"
+
+
+def _render_payload(faces: int, classes: int = 7) -> dict:
+    """A Render payload of `faces` frames with one face each, 64x64 grey crops (the bundled graph's)."""
+    from camface.realtime.results import Face
+
+    rng = np.random.default_rng(0)
+    return {"path": "/archive/v.mp4", "fps": 30.0, "frames": faces, "counts": np.ones(faces, np.int64),
+            "faces": [(Face((10, 10, 40, 40), 0.9, (5, 5, 50, 50)),)] * faces, "dropped": [0] * faces,
+            "probs": rng.random((faces, classes)).astype(np.float32),
+            "heatmaps": rng.random((faces, 8, 8)).astype(np.float32), "class_index": np.full(faces, -1, np.int64),
+            "provider": "CPUExecutionProvider", "crops": rng.integers(0, 256, (faces, 64, 64, 1), np.uint8)}
+
+
+def test_class_sums_of_a_long_video_need_no_float64_copy_of_its_crops(tmp_path):
+    """The render stage sums each class's crops for the report: exactly, and without a float64
+    copy of every crop of the unit (8x their bytes: 3.5 GB for an hour of one face at 30 fps)."""
+    import tracemalloc
+
+    from camface.batch.state import Outputs, write_video_outputs
+
+    outputs, labels = Outputs(tmp_path), tuple("abcdefg")
+    outputs.make()
+    write_video_outputs(outputs, "warm", _render_payload(4), None, "gradcam", None, labels)  # imports done
+    out = _render_payload(2000)
+    crops, explained = out["crops"], out["probs"].argmax(axis=1)
+    tracemalloc.start()
+    try:
+        write_video_outputs(outputs, "v", out, None, "gradcam", None, labels)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * crops.nbytes  # was 9.5x
+    with np.load(outputs.sums_path("v")) as sums:
+        np.testing.assert_array_equal(sums["count"], np.bincount(explained, minlength=len(labels)))
+        np.testing.assert_array_equal(sums["crop_sum"], [crops[explained == k].astype(np.float64).sum(axis=0)
+                                                         for k in range(len(labels))])
 
 
 def test_settings_name_what_changes_the_boxes():
