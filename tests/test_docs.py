@@ -59,3 +59,18 @@ def test_example_notebook_runs_and_shows_its_results():
     assert "'predicted_label': 'happy'" in str(shown)
     faces_per_frame = ast.literal_eval(shown[-1]["text/plain"])  # the sample clip, frame by frame
     assert len(faces_per_frame) == 10 and min(faces_per_frame) >= 1
+
+
+def test_readme_speed_line_has_the_form_a_default_headless_run_prints(tmp_path, capsys):
+    """The live section's example end-of-run line is what `camface live` prints with its
+    defaults (the sample, --detect-every auto, recording), numbers and path aside."""
+    from camface.cli import main
+
+    example = re.search(r"`(Speed: [^`]*)`", REPO.joinpath("README.md").read_text()).group(1)
+    head, path = example.rsplit(" ", 1)  # the recording's name ends the line
+    pattern = re.sub(r"\d+(?:\\\.\d+)?", lambda _: r"\d+(?:\.\d+)?", re.escape(head))
+    pattern += r" \S*" + re.escape(path)
+    assert main(["live", "--source", "sample", "--no-show", "--max-frames", "24",
+                 "--record", str(tmp_path / "out.mp4")]) == 0
+    line = next(text for text in capsys.readouterr().err.splitlines() if text.startswith("Speed: "))
+    assert re.fullmatch(pattern, line), (example, line)
