@@ -60,8 +60,8 @@ def connect(address: str | None) -> bool:
     common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                   configure_logging=True)
     try:
-        if address is None:
-            ray.init(**common)
+        if address is None:  # "local": a new Ray of our own, not the last one started on this machine
+            ray.init(address="local", **common)  # (ray.init() joins that one, another run's included)
         else:
             check_reachable(address)  # RAY_ADDRESS too
             common.pop("include_dashboard")  # the cluster's own choice

@@ -6,8 +6,8 @@ beside it, the explanation: the in-graph backward pass and the heatmaps. The bac
 the weights too, and an exporter may have folded them into copies there (tf2onnx does: transposed
 and batch-norm-unfolded constants), so re-drawing initializers in place would leave the gradient
 describing the old model. So `Randomizer` cuts the forward pass out of the graph
-(`forward_model`: the nodes that `probs` and the target depend on, the uint8 input kept as it
-is), re-draws its weights, and writes the explanation again with camface's ONNX engine
+(`forward_model`: the nodes that `probs` and the target depend on, from the normalised input on,
+the graph's normalisation written again in front of them), re-draws its weights, and writes the explanation again with camface's ONNX engine
 (`camface.export.onnx_cam.build`, the gradient rules of `camface export model.onnx`, and
 Ablation-CAM / Score-CAM re-running the re-drawn head or model: `onnx_rerun`). Before any
 weight is touched the rebuilt graph gives the original graph's outputs (to float rounding; a test
@@ -75,40 +75,77 @@ def _target(graph, producer) -> str:
 
 
 def forward_model(cam):
-    """(forward ModelProto, target tensor name) of a CAM graph `cam` (onnx.ModelProto): the nodes
-    and initializers that `probs` and the target depend on; its one input is float32
-    `camface/sanity/pixels` [N, H, W, C] (0..255, cast to the uint8 `image` the nodes read) and its
-    one output the model's probabilities. Raises ModelError for a graph without those outputs."""
+    """(forward ModelProto, target tensor name, scale, offset) of a CAM graph `cam`
+    (onnx.ModelProto). forward: the nodes and initializers that `probs` and the target depend on,
+    from the model's normalised input on; its one input is that float32 [N, H, W, C] tensor (what
+    the graph's normalisation of its uint8 `image` gives: Cast, then Mul / Add / Sub / Div by
+    constants, `onnx_rerun.normalising`), its one output the model's probabilities. scale, offset:
+    float32 per channel, that normalisation as x * scale + offset, which the rebuilt graph applies
+    as the graph does, so that Score-CAM masks the same normalised input. Raises ModelError for a
+    graph without those outputs or whose normalisation camface cannot read."""
     onnx = _onnx()
     from onnx import TensorProto, helper
+
+    from camface.export import onnx_model, onnx_rerun
 
     graph = cam.graph
     outputs = {o.name for o in graph.output}
     missing = {graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS} - outputs
     if missing:
         raise ModelError(f"not a CAM graph: no {', '.join(sorted(missing))} output")
+    values = onnx_model.constants(cam)
+    chain = onnx_rerun.normalising(graph, values)
+    if not chain or chain[0].op_type != "Cast":
+        raise ModelError("the CAM graph's image is not cast to float where camface can find it")
+    dims = next(v for v in graph.input if v.name == graph_spec.INPUT_IMAGE).type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    scale, offset = _affine(chain, values, shape[-1])
     producer = {o: n for n in graph.node for o in n.output}
     target = _target(graph, producer)
     keep = upstream(producer, [graph_spec.OUTPUT_PROBS, target])
-    pixels, image, probs = f"{_SANITY}/pixels", f"{_SANITY}/image", f"{_SANITY}/probs"
-    rename = {graph_spec.INPUT_IMAGE: image, graph_spec.OUTPUT_PROBS: probs}
-    nodes = [helper.make_node("Cast", [pixels], [image], to=TensorProto.UINT8)]
+    normalised, probs = chain[-1].output[0], f"{_SANITY}/probs"
+    nodes = []
     for node in graph.node:
-        if any(o in keep for o in node.output):
+        if any(o in keep for o in node.output) and all(node is not n for n in chain):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            copy.input[:] = [rename.get(x, x) for x in copy.input]
-            copy.output[:] = [rename.get(x, x) for x in copy.output]
+            copy.output[:] = [probs if x == graph_spec.OUTPUT_PROBS else x for x in copy.output]
             nodes.append(copy)
-    dims = next(v for v in graph.input if v.name == graph_spec.INPUT_IMAGE).type.tensor_type.shape.dim
-    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+    read = {x for n in nodes for x in n.input}
     forward = helper.make_graph(
-        nodes, "forward", [helper.make_tensor_value_info(pixels, TensorProto.FLOAT, shape)],
+        nodes, "forward", [helper.make_tensor_value_info(normalised, TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info(probs, TensorProto.FLOAT, None)],
-        initializer=[i for i in graph.initializer if i.name in keep])
+        initializer=[i for i in graph.initializer if i.name in keep and i.name in read])
     model = helper.make_model(forward, opset_imports=cam.opset_import)
     model.ir_version = cam.ir_version
-    return model, target
+    return model, target, scale, offset
+
+
+def _affine(chain, values: dict, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, offset), float32 [channels]: the normalisation nodes `chain` (Cast, then Mul / Add /
+    Sub / Div of the running tensor and a constant) as x * scale + offset."""
+    scale, offset = np.ones(channels), np.zeros(channels)
+    tensor = chain[0].output[0]
+    for node in chain[1:]:
+        if node.op_type != "Cast":
+            first = node.input[0] == tensor
+            constant = np.asarray(values[node.input[1] if first else node.input[0]], np.float64)
+            if constant.size not in (1, channels) or (constant.size > 1 and constant.shape[-1] != channels):
+                raise ModelError(f"the CAM graph's normalisation node {node.name!r} ({node.op_type}) reads a "
+                                 f"constant of shape {list(constant.shape)}, not one value per channel")
+            c = np.broadcast_to(constant.reshape(-1), (channels,))
+            if node.op_type == "Mul":
+                scale, offset = scale * c, offset * c
+            elif node.op_type == "Add":
+                offset = offset + c
+            elif node.op_type == "Sub":
+                scale, offset = (scale, offset - c) if first else (-scale, c - offset)
+            elif first:  # Div
+                scale, offset = scale / c, offset / c
+            else:
+                raise ModelError(f"the CAM graph's normalisation node {node.name!r} divides by the image")
+        tensor = node.output[0]
+    return scale.astype(np.float32), offset.astype(np.float32)
 
 
 ANCHORS = LINEAR + ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "PRelu")
@@ -219,7 +256,7 @@ class Randomizer:
 
         _refuse_reduced_precision(cam)
         self.cam = cam
-        forward, self.target = forward_model(cam)
+        forward, self.target, self._scale, self._offset = forward_model(cam)
         where = "the CAM graph's forward pass"
         self._classifier = onnx_model.settle_shapes(onnx_model.describe(onnx_model.prepare(forward, where), where))
         self.forward = self._classifier.model
@@ -248,7 +285,7 @@ class Randomizer:
             if init.name in chosen:
                 init.CopyFrom(numpy_helper.from_array(self.redrawn(init.name), init.name))
         classifier = dataclasses.replace(self._classifier, model=model)
-        built = onnx_cam.build(classifier, self.target, np.ones(1, np.float32), np.zeros(1, np.float32)).model
+        built = onnx_cam.build(classifier, self.target, self._scale, self._offset).model
         try:  # Ablation-CAM and Score-CAM: the re-drawn head or model run again (onnx_rerun)
             return onnx_rerun.add(built, methods.names())
         except ModelError:  # too large for them: the sanity check then names what is missing

@@ -112,6 +112,25 @@ def between(graph, start: str, end: str) -> tuple:
     return nodes
 
 
+def normalising(graph, values: dict) -> list:
+    """The nodes that turn a CAM graph's uint8 `image` into the model's normalised float input
+    (Cast, then Mul / Add / Sub / Div by constants), in order: from `image`, each the only reader
+    of the previous one's output. values: the graph's constants (onnx_model.constants)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    chain, tensor = [], graph_spec.INPUT_IMAGE
+    while True:
+        users = consumers.get(tensor, [])
+        step = users[0] if len(users) == 1 else None
+        if step is None or step.op_type not in _NORMALISING or \
+                any(x != tensor and x not in values for x in step.input):
+            return chain
+        chain.append(step)
+        tensor = step.output[0]
+
+
 def anatomy(model) -> Anatomy:
     """The target, logits and normalised input of a CAM graph (onnx.ModelProto, shapes
     inferred). Raises ModelError naming what is missing."""
@@ -143,19 +162,8 @@ def anatomy(model) -> Anatomy:
             forward = [list(a.ints) for a in node.attribute if a.name == "perm"][0]
             perm = tuple(int(i) for i in np.argsort(forward))
         target = node.input[0]
-    images = graph_spec.INPUT_IMAGE
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for x in node.input:
-            consumers.setdefault(x, []).append(node)
-    values = onnx_model.constants(model)
-    while True:
-        users = consumers.get(images, [])
-        step = users[0] if len(users) == 1 else None
-        if step is None or step.op_type not in _NORMALISING or \
-                any(x != images and x not in values for x in step.input):
-            break
-        images = step.output[0]
+    chain = normalising(graph, onnx_model.constants(model))
+    images = chain[-1].output[0] if chain else graph_spec.INPUT_IMAGE
     if images == graph_spec.INPUT_IMAGE:
         raise ModelError("the CAM graph's image is not cast to float where camface can find it")
     shapes = onnx_model.shapes(onnx_model.prepare(model, where="the CAM graph"))

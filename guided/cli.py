@@ -49,7 +49,7 @@ class GuidedConfig:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT",
-                        help="a snapshot folder saved by `camface live` (key s, --snapshot-every), "
+                        help="a snapshot folder saved by `camface live` (key s or `--snapshot-every`), "
                              "or an image file (faces are detected and cropped as in the live loop)")
     parser.add_argument("--model", metavar="MODEL.keras|.h5", default=None,
                         help="Keras model to explain with; default: the snapshot's (found beside its "

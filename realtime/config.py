@@ -164,7 +164,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "model": ("--model", dict(type=Path, help="CAM graph (.onnx) made by `camface export`; default: the "
                                               "bundled emotion graph")),
     "method": ("--method", dict(choices=method_choices,
-                                help="heatmap to overlay (key m cycles in the window); auto = the graph's most "
+                                help="heatmap to overlay (key m cycles it in live's window and serve's page); auto = the graph's most "
                                      "faithful method as ranked at export (`camface info` shows the ranking; "
                                      "Grad-CAM on a graph without one)")),
     "record": ("--record", dict(type=Path, metavar="OUT.mp4",
@@ -209,8 +209,8 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                      "(each one detector on one core): more frames per "
                                                      "second, not less latency; 0 = one per core, at most 2, for "
                                                      "files, folders and sample; 1 for cameras and streams and "
-                                                     "with --graph-threads 0; with --detect-every above 1 one "
-                                                     "thread detects and carries the boxes")),
+                                                     "with --graph-threads 0; above 1 needs --detect-every 1, "
+                                                     "which auto then is (carrying boxes takes one thread)")),
     "detect_every": ("--detect-every", dict(type=_detect_every,
                                             metavar="N|auto",
                                             help="run the face detector on every N-th frame (frames 0, N, 2N, ... "
@@ -218,7 +218,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                                  "between, detecting again at once when a box's content changes a "
                                                  "lot; a face that enters is boxed within N-1 frames. 1 = detect "
                                                  "every frame; auto = 4 for videos, cameras, streams and the "
-                                                 "sample, 1 for folders of images and with --detect-workers above 1")),
+                                                 "sample, 1 for folders of images")),
     "pace": ("--pace", dict(choices=PACES, help="play files, folders and the sample at their own speed: auto = "
                                                 "when shown in a window (headless runs and recordings go as fast "
                                                 "as possible), source = always, none = never; cameras and "

@@ -130,3 +130,23 @@ def test_help_says_how_many_workers_and_their_memory_and_the_exit_codes(capsys):
     assert "~0.5 GB of memory each" in text and "Lower N where memory is short" in text
     assert "Memory: ~0.5 GB per worker (--detect-actors caps them), ~0.3 GB for this driver" in text
     assert "3 every video explained, some only in part" in text
+
+
+def test_without_an_address_a_run_starts_its_own_local_ray(monkeypatch):
+    """No --address and no RAY_ADDRESS: a new local Ray, not the last one started on this machine
+    (plain `ray.init()` joins that one, found in /tmp/ray/ray_current_cluster: another camface
+    batch run's, which ends it under this run). An address, given or in RAY_ADDRESS, is joined."""
+    ray = pytest.importorskip("ray")
+    from camface.batch import cluster
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(cluster, "quiet_ray_data", lambda: None)
+    monkeypatch.setattr(cluster, "_check_reachable", lambda address: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.connect(None) is True
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert cluster.connect(None) is True
+    assert cluster.connect("auto") is True
+    assert [call["address"] for call in calls] == ["local", "head:6379", "auto"]

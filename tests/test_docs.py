@@ -1,6 +1,7 @@
 """The README's Python section runs as written; the example notebook runs, shows its results,
 and is kept in git without outputs."""
 
+import argparse
 import ast
 import re
 from pathlib import Path
@@ -59,3 +60,38 @@ def test_example_notebook_runs_and_shows_its_results():
     assert "'predicted_label': 'happy'" in str(shown)
     faces_per_frame = ast.literal_eval(shown[-1]["text/plain"])  # the sample clip, frame by frame
     assert len(faces_per_frame) == 10 and min(faces_per_frame) >= 1
+
+
+def test_readme_speed_line_has_the_form_a_default_headless_run_prints(tmp_path, capsys):
+    """The live section's example end-of-run line is what `camface live` prints with its
+    defaults (the sample, --detect-every auto, recording), numbers and path aside."""
+    from camface.cli import main
+
+    example = re.search(r"`(Speed: [^`]*)`", REPO.joinpath("README.md").read_text()).group(1)
+    head, path = example.rsplit(" ", 1)  # the recording's name ends the line
+    pattern = re.sub(r"\d+(?:\\\.\d+)?", lambda _: r"\d+(?:\.\d+)?", re.escape(head))
+    pattern += r" \S*" + re.escape(path)
+    assert main(["live", "--source", "sample", "--no-show", "--max-frames", "24",
+                 "--record", str(tmp_path / "out.mp4")]) == 0
+    line = next(text for text in capsys.readouterr().err.splitlines() if text.startswith("Speed: "))
+    assert re.fullmatch(pattern, line), (example, line)
+
+
+def test_help_texts_name_only_flags_their_command_has():
+    """A flag named in a subcommand's --help is one of its own, or quoted with backticks as
+    another command's (`camface live --detector`): shared help texts (realtime/config.py FLAGS)
+    must not send `serve` or `batch` users to a flag only `live` has."""
+    from camface.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"live", "serve", "batch", "bench", "evaluate"} <= set(commands)
+    foreign = []
+    for name, command in commands.items():
+        own = {flag for action in command._actions for flag in action.option_strings}
+        for text in [action.help or "" for action in command._actions] + [command.description or "",
+                                                                          command.epilog or ""]:
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", re.sub(r"`[^`]*`", "", text)):
+                if flag not in own:
+                    foreign.append(f"camface {name}: {flag} in {text!r}")
+    assert not foreign, foreign

@@ -60,10 +60,11 @@ def test_spearman_and_ssim_match_scipy_and_scikit_image():
 
 def test_rebuilt_graph_equals_the_original_before_any_weight_is_redrawn(cam, astronaut_bgr):
     """The sanity graphs are the forward pass cut out of the CAM graph with the explanation written
-    again by camface's ONNX engine: with no weight re-drawn they give the graph's own outputs."""
+    again by camface's ONNX engine: with no weight re-drawn they give the graph's own outputs,
+    Score-CAM's too (it masks the normalised input: the rebuild normalises as the graph does)."""
     image = many_crops(astronaut_bgr)[:16]
     classes = np.arange(16, dtype=np.int64) % 8 - 1
-    names = ["probs", *NAMES]
+    names = ["probs", *NAMES, "ablationcam", "scorecam"]
     want = ort_session(cam.SerializeToString()).run(names, {"image": image, "class_index": classes})
     got = ort_session(Randomizer(cam).graph().SerializeToString()).run(names, {"image": image, "class_index": classes})
     for name, w, g in zip(names, want, got):
