@@ -351,3 +351,44 @@ def test_the_self_check_judges_eigen_maps_of_layernorm_tokens_by_their_condition
     assert "for the map's conditioning" in str(differences["eigencam"])
     for name in ("gradcam", "hirescam", "layercam", "gradcamelementwise"):
         assert differences[name].sensitivity < 1e-4 * differences[name].reference_max, differences[name]
+
+
+@pytest.mark.parametrize("name", ["vit", "deit"])
+def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
+    """Score-CAM runs the whole model on masked images, so a class token (computed from the input
+    beside the target tokens) does not stop it; it used to be left out with Ablation-CAM, which
+    runs the head alone from the target and still cannot (the class token is not on the grid)."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    make, _, prefix = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    graph, info, differences = onnx_export.build(onnx.load(legacy_onnx(model, tmp_path / "m.onnx")),
+                                                 ExportOptions(preset="unit"))
+    assert "scorecam" in info.heatmaps and "ablationcam" not in info.heatmaps
+    assert all(d.ok for d in differences)
+    images = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2], np.int64)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["scorecam"], {"image": images, "class_index": classes})[0]
+    # pytorch-grad-cam 1.5.7's ScoreCAM at the tokens, on their 4x4 grid (its reshape_transform)
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    seen = {}
+    stage = model.blocks[1].norm1
+    hook = stage.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        logits = model(x)
+    hook.remove()
+    a = seen["a"][:, prefix:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)  # [N, K, 4, 4]
+    chosen = torch.where(torch.from_numpy(classes) < 0, logits.argmax(1), torch.from_numpy(classes))
+    with torch.no_grad():
+        up = torch.nn.UpsamplingBilinear2d(size=(SIZE, SIZE))(a)
+        low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        masks = (up - low) / (high - low + 1e-8)
+        scores = torch.stack([model(x[n:n + 1] * masks[n][:, None])[:, chosen[n]] for n in range(2)])
+        want = torch.relu((torch.softmax(scores, 1)[:, :, None, None] * a).sum(1)).numpy()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
