@@ -77,8 +77,9 @@ class Anatomy:
 
     def nodes_for(self, method) -> tuple:
         """The nodes `method` (a methods.Method) runs again: the model's (FORWARD) or the head's
-        (HEAD); ModelError when the head cannot run alone (a ViT's class token, computed from the
-        input beside the target, reaches the logits: Score-CAM, which runs the model, still can)."""
+        (HEAD); ModelError when the head cannot run alone (it also reads a tensor computed from the
+        input beside the target: a transformer's residual stream or class token at a norm target;
+        Score-CAM, which runs the whole model, still can)."""
         if methods.FORWARD in method.needs:
             return self.model_nodes
         if self.head_nodes is None:

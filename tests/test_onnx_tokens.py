@@ -355,9 +355,9 @@ def test_the_self_check_judges_eigen_maps_of_layernorm_tokens_by_their_condition
 
 @pytest.mark.parametrize("name", ["vit", "deit"])
 def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
-    """Score-CAM runs the whole model on masked images, so a class token (computed from the input
-    beside the target tokens) does not stop it; it used to be left out with Ablation-CAM, which
-    runs the head alone from the target and still cannot (the class token is not on the grid)."""
+    """Score-CAM runs the whole model on masked images, so a head that also reads tensors beside
+    the target (the class tokens, the residual stream around norm1) does not stop it; it used to
+    be left out with Ablation-CAM, which runs the head alone from the target and still cannot."""
     import onnx
 
     from camface.export import onnx_export
