@@ -93,7 +93,8 @@ def keras_to_onnx(model, opset: int = 17):
 def embedding_from(model, where: object = "model"):
     """A classifier's pooled features as an embedder: `model` (forward onnx.ModelProto) cut at
     the input of the first linear layer (Gemm / MatMul) after its global pooling, flattened to
-    [N, K]; in an all-convolutional head (a convolution makes one map per class, then global
+    [N, K] (a vision transformer's: the first linear layer that reads pooled or class-token
+    features [N, C], after its last attention); in an all-convolutional head (a convolution makes one map per class, then global
     pooling: mini-Xception) the global average pool of that convolution's input. ModelError
     when the classifier has neither."""
     import onnx.utils
@@ -103,9 +104,20 @@ def embedding_from(model, where: object = "model"):
 
     model = onnx_model.prepare(onnx_export.upgrade(model, where), where=where)
     classifier = onnx_model.describe(model, where=where)
-    target, _ = onnx_model.resolve_target(classifier, None)
+    try:
+        target, _ = onnx_model.resolve_target(classifier, None)
+        tokens = False
+    except onnx_model.AttentionBeforeLogits:  # a vision transformer: from its last attention's tokens
+        target, tokens = onnx_model.default_token_target(classifier), True
+        if target is None:
+            raise
     nodes = onnx_model.head(model, target, classifier.logits)
-    linear = next((n for n in nodes if n.op_type in ("Gemm", "MatMul")), None)
+    linears = [n for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    if tokens:  # past the attention's and the MLPs' linear layers on tokens [N, T, C]: the pooled (or
+        # class-token) features [N, C] that the classifier's own linear layer reads
+        dims = onnx_model.shapes(model)
+        linears = [n for n in linears if len(dims.get(n.input[0]) or []) == 2]
+    linear = next(iter(linears), None)
     producer = {o: n for n in model.graph.node for o in n.output}
     added = []
     if linear is not None:

@@ -578,7 +578,8 @@ def module_name(model, tensor: str) -> str:
 
 def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     """(tensor, the name to record) for a tensor name, a node name or a PyTorch module name;
-    None picks `default_target`. ModelError listing the candidates for an unknown name."""
+    None picks `default_target`. ModelError listing the candidates for an unknown name: the
+    spatial maps (all 4-D tensors when none is) and a transformer's token modules [N, T, C]."""
     model = classifier.model
     if name is None:
         tensor = default_target(classifier)
@@ -595,11 +596,16 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
                             producer.op_type if producer else "input",
                             _symbolic(shapes(model).get(tensor)))
             return tensor, name
-    four_d = set(found)
-    module_names = [m for m, t in modules.items() if t in four_d]
+    maps = spatial_maps(classifier)
+    found = [t for t in found if t in maps] or found  # attention and other 4-D tensors are no maps
+    dims = shapes(model)
+    counts = {dims[n.output[0]][3] for n in _attentions(classifier)}
+    tokens = {t for t in modules.values() if len(dims.get(t) or []) == 3 and dims[t][1] in counts}
+    module_names = [m for m, t in modules.items() if t in set(found) or t in tokens and "/" not in m]
     shown = (module_names + found)[-40:]
     known = name in modules or name in nodes or name in shapes(model)
-    why = f"{name!r} is not a 4-D tensor before the logits" if known else f"no tensor, node or " \
+    what = "a 4-D tensor or tokens [N, T, C]" if tokens else "a 4-D tensor"
+    why = f"{name!r} is not {what} before the logits" if known else f"no tensor, node or " \
         f"module named {name!r}"
     raise ModelError(f"{why}; candidate target layers: {', '.join(shown)}")
 

@@ -70,9 +70,21 @@ class Anatomy:
     images: str  # the normalised input, float32 [N, H, W, C]
     image_dims: tuple[int, int, int]
     feature_dims: tuple[int, int, int]
-    head_nodes: tuple
+    head_nodes: tuple | None  # None: the head cannot run alone (`head_problem` says why)
     model_nodes: tuple
     shapes: dict  # tensor -> dims, inferred (onnx_model.shapes)
+    head_problem: str = ""
+
+    def nodes_for(self, method) -> tuple:
+        """The nodes `method` (a methods.Method) runs again: the model's (FORWARD) or the head's
+        (HEAD); ModelError when the head cannot run alone (it also reads a tensor computed from the
+        input beside the target: a transformer's residual stream or class token at a norm target;
+        Score-CAM, which runs the whole model, still can)."""
+        if methods.FORWARD in method.needs:
+            return self.model_nodes
+        if self.head_nodes is None:
+            raise ModelError(self.head_problem)
+        return self.head_nodes
 
 
 def _producers(graph) -> dict:
@@ -179,8 +191,12 @@ def anatomy(model) -> Anatomy:
     num_classes = (shapes.get(graph_spec.OUTPUT_PROBS) or [None, None])[-1]
     if not isinstance(num_classes, int):
         raise ModelError("the CAM graph's probs have no static number of classes")
+    try:
+        head_nodes, head_problem = between(graph, target, logits), ""
+    except ModelError as exc:
+        head_nodes, head_problem = None, str(exc)
     return Anatomy(target, perm, logits, num_classes, images, image_dims, feature_dims,
-                   between(graph, target, logits), between(graph, images, logits), shapes)
+                   head_nodes, between(graph, images, logits), shapes, head_problem)
 
 
 def pass_bytes(shapes: dict, nodes, chunk: int) -> tuple[int, str, list]:
@@ -314,7 +330,7 @@ def add(model, names, parts: Anatomy | None = None):
 def check_size(model, parts: Anatomy, name: str) -> None:
     """ModelError when one chunk of `name`'s passes would hold a tensor over MAX_PASS_BYTES."""
     method = methods.get(name)
-    nodes = parts.model_nodes if methods.FORWARD in method.needs else parts.head_nodes
+    nodes = parts.nodes_for(method)
     size, tensor, dims = pass_bytes(parts.shapes, nodes, method.chunk)
     if size > MAX_PASS_BYTES:
         raise ModelError(f"{name}: one pass of {method.chunk} variants per crop holds tensor {tensor!r} "
@@ -342,7 +358,7 @@ def reference_calls(model, parts: Anatomy, images, class_index):
     from camface.export import onnx_model
 
     extractor = onnx.utils.Extractor(onnx_model.prepare(model, where="the CAM graph"))
-    head = _session(extractor.extract_model([parts.target], [parts.logits]))
+    head = None if parts.head_nodes is None else _session(extractor.extract_model([parts.target], [parts.logits]))
     whole = _session(extractor.extract_model([parts.images], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -359,7 +375,7 @@ def reference_calls(model, parts: Anatomy, images, class_index):
     def run_model(rows):
         return whole.run(None, {parts.images: rows})[0]
 
-    calls = methods.ModelCalls(run_head, run_model, got[parts.images], got[graph_spec.OUTPUT_ACTIVATIONS],
+    calls = methods.ModelCalls(None if head is None else run_head, run_model, got[parts.images], got[graph_spec.OUTPUT_ACTIVATIONS],
                                class_index)
     return got, calls
 

@@ -411,6 +411,27 @@ def test_embedding_from_a_classifier_uses_its_pooled_features(tmp_path, crops):
     assert np.abs(gallery.embed(loaded, crops[0][:3]) - pooled).max() <= 1e-5
 
 
+
+def test_embedding_from_a_vision_transformer_uses_its_class_token_features(tmp_path):
+    """A ViT classifier's features are the class token after the last norm, which its linear
+    head reads; the first linear layer after its default (token) target is the attention's qkv
+    on tokens [N, T, C]. It was refused with the exporter's "pass --target-layer" message."""
+    from test_onnx_export_models import SIZE as VIT_SIZE
+    from test_onnx_export_models import ViT, legacy_onnx
+
+    torch.manual_seed(0)
+    classifier = ViT(True).eval()
+    loaded = gallery.load(legacy_onnx(classifier, tmp_path / "vit.onnx"), ExportOptions(preset="unit"),
+                          from_classifier=True)
+    assert loaded.dim == 16
+    images = np.random.default_rng(0).integers(0, 256, (3, VIT_SIZE, VIT_SIZE, 3), dtype=np.uint8)
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        tokens = classifier.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([classifier.class_token.expand(3, -1, -1), tokens], 1) + classifier.pos
+        features = classifier.norm(classifier.blocks(tokens))[:, 0].numpy()
+    assert np.abs(gallery.embed(loaded, images) - features).max() <= 1e-4 * np.abs(features).max()
+
 # ---------------------------------------------------------------- front ends
 
 def test_live_names_the_faces_and_draws_the_maps(enrolled, tmp_path):

@@ -235,6 +235,19 @@ def test_a_vision_transformer_exports_on_its_token_grid_and_runs_live(tmp_path, 
     assert saved["faces"] and saved["method"] == "gradcam"
 
 
+@pytest.mark.parametrize("name, why", [("blocks.11.norm1", "no tensor, node or module named 'blocks.11.norm1'"),
+                                       ("head", "'head' is not a 4-D tensor or tokens [N, T, C] before the logits")])
+def test_a_wrong_target_on_a_vision_transformer_lists_its_token_modules(tmp_path, capsys, name, why):
+    """The candidates a ViT's refusal lists are what --target-layer takes there: its token modules
+    and spatial maps, not the attention's internals (which were all it listed)."""
+    torch.manual_seed(0)
+    err = refused(capsys, legacy_onnx(ViT(True), tmp_path / "vit.onnx"), tmp_path, "--target-layer", name)
+    assert why in err
+    listed = err.split("candidate target layers: ")[1].split(", ")
+    assert {"blocks.0.norm1", "blocks.1.norm1", "blocks.1.attn", "patch_embed"} <= set(listed)
+    assert not [c for c in listed if "attn/" in c or "Softmax" in c or "Transpose" in c], listed
+
+
 @pytest.mark.parametrize("name, kind", [("blocks.0.norm1", "a PyTorch module name"),
                                         ("blocks/blocks.0/norm1", "a PyTorch module name"),
                                         ("/blocks/blocks.0/norm1/LayerNormalization_output_0",
