@@ -143,7 +143,7 @@ def test_without_an_address_a_run_starts_its_own_local_ray(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(cluster, "quiet_ray_data", lambda: None)
-    monkeypatch.setattr(cluster, "_check_reachable", lambda address: None)
+    monkeypatch.setattr(cluster, "check_reachable", lambda address: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cluster.connect(None) is True
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
