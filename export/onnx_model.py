@@ -722,14 +722,22 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
                          "with a fixed number of tokens and channels")
     count = dims[1]
     how = "given"
+    maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
+    sources = [t for t in maps if t in before
+               and all(isinstance(d, int) for d in _hw(found.get(t), maps[t]))]
+    # the last map whose grid the tokens make, less a prefix (Swin's last stage, not its
+    # patch embedding); else the last one, named in the refusal
+    fitting = [t for t in sources if 0 <= count - math.prod(_hw(found[t], maps[t])) <= MAX_PREFIX
+               and prefix in (None, count - math.prod(_hw(found[t], maps[t])))]
+    if grid is not None and fitting:
+        embedded = tuple(_hw(found[fitting[-1]], maps[fitting[-1]]))
+        if tuple(int(d) for d in grid) != embedded and math.prod(grid) == math.prod(embedded):
+            # the same number of tokens on another grid: a transposed --token-grid lays the
+            # maps out wrongly (rows as columns) and nothing else would say so
+            log.warning("--token-grid %dx%d differs from the %dx%d grid of the patch embedding %r "
+                        "(height x width): the maps follow --token-grid", *grid, *embedded,
+                        fitting[-1])
     if grid is None:
-        maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
-        sources = [t for t in maps if t in before
-                   and all(isinstance(d, int) for d in _hw(found.get(t), maps[t]))]
-        # the last map whose grid the tokens make, less a prefix (Swin's last stage, not its
-        # patch embedding); else the last one, named in the refusal
-        fitting = [t for t in sources if 0 <= count - math.prod(_hw(found[t], maps[t])) <= MAX_PREFIX
-                   and prefix in (None, count - math.prod(_hw(found[t], maps[t])))]
         sources = fitting or sources
         squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
                    if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]

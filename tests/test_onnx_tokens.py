@@ -5,6 +5,7 @@ method's numpy reference on torch autograd's gradient at the same tokens."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -41,13 +42,15 @@ class DeiT(ViT):
 
 
 class PatchViT(nn.Module):
-    """One block, `patch` x `patch` patches of a `size` x `size` image, a class token."""
+    """One block, `patch` x `patch` patches of a `size` x `size` (or (height, width)) image, a
+    class token."""
 
     def __init__(self, size, patch, dim=8, classes=3):
         super().__init__()
+        height, width = (size, size) if isinstance(size, int) else size
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.class_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2 + 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, (height // patch) * (width // patch) + 1, dim))
         self.blocks = nn.Sequential(TransformerBlock(dim, 1))
         self.head = nn.Linear(dim, classes)
 
@@ -76,7 +79,8 @@ def classifier_of(model, path, size=SIZE):
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (torch.zeros(1, 3, size, size),), str(path),
+            height, width = (size, size) if isinstance(size, int) else size
+            torch.onnx.export(model.eval(), (torch.zeros(1, 3, height, width),), str(path),
                               dynamo=False, opset_version=17, input_names=["x"],
                               output_names=["logits"],
                               dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
@@ -192,6 +196,21 @@ def test_the_grid_is_the_input_size_over_the_patch_stride(tmp_path, size, patch,
     with pytest.raises(ModelError, match=rf"are not 1 prefix tokens \+ a {side - 1}x{side + 1} "
                                          rf"grid \(given\): {side * side + 1} != 1 \+ "):
         onnx_model.token_grid(classifier, tokens, grid=(side - 1, side + 1), prefix=1)
+
+
+def test_a_token_grid_against_the_patch_embedding_is_said(tmp_path, caplog):
+    """--token-grid 6x4 on tokens whose patch embedding makes a 4x6 grid (the same number of
+    patches) would lay rows out as columns, silently: a warning names both grids."""
+    torch.manual_seed(0)
+    classifier = classifier_of(PatchViT((32, 48), 8), tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    with caplog.at_level(logging.WARNING):
+        assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(1, 4, 6)
+        assert onnx_model.token_grid(classifier, tokens, grid=(4, 6)) == onnx_model.TokenGrid(1, 4, 6)
+    assert "--token-grid" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert onnx_model.token_grid(classifier, tokens, grid=(6, 4)) == onnx_model.TokenGrid(1, 6, 4)
+    assert "--token-grid 6x4 differs from the 4x6 grid of the patch embedding" in caplog.text
 
 
 def test_tokens_that_form_no_grid_and_attention_are_refused(tmp_path):
