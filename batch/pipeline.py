@@ -27,7 +27,7 @@ from camface.batch.segments import Unit, done_before, drop_parts, finish, part_r
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
-from camface.realtime.threads import Terminated, sigterm_raises
+from camface.realtime.threads import Terminated, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,9 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     rows = None
     signals = contextlib.ExitStack()
     try:
-        signals.enter_context(sigterm_raises())  # not Ray's handler (sys.exit): the run stops as on Ctrl-C
+        # SIGTERM: not Ray's handler (sys.exit): the run stops as on Ctrl-C. Both are remembered
+        # and checked at every row, in case Ray's code caught the first KeyboardInterrupt.
+        stop = signals.enter_context(stop_signals())
         for video, parts in by_video.items():  # every segment done in an earlier run: join them
             if not left[video]:
                 finished(finish(outputs, parts, labels, job.record))
@@ -174,6 +176,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         if todo:
             rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
         for row in rows or ():
+            stop.check()
             record = json.loads(row["record"])  # the video's record, or a segment's part record
             if record["status"] == DONE:
                 result.frames_run += record.get("frames", 0)

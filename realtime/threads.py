@@ -113,14 +113,54 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+class StopRequest:
+    """The stop signal received inside `stop_signals` (0: none yet). `check()` raises it again:
+    a loop calls it at each step, so the run stops even where library code caught the first
+    KeyboardInterrupt (one raised inside a finaliser or a library's own handler is lost)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def check(self) -> None:
+        if self.signum == signal.SIGTERM:
+            raise Terminated()
+        if self.signum:
+            raise KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated in
+    the main thread, and either is remembered in the StopRequest yielded."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def on_signal(signum, frame):
+        request.signum = request.signum or signum
+        request.check()
+
+    previous = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, on_signal)
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 @contextlib.contextmanager
 def signals_held():
     """Ignore SIGINT/SIGTERM while the block runs (finalising the recording must finish)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    previous = {}
+    try:  # set one by one inside the try: a signal between the two must not leave one ignored
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, signal.SIG_IGN)
         yield
     finally:
         for s, handler in previous.items():

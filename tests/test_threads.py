@@ -51,3 +51,53 @@ def test_in_order_raises_a_failure_after_the_frames_before_it():
     items = [(0, "f0", ()), (3, "f3", ()), Failure(RuntimeError("detector crashed"), index=2), (1, "f1", ())]
     yielded, raised = _drain(items, producers=2)
     assert yielded == [(0, "f0"), (1, "f1")] and isinstance(raised, RuntimeError)
+
+
+def test_stop_signals_raise_and_are_remembered_until_the_block_ends():
+    """Ctrl-C or SIGTERM inside `stop_signals` raises at once and stays asked for: a loop whose
+    library caught the first KeyboardInterrupt stops at its next `check()`. The handlers before
+    the block come back after it."""
+    import os
+    import signal
+
+    import pytest
+
+    from camface.realtime.threads import Terminated, stop_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+        with stop_signals() as stop:
+            stop.check()  # nothing asked yet
+            with pytest.raises(raised):
+                os.kill(os.getpid(), signum)
+                for _ in range(1000):  # the handler runs between two bytecodes
+                    pass
+            with pytest.raises(raised):  # swallowed once, asked again
+                stop.check()
+            assert stop.signum == signum
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_signals_held_restores_ctrl_c_when_interrupted_while_setting_up(monkeypatch):
+    """A SIGTERM handled between ignoring SIGINT and ignoring SIGTERM used to leave SIGINT
+    ignored for the rest of the process (every later Ctrl-C lost)."""
+    import signal
+
+    import pytest
+
+    from camface.realtime import threads
+
+    before = signal.getsignal(signal.SIGINT)
+    real = signal.signal
+
+    def interrupted(signum, handler):
+        if signum == signal.SIGTERM:
+            raise threads.Terminated()  # as the SIGTERM handler would, arriving here
+        return real(signum, handler)
+
+    monkeypatch.setattr(threads.signal, "signal", interrupted)
+    with pytest.raises(threads.Terminated):
+        with threads.signals_held():
+            pass
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is before
