@@ -88,6 +88,7 @@ function onMessage(event) {
   const result = JSON.parse(new TextDecoder().decode(new Uint8Array(data, 4, length)));
   const jpeg = new Blob([new Uint8Array(data, 4 + length)], { type: "image/jpeg" });
   camface.bytesReceived += data.byteLength - 4 - length;
+  lastJpeg = jpeg;  // now, not once drawn: a snapshot note comes right after its frame, maybe before the draw
   // Frames the server dropped as stale are answered by a newer one: everything up to seq is done.
   answered = Math.max(answered, result.seq);
   const sentTime = sentAt.get(result.seq);
@@ -111,7 +112,6 @@ function onMessage(event) {
     stats.framesShown += 1;
     stats.method = result.method;
     camface.last = result;
-    lastJpeg = jpeg;
     shownAt.push(now);
     while (shownAt.length && now - shownAt[0] > 1000) shownAt.shift();
     if (now - panelAt >= PANEL_EVERY_MS) { panelAt = now; panel(result); }
