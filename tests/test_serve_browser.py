@@ -200,3 +200,44 @@ def test_the_snapshot_download_is_the_frame_of_the_snapshot_while_decoding_lags(
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path):
+    """A camera that sends nothing for --idle-timeout (a hidden tab, a sleeping laptop; here the
+    video paused) is closed as idle; once it has frames again the page reconnects by itself, with
+    the method the user chose, its lists not doubled, and the record button off (it was closed
+    for good, showing "stop", before)."""
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    info = CamGraph(EMOTION_ONNX, "cpu").info
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path, "--idle-timeout", "1.5")
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = browser.new_context().new_page()
+            page.goto(url)
+            shown(page, 3)
+            methods = page.evaluate("window.camface.hello.methods")
+            chosen = next(m for m in methods if m != page.evaluate("window.camface.hello.method"))
+            page.select_option("#method", chosen)
+            page.wait_for_function(f"window.camface.stats.method === '{chosen}'", timeout=10_000)
+            page.click("#record")
+            page.wait_for_function("window.camface.notes.some(n => n.type === 'recording')", timeout=10_000)
+            page.evaluate("document.getElementById('camera').pause()")
+            page.wait_for_function("document.getElementById('status').textContent.includes('idle')", timeout=10_000)
+            assert page.text_content("#record") == "record"
+            page.evaluate("document.getElementById('camera').play()")
+            page.wait_for_function("window.camface.notes.filter(n => n.type === 'hello').length === 2", timeout=15_000)
+            page.wait_for_function(f"window.camface.last.method === '{chosen}'", timeout=10_000)
+            assert page.text_content("#status") == "connected"
+            assert page.input_value("#method") == chosen
+            assert page.locator("#method option").count() == len(methods) + 1  # and "none"
+            assert page.locator("#class option").count() == len(info.labels) + 1  # and "predicted"
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
