@@ -493,6 +493,22 @@ def test_serve_refuses_bad_options(argv, message, capsys, tmp_path, monkeypatch)
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_the_printed_url_opens_the_page_with_any_token(make_client):
+    """A --token with URL-special characters (+ & # % space: a password manager's) still
+    works from the URL printed (it was printed raw: `+` read back as a space, `&` and `#` cut
+    it, so the page was refused)."""
+    from urllib.parse import urlsplit
+
+    from camface.serve.cli import _urls
+
+    token = "pass word+&x=1#%41"
+    client, _ = make_client(token=token)
+    url = urlsplit(_urls("127.0.0.1", 8000, False, token)[0])
+    assert client.get(f"{url.path}?{url.query}").status_code == 200
+    with client.websocket_connect(f"/ws?{url.query}") as ws:  # the page sends the query it was opened with
+        assert ws.receive_json()["type"] == "hello"
+
+
 def test_urls_name_the_token_when_one_is_needed():
     from camface.serve.cli import _urls
 
