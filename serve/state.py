@@ -5,6 +5,7 @@ recordings)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +46,10 @@ class ServeOptions:
                 raise UsageError(f"{flag} {folder} is a file")
             if not folder.exists() and not folder.resolve().parent.is_dir():
                 raise UsageError(f"{flag} {folder}: folder {folder.resolve().parent} does not exist")
+            # now, not at a client's first snapshot or recording (each client would fail with 1011)
+            existing = folder if folder.exists() else folder.resolve().parent
+            if not os.access(existing, os.W_OK):
+                raise UsageError(f"{flag} {folder}: folder {existing} is not writable")
 
 
 class ServeState:
