@@ -463,6 +463,24 @@ def test_a_client_whose_frames_fail_is_closed_saying_why(make_client, astronaut_
         assert got["seq"] == 2 and len(got["faces"]) == 1
 
 
+def test_a_recording_that_cannot_start_closes_that_client_saying_why(make_client, astronaut_bgr, tmp_path):
+    """The record folder's parent removed while serving: "record" closes that client with 1011
+    and the error (it was an exception out of the app: the socket cut, 1006, no reason), and
+    another client keeps running."""
+    (tmp_path / "gone").mkdir()
+    client, state = make_client(record_dir=tmp_path / "gone" / "recordings")
+    (tmp_path / "gone").rmdir()
+    with client.websocket_connect("/ws") as good, client.websocket_connect("/ws") as bad:
+        good.receive_json(), bad.receive_json()
+        bad.send_text('{"type": "record", "on": true}')
+        close = closed(bad)
+        assert close["code"] == 1011, close
+        assert close["reason"].startswith("server error: [Errno 2] No such file or directory"), close
+        got, _ = send_frame(good, 3, jpeg(astronaut_bgr))
+        assert got["seq"] == 3 and len(got["faces"]) == 1
+    wait_until(lambda: state.connected == 0)
+
+
 # ------------------------------------------------------------------ protocol pieces and the command
 
 
