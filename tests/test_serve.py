@@ -481,6 +481,22 @@ def test_a_recording_that_cannot_start_closes_that_client_saying_why(make_client
     wait_until(lambda: state.connected == 0)
 
 
+def test_a_session_that_cannot_open_closes_the_client_saying_why(make_client, monkeypatch):
+    """The client's face detector will not open: 1011 and the error (it escaped the app: the
+    socket cut, 1006, which the page retries), its place freed."""
+    import camface.api
+
+    def broken(config):
+        raise RuntimeError("no detector today")
+
+    client, state = make_client(max_clients=1)
+    monkeypatch.setattr(camface.api, "face_detector", broken)
+    with client.websocket_connect("/ws") as ws:
+        close = closed(ws)
+    assert close["code"] == 1011 and close["reason"] == "server error: no detector today", close
+    assert state.connected == 0 and state.stats()["clients"] == 0
+
+
 # ------------------------------------------------------------------ protocol pieces and the command
 
 
