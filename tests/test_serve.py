@@ -158,6 +158,15 @@ def test_the_smoothing_switch_gives_the_client_a_smoother(make_client, astronaut
     np.testing.assert_allclose(smoothed["faces"][0]["probs"], want, atol=2e-4)
 
 
+def _many_scans(repeats: int) -> bytes:
+    """A progressive JPEG whose last scan (with its Huffman table) is repeated `repeats` times:
+    libjpeg decodes each again, over the whole image (warnings only), so such a file takes
+    seconds to minutes to decode at 4096x4096; here at 64x48."""
+    data = cv2.imencode(".jpg", np.zeros((48, 64), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    last_table = data.rindex(b"\xff\xc4", 0, data.rindex(b"\xff\xda"))
+    return data[:-2] + data[last_table:-2] * repeats + b"\xff\xd9"
+
+
 def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
 
@@ -169,6 +178,7 @@ def _png_header(width: int, height: int) -> bytes:
     (b"\0\0\0\1" + _png_header(5000, 10), 1009, "5000x10 pixels is over the 4096x4096 cap"),
     (b"\0\0\0\1" + _png_header(64, 64) + b"garbage", 1003, "does not decode"),
     (b"\0\0\0\1\xff\xd8\xff\xe0\0\x10JFIF", 1003, "truncated or corrupt JPEG"),
+    (b"\0\0\0\1" + _many_scans(40), 1009, r"JPEG of \d+ scans, over the 32 cap"),  # decoded, slowly, before
     ("not json", 1003, "not JSON"),
     ("[1, 2]", 1003, "needs a type among controls, snapshot, record"),
     ('{"type": "reboot"}', 1003, "needs a type"),
@@ -506,6 +516,8 @@ def test_image_size_reads_headers_without_decoding(astronaut_bgr):
     assert protocol.image_size(png) == ("png", 300, 100)
     progressive = cv2.imencode(".jpg", astronaut_bgr[:70, :90], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
     assert protocol.image_size(progressive) == ("jpeg", 90, 70)
+    assert progressive.count(b"\xff\xda") == 10  # libjpeg's progression: well under MAX_SCANS
+    assert protocol.parse_frame(b"\0\0\0\7" + progressive) == (7, progressive)
 
 
 @pytest.mark.parametrize("argv, message", [
