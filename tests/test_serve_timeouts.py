@@ -68,8 +68,12 @@ def test_a_client_that_does_not_read_is_closed_and_its_place_freed(make_client, 
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"idle_timeout_s": 0}, "--idle-timeout must be > 0 seconds, got 0"),
-    ({"send_timeout_s": -1.0}, "--send-timeout must be > 0 seconds, got -1.0"),
+    ({"idle_timeout_s": 0}, "--idle-timeout must be a finite number of seconds > 0, got 0"),
+    ({"send_timeout_s": -1.0}, "--send-timeout must be a finite number of seconds > 0, got -1.0"),
+    ({"idle_timeout_s": float("nan")}, "--idle-timeout must be .* got nan"),
+    # the hello carries the timeouts: Infinity is not JSON, the page could not read it (and broke)
+    ({"idle_timeout_s": float("inf")}, "--idle-timeout must be a finite number of seconds > 0, got inf"),
+    ({"send_timeout_s": float("inf")}, "--send-timeout must be .* got inf"),
 ])
 def test_timeouts_must_be_positive(options, message, tmp_path):
     from camface.serve.state import ServeOptions
