@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from camface.errors import CamfaceError
 from camface.serve import protocol
 from camface.serve.protocol import ProtocolError
 from camface.serve.state import ServeOptions, ServeState
@@ -135,9 +136,15 @@ def create_app(state: ServeState):
         state.connected += 1  # counted before the first await: two at once cannot both take the last place
         try:
             session = await asyncio.to_thread(_open_session, state)
-        except BaseException:
+        except BaseException as exc:
             state.connected -= 1
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            # its face detector would not open: say why (else the socket is cut, 1006, and the page retries)
+            log.warning("camface serve: a client's session did not open: %s", exc, exc_info=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(1011, _reason(f"server error: {exc}")), CLOSE_WAIT_S)
+            return
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         state._loops[session.id] = (loop, outbox)
         state.add(session)
@@ -165,6 +172,10 @@ def create_app(state: ServeState):
                 await asyncio.wait_for(ws.close(exc.code, _reason(str(exc))), CLOSE_WAIT_S)
         except WebSocketDisconnect:
             pass
+        except Exception as exc:  # e.g. a recording that cannot start: say why, as for a failed frame (else: cut, 1006)
+            log.warning("client %d: %s", session.id, exc, exc_info=not isinstance(exc, CamfaceError))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(1011, _reason(f"server error: {exc}")), CLOSE_WAIT_S)
         finally:
             # bookkeeping first, without awaiting: the handler may be cancelled at the next await
             state.retire(session)

@@ -13,6 +13,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _urls(host: str, port: int, tls: bool, token: str | None) -> list[str]:
     scheme = "https" if tls else "http"
-    query = f"/?token={token}" if token else "/"
+    query = f"/?token={quote(token, safe='')}" if token else "/"  # a --token may hold + & # % or spaces
     if host in ("0.0.0.0", "::", ""):
         names = [socket.gethostname(), "127.0.0.1"]
     else:

@@ -2,7 +2,8 @@
 
 Page -> server:
   binary  one camera frame: 4-byte big-endian sequence number, then a JPEG or PNG image
-          (at most MAX_MESSAGE_BYTES in all, at most MAX_SIDE pixels a side).
+          (at most MAX_MESSAGE_BYTES in all, at most MAX_SIDE pixels a side, a JPEG at most
+          MAX_SCANS scans).
   text    a control message, a JSON object with known fields only:
           {"type": "controls", "method": str, "explained_class": int | null, "hud": bool,
            "smooth": bool}   (each field optional)
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024  # 2 MiB: a 4096x4096 JPEG at ordinary quality is smaller
 MAX_SIDE = 4096  # pixels, width and height
 MAX_CONTROL_BYTES = 4096
+# Scans of a JPEG: each is one more pass over the whole image. Encoders write 1 (baseline) or
+# about 10 (progressive); a 2 MiB file of repeated scans would take minutes to decode.
+MAX_SCANS = 32
 
 # WebSocket close codes (RFC 6455 sec. 7.4.1; 4000-4999 are the application's own)
 POLICY = 1008  # token or Origin refused
@@ -85,9 +89,13 @@ def parse_frame(message: bytes) -> tuple[int, bytes]:
                             "and an image")
     sequence = struct.unpack(">I", message[:4])[0]
     image = message[4:]
-    _, width, height = image_size(image)
+    kind, width, height = image_size(image)
     if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
         raise ProtocolError(f"frame of {width}x{height} pixels is over the {MAX_SIDE}x{MAX_SIDE} cap", TOO_BIG)
+    # start-of-scan markers: never inside entropy-coded data (an FF there is followed by 00 or
+    # a restart marker); bytes of an APPn payload may count too, which a cap this loose absorbs
+    if kind == "jpeg" and (scans := image.count(b"\xff\xda")) > MAX_SCANS:
+        raise ProtocolError(f"frame is a JPEG of {scans} scans, over the {MAX_SCANS} cap", TOO_BIG)
     return sequence, image
 
 

@@ -5,6 +5,8 @@ recordings)."""
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -34,8 +36,8 @@ class ServeOptions:
         if self.max_clients < 1:
             raise UsageError(f"--max-clients must be >= 1, got {self.max_clients}")
         for flag, value in (("--idle-timeout", self.idle_timeout_s), ("--send-timeout", self.send_timeout_s)):
-            if not value > 0:
-                raise UsageError(f"{flag} must be > 0 seconds, got {value}")
+            if not 0 < value < math.inf:  # inf: the page's hello would hold Infinity, not JSON (the page broke)
+                raise UsageError(f"{flag} must be a finite number of seconds > 0, got {value}")
         if not 1 <= self.jpeg_quality <= 100:
             raise UsageError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
         if self.token is not None and len(self.token) < 8:
@@ -45,6 +47,10 @@ class ServeOptions:
                 raise UsageError(f"{flag} {folder} is a file")
             if not folder.exists() and not folder.resolve().parent.is_dir():
                 raise UsageError(f"{flag} {folder}: folder {folder.resolve().parent} does not exist")
+            # now, not at a client's first snapshot or recording (each client would fail with 1011)
+            existing = folder if folder.exists() else folder.resolve().parent
+            if not os.access(existing, os.W_OK):
+                raise UsageError(f"{flag} {folder}: folder {existing} is not writable")
 
 
 class ServeState:

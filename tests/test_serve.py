@@ -158,6 +158,15 @@ def test_the_smoothing_switch_gives_the_client_a_smoother(make_client, astronaut
     np.testing.assert_allclose(smoothed["faces"][0]["probs"], want, atol=2e-4)
 
 
+def _many_scans(repeats: int) -> bytes:
+    """A progressive JPEG whose last scan (with its Huffman table) is repeated `repeats` times:
+    libjpeg decodes each again, over the whole image (warnings only), so such a file takes
+    seconds to minutes to decode at 4096x4096; here at 64x48."""
+    data = cv2.imencode(".jpg", np.zeros((48, 64), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    last_table = data.rindex(b"\xff\xc4", 0, data.rindex(b"\xff\xda"))
+    return data[:-2] + data[last_table:-2] * repeats + b"\xff\xd9"
+
+
 def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
 
@@ -169,6 +178,7 @@ def _png_header(width: int, height: int) -> bytes:
     (b"\0\0\0\1" + _png_header(5000, 10), 1009, "5000x10 pixels is over the 4096x4096 cap"),
     (b"\0\0\0\1" + _png_header(64, 64) + b"garbage", 1003, "does not decode"),
     (b"\0\0\0\1\xff\xd8\xff\xe0\0\x10JFIF", 1003, "truncated or corrupt JPEG"),
+    (b"\0\0\0\1" + _many_scans(40), 1009, r"JPEG of \d+ scans, over the 32 cap"),  # decoded, slowly, before
     ("not json", 1003, "not JSON"),
     ("[1, 2]", 1003, "needs a type among controls, snapshot, record"),
     ('{"type": "reboot"}', 1003, "needs a type"),
@@ -463,6 +473,40 @@ def test_a_client_whose_frames_fail_is_closed_saying_why(make_client, astronaut_
         assert got["seq"] == 2 and len(got["faces"]) == 1
 
 
+def test_a_recording_that_cannot_start_closes_that_client_saying_why(make_client, astronaut_bgr, tmp_path):
+    """The record folder's parent removed while serving: "record" closes that client with 1011
+    and the error (it was an exception out of the app: the socket cut, 1006, no reason), and
+    another client keeps running."""
+    (tmp_path / "gone").mkdir()
+    client, state = make_client(record_dir=tmp_path / "gone" / "recordings")
+    (tmp_path / "gone").rmdir()
+    with client.websocket_connect("/ws") as good, client.websocket_connect("/ws") as bad:
+        good.receive_json(), bad.receive_json()
+        bad.send_text('{"type": "record", "on": true}')
+        close = closed(bad)
+        assert close["code"] == 1011, close
+        assert close["reason"].startswith("server error: [Errno 2] No such file or directory"), close
+        got, _ = send_frame(good, 3, jpeg(astronaut_bgr))
+        assert got["seq"] == 3 and len(got["faces"]) == 1
+    wait_until(lambda: state.connected == 0)
+
+
+def test_a_session_that_cannot_open_closes_the_client_saying_why(make_client, monkeypatch):
+    """The client's face detector will not open: 1011 and the error (it escaped the app: the
+    socket cut, 1006, which the page retries), its place freed."""
+    import camface.api
+
+    def broken(config):
+        raise RuntimeError("no detector today")
+
+    client, state = make_client(max_clients=1)
+    monkeypatch.setattr(camface.api, "face_detector", broken)
+    with client.websocket_connect("/ws") as ws:
+        close = closed(ws)
+    assert close["code"] == 1011 and close["reason"] == "server error: no detector today", close
+    assert state.connected == 0 and state.stats()["clients"] == 0
+
+
 # ------------------------------------------------------------------ protocol pieces and the command
 
 
@@ -472,6 +516,8 @@ def test_image_size_reads_headers_without_decoding(astronaut_bgr):
     assert protocol.image_size(png) == ("png", 300, 100)
     progressive = cv2.imencode(".jpg", astronaut_bgr[:70, :90], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
     assert protocol.image_size(progressive) == ("jpeg", 90, 70)
+    assert progressive.count(b"\xff\xda") == 10  # libjpeg's progression: well under MAX_SCANS
+    assert protocol.parse_frame(b"\0\0\0\7" + progressive) == (7, progressive)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -491,6 +537,22 @@ def test_serve_refuses_bad_options(argv, message, capsys, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert main(["serve", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_printed_url_opens_the_page_with_any_token(make_client):
+    """A --token with URL-special characters (+ & # % space: a password manager's) still
+    works from the URL printed (it was printed raw: `+` read back as a space, `&` and `#` cut
+    it, so the page was refused)."""
+    from urllib.parse import urlsplit
+
+    from camface.serve.cli import _urls
+
+    token = "pass word+&x=1#%41"
+    client, _ = make_client(token=token)
+    url = urlsplit(_urls("127.0.0.1", 8000, False, token)[0])
+    assert client.get(f"{url.path}?{url.query}").status_code == 200
+    with client.websocket_connect(f"/ws?{url.query}") as ws:  # the page sends the query it was opened with
+        assert ws.receive_json()["type"] == "hello"
 
 
 def test_urls_name_the_token_when_one_is_needed():

@@ -141,3 +141,106 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
         _, err = server.communicate(timeout=30)
     assert server.returncode == 143, err
     assert re.search(r"camface serve: \d+ frames in \d+ graph calls", err), err
+
+
+# Each annotated frame's JPEG as the page received it, in order, with the notes between them;
+# and a camera-frame decode (createImageBitmap) made slow, as on a weak laptop.
+_RECEIVED_AND_SLOW_DECODE = """
+window.received = [];
+const Socket = window.WebSocket;
+window.WebSocket = class extends Socket {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener("message", (event) => {
+      if (typeof event.data === "string") { window.received.push(JSON.parse(event.data)); return; }
+      const length = new DataView(event.data).getUint32(0);
+      window.received.push({ jpeg: new Blob([new Uint8Array(event.data, 4 + length)]) });
+    });
+  }
+};
+const decode = window.createImageBitmap;
+window.createImageBitmap = (...args) => new Promise((done) => setTimeout(() => done(decode(...args)), 300));
+"""
+
+_SAME_BYTES = """async () => {
+  const bytes = async (blob) => Array.from(new Uint8Array(await blob.arrayBuffer())).join(",");
+  const at = window.received.findIndex((m) => m.type === "snapshot");
+  const link = document.querySelector("#downloads a");
+  if (!link) return "no download link";
+  const offered = await bytes(await (await fetch(link.href)).blob());
+  return offered === await bytes(window.received[at - 1].jpeg) ? "the snapshot's frame"
+       : window.received.slice(0, at).some((m) => m.jpeg) ? "another frame" : "?";
+}"""
+
+
+def test_the_snapshot_download_is_the_frame_of_the_snapshot_while_decoding_lags(tmp_path):
+    """The server sends the snapshot note right after the frame it snapshotted; the page offers
+    that frame's JPEG even when drawing lags behind (it once offered the last frame DRAWN: an
+    older one, or nothing and a TypeError when none was drawn yet)."""
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    sample = SampleSource(frames=300, size=(320, 240))
+    clip = write_y4m(tmp_path / "camera.y4m", [sample.frame(150 + k) for k in range(15)])  # each frame its own
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = browser.new_context().new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.add_init_script(_RECEIVED_AND_SLOW_DECODE)
+            page.goto(url)
+            shown(page, 3)
+            page.click("#snapshot")
+            page.wait_for_function("window.received.some((m) => m.type === 'snapshot')", timeout=10_000)
+            page.wait_for_timeout(100)
+            assert page.evaluate(_SAME_BYTES) == "the snapshot's frame" and errors == []
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path):
+    """A camera that sends nothing for --idle-timeout (a hidden tab, a sleeping laptop; here the
+    video paused) is closed as idle; once it has frames again the page reconnects by itself, with
+    the method the user chose, its lists not doubled, and the record button off (it was closed
+    for good, showing "stop", before)."""
+    from camface.models import EMOTION_ONNX
+    from camface.realtime.graph import CamGraph
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    info = CamGraph(EMOTION_ONNX, "cpu").info
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path, "--idle-timeout", "3")
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = browser.new_context().new_page()
+            page.goto(url)
+            shown(page, 3)
+            methods = page.evaluate("window.camface.hello.methods")
+            chosen = next(m for m in methods if m != page.evaluate("window.camface.hello.method"))
+            page.select_option("#method", chosen)
+            page.wait_for_function(f"window.camface.stats.method === '{chosen}'", timeout=10_000)
+            page.click("#record")
+            page.wait_for_function("window.camface.notes.some(n => n.type === 'recording')", timeout=10_000)
+            hellos = "window.camface.notes.filter(n => n.type === 'hello').length"
+            before = page.evaluate(hellos)
+            page.evaluate("document.getElementById('camera').pause()")
+            page.wait_for_function("document.getElementById('status').textContent.includes('idle')", timeout=10_000)
+            assert page.text_content("#record") == "record"
+            page.evaluate("window.camface.last = null; document.getElementById('camera').play()")
+            page.wait_for_function(f"{hellos} > {before}", timeout=15_000)
+            # a frame of the new socket, explained as chosen: the page told the new session
+            page.wait_for_function(f"window.camface.last && window.camface.last.method === '{chosen}'", timeout=10_000)
+            assert page.text_content("#status") == "connected"
+            assert page.input_value("#method") == chosen
+            assert page.locator("#method option").count() == len(methods) + 1  # and "none"
+            assert page.locator("#class option").count() == len(info.labels) + 1  # and "predicted"
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)

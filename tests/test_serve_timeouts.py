@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -67,11 +68,35 @@ def test_a_client_that_does_not_read_is_closed_and_its_place_freed(make_client, 
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"idle_timeout_s": 0}, "--idle-timeout must be > 0 seconds, got 0"),
-    ({"send_timeout_s": -1.0}, "--send-timeout must be > 0 seconds, got -1.0"),
+    ({"idle_timeout_s": 0}, "--idle-timeout must be a finite number of seconds > 0, got 0"),
+    ({"send_timeout_s": -1.0}, "--send-timeout must be a finite number of seconds > 0, got -1.0"),
+    ({"idle_timeout_s": float("nan")}, "--idle-timeout must be .* got nan"),
+    # the hello carries the timeouts: Infinity is not JSON, the page could not read it (and broke)
+    ({"idle_timeout_s": float("inf")}, "--idle-timeout must be a finite number of seconds > 0, got inf"),
+    ({"send_timeout_s": float("inf")}, "--send-timeout must be .* got inf"),
 ])
 def test_timeouts_must_be_positive(options, message, tmp_path):
     from camface.serve.state import ServeOptions
 
     with pytest.raises(ValueError, match=message):
         ServeOptions(record_dir=tmp_path / "r", snapshot_dir=tmp_path / "s", **options)
+
+
+@pytest.mark.parametrize("flag, field", [("--snapshot-dir", "snapshot_dir"), ("--record-dir", "record_dir")])
+@pytest.mark.parametrize("exists", [True, False])
+def test_the_folders_must_be_writable_at_start(flag, field, exists, tmp_path, monkeypatch):
+    """An unwritable --snapshot-dir (e.g. the default `snapshots` in a read-only working folder)
+    is refused at start: before, the server started and every client failed (1011, a traceback
+    in the log) when its session opened the snapshot writer."""
+    import os
+
+    from camface.serve.state import ServeOptions
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    folder = read_only / "out" if not exists else read_only
+    writable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: writable(path, mode) and Path(path) != read_only)  # root may write anywhere
+    options = {"record_dir": tmp_path / "r", "snapshot_dir": tmp_path / "s", field: folder}
+    with pytest.raises(ValueError, match=f"{flag} {folder}: folder {read_only} is not writable"):
+        ServeOptions(**options)

@@ -6,6 +6,7 @@
 "use strict";
 
 const WINDOW = 2;
+const RETRY_MS = 3000;  // between attempts to reconnect
 const PANEL_EVERY_MS = 250;  // the side panel's refresh: layout costs the browser CPU the frames need
 const token = new URLSearchParams(location.search).get("token");
 const query = token ? `?token=${encodeURIComponent(token)}` : "";
@@ -21,6 +22,7 @@ let socket = null, sent = 0, answered = 0, drawn = 0, encoding = false, recordin
 const sentAt = new Map();
 const shownAt = [];
 let lastJpeg = null, labels = [], panelAt = 0;
+let connections = 0, retry = false, closedAt = 0;
 
 function status(text, error = false) {
   $("status").textContent = text;
@@ -42,19 +44,41 @@ async function start() {
     status(`camera refused: ${error.message}`, true);
     return;
   }
+  connect();
+  video.requestVideoFrameCallback(onCameraFrame);
+}
+
+// A new socket starts a new sequence: nothing is in flight or drawn on it yet.
+function connect() {
+  connections += 1;
+  sent = answered = drawn = 0;
+  sentAt.clear();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   socket = new WebSocket(`${scheme}://${location.host}/ws${query}`);
   socket.binaryType = "arraybuffer";
-  socket.onopen = () => { status("connected"); video.requestVideoFrameCallback(onCameraFrame); };
+  socket.onopen = () => status("connected");
   socket.onmessage = onMessage;
-  socket.onclose = (event) => status(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""})`,
-                                     event.code !== 1000);
+  socket.onclose = onClose;
+}
+
+// Closed as idle (the camera sent nothing: a hidden tab, a sleeping laptop), by a server
+// restarting (1012) or full (1013), or a lost connection (1006): reconnect once the camera has
+// a new frame, at most every RETRY_MS. A refusal, a bad message or a server error stays closed.
+function onClose(event) {
+  status(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""})`, event.code !== 1000);
+  setRecording(false);  // the server finalised it: this socket's recording is over
+  retry = [1006, 1012, 1013].includes(event.code) || (event.code === 1008 && event.reason.startsWith("idle:"));
+  closedAt = performance.now();
 }
 
 // Only new camera frames are sent, and only while fewer than WINDOW are unanswered.
 function onCameraFrame() {
   video.requestVideoFrameCallback(onCameraFrame);
   camface.cameraFrames += 1;
+  if (retry && socket.readyState === WebSocket.CLOSED && performance.now() - closedAt >= RETRY_MS) {
+    retry = false;
+    connect();
+  }
   if (!socket || socket.readyState !== WebSocket.OPEN || encoding || sent - answered >= WINDOW) return;
   encoding = true;
   const started = performance.now();
@@ -88,13 +112,14 @@ function onMessage(event) {
   const result = JSON.parse(new TextDecoder().decode(new Uint8Array(data, 4, length)));
   const jpeg = new Blob([new Uint8Array(data, 4 + length)], { type: "image/jpeg" });
   camface.bytesReceived += data.byteLength - 4 - length;
+  lastJpeg = jpeg;  // now, not once drawn: a snapshot note comes right after its frame, maybe before the draw
   // Frames the server dropped as stale are answered by a newer one: everything up to seq is done.
   answered = Math.max(answered, result.seq);
   const sentTime = sentAt.get(result.seq);
   for (const seq of sentAt.keys()) if (seq <= result.seq) sentAt.delete(seq);
-  const received = performance.now();
+  const received = performance.now(), connection = connections;
   createImageBitmap(jpeg).then((bitmap) => {
-    if (result.seq <= drawn) return;  // an older frame decoded late
+    if (connection !== connections || result.seq <= drawn) return;  // an older frame decoded late
     drawn = result.seq;
     if (view.width !== bitmap.width || view.height !== bitmap.height) {
       view.width = bitmap.width; view.height = bitmap.height;
@@ -111,7 +136,6 @@ function onMessage(event) {
     stats.framesShown += 1;
     stats.method = result.method;
     camface.last = result;
-    lastJpeg = jpeg;
     shownAt.push(now);
     while (shownAt.length && now - shownAt[0] > 1000) shownAt.shift();
     if (now - panelAt >= PANEL_EVERY_MS) { panelAt = now; panel(result); }
@@ -121,22 +145,31 @@ function onMessage(event) {
 function onNote(note) {
   camface.notes.push(note);
   if (note.type === "hello") {
+    // a reconnection keeps what the user chose (when the server still offers it) and tells the server
+    const again = camface.hello !== null;
     camface.hello = note;
     labels = note.labels;
-    const method = $("method");
-    for (const name of [...note.methods, "none"]) method.add(new Option(name, name, false, name === note.method));
-    labels.forEach((label, k) => $("class").add(new Option(`${k}: ${label}`, String(k))));
-    $("smooth").checked = note.smooth;
+    const method = $("method"), klass = $("class");
+    const names = [...note.methods, "none"];
+    const chosen = again && names.includes(method.value) ? method.value : note.method;
+    const k = again && Number(klass.value) < labels.length ? klass.value : "";
+    method.replaceChildren(...names.map((name) => new Option(name, name, false, name === chosen)));
+    klass.replaceChildren(new Option("predicted", "", false, k === ""),
+                          ...labels.map((label, i) => new Option(`${i}: ${label}`, String(i), false, String(i) === k)));
+    if (again) sendControls(); else $("smooth").checked = note.smooth;
   } else if (note.type === "snapshot") {
     link(URL.createObjectURL(lastJpeg), `${note.folder}.jpg`, `snapshot ${note.folder} (annotated frame)`);
   } else if (note.type === "recording") {
-    recording = true;
-    $("record").textContent = "stop"; $("record").className = "on";
+    setRecording(true);
   } else if (note.type === "recorded") {
-    recording = false;
-    $("record").textContent = "record"; $("record").className = "";
+    setRecording(false);
     if (note.url) link(note.url + query, note.file, `${note.file} (${note.frames} frames)`);
   }
+}
+
+function setRecording(on) {
+  recording = on;
+  $("record").textContent = on ? "stop" : "record"; $("record").className = on ? "on" : "";
 }
 
 function link(href, filename, text) {
@@ -174,7 +207,7 @@ function panel(result) {
 }
 
 function sendControls() {
-  if (!socket || socket.readyState !== WebSocket.OPEN) return;
+  if (!socketOpen()) return;
   const k = $("class").value;
   socket.send(JSON.stringify({ type: "controls", method: $("method").value,
                                explained_class: k === "" ? null : Number(k),
@@ -182,9 +215,10 @@ function sendControls() {
 }
 
 for (const id of ["method", "class", "hud", "smooth"]) $(id).addEventListener("change", sendControls);
-$("snapshot").addEventListener("click", () => socket && socket.send(JSON.stringify({ type: "snapshot" })));
+const socketOpen = () => socket && socket.readyState === WebSocket.OPEN;
+$("snapshot").addEventListener("click", () => socketOpen() && socket.send(JSON.stringify({ type: "snapshot" })));
 $("record").addEventListener("click", () => {
-  if (!socket) return;
+  if (!socketOpen()) return;
   const fps = Math.min(120, Math.max(1, shownAt.length || 30));
   socket.send(JSON.stringify(recording ? { type: "record", on: false } : { type: "record", on: true, fps }));
 });
