@@ -337,3 +337,25 @@ def test_evaluate_sanity_names_a_missing_method(capsys):
 def test_evaluate_sanity_misuse_fails_before_scoring(capsys, flags, message):
     assert camface_main(["evaluate", "--frames", "5", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_method_with_no_non_zero_original_map_is_reported_not_a_crash(tmp_path):
+    """Every original map 0 (e.g. XGrad-CAM on a white crop of the bundled graph): the medians are
+    None (JSON null); the table's cell and the figure's title say n/a instead of raising TypeError
+    after minutes of work."""
+    from camface.evaluate.plot import plot_sanity
+    from camface.evaluate.report import sanity_cell
+
+    steps = ("logits", "head", "all")
+    empty = sanity.MethodSanity("xgradcam", steps, (None,) * 3, (None,) * 3, None, crops=0)
+    entry = json.loads(json.dumps(empty.to_json(), allow_nan=False))
+    assert entry["random_logit"] == {"ssim": None, "passed": False}
+    assert sanity_cell(entry) == "FAIL (rho n/a, n/a) / FAIL (SSIM n/a)"
+    half = sanity.MethodSanity("gradcam", steps, (0.25, None, -0.5), (0.5,) * 3, 0.125, crops=1)
+    assert sanity_cell(half.to_json()) == "FAIL (rho n/a, -0.50) / pass (SSIM 0.12)"
+    report = {"settings": {"model": "emotion.onnx", "target_layer": "add_3", "color_order": "GRAY"},
+              "sanity": {"xgradcam": entry}}
+    zero = np.zeros((8, 8), np.float32)
+    figure = {"crops": np.full((1, 8, 8, 1), 255, np.uint8), "steps": list(steps),
+              "maps": {"xgradcam": [[zero]] * 4}}
+    assert plot_sanity(report, figure, tmp_path / "s.png").is_file()
