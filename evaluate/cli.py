@@ -219,7 +219,31 @@ def keras_for_guided(graph_path, info, override):
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for unreadable files
         raise ModelError(f"cannot load Keras model {path}: {exc}") from exc
+    why = _mismatch(model, info)
+    if why:  # found here, before minutes of scoring, not at the end of the sanity checks
+        if override is not None:
+            raise ModelError(f"--keras {path}: {why}")
+        return None, f"{path}: {why}"
     return (model, Preprocessing.from_normalization(info.color_order, info.normalization), info.target_layer), ""
+
+
+def _mismatch(model, info) -> str:
+    """Why Keras `model` cannot be the graph's model (its input, classes or target layer differ;
+    "" when it can)."""
+    from camface.errors import ModelError
+    from camface.guided.gradcam import resolve_layer
+
+    expected, shape = (*info.input_size, info.channels), tuple(model.input_shape[1:])
+    if len(shape) != 3 or any(d is not None and d != e for d, e in zip(shape, expected)):
+        return (f"the model takes {'x'.join(str(d) for d in shape)} inputs, the graph "
+                f"{'x'.join(str(d) for d in expected)} crops")
+    if int(model.output_shape[-1]) != len(info.labels):
+        return f"the model has {model.output_shape[-1]} classes, the graph {len(info.labels)}"
+    try:
+        resolve_layer(model, info.target_layer)
+    except ModelError as exc:
+        return f"the graph's target layer: {exc}"
+    return ""
 
 
 def sanity_randomizer(graph_path, seed: int):

@@ -359,3 +359,24 @@ def test_a_method_with_no_non_zero_original_map_is_reported_not_a_crash(tmp_path
     figure = {"crops": np.full((1, 8, 8, 1), 255, np.uint8), "steps": list(steps),
               "maps": {"xgradcam": [[zero]] * 4}}
     assert plot_sanity(report, figure, tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("head, message", [
+    ("conv", "the graph's target layer: no layer named 'add_3'"),
+    ("classes", "the model has 3 classes, the graph 7"),
+])
+def test_evaluate_sanity_checks_the_keras_model_before_scoring(tmp_path, capsys, monkeypatch, head, message):
+    """--keras naming a model that is not the graph's (no target layer, other classes) is a one-line
+    error naming the file before any scoring, not a failure at the end of the sanity checks."""
+    keras = pytest.importorskip("keras")
+    from camface.evaluate.scores import Scorer
+
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="add_3" if head == "classes" else "conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "other.keras"
+    keras.Model(inputs, keras.layers.Dense(3 if head == "classes" else 7, activation="softmax")(x)).save(path)
+    monkeypatch.setattr(Scorer, "score", lambda *args, **kwargs: pytest.fail("scored before checking --keras"))
+    assert camface_main(["evaluate", "--sanity", "--frames", "5", "--keras", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--keras {path}: {message}" in err and "Traceback" not in err
