@@ -241,6 +241,18 @@ def _unknown_layer(tmp_path, astronaut_bgr):
     return [str(folder), "--layer", "conv9"], "no layer named 'conv9' .*candidate target layers.*conv2d_7"
 
 
+def _photo_for_a_model_of_any_size(tmp_path, astronaut_bgr):
+    import cv2
+
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(7, 3, activation="relu")(inputs))
+    model = tmp_path / "any_size.keras"
+    keras.Model(inputs, keras.layers.Softmax()(x)).save(model)
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), astronaut_bgr)
+    return [str(photo), "--model", str(model)], "model .*any_size.keras takes images of any size"
+
+
 def _missing_input(tmp_path, astronaut_bgr):
     return [str(tmp_path / "nothing")], "input not found: .*nothing"
 
@@ -260,7 +272,8 @@ def _output_into_the_snapshot(tmp_path, astronaut_bgr):
 
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
-                                  _missing_input, _output_over_the_photo, _output_into_the_snapshot],
+                                  _missing_input, _output_over_the_photo, _output_into_the_snapshot,
+                                  _photo_for_a_model_of_any_size],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re
