@@ -194,6 +194,11 @@ def keras_for_guided(graph_path, info, override):
     from camface.hashing import sha256_file
     from camface.models import EMOTION_KERAS
 
+    if info.gallery:  # its source model is the embedder: its outputs are not the identities
+        if override is not None:
+            raise ModelError(f"--keras {override}: the graph {graph_path} is a gallery graph; Guided Backprop "
+                             "and Guided Grad-CAM explain a classifier's classes, not a similarity")
+        return None, "the graph is a gallery graph (its source model is an embedder, not a classifier)"
     if override is not None:
         if not override.is_file():
             raise ModelError(f"--keras: model file not found: {override}")

@@ -380,3 +380,23 @@ def test_evaluate_sanity_checks_the_keras_model_before_scoring(tmp_path, capsys,
     assert camface_main(["evaluate", "--sanity", "--frames", "5", "--keras", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"--keras {path}: {message}" in err and "Traceback" not in err
+
+
+def test_guided_sanity_is_not_run_on_a_gallery_graph(tmp_path):
+    """A gallery graph's source model is its embedder (the bundled classifier with
+    `enroll --embedding-from`): Guided Backprop of its outputs is not a map of the identities, so
+    the guided checks are skipped (and an explicit --keras is an error naming both files)."""
+    from camface.evaluate.cli import keras_for_guided
+    from camface.graph_spec import GraphInfo
+    from camface.hashing import sha256_file
+    from camface.models import EMOTION_KERAS
+
+    info = GraphInfo(labels=("ann", "bob"), input_size=(64, 64), color_order="GRAY", target_layer="add_3",
+                     heatmaps=("gradcam",), feature_size=(8, 8), normalization={"scale": [1 / 127.5], "offset": [-1.0]},
+                     source_model=EMOTION_KERAS.name, source_sha256=sha256_file(EMOTION_KERAS),
+                     gallery={"embedding_dim": 7})
+    graph = tmp_path / "people.onnx"
+    guided, why = keras_for_guided(graph, info, None)
+    assert guided is None and "gallery graph" in why
+    with pytest.raises(ModelError, match=f"--keras {EMOTION_KERAS}: the graph {graph} is a gallery graph"):
+        keras_for_guided(graph, info, EMOTION_KERAS)
