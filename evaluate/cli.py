@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError, UsageError
+from camface.errors import CamfaceError, ModelError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,9 @@ def main(args: argparse.Namespace) -> int:
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
     randomizer = guided = None
     if args.sanity:  # fail before minutes of scoring
+        if len(graph.info.labels) < 2:  # not at the end of the cascade (sanity._other_classes)
+            raise ModelError(f"--sanity: the random-logit test needs at least 2 classes; {graph_path} has "
+                             f"{len(graph.info.labels)}")
         randomizer = sanity_randomizer(graph_path, args.seed)
         guided, why_not = keras_for_guided(graph_path, graph.info, args.keras)
         if why_not:
