@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 PIPELINE_OPTIONS = ("source", "model", "detector", "detector_runtime", "min_confidence", "margin", "max_faces", "device",
                     "graph_threads")
 RANDOM = "random"
+EVERY = 5  # --every's default for a clip, camera or stream
+
+
+def default_every(source: str) -> int:
+    """--every when it is not given: 1 for a folder of images (distinct photos, none to skip),
+    else EVERY (neighbouring video frames are near duplicates)."""
+    return 1 if Path(source).is_dir() else EVERY
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="'all' (every heatmap of the graph, the random baseline included) or a "
                              "comma-separated list; the random baseline is always added when the graph has it")
     parser.add_argument("--frames", type=int, default=300, help="frames read from --source")
-    parser.add_argument("--every", type=int, default=5,
-                        help="score the faces of every N-th frame read (neighbouring video frames are near "
-                             "duplicates; 1: every frame)")
+    parser.add_argument("--every", type=int, default=None,
+                        help=f"score the faces of every N-th frame read (neighbouring video frames are near "
+                             f"duplicates; 1: every frame); default: {EVERY} for a clip, camera or stream, 1 for a "
+                             "folder of images (each its own photo)")
     parser.add_argument("--steps", type=int, default=16,
                         help="K: deletion / insertion curves remove or reveal 1/K of the pixels per step")
     parser.add_argument("--baseline", choices=("blur", "mean"), default="blur",
@@ -103,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots and args.source is not None:
         raise UsageError("give SNAPSHOT_DIRs or --source, not both")
     config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
-    if args.frames < 1 or args.every < 1:
+    every = args.every if args.every is not None else default_every(config.source)
+    if args.frames < 1 or every < 1:
         raise UsageError("--frames and --every must be >= 1")
     if args.steps < 2:
         raise UsageError(f"--steps must be at least 2, got {args.steps}")
@@ -147,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots:
         crops, frames, source = crop_sources.from_snapshots(args.snapshots, graph.info), None, ", ".join(args.snapshots)
     else:
-        crops, frames = crop_sources.from_source(config, graph, args.frames, args.every, progress)
+        crops, frames = crop_sources.from_source(config, graph, args.frames, every, progress)
         source = config.source
     detected = time.perf_counter()
     scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,
@@ -162,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
         sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
                                               progress=progress, guided=guided)
         seconds["sanity"] = time.perf_counter() - finished
-    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
+    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=every,
                      steps=args.steps, baseline=args.baseline, seconds=seconds)
     if sanity_results is not None:
         report["settings"]["sanity_seed"] = args.seed
