@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError, UsageError
+from camface.errors import CamfaceError, ModelError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 PIPELINE_OPTIONS = ("source", "model", "detector", "detector_runtime", "min_confidence", "margin", "max_faces", "device",
                     "graph_threads")
 RANDOM = "random"
+EVERY = 5  # --every's default for a clip, camera or stream
+
+
+def default_every(source: str) -> int:
+    """--every when it is not given: 1 for a folder of images (distinct photos, none to skip),
+    else EVERY (neighbouring video frames are near duplicates)."""
+    return 1 if Path(source).is_dir() else EVERY
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +50,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="'all' (every heatmap of the graph, the random baseline included) or a "
                              "comma-separated list; the random baseline is always added when the graph has it")
     parser.add_argument("--frames", type=int, default=300, help="frames read from --source")
-    parser.add_argument("--every", type=int, default=5,
-                        help="score the faces of every N-th frame read (neighbouring video frames are near "
-                             "duplicates; 1: every frame)")
+    parser.add_argument("--every", type=int, default=None,
+                        help=f"score the faces of every N-th frame read (neighbouring video frames are near "
+                             f"duplicates; 1: every frame); default: {EVERY} for a clip, camera or stream, 1 for a "
+                             "folder of images (each its own photo)")
     parser.add_argument("--steps", type=int, default=16,
                         help="K: deletion / insertion curves remove or reveal 1/K of the pixels per step")
     parser.add_argument("--baseline", choices=("blur", "mean"), default="blur",
@@ -103,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots and args.source is not None:
         raise UsageError("give SNAPSHOT_DIRs or --source, not both")
     config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
-    if args.frames < 1 or args.every < 1:
+    every = args.every if args.every is not None else default_every(config.source)
+    if args.frames < 1 or every < 1:
         raise UsageError("--frames and --every must be >= 1")
     if args.steps < 2:
         raise UsageError(f"--steps must be at least 2, got {args.steps}")
@@ -135,6 +144,9 @@ def main(args: argparse.Namespace) -> int:
     names = resolve_methods(args.methods, tuple(graph.info.heatmaps))
     randomizer = guided = None
     if args.sanity:  # fail before minutes of scoring
+        if len(graph.info.labels) < 2:  # not at the end of the cascade (sanity._other_classes)
+            raise ModelError(f"--sanity: the random-logit test needs at least 2 classes; {graph_path} has "
+                             f"{len(graph.info.labels)}")
         randomizer = sanity_randomizer(graph_path, args.seed)
         guided, why_not = keras_for_guided(graph_path, graph.info, args.keras)
         if why_not:
@@ -144,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots:
         crops, frames, source = crop_sources.from_snapshots(args.snapshots, graph.info), None, ", ".join(args.snapshots)
     else:
-        crops, frames = crop_sources.from_source(config, graph, args.frames, args.every, progress)
+        crops, frames = crop_sources.from_source(config, graph, args.frames, every, progress)
         source = config.source
     detected = time.perf_counter()
     scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,
@@ -159,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
         sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
                                               progress=progress, guided=guided)
         seconds["sanity"] = time.perf_counter() - finished
-    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=args.every,
+    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=every,
                      steps=args.steps, baseline=args.baseline, seconds=seconds)
     if sanity_results is not None:
         report["settings"]["sanity_seed"] = args.seed
@@ -194,6 +206,11 @@ def keras_for_guided(graph_path, info, override):
     from camface.hashing import sha256_file
     from camface.models import EMOTION_KERAS
 
+    if info.gallery:  # its source model is the embedder: its outputs are not the identities
+        if override is not None:
+            raise ModelError(f"--keras {override}: the graph {graph_path} is a gallery graph; Guided Backprop "
+                             "and Guided Grad-CAM explain a classifier's classes, not a similarity")
+        return None, "the graph is a gallery graph (its source model is an embedder, not a classifier)"
     if override is not None:
         if not override.is_file():
             raise ModelError(f"--keras: model file not found: {override}")
@@ -219,7 +236,31 @@ def keras_for_guided(graph_path, info, override):
         model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises many types for unreadable files
         raise ModelError(f"cannot load Keras model {path}: {exc}") from exc
+    why = _mismatch(model, info)
+    if why:  # found here, before minutes of scoring, not at the end of the sanity checks
+        if override is not None:
+            raise ModelError(f"--keras {path}: {why}")
+        return None, f"{path}: {why}"
     return (model, Preprocessing.from_normalization(info.color_order, info.normalization), info.target_layer), ""
+
+
+def _mismatch(model, info) -> str:
+    """Why Keras `model` cannot be the graph's model (its input, classes or target layer differ;
+    "" when it can)."""
+    from camface.errors import ModelError
+    from camface.guided.gradcam import resolve_layer
+
+    expected, shape = (*info.input_size, info.channels), tuple(model.input_shape[1:])
+    if len(shape) != 3 or any(d is not None and d != e for d, e in zip(shape, expected)):
+        return (f"the model takes {'x'.join(str(d) for d in shape)} inputs, the graph "
+                f"{'x'.join(str(d) for d in expected)} crops")
+    if int(model.output_shape[-1]) != len(info.labels):
+        return f"the model has {model.output_shape[-1]} classes, the graph {len(info.labels)}"
+    try:
+        resolve_layer(model, info.target_layer)
+    except ModelError as exc:
+        return f"the graph's target layer: {exc}"
+    return ""
 
 
 def sanity_randomizer(graph_path, seed: int):

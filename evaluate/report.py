@@ -140,8 +140,14 @@ def format_table(report: dict) -> str:
 
 
 def sanity_cell(result: dict) -> str:
-    """One method's sanity verdicts: 'pass'/'FAIL' per test, with its figure."""
+    """One method's sanity verdicts: 'pass'/'FAIL' per test, with its figure ('n/a' for a figure
+    that is undefined: no crop whose original map is non-zero, JSON null)."""
     randomised, logit = result["model_randomization"], result["random_logit"]
     head = randomised["spearman"][randomised["steps"].index(randomised["head_step"])]
-    return (f"{'pass' if randomised['passed'] else 'FAIL'} (rho {head:+.2f}, {randomised['spearman'][-1]:+.2f}) / "
-            f"{'pass' if logit['passed'] else 'FAIL'} (SSIM {logit['ssim']:.2f})")
+
+    def figure(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    return (f"{'pass' if randomised['passed'] else 'FAIL'} (rho {figure(head, '+.2f')}, "
+            f"{figure(randomised['spearman'][-1], '+.2f')}) / "
+            f"{'pass' if logit['passed'] else 'FAIL'} (SSIM {figure(logit['ssim'], '.2f')})")

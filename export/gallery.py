@@ -160,7 +160,7 @@ def load(path: str | Path, options: ExportOptions, from_classifier: bool = False
         raise ModelError(f"embedder {path}: output {outputs[0].name!r} is {dims or 'of unknown shape'}; "
                          "camface needs an embedding [N, D] (use --embedding-from for a classifier)")
     described = onnx_model.describe(model, where=path)  # the image input checks
-    pre = onnx_export.preprocessing(options, described.channels)
+    pre = onnx_export.preprocessing(options, described.channels, f"embedder {path}")
     return Embedder(model, path, described.input_name, described.input_layout, described.input_size,
                     described.channels, int(dims[1]), pre)
 

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".onnx", ".pt2")
 
 
-def preprocessing(options: ExportOptions, channels: int) -> Preprocessing:
-    """ONNX files do not record normalisation: a preset or explicit values are required."""
+def preprocessing(options: ExportOptions, channels: int, source: object = "an ONNX or PyTorch model") -> Preprocessing:
+    """ONNX files do not record normalisation: a preset or explicit values are required
+    (ModelError naming `source`, the model file, otherwise)."""
     if options.preset is None and options.scale is None and options.offset is None:
-        raise ModelError("an ONNX or PyTorch model does not say how it normalises its input: "
+        raise ModelError(f"{source} does not say how it normalises its input: "
                          "pass --preset (torch = RGB (x/255 - ImageNet mean) / std, tf, unit, "
                          "imagenet-caffe, arcface = RGB (x-127.5)/127.5, facenet = RGB (x-127.5)/128, "
                          "none = raw 0..255) or --scale/--offset "
@@ -144,7 +145,7 @@ def build(model, options: ExportOptions, source: str = "model"):
         where = f"labels file {options.labels_source}" if options.labels_source else "labels"
         raise ModelError(f"{where}: {len(labels)} labels, but {source} has "
                          f"{classifier.num_classes} classes (one label per line, in class order)")
-    pre = preprocessing(options, classifier.channels)
+    pre = preprocessing(options, classifier.channels, source)
     choice = choose_target(classifier, renamed.get(options.target_layer, options.target_layer),
                            options)
     classifier = choice.classifier

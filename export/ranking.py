@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -91,10 +90,11 @@ def source_crops(source: str, graph) -> tuple[np.ndarray, dict]:
     cuts them for `graph` (a CamGraph): every EVERY-th of the first FRAMES frames of a clip or
     the sample, every image of a folder (`--every 1`). No face: zero crops. SourceError when
     the source does not open."""
+    from camface.evaluate.cli import default_every
     from camface.evaluate.crops import NoFaces, from_source
     from camface.realtime.config import LiveConfig
 
-    every = 1 if Path(source).is_dir() else EVERY
+    every = default_every(source)
     try:
         crops, read = from_source(LiveConfig(source=source), graph, FRAMES, every)
     except NoFaces as exc:

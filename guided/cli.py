@@ -149,6 +149,9 @@ def _read_input(config: GuidedConfig):
         log.warning("%s: assuming grayscale input scaled as x/127.5-1 (the emotion model's)",
                     keras_path)
         preprocessing = snapshot.EMOTION_PREPROCESSING
+    if None in model.input_shape[1:3]:  # the crop size faces are cut to
+        raise ModelError(f"model {keras_path} takes images of any size {tuple(model.input_shape[1:])}: camface "
+                         "guided crops faces to the model's fixed input size; give it one, or explain a snapshot")
     size = tuple(int(v) for v in model.input_shape[1:3])
     return read_image(config.input, keras_path, preprocessing, size, labels,
                       detector=config.detector, margin=config.margin,

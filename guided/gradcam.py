@@ -2,8 +2,8 @@
 
 The live loop gets its heatmaps from the exported ONNX CAM graph; `camface guided` recomputes
 the target layer's activations A and the gradient G = d y^c / d A of the class's PRE-softmax
-logit y^c here, so the guided figure can explain any layer (`--layer`, `--layers all`), and
-every heatmap comes from the method registry's numpy references (camface.methods), the same
+(or pre-sigmoid) logit y^c here, so the guided figure can explain any layer (`--layer`,
+`--layers all`), and every heatmap comes from the method registry's numpy references (camface.methods), the same
 equations the graph runs (tests/test_guided_gradcam.py checks the two against each other).
 Target layers are resolved and the model is cut exactly as `camface export` does.
 """
@@ -21,10 +21,27 @@ import numpy as np
 # (`backbone/layer` paths), means the same layer here.
 
 
-def _is_softmax(activation) -> bool:
+PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")  # as `camface export` reads a model's last layer
+
+
+def _probability_activation(layer) -> str | None:
+    """"softmax" or "sigmoid" when `layer` turns logits into probabilities (a Softmax layer, an
+    Activation layer or any layer built with that activation), else None. `camface export`
+    treats both alike (camface.export.keras_model.split_model): the graph explains the logit
+    before them, and a saturated sigmoid (probability 1.0 in float32) has no gradient."""
     import keras
 
-    return activation is keras.activations.softmax
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    return next((name for name in PROBABILITY_ACTIVATIONS if activation is getattr(keras.activations, name)), None)
+
+
+def probability_activation(model) -> str:
+    """How `model`'s logits (`logits_model`) become its probabilities: "sigmoid" for a model
+    ending in sigmoid, else "softmax" (a model that outputs logits gets them softmaxed, as the
+    exported graph's `probs`)."""
+    return _probability_activation(model.layers[-1]) or "softmax"
 
 
 def _node_output(layer):
@@ -38,26 +55,25 @@ def _node_input(layer):
 
 
 def logits_model(model):
-    """A Keras model from `model`'s input to its PRE-softmax logits [N, classes].
+    """A Keras model from `model`'s input to its PRE-softmax (or pre-sigmoid) logits [N, classes].
 
-    If the model ends in softmax (an `Activation("softmax")` / `Softmax` layer, or a layer with
-    softmax activation) its input / pre-activation is used; otherwise the output is taken as
+    If the model ends in softmax or sigmoid (an `Activation` / `Softmax` layer, or a layer with
+    that activation) its input / pre-activation is used; otherwise the output is taken as
     the logits. Shares weights with `model` (the copied final layer gets the same values).
     """
     import keras
 
     last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    if isinstance(last, keras.layers.Softmax) or (
-            isinstance(last, keras.layers.Activation) and _is_softmax(activation)):
+    if _probability_activation(last) is None:
+        return model
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
         return keras.Model(model.inputs, _node_input(last), name=f"{model.name}_logits")
-    if _is_softmax(activation):
-        linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
-                                             "name": f"{last.name}_logits"})
-        logits = linear(_node_input(last))
-        linear.set_weights(last.get_weights())
-        return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
-    return model
+    # a layer (Dense, Conv...) built with the activation: its linear twin
+    linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
+                                         "name": f"{last.name}_logits"})
+    logits = linear(_node_input(last))
+    linear.set_weights(last.get_weights())
+    return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
 
 
 def resolve_layer(model, name: str | None) -> str:
@@ -85,7 +101,7 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     """CAM class weights [K, classes] for the layer at path `layer`, or (None, reason).
 
     CAM (arXiv:1512.04150) needs the head after the target to be global average pooling then
-    a linear map to the logits: one Dense layer (softmax or linear) or nothing (the pooled
+    a linear map to the logits: one Dense layer (softmax, sigmoid or linear) or nothing (the pooled
     channels are the logits, as in the bundled emotion model: conv2d_7 -> GAP -> softmax).
     A layer inside a nested backbone qualifies when it produces the backbone's output.
     """
@@ -104,14 +120,14 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     if not head or not isinstance(head[0], keras.layers.GlobalAveragePooling2D):
         return None, f"CAM needs global average pooling right after {layer!r}"
     rest = head[1:]
-    if rest and (isinstance(rest[-1], keras.layers.Softmax) or (
-            isinstance(rest[-1], keras.layers.Activation) and _is_softmax(rest[-1].activation))):
+    if rest and isinstance(rest[-1], (keras.layers.Softmax, keras.layers.Activation)) \
+            and _probability_activation(rest[-1]) is not None:
         rest = rest[:-1]
     channels = int(_node_output(head[0]).shape[-1])
     if not rest:
         return np.eye(channels, dtype=np.float32), ""
     if len(rest) == 1 and isinstance(rest[0], keras.layers.Dense) and (
-            _is_softmax(rest[0].activation) or rest[0].activation is keras.activations.linear):
+            _probability_activation(rest[0]) is not None or rest[0].activation is keras.activations.linear):
         return np.asarray(rest[0].get_weights()[0], dtype=np.float32), ""
     return None, f"CAM needs one linear layer between the pooling after {layer!r} and the softmax"
 
@@ -166,8 +182,8 @@ def _segments(model, layers: list[str]):
 class LayerGradients:
     """One forward/backward pass: per target layer, activations and d logit[class] / d activations."""
 
-    probs: np.ndarray  # float32 [N, classes]
-    logits: np.ndarray  # float32 [N, classes], pre-softmax
+    probs: np.ndarray  # float32 [N, classes], as the model outputs them (softmax or sigmoid)
+    logits: np.ndarray  # float32 [N, classes], pre-softmax / pre-sigmoid
     activations: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
     gradients: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
 
@@ -186,6 +202,7 @@ class GradientRunner:
 
         self.layers = tuple(layers)
         segments = _segments(model, list(layers))
+        probabilities = getattr(tf.nn, probability_activation(model))
         count = len(layers)
 
         @tf.function(reduce_retracing=True)
@@ -206,7 +223,7 @@ class GradientRunner:
             for acts, target, indices in passes:
                 for a, g, i in zip(acts, tape.gradient(target, acts), indices):
                     activations[i], gradients[i] = a, g
-            return tf.nn.softmax(logits), logits, activations, gradients
+            return probabilities(logits), logits, activations, gradients
 
         self._run = forward_backward
 

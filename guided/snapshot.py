@@ -131,6 +131,18 @@ def resolve_keras_model(model_entry: dict, override: Path | None, where: Path) -
     return candidate
 
 
+def _refuse_gallery(folder: Path, model_entry: dict, labels) -> None:
+    """ModelError for a snapshot of a gallery graph (`camface enroll`): its maps explain the
+    cosine similarity to an identity, and its source model is the embedder, whose outputs are
+    not those identities: explaining the embedder's output `explained` would be another map
+    under the identity's name."""
+    raise ModelError(f"snapshot {folder} was taken with the gallery graph {model_entry.get('path') or '?'} "
+                     f"(identities {', '.join(map(str, labels)) or '?'}): camface guided explains a "
+                     f"classifier's classes, and {model_entry.get('source_model') or 'its source model'} is "
+                     "the embedder; `camface compare A.jpg B.jpg --model EMBEDDER` (or --embedding-from CLASSIFIER) "
+                     "shows why two faces match")
+
+
 def read_snapshot(folder: str | Path, model_override: str | Path | None = None) -> GuidedInput:
     """Read a snapshot folder; raises SourceError (missing/invalid files) or ModelError."""
     folder = Path(folder)
@@ -138,6 +150,8 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
     faces_meta, model_entry = meta["faces"], meta.get("model", {})
     if not faces_meta:
         raise SourceError(f"snapshot {folder} holds no faces")
+    if any(isinstance(face, dict) and "similarity" in face for face in faces_meta):
+        _refuse_gallery(folder, model_entry, meta.get("labels") or ())
 
     notes = []
     keras_path = resolve_keras_model(model_entry, Path(model_override) if model_override else None,
@@ -149,6 +163,8 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
                                  EMOTION_PREPROCESSING.offset)
     if model_entry.get("path") and onnx_path.is_file():
         info = read_graph_metadata(onnx_path)
+        if info.gallery:
+            _refuse_gallery(folder, model_entry, info.labels)
         if model_entry.get("sha256") and sha256_file(onnx_path) != model_entry["sha256"]:
             notes.append(f"{onnx_path} changed since the snapshot was taken (sha256 differs): "
                          "using its metadata anyway")

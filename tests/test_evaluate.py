@@ -254,3 +254,44 @@ def test_bad_inputs_are_clear_errors(tmp_path, faces_clip, capsys, argv, message
     tiny_cam_graph(tmp_path / "old.onnx")
     assert camface_main(["evaluate", *argv(faces_clip, tmp_path)]) == 2
     assert re.search(message, capsys.readouterr().err), message
+
+
+def test_sanity_on_a_one_class_graph_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """A one-output classifier (a binary sigmoid head) has no other class for the random-logit
+    test: said at once, naming the graph, not after the whole randomisation cascade."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from camface.evaluate.scores import Scorer
+
+    path = toy_graph(tmp_path / "one.onnx")
+    model = onnx.load(str(path))
+    concat = next(node for node in model.graph.node if node.op_type == "Concat")
+    concat.CopyFrom(helper.make_node("Identity", ["bright"], ["probs"]))
+    probs = next(value for value in model.graph.output if value.name == "probs")
+    probs.CopyFrom(helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1]))
+    info = GraphInfo(labels=("bright",), input_size=(4, 4), color_order="GRAY", target_layer="x",
+                     heatmaps=("gradcam", "gradcampp"), feature_size=(4, 4))
+    helper.set_model_props(model, info.to_metadata())
+    onnx.save(model, str(path))
+    monkeypatch.setattr(Scorer, "score", lambda *args, **kwargs: pytest.fail("scored before refusing"))
+    assert camface_main(["evaluate", "--model", str(path), "--sanity", "--frames", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"the random-logit test needs at least 2 classes; {path} has 1" in err and "Traceback" not in err
+
+
+def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, capsys):
+    """--every's default skips near-duplicate video frames; in a folder of images each is its own
+    photo: all are looked at (the first, faceless, photo left the two faces unseen with every 5th)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a_wall.png"), np.full((480, 640, 3), 128, np.uint8))
+    cv2.imwrite(str(folder / "b_face.png"), astronaut_bgr)
+    cv2.imwrite(str(folder / "c_face.png"), astronaut_bgr[:, ::-1])
+    out = tmp_path / "photos.json"
+    assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
+                         "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["crops"], settings["every"], settings["frames_read"]) == (2, 1, 3)
+    assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--every", "5"]) == 2
+    assert "no faces found in 3 frames" in capsys.readouterr().err

@@ -603,7 +603,8 @@ def test_an_embedder_without_a_preset_is_refused_naming_the_recognition_presets(
                                                                                   capsys):
     assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "does not say how it normalises its input" in err and "arcface = RGB (x-127.5)/127.5" in err
+    assert f"embedder {embedder[1]} does not say how it normalises its input" in err
+    assert "arcface = RGB (x-127.5)/127.5" in err
     assert "facenet = RGB (x-127.5)/128" in err and not (tmp_path / "g.onnx").exists()
 
 

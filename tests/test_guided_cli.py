@@ -241,6 +241,31 @@ def _unknown_layer(tmp_path, astronaut_bgr):
     return [str(folder), "--layer", "conv9"], "no layer named 'conv9' .*candidate target layers.*conv2d_7"
 
 
+def _photo_for_a_model_of_any_size(tmp_path, astronaut_bgr):
+    import cv2
+
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(7, 3, activation="relu")(inputs))
+    model = tmp_path / "any_size.keras"
+    keras.Model(inputs, keras.layers.Softmax()(x)).save(model)
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), astronaut_bgr)
+    return [str(photo), "--model", str(model)], "model .*any_size.keras takes images of any size"
+
+
+def _gallery_snapshot(tmp_path, astronaut_bgr):
+    """A snapshot of a gallery graph made with `camface enroll --embedding-from` the bundled
+    classifier: its source model resolves (same sha256), but its classes are not the identities."""
+    model = {"path": str(tmp_path / "people.onnx"), "sha256": "", "source_model": EMOTION_KERAS.name,
+             "source_sha256": sha256_file(EMOTION_KERAS)}
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1, explained=(1,), model=model)
+    meta = json.loads((folder / "snapshot.json").read_text())
+    meta["labels"] = ["ann", "bob"]
+    meta["faces"][0].update(probs=[0.2, 0.8], predicted=1, similarity=[0.4, 0.9])
+    (folder / "snapshot.json").write_text(json.dumps(meta))
+    return [str(folder)], "taken with the gallery graph .*people.onnx \\(identities ann, bob\\)"
+
+
 def _missing_input(tmp_path, astronaut_bgr):
     return [str(tmp_path / "nothing")], "input not found: .*nothing"
 
@@ -260,7 +285,8 @@ def _output_into_the_snapshot(tmp_path, astronaut_bgr):
 
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
-                                  _missing_input, _output_over_the_photo, _output_into_the_snapshot],
+                                  _missing_input, _output_over_the_photo, _output_into_the_snapshot,
+                                  _photo_for_a_model_of_any_size, _gallery_snapshot],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re

@@ -87,6 +87,45 @@ def test_nested_backbone_gradcam_equals_flat_model():
     assert maps.conv_layers(nested) == ["backbone/conv_a", "backbone/conv_b"]
 
 
+@pytest.mark.parametrize("tail", ["dense", "activation"])
+def test_a_sigmoid_model_is_explained_at_its_logits_with_its_own_probabilities(tail):
+    """A model ending in sigmoid (a binary or multi-label head) is explained as `camface export`
+    explains it: the gradients of the pre-sigmoid logit (a linear twin with the same weights gives
+    the same maps, CAM included), probabilities as the model gives them (not softmax(sigmoid)).
+    Class 0 is saturated (probability 1.0 in float32): through the sigmoid its maps would be 0."""
+    def build(activation, tail):
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        if tail == "dense":
+            outputs = keras.layers.Dense(3, activation=activation, name="head")(x)
+        else:
+            outputs = keras.layers.Activation(activation)(keras.layers.Dense(3, name="head")(x))
+        return keras.Model(inputs, outputs)
+
+    keras.utils.set_random_seed(0)
+    sigmoid, twin = build("sigmoid", tail), build("linear", "dense")
+    kernel, bias = sigmoid.get_layer("head").get_weights()
+    sigmoid.get_layer("head").set_weights([kernel * 40, bias + np.array([40.0, 0.0, -1.0], np.float32)])
+    twin.set_weights(sigmoid.get_weights())
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    explainer = Explainer(sigmoid, "conv", EMOTION_PREPROCESSING)
+    assert explainer.cam_reason == "" and "cam" in explainer.methods
+    got = explainer.explain(images, np.array([0, 1]))
+    want = Explainer(twin, "conv", EMOTION_PREPROCESSING).explain(images, np.array([0, 1]))
+    probs = np.asarray(sigmoid(EMOTION_PREPROCESSING.apply(images)))
+    assert (probs[:, 0] == 1.0).all()  # saturated: d sigmoid / d logit is 0 in float32
+    for i, (a, b) in enumerate(zip(want, got)):
+        np.testing.assert_allclose(b.probs, probs[i], rtol=1e-5, atol=1e-7)
+        for name in ("gradcam", "cam", "gradcampp"):
+            scale = float(np.abs(a.heatmaps[name]).max())
+            assert scale > 0
+            np.testing.assert_allclose(b.heatmaps[name], a.heatmaps[name], rtol=1e-4, atol=1e-5 * scale)
+        scale = float(np.abs(a.input_gradient).max())
+        assert scale > 0
+        np.testing.assert_allclose(b.input_gradient, a.input_gradient, rtol=1e-4, atol=1e-5 * scale)
+
+
 @pytest.fixture(scope="module")
 def explained(emotion_model, crops):
     """happy and sad for the astronaut, at conv2d_7."""

@@ -171,7 +171,7 @@ ERRORS = [
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
     ("fixed batch", _fixed_batch, [], r"fixed batch dimension of 1.*dynamic"),
-    ("no preset", _conv_sin_model, ["--no-preset"], r"does not say how it normalises.*--preset"),
+    ("no preset", _conv_sin_model, ["--no-preset"], r"m\.onnx does not say how it normalises.*--preset"),
 ]
 
 

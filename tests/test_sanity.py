@@ -337,3 +337,66 @@ def test_evaluate_sanity_names_a_missing_method(capsys):
 def test_evaluate_sanity_misuse_fails_before_scoring(capsys, flags, message):
     assert camface_main(["evaluate", "--frames", "5", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_method_with_no_non_zero_original_map_is_reported_not_a_crash(tmp_path):
+    """Every original map 0 (e.g. XGrad-CAM on a white crop of the bundled graph): the medians are
+    None (JSON null); the table's cell and the figure's title say n/a instead of raising TypeError
+    after minutes of work."""
+    from camface.evaluate.plot import plot_sanity
+    from camface.evaluate.report import sanity_cell
+
+    steps = ("logits", "head", "all")
+    empty = sanity.MethodSanity("xgradcam", steps, (None,) * 3, (None,) * 3, None, crops=0)
+    entry = json.loads(json.dumps(empty.to_json(), allow_nan=False))
+    assert entry["random_logit"] == {"ssim": None, "passed": False}
+    assert sanity_cell(entry) == "FAIL (rho n/a, n/a) / FAIL (SSIM n/a)"
+    half = sanity.MethodSanity("gradcam", steps, (0.25, None, -0.5), (0.5,) * 3, 0.125, crops=1)
+    assert sanity_cell(half.to_json()) == "FAIL (rho n/a, -0.50) / pass (SSIM 0.12)"
+    report = {"settings": {"model": "emotion.onnx", "target_layer": "add_3", "color_order": "GRAY"},
+              "sanity": {"xgradcam": entry}}
+    zero = np.zeros((8, 8), np.float32)
+    figure = {"crops": np.full((1, 8, 8, 1), 255, np.uint8), "steps": list(steps),
+              "maps": {"xgradcam": [[zero]] * 4}}
+    assert plot_sanity(report, figure, tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("head, message", [
+    ("conv", "the graph's target layer: no layer named 'add_3'"),
+    ("classes", "the model has 3 classes, the graph 7"),
+])
+def test_evaluate_sanity_checks_the_keras_model_before_scoring(tmp_path, capsys, monkeypatch, head, message):
+    """--keras naming a model that is not the graph's (no target layer, other classes) is a one-line
+    error naming the file before any scoring, not a failure at the end of the sanity checks."""
+    keras = pytest.importorskip("keras")
+    from camface.evaluate.scores import Scorer
+
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="add_3" if head == "classes" else "conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "other.keras"
+    keras.Model(inputs, keras.layers.Dense(3 if head == "classes" else 7, activation="softmax")(x)).save(path)
+    monkeypatch.setattr(Scorer, "score", lambda *args, **kwargs: pytest.fail("scored before checking --keras"))
+    assert camface_main(["evaluate", "--sanity", "--frames", "5", "--keras", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--keras {path}: {message}" in err and "Traceback" not in err
+
+
+def test_guided_sanity_is_not_run_on_a_gallery_graph(tmp_path):
+    """A gallery graph's source model is its embedder (the bundled classifier with
+    `enroll --embedding-from`): Guided Backprop of its outputs is not a map of the identities, so
+    the guided checks are skipped (and an explicit --keras is an error naming both files)."""
+    from camface.evaluate.cli import keras_for_guided
+    from camface.graph_spec import GraphInfo
+    from camface.hashing import sha256_file
+    from camface.models import EMOTION_KERAS
+
+    info = GraphInfo(labels=("ann", "bob"), input_size=(64, 64), color_order="GRAY", target_layer="add_3",
+                     heatmaps=("gradcam",), feature_size=(8, 8), normalization={"scale": [1 / 127.5], "offset": [-1.0]},
+                     source_model=EMOTION_KERAS.name, source_sha256=sha256_file(EMOTION_KERAS),
+                     gallery={"embedding_dim": 7})
+    graph = tmp_path / "people.onnx"
+    guided, why = keras_for_guided(graph, info, None)
+    assert guided is None and "gallery graph" in why
+    with pytest.raises(ModelError, match=f"--keras {EMOTION_KERAS}: the graph {graph} is a gallery graph"):
+        keras_for_guided(graph, info, EMOTION_KERAS)
