@@ -537,7 +537,8 @@ def normalize(heatmap: np.ndarray, method: str) -> np.ndarray:
     """Unnormalised heatmap float [h, w] -> float32 [h, w] in [0, 1] for display, as the
     method's entry says: POSITIVE maps are ReLU'd and divided by their maximum (Grad-CAM eq. 2
     keeps only positive influence); MINMAX maps are shifted by their minimum first. A constant
-    (or all-negative POSITIVE) map becomes all zeros. The input is not modified."""
+    MINMAX map, and a POSITIVE map with nothing above 0, become all zeros; a constant positive
+    POSITIVE map becomes all ones (the same evidence everywhere). The input is not modified."""
     heatmap = np.asarray(heatmap, np.float32)
     entry = METHODS.get(method)
     if entry is not None and entry.normalization == MINMAX and heatmap.size:
