@@ -48,7 +48,7 @@ class Recorder:
         self.fps, self.first_record, self.overwrite, self.codec = fps, first_record, overwrite, codec
         self.snapshots, self.timer = snapshots, timer
         self.sink = self._open(first_record, overwrite) if first_record else None
-        self.recordings: list[tuple[str, int]] = []  # (path, frames written)
+        self.recordings: list[tuple[str, int]] = []  # (path, frames the file holds)
         self.error: BaseException | None = None
 
     def _open(self, path: Path, overwrite: bool):
@@ -86,8 +86,8 @@ class Recorder:
                 self.error = exc
             else:
                 log.warning("camface: %s", exc)
-        if sink.frames_written:
-            self.recordings.append((str(sink.path), sink.frames_written))
+        if sink.frames_written:  # what the file holds (fewer than written after a full disk)
+            self.recordings.append((str(sink.path), sink.frames_kept))
 
     def handle(self, item: Output) -> None:
         if item.toggle:
