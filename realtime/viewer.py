@@ -4,13 +4,20 @@ and the frame held on screen while paused.
 `Viewer.show(frame, controls)` returns the new controls and every command the keys asked for
 meanwhile (SNAPSHOT, RECORD, QUIT), so nothing pressed during a long hold or a pause is lost.
 Keys that change the view (m, h, 0-9) while paused apply from the next frame on.
+
+A snapshot is of the frame on screen when s was pressed: SNAPSHOT for the frame just shown
+(or paused on), SNAPSHOT_SHOWN for the one before it, on screen while `show` waited for the
+new frame's time (a folder's image is held for seconds), and for the last frame while
+`hold_last` keeps it.
 """
 
 from __future__ import annotations
 
 import time
 
-from camface.realtime.controls import QUIT, Controls, apply_key
+from camface.realtime.controls import QUIT, SNAPSHOT, Controls, apply_key
+
+SNAPSHOT_SHOWN = "snapshot of the frame shown before"
 
 
 class Viewer:
@@ -40,12 +47,14 @@ class Viewer:
             self.pacer.wait()
             return controls
         box = [controls]
+        asked: list[str] = []
 
         def poll() -> bool:
-            box[0] = self._key(self._shown, box[0], commands)
-            return QUIT in commands or self.closed
+            box[0] = self._key(self._shown, box[0], asked)
+            return QUIT in asked or self.closed
 
         self.pacer.wait(poll)
+        commands += [SNAPSHOT_SHOWN if command == SNAPSHOT else command for command in asked]
         return box[0]
 
     def show(self, frame, controls: Controls) -> tuple[Controls, tuple[str, ...]]:
@@ -67,8 +76,11 @@ class Viewer:
                 self.pacer.hold(held)
         return controls, tuple(commands)
 
-    def hold_last(self, controls: Controls) -> None:
+    def hold_last(self, controls: Controls) -> tuple[str, ...]:
         """At the end of the input: keep the last frame on screen for its time (a folder's last
-        image, or a single one, is held --image-seconds like the others)."""
+        image, or a single one, is held --image-seconds like the others). Returns the commands
+        asked for meanwhile (SNAPSHOT_SHOWN: of that last frame)."""
+        commands: list[str] = []
         if self.window is not None and self._shown is not None:
-            self._wait(controls, [])
+            self._wait(controls, commands)
+        return tuple(commands)

@@ -193,8 +193,8 @@ def test_quit_while_a_folder_image_is_held(tmp_path, astronaut_bgr):
 
 
 def test_keys_pressed_while_paused_are_kept(tmp_path, clip60):
-    """Space on frame 1; s and r while paused (then space): a snapshot of the next frame, and the
-    recording stops; q on frame 4."""
+    """Space on frame 1; s and r while paused (then space): a snapshot of the paused frame, and
+    the recording stops; q on frame 4."""
     out = tmp_path / "rec.mp4"
     window = FakeWindow(". sr ..q")
     summary = LiveLoop(LiveConfig(source=str(clip60), show=True, record=out, detector="short",
@@ -202,4 +202,4 @@ def test_keys_pressed_while_paused_are_kept(tmp_path, clip60):
     assert summary.stopped_by == "quit" and summary.snapshots == 1
     assert summary.recordings == ((str(out), 1),)  # r on frame 1 (while paused) stops before it, as on any frame
     (snap,) = (tmp_path / "snaps").iterdir()
-    assert snap.name == "frame_000002"
+    assert snap.name == "frame_000001"
