@@ -3,7 +3,8 @@ and the frame held on screen while paused.
 
 `Viewer.show(frame, controls)` returns the new controls and every command the keys asked for
 meanwhile (SNAPSHOT, RECORD, QUIT), so nothing pressed during a long hold or a pause is lost.
-Keys that change the view (m, h, 0-9) while paused apply from the next frame on.
+Keys that change the view (m, h, 0-9) while paused apply from the next frame on. Space pauses
+on the frame on screen, also while it waits for the next frame's time (a folder's image).
 
 A snapshot is of the frame on screen when s was pressed: SNAPSHOT for the frame just shown
 (or paused on), SNAPSHOT_SHOWN for the one before it, on screen while `show` waited for the
@@ -51,6 +52,8 @@ class Viewer:
 
         def poll() -> bool:
             box[0] = self._key(self._shown, box[0], asked)
+            if box[0].paused:  # space while this frame waits its time: it stays, paused
+                box[0] = self._hold_paused(self._shown, box[0], asked)
             return QUIT in asked or self.closed
 
         self.pacer.wait(poll)
@@ -66,15 +69,21 @@ class Viewer:
         controls = self._key(frame, controls, commands)
         self._shown = frame
         if controls.paused:
-            paused_at = time.perf_counter()
-            while controls.paused and QUIT not in commands and not self.closed:
-                time.sleep(0.02)  # the window keeps the frame; poll its keys
-                controls = self._key(frame, controls, commands)
-            held = time.perf_counter() - paused_at
-            self.paused_s += held
-            if self.pacer is not None:
-                self.pacer.hold(held)
+            controls = self._hold_paused(frame, controls, commands)
         return controls, tuple(commands)
+
+    def _hold_paused(self, frame, controls: Controls, commands: list) -> Controls:
+        """Keep `frame` (on screen) until space or quit; the pacer's schedule moves on by the
+        time held, so play resumes where it stopped."""
+        paused_at = time.perf_counter()
+        while controls.paused and QUIT not in commands and not self.closed:
+            time.sleep(0.02)  # the window keeps the frame; poll its keys
+            controls = self._key(frame, controls, commands)
+        held = time.perf_counter() - paused_at
+        self.paused_s += held
+        if self.pacer is not None:
+            self.pacer.hold(held)
+        return controls
 
     def hold_last(self, controls: Controls) -> tuple[str, ...]:
         """At the end of the input: keep the last frame on screen for its time (a folder's last
