@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -536,3 +537,45 @@ def test_graph_runs_a_pruned_session_per_method_with_the_same_values(tiny_graph_
     probs, heatmaps = bare.run(crops, classes, "gradcam")
     assert bare._session_for("gradcam")[0] is bare.session
     np.testing.assert_allclose(heatmaps, whole["gradcam"], rtol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="X displays as on Linux")
+def test_a_display_that_does_not_answer_opens_no_window(monkeypatch, capsys, caplog):
+    """A DISPLAY left over from a closed session: OpenCV's Qt would abort the process (exit 134,
+    no summary). live runs without a window instead, and --show is one error line."""
+    import socket
+
+    from camface.cli import main as camface_main
+    from camface.realtime.window import display_problem
+
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    if port <= 6000:
+        server.close()
+        pytest.skip("no TCP port above 6000 to stand for an X display")
+    display = f"127.0.0.1:{port - 6000}.0"
+    monkeypatch.setenv("DISPLAY", display)
+    assert display_problem() is None  # an X server would answer there
+    server.close()
+    assert display_problem() == f"no X server answers on DISPLAY={display}"
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a local display, as Xvfb serves it
+    number = 40000 + os.getpid() % 20000
+    abstract.bind(f"\0/tmp/.X11-unix/X{number}")
+    abstract.listen()
+    monkeypatch.setenv("DISPLAY", f":{number}")
+    assert display_problem() is None
+    abstract.close()
+    assert display_problem() == f"no X server answers on DISPLAY=:{number}"
+    monkeypatch.delenv("DISPLAY")
+    assert display_problem() == "DISPLAY / WAYLAND_DISPLAY is not set"
+
+    monkeypatch.setenv("DISPLAY", display)  # nothing there any more
+    assert camface_main(["live", "--source", "sample", "--show", "--max-frames", "1"]) == 2
+    assert f"--show needs a display (no X server answers on DISPLAY={display})" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        assert camface_main(["live", "--source", "sample", "--max-frames", "2", "--detect-every", "1"]) == 0
+    assert f"no window (no X server answers on DISPLAY={display})" in caplog.text
+    assert "; 2 frames, " in capsys.readouterr().err
