@@ -233,7 +233,7 @@ class LiveLoop:
                     snapshot = cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0
                     raw = frame.copy() if (snapshot or keep_raw) and recorder.snapshots is not None else None
                     if frames % HUD_EVERY == 0:
-                        hud_ms = hud_stage_ms(self.timer)
+                        hud_ms = hud_stage_ms(self.timer, detectors[0].every)
                     explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
                                                   pacer.fps if pacer is not None else 0.0)
                     with self.timer.stage("render"):

@@ -182,6 +182,27 @@ def test_a_crowd_keeps_the_largest_faces_and_says_how_many_were_dropped(tmp_path
     assert f"{s.dropped} more face(s) not shown (--max-faces)" in hud
 
 
+def test_the_hud_gives_the_detectors_mean_cost_when_boxes_are_carried(monkeypatch):
+    """With --detect-every N > 1 the median detect time is a carried frame's: the HUD shows the
+    mean, as the summary line does (3 carried frames of 0.3 ms, one detection of 3 ms)."""
+    from camface.realtime import loop as loop_module
+    from camface.realtime.summary import hud_stage_ms
+    from camface.realtime.timing import StageTimer
+
+    timer = StageTimer(("detect", "classify"))
+    for _ in range(10):
+        for seconds in (0.0003, 0.0003, 0.0003, 0.003):
+            timer.add("detect", seconds)
+            timer.add("classify", seconds)
+    assert hud_stage_ms(timer, 4) == pytest.approx({"detect": 0.975, "classify": 0.3})
+    assert hud_stage_ms(timer) == pytest.approx({"detect": 0.3, "classify": 0.3})
+
+    asked = []
+    monkeypatch.setattr(loop_module, "hud_stage_ms", lambda timer, every=1: asked.append(every) or {})
+    summary = LiveLoop(LiveConfig(source="sample", max_frames=16)).run()
+    assert summary.detect_every == 4 and asked == [4, 4]  # frames 0 and 15
+
+
 def test_frames_of_every_kind(tmp_path, astronaut_bgr):
     """Gray, BGRA, 16-bit, all-black, 1x1 and odd-sized images in one folder."""
     folder = tmp_path / "mixed"
