@@ -38,15 +38,16 @@ def _x_display_answers(display: str, timeout_s: float = 1.0) -> bool | None:
     number = rest.split(".")[0]
     if not colon or not number.isdigit() or "/" in host:
         return None
-    if host in ("", "unix"):
-        path = f"/tmp/.X11-unix/X{number}"
-        targets = [(socket.AF_UNIX, name) for name in ("\0" + path, path)
-                   if name != path or os.path.exists(path)]
-    else:
-        targets = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host.strip("[]"), X11_TCP_PORT + int(number)))]
-    for family, address in targets:
+    if host not in ("", "unix"):  # every address of the host (ssh -X may listen on ::1 only)
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
+            socket.create_connection((host.strip("[]"), X11_TCP_PORT + int(number)), timeout_s).close()
+            return True
+        except (OSError, ValueError):
+            return False
+    path = f"/tmp/.X11-unix/X{number}"
+    for address in ("\0" + path, path):  # Linux's abstract socket, then the file
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(timeout_s)
                 probe.connect(address)
             return True
