@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from realtime_helpers import TINY_LABELS, FakeCamera, count_frames, tiny_cam_graph
 
-from camface.errors import ModelError, OutputError
+from camface.errors import ModelError, OutputError, SourceError
 from camface.realtime.crop import crop_faces, crop_square, square_box
 from camface.methods import normalize as normalize_heatmap
 from camface.realtime.render import BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box
@@ -402,6 +402,29 @@ def test_live_source_interrupted_while_opening_releases_the_camera(monkeypatch):
             pass
     assert camera.released
     assert source._thread is not None and not source._thread.is_alive()
+
+
+@pytest.mark.parametrize("error, message", [
+    (cv2.error("VIDEOIO(V4L2): select() failed"), r"camera 0 stopped delivering frames after 20 frames"),
+    (RuntimeError("driver gone"), r"camera 0 failed after 20 frames: driver gone"),
+])
+def test_a_camera_whose_read_raises_ends_with_what_happened(error, message):
+    """A backend's read error counts as a failed read (a stream would reconnect); anything else
+    ends the iteration with its message at once. The reader thread died with a traceback and
+    the loop waited out its time-out, then said the camera "delivered no frame"."""
+
+    class Breaks(FakeCamera):
+        def read(self):
+            if self.reads >= 20:
+                raise error
+            return super().read()
+
+    frames = 0
+    with pytest.raises(SourceError, match=message):
+        with LiveSource(0, timeout_s=5.0, opener=lambda target, timeout: Breaks()) as source:
+            for _ in source:
+                frames += 1
+    assert 0 < frames <= 20
 
 
 def test_face_detector_failing_warm_up_is_closed(monkeypatch):
