@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from camface.realtime.timing import StageStats
+from camface.realtime.timing import StageStats, fps_text
 
 HUD_STAGES = ("detect", "classify", "render")
 
@@ -83,7 +83,7 @@ class RunSummary:
         """One line: 'Speed: 2.3 ms detect, 1.1 ms classify, 0.4 ms render per frame; ...'."""
         ms = ", ".join(self._stage_text(s) for s in HUD_STAGES if s in self.stages)
         text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frames, "
-                f"{self.faces_per_frame:.1f} faces/frame, {self.fps:.0f} fps")
+                f"{self.faces_per_frame:.1f} faces/frame, {fps_text(self.fps)} fps")
         if self.pace_fps and self.still:
             text += f" (each image held {1 / self.pace_fps:.3g} s)"
         elif self.pace_fps:

@@ -602,3 +602,20 @@ def test_a_display_that_does_not_answer_opens_no_window(monkeypatch, capsys, cap
         assert camface_main(["live", "--source", "sample", "--max-frames", "2", "--detect-every", "1"]) == 0
     assert f"no window (no X server answers on DISPLAY={display})" in caplog.text
     assert "; 2 frames, " in capsys.readouterr().err
+
+
+def test_rates_below_ten_fps_are_not_printed_as_zero():
+    """A folder's images held 2 s each pass at 0.5 fps: the summary line and the HUD said 0 fps."""
+    from camface.realtime.render import HudAnnotator
+    from camface.realtime.summary import RunSummary
+    from camface.realtime.timing import fps_text
+
+    assert [fps_text(f) for f in (0.0, 0.5, 0.333, 2.94, 9.96, 30.2, 112.4)] == \
+        ["0", "0.5", "0.33", "2.9", "10", "30", "112"]
+    summary = RunSummary(frames=3, faces=6, dropped=0, fps=0.5, wall_s=6.0, stages={}, provider="CPU",
+                         source="photos", pace_fps=0.5, still=True)
+    assert "; 3 frames, 2.0 faces/frame, 0.5 fps (each image held 2 s)" in summary.line()
+    hud = HudAnnotator().lines(FrameResult(index=2, faces=(), predictions=(), dropped=0, method="gradcam",
+                                           explained_class=None, labels=("a",), fps=0.5, stage_ms={},
+                                           provider="CPUExecutionProvider", pace_fps=0.5))
+    assert hud[0] == "0.5 fps shown (paced to 0.5)"
