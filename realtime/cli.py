@@ -33,13 +33,16 @@ def build_config(args: argparse.Namespace):
     """LiveConfig from parsed arguments; bad values raise UsageError naming the flag."""
     from camface.errors import UsageError
     from camface.realtime.config import from_args
-    from camface.realtime.window import display_available
+    from camface.realtime.window import display_problem
 
     show = args.show
+    problem = display_problem() if show is not False else None
     if show is None:
-        show = display_available()
-    elif show and not display_available():
-        raise UsageError("--show needs a display (DISPLAY / WAYLAND_DISPLAY is not set); use --no-show")
+        show = problem is None
+        if problem and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            log.warning("camface: no window (%s); running without one, as --no-show", problem)
+    elif show and problem:
+        raise UsageError(f"--show needs a display ({problem}); use --no-show")
     return from_args(args, LIVE_OPTIONS, show=show, progress=not show and sys.stderr.isatty())
 
 

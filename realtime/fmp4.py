@@ -198,3 +198,96 @@ class PrefixReader(io.BufferedIOBase):
     def close(self) -> None:
         self._file.close()
         super().close()
+
+
+def whole_frames(path: Path) -> int:
+    """Frames of a fragmented MP4 (as H264Writer writes it) whose bytes are all in the file:
+    what a reader gets from one cut short (a full disk fails a fragment's write part-way; its
+    index, written first, may be whole while its samples are not). 0 for a file that is not
+    a fragmented MP4 or cannot be read.
+
+    Each fragment's `moof` holds a `traf` per track whose `trun` lists its samples' sizes and
+    where they start (from the `moof`'s first byte: `default_base_moof`, or `tfhd`'s base)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            frames, position = 0, 0
+            while position + 8 <= size:
+                file.seek(position)
+                length, kind = _box_header(file.read(16))
+                if length < 8:
+                    break
+                if kind == b"moof" and position + length <= size:
+                    file.seek(position)
+                    frames += _whole_samples(file.read(length), position, size)
+                position += length
+            return frames
+    except OSError:
+        return 0
+
+
+def _box_header(header: bytes) -> tuple[int, bytes]:
+    """(length, type) of the box starting `header` (16 bytes or fewer); length 0 when it runs
+    to the end of the file or cannot be told."""
+    if len(header) < 8:
+        return 0, b""
+    length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+    if length == 1:
+        length = int.from_bytes(header[8:16], "big") if len(header) == 16 else 0
+    return length, kind
+
+
+def _children(data: bytes, start: int, end: int):
+    """(type, payload start, box end) of the boxes in data[start:end] (32-bit sizes: moof's)."""
+    while start + 8 <= end:
+        length = int.from_bytes(data[start:start + 4], "big")
+        if length < 8 or start + length > end:
+            return
+        yield data[start + 4:start + 8], start + 8, start + length
+        start += length
+
+
+def _whole_samples(moof: bytes, at: int, size: int) -> int:
+    """Samples of the fragment whose index is `moof` (the whole box, at byte `at` of a file of
+    `size` bytes) that end within the file."""
+    count = 0
+    for kind, start, end in _children(moof, 8, len(moof)):
+        if kind != b"traf":
+            continue
+        base, default_size = at, None
+        for child, payload, child_end in _children(moof, start, end):
+            flags = int.from_bytes(moof[payload + 1:payload + 4], "big")
+            if child == b"tfhd":
+                field = payload + 8  # after version, flags and track_ID
+                if flags & 0x1:  # base_data_offset
+                    base = int.from_bytes(moof[field:field + 8], "big")
+                    field += 8
+                field += 4 * bool(flags & 0x2)  # sample_description_index
+                field += 4 * bool(flags & 0x8)  # default_sample_duration
+                if flags & 0x10:
+                    default_size = int.from_bytes(moof[field:field + 4], "big")
+            elif child == b"trun":
+                samples = int.from_bytes(moof[payload + 4:payload + 8], "big")
+                field = payload + 8
+                offset = 0
+                if flags & 0x1:  # data_offset (signed)
+                    offset = int.from_bytes(moof[field:field + 4], "big", signed=True)
+                    field += 4
+                field += 4 * bool(flags & 0x4)  # first_sample_flags
+                sized = bool(flags & 0x200)
+                before_size = 4 * bool(flags & 0x100)
+                entry = 4 * sum(bool(flags & bit) for bit in (0x100, 0x200, 0x400, 0x800))
+                cursor = base + offset
+                for n in range(samples):
+                    if sized:
+                        at_size = field + n * entry + before_size
+                        sample = int.from_bytes(moof[at_size:at_size + 4], "big")
+                    elif default_size is not None:
+                        sample = default_size
+                    else:
+                        return count  # sizes unknown: count no further
+                    cursor += sample
+                    if cursor > size:
+                        return count
+                    count += 1
+    return count

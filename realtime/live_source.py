@@ -100,9 +100,23 @@ class LiveSource:
         return fps
 
     def _read_forever(self) -> None:
+        """The reader thread. An error it cannot get past ends the iteration with its message
+        (never a silent death, after which the consumer would wait out its whole time-out)."""
+        try:
+            self._read_until_stopped()
+        except BaseException as exc:
+            with self._cond:
+                self._error = f"{self._what} failed after {self._seq} frames: {exc}"
+                self._cond.notify_all()
+
+    def _read_until_stopped(self) -> None:
         failures, attempt = 0, 0
         while not self._stop.is_set():
-            ok, frame = self._capture.read()
+            try:
+                ok, frame = self._capture.read()
+            except cv2.error as exc:  # a backend's read error (V4L2 select(), FFmpeg): a failed read
+                log.debug("%s: read failed: %s", self._what, exc)
+                ok, frame = False, None
             if ok and frame is not None:
                 failures, attempt = 0, 0
                 with self._cond:
@@ -124,7 +138,7 @@ class LiveSource:
                 try:
                     self._capture = self._open()
                     failures = 0
-                except SourceError:
+                except (SourceError, cv2.error):
                     pass
                 continue
             with self._cond:

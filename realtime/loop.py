@@ -37,6 +37,7 @@ from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in
                                       put, sigterm_raises, signals_held)
 from camface.realtime.timing import RateMeter, StageTimer
 from camface.realtime.controls import QUIT, RECORD, SNAPSHOT, Controls
+from camface.realtime.viewer import SNAPSHOT_SHOWN, Viewer
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,17 @@ class LiveLoop:
             total = min(total, self.config.max_frames)
         return tqdm(total=total, unit="frame", file=sys.stderr, mininterval=0.5, leave=False)
 
+    @staticmethod
+    def _snapshot_shown(shown, output_q: queue.Queue):
+        """Have the writer save the frame shown before (`shown`: its (raw, explained, saved)),
+        unless it was saved already; returns `shown` marked saved."""
+        if shown is None or shown[2]:
+            return shown
+        put(output_q, Output(None, shown[1], shown[0], True), None)
+        return shown[0], shown[1], True
+
     def _pipeline(self, source, detectors, explainer, renderer, recorder, window) -> None:
         from camface.realtime.pace import Pacer, pace_period
-        from camface.realtime.viewer import Viewer
 
         cfg = self.config
         period = pace_period(cfg.pace, source.info, window is not None, cfg.image_seconds)
@@ -204,7 +213,10 @@ class LiveLoop:
         controls = Controls(method=cfg.method)
         frames = faces_total = dropped_total = 0
         hud_ms: dict[str, float] = {}
-        snapshot_requested = False
+        # with a window, key s saves the frame on screen: its undrawn copy is kept until the next
+        # frame replaces it (shown: (raw, explained, already saved) of the frame shown last)
+        keep_raw = window is not None and recorder.snapshots is not None
+        shown = None
         stopped_by = "end of input"
         first_mark, last_mark = self.cpu_marks or (0, 0)
         cpu_at: dict[int, float] = {}
@@ -218,21 +230,23 @@ class LiveLoop:
                 for index, frame, faces in in_order(detections_q, len(detectors), slots):
                     if recorder.error is not None:
                         raise recorder.error
-                    snapshot = snapshot_requested or (cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0)
-                    snapshot_requested = False
-                    raw = frame.copy() if snapshot and recorder.snapshots is not None else None
+                    snapshot = cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0
+                    raw = frame.copy() if (snapshot or keep_raw) and recorder.snapshots is not None else None
                     if frames % HUD_EVERY == 0:
-                        hud_ms = hud_stage_ms(self.timer)
+                        hud_ms = hud_stage_ms(self.timer, detectors[0].every)
                     explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
                                                   pacer.fps if pacer is not None else 0.0)
                     with self.timer.stage("render"):
                         renderer.annotate(frame, explained.result, controls.hud)
                     controls, commands = viewer.show(frame, controls)
-                    snapshot_requested = SNAPSHOT in commands
+                    if SNAPSHOT_SHOWN in commands:
+                        shown = self._snapshot_shown(shown, output_q)
+                    snapshot = snapshot or SNAPSHOT in commands
                     toggle = commands.count(RECORD) % 2 == 1  # r pressed twice while held: no change
                     if QUIT in commands or viewer.closed:
                         stopped_by = "quit"
                     put(output_q, Output(frame, explained, raw, snapshot, toggle), None)
+                    shown = (raw, explained, snapshot) if keep_raw else None
                     frames += 1
                     if frames in (first_mark, last_mark):
                         cpu_at[frames] = time.process_time()
@@ -243,8 +257,8 @@ class LiveLoop:
                         progress.update(1)
                     if stopped_by == "quit":
                         break
-                if stopped_by == "end of input":
-                    viewer.hold_last(controls)
+                if stopped_by == "end of input" and SNAPSHOT_SHOWN in viewer.hold_last(controls):
+                    self._snapshot_shown(shown, output_q)
         except KeyboardInterrupt:
             stopped_by = "interrupted"
             raise

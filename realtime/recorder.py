@@ -25,12 +25,13 @@ log = logging.getLogger(__name__)
 class Output:
     """One processed frame for the writer.
 
-    frame: the annotated uint8 BGR frame. raw: the frame before drawing, when a snapshot is
-    due (else None). explained: its crops and result. snapshot: save one. toggle: start or
-    stop recording before writing this frame.
+    frame: the annotated uint8 BGR frame, None for a snapshot of a frame handed over before
+    (key s pressed while it was on screen). raw: the frame before drawing, when a snapshot is
+    due or may be asked for (else None). explained: its crops and result. snapshot: save one.
+    toggle: start or stop recording before writing this frame.
     """
 
-    frame: np.ndarray
+    frame: np.ndarray | None
     explained: Explained
     raw: np.ndarray | None = None
     snapshot: bool = False
@@ -48,7 +49,7 @@ class Recorder:
         self.fps, self.first_record, self.overwrite, self.codec = fps, first_record, overwrite, codec
         self.snapshots, self.timer = snapshots, timer
         self.sink = self._open(first_record, overwrite) if first_record else None
-        self.recordings: list[tuple[str, int]] = []  # (path, frames written)
+        self.recordings: list[tuple[str, int]] = []  # (path, frames the file holds)
         self.error: BaseException | None = None
 
     def _open(self, path: Path, overwrite: bool):
@@ -86,13 +87,13 @@ class Recorder:
                 self.error = exc
             else:
                 log.warning("camface: %s", exc)
-        if sink.frames_written:
-            self.recordings.append((str(sink.path), sink.frames_written))
+        if sink.frames_written:  # what the file holds (fewer than written after a full disk)
+            self.recordings.append((str(sink.path), sink.frames_kept))
 
     def handle(self, item: Output) -> None:
         if item.toggle:
             self.toggle()
-        if self.sink is not None:
+        if self.sink is not None and item.frame is not None:
             with self.timer.stage("encode"):
                 self.sink.write(item.frame)
         if item.snapshot and self.snapshots is not None and item.raw is not None:

@@ -12,6 +12,7 @@ import numpy as np
 from camface.methods import normalize
 from camface.realtime.overlay import LIVE, colormap_lut, overlay, upsample
 from camface.realtime.results import Box, Face, FrameResult
+from camface.realtime.timing import fps_text
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 GREEN, WHITE, BLACK = (0, 200, 0), (255, 255, 255), (0, 0, 0)
@@ -150,8 +151,8 @@ class HudAnnotator:
         explained = (best if result.explained_class is None else
                      result.labels[result.explained_class] if result.explained_class < len(result.labels)
                      else f"class {result.explained_class}")
-        rate = (f"{result.fps:.0f} fps shown (paced to {result.pace_fps:.3g})" if result.pace_fps
-                else f"{result.fps:.0f} fps")
+        rate = (f"{fps_text(result.fps)} fps shown (paced to {result.pace_fps:.3g})" if result.pace_fps
+                else f"{fps_text(result.fps)} fps")
         lines = [f"{rate} | processing ms: {stages}" if stages and result.pace_fps else
                  f"{rate} | ms: {stages}" if stages else rate,
                  f"{result.method} of {explained} | {result.provider.replace('ExecutionProvider', '')}"]

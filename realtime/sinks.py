@@ -76,14 +76,19 @@ class Mp4vWriter:
         self._writer.release()
         if not self._frames:
             return
-        capture = cv2.VideoCapture(str(self._path))
-        try:
-            readable = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
-        finally:
-            capture.release()
+        readable = mp4v_frames(self._path)
         if readable < self._frames:
             raise OutputError(f"cannot finish {self._path}: it holds {readable} of the {self._frames} frames "
                               "written (is the disk full?)")
+
+
+def mp4v_frames(path: Path) -> int:
+    """Frames a plain MP4's index lists (0 when it has none: a file whose index was lost)."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+    finally:
+        capture.release()
 
 
 class VideoSink:
@@ -92,7 +97,8 @@ class VideoSink:
 
     The writer opens on the first frame, at that frame's size rounded down to even numbers
     (4:2:0 video needs even sizes; odd frames lose their last row/column). Later frames of
-    another size are resized to it. `frames_written` counts frames handed to the encoder.
+    another size are resized to it. `frames_written` counts frames handed to the encoder;
+    `frames_kept` those the file holds once closed (fewer after a write error: a full disk).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
@@ -100,6 +106,7 @@ class VideoSink:
         self.fps = fps
         self.encoder = encoder_for(codec)
         self.frames_written = 0
+        self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
@@ -138,15 +145,35 @@ class VideoSink:
                     log.warning("camface: %s: frames of %dx%d are scaled to the recording's %dx%d (its first "
                                 "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
-        self._writer.write(np.ascontiguousarray(frame))
+        try:
+            self._writer.write(np.ascontiguousarray(frame))
+        except BaseException:
+            self._failed = True
+            raise
         self.frames_written += 1
 
     def close(self) -> None:
         """Finalise the file (idempotent)."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            writer.close()
+            try:
+                writer.close()
+            except BaseException:
+                self._failed = True
+                raise
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
+
+    @property
+    def frames_kept(self) -> int:
+        """Frames the closed file holds: `frames_written`, or after a write error (the encoder
+        had taken frames that never reached the disk) those a reader gets from the file."""
+        if not self._failed or not self.frames_written:
+            return self.frames_written
+        if self.encoder == "mp4v":
+            return min(self.frames_written, mp4v_frames(self.path))
+        from camface.realtime.fmp4 import whole_frames
+
+        return min(self.frames_written, whole_frames(self.path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

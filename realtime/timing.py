@@ -83,6 +83,12 @@ class StageTimer:
         return {name: s.median_ms for name, s in self.stats().items()}
 
 
+def fps_text(fps: float) -> str:
+    """A frame rate as the HUD and the summary line print it: whole numbers from 10 fps up,
+    two significant digits below (a folder's images held 2 s each run at 0.5 fps, not 0)."""
+    return f"{fps:.0f}" if fps >= 10 or fps == 0 else f"{fps:.2g}"
+
+
 class RateMeter:
     """Frames per second over the last `window` frame completions, and over the whole run."""
 

@@ -3,16 +3,57 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import numpy as np
 
+X11_TCP_PORT = 6000  # X display N listens on TCP port 6000 + N (ssh -X forwards localhost:10 and up)
+
+
+def display_problem() -> str | None:
+    """Why no window can be shown, or None when one can: on Linux and BSD an X11 or Wayland
+    display must be set, and an X display set (DISPLAY) must accept a connection. OpenCV's Qt
+    aborts the whole process (no error to catch) on a DISPLAY left over from a closed session."""
+    if not sys.platform.startswith(("linux", "freebsd", "openbsd")):
+        return None
+    display = os.environ.get("DISPLAY")
+    if not display:
+        return None if os.environ.get("WAYLAND_DISPLAY") else "DISPLAY / WAYLAND_DISPLAY is not set"
+    if _x_display_answers(display) is False:
+        return f"no X server answers on DISPLAY={display}"
+    return None
+
 
 def display_available() -> bool:
-    """Whether a window can be shown: on Linux and BSD, an X11 or Wayland display must be set."""
-    if sys.platform.startswith(("linux", "freebsd", "openbsd")):
-        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
-    return True
+    """Whether a window can be shown (see `display_problem`)."""
+    return display_problem() is None
+
+
+def _x_display_answers(display: str, timeout_s: float = 1.0) -> bool | None:
+    """Whether X display `display` ("[host]:N[.screen]") accepts a connection: its Unix socket
+    (abstract or /tmp/.X11-unix/XN) for a local one, TCP port 6000 + N for host:N. None when
+    the name is not of that form (not checked)."""
+    host, colon, rest = display.rpartition(":")
+    number = rest.split(".")[0]
+    if not colon or not number.isdigit() or "/" in host:
+        return None
+    if host not in ("", "unix"):  # every address of the host (ssh -X may listen on ::1 only)
+        try:
+            socket.create_connection((host.strip("[]"), X11_TCP_PORT + int(number)), timeout_s).close()
+            return True
+        except (OSError, ValueError):
+            return False
+    path = f"/tmp/.X11-unix/X{number}"
+    for address in ("\0" + path, path):  # Linux's abstract socket, then the file
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(timeout_s)
+                probe.connect(address)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 class Window:

@@ -139,8 +139,8 @@ class Session:
                 log.warning("client %d: %s", self.id, exc)
         if sink.frames_written:
             self.server.recorded(sink.path)
-        log.info("client %d: recorded %d frames to %s", self.id, sink.frames_written, sink.path)
-        return sink.path, sink.frames_written
+        log.info("client %d: recorded %d frames to %s", self.id, sink.frames_kept, sink.path)
+        return sink.path, sink.frames_kept
 
     def close(self) -> None:
         """Finalise the recording and close the detector (after the worker's current use)."""

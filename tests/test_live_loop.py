@@ -182,6 +182,27 @@ def test_a_crowd_keeps_the_largest_faces_and_says_how_many_were_dropped(tmp_path
     assert f"{s.dropped} more face(s) not shown (--max-faces)" in hud
 
 
+def test_the_hud_gives_the_detectors_mean_cost_when_boxes_are_carried(monkeypatch):
+    """With --detect-every N > 1 the median detect time is a carried frame's: the HUD shows the
+    mean, as the summary line does (3 carried frames of 0.3 ms, one detection of 3 ms)."""
+    from camface.realtime import loop as loop_module
+    from camface.realtime.summary import hud_stage_ms
+    from camface.realtime.timing import StageTimer
+
+    timer = StageTimer(("detect", "classify"))
+    for _ in range(10):
+        for seconds in (0.0003, 0.0003, 0.0003, 0.003):
+            timer.add("detect", seconds)
+            timer.add("classify", seconds)
+    assert hud_stage_ms(timer, 4) == pytest.approx({"detect": 0.975, "classify": 0.3})
+    assert hud_stage_ms(timer) == pytest.approx({"detect": 0.3, "classify": 0.3})
+
+    asked = []
+    monkeypatch.setattr(loop_module, "hud_stage_ms", lambda timer, every=1: asked.append(every) or {})
+    summary = LiveLoop(LiveConfig(source="sample", max_frames=16)).run()
+    assert summary.detect_every == 4 and asked == [4, 4]  # frames 0 and 15
+
+
 def test_frames_of_every_kind(tmp_path, astronaut_bgr):
     """Gray, BGRA, 16-bit, all-black, 1x1 and odd-sized images in one folder."""
     folder = tmp_path / "mixed"
@@ -343,7 +364,7 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
 
 
 def test_window_keys_drive_the_loop(tmp_path, face_clip):
-    """m: method; 3: explain class 3 ('happy'); a: predicted; s: snapshot of the next frame;
+    """m: method; 3: explain class 3 ('happy'); a: predicted; s: snapshot of the frame shown;
     r: stop, then start recording (a second file); h: HUD off; q: quit."""
     out = tmp_path / "win.mp4"
     window = FakeWindow("m3s.r.rhq")
@@ -357,9 +378,56 @@ def test_window_keys_drive_the_loop(tmp_path, face_clip):
     assert count_frames(out) == 4 and count_frames(second) == 3
     (snap,) = (tmp_path / "snaps").iterdir()
     meta = json.loads((snap / "snapshot.json").read_text())
-    assert meta["frame_index"] == 3 and meta["method"] == "gradcampp"
+    assert meta["frame_index"] == 2 and meta["method"] == "gradcampp"
     assert all(f["explained"] == 3 for f in meta["faces"])
     assert not (window.shown[8][:40, :200] == window.shown[7][:40, :200]).all()  # HUD gone
+
+
+class _KeyWhileHeld:
+    """A window whose user presses a key while the n-th frame shown is held on screen (the
+    viewer polls it while it waits for the next frame's time, or at the end of the input):
+    keys: {n: key}, n counting the frames shown from 0."""
+
+    def __init__(self, keys: dict[int, str]):
+        self.keys, self.closed = keys, False
+        self.shown: list[np.ndarray] = []
+        self._polled = True
+
+    def show(self, frame):
+        if not self.shown or frame is not self.shown[-1]:
+            self.shown.append(frame)
+            self._polled = False
+            return -1
+        key = None if self._polled else self.keys.get(len(self.shown) - 1)
+        self._polled = True
+        return ord(key) if key else -1
+
+
+def test_key_s_saves_the_image_on_screen(tmp_path, monkeypatch, sample_frames):
+    """A folder's images are each held on screen (--image-seconds): s pressed meanwhile saves
+    that image, the last one's included (once saved two images later, the last one's lost)."""
+    from camface.realtime import pace
+
+    clock = [0.0]  # the pacer's time, moved on only by its sleeps: the holds are polled alike everywhere
+    real = pace.Pacer
+    monkeypatch.setattr(pace, "Pacer", lambda period: real(period, lambda: clock[0],
+                                                            lambda s: clock.__setitem__(0, clock[0] + s)))
+    _, frames = sample_frames
+    images = tmp_path / "images"
+    images.mkdir()
+    for n, index in enumerate((0, 120, 240)):
+        cv2.imwrite(str(images / f"img{n}.png"), frames[index])
+    window = _KeyWhileHeld({0: "s", 2: "s"})
+    summary = LiveLoop(LiveConfig(source=str(images), show=True, pace="source", image_seconds=1.0,
+                                  snapshot_dir=tmp_path / "snaps"), window=window).run()
+    assert summary.frames == 3 and summary.snapshots == 2 and len(window.shown) == 3
+    saved = sorted(p.name for p in (tmp_path / "snaps").iterdir())
+    assert saved == ["frame_000000", "frame_000002"]
+    for name, n in zip(saved, (0, 2)):
+        image = cv2.imread(str(tmp_path / "snaps" / name / "frame.png"))
+        assert np.array_equal(image, cv2.imread(str(images / f"img{n}.png")))
+        meta = json.loads((tmp_path / "snaps" / name / "snapshot.json").read_text())
+        assert meta["frame_index"] == n
 
 
 def test_8k_frame_with_faces_over_the_edges():

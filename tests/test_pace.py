@@ -193,8 +193,8 @@ def test_quit_while_a_folder_image_is_held(tmp_path, astronaut_bgr):
 
 
 def test_keys_pressed_while_paused_are_kept(tmp_path, clip60):
-    """Space on frame 1; s and r while paused (then space): a snapshot of the next frame, and the
-    recording stops; q on frame 4."""
+    """Space on frame 1; s and r while paused (then space): a snapshot of the paused frame, and
+    the recording stops; q on frame 4."""
     out = tmp_path / "rec.mp4"
     window = FakeWindow(". sr ..q")
     summary = LiveLoop(LiveConfig(source=str(clip60), show=True, record=out, detector="short",
@@ -202,4 +202,34 @@ def test_keys_pressed_while_paused_are_kept(tmp_path, clip60):
     assert summary.stopped_by == "quit" and summary.snapshots == 1
     assert summary.recordings == ((str(out), 1),)  # r on frame 1 (while paused) stops before it, as on any frame
     (snap,) = (tmp_path / "snaps").iterdir()
-    assert snap.name == "frame_000002"
+    assert snap.name == "frame_000001"
+
+
+def test_space_while_an_image_is_held_pauses_on_that_image():
+    """A folder's image waits seconds for the next one's time: space meanwhile pauses on the image
+    on screen (once, the wait ran on and the next image came, then paused); the paused time
+    moves the schedule on, and s while paused saves the image on screen."""
+    from camface.realtime.viewer import SNAPSHOT_SHOWN, Viewer
+
+    clock = FakeClock()
+    first, second = np.zeros((4, 4, 3), np.uint8), np.ones((4, 4, 3), np.uint8)
+    calls: list[tuple[np.ndarray, str]] = []
+    keys = iter(". ..s.. ")  # first shown; polls: space, then three more polls (s among them), space
+
+    class Window:
+        closed = False
+
+        def show(self, frame):
+            key = next(keys, ".")
+            calls.append((frame, key))
+            return -1 if key == "." else ord(key)
+
+    viewer = Viewer(Window(), Pacer(1.0, clock=clock, sleep=clock.sleep), ("gradcam",), 7)
+    controls, commands = viewer.show(first, Controls("gradcam"))
+    assert commands == () and not controls.paused
+    controls, commands = viewer.show(second, controls)
+    assert not controls.paused and commands == (SNAPSHOT_SHOWN,) and viewer.paused_s > 0
+    pressed = [n for n, (_, key) in enumerate(calls) if key == " "]
+    assert pressed == [1, 7]
+    assert all(frame is first for frame, _ in calls[:pressed[1] + 1])  # held while paused
+    assert calls[-1][0] is second and clock.now >= 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from realtime_helpers import TINY_LABELS, FakeCamera, count_frames, tiny_cam_graph
 
-from camface.errors import ModelError, OutputError
+from camface.errors import ModelError, OutputError, SourceError
 from camface.realtime.crop import crop_faces, crop_square, square_box
 from camface.methods import normalize as normalize_heatmap
 from camface.realtime.render import BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box
@@ -403,6 +404,29 @@ def test_live_source_interrupted_while_opening_releases_the_camera(monkeypatch):
     assert source._thread is not None and not source._thread.is_alive()
 
 
+@pytest.mark.parametrize("error, message", [
+    (cv2.error("VIDEOIO(V4L2): select() failed"), r"camera 0 stopped delivering frames after 20 frames"),
+    (RuntimeError("driver gone"), r"camera 0 failed after 20 frames: driver gone"),
+])
+def test_a_camera_whose_read_raises_ends_with_what_happened(error, message):
+    """A backend's read error counts as a failed read (a stream would reconnect); anything else
+    ends the iteration with its message at once. The reader thread died with a traceback and
+    the loop waited out its time-out, then said the camera "delivered no frame"."""
+
+    class Breaks(FakeCamera):
+        def read(self):
+            if self.reads >= 20:
+                raise error
+            return super().read()
+
+    frames = 0
+    with pytest.raises(SourceError, match=message):
+        with LiveSource(0, timeout_s=5.0, opener=lambda target, timeout: Breaks()) as source:
+            for _ in source:
+                frames += 1
+    assert 0 < frames <= 20
+
+
 def test_face_detector_failing_warm_up_is_closed(monkeypatch):
     """An error (or Ctrl-C) in the warm-up detection inside __enter__ left MediaPipe's
     detector open: it must be closed explicitly."""
@@ -536,3 +560,62 @@ def test_graph_runs_a_pruned_session_per_method_with_the_same_values(tiny_graph_
     probs, heatmaps = bare.run(crops, classes, "gradcam")
     assert bare._session_for("gradcam")[0] is bare.session
     np.testing.assert_allclose(heatmaps, whole["gradcam"], rtol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="X displays as on Linux")
+def test_a_display_that_does_not_answer_opens_no_window(monkeypatch, capsys, caplog):
+    """A DISPLAY left over from a closed session: OpenCV's Qt would abort the process (exit 134,
+    no summary). live runs without a window instead, and --show is one error line."""
+    import socket
+
+    from camface.cli import main as camface_main
+    from camface.realtime.window import display_problem
+
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    if port <= 6000:
+        server.close()
+        pytest.skip("no TCP port above 6000 to stand for an X display")
+    display = f"127.0.0.1:{port - 6000}.0"
+    monkeypatch.setenv("DISPLAY", display)
+    assert display_problem() is None  # an X server would answer there
+    server.close()
+    assert display_problem() == f"no X server answers on DISPLAY={display}"
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a local display, as Xvfb serves it
+    number = 40000 + os.getpid() % 20000
+    abstract.bind(f"\0/tmp/.X11-unix/X{number}")
+    abstract.listen()
+    monkeypatch.setenv("DISPLAY", f":{number}")
+    assert display_problem() is None
+    abstract.close()
+    assert display_problem() == f"no X server answers on DISPLAY=:{number}"
+    monkeypatch.delenv("DISPLAY")
+    assert display_problem() == "DISPLAY / WAYLAND_DISPLAY is not set"
+
+    monkeypatch.setenv("DISPLAY", display)  # nothing there any more
+    assert camface_main(["live", "--source", "sample", "--show", "--max-frames", "1"]) == 2
+    assert f"--show needs a display (no X server answers on DISPLAY={display})" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        assert camface_main(["live", "--source", "sample", "--max-frames", "2", "--detect-every", "1"]) == 0
+    assert f"no window (no X server answers on DISPLAY={display})" in caplog.text
+    assert "; 2 frames, " in capsys.readouterr().err
+
+
+def test_rates_below_ten_fps_are_not_printed_as_zero():
+    """A folder's images held 2 s each pass at 0.5 fps: the summary line and the HUD said 0 fps."""
+    from camface.realtime.render import HudAnnotator
+    from camface.realtime.summary import RunSummary
+    from camface.realtime.timing import fps_text
+
+    assert [fps_text(f) for f in (0.0, 0.5, 0.333, 2.94, 9.96, 30.2, 112.4)] == \
+        ["0", "0.5", "0.33", "2.9", "10", "30", "112"]
+    summary = RunSummary(frames=3, faces=6, dropped=0, fps=0.5, wall_s=6.0, stages={}, provider="CPU",
+                         source="photos", pace_fps=0.5, still=True)
+    assert "; 3 frames, 2.0 faces/frame, 0.5 fps (each image held 2 s)" in summary.line()
+    hud = HudAnnotator().lines(FrameResult(index=2, faces=(), predictions=(), dropped=0, method="gradcam",
+                                           explained_class=None, labels=("a",), fps=0.5, stage_ms={},
+                                           provider="CPUExecutionProvider", pace_fps=0.5))
+    assert hud[0] == "0.5 fps shown (paced to 0.5)"

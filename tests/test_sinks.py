@@ -158,7 +158,7 @@ def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_
         for frame in clip_frames[:75]:
             sink.write(frame)
         before_close = counting.written
-    assert count_frames(tmp_path / "whole.mp4") == 75
+    assert count_frames(tmp_path / "whole.mp4") == 75 and sink.frames_kept == 75
 
     monkeypatch.setattr(fmp4, "open", _DiskOf(before_close + 16), raising=False)  # full at close
     sink = VideoSink(tmp_path / "close.mp4", FPS)
@@ -168,6 +168,7 @@ def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_
                                           "No space left on device"):
         sink.close()
     assert count_frames(tmp_path / "close.mp4") == 60  # two whole fragments of 30 frames
+    assert sink.frames_written == 75 and sink.frames_kept == 60  # what the summary line says
 
     monkeypatch.setattr(fmp4, "open", _DiskOf(before_close / 2), raising=False)  # full while writing
     sink = VideoSink(tmp_path / "write.mp4", FPS)
@@ -180,7 +181,7 @@ def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_
         sink.close()  # the disk is still full: it may say so again
     except OutputError as exc:
         assert "write.mp4" in str(exc)
-    assert count_frames(tmp_path / "write.mp4") == 30
+    assert count_frames(tmp_path / "write.mp4") == 30 and sink.frames_kept == 30
 
 
 def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, monkeypatch):
@@ -207,6 +208,42 @@ def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, mo
     path = re.escape(str(tmp_path / "cut.mp4"))
     with pytest.raises(OutputError, match=f"cannot finish {path}: it holds 0 of the 10 frames written"):
         sink.close()
+    assert sink.frames_written == 10 and sink.frames_kept == 0
+
+
+def test_whole_frames_counts_the_samples_a_cut_fragment_still_holds(tmp_path, clip_frames):
+    """A full disk can cut a fragment after its index (moof) was written: the frames whose
+    bytes all made it are readable, the others not; whole_frames says how many."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    whole = record(tmp_path / "whole.mp4", clip_frames[:75]).path
+    assert fmp4.whole_frames(whole) == 75
+    data = whole.read_bytes()
+    moofs = [m.start() - 4 for m in re.finditer(b"moof", data)]
+    assert len(moofs) == 3  # fragments of 30, 30 and 15 frames
+    for cut, kept in [(moofs[2], 60), (moofs[2] + 200, 60), (moofs[1] + (moofs[2] - moofs[1]) // 2, None)]:
+        (tmp_path / "cut.mp4").write_bytes(data[:cut])
+        found = fmp4.whole_frames(tmp_path / "cut.mp4")
+        assert found == (kept if kept is not None else count_frames(tmp_path / "cut.mp4"))
+        assert 30 < found <= 60
+    (tmp_path / "text.mp4").write_bytes(b"not a video at all")
+    assert fmp4.whole_frames(tmp_path / "text.mp4") == 0
+
+
+def test_live_summary_counts_the_frames_the_file_holds_after_a_full_disk(tmp_path, monkeypatch, capsys):
+    """The disk fills during a fragment: the encoder had taken more frames than reached the
+    file. The summary line says how many the file holds, not how many were encoded."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    from camface.cli import main
+
+    monkeypatch.setattr(fmp4, "open", _DiskOf(300_000), raising=False)
+    out = tmp_path / "out.mp4"
+    assert main(["live", "--source", "sample", "--no-show", "--max-frames", "90", "--record", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}: No space left on device" in err
+    kept = count_frames(out)
+    assert 0 < kept < 60 and f"recorded {kept} frames to {out}" in err
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")

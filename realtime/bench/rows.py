@@ -192,7 +192,7 @@ def _sequential_pass(config, pipeline, graph, detector, renderer, limit, record,
             with timer.stage("detect"):
                 faces = detector.detect(frame, frames)
             if frames % HUD_EVERY == 0:
-                hud_ms = hud_stage_ms(timer)
+                hud_ms = hud_stage_ms(timer, detector.every)
             result = explainer.explain(frame, faces, controls, frames, rate.rolling_fps, hud_ms).result
             with timer.stage("render"):
                 renderer.annotate(frame, result)
