@@ -225,8 +225,9 @@ class Pipeline:
         indices from 0, fresh smoothing tracks, its own detector carrying boxes between key frames
         as `camface live` does (`detect_every`), so the results are live's. The source is closed
         when the loop ends or breaks. A bad `source` type or `max_frames`, or a closed pipeline,
-        is a UsageError at once (a missing file at the first frame); closing the pipeline while
-        iterating ends the iteration with one.
+        is a UsageError at once (a missing file at the first frame, a source object's frame that
+        is not uint8 BGR [H, W, 3] when it comes); closing the pipeline while iterating ends the
+        iteration with one.
         """
         from camface.realtime.sources import make_source
 
@@ -257,6 +258,7 @@ class Pipeline:
                                                      self.config.detect_workers))
             for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates
+                frame = _check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
                 yield explainer.explain(frame, carrier.detect(frame, index), controls, index).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
@@ -317,13 +319,14 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
     return indices
 
 
-def _check_frame(frame: Any) -> np.ndarray:
-    """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError."""
+def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
+    """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
+    naming it as `name`."""
     if not isinstance(frame, np.ndarray):
-        raise UsageError(f"a frame must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}")
+        raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}")
     if frame.dtype != np.uint8:
-        raise UsageError(f"a frame must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} "
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} "
                          "(scale floats in [0, 1] by 255 and convert with .astype(np.uint8))")
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
-        raise UsageError(f"a frame must be uint8 BGR [H, W, 3]; got shape {frame.shape}")
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}")
     return np.ascontiguousarray(frame)

@@ -287,6 +287,22 @@ def test_process_video_checks_its_arguments_at_once_and_reads_no_frame_beyond(tw
             call()
 
 
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda f: f.astype(np.float32), r"frame 1 of _CountingSource must be uint8 BGR .* got dtype float32"),
+    (lambda f: f[:, :, 0], r"frame 1 of _CountingSource must be uint8 BGR \[H, W, 3\]; got shape \(512, 949\)"),
+    (lambda f: f.tolist(), "frame 1 of _CountingSource must be a numpy array.* got list"),
+])
+def test_a_source_objects_bad_frame_is_a_clear_error(cam, two_faces, bad, message):
+    """A user's source object is not one of camface's: its frames are checked as `explain`'s
+    (a float frame was explained as if it were uint8, a grayscale one failed inside OpenCV)."""
+    frames = cam.process_video(_CountingSource([two_faces, bad(two_faces), two_faces]))
+    result, frame = next(frames)
+    assert result.index == 0 and len(result.faces) == 2 and frame.dtype == np.uint8
+    with pytest.raises(UsageError, match=message):
+        next(frames)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda: camface.load("no/such/model.onnx"), ModelError, "CAM graph not found: no/such/model.onnx"),
     (lambda: camface.load(device="gpu"), UsageError, "--device must be one of"),
