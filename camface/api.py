@@ -311,7 +311,8 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
         array = np.asarray(value)
         if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
             raise UsageError(f"{name} must be an integer or {count} integers, got {value!r}")
-        indices = np.broadcast_to(array.astype(np.int64), (count,))
+        # out of range beyond int64 (uint64) becomes `classes`, not a wrapped (maybe -1) index
+        indices = np.broadcast_to(np.where(array >= classes, classes, array).astype(np.int64), (count,))
     lowest = -1 if allow_predicted else 0
     if ((indices < lowest) | (indices >= classes)).any():
         predicted = " or -1 (the predicted class)" if allow_predicted else ""

@@ -215,6 +215,9 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
         with pytest.raises(UsageError, match=message):
             cam.explain_crops(crops, class_index=bad)
     assert [p.explained for p in cam.explain_crops(crops, class_index=np.array([2, 5]))] == [2, 5]
+    for huge in (np.array([2 ** 64 - 1, 0], np.uint64), np.array(2 ** 64 - 1, np.uint64)):  # -1 cast to int64
+        with pytest.raises(UsageError, match="class_index .* out of range 0..6"):
+            cam.explain_crops(crops, class_index=huge)
     for bad in (1.5, "1", -1):
         with pytest.raises(UsageError, match="explained_class"):
             cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
