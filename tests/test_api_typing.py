@@ -63,6 +63,19 @@ def test_a_misuse_of_the_api_is_a_type_error(layout):
     assert "usage.py:5" not in done.stdout
 
 
+def test_the_readme_example_type_checks(layout):
+    """The README's Python example is what users copy: mypy accepts it as written (OpenCV's
+    stubs type `cv2.imread` as returning None too)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Python\n"):]
+    start = section.index("```python\n") + len("```python\n")
+    example = section[start:section.index("\n```", start)]
+    assert "camface.load(" in example and "cam.explain(frame)" in example
+    (layout / "readme_example.py").write_text(example + "\n")
+    done = mypy(layout, *PUBLIC, "readme_example.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_py_typed_ships_with_the_package():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "py.typed" in config["package-data"]["camface"]
