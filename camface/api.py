@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,10 +262,11 @@ class Pipeline:
                 yield explainer.explain(frame, carrier.detect(frame, index), controls, index).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
-                      class_index: int | np.ndarray | None = None) -> tuple[Prediction, ...]:
+                      class_index: int | Sequence[int] | np.ndarray | None = None
+                      ) -> tuple[Prediction, ...]:
         """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
-        class_index: class to explain, one for all or int [N]; default each crop's predicted
+        class_index: class to explain, one for all or N of them (a list or int [N]); default each crop's predicted
         class. Any N >= 0 (the graph is called on at most 32 at a time). On a gallery graph
         each Prediction carries its `similarity`; name it with
         `prediction.label(pipeline.labels, pipeline.graph.info.threshold)` (`unknown (best: ...)`)."""

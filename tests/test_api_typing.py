@@ -76,6 +76,26 @@ def test_the_readme_example_type_checks(layout):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_class_indices_type_check_as_the_api_takes_them(layout):
+    """What explain and explain_crops accept at run time (tests/test_api.py), mypy accepts:
+    a list of class indices, one per crop, as well as numpy integers and arrays."""
+    (layout / "classes.py").write_text(
+        "import numpy as np\n"
+        "import camface\n"
+        "with camface.load() as cam:\n"
+        "    crops = np.zeros((2, 64, 64, 1), np.uint8)\n"
+        "    best = cam.explain_crops(crops)[0].probs.argmax()\n"
+        "    cam.explain(np.zeros((8, 8, 3), np.uint8), explained_class=np.int64(2))\n"
+        "    cam.explain_crops(crops, class_index=[2, 5])\n"
+        "    cam.explain_crops(crops, class_index=np.array([2, 5]))\n"
+        "    cam.explain_crops(crops, class_index=np.int64(best))\n"
+        "    cam.explain_crops(crops, class_index='2')\n")
+    done = mypy(layout, *PUBLIC, "classes.py")
+    assert done.returncode == 1
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("classes.py:10: error: Argument \"class_index\""), done.stdout
+
+
 def test_py_typed_ships_with_the_package():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "py.typed" in config["package-data"]["camface"]
