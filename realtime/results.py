@@ -67,6 +67,15 @@ class Prediction:
     method: str
     similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
+    def __eq__(self, other: object) -> bool:
+        """Equal fields, the arrays by shape and values (the generated `==` asked numpy arrays for
+        one truth value and raised ValueError, so that FrameResults could not be compared)."""
+        if not isinstance(other, Prediction):
+            return NotImplemented
+        return (self.predicted, self.explained, self.method) == (other.predicted, other.explained, other.method) \
+            and all(np.array_equal(a, b) for a, b in ((self.probs, other.probs), (self.heatmap, other.heatmap),
+                                                       (self.similarity, other.similarity)))
+
     def is_unknown(self, threshold: float | None) -> bool:
         """A gallery graph's face whose best similarity is below `threshold` (None: never)."""
         return threshold is not None and self.similarity.size > 0 and \

@@ -3,6 +3,7 @@ numbers against `camface live`'s; JSON; Jupyter; misuse; resources released."""
 
 import json
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def test_to_dict_round_trips_through_json(cam, two_faces):
         np.testing.assert_array_equal(got.probs, want.probs)  # float32 survives JSON exactly
         np.testing.assert_array_equal(got.heatmap, want.heatmap)
         assert (got.predicted, got.explained, got.method) == (want.predicted, want.explained, want.method)
+    assert back == result and back.predictions == result.predictions  # compared by value, arrays included
+    brighter = back.predictions[0].heatmap + 1
+    assert replace(back, predictions=(replace(back.predictions[0], heatmap=brighter), back.predictions[1])) != result
+    assert back.predictions[0] != back.predictions[1] and back.predictions[0] != "a prediction"
 
 
 def test_process_video_yields_every_frame_with_both_faces(cam, clip):
