@@ -224,7 +224,9 @@ class Pipeline:
         uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
         indices from 0, fresh smoothing tracks, its own detector carrying boxes between key frames
         as `camface live` does (`detect_every`), so the results are live's. The source is closed
-        when the loop ends or breaks. A bad `source` type or `max_frames`, or a closed pipeline,
+        when the loop ends or breaks. max_frames: at most this many frames (default: the
+        pipeline's `max_frames`, as `load(max_frames=N)` set it; None there: every frame). A bad
+        `source` type or `max_frames`, or a closed pipeline,
         is a UsageError at once (a missing file at the first frame, a source object's frame that
         is not uint8 BGR [H, W, 3] when it comes); closing the pipeline while iterating ends the
         iteration with one.
@@ -235,6 +237,8 @@ class Pipeline:
         if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool)
                                        or max_frames < 1):
             raise UsageError(f"max_frames must be an integer >= 1 (or None), got {max_frames!r}")
+        if max_frames is None:
+            max_frames = self.config.max_frames  # LiveConfig's --max-frames, as live stops there
         if isinstance(source, (str, os.PathLike)) or (isinstance(source, int) and not isinstance(source, bool)):
             opened = make_source(os.fspath(source) if isinstance(source, os.PathLike) else str(source))
         elif all(callable(getattr(source, name, None)) for name in ("__enter__", "__exit__", "__iter__")):

@@ -293,6 +293,10 @@ def test_process_video_checks_its_arguments_at_once_and_reads_no_frame_beyond(tw
                  lambda: api.annotate(two_faces, None)):
         with pytest.raises(UsageError, match="this camface pipeline is closed"):
             call()
+    with camface.load(device="cpu", max_frames=3) as api:  # the pipeline's max_frames, as live's
+        counting = _CountingSource([two_faces] * 5)
+        assert [r.index for r, _ in api.process_video(counting)] == [0, 1, 2] and counting.taken == 3
+        assert len(list(api.process_video(_CountingSource([two_faces] * 5), max_frames=4))) == 4  # the call's wins
 
 
 
