@@ -250,3 +250,13 @@ def test_compare_int8_adds_a_live_row_and_the_precision_table(tmp_path, faces_cl
             assert b["speedup"] == pytest.approx(b["fp32"]["median_ms"] / b["int8"]["median_ms"])
             forward = b["int8_forward_only"]["median_ms"]
             assert b["gradient_overhead_pct"] == pytest.approx(100 * (b["int8"]["median_ms"] / forward - 1))
+
+
+def test_source_of_one_frame_is_a_clear_error(tmp_path, astronaut_bgr, capsys):
+    """One image gives one frame completion, no interval: the bench printed fps 0.0 and inf ms
+    per frame, and crashed formatting the speed-up with --baseline keras."""
+    cv2.imwrite(str(tmp_path / "face.jpg"), astronaut_bgr)
+    assert camface_main(["bench", "--source", str(tmp_path), "--frames", "5", "--warmup", "0",
+                         "--baseline", "keras"]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: {tmp_path} gave one frame; camface bench times at least 2" in err, err

@@ -73,11 +73,16 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with make_source(pipeline.source, sample_frames=config.frames) as source:  # fails fast, names the source
         source_info = source.info
-        first = next(iter(source), None)
+        frames = iter(source)
+        first = next(frames, None)
+        second = next(frames, None) if first is not None else None
     if source_info.live:
         log.warning("camface bench: %s is a live source: each row sees different frames", source_info.name)
     if first is None:
         raise SourceError(f"no frame could be read from {pipeline.source}")
+    if second is None:  # one frame completion holds no interval: no fps, no speed-up to print
+        raise SourceError(f"{pipeline.source} gave one frame; camface bench times at least 2 (fps needs two "
+                          "frame completions): give a clip or a folder of several images")
     from camface.realtime.detect import import_mediapipe_vision
 
     import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
