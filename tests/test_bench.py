@@ -260,3 +260,20 @@ def test_source_of_one_frame_is_a_clear_error(tmp_path, astronaut_bgr, capsys):
                          "--baseline", "keras"]) == 2
     err = capsys.readouterr().err
     assert f"camface: error: {tmp_path} gave one frame; camface bench times at least 2" in err, err
+
+
+@pytest.mark.parametrize("carried_ms, every_frame_ms, words", [
+    (2.0, 6.0, "2.00 CPU ms per frame against 6.00 with detection on every frame, 3.00x less"),
+    (10.0, 5.0, "10.00 CPU ms per frame against 5.00 with detection on every frame, 2.00x more"),
+    (None, 5.0, "CPU time per frame not separable from start-up"),
+])
+def test_detect_every_line_says_less_or_more(carried_ms, every_frame_ms, words):
+    """A run where carrying boxes cost more CPU per frame printed '0.50x less'."""
+    from camface.realtime.bench.report import format_detect_every
+    from camface.realtime.bench.rows import Row, compare_detect_every
+
+    carried = compare_detect_every(4, Row("camface live", 10, 10, 20.0, 1.0, cpu_ms_per_frame=carried_ms),
+                                   Row("live, every frame", 10, 10, 10.0, 1.0, cpu_ms_per_frame=every_frame_ms))
+    line = format_detect_every(carried)
+    assert line.startswith("detector on every 4th frame (boxes carried between): ")
+    assert words in line and line.endswith("; 2.00x the fps (this run)")
