@@ -324,3 +324,20 @@ def test_graph_spec_validate():
     listed = {**info.to_metadata(), "heatmaps": '["gradcam", "gradcampp", "cam"]'}
     with pytest.raises(ModelError, match="metadata lists heatmaps cam that are not outputs"):
         graph_spec.validate("g.onnx", inputs, outputs, listed)
+
+
+def test_info_reads_the_feature_size_off_the_heatmaps_when_the_metadata_lacks_it(tmp_path, capsys):
+    """A graph whose metadata has no `feature_size` printed 'at add_3 0x0'."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    props = {p.key: p.value for p in model.metadata_props if p.key != "feature_size"}
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    path = tmp_path / "old.onnx"
+    onnx.save(model, str(path))
+    assert camface_main(["info", str(path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CAM graph:"))
+    assert " at add_3 8x8; fp32" in line, line
