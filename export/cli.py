@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
 
         for line in summary_lines(result.int8.report):
             print(f"  int8 {line}")
-    for line in ranking.summary_lines(info.ranking):
+    for line in ranking.summary_lines(info.ranking, graph_spec.auto_method(info)[0]):
         print(f"  ranking {line}")
     return 0
 

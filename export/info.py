@@ -149,6 +149,6 @@ def main(args: argparse.Namespace) -> int:
 
     method, _ = graph_spec.auto_method(info)
     print(f"method ranking (--method auto shows {method}):")
-    for line in ranking_lines(info.ranking):
+    for line in ranking_lines(info.ranking, method):
         print(f"  {line}")
     return 0

@@ -341,3 +341,24 @@ def test_info_reads_the_feature_size_off_the_heatmaps_when_the_metadata_lacks_it
     assert camface_main(["info", str(path)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CAM graph:"))
     assert " at add_3 8x8; fp32" in line, line
+
+
+def test_info_names_what_auto_shows_on_a_graph_without_gradcam_or_ranking(tmp_path, capsys):
+    """A graph holding only gradient-free heatmaps and no ranking: `--method auto` shows its
+    first method (graph_spec.auto_method); the ranking line said 'gradcam', which it lacks."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    props = {p.key: p.value for p in model.metadata_props if p.key != "method_ranking"}
+    props["heatmaps"] = '["eigencam", "random"]'
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    path = tmp_path / "gradient_free.onnx"
+    onnx.save(model, str(path))
+    assert camface_main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "method ranking (--method auto shows eigencam):" in text
+    assert "none recorded (made by an older camface, or not by `camface export`): --method auto shows eigencam" \
+        in text, text
