@@ -277,3 +277,25 @@ def test_detect_every_line_says_less_or_more(carried_ms, every_frame_ms, words):
     line = format_detect_every(carried)
     assert line.startswith("detector on every 4th frame (boxes carried between): ")
     assert words in line and line.endswith("; 2.00x the fps (this run)")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--calibration", "photos", "--int8-threads", "4"],
+     ["--calibration is used only with --compare-int8; ignored",
+      "--int8-threads is used only with --compare-int8; ignored"]),
+    (["--keras-model", "m.keras", "--batches", "2", "--backbone-size", "96"],
+     ["--keras-model is used only with --baseline keras; ignored",
+      "--batches is used only with --compare-heads or --compare-int8; ignored",
+      "--backbone-size is used only with --backbone; ignored"]),
+    (["--calibration", "photos", "--compare-int8", "--repeats", "5", "--compare-heads"], []),
+    (["--keras-model", "m.keras", "--baseline", "keras", "--backbone", "resnet50", "--backbone-size", "96"], []),
+])
+def test_flags_that_would_be_ignored_are_named(argv, said):
+    """Flags accepted and then ignored in silence (a --calibration without --compare-int8)."""
+    import argparse
+
+    from camface.realtime.bench.config import configure, unused_flags
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert unused_flags(parser.parse_args(argv)) == said

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from camface.errors import ModelError, SourceError
-from camface.realtime.bench.config import BACKBONES, BenchConfig, configure  # noqa: F401 (configure: the CLI)
+from camface.realtime.bench.config import BACKBONES, BenchConfig, configure, unused_flags  # noqa: F401 (configure: the CLI)
 
 if TYPE_CHECKING:
     from camface.realtime.bench.rows import Row
@@ -176,6 +176,8 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     config = BenchConfig.from_args(args)
+    for sentence in unused_flags(args):
+        log.warning("camface bench: %s", sentence)
     if config.json is not None:
         from camface.outputs import check_output_file
 
