@@ -299,3 +299,25 @@ def test_flags_that_would_be_ignored_are_named(argv, said):
     parser = argparse.ArgumentParser()
     configure(parser)
     assert unused_flags(parser.parse_args(argv)) == said
+
+
+def test_compare_int8_of_a_graph_that_is_not_float32_fails_before_any_row(tmp_path, faces_clip, capsys, monkeypatch):
+    """An int8 (or fp16) --model with --compare-int8 failed only after the live rows had run."""
+    import onnx
+
+    from camface.realtime.bench import rows
+
+    model = onnx.load(str(EMOTION_ONNX))
+    for prop in model.metadata_props:
+        if prop.key == "precision":
+            prop.value = "int8"
+    path = tmp_path / "emotion.int8.onnx"
+    onnx.save(model, str(path))
+
+    def no_row(*args, **kwargs):
+        raise AssertionError("a live row ran")
+
+    monkeypatch.setattr(rows, "run_live", no_row)
+    assert camface_main(["bench", "--source", str(faces_clip), "--model", str(path), "--frames", "3",
+                         "--compare-int8"]) == 2
+    assert f"camface: error: --compare-int8 quantizes a float32 CAM graph; {path} is int8" in capsys.readouterr().err

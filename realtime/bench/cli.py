@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from camface.errors import ModelError, SourceError
+from camface.errors import ModelError, SourceError, UsageError
 from camface.realtime.bench.config import BACKBONES, BenchConfig, configure, unused_flags  # noqa: F401 (configure: the CLI)
 
 if TYPE_CHECKING:
@@ -93,6 +93,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
         graph, pipeline = opened.graph, opened.config
     config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info
+    if config.compare_int8 and info.precision != "fp32":  # before the live rows, not minutes after
+        raise UsageError(f"--compare-int8 quantizes a float32 CAM graph; {graph_path} is {info.precision}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="camface-bench-") as tmp:
         record_dir = Path(tmp) if config.record else None
