@@ -362,3 +362,23 @@ def test_info_names_what_auto_shows_on_a_graph_without_gradcam_or_ranking(tmp_pa
     assert "method ranking (--method auto shows eigencam):" in text
     assert "none recorded (made by an older camface, or not by `camface export`): --method auto shows eigencam" \
         in text, text
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--calibration-method", "minmax"], ["--calibration-method minmax is for --int8; ignored"]),
+    (["--calibration-method", "minmax", "--int8"], []),
+    (["--no-rank", "--calibration", "photos", "--rank-seconds", "5"],
+     ["--calibration photos: --no-rank and no --int8 leave nothing to use it; ignored",
+      "--rank-seconds 5 with --no-rank; ignored"]),
+    (["--no-rank", "--int8", "--calibration", "photos"], []),
+    (["--calibration", "photos", "--rank-seconds", "5"], []),
+])
+def test_export_names_flags_it_would_ignore(argv, said):
+    """`--calibration-method minmax` without --int8 was accepted and ignored in silence."""
+    import argparse
+
+    from camface.export.cli import configure, unused_flags
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert unused_flags(parser.parse_args(["model.keras", "-o", "out.onnx", *argv])) == said
