@@ -18,8 +18,9 @@ mean Pearson r >= 0.90 and top-20% overlap >= 0.60 (5x chance) -- or, for a map 
 ill-conditioned at its target layer, what the float32 graph itself achieves when every pixel
 of the crops is nudged by one grey level (camera noise is larger), less MARGIN: the noise
 floor. Grad-CAM++ at the emotion graph's add_3 (no ReLU there, its denominator nears zero)
-moves as much under that nudge (r ~0.74) as under int8 (r ~0.77), while Grad-CAM holds r ~0.99
-under both; a fixed bar would reject every int8 Grad-CAM++ there, the floor rejects only a
+once moved as much under that nudge (r ~0.74) as under int8 (r ~0.77); since camface/methods.py
+conditions its denominator every method there holds r >= 0.99 under both (`camface export
+--int8` prints them), and a bar is then lowered by less than 0.01. The floor rejects only a
 graph that moves a map more than noise does (all-black calibration: Grad-CAM r ~ -0.1).
 """
 

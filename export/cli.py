@@ -51,6 +51,19 @@ def check_numbers(args: argparse.Namespace) -> None:
                          "the same input")
 
 
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """One sentence per option given while nothing reads it: --calibration-method without
+    --int8; --calibration with --no-rank and no --int8; --rank-seconds with --no-rank."""
+    out = []
+    if args.calibration_method != "percentile" and not args.int8:
+        out.append(f"--calibration-method {args.calibration_method} is for --int8; ignored")
+    if args.no_rank and not args.int8 and args.calibration != "sample":
+        out.append(f"--calibration {args.calibration}: --no-rank and no --int8 leave nothing to use it; ignored")
+    if args.no_rank and args.rank_seconds != ranking.SECONDS:
+        out.append(f"--rank-seconds {args.rank_seconds:g} with --no-rank; ignored")
+    return out
+
+
 def check_crop_source(source: str, flag: str) -> None:
     """SourceError naming `source` now when it does not exist or holds no image, rather than
     after the graph is built (cameras and streams are opened only when read)."""
@@ -140,6 +153,8 @@ def main(args: argparse.Namespace) -> int:
     if args.opset is not None and suffix in SUFFIXES:
         log.warning("camface: --opset is for converting Keras and .pt2 models; %s keeps its own opset",
                     Path(args.model).name)
+    for sentence in unused_flags(args):
+        log.warning("camface export: %s", sentence)
     if args.int8 or not args.no_rank:  # before the build: a bad source must not cost minutes, or leave a graph
         check_crop_source(args.calibration, "--calibration")
     labels = read_labels_file(args.labels) if args.labels else None
@@ -185,7 +200,7 @@ def main(args: argparse.Namespace) -> int:
 
         for line in summary_lines(result.int8.report):
             print(f"  int8 {line}")
-    for line in ranking.summary_lines(info.ranking):
+    for line in ranking.summary_lines(info.ranking, graph_spec.auto_method(info)[0]):
         print(f"  ranking {line}")
     return 0
 

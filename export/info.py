@@ -107,6 +107,17 @@ def method_lines(summary: GraphSummary, info: graph_spec.GraphInfo) -> list[str]
             for name in info.heatmaps if name in methods.METHODS]
 
 
+def feature_size(summary: GraphSummary, info: graph_spec.GraphInfo) -> tuple:
+    """(h, w) of the heatmaps: the metadata's `feature_size`, or, in a graph whose metadata
+    lacks it (read as (0, 0)), the last two dimensions of its first heatmap output; ("?", "?")
+    when neither says."""
+    if all(info.feature_size):
+        return tuple(info.feature_size)
+    shape = next((shape for name, _, shape in summary.outputs if name in info.heatmaps), ())
+    return tuple(shape[-2:]) if len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape[-2:]) \
+        else ("?", "?")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph", metavar="MODEL.onnx", help="a CAM graph written by camface export")
 
@@ -115,9 +126,10 @@ def main(args: argparse.Namespace) -> int:
     summary = read(args.graph)
     info = summary.info  # ModelError, one line, when it is not a CAM graph
     print(format_summary(summary))
+    height, width = feature_size(summary, info)
     print(f"CAM graph: {info.color_order} {info.input_size[0]}x{info.input_size[1]} crops -> "
           f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_description} "
-          f"{info.feature_size[0]}x{info.feature_size[1]}; {info.precision}")
+          f"{height}x{width}; {info.precision}")
     print(f"target {info.target_layer}: {info.target_reason or 'not recorded (an older camface)'}")
     print("methods (what each costs beyond the forward pass):")
     for line in method_lines(summary, info):
@@ -137,6 +149,6 @@ def main(args: argparse.Namespace) -> int:
 
     method, _ = graph_spec.auto_method(info)
     print(f"method ranking (--method auto shows {method}):")
-    for line in ranking_lines(info.ranking):
+    for line in ranking_lines(info.ranking, method):
         print(f"  {line}")
     return 0

@@ -130,14 +130,16 @@ def record(result, source: str | None, seconds: float = SECONDS, crops: np.ndarr
     return replace(result, info=info, seconds=result.seconds + time.perf_counter() - started)
 
 
-def summary_lines(ranked: dict) -> list[str]:
+def summary_lines(ranked: dict, fallback: str = graph_spec.FALLBACK_METHOD) -> list[str]:
     """The ranking as text: what it was measured on, then one line per method, best first, and
-    the random baseline's scores (`camface export` and `camface info` print these)."""
+    the random baseline's scores (`camface export` and `camface info` print these). fallback:
+    what `--method auto` shows without a ranking (`graph_spec.auto_method`: Grad-CAM, or the
+    first method of a graph that has none)."""
     if not ranked:
         return ["none recorded (made by an older camface, or not by `camface export`): --method auto shows "
-                f"{graph_spec.FALLBACK_METHOD}"]
+                f"{fallback}"]
     if "skipped" in ranked:
-        return [f"none: {ranked['skipped']}; --method auto shows {graph_spec.FALLBACK_METHOD}"]
+        return [f"none: {ranked['skipped']}; --method auto shows {fallback}"]
     from camface.evaluate.report import METRICS
 
     s = ranked["settings"]

@@ -250,3 +250,74 @@ def test_compare_int8_adds_a_live_row_and_the_precision_table(tmp_path, faces_cl
             assert b["speedup"] == pytest.approx(b["fp32"]["median_ms"] / b["int8"]["median_ms"])
             forward = b["int8_forward_only"]["median_ms"]
             assert b["gradient_overhead_pct"] == pytest.approx(100 * (b["int8"]["median_ms"] / forward - 1))
+
+
+def test_source_of_one_frame_is_a_clear_error(tmp_path, astronaut_bgr, capsys):
+    """One image gives one frame completion, no interval: the bench printed fps 0.0 and inf ms
+    per frame, and crashed formatting the speed-up with --baseline keras."""
+    cv2.imwrite(str(tmp_path / "face.jpg"), astronaut_bgr)
+    assert camface_main(["bench", "--source", str(tmp_path), "--frames", "5", "--warmup", "0",
+                         "--baseline", "keras"]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: {tmp_path} gave one frame; camface bench times at least 2" in err, err
+
+
+@pytest.mark.parametrize("carried_ms, every_frame_ms, words", [
+    (2.0, 6.0, "2.00 CPU ms per frame against 6.00 with detection on every frame, 3.00x less"),
+    (10.0, 5.0, "10.00 CPU ms per frame against 5.00 with detection on every frame, 2.00x more"),
+    (None, 5.0, "CPU time per frame not separable from start-up"),
+])
+def test_detect_every_line_says_less_or_more(carried_ms, every_frame_ms, words):
+    """A run where carrying boxes cost more CPU per frame printed '0.50x less'."""
+    from camface.realtime.bench.report import format_detect_every
+    from camface.realtime.bench.rows import Row, compare_detect_every
+
+    carried = compare_detect_every(4, Row("camface live", 10, 10, 20.0, 1.0, cpu_ms_per_frame=carried_ms),
+                                   Row("live, every frame", 10, 10, 10.0, 1.0, cpu_ms_per_frame=every_frame_ms))
+    line = format_detect_every(carried)
+    assert line.startswith("detector on every 4th frame (boxes carried between): ")
+    assert words in line and line.endswith("; 2.00x the fps (this run)")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--calibration", "photos", "--int8-threads", "4"],
+     ["--calibration is used only with --compare-int8; ignored",
+      "--int8-threads is used only with --compare-int8; ignored"]),
+    (["--keras-model", "m.keras", "--batches", "2", "--backbone-size", "96"],
+     ["--keras-model is used only with --baseline keras; ignored",
+      "--batches is used only with --compare-heads or --compare-int8; ignored",
+      "--backbone-size is used only with --backbone; ignored"]),
+    (["--calibration", "photos", "--compare-int8", "--repeats", "5", "--compare-heads"], []),
+    (["--keras-model", "m.keras", "--baseline", "keras", "--backbone", "resnet50", "--backbone-size", "96"], []),
+])
+def test_flags_that_would_be_ignored_are_named(argv, said):
+    """Flags accepted and then ignored in silence (a --calibration without --compare-int8)."""
+    import argparse
+
+    from camface.realtime.bench.config import configure, unused_flags
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert unused_flags(parser.parse_args(argv)) == said
+
+
+def test_compare_int8_of_a_graph_that_is_not_float32_fails_before_any_row(tmp_path, faces_clip, capsys, monkeypatch):
+    """An int8 (or fp16) --model with --compare-int8 failed only after the live rows had run."""
+    import onnx
+
+    from camface.realtime.bench import rows
+
+    model = onnx.load(str(EMOTION_ONNX))
+    for prop in model.metadata_props:
+        if prop.key == "precision":
+            prop.value = "int8"
+    path = tmp_path / "emotion.int8.onnx"
+    onnx.save(model, str(path))
+
+    def no_row(*args, **kwargs):
+        raise AssertionError("a live row ran")
+
+    monkeypatch.setattr(rows, "run_live", no_row)
+    assert camface_main(["bench", "--source", str(faces_clip), "--model", str(path), "--frames", "3",
+                         "--compare-int8"]) == 2
+    assert f"camface: error: --compare-int8 quantizes a float32 CAM graph; {path} is int8" in capsys.readouterr().err

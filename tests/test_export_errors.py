@@ -324,3 +324,61 @@ def test_graph_spec_validate():
     listed = {**info.to_metadata(), "heatmaps": '["gradcam", "gradcampp", "cam"]'}
     with pytest.raises(ModelError, match="metadata lists heatmaps cam that are not outputs"):
         graph_spec.validate("g.onnx", inputs, outputs, listed)
+
+
+def test_info_reads_the_feature_size_off_the_heatmaps_when_the_metadata_lacks_it(tmp_path, capsys):
+    """A graph whose metadata has no `feature_size` printed 'at add_3 0x0'."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    props = {p.key: p.value for p in model.metadata_props if p.key != "feature_size"}
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    path = tmp_path / "old.onnx"
+    onnx.save(model, str(path))
+    assert camface_main(["info", str(path)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CAM graph:"))
+    assert " at add_3 8x8; fp32" in line, line
+
+
+def test_info_names_what_auto_shows_on_a_graph_without_gradcam_or_ranking(tmp_path, capsys):
+    """A graph holding only gradient-free heatmaps and no ranking: `--method auto` shows its
+    first method (graph_spec.auto_method); the ranking line said 'gradcam', which it lacks."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    props = {p.key: p.value for p in model.metadata_props if p.key != "method_ranking"}
+    props["heatmaps"] = '["eigencam", "random"]'
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    path = tmp_path / "gradient_free.onnx"
+    onnx.save(model, str(path))
+    assert camface_main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "method ranking (--method auto shows eigencam):" in text
+    assert "none recorded (made by an older camface, or not by `camface export`): --method auto shows eigencam" \
+        in text, text
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--calibration-method", "minmax"], ["--calibration-method minmax is for --int8; ignored"]),
+    (["--calibration-method", "minmax", "--int8"], []),
+    (["--no-rank", "--calibration", "photos", "--rank-seconds", "5"],
+     ["--calibration photos: --no-rank and no --int8 leave nothing to use it; ignored",
+      "--rank-seconds 5 with --no-rank; ignored"]),
+    (["--no-rank", "--int8", "--calibration", "photos"], []),
+    (["--calibration", "photos", "--rank-seconds", "5"], []),
+])
+def test_export_names_flags_it_would_ignore(argv, said):
+    """`--calibration-method minmax` without --int8 was accepted and ignored in silence."""
+    import argparse
+
+    from camface.export.cli import configure, unused_flags
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert unused_flags(parser.parse_args(["model.keras", "-o", "out.onnx", *argv])) == said

@@ -31,8 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from camface.errors import ModelError, SourceError
-from camface.realtime.bench.config import BACKBONES, BenchConfig, configure  # noqa: F401 (configure: the CLI)
+from camface.errors import ModelError, SourceError, UsageError
+from camface.realtime.bench.config import BACKBONES, BenchConfig, configure, unused_flags  # noqa: F401 (configure: the CLI)
 
 if TYPE_CHECKING:
     from camface.realtime.bench.rows import Row
@@ -73,11 +73,16 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with make_source(pipeline.source, sample_frames=config.frames) as source:  # fails fast, names the source
         source_info = source.info
-        first = next(iter(source), None)
+        frames = iter(source)
+        first = next(frames, None)
+        second = next(frames, None) if first is not None else None
     if source_info.live:
         log.warning("camface bench: %s is a live source: each row sees different frames", source_info.name)
     if first is None:
         raise SourceError(f"no frame could be read from {pipeline.source}")
+    if second is None:  # one frame completion holds no interval: no fps, no speed-up to print
+        raise SourceError(f"{pipeline.source} gave one frame; camface bench times at least 2 (fps needs two "
+                          "frame completions): give a clip or a folder of several images")
     from camface.realtime.detect import import_mediapipe_vision
 
     import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
@@ -88,6 +93,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
         graph, pipeline = opened.graph, opened.config
     config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info
+    if config.compare_int8 and info.precision != "fp32":  # before the live rows, not minutes after
+        raise UsageError(f"--compare-int8 quantizes a float32 CAM graph; {graph_path} is {info.precision}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="camface-bench-") as tmp:
         record_dir = Path(tmp) if config.record else None
@@ -171,6 +178,8 @@ def main(args: argparse.Namespace) -> int:
     if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     config = BenchConfig.from_args(args)
+    for sentence in unused_flags(args):
+        log.warning("camface bench: %s", sentence)
     if config.json is not None:
         from camface.outputs import check_output_file
 

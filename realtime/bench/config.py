@@ -60,6 +60,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also write the numbers to this JSON file")
 
 
+# flag -> (its argparse dest, the flags that use it): a flag given without any of them changes nothing
+DEPENDENT_FLAGS = {
+    "--keras-model": ("keras_model", ("--baseline keras",)),
+    "--batches": ("batches", ("--compare-heads", "--compare-int8")),
+    "--repeats": ("repeats", ("--compare-heads", "--compare-int8")),
+    "--calibration": ("calibration", ("--compare-int8",)),
+    "--int8-threads": ("int8_threads", ("--compare-int8",)),
+    "--backbone-size": ("backbone_size", ("--backbone",)),
+    "--work-dir": ("work_dir", ("--backbone",)),
+}
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """One sentence per flag given a value other than its default while none of the options
+    that read it is on (`camface bench` warns instead of ignoring it in silence)."""
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    used = {"--baseline keras": args.baseline == "keras", "--compare-heads": args.compare_heads,
+            "--compare-int8": args.compare_int8, "--backbone": args.backbone is not None}
+    out = []
+    for flag, (dest, needs) in DEPENDENT_FLAGS.items():
+        if getattr(args, dest) != parser.get_default(dest) and not any(used[n] for n in needs):
+            out.append(f"{flag} is used only with {' or '.join(needs)}; ignored")
+    return out
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What `camface bench` was asked to measure. pipeline: the frame pipeline every row runs

@@ -58,12 +58,7 @@ def format_report(report: dict, rows: list[Row]) -> str:
                       + (f"; {speedup['cpu_time']:.1f}x in CPU time per frame" if speedup["cpu_time"] else "")]
     carried = report.get("detect_every")
     if carried:
-        cpu = ("CPU time per frame not separable from start-up (more --frames)" if not carried["cpu_ratio"] else
-               f"{carried['cpu_ms_per_frame']:.2f} CPU ms per frame against "
-               f"{carried['every_frame_cpu_ms_per_frame']:.2f} with detection on every frame, "
-               f"{carried['cpu_ratio']:.2f}x less")
-        lines += ["", f"detector on {_every(carried['every'])} (boxes carried between): {cpu}; "
-                      f"{carried['fps_ratio']:.2f}x the fps (this run)"]
+        lines += ["", format_detect_every(carried)]
     heads = report.get("heads")
     if heads:
         lines += ["", *format_heads(heads)]
@@ -72,6 +67,20 @@ def format_report(report: dict, rows: list[Row]) -> str:
 
         lines += format_int8(report["int8"])
     return "\n".join(lines)
+
+
+def format_detect_every(carried: dict) -> str:
+    """The line comparing the live row with the detector on every `every`-th frame against every
+    frame (rows.compare_detect_every): CPU time per frame, less or more, and the fps ratio."""
+    ratio = carried["cpu_ratio"]
+    if not ratio:
+        cpu = "CPU time per frame not separable from start-up (more --frames)"
+    else:  # a short or loaded run can cost more CPU per frame with fewer detections: say so
+        cpu = (f"{carried['cpu_ms_per_frame']:.2f} CPU ms per frame against "
+               f"{carried['every_frame_cpu_ms_per_frame']:.2f} with detection on every frame, "
+               + (f"{ratio:.2f}x less" if ratio >= 1 else f"{1 / ratio:.2f}x more"))
+    fps = "fps not measured" if carried["fps_ratio"] is None else f"{carried['fps_ratio']:.2f}x the fps"
+    return f"detector on {_every(carried['every'])} (boxes carried between): {cpu}; {fps} (this run)"
 
 
 def format_heads(heads: dict) -> list[str]:
