@@ -321,3 +321,52 @@ def test_compare_int8_of_a_graph_that_is_not_float32_fails_before_any_row(tmp_pa
     assert camface_main(["bench", "--source", str(faces_clip), "--model", str(path), "--frames", "3",
                          "--compare-int8"]) == 2
     assert f"camface: error: --compare-int8 quantizes a float32 CAM graph; {path} is int8" in capsys.readouterr().err
+
+
+def test_a_slow_graph_is_timed_by_one_run_and_said(monkeypatch):
+    """--compare-heads on a big model: Score-CAM on ResNet-50 is ~100 s a crop on one thread, so
+    50 repeats at batches 1 and 8 took half a day. A graph whose first run takes over SLOW_RUN_S
+    is timed by one more run, at the first batch size only, and the table says so (a fake clock
+    that the sessions advance: no timing here)."""
+    import time
+    from types import SimpleNamespace
+
+    from camface.realtime.bench import heads
+    from camface.realtime.bench.report import format_heads
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Session:
+        def __init__(self, seconds_per_crop):
+            self.seconds, self.runs = seconds_per_crop, []
+
+        def get_inputs(self):
+            return [SimpleNamespace(name="image"), SimpleNamespace(name="class_index")]
+
+        def run(self, outputs, feed):
+            self.runs.append(len(feed["image"]))
+            clock[0] += self.seconds * len(feed["image"])
+
+    sessions = {"forward only": Session(0.01), "with gradients": Session(0.02), "scorecam": Session(5.0)}
+    stats, slow = heads.time_sessions(sessions, np.zeros((8, 4, 4, 1), np.uint8), 1, 5, heads.SLOW_RUN_S)
+    assert slow == {"scorecam": pytest.approx(5.0)}
+    assert sessions["scorecam"].runs == [1, 1] and sessions["forward only"].runs == [1] * 6
+    assert stats["scorecam"].count == 1 and stats["scorecam"].median_ms == pytest.approx(5000)
+    assert stats["forward only"].count == 5
+    _, none_slow = heads.time_sessions(sessions, np.zeros((8, 4, 4, 1), np.uint8), 8, 2)
+    assert none_slow == {}  # without slow_s every session runs its repeats
+
+    cell = {"median_ms": 10.0, "p95_ms": 11.0, "ms_per_crop": 10.0, "runs": 5, "overhead_pct": None}
+    table = format_heads({
+        "provider": "CPUExecutionProvider", "threads": 1, "repeats": 5,
+        "slow": {"scorecam": {"batch": 1, "first_run_s": 5.0}},
+        "batches": {"1": {"forward_only": cell, "with_gradients": {**cell, "overhead_pct": 100.0},
+                          "overhead_pct": 100.0,
+                          "methods": {"scorecam": {**cell, "ms_per_crop": 5000.0, "overhead_pct": 49900.0}}},
+                    "8": {"forward_only": cell, "with_gradients": {**cell, "overhead_pct": 90.0},
+                          "overhead_pct": 90.0, "methods": {"scorecam": None}}}})
+    row = next(line for line in table if line.strip().startswith("scorecam"))
+    assert "5000.000 (+49900.0%)*" in row and row.rstrip().endswith("-")
+    assert any("* scorecam: one timed run at batch 1 (its first run took 5.0 s, over 1 s)" in line
+               for line in table)

@@ -59,10 +59,21 @@ def sample_crops(config: BenchConfig, info, count: int = 8):
     return np.stack(crops[:count])
 
 
-def time_sessions(sessions: dict, pool, batch: int, repeats: int) -> dict:
-    """StageStats per session name: `repeats` runs of each ONNX Runtime session on `batch` crops
-    taken from `pool` (uint8 [n, H, W, C]), one run of each in turn so that load on a shared
-    machine hits all alike, after one untimed run each (allocation)."""
+# A graph whose untimed first run takes longer is timed by one run, at the first batch size only:
+# Score-CAM on ResNet-50 is about 100 s a crop on one thread, so 50 repeats at batches 1 and 8
+# would take half a day.
+SLOW_RUN_S = 1.0
+
+
+def time_sessions(sessions: dict, pool, batch: int, repeats: int,
+                  slow_s: float | None = None) -> tuple[dict, dict]:
+    """(StageStats per session name, {name: seconds of its first run} for the slow ones):
+    `repeats` runs of each ONNX Runtime session on `batch` crops taken from `pool` (uint8
+    [n, H, W, C]), one run of each in turn so that load on a shared machine hits all alike,
+    after one untimed run each (allocation). A session whose untimed run took over `slow_s`
+    seconds is run once more, timed, and no more."""
+    import time
+
     import numpy as np
 
     from camface.realtime.timing import StageTimer
@@ -71,19 +82,26 @@ def time_sessions(sessions: dict, pool, batch: int, repeats: int) -> dict:
     feed = {"image": crops, "class_index": np.full(batch, -1, np.int64)}
     feeds = {name: {i.name: feed[i.name] for i in session.get_inputs()} for name, session in sessions.items()}
     timer = StageTimer(tuple(sessions))
+    slow = {}
     for name, session in sessions.items():
+        started = time.perf_counter()
         session.run(None, feeds[name])
-    for _ in range(repeats):
+        if slow_s is not None and time.perf_counter() - started > slow_s:
+            slow[name] = time.perf_counter() - started
+    for run in range(repeats):
         for name, session in sessions.items():
+            if run and name in slow:
+                continue
             with timer.stage(name):
                 session.run(None, feeds[name])
-    return timer.stats()
+    return timer.stats(), slow
 
 
 def compare_heads(config: BenchConfig, graph) -> dict:
     """Median and p95 ms of one call of `graph` (a loaded CamGraph) with every gradient method
     ("with gradients": the graph without its gradient-free methods), forward only, and per method (forward outputs + that heatmap), per batch
-    size; runs alternate between the graphs. Every pruned graph runs on the graph's provider
+    size; runs alternate between the graphs; a graph whose first run takes over SLOW_RUN_S is
+    timed by one run at the first batch size only ("slow"). Every pruned graph runs on the graph's provider
     with the same threads (an error if it cannot). ms_per_crop = median / batch; overhead_pct:
     against forward only."""
     from camface.realtime.graph import PROVIDER_DEVICES, CamGraph
@@ -109,20 +127,26 @@ def compare_heads(config: BenchConfig, graph) -> dict:
     for method in graph.info.heatmaps:
         sessions[method] = load(prune(full, FORWARD_OUTPUTS + (method,)))
     pool = sample_crops(config, graph.info, max(config.batches))
-    out = {"provider": graph.provider, "threads": pipeline.graph_threads, "repeats": config.repeats, "batches": {}}
-    for batch in config.batches:
-        stats = time_sessions(sessions, pool, batch, config.repeats)
-        forward_ms = stats["forward only"].median_ms
+    out = {"provider": graph.provider, "threads": pipeline.graph_threads, "repeats": config.repeats, "batches": {},
+           "slow": {}}
+    for index, batch in enumerate(config.batches):
+        # the slow graphs of the first batch size (one timed run there) are not run at the others
+        active = {name: session for name, session in sessions.items() if name not in out["slow"]}
+        stats, slow = time_sessions(active, pool, batch, config.repeats, SLOW_RUN_S if index == 0 else None)
+        out["slow"].update({name: {"batch": batch, "first_run_s": round(seconds, 3)} for name, seconds in slow.items()})
+        forward_ms = stats["forward only"].median_ms if "forward only" in stats else 0.0
 
         def cell(name):
-            s = stats[name]
-            return {"median_ms": s.median_ms, "p95_ms": s.p95_ms, "ms_per_crop": s.median_ms / batch,
+            s = stats.get(name)
+            if s is None:  # slow: timed at the first batch size only
+                return None
+            return {"median_ms": s.median_ms, "p95_ms": s.p95_ms, "ms_per_crop": s.median_ms / batch, "runs": s.count,
                     "overhead_pct": 100.0 * (s.median_ms / forward_ms - 1.0) if forward_ms > 0 else None}
 
         whole = cell("with gradients")
         out["batches"][str(batch)] = {
             "with_gradients": whole, "forward_only": cell("forward only"),
-            "overhead_pct": whole["overhead_pct"],
+            "overhead_pct": None if whole is None else whole["overhead_pct"],
             "methods": {method: cell(method) for method in graph.info.heatmaps},
         }
     return out

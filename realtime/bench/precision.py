@@ -54,7 +54,7 @@ def compare_int8(config: BenchConfig, fp32: Path, int8: Path, info, provider: st
                     for name, (data, contract) in sources.items()}
         per_batch = {}
         for batch in config.batches:
-            stats = time_sessions(sessions, pool, batch, config.repeats)
+            stats, _ = time_sessions(sessions, pool, batch, config.repeats)
             ms = {name: stats[name].median_ms for name in GRAPHS}
             per_batch[str(batch)] = {
                 **{name.replace(" ", "_"): {"median_ms": s.median_ms, "p95_ms": s.p95_ms} for name, s in stats.items()},

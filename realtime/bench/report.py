@@ -94,13 +94,26 @@ def format_heads(heads: dict) -> list[str]:
     rows = [("forward only", lambda b: b["forward_only"]),
             ("gradient methods, all", lambda b: b["with_gradients"])]
     rows += [(m, lambda b, m=m: b["methods"][m]) for m in first.get("methods", {})]
+    from camface.realtime.bench.heads import SLOW_RUN_S
+
+    names = {"forward only": "forward only", "with gradients": "gradient methods, all"}
+    slow = {names.get(name, name): how for name, how in heads.get("slow", {}).items()}
     for label, pick in rows:
         cells = []
         for b in batches.values():
             c = pick(b)
-            extra = "" if label == "forward only" else f" ({c['overhead_pct']:+.1f}%)"
-            cells.append(f"{c['ms_per_crop']:.3f}{extra}")
+            if c is None:
+                cells.append("-")
+                continue
+            extra = ("" if label == "forward only" or c["overhead_pct"] is None
+                     else f" ({c['overhead_pct']:+.1f}%)")
+            cells.append(f"{c['ms_per_crop']:.3f}{extra}{'*' if label in slow else ''}")
         lines.append(f"  {label:<26}" + "".join(f"{cell:>22}" for cell in cells))
-    whole = ", ".join(f"batch {b}: {v['overhead_pct']:+.1f}%" for b, v in batches.items())
-    lines.append(f"  the in-graph gradient and its heatmaps add {whole}")
+    whole = ", ".join(f"batch {b}: {v['overhead_pct']:+.1f}%" for b, v in batches.items()
+                      if v["overhead_pct"] is not None)
+    if whole:
+        lines.append(f"  the in-graph gradient and its heatmaps add {whole}")
+    for label, how in slow.items():
+        lines.append(f"  * {label}: one timed run at batch {how['batch']} (its first run took "
+                     f"{how['first_run_s']:.1f} s, over {SLOW_RUN_S:g} s); not run at the other batch sizes")
     return lines
