@@ -15,6 +15,7 @@ by hand); unreadable files are listed and skipped. This module imports no Tensor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -162,9 +163,13 @@ def resize_square(image_bgr: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image_bgr, (size, size), interpolation=interpolation)
 
 
-def _cache_name(source: Path, class_dir: Path) -> str:
-    # Photos may sit in sub-folders and share stems ("a.jpg", "a.png"): keep the whole relative name.
-    return "__".join(source.relative_to(class_dir).parts) + ".png"
+def _cache_name(source: Path, class_dir: Path, key: str) -> str:
+    # Photos may sit in sub-folders and share stems ("a.jpg", "a.png"): keep the whole relative
+    # name, readable, plus a digest of the photo's absolute path (`key`), so that no two photos
+    # share a crop file: neither "x/y.jpg" and "x__y.jpg", nor the same name in another DATA_DIR
+    # written into a reused OUT_DIR (whose index would otherwise hand one photo the other's crop).
+    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return "__".join(source.relative_to(class_dir).parts) + f".{digest}.png"
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -183,7 +188,7 @@ def prepare_crops(
     """Detect, crop and cache every photo; returns one Photo per file, in class then file order.
 
     `classes` is what scan_classes(data_dir) returned (files under data_dir/<class>/).
-    cache_dir/<class>/<file>.png holds the crops (uint8 BGR, settings.size square) and
+    cache_dir/<class>/<file>.<digest>.png holds the crops (uint8 BGR, settings.size square) and
     cache_dir/index.json what each photo gave, keyed by path, size and mtime, so a re-run with the
     same settings reads no photo twice. `open_cropper` is called (once, lazily: not at all when
     every photo is cached) to make a FaceCropper; it may return a context manager, which is closed
@@ -207,7 +212,7 @@ def prepare_crops(
             key = str(source.resolve())
             fingerprint = _fingerprint(source)
             cached = index.get(key)
-            crop_path = cache_dir / label / _cache_name(source, class_dir)
+            crop_path = cache_dir / label / _cache_name(source, class_dir, key)
             if cached and cached["fingerprint"] == fingerprint and (
                     cached["status"] != OK or crop_path.is_file()):
                 photos.append(Photo(source, label, cached["status"],

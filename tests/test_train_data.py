@@ -117,6 +117,29 @@ def test_prepare_crops_no_detect_resizes(tmp_path):
     assert images[0].min() == images[0].max() == 50 and images[1].min() == 200
 
 
+def test_crop_cache_never_hands_one_photo_another_photos_crop(tmp_path):
+    """Each photo its own crop file: "x/y.png" and "x__y.png" in one class, and the same
+    class/file name in two DATA_DIRs cropped into one reused cache (then the first again)."""
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    cache = tmp_path / "out" / "crops"
+
+    def mean_of_crops(data):
+        photos = dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+        crops = dataset.load_crops([p.crop for p in photos], 8)
+        return {p.source.relative_to(data).as_posix(): int(c.mean()) for p, c in zip(photos, crops)}
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _write(first / "a" / "x" / "y.png", np.full((8, 8, 3), 10, np.uint8))
+    _write(first / "a" / "x__y.png", np.full((8, 8, 3), 20, np.uint8))
+    _write(first / "b" / "z.png", np.full((8, 8, 3), 30, np.uint8))
+    _write(second / "a" / "x__y.png", np.full((8, 8, 3), 120, np.uint8))
+    _write(second / "b" / "z.png", np.full((8, 8, 3), 130, np.uint8))
+    want_first = {"a/x/y.png": 10, "a/x__y.png": 20, "b/z.png": 30}
+    assert mean_of_crops(first) == want_first
+    assert mean_of_crops(second) == {"a/x__y.png": 120, "b/z.png": 130}
+    assert mean_of_crops(first) == want_first  # cached crops, still each photo's own
+
+
 def test_usable_crops_names_the_class_folder(tmp_path):
     photos = [dataset.Photo(tmp_path / "a" / f"{i}.png", "a", "ok", tmp_path / f"{i}.png", 1)
               for i in range(3)]
