@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camface.errors import ModelError, OutputError, SourceError
+from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.models import dataset, report
 from camface.realtime import config as live_config
 
@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
 LIVE_DEFAULTS = live_config.DEFAULTS  # detector, margin, min_confidence: as `camface live`
 PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
+# What a run writes into OUT_DIR besides crops/: a new run removes them before training, so an
+# interrupted or failed run never leaves an earlier run's files (another DATA_DIR's labels, a
+# model.int8.onnx of a run with --int8) beside its own.
+OUTPUTS = ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json",
+           "confusion.png", "cam_montage.png", "report.md")
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,10 @@ def run(config: TrainConfig) -> dict:
         raise SourceError(f"DATA_DIR {config.data_dir}: {exc}") from exc
     log.info("split (stratified, seed %d): %d train, %d validation, %d test", config.seed,
              len(split.train), len(split.val), len(split.test))
+    if config.int8:
+        _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)
+    _remove_previous_outputs(out)
 
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
     model_path = out / "model.keras"
@@ -270,6 +278,28 @@ def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.
                         stages=metrics["stages"], metrics=metrics,
                         settings=_settings_for_report(config), seconds=metrics["seconds"])
     return metrics
+
+
+def _check_int8_split(split: dataset.Split, config: TrainConfig) -> None:
+    """--int8 calibrates on the training crops and checks on the test crops: fail before
+    training, not after it, when the split leaves too few of either."""
+    from camface.export.calibration import MIN_CALIBRATION, MIN_HELD_OUT
+
+    if len(split.train) < MIN_CALIBRATION or len(split.test) < MIN_HELD_OUT:
+        raise UsageError(
+            f"--int8 needs at least {MIN_CALIBRATION} training and {MIN_HELD_OUT} test crops to "
+            f"calibrate and check the int8 graph; the split of DATA_DIR {config.data_dir} gives "
+            f"{len(split.train)} and {len(split.test)} (--test-split {config.test_split}): add "
+            "photos, raise --test-split, or leave out --int8")
+
+
+def _remove_previous_outputs(out_dir: Path) -> None:
+    for name in OUTPUTS:
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {out_dir / name} of an earlier run: "
+                              f"{exc.strerror or exc}") from exc
 
 
 def _settings_for_report(config: TrainConfig) -> dict:

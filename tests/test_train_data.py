@@ -283,3 +283,48 @@ def test_train_crop_defaults_are_the_live_ones():
     live = LiveConfig()
     for name in ("detector", "margin", "min_confidence"):
         assert parser.get_default(name) == getattr(live, name)
+
+
+def _square_photos(data: Path, per_class: int) -> Path:
+    for label, value in (("a", 40), ("b", 200)):
+        for i in range(per_class):
+            _write(data / label / f"{i}.png", np.full((12, 12, 3), value + i, np.uint8))
+    return data
+
+
+def test_cli_int8_with_too_few_test_crops_fails_before_training(tmp_path, capsys, monkeypatch):
+    from camface.models import train
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("--int8 cannot work on this split: training must not start")
+
+    monkeypatch.setattr(train, "_fit", must_not_train)
+    data = _square_photos(tmp_path / "data", 5)  # test split: 1 crop per class, int8 needs 4
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
+                   "--input-size", "32", "--weights", "none", "--int8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--int8 needs at least 8 training and 4 test crops" in err
+    assert "gives 6 and 2" in err
+
+
+def test_interrupted_run_leaves_no_earlier_runs_outputs(tmp_path, monkeypatch):
+    """Ctrl-C while training: OUT_DIR keeps the crop cache, but no model.onnx, labels or
+    model.int8.onnx of an earlier run (another DATA_DIR, other classes) beside the new files."""
+    from camface.models import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_fit", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json",
+                 "confusion.png", "cam_montage.png", "report.md"):
+        (out / name).write_text("an earlier run's")
+    data = _square_photos(tmp_path / "data", 4)
+    config = train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none",
+                               detect=False)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config)
+    assert sorted(p.name for p in out.iterdir()) == ["crops"]
+    assert len(list((out / "crops").rglob("*.png"))) == 8
