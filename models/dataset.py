@@ -4,6 +4,7 @@ The pipeline, in data-flow order:
   scan_classes(DATA_DIR)        one sub-folder per class, image files inside (recursively)
   prepare_crops(...)            each photo read (uint8 BGR), its face detected and cropped with the
                                 live loop's own detector and crop code, the crop cached as PNG
+  drop_duplicates(...)          copies of a photo used once (never in two split parts)
   usable_crops(...)             photos with exactly one face, per class; clear errors otherwise
   stratified_split(...)         train / val / test indices, same class ratios, fixed seed
   load_crops(...)               uint8 BGR [N, S, S, 3] arrays for Keras / ONNX Runtime
@@ -273,6 +274,39 @@ def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:
     for photo in photos:
         counts.setdefault(photo.label, Counter())[photo.status] += 1
     return {label: {status: c[status] for status in STATUSES} for label, c in counts.items()}
+
+
+def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tuple[Path, Path]]]:
+    """Usable photos whose face crops are byte-identical (the same photo copied, under another
+    name or in a sub-folder) are used once: a copy in the training split and another in the
+    test split would score the model on a face it was trained on.
+
+    Returns the photos without the copies (order kept) and (copy, first photo) source pairs.
+    Raises SourceError naming both files when copies sit in two class folders (one face, two
+    labels).
+    """
+    first_by_digest: dict[str, Photo] = {}
+    kept: list[Photo] = []
+    copies: list[tuple[Path, Path]] = []
+    for photo in photos:
+        if photo.status != OK or photo.crop is None:
+            kept.append(photo)
+            continue
+        try:
+            digest = hashlib.sha1(photo.crop.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise SourceError(f"cached crop {photo.crop} cannot be read: {exc.strerror or exc}; "
+                              "delete it and run again") from exc
+        first = first_by_digest.setdefault(digest, photo)
+        if first is photo:
+            kept.append(photo)
+        elif first.label != photo.label:
+            raise SourceError(f"{photo.source} (class {photo.label!r}) and {first.source} (class "
+                              f"{first.label!r}) are the same photo: a face can have one label; "
+                              "remove one of them")
+        else:
+            copies.append((photo.source, first.source))
+    return tuple(kept), copies
 
 
 def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,

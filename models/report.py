@@ -138,6 +138,7 @@ def write_json(path: Path, data: Mapping) -> None:
 
 def write_report(path: Path, *, command: str, labels: Sequence[str],
                  counts: Mapping[str, Mapping[str, int]], unreadable: Sequence[str],
+                 duplicates: Sequence[str] = (),
                  split_sizes: Mapping[str, int], stages: Sequence[Mapping], metrics: Mapping,
                  settings: Mapping[str, object], seconds: float) -> None:
     """report.md: the exact command, the data (kept / skipped per class), the training stages,
@@ -154,6 +155,9 @@ def write_report(path: Path, *, command: str, labels: Sequence[str],
     lines.append("")
     if unreadable:
         lines += ["Unreadable files (skipped):", ""] + [f"- `{p}`" for p in unreadable] + [""]
+    if duplicates:
+        lines += ["Copies of another photo of the same class (counted as used above, left out of "
+                  "the split):", ""] + [f"- `{p}`" for p in duplicates] + [""]
     lines += ["Split (stratified): " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()), ""]
     lines += ["## Training", "",
               "Checkpoint: best validation accuracy, ties to the lower validation loss; a stage "

@@ -221,6 +221,10 @@ def run(config: TrainConfig) -> dict:
     counts = dataset.count_statuses(photos)
     unreadable = [str(p.source) for p in photos if p.status == dataset.UNREADABLE]
     _log_counts(counts, unreadable)
+    photos, copies = dataset.drop_duplicates(photos)
+    for copy, first in copies:
+        log.warning("%s is a copy of %s: used once", copy, first)
+    duplicates = [str(copy) for copy, _ in copies]
     paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
     try:
         split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed)
@@ -247,7 +251,7 @@ def run(config: TrainConfig) -> dict:
 
     # 4. the test split on model.onnx: metrics and figures
     metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
-                                   counts, unreadable, split, stages, started)
+                                   counts, unreadable, duplicates, split, stages, started)
     log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
              metrics["test_images"], metrics["chance"], out)
     return metrics
@@ -255,7 +259,8 @@ def run(config: TrainConfig) -> dict:
 
 def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.ndarray,
                          y_true: np.ndarray, counts: dict, unreadable: list[str],
-                         split: dataset.Split, stages: list, started: float) -> dict:
+                         duplicates: list[str], split: dataset.Split, stages: list,
+                         started: float) -> dict:
     """model.onnx on the test crops (uint8 BGR) -> metrics.json, confusion.png,
     cam_montage.png and report.md in OUT_DIR; returns the metrics."""
     out = config.out_dir
@@ -265,6 +270,7 @@ def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.
     metrics["skipped"] = {status: sum(c[status] for c in counts.values())
                           for status in dataset.STATUSES if status != dataset.OK}
     metrics["unreadable_files"] = unreadable
+    metrics["duplicate_files"] = duplicates  # copies of another photo, left out
     metrics["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
     metrics["stages"] = [asdict(s) for s in stages]
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -274,7 +280,7 @@ def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.
     report.save_cam_montage(test_crops[shown], heatmaps[shown], y_true[shown], probs[shown], labels,
                             out / "cam_montage.png")
     report.write_report(out / "report.md", command=config.command(), labels=labels, counts=counts,
-                        unreadable=unreadable, split_sizes=metrics["split"],
+                        unreadable=unreadable, duplicates=duplicates, split_sizes=metrics["split"],
                         stages=metrics["stages"], metrics=metrics,
                         settings=_settings_for_report(config), seconds=metrics["seconds"])
     return metrics

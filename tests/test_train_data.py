@@ -328,3 +328,27 @@ def test_interrupted_run_leaves_no_earlier_runs_outputs(tmp_path, monkeypatch):
         train.run(config)
     assert sorted(p.name for p in out.iterdir()) == ["crops"]
     assert len(list((out / "crops").rglob("*.png"))) == 8
+
+
+def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, capsys, monkeypatch):
+    from camface.models import train
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a face under two labels: training must not start")
+
+    data = _square_photos(tmp_path / "data", 4)
+    _write(data / "a" / "more" / "copy of 0.png", cv2.imread(str(data / "a" / "0.png")))
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    photos = dataset.prepare_crops(data, dataset.scan_classes(data), tmp_path / "crops", settings)
+    kept, copies = dataset.drop_duplicates(photos)
+    assert [p.source for p in photos if p not in kept] == [data / "a" / "more" / "copy of 0.png"]
+    assert copies == [(data / "a" / "more" / "copy of 0.png", data / "a" / "0.png")]
+    paths, targets = dataset.usable_crops(kept, ["a", "b"], data)
+    assert targets.tolist() == [0] * 4 + [1] * 4
+
+    monkeypatch.setattr(train, "_fit", must_not_train)
+    _write(data / "b" / "4.png", cv2.imread(str(data / "a" / "1.png")))  # a's face, labelled b
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
+                   "--input-size", "32", "--weights", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "4.png (class 'b') and" in err and "1.png (class 'a') are the same photo" in err
