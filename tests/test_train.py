@@ -228,13 +228,16 @@ def test_offline_imagenet_weights_give_a_clear_error(tmp_path, capsys, monkeypat
     for label, gains in CASTS.items():
         (data / label).mkdir(parents=True)
         for i in range(3):
-            cv2.imwrite(str(data / label / f"{i}.png"), _cast(astronaut_bgr[:64, :64], gains))
+            cv2.imwrite(str(data / label / f"{i}.png"), _cast(astronaut_bgr[i:64 + i, :64], gains))  # 3 photos, not 3 copies
     rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
                    "--backbone", "mobilenetv2", "--input-size", "64"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "cannot download the ImageNet weights of mobilenetv2" in err
     assert "--weights none" in err and "--weights PATH" in err
+    # the file that is missing, and only the command line's advice (not the Python API's)
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 is not in ~/.keras/models" in err
+    assert "weights=None" not in err
 
 
 def test_missing_weights_file(tmp_path, capsys, astronaut_bgr):
