@@ -246,14 +246,15 @@ def run(config: TrainConfig) -> dict:
     # 3. the CAM graph, through the exporter (with its self-check)
     onnx_path = out / "model.onnx"
     export_graph(model_path, onnx_path, labels, config.backbone, images[split.test])
-    if config.int8:
-        export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
 
     # 4. the test split on model.onnx: metrics and figures
     metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
                                    counts, unreadable, duplicates, split, stages, started)
     log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
              metrics["test_images"], metrics["chance"], out)
+    # 5. last, so that an int8 graph that fails its check leaves model.onnx's report written
+    if config.int8:
+        export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
     return metrics
 
 
@@ -403,7 +404,8 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
 
 def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bgr: np.ndarray):
     """model.onnx -> model.int8.onnx (camface.export.int8), calibrated on training crops and
-    checked on test crops (uint8 BGR, cut as live); raises ModelError when they disagree."""
+    checked on test crops (uint8 BGR, cut as live); raises ModelError when they disagree, with
+    `camface train`'s advice, and writes nothing then."""
     import onnx
 
     from camface.export import calibration
@@ -413,7 +415,14 @@ def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bg
     color_order = {p.key: p.value for p in model.metadata_props}["color_order"]
     crops = calibration.CropSets("the training split", calibration.from_bgr(calibration.evenly(train_bgr), color_order),
                                  calibration.from_bgr(calibration.evenly(test_bgr, 64), color_order))
-    result = to_int8(model, crops=crops)
+    result = to_int8(model, crops=crops, enforce=False)
+    failures = result.agreement.failures(floor=result.floor)
+    if failures:  # the advice of `camface export --int8` names flags that train has not
+        raise ModelError(
+            f"model.int8.onnx not written (model.onnx and its report are): the int8 graph calibrated "
+            f"on {crops.source} no longer explains what model.onnx explains on {result.agreement.crops} "
+            f"held-out crops of the test split: {'; '.join(failures)}; more, varied photos per "
+            "class may help, or leave out --int8")
     onnx.save(result.model, str(int8_path))
     for line in summary_lines(result.report):
         log.info("int8: %s", line)
