@@ -202,10 +202,13 @@ def run(config: TrainConfig) -> dict:
     if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
         raise ModelError(f"--weights {config.weights}: no such file (use imagenet, none or a path "
                          f"to a weights file of the {config.backbone} backbone without its top)")
-    if config.out_dir.absolute() == config.data_dir.absolute() or \
-            config.data_dir.absolute() in config.out_dir.absolute().parents:
+    data_dir, out_dir = config.data_dir.resolve(), config.out_dir.resolve()  # symlinks too
+    if out_dir == data_dir or data_dir in out_dir.parents:
         raise OutputError(f"-o {config.out_dir} is inside DATA_DIR {config.data_dir}: its crops and figures "
                           "would become a class of the next run; write it elsewhere")
+    if config.val_split + config.test_split >= 1:  # before the photos are cropped, not after
+        raise UsageError(f"--val-split {config.val_split} and --test-split {config.test_split} "
+                         "leave no training data: they must sum to less than 1")
     classes = dataset.scan_classes(config.data_dir)
     _prepare_out_dir(config.out_dir)
     out = config.out_dir

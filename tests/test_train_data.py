@@ -257,6 +257,31 @@ def test_cli_out_dir_inside_the_data_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a", "b"]
 
 
+def test_cli_out_dir_inside_the_data_through_a_symlink_is_refused(tmp_path, capsys):
+    for name in ("a", "b"):
+        _write(tmp_path / "photos" / name / "0.png", np.zeros((8, 8, 3), np.uint8))
+    try:
+        (tmp_path / "data").symlink_to(tmp_path / "photos", target_is_directory=True)
+    except OSError:  # Windows without the symlink privilege
+        pytest.skip("cannot make a symlink here")
+    out = tmp_path / "photos" / "run1"
+    rc, err = _train([str(tmp_path / "data"), "-o", str(out)], capsys)
+    assert rc == 2 and f"-o {out} is inside DATA_DIR" in err, err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]
+
+
+def test_cli_split_fractions_leaving_no_training_data_fail_before_cropping(tmp_path, capsys, monkeypatch):
+    def must_not_crop(*args, **kwargs):
+        raise AssertionError("the fractions leave no training data: no photo needs cropping")
+
+    monkeypatch.setattr(dataset, "prepare_crops", must_not_crop)
+    for name in ("a", "b"):
+        _write(tmp_path / "data" / name / "0.png", np.zeros((8, 8, 3), np.uint8))
+    rc, err = _train([str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--val-split", "0.5",
+                      "--test-split", "0.5"], capsys)
+    assert rc == 2 and "--val-split 0.5 and --test-split 0.5 leave no training data" in err
+
+
 def test_cli_bad_split_fraction(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", str(tmp_path), "-o", str(tmp_path / "o"), "--val-split", "1.5"])
