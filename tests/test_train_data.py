@@ -377,3 +377,24 @@ def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, ca
                    "--input-size", "32", "--weights", "none"])
     err = capsys.readouterr().err
     assert rc == 2 and "4.png (class 'b') and" in err and "1.png (class 'a') are the same photo" in err
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_cam_montage_titles_fit_and_do_not_overlap(n):
+    """A small test split (one or two crops) and long class names: the figure's title stays
+    inside the figure and no tile's title runs into its neighbour's."""
+    labels = ["Grace Brewster Murray Hopper", "Eileen Marie Collins (astronaut)"]
+    crops = np.full((n, 32, 32, 3), 128, np.uint8)
+    probs = np.tile(np.float32([[0.16, 0.84]]), (n, 1))
+    fig = report.cam_montage_figure(crops, np.zeros((n, 4, 4), np.float32), np.zeros(n, np.int64),
+                                    probs, labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(boxes) == n
+    for text in [fig._suptitle, *(ax.title for ax in fig.axes if ax.get_title())]:
+        box = text.get_window_extent(renderer)
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, text.get_text()
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b)
