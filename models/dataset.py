@@ -4,6 +4,7 @@ The pipeline, in data-flow order:
   scan_classes(DATA_DIR)        one sub-folder per class, image files inside (recursively)
   prepare_crops(...)            each photo read (uint8 BGR), its face detected and cropped with the
                                 live loop's own detector and crop code, the crop cached as PNG
+  drop_duplicates(...)          copies of a photo used once (never in two split parts)
   usable_crops(...)             photos with exactly one face, per class; clear errors otherwise
   stratified_split(...)         train / val / test indices, same class ratios, fixed seed
   load_crops(...)               uint8 BGR [N, S, S, 3] arrays for Keras / ONNX Runtime
@@ -15,6 +16,7 @@ by hand); unreadable files are listed and skipped. This module imports no Tensor
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -162,9 +164,13 @@ def resize_square(image_bgr: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image_bgr, (size, size), interpolation=interpolation)
 
 
-def _cache_name(source: Path, class_dir: Path) -> str:
-    # Photos may sit in sub-folders and share stems ("a.jpg", "a.png"): keep the whole relative name.
-    return "__".join(source.relative_to(class_dir).parts) + ".png"
+def _cache_name(source: Path, class_dir: Path, key: str) -> str:
+    # Photos may sit in sub-folders and share stems ("a.jpg", "a.png"): keep the whole relative
+    # name, readable, plus a digest of the photo's absolute path (`key`), so that no two photos
+    # share a crop file: neither "x/y.jpg" and "x__y.jpg", nor the same name in another DATA_DIR
+    # written into a reused OUT_DIR (whose index would otherwise hand one photo the other's crop).
+    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return "__".join(source.relative_to(class_dir).parts) + f".{digest}.png"
 
 
 def _fingerprint(path: Path) -> list[int]:
@@ -183,7 +189,7 @@ def prepare_crops(
     """Detect, crop and cache every photo; returns one Photo per file, in class then file order.
 
     `classes` is what scan_classes(data_dir) returned (files under data_dir/<class>/).
-    cache_dir/<class>/<file>.png holds the crops (uint8 BGR, settings.size square) and
+    cache_dir/<class>/<file>.<digest>.png holds the crops (uint8 BGR, settings.size square) and
     cache_dir/index.json what each photo gave, keyed by path, size and mtime, so a re-run with the
     same settings reads no photo twice. `open_cropper` is called (once, lazily: not at all when
     every photo is cached) to make a FaceCropper; it may return a context manager, which is closed
@@ -207,7 +213,7 @@ def prepare_crops(
             key = str(source.resolve())
             fingerprint = _fingerprint(source)
             cached = index.get(key)
-            crop_path = cache_dir / label / _cache_name(source, class_dir)
+            crop_path = cache_dir / label / _cache_name(source, class_dir, key)
             if cached and cached["fingerprint"] == fingerprint and (
                     cached["status"] != OK or crop_path.is_file()):
                 photos.append(Photo(source, label, cached["status"],
@@ -268,6 +274,39 @@ def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:
     for photo in photos:
         counts.setdefault(photo.label, Counter())[photo.status] += 1
     return {label: {status: c[status] for status in STATUSES} for label, c in counts.items()}
+
+
+def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tuple[Path, Path]]]:
+    """Usable photos whose face crops are byte-identical (the same photo copied, under another
+    name or in a sub-folder) are used once: a copy in the training split and another in the
+    test split would score the model on a face it was trained on.
+
+    Returns the photos without the copies (order kept) and (copy, first photo) source pairs.
+    Raises SourceError naming both files when copies sit in two class folders (one face, two
+    labels).
+    """
+    first_by_digest: dict[str, Photo] = {}
+    kept: list[Photo] = []
+    copies: list[tuple[Path, Path]] = []
+    for photo in photos:
+        if photo.status != OK or photo.crop is None:
+            kept.append(photo)
+            continue
+        try:
+            digest = hashlib.sha1(photo.crop.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise SourceError(f"cached crop {photo.crop} cannot be read: {exc.strerror or exc}; "
+                              "delete it and run again") from exc
+        first = first_by_digest.setdefault(digest, photo)
+        if first is photo:
+            kept.append(photo)
+        elif first.label != photo.label:
+            raise SourceError(f"{photo.source} (class {photo.label!r}) and {first.source} (class "
+                              f"{first.label!r}) are the same photo: a face can have one label; "
+                              "remove one of them")
+        else:
+            copies.append((photo.source, first.source))
+    return tuple(kept), copies
 
 
 def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,

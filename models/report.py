@@ -6,6 +6,7 @@ report.md. Metrics are plain numpy (no scikit-learn); figures use matplotlib's o
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -110,13 +111,21 @@ def save_cam_montage(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.nda
     crops_bgr: uint8 [N, S, S, 3] BGR; heatmaps: float [N, h, w] for each crop's predicted
     class; y_true: int [N]; probs: float [N, classes]. Wrong predictions get a red title.
     """
+    cam_montage_figure(crops_bgr, heatmaps, y_true, probs, labels, method, columns).savefig(path, dpi=100)
+
+
+def cam_montage_figure(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.ndarray,
+                       probs: np.ndarray, labels: Sequence[str], method: str = "Grad-CAM",
+                       columns: int = 6):
+    """The matplotlib Figure that save_cam_montage saves (same arguments)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n = len(crops_bgr)
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
-    fig = Figure(figsize=(2.2 * columns, 2.4 * rows + 0.4), layout="constrained")
+    # at least 6 inches wide, so the title fits a test split of one or two crops
+    fig = Figure(figsize=(max(2.2 * columns, 6.0), 2.6 * rows + 0.4), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(f"{method} of the predicted class on test crops (from model.onnx)")
     for i in range(rows * columns):
@@ -127,9 +136,11 @@ def save_cam_montage(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.nda
         shown = overlay_heatmap(crops_bgr[i], heatmaps[i])
         ax.imshow(shown[:, :, ::-1])
         predicted = int(np.argmax(probs[i]))
-        ax.set_title(f"{labels[int(y_true[i])]} -> {labels[predicted]} {probs[i, predicted]:.2f}",
+        # "true", "-> predicted p" wrapped to the tile: long class names ran into the next tile
+        title = [labels[int(y_true[i])], f"-> {labels[predicted]} {probs[i, predicted]:.2f}"]
+        ax.set_title("\n".join(line for part in title for line in textwrap.wrap(part, 30)),
                      fontsize=8, color="black" if predicted == int(y_true[i]) else "red")
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def write_json(path: Path, data: Mapping) -> None:
@@ -138,6 +149,7 @@ def write_json(path: Path, data: Mapping) -> None:
 
 def write_report(path: Path, *, command: str, labels: Sequence[str],
                  counts: Mapping[str, Mapping[str, int]], unreadable: Sequence[str],
+                 duplicates: Sequence[str] = (),
                  split_sizes: Mapping[str, int], stages: Sequence[Mapping], metrics: Mapping,
                  settings: Mapping[str, object], seconds: float) -> None:
     """report.md: the exact command, the data (kept / skipped per class), the training stages,
@@ -154,6 +166,9 @@ def write_report(path: Path, *, command: str, labels: Sequence[str],
     lines.append("")
     if unreadable:
         lines += ["Unreadable files (skipped):", ""] + [f"- `{p}`" for p in unreadable] + [""]
+    if duplicates:
+        lines += ["Copies of another photo of the same class (counted as used above, left out of "
+                  "the split):", ""] + [f"- `{p}`" for p in duplicates] + [""]
     lines += ["Split (stratified): " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()), ""]
     lines += ["## Training", "",
               "Checkpoint: best validation accuracy, ties to the lower validation loss; a stage "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camface.errors import ModelError, OutputError, SourceError
+from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.models import dataset, report
 from camface.realtime import config as live_config
 
@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
 LIVE_DEFAULTS = live_config.DEFAULTS  # detector, margin, min_confidence: as `camface live`
 PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
+# What a run writes into OUT_DIR besides crops/: a new run removes them before training, so an
+# interrupted or failed run never leaves an earlier run's files (another DATA_DIR's labels, a
+# model.int8.onnx of a run with --int8) beside its own.
+OUTPUTS = ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json",
+           "confusion.png", "cam_montage.png", "report.md")
 
 
 @dataclass(frozen=True)
@@ -197,10 +202,13 @@ def run(config: TrainConfig) -> dict:
     if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
         raise ModelError(f"--weights {config.weights}: no such file (use imagenet, none or a path "
                          f"to a weights file of the {config.backbone} backbone without its top)")
-    if config.out_dir.absolute() == config.data_dir.absolute() or \
-            config.data_dir.absolute() in config.out_dir.absolute().parents:
+    data_dir, out_dir = config.data_dir.resolve(), config.out_dir.resolve()  # symlinks too
+    if out_dir == data_dir or data_dir in out_dir.parents:
         raise OutputError(f"-o {config.out_dir} is inside DATA_DIR {config.data_dir}: its crops and figures "
                           "would become a class of the next run; write it elsewhere")
+    if config.val_split + config.test_split >= 1:  # before the photos are cropped, not after
+        raise UsageError(f"--val-split {config.val_split} and --test-split {config.test_split} "
+                         "leave no training data: they must sum to less than 1")
     classes = dataset.scan_classes(config.data_dir)
     _prepare_out_dir(config.out_dir)
     out = config.out_dir
@@ -216,6 +224,10 @@ def run(config: TrainConfig) -> dict:
     counts = dataset.count_statuses(photos)
     unreadable = [str(p.source) for p in photos if p.status == dataset.UNREADABLE]
     _log_counts(counts, unreadable)
+    photos, copies = dataset.drop_duplicates(photos)
+    for copy, first in copies:
+        log.warning("%s is a copy of %s: used once", copy, first)
+    duplicates = [str(copy) for copy, _ in copies]
     paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
     try:
         split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed)
@@ -223,7 +235,10 @@ def run(config: TrainConfig) -> dict:
         raise SourceError(f"DATA_DIR {config.data_dir}: {exc}") from exc
     log.info("split (stratified, seed %d): %d train, %d validation, %d test", config.seed,
              len(split.train), len(split.val), len(split.test))
+    if config.int8:
+        _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)
+    _remove_previous_outputs(out)
 
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
     model_path = out / "model.keras"
@@ -234,20 +249,22 @@ def run(config: TrainConfig) -> dict:
     # 3. the CAM graph, through the exporter (with its self-check)
     onnx_path = out / "model.onnx"
     export_graph(model_path, onnx_path, labels, config.backbone, images[split.test])
-    if config.int8:
-        export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
 
     # 4. the test split on model.onnx: metrics and figures
     metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
-                                   counts, unreadable, split, stages, started)
+                                   counts, unreadable, duplicates, split, stages, started)
     log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
              metrics["test_images"], metrics["chance"], out)
+    # 5. last, so that an int8 graph that fails its check leaves model.onnx's report written
+    if config.int8:
+        export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
     return metrics
 
 
 def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.ndarray,
                          y_true: np.ndarray, counts: dict, unreadable: list[str],
-                         split: dataset.Split, stages: list, started: float) -> dict:
+                         duplicates: list[str], split: dataset.Split, stages: list,
+                         started: float) -> dict:
     """model.onnx on the test crops (uint8 BGR) -> metrics.json, confusion.png,
     cam_montage.png and report.md in OUT_DIR; returns the metrics."""
     out = config.out_dir
@@ -257,6 +274,7 @@ def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.
     metrics["skipped"] = {status: sum(c[status] for c in counts.values())
                           for status in dataset.STATUSES if status != dataset.OK}
     metrics["unreadable_files"] = unreadable
+    metrics["duplicate_files"] = duplicates  # copies of another photo, left out
     metrics["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
     metrics["stages"] = [asdict(s) for s in stages]
     metrics["seconds"] = round(time.perf_counter() - started, 1)
@@ -266,10 +284,32 @@ def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.
     report.save_cam_montage(test_crops[shown], heatmaps[shown], y_true[shown], probs[shown], labels,
                             out / "cam_montage.png")
     report.write_report(out / "report.md", command=config.command(), labels=labels, counts=counts,
-                        unreadable=unreadable, split_sizes=metrics["split"],
+                        unreadable=unreadable, duplicates=duplicates, split_sizes=metrics["split"],
                         stages=metrics["stages"], metrics=metrics,
                         settings=_settings_for_report(config), seconds=metrics["seconds"])
     return metrics
+
+
+def _check_int8_split(split: dataset.Split, config: TrainConfig) -> None:
+    """--int8 calibrates on the training crops and checks on the test crops: fail before
+    training, not after it, when the split leaves too few of either."""
+    from camface.export.calibration import MIN_CALIBRATION, MIN_HELD_OUT
+
+    if len(split.train) < MIN_CALIBRATION or len(split.test) < MIN_HELD_OUT:
+        raise UsageError(
+            f"--int8 needs at least {MIN_CALIBRATION} training and {MIN_HELD_OUT} test crops to "
+            f"calibrate and check the int8 graph; the split of DATA_DIR {config.data_dir} gives "
+            f"{len(split.train)} and {len(split.test)} (--test-split {config.test_split}): add "
+            "photos, raise --test-split, or leave out --int8")
+
+
+def _remove_previous_outputs(out_dir: Path) -> None:
+    for name in OUTPUTS:
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot remove {out_dir / name} of an earlier run: "
+                              f"{exc.strerror or exc}") from exc
 
 
 def _settings_for_report(config: TrainConfig) -> dict:
@@ -367,7 +407,8 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
 
 def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bgr: np.ndarray):
     """model.onnx -> model.int8.onnx (camface.export.int8), calibrated on training crops and
-    checked on test crops (uint8 BGR, cut as live); raises ModelError when they disagree."""
+    checked on test crops (uint8 BGR, cut as live); raises ModelError when they disagree, with
+    `camface train`'s advice, and writes nothing then."""
     import onnx
 
     from camface.export import calibration
@@ -377,7 +418,14 @@ def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bg
     color_order = {p.key: p.value for p in model.metadata_props}["color_order"]
     crops = calibration.CropSets("the training split", calibration.from_bgr(calibration.evenly(train_bgr), color_order),
                                  calibration.from_bgr(calibration.evenly(test_bgr, 64), color_order))
-    result = to_int8(model, crops=crops)
+    result = to_int8(model, crops=crops, enforce=False)
+    failures = result.agreement.failures(floor=result.floor)
+    if failures:  # the advice of `camface export --int8` names flags that train has not
+        raise ModelError(
+            f"model.int8.onnx not written (model.onnx and its report are): the int8 graph calibrated "
+            f"on {crops.source} no longer explains what model.onnx explains on {result.agreement.crops} "
+            f"held-out crops of the test split: {'; '.join(failures)}; more, varied photos per "
+            "class may help, or leave out --int8")
     onnx.save(result.model, str(int8_path))
     for line in summary_lines(result.report):
         log.info("int8: %s", line)

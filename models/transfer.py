@@ -78,9 +78,10 @@ def build_model(backbone: str, input_size: int, num_classes: int, weights: str,
                       weights=None if weights == "none" else weights, trainable_base=False)
     except Exception as exc:
         if weights == "imagenet" and _looks_like_download_failure(exc):
+            missing = _weights_file_name(exc) or "its weights file"
             raise ModelError(
-                f"cannot download the ImageNet weights of {backbone} (no network?): "
-                f"{_first_line(exc)}. Train from scratch with --weights none, or pass a local "
+                f"cannot download the ImageNet weights of {backbone} (no network?): {missing} is "
+                "not in ~/.keras/models. Train from scratch with --weights none, or pass a local "
                 "weights file with --weights PATH (e.g. copied from ~/.keras/models/ on a machine "
                 "that has it)") from exc
         if weights not in ("imagenet", "none"):
@@ -107,6 +108,20 @@ def _looks_like_download_failure(exc: BaseException) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def _weights_file_name(exc: BaseException) -> str | None:
+    """The .h5 file Keras tried to download, from the URL in its "URL fetch failure on URL"
+    message somewhere in the exception chain; None when no message names one."""
+    import re
+
+    seen = 0
+    while exc is not None and seen < 10:
+        found = re.search(r"https?://\S+/([^/\s:]+\.h5)", str(exc))
+        if found:
+            return found.group(1)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -228,13 +228,16 @@ def test_offline_imagenet_weights_give_a_clear_error(tmp_path, capsys, monkeypat
     for label, gains in CASTS.items():
         (data / label).mkdir(parents=True)
         for i in range(3):
-            cv2.imwrite(str(data / label / f"{i}.png"), _cast(astronaut_bgr[:64, :64], gains))
+            cv2.imwrite(str(data / label / f"{i}.png"), _cast(astronaut_bgr[i:64 + i, :64], gains))  # 3 photos, not 3 copies
     rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
                    "--backbone", "mobilenetv2", "--input-size", "64"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "cannot download the ImageNet weights of mobilenetv2" in err
     assert "--weights none" in err and "--weights PATH" in err
+    # the file that is missing, and only the command line's advice (not the Python API's)
+    assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 is not in ~/.keras/models" in err
+    assert "weights=None" not in err
 
 
 def test_missing_weights_file(tmp_path, capsys, astronaut_bgr):
@@ -273,6 +276,53 @@ def test_int8_export_of_the_trained_graph(trained, tmp_path):
     assert info.precision == "int8" and info.quantization["passed"]
     assert info.quantization["calibration"]["source"] == "the training split"
     assert result.agreement.crops == len(crops[1::2]) and result.agreement.top1_agreement >= 0.9
+
+
+def test_int8_that_fails_its_check_writes_nothing_and_gives_trains_advice(trained, tmp_path, monkeypatch):
+    from camface.errors import ModelError
+    from camface.export import agreement
+    from camface.models import train
+
+    monkeypatch.setattr(agreement.Agreement, "failures",
+                        lambda self, thresholds=None, floor=None: ["top-1 agreement 50% < 90%"])
+    _, out, _ = trained
+    paths = sorted(p for p in (out / "crops").rglob("*.png"))
+    crops = dataset.load_crops(paths, SIZE)
+    target = tmp_path / "model.int8.onnx"
+    with pytest.raises(ModelError) as caught:
+        train.export_int8(out / "model.onnx", target, crops[::2], crops[1::2])
+    message = str(caught.value)
+    assert not target.exists() and "top-1 agreement 50% < 90%" in message
+    assert "leave out --int8" in message and "--calibration" not in message  # no such flag in train
+
+
+def test_int8_runs_after_the_report_of_model_onnx(tmp_path, monkeypatch):
+    """A failing int8 check must not cost the float32 graph its metrics and report."""
+    from camface.errors import ModelError
+    from camface.models import train
+
+    calls = []
+    monkeypatch.setattr(train, "_fit", lambda *a, **k: calls.append("fit") or [])
+    monkeypatch.setattr(train, "export_graph", lambda *a, **k: calls.append("export"))
+    monkeypatch.setattr(train, "_evaluate_and_report",
+                        lambda *a, **k: calls.append("report") or {"accuracy": 1.0, "test_images": 8,
+                                                                    "chance": 0.5})
+
+    def int8_fails(*args, **kwargs):
+        calls.append("int8")
+        raise ModelError("int8 check failed")
+
+    monkeypatch.setattr(train, "export_int8", int8_fails)
+    data = tmp_path / "data"
+    for label, value in (("a", 40), ("b", 200)):
+        for i in range(14):
+            (data / label).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(data / label / f"{i}.png"), np.full((12, 12, 3), value + i, np.uint8))
+    config = train.TrainConfig(data, tmp_path / "out", backbone="mobilenetv2", input_size=32,
+                               weights="none", detect=False, test_split=0.3, int8=True)
+    with pytest.raises(ModelError, match="int8 check failed"):
+        train.run(config)
+    assert calls == ["fit", "export", "report", "int8"]
 
 
 def test_int8_flag_is_part_of_the_command(tmp_path):

@@ -117,6 +117,29 @@ def test_prepare_crops_no_detect_resizes(tmp_path):
     assert images[0].min() == images[0].max() == 50 and images[1].min() == 200
 
 
+def test_crop_cache_never_hands_one_photo_another_photos_crop(tmp_path):
+    """Each photo its own crop file: "x/y.png" and "x__y.png" in one class, and the same
+    class/file name in two DATA_DIRs cropped into one reused cache (then the first again)."""
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    cache = tmp_path / "out" / "crops"
+
+    def mean_of_crops(data):
+        photos = dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+        crops = dataset.load_crops([p.crop for p in photos], 8)
+        return {p.source.relative_to(data).as_posix(): int(c.mean()) for p, c in zip(photos, crops)}
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    _write(first / "a" / "x" / "y.png", np.full((8, 8, 3), 10, np.uint8))
+    _write(first / "a" / "x__y.png", np.full((8, 8, 3), 20, np.uint8))
+    _write(first / "b" / "z.png", np.full((8, 8, 3), 30, np.uint8))
+    _write(second / "a" / "x__y.png", np.full((8, 8, 3), 120, np.uint8))
+    _write(second / "b" / "z.png", np.full((8, 8, 3), 130, np.uint8))
+    want_first = {"a/x/y.png": 10, "a/x__y.png": 20, "b/z.png": 30}
+    assert mean_of_crops(first) == want_first
+    assert mean_of_crops(second) == {"a/x__y.png": 120, "b/z.png": 130}
+    assert mean_of_crops(first) == want_first  # cached crops, still each photo's own
+
+
 def test_usable_crops_names_the_class_folder(tmp_path):
     photos = [dataset.Photo(tmp_path / "a" / f"{i}.png", "a", "ok", tmp_path / f"{i}.png", 1)
               for i in range(3)]
@@ -234,6 +257,31 @@ def test_cli_out_dir_inside_the_data_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a", "b"]
 
 
+def test_cli_out_dir_inside_the_data_through_a_symlink_is_refused(tmp_path, capsys):
+    for name in ("a", "b"):
+        _write(tmp_path / "photos" / name / "0.png", np.zeros((8, 8, 3), np.uint8))
+    try:
+        (tmp_path / "data").symlink_to(tmp_path / "photos", target_is_directory=True)
+    except OSError:  # Windows without the symlink privilege
+        pytest.skip("cannot make a symlink here")
+    out = tmp_path / "photos" / "run1"
+    rc, err = _train([str(tmp_path / "data"), "-o", str(out)], capsys)
+    assert rc == 2 and f"-o {out} is inside DATA_DIR" in err, err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]
+
+
+def test_cli_split_fractions_leaving_no_training_data_fail_before_cropping(tmp_path, capsys, monkeypatch):
+    def must_not_crop(*args, **kwargs):
+        raise AssertionError("the fractions leave no training data: no photo needs cropping")
+
+    monkeypatch.setattr(dataset, "prepare_crops", must_not_crop)
+    for name in ("a", "b"):
+        _write(tmp_path / "data" / name / "0.png", np.zeros((8, 8, 3), np.uint8))
+    rc, err = _train([str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--val-split", "0.5",
+                      "--test-split", "0.5"], capsys)
+    assert rc == 2 and "--val-split 0.5 and --test-split 0.5 leave no training data" in err
+
+
 def test_cli_bad_split_fraction(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", str(tmp_path), "-o", str(tmp_path / "o"), "--val-split", "1.5"])
@@ -260,3 +308,93 @@ def test_train_crop_defaults_are_the_live_ones():
     live = LiveConfig()
     for name in ("detector", "margin", "min_confidence"):
         assert parser.get_default(name) == getattr(live, name)
+
+
+def _square_photos(data: Path, per_class: int) -> Path:
+    for label, value in (("a", 40), ("b", 200)):
+        for i in range(per_class):
+            _write(data / label / f"{i}.png", np.full((12, 12, 3), value + i, np.uint8))
+    return data
+
+
+def test_cli_int8_with_too_few_test_crops_fails_before_training(tmp_path, capsys, monkeypatch):
+    from camface.models import train
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("--int8 cannot work on this split: training must not start")
+
+    monkeypatch.setattr(train, "_fit", must_not_train)
+    data = _square_photos(tmp_path / "data", 5)  # test split: 1 crop per class, int8 needs 4
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
+                   "--input-size", "32", "--weights", "none", "--int8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--int8 needs at least 8 training and 4 test crops" in err
+    assert "gives 6 and 2" in err
+
+
+def test_interrupted_run_leaves_no_earlier_runs_outputs(tmp_path, monkeypatch):
+    """Ctrl-C while training: OUT_DIR keeps the crop cache, but no model.onnx, labels or
+    model.int8.onnx of an earlier run (another DATA_DIR, other classes) beside the new files."""
+    from camface.models import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_fit", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json",
+                 "confusion.png", "cam_montage.png", "report.md"):
+        (out / name).write_text("an earlier run's")
+    data = _square_photos(tmp_path / "data", 4)
+    config = train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none",
+                               detect=False)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config)
+    assert sorted(p.name for p in out.iterdir()) == ["crops"]
+    assert len(list((out / "crops").rglob("*.png"))) == 8
+
+
+def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, capsys, monkeypatch):
+    from camface.models import train
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a face under two labels: training must not start")
+
+    data = _square_photos(tmp_path / "data", 4)
+    _write(data / "a" / "more" / "copy of 0.png", cv2.imread(str(data / "a" / "0.png")))
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    photos = dataset.prepare_crops(data, dataset.scan_classes(data), tmp_path / "crops", settings)
+    kept, copies = dataset.drop_duplicates(photos)
+    assert [p.source for p in photos if p not in kept] == [data / "a" / "more" / "copy of 0.png"]
+    assert copies == [(data / "a" / "more" / "copy of 0.png", data / "a" / "0.png")]
+    paths, targets = dataset.usable_crops(kept, ["a", "b"], data)
+    assert targets.tolist() == [0] * 4 + [1] * 4
+
+    monkeypatch.setattr(train, "_fit", must_not_train)
+    _write(data / "b" / "4.png", cv2.imread(str(data / "a" / "1.png")))  # a's face, labelled b
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect",
+                   "--input-size", "32", "--weights", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "4.png (class 'b') and" in err and "1.png (class 'a') are the same photo" in err
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_cam_montage_titles_fit_and_do_not_overlap(n):
+    """A small test split (one or two crops) and long class names: the figure's title stays
+    inside the figure and no tile's title runs into its neighbour's."""
+    labels = ["Grace Brewster Murray Hopper", "Eileen Marie Collins (astronaut)"]
+    crops = np.full((n, 32, 32, 3), 128, np.uint8)
+    probs = np.tile(np.float32([[0.16, 0.84]]), (n, 1))
+    fig = report.cam_montage_figure(crops, np.zeros((n, 4, 4), np.float32), np.zeros(n, np.int64),
+                                    probs, labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    assert len(boxes) == n
+    for text in [fig._suptitle, *(ax.title for ax in fig.axes if ax.get_title())]:
+        box = text.get_window_extent(renderer)
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, text.get_text()
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b)
