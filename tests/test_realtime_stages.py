@@ -550,8 +550,8 @@ def test_graph_runs_a_pruned_session_per_method_with_the_same_values(tiny_graph_
     for method in ("gradcam", "cam", "none"):
         probs, heatmaps = graph.run(crops, classes, method)
         np.testing.assert_allclose(probs, whole["probs"], rtol=1e-6)
-        if method != "none":
-            np.testing.assert_allclose(heatmaps, whole[method], rtol=1e-6)
+        if method != "none":  # a pruned graph may fuse other nodes (other kernels): float32 rounding on the map's scale
+            np.testing.assert_allclose(heatmaps, whole[method], rtol=1e-5, atol=1e-6 * np.abs(whole[method]).max())
         session, _ = graph._session_for(method)
         assert session is not graph.session
         assert {o.name for o in session.get_outputs()} == {"probs"} | ({method} if method != "none" else set())
@@ -559,7 +559,7 @@ def test_graph_runs_a_pruned_session_per_method_with_the_same_values(tiny_graph_
     bare = CamGraph(tiny_graph_path, "cpu")
     probs, heatmaps = bare.run(crops, classes, "gradcam")
     assert bare._session_for("gradcam")[0] is bare.session
-    np.testing.assert_allclose(heatmaps, whole["gradcam"], rtol=1e-6)
+    np.testing.assert_allclose(heatmaps, whole["gradcam"], rtol=1e-6)  # the very session `whole` ran
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="X displays as on Linux")

@@ -405,33 +405,32 @@ def test_sigkill_leaves_every_frame_but_the_last_second_and_a_next_run_reads_it(
     process = subprocess.Popen([sys.executable, "-c", COUNT_WRITES, "live", "--source", str(clip),
                                 "--no-show", "--record", str(out), "--detector", "short"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
-    written: list[tuple[float, int]] = []  # (time, frames handed to the sink)
+    written: list[int] = []  # frames handed to the sink, after each write
 
     def follow():
         for line in process.stdout:
             if line.strip().isdigit():
-                written.append((time.perf_counter(), int(line)))
+                written.append(int(line))
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
     deadline = time.perf_counter() + 120
-    # kill when at least 200 frames were handed over and the first of them 1.5 s ago
-    while ((not written or written[-1][1] < 200 or time.perf_counter() - written[0][0] < 1.5)
+    # kill when at least 200 frames were handed over (several fragments)
+    while ((not written or written[-1] < 200)
            and time.perf_counter() < deadline and process.poll() is None):
         time.sleep(0.01)
-    killed_at = time.perf_counter()
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     reader.join(timeout=30)
     stderr = process.stderr.read()
     assert process.returncode == -signal.SIGKILL, stderr
-    handed = written[-1][1]  # the prints made before the kill are all in the pipe
+    handed = written[-1]  # the prints made before the kill are all in the pipe
     assert 200 <= handed < 1800, stderr
-    older = max(n for t, n in written if t <= killed_at - 1.0)  # handed over > 1 s before the kill
     kept = count_frames(out)
-    # lost: at most the fragment being filled, one keyframe interval (1 s of video, 30 frames)
-    assert kept >= max(older, handed - FPS), (kept, handed, older)
-    assert kept <= handed
+    # lost: at most the fragment being filled, 1 s of video (FPS frames), counted in frames, not
+    # wall time: on a loaded machine the loop may run below FPS, and frames handed over even
+    # seconds before the kill can still be in that fragment
+    assert handed - FPS <= kept <= handed, (kept, handed)
 
     again = tmp_path / "again.mp4"
     run = subprocess.run([sys.executable, "-m", "camface", "live", "--source", str(out), "--no-show",
