@@ -79,13 +79,37 @@ def clip60(tmp_path_factory, astronaut_bgr):
     return write_clip(tmp_path_factory.mktemp("pace") / "clip60.mp4", frames, fps=30.0)
 
 
-def test_a_window_plays_a_file_at_its_own_speed_and_headless_does_not(tmp_path, clip60):
+@pytest.fixture
+def virtual_pacers(monkeypatch):
+    """Every Pacer the loop makes runs on virtual time (a FakeClock that only its sleeps move),
+    so a test checks the schedule it keeps exactly, not the wall time of a loaded machine."""
+    from camface.realtime import pace
+
+    made = []
+
+    class VirtualPacer(pace.Pacer):
+        def __init__(self, period):
+            self.clock, self.waits = FakeClock(), 0
+            super().__init__(period, clock=self.clock, sleep=self.clock.sleep)
+            made.append(self)
+
+        def wait(self, *args, **kwargs):
+            self.waits += 1
+            super().wait(*args, **kwargs)
+
+    monkeypatch.setattr(pace, "Pacer", VirtualPacer)
+    return made
+
+
+def test_a_window_plays_a_file_at_its_own_speed_and_headless_does_not(tmp_path, clip60, virtual_pacers):
     shown = LiveLoop(LiveConfig(source=str(clip60), show=True, detector="short"), window=FakeWindow("")).run()
     headless = LiveLoop(LiveConfig(source=str(clip60), detector="short")).run()
     assert shown.frames == headless.frames == 60
     assert shown.pace_fps == 30.0 and headless.pace_fps == 0.0
-    assert 1.8 <= shown.wall_s <= 6.0  # 60 frames at 30 fps: about 2 s
-    assert headless.wall_s < shown.wall_s * 0.75
+    (pacer,) = virtual_pacers  # the headless run made none
+    # a wait before each frame, and one holding the last frame its time (hold_last)
+    assert pacer.period == pytest.approx(1 / 30) and pacer.waits == 61
+    assert pacer.clock.now == pytest.approx(60 / 30)  # virtual time slept: 60 frames, each on screen 1/30 s
     assert "paced to the source's 30 fps" in shown.line() and "paced" not in headless.line()
 
 
@@ -163,7 +187,7 @@ def test_pause_holds_the_frame_and_the_recording(tmp_path, clip60):
     assert count_frames(out) == processed
 
 
-def test_a_folder_image_is_held_with_the_window_alive(tmp_path, astronaut_bgr):
+def test_a_folder_image_is_held_with_the_window_alive(tmp_path, astronaut_bgr, virtual_pacers):
     """Each image is held --image-seconds, the last one too, and the window keeps being
     drawn (keys read) while it is held."""
     import cv2
@@ -175,8 +199,12 @@ def test_a_folder_image_is_held_with_the_window_alive(tmp_path, astronaut_bgr):
     window = FakeWindow("")
     summary = LiveLoop(LiveConfig(source=str(folder), show=True, image_seconds=0.4, detector="short"),
                        window=window).run()
-    assert summary.frames == 2 and 0.7 <= summary.wall_s <= 3.0
-    assert len(window.shown) >= 8  # polled every 50 ms while each image was held
+    (pacer,) = virtual_pacers
+    assert summary.frames == 2 and pacer.period == 0.4
+    assert pacer.clock.now == pytest.approx(0.8)  # virtual time slept: both images held 0.4 s
+    # the two images, and the window polled every 50 ms through each 0.4 s hold (8 slices, 7
+    # when float rounding leaves the last slice a sliver, slept without a poll)
+    assert len(window.shown) >= 2 + 2 * 7
     assert "each image held 0.4 s" in summary.line()
 
 
