@@ -249,9 +249,12 @@ def test_live_source_keeps_only_the_newest_frame():
     camera = FakeCamera(good=1000)
     with LiveSource(0, opener=lambda target, timeout: camera) as source:
         frames = iter(source)
-        first = next(frames)[0, 0, 0]
-        time.sleep(0.1)  # ~20 frames arrive meanwhile
-        second = next(frames)[0, 0, 0]
+        first = int(next(frames)[0, 0, 0])  # the camera's read number (mod 255)
+        deadline = time.monotonic() + 30
+        while camera.reads < first + 5 and time.monotonic() < deadline:  # by count, not by time
+            time.sleep(0.005)
+        assert camera.reads >= first + 5, "the camera was not read on"
+        second = int(next(frames)[0, 0, 0])
     assert second - first >= 3  # frames that arrived meanwhile were skipped, not queued
 
 
