@@ -389,7 +389,8 @@ def test_gap_dense_identities(resnet_like):
 
 def test_random_map_is_reproducible_across_sessions(resnet_like):
     """Two sessions (two runs) give the same random maps bit for bit; row n's weights do not
-    depend on the batch."""
+    depend on the batch (the maps of a batch of 2 agree on the map's scale: its activations may
+    come from other kernel blocking; other weights, U(-1, 1), would change the map at O(1))."""
     import onnxruntime as ort
 
     _, graph, _ = resnet_like
@@ -397,4 +398,5 @@ def test_random_map_is_reproducible_across_sessions(resnet_like):
     again = ort.InferenceSession(graph.proto.SerializeToString(), providers=["CPUExecutionProvider"])
     first = graph(image, classes)["random"]
     np.testing.assert_array_equal(again.run(["random"], {"image": image, "class_index": classes})[0], first)
-    np.testing.assert_array_equal(graph(image[:2], classes[:2])["random"], first[:2])
+    np.testing.assert_allclose(graph(image[:2], classes[:2])["random"], first[:2], rtol=1e-5,
+                               atol=1e-6 * np.abs(first[:2]).max())
