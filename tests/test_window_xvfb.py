@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from realtime_helpers import count_frames, write_clip
@@ -26,7 +27,13 @@ def display():
     number = 90 + os.getpid() % 9
     server = subprocess.Popen(["Xvfb", f":{number}", "-screen", "0", "1024x768x24", "-nolisten", "tcp"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
+    ready = Path(f"/tmp/.X11-unix/X{number}")  # Xvfb's socket: it answers clients once this exists
+    deadline = time.monotonic() + 60
+    while not ready.exists() and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # not a fixed second: a loaded machine may start Xvfb slower
+    if not ready.exists():
+        server.kill()
+        raise AssertionError(f"Xvfb :{number} did not start (exit code {server.poll()})")
     try:
         yield f":{number}"
     finally:
