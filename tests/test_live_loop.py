@@ -563,15 +563,22 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     instances: dict[int, int] = {}
     finished, workers = [], set()  # frames in the order detection finished; detecting threads
     real_detect = detector_class.detect
+    later, held = threading.Condition(), []
 
     def uneven_detect(self, frame):
         n = instances.setdefault(id(self), len(instances))
-        if n == 0:
-            time.sleep(0.03)
         faces = real_detect(self, frame)
         if frame.tobytes() in index_of:  # not a detector's warm-up frame
-            finished.append(index_of[frame.tobytes()])
-            workers.add(threading.current_thread().name)
+            mine = index_of[frame.tobytes()]
+            with later:
+                if n == 0 and not held and mine < len(frames) - 1:
+                    # the first detector holds its first frame until another has finished a
+                    # later one: out of order by construction (a fixed sleep was not, on a loaded
+                    # machine, where the others' detection can take longer than the sleep)
+                    held.append(later.wait_for(lambda: any(i > mine for i in finished), timeout=30))
+                finished.append(mine)
+                workers.add(threading.current_thread().name)
+                later.notify_all()
         return faces
 
     seen = []
@@ -586,7 +593,7 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     out = tmp_path / "out.mp4"
     loop = _run(LiveConfig(source=str(face_clip), record=out, detect_workers=3))
     assert len(workers) >= 2 and sorted(finished) == list(range(12))
-    assert finished != list(range(12))  # detection really finished out of order
+    assert held == [True] and finished != list(range(12))  # detection really finished out of order
     assert [i for i, _ in seen] == list(range(12))
     assert [boxes for _, boxes in seen] == expected
     assert loop.summary.frames == 12 and count_frames(out) == 12
