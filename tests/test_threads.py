@@ -27,7 +27,7 @@ def _drain(items, producers):
 
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
-    thread.join(timeout=5)
+    thread.join(timeout=60)  # ends a hang only: returns as soon as the consumer is done
     assert not thread.is_alive(), f"in_order still waiting after {out['yielded']}"
     return out["yielded"], out.get("raised")
 
