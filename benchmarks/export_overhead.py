@@ -4,8 +4,10 @@ bundled emotion graph.
 
     .venv/bin/python benchmarks/export_overhead.py [--size 224] [--batches 1 8] [--repeats 30]
 
-Both ResNet50 graphs (weights=None, 5 classes) come from `camface export`; the forward-only one
-with the internal `--heads probs activations`. Runs alternate between the two graphs so that
+Both ResNet50 graphs (weights=None, 5 classes) come from `camface export` with the internal
+`--heads`: probs, activations and every gradient method for the one with gradients (Ablation-CAM
+and Score-CAM re-run the model, seconds per call: benchmarks/gradient_free.py), `probs
+activations` for the forward-only one. Runs alternate between the two graphs so that
 load on a shared machine hits both alike. Prints medians and p95 in milliseconds.
 """
 
@@ -24,15 +26,22 @@ import numpy as np
 
 
 def export_resnet(folder: Path, size: int) -> dict[str, Path]:
+    from camface import graph_spec, methods
     from camface.cli import main as camface_main
+    from camface.export import onnx_rerun
     from camface.models.builders import resnet50_gap
 
     model_path = folder / "resnet50_gap.keras"
     resnet50_gap(5, input_size=size, weights=None).save(model_path)
     graphs = {"with gradients": folder / "full.onnx", "forward only": folder / "forward.onnx"}
     common = ["export", str(model_path), "--preset", "imagenet-caffe"]
+    reruns = onnx_rerun.rerun_names(methods.names())
+    gradients = [name for name in methods.names() if name not in reruns]
     for name, path in graphs.items():
-        extra = ["--heads", "probs", "activations", "--no-verify"] if name == "forward only" else []
+        # --no-rank: a graph without heatmaps cannot be ranked (export fails), the other needs no ranking
+        extra = (["--heads", graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS, "--no-verify", "--no-rank"]
+                 if name == "forward only" else
+                 ["--heads", graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS, *gradients, "--no-rank"])
         started = time.perf_counter()
         assert camface_main([*common, "-o", str(path), *extra]) == 0
         print(f"exported {name}: {time.perf_counter() - started:.1f} s, "

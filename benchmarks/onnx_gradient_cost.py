@@ -1,7 +1,8 @@
 """Gradient cost of the ONNX engine: a ResNet-18-shaped PyTorch net (random weights, 224x224,
 GAP -> Linear(7)) exported forward-only by torch.onnx, then through `camface export`'s ONNX
-engine; the CAM graph (probs, activations, gradcam, gradcampp, cam) against the same graph
-pruned to probs + activations (onnx.utils.Extractor: ONNX Runtime runs every node whatever
+engine; the CAM graph (probs, activations and every gradient method's heatmap; not Ablation-CAM
+and Score-CAM, which re-run the model: benchmarks/gradient_free.py) against the same graph pruned
+to probs + activations (onnx.utils.Extractor: ONNX Runtime runs every node whatever
 outputs are asked for). Median ms per call, interleaved, at batch 1 and 8.
 
     .venv/bin/python benchmarks/onnx_gradient_cost.py --repeats 30 [--target-layer 6]
@@ -65,14 +66,18 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from onnx_helpers import save_program
 
-    from camface.export import onnx_export, torch_model
+    from camface import graph_spec, methods
+    from camface.export import onnx_export, onnx_rerun, torch_model
     from camface.export.exporter import ExportOptions
 
     with tempfile.TemporaryDirectory() as folder:
         path = save_program(resnet18_like(), Path(folder) / "r18.pt2", size=224)
         forward = torch_model.to_onnx(path)
-    cam_graph, info, _ = onnx_export.build(forward, ExportOptions(preset="torch",
-                                                                 target_layer=args.target_layer))
+    reruns = onnx_rerun.rerun_names(methods.names())  # seconds per call: not a gradient's cost
+    heads = (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS,
+             *(name for name in methods.names() if name not in reruns))
+    cam_graph, info, _ = onnx_export.build(forward, ExportOptions(preset="torch", target_layer=args.target_layer,
+                                                                 heads=heads))
     full = cam_graph.SerializeToString()
     pruned = onnx.utils.Extractor(cam_graph).extract_model(
         ["image", "class_index"], ["probs", "activations"])
