@@ -119,6 +119,8 @@ def record(result, source: str | None, seconds: float = SECONDS, crops: np.ndarr
     model = onnx.load(str(result.path))
     if crops is None and source is None:
         ranked = {"skipped": "exported with --no-rank"}
+    elif not result.info.heatmaps:  # --heads without a heatmap (a forward-only graph for timing)
+        ranked = {"skipped": "no heatmap exported (--heads): nothing to rank"}
     else:
         graph = CamGraph.from_bytes(model.SerializeToString(), result.path, "cpu", threads=THREADS)
         if crops is None:

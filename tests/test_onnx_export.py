@@ -4,6 +4,8 @@ errors a user can run into."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -151,6 +153,21 @@ def test_onnx_file_with_default_target_exports(tmp_path):
     assert main(["export", str(_conv_sin_model(tmp_path / "m.onnx")), "-o", str(out),
                  "--preset", "unit"]) == 0
     assert out.is_file()
+
+
+def test_a_graph_without_heatmaps_exports_unranked(tmp_path, capsys):
+    """`--heads probs activations` (a forward-only graph, as the benchmarks time) was written,
+    then the ranking failed on it ("missing a heatmap output"): exit 2 with a file behind."""
+    import onnx
+
+    from camface.graph_spec import META_RANKING
+
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(_conv_sin_model(tmp_path / "m.onnx")), "-o", str(out), "--preset", "unit",
+                 "--heads", "probs", "activations"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta[META_RANKING]) == {"skipped": "no heatmap exported (--heads): nothing to rank"}
+    assert "nothing to rank" in capsys.readouterr().out
 
 
 def _mlp_only(path):
