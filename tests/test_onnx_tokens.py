@@ -369,10 +369,14 @@ def test_the_self_check_judges_eigen_maps_of_layernorm_tokens_by_their_condition
     built = onnx_cam.build(gridded, target, *UNIT)
     differences = {d.output: d for d in onnx_verify.check(gridded, built, *UNIT)}
     assert all(d.ok for d in differences.values())
-    assert differences["eigencam"].sensitivity > 1e-2 * differences["eigencam"].reference_max
+    # How far rounding moves the Eigen map depends on the runtime's own rounding (1e-2 of its
+    # maximum with ONNX Runtime's optimisations, 3e-4 without): what holds on any CPU is that
+    # it gets a widening and far more of one than the well-conditioned gradient maps
+    relative = {name: d.sensitivity / d.reference_max for name, d in differences.items() if d.reference_max}
     assert "for the map's conditioning" in str(differences["eigencam"])
     for name in ("gradcam", "hirescam", "layercam", "gradcamelementwise"):
-        assert differences[name].sensitivity < 1e-4 * differences[name].reference_max, differences[name]
+        assert relative[name] < 1e-4, differences[name]
+        assert relative["eigencam"] > 2 * relative[name], (differences["eigencam"], differences[name])
 
 
 @pytest.mark.parametrize("name", ["vit", "deit"])
