@@ -118,13 +118,17 @@ class H264Writer:
             raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
         self._av, self._pts = av, 0
 
-    def write(self, frame: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, slot: int | None = None) -> None:
         """Encode one frame; OutputError (naming the file) when it cannot be written, e.g. a
-        full disk: the fragments written before it stay playable."""
+        full disk: the fragments written before it stay playable.
+
+        slot: the frame's time in frame periods (1 / fps) from the first frame, for a camera
+        whose frames come less often than its rate: the frame before it lasts until then. None
+        (and any slot not after the last frame's): the next period."""
         i420 = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)  # [height * 3 / 2, width]: Y, U, V planes
         video_frame = self._av.VideoFrame.from_ndarray(i420, format="yuv420p")
-        video_frame.pts = self._pts
-        self._pts += 1
+        video_frame.pts = self._pts if slot is None else max(self._pts, slot)
+        self._pts = video_frame.pts + 1
         try:
             self._container.mux(self._stream.encode(video_frame))
         except OSError as exc:  # PyAV's errors are OSErrors too

@@ -59,9 +59,11 @@ class LiveLoop:
     were, over last - first (benchmarks: the steady state of one run, without start-up; both
     marks while the reader and detector still run ahead, so each thread's work in between is
     that of last - first frames).
+    clock: seconds, monotonic; stamps a live source's frames for a recording (tests: a fake).
     """
 
-    def __init__(self, config: LiveConfig, source=None, window=None, cpu_marks: tuple[int, int] | None = None):
+    def __init__(self, config: LiveConfig, source=None, window=None, cpu_marks: tuple[int, int] | None = None,
+                 clock=time.monotonic):
         if cpu_marks is not None and not 0 < cpu_marks[0] < cpu_marks[1]:
             raise ValueError(f"cpu_marks must be 0 < first < last, got {cpu_marks}")
         self.config = config
@@ -70,6 +72,7 @@ class LiveLoop:
         self.rate = RateMeter()
         self._source = source
         self._window = window
+        self._clock = clock  # times a camera's frames for recordings (tests pass a fake one)
         self.summary: RunSummary | None = None
 
     # ---------------------------------------------------------------- worker threads
@@ -245,7 +248,9 @@ class LiveLoop:
                     toggle = commands.count(RECORD) % 2 == 1  # r pressed twice while held: no change
                     if QUIT in commands or viewer.closed:
                         stopped_by = "quit"
-                    put(output_q, Output(frame, explained, raw, snapshot, toggle), None)
+                    # a camera's frame lasts in a recording until the next one came (pauses left out)
+                    at = self._clock() - viewer.paused_s if source.info.live else None
+                    put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
                     shown = (raw, explained, snapshot) if keep_raw else None
                     frames += 1
                     if frames in (first_mark, last_mark):

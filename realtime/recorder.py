@@ -28,7 +28,8 @@ class Output:
     frame: the annotated uint8 BGR frame, None for a snapshot of a frame handed over before
     (key s pressed while it was on screen). raw: the frame before drawing, when a snapshot is
     due or may be asked for (else None). explained: its crops and result. snapshot: save one.
-    toggle: start or stop recording before writing this frame.
+    toggle: start or stop recording before writing this frame. at: when a camera's frame
+    was taken (seconds, any clock; see VideoSink.write), None for files.
     """
 
     frame: np.ndarray | None
@@ -36,6 +37,7 @@ class Output:
     raw: np.ndarray | None = None
     snapshot: bool = False
     toggle: bool = False
+    at: float | None = None
 
 
 class Recorder:
@@ -95,7 +97,7 @@ class Recorder:
             self.toggle()
         if self.sink is not None and item.frame is not None:
             with self.timer.stage("encode"):
-                self.sink.write(item.frame)
+                self.sink.write(item.frame, item.at)
         if item.snapshot and self.snapshots is not None and item.raw is not None:
             with self.timer.stage("snapshot"):
                 self.snapshots.save(item.raw, item.explained.crops, item.explained.result)

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 from camface.realtime.config import CODECS  # noqa: E402,F401 (the --codec choices live with the options)
 
+# mp4v repeats a frame to fill the time until the next one, for at most this long: a camera
+# that stalls for minutes would otherwise have the writer encode thousands of copies (H.264
+# stores the time instead and keeps any gap).
+MAX_HOLD_S = 5.0
+
 
 def encoder_for(codec: str = "auto") -> str:
     """The encoder a recording with `codec` (one of CODECS) uses: "h264_nvenc", "libx264" or
@@ -110,6 +115,9 @@ class VideoSink:
         self._writer = None
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
+        self._start: float | None = None  # the first frame's `at`
+        self._slot = -1  # the last frame's time in frame periods from the first
+        self._last: np.ndarray | None = None  # mp4v: the last frame, repeated to fill a gap
 
     def __enter__(self) -> "VideoSink":
         return self
@@ -131,10 +139,17 @@ class VideoSink:
             self.encoder = "libx264"
             self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
 
-    def write(self, frame: np.ndarray) -> None:
-        """Append one uint8 BGR [H, W, 3] frame."""
+    def write(self, frame: np.ndarray, at: float | None = None) -> None:
+        """Append one uint8 BGR [H, W, 3] frame.
+
+        at: when the frame was taken, in seconds on any clock (a camera's frames: the loop
+        keeps up with the camera by skipping frames, and a frame then lasts until the next one
+        was taken, so the recording plays at the speed it was filmed). H.264 stores the time
+        (variable frame rate); mp4v, which cannot, repeats the frame before. None: the frame
+        lasts 1 / fps (files: every frame is kept)."""
         if self._writer is None:
             self._open(frame)
+            self._start = at
         width, height = self._size
         if frame.shape[1] != width or frame.shape[0] != height:
             if frame.shape[1] in (width, width + 1) and frame.shape[0] in (height, height + 1):
@@ -145,12 +160,30 @@ class VideoSink:
                     log.warning("camface: %s: frames of %dx%d are scaled to the recording's %dx%d (its first "
                                 "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+        frame = np.ascontiguousarray(frame)
+        slot = None if at is None or self._start is None else round((at - self._start) * self.fps)
         try:
-            self._writer.write(np.ascontiguousarray(frame))
+            if self.encoder == "mp4v":
+                self._hold(slot)
+                self._writer.write(frame)
+                self._last = frame.copy() if slot is not None else None
+            else:
+                self._writer.write(frame, slot)
         except BaseException:
             self._failed = True
             raise
+        self._slot = self._slot + 1 if slot is None else max(self._slot + 1, slot)
         self.frames_written += 1
+
+    def _hold(self, slot: int | None) -> None:
+        """mp4v, whose frames all last 1 / fps: repeat the last frame until `slot` (at most
+        MAX_HOLD_S)."""
+        if slot is None or self._last is None:
+            return
+        for _ in range(min(slot - self._slot - 1, round(MAX_HOLD_S * self.fps))):
+            self._writer.write(self._last)
+            self._slot += 1
+            self.frames_written += 1
 
     def close(self) -> None:
         """Finalise the file (idempotent)."""

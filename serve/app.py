@@ -28,6 +28,7 @@ from camface.serve.state import ServeOptions, ServeState
 __all__ = ["ServeOptions", "ServeState", "create_app"]
 
 log = logging.getLogger(__name__)
+CLOCK = time.monotonic  # stamps each frame's arrival, for recordings (tests: a fake)
 
 STATIC = Path(__file__).resolve().parent / "static"
 CLOSE_WAIT_S = 2.0  # for the close frame to go out; a client that does not read may never take it
@@ -235,9 +236,10 @@ async def _receive(ws, state: ServeState, session) -> None:
             return
         if message.get("bytes") is not None:
             sequence, image = protocol.parse_frame(message["bytes"])
+            received = CLOCK()
             start = time.perf_counter()
             frame = await asyncio.to_thread(protocol.decode_image, image)
-            session.put(Frame(sequence, frame, (time.perf_counter() - start) * 1000))
+            session.put(Frame(sequence, frame, (time.perf_counter() - start) * 1000, received))
             state.worker.wake()
         elif message.get("text") is not None:
             control = protocol.parse_control(message["text"], graph.methods, len(graph.info.labels))

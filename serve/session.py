@@ -34,11 +34,15 @@ _ids = itertools.count(1)
 
 @dataclass(frozen=True)
 class Frame:
-    """A decoded camera frame. frame: uint8 BGR [H, W, 3]. decode_ms: JPEG/PNG decoding time."""
+    """A decoded camera frame. frame: uint8 BGR [H, W, 3]. decode_ms: JPEG/PNG decoding time.
+    received: when it arrived (time.monotonic(), seconds): a recording keeps each frame until
+    the next one recorded arrived, so it plays at the speed it was filmed even when the worker
+    skips frames."""
 
     sequence: int
     frame: np.ndarray
     decode_ms: float
+    received: float | None = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ class Session:
         with self.record_lock:
             recording = self.sink is not None
             if recording:
-                self.sink.write(frame)
+                self.sink.write(frame, work.frame.received)
         written = time.perf_counter()
         jpeg = self.server.encode(frame)
         encoded = time.perf_counter()

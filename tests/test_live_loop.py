@@ -250,6 +250,48 @@ def test_camera_that_disappears_finalises_the_recording(tmp_path):
     assert loop.summary.detectors == 1  # a camera: one detector, the shortest latency
 
 
+class _Clock:
+    """time.monotonic's stand-in: each call is `step` seconds after the one before."""
+
+    def __init__(self, step: float):
+        self.step, self.now = step, 1000.0
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def _frame_times(path: Path) -> list[float]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
+def test_a_camera_recording_lasts_as_long_as_the_camera_ran(tmp_path):
+    """The loop keeps up with a camera by skipping frames; each recorded frame lasts until
+    the next one came, not 1 / fps (the camera's ~200 fps here, while the clock says a frame
+    came every 0.1 s), so the recording plays at the speed it was filmed."""
+    out = tmp_path / "cam.mp4"
+    source = LiveSource(0, timeout_s=1.0, opener=lambda target, timeout: FakeCamera(good=40))
+    loop = LiveLoop(LiveConfig(record=out, detector="short", max_frames=8), source=source, clock=_Clock(0.1))
+    loop.run()
+    times = _frame_times(out)
+    assert len(times) == loop.summary.frames == 8
+    period = 1 / source.info.fps  # the slot the times are rounded to
+    assert np.diff(times) == pytest.approx([0.1] * 7, abs=period)
+    assert source.info.fps > 1 / 0.1 * 2  # else the test could not tell the two apart
+
+
+def test_a_file_recording_keeps_one_frame_period_per_frame(tmp_path, face_clip):
+    out = tmp_path / "file.mp4"
+    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, max_frames=6), clock=_Clock(0.5))
+    loop.run()
+    with VideoFileSource(face_clip) as clip:
+        fps = clip.info.fps
+    assert _frame_times(out) == pytest.approx([i / fps for i in range(6)], abs=1e-3)
+
+
 def test_live_source_keeps_only_the_newest_frame():
     camera = FakeCamera(good=1000)
     with LiveSource(0, opener=lambda target, timeout: camera) as source:

@@ -319,6 +319,30 @@ def test_snapshot_and_recording_from_the_page(make_client, astronaut_bgr, tmp_pa
     assert len(snapshot.faces) == 1 and tuple(snapshot.labels) == state.graph.info.labels
 
 
+def test_a_recording_keeps_the_time_between_the_frames_that_came(make_client, astronaut_bgr, tmp_path,
+                                                                  monkeypatch):
+    """Frames that arrive every 0.2 s (a slow client, or the worker skipping frames) are
+    recorded 0.2 s apart, not 1 / fps: the file plays at the speed it was filmed."""
+    import av
+
+    from camface.serve import app
+
+    arrivals = iter(500.0 + 0.2 * k for k in range(100))
+    monkeypatch.setattr(app, "CLOCK", lambda: next(arrivals))
+    client, _ = make_client()
+    with client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_text('{"type": "record", "on": true, "fps": 15}')
+        name = ws.receive_json()["file"]
+        for k in range(4):
+            send_frame(ws, k + 1, jpeg(astronaut_bgr))
+        ws.send_text('{"type": "record", "on": false}')
+        assert ws.receive_json()["frames"] == 4
+    with av.open(str(tmp_path / "recordings" / name)) as container:
+        times = [float(frame.time) for frame in container.decode(video=0)]
+    assert times == pytest.approx([0.0, 0.2, 0.4, 0.6], abs=1e-3)  # 3 periods at 15 fps each
+
+
 def test_a_client_leaving_mid_recording_leaves_a_playable_file(make_client, astronaut_bgr, tmp_path):
     client, state = make_client()
     with client.websocket_connect("/ws") as ws:

@@ -127,6 +127,65 @@ def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
     assert count_frames(path) == 20
 
 
+def frame_times(path: Path) -> list[float]:
+    """Presentation times (s) of a video's frames, in decoding order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
+TAKEN = (0.0, 0.1, 0.2, 0.5, 0.534)  # a camera's frames, with gaps where the loop skipped frames
+
+
+@pytest.mark.parametrize("codec", ["h264", "mp4v"])
+def test_a_camera_recording_plays_at_the_speed_it_was_filmed(tmp_path, clip_frames, codec):
+    """Frames written with the time they were taken last until the next one: H.264 stores
+    the times, mp4v repeats the frame before (at 30 fps, 0.1 s is 3 frame periods)."""
+    path = tmp_path / "camera.mp4"
+    shots = [clip_frames[i] for i in (0, 20, 40, 60, 80)]
+    with VideoSink(path, FPS, codec=codec) as sink:
+        for frame, at in zip(shots, TAKEN):
+            sink.write(frame, at=100.0 + at)  # any clock: times count from the first frame
+    decoded = decode(path)
+    if codec == "h264":
+        assert frame_times(path) == pytest.approx([0.0, 0.1, 0.2, 0.5, 16 / 30], abs=1e-3)
+        assert sink.frames_written == len(decoded) == 5
+        shown = decoded
+    else:  # slots 0, 3, 6, 15, 16: each frame repeated until the next
+        assert sink.frames_written == len(decoded) == 17
+        assert capture_fps(path) == pytest.approx(FPS)
+        shown = [decoded[i] for i in (0, 3, 6, 15, 16)]
+        for held, shot in ((1, 0), (2, 0), (5, 1), (14, 2)):
+            assert mad(decoded[held], shots[shot]) < LOSSY, held
+    for k, got in enumerate(shown):  # each shown frame is its shot, and no other (shots differ by 11-38)
+        differences = [mad(got, shot) for shot in shots]
+        assert differences[k] < LOSSY and sorted(differences)[1] > differences[k] + LOSSY, (k, differences)
+
+
+def test_mp4v_holds_a_frame_for_at_most_max_hold_s(tmp_path, clip_frames, monkeypatch):
+    monkeypatch.setattr(sinks, "MAX_HOLD_S", 0.2)  # 6 frame periods at 30 fps
+    path = tmp_path / "stall.mp4"
+    with VideoSink(path, FPS, codec="mp4v") as sink:
+        for frame, at in zip(clip_frames[:3], (0.0, 60.0, 60.1)):  # a minute's stall, then 3 periods
+            sink.write(frame, at=at)
+    assert sink.frames_written == count_frames(path) == 1 + 6 + 1 + 2 + 1
+
+
+def test_frames_without_a_time_keep_one_period_each(tmp_path, clip_frames):
+    path = tmp_path / "file.mp4"
+    record(path, clip_frames[:5], "h264")
+    assert frame_times(path) == pytest.approx([i / FPS for i in range(5)], abs=1e-3)
+
+
+def capture_fps(path: Path) -> float:
+    capture = cv2.VideoCapture(str(path))
+    try:
+        return capture.get(cv2.CAP_PROP_FPS)
+    finally:
+        capture.release()
+
+
 class _DiskOf:
     """open() whose files fail with ENOSPC once `limit` bytes in all were written (a disk
     that fills up); `written` counts the bytes that went through."""
@@ -388,8 +447,8 @@ COUNT_WRITES = """
 import sys
 from camface.realtime import sinks
 write = sinks.VideoSink.write
-def counted(self, frame):
-    write(self, frame)
+def counted(self, frame, at=None):
+    write(self, frame, at)
     print(self.frames_written, flush=True)
 sinks.VideoSink.write = counted
 from camface.cli import main
