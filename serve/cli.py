@@ -21,6 +21,12 @@ LIVE_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confiden
                 "cam_boxes", "bars", "colormap", "alpha", "snapshot_dir", "graph_threads", "codec", "detect_every")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
+# Messages uvicorn reads ahead of the app, per client: the app reads the next frame only once the
+# one before is decoded, so more only buffer memory (up to ws_max_size, 4 MiB, each; uvicorn's
+# default of 32 let one fast client hold 128 MiB). Past it, the socket is no longer read and the
+# client's sends wait: backpressure.
+WS_QUEUE = 4
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
@@ -116,7 +122,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     sock = _listen(host, port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(
-        create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
+        create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES, ws_max_queue=WS_QUEUE,
         ssl_certfile=str(certfile) if certfile else None, ssl_keyfile=str(keyfile) if keyfile else None,
         timeout_graceful_shutdown=5, lifespan="on"))
     urls = _urls(host, port, certfile is not None, options.token)

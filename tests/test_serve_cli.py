@@ -76,3 +76,28 @@ def test_https_and_wss_with_a_certificate(tmp_path):
         _, err = server.communicate(timeout=30)
     assert server.returncode == 130, err  # Ctrl-C
     assert re.search(r"camface serve: [1-9]\d* frames in [1-9]\d* graph calls", err), err
+
+
+def test_one_client_cannot_make_the_server_buffer_more_than_16_mib(tmp_path, monkeypatch):
+    """uvicorn reads at most WS_QUEUE messages ahead of the app per client (its default, 32
+    messages of up to 4 MiB, let one client that sends faster than frames decode hold 128 MiB)."""
+    import uvicorn
+
+    from camface.cli import main as camface_main
+
+    configs = []
+
+    class Server:
+        def __init__(self, config):
+            configs.append(config)
+
+        def run(self, sockets):
+            sockets[0].close()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    code = camface_main(["serve", "--port", "0", "--record-dir", str(tmp_path / "r"),
+                         "--snapshot-dir", str(tmp_path / "s")])
+    assert code == 130 and len(configs) == 1
+    assert configs[0].ws_max_size >= protocol.MAX_MESSAGE_BYTES  # a whole frame message still fits
+    assert configs[0].ws_max_queue * configs[0].ws_max_size <= 16 * 1024 * 1024
