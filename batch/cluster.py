@@ -151,16 +151,20 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
                   if graph_gpus > 0 else f"{reason}; no GPU to hand the graph to, so the stages share one process "
                                          "per unit")
         actors = detect_actors or max(1, math.floor(cpus))
-        actors = min(actors, max(1, videos)) if videos is not None and not detect_actors else actors
+        actors = min(actors, max(1, videos)) if videos is not None else actors
+        reason += _capped("--detect-actors", detect_actors, actors)
         return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,
                     fused=True)
     graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU
+    asked_detect, asked_render = detect_actors, render_actors
     render_actors = render_actors or max(1, round(cpus * (RENDER_SHARE if record else RENDER_SHARE_ROWS_ONLY)))
-    if not detect_actors:
-        detect_actors = max(1, math.floor(cpus - graph_cpus * graph_actors - RENDER_CPU * render_actors + 1e-9))
-        if videos is not None:
-            detect_actors = min(detect_actors, max(1, videos))
-            render_actors = min(render_actors, max(1, videos))
+    detect_actors = detect_actors or max(1, math.floor(cpus - graph_cpus * graph_actors - RENDER_CPU * render_actors
+                                                       + 1e-9))
+    if videos is not None:  # an actor beyond one per unit would only load its models and wait
+        detect_actors = min(detect_actors, max(1, videos))
+        render_actors = min(render_actors, max(1, videos))
+    reason += _capped("--detect-actors", asked_detect, detect_actors) + _capped("--render-actors", asked_render,
+                                                                              render_actors)
     detect_cpus, render_cpus = 1.0, RENDER_CPU
     wanted = detect_actors * detect_cpus + graph_actors * graph_cpus + render_actors * render_cpus
     if wanted > cpus:
@@ -168,6 +172,11 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
         detect_cpus, graph_cpus, render_cpus = detect_cpus * scale, graph_cpus * scale, render_cpus * scale
     return Plan(detect_actors, _floor(detect_cpus), graph_actors, _floor(graph_cpus), graph_gpus,
                 render_actors, _floor(render_cpus), cpus, gpus, reason)
+
+
+def _capped(flag: str, asked: int, actors: int) -> str:
+    """The note for a plan whose `flag` asked for more actors than there are units of work."""
+    return f"; {flag} {asked}: {actors} unit(s) of work, so {actors} actor(s)" if asked > actors else ""
 
 
 def _floor(share: float) -> float:

@@ -89,6 +89,10 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args
     ({"CPU": 16, "GPU": 1}, {"graph_gpus": 0.25, "graph_actors": 4}, (False, 10, 1.0, 0.25, 0.0, 6, 1.0)),
     ({"CPU": 1, "GPU": 1}, {"split": True, "graph_gpus": 0}, (False, 1, 0.4, 0.0, 0.2, 1, 0.4)),  # scaled
     ({"CPU": 4, "GPU": 1}, {"graph_gpus": 0}, (True, 4, 1.0, 0.0, 0.0, 4, 0.0)),
+    # asked for more actors than units of work: one per unit (the others would load models and wait)
+    ({"CPU": 2}, {"detect_actors": 4, "videos": 2}, (True, 2, 1.0, 0.0, 0.0, 2, 0.0)),
+    ({"CPU": 16, "GPU": 1}, {"detect_actors": 8, "render_actors": 5, "videos": 3},
+     (False, 3, 1.0, 1.0, 0.0, 3, 1.0)),
 ])
 def test_plan_asks_only_for_what_the_cluster_has(resources, kwargs, expected):
     p = plan(resources, **kwargs)
@@ -105,6 +109,13 @@ def test_plan_says_where_the_graph_runs():
     assert "no GPU in the cluster: the graph runs on CPU; no GPU to hand the graph to" in plan({"CPU": 2}).describe()
     text = plan({"CPU": 4, "GPU": 1}, split=False).describe()  # --no-split-stages on a GPU cluster
     assert "graph on CPU" in text and "the cluster's GPUs are not used" in text and "runs on it" not in text
+
+
+def test_plan_says_when_it_starts_fewer_actors_than_asked():
+    text = plan({"CPU": 16, "GPU": 1}, detect_actors=8, render_actors=5, videos=3).describe()
+    assert "--detect-actors 8: 3 unit(s) of work, so 3 actor(s)" in text
+    assert "--render-actors 5: 3 unit(s) of work, so 3 actor(s)" in text
+    assert "unit(s) of work" not in plan({"CPU": 2}, detect_actors=2, videos=2).describe()
 
 
 @pytest.mark.parametrize("resources, kwargs, message", [
