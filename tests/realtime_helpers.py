@@ -113,6 +113,14 @@ def count_frames(path: Path) -> int:
     return count
 
 
+def frame_times(path: Path) -> list[float]:
+    """Presentation times (s) of a video's frames, in decoding order (PyAV)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
 # `python -c BLOCK_TF ARGS...` runs `camface ARGS...` with TensorFlow, Keras and tf2onnx made
 # unimportable, and fails if any of them got imported anyway.
 BLOCK_TF = """

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import BLOCK_TF, FakeCamera, FakeWindow, count_frames, write_clip
+from realtime_helpers import BLOCK_TF, FakeCamera, FakeWindow, count_frames, frame_times, write_clip
 
 from camface.api import face_detector
 from camface.cli import main as camface_main
@@ -261,13 +261,6 @@ class _Clock:
         return self.now
 
 
-def _frame_times(path: Path) -> list[float]:
-    import av
-
-    with av.open(str(path)) as container:
-        return [float(frame.time) for frame in container.decode(video=0)]
-
-
 def test_a_camera_recording_lasts_as_long_as_the_camera_ran(tmp_path):
     """The loop keeps up with a camera by skipping frames; each recorded frame lasts until
     the next one came, not 1 / fps (the camera's ~200 fps here, while the clock says a frame
@@ -276,7 +269,7 @@ def test_a_camera_recording_lasts_as_long_as_the_camera_ran(tmp_path):
     source = LiveSource(0, timeout_s=1.0, opener=lambda target, timeout: FakeCamera(good=40))
     loop = LiveLoop(LiveConfig(record=out, detector="short", max_frames=8), source=source, clock=_Clock(0.1))
     loop.run()
-    times = _frame_times(out)
+    times = frame_times(out)
     assert len(times) == loop.summary.frames == 8
     period = 1 / source.info.fps  # the slot the times are rounded to
     assert np.diff(times) == pytest.approx([0.1] * 7, abs=period)
@@ -289,7 +282,7 @@ def test_a_file_recording_keeps_one_frame_period_per_frame(tmp_path, face_clip):
     loop.run()
     with VideoFileSource(face_clip) as clip:
         fps = clip.info.fps
-    assert _frame_times(out) == pytest.approx([i / fps for i in range(6)], abs=1e-3)
+    assert frame_times(out) == pytest.approx([i / fps for i in range(6)], abs=1e-3)
 
 
 def test_live_source_keeps_only_the_newest_frame():

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import count_frames, write_clip
+from realtime_helpers import count_frames, frame_times, write_clip
 
 from camface.errors import OutputError, SourceError
 from camface.models import EMOTION_ONNX
@@ -125,14 +125,6 @@ def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
     assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(fps, rel=1e-3)
     capture.release()
     assert count_frames(path) == 20
-
-
-def frame_times(path: Path) -> list[float]:
-    """Presentation times (s) of a video's frames, in decoding order."""
-    import av
-
-    with av.open(str(path)) as container:
-        return [float(frame.time) for frame in container.decode(video=0)]
 
 
 TAKEN = (0.0, 0.1, 0.2, 0.5, 0.534)  # a camera's frames, with gaps where the loop skipped frames
