@@ -1,6 +1,7 @@
 """Drawing a FrameResult on its frame. Every annotator has one verb,
 `annotate(frame, result) -> frame`, draws IN PLACE on the uint8 BGR frame and returns it;
-style goes to `__init__`, data comes per call.
+style goes to `__init__`, data comes per call. Text (labels are user strings in any script) goes
+through one `camface.realtime.text.TextPainter` per renderer.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import numpy as np
 from camface.methods import normalize
 from camface.realtime.overlay import LIVE, colormap_lut, overlay, upsample
 from camface.realtime.results import Box, Face, FrameResult
+from camface.realtime.text import TextPainter
 from camface.realtime.timing import fps_text
 
-FONT = cv2.FONT_HERSHEY_SIMPLEX
 GREEN, WHITE, BLACK = (0, 200, 0), (255, 255, 255), (0, 0, 0)
 
 
@@ -96,8 +97,10 @@ class BoxAnnotator:
     """Face box with the predicted label and its probability (above the box, or inside it at
     the top edge of the frame); the explained class when it differs from the predicted one."""
 
-    def __init__(self, color: tuple[int, int, int] = GREEN, thickness: int = 2, scale: float = 0.5):
+    def __init__(self, color: tuple[int, int, int] = GREEN, thickness: int = 2, scale: float = 0.5,
+                 text: TextPainter | None = None):
         self.color, self.thickness, self.scale = color, thickness, scale
+        self.text = text or TextPainter()
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
         for i, face in enumerate(result.faces):
@@ -106,10 +109,10 @@ class BoxAnnotator:
             if i >= len(result.predictions):
                 continue
             text = result.predictions[i].caption(result.labels, result.threshold)
-            (tw, th), base = cv2.getTextSize(text, FONT, self.scale, 1)
+            (tw, th), base = self.text.size(text, self.scale)
             top = y - th - base - 2 if y - th - base - 2 >= 0 else y + self.thickness
             cv2.rectangle(frame, (x, top), (x + tw + 4, top + th + base + 2), self.color, -1)
-            cv2.putText(frame, text, (x + 2, top + th + 1), FONT, self.scale, BLACK, 1, cv2.LINE_AA)
+            self.text.put(frame, text, (x + 2, top + th + 1), self.scale, BLACK)
         return frame
 
 
@@ -117,8 +120,9 @@ class BarsAnnotator:
     """The `top` most probable classes of each face as horizontal bars under its box (or
     inside it near the bottom of the frame)."""
 
-    def __init__(self, top: int = 3, width: int = 90, row: int = 14):
+    def __init__(self, top: int = 3, width: int = 90, row: int = 14, text: TextPainter | None = None):
         self.top, self.width, self.row = top, width, row
+        self.text = text or TextPainter()
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
         for face, prediction in zip(result.faces, result.predictions):
@@ -133,8 +137,8 @@ class BarsAnnotator:
                 cv2.rectangle(frame, (x, row_y), (x + self.width, row_y + self.row - 3), BLACK, -1)
                 cv2.rectangle(frame, (x, row_y), (x + filled, row_y + self.row - 3), GREEN, -1)
                 name = result.labels[k] if k < len(result.labels) else str(k)
-                cv2.putText(frame, f"{name} {prediction.probs[k]:.2f}", (x + self.width + 4, row_y + self.row - 4),
-                            FONT, 0.4, WHITE, 1, cv2.LINE_AA)
+                self.text.put(frame, f"{name} {prediction.probs[k]:.2f}", (x + self.width + 4, row_y + self.row - 4),
+                              0.4, WHITE)
         return frame
 
 
@@ -142,8 +146,9 @@ class HudAnnotator:
     """Heads-up display at the top left: rolling fps, per-stage milliseconds, method, class
     explained, provider, and faces dropped beyond --max-faces."""
 
-    def __init__(self, scale: float = 0.45):
+    def __init__(self, scale: float = 0.45, text: TextPainter | None = None):
         self.scale = scale
+        self.text = text or TextPainter()
 
     def lines(self, result: FrameResult) -> list[str]:
         stages = " ".join(f"{name} {ms:.1f}" for name, ms in result.stage_ms.items())
@@ -163,9 +168,9 @@ class HudAnnotator:
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
         y = 4
         for text in self.lines(result):
-            (tw, th), base = cv2.getTextSize(text, FONT, self.scale, 1)
+            (tw, th), base = self.text.size(text, self.scale)
             cv2.rectangle(frame, (4, y), (8 + tw, y + th + base + 4), BLACK, -1)
-            cv2.putText(frame, text, (6, y + th + 2), FONT, self.scale, WHITE, 1, cv2.LINE_AA)
+            self.text.put(frame, text, (6, y + th + 2), self.scale, WHITE)
             y += th + base + 6
         return frame
 
@@ -176,13 +181,14 @@ class Renderer:
 
     def __init__(self, colormap: str = LIVE["colormap"], alpha: float = LIVE["alpha"], cam_boxes: bool = False,
                  bars: bool = False):
+        text = TextPainter()  # one per renderer: its caches, and one missing-font warning per run
         self.layers = [HeatmapAnnotator(colormap, alpha)]
         if cam_boxes:
             self.layers.append(CamBoxAnnotator())
-        self.layers.append(BoxAnnotator())
+        self.layers.append(BoxAnnotator(text=text))
         if bars:
-            self.layers.append(BarsAnnotator())
-        self.hud_layer = HudAnnotator()
+            self.layers.append(BarsAnnotator(text=text))
+        self.hud_layer = HudAnnotator(text=text)
 
     @classmethod
     def from_config(cls, config) -> "Renderer":

@@ -46,6 +46,7 @@ def test_the_pipelines_pieces_are_chosen_in_one_place():
     # the bundled graph as the one made from the bundled Keras model, not a default
     assert where(r"\b(Onnx)?FaceDetector\(") == ["camface/api.py"]
     assert where(r"\bRenderer\(") == []  # Renderer.from_config(config) everywhere
+    assert where(r"cv2\.(putText|getTextSize)\(") == ["realtime/text.py"]  # labels in any script: TextPainter
     assert where(r"\.__enter__\(\)") == ["realtime/pace.py"]  # LoopingSource re-enters the source it wraps
     assert where(r"^class Controls\b") == ["realtime/controls.py"] and "Controls" not in sources()["realtime/window.py"]
     assert where(r"[\"']snapshot\.json[\"']") == ["realtime/snapshot.py"]
