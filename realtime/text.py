@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import unicodedata
 from collections import OrderedDict
 from pathlib import Path
@@ -105,7 +106,7 @@ def _needs_glyph(char: str) -> bool:
 class TextPainter:
     """Measures and draws text (see the module docstring). Holds caches, so keep one per
     renderer: which characters cv2.putText draws, which font covers a string, and the
-    `cache_size` most recent Pillow renderings."""
+    `cache_size` most recent Pillow renderings. Safe to share between threads."""
 
     def __init__(self, font: int = FONT, fonts: list[str] | None = None, cache_size: int = 256):
         self.font, self.cache_size = font, cache_size
@@ -119,6 +120,7 @@ class TextPainter:
         self._asked: set[str] = set()  # characters fontconfig was asked about
         self._rendered: OrderedDict[tuple[str, float, int], tuple] = OrderedDict()
         self.warned = False
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ which path
     def opencv_draws(self, text: str) -> bool:
@@ -172,21 +174,22 @@ class TextPainter:
         answer; cached. None (cv2.putText draws it, with its "?") when Pillow cannot: not
         installed, or a font file that fails to load; said once."""
         key = (text, scale, thickness)
-        if key in self._rendered:
-            self._rendered.move_to_end(key)
-            return self._rendered[key]
-        try:
-            entry = self._pillow(text, scale, thickness)
-        except (ImportError, OSError, ValueError) as error:
-            if not self.warned:
-                self.warned = True
-                log.warning("label %r: cannot draw it with a TrueType font (%s); characters OpenCV's font "
-                            "lacks show as '?'", text, error)
-            entry = None
-        self._rendered[key] = entry
-        if len(self._rendered) > self.cache_size:
-            self._rendered.popitem(last=False)
-        return entry
+        with self._lock:  # serve draws for several clients at once with one renderer
+            if key in self._rendered:
+                self._rendered.move_to_end(key)
+                return self._rendered[key]
+            try:
+                entry = self._pillow(text, scale, thickness)
+            except (ImportError, OSError, ValueError) as error:
+                if not self.warned:
+                    self.warned = True
+                    log.warning("label %r: cannot draw it with a TrueType font (%s); characters OpenCV's "
+                                "font lacks show as '?'", text, error)
+                entry = None
+            self._rendered[key] = entry
+            if len(self._rendered) > self.cache_size:
+                self._rendered.popitem(last=False)
+            return entry
 
     def _pillow(self, text: str, scale: float, thickness: int) -> tuple:
         """`_render`'s answer, uncached."""

@@ -159,3 +159,18 @@ def test_labels_outside_the_frame_are_clipped():
         frame = np.zeros((40, 240, 3), np.uint8)
         assert painter.put(frame, GREEK, org, 0.5, (255, 255, 255)) is frame
         assert frame.any() == inked, org
+
+
+def test_one_painter_draws_from_several_threads():
+    """serve draws every client's frames with one renderer, from a thread pool."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _font_with(GREEK)
+    painter = TextPainter(cache_size=3)
+    labels = [f"{GREEK} 0.{i:02d}" for i in range(12)]
+
+    def draw(i: int) -> bool:
+        return _drawn(painter, labels[i % len(labels)]).any()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(draw, range(200)))
