@@ -74,15 +74,22 @@ def test_labels_opencv_draws_keep_cv2_puttext_pixels(labels):
     np.testing.assert_array_equal(frame, want)
 
 
+@pytest.mark.parametrize("as_opencv_4", [False, True])
 @pytest.mark.parametrize("name, other", [(GREEK, "Νίκος"), (CYRILLIC, OTHER_CYRILLIC)])
-def test_greek_and_cyrillic_names_are_drawn_not_question_marks(name, other):
+def test_greek_and_cyrillic_names_are_drawn_not_question_marks(name, other, as_opencv_4):
+    """`as_opencv_4`: as where OpenCV's font has no character past Latin-1 (OpenCV 5.1 draws Cyrillic)."""
     _font_with(name + other)
     painter = TextPainter()
+    if as_opencv_4:
+        painter._cv_draws.update({c: ord(c) < 256 for c in name + other})
+        assert not painter.opencv_draws(name) and not painter.opencv_draws(other)
     drawn, other_drawn = _drawn(painter, name), _drawn(painter, other)
     assert drawn.any()
     assert not np.array_equal(drawn, _question_marks(name))
     assert not np.array_equal(other_drawn, _question_marks(other))
     assert not np.array_equal(drawn, other_drawn)  # two names, two drawings
+    boxes = _drawn(TextPainter(fonts=[_font_with(name)]), "\U0010ffff" * len(name))  # a font's missing glyphs
+    assert boxes.any() and not np.array_equal(drawn, boxes)
 
 
 @pytest.mark.parametrize("text", ["Ivan 0.93", "Σοφία 0.71 (why Иван?)", "Дмитрий Щукин 0.40", "Ψάρης"])
