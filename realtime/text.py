@@ -118,7 +118,7 @@ class TextPainter:
         self._cap_per_scale: float | None = None
         self._font_of: dict[str, str | None] = {}  # by the characters that need a glyph
         self._asked: set[str] = set()  # characters fontconfig was asked about
-        self._rendered: OrderedDict[tuple[str, float, int], tuple] = OrderedDict()
+        self._rendered: OrderedDict[tuple[str, float, int], tuple | None] = OrderedDict()
         self.warned = False
         self._lock = threading.Lock()
 
@@ -144,7 +144,10 @@ class TextPainter:
         cv2.getTextSize; for Pillow-drawn text, of the glyphs' real extent (never smaller than
         cv2's height and baseline at this scale, so boxes keep their size between paths)."""
         rendered = None if self.opencv_draws(text) else self._render(text, scale, thickness)
-        return cv2.getTextSize(text, self.font, scale, thickness) if rendered is None else rendered[4]
+        if rendered is None:
+            (width, height), baseline = cv2.getTextSize(text, self.font, scale, thickness)
+            return (width, height), baseline
+        return rendered[4]
 
     def put(self, frame: np.ndarray, text: str, org: tuple[int, int], scale: float,
             colour: tuple[int, int, int], thickness: int = 1) -> np.ndarray:
@@ -178,6 +181,7 @@ class TextPainter:
             if key in self._rendered:
                 self._rendered.move_to_end(key)
                 return self._rendered[key]
+            entry: tuple | None
             try:
                 entry = self._pillow(text, scale, thickness)
             except (ImportError, OSError, ValueError) as error:
