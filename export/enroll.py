@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -155,8 +156,8 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     from camface.outputs import check_output_file
 
     started = time.perf_counter()
-    if softmax_scale is not None and softmax_scale <= 0:
-        raise UsageError(f"--softmax-scale must be positive, got {softmax_scale}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise UsageError(f"--softmax-scale must be a positive number, got {softmax_scale}")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)
@@ -197,7 +198,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
                       f"{model.name}: leave-one-out accuracy "
                       + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
-    Path(report["files"]["report"]).write_text(json.dumps(report, indent=1))
+    Path(report["files"]["report"]).write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
 
 

@@ -608,10 +608,18 @@ def test_an_embedder_without_a_preset_is_refused_naming_the_recognition_presets(
     assert "facenet = RGB (x-127.5)/128" in err and not (tmp_path / "g.onnx").exists()
 
 
-def test_a_threshold_outside_minus_one_to_one_is_refused(people, embedder, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threshold", "31", "--threshold is a cosine similarity in [-1, 1], got 31.0"),
+    ("--threshold", "nan", "--threshold is a cosine similarity in [-1, 1], got nan"),
+    ("--softmax-scale", "nan", "--softmax-scale must be a positive number, got nan"),  # was written as NaN
+    ("--softmax-scale", "inf", "--softmax-scale must be a positive number, got inf"),
+    ("--softmax-scale", "0", "--softmax-scale must be a positive number, got 0.0"),
+])
+def test_a_threshold_outside_minus_one_to_one_or_a_scale_not_positive_is_refused(
+        flag, value, message, people, embedder, tmp_path, capsys):
     assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
-                 "--preset", "arcface", "--threshold", "31"]) == 2
-    assert "--threshold is a cosine similarity in [-1, 1], got 31.0" in capsys.readouterr().err
+                 "--preset", "arcface", flag, value]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people, embedder, tmp_path, capsys):
@@ -636,3 +644,51 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people
         assert message in err and "Traceback" not in err, (argv, err)
     assert model.read_bytes() == embedder[1].read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [
         "embedder.onnx"]
+
+
+def test_an_undefined_average_drop_is_recorded_as_null_never_nan(monkeypatch):
+    """A gallery graph whose ranking crops all score <= 0 (every face unknown, e.g. a random
+    embedder) has no Average Drop (metrics.average_drop: NaN). The ranking recorded in the
+    graph's metadata holds null there (strict JSON), ranks it last, and prints n/a; metadata that
+    would hold NaN anyway is refused, not written."""
+    from types import SimpleNamespace
+
+    from camface.evaluate import scores as scores_module
+    from camface.evaluate.report import METRICS, rank
+    from camface.evaluate.scores import MethodScores
+    from camface.export import ranking
+
+    names = ("gradcam", "layercam", "random")
+    deletion = {"gradcam": 0.2, "layercam": 0.1, "random": 0.3}
+
+    class FakeScorer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, crops, methods_):
+            return None, None, [MethodScores(m, deletion[m], 0.5, float("nan"), 10.0, (), (), 1.0) for m in methods_]
+
+    monkeypatch.setattr(scores_module, "Scorer", FakeScorer)
+    graph = SimpleNamespace(info=SimpleNamespace(heatmaps=names[:2]), provider="cpu")
+    crops = np.zeros((ranking.MIN_CROPS, 8, 8, 3), np.uint8)
+    ranked = ranking.rank_crops(graph, crops, {"source": "people/"}, seconds=0)
+    assert ranked["ranking"] == ["layercam", "gradcam"]  # by deletion AUC, the NaN aside
+    assert all(s["average_drop_pct"] is None for s in ranked["scores"].values())
+    info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
+                                heatmaps=("gradcam",), ranking=ranked, gallery={"scale": 30.0, "threshold": 0.3})
+
+    def strict(constant):
+        raise AssertionError(f"metadata holds {constant}")
+
+    text = info.to_metadata()[graph_spec.META_RANKING]
+    assert json.loads(text, parse_constant=strict) == ranked
+    assert graph_spec.GraphInfo.from_metadata(info.to_metadata()).ranking == ranked
+    lines = ranking.summary_lines(ranked)
+    assert all("n/a" in line and "nan" not in line for line in lines if line.startswith(("1", "2", "-")))
+    # rank(): an undefined score ranks last whatever its place in the table (NaN compares false)
+    table = {m: {key: (float("nan") if m == "gradcam" and key == "average_drop_pct" else 1.0 + i)
+                 for key, _, _ in METRICS.values()} for i, m in enumerate(names)}
+    assert rank(table)["average_drop"]["gradcam"] == 3
+    with pytest.raises(ModelError, match="holds NaN or infinity"):
+        graph_spec.GraphInfo(labels=("a",), input_size=(8, 8), color_order="RGB", target_layer="t",
+                             heatmaps=(), gallery={"scale": float("nan")}).to_metadata()
