@@ -203,9 +203,11 @@ def identity_embeddings(embeddings: np.ndarray, targets: np.ndarray, identities:
     return normalise(np.stack([units[targets == k].mean(axis=0) for k in range(identities)]))
 
 
-def with_similarity_head(embedder: Embedder, gallery: np.ndarray):
+def with_similarity_head(embedder: Embedder, gallery: np.ndarray, unit: bool = True):
     """The embedder's model with the similarity head appended: its one output is COSINE
-    [N, identities]. gallery: float32 [identities, D], L2-normalised rows."""
+    [N, identities]. gallery: float32 [identities, D], L2-normalised rows. unit False: the
+    embedding is not L2-normalised, the output is its projection e . g onto each row (what
+    `camface compare` explains where the cosine saturates, PROJECTION)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -219,6 +221,12 @@ def with_similarity_head(embedder: Embedder, gallery: np.ndarray):
     model.CopyFrom(embedder.model)
     graph = model.graph
     e = embedder.output_name
+    if not unit:
+        graph.initializer.append(numpy_helper.from_array(gallery.T.copy(), "gallery/embeddings_t"))
+        graph.node.append(helper.make_node("MatMul", [e, "gallery/embeddings_t"], [COSINE], name="gallery/cosine"))
+        del graph.output[:]
+        graph.output.append(helper.make_tensor_value_info(COSINE, TensorProto.FLOAT, ["N", len(gallery)]))
+        return model
     graph.initializer.extend([
         numpy_helper.from_array(gallery.T.copy(), "gallery/embeddings_t"),
         numpy_helper.from_array(np.array([1], np.int64), "gallery/axis"),
@@ -264,10 +272,12 @@ def finish(cam_graph, scale: float):
     return model
 
 
-def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOptions, gallery_meta: dict):
+def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOptions, gallery_meta: dict,
+          unit: bool = True):
     """(gallery graph ModelProto with metadata, GraphInfo, self-check differences).
     gallery: float32 [identities, D], L2-normalised rows, one per label; gallery_meta: the
-    META_GALLERY value without the scale and embedder fields (threshold, photos, ...)."""
+    META_GALLERY value without the scale and embedder fields (threshold, photos, ...). unit:
+    see `with_similarity_head` (False: `similarity` is the projection, for compare only)."""
     from camface.export import convert, onnx_export
     from camface.hashing import sha256_file
 
@@ -275,7 +285,7 @@ def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOption
     if len(labels) != len(gallery):
         raise ModelError(f"{len(labels)} labels for {len(gallery)} gallery embeddings")
     scale = float(gallery_meta.get("scale", SCALE))
-    model = with_similarity_head(embedder, gallery)
+    model = with_similarity_head(embedder, gallery, unit)
     cam_graph, info, differences = onnx_export.build(model, replace(options, labels=labels),
                                                      source=str(embedder.source))
     cam_graph = finish(cam_graph, scale)

@@ -493,6 +493,43 @@ def test_compare_explains_each_face_s_similarity_to_the_other(people, embedder, 
     assert compare._names(Path("x/a.jpg"), Path("y/a.jpg")) == ("x/a.jpg", "y/a.jpg")
 
 
+def test_compare_of_a_photo_with_itself_explains_the_projection_not_rounding_noise(people, embedder, tmp_path,
+                                                                                   capsys):
+    """The same photo twice: cosine 1, whose gradient vanishes, so a map of it is rounding noise
+    (B's embedding moved by two ulps gave another normalised map, max difference 1.0). compare
+    explains the projection e_A . u_B there: torch autograd's map, and the same map (within 1e-3
+    of its maximum; measured 4e-7) when B's embedding moves by two ulps, on any CPU."""
+    from camface.export import compare
+
+    model, path = embedder
+    a = people / "collins" / "0.png"
+    result = compare.compare(a, a, path, ARCFACE)
+    assert result.similarity == pytest.approx(1.0, abs=1e-6) and result.target == compare.PROJECTION
+    x = torch.from_numpy(result.crops.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        e = model(x).numpy()
+    rows = gallery.normalise(e)
+    # d (e_A . u_B) / dA_A by autograd
+    feats = model.features(x).detach().requires_grad_(True)
+    projection = (model.fc(feats.mean(dim=(2, 3))) - model.centre) * torch.from_numpy(rows[::-1].copy())
+    projection.sum().backward()
+    nhwc = (lambda t: t.detach().permute(0, 2, 3, 1).numpy())
+    _maps_agree(result.maps, methods.get("gradcam").reference(nhwc(feats), nhwc(feats.grad), None), "gradcam")
+    embedder_ = gallery.load(path, ARCFACE)
+    rng = np.random.default_rng(0)
+    moved = (rows * (1 + rng.choice((-1.0, 1.0), rows.shape) * 2.0 ** -22)).astype(np.float32)
+    again = compare.explain(embedder_, ARCFACE, result.crops, moved, "gradcam", result.target)
+    for n in range(2):
+        shown, moved_map = (methods.normalize(m[n], "gradcam") for m in (result.maps, again))
+        assert np.abs(shown - moved_map).max() <= 1e-3
+    assert main(["compare", str(a), str(a), "--model", str(path), "--preset", "arcface", "-o",
+                 str(tmp_path / "same.png")]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity collins/0.png - collins/0.png: 1.000" in out and "the similarity is saturated" in out
+    different = compare.compare(a, people / "hopper" / "0.png", path, ARCFACE)
+    assert different.target == compare.COSINE and different.note == ""
+
+
 def test_evaluate_scores_the_similarity_of_a_gallery_graph(enrolled, crops):
     from camface.evaluate.scores import Scorer
     from camface.realtime.graph import CamGraph
