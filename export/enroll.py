@@ -64,7 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def scan_people(people_dir: Path) -> dict[str, list[Path]]:
     """Identity -> its image files (sorted), one identity per sub-folder. SourceError naming the
-    folder when PEOPLE_DIR is missing, holds no person folder, or a person folder holds no image."""
+    folder when PEOPLE_DIR is missing, holds no person folder, or a person folder holds no image,
+    and naming both when two folders' names differ only in case or Unicode normalisation
+    ("alice" / "Alice", "José" composed / decomposed): shown alike, they would be two identities
+    that the live label cannot tell apart (and one folder on a case-insensitive file system)."""
+    import unicodedata
+
     from camface.models.dataset import IMAGE_EXTENSIONS
 
     people_dir = Path(people_dir)
@@ -77,6 +82,13 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
         if not files:
             raise SourceError(f"person folder {folder} holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         people[folder.name] = files
+    seen: dict[str, str] = {}
+    for name in people:
+        key = unicodedata.normalize("NFC", name).casefold()
+        if key in seen:
+            raise SourceError(f"person folders {people_dir / seen[key]} and {people_dir / name} differ only in case "
+                              "or Unicode normalisation: merge them into one folder, or rename one")
+        seen[key] = name
     if not people:
         raise SourceError(f"PEOPLE_DIR {people_dir} holds no person folders: put each person's photos in "
                           f"its own sub-folder (e.g. {people_dir}/alice/*.jpg, {people_dir}/bob/*.jpg)")

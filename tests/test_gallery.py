@@ -360,6 +360,24 @@ def test_empty_people_dir_and_folders_without_a_usable_face(tmp_path, embedder, 
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("first, second", [("alice", "Alice"), ("Jos\u00e9", "Jose\u0301")])  # NFC / NFD
+def test_person_folders_named_alike_are_refused_naming_both(first, second, tmp_path, embedder, capsys):
+    """Two folders whose names differ only in case or Unicode normalisation would be two
+    identities labelled alike (they were enrolled as two); refused before any work, nothing
+    written."""
+    root = tmp_path / "people"
+    for name in (first, second):
+        (root / name).mkdir(parents=True)
+        cv2.imwrite(str(root / name / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    if len(list(root.iterdir())) < 2:
+        pytest.skip("this file system folds the two names into one folder")
+    out = tmp_path / "g.onnx"
+    assert main(["enroll", str(root), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface"]) == 2
+    err = capsys.readouterr().err
+    assert "differ only in case or Unicode normalisation" in err and first in err and second in err
+    assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["people"]
+
+
 def test_a_model_whose_output_is_not_an_embedding(tmp_path):
     from torch import nn
 
