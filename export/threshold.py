@@ -71,8 +71,10 @@ def equal_error_threshold(genuine: np.ndarray, impostor: np.ndarray) -> tuple[fl
         return DEFAULT, f"default {DEFAULT}: no leave-one-out {missing} scores"
     values = np.unique(np.concatenate([genuine, impostor]))
     candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
-    frr = (genuine[None, :] < candidates[:, None]).mean(axis=1)
-    far = (impostor[None, :] >= candidates[:, None]).mean(axis=1)
+    # counts by binary search: O((G + I) log) time and memory (a [candidates, scores] comparison
+    # took 2.5 GB for 100 people x 5 photos and could not run for 1000)
+    frr = np.searchsorted(np.sort(genuine), candidates, side="left") / len(genuine)
+    far = (len(impostor) - np.searchsorted(np.sort(impostor), candidates, side="left")) / len(impostor)
     cost = np.maximum(frr, far)
     best = np.flatnonzero(cost == cost.min())
     # the best candidates form one interval (frr rises, far falls): its middle
