@@ -188,29 +188,35 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     meta = {"scale": float(softmax_scale or gallery.SCALE), "threshold": round(chosen, 6), "threshold_rule": rule,
             "photos": photos}
     graph, info, differences = gallery.build(embedder, identities, labels, options, meta)
-    convert.save(graph, output)
-    result = ExportResult(output, info, differences, time.perf_counter() - started)
-    result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
-                            settings={"source": str(people_dir)})
     beside = beside_paths(output)
-    np.savez(beside["npz"], embeddings=identities, labels=np.array(labels),
-             photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
-    report = {
-        "model": str(model), "embedding_from": from_classifier, "graph": str(output),
-        "identities": labels, "embedding_dim": embedder.dim,
-        "photos": {label: {**counts[label], "used": photos[label]} for label in labels},
-        "leave_one_out": {"accuracy": loo.accuracy, "identified": int((loo.predicted >= 0).sum()),
-                          "genuine_mean": float(loo.genuine.mean()) if len(loo.genuine) else None,
-                          "impostor_mean": float(loo.impostor.mean()) if len(loo.impostor) else None},
-        "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
-        "target_layer": info.target_layer, "method_ranking": result.info.ranking,
-        "seconds": round(time.perf_counter() - started, 2),
-        "files": {name: str(path) for name, path in beside.items()},
-    }
-    similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
-                      f"{model.name}: leave-one-out accuracy "
-                      + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
-    Path(report["files"]["report"]).write_text(json.dumps(report, indent=1, allow_nan=False))
+    try:
+        convert.save(graph, output)
+        result = ExportResult(output, info, differences, time.perf_counter() - started)
+        result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
+                                settings={"source": str(people_dir)})
+        np.savez(beside["npz"], embeddings=identities, labels=np.array(labels),
+                 photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
+        report = {
+            "model": str(model), "embedding_from": from_classifier, "graph": str(output),
+            "identities": labels, "embedding_dim": embedder.dim,
+            "photos": {label: {**counts[label], "used": photos[label]} for label in labels},
+            "leave_one_out": {"accuracy": loo.accuracy, "identified": int((loo.predicted >= 0).sum()),
+                              "genuine_mean": float(loo.genuine.mean()) if len(loo.genuine) else None,
+                              "impostor_mean": float(loo.impostor.mean()) if len(loo.impostor) else None},
+            "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
+            "target_layer": info.target_layer, "method_ranking": result.info.ranking,
+            "seconds": round(time.perf_counter() - started, 2),
+            "files": {name: str(path) for name, path in beside.items()},
+        }
+        similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
+                          f"{model.name}: leave-one-out accuracy "
+                          + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
+        Path(report["files"]["report"]).write_text(json.dumps(report, indent=1, allow_nan=False))
+    except BaseException:  # a failure (or Ctrl-C) while writing: no graph without its gallery and
+        # report, and no earlier run's files left beside this run's
+        for path in (output, *beside.values()):
+            path.unlink(missing_ok=True)
+        raise
     return report
 
 

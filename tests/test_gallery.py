@@ -790,3 +790,20 @@ def test_leave_one_out_in_chunks_equals_the_photo_by_photo_definition():
     np.testing.assert_allclose(loo.genuine, genuine, atol=1e-12)
     np.testing.assert_allclose(loo.impostor, impostor, atol=1e-6)  # float32
     np.testing.assert_array_equal(loo.predicted, predicted)
+
+
+def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(people, embedder, tmp_path, monkeypatch):
+    """enroll writes the graph, then the gallery, the figure and the report beside it: a failure
+    midway (here the figure) removed nothing, leaving a graph with no report, or with the report
+    of an earlier run into the same name. Now none of the four files is left."""
+    out = tmp_path / "g.onnx"
+    for path in enroll.beside_paths(out).values():  # an earlier run's
+        path.write_text("earlier")
+
+    def fails(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(enroll, "similarity_figure", fails)
+    with pytest.raises(OSError, match="disk full"):
+        enroll.enroll(people, embedder[1], out, ARCFACE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
