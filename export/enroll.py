@@ -227,10 +227,20 @@ def beside_paths(output: Path) -> dict[str, Path]:
             "figure": output.with_name(output.stem + ".similarity.png")}
 
 
+FIGURE_PHOTOS = 2000  # more photos: an evenly spaced sample of this many (M x M grew to 1.6 GB at 20 000)
+FIGURE_LABELS = 60  # more identities: no names on the axes (they overlapped into a black band)
+
+
 def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path, title: str) -> Path:
     """Photo-by-photo cosine similarities (units: L2-normalised [M, D], targets int [M] sorted
-    by identity) as an image, one block per identity, labelled."""
+    by identity) as an image, one block per identity, labelled (up to FIGURE_LABELS
+    identities). Over FIGURE_PHOTOS photos, an evenly spaced sample of them, said in the title."""
     from camface.evaluate.plot import _save
+
+    if len(units) > FIGURE_PHOTOS:
+        kept = np.linspace(0, len(units) - 1, FIGURE_PHOTOS).round().astype(int)
+        title = f"{title}\n{FIGURE_PHOTOS} of {len(units)} photos, evenly spaced"
+        units, targets = units[kept], targets[kept]
 
     try:
         import matplotlib
@@ -244,13 +254,18 @@ def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path
     side = min(10.0, 3.0 + 0.08 * len(units))
     figure, ax = plt.subplots(figsize=(side + 1.2, side))
     shown = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
-    edges = np.flatnonzero(np.diff(targets)) + 0.5
+    edges = np.flatnonzero(np.diff(targets)) + 0.5 if len(labels) <= FIGURE_LABELS else []
     for edge in edges:
         ax.axhline(edge, color="white", lw=0.8)
         ax.axvline(edge, color="white", lw=0.8)
-    centres = [float(np.flatnonzero(targets == k).mean()) for k in range(len(labels))]
-    ax.set_xticks(centres, labels, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(centres, labels, fontsize=8)
+    if len(labels) <= FIGURE_LABELS:
+        present = [k for k in range(len(labels)) if (targets == k).any()]
+        centres = [float(np.flatnonzero(targets == k).mean()) for k in present]
+        ax.set_xticks(centres, [labels[k] for k in present], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(centres, [labels[k] for k in present], fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     figure.colorbar(shown, ax=ax, label="cosine similarity")
     ax.set_title(title, fontsize=9)
     return _save(figure, path, dpi=100)

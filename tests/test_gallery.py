@@ -807,3 +807,29 @@ def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(people, emb
     with pytest.raises(OSError, match="disk full"):
         enroll.enroll(people, embedder[1], out, ARCFACE)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_similarity_figure_of_a_large_gallery_samples_its_photos(tmp_path, monkeypatch):
+    """3000 photos of 1000 people: the photo-by-photo matrix is drawn for an evenly spaced 2000
+    (said in the title; the whole M x M was 1.6 GB at 20 000 photos) and the 1000 names are left
+    off the axes; a small gallery keeps every photo and name."""
+    from camface.evaluate import plot
+
+    drawn = {}
+
+    def keep(figure, path, dpi=100):
+        drawn["axes"] = figure.axes[0]
+        return path
+
+    monkeypatch.setattr(plot, "_save", keep)
+    rng = np.random.default_rng(0)
+    units = gallery.normalise(rng.standard_normal((3000, 8)))
+    targets = np.repeat(np.arange(1000), 3)
+    enroll.similarity_figure(units, targets, [f"p{k}" for k in range(1000)], tmp_path / "s.png", "title")
+    ax = drawn["axes"]
+    assert ax.get_images()[0].get_array().shape == (2000, 2000)
+    assert ax.get_title() == "title\n2000 of 3000 photos, evenly spaced" and not ax.get_xticklabels()
+    enroll.similarity_figure(units[:9], targets[:9], ["a", "b", "c"], tmp_path / "s.png", "small")
+    ax = drawn["axes"]
+    assert ax.get_images()[0].get_array().shape == (9, 9) and ax.get_title() == "small"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
