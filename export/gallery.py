@@ -34,6 +34,8 @@ EPS = 1e-12  # inside the square root of the norm: a zero embedding gives 0, not
 SCALE = 30.0  # probs = softmax(SCALE * cosine): CosFace / ArcFace train with s = 30..64
 COSINE = "gallery/cosine"  # the similarity head's output inside the graph (the logits)
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+# an ONNX file is one protobuf message, at most 2 GiB; the CAM graph adds nodes, not weights
+MAX_GRAPH_BYTES = 2**31 - 2**26
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,11 @@ def with_similarity_head(embedder: Embedder, gallery: np.ndarray, unit: bool = T
                          f"{embedder.source.name} gives D = {embedder.dim}: enrol with the same embedder")
     if not np.isfinite(gallery).all():
         raise ModelError("the gallery's embeddings hold NaN or infinity")
+    size = embedder.model.ByteSize() + gallery.nbytes
+    if size > MAX_GRAPH_BYTES:
+        raise ModelError(f"a gallery of {len(gallery)} identities x D = {gallery.shape[1]} ({gallery.nbytes / 2**30:.2f} GiB) "
+                         f"and embedder {embedder.source.name} make a {size / 2**30:.2f} GiB graph, over ONNX's 2 GiB "
+                         "file limit: enrol fewer identities per gallery")
     model = onnx.ModelProto()
     model.CopyFrom(embedder.model)
     graph = model.graph

@@ -397,6 +397,18 @@ def test_a_gallery_whose_dimension_differs_from_the_model(embedder):
         gallery.with_similarity_head(loaded, np.full((3, 16), np.nan, np.float32))
 
 
+def test_a_gallery_too_large_for_one_onnx_file_is_refused_with_its_size(embedder, monkeypatch):
+    """An ONNX file is one protobuf message of at most 2 GiB (about a million identities at D =
+    512): past it, serialising failed with protobuf's own error; now a ModelError says the size.
+    The limit is lowered here to the embedder plus 100 rows."""
+    loaded = gallery.load(embedder[1], ARCFACE)
+    monkeypatch.setattr(gallery, "MAX_GRAPH_BYTES", loaded.model.ByteSize() + 100 * 16 * 4)
+    gallery.with_similarity_head(loaded, gallery.normalise(np.ones((100, 16))))
+    with pytest.raises(ModelError, match=r"a gallery of 101 identities x D = 16 \(0\.00 GiB\) and embedder "
+                                         r"embedder\.onnx make a 0\.00 GiB graph, over ONNX's 2 GiB file limit"):
+        gallery.with_similarity_head(loaded, gallery.normalise(np.ones((101, 16))))
+
+
 def test_embeddings_with_nans_are_refused(people, tmp_path, capsys):
     from torch import nn
 
