@@ -282,6 +282,9 @@ def summary_lines(report: dict) -> list[str]:
     accuracy = "n/a (no identity has 2 photos)" if loo["accuracy"] is None else f"{loo['accuracy']:.3f}"
     lines.append(f"  leave-one-out identification accuracy: {accuracy} ({loo['identified']} photos)")
     lines.append(f"  unknown below cosine similarity {report['threshold']:.3f} ({report['threshold_rule']})")
+    if len(report["identities"]) == 1:
+        lines.append("  one identity: probs (a softmax over one class) is 1 for every face; the cosine similarity "
+                     "and the threshold tell this person from anyone else")
     from camface.export.ranking import summary_lines as ranking_lines
 
     lines += [f"  ranking {line}" for line in ranking_lines(report["method_ranking"])]

@@ -279,6 +279,25 @@ def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path,
         "figure": tmp_path / "people.v2.similarity.png"}
 
 
+def test_a_gallery_of_one_identity_says_its_probs_are_always_one(embedder, crops, tmp_path, capsys):
+    """One person enrolled: the softmax over one class is 1 for any face, so the similarity and
+    the threshold (the default, with no impostor score) are what tell them from anyone else;
+    enroll says so; the graph's similarity still varies with the face."""
+    root = people_dir(tmp_path / "people", per_person=2, names=("collins",))
+    out = tmp_path / "one.onnx"
+    assert main(["enroll", str(root), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--no-rank"]) == 0
+    text = capsys.readouterr().out
+    assert "one identity: probs (a softmax over one class) is 1 for every face" in text
+    assert f"unknown below cosine similarity {threshold.DEFAULT:.3f} (default" in text and "impostor (one identity)" in text
+    found, _ = crops
+    import onnx
+
+    got = _run(onnx.load(str(out)), found, np.full(len(found), -1))
+    np.testing.assert_array_equal(got["probs"], 1.0)
+    assert got["similarity"].shape == (len(found), 1) and np.ptp(got["similarity"]) > 0.1  # it varies
+
+
 # ---------------------------------------------------------------- the unknown threshold
 
 def test_equal_error_threshold_on_hand_made_scores():
