@@ -241,9 +241,14 @@ class OnnxModelOps(OnnxOps):
                                       variants, count, chunk, "model"))
 
     def _named(self, scores):
+        """`scores` renamed `scores_tensor(self.method)`: the output of the node just made, which
+        nothing reads yet (no node added: a graph's nodes stay those of one without the names)."""
         if not self.method:
             return scores
-        return OnnxTensor(self.b, self.b.op("Identity", [scores.name], outputs=[scores_tensor(self.method)]))
+        producer = next(n for n in reversed(self.b.nodes) if scores.name in n.output)
+        name = scores_tensor(self.method)
+        producer.output[list(producer.output).index(scores.name)] = name
+        return OnnxTensor(self.b, name)
 
     def _loop(self, nodes, start, dims, perm, variants, count, chunk, what):
         """[N, count] scores: the passes unrolled into the graph (one clone per chunk) up to
@@ -378,6 +383,8 @@ class SampledCalls(methods.ModelCalls):
 
     def _scores(self, logits_of, variants, count, chunk):
         count, chunk = int(count), int(chunk)
+        if self.method not in self.graph_scores:  # a graph made before the scores were named: all of them
+            return super()._scores(logits_of, variants, count, chunk)
         graph = np.asarray(self.graph_scores[self.method], np.float32)
         picked = sorted({first + (first // chunk) % min(chunk, count - first) for first in range(0, count, chunk)}
                         | {count - 1})
@@ -392,7 +399,9 @@ class SampledCalls(methods.ModelCalls):
 def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     """(outputs of the graph incl. the normalised images, methods.ModelCalls): the numpy reference
     of the HEAD / FORWARD methods around ONNX Runtime sessions of the graph's own head (target ->
-    logits) and model (normalised input -> logits), cut out with onnx.utils."""
+    logits) and model (normalised input -> logits), cut out with onnx.utils. names: the methods
+    whose scores the graph names (`scores_tensor`): their reference reruns a sample of the
+    variants (`SampledCalls`), the others' all of them."""
     import onnx
     import onnx.utils
     from onnx import TensorProto, helper
@@ -404,6 +413,8 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     whole = _session(extractor.extract_model([parts.images], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    made = {o for n in model.graph.node for o in n.output}
+    names = tuple(name for name in names if scores_tensor(name) in made)
     probe.graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                                for name in (parts.images, *map(scores_tensor, names))])
     session = _session(probe)
@@ -421,8 +432,7 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
 
     inputs = (None if head is None else run_head, run_model, got[parts.images], got[graph_spec.OUTPUT_ACTIVATIONS],
               class_index)
-    calls = SampledCalls(*inputs, graph_scores=graph_scores) if names else methods.ModelCalls(*inputs)
-    return got, calls
+    return got, SampledCalls(*inputs, graph_scores=graph_scores)
 
 
 def check(model, names, input_size, channels, num_classes, batch: int = 1, precision: str = "fp32"):

@@ -435,10 +435,22 @@ def test_the_check_runs_a_sample_of_the_passes_and_catches_scores_out_of_place(m
     assert sum(rows) == 2 * (2 + 2 + 2 * (4 + 3)), rows  # every variant: 2 x (2 + 2 + 2 x (40 + 40))
     broken = onnx.ModelProto()  # the passes' scores in reverse channel order
     broken.CopyFrom(unrolled)
-    at, named = next((i, n) for i, n in enumerate(broken.graph.node)
-                     if n.output[0] == onnx_rerun.scores_tensor("scorecam"))
+    scores = onnx_rerun.scores_tensor("scorecam")
+    at, producer = next((i, n) for i, n in enumerate(broken.graph.node) if n.output[0] == scores)
+    producer.output[0] = "in_order"
     broken.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(channels)[::-1].copy(), "reversed"))
-    broken.graph.node.insert(at, onnx.helper.make_node("Gather", [named.input[0], "reversed"], ["swapped"], axis=1))
-    named.input[0] = "swapped"
+    broken.graph.node.insert(at + 1, onnx.helper.make_node("Gather", ["in_order", "reversed"], [scores], axis=1))
     with pytest.raises(ModelError, match=r"scorecam scores \(4 sampled\)"):
         onnx_rerun.check(broken, RERUNS, (size, size), 3, classes, batch=2)
+    older = onnx.ModelProto()  # a graph made before the scores were named: every variant rerun
+    older.CopyFrom(unrolled)
+    for node in older.graph.node:
+        for i, out in enumerate(node.output):
+            if out.endswith("/scores"):
+                node.output[i] = out + "_unnamed"
+                for reader in older.graph.node:
+                    reader.input[:] = [out + "_unnamed" if x == out else x for x in reader.input]
+    rows.clear()
+    differences = onnx_rerun.check(older, RERUNS, (size, size), 3, classes, batch=2)
+    assert all(d.ok for d in differences) and not any("sampled" in d.output for d in differences)
+    assert sum(rows) == 2 + 2 + 2 * (40 + 40)
