@@ -25,8 +25,8 @@ interleaved pairs; each median is printed. --repeats 0 skips (2).
 Measured 2026-12-03 on the shared 2-core development machine (--runs 3 --repeats 60): enrolling
 100 photos median 5.98 s (detect + crop 0.77 s, embed 1.63 s, build + self-check 2.54 s); the head
 +0.2% to +2.4% CPU time per call (batch 1 and 8, 5 to 1000 identities). With Score-CAM in every
-graph and its self-check sampled (`--runs 7 --repeats 0 --full-check`): median 5.67-7.51 s against
-8.05-10.64 s with the reference rerunning every variant. benchmarks/RESULTS.md.
+graph and its self-check sampled (`--runs 7 --repeats 0 --full-check`): median 5.18 s wall, 7.25 s CPU
+against 7.62 s, 10.83 s with the reference rerunning every variant. benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
