@@ -15,16 +15,24 @@ augmented (tests/gallery_helpers.py) into 4 people x 25 photos.
     CPU time of the process (`time.process_time`: one ORT thread; on a shared machine it moves
     less than wall time) and wall time.
 
-    .venv/bin/python benchmarks/enroll.py [--runs 3] [--repeats 40] [--threads 1]
+    .venv/bin/python benchmarks/enroll.py [--runs 3] [--repeats 40] [--threads 1] [--full-check]
+
+--full-check: the enrolments alternate between the self-check as it is (Ablation-CAM's and
+Score-CAM's numpy reference reruns one variant per chunk, onnx_rerun.SampledCalls) and the
+reference rerunning every variant (as before: K = 512 forward passes for Score-CAM), in
+interleaved pairs; each median is printed. --repeats 0 skips (2).
 
 Measured 2026-12-03 on the shared 2-core development machine (--runs 3 --repeats 60): enrolling
 100 photos median 5.98 s (detect + crop 0.77 s, embed 1.63 s, build + self-check 2.54 s); the head
-+0.2% to +2.4% CPU time per call (batch 1 and 8, 5 to 1000 identities). benchmarks/RESULTS.md.
++0.2% to +2.4% CPU time per call (batch 1 and 8, 5 to 1000 identities). With Score-CAM in every
+graph and its self-check sampled (`--runs 7 --repeats 0 --full-check`): median 5.18 s wall, 7.25 s CPU
+against 7.62 s, 10.83 s with the reference rerunning every variant. benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -60,6 +68,30 @@ def people(root: Path, persons: int = 4, per_person: int = 25) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def every_variant_checked(full: bool):
+    """Within it (full True), the self-check's numpy reference reruns every variant of
+    Ablation-CAM / Score-CAM, as before onnx_rerun.SampledCalls sampled one per chunk."""
+    from camface import methods
+    from camface.export import onnx_rerun
+
+    if not full:
+        yield
+        return
+    sampled = onnx_rerun.SampledCalls._scores
+
+    def every(self, logits_of, variants, count, chunk):
+        scores = methods.Chunked._scores(self, logits_of, variants, count, chunk)
+        self.sampled[self.method] = (np.asarray(self.graph_scores[self.method], np.float32), scores)
+        return scores
+
+    onnx_rerun.SampledCalls._scores = every
+    try:
+        yield
+    finally:
+        onnx_rerun.SampledCalls._scores = sampled
+
+
 def session(model, threads: int):
     import onnxruntime as ort
 
@@ -75,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="enrolments of the 100 photos")
     parser.add_argument("--repeats", type=int, default=40, help="interleaved pairs per head row")
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
+    parser.add_argument("--full-check", action="store_true",
+                        help="interleave enrolments whose self-check reruns every variant (as before sampling)")
     args = parser.parse_args(argv)
 
     import logging
@@ -94,11 +128,18 @@ def main(argv=None) -> int:
               f"{sum(1 for _ in root.rglob('*.jpg'))} photos, ORT threads {args.threads}")
 
         # (1) enrolment
-        totals = []
+        totals, full_totals, cpu, full_cpu = [], [], [], []
         for run in range(args.runs):
-            started = time.perf_counter()
-            report = enroll.enroll(root, path, tmp / f"gallery{run}.onnx", options)
-            totals.append(time.perf_counter() - started)
+            for full in ((False, True) if run % 2 else (True, False)) if args.full_check else (False,):
+                with every_variant_checked(full):
+                    started, started_cpu = time.perf_counter(), time.process_time()
+                    report = enroll.enroll(root, path, tmp / f"gallery{run}.onnx", options)
+                    (full_totals if full else totals).append(time.perf_counter() - started)
+                    (full_cpu if full else cpu).append(time.process_time() - started_cpu)
+        if full_totals:
+            print(f"\nenrol 100 photos, self-check rerunning every variant (before): median "
+                  f"{statistics.median(full_totals):.2f} s wall, {statistics.median(full_cpu):.2f} s CPU over "
+                  f"{args.runs} runs ({', '.join(f'{t:.2f}' for t in full_totals)} s wall)")
         used = sum(c["used"] for c in report["photos"].values())
         embedder = gallery.load(path, options)
         started = time.perf_counter()
@@ -111,10 +152,13 @@ def main(argv=None) -> int:
         gallery.build(embedder, gallery.identity_embeddings(embeddings, targets, 4), [f"p{k}" for k in range(4)],
                       options, {})
         build_s = time.perf_counter() - started
-        print(f"\nenrol 100 photos ({used} used): median {statistics.median(totals):.2f} s over {args.runs} runs "
+        print(f"\nenrol 100 photos ({used} used): median {statistics.median(totals):.2f} s wall, "
+              f"{statistics.median(cpu):.2f} s CPU (all threads) over {args.runs} runs "
               f"({', '.join(f'{t:.2f}' for t in totals)}); stages: detect + crop {crop_s:.2f} s, "
               f"embed {embed_s:.2f} s, build + self-check {build_s:.2f} s")
 
+        if args.repeats <= 0:
+            return 0
         # (2) the head's cost
         forward = session(embedder.model, args.threads)
         rng = np.random.default_rng(0)

@@ -137,23 +137,23 @@ class GraphInfo:
     def to_metadata(self) -> dict[str, str]:
         return {
             META_VERSION: self.version,
-            META_LABELS: json.dumps(list(self.labels)),
-            META_INPUT_SIZE: json.dumps(list(self.input_size)),
+            META_LABELS: _dumps(list(self.labels)),
+            META_INPUT_SIZE: _dumps(list(self.input_size)),
             META_CHANNELS: str(self.channels),
             META_COLOR_ORDER: self.color_order.value,
-            META_NORMALIZATION: json.dumps(self.normalization),
+            META_NORMALIZATION: _dumps(self.normalization),
             META_TARGET_LAYER: self.target_layer,
             **({META_TARGET_REASON: self.target_reason} if self.target_reason else {}),
-            **({META_TOKEN_GRID: json.dumps(self.token_grid)} if self.token_grid else {}),
-            META_FEATURE_SIZE: json.dumps(list(self.feature_size)),
-            META_HEATMAPS: json.dumps(list(self.heatmaps)),
+            **({META_TOKEN_GRID: _dumps(self.token_grid)} if self.token_grid else {}),
+            META_FEATURE_SIZE: _dumps(list(self.feature_size)),
+            META_HEATMAPS: _dumps(list(self.heatmaps)),
             META_CAM_UNAVAILABLE: self.cam_unavailable_reason,
             META_SOURCE_MODEL: self.source_model,
             META_SOURCE_SHA256: self.source_sha256,
             META_PRECISION: self.precision,
-            **({META_QUANTIZATION: json.dumps(self.quantization)} if self.quantization else {}),
-            **({META_RANKING: json.dumps(self.ranking)} if self.ranking else {}),
-            **({META_GALLERY: json.dumps(self.gallery)} if self.gallery else {}),
+            **({META_QUANTIZATION: _dumps(self.quantization)} if self.quantization else {}),
+            **({META_RANKING: _dumps(self.ranking)} if self.ranking else {}),
+            **({META_GALLERY: _dumps(self.gallery)} if self.gallery else {}),
         }
 
     @property
@@ -161,6 +161,18 @@ class GraphInfo:
         """A gallery graph's unknown threshold on the best cosine similarity; None otherwise."""
         value = self.gallery.get("threshold")
         return None if value is None else float(value)
+
+
+def _dumps(value) -> str:
+    """A metadata value as strict JSON: NaN or infinity is refused (ModelError), never written as
+    the `NaN` / `Infinity` that strict JSON readers (browsers, other languages) fail on."""
+    from camface.errors import ModelError
+
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise ModelError(f"graph metadata {str(value)[:200]} holds NaN or infinity (camface bug: an undefined "
+                         "number is recorded as null)") from None
 
 
 def heatmap_outputs() -> tuple[str, ...]:

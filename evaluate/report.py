@@ -70,7 +70,14 @@ def rank(methods: dict) -> dict:
     baseline included), 1 = most faithful; ties keep the order of `methods` (the registry's)."""
     ranks = {}
     for metric, (key, _, higher) in METRICS.items():
-        order = sorted(methods, key=lambda m: methods[m][key], reverse=higher)
+        # an undefined score (NaN or None: Average Drop over no crop with a positive score) ranks
+        # last; sorting on NaN itself gives an order that depends on where it sits
+        def order_key(m, key=key, higher=higher):
+            value = methods[m][key]
+            defined = isinstance(value, int | float) and math.isfinite(value)
+            return (not defined, (-value if higher else value) if defined else 0.0)
+
+        order = sorted(methods, key=order_key)
         ranks[metric] = {m: order.index(m) + 1 for m in methods}
     return ranks
 

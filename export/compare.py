@@ -6,6 +6,14 @@ of their embeddings answers the first question; for the second, a two-identity g
 (`gallery.build`, the rows A's and B's L2-normalised embeddings) explains A's similarity to B's
 embedding and B's to A's: each face's map says which of its regions raise its similarity to the
 other face. One figure: the two crops under their maps, the similarity in the title.
+
+Saturated similarity (1 - cosine < SATURATED: the same photo twice, or two copies of it): the
+cosine is at its maximum, where its gradient, (u_B - cos u_A) / |e_A| . de_A/dA, vanishes; a
+float32 map of it is rounding noise (tests: moving B's embedding by two ulps turned its normalised
+map into another). There the maps explain the projection e_A . u_B of A's raw embedding onto B's
+direction instead (its gradient u_B . de_A/dA does not vanish): which regions the embedding that
+makes the match rests on. `Comparison.target` says which, and the printed line and the figure
+say so.
 """
 
 from __future__ import annotations
@@ -21,12 +29,19 @@ from camface.errors import SourceError, UsageError
 
 log = logging.getLogger(__name__)
 
+# 1 - cosine below this: the cosine's gradient (norm sqrt(1 - cos^2) ~ 0.014 here) no longer stands
+# far above float32 rounding of the unit vectors (~1e-7), so the maps explain the projection
+SATURATED = 1e-4
+COSINE, PROJECTION = "cosine", "projection"  # what the maps explain (Comparison.target)
+
 
 @dataclass(frozen=True)
 class Comparison:
     """similarity: cosine of the two embeddings; crops: uint8 [2, H, W, C] in the embedder's
     colour order; maps: float32 [2, h, w], unnormalised, of `method`: maps[0] explains A's
-    similarity to B, maps[1] B's to A; names: the two photos' file names."""
+    similarity to B, maps[1] B's to A; names: the two photos' file names. target: COSINE, or
+    PROJECTION where the similarity is saturated (module docstring): then the maps explain
+    e_A . u_B and e_B . u_A."""
 
     similarity: float
     crops: np.ndarray
@@ -34,6 +49,15 @@ class Comparison:
     method: str
     names: tuple[str, str]
     color_order: str
+    target: str = COSINE
+
+    @property
+    def note(self) -> str:
+        """What the maps explain, when it is not the cosine; "" otherwise."""
+        if self.target == COSINE:
+            return ""
+        return (f"the similarity is saturated (1 - cosine < {SATURATED:g}), where its gradient vanishes: the maps "
+                "explain each face's embedding projected on the other's direction instead")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +102,8 @@ def main(args: argparse.Namespace) -> int:
         (" (same person" if result.similarity >= args.threshold else " (different people") + \
         f" at threshold {args.threshold:g})"
     print(f"cosine similarity {result.names[0]} - {result.names[1]}: {result.similarity:.3f}{verdict}")
+    if result.note:
+        print(result.note)
     if args.output:
         path = figure(result, Path(args.output), verdict)
         print(f"wrote {path}")
@@ -126,9 +152,7 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
     """The comparison of photos `a` and `b` by the embedder in `model` (see the module docstring)."""
     import contextlib
 
-    import onnxruntime as ort
 
-    from camface import graph_spec
     from camface.api import face_detector
     from camface.export import gallery
     from camface.models.dataset import LiveCropper
@@ -142,21 +166,38 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
             if detect else None
         crops = np.stack([one_face(p, cropper, embedder.input_size, order, detect) for p in (a, b)])
     rows = gallery.normalise(gallery.embed(embedder, crops))
+    similarity = float(np.clip(rows[0].astype(np.float64) @ rows[1].astype(np.float64), -1.0, 1.0))
+    target = PROJECTION if 1.0 - similarity < SATURATED else COSINE
+    maps = explain(embedder, options, crops, rows, method, target, _names(a, b))
+    return Comparison(similarity, crops, maps, method, _names(a, b), str(order), target)
+
+
+def explain(embedder, options, crops: np.ndarray, rows: np.ndarray, method: str, target: str = COSINE,
+            names: tuple[str, str] = ("A", "B")) -> np.ndarray:
+    """float32 [2, h, w] maps of `method`: crops[0]'s `target` (COSINE or PROJECTION) to rows[1]
+    and crops[1]'s to rows[0] (embedder: gallery.Embedder; options: its ExportOptions). crops: uint8 [2, H, W, C] in the embedder's colour order; rows:
+    float32 [2, D], L2-normalised embeddings. ModelError when the graph cannot make `method`."""
     from dataclasses import replace
 
-    graph, info, _ = gallery.build(embedder, rows, _names(a, b), replace(options, heads=(method,)), {})
+    import onnxruntime as ort
+
+    from camface import graph_spec
+    from camface.export import gallery
+
+    graph, info, _ = gallery.build(embedder, rows, names, replace(options, heads=(method,)), {},
+                                   unit=target == COSINE)
     if method not in info.heatmaps:
         from camface.errors import ModelError
 
         why = info.cam_unavailable_reason or "its head does not allow it"
-        raise ModelError(f"{model.name}: no {method!r} map of its similarity ({why}); choose another --method")
+        raise ModelError(f"{embedder.source.name}: no {method!r} map of its similarity ({why}); "
+                         "choose another --method")
     session_options = ort.SessionOptions()
     session_options.log_severity_level = 3
     session = ort.InferenceSession(graph.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
-    similarity, maps = session.run([graph_spec.OUTPUT_SIMILARITY, method],
-                                   {graph_spec.INPUT_IMAGE: crops,
-                                    graph_spec.INPUT_CLASS: np.array([1, 0], np.int64)})  # A to B, B to A
-    return Comparison(float(similarity[0, 1]), crops, maps, method, _names(a, b), str(order))
+    (maps,) = session.run([method], {graph_spec.INPUT_IMAGE: crops,
+                                     graph_spec.INPUT_CLASS: np.array([1, 0], np.int64)})  # A to B, B to A
+    return maps
 
 
 def _names(a: Path, b: Path) -> tuple[str, str]:
@@ -187,9 +228,12 @@ def figure(result: Comparison, path: Path, verdict: str = "") -> Path:
         axes[2 * i].imshow(bgr[:, :, ::-1])
         axes[2 * i].set_title(result.names[i], fontsize=8)
         axes[2 * i + 1].imshow(shown[:, :, ::-1])
-        axes[2 * i + 1].set_title(f"{result.method}: why similar to\n{result.names[other]}", fontsize=8)
+        why = "why similar to" if result.target == COSINE else "embedding along"
+        axes[2 * i + 1].set_title(f"{result.method}: {why}\n{result.names[other]}", fontsize=8)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"cosine similarity {result.similarity:.3f}{verdict}", fontsize=10)
+    saturated = "" if result.target == COSINE else "\n(saturated: the maps explain each embedding's projection " \
+        "on the other's direction)"
+    fig.suptitle(f"cosine similarity {result.similarity:.3f}{verdict}{saturated}", fontsize=10)
     return _save(fig, path, dpi=110)

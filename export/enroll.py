@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -63,7 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def scan_people(people_dir: Path) -> dict[str, list[Path]]:
     """Identity -> its image files (sorted), one identity per sub-folder. SourceError naming the
-    folder when PEOPLE_DIR is missing, holds no person folder, or a person folder holds no image."""
+    folder when PEOPLE_DIR is missing, holds no person folder, or a person folder holds no image,
+    and naming both when two folders' names differ only in case or Unicode normalisation
+    ("alice" / "Alice", "José" composed / decomposed): shown alike, they would be two identities
+    that the live label cannot tell apart (and one folder on a case-insensitive file system)."""
+    import unicodedata
+
     from camface.models.dataset import IMAGE_EXTENSIONS
 
     people_dir = Path(people_dir)
@@ -76,6 +82,13 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
         if not files:
             raise SourceError(f"person folder {folder} holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         people[folder.name] = files
+    seen: dict[str, str] = {}
+    for name in people:
+        key = unicodedata.normalize("NFC", name).casefold()
+        if key in seen:
+            raise SourceError(f"person folders {people_dir / seen[key]} and {people_dir / name} differ only in case "
+                              "or Unicode normalisation: merge them into one folder, or rename one")
+        seen[key] = name
     if not people:
         raise SourceError(f"PEOPLE_DIR {people_dir} holds no person folders: put each person's photos in "
                           f"its own sub-folder (e.g. {people_dir}/alice/*.jpg, {people_dir}/bob/*.jpg)")
@@ -155,8 +168,8 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     from camface.outputs import check_output_file
 
     started = time.perf_counter()
-    if softmax_scale is not None and softmax_scale <= 0:
-        raise UsageError(f"--softmax-scale must be positive, got {softmax_scale}")
+    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise UsageError(f"--softmax-scale must be a positive number, got {softmax_scale}")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)
@@ -175,29 +188,35 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     meta = {"scale": float(softmax_scale or gallery.SCALE), "threshold": round(chosen, 6), "threshold_rule": rule,
             "photos": photos}
     graph, info, differences = gallery.build(embedder, identities, labels, options, meta)
-    convert.save(graph, output)
-    result = ExportResult(output, info, differences, time.perf_counter() - started)
-    result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
-                            settings={"source": str(people_dir)})
     beside = beside_paths(output)
-    np.savez(beside["npz"], embeddings=identities, labels=np.array(labels),
-             photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
-    report = {
-        "model": str(model), "embedding_from": from_classifier, "graph": str(output),
-        "identities": labels, "embedding_dim": embedder.dim,
-        "photos": {label: {**counts[label], "used": photos[label]} for label in labels},
-        "leave_one_out": {"accuracy": loo.accuracy, "identified": int((loo.predicted >= 0).sum()),
-                          "genuine_mean": float(loo.genuine.mean()) if len(loo.genuine) else None,
-                          "impostor_mean": float(loo.impostor.mean()) if len(loo.impostor) else None},
-        "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
-        "target_layer": info.target_layer, "method_ranking": result.info.ranking,
-        "seconds": round(time.perf_counter() - started, 2),
-        "files": {name: str(path) for name, path in beside.items()},
-    }
-    similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
-                      f"{model.name}: leave-one-out accuracy "
-                      + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
-    Path(report["files"]["report"]).write_text(json.dumps(report, indent=1))
+    try:
+        convert.save(graph, output)
+        result = ExportResult(output, info, differences, time.perf_counter() - started)
+        result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
+                                settings={"source": str(people_dir)})
+        np.savez(beside["npz"], embeddings=identities, labels=np.array(labels),
+                 photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
+        report = {
+            "model": str(model), "embedding_from": from_classifier, "graph": str(output),
+            "identities": labels, "embedding_dim": embedder.dim,
+            "photos": {label: {**counts[label], "used": photos[label]} for label in labels},
+            "leave_one_out": {"accuracy": loo.accuracy, "identified": int((loo.predicted >= 0).sum()),
+                              "genuine_mean": float(loo.genuine.mean()) if len(loo.genuine) else None,
+                              "impostor_mean": float(loo.impostor.mean()) if len(loo.impostor) else None},
+            "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
+            "target_layer": info.target_layer, "method_ranking": result.info.ranking,
+            "seconds": round(time.perf_counter() - started, 2),
+            "files": {name: str(path) for name, path in beside.items()},
+        }
+        similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
+                          f"{model.name}: leave-one-out accuracy "
+                          + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
+        Path(report["files"]["report"]).write_text(json.dumps(report, indent=1, allow_nan=False))
+    except BaseException:  # a failure (or Ctrl-C) while writing: no graph without its gallery and
+        # report, and no earlier run's files left beside this run's
+        for path in (output, *beside.values()):
+            path.unlink(missing_ok=True)
+        raise
     return report
 
 
@@ -208,10 +227,20 @@ def beside_paths(output: Path) -> dict[str, Path]:
             "figure": output.with_name(output.stem + ".similarity.png")}
 
 
+FIGURE_PHOTOS = 2000  # more photos: an evenly spaced sample of this many (M x M grew to 1.6 GB at 20 000)
+FIGURE_LABELS = 60  # more identities: no names on the axes (they overlapped into a black band)
+
+
 def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path, title: str) -> Path:
     """Photo-by-photo cosine similarities (units: L2-normalised [M, D], targets int [M] sorted
-    by identity) as an image, one block per identity, labelled."""
+    by identity) as an image, one block per identity, labelled (up to FIGURE_LABELS
+    identities). Over FIGURE_PHOTOS photos, an evenly spaced sample of them, said in the title."""
     from camface.evaluate.plot import _save
+
+    if len(units) > FIGURE_PHOTOS:
+        kept = np.linspace(0, len(units) - 1, FIGURE_PHOTOS).round().astype(int)
+        title = f"{title}\n{FIGURE_PHOTOS} of {len(units)} photos, evenly spaced"
+        units, targets = units[kept], targets[kept]
 
     try:
         import matplotlib
@@ -225,13 +254,18 @@ def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path
     side = min(10.0, 3.0 + 0.08 * len(units))
     figure, ax = plt.subplots(figsize=(side + 1.2, side))
     shown = ax.imshow(matrix, cmap="viridis", vmin=-1, vmax=1)
-    edges = np.flatnonzero(np.diff(targets)) + 0.5
+    edges = np.flatnonzero(np.diff(targets)) + 0.5 if len(labels) <= FIGURE_LABELS else []
     for edge in edges:
         ax.axhline(edge, color="white", lw=0.8)
         ax.axvline(edge, color="white", lw=0.8)
-    centres = [float(np.flatnonzero(targets == k).mean()) for k in range(len(labels))]
-    ax.set_xticks(centres, labels, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(centres, labels, fontsize=8)
+    if len(labels) <= FIGURE_LABELS:
+        present = [k for k in range(len(labels)) if (targets == k).any()]
+        centres = [float(np.flatnonzero(targets == k).mean()) for k in present]
+        ax.set_xticks(centres, [labels[k] for k in present], rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(centres, [labels[k] for k in present], fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     figure.colorbar(shown, ax=ax, label="cosine similarity")
     ax.set_title(title, fontsize=9)
     return _save(figure, path, dpi=100)
@@ -248,6 +282,9 @@ def summary_lines(report: dict) -> list[str]:
     accuracy = "n/a (no identity has 2 photos)" if loo["accuracy"] is None else f"{loo['accuracy']:.3f}"
     lines.append(f"  leave-one-out identification accuracy: {accuracy} ({loo['identified']} photos)")
     lines.append(f"  unknown below cosine similarity {report['threshold']:.3f} ({report['threshold_rule']})")
+    if len(report["identities"]) == 1:
+        lines.append("  one identity: probs (a softmax over one class) is 1 for every face; the cosine similarity "
+                     "and the threshold tell this person from anyone else")
     from camface.export.ranking import summary_lines as ranking_lines
 
     lines += [f"  ranking {line}" for line in ranking_lines(report["method_ranking"])]

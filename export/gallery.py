@@ -34,6 +34,8 @@ EPS = 1e-12  # inside the square root of the norm: a zero embedding gives 0, not
 SCALE = 30.0  # probs = softmax(SCALE * cosine): CosFace / ArcFace train with s = 30..64
 COSINE = "gallery/cosine"  # the similarity head's output inside the graph (the logits)
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+# an ONNX file is one protobuf message, at most 2 GiB; the CAM graph adds nodes, not weights
+MAX_GRAPH_BYTES = 2**31 - 2**26
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,11 @@ def identity_embeddings(embeddings: np.ndarray, targets: np.ndarray, identities:
     return normalise(np.stack([units[targets == k].mean(axis=0) for k in range(identities)]))
 
 
-def with_similarity_head(embedder: Embedder, gallery: np.ndarray):
+def with_similarity_head(embedder: Embedder, gallery: np.ndarray, unit: bool = True):
     """The embedder's model with the similarity head appended: its one output is COSINE
-    [N, identities]. gallery: float32 [identities, D], L2-normalised rows."""
+    [N, identities]. gallery: float32 [identities, D], L2-normalised rows. unit False: the
+    embedding is not L2-normalised, the output is its projection e . g onto each row (what
+    `camface compare` explains where the cosine saturates, PROJECTION)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -215,10 +219,21 @@ def with_similarity_head(embedder: Embedder, gallery: np.ndarray):
                          f"{embedder.source.name} gives D = {embedder.dim}: enrol with the same embedder")
     if not np.isfinite(gallery).all():
         raise ModelError("the gallery's embeddings hold NaN or infinity")
+    size = embedder.model.ByteSize() + gallery.nbytes
+    if size > MAX_GRAPH_BYTES:
+        raise ModelError(f"a gallery of {len(gallery)} identities x D = {gallery.shape[1]} ({gallery.nbytes / 2**30:.2f} GiB) "
+                         f"and embedder {embedder.source.name} make a {size / 2**30:.2f} GiB graph, over ONNX's 2 GiB "
+                         "file limit: enrol fewer identities per gallery")
     model = onnx.ModelProto()
     model.CopyFrom(embedder.model)
     graph = model.graph
     e = embedder.output_name
+    if not unit:
+        graph.initializer.append(numpy_helper.from_array(gallery.T.copy(), "gallery/embeddings_t"))
+        graph.node.append(helper.make_node("MatMul", [e, "gallery/embeddings_t"], [COSINE], name="gallery/cosine"))
+        del graph.output[:]
+        graph.output.append(helper.make_tensor_value_info(COSINE, TensorProto.FLOAT, ["N", len(gallery)]))
+        return model
     graph.initializer.extend([
         numpy_helper.from_array(gallery.T.copy(), "gallery/embeddings_t"),
         numpy_helper.from_array(np.array([1], np.int64), "gallery/axis"),
@@ -264,10 +279,12 @@ def finish(cam_graph, scale: float):
     return model
 
 
-def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOptions, gallery_meta: dict):
+def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOptions, gallery_meta: dict,
+          unit: bool = True):
     """(gallery graph ModelProto with metadata, GraphInfo, self-check differences).
     gallery: float32 [identities, D], L2-normalised rows, one per label; gallery_meta: the
-    META_GALLERY value without the scale and embedder fields (threshold, photos, ...)."""
+    META_GALLERY value without the scale and embedder fields (threshold, photos, ...). unit:
+    see `with_similarity_head` (False: `similarity` is the projection, for compare only)."""
     from camface.export import convert, onnx_export
     from camface.hashing import sha256_file
 
@@ -275,7 +292,7 @@ def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOption
     if len(labels) != len(gallery):
         raise ModelError(f"{len(labels)} labels for {len(gallery)} gallery embeddings")
     scale = float(gallery_meta.get("scale", SCALE))
-    model = with_similarity_head(embedder, gallery)
+    model = with_similarity_head(embedder, gallery, unit)
     cam_graph, info, differences = onnx_export.build(model, replace(options, labels=labels),
                                                      source=str(embedder.source))
     cam_graph = finish(cam_graph, scale)

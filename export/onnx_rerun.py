@@ -13,7 +13,9 @@ Loop over the chunks. The clones read the graph's own initializers (from the out
 Loop): the file grows by the clones' nodes only, never by a weight.
 
 `attach` adds them and checks them against the numpy reference (`methods.ModelCalls` around ONNX
-Runtime sessions of the same graph's head and model); `camface export` calls it after the
+Runtime sessions of the same graph's head and model; the reference reruns one variant per chunk,
+so that every clone or Loop iteration is run once, and takes the other channels' scores from the
+graph, whose map is then checked on all of them: `SampledCalls`); `camface export` calls it after the
 graph's own self-check. int8 quantisation takes them out (`without`) and adds them back to the
 int8 graph (export/int8.py), so Score-CAM runs the int8 features an int8 graph runs.
 """
@@ -213,22 +215,40 @@ def pass_bytes(shapes: dict, nodes, chunk: int) -> tuple[int, str, list]:
     return worst
 
 
+def scores_tensor(method: str) -> str:
+    """The graph tensor holding a HEAD / FORWARD method's per-variant scores [N, K] (not an
+    output: `check` reads it to check the passes on a sample of the variants)."""
+    return f"{PREFIX}{method}/scores"
+
+
 class OnnxModelOps(OnnxOps):
     """`methods.ModelOps` as ONNX nodes: head / forward as Loops over chunks of variants whose
-    bodies hold clones of the graph's own head / model nodes."""
+    bodies hold clones of the graph's own head / model nodes. `method`: the method being built,
+    whose scores are named `scores_tensor(method)`."""
 
     def __init__(self, builder: GraphBuilder, parts: Anatomy, chosen_one_hot: str, class_logit: str):
         self.b, self.parts, self.one_hot_classes = builder, parts, chosen_one_hot
         self.images = OnnxTensor(builder, parts.images, shape=(None, *parts.image_dims))
         self.class_logit = OnnxTensor(builder, class_logit)
+        self.method = ""
 
     def head(self, variants, count, chunk):
-        return self._loop(self.parts.head_nodes, self.parts.target, self.parts.feature_dims,
-                          self.parts.target_perm, variants, count, chunk, "head")
+        return self._named(self._loop(self.parts.head_nodes, self.parts.target, self.parts.feature_dims,
+                                      self.parts.target_perm, variants, count, chunk, "head"))
 
     def forward(self, variants, count, chunk):
-        return self._loop(self.parts.model_nodes, self.parts.images, self.parts.image_dims, None,
-                          variants, count, chunk, "model")
+        return self._named(self._loop(self.parts.model_nodes, self.parts.images, self.parts.image_dims, None,
+                                      variants, count, chunk, "model"))
+
+    def _named(self, scores):
+        """`scores` renamed `scores_tensor(self.method)`: the output of the node just made, which
+        nothing reads yet (no node added: a graph's nodes stay those of one without the names)."""
+        if not self.method:
+            return scores
+        producer = next(n for n in reversed(self.b.nodes) if scores.name in n.output)
+        name = scores_tensor(self.method)
+        producer.output[list(producer.output).index(scores.name)] = name
+        return OnnxTensor(self.b, name)
 
     def _loop(self, nodes, start, dims, perm, variants, count, chunk, what):
         """[N, count] scores: the passes unrolled into the graph (one clone per chunk) up to
@@ -317,6 +337,7 @@ def add(model, names, parts: Anatomy | None = None):
     ops = OnnxModelOps(b, parts, one_hot, class_logit)
     a = OnnxTensor(b, graph_spec.OUTPUT_ACTIVATIONS, shape=(None, *parts.feature_dims))
     for name in names:
+        ops.method = name
         heatmap = methods.get(name).compute(ops, a, None, None)
         b.op("Identity", [heatmap.name], outputs=[name])
     graph.node.extend(b.nodes)
@@ -347,10 +368,40 @@ def _session(model):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def reference_calls(model, parts: Anatomy, images, class_index):
+class SampledCalls(methods.ModelCalls):
+    """`methods.ModelCalls` that runs the head / model on a sample of the variants only: one per
+    chunk of the graph's passes (a different place in each chunk; the last variant too, which a
+    Loop's last chunk repeats), the other variants' scores taken from the graph (`graph_scores`
+    [N, K]). The method's numpy maths then run on those scores, so its map checks the graph's
+    weighting of every channel, while `sampled` ({method: (graph's, reference's) scores at the
+    sampled variants}) checks the passes themselves: every clone (unrolled) or Loop iteration
+    is run at least once, for a fraction 1 / chunk of the reference's cost."""
+
+    def __init__(self, *args, graph_scores: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graph_scores, self.method, self.sampled = graph_scores, "", {}
+
+    def _scores(self, logits_of, variants, count, chunk):
+        count, chunk = int(count), int(chunk)
+        if self.method not in self.graph_scores:  # a graph made before the scores were named: all of them
+            return super()._scores(logits_of, variants, count, chunk)
+        graph = np.asarray(self.graph_scores[self.method], np.float32)
+        picked = sorted({first + (first // chunk) % min(chunk, count - first) for first in range(0, count, chunk)}
+                        | {count - 1})
+        reference = super()._scores(logits_of, lambda k: variants(np.asarray(picked, np.int64)[k]), len(picked),
+                                    chunk)
+        self.sampled[self.method] = (graph[:, picked], reference)
+        full = graph.copy()
+        full[:, picked] = reference
+        return full
+
+
+def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     """(outputs of the graph incl. the normalised images, methods.ModelCalls): the numpy reference
     of the HEAD / FORWARD methods around ONNX Runtime sessions of the graph's own head (target ->
-    logits) and model (normalised input -> logits), cut out with onnx.utils."""
+    logits) and model (normalised input -> logits), cut out with onnx.utils. names: the methods
+    whose scores the graph names (`scores_tensor`): their reference reruns a sample of the
+    variants (`SampledCalls`), the others' all of them."""
     import onnx
     import onnx.utils
     from onnx import TensorProto, helper
@@ -362,10 +413,14 @@ def reference_calls(model, parts: Anatomy, images, class_index):
     whole = _session(extractor.extract_model([parts.images], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend([helper.make_tensor_value_info(parts.images, TensorProto.FLOAT, None)])
+    made = {o for n in model.graph.node for o in n.output}
+    names = tuple(name for name in names if scores_tensor(name) in made)
+    probe.graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                               for name in (parts.images, *map(scores_tensor, names))])
     session = _session(probe)
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, {graph_spec.INPUT_IMAGE: images, graph_spec.INPUT_CLASS: class_index})))
+    graph_scores = {name: got.pop(scores_tensor(name)) for name in names}
     perm = parts.target_perm
 
     def run_head(rows):
@@ -375,9 +430,9 @@ def reference_calls(model, parts: Anatomy, images, class_index):
     def run_model(rows):
         return whole.run(None, {parts.images: rows})[0]
 
-    calls = methods.ModelCalls(None if head is None else run_head, run_model, got[parts.images], got[graph_spec.OUTPUT_ACTIVATIONS],
-                               class_index)
-    return got, calls
+    inputs = (None if head is None else run_head, run_model, got[parts.images], got[graph_spec.OUTPUT_ACTIVATIONS],
+              class_index)
+    return got, SampledCalls(*inputs, graph_scores=graph_scores)
 
 
 def check(model, names, input_size, channels, num_classes, batch: int = 1, precision: str = "fp32"):
@@ -388,12 +443,18 @@ def check(model, names, input_size, channels, num_classes, batch: int = 1, preci
 
     parts = anatomy(model)
     images, classes = verify.sample_batch(input_size, channels, num_classes, batch)
-    got, calls = reference_calls(model, parts, images, classes)
-    reference = {name: methods.get(name).reference(got[graph_spec.OUTPUT_ACTIVATIONS], model=calls)
-                 for name in names}
+    got, calls = reference_calls(model, parts, images, classes, names)
+    reference = {}
+    for name in names:
+        calls.method = name
+        reference[name] = methods.get(name).reference(got[graph_spec.OUTPUT_ACTIVATIONS], model=calls)
     from camface.export.onnx_verify import Check
 
-    differences = [Check(d.output, d.max_abs, d.reference_max, d.allowed) for d in verify.compare(got, reference, precision)]
+    sampled = {f"{name} scores ({s[0].shape[1]} sampled)": s for name, s in calls.sampled.items()}
+    differences = [Check(d.output, d.max_abs, d.reference_max, d.allowed) for d in (
+        verify.compare(got, reference, precision)
+        + verify.compare({k: g for k, (g, _) in sampled.items()}, {k: r for k, (_, r) in sampled.items()},
+                         precision))]
     failed = [d for d in differences if not d.ok]
     if failed:
         raise ModelError("the gradient-free methods disagree with their numpy reference: "

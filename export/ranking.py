@@ -19,6 +19,7 @@ sample's crops, whatever the machine's speed); benchmarks/export_ranking.py meas
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import replace
 
@@ -76,7 +77,9 @@ def rank_crops(graph, crops: np.ndarray, settings: dict, seconds: float = SECOND
     return {
         "rule": f"{METRICS[RANKED_BY][0]} ({'higher' if METRICS[RANKED_BY][2] else 'lower'} is better)",
         "ranking": [name for name in ranking(rank(by_method)) if name in shown],
-        "scores": {name: {key: round(m[key], 4) for key in keys} for name, m in by_method.items()},
+        # an undefined mean (Average Drop of a gallery graph whose crops all score <= 0: NaN) is
+        # stored as null, never as NaN (not JSON; a strict reader of the metadata fails on it)
+        "scores": {name: {key: _rounded(m[key]) for key in keys} for name, m in by_method.items()},
         **({"left_out": left_out} if left_out else {}),
         "settings": {**settings, "crops": int(len(crops)), **({"crops_found": found} if found > len(crops) else {}),
                      "steps": STEPS, "baseline": BASELINE,
@@ -158,10 +161,20 @@ def summary_lines(ranked: dict, fallback: str = graph_spec.FALLBACK_METHOD) -> l
     rows += [("-", name) for name in scores if name not in ranked["ranking"]]
     for place, name in rows:
         lines.append(f"{place:<4}{name:<20}" + "".join(
+            f"{'n/a':>16}" if not _finite(scores[name].get(key)) else
             f"{scores[name][key]:>16.3f}" if "auc" in key else f"{scores[name][key]:>16.1f}"
             for key, _, _ in METRICS.values()))
     lines += [f"    {name:<20}not ranked: {why}" for name, why in ranked.get("left_out", {}).items()]
     return lines
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _rounded(value) -> float | None:
+    """A mean score as recorded: 4 decimals, or None when it is undefined (NaN, infinite)."""
+    return round(float(value), 4) if _finite(value) else None
 
 
 def _too_costly(graph, scorer, crops: np.ndarray, names, seconds: float) -> dict[str, str]:

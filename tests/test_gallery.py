@@ -279,6 +279,25 @@ def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path,
         "figure": tmp_path / "people.v2.similarity.png"}
 
 
+def test_a_gallery_of_one_identity_says_its_probs_are_always_one(embedder, crops, tmp_path, capsys):
+    """One person enrolled: the softmax over one class is 1 for any face, so the similarity and
+    the threshold (the default, with no impostor score) are what tell them from anyone else;
+    enroll says so; the graph's similarity still varies with the face."""
+    root = people_dir(tmp_path / "people", per_person=2, names=("collins",))
+    out = tmp_path / "one.onnx"
+    assert main(["enroll", str(root), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--no-rank"]) == 0
+    text = capsys.readouterr().out
+    assert "one identity: probs (a softmax over one class) is 1 for every face" in text
+    assert f"unknown below cosine similarity {threshold.DEFAULT:.3f} (default" in text and "impostor (one identity)" in text
+    found, _ = crops
+    import onnx
+
+    got = _run(onnx.load(str(out)), found, np.full(len(found), -1))
+    np.testing.assert_array_equal(got["probs"], 1.0)
+    assert got["similarity"].shape == (len(found), 1) and np.ptp(got["similarity"]) > 0.1  # it varies
+
+
 # ---------------------------------------------------------------- the unknown threshold
 
 def test_equal_error_threshold_on_hand_made_scores():
@@ -360,6 +379,24 @@ def test_empty_people_dir_and_folders_without_a_usable_face(tmp_path, embedder, 
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("first, second", [("alice", "Alice"), ("Jos\u00e9", "Jose\u0301")])  # NFC / NFD
+def test_person_folders_named_alike_are_refused_naming_both(first, second, tmp_path, embedder, capsys):
+    """Two folders whose names differ only in case or Unicode normalisation would be two
+    identities labelled alike (they were enrolled as two); refused before any work, nothing
+    written."""
+    root = tmp_path / "people"
+    for name in (first, second):
+        (root / name).mkdir(parents=True)
+        cv2.imwrite(str(root / name / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    if len(list(root.iterdir())) < 2:
+        pytest.skip("this file system folds the two names into one folder")
+    out = tmp_path / "g.onnx"
+    assert main(["enroll", str(root), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface"]) == 2
+    err = capsys.readouterr().err
+    assert "differ only in case or Unicode normalisation" in err and first in err and second in err
+    assert len(err.strip().splitlines()) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["people"]
+
+
 def test_a_model_whose_output_is_not_an_embedding(tmp_path):
     from torch import nn
 
@@ -377,6 +414,18 @@ def test_a_gallery_whose_dimension_differs_from_the_model(embedder):
         gallery.with_similarity_head(loaded, np.ones((3, 8), np.float32))
     with pytest.raises(ModelError, match="NaN"):
         gallery.with_similarity_head(loaded, np.full((3, 16), np.nan, np.float32))
+
+
+def test_a_gallery_too_large_for_one_onnx_file_is_refused_with_its_size(embedder, monkeypatch):
+    """An ONNX file is one protobuf message of at most 2 GiB (about a million identities at D =
+    512): past it, serialising failed with protobuf's own error; now a ModelError says the size.
+    The limit is lowered here to the embedder plus 100 rows."""
+    loaded = gallery.load(embedder[1], ARCFACE)
+    monkeypatch.setattr(gallery, "MAX_GRAPH_BYTES", loaded.model.ByteSize() + 100 * 16 * 4)
+    gallery.with_similarity_head(loaded, gallery.normalise(np.ones((100, 16))))
+    with pytest.raises(ModelError, match=r"a gallery of 101 identities x D = 16 \(0\.00 GiB\) and embedder "
+                                         r"embedder\.onnx make a 0\.00 GiB graph, over ONNX's 2 GiB file limit"):
+        gallery.with_similarity_head(loaded, gallery.normalise(np.ones((101, 16))))
 
 
 def test_embeddings_with_nans_are_refused(people, tmp_path, capsys):
@@ -491,6 +540,43 @@ def test_compare_explains_each_face_s_similarity_to_the_other(people, embedder, 
     assert "--threshold is a cosine similarity in [-1, 1], got 5.0" in capsys.readouterr().err
     assert compare._names(Path("a.jpg"), Path("a.jpg")) == ("a.jpg", "a.jpg")
     assert compare._names(Path("x/a.jpg"), Path("y/a.jpg")) == ("x/a.jpg", "y/a.jpg")
+
+
+def test_compare_of_a_photo_with_itself_explains_the_projection_not_rounding_noise(people, embedder, tmp_path,
+                                                                                   capsys):
+    """The same photo twice: cosine 1, whose gradient vanishes, so a map of it is rounding noise
+    (B's embedding moved by two ulps gave another normalised map, max difference 1.0). compare
+    explains the projection e_A . u_B there: torch autograd's map, and the same map (within 1e-3
+    of its maximum; measured 4e-7) when B's embedding moves by two ulps, on any CPU."""
+    from camface.export import compare
+
+    model, path = embedder
+    a = people / "collins" / "0.png"
+    result = compare.compare(a, a, path, ARCFACE)
+    assert result.similarity == pytest.approx(1.0, abs=1e-6) and result.target == compare.PROJECTION
+    x = torch.from_numpy(result.crops.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        e = model(x).numpy()
+    rows = gallery.normalise(e)
+    # d (e_A . u_B) / dA_A by autograd
+    feats = model.features(x).detach().requires_grad_(True)
+    projection = (model.fc(feats.mean(dim=(2, 3))) - model.centre) * torch.from_numpy(rows[::-1].copy())
+    projection.sum().backward()
+    nhwc = (lambda t: t.detach().permute(0, 2, 3, 1).numpy())
+    _maps_agree(result.maps, methods.get("gradcam").reference(nhwc(feats), nhwc(feats.grad), None), "gradcam")
+    embedder_ = gallery.load(path, ARCFACE)
+    rng = np.random.default_rng(0)
+    moved = (rows * (1 + rng.choice((-1.0, 1.0), rows.shape) * 2.0 ** -22)).astype(np.float32)
+    again = compare.explain(embedder_, ARCFACE, result.crops, moved, "gradcam", result.target)
+    for n in range(2):
+        shown, moved_map = (methods.normalize(m[n], "gradcam") for m in (result.maps, again))
+        assert np.abs(shown - moved_map).max() <= 1e-3
+    assert main(["compare", str(a), str(a), "--model", str(path), "--preset", "arcface", "-o",
+                 str(tmp_path / "same.png")]) == 0
+    out = capsys.readouterr().out
+    assert "cosine similarity collins/0.png - collins/0.png: 1.000" in out and "the similarity is saturated" in out
+    different = compare.compare(a, people / "hopper" / "0.png", path, ARCFACE)
+    assert different.target == compare.COSINE and different.note == ""
 
 
 def test_evaluate_scores_the_similarity_of_a_gallery_graph(enrolled, crops):
@@ -608,10 +694,18 @@ def test_an_embedder_without_a_preset_is_refused_naming_the_recognition_presets(
     assert "facenet = RGB (x-127.5)/128" in err and not (tmp_path / "g.onnx").exists()
 
 
-def test_a_threshold_outside_minus_one_to_one_is_refused(people, embedder, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threshold", "31", "--threshold is a cosine similarity in [-1, 1], got 31.0"),
+    ("--threshold", "nan", "--threshold is a cosine similarity in [-1, 1], got nan"),
+    ("--softmax-scale", "nan", "--softmax-scale must be a positive number, got nan"),  # was written as NaN
+    ("--softmax-scale", "inf", "--softmax-scale must be a positive number, got inf"),
+    ("--softmax-scale", "0", "--softmax-scale must be a positive number, got 0.0"),
+])
+def test_a_threshold_outside_minus_one_to_one_or_a_scale_not_positive_is_refused(
+        flag, value, message, people, embedder, tmp_path, capsys):
     assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
-                 "--preset", "arcface", "--threshold", "31"]) == 2
-    assert "--threshold is a cosine similarity in [-1, 1], got 31.0" in capsys.readouterr().err
+                 "--preset", "arcface", flag, value]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people, embedder, tmp_path, capsys):
@@ -636,3 +730,137 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people
         assert message in err and "Traceback" not in err, (argv, err)
     assert model.read_bytes() == embedder[1].read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [
         "embedder.onnx"]
+
+
+def test_an_undefined_average_drop_is_recorded_as_null_never_nan(monkeypatch):
+    """A gallery graph whose ranking crops all score <= 0 (every face unknown, e.g. a random
+    embedder) has no Average Drop (metrics.average_drop: NaN). The ranking recorded in the
+    graph's metadata holds null there (strict JSON), ranks it last, and prints n/a; metadata that
+    would hold NaN anyway is refused, not written."""
+    from types import SimpleNamespace
+
+    from camface.evaluate import scores as scores_module
+    from camface.evaluate.report import METRICS, rank
+    from camface.evaluate.scores import MethodScores
+    from camface.export import ranking
+
+    names = ("gradcam", "layercam", "random")
+    deletion = {"gradcam": 0.2, "layercam": 0.1, "random": 0.3}
+
+    class FakeScorer:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, crops, methods_):
+            return None, None, [MethodScores(m, deletion[m], 0.5, float("nan"), 10.0, (), (), 1.0) for m in methods_]
+
+    monkeypatch.setattr(scores_module, "Scorer", FakeScorer)
+    graph = SimpleNamespace(info=SimpleNamespace(heatmaps=names[:2]), provider="cpu")
+    crops = np.zeros((ranking.MIN_CROPS, 8, 8, 3), np.uint8)
+    ranked = ranking.rank_crops(graph, crops, {"source": "people/"}, seconds=0)
+    assert ranked["ranking"] == ["layercam", "gradcam"]  # by deletion AUC, the NaN aside
+    assert all(s["average_drop_pct"] is None for s in ranked["scores"].values())
+    info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
+                                heatmaps=("gradcam",), ranking=ranked, gallery={"scale": 30.0, "threshold": 0.3})
+
+    def strict(constant):
+        raise AssertionError(f"metadata holds {constant}")
+
+    text = info.to_metadata()[graph_spec.META_RANKING]
+    assert json.loads(text, parse_constant=strict) == ranked
+    assert graph_spec.GraphInfo.from_metadata(info.to_metadata()).ranking == ranked
+    lines = ranking.summary_lines(ranked)
+    assert all("n/a" in line and "nan" not in line for line in lines if line.startswith(("1", "2", "-")))
+    # rank(): an undefined score ranks last whatever its place in the table (NaN compares false)
+    table = {m: {key: (float("nan") if m == "gradcam" and key == "average_drop_pct" else 1.0 + i)
+                 for key, _, _ in METRICS.values()} for i, m in enumerate(names)}
+    assert rank(table)["average_drop"]["gradcam"] == 3
+    with pytest.raises(ModelError, match="holds NaN or infinity"):
+        graph_spec.GraphInfo(labels=("a",), input_size=(8, 8), color_order="RGB", target_layer="t",
+                             heatmaps=(), gallery={"scale": float("nan")}).to_metadata()
+
+
+def test_equal_error_threshold_equals_the_pairwise_count_and_scales_to_a_thousand_people():
+    """FRR / FAR counted by binary search equal the pairwise comparison they replace (which held a
+    [candidates, genuine] array: 2.5 GB for 100 people x 5 photos, out of memory for 1000); 1000
+    people x 5 photos (5 000 genuine, 5 million impostor scores) run in seconds."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        genuine = np.round(rng.normal(0.6, 0.2, rng.integers(1, 40)), 2)  # ties on purpose
+        impostor = np.round(rng.normal(0.2, 0.2, rng.integers(1, 60)), 2)
+        values = np.unique(np.concatenate([genuine, impostor]))
+        candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
+        cost = np.maximum((genuine[None] < candidates[:, None]).mean(1), (impostor[None] >= candidates[:, None]).mean(1))
+        best = np.flatnonzero(cost == cost.min())
+        want = (candidates[best[0]] + candidates[best[-1]]) / 2
+        assert threshold.equal_error_threshold(genuine, impostor)[0] == pytest.approx(want, abs=1e-12), trial
+    got, rule = threshold.equal_error_threshold(rng.normal(0.6, 0.1, 5_000), rng.normal(0.1, 0.1, 5_000_000))
+    assert 0.3 < got < 0.4 and "(5000 genuine, 5000000 impostor)" in rule
+
+
+def test_leave_one_out_in_chunks_equals_the_photo_by_photo_definition():
+    """Chunked and vectorised (impostor scores float32: a list of Python floats took 1 GB for
+    2000 people x 5 photos): the same scores and predictions as matching each photo alone."""
+    rng = np.random.default_rng(3)
+    e = rng.standard_normal((23, 6))
+    targets = np.sort(rng.integers(0, 5, 23))
+    targets[-1] = 5  # an identity with one photo: impostor scores only
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    genuine, impostor, predicted = [], [], []
+    for i, (x, k) in enumerate(zip(u, targets)):
+        rows = np.stack([u[targets == j].sum(0) for j in range(6)])
+        impostor += [float(x @ (r / np.linalg.norm(r))) for j, r in enumerate(rows) if j != k]
+        if (targets == k).sum() < 2:
+            predicted.append(-1)
+            continue
+        rows[k] -= x
+        scores = [float(x @ (r / np.linalg.norm(r))) for r in rows]
+        genuine.append(scores[k])
+        predicted.append(int(np.argmax(scores)))
+    loo = threshold.leave_one_out(e, targets, 6, chunk=4)
+    np.testing.assert_allclose(loo.genuine, genuine, atol=1e-12)
+    np.testing.assert_allclose(loo.impostor, impostor, atol=1e-6)  # float32
+    np.testing.assert_array_equal(loo.predicted, predicted)
+
+
+def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(people, embedder, tmp_path, monkeypatch):
+    """enroll writes the graph, then the gallery, the figure and the report beside it: a failure
+    midway (here the figure) removed nothing, leaving a graph with no report, or with the report
+    of an earlier run into the same name. Now none of the four files is left."""
+    out = tmp_path / "g.onnx"
+    for path in enroll.beside_paths(out).values():  # an earlier run's
+        path.write_text("earlier")
+
+    def fails(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(enroll, "similarity_figure", fails)
+    with pytest.raises(OSError, match="disk full"):
+        enroll.enroll(people, embedder[1], out, ARCFACE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_similarity_figure_of_a_large_gallery_samples_its_photos(tmp_path, monkeypatch):
+    """3000 photos of 1000 people: the photo-by-photo matrix is drawn for an evenly spaced 2000
+    (said in the title; the whole M x M was 1.6 GB at 20 000 photos) and the 1000 names are left
+    off the axes; a small gallery keeps every photo and name."""
+    from camface.evaluate import plot
+
+    drawn = {}
+
+    def keep(figure, path, dpi=100):
+        drawn["axes"] = figure.axes[0]
+        return path
+
+    monkeypatch.setattr(plot, "_save", keep)
+    rng = np.random.default_rng(0)
+    units = gallery.normalise(rng.standard_normal((3000, 8)))
+    targets = np.repeat(np.arange(1000), 3)
+    enroll.similarity_figure(units, targets, [f"p{k}" for k in range(1000)], tmp_path / "s.png", "title")
+    ax = drawn["axes"]
+    assert ax.get_images()[0].get_array().shape == (2000, 2000)
+    assert ax.get_title() == "title\n2000 of 3000 photos, evenly spaced" and not ax.get_xticklabels()
+    enroll.similarity_figure(units[:9], targets[:9], ["a", "b", "c"], tmp_path / "s.png", "small")
+    ax = drawn["axes"]
+    assert ax.get_images()[0].get_array().shape == (9, 9) and ax.get_title() == "small"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]

@@ -392,3 +392,65 @@ def test_weights_by_hand_on_a_linear_head():
     weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
     np.testing.assert_allclose(methods.get("scorecam").reference(a, model=calls)[0],
                                np.maximum(a[0] @ weights, 0), rtol=1e-5)
+
+
+def test_the_check_runs_a_sample_of_the_passes_and_catches_scores_out_of_place(monkeypatch):
+    """onnx_rerun.check runs the reference on one variant per chunk (and the last), not all K
+    (Score-CAM: K forward passes per crop, the bulk of an export's self-check): every unrolled
+    clone or Loop iteration is still run once, and the map is checked on every channel's score.
+    The passes' scores in another channel order inside the graph fail it, naming the scores."""
+    from camface.export import onnx_export, onnx_rerun
+    from camface.export.exporter import ExportOptions
+
+    channels, size, classes = 40, 16, 4  # Score-CAM: 3 chunks of 16; Ablation-CAM: 2 of 32
+    options = ExportOptions(preset="unit", target_layer="target", verify=False)
+    unrolled, _, _ = onnx_export.build(_onnx_classifier(size, channels), options)
+    monkeypatch.setattr(onnx_rerun, "MAX_UNROLLED", 0)
+    looped, _, _ = onnx_export.build(_onnx_classifier(size, channels), options)
+    assert sum(n.op_type == "Loop" for n in looped.graph.node) == 2
+    rows = []
+    real = onnx_rerun._session
+
+    def counting(model):  # the reference's sessions, counting the rows they run
+        session = real(model)
+        run = session.run
+
+        def counted(names, feeds):
+            rows.append(len(next(iter(feeds.values()))))
+            return run(names, feeds)
+
+        session.run = counted
+        return session
+
+    monkeypatch.setattr(onnx_rerun, "_session", counting)
+    sampled = {"scorecam": 3 + 1, "ablationcam": 2 + 1}
+    for graph in (unrolled, looped):
+        differences = onnx_rerun.check(graph, RERUNS, (size, size), 3, classes, batch=2)
+        assert all(d.ok for d in differences)
+        by_name = {d.output: d for d in differences}
+        for name in RERUNS:
+            scores = by_name[f"{name} scores ({sampled[name]} sampled)"]
+            assert scores.reference_max > 0 and scores.ok
+    # per graph: the graph probed on 2 crops, their class logits, 2 crops x (4 + 3) sampled variants
+    assert sum(rows) == 2 * (2 + 2 + 2 * (4 + 3)), rows  # every variant: 2 x (2 + 2 + 2 x (40 + 40))
+    broken = onnx.ModelProto()  # the passes' scores in reverse channel order
+    broken.CopyFrom(unrolled)
+    scores = onnx_rerun.scores_tensor("scorecam")
+    at, producer = next((i, n) for i, n in enumerate(broken.graph.node) if n.output[0] == scores)
+    producer.output[0] = "in_order"
+    broken.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(channels)[::-1].copy(), "reversed"))
+    broken.graph.node.insert(at + 1, onnx.helper.make_node("Gather", ["in_order", "reversed"], [scores], axis=1))
+    with pytest.raises(ModelError, match=r"scorecam scores \(4 sampled\)"):
+        onnx_rerun.check(broken, RERUNS, (size, size), 3, classes, batch=2)
+    older = onnx.ModelProto()  # a graph made before the scores were named: every variant rerun
+    older.CopyFrom(unrolled)
+    for node in older.graph.node:
+        for i, out in enumerate(node.output):
+            if out.endswith("/scores"):
+                node.output[i] = out + "_unnamed"
+                for reader in older.graph.node:
+                    reader.input[:] = [out + "_unnamed" if x == out else x for x in reader.input]
+    rows.clear()
+    differences = onnx_rerun.check(older, RERUNS, (size, size), 3, classes, batch=2)
+    assert all(d.ok for d in differences) and not any("sampled" in d.output for d in differences)
+    assert sum(rows) == 2 + 2 + 2 * (40 + 40)
