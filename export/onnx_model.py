@@ -200,6 +200,7 @@ def describe(model, where: object = "model") -> Classifier:
         raise ModelError(f"{where}: input {image.name!r} {dims} has no channel axis of 1 or 3")
     if not all(isinstance(d, int) and d > 0 for d in size):
         raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims})")
+    check_inference_mode(model, where)
     producer = {o: n for n in graph.node for o in n.output}
     final = producer.get(output.name)
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
@@ -210,6 +211,28 @@ def describe(model, where: object = "model") -> Classifier:
                          f"{logit_dims})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
                       output.name, logits, activation, int(logit_dims[1]))
+
+
+def check_inference_mode(model, where: object = "model") -> None:
+    """ModelError naming the first node left in training mode: a BatchNormalization with
+    training_mode=1 (or its running-statistics outputs) normalises each crop by the statistics of
+    the batch it came in (one crop alone: every channel 0, the same probabilities whatever the
+    face), a Dropout whose training_mode is true or not a constant zeroes random activations on
+    every run. Such a model gives no one answer per face; it must be exported in eval mode."""
+    values = constants(model)
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and (
+                any(a.name == "training_mode" and a.i for a in node.attribute)
+                or len([o for o in node.output if o]) > 1):
+            why = "normalises by the batch's statistics (training_mode=1)"
+        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] and (
+                node.input[2] not in values or bool(np.asarray(values[node.input[2]]).any())):
+            why = "drops random activations (its training_mode input is not a constant false)"
+        else:
+            continue
+        raise ModelError(f"{where}: {node.op_type} node {node.name!r} is in training mode: it {why}, "
+                         "so a face's result depends on the run; export the model in eval mode "
+                         "(PyTorch: model.eval() before exporting; Keras: training=False)")
 
 
 def settle_shapes(classifier: Classifier) -> Classifier:

@@ -183,7 +183,40 @@ def _fixed_batch(path):
                       input_shape=(1, 3, 8, 8), classes=3)
 
 
+def _conv_relu_then(path, node, inits=()):
+    """conv -> relu -> `node` (reads 'relu', writes 'after') -> pool -> linear: a model whose
+    `node` sits in the head."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["conv"], ["relu"]), node,
+             helper.make_node("GlobalAveragePool", ["after"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, weights + list(inits))
+
+
+def _batch_norm_training(path):
+    stats = [numpy_helper.from_array(np.full(6, v, np.float32), n)
+             for n, v in (("s", 1), ("b", 0), ("mu", 0.1), ("var", 2))]
+    return _conv_relu_then(path, helper.make_node(
+        "BatchNormalization", ["relu", "s", "b", "mu", "var"], ["after", "mean", "var_out"],
+        training_mode=1, name="bn_left_training"), stats)
+
+
+def _dropout_training(path):
+    flags = [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+             numpy_helper.from_array(np.array(True), "train")]
+    return _conv_relu_then(path, helper.make_node("Dropout", ["relu", "ratio", "train"], ["after"],
+                                                  name="drop_left_training"), flags)
+
+
 ERRORS = [
+    ("batch norm in training mode", _batch_norm_training, ["--target-layer", "relu"],
+     r"BatchNormalization node 'bn_left_training' is in training mode.*eval mode"),
+    ("dropout in training mode", _dropout_training, ["--target-layer", "relu"],
+     r"Dropout node 'drop_left_training' is in training mode.*eval mode"),
     ("unknown target", _conv_sin_model, ["--target-layer", "layer9"],
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
