@@ -201,6 +201,7 @@ def describe(model, where: object = "model") -> Classifier:
     if not all(isinstance(d, int) and d > 0 for d in size):
         raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims})")
     check_inference_mode(model, where)
+    check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
     final = producer.get(output.name)
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
@@ -233,6 +234,38 @@ def check_inference_mode(model, where: object = "model") -> None:
         raise ModelError(f"{where}: {node.op_type} node {node.name!r} is in training mode: it {why}, "
                          "so a face's result depends on the run; export the model in eval mode "
                          "(PyTorch: model.eval() before exporting; Keras: training=False)")
+
+
+def outer_reads(graph) -> set[str]:
+    """Names that `graph` (a subgraph of an If, Loop or Scan, and the subgraphs inside it)
+    reads from the graphs around it: what its nodes read that it does not define."""
+    defined = {v.name for v in graph.input} | {i.name for i in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(x for x in node.input if x and x not in defined)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                read |= outer_reads(sub) - defined
+        defined.update(node.output)
+    return read
+
+
+def check_control_flow(model, where: object = "model") -> None:
+    """ModelError naming the first If / Loop / Scan node whose subgraph reads a tensor of the
+    main graph without taking it as an input: camface's walks over the graph (which tensors the
+    logits depend on, the head it differentiates and re-runs, the parts it cuts out) follow the
+    nodes' inputs and would lose that tensor's producers."""
+    for node in model.graph.node:
+        hidden = set()
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                hidden |= outer_reads(sub)
+        if hidden:
+            shown = ", ".join(sorted(hidden)[:5])
+            raise ModelError(f"{where}: {node.op_type} node {node.name!r} reads {shown} inside its "
+                             "subgraph: camface follows the main graph only; fold the control flow away "
+                             "(python -m onnxsim, or re-export the model without data-dependent branches "
+                             "or loops)")
 
 
 def settle_shapes(classifier: Classifier) -> Classifier:

@@ -212,7 +212,29 @@ def _dropout_training(path):
                                                   name="drop_left_training"), flags)
 
 
+def _branch_reading_conv(path):
+    """An If whose branches read the main graph's 'conv' without taking it as an input (ONNX's
+    outer scope): the export failed in ONNX Runtime (a traceback) on the parts it cut out."""
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("Relu", ["conv"], ["inner"])], "then", [],
+                             [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["conv"], ["inner2"])], "else", [],
+                              [helper.make_tensor_value_info("inner2", TensorProto.FLOAT, None)])
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array(True), "cond")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("If", ["cond"], ["branch"], then_branch=then, else_branch=other,
+                              name="branchy"),
+             helper.make_node("GlobalAveragePool", ["branch"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
 ERRORS = [
+    ("control flow reading the outer graph", _branch_reading_conv, [],
+     r"If node 'branchy' reads conv inside its subgraph.*fold the control flow"),
     ("batch norm in training mode", _batch_norm_training, ["--target-layer", "relu"],
      r"BatchNormalization node 'bn_left_training' is in training mode.*eval mode"),
     ("dropout in training mode", _dropout_training, ["--target-layer", "relu"],
