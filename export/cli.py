@@ -92,6 +92,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
                         help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
                              "(default: T - h * w)")
+    parser.add_argument("--class-output", metavar="NAME", default=None,
+                        help=".onnx/.pt2 with several outputs (logits and an embedding, say): the output "
+                             "holding the class scores (logits, or a Softmax / Sigmoid of them); the others "
+                             "are left out (default: the model's one output)")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
     add_input_arguments(parser, "input normalisation and colour order the model expects (required "
@@ -162,6 +166,7 @@ def main(args: argparse.Namespace) -> int:
         target_layer=args.target_layer,
         token_grid=args.token_grid,
         prefix_tokens=args.prefix_tokens,
+        class_output=args.class_output,
         labels=labels,
         preset=args.preset if onnx_engine else args.preset or "none",
         color_order=args.color_order,
@@ -179,6 +184,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if not onnx_engine and (args.token_grid or args.prefix_tokens is not None):
         raise UsageError("--token-grid and --prefix-tokens are for .onnx / .pt2 transformers")
+    if not onnx_engine and args.class_output is not None:
+        raise UsageError("--class-output is for .onnx / .pt2 models with several outputs")
     if onnx_engine:
         from camface.export import onnx_export
 

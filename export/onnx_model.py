@@ -178,8 +178,10 @@ def describe(model, where: object = "model") -> Classifier:
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     if len(inputs) != 1 or len(graph.output) != 1:
+        several = ("; of several outputs, name the one holding the class scores with "
+                   "--class-output NAME") if len(inputs) == 1 else ""
         raise ModelError(f"{where}: camface needs one image input and one output (it has inputs "
-                         f"{[v.name for v in inputs]}, outputs {[v.name for v in graph.output]})")
+                         f"{[v.name for v in inputs]}, outputs {[v.name for v in graph.output]}){several}")
     image, output = inputs[0], graph.output[0]
     dims = shapes(model)[image.name] or []
     if image.type.tensor_type.elem_type != FLOAT or len(dims) != 4:
@@ -212,6 +214,24 @@ def describe(model, where: object = "model") -> Classifier:
                          f"{logit_dims})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
                       output.name, logits, activation, int(logit_dims[1]))
+
+
+def keep_output(model, name: str, where: object = "model"):
+    """A copy of `model` whose one output is `name` (the class scores of a model that also
+    returns an embedding, say; the nodes only the others need stay, unread); ModelError listing
+    the outputs when none is called `name`."""
+    import onnx
+
+    names = [o.name for o in model.graph.output]
+    if name not in names:
+        raise ModelError(f"{where}: --class-output {name!r}: no output of that name (its outputs: "
+                         f"{', '.join(names)})")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [o for o in copy.graph.output if o.name == name]
+    del copy.graph.output[:]
+    copy.graph.output.extend(kept)
+    return copy
 
 
 def check_inference_mode(model, where: object = "model") -> None:

@@ -382,3 +382,80 @@ def test_the_logits_are_the_input_of_a_final_activation(tmp_path, final):
     np.testing.assert_allclose(out["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
     sums = out["probs"].sum(axis=1)
     assert (np.allclose(sums, 1, atol=1e-5)) == (final != "Sigmoid")
+
+
+def _logits_and_embedding(path):
+    """conv -> pool -> [embedding (N, 6), logits (N, 4)]: a face model's two outputs."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["embedding"]),
+             helper.make_node("Gemm", ["embedding", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 6]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, str(path))
+    return path, numpy_helper.to_array(inits[1])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], r"outputs \['embedding', 'logits'\]\); of several outputs, name the one holding the class "
+         r"scores with --class-output NAME"),
+    (["--class-output", "scores"], r"--class-output 'scores': no output of that name \(its outputs: "
+                                   r"embedding, logits\)")])
+def test_a_model_with_several_outputs_needs_class_output(tmp_path, capsys, flags, message):
+    import re
+
+    path, _ = _logits_and_embedding(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_class_output_picks_the_logits_of_a_model_that_also_returns_an_embedding(tmp_path):
+    path, fc = _logits_and_embedding(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank",
+                 "--class-output", "logits"]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    assert got["probs"].shape == (2, 4)
+    expected = np.einsum("nhwk,nk->nhw", got["activations"], fc[[1, 3]])  # linear head: W[c] / (h w)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+
+
+def test_class_output_picks_the_logits_of_a_program_returning_a_tuple(tmp_path):
+    from torch import nn
+
+    class LogitsAndEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 6, 3, 1, 1), nn.Linear(6, 4)
+
+        def forward(self, x):
+            embedding = torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1)
+            return self.fc(embedding), embedding
+
+    torch.manual_seed(0)
+    model = LogitsAndEmbedding().eval()
+    path = save_program(model, tmp_path / "two.pt2", size=8)
+    with pytest.raises(ModelError, match=r"outputs \['linear', 'view'\]\).*--class-output NAME"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+    result = onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", class_output="linear"))
+    assert result.info.labels == tuple(f"class_{i}" for i in range(4))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([-1, 2])})))
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    probs = torch.softmax(model(x)[0], 1).detach().numpy()
+    np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
