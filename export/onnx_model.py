@@ -681,8 +681,15 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     shown = (module_names + found)[-40:]
     known = name in modules or name in nodes or name in shapes(model)
     what = "a 4-D tensor or tokens [N, T, C]" if tokens else "a 4-D tensor"
-    why = f"{name!r} is not {what} before the logits" if known else f"no tensor, node or " \
-        f"module named {name!r}"
+    tensor = modules.get(name) or nodes.get(name) or name
+    rank = len(shapes(model).get(tensor) or [])
+    if not known:
+        why = f"no tensor, node or module named {name!r}"
+    elif rank == 4 or rank == 3 and tokens:
+        why = (f"the logits {classifier.logits!r} do not depend on {name!r} "
+               f"{_symbolic(shapes(model).get(tensor))}: it is no target layer")
+    else:
+        why = f"{name!r} {_symbolic(shapes(model).get(tensor))} is not {what} before the logits"
     raise ModelError(f"{why}; candidate target layers: {', '.join(shown)}")
 
 

@@ -232,6 +232,20 @@ def _branch_reading_conv(path):
     return _tiny_onnx(path, nodes, inits)
 
 
+def _conv_with_a_side_branch(path):
+    """conv -> relu -> pool -> linear, and a 4-D 'side' = Sigmoid(conv) that nothing reads."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("Sigmoid", ["conv"], ["side"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
 ERRORS = [
     ("control flow reading the outer graph", _branch_reading_conv, [],
      r"If node 'branchy' reads conv inside its subgraph.*fold the control flow"),
@@ -242,6 +256,11 @@ ERRORS = [
     ("unknown target", _conv_sin_model, ["--target-layer", "layer9"],
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
+    ("a target that is not 4-D", _conv_sin_model, ["--target-layer", "flat"],
+     r"'flat' \[N, 6\] is not a 4-D tensor before the logits; candidate target layers: conv, wave"),
+    ("a target the logits do not depend on", _conv_with_a_side_branch, ["--target-layer", "side"],
+     r"the logits 'logits' do not depend on 'side' \[N, 6, 8, 8\]: it is no target layer; "
+     r"candidate target layers: conv, relu"),
     ("fixed batch", _fixed_batch, [], r"fixed batch dimension of 1.*dynamic"),
     ("no preset", _conv_sin_model, ["--no-preset"], r"m\.onnx does not say how it normalises.*--preset"),
 ]
