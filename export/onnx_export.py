@@ -137,6 +137,8 @@ def build(model, options: ExportOptions, source: str = "model"):
     if renamed:
         log.info("%s: tensors renamed inside the CAM graph: %s", source,
                  ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
+    if options.input_size is not None:
+        model = onnx_model.fix_input_size(model, options.input_size, source)
     if options.class_output is not None:
         model = onnx_model.keep_output(model, renamed.get(options.class_output, options.class_output),
                                        source)
@@ -181,7 +183,8 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         torch_model.refuse_pickle(model_path)
     check_output_file(output, overwrite=True)
     if suffix == ".pt2":
-        model = torch_model.to_onnx(model_path, max(options.opset, torch_model.DEFAULT_OPSET))
+        model = torch_model.to_onnx(model_path, max(options.opset, torch_model.DEFAULT_OPSET),
+                                    options.input_size)
     else:
         model = onnx_model.load(model_path)
     cam_graph, info, differences = build(model, options, source=str(model_path))

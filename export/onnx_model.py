@@ -201,7 +201,8 @@ def describe(model, where: object = "model") -> Classifier:
     else:
         raise ModelError(f"{where}: input {image.name!r} {dims} has no channel axis of 1 or 3")
     if not all(isinstance(d, int) and d > 0 for d in size):
-        raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims})")
+        raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims}); "
+                         "pass the size the model was trained on with --input-size HxW")
     check_inference_mode(model, where)
     check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
@@ -214,6 +215,36 @@ def describe(model, where: object = "model") -> Classifier:
                          f"{logit_dims})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
                       output.name, logits, activation, int(logit_dims[1]))
+
+
+def fix_input_size(model, size: tuple[int, int], where: object = "model"):
+    """A copy of `model` whose image input [N, C, H, W] or [N, H, W, C] has the height and width
+    `size` (H, W) where they were dynamic, shapes inferred again; ModelError naming the input
+    when it already has another fixed size. A model whose inputs camface cannot read is returned
+    as it is (`describe` says why)."""
+    import onnx
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    dims = shapes(model).get(inputs[0].name) if len(inputs) == 1 else None
+    if not dims or len(dims) != 4:
+        return model
+    axes = (2, 3) if dims[1] in (1, 3) and dims[3] not in (1, 3) else (1, 2)
+    fixed = [dims[a] for a in axes]
+    if all(isinstance(d, int) and d > 0 for d in fixed):
+        if tuple(fixed) != tuple(size):
+            raise ModelError(f"{where}: --input-size {size[0]}x{size[1]}: input {inputs[0].name!r} "
+                             f"is fixed at {fixed[0]}x{fixed[1]} ({_symbolic(dims)})")
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    image = next(v for v in copy.graph.input if v.name == inputs[0].name)
+    for axis, value in zip(axes, size):
+        dim = image.type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_value = int(value)
+    del copy.graph.value_info[:]  # inferred from the dynamic size: inferred again
+    return prepare(copy, where=where)
 
 
 def keep_output(model, name: str, where: object = "model"):

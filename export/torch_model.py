@@ -28,8 +28,9 @@ def refuse_pickle(path: Path) -> None:
         "torch.export.save(ep, 'model.pt2'); then camface export model.pt2 ...")
 
 
-def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
-    """onnx.ModelProto of the exported program at `path` (dynamic batch kept as exported)."""
+def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int, int] | None = None):
+    """onnx.ModelProto of the exported program at `path` (dynamic batch kept as exported);
+    input_size: (H, W) of a program whose height and width are dynamic (ModelError without)."""
     path = Path(path)
     check_model_file(path)
     try:
@@ -51,7 +52,27 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
     example = placeholders[0].meta.get("val")
     if example is None or example.dim() != 4:
         raise ModelError(f"{path}: the program's input must be a 4-D image batch")
-    shape = [d if isinstance(d, int) else 2 for d in example.shape]  # SymInt: dynamic
+    shape = list(example.shape)
+    hw = (2, 3) if isinstance(shape[1], int) and shape[1] in (1, 3) else (1, 2)
+    if not all(isinstance(shape[a], int) for a in hw):
+        if input_size is None:
+            raise ModelError(f"{path}: the program's input {[str(d) for d in shape]} has a dynamic "
+                             "height and width; pass the size the model was trained on with "
+                             "--input-size HxW")
+        for axis, value in zip(hw, input_size):
+            shape[axis] = int(value)
+        # torch.onnx cannot convert every dynamic size (a height of 2*h fails, "expected
+        # sympy.Symbol"): the program is exported again at the fixed size, the batch as it was
+        batch = None if isinstance(shape[0], int) else {0: torch.export.Dim("batch", min=1, max=32)}
+        shape = [d if isinstance(d, int) else 2 for d in shape]
+        try:
+            with _quiet("torch.export"):
+                program = torch.export.export(program.module(), (torch.zeros(shape),),
+                                              dynamic_shapes=(batch,) if batch else None)
+        except Exception as exc:
+            raise ModelError(f"{path}: the program does not run at --input-size "
+                             f"{input_size[0]}x{input_size[1]} ({str(exc).splitlines()[0]})") from exc
+    shape = [d if isinstance(d, int) else 2 for d in shape]  # SymInt: the dynamic batch
     args = (torch.zeros(shape, dtype=torch.float32),)
     import contextlib
     import io
@@ -61,7 +82,10 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET):
             exported = torch.onnx.export(program, args, dynamo=True,
                                          opset_version=max(opset, 16), verbose=False)
     except Exception as exc:
-        raise ModelError(f"{path}: torch.onnx.export fails ({str(exc).splitlines()[0]})") from exc
+        import re
+
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0]  # no terminal colours
+        raise ModelError(f"{path}: torch.onnx.export fails ({first})") from exc
     return exported.model_proto
 
 

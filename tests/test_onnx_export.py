@@ -478,3 +478,68 @@ def test_class_output_picks_the_logits_of_a_program_returning_a_tuple(tmp_path):
     x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
     probs = torch.softmax(model(x)[0], 1).detach().numpy()
     np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
+
+
+def _dynamic_size_model(path, input_shape=("N", 3, "H", "W")):
+    """conv (stride 2) -> pool -> linear on an input whose height and width are dynamic."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits, input_shape=input_shape), numpy_helper.to_array(inits[1])
+
+
+@pytest.mark.parametrize("shape, flags, message", [
+    (("N", 3, "H", "W"), [], r"needs a fixed height and width \(\['N', 3, 'H', 'W'\]\); pass the size "
+                             r"the model was trained on with --input-size HxW"),
+    (("N", 3, 8, 8), ["--input-size", "16x12"], r"--input-size 16x12: input 'x' is fixed at 8x8")])
+def test_input_size_errors(tmp_path, capsys, shape, flags, message):
+    import re
+
+    path, _ = _dynamic_size_model(tmp_path / "m.onnx", shape)
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_input_size_fixes_a_dynamic_height_and_width(tmp_path):
+    path, fc = _dynamic_size_model(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank",
+                 "--input-size", "16x12"]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 16, 12, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    assert got["activations"].shape == (2, 8, 6, 6)
+    expected = np.einsum("nhwk,nk->nhw", got["activations"], fc[[1, 3]])  # linear head: W[c] / (h w)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 48, rtol=1e-5, atol=1e-7)
+
+
+def test_input_size_fixes_a_program_exported_with_a_dynamic_height_and_width(tmp_path):
+    """torch.onnx cannot convert a program whose height is 2*h ("expected sympy.Symbol"): it failed
+    with that, or, at any dynamic size, converted the program at a 2x2 image."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4)).eval()
+    batch, h, w = (torch.export.Dim(n, min=m, max=32) for n, m in (("batch", 1), ("h", 4), ("w", 4)))
+    program = torch.export.export(model, (torch.zeros(2, 3, 16, 12),),
+                                  dynamic_shapes=({0: batch, 2: 2 * h, 3: 2 * w},))
+    path = tmp_path / "sized.pt2"
+    torch.export.save(program, str(path))
+    with pytest.raises(ModelError, match=r"dynamic height and width; pass .* --input-size HxW"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+    with pytest.raises(ModelError, match=r"does not run at --input-size 16x6"):  # width >= 8
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", input_size=(16, 6)))
+    result = onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", input_size=(16, 12)))
+    assert result.info.input_size == (16, 12) and result.info.feature_size == (8, 6)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 12, 3), dtype=np.uint8)
+    probs = session.run(["probs"], {"image": images, "class_index": np.array([-1, 0, 3])})[0]
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(probs, torch.softmax(model(x), 1).detach().numpy(), atol=1e-5)
