@@ -18,14 +18,34 @@ PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
 
 
+HOW_TO_EXPORT = ("ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
+                 "dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=32)},)); "
+                 "torch.export.save(ep, 'model.pt2')")
+
+
+def _what_it_is(path: Path, exc: Exception) -> str:
+    """What a file torch.export.load refused is, when its zip says so (a TorchScript archive or
+    a torch.save pickle, renamed), else torch's message without the warnings it points to (they
+    are silenced)."""
+    import zipfile
+
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (OSError, zipfile.BadZipFile):
+        names = []
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "it is a TorchScript archive, saved with torch.jit.save"
+    if any(n.endswith("/data.pkl") for n in names):
+        return "it is a pickle saved with torch.save (a state dict or a whole model)"
+    return str(exc).split(" Please check the warnings above")[0].strip()
+
+
 def refuse_pickle(path: Path) -> None:
     """ModelError for .pt / .pth: unpickling runs code, like Keras' unsafe mode."""
     raise ModelError(
         f"{path}: camface does not load {path.suffix} files: torch.load unpickles them, which "
         "RUNS CODE FROM THE FILE (like Keras' unsafe mode). Save the model as an exported "
-        "program instead: ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
-        "dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=32)},)); "
-        "torch.export.save(ep, 'model.pt2'); then camface export model.pt2 ...")
+        f"program instead: {HOW_TO_EXPORT}; then camface export model.pt2 ...")
 
 
 def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int, int] | None = None):
@@ -43,7 +63,8 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
         with _quiet("torch.export"):
             program = torch.export.load(str(path))
     except Exception as exc:  # a zip that is not an exported program raises many types
-        raise ModelError(f"{path}: not a program saved with torch.export.save ({exc})") from exc
+        raise ModelError(f"{path}: not a program saved with torch.export.save ({_what_it_is(path, exc)}); "
+                         f"make one with {HOW_TO_EXPORT}") from exc
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
                     and n.name in program.graph_signature.user_inputs]
     if len(placeholders) != 1:

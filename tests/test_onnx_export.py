@@ -543,3 +543,21 @@ def test_input_size_fixes_a_program_exported_with_a_dynamic_height_and_width(tmp
     probs = session.run(["probs"], {"image": images, "class_index": np.array([-1, 0, 3])})[0]
     x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
     np.testing.assert_allclose(probs, torch.softmax(model(x), 1).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("save, what", [
+    (lambda model, path: torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 8, 8)), str(path)),
+     "it is a TorchScript archive, saved with torch.jit.save"),
+    (lambda model, path: torch.save(model.state_dict(), str(path)),
+     r"it is a pickle saved with torch.save \(a state dict or a whole model\)")], ids=["jit", "pickle"])
+def test_a_torchscript_or_pickle_named_pt2_says_what_it_is_and_what_to_make(tmp_path, save, what):
+    """torch's own message pointed at warnings that camface silences ('Please check the warnings
+    above') and said neither what the file was nor what to make."""
+    from torch import nn
+
+    path = tmp_path / "renamed.pt2"
+    save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(), path)
+    with pytest.raises(ModelError, match=rf"not a program saved with torch.export.save \({what}\); make one "
+                                         r"with ep = torch.export.export\(model.eval\(\).*torch.export.save"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+    assert not (tmp_path / "o.onnx").exists()
