@@ -715,7 +715,12 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     tensor = modules.get(name) or nodes.get(name) or name
     rank = len(shapes(model).get(tensor) or [])
     if not known:
-        why = f"no tensor, node or module named {name!r}"
+        import difflib
+
+        named = [n for n, t in nodes.items() if t in set(found)] + module_names + found
+        close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
+        why = f"no tensor, node or module named {name!r}" + (
+            f" (did you mean {' or '.join(close)}?)" if close else "")
     elif rank == 4 or rank == 3 and tokens:
         why = (f"the logits {classifier.logits!r} do not depend on {name!r} "
                f"{_symbolic(shapes(model).get(tensor))}: it is no target layer")

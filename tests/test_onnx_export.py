@@ -94,6 +94,13 @@ def test_every_heatmap_equals_torch_autograd(exported, name, target, module):
             assert error <= 1e-6 + 1e-4 * scale, output
 
 
+@pytest.mark.parametrize("typo, meant", [("layr3", "layer3"), ("layer4.bn", "layer4.bn[12] or layer4.bn[12]")])
+def test_a_misspelt_target_names_the_near_matches(exported, typo, meant):
+    with pytest.raises(ModelError, match=rf"no tensor, node or module named '{typo}' \(did you mean "
+                                         rf"{meant}.*\?\); candidate target layers: "):
+        onnx_export.build(exported["linear"][1], ExportOptions(preset="torch", target_layer=typo))
+
+
 def test_gradcam_is_relu_cam_over_hw_for_a_linear_head(exported):
     cam_graph, info, _ = onnx_export.build(exported["linear"][1], ExportOptions(preset="torch"))
     session = ort.InferenceSession(cam_graph.SerializeToString(), providers=["CPUExecutionProvider"])
