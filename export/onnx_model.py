@@ -185,9 +185,13 @@ def describe(model, where: object = "model") -> Classifier:
     image, output = inputs[0], graph.output[0]
     dims = shapes(model)[image.name] or []
     if image.type.tensor_type.elem_type != FLOAT or len(dims) != 4:
+        import onnx
+
+        kind = onnx.TensorProto.DataType.Name(image.type.tensor_type.elem_type).lower()
+        advice = "; convert the model to float32 (camface's graphs keep float32 inputs)" \
+            if kind in ("float16", "bfloat16", "double") and len(dims) == 4 else ""
         raise ModelError(f"{where}: input {image.name!r} must be float32 [N, C, H, W] or "
-                         f"[N, H, W, C] (it is {dims}, element type "
-                         f"{image.type.tensor_type.elem_type})")
+                         f"[N, H, W, C] (it is {kind} {dims}){advice}")
     if isinstance(dims[0], int) and dims[0] > 0:
         raise ModelError(f"{where}: input {image.name!r} has a fixed batch dimension of "
                          f"{dims[0]}; camface graphs take 1 to 32 crops at once. Export it with a "

@@ -253,7 +253,20 @@ def _conv_with_a_side_branch(path):
     return _tiny_onnx(path, nodes, inits)
 
 
+def _float16_model(path):
+    import onnx
+
+    _conv_sin_model(path)
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, str(path))
+    return path
+
+
 ERRORS = [
+    ("float16 input", _float16_model, [],
+     r"input 'x' must be float32 \[N, C, H, W\] or \[N, H, W, C\] \(it is float16 \['N', 3, 8, 8\]\); convert "
+     r"the model to float32"),
     ("control flow reading the outer graph", _branch_reading_conv, [],
      r"If node 'branchy' reads conv inside its subgraph.*fold the control flow"),
     ("batch norm in training mode", _batch_norm_training, ["--target-layer", "relu"],
