@@ -139,6 +139,7 @@ def build(model, options: ExportOptions, source: str = "model"):
                  ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
     if options.input_size is not None:
         model = onnx_model.fix_input_size(model, options.input_size, source)
+    model = onnx_model.free_batch(model, source)
     if options.class_output is not None:
         model = onnx_model.keep_output(model, renamed.get(options.class_output, options.class_output),
                                        source)

@@ -251,6 +251,54 @@ def fix_input_size(model, size: tuple[int, int], where: object = "model"):
     return prepare(copy, where=where)
 
 
+def free_batch(model, where: object = "model"):
+    """`model` with a batch dimension fixed at 1 made dynamic (ONNX model zoos and many
+    converters fix it), shapes inferred again, when it then runs crop by crop: a batch of 3
+    gives each crop's outputs as it alone does (a model that reshapes by a constant batch of 1,
+    or mixes crops, does not: `model` comes back unchanged and `describe` refuses it). Other
+    models come back unchanged."""
+    import onnx
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        return model
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in (copy.graph.input[list(model.graph.input).index(inputs[0])], copy.graph.output[0]):
+        first = value.type.tensor_type.shape.dim[:1]
+        if first and first[0].HasField("dim_value") and first[0].dim_value == 1:
+            first[0].Clear()
+            first[0].dim_param = "N"
+    del copy.graph.value_info[:]  # inferred with a batch of 1: inferred again
+    try:
+        import onnxruntime as ort
+
+        from camface.export import verify
+
+        copy = prepare(copy, where=where)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(copy.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        shape = [d.dim_value for d in dims[1:]]
+        crops = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+        together = session.run(None, {inputs[0].name: crops})[0]
+        alone = np.concatenate([session.run(None, {inputs[0].name: crops[i:i + 1]})[0] for i in range(3)])
+        atol, rtol = verify.TOLERANCE["fp32"]
+        if together.shape != alone.shape or \
+                not np.abs(together - alone).max() <= atol + rtol * np.abs(alone).max():
+            return model
+    except Exception as exc:  # ONNX Runtime or shape inference on the batch it does not take
+        log.debug("%s: the batch of 1 stays fixed: %s", where, exc)
+        return model
+    log.info("%s: its input's batch of 1 made dynamic (it runs crop by crop)", where)
+    return copy
+
+
 def keep_output(model, name: str, where: object = "model"):
     """A copy of `model` whose one output is `name` (the class scores of a model that also
     returns an embedding, say; the nodes only the others need stay, unread); ModelError listing

@@ -184,10 +184,35 @@ def _mlp_only(path):
     return _tiny_onnx(path, nodes, inits)
 
 
-def _fixed_batch(path):
+def _fixed_batch(path, shape=(1, 3)):
+    """A batch of 1 fixed in the input and in a Reshape to `shape` (a Flatten's [-1, 3] would run
+    on any batch)."""
     return _tiny_onnx(path, [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-                             helper.make_node("Flatten", ["p"], ["logits"])], [],
+                             helper.make_node("Reshape", ["p", "shape"], ["logits"])],
+                      [numpy_helper.from_array(np.array(shape, np.int64), "shape")],
                       input_shape=(1, 3, 8, 8), classes=3)
+
+
+def test_a_fixed_batch_of_1_is_made_dynamic_when_the_model_runs_crop_by_crop(tmp_path):
+    """ONNX model zoos fix the batch at 1; such a model was refused even where nothing but the
+    input's declared shape held the batch."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array([-1, 6], np.int64), "flat_shape")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits, input_shape=(1, 3, 8, 8))
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3, 0, 2])})))
+    expected = np.einsum("nhwk,nk->nhw", got["activations"],
+                         numpy_helper.to_array(inits[1])[[1, 3, 0, 2]])  # linear head: W[c] / (h w)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
 
 
 def _conv_relu_then(path, node, inits=()):
