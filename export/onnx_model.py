@@ -211,6 +211,9 @@ def describe(model, where: object = "model") -> Classifier:
     check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
     final = producer.get(output.name)
+    # an Identity (tf2onnx names outputs so), Reshape or Flatten after the Softmax leaves it final
+    while final is not None and final.op_type in _PASS_THROUGH and final.input[0] in producer:
+        final = producer[final.input[0]]
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
     logits = final.input[0] if activation else output.name
     logit_dims = shapes(model).get(logits)

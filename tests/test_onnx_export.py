@@ -606,3 +606,34 @@ def test_a_torchscript_or_pickle_named_pt2_says_what_it_is_and_what_to_make(tmp_
                                          r"with ep = torch.export.export\(model.eval\(\).*torch.export.save"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("tail", ["Identity", "Flatten", "Reshape"])
+def test_a_softmax_followed_by_an_identity_or_reshape_is_still_the_final_activation(tmp_path, tail):
+    """tf2onnx names outputs with an Identity, PyTorch models reshape after the softmax: the
+    Softmax was taken for attention between the map and the output (the export refused: 'passes
+    through Softmax node'), or, at a named target, explained the probability with probs the
+    softmax of the softmax."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["scores"], transB=1),
+             helper.make_node("Softmax", ["scores"], ["softmax"]),
+             helper.make_node(tail, ["softmax", "shape"] if tail == "Reshape" else ["softmax"], ["logits"])]
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    assert {"ablationcam", "scorecam", "cam"} <= set(result.info.heatmaps)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    model = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    own = model.run(None, {"x": (images.astype(np.float32) / 255).transpose(0, 3, 1, 2)})[0]
+    np.testing.assert_allclose(got["probs"], own, rtol=1e-5, atol=1e-6)
+    # the gradient of the logit (not of the probability): W[c] / (h w) for a linear head
+    expected = np.einsum("nhwk,nk->nhw", got["activations"], numpy_helper.to_array(inits[1])[[1, 3]])
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
