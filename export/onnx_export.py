@@ -132,6 +132,7 @@ def build(model, options: ExportOptions, source: str = "model"):
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
     model = onnx_model.prepare(upgrade(model, source), where=source)
+    onnx_model.name_nodes(model)
     # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins
     model, renamed = onnx_model.rename(model, onnx_cam.RESERVED)
     if renamed:

@@ -87,6 +87,17 @@ def prepare(model, where: object = "model"):
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
 
 
+def name_nodes(model) -> None:
+    """Name every unnamed node of `model` (in place) `<op>:<its first output>`, so that errors
+    and logs can name it (ONNX leaves node names optional; a refusal said "node ''")."""
+    taken = {n.name for n in model.graph.node}
+    for node in model.graph.node:
+        if not node.name and node.output:
+            name = f"{node.op_type}:{node.output[0]}"
+            node.name = name if name not in taken else f"{name}#{len(taken)}"
+            taken.add(node.name)
+
+
 def rename(model, reserved) -> tuple[object, dict[str, str]]:
     """A copy of `model` in which every tensor named in `reserved` (the CAM graph's own names:
     `probs`, `image`, ...) is called `model/<name>` instead, everywhere it appears (nodes and

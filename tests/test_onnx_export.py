@@ -637,3 +637,17 @@ def test_a_softmax_followed_by_an_identity_or_reshape_is_still_the_final_activat
     # the gradient of the logit (not of the probability): W[c] / (h w) for a linear head
     expected = np.einsum("nhwk,nk->nhw", got["activations"], numpy_helper.to_array(inits[1])[[1, 3]])
     np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+
+
+def test_an_unnamed_node_is_named_by_its_op_and_output(tmp_path):
+    """ONNX node names are optional: a refusal said "node ''"."""
+    import onnx
+
+    path = _conv_sin_model(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'Sin:wave'\)"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", target_layer="conv",
+                                                                    heads=("gradcam",)))
