@@ -138,12 +138,12 @@ def build(model, options: ExportOptions, source: str = "model"):
     if renamed:
         log.info("%s: tensors renamed inside the CAM graph: %s", source,
                  ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
+    if options.class_output is not None:  # first: the two below need the one output
+        model = onnx_model.keep_output(model, renamed.get(options.class_output, options.class_output),
+                                       source)
     if options.input_size is not None:
         model = onnx_model.fix_input_size(model, options.input_size, source)
     model = onnx_model.free_batch(model, source)
-    if options.class_output is not None:
-        model = onnx_model.keep_output(model, renamed.get(options.class_output, options.class_output),
-                                       source)
     classifier = onnx_model.settle_shapes(onnx_model.describe(model, where=source))
     if classifier.num_classes < 1:
         raise ModelError(f"{source}: its output has {classifier.num_classes} classes; a classifier needs at least one")

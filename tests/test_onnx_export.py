@@ -448,8 +448,9 @@ def test_the_logits_are_the_input_of_a_final_activation(tmp_path, final):
     assert (np.allclose(sums, 1, atol=1e-5)) == (final != "Sigmoid")
 
 
-def _logits_and_embedding(path):
-    """conv -> pool -> [embedding (N, 6), logits (N, 4)]: a face model's two outputs."""
+def _logits_and_embedding(path, batch="N"):
+    """conv -> pool -> [embedding (N, 6), logits (N, 4)]: a face model's two outputs (the batch
+    dynamic, or fixed at `batch`)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
@@ -457,9 +458,9 @@ def _logits_and_embedding(path):
              helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["embedding"]),
              helper.make_node("Gemm", ["embedding", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 6]),
-                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, 6]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4])],
                               initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
@@ -483,8 +484,9 @@ def test_a_model_with_several_outputs_needs_class_output(tmp_path, capsys, flags
     assert re.search(message, capsys.readouterr().err) and not out.exists()
 
 
-def test_class_output_picks_the_logits_of_a_model_that_also_returns_an_embedding(tmp_path):
-    path, fc = _logits_and_embedding(tmp_path / "m.onnx")
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_class_output_picks_the_logits_of_a_model_that_also_returns_an_embedding(tmp_path, batch):
+    path, fc = _logits_and_embedding(tmp_path / "m.onnx", batch)
     out = tmp_path / "out.onnx"
     assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank",
                  "--class-output", "logits"]) == 0
