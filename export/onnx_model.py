@@ -787,7 +787,9 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
         close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
         why = f"no tensor, node or module named {name!r}" + (
             f" (did you mean {' or '.join(close)}?)" if close else "")
-    elif rank == 4 or rank == 3 and tokens:
+    elif tensor == classifier.input_name:
+        why = f"{name!r} is the model's input, not a layer"
+    elif (rank == 4 or rank == 3 and tokens) and tensor not in _ancestors(model, classifier.logits):
         why = (f"the logits {classifier.logits!r} do not depend on {name!r} "
                f"{_symbolic(shapes(model).get(tensor))}: it is no target layer")
     else:

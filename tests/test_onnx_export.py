@@ -303,6 +303,8 @@ ERRORS = [
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
     ("a target that is not 4-D", _conv_sin_model, ["--target-layer", "flat"],
      r"'flat' \[N, 6\] is not a 4-D tensor before the logits; candidate target layers: conv, wave"),
+    ("the input as a target", _conv_with_a_side_branch, ["--target-layer", "x"],
+     r"'x' is the model's input, not a layer; candidate target layers: conv, relu"),
     ("a target the logits do not depend on", _conv_with_a_side_branch, ["--target-layer", "side"],
      r"the logits 'logits' do not depend on 'side' \[N, 6, 8, 8\]: it is no target layer; "
      r"candidate target layers: conv, relu"),
