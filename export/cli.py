@@ -92,6 +92,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
                         help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
                              "(default: T - h * w)")
+    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
+                        help=".onnx/.pt2 whose height and width are dynamic: the crop size the CAM graph "
+                             "takes (the size the model was trained on)")
+    parser.add_argument("--class-output", metavar="NAME", default=None,
+                        help=".onnx/.pt2 with several outputs (logits and an embedding, say): the output "
+                             "holding the class scores (logits, or a Softmax / Sigmoid of them); the others "
+                             "are left out (default: the model's one output)")
     parser.add_argument("--labels", metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
     add_input_arguments(parser, "input normalisation and colour order the model expects (required "
@@ -162,6 +169,8 @@ def main(args: argparse.Namespace) -> int:
         target_layer=args.target_layer,
         token_grid=args.token_grid,
         prefix_tokens=args.prefix_tokens,
+        class_output=args.class_output,
+        input_size=args.input_size,
         labels=labels,
         preset=args.preset if onnx_engine else args.preset or "none",
         color_order=args.color_order,
@@ -179,6 +188,10 @@ def main(args: argparse.Namespace) -> int:
     )
     if not onnx_engine and (args.token_grid or args.prefix_tokens is not None):
         raise UsageError("--token-grid and --prefix-tokens are for .onnx / .pt2 transformers")
+    if not onnx_engine and args.class_output is not None:
+        raise UsageError("--class-output is for .onnx / .pt2 models with several outputs")
+    if not onnx_engine and args.input_size is not None:
+        raise UsageError("--input-size is for .onnx / .pt2 models with a dynamic height and width")
     if onnx_engine:
         from camface.export import onnx_export
 
@@ -206,11 +219,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _grid(text: str) -> tuple[int, int]:
-    """'14x14' -> (14, 14), for --token-grid."""
+    """'14x14' -> (14, 14), for --token-grid and --input-size (argparse names the flag)."""
     try:
         height, width = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--token-grid takes HxW, such as 14x14, not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes HxW, such as 14x14, not {text!r}") from None
     if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"--token-grid {text}: both sides must be >= 1")
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be >= 1")
     return height, width

@@ -37,6 +37,8 @@ class ExportOptions:
     calibration_method: str = "percentile"  # int8: export/int8.py CALIBRATION_METHODS
     token_grid: tuple[int, int] | None = None  # .onnx/.pt2 transformers: the patch grid (h, w) of the tokens
     prefix_tokens: int | None = None  # .onnx/.pt2 transformers: class / distillation / register tokens
+    input_size: tuple[int, int] | None = None  # .onnx/.pt2 with a dynamic height and width: (H, W) to fix
+    class_output: str | None = None  # .onnx/.pt2 with several outputs: the one holding the class scores
 
 
 @dataclass(frozen=True)

@@ -132,11 +132,18 @@ def build(model, options: ExportOptions, source: str = "model"):
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
     model = onnx_model.prepare(upgrade(model, source), where=source)
+    onnx_model.name_nodes(model)
     # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins
     model, renamed = onnx_model.rename(model, onnx_cam.RESERVED)
     if renamed:
         log.info("%s: tensors renamed inside the CAM graph: %s", source,
                  ", ".join(f"{old} -> {new}" for old, new in renamed.items()))
+    if options.class_output is not None:  # first: the two below need the one output
+        model = onnx_model.keep_output(model, renamed.get(options.class_output, options.class_output),
+                                       source)
+    if options.input_size is not None:
+        model = onnx_model.fix_input_size(model, options.input_size, source)
+    model = onnx_model.free_batch(model, source)
     classifier = onnx_model.settle_shapes(onnx_model.describe(model, where=source))
     if classifier.num_classes < 1:
         raise ModelError(f"{source}: its output has {classifier.num_classes} classes; a classifier needs at least one")
@@ -178,7 +185,8 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         torch_model.refuse_pickle(model_path)
     check_output_file(output, overwrite=True)
     if suffix == ".pt2":
-        model = torch_model.to_onnx(model_path, max(options.opset, torch_model.DEFAULT_OPSET))
+        model = torch_model.to_onnx(model_path, max(options.opset, torch_model.DEFAULT_OPSET),
+                                    options.input_size)
     else:
         model = onnx_model.load(model_path)
     cam_graph, info, differences = build(model, options, source=str(model_path))

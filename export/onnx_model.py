@@ -87,6 +87,17 @@ def prepare(model, where: object = "model"):
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
 
 
+def name_nodes(model) -> None:
+    """Name every unnamed node of `model` (in place) `<op>:<its first output>`, so that errors
+    and logs can name it (ONNX leaves node names optional; a refusal said "node ''")."""
+    taken = {n.name for n in model.graph.node}
+    for node in model.graph.node:
+        if not node.name and node.output:
+            name = f"{node.op_type}:{node.output[0]}"
+            node.name = name if name not in taken else f"{name}#{len(taken)}"
+            taken.add(node.name)
+
+
 def rename(model, reserved) -> tuple[object, dict[str, str]]:
     """A copy of `model` in which every tensor named in `reserved` (the CAM graph's own names:
     `probs`, `image`, ...) is called `model/<name>` instead, everywhere it appears (nodes and
@@ -178,14 +189,20 @@ def describe(model, where: object = "model") -> Classifier:
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     if len(inputs) != 1 or len(graph.output) != 1:
+        several = ("; of several outputs, name the one holding the class scores with "
+                   "--class-output NAME") if len(inputs) == 1 else ""
         raise ModelError(f"{where}: camface needs one image input and one output (it has inputs "
-                         f"{[v.name for v in inputs]}, outputs {[v.name for v in graph.output]})")
+                         f"{[v.name for v in inputs]}, outputs {[v.name for v in graph.output]}){several}")
     image, output = inputs[0], graph.output[0]
     dims = shapes(model)[image.name] or []
     if image.type.tensor_type.elem_type != FLOAT or len(dims) != 4:
+        import onnx
+
+        kind = onnx.TensorProto.DataType.Name(image.type.tensor_type.elem_type).lower()
+        advice = "; convert the model to float32 (camface's graphs keep float32 inputs)" \
+            if kind in ("float16", "bfloat16", "double") and len(dims) == 4 else ""
         raise ModelError(f"{where}: input {image.name!r} must be float32 [N, C, H, W] or "
-                         f"[N, H, W, C] (it is {dims}, element type "
-                         f"{image.type.tensor_type.elem_type})")
+                         f"[N, H, W, C] (it is {kind} {dims}){advice}")
     if isinstance(dims[0], int) and dims[0] > 0:
         raise ModelError(f"{where}: input {image.name!r} has a fixed batch dimension of "
                          f"{dims[0]}; camface graphs take 1 to 32 crops at once. Export it with a "
@@ -199,9 +216,15 @@ def describe(model, where: object = "model") -> Classifier:
     else:
         raise ModelError(f"{where}: input {image.name!r} {dims} has no channel axis of 1 or 3")
     if not all(isinstance(d, int) and d > 0 for d in size):
-        raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims})")
+        raise ModelError(f"{where}: input {image.name!r} needs a fixed height and width ({dims}); "
+                         "pass the size the model was trained on with --input-size HxW")
+    check_inference_mode(model, where)
+    check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
     final = producer.get(output.name)
+    # an Identity (tf2onnx names outputs so), Reshape or Flatten after the Softmax leaves it final
+    while final is not None and final.op_type in _PASS_THROUGH and final.input[0] in producer:
+        final = producer[final.input[0]]
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
     logits = final.input[0] if activation else output.name
     logit_dims = shapes(model).get(logits)
@@ -210,6 +233,156 @@ def describe(model, where: object = "model") -> Classifier:
                          f"{logit_dims})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
                       output.name, logits, activation, int(logit_dims[1]))
+
+
+def fix_input_size(model, size: tuple[int, int], where: object = "model"):
+    """A copy of `model` whose image input [N, C, H, W] or [N, H, W, C] has the height and width
+    `size` (H, W) where they were dynamic, shapes inferred again; ModelError naming the input
+    when it already has another fixed size. A model whose inputs camface cannot read is returned
+    as it is (`describe` says why)."""
+    import onnx
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    dims = shapes(model).get(inputs[0].name) if len(inputs) == 1 else None
+    if not dims or len(dims) != 4:
+        return model
+    axes = (2, 3) if dims[1] in (1, 3) and dims[3] not in (1, 3) else (1, 2)
+    fixed = [dims[a] for a in axes]
+    if all(isinstance(d, int) and d > 0 for d in fixed):
+        if tuple(fixed) != tuple(size):
+            raise ModelError(f"{where}: --input-size {size[0]}x{size[1]}: input {inputs[0].name!r} "
+                             f"is fixed at {fixed[0]}x{fixed[1]} ({_symbolic(dims)})")
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    image = next(v for v in copy.graph.input if v.name == inputs[0].name)
+    for axis, value in zip(axes, size):
+        dim = image.type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_value = int(value)
+    del copy.graph.value_info[:]  # inferred from the dynamic size: inferred again
+    return prepare(copy, where=where)
+
+
+def free_batch(model, where: object = "model"):
+    """`model` with a batch dimension fixed at 1 made dynamic (ONNX model zoos and many
+    converters fix it), shapes inferred again, when it then runs crop by crop: a batch of 3
+    gives each crop's outputs as it alone does (a model that reshapes by a constant batch of 1,
+    or mixes crops, does not: `model` comes back unchanged and `describe` refuses it). Other
+    models come back unchanged."""
+    import onnx
+
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        return model
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in (copy.graph.input[list(model.graph.input).index(inputs[0])], copy.graph.output[0]):
+        first = value.type.tensor_type.shape.dim[:1]
+        if first and first[0].HasField("dim_value") and first[0].dim_value == 1:
+            first[0].Clear()
+            first[0].dim_param = "N"
+    del copy.graph.value_info[:]  # inferred with a batch of 1: inferred again
+    try:
+        import onnxruntime as ort
+
+        from camface.export import verify
+
+        copy = prepare(copy, where=where)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(copy.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        shape = [d.dim_value for d in dims[1:]]
+        crops = np.random.default_rng(0).standard_normal((3, *shape)).astype(np.float32)
+        together = session.run(None, {inputs[0].name: crops})[0]
+        alone = np.concatenate([session.run(None, {inputs[0].name: crops[i:i + 1]})[0] for i in range(3)])
+        atol, rtol = verify.TOLERANCE["fp32"]
+        if together.shape != alone.shape or \
+                not np.abs(together - alone).max() <= atol + rtol * np.abs(alone).max():
+            return model
+    except Exception as exc:  # ONNX Runtime or shape inference on the batch it does not take
+        log.debug("%s: the batch of 1 stays fixed: %s", where, exc)
+        return model
+    log.info("%s: its input's batch of 1 made dynamic (it runs crop by crop)", where)
+    return copy
+
+
+def keep_output(model, name: str, where: object = "model"):
+    """A copy of `model` whose one output is `name` (the class scores of a model that also
+    returns an embedding, say; the nodes only the others need stay, unread); ModelError listing
+    the outputs when none is called `name`."""
+    import onnx
+
+    names = [o.name for o in model.graph.output]
+    if name not in names:
+        raise ModelError(f"{where}: --class-output {name!r}: no output of that name (its outputs: "
+                         f"{', '.join(names)})")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [o for o in copy.graph.output if o.name == name]
+    del copy.graph.output[:]
+    copy.graph.output.extend(kept)
+    return copy
+
+
+def check_inference_mode(model, where: object = "model") -> None:
+    """ModelError naming the first node left in training mode: a BatchNormalization with
+    training_mode=1 (or its running-statistics outputs) normalises each crop by the statistics of
+    the batch it came in (one crop alone: every channel 0, the same probabilities whatever the
+    face), a Dropout whose training_mode is true or not a constant zeroes random activations on
+    every run. Such a model gives no one answer per face; it must be exported in eval mode."""
+    values = constants(model)
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and (
+                any(a.name == "training_mode" and a.i for a in node.attribute)
+                or len([o for o in node.output if o]) > 1):
+            why = "normalises by the batch's statistics (training_mode=1)"
+        elif node.op_type == "Dropout" and len(node.input) > 2 and node.input[2] and (
+                node.input[2] not in values or bool(np.asarray(values[node.input[2]]).any())):
+            why = "drops random activations (its training_mode input is not a constant false)"
+        else:
+            continue
+        raise ModelError(f"{where}: {node.op_type} node {node.name!r} is in training mode: it {why}, "
+                         "so a face's result depends on the run; export the model in eval mode "
+                         "(PyTorch: model.eval() before exporting; Keras: training=False)")
+
+
+def outer_reads(graph) -> set[str]:
+    """Names that `graph` (a subgraph of an If, Loop or Scan, and the subgraphs inside it)
+    reads from the graphs around it: what its nodes read that it does not define."""
+    defined = {v.name for v in graph.input} | {i.name for i in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(x for x in node.input if x and x not in defined)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                read |= outer_reads(sub) - defined
+        defined.update(node.output)
+    return read
+
+
+def check_control_flow(model, where: object = "model") -> None:
+    """ModelError naming the first If / Loop / Scan node whose subgraph reads a tensor of the
+    main graph without taking it as an input: camface's walks over the graph (which tensors the
+    logits depend on, the head it differentiates and re-runs, the parts it cuts out) follow the
+    nodes' inputs and would lose that tensor's producers."""
+    for node in model.graph.node:
+        hidden = set()
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                hidden |= outer_reads(sub)
+        if hidden:
+            shown = ", ".join(sorted(hidden)[:5])
+            raise ModelError(f"{where}: {node.op_type} node {node.name!r} reads {shown} inside its "
+                             "subgraph: camface follows the main graph only; fold the control flow away "
+                             "(python -m onnxsim, or re-export the model without data-dependent branches "
+                             "or loops)")
 
 
 def settle_shapes(classifier: Classifier) -> Classifier:
@@ -605,8 +778,22 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     shown = (module_names + found)[-40:]
     known = name in modules or name in nodes or name in shapes(model)
     what = "a 4-D tensor or tokens [N, T, C]" if tokens else "a 4-D tensor"
-    why = f"{name!r} is not {what} before the logits" if known else f"no tensor, node or " \
-        f"module named {name!r}"
+    tensor = modules.get(name) or nodes.get(name) or name
+    rank = len(shapes(model).get(tensor) or [])
+    if not known:
+        import difflib
+
+        named = [n for n, t in nodes.items() if t in set(found)] + module_names + found
+        close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
+        why = f"no tensor, node or module named {name!r}" + (
+            f" (did you mean {' or '.join(close)}?)" if close else "")
+    elif tensor == classifier.input_name:
+        why = f"{name!r} is the model's input, not a layer"
+    elif (rank == 4 or rank == 3 and tokens) and tensor not in _ancestors(model, classifier.logits):
+        why = (f"the logits {classifier.logits!r} do not depend on {name!r} "
+               f"{_symbolic(shapes(model).get(tensor))}: it is no target layer")
+    else:
+        why = f"{name!r} {_symbolic(shapes(model).get(tensor))} is not {what} before the logits"
     raise ModelError(f"{why}; candidate target layers: {', '.join(shown)}")
 
 

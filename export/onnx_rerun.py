@@ -156,7 +156,8 @@ def anatomy(model) -> Anatomy:
     if not {graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS} <= names:
         raise ModelError("not a CAM graph: it needs `probs` and `activations` outputs")
     probs = graph_spec.OUTPUT_PROBS
-    while probs in producer and producer[probs].op_type == "Identity":
+    # through what a model may write after its Softmax (tf2onnx's output Identity, a Reshape)
+    while probs in producer and producer[probs].op_type in ("Identity", "Reshape", "Flatten", "Squeeze"):
         probs = producer[probs].input[0]
     final = producer.get(probs)
     if final is None or final.op_type not in _FINAL:

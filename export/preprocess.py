@@ -64,7 +64,9 @@ class Preprocessing:
     def resolve(cls, channels: int, preset: str = "none", color_order: str | None = None,
                 scale: list[float] | None = None, offset: list[float] | None = None
                 ) -> "Preprocessing":
-        """The preset, overridden by explicit values; scale/offset hold 1 or `channels` values."""
+        """The preset, overridden by explicit values; scale/offset hold 1 or `channels` values,
+        in the channel order of the input (`color_order`): a preset's own values follow its
+        colours when `color_order` swaps RGB and BGR (torch's BGR: the blue mean first)."""
         if preset not in PRESETS:
             raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         order, preset_scale, preset_offset = PRESETS[preset]
@@ -82,6 +84,10 @@ class Preprocessing:
             order = "RGB"
         elif channels not in (1, 3):
             raise ModelError(f"the model takes {channels} channels; camface supports 1 or 3")
+        if {order, PRESETS[preset][0]} == {"RGB", "BGR"}:
+            # a preset's per-channel values belong to colours (torch's mean of red is 0.485):
+            # the other order takes them reversed; --scale/--offset are in the order given
+            preset_scale, preset_offset = preset_scale[::-1], preset_offset[::-1]
         scale_values = _per_channel(scale if scale is not None else preset_scale, channels,
                                     "--scale" if scale is not None else f"--preset {preset}'s scale")
         offset_values = _per_channel(offset if offset is not None else preset_offset, channels,
@@ -110,7 +116,8 @@ def add_input_arguments(parser, preset_help: str) -> None:
     uint8 input is normalised, as `camface export`, `enroll` and `compare` take it."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help=preset_help)
     parser.add_argument("--color-order", choices=COLOR_ORDERS, default=None, type=str.upper,
-                        help="override the preset's channel order of the uint8 input")
+                        help="override the preset's channel order of the uint8 input (its per-channel "
+                             "mean and std follow their colours; --scale/--offset are in this order)")
     parser.add_argument("--scale", type=_finite, nargs="+", default=None, metavar="S",
                         help="override: x * scale + offset (1 value or one per channel)")
     parser.add_argument("--offset", type=_finite, nargs="+", default=None, metavar="O",

@@ -246,6 +246,25 @@ def test_preprocessing_misuse():
     assert custom.color_order == "BGR" and custom.scale == (2.0, 2.0, 2.0)
 
 
+@pytest.mark.parametrize("preset, order", [("torch", "BGR"), ("imagenet-caffe", "RGB")])
+def test_a_presets_channel_values_follow_their_colours_in_the_other_order(preset, order):
+    """torch's mean of red (0.485) applied to the blue channel of a BGR model, caffe's mean of
+    blue (103.939) to the red channel of an RGB one: the values were kept by position."""
+    from camface.export.preprocess import PRESETS, Preprocessing
+
+    own = Preprocessing.resolve(3, preset)
+    swapped = Preprocessing.resolve(3, preset, color_order=order)
+    assert swapped.color_order == order and own.color_order != order
+    assert swapped.scale == own.scale[::-1] and swapped.offset == own.offset[::-1]
+    assert own.offset == PRESETS[preset][2]  # the preset's own order keeps them as written
+    # the same pixel, sent in either order, is normalised to the same value per colour
+    pixel = np.array([10.0, 120.0, 250.0])  # in `own`'s colour order
+    np.testing.assert_allclose(pixel[::-1] * swapped.scale + swapped.offset,
+                               (pixel * own.scale + own.offset)[::-1])
+    explicit = Preprocessing.resolve(3, preset, color_order=order, offset=[1.0, 2.0, 3.0])
+    assert explicit.offset == (1.0, 2.0, 3.0)  # given values are in the order given
+
+
 def _onnx_without_cam_outputs(tmp):
     """A valid ONNX model with the `image` input but only a `probs` output."""
     import onnx

@@ -94,6 +94,13 @@ def test_every_heatmap_equals_torch_autograd(exported, name, target, module):
             assert error <= 1e-6 + 1e-4 * scale, output
 
 
+@pytest.mark.parametrize("typo, meant", [("layr3", "layer3"), ("layer4.bn", "layer4.bn[12] or layer4.bn[12]")])
+def test_a_misspelt_target_names_the_near_matches(exported, typo, meant):
+    with pytest.raises(ModelError, match=rf"no tensor, node or module named '{typo}' \(did you mean "
+                                         rf"{meant}.*\?\); candidate target layers: "):
+        onnx_export.build(exported["linear"][1], ExportOptions(preset="torch", target_layer=typo))
+
+
 def test_gradcam_is_relu_cam_over_hw_for_a_linear_head(exported):
     cam_graph, info, _ = onnx_export.build(exported["linear"][1], ExportOptions(preset="torch"))
     session = ort.InferenceSession(cam_graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -177,16 +184,130 @@ def _mlp_only(path):
     return _tiny_onnx(path, nodes, inits)
 
 
-def _fixed_batch(path):
+def _fixed_batch(path, shape=(1, 3)):
+    """A batch of 1 fixed in the input and in a Reshape to `shape` (a Flatten's [-1, 3] would run
+    on any batch)."""
     return _tiny_onnx(path, [helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-                             helper.make_node("Flatten", ["p"], ["logits"])], [],
+                             helper.make_node("Reshape", ["p", "shape"], ["logits"])],
+                      [numpy_helper.from_array(np.array(shape, np.int64), "shape")],
                       input_shape=(1, 3, 8, 8), classes=3)
 
 
+def test_a_fixed_batch_of_1_is_made_dynamic_when_the_model_runs_crop_by_crop(tmp_path):
+    """ONNX model zoos fix the batch at 1; such a model was refused even where nothing but the
+    input's declared shape held the batch."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array([-1, 6], np.int64), "flat_shape")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits, input_shape=(1, 3, 8, 8))
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3, 0, 2])})))
+    expected = np.einsum("nhwk,nk->nhw", got["activations"],
+                         numpy_helper.to_array(inits[1])[[1, 3, 0, 2]])  # linear head: W[c] / (h w)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+
+
+def _conv_relu_then(path, node, inits=()):
+    """conv -> relu -> `node` (reads 'relu', writes 'after') -> pool -> linear: a model whose
+    `node` sits in the head."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["conv"], ["relu"]), node,
+             helper.make_node("GlobalAveragePool", ["after"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, weights + list(inits))
+
+
+def _batch_norm_training(path):
+    stats = [numpy_helper.from_array(np.full(6, v, np.float32), n)
+             for n, v in (("s", 1), ("b", 0), ("mu", 0.1), ("var", 2))]
+    return _conv_relu_then(path, helper.make_node(
+        "BatchNormalization", ["relu", "s", "b", "mu", "var"], ["after", "mean", "var_out"],
+        training_mode=1, name="bn_left_training"), stats)
+
+
+def _dropout_training(path):
+    flags = [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+             numpy_helper.from_array(np.array(True), "train")]
+    return _conv_relu_then(path, helper.make_node("Dropout", ["relu", "ratio", "train"], ["after"],
+                                                  name="drop_left_training"), flags)
+
+
+def _branch_reading_conv(path):
+    """An If whose branches read the main graph's 'conv' without taking it as an input (ONNX's
+    outer scope): the export failed in ONNX Runtime (a traceback) on the parts it cut out."""
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("Relu", ["conv"], ["inner"])], "then", [],
+                             [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["conv"], ["inner2"])], "else", [],
+                              [helper.make_tensor_value_info("inner2", TensorProto.FLOAT, None)])
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array(True), "cond")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("If", ["cond"], ["branch"], then_branch=then, else_branch=other,
+                              name="branchy"),
+             helper.make_node("GlobalAveragePool", ["branch"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
+def _conv_with_a_side_branch(path):
+    """conv -> relu -> pool -> linear, and a 4-D 'side' = Sigmoid(conv) that nothing reads."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("Sigmoid", ["conv"], ["side"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
+def _float16_model(path):
+    import onnx
+
+    _conv_sin_model(path)
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.save(model, str(path))
+    return path
+
+
 ERRORS = [
+    ("float16 input", _float16_model, [],
+     r"input 'x' must be float32 \[N, C, H, W\] or \[N, H, W, C\] \(it is float16 \['N', 3, 8, 8\]\); convert "
+     r"the model to float32"),
+    ("control flow reading the outer graph", _branch_reading_conv, [],
+     r"If node 'branchy' reads conv inside its subgraph.*fold the control flow"),
+    ("batch norm in training mode", _batch_norm_training, ["--target-layer", "relu"],
+     r"BatchNormalization node 'bn_left_training' is in training mode.*eval mode"),
+    ("dropout in training mode", _dropout_training, ["--target-layer", "relu"],
+     r"Dropout node 'drop_left_training' is in training mode.*eval mode"),
     ("unknown target", _conv_sin_model, ["--target-layer", "layer9"],
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
+    ("a target that is not 4-D", _conv_sin_model, ["--target-layer", "flat"],
+     r"'flat' \[N, 6\] is not a 4-D tensor before the logits; candidate target layers: conv, wave"),
+    ("the input as a target", _conv_with_a_side_branch, ["--target-layer", "x"],
+     r"'x' is the model's input, not a layer; candidate target layers: conv, relu"),
+    ("a target the logits do not depend on", _conv_with_a_side_branch, ["--target-layer", "side"],
+     r"the logits 'logits' do not depend on 'side' \[N, 6, 8, 8\]: it is no target layer; "
+     r"candidate target layers: conv, relu"),
     ("fixed batch", _fixed_batch, [], r"fixed batch dimension of 1.*dynamic"),
     ("no preset", _conv_sin_model, ["--no-preset"], r"m\.onnx does not say how it normalises.*--preset"),
 ]
@@ -327,3 +448,210 @@ def test_the_logits_are_the_input_of_a_final_activation(tmp_path, final):
     np.testing.assert_allclose(out["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
     sums = out["probs"].sum(axis=1)
     assert (np.allclose(sums, 1, atol=1e-5)) == (final != "Sigmoid")
+
+
+def _logits_and_embedding(path, batch="N"):
+    """conv -> pool -> [embedding (N, 6), logits (N, 4)]: a face model's two outputs (the batch
+    dynamic, or fixed at `batch`)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["embedding"]),
+             helper.make_node("Gemm", ["embedding", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, 6]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, str(path))
+    return path, numpy_helper.to_array(inits[1])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], r"outputs \['embedding', 'logits'\]\); of several outputs, name the one holding the class "
+         r"scores with --class-output NAME"),
+    (["--class-output", "scores"], r"--class-output 'scores': no output of that name \(its outputs: "
+                                   r"embedding, logits\)")])
+def test_a_model_with_several_outputs_needs_class_output(tmp_path, capsys, flags, message):
+    import re
+
+    path, _ = _logits_and_embedding(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+@pytest.mark.parametrize("batch", ["N", 1])
+def test_class_output_picks_the_logits_of_a_model_that_also_returns_an_embedding(tmp_path, batch):
+    path, fc = _logits_and_embedding(tmp_path / "m.onnx", batch)
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank",
+                 "--class-output", "logits"]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    assert got["probs"].shape == (2, 4)
+    expected = np.einsum("nhwk,nk->nhw", got["activations"], fc[[1, 3]])  # linear head: W[c] / (h w)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+
+
+def test_class_output_picks_the_logits_of_a_program_returning_a_tuple(tmp_path):
+    from torch import nn
+
+    class LogitsAndEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 6, 3, 1, 1), nn.Linear(6, 4)
+
+        def forward(self, x):
+            embedding = torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1), 1)
+            return self.fc(embedding), embedding
+
+    torch.manual_seed(0)
+    model = LogitsAndEmbedding().eval()
+    path = save_program(model, tmp_path / "two.pt2", size=8)
+    with pytest.raises(ModelError, match=r"outputs \['linear', 'view'\]\).*--class-output NAME"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+    result = onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", class_output="linear"))
+    assert result.info.labels == tuple(f"class_{i}" for i in range(4))
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([-1, 2])})))
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    probs = torch.softmax(model(x)[0], 1).detach().numpy()
+    np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
+
+
+def _dynamic_size_model(path, input_shape=("N", 3, "H", "W")):
+    """conv (stride 2) -> pool -> linear on an input whose height and width are dynamic."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits, input_shape=input_shape), numpy_helper.to_array(inits[1])
+
+
+@pytest.mark.parametrize("shape, flags, message", [
+    (("N", 3, "H", "W"), [], r"needs a fixed height and width \(\['N', 3, 'H', 'W'\]\); pass the size "
+                             r"the model was trained on with --input-size HxW"),
+    (("N", 3, 8, 8), ["--input-size", "16x12"], r"--input-size 16x12: input 'x' is fixed at 8x8")])
+def test_input_size_errors(tmp_path, capsys, shape, flags, message):
+    import re
+
+    path, _ = _dynamic_size_model(tmp_path / "m.onnx", shape)
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank", *flags]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_input_size_fixes_a_dynamic_height_and_width(tmp_path):
+    path, fc = _dynamic_size_model(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--no-rank",
+                 "--input-size", "16x12"]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 16, 12, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    assert got["activations"].shape == (2, 8, 6, 6)
+    expected = np.einsum("nhwk,nk->nhw", got["activations"], fc[[1, 3]])  # linear head: W[c] / (h w)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 48, rtol=1e-5, atol=1e-7)
+
+
+def test_input_size_fixes_a_program_exported_with_a_dynamic_height_and_width(tmp_path):
+    """torch.onnx cannot convert a program whose height is 2*h ("expected sympy.Symbol"): it failed
+    with that, or, at any dynamic size, converted the program at a 2x2 image."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4)).eval()
+    batch, h, w = (torch.export.Dim(n, min=m, max=32) for n, m in (("batch", 1), ("h", 4), ("w", 4)))
+    program = torch.export.export(model, (torch.zeros(2, 3, 16, 12),),
+                                  dynamic_shapes=({0: batch, 2: 2 * h, 3: 2 * w},))
+    path = tmp_path / "sized.pt2"
+    torch.export.save(program, str(path))
+    with pytest.raises(ModelError, match=r"dynamic height and width; pass .* --input-size HxW"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+    with pytest.raises(ModelError, match=r"does not run at --input-size 16x6"):  # width >= 8
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", input_size=(16, 6)))
+    result = onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", input_size=(16, 12)))
+    assert result.info.input_size == (16, 12) and result.info.feature_size == (8, 6)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 12, 3), dtype=np.uint8)
+    probs = session.run(["probs"], {"image": images, "class_index": np.array([-1, 0, 3])})[0]
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(probs, torch.softmax(model(x), 1).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("save, what", [
+    (lambda model, path: torch.jit.save(torch.jit.trace(model, torch.zeros(1, 3, 8, 8)), str(path)),
+     "it is a TorchScript archive, saved with torch.jit.save"),
+    (lambda model, path: torch.save(model.state_dict(), str(path)),
+     r"it is a pickle saved with torch.save \(a state dict or a whole model\)")], ids=["jit", "pickle"])
+def test_a_torchscript_or_pickle_named_pt2_says_what_it_is_and_what_to_make(tmp_path, save, what):
+    """torch's own message pointed at warnings that camface silences ('Please check the warnings
+    above') and said neither what the file was nor what to make."""
+    from torch import nn
+
+    path = tmp_path / "renamed.pt2"
+    save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(), path)
+    with pytest.raises(ModelError, match=rf"not a program saved with torch.export.save \({what}\); make one "
+                                         r"with ep = torch.export.export\(model.eval\(\).*torch.export.save"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("tail", ["Identity", "Flatten", "Reshape"])
+def test_a_softmax_followed_by_an_identity_or_reshape_is_still_the_final_activation(tmp_path, tail):
+    """tf2onnx names outputs with an Identity, PyTorch models reshape after the softmax: the
+    Softmax was taken for attention between the map and the output (the export refused: 'passes
+    through Softmax node'), or, at a named target, explained the probability with probs the
+    softmax of the softmax."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array([-1, 4], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["conv"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["scores"], transB=1),
+             helper.make_node("Softmax", ["scores"], ["softmax"]),
+             helper.make_node(tail, ["softmax", "shape"] if tail == "Reshape" else ["softmax"], ["logits"])]
+    path = _tiny_onnx(tmp_path / "m.onnx", nodes, inits)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    assert {"ablationcam", "scorecam", "cam"} <= set(result.info.heatmaps)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    got = dict(zip([o.name for o in session.get_outputs()],
+                   session.run(None, {"image": images, "class_index": np.array([1, 3])})))
+    model = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    own = model.run(None, {"x": (images.astype(np.float32) / 255).transpose(0, 3, 1, 2)})[0]
+    np.testing.assert_allclose(got["probs"], own, rtol=1e-5, atol=1e-6)
+    # the gradient of the logit (not of the probability): W[c] / (h w) for a linear head
+    expected = np.einsum("nhwk,nk->nhw", got["activations"], numpy_helper.to_array(inits[1])[[1, 3]])
+    np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
+
+
+def test_an_unnamed_node_is_named_by_its_op_and_output(tmp_path):
+    """ONNX node names are optional: a refusal said "node ''"."""
+    import onnx
+
+    path = _conv_sin_model(tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        node.name = ""
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'Sin:wave'\)"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", target_layer="conv",
+                                                                    heads=("gradcam",)))

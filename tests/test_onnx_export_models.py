@@ -236,7 +236,7 @@ def test_a_vision_transformer_exports_on_its_token_grid_and_runs_live(tmp_path, 
 
 
 @pytest.mark.parametrize("name, why", [("blocks.11.norm1", "no tensor, node or module named 'blocks.11.norm1'"),
-                                       ("head", "'head' is not a 4-D tensor or tokens [N, T, C] before the logits")])
+                                       ("head", "'head' [N, 4] is not a 4-D tensor or tokens [N, T, C] before the logits")])
 def test_a_wrong_target_on_a_vision_transformer_lists_its_token_modules(tmp_path, capsys, name, why):
     """The candidates a ViT's refusal lists are what --target-layer takes there: its token modules
     and spatial maps, not the attention's internals (which were all it listed)."""
