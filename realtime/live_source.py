@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from camface.errors import SourceError
-from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, to_bgr8
+from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, redact, to_bgr8
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class LiveSource:
     attempts with doubling back-off (backoff_s, 2 x backoff_s, ...), ends the iteration with a
     `SourceError` saying so.
 
-    `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
+    Messages, log lines and `info.name` show a stream URL without its user name and password
+    (`redact`). `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
     """
 
     def __init__(self, target: int | str, timeout_s: float = 5.0, reconnects: int = 3,
@@ -57,7 +58,7 @@ class LiveSource:
 
     @property
     def _what(self) -> str:
-        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.target}"
+        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {redact(self.target)}"
 
     def _open(self):
         capture = self._opener(self.target, self.timeout_s)
@@ -83,7 +84,7 @@ class LiveSource:
         except BaseException:  # e.g. Ctrl-C while measuring: `with` will not call __exit__
             self.__exit__(None, None, None)
             raise
-        self.info = SourceInfo(str(self.target), float(fps), None, live=True)
+        self.info = SourceInfo(redact(str(self.target)), float(fps), None, live=True)
         return self
 
     def _measure_fps(self, frames: int = 10) -> float:
@@ -106,7 +107,7 @@ class LiveSource:
             self._read_until_stopped()
         except BaseException as exc:
             with self._cond:
-                self._error = f"{self._what} failed after {self._seq} frames: {exc}"
+                self._error = f"{self._what} failed after {self._seq} frames: {redact(str(exc))}"
                 self._cond.notify_all()
 
     def _read_until_stopped(self) -> None:

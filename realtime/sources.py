@@ -100,6 +100,20 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
+
+
+def redact(text: str) -> str:
+    """`text` fit to print: the user name and password of each URL in it replaced by "***"
+    ("rtsp://admin:pw@cam/x" -> "rtsp://***@cam/x"); anything else unchanged.
+
+    Every message, log line and SourceInfo.name that shows a stream URL goes through here:
+    camera URLs carry their credentials, and logs, summaries and snapshot metadata get shared.
+    The authority ends at the first "/", "?" or "#" (as FFmpeg splits it); its last "@" ends
+    the credentials, so a password holding an "@" is hidden whole."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 def _valid_fps(fps: float) -> bool:
     return fps is not None and math.isfinite(fps) and 0.5 <= fps <= 1000
 

@@ -1,0 +1,61 @@
+"""Frame sources opened as users give them: stream URLs, camera indices, folders, video files.
+
+No camera and no network: cameras and streams are fakes passed as `opener`, files are written
+to tmp_path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from realtime_helpers import FakeCamera
+
+from camface.errors import SourceError
+from camface.realtime.live_source import LiveSource
+from camface.realtime.sources import redact
+
+
+class Refuses(FakeCamera):
+    def isOpened(self):
+        return False
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("rtsp://admin:s3cret@10.0.0.2:554/stream1", "rtsp://***@10.0.0.2:554/stream1"),
+    ("http://user@cam.local/video.mjpg", "http://***@cam.local/video.mjpg"),
+    ("rtsp://admin:p@ss@cam/x", "rtsp://***@cam/x"),  # an "@" in the password: hidden whole
+    ("rtsp://cam/x?at=me@home", "rtsp://cam/x?at=me@home"),  # an "@" after the host is no password
+    ("rtsp://cam:554/x", "rtsp://cam:554/x"),
+    ("/videos/me@home.mp4", "/videos/me@home.mp4"),
+    ("0", "0"),
+    ("stream rtsp://a:b@h/x failed; retry rtsp://c:d@h/y", "stream rtsp://***@h/x failed; retry rtsp://***@h/y"),
+])
+def test_redact_hides_the_credentials_of_urls_only(text, expected):
+    assert redact(text) == expected
+
+
+def test_a_stream_url_never_shows_its_password(caplog):
+    """Errors, log lines and SourceInfo.name (summaries, snapshot metadata) printed the URL as
+    given, user name and password included."""
+    url = "rtsp://admin:s3cret@127.0.0.1:9/live"
+    with pytest.raises(SourceError, match=r"stream rtsp://\*\*\*@127\.0\.0\.1:9/live could not be opened") as error:
+        with LiveSource(url, timeout_s=0.5, opener=lambda target, timeout: Refuses()):
+            pass
+    assert "s3cret" not in str(error.value)
+
+    opened = []
+
+    def opener(target, timeout):
+        assert target == url  # the capture itself gets the credentials
+        opened.append(Refuses() if opened else FakeCamera(good=3))  # 3 frames, then gone
+        return opened[-1]
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(SourceError) as error:
+        with LiveSource(url, timeout_s=0.5, reconnects=1, backoff_s=0.01, opener=opener) as source:
+            assert source.info.name == "rtsp://***@127.0.0.1:9/live"
+            assert "s3cret" not in source._thread.name
+            for _ in source:
+                pass
+    assert len(opened) == 2 and "1 reconnection attempts" in str(error.value)
+    assert "admin" not in str(error.value) and "s3cret" not in str(error.value)
+    assert "reconnecting" in caplog.text and "s3cret" not in caplog.text
