@@ -53,6 +53,7 @@ class LiveSource:
         self._cond = threading.Condition()
         self._frame: np.ndarray | None = None
         self._seq = 0
+        self._yielded = 0  # the _seq of the last frame iteration gave (a new iteration goes on from it)
         self._error: str | None = None
         self._stop = threading.Event()
 
@@ -68,6 +69,12 @@ class LiveSource:
         return capture
 
     def __enter__(self) -> "LiveSource":
+        # afresh each time: a source object used again (`process_video(source)` twice) ended
+        # after one stale frame, its reader stopped by the first exit
+        if self._thread is not None and self._thread.is_alive():  # its last exit timed out joining it
+            raise SourceError(f"{self._what} is still open: its reader did not stop")
+        self._stop.clear()
+        self._error, self._frame, self._seq, self._yielded = None, None, 0, 0
         self._capture = self._open()
         ok, frame = self._capture.read()
         if not ok or frame is None:
@@ -149,21 +156,20 @@ class LiveSource:
             return
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        seen = 0
         while True:
             with self._cond:
                 wait_s = self.timeout_s * (1 + self.reconnects * 2)  # room for the reader's reconnections
                 deadline = time.perf_counter() + wait_s
-                while self._seq == seen and self._error is None:
+                while self._seq == self._yielded and self._error is None:
                     if self._stop.is_set():
                         return
                     if time.perf_counter() > deadline:
                         self._error = f"{self._what} delivered no frame for {wait_s:g} s"
                         break
                     self._cond.wait(0.05)
-                if self._seq == seen and self._error is not None:
+                if self._seq == self._yielded and self._error is not None:
                     raise SourceError(self._error)
-                frame, seen = self._frame, self._seq
+                frame, self._yielded = self._frame, self._seq
             yield to_bgr8(frame)
 
     def __exit__(self, *exc) -> None:

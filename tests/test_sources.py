@@ -20,6 +20,20 @@ class Refuses(FakeCamera):
         return False
 
 
+class Counting(FakeCamera):
+    """Frame k carries k in its first pixel (blue + 256 x green), however many are read."""
+
+    def read(self):
+        ok, frame = super().read()
+        if ok:
+            frame[0, 0, :2] = self.reads % 256, self.reads // 256
+        return ok, frame
+
+
+def number(frame) -> int:
+    return int(frame[0, 0, 0]) + 256 * int(frame[0, 0, 1])
+
+
 @pytest.mark.parametrize("text, expected", [
     ("rtsp://admin:s3cret@10.0.0.2:554/stream1", "rtsp://***@10.0.0.2:554/stream1"),
     ("http://user@cam.local/video.mjpg", "http://***@cam.local/video.mjpg"),
@@ -59,3 +73,24 @@ def test_a_stream_url_never_shows_its_password(caplog):
     assert len(opened) == 2 and "1 reconnection attempts" in str(error.value)
     assert "admin" not in str(error.value) and "s3cret" not in str(error.value)
     assert "reconnecting" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_a_live_source_opens_again_and_never_repeats_a_frame():
+    """Entering the same LiveSource a second time (a source object given to `process_video`
+    twice) gave one stale frame and stopped: its reader's stop flag stayed set. Iterating it
+    twice in one `with` gave the last frame of the first iteration again."""
+    cameras = []
+
+    def opener(target, timeout):
+        cameras.append(Counting())
+        return cameras[-1]
+
+    source = LiveSource(0, timeout_s=0.5, opener=opener)
+    for _ in range(2):
+        with source:
+            first = [number(frame) for _, frame in zip(range(4), source)]
+            second = [number(frame) for _, frame in zip(range(4), source)]
+        assert len(first) == len(second) == 4
+        assert first == sorted(set(first)) and second == sorted(set(second)) and second[0] > first[-1]
+        assert not source._thread.is_alive() and cameras[-1].released
+    assert len(cameras) == 2
