@@ -343,7 +343,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():  # not "²" or "٣" (isdigit, and int("²") raises)
         return LiveSource(int(spec))
     if "://" in spec:
         return LiveSource(spec)
@@ -352,5 +352,8 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
         return ImageFolderSource(path)
     if path.is_file():
         return VideoFileSource(path)
+    if re.fullmatch(r"-[0-9]+", spec):  # OpenCV's -1 is "any camera": say which to give instead
+        raise SourceError(f"camera index {spec} is negative: camera indices are 0, 1, ... "
+                          "(0 is the first camera)")
     raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")

@@ -94,3 +94,23 @@ def test_a_live_source_opens_again_and_never_repeats_a_frame():
         assert first == sorted(set(first)) and second == sorted(set(second)) and second[0] > first[-1]
         assert not source._thread.is_alive() and cameras[-1].released
     assert len(cameras) == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("-1", r"camera index -1 is negative: camera indices are 0, 1, \.\.\."),
+    ("\u00b2", r"source not found: \u00b2 \(expected a camera index"),  # '²'.isdigit(); int('²') raised ValueError
+    ("\u0663", r"source not found: \u0663 \(expected a camera index"),  # Arabic-Indic 3 opened camera 3
+])
+def test_make_source_names_what_is_wrong_with_a_camera_index(spec, message):
+    from camface.realtime.sources import make_source
+
+    with pytest.raises(SourceError, match=message):
+        make_source(spec)
+
+
+def test_make_source_prefers_an_existing_file_named_like_a_negative_index(tmp_path, monkeypatch):
+    from camface.realtime.sources import VideoFileSource, make_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-1").write_bytes(b"x")
+    assert isinstance(make_source("-1"), VideoFileSource)
