@@ -244,8 +244,13 @@ class VideoFileSource:
                         self.path, self.frames_read, of)
 
 
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+def _natural_key(path: Path) -> tuple:
+    """frame2 before frame10; names equal but for case or leading zeros ("a.jpg", "A.jpg";
+    "1.png", "01.png") then by the name itself, not by the folder listing's order (which
+    differs between file systems and runs)."""
+    parts = [int(part) if part.isascii() and part.isdigit() else part.lower()
+             for part in re.split(r"([0-9]+)", path.name)]
+    return parts, path.name
 
 
 class ImageFolderSource:

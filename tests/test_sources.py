@@ -114,3 +114,25 @@ def test_make_source_prefers_an_existing_file_named_like_a_negative_index(tmp_pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "-1").write_bytes(b"x")
     assert isinstance(make_source("-1"), VideoFileSource)
+
+
+def test_an_image_folder_plays_in_natural_order_whatever_the_listing(tmp_path, monkeypatch):
+    """Names equal but for case or leading zeros compared equal and kept the order of
+    Path.iterdir, which the file system decides: two runs over copies of a folder could
+    differ. Ties now go by the name itself."""
+    import cv2
+    import numpy as np
+
+    from camface.realtime.sources import ImageFolderSource
+
+    names = ["frame10.png", "frame2.png", "frame1.png", "a.png", "A.png", "01.png", "1.png", "frame\u00b2.png"]
+    for value, name in enumerate(names):
+        cv2.imwrite(str(tmp_path / name), np.full((4, 4, 3), value, np.uint8))
+    listed = sorted(tmp_path.iterdir())
+    orders = []
+    for listing in (listed, listed[::-1]):
+        monkeypatch.setattr(type(tmp_path), "iterdir", lambda self, listing=listing: iter(listing))
+        with ImageFolderSource(tmp_path) as source:
+            orders.append([names[int(frame[0, 0, 0])] for frame in source])
+    assert orders[0] == orders[1] == ["01.png", "1.png", "A.png", "a.png", "frame1.png", "frame2.png",
+                                      "frame10.png", "frame\u00b2.png"]
