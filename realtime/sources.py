@@ -233,7 +233,7 @@ class VideoFileSource:
             raise SourceError(f"no frame could be read from video file {self.path}")
         expected = self.info.frames
         if expected:
-            expected = max(0, min(expected, self.stop or expected) - self.start)
+            expected = max(0, min(expected, expected if self.stop is None else self.stop) - self.start)
         if self.truncated or (expected and self.frames_read < expected):
             self.truncated = True
             if expected and self.frames_read < expected:  # the header's count says more than the boxes

@@ -136,3 +136,23 @@ def test_an_image_folder_plays_in_natural_order_whatever_the_listing(tmp_path, m
             orders.append([names[int(frame[0, 0, 0])] for frame in source])
     assert orders[0] == orders[1] == ["01.png", "1.png", "A.png", "a.png", "frame1.png", "frame2.png",
                                       "frame10.png", "frame\u00b2.png"]
+
+
+@pytest.mark.parametrize("start, stop, frames", [(0, 0, 0), (3, 3, 0), (0, 4, 4), (7, 10, 3), (8, 50, 2), (12, 20, 0)])
+def test_a_video_range_reads_its_frames_and_no_truncation(tmp_path, caplog, start, stop, frames):
+    """An empty range from frame 0 (stop=0) said the file was truncated ("read 0 of 10
+    frames"): `self.stop or expected` took stop=0 for no stop."""
+    import cv2
+    import numpy as np
+
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (32, 24))
+    for index in range(10):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    with caplog.at_level(logging.WARNING), VideoFileSource(path, start, stop) as source:
+        read = [round(int(frame[0, 0, 0]) / 20) for frame in source]
+    assert read == list(range(start, start + frames))
+    assert not source.truncated and "ended early" not in caplog.text
