@@ -5,6 +5,7 @@ gets the newest frame (a slow loop drops frames instead of lagging behind, as Ul
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,10 @@ class LiveSource:
     A camera that stops delivering frames, or a stream that stays silent after `reconnects`
     attempts with doubling back-off (backoff_s, 2 x backoff_s, ...), ends the iteration with a
     `SourceError` saying so.
+
+    A URL to a video file (FFmpeg knows its frame count: http(s)://host/clip.mp4, an HLS
+    recording) is read as a file is: every frame in order, no thread, no reconnection; its
+    `info` says live=False and the frame count.
 
     Messages, log lines and `info.name` show a stream URL without its user name and password
     (`redact`). `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
@@ -82,6 +87,17 @@ class LiveSource:
             raise SourceError(f"{self._what} opened but delivered no frame")
         fps = self._capture.get(cv2.CAP_PROP_FPS)
         self._frame, self._seq = frame, 1
+        self._thread = None
+        count = self._capture.get(cv2.CAP_PROP_FRAME_COUNT) if isinstance(self.target, str) else 0
+        if count is not None and math.isfinite(count) and count > 0:
+            # a video file behind a URL (http(s)://host/clip.mp4): FFmpeg knows how long it is.
+            # Read on a thread, it decoded as fast as it could (the loop saw a few of its frames)
+            # and its end read as a stall: reconnecting played it again, forever.
+            if not _valid_fps(fps):
+                log.warning("%s reports no frame rate (%s); assuming %g fps", self._what, fps, DEFAULT_FPS)
+                fps = DEFAULT_FPS
+            self.info = SourceInfo(redact(self.target), float(fps), int(count), live=False)
+            return self
         self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
                                         daemon=True)
         self._thread.start()
@@ -156,6 +172,9 @@ class LiveSource:
             return
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if not self.info.live:
+            yield from self._read_in_order()
+            return
         while True:
             with self._cond:
                 wait_s = self.timeout_s * (1 + self.reconnects * 2)  # room for the reader's reconnections
@@ -171,6 +190,27 @@ class LiveSource:
                     raise SourceError(self._error)
                 frame, self._yielded = self._frame, self._seq
             yield to_bgr8(frame)
+
+    def _read_in_order(self) -> Iterator[np.ndarray]:
+        """A video file behind a URL: every frame in order, as a file's (no thread, no reconnection;
+        paced like a file in a window). A read that fails or times out ends it, with a warning
+        when fewer frames came than FFmpeg announced."""
+        if self._yielded < self._seq:  # the frame read on entering
+            self._yielded = self._seq
+            yield to_bgr8(self._frame)
+        while True:
+            try:
+                ok, frame = self._capture.read()
+            except cv2.error as exc:
+                log.debug("%s: read failed: %s", self._what, exc)
+                ok, frame = False, None
+            if not ok or frame is None:
+                break
+            self._seq = self._yielded = self._seq + 1
+            yield to_bgr8(frame)
+        if self._seq < (self.info.frames or 0):
+            log.warning("%s ended early: read %d of %d frames (connection lost or file damaged)",
+                        self._what, self._seq, self.info.frames)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

@@ -156,3 +156,69 @@ def test_a_video_range_reads_its_frames_and_no_truncation(tmp_path, caplog, star
         read = [round(int(frame[0, 0, 0]) / 20) for frame in source]
     assert read == list(range(start, start + frames))
     assert not source.truncated and "ended early" not in caplog.text
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (python's http.server on a thread): its URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_video_file_behind_a_url_plays_every_frame_once(tmp_path, served, caplog):
+    """http://host/clip.mp4 was read as a live stream: decoded as fast as FFmpeg could on the
+    reader thread (the loop saw its first and last frames), its end taken for a stall, and
+    each "reconnection" played it again: it never ended."""
+    import time
+
+    import cv2
+    import numpy as np
+
+    from camface.realtime.pace import LoopingSource
+    from camface.realtime.sources import make_source
+
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25, (32, 24))
+    for index in range(12):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING), make_source(f"{served}/clip.avi") as source:
+        assert (source.info.live, source.info.frames, source.info.fps) == (False, 12, 25.0)
+        frames = []
+        for frame in source:
+            frames.append(round(int(frame[0, 0, 0]) / 20))
+            time.sleep(0.01)  # a loop slower than decoding still gets every frame
+    assert frames == list(range(12))
+    assert time.perf_counter() - started < 10 and "reconnecting" not in caplog.text and "ended early" not in caplog.text
+    looped = LoopingSource(make_source(f"{served}/clip.avi"))  # --loop: a file, so allowed
+    with looped:
+        assert len([frame for _, frame in zip(range(20), looped)]) == 20 and looped.passes == 1
+
+
+def test_a_video_file_behind_a_url_that_breaks_off_ends_with_a_warning(caplog):
+    frames = []
+
+    class RemoteClip(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return {cv2.CAP_PROP_FRAME_COUNT: 50.0, cv2.CAP_PROP_FPS: 0.0}.get(prop, 0.0)
+
+    with caplog.at_level(logging.WARNING), \
+            LiveSource("https://u:pw@host/clip.mp4", opener=lambda target, timeout: RemoteClip(good=20)) as source:
+        frames = list(source)
+    assert len(frames) == 20 and source.info.fps == 30.0 and not source.info.live
+    assert "stream https://***@host/clip.mp4 ended early: read 20 of 50 frames" in caplog.text
