@@ -76,8 +76,9 @@ class LiveSource:
     def __enter__(self) -> "LiveSource":
         # afresh each time: a source object used again (`process_video(source)` twice) ended
         # after one stale frame, its reader stopped by the first exit
-        if self._thread is not None and self._thread.is_alive():  # its last exit timed out joining it
-            raise SourceError(f"{self._what} is still open: its reader did not stop")
+        if self._thread is not None and self._thread.is_alive():  # entered twice, or its last exit timed out
+            raise SourceError(f"{self._what} is already open: enter a source once (`with` it, or give it "
+                              "to process_video, not both)")
         self._stop.clear()
         self._error, self._frame, self._seq, self._yielded = None, None, 0, 0
         self._capture = self._open()

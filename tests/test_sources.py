@@ -222,3 +222,20 @@ def test_a_video_file_behind_a_url_that_breaks_off_ends_with_a_warning(caplog):
         frames = list(source)
     assert len(frames) == 20 and source.info.fps == 30.0 and not source.info.live
     assert "stream https://***@host/clip.mp4 ended early: read 20 of 50 frames" in caplog.text
+
+
+def test_a_live_source_entered_twice_says_so_and_keeps_one_reader():
+    """Entering an open LiveSource again (`with source:` around `process_video(source)`) started
+    a second reader thread on a second capture and left the first running after exit."""
+    cameras = []
+
+    def opener(target, timeout):
+        cameras.append(FakeCamera())
+        return cameras[-1]
+
+    source = LiveSource(0, timeout_s=0.5, opener=opener)
+    with source:
+        with pytest.raises(SourceError, match="camera 0 is already open: enter a source once"):
+            source.__enter__()
+        assert len(next(iter(source))) == 48
+    assert len(cameras) == 1 and cameras[0].released and not source._thread.is_alive()
