@@ -142,11 +142,13 @@ class VideoFileSource:
         self.truncation: str | None = None  # why, when truncated
         self._capture = None
         self._prefix = None
+        self._iterated = False
 
     def __enter__(self) -> "VideoFileSource":
         if not self.path.is_file():
             raise SourceError(f"video file not found: {self.path}")
         self.frames_read, self.truncated, self.truncation = 0, False, None  # per pass: --loop enters again
+        self._iterated = False
         self._capture = capture = self._open()
         if not self.truncated and self.stop is None:  # FFmpeg opens some MP4s cut inside their last
             # index and says nothing (a range that stops earlier does not reach the cut)
@@ -222,6 +224,10 @@ class VideoFileSource:
         self._close_prefix()
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self._iterated:  # a second iteration plays it again from `start`, as a folder's does
+            self._seek(self.start)  # (it gave no frame: the capture stood at the end)
+            self.frames_read = 0
+        self._iterated = True
         wanted = None if self.stop is None else self.stop - self.start
         while wanted is None or self.frames_read < wanted:
             ok, frame = self._capture.read()

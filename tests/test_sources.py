@@ -239,3 +239,28 @@ def test_a_live_source_entered_twice_says_so_and_keeps_one_reader():
             source.__enter__()
         assert len(next(iter(source))) == 48
     assert len(cameras) == 1 and cameras[0].released and not source._thread.is_alive()
+
+
+def test_files_and_the_sample_iterated_twice_give_the_same_frames_twice(tmp_path):
+    """A second iteration of an open video file gave no frame (its capture stood at the end),
+    and the sample's drew its frames instead of decoding them (other pixels); a folder's
+    already started again."""
+    import cv2
+    import numpy as np
+
+    from camface.realtime.sample import SampleSource
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (32, 24))
+    for index in range(8):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    for source in (VideoFileSource(path), VideoFileSource(path, 2, 6), SampleSource(frames=6, size=(64, 48))):
+        with source:
+            first = list(source)
+            partial = next(iter(source))
+            second = list(source)
+        assert len(first) == len(second) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(first, second))
+        assert np.array_equal(partial, first[0])
