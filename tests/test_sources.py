@@ -264,3 +264,19 @@ def test_files_and_the_sample_iterated_twice_give_the_same_frames_twice(tmp_path
         assert len(first) == len(second) > 0
         assert all(np.array_equal(a, b) for a, b in zip(first, second))
         assert np.array_equal(partial, first[0])
+
+
+def test_process_video_says_what_is_wrong_with_a_source_when_the_docstring_says(tmp_path):
+    """process_video's docstring said a missing file failed at the first frame: it fails at
+    once (make_source checks the path); a file that will not open fails at the first frame."""
+    import camface
+
+    (tmp_path / "text.mp4").write_text("not a video\n")
+    with camface.load(device="cpu") as api:
+        with pytest.raises(SourceError, match="source not found: .*missing.mp4"):
+            api.process_video(tmp_path / "missing.mp4")
+        with pytest.raises(SourceError, match="camera index -1 is negative"):
+            api.process_video(-1)
+        frames = api.process_video(tmp_path / "text.mp4")  # nothing opened yet
+        with pytest.raises(SourceError, match="cannot open video file .*text.mp4: not a video"):
+            next(frames)
