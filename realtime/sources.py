@@ -114,8 +114,12 @@ def redact(text: str) -> str:
     return _USERINFO.sub(r"\1***@", text)
 
 
+MAX_FPS = 240.0  # above this a figure is a container's time base, not a frame rate: FFmpeg
+# says 1000 for a WebM or MKV written live (a browser's MediaRecorder, OBS) or an FLV/RTMP stream
+
+
 def _valid_fps(fps: float) -> bool:
-    return fps is not None and math.isfinite(fps) and 0.5 <= fps <= 1000
+    return fps is not None and math.isfinite(fps) and 0.5 <= fps <= MAX_FPS
 
 
 # ---------------------------------------------------------------------------- files
@@ -130,6 +134,10 @@ class VideoFileSource:
     its last good frame with one warning; `truncated` then is True, `frames_read` says how
     far it got and `truncation` why. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
     is read up to its last complete fragment.
+
+    info.fps: the container's figure; when that is none or above MAX_FPS (a time base: 1000
+    for a WebM written live), the mean rate of its first frames' timestamps, else DEFAULT_FPS.
+    Each iteration starts at `start`.
     """
 
     def __init__(self, path: str | Path, start: int = 0, stop: int | None = None):
@@ -160,14 +168,32 @@ class VideoFileSource:
                 self.truncation = (f"it ends inside an MP4 box: only its first {length} of "
                                    f"{self.path.stat().st_size} bytes are whole")
         fps = capture.get(cv2.CAP_PROP_FPS)
-        if not _valid_fps(fps):
-            log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
-            fps = DEFAULT_FPS
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if not _valid_fps(fps):
+            # recorded at 1000 fps, a 3 s clip lasted 0.1 s, and a window played it as fast
+            measured = self._fps_from_timestamps()
+            if measured is not None:
+                log.info("%s reports %s fps; its timestamps say %.3g", self.path, fps, measured)
+            else:
+                log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
+            fps = measured or DEFAULT_FPS
         self.info = SourceInfo(str(self.path), float(fps), count if count > 0 else None, live=False)
         if self.start:
             self._seek(self.start)
         return self
+
+    def _fps_from_timestamps(self, frames: int = 31) -> float | None:
+        """The mean frame rate of the first `frames` frames from their timestamps (N frames:
+        N-1 intervals), or None when they say nothing plausible. The file is then opened
+        again (seeking back to 0 in a WebM written live, which has no index, reads nothing)."""
+        stamps = []
+        while len(stamps) < frames and self._capture.grab():
+            stamps.append(self._capture.get(cv2.CAP_PROP_POS_MSEC))
+        self._reopen()
+        if len(stamps) < 2 or not stamps[-1] > stamps[0]:
+            return None
+        fps = (len(stamps) - 1) * 1000.0 / (stamps[-1] - stamps[0])
+        return fps if 0.5 <= fps <= 1000 else None  # frames 1 ms apart: a high-speed camera's
 
     def _seek(self, start: int) -> None:
         """Put the capture before frame `start`. FFmpeg's seek goes to the keyframe before it
@@ -177,13 +203,17 @@ class VideoFileSource:
                 int(self._capture.get(cv2.CAP_PROP_POS_FRAMES)) == start:
             return
         log.debug("%s: seeking to frame %d missed; reading up to it", self.path, start)
+        self._reopen()
+        for _ in range(start):
+            if not self._capture.grab():
+                break
+
+    def _reopen(self) -> None:
+        """The capture opened again, before frame 0 (what is known of a truncation kept)."""
         truncated, truncation = self.truncated, self.truncation
         self.__exit__()
         self._capture = self._open()
         self.truncated, self.truncation = truncated, truncation
-        for _ in range(start):
-            if not self._capture.grab():
-                break
 
     def _open(self):
         capture = cv2.VideoCapture(str(self.path))

@@ -280,3 +280,67 @@ def test_process_video_says_what_is_wrong_with_a_source_when_the_docstring_says(
         frames = api.process_video(tmp_path / "text.mp4")  # nothing opened yet
         with pytest.raises(SourceError, match="cannot open video file .*text.mp4: not a video"):
             next(frames)
+
+
+def _live_webm(path, intervals_ms):
+    """A WebM as a browser's MediaRecorder writes it: frames at irregular millisecond times and
+    no frame duration in its header (the muxer's DefaultDuration renamed to an unknown element,
+    which readers skip): FFmpeg reports its time base, 1000, as its frame rate."""
+    import fractions
+
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="webm", options={"live": "1"}) as out:
+        stream = out.add_stream("libvpx", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        pts = 0
+        for index, interval in enumerate(intervals_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), index * 4, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            pts += interval
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    data = path.read_bytes()
+    assert data.count(b"\x23\xe3\x83") == 1
+    path.write_bytes(data.replace(b"\x23\xe3\x83", b"\x23\xe3\x84"))
+
+
+def test_a_file_that_reports_its_time_base_as_frame_rate_plays_at_its_timestamps(tmp_path, caplog):
+    """A live-written WebM reports 1000 fps: it was taken as its frame rate (a recording of a
+    2 s clip lasted 0.06 s, a window played it 33 times too fast). Its timestamps say ~30."""
+    import cv2
+
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "browser.webm"
+    import random
+
+    pick = random.Random(0)  # irregular, as a browser's: FFmpeg finds no frame rate in them
+    intervals = [pick.choice([28, 31, 33, 34, 36, 40]) for _ in range(60)]
+    _live_webm(path, intervals)
+    assert cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FPS) == 1000  # what the container says
+    with caplog.at_level(logging.INFO), VideoFileSource(path) as source:
+        frames = list(source)
+    first_31 = sum(intervals[:30])
+    assert source.info.fps == pytest.approx(30 * 1000 / first_31, rel=1e-6)  # 30 intervals of the first 31 frames
+    assert len(frames) == 60 and round(int(frames[0][0, 0, 0]) / 4) == 0  # from the first frame, none lost
+    assert f"reports 1000.0 fps; its timestamps say {source.info.fps:.3g}" in caplog.text
+    assert 28 < source.info.fps < 32
+    with VideoFileSource(path, 10, 14) as source:  # a range of it: seeking in a file without index
+        assert [round(int(frame[0, 0, 0]) / 4) for frame in source] == [10, 11, 12, 13]
+
+
+def test_a_stream_that_reports_its_time_base_is_measured():
+    """A stream saying 1000 fps (RTMP/FLV, a live WebM) was believed: its frame rate is measured
+    from the frames' arrival, as for a camera that says 0."""
+
+    class Says1000(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return 1000.0 if prop == cv2.CAP_PROP_FPS else -1.0
+
+    with LiveSource("rtmp://host/live", timeout_s=1.0, opener=lambda target, timeout: Says1000()) as source:
+        assert 20 < source.info.fps < 400  # FakeCamera: one frame per >= 5 ms
