@@ -133,6 +133,15 @@ class LiveSource:
             with self._cond:
                 self._error = f"{self._what} failed after {self._seq} frames: {redact(str(exc))}"
                 self._cond.notify_all()
+        finally:
+            if self._stop.is_set():  # closed: the capture is this thread's to release (see __exit__)
+                self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.release()
 
     def _read_until_stopped(self) -> None:
         failures, attempt = 0, 0
@@ -217,6 +226,11 @@ class LiveSource:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 1)
-        if self._capture is not None:
-            self._capture.release()
-            self._capture = None
+            if self._thread.is_alive():
+                # stuck inside the backend (a DNS look-up, a driver): releasing the capture under
+                # it can crash FFmpeg, and a reconnection it finishes would open one nobody
+                # releases; the thread releases whatever it holds when it returns
+                log.warning("%s: its reader did not stop within %g s; it closes the %s when it returns",
+                            self._what, self.timeout_s + 1, "camera" if isinstance(self.target, int) else "stream")
+                return
+        self._release()

@@ -344,3 +344,42 @@ def test_a_stream_that_reports_its_time_base_is_measured():
 
     with LiveSource("rtmp://host/live", timeout_s=1.0, opener=lambda target, timeout: Says1000()) as source:
         assert 20 < source.info.fps < 400  # FakeCamera: one frame per >= 5 ms
+
+
+def test_closing_a_stream_whose_reader_is_stuck_leaves_the_capture_to_it(caplog):
+    """__exit__ released the capture while the reader thread was still inside it (a read or a
+    reconnection stuck in the backend past the join's time-out), and a reconnection finished
+    after that opened a capture nobody released. The thread now releases what it holds."""
+    import threading
+
+    gate = threading.Event()
+    opened = []
+
+    class Stuck(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0  # no fps to measure while stuck
+
+        def read(self):
+            if self.reads >= 1:  # the reader thread's first read (__enter__ made the one before)
+                gate.wait(10)  # stuck in the backend until the test lets it go
+            return super().read()
+
+        def release(self):
+            assert threading.current_thread() is not threading.main_thread() or gate.is_set()
+            super().release()
+
+    def opener(target, timeout):
+        opened.append(Stuck())
+        return opened[-1]
+
+    source = LiveSource("rtsp://host/live", timeout_s=0.2, reconnects=0, opener=opener)
+    with caplog.at_level(logging.WARNING):
+        with source:
+            next(iter(source))
+    assert "its reader did not stop within 1.2 s; it closes the stream when it returns" in caplog.text
+    assert not opened[0].released  # not under the stuck thread
+    gate.set()
+    source._thread.join(5)
+    assert not source._thread.is_alive() and opened[0].released and source._capture is None
