@@ -227,8 +227,9 @@ class Pipeline:
         when the loop ends or breaks. max_frames: at most this many frames (default: the
         pipeline's `max_frames`, as `load(max_frames=N)` set it; None there: every frame). A bad
         `source` type or `max_frames`, or a closed pipeline,
-        is a UsageError at once (a missing file at the first frame, a source object's frame that
-        is not uint8 BGR [H, W, 3] when it comes); closing the pipeline while iterating ends the
+        is a UsageError at once, as a path that does not exist is a SourceError; a file that
+        will not open (or a camera, a stream) fails at the first frame, a source object's frame that
+        is not uint8 BGR [H, W, 3] when it comes; closing the pipeline while iterating ends the
         iteration with one.
         """
         from camface.realtime.sources import make_source

@@ -156,8 +156,10 @@ def main(args: argparse.Namespace) -> int:
     if args.snapshots:
         crops, frames, source = crop_sources.from_snapshots(args.snapshots, graph.info), None, ", ".join(args.snapshots)
     else:
+        from camface.realtime.sources import redact
+
         crops, frames = crop_sources.from_source(config, graph, args.frames, every, progress)
-        source = config.source
+        source = redact(config.source)  # the report is shared: no camera's password in it
     detected = time.perf_counter()
     scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,
                     baseline=args.baseline)

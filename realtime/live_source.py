@@ -5,6 +5,7 @@ gets the newest frame (a slow loop drops frames instead of lagging behind, as Ul
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ import cv2
 import numpy as np
 
 from camface.errors import SourceError
-from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, to_bgr8
+from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, redact, to_bgr8
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,12 @@ class LiveSource:
     attempts with doubling back-off (backoff_s, 2 x backoff_s, ...), ends the iteration with a
     `SourceError` saying so.
 
-    `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
+    A URL to a video file (FFmpeg knows its frame count: http(s)://host/clip.mp4, an HLS
+    recording) is read as a file is: every frame in order, no thread, no reconnection; its
+    `info` says live=False and the frame count.
+
+    Messages, log lines and `info.name` show a stream URL without its user name and password
+    (`redact`). `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
     """
 
     def __init__(self, target: int | str, timeout_s: float = 5.0, reconnects: int = 3,
@@ -52,12 +58,13 @@ class LiveSource:
         self._cond = threading.Condition()
         self._frame: np.ndarray | None = None
         self._seq = 0
+        self._yielded = 0  # the _seq of the last frame iteration gave (a new iteration goes on from it)
         self._error: str | None = None
         self._stop = threading.Event()
 
     @property
     def _what(self) -> str:
-        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {self.target}"
+        return f"camera {self.target}" if isinstance(self.target, int) else f"stream {redact(self.target)}"
 
     def _open(self):
         capture = self._opener(self.target, self.timeout_s)
@@ -67,6 +74,13 @@ class LiveSource:
         return capture
 
     def __enter__(self) -> "LiveSource":
+        # afresh each time: a source object used again (`process_video(source)` twice) ended
+        # after one stale frame, its reader stopped by the first exit
+        if self._thread is not None and self._thread.is_alive():  # entered twice, or its last exit timed out
+            raise SourceError(f"{self._what} is already open: enter a source once (`with` it, or give it "
+                              "to process_video, not both)")
+        self._stop.clear()
+        self._error, self._frame, self._seq, self._yielded = None, None, 0, 0
         self._capture = self._open()
         ok, frame = self._capture.read()
         if not ok or frame is None:
@@ -74,6 +88,17 @@ class LiveSource:
             raise SourceError(f"{self._what} opened but delivered no frame")
         fps = self._capture.get(cv2.CAP_PROP_FPS)
         self._frame, self._seq = frame, 1
+        self._thread = None
+        count = self._capture.get(cv2.CAP_PROP_FRAME_COUNT) if isinstance(self.target, str) else 0
+        if count is not None and math.isfinite(count) and count > 0:
+            # a video file behind a URL (http(s)://host/clip.mp4): FFmpeg knows how long it is.
+            # Read on a thread, it decoded as fast as it could (the loop saw a few of its frames)
+            # and its end read as a stall: reconnecting played it again, forever.
+            if not _valid_fps(fps):
+                log.warning("%s reports no frame rate (%s); assuming %g fps", self._what, fps, DEFAULT_FPS)
+                fps = DEFAULT_FPS
+            self.info = SourceInfo(redact(self.target), float(fps), int(count), live=False)
+            return self
         self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
                                         daemon=True)
         self._thread.start()
@@ -83,7 +108,7 @@ class LiveSource:
         except BaseException:  # e.g. Ctrl-C while measuring: `with` will not call __exit__
             self.__exit__(None, None, None)
             raise
-        self.info = SourceInfo(str(self.target), float(fps), None, live=True)
+        self.info = SourceInfo(redact(str(self.target)), float(fps), None, live=True)
         return self
 
     def _measure_fps(self, frames: int = 10) -> float:
@@ -106,8 +131,17 @@ class LiveSource:
             self._read_until_stopped()
         except BaseException as exc:
             with self._cond:
-                self._error = f"{self._what} failed after {self._seq} frames: {exc}"
+                self._error = f"{self._what} failed after {self._seq} frames: {redact(str(exc))}"
                 self._cond.notify_all()
+        finally:
+            if self._stop.is_set():  # closed: the capture is this thread's to release (see __exit__)
+                self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            capture, self._capture = self._capture, None
+        if capture is not None:
+            capture.release()
 
     def _read_until_stopped(self) -> None:
         failures, attempt = 0, 0
@@ -148,27 +182,55 @@ class LiveSource:
             return
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        seen = 0
+        if not self.info.live:
+            yield from self._read_in_order()
+            return
         while True:
             with self._cond:
                 wait_s = self.timeout_s * (1 + self.reconnects * 2)  # room for the reader's reconnections
                 deadline = time.perf_counter() + wait_s
-                while self._seq == seen and self._error is None:
+                while self._seq == self._yielded and self._error is None:
                     if self._stop.is_set():
                         return
                     if time.perf_counter() > deadline:
                         self._error = f"{self._what} delivered no frame for {wait_s:g} s"
                         break
                     self._cond.wait(0.05)
-                if self._seq == seen and self._error is not None:
+                if self._seq == self._yielded and self._error is not None:
                     raise SourceError(self._error)
-                frame, seen = self._frame, self._seq
+                frame, self._yielded = self._frame, self._seq
             yield to_bgr8(frame)
+
+    def _read_in_order(self) -> Iterator[np.ndarray]:
+        """A video file behind a URL: every frame in order, as a file's (no thread, no reconnection;
+        paced like a file in a window). A read that fails or times out ends it, with a warning
+        when fewer frames came than FFmpeg announced."""
+        if self._yielded < self._seq:  # the frame read on entering
+            self._yielded = self._seq
+            yield to_bgr8(self._frame)
+        while True:
+            try:
+                ok, frame = self._capture.read()
+            except cv2.error as exc:
+                log.debug("%s: read failed: %s", self._what, exc)
+                ok, frame = False, None
+            if not ok or frame is None:
+                break
+            self._seq = self._yielded = self._seq + 1
+            yield to_bgr8(frame)
+        if self._seq < (self.info.frames or 0):
+            log.warning("%s ended early: read %d of %d frames (connection lost or file damaged)",
+                        self._what, self._seq, self.info.frames)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.timeout_s + 1)
-        if self._capture is not None:
-            self._capture.release()
-            self._capture = None
+            if self._thread.is_alive():
+                # stuck inside the backend (a DNS look-up, a driver): releasing the capture under
+                # it can crash FFmpeg, and a reconnection it finishes would open one nobody
+                # releases; the thread releases whatever it holds when it returns
+                log.warning("%s: its reader did not stop within %g s; it closes the %s when it returns",
+                            self._what, self.timeout_s + 1, "camera" if isinstance(self.target, int) else "stream")
+                return
+        self._release()

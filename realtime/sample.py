@@ -191,6 +191,10 @@ class SampleSource:
         region[:] = cv2.blendLinear(sprite, np.ascontiguousarray(region), alpha, 1.0 - alpha)
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self._capture is not None and self._capture.get(cv2.CAP_PROP_POS_FRAMES) != 0:
+            # iterated again: the clip from its start (the capture at its end drew the frames
+            # instead, whose pixels differ from the decoded ones by the codec's loss)
+            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
         for index in range(self.frames):
             if self._capture is None:
                 yield self.frame(index)

@@ -100,8 +100,26 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
+
+
+def redact(text: str) -> str:
+    """`text` fit to print: the user name and password of each URL in it replaced by "***"
+    ("rtsp://admin:pw@cam/x" -> "rtsp://***@cam/x"); anything else unchanged.
+
+    Every message, log line and SourceInfo.name that shows a stream URL goes through here:
+    camera URLs carry their credentials, and logs, summaries and snapshot metadata get shared.
+    The authority ends at the first "/", "?" or "#" (as FFmpeg splits it); its last "@" ends
+    the credentials, so a password holding an "@" is hidden whole."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+MAX_FPS = 240.0  # above this a figure is a container's time base, not a frame rate: FFmpeg
+# says 1000 for a WebM or MKV written live (a browser's MediaRecorder, OBS) or an FLV/RTMP stream
+
+
 def _valid_fps(fps: float) -> bool:
-    return fps is not None and math.isfinite(fps) and 0.5 <= fps <= 1000
+    return fps is not None and math.isfinite(fps) and 0.5 <= fps <= MAX_FPS
 
 
 # ---------------------------------------------------------------------------- files
@@ -116,6 +134,10 @@ class VideoFileSource:
     its last good frame with one warning; `truncated` then is True, `frames_read` says how
     far it got and `truncation` why. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
     is read up to its last complete fragment.
+
+    info.fps: the container's figure; when that is none or above MAX_FPS (a time base: 1000
+    for a WebM written live), the mean rate of its first frames' timestamps, else DEFAULT_FPS.
+    Each iteration starts at `start`.
     """
 
     def __init__(self, path: str | Path, start: int = 0, stop: int | None = None):
@@ -128,11 +150,13 @@ class VideoFileSource:
         self.truncation: str | None = None  # why, when truncated
         self._capture = None
         self._prefix = None
+        self._iterated = False
 
     def __enter__(self) -> "VideoFileSource":
         if not self.path.is_file():
             raise SourceError(f"video file not found: {self.path}")
         self.frames_read, self.truncated, self.truncation = 0, False, None  # per pass: --loop enters again
+        self._iterated = False
         self._capture = capture = self._open()
         if not self.truncated and self.stop is None:  # FFmpeg opens some MP4s cut inside their last
             # index and says nothing (a range that stops earlier does not reach the cut)
@@ -144,14 +168,32 @@ class VideoFileSource:
                 self.truncation = (f"it ends inside an MP4 box: only its first {length} of "
                                    f"{self.path.stat().st_size} bytes are whole")
         fps = capture.get(cv2.CAP_PROP_FPS)
-        if not _valid_fps(fps):
-            log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
-            fps = DEFAULT_FPS
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if not _valid_fps(fps):
+            # recorded at 1000 fps, a 3 s clip lasted 0.1 s, and a window played it as fast
+            measured = self._fps_from_timestamps()
+            if measured is not None:
+                log.info("%s reports %s fps; its timestamps say %.3g", self.path, fps, measured)
+            else:
+                log.warning("%s reports no frame rate (%s); assuming %g fps", self.path, fps, DEFAULT_FPS)
+            fps = measured or DEFAULT_FPS
         self.info = SourceInfo(str(self.path), float(fps), count if count > 0 else None, live=False)
         if self.start:
             self._seek(self.start)
         return self
+
+    def _fps_from_timestamps(self, frames: int = 31) -> float | None:
+        """The mean frame rate of the first `frames` frames from their timestamps (N frames:
+        N-1 intervals), or None when they say nothing plausible. The file is then opened
+        again (seeking back to 0 in a WebM written live, which has no index, reads nothing)."""
+        stamps = []
+        while len(stamps) < frames and self._capture.grab():
+            stamps.append(self._capture.get(cv2.CAP_PROP_POS_MSEC))
+        self._reopen()
+        if len(stamps) < 2 or not stamps[-1] > stamps[0]:
+            return None
+        fps = (len(stamps) - 1) * 1000.0 / (stamps[-1] - stamps[0])
+        return fps if 0.5 <= fps <= 1000 else None  # frames 1 ms apart: a high-speed camera's
 
     def _seek(self, start: int) -> None:
         """Put the capture before frame `start`. FFmpeg's seek goes to the keyframe before it
@@ -161,13 +203,17 @@ class VideoFileSource:
                 int(self._capture.get(cv2.CAP_PROP_POS_FRAMES)) == start:
             return
         log.debug("%s: seeking to frame %d missed; reading up to it", self.path, start)
+        self._reopen()
+        for _ in range(start):
+            if not self._capture.grab():
+                break
+
+    def _reopen(self) -> None:
+        """The capture opened again, before frame 0 (what is known of a truncation kept)."""
         truncated, truncation = self.truncated, self.truncation
         self.__exit__()
         self._capture = self._open()
         self.truncated, self.truncation = truncated, truncation
-        for _ in range(start):
-            if not self._capture.grab():
-                break
 
     def _open(self):
         capture = cv2.VideoCapture(str(self.path))
@@ -208,6 +254,10 @@ class VideoFileSource:
         self._close_prefix()
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        if self._iterated:  # a second iteration plays it again from `start`, as a folder's does
+            self._seek(self.start)  # (it gave no frame: the capture stood at the end)
+            self.frames_read = 0
+        self._iterated = True
         wanted = None if self.stop is None else self.stop - self.start
         while wanted is None or self.frames_read < wanted:
             ok, frame = self._capture.read()
@@ -219,7 +269,7 @@ class VideoFileSource:
             raise SourceError(f"no frame could be read from video file {self.path}")
         expected = self.info.frames
         if expected:
-            expected = max(0, min(expected, self.stop or expected) - self.start)
+            expected = max(0, min(expected, expected if self.stop is None else self.stop) - self.start)
         if self.truncated or (expected and self.frames_read < expected):
             self.truncated = True
             if expected and self.frames_read < expected:  # the header's count says more than the boxes
@@ -230,8 +280,13 @@ class VideoFileSource:
                         self.path, self.frames_read, of)
 
 
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+def _natural_key(path: Path) -> tuple:
+    """frame2 before frame10; names equal but for case or leading zeros ("a.jpg", "A.jpg";
+    "1.png", "01.png") then by the name itself, not by the folder listing's order (which
+    differs between file systems and runs)."""
+    parts = [int(part) if part.isascii() and part.isdigit() else part.lower()
+             for part in re.split(r"([0-9]+)", path.name)]
+    return parts, path.name
 
 
 class ImageFolderSource:
@@ -329,7 +384,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
-    if spec.isdigit():
+    if spec.isascii() and spec.isdigit():  # not "²" or "٣" (isdigit, and int("²") raises)
         return LiveSource(int(spec))
     if "://" in spec:
         return LiveSource(spec)
@@ -338,5 +393,8 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
         return ImageFolderSource(path)
     if path.is_file():
         return VideoFileSource(path)
+    if re.fullmatch(r"-[0-9]+", spec):  # OpenCV's -1 is "any camera": say which to give instead
+        raise SourceError(f"camera index {spec} is negative: camera indices are 0, 1, ... "
+                          "(0 is the first camera)")
     raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")

@@ -79,9 +79,9 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     if source_info.live:
         log.warning("camface bench: %s is a live source: each row sees different frames", source_info.name)
     if first is None:
-        raise SourceError(f"no frame could be read from {pipeline.source}")
+        raise SourceError(f"no frame could be read from {source_info.name}")
     if second is None:  # one frame completion holds no interval: no fps, no speed-up to print
-        raise SourceError(f"{pipeline.source} gave one frame; camface bench times at least 2 (fps needs two "
+        raise SourceError(f"{source_info.name} gave one frame; camface bench times at least 2 (fps needs two "
                           "frame completions): give a clip or a folder of several images")
     from camface.realtime.detect import import_mediapipe_vision
 

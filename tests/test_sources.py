@@ -1,0 +1,385 @@
+"""Frame sources opened as users give them: stream URLs, camera indices, folders, video files.
+
+No camera and no network: cameras and streams are fakes passed as `opener`, files are written
+to tmp_path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from realtime_helpers import FakeCamera
+
+from camface.errors import SourceError
+from camface.realtime.live_source import LiveSource
+from camface.realtime.sources import redact
+
+
+class Refuses(FakeCamera):
+    def isOpened(self):
+        return False
+
+
+class Counting(FakeCamera):
+    """Frame k carries k in its first pixel (blue + 256 x green), however many are read."""
+
+    def read(self):
+        ok, frame = super().read()
+        if ok:
+            frame[0, 0, :2] = self.reads % 256, self.reads // 256
+        return ok, frame
+
+
+def number(frame) -> int:
+    return int(frame[0, 0, 0]) + 256 * int(frame[0, 0, 1])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("rtsp://admin:s3cret@10.0.0.2:554/stream1", "rtsp://***@10.0.0.2:554/stream1"),
+    ("http://user@cam.local/video.mjpg", "http://***@cam.local/video.mjpg"),
+    ("rtsp://admin:p@ss@cam/x", "rtsp://***@cam/x"),  # an "@" in the password: hidden whole
+    ("rtsp://cam/x?at=me@home", "rtsp://cam/x?at=me@home"),  # an "@" after the host is no password
+    ("rtsp://cam:554/x", "rtsp://cam:554/x"),
+    ("/videos/me@home.mp4", "/videos/me@home.mp4"),
+    ("0", "0"),
+    ("stream rtsp://a:b@h/x failed; retry rtsp://c:d@h/y", "stream rtsp://***@h/x failed; retry rtsp://***@h/y"),
+])
+def test_redact_hides_the_credentials_of_urls_only(text, expected):
+    assert redact(text) == expected
+
+
+def test_a_stream_url_never_shows_its_password(caplog):
+    """Errors, log lines and SourceInfo.name (summaries, snapshot metadata) printed the URL as
+    given, user name and password included."""
+    url = "rtsp://admin:s3cret@127.0.0.1:9/live"
+    with pytest.raises(SourceError, match=r"stream rtsp://\*\*\*@127\.0\.0\.1:9/live could not be opened") as error:
+        with LiveSource(url, timeout_s=0.5, opener=lambda target, timeout: Refuses()):
+            pass
+    assert "s3cret" not in str(error.value)
+
+    opened = []
+
+    def opener(target, timeout):
+        assert target == url  # the capture itself gets the credentials
+        opened.append(Refuses() if opened else FakeCamera(good=3))  # 3 frames, then gone
+        return opened[-1]
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(SourceError) as error:
+        with LiveSource(url, timeout_s=0.5, reconnects=1, backoff_s=0.01, opener=opener) as source:
+            assert source.info.name == "rtsp://***@127.0.0.1:9/live"
+            assert "s3cret" not in source._thread.name
+            for _ in source:
+                pass
+    assert len(opened) == 2 and "1 reconnection attempts" in str(error.value)
+    assert "admin" not in str(error.value) and "s3cret" not in str(error.value)
+    assert "reconnecting" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_a_live_source_opens_again_and_never_repeats_a_frame():
+    """Entering the same LiveSource a second time (a source object given to `process_video`
+    twice) gave one stale frame and stopped: its reader's stop flag stayed set. Iterating it
+    twice in one `with` gave the last frame of the first iteration again."""
+    cameras = []
+
+    def opener(target, timeout):
+        cameras.append(Counting())
+        return cameras[-1]
+
+    source = LiveSource(0, timeout_s=0.5, opener=opener)
+    for _ in range(2):
+        with source:
+            first = [number(frame) for _, frame in zip(range(4), source)]
+            second = [number(frame) for _, frame in zip(range(4), source)]
+        assert len(first) == len(second) == 4
+        assert first == sorted(set(first)) and second == sorted(set(second)) and second[0] > first[-1]
+        assert not source._thread.is_alive() and cameras[-1].released
+    assert len(cameras) == 2
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("-1", r"camera index -1 is negative: camera indices are 0, 1, \.\.\."),
+    ("\u00b2", r"source not found: \u00b2 \(expected a camera index"),  # '²'.isdigit(); int('²') raised ValueError
+    ("\u0663", r"source not found: \u0663 \(expected a camera index"),  # Arabic-Indic 3 opened camera 3
+])
+def test_make_source_names_what_is_wrong_with_a_camera_index(spec, message):
+    from camface.realtime.sources import make_source
+
+    with pytest.raises(SourceError, match=message):
+        make_source(spec)
+
+
+def test_make_source_prefers_an_existing_file_named_like_a_negative_index(tmp_path, monkeypatch):
+    from camface.realtime.sources import VideoFileSource, make_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-1").write_bytes(b"x")
+    assert isinstance(make_source("-1"), VideoFileSource)
+
+
+def test_an_image_folder_plays_in_natural_order_whatever_the_listing(tmp_path, monkeypatch):
+    """Names equal but for case or leading zeros compared equal and kept the order of
+    Path.iterdir, which the file system decides: two runs over copies of a folder could
+    differ. Ties now go by the name itself."""
+    import cv2
+    import numpy as np
+
+    from camface.realtime.sources import ImageFolderSource
+
+    names = ["frame10.png", "frame2.png", "frame1.png", "a.png", "A.png", "01.png", "1.png", "frame\u00b2.png"]
+    for value, name in enumerate(names):
+        cv2.imwrite(str(tmp_path / name), np.full((4, 4, 3), value, np.uint8))
+    listed = sorted(tmp_path.iterdir())
+    orders = []
+    for listing in (listed, listed[::-1]):
+        monkeypatch.setattr(type(tmp_path), "iterdir", lambda self, listing=listing: iter(listing))
+        with ImageFolderSource(tmp_path) as source:
+            orders.append([names[int(frame[0, 0, 0])] for frame in source])
+    assert orders[0] == orders[1] == ["01.png", "1.png", "A.png", "a.png", "frame1.png", "frame2.png",
+                                      "frame10.png", "frame\u00b2.png"]
+
+
+@pytest.mark.parametrize("start, stop, frames", [(0, 0, 0), (3, 3, 0), (0, 4, 4), (7, 10, 3), (8, 50, 2), (12, 20, 0)])
+def test_a_video_range_reads_its_frames_and_no_truncation(tmp_path, caplog, start, stop, frames):
+    """An empty range from frame 0 (stop=0) said the file was truncated ("read 0 of 10
+    frames"): `self.stop or expected` took stop=0 for no stop."""
+    import cv2
+    import numpy as np
+
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, (32, 24))
+    for index in range(10):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    with caplog.at_level(logging.WARNING), VideoFileSource(path, start, stop) as source:
+        read = [round(int(frame[0, 0, 0]) / 20) for frame in source]
+    assert read == list(range(start, start + frames))
+    assert not source.truncated and "ended early" not in caplog.text
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (python's http.server on a thread): its URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_video_file_behind_a_url_plays_every_frame_once(tmp_path, served, caplog):
+    """http://host/clip.mp4 was read as a live stream: decoded as fast as FFmpeg could on the
+    reader thread (the loop saw its first and last frames), its end taken for a stall, and
+    each "reconnection" played it again: it never ended."""
+    import time
+
+    import cv2
+    import numpy as np
+
+    from camface.realtime.pace import LoopingSource
+    from camface.realtime.sources import make_source
+
+    writer = cv2.VideoWriter(str(tmp_path / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 25, (32, 24))
+    for index in range(12):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING), make_source(f"{served}/clip.avi") as source:
+        assert (source.info.live, source.info.frames, source.info.fps) == (False, 12, 25.0)
+        frames = []
+        for frame in source:
+            frames.append(round(int(frame[0, 0, 0]) / 20))
+            time.sleep(0.01)  # a loop slower than decoding still gets every frame
+    assert frames == list(range(12))
+    assert time.perf_counter() - started < 10 and "reconnecting" not in caplog.text and "ended early" not in caplog.text
+    looped = LoopingSource(make_source(f"{served}/clip.avi"))  # --loop: a file, so allowed
+    with looped:
+        assert len([frame for _, frame in zip(range(20), looped)]) == 20 and looped.passes == 1
+
+
+def test_a_video_file_behind_a_url_that_breaks_off_ends_with_a_warning(caplog):
+    frames = []
+
+    class RemoteClip(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return {cv2.CAP_PROP_FRAME_COUNT: 50.0, cv2.CAP_PROP_FPS: 0.0}.get(prop, 0.0)
+
+    with caplog.at_level(logging.WARNING), \
+            LiveSource("https://u:pw@host/clip.mp4", opener=lambda target, timeout: RemoteClip(good=20)) as source:
+        frames = list(source)
+    assert len(frames) == 20 and source.info.fps == 30.0 and not source.info.live
+    assert "stream https://***@host/clip.mp4 ended early: read 20 of 50 frames" in caplog.text
+
+
+def test_a_live_source_entered_twice_says_so_and_keeps_one_reader():
+    """Entering an open LiveSource again (`with source:` around `process_video(source)`) started
+    a second reader thread on a second capture and left the first running after exit."""
+    cameras = []
+
+    def opener(target, timeout):
+        cameras.append(FakeCamera())
+        return cameras[-1]
+
+    source = LiveSource(0, timeout_s=0.5, opener=opener)
+    with source:
+        with pytest.raises(SourceError, match="camera 0 is already open: enter a source once"):
+            source.__enter__()
+        assert len(next(iter(source))) == 48
+    assert len(cameras) == 1 and cameras[0].released and not source._thread.is_alive()
+
+
+def test_files_and_the_sample_iterated_twice_give_the_same_frames_twice(tmp_path):
+    """A second iteration of an open video file gave no frame (its capture stood at the end),
+    and the sample's drew its frames instead of decoding them (other pixels); a folder's
+    already started again."""
+    import cv2
+    import numpy as np
+
+    from camface.realtime.sample import SampleSource
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (32, 24))
+    for index in range(8):
+        writer.write(np.full((24, 32, 3), index * 20, np.uint8))
+    writer.release()
+    for source in (VideoFileSource(path), VideoFileSource(path, 2, 6), SampleSource(frames=6, size=(64, 48))):
+        with source:
+            first = list(source)
+            partial = next(iter(source))
+            second = list(source)
+        assert len(first) == len(second) > 0
+        assert all(np.array_equal(a, b) for a, b in zip(first, second))
+        assert np.array_equal(partial, first[0])
+
+
+def test_process_video_says_what_is_wrong_with_a_source_when_the_docstring_says(tmp_path):
+    """process_video's docstring said a missing file failed at the first frame: it fails at
+    once (make_source checks the path); a file that will not open fails at the first frame."""
+    import camface
+
+    (tmp_path / "text.mp4").write_text("not a video\n")
+    with camface.load(device="cpu") as api:
+        with pytest.raises(SourceError, match="source not found: .*missing.mp4"):
+            api.process_video(tmp_path / "missing.mp4")
+        with pytest.raises(SourceError, match="camera index -1 is negative"):
+            api.process_video(-1)
+        frames = api.process_video(tmp_path / "text.mp4")  # nothing opened yet
+        with pytest.raises(SourceError, match="cannot open video file .*text.mp4: not a video"):
+            next(frames)
+
+
+def _live_webm(path, intervals_ms):
+    """A WebM as a browser's MediaRecorder writes it: frames at irregular millisecond times and
+    no frame duration in its header (the muxer's DefaultDuration renamed to an unknown element,
+    which readers skip): FFmpeg reports its time base, 1000, as its frame rate."""
+    import fractions
+
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", format="webm", options={"live": "1"}) as out:
+        stream = out.add_stream("libvpx", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        pts = 0
+        for index, interval in enumerate(intervals_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), index * 4, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 1000)
+            pts += interval
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    data = path.read_bytes()
+    assert data.count(b"\x23\xe3\x83") == 1
+    path.write_bytes(data.replace(b"\x23\xe3\x83", b"\x23\xe3\x84"))
+
+
+def test_a_file_that_reports_its_time_base_as_frame_rate_plays_at_its_timestamps(tmp_path, caplog):
+    """A live-written WebM reports 1000 fps: it was taken as its frame rate (a recording of a
+    2 s clip lasted 0.06 s, a window played it 33 times too fast). Its timestamps say ~30."""
+    import cv2
+
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "browser.webm"
+    import random
+
+    pick = random.Random(0)  # irregular, as a browser's: FFmpeg finds no frame rate in them
+    intervals = [pick.choice([28, 31, 33, 34, 36, 40]) for _ in range(60)]
+    _live_webm(path, intervals)
+    assert cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FPS) == 1000  # what the container says
+    with caplog.at_level(logging.INFO), VideoFileSource(path) as source:
+        frames = list(source)
+    first_31 = sum(intervals[:30])
+    assert source.info.fps == pytest.approx(30 * 1000 / first_31, rel=1e-6)  # 30 intervals of the first 31 frames
+    assert len(frames) == 60 and round(int(frames[0][0, 0, 0]) / 4) == 0  # from the first frame, none lost
+    assert f"reports 1000.0 fps; its timestamps say {source.info.fps:.3g}" in caplog.text
+    assert 28 < source.info.fps < 32
+    with VideoFileSource(path, 10, 14) as source:  # a range of it: seeking in a file without index
+        assert [round(int(frame[0, 0, 0]) / 4) for frame in source] == [10, 11, 12, 13]
+
+
+def test_a_stream_that_reports_its_time_base_is_measured():
+    """A stream saying 1000 fps (RTMP/FLV, a live WebM) was believed: its frame rate is measured
+    from the frames' arrival, as for a camera that says 0."""
+
+    class Says1000(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return 1000.0 if prop == cv2.CAP_PROP_FPS else -1.0
+
+    with LiveSource("rtmp://host/live", timeout_s=1.0, opener=lambda target, timeout: Says1000()) as source:
+        assert 20 < source.info.fps < 400  # FakeCamera: one frame per >= 5 ms
+
+
+def test_closing_a_stream_whose_reader_is_stuck_leaves_the_capture_to_it(caplog):
+    """__exit__ released the capture while the reader thread was still inside it (a read or a
+    reconnection stuck in the backend past the join's time-out), and a reconnection finished
+    after that opened a capture nobody released. The thread now releases what it holds."""
+    import threading
+
+    gate = threading.Event()
+    opened = []
+
+    class Stuck(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0  # no fps to measure while stuck
+
+        def read(self):
+            if self.reads >= 1:  # the reader thread's first read (__enter__ made the one before)
+                gate.wait(10)  # stuck in the backend until the test lets it go
+            return super().read()
+
+        def release(self):
+            assert threading.current_thread() is not threading.main_thread() or gate.is_set()
+            super().release()
+
+    def opener(target, timeout):
+        opened.append(Stuck())
+        return opened[-1]
+
+    source = LiveSource("rtsp://host/live", timeout_s=0.2, reconnects=0, opener=opener)
+    with caplog.at_level(logging.WARNING):
+        with source:
+            next(iter(source))
+    assert "its reader did not stop within 1.2 s; it closes the stream when it returns" in caplog.text
+    assert not opened[0].released  # not under the stuck thread
+    gate.set()
+    source._thread.join(5)
+    assert not source._thread.is_alive() and opened[0].released and source._capture is None
