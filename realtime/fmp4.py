@@ -76,10 +76,12 @@ class H264Writer:
     numbers) at `fps` as H.264 (yuv420p, BT.601 limited range) in a fragmented MP4.
 
     `options` add to or replace the encoder's ENCODER_OPTIONS (benchmarks try other presets).
+    `clock_hz`: frames are timed in 1 / clock_hz s (`write`'s tick) instead of in frame periods,
+    for a camera's frames, which come when they come (a stream's stated rate may be wrong).
     """
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int], encoder: str,
-                 options: dict[str, str] | None = None):
+                 options: dict[str, str] | None = None, clock_hz: int | None = None):
         import av
 
         self.path, self.encoder = path, encoder
@@ -104,6 +106,8 @@ class H264Writer:
         context.width, context.height = size
         context.pix_fmt = "yuv420p"
         context.gop_size = max(1, round(fps * KEYFRAME_S))
+        if clock_hz:
+            context.time_base = Fraction(1, clock_hz)
         # frames are converted with BT.601 coefficients: say so, so players convert back alike
         context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
         context.color_primaries, context.color_trc = ColorPrimaries.SMPTE170M, ColorTrc.SMPTE170M
@@ -118,16 +122,16 @@ class H264Writer:
             raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
         self._av, self._pts = av, 0
 
-    def write(self, frame: np.ndarray, slot: int | None = None) -> None:
+    def write(self, frame: np.ndarray, tick: int | None = None) -> None:
         """Encode one frame; OutputError (naming the file) when it cannot be written, e.g. a
         full disk: the fragments written before it stay playable.
 
-        slot: the frame's time in frame periods (1 / fps) from the first frame, for a camera
-        whose frames come less often than its rate: the frame before it lasts until then. None
-        (and any slot not after the last frame's): the next period."""
+        tick: the frame's time from the first frame in the time base (1 / clock_hz, else one
+        frame period): the frame before lasts until then. None (and any tick not after the last
+        frame's): the next tick."""
         i420 = cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420)  # [height * 3 / 2, width]: Y, U, V planes
         video_frame = self._av.VideoFrame.from_ndarray(i420, format="yuv420p")
-        video_frame.pts = self._pts if slot is None else max(self._pts, slot)
+        video_frame.pts = self._pts if tick is None else max(self._pts, tick)
         self._pts = video_frame.pts + 1
         try:
             self._container.mux(self._stream.encode(video_frame))

@@ -31,6 +31,10 @@ from camface.realtime.config import CODECS  # noqa: E402,F401 (the --codec choic
 # that stalls for minutes would otherwise have the writer encode thousands of copies (H.264
 # stores the time instead and keeps any gap).
 MAX_HOLD_S = 5.0
+# H.264 times a camera's frames to the millisecond (MP4 keeps any time base), not to its stated
+# frame period: frames that come faster than a stream says (an MJPEG stream reports 25 fps
+# whatever it sends) would otherwise each take a period, and the recording would play slow.
+CLOCK_HZ = 1000
 
 
 def encoder_for(codec: str = "auto") -> str:
@@ -122,7 +126,7 @@ class VideoSink:
     def __enter__(self) -> "VideoSink":
         return self
 
-    def _open(self, frame: np.ndarray) -> None:
+    def _open(self, frame: np.ndarray, clock_hz: int | None = None) -> None:
         height, width = frame.shape[:2]
         self._size = (max(2, width - width % 2), max(2, height - height % 2))
         if self.encoder == "mp4v":
@@ -131,13 +135,13 @@ class VideoSink:
         from camface.realtime.fmp4 import H264Writer
 
         try:
-            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
+            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder, clock_hz=clock_hz)
         except OutputError as exc:
             if self.encoder != "h264_nvenc":
                 raise
             log.warning("camface: %s; recording with libx264 instead", exc)
             self.encoder = "libx264"
-            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder)
+            self._writer = H264Writer(self.path, self.fps, self._size, self.encoder, clock_hz=clock_hz)
 
     def write(self, frame: np.ndarray, at: float | None = None) -> None:
         """Append one uint8 BGR [H, W, 3] frame.
@@ -148,7 +152,7 @@ class VideoSink:
         (variable frame rate); mp4v, which cannot, repeats the frame before. None: the frame
         lasts 1 / fps (files: every frame is kept)."""
         if self._writer is None:
-            self._open(frame)
+            self._open(frame, None if at is None else CLOCK_HZ)
             self._start = at
         width, height = self._size
         if frame.shape[1] != width or frame.shape[0] != height:
@@ -161,14 +165,15 @@ class VideoSink:
                                 "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
         frame = np.ascontiguousarray(frame)
-        slot = None if at is None or self._start is None else round((at - self._start) * self.fps)
+        elapsed = None if at is None or self._start is None else at - self._start
+        slot = None if elapsed is None else round(elapsed * self.fps)
         try:
             if self.encoder == "mp4v":
                 self._hold(slot)
                 self._writer.write(frame)
                 self._last = frame.copy() if slot is not None else None
             else:
-                self._writer.write(frame, slot)
+                self._writer.write(frame, None if elapsed is None else round(elapsed * CLOCK_HZ))
         except BaseException:
             self._failed = True
             raise

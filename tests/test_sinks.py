@@ -155,6 +155,16 @@ def test_a_camera_recording_plays_at_the_speed_it_was_filmed(tmp_path, clip_fram
         assert differences[k] < LOSSY and sorted(differences)[1] > differences[k] + LOSSY, (k, differences)
 
 
+def test_a_stream_faster_than_its_stated_rate_records_its_own_times(tmp_path, clip_frames):
+    """An MJPEG stream says 25 fps whatever it sends: frames 20 ms apart keep their times in
+    H.264 (timed to the millisecond), not 40 ms each (which played the recording at half speed)."""
+    path = tmp_path / "fast.mp4"
+    with VideoSink(path, 25.0, codec="h264") as sink:
+        for k, frame in enumerate(clip_frames[:10]):
+            sink.write(frame, at=0.02 * k)
+    assert frame_times(path) == pytest.approx([0.02 * k for k in range(10)], abs=1e-3)
+
+
 def test_mp4v_holds_a_frame_for_at_most_max_hold_s(tmp_path, clip_frames, monkeypatch):
     monkeypatch.setattr(sinks, "MAX_HOLD_S", 0.2)  # 6 frame periods at 30 fps
     path = tmp_path / "stall.mp4"
