@@ -11,7 +11,9 @@ Columns:
   heatmap_h / heatmap_w (int32), heatmap_peak (float32: its maximum), peak_row / peak_col
   (int32: where, in feature cells; -1 without a heatmap), similarity (list<float32>
   [identities]: a gallery graph's cosine similarities, [] for a classifier's graph; its
-  predicted_label reads `unknown (best: NAME 0.31)` below the graph's threshold).
+  predicted_label reads `unknown (best: NAME 0.31)` below the graph's threshold; where
+  1 - similarity[explained] < graph_spec.SATURATED the heatmap explains the projection of the
+  embedding on that identity's direction, not the saturated cosine: `Prediction.saturated`).
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ INPUT_CLASS = "class_index"
 OUTPUT_PROBS = "probs"
 OUTPUT_ACTIVATIONS = "activations"
 OUTPUT_SIMILARITY = "similarity"  # gallery graphs only
+# A gallery graph's heatmap explains the projection e . g_c, not the cosine, where 1 - cosine_c is
+# below this (the face is, nearly exactly, an enrolled photo): the cosine's gradient (norm
+# sqrt(1 - cos^2) ~ 0.014 here) no longer stands far above float32 rounding (~1e-7), so a map of
+# it would be rounding noise (export/gallery.py, `Prediction.saturated`, `camface compare`)
+SATURATED = 1e-4
 # and at least one heatmap: a graph whose head has no gradient holds only gradient-free ones
 REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS)
 

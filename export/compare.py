@@ -26,12 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import SourceError, UsageError
+from camface.export.gallery import SATURATED  # 1 - cosine below it: the maps explain the projection
 
 log = logging.getLogger(__name__)
-
-# 1 - cosine below this: the cosine's gradient (norm sqrt(1 - cos^2) ~ 0.014 here) no longer stands
-# far above float32 rounding of the unit vectors (~1e-7), so the maps explain the projection
-SATURATED = 1e-4
 COSINE, PROJECTION = "cosine", "projection"  # what the maps explain (Comparison.target)
 
 

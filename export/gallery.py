@@ -10,7 +10,11 @@ embedder with a similarity head appended,
 
 run through the ONNX engine's exporter (`onnx_export.build`) with `similarity` as the logits:
 the heatmaps explain d similarity_c / dA (c = `class_index`, -1 = the best match), and every
-method, token targets and the self-check come with it. `finish` then makes the contract's
+method, token targets and the self-check come with it. Where the explained similarity saturates
+(1 - similarity_c < SATURATED: the face is, nearly exactly, an enrolled photo) its gradient
+vanishes and a map of it would be rounding noise; there the graph explains the projection
+e . g_c instead (`_saturated_switch`, inside the one graph call; the similarity values do not
+change) and `Prediction.saturated` says so. `finish` then makes the contract's
 `probs` = softmax(scale * similarity) and adds the `similarity` output (graph_spec).
 """
 
@@ -33,6 +37,8 @@ log = logging.getLogger(__name__)
 EPS = 1e-12  # inside the square root of the norm: a zero embedding gives 0, not NaN
 SCALE = 30.0  # probs = softmax(SCALE * cosine): CosFace / ArcFace train with s = 30..64
 COSINE = "gallery/cosine"  # the similarity head's output inside the graph (the logits)
+PROJECTION = "gallery/projection"  # e . g, the raw embedding on each identity's direction
+SATURATED = graph_spec.SATURATED  # 1 - cosine below it: the map explains the projection (`_saturated_switch`)
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 # an ONNX file is one protobuf message, at most 2 GiB; the CAM graph adds nodes, not weights
 MAX_GRAPH_BYTES = 2**31 - 2**26
@@ -245,10 +251,46 @@ def with_similarity_head(embedder: Embedder, gallery: np.ndarray, unit: bool = T
         helper.make_node("Add", ["gallery/sum", "gallery/eps"], ["gallery/sum_eps"], name="gallery/sum_eps"),
         helper.make_node("Sqrt", ["gallery/sum_eps"], ["gallery/norm"], name="gallery/norm"),
         helper.make_node("Div", [e, "gallery/norm"], ["gallery/unit"], name="gallery/unit"),
-        helper.make_node("MatMul", ["gallery/unit", "gallery/embeddings_t"], [COSINE], name="gallery/cosine")])
+        helper.make_node("MatMul", ["gallery/unit", "gallery/embeddings_t"], ["gallery/cos"], name="gallery/cos"),
+        *_saturated_switch(e, "gallery/cos")])
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(COSINE, TensorProto.FLOAT, ["N", len(gallery)]))
     return model
+
+
+def _saturated_switch(e: str, cos: str) -> list:
+    """Nodes making COSINE from the cosine `cos` [N, identities] and the raw embedding `e`: the
+    same values, but where 1 - cos < SATURATED its gradient is the projection e . g's,
+
+        COSINE = Where(1 - cos < SATURATED, detached(cos) + (e @ G - detached(e @ G)), cos)
+
+    (x - x is exactly 0, so COSINE == cos bit for bit, and ArgMax, probs and the similarity
+    output are unchanged). detached(t) = Cast(Cast(t, DOUBLE), FLOAT): the same float32 values,
+    but the gradient rules follow float tensors only (onnx_model.differentiable), so none flows
+    through it. Saturation per element: the explained identity's, whichever the seed picks."""
+    from onnx import TensorProto, helper
+
+    def detached(t: str) -> list:
+        return [helper.make_node("Cast", [t], [f"{t}/f64"], to=TensorProto.DOUBLE, name=f"{t}/f64"),
+                helper.make_node("Cast", [f"{t}/f64"], [f"{t}/detached"], to=TensorProto.FLOAT,
+                                 name=f"{t}/detached")]
+
+    one, limit = "gallery/one", "gallery/saturated_below"
+    return [
+        helper.make_node("Constant", [], [one], value=helper.make_tensor(one, TensorProto.FLOAT, [], [1.0]),
+                         name=one),
+        helper.make_node("Constant", [], [limit],
+                         value=helper.make_tensor(limit, TensorProto.FLOAT, [], [SATURATED]), name=limit),
+        helper.make_node("Sub", [one, cos], ["gallery/gap"], name="gallery/gap"),
+        helper.make_node("Less", ["gallery/gap", limit], ["gallery/saturated"], name="gallery/saturated"),
+        helper.make_node("MatMul", [e, "gallery/embeddings_t"], [PROJECTION], name=PROJECTION),
+        *detached(cos), *detached(PROJECTION),
+        helper.make_node("Sub", [PROJECTION, f"{PROJECTION}/detached"], ["gallery/projection_zero"],
+                         name="gallery/projection_zero"),
+        helper.make_node("Add", [f"{cos}/detached", "gallery/projection_zero"], ["gallery/cos_by_projection"],
+                         name="gallery/cos_by_projection"),
+        helper.make_node("Where", ["gallery/saturated", "gallery/cos_by_projection", cos], [COSINE],
+                         name="gallery/cosine")]
 
 
 def finish(cam_graph, scale: float):

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from camface import graph_spec
+
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels
 
 
@@ -76,6 +78,14 @@ class Prediction:
             and all(np.array_equal(a, b) for a, b in ((self.probs, other.probs), (self.heatmap, other.heatmap),
                                                        (self.similarity, other.similarity)))
 
+    @property
+    def saturated(self) -> bool:
+        """A gallery graph's face whose explained similarity is saturated (1 - cosine <
+        graph_spec.SATURATED: the face is, nearly exactly, an enrolled photo): its heatmap explains
+        the projection of its embedding on that identity's direction, not the cosine, whose
+        gradient vanishes there (export/gallery.py)."""
+        return self.similarity.size > 0 and 1.0 - float(self.similarity[self.explained]) < graph_spec.SATURATED
+
     def is_unknown(self, threshold: float | None) -> bool:
         """A gallery graph's face whose best similarity is below `threshold` (None: never)."""
         return threshold is not None and self.similarity.size > 0 and \
@@ -92,23 +102,28 @@ class Prediction:
     def caption(self, labels, threshold: float | None = None) -> str:
         """The text drawn on the face box: `label` with its score (the cosine similarity on a
         gallery graph, else the probability; an unknown face's label holds it already) and
-        `(why NAME?)` when the explained class is not the predicted one."""
+        `(why NAME?)` when the explained class is not the predicted one; `(map: projection)` when
+        the heatmap explains the projection, not the saturated cosine (`saturated`)."""
         text = self.label(labels, threshold)
         if not self.is_unknown(threshold):
             score = self.similarity[self.predicted] if self.similarity.size else self.probs[self.predicted]
             text += f" {float(score):.2f}"
         if self.explained != self.predicted:
             text += f" (why {_label_of(labels, self.explained)}?)"
+        if self.saturated and self.heatmap.size:
+            text += " (map: projection)"
         return text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: probs (list of floats), predicted, explained, method, heatmap (rows of
-        floats, [] for method "none"), and similarity (gallery graphs only). float32 values
+        floats, [] for method "none"), and similarity (gallery graphs only; saturated: true where
+        the heatmap explains the projection, read back from the similarity). float32 values
         survive JSON exactly."""
         return {"probs": [float(p) for p in self.probs], "predicted": int(self.predicted),
                 "explained": int(self.explained), "method": self.method,
                 "heatmap": np.asarray(self.heatmap, np.float32).tolist() if self.heatmap.size else [],
-                **({"similarity": [float(s) for s in self.similarity]} if self.similarity.size else {})}
+                **({"similarity": [float(s) for s in self.similarity]} if self.similarity.size else {}),
+                **({"saturated": True} if self.saturated else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Prediction":

@@ -164,7 +164,8 @@ def result_message(sequence: int, result, stage_ms: dict, dropped_frames: int, b
     """The JSON sent with an annotated frame: its sequence number, each face (box x, y, w, h
     in pixels of the frame, detector score, probabilities, predicted and explained class, the
     predicted label (`Prediction.label`: `unknown (best: NAME 0.31)` on a gallery graph below its
-    threshold), track id, and a gallery graph's similarities), the method and explained class, this frame's per-stage milliseconds, stale
+    threshold), track id, and a gallery graph's similarities, with `saturated: true` where its
+    heatmap explains the projection, `Prediction.saturated`), the method and explained class, this frame's per-stage milliseconds, stale
     frames of this client dropped so far, how many frames shared the graph call, and whether
     it was recorded."""
     faces = [{"box": [int(v) for v in face.box], "score": round(float(face.score), 4),
@@ -173,7 +174,8 @@ def result_message(sequence: int, result, stage_ms: dict, dropped_frames: int, b
               "predicted_label": prediction.label(result.labels, result.threshold),
               "track_id": int(face.track_id),
               **({"similarity": [round(float(s), 4) for s in prediction.similarity]}
-                 if prediction.similarity.size else {})}
+                 if prediction.similarity.size else {}),
+              **({"saturated": True} if prediction.saturated else {})}
              for face, prediction in zip(result.faces, result.predictions)]
     return {"type": "result", "seq": sequence, "index": result.index, "faces": faces,
             "faces_dropped": result.dropped, "method": result.method,

@@ -579,6 +579,56 @@ def test_compare_of_a_photo_with_itself_explains_the_projection_not_rounding_noi
     assert different.target == compare.COSINE and different.note == ""
 
 
+def test_a_face_that_is_an_enrolled_photo_gets_the_projection_map_not_rounding_noise(embedder, crops):
+    """One photo per person enrolled, and that photo shown (batch / live over the enrolment
+    photos): its similarity saturates (1 - cos < 1e-4), whose gradient vanishes, so a map of it
+    was rounding noise (two ulps on the gallery rows gave another normalised map). The gallery
+    graph explains the projection e . g there, in the same call: torch autograd's map of it, the
+    same map (within 1e-3 of its maximum) with the rows moved by two ulps, on any CPU, and the
+    similarity values unchanged. Other faces (another photo of the person, an unenrolled person)
+    still get the cosine's map."""
+    from camface.realtime.explainer import frame_result
+
+    model, path = embedder
+    found, targets = crops
+    collins, hopper, cameraman = (int(np.flatnonzero(targets == k)[0]) for k in (1, 2, 0))
+    other_collins = int(np.flatnonzero(targets == 1)[1])
+    embedder_ = gallery.load(path, ARCFACE)
+    rows = gallery.normalise(gallery.embed(embedder_, found[[collins, hopper]]))
+    images = found[[collins, other_collins, cameraman]]
+    classes = np.full(3, -1, np.int64)
+    graph, _, _ = gallery.build(embedder_, rows, ("collins", "hopper"), ARCFACE, {})
+    got = _run(graph, images, classes)
+    sim, grad, activations = _torch_similarity(model, images, rows, classes)
+    assert np.abs(got["similarity"] - sim).max() <= 1e-5
+    assert 1 - got["similarity"][0, 0] < gallery.SATURATED and (1 - got["similarity"][1:].max(1) > 1e-3).all()
+    # the enrolled photo: d (e . g_collins) / dA by autograd
+    x = torch.from_numpy(images[:1].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    feats = model.features(x).detach().requires_grad_(True)
+    ((model.fc(feats.mean(dim=(2, 3))) - model.centre) @ torch.from_numpy(rows[0])).sum().backward()
+    nhwc = (lambda t: t.detach().permute(0, 2, 3, 1).numpy())
+    _maps_agree(got["gradcam"][:1], methods.get("gradcam").reference(nhwc(feats), nhwc(feats.grad), None), "gradcam")
+    # the other faces: the cosine's map, as before
+    _maps_agree(got["gradcam"][1:], methods.get("gradcam").reference(activations[1:], grad[1:], None), "gradcam")
+    rng = np.random.default_rng(0)
+    moved = (rows * (1 + rng.choice((-1.0, 1.0), rows.shape) * 2.0 ** -22)).astype(np.float32)
+    again = _run(gallery.build(embedder_, moved, ("collins", "hopper"), ARCFACE, {})[0], images, classes)
+    shown, moved_map = (methods.normalize(m[0], "gradcam") for m in (got["gradcam"], again["gradcam"]))
+    assert np.abs(shown - moved_map).max() <= 1e-3
+    # the result says which faces' maps explain the projection, and the caption shows it
+    result = frame_result(0, tuple(_faces(3)), got["probs"], got["gradcam"], classes, 0, "gradcam", None,
+                          ("collins", "hopper"), "", similarity=got["similarity"])
+    assert [p.saturated for p in result.predictions] == [True, False, False]
+    assert result.predictions[0].caption(("collins", "hopper")).endswith("(map: projection)")
+    assert "projection" not in result.predictions[1].caption(("collins", "hopper"))
+
+
+def _faces(n: int):
+    from camface.realtime.results import Face
+
+    return [Face(box=(10 * i, 0, 8, 8), score=0.9, crop_box=(10 * i, 0, 8, 8), track_id=i) for i in range(n)]
+
+
 def test_evaluate_scores_the_similarity_of_a_gallery_graph(enrolled, crops):
     from camface.evaluate.scores import Scorer
     from camface.realtime.graph import CamGraph
