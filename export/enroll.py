@@ -70,17 +70,17 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
     that the live label cannot tell apart (and one folder on a case-insensitive file system)."""
     import unicodedata
 
-    from camface.models.dataset import IMAGE_EXTENSIONS
+    from camface.realtime.sources import IMAGE_SUFFIXES
 
     people_dir = Path(people_dir)
     if not people_dir.is_dir():
         raise SourceError(f"PEOPLE_DIR {people_dir} is not a folder")
     people: dict[str, list[Path]] = {}
     for folder in sorted(p for p in people_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if not files:
-            raise SourceError(f"person folder {folder} holds no photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise SourceError(f"person folder {folder} holds no photos ({', '.join(sorted(IMAGE_SUFFIXES))})")
         people[folder.name] = files
     seen: dict[str, str] = {}
     for name in people:

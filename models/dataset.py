@@ -30,10 +30,10 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError, SourceError
+from camface.realtime.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 OK = "ok"
 NO_FACE = "no_face"
@@ -125,12 +125,12 @@ def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
     for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(
             p for p in folder.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if files:
             classes[folder.name] = files
         else:
-            log.warning("skipping %s: no image files (%s)", folder, ", ".join(sorted(IMAGE_EXTENSIONS)))
+            log.warning("skipping %s: no image files (%s)", folder, ", ".join(sorted(IMAGE_SUFFIXES)))
     if not classes:
         raise SourceError(
             f"DATA_DIR {data_dir} holds no class folders with images: put each class's photos in "

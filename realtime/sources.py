@@ -27,7 +27,9 @@ from camface.errors import SourceError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# read by OpenCV's imread (which turns photos upright by their EXIF orientation; FFmpeg would not):
+# the one list of image suffixes (--source, image folders, enroll's and train's photos)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_FPS = 30.0  # for files that report no frame rate
 
 

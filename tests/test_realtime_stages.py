@@ -532,6 +532,34 @@ def test_image_folder_turns_photos_upright_and_keeps_depth_and_alpha_as_before(t
     assert alpha.shape == (6, 8, 3) and tuple(int(v) for v in alpha[0, 0]) == (1, 2, 3)
 
 
+@pytest.mark.parametrize("suffix", [".jfif", ".jpe", ".JFIF"])
+def test_a_jfif_or_jpe_photo_is_an_image_turned_upright(tmp_path, suffix):
+    """`.jfif` / `.jpe` (JPEG's other suffixes: browsers save .jfif) went to FFmpeg as a video,
+    which ignores the EXIF orientation, and enroll / train skipped them: they are images, read
+    upright, by every command (one list: sources.IMAGE_SUFFIXES)."""
+    from PIL import Image
+
+    from camface.export.enroll import scan_people
+    from camface.models.dataset import IMAGE_SUFFIXES as dataset_suffixes
+    from camface.realtime.sources import IMAGE_SUFFIXES, make_source
+
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[:, :50] = 255
+    photo = Image.fromarray(wide)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    (tmp_path / "alice").mkdir()
+    path = tmp_path / "alice" / f"portrait{suffix}"
+    photo.save(path, format="JPEG", exif=exif.tobytes())
+    source = make_source(str(path))
+    assert isinstance(source, ImageFolderSource)
+    with source:
+        (upright,) = list(source)
+    assert upright.shape == (200, 100, 3) and upright[:40].mean() > 240 and upright[-40:].mean() < 15
+    assert scan_people(tmp_path) == {"alice": [path]}
+    assert dataset_suffixes is IMAGE_SUFFIXES
+
+
 # ---- the graph runs only what the method needs
 
 def test_graph_runs_a_pruned_session_per_method_with_the_same_values(tiny_graph_path, monkeypatch):
