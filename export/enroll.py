@@ -65,6 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def scan_people(people_dir: Path) -> dict[str, list[Path]]:
     """Identity -> its image files (sorted), one identity per sub-folder. SourceError naming the
     folder when PEOPLE_DIR is missing, holds no person folder, or a person folder holds no image,
+    one warning (how many, one name) for photos lying loose in PEOPLE_DIR beside the folders,
     and naming both when two folders' names differ only in case or Unicode normalisation
     ("alice" / "Alice", "José" composed / decomposed): shown alike, they would be two identities
     that the live label cannot tell apart (and one folder on a case-insensitive file system)."""
@@ -89,9 +90,16 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
             raise SourceError(f"person folders {people_dir / seen[key]} and {people_dir / name} differ only in case "
                               "or Unicode normalisation: merge them into one folder, or rename one")
         seen[key] = name
+    loose = sorted((p for p in people_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith(".")), key=lambda p: p.name)
     if not people:
-        raise SourceError(f"PEOPLE_DIR {people_dir} holds no person folders: put each person's photos in "
+        also = f" ({len(loose)} photos lie in it loose, e.g. {loose[0].name})" if loose else ""
+        raise SourceError(f"PEOPLE_DIR {people_dir} holds no person folders{also}: put each person's photos in "
                           f"its own sub-folder (e.g. {people_dir}/alice/*.jpg, {people_dir}/bob/*.jpg)")
+    if loose:
+        log.warning("camface: %d photo%s directly in PEOPLE_DIR %s (e.g. %s) %s ignored: photos must be in one "
+                    "folder per person (e.g. %s/alice/*.jpg)", len(loose), "s" if len(loose) > 1 else "",
+                    people_dir, loose[0].name, "are" if len(loose) > 1 else "is", people_dir)
     return people
 
 

@@ -6,6 +6,7 @@ faces that scikit-image and matplotlib ship, augmented into several photos per p
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -377,6 +378,29 @@ def test_empty_people_dir_and_folders_without_a_usable_face(tmp_path, embedder, 
     err = capsys.readouterr().err
     assert "person folder" in err and "alice has no usable face photo (1 no face)" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_photos_loose_beside_the_person_folders_are_named_once(tmp_path, caplog):
+    """Photos directly in PEOPLE_DIR (no person folder) were ignored without a word: one warning
+    says how many, names one, and says photos go in one folder per person; with no folders at
+    all, the error says they lie loose."""
+    root = tmp_path / "people"
+    (root / "alice").mkdir(parents=True)
+    cv2.imwrite(str(root / "alice" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    for name in ("bob.jpg", "carol.png", ".hidden.png"):
+        cv2.imwrite(str(root / name), np.zeros((8, 8, 3), np.uint8))
+    (root / "notes.txt").write_text("not a photo")
+    with caplog.at_level(logging.WARNING):
+        assert enroll.scan_people(root) == {"alice": [root / "alice" / "0.png"]}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "2 photos directly in PEOPLE_DIR" in warnings[0] and "bob.jpg" in warnings[0] and \
+        "one folder per person" in warnings[0]
+    caplog.clear()
+    (root / "alice" / "0.png").unlink()
+    (root / "alice").rmdir()
+    with pytest.raises(SourceError, match=r"holds no person folders \(2 photos lie in it loose, e.g. bob.jpg\)"):
+        enroll.scan_people(root)
 
 
 @pytest.mark.parametrize("first, second", [("alice", "Alice"), ("Jos\u00e9", "Jose\u0301")])  # NFC / NFD
