@@ -283,7 +283,7 @@ class LiveLoop:
                     thread.join(timeout=max(0.0, deadline - time.monotonic()))
                 recorder.close_sink()
                 if progress is not None:
-                    progress.close()
+                    finish_progress(progress, stopped_by == "end of input")
                 self.summary = RunSummary(
                     frames=frames, faces=faces_total, dropped=dropped_total, fps=self.rate.overall_fps,
                     wall_s=time.perf_counter() - started, stages=self.timer.stats(),
@@ -298,3 +298,15 @@ class LiveLoop:
         if recorder.error is not None:
             raise recorder.error
 
+
+
+def finish_progress(progress, ended: bool) -> None:
+    """Close the tqdm bar `progress`; at the end of input (`ended`) first make it full: the
+    source's announced count (`SourceInfo.frames`) can exceed the frames that came (an image
+    folder counts its unreadable files, which it skips with a warning; a video file cut short
+    announces its header's count), and a bar left at 8/9 reads as a run that stopped early.
+    Checking every image up front for an honest count would decode each twice."""
+    if ended and progress.total is not None and progress.n < progress.total:
+        progress.total = progress.n
+        progress.refresh()
+    progress.close()

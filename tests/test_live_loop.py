@@ -20,7 +20,7 @@ from camface.api import face_detector
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
 from camface.models import DETECTORS, EMOTION_ONNX
-from camface.realtime.loop import LiveConfig, LiveLoop, detect_workers_for
+from camface.realtime.loop import LiveConfig, LiveLoop, detect_workers_for, finish_progress
 from camface.realtime.sample import SampleSource
 from camface.realtime.smooth import iou
 from camface.realtime.sources import ImageFolderSource, LiveSource, VideoFileSource, make_source
@@ -356,6 +356,33 @@ def test_file_and_folder_sources_yield_every_frame(tmp_path, face_clip):
     with ImageFolderSource(tmp_path) as folder:
         values = [int(f[0, 0, 0]) for f in folder]
     assert len(values) == 3 and values == sorted(values, reverse=True)  # img8, img9, img10
+
+
+def test_the_progress_bar_finishes_when_a_folder_holds_an_unreadable_file(tmp_path, monkeypatch):
+    """An image folder announces its files, unreadable ones included (skipped with a warning):
+    the bar ended at 2/3. At the end of input it is made full (2/2); stopped early (quit,
+    Ctrl-C, a failure), it keeps the announced total and says how far the run got."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), SampleSource().frame(150 + i))
+    (tmp_path / "2.png").write_bytes(b"not a png")
+    loop = _run(LiveConfig(source=str(tmp_path), method="none", progress=True))
+    assert loop.summary.frames == 2 and bars[0] == (2, 2)  # (tqdm closes again when collected)
+    bars.clear()
+    with open(os.devnull, "w") as devnull:
+        stopped = Recorded(total=9, file=devnull)
+        stopped.update(4)
+        finish_progress(stopped, ended=False)
+    assert bars[0] == (4, 9)
 
 
 # ------------------------------------------------------------------------------ the command
