@@ -645,6 +645,11 @@ def test_a_face_that_is_an_enrolled_photo_gets_the_projection_map_not_rounding_n
     assert [p.saturated for p in result.predictions] == [True, False, False]
     assert result.predictions[0].caption(("collins", "hopper")).endswith("(map: projection)")
     assert "projection" not in result.predictions[1].caption(("collins", "hopper"))
+    from camface.serve.protocol import result_message
+
+    sent = result_message(0, result, {}, 0, 1, False)["faces"]
+    assert [face.get("saturated", False) for face in sent] == [True, False, False]
+    assert [face.get("saturated", False) for face in result.to_dict()["faces"]] == [True, False, False]
 
 
 def _faces(n: int):
