@@ -150,7 +150,8 @@ class Explain:
         from camface.realtime.explainer import run_graph_scores, run_graph_smoothed
 
         out = unpack(row)
-        out.update(provider=self.graph.provider, graph_node=_node(), threshold=self.graph.info.threshold)
+        out.update(provider=self.graph.provider, graph_node=_node(), threshold=self.graph.info.threshold,
+                   saturated_below=self.graph.info.saturated_below)
         if not out["ok"]:
             return pack(row["video"], out)
         start = time.perf_counter()

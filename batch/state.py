@@ -178,7 +178,7 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
                             out["heatmaps"][starts[i]:ends[i]], out["class_index"][starts[i]:ends[i]],
                             out["dropped"][i], method, explained_class, labels, out["provider"],
                             similarity=None if similarity is None else similarity[starts[i]:ends[i]],
-                            threshold=out.get("threshold"))
+                            threshold=out.get("threshold"), saturated_below=out.get("saturated_below"))
                for i in range(out["frames"])]
     if smooth:
         smoother = Smoother(smooth)

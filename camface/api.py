@@ -29,7 +29,7 @@ import numpy as np
 
 from camface.errors import UsageError
 from camface.realtime.config import LiveConfig
-from camface.realtime.results import FrameResult, Prediction
+from camface.realtime.results import FrameResult, Prediction, is_saturated
 
 if TYPE_CHECKING:
     from camface.realtime.blazeface import OnnxFaceDetector
@@ -290,9 +290,11 @@ class Pipeline:
         probs, heatmaps, similarity, _ = run_graph_scores(self.graph, np.ascontiguousarray(crops),
                                                           np.ascontiguousarray(wanted), method)
         predicted = probs.argmax(axis=1)
+        explained = [int(predicted[i] if wanted[i] < 0 else wanted[i]) for i in range(len(crops))]
         return tuple(Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                                explained=int(predicted[i] if wanted[i] < 0 else wanted[i]), method=method,
-                                similarity=similarity[i])
+                                explained=explained[i], method=method, similarity=similarity[i],
+                                saturated=bool(heatmaps[i].size)
+                                and is_saturated(similarity[i], explained[i], info.saturated_below))
                      for i in range(len(crops)))
 
 

@@ -162,6 +162,14 @@ class GraphInfo:
         }
 
     @property
+    def saturated_below(self) -> float | None:
+        """A gallery graph's SATURATED when it explains the projection where 1 - cosine is below
+        it (`export/gallery.py`); None for a classifier's, and for a gallery enrolled before
+        camface did (its maps of such faces explain the saturated cosine)."""
+        value = self.gallery.get("saturated_below")
+        return None if value is None else float(value)
+
+    @property
     def threshold(self) -> float | None:
         """A gallery graph's unknown threshold on the best cosine similarity; None otherwise."""
         value = self.gallery.get("threshold")

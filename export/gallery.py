@@ -339,7 +339,8 @@ def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOption
                                                      source=str(embedder.source))
     cam_graph = finish(cam_graph, scale)
     meta = {"scale": scale, "embedding_dim": embedder.dim, "embedder": embedder.source.name,
-            "embedder_sha256": sha256_file(embedder.source), **gallery_meta}
+            "embedder_sha256": sha256_file(embedder.source), **gallery_meta,
+            **({"saturated_below": SATURATED} if unit else {})}  # the graph has `_saturated_switch`
     info = replace(info, gallery=meta, source_model=embedder.source.name,
                    source_sha256=meta["embedder_sha256"], version=__version__)
     convert.set_metadata(cam_graph, info.to_metadata(),

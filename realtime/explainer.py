@@ -18,7 +18,7 @@ import numpy as np
 from camface.errors import ModelError
 from camface.graph_spec import AUTO, auto_method
 from camface.realtime.crop import crop_faces
-from camface.realtime.results import Face, FrameResult, Prediction
+from camface.realtime.results import Face, FrameResult, Prediction, is_saturated
 from camface.realtime.controls import Controls
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class FrameExplainer:
         result = frame_result(index, faces, probs, heatmaps, class_index, dropped, controls.method,
                               controls.explained_class, info.labels, self.graph.provider,
                               fps=fps, stage_ms=stage_ms, pace_fps=pace_fps, similarity=similarity,
-                              threshold=info.threshold)
+                              threshold=info.threshold, saturated_below=info.saturated_below)
         if self.smoother is not None:
             result = self.smoother.update(result)
         return Explained(result, crops)
@@ -223,18 +223,21 @@ def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmap
                  class_index: np.ndarray, dropped: int, method: str, explained_class: int | None,
                  labels: tuple[str, ...], provider: str, *, fps: float = 0.0, stage_ms: dict | None = None,
                  pace_fps: float = 0.0, similarity: np.ndarray | None = None,
-                 threshold: float | None = None) -> FrameResult:
+                 threshold: float | None = None, saturated_below: float | None = None) -> FrameResult:
     """`explain`'s result step for one frame: probs float32 [N, classes] and heatmaps float32
     [N, h, w] of its N faces (rows of `run_graph_across_frames`), class_index int64 [N] as
     given to the graph; fps / stage_ms / pace_fps: the caller's HUD figures (see FrameResult);
-    similarity float32 [N, identities] and threshold: a gallery graph's (`run_graph_scores`,
-    `GraphInfo.threshold`), None for a classifier's."""
+    similarity float32 [N, identities], threshold and saturated_below: a gallery graph's
+    (`run_graph_scores`, `GraphInfo.threshold`, `GraphInfo.saturated_below`), None for a
+    classifier's."""
     predicted = probs.argmax(axis=1) if len(faces) else np.zeros(0, np.int64)
     empty = np.zeros(0, np.float32)
+    explained = [int(predicted[i]) if class_index[i] < 0 else int(class_index[i]) for i in range(len(faces))]
+    similarities = [empty if similarity is None or not similarity.size else similarity[i] for i in range(len(faces))]
     predictions = tuple(
-        Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
-                   explained=int(predicted[i]) if class_index[i] < 0 else int(class_index[i]), method=method,
-                   similarity=empty if similarity is None or not similarity.size else similarity[i])
+        Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]), explained=explained[i],
+                   method=method, similarity=similarities[i],
+                   saturated=bool(heatmaps[i].size) and is_saturated(similarities[i], explained[i], saturated_below))
         for i in range(len(faces)))
     return FrameResult(index=index, faces=faces, predictions=predictions, dropped=dropped, method=method,
                        explained_class=explained_class, labels=labels, fps=fps, stage_ms=stage_ms or {},
@@ -283,7 +286,8 @@ def explain_many(items) -> list[Explained]:
         probs, heatmaps, similarity = row if row is not None else _no_scores(graph.info)
         result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
                               controls.explained_class, graph.info.labels, graph.provider, fps=fps, stage_ms=stage_ms,
-                              similarity=similarity, threshold=graph.info.threshold)
+                              similarity=similarity, threshold=graph.info.threshold,
+                              saturated_below=graph.info.saturated_below)
         if explainer.timer is not None:
             explainer.timer.add("crop", (cropped - start) / len(items))
             explainer.timer.add("classify", classified - cropped)

@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from camface import graph_spec
-
 Box = tuple[int, int, int, int]  # x, y, w, h in pixels
 
 
@@ -49,6 +47,12 @@ class Face:
                    track_id=int(data["track_id"]))
 
 
+def is_saturated(similarity: np.ndarray, explained: int, below: float | None) -> bool:
+    """`Prediction.saturated` of a face: its gallery graph (`below`: `GraphInfo.saturated_below`,
+    None for a classifier's or an older gallery's) explains the projection for it."""
+    return below is not None and similarity.size > 0 and 1.0 - float(similarity[explained]) < below
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The CAM graph's answer for one face.
@@ -60,6 +64,10 @@ class Prediction:
     explained: class index the heatmap explains.
     similarity: float32 [identities], a gallery graph's cosine similarities (the heatmap explains
         similarity[explained]); empty [0] for a classifier's graph.
+    saturated: the heatmap explains the projection of the face's embedding on the explained
+        identity's direction, not its cosine similarity, which is saturated (1 - cosine <
+        `GraphInfo.saturated_below`: the face is, nearly exactly, an enrolled photo) and whose
+        gradient vanishes there (export/gallery.py); see `is_saturated`.
     """
 
     probs: np.ndarray
@@ -68,23 +76,17 @@ class Prediction:
     explained: int
     method: str
     similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    saturated: bool = False
 
     def __eq__(self, other: object) -> bool:
         """Equal fields, the arrays by shape and values (the generated `==` asked numpy arrays for
         one truth value and raised ValueError, so that FrameResults could not be compared)."""
         if not isinstance(other, Prediction):
             return NotImplemented
-        return (self.predicted, self.explained, self.method) == (other.predicted, other.explained, other.method) \
+        return (self.predicted, self.explained, self.method, self.saturated) == \
+            (other.predicted, other.explained, other.method, other.saturated) \
             and all(np.array_equal(a, b) for a, b in ((self.probs, other.probs), (self.heatmap, other.heatmap),
                                                        (self.similarity, other.similarity)))
-
-    @property
-    def saturated(self) -> bool:
-        """A gallery graph's face whose explained similarity is saturated (1 - cosine <
-        graph_spec.SATURATED: the face is, nearly exactly, an enrolled photo): its heatmap explains
-        the projection of its embedding on that identity's direction, not the cosine, whose
-        gradient vanishes there (export/gallery.py)."""
-        return self.similarity.size > 0 and 1.0 - float(self.similarity[self.explained]) < graph_spec.SATURATED
 
     def is_unknown(self, threshold: float | None) -> bool:
         """A gallery graph's face whose best similarity is below `threshold` (None: never)."""
@@ -131,7 +133,8 @@ class Prediction:
         return cls(probs=np.asarray(data["probs"], np.float32),
                    heatmap=heatmap if heatmap.size else np.zeros((0, 0), np.float32),
                    predicted=int(data["predicted"]), explained=int(data["explained"]), method=data["method"],
-                   similarity=np.asarray(data.get("similarity", []), np.float32))
+                   similarity=np.asarray(data.get("similarity", []), np.float32),
+                   saturated=bool(data.get("saturated", False)))
 
 
 @dataclass(frozen=True)

@@ -621,7 +621,8 @@ def test_a_face_that_is_an_enrolled_photo_gets_the_projection_map_not_rounding_n
     rows = gallery.normalise(gallery.embed(embedder_, found[[collins, hopper]]))
     images = found[[collins, other_collins, cameraman]]
     classes = np.full(3, -1, np.int64)
-    graph, _, _ = gallery.build(embedder_, rows, ("collins", "hopper"), ARCFACE, {})
+    graph, info, _ = gallery.build(embedder_, rows, ("collins", "hopper"), ARCFACE, {})
+    assert info.saturated_below == gallery.SATURATED
     got = _run(graph, images, classes)
     sim, grad, activations = _torch_similarity(model, images, rows, classes)
     assert np.abs(got["similarity"] - sim).max() <= 1e-5
@@ -641,8 +642,16 @@ def test_a_face_that_is_an_enrolled_photo_gets_the_projection_map_not_rounding_n
     assert np.abs(shown - moved_map).max() <= 1e-3
     # the result says which faces' maps explain the projection, and the caption shows it
     result = frame_result(0, tuple(_faces(3)), got["probs"], got["gradcam"], classes, 0, "gradcam", None,
-                          ("collins", "hopper"), "", similarity=got["similarity"])
+                          ("collins", "hopper"), "", similarity=got["similarity"],
+                          saturated_below=info.saturated_below)
     assert [p.saturated for p in result.predictions] == [True, False, False]
+    # a gallery enrolled before the switch (no saturated_below in its metadata) explains the
+    # cosine even there: its captions must not claim the projection
+    older = frame_result(0, tuple(_faces(3)), got["probs"], got["gradcam"], classes, 0, "gradcam", None,
+                         ("collins", "hopper"), "", similarity=got["similarity"], saturated_below=None)
+    assert not any(p.saturated for p in older.predictions)
+    assert "projection" not in older.predictions[0].caption(("collins", "hopper"))
+    assert Prediction.from_dict(result.predictions[0].to_dict()) == result.predictions[0]
     assert result.predictions[0].caption(("collins", "hopper")).endswith("(map: projection)")
     assert "projection" not in result.predictions[1].caption(("collins", "hopper"))
     from camface.serve.protocol import result_message
