@@ -114,6 +114,22 @@ def test_h264_recordings_are_fragmented_with_a_keyframe_every_second(tmp_path, c
     assert kinds.count(b"moof") == len(keyframes) == kinds.count(b"mdat")
 
 
+def test_a_camera_recording_has_a_keyframe_every_second_of_its_time(tmp_path, clip_frames):
+    """A loop that records 5 of a 30 fps camera's frames a second: a keyframe (and a fragment)
+    every second of the frames' times, not every 30 frames (6 s, lost whole on a hard kill)."""
+    path = tmp_path / "slow.mp4"
+    with VideoSink(path, 30.0, codec="h264") as sink:
+        for k, frame in enumerate(clip_frames[:40]):
+            sink.write(frame, at=100.0 + 0.2 * k)
+    import av
+
+    with av.open(str(path)) as container:
+        keys = [float(p.pts * p.time_base) for p in container.demux(video=0) if p.size and p.is_keyframe]
+    assert keys[:8] == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], abs=1e-3)
+    kinds = [kind for _, _, kind in boxes(path.read_bytes())]
+    assert kinds.count(b"moof") == len(keys)
+
+
 @pytest.mark.parametrize("codec", ["h264", "mp4v"])
 @pytest.mark.parametrize("fps", [29.97, 192.103, 7.5])  # a measured camera rate is rarely round
 def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
