@@ -84,7 +84,11 @@ class LiveSource:
         self._stop.clear()
         self._error, self._frame, self._seq, self._yielded = None, None, 0, 0
         self._capture = self._open()
-        ok, frame = self._capture.read()
+        try:
+            ok, frame = self._capture.read()
+        except BaseException:  # a backend's error, Ctrl-C: `with` will not call __exit__
+            self._release()
+            raise
         if not ok or frame is None:
             self._release()
             raise SourceError(f"{self._what} opened but delivered no frame")

@@ -268,6 +268,17 @@ def test_a_video_file_behind_a_url_entered_twice_says_so_and_opens_it_once():
     with source:  # closed: enters again
         assert len(list(source)) == 5
 
+    class Raises(RemoteClip):
+        def read(self):
+            raise KeyboardInterrupt  # Ctrl-C during the first read
+
+    captures.clear()
+    source = LiveSource("https://host/clip.mp4", timeout_s=0.5,
+                        opener=lambda target, timeout: captures.append(Raises()) or captures[-1])
+    with pytest.raises(KeyboardInterrupt):
+        source.__enter__()
+    assert captures[0].released and source._capture is None
+
 
 def test_files_and_the_sample_iterated_twice_give_the_same_frames_twice(tmp_path):
     """A second iteration of an open video file gave no frame (its capture stood at the end),
