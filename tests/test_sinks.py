@@ -181,6 +181,17 @@ def test_a_stream_faster_than_its_stated_rate_records_its_own_times(tmp_path, cl
     assert frame_times(path) == pytest.approx([0.02 * k for k in range(10)], abs=1e-3)
 
 
+def test_mp4v_of_a_stream_faster_than_its_stated_rate_keeps_its_speed(tmp_path, clip_frames):
+    """mp4v holds one frame per period: frames 20 ms apart at a stated 25 fps took 40 ms each
+    (0.8 s of video for 0.4 s filmed, later frames ever later); one per period is kept."""
+    path = tmp_path / "fast.mp4"
+    with VideoSink(path, 25.0, codec="mp4v") as sink:
+        for k, frame in enumerate(clip_frames[:20]):
+            sink.write(frame, at=0.02 * k)
+    # times 0 .. 0.38 s: periods 0 .. 9 or 10 (where 9.5 rounds), one frame each
+    assert 10 <= sink.frames_written == count_frames(path) <= 11
+
+
 def test_mp4v_holds_a_frame_for_at_most_max_hold_s(tmp_path, clip_frames, monkeypatch):
     monkeypatch.setattr(sinks, "MAX_HOLD_S", 0.2)  # 6 frame periods at 30 fps
     path = tmp_path / "stall.mp4"
