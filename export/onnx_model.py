@@ -238,7 +238,7 @@ def describe(model, where: object = "model") -> Classifier:
 def fix_input_size(model, size: tuple[int, int], where: object = "model"):
     """A copy of `model` whose image input [N, C, H, W] or [N, H, W, C] has the height and width
     `size` (H, W) where they were dynamic, shapes inferred again; ModelError naming the input
-    when it already has another fixed size. A model whose inputs camface cannot read is returned
+    when it already has another fixed size (or one side fixed at another length). A model whose inputs camface cannot read is returned
     as it is (`describe` says why)."""
     import onnx
 
@@ -254,6 +254,10 @@ def fix_input_size(model, size: tuple[int, int], where: object = "model"):
             raise ModelError(f"{where}: --input-size {size[0]}x{size[1]}: input {inputs[0].name!r} "
                              f"is fixed at {fixed[0]}x{fixed[1]} ({_symbolic(dims)})")
         return model
+    for side, dim, value in zip(("height", "width"), fixed, size):  # one side fixed: it must agree
+        if isinstance(dim, int) and dim > 0 and dim != value:
+            raise ModelError(f"{where}: --input-size {size[0]}x{size[1]}: input {inputs[0].name!r} has a "
+                             f"fixed {side} of {dim} ({_symbolic(dims)})")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     image = next(v for v in copy.graph.input if v.name == inputs[0].name)

@@ -38,7 +38,9 @@ X264_PRESET = "ultrafast"
 # for several threads to be scheduled (`camface bench --record`: encode 2.5 vs 3.9 ms a frame).
 ENCODER_OPTIONS = {
     "libx264": {"preset": X264_PRESET, "tune": "zerolatency", "threads": "1"},
-    "h264_nvenc": {"preset": "p3", "tune": "ll", "zerolatency": "1"},
+    # forced-idr: a frame `H264Writer.write` makes a keyframe (pict_type I) is an IDR frame, which
+    # starts a fragment (NVENC's default makes it an intra frame that is not one; x264's is one)
+    "h264_nvenc": {"preset": "p3", "tune": "ll", "zerolatency": "1", "forced-idr": "1"},
 }
 
 
@@ -77,7 +79,9 @@ class H264Writer:
 
     `options` add to or replace the encoder's ENCODER_OPTIONS (benchmarks try other presets).
     `clock_hz`: frames are timed in 1 / clock_hz s (`write`'s tick) instead of in frame periods,
-    for a camera's frames, which come when they come (a stream's stated rate may be wrong).
+    for a camera's frames, which come when they come (a stream's stated rate may be wrong); a
+    keyframe (so a fragment) then starts every KEYFRAME_S of that time, not every fps frames
+    (a loop recording 5 of a 30 fps camera's frames a second made one every 6 s).
     """
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int], encoder: str,
@@ -108,6 +112,9 @@ class H264Writer:
         context.gop_size = max(1, round(fps * KEYFRAME_S))
         if clock_hz:
             context.time_base = Fraction(1, clock_hz)
+            # keyframes by time (`write`); the encoder's own count of frames would space them by
+            # how many frames came, however long that took
+            context.gop_size = 1 << 30
         # frames are converted with BT.601 coefficients: say so, so players convert back alike
         context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
         context.color_primaries, context.color_trc = ColorPrimaries.SMPTE170M, ColorTrc.SMPTE170M
@@ -121,6 +128,8 @@ class H264Writer:
             path.unlink(missing_ok=True)
             raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
         self._av, self._pts = av, 0
+        self._key_every = round(clock_hz * KEYFRAME_S) if clock_hz else None  # ticks between keyframes
+        self._key_at: int | None = None  # the last keyframe's tick
 
     def write(self, frame: np.ndarray, tick: int | None = None) -> None:
         """Encode one frame; OutputError (naming the file) when it cannot be written, e.g. a
@@ -133,6 +142,12 @@ class H264Writer:
         video_frame = self._av.VideoFrame.from_ndarray(i420, format="yuv420p")
         video_frame.pts = self._pts if tick is None else max(self._pts, tick)
         self._pts = video_frame.pts + 1
+        if self._key_every is not None and (self._key_at is None
+                                            or video_frame.pts - self._key_at >= self._key_every):
+            from av.video.frame import PictureType
+
+            video_frame.pict_type = PictureType.I  # the encoder makes it a keyframe (an IDR frame)
+            self._key_at = video_frame.pts
         try:
             self._container.mux(self._stream.encode(video_frame))
         except OSError as exc:  # PyAV's errors are OSErrors too

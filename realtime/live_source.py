@@ -76,15 +76,21 @@ class LiveSource:
     def __enter__(self) -> "LiveSource":
         # afresh each time: a source object used again (`process_video(source)` twice) ended
         # after one stale frame, its reader stopped by the first exit
-        if self._thread is not None and self._thread.is_alive():  # entered twice, or its last exit timed out
+        # entered twice, or its last exit timed out; a video file behind a URL has no reader
+        # thread, only its open capture (entered twice, the first was never released)
+        if (self._thread is not None and self._thread.is_alive()) or (self._thread is None and self._capture is not None):
             raise SourceError(f"{self._what} is already open: enter a source once (`with` it, or give it "
                               "to process_video, not both)")
         self._stop.clear()
         self._error, self._frame, self._seq, self._yielded = None, None, 0, 0
         self._capture = self._open()
-        ok, frame = self._capture.read()
+        try:
+            ok, frame = self._capture.read()
+        except BaseException:  # a backend's error, Ctrl-C: `with` will not call __exit__
+            self._release()
+            raise
         if not ok or frame is None:
-            self._capture.release()
+            self._release()
             raise SourceError(f"{self._what} opened but delivered no frame")
         fps = self._capture.get(cv2.CAP_PROP_FPS)
         self._frame, self._seq = frame, 1

@@ -149,8 +149,9 @@ class VideoSink:
         at: when the frame was taken, in seconds on any clock (a camera's frames: the loop
         keeps up with the camera by skipping frames, and a frame then lasts until the next one
         was taken, so the recording plays at the speed it was filmed). H.264 stores the time
-        (variable frame rate); mp4v, which cannot, repeats the frame before. None: the frame
-        lasts 1 / fps (files: every frame is kept)."""
+        (variable frame rate); mp4v, which cannot, repeats the frame before, and leaves out a
+        frame taken within the frame period of the one before. None: the frame lasts 1 / fps
+        (files: every frame is kept)."""
         if self._writer is None:
             self._open(frame, None if at is None else CLOCK_HZ)
             self._start = at
@@ -167,6 +168,11 @@ class VideoSink:
         frame = np.ascontiguousarray(frame)
         elapsed = None if at is None or self._start is None else at - self._start
         slot = None if elapsed is None else round(elapsed * self.fps)
+        if self.encoder == "mp4v" and slot is not None and slot <= self._slot:
+            # mp4v holds one frame per period: a frame in the period of the one before (a stream
+            # faster than its stated rate, the loop's jitter) is left out; written, it pushed
+            # every later frame a period late, and the recording played ever slower
+            return
         try:
             if self.encoder == "mp4v":
                 self._hold(slot)

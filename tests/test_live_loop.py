@@ -266,7 +266,7 @@ def test_a_camera_recording_lasts_as_long_as_the_camera_ran(tmp_path):
     the next one came, not 1 / fps (the camera's ~200 fps here, while the clock says a frame
     came every 0.1 s), so the recording plays at the speed it was filmed."""
     out = tmp_path / "cam.mp4"
-    source = LiveSource(0, timeout_s=1.0, opener=lambda target, timeout: FakeCamera(good=40))
+    source = LiveSource(0, timeout_s=1.0, opener=lambda target, timeout: FakeCamera())
     loop = LiveLoop(LiveConfig(record=out, detector="short", max_frames=8), source=source, clock=_Clock(0.1))
     loop.run()
     times = frame_times(out)

@@ -544,7 +544,10 @@ def _dynamic_size_model(path, input_shape=("N", 3, "H", "W")):
 @pytest.mark.parametrize("shape, flags, message", [
     (("N", 3, "H", "W"), [], r"needs a fixed height and width \(\['N', 3, 'H', 'W'\]\); pass the size "
                              r"the model was trained on with --input-size HxW"),
-    (("N", 3, 8, 8), ["--input-size", "16x12"], r"--input-size 16x12: input 'x' is fixed at 8x8")])
+    (("N", 3, 8, 8), ["--input-size", "16x12"], r"--input-size 16x12: input 'x' is fixed at 8x8"),
+    # one side fixed: it was overwritten, the model exported at a height it does not declare
+    (("N", 3, 8, "W"), ["--input-size", "16x12"], r"--input-size 16x12: input 'x' has a fixed height of 8 "
+                                                  r"\(\[N, 3, 8, W\]\)")])
 def test_input_size_errors(tmp_path, capsys, shape, flags, message):
     import re
 

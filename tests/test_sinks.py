@@ -114,6 +114,22 @@ def test_h264_recordings_are_fragmented_with_a_keyframe_every_second(tmp_path, c
     assert kinds.count(b"moof") == len(keyframes) == kinds.count(b"mdat")
 
 
+def test_a_camera_recording_has_a_keyframe_every_second_of_its_time(tmp_path, clip_frames):
+    """A loop that records 5 of a 30 fps camera's frames a second: a keyframe (and a fragment)
+    every second of the frames' times, not every 30 frames (6 s, lost whole on a hard kill)."""
+    path = tmp_path / "slow.mp4"
+    with VideoSink(path, 30.0, codec="h264") as sink:
+        for k, frame in enumerate(clip_frames[:40]):
+            sink.write(frame, at=100.0 + 0.2 * k)
+    import av
+
+    with av.open(str(path)) as container:
+        keys = [float(p.pts * p.time_base) for p in container.demux(video=0) if p.size and p.is_keyframe]
+    assert keys[:8] == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], abs=1e-3)
+    kinds = [kind for _, _, kind in boxes(path.read_bytes())]
+    assert kinds.count(b"moof") == len(keys)
+
+
 @pytest.mark.parametrize("codec", ["h264", "mp4v"])
 @pytest.mark.parametrize("fps", [29.97, 192.103, 7.5])  # a measured camera rate is rarely round
 def test_the_file_keeps_the_frame_rate(tmp_path, clip_frames, codec, fps):
@@ -163,6 +179,17 @@ def test_a_stream_faster_than_its_stated_rate_records_its_own_times(tmp_path, cl
         for k, frame in enumerate(clip_frames[:10]):
             sink.write(frame, at=0.02 * k)
     assert frame_times(path) == pytest.approx([0.02 * k for k in range(10)], abs=1e-3)
+
+
+def test_mp4v_of_a_stream_faster_than_its_stated_rate_keeps_its_speed(tmp_path, clip_frames):
+    """mp4v holds one frame per period: frames 20 ms apart at a stated 25 fps took 40 ms each
+    (0.8 s of video for 0.4 s filmed, later frames ever later); one per period is kept."""
+    path = tmp_path / "fast.mp4"
+    with VideoSink(path, 25.0, codec="mp4v") as sink:
+        for k, frame in enumerate(clip_frames[:20]):
+            sink.write(frame, at=0.02 * k)
+    # times 0 .. 0.38 s: periods 0 .. 9 or 10 (where 9.5 rounds), one frame each
+    assert 10 <= sink.frames_written == count_frames(path) <= 11
 
 
 def test_mp4v_holds_a_frame_for_at_most_max_hold_s(tmp_path, clip_frames, monkeypatch):

@@ -241,6 +241,45 @@ def test_a_live_source_entered_twice_says_so_and_keeps_one_reader():
     assert len(cameras) == 1 and cameras[0].released and not source._thread.is_alive()
 
 
+def test_a_video_file_behind_a_url_entered_twice_says_so_and_opens_it_once():
+    """A URL to a video file has no reader thread: entered again while open it opened a second
+    capture over the first, which nothing released. A failed entry leaves it enterable."""
+    captures = []
+
+    class RemoteClip(FakeCamera):
+        def get(self, prop):
+            import cv2
+
+            return {cv2.CAP_PROP_FRAME_COUNT: 5.0, cv2.CAP_PROP_FPS: 25.0}.get(prop, 0.0)
+
+    def opener(target, timeout):
+        captures.append(RemoteClip(good=5 if captures else 0))  # the first delivers no frame
+        return captures[-1]
+
+    source = LiveSource("https://host/clip.mp4", timeout_s=0.5, opener=opener)
+    with pytest.raises(SourceError, match="opened but delivered no frame"):
+        source.__enter__()
+    with source:
+        assert not source.info.live
+        with pytest.raises(SourceError, match="stream https://host/clip.mp4 is already open"):
+            source.__enter__()
+        assert len(list(source)) == 5
+    assert len(captures) == 2 and all(capture.released for capture in captures)
+    with source:  # closed: enters again
+        assert len(list(source)) == 5
+
+    class Raises(RemoteClip):
+        def read(self):
+            raise KeyboardInterrupt  # Ctrl-C during the first read
+
+    captures.clear()
+    source = LiveSource("https://host/clip.mp4", timeout_s=0.5,
+                        opener=lambda target, timeout: captures.append(Raises()) or captures[-1])
+    with pytest.raises(KeyboardInterrupt):
+        source.__enter__()
+    assert captures[0].released and source._capture is None
+
+
 def test_files_and_the_sample_iterated_twice_give_the_same_frames_twice(tmp_path):
     """A second iteration of an open video file gave no frame (its capture stood at the end),
     and the sample's drew its frames instead of decoding them (other pixels); a folder's
