@@ -102,6 +102,15 @@ def write_clip(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> Path:
     return path
 
 
+def sigint_as_from_a_terminal() -> None:
+    """Popen's preexec_fn for a child the test stops with SIGINT: a shell's background job
+    (`pytest &`) ignores SIGINT, and a child that inherits that never sees it (a run with
+    --loop, or a server, would go on forever)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def count_frames(path: Path) -> int:
     """Frames OpenCV can decode from `path` (decoding each, not trusting the header)."""
     capture = cv2.VideoCapture(str(path))

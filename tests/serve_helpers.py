@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from realtime_helpers import sigint_as_from_a_terminal
+
 
 def start_server(tmp_path: Path, *argv: str):
     """`camface serve --port 0 ...` in a subprocess (folders under tmp_path); returns
@@ -15,7 +17,7 @@ def start_server(tmp_path: Path, *argv: str):
     process = subprocess.Popen(
         [sys.executable, "-m", "camface", "serve", "--port", "0", "--snapshot-dir", str(tmp_path / "snapshots"),
          "--record-dir", str(tmp_path / "recordings"), *argv],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_from_a_terminal)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = process.stdout.readline()

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.realtime_helpers import count_frames, write_clip
+from tests.realtime_helpers import count_frames, sigint_as_from_a_terminal, write_clip
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -378,7 +378,8 @@ def test_real_ctrl_c_then_sigkill_of_the_driver_then_resume(ray_cluster, clips, 
     long_id, first_id = video_id(long_clip.resolve()), video_id(paths[0].resolve())
 
     def start(*extra):
-        return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=sigint_as_from_a_terminal)
 
     run = start()
     assert wait_for(lambda: (out / "state" / f"{first_id}.json").exists(), run)

@@ -14,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import BLOCK_TF, FakeCamera, FakeWindow, count_frames, frame_times, write_clip
+from realtime_helpers import (BLOCK_TF, FakeCamera, FakeWindow, count_frames, frame_times, sigint_as_from_a_terminal,
+                              write_clip)
 
 from camface.api import face_detector
 from camface.cli import main as camface_main
@@ -425,12 +426,18 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
     # could all be done, at 76 fps, before a loaded machine's poll saw 20 kB and signalled)
     process = subprocess.Popen([sys.executable, "-m", "camface", "live", "--source", "sample", "--loop",
                                 "--no-show", "--record", str(out)],
-                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
-    deadline = time.time() + 120
-    while not (out.exists() and out.stat().st_size > 20_000) and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(sig)
-    _, err = process.communicate(timeout=60)
+                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+                               preexec_fn=sigint_as_from_a_terminal)
+    try:
+        deadline = time.time() + 120
+        while not (out.exists() and out.stat().st_size > 20_000) and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # never left running (it loops) whatever failed above
+            process.kill()
+            process.communicate()
     assert process.returncode == code, err
     recorded = int(err.split("recorded ")[1].split(" frames")[0])
     assert recorded > 0 and count_frames(out) == recorded
