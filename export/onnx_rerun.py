@@ -444,7 +444,11 @@ def check(model, names, input_size, channels, num_classes, batch: int = 1, preci
 
     parts = anatomy(model)
     images, classes = verify.sample_batch(input_size, channels, num_classes, batch)
-    got, calls = reference_calls(model, parts, images, classes, names)
+    # int8: the graph's quantised passes and the reference's cut-out model fuse their Q/DQ pairs
+    # differently, so single scores differ by several percent (6% of the largest on a trained
+    # MobileNetV2) where the maps, which weigh them all, agree: check every variant's pass through
+    # the map only, as before scores were sampled
+    got, calls = reference_calls(model, parts, images, classes, () if precision == "int8" else names)
     reference = {}
     for name in names:
         calls.method = name
