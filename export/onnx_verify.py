@@ -51,7 +51,8 @@ class Check(Difference):
 FD_STEP = 1e-3  # the step moves the target tensor by this fraction of its norm
 RANDOM_DIRECTIONS = 8  # random unit directions per sample
 RANDOM_RTOL = 0.05  # allowed rms error along them, in units of |g| / sqrt(n)
-HEAD_BATCH = 16  # rows a run of the head takes (a .pt2's batch dimension may stop at 32)
+HEAD_BATCH = 16  # rows a run of the head takes (a .pt2's batch dimension may stop at 32);
+# a multiple of 4 (one random direction's rows)
 NOISE_PROBES = 3  # ulp_perturbed copies of the target that measure the logit's rounding noise
 NOISE_FACTOR = 4.0  # x (largest logit change under them) / eps
 KINK_FACTOR = 4.0  # x |fd at eps - fd at eps/2|: kinks crossed and curvature grow with the step
@@ -176,19 +177,22 @@ def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> l
 
 
 def _head_logits(session, index, input_name, target_name, x_row, targets, c) -> np.ndarray:
-    """logit_c of the head for each row of `targets` [rows, ...] (float64): batched runs of
-    HEAD_BATCH rows, one row a run where the head will not take a batch (a fixed batch of 1)."""
+    """logit_c of the head for each row of `targets` [rows, ...] (float64): runs of HEAD_BATCH
+    rows (the last one padded: every run the same size, so the same kernels round every row),
+    one row a run where the head will not take a batch (a fixed batch of 1)."""
     targets = np.asarray(targets, np.float32)
 
     def run(rows):
         feeds = {input_name: np.repeat(x_row, len(rows), axis=0), target_name: rows}
         return session.run(None, feeds)[index][:, c].astype(np.float64)
 
+    padded = np.concatenate([targets, np.repeat(targets[-1:], -len(targets) % HEAD_BATCH, 0)])
     try:
-        return np.concatenate([run(targets[i:i + HEAD_BATCH])
-                               for i in range(0, len(targets), HEAD_BATCH)])
+        values = np.concatenate([run(padded[i:i + HEAD_BATCH])
+                                 for i in range(0, len(padded), HEAD_BATCH)])
     except Exception:  # noqa: BLE001 - onnxruntime's errors have no common base class
-        return np.concatenate([run(targets[i:i + 1]) for i in range(len(targets))])
+        values = np.concatenate([run(targets[i:i + 1]) for i in range(len(targets))])
+    return values[:len(targets)]
 
 
 def _finite_differences(classifier, built, x, target, chosen, gradient_nhwc) -> list[Difference]:
@@ -210,22 +214,23 @@ def _finite_differences(classifier, built, x, target, chosen, gradient_nhwc) -> 
         unit_g = g / max(norm, 1e-30)
         randoms = rng.standard_normal((RANDOM_DIRECTIONS, *g.shape))
         randoms /= np.sqrt((randoms ** 2).sum(axis=tuple(range(1, randoms.ndim)), keepdims=True))
-        # rows: +-eps along g; +-eps and +-eps/2 along each random direction; the target as it
-        # is and moved by a few ulps (NOISE_PROBES seeds): the logit's rounding noise
-        rows = [a + eps * unit_g, a - eps * unit_g]
-        for v in randoms:
-            rows += [a + eps * v, a - eps * v, a + eps / 2 * v, a - eps / 2 * v]
-        rows.append(a)
+        # rows: +-eps and +-eps/2 along each random direction (4 a direction, whole directions
+        # a run); +-eps along g; the target as it is and moved by a few ulps (NOISE_PROBES
+        # seeds): the logit's rounding noise
+        rows = [a + sign * step * v for v in randoms for step in (eps, eps / 2)
+                for sign in (1.0, -1.0)]
+        rows += [a + eps * unit_g, a - eps * unit_g, a]
         rows += [ulp_perturbed(a.astype(np.float32), 100 + s) for s in range(NOISE_PROBES)]
         values = _head_logits(session, index, classifier.input_name, built.target,
                               x[n:n + 1], np.stack(rows), c)
-        fd = (values[0] - values[1]) / (2 * eps)
-        allowed = FD_RTOL * norm + 1e-4 * (1 + abs(values[0])) / eps
+        along_g = values[4 * RANDOM_DIRECTIONS:]
+        fd = (along_g[0] - along_g[1]) / (2 * eps)
+        allowed = FD_RTOL * norm + 1e-4 * (1 + abs(along_g[0])) / eps
         error = abs(fd - norm)
         if error - allowed > worst - worst_allowed or worst_allowed == np.inf:
             worst, worst_allowed = error, allowed
-        noise = float(np.abs(values[-NOISE_PROBES:] - values[-NOISE_PROBES - 1]).max())
-        found = _random_directions(values[2:2 + 4 * RANDOM_DIRECTIONS], randoms, g, eps, noise,
+        noise = float(np.abs(along_g[3:] - along_g[2]).max())
+        found = _random_directions(values[:4 * RANDOM_DIRECTIONS], randoms, g, eps, noise,
                                    built.target)
         if random_worst is None or found.ratio > random_worst.ratio:
             random_worst = found
