@@ -179,12 +179,16 @@ def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> l
 def _head_logits(session, index, input_name, target_name, x_row, targets, c) -> np.ndarray:
     """logit_c of the head for each row of `targets` [rows, ...] (float64): runs of HEAD_BATCH
     rows (the last one padded: every run the same size, so the same kernels round every row),
-    one row a run where the head will not take a batch (a fixed batch of 1)."""
+    one row a run where the head will not take a batch (a fixed batch of 1, or a batch folded
+    into another axis: as many logits out as rows in, or one row a run)."""
     targets = np.asarray(targets, np.float32)
 
     def run(rows):
         feeds = {input_name: np.repeat(x_row, len(rows), axis=0), target_name: rows}
-        return session.run(None, feeds)[index][:, c].astype(np.float64)
+        logits = session.run(None, feeds)[index]
+        if len(logits) != len(rows):  # a head that folds the batch into another axis
+            raise ValueError(f"{len(rows)} rows in, {len(logits)} out")
+        return logits[:, c].astype(np.float64)
 
     padded = np.concatenate([targets, np.repeat(targets[-1:], -len(targets) % HEAD_BATCH, 0)])
     try:

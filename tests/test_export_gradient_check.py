@@ -154,3 +154,18 @@ def test_the_verdict_holds_when_weights_and_inputs_move_by_a_few_ulps(monkeypatc
             patched.setitem(onnx_grad.RULES, op, wrong)
             with pytest.raises(ModelError, match="along random directions"):
                 onnx_export.build(forward, options)
+
+
+def test_a_head_that_will_not_take_a_batch_is_run_one_row_at_a_time():
+    """The probes run HEAD_BATCH rows a run; a head whose batch is fixed to 1 or folded into
+    another axis (one logit row out for many in) is run row by row instead, same values."""
+
+    class FoldsTheBatch:
+        def run(self, _, feeds):
+            rows = feeds["target"].reshape(len(feeds["target"]), -1)
+            return [rows.sum(axis=0, keepdims=True) @ np.eye(rows.shape[1], 3)]
+
+    targets = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2 * 5, 4)
+    values = onnx_verify._head_logits(FoldsTheBatch(), 0, "x", "target", np.zeros((1, 2)),
+                                      targets, 1)
+    np.testing.assert_array_equal(values, targets[:, 1])
