@@ -1,0 +1,171 @@
+"""The export's gradient self-check (export/onnx_verify.py, check 2) catches a backward rule that
+loses part of the gradient (a LeakyReLU rule with ReLU's slope, a dropped branch of an Add or a
+Concat, a Mul rule missing one operand's term, a MaxPool routing to the wrong element): the
+export exits 2, names the target layer and writes nothing; the same models with the right rules
+export, also with their weights moved by a few ulps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from camface.cli import main  # noqa: E402
+from camface.export import onnx_grad, onnx_verify  # noqa: E402
+from camface.export import onnx_grad_layers as layers  # noqa: E402
+from camface.export import onnx_grad_pointwise as pointwise  # noqa: E402
+
+CLASSES = 4
+
+
+def _conv(name, source, cin, cout, rng, inits, kernel=3):
+    inits.append(numpy_helper.from_array(
+        (rng.standard_normal((cout, cin, kernel, kernel)) / np.sqrt(cin * kernel * kernel))
+        .astype(np.float32), f"{name}_w"))
+    inits.append(numpy_helper.from_array((0.1 * rng.standard_normal(cout)).astype(np.float32),
+                                         f"{name}_b"))
+    return helper.make_node("Conv", [source, f"{name}_w", f"{name}_b"], [name], name=name,
+                            pads=[kernel // 2] * 4)
+
+
+def model(kind: str, seed: int = 0):
+    """x [N, 3, 16, 16] -> Conv `target` (8 channels) -> a `kind` block -> Conv, GAP, Gemm."""
+    rng = np.random.default_rng(seed)
+    inits: list = []
+    nodes = [_conv("target", "x", 3, 8, rng, inits)]
+    channels = 8
+    if kind == "leaky_relu":
+        nodes.append(helper.make_node("LeakyRelu", ["target"], ["block"], alpha=0.2))
+    elif kind == "add":
+        nodes += [_conv("a", "target", 8, 8, rng, inits), _conv("b", "target", 8, 8, rng, inits),
+                  helper.make_node("Add", ["a", "b"], ["sum"]),
+                  helper.make_node("Tanh", ["sum"], ["block"])]
+    elif kind == "concat":
+        nodes += [_conv("a", "target", 8, 6, rng, inits), _conv("b", "target", 8, 6, rng, inits),
+                  helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+                  helper.make_node("Tanh", ["cat"], ["block"])]
+        channels = 12
+    elif kind == "mul":
+        nodes += [_conv("a", "target", 8, 8, rng, inits),
+                  helper.make_node("Sigmoid", ["a"], ["gate"]),
+                  helper.make_node("Mul", ["target", "gate"], ["block"])]
+    elif kind == "max_pool":
+        nodes.append(helper.make_node("MaxPool", ["target"], ["block"], kernel_shape=[2, 2],
+                                      strides=[2, 2]))
+    else:
+        raise ValueError(kind)
+    nodes += [_conv("last", "block", channels, 16, rng, inits),
+              helper.make_node("Relu", ["last"], ["act"]),
+              helper.make_node("GlobalAveragePool", ["act"], ["pool"]),
+              helper.make_node("Flatten", ["pool"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    inits.append(numpy_helper.from_array(
+        (rng.standard_normal((CLASSES, 16)) / 4).astype(np.float32), "fc"))
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        initializer=inits)
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    built.ir_version = 8
+    return built
+
+
+def _relu_for_leaky(ctx, node, grads):
+    return pointwise.relu(ctx, node, grads)
+
+
+def _first_branch_only(rule):
+    def wrong(ctx, node, grads):
+        found = rule(ctx, node, grads)
+        return found[:1] + [None] * (len(found) - 1)
+    return wrong
+
+
+def _max_pool_to_the_min(ctx, node, grads):
+    """MaxPool's indices of -x: the gradient goes to each window's smallest element."""
+    wrong = onnx.NodeProto()
+    wrong.CopyFrom(node)
+    wrong.input[0] = ctx.builder.op("Neg", [node.input[0]])
+    return layers.max_pool(ctx, wrong, grads)
+
+
+WRONG_RULES = {
+    "leaky_relu": ("LeakyRelu", _relu_for_leaky),
+    "add": ("Add", _first_branch_only(pointwise.add)),
+    "concat": ("Concat", _first_branch_only(pointwise.concat)),
+    "mul": ("Mul", _first_branch_only(pointwise.mul)),
+    "max_pool": ("MaxPool", _max_pool_to_the_min),
+}
+
+
+def _export(tmp_path, forward, capsys):
+    path, out = tmp_path / "m.onnx", tmp_path / "cam.onnx"
+    onnx.save(forward, str(path))
+    code = main(["export", str(path), "-o", str(out), "--preset", "unit",
+                 "--target-layer", "target", "--rank-seconds", "0"])
+    captured = capsys.readouterr()
+    return code, out, captured.out + captured.err
+
+
+@pytest.mark.parametrize("kind", sorted(WRONG_RULES))
+def test_a_rule_that_loses_part_of_the_gradient_fails_the_export(tmp_path, capsys, monkeypatch,
+                                                                   kind):
+    op, wrong = WRONG_RULES[kind]
+    code, out, _ = _export(tmp_path, model(kind), capsys)
+    assert code == 0 and out.is_file()  # the right rules pass
+    out.unlink()
+    monkeypatch.setitem(onnx_grad.RULES, op, wrong)
+    code, out, printed = _export(tmp_path, model(kind), capsys)
+    assert code == 2 and not out.exists()
+    assert "target layer 'target'" in printed and "along random directions by" in printed
+
+
+def _moved_by_ulps(forward, seed: int):
+    """`forward` with every weight moved by a few ulps (onnx_verify.ulp_perturbed)."""
+    moved = onnx.ModelProto()
+    moved.CopyFrom(forward)
+    for k, tensor in enumerate(moved.graph.initializer):
+        tensor.CopyFrom(numpy_helper.from_array(
+            onnx_verify.ulp_perturbed(numpy_helper.to_array(tensor), seed * 100 + k), tensor.name))
+    return moved
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_verdict_holds_when_weights_and_inputs_move_by_a_few_ulps(monkeypatch, seed):
+    """What another CPU's rounding does (an AVX-512 machine sums in other orders): the right
+    rules still pass with a margin, the wrong ones still fail, on every model above."""
+    from camface.errors import ModelError
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    normalised = onnx_verify._normalised
+    monkeypatch.setattr(onnx_verify, "_normalised", lambda *a: onnx_verify.ulp_perturbed(
+        normalised(*a), seed))
+    options = ExportOptions(preset="unit", target_layer="target")
+    for kind, (op, wrong) in sorted(WRONG_RULES.items()):
+        forward = _moved_by_ulps(model(kind), seed)
+        _, _, differences = onnx_export.build(forward, options)
+        random = [d for d in differences if isinstance(d, onnx_verify.RandomDirections)]
+        assert random and all(d.ok for d in random), kind
+        with monkeypatch.context() as patched:
+            patched.setitem(onnx_grad.RULES, op, wrong)
+            with pytest.raises(ModelError, match="along random directions"):
+                onnx_export.build(forward, options)
+
+
+def test_a_head_that_will_not_take_a_batch_is_run_one_row_at_a_time():
+    """The probes run HEAD_BATCH rows a run; a head whose batch is fixed to 1 or folded into
+    another axis (one logit row out for many in) is run row by row instead, same values."""
+
+    class FoldsTheBatch:
+        def run(self, _, feeds):
+            rows = feeds["target"].reshape(len(feeds["target"]), -1)
+            return [rows.sum(axis=0, keepdims=True) @ np.eye(rows.shape[1], 3)]
+
+    targets = np.arange(2 * 5 * 4, dtype=np.float32).reshape(2 * 5, 4)
+    values = onnx_verify._head_logits(FoldsTheBatch(), 0, "x", "target", np.zeros((1, 2)),
+                                      targets, 1)
+    np.testing.assert_array_equal(values, targets[:, 1])
