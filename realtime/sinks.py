@@ -120,7 +120,7 @@ class VideoSink:
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
         self._start: float | None = None  # the first frame's `at`
-        self._slot = -1  # the last frame's time in frame periods from the first
+        self._slot = -1  # mp4v: the last frame's period from the first
         self._last: np.ndarray | None = None  # mp4v: the last frame, repeated to fill a gap
 
     def __enter__(self) -> "VideoSink":
@@ -167,34 +167,33 @@ class VideoSink:
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
         frame = np.ascontiguousarray(frame)
         elapsed = None if at is None or self._start is None else at - self._start
-        slot = None if elapsed is None else round(elapsed * self.fps)
-        if self.encoder == "mp4v" and slot is not None and slot <= self._slot:
-            # mp4v holds one frame per period: a frame in the period of the one before (a stream
-            # faster than its stated rate, the loop's jitter) is left out; written, it pushed
-            # every later frame a period late, and the recording played ever slower
-            return
         try:
             if self.encoder == "mp4v":
-                self._hold(slot)
-                self._writer.write(frame)
-                self._last = frame.copy() if slot is not None else None
+                self._write_mp4v(frame, None if elapsed is None else round(elapsed * self.fps))
             else:
                 self._writer.write(frame, None if elapsed is None else round(elapsed * CLOCK_HZ))
+                self.frames_written += 1
         except BaseException:
             self._failed = True
             raise
-        self._slot = self._slot + 1 if slot is None else max(self._slot + 1, slot)
-        self.frames_written += 1
 
-    def _hold(self, slot: int | None) -> None:
-        """mp4v, whose frames all last 1 / fps: repeat the last frame until `slot` (at most
-        MAX_HOLD_S)."""
-        if slot is None or self._last is None:
-            return
-        for _ in range(min(slot - self._slot - 1, round(MAX_HOLD_S * self.fps))):
-            self._writer.write(self._last)
-            self._slot += 1
-            self.frames_written += 1
+    def _write_mp4v(self, frame: np.ndarray, slot: int | None) -> None:
+        """mp4v holds one frame per period 1 / fps. slot: the frame's period from the first
+        (None: the next one). The frame before is repeated until `slot` (at most MAX_HOLD_S); a
+        frame in the period of the one before (a stream faster than its stated rate, the loop's
+        jitter) is left out: written, it pushed every later frame a period late, and the
+        recording played ever slower."""
+        if slot is not None:
+            if slot <= self._slot:
+                return
+            for _ in range(0 if self._last is None else min(slot - self._slot - 1, round(MAX_HOLD_S * self.fps))):
+                self._writer.write(self._last)
+                self._slot += 1
+                self.frames_written += 1
+        self._writer.write(frame)
+        self._last = frame.copy() if slot is not None else None
+        self._slot = self._slot + 1 if slot is None else slot
+        self.frames_written += 1
 
     def close(self) -> None:
         """Finalise the file (idempotent)."""
