@@ -59,7 +59,8 @@ class LiveLoop:
     were, over last - first (benchmarks: the steady state of one run, without start-up; both
     marks while the reader and detector still run ahead, so each thread's work in between is
     that of last - first frames).
-    clock: seconds, monotonic; stamps a live source's frames for a recording (tests: a fake).
+    clock: seconds, monotonic; stamps a live source's frames as the reader reads them, for a
+    recording (tests: a fake).
     """
 
     def __init__(self, config: LiveConfig, source=None, window=None, cpu_marks: tuple[int, int] | None = None,
@@ -73,6 +74,7 @@ class LiveLoop:
         self._source = source
         self._window = window
         self._clock = clock  # times a camera's frames for recordings (tests pass a fake one)
+        self._read_at: dict[int, float] = {}  # frame index -> self._clock() when the reader read it
         self.summary: RunSummary | None = None
 
     # ---------------------------------------------------------------- worker threads
@@ -88,6 +90,7 @@ class LiveLoop:
         failed = 0
         try:
             frames = iter(source)
+            stamp = source.info.live  # a camera's frame is timed when it was read, not when it was shown
             index = 0
             limit = self.config.max_frames
             passes = getattr(source, "passes", 0)  # a LoopingSource's: a new pass is a cut
@@ -99,6 +102,8 @@ class LiveLoop:
                 if frame is None:
                     break
                 self.timer.add("decode", time.perf_counter() - start)
+                if stamp:
+                    self._read_at[index] = self._clock()  # popped by the main thread (a dict: GIL-atomic)
                 now = getattr(source, "passes", 0)
                 cut, passes = now != passes, now
                 if not put(out, (index, frame, cut), stop):
@@ -248,8 +253,10 @@ class LiveLoop:
                     toggle = commands.count(RECORD) % 2 == 1  # r pressed twice while held: no change
                     if QUIT in commands or viewer.closed:
                         stopped_by = "quit"
-                    # a camera's frame lasts in a recording until the next one came (pauses left out)
-                    at = self._clock() - viewer.paused_s if source.info.live else None
+                    # a camera's frame lasts in a recording until the next one was read (pauses
+                    # left out); stamped by the reader, as a detection's cost varies by frame
+                    read_at = self._read_at.pop(index, None)
+                    at = read_at - viewer.paused_s if read_at is not None else None
                     put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
                     shown = (raw, explained, snapshot) if keep_raw else None
                     frames += 1

@@ -277,6 +277,44 @@ def test_a_camera_recording_lasts_as_long_as_the_camera_ran(tmp_path):
     assert source.info.fps > 1 / 0.1 * 2  # else the test could not tell the two apart
 
 
+class _CameraWithClock:
+    """A live source whose i-th frame is taken at 0.1 * i s on `clock` (its `now`, which the
+    source sets as it hands the frame over; calling the clock does not move it)."""
+
+    def __init__(self, frames: list[np.ndarray]):
+        from camface.realtime.sources import SourceInfo
+
+        self.frames, self.now = frames, 1000.0
+        self.info = SourceInfo("fake camera", 30.0, None, live=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def __iter__(self):
+        for i, frame in enumerate(self.frames):
+            self.now = 1000.0 + 0.1 * i
+            yield frame.copy()
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_a_camera_frame_is_timed_when_it_was_read_not_when_it_was_shown(tmp_path, sample_frames):
+    """The reader runs frames ahead of the main thread (detection and the CAM graph sit between
+    them, and their cost varies by frame): a frame stamped when shown would take the time of a
+    frame read later, and the recording's timing would jitter by the queue's depth."""
+    clip, _ = sample_frames
+    camera = _CameraWithClock([clip.frame(i) for i in range(12)])
+    out = tmp_path / "cam.mp4"
+    loop = LiveLoop(LiveConfig(record=out, detector="short"), source=camera, clock=camera.clock)
+    loop.run()
+    assert loop.summary.frames == 12
+    assert frame_times(out) == pytest.approx([0.1 * i for i in range(12)], abs=1e-3)
+
+
 def test_a_file_recording_keeps_one_frame_period_per_frame(tmp_path, face_clip):
     out = tmp_path / "file.mp4"
     loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, max_frames=6), clock=_Clock(0.5))
