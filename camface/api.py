@@ -261,10 +261,13 @@ class Pipeline:
         with opened, self.face_detector() as detector:
             carrier = BoxCarrier(detector, every_for(self.config.detect_every, bool(getattr(opened.info, "still", False)),
                                                      self.config.detect_workers))
+            passes = getattr(opened, "passes", 0)  # a LoopingSource's passes, a LiveSource's reconnections
             for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates
                 frame = _check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
-                yield explainer.explain(frame, carrier.detect(frame, index), controls, index).result, frame
+                now = getattr(opened, "passes", 0)
+                cut, passes = now != passes, now  # a new pass or reconnection: detected, as live does
+                yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
                       class_index: int | Sequence[int] | np.ndarray | None = None

@@ -17,8 +17,11 @@ around the model, with the same options, so the boxes are MediaPipe's:
 4. NonMaxSuppressionCalculator (`weighted_nms`): WEIGHTED, IoU > 0.3 (the Tasks default
    min_suppression_threshold) merges a box into the best one, by score-weighted corners.
 5. DetectionProjection + DetectionTransformation (`OnnxFaceDetector.detect`): back to the
-   frame's normalised coordinates, then integer pixels truncated toward zero and bounded
-   to [0, W] / [0, H] as MediaPipe does.
+   frame's normalised coordinates, then integer pixels truncated toward zero as MediaPipe
+   does. One departure: MediaPipe bounds the corner and the size each to [0, W] / [0, H], so a
+   face partly out of the frame's left or top edge gets a box moved inside, as wide as the
+   whole face (a face 40% out on the left: a box over the visible face and as much again of
+   what lies right of it); here the box's edges are clipped to the frame instead.
 """
 
 from __future__ import annotations
@@ -211,20 +214,25 @@ class OnnxFaceDetector:
         boxes, scores = decode(raw_boxes[0], raw_scores[0], self._anchors, size, self.min_confidence)
         boxes, scores = weighted_nms(boxes, scores)
         faces = []
-        for (xmin, ymin, xmax, ymax), score in zip(boxes.tolist(), scores.tolist()):
-            # projection to the frame's normalised coordinates, then MediaPipe's integer pixels
-            rx, ry = (x0 + xmin * side) / width, (y0 + ymin * side) / height
-            rw, rh = (xmax - xmin) * side / width, (ymax - ymin) * side / height
-            px, py = _bounded(rx * width, width), _bounded(ry * height, height)
-            pw, ph = _bounded(rw * width, width), _bounded(rh * height, height)
-            x1, y1 = min(px + pw, width), min(py + ph, height)
-            if x1 - px < 1 or y1 - py < 1:
-                continue
-            faces.append(Face(box=(px, py, x1 - px, y1 - py), score=float(score)))
+        for box, score in zip(boxes.tolist(), scores.tolist()):
+            pixels = frame_box(box, x0, y0, side, width, height)
+            if pixels is not None:
+                faces.append(Face(box=pixels, score=float(score)))
         faces.sort(key=lambda f: f.area, reverse=True)
         return tuple(faces)
 
 
-def _bounded(value: float, upper: int) -> int:
-    """C++ `BoundedValue<int>(value, upper)`: truncated toward zero, then into [0, upper]."""
-    return max(0, min(int(value), upper))
+def frame_box(box, x0: float, y0: float, side: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """A box (xmin, ymin, xmax, ymax) normalised to the letterboxed input -> (x, y, w, h) integer
+    pixels of the `width` x `height` frame, its edges clipped to the frame; None when less than a
+    pixel of it is inside. x0, y0, side: the letterbox square (`letterbox`). Corner and size are
+    truncated toward zero as MediaPipe does; the clipping is the edges' (module docstring, step 5)."""
+    xmin, ymin, xmax, ymax = box
+    rx, ry = (x0 + xmin * side) / width, (y0 + ymin * side) / height  # the frame's normalised coordinates
+    rw, rh = (xmax - xmin) * side / width, (ymax - ymin) * side / height
+    left, top = int(rx * width), int(ry * height)
+    right, bottom = min(left + int(rw * width), width), min(top + int(rh * height), height)
+    left, top = min(max(left, 0), width), min(max(top, 0), height)
+    if right - left < 1 or bottom - top < 1:
+        return None
+    return left, top, right - left, bottom - top

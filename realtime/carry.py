@@ -165,9 +165,9 @@ class BoxCarrier:
     def detect(self, frame: np.ndarray, index: int, cut: bool = False) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3], frame `index` of its stream), boxes in pixels
         clipped to the frame, largest first (as FaceDetector.detect). `cut`: the frame does not
-        follow the one before it although its index does (a looped file starting again): it is
-        detected. A call that raises (the detector's error) leaves nothing to carry: the next
-        frame is detected."""
+        follow the one before it although its index does (a looped file starting again, a stream
+        reconnected after a stall): it is detected. A call that raises (the detector's error)
+        leaves nothing to carry: the next frame is detected."""
         self.frames += 1
         if self.every == 1:
             self.detections += 1

@@ -26,7 +26,7 @@ def square_box(box: Box, margin: float) -> Box:
 
 def crop_square(frame: np.ndarray, square: Box) -> np.ndarray:
     """Pixels of `square` from `frame` (uint8 [H, W, C]); parts outside the frame are black.
-    Returns a new array [side, side, C]."""
+    Returns [side, side, C]: a view of `frame` when the square lies inside it, else a new array."""
     x, y, side, _ = square
     height, width = frame.shape[:2]
     x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, width), min(y + side, height)

@@ -42,6 +42,11 @@ class LiveSource:
     recording) is read as a file is: every frame in order, no thread, no reconnection; its
     `info` says live=False and the frame count.
 
+    `passes`: how many times a stalled stream was reconnected and went on delivering; the first
+    frame after a reconnection does not follow the one before it (a gap of seconds), so the live
+    loop detects it afresh instead of carrying the boxes before the stall (as after a pass of
+    `--loop`).
+
     Messages, log lines and `info.name` show a stream URL without its user name and password
     (`redact`). `opener(target, timeout_s)` returns a cv2.VideoCapture-like object (tests pass a fake).
     """
@@ -59,6 +64,8 @@ class LiveSource:
         self._frame: np.ndarray | None = None
         self._seq = 0
         self._yielded = 0  # the _seq of the last frame iteration gave (a new iteration goes on from it)
+        self._restart = 0  # the _seq of the first frame after the last reconnection (0: none)
+        self.passes = 0
         self._error: str | None = None
         self._stop = threading.Event()
 
@@ -82,7 +89,7 @@ class LiveSource:
             raise SourceError(f"{self._what} is already open: enter a source once (`with` it, or give it "
                               "to process_video, not both)")
         self._stop.clear()
-        self._error, self._frame, self._seq, self._yielded = None, None, 0, 0
+        self._error, self._frame, self._seq, self._yielded, self._restart = None, None, 0, 0, 0
         self._capture = self._open()
         try:
             ok, frame = self._capture.read()
@@ -178,6 +185,8 @@ class LiveSource:
                 try:
                     self._capture = self._open()
                     failures = 0
+                    with self._cond:
+                        self._restart = self._seq + 1
                 except (SourceError, cv2.error):
                     pass
                 continue
@@ -204,6 +213,8 @@ class LiveSource:
                     self._cond.wait(0.05)
                 if self._seq == self._yielded and self._error is not None:
                     raise SourceError(self._error)
+                if self._yielded < self._restart <= self._seq:  # frames from a reconnection on
+                    self.passes += 1
                 frame, self._yielded = self._frame, self._seq
             yield to_bgr8(frame)
 

@@ -93,7 +93,8 @@ class LiveLoop:
             stamp = source.info.live  # a camera's frame is timed when it was read, not when it was shown
             index = 0
             limit = self.config.max_frames
-            passes = getattr(source, "passes", 0)  # a LoopingSource's: a new pass is a cut
+            # a LoopingSource's passes, a LiveSource's reconnections: a new one is a cut
+            passes = getattr(source, "passes", 0)
             while not stop.is_set() and (limit is None or index < limit):
                 if not acquire(slots, stop):
                     return
@@ -117,7 +118,8 @@ class LiveLoop:
 
     def _detect(self, detector, inbox: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
         """detector: a BoxCarrier (`detect(frame, index, cut)`; cut: a looped source's first
-        frame of a pass, which does not follow the frame before it)."""
+        frame of a pass, or a stream's first after a reconnection, which does not follow the
+        frame before it)."""
         index = None
         try:
             while True:

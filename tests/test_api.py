@@ -193,6 +193,25 @@ def test_process_video_resolves_auto_as_live_does(clip, monkeypatch, options, ev
     assert periods == [every] == [every_for(api.config.detect_every, False, api.config.detect_workers)]
 
 
+def test_process_video_detects_a_new_pass_or_reconnection_as_live_does(clip, monkeypatch):
+    """A source that starts again (a LoopingSource's pass, a stream's reconnection: its `passes`
+    grows) does not follow the frame before: process_video has the carrier detect it, as the live
+    loop's reader does, instead of carrying boxes across."""
+    from camface.realtime import carry
+    from camface.realtime.pace import LoopingSource
+    from camface.realtime.sources import VideoFileSource
+
+    cuts, original = [], carry.BoxCarrier.detect
+
+    def spy(self, frame, index, cut=False):
+        cuts.append(cut)
+        return original(self, frame, index, cut)
+
+    monkeypatch.setattr(carry.BoxCarrier, "detect", spy)
+    with camface.load(device="cpu", method="gradcam") as api:
+        assert len(list(api.process_video(LoopingSource(VideoFileSource(clip)), max_frames=12))) == 12
+    assert cuts == [index == 8 for index in range(12)]  # the clip's 8 frames, then the second pass
+
 @pytest.mark.parametrize("frame, message", [
     (np.zeros((64, 64, 3), np.float32), "uint8 BGR .* got dtype float32"),
     (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\)"),

@@ -135,3 +135,50 @@ def test_misuse(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), other)
     with pytest.raises(ModelError, match="other.onnx: input .* not a BlazeFace model's"):
         OnnxFaceDetector(other).__enter__()
+
+
+def test_frame_box_clips_the_edges_by_hand():
+    """A box partly out of the frame keeps its inner edges: cut at 0, not moved inside (MediaPipe
+    bounds corner and size each, which moves a box out on the left or top inside, whole)."""
+    from camface.realtime.blazeface import frame_box
+
+    # 200 x 100 frame letterboxed into the square x0 = 0, y0 = -50, side 200 (binary fractions: exact)
+    assert frame_box((0.25, 0.25, 0.75, 0.75), 0.0, -50.0, 200.0, 200, 100) == (50, 0, 100, 100)
+    assert frame_box((0.25, 0.375, 0.5, 0.625), 0.0, -50.0, 200.0, 200, 100) == (50, 25, 50, 50)
+    assert frame_box((-0.125, 0.375, 0.125, 0.625), 0.0, -50.0, 200.0, 200, 100) == (0, 25, 25, 50)  # half out left
+    assert frame_box((0.375, 0.125, 0.625, 0.375), 0.0, -50.0, 200.0, 200, 100) == (75, 0, 50, 25)  # half out top
+    assert frame_box((0.875, 0.625, 1.125, 0.875), 0.0, -50.0, 200.0, 200, 100) == (175, 75, 25, 25)  # right, bottom
+    assert frame_box((-0.375, 0.375, -0.125, 0.625), 0.0, -50.0, 200.0, 200, 100) is None  # wholly outside
+    assert frame_box((0.375, 0.0, 0.625, 0.25), 0.0, -50.0, 200.0, 200, 100) is None
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "mediapipe"])
+def test_a_face_out_of_the_left_or_top_edge_gets_the_visible_part(images, runtime):
+    """The astronaut and Grace Hopper with 20% or 40% of their face cut off at the left or the
+    top: the box ends where the face does (the full image's box less the cut), within 20% of
+    the face's size (the detector's own box changes on a cut face: up to 15% measured; the
+    mediapipe runtime's corner is estimated from keypoints); MediaPipe's own box ran a whole
+    face's width from the edge, 20-40% too far. Both runtimes agree to IoU 0.7."""
+    boxes_seen = 0
+    with face_detector(LiveConfig(detector_runtime=runtime)) as detector, OnnxFaceDetector(DETECTORS_ONNX["full"]) as onnx:
+        for name in ("astronaut", "grace_hopper"):
+            image = images[name]
+            (x, y, w, h), = [f.box for f in detector.detect(image)]
+            for fraction in (0.2, 0.4):
+                for axis in ("left", "top"):
+                    if axis == "left":
+                        cut = int(x + fraction * w)
+                        part, end, size = image[:, cut:], x + w - cut, w
+                    else:
+                        cut = int(y + fraction * h)
+                        part, end, size = image[cut:], y + h - cut, h
+                    faces = detector.detect(np.ascontiguousarray(part))
+                    if not faces:  # 40% of the astronaut's face cut at the top: too little for the detector
+                        continue
+                    px, py, pw, ph = faces[0].box
+                    assert (px if axis == "left" else py) == 0, (name, fraction, axis)
+                    got = px + pw if axis == "left" else py + ph
+                    assert abs(got - end) <= 0.2 * size, (name, fraction, axis, faces[0].box, end)
+                    assert iou(faces[0].box, onnx.detect(np.ascontiguousarray(part))[0].box) >= 0.7
+                    boxes_seen += 1
+    assert boxes_seen >= 7

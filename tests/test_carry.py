@@ -279,3 +279,26 @@ def test_every_front_end_takes_the_option(capsys):
     with pytest.raises(SystemExit):
         main(["live", "--detect-every", "x"])
     assert "--detect-every" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scene", ["astronaut", "grace_hopper", "coffee", "black"])
+def test_a_scene_cut_is_detected_not_carried(detector, scene):
+    """A cut between key frames (the sample's faces, then a photo of the same size): the carried
+    boxes' points fail the forward-backward check, so the detector runs on the new scene and
+    its faces (or none) are what the frame gets; no box from before the cut survives."""
+    from matplotlib import cbook
+    from skimage import data
+
+    from camface.realtime.sample import SampleSource
+
+    before = SampleSource(300).frame(0)
+    height, width = before.shape[:2]
+    photos = {"astronaut": lambda: np.ascontiguousarray(data.astronaut()[:, :, ::-1]),
+              "grace_hopper": lambda: cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))),
+              "coffee": lambda: np.ascontiguousarray(data.coffee()[:, :, ::-1]),
+              "black": lambda: np.zeros_like(before)}
+    after = np.ascontiguousarray(cv2.resize(photos[scene](), (width, height), interpolation=cv2.INTER_AREA))
+    carrier = BoxCarrier(detector, AUTO_EVERY)
+    assert len(carrier.detect(before, 0)) >= 1
+    assert carrier.detect(after, 1) == detector.detect(after)
+    assert carrier.redetections == 1 and carrier.detections == 2

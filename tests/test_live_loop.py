@@ -584,6 +584,37 @@ def test_stalled_stream_reconnects_a_bounded_number_of_times(caplog):
     assert "reconnecting in 0.0 s (attempt 2 of 2)" in caplog.text
 
 
+
+def test_a_reconnected_stream_is_a_cut_for_the_carried_boxes():
+    """A stream that stalls and is reconnected goes on seconds later: the loop's reader marks
+    its first frame after the reconnection as a cut (LiveSource.passes), so the BoxCarrier
+    detects it instead of carrying the boxes from before the stall onto it."""
+    import queue
+    import threading
+
+    class Reconnected(FakeCamera):  # frames of 100 and up: told from the first connection's
+        def read(self):
+            ok, frame = super().read()
+            return ok, None if frame is None else frame // 2 + 100
+
+    opened = []
+
+    def opener(target, timeout):
+        opened.append(target)
+        return FakeCamera(good=12) if len(opened) == 1 else Reconnected()
+
+    source = LiveSource("rtsp://camera.local/live", timeout_s=1.0, reconnects=2, opener=opener, backoff_s=0.01)
+    out: queue.Queue = queue.Queue()
+    with source:
+        LiveLoop(LiveConfig(max_frames=25))._read(source, out, threading.Event(), 1, threading.Semaphore(100))
+    items = [item for item in out.queue if isinstance(item, tuple)]  # (index, frame, cut), then END
+    assert len(items) == 25 and len(opened) == 2 and source.passes == 1
+    after = [int(frame[0, 0, 0]) >= 100 for _, frame, _ in items]
+    first = after.index(True)
+    assert 1 <= first and all(after[first:])
+    assert [cut for _, _, cut in items] == [index == first for index in range(25)]
+
+
 def test_a_stream_whose_reads_hang_says_how_long_it_waited():
     """A read that does not return (a stalled network stream): the iteration ends after the
     time it allows for the reconnections too, and the message says that time, not timeout_s."""
