@@ -184,6 +184,7 @@ class LayerGradients:
 
     probs: np.ndarray  # float32 [N, classes], as the model outputs them (softmax or sigmoid)
     logits: np.ndarray  # float32 [N, classes], pre-softmax / pre-sigmoid
+    explained: np.ndarray  # int64 [N]: the class each gradient is of (-1 resolved to argmax of the logits)
     activations: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
     gradients: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
 
@@ -193,7 +194,8 @@ class GradientRunner:
 
     `layers` are paths from `resolve_layer` / `conv_layers`. Built once per model and layer
     list; `run` takes normalised float32 images [N, H, W, C] and one class per image
-    (-1 = the predicted class). Runs in a `tf.function`: TF 2.21's eager conv backprop
+    (-1 = the predicted class: the argmax of the logits, not of the probabilities, which tie
+    where a sigmoid saturates at 1.0 in float32). Runs in a `tf.function`: TF 2.21's eager conv backprop
     segfaults in oneDNN on some CPUs, graph mode does not.
     """
 
@@ -223,16 +225,16 @@ class GradientRunner:
             for acts, target, indices in passes:
                 for a, g, i in zip(acts, tape.gradient(target, acts), indices):
                     activations[i], gradients[i] = a, g
-            return probabilities(logits), logits, activations, gradients
+            return probabilities(logits), logits, chosen_class, activations, gradients
 
         self._run = forward_backward
 
     def run(self, images: np.ndarray, class_index: np.ndarray) -> LayerGradients:
         import tensorflow as tf
 
-        probs, logits, activations, gradients = self._run(
+        probs, logits, explained, activations, gradients = self._run(
             tf.convert_to_tensor(np.asarray(images, dtype=np.float32)),
             tf.convert_to_tensor(np.asarray(class_index, dtype=np.int32)))
-        return LayerGradients(probs.numpy(), logits.numpy(),
+        return LayerGradients(probs.numpy(), logits.numpy(), explained.numpy().astype(np.int64),
                               tuple(a.numpy() for a in activations),
                               tuple(g.numpy() for g in gradients))
