@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError, OutputError, SourceError
-from camface.outputs import check_not_an_input
+from camface.outputs import check_not_an_input, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def _output_path(config: GuidedConfig) -> Path:
     if not config.all_layers and out.suffix.lower() not in FIGURE_SUFFIXES:
         raise OutputError(f"cannot write a figure to {out}: use one of "
                           f"{', '.join(FIGURE_SUFFIXES)} (or --layers all with .gif)")
-    if not out.parent.is_dir():
-        raise OutputError(f"cannot write {out}: folder {out.parent} does not exist")
+    check_output_file(out, overwrite=True)  # its folder, a folder in its place, permissions: before any work
     if config.output is not None:  # the default names are new files beside the input
         check_not_an_input(out, [config.input], "-o")
     return out

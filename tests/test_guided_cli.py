@@ -283,10 +283,17 @@ def _output_into_the_snapshot(tmp_path, astronaut_bgr):
     return [str(folder), "-o", str(folder / "face_00.png")], "-o .*face_00.png is a file of the input folder"
 
 
+def _output_is_a_folder(tmp_path, astronaut_bgr):
+    """Said before any TensorFlow work, not after it as the figure fails to save."""
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    (tmp_path / "fig.png").mkdir()
+    return [str(folder), "-o", str(tmp_path / "fig.png")], "cannot write .*fig.png: it is a directory"
+
+
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
-                                  _photo_for_a_model_of_any_size, _gallery_snapshot],
+                                  _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re
