@@ -119,12 +119,19 @@ def _class_indices(names: tuple[str, ...], labels: tuple[str, ...], classes: int
 
 
 def _load_keras(path: Path):
+    import zipfile
+
     import keras
 
+    if path.suffix.lower() == ".onnx":  # `camface live --model` takes the graph; guided, its source
+        raise ModelError(f"{path} is an ONNX graph: camface guided runs the Keras model it was exported "
+                         "from (.keras, .h5); pass that with --model")
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found"
+        raise ModelError(f"cannot load Keras model {path}: not a .keras file (those are zip archives)")
     try:
         return keras.models.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for files that are not models
-        raise ModelError(f"cannot load Keras model {path}: {exc}") from exc
+        raise ModelError(f"cannot load Keras model {path}: {' '.join(str(exc).split())}") from exc
 
 
 def _read_input(config: GuidedConfig):
