@@ -123,9 +123,6 @@ def _load_keras(path: Path):
 
     import keras
 
-    if path.suffix.lower() == ".onnx":  # `camface live --model` takes the graph; guided, its source
-        raise ModelError(f"{path} is an ONNX graph: camface guided runs the Keras model it was exported "
-                         "from (.keras, .h5); pass that with --model")
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found"
         raise ModelError(f"cannot load Keras model {path}: not a .keras file (those are zip archives)")
     try:
@@ -139,6 +136,9 @@ def _read_input(config: GuidedConfig):
     from camface.guided import snapshot
     from camface.guided.image import image_model, read_image
 
+    if config.model is not None and config.model.suffix.lower() == ".onnx":  # what `live --model` takes
+        raise ModelError(f"{config.model} is an ONNX graph: camface guided runs the Keras model it was "
+                         "exported from (.keras, .h5); pass that with --model")
     if config.input.is_dir():
         source = snapshot.read_snapshot(config.input, config.model)
         return source, _load_keras(source.keras_path)
