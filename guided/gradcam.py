@@ -54,6 +54,12 @@ def _node_input(layer):
     return layer._inbound_nodes[0].input_tensors[0]
 
 
+def _single_input(model):
+    """The model's input tensor, not a list of one: the sub-models built here are called with one
+    tensor, and Keras warns (4 lines per call) when a model built on `[input]` gets a bare tensor."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def logits_model(model):
     """A Keras model from `model`'s input to its PRE-softmax (or pre-sigmoid) logits [N, classes].
 
@@ -66,14 +72,15 @@ def logits_model(model):
     last = model.layers[-1]
     if _probability_activation(last) is None:
         return model
+    inputs = _single_input(model)
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-        return keras.Model(model.inputs, _node_input(last), name=f"{model.name}_logits")
+        return keras.Model(inputs, _node_input(last), name=f"{model.name}_logits")
     # a layer (Dense, Conv...) built with the activation: its linear twin
     linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
                                          "name": f"{last.name}_logits"})
     logits = linear(_node_input(last))
     linear.set_weights(last.get_weights())
-    return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+    return keras.Model(inputs, logits, name=f"{model.name}_logits")
 
 
 def resolve_layer(model, name: str | None) -> str:
@@ -150,7 +157,7 @@ def _segments(model, layers: list[str]):
     for owner, indices in by_owner.items():
         if not owner:
             outputs = [_node_output(model.get_layer(layers[i])) for i in indices] + [logits]
-            net = keras.Model(model.inputs, outputs)
+            net = keras.Model(_single_input(model), outputs)
             segments.append((lambda x, net=net: list(net(x, training=False)), indices))
             continue
         backbone = model.get_layer(owner)
@@ -163,7 +170,7 @@ def _segments(model, layers: list[str]):
         inner_net = keras.Model(backbone.inputs, [_node_output(layer) for layer in inner_layers]
                                 + [backbone.outputs[0]])
         source = _node_input(backbone)
-        before = keras.Model(model.inputs, source) if source is not model.inputs[0] else None
+        before = keras.Model(_single_input(model), source) if source is not model.inputs[0] else None
         after = keras.Model(_node_output(backbone), logits)
 
         def segment(x, before=before, inner_net=inner_net, after=after):

@@ -227,3 +227,21 @@ def test_gradcam_equals_exported_onnx_graph(emotion_model, crops):
             tolerance = 1e-4 * float(np.abs(expected).max()) + 1e-6
             assert np.abs(got - expected).max() <= tolerance, (name, i, np.abs(got - expected).max())
     assert read_labels(EMOTION_LABELS) == list(info.labels)
+
+
+def test_a_model_built_on_a_list_of_one_input_is_explained_without_keras_warnings():
+    """Models saved by Keras 2 (the bundled .hdf5) have `inputs` = [input]; the sub-models
+    camface guided cuts from them were called with one tensor, and Keras printed a 4-line
+    UserWarning per call (Score-CAM and Ablation-CAM call them eagerly) into every run's output."""
+    import warnings
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model([inputs], keras.layers.Activation("softmax")(x))
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = Explainer(model, "conv", EMOTION_PREPROCESSING).explain(images, np.array([-1, 1]))
+    assert {"scorecam", "ablationcam"} <= set(items[0].heatmaps)
+    assert not [w for w in caught if "structure" in str(w.message)], [str(w.message)[:80] for w in caught]
