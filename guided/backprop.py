@@ -9,10 +9,14 @@ This module builds a *copy* of a Keras model whose ReLUs backpropagate that way 
 model is left untouched) and returns the class-specific gradient of the pre-softmax logit with
 respect to the input pixels. ReLU in all the forms Keras models use is covered:
 `Activation("relu")`, `layers.ReLU` (any `max_value`, e.g. 6 in MobileNetV2, `threshold`,
-`negative_slope`) and layers built with `activation="relu"` / `"relu6"`. Nested Functional or
-Sequential models (a backbone used as one layer) are copied recursively.
+`negative_slope`) and layers built with `activation="relu"` / `"relu6"`. A leaky ReLU is the
+same op whichever way it is spelt (`layers.ReLU(negative_slope=a)`, `layers.LeakyReLU(a)`,
+`activation="leaky_relu"`), so all three get the same rule: f'(x) * max(R_out, 0), f'(x) = a
+below 0. Nested Functional or Sequential models (a backbone used as one layer) are copied
+recursively.
 
-Models without any ReLU (swish, gelu, ...) have no guided rule: `GuidedBackprop.guided` is then
+Other activations (swish, gelu, ELU, PReLU, sigmoid gates ...) have no guided rule and pass
+plain gradients: a warning names them. Models without any ReLU: `GuidedBackprop.guided` is then
 False and the gradients are plain input gradients; callers must label them as such.
 
 TensorFlow is imported inside functions: the module itself stays light.
@@ -76,6 +80,8 @@ def _relu_params(activation) -> dict | None:
         return {}
     if activation is keras.activations.relu6:
         return {"max_value": 6.0}
+    if activation is keras.activations.leaky_relu:  # its default slope: the function's own
+        return {"negative_slope": 0.2}
     return None
 
 
@@ -126,7 +132,10 @@ def guided_copy(model) -> GuidedCopy:
             relus.append(layer.name)
             return GuidedReLU(max_value=layer.max_value, threshold=layer.threshold,
                               negative_slope=layer.negative_slope, name=layer.name)
-        if type(layer).__name__ in ("LeakyReLU", "PReLU", "ELU"):
+        if isinstance(layer, keras.layers.LeakyReLU):
+            relus.append(layer.name)
+            return GuidedReLU(negative_slope=float(layer.negative_slope), name=layer.name)
+        if type(layer).__name__ in ("PReLU", "ELU"):
             others.add(type(layer).__name__)
         try:
             new = layer.__class__.from_config(layer.get_config())
@@ -174,6 +183,11 @@ class GuidedBackprop:
         copy = guided_copy(logits_model)
         self.guided = bool(copy.relus)
         self.relus = copy.relus
+        self.other_activations = copy.other_activations
+        if self.guided and copy.other_activations:
+            log.warning("model %r: Guided Backprop's rule is applied at its %d ReLU(s); its other "
+                        "activations (%s) pass plain gradients", logits_model.name, len(copy.relus),
+                        ", ".join(copy.other_activations))
         if not self.guided:
             log.warning("model %r has no ReLU (activations: %s): Guided Backprop is undefined, "
                         "showing plain input gradients instead", logits_model.name,

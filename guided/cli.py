@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError, OutputError, SourceError
-from camface.outputs import check_not_an_input
+from camface.outputs import check_not_an_input, check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def _output_path(config: GuidedConfig) -> Path:
     if not config.all_layers and out.suffix.lower() not in FIGURE_SUFFIXES:
         raise OutputError(f"cannot write a figure to {out}: use one of "
                           f"{', '.join(FIGURE_SUFFIXES)} (or --layers all with .gif)")
-    if not out.parent.is_dir():
-        raise OutputError(f"cannot write {out}: folder {out.parent} does not exist")
+    check_output_file(out, overwrite=True)  # its folder, a folder in its place, permissions: before any work
     if config.output is not None:  # the default names are new files beside the input
         check_not_an_input(out, [config.input], "-o")
     return out
@@ -120,12 +119,16 @@ def _class_indices(names: tuple[str, ...], labels: tuple[str, ...], classes: int
 
 
 def _load_keras(path: Path):
+    import zipfile
+
     import keras
 
+    if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found"
+        raise ModelError(f"cannot load Keras model {path}: not a .keras file (those are zip archives)")
     try:
         return keras.models.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for files that are not models
-        raise ModelError(f"cannot load Keras model {path}: {exc}") from exc
+        raise ModelError(f"cannot load Keras model {path}: {' '.join(str(exc).split())}") from exc
 
 
 def _read_input(config: GuidedConfig):
@@ -133,6 +136,9 @@ def _read_input(config: GuidedConfig):
     from camface.guided import snapshot
     from camface.guided.image import image_model, read_image
 
+    if config.model is not None and config.model.suffix.lower() == ".onnx":  # what `live --model` takes
+        raise ModelError(f"{config.model} is an ONNX graph: camface guided runs the Keras model it was "
+                         "exported from (.keras, .h5); pass that with --model")
     if config.input.is_dir():
         source = snapshot.read_snapshot(config.input, config.model)
         return source, _load_keras(source.keras_path)

@@ -97,11 +97,12 @@ class Explainer:
         -1 = the predicted class. Returns one Explanation per crop."""
         images = self.preprocessing.apply(crops)
         passes = self._runner.run(images, class_index)
-        predicted = passes.probs.argmax(axis=-1)
-        explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
+        # The class the gradients are of: every map, the title and Guided Backprop follow it
+        # (the argmax of the probabilities can differ where a sigmoid saturates: two 1.0s).
+        predicted, explained = passes.logits.argmax(axis=-1), passes.explained
         activations, gradients = passes.activations[0], passes.gradients[0]
         weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
-        calls = self._calls(images, activations, class_index)
+        calls = self._calls(images, activations, explained)
         heatmaps = {name: methods.get(name).reference(activations, gradients, weights, model=calls)
                     for name in self.methods}
         gradcam = heatmaps["gradcam"]
@@ -138,8 +139,6 @@ def layer_sweep(model, layers: list[str], crops: np.ndarray, class_index: np.nda
     """Grad-CAM for the chosen classes at each of `layers`, in one forward/backward pass."""
     runner = grads.GradientRunner(model, layers)
     passes = runner.run(preprocessing.apply(crops), class_index)
-    predicted = passes.probs.argmax(axis=-1)
-    explained = np.where(np.asarray(class_index) < 0, predicted, class_index).astype(np.int64)
     gradcam = methods.get("gradcam")
-    return [LayerMaps(layer, gradcam.reference(a, g), explained)
+    return [LayerMaps(layer, gradcam.reference(a, g), passes.explained)
             for layer, a, g in zip(layers, passes.activations, passes.gradients)]

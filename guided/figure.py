@@ -14,6 +14,7 @@ matplotlib is used with the non-interactive Agg canvas, created per figure (no p
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,8 +123,22 @@ def comparison_figure(items: Sequence[Explanation], labels: Sequence[str], *,
     return fig
 
 
+def _replace_whole(path: str | Path, write) -> None:
+    """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
+    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a figure."""
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
-    fig.savefig(str(path), dpi=dpi)
+    """Write `fig` to `path` (format from its suffix), whole or not at all."""
+    _replace_whole(path, lambda partial: fig.savefig(str(partial), dpi=dpi,
+                                                     format=Path(path).suffix.lstrip(".").lower()))
 
 
 def layer_frames(sweep: Sequence[LayerMaps], crops_rgb: Sequence[np.ndarray],
@@ -155,8 +170,9 @@ def layer_frames(sweep: Sequence[LayerMaps], crops_rgb: Sequence[np.ndarray],
 
 
 def save_gif(frames: Sequence[np.ndarray], path: str | Path, frame_ms: int = 700) -> None:
-    """Write RGB frames as a looping GIF (Pillow, which matplotlib depends on)."""
+    """Write RGB frames as a looping GIF (Pillow, which matplotlib depends on), whole or not at all."""
     from PIL import Image
 
     images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(str(path), save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+    _replace_whole(path, lambda partial: images[0].save(str(partial), format="GIF", save_all=True,
+                                                        append_images=images[1:], duration=frame_ms, loop=0))

@@ -54,6 +54,12 @@ def _node_input(layer):
     return layer._inbound_nodes[0].input_tensors[0]
 
 
+def _single_input(model):
+    """The model's input tensor, not a list of one: the sub-models built here are called with one
+    tensor, and Keras warns (4 lines per call) when a model built on `[input]` gets a bare tensor."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def logits_model(model):
     """A Keras model from `model`'s input to its PRE-softmax (or pre-sigmoid) logits [N, classes].
 
@@ -66,14 +72,15 @@ def logits_model(model):
     last = model.layers[-1]
     if _probability_activation(last) is None:
         return model
+    inputs = _single_input(model)
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-        return keras.Model(model.inputs, _node_input(last), name=f"{model.name}_logits")
+        return keras.Model(inputs, _node_input(last), name=f"{model.name}_logits")
     # a layer (Dense, Conv...) built with the activation: its linear twin
     linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
                                          "name": f"{last.name}_logits"})
     logits = linear(_node_input(last))
     linear.set_weights(last.get_weights())
-    return keras.Model(model.inputs, logits, name=f"{model.name}_logits")
+    return keras.Model(inputs, logits, name=f"{model.name}_logits")
 
 
 def resolve_layer(model, name: str | None) -> str:
@@ -150,7 +157,7 @@ def _segments(model, layers: list[str]):
     for owner, indices in by_owner.items():
         if not owner:
             outputs = [_node_output(model.get_layer(layers[i])) for i in indices] + [logits]
-            net = keras.Model(model.inputs, outputs)
+            net = keras.Model(_single_input(model), outputs)
             segments.append((lambda x, net=net: list(net(x, training=False)), indices))
             continue
         backbone = model.get_layer(owner)
@@ -163,7 +170,7 @@ def _segments(model, layers: list[str]):
         inner_net = keras.Model(backbone.inputs, [_node_output(layer) for layer in inner_layers]
                                 + [backbone.outputs[0]])
         source = _node_input(backbone)
-        before = keras.Model(model.inputs, source) if source is not model.inputs[0] else None
+        before = keras.Model(_single_input(model), source) if source is not model.inputs[0] else None
         after = keras.Model(_node_output(backbone), logits)
 
         def segment(x, before=before, inner_net=inner_net, after=after):
@@ -184,6 +191,7 @@ class LayerGradients:
 
     probs: np.ndarray  # float32 [N, classes], as the model outputs them (softmax or sigmoid)
     logits: np.ndarray  # float32 [N, classes], pre-softmax / pre-sigmoid
+    explained: np.ndarray  # int64 [N]: the class each gradient is of (-1 resolved to argmax of the logits)
     activations: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
     gradients: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
 
@@ -193,7 +201,8 @@ class GradientRunner:
 
     `layers` are paths from `resolve_layer` / `conv_layers`. Built once per model and layer
     list; `run` takes normalised float32 images [N, H, W, C] and one class per image
-    (-1 = the predicted class). Runs in a `tf.function`: TF 2.21's eager conv backprop
+    (-1 = the predicted class: the argmax of the logits, not of the probabilities, which tie
+    where a sigmoid saturates at 1.0 in float32). Runs in a `tf.function`: TF 2.21's eager conv backprop
     segfaults in oneDNN on some CPUs, graph mode does not.
     """
 
@@ -223,16 +232,16 @@ class GradientRunner:
             for acts, target, indices in passes:
                 for a, g, i in zip(acts, tape.gradient(target, acts), indices):
                     activations[i], gradients[i] = a, g
-            return probabilities(logits), logits, activations, gradients
+            return probabilities(logits), logits, chosen_class, activations, gradients
 
         self._run = forward_backward
 
     def run(self, images: np.ndarray, class_index: np.ndarray) -> LayerGradients:
         import tensorflow as tf
 
-        probs, logits, activations, gradients = self._run(
+        probs, logits, explained, activations, gradients = self._run(
             tf.convert_to_tensor(np.asarray(images, dtype=np.float32)),
             tf.convert_to_tensor(np.asarray(class_index, dtype=np.int32)))
-        return LayerGradients(probs.numpy(), logits.numpy(),
+        return LayerGradients(probs.numpy(), logits.numpy(), explained.numpy().astype(np.int64),
                               tuple(a.numpy() for a in activations),
                               tuple(g.numpy() for g in gradients))

@@ -69,7 +69,8 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
         raise SourceError(f"cannot read image {path}")
     if (why := cut_short(path)) is not None:
         log.warning("%s: %s", path, why)
-    with face_detector(LiveConfig(detector=detector, min_confidence=min_confidence)) as opened:
+    # LiveConfig checks detector, confidence and margin as `camface live` does (UsageError)
+    with face_detector(LiveConfig(detector=detector, min_confidence=min_confidence, margin=margin)) as opened:
         faces = opened.detect(frame)
     if not faces:
         raise SourceError(f"no faces found in {path} (detector {detector!r}, "

@@ -147,9 +147,14 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
     """Read a snapshot folder; raises SourceError (missing/invalid files) or ModelError."""
     folder = Path(folder)
     meta = read_meta(folder)
-    faces_meta, model_entry = meta["faces"], meta.get("model", {})
+    faces_meta, model_entry = meta["faces"], meta.get("model") or {}
     if not faces_meta:
         raise SourceError(f"snapshot {folder} holds no faces")
+    where = folder / SNAPSHOT_JSON
+    if not isinstance(model_entry, dict):
+        raise SourceError(f"cannot read {where}: \"model\" is {model_entry!r}, not an object")
+    if not all(isinstance(face, dict) for face in faces_meta):
+        raise SourceError(f"cannot read {where}: every entry of \"faces\" must be an object")
     if any(isinstance(face, dict) and "similarity" in face for face in faces_meta):
         _refuse_gallery(folder, model_entry, meta.get("labels") or ())
 
@@ -158,6 +163,8 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
                                      folder)
     onnx_path = Path(model_entry.get("path", ""))
     color_order = meta.get("color_order", "GRAY")
+    if color_order not in ("GRAY", "RGB", "BGR"):
+        raise SourceError(f"cannot read {where}: unknown color_order {color_order!r} (GRAY, RGB or BGR)")
     target_layer = ""
     emotion_like = Preprocessing(color_order, EMOTION_PREPROCESSING.scale,
                                  EMOTION_PREPROCESSING.offset)
@@ -184,9 +191,19 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
 
     faces = []
     for index, face in enumerate(faces_meta):
-        crop = read_crop(folder / face.get("crop", f"face_{index:02d}.png"), color_order)
-        faces.append(FaceCrop(crop,
-                              tuple(int(v) for v in face.get("box", (0, 0, 0, 0))),
-                              int(face.get("explained", -1)), f"face {index}"))
+        try:
+            crop_name = str(face.get("crop", f"face_{index:02d}.png"))
+            box = tuple(int(v) for v in face.get("box", (0, 0, 0, 0)))
+            explained = int(face.get("explained", -1))
+            if len(box) != 4:
+                raise ValueError(f"box {box} is not [x, y, w, h]")
+        except (TypeError, ValueError) as exc:
+            raise SourceError(f"cannot read {where}: face {index}: {exc}") from exc
+        crop = read_crop(folder / crop_name, color_order)
+        if faces and crop.shape != faces[0].crop.shape:
+            raise SourceError(f"face crop {folder / crop_name} is {crop.shape[1]}x{crop.shape[0]} but "
+                              f"face 0's is {faces[0].crop.shape[1]}x{faces[0].crop.shape[0]}: every crop of a "
+                              "snapshot is the graph's input size")
+        faces.append(FaceCrop(crop, box, explained, f"face {index}"))
     return GuidedInput(folder, tuple(faces), keras_path, labels, preprocessing, target_layer,
                        tuple(notes))

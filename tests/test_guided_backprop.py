@@ -179,3 +179,36 @@ def test_numpy_reference_rule():
     up = np.array([2.0, -1.0, 4.0, 5.0])
     np.testing.assert_array_equal(guided_relu_backward(x, up), [0.0, 0.0, 4.0, 5.0])
     np.testing.assert_array_equal(guided_relu_backward(x, up, max_value=6.0), [0.0, 0.0, 4.0, 0.0])
+
+
+@pytest.mark.parametrize("name, after, activation, slope", [
+    ("layers.ReLU(negative_slope=0.1)", lambda: [keras.layers.ReLU(negative_slope=0.1)], None, 0.1),
+    ("layers.LeakyReLU(0.1)", lambda: [keras.layers.LeakyReLU(negative_slope=0.1)], None, 0.1),
+    ("Activation(leaky_relu)", lambda: [keras.layers.Activation("leaky_relu")], None, 0.2),
+    ("activation=leaky_relu", lambda: [], "leaky_relu", 0.2),
+], ids=["ReLU-negative-slope", "LeakyReLU", "Activation-leaky_relu", "activation-leaky_relu"])
+def test_a_leaky_relu_gets_the_same_rule_however_it_is_spelt(name, after, activation, slope):
+    """The guided rule at a leaky ReLU: f'(h) * max(upstream, 0), f'(h) = slope below 0.
+    W1 = identity, so the input gradient is the hidden units' gradient, by hand."""
+    eye, zero = np.eye(4, dtype=np.float32), np.zeros(4, np.float32)
+    _, logits = tiny_model(eye, zero, after(), activation)
+    backprop = GuidedBackprop(logits)
+    assert backprop.guided and backprop.relus and backprop.other_activations == ()
+    c = 0  # W2[:, 0] = [1, 1, 1, -1]: unit 3's negative gradient is cut, guided
+    got = backprop.gradients(X, np.array([c, c]))
+    expected = np.where(X > 0, 1.0, slope) * np.maximum(W2[:, c], 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert (got[:, 3] == 0).all() and np.isclose(got[0, 1], slope)  # x = -1 in row 0: the leak
+
+
+def test_activations_left_plain_in_a_guided_model_are_named(caplog):
+    """ReLU then ELU: the ReLU is guided, the ELU has no guided rule; the warning says so
+    instead of a figure titled Guided Backprop that is half plain gradient."""
+    rng = np.random.default_rng(4)
+    w1 = rng.normal(size=(4, 4)).astype(np.float32)
+    b1 = rng.normal(size=4).astype(np.float32)
+    _, logits = tiny_model(w1, b1, [keras.layers.ELU()], "relu")
+    with caplog.at_level(logging.WARNING):
+        backprop = GuidedBackprop(logits)
+    assert backprop.guided and backprop.relus == ("hidden",) and backprop.other_activations == ("ELU",)
+    assert "other activations (ELU) pass plain gradients" in caplog.text

@@ -283,10 +283,46 @@ def _output_into_the_snapshot(tmp_path, astronaut_bgr):
     return [str(folder), "-o", str(folder / "face_00.png")], "-o .*face_00.png is a file of the input folder"
 
 
+def _output_is_a_folder(tmp_path, astronaut_bgr):
+    """Said before any TensorFlow work, not after it as the figure fails to save."""
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    (tmp_path / "fig.png").mkdir()
+    return [str(folder), "-o", str(tmp_path / "fig.png")], "cannot write .*fig.png: it is a directory"
+
+
+def _photo(tmp_path, astronaut_bgr):
+    import cv2
+
+    photo = tmp_path / "photo.png"
+    cv2.imwrite(str(photo), astronaut_bgr)
+    return photo
+
+
+def _model_not_a_keras_zip(tmp_path, astronaut_bgr):
+    """Keras itself says "File not found" for a .keras file that is there but not a zip."""
+    model = tmp_path / "mine.keras"
+    model.write_bytes(b"not a zip")
+    return [str(_photo(tmp_path, astronaut_bgr)), "--model", str(model)], \
+        "cannot load Keras model .*mine.keras: not a .keras file"
+
+
+def _model_is_the_onnx_graph(tmp_path, astronaut_bgr):
+    """`camface live --model` takes the graph; guided needs the Keras model it came from."""
+    graph = tmp_path / "emotion.onnx"
+    graph.write_bytes(b"an ONNX graph")  # refused by its name before it is read
+    return [str(_photo(tmp_path, astronaut_bgr)), "--model", str(graph)], \
+        "emotion.onnx is an ONNX graph: camface guided runs the Keras model it was exported from"
+
+
+def _negative_margin(tmp_path, astronaut_bgr):
+    return [str(_photo(tmp_path, astronaut_bgr)), "--margin", "-1"], r"--margin must be in \[0, .*got -1"
+
+
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
-                                  _photo_for_a_model_of_any_size, _gallery_snapshot],
+                                  _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
+                                  _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re

@@ -12,7 +12,7 @@ keras = pytest.importorskip("keras")
 
 from camface import methods  # noqa: E402
 from camface.guided import gradcam as maps  # noqa: E402
-from camface.guided.explain import Explainer  # noqa: E402
+from camface.guided.explain import Explainer, layer_sweep  # noqa: E402
 from camface.guided.snapshot import EMOTION_PREPROCESSING  # noqa: E402
 from camface.models import EMOTION_KERAS, EMOTION_ONNX, EMOTION_LABELS, read_labels  # noqa: E402
 
@@ -126,6 +126,45 @@ def test_a_sigmoid_model_is_explained_at_its_logits_with_its_own_probabilities(t
         np.testing.assert_allclose(b.input_gradient, a.input_gradient, rtol=1e-4, atol=1e-5 * scale)
 
 
+def test_the_predicted_class_of_a_saturated_sigmoid_is_the_one_every_map_explains():
+    """Two classes saturate at probability 1.0 (logits 40 and 50): the argmax of the
+    probabilities (class 0, the first tie) is not the class the gradients are taken of (class 1,
+    the larger logit). Every map of the row, Guided Backprop, the CAM weights and the title must
+    explain one class: the linear twin's maps for class 1, exactly."""
+    def build(activation):
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inputs, keras.layers.Dense(3, activation=activation, name="head")(x))
+
+    keras.utils.set_random_seed(0)
+    sigmoid, twin = build("sigmoid"), build("linear")
+    kernel, _ = sigmoid.get_layer("head").get_weights()
+    sigmoid.get_layer("head").set_weights([kernel * 0.01, np.array([40.0, 50.0, -1.0], np.float32)])
+    twin.set_weights(sigmoid.get_weights())
+    images = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 1), dtype=np.uint8)
+    probs = np.asarray(sigmoid(EMOTION_PREPROCESSING.apply(images)))
+    assert (probs[0, :2] == 1.0).all()  # the tie this test is about
+    (got,) = Explainer(sigmoid, "conv", EMOTION_PREPROCESSING).explain(images, np.array([-1]))
+    want = {c: Explainer(twin, "conv", EMOTION_PREPROCESSING).explain(images, np.array([c]))[0] for c in (0, 1)}
+    assert got.predicted == got.explained == 1
+    def close(a, b):  # float32 through different graphs: 1e-5 of the map's scale
+        return np.allclose(a, b, rtol=1e-4, atol=1e-5 * (float(np.abs(b).max()) + 1e-12))
+
+    depends_on_class = 0
+    for name in got.heatmaps:
+        assert close(got.heatmaps[name], want[1].heatmaps[name]), name
+        if not close(want[0].heatmaps[name], want[1].heatmaps[name]):  # Eigen-CAM is the same for both
+            depends_on_class += 1
+            assert not close(got.heatmaps[name], want[0].heatmaps[name]), name
+    assert depends_on_class >= 5  # CAM, Grad-CAM, Grad-CAM++, ... at least
+    assert close(got.input_gradient, want[1].input_gradient)
+    assert not close(got.input_gradient, want[0].input_gradient)
+    np.testing.assert_allclose(got.guided_gradcam, want[1].guided_gradcam, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want[1].guided_gradcam).max()))
+    assert layer_sweep(sigmoid, ["conv"], images, np.array([-1]), EMOTION_PREPROCESSING)[0].explained.tolist() == [1]
+
+
 @pytest.fixture(scope="module")
 def explained(emotion_model, crops):
     """happy and sad for the astronaut, at conv2d_7."""
@@ -188,3 +227,21 @@ def test_gradcam_equals_exported_onnx_graph(emotion_model, crops):
             tolerance = 1e-4 * float(np.abs(expected).max()) + 1e-6
             assert np.abs(got - expected).max() <= tolerance, (name, i, np.abs(got - expected).max())
     assert read_labels(EMOTION_LABELS) == list(info.labels)
+
+
+def test_a_model_built_on_a_list_of_one_input_is_explained_without_keras_warnings():
+    """Models saved by Keras 2 (the bundled .hdf5) have `inputs` = [input]; the sub-models
+    camface guided cuts from them were called with one tensor, and Keras printed a 4-line
+    UserWarning per call (Score-CAM and Ablation-CAM call them eagerly) into every run's output."""
+    import warnings
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model([inputs], keras.layers.Activation("softmax")(x))
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = Explainer(model, "conv", EMOTION_PREPROCESSING).explain(images, np.array([-1, 1]))
+    assert {"scorecam", "ablationcam"} <= set(items[0].heatmaps)
+    assert not [w for w in caught if "structure" in str(w.message)], [str(w.message)[:80] for w in caught]

@@ -69,3 +69,61 @@ def test_bad_snapshots(tmp_path):
     (folder / "face_00.png").unlink()
     with pytest.raises(SourceError, match="cannot read face crop .*face_00.png"):
         read_snapshot(folder)
+
+
+def _faces_not_objects(meta):
+    meta["faces"] = ["face_00.png"]
+
+
+def _explained_not_a_number(meta):
+    meta["faces"][0]["explained"] = "happy"
+
+
+def _box_null(meta):
+    meta["faces"][1]["box"] = None
+
+
+def _box_too_short(meta):
+    meta["faces"][0]["box"] = [1, 2]
+
+
+def _model_not_an_object(meta):
+    meta["model"] = "emotion.onnx"
+
+
+def _unknown_color_order(meta):
+    meta["color_order"] = "YUV"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_faces_not_objects, "every entry of \"faces\" must be an object"),
+    (_explained_not_a_number, "face 0: invalid literal .*'happy'"),
+    (_box_null, "face 1: 'NoneType' object is not iterable"),
+    (_box_too_short, r"face 0: box \(1, 2\) is not \[x, y, w, h\]"),
+    (_model_not_an_object, "\"model\" is 'emotion.onnx', not an object"),
+    (_unknown_color_order, "unknown color_order 'YUV'"),
+], ids=lambda v: v.__name__.strip("_") if callable(v) else "")
+def test_a_corrupt_snapshot_json_is_a_source_error_naming_it(tmp_path, edit, message):
+    """A hand-edited or truncated snapshot.json: one SourceError naming the file (the CLI's
+    one-line error, exit 2), never an AttributeError / TypeError traceback."""
+    keras_file = tmp_path / "m.keras"
+    keras_file.write_bytes(b"weights")
+    model = {"path": str(tmp_path / "m.onnx"), "source_model": "m.keras",
+             "source_sha256": sha256_file(keras_file)}
+    folder = write_snapshot(tmp_path / "snap", [np.zeros((8, 8), np.uint8)] * 2, "GRAY", model)
+    meta = json.loads((folder / "snapshot.json").read_text())
+    edit(meta)
+    (folder / "snapshot.json").write_text(json.dumps(meta))
+    with pytest.raises(SourceError, match=f"cannot read .*snapshot.json: .*{message}"):
+        read_snapshot(folder)
+
+
+def test_crops_of_different_sizes_are_a_source_error_naming_the_crop(tmp_path):
+    keras_file = tmp_path / "m.keras"
+    keras_file.write_bytes(b"weights")
+    model = {"path": str(tmp_path / "m.onnx"), "source_model": "m.keras",
+             "source_sha256": sha256_file(keras_file)}
+    folder = write_snapshot(tmp_path / "snap", [np.zeros((8, 8), np.uint8), np.zeros((6, 6), np.uint8)],
+                            "GRAY", model)
+    with pytest.raises(SourceError, match="face crop .*face_01.png is 6x6 but face 0's is 8x8"):
+        read_snapshot(folder)
