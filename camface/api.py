@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,8 +108,10 @@ class Pipeline:
 
     Attributes: config (LiveConfig), model_path, graph (CamGraph: `info`, `methods`, `provider`),
     explainer (FrameExplainer: its smoother's tracks are this pipeline's stream), renderer.
-    Build it with `camface.load()`. One thread at a time: successive calls are one stream (frame
-    index, smoothing tracks); threads that explain frames side by side each load their own.
+    Build it with `camface.load()`. Successive `explain` calls are one stream (frame index,
+    smoothing tracks): calls from several threads are taken one at a time (a lock), so they still
+    make one stream, each frame with its own index; threads that should explain frames side by
+    side, or as separate streams, each load their own.
     """
 
     def __init__(self, config: LiveConfig, timer: Any = None):
@@ -123,6 +126,7 @@ class Pipeline:
         self._detector: FaceDetector | OnnxFaceDetector | None = None
         self._closed = False
         self._index = 0
+        self._lock = threading.Lock()  # explain: the frame index, the smoother and the detector
         self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
         # "auto" -> the graph's top-ranked method (said once), here for every front end
         self.config = config = config.replace(method=check_method(self._graph, config.method))
@@ -203,8 +207,9 @@ class Pipeline:
             explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
         controls = Controls(method=check_method(self.graph, _method(method, self.config.method)),
                             explained_class=explained_class)
-        result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
-        self._index += 1
+        with self._lock:  # one stream: two threads read the same index and raced the smoother's tracks
+            result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
+            self._index += 1
         return result
 
     def annotate(self, frame: np.ndarray, result: FrameResult, *, hud: bool = False) -> Picture:

@@ -386,3 +386,37 @@ def test_opening_and_closing_50_times_releases_detector_and_graph(two_faces, tmp
     # one pipeline holds a MediaPipe detector and ONNX Runtime sessions, several MB: 50 of them
     # kept would be hundreds; allocator noise is a few
     assert rss_after - rss < 20
+
+
+def test_explain_from_two_threads_is_one_stream(two_faces):
+    """One pipeline shared by two threads: each frame gets its own index (two threads read the
+    same index while the first was still in the graph) and the smoother's tracks are updated one
+    frame at a time."""
+    import threading
+    import time
+
+    with camface.load(device="cpu", smooth=0.5) as api:
+        explainer, original = api.explainer, api.explainer.explain
+
+        def slow(*args, **kwargs):  # widens the window between reading the index and counting it
+            explained = original(*args, **kwargs)
+            time.sleep(0.05)
+            return explained
+
+        explainer.explain = slow
+        results, errors = [], []
+
+        def work(frame):
+            try:
+                results.extend(api.explain(frame) for _ in range(3))
+            except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(frame,)) for frame in (two_faces, two_faces[:, ::-1])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert sorted(result.index for result in results) == list(range(6))
+    assert all(len(result.faces) == 2 for result in results)
