@@ -168,7 +168,7 @@ class CamGraph:
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:
-        return spec.validate(self.path, [i.name for i in session.get_inputs()],
+        return spec.validate(self.path, {i.name: i.shape for i in session.get_inputs()},
                              {o.name: o.shape for o in session.get_outputs()},
                              session.get_modelmeta().custom_metadata_map)
 

@@ -420,3 +420,31 @@ def test_explain_from_two_threads_is_one_stream(two_faces):
     assert errors == []
     assert sorted(result.index for result in results) == list(range(6))
     assert all(len(result.faces) == 2 for result in results)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("input_size", "[48, 48]", r"its 'image' input is \[N, 64, 64, 1\] but its metadata says \[N, 48, 48, 1\]"),
+    ("color_order", "RGB", r"'image' input is \[N, 64, 64, 1\] but .* \[N, 64, 64, 3\] .*color_order RGB"),
+    ("input_size", "[64]", r"malformed CAM graph metadata: input_size must be \[height, width\]"),
+    ("input_size", "64", "malformed CAM graph metadata: input_size must be a JSON list of int, got 64"),
+    ("labels", '"happy"', 'malformed CAM graph metadata: labels must be a JSON list of str, got "happy"'),
+    ("heatmaps", '"gradcam"', "heatmaps must be a JSON list of str"),
+    ("heatmaps", "[]", "its metadata lists no heatmap this camface knows"),
+    ("method_ranking", '["gradcam"]', "malformed CAM graph metadata: method_ranking must be a JSON object"),
+    ("feature_size", '"8x8"', "feature_size must be a JSON list of int"),
+])
+def test_a_graph_whose_metadata_disagrees_is_a_clear_error(tmp_path, key, value, message):
+    """Metadata that an older or a hand-edited export got wrong is refused at load with the file
+    named, not at the first face inside ONNX Runtime ('Got invalid dimensions for input: image')
+    or as an AttributeError ('list' object has no attribute 'get')."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    entry, = (p for p in model.metadata_props if p.key == key)
+    entry.value = value
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    with pytest.raises(ModelError, match=f"{edited}.*{message}"):
+        camface.load(edited, device="cpu")
