@@ -187,6 +187,18 @@ class Pipeline:
             self._detector = detector
         return self._detector.detect(frame)
 
+    def _heatmap(self, method: Any) -> str:
+        """A call's `method` (None: the config's) as the heatmap to run: a method the graph
+        offers (`methods`), "auto", "none", or a heatmap the graph holds that is not offered for
+        display (the "random" baseline, for faithfulness comparisons); else ModelError."""
+        from camface import methods
+        from camface.realtime.explainer import check_method
+
+        method = _method(method, self.config.method)
+        if method in methods.METHODS and method in self.graph.info.heatmaps:
+            return method
+        return check_method(self.graph, method)
+
     # ---------------------------------------------------------------- the verbs
 
     def explain(self, frame: np.ndarray, *, method: str | None = None,
@@ -195,17 +207,17 @@ class Pipeline:
 
         frame: uint8 BGR [H, W, 3] (as OpenCV reads it), not modified; faces are detected in every
         frame given (`process_video` carries them between key frames, as live). method: heatmap to
-        compute (default: the config's). explained_class: class every heatmap explains
-        (default: each face's predicted class). Successive calls are one stream (frame index,
+        compute (default: the config's): one of `methods`, "auto", "none", or "random" (the
+        faithfulness baseline, which exported graphs hold but do not offer for display).
+        explained_class: class every heatmap explains (default: each face's predicted class). Successive calls are one stream (frame index,
         smoothing tracks). Raises UsageError for a bad frame, ModelError for an absent method.
         """
         from camface.realtime.controls import Controls
-        from camface.realtime.explainer import check_method
 
         frame = _check_frame(frame)
         if explained_class is not None:
             explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
-        controls = Controls(method=check_method(self.graph, _method(method, self.config.method)),
+        controls = Controls(method=self._heatmap(method),
                             explained_class=explained_class)
         with self._lock:  # one stream: two threads read the same index and raced the smoother's tracks
             result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
@@ -276,11 +288,11 @@ class Pipeline:
                       ) -> tuple[Prediction, ...]:
         """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
-        class_index: class to explain, one for all or N of them (a list or int [N]); default each crop's predicted
-        class. Any N >= 0 (the graph is called on at most 32 at a time). On a gallery graph
+        method: as `explain`'s. class_index: class to explain, one for all or N of them (a list
+        or int [N]); default each crop's predicted class. Any N >= 0 (the graph is called on at most 32 at a time). On a gallery graph
         each Prediction carries its `similarity`; name it with
         `prediction.label(pipeline.labels, pipeline.graph.info.threshold)` (`unknown (best: ...)`)."""
-        from camface.realtime.explainer import check_method, run_graph_scores
+        from camface.realtime.explainer import run_graph_scores
 
         info = self.graph.info
         expected = (*info.input_size, info.channels)
@@ -289,7 +301,7 @@ class Pipeline:
             shape = getattr(crops, "shape", None)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
                              f"({info.color_order}), got {getattr(crops, 'dtype', type(crops).__name__)} {shape}")
-        method = check_method(self.graph, _method(method, self.config.method))
+        method = self._heatmap(method)
         wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))
         probs, heatmaps, similarity, _ = run_graph_scores(self.graph, np.ascontiguousarray(crops),

@@ -448,3 +448,24 @@ def test_a_graph_whose_metadata_disagrees_is_a_clear_error(tmp_path, key, value,
     onnx.save(model, str(edited))
     with pytest.raises(ModelError, match=f"{edited}.*{message}"):
         camface.load(edited, device="cpu")
+
+
+def test_the_random_baseline_the_graph_holds_is_reachable(cam, two_faces):
+    """Every registry method the graph holds runs through the API: "random" (the faithfulness
+    baseline, not offered for display) was refused with "has no 'random' heatmap" although the
+    graph holds it. Its map is the registry's numpy reference on the graph's own activations."""
+    from camface import methods
+
+    assert "random" in cam.graph.info.heatmaps and "random" not in cam.methods
+    result = cam.explain(two_faces, method="random")
+    assert result.method == "random" and len(result.predictions) == 2
+    _, crops, _ = crop_for_graph(two_faces, result.faces, cam.config.margin, cam.config.max_faces, cam.graph.info)
+    activations, = cam.graph.session.run(["activations"], {"image": crops, "class_index": np.full(2, -1, np.int64)})
+    expected = methods.get("random").reference(activations)
+    for got, want in zip(cam.explain_crops(crops, method="random"), expected):
+        assert got.method == "random"
+        # a sum of K = 64 products of O(1) weights and activations: float32 rounding ~1e-5 relative
+        np.testing.assert_allclose(got.heatmap, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert cam.annotate(two_faces, result).shape == two_faces.shape
+    with pytest.raises(ModelError, match="has no 'bogus' heatmap"):
+        cam.explain(two_faces, method="bogus")
