@@ -226,11 +226,18 @@ class Pipeline:
 
     def annotate(self, frame: np.ndarray, result: FrameResult, *, hud: bool = False) -> Picture:
         """A NEW uint8 BGR picture: `frame` with the live overlay of `result` (heatmaps over the
-        face boxes, boxes and labels; the HUD with `hud`). `frame` is not modified."""
+        face boxes, boxes and labels; the HUD with `hud`). `frame` is not modified; it must be the
+        frame `result` was explained from (UsageError when a face box lies outside it)."""
         self._check_open()
         if not isinstance(result, FrameResult):
             raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
         picture = _check_frame(frame).copy()
+        height, width = picture.shape[:2]
+        outside = [face.box for face in result.faces if face.box[0] < 0 or face.box[1] < 0
+                   or face.box[0] + face.box[2] > width or face.box[1] + face.box[3] > height]
+        if outside:  # a result of another frame: its overlay was drawn cut off, or not at all
+            raise UsageError(f"result's face box {outside[0]} (x, y, w, h) lies outside this {width}x{height} "
+                             "frame: annotate the frame the result was explained from")
         self.renderer.annotate(picture, result, hud)
         return picture.view(Picture)
 
@@ -351,8 +358,13 @@ def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
     if not isinstance(frame, np.ndarray):
         raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}")
     if frame.dtype != np.uint8:
-        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} "
-                         "(scale floats in [0, 1] by 255 and convert with .astype(np.uint8))")
+        if frame.dtype.kind == "f":
+            how = "scale floats in [0, 1] by 255 and convert with .astype(np.uint8)"
+        elif frame.dtype == np.uint16:
+            how = "16-bit: divide by 257 and convert with .astype(np.uint8)"
+        else:
+            how = "scale to 0..255 and convert with .astype(np.uint8)"
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} ({how})")
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
         raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}")
     return np.ascontiguousarray(frame)

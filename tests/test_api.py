@@ -469,3 +469,20 @@ def test_the_random_baseline_the_graph_holds_is_reachable(cam, two_faces):
     assert cam.annotate(two_faces, result).shape == two_faces.shape
     with pytest.raises(ModelError, match="has no 'bogus' heatmap"):
         cam.explain(two_faces, method="bogus")
+
+
+def test_annotate_refuses_a_result_of_another_frame(cam, two_faces):
+    """A result whose face boxes do not fit the frame was drawn cut off (or not at all) without a
+    word; the frame it came from, and a crop that still holds every box, are drawn."""
+    result = cam.explain(two_faces)
+    with pytest.raises(UsageError, match=r"result's face box \(6\d\d, .*\) .* outside this 320x240 frame"):
+        cam.annotate(np.zeros((240, 320, 3), np.uint8), result)
+    assert cam.annotate(two_faces[:, :900], result).shape == (512, 900, 3)
+
+
+@pytest.mark.parametrize("dtype, hint", [(np.uint16, "divide by 257"), (np.float64, "scale floats in"),
+                                         (np.int64, "scale to 0..255"), (bool, "scale to 0..255")])
+def test_a_frame_of_another_dtype_says_how_to_convert_it(cam, dtype, hint):
+    """16-bit and integer frames were told to 'scale floats in [0, 1] by 255'."""
+    with pytest.raises(UsageError, match=f"got dtype {np.dtype(dtype)} .*{hint}"):
+        cam.explain(np.zeros((64, 64, 3), dtype))
