@@ -486,3 +486,19 @@ def test_a_frame_of_another_dtype_says_how_to_convert_it(cam, dtype, hint):
     """16-bit and integer frames were told to 'scale floats in [0, 1] by 255'."""
     with pytest.raises(UsageError, match=f"got dtype {np.dtype(dtype)} .*{hint}"):
         cam.explain(np.zeros((64, 64, 3), dtype))
+
+
+def test_results_arrays_are_read_only_so_a_caller_cannot_change_the_next_frame(two_faces):
+    """A FrameResult is frozen, its arrays too: normalising a heatmap or scaling probabilities in
+    place changed the smoother's track, and so the next frame's smoothed result."""
+    with camface.load(device="cpu", smooth=0.5) as api:
+        first = api.explain(two_faces).predictions[0]
+        for name in ("probs", "heatmap", "similarity"):
+            with pytest.raises(ValueError, match="read-only"):
+                getattr(first, name)[...] = 0
+        again = api.explain(two_faces).predictions[0]
+        np.testing.assert_allclose(again.probs, first.probs, atol=1e-5)  # the same frame: the average holds
+    given = np.ones(3, np.float32)
+    made = camface.Prediction(probs=given, heatmap=np.zeros((2, 2), np.float32), predicted=0, explained=0,
+                              method="gradcam")
+    assert given.flags.writeable and not made.probs.flags.writeable  # the caller's array stays theirs
