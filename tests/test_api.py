@@ -502,3 +502,19 @@ def test_results_arrays_are_read_only_so_a_caller_cannot_change_the_next_frame(t
     made = camface.Prediction(probs=given, heatmap=np.zeros((2, 2), np.float32), predicted=0, explained=0,
                               method="gradcam")
     assert given.flags.writeable and not made.probs.flags.writeable  # the caller's array stays theirs
+
+
+def test_every_public_name_is_listed_and_resolves():
+    """`dir(camface)` (a notebook's completion) listed none of the lazily loaded names (`load`,
+    `FrameResult`, ...); each name of `__all__` resolves to what its module defines."""
+    import camface.api
+    import camface.realtime.results
+
+    assert set(camface.__all__) <= set(dir(camface))
+    assert camface.load is camface.api.load and camface.Pipeline is camface.api.Pipeline
+    assert camface.FrameResult is camface.realtime.results.FrameResult
+    namespace: dict = {}
+    exec("from camface import *", namespace)
+    assert set(camface.__all__) <= set(namespace)
+    with pytest.raises(AttributeError, match="has no attribute 'lod'"):
+        camface.lod
