@@ -61,7 +61,9 @@ class Prediction:
 
     probs: float32 [classes], softmax probabilities.
     heatmap: float32 [h, w] at the graph's feature resolution, unnormalised, of `method`
-        for class `explained`; empty (0, 0) when the method is "none".
+        for class `explained`; empty (0, 0) when the method is "none". It spans its Face's
+        `crop_box` (row 0 at its top edge), not `box`: upsample it to the crop's side in pixels
+        (`camface.methods.normalize` for display) and place it at the crop's (x, y).
     predicted: argmax of probs.
     explained: class index the heatmap explains.
     similarity: float32 [identities], a gallery graph's cosine similarities (the heatmap explains
