@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Picture", "Pipeline", "face_detector", "load", "model_path"]
 
+# LiveConfig fields that only `camface live` reads (its source, window, recording, snapshots and
+# pacing): a pipeline never uses them, so `load` refuses them as keywords rather than ignore them
+LIVE_ONLY = ("source", "record", "show", "snapshot_every", "snapshot_dir", "overwrite", "progress", "pace",
+             "image_seconds", "loop", "codec")
+
 
 def model_path(config: LiveConfig) -> Path:
     """The CAM graph a config asks for: `config.model`, or the bundled emotion graph."""
@@ -79,9 +84,10 @@ class Picture(np.ndarray):
 def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | None = None, timer: Any = None,
          **options: Any) -> Pipeline:
     """Open a pipeline: the CAM graph `model` (default: `config.model`, else the bundled emotion
-    graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field:
-    method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence, max_faces,
-    margin, smooth, colormap, alpha, graph_threads, ...
+    graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field a
+    pipeline uses: method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence,
+    max_faces, margin, smooth, colormap, alpha, graph_threads, max_frames, detect_every, ...
+    (not `camface live`'s own, LIVE_ONLY: UsageError).
 
     timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
     Raises UsageError for an unknown option or a bad value, ModelError for a missing or broken
@@ -100,6 +106,11 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UsageError(f"unknown option {', '.join(unknown)}; LiveConfig has {', '.join(sorted(fields))}")
+    unused = [name for name in LIVE_ONLY if name in options]
+    if unused:
+        raise UsageError(f"option {', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
+                         "pacing): a pipeline does not use it; give process_video the source, and write "
+                         "`annotate`'s pictures yourself (cv2.VideoWriter, cv2.imwrite)")
     return Pipeline((config or LiveConfig()).replace(**options), timer)  # LiveConfig checks: UsageError
 
 
@@ -188,16 +199,10 @@ class Pipeline:
         return self._detector.detect(frame)
 
     def _heatmap(self, method: Any) -> str:
-        """A call's `method` (None: the config's) as the heatmap to run: a method the graph
-        offers (`methods`), "auto", "none", or a heatmap the graph holds that is not offered for
-        display (the "random" baseline, for faithfulness comparisons); else ModelError."""
-        from camface import methods
+        """A call's `method` (None: the config's) as the heatmap to run (`check_method`)."""
         from camface.realtime.explainer import check_method
 
-        method = _method(method, self.config.method)
-        if method in methods.METHODS and method in self.graph.info.heatmaps:
-            return method
-        return check_method(self.graph, method)
+        return check_method(self.graph, _method(method, self.config.method))
 
     # ---------------------------------------------------------------- the verbs
 

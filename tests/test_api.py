@@ -469,6 +469,8 @@ def test_the_random_baseline_the_graph_holds_is_reachable(cam, two_faces):
     assert cam.annotate(two_faces, result).shape == two_faces.shape
     with pytest.raises(ModelError, match="has no 'bogus' heatmap"):
         cam.explain(two_faces, method="bogus")
+    with camface.load(device="cpu", method="random") as baseline:  # LiveConfig takes it: so does load
+        assert baseline.explain(two_faces).method == "random"
 
 
 def test_annotate_refuses_a_result_of_another_frame(cam, two_faces):
@@ -518,3 +520,17 @@ def test_every_public_name_is_listed_and_resolves():
     assert set(camface.__all__) <= set(namespace)
     with pytest.raises(AttributeError, match="has no attribute 'lod'"):
         camface.lod
+
+
+@pytest.mark.parametrize("option, value", [("record", "out.mp4"), ("source", "talk.mp4"), ("show", True),
+                                           ("snapshot_every", 5), ("loop", True), ("pace", "source")])
+def test_options_only_camface_live_reads_are_refused_not_ignored(option, value):
+    """`load(record="out.mp4")` was accepted and recorded nothing; each of `camface live`'s own
+    options is a UsageError saying the pipeline does not use it."""
+    import dataclasses
+
+    from camface.api import LIVE_ONLY
+
+    assert option in LIVE_ONLY and set(LIVE_ONLY) <= {f.name for f in dataclasses.fields(camface.LiveConfig)}
+    with pytest.raises(UsageError, match=f"option {option} is `camface live`'s .* a pipeline does not use it"):
+        camface.load(device="cpu", **{option: value})
