@@ -70,11 +70,21 @@ def face_detector(config: LiveConfig) -> FaceDetector | OnnxFaceDetector:
 
 
 class Picture(np.ndarray):
-    """A uint8 BGR image [H, W, 3] (an ordinary numpy array) that Jupyter shows as a PNG."""
+    """A uint8 BGR image [H, W, 3] (an ordinary numpy array) that Jupyter shows as a PNG.
+    What is computed from it (`picture.max()`, `picture.mean(axis=2)`) is a plain array or
+    number, and only a uint8 [H, W, 3] picture shows as one."""
 
-    def _repr_png_(self) -> bytes:
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        if array.shape != self.shape or array.dtype != self.dtype:  # a reduction or a new dtype: numbers
+            array = array.view(np.ndarray)
+            return array[()] if return_scalar else array
+        return super().__array_wrap__(array, context, return_scalar)
+
+    def _repr_png_(self) -> bytes | None:
         import cv2
 
+        if self.dtype != np.uint8 or self.ndim != 3 or self.shape[2] != 3 or not self.size:
+            return None  # Jupyter shows its text instead (a float view, one channel, a pixel)
         ok, data = cv2.imencode(".png", np.asarray(self))
         if not ok:
             raise ValueError(f"cannot encode an image of shape {self.shape} as PNG")

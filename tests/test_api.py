@@ -534,3 +534,16 @@ def test_options_only_camface_live_reads_are_refused_not_ignored(option, value):
     assert option in LIVE_ONLY and set(LIVE_ONLY) <= {f.name for f in dataclasses.fields(camface.LiveConfig)}
     with pytest.raises(UsageError, match=f"option {option} is `camface live`'s .* a pipeline does not use it"):
         camface.load(device="cpu", **{option: value})
+
+
+def test_what_is_computed_from_a_picture_is_not_shown_as_one():
+    """`picture.max()` was a 0-d Picture and `picture.mean(axis=2)` a float Picture, which
+    Jupyter tried to show as PNG images (or failed to) instead of their numbers."""
+    from camface.api import Picture
+
+    picture = np.arange(60, dtype=np.uint8).reshape(4, 5, 3).view(Picture)
+    assert picture.max() == 59 and type(picture.max()) is np.uint8
+    assert type(picture.mean(axis=2)) is np.ndarray and type(picture.sum(axis=(0, 1))) is np.ndarray
+    for derived in (picture.astype(np.float32), picture[:, :, 0], picture[:0], picture[0, 0]):
+        assert derived._repr_png_() is None
+    assert type(picture + 1) is Picture and (picture + 1)._repr_png_().startswith(b"\x89PNG")
