@@ -164,10 +164,12 @@ class Pipeline:
         self.close()
 
     def close(self) -> None:
-        """Close the face detector and release the graph's sessions (idempotent)."""
-        self._closed = True
-        self._stack.close()
-        self._detector = self._graph = self._explainer = None
+        """Close the face detector and release the graph's sessions (idempotent); waits for an
+        `explain` running in another thread (its detector was closed under it)."""
+        with self._lock:
+            self._closed = True
+            self._stack.close()
+            self._detector = self._graph = self._explainer = None
 
     @property
     def graph(self) -> CamGraph:

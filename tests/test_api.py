@@ -547,3 +547,28 @@ def test_what_is_computed_from_a_picture_is_not_shown_as_one():
     for derived in (picture.astype(np.float32), picture[:, :, 0], picture[:0], picture[0, 0]):
         assert derived._repr_png_() is None
     assert type(picture + 1) is Picture and (picture + 1)._repr_png_().startswith(b"\x89PNG")
+
+
+def test_close_waits_for_an_explain_in_another_thread(two_faces):
+    """Closing while another thread explains closed the face detector under its running call."""
+    import threading
+    import time
+
+    api = camface.load(device="cpu")
+    api.explain(two_faces)  # the detector is open
+    explainer, original, order = api.explainer, api.explainer.explain, []
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        explained = original(*args, **kwargs)
+        order.append("explained")
+        return explained
+
+    explainer.explain = slow
+    worker = threading.Thread(target=api.explain, args=(two_faces,))
+    worker.start()
+    time.sleep(0.1)  # the worker is inside explain
+    api.close()
+    order.append("closed")
+    worker.join()
+    assert order == ["explained", "closed"]
