@@ -572,3 +572,24 @@ def test_close_waits_for_an_explain_in_another_thread(two_faces):
     order.append("closed")
     worker.join()
     assert order == ["explained", "closed"]
+
+
+@pytest.mark.parametrize("frame, hint", [
+    (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\) \(grayscale: cv2.cvtColor\(frame, cv2.COLOR_GRAY2BGR\)\)"),
+    (np.zeros((64, 64, 1), np.uint8), "grayscale: cv2.cvtColor"),
+    (np.zeros((64, 64, 4), np.uint8), r"with alpha: cv2.cvtColor\(frame, cv2.COLOR_BGRA2BGR\)"),
+    (np.zeros((2, 64, 64, 3), np.uint8), "one frame per call; explain_crops takes a batch"),
+    ("photo.jpg", "got str .a path: read it with cv2.imread, or give it to process_video"),
+    (Path("photo.jpg"), r"got \w*Path .a path"),
+])
+def test_a_frame_in_another_form_says_how_to_convert_it(cam, frame, hint):
+    """Grayscale, RGBA, a batch, a path: the error says which conversion gives a BGR frame."""
+    with pytest.raises(UsageError, match=hint):
+        cam.explain(frame)
+
+
+def test_a_pil_image_says_how_to_convert_it(cam):
+    from PIL import Image
+
+    with pytest.raises(UsageError, match=r"got Image .a PIL image: cv2.cvtColor\(np.asarray\(image.convert"):
+        cam.explain(Image.new("RGB", (64, 64)))
