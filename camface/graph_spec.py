@@ -287,6 +287,9 @@ def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outp
             raise ModelError(f"{where}: its {INPUT_IMAGE!r} input is {_shape_text(image)} but its metadata says "
                              f"[N, {info.input_size[0]}, {info.input_size[1]}, {info.channels}] "
                              f"(input_size {list(info.input_size)}, color_order {info.color_order.value})")
+        if isinstance(image[0], int) and image[0] > 0:  # else a frame of two faces fails inside ONNX Runtime
+            raise ModelError(f"{where}: its {INPUT_IMAGE!r} input has a fixed batch of {image[0]}; a CAM graph "
+                             "takes any batch of 1..32 crops (export it with a dynamic batch dimension)")
     return info
 
 

@@ -593,3 +593,19 @@ def test_a_pil_image_says_how_to_convert_it(cam):
 
     with pytest.raises(UsageError, match=r"got Image .a PIL image: cv2.cvtColor\(np.asarray\(image.convert"):
         cam.explain(Image.new("RGB", (64, 64)))
+
+
+def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
+    """A graph whose image input takes exactly one crop loaded (its warm-up is one crop) and then
+    failed inside ONNX Runtime at the first frame of two faces."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    image, = (i for i in model.graph.input if i.name == "image")
+    image.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    with pytest.raises(ModelError, match=f"{fixed}: its 'image' input has a fixed batch of 1; a CAM graph takes any batch"):
+        camface.load(fixed, device="cpu")
