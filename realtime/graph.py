@@ -104,9 +104,10 @@ class CamGraph:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 1):
+        from camface.outputs import check_model_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"CAM graph not found: {path}")
+        check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
         self._load(path.read_bytes(), path, device, threads)
 
     @classmethod

@@ -609,3 +609,8 @@ def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
     onnx.save(model, str(fixed))
     with pytest.raises(ModelError, match=f"{fixed}: its 'image' input has a fixed batch of 1; a CAM graph takes any batch"):
         camface.load(fixed, device="cpu")
+
+
+def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):
+    with pytest.raises(ModelError, match=f"{tmp_path} is a folder, not a CAM graph"):
+        camface.load(tmp_path, device="cpu")
