@@ -614,3 +614,13 @@ def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
 def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):
     with pytest.raises(ModelError, match=f"{tmp_path} is a folder, not a CAM graph"):
         camface.load(tmp_path, device="cpu")
+
+
+def test_a_classifier_given_as_the_model_says_to_export_it():
+    """The bundled Keras classifier sits beside its graph; loading it was ONNX Runtime's
+    'INVALID_PROTOBUF : Failed to load model because protobuf parsing failed'."""
+    from camface.models import EMOTION_KERAS
+
+    with pytest.raises(ModelError, match=f"{EMOTION_KERAS} is a Keras model, not a CAM graph: make one with "
+                                         f"`camface export {EMOTION_KERAS} -o model.onnx`"):
+        camface.load(EMOTION_KERAS, device="cpu")
