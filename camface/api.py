@@ -78,7 +78,9 @@ class Picture(np.ndarray):
         if array.shape != self.shape or array.dtype != self.dtype:  # a reduction or a new dtype: numbers
             array = array.view(np.ndarray)
             return array[()] if return_scalar else array
-        return super().__array_wrap__(array, context, return_scalar)
+        if return_scalar:  # numpy 2 only; numpy 1.26's __array_wrap__ takes two arguments
+            return super().__array_wrap__(array, context, return_scalar)
+        return super().__array_wrap__(array, context)
 
     def _repr_png_(self) -> bytes | None:
         import cv2
@@ -226,8 +228,9 @@ class Pipeline:
         frame given (`process_video` carries them between key frames, as live). method: heatmap to
         compute (default: the config's): one of `methods`, "auto", "none", or "random" (the
         faithfulness baseline, which exported graphs hold but do not offer for display).
-        explained_class: class every heatmap explains (default: each face's predicted class). Successive calls are one stream (frame index,
-        smoothing tracks). Raises UsageError for a bad frame, ModelError for an absent method.
+        explained_class: class every heatmap explains (default: each face's predicted class).
+        Successive calls are one stream (frame index, smoothing tracks), from any thread (see
+        `Pipeline`). Raises UsageError for a bad frame, ModelError for an absent method.
         """
         from camface.realtime.controls import Controls
 
@@ -313,8 +316,8 @@ class Pipeline:
         """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
         method: as `explain`'s. class_index: class to explain, one for all or N of them (a list
-        or int [N]); default each crop's predicted class. Any N >= 0 (the graph is called on at most 32 at a time). On a gallery graph
-        each Prediction carries its `similarity`; name it with
+        or int [N]); default each crop's predicted class. Any N >= 0 (the graph is called on at
+        most 32 at a time). On a gallery graph each Prediction carries its `similarity`; name it with
         `prediction.label(pipeline.labels, pipeline.graph.info.threshold)` (`unknown (best: ...)`)."""
         from camface.realtime.explainer import run_graph_scores
 
