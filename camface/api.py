@@ -380,6 +380,8 @@ def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
             how = " (a path: read it with cv2.imread, or give it to process_video)"
         elif hasattr(frame, "getbands"):  # a PIL image: RGB(A) or L
             how = " (a PIL image: cv2.cvtColor(np.asarray(image.convert('RGB')), cv2.COLOR_RGB2BGR))"
+        elif isinstance(frame, (list, tuple)):
+            how = " (one frame per call, as a numpy array; explain_crops takes a batch of face crops)"
         else:
             how = ""
         raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}{how}")

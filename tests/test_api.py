@@ -581,6 +581,7 @@ def test_close_waits_for_an_explain_in_another_thread(two_faces):
     (np.zeros((2, 64, 64, 3), np.uint8), "one frame per call; explain_crops takes a batch"),
     ("photo.jpg", "got str .a path: read it with cv2.imread, or give it to process_video"),
     (Path("photo.jpg"), r"got \w*Path .a path"),
+    ([np.zeros((64, 64, 3), np.uint8)] * 2, "got list .one frame per call, as a numpy array"),
 ])
 def test_a_frame_in_another_form_says_how_to_convert_it(cam, frame, hint):
     """Grayscale, RGBA, a batch, a path: the error says which conversion gives a BGR frame."""
