@@ -35,3 +35,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'camface' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, so `dir(camface)` and a notebook's completion list `load`."""
+    return sorted(set(globals()) | set(__all__))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
     from camface.realtime.render import Renderer
 
 __all__ = ["Picture", "Pipeline", "face_detector", "load", "model_path"]
+
+# LiveConfig fields that only `camface live` reads (its source, window, recording, snapshots and
+# pacing): a pipeline never uses them, so `load` refuses them as keywords rather than ignore them
+LIVE_ONLY = ("source", "record", "show", "snapshot_every", "snapshot_dir", "overwrite", "progress", "pace",
+             "image_seconds", "loop", "codec")
 
 
 def model_path(config: LiveConfig) -> Path:
@@ -64,11 +70,23 @@ def face_detector(config: LiveConfig) -> FaceDetector | OnnxFaceDetector:
 
 
 class Picture(np.ndarray):
-    """A uint8 BGR image [H, W, 3] (an ordinary numpy array) that Jupyter shows as a PNG."""
+    """A uint8 BGR image [H, W, 3] (an ordinary numpy array) that Jupyter shows as a PNG.
+    What is computed from it (`picture.max()`, `picture.mean(axis=2)`) is a plain array or
+    number, and only a uint8 [H, W, 3] picture shows as one."""
 
-    def _repr_png_(self) -> bytes:
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        if array.shape != self.shape or array.dtype != self.dtype:  # a reduction or a new dtype: numbers
+            array = array.view(np.ndarray)
+            return array[()] if return_scalar else array
+        if return_scalar:  # numpy 2 only; numpy 1.26's __array_wrap__ takes two arguments
+            return super().__array_wrap__(array, context, return_scalar)
+        return super().__array_wrap__(array, context)
+
+    def _repr_png_(self) -> bytes | None:
         import cv2
 
+        if self.dtype != np.uint8 or self.ndim != 3 or self.shape[2] != 3 or not self.size:
+            return None  # Jupyter shows its text instead (a float view, one channel, a pixel)
         ok, data = cv2.imencode(".png", np.asarray(self))
         if not ok:
             raise ValueError(f"cannot encode an image of shape {self.shape} as PNG")
@@ -78,9 +96,10 @@ class Picture(np.ndarray):
 def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | None = None, timer: Any = None,
          **options: Any) -> Pipeline:
     """Open a pipeline: the CAM graph `model` (default: `config.model`, else the bundled emotion
-    graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field:
-    method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence, max_faces,
-    margin, smooth, colormap, alpha, graph_threads, ...
+    graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field a
+    pipeline uses: method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence,
+    max_faces, margin, smooth, colormap, alpha, graph_threads, max_frames, detect_every, ...
+    (not `camface live`'s own, LIVE_ONLY: UsageError).
 
     timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
     Raises UsageError for an unknown option or a bad value, ModelError for a missing or broken
@@ -99,6 +118,11 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UsageError(f"unknown option {', '.join(unknown)}; LiveConfig has {', '.join(sorted(fields))}")
+    unused = [name for name in LIVE_ONLY if name in options]
+    if unused:
+        raise UsageError(f"option {', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
+                         "pacing): a pipeline does not use it; give process_video the source, and write "
+                         "`annotate`'s pictures yourself (cv2.VideoWriter, cv2.imwrite)")
     return Pipeline((config or LiveConfig()).replace(**options), timer)  # LiveConfig checks: UsageError
 
 
@@ -107,8 +131,10 @@ class Pipeline:
 
     Attributes: config (LiveConfig), model_path, graph (CamGraph: `info`, `methods`, `provider`),
     explainer (FrameExplainer: its smoother's tracks are this pipeline's stream), renderer.
-    Build it with `camface.load()`. One thread at a time: successive calls are one stream (frame
-    index, smoothing tracks); threads that explain frames side by side each load their own.
+    Build it with `camface.load()`. Successive `explain` calls are one stream (frame index,
+    smoothing tracks): calls from several threads are taken one at a time (a lock), so they still
+    make one stream, each frame with its own index; threads that should explain frames side by
+    side, or as separate streams, each load their own.
     """
 
     def __init__(self, config: LiveConfig, timer: Any = None):
@@ -123,6 +149,7 @@ class Pipeline:
         self._detector: FaceDetector | OnnxFaceDetector | None = None
         self._closed = False
         self._index = 0
+        self._lock = threading.Lock()  # explain: the frame index, the smoother and the detector
         self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
         # "auto" -> the graph's top-ranked method (said once), here for every front end
         self.config = config = config.replace(method=check_method(self._graph, config.method))
@@ -139,10 +166,12 @@ class Pipeline:
         self.close()
 
     def close(self) -> None:
-        """Close the face detector and release the graph's sessions (idempotent)."""
-        self._closed = True
-        self._stack.close()
-        self._detector = self._graph = self._explainer = None
+        """Close the face detector and release the graph's sessions (idempotent); waits for an
+        `explain` running in another thread (its detector was closed under it)."""
+        with self._lock:
+            self._closed = True
+            self._stack.close()
+            self._detector = self._graph = self._explainer = None
 
     @property
     def graph(self) -> CamGraph:
@@ -183,6 +212,12 @@ class Pipeline:
             self._detector = detector
         return self._detector.detect(frame)
 
+    def _heatmap(self, method: Any) -> str:
+        """A call's `method` (None: the config's) as the heatmap to run (`check_method`)."""
+        from camface.realtime.explainer import check_method
+
+        return check_method(self.graph, _method(method, self.config.method))
+
     # ---------------------------------------------------------------- the verbs
 
     def explain(self, frame: np.ndarray, *, method: str | None = None,
@@ -191,29 +226,38 @@ class Pipeline:
 
         frame: uint8 BGR [H, W, 3] (as OpenCV reads it), not modified; faces are detected in every
         frame given (`process_video` carries them between key frames, as live). method: heatmap to
-        compute (default: the config's). explained_class: class every heatmap explains
-        (default: each face's predicted class). Successive calls are one stream (frame index,
-        smoothing tracks). Raises UsageError for a bad frame, ModelError for an absent method.
+        compute (default: the config's): one of `methods`, "auto", "none", or "random" (the
+        faithfulness baseline, which exported graphs hold but do not offer for display).
+        explained_class: class every heatmap explains (default: each face's predicted class).
+        Successive calls are one stream (frame index, smoothing tracks), from any thread (see
+        `Pipeline`). Raises UsageError for a bad frame, ModelError for an absent method.
         """
         from camface.realtime.controls import Controls
-        from camface.realtime.explainer import check_method
 
         frame = _check_frame(frame)
         if explained_class is not None:
             explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
-        controls = Controls(method=check_method(self.graph, _method(method, self.config.method)),
+        controls = Controls(method=self._heatmap(method),
                             explained_class=explained_class)
-        result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
-        self._index += 1
+        with self._lock:  # one stream: two threads read the same index and raced the smoother's tracks
+            result = self.explainer.explain(frame, self._detect(frame), controls, self._index).result
+            self._index += 1
         return result
 
     def annotate(self, frame: np.ndarray, result: FrameResult, *, hud: bool = False) -> Picture:
         """A NEW uint8 BGR picture: `frame` with the live overlay of `result` (heatmaps over the
-        face boxes, boxes and labels; the HUD with `hud`). `frame` is not modified."""
+        face boxes, boxes and labels; the HUD with `hud`). `frame` is not modified; it must be the
+        frame `result` was explained from (UsageError when a face box lies outside it)."""
         self._check_open()
         if not isinstance(result, FrameResult):
             raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
         picture = _check_frame(frame).copy()
+        height, width = picture.shape[:2]
+        outside = [face.box for face in result.faces if face.box[0] < 0 or face.box[1] < 0
+                   or face.box[0] + face.box[2] > width or face.box[1] + face.box[3] > height]
+        if outside:  # a result of another frame: its overlay was drawn cut off, or not at all
+            raise UsageError(f"result's face box {outside[0]} (x, y, w, h) lies outside this {width}x{height} "
+                             "frame: annotate the frame the result was explained from")
         self.renderer.annotate(picture, result, hud)
         return picture.view(Picture)
 
@@ -274,11 +318,11 @@ class Pipeline:
                       ) -> tuple[Prediction, ...]:
         """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).
-        class_index: class to explain, one for all or N of them (a list or int [N]); default each crop's predicted
-        class. Any N >= 0 (the graph is called on at most 32 at a time). On a gallery graph
-        each Prediction carries its `similarity`; name it with
+        method: as `explain`'s. class_index: class to explain, one for all or N of them (a list
+        or int [N]); default each crop's predicted class. Any N >= 0 (the graph is called on at
+        most 32 at a time). On a gallery graph each Prediction carries its `similarity`; name it with
         `prediction.label(pipeline.labels, pipeline.graph.info.threshold)` (`unknown (best: ...)`)."""
-        from camface.realtime.explainer import check_method, run_graph_scores
+        from camface.realtime.explainer import run_graph_scores
 
         info = self.graph.info
         expected = (*info.input_size, info.channels)
@@ -287,7 +331,7 @@ class Pipeline:
             shape = getattr(crops, "shape", None)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
                              f"({info.color_order}), got {getattr(crops, 'dtype', type(crops).__name__)} {shape}")
-        method = check_method(self.graph, _method(method, self.config.method))
+        method = self._heatmap(method)
         wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))
         probs, heatmaps, similarity, _ = run_graph_scores(self.graph, np.ascontiguousarray(crops),
@@ -335,10 +379,31 @@ def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
     """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
     naming it as `name`."""
     if not isinstance(frame, np.ndarray):
-        raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}")
+        if isinstance(frame, (str, os.PathLike)):
+            how = " (a path: read it with cv2.imread, or give it to process_video)"
+        elif hasattr(frame, "getbands"):  # a PIL image: RGB(A) or L
+            how = " (a PIL image: cv2.cvtColor(np.asarray(image.convert('RGB')), cv2.COLOR_RGB2BGR))"
+        elif isinstance(frame, (list, tuple)):
+            how = " (one frame per call, as a numpy array; explain_crops takes a batch of face crops)"
+        else:
+            how = ""
+        raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}{how}")
     if frame.dtype != np.uint8:
-        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} "
-                         "(scale floats in [0, 1] by 255 and convert with .astype(np.uint8))")
+        if frame.dtype.kind == "f":
+            how = "scale floats in [0, 1] by 255 and convert with .astype(np.uint8)"
+        elif frame.dtype == np.uint16:
+            how = "16-bit: divide by 257 and convert with .astype(np.uint8)"
+        else:
+            how = "scale to 0..255 and convert with .astype(np.uint8)"
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} ({how})")
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
-        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}")
+        if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
+            how = " (grayscale: cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
+        elif frame.ndim == 3 and frame.shape[2] == 4:
+            how = " (with alpha: cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), or COLOR_RGBA2BGR for RGBA)"
+        elif frame.ndim == 4:
+            how = " (one frame per call; explain_crops takes a batch of face crops)"
+        else:
+            how = ""
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}{how}")
     return np.ascontiguousarray(frame)

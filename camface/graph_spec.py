@@ -120,23 +120,23 @@ class GraphInfo:
         if missing:
             raise KeyError(", ".join(missing))
         return cls(
-            labels=tuple(json.loads(props[META_LABELS])),
-            input_size=tuple(json.loads(props[META_INPUT_SIZE])),
+            labels=tuple(_json(props, META_LABELS, list, str)),
+            input_size=_size(_json(props, META_INPUT_SIZE, list, int), META_INPUT_SIZE, 1),
             color_order=props[META_COLOR_ORDER],
             target_layer=props[META_TARGET_LAYER],
-            heatmaps=tuple(json.loads(props[META_HEATMAPS])),
-            feature_size=tuple(json.loads(props.get(META_FEATURE_SIZE, "[0, 0]"))),
-            normalization=json.loads(props.get(META_NORMALIZATION, "{}")),
+            heatmaps=tuple(_json(props, META_HEATMAPS, list, str)),
+            feature_size=_size(_json(props, META_FEATURE_SIZE, list, int, "[0, 0]"), META_FEATURE_SIZE, 0),
+            normalization=_json(props, META_NORMALIZATION, dict),
             cam_unavailable_reason=props.get(META_CAM_UNAVAILABLE, ""),
             source_model=props.get(META_SOURCE_MODEL, ""),
             source_sha256=props.get(META_SOURCE_SHA256, ""),
             precision=props.get(META_PRECISION, "fp32"),
             version=props.get(META_VERSION, ""),
-            quantization=json.loads(props.get(META_QUANTIZATION, "{}")),
-            ranking=json.loads(props.get(META_RANKING, "{}")),
-            gallery=json.loads(props.get(META_GALLERY, "{}")),
+            quantization=_json(props, META_QUANTIZATION, dict),
+            ranking=_json(props, META_RANKING, dict),
+            gallery=_json(props, META_GALLERY, dict),
             target_reason=props.get(META_TARGET_REASON, ""),
-            token_grid=json.loads(props.get(META_TOKEN_GRID, "{}")),
+            token_grid=_json(props, META_TOKEN_GRID, dict),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -174,6 +174,25 @@ class GraphInfo:
         """A gallery graph's unknown threshold on the best cosine similarity; None otherwise."""
         value = self.gallery.get("threshold")
         return None if value is None else float(value)
+
+
+def _json(props: Mapping[str, str], key: str, kind: type, item: type | None = None, default: str = "{}"):
+    """The JSON metadata value `key` (`default` when absent) as a `kind` (list or dict) whose
+    items are `item`s; ValueError naming the key otherwise (a bare string was read as a list of
+    its letters, a list where an object belongs failed later on `.get`)."""
+    value = json.loads(props.get(key, default))
+    if not isinstance(value, kind) or (item is not None and not all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value)):
+        what = f"a JSON list of {item.__name__}" if kind is list else "a JSON object"
+        raise ValueError(f"{key} must be {what}, got {props.get(key, default)[:200]}")
+    return value
+
+
+def _size(values: list, key: str, lowest: int) -> tuple[int, int]:
+    """[H, W] of the metadata as a tuple; ValueError naming `key` unless two ints >= lowest."""
+    if len(values) != 2 or min(values) < lowest:
+        raise ValueError(f"{key} must be [height, width], integers >= {lowest}, got {values}")
+    return values[0], values[1]
 
 
 def _dumps(value) -> str:
@@ -217,17 +236,20 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
     return (FALLBACK_METHOD if FALLBACK_METHOD in offered or not offered else offered[0]), why
 
 
-def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequence],
+def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outputs: Mapping[str, Sequence],
              metadata: Mapping[str, str]) -> GraphInfo:
     """Check that a loaded ONNX model is a CAM graph and read its metadata.
 
-    where: the file (named in messages). inputs: input names. outputs: output name -> shape
-    (ints, or str/None/0 for dynamic dims). metadata: `metadata_props` as str -> str.
+    where: the file (named in messages). inputs: input names, or input name -> shape (then the
+    image input's static dimensions are checked against the metadata's input_size and colour
+    order). outputs: output name -> shape (ints, or str/None/0 for dynamic dims). metadata:
+    `metadata_props` as str -> str.
     Raises `camface.errors.ModelError` with one line naming the file and what is wrong (missing
     inputs/outputs listed); used by `camface info` and the live loop's graph loader.
     """
     from camface.errors import ModelError
 
+    shapes = dict(inputs) if isinstance(inputs, Mapping) else {}
     inputs, outputs = list(inputs), dict(outputs)
     missing = [n for n in (INPUT_IMAGE, INPUT_CLASS) if n not in inputs]
     missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
@@ -250,8 +272,27 @@ def validate(where: object, inputs: Iterable[str], outputs: Mapping[str, Sequenc
     if info.gallery and OUTPUT_SIMILARITY not in outputs:
         raise ModelError(f"{where}: its metadata describes a gallery but it has no "
                          f"{OUTPUT_SIMILARITY!r} output")
+    if not any(h in _methods.METHODS for h in info.heatmaps):
+        raise ModelError(f"{where}: its metadata lists no heatmap this camface knows "
+                         f"({', '.join(info.heatmaps) or 'none'}; it knows {', '.join(_methods.METHODS)})")
     absent = [h for h in info.heatmaps if h not in outputs]
     if absent:
         raise ModelError(f"{where}: metadata lists heatmaps {', '.join(absent)} "
                          "that are not outputs")
+    image = list(shapes.get(INPUT_IMAGE) or [])  # [] for an input of unknown rank: nothing to check
+    if image:  # else every crop fails inside ONNX Runtime with "invalid dimensions"
+        expected = (None, *info.input_size, info.channels)
+        if len(image) != 4 or any(isinstance(got, int) and got > 0 and want is not None and got != want
+                                  for got, want in zip(image, expected)):
+            raise ModelError(f"{where}: its {INPUT_IMAGE!r} input is {_shape_text(image)} but its metadata says "
+                             f"[N, {info.input_size[0]}, {info.input_size[1]}, {info.channels}] "
+                             f"(input_size {list(info.input_size)}, color_order {info.color_order.value})")
+        if isinstance(image[0], int) and image[0] > 0:  # else a frame of two faces fails inside ONNX Runtime
+            raise ModelError(f"{where}: its {INPUT_IMAGE!r} input has a fixed batch of {image[0]}; a CAM graph "
+                             "takes any batch of 1..32 crops (export it with a dynamic batch dimension)")
     return info
+
+
+def _shape_text(shape: Sequence) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 else "?"
+                           for i, d in enumerate(shape)) + "]"

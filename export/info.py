@@ -26,7 +26,7 @@ class GraphSummary:
     def info(self) -> graph_spec.GraphInfo:
         """The graph's GraphInfo; raises ModelError (graph_spec.validate) when it is not a
         CAM graph."""
-        return graph_spec.validate(self.path, (name for name, _, _ in self.inputs),
+        return graph_spec.validate(self.path, {name: shape for name, _, shape in self.inputs},
                                    {name: shape for name, _, shape in self.outputs},
                                    self.metadata)
 

@@ -96,8 +96,12 @@ class FrameExplainer:
 def check_method(graph, method: str) -> str:
     """The heatmap `method` asks for on `graph`, for a front end to use from then on: "auto" is
     the graph's top-ranked displayable method (`graph_spec.auto_method`), or Grad-CAM with one
-    warning saying why on a graph without a ranking; any other name is returned as it is.
-    ModelError naming the graph and what it offers when it has no such heatmap."""
+    warning saying why on a graph without a ranking; any other name is returned as it is: one of
+    the graph's methods, "none", or a registry heatmap the graph holds but does not offer for
+    display (the "random" baseline). ModelError naming the graph and what it offers when it has
+    no such heatmap."""
+    from camface.methods import METHODS
+
     if method == AUTO:
         method, why = auto_method(graph.info)
         if why:
@@ -106,7 +110,7 @@ def check_method(graph, method: str) -> str:
         else:
             log.info("camface: --method auto shows %s, the most faithful method of %s (`camface info` "
                      "shows the ranking)", method, graph.path.name)
-    if method != "none" and method not in graph.methods:
+    if method != "none" and method not in graph.methods and not (method in METHODS and method in graph.info.heatmaps):
         reason = f" ({graph.info.cam_unavailable_reason})" if method == "cam" and graph.info.cam_unavailable_reason else ""
         raise ModelError(f"{graph.path} has no {method!r} heatmap{reason}; "
                          f"it offers {', '.join(graph.methods) or 'none'}")

@@ -30,6 +30,8 @@ DEVICE_CHAINS = {
 }
 PROVIDER_DEVICES = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}  # --device that asks for each
 MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
+# models `camface export` turns into CAM graphs, by file suffix (named when one is loaded as a graph)
+SOURCE_MODELS = {".hdf5": "Keras", ".h5": "Keras", ".keras": "Keras", ".pt2": "PyTorch (torch.export)"}
 
 
 def _provider_options(provider: str, image_shape: str) -> dict:
@@ -104,9 +106,10 @@ class CamGraph:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 1):
+        from camface.outputs import check_model_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"CAM graph not found: {path}")
+        check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
         self._load(path.read_bytes(), path, device, threads)
 
     @classmethod
@@ -165,10 +168,14 @@ class CamGraph:
             if provider != CPU:
                 raise
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            kind = SOURCE_MODELS.get(self.path.suffix.lower())
+            if kind:  # the classifier itself, not its CAM graph (the bundled .hdf5 sits beside the .onnx)
+                raise ModelError(f"{self.path} is a {kind} model, not a CAM graph: make one with "
+                                 f"`camface export {self.path} -o model.onnx`") from exc
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:
-        return spec.validate(self.path, [i.name for i in session.get_inputs()],
+        return spec.validate(self.path, {i.name: i.shape for i in session.get_inputs()},
                              {o.name: o.shape for o in session.get_outputs()},
                              session.get_modelmeta().custom_metadata_map)
 

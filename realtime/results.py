@@ -57,9 +57,13 @@ def is_saturated(similarity: np.ndarray, explained: int, below: float | None) ->
 class Prediction:
     """The CAM graph's answer for one face.
 
+    Its arrays are read-only (copy one to change it: `prediction.heatmap.copy()`).
+
     probs: float32 [classes], softmax probabilities.
     heatmap: float32 [h, w] at the graph's feature resolution, unnormalised, of `method`
-        for class `explained`; empty (0, 0) when the method is "none".
+        for class `explained`; empty (0, 0) when the method is "none". It spans its Face's
+        `crop_box` (row 0 at its top edge), not `box`: upsample it to the crop's side in pixels
+        (`camface.methods.normalize` for display) and place it at the crop's (x, y).
     predicted: argmax of probs.
     explained: class index the heatmap explains.
     similarity: float32 [identities], a gallery graph's cosine similarities (the heatmap explains
@@ -77,6 +81,16 @@ class Prediction:
     method: str
     similarity: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     saturated: bool = False
+
+    def __post_init__(self) -> None:
+        # Frozen means the arrays too: read-only views (the arrays given stay writeable). A caller
+        # that normalised `heatmap` in place changed the smoother's track, and so the next frame.
+        for name in ("probs", "heatmap", "similarity"):
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray) and value.flags.writeable:
+                value = value.view()
+                value.flags.writeable = False
+                object.__setattr__(self, name, value)
 
     def __eq__(self, other: object) -> bool:
         """Equal fields, the arrays by shape and values (the generated `==` asked numpy arrays for

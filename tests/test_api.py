@@ -405,3 +405,242 @@ def test_opening_and_closing_50_times_releases_detector_and_graph(two_faces, tmp
     # one pipeline holds a MediaPipe detector and ONNX Runtime sessions, several MB: 50 of them
     # kept would be hundreds; allocator noise is a few
     assert rss_after - rss < 20
+
+
+def test_explain_from_two_threads_is_one_stream(two_faces):
+    """One pipeline shared by two threads: each frame gets its own index (two threads read the
+    same index while the first was still in the graph) and the smoother's tracks are updated one
+    frame at a time."""
+    import threading
+    import time
+
+    with camface.load(device="cpu", smooth=0.5) as api:
+        explainer, original = api.explainer, api.explainer.explain
+
+        def slow(*args, **kwargs):  # widens the window between reading the index and counting it
+            explained = original(*args, **kwargs)
+            time.sleep(0.05)
+            return explained
+
+        explainer.explain = slow
+        results, errors = [], []
+
+        def work(frame):
+            try:
+                results.extend(api.explain(frame) for _ in range(3))
+            except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(frame,)) for frame in (two_faces, two_faces[:, ::-1])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert sorted(result.index for result in results) == list(range(6))
+    assert all(len(result.faces) == 2 for result in results)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("input_size", "[48, 48]", r"its 'image' input is \[N, 64, 64, 1\] but its metadata says \[N, 48, 48, 1\]"),
+    ("color_order", "RGB", r"'image' input is \[N, 64, 64, 1\] but .* \[N, 64, 64, 3\] .*color_order RGB"),
+    ("input_size", "[64]", r"malformed CAM graph metadata: input_size must be \[height, width\]"),
+    ("input_size", "64", "malformed CAM graph metadata: input_size must be a JSON list of int, got 64"),
+    ("labels", '"happy"', 'malformed CAM graph metadata: labels must be a JSON list of str, got "happy"'),
+    ("heatmaps", '"gradcam"', "heatmaps must be a JSON list of str"),
+    ("heatmaps", "[]", "its metadata lists no heatmap this camface knows"),
+    ("method_ranking", '["gradcam"]', "malformed CAM graph metadata: method_ranking must be a JSON object"),
+    ("feature_size", '"8x8"', "feature_size must be a JSON list of int"),
+])
+def test_a_graph_whose_metadata_disagrees_is_a_clear_error(tmp_path, key, value, message):
+    """Metadata that an older or a hand-edited export got wrong is refused at load with the file
+    named, not at the first face inside ONNX Runtime ('Got invalid dimensions for input: image')
+    or as an AttributeError ('list' object has no attribute 'get')."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    entry, = (p for p in model.metadata_props if p.key == key)
+    entry.value = value
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    with pytest.raises(ModelError, match=f"{edited}.*{message}"):
+        camface.load(edited, device="cpu")
+
+
+def test_the_random_baseline_the_graph_holds_is_reachable(cam, two_faces):
+    """Every registry method the graph holds runs through the API: "random" (the faithfulness
+    baseline, not offered for display) was refused with "has no 'random' heatmap" although the
+    graph holds it. Its map is the registry's numpy reference on the graph's own activations."""
+    from camface import methods
+
+    assert "random" in cam.graph.info.heatmaps and "random" not in cam.methods
+    result = cam.explain(two_faces, method="random")
+    assert result.method == "random" and len(result.predictions) == 2
+    _, crops, _ = crop_for_graph(two_faces, result.faces, cam.config.margin, cam.config.max_faces, cam.graph.info)
+    activations, = cam.graph.session.run(["activations"], {"image": crops, "class_index": np.full(2, -1, np.int64)})
+    expected = methods.get("random").reference(activations)
+    for got, want in zip(cam.explain_crops(crops, method="random"), expected):
+        assert got.method == "random"
+        # a sum of K = 64 products of O(1) weights and activations: float32 rounding ~1e-5 relative
+        np.testing.assert_allclose(got.heatmap, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert cam.annotate(two_faces, result).shape == two_faces.shape
+    with pytest.raises(ModelError, match="has no 'bogus' heatmap"):
+        cam.explain(two_faces, method="bogus")
+    with camface.load(device="cpu", method="random") as baseline:  # LiveConfig takes it: so does load
+        assert baseline.explain(two_faces).method == "random"
+
+
+def test_annotate_refuses_a_result_of_another_frame(cam, two_faces):
+    """A result whose face boxes do not fit the frame was drawn cut off (or not at all) without a
+    word; the frame it came from, and a crop that still holds every box, are drawn."""
+    result = cam.explain(two_faces)
+    with pytest.raises(UsageError, match=r"result's face box \(6\d\d, .*\) .* outside this 320x240 frame"):
+        cam.annotate(np.zeros((240, 320, 3), np.uint8), result)
+    assert cam.annotate(two_faces[:, :900], result).shape == (512, 900, 3)
+
+
+@pytest.mark.parametrize("dtype, hint", [(np.uint16, "divide by 257"), (np.float64, "scale floats in"),
+                                         (np.int64, "scale to 0..255"), (bool, "scale to 0..255")])
+def test_a_frame_of_another_dtype_says_how_to_convert_it(cam, dtype, hint):
+    """16-bit and integer frames were told to 'scale floats in [0, 1] by 255'."""
+    with pytest.raises(UsageError, match=f"got dtype {np.dtype(dtype)} .*{hint}"):
+        cam.explain(np.zeros((64, 64, 3), dtype))
+
+
+def test_results_arrays_are_read_only_so_a_caller_cannot_change_the_next_frame(two_faces):
+    """A FrameResult is frozen, its arrays too: normalising a heatmap or scaling probabilities in
+    place changed the smoother's track, and so the next frame's smoothed result."""
+    with camface.load(device="cpu", smooth=0.5) as api:
+        first = api.explain(two_faces).predictions[0]
+        for name in ("probs", "heatmap", "similarity"):
+            with pytest.raises(ValueError, match="read-only"):
+                getattr(first, name)[...] = 0
+        again = api.explain(two_faces).predictions[0]
+        np.testing.assert_allclose(again.probs, first.probs, atol=1e-5)  # the same frame: the average holds
+    given = np.ones(3, np.float32)
+    made = camface.Prediction(probs=given, heatmap=np.zeros((2, 2), np.float32), predicted=0, explained=0,
+                              method="gradcam")
+    assert given.flags.writeable and not made.probs.flags.writeable  # the caller's array stays theirs
+
+
+def test_every_public_name_is_listed_and_resolves():
+    """`dir(camface)` (a notebook's completion) listed none of the lazily loaded names (`load`,
+    `FrameResult`, ...); each name of `__all__` resolves to what its module defines."""
+    import camface.api
+    import camface.realtime.results
+
+    assert set(camface.__all__) <= set(dir(camface))
+    assert camface.load is camface.api.load and camface.Pipeline is camface.api.Pipeline
+    assert camface.FrameResult is camface.realtime.results.FrameResult
+    namespace: dict = {}
+    exec("from camface import *", namespace)
+    assert set(camface.__all__) <= set(namespace)
+    with pytest.raises(AttributeError, match="has no attribute 'lod'"):
+        camface.lod
+
+
+@pytest.mark.parametrize("option, value", [("record", "out.mp4"), ("source", "talk.mp4"), ("show", True),
+                                           ("snapshot_every", 5), ("loop", True), ("pace", "source")])
+def test_options_only_camface_live_reads_are_refused_not_ignored(option, value):
+    """`load(record="out.mp4")` was accepted and recorded nothing; each of `camface live`'s own
+    options is a UsageError saying the pipeline does not use it."""
+    import dataclasses
+
+    from camface.api import LIVE_ONLY
+
+    assert option in LIVE_ONLY and set(LIVE_ONLY) <= {f.name for f in dataclasses.fields(camface.LiveConfig)}
+    with pytest.raises(UsageError, match=f"option {option} is `camface live`'s .* a pipeline does not use it"):
+        camface.load(device="cpu", **{option: value})
+
+
+def test_what_is_computed_from_a_picture_is_not_shown_as_one():
+    """`picture.max()` was a 0-d Picture and `picture.mean(axis=2)` a float Picture, which
+    Jupyter tried to show as PNG images (or failed to) instead of their numbers."""
+    from camface.api import Picture
+
+    picture = np.arange(60, dtype=np.uint8).reshape(4, 5, 3).view(Picture)
+    assert picture.max() == 59 and type(picture.max()) is np.uint8
+    assert type(picture.mean(axis=2)) is np.ndarray and type(picture.sum(axis=(0, 1))) is np.ndarray
+    for derived in (picture.astype(np.float32), picture[:, :, 0], picture[:0], picture[0, 0]):
+        assert derived._repr_png_() is None
+    assert type(picture + 1) is Picture and (picture + 1)._repr_png_().startswith(b"\x89PNG")
+
+
+def test_close_waits_for_an_explain_in_another_thread(two_faces):
+    """Closing while another thread explains closed the face detector under its running call."""
+    import threading
+    import time
+
+    api = camface.load(device="cpu")
+    api.explain(two_faces)  # the detector is open
+    explainer, original, order = api.explainer, api.explainer.explain, []
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        explained = original(*args, **kwargs)
+        order.append("explained")
+        return explained
+
+    explainer.explain = slow
+    worker = threading.Thread(target=api.explain, args=(two_faces,))
+    worker.start()
+    time.sleep(0.1)  # the worker is inside explain
+    api.close()
+    order.append("closed")
+    worker.join()
+    assert order == ["explained", "closed"]
+
+
+@pytest.mark.parametrize("frame, hint", [
+    (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\) \(grayscale: cv2.cvtColor\(frame, cv2.COLOR_GRAY2BGR\)\)"),
+    (np.zeros((64, 64, 1), np.uint8), "grayscale: cv2.cvtColor"),
+    (np.zeros((64, 64, 4), np.uint8), r"with alpha: cv2.cvtColor\(frame, cv2.COLOR_BGRA2BGR\)"),
+    (np.zeros((2, 64, 64, 3), np.uint8), "one frame per call; explain_crops takes a batch"),
+    ("photo.jpg", "got str .a path: read it with cv2.imread, or give it to process_video"),
+    (Path("photo.jpg"), r"got \w*Path .a path"),
+    ([np.zeros((64, 64, 3), np.uint8)] * 2, "got list .one frame per call, as a numpy array"),
+])
+def test_a_frame_in_another_form_says_how_to_convert_it(cam, frame, hint):
+    """Grayscale, RGBA, a batch, a path: the error says which conversion gives a BGR frame."""
+    with pytest.raises(UsageError, match=hint):
+        cam.explain(frame)
+
+
+def test_a_pil_image_says_how_to_convert_it(cam):
+    from PIL import Image
+
+    with pytest.raises(UsageError, match=r"got Image .a PIL image: cv2.cvtColor\(np.asarray\(image.convert"):
+        cam.explain(Image.new("RGB", (64, 64)))
+
+
+def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
+    """A graph whose image input takes exactly one crop loaded (its warm-up is one crop) and then
+    failed inside ONNX Runtime at the first frame of two faces."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    image, = (i for i in model.graph.input if i.name == "image")
+    image.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    with pytest.raises(ModelError, match=f"{fixed}: its 'image' input has a fixed batch of 1; a CAM graph takes any batch"):
+        camface.load(fixed, device="cpu")
+
+
+def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):
+    with pytest.raises(ModelError, match=f"{tmp_path} is a folder, not a CAM graph"):
+        camface.load(tmp_path, device="cpu")
+
+
+def test_a_classifier_given_as_the_model_says_to_export_it():
+    """The bundled Keras classifier sits beside its graph; loading it was ONNX Runtime's
+    'INVALID_PROTOBUF : Failed to load model because protobuf parsing failed'."""
+    from camface.models import EMOTION_KERAS
+
+    with pytest.raises(ModelError, match=f"{EMOTION_KERAS} is a Keras model, not a CAM graph: make one with "
+                                         f"`camface export {EMOTION_KERAS} -o model.onnx`"):
+        camface.load(EMOTION_KERAS, device="cpu")

@@ -1,6 +1,6 @@
 """The heatmap method registry (camface.methods): each entry's equations on hand-computed
-arrays, in numpy (the reference) and in TensorFlow (the Keras exporter runs the same function),
-and the registry driving every command's choices."""
+arrays, in numpy (the reference), in TensorFlow (the Keras exporter runs the same function) and
+as ONNX nodes (the ONNX exporter's), and the registry driving every command's choices."""
 
 import argparse
 
@@ -27,7 +27,27 @@ def _numpy_ops():
     return lambda method, a, g=None, w=None: method.reference(a, g, w)
 
 
-BACKENDS = {"numpy": _numpy_ops, "tensorflow": _tensorflow_ops}
+def _onnx_ops():
+    """The compute function as ONNX nodes (what `camface export` writes into a CAM graph from an
+    ONNX or PyTorch model), run on ONNX Runtime."""
+    pytest.importorskip("onnx")
+    from onnx_helpers import run_nodes
+
+    from camface.export.onnx_builder import GraphBuilder
+    from camface.export.onnx_ops import ONNX_OPS, OnnxTensor
+
+    def run(method, a, g=None, w=None):
+        builder = GraphBuilder(opset=18)
+        given = {name: np.ascontiguousarray(x, np.float32) for name, x in (("a", a), ("g", g), ("w", w))
+                 if x is not None}
+        handles = {name: OnnxTensor(builder, name, shape=(None, *x.shape[1:])) for name, x in given.items()}
+        out = method.compute(ONNX_OPS, handles["a"], handles.get("g"), handles.get("w"))
+        return run_nodes(builder.nodes, given, [out.name], builder.initializers)[0]
+
+    return run
+
+
+BACKENDS = {"numpy": _numpy_ops, "tensorflow": _tensorflow_ops, "onnx": _onnx_ops}
 
 
 @pytest.fixture(params=list(BACKENDS))
