@@ -418,3 +418,33 @@ def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
         want = torch.relu((torch.softmax(scores, 1)[:, :, None, None] * a).sum(1)).numpy()
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("layer", ["norm", "blocks.1"])
+def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_maps(tmp_path, caplog,
+                                                                                    layer):
+    """A ViT's head reads the class token alone: after the last attention (the final norm, the
+    last block's output) no patch token reaches the logits, every gradient there is exactly 0,
+    and the gradient maps were exported empty without a word (pytorch-grad-cam's FAQ: use
+    blocks[-1].norm1). They are left out with a warning naming the layer and the default; the
+    maps that do not need the gradient stay; asked for by name, the export is refused."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = onnx.load(legacy_onnx(ViT(True).eval(), tmp_path / "m.onnx"))
+    with caplog.at_level(logging.WARNING):
+        _, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer))
+    gradient_maps = {m for m in methods.names() if methods.GRADIENTS in methods.get(m).needs}
+    assert not gradient_maps & set(info.heatmaps)
+    assert {"eigencam", "scorecam"} <= set(info.heatmaps) and all(d.ok for d in differences)
+    assert f"target {layer}: the logits read none of its patch tokens" in caplog.text
+    assert "blocks.1.norm1 (the default)" in caplog.text
+    with pytest.raises(ModelError, match=rf"target {layer}: the logits read none of its patch "
+                                         r"tokens.*gradcam"):
+        onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer, heads=("gradcam",)))
+    # at the default target the gradient reaches the patches: every map stays
+    _, info, _ = onnx_export.build(model, ExportOptions(preset="unit"))
+    assert gradient_maps <= set(info.heatmaps)
