@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from camface import __version__, graph_spec, methods
@@ -120,8 +120,8 @@ def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOpt
 
     grid = onnx_model.token_grid(classifier, tokens, options.token_grid, options.prefix_tokens)
     gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
-    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)", name, tokens,
-             grid.height, grid.width, grid.prefix)
+    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s), before %d",
+             name, tokens, grid.height, grid.width, grid.prefix, grid.suffix)
     return TargetChoice(gridded, target, name, reason, grid)
 
 
@@ -166,7 +166,7 @@ def build(model, options: ExportOptions, source: str = "model"):
         target_layer=choice.name, heatmaps=built.heatmaps, feature_size=built.feature_size,
         normalization=pre.to_metadata(), cam_unavailable_reason=built.cam_unavailable_reason,
         precision="fp32", version=__version__, target_reason=choice.reason,
-        token_grid=asdict(choice.grid) if choice.grid else {})
+        token_grid=choice.grid.to_metadata() if choice.grid else {})
     differences = ()
     if options.verify:
         differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset))

@@ -878,12 +878,20 @@ def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """How a transformer's tokens [N, T, C] lie on the image: T = prefix + height * width, the
-    prefix tokens (class, distillation, registers) first, then the patches row by row."""
+    """How a transformer's tokens [N, T, C] lie on the image: T = prefix + height * width +
+    suffix, the prefix tokens (class, distillation, registers) first, then the patches row by
+    row, then the suffix tokens (registers packed after the patches, as lucidrains' SimpleViT
+    does)."""
 
     prefix: int
     height: int
     width: int
+    suffix: int = 0
+
+    def to_metadata(self) -> dict[str, int]:
+        """graph_spec's META_TOKEN_GRID: prefix, height, width, and suffix when there is one."""
+        found = {"prefix": self.prefix, "height": self.height, "width": self.width}
+        return {**found, "suffix": self.suffix} if self.suffix else found
 
 
 MAX_PREFIX = 8  # more leading tokens than this are not taken for class/distillation tokens
@@ -898,6 +906,26 @@ def _ancestors(model, tensor: str) -> set[str]:
             seen.add(name)
             stack.extend(producer[name].input if name in producer else [])
     return seen
+
+
+def _patch_offset(classifier: Classifier, tokens: str, count: int, patches: int) -> int | None:
+    """How many tokens come before the patches in `tokens` [N, count, C]: read from the last
+    Concat along the token axis that makes `count` tokens before them, as the sum of the token
+    counts of its inputs before the one input of `patches` tokens computed from the image
+    (the others are learned tokens: class, distillation, registers; DINOv2's class token sliced
+    off the patches counts as one of them). None when no such Concat says it."""
+    model, dims = classifier.model, shapes(classifier.model)
+    live, ancestors = differentiable(model, classifier.input_name), _ancestors(model, tokens)
+    joins = [n for n in model.graph.node if n.op_type == "Concat" and n.output[0] in ancestors
+             and len(dims.get(n.output[0]) or []) == 3 and dims[n.output[0]][1] == count
+             and next((a.i for a in n.attribute if a.name == "axis"), 0) % 3 == 1]
+    if not joins:
+        return None
+    sizes = [(dims.get(x) or [None, None])[1] for x in joins[-1].input]
+    if not all(isinstance(d, int) for d in sizes):
+        return None
+    carriers = [i for i, x in enumerate(joins[-1].input) if x in live and sizes[i] == patches]
+    return sum(sizes[:carriers[0]]) if len(carriers) == 1 else None
 
 
 def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None = None,
@@ -942,21 +970,27 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
                          "recognises (no patch embedding before them, no square); pass "
                          "--token-grid HxW and --prefix-tokens N")
     height, width = int(grid[0]), int(grid[1])
-    prefix = count - height * width if prefix is None else int(prefix)
+    suffix = 0
+    if prefix is None:  # the extra tokens go first, unless the Concat that adds them says not
+        offset = _patch_offset(classifier, tokens, count, height * width)
+        prefix = count - height * width if offset is None else offset
+        suffix = count - height * width - prefix
+    prefix = int(prefix)
     if height <= 0 or width <= 0 or not 0 <= prefix <= MAX_PREFIX or \
-            prefix + height * width != count:
+            not 0 <= suffix <= MAX_PREFIX - prefix or prefix + height * width + suffix != count:
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} are not {prefix} prefix "
                          f"tokens + a {height}x{width} grid ({how}): {count} != {prefix} + "
-                         f"{height * width}; pass --token-grid HxW and --prefix-tokens N "
+                         f"{height * width}{f' + {suffix} after the patches' if suffix else ''}; pass --token-grid HxW and --prefix-tokens N "
                          f"(at most {MAX_PREFIX} prefix tokens)")
-    return TokenGrid(prefix, height, width)
+    return TokenGrid(prefix, height, width, suffix)
 
 
 def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tuple[Classifier, str]:
     """(the classifier rewritten, the grid tensor): the patch tokens of `tokens` [N, T, C] laid
     out as an NHWC map [N, h, w, C] that the model's own readers of `tokens` read back through
-    (prefix tokens, then the map reshaped to [N, h * w, C]). The values are the model's; the
-    map is a target like any spatial map: its gradient is the tokens' gradient, rearranged."""
+    (prefix tokens, then the map reshaped to [N, h * w, C], then the suffix tokens). The values are the model's; the
+    map is a target like any spatial map: its gradient is the tokens' gradient, rearranged;
+    suffix tokens are put back after the patches)."""
     import dataclasses
 
     import onnx
@@ -994,12 +1028,18 @@ def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tup
                                                                        * grid.width, channels])],
                               [back], name=fresh("reshape_back"))]
     added[1].metadata_props.add(key=TOKEN_GRID, value=f"{grid.prefix}+{grid.height}x{grid.width}")
+    parts = [back]
     if grid.prefix:
-        prefix = fresh("prefix")
-        added += [helper.make_node("Slice", [tokens, ints("zero", [0]), added[0].input[1], axis],
-                                   [prefix], name=fresh("slice_prefix")),
-                  helper.make_node("Concat", [prefix, back], [joined], axis=1,
-                                   name=fresh("concat_tokens"))]
+        parts.insert(0, fresh("prefix"))
+        added.append(helper.make_node("Slice", [tokens, ints("zero", [0]), added[0].input[1], axis],
+                                      [parts[0]], name=fresh("slice_prefix")))
+    if grid.suffix:
+        parts.append(fresh("suffix"))
+        added.append(helper.make_node("Slice", [tokens, added[0].input[2],
+                                                ints("all_tokens", [count + grid.suffix]), axis],
+                                      [parts[-1]], name=fresh("slice_suffix")))
+    if len(parts) > 1:
+        added.append(helper.make_node("Concat", parts, [joined], axis=1, name=fresh("concat_tokens")))
     else:
         joined = back
     nodes = list(graph.node)

@@ -448,3 +448,73 @@ def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_m
     # at the default target the gradient reaches the patches: every map stays
     _, info, _ = onnx_export.build(model, ExportOptions(preset="unit"))
     assert gradient_maps <= set(info.heatmaps)
+
+
+class TokensAroundPatches(nn.Module):
+    """Patches of a `height` x `width` image (8x8 each) with extra tokens on either side: a class
+    token before them and `after` register tokens after (lucidrains' SimpleViT with registers
+    packs [patches, registers]), or DINOv2's class token, registers, patches (`registers_first`).
+    The head reads the class token; one block, so the default target (its norm1) holds each
+    patch's own token, unmixed."""
+
+    def __init__(self, height=32, width=48, before=1, after=0, registers_first=0, dim=8):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.before = nn.Parameter(torch.randn(1, before, dim))
+        self.after = nn.Parameter(torch.randn(1, after, dim))
+        self.registers = nn.Parameter(torch.randn(1, registers_first, dim))
+        self.blocks = nn.Sequential(TransformerBlock(dim, 1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        n = x.shape[0]
+        x = torch.cat([self.before.expand(n, -1, -1), x, self.after.expand(n, -1, -1)], 1)
+        if self.registers.shape[1]:  # DINOv2: cat(x[:, :1], registers, x[:, 1:])
+            x = torch.cat([x[:, :1], self.registers.expand(n, -1, -1), x[:, 1:]], 1)
+        return self.head(self.blocks(x)[:, 0])
+
+
+@pytest.mark.parametrize("before, after, registers_first, grid", [
+    (1, 0, 0, (1, 4, 6, 0)), (0, 1, 0, (0, 4, 6, 1)), (1, 4, 0, (1, 4, 6, 4)),
+    (1, 0, 4, (5, 4, 6, 0))], ids=["class-token", "class-token-after", "registers-after",
+                                   "dinov2-registers"])
+def test_each_patch_lands_on_its_own_grid_cell(tmp_path, before, after, registers_first, grid):
+    """One lit 8x8 patch at row 1, column 3 of a 4x6 grid: the graph's activations (the tokens on
+    the grid) differ from those of a dark image there and nowhere else, and equal torch's token
+    of patch 1 * 6 + 3. Tokens after the patches (registers packed after them) were taken for
+    prefix tokens: the grid started one token late and the map was shifted by a patch."""
+    torch.manual_seed(0)
+    model = TokensAroundPatches(32, 48, before, after, registers_first).eval()
+    classifier = classifier_of(model, tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    found = onnx_model.token_grid(classifier, tokens)
+    assert (found.prefix, found.height, found.width, found.suffix) == grid
+    assert found.to_metadata() == {"prefix": grid[0], "height": 4, "width": 6,
+                                   **({"suffix": grid[3]} if grid[3] else {})}
+    gridded, target = onnx_model.with_token_grid(classifier, tokens, found)
+    built = onnx_cam.build(gridded, target, *UNIT)
+    assert all(d.ok for d in onnx_verify.check(gridded, built, *UNIT))
+    images = np.zeros((2, 32, 48, 3), np.uint8)
+    images[1, 8:16, 24:32] = 255  # patch (1, 3)
+    session = ort.InferenceSession(built.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["activations"], {"image": images, "class_index": np.array([-1, -1])})[0]
+    moved = np.abs(got[1] - got[0]).max(-1)  # [4, 6]
+    assert np.argwhere(moved > 1e-3 * moved.max()).tolist() == [[1, 3]]
+    seen = {}
+    hook = model.blocks[0].norm1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        model(torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    hook.remove()
+    patches = seen["a"][:, grid[0]:grid[0] + 24].numpy()
+    np.testing.assert_allclose(got.reshape(2, 24, -1), patches, rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_after_the_patches_are_named_in_the_target_description():
+    from camface.graph_spec import GraphInfo
+
+    info = GraphInfo(labels=("a",), input_size=(32, 48), color_order="RGB",
+                     target_layer="blocks.0.norm1", heatmaps=("gradcam",), feature_size=(4, 6),
+                     token_grid={"prefix": 1, "height": 4, "width": 6, "suffix": 4})
+    assert info.target_description == "blocks.0.norm1 (tokens: 1 + 4x6 + 4)"
+    assert GraphInfo.from_metadata(info.to_metadata()).token_grid == info.token_grid
