@@ -266,7 +266,34 @@ def fix_input_size(model, size: tuple[int, int], where: object = "model"):
         dim.Clear()
         dim.dim_value = int(value)
     del copy.graph.value_info[:]  # inferred from the dynamic size: inferred again
-    return prepare(copy, where=where)
+    fixed = prepare(copy, where=where)
+    _check_runs_at(fixed, inputs[0].name, size, where)
+    return fixed
+
+
+def _check_runs_at(model, name: str, size: tuple[int, int], where: object) -> None:
+    """ModelError when `model` does not run on a zero image at its input `name`'s (fixed) shape:
+    a dynamic height and width that the model's own constants do not follow (a vision
+    transformer's position embedding fixes its number of tokens), so that no later step fails
+    inside ONNX Runtime or takes the tokens left over for class tokens."""
+    import onnxruntime as ort
+
+    dims = shapes(model).get(name) or []
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in dims]  # the batch: 1
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the refusal below says it in one line
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {name: np.zeros(shape, np.float32)})
+    except Exception as exc:  # ONNX Runtime raises its own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where}: --input-size {size[0]}x{size[1]}: the model does not run at that "
+                         f"size (ONNX Runtime: {first}); a model whose constants fix its number "
+                         "of tokens (a vision transformer's position embedding) runs only at the "
+                         "size it was trained on: pass that size, or export the model with a "
+                         "position embedding that follows the input (timm: dynamic_img_size=True)"
+                         ) from exc
 
 
 def free_batch(model, where: object = "model"):
@@ -419,7 +446,7 @@ def settle_shapes(classifier: Classifier) -> Classifier:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # a model that does not run says so later, in one line
         session = ort.InferenceSession(probe.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *image), np.float32)})

@@ -518,3 +518,32 @@ def test_tokens_after_the_patches_are_named_in_the_target_description():
                      token_grid={"prefix": 1, "height": 4, "width": 6, "suffix": 4})
     assert info.target_description == "blocks.0.norm1 (tokens: 1 + 4x6 + 4)"
     assert GraphInfo.from_metadata(info.to_metadata()).token_grid == info.token_grid
+
+
+@pytest.mark.parametrize("size", [(24, 24), (48, 48), (32, 48)])
+def test_an_input_size_the_position_embedding_does_not_fit_is_refused_in_one_line(tmp_path, size):
+    """A ViT exported with a dynamic height and width keeps a position embedding of 1 + 4x4
+    tokens: at another --input-size its patches no longer fit it. At 24x24 (9 patches, 17
+    tokens) the 8 extra tokens were taken for prefix tokens and the export crashed inside ONNX
+    Runtime (or, without the self-check, wrote a graph that cannot run); at 48x48 it advised
+    '-19 prefix tokens'. The model is now run once at the size and refused, saying why."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = tmp_path / "dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ViT(True).eval(), (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}})
+    model = onnx.load(path)
+    with pytest.raises(ModelError, match=rf"^{path}: --input-size {size[0]}x{size[1]}: the model does "
+                                         r"not run at that size \(ONNX Runtime: .*Add.*\); .*position "
+                                         r"embedding.*size it was trained on"):
+        onnx_export.build(model, ExportOptions(preset="unit", input_size=size, verify=False), str(path))
+    _, info, _ = onnx_export.build(model, ExportOptions(preset="unit", input_size=(SIZE, SIZE),
+                                                       verify=False), str(path))
+    assert info.token_grid == {"prefix": 1, "height": 4, "width": 4}
