@@ -967,6 +967,12 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
         raise ModelError(f"{tokens!r} {_symbolic(dims)} is no token tensor [N, tokens, channels] "
                          "with a fixed number of tokens and channels")
     count = dims[1]
+    rows = _rows_per_image(classifier, tokens)
+    if rows not in (None, 1):
+        raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} hold {rows} rows per image: they "
+                         f"are windows of {count} tokens (Swin's window attention: [N * windows, "
+                         "window tokens, C]), not the image's tokens; pick a layer where the windows "
+                         "are put back on the image, such as a block's norm2 (Swin's default)")
     how = "given"
     maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
     sources = [t for t in maps if t in before
@@ -1010,6 +1016,35 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
                          f"{height * width}{f' + {suffix} after the patches' if suffix else ''}; pass --token-grid HxW and --prefix-tokens N "
                          f"(at most {MAX_PREFIX} prefix tokens)")
     return TokenGrid(prefix, height, width, suffix)
+
+
+def _rows_per_image(classifier: Classifier, tokens: str) -> int | None:
+    """The length of `tokens`' first axis when the model runs one zero image (1 for a batch of
+    token sequences, the number of windows for Swin's windows); None when the model does not
+    run here (the self-check says why later)."""
+    import onnx
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(classifier.model)
+    if tokens not in {o.name for o in probe.graph.output}:
+        probe.graph.output.append(helper.make_tensor_value_info(tokens, elem_types(probe).get(tokens, FLOAT),
+                                                                None))
+    height, width = classifier.input_size
+    image = ((1, classifier.channels, height, width) if classifier.input_layout == "NCHW"
+             else (1, height, width, classifier.channels))
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        found = session.run([tokens], {classifier.input_name: np.zeros(image, np.float32)})[0]
+    except Exception as exc:  # ONNX Runtime raises its own types
+        log.debug("rows of %s not probed: %s", tokens, exc)
+        return None
+    return int(found.shape[0]) if found.ndim else None
 
 
 def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tuple[Classifier, str]:

@@ -547,3 +547,20 @@ def test_an_input_size_the_position_embedding_does_not_fit_is_refused_in_one_lin
     _, info, _ = onnx_export.build(model, ExportOptions(preset="unit", input_size=(SIZE, SIZE),
                                                        verify=False), str(path))
     assert info.token_grid == {"prefix": 1, "height": 4, "width": 4}
+
+
+@pytest.mark.parametrize("grid", [None, (4, 4)])
+def test_a_swins_window_tokens_are_refused_as_a_token_target(tmp_path, grid):
+    """Swin's window attention works on [N * windows, window tokens, C]: its 16 tokens are one
+    window's, and the batch axis holds 4 windows per image. The refusal advised --token-grid,
+    which then laid each window out as an image and crashed the self-check inside ONNX
+    Runtime; it now says they are windows and names a layer that holds the image's tokens."""
+    torch.manual_seed(0)
+    classifier = classifier_of(Swin().eval(), tmp_path / "m.onnx")
+    windows = onnx_model.module_outputs(classifier.model)["stage1.attn"]
+    assert onnx_model.shapes(classifier.model)[windows][1:] == [16, 16]
+    with pytest.raises(ModelError, match=r"'/stage1/attn/proj/Add_output_0' \[.*, 16, 16\] hold 4 "
+                                         r"rows per image.*windows.*norm2"):
+        onnx_model.token_grid(classifier, windows, grid)
+    tokens = onnx_model.module_outputs(classifier.model)["stage1.norm2"]
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(0, 8, 8)
