@@ -761,14 +761,14 @@ def module_outputs(model) -> dict[str, str]:
 
 def dotted(scope: str) -> str:
     """PyTorch's module name of a TorchScript scope: `layers/layers.3/blocks/blocks.1/norm2` ->
-    `layers.3.blocks.1.norm2` (a child of a Sequential or ModuleList is scoped `parent.index`)."""
+    `layers.3.blocks.1.norm2` (a child of a Sequential or ModuleList is scoped with its parent's
+    scope and its index: `parent.index`, and a Sequential inside it `parent.index.index`, so
+    `stages/stages.1/stages.1.2/norm` -> `stages.1.2.norm`)."""
     parts: list[str] = []
+    previous = ""
     for part in scope.split("/"):
-        if parts and part.startswith(parts[-1].rsplit(".", 1)[-1] + ".") and \
-                part.rsplit(".", 1)[0] == parts[-1].rsplit(".", 1)[-1]:
-            parts[-1] = f"{parts[-1].rsplit('.', 1)[0]}.{part}" if "." in parts[-1] else part
-        else:
-            parts.append(part)
+        parts.append(part[len(previous) + 1:] if previous and part.startswith(previous + ".") else part)
+        previous = part
     return ".".join(parts)
 
 
