@@ -998,9 +998,19 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
             how = f"the patch embedding {sources[-1]!r}"
         elif squares and classifier.input_size[0] == classifier.input_size[1]:
             grid, how = (squares[0][1],) * 2, "a square"
+        elif classifier.input_size[0] != classifier.input_size[1]:
+            # a non-square input: the grid of patches s x s that tile it (the fewest extra tokens)
+            height, width = classifier.input_size
+            tiles = [(height // s, width // s) for p in range(min(MAX_PREFIX, count - 1) + 1)
+                     if prefix in (None, p) for s in range(1, min(height, width) + 1)
+                     if height % s == 0 and width % s == 0 and (height // s) * (width // s) == count - p]
+            if tiles:
+                grid, how = tiles[0], f"the patches that tile the {height}x{width} input"
     if grid is None:
+        shape = "no square" if classifier.input_size[0] == classifier.input_size[1] else \
+            "no patches that tile the input"
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} form no grid that camface "
-                         "recognises (no patch embedding before them, no square); pass "
+                         f"recognises (no patch embedding before them, {shape}); pass "
                          "--token-grid HxW and --prefix-tokens N")
     height, width = int(grid[0]), int(grid[1])
     suffix = 0

@@ -564,3 +564,41 @@ def test_a_swins_window_tokens_are_refused_as_a_token_target(tmp_path, grid):
         onnx_model.token_grid(classifier, windows, grid)
     tokens = onnx_model.module_outputs(classifier.model)["stage1.norm2"]
     assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(0, 8, 8)
+
+
+class LinearPatchesOf(nn.Module):
+    """A `height` x `width` image cut into 8x8 patches by reshapes, embedded by a linear layer
+    (no convolution), a class token first."""
+
+    def __init__(self, height, width, dim=8):
+        super().__init__()
+        self.rows, self.columns = height // 8, width // 8
+        self.embed = nn.Linear(8 * 8 * 3, dim)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(TransformerBlock(dim, 1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = x.reshape(n, 3, self.rows, 8, self.columns, 8).permute(0, 2, 4, 3, 5, 1)
+        x = self.embed(x.reshape(n, self.rows * self.columns, 8 * 8 * 3))
+        return self.head(self.blocks(torch.cat([self.class_token.expand(n, -1, -1), x], 1))[:, 0])
+
+
+def test_linear_patches_of_a_non_square_image_take_their_grid_from_the_input_size(tmp_path):
+    """32x48 in 8x8 patches: 1 + 4x6 = 25 tokens, which a square would read as 0 + 5x5. With no
+    patch-embedding convolution the grid is the one whose patches tile the input (a stride
+    dividing both sides); it was refused ('form no grid'). Patch (1, 3) lands on its cell."""
+    torch.manual_seed(0)
+    model = LinearPatchesOf(32, 48).eval()
+    classifier = classifier_of(model, tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(1, 4, 6)
+    gridded, target = onnx_model.with_token_grid(classifier, tokens, onnx_model.token_grid(classifier, tokens))
+    built = onnx_cam.build(gridded, target, *UNIT)
+    images = np.zeros((2, 32, 48, 3), np.uint8)
+    images[1, 8:16, 24:32] = 255
+    session = ort.InferenceSession(built.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["activations"], {"image": images, "class_index": np.array([-1, -1])})[0]
+    moved = np.abs(got[1] - got[0]).max(-1)
+    assert np.argwhere(moved > 1e-3 * moved.max()).tolist() == [[1, 3]]
