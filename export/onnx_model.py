@@ -1013,12 +1013,12 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
                          f"recognises (no patch embedding before them, {shape}); pass "
                          "--token-grid HxW and --prefix-tokens N")
     height, width = int(grid[0]), int(grid[1])
-    suffix = 0
-    if prefix is None:  # the extra tokens go first, unless the Concat that adds them says not
-        offset = _patch_offset(classifier, tokens, count, height * width)
+    # the extra tokens go first, unless the Concat that adds them puts some after the patches
+    offset = _patch_offset(classifier, tokens, count, height * width)
+    if prefix is None:
         prefix = count - height * width if offset is None else offset
-        suffix = count - height * width - prefix
     prefix = int(prefix)
+    suffix = count - height * width - prefix if offset == prefix else 0
     if height <= 0 or width <= 0 or not 0 <= prefix <= MAX_PREFIX or \
             not 0 <= suffix <= MAX_PREFIX - prefix or prefix + height * width + suffix != count:
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} are not {prefix} prefix "

@@ -492,6 +492,8 @@ def test_each_patch_lands_on_its_own_grid_cell(tmp_path, before, after, register
     assert (found.prefix, found.height, found.width, found.suffix) == grid
     assert found.to_metadata() == {"prefix": grid[0], "height": 4, "width": 6,
                                    **({"suffix": grid[3]} if grid[3] else {})}
+    # --prefix-tokens and --token-grid as the model has them: the tokens after the patches stay
+    assert onnx_model.token_grid(classifier, tokens, (4, 6), grid[0]) == found
     gridded, target = onnx_model.with_token_grid(classifier, tokens, found)
     built = onnx_cam.build(gridded, target, *UNIT)
     assert all(d.ok for d in onnx_verify.check(gridded, built, *UNIT))
