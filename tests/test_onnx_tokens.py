@@ -604,3 +604,43 @@ def test_linear_patches_of_a_non_square_image_take_their_grid_from_the_input_siz
     got = session.run(["activations"], {"image": images, "class_index": np.array([-1, -1])})[0]
     moved = np.abs(got[1] - got[0]).max(-1)
     assert np.argwhere(moved > 1e-3 * moved.max()).tolist() == [[1, 3]]
+
+
+def test_score_cam_on_a_non_square_token_grid_equals_torch(tmp_path):
+    """Score-CAM's masks on a 4x6 grid upsampled to a 32x48 input (rows to the height, columns to
+    the width), against pytorch-grad-cam 1.5.7's ScoreCAM transcribed as above."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = TokensAroundPatches(32, 48).eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 48),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    graph, info, differences = onnx_export.build(onnx.load(path), ExportOptions(preset="unit"))
+    assert "scorecam" in info.heatmaps and info.feature_size == (4, 6) and all(d.ok for d in differences)
+    images = np.random.default_rng(5).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    classes = np.array([-1, 2], np.int64)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["scorecam"], {"image": images, "class_index": classes})[0]
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    seen = {}
+    hook = model.blocks[0].norm1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        logits = model(x)
+    hook.remove()
+    a = seen["a"][:, 1:].reshape(2, 4, 6, -1).permute(0, 3, 1, 2)  # [N, K, 4, 6]
+    chosen = torch.where(torch.from_numpy(classes) < 0, logits.argmax(1), torch.from_numpy(classes))
+    with torch.no_grad():
+        up = torch.nn.UpsamplingBilinear2d(size=(32, 48))(a)
+        low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        masks = (up - low) / (high - low + 1e-8)
+        scores = torch.stack([model(x[n:n + 1] * masks[n][:, None])[:, chosen[n]] for n in range(2)])
+        want = torch.relu((torch.softmax(scores, 1)[:, :, None, None] * a).sum(1)).numpy()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
