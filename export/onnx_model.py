@@ -967,7 +967,8 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
         raise ModelError(f"{tokens!r} {_symbolic(dims)} is no token tensor [N, tokens, channels] "
                          "with a fixed number of tokens and channels")
     count = dims[1]
-    rows = _rows_per_image(classifier, tokens)
+    probed = _probe(classifier, [tokens])
+    rows = int(probed[tokens].shape[0]) if probed is not None else None
     if rows not in (None, 1):
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} hold {rows} rows per image: they "
                          f"are windows of {count} tokens (Swin's window attention: [N * windows, "
@@ -981,7 +982,9 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
     # patch embedding); else the last one, named in the refusal
     fitting = [t for t in sources if 0 <= count - math.prod(_hw(found[t], maps[t])) <= MAX_PREFIX
                and prefix in (None, count - math.prod(_hw(found[t], maps[t])))]
+    source = None  # the patch embedding the grid comes from
     if grid is not None and fitting:
+        source = fitting[-1]
         embedded = tuple(_hw(found[fitting[-1]], maps[fitting[-1]]))
         if tuple(int(d) for d in grid) != embedded and math.prod(grid) == math.prod(embedded):
             # the same number of tokens on another grid: a transposed --token-grid lays the
@@ -994,6 +997,7 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
         squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
                    if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]
         if sources:
+            source = sources[-1]
             grid = tuple(_hw(found[sources[-1]], maps[sources[-1]]))
             how = f"the patch embedding {sources[-1]!r}"
         elif squares and classifier.input_size[0] == classifier.input_size[1]:
@@ -1025,21 +1029,22 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
                          f"tokens + a {height}x{width} grid ({how}): {count} != {prefix} + "
                          f"{height * width}{f' + {suffix} after the patches' if suffix else ''}; pass --token-grid HxW and --prefix-tokens N "
                          f"(at most {MAX_PREFIX} prefix tokens)")
+    if source is not None and tuple(_hw(found[source], maps[source])) == (height, width):
+        _check_patch_order(classifier, tokens, source, maps[source], (height, width))
     return TokenGrid(prefix, height, width, suffix)
 
 
-def _rows_per_image(classifier: Classifier, tokens: str) -> int | None:
-    """The length of `tokens`' first axis when the model runs one zero image (1 for a batch of
-    token sequences, the number of windows for Swin's windows); None when the model does not
-    run here (the self-check says why later)."""
+def _probe(classifier: Classifier, names: list[str]) -> dict[str, np.ndarray] | None:
+    """The tensors `names` when the model runs one image of uniform noise in [0, 1) (seed 0);
+    None when the model does not run here (the self-check says why later)."""
     import onnx
     from onnx import helper
 
     probe = onnx.ModelProto()
     probe.CopyFrom(classifier.model)
-    if tokens not in {o.name for o in probe.graph.output}:
-        probe.graph.output.append(helper.make_tensor_value_info(tokens, elem_types(probe).get(tokens, FLOAT),
-                                                                None))
+    types, outputs = elem_types(probe), {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(name, types.get(name, FLOAT), None)
+                              for name in dict.fromkeys(names) if name not in outputs)
     height, width = classifier.input_size
     image = ((1, classifier.channels, height, width) if classifier.input_layout == "NCHW"
              else (1, height, width, classifier.channels))
@@ -1050,11 +1055,53 @@ def _rows_per_image(classifier: Classifier, tokens: str) -> int | None:
         options.log_severity_level = 4
         session = ort.InferenceSession(probe.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-        found = session.run([tokens], {classifier.input_name: np.zeros(image, np.float32)})[0]
+        noise = np.random.default_rng(0).random(image, dtype=np.float32)
+        return dict(zip(names, session.run(names, {classifier.input_name: noise})))
     except Exception as exc:  # ONNX Runtime raises its own types
-        log.debug("rows of %s not probed: %s", tokens, exc)
+        log.debug("%s not probed: %s", ", ".join(names), exc)
         return None
-    return int(found.shape[0]) if found.ndim else None
+
+
+_LAYOUT_OPS = ("Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze")
+
+
+def _check_patch_order(classifier: Classifier, tokens: str, source: str, layout: str,
+                       grid: tuple[int, int]) -> None:
+    """ModelError when the patch tokens [N, h * w, C] that only reshapes and transposes make of
+    the patch embedding `source` take the patches column by column: camface lays tokens out
+    row by row (x.flatten(2).transpose(1, 2), as ViT, DeiT and Swin do). Checked on one run:
+    such ops copy values, so the tokens equal the map's values in one order exactly."""
+    model, dims = classifier.model, shapes(classifier.model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    height, width = grid
+    ancestors = _ancestors(model, tokens)
+    carriers = []
+    for node in model.graph.node:
+        out = node.output[0] if node.output else ""
+        shape = dims.get(out) or []
+        if out not in ancestors or len(shape) != 3 or shape[1] != height * width:
+            continue
+        walk = out
+        while walk in producer and producer[walk].op_type in _LAYOUT_OPS and walk != source:
+            walk = producer[walk].input[0]
+        if walk == source:
+            carriers.append(out)
+    if not carriers:
+        return
+    found = _probe(classifier, [source, carriers[0]])
+    if found is None:
+        return
+    patches, laid = found[carriers[0]][0], found[source][0]
+    laid = laid.transpose(1, 2, 0) if layout == "NCHW" else laid  # [h, w, C]
+    if laid.shape[:2] != (height, width) or patches.shape != (height * width, laid.shape[2]):
+        return
+    if not np.array_equal(patches, laid.reshape(height * width, -1)) and \
+            np.array_equal(patches, laid.transpose(1, 0, 2).reshape(height * width, -1)):
+        raise ModelError(f"the patch tokens {carriers[0]!r} of {tokens!r} come column by column from "
+                         f"the patch embedding {source!r} (token i is patch (i % {height}, i // "
+                         f"{height}) of the {height}x{width} grid); camface lays tokens out row by "
+                         "row, as ViT, DeiT and Swin flatten them (x.flatten(2).transpose(1, 2)): "
+                         "flatten the patches row by row in the model before exporting it")
 
 
 def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tuple[Classifier, str]:

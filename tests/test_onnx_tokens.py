@@ -644,3 +644,24 @@ def test_score_cam_on_a_non_square_token_grid_equals_torch(tmp_path):
         want = torch.relu((torch.softmax(scores, 1)[:, :, None, None] * a).sum(1)).numpy()
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+
+
+class ColumnMajorPatches(TokensAroundPatches):
+    """Patch tokens taken column by column (x.transpose(2, 3).flatten(2)): token i is patch
+    (i % 4, i // 4) of the 4x6 grid."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).transpose(2, 3).flatten(2).transpose(1, 2)
+        x = torch.cat([self.before.expand(x.shape[0], -1, -1), x], 1)
+        return self.head(self.blocks(x)[:, 0])
+
+
+def test_patch_tokens_taken_column_by_column_are_refused(tmp_path):
+    """camface lays tokens out row by row, as ViT, DeiT and Swin flatten their patches; tokens
+    flattened column by column were laid out transposed without a word."""
+    torch.manual_seed(0)
+    classifier = classifier_of(ColumnMajorPatches(32, 48).eval(), tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    with pytest.raises(ModelError, match=r"come column by column from the patch embedding "
+                                         r"'/patch_embed/Conv_output_0'.*row by row"):
+        onnx_model.token_grid(classifier, tokens)
