@@ -120,8 +120,9 @@ def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOpt
 
     grid = onnx_model.token_grid(classifier, tokens, options.token_grid, options.prefix_tokens)
     gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
-    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s), before %d",
-             name, tokens, grid.height, grid.width, grid.prefix, grid.suffix)
+    after = f", {grid.suffix} token(s) after the patches" if grid.suffix else ""
+    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)%s", name, tokens,
+             grid.height, grid.width, grid.prefix, after)
     return TargetChoice(gridded, target, name, reason, grid)
 
 
