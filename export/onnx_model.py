@@ -1027,8 +1027,9 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
             not 0 <= suffix <= MAX_PREFIX - prefix or prefix + height * width + suffix != count:
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} are not {prefix} prefix "
                          f"tokens + a {height}x{width} grid ({how}): {count} != {prefix} + "
-                         f"{height * width}{f' + {suffix} after the patches' if suffix else ''}; pass --token-grid HxW and --prefix-tokens N "
-                         f"(at most {MAX_PREFIX} prefix tokens)")
+                         f"{height * width}{f' + {suffix} after the patches' if suffix else ''}; "
+                         f"pass --token-grid HxW and --prefix-tokens N (at most {MAX_PREFIX} prefix "
+                         "tokens)")
     if source is not None and tuple(_hw(found[source], maps[source])) == (height, width):
         _check_patch_order(classifier, tokens, source, maps[source], (height, width))
     return TokenGrid(prefix, height, width, suffix)
@@ -1107,9 +1108,9 @@ def _check_patch_order(classifier: Classifier, tokens: str, source: str, layout:
 def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tuple[Classifier, str]:
     """(the classifier rewritten, the grid tensor): the patch tokens of `tokens` [N, T, C] laid
     out as an NHWC map [N, h, w, C] that the model's own readers of `tokens` read back through
-    (prefix tokens, then the map reshaped to [N, h * w, C], then the suffix tokens). The values are the model's; the
-    map is a target like any spatial map: its gradient is the tokens' gradient, rearranged;
-    suffix tokens are put back after the patches)."""
+    (prefix tokens, then the map reshaped to [N, h * w, C], then the suffix tokens). The values
+    are the model's; the map is a target like any spatial map: its gradient is the tokens'
+    gradient, rearranged."""
     import dataclasses
 
     import onnx
