@@ -454,7 +454,7 @@ class TokensAroundPatches(nn.Module):
     """Patches of a `height` x `width` image (8x8 each) with extra tokens on either side: a class
     token before them and `after` register tokens after (lucidrains' SimpleViT with registers
     packs [patches, registers]), or DINOv2's class token, registers, patches (`registers_first`).
-    The head reads the class token; one block, so the default target (its norm1) holds each
+    The head reads the class token (the last token when none comes first); one block, so the default target (its norm1) holds each
     patch's own token, unmixed."""
 
     def __init__(self, height=32, width=48, before=1, after=0, registers_first=0, dim=8):
@@ -472,7 +472,8 @@ class TokensAroundPatches(nn.Module):
         x = torch.cat([self.before.expand(n, -1, -1), x, self.after.expand(n, -1, -1)], 1)
         if self.registers.shape[1]:  # DINOv2: cat(x[:, :1], registers, x[:, 1:])
             x = torch.cat([x[:, :1], self.registers.expand(n, -1, -1), x[:, 1:]], 1)
-        return self.head(self.blocks(x)[:, 0])
+        x = self.blocks(x)
+        return self.head(x[:, 0] if self.before.shape[1] else x[:, -1])  # the class token
 
 
 @pytest.mark.parametrize("before, after, registers_first, grid", [
