@@ -52,8 +52,9 @@ META_COLOR_ORDER = "color_order"  # "GRAY", "RGB" or "BGR"
 META_NORMALIZATION = "normalization"  # JSON {"scale": [...], "offset": [...]}: x * scale + offset
 META_TARGET_LAYER = "target_layer"
 META_TARGET_REASON = "target_reason"  # why that target: the user's flag, or which default and why
-# JSON {"prefix": P, "height": h, "width": w}: a transformer's token target [N, P + h * w, C] laid
-# out on its patch grid (the activations and heatmaps are on [N, h, w]); absent for feature maps
+# JSON {"prefix": P, "height": h, "width": w} (and "suffix": S when tokens follow the patches): a
+# transformer's token target [N, P + h * w + S, C] laid out on its patch grid (the activations and
+# heatmaps are on [N, h, w]); absent for feature maps
 META_TOKEN_GRID = "token_grid"
 META_FEATURE_SIZE = "feature_size"  # JSON [h, w]
 META_HEATMAPS = "heatmaps"  # JSON list of heatmap outputs present
@@ -106,9 +107,11 @@ class GraphInfo:
 
     @property
     def target_description(self) -> str:
-        """The target in words: `blocks.11.norm1 (tokens: 1 + 14x14)` for a token grid."""
+        """The target in words: `blocks.11.norm1 (tokens: 1 + 14x14)` for a token grid
+        (`1 + 14x14 + 4` with 4 tokens after the patches)."""
         grid = self.token_grid
-        return f"{self.target_layer} (tokens: {grid['prefix']} + {grid['height']}x{grid['width']})" \
+        after = f" + {grid['suffix']}" if grid.get("suffix") else ""
+        return f"{self.target_layer} (tokens: {grid['prefix']} + {grid['height']}x{grid['width']}{after})" \
             if grid else self.target_layer
 
     @classmethod

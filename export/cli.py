@@ -91,7 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "the input size over the patch embedding's stride)")
     parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
                         help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
-                             "(default: T - h * w)")
+                             "(default: as the model's Concat of them and the patches says, else T - h * w)")
     parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
                         help=".onnx/.pt2 whose height and width are dynamic: the crop size the CAM graph "
                              "takes (the size the model was trained on)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from camface import __version__, graph_spec, methods
@@ -120,8 +120,9 @@ def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOpt
 
     grid = onnx_model.token_grid(classifier, tokens, options.token_grid, options.prefix_tokens)
     gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
-    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)", name, tokens,
-             grid.height, grid.width, grid.prefix)
+    after = f", {grid.suffix} token(s) after the patches" if grid.suffix else ""
+    log.info("target %s: tokens %s laid out on a %dx%d grid after %d prefix token(s)%s", name, tokens,
+             grid.height, grid.width, grid.prefix, after)
     return TargetChoice(gridded, target, name, reason, grid)
 
 
@@ -159,12 +160,14 @@ def build(model, options: ExportOptions, source: str = "model"):
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
     built = onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, heads)
+    if choice.grid is not None:
+        built = _without_empty_gradients(classifier, choice, built, pre, heads, source)
     info = graph_spec.GraphInfo(
         labels=tuple(labels), input_size=classifier.input_size, color_order=pre.color_order,
         target_layer=choice.name, heatmaps=built.heatmaps, feature_size=built.feature_size,
         normalization=pre.to_metadata(), cam_unavailable_reason=built.cam_unavailable_reason,
         precision="fp32", version=__version__, target_reason=choice.reason,
-        token_grid=asdict(choice.grid) if choice.grid else {})
+        token_grid=choice.grid.to_metadata() if choice.grid else {})
     differences = ()
     if options.verify:
         differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset))
@@ -172,6 +175,47 @@ def build(model, options: ExportOptions, source: str = "model"):
     model, info, rerun_differences = onnx_rerun.attach(built.model, info, wanted, options.verify,
                                                        required=onnx_rerun.asked(heads))
     return model, info, differences + rerun_differences
+
+
+def _without_empty_gradients(classifier, choice: TargetChoice, built, pre, heads, source):
+    """`built`, or the CAM graph again without the gradient methods when the logits read none of
+    the token target's patch tokens: a head that reads the class token alone, after the last
+    attention (a ViT's final norm, its last block's output), has a gradient of exactly 0 at every
+    patch, so every gradient map would be empty. ModelError when a gradient method was asked for
+    by name (--heads). Found by running the graph on a few random crops: a gradient that the
+    structure zeroes is 0.0 exactly on any CPU."""
+    import numpy as np
+
+    from camface.export import onnx_cam, onnx_model, onnx_verify
+
+    gradient_maps = [h for h in built.heatmaps if methods.GRADIENTS in methods.get(h).needs]
+    if not gradient_maps:
+        return built
+    height, width = classifier.input_size
+    images = np.random.default_rng(0).integers(0, 256, (3, height, width, classifier.channels),
+                                               dtype=np.uint8)
+    try:
+        session = onnx_verify._session(onnx_verify._with_outputs(built.model, [onnx_cam.GRADIENT]))
+        gradient = session.run([onnx_cam.GRADIENT], {graph_spec.INPUT_IMAGE: images,
+                                                     graph_spec.INPUT_CLASS: np.full(3, -1, np.int64)})[0]
+    except Exception as exc:  # ONNX Runtime's own types; the self-check says what fails
+        log.debug("the token target's gradient not probed: %s", exc)
+        return built
+    if np.any(gradient):
+        return built
+    default = onnx_model.default_token_target(classifier)
+    shown = f"; pick a layer before the last attention, such as " \
+        f"{onnx_model.module_name(classifier.model, default)} (the default)" if default else ""
+    alone = f"the head reads its {choice.grid.prefix} prefix token(s) alone after it; " \
+        if choice.grid.prefix else ""
+    why = (f"target {choice.name}: the logits read none of its patch tokens ({alone}the gradient "
+           f"is 0 at every patch of 3 random crops), so the gradient maps "
+           f"({', '.join(gradient_maps)}) would be empty{shown}")
+    if heads is not None:
+        raise ModelError(f"{source}: {why}")
+    log.warning("%s; exporting the maps that need no gradient", why)
+    kept = tuple(h for h in methods.names() if methods.GRADIENTS not in methods.get(h).needs)
+    return onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, kept)
 
 
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:

@@ -266,7 +266,34 @@ def fix_input_size(model, size: tuple[int, int], where: object = "model"):
         dim.Clear()
         dim.dim_value = int(value)
     del copy.graph.value_info[:]  # inferred from the dynamic size: inferred again
-    return prepare(copy, where=where)
+    fixed = prepare(copy, where=where)
+    _check_runs_at(fixed, inputs[0].name, size, where)
+    return fixed
+
+
+def _check_runs_at(model, name: str, size: tuple[int, int], where: object) -> None:
+    """ModelError when `model` does not run on a zero image at its input `name`'s (fixed) shape:
+    a dynamic height and width that the model's own constants do not follow (a vision
+    transformer's position embedding fixes its number of tokens), so that no later step fails
+    inside ONNX Runtime or takes the tokens left over for class tokens."""
+    import onnxruntime as ort
+
+    dims = shapes(model).get(name) or []
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in dims]  # the batch: 1
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the refusal below says it in one line
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        session.run(None, {name: np.zeros(shape, np.float32)})
+    except Exception as exc:  # ONNX Runtime raises its own types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{where}: --input-size {size[0]}x{size[1]}: the model does not run at that "
+                         f"size (ONNX Runtime: {first}); a model whose constants fix its number "
+                         "of tokens (a vision transformer's position embedding) runs only at the "
+                         "size it was trained on: pass that size, or export the model with a "
+                         "position embedding that follows the input (timm: dynamic_img_size=True)"
+                         ) from exc
 
 
 def free_batch(model, where: object = "model"):
@@ -419,7 +446,7 @@ def settle_shapes(classifier: Classifier) -> Classifier:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # a model that does not run says so later, in one line
         session = ort.InferenceSession(probe.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         runs = [session.run(open_dims, {classifier.input_name: np.zeros((n, *image), np.float32)})
@@ -734,14 +761,14 @@ def module_outputs(model) -> dict[str, str]:
 
 def dotted(scope: str) -> str:
     """PyTorch's module name of a TorchScript scope: `layers/layers.3/blocks/blocks.1/norm2` ->
-    `layers.3.blocks.1.norm2` (a child of a Sequential or ModuleList is scoped `parent.index`)."""
+    `layers.3.blocks.1.norm2` (a child of a Sequential or ModuleList is scoped with its parent's
+    scope and its index: `parent.index`, and a Sequential inside it `parent.index.index`, so
+    `stages/stages.1/stages.1.2/norm` -> `stages.1.2.norm`)."""
     parts: list[str] = []
+    previous = ""
     for part in scope.split("/"):
-        if parts and part.startswith(parts[-1].rsplit(".", 1)[-1] + ".") and \
-                part.rsplit(".", 1)[0] == parts[-1].rsplit(".", 1)[-1]:
-            parts[-1] = f"{parts[-1].rsplit('.', 1)[0]}.{part}" if "." in parts[-1] else part
-        else:
-            parts.append(part)
+        parts.append(part[len(previous) + 1:] if previous and part.startswith(previous + ".") else part)
+        previous = part
     return ".".join(parts)
 
 
@@ -878,12 +905,20 @@ def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """How a transformer's tokens [N, T, C] lie on the image: T = prefix + height * width, the
-    prefix tokens (class, distillation, registers) first, then the patches row by row."""
+    """How a transformer's tokens [N, T, C] lie on the image: T = prefix + height * width +
+    suffix, the prefix tokens (class, distillation, registers) first, then the patches row by
+    row, then the suffix tokens (registers packed after the patches, as lucidrains' SimpleViT
+    does)."""
 
     prefix: int
     height: int
     width: int
+    suffix: int = 0
+
+    def to_metadata(self) -> dict[str, int]:
+        """graph_spec's META_TOKEN_GRID: prefix, height, width, and suffix when there is one."""
+        found = {"prefix": self.prefix, "height": self.height, "width": self.width}
+        return {**found, "suffix": self.suffix} if self.suffix else found
 
 
 MAX_PREFIX = 8  # more leading tokens than this are not taken for class/distillation tokens
@@ -900,6 +935,26 @@ def _ancestors(model, tensor: str) -> set[str]:
     return seen
 
 
+def _patch_offset(classifier: Classifier, tokens: str, count: int, patches: int) -> int | None:
+    """How many tokens come before the patches in `tokens` [N, count, C]: read from the last
+    Concat along the token axis that makes `count` tokens before them, as the sum of the token
+    counts of its inputs before the one input of `patches` tokens computed from the image
+    (the others are learned tokens: class, distillation, registers; DINOv2's class token sliced
+    off the patches counts as one of them). None when no such Concat says it."""
+    model, dims = classifier.model, shapes(classifier.model)
+    live, ancestors = differentiable(model, classifier.input_name), _ancestors(model, tokens)
+    joins = [n for n in model.graph.node if n.op_type == "Concat" and n.output[0] in ancestors
+             and len(dims.get(n.output[0]) or []) == 3 and dims[n.output[0]][1] == count
+             and next((a.i for a in n.attribute if a.name == "axis"), 0) % 3 == 1]
+    if not joins:
+        return None
+    sizes = [(dims.get(x) or [None, None])[1] for x in joins[-1].input]
+    if not all(isinstance(d, int) for d in sizes):
+        return None
+    carriers = [i for i, x in enumerate(joins[-1].input) if x in live and sizes[i] == patches]
+    return sum(sizes[:carriers[0]]) if len(carriers) == 1 else None
+
+
 def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None = None,
                prefix: int | None = None) -> TokenGrid:
     """The grid of `tokens` [N, T, C]: height and width those of the patch embedding (the last
@@ -912,6 +967,13 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
         raise ModelError(f"{tokens!r} {_symbolic(dims)} is no token tensor [N, tokens, channels] "
                          "with a fixed number of tokens and channels")
     count = dims[1]
+    probed = _probe(classifier, [tokens])
+    rows = int(probed[tokens].shape[0]) if probed is not None else None
+    if rows not in (None, 1):
+        raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} hold {rows} rows per image: they "
+                         f"are windows of {count} tokens (Swin's window attention: [N * windows, "
+                         "window tokens, C]), not the image's tokens; pick a layer where the windows "
+                         "are put back on the image, such as a block's norm2 (Swin's default)")
     how = "given"
     maps, before = spatial_maps(classifier), _ancestors(classifier.model, tokens)
     sources = [t for t in maps if t in before
@@ -920,7 +982,9 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
     # patch embedding); else the last one, named in the refusal
     fitting = [t for t in sources if 0 <= count - math.prod(_hw(found[t], maps[t])) <= MAX_PREFIX
                and prefix in (None, count - math.prod(_hw(found[t], maps[t])))]
+    source = None  # the patch embedding the grid comes from
     if grid is not None and fitting:
+        source = fitting[-1]
         embedded = tuple(_hw(found[fitting[-1]], maps[fitting[-1]]))
         if tuple(int(d) for d in grid) != embedded and math.prod(grid) == math.prod(embedded):
             # the same number of tokens on another grid: a transposed --token-grid lays the
@@ -933,30 +997,120 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
         squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
                    if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]
         if sources:
+            source = sources[-1]
             grid = tuple(_hw(found[sources[-1]], maps[sources[-1]]))
             how = f"the patch embedding {sources[-1]!r}"
         elif squares and classifier.input_size[0] == classifier.input_size[1]:
             grid, how = (squares[0][1],) * 2, "a square"
+        elif classifier.input_size[0] != classifier.input_size[1]:
+            # a non-square input: the grid of patches s x s that tile it (the fewest extra tokens)
+            height, width = classifier.input_size
+            tiles = [(height // s, width // s) for p in range(min(MAX_PREFIX, count - 1) + 1)
+                     if prefix in (None, p) for s in range(1, min(height, width) + 1)
+                     if height % s == 0 and width % s == 0 and (height // s) * (width // s) == count - p]
+            if tiles:
+                grid, how = tiles[0], f"the patches that tile the {height}x{width} input"
     if grid is None:
+        shape = "no square" if classifier.input_size[0] == classifier.input_size[1] else \
+            "no patches that tile the input"
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} form no grid that camface "
-                         "recognises (no patch embedding before them, no square); pass "
+                         f"recognises (no patch embedding before them, {shape}); pass "
                          "--token-grid HxW and --prefix-tokens N")
     height, width = int(grid[0]), int(grid[1])
-    prefix = count - height * width if prefix is None else int(prefix)
+    # the extra tokens go first, unless the Concat that adds them puts some after the patches
+    offset = _patch_offset(classifier, tokens, count, height * width)
+    if prefix is None:
+        prefix = count - height * width if offset is None else offset
+    prefix = int(prefix)
+    suffix = count - height * width - prefix if offset == prefix else 0
     if height <= 0 or width <= 0 or not 0 <= prefix <= MAX_PREFIX or \
-            prefix + height * width != count:
+            not 0 <= suffix <= MAX_PREFIX - prefix or prefix + height * width + suffix != count:
         raise ModelError(f"the tokens {tokens!r} {_symbolic(dims)} are not {prefix} prefix "
                          f"tokens + a {height}x{width} grid ({how}): {count} != {prefix} + "
-                         f"{height * width}; pass --token-grid HxW and --prefix-tokens N "
-                         f"(at most {MAX_PREFIX} prefix tokens)")
-    return TokenGrid(prefix, height, width)
+                         f"{height * width}{f' + {suffix} after the patches' if suffix else ''}; "
+                         f"pass --token-grid HxW and --prefix-tokens N (at most {MAX_PREFIX} prefix "
+                         "tokens)")
+    if source is not None and tuple(_hw(found[source], maps[source])) == (height, width):
+        _check_patch_order(classifier, tokens, source, maps[source], (height, width))
+    return TokenGrid(prefix, height, width, suffix)
+
+
+def _probe(classifier: Classifier, names: list[str]) -> dict[str, np.ndarray] | None:
+    """The tensors `names` when the model runs one image of uniform noise in [0, 1) (seed 0);
+    None when the model does not run here (the self-check says why later)."""
+    import onnx
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(classifier.model)
+    types, outputs = elem_types(probe), {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(name, types.get(name, FLOAT), None)
+                              for name in dict.fromkeys(names) if name not in outputs)
+    height, width = classifier.input_size
+    image = ((1, classifier.channels, height, width) if classifier.input_layout == "NCHW"
+             else (1, height, width, classifier.channels))
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(probe.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        noise = np.random.default_rng(0).random(image, dtype=np.float32)
+        return dict(zip(names, session.run(names, {classifier.input_name: noise})))
+    except Exception as exc:  # ONNX Runtime raises its own types
+        log.debug("%s not probed: %s", ", ".join(names), exc)
+        return None
+
+
+_LAYOUT_OPS = ("Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze")
+
+
+def _check_patch_order(classifier: Classifier, tokens: str, source: str, layout: str,
+                       grid: tuple[int, int]) -> None:
+    """ModelError when the patch tokens [N, h * w, C] that only reshapes and transposes make of
+    the patch embedding `source` take the patches column by column: camface lays tokens out
+    row by row (x.flatten(2).transpose(1, 2), as ViT, DeiT and Swin do). Checked on one run:
+    such ops copy values, so the tokens equal the map's values in one order exactly."""
+    model, dims = classifier.model, shapes(classifier.model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    height, width = grid
+    ancestors = _ancestors(model, tokens)
+    carriers = []
+    for node in model.graph.node:
+        out = node.output[0] if node.output else ""
+        shape = dims.get(out) or []
+        if out not in ancestors or len(shape) != 3 or shape[1] != height * width:
+            continue
+        walk = out
+        while walk in producer and producer[walk].op_type in _LAYOUT_OPS and walk != source:
+            walk = producer[walk].input[0]
+        if walk == source:
+            carriers.append(out)
+    if not carriers:
+        return
+    found = _probe(classifier, [source, carriers[0]])
+    if found is None:
+        return
+    patches, laid = found[carriers[0]][0], found[source][0]
+    laid = laid.transpose(1, 2, 0) if layout == "NCHW" else laid  # [h, w, C]
+    if laid.shape[:2] != (height, width) or patches.shape != (height * width, laid.shape[2]):
+        return
+    if not np.array_equal(patches, laid.reshape(height * width, -1)) and \
+            np.array_equal(patches, laid.transpose(1, 0, 2).reshape(height * width, -1)):
+        raise ModelError(f"the patch tokens {carriers[0]!r} of {tokens!r} come column by column from "
+                         f"the patch embedding {source!r} (token i is patch (i % {height}, i // "
+                         f"{height}) of the {height}x{width} grid); camface lays tokens out row by "
+                         "row, as ViT, DeiT and Swin flatten them (x.flatten(2).transpose(1, 2)): "
+                         "flatten the patches row by row in the model before exporting it")
 
 
 def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tuple[Classifier, str]:
     """(the classifier rewritten, the grid tensor): the patch tokens of `tokens` [N, T, C] laid
     out as an NHWC map [N, h, w, C] that the model's own readers of `tokens` read back through
-    (prefix tokens, then the map reshaped to [N, h * w, C]). The values are the model's; the
-    map is a target like any spatial map: its gradient is the tokens' gradient, rearranged."""
+    (prefix tokens, then the map reshaped to [N, h * w, C], then the suffix tokens). The values
+    are the model's; the map is a target like any spatial map: its gradient is the tokens'
+    gradient, rearranged."""
     import dataclasses
 
     import onnx
@@ -994,12 +1148,18 @@ def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tup
                                                                        * grid.width, channels])],
                               [back], name=fresh("reshape_back"))]
     added[1].metadata_props.add(key=TOKEN_GRID, value=f"{grid.prefix}+{grid.height}x{grid.width}")
+    parts = [back]
     if grid.prefix:
-        prefix = fresh("prefix")
-        added += [helper.make_node("Slice", [tokens, ints("zero", [0]), added[0].input[1], axis],
-                                   [prefix], name=fresh("slice_prefix")),
-                  helper.make_node("Concat", [prefix, back], [joined], axis=1,
-                                   name=fresh("concat_tokens"))]
+        parts.insert(0, fresh("prefix"))
+        added.append(helper.make_node("Slice", [tokens, ints("zero", [0]), added[0].input[1], axis],
+                                      [parts[0]], name=fresh("slice_prefix")))
+    if grid.suffix:
+        parts.append(fresh("suffix"))
+        added.append(helper.make_node("Slice", [tokens, added[0].input[2],
+                                                ints("all_tokens", [count + grid.suffix]), axis],
+                                      [parts[-1]], name=fresh("slice_suffix")))
+    if len(parts) > 1:
+        added.append(helper.make_node("Concat", parts, [joined], axis=1, name=fresh("concat_tokens")))
     else:
         joined = back
     nodes = list(graph.node)

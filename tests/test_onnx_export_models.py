@@ -609,3 +609,38 @@ def test_convnext_heatmaps_equal_those_of_torch_autograd(convnext_graph, batch):
         scale = float(np.abs(heatmap).max())
         np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("module, channels_last", [("stages.1.2.norm", True), ("stages.1.2.mlp.0", True),
+                                                   ("stages.0.1.conv_dw", False)])
+def test_a_module_inside_nested_sequentials_is_named_as_pytorch_names_it(tmp_path, module,
+                                                                         channels_last):
+    """TorchScript scopes a module of a Sequential inside a Sequential `stages/stages.1/
+    stages.1.2/norm`; its PyTorch name is `stages.1.2.norm`, which was unknown (`did you mean
+    stages.1.stages.1.2.norm`). ConvNeXt's block internals, NHWC (its LayerNorm and MLP) or
+    NCHW, on a 32x48 input (a 4x6 or 8x12 map): the activations are torch's, not transposed."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ConvNeXt().eval()
+    path = tmp_path / "convnext.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 48),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    graph, info, differences = onnx_export.build(onnx.load(path), ExportOptions(preset="unit",
+                                                                                target_layer=module))
+    assert info.target_layer == module and all(d.ok for d in differences)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["activations"], {"image": images, "class_index": np.array([-1, 1])})[0]
+    seen = {}
+    hook = model.get_submodule(module).register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        model(torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    hook.remove()
+    want = seen["a"].numpy() if channels_last else seen["a"].numpy().transpose(0, 2, 3, 1)
+    assert want.shape[1:3] in ((4, 6), (8, 12))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

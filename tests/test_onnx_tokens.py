@@ -418,3 +418,251 @@ def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
         want = torch.relu((torch.softmax(scores, 1)[:, :, None, None] * a).sum(1)).numpy()
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("layer", ["norm", "blocks.1"])
+def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_maps(tmp_path, caplog,
+                                                                                    layer):
+    """A ViT's head reads the class token alone: after the last attention (the final norm, the
+    last block's output) no patch token reaches the logits, every gradient there is exactly 0,
+    and the gradient maps were exported empty without a word (pytorch-grad-cam's FAQ: use
+    blocks[-1].norm1). They are left out with a warning naming the layer and the default; the
+    maps that do not need the gradient stay; asked for by name, the export is refused."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = onnx.load(legacy_onnx(ViT(True).eval(), tmp_path / "m.onnx"))
+    with caplog.at_level(logging.WARNING):
+        _, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer))
+    gradient_maps = {m for m in methods.names() if methods.GRADIENTS in methods.get(m).needs}
+    assert not gradient_maps & set(info.heatmaps)
+    assert {"eigencam", "scorecam"} <= set(info.heatmaps) and all(d.ok for d in differences)
+    assert f"target {layer}: the logits read none of its patch tokens" in caplog.text
+    assert "blocks.1.norm1 (the default)" in caplog.text
+    with pytest.raises(ModelError, match=rf"target {layer}: the logits read none of its patch "
+                                         r"tokens.*gradcam"):
+        onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer, heads=("gradcam",)))
+    # at the default target the gradient reaches the patches: every map stays
+    _, info, _ = onnx_export.build(model, ExportOptions(preset="unit"))
+    assert gradient_maps <= set(info.heatmaps)
+
+
+class TokensAroundPatches(nn.Module):
+    """Patches of a `height` x `width` image (8x8 each) with extra tokens on either side: a class
+    token before them and `after` register tokens after (lucidrains' SimpleViT with registers
+    packs [patches, registers]), or DINOv2's class token, registers, patches (`registers_first`).
+    The head reads the class token (the last token when none comes first); one block, so the default target (its norm1) holds each
+    patch's own token, unmixed."""
+
+    def __init__(self, height=32, width=48, before=1, after=0, registers_first=0, dim=8):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.before = nn.Parameter(torch.randn(1, before, dim))
+        self.after = nn.Parameter(torch.randn(1, after, dim))
+        self.registers = nn.Parameter(torch.randn(1, registers_first, dim))
+        self.blocks = nn.Sequential(TransformerBlock(dim, 1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        n = x.shape[0]
+        x = torch.cat([self.before.expand(n, -1, -1), x, self.after.expand(n, -1, -1)], 1)
+        if self.registers.shape[1]:  # DINOv2: cat(x[:, :1], registers, x[:, 1:])
+            x = torch.cat([x[:, :1], self.registers.expand(n, -1, -1), x[:, 1:]], 1)
+        x = self.blocks(x)
+        return self.head(x[:, 0] if self.before.shape[1] else x[:, -1])  # the class token
+
+
+@pytest.mark.parametrize("before, after, registers_first, grid", [
+    (1, 0, 0, (1, 4, 6, 0)), (0, 1, 0, (0, 4, 6, 1)), (1, 4, 0, (1, 4, 6, 4)),
+    (1, 0, 4, (5, 4, 6, 0))], ids=["class-token", "class-token-after", "registers-after",
+                                   "dinov2-registers"])
+def test_each_patch_lands_on_its_own_grid_cell(tmp_path, before, after, registers_first, grid):
+    """One lit 8x8 patch at row 1, column 3 of a 4x6 grid: the graph's activations (the tokens on
+    the grid) differ from those of a dark image there and nowhere else, and equal torch's token
+    of patch 1 * 6 + 3. Tokens after the patches (registers packed after them) were taken for
+    prefix tokens: the grid started one token late and the map was shifted by a patch."""
+    torch.manual_seed(0)
+    model = TokensAroundPatches(32, 48, before, after, registers_first).eval()
+    classifier = classifier_of(model, tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    found = onnx_model.token_grid(classifier, tokens)
+    assert (found.prefix, found.height, found.width, found.suffix) == grid
+    assert found.to_metadata() == {"prefix": grid[0], "height": 4, "width": 6,
+                                   **({"suffix": grid[3]} if grid[3] else {})}
+    # --prefix-tokens and --token-grid as the model has them: the tokens after the patches stay
+    assert onnx_model.token_grid(classifier, tokens, (4, 6), grid[0]) == found
+    gridded, target = onnx_model.with_token_grid(classifier, tokens, found)
+    built = onnx_cam.build(gridded, target, *UNIT)
+    assert all(d.ok for d in onnx_verify.check(gridded, built, *UNIT))
+    images = np.zeros((2, 32, 48, 3), np.uint8)
+    images[1, 8:16, 24:32] = 255  # patch (1, 3)
+    session = ort.InferenceSession(built.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["activations"], {"image": images, "class_index": np.array([-1, -1])})[0]
+    moved = np.abs(got[1] - got[0]).max(-1)  # [4, 6]
+    assert np.argwhere(moved > 1e-3 * moved.max()).tolist() == [[1, 3]]
+    seen = {}
+    hook = model.blocks[0].norm1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        model(torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    hook.remove()
+    patches = seen["a"][:, grid[0]:grid[0] + 24].numpy()
+    np.testing.assert_allclose(got.reshape(2, 24, -1), patches, rtol=1e-4, atol=1e-5)
+
+
+def test_tokens_after_the_patches_are_named_in_the_target_description():
+    from camface.graph_spec import GraphInfo
+
+    info = GraphInfo(labels=("a",), input_size=(32, 48), color_order="RGB",
+                     target_layer="blocks.0.norm1", heatmaps=("gradcam",), feature_size=(4, 6),
+                     token_grid={"prefix": 1, "height": 4, "width": 6, "suffix": 4})
+    assert info.target_description == "blocks.0.norm1 (tokens: 1 + 4x6 + 4)"
+    assert GraphInfo.from_metadata(info.to_metadata()).token_grid == info.token_grid
+
+
+@pytest.mark.parametrize("size", [(24, 24), (48, 48), (32, 48)])
+def test_an_input_size_the_position_embedding_does_not_fit_is_refused_in_one_line(tmp_path, size):
+    """A ViT exported with a dynamic height and width keeps a position embedding of 1 + 4x4
+    tokens: at another --input-size its patches no longer fit it. At 24x24 (9 patches, 17
+    tokens) the 8 extra tokens were taken for prefix tokens and the export crashed inside ONNX
+    Runtime (or, without the self-check, wrote a graph that cannot run); at 48x48 it advised
+    '-19 prefix tokens'. The model is now run once at the size and refused, saying why."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = tmp_path / "dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ViT(True).eval(), (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "logits": {0: "N"}})
+    model = onnx.load(path)
+    with pytest.raises(ModelError, match=rf"^{path}: --input-size {size[0]}x{size[1]}: the model does "
+                                         r"not run at that size \(ONNX Runtime: .*Add.*\); .*position "
+                                         r"embedding.*size it was trained on"):
+        onnx_export.build(model, ExportOptions(preset="unit", input_size=size, verify=False), str(path))
+    _, info, _ = onnx_export.build(model, ExportOptions(preset="unit", input_size=(SIZE, SIZE),
+                                                       verify=False), str(path))
+    assert info.token_grid == {"prefix": 1, "height": 4, "width": 4}
+
+
+@pytest.mark.parametrize("grid", [None, (4, 4)])
+def test_a_swins_window_tokens_are_refused_as_a_token_target(tmp_path, grid):
+    """Swin's window attention works on [N * windows, window tokens, C]: its 16 tokens are one
+    window's, and the batch axis holds 4 windows per image. The refusal advised --token-grid,
+    which then laid each window out as an image and crashed the self-check inside ONNX
+    Runtime; it now says they are windows and names a layer that holds the image's tokens."""
+    torch.manual_seed(0)
+    classifier = classifier_of(Swin().eval(), tmp_path / "m.onnx")
+    windows = onnx_model.module_outputs(classifier.model)["stage1.attn"]
+    assert onnx_model.shapes(classifier.model)[windows][1:] == [16, 16]
+    with pytest.raises(ModelError, match=r"'/stage1/attn/proj/Add_output_0' \[.*, 16, 16\] hold 4 "
+                                         r"rows per image.*windows.*norm2"):
+        onnx_model.token_grid(classifier, windows, grid)
+    tokens = onnx_model.module_outputs(classifier.model)["stage1.norm2"]
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(0, 8, 8)
+
+
+class LinearPatchesOf(nn.Module):
+    """A `height` x `width` image cut into 8x8 patches by reshapes, embedded by a linear layer
+    (no convolution), a class token first."""
+
+    def __init__(self, height, width, dim=8):
+        super().__init__()
+        self.rows, self.columns = height // 8, width // 8
+        self.embed = nn.Linear(8 * 8 * 3, dim)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.Sequential(TransformerBlock(dim, 1))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = x.reshape(n, 3, self.rows, 8, self.columns, 8).permute(0, 2, 4, 3, 5, 1)
+        x = self.embed(x.reshape(n, self.rows * self.columns, 8 * 8 * 3))
+        return self.head(self.blocks(torch.cat([self.class_token.expand(n, -1, -1), x], 1))[:, 0])
+
+
+def test_linear_patches_of_a_non_square_image_take_their_grid_from_the_input_size(tmp_path):
+    """32x48 in 8x8 patches: 1 + 4x6 = 25 tokens, which a square would read as 0 + 5x5. With no
+    patch-embedding convolution the grid is the one whose patches tile the input (a stride
+    dividing both sides); it was refused ('form no grid'). Patch (1, 3) lands on its cell."""
+    torch.manual_seed(0)
+    model = LinearPatchesOf(32, 48).eval()
+    classifier = classifier_of(model, tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    assert onnx_model.token_grid(classifier, tokens) == onnx_model.TokenGrid(1, 4, 6)
+    gridded, target = onnx_model.with_token_grid(classifier, tokens, onnx_model.token_grid(classifier, tokens))
+    built = onnx_cam.build(gridded, target, *UNIT)
+    images = np.zeros((2, 32, 48, 3), np.uint8)
+    images[1, 8:16, 24:32] = 255
+    session = ort.InferenceSession(built.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["activations"], {"image": images, "class_index": np.array([-1, -1])})[0]
+    moved = np.abs(got[1] - got[0]).max(-1)
+    assert np.argwhere(moved > 1e-3 * moved.max()).tolist() == [[1, 3]]
+
+
+def test_score_cam_on_a_non_square_token_grid_equals_torch(tmp_path):
+    """Score-CAM's masks on a 4x6 grid upsampled to a 32x48 input (rows to the height, columns to
+    the width), against pytorch-grad-cam 1.5.7's ScoreCAM transcribed as above."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = TokensAroundPatches(32, 48).eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 32, 48),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    graph, info, differences = onnx_export.build(onnx.load(path), ExportOptions(preset="unit"))
+    assert "scorecam" in info.heatmaps and info.feature_size == (4, 6) and all(d.ok for d in differences)
+    images = np.random.default_rng(5).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    classes = np.array([-1, 2], np.int64)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(["scorecam"], {"image": images, "class_index": classes})[0]
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    seen = {}
+    hook = model.blocks[0].norm1.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        logits = model(x)
+    hook.remove()
+    a = seen["a"][:, 1:].reshape(2, 4, 6, -1).permute(0, 3, 1, 2)  # [N, K, 4, 6]
+    chosen = torch.where(torch.from_numpy(classes) < 0, logits.argmax(1), torch.from_numpy(classes))
+    with torch.no_grad():
+        up = torch.nn.UpsamplingBilinear2d(size=(32, 48))(a)
+        low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        masks = (up - low) / (high - low + 1e-8)
+        scores = torch.stack([model(x[n:n + 1] * masks[n][:, None])[:, chosen[n]] for n in range(2)])
+        want = torch.relu((torch.softmax(scores, 1)[:, :, None, None] * a).sum(1)).numpy()
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+
+
+class ColumnMajorPatches(TokensAroundPatches):
+    """Patch tokens taken column by column (x.transpose(2, 3).flatten(2)): token i is patch
+    (i % 4, i // 4) of the 4x6 grid."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).transpose(2, 3).flatten(2).transpose(1, 2)
+        x = torch.cat([self.before.expand(x.shape[0], -1, -1), x], 1)
+        return self.head(self.blocks(x)[:, 0])
+
+
+def test_patch_tokens_taken_column_by_column_are_refused(tmp_path):
+    """camface lays tokens out row by row, as ViT, DeiT and Swin flatten their patches; tokens
+    flattened column by column were laid out transposed without a word."""
+    torch.manual_seed(0)
+    classifier = classifier_of(ColumnMajorPatches(32, 48).eval(), tmp_path / "m.onnx", (32, 48))
+    tokens = onnx_model.default_token_target(classifier)
+    with pytest.raises(ModelError, match=r"come column by column from the patch embedding "
+                                         r"'/patch_embed/Conv_output_0'.*row by row"):
+        onnx_model.token_grid(classifier, tokens)
