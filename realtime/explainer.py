@@ -149,7 +149,25 @@ def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, ma
 
 def run_scores(graph, crops: np.ndarray, class_index: np.ndarray, method: str):
     """(probs, heatmaps, similarity) of one graph call: `CamGraph.run_scores` on a gallery graph,
-    else `run` with similarity float32 [N, 0] (so that graphs wrapped by a front end need `run` only)."""
+    else `run` with similarity float32 [N, 0] (so that graphs wrapped by a front end need `run` only).
+
+    A crop asked for its predicted class (-1) whose highest probability several classes share
+    (a saturated sigmoid: logits 20 and 30 both give 1.0 in float32) is explained again for the
+    first of them, the class every result names as predicted: the graph explains the argmax of
+    its logits, which may be another of the tied classes."""
+    probs, heatmaps, similarity = _run_once(graph, crops, class_index, method)
+    if method == "none" or not len(probs):
+        return probs, heatmaps, similarity
+    top = probs.max(axis=1, keepdims=True)
+    tied = np.flatnonzero((class_index < 0) & ((probs == top).sum(axis=1) > 1))
+    if len(tied):
+        predicted = probs[tied].argmax(axis=1).astype(np.int64)
+        heatmaps = heatmaps.copy()
+        heatmaps[tied] = _run_once(graph, crops[tied], predicted, method)[1]
+    return probs, heatmaps, similarity
+
+
+def _run_once(graph, crops: np.ndarray, class_index: np.ndarray, method: str):
     if getattr(graph.info, "gallery", None):
         return graph.run_scores(crops, class_index, method)
     probs, heatmaps = graph.run(crops, class_index, method)

@@ -144,3 +144,41 @@ def test_overlay_misuse():
         overlay(np.zeros((4, 4, 3), np.uint8), heatmap, "gradcam", side=8, offset=(6, 0))
     with pytest.raises(ValueError, match="unknown colormap 'nope'"):
         overlay(np.zeros((4, 4, 3), np.uint8), heatmap, "gradcam", "nope")
+
+
+class _SaturatedSigmoidGraph:
+    """The tiny graph's contract with a multi-label sigmoid head whose classes 0 and 1 both
+    saturate at probability 1.0 (logits 20 and 30): like every exported graph it explains the
+    argmax of its logits (class 1) when asked for the predicted class (-1). Each heatmap is
+    filled with 1 + the class it explains."""
+
+    def __init__(self, info):
+        self.info, self.provider, self.calls = info, "cpu", []
+
+    def run(self, crops, class_index, method):
+        self.calls.append(class_index.tolist())
+        probs = np.tile(np.array([1.0, 1.0, 0.2], np.float32), (len(crops), 1))
+        explained = np.where(class_index < 0, 1, class_index)
+        heatmaps = np.ones((len(crops), 4, 4), np.float32) * (1 + explained)[:, None, None]
+        return probs, heatmaps
+
+
+def test_a_class_shown_as_predicted_is_the_class_its_heatmap_explains(graph):
+    """Tied top probabilities (a saturated sigmoid): the result names the first of them as
+    predicted, so its heatmap is of that class, not of the graph's own pick among the ties."""
+    from camface.realtime.explainer import FrameExplainer, run_graph_scores
+
+    fake = _SaturatedSigmoidGraph(graph.info)
+    result = FrameExplainer(fake, margin=0.2, max_faces=2).explain(_frame(), FACES, Controls("gradcam")).result
+    for prediction in result.predictions:
+        assert prediction.predicted == prediction.explained == 0
+        np.testing.assert_array_equal(prediction.heatmap, np.full((4, 4), 1.0, np.float32))
+    assert fake.calls == [[-1, -1], [0, 0]]  # the tied crops once more, for their predicted class
+    # a class asked for by index is explained as asked, once; "none" asks for no heatmap again
+    fake.calls.clear()
+    crops = np.zeros((3, 32, 32, 1), np.uint8)
+    probs, heatmaps, _, _ = run_graph_scores(fake, crops, np.array([2, -1, 1], np.int64), "gradcam")
+    assert heatmaps[:, 0, 0].tolist() == [3.0, 1.0, 2.0] and fake.calls == [[2, -1, 1], [0]]
+    fake.calls.clear()
+    run_graph_scores(fake, crops, np.full(3, -1, np.int64), "none")
+    assert fake.calls == [[-1, -1, -1]]
