@@ -10,6 +10,9 @@ Compared on held-out face crops (not used for calibration), per crop, then avera
   * overlap of their top-20% regions, as intersection over union (IoU). The top-20% region is
     where the eye reads "the model looks here"; two unrelated maps overlap by
     0.2 / (2 - 0.2) = 0.11 on average (chance), identical maps by 1.
+  * the crops whose map holds NaN or inf where the float32 one is finite (the display shows such a
+    map as zeros, so Pearson r can miss it: a zero float32 map against a NaN one reads r = 1).
+    Any such crop fails the export.
 
 THRESHOLDS fail an export. Top-1 agreement >= 90% and a mean probability difference <= 0.05:
 a sound int8 graph changes probabilities by ~1e-3 on the bundled emotion model, a badly
@@ -55,6 +58,8 @@ class MethodAgreement:
     pearson: float
     overlap: float
     worst_pearson: float
+    crops: int = 0  # crops compared (0: all of the Agreement's)
+    nonfinite: int = 0  # crops whose map holds NaN or inf where the reference's is finite
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Agreement:
     mean_prob_difference: float
     max_prob_difference: float
     methods: dict = field(default_factory=dict)
+    not_compared: dict = field(default_factory=dict)  # method -> why it was not compared
 
     def bars(self, thresholds: Thresholds = THRESHOLDS, floor: "Agreement | None" = None) -> dict:
         """method -> (Pearson bar, overlap bar): the fixed thresholds, lowered to the noise
@@ -90,6 +96,9 @@ class Agreement:
                        f"{thresholds.mean_prob_difference:.3f}")
         for name, (pearson_bar, overlap_bar) in self.bars(thresholds, floor).items():
             m = self.methods[name]
+            if m.nonfinite:  # normalize() shows a NaN map as zeros: Pearson r alone can miss it
+                out.append(f"{name} heatmap not finite (NaN or inf) on {m.nonfinite} of {m.crops or self.crops} "
+                           "crops where the reference's is finite")
             if not m.pearson >= pearson_bar:  # NaN fails too
                 out.append(f"{name} heatmap Pearson r {m.pearson:.3f} < {pearson_bar:.2f}")
             if not m.overlap >= overlap_bar:
@@ -109,8 +118,11 @@ class Agreement:
         out = [f"top-1 agreement {self.top1_agreement:.1%} on {self.crops} held-out crops; probability "
                f"difference mean {self.mean_prob_difference:.4f}, max {self.max_prob_difference:.4f}"]
         for name, m in self.methods.items():
+            on = f" on {m.crops} crops" if m.crops and m.crops != self.crops else ""
             out.append(f"{name}: Pearson r {m.pearson:.3f} (worst crop {m.worst_pearson:.3f}), "
-                       f"top-20% overlap {m.overlap:.3f}")
+                       f"top-20% overlap {m.overlap:.3f}{on}"
+                       + (f", NOT FINITE on {m.nonfinite} crops" if m.nonfinite else ""))
+        out += [f"{name}: not compared ({why})" for name, why in self.not_compared.items()]
         return out
 
 
@@ -162,12 +174,14 @@ def compare(probs_ref: np.ndarray, probs: np.ndarray, heatmaps_ref: dict, heatma
     difference = np.abs(probs - probs_ref).max(axis=1)
     methods = {}
     for name in heatmaps_ref:
-        rs, overlaps = [], []
+        rs, overlaps, nonfinite = [], [], 0
         for ref, got in zip(heatmaps_ref[name], heatmaps[name]):
+            nonfinite += int(bool(np.isfinite(ref).all() and not np.isfinite(got).all()))
             ref_up, got_up = upsample(normalize(ref, name), side), upsample(normalize(got, name), side)
             rs.append(pearson(ref_up, got_up))
             overlaps.append(region_overlap(ref_up, got_up))
-        methods[name] = MethodAgreement(float(np.mean(rs)), float(np.mean(overlaps)), float(np.min(rs)))
+        methods[name] = MethodAgreement(float(np.mean(rs)), float(np.mean(overlaps)), float(np.min(rs)),
+                                        len(rs), nonfinite)
     return Agreement(
         crops=len(probs),
         top1_agreement=float(np.mean(probs.argmax(1) == probs_ref.argmax(1))),

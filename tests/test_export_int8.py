@@ -68,12 +68,10 @@ def test_int8_agrees_with_float32_within_the_bars(float32, quantized):
     from camface.graph_spec import GraphInfo
 
     info = GraphInfo.from_metadata({p.key: p.value for p in float32.metadata_props})
-    # every heatmap of the graph is checked, but for the gradient-free methods that run the model
-    # again: they run the int8 model itself and are checked against their numpy reference on it
-    # (export/int8.py to_int8, tests/test_gradient_free.py)
-    from camface import methods
-
-    assert set(result.methods) == {h for h in info.heatmaps if not methods.get(h).reruns}
+    # every heatmap of the graph, the gradient-free methods that run the int8 model again too (64
+    # target channels: on every held-out crop; export/int8.py rerun_crops)
+    assert set(result.methods) == set(info.heatmaps) and not result.not_compared
+    assert result.methods["scorecam"].crops == result.crops
 
 
 def test_features_are_int8_and_everything_after_the_target_float32(float32, quantized):
@@ -246,3 +244,103 @@ def test_export_int8_from_keras_writes_a_checked_graph(tmp_path, capsys):
     info = CamGraph(out, "cpu").info
     assert info.precision == "int8" and info.quantization["passed"] and info.source_model == EMOTION_KERAS.name
     int8.check_float_tail(onnx.load(str(out)))
+
+
+def test_a_nan_map_is_a_failure_even_where_the_reference_map_is_zero():
+    # normalize() shows a NaN map as zeros, so against a zero float32 map Pearson r reads 1.0
+    zero, nan = np.zeros((3, 4, 4), np.float32), np.zeros((3, 4, 4), np.float32)
+    nan[1, 2, 2] = np.nan
+    probs = np.full((3, 2), 0.5, np.float32)
+    result = agreement.compare(probs, probs, {"gradcam": zero}, {"gradcam": nan}, side=8)
+    assert result.methods["gradcam"].nonfinite == 1 and result.methods["gradcam"].pearson == 1.0
+    assert result.failures() == ["gradcam heatmap not finite (NaN or inf) on 1 of 3 crops where the reference's "
+                                 "is finite"]
+    assert "gradcam: Pearson r 1.000 (worst crop 1.000), top-20% overlap 1.000, NOT FINITE on 1 crops" \
+        in result.lines()
+    same = agreement.compare(probs, probs, {"gradcam": nan}, {"gradcam": nan}, side=8)  # NaN in both: not int8's
+    assert same.methods["gradcam"].nonfinite == 0
+
+
+# ------------------------------------------------------------------ a small ONNX classifier
+
+
+def _small_classifier(channels: int = 6, size: int = 16):
+    """A forward ONNX classifier: Conv(3 -> channels) -> Relu [target] -> GlobalAveragePool -> Gemm
+    -> Softmax on [N, 3, size, size]."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32) * 0.01, "w"),
+               numpy_helper.from_array(rng.standard_normal((4, channels)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["conv"], ["target"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["target"], ["pooled"], name="gap"),
+             helper.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _small_cam_graph():
+    """`_small_classifier` as a float32 CAM graph (ONNX engine, self-check off) with every method,
+    Score-CAM and Ablation-CAM included."""
+    from camface.export import convert, onnx_export
+    from camface.export.exporter import ExportOptions
+
+    cam_graph, info, _ = onnx_export.build(_small_classifier(), ExportOptions(preset="unit", target_layer="target",
+                                                                              verify=False))
+    convert.set_metadata(cam_graph, info.to_metadata())
+    return cam_graph, info
+
+
+def _smooth_crops(count: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    """uint8 [count, size, size, 3]: coarse random blocks, bilinearly enlarged (images, not noise)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (count, 4, 4, 3)).astype(np.float32)
+    return np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_LINEAR) for c in coarse]).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def small():
+    cam_graph, info = _small_cam_graph()
+    crops = calibration.CropSets("smooth.png", _smooth_crops(24), _smooth_crops(8, seed=1))
+    return cam_graph, info, crops
+
+
+def test_score_cam_and_ablation_cam_are_compared_with_float32(small):
+    cam_graph, info, crops = small
+    assert {"scorecam", "ablationcam"} <= set(info.heatmaps)
+    result = int8.to_int8(cam_graph, crops=crops)
+    assert set(result.agreement.methods) == set(info.heatmaps)  # every heatmap, the reruns too
+    assert set(result.floor.methods) == set(info.heatmaps)
+    held = crops.held_out
+    reference = CamGraph.from_bytes(cam_graph.SerializeToString(), "float32.onnx", "cpu")
+    graph = CamGraph.from_bytes(result.model.SerializeToString(), "int8.onnx", "cpu")
+    probs_ref, maps_ref = reference.run(held, np.full(len(held), -1, np.int64), "scorecam")
+    _, maps = graph.run(held, probs_ref.argmax(1), "scorecam")
+    again = agreement.compare(probs_ref, probs_ref, {"scorecam": maps_ref}, {"scorecam": maps}, 16)
+    recorded = result.report["agreement"]["methods"]["scorecam"]
+    assert recorded["pearson"] == pytest.approx(again.methods["scorecam"].pearson, abs=1e-4)
+    assert recorded["crops"] == len(held) and "scorecam" in result.report["thresholds"]["heatmaps"]
+
+
+def test_a_target_too_wide_to_compare_the_reruns_says_so(small, monkeypatch, caplog):
+    cam_graph, info, crops = small
+    monkeypatch.setattr(int8, "RERUN_VARIANTS", 6 * (calibration.MIN_HELD_OUT - 1))  # 3 crops at 6 channels
+    with caplog.at_level("WARNING"):
+        result = int8.to_int8(cam_graph, crops=crops)
+    assert set(result.agreement.not_compared) == {"scorecam", "ablationcam"}
+    assert not {"scorecam", "ablationcam"} & set(result.agreement.methods)
+    assert "int8: ablationcam, scorecam not compared with float32 (6 target channels" in caplog.text
+    lines = int8.summary_lines(result.report)
+    assert any(line.strip().startswith("scorecam: not compared (6 target channels") for line in lines)
+
+
+@pytest.mark.parametrize("held_out, channels, want", [(64, 64, 64), (64, 512, 8), (64, 1024, 4), (64, 2048, 0),
+                                                       (10, 8, 10)])
+def test_rerun_crops_are_the_first_that_fit(held_out, channels, want):
+    crops = np.arange(held_out)
+    assert int8.rerun_crops(crops, channels).tolist() == list(range(want))
+
