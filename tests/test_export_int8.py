@@ -344,3 +344,45 @@ def test_rerun_crops_are_the_first_that_fit(held_out, channels, want):
     crops = np.arange(held_out)
     assert int8.rerun_crops(crops, channels).tolist() == list(range(want))
 
+
+@pytest.mark.parametrize("stage", ["int8", "ranking"])
+def test_a_failed_export_keeps_the_previous_graph(stage, small, tmp_path, monkeypatch, capsys):
+    """The ranking runs after the graph is written: a failure there (or Ctrl-C) left the new,
+    unranked graph in place of the previous one."""
+    from camface.export import ranking
+
+    _, _, crops = small
+    model = tmp_path / "net.onnx"
+    onnx.save(_small_classifier(), str(model))
+    out = tmp_path / "cam.onnx"
+    out.write_bytes(b"the previous graph")
+    monkeypatch.setattr(calibration, "crop_sets", lambda *args: crops)
+    monkeypatch.setattr(ranking, "source_crops", lambda source, graph: (crops.held_out, {"source": "smooth.png"}))
+
+    def fail(*args, **kwargs):
+        raise ModelError(f"{stage} failed")
+
+    monkeypatch.setattr(int8 if stage == "int8" else ranking, "to_int8" if stage == "int8" else "rank_crops", fail)
+    assert camface_main(["export", str(model), "-o", str(out), "--preset", "unit", "--target-layer", "target",
+                         "--int8"]) != 0
+    assert f"{stage} failed" in capsys.readouterr().err
+    assert out.read_bytes() == b"the previous graph"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.onnx", "net.onnx"]  # nothing left beside it
+
+
+def test_an_export_replaces_the_previous_graph_whole(small, tmp_path, monkeypatch, capsys):
+    from camface.export import ranking
+
+    _, _, crops = small
+    model = tmp_path / "net.onnx"
+    onnx.save(_small_classifier(), str(model))
+    out = tmp_path / "cam.onnx"
+    out.write_bytes(b"the previous graph")
+    monkeypatch.setattr(calibration, "crop_sets", lambda *args: crops)
+    monkeypatch.setattr(ranking, "source_crops", lambda source, graph: (crops.held_out, {"source": "smooth.png"}))
+    assert camface_main(["export", str(model), "-o", str(out), "--preset", "unit", "--target-layer", "target",
+                         "--int8"]) == 0
+    assert f"wrote {out} (" in capsys.readouterr().out
+    info = CamGraph(out, "cpu").info
+    assert info.precision == "int8" and info.ranking and "skipped" in info.ranking  # 8 crops: fewer than 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.onnx", "net.onnx"]
