@@ -386,3 +386,18 @@ def test_an_export_replaces_the_previous_graph_whole(small, tmp_path, monkeypatc
     info = CamGraph(out, "cpu").info
     assert info.precision == "int8" and info.ranking and "skipped" in info.ranking  # 8 crops: fewer than 16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.onnx", "net.onnx"]
+
+
+def test_a_bar_lowered_by_the_noise_floor_is_warned_about(small, monkeypatch, caplog):
+    """A float32 map that moves under the nudge lowers its bars (agreement.py); the export then
+    passed a weaker check in silence (the bars showed only in the summary lines)."""
+    cam_graph, _, crops = small
+    noise = np.random.default_rng(5)
+    monkeypatch.setattr(int8, "nudge", lambda held: noise.integers(0, 256, held.shape).astype(np.uint8))
+    with caplog.at_level("WARNING"):
+        result = int8.to_int8(cam_graph, crops=crops)
+    pearson_bar, _ = result.agreement.bars(agreement.THRESHOLDS, result.floor)["gradcam"]
+    assert pearson_bar < agreement.THRESHOLDS.heatmap_pearson - int8.LOWERED
+    assert "int8: gradcam: the float32 map itself moves under a one-grey-level nudge (Pearson r" in caplog.text
+    quiet = int8.lowered_bars(result.agreement, result.agreement)  # a floor at r 1.0: nothing lowered
+    assert quiet == []
