@@ -177,7 +177,8 @@ def _calibrate_features(model, calibration: np.ndarray, calibrate, folder: Path,
     batch in memory: over 20 GB for ResNet50's CAM graph)."""
     import onnx
     import onnx.utils
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import (CalibrationMethod, TensorData, create_calibrator,
+                                                    save_tensors_data)
 
     features = onnx.utils.Extractor(model).extract_model([graph_spec.INPUT_IMAGE], [graph_spec.OUTPUT_ACTIVATIONS])
     path = folder / "features.onnx"
@@ -190,7 +191,50 @@ def _calibrate_features(model, calibration: np.ndarray, calibrate, folder: Path,
                                    extra_options=options)
     for start in range(0, len(calibration), BATCH):
         calibrator.collect_data(_Crops(calibration[start:start + BATCH], with_class=False))
-    save_tensors_data(calibrator.compute_data(), ranges)
+    measured = calibrator.compute_data()
+    for name, (lowest, highest) in pixel_ranges(features, calibration.shape[1:]).items():
+        if name in measured:
+            measured.data[name] = TensorData(lowest=np.float32(lowest), highest=np.float32(highest))
+    save_tensors_data(measured, ranges)
+
+
+PIXEL_OPS = ("Cast", "Mul", "Add", "Sub", "Div", "Transpose", "Identity")  # elementwise by constants, layout
+
+
+def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+    """tensor -> (lowest, highest) it can hold, for the tensors between the uint8 `image` and
+    the first layer of the model: the cast and the normalisation by constants (and layout
+    transposes), each the only reader of the one before. Their range is known, not measured:
+    pixels 0..255 through an affine map per channel, so the extremes come from an all-0 and an
+    all-255 image. Calibrated instead (the 99.999th percentile of the calibration crops), the
+    brightest pixels of the live frames were clipped to the calibration's brightest (246 on the
+    sample clip; a dim calibration clip clipped far more), which the held-out crops, lit as the
+    calibration ones, could not show."""
+    import onnxruntime as ort
+
+    from camface.export.onnx_model import constants
+
+    values = constants(model)
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    chain, tensor = [], graph_spec.INPUT_IMAGE
+    while len(consumers.get(tensor, [])) == 1:
+        node = consumers[tensor][0]
+        if node.op_type not in PIXEL_OPS or any(x != tensor and x and x not in values for x in node.input):
+            break
+        chain.append(node.output[0])
+        tensor = node.output[0]
+    if not chain:
+        return {}
+    import onnx.utils
+
+    probe = onnx.utils.Extractor(model).extract_model([graph_spec.INPUT_IMAGE], chain)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    extremes = np.stack([np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)])
+    return {name: (float(np.min(value)), float(np.max(value)))
+            for name, value in zip(chain, session.run(chain, {graph_spec.INPUT_IMAGE: extremes}))}
 
 
 @contextlib.contextmanager

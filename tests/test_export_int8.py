@@ -401,3 +401,24 @@ def test_a_bar_lowered_by_the_noise_floor_is_warned_about(small, monkeypatch, ca
     assert "int8: gradcam: the float32 map itself moves under a one-grey-level nudge (Pearson r" in caplog.text
     quiet = int8.lowered_bars(result.agreement, result.agreement)  # a floor at r 1.0: nothing lowered
     assert quiet == []
+
+
+def test_pixels_brighter_than_the_calibration_crops_are_not_clipped(small):
+    """The cast and normalised pixels have a known range, 0..255 through the normalisation; it was
+    calibrated instead, so a clip darker than the live frames clipped every brighter pixel."""
+    cam_graph, _, crops = small
+    dim = calibration.CropSets("dim.mp4", crops.calibration // 3, crops.held_out // 3)  # pixels 0..85
+    quantized = int8.to_int8(cam_graph, crops=dim).model
+    bright = crops.held_out  # pixels up to 255
+    reference = CamGraph.from_bytes(cam_graph.SerializeToString(), "float32.onnx", "cpu")
+    graph = CamGraph.from_bytes(quantized.SerializeToString(), "int8.onnx", "cpu")
+    a_ref = reference.session.run(["activations"], {"image": bright, "class_index": np.full(len(bright), -1)})[0]
+    a = graph.session.run(["activations"], {"image": bright, "class_index": np.full(len(bright), -1)})[0]
+    # the activations' own range was calibrated on the dim crops: compare where it holds them
+    calibrated = graph.session.run(["activations"], {"image": dim.calibration,
+                                                     "class_index": np.full(len(dim.calibration), -1)})[0].max()
+    inside = a_ref <= calibrated
+    assert inside.mean() > 0.5
+    assert np.abs(a - a_ref)[inside].max() < 0.05 * calibrated
+    ranges = int8.pixel_ranges(cam_graph, bright.shape[1:])
+    assert ranges[next(iter(ranges))] == (0.0, 255.0)  # the cast: every uint8 value
