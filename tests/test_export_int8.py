@@ -422,3 +422,21 @@ def test_pixels_brighter_than_the_calibration_crops_are_not_clipped(small):
     assert np.abs(a - a_ref)[inside].max() < 0.05 * calibrated
     ranges = int8.pixel_ranges(cam_graph, bright.shape[1:])
     assert ranges[next(iter(ranges))] == (0.0, 255.0)  # the cast: every uint8 value
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, ValueError])
+def test_an_interrupted_write_leaves_the_previous_graph_and_no_partial_file(error, tmp_path, monkeypatch):
+    from camface.export import convert
+
+    out = tmp_path / "cam.onnx"
+    out.write_bytes(b"the previous graph")
+
+    def interrupted(model, path):
+        with open(path, "wb") as f:
+            f.write(b"half a gra")
+        raise error("stopped")
+
+    monkeypatch.setattr(onnx, "save_model", interrupted)
+    with pytest.raises(error):
+        convert.save(onnx.ModelProto(), out)
+    assert out.read_bytes() == b"the previous graph" and [p.name for p in tmp_path.iterdir()] == ["cam.onnx"]
