@@ -228,9 +228,14 @@ def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]
         tensor = node.output[0]
     if not chain:
         return {}
-    import onnx.utils
+    import onnx
+    from onnx import TensorProto, helper
 
-    probe = onnx.utils.Extractor(model).extract_model([graph_spec.INPUT_IMAGE], chain)
+    probe = onnx.ModelProto()  # the graph itself, the chain as outputs (onnx.utils' extractor needs
+    probe.CopyFrom(model)  # their shapes, which tf2onnx's graphs do not state)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                              for name in chain if name not in present)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     extremes = np.stack([np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)])
     return {name: (float(np.min(value)), float(np.max(value)))
