@@ -202,7 +202,8 @@ PIXEL_OPS = ("Cast", "Mul", "Add", "Sub", "Div", "Transpose", "Identity")  # ele
 
 
 def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
-    """tensor -> (lowest, highest) it can hold, for the tensors between the uint8 `image` and
+    """tensor -> (lowest, highest) it can hold, in `model` (the features, or a whole CAM graph) for
+    crops of `shape` ([H, W, C]), for the tensors between the uint8 `image` and
     the first layer of the model: the cast and the normalisation by constants (and layout
     transposes), each the only reader of the one before. Their range is known, not measured:
     pixels 0..255 through an affine map per channel, so the extremes come from an all-0 and an
@@ -238,8 +239,11 @@ def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]
                               for name in chain if name not in present)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     extremes = np.stack([np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)])
+    feed = {graph_spec.INPUT_IMAGE: extremes}
+    if any(i.name == graph_spec.INPUT_CLASS for i in session.get_inputs()):  # a whole CAM graph
+        feed[graph_spec.INPUT_CLASS] = np.full(2, -1, np.int64)
     return {name: (float(np.min(value)), float(np.max(value)))
-            for name, value in zip(chain, session.run(chain, {graph_spec.INPUT_IMAGE: extremes}))}
+            for name, value in zip(chain, session.run(chain, feed))}
 
 
 @contextlib.contextmanager

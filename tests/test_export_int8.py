@@ -144,8 +144,9 @@ def test_info_shows_the_agreement(int8_path, capsys):
 
 def test_all_black_calibration_is_caught(float32, crops):
     black = calibration.CropSets("black.mp4", np.zeros_like(crops.calibration), crops.held_out)
+    # the pixels keep their 0..255 range (int8.pixel_ranges): the layers after them fail on the maps
     with pytest.raises(ModelError, match=r"calibrated on black.mp4 no longer explains what the float32 graph "
-                                         r"explains on 64 held-out crops: top-1 agreement .*gradcam heatmap"):
+                                         r"explains on 64 held-out crops: .*gradcam heatmap Pearson r 0\.\d+ < 0\.8"):
         int8.to_int8(float32, crops=black)
 
 
@@ -217,11 +218,13 @@ def _agreement(top1=1.0, diff=0.0, r=1.0, overlap=1.0):
     (_agreement(), None, []),
     (_agreement(top1=0.875), None, ["top-1 agreement 87.5% < 90%"]),
     (_agreement(diff=0.06), None, ["mean probability difference 0.060 > 0.050"]),
-    (_agreement(r=0.8, overlap=0.5), None, ["gradcam heatmap Pearson r 0.800 < 0.90",
-                                            "gradcam top-20% overlap 0.500 < 0.60"]),
+    (_agreement(r=0.8, overlap=0.5), None, ["gradcam heatmap Pearson r 0.800 < 0.900",
+                                            "gradcam top-20% overlap 0.500 < 0.600"]),
     (_agreement(r=0.8, overlap=0.5), _agreement(r=0.85, overlap=0.55), []),  # an ill-conditioned map
-    (_agreement(r=0.7, overlap=0.5), _agreement(r=0.85, overlap=0.55), ["gradcam heatmap Pearson r 0.700 < 0.75"]),
-    (_agreement(r=float("nan")), None, ["gradcam heatmap Pearson r nan < 0.90"]),
+    (_agreement(r=0.7, overlap=0.5), _agreement(r=0.85, overlap=0.55), ["gradcam heatmap Pearson r 0.700 < 0.750"]),
+    # a bar the floor lowered to 0.8949 read "r 0.894 < 0.89"
+    (_agreement(r=0.894), _agreement(r=0.9949), ["gradcam heatmap Pearson r 0.894 < 0.895"]),
+    (_agreement(r=float("nan")), None, ["gradcam heatmap Pearson r nan < 0.900"]),
 ])
 def test_failures_name_each_missed_bar(result, floor, misses):
     assert result.failures(agreement.THRESHOLDS, floor) == misses
@@ -440,3 +443,19 @@ def test_an_interrupted_write_leaves_the_previous_graph_and_no_partial_file(erro
     with pytest.raises(error):
         convert.save(onnx.ModelProto(), out)
     assert out.read_bytes() == b"the previous graph" and [p.name for p in tmp_path.iterdir()] == ["cam.onnx"]
+
+
+def test_a_crop_whose_activations_are_all_zero_gets_zero_maps_never_nan(small):
+    """A black crop: the small model's bias-free convolution gives zero activations after the ReLU;
+    every int8 map of it is finite and zero (nothing to point at), at batch 1 and beside other crops."""
+    cam_graph, info, crops = small
+    quantized = int8.to_int8(cam_graph, crops=crops).model
+    graph = CamGraph.from_bytes(quantized.SerializeToString(), "int8.onnx", "cpu")
+    black = np.zeros((1, *crops.held_out.shape[1:]), np.uint8)
+    for batch in (black, np.concatenate([crops.held_out[:2], black])):
+        names = ["activations", *info.heatmaps]
+        outputs = dict(zip(names, graph.session.run(names, {"image": batch, "class_index": np.full(len(batch), -1)})))
+        assert not outputs["activations"][-1].any()
+        for name in info.heatmaps:
+            assert np.isfinite(outputs[name]).all(), name
+            assert not outputs[name][-1].any(), name
