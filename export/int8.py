@@ -152,7 +152,8 @@ def quantize_features(model, calibration: np.ndarray, method: str = DEFAULT_CALI
     for index, node in enumerate(model.graph.node):  # nodes_to_quantize goes by name
         if not node.name:
             node.name = f"{node.op_type}_{index}"
-    features = [node.name for node in feature_nodes(model)]
+    pixels = {node.name for node in pixel_chain(model)}  # float32; their last output is quantised once
+    features = [node.name for node in feature_nodes(model) if node.name not in pixels]
     calibrate = {"percentile": CalibrationMethod.Percentile, "minmax": CalibrationMethod.MinMax,
                  "entropy": CalibrationMethod.Entropy}[method]
     with tempfile.TemporaryDirectory(prefix="camface-int8-") as tmp, _quiet_quantizer():
@@ -201,18 +202,11 @@ def _calibrate_features(model, calibration: np.ndarray, calibrate, folder: Path,
 PIXEL_OPS = ("Cast", "Mul", "Add", "Sub", "Div", "Transpose", "Identity")  # elementwise by constants, layout
 
 
-def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
-    """tensor -> (lowest, highest) it can hold, in `model` (the features, or a whole CAM graph) for
-    crops of `shape` ([H, W, C]), for the tensors between the uint8 `image` and
-    the first layer of the model: the cast and the normalisation by constants (and layout
-    transposes), each the only reader of the one before. Their range is known, not measured:
-    pixels 0..255 through an affine map per channel, so the extremes come from an all-0 and an
-    all-255 image. Calibrated instead (the 99.999th percentile of the calibration crops), the
-    brightest pixels of the live frames were clipped to the calibration's brightest (246 on the
-    sample clip; a dim calibration clip clipped far more), which the held-out crops, lit as the
-    calibration ones, could not show."""
-    import onnxruntime as ort
-
+def pixel_chain(model) -> list:
+    """The nodes (onnx.NodeProto) from the uint8 `image` to the model's first layer: the cast, the
+    normalisation by constants and layout transposes (PIXEL_OPS), each the only reader of the one
+    before. They stay float32 (`quantize_features`): quantised one after the other, each rounding
+    the last one's rounding, they moved pixels by up to a step of the normalised input."""
     from camface.export.onnx_model import constants
 
     values = constants(model)
@@ -225,25 +219,72 @@ def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]
         node = consumers[tensor][0]
         if node.op_type not in PIXEL_OPS or any(x != tensor and x and x not in values for x in node.input):
             break
-        chain.append(node.output[0])
+        chain.append(node)
         tensor = node.output[0]
-    if not chain:
-        return {}
+    return chain
+
+
+def pixel_ranges(model, shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+    """tensor -> (lowest, highest) of its quantisation range, in `model` (the features, or a whole
+    CAM graph) for crops of `shape` ([H, W, C]), for the tensors between the uint8 `image` and
+    the first layer of the model: the cast and the normalisation by constants (and layout
+    transposes), each the only reader of the one before. Their values are known, not measured:
+    pixels 0..255 through an affine map per channel, computed here on crops holding every value.
+    Calibrated instead (the 99.999th percentile of the calibration crops), the brightest pixels
+    of the live frames were clipped to the calibration's brightest (246 on the sample clip; a
+    dim calibration clip clipped far more), which the held-out crops, lit as the calibration
+    ones, could not show. The range is widened by a fraction of a step where needed (`untied`)
+    so that no pixel value lies on a rounding tie."""
     import onnx
+    import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    chain = [node.output[0] for node in pixel_chain(model)]
+    if not chain:
+        return {}
     probe = onnx.ModelProto()  # the graph itself, the chain as outputs (onnx.utils' extractor needs
     probe.CopyFrom(model)  # their shapes, which tf2onnx's graphs do not state)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                               for name in chain if name not in present)
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    extremes = np.stack([np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)])
-    feed = {graph_spec.INPUT_IMAGE: extremes}
+    height, width, channels = shape
+    count = -(-256 // (height * width))  # crops enough for every pixel value in every channel
+    ramp = (np.arange(count * height * width) % 256).astype(np.uint8).reshape(count, height, width, 1)
+    feed = {graph_spec.INPUT_IMAGE: np.ascontiguousarray(np.repeat(ramp, channels, axis=3))}
     if any(i.name == graph_spec.INPUT_CLASS for i in session.get_inputs()):  # a whole CAM graph
-        feed[graph_spec.INPUT_CLASS] = np.full(2, -1, np.int64)
-    return {name: (float(np.min(value)), float(np.max(value)))
-            for name, value in zip(chain, session.run(chain, feed))}
+        feed[graph_spec.INPUT_CLASS] = np.full(count, -1, np.int64)
+    return {name: untied(value) for name, value in zip(chain, session.run(chain, feed))}
+
+
+TIE_MARGIN = 1e-3  # steps: a value nearer than this to half a step rounds as the CPU's rounding says
+WIDENINGS = (0.0, 0.5, 0.25, 0.75, 0.125, 0.375, 1.0, 1.5)  # steps added at each end, in this order
+
+
+def untied(values: np.ndarray) -> tuple[float, float]:
+    """(lowest, highest) of a uint8 quantisation range holding every one of `values` (float32:
+    a tensor's values for all pixel values), such that none of them divided by the scale lies
+    within TIE_MARGIN of a half step. The exact range, or the first of it widened by WIDENINGS
+    steps at both ends that is so: x / 127.5 - 1 (the emotion and tf presets) over its exact
+    range [-1, 1] is p - 127.5 steps, every pixel on a tie, each rounded up or down by the last
+    bit of the float sums (another CPU, or the masked copies Score-CAM feeds, round otherwise).
+    The scale and the zero point are ONNX Runtime's (`compute_scale_zp`: the range holds 0)."""
+    values = np.unique(np.asarray(values, np.float32)).astype(np.float64)
+    lowest, highest = min(float(values[0]), 0.0), max(float(values[-1]), 0.0)
+    best = None
+    for widen in WIDENINGS:
+        step = (highest - lowest) / 255
+        low, high = np.float32(lowest - widen * step), np.float32(highest + widen * step)
+        scale = float(np.float32((np.float64(high) - np.float64(low)) / 255))
+        if scale <= 0:
+            return float(low), float(high)
+        steps = values / scale
+        margin = float(np.abs(np.abs(steps - np.floor(steps)) - 0.5).min())
+        if best is None or margin > best[0]:
+            best = (margin, float(low), float(high))
+        if margin >= TIE_MARGIN:
+            break
+    return best[1], best[2]
 
 
 @contextlib.contextmanager
@@ -275,29 +316,14 @@ def run_graph(model_bytes: bytes, crops: np.ndarray, class_index: np.ndarray, me
     return probs, {m: np.concatenate([p[1 + j] for p in parts]) for j, m in enumerate(methods)}
 
 
-def agreement(reference: bytes, quantized: bytes, crops: np.ndarray, info: graph_spec.GraphInfo,
-              nudged: bool = False) -> Agreement:
-    """Agreement of the `quantized` graph with the float32 `reference` on `crops`; both graphs'
-    heatmaps explain the class the float32 graph predicts, so heatmaps are compared for the same
-    question and a changed prediction shows in the top-1 agreement alone. nudged: feed the
-    `quantized` graph the crops nudged by one grey level."""
-    methods = tuple(info.heatmaps)
-    probs_ref, maps_ref = run_graph(reference, crops, np.full(len(crops), -1, np.int64), methods)
-    probs, maps = run_graph(quantized, nudge(crops) if nudged else crops, probs_ref.argmax(1).astype(np.int64), methods)
-    return compare(probs_ref, probs, maps_ref, maps, side=max(info.input_size))
-
-
-def noise_floor(reference: bytes, crops: np.ndarray, info: graph_spec.GraphInfo) -> Agreement:
-    """The float32 graph's agreement with itself on `crops` nudged by one grey level
-    (agreement.nudge): how much its heatmaps move under less than camera noise."""
-    return agreement(reference, reference, crops, info, nudged=True)
-
-
 def agreements(reference: bytes, quantized: bytes, crops: np.ndarray, info: graph_spec.GraphInfo,
                methods: tuple[str, ...] | None = None, nudged_too: bool = True) -> tuple[Agreement, Agreement | None]:
     """(`quantized` against the float32 `reference` on `crops`, the float32 graph against itself
-    on the crops nudged by one grey level: the noise floor, or None without `nudged_too`), for
-    the heatmaps `methods` (default: every one of `info`); the float32 graph runs once for both."""
+    on the crops nudged by one grey level (agreement.nudge): the noise floor, how much its maps move
+    under less than camera noise; None without `nudged_too`), for the heatmaps `methods` (default:
+    every one of `info`). Both graphs' heatmaps explain the class the float32 graph predicts, so
+    they answer the same question and a changed prediction shows in the top-1 agreement alone;
+    the float32 graph runs once for both."""
     methods = tuple(info.heatmaps) if methods is None else methods
     side = max(info.input_size)
     probs_ref, maps_ref = run_graph(reference, crops, np.full(len(crops), -1, np.int64), methods)
@@ -392,7 +418,7 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
         "scheme": "ONNX Runtime quantize_static, QDQ, int8 per-channel weights, uint8 activations; features "
                   f"(before {info.target_layer}) only, head, gradient and heatmaps float32",
         "onnxruntime": onnxruntime.__version__,
-        "quantized_nodes": len(feature_nodes(model)),
+        "quantized_nodes": len(feature_nodes(model)) - len(pixel_chain(model)),
         "calibration": {"source": str(crops.source), "crops": len(crops.calibration),
                         "method": f"{method} {PERCENTILE}" if method == "percentile" else method},
         "agreement": result.to_json(),

@@ -459,3 +459,36 @@ def test_a_crop_whose_activations_are_all_zero_gets_zero_maps_never_nan(small):
         for name in info.heatmaps:
             assert np.isfinite(outputs[name]).all(), name
             assert not outputs[name][-1].any(), name
+
+
+@pytest.mark.parametrize("preset", ["tf", "facenet", "unit", "torch", "imagenet-caffe"])
+def test_no_pixel_value_sits_on_a_rounding_tie(preset, small):
+    """x / 127.5 - 1 over its exact range [-1, 1] quantises to p - 127.5 steps: every pixel on a
+    tie, rounded up or down by the last bit of the float sums (another CPU; Score-CAM's masked
+    copies: `camface train --int8`'s check of Score-CAM failed). The pixels are quantised once, as
+    the model reads them (not at each step of the normalisation, rounding the rounding), on a scale
+    that leaves every pixel value at least TIE_MARGIN from a half step."""
+    from onnx import numpy_helper
+
+    from camface.export import convert, onnx_export, onnx_rerun
+    from camface.export.exporter import ExportOptions
+
+    _, _, crops = small
+    cam_graph, info, _ = onnx_export.build(_small_classifier(), ExportOptions(preset=preset, target_layer="target",
+                                                                              verify=False))
+    convert.set_metadata(cam_graph, info.to_metadata())
+    quantized = int8.to_int8(cam_graph, crops=crops, enforce=False).model
+    chain = list(int8.pixel_ranges(onnx_rerun.without(cam_graph, info)[0], (16, 16, 3)))  # as quantised
+    scales = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer if i.data_type == 1
+              and numpy_helper.to_array(i).size == 1}
+    quantizers = [(n.input[0], scales[n.input[1]]) for n in quantized.graph.node
+                  if n.op_type == "QuantizeLinear" and n.input[0] in chain]
+    assert len(quantizers) == 1 and quantizers[0][0] == chain[-1]  # once, where the model reads them
+    probe = onnx.ModelProto.FromString(quantized.SerializeToString())
+    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name, _ in quantizers)
+    session = CamGraph.from_bytes(probe.SerializeToString(), "int8.onnx", "cpu").session
+    ramp = np.repeat(np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1), 3, axis=3)  # every pixel value
+    values = session.run([name for name, _ in quantizers], {"image": ramp, "class_index": np.array([-1])})
+    for (name, scale), x in zip(quantizers, values):
+        steps = x.astype(np.float64) / scale
+        assert np.abs(np.abs(steps - np.floor(steps)) - 0.5).min() >= int8.TIE_MARGIN / 2, name
