@@ -14,7 +14,9 @@ metadata come through untouched (the splice would have to rebuild all four).
 
 Calibration: static ranges from face crops cut as live (export/calibration.py), calibration
 method `percentile` (the 99.999th percentile of each tensor's histogram) unless asked
-otherwise: one outlier value does not stretch a whole tensor's range. `minmax` (ONNX Runtime's
+otherwise: one outlier value does not stretch a whole tensor's range. Not the pixels: the cast
+and the normalisation stay float32, and the normalised input the model reads gets its known
+range (`pixel_ranges`), on a scale that puts no pixel value on a rounding tie (`untied`). `minmax` (ONNX Runtime's
 default, the smallest and largest value seen) is much faster (ResNet50 on two cores: seconds
 instead of minutes for the histograms), and cruder with outliers. Neither was compared on one
 and the same trained model: the toy MobileNetV2 of tests/test_train.py (retrained per run) gave
