@@ -10,10 +10,14 @@ Compared on held-out face crops (not used for calibration), per crop, then avera
   * overlap of their top-20% regions, as intersection over union (IoU). The top-20% region is
     where the eye reads "the model looks here"; two unrelated maps overlap by
     0.2 / (2 - 0.2) = 0.11 on average (chance), identical maps by 1.
+  * the crops whose map holds NaN or inf where the float32 one is finite (the display shows such a
+    map as zeros, so Pearson r can miss it: a zero float32 map against a NaN one reads r = 1).
+    Any such crop fails the export.
 
 THRESHOLDS fail an export. Top-1 agreement >= 90% and a mean probability difference <= 0.05:
-a sound int8 graph changes probabilities by ~1e-3 on the bundled emotion model, a badly
-calibrated one (all-black calibration crops) flips ~95% of predictions. Per heatmap method,
+a sound int8 graph changes probabilities by ~1e-3 on the bundled emotion model; a badly
+calibrated one (all-black calibration crops) flipped ~95% of predictions while the pixels' own
+range was calibrated too (export/int8.py pixel_ranges), and now fails on its maps. Per heatmap method,
 mean Pearson r >= 0.90 and top-20% overlap >= 0.60 (5x chance) -- or, for a map that is
 ill-conditioned at its target layer, what the float32 graph itself achieves when every pixel
 of the crops is nudged by one grey level (camera noise is larger), less MARGIN: the noise
@@ -21,7 +25,7 @@ floor. Grad-CAM++ at the emotion graph's add_3 (no ReLU there, its denominator n
 once moved as much under that nudge (r ~0.74) as under int8 (r ~0.77); since camface/methods.py
 conditions its denominator every method there holds r >= 0.99 under both (`camface export
 --int8` prints them), and a bar is then lowered by less than 0.01. The floor rejects only a
-graph that moves a map more than noise does (all-black calibration: Grad-CAM r ~ -0.1).
+graph that moves a map more than noise does (all-black calibration: Grad-CAM r 0.52).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class MethodAgreement:
     pearson: float
     overlap: float
     worst_pearson: float
+    crops: int = 0  # crops compared (0: all of the Agreement's)
+    nonfinite: int = 0  # crops whose map holds NaN or inf where the reference's is finite
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Agreement:
     mean_prob_difference: float
     max_prob_difference: float
     methods: dict = field(default_factory=dict)
+    not_compared: dict = field(default_factory=dict)  # method -> why it was not compared
 
     def bars(self, thresholds: Thresholds = THRESHOLDS, floor: "Agreement | None" = None) -> dict:
         """method -> (Pearson bar, overlap bar): the fixed thresholds, lowered to the noise
@@ -90,10 +97,13 @@ class Agreement:
                        f"{thresholds.mean_prob_difference:.3f}")
         for name, (pearson_bar, overlap_bar) in self.bars(thresholds, floor).items():
             m = self.methods[name]
+            if m.nonfinite:  # normalize() shows a NaN map as zeros: Pearson r alone can miss it
+                out.append(f"{name} heatmap not finite (NaN or inf) on {m.nonfinite} of {m.crops or self.crops} "
+                           "crops where the reference's is finite")
             if not m.pearson >= pearson_bar:  # NaN fails too
-                out.append(f"{name} heatmap Pearson r {m.pearson:.3f} < {pearson_bar:.2f}")
+                out.append(f"{name} heatmap Pearson r {m.pearson:.3f} < {pearson_bar:.3f}")
             if not m.overlap >= overlap_bar:
-                out.append(f"{name} top-20% overlap {m.overlap:.3f} < {overlap_bar:.2f}")
+                out.append(f"{name} top-20% overlap {m.overlap:.3f} < {overlap_bar:.3f}")
         return out
 
     def to_json(self) -> dict:
@@ -109,8 +119,11 @@ class Agreement:
         out = [f"top-1 agreement {self.top1_agreement:.1%} on {self.crops} held-out crops; probability "
                f"difference mean {self.mean_prob_difference:.4f}, max {self.max_prob_difference:.4f}"]
         for name, m in self.methods.items():
+            on = f" on {m.crops} crops" if m.crops and m.crops != self.crops else ""
             out.append(f"{name}: Pearson r {m.pearson:.3f} (worst crop {m.worst_pearson:.3f}), "
-                       f"top-20% overlap {m.overlap:.3f}")
+                       f"top-20% overlap {m.overlap:.3f}{on}"
+                       + (f", NOT FINITE on {m.nonfinite} crops" if m.nonfinite else ""))
+        out += [f"{name}: not compared ({why})" for name, why in self.not_compared.items()]
         return out
 
 
@@ -162,12 +175,14 @@ def compare(probs_ref: np.ndarray, probs: np.ndarray, heatmaps_ref: dict, heatma
     difference = np.abs(probs - probs_ref).max(axis=1)
     methods = {}
     for name in heatmaps_ref:
-        rs, overlaps = [], []
+        rs, overlaps, nonfinite = [], [], 0
         for ref, got in zip(heatmaps_ref[name], heatmaps[name]):
+            nonfinite += int(bool(np.isfinite(ref).all() and not np.isfinite(got).all()))
             ref_up, got_up = upsample(normalize(ref, name), side), upsample(normalize(got, name), side)
             rs.append(pearson(ref_up, got_up))
             overlaps.append(region_overlap(ref_up, got_up))
-        methods[name] = MethodAgreement(float(np.mean(rs)), float(np.mean(overlaps)), float(np.min(rs)))
+        methods[name] = MethodAgreement(float(np.mean(rs)), float(np.mean(overlaps)), float(np.min(rs)),
+                                        len(rs), nonfinite)
     return Agreement(
         crops=len(probs),
         top1_agreement=float(np.mean(probs.argmax(1) == probs_ref.argmax(1))),

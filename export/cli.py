@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from dataclasses import replace
 from pathlib import Path
 
 from camface import graph_spec, methods
@@ -144,8 +146,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from camface.export.exporter import ExportOptions, export, read_labels_file
     from camface.export.onnx_export import SUFFIXES
@@ -192,13 +192,22 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--class-output is for .onnx / .pt2 models with several outputs")
     if not onnx_engine and args.input_size is not None:
         raise UsageError("--input-size is for .onnx / .pt2 models with a dynamic height and width")
-    if onnx_engine:
-        from camface.export import onnx_export
+    # the graph is written, then ranked and written again: both go to a file beside -o, renamed
+    # over it only when done, so a failed ranking (or Ctrl-C) never leaves an unranked graph in
+    # place of the previous one
+    output = Path(args.output)
+    staging = output.with_name(f".{output.name}.{os.getpid()}.unranked.onnx")
+    try:
+        if onnx_engine:
+            from camface.export import onnx_export
 
-        result = onnx_export.export(args.model, args.output, options)
-    else:
-        result = export(args.model, args.output, options)
-    result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds)
+            result = onnx_export.export(args.model, staging, options)
+        else:
+            result = export(args.model, staging, options)
+        result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds)
+        result = replace(result, path=_replace(staging, output))
+    finally:
+        staging.unlink(missing_ok=True)
     info = result.info
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "
           f"target layer {info.target_description} {info.feature_size[0]}x{info.feature_size[1]}, "
@@ -216,6 +225,17 @@ def main(args: argparse.Namespace) -> int:
     for line in ranking.summary_lines(info.ranking, graph_spec.auto_method(info)[0]):
         print(f"  ranking {line}")
     return 0
+
+
+def _replace(staging: Path, output: Path) -> Path:
+    """Rename the finished graph `staging` over `output`; OutputError naming `output`."""
+    from camface.errors import OutputError
+
+    try:
+        os.replace(staging, output)
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    return output
 
 
 def _grid(text: str) -> tuple[int, int]:

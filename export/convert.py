@@ -445,4 +445,7 @@ def save(model, path: str | Path) -> Path:
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:  # Ctrl-C, or onnx refusing the model (over 2 GB) midway: no partial file left
+        partial.unlink(missing_ok=True)
+        raise
     return path
