@@ -492,3 +492,15 @@ def test_no_pixel_value_sits_on_a_rounding_tie(preset, small):
     for (name, scale), x in zip(quantizers, values):
         steps = x.astype(np.float64) / scale
         assert np.abs(np.abs(steps - np.floor(steps)) - 0.5).min() >= int8.TIE_MARGIN / 2, name
+
+
+def test_weights_leave_room_for_cpus_without_vnni(quantized):
+    """Every int8 weight lies in [-64, 64]: on x86 CPUs without VNNI ONNX Runtime's uint8 x int8
+    kernels add two products in 16 bits (255 x 64 x 2 = 32640 < 32767), which full 8-bit weights
+    (255 x 127 x 2) overflow, so the graph answers there as on the CPU its agreement was
+    measured on."""
+    weights = [numpy_helper.to_array(i) for i in quantized.model.graph.initializer if i.data_type == TensorProto.INT8]
+    assert weights, "no int8 weights: nothing was quantized"
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert 32 < largest <= int8.REDUCED_WEIGHT_MAX  # 7 bits, used (not a needlessly tiny scale)
+    assert 255 * largest * 2 <= np.iinfo(np.int16).max
