@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from camface.errors import ModelError, OutputError, SourceError
+from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.outputs import check_not_an_input, check_output_file
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,9 @@ def main(args: argparse.Namespace) -> int:
     config = GuidedConfig.from_args(args)
     if config.input.name == SNAPSHOT_JSON:  # the snapshot's own file names its folder
         config = dataclasses.replace(config, input=config.input.parent)
+    if config.all_layers and config.layer is not None:  # the GIF's frames are every layer
+        raise UsageError(f"--layer {config.layer} and --layers all exclude each other: the GIF shows "
+                         "Grad-CAM at every convolutional layer")
     out = _output_path(config)
     started = time.perf_counter()
     source, model = _read_input(config)

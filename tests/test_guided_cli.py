@@ -318,11 +318,18 @@ def _negative_margin(tmp_path, astronaut_bgr):
     return [str(_photo(tmp_path, astronaut_bgr)), "--margin", "-1"], r"--margin must be in \[0, .*got -1"
 
 
+def _layer_with_all_layers(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--layers", "all", "--layer", "add_3", "-o", str(tmp_path / "x.gif")], \
+        "--layer add_3 and --layers all exclude each other"
+
+
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
-                                  _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin],
+                                  _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
+                                  _layer_with_all_layers],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re
