@@ -7,9 +7,10 @@
         for result, frame in cam.process_video("talk.mp4"): ...
         maps = cam.explain_crops(crops, method="hirescam")   # crops in the graph's input format
 
-`load` builds a `LiveConfig` (any of its fields as a keyword), loads the CAM graph and the
-renderer; the face detector opens on the first frame. The same function opens the pipeline of
-`camface live`, `bench`, `serve`, `batch` and `evaluate`, so the default model
+`load` builds a `LiveConfig` (any field a pipeline uses as a keyword; `camface live`'s own,
+LIVE_ONLY, are refused), loads the CAM graph and the renderer; the face detector opens on the
+first frame. The same function opens the pipeline of `camface live`, `bench`, `serve`, `batch`
+and `evaluate`, so the default model
 (`model_path`), the detector (`face_detector`) and the renderer are each chosen here once.
 
 Top-level imports stay light (numpy and camface's own light modules): heavy ones (onnxruntime,

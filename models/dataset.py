@@ -93,6 +93,10 @@ class CropSettings:
     detector: str  # live loop detector name ("short" / "full")
     margin: float  # live loop crop margin (fraction of the box side added around it)
     min_confidence: float
+    # how a box of a face cut by the photo's edge is made: "clipped" at the edge (camface.realtime.
+    # blazeface.frame_box); crops cached before, from MediaPipe's boxes moved inside the photo a
+    # whole face wide, are made again
+    boxes: str = "clipped"
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,7 @@ class LiveLoop:
         stopped_by = "end of input"
         first_mark, last_mark = self.cpu_marks or (0, 0)
         cpu_at: dict[int, float] = {}
+        pauses: list[tuple[float, float]] = []  # (start, end) of each pause, on self._clock
         progress = self._progress(source)
         started = time.perf_counter()
         writer_thread.start()
@@ -248,7 +249,11 @@ class LiveLoop:
                                                   pacer.fps if pacer is not None else 0.0)
                     with self.timer.stage("render"):
                         renderer.annotate(frame, explained.result, controls.hud)
+                    held = viewer.paused_s
                     controls, commands = viewer.show(frame, controls)
+                    if viewer.paused_s > held:  # a pause just ended: its span on the clock that stamps frames
+                        end = self._clock()
+                        pauses.append((end - (viewer.paused_s - held), end))
                     if SNAPSHOT_SHOWN in commands:
                         shown = self._snapshot_shown(shown, output_q)
                     snapshot = snapshot or SNAPSHOT in commands
@@ -258,7 +263,7 @@ class LiveLoop:
                     # a camera's frame lasts in a recording until the next one was read (pauses
                     # left out); stamped by the reader, as a detection's cost varies by frame
                     read_at = self._read_at.pop(index, None)
-                    at = read_at - viewer.paused_s if read_at is not None else None
+                    at = read_at - paused_before(read_at, pauses) if read_at is not None else None
                     put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
                     shown = (raw, explained, snapshot) if keep_raw else None
                     frames += 1
@@ -307,6 +312,14 @@ class LiveLoop:
         if recorder.error is not None:
             raise recorder.error
 
+
+
+def paused_before(at: float, pauses: list[tuple[float, float]]) -> float:
+    """Seconds of `pauses` ((start, end), seconds on one clock) that passed before time `at`,
+    to leave them out of a recording's timeline. Frames are read ahead of the one paused on, so
+    a frame read before a pause keeps its time, one read during it is placed at its start, and
+    one read after it comes the pause's length earlier: the times never go back."""
+    return sum(max(0.0, min(at, end) - start) for start, end in pauses)
 
 
 def finish_progress(progress, ended: bool) -> None:

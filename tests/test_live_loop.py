@@ -811,3 +811,40 @@ def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
     loop.run()
     assert seen == list(range(60)) and clip.pulled == 60
     assert ahead and ahead[0] <= 2 * QUEUE_SIZE + 2
+
+
+class _PacedCamera(_CameraWithClock):
+    """A live source that films a frame every `period` s of real time (time.monotonic)."""
+
+    def __init__(self, frames: list[np.ndarray], period: float):
+        super().__init__(frames)
+        self.period, self.taken = period, []
+
+    def __iter__(self):
+        for i, frame in enumerate(self.frames):
+            if i:
+                time.sleep(self.period)
+            self.taken.append(time.monotonic())
+            yield frame.copy()
+
+
+def test_a_camera_recording_leaves_a_pause_out_without_squeezing_the_frames_before_it(tmp_path, sample_frames):
+    """Space pauses on frame 3 for about 0.5 s: the frames read before the pause keep their
+    times (frame 3 a camera period after frame 2), the pause is left out of the recording's
+    timeline (it lasts at most the time filmed less the pause), and no frame goes back in time.
+    Stamped at read time minus the whole pause, frame 3 and those read ahead of it went back
+    by the pause and were squeezed into 1 ms each."""
+    clip, _ = sample_frames
+    period = 0.04
+    camera = _PacedCamera([clip.frame(i) for i in range(14)], period)
+    window = FakeWindow("..." + " " + "." * 25 + " ")  # pause on frame 3, 25 polls of 20 ms, resume
+    out = tmp_path / "cam.mp4"
+    loop = LiveLoop(LiveConfig(record=out, detector="short", show=True), source=camera, window=window)
+    loop.run()
+    assert loop.summary.frames == 14 and loop.summary.paused_s >= 0.45
+    times = frame_times(out)
+    assert len(times) == 14 and all(b > a for a, b in zip(times, times[1:]))
+    assert times[3] - times[2] >= 0.75 * period  # was 0.001: pushed back by the pause, then clamped
+    # the pause left out; frames the reader read during it sit at its start
+    filmed = camera.taken[-1] - camera.taken[0]
+    assert times[-1] <= filmed - 0.9 * loop.summary.paused_s + 0.02

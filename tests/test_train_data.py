@@ -1,5 +1,6 @@
 """camface train, the parts without TensorFlow: folder scan, crop cache, split, metrics, errors."""
 
+import json
 from pathlib import Path
 
 import cv2
@@ -103,6 +104,28 @@ def test_prepare_crops_counts_statuses_and_reuses_cache(tmp_path):
     cropper2 = FakeCropper({10: 1, 20: 0, 30: 2}, 16)
     dataset.prepare_crops(data, classes, tmp_path / "crops", other, lambda: cropper2)
     assert cropper2.calls == 5
+
+
+def test_a_cache_made_before_boxes_were_clipped_at_the_edges_is_made_again(tmp_path):
+    """Crops cached with MediaPipe's boxes (a face cut by the left or top edge boxed a whole face
+    wide from it) differ from today's for such faces: a crop cache whose index predates the
+    clipped boxes (its settings have no `boxes`) is not reused."""
+    from dataclasses import asdict
+
+    data = tmp_path / "data"
+    _write(data / "a" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    _write(data / "b" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    classes = dataset.scan_classes(data)
+    settings = dataset.CropSettings(size=16, detect=True, detector="full", margin=0.25, min_confidence=0.5)
+    dataset.prepare_crops(data, classes, tmp_path / "crops", settings, lambda: FakeCropper({10: 1}, 16))
+    index, = (tmp_path / "crops").rglob("*.json")
+    stored = json.loads(index.read_text())
+    before = {key: value for key, value in asdict(settings).items() if key != "boxes"}
+    assert stored["settings"] == {**before, "boxes": "clipped"}
+    index.write_text(json.dumps({**stored, "settings": before}))  # as an older camface wrote it
+    cropper = FakeCropper({10: 1}, 16)
+    dataset.prepare_crops(data, classes, tmp_path / "crops", settings, lambda: cropper)
+    assert cropper.calls == 2
 
 
 def test_prepare_crops_no_detect_resizes(tmp_path):
