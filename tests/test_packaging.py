@@ -7,6 +7,7 @@ in the extra camface/extras.py names for it."""
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,68 @@ def test_a_missing_module_that_no_extra_brings_is_not_disguised(monkeypatch):
 def test_base_install_commands_run_without_any_extra(argv, tmp_path):
     run = _base_install(argv, tmp_path)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("target", ["demo", "bench"])
+def test_make_demo_and_bench_install_the_base_only(target, tmp_path):
+    """They run the live loop, which needs no extra: a first `make demo` must not download
+    TensorFlow, torch and Ray (gigabytes). A dry run (`make -n`) into a venv that does not exist."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    dry = subprocess.run(["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", target], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    installs = [line for line in dry.stdout.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert installs and all(line.rstrip().endswith("-e .") for line in installs), dry.stdout
+    assert f"{tmp_path / 'venv'}/bin/camface {'live' if target == 'demo' else 'bench'} --source sample" in dry.stdout
+
+
+def test_every_python_folder_is_a_listed_package():
+    """A subpackage left out of [tool.setuptools] packages works from the source tree and is
+    missing from the wheel."""
+    setup = PYPROJECT["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    missing = set()
+    for package, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            name = ".".join([package, *init.parent.relative_to(ROOT / folder).parts])
+            if name not in listed:
+                missing.add(name)
+    assert not missing, sorted(missing)
+
+
+def test_every_tracked_data_file_is_package_data():
+    """Files the code reads at run time (bundled models, the sample photo, serve's page) install
+    from a wheel only where [tool.setuptools.package-data] names them."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    setup = PYPROJECT["tool"]["setuptools"]
+    folders = {folder: package for package, folder in setup["package-dir"].items()}
+    tracked = subprocess.run(["git", "ls-files", *folders], capture_output=True, text=True, cwd=ROOT,
+                             check=True).stdout.split()
+    left_out = []
+    for file in (Path(name) for name in tracked if not name.endswith(".py")):
+        # the deepest listed package holding the file, and the file's path inside it
+        for parent in file.parents:
+            package = next((p for p in setup["packages"] if _folder_of(p, folders) == parent), None)
+            if package is not None:
+                inside = file.relative_to(parent)
+                break
+        else:
+            left_out.append(str(file))
+            continue
+        if not any(inside.match(pattern) and len(inside.parts) == len(Path(pattern).parts)
+                   for pattern in setup["package-data"].get(package, [])):
+            left_out.append(str(file))
+    assert not left_out, left_out
+
+
+def _folder_of(package: str, folders: dict[str, str]) -> Path | None:
+    """The source folder of a listed package: its own package-dir entry, else its parent's plus
+    the last part of its name."""
+    by_package = {p: f for f, p in folders.items()}
+    parts = package.split(".")
+    for cut in range(len(parts), 0, -1):
+        if ".".join(parts[:cut]) in by_package:
+            return Path(by_package[".".join(parts[:cut])], *parts[cut:])
+    return None
