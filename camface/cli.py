@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from camface import __version__
 from camface.errors import CamfaceError
-from camface.extras import install_hint
+from camface.extras import check_command, install_hint
 
 # name -> (module, one-line help). Modules are imported only when needed.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        check_command(args.command)
         return int(args._main(args) or 0)
     except CamfaceError as exc:
         if args.debug:

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from camface.extras import EXTRA_OF_MODULE
+from camface.cli import SUBCOMMANDS
+from camface.extras import COMMAND_NEEDS, EXTRA_OF_MODULE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from realtime_helpers import write_clip  # noqa: E402
@@ -32,11 +33,11 @@ DISTRIBUTION = {"cv2": "opencv-contrib-python", "PIL": "pillow", "onnxconverter_
                 "onnx_ir": "onnx-ir"}
 
 # `python -c BLOCK_EXTRAS ARGS...` runs `camface ARGS...` (or, with `--api` first, camface.load() on
-# the sample) with every module of an optional extra unimportable, as on a base install, and exits
-# 3 if any of them got imported anyway.
+# the sample) with every module of an optional extra unimportable, as on a base install (or those
+# that $BLOCKED lists, comma-separated), and exits 3 if any of them got imported anyway.
 BLOCK_EXTRAS = f"""
-import sys
-BLOCKED = {sorted(EXTRA_OF_MODULE)!r}
+import os, sys
+BLOCKED = os.environ.get('BLOCKED', {",".join(sorted(EXTRA_OF_MODULE))!r}).split(',')
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in BLOCKED:
@@ -64,9 +65,11 @@ def _requirement_names(requirements: list[str]) -> set[str]:
     return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requirements}
 
 
-def _base_install(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _base_install(argv: list[str], cwd: Path, blocked: tuple[str, ...] = (), timeout: float = 300
+                  ) -> subprocess.CompletedProcess:
+    env = {**ENV, "BLOCKED": ",".join(blocked)} if blocked else ENV
     return subprocess.run([sys.executable, "-c", BLOCK_EXTRAS, *argv], capture_output=True, text=True,
-                          env=ENV, timeout=300, cwd=cwd)
+                          env=env, timeout=timeout, cwd=cwd)
 
 
 def test_each_modules_extra_installs_it():
@@ -135,6 +138,23 @@ def test_a_command_without_its_extra_names_the_extra(argv, extra, inputs, tmp_pa
     assert "Traceback" not in run.stderr, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("camface: error:")]
     assert len(errors) == 1 and f"pip install 'camface[{extra}]'" in errors[0], run.stderr
+    if argv[0] in COMMAND_NEEDS:  # refused before any work: no output folder half made
+        assert errors == run.stderr.splitlines() and list(tmp_path.iterdir()) == [], run.stderr
+
+
+def test_serve_without_a_websocket_library_is_refused_before_it_listens(tmp_path):
+    """uvicorn without websockets or wsproto serves the page but cannot upgrade its WebSocket (it
+    logs a warning per request): the camera page would stay blank."""
+    run = _base_install(["serve", "--port", "0"], tmp_path, blocked=("websockets", "wsproto"), timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == ["camface: error: camface serve needs websockets (or wsproto), which is not "
+                                       "installed: pip install 'camface[serve]'"]
+
+
+def test_command_needs_table_names_modules_of_extras():
+    for command, needs in COMMAND_NEEDS.items():
+        assert command in SUBCOMMANDS, command
+        assert all(alternatives[0] in EXTRA_OF_MODULE for alternatives in needs), command
 
 
 def test_a_missing_module_that_no_extra_brings_is_not_disguised(monkeypatch):
