@@ -245,3 +245,15 @@ def _folder_of(package: str, folders: dict[str, str]) -> Path | None:
         if ".".join(parts[:cut]) in by_package:
             return Path(by_package[".".join(parts[:cut])], *parts[cut:])
     return None
+
+
+def test_info_without_a_path_describes_the_bundled_graph(capsys, tmp_path, monkeypatch):
+    """`camface live` ends with "`camface info` shows the ranking": after a pip install there is no
+    models/ folder to name, so `camface info` alone describes the graph live runs by default."""
+    from camface.cli import main as camface_main
+
+    monkeypatch.chdir(tmp_path)
+    assert camface_main(["info", str(ROOT / "models" / "emotion" / "emotion.onnx")]) == 0
+    named = capsys.readouterr().out
+    assert camface_main(["info"]) == 0
+    assert capsys.readouterr().out == named and "method ranking (--method auto shows" in named
