@@ -22,7 +22,7 @@ from camface.extras import COMMAND_NEEDS, EXTRA_OF_MODULE
 sys.path.insert(0, str(Path(__file__).parent))
 from realtime_helpers import write_clip  # noqa: E402
 
-tomllib = pytest.importorskip("tomllib")
+import tomllib  # noqa: E402  (Python 3.11+, as requires-python says)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
