@@ -257,3 +257,22 @@ def test_info_without_a_path_describes_the_bundled_graph(capsys, tmp_path, monke
     named = capsys.readouterr().out
     assert camface_main(["info"]) == 0
     assert capsys.readouterr().out == named and "method ranking (--method auto shows" in named
+
+
+def test_default_output_folders_are_git_ignored():
+    """What `camface live`/`serve` write where they run when no folder is given (snapshots on a
+    key press, serve's recordings) stays out of a commit made in the checkout, as `make demo`'s
+    demo-out/ does."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    import argparse
+
+    from camface.realtime.config import LiveConfig
+    from camface.serve import cli as serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.configure(parser)
+    defaults = [LiveConfig().snapshot_dir, parser.get_default("record_dir"), Path("demo-out")]
+    for folder in defaults:
+        probe = str(folder / "x" / "frame.png")
+        assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT).returncode == 0, f"{probe} is not ignored"
