@@ -29,7 +29,6 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "keras": "keras",
     "tf2onnx": "keras",
     "onnxconverter_common": "keras",
-    "matplotlib": "keras",
     "torch": "torch",
     "onnxscript": "torch",
     "onnx_ir": "torch",
@@ -43,8 +42,8 @@ EXTRA_OF_MODULE: dict[str, str] = {
 # command -> the modules it imports whatever its arguments; each entry is a tuple of alternatives,
 # any one of which will do (uvicorn serves WebSockets with either library)
 COMMAND_NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "train": (("tensorflow",), ("keras",), ("tf2onnx",), ("matplotlib",)),
-    "guided": (("tensorflow",), ("keras",), ("matplotlib",)),
+    "train": (("tensorflow",), ("keras",), ("tf2onnx",)),
+    "guided": (("tensorflow",), ("keras",)),
     "batch": (("ray",), ("pyarrow",)),
     "serve": (("starlette",), ("uvicorn",), ("websockets", "wsproto")),
 }

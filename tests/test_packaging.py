@@ -33,8 +33,8 @@ DISTRIBUTION = {"cv2": "opencv-contrib-python", "PIL": "pillow", "onnxconverter_
                 "onnx_ir": "onnx-ir"}
 
 # `python -c BLOCK_EXTRAS ARGS...` runs `camface ARGS...` (or, with `--api` first, camface.load() on
-# the sample) with every module of an optional extra unimportable, as on a base install (or those
-# that $BLOCKED lists, comma-separated), and exits 3 if any of them got imported anyway.
+# the sample) with every module of an optional extra unimportable, as on a base install (or those that $BLOCKED lists,
+# comma-separated), and exits 3 if any of them got imported anyway.
 BLOCK_EXTRAS = f"""
 import os, sys
 BLOCKED = os.environ.get('BLOCKED', {",".join(sorted(EXTRA_OF_MODULE))!r}).split(',')
@@ -175,6 +175,7 @@ def test_a_missing_module_that_no_extra_brings_is_not_disguised(monkeypatch):
      "--snapshot-every", "4", "--snapshot-dir", "snaps"],
     ["info", str(ROOT / "models" / "emotion" / "emotion.onnx")],
     ["evaluate", "--frames", "20", "--steps", "4"],
+    ["bench", "--source", "sample", "--frames", "3", "--warmup", "0"],
     ["--api"],
 ], ids=lambda argv: argv[0])
 def test_base_install_commands_run_without_any_extra(argv, tmp_path):
