@@ -277,3 +277,15 @@ def test_default_output_folders_are_git_ignored():
     for folder in defaults:
         probe = str(folder / "x" / "frame.png")
         assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT).returncode == 0, f"{probe} is not ignored"
+
+
+def test_make_test_installs_every_extra(tmp_path):
+    """`make test` (and CI's .ci/run) runs the whole suite: its environment has every extra."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    dry = subprocess.run(["make", "-n", "-B", f"VENV={tmp_path / 'venv'}", "test"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    installed = [re.search(r"-e '\.\[([^\]]*)\]'", line) for line in dry.stdout.splitlines() if "pip install" in line]
+    extras = {name for found in installed if found for name in found.group(1).split(",")}
+    assert extras == set(PYPROJECT["project"]["optional-dependencies"]), dry.stdout
