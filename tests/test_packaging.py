@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import cv2
@@ -22,8 +23,6 @@ from camface.extras import COMMAND_NEEDS, EXTRA_OF_MODULE
 sys.path.insert(0, str(Path(__file__).parent))
 from realtime_helpers import write_clip  # noqa: E402
 
-import tomllib  # noqa: E402  (Python 3.11+, as requires-python says)
-
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EMOTION_KERAS = ROOT / "models" / "emotion" / "emotion_mini_xception_fer2013.hdf5"
@@ -33,8 +32,8 @@ DISTRIBUTION = {"cv2": "opencv-contrib-python", "PIL": "pillow", "onnxconverter_
                 "onnx_ir": "onnx-ir"}
 
 # `python -c BLOCK_EXTRAS ARGS...` runs `camface ARGS...` (or, with `--api` first, camface.load() on
-# the sample) with every module of an optional extra unimportable, as on a base install (or those that $BLOCKED lists,
-# comma-separated), and exits 3 if any of them got imported anyway.
+# the sample) with every module of an optional extra unimportable, as on a base install (or those
+# that $BLOCKED lists, comma-separated), and exits 3 if any of them got imported anyway.
 BLOCK_EXTRAS = f"""
 import os, sys
 BLOCKED = os.environ.get('BLOCKED', {",".join(sorted(EXTRA_OF_MODULE))!r}).split(',')
