@@ -17,8 +17,6 @@ import sys
 from camface.errors import CamfaceError
 
 
-
-
 class ExtraMissingError(CamfaceError):
     """A command needs an optional extra that is not installed (the message names it)."""
 
