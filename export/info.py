@@ -125,9 +125,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from camface.models import EMOTION_ONNX
+    from camface.api import model_path
+    from camface.realtime.config import LiveConfig
 
-    summary = read(EMOTION_ONNX if args.graph is None else args.graph)
+    summary = read(model_path(LiveConfig(model=args.graph)))  # no MODEL.onnx: the graph live runs
     info = summary.info  # ModelError, one line, when it is not a CAM graph
     print(format_summary(summary))
     height, width = feature_size(summary, info)
