@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CAMFACE := $(VENV)/bin/camface
 STAMP := $(VENV)/.installed
+BASE_STAMP := $(VENV)/.installed-base
 
 .PHONY: setup demo test models detectors bench clean
 
@@ -15,9 +16,17 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[keras,batch,torch,serve,dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(BASE_STAMP)
 
-demo: setup
+# The live loop and bench need the base install only (no TensorFlow, torch or Ray: gigabytes a
+# first `make demo` need not download); an environment that has everything serves them too.
+$(BASE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(BASE_STAMP)
+
+demo: $(BASE_STAMP)
 	mkdir -p demo-out
 	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --overwrite --snapshot-every 60 --snapshot-dir demo-out/snapshots
 
@@ -40,7 +49,7 @@ models: setup
 detectors: setup
 	$(PY) -m camface.export.detectors
 
-bench: setup
+bench: $(BASE_STAMP)
 	$(CAMFACE) bench --source sample
 
 clean:

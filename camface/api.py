@@ -222,7 +222,7 @@ class Pipeline:
     # ---------------------------------------------------------------- the verbs
 
     def explain(self, frame: np.ndarray, *, method: str | None = None,
-                explained_class: int | None = None) -> FrameResult:
+                explained_class: int | np.integer | None = None) -> FrameResult:
         """Faces, probabilities and heatmaps of one frame, as `camface live` computes them.
 
         frame: uint8 BGR [H, W, 3] (as OpenCV reads it), not modified; faces are detected in every
@@ -315,7 +315,7 @@ class Pipeline:
                 yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
-                      class_index: int | Sequence[int] | np.ndarray | None = None
+                      class_index: int | np.integer | Sequence[int] | np.ndarray | None = None
                       ) -> tuple[Prediction, ...]:
         """Probabilities and heatmaps of face crops, no detection: crops uint8 [N, H, W, C] in
         the graph's input format (`graph.info`: input_size, color_order; C = 1 for GRAY).

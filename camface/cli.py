@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from camface import __version__
 from camface.errors import CamfaceError
+from camface.extras import check_command, install_hint
 
 # name -> (module, one-line help). Modules are imported only when needed.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the subcommand, and return its exit code.
 
-    A `CamfaceError` is printed as one line (`camface: error: ...`) with its exit code;
+    A `CamfaceError` is printed as one line (`camface: error: ...`) with its exit code, and so
+    is a module of an optional extra that is not installed (exit 2, naming the extra);
     `--debug` shows the traceback instead.
     """
     parser = build_parser()
@@ -93,12 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        check_command(args.command)
         return int(args._main(args) or 0)
     except CamfaceError as exc:
         if args.debug:
             raise
         print(f"camface: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        hint = install_hint(exc)
+        if hint is None or args.debug:
+            raise
+        print(f"camface: error: camface {args.command} {hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

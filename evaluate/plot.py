@@ -17,7 +17,7 @@ def plot_curves(report: dict, path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise OutputError("--plot needs matplotlib (pip install 'camface[keras]')") from exc
+        raise OutputError("--plot needs matplotlib, a camface dependency: pip install 'matplotlib>=3.8'") from exc
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, (key, title) in zip(axes, (("deletion", "Deletion (lower is better)"),
                                        ("insertion", "Insertion (higher is better)"))):
@@ -46,7 +46,7 @@ def plot_sanity(report: dict, figure_data: dict, path: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise OutputError("--plot needs matplotlib (pip install 'camface[keras]')") from exc
+        raise OutputError("--plot needs matplotlib, a camface dependency: pip install 'matplotlib>=3.8'") from exc
     from camface.evaluate.report import sanity_cell
 
     crops, steps, maps = figure_data["crops"], figure_data["steps"], figure_data["maps"]

@@ -119,11 +119,16 @@ def feature_size(summary: GraphSummary, info: graph_spec.GraphInfo) -> tuple:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", metavar="MODEL.onnx", help="a CAM graph written by camface export")
+    parser.add_argument("graph", metavar="MODEL.onnx", nargs="?", default=None,
+                        help="a CAM graph written by camface export; default: the bundled emotion graph "
+                             "(what `camface live` runs by default)")
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = read(args.graph)
+    from camface.api import model_path
+    from camface.realtime.config import LiveConfig
+
+    summary = read(model_path(LiveConfig(model=args.graph)))  # no MODEL.onnx: the graph live runs
     info = summary.info  # ModelError, one line, when it is not a CAM graph
     print(format_summary(summary))
     height, width = feature_size(summary, info)

@@ -72,7 +72,42 @@ def load(path: str | Path):
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX
         raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    check_runtime_reads(model, where=path)
     return prepare(model, where=path)
+
+
+def check_runtime_reads(model, where: object = "model") -> None:
+    """Raise ModelError, naming the numbers, when ONNX Runtime refuses `model`'s IR version or
+    opset: onnx's own defaults can be newer than what the pinned ONNX Runtime reads (onnx 1.23's
+    make_model writes IR 14, opset 28; ONNX Runtime 1.31 reads IR 13, opset 26), and the refusal
+    came as a traceback from deep inside the self-check. Probed on a one-node model with the same
+    stamps, so a big model is not compiled twice; any other refusal is left to the real sessions."""
+    import re
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    probe = helper.make_model(graph, opset_imports=opsets or [helper.make_opsetid("", 17)])
+    probe.ir_version = model.ir_version
+    try:
+        ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own exception types
+        text = str(exc)
+        ir = re.search(r"max supported IR version: (\d+)", text)
+        if ir:
+            raise ModelError(f"{where}: IR version {model.ir_version}, and ONNX Runtime {ort.__version__} reads up to "
+                             f"{ir.group(1)}: save it with model.ir_version = {ir.group(1)} (onnx) or export it "
+                             "with an older onnx") from exc
+        opset = re.search(r"ai\.onnx is till opset (\d+)", text)
+        if opset and opsets:
+            raise ModelError(f"{where}: opset {opsets[0].version}, and ONNX Runtime {ort.__version__} runs up to "
+                             f"opset {opset.group(1)}: convert it with onnx.version_converter.convert_version(model, "
+                             f"{opset.group(1)}) or export it at that opset") from exc
+        log.debug("%s: the IR/opset probe failed (%s); the self-check will say if the model runs", where, exc)
 
 
 def prepare(model, where: object = "model"):

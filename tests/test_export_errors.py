@@ -144,7 +144,7 @@ def test_a_model_without_classes_is_refused(tmp_path, capsys):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 0])], [weight])
     model = tmp_path / "zero.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
     code, line = run(capsys, "export", str(model), "-o", str(tmp_path / "g.onnx"), "--preset", "torch", "--no-rank")
     assert code == 2 and "its output has 0 classes; a classifier needs at least one" in line, line
     assert not (tmp_path / "g.onnx").exists()
@@ -401,3 +401,43 @@ def test_export_names_flags_it_would_ignore(argv, said):
     parser = argparse.ArgumentParser()
     configure(parser)
     assert unused_flags(parser.parse_args(["model.keras", "-o", "out.onnx", *argv])) == said
+
+
+def _tiny_onnx_classifier(path, ir_version, opset):
+    """Conv -> ReLU -> global average pool -> Gemm: 3 classes from [N, 3, 16, 16] float."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+               for name, shape in (("w", (4, 3, 3, 3)), ("b", (4,)), ("g", (4, 3)), ("c", (3,)))]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "g", "c"], ["logits"])]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version), path)
+    return path
+
+
+@pytest.mark.parametrize("ir_version, opset, message", [
+    # onnx 1.23's make_model writes IR 14 by default; 99 stays beyond any ONNX Runtime
+    (99, 17, r"tiny.onnx: IR version 99, and ONNX Runtime [\d.]+ reads up to \d+: save it with model.ir_version = \d+"),
+    (8, 99, r"tiny.onnx: opset 99, and ONNX Runtime [\d.]+ runs up to opset \d+: convert it"),
+])
+def test_an_onnx_model_newer_than_onnx_runtime_reads_is_one_line(tmp_path, capsys, ir_version, opset, message):
+    import re
+
+    model = _tiny_onnx_classifier(tmp_path / "tiny.onnx", ir_version, opset)
+    code, line = run(capsys, "export", str(model), "-o", str(tmp_path / "out.onnx"), "--preset", "unit")
+    assert code == 2 and re.search(message, line), line
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_same_onnx_model_at_versions_onnx_runtime_reads_exports(tmp_path, capsys):
+    model = _tiny_onnx_classifier(tmp_path / "tiny.onnx", 8, 17)
+    assert camface_main(["export", str(model), "-o", str(tmp_path / "out.onnx"), "--preset", "unit",
+                         "--no-rank"]) == 0
+    assert (tmp_path / "out.onnx").is_file()
