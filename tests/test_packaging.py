@@ -288,3 +288,15 @@ def test_make_test_installs_every_extra(tmp_path):
     installed = [re.search(r"-e '\.\[([^\]]*)\]'", line) for line in dry.stdout.splitlines() if "pip install" in line]
     extras = {name for found in installed if found for name in found.group(1).split(",")}
     assert extras == set(PYPROJECT["project"]["optional-dependencies"]), dry.stdout
+
+
+def test_the_declared_license_ships_with_its_text():
+    """pyproject declares Apache-2.0: the license files it names exist, are that license's text,
+    and a wheel or sdist carries them (license-files)."""
+    project = PYPROJECT["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"], "no license-files: a wheel would carry no license text"
+    for name in project["license-files"]:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        assert "Apache License" in text and "Version 2.0, January 2004" in text, name
+        assert "END OF TERMS AND CONDITIONS" in text, f"{name} is not the whole license"
