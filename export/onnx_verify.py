@@ -2,7 +2,7 @@
 
 1. forward: `probs` (the model's own Softmax/Sigmoid output, else the softmax of its logits)
    and `activations` of the CAM graph against the original model run on the
-   same normalised images (|diff| <= 1e-4 + 1e-3 max|ref|, verify.TOLERANCE fp32);
+   same normalised images (|diff| <= 1e-4 min(1, max|ref|) + 1e-3 max|ref|, verify.TOLERANCE fp32);
 2. gradient: the graph's d logit_c / dA against central finite differences of the original
    model's logit_c with the target tensor overridden (the extracted head), step eps = FD_STEP |A|:
    a. along the gradient's own direction: |fd - |g|| <= 2e-2 |g| + 1e-4 (1 + |logit_c|) / eps

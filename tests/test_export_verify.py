@@ -104,3 +104,21 @@ def test_rounding_sensitivity_restores_the_weights_and_moves_each_by_ulps():
     np.testing.assert_array_equal(steps.numpy(), [1, 2])
     expected = verify.SENSITIVITY_FACTOR * np.abs(seen["kernel"].astype(np.float64) - before).max()
     assert sensitivity["out"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-4, 1.0, 300.0])
+def test_a_wrong_map_fails_and_a_rounded_one_passes_at_any_scale(scale):
+    """A heatmap is seen normalised, so its raw scale must not decide the verdict: a map whose
+    values all lie below the absolute tolerance (a model with tiny gradients) once passed the
+    check whatever the graph returned."""
+    rng = np.random.default_rng(0)
+    reference = rng.random((2, 4, 4)) * scale
+    other = rng.random((2, 4, 4)) * scale  # another map of the same size: a wrong graph
+    rounded = reference * (1 + rng.choice([-1, 1], reference.shape) * 2.0 ** -22)
+    wrong, = verify.compare({"gradcam": other}, {"gradcam": reference})
+    close, = verify.compare({"gradcam": rounded}, {"gradcam": reference})
+    assert not wrong.ok, wrong
+    assert close.ok, close
+    # probabilities (at most 1) keep the stated absolute tolerance's order
+    probs, = verify.compare({"probs": np.array([[0.5, 0.5 + 5e-4]])}, {"probs": np.array([[0.5, 0.5]])})
+    assert probs.ok, probs
