@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError, ModelError, UsageError
+from camface.errors import CamfaceError, ModelError, OutputError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
     from camface.api import load
-    from camface.outputs import check_not_an_input, check_output_file
+    from camface.outputs import check_not_an_input, check_output_file, replace_whole
 
     if not getattr(args, "debug", False):  # the table names the provider
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
@@ -180,7 +180,11 @@ def main(args: argparse.Namespace) -> int:
         report["sanity"] = {m.method: m.to_json() for m in sanity_results}
     print(format_table(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
+        text = json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n"
+        try:  # a full disk leaves an earlier file whole, not half a JSON
+            replace_whole(args.json, lambda partial: partial.write_text(text))
+        except OSError as exc:
+            raise OutputError(f"cannot write {args.json}: {exc.strerror or exc}") from exc
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
         from camface.evaluate.plot import plot_curves

@@ -296,3 +296,37 @@ def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, ca
     assert (settings["crops"], settings["every"], settings["frames_read"]) == (2, 1, 3)
     assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--every", "5"]) == 2
     assert "no faces found in 3 frames" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, name, breaks", [
+    ("--json", "scores.json", "pathlib.Path.write_text"),
+    ("--plot", "curves.png", "matplotlib.figure.Figure.savefig"),
+])
+def test_a_full_disk_leaves_the_earlier_output_whole(tmp_path, astronaut_bgr, capsys, monkeypatch, flag, name,
+                                                     breaks):
+    """--json and --plot are written beside and renamed: a write that fails midway (a full disk)
+    is one error line naming the file, and the file of an earlier run stays as it was."""
+    import errno
+    import importlib
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "face.png"), astronaut_bgr)
+    out = tmp_path / name
+    out.write_bytes(b"an earlier run's output")
+    module, owner, method = breaks.rsplit(".", 2)
+    cls = getattr(importlib.import_module(module), owner)
+
+    def half_then_full(self, *args, **kwargs):
+        target = self if isinstance(self, type(out)) else args[0]
+        with open(target, "wb") as file:
+            file.write(b"{half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cls, method, half_then_full)
+    assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
+                         flag, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}" in err and "No space left on device" in err and "Traceback" not in err
+    assert out.read_bytes() == b"an earlier run's output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["photos", name])  # no partial file left
