@@ -30,6 +30,9 @@ PIPELINE_OPTIONS = ("source", "model", "detector", "detector_runtime", "min_conf
                     "graph_threads")
 RANDOM = "random"
 EVERY = 5  # --every's default for a clip, camera or stream
+FRAMES = 300  # --frames' default
+# what finds and cuts the faces of a --source: snapshots hold crops already cut
+SOURCE_ONLY = ("detector", "detector_runtime", "min_confidence", "margin", "max_faces")
 
 
 def default_every(source: str) -> int:
@@ -49,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="all",
                         help="'all' (every heatmap of the graph, the random baseline included) or a "
                              "comma-separated list; the random baseline is always added when the graph has it")
-    parser.add_argument("--frames", type=int, default=300, help="frames read from --source")
+    parser.add_argument("--frames", type=int, default=FRAMES, help="frames read from --source")
     parser.add_argument("--every", type=int, default=None,
                         help=f"score the faces of every N-th frame read (neighbouring video frames are near "
                              f"duplicates; 1: every frame); default: {EVERY} for a clip, camera or stream, 1 for a "
@@ -110,6 +113,17 @@ def main(args: argparse.Namespace) -> int:
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
         raise UsageError("give SNAPSHOT_DIRs or --source, not both")
+    if args.snapshots:  # they hold the crops already cut: these would be ignored without a word
+        from camface.realtime.config import DEFAULTS, FLAGS
+
+        given = [FLAGS[name][0] for name in SOURCE_ONLY if getattr(args, name) != DEFAULTS[name]]
+        given += [flag for flag, used in (("--frames", args.frames != FRAMES), ("--every", args.every is not None))
+                  if used]
+        if given:
+            raise UsageError(f"{', '.join(given)}: for faces found in a --source; SNAPSHOT_DIRs hold the crops "
+                             "cut when the snapshots were taken")
+    if args.seed != 0 and not args.sanity:
+        raise UsageError("--seed is for the --sanity checks: add --sanity")
     config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
     every = args.every if args.every is not None else default_every(config.source)
     if args.frames < 1 or every < 1:

@@ -242,6 +242,12 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
      "has no eigencam heatmap; it offers gradcam, gradcampp, cam"),
     (lambda clips, tmp: [str(tmp), "--source", str(clips["faces"])], "SNAPSHOT_DIRs or --source, not both"),
     (lambda clips, tmp: [str(tmp)], "is not a camface snapshot folder"),
+    # options that find and cut faces in a --source mean nothing to crops cut already: refused, not ignored
+    (lambda clips, tmp: [str(tmp), "--max-faces", "1"], "^camface: error: --max-faces: for faces found in a --source"),
+    (lambda clips, tmp: [str(tmp), "--margin", "0.3", "--frames", "10", "--every", "1"],
+     "--margin, --frames, --every: for faces found in a --source; SNAPSHOT_DIRs hold the crops cut"),
+    (lambda clips, tmp: ["--source", str(clips["faces"]), "--seed", "3", "--frames", "1", "--methods", "gradcam",
+                         "--steps", "2"], "--seed is for the --sanity checks: add --sanity"),
     (lambda clips, tmp: ["--steps", "1"], "--steps must be at least 2"),
     (lambda clips, tmp: ["--steps", "100000"], "--steps must be at most 4096, the pixels of emotion.onnx's 64x64"),
 ])
