@@ -118,6 +118,20 @@ def test_plan_says_when_it_starts_fewer_actors_than_asked():
     assert "unit(s) of work" not in plan({"CPU": 2}, detect_actors=2, videos=2).describe()
 
 
+@pytest.mark.parametrize("kwargs, note", [
+    ({"render_actors": 3, "graph_actors": 2}, "--graph-actors 2 and --render-actors 3 not used: they size the separate "
+                                              "stages (--split-stages)"),
+    ({"render_actors": 2}, "; --render-actors 2 not used"),
+    ({}, None),
+    ({"render_actors": 3, "split": True}, None),  # separate stages: used
+])
+def test_plan_says_which_actor_counts_one_actor_per_unit_does_not_use(kwargs, note):
+    """Without a GPU one actor per unit runs every stage: --graph-actors and --render-actors were
+    dropped without a word."""
+    text = plan({"CPU": 4}, **kwargs).describe()
+    assert (note in text) if note else ("not used" not in text), text
+
+
 @pytest.mark.parametrize("resources, kwargs, message", [
     ({"CPU": 4}, {"graph_gpus": 1}, "more GPUs than the cluster has"),
     ({"CPU": 4, "GPU": 1}, {"graph_gpus": 1, "graph_actors": 2}, "would wait forever"),
