@@ -575,6 +575,21 @@ def test_serve_refuses_bad_options(argv, message, capsys, tmp_path, monkeypatch)
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_a_certificate_that_does_not_load_is_refused_before_the_url_is_printed(capsys, tmp_path, monkeypatch):
+    """Files that are not a PEM certificate and its key: one error line naming both, exit 2, no
+    URL; uvicorn raised ssl.SSLError in a traceback after printing the URL (exit 1)."""
+    from camface.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    assert main(["serve", "--port", "0", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"]) == 2
+    out, err = capsys.readouterr()
+    assert "cannot serve https with --ssl-certfile cert.pem and --ssl-keyfile key.pem" in err
+    assert "expected a PEM certificate and its private key" in err and "Traceback" not in err
+    assert "https://" not in out
+
+
 def test_the_printed_url_opens_the_page_with_any_token(make_client):
     """A --token with URL-special characters (+ & # % space: a password manager's) still
     works from the URL printed (it was printed raw: `+` read back as a space, `&` and `#` cut
