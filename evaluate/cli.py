@@ -95,6 +95,9 @@ def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
         if absent:
             raise CamfaceError(f"the graph has no {', '.join(absent)} heatmap; it offers "
                                f"{', '.join(available) or 'none'}")
+    if not [name for name in wanted if name != RANDOM] and [name for name in available if name != RANDOM]:
+        raise CamfaceError(f"--methods {spec}: the random baseline alone is nothing to compare; it is added to "
+                           f"the methods named (the graph offers {', '.join(available)}, or 'all')")
     if not [name for name in wanted if name != RANDOM]:
         raise CamfaceError("the graph has no heatmap to evaluate (a graph without gradients?); it offers "
                            f"{', '.join(available) or 'none'}: export it with `camface export`")

@@ -263,6 +263,22 @@ def test_bad_inputs_are_clear_errors(tmp_path, faces_clip, capsys, argv, message
     assert re.search(message, capsys.readouterr().err), message
 
 
+@pytest.mark.parametrize("spec, available, message", [
+    # the graph has heatmaps: the baseline alone was refused as "the graph has no heatmap to evaluate"
+    ("random", ("gradcam", "cam", "random"), "--methods random: the random baseline alone is nothing to compare; "
+                                              r"it is added to the methods named \(the graph offers gradcam, cam, random"),
+    ("all", ("random",), "the graph has no heatmap to evaluate"),
+    ("random", ("random",), "the graph has no heatmap to evaluate"),
+])
+def test_methods_that_leave_nothing_to_score_say_why(spec, available, message):
+    from camface.errors import CamfaceError
+    from camface.evaluate.cli import resolve_methods
+
+    with pytest.raises(CamfaceError, match=message):
+        resolve_methods(spec, available)
+    assert resolve_methods("cam,random", available if "cam" in available else ("cam", "random")) == ("cam", "random")
+
+
 def test_sanity_on_a_one_class_graph_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """A one-output classifier (a binary sigmoid head) has no other class for the random-logit
     test: said at once, naming the graph, not after the whole randomisation cascade."""
