@@ -40,6 +40,22 @@ def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
         str(archive / "a.mp4")]
 
 
+def test_a_folder_without_videos_is_named_with_its_subfolders(tmp_path, caplog):
+    """A folder holding only subfolders of videos (an archive of days) gave nothing without a
+    word beside other inputs; alone, 'no videos matched' said nothing of the subfolders."""
+    (tmp_path / "archive" / "day1").mkdir(parents=True)
+    (tmp_path / "archive" / "day1" / "a.mp4").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "b.mp4").write_bytes(b"x")
+    videos = find_videos([str(tmp_path / "archive"), str(tmp_path / "empty"), str(tmp_path / "b.mp4")])
+    assert [v.path for v in videos] == [str(tmp_path / "b.mp4")]
+    assert f"folder {tmp_path / 'archive'} holds no videos; its 1 subfolder(s) are not read: pass " \
+           f"'{tmp_path / 'archive' / '**' / '*.mp4'}'" in caplog.text
+    assert f"folder {tmp_path / 'empty'} holds no videos\n" in caplog.text + "\n"
+    assert [v.path for v in find_videos([str(tmp_path / "archive" / "**" / "*.mp4")])] == [
+        str(tmp_path / "archive" / "day1" / "a.mp4")]  # the pattern it gives finds them
+
+
 def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
     assert video_id(tmp_path / "x" / "clip.mp4") != video_id(tmp_path / "y" / "clip.mp4")
