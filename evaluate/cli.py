@@ -190,7 +190,8 @@ def main(args: argparse.Namespace) -> int:
         sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
                                               progress=progress, guided=guided)
         seconds["sanity"] = time.perf_counter() - finished
-    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=every,
+    report = to_json(scores, predicted, probability, graph, source=source, frames=frames,
+                     every=None if args.snapshots else every,  # every crop of the snapshots: no frames skipped
                      steps=args.steps, baseline=args.baseline, seconds=seconds)
     if sanity_results is not None:
         report["settings"]["sanity_seed"] = args.seed

@@ -202,6 +202,8 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
                          "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["crops"] == 3 and list(report["methods"]) == ["gradcam", "layercam", "random"]
+    # no frames read, none skipped (it said every 5, --every's default for a clip)
+    assert report["settings"]["frames_read"] is None and report["settings"]["every"] is None
 
     # outputs that would destroy an input, or fail after the scoring, are refused before it
     snapshot = next(f for f in sorted(snapshots.iterdir()) if json.loads((f / "snapshot.json").read_text())["faces"])
