@@ -153,6 +153,10 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
         actors = detect_actors or max(1, math.floor(cpus))
         actors = min(actors, max(1, videos)) if videos is not None else actors
         reason += _capped("--detect-actors", detect_actors, actors)
+        unused = [f"{flag} {n}" for flag, n, default in (("--graph-actors", graph_actors, 1),
+                                                           ("--render-actors", render_actors, 0)) if n != default]
+        if unused:  # said, not dropped without a word: they size pools this plan has not
+            reason += f"; {' and '.join(unused)} not used: they size the separate stages (--split-stages)"
         return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,
                     fused=True)
     graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU

@@ -53,8 +53,14 @@ def _expand(spec: str) -> list[Path]:
     if path.is_dir():
         # hidden files are skipped, as a glob's * skips them: macOS leaves a "._clip.mp4" of
         # metadata beside each video on shared drives, which would fail as a corrupt video
-        return sorted(p for p in path.iterdir()
-                      if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
+        found = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
+        if not found:  # said, not skipped without a word (an archive of day folders gave nothing)
+            below = sum(1 for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            log.warning("camface batch: folder %s holds no videos%s", spec,
+                        f"; its {below} subfolder(s) are not read: pass '{path / '**' / '*.mp4'}' (quoted) to "
+                        "read them" if below else "")
+        return found
     if path.is_file():
         return [path]
     if glob.has_magic(spec):

@@ -28,6 +28,21 @@ def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def replace_whole(path: str | Path, write) -> None:
+    """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
+    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # /dev/stdout, a pipe: nothing to replace, written as is
+        write(path)
+        return
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
     """OutputError when writing `output` would destroy one of the command's `inputs` (files or
     folders): the same file, or a file that already exists inside an input folder (a new file

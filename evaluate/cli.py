@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError, ModelError, UsageError
+from camface.errors import CamfaceError, ModelError, OutputError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ PIPELINE_OPTIONS = ("source", "model", "detector", "detector_runtime", "min_conf
                     "graph_threads")
 RANDOM = "random"
 EVERY = 5  # --every's default for a clip, camera or stream
+FRAMES = 300  # --frames' default
+# what finds and cuts the faces of a --source: snapshots hold crops already cut
+SOURCE_ONLY = ("detector", "detector_runtime", "min_confidence", "margin", "max_faces")
 
 
 def default_every(source: str) -> int:
@@ -49,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="all",
                         help="'all' (every heatmap of the graph, the random baseline included) or a "
                              "comma-separated list; the random baseline is always added when the graph has it")
-    parser.add_argument("--frames", type=int, default=300, help="frames read from --source")
+    parser.add_argument("--frames", type=int, default=FRAMES, help="frames read from --source")
     parser.add_argument("--every", type=int, default=None,
                         help=f"score the faces of every N-th frame read (neighbouring video frames are near "
                              f"duplicates; 1: every frame); default: {EVERY} for a clip, camera or stream, 1 for a "
@@ -92,6 +95,9 @@ def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
         if absent:
             raise CamfaceError(f"the graph has no {', '.join(absent)} heatmap; it offers "
                                f"{', '.join(available) or 'none'}")
+    if not [name for name in wanted if name != RANDOM] and [name for name in available if name != RANDOM]:
+        raise CamfaceError(f"--methods {spec}: the random baseline alone is nothing to compare; it is added to "
+                           f"the methods named (the graph offers {', '.join(available)}, or 'all')")
     if not [name for name in wanted if name != RANDOM]:
         raise CamfaceError("the graph has no heatmap to evaluate (a graph without gradients?); it offers "
                            f"{', '.join(available) or 'none'}: export it with `camface export`")
@@ -104,12 +110,23 @@ def main(args: argparse.Namespace) -> int:
     from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
     from camface.api import load
-    from camface.outputs import check_not_an_input, check_output_file
+    from camface.outputs import check_not_an_input, check_output_file, replace_whole
 
     if not getattr(args, "debug", False):  # the table names the provider
         logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
         raise UsageError("give SNAPSHOT_DIRs or --source, not both")
+    if args.snapshots:  # they hold the crops already cut: these would be ignored without a word
+        from camface.realtime.config import DEFAULTS, FLAGS
+
+        given = [FLAGS[name][0] for name in SOURCE_ONLY if getattr(args, name) != DEFAULTS[name]]
+        given += [flag for flag, used in (("--frames", args.frames != FRAMES), ("--every", args.every is not None))
+                  if used]
+        if given:
+            raise UsageError(f"{', '.join(given)}: for faces found in a --source; SNAPSHOT_DIRs hold the crops "
+                             "cut when the snapshots were taken")
+    if args.seed != 0 and not args.sanity:
+        raise UsageError("--seed is for the --sanity checks: add --sanity")
     config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
     every = args.every if args.every is not None else default_every(config.source)
     if args.frames < 1 or every < 1:
@@ -173,14 +190,19 @@ def main(args: argparse.Namespace) -> int:
         sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
                                               progress=progress, guided=guided)
         seconds["sanity"] = time.perf_counter() - finished
-    report = to_json(scores, predicted, probability, graph, source=source, frames=frames, every=every,
+    report = to_json(scores, predicted, probability, graph, source=source, frames=frames,
+                     every=None if args.snapshots else every,  # every crop of the snapshots: no frames skipped
                      steps=args.steps, baseline=args.baseline, seconds=seconds)
     if sanity_results is not None:
         report["settings"]["sanity_seed"] = args.seed
         report["sanity"] = {m.method: m.to_json() for m in sanity_results}
     print(format_table(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
+        text = json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n"
+        try:  # a full disk leaves an earlier file whole, not half a JSON
+            replace_whole(args.json, lambda partial: partial.write_text(text))
+        except OSError as exc:
+            raise OutputError(f"cannot write {args.json}: {exc.strerror or exc}") from exc
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
         from camface.evaluate.plot import plot_curves

@@ -81,9 +81,12 @@ def _save(figure, path: Path, dpi: int) -> Path:
     """Lay out, write and close a matplotlib figure; OutputError naming `path` when it cannot be written."""
     import matplotlib.pyplot as plt
 
+    from camface.outputs import replace_whole
+
     figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=dpi)
+    try:  # a full disk leaves an earlier figure whole, not half a PNG
+        replace_whole(path, lambda partial: figure.savefig(partial, dpi=dpi,
+                                                           format=Path(path).suffix.lstrip(".").lower() or None))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
     finally:

@@ -14,7 +14,6 @@ matplotlib is used with the non-interactive Agg canvas, created per figure (no p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from camface import methods
 from camface.color_order import ColorOrder
 from camface.guided.explain import Explanation, LayerMaps
+from camface.outputs import replace_whole
 
 GUIDED_COLUMNS = ("Guided Backprop", "Guided Grad-CAM")
 BOX_FRACTION = 0.2  # the study's localisation threshold, fraction of the map's maximum
@@ -123,22 +123,10 @@ def comparison_figure(items: Sequence[Explanation], labels: Sequence[str], *,
     return fig
 
 
-def _replace_whole(path: str | Path, write) -> None:
-    """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
-    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a figure."""
-    path = Path(path)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
     """Write `fig` to `path` (format from its suffix), whole or not at all."""
-    _replace_whole(path, lambda partial: fig.savefig(str(partial), dpi=dpi,
-                                                     format=Path(path).suffix.lstrip(".").lower()))
+    replace_whole(path, lambda partial: fig.savefig(str(partial), dpi=dpi,
+                                                    format=Path(path).suffix.lstrip(".").lower()))
 
 
 def layer_frames(sweep: Sequence[LayerMaps], crops_rgb: Sequence[np.ndarray],
@@ -174,5 +162,5 @@ def save_gif(frames: Sequence[np.ndarray], path: str | Path, frame_ms: int = 700
     from PIL import Image
 
     images = [Image.fromarray(frame) for frame in frames]
-    _replace_whole(path, lambda partial: images[0].save(str(partial), format="GIF", save_all=True,
-                                                        append_images=images[1:], duration=frame_ms, loop=0))
+    replace_whole(path, lambda partial: images[0].save(str(partial), format="GIF", save_all=True,
+                                                       append_images=images[1:], duration=frame_ms, loop=0))

@@ -91,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
     for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag} {path}: no such file")
+    if args.ssl_certfile is not None:
+        _check_tls(args.ssl_certfile, args.ssl_keyfile)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     token = args.token
@@ -100,6 +102,29 @@ def main(args: argparse.Namespace) -> int:
                            send_timeout_s=args.send_timeout, record_dir=args.record_dir,
                            snapshot_dir=config.snapshot_dir, jpeg_quality=args.jpeg_quality)
     return serve(config, options, args.host, args.port, args.ssl_certfile, args.ssl_keyfile)
+
+
+def _check_tls(certfile: Path, keyfile: Path) -> None:
+    """UsageError naming both files when they are not a PEM certificate and its private key
+    (uvicorn would say so in a traceback, after the URL was printed). An encrypted key is left
+    to uvicorn, which asks for its passphrase."""
+    import ssl
+
+    from camface.errors import UsageError
+
+    asked = []
+
+    def password() -> str:  # called only for an encrypted key
+        asked.append(True)
+        return ""
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password)
+    except (ssl.SSLError, OSError) as exc:
+        if not asked:
+            raise UsageError(f"cannot serve https with --ssl-certfile {certfile} and --ssl-keyfile {keyfile}: "
+                             f"{getattr(exc, 'reason', None) or exc} (expected a PEM certificate and its "
+                             "private key)") from exc
 
 
 def serve(config, options, host: str, port: int, certfile: Path | None = None, keyfile: Path | None = None) -> int:

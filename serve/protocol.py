@@ -90,7 +90,9 @@ def parse_frame(message: bytes) -> tuple[int, bytes]:
     sequence = struct.unpack(">I", message[:4])[0]
     image = message[4:]
     kind, width, height = image_size(image)
-    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+    if not (width and height):  # a corrupt header, or a JPEG whose height comes later (DNL: libjpeg refuses it)
+        raise ProtocolError(f"frame of {width}x{height} pixels: its {kind.upper()} header gives a side of 0")
+    if not (width <= MAX_SIDE and height <= MAX_SIDE):
         raise ProtocolError(f"frame of {width}x{height} pixels is over the {MAX_SIDE}x{MAX_SIDE} cap", TOO_BIG)
     # start-of-scan markers: never inside entropy-coded data (an FF there is followed by 00 or
     # a restart marker); bytes of an APPn payload may count too, which a cap this loose absorbs

@@ -40,6 +40,22 @@ def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
         str(archive / "a.mp4")]
 
 
+def test_a_folder_without_videos_is_named_with_its_subfolders(tmp_path, caplog):
+    """A folder holding only subfolders of videos (an archive of days) gave nothing without a
+    word beside other inputs; alone, 'no videos matched' said nothing of the subfolders."""
+    (tmp_path / "archive" / "day1").mkdir(parents=True)
+    (tmp_path / "archive" / "day1" / "a.mp4").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "b.mp4").write_bytes(b"x")
+    videos = find_videos([str(tmp_path / "archive"), str(tmp_path / "empty"), str(tmp_path / "b.mp4")])
+    assert [v.path for v in videos] == [str(tmp_path / "b.mp4")]
+    assert f"folder {tmp_path / 'archive'} holds no videos; its 1 subfolder(s) are not read: pass " \
+           f"'{tmp_path / 'archive' / '**' / '*.mp4'}'" in caplog.text
+    assert f"folder {tmp_path / 'empty'} holds no videos\n" in caplog.text + "\n"
+    assert [v.path for v in find_videos([str(tmp_path / "archive" / "**" / "*.mp4")])] == [
+        str(tmp_path / "archive" / "day1" / "a.mp4")]  # the pattern it gives finds them
+
+
 def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
     assert video_id(tmp_path / "x" / "clip.mp4") != video_id(tmp_path / "y" / "clip.mp4")
@@ -116,6 +132,20 @@ def test_plan_says_when_it_starts_fewer_actors_than_asked():
     assert "--detect-actors 8: 3 unit(s) of work, so 3 actor(s)" in text
     assert "--render-actors 5: 3 unit(s) of work, so 3 actor(s)" in text
     assert "unit(s) of work" not in plan({"CPU": 2}, detect_actors=2, videos=2).describe()
+
+
+@pytest.mark.parametrize("kwargs, note", [
+    ({"render_actors": 3, "graph_actors": 2}, "--graph-actors 2 and --render-actors 3 not used: they size the separate "
+                                              "stages (--split-stages)"),
+    ({"render_actors": 2}, "; --render-actors 2 not used"),
+    ({}, None),
+    ({"render_actors": 3, "split": True}, None),  # separate stages: used
+])
+def test_plan_says_which_actor_counts_one_actor_per_unit_does_not_use(kwargs, note):
+    """Without a GPU one actor per unit runs every stage: --graph-actors and --render-actors were
+    dropped without a word."""
+    text = plan({"CPU": 4}, **kwargs).describe()
+    assert (note in text) if note else ("not used" not in text), text
 
 
 @pytest.mark.parametrize("resources, kwargs, message", [

@@ -202,6 +202,8 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
                          "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["crops"] == 3 and list(report["methods"]) == ["gradcam", "layercam", "random"]
+    # no frames read, none skipped (it said every 5, --every's default for a clip)
+    assert report["settings"]["frames_read"] is None and report["settings"]["every"] is None
 
     # outputs that would destroy an input, or fail after the scoring, are refused before it
     snapshot = next(f for f in sorted(snapshots.iterdir()) if json.loads((f / "snapshot.json").read_text())["faces"])
@@ -242,6 +244,12 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
      "has no eigencam heatmap; it offers gradcam, gradcampp, cam"),
     (lambda clips, tmp: [str(tmp), "--source", str(clips["faces"])], "SNAPSHOT_DIRs or --source, not both"),
     (lambda clips, tmp: [str(tmp)], "is not a camface snapshot folder"),
+    # options that find and cut faces in a --source mean nothing to crops cut already: refused, not ignored
+    (lambda clips, tmp: [str(tmp), "--max-faces", "1"], "^camface: error: --max-faces: for faces found in a --source"),
+    (lambda clips, tmp: [str(tmp), "--margin", "0.3", "--frames", "10", "--every", "1"],
+     "--margin, --frames, --every: for faces found in a --source; SNAPSHOT_DIRs hold the crops cut"),
+    (lambda clips, tmp: ["--source", str(clips["faces"]), "--seed", "3", "--frames", "1", "--methods", "gradcam",
+                         "--steps", "2"], "--seed is for the --sanity checks: add --sanity"),
     (lambda clips, tmp: ["--steps", "1"], "--steps must be at least 2"),
     (lambda clips, tmp: ["--steps", "100000"], "--steps must be at most 4096, the pixels of emotion.onnx's 64x64"),
 ])
@@ -255,6 +263,22 @@ def test_bad_inputs_are_clear_errors(tmp_path, faces_clip, capsys, argv, message
     tiny_cam_graph(tmp_path / "old.onnx")
     assert camface_main(["evaluate", *argv(faces_clip, tmp_path)]) == 2
     assert re.search(message, capsys.readouterr().err), message
+
+
+@pytest.mark.parametrize("spec, available, message", [
+    # the graph has heatmaps: the baseline alone was refused as "the graph has no heatmap to evaluate"
+    ("random", ("gradcam", "cam", "random"), "--methods random: the random baseline alone is nothing to compare; "
+                                              r"it is added to the methods named \(the graph offers gradcam, cam, random"),
+    ("all", ("random",), "the graph has no heatmap to evaluate"),
+    ("random", ("random",), "the graph has no heatmap to evaluate"),
+])
+def test_methods_that_leave_nothing_to_score_say_why(spec, available, message):
+    from camface.errors import CamfaceError
+    from camface.evaluate.cli import resolve_methods
+
+    with pytest.raises(CamfaceError, match=message):
+        resolve_methods(spec, available)
+    assert resolve_methods("cam,random", available if "cam" in available else ("cam", "random")) == ("cam", "random")
 
 
 def test_sanity_on_a_one_class_graph_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
@@ -296,3 +320,37 @@ def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, ca
     assert (settings["crops"], settings["every"], settings["frames_read"]) == (2, 1, 3)
     assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--every", "5"]) == 2
     assert "no faces found in 3 frames" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, name, breaks", [
+    ("--json", "scores.json", "pathlib.Path.write_text"),
+    ("--plot", "curves.png", "matplotlib.figure.Figure.savefig"),
+])
+def test_a_full_disk_leaves_the_earlier_output_whole(tmp_path, astronaut_bgr, capsys, monkeypatch, flag, name,
+                                                     breaks):
+    """--json and --plot are written beside and renamed: a write that fails midway (a full disk)
+    is one error line naming the file, and the file of an earlier run stays as it was."""
+    import errno
+    import importlib
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "face.png"), astronaut_bgr)
+    out = tmp_path / name
+    out.write_bytes(b"an earlier run's output")
+    module, owner, method = breaks.rsplit(".", 2)
+    cls = getattr(importlib.import_module(module), owner)
+
+    def half_then_full(self, *args, **kwargs):
+        target = self if isinstance(self, type(out)) else args[0]
+        with open(target, "wb") as file:
+            file.write(b"{half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cls, method, half_then_full)
+    assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
+                         flag, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {out}" in err and "No space left on device" in err and "Traceback" not in err
+    assert out.read_bytes() == b"an earlier run's output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["photos", name])  # no partial file left

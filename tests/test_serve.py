@@ -171,11 +171,21 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
 
 
+def _zero_height_jpeg() -> bytes:
+    """A JPEG whose frame header (SOF0) gives a height of 0 (the height would come in a DNL marker)."""
+    data = cv2.imencode(".jpg", np.zeros((48, 64, 3), np.uint8))[1].tobytes()
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 5] + b"\0\0" + data[sof + 7:]
+
+
 @pytest.mark.parametrize("message, code, reason", [
     (b"\0\0\0\1" + b"\xff\xd8\xff" + b"\0" * protocol.MAX_MESSAGE_BYTES, 1009, "over the 2 MiB cap"),
     (b"\0\0\0\1hello", 1003, "not a JPEG or PNG"),
     (b"\0\0", 1003, "expected a 4-byte sequence number"),
     (b"\0\0\0\1" + _png_header(5000, 10), 1009, "5000x10 pixels is over the 4096x4096 cap"),
+    # a side of 0 is a corrupt header, not a frame too big (it was 1009, "over the cap")
+    (b"\0\0\0\1" + _png_header(0, 10), 1003, "frame of 0x10 pixels: its PNG header gives a side of 0"),
+    (b"\0\0\0\1" + _zero_height_jpeg(), 1003, "frame of 64x0 pixels: its JPEG header gives a side of 0"),
     (b"\0\0\0\1" + _png_header(64, 64) + b"garbage", 1003, "does not decode"),
     (b"\0\0\0\1\xff\xd8\xff\xe0\0\x10JFIF", 1003, "truncated or corrupt JPEG"),
     (b"\0\0\0\1" + _many_scans(40), 1009, r"JPEG of \d+ scans, over the 32 cap"),  # decoded, slowly, before
@@ -563,6 +573,21 @@ def test_serve_refuses_bad_options(argv, message, capsys, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     assert main(["serve", *argv]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_certificate_that_does_not_load_is_refused_before_the_url_is_printed(capsys, tmp_path, monkeypatch):
+    """Files that are not a PEM certificate and its key: one error line naming both, exit 2, no
+    URL; uvicorn raised ssl.SSLError in a traceback after printing the URL (exit 1)."""
+    from camface.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    assert main(["serve", "--port", "0", "--ssl-certfile", "cert.pem", "--ssl-keyfile", "key.pem"]) == 2
+    out, err = capsys.readouterr()
+    assert "cannot serve https with --ssl-certfile cert.pem and --ssl-keyfile key.pem" in err
+    assert "expected a PEM certificate and its private key" in err and "Traceback" not in err
+    assert "https://" not in out
 
 
 def test_the_printed_url_opens_the_page_with_any_token(make_client):
