@@ -3,9 +3,11 @@ timing, keys, recording and snapshots. Tiny synthetic data; no camera, no displa
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -190,6 +192,27 @@ def _result(faces, heatmaps, method="gradcam", probs=None):
     predictions = tuple(Prediction(probs=np.array(probs or [0.7, 0.2, 0.1], np.float32), heatmap=h,
                                    predicted=0, explained=0, method=method) for h in heatmaps)
     return FrameResult(index=0, faces=tuple(faces), predictions=predictions, method=method, labels=TINY_LABELS)
+
+
+def _frame_copy(prediction, copy_of):
+    result = FrameResult(index=0, faces=(Face((0, 0, 4, 4), 0.9),), predictions=(prediction,), method="hirescam")
+    return copy_of(result).predictions[0]
+
+
+@pytest.mark.parametrize("copy_of", [lambda p: pickle.loads(pickle.dumps(p)), copy.deepcopy, copy.copy],
+                         ids=["pickle", "deepcopy", "copy"])
+@pytest.mark.parametrize("inside_a_frame", [False, True])
+def test_a_copied_prediction_keeps_its_arrays_read_only(copy_of, inside_a_frame):
+    """Pickling a Prediction (alone or in its FrameResult) or deep-copying it gave back writeable
+    arrays, so a caller could change a result that says it is frozen."""
+    made = Prediction(probs=np.array([0.7, 0.3], np.float32), heatmap=np.arange(4, dtype=np.float32).reshape(2, 2),
+                      predicted=0, explained=1, method="hirescam", similarity=np.array([0.5, 0.1], np.float32),
+                      saturated=True)
+    copied = _frame_copy(made, copy_of) if inside_a_frame else copy_of(made)
+    for name in ("probs", "heatmap", "similarity"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(copied, name)[...] = 0
+    assert copied == made and copied.saturated and copied.heatmap.dtype == np.float32
 
 
 def test_normalize_heatmap():
