@@ -2,6 +2,7 @@
 numbers against `camface live`'s; JSON; Jupyter; misuse; resources released."""
 
 import json
+import logging
 import subprocess
 from dataclasses import replace
 import sys
@@ -267,6 +268,21 @@ def test_explain_crops_takes_auto_and_names_only_the_bad_method(cam):
     assert "global average pooling" not in str(caught.value)  # CAM's reason is said for 'cam' only
     with pytest.raises(UsageError, match="method must be a heatmap name"):
         cam.explain_crops(crops, method=3)
+
+
+@pytest.mark.parametrize("configured", ["auto", "hirescam"])
+def test_auto_is_said_once_per_model_not_per_call(caplog, two_faces, configured):
+    """explain(method="auto") logged the method it chose on every call (every frame)."""
+    crops = np.zeros((1, 64, 64, 1), np.uint8)
+    with caplog.at_level(logging.INFO, logger="camface"):
+        with camface.load(device="cpu", method=configured) as api:
+            for _ in range(3):
+                auto, = api.explain_crops(crops, method="auto")
+                assert api.explain(two_faces, method="auto").method == auto.method
+            assert api.explain_crops(crops)[0].method == configured.replace("auto", auto.method)
+    said = [r.getMessage() for r in caplog.records if "--method auto shows" in r.getMessage()]
+    assert said == [f"camface: --method auto shows {auto.method}, the most faithful method of emotion.onnx "
+                    "(`camface info` shows the ranking)"]
 
 
 class _CountingSource:
