@@ -68,7 +68,9 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
     one warning (how many, one name) for photos lying loose in PEOPLE_DIR beside the folders,
     and naming both when two folders' names differ only in case or Unicode normalisation
     ("alice" / "Alice", "José" composed / decomposed): shown alike, they would be two identities
-    that the live label cannot tell apart (and one folder on a case-insensitive file system)."""
+    that the live label cannot tell apart (and one folder on a case-insensitive file system).
+    Letters are compared by `str.lower` of the NFC form, not `str.casefold`, which folds distinct
+    names together ("Strauß" and "Strauss")."""
     import unicodedata
 
     from camface.realtime.sources import IMAGE_SUFFIXES
@@ -85,7 +87,7 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
         people[folder.name] = files
     seen: dict[str, str] = {}
     for name in people:
-        key = unicodedata.normalize("NFC", name).casefold()
+        key = unicodedata.normalize("NFC", name).lower()
         if key in seen:
             raise SourceError(f"person folders {people_dir / seen[key]} and {people_dir / name} differ only in case "
                               "or Unicode normalisation: merge them into one folder, or rename one")
