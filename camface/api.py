@@ -319,8 +319,8 @@ class Pipeline:
                 self._check_open()  # closed while the caller iterates
                 frame = _check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
                 now = getattr(opened, "passes", 0)
-                cut, passes = now != passes, now  # a new pass or reconnection: detected, as live does
-                yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index).result, frame
+                cut, passes = now != passes, now  # a new pass or reconnection: detected and smoothed afresh, as live does
+                yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index, cut=cut).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
                       class_index: int | np.integer | Sequence[int] | np.ndarray | None = None

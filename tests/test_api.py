@@ -213,6 +213,25 @@ def test_process_video_detects_a_new_pass_or_reconnection_as_live_does(clip, mon
         assert len(list(api.process_video(LoopingSource(VideoFileSource(clip)), max_frames=12))) == 12
     assert cuts == [index == 8 for index in range(12)]  # the clip's 8 frames, then the second pass
 
+def test_process_video_smooths_a_new_pass_afresh(clip):
+    """Smoothing carried the averages and tracks of a pass's last frames into the next pass's
+    first frame (a reconnected stream's, likewise): the frame after a cut now starts over, as its
+    detection does, so it is explained as the first pass's first frame (the same image) was."""
+    from camface.realtime.pace import LoopingSource
+    from camface.realtime.sources import VideoFileSource
+
+    with camface.load(device="cpu", method="gradcam", smooth=0.6) as api:
+        results = [result for result, _ in api.process_video(LoopingSource(VideoFileSource(clip)), max_frames=10)]
+    first, again = results[0], results[8]  # the clip's 8 frames, then the second pass
+    assert len(first.faces) == len(again.faces) == 2
+    before = {face.track_id for result in results[:8] for face in result.faces}
+    assert not before & {face.track_id for face in again.faces}  # new tracks, not those before the cut
+    for a, b in zip(first.predictions, again.predictions):
+        np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
+        np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-4 * max(1.0, float(np.abs(a.heatmap).max())))
+    assert {face.track_id for face in results[9].faces} == {face.track_id for face in again.faces}
+
+
 @pytest.mark.parametrize("frame, message", [
     (np.zeros((64, 64, 3), np.float32), "uint8 BGR .* got dtype float32"),
     (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\)"),

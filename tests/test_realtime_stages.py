@@ -289,6 +289,23 @@ def test_smoother_keeps_ids_and_averages():
         Smoother(1.0)
 
 
+def test_smoother_starts_over_at_a_cut():
+    """A cut (a looped source's new pass, a reconnected stream) forgets every track: the next
+    frame's probabilities and heatmaps are its own, its faces get new ids."""
+    smoother = Smoother(0.5)
+    face = Face((0, 0, 20, 20), 1)
+    smoother.update(_result([face], [np.zeros((4, 4), np.float32)], probs=[1.0, 0.0, 0.0]))
+    smoother.cut()
+    np.testing.assert_array_equal(smoother.explain_classes((face,)), [-1])  # no track: the frame's own class
+    after = smoother.update(_result([face], [np.ones((4, 4), np.float32)], probs=[0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(after.predictions[0].probs, [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(after.predictions[0].heatmap, 1.0)
+    assert after.faces[0].track_id == 1  # ids keep counting: 0 named the face before the cut
+    again = smoother.update(_result([face], [np.zeros((4, 4), np.float32)], probs=[0.0, 0.0, 1.0]))
+    assert again.faces[0].track_id == 1  # smoothing goes on from the cut
+    np.testing.assert_allclose(again.predictions[0].probs, [0.0, 0.5, 0.5])
+
+
 def test_smoother_explains_the_smoothed_class_while_the_raw_top_class_flickers():
     def frame(box, probs):
         probs = np.array(probs, np.float32)
