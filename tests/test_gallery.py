@@ -925,21 +925,43 @@ def test_leave_one_out_in_chunks_equals_the_photo_by_photo_definition():
     np.testing.assert_array_equal(loo.predicted, predicted)
 
 
-def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(people, embedder, tmp_path, monkeypatch):
-    """enroll writes the graph, then the gallery, the figure and the report beside it: a failure
-    midway (here the figure) removed nothing, leaving a graph with no report, or with the report
-    of an earlier run into the same name. Now none of the four files is left."""
+@pytest.mark.parametrize("stage", ["ranking", "figure"])
+def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(stage, people, embedder, tmp_path, monkeypatch):
+    """enroll wrote the graph, ranked it, then wrote the gallery, the figure and the report beside
+    it: a failure midway (the ranking, the figure) removed the four files, an earlier run's
+    complete gallery included. They are now written beside their names and renamed at the end:
+    an earlier run's files stay as they were, and nothing of the failed run is left."""
+    from camface.export import ranking
+
     out = tmp_path / "g.onnx"
-    for path in enroll.beside_paths(out).values():  # an earlier run's
-        path.write_text("earlier")
+    earlier = {path: f"earlier {path.name}" for path in (out, *enroll.beside_paths(out).values())}
+    for path, text in earlier.items():
+        path.write_text(text)
 
     def fails(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(enroll, "similarity_figure", fails)
+    monkeypatch.setattr(*((ranking, "rank_crops") if stage == "ranking" else (enroll, "similarity_figure")), fails)
     with pytest.raises(OSError, match="disk full"):
-        enroll.enroll(people, embedder[1], out, ARCFACE)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+        enroll.enroll(people, embedder[1], out, ARCFACE, rank_seconds=5.0)
+    assert {path: path.read_text() for path in tmp_path.iterdir()} == earlier
+
+
+def test_an_enrolment_replaces_an_earlier_run_s_files_whole(people, embedder, tmp_path, monkeypatch):
+    """The four files of a run that succeeds replace the earlier run's; a figure matplotlib could
+    not draw leaves no earlier figure beside them."""
+    from camface.realtime.graph import CamGraph
+
+    out = tmp_path / "g.onnx"
+    for path in (out, *enroll.beside_paths(out).values()):
+        path.write_text("earlier")
+    monkeypatch.setattr(enroll, "similarity_figure", lambda *args, **kwargs: None)  # draws nothing
+    report = enroll.enroll(people, embedder[1], out, ARCFACE)
+    files = enroll.beside_paths(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (out, files["npz"], files["report"]))
+    assert json.loads(files["report"].read_text()) == report and report["graph"] == str(out)
+    assert CamGraph(out, "cpu").info.labels == tuple(report["identities"])
+    assert list(np.load(files["npz"])["labels"]) == report["identities"]
 
 
 def test_the_similarity_figure_of_a_large_gallery_samples_its_photos(tmp_path, monkeypatch):

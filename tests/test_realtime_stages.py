@@ -3,6 +3,7 @@ timing, keys, recording and snapshots. Tiny synthetic data; no camera, no displa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -21,7 +22,7 @@ from camface.realtime.crop import crop_faces, crop_square, square_box
 from camface.methods import normalize as normalize_heatmap
 from camface.realtime.render import BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box
 from camface.realtime.results import Face, FrameResult, Prediction
-from camface.outputs import check_output_file
+from camface.outputs import check_output_file, written_beside
 from camface.realtime.sinks import VideoSink
 from camface.realtime.smooth import Smoother, iou
 from camface.realtime.snapshot import SnapshotWriter
@@ -687,3 +688,26 @@ def test_rates_below_ten_fps_are_not_printed_as_zero():
                                            explained_class=None, labels=("a",), fps=0.5, stage_ms={},
                                            provider="CPUExecutionProvider", pace_fps=0.5))
     assert hud[0] == "0.5 fps shown (paced to 0.5)"
+
+
+@pytest.mark.parametrize("error", [None, OSError, KeyboardInterrupt])
+def test_written_beside_replaces_the_files_whole_or_not_at_all(tmp_path, error):
+    """The files of one command (enroll's graph, gallery, report and figure; train's and export's
+    graph) are written beside their names and renamed when all are done: a failure leaves the
+    earlier files as they were and nothing beside them; a file the command did not write this
+    time (a figure without matplotlib) leaves no earlier one beside the new ones."""
+    finals = [tmp_path / "g.onnx", tmp_path / "g.npz", tmp_path / "g.png"]
+    for final in finals:
+        final.write_text(f"earlier {final.name}")
+    with pytest.raises(error) if error else contextlib.nullcontext():
+        with written_beside(*finals) as staged:
+            assert [p.parent for p in staged] == [tmp_path] * 3 and [p.suffix for p in staged] == [".onnx", ".npz", ".png"]
+            staged[0].write_text("new graph")
+            staged[1].write_text("new gallery")
+            if error:
+                raise error("stopped")
+    left = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    if error:
+        assert left == {final.name: f"earlier {final.name}" for final in finals}
+    else:
+        assert left == {"g.onnx": "new graph", "g.npz": "new gallery"}
