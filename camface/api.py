@@ -139,6 +139,8 @@ class Pipeline:
     """
 
     def __init__(self, config: LiveConfig, timer: Any = None):
+        from camface.errors import ModelError
+        from camface.graph_spec import one_class
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.graph import CamGraph
         from camface.realtime.render import Renderer
@@ -150,6 +152,8 @@ class Pipeline:
         self._index = 0
         self._lock = threading.Lock()  # explain: the frame index, the smoother and the detector
         self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
+        if (why := one_class(len(self._graph.info.labels), bool(self._graph.info.gallery))) is not None:
+            raise ModelError(f"{self.model_path}: {why}")  # made by an older camface export
         # "auto" -> the graph's top-ranked method (said once), here for every front end
         self._auto: str | None = None  # what "auto" resolved to, kept so that it is said once per model
         self.config = config = config.replace(method=self._resolve(config.method))

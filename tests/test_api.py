@@ -3,6 +3,7 @@ numbers against `camface live`'s; JSON; Jupyter; misuse; resources released."""
 
 import json
 import logging
+import re
 import subprocess
 from dataclasses import replace
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import write_clip
+from realtime_helpers import tiny_cam_graph, write_clip
 
 import camface
 from camface.graph_spec import auto_method
@@ -302,6 +303,41 @@ def test_auto_is_said_once_per_model_not_per_call(caplog, two_faces, configured)
     said = [r.getMessage() for r in caplog.records if "--method auto shows" in r.getMessage()]
     assert said == [f"camface: --method auto shows {auto.method}, the most faithful method of emotion.onnx "
                     "(`camface info` shows the ranking)"]
+
+
+def _binary_graph(path: Path) -> Path:
+    """The tiny graph (realtime_helpers) with a binary classifier's head: probs = sigmoid of the
+    first logit, [N, 1], one label "bright" (is the crop bright?)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(tiny_cam_graph(path, labels=("bright",))))
+    nodes = model.graph.node
+    softmax = next(i for i, node in enumerate(nodes) if node.op_type == "Softmax")
+    nodes.insert(softmax, helper.make_node("Slice", ["logits", "first", "second", "axis_1"], ["logit_0"]))
+    nodes[softmax + 1].CopyFrom(helper.make_node("Sigmoid", ["logit_0"], ["probs"]))
+    for value, name in ((0, "first"), (1, "second"), (1, "axis_1")):
+        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    probs = next(output for output in model.graph.output if output.name == "probs")
+    probs.CopyFrom(helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1]))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_binary_classifier_s_graph_is_refused_at_load(tmp_path):
+    """A graph with one class (a single sigmoid unit: "is bright?") named every face "bright", a
+    dark one too (the argmax of one probability is 0). Every front end loads through
+    `camface.load`: it now refuses such a graph, naming it and how to make a two-class one."""
+    from camface.realtime.graph import CamGraph
+
+    path = _binary_graph(tmp_path / "binary.onnx")
+    dark = np.zeros((1, 32, 32, 1), np.uint8)
+    probs, _ = CamGraph(path, "cpu").run(dark, np.array([-1]), "gradcam")
+    assert probs.shape == (1, 1) and probs[0, 0] < 0.5  # "not bright", which argmax cannot say
+    with pytest.raises(ModelError, match=rf"{re.escape(str(path))}: its output has 1 class \(a binary classifier's "
+                                         r"single sigmoid .* Dense\(2, softmax\) head with kernel \[-w/2, w/2\]"):
+        camface.load(path, device="cpu")
+    assert camface_main(["live", "--model", str(path), "--source", "sample", "--no-show", "--max-frames", "1"]) == 2
 
 
 class _CountingSource:
