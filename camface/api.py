@@ -139,11 +139,11 @@ class Pipeline:
     """
 
     def __init__(self, config: LiveConfig, timer: Any = None):
+        from camface.errors import ModelError
+        from camface.graph_spec import one_class
         from camface.realtime.explainer import FrameExplainer
         from camface.realtime.graph import CamGraph
         from camface.realtime.render import Renderer
-
-        from camface.realtime.explainer import check_method
 
         self.model_path = model_path(config)
         self._stack = contextlib.ExitStack()
@@ -152,8 +152,11 @@ class Pipeline:
         self._index = 0
         self._lock = threading.Lock()  # explain: the frame index, the smoother and the detector
         self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
+        if (why := one_class(len(self._graph.info.labels), bool(self._graph.info.gallery))) is not None:
+            raise ModelError(f"{self.model_path}: {why}")  # made by an older camface export
         # "auto" -> the graph's top-ranked method (said once), here for every front end
-        self.config = config = config.replace(method=check_method(self._graph, config.method))
+        self._auto: str | None = None  # what "auto" resolved to, kept so that it is said once per model
+        self.config = config = config.replace(method=self._resolve(config.method))
         self._explainer: FrameExplainer | None = FrameExplainer.from_config(config, self._graph, timer)
         self._explainer.warm_up(config.method)
         self.renderer: Renderer = Renderer.from_config(config)
@@ -214,10 +217,19 @@ class Pipeline:
         return self._detector.detect(frame)
 
     def _heatmap(self, method: Any) -> str:
-        """A call's `method` (None: the config's) as the heatmap to run (`check_method`)."""
-        from camface.realtime.explainer import check_method
+        """A call's `method` (None: the config's) as the heatmap to run (`_resolve`)."""
+        return self._resolve(_method(method, self.config.method))
 
-        return check_method(self.graph, _method(method, self.config.method))
+    def _resolve(self, method: str) -> str:
+        """`check_method`, with "auto" resolved and its choice logged once per pipeline (a call
+        per frame with method="auto" said it every time)."""
+        from camface.realtime.explainer import AUTO, check_method
+
+        if method != AUTO:
+            return check_method(self.graph, method)
+        if self._auto is None:
+            self._auto = check_method(self.graph, AUTO)
+        return self._auto
 
     # ---------------------------------------------------------------- the verbs
 
@@ -311,8 +323,8 @@ class Pipeline:
                 self._check_open()  # closed while the caller iterates
                 frame = _check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
                 now = getattr(opened, "passes", 0)
-                cut, passes = now != passes, now  # a new pass or reconnection: detected, as live does
-                yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index).result, frame
+                cut, passes = now != passes, now  # a new pass or reconnection: detected and smoothed afresh, as live does
+                yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index, cut=cut).result, frame
 
     def explain_crops(self, crops: np.ndarray, *, method: str | None = None,
                       class_index: int | np.integer | Sequence[int] | np.ndarray | None = None

@@ -210,6 +210,20 @@ def _dumps(value) -> str:
                          "number is recorded as null)") from None
 
 
+def one_class(classes: int, gallery: bool = False) -> str | None:
+    """Why a classifier with `classes` outputs cannot name faces, or None. With ONE output (a
+    binary classifier's single sigmoid or logit unit, "is X") the predicted class, the argmax,
+    is that class for every face, whatever its probability, and a softmax of one logit is 1
+    (a gallery of one person is fine: its similarity and threshold decide, not the argmax). The
+    exporters refuse such a model and the per-frame front ends such a graph (`camface.load`)."""
+    if classes != 1 or gallery:
+        return None
+    return ("its output has 1 class (a binary classifier's single sigmoid or logit unit?): every face would "
+            "be named that class whatever its probability. Give the model two outputs, not-X and X (a "
+            "Dense(2, softmax) head with kernel [-w/2, w/2] and bias [-b/2, b/2], w and b the single unit's, "
+            "gives the same probability of X) and label both")
+
+
 def heatmap_outputs() -> tuple[str, ...]:
     """Every heatmap output a graph may hold, in menu order (the method registry's)."""
     return tuple(_methods.METHODS)

@@ -538,10 +538,10 @@ def normalize(heatmap: np.ndarray, method: str) -> np.ndarray:
     method's entry says: POSITIVE maps are ReLU'd and divided by their maximum (Grad-CAM eq. 2
     keeps only positive influence); MINMAX maps are shifted by their minimum first. A constant
     MINMAX map, and a POSITIVE map with nothing above 0, become all zeros; a constant positive
-    POSITIVE map becomes all ones (the same evidence everywhere). The input is not modified."""
+    POSITIVE map becomes all ones (the same evidence everywhere). The input is not modified.
+    An unknown `method` raises KeyError listing the valid names (as `get`)."""
     heatmap = np.asarray(heatmap, np.float32)
-    entry = METHODS.get(method)
-    if entry is not None and entry.normalization == MINMAX and heatmap.size:
+    if get(method).normalization == MINMAX and heatmap.size:
         heatmap = heatmap - heatmap.min()
     else:
         heatmap = np.maximum(heatmap, 0.0)

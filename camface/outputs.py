@@ -3,7 +3,9 @@ slow work starts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from camface.errors import OutputError
@@ -28,6 +30,39 @@ def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def beside(final: Path, tag: str = "partial") -> Path:
+    """A hidden temporary name beside `final`, in its folder (so that renaming it over `final` is
+    atomic), unique to this process and ending in `final`'s suffix (numpy and matplotlib choose
+    the format by it): cam.onnx -> .cam.onnx.1234.partial.onnx."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.{os.getpid()}.{tag}{final.suffix}")
+
+
+@contextlib.contextmanager
+def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[Path, ...]]:
+    """Write a command's `finals` whole or not at all: yields one temporary path `beside` each, in
+    order, for the block to write. When the block ends without an error, each is renamed over its
+    final (a final whose temporary file the block did not write is removed: no earlier run's file
+    is left beside this run's); on an error, Ctrl-C included, the temporary files are removed and
+    the finals stay as they were (an earlier run's, or none). OutputError naming a final that
+    cannot be renamed into place."""
+    finals = tuple(Path(final) for final in finals)
+    staged = tuple(beside(final, tag) for final in finals)
+    try:
+        yield staged
+        for tmp, final in zip(staged, finals):
+            try:
+                if tmp.exists():
+                    os.replace(tmp, final)
+                else:
+                    final.unlink(missing_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
 def replace_whole(path: str | Path, write) -> None:
     """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
     midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file."""
@@ -35,12 +70,8 @@ def replace_whole(path: str | Path, write) -> None:
     if path.exists() and not path.is_file():  # /dev/stdout, a pipe: nothing to replace, written as is
         write(path)
         return
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
-    try:
+    with written_beside(path) as (partial,):
         write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:

@@ -149,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from camface.export.exporter import ExportOptions, export, read_labels_file
     from camface.export.onnx_export import SUFFIXES
+    from camface.outputs import written_beside
     from camface.export.torch_model import PICKLE_SUFFIXES
 
     if not getattr(args, "debug", False):  # the ranking loads the graph twice; its provider is CPU
@@ -196,8 +197,7 @@ def main(args: argparse.Namespace) -> int:
     # over it only when done, so a failed ranking (or Ctrl-C) never leaves an unranked graph in
     # place of the previous one
     output = Path(args.output)
-    staging = output.with_name(f".{output.name}.{os.getpid()}.unranked.onnx")
-    try:
+    with written_beside(output, tag="unranked") as (staging,):
         if onnx_engine:
             from camface.export import onnx_export
 
@@ -205,9 +205,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             result = export(args.model, staging, options)
         result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds)
-        result = replace(result, path=_replace(staging, output))
-    finally:
-        staging.unlink(missing_ok=True)
+    result = replace(result, path=output)
     info = result.info
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "
           f"target layer {info.target_description} {info.feature_size[0]}x{info.feature_size[1]}, "
@@ -225,17 +223,6 @@ def main(args: argparse.Namespace) -> int:
     for line in ranking.summary_lines(info.ranking, graph_spec.auto_method(info)[0]):
         print(f"  ranking {line}")
     return 0
-
-
-def _replace(staging: Path, output: Path) -> Path:
-    """Rename the finished graph `staging` over `output`; OutputError naming `output`."""
-    from camface.errors import OutputError
-
-    try:
-        os.replace(staging, output)
-    except OSError as exc:
-        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    return output
 
 
 def _grid(text: str) -> tuple[int, int]:

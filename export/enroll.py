@@ -68,7 +68,9 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
     one warning (how many, one name) for photos lying loose in PEOPLE_DIR beside the folders,
     and naming both when two folders' names differ only in case or Unicode normalisation
     ("alice" / "Alice", "José" composed / decomposed): shown alike, they would be two identities
-    that the live label cannot tell apart (and one folder on a case-insensitive file system)."""
+    that the live label cannot tell apart (and one folder on a case-insensitive file system).
+    Letters are compared by `str.lower` of the NFC form, not `str.casefold`, which folds distinct
+    names together ("Strauß" and "Strauss")."""
     import unicodedata
 
     from camface.realtime.sources import IMAGE_SUFFIXES
@@ -85,7 +87,7 @@ def scan_people(people_dir: Path) -> dict[str, list[Path]]:
         people[folder.name] = files
     seen: dict[str, str] = {}
     for name in people:
-        key = unicodedata.normalize("NFC", name).casefold()
+        key = unicodedata.normalize("NFC", name).lower()
         if key in seen:
             raise SourceError(f"person folders {people_dir / seen[key]} and {people_dir / name} differ only in case "
                               "or Unicode normalisation: merge them into one folder, or rename one")
@@ -173,7 +175,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     from camface.export import convert, gallery, ranking
     from camface.export.exporter import ExportResult
     from camface.export.threshold import equal_error_threshold, leave_one_out
-    from camface.outputs import check_output_file
+    from camface.outputs import check_output_file, written_beside
 
     started = time.perf_counter()
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
@@ -197,12 +199,16 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
             "photos": photos}
     graph, info, differences = gallery.build(embedder, identities, labels, options, meta)
     beside = beside_paths(output)
-    try:
-        convert.save(graph, output)
-        result = ExportResult(output, info, differences, time.perf_counter() - started)
+    # all four written beside their names, renamed over them only when all are done: a failure
+    # (the ranking, the figure, Ctrl-C) leaves no graph without its gallery and report, and an
+    # earlier run's four files as they were
+    with written_beside(output, *beside.values()) as (staged_graph, *staged):
+        staging = dict(zip(beside, staged))
+        convert.save(graph, staged_graph)
+        result = ExportResult(staged_graph, info, differences, time.perf_counter() - started)
         result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
                                 settings={"source": str(people_dir)})
-        np.savez(beside["npz"], embeddings=identities, labels=np.array(labels),
+        np.savez(staging["npz"], embeddings=identities, labels=np.array(labels),
                  photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
         report = {
             "model": str(model), "embedding_from": from_classifier, "graph": str(output),
@@ -216,15 +222,10 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
             "seconds": round(time.perf_counter() - started, 2),
             "files": {name: str(path) for name, path in beside.items()},
         }
-        similarity_figure(gallery.normalise(embeddings), targets, labels, Path(report["files"]["figure"]),
+        similarity_figure(gallery.normalise(embeddings), targets, labels, staging["figure"],
                           f"{model.name}: leave-one-out accuracy "
                           + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
-        Path(report["files"]["report"]).write_text(json.dumps(report, indent=1, allow_nan=False))
-    except BaseException:  # a failure (or Ctrl-C) while writing: no graph without its gallery and
-        # report, and no earlier run's files left beside this run's
-        for path in (output, *beside.values()):
-            path.unlink(missing_ok=True)
-        raise
+        staging["report"].write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
 
 

@@ -95,6 +95,8 @@ def prepare(model, options: ExportOptions):
     num_classes = int(model.outputs[0].shape[-1])
     if num_classes < 1:
         raise ModelError(f"model {model.name!r}: its output has {num_classes} classes; a classifier needs at least one")
+    if (why := graph_spec.one_class(num_classes)) is not None:
+        raise ModelError(f"model {model.name!r}: {why}")
     labels = options.labels or tuple(f"class_{i}" for i in range(num_classes))
     if len(labels) != num_classes:
         where = f"labels file {options.labels_source}" if options.labels_source else "labels"

@@ -336,7 +336,7 @@ def build(embedder: Embedder, gallery: np.ndarray, labels, options: ExportOption
     scale = float(gallery_meta.get("scale", SCALE))
     model = with_similarity_head(embedder, gallery, unit)
     cam_graph, info, differences = onnx_export.build(model, replace(options, labels=labels),
-                                                     source=str(embedder.source))
+                                                     source=str(embedder.source), gallery=True)
     cam_graph = finish(cam_graph, scale)
     meta = {"scale": scale, "embedding_dim": embedder.dim, "embedder": embedder.source.name,
             "embedder_sha256": sha256_file(embedder.source), **gallery_meta,

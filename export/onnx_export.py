@@ -126,8 +126,10 @@ def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOpt
     return TargetChoice(gridded, target, name, reason, grid)
 
 
-def build(model, options: ExportOptions, source: str = "model"):
-    """(CAM graph ModelProto, GraphInfo, self-check differences) of a forward onnx.ModelProto."""
+def build(model, options: ExportOptions, source: str = "model", gallery: bool = False):
+    """(CAM graph ModelProto, GraphInfo, self-check differences) of a forward onnx.ModelProto.
+    gallery: the model is a gallery's similarity head (`export.gallery`), whose one identity
+    is a valid gallery (a classifier of one class is refused: `graph_spec.one_class`)."""
     from camface.export import onnx_cam, onnx_model, onnx_rerun, onnx_verify
 
     if options.fp16:
@@ -148,6 +150,8 @@ def build(model, options: ExportOptions, source: str = "model"):
     classifier = onnx_model.settle_shapes(onnx_model.describe(model, where=source))
     if classifier.num_classes < 1:
         raise ModelError(f"{source}: its output has {classifier.num_classes} classes; a classifier needs at least one")
+    if (why := graph_spec.one_class(classifier.num_classes, gallery)) is not None:
+        raise ModelError(f"{source}: {why}")
     labels = options.labels or tuple(f"class_{i}" for i in range(classifier.num_classes))
     if len(labels) != classifier.num_classes:
         where = f"labels file {options.labels_source}" if options.labels_source else "labels"

@@ -389,17 +389,23 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
     """model.keras -> model.onnx through the exporter, which verifies ONNX Runtime against
     TensorFlow (largest difference per output, logged) and raises ModelError when they differ;
     then its methods are ranked on the test crops (uint8 BGR, cut as live) as `camface export`
-    ranks them on its calibration crops (camface.export.ranking)."""
+    ranks them on its calibration crops (camface.export.ranking). The graph is written and
+    ranked beside `onnx_path`, renamed over it when ranked: a failure leaves no unranked graph."""
+    from dataclasses import replace
+
     from camface.export import calibration, ranking
     from camface.export.exporter import ExportOptions, export
+    from camface.outputs import written_beside
 
     preset = backbone_preprocessing(backbone).preset
-    result = export(model_path, onnx_path, ExportOptions(labels=tuple(labels), preset=preset))
-    for difference in result.differences:
-        log.info("export self-check: %s", difference)
-    crops = calibration.from_bgr(test_bgr, result.info.color_order) if len(test_bgr) else test_bgr
-    result = ranking.record(result, None, crops=crops,
-                            settings={"source": "the test split"})
+    with written_beside(onnx_path, tag="unranked") as (staging,):
+        result = export(model_path, staging, ExportOptions(labels=tuple(labels), preset=preset))
+        for difference in result.differences:
+            log.info("export self-check: %s", difference)
+        crops = calibration.from_bgr(test_bgr, result.info.color_order) if len(test_bgr) else test_bgr
+        result = ranking.record(result, None, crops=crops,
+                                settings={"source": "the test split"})
+    result = replace(result, path=Path(onnx_path))
     for line in ranking.summary_lines(result.info.ranking):
         log.info("method ranking: %s", line)
     return result

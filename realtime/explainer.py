@@ -69,10 +69,15 @@ class FrameExplainer:
         return np.full(len(faces), -1, np.int64)
 
     def explain(self, frame: np.ndarray, faces: tuple[Face, ...], controls: Controls, index: int = 0,
-                fps: float = 0.0, stage_ms: dict | None = None, pace_fps: float = 0.0) -> Explained:
+                fps: float = 0.0, stage_ms: dict | None = None, pace_fps: float = 0.0,
+                cut: bool = False) -> Explained:
         """frame: uint8 BGR [H, W, 3], not modified. faces: the detector's faces, largest first.
         index: the frame's index in its run. fps / stage_ms / pace_fps: the caller's rolling
-        figures, carried in the result for the HUD (see FrameResult)."""
+        figures, carried in the result for the HUD (see FrameResult). cut: the frame does not
+        follow the one before (a looped source's new pass, a stream's first frame after a
+        reconnection: `passes` grew), so smoothing starts over from it, as detection does."""
+        if cut and self.smoother is not None:
+            self.smoother.cut()
         start = time.perf_counter()
         info = self.graph.info
         controls = concrete(controls, info)

@@ -131,7 +131,7 @@ class LiveLoop:
                 start = time.perf_counter()
                 faces = detector.detect(frame, index, cut)
                 self.timer.add("detect", time.perf_counter() - start)
-                if not put(out, (index, frame, faces), stop):
+                if not put(out, (index, frame, faces, cut), stop):
                     return
         except BaseException as exc:
             put(out, Failure(exc, index), stop)
@@ -238,7 +238,7 @@ class LiveLoop:
             thread.start()
         try:
             with sigterm_raises():
-                for index, frame, faces in in_order(detections_q, len(detectors), slots):
+                for index, frame, faces, cut in in_order(detections_q, len(detectors), slots):
                     if recorder.error is not None:
                         raise recorder.error
                     snapshot = cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0
@@ -246,7 +246,7 @@ class LiveLoop:
                     if frames % HUD_EVERY == 0:
                         hud_ms = hud_stage_ms(self.timer, detectors[0].every)
                     explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
-                                                  pacer.fps if pacer is not None else 0.0)
+                                                  pacer.fps if pacer is not None else 0.0, cut=cut)
                     with self.timer.stage("render"):
                         renderer.annotate(frame, explained.result, controls.hud)
                     held = viewer.paused_s

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,11 @@ class Prediction:
                 value = value.view()
                 value.flags.writeable = False
                 object.__setattr__(self, name, value)
+
+    def __reduce__(self):
+        """Pickle and copy.deepcopy rebuild through __init__, so the copy's arrays are read-only
+        too (the default restored the fields' state as it was pickled: writeable arrays)."""
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))
 
     def __eq__(self, other: object) -> bool:
         """Equal fields, the arrays by shape and values (the generated `==` asked numpy arrays for

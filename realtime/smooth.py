@@ -34,7 +34,8 @@ class Smoother:
     factor: weight of the past in [0, 1); 0 turns smoothing off (ids are still assigned).
     Smoothed = factor * previous + (1 - factor) * current. A heatmap restarts from the current
     one when its method, explained class or shape changes. Tracks unseen for `max_missed`
-    frames are forgotten, so memory stays bounded.
+    frames are forgotten, so memory stays bounded. `cut()` forgets every track: the next frame
+    does not follow the one before (a new pass of a looped source, a reconnected stream).
     """
 
     def __init__(self, factor: float, min_iou: float = 0.3, max_missed: int = 5):
@@ -43,6 +44,11 @@ class Smoother:
         self.factor, self.min_iou, self.max_missed = factor, min_iou, max_missed
         self._tracks: dict[int, _Track] = {}
         self._next_id = 0
+
+    def cut(self) -> None:
+        """Start over: no average and no track carries into the next frame, whose faces get new
+        ids (ids keep counting, so an id never names two faces of one stream)."""
+        self._tracks.clear()
 
     def _match(self, faces: tuple[Face, ...]) -> list[int | None]:
         """Greedy matching by IoU, best pairs first; the track id per face or None."""

@@ -55,7 +55,8 @@ def get(q: queue.Queue, stop: threading.Event | None = None):
 
 
 def in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | None = None):
-    """Yield (index, frame, faces) from `producers` detector threads in frame order.
+    """Yield (index, frame, faces, cut) from `producers` detector threads in frame order (each
+    item as a producer sent it: a tuple whose first element is the frame index).
 
     Each producer sends increasing indices and then one END (or a Failure, after which it
     stops); together they cover 0, 1, 2, ... without gaps. A failure is raised once every

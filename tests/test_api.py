@@ -2,6 +2,8 @@
 numbers against `camface live`'s; JSON; Jupyter; misuse; resources released."""
 
 import json
+import logging
+import re
 import subprocess
 from dataclasses import replace
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import write_clip
+from realtime_helpers import tiny_cam_graph, write_clip
 
 import camface
 from camface.graph_spec import auto_method
@@ -212,6 +214,25 @@ def test_process_video_detects_a_new_pass_or_reconnection_as_live_does(clip, mon
         assert len(list(api.process_video(LoopingSource(VideoFileSource(clip)), max_frames=12))) == 12
     assert cuts == [index == 8 for index in range(12)]  # the clip's 8 frames, then the second pass
 
+def test_process_video_smooths_a_new_pass_afresh(clip):
+    """Smoothing carried the averages and tracks of a pass's last frames into the next pass's
+    first frame (a reconnected stream's, likewise): the frame after a cut now starts over, as its
+    detection does, so it is explained as the first pass's first frame (the same image) was."""
+    from camface.realtime.pace import LoopingSource
+    from camface.realtime.sources import VideoFileSource
+
+    with camface.load(device="cpu", method="gradcam", smooth=0.6) as api:
+        results = [result for result, _ in api.process_video(LoopingSource(VideoFileSource(clip)), max_frames=10)]
+    first, again = results[0], results[8]  # the clip's 8 frames, then the second pass
+    assert len(first.faces) == len(again.faces) == 2
+    before = {face.track_id for result in results[:8] for face in result.faces}
+    assert not before & {face.track_id for face in again.faces}  # new tracks, not those before the cut
+    for a, b in zip(first.predictions, again.predictions):
+        np.testing.assert_allclose(b.probs, a.probs, atol=1e-5)
+        np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-4 * max(1.0, float(np.abs(a.heatmap).max())))
+    assert {face.track_id for face in results[9].faces} == {face.track_id for face in again.faces}
+
+
 @pytest.mark.parametrize("frame, message", [
     (np.zeros((64, 64, 3), np.float32), "uint8 BGR .* got dtype float32"),
     (np.zeros((64, 64), np.uint8), r"got shape \(64, 64\)"),
@@ -267,6 +288,56 @@ def test_explain_crops_takes_auto_and_names_only_the_bad_method(cam):
     assert "global average pooling" not in str(caught.value)  # CAM's reason is said for 'cam' only
     with pytest.raises(UsageError, match="method must be a heatmap name"):
         cam.explain_crops(crops, method=3)
+
+
+@pytest.mark.parametrize("configured", ["auto", "hirescam"])
+def test_auto_is_said_once_per_model_not_per_call(caplog, two_faces, configured):
+    """explain(method="auto") logged the method it chose on every call (every frame)."""
+    crops = np.zeros((1, 64, 64, 1), np.uint8)
+    with caplog.at_level(logging.INFO, logger="camface"):
+        with camface.load(device="cpu", method=configured) as api:
+            for _ in range(3):
+                auto, = api.explain_crops(crops, method="auto")
+                assert api.explain(two_faces, method="auto").method == auto.method
+            assert api.explain_crops(crops)[0].method == configured.replace("auto", auto.method)
+    said = [r.getMessage() for r in caplog.records if "--method auto shows" in r.getMessage()]
+    assert said == [f"camface: --method auto shows {auto.method}, the most faithful method of emotion.onnx "
+                    "(`camface info` shows the ranking)"]
+
+
+def _binary_graph(path: Path) -> Path:
+    """The tiny graph (realtime_helpers) with a binary classifier's head: probs = sigmoid of the
+    first logit, [N, 1], one label "bright" (is the crop bright?)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(tiny_cam_graph(path, labels=("bright",))))
+    nodes = model.graph.node
+    softmax = next(i for i, node in enumerate(nodes) if node.op_type == "Softmax")
+    nodes.insert(softmax, helper.make_node("Slice", ["logits", "first", "second", "axis_1"], ["logit_0"]))
+    nodes[softmax + 1].CopyFrom(helper.make_node("Sigmoid", ["logit_0"], ["probs"]))
+    for value, name in ((0, "first"), (1, "second"), (1, "axis_1")):
+        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    probs = next(output for output in model.graph.output if output.name == "probs")
+    probs.CopyFrom(helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1]))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_binary_classifier_s_graph_is_refused_at_load(tmp_path):
+    """A graph with one class (a single sigmoid unit: "is bright?") named every face "bright", a
+    dark one too (the argmax of one probability is 0). Every front end loads through
+    `camface.load`: it now refuses such a graph, naming it and how to make a two-class one."""
+    from camface.realtime.graph import CamGraph
+
+    path = _binary_graph(tmp_path / "binary.onnx")
+    dark = np.zeros((1, 32, 32, 1), np.uint8)
+    probs, _ = CamGraph(path, "cpu").run(dark, np.array([-1]), "gradcam")
+    assert probs.shape == (1, 1) and probs[0, 0] < 0.5  # "not bright", which argmax cannot say
+    with pytest.raises(ModelError, match=rf"{re.escape(str(path))}: its output has 1 class \(a binary classifier's "
+                                         r"single sigmoid .* Dense\(2, softmax\) head with kernel \[-w/2, w/2\]"):
+        camface.load(path, device="cpu")
+    assert camface_main(["live", "--model", str(path), "--source", "sample", "--no-show", "--max-frames", "1"]) == 2
 
 
 class _CountingSource:

@@ -441,3 +441,49 @@ def test_the_same_onnx_model_at_versions_onnx_runtime_reads_exports(tmp_path, ca
     assert camface_main(["export", str(model), "-o", str(tmp_path / "out.onnx"), "--preset", "unit",
                          "--no-rank"]) == 0
     assert (tmp_path / "out.onnx").is_file()
+
+
+def _one_unit_onnx(path, activation):
+    """Conv -> GlobalAveragePool -> Gemm to ONE unit (-> `activation`): a binary classifier."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((1, 4)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["target"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["target"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logit" if activation else "y"], transB=1)]
+    if activation:
+        nodes.append(helper.make_node(activation, ["logit"], ["y"]))
+    graph = helper.make_graph(nodes, "binary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
+def _one_unit_keras(path, activation):
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(inputs))
+    keras.Model(inputs, keras.layers.Dense(1, activation=activation)(x)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: _one_unit_onnx(tmp / "sigmoid.onnx", "Sigmoid"),
+    lambda tmp: _one_unit_onnx(tmp / "logit.onnx", None),  # trained with a logistic loss on its logit
+    lambda tmp: _one_unit_keras(tmp / "sigmoid.keras", "sigmoid"),
+], ids=["onnx-sigmoid", "onnx-logit", "keras-sigmoid"])
+def test_a_binary_classifier_with_one_output_is_refused_with_how_to_give_it_two(make, tmp_path, capsys):
+    """A single sigmoid (or logit) unit, "is X": the graph's predicted class, the argmax of one
+    probability, named every face X, and `probs` of a lone logit was its softmax, always 1.
+    Refused before any work, saying how to give the model two outputs; nothing written."""
+    model = make(tmp_path)
+    out = tmp_path / "g.onnx"
+    code, line = run(capsys, "export", str(model), "-o", str(out), "--preset", "torch", "--no-rank")
+    assert code == 2 and "its output has 1 class (a binary classifier's single sigmoid or logit unit?)" in line, line
+    assert "Dense(2, softmax) head with kernel [-w/2, w/2] and bias [-b/2, b/2]" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]

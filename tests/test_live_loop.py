@@ -615,6 +615,53 @@ def test_a_reconnected_stream_is_a_cut_for_the_carried_boxes():
     assert [cut for _, _, cut in items] == [index == first for index in range(25)]
 
 
+def test_a_reconnected_stream_is_smoothed_afresh(sample_frames, monkeypatch):
+    """Smoothing carried the averages and tracks from before a stream's reconnection into the
+    frames after it (detection started over there, smoothing did not): the first frame after a
+    reconnection is now its own, and its faces are new tracks."""
+    from camface.realtime import render
+
+    _, frames = sample_frames
+    before = frames[120]
+    after = np.ascontiguousarray(before // 2 + 60)  # the same faces, paler
+
+    class Camera(FakeCamera):
+        def __init__(self, frame, good=None):
+            super().__init__(good)
+            self.frame = frame
+
+        def read(self):
+            ok, _ = super().read()
+            return ok, self.frame.copy() if ok else None  # the loop draws on the frames it gets
+
+    opened = []
+
+    def opener(target, timeout):
+        opened.append(target)
+        return Camera(before, good=12) if len(opened) == 1 else Camera(after)
+
+    seen = []
+    real_annotate = render.Renderer.annotate
+
+    def spy_annotate(self, frame, result, *args):
+        seen.append(result)
+        return real_annotate(self, frame, result, *args)
+
+    monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
+    source = LiveSource("rtsp://camera.local/live", timeout_s=1.0, reconnects=2, opener=opener, backoff_s=0.01)
+    _run(LiveConfig(smooth=0.6, max_frames=16, pace="none"), source=source)
+    assert len(opened) == 2 and source.passes == 1 and len(seen) == 16
+    cut = next(i for i, result in enumerate(seen) if result.index > 0 and
+               {f.track_id for f in result.faces}.isdisjoint({f.track_id for f in seen[i - 1].faces}))
+    assert 1 <= cut <= 12 and len(seen[cut].faces) >= 2
+    for result in seen[cut + 1:]:  # the same frame after the cut: the average is that frame's own
+        assert [f.track_id for f in result.faces] == [f.track_id for f in seen[cut].faces]
+        for got, first in zip(result.predictions, seen[cut].predictions):
+            np.testing.assert_allclose(got.probs, first.probs, atol=1e-5)
+    # the frames before had other probabilities, so an average carried across would show
+    assert max(np.abs(a.probs - b.probs).max() for a, b in zip(seen[0].predictions, seen[cut].predictions)) > 1e-3
+
+
 def test_a_stream_whose_reads_hang_says_how_long_it_waited():
     """A read that does not return (a stalled network stream): the iteration ends after the
     time it allows for the reconnections too, and the message says that time, not timeout_s."""

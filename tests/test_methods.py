@@ -242,6 +242,13 @@ def test_unknown_method_lists_the_valid_ones():
         methods.get("nope")
 
 
+@pytest.mark.parametrize("method", ["nope", "GradCAM", ""])
+def test_normalize_refuses_an_unknown_method(method):
+    # an unknown name must not silently get the POSITIVE normalisation
+    with pytest.raises(KeyError, match=f"unknown heatmap method '{method}'; choose from gradcam, .*, random"):
+        methods.normalize(np.ones((2, 2), np.float32), method)
+
+
 def test_random_is_a_baseline_not_a_display_choice():
     from camface.realtime.config import method_choices
 

@@ -3,9 +3,12 @@ timing, keys, recording and snapshots. Tiny synthetic data; no camera, no displa
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from camface.realtime.crop import crop_faces, crop_square, square_box
 from camface.methods import normalize as normalize_heatmap
 from camface.realtime.render import BoxAnnotator, HeatmapAnnotator, Renderer, localisation_box
 from camface.realtime.results import Face, FrameResult, Prediction
-from camface.outputs import check_output_file
+from camface.outputs import check_output_file, written_beside
 from camface.realtime.sinks import VideoSink
 from camface.realtime.smooth import Smoother, iou
 from camface.realtime.snapshot import SnapshotWriter
@@ -192,6 +195,27 @@ def _result(faces, heatmaps, method="gradcam", probs=None):
     return FrameResult(index=0, faces=tuple(faces), predictions=predictions, method=method, labels=TINY_LABELS)
 
 
+def _frame_copy(prediction, copy_of):
+    result = FrameResult(index=0, faces=(Face((0, 0, 4, 4), 0.9),), predictions=(prediction,), method="hirescam")
+    return copy_of(result).predictions[0]
+
+
+@pytest.mark.parametrize("copy_of", [lambda p: pickle.loads(pickle.dumps(p)), copy.deepcopy, copy.copy],
+                         ids=["pickle", "deepcopy", "copy"])
+@pytest.mark.parametrize("inside_a_frame", [False, True])
+def test_a_copied_prediction_keeps_its_arrays_read_only(copy_of, inside_a_frame):
+    """Pickling a Prediction (alone or in its FrameResult) or deep-copying it gave back writeable
+    arrays, so a caller could change a result that says it is frozen."""
+    made = Prediction(probs=np.array([0.7, 0.3], np.float32), heatmap=np.arange(4, dtype=np.float32).reshape(2, 2),
+                      predicted=0, explained=1, method="hirescam", similarity=np.array([0.5, 0.1], np.float32),
+                      saturated=True)
+    copied = _frame_copy(made, copy_of) if inside_a_frame else copy_of(made)
+    for name in ("probs", "heatmap", "similarity"):
+        with pytest.raises(ValueError, match="read-only"):
+            getattr(copied, name)[...] = 0
+    assert copied == made and copied.saturated and copied.heatmap.dtype == np.float32
+
+
 def test_normalize_heatmap():
     np.testing.assert_allclose(normalize_heatmap(np.array([[-1.0, 0.0], [1.0, 2.0]]), "gradcam"),
                                [[0, 0], [0.5, 1]])
@@ -264,6 +288,23 @@ def test_smoother_keeps_ids_and_averages():
     assert iou((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="smoothing factor"):
         Smoother(1.0)
+
+
+def test_smoother_starts_over_at_a_cut():
+    """A cut (a looped source's new pass, a reconnected stream) forgets every track: the next
+    frame's probabilities and heatmaps are its own, its faces get new ids."""
+    smoother = Smoother(0.5)
+    face = Face((0, 0, 20, 20), 1)
+    smoother.update(_result([face], [np.zeros((4, 4), np.float32)], probs=[1.0, 0.0, 0.0]))
+    smoother.cut()
+    np.testing.assert_array_equal(smoother.explain_classes((face,)), [-1])  # no track: the frame's own class
+    after = smoother.update(_result([face], [np.ones((4, 4), np.float32)], probs=[0.0, 1.0, 0.0]))
+    np.testing.assert_allclose(after.predictions[0].probs, [0.0, 1.0, 0.0])
+    np.testing.assert_allclose(after.predictions[0].heatmap, 1.0)
+    assert after.faces[0].track_id == 1  # ids keep counting: 0 named the face before the cut
+    again = smoother.update(_result([face], [np.zeros((4, 4), np.float32)], probs=[0.0, 0.0, 1.0]))
+    assert again.faces[0].track_id == 1  # smoothing goes on from the cut
+    np.testing.assert_allclose(again.predictions[0].probs, [0.0, 0.5, 0.5])
 
 
 def test_smoother_explains_the_smoothed_class_while_the_raw_top_class_flickers():
@@ -647,3 +688,26 @@ def test_rates_below_ten_fps_are_not_printed_as_zero():
                                            explained_class=None, labels=("a",), fps=0.5, stage_ms={},
                                            provider="CPUExecutionProvider", pace_fps=0.5))
     assert hud[0] == "0.5 fps shown (paced to 0.5)"
+
+
+@pytest.mark.parametrize("error", [None, OSError, KeyboardInterrupt])
+def test_written_beside_replaces_the_files_whole_or_not_at_all(tmp_path, error):
+    """The files of one command (enroll's graph, gallery, report and figure; train's and export's
+    graph) are written beside their names and renamed when all are done: a failure leaves the
+    earlier files as they were and nothing beside them; a file the command did not write this
+    time (a figure without matplotlib) leaves no earlier one beside the new ones."""
+    finals = [tmp_path / "g.onnx", tmp_path / "g.npz", tmp_path / "g.png"]
+    for final in finals:
+        final.write_text(f"earlier {final.name}")
+    with pytest.raises(error) if error else contextlib.nullcontext():
+        with written_beside(*finals) as staged:
+            assert [p.parent for p in staged] == [tmp_path] * 3 and [p.suffix for p in staged] == [".onnx", ".npz", ".png"]
+            staged[0].write_text("new graph")
+            staged[1].write_text("new gallery")
+            if error:
+                raise error("stopped")
+    left = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    if error:
+        assert left == {final.name: f"earlier {final.name}" for final in finals}
+    else:
+        assert left == {"g.onnx": "new graph", "g.npz": "new gallery"}

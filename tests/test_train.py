@@ -77,6 +77,7 @@ def test_run_succeeds_and_writes_every_output(trained):
     for name in ("model.keras", "labels.txt", "model.onnx", "metrics.json", "confusion.png",
                  "cam_montage.png", "report.md", "crops/index.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*"))  # no file written beside one left behind
     for figure in ("confusion.png", "cam_montage.png"):
         image = cv2.imread(str(out / figure))
         assert image is not None and min(image.shape[:2]) > 100 and image.std() > 10
@@ -294,6 +295,32 @@ def test_int8_that_fails_its_check_writes_nothing_and_gives_trains_advice(traine
     message = str(caught.value)
     assert not target.exists() and "top-1 agreement 50% < 90%" in message
     assert "leave out --int8" in message and "--calibration" not in message  # no such flag in train
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_model_onnx_is_replaced_only_once_ranked(ranked, trained, tmp_path, monkeypatch):
+    """train exported model.onnx, then ranked its methods: a failed ranking (or Ctrl-C) left an
+    unranked graph in place. It is now written and ranked beside model.onnx, then renamed."""
+    from camface.export import ranking
+    from camface.models import train
+    from camface.realtime.graph import CamGraph
+
+    _, out, _ = trained
+    labels = (out / "labels.txt").read_text().split()
+    crops = dataset.load_crops(sorted((out / "crops").rglob("*.png"))[:4], SIZE)
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"an earlier run's graph")
+    if not ranked:
+        def fails(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(ranking, "rank_crops", fails)
+        with pytest.raises(KeyboardInterrupt):
+            train.export_graph(out / "model.keras", target, labels, "mobilenetv2", crops)
+        assert target.read_bytes() == b"an earlier run's graph"
+    else:
+        result = train.export_graph(out / "model.keras", target, labels, "mobilenetv2", crops)
+        assert result.path == target and CamGraph(target, "cpu").info.ranking == result.info.ranking
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # nothing left beside it
 
 
 def test_int8_runs_after_the_report_of_model_onnx(tmp_path, monkeypatch):
