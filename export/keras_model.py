@@ -197,9 +197,9 @@ def split_model(model, target_path: list[str]) -> Split:
     import keras
 
     model = depthwise_convolutions(model)
-    final = _final_layer(model)
+    final = probability_layer(model)
     final_kind = type(final).__name__
-    activation = _activation_name(final)
+    activation = activation_name(final)
     final_kernel = None
     if final_kind in ("Activation", "Softmax") and activation in _PROBABILITY_ACTIVATIONS:
         end = _input_in_parent(final)
@@ -209,7 +209,7 @@ def split_model(model, target_path: list[str]) -> Split:
         tail = _linear_dense(final)
         final_kernel = final.kernel
     else:  # the model already outputs logits (linear activation): softmax them for `probs`
-        end = model.outputs[0]
+        end = _output_in_parent(final)
         tail = None
         activation = "softmax"
     probabilities = keras.activations.get(activation)
@@ -274,7 +274,34 @@ def _final_layer(model):
     raise ModelError(f"cannot find the output layer of model {model.name!r}")
 
 
-def _activation_name(layer) -> str:
+def _passes_through(layer) -> bool:
+    """Whether `layer` is the identity at inference on its input: Dropout and the like, and a
+    Flatten or Reshape that leaves the shape as it is."""
+    kind = type(layer).__name__
+    if kind not in _IDENTITY_AT_INFERENCE:
+        return False
+    if kind in ("Flatten", "Reshape"):
+        return tuple(_input_in_parent(layer).shape) == tuple(_output_in_parent(layer).shape)
+    return True
+
+
+def probability_layer(model):
+    """The layer whose output the model's output is: the output layer, or the layer before the
+    ones that are the identity at inference after it (a softmax then Dropout: the softmax, so
+    that probabilities are not taken for logits and softmaxed again)."""
+    final = _final_layer(model)
+    while _passes_through(final) and not _is_model(final):
+        source = _input_in_parent(final)
+        before = next((layer for layer in reversed(operations(model))
+                       if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is source), None)
+        if before is None:
+            break
+        final = before
+    return final
+
+
+def activation_name(layer) -> str:
+    """The activation a layer ends in: softmax, sigmoid, linear, ..."""
     if type(layer).__name__ == "Softmax":
         return "softmax"
     act = getattr(layer, "activation", None)
@@ -390,7 +417,7 @@ def cam_weights(split: Split, num_classes: int, channels: int):
     if len(rest) == 1:
         layer = rest[0]
         kind = type(layer).__name__
-        linear = _activation_name(layer) in ("linear",) or layer is _final_of(split)
+        linear = activation_name(layer) in ("linear",) or layer is _final_of(split)
         if kind == "Dense" and linear:
             return np.asarray(layer.kernel, dtype=np.float32), ""
         if kind == "Conv2D" and linear and tuple(layer.kernel_size) == (1, 1):
