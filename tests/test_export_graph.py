@@ -454,3 +454,25 @@ def test_probabilities_followed_by_identity_layers_are_not_activated_twice(tail,
     want = model.predict(image.astype(np.float32) / 255, verbose=0)
     np.testing.assert_allclose(got["probs"], want, rtol=1e-4, atol=1e-6)
     assert "cam" in info.heatmaps
+
+
+@pytest.mark.parametrize("tail, activation", [("dropout", "softmax"), ("dropout", "sigmoid"),
+                                              ("identity", "separate softmax")])
+def test_the_keras_baseline_gives_the_models_probabilities_and_the_graphs_gradcam(tmp_path, tail, activation):
+    """camface bench --baseline keras: its probabilities are the model's own (a sigmoid's, a
+    softmax's before a Dropout), as the graph's are; its Grad-CAM is the graph's."""
+    from camface.export.keras_baseline import KerasGradCam
+
+    model = _softmax_then(tail, activation)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    graph, info = export_in_memory(model, preset="unit")
+    image = images(2, 16, 3, seed=6)
+    classes = class_indices(2)
+    baseline = KerasGradCam(path, info.target_layer, [1 / 255] * 3, [0.0] * 3)
+    probs, gradcam = baseline.explain(image, classes)
+    want = graph(image, classes)
+    np.testing.assert_allclose(probs, model.predict(image.astype(np.float32) / 255, verbose=0),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs, want["probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())
