@@ -28,7 +28,7 @@ import os
 import warnings
 from pathlib import Path
 
-from camface.errors import OutputError
+from camface.errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +347,10 @@ GRADIENT_HANDLERS = {
 }
 
 
-def to_onnx(function, opset: int = DEFAULT_OPSET):
+def to_onnx(function, opset: int = DEFAULT_OPSET, layers: tuple[str, ...] = ()):
     """Convert a `tf.function` with an input signature to an onnx.ModelProto (dynamic batch).
+    ModelError naming the op (and, from `layers`, the Keras layer names, the layer it is in)
+    when tf2onnx leaves an op unconverted.
 
     Output names are the keys of the function's returned dict."""
     import tf2onnx
@@ -362,7 +364,32 @@ def to_onnx(function, opset: int = DEFAULT_OPSET):
         opset=opset,
         custom_op_handlers=dict(GRADIENT_HANDLERS),
     )
+    check_converted(model, layers)
     return _captures_as_initializers(model, function)
+
+
+def check_converted(model, layers: tuple[str, ...] = ()) -> None:
+    """ModelError naming the first op of `model` that is no ONNX op (tf2onnx leaves a TensorFlow
+    op it has no handler for as it is, and the graph would fail later, in ONNX Runtime or the
+    checker), and the layer of `layers` its node name says it is in."""
+    import re
+
+    import onnx
+
+    for node in model.graph.node:
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx") or onnx.defs.has(node.op_type, domain):
+            continue
+        # TensorFlow names nodes by scope, a layer called twice (a cut model) with a suffix _1
+        parts = node.name.split("/")
+        known = set(layers)
+        layer = next((p for p in reversed(parts) if p in known), None) or next(
+            (re.sub(r"_\d+$", "", p) for p in reversed(parts) if re.sub(r"_\d+$", "", p) in known), None)
+        where = f" in layer {layer!r}" if layer else ""
+        backward = f" (in the gradient of {parts[-2]})" if node.name.startswith("gradient") and len(parts) > 1 else ""
+        raise ModelError(f"TensorFlow op {node.op_type}{backward}{where} has no ONNX conversion "
+                         f"(node {node.name!r}); camface cannot export this model. Replace that layer "
+                         "or its activation with one tf2onnx converts, or export it as a .pt2/.onnx")
 
 
 def _captures_as_initializers(model, function):

@@ -441,3 +441,26 @@ def test_the_same_onnx_model_at_versions_onnx_runtime_reads_exports(tmp_path, ca
     assert camface_main(["export", str(model), "-o", str(tmp_path / "out.onnx"), "--preset", "unit",
                          "--no-rank"]) == 0
     assert (tmp_path / "out.onnx").is_file()
+
+
+@pytest.mark.parametrize("op, activation", [("SigmoidGrad", "sigmoid"), ("TanhGrad", "tanh")])
+def test_an_op_the_conversion_leaves_unconverted_is_one_line_naming_it_and_its_layer(
+        tmp_path, capsys, monkeypatch, op, activation):
+    """tf2onnx keeps an op it has no handler for as it is: the export stops there with a
+    ModelError naming the op and the Keras layer (no traceback from ONNX's checker later), and
+    writes nothing."""
+    import keras
+
+    from camface.export import convert
+
+    monkeypatch.delitem(convert.GRADIENT_HANDLERS, op)  # as tf2onnx alone would leave it
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.Conv2D(4, 1, activation=activation, name="head_conv")(x)
+    x = keras.layers.Dense(3, name="pred")(keras.layers.GlobalAveragePooling2D()(x))
+    path, out = tmp_path / "m.keras", tmp_path / "m.onnx"
+    keras.Model(inputs, x).save(path)
+    code, line = run(capsys, "export", str(path), "-o", str(out), "--target-layer", "conv", "--no-rank")
+    assert code == 2 and f"TensorFlow op {op}" in line and "in layer 'head_conv'" in line
+    assert "has no ONNX conversion" in line and not out.exists()
+    assert list(tmp_path.iterdir()) == [path]
