@@ -121,15 +121,14 @@ DEFAULT_TARGET_REASON = ("default: the last 4-D layer before global pooling (the
 
 
 def default_target_layer(model) -> str:
-    """The last layer with a 4-D output before the first global pooling layer (the study's
-    "last conv"); with no global pooling, the last 4-D layer. Raises `ModelError` when the model
-    has no 4-D layer."""
-    candidates = []
-    for path, layer in iter_layers(model):
-        if type(layer).__name__ in POOLING_TYPES:
-            break
-        if _rank(layer) == 4:
-            candidates.append((path, layer))
+    """The last layer with a 4-D output before the last global pooling layer (the study's "last
+    conv"; the pooling layers before it are inside blocks, as the squeeze-and-excitation of
+    EfficientNet and MobileNetV3, whose maps go on); with no global pooling, the last 4-D layer.
+    Raises `ModelError` when the model has no 4-D layer."""
+    layers = list(iter_layers(model))
+    pools = [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES]
+    candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
+                  if _rank(layer) == 4]
     if not candidates:
         candidates = [(p, layer) for p, layer in iter_layers(model) if _rank(layer) == 4]
     if not candidates:

@@ -110,3 +110,18 @@ def test_a_grouped_convolution_that_is_not_depthwise_is_refused():
     with pytest.raises(ModelError, match=r"^layer 'grouped': a grouped Conv2D \(3 groups, 3 -> 6 "
                                          r"channels\) that is not depthwise has no ONNX conversion"):
         export_in_memory(model, preset="unit")
+
+
+@pytest.mark.parametrize("application, expected", [("EfficientNetB0", "top_activation"),
+                                                   ("EfficientNetV2B0", "top_activation"),
+                                                   ("MobileNetV3Small", None)])
+def test_the_default_target_of_a_backbone_with_squeeze_excitation_is_its_last_map(application, expected):
+    """Squeeze-and-excitation blocks pool globally and go on: the default target is the map the
+    head pools (EfficientNet's top_activation), not the map before the first block's squeeze."""
+    import keras
+
+    model = getattr(keras.applications, application)(weights=None, input_shape=(64, 64, 3), classes=3)
+    target = keras_model.default_target_layer(model)
+    pool = [layer for layer in model.layers if type(layer).__name__ in keras_model.POOLING_TYPES][-1]
+    assert target == (expected or target)
+    assert keras_model._output_in_parent(model.get_layer(target)) is keras_model._input_in_parent(pool)
