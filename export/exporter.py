@@ -87,6 +87,7 @@ def prepare(model, options: ExportOptions):
 
     from camface.export import graph, keras_model
 
+    model = keras_model.in_float32(model)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or None in shape[1:]:
         raise ModelError(f"model {model.name!r} input has shape {shape}; camface needs a fixed "

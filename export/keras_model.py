@@ -11,12 +11,15 @@ TensorFlow and Keras are imported inside functions: this module is imported by t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError
 from camface.outputs import check_model_file
+
+log = logging.getLogger(__name__)
 
 POOLING_TYPES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 # Layers that mix tokens: a target before one is no feature map of what the model decides on.
@@ -54,6 +57,47 @@ def load_model(path: str | Path, safe_mode: bool = True):
     if not isinstance(model, keras.Model) or len(model.outputs) != 1 or len(model.inputs) != 1:
         raise ModelError(f"{path}: camface needs a model with one image input and one output")
     return model
+
+
+_HALF_DTYPES = ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+
+
+def in_float32(model):
+    """`model`, or a copy computing in float32 (the same weights) when layers of it compute in
+    float16 / bfloat16 (a mixed_float16 policy): tf2onnx would convert the float16 maths, the
+    graph's outputs would be float16, and its self-check would differ from the float32 reference
+    by float16's rounding. ModelError when the copy cannot be built."""
+    import keras
+    import numpy as np
+
+    half = sorted({layer.dtype_policy.name for _, layer in iter_layers(model)
+                   if getattr(layer, "compute_dtype", "float32") in ("float16", "bfloat16")})
+    if not half:
+        return model
+
+    def to_float32(config):
+        if isinstance(config, dict):
+            if config.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
+                    config.get("config", {}).get("name") in _HALF_DTYPES:
+                return {**config, "config": {**config["config"], "name": "float32"}}
+            return {key: "float32" if key == "dtype" and value in _HALF_DTYPES else to_float32(value)
+                    for key, value in config.items()}
+        if isinstance(config, list):
+            return [to_float32(value) for value in config]
+        return config
+
+    try:  # the model is loaded already (its Lambda code, if any, allowed): no safe mode again
+        copy = keras.saving.deserialize_keras_object(
+            to_float32(keras.saving.serialize_keras_object(model)), safe_mode=False)
+        copy.set_weights([np.asarray(w, np.float32) if np.asarray(w).dtype.kind == "f" else w
+                          for w in model.get_weights()])
+    except Exception as exc:  # Keras raises many types for a config it cannot rebuild
+        raise ModelError(f"model {model.name!r} computes in {' and '.join(half)} (a mixed-precision "
+                         f"policy) and cannot be rebuilt in float32 ({_first_line(exc)}); save it "
+                         "under keras.mixed_precision.set_global_policy('float32')") from exc
+    log.info("model %r computes in %s (a mixed-precision policy): exported in float32, its weights "
+             "as they are", model.name, " and ".join(half))
+    return copy
 
 
 def _first_line(exc: BaseException) -> str:
