@@ -354,10 +354,48 @@ def test_pickled_torch_files_are_refused(tmp_path, capsys, suffix):
     assert "RUNS CODE FROM THE FILE" in err and "torch.export.save" in err
 
 
-def test_a_program_exported_with_a_fixed_batch_says_how_to_fix_it(tmp_path):
-    path = save_program(torch_models()["linear"], tmp_path / "fixed.pt2", dynamic=False)
-    with pytest.raises(ModelError, match=r"fixed batch dimension of 2.*torch.export.Dim"):
+class BatchInShapes(torch.nn.Module):
+    """Its flatten and reshape, traced at a fixed batch, hold that batch as a number."""
+
+    def __init__(self, per_row_bias: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 5)
+        self.register_buffer("row_bias", torch.randn(2, 5) if per_row_bias else torch.zeros(1, 5))
+
+    def forward(self, x):
+        a = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(a, 1).reshape(x.shape[0], -1)) + self.row_bias
+
+
+@pytest.mark.parametrize("name, batch", [("linear", 2), ("linear", 1), ("batch in shapes", 2), ("batch in shapes", 1)])
+def test_a_program_exported_with_a_fixed_batch_is_exported_again_with_a_dynamic_one(tmp_path, name, batch):
+    """torch.export without dynamic_shapes fixes the batch (its reshapes read the number): the
+    CAM graph still takes 1 to 32 crops, each explained as eager torch explains it."""
+    model = torch_models()["linear"] if name == "linear" else BatchInShapes().eval()
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(batch, 3, SIZE, SIZE),)), str(path))
+    result = onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch", heads=("gradcam",)))
+    assert all(d.ok for d in result.differences)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    _, scale, offset = PRESETS["torch"]
+    for n in (1, 3, 32):
+        images = np.random.default_rng(n).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+        probs = session.run(["probs"], {"image": images, "class_index": np.full(n, -1, np.int64)})[0]
+        x = torch.tensor(images.astype(np.float32) * np.float32(scale) + np.float32(offset)).permute(0, 3, 1, 2)
+        np.testing.assert_allclose(probs, torch.softmax(model(x), 1).detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_program_whose_batch_cannot_be_freed_says_how_to_export_it(tmp_path):
+    """A buffer of one row per crop of the fixed batch: no dynamic batch runs it."""
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(BatchInShapes(per_row_bias=True).eval(),
+                                          (torch.zeros(2, 3, SIZE, SIZE),)), str(path))
+    with pytest.raises(ModelError, match=r"exported with a fixed batch of 2 and does not run with a dynamic "
+                                         r"one.*torch.export.Dim\('batch'"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch"))
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_self_check_fails_a_wrong_gradient_rule(tmp_path, monkeypatch):
