@@ -101,7 +101,7 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
 
     try:  # the exporter's optimiser prints its passes to stdout
         with contextlib.redirect_stdout(io.StringIO()):
-            exported = torch.onnx.export(program, args, dynamo=True,
+            exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
                                          opset_version=max(opset, 16), verbose=False)
     except Exception as exc:
         import re
@@ -109,6 +109,29 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0]  # no terminal colours
         raise ModelError(f"{path}: torch.onnx.export fails ({first})") from exc
     return exported.model_proto
+
+
+def output_names(program) -> list[str] | None:
+    """The names of a program's outputs when it returns them by name (a dict such as
+    {"logits": ..., "embedding": ...}, or a dataclass such as transformers' ModelOutput): the
+    keys, joined by '.' when nested; None for a tensor or a tuple (torch names those)."""
+    from torch.utils import _pytree as pytree
+
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return None
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths = [path for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+    if not any(hasattr(k, "key") or hasattr(k, "name") for path in paths for k in path):
+        return None
+
+    def part(key) -> str:
+        for field in ("key", "name", "idx"):
+            if hasattr(key, field):
+                return str(getattr(key, field))
+        return str(key)
+
+    return [".".join(part(k) for k in path) for path in paths]
 
 
 def _exported_again(path: Path, program, shape: list[int], input_size, fixed_batch):

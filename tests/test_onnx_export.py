@@ -696,3 +696,45 @@ def test_an_unnamed_node_is_named_by_its_op_and_output(tmp_path):
     with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'Sin:wave'\)"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", target_layer="conv",
                                                                     heads=("gradcam",)))
+
+
+class NamedOutputs(torch.nn.Module):
+    """Returns a dict: class scores under `scores_key` and an embedding, as transformers' models
+    (ModelOutput) and many face models do."""
+
+    def __init__(self, scores_key: str):
+        super().__init__()
+        torch.manual_seed(2)
+        self.key = scores_key
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(6, 5)
+        self.embed = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        pooled = torch.relu(self.conv(x)).mean((2, 3))
+        return {"embedding": self.embed(pooled), self.key: self.fc(pooled)}
+
+
+@pytest.mark.parametrize("key, class_output", [("scores", "scores"), ("logits", "logits")])
+def test_a_program_returning_a_dict_has_its_outputs_named_by_key(tmp_path, key, class_output):
+    """The outputs are the dict's keys: --class-output names one; probs are the softmax of
+    those, not of the embedding."""
+    model = NamedOutputs(key).eval()
+    path = save_program(model, tmp_path / "named.pt2")
+    assert [o.name for o in torch_model.to_onnx(path).graph.output] == ["embedding", key]
+    options = ExportOptions(preset="unit", class_output=class_output, heads=("gradcam",))
+    result = onnx_export.export(path, tmp_path / "o.onnx", options)
+    assert len(result.info.labels) == 5 and all(d.ok for d in result.differences)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    probs = session.run(["probs"], {"image": images, "class_index": np.full(3, -1, np.int64)})[0]
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(probs, torch.softmax(model(x)[key], 1).detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["scores", "logits"])
+def test_a_dict_without_class_output_names_its_keys(tmp_path, key):
+    """Several outputs and no --class-output: the error lists the keys to choose from."""
+    path = save_program(NamedOutputs(key).eval(), tmp_path / "named.pt2")
+    with pytest.raises(ModelError, match=rf"outputs \['embedding', '{key}'\].*--class-output NAME"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
