@@ -51,8 +51,44 @@ def refuse_pickle(path: Path) -> None:
 def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int, int] | None = None):
     """onnx.ModelProto of the exported program at `path`, its batch dynamic (a program exported
     at a fixed batch is exported again with a dynamic one; ModelError when it does not run so);
-    input_size: (H, W) of a program whose height and width are dynamic (ModelError without)."""
-    path = Path(path)
+    input_size: (H, W) of a program whose height and width are dynamic (ModelError without).
+    What torch and onnxscript say on the way (warnings, optimiser passes) shows under --debug
+    only."""
+    with _exporter_quiet():
+        return _to_onnx(Path(path), opset, input_size)
+
+
+EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _exporter_quiet():
+    """Inside the block, unless camface logs at DEBUG (--debug): the exporters' loggers (and
+    those below them) at ERROR, Python warnings off, stdout (the optimiser's progress lines)
+    dropped."""
+    import io
+    import logging
+    import warnings
+
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    names = [n for n in logging.root.manager.loggerDict
+             if any(n == top or n.startswith(top + ".") for top in EXPORTER_LOGGERS)]
+    loggers = [logging.getLogger(n) for n in {*EXPORTER_LOGGERS, *names}]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
     check_model_file(path)
     try:
         import torch
@@ -96,13 +132,9 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
         shape[0] = 2
     shape = [d if isinstance(d, int) else 2 for d in shape]  # SymInt: the dynamic batch
     args = (torch.zeros(shape, dtype=torch.float32),)
-    import contextlib
-    import io
-
-    try:  # the exporter's optimiser prints its passes to stdout
-        with contextlib.redirect_stdout(io.StringIO()):
-            exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
-                                         opset_version=max(opset, 16), verbose=False)
+    try:
+        exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
+                                     opset_version=max(opset, 16), verbose=False)
     except Exception as exc:
         import re
 

@@ -738,3 +738,24 @@ def test_a_dict_without_class_output_names_its_keys(tmp_path, key):
     path = save_program(NamedOutputs(key).eval(), tmp_path / "named.pt2")
     with pytest.raises(ModelError, match=rf"outputs \['embedding', '{key}'\].*--class-output NAME"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+
+
+def test_a_pt2_export_says_nothing_of_the_exporters_own_unless_debug(tmp_path, caplog, capfd):
+    """torch's and onnxscript's warnings and optimiser lines (`Removed 101 unused nodes`, ...) on
+    a normal run: none logged, warned or printed; under --debug (root logger at DEBUG) they are."""
+    import logging
+    import warnings
+
+    path = save_program(torch_models()["linear"], tmp_path / "net.pt2")
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch_model.to_onnx(path)
+    exporters = [r for r in caplog.records if r.name.split(".")[0] in torch_model.EXPORTER_LOGGERS
+                 and r.levelno >= logging.INFO]  # what camface's INFO console shows
+    assert not exporters and not caught and not capfd.readouterr().out.strip()
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    torch_model.to_onnx(path)
+    assert any(r.name.split(".")[0] in torch_model.EXPORTER_LOGGERS and r.levelno >= logging.INFO
+               for r in caplog.records)
