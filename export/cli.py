@@ -173,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
         class_output=args.class_output,
         input_size=args.input_size,
         labels=labels,
-        preset=args.preset if onnx_engine else args.preset or "none",
+        preset=args.preset,  # None: ONNX engine, refused; Keras, raw pixels assumed with a warning
         color_order=args.color_order,
         scale=tuple(args.scale) if args.scale else None,
         offset=tuple(args.offset) if args.offset else None,

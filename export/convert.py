@@ -14,6 +14,9 @@ classifier head needs are added here (and kept under test, tests/test_export_con
 - DepthwiseConv2dNativeBackpropInput (separable / depthwise convs): a grouped ConvTranspose.
 - Erfc (Keras' exact GELU, in ConvNeXt blocks): 1 - Erf.
 - RsqrtGrad (LayerNormalization in a head: ConvNeXt's): dy * -0.5 * y^3.
+- SigmoidGrad, TanhGrad, LeakyReluGrad, EluGrad, SeluGrad (those activations in a head): their
+  derivatives written from the activation's output (its input for LeakyRelu), as TensorFlow's
+  kernels compute them.
 Global pooling's gradient is made convertible on the TensorFlow side instead
 (graph.safe_global_average_pool).
 """
@@ -25,7 +28,7 @@ import os
 import warnings
 from pathlib import Path
 
-from camface.errors import OutputError
+from camface.errors import ModelError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,92 @@ def _rsqrt_grad(ctx, node, name, args):
     ctx.remove_node(node.name)
     ctx.make_node("Mul", [scaled, cube], outputs=[output], name=node.name, shapes=shapes,
                   dtypes=dtypes)
+
+
+class _Builder:
+    """Nodes replacing the TensorFlow op `node` (its name, dtype and output kept): constants of its
+    dtype, intermediate nodes, and `finish`, the last node writing the op's output."""
+
+    def __init__(self, ctx, node, dtype_of: str):
+        from onnx import helper
+
+        self.ctx, self.node = ctx, node
+        self.dtype = ctx.get_dtype(dtype_of)
+        self.np_dtype = helper.tensor_dtype_to_np_dtype(self.dtype)
+
+    def const(self, suffix: str, value: float) -> str:
+        import numpy as np
+
+        return self.ctx.make_const(f"{self.node.name}_{suffix}", np.asarray(value, self.np_dtype)).output[0]
+
+    def op(self, op_type: str, inputs: list, suffix: str, **attr) -> str:
+        return self.ctx.make_node(op_type, inputs, attr=attr, name=f"{self.node.name}_{suffix}").output[0]
+
+    def positive(self, x: str) -> str:
+        """Where x > 0, as the op's dtype (1 or 0)."""
+        above = self.op("Greater", [x, self.const("zero", 0.0)], "positive")
+        return self.op("Cast", [above], "mask", to=self.dtype)
+
+    def finish(self, op_type: str, inputs: list) -> None:
+        ctx, node = self.ctx, self.node
+        shapes, output = [ctx.get_shape(node.output[0])], node.output[0]
+        ctx.remove_node(node.name)
+        ctx.make_node(op_type, inputs, outputs=[output], name=node.name, shapes=shapes, dtypes=[self.dtype])
+
+
+def _sigmoid_grad(ctx, node, name, args):
+    """SigmoidGrad(y, dy) = dy * y * (1 - y), y = sigmoid(x)."""
+    y, dy = node.input[0], node.input[1]
+    b = _Builder(ctx, node, dy)
+    slope = b.op("Mul", [y, b.op("Sub", [b.const("one", 1.0), y], "one_minus_y")], "slope")
+    b.finish("Mul", [dy, slope])
+
+
+def _tanh_grad(ctx, node, name, args):
+    """TanhGrad(y, dy) = dy * (1 - y^2), y = tanh(x)."""
+    y, dy = node.input[0], node.input[1]
+    b = _Builder(ctx, node, dy)
+    slope = b.op("Sub", [b.const("one", 1.0), b.op("Mul", [y, y], "square")], "slope")
+    b.finish("Mul", [dy, slope])
+
+
+def _leaky_relu_grad(ctx, node, name, args):
+    """LeakyReluGrad(dy, x) = dy where x > 0, else dy * alpha."""
+    dy, x = node.input[0], node.input[1]
+    b = _Builder(ctx, node, dy)
+    alpha = float(node.get_attr_value("alpha", 0.2))
+    mask = b.positive(x)  # slope = alpha + (1 - alpha) * (x > 0)
+    slope = b.op("Add", [b.const("alpha", alpha), b.op("Mul", [mask, b.const("rest", 1.0 - alpha)], "rise")],
+                 "slope")
+    b.finish("Mul", [dy, slope])
+
+
+SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+
+
+def _exponential_unit_grad(ctx, node, scale: float, scaled_alpha: float):
+    """(dy, y) -> dy * scale where y > 0, else dy * (y + scaled_alpha): ELU (scale 1, alpha 1)
+    and SELU, whose output below 0 is scaled_alpha * (exp(x) - 1)."""
+    dy, y = node.input[0], node.input[1]
+    b = _Builder(ctx, node, dy)
+    mask = b.positive(y)
+    below = b.op("Add", [y, b.const("scaled_alpha", scaled_alpha)], "below")
+    # slope = mask * scale + (1 - mask) * below
+    slope = b.op("Add", [b.op("Mul", [mask, b.const("scale", scale)], "above"),
+                         b.op("Mul", [b.op("Sub", [b.const("one", 1.0), mask], "not_positive"), below],
+                              "below_part")], "slope")
+    b.finish("Mul", [dy, slope])
+
+
+def _elu_grad(ctx, node, name, args):
+    """EluGrad(dy, y) = dy where y > 0, else dy * (y + 1), y = elu(x) (alpha 1)."""
+    _exponential_unit_grad(ctx, node, 1.0, 1.0)
+
+
+def _selu_grad(ctx, node, name, args):
+    """SeluGrad(dy, y) = dy * scale where y > 0, else dy * (y + scale * alpha)."""
+    _exponential_unit_grad(ctx, node, SELU_SCALE, SELU_SCALE * SELU_ALPHA)
 
 
 def _broadcast_gradient_args(ctx, node, name, args):
@@ -250,11 +339,18 @@ GRADIENT_HANDLERS = {
     "Relu6Grad": (_relu6_grad, []),
     "Erfc": (_erfc, []),
     "RsqrtGrad": (_rsqrt_grad, []),
+    "SigmoidGrad": (_sigmoid_grad, []),
+    "TanhGrad": (_tanh_grad, []),
+    "LeakyReluGrad": (_leaky_relu_grad, []),
+    "EluGrad": (_elu_grad, []),
+    "SeluGrad": (_selu_grad, []),
 }
 
 
-def to_onnx(function, opset: int = DEFAULT_OPSET):
+def to_onnx(function, opset: int = DEFAULT_OPSET, layers: tuple[str, ...] = ()):
     """Convert a `tf.function` with an input signature to an onnx.ModelProto (dynamic batch).
+    ModelError naming the op (and, from `layers`, the Keras layer names, the layer it is in)
+    when tf2onnx leaves an op unconverted.
 
     Output names are the keys of the function's returned dict."""
     import tf2onnx
@@ -268,7 +364,32 @@ def to_onnx(function, opset: int = DEFAULT_OPSET):
         opset=opset,
         custom_op_handlers=dict(GRADIENT_HANDLERS),
     )
+    check_converted(model, layers)
     return _captures_as_initializers(model, function)
+
+
+def check_converted(model, layers: tuple[str, ...] = ()) -> None:
+    """ModelError naming the first op of `model` that is no ONNX op (tf2onnx leaves a TensorFlow
+    op it has no handler for as it is, and the graph would fail later, in ONNX Runtime or the
+    checker), and the layer of `layers` its node name says it is in."""
+    import re
+
+    import onnx
+
+    for node in model.graph.node:
+        domain = node.domain or ""
+        if domain not in ("", "ai.onnx") or onnx.defs.has(node.op_type, domain):
+            continue
+        # TensorFlow names nodes by scope, a layer called twice (a cut model) with a suffix _1
+        parts = node.name.split("/")
+        known = set(layers)
+        layer = next((p for p in reversed(parts) if p in known), None) or next(
+            (re.sub(r"_\d+$", "", p) for p in reversed(parts) if re.sub(r"_\d+$", "", p) in known), None)
+        where = f" in layer {layer!r}" if layer else ""
+        backward = f" (in the gradient of {parts[-2]})" if node.name.startswith("gradient") and len(parts) > 1 else ""
+        raise ModelError(f"TensorFlow op {node.op_type}{backward}{where} has no ONNX conversion "
+                         f"(node {node.name!r}); camface cannot export this model. Replace that layer "
+                         "or its activation with one tf2onnx converts, or export it as a .pt2/.onnx")
 
 
 def _captures_as_initializers(model, function):

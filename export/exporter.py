@@ -22,7 +22,7 @@ class ExportOptions:
 
     target_layer: str | None = None
     labels: tuple[str, ...] | None = None
-    preset: str = "none"
+    preset: str | None = "none"  # None: not given (Keras: raw pixels assumed, with a warning)
     color_order: str | None = None
     scale: tuple[float, ...] | None = None
     offset: tuple[float, ...] | None = None
@@ -87,6 +87,7 @@ def prepare(model, options: ExportOptions):
 
     from camface.export import graph, keras_model
 
+    model = keras_model.in_float32(model)
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or None in shape[1:]:
         raise ModelError(f"model {model.name!r} input has shape {shape}; camface needs a fixed "
@@ -102,7 +103,9 @@ def prepare(model, options: ExportOptions):
         where = f"labels file {options.labels_source}" if options.labels_source else "labels"
         raise ModelError(f"{where}: {len(labels)} labels, but model {model.name!r} has "
                          f"{num_classes} classes (one label per line, in class order)")
-    preprocessing = Preprocessing.resolve(channels, options.preset, options.color_order,
+    if options.preset is None and options.scale is None and options.offset is None:
+        _warn_assumed_raw_pixels(model)
+    preprocessing = Preprocessing.resolve(channels, options.preset or "none", options.color_order,
                                           options.scale, options.offset)
     target = keras_model.resolve_target(model, options.target_layer)
     split = keras_model.split_model(model, target)
@@ -136,6 +139,27 @@ def prepare(model, options: ExportOptions):
     return parts, heads, info
 
 
+# layers that normalise the pixels inside a Keras model (keras.applications' EfficientNet and
+# ConvNeXt have both): a model with one takes raw 0..255 pixels
+NORMALISING_LAYERS = ("Rescaling", "Normalization")
+
+
+def _warn_assumed_raw_pixels(model) -> None:
+    """Warn that no normalisation was given for `model` and none is inside it, so it is assumed
+    to take raw 0..255 pixels (MobileNetV2 wants x/127.5-1, ResNet50 BGR minus the mean: raw
+    pixels would give wrong classes and maps without an error)."""
+    from camface.export import keras_model
+
+    inside = [layer for _, layer in keras_model.iter_layers(model) if type(layer).__name__ in NORMALISING_LAYERS]
+    if inside:
+        return
+    log.warning("model %r has no Rescaling or Normalization layer and no --preset was given: assumed it "
+                "takes raw 0..255 RGB pixels (--preset none). If it was trained on normalised pixels, "
+                "pass --preset (tf = x/127.5-1 as MobileNetV2, imagenet-caffe = BGR x-mean as ResNet50, "
+                "torch, unit, ...) or --scale/--offset; pass --preset none to say raw pixels are right",
+                model.name)
+
+
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
     """Load, build, convert, verify and write. Raises ModelError / OutputError."""
     import time
@@ -162,7 +186,8 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
              model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps + reruns))
     if info.cam_unavailable_reason:
         log.info("no CAM: %s", info.cam_unavailable_reason)
-    onnx_model = convert.to_onnx(function, opset=options.opset)
+    onnx_model = convert.to_onnx(function, opset=options.opset,
+                                 layers=tuple(path.split("/")[-1] for path, _ in keras_model.iter_layers(model)))
     convert.name_batch_dimension(onnx_model)
     if options.fp16:
         onnx_model = convert.to_float16(onnx_model)

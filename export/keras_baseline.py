@@ -61,10 +61,10 @@ class KerasGradCam:
         tf = _import_tensorflow()
         import keras
 
-        from camface.export.keras_model import load_model
+        from camface.export import keras_model
 
         self._tf = tf
-        model = load_model(keras_path)
+        model = keras_model.load_model(keras_path)
         if "/" in target_layer:
             raise ModelError(f"the Keras baseline needs a flat target layer; {target_layer!r} is "
                              f"inside a nested model of {Path(keras_path).name}")
@@ -73,13 +73,18 @@ class KerasGradCam:
         except ValueError as exc:
             raise ModelError(f"{Path(keras_path).name} has no layer {target_layer!r} "
                              "(the CAM graph's target layer)") from exc
-        final = model.layers[-1]
-        if type(final).__name__ in ("Activation", "Softmax"):
+        # the layer that makes the probabilities (the last, or the one before layers that are the
+        # identity at inference: a softmax then Dropout); the graph's probs are its activation
+        # (softmax or sigmoid) of the logits, a softmax of them when the model outputs logits
+        final = keras_model.probability_layer(model)
+        activation = keras_model.activation_name(final)
+        self._probabilities = tf.nn.sigmoid if activation == "sigmoid" else tf.nn.softmax
+        if type(final).__name__ in ("Activation", "Softmax") and activation in ("softmax", "sigmoid"):
             logits = final.input  # the example's "remove the last layer's softmax"
         else:
             if getattr(final, "activation", None) is not None:
                 final.activation = None  # exactly what the example does
-            logits = model.output
+            logits = model.output  # through the identity layers after `final`
         self._grad_model = keras.Model(model.inputs[0], [target.output, logits])
         self._scale = np.asarray(scale, np.float32)
         self._offset = np.asarray(offset, np.float32)
@@ -100,5 +105,5 @@ class KerasGradCam:
             pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))  # eq. 1
             heatmap = activations[0] @ pooled_grads[..., tf.newaxis]  # eq. 2, before ReLU
             heatmaps.append(tf.maximum(tf.squeeze(heatmap, -1), 0.0).numpy())
-            probs.append(tf.nn.softmax(logits[0]).numpy())
+            probs.append(self._probabilities(logits[0]).numpy())
         return np.stack(probs).astype(np.float32), np.stack(heatmaps).astype(np.float32)

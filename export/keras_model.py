@@ -11,12 +11,15 @@ TensorFlow and Keras are imported inside functions: this module is imported by t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError
 from camface.outputs import check_model_file
+
+log = logging.getLogger(__name__)
 
 POOLING_TYPES = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
 # Layers that mix tokens: a target before one is no feature map of what the model decides on.
@@ -54,6 +57,47 @@ def load_model(path: str | Path, safe_mode: bool = True):
     if not isinstance(model, keras.Model) or len(model.outputs) != 1 or len(model.inputs) != 1:
         raise ModelError(f"{path}: camface needs a model with one image input and one output")
     return model
+
+
+_HALF_DTYPES = ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")
+
+
+def in_float32(model):
+    """`model`, or a copy computing in float32 (the same weights) when layers of it compute in
+    float16 / bfloat16 (a mixed_float16 policy): tf2onnx would convert the float16 maths, the
+    graph's outputs would be float16, and its self-check would differ from the float32 reference
+    by float16's rounding. ModelError when the copy cannot be built."""
+    import keras
+    import numpy as np
+
+    half = sorted({layer.dtype_policy.name for _, layer in iter_layers(model)
+                   if getattr(layer, "compute_dtype", "float32") in ("float16", "bfloat16")})
+    if not half:
+        return model
+
+    def to_float32(config):
+        if isinstance(config, dict):
+            if config.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and \
+                    config.get("config", {}).get("name") in _HALF_DTYPES:
+                return {**config, "config": {**config["config"], "name": "float32"}}
+            return {key: "float32" if key == "dtype" and value in _HALF_DTYPES else to_float32(value)
+                    for key, value in config.items()}
+        if isinstance(config, list):
+            return [to_float32(value) for value in config]
+        return config
+
+    try:  # the model is loaded already (its Lambda code, if any, allowed): no safe mode again
+        copy = keras.saving.deserialize_keras_object(
+            to_float32(keras.saving.serialize_keras_object(model)), safe_mode=False)
+        copy.set_weights([np.asarray(w, np.float32) if np.asarray(w).dtype.kind == "f" else w
+                          for w in model.get_weights()])
+    except Exception as exc:  # Keras raises many types for a config it cannot rebuild
+        raise ModelError(f"model {model.name!r} computes in {' and '.join(half)} (a mixed-precision "
+                         f"policy) and cannot be rebuilt in float32 ({_first_line(exc)}); save it "
+                         "under keras.mixed_precision.set_global_policy('float32')") from exc
+    log.info("model %r computes in %s (a mixed-precision policy): exported in float32, its weights "
+             "as they are", model.name, " and ".join(half))
+    return copy
 
 
 def _first_line(exc: BaseException) -> str:
@@ -121,15 +165,14 @@ DEFAULT_TARGET_REASON = ("default: the last 4-D layer before global pooling (the
 
 
 def default_target_layer(model) -> str:
-    """The last layer with a 4-D output before the first global pooling layer (the study's
-    "last conv"); with no global pooling, the last 4-D layer. Raises `ModelError` when the model
-    has no 4-D layer."""
-    candidates = []
-    for path, layer in iter_layers(model):
-        if type(layer).__name__ in POOLING_TYPES:
-            break
-        if _rank(layer) == 4:
-            candidates.append((path, layer))
+    """The last layer with a 4-D output before the last global pooling layer (the study's "last
+    conv"; the pooling layers before it are inside blocks, as the squeeze-and-excitation of
+    EfficientNet and MobileNetV3, whose maps go on); with no global pooling, the last 4-D layer.
+    Raises `ModelError` when the model has no 4-D layer."""
+    layers = list(iter_layers(model))
+    pools = [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES]
+    candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
+                  if _rank(layer) == 4]
     if not candidates:
         candidates = [(p, layer) for p, layer in iter_layers(model) if _rank(layer) == 4]
     if not candidates:
@@ -197,9 +240,9 @@ def split_model(model, target_path: list[str]) -> Split:
     import keras
 
     model = depthwise_convolutions(model)
-    final = _final_layer(model)
+    final = probability_layer(model)
     final_kind = type(final).__name__
-    activation = _activation_name(final)
+    activation = activation_name(final)
     final_kernel = None
     if final_kind in ("Activation", "Softmax") and activation in _PROBABILITY_ACTIVATIONS:
         end = _input_in_parent(final)
@@ -209,7 +252,7 @@ def split_model(model, target_path: list[str]) -> Split:
         tail = _linear_dense(final)
         final_kernel = final.kernel
     else:  # the model already outputs logits (linear activation): softmax them for `probs`
-        end = model.outputs[0]
+        end = _output_in_parent(final)
         tail = None
         activation = "softmax"
     probabilities = keras.activations.get(activation)
@@ -274,7 +317,34 @@ def _final_layer(model):
     raise ModelError(f"cannot find the output layer of model {model.name!r}")
 
 
-def _activation_name(layer) -> str:
+def _passes_through(layer) -> bool:
+    """Whether `layer` is the identity at inference on its input: Dropout and the like, and a
+    Flatten or Reshape that leaves the shape as it is."""
+    kind = type(layer).__name__
+    if kind not in _IDENTITY_AT_INFERENCE:
+        return False
+    if kind in ("Flatten", "Reshape"):
+        return tuple(_input_in_parent(layer).shape) == tuple(_output_in_parent(layer).shape)
+    return True
+
+
+def probability_layer(model):
+    """The layer whose output the model's output is: the output layer, or the layer before the
+    ones that are the identity at inference after it (a softmax then Dropout: the softmax, so
+    that probabilities are not taken for logits and softmaxed again)."""
+    final = _final_layer(model)
+    while _passes_through(final) and not _is_model(final):
+        source = _input_in_parent(final)
+        before = next((layer for layer in reversed(operations(model))
+                       if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is source), None)
+        if before is None:
+            break
+        final = before
+    return final
+
+
+def activation_name(layer) -> str:
+    """The activation a layer ends in: softmax, sigmoid, linear, ..."""
     if type(layer).__name__ == "Softmax":
         return "softmax"
     act = getattr(layer, "activation", None)
@@ -390,7 +460,7 @@ def cam_weights(split: Split, num_classes: int, channels: int):
     if len(rest) == 1:
         layer = rest[0]
         kind = type(layer).__name__
-        linear = _activation_name(layer) in ("linear",) or layer is _final_of(split)
+        linear = activation_name(layer) in ("linear",) or layer is _final_of(split)
         if kind == "Dense" and linear:
             return np.asarray(layer.kernel, dtype=np.float32), ""
         if kind == "Conv2D" and linear and tuple(layer.kernel_size) == (1, 1):

@@ -49,9 +49,46 @@ def refuse_pickle(path: Path) -> None:
 
 
 def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int, int] | None = None):
-    """onnx.ModelProto of the exported program at `path` (dynamic batch kept as exported);
-    input_size: (H, W) of a program whose height and width are dynamic (ModelError without)."""
-    path = Path(path)
+    """onnx.ModelProto of the exported program at `path`, its batch dynamic (a program exported
+    at a fixed batch is exported again with a dynamic one; ModelError when it does not run so);
+    input_size: (H, W) of a program whose height and width are dynamic (ModelError without).
+    What torch and onnxscript say on the way (warnings, optimiser passes) shows under --debug
+    only."""
+    with _exporter_quiet():
+        return _to_onnx(Path(path), opset, input_size)
+
+
+EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def _exporter_quiet():
+    """Inside the block, unless camface logs at DEBUG (--debug): the exporters' loggers (and
+    those below them) at ERROR, Python warnings off, stdout (the optimiser's progress lines)
+    dropped."""
+    import io
+    import logging
+    import warnings
+
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        yield
+        return
+    names = [n for n in logging.root.manager.loggerDict
+             if any(n == top or n.startswith(top + ".") for top in EXPORTER_LOGGERS)]
+    loggers = [logging.getLogger(n) for n in {*EXPORTER_LOGGERS, *names}]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
     check_model_file(path)
     try:
         import torch
@@ -75,6 +112,7 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
         raise ModelError(f"{path}: the program's input must be a 4-D image batch")
     shape = list(example.shape)
     hw = (2, 3) if isinstance(shape[1], int) and shape[1] in (1, 3) else (1, 2)
+    fixed_batch = isinstance(shape[0], int)
     if not all(isinstance(shape[a], int) for a in hw):
         if input_size is None:
             raise ModelError(f"{path}: the program's input {[str(d) for d in shape]} has a dynamic "
@@ -82,32 +120,98 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
                              "--input-size HxW")
         for axis, value in zip(hw, input_size):
             shape[axis] = int(value)
-        # torch.onnx cannot convert every dynamic size (a height of 2*h fails, "expected
-        # sympy.Symbol"): the program is exported again at the fixed size, the batch as it was
-        batch = None if isinstance(shape[0], int) else {0: torch.export.Dim("batch", min=1, max=32)}
-        shape = [d if isinstance(d, int) else 2 for d in shape]
-        try:
-            with _quiet("torch.export"):
-                program = torch.export.export(program.module(), (torch.zeros(shape),),
-                                              dynamic_shapes=(batch,) if batch else None)
-        except Exception as exc:
-            raise ModelError(f"{path}: the program does not run at --input-size "
-                             f"{input_size[0]}x{input_size[1]} ({str(exc).splitlines()[0]})") from exc
+    elif not fixed_batch:
+        input_size = None  # as exported: nothing to fix
+    if fixed_batch or input_size is not None:
+        # camface graphs take 1 to 32 crops at once: a program exported at a fixed batch is
+        # exported again with a dynamic one; torch.onnx cannot convert every dynamic size (a
+        # height of 2*h fails, "expected sympy.Symbol"): one with a dynamic height and width is
+        # exported again at the fixed size
+        program = _exported_again(path, program, [2, *(d if isinstance(d, int) else 2 for d in shape[1:])],
+                                  input_size, fixed_batch and shape[0])
+        shape[0] = 2
     shape = [d if isinstance(d, int) else 2 for d in shape]  # SymInt: the dynamic batch
     args = (torch.zeros(shape, dtype=torch.float32),)
-    import contextlib
-    import io
-
-    try:  # the exporter's optimiser prints its passes to stdout
-        with contextlib.redirect_stdout(io.StringIO()):
-            exported = torch.onnx.export(program, args, dynamo=True,
-                                         opset_version=max(opset, 16), verbose=False)
+    try:
+        exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
+                                     opset_version=max(opset, 16), verbose=False)
     except Exception as exc:
         import re
 
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0]  # no terminal colours
         raise ModelError(f"{path}: torch.onnx.export fails ({first})") from exc
     return exported.model_proto
+
+
+def output_names(program) -> list[str] | None:
+    """The names of a program's outputs when it returns them by name (a dict such as
+    {"logits": ..., "embedding": ...}, or a dataclass such as transformers' ModelOutput): the
+    keys, joined by '.' when nested; None for a tensor or a tuple (torch names those)."""
+    from torch.utils import _pytree as pytree
+
+    spec = program.call_spec.out_spec
+    if spec is None:
+        return None
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    paths = [path for path, _ in pytree.tree_flatten_with_path(tree)[0]]
+    if not any(hasattr(k, "key") or hasattr(k, "name") for path in paths for k in path):
+        return None
+
+    def part(key) -> str:
+        for field in ("key", "name", "idx"):
+            if hasattr(key, field):
+                return str(getattr(key, field))
+        return str(key)
+
+    return [".".join(part(k) for k in path) for path in paths]
+
+
+def _exported_again(path: Path, program, shape: list[int], input_size, fixed_batch):
+    """`program` exported again from its module on an example of `shape`, the batch dynamic
+    (1..32); ModelError saying why when it does not run so (its batch or size fixed inside)."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=32)
+    module = _free_batch(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
+    try:
+        with _quiet("torch.export"):
+            return torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if fixed_batch:
+            raise ModelError(f"{path}: the program was exported with a fixed batch of {fixed_batch} "
+                             "and does not run with a dynamic one (camface graphs take 1 to 32 crops "
+                             f"at once: {why}); export it with a dynamic batch: {HOW_TO_EXPORT}") from exc
+        raise ModelError(f"{path}: the program does not run at --input-size "
+                         f"{input_size[0]}x{input_size[1]} ({why})") from exc
+
+
+# ops whose argument is a shape: traced at a fixed batch, its first entry is that batch
+_SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "empty", "full",
+              "new_zeros", "new_ones", "new_empty", "new_full")
+
+
+def _free_batch(module, batch: int):
+    """`module` (a program's graph, traced at the fixed `batch`) with the shapes its reshapes,
+    expands and tensor constructors were traced with reading the input's batch instead of the
+    number `batch` (a flatten traced at batch 2 is a view(2, C)), in place; returns `module`."""
+    import torch
+
+    graph = module.graph
+    image = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_after(image):
+        size = graph.call_function(torch.ops.aten.sym_size.int, (image, 0))
+    for node in list(graph.nodes):
+        op = getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
+        value = node.meta.get("val")
+        if node.op != "call_function" or op not in _SHAPE_OPS or value is None or \
+                not value.shape or value.shape[0] != batch:
+            continue
+        node.args = tuple([size, *arg[1:]] if isinstance(arg, (list, tuple)) and arg and
+                          isinstance(arg[0], int) and arg[0] == batch else arg for arg in node.args)
+    graph.lint()
+    module.recompile()
+    return module
 
 
 @contextlib.contextmanager

@@ -153,3 +153,21 @@ def test_float16_round_trips_are_dropped():
     np.testing.assert_array_equal(neg, -x)
     np.testing.assert_array_equal(absolute, x)
     np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("op, forward", [
+    ("SigmoidGrad", lambda tf, x: tf.sigmoid(2 * x)),
+    ("TanhGrad", lambda tf, x: tf.tanh(2 * x)),
+    ("LeakyReluGrad", lambda tf, x: tf.nn.leaky_relu(3 * x, alpha=0.3)),
+    ("EluGrad", lambda tf, x: tf.nn.elu(3 * x)),
+    ("SeluGrad", lambda tf, x: tf.nn.selu(3 * x)),
+])
+def test_activation_gradients_equal_tensorflows(op, forward):
+    """Each activation's gradient op (in TensorFlow's backward pass, so in the graph) converts and
+    gives TensorFlow's gradient, on both sides of 0."""
+    import tensorflow as tf
+
+    function = _gradient_function(lambda x: forward(tf, x), (3, 3, 2), (3, 3, 2))
+    graph = function.get_concrete_function().graph.as_graph_def()
+    assert op in {node.op for node in graph.node}
+    _check(lambda x: forward(tf, x), (3, 3, 2), (3, 3, 2))

@@ -487,3 +487,60 @@ def test_a_binary_classifier_with_one_output_is_refused_with_how_to_give_it_two(
     assert code == 2 and "its output has 1 class (a binary classifier's single sigmoid or logit unit?)" in line, line
     assert "Dense(2, softmax) head with kernel [-w/2, w/2] and bias [-b/2, b/2]" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
+
+
+@pytest.mark.parametrize("op, activation", [("SigmoidGrad", "sigmoid"), ("TanhGrad", "tanh")])
+def test_an_op_the_conversion_leaves_unconverted_is_one_line_naming_it_and_its_layer(
+        tmp_path, capsys, monkeypatch, op, activation):
+    """tf2onnx keeps an op it has no handler for as it is: the export stops there with a
+    ModelError naming the op and the Keras layer (no traceback from ONNX's checker later), and
+    writes nothing."""
+    import keras
+
+    from camface.export import convert
+
+    monkeypatch.delitem(convert.GRADIENT_HANDLERS, op)  # as tf2onnx alone would leave it
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.Conv2D(4, 1, activation=activation, name="head_conv")(x)
+    x = keras.layers.Dense(3, name="pred")(keras.layers.GlobalAveragePooling2D()(x))
+    path, out = tmp_path / "m.keras", tmp_path / "m.onnx"
+    keras.Model(inputs, x).save(path)
+    code, line = run(capsys, "export", str(path), "-o", str(out), "--target-layer", "conv", "--no-rank")
+    assert code == 2 and f"TensorFlow op {op}" in line and "in layer 'head_conv'" in line
+    assert "has no ONNX conversion" in line and not out.exists()
+    assert list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("inside, flags, warned", [
+    (None, (), True),  # nothing says how it normalises: raw pixels assumed, said
+    ("Rescaling", (), False),  # it normalises inside
+    ("Normalization", (), False),
+    (None, ("--preset", "none"), False),  # said by the user
+    (None, ("--preset", "tf"), False),
+    (None, ("--scale", "0.5"), False),
+])
+def test_a_keras_model_whose_normalisation_cannot_be_told_is_warned_about(tmp_path, caplog, inside, flags, warned):
+    """No --preset and no normalising layer: the export says it assumed raw 0..255 pixels and how
+    to say otherwise (a MobileNetV2 fed raw pixels gives wrong classes without an error)."""
+    import logging
+
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = inputs
+    if inside == "Rescaling":
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    elif inside == "Normalization":
+        x = keras.layers.Normalization(mean=[120.0] * 3, variance=[900.0] * 3)(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
+    x = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    path = tmp_path / "m.keras"
+    keras.Model(inputs, x, name="plain").save(path)
+    caplog.set_level(logging.WARNING)
+    assert camface_main(["export", str(path), "-o", str(tmp_path / "m.onnx"), "--no-rank", "--no-verify",
+                         *flags]) == 0
+    said = [r.getMessage() for r in caplog.records if "raw 0..255" in r.getMessage()]
+    assert bool(said) == warned
+    if warned:
+        assert "model 'plain'" in said[0] and "--preset none" in said[0] and "--scale/--offset" in said[0]

@@ -416,3 +416,63 @@ def test_metadata_follows_graph_spec(resnet_like):
 # ---- the heatmap maths on hand-computed arrays: tests/test_methods.py (numpy and TensorFlow)
 
 
+
+
+def _softmax_then(tail: str, activation: str):
+    """conv -> GAP -> Dense(`activation`) (or Dense -> Activation(`activation`)) -> `tail`: layers
+    that are the identity at inference after the model's probabilities."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    if activation == "separate softmax":
+        x = layers.Activation("softmax", name="probs_act")(layers.Dense(NUM_CLASSES, name="dense")(x))
+    else:
+        x = layers.Dense(NUM_CLASSES, activation=activation, name="dense")(x)
+    tails = {"dropout": lambda: [layers.Dropout(0.5)], "flatten": lambda: [layers.Flatten()],
+             "identity": lambda: [layers.Identity()], "reshape": lambda: [layers.Reshape((NUM_CLASSES,))],
+             "dropout+flatten": lambda: [layers.Dropout(0.3), layers.Flatten()]}
+    for layer in tails[tail]():
+        x = layer(x)
+    return keras.Model(inputs, x, name="softmax_then")
+
+
+@pytest.mark.parametrize("tail, activation", [("dropout", "softmax"), ("flatten", "softmax"),
+                                              ("identity", "softmax"), ("reshape", "softmax"),
+                                              ("dropout+flatten", "softmax"), ("dropout", "sigmoid"),
+                                              ("dropout", "separate softmax")])
+def test_probabilities_followed_by_identity_layers_are_not_activated_twice(tail, activation):
+    """The model's own output is its probabilities: `probs` equals it (not a softmax of it), and
+    the gradient is taken at the logits (CAM's weights: the Dense kernel)."""
+    model = _softmax_then(tail, activation)
+    graph, info = export_in_memory(model, preset="unit")
+    image = images(3, 16, 3, seed=5)
+    got = graph(image, class_indices(3))
+    want = model.predict(image.astype(np.float32) / 255, verbose=0)
+    np.testing.assert_allclose(got["probs"], want, rtol=1e-4, atol=1e-6)
+    assert "cam" in info.heatmaps
+
+
+@pytest.mark.parametrize("tail, activation", [("dropout", "softmax"), ("dropout", "sigmoid"),
+                                              ("identity", "separate softmax")])
+def test_the_keras_baseline_gives_the_models_probabilities_and_the_graphs_gradcam(tmp_path, tail, activation):
+    """camface bench --baseline keras: its probabilities are the model's own (a sigmoid's, a
+    softmax's before a Dropout), as the graph's are; its Grad-CAM is the graph's."""
+    from camface.export.keras_baseline import KerasGradCam
+
+    model = _softmax_then(tail, activation)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    graph, info = export_in_memory(model, preset="unit")
+    image = images(2, 16, 3, seed=6)
+    classes = class_indices(2)
+    baseline = KerasGradCam(path, info.target_layer, [1 / 255] * 3, [0.0] * 3)
+    probs, gradcam = baseline.explain(image, classes)
+    want = graph(image, classes)
+    np.testing.assert_allclose(probs, model.predict(image.astype(np.float32) / 255, verbose=0),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs, want["probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())

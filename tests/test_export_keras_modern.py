@@ -110,3 +110,52 @@ def test_a_grouped_convolution_that_is_not_depthwise_is_refused():
     with pytest.raises(ModelError, match=r"^layer 'grouped': a grouped Conv2D \(3 groups, 3 -> 6 "
                                          r"channels\) that is not depthwise has no ONNX conversion"):
         export_in_memory(model, preset="unit")
+
+
+@pytest.mark.parametrize("application, expected", [("EfficientNetB0", "top_activation"),
+                                                   ("EfficientNetV2B0", "top_activation"),
+                                                   ("MobileNetV3Small", None)])
+def test_the_default_target_of_a_backbone_with_squeeze_excitation_is_its_last_map(application, expected):
+    """Squeeze-and-excitation blocks pool globally and go on: the default target is the map the
+    head pools (EfficientNet's top_activation), not the map before the first block's squeeze."""
+    import keras
+
+    model = getattr(keras.applications, application)(weights=None, input_shape=(64, 64, 3), classes=3)
+    target = keras_model.default_target_layer(model)
+    pool = [layer for layer in model.layers if type(layer).__name__ in keras_model.POOLING_TYPES][-1]
+    assert target == (expected or target)
+    assert keras_model._output_in_parent(model.get_layer(target)) is keras_model._input_in_parent(pool)
+
+
+def _small_classifier(policy: str):
+    import keras
+    from keras import layers
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((16, 16, 3))
+        x = layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+        x = layers.BatchNormalization(name="bn")(x)
+        x = layers.Conv2D(6, 1, activation="sigmoid", name="head_conv")(x)
+        x = layers.Dense(4, name="dense")(layers.GlobalAveragePooling2D(name="gap")(x))
+        return keras.Model(inputs, layers.Activation("softmax", dtype="float32", name="probs_out")(x))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_a_mixed_precision_model_exports_in_float32(policy):
+    """A model built under a mixed-precision policy (float16 maths, float32 weights) exports as
+    the float32 model with its weights: every output float32, equal to that model's (as Keras
+    computes it in float32), the self-checks passing."""
+    mixed = _small_classifier(policy)
+    reference = _small_classifier("float32")
+    reference.set_weights(mixed.get_weights())
+    graph, info = export_in_memory(mixed, preset="unit", target_layer="conv")
+    image = images(3, 16, 3, seed=2)
+    got = graph(image, class_indices(3, 4))
+    assert all(value.dtype == np.float32 for value in got.values())
+    want = reference.predict(image.astype(np.float32) / 255, verbose=0)
+    np.testing.assert_allclose(got["probs"], want, rtol=1e-5, atol=1e-6)
+    assert "gradcam" in info.heatmaps and mixed.layers[1].compute_dtype != "float32"

@@ -354,10 +354,48 @@ def test_pickled_torch_files_are_refused(tmp_path, capsys, suffix):
     assert "RUNS CODE FROM THE FILE" in err and "torch.export.save" in err
 
 
-def test_a_program_exported_with_a_fixed_batch_says_how_to_fix_it(tmp_path):
-    path = save_program(torch_models()["linear"], tmp_path / "fixed.pt2", dynamic=False)
-    with pytest.raises(ModelError, match=r"fixed batch dimension of 2.*torch.export.Dim"):
+class BatchInShapes(torch.nn.Module):
+    """Its flatten and reshape, traced at a fixed batch, hold that batch as a number."""
+
+    def __init__(self, per_row_bias: bool = False):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 5)
+        self.register_buffer("row_bias", torch.randn(2, 5) if per_row_bias else torch.zeros(1, 5))
+
+    def forward(self, x):
+        a = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(a, 1).reshape(x.shape[0], -1)) + self.row_bias
+
+
+@pytest.mark.parametrize("name, batch", [("linear", 2), ("linear", 1), ("batch in shapes", 2), ("batch in shapes", 1)])
+def test_a_program_exported_with_a_fixed_batch_is_exported_again_with_a_dynamic_one(tmp_path, name, batch):
+    """torch.export without dynamic_shapes fixes the batch (its reshapes read the number): the
+    CAM graph still takes 1 to 32 crops, each explained as eager torch explains it."""
+    model = torch_models()["linear"] if name == "linear" else BatchInShapes().eval()
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(batch, 3, SIZE, SIZE),)), str(path))
+    result = onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch", heads=("gradcam",)))
+    assert all(d.ok for d in result.differences)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    _, scale, offset = PRESETS["torch"]
+    for n in (1, 3, 32):
+        images = np.random.default_rng(n).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+        probs = session.run(["probs"], {"image": images, "class_index": np.full(n, -1, np.int64)})[0]
+        x = torch.tensor(images.astype(np.float32) * np.float32(scale) + np.float32(offset)).permute(0, 3, 1, 2)
+        np.testing.assert_allclose(probs, torch.softmax(model(x), 1).detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_program_whose_batch_cannot_be_freed_says_how_to_export_it(tmp_path):
+    """A buffer of one row per crop of the fixed batch: no dynamic batch runs it."""
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(torch.export.export(BatchInShapes(per_row_bias=True).eval(),
+                                          (torch.zeros(2, 3, SIZE, SIZE),)), str(path))
+    with pytest.raises(ModelError, match=r"exported with a fixed batch of 2 and does not run with a dynamic "
+                                         r"one.*torch.export.Dim\('batch'"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch"))
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def test_self_check_fails_a_wrong_gradient_rule(tmp_path, monkeypatch):
@@ -658,3 +696,66 @@ def test_an_unnamed_node_is_named_by_its_op_and_output(tmp_path):
     with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'Sin:wave'\)"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", target_layer="conv",
                                                                     heads=("gradcam",)))
+
+
+class NamedOutputs(torch.nn.Module):
+    """Returns a dict: class scores under `scores_key` and an embedding, as transformers' models
+    (ModelOutput) and many face models do."""
+
+    def __init__(self, scores_key: str):
+        super().__init__()
+        torch.manual_seed(2)
+        self.key = scores_key
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(6, 5)
+        self.embed = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        pooled = torch.relu(self.conv(x)).mean((2, 3))
+        return {"embedding": self.embed(pooled), self.key: self.fc(pooled)}
+
+
+@pytest.mark.parametrize("key, class_output", [("scores", "scores"), ("logits", "logits")])
+def test_a_program_returning_a_dict_has_its_outputs_named_by_key(tmp_path, key, class_output):
+    """The outputs are the dict's keys: --class-output names one; probs are the softmax of
+    those, not of the embedding."""
+    model = NamedOutputs(key).eval()
+    path = save_program(model, tmp_path / "named.pt2")
+    assert [o.name for o in torch_model.to_onnx(path).graph.output] == ["embedding", key]
+    options = ExportOptions(preset="unit", class_output=class_output, heads=("gradcam",))
+    result = onnx_export.export(path, tmp_path / "o.onnx", options)
+    assert len(result.info.labels) == 5 and all(d.ok for d in result.differences)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    probs = session.run(["probs"], {"image": images, "class_index": np.full(3, -1, np.int64)})[0]
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(probs, torch.softmax(model(x)[key], 1).detach().numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["scores", "logits"])
+def test_a_dict_without_class_output_names_its_keys(tmp_path, key):
+    """Several outputs and no --class-output: the error lists the keys to choose from."""
+    path = save_program(NamedOutputs(key).eval(), tmp_path / "named.pt2")
+    with pytest.raises(ModelError, match=rf"outputs \['embedding', '{key}'\].*--class-output NAME"):
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
+
+
+def test_a_pt2_export_says_nothing_of_the_exporters_own_unless_debug(tmp_path, caplog, capfd):
+    """torch's and onnxscript's warnings and optimiser lines (`Removed 101 unused nodes`, ...) on
+    a normal run: none logged, warned or printed; under --debug (root logger at DEBUG) they are."""
+    import logging
+    import warnings
+
+    path = save_program(torch_models()["linear"], tmp_path / "net.pt2")
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch_model.to_onnx(path)
+    exporters = [r for r in caplog.records if r.name.split(".")[0] in torch_model.EXPORTER_LOGGERS
+                 and r.levelno >= logging.INFO]  # what camface's INFO console shows
+    assert not exporters and not caught and not capfd.readouterr().out.strip()
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    torch_model.to_onnx(path)
+    assert any(r.name.split(".")[0] in torch_model.EXPORTER_LOGGERS and r.levelno >= logging.INFO
+               for r in caplog.records)
