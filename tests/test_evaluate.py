@@ -93,6 +93,35 @@ def test_metrics_on_a_toy_classifier_by_hand(tmp_path):
     assert dark_first.per_crop["masked_prob"] == [0.0]
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 16, 40])
+def test_scoring_in_small_chunks_gives_the_same_scores(tmp_path, chunk):
+    """The perturbed crops are made and classified at most `chunk` at a time (8 crops x 2 K - 1
+    held at once needed GBs at 224 x 224 and --steps 500), with the scores of one big chunk."""
+    from camface.evaluate.scores import Scorer
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(toy_graph(tmp_path / "toy.onnx"), "cpu")
+    crops = np.random.default_rng(3).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+    names = ["gradcam", "gradcampp"]
+    whole = Scorer(graph, steps=16, baseline="blur", device="cpu", threads=1, chunk=10_000)
+    small = Scorer(graph, steps=16, baseline="blur", device="cpu", threads=1, chunk=chunk)
+    held = []
+    classify = small.classify
+    small.classify = lambda images: held.append(len(images)) or classify(images)
+    expected, got = whole.score(crops, names), small.score(crops, names)
+    assert max(held[1:]) <= chunk  # held[0]: the baselines, one per crop
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-6)
+    for mine, theirs in zip(got[2], expected[2]):
+        assert mine.method == theirs.method
+        for key in ("deletion_curve", "insertion_curve"):
+            np.testing.assert_allclose(getattr(mine, key), getattr(theirs, key), atol=1e-6)
+        for key in ("deletion_auc", "insertion_auc", "masked_prob"):
+            np.testing.assert_allclose(mine.per_crop[key], theirs.per_crop[key], atol=1e-6)
+        for key in ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"):
+            assert getattr(mine, key) == pytest.approx(getattr(theirs, key), abs=1e-4)
+
+
 @pytest.mark.parametrize("saliency, expected", [
     ([[3.0, 1.0], [2.0, 0.0]], [[0, 2], [1, 3]]),
     ([[1.0, 1.0], [5.0, 1.0]], None),  # ties: 5 first, then the three in a fixed random order
