@@ -225,3 +225,29 @@ def test_drawing_options_are_in_the_resume_key_only_when_videos_are_drawn(drawin
     assert changed(settings(True, **drawing), settings(True)) == sorted(drawing)
     older = {**settings(False), **settings(True, **drawing), "record": False}  # stored by an earlier camface
     assert changed(older, settings(False)) == ["alpha", "bars", "cam_boxes", "colormap"]
+
+
+def test_a_glob_skips_non_videos_as_a_folder_does_naming_them(tmp_path, caplog):
+    """'dir/*' took notes.txt, which then failed as a corrupt video, while the folder `dir`
+    skipped it: a glob now keeps the video suffixes too, and says in one line which files it
+    skipped; a file named on its own is still tried, whatever its suffix."""
+    (tmp_path / "a").mkdir()
+    for name in ("a/1.mp4", "a/2.MOV", "a/notes.txt", "a/thumb.jpg", "a/raw.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    pattern = str(tmp_path / "a" / "*")
+    assert find_videos([pattern]) == find_videos([str(tmp_path / "a")])
+    skipped = [r.getMessage() for r in caplog.records if "not a video" in r.getMessage()]
+    assert skipped == [f"camface batch: {pattern} matched 3 file(s) with no video suffix, skipped: "
+                       f"{tmp_path / 'a' / 'notes.txt'}, {tmp_path / 'a' / 'raw.bin'}, {tmp_path / 'a' / 'thumb.jpg'}"
+                       " (not a video: name it alone to try it)"]
+    caplog.clear()
+    videos = find_videos([str(tmp_path / "a" / "raw.bin"), str(tmp_path / "a" / "*.mp4")])
+    assert [v.path for v in videos] == [str(tmp_path / "a" / "raw.bin"), str(tmp_path / "a" / "1.mp4")]
+    assert caplog.text == ""
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(12):
+        (many / f"{k:02d}.txt").write_bytes(b"x")
+    with pytest.raises(InputError, match="no videos matched"):
+        find_videos([str(many / "*")])
+    assert f"{many / '09.txt'} and 2 more (not a video" in caplog.text
