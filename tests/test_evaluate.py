@@ -334,6 +334,42 @@ def test_sanity_on_a_one_class_graph_is_refused_before_any_work(tmp_path, capsys
     assert f"the random-logit test needs at least 2 classes; {path} has 1" in err and "Traceback" not in err
 
 
+def _half_weights(model):
+    from onnx import numpy_helper
+
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float16), "half"))
+
+
+def _quantized(model):
+    from onnx import helper, numpy_helper
+
+    model.graph.initializer.extend([numpy_helper.from_array(np.ones(2, np.int8), "q"),
+                                    numpy_helper.from_array(np.array(0.1, np.float32), "q_scale")])
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["q", "q_scale"], ["dequantized"]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (None, "the CAM graph's forward pass has no weights held as initializers"),  # the toy graph: x / 255
+    (_half_weights, "this is a float16 CAM graph"),
+    (_quantized, "this is an int8 CAM graph"),
+])
+def test_a_graph_the_sanity_checks_cannot_randomise_is_named(tmp_path, capsys, monkeypatch, change, message):
+    """evaluate/randomize.py's refusals said what was wrong, not of which graph: now they name it."""
+    import onnx
+
+    from camface.evaluate.scores import Scorer
+
+    path = toy_graph(tmp_path / "toy.onnx")
+    if change is not None:
+        model = onnx.load(str(path))
+        change(model)
+        onnx.save(model, str(path))
+    monkeypatch.setattr(Scorer, "score", lambda *args, **kwargs: pytest.fail("scored before refusing"))
+    assert camface_main(["evaluate", "--model", str(path), "--sanity", "--frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: --sanity on {path}: {message}" in err and "Traceback" not in err
+
+
 def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, capsys):
     """--every's default skips near-duplicate video frames; in a folder of images each is its own
     photo: all are looked at (the first, faceless, photo left the two faces unseen with every 5th)."""
