@@ -1,5 +1,6 @@
-"""INPUT... -> the videos to explain: files, folders of videos (not recursive; hidden files, as a
-glob's *, skipped) and glob patterns.
+"""INPUT... -> the videos to explain: files (tried whatever their suffix), folders of videos (not
+recursive; hidden files, as a glob's *, skipped) and glob patterns (their files with a video
+suffix, as a folder's; the others named in a warning).
 
 Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>`, which names
 its outputs: two `clip.mp4` in different folders get different ids, and a rerun (`--resume`)
@@ -19,6 +20,7 @@ from camface.errors import CamfaceError
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
+SKIPPED_NAMED = 10  # files a glob skipped that its warning names; the others are counted
 
 
 class InputError(CamfaceError):
@@ -64,7 +66,14 @@ def _expand(spec: str) -> list[Path]:
     if path.is_file():
         return [path]
     if glob.has_magic(spec):
-        return sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        matched = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        others = [p for p in matched if p.suffix.lower() not in VIDEO_SUFFIXES]  # skipped, as a folder skips them
+        if others:
+            named = ", ".join(map(str, others[:SKIPPED_NAMED]))
+            more = f" and {len(others) - SKIPPED_NAMED} more" if len(others) > SKIPPED_NAMED else ""
+            log.warning("camface batch: %s matched %d file(s) with no video suffix, skipped: %s%s "
+                        "(not a video: name it alone to try it)", spec, len(others), named, more)
+        return [p for p in matched if p.suffix.lower() in VIDEO_SUFFIXES]
     raise InputError(f"input not found: {spec} (expected a video file, a folder of videos or a glob pattern)")
 
 

@@ -50,7 +50,8 @@ class BatchJob:
 
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
-        earlier run finished is kept only when they are the same."""
+        earlier run finished is kept only when they are the same. The drawing options only
+        when the videos are drawn (record): without, they draw only the report, redrawn each run."""
         from camface.realtime.carry import every_for
 
         model, cfg = Path(self.model), self.config
@@ -58,9 +59,10 @@ class BatchJob:
         values = dict(model=str(model), model_size=stat.st_size if stat else 0,
                       model_mtime_ns=stat.st_mtime_ns if stat else 0, method=cfg.method, record=self.record,
                       detector=cfg.detector, min_confidence=cfg.min_confidence, margin=cfg.margin,
-                      max_faces=cfg.max_faces, colormap=cfg.colormap, alpha=cfg.alpha, cam_boxes=cfg.cam_boxes,
-                      bars=cfg.bars, explained_class=self.explained_class, smooth=cfg.smooth,
+                      max_faces=cfg.max_faces, explained_class=self.explained_class, smooth=cfg.smooth,
                       detector_runtime=cfg.detector_runtime, detect_every=every_for(cfg.detect_every))
+        if self.record:
+            values.update(colormap=cfg.colormap, alpha=cfg.alpha, cam_boxes=cfg.cam_boxes, bars=cfg.bars)
         return json.loads(json.dumps(values))
 
 
@@ -239,6 +241,9 @@ def changed_since(outputs: Outputs, videos: list[Video], settings: dict) -> tupl
             continue
         if record.get("settings") != settings:
             earlier = record.get("settings") or {}
-            changed |= {key for key in settings if earlier.get(key) != settings[key]}
+            # the drawing options are stored only with record: a change of record names record alone
+            keys = settings.keys() & earlier.keys() if earlier.get("record") != settings.get("record") \
+                else settings.keys() | earlier.keys()
+            changed |= {key for key in keys if earlier.get(key) != settings.get(key)}
         files += record.get("source") != stamp(video.path)
     return sorted(changed), files

@@ -53,6 +53,16 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label) or "class"
 
 
+PICTURE_NAME = re.compile(r"\d{2}-[A-Za-z0-9_-]+\.png")  # report/<k:02d>-<slug>.png
+
+
+def _cell(value) -> str:
+    """`value` as one cell of a Markdown table: `|` (a cell's end) and `\\` escaped, line
+    breaks (a row's end) made spaces."""
+    text = " ".join(str(value).splitlines())
+    return text.replace("\\", "\\\\").replace("|", "\\|")
+
+
 def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order: str, method: str,
                  colormap: str, alpha: float, run: dict) -> dict:
     """Write summary.json, report.md and report/<class>.png for `videos` (inputs, in order);
@@ -78,7 +88,7 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
     total_faces = int(count.sum())
     folder = outputs.root / "report"
     folder.mkdir(exist_ok=True)
-    classes = {}
+    classes, pictures = {}, set()
     for k, label in enumerate(labels):
         entry = {"faces": int(count[k]), "share": float(count[k] / total_faces) if total_faces else 0.0}
         if count[k] and heat is not None:
@@ -86,6 +96,7 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
             picture = folder / f"{k:02d}-{_slug(label)}.png"
             _publish(picture, lambda tmp: cv2.imwrite(str(tmp), _picture(mean_heat, crop[k] / count[k], color_order,
                                                                           method, colormap, alpha)))
+            pictures.add(picture.name)
             entry.update(mean_heatmap=np.round(mean_heat, 5).tolist(), picture=str(picture.relative_to(outputs.root)))
         classes[label] = entry
     failed = [r for r in rows if r["status"] not in (DONE,)]
@@ -100,6 +111,9 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
     }
     _publish(outputs.root / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     _write_markdown(outputs.root / "report.md", summary, failed)
+    for stale in folder.iterdir():  # an earlier run's class now without faces, or another model's labels
+        if PICTURE_NAME.fullmatch(stale.name) and stale.name not in pictures:
+            stale.unlink(missing_ok=True)
     return summary
 
 
@@ -136,8 +150,8 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
         status = r["status"] if r["status"] != "failed" else f"failed: {r.get('reason', '')}"
         if r["status"] == DONE and "incomplete" in r:
             status = f"incomplete: {describe_incomplete(r)}"
-        lines.append(f"| {r['video']} | {r.get('frames', '')} | {faces if r['status'] == DONE else ''} | "
-                     f"{shares} | {status} |")
+        cells = (r["video"], r.get("frames", ""), faces if r["status"] == DONE else "", shares, status)
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     lines += ["", "## Where the classifier looked, per class",
               "", "Mean heatmap over every face explained as that class, in face-crop coordinates, "
               "over the mean crop.", ""]

@@ -15,6 +15,7 @@ Top-level imports stay light: `camface --help` imports this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -187,8 +188,9 @@ def main(args: argparse.Namespace) -> int:
     if args.sanity:
         from camface.evaluate import sanity
 
-        sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
-                                              progress=progress, guided=guided)
+        with naming(graph_path):
+            sanity_results, figure = sanity.check(randomizer, crops, names, threads=config.graph_threads,
+                                                  progress=progress, guided=guided)
         seconds["sanity"] = time.perf_counter() - finished
     report = to_json(scores, predicted, probability, graph, source=source, frames=frames,
                      every=None if args.snapshots else every,  # every crop of the snapshots: no frames skipped
@@ -288,7 +290,21 @@ def _mismatch(model, info) -> str:
 
 
 def sanity_randomizer(graph_path, seed: int):
-    """The sanity checks' Randomizer of the graph file (ModelError when it cannot be randomised)."""
+    """The sanity checks' Randomizer of the graph file (ModelError naming the file when it
+    cannot be randomised)."""
     from camface.evaluate.randomize import Randomizer, load_graph
 
-    return Randomizer(load_graph(graph_path), seed=seed)
+    with naming(graph_path):
+        return Randomizer(load_graph(graph_path), seed=seed)
+
+
+@contextlib.contextmanager
+def naming(graph_path):
+    """A ModelError of the sanity checks (an int8 or float16 graph, no weights to re-draw...)
+    names the graph's file, as every other error of `camface evaluate` does."""
+    try:
+        yield
+    except ModelError as exc:
+        if str(graph_path) in str(exc):
+            raise
+        raise ModelError(f"--sanity on {graph_path}: {exc}") from exc

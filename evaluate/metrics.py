@@ -65,12 +65,16 @@ def step_counts(pixels: int, steps: int) -> np.ndarray:
 
 
 def perturbation_series(crop: np.ndarray, baseline: np.ndarray, ranks: np.ndarray, steps: int,
-                        insert: bool) -> np.ndarray:
+                        insert: bool, first: int = 1, stop: int | None = None) -> np.ndarray:
     """The crops of the inner steps 1..K-1 of one deletion (insert=False: the most salient
     pixels take the baseline's value) or insertion (insert=True: the baseline with the most
     salient pixels of the crop) curve: uint8 [K - 1, H, W, C]. Steps 0 and K are the crop and
-    the baseline themselves, the same for every map (`curve` adds them)."""
-    counts = step_counts(ranks.size, steps)[1:-1]
+    the baseline themselves, the same for every map (`curve` adds them). first, stop: only the
+    steps first..stop-1 (stop None: K), uint8 [stop - first, H, W, C], to bound the memory."""
+    stop = steps if stop is None else stop
+    if not 1 <= first <= stop <= steps:
+        raise ValueError(f"steps {first}..{stop - 1} are not inner steps of 1..{steps - 1}")
+    counts = step_counts(ranks.size, steps)[first:stop]
     changed = (ranks[None] < counts[:, None, None])[..., None]  # [K-1, H, W, 1]
     if insert:
         return np.where(changed, crop[None], baseline[None])

@@ -17,6 +17,8 @@ from camface.evaluate import metrics
 log = logging.getLogger(__name__)
 
 BATCH = 32  # the graph's batch range is 1..32
+# perturbed crops held at once (a multiple of BATCH): 256 x 224 x 224 x 3 bytes is 39 MB, whatever --steps
+CHUNK = 256
 # what the curves score, by the graph output read: words for the plot's axis and the table
 SCORED = {graph_spec.OUTPUT_PROBS: "probability of the explained class",
           graph_spec.OUTPUT_SIMILARITY: "cosine similarity to the explained identity"}
@@ -60,15 +62,18 @@ class Scorer:
 
     graph: a CamGraph loaded from its file. steps: K of the deletion / insertion curves.
     baseline: "blur" or "mean" (metrics.BASELINES). device, threads: as the graph's (for the
-    pruned copy). progress: show a tqdm bar."""
+    pruned copy). progress: show a tqdm bar. chunk: the most perturbed crops made and held at
+    once (CHUNK)."""
 
     def __init__(self, graph, steps: int = 16, baseline: str = "blur", device: str = "auto", threads: int = 0,
-                 progress: bool = False):
+                 progress: bool = False, chunk: int = CHUNK):
         if steps < 2:
             raise ValueError(f"--steps must be at least 2, got {steps}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
         if baseline not in metrics.BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {', '.join(metrics.BASELINES)}")
-        self.graph, self.steps, self.baseline, self.progress = graph, steps, baseline, progress
+        self.graph, self.steps, self.baseline, self.progress, self.chunk = graph, steps, baseline, progress, chunk
         self.output = scored_output(graph.info)
         self._probs_session = _probability_session(graph, device, threads, (self.output,))
         self._device, self._threads, self._heatmap_sessions = device, threads, {}
@@ -114,32 +119,27 @@ class Scorer:
         full = probs[np.arange(len(crops)), predicted].astype(np.float64)
         baselines = np.stack([metrics.BASELINES[self.baseline](crop) for crop in crops])
         empty = self.classify(baselines)[np.arange(len(crops)), predicted].astype(np.float64)
-        size = crops.shape[1:3]
         inner = self.steps - 1
+        per_crop = 2 * inner + 1  # K - 1 deletion crops, K - 1 insertion crops, the masked crop
         results = []
         with tqdm(total=len(names) * len(crops), desc="evaluate", unit="crop", disable=not self.progress,
                   leave=False) as bar:
             for name in names:
                 started = time.perf_counter()
-                deletion, insertion, masked = [], [], []
-                for start in range(0, len(crops), 8):  # 8 crops x (2 K - 1) images per group
-                    group = range(start, min(start + 8, len(crops)))
-                    images = []
-                    for i in group:
-                        saliency = metrics.upsample(maps[name][i], size)
-                        ranks = metrics.pixel_ranks(saliency)
-                        images.append(metrics.perturbation_series(crops[i], baselines[i], ranks, self.steps, False))
-                        images.append(metrics.perturbation_series(crops[i], baselines[i], ranks, self.steps, True))
-                        shown = metrics.upsample(methods.normalize(maps[name][i], name), size)
-                        images.append(metrics.masked_crop(crops[i], shown)[None])
-                    p = self.classify(np.concatenate(images))
-                    per_crop = 2 * inner + 1
-                    for j, i in enumerate(group):
-                        chosen = p[j * per_crop:(j + 1) * per_crop, predicted[i]]
-                        deletion.append(metrics.curve(full[i], chosen[:inner], empty[i], insert=False))
-                        insertion.append(metrics.curve(full[i], chosen[inner:2 * inner], empty[i], insert=True))
-                        masked.append(float(chosen[-1]))
-                    bar.update(len(group))
+                chosen = np.empty(len(crops) * per_crop, np.float64)  # the predicted class's, in stream order
+                done = 0
+                for images in _bounded(self._perturbed(crops, baselines, maps[name], name), self.chunk):
+                    p = self.classify(images)
+                    owners = np.arange(done, done + len(images)) // per_crop
+                    chosen[done:done + len(images)] = p[np.arange(len(images)), predicted[owners]]
+                    bar.update((done + len(images)) // per_crop - done // per_crop)
+                    done += len(images)
+                chosen = chosen.reshape(len(crops), per_crop)
+                deletion = [metrics.curve(full[i], chosen[i, :inner], empty[i], insert=False)
+                            for i in range(len(crops))]
+                insertion = [metrics.curve(full[i], chosen[i, inner:2 * inner], empty[i], insert=True)
+                             for i in range(len(crops))]
+                masked = [float(v) for v in chosen[:, -1]]
                 seconds = time.perf_counter() - started
                 deletion, insertion = np.array(deletion), np.array(insertion)
                 results.append(MethodScores(
@@ -156,6 +156,33 @@ class Scorer:
                               "masked_prob": [round(v, 6) for v in masked]},
                 ))
         return predicted, full, results
+
+    def _perturbed(self, crops, baselines, heatmaps, name):
+        """The perturbed crops of one method, crop by crop: its K - 1 deletion crops, K - 1
+        insertion crops, then its masked crop; uint8 pieces [<= self.chunk, H, W, C]."""
+        size = crops.shape[1:3]
+        for crop, baseline, heatmap in zip(crops, baselines, heatmaps):
+            ranks = metrics.pixel_ranks(metrics.upsample(heatmap, size))
+            for insert in (False, True):
+                for first in range(1, self.steps, self.chunk):
+                    stop = min(first + self.chunk, self.steps)
+                    yield metrics.perturbation_series(crop, baseline, ranks, self.steps, insert, first, stop)
+            shown = metrics.upsample(methods.normalize(heatmap, name), size)
+            yield metrics.masked_crop(crop, shown)[None]
+
+
+def _bounded(pieces, chunk: int):
+    """The pieces (arrays of at most `chunk` rows) joined into arrays of at most `chunk` rows,
+    in order: what is held at once stays bounded whatever the number of steps."""
+    held, count = [], 0
+    for piece in pieces:
+        if held and count + len(piece) > chunk:
+            yield np.concatenate(held)
+            held, count = [], 0
+        held.append(piece)
+        count += len(piece)
+    if held:
+        yield np.concatenate(held)
 
 
 def _probability_session(graph, device: str, threads: int, outputs: tuple[str, ...]):

@@ -252,9 +252,13 @@ async def _apply(ws, state: ServeState, session, control) -> None:
     elif control.kind == "snapshot":
         session.snapshot_due = True
     elif control.fields.get("on", True):
-        path = await asyncio.to_thread(session.start_recording, float(control.fields.get("fps", 30)))
-        await _timed_send(ws.send_json({"type": "recording", "on": True, "file": path.name}),
-                          state.options.send_timeout_s)
+        asked = control.fields.get("fps")
+        path, fps, started = await asyncio.to_thread(session.start_recording, float(30 if asked is None else asked))
+        reply = {"type": "recording", "on": True, "file": path.name, "fps": fps}
+        if not started:  # one file per recording: its fps stays what it was opened with
+            ignored = f": fps {asked:g} is ignored (stop, then record again)" if asked not in (None, fps) else ""
+            reply.update(already=True, note=f"already recording to {path.name} at {fps:g} fps{ignored}")
+        await _timed_send(ws.send_json(reply), state.options.send_timeout_s)
     else:
         done = await asyncio.to_thread(session.stop_recording)
         path, frames = done if done else (None, 0)

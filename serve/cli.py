@@ -75,7 +75,8 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise CamfaceError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise CamfaceError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     sock.listen(128)
     return sock
 
@@ -128,8 +129,9 @@ def _check_tls(certfile: Path, keyfile: Path) -> None:
 
 
 def serve(config, options, host: str, port: int, certfile: Path | None = None, keyfile: Path | None = None) -> int:
-    """Load the graph, listen, print the URL, serve until Ctrl-C / SIGTERM; every recording in
-    progress is finalised before this returns (130 after Ctrl-C, 143 after SIGTERM)."""
+    """Listen (a port in use is an error before anything loads), load the graph, print the URL,
+    serve until Ctrl-C / SIGTERM; every recording in progress is finalised before this returns
+    (130 after Ctrl-C, 143 after SIGTERM)."""
     import uvicorn
 
     from camface.api import load
@@ -138,13 +140,17 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     from camface.serve.app import create_app
     from camface.serve.state import ServeState
 
-    pipeline = load(config=config)
-    config, model_path, graph = pipeline.config, pipeline.model_path, pipeline.graph  # method "auto" resolved
-    state = ServeState(config, options, graph, model_path)
+    sock = _listen(host, port)  # first: a port in use is said at once, not after the model has loaded
+    try:
+        pipeline = load(config=config)
+        config, model_path, graph = pipeline.config, pipeline.model_path, pipeline.graph  # method "auto" resolved
+        state = ServeState(config, options, graph, model_path)
+    except BaseException:
+        sock.close()
+        raise
     import cv2
 
     cv2.setNumThreads(1)  # the stages already run side by side (worker, decoding, encoding threads)
-    sock = _listen(host, port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES, ws_max_queue=WS_QUEUE,

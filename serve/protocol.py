@@ -10,7 +10,9 @@ Page -> server:
           {"type": "snapshot"}
           {"type": "record", "on": bool, "fps": number (optional, 1..120)}
 Server -> page:
-  text    {"type": "hello", ...} once, {"type": "snapshot" | "recording" | "recorded", ...}
+  text    {"type": "hello", ...} once, {"type": "snapshot" | "recording" | "recorded", ...};
+          "recording" has the file and its fps, and "already": true and a "note" when a
+          recording was in progress (it goes on at its own fps; another fps is ignored)
   binary  one processed frame: 4-byte big-endian length L, L bytes of UTF-8 JSON (the frame's
           `result_message`), then the annotated frame as a JPEG.
 A message that breaks these rules closes that client's socket with a code and a reason.

@@ -117,17 +117,19 @@ class Session:
         with self.lock:
             self.pending -= 1
 
-    def start_recording(self, fps: float) -> Path:
-        """Open a new recording in the server's record folder (written from the next frame)."""
+    def start_recording(self, fps: float) -> tuple[Path, float, bool]:
+        """Open a new recording in the server's record folder (written from the next frame):
+        (its path, its fps, True). While one is in progress it goes on, at its own fps:
+        (its path, its fps, False)."""
         from camface.realtime.sinks import VideoSink
 
         with self.record_lock:
             if self.sink is not None:
-                return self.sink.path
+                return self.sink.path, self.sink.fps, False
             self.sink = VideoSink(self.server.next_recording_path(self.id), fps, overwrite=False,
                                   codec=self.server.config.codec)
             log.info("client %d: recording to %s", self.id, self.sink.path)
-            return self.sink.path
+            return self.sink.path, self.sink.fps, True
 
     def stop_recording(self) -> tuple[Path, int] | None:
         """Finalise the recording in progress (idempotent): (path, frames written), or None.

@@ -408,3 +408,46 @@ def test_real_ctrl_c_then_sigkill_of_the_driver_then_resume(ray_cluster, clips, 
     assert len(set(keys)) == len(keys) == table.num_rows > 0 and max(k[0] for k in keys) == 399
     assert count_frames(out / "videos" / f"{long_id}.mp4") == 400
     assert not list(out.rglob(".*.tmp*"))
+
+
+def _done(outputs, video_id, path, counts, status="done", reason=None):
+    """A video's record and class sums as a finished unit leaves them (2 classes, 8x8 crops)."""
+    record = {"video": video_id, "path": path, "status": status, "frames": 3,
+              "class_counts": {name: n for name, n in zip(("x", "y"), counts) if n}}
+    if reason is not None:
+        record["reason"] = reason
+    outputs.record_path(video_id).write_text(json.dumps(record))
+    if status == "done":
+        count = np.array(counts)
+        np.savez(outputs.sums_path(video_id), count=count,
+                 crop_sum=np.ones((2, 8, 8, 3)) * 100 * count[:, None, None, None],
+                 heatmap_sum=np.ones((2, 4, 4)) * count[:, None, None])
+
+
+def test_the_report_escapes_pipes_and_drops_pictures_of_classes_now_without_faces(tmp_path):
+    """A `|` in a video's name or a failure's reason is escaped in report.md's table (it cut the
+    row into more cells); a class left with no faces after a resume loses its earlier picture."""
+    import re
+
+    from camface.batch.inputs import Video
+    from camface.batch.report import write_report
+    from camface.batch.state import Outputs
+
+    outputs = Outputs(tmp_path)
+    outputs.make()
+    videos = [Video("/archive/a|b.mp4", "a|b-0123abcd"), Video("/archive/c.mp4", "c-89abcdef")]
+    _done(outputs, videos[0].id, videos[0].path, [1, 2])
+    _done(outputs, videos[1].id, videos[1].path, [0, 0], status="failed", reason="moov atom | not found\nat 0")
+    args = (outputs, videos, ("x", "y"), "BGR", "gradcam", "jet", 0.5, {})
+    summary = write_report(*args)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["00-x.png", "01-y.png"]
+    assert [summary["classes"][k].get("picture") for k in ("x", "y")] == ["report/00-x.png", "report/01-y.png"]
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 3  # the header and one row per video (a newline in a reason cut the row)
+    cells = [[cell.strip() for cell in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows]
+    assert [len(row) for row in cells] == [5, 5, 5]
+    assert cells[1][0] == r"a\|b-0123abcd" and cells[2][4] == r"failed: moov atom \| not found at 0"
+    _done(outputs, videos[0].id, videos[0].path, [3, 0])  # resumed: class y has no faces now
+    summary = write_report(*args)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["00-x.png"]
+    assert "picture" not in summary["classes"]["y"] and "01-y.png" not in (tmp_path / "report.md").read_text()

@@ -191,3 +191,63 @@ def test_without_an_address_a_run_starts_its_own_local_ray(monkeypatch):
     assert cluster.connect(None) is True
     assert cluster.connect("auto") is True
     assert [call["address"] for call in calls] == ["local", "head:6379", "auto"]
+
+
+@pytest.mark.parametrize("drawing", [dict(colormap="viridis"), dict(alpha=0.2), dict(cam_boxes=True),
+                                     dict(bars=True)])
+def test_drawing_options_are_in_the_resume_key_only_when_videos_are_drawn(drawing):
+    """With --no-record nothing is drawn per video: another --colormap, --alpha, --cam-boxes or
+    --bars on --resume keeps the videos done (it did every video again); recorded, it does not."""
+    from pathlib import Path
+
+    from camface.batch.inputs import Video
+    from camface.batch.pipeline import BatchJob, changed_since
+    from camface.realtime.config import LiveConfig
+
+    def settings(record, **options):
+        return BatchJob((), "out", LiveConfig(model=Path("g.onnx"), **options), record=record).settings()
+
+    assert settings(False, **drawing) == settings(False)
+    assert settings(True, **drawing) != settings(True)
+    assert settings(False, method="none") != settings(False)  # what the rows hold still counts
+
+    class Outputs:  # videos done earlier with these settings
+        def __init__(self, earlier):
+            self.earlier = earlier
+
+        def records(self):
+            return {"v": {"status": "done", "settings": self.earlier, "source": None}}
+
+    def changed(earlier, now):
+        return changed_since(Outputs(earlier), [Video("missing.mp4", "v")], now)[0]
+
+    assert changed(settings(True, **drawing), settings(False)) == ["record"]  # the drawing goes with it
+    assert changed(settings(True, **drawing), settings(True)) == sorted(drawing)
+    older = {**settings(False), **settings(True, **drawing), "record": False}  # stored by an earlier camface
+    assert changed(older, settings(False)) == ["alpha", "bars", "cam_boxes", "colormap"]
+
+
+def test_a_glob_skips_non_videos_as_a_folder_does_naming_them(tmp_path, caplog):
+    """'dir/*' took notes.txt, which then failed as a corrupt video, while the folder `dir`
+    skipped it: a glob now keeps the video suffixes too, and says in one line which files it
+    skipped; a file named on its own is still tried, whatever its suffix."""
+    (tmp_path / "a").mkdir()
+    for name in ("a/1.mp4", "a/2.MOV", "a/notes.txt", "a/thumb.jpg", "a/raw.bin"):
+        (tmp_path / name).write_bytes(b"x")
+    pattern = str(tmp_path / "a" / "*")
+    assert find_videos([pattern]) == find_videos([str(tmp_path / "a")])
+    skipped = [r.getMessage() for r in caplog.records if "not a video" in r.getMessage()]
+    assert skipped == [f"camface batch: {pattern} matched 3 file(s) with no video suffix, skipped: "
+                       f"{tmp_path / 'a' / 'notes.txt'}, {tmp_path / 'a' / 'raw.bin'}, {tmp_path / 'a' / 'thumb.jpg'}"
+                       " (not a video: name it alone to try it)"]
+    caplog.clear()
+    videos = find_videos([str(tmp_path / "a" / "raw.bin"), str(tmp_path / "a" / "*.mp4")])
+    assert [v.path for v in videos] == [str(tmp_path / "a" / "raw.bin"), str(tmp_path / "a" / "1.mp4")]
+    assert caplog.text == ""
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(12):
+        (many / f"{k:02d}.txt").write_bytes(b"x")
+    with pytest.raises(InputError, match="no videos matched"):
+        find_videos([str(many / "*")])
+    assert f"{many / '09.txt'} and 2 more (not a video" in caplog.text

@@ -93,6 +93,35 @@ def test_metrics_on_a_toy_classifier_by_hand(tmp_path):
     assert dark_first.per_crop["masked_prob"] == [0.0]
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 16, 40])
+def test_scoring_in_small_chunks_gives_the_same_scores(tmp_path, chunk):
+    """The perturbed crops are made and classified at most `chunk` at a time (8 crops x 2 K - 1
+    held at once needed GBs at 224 x 224 and --steps 500), with the scores of one big chunk."""
+    from camface.evaluate.scores import Scorer
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(toy_graph(tmp_path / "toy.onnx"), "cpu")
+    crops = np.random.default_rng(3).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+    names = ["gradcam", "gradcampp"]
+    whole = Scorer(graph, steps=16, baseline="blur", device="cpu", threads=1, chunk=10_000)
+    small = Scorer(graph, steps=16, baseline="blur", device="cpu", threads=1, chunk=chunk)
+    held = []
+    classify = small.classify
+    small.classify = lambda images: held.append(len(images)) or classify(images)
+    expected, got = whole.score(crops, names), small.score(crops, names)
+    assert max(held[1:]) <= chunk  # held[0]: the baselines, one per crop
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_allclose(got[1], expected[1], atol=1e-6)
+    for mine, theirs in zip(got[2], expected[2]):
+        assert mine.method == theirs.method
+        for key in ("deletion_curve", "insertion_curve"):
+            np.testing.assert_allclose(getattr(mine, key), getattr(theirs, key), atol=1e-6)
+        for key in ("deletion_auc", "insertion_auc", "masked_prob"):
+            np.testing.assert_allclose(mine.per_crop[key], theirs.per_crop[key], atol=1e-6)
+        for key in ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"):
+            assert getattr(mine, key) == pytest.approx(getattr(theirs, key), abs=1e-4)
+
+
 @pytest.mark.parametrize("saliency, expected", [
     ([[3.0, 1.0], [2.0, 0.0]], [[0, 2], [1, 3]]),
     ([[1.0, 1.0], [5.0, 1.0]], None),  # ties: 5 first, then the three in a fixed random order
@@ -304,6 +333,42 @@ def test_sanity_on_a_one_class_graph_is_refused_before_any_work(tmp_path, capsys
     assert camface_main(["evaluate", "--model", str(path), "--sanity", "--frames", "5"]) == 2
     err = capsys.readouterr().err
     assert f"{path}: its output has 1 class" in err and "Traceback" not in err
+
+
+def _half_weights(model):
+    from onnx import numpy_helper
+
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(2, np.float16), "half"))
+
+
+def _quantized(model):
+    from onnx import helper, numpy_helper
+
+    model.graph.initializer.extend([numpy_helper.from_array(np.ones(2, np.int8), "q"),
+                                    numpy_helper.from_array(np.array(0.1, np.float32), "q_scale")])
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["q", "q_scale"], ["dequantized"]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (None, "the CAM graph's forward pass has no weights held as initializers"),  # the toy graph: x / 255
+    (_half_weights, "this is a float16 CAM graph"),
+    (_quantized, "this is an int8 CAM graph"),
+])
+def test_a_graph_the_sanity_checks_cannot_randomise_is_named(tmp_path, capsys, monkeypatch, change, message):
+    """evaluate/randomize.py's refusals said what was wrong, not of which graph: now they name it."""
+    import onnx
+
+    from camface.evaluate.scores import Scorer
+
+    path = toy_graph(tmp_path / "toy.onnx")
+    if change is not None:
+        model = onnx.load(str(path))
+        change(model)
+        onnx.save(model, str(path))
+    monkeypatch.setattr(Scorer, "score", lambda *args, **kwargs: pytest.fail("scored before refusing"))
+    assert camface_main(["evaluate", "--model", str(path), "--sanity", "--frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: --sanity on {path}: {message}" in err and "Traceback" not in err
 
 
 def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, capsys):

@@ -357,6 +357,24 @@ def _record(ws, frames: int, image: bytes, fields: str = "") -> str:
     return name
 
 
+def test_record_while_recording_says_the_file_and_its_fps_are_kept(make_client, astronaut_bgr, tmp_path):
+    """A second {"record", "on": true} with another fps: the recording goes on in the same
+    file at its own fps, and the reply says so (it replied as if the new fps were taken)."""
+    client, _ = make_client()
+    with client.websocket_connect("/ws") as ws:
+        name = _record(ws, 2, jpeg(astronaut_bgr), '"fps": 15')
+        ws.send_text('{"type": "record", "on": true, "fps": 30}')
+        again = ws.receive_json()
+        send_frame(ws, 3, jpeg(astronaut_bgr))
+        ws.send_text('{"type": "record", "on": false}')
+        done = ws.receive_json()
+    assert again["type"] == "recording" and again["on"] is True
+    assert (again["file"], again["fps"], again["already"]) == (name, 15, True)
+    assert again["note"] == f"already recording to {name} at 15 fps: fps 30 is ignored (stop, then record again)"
+    assert (done["file"], done["frames"]) == (name, 3)
+    assert sorted(p.name for p in (tmp_path / "recordings").iterdir()) == [name]
+
+
 def test_a_client_leaving_mid_recording_leaves_a_playable_file(make_client, astronaut_bgr, tmp_path):
     client, state = make_client()
     with client.websocket_connect("/ws") as ws:

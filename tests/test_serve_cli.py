@@ -101,3 +101,22 @@ def test_one_client_cannot_make_the_server_buffer_more_than_16_mib(tmp_path, mon
     assert code == 130 and len(configs) == 1
     assert configs[0].ws_max_size >= protocol.MAX_MESSAGE_BYTES  # a whole frame message still fits
     assert configs[0].ws_max_queue * configs[0].ws_max_size <= 16 * 1024 * 1024
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """The port is bound first: a port in use is one error line naming host:port, exit 2, and
+    no model is loaded (it was said only after the model had loaded, seconds later)."""
+    import socket
+
+    import camface.api
+    from camface.cli import main as camface_main
+
+    monkeypatch.setattr(camface.api, "load", lambda **kwargs: pytest.fail("the model loaded before the port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = camface_main(["serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--record-dir", str(tmp_path), "--snapshot-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
