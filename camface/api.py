@@ -31,7 +31,7 @@ import numpy as np
 
 from camface.errors import UsageError
 from camface.realtime.config import LiveConfig
-from camface.realtime.results import FrameResult, Prediction, is_saturated
+from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
     from camface.realtime.blazeface import OnnxFaceDetector
@@ -349,7 +349,7 @@ class Pipeline:
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))
         probs, heatmaps, similarity, _ = run_graph_scores(self.graph, np.ascontiguousarray(crops),
                                                           np.ascontiguousarray(wanted), method)
-        predicted = probs.argmax(axis=1)
+        predicted = predicted_classes(probs)
         explained = [int(predicted[i] if wanted[i] < 0 else wanted[i]) for i in range(len(crops))]
         return tuple(Prediction(probs=probs[i], heatmap=heatmaps[i], predicted=int(predicted[i]),
                                 explained=explained[i], method=method, similarity=similarity[i],

@@ -19,6 +19,7 @@ from camface.color_order import ColorOrder
 from camface.guided import gradcam as grads  # layers, model cuts and gradients in TF
 from camface.guided.snapshot import Preprocessing
 from camface.realtime.overlay import upsample  # noqa: F401 (the one bilinear upsample, (H, W))
+from camface.realtime.results import predicted_classes
 
 
 def to_rgb(crop: np.ndarray, color_order: str) -> np.ndarray:
@@ -97,9 +98,9 @@ class Explainer:
         -1 = the predicted class. Returns one Explanation per crop."""
         images = self.preprocessing.apply(crops)
         passes = self._runner.run(images, class_index)
-        # The class the gradients are of: every map, the title and Guided Backprop follow it
-        # (the argmax of the probabilities can differ where a sigmoid saturates: two 1.0s).
-        predicted, explained = passes.logits.argmax(axis=-1), passes.explained
+        # The class named predicted and, for -1, explained: live's (the first of tied top
+        # probabilities, where a sigmoid saturates: two 1.0s); every map follows `explained`.
+        predicted, explained = predicted_classes(passes.probs), passes.explained
         activations, gradients = passes.activations[0], passes.gradients[0]
         weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
         calls = self._calls(images, activations, explained)

@@ -191,7 +191,7 @@ class LayerGradients:
 
     probs: np.ndarray  # float32 [N, classes], as the model outputs them (softmax or sigmoid)
     logits: np.ndarray  # float32 [N, classes], pre-softmax / pre-sigmoid
-    explained: np.ndarray  # int64 [N]: the class each gradient is of (-1 resolved to argmax of the logits)
+    explained: np.ndarray  # int64 [N]: the class each gradient is of (-1 resolved as live: `predicted_classes`)
     activations: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
     gradients: tuple[np.ndarray, ...]  # per layer: float32 [N, h, w, K]
 
@@ -201,8 +201,9 @@ class GradientRunner:
 
     `layers` are paths from `resolve_layer` / `conv_layers`. Built once per model and layer
     list; `run` takes normalised float32 images [N, H, W, C] and one class per image
-    (-1 = the predicted class: the argmax of the logits, not of the probabilities, which tie
-    where a sigmoid saturates at 1.0 in float32). Runs in a `tf.function`: TF 2.21's eager conv backprop
+    (-1 = the predicted class as live names it, `camface.realtime.results.predicted_classes`:
+    the first of tied top probabilities, where a sigmoid saturates at 1.0 in float32, not the
+    argmax of the logits). Runs in a `tf.function`: TF 2.21's eager conv backprop
     segfaults in oneDNN on some CPUs, graph mode does not.
     """
 
@@ -237,11 +238,20 @@ class GradientRunner:
         self._run = forward_backward
 
     def run(self, images: np.ndarray, class_index: np.ndarray) -> LayerGradients:
+        from camface.realtime.results import predicted_classes
+
+        images, class_index = np.asarray(images, dtype=np.float32), np.asarray(class_index, np.int64)
+        passes = self._pass(images, class_index)
+        # The pass took the logits' argmax for -1; where the top probabilities tie that may be
+        # another class than the one named predicted: the batch again with that class, as live.
+        wanted = np.where(class_index < 0, predicted_classes(passes.probs), class_index)
+        return passes if np.array_equal(wanted, passes.explained) else self._pass(images, wanted)
+
+    def _pass(self, images: np.ndarray, class_index: np.ndarray) -> LayerGradients:
         import tensorflow as tf
 
         probs, logits, explained, activations, gradients = self._run(
-            tf.convert_to_tensor(np.asarray(images, dtype=np.float32)),
-            tf.convert_to_tensor(np.asarray(class_index, dtype=np.int32)))
+            tf.convert_to_tensor(images), tf.convert_to_tensor(class_index.astype(np.int32)))
         return LayerGradients(probs.numpy(), logits.numpy(), explained.numpy().astype(np.int64),
                               tuple(a.numpy() for a in activations),
                               tuple(g.numpy() for g in gradients))

@@ -18,7 +18,7 @@ import numpy as np
 from camface.errors import ModelError
 from camface.graph_spec import AUTO, auto_method
 from camface.realtime.crop import crop_faces
-from camface.realtime.results import Face, FrameResult, Prediction, is_saturated
+from camface.realtime.results import Face, FrameResult, Prediction, is_saturated, predicted_classes
 from camface.realtime.controls import Controls
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def run_scores(graph, crops: np.ndarray, class_index: np.ndarray, method: str):
     top = probs.max(axis=1, keepdims=True)
     tied = np.flatnonzero((class_index < 0) & ((probs == top).sum(axis=1) > 1))
     if len(tied):
-        predicted = probs[tied].argmax(axis=1).astype(np.int64)
+        predicted = predicted_classes(probs[tied])
         heatmaps = heatmaps.copy()
         heatmaps[tied] = _run_once(graph, crops[tied], predicted, method)[1]
     return probs, heatmaps, similarity
@@ -238,7 +238,7 @@ def run_graph_smoothed(graph, crops: np.ndarray, faces_per_frame, method: str, s
                                      class_index[start:stop], 0, method, None, graph.info.labels, "",
                                      similarity=similarity[start:stop]))
         start = stop
-    redo = np.flatnonzero((class_index >= 0) & (class_index != probs.argmax(axis=1)))
+    redo = np.flatnonzero((class_index >= 0) & (class_index != predicted_classes(probs)))
     if len(redo) and method != "none":  # "none": no heatmap to redo, only the classes to say
         _, again, more = run_graph_across_frames(graph, crops[redo], class_index[redo], method, max_batch)
         heatmaps[redo] = again
@@ -257,7 +257,7 @@ def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmap
     similarity float32 [N, identities], threshold and saturated_below: a gallery graph's
     (`run_graph_scores`, `GraphInfo.threshold`, `GraphInfo.saturated_below`), None for a
     classifier's."""
-    predicted = probs.argmax(axis=1) if len(faces) else np.zeros(0, np.int64)
+    predicted = predicted_classes(probs) if len(faces) else np.zeros(0, np.int64)
     empty = np.zeros(0, np.float32)
     explained = [int(predicted[i]) if class_index[i] < 0 else int(class_index[i]) for i in range(len(faces))]
     similarities = [empty if similarity is None or not similarity.size else similarity[i] for i in range(len(faces))]

@@ -47,6 +47,14 @@ class Face:
                    track_id=int(data["track_id"]))
 
 
+def predicted_classes(probs: np.ndarray) -> np.ndarray:
+    """The class every result names as predicted, int64 [N], of probs float32 [N, classes]: the
+    FIRST class among tied top probabilities. A saturated sigmoid ties (logits 20 and 30 both
+    give 1.0 in float32), and the argmax of the logits may be another of the tied classes; live,
+    serve, batch, the API and `camface guided` name this class and explain it for class -1."""
+    return np.asarray(probs).argmax(axis=-1).astype(np.int64)  # numpy's argmax: the first maximum
+
+
 def is_saturated(similarity: np.ndarray, explained: int, below: float | None) -> bool:
     """`Prediction.saturated` of a face: its gallery graph (`below`: `GraphInfo.saturated_below`,
     None for a classifier's or an older gallery's) explains the projection for it."""
@@ -64,7 +72,7 @@ class Prediction:
         for class `explained`; empty (0, 0) when the method is "none". It spans its Face's
         `crop_box` (row 0 at its top edge), not `box`: upsample it to the crop's side in pixels
         (`camface.methods.normalize` for display) and place it at the crop's (x, y).
-    predicted: argmax of probs.
+    predicted: `predicted_classes` of probs (the first of tied top probabilities).
     explained: class index the heatmap explains.
     similarity: float32 [identities], a gallery graph's cosine similarities (the heatmap explains
         similarity[explained]); empty [0] for a classifier's graph.

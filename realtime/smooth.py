@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from camface.realtime.results import Box, Face, FrameResult, Prediction
+from camface.realtime.results import Box, Face, FrameResult, Prediction, predicted_classes
 
 
 def iou(a: Box, b: Box) -> float:
@@ -82,7 +82,7 @@ class Smoother:
         heatmap = (f * old.heatmap + (1.0 - f) * new.heatmap).astype(np.float32) if same else new.heatmap
         similarity = (f * old.similarity + (1.0 - f) * new.similarity).astype(np.float32) \
             if old.similarity.shape == new.similarity.shape else new.similarity
-        return replace(new, probs=probs, heatmap=heatmap, predicted=int(np.argmax(probs)), similarity=similarity)
+        return replace(new, probs=probs, heatmap=heatmap, predicted=int(predicted_classes(probs)), similarity=similarity)
 
     def update(self, result: FrameResult) -> FrameResult:
         matched = self._match(result.faces)

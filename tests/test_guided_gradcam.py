@@ -126,13 +126,12 @@ def test_a_sigmoid_model_is_explained_at_its_logits_with_its_own_probabilities(t
         np.testing.assert_allclose(b.input_gradient, a.input_gradient, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_the_predicted_class_of_a_saturated_sigmoid_is_the_one_every_map_explains():
-    """Two classes saturate at probability 1.0 (logits 40 and 50): the argmax of the
-    probabilities (class 0, the first tie) is not the class the gradients are taken of (class 1,
-    the larger logit). Every map of the row, Guided Backprop, the CAM weights and the title must
-    explain one class: the linear twin's maps for class 1, exactly."""
+def _saturated_sigmoid(size: int = 8):
+    """(model, linear twin with the same weights): conv -> GAP -> Dense(3, sigmoid) whose
+    logits are about 40, 50 and -1 for any crop, so classes 0 and 1 both have probability 1.0
+    in float32: the first of them (0) is the one live names, the larger logit (1) another."""
     def build(activation):
-        inputs = keras.Input((8, 8, 1))
+        inputs = keras.Input((size, size, 1))
         x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
         x = keras.layers.GlobalAveragePooling2D()(x)
         return keras.Model(inputs, keras.layers.Dense(3, activation=activation, name="head")(x))
@@ -142,27 +141,66 @@ def test_the_predicted_class_of_a_saturated_sigmoid_is_the_one_every_map_explain
     kernel, _ = sigmoid.get_layer("head").get_weights()
     sigmoid.get_layer("head").set_weights([kernel * 0.01, np.array([40.0, 50.0, -1.0], np.float32)])
     twin.set_weights(sigmoid.get_weights())
+    return sigmoid, twin
+
+
+def test_the_predicted_class_of_a_saturated_sigmoid_is_the_one_every_map_explains():
+    """Two classes saturate at probability 1.0 (logits 40 and 50): the class named predicted is
+    the first of them (class 0, as live names it: `predicted_classes`), not the larger logit
+    (class 1, which the gradient pass picks). Every map of the row, Guided Backprop, the CAM
+    weights and the title must explain that one class: the linear twin's maps for class 0."""
+    sigmoid, twin = _saturated_sigmoid()
     images = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 1), dtype=np.uint8)
     probs = np.asarray(sigmoid(EMOTION_PREPROCESSING.apply(images)))
     assert (probs[0, :2] == 1.0).all()  # the tie this test is about
     (got,) = Explainer(sigmoid, "conv", EMOTION_PREPROCESSING).explain(images, np.array([-1]))
     want = {c: Explainer(twin, "conv", EMOTION_PREPROCESSING).explain(images, np.array([c]))[0] for c in (0, 1)}
-    assert got.predicted == got.explained == 1
+    assert got.predicted == got.explained == 0
     def close(a, b):  # float32 through different graphs: 1e-5 of the map's scale
         return np.allclose(a, b, rtol=1e-4, atol=1e-5 * (float(np.abs(b).max()) + 1e-12))
 
     depends_on_class = 0
     for name in got.heatmaps:
-        assert close(got.heatmaps[name], want[1].heatmaps[name]), name
+        assert close(got.heatmaps[name], want[0].heatmaps[name]), name
         if not close(want[0].heatmaps[name], want[1].heatmaps[name]):  # Eigen-CAM is the same for both
             depends_on_class += 1
-            assert not close(got.heatmaps[name], want[0].heatmaps[name]), name
+            assert not close(got.heatmaps[name], want[1].heatmaps[name]), name
     assert depends_on_class >= 5  # CAM, Grad-CAM, Grad-CAM++, ... at least
-    assert close(got.input_gradient, want[1].input_gradient)
-    assert not close(got.input_gradient, want[0].input_gradient)
-    np.testing.assert_allclose(got.guided_gradcam, want[1].guided_gradcam, rtol=1e-4,
-                               atol=1e-5 * float(np.abs(want[1].guided_gradcam).max()))
-    assert layer_sweep(sigmoid, ["conv"], images, np.array([-1]), EMOTION_PREPROCESSING)[0].explained.tolist() == [1]
+    assert close(got.input_gradient, want[0].input_gradient)
+    assert not close(got.input_gradient, want[1].input_gradient)
+    np.testing.assert_allclose(got.guided_gradcam, want[0].guided_gradcam, rtol=1e-4,
+                               atol=1e-5 * float(np.abs(want[0].guided_gradcam).max()))
+    assert layer_sweep(sigmoid, ["conv"], images, np.array([-1]), EMOTION_PREPROCESSING)[0].explained.tolist() == [0]
+
+
+def test_guided_names_and_explains_the_class_live_does_where_top_probabilities_tie(tmp_path):
+    """The saturated sigmoid exported by `camface export` and run as live runs it
+    (`camface.load(...).explain_crops`), and `camface guided`'s explainer on the same crops
+    with the graph's preprocessing: the same class named predicted, the same class explained,
+    the same Grad-CAM (normalised), where classes 0 and 1 tie at probability 1.0."""
+    import camface
+    from camface.export.exporter import ExportOptions, export
+    from camface.guided.snapshot import Preprocessing, read_graph_metadata
+    from camface.methods import normalize
+
+    sigmoid, _ = _saturated_sigmoid(size=16)
+    sigmoid.save(tmp_path / "tied.keras")
+    export(tmp_path / "tied.keras", tmp_path / "tied.onnx",
+           ExportOptions(preset="emotion", labels=("a", "b", "c"), heads=("gradcam",)))
+    crops = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 1), dtype=np.uint8)
+    with camface.load(tmp_path / "tied.onnx", method="gradcam") as pipeline:
+        live = pipeline.explain_crops(crops)
+    info = read_graph_metadata(tmp_path / "tied.onnx")
+    explainer = Explainer(sigmoid, info.target_layer,
+                          Preprocessing.from_normalization(info.color_order, info.normalization))
+    guided, other = explainer.explain(crops, np.array([-1, -1])), explainer.explain(crops, np.array([1, 1]))
+    for seen, shown, not_shown in zip(live, guided, other):
+        assert (seen.probs[:2] == 1.0).all() and (shown.probs[:2] == 1.0).all()  # the tie
+        assert (shown.predicted, shown.explained) == (seen.predicted, seen.explained) == (0, 0)
+        want = normalize(seen.heatmap, "gradcam")
+        assert float(want.max()) == 1.0  # a map, not an empty one
+        np.testing.assert_allclose(normalize(shown.heatmaps["gradcam"], "gradcam"), want, atol=1e-4)
+        assert np.abs(normalize(not_shown.heatmaps["gradcam"], "gradcam") - want).max() > 0.05  # the class matters
 
 
 @pytest.fixture(scope="module")
