@@ -125,10 +125,16 @@ def _load_keras(path: Path):
 
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found"
         raise ModelError(f"cannot load Keras model {path}: not a .keras file (those are zip archives)")
+    from camface.graph_spec import one_class
+
     try:
-        return keras.models.load_model(str(path), compile=False, safe_mode=True)
+        model = keras.models.load_model(str(path), compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for files that are not models
         raise ModelError(f"cannot load Keras model {path}: {' '.join(str(exc).split())}") from exc
+    # as export and camface.load refuse it: every face would be named its one class
+    if (why := one_class(int(model.output_shape[-1]))) is not None:
+        raise ModelError(f"{path}: {why}")
+    return model
 
 
 def _read_input(config: GuidedConfig):

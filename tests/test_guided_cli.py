@@ -324,12 +324,37 @@ def _layer_with_all_layers(tmp_path, astronaut_bgr):
         "--layer add_3 and --layers all exclude each other"
 
 
+def _one_unit_model(tmp_path):
+    """A binary classifier's single sigmoid unit ("is X"), 64x64 gray."""
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(inputs))
+    model = tmp_path / "is_x.keras"
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)).save(model)
+    return model
+
+
+def _one_sigmoid_unit(tmp_path, astronaut_bgr):
+    """Refused before any detection, as `camface export` and `camface.load` refuse it (the
+    figure named every face class 0, probability 0.5 or not)."""
+    model = _one_unit_model(tmp_path)
+    return [str(_photo(tmp_path, astronaut_bgr)), "--model", str(model)], \
+        r"is_x.keras: its output has 1 class .*Dense\(2, softmax\) head with kernel \[-w/2, w/2\]"
+
+
+def _one_sigmoid_unit_snapshot(tmp_path, astronaut_bgr):
+    model = _one_unit_model(tmp_path)
+    entry = {"path": str(tmp_path / "is_x.onnx"), "sha256": "", "source_model": model.name,
+             "source_sha256": sha256_file(model)}
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1, explained=(0,), model=entry)
+    return [str(folder)], r"is_x.keras: its output has 1 class .*Dense\(2, softmax\)"
+
+
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
                                   _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
-                                  _layer_with_all_layers],
+                                  _layer_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re
