@@ -37,11 +37,20 @@ def _probability_activation(layer) -> str | None:
     return next((name for name in PROBABILITY_ACTIVATIONS if activation is getattr(keras.activations, name)), None)
 
 
+def _probability_layer(model):
+    """The layer whose output the model's output is, as `camface export` finds it: the output
+    layer, or the one before layers that are the identity at inference (softmax then Dropout:
+    the softmax, whose probabilities are not logits to softmax again)."""
+    from camface.export.keras_model import probability_layer
+
+    return probability_layer(model)
+
+
 def probability_activation(model) -> str:
     """How `model`'s logits (`logits_model`) become its probabilities: "sigmoid" for a model
     ending in sigmoid, else "softmax" (a model that outputs logits gets them softmaxed, as the
     exported graph's `probs`)."""
-    return _probability_activation(model.layers[-1]) or "softmax"
+    return _probability_activation(_probability_layer(model)) or "softmax"
 
 
 def _node_output(layer):
@@ -64,12 +73,13 @@ def logits_model(model):
     """A Keras model from `model`'s input to its PRE-softmax (or pre-sigmoid) logits [N, classes].
 
     If the model ends in softmax or sigmoid (an `Activation` / `Softmax` layer, or a layer with
-    that activation) its input / pre-activation is used; otherwise the output is taken as
-    the logits. Shares weights with `model` (the copied final layer gets the same values).
+    that activation, Dropout and the like after it ignored as `camface export` ignores them) its
+    input / pre-activation is used; otherwise the output is taken as the logits. Shares weights
+    with `model` (the copied final layer gets the same values).
     """
     import keras
 
-    last = model.layers[-1]
+    last = _probability_layer(model)
     if _probability_activation(last) is None:
         return model
     inputs = _single_input(model)

@@ -87,20 +87,23 @@ def test_nested_backbone_gradcam_equals_flat_model():
     assert maps.conv_layers(nested) == ["backbone/conv_a", "backbone/conv_b"]
 
 
-@pytest.mark.parametrize("tail", ["dense", "activation"])
+@pytest.mark.parametrize("tail", ["dense", "activation", "dense+dropout", "activation+dropout"])
 def test_a_sigmoid_model_is_explained_at_its_logits_with_its_own_probabilities(tail):
     """A model ending in sigmoid (a binary or multi-label head) is explained as `camface export`
     explains it: the gradients of the pre-sigmoid logit (a linear twin with the same weights gives
-    the same maps, CAM included), probabilities as the model gives them (not softmax(sigmoid)).
+    the same maps, CAM included), probabilities as the model gives them (not softmax(sigmoid)),
+    a Dropout after the sigmoid ignored as export ignores it (not its output taken for logits).
     Class 0 is saturated (probability 1.0 in float32): through the sigmoid its maps would be 0."""
     def build(activation, tail):
         inputs = keras.Input((8, 8, 1))
         x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
         x = keras.layers.GlobalAveragePooling2D()(x)
-        if tail == "dense":
+        if tail.startswith("dense"):
             outputs = keras.layers.Dense(3, activation=activation, name="head")(x)
         else:
             outputs = keras.layers.Activation(activation)(keras.layers.Dense(3, name="head")(x))
+        if tail.endswith("+dropout"):
+            outputs = keras.layers.Dropout(0.5)(outputs)
         return keras.Model(inputs, outputs)
 
     keras.utils.set_random_seed(0)
