@@ -317,6 +317,13 @@ def _final_layer(model):
     raise ModelError(f"cannot find the output layer of model {model.name!r}")
 
 
+def identity_at_inference(layer) -> bool:
+    """Whether `layer` is one of the kinds that change nothing at inference (Dropout, noise,
+    Flatten, Reshape, ...): the CAM check looks through them (`cam_weights`, and `camface
+    guided`'s)."""
+    return type(layer).__name__ in _IDENTITY_AT_INFERENCE
+
+
 def _passes_through(layer) -> bool:
     """Whether `layer` is the identity at inference on its input: Dropout and the like, and a
     Flatten or Reshape that leaves the shape as it is."""
@@ -444,8 +451,7 @@ def cam_weights(split: Split, num_classes: int, channels: int):
     else (None, reason). Biases are left out, as in the paper."""
     import numpy as np
 
-    layers = [layer for layer in split.head_layers
-              if type(layer).__name__ not in _IDENTITY_AT_INFERENCE]
+    layers = [layer for layer in split.head_layers if not identity_at_inference(layer)]
     kinds = [type(layer).__name__ for layer in layers]
     if not kinds or kinds[0] != "GlobalAveragePooling2D":
         first = kinds[0] if kinds else "nothing"

@@ -124,6 +124,8 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     """
     import keras
 
+    from camface.export.keras_model import identity_at_inference
+
     names = layer.split("/")
     top = model.get_layer(names[0])
     if len(names) > 1:
@@ -133,7 +135,7 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
         if _node_output(inner) is not top.outputs[0]:
             return None, f"CAM needs global average pooling right after {layer!r}"
     head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
-    head = [item for item in head if not isinstance(item, keras.layers.Dropout)]
+    head = [item for item in head if not identity_at_inference(item)]  # as export's CAM check
     if not head or not isinstance(head[0], keras.layers.GlobalAveragePooling2D):
         return None, f"CAM needs global average pooling right after {layer!r}"
     rest = head[1:]

@@ -129,6 +129,38 @@ def test_a_sigmoid_model_is_explained_at_its_logits_with_its_own_probabilities(t
         np.testing.assert_allclose(b.input_gradient, a.input_gradient, rtol=1e-4, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("between", ["Flatten", "GaussianNoise", "Dropout"])
+def test_cam_looks_through_layers_that_change_nothing_at_inference_as_export_does(between):
+    """GAP -> Flatten (or noise, dropout) -> Dense(softmax): `camface export` gives the graph a
+    CAM head (the Flatten changes nothing), so guided's figure has its CAM too, the same map as
+    the model without that layer (the figure left CAM out: "needs one linear layer")."""
+    from camface.export import exporter
+
+    def build(middle):
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        if middle == "Flatten":
+            x = keras.layers.Flatten()(x)
+        elif middle:
+            x = getattr(keras.layers, middle)(0.2)(x)
+        return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+
+    keras.utils.set_random_seed(0)
+    model, plain = build(between), build(None)
+    plain.set_weights(model.get_weights())
+    _, _, info = exporter.prepare(model, exporter.ExportOptions(preset="emotion"))
+    assert info.cam_unavailable_reason == "" and "cam" in info.heatmaps  # live offers CAM
+    explainer = Explainer(model, "conv", EMOTION_PREPROCESSING)
+    assert explainer.cam_reason == "" and "cam" in explainer.methods
+    images = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    for got, want in zip(explainer.explain(images, np.array([0, 2])),
+                         Explainer(plain, "conv", EMOTION_PREPROCESSING).explain(images, np.array([0, 2]))):
+        scale = float(np.abs(want.heatmaps["cam"]).max())
+        assert scale > 0
+        np.testing.assert_allclose(got.heatmaps["cam"], want.heatmaps["cam"], rtol=1e-5, atol=1e-6 * scale)
+
+
 def _saturated_sigmoid(size: int = 8):
     """(model, linear twin with the same weights): conv -> GAP -> Dense(3, sigmoid) whose
     logits are about 40, 50 and -1 for any crop, so classes 0 and 1 both have probability 1.0
