@@ -18,6 +18,7 @@ from pathlib import Path
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.outputs import check_not_an_input, check_output_file
+from camface.realtime.config import DETECTORS, LiveConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cam-boxes", action=argparse.BooleanOptionalAction, default=True,
                         help="draw the study's localisation box (largest region above 20%% of the "
                              "map's maximum) on the overlays")
-    parser.add_argument("--detector", choices=["short", "full"], default="full",
+    # image inputs are detected and cropped as live does: its defaults, from its config
+    parser.add_argument("--detector", choices=DETECTORS, default=LiveConfig.detector,
                         help="face detector for image inputs (as `camface live --detector`)")
-    parser.add_argument("--margin", type=float, default=0.1,
+    parser.add_argument("--margin", type=float, default=LiveConfig.margin,
                         help="crop margin around each face for image inputs, fraction of the box's "
                              "longer side (as `camface live --margin`)")
-    parser.add_argument("--min-confidence", type=float, default=0.5,
-                        help="detector confidence threshold for image inputs")
+    parser.add_argument("--min-confidence", type=float, default=LiveConfig.min_confidence,
+                        help="detector confidence threshold for image inputs (as `camface live "
+                             "--min-confidence`)")
 
 
 def _output_path(config: GuidedConfig) -> Path:

@@ -110,6 +110,21 @@ def test_plain_image(tmp_path, astronaut_bgr, caplog):
     assert "1 face(s) found" in caplog.text and "2 row(s)" in caplog.text
 
 
+@pytest.mark.parametrize("field, value", [("detector", "short"), ("margin", 0.25), ("min_confidence", 0.7)])
+def test_image_inputs_are_detected_and_cropped_with_live_defaults(monkeypatch, field, value):
+    """An image's faces are found and cropped as `camface live` would with its defaults: guided
+    reads them from LiveConfig (a copy of them drifted from live's crops when live's changed)."""
+    import argparse
+
+    from camface.guided.cli import GuidedConfig, configure
+    from camface.realtime.config import LiveConfig
+
+    monkeypatch.setattr(LiveConfig, field, value)  # live's default, changed
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert getattr(GuidedConfig.from_args(parser.parse_args(["photo.png"])), field) == value
+
+
 @pytest.fixture(scope="module")
 def explanations(astronaut_bgr):
     from camface.guided.explain import Explainer
