@@ -121,14 +121,22 @@ def _class_indices(names: tuple[str, ...], labels: tuple[str, ...], classes: int
     return indices
 
 
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")  # as `camface export` loads Keras models
+
+
 def _load_keras(path: Path):
     import zipfile
 
     import keras
 
+    from camface.graph_spec import one_class
+
+    if path.suffix.lower() not in KERAS_SUFFIXES:  # a graph exported from .pt2 / .onnx names that file
+        raise ModelError(f"{path} is not a Keras model ({', '.join(KERAS_SUFFIXES)}): camface guided "
+                         "explains Keras models in TensorFlow; a graph exported from a PyTorch or ONNX "
+                         "model shows its maps in `camface live` / `camface batch` only")
     if path.suffix.lower() == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found"
         raise ModelError(f"cannot load Keras model {path}: not a .keras file (those are zip archives)")
-    from camface.graph_spec import one_class
 
     try:
         model = keras.models.load_model(str(path), compile=False, safe_mode=True)

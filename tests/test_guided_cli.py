@@ -364,12 +364,24 @@ def _one_sigmoid_unit_snapshot(tmp_path, astronaut_bgr):
     return [str(folder)], r"is_x.keras: its output has 1 class .*Dense\(2, softmax\)"
 
 
+def _snapshot_of_a_torch_graph(tmp_path, astronaut_bgr):
+    """A graph exported from a .pt2 program records it as its source model: Keras cannot load it
+    (its own message suggested TFSMLayer)."""
+    program = tmp_path / "net.pt2"
+    program.write_bytes(b"PK\x03\x04 a torch program")
+    entry = {"path": str(tmp_path / "net.onnx"), "sha256": "", "source_model": program.name,
+             "source_sha256": sha256_file(program)}
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1, explained=(0,), model=entry)
+    return [str(folder)], r"net.pt2 is not a Keras model \(.keras, .h5, .hdf5\): camface guided explains Keras"
+
+
 @pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
                                   _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
-                                  _layer_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot],
+                                  _layer_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot,
+                                  _snapshot_of_a_torch_graph],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re
