@@ -739,3 +739,15 @@ def test_an_error_naming_no_file_written_beside_passes_unchanged(tmp_path):
         with written_beside(tmp_path / "g.onnx"):
             raise error
     assert raised.value is error
+
+
+def test_an_error_renamed_by_written_beside_keeps_its_type_and_attributes(tmp_path):
+    """A camface error whose message names the temporary file is raised again renamed, not
+    rebuilt: an error whose class takes more than the message (evaluate's NoFaces) stays whole."""
+    from camface.evaluate.crops import NoFaces
+
+    final = tmp_path / "g.onnx"
+    with pytest.raises(NoFaces) as raised:
+        with written_beside(final) as (staged,):
+            raise NoFaces(f"no faces found for {staged}", 7)
+    assert str(raised.value) == f"no faces found for {final}" and raised.value.frames == 7
