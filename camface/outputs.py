@@ -55,13 +55,13 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
     try:
         try:
             yield staged
-        except CamfaceError as exc:
+        except CamfaceError as exc:  # the same error (its type and attributes), its message renamed
             named = str(exc)
             for tmp, final in zip(staged, finals):
                 named = named.replace(str(tmp), str(final))
-            if named == str(exc):
-                raise
-            raise type(exc)(named) from exc
+            if named != str(exc) and len(exc.args) == 1:
+                exc.args = (named,)
+            raise
         except OSError as exc:
             final = next((final for tmp, final in zip(staged, finals)
                           if exc.filename is not None and str(exc.filename) == str(tmp)), None)
