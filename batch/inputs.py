@@ -50,7 +50,10 @@ def video_id(path: Path) -> str:
     return f"{path.stem}-{digest}"
 
 
-def _expand(spec: str) -> list[Path]:
+def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:
+    """The files of one INPUT; out_dir: the run's OUT_DIR, whose files a glob's warning of
+    skipped non-videos leaves out (they are the run's own, found by a glob over an archive
+    that holds OUT_DIR)."""
     path = Path(spec)
     if path.is_dir():
         # hidden files are skipped, as a glob's * skips them: macOS leaves a "._clip.mp4" of
@@ -67,7 +70,9 @@ def _expand(spec: str) -> list[Path]:
         return [path]
     if glob.has_magic(spec):
         matched = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        others = [p for p in matched if p.suffix.lower() not in VIDEO_SUFFIXES]  # skipped, as a folder skips them
+        ours = out_dir.resolve() if out_dir is not None else None
+        others = [p for p in matched if p.suffix.lower() not in VIDEO_SUFFIXES  # skipped, as a folder skips them
+                  and (ours is None or ours not in p.resolve().parents)]
         if others:
             named = ", ".join(map(str, others[:SKIPPED_NAMED]))
             more = f" and {len(others) - SKIPPED_NAMED} more" if len(others) > SKIPPED_NAMED else ""
@@ -85,7 +90,7 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     when none matched."""
     seen: dict[Path, None] = {}
     for spec in specs:
-        for path in _expand(spec):
+        for path in _expand(spec, out_dir):
             seen.setdefault(path.resolve(), None)
     ours = _outputs_among(list(seen), out_dir) if out_dir is not None else []
     if ours:

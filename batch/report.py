@@ -53,7 +53,7 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label) or "class"
 
 
-PICTURE_NAME = re.compile(r"\d{2}-[A-Za-z0-9_-]+\.png")  # report/<k:02d>-<slug>.png
+PICTURE_NAME = re.compile(r"\d{2,}-[A-Za-z0-9_-]+\.png")  # report/<k:02d>-<slug>.png (100-<slug>.png on)
 
 
 def _cell(value) -> str:

@@ -45,11 +45,29 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
     final (a final whose temporary file the block did not write is removed: no earlier run's file
     is left beside this run's); on an error, Ctrl-C included, the temporary files are removed and
     the finals stay as they were (an earlier run's, or none). OutputError naming a final that
-    cannot be renamed into place."""
+    cannot be renamed into place. An error of the block that names a temporary file (a camface
+    error's message, an OSError's filename: a full disk) names its final instead, the path the
+    user gave."""
+    from camface.errors import CamfaceError
+
     finals = tuple(Path(final) for final in finals)
     staged = tuple(beside(final, tag) for final in finals)
     try:
-        yield staged
+        try:
+            yield staged
+        except CamfaceError as exc:  # the same error (its type and attributes), its message renamed
+            named = str(exc)
+            for tmp, final in zip(staged, finals):
+                named = named.replace(str(tmp), str(final))
+            if named != str(exc) and len(exc.args) == 1:
+                exc.args = (named,)
+            raise
+        except OSError as exc:
+            final = next((final for tmp, final in zip(staged, finals)
+                          if exc.filename is not None and str(exc.filename) == str(tmp)), None)
+            if final is None:
+                raise
+            raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
         for tmp, final in zip(staged, finals):
             try:
                 if tmp.exists():

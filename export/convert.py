@@ -140,6 +140,11 @@ class _Builder:
         above = self.op("Greater", [x, self.const("zero", 0.0)], "positive")
         return self.op("Cast", [above], "mask", to=self.dtype)
 
+    def negative(self, x: str) -> str:
+        """Where x < 0, as the op's dtype (1 or 0)."""
+        below = self.op("Less", [x, self.const("zero", 0.0)], "negative")
+        return self.op("Cast", [below], "mask", to=self.dtype)
+
     def finish(self, op_type: str, inputs: list) -> None:
         ctx, node = self.ctx, self.node
         shapes, output = [ctx.get_shape(node.output[0])], node.output[0]
@@ -179,26 +184,27 @@ SELU_ALPHA = 1.6732632423543772848170429916717
 
 
 def _exponential_unit_grad(ctx, node, scale: float, scaled_alpha: float):
-    """(dy, y) -> dy * scale where y > 0, else dy * (y + scaled_alpha): ELU (scale 1, alpha 1)
-    and SELU, whose output below 0 is scaled_alpha * (exp(x) - 1)."""
+    """(dy, y) -> dy * (y + scaled_alpha) where y < 0, else dy * scale: ELU (scale 1, alpha 1)
+    and SELU, whose output below 0 is scaled_alpha * (exp(x) - 1). y = 0 takes `scale`, as
+    TensorFlow's kernels test activations < 0 (SELU's two branches differ there)."""
     dy, y = node.input[0], node.input[1]
     b = _Builder(ctx, node, dy)
-    mask = b.positive(y)
+    mask = b.negative(y)
     below = b.op("Add", [y, b.const("scaled_alpha", scaled_alpha)], "below")
-    # slope = mask * scale + (1 - mask) * below
-    slope = b.op("Add", [b.op("Mul", [mask, b.const("scale", scale)], "above"),
-                         b.op("Mul", [b.op("Sub", [b.const("one", 1.0), mask], "not_positive"), below],
-                              "below_part")], "slope")
+    # slope = (1 - mask) * scale + mask * below
+    slope = b.op("Add", [b.op("Mul", [b.op("Sub", [b.const("one", 1.0), mask], "not_negative"),
+                                      b.const("scale", scale)], "above"),
+                         b.op("Mul", [mask, below], "below_part")], "slope")
     b.finish("Mul", [dy, slope])
 
 
 def _elu_grad(ctx, node, name, args):
-    """EluGrad(dy, y) = dy where y > 0, else dy * (y + 1), y = elu(x) (alpha 1)."""
+    """EluGrad(dy, y) = dy * (y + 1) where y < 0, else dy, y = elu(x) (alpha 1)."""
     _exponential_unit_grad(ctx, node, 1.0, 1.0)
 
 
 def _selu_grad(ctx, node, name, args):
-    """SeluGrad(dy, y) = dy * scale where y > 0, else dy * (y + scale * alpha)."""
+    """SeluGrad(dy, y) = dy * (y + scale * alpha) where y < 0, else dy * scale."""
     _exponential_unit_grad(ctx, node, SELU_SCALE, SELU_SCALE * SELU_ALPHA)
 
 

@@ -451,3 +451,34 @@ def test_the_report_escapes_pipes_and_drops_pictures_of_classes_now_without_face
     summary = write_report(*args)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["00-x.png"]
     assert "picture" not in summary["classes"]["y"] and "01-y.png" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_stale_picture_of_a_class_numbered_past_99_is_dropped_too(tmp_path):
+    """report/<k:02d>-<slug>.png has three digits from class 100 (a gallery of 100+ people): the
+    picture of such a class now without faces was kept beside the new report."""
+    from camface.batch.inputs import Video
+    from camface.batch.report import write_report
+    from camface.batch.state import Outputs
+
+    labels = tuple(f"p{k}" for k in range(101))
+    outputs = Outputs(tmp_path)
+    outputs.make()
+    video = Video("/archive/a.mp4", "a-0123abcd")
+
+    def done(counts):
+        outputs.record_path(video.id).write_text(json.dumps(
+            {"video": video.id, "path": video.path, "status": "done", "frames": 3,
+             "class_counts": {labels[k]: n for k, n in counts.items()}}))
+        count = np.zeros(len(labels), np.int64)
+        for k, n in counts.items():
+            count[k] = n
+        np.savez(outputs.sums_path(video.id), count=count, crop_sum=np.ones((len(labels), 8, 8, 3)) * 100 *
+                 count[:, None, None, None], heatmap_sum=np.ones((len(labels), 4, 4)) * count[:, None, None])
+
+    args = (outputs, [video], labels, "BGR", "gradcam", "jet", 0.5, {})
+    done({5: 1, 100: 2})
+    write_report(*args)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["05-p5.png", "100-p100.png"]
+    done({5: 3})  # resumed: class 100 has no faces now
+    write_report(*args)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["05-p5.png"]

@@ -251,3 +251,18 @@ def test_a_glob_skips_non_videos_as_a_folder_does_naming_them(tmp_path, caplog):
     with pytest.raises(InputError, match="no videos matched"):
         find_videos([str(many / "*")])
     assert f"{many / '09.txt'} and 2 more (not a video" in caplog.text
+
+
+def test_a_glob_over_an_archive_holding_out_dir_does_not_name_the_runs_own_files(tmp_path, caplog):
+    """A recursive glob over an archive that holds OUT_DIR (a --resume) matched the run's own
+    summary.json, report.md and records, and its warning named them as files to try alone; the
+    files in OUT_DIR are the run's, not skipped inputs. Others are still named."""
+    archive = tmp_path / "archive"
+    (archive / "out" / "records").mkdir(parents=True)
+    for name in ("a.mp4", "notes.txt", "out/summary.json", "out/report.md", "out/records/a.json"):
+        (archive / name).write_bytes(b"x")
+    videos = find_videos([str(archive / "**" / "*")], archive / "out")
+    assert [v.path for v in videos] == [str(archive / "a.mp4")]
+    skipped = [r.getMessage() for r in caplog.records if "no video suffix" in r.getMessage()]
+    assert len(skipped) == 1 and "matched 1 file(s)" in skipped[0] and str(archive / "notes.txt") in skipped[0]
+    assert str(archive / "out") not in skipped[0]

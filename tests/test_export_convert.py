@@ -171,3 +171,29 @@ def test_activation_gradients_equal_tensorflows(op, forward):
     graph = function.get_concrete_function().graph.as_graph_def()
     assert op in {node.op for node in graph.node}
     _check(lambda x: forward(tf, x), (3, 3, 2), (3, 3, 2))
+
+
+@pytest.mark.parametrize("op, forward", [
+    ("SigmoidGrad", lambda tf, x: tf.sigmoid(x)),
+    ("TanhGrad", lambda tf, x: tf.tanh(x)),
+    ("LeakyReluGrad", lambda tf, x: tf.nn.leaky_relu(x, alpha=0.3)),
+    ("EluGrad", lambda tf, x: tf.nn.elu(x)),
+    ("SeluGrad", lambda tf, x: tf.nn.selu(x)),
+])
+def test_activation_gradients_at_zero_equal_tensorflows(op, forward):
+    """At an input of exactly 0 (a ReLU'd feature map is 0 over whole regions, so a head's input
+    often is) each gradient takes TensorFlow's branch: SELU's slope there is its scale (TF tests
+    activations < 0), not scale * alpha."""
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from camface.export import convert
+
+    function = _gradient_function(lambda x: forward(tf, x), (2, 2, 1), (2, 2, 1))
+    assert op in {node.op for node in function.get_concrete_function().graph.as_graph_def().node}
+    session = ort.InferenceSession(convert.to_onnx(function).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[[[0.0], [0.0]], [[-1.5], [2.0]]]], np.float32)
+    upstream = np.array([[[[1.0], [-2.0]], [[0.5], [3.0]]]], np.float32)
+    want = function(x, upstream)["dx"].numpy()
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x, "upstream": upstream})))
+    np.testing.assert_allclose(got["dx"], want, rtol=1e-5, atol=1e-6)

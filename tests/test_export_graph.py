@@ -476,3 +476,29 @@ def test_the_keras_baseline_gives_the_models_probabilities_and_the_graphs_gradca
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(probs, want["probs"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())
+
+
+@pytest.mark.parametrize("activation", ["linear", "relu"])
+def test_the_keras_baseline_of_a_model_ending_in_an_activation_layer_that_is_not_probabilities(tmp_path, activation):
+    """Activation('linear', dtype='float32') last (the mixed-precision recipe for a model that
+    outputs logits): the baseline set that layer's activation to None, and calling the model
+    raised TypeError; its output is the logits, as the graph takes them (softmax of it)."""
+    import keras
+    from keras import layers
+
+    from camface.export.keras_baseline import KerasGradCam
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((16, 16, 3))
+    x = layers.GlobalAveragePooling2D(name="gap")(layers.Conv2D(6, 3, activation="relu", name="conv")(inputs))
+    x = layers.Activation(activation, dtype="float32", name="out")(layers.Dense(NUM_CLASSES, name="dense")(x))
+    model = keras.Model(inputs, x, name="logits_out")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    graph, info = export_in_memory(model, preset="unit")
+    image = images(2, 16, 3, seed=7)
+    classes = class_indices(2)
+    probs, gradcam = KerasGradCam(path, info.target_layer, [1 / 255] * 3, [0.0] * 3).explain(image, classes)
+    want = graph(image, classes)
+    np.testing.assert_allclose(probs, want["probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())

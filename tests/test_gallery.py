@@ -988,3 +988,27 @@ def test_the_similarity_figure_of_a_large_gallery_samples_its_photos(tmp_path, m
     ax = drawn["axes"]
     assert ax.get_images()[0].get_array().shape == (9, 9) and ax.get_title() == "small"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+
+
+def test_a_full_disk_while_enrolling_names_the_output_not_its_temporary_file(people, embedder, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The graph is written beside -o and renamed: a full disk there said 'cannot write
+    .g.onnx.1234.partial.onnx'; the error names g.onnx (as before the graph was written beside),
+    and the earlier run's files stay."""
+    import errno
+
+    import onnx
+
+    out = tmp_path / "g.onnx"
+    out.write_text("earlier")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--no-rank"]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: cannot write {out}: No space left on device" in err, err
+    assert ".partial" not in err and "Traceback" not in err
+    assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("g.onnx", "earlier")]

@@ -711,3 +711,43 @@ def test_written_beside_replaces_the_files_whole_or_not_at_all(tmp_path, error):
         assert left == {final.name: f"earlier {final.name}" for final in finals}
     else:
         assert left == {"g.onnx": "new graph", "g.npz": "new gallery"}
+
+
+@pytest.mark.parametrize("raise_in_block, kind, message", [
+    (lambda staged: OutputError(f"cannot write {staged[0]}: No space left on device"), OutputError,
+     "cannot write {0}: No space left on device"),
+    (lambda staged: ModelError(f"{staged[0]}: not a CAM graph"), ModelError, "{0}: not a CAM graph"),
+    (lambda staged: OSError(28, "No space left on device", str(staged[1])), OutputError,
+     "cannot write {1}: No space left on device"),
+])
+def test_an_error_of_a_file_written_beside_names_the_file_asked_for(tmp_path, raise_in_block, kind, message):
+    """enroll, train and export write beside their outputs: a failure there (a full disk, a
+    ranking that cannot load the graph) named the hidden temporary file (.g.onnx.1234.partial.onnx),
+    not the -o path the user gave; it now names that path, and nothing is left beside it."""
+    finals = [tmp_path / "g.onnx", tmp_path / "g.npz"]
+    with pytest.raises(kind) as raised:
+        with written_beside(*finals) as staged:
+            staged[0].write_text("half")
+            raise raise_in_block(staged)
+    assert str(raised.value) == message.format(*finals)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_naming_no_file_written_beside_passes_unchanged(tmp_path):
+    error = OSError(28, "No space left on device")
+    with pytest.raises(OSError) as raised:
+        with written_beside(tmp_path / "g.onnx"):
+            raise error
+    assert raised.value is error
+
+
+def test_an_error_renamed_by_written_beside_keeps_its_type_and_attributes(tmp_path):
+    """A camface error whose message names the temporary file is raised again renamed, not
+    rebuilt: an error whose class takes more than the message (evaluate's NoFaces) stays whole."""
+    from camface.evaluate.crops import NoFaces
+
+    final = tmp_path / "g.onnx"
+    with pytest.raises(NoFaces) as raised:
+        with written_beside(final) as (staged,):
+            raise NoFaces(f"no faces found for {staged}", 7)
+    assert str(raised.value) == f"no faces found for {final}" and raised.value.frames == 7
