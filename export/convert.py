@@ -355,17 +355,38 @@ def to_onnx(function, opset: int = DEFAULT_OPSET, layers: tuple[str, ...] = ()):
     Output names are the keys of the function's returned dict."""
     import tf2onnx
 
-    # tf2onnx logs every optimisation pass at INFO; keep them for --debug.
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    model, _ = tf2onnx.convert.from_function(
-        function,
-        input_signature=function.input_signature,
-        opset=opset,
-        custom_op_handlers=dict(GRADIENT_HANDLERS),
-    )
-    check_converted(model, layers)
+    model = by_tf2onnx(tf2onnx.convert.from_function, function, input_signature=function.input_signature,
+                       opset=opset, custom_op_handlers=dict(GRADIENT_HANDLERS), layers=layers)
     return _captures_as_initializers(model, function)
+
+
+class _UnconvertedOpLines(logging.Filter):
+    """Drops tf2onnx's own error lines about ops it has no handler for ("Tensorflow op [...] is
+    not supported", "Unsupported ops: Counter(...)"): `check_converted` says it once, naming the
+    op and its layer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.msg if isinstance(record.msg, str) else ""
+        return not (text.startswith("Unsupported ops") or text.endswith("is not supported"))
+
+
+def by_tf2onnx(convert, *args, layers: tuple[str, ...] = (), **kwargs):
+    """The onnx.ModelProto of `convert(*args, **kwargs)` (tf2onnx.convert.from_function or
+    from_keras), checked by `check_converted` (`layers`: the Keras layer names). tf2onnx's own
+    logs (every optimisation pass at INFO, its lines about unconverted ops) are kept for --debug."""
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    package, converter = logging.getLogger("tf2onnx"), logging.getLogger("tf2onnx.tfonnx")
+    level, quiet = package.level, _UnconvertedOpLines()
+    if not debug:
+        package.setLevel(logging.WARNING)
+        converter.addFilter(quiet)
+    try:
+        model, _ = convert(*args, **kwargs)
+    finally:
+        package.setLevel(level)
+        converter.removeFilter(quiet)
+    check_converted(model, layers)
+    return model
 
 
 def check_converted(model, layers: tuple[str, ...] = ()) -> None:
