@@ -445,6 +445,32 @@ def test_a_model_whose_output_is_not_an_embedding(tmp_path):
         gallery.load(path, ARCFACE)
 
 
+@pytest.mark.parametrize("flag", ["--model", "--embedding-from"])
+def test_a_keras_embedder_with_an_op_the_conversion_leaves_unconverted_is_one_line(flag, people, tmp_path, capsys,
+                                                                                  caplog):
+    """tf2onnx keeps an op it has no handler for (CELU's Expm1) as it is: enroll stopped later
+    with an error about the graph, after tf2onnx's own "Unsupported ops" lines. As `camface
+    export` does, it now stops with one ModelError naming the op and its Keras layer (and
+    tf2onnx's lines show under --debug only), writing nothing."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="last_conv")(inputs)
+    x = keras.layers.Dense(8, activation="celu", name="embed")(keras.layers.GlobalAveragePooling2D()(x))
+    if flag == "--embedding-from":  # a classifier whose pooled features have the op
+        x = keras.layers.Dense(3, activation="softmax", name="pred")(keras.layers.Dense(8, activation="celu")(x))
+    path, out = tmp_path / "m.keras", tmp_path / "g.onnx"
+    keras.Model(inputs, x).save(path)
+    capsys.readouterr()
+    assert main(["enroll", str(people), flag, str(path), "-o", str(out), "--preset", "arcface", "--no-rank"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("camface: error: TensorFlow op Expm1 in layer 'embed' has no ONNX "
+                                               "conversion"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras"]
+    assert not [r for r in caplog.records if r.name.startswith("tf2onnx") and r.levelno >= logging.WARNING]
+
+
 def test_a_gallery_whose_dimension_differs_from_the_model(embedder):
     loaded = gallery.load(embedder[1], ARCFACE)
     with pytest.raises(ModelError, match=r"gallery's embeddings are \[3, 8\] but embedder embedder.onnx gives "
