@@ -4,11 +4,12 @@ slow work starts."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from camface.errors import OutputError
+from camface.errors import CamfaceError, OutputError
 
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
@@ -45,11 +46,25 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
     final (a final whose temporary file the block did not write is removed: no earlier run's file
     is left beside this run's); on an error, Ctrl-C included, the temporary files are removed and
     the finals stay as they were (an earlier run's, or none). OutputError naming a final that
-    cannot be renamed into place."""
+    cannot be renamed into place. Errors name the finals, never a temporary file: an OSError
+    about one (a full disk while numpy or matplotlib writes it) becomes an OutputError naming its
+    final, and a camface error whose message names one (`convert.save`'s "cannot write ...")
+    names its final instead."""
     finals = tuple(Path(final) for final in finals)
     staged = tuple(beside(final, tag) for final in finals)
     try:
-        yield staged
+        try:
+            yield staged
+        except OSError as exc:
+            final = next((final for tmp, final in zip(staged, finals)
+                          for name in (exc.filename, exc.filename2)
+                          if name is not None and Path(os.fsdecode(name)).name == tmp.name), None)
+            if final is None:
+                raise
+            raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        except CamfaceError as exc:
+            exc.args = tuple(naming_finals(arg, staged, finals) if isinstance(arg, str) else arg for arg in exc.args)
+            raise
         for tmp, final in zip(staged, finals):
             try:
                 if tmp.exists():
@@ -63,15 +78,31 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
             tmp.unlink(missing_ok=True)
 
 
+def naming_finals(text: str, staged, finals) -> str:
+    """`text` with each temporary file of `staged` named as its final (the same folder: its name
+    is enough, whether the text holds the whole path or the name alone)."""
+    for tmp, final in zip(staged, finals):
+        text = text.replace(Path(tmp).name, Path(final).name)
+    return text
+
+
 def replace_whole(path: str | Path, write) -> None:
     """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
-    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file."""
+    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file. A
+    failed write is an OSError naming `path`, never the partial file; so is a `write` that
+    returns False (cv2.imwrite says a failure so, raising nothing)."""
     path = Path(path)
     if path.exists() and not path.is_file():  # /dev/stdout, a pipe: nothing to replace, written as is
         write(path)
         return
     with written_beside(path) as (partial,):
-        write(partial)
+        try:
+            written = write(partial)
+        except OSError as exc:
+            exc.filename = str(path)
+            raise
+        if written is False:
+            raise OSError(errno.EIO, "the file could not be written (is the disk full?)", str(path))
 
 
 def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:

@@ -403,8 +403,8 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
         for difference in result.differences:
             log.info("export self-check: %s", difference)
         crops = calibration.from_bgr(test_bgr, result.info.color_order) if len(test_bgr) else test_bgr
-        result = ranking.record(result, None, crops=crops,
-                                settings={"source": "the test split"})
+        result = ranking.record(result, None, crops=crops, settings={"source": "the test split"},
+                                name=onnx_path)
     result = replace(result, path=Path(onnx_path))
     for line in ranking.summary_lines(result.info.ranking):
         log.info("method ranking: %s", line)

@@ -973,6 +973,60 @@ def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(stage, peop
     assert {path: path.read_text() for path in tmp_path.iterdir()} == earlier
 
 
+def _disk_full(named: bool):
+    """A writer that fails as on a full disk: naming the file it was given (as open() does) or not
+    (as write() does)."""
+    import errno
+
+    def write(target, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", *([str(target)] if named else []))
+    return write
+
+
+@pytest.mark.parametrize("breaks, final", [
+    (None, None),
+    ("graph", "g.onnx"),  # onnx.save_model: convert.save's OutputError named the temporary graph
+    ("gallery", "g.npz"),  # np.savez at open(): an OSError naming the temporary gallery
+    ("figure", "g.similarity.png"),  # savefig mid-write: evaluate.plot's OutputError
+    ("matplotlib", "g.similarity.png"),  # not installed: a warning that the figure is not drawn
+])
+def test_enroll_names_the_paths_asked_for_never_its_temporary_files(breaks, final, people, embedder, tmp_path,
+                                                                    monkeypatch, capsys, caplog):
+    """enroll writes its four files beside their names (.g.onnx.1234.partial.onnx, ...) and
+    renames them when all are done; its log lines ("CAM graph .g.onnx.1234.partial.onnx on
+    CPUExecutionProvider") and errors named those temporary files. They name the paths asked for."""
+    import sys
+
+    import onnx
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "g.onnx"
+    if breaks == "graph":
+        monkeypatch.setattr(onnx, "save_model", _disk_full(named=False))
+    elif breaks == "gallery":
+        monkeypatch.setattr(np, "savez", _disk_full(named=True))
+    elif breaks == "figure":
+        monkeypatch.setattr(Figure, "savefig", lambda self, target, **kwargs: _disk_full(named=False)(target))
+    elif breaks == "matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    caplog.set_level(logging.INFO)
+    code = main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--rank-seconds", "5"])
+    err = capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records] + err.splitlines()
+    assert not [line for line in said if ".partial" in line], said
+    if breaks != "graph":  # the ranking loads the graph written
+        assert f"CAM graph {out.name} on CPUExecutionProvider" in said
+    if breaks in (None, "matplotlib"):
+        assert code == 0
+    else:
+        assert code == 2 and err.strip().splitlines() == [f"camface: error: cannot write {tmp_path / final}: "
+                                                          "No space left on device"], err
+        assert list(tmp_path.iterdir()) == []
+    if breaks == "matplotlib":
+        assert f"no matplotlib: {tmp_path / final} not drawn" in said
+
+
 def test_an_enrolment_replaces_an_earlier_run_s_files_whole(people, embedder, tmp_path, monkeypatch):
     """The four files of a run that succeeds replace the earlier run's; a figure matplotlib could
     not draw leaves no earlier figure beside them."""
