@@ -407,7 +407,14 @@ def check_converted(model, layers: tuple[str, ...] = ()) -> None:
         layer = next((p for p in reversed(parts) if p in known), None) or next(
             (re.sub(r"_\d+$", "", p) for p in reversed(parts) if re.sub(r"_\d+$", "", p) in known), None)
         where = f" in layer {layer!r}" if layer else ""
-        backward = f" (in the gradient of {parts[-2]})" if node.name.startswith("gradient") and len(parts) > 1 else ""
+        backward = ""
+        if node.name.startswith("gradient"):
+            # the forward op: the scope the gradient op sits in (Sigmoid/SigmoidGrad), unless that
+            # is the layer's own scope (head_conv_1/TanhGrad), then the op's name without Grad
+            scope = parts[-2] if len(parts) > 1 else ""
+            forward = (scope if scope and re.sub(r"_\d+$", "", scope) not in known
+                       else node.op_type.removesuffix("Grad") if node.op_type.endswith("Grad") else "")
+            backward = f" (in the gradient of {forward})" if forward else " (in the gradient)"
         raise ModelError(f"TensorFlow op {node.op_type}{backward}{where} has no ONNX conversion "
                          f"(node {node.name!r}); camface cannot export this model. Replace that layer "
                          "or its activation with one tf2onnx converts, or export it as a .pt2/.onnx")
