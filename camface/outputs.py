@@ -58,7 +58,8 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
         except OSError as exc:
             final = next((final for tmp, final in zip(staged, finals)
                           for name in (exc.filename, exc.filename2)
-                          if name is not None and Path(os.fsdecode(name)).name == tmp.name), None)
+                          if name is not None and os.path.abspath(os.fsdecode(name)) == os.path.abspath(tmp)),
+                         None)
             if final is None:
                 raise
             raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
