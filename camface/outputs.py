@@ -39,6 +39,13 @@ def beside(final: Path, tag: str = "partial") -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{tag}{final.suffix}")
 
 
+def left_beside(folder: str | Path, tag: str = "partial") -> list[Path]:
+    """The temporary files `beside` names with `tag` that lie in `folder`: a process killed
+    while writing leaves them (the caller knows whether any such process may still run)."""
+    folder = Path(folder)
+    return sorted(folder.glob(f".*.{tag}*")) if folder.is_dir() else []
+
+
 @contextlib.contextmanager
 def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[Path, ...]]:
     """Write a command's `finals` whole or not at all: yields one temporary path `beside` each, in
