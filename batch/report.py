@@ -8,17 +8,16 @@ crop of those faces: "for 'happy' it looks at the mouth", across the whole archi
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from camface.batch.state import DONE, Outputs, atomic_path, describe_incomplete
+from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.color_order import ColorOrder
 from camface.errors import OutputError
+from camface.outputs import replace_whole
 
 PICTURE_SIDE = 256  # pixels of each class picture
 
@@ -94,8 +93,8 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
         if count[k] and heat is not None:
             mean_heat = heat[k] / count[k]
             picture = folder / f"{k:02d}-{_slug(label)}.png"
-            _publish(picture, lambda tmp: cv2.imwrite(str(tmp), _picture(mean_heat, crop[k] / count[k], color_order,
-                                                                          method, colormap, alpha)))
+            replace_whole(picture, lambda tmp: cv2.imwrite(str(tmp), _picture(
+                mean_heat, crop[k] / count[k], color_order, method, colormap, alpha)))
             pictures.add(picture.name)
             entry.update(mean_heatmap=np.round(mean_heat, 5).tolist(), picture=str(picture.relative_to(outputs.root)))
         classes[label] = entry
@@ -109,27 +108,12 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
                    "faces": total_faces},
         "method": method, "labels": list(labels), "classes": classes, "run": run,
     }
-    _publish(outputs.root / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    replace_whole(outputs.root / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     _write_markdown(outputs.root / "report.md", summary, failed)
     for stale in folder.iterdir():  # an earlier run's class now without faces, or another model's labels
         if PICTURE_NAME.fullmatch(stale.name) and stale.name not in pictures:
             stale.unlink(missing_ok=True)
     return summary
-
-
-def _publish(final: Path, write) -> None:
-    """`write(tmp)` a temporary file beside `final`, then rename it into place: an earlier
-    `final` stays whole when the write fails (OSError naming `final`: a full disk)."""
-    tmp = atomic_path(final)
-    try:
-        if write(tmp) is False:  # cv2.imwrite says False, and raises nothing
-            raise OSError(errno.EIO, "the image could not be written (is the disk full?)", str(final))
-        os.replace(tmp, final)
-    except OSError as exc:
-        exc.filename = str(final)  # not the temporary name
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_markdown(path: Path, summary: dict, failed: list) -> None:
@@ -167,7 +151,7 @@ def _write_markdown(path: Path, summary: dict, failed: list) -> None:
             [f"- {r['path']}: {describe_incomplete(r)}" for r in cut] + [""]
     if failed:
         lines += ["## Not explained", ""] + [f"- {r['path']}: {r.get('reason', r['status'])}" for r in failed]
-    _publish(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    replace_whole(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 def load_summary(out_dir: str | Path) -> dict:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from camface.outputs import left_beside
+
 DONE, FAILED = "done", "failed"
 
 
@@ -95,7 +97,8 @@ class Outputs:
         removed = 0
         parts = [p for p in self.parts.iterdir() if p.is_dir()] if self.parts.is_dir() else []
         for folder in (self.root, self.root / "report", self.videos, self.rows, self.state, *parts):
-            for path in folder.glob(".*.tmp*") if folder.is_dir() else ():
+            # atomic_path's names, and camface.outputs.beside's (the report's files)
+            for path in [*folder.glob(".*.tmp*"), *left_beside(folder)] if folder.is_dir() else ():
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

@@ -4,11 +4,12 @@ slow work starts."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from camface.errors import OutputError
+from camface.errors import CamfaceError, OutputError
 
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
@@ -38,6 +39,13 @@ def beside(final: Path, tag: str = "partial") -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}.{tag}{final.suffix}")
 
 
+def left_beside(folder: str | Path, tag: str = "partial") -> list[Path]:
+    """The temporary files `beside` names with `tag` that lie in `folder`: a process killed
+    while writing leaves them (the caller knows whether any such process may still run)."""
+    folder = Path(folder)
+    return sorted(folder.glob(f".*.{tag}*")) if folder.is_dir() else []
+
+
 @contextlib.contextmanager
 def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[Path, ...]]:
     """Write a command's `finals` whole or not at all: yields one temporary path `beside` each, in
@@ -45,26 +53,23 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
     final (a final whose temporary file the block did not write is removed: no earlier run's file
     is left beside this run's); on an error, Ctrl-C included, the temporary files are removed and
     the finals stay as they were (an earlier run's, or none). OutputError naming a final that
-    cannot be renamed into place. An error of the block that names a temporary file (a camface
-    error's message, an OSError's filename: a full disk) names its final instead, the path the
-    user gave."""
-    from camface.errors import CamfaceError
-
+    cannot be renamed into place. Errors name the finals, never a temporary file: an OSError
+    about one (a full disk while numpy or matplotlib writes it) becomes an OutputError naming its
+    final, and a camface error whose message names one (`convert.save`'s "cannot write ...")
+    names its final instead."""
     finals = tuple(Path(final) for final in finals)
     staged = tuple(beside(final, tag) for final in finals)
     try:
         try:
             yield staged
-        except CamfaceError as exc:  # the same error (its type and attributes), its message renamed
-            named = str(exc)
-            for tmp, final in zip(staged, finals):
-                named = named.replace(str(tmp), str(final))
-            if named != str(exc) and len(exc.args) == 1:
-                exc.args = (named,)
+        except CamfaceError as exc:  # first: SourceError is an OSError too (ConnectionError)
+            exc.args = tuple(naming_finals(arg, staged, finals) if isinstance(arg, str) else arg for arg in exc.args)
             raise
         except OSError as exc:
             final = next((final for tmp, final in zip(staged, finals)
-                          if exc.filename is not None and str(exc.filename) == str(tmp)), None)
+                          for name in (exc.filename, exc.filename2)
+                          if name is not None and os.path.abspath(os.fsdecode(name)) == os.path.abspath(tmp)),
+                         None)
             if final is None:
                 raise
             raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
@@ -81,15 +86,31 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
             tmp.unlink(missing_ok=True)
 
 
+def naming_finals(text: str, staged, finals) -> str:
+    """`text` with each temporary file of `staged` named as its final (the same folder: its name
+    is enough, whether the text holds the whole path or the name alone)."""
+    for tmp, final in zip(staged, finals):
+        text = text.replace(Path(tmp).name, Path(final).name)
+    return text
+
+
 def replace_whole(path: str | Path, write) -> None:
     """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
-    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file."""
+    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file. A
+    failed write is an OSError naming `path`, never the partial file; so is a `write` that
+    returns False (cv2.imwrite says a failure so, raising nothing)."""
     path = Path(path)
     if path.exists() and not path.is_file():  # /dev/stdout, a pipe: nothing to replace, written as is
         write(path)
         return
     with written_beside(path) as (partial,):
-        write(partial)
+        try:
+            written = write(partial)
+        except OSError as exc:
+            exc.filename = str(path)
+            raise
+        if written is False:
+            raise OSError(errno.EIO, "the file could not be written (is the disk full?)", str(path))
 
 
 def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:

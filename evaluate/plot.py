@@ -88,7 +88,7 @@ def _save(figure, path: Path, dpi: int) -> Path:
         replace_whole(path, lambda partial: figure.savefig(partial, dpi=dpi,
                                                            format=Path(path).suffix.lstrip(".").lower() or None))
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}") from exc
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         plt.close(figure)
     return path

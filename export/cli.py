@@ -204,7 +204,8 @@ def main(args: argparse.Namespace) -> int:
             result = onnx_export.export(args.model, staging, options)
         else:
             result = export(args.model, staging, options)
-        result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds)
+        result = ranking.record(result, None if args.no_rank else args.calibration, args.rank_seconds,
+                                name=output)
     result = replace(result, path=output)
     info = result.info
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.2f} MB, {result.seconds:.1f} s): "

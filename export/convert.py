@@ -361,17 +361,38 @@ def to_onnx(function, opset: int = DEFAULT_OPSET, layers: tuple[str, ...] = ()):
     Output names are the keys of the function's returned dict."""
     import tf2onnx
 
-    # tf2onnx logs every optimisation pass at INFO; keep them for --debug.
-    if not logging.getLogger().isEnabledFor(logging.DEBUG):
-        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    model, _ = tf2onnx.convert.from_function(
-        function,
-        input_signature=function.input_signature,
-        opset=opset,
-        custom_op_handlers=dict(GRADIENT_HANDLERS),
-    )
-    check_converted(model, layers)
+    model = by_tf2onnx(tf2onnx.convert.from_function, function, input_signature=function.input_signature,
+                       opset=opset, custom_op_handlers=dict(GRADIENT_HANDLERS), layers=layers)
     return _captures_as_initializers(model, function)
+
+
+class _UnconvertedOpLines(logging.Filter):
+    """Drops tf2onnx's own error lines about ops it has no handler for ("Tensorflow op [...] is
+    not supported", "Unsupported ops: Counter(...)"): `check_converted` says it once, naming the
+    op and its layer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.msg if isinstance(record.msg, str) else ""
+        return not (text.startswith("Unsupported ops") or text.endswith("is not supported"))
+
+
+def by_tf2onnx(convert, *args, layers: tuple[str, ...] = (), **kwargs):
+    """The onnx.ModelProto of `convert(*args, **kwargs)` (tf2onnx.convert.from_function or
+    from_keras), checked by `check_converted` (`layers`: the Keras layer names). tf2onnx's own
+    logs (every optimisation pass at INFO, its lines about unconverted ops) are kept for --debug."""
+    debug = logging.getLogger().isEnabledFor(logging.DEBUG)
+    package, converter = logging.getLogger("tf2onnx"), logging.getLogger("tf2onnx.tfonnx")
+    level, quiet = package.level, _UnconvertedOpLines()
+    if not debug:
+        package.setLevel(logging.WARNING)
+        converter.addFilter(quiet)
+    try:
+        model, _ = convert(*args, **kwargs)
+    finally:
+        package.setLevel(level)
+        converter.removeFilter(quiet)
+    check_converted(model, layers)
+    return model
 
 
 def check_converted(model, layers: tuple[str, ...] = ()) -> None:
@@ -392,7 +413,14 @@ def check_converted(model, layers: tuple[str, ...] = ()) -> None:
         layer = next((p for p in reversed(parts) if p in known), None) or next(
             (re.sub(r"_\d+$", "", p) for p in reversed(parts) if re.sub(r"_\d+$", "", p) in known), None)
         where = f" in layer {layer!r}" if layer else ""
-        backward = f" (in the gradient of {parts[-2]})" if node.name.startswith("gradient") and len(parts) > 1 else ""
+        backward = ""
+        if node.name.startswith("gradient"):
+            # the forward op: the scope the gradient op sits in (Sigmoid/SigmoidGrad), unless that
+            # is the layer's own scope (head_conv_1/TanhGrad), then the op's name without Grad
+            scope = parts[-2] if len(parts) > 1 else ""
+            forward = (scope if scope and re.sub(r"_\d+$", "", scope) not in known
+                       else node.op_type.removesuffix("Grad") if node.op_type.endswith("Grad") else "")
+            backward = f" (in the gradient of {forward})" if forward else " (in the gradient)"
         raise ModelError(f"TensorFlow op {node.op_type}{backward}{where} has no ONNX conversion "
                          f"(node {node.name!r}); camface cannot export this model. Replace that layer "
                          "or its activation with one tf2onnx converts, or export it as a .pt2/.onnx")

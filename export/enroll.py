@@ -207,7 +207,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
         convert.save(graph, staged_graph)
         result = ExportResult(staged_graph, info, differences, time.perf_counter() - started)
         result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
-                                settings={"source": str(people_dir)})
+                                settings={"source": str(people_dir)}, name=output)
         np.savez(staging["npz"], embeddings=identities, labels=np.array(labels),
                  photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
         report = {
@@ -222,9 +222,12 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
             "seconds": round(time.perf_counter() - started, 2),
             "files": {name: str(path) for name, path in beside.items()},
         }
-        similarity_figure(gallery.normalise(embeddings), targets, labels, staging["figure"],
-                          f"{model.name}: leave-one-out accuracy "
-                          + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}") + f", threshold {chosen:.3f}")
+        drawn = similarity_figure(gallery.normalise(embeddings), targets, labels, staging["figure"],
+                                  f"{model.name}: leave-one-out accuracy "
+                                  + ("n/a" if loo.accuracy is None else f"{loo.accuracy:.2f}")
+                                  + f", threshold {chosen:.3f}")
+        if drawn is None:
+            log.warning("no matplotlib: %s not drawn", beside["figure"])
         staging["report"].write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
 
@@ -240,10 +243,11 @@ FIGURE_PHOTOS = 2000  # more photos: an evenly spaced sample of this many (M x M
 FIGURE_LABELS = 60  # more identities: no names on the axes (they overlapped into a black band)
 
 
-def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path, title: str) -> Path:
+def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path, title: str) -> Path | None:
     """Photo-by-photo cosine similarities (units: L2-normalised [M, D], targets int [M] sorted
     by identity) as an image, one block per identity, labelled (up to FIGURE_LABELS
-    identities). Over FIGURE_PHOTOS photos, an evenly spaced sample of them, said in the title."""
+    identities). Over FIGURE_PHOTOS photos, an evenly spaced sample of them, said in the title.
+    Returns `path`, or None when matplotlib is not installed (nothing written)."""
     from camface.evaluate.plot import _save
 
     if len(units) > FIGURE_PHOTOS:
@@ -257,8 +261,7 @@ def similarity_figure(units: np.ndarray, targets: np.ndarray, labels, path: Path
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("no matplotlib: %s not drawn", path)
-        return path
+        return None
     matrix = units @ units.T
     side = min(10.0, 3.0 + 0.08 * len(units))
     figure, ax = plt.subplots(figsize=(side + 1.2, side))

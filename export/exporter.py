@@ -186,8 +186,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
              model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps + reruns))
     if info.cam_unavailable_reason:
         log.info("no CAM: %s", info.cam_unavailable_reason)
-    onnx_model = convert.to_onnx(function, opset=options.opset,
-                                 layers=tuple(path.split("/")[-1] for path, _ in keras_model.iter_layers(model)))
+    onnx_model = convert.to_onnx(function, opset=options.opset, layers=keras_model.layer_names(model))
     convert.name_batch_dimension(onnx_model)
     if options.fp16:
         onnx_model = convert.to_float16(onnx_model)

@@ -85,17 +85,22 @@ def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
 
 
 def keras_to_onnx(model, opset: int = 17):
-    """A Keras model (one image input, fixed H, W, C) -> forward onnx.ModelProto by tf2onnx."""
+    """A Keras model (one image input, fixed H, W, C) -> forward onnx.ModelProto by tf2onnx;
+    ModelError naming the op and its layer when tf2onnx leaves an op unconverted
+    (`convert.by_tf2onnx`, as `camface export` converts a classifier)."""
     import tensorflow as tf
     import tf2onnx
+
+    from camface.export import convert, keras_model
 
     shape = tuple(model.inputs[0].shape)
     if len(shape) != 4 or None in shape[1:]:
         raise ModelError(f"model {model.name!r} input has shape {shape}; camface needs a fixed "
                          "(N, H, W, C) image input")
-    converted, _ = tf2onnx.convert.from_keras(
-        model, input_signature=[tf.TensorSpec([None, *shape[1:]], tf.float32, name="image_in")], opset=opset)
-    return converted
+    return convert.by_tf2onnx(
+        tf2onnx.convert.from_keras, model, input_signature=[tf.TensorSpec([None, *shape[1:]], tf.float32,
+                                                                          name="image_in")],
+        opset=opset, layers=keras_model.layer_names(model))
 
 
 def embedding_from(model, where: object = "model"):

@@ -148,6 +148,12 @@ def iter_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
         yield path, layer
 
 
+def layer_names(model) -> tuple[str, ...]:
+    """The names of every layer of `model` (nested models' included, without their path): what
+    a converted node's scope names (convert.check_converted)."""
+    return tuple(path.split("/")[-1] for path, _ in iter_layers(model))
+
+
 def _rank(layer) -> int:
     try:
         return len(_output_in_parent(layer).shape)

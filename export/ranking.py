@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -107,12 +108,13 @@ def source_crops(source: str, graph) -> tuple[np.ndarray, dict]:
 
 
 def record(result, source: str | None, seconds: float = SECONDS, crops: np.ndarray | None = None,
-           settings: dict | None = None):
+           settings: dict | None = None, name: str | Path | None = None):
     """Score the methods of the graph `result` (an ExportResult) wrote, record the ranking in
     its metadata, write it again; the ExportResult with `info.ranking` set and the seconds
     added. Crops from `source` (see `source_crops`), or `crops` (uint8 [N, H, W, C] in the
     graph's colour order) described by `settings` ({"source": ...}); `source` None and no
-    crops: record that the export was asked not to rank."""
+    crops: record that the export was asked not to rank. name: the graph's path in messages
+    (the path asked for, where `result.path` is a temporary file written beside it)."""
     import onnx
 
     from camface.export import convert
@@ -125,7 +127,7 @@ def record(result, source: str | None, seconds: float = SECONDS, crops: np.ndarr
     elif not result.info.heatmaps:  # --heads without a heatmap (a forward-only graph for timing)
         ranked = {"skipped": "no heatmap exported (--heads): nothing to rank"}
     else:
-        graph = CamGraph.from_bytes(model.SerializeToString(), result.path, "cpu", threads=THREADS)
+        graph = CamGraph.from_bytes(model.SerializeToString(), name or result.path, "cpu", threads=THREADS)
         if crops is None:
             crops, settings = source_crops(source, graph)
         ranked = rank_crops(graph, crops, settings or {"source": "given crops"}, seconds)

@@ -403,8 +403,8 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
         for difference in result.differences:
             log.info("export self-check: %s", difference)
         crops = calibration.from_bgr(test_bgr, result.info.color_order) if len(test_bgr) else test_bgr
-        result = ranking.record(result, None, crops=crops,
-                                settings={"source": "the test split"})
+        result = ranking.record(result, None, crops=crops, settings={"source": "the test split"},
+                                name=onnx_path)
     result = replace(result, path=Path(onnx_path))
     for line in ranking.summary_lines(result.info.ranking):
         log.info("method ranking: %s", line)
@@ -414,11 +414,13 @@ def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone:
 def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bgr: np.ndarray):
     """model.onnx -> model.int8.onnx (camface.export.int8), calibrated on training crops and
     checked on test crops (uint8 BGR, cut as live); raises ModelError when they disagree, with
-    `camface train`'s advice, and writes nothing then."""
+    `camface train`'s advice, and writes nothing then. Written beside `int8_path`, renamed over
+    it when whole: a failure (a full disk, Ctrl-C) leaves an earlier file as it was, no partial one."""
     import onnx
 
-    from camface.export import calibration
+    from camface.export import calibration, convert
     from camface.export.int8 import summary_lines, to_int8
+    from camface.outputs import written_beside
 
     model = onnx.load(str(onnx_path))
     color_order = {p.key: p.value for p in model.metadata_props}["color_order"]
@@ -432,7 +434,8 @@ def export_int8(onnx_path: Path, int8_path: Path, train_bgr: np.ndarray, test_bg
             f"on {crops.source} no longer explains what model.onnx explains on {result.agreement.crops} "
             f"held-out crops of the test split: {'; '.join(failures)}; more, varied photos per "
             "class may help, or leave out --int8")
-    onnx.save(result.model, str(int8_path))
+    with written_beside(int8_path) as (staging,):  # a failure midway leaves no half graph
+        convert.save(result.model, staging)
     for line in summary_lines(result.report):
         log.info("int8: %s", line)
     return result

@@ -163,11 +163,42 @@ def test_a_full_disk_is_a_one_line_error_and_the_last_report_stays_whole(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".camface-run.json",
                                                                                      ".camface-run.lock"]
     # a run killed while writing the report: the next run removes its temporary files
-    killed = [tmp_path / ".report.0123abcd.tmp.md", tmp_path / "report" / ".03-happy.0123abcd.tmp.png"]
+    # (named as camface.outputs.beside names them, which writes the report; or as batch.state.atomic_path)
+    killed = [tmp_path / ".report.0123abcd.tmp.md", tmp_path / "report" / ".03-happy.0123abcd.tmp.png",
+              tmp_path / ".report.md.4321.partial.md", tmp_path / "report" / ".03-happy.png.4321.partial.png"]
     for path in killed:
         path.write_bytes(b"half")
-    assert outputs.clean_partials() == 2 and not any(path.exists() for path in killed)
+    assert outputs.clean_partials() == 4 and not any(path.exists() for path in killed)
     assert (tmp_path / "report.md").read_text() == before["report.md"]
+
+
+def test_a_class_picture_cv2_cannot_write_is_an_error_naming_it_and_the_last_one_stays(tmp_path, monkeypatch):
+    """cv2.imwrite says a failure by returning False, raising nothing: the report stops with one
+    error naming the picture (not its temporary file), and the earlier picture stays whole."""
+    import cv2
+    import numpy as np
+
+    from camface.batch.inputs import Video
+    from camface.batch.report import write_report
+    from camface.batch.state import Outputs
+    from camface.errors import OutputError
+
+    outputs = Outputs(tmp_path)
+    outputs.make()
+    video = Video("/archive/a.mp4", "a-0123abcd")
+    outputs.record_path(video.id).write_text(json.dumps({"video": video.id, "path": video.path, "status": "done",
+                                                         "frames": 3, "class_counts": {"x": 2}}))
+    np.savez(outputs.sums_path(video.id), count=np.array([2, 0]), crop_sum=np.full((2, 8, 8, 3), 200.0),
+             heatmap_sum=np.ones((2, 4, 4)))
+    args = (outputs, [video], ("x", "y"), "BGR", "gradcam", "jet", 0.5, {})
+    write_report(*args)
+    picture = tmp_path / "report" / "00-x.png"
+    before = picture.read_bytes()
+    monkeypatch.setattr(cv2, "imwrite", lambda path, image: False)
+    with pytest.raises(OutputError, match=f"cannot write {picture}: the file could not be written"):
+        write_report(*args)
+    assert picture.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["00-x.png"]
 
 
 def test_a_record_the_full_disk_refuses_leaves_the_video_not_finished_and_the_run_failed(tmp_path, monkeypatch):

@@ -489,27 +489,50 @@ def test_a_binary_classifier_with_one_output_is_refused_with_how_to_give_it_two(
     assert sorted(p.name for p in tmp_path.iterdir()) == [model.name]
 
 
-@pytest.mark.parametrize("op, activation", [("SigmoidGrad", "sigmoid"), ("TanhGrad", "tanh")])
+@pytest.mark.parametrize("op, activation, said, debug", [
+    ("SigmoidGrad", "sigmoid", "SigmoidGrad (in the gradient of Sigmoid) in layer", False),
+    # its node is head_conv_1/TanhGrad: not "in the gradient of head_conv_1", the layer's call
+    ("TanhGrad", "tanh", "TanhGrad (in the gradient of Tanh) in layer", False),
+    ("Expm1", "celu", "Expm1 in layer", False),  # CELU's forward op: tf2onnx 1.17 has no handler for it
+    ("Expm1", "celu", "Expm1 in layer", True),
+])
 def test_an_op_the_conversion_leaves_unconverted_is_one_line_naming_it_and_its_layer(
-        tmp_path, capsys, monkeypatch, op, activation):
+        tmp_path, capsys, caplog, monkeypatch, op, activation, said, debug):
     """tf2onnx keeps an op it has no handler for as it is: the export stops there with a
     ModelError naming the op and the Keras layer (no traceback from ONNX's checker later), and
-    writes nothing."""
+    writes nothing. tf2onnx's own lines about it ("Tensorflow op [...] is not supported",
+    "Unsupported ops: Counter(...)") said it a second time, without the layer: they show under
+    --debug only."""
+    import logging
+
     import keras
 
     from camface.export import convert
 
-    monkeypatch.delitem(convert.GRADIENT_HANDLERS, op)  # as tf2onnx alone would leave it
+    if op in convert.GRADIENT_HANDLERS:
+        monkeypatch.delitem(convert.GRADIENT_HANDLERS, op)  # as tf2onnx alone would leave it
+    if debug:  # what --debug sets (under pytest the root logger's level, not basicConfig's handler)
+        caplog.set_level(logging.DEBUG)
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
     x = keras.layers.Conv2D(4, 1, activation=activation, name="head_conv")(x)
     x = keras.layers.Dense(3, name="pred")(keras.layers.GlobalAveragePooling2D()(x))
     path, out = tmp_path / "m.keras", tmp_path / "m.onnx"
     keras.Model(inputs, x).save(path)
-    code, line = run(capsys, "export", str(path), "-o", str(out), "--target-layer", "conv", "--no-rank")
-    assert code == 2 and f"TensorFlow op {op}" in line and "in layer 'head_conv'" in line
-    assert "has no ONNX conversion" in line and not out.exists()
-    assert list(tmp_path.iterdir()) == [path]
+    argv = ["export", str(path), "-o", str(out), "--target-layer", "conv", "--no-rank", "--preset", "unit"]
+    if debug:
+        with pytest.raises(ModelError) as caught:
+            camface_main(argv + ["--debug"])
+        code, line = 2, str(caught.value)
+    else:
+        code, line = run(capsys, *argv)
+    assert code == 2 and f"TensorFlow op {said} 'head_conv' has no ONNX conversion" in line, line
+    assert not out.exists() and list(tmp_path.iterdir()) == [path]
+    theirs = [r.getMessage() for r in caplog.records if r.name.startswith("tf2onnx") and r.levelno >= logging.ERROR]
+    if debug:
+        assert any(f"Unsupported ops: Counter({{'{op}': 1}})" in m for m in theirs), theirs
+    else:
+        assert theirs == []
 
 
 @pytest.mark.parametrize("inside, flags, warned", [

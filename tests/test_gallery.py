@@ -445,6 +445,32 @@ def test_a_model_whose_output_is_not_an_embedding(tmp_path):
         gallery.load(path, ARCFACE)
 
 
+@pytest.mark.parametrize("flag", ["--model", "--embedding-from"])
+def test_a_keras_embedder_with_an_op_the_conversion_leaves_unconverted_is_one_line(flag, people, tmp_path, capsys,
+                                                                                  caplog):
+    """tf2onnx keeps an op it has no handler for (CELU's Expm1) as it is: enroll stopped later
+    with an error about the graph, after tf2onnx's own "Unsupported ops" lines. As `camface
+    export` does, it now stops with one ModelError naming the op and its Keras layer (and
+    tf2onnx's lines show under --debug only), writing nothing."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="last_conv")(inputs)
+    x = keras.layers.Dense(8, activation="celu", name="embed")(keras.layers.GlobalAveragePooling2D()(x))
+    if flag == "--embedding-from":  # a classifier whose pooled features have the op
+        x = keras.layers.Dense(3, activation="softmax", name="pred")(keras.layers.Dense(8, activation="celu")(x))
+    path, out = tmp_path / "m.keras", tmp_path / "g.onnx"
+    keras.Model(inputs, x).save(path)
+    capsys.readouterr()
+    assert main(["enroll", str(people), flag, str(path), "-o", str(out), "--preset", "arcface", "--no-rank"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("camface: error: TensorFlow op Expm1 in layer 'embed' has no ONNX "
+                                               "conversion"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras"]
+    assert not [r for r in caplog.records if r.name.startswith("tf2onnx") and r.levelno >= logging.WARNING]
+
+
 def test_a_gallery_whose_dimension_differs_from_the_model(embedder):
     loaded = gallery.load(embedder[1], ARCFACE)
     with pytest.raises(ModelError, match=r"gallery's embeddings are \[3, 8\] but embedder embedder.onnx gives "
@@ -945,6 +971,60 @@ def test_a_failure_while_writing_leaves_no_graph_without_its_gallery(stage, peop
     with pytest.raises(OSError, match="disk full"):
         enroll.enroll(people, embedder[1], out, ARCFACE, rank_seconds=5.0)
     assert {path: path.read_text() for path in tmp_path.iterdir()} == earlier
+
+
+def _disk_full(named: bool):
+    """A writer that fails as on a full disk: naming the file it was given (as open() does) or not
+    (as write() does)."""
+    import errno
+
+    def write(target, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", *([str(target)] if named else []))
+    return write
+
+
+@pytest.mark.parametrize("breaks, final", [
+    (None, None),
+    ("graph", "g.onnx"),  # onnx.save_model: convert.save's OutputError named the temporary graph
+    ("gallery", "g.npz"),  # np.savez at open(): an OSError naming the temporary gallery
+    ("figure", "g.similarity.png"),  # savefig mid-write: evaluate.plot's OutputError
+    ("matplotlib", "g.similarity.png"),  # not installed: a warning that the figure is not drawn
+])
+def test_enroll_names_the_paths_asked_for_never_its_temporary_files(breaks, final, people, embedder, tmp_path,
+                                                                    monkeypatch, capsys, caplog):
+    """enroll writes its four files beside their names (.g.onnx.1234.partial.onnx, ...) and
+    renames them when all are done; its log lines ("CAM graph .g.onnx.1234.partial.onnx on
+    CPUExecutionProvider") and errors named those temporary files. They name the paths asked for."""
+    import sys
+
+    import onnx
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "g.onnx"
+    if breaks == "graph":
+        monkeypatch.setattr(onnx, "save_model", _disk_full(named=False))
+    elif breaks == "gallery":
+        monkeypatch.setattr(np, "savez", _disk_full(named=True))
+    elif breaks == "figure":
+        monkeypatch.setattr(Figure, "savefig", lambda self, target, **kwargs: _disk_full(named=False)(target))
+    elif breaks == "matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    caplog.set_level(logging.INFO)
+    code = main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--rank-seconds", "5"])
+    err = capsys.readouterr().err
+    said = [r.getMessage() for r in caplog.records] + err.splitlines()
+    assert not [line for line in said if ".partial" in line], said
+    if breaks != "graph":  # the ranking loads the graph written
+        assert f"CAM graph {out.name} on CPUExecutionProvider" in said
+    if breaks in (None, "matplotlib"):
+        assert code == 0
+    else:
+        assert code == 2 and err.strip().splitlines() == [f"camface: error: cannot write {tmp_path / final}: "
+                                                          "No space left on device"], err
+        assert list(tmp_path.iterdir()) == []
+    if breaks == "matplotlib":
+        assert f"no matplotlib: {tmp_path / final} not drawn" in said
 
 
 def test_an_enrolment_replaces_an_earlier_run_s_files_whole(people, embedder, tmp_path, monkeypatch):

@@ -751,3 +751,29 @@ def test_an_error_renamed_by_written_beside_keeps_its_type_and_attributes(tmp_pa
         with written_beside(final) as (staged,):
             raise NoFaces(f"no faces found for {staged}", 7)
     assert str(raised.value) == f"no faces found for {final}" and raised.value.frames == 7
+
+
+@pytest.mark.parametrize("fails, said", [
+    ("open elsewhere", "No such file or directory: '{folder}/g.npz/g.npz'"),  # about another file: as it is
+    ("OSError naming it", "cannot write {folder}/g.npz: No space left on device"),  # numpy's open() on a full disk
+    ("OutputError naming it", "cannot write {folder}/g.onnx: disk full"),  # convert.save's
+    ("ModelError naming it", "CAM graph g.onnx: corrupt"),  # its name alone (CamGraph's log and errors)
+])
+def test_written_beside_errors_name_the_finals_never_a_temporary_file(tmp_path, fails, said):
+    import errno
+
+    from camface.errors import CamfaceError, ModelError, OutputError
+
+    finals = [tmp_path / "g.onnx", tmp_path / "g.npz"]
+    with pytest.raises((OSError, CamfaceError)) as caught:
+        with written_beside(*finals) as (graph, gallery):
+            if fails == "open elsewhere":
+                open(tmp_path / "g.npz" / "g.npz")
+            elif fails == "OSError naming it":
+                raise OSError(errno.ENOSPC, "No space left on device", str(gallery))
+            elif fails == "OutputError naming it":
+                raise OutputError(f"cannot write {graph}: disk full")
+            else:
+                raise ModelError(f"CAM graph {graph.name}: corrupt")
+    assert said.format(folder=tmp_path) in str(caught.value) and ".partial" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

@@ -297,6 +297,39 @@ def test_int8_that_fails_its_check_writes_nothing_and_gives_trains_advice(traine
     assert "leave out --int8" in message and "--calibration" not in message  # no such flag in train
 
 
+def test_an_int8_graph_that_fails_to_be_written_keeps_the_earlier_one_whole(trained, tmp_path, monkeypatch):
+    """model.int8.onnx was written in place: a full disk midway left half a graph where an
+    earlier one was. It is now written beside it and renamed when whole (as model.onnx): the
+    earlier file stays as it was, no partial file is left, and the error names model.int8.onnx."""
+    import errno
+
+    import onnx
+
+    from camface.errors import OutputError
+    from camface.export import agreement
+    from camface.models import train
+
+    real_save = onnx.save_model
+
+    def half_then_full(model, target, *args, **kwargs):
+        if Path(target).parent != tmp_path:  # the quantiser's own temporary models
+            return real_save(model, target, *args, **kwargs)
+        Path(target).write_bytes(b"half a graph")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(agreement.Agreement, "failures", lambda self, thresholds=None, floor=None: [])
+    monkeypatch.setattr(onnx, "save_model", half_then_full)
+    monkeypatch.setattr(onnx, "save", half_then_full)
+    _, out, _ = trained
+    crops = dataset.load_crops(sorted((out / "crops").rglob("*.png")), SIZE)
+    target = tmp_path / "model.int8.onnx"
+    target.write_bytes(b"an earlier run's int8 graph")
+    with pytest.raises(OutputError, match=f"cannot write {target}: No space left on device"):
+        train.export_int8(out / "model.onnx", target, crops[::2], crops[1::2])
+    assert target.read_bytes() == b"an earlier run's int8 graph"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 @pytest.mark.parametrize("ranked", [False, True])
 def test_model_onnx_is_replaced_only_once_ranked(ranked, trained, tmp_path, monkeypatch):
     """train exported model.onnx, then ranked its methods: a failed ranking (or Ctrl-C) left an
