@@ -8,6 +8,7 @@ imports this.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import secrets
 import socket
@@ -140,25 +141,26 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     from camface.serve.app import create_app
     from camface.serve.state import ServeState
 
-    sock = _listen(host, port)  # first: a port in use is said at once, not after the model has loaded
-    try:
+    with contextlib.ExitStack() as on_error:  # whatever fails before serving closes what was opened
+        sock = _listen(host, port)  # first: a port in use is said at once, not after the model has loaded
+        on_error.callback(sock.close)
         pipeline = load(config=config)
+        on_error.callback(pipeline.close)
         config, model_path, graph = pipeline.config, pipeline.model_path, pipeline.graph  # method "auto" resolved
         state = ServeState(config, options, graph, model_path)
-    except BaseException:
-        sock.close()
-        raise
-    import cv2
+        on_error.callback(state.close)
+        import cv2
 
-    cv2.setNumThreads(1)  # the stages already run side by side (worker, decoding, encoding threads)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES, ws_max_queue=WS_QUEUE,
-        ssl_certfile=str(certfile) if certfile else None, ssl_keyfile=str(keyfile) if keyfile else None,
-        timeout_graceful_shutdown=5, lifespan="on"))
-    urls = _urls(host, port, certfile is not None, options.token)
-    print(f"camface serve: {model_path.name} on {graph.provider.replace('ExecutionProvider', '')}; "
-          f"open this URL in a browser (Ctrl-C stops):\n    " + "\n or " .join(urls), flush=True)
+        cv2.setNumThreads(1)  # the stages already run side by side (worker, decoding, encoding threads)
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
+            ws_max_queue=WS_QUEUE, ssl_certfile=str(certfile) if certfile else None,
+            ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=5, lifespan="on"))
+        urls = _urls(host, port, certfile is not None, options.token)
+        print(f"camface serve: {model_path.name} on {graph.provider.replace('ExecutionProvider', '')}; "
+              f"open this URL in a browser (Ctrl-C stops):\n    " + "\n or " .join(urls), flush=True)
+        on_error.pop_all()  # from here the finally below closes them
     code = 0
     try:
         with sigterm_raises():  # uvicorn re-raises the signal it caught once it has shut down

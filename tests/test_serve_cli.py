@@ -120,3 +120,49 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, 
                              "--record-dir", str(tmp_path), "--snapshot-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["camface.serve.app.create_app", "uvicorn.Config"])
+def test_a_failure_after_the_model_loaded_closes_the_socket_and_the_pipeline(tmp_path, monkeypatch, where):
+    """The port is bound before the model loads: an error in setting up the server after that
+    (the app, uvicorn's config) closes the listening socket and the loaded pipeline."""
+    import importlib
+    import socket
+
+    import camface.api
+    import camface.serve.cli
+    from camface.cli import main as camface_main
+
+    listened, ports, closed = [], [], []
+    real_listen, real_load = camface.serve.cli._listen, camface.api.load
+
+    def listen(host, port):
+        listened.append(real_listen(host, port))
+        ports.append(listened[-1].getsockname()[1])
+        return listened[-1]
+
+    def load(**kwargs):
+        pipeline = real_load(**kwargs)
+        real_close = pipeline.close
+
+        def close():
+            closed.append(True)
+            real_close()
+
+        pipeline.close = close
+        return pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    module, name = where.rsplit(".", 1)
+    monkeypatch.setattr(camface.serve.cli, "_listen", listen)
+    monkeypatch.setattr(camface.api, "load", load)
+    monkeypatch.setattr(importlib.import_module(module), name, broken)
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        camface_main(["serve", "--host", "127.0.0.1", "--port", "0",
+                      "--record-dir", str(tmp_path), "--snapshot-dir", str(tmp_path)])
+    assert len(listened) == 1 and listened[0].fileno() == -1  # closed
+    assert closed == [True]
+    with socket.socket() as again:  # the port is free again
+        again.bind(("127.0.0.1", ports[0]))
