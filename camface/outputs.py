@@ -86,6 +86,19 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
             tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """The block writes `path`: an OSError that names no file (write() on a full disk, as numpy's
+    savez or Path.write_text raise it) is raised again naming `path`, so that `written_beside`
+    says which of its finals could not be written, never a bare traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and not isinstance(exc, CamfaceError):
+            exc.filename = str(path)
+        raise
+
+
 def naming_finals(text: str, staged, finals) -> str:
     """`text` with each temporary file of `staged` named as its final (the same folder: its name
     is enough, whether the text holds the whole path or the name alone)."""

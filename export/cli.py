@@ -146,14 +146,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from camface.export import ranking
+
+    with ranking.quiet_graph_log(getattr(args, "debug", False)):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from camface.export.exporter import ExportOptions, export, read_labels_file
     from camface.export.onnx_export import SUFFIXES
     from camface.outputs import written_beside
     from camface.export.torch_model import PICKLE_SUFFIXES
 
-    if not getattr(args, "debug", False):  # the ranking loads the graph twice; its provider is CPU
-        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     suffix = Path(args.model).suffix.lower()
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     check_graph_output(Path(args.output), Path(args.model))

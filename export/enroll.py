@@ -158,10 +158,13 @@ def main(args: argparse.Namespace) -> int:
         target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
         scale=tuple(args.scale) if args.scale else None, offset=tuple(args.offset) if args.offset else None,
         opset=args.opset, verify=not args.no_verify, safe_mode=not args.unsafe_load)
-    result = enroll(Path(args.people), Path(args.model or args.embedding_from), Path(args.output), options,
-                    from_classifier=args.embedding_from is not None, threshold=args.threshold,
-                    softmax_scale=args.softmax_scale, detect=not args.no_detect,
-                    rank_seconds=None if args.no_rank else args.rank_seconds)
+    from camface.export import ranking
+
+    with ranking.quiet_graph_log(getattr(args, "debug", False)):
+        result = enroll(Path(args.people), Path(args.model or args.embedding_from), Path(args.output), options,
+                        from_classifier=args.embedding_from is not None, threshold=args.threshold,
+                        softmax_scale=args.softmax_scale, detect=not args.no_detect,
+                        rank_seconds=None if args.no_rank else args.rank_seconds)
     for line in summary_lines(result):
         print(line)
     return 0
@@ -175,7 +178,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     from camface.export import convert, gallery, ranking
     from camface.export.exporter import ExportResult
     from camface.export.threshold import equal_error_threshold, leave_one_out
-    from camface.outputs import check_output_file, written_beside
+    from camface.outputs import check_output_file, writing, written_beside
 
     started = time.perf_counter()
     if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
@@ -208,8 +211,9 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
         result = ExportResult(staged_graph, info, differences, time.perf_counter() - started)
         result = ranking.record(result, None, rank_seconds or 0, crops=None if rank_seconds is None else crops,
                                 settings={"source": str(people_dir)}, name=output)
-        np.savez(staging["npz"], embeddings=identities, labels=np.array(labels),
-                 photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
+        with writing(staging["npz"]):
+            np.savez(staging["npz"], embeddings=identities, labels=np.array(labels),
+                     photos=np.array([str(p) for p in used]), photo_labels=targets, photo_embeddings=embeddings)
         report = {
             "model": str(model), "embedding_from": from_classifier, "graph": str(output),
             "identities": labels, "embedding_dim": embedder.dim,
@@ -220,7 +224,6 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
             "threshold": meta["threshold"], "threshold_rule": rule, "softmax_scale": meta["scale"],
             "target_layer": info.target_layer, "method_ranking": result.info.ranking,
             "seconds": round(time.perf_counter() - started, 2),
-            "files": {name: str(path) for name, path in beside.items()},
         }
         drawn = similarity_figure(gallery.normalise(embeddings), targets, labels, staging["figure"],
                                   f"{model.name}: leave-one-out accuracy "
@@ -228,7 +231,10 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
                                   + f", threshold {chosen:.3f}")
         if drawn is None:
             log.warning("no matplotlib: %s not drawn", beside["figure"])
-        staging["report"].write_text(json.dumps(report, indent=1, allow_nan=False))
+        # the files written (no figure without matplotlib: an earlier run's is removed)
+        report["files"] = {name: str(path) for name, path in beside.items() if name != "figure" or drawn is not None}
+        with writing(staging["report"]):
+            staging["report"].write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
 
 
@@ -301,5 +307,6 @@ def summary_lines(report: dict) -> list[str]:
 
     lines += [f"  ranking {line}" for line in ranking_lines(report["method_ranking"])]
     files = report["files"]
-    lines.append(f"  gallery {files['npz']}, report {files['report']}, similarity matrix {files['figure']}")
+    lines.append(f"  gallery {files['npz']}, report {files['report']}"
+                 + (f", similarity matrix {files['figure']}" if "figure" in files else ", no similarity matrix"))
     return lines

@@ -18,6 +18,7 @@ sample's crops, whatever the machine's speed); benchmarks/export_ranking.py meas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -36,6 +37,21 @@ SECONDS = 30.0  # default scoring budget (estimated before scoring); 0 = no limi
 # ONNX Runtime threads: one. The perturbed crops are many small runs; a second thread saves little
 # wall time on an idle machine and costs twice the CPU time when other work shares the cores.
 THREADS = 1
+
+
+@contextlib.contextmanager
+def quiet_graph_log(debug: bool = False):
+    """The commands that rank (export, enroll, train) load the graph they write several times,
+    each load logging "CAM graph NAME on CPUExecutionProvider" (always CPU here): shown under
+    --debug only; the log's level is as it was afterwards."""
+    logger = logging.getLogger("camface.realtime.graph")
+    level = logger.level
+    if not debug:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def rank_crops(graph, crops: np.ndarray, settings: dict, seconds: float = SECONDS) -> dict:

@@ -173,8 +173,11 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from camface.export import ranking
+
     config = TrainConfig.from_args(args)
-    run(config)
+    with ranking.quiet_graph_log(getattr(args, "debug", False)):
+        run(config)
     return 0
 
 

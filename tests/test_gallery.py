@@ -1015,8 +1015,7 @@ def test_enroll_names_the_paths_asked_for_never_its_temporary_files(breaks, fina
     err = capsys.readouterr().err
     said = [r.getMessage() for r in caplog.records] + err.splitlines()
     assert not [line for line in said if ".partial" in line], said
-    if breaks != "graph":  # the ranking loads the graph written
-        assert f"CAM graph {out.name} on CPUExecutionProvider" in said
+    assert not [line for line in said if "CAM graph" in line], said  # as export: under --debug only
     if breaks in (None, "matplotlib"):
         assert code == 0
     else:
@@ -1039,6 +1038,9 @@ def test_an_enrolment_replaces_an_earlier_run_s_files_whole(people, embedder, tm
     report = enroll.enroll(people, embedder[1], out, ARCFACE)
     files = enroll.beside_paths(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (out, files["npz"], files["report"]))
+    # the report lists the files written, not the figure that was not drawn
+    assert report["files"] == {"npz": str(files["npz"]), "report": str(files["report"])}
+    assert enroll.summary_lines(report)[-1] == f"  gallery {files['npz']}, report {files['report']}, no similarity matrix"
     assert json.loads(files["report"].read_text()) == report and report["graph"] == str(out)
     assert CamGraph(out, "cpu").info.labels == tuple(report["identities"])
     assert list(np.load(files["npz"])["labels"]) == report["identities"]
@@ -1092,3 +1094,45 @@ def test_a_full_disk_while_enrolling_names_the_output_not_its_temporary_file(peo
     assert f"camface: error: cannot write {out}: No space left on device" in err, err
     assert ".partial" not in err and "Traceback" not in err
     assert [(p.name, p.read_text()) for p in tmp_path.iterdir()] == [("g.onnx", "earlier")]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_enroll_logs_the_graphs_it_ranks_under_debug_only_as_export_does(debug, people, embedder, tmp_path, caplog):
+    """The ranking loads the graph several times: enroll said "CAM graph g.onnx on
+    CPUExecutionProvider" two or three times where export says it under --debug only."""
+    import camface.realtime.graph
+
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "g.onnx"
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--rank-seconds", "5", *(["--debug"] if debug else [])]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == camface.realtime.graph.log.name]
+    shown = [line for line in said if line == f"CAM graph {out.name} on CPUExecutionProvider"]
+    assert (len(shown) >= 1) if debug else not shown, said
+    assert not [line for line in said if ".partial" in line], said
+    assert logging.getLogger(camface.realtime.graph.log.name).level == logging.NOTSET  # as it was
+
+
+@pytest.mark.parametrize("breaks, final", [
+    ("gallery", "g.npz"),  # np.savez: write() on a full disk names no file
+    ("report", "g.enroll.json"),  # Path.write_text: the same
+])
+def test_a_full_disk_naming_no_file_while_enrolling_is_one_line_naming_the_output(
+        breaks, final, people, embedder, tmp_path, monkeypatch, capsys):
+    """An OSError naming no file in enroll's written-beside block was a raw traceback; it is one
+    line naming the output being written, exit 2, and the earlier run's files stay."""
+    out = tmp_path / "g.onnx"
+    earlier = {path: f"earlier {path.name}" for path in (out, *enroll.beside_paths(out).values())}
+    for path, text in earlier.items():
+        path.write_text(text)
+    if breaks == "gallery":
+        monkeypatch.setattr(np, "savez", _disk_full(named=False))
+    else:
+        write_text = Path.write_text
+        monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: _disk_full(named=False)(self)
+                            if ".enroll.json" in self.name else write_text(self, *args, **kwargs))
+    assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface",
+                 "--no-rank"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"camface: error: cannot write {tmp_path / final}: No space left on device"], err
+    assert {path: path.read_text() for path in tmp_path.iterdir()} == earlier
