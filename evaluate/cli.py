@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from camface.export.compare import check_figure_output
 
-        check_figure_output(args.plot)
+        check_figure_output(args.plot, "--plot")
     pipeline = load(config=config)
     graph_path, graph = pipeline.model_path, pipeline.graph
     pixels = graph.info.input_size[0] * graph.info.input_size[1]

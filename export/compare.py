@@ -107,8 +107,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_figure_output(path: Path) -> None:
-    """UsageError/OutputError naming `path` when matplotlib cannot write a figure there."""
+def check_figure_output(path: Path, flag: str = "-o") -> None:
+    """UsageError/OutputError naming `path` (and its `flag`) when matplotlib cannot write a
+    figure there."""
     from matplotlib.figure import Figure
 
     from camface.outputs import check_output_file
@@ -116,7 +117,7 @@ def check_figure_output(path: Path) -> None:
     check_output_file(path, overwrite=True)
     formats = Figure().canvas.get_supported_filetypes()
     if path.suffix.lower().lstrip(".") not in formats:
-        raise UsageError(f"-o {path}: a figure is one of {', '.join('.' + f for f in sorted(formats))}")
+        raise UsageError(f"{flag} {path}: a figure is one of {', '.join('.' + f for f in sorted(formats))}")
 
 
 def one_face(path: Path, cropper, input_size: tuple[int, int], color_order: str, detect: bool) -> np.ndarray:

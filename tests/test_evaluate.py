@@ -245,7 +245,7 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
         (["--json", str(snapshot / "snapshot.json")], f"is a file of the input folder {snapshots}"),
         (["--plot", str(crop)], "is a file of the input folder"),
         (["--json", str(tmp_path / "same.png"), "--plot", str(tmp_path / "same.png")], "name the same file"),
-        (["--plot", str(tmp_path / "curves.xyz")], "a figure is one of"),
+        (["--plot", str(tmp_path / "curves.xyz")], f"--plot {tmp_path / 'curves.xyz'}: a figure is one of"),
     ]:
         assert camface_main(["evaluate", str(snapshots), "--methods", "gradcam", "--steps", "2", *flags]) == 2
         err = capsys.readouterr().err
