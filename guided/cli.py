@@ -39,13 +39,14 @@ class GuidedConfig:
     detector: str
     margin: float
     min_confidence: float
+    max_faces: int
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "GuidedConfig":
         return cls(Path(args.input), Path(args.output) if args.output else None,
                    Path(args.model) if args.model else None, args.layer,
                    tuple(args.classes or ()), args.layers == "all", args.cam_boxes,
-                   args.detector, args.margin, args.min_confidence)
+                   args.detector, args.margin, args.min_confidence, args.max_faces)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-confidence", type=float, default=LiveConfig.min_confidence,
                         help="detector confidence threshold for image inputs (as `camface live "
                              "--min-confidence`)")
+    parser.add_argument("--max-faces", type=int, default=LiveConfig.max_faces,
+                        help="explain at most this many faces of an image input, the largest (as "
+                             "`camface live --max-faces`)")
 
 
 def _output_path(config: GuidedConfig) -> Path:
@@ -178,7 +182,8 @@ def _read_input(config: GuidedConfig):
     size = tuple(int(v) for v in model.input_shape[1:3])
     return read_image(config.input, keras_path, preprocessing, size, labels,
                       detector=config.detector, margin=config.margin,
-                      min_confidence=config.min_confidence, target_layer=layer), model
+                      min_confidence=config.min_confidence, max_faces=config.max_faces,
+                      target_layer=layer), model
 
 
 def main(args: argparse.Namespace) -> int:

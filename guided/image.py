@@ -49,9 +49,10 @@ def image_model(model_override: str | Path | None) -> tuple[Path, Preprocessing 
 
 def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
                input_size: tuple[int, int], labels: tuple[str, ...], *, detector: str = "full",
-               margin: float = 0.1, min_confidence: float = 0.5,
+               margin: float = 0.1, min_confidence: float = 0.5, max_faces: int = 8,
                target_layer: str = "") -> GuidedInput:
-    """Detect and crop the faces of an image file (any format OpenCV reads).
+    """Detect and crop the faces of an image file (any format OpenCV reads): the largest
+    `max_faces` of them, as the live loop explains them.
 
     input_size: the model's (H, W) in pixels. Raises SourceError for an unreadable image or
     one with no faces.
@@ -61,6 +62,7 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
     from camface.api import face_detector
     from camface.realtime.config import LiveConfig
     from camface.realtime.crop import crop_faces
+    from camface.realtime.explainer import largest_faces
     from camface.realtime.sources import cut_short
 
     path = Path(path)
@@ -70,13 +72,16 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
     if (why := cut_short(path)) is not None:
         log.warning("%s: %s", path, why)
     # LiveConfig checks detector, confidence and margin as `camface live` does (UsageError)
-    with face_detector(LiveConfig(detector=detector, min_confidence=min_confidence, margin=margin)) as opened:
+    with face_detector(LiveConfig(detector=detector, min_confidence=min_confidence, margin=margin,
+                                  max_faces=max_faces)) as opened:
         faces = opened.detect(frame)
     if not faces:
         raise SourceError(f"no faces found in {path} (detector {detector!r}, "
                           f"min confidence {min_confidence})")
+    faces, dropped = largest_faces(faces, max_faces)
     crops, placed = crop_faces(frame, faces, margin, input_size, preprocessing.color_order)
-    log.info("%s: %d face(s) found", path, len(placed))
+    log.info("%s: %d face(s) found%s", path, len(placed) + dropped,
+             f"; the largest {len(placed)} explained (--max-faces)" if dropped else "")
     return GuidedInput(
         origin=path,
         faces=tuple(FaceCrop(np.ascontiguousarray(crop), face.box, -1, f"face {i}")

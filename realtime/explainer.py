@@ -139,13 +139,20 @@ def concrete(controls: Controls, info) -> Controls:
 # video in calls across frames (the class changes the heatmap, not the probabilities).
 
 
+def largest_faces(faces, max_faces: int) -> tuple[tuple[Face, ...], int]:
+    """(the first `max_faces` faces, how many are dropped): the detectors give faces largest
+    first, so the largest are kept. Every front end that explains a frame's faces (live, serve,
+    batch, guided on an image) keeps these."""
+    kept = tuple(faces[:max_faces])
+    return kept, len(faces) - len(kept)
+
+
 def crop_for_graph(frame: np.ndarray, faces: tuple[Face, ...], margin: float, max_faces: int,
                    info) -> tuple[tuple[Face, ...], np.ndarray, int]:
     """`explain`'s crop step: (faces kept, crops uint8 [N, H, W, C] in the graph's colour
     order, faces dropped beyond `max_faces`). frame: uint8 BGR [H, W, 3], not modified.
     info: the graph's GraphInfo."""
-    dropped = max(0, len(faces) - max_faces)
-    faces = tuple(faces[:max_faces])
+    faces, dropped = largest_faces(faces, max_faces)
     if not faces:
         return (), np.zeros((0, *info.input_size, info.channels), np.uint8), dropped
     crops, faces = crop_faces(frame, faces, margin, info.input_size, info.color_order)

@@ -110,7 +110,8 @@ def test_plain_image(tmp_path, astronaut_bgr, caplog):
     assert "1 face(s) found" in caplog.text and "2 row(s)" in caplog.text
 
 
-@pytest.mark.parametrize("field, value", [("detector", "short"), ("margin", 0.25), ("min_confidence", 0.7)])
+@pytest.mark.parametrize("field, value", [("detector", "short"), ("margin", 0.25), ("min_confidence", 0.7),
+                                          ("max_faces", 3)])
 def test_image_inputs_are_detected_and_cropped_with_live_defaults(monkeypatch, field, value):
     """An image's faces are found and cropped as `camface live` would with its defaults: guided
     reads them from LiveConfig (a copy of them drifted from live's crops when live's changed)."""
@@ -123,6 +124,43 @@ def test_image_inputs_are_detected_and_cropped_with_live_defaults(monkeypatch, f
     parser = argparse.ArgumentParser()
     configure(parser)
     assert getattr(GuidedConfig.from_args(parser.parse_args(["photo.png"])), field) == value
+
+
+@pytest.mark.parametrize("found, max_faces, kept", [
+    (10, 8, 8),  # live's default: the 8 largest
+    (10, 3, 3),
+    (2, 8, 2),
+])
+def test_an_image_explains_the_largest_faces_up_to_max_faces_as_live_does(tmp_path, astronaut_bgr, monkeypatch,
+                                                                          caplog, found, max_faces, kept):
+    """guided explained every face of an image where live stops at --max-faces, the largest first."""
+    import contextlib
+
+    import cv2
+
+    import camface.api
+    from camface.guided.image import read_image
+    from camface.guided.snapshot import EMOTION_PREPROCESSING
+    from camface.realtime.results import Face
+
+    image = tmp_path / "crowd.png"
+    cv2.imwrite(str(image), astronaut_bgr)
+    # largest first, as the detectors give them
+    faces = [Face((10 + 40 * i, 20, 60 - 2 * i, 60 - 2 * i), 0.9) for i in range(found)]
+
+    class Detector(contextlib.AbstractContextManager):
+        def __exit__(self, *exc):
+            return None
+
+        def detect(self, frame):
+            return list(faces)
+
+    monkeypatch.setattr(camface.api, "face_detector", lambda config: Detector())
+    with caplog.at_level(logging.INFO):
+        got = read_image(image, EMOTION_KERAS, EMOTION_PREPROCESSING, (64, 64), tuple(LABELS), max_faces=max_faces)
+    assert [face.box for face in got.faces] == [face.box for face in faces[:kept]]
+    assert f"{found} face(s) found" in caplog.text
+    assert (f"the largest {kept} explained" in caplog.text) == (found > max_faces)
 
 
 @pytest.fixture(scope="module")
