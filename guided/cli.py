@@ -216,17 +216,24 @@ def main(args: argparse.Namespace) -> int:
         f"class {i}" for i in range(classes))
 
     requested = _class_indices(config.classes, labels, classes) if config.classes else None
-    crops, class_index, names = [], [], []
+    crops, class_index, names, recorded = [], [], [], []
     for face in source.faces:
         if requested is None and face.explained >= classes:
             raise ModelError(f"{face.name} of {source.origin} explains class {face.explained} but "
                              f"model {source.keras_path} has {classes} classes")
-        for index in requested if requested is not None else [face.explained]:
+        if face.predicted >= classes:
+            raise ModelError(f"{face.name} of {source.origin} records class {face.predicted} as predicted but "
+                             f"model {source.keras_path} has {classes} classes")
+        # -1: the snapshot explained the class it recorded as predicted (not the Keras argmax)
+        explained = face.predicted if face.explained < 0 else face.explained
+        for index in requested if requested is not None else [explained]:
             crops.append(face.crop)
             class_index.append(index)
             names.append(face.name)
+            recorded.append(face.predicted)
     crops = np.stack(crops)
     class_index = np.asarray(class_index, np.int64)
+    recorded = np.asarray(recorded, np.int64)
 
     if config.all_layers:
         return _write_layers_gif(model, crops, class_index, names, labels, source, out, started)
@@ -242,16 +249,16 @@ def main(args: argparse.Namespace) -> int:
                     source.target_layer, source.keras_path.name, default)
         layer = default
     return _write_figure(model, layer, crops, class_index, names, labels, source, config, out,
-                         started)
+                         started, recorded)
 
 
 def _write_figure(model, layer, crops, class_index, names, labels, source, config, out,
-                  started) -> int:
+                  started, recorded=None) -> int:
     from camface.guided.explain import Explainer
     from camface.guided.figure import comparison_figure, save_figure
 
     explainer = Explainer(model, layer, source.preprocessing)
-    items = explainer.explain(crops, class_index, tuple(names))
+    items = explainer.explain(crops, class_index, tuple(names), recorded)
     if explainer.cam_reason:
         log.info("CAM not shown: %s", explainer.cam_reason)
     fig = comparison_figure(items, labels, boxes=config.cam_boxes,

@@ -93,14 +93,18 @@ class Explainer:
         return self._backprop.label
 
     def explain(self, crops: np.ndarray, class_index: np.ndarray,
-                names: tuple[str, ...] = ()) -> list[Explanation]:
+                names: tuple[str, ...] = (), recorded: np.ndarray | None = None) -> list[Explanation]:
         """crops: uint8 [N, H, W, C] in the preprocessing's colour order; class_index: int [N],
-        -1 = the predicted class. Returns one Explanation per crop."""
+        -1 = the predicted class. recorded: int [N], the class a snapshot recorded as predicted
+        (named predicted instead of the model's own argmax, which smoothing or an int8 / fp16
+        graph may have changed), -1 = none. Returns one Explanation per crop."""
         images = self.preprocessing.apply(crops)
         passes = self._runner.run(images, class_index)
         # The class named predicted and, for -1, explained: live's (the first of tied top
         # probabilities, where a sigmoid saturates: two 1.0s); every map follows `explained`.
         predicted, explained = predicted_classes(passes.probs), passes.explained
+        if recorded is not None:
+            predicted = np.where(np.asarray(recorded) >= 0, recorded, predicted)
         activations, gradients = passes.activations[0], passes.gradients[0]
         weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
         calls = self._calls(images, activations, explained)

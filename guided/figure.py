@@ -7,7 +7,9 @@ from the registry, camface.methods, so a new method gets its column, and a model
 head gets no empty CAM column). Each overlay is drawn by the live loop's overlay function, so it
 looks as `camface live` shows it, optionally with the study's localisation box: the bounding box
 of the largest connected region above 20% of the map's maximum. Each row is titled with the
-predicted class and its probability, and the explained class when it differs.
+predicted class (a snapshot's: the class it recorded, which smoothing or an int8 / fp16 graph may
+have made other than the model's argmax) and the model's probability of it, and the explained
+class when it differs.
 
 matplotlib is used with the non-interactive Agg canvas, created per figure (no pyplot state).
 """

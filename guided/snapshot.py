@@ -60,6 +60,9 @@ class FaceCrop:
     box: tuple[int, int, int, int]  # (x, y, w, h) in pixels of the full frame
     explained: int = -1  # class the live loop explained; -1 = the predicted class
     name: str = ""  # e.g. "face_00"
+    # class the snapshot recorded as predicted (its graph's, smoothed where live smoothed: it may
+    # differ from the Keras model's own argmax); -1 = none recorded (a plain image)
+    predicted: int = -1
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,7 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
             crop_name = str(face.get("crop", f"face_{index:02d}.png"))
             box = tuple(int(v) for v in face.get("box", (0, 0, 0, 0)))
             explained = int(face.get("explained", -1))
+            predicted = int(face.get("predicted", -1))
             if len(box) != 4:
                 raise ValueError(f"box {box} is not [x, y, w, h]")
         except (TypeError, ValueError) as exc:
@@ -204,6 +208,6 @@ def read_snapshot(folder: str | Path, model_override: str | Path | None = None) 
             raise SourceError(f"face crop {folder / crop_name} is {crop.shape[1]}x{crop.shape[0]} but "
                               f"face 0's is {faces[0].crop.shape[1]}x{faces[0].crop.shape[0]}: every crop of a "
                               "snapshot is the graph's input size")
-        faces.append(FaceCrop(crop, box, explained, f"face {index}"))
+        faces.append(FaceCrop(crop, box, explained, f"face {index}", predicted))
     return GuidedInput(folder, tuple(faces), keras_path, labels, preprocessing, target_layer,
                        tuple(notes))

@@ -21,7 +21,7 @@ LABELS = read_labels(EMOTION_LABELS)
 BOX = (177, 82, 95, 95)  # the astronaut's face, pixels
 
 
-def make_snapshot(folder, astronaut_bgr, *, faces=2, explained=(-1, 4), model=None):
+def make_snapshot(folder, astronaut_bgr, *, faces=2, explained=(-1, 4), model=None, predicted=3):
     """A snapshot folder as the live loop writes it: frame.png, face_NN.png (gray), snapshot.json.
     Face 1 is the mirrored crop, so the two rows differ."""
     import cv2
@@ -35,7 +35,7 @@ def make_snapshot(folder, astronaut_bgr, *, faces=2, explained=(-1, 4), model=No
     for i in range(faces):
         cv2.imwrite(str(folder / f"face_{i:02d}.png"), crop if i % 2 == 0 else crop[:, ::-1])
         entries.append({"crop": f"face_{i:02d}.png", "box": list(BOX), "score": 0.92,
-                        "probs": [0.0] * 6 + [1.0], "predicted": 3,
+                        "probs": [0.0] * 6 + [1.0], "predicted": predicted,
                         "explained": explained[i % len(explained)]})
     if model is None:
         model = {"path": str(EMOTION_ONNX),
@@ -124,6 +124,33 @@ def test_image_inputs_are_detected_and_cropped_with_live_defaults(monkeypatch, f
     parser = argparse.ArgumentParser()
     configure(parser)
     assert getattr(GuidedConfig.from_args(parser.parse_args(["photo.png"])), field) == value
+
+
+@pytest.mark.parametrize("explained", [-1, 4])
+def test_a_snapshot_s_row_is_titled_with_the_class_it_recorded(tmp_path, astronaut_bgr, monkeypatch, explained):
+    """A snapshot taken with smoothing or an int8 / fp16 graph may record a predicted class other
+    than the Keras model's argmax: the row was titled with the Keras argmax (and 'explaining' the
+    recorded one); it is titled with the recorded class and the Keras probability for it, and
+    the maps explain that class."""
+    import cv2
+
+    import camface.guided.figure
+    from camface.guided.snapshot import EMOTION_PREPROCESSING
+
+    sad = LABELS.index("sad")
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1, explained=(explained,), predicted=sad)
+    crop = cv2.imread(str(folder / "face_00.png"), cv2.IMREAD_GRAYSCALE)[None, :, :, None]
+    model = keras.models.load_model(str(EMOTION_KERAS), compile=False)
+    probs = np.asarray(model(EMOTION_PREPROCESSING.apply(crop), training=False))[0]
+    assert int(probs.argmax()) != sad  # the Keras model's own class differs from the recorded one
+    shown = []
+    monkeypatch.setattr(camface.guided.figure, "save_figure", lambda fig, path: shown.append(fig))
+    assert main(["guided", str(folder), "-o", str(tmp_path / "fig.png")]) == 0
+    title = shown[0].axes[0].get_ylabel()
+    name, row = title.split("\n")[:2]
+    label, shown_prob = row.split()
+    assert (name, label) == ("face 0", "sad") and "explaining" not in title, title
+    assert float(shown_prob) == pytest.approx(float(probs[sad]), abs=1.5e-3)  # Keras's probability of it
 
 
 @pytest.mark.parametrize("found, max_faces, kept", [
