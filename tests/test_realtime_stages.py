@@ -777,3 +777,26 @@ def test_written_beside_errors_name_the_finals_never_a_temporary_file(tmp_path, 
                 raise ModelError(f"CAM graph {graph.name}: corrupt")
     assert said.format(folder=tmp_path) in str(caught.value) and ".partial" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("names_a_file", [False, True])
+def test_an_error_naming_no_file_while_writing_a_final_names_that_final(tmp_path, names_a_file):
+    """`writing(path)` around a write inside written_beside: a full disk naming no file (write()
+    as numpy's savez and Path.write_text raise it) names the final being written; an OSError
+    about another file (an input) passes as it is."""
+    import errno
+
+    from camface.outputs import writing
+
+    finals = [tmp_path / "g.onnx", tmp_path / "g.npz"]
+    other = tmp_path / "input.png"
+    with pytest.raises((OSError, OutputError)) as raised:
+        with written_beside(*finals) as (graph, gallery):
+            with writing(gallery):
+                raise OSError(errno.ENOSPC, "No space left on device", *([str(other)] if names_a_file else []))
+    if names_a_file:
+        assert not isinstance(raised.value, OutputError) and raised.value.filename == str(other)
+    else:
+        assert isinstance(raised.value, OutputError)
+        assert str(raised.value) == f"cannot write {finals[1]}: No space left on device"
+    assert list(tmp_path.iterdir()) == []

@@ -393,3 +393,20 @@ def test_int8_flag_is_part_of_the_command(tmp_path):
     train_module.configure(parser)
     config = train_module.TrainConfig.from_args(parser.parse_args([str(tmp_path), "-o", str(tmp_path / "o"), "--int8"]))
     assert config.int8 and config.command().endswith(" --int8")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_train_logs_the_graph_loads_under_debug_only_as_export_does(debug, tmp_path, monkeypatch, caplog):
+    """train ranks and scores the graph it writes, each load saying "CAM graph model.onnx on
+    CPUExecutionProvider"; as export (and enroll), it says so under --debug only."""
+    import logging
+
+    from camface.models import train
+
+    graph_log = logging.getLogger("camface.realtime.graph")
+    monkeypatch.setattr(train, "run", lambda config: graph_log.info("CAM graph model.onnx on CPUExecutionProvider"))
+    caplog.set_level(logging.DEBUG)
+    assert cli.main(["train", str(tmp_path), "-o", str(tmp_path / "out"), *(["--debug"] if debug else [])]) == 0
+    shown = [r.getMessage() for r in caplog.records if r.name == graph_log.name]
+    assert shown == (["CAM graph model.onnx on CPUExecutionProvider"] if debug else [])
+    assert graph_log.level == logging.NOTSET  # as it was
