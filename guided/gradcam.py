@@ -48,9 +48,14 @@ def _probability_layer(model):
 
 def probability_activation(model) -> str:
     """How `model`'s logits (`logits_model`) become its probabilities: "sigmoid" for a model
-    ending in sigmoid, else "softmax" (a model that outputs logits gets them softmaxed, as the
-    exported graph's `probs`)."""
-    return _probability_activation(_probability_layer(model)) or "softmax"
+    ending in sigmoid (a nested head ending in it included), else "softmax" (a model that outputs
+    logits gets them softmaxed, as the exported graph's `probs`)."""
+    from camface.export.keras_model import _is_model
+
+    last = _probability_layer(model)
+    while _is_model(last):
+        last = _probability_layer(last)
+    return _probability_activation(last) or "softmax"
 
 
 def _node_output(layer):
@@ -74,23 +79,27 @@ def logits_model(model):
 
     If the model ends in softmax or sigmoid (an `Activation` / `Softmax` layer, or a layer with
     that activation, Dropout and the like after it ignored as `camface export` ignores them) its
-    input / pre-activation is used; otherwise the output is taken as the logits. Shares weights
-    with `model` (the copied final layer gets the same values).
+    input / pre-activation is used, inside a nested model ending the model (a Sequential head)
+    too; otherwise the output is taken as the logits. Shares weights with `model` (the copied
+    final layer gets the same values).
     """
     import keras
 
+    from camface.export.keras_model import _is_model, linear_twin
+
     last = _probability_layer(model)
+    inputs = _single_input(model)
+    if _is_model(last):
+        inner = logits_model(last)
+        if inner is last:
+            return model
+        return keras.Model(inputs, inner(_node_input(last)), name=f"{model.name}_logits")
     if _probability_activation(last) is None:
         return model
-    inputs = _single_input(model)
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
         return keras.Model(inputs, _node_input(last), name=f"{model.name}_logits")
     # a layer (Dense, Conv...) built with the activation: its linear twin
-    linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
-                                         "name": f"{last.name}_logits"})
-    logits = linear(_node_input(last))
-    linear.set_weights(last.get_weights())
-    return keras.Model(inputs, logits, name=f"{model.name}_logits")
+    return keras.Model(inputs, linear_twin(last)(_node_input(last)), name=f"{model.name}_logits")
 
 
 def resolve_layer(model, name: str | None) -> str:
@@ -179,17 +188,19 @@ def _segments(model, layers: list[str]):
             for name in layers[i].split("/")[1:]:
                 inner = inner.get_layer(name)
             inner_layers.append(inner)
+        # a nested head ending in softmax (the model's last layer) gives the logits itself
+        head_logits = logits_model(backbone) if backbone is _probability_layer(model) else backbone
         inner_net = keras.Model(backbone.inputs, [_node_output(layer) for layer in inner_layers]
-                                + [backbone.outputs[0]])
+                                + [head_logits.outputs[0]])
         source = _node_input(backbone)
         before = keras.Model(_single_input(model), source) if source is not model.inputs[0] else None
-        after = keras.Model(_node_output(backbone), logits)
+        after = keras.Model(_node_output(backbone), logits) if head_logits is backbone else None
 
         def segment(x, before=before, inner_net=inner_net, after=after):
             if before is not None:
                 x = before(x, training=False)
             *activations, features = inner_net(x, training=False)
-            return activations + [after(features, training=False)]
+            return activations + [after(features, training=False) if after is not None else features]
 
         segments.append((segment, indices))
     return segments
