@@ -166,21 +166,37 @@ def candidate_layers(model) -> list[str]:
     return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
 
 
-DEFAULT_TARGET_REASON = ("default: the last 4-D layer before global pooling (the last 4-D layer "
-                         "when there is none)")
+DEFAULT_TARGET_REASON = ("default: the last 4-D layer before the head's global pooling (the last "
+                         "4-D layer when the head has none)")
+
+
+def _head_pools(layers) -> list[int]:
+    """Indices into `layers` ((path, layer) pairs) of the global pooling layers that pool for the
+    head: those whose input only they read. A squeeze-and-excitation block's pooling (EfficientNet,
+    MobileNetV3) shares its input with the multiply that scales the map by the excitation."""
+    readers: dict[int, int] = {}
+    for _, layer in layers:
+        try:
+            inputs = _node(layer).input_tensors
+        except ModelError:
+            continue
+        for tensor in {id(t): t for t in inputs}.values():
+            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    return [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES
+            and readers.get(id(_input_in_parent(layer)), 0) <= 1]
 
 
 def default_target_layer(model) -> str:
-    """The last layer with a 4-D output before the last global pooling layer (the study's "last
-    conv"; the pooling layers before it are inside blocks, as the squeeze-and-excitation of
-    EfficientNet and MobileNetV3, whose maps go on); with no global pooling, the last 4-D layer.
-    Raises `ModelError` when the model has no 4-D layer."""
+    """The last layer with a 4-D output before the head's global pooling (the study's "last
+    conv"; pooling layers inside blocks, as the squeeze-and-excitation of EfficientNet and
+    MobileNetV3, are not the head's: their maps go on); when the head has none (Flatten -> Dense),
+    the last 4-D layer. Raises `ModelError` when the model has no 4-D layer."""
     layers = list(iter_layers(model))
-    pools = [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES]
+    pools = _head_pools(layers)
     candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
                   if _rank(layer) == 4]
     if not candidates:
-        candidates = [(p, layer) for p, layer in iter_layers(model) if _rank(layer) == 4]
+        candidates = [(p, layer) for p, layer in layers if _rank(layer) == 4]
     if not candidates:
         raise ModelError(f"model {model.name!r} has no layer with a 4-D output (N, H, W, C): "
                          "camface explains convolutional classifiers")

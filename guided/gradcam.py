@@ -104,7 +104,8 @@ def logits_model(model):
 
 def resolve_layer(model, name: str | None) -> str:
     """Full path of a target layer (`layer` or `backbone/layer`); None -> the default target,
-    the last 4-D layer before global pooling (the study's "last conv"). Raises ModelError
+    the last 4-D layer before the head's global pooling (the study's "last conv"; the last 4-D
+    layer when the head has none, as export's `default_target_layer`). Raises ModelError
     listing the candidates for an unknown name."""
     from camface.export.keras_model import resolve_target
 
