@@ -130,7 +130,9 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     CAM (arXiv:1512.04150) needs the head after the target to be global average pooling then
     a linear map to the logits: one Dense layer (softmax, sigmoid or linear) or nothing (the pooled
     channels are the logits, as in the bundled emotion model: conv2d_7 -> GAP -> softmax).
-    A layer inside a nested backbone qualifies when it produces the backbone's output.
+    A layer inside a nested backbone qualifies when it produces the backbone's output; a nested
+    head ending the model (a Sequential of pooling and Dense) is read layer by layer, as export
+    reads it, a target inside it included.
     """
     import keras
 
@@ -138,14 +140,22 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
 
     names = layer.split("/")
     top = model.get_layer(names[0])
+    head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
     if len(names) > 1:
         inner = top
         for name in names[1:]:
             inner = inner.get_layer(name)
-        if _node_output(inner) is not top.outputs[0]:
+        if top is _probability_layer(model) and len(names) == 2:  # inside the nested head
+            head = top.layers[[item.name for item in top.layers].index(names[1]) + 1:] + head
+        elif _node_output(inner) is not top.outputs[0]:
             return None, f"CAM needs global average pooling right after {layer!r}"
-    head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
-    head = [item for item in head if not identity_at_inference(item)]  # as export's CAM check
+
+    def flat(layers):  # a nested head's layers in its place
+        return [leaf for item in layers for leaf in
+                (flat(item.layers) if isinstance(item, keras.Model) else [item])
+                if not isinstance(leaf, keras.layers.InputLayer)]
+
+    head = [item for item in flat(head) if not identity_at_inference(item)]  # as export's CAM check
     if not head or not isinstance(head[0], keras.layers.GlobalAveragePooling2D):
         return None, f"CAM needs global average pooling right after {layer!r}"
     rest = head[1:]

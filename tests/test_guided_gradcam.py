@@ -361,6 +361,7 @@ def test_a_head_ending_in_probabilities_is_explained_at_its_logits_by_export_and
     images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     classes = np.array([-1, 0, 3], np.int64)
     outputs = graph(images, classes)
+    assert ("cam" in outputs) == (not head.startswith("einsum"))  # CAM needs a Dense
     want = np.asarray(model(images.astype(np.float32) / 255, training=False))
     np.testing.assert_allclose(outputs["probs"], want, rtol=1e-5, atol=1e-6)
     preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
@@ -371,6 +372,10 @@ def test_a_head_ending_in_probabilities_is_explained_at_its_logits_by_export_and
         np.testing.assert_allclose(item.probs, want[i], rtol=1e-5, atol=1e-6)
         assert item.explained == (int(np.argmax(outputs["probs"][i])) if classes[i] < 0 else classes[i])
         assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7
+        assert ("cam" in item.heatmaps) == ("cam" in outputs)  # GAP -> Dense in a nested head: both
+        if "cam" in outputs:
+            cam_scale = float(np.abs(outputs["cam"][i]).max())
+            assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * cam_scale + 1e-7
 
 
 @pytest.mark.parametrize("build, layer", [
@@ -424,3 +429,7 @@ def test_a_target_inside_a_nested_head_ending_in_softmax_is_cut_before_its_logit
     assert scale > 0
     for i, item in enumerate(Explainer(model, info.target_layer, preprocessing).explain(images, classes)):
         assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7
+        assert ("cam" in item.heatmaps) == ("cam" in outputs)  # GAP -> Dense in a nested head: both
+        if "cam" in outputs:
+            cam_scale = float(np.abs(outputs["cam"][i]).max())
+            assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * cam_scale + 1e-7
