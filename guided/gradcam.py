@@ -50,10 +50,10 @@ def probability_activation(model) -> str:
     """How `model`'s logits (`logits_model`) become its probabilities: "sigmoid" for a model
     ending in sigmoid (a nested head ending in it included), else "softmax" (a model that outputs
     logits gets them softmaxed, as the exported graph's `probs`)."""
-    from camface.export.keras_model import _is_model
+    import keras
 
     last = _probability_layer(model)
-    while _is_model(last):
+    while isinstance(last, keras.Model):
         last = _probability_layer(last)
     return _probability_activation(last) or "softmax"
 
@@ -85,11 +85,11 @@ def logits_model(model):
     """
     import keras
 
-    from camface.export.keras_model import _is_model, linear_twin
+    from camface.export.keras_model import linear_twin
 
     last = _probability_layer(model)
     inputs = _single_input(model)
-    if _is_model(last):
+    if isinstance(last, keras.Model):
         inner = logits_model(last)
         if inner is last:
             return model
