@@ -433,3 +433,26 @@ def test_a_target_inside_a_nested_head_ending_in_softmax_is_cut_before_its_logit
         if "cam" in outputs:
             cam_scale = float(np.abs(outputs["cam"][i]).max())
             assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * cam_scale + 1e-7
+
+
+def test_a_target_two_nested_heads_deep_is_refused_and_one_deep_is_cut():
+    """A nested head whose own last layer is a nested head ending in softmax: a target in the
+    inner one cannot be cut before its logits and is refused, naming it; one in the outer is cut."""
+    from camface.errors import ModelError
+    from camface.export import exporter
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    head_in = keras.Input((14, 14, 6))
+    inner = keras.Sequential([keras.layers.Conv2D(5, 1, name="deep_conv"), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(4, activation="softmax")], name="inner")
+    head = keras.Model(head_in, inner(keras.layers.Conv2D(5, 1, name="head_conv")(head_in)), name="head")
+    model = keras.Model(inputs, head(x))
+    with pytest.raises(ModelError, match=r"target layer 'head/inner/deep_conv' is inside its nested head "
+                                         r"'head', in a model nested in it that ends in softmax"):
+        exporter.prepare(model, exporter.ExportOptions(preset="unit"))
+    parts, _, info = exporter.prepare(model, exporter.ExportOptions(preset="unit", target_layer="head_conv"))
+    assert info.target_layer == "head/head_conv" and "cam" not in info.heatmaps
+    image = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    probs = parts.split.probabilities(parts.split.head(parts.split.features(image)))
+    np.testing.assert_allclose(probs, model(image, training=False), rtol=1e-5, atol=1e-6)
