@@ -43,6 +43,7 @@ RERUNS = frozenset({HEAD, FORWARD})  # the gradient-free methods that re-run par
 
 POSITIVE = "positive"  # ReLU, then divided by the maximum (maps of positive evidence)
 MINMAX = "minmax"  # (map - min) / (max - min): maps whose sign carries no "against" meaning
+FLAT_PEAK = 1e-12  # `normalize` shows a map whose peak (ReLU'd or shifted) is at most this as zeros
 
 
 class Ops(Protocol):
@@ -546,4 +547,4 @@ def normalize(heatmap: np.ndarray, method: str) -> np.ndarray:
     else:
         heatmap = np.maximum(heatmap, 0.0)
     peak = float(heatmap.max()) if heatmap.size else 0.0
-    return heatmap / peak if peak > 1e-12 else np.zeros_like(heatmap)
+    return heatmap / peak if peak > FLAT_PEAK else np.zeros_like(heatmap)

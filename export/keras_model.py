@@ -166,21 +166,37 @@ def candidate_layers(model) -> list[str]:
     return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
 
 
-DEFAULT_TARGET_REASON = ("default: the last 4-D layer before global pooling (the last 4-D layer "
-                         "when there is none)")
+DEFAULT_TARGET_REASON = ("default: the last 4-D layer before the head's global pooling (the last "
+                         "4-D layer when the head has none)")
+
+
+def _head_pools(layers) -> list[int]:
+    """Indices into `layers` ((path, layer) pairs) of the global pooling layers that pool for the
+    head: those whose input only they read. A squeeze-and-excitation block's pooling (EfficientNet,
+    MobileNetV3) shares its input with the multiply that scales the map by the excitation."""
+    readers: dict[int, int] = {}
+    for _, layer in layers:
+        try:
+            inputs = _node(layer).input_tensors
+        except ModelError:
+            continue
+        for tensor in {id(t): t for t in inputs}.values():
+            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    return [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES
+            and readers.get(id(_input_in_parent(layer)), 0) <= 1]
 
 
 def default_target_layer(model) -> str:
-    """The last layer with a 4-D output before the last global pooling layer (the study's "last
-    conv"; the pooling layers before it are inside blocks, as the squeeze-and-excitation of
-    EfficientNet and MobileNetV3, whose maps go on); with no global pooling, the last 4-D layer.
-    Raises `ModelError` when the model has no 4-D layer."""
+    """The last layer with a 4-D output before the head's global pooling (the study's "last
+    conv"; pooling layers inside blocks, as the squeeze-and-excitation of EfficientNet and
+    MobileNetV3, are not the head's: their maps go on); when the head has none (Flatten -> Dense),
+    the last 4-D layer. Raises `ModelError` when the model has no 4-D layer."""
     layers = list(iter_layers(model))
-    pools = [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES]
+    pools = _head_pools(layers)
     candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
                   if _rank(layer) == 4]
     if not candidates:
-        candidates = [(p, layer) for p, layer in iter_layers(model) if _rank(layer) == 4]
+        candidates = [(p, layer) for p, layer in layers if _rank(layer) == 4]
     if not candidates:
         raise ModelError(f"model {model.name!r} has no layer with a 4-D output (N, H, W, C): "
                          "camface explains convolutional classifiers")
@@ -246,27 +262,30 @@ def split_model(model, target_path: list[str]) -> Split:
     import keras
 
     model = depthwise_convolutions(model)
-    final = probability_layer(model)
-    final_kind = type(final).__name__
-    activation = activation_name(final)
-    final_kernel = None
-    if final_kind in ("Activation", "Softmax") and activation in _PROBABILITY_ACTIVATIONS:
-        end = _input_in_parent(final)
-        tail = None
-    elif activation in _PROBABILITY_ACTIVATIONS and final_kind == "Dense":
-        end = _input_in_parent(final)
-        tail = _linear_dense(final)
-        final_kernel = final.kernel
-    else:  # the model already outputs logits (linear activation): softmax them for `probs`
-        end = _output_in_parent(final)
-        tail = None
-        activation = "softmax"
+    logits = logits_of(model)
+    activation = "softmax" if logits.activation == "linear" else logits.activation
     probabilities = keras.activations.get(activation)
-    features, head, head_layers = _split(model, list(target_path), end)
-    if tail is not None:
-        head_layers = head_layers + (final,)
+    final = probability_layer(model)
+    if _is_model(final) and target_path[0] == final.name and logits.tail is not None:
+        # the target is inside a nested head ending in softmax: cut that head, before its logits
+        logits = logits_of(final)
+        where = f"layer {'/'.join(target_path)!r}"
+        if len(target_path) < 2 or (_is_model(probability_layer(final)) and logits.tail is not None
+                                    and target_path[1] == probability_layer(final).name):
+            raise ModelError(f"model {model.name!r}: target layer {'/'.join(target_path)!r} is inside "
+                             f"its nested head {target_path[0]!r}, in a model nested in it that ends in "
+                             f"{activation}; name a 4-D layer before that head with --target-layer")
+        inner_features, head, head_layers = _split(final, target_path[1:], logits.end)
+        before, _ = _submodel(model.inputs[0], _input_in_parent(final), where)
 
-        def head_with_tail(a, head=head, tail=tail):
+        def features(x, before=before, inner_features=inner_features):
+            return inner_features(before(x))
+    else:
+        features, head, head_layers = _split(model, list(target_path), logits.end)
+    if logits.tail is not None:
+        head_layers = head_layers + logits.layers
+
+        def head_with_tail(a, head=head, tail=logits.tail):
             return tail(head(a))
     else:
         head_with_tail = head
@@ -279,7 +298,7 @@ def split_model(model, target_path: list[str]) -> Split:
             "token targets [N, T, C] are for .onnx / .pt2 models; name a 4-D layer after the "
             "last attention with --target-layer, if there is one")
     return Split("/".join(target_path), features, head_with_tail, probabilities, head_layers,
-                 final_kernel, activation)
+                 logits.kernel, activation)
 
 
 def _grouped(layer) -> bool:
@@ -353,7 +372,102 @@ def probability_layer(model):
         if before is None:
             break
         final = before
+    _check_probabilities_not_reshaped(model, final)
     return final
+
+
+# Layers that reshape or pool what they get: after a softmax / sigmoid their output holds
+# probabilities that no logits give (an average of softmaxes is no softmax).
+_RESHAPING_TYPES = POOLING_TYPES + ("Flatten", "Reshape", "AveragePooling2D", "MaxPooling2D")
+
+
+def _check_probabilities_not_reshaped(model, final) -> None:
+    """ModelError when the model's output is probabilities reshaped or pooled after the layer
+    that computed them (Conv2D(softmax) -> GlobalAveragePooling2D): the output would be taken
+    for logits and softmaxed again, and no logits give it."""
+    kind = type(final).__name__
+    if kind not in _RESHAPING_TYPES or activation_name(final) in _PROBABILITY_ACTIVATIONS:
+        return
+    source = _input_in_parent(final)
+    before = next((layer for layer in reversed(operations(model))
+                   if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is source), None)
+    if before is None or _is_model(before):
+        return
+    activation = activation_name(before)
+    if activation in _PROBABILITY_ACTIVATIONS:
+        raise ModelError(
+            f"model {model.name!r}: its output is the {activation} of layer {before.name!r} "
+            f"({type(before).__name__}) passed through {final.name!r} ({kind}), probabilities that "
+            f"no logits give; camface explains the logits before the final {activation}: build "
+            f"{before.name!r} with a linear activation and end the model in "
+            f"keras.layers.Activation({activation!r}) after {final.name!r}")
+
+
+@dataclass(frozen=True)
+class Logits:
+    """Where a model's logits are: the head ends at `end` (a tensor in the model's graph) and
+    `tail` (or nothing) takes it on to the logits [N, classes].
+
+    layers: the layers `tail` runs (for the CAM check). activation: "softmax" / "sigmoid", the
+    model's own final activation, or "linear" when its output is the logits. kernel: the
+    [K', classes] kernel of a final Dense whose linear part `tail` is, else None."""
+
+    end: object
+    tail: Callable | None
+    layers: tuple
+    final: object
+    activation: str
+    kernel: object = None
+
+
+def logits_of(model) -> Logits:
+    """The logits of `model`: before its final softmax / sigmoid, whether that is an Activation
+    or Softmax layer, the activation of a Dense (its linear part) or of any other layer (a linear
+    twin with its weights), or inside a nested model ending the model (a Sequential head), whose
+    layers up to that point `tail` runs. A model that ends in neither outputs its logits."""
+    final = probability_layer(model)
+    if _is_model(final):
+        if len(final.inputs) != 1:
+            raise ModelError(f"model {model.name!r}: its output layer {final.name!r} is a nested "
+                             "model with several inputs; camface needs one that takes one tensor")
+        inner = logits_of(final)
+        if inner.activation not in _PROBABILITY_ACTIVATIONS:
+            return Logits(_output_in_parent(final), None, (), final, "linear")
+        run, layers = _submodel(final.inputs[0], inner.end, f"nested head {final.name!r}",
+                                differentiated=True)
+        tail = run if inner.tail is None else (lambda x, run=run, tail=inner.tail: tail(run(x)))
+        return Logits(_input_in_parent(final), tail, layers + inner.layers, inner.final,
+                      inner.activation, inner.kernel)
+    activation = activation_name(final)
+    if activation not in _PROBABILITY_ACTIVATIONS:
+        return Logits(_output_in_parent(final), None, (), final, "linear")
+    end = _input_in_parent(final)
+    kind = type(final).__name__
+    if kind in ("Activation", "Softmax"):
+        return Logits(end, None, (), final, activation)
+    if kind == "Dense":
+        return Logits(end, _linear_dense(final), (final,), final, activation, final.kernel)
+    twin = linear_twin(final)
+    return Logits(end, lambda x, twin=twin: twin(x, training=False), (final,), final, activation)
+
+
+def linear_twin(layer):
+    """A copy of `layer` (a Conv2D, EinsumDense... built with a softmax / sigmoid activation)
+    with a linear activation and the same weight values, built on `layer`'s input: what it
+    computes before its activation. ModelError naming the layer when Keras cannot rebuild it."""
+    import keras
+
+    try:
+        twin = layer.__class__.from_config({**layer.get_config(), "activation": "linear",
+                                            "name": f"{layer.name}_logits"})
+        twin(keras.KerasTensor(_input_in_parent(layer).shape, dtype=_input_in_parent(layer).dtype))
+        twin.set_weights(layer.get_weights())
+    except Exception as exc:  # Keras raises many types for a config it cannot rebuild
+        raise ModelError(f"layer {layer.name!r} ({type(layer).__name__}) ends the model in "
+                         f"{activation_name(layer)} but cannot be rebuilt without it "
+                         f"({_first_line(exc)}); end the model in a linear {layer.name!r} then "
+                         f"keras.layers.Activation({activation_name(layer)!r})") from exc
+    return twin
 
 
 def activation_name(layer) -> str:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from camface.errors import ModelError
+from camface import methods
 
 # |onnx - tf| <= ATOL * min(1, max|tf|) + RTOL * max|tf| (+ the sensitivity above), per output. float32
 # graphs differ from TF by rounding (about 1e-6 of the output's range on the bundled model);
@@ -74,6 +75,16 @@ def sample_batch(input_size: tuple[int, int], channels: int, num_classes: int, b
     return images, classes
 
 
+def tolerance_floor(output: str) -> float:
+    """The least tolerance of `output`: a difference no one sees. A map within it of an all-zero
+    one normalises to zeros as that one does (`methods.normalize` shows a peak <= FLAT_PEAK as
+    zeros): FLAT_PEAK for a POSITIVE map (its ReLU'd peak), half of it for a MINMAX map (its
+    range, max - min, stays within FLAT_PEAK) and for the other outputs."""
+    method = methods.METHODS.get(output)
+    positive = method is not None and method.normalization == methods.POSITIVE
+    return methods.FLAT_PEAK if positive else methods.FLAT_PEAK / 2
+
+
 def compare(onnx_outputs: dict[str, np.ndarray], tf_outputs: dict[str, np.ndarray],
             precision: str = "fp32", sensitivity: dict[str, float] | None = None,
             cause: str = "float16 activations") -> list[Difference]:
@@ -93,8 +104,10 @@ def compare(onnx_outputs: dict[str, np.ndarray], tf_outputs: dict[str, np.ndarra
         extra = float(sensitivity.get(name, 0.0))
         # The absolute part shrinks with an output smaller than 1: a heatmap is seen normalised,
         # so a map whose values are all below ATOL would otherwise pass whatever the graph gave.
+        # Its floor is a difference no one sees (`tolerance_floor`).
+        allowed = max(atol * min(1.0, scale) + rtol * scale + extra, tolerance_floor(name))
         result.append(Difference(name, float(np.abs(got - reference).max()), scale,
-                                 atol * min(1.0, scale) + rtol * scale + extra, extra, cause))
+                                 allowed, extra, cause))
     return result
 
 

@@ -59,7 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "emotion model for images")
     parser.add_argument("--layer", metavar="NAME", default=None,
                         help="layer for CAM / Grad-CAM / Grad-CAM++; default: the snapshot graph's "
-                             "target layer, else the last 4-D layer before global pooling")
+                             "target layer, else the last 4-D layer before the head's global pooling "
+                             "(the last 4-D layer when it has none)")
     parser.add_argument("--class", dest="classes", nargs="+", metavar="NAME|INDEX", default=None,
                         help="class(es) to explain; several give one row per face and class; "
                              "default: the class the snapshot explained, or the predicted class")

@@ -48,9 +48,14 @@ def _probability_layer(model):
 
 def probability_activation(model) -> str:
     """How `model`'s logits (`logits_model`) become its probabilities: "sigmoid" for a model
-    ending in sigmoid, else "softmax" (a model that outputs logits gets them softmaxed, as the
-    exported graph's `probs`)."""
-    return _probability_activation(_probability_layer(model)) or "softmax"
+    ending in sigmoid (a nested head ending in it included), else "softmax" (a model that outputs
+    logits gets them softmaxed, as the exported graph's `probs`)."""
+    import keras
+
+    last = _probability_layer(model)
+    while isinstance(last, keras.Model):
+        last = _probability_layer(last)
+    return _probability_activation(last) or "softmax"
 
 
 def _node_output(layer):
@@ -74,28 +79,33 @@ def logits_model(model):
 
     If the model ends in softmax or sigmoid (an `Activation` / `Softmax` layer, or a layer with
     that activation, Dropout and the like after it ignored as `camface export` ignores them) its
-    input / pre-activation is used; otherwise the output is taken as the logits. Shares weights
-    with `model` (the copied final layer gets the same values).
+    input / pre-activation is used, inside a nested model ending the model (a Sequential head)
+    too; otherwise the output is taken as the logits. Shares weights with `model` (the copied
+    final layer gets the same values).
     """
     import keras
 
+    from camface.export.keras_model import linear_twin
+
     last = _probability_layer(model)
+    inputs = _single_input(model)
+    if isinstance(last, keras.Model):
+        inner = logits_model(last)
+        if inner is last:
+            return model
+        return keras.Model(inputs, inner(_node_input(last)), name=f"{model.name}_logits")
     if _probability_activation(last) is None:
         return model
-    inputs = _single_input(model)
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
         return keras.Model(inputs, _node_input(last), name=f"{model.name}_logits")
     # a layer (Dense, Conv...) built with the activation: its linear twin
-    linear = last.__class__.from_config({**last.get_config(), "activation": "linear",
-                                         "name": f"{last.name}_logits"})
-    logits = linear(_node_input(last))
-    linear.set_weights(last.get_weights())
-    return keras.Model(inputs, logits, name=f"{model.name}_logits")
+    return keras.Model(inputs, linear_twin(last)(_node_input(last)), name=f"{model.name}_logits")
 
 
 def resolve_layer(model, name: str | None) -> str:
     """Full path of a target layer (`layer` or `backbone/layer`); None -> the default target,
-    the last 4-D layer before global pooling (the study's "last conv"). Raises ModelError
+    the last 4-D layer before the head's global pooling (the study's "last conv"; the last 4-D
+    layer when the head has none, as export's `default_target_layer`). Raises ModelError
     listing the candidates for an unknown name."""
     from camface.export.keras_model import resolve_target
 
@@ -120,7 +130,9 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     CAM (arXiv:1512.04150) needs the head after the target to be global average pooling then
     a linear map to the logits: one Dense layer (softmax, sigmoid or linear) or nothing (the pooled
     channels are the logits, as in the bundled emotion model: conv2d_7 -> GAP -> softmax).
-    A layer inside a nested backbone qualifies when it produces the backbone's output.
+    A layer inside a nested backbone qualifies when it produces the backbone's output; a nested
+    head ending the model (a Sequential of pooling and Dense) is read layer by layer, as export
+    reads it, a target inside it included.
     """
     import keras
 
@@ -128,14 +140,22 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
 
     names = layer.split("/")
     top = model.get_layer(names[0])
+    head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
     if len(names) > 1:
         inner = top
         for name in names[1:]:
             inner = inner.get_layer(name)
-        if _node_output(inner) is not top.outputs[0]:
+        if top is _probability_layer(model) and len(names) == 2:  # inside the nested head
+            head = top.layers[[item.name for item in top.layers].index(names[1]) + 1:] + head
+        elif _node_output(inner) is not top.outputs[0]:
             return None, f"CAM needs global average pooling right after {layer!r}"
-    head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
-    head = [item for item in head if not identity_at_inference(item)]  # as export's CAM check
+
+    def flat(layers):  # a nested head's layers in its place
+        return [leaf for item in layers for leaf in
+                (flat(item.layers) if isinstance(item, keras.Model) else [item])
+                if not isinstance(leaf, keras.layers.InputLayer)]
+
+    head = [item for item in flat(head) if not identity_at_inference(item)]  # as export's CAM check
     if not head or not isinstance(head[0], keras.layers.GlobalAveragePooling2D):
         return None, f"CAM needs global average pooling right after {layer!r}"
     rest = head[1:]
@@ -179,17 +199,19 @@ def _segments(model, layers: list[str]):
             for name in layers[i].split("/")[1:]:
                 inner = inner.get_layer(name)
             inner_layers.append(inner)
+        # a nested head ending in softmax (the model's last layer) gives the logits itself
+        head_logits = logits_model(backbone) if backbone is _probability_layer(model) else backbone
         inner_net = keras.Model(backbone.inputs, [_node_output(layer) for layer in inner_layers]
-                                + [backbone.outputs[0]])
+                                + [head_logits.outputs[0]])
         source = _node_input(backbone)
         before = keras.Model(_single_input(model), source) if source is not model.inputs[0] else None
-        after = keras.Model(_node_output(backbone), logits)
+        after = keras.Model(_node_output(backbone), logits) if head_logits is backbone else None
 
         def segment(x, before=before, inner_net=inner_net, after=after):
             if before is not None:
                 x = before(x, training=False)
             *activations, features = inner_net(x, training=False)
-            return activations + [after(features, training=False)]
+            return activations + [after(features, training=False) if after is not None else features]
 
         segments.append((segment, indices))
     return segments

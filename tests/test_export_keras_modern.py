@@ -127,6 +127,36 @@ def test_the_default_target_of_a_backbone_with_squeeze_excitation_is_its_last_ma
     assert keras_model._output_in_parent(model.get_layer(target)) is keras_model._input_in_parent(pool)
 
 
+def _squeeze_excitation_model(head: str):
+    """16x16x3 -> conv -> a squeeze-and-excitation block (GAP, Dense, Dense(sigmoid), Reshape,
+    Multiply "se_scale") -> conv "last_conv" -> a head: GAP or Flatten, then Dense(softmax)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    se = layers.GlobalAveragePooling2D(name="se_squeeze")(x)
+    se = layers.Dense(8, activation="sigmoid", name="se_expand")(layers.Dense(2, activation="relu")(se))
+    x = layers.Multiply(name="se_scale")([x, layers.Reshape((1, 1, 8))(se)])
+    if head != "no-conv":
+        x = layers.Conv2D(8, 1, activation="relu", name="last_conv")(x)
+    pooled = layers.Flatten(name="flatten")(x) if head != "gap" else layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, layers.Dense(3, activation="softmax")(pooled))
+
+
+@pytest.mark.parametrize("head, expected", [("flatten", "last_conv"), ("gap", "last_conv"),
+                                            ("no-conv", "se_scale")])
+def test_the_default_target_of_a_squeeze_excitation_net_with_a_flatten_head_is_its_last_map(head, expected):
+    """With no global pooling in the head (Flatten -> Dense), the default target was the map
+    before the last squeeze-and-excitation block's pooling (inside the block: "stem"); it is now
+    the last 4-D map, the one the head reads, as with a pooling head."""
+    model = _squeeze_excitation_model(head)
+    assert keras_model.default_target_layer(model) == expected
+    graph, info = export_in_memory(model, preset="unit")
+    assert info.target_layer == expected and info.feature_size == (8, 8)
+    assert float(np.abs(graph(images(2, 16, 3), class_indices(2, 3))["gradcam"]).max()) > 0
+
+
 def _small_classifier(policy: str):
     import keras
     from keras import layers

@@ -318,3 +318,141 @@ def test_a_model_built_on_a_list_of_one_input_is_explained_without_keras_warning
         items = Explainer(model, "conv", EMOTION_PREPROCESSING).explain(images, np.array([-1, 1]))
     assert {"scorecam", "ablationcam"} <= set(items[0].heatmaps)
     assert not [w for w in caught if "structure" in str(w.message)], [str(w.message)[:80] for w in caught]
+
+
+def _head_model(head: str):
+    """16x16x3 -> Conv2D "conv" (6) -> a head ending in softmax / sigmoid that is no Dense of the
+    outer model: a nested Sequential or functional model, or an EinsumDense with the activation."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    if head == "sequential":
+        outputs = keras.Sequential([keras.layers.GlobalAveragePooling2D(),
+                                    keras.layers.Dense(4, activation="softmax", name="dense")], name="head")(x)
+    elif head == "functional+dropout":
+        head_in = keras.Input((14, 14, 6))
+        logits = keras.layers.Dense(4, name="dense")(keras.layers.GlobalAveragePooling2D()(head_in))
+        outputs = keras.Model(head_in, keras.layers.Softmax()(logits), name="head")(x)
+        outputs = keras.layers.Dropout(0.3)(outputs)
+    else:  # "einsum-softmax", "einsum-sigmoid"
+        outputs = keras.layers.EinsumDense("ab,bc->ac", output_shape=4, bias_axes="c", name="einsum",
+                                           activation=head.split("-")[1])(
+            keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("head", ["sequential", "functional+dropout", "einsum-softmax", "einsum-sigmoid"])
+def test_a_head_ending_in_probabilities_is_explained_at_its_logits_by_export_and_guided(head):
+    """A model whose last layer is a nested head ending in softmax, or a layer other than Dense
+    built with softmax / sigmoid: export took its probabilities for logits and softmaxed them
+    again (probs and maps wrong) while guided, for the EinsumDense, explained its pre-activation.
+    Both now explain the logits before the activation: the graph's probs are the model's own,
+    and the graph and guided name the same class and give the same Grad-CAM."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_export_graph import export_in_memory
+
+    from camface.guided.snapshot import Preprocessing
+
+    keras.utils.set_random_seed(0)
+    model = _head_model(head)
+    graph, info = export_in_memory(model, preset="unit")
+    assert info.target_layer == "conv"
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 3], np.int64)
+    outputs = graph(images, classes)
+    assert ("cam" in outputs) == (not head.startswith("einsum"))  # CAM needs a Dense
+    want = np.asarray(model(images.astype(np.float32) / 255, training=False))
+    np.testing.assert_allclose(outputs["probs"], want, rtol=1e-5, atol=1e-6)
+    preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
+    explained = Explainer(model, "conv", preprocessing).explain(images, classes)
+    scale = float(np.abs(outputs["gradcam"]).max())
+    assert scale > 0
+    for i, item in enumerate(explained):
+        np.testing.assert_allclose(item.probs, want[i], rtol=1e-5, atol=1e-6)
+        assert item.explained == (int(np.argmax(outputs["probs"][i])) if classes[i] < 0 else classes[i])
+        assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7
+        assert ("cam" in item.heatmaps) == ("cam" in outputs)  # GAP -> Dense in a nested head: both
+        if "cam" in outputs:
+            cam_scale = float(np.abs(outputs["cam"][i]).max())
+            assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * cam_scale + 1e-7
+
+
+@pytest.mark.parametrize("build, layer", [
+    (lambda x: keras.layers.GlobalAveragePooling2D(name="pool")(
+        keras.layers.Conv2D(4, 1, activation="softmax", name="classes")(x)), "classes"),
+    (lambda x: keras.layers.Flatten(name="pool")(keras.layers.Conv2D(4, 14, activation="sigmoid", name="classes")(x)),
+     "classes"),
+], ids=["global-pooling", "flatten"])
+def test_probabilities_pooled_after_their_activation_are_refused_by_export_and_guided(build, layer):
+    """Conv2D(softmax) -> global pooling: the output holds probabilities no logits give; export
+    softmaxed them again. Both refuse, naming the layer and the fix."""
+    from camface.errors import ModelError
+    from camface.export import exporter
+
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, build(keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)))
+    match = rf"its output is the \w+ of layer '{layer}' \(Conv2D\) passed through 'pool'.*Activation"
+    with pytest.raises(ModelError, match=match):
+        exporter.prepare(model, exporter.ExportOptions(preset="unit"))
+    with pytest.raises(ModelError, match=match):
+        maps.logits_model(model)
+
+
+def test_a_target_inside_a_nested_head_ending_in_softmax_is_cut_before_its_logits():
+    """The default target of conv -> Sequential([Conv2D, GAP, Dense(softmax)]) is the head's own
+    Conv2D: the head is cut there and ends at the Dense's logits, so the graph's probs are the
+    model's and guided gives the same Grad-CAM."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_export_graph import export_in_memory
+
+    from camface.guided.snapshot import Preprocessing
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    head = keras.Sequential([keras.layers.Conv2D(5, 1, activation="relu", name="head_conv"),
+                             keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(4, activation="softmax")], name="head")
+    model = keras.Model(inputs, head(x))
+    graph, info = export_in_memory(model, preset="unit")
+    assert info.target_layer == "head/head_conv" and "cam" in info.heatmaps
+    images = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    classes = np.array([-1, 2], np.int64)
+    outputs = graph(images, classes)
+    want = np.asarray(model(images.astype(np.float32) / 255, training=False))
+    np.testing.assert_allclose(outputs["probs"], want, rtol=1e-5, atol=1e-6)
+    preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
+    scale = float(np.abs(outputs["gradcam"]).max())
+    assert scale > 0
+    for i, item in enumerate(Explainer(model, info.target_layer, preprocessing).explain(images, classes)):
+        assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7
+        assert ("cam" in item.heatmaps) == ("cam" in outputs)  # GAP -> Dense in a nested head: both
+        if "cam" in outputs:
+            cam_scale = float(np.abs(outputs["cam"][i]).max())
+            assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * cam_scale + 1e-7
+
+
+def test_a_target_two_nested_heads_deep_is_refused_and_one_deep_is_cut():
+    """A nested head whose own last layer is a nested head ending in softmax: a target in the
+    inner one cannot be cut before its logits and is refused, naming it; one in the outer is cut."""
+    from camface.errors import ModelError
+    from camface.export import exporter
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    head_in = keras.Input((14, 14, 6))
+    inner = keras.Sequential([keras.layers.Conv2D(5, 1, name="deep_conv"), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(4, activation="softmax")], name="inner")
+    head = keras.Model(head_in, inner(keras.layers.Conv2D(5, 1, name="head_conv")(head_in)), name="head")
+    model = keras.Model(inputs, head(x))
+    with pytest.raises(ModelError, match=r"target layer 'head/inner/deep_conv' is inside its nested head "
+                                         r"'head', in a model nested in it that ends in softmax"):
+        exporter.prepare(model, exporter.ExportOptions(preset="unit"))
+    parts, _, info = exporter.prepare(model, exporter.ExportOptions(preset="unit", target_layer="head_conv"))
+    assert info.target_layer == "head/head_conv" and "cam" not in info.heatmaps
+    image = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
+    probs = parts.split.probabilities(parts.split.head(parts.split.features(image)))
+    np.testing.assert_allclose(probs, model(image, training=False), rtol=1e-5, atol=1e-6)
