@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError, ModelError, OutputError, UsageError
+from camface.errors import CamfaceError, ModelError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -201,10 +201,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json is not None:
         text = json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n"
-        try:  # a full disk leaves an earlier file whole, not half a JSON
-            replace_whole(args.json, lambda partial: partial.write_text(text))
-        except OSError as exc:
-            raise OutputError(f"cannot write {args.json}: {exc.strerror or exc}") from exc
+        # a full disk leaves an earlier file whole, not half a JSON (OutputError naming it)
+        replace_whole(args.json, lambda partial: partial.write_text(text))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
         from camface.evaluate.plot import plot_curves
