@@ -10,9 +10,10 @@
 
 Every file is written under a temporary name starting with "." (which Parquet readers skip)
 and renamed into place (`camface.outputs.replace_whole`: an error names the file, never its
-temporary one, and leaves the earlier file whole), the record last: a video counts as finished only when its record
-exists, so a task that Ray retries, or a run killed half-way, never leaves a duplicate or a
-half-written file behind, and `--resume` redoes exactly the videos without a "done" record.
+temporary one, and leaves the earlier file whole), the record last: a video counts as finished
+only when its record exists, so a task that Ray retries, or a run killed half-way, never leaves
+a duplicate or a half-written file behind, and `--resume` redoes exactly the videos without a
+"done" record.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Outputs:
         except (OSError, OutputError) as exc:  # a full disk: no record, so the unit is not finished;
             from camface.batch.owner import Superseded  # the driver says why
 
-            if isinstance(exc, Superseded):
+            if isinstance(exc, Superseded):  # an OutputError too: this run lost OUT_DIR, no record at all
                 raise
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             return {"video": video_id, "path": out["path"], "status": FAILED, "stage": "record",

@@ -117,7 +117,7 @@ def _rename_all(staged: tuple[Path, ...], finals: tuple[Path, ...]) -> None:
         raise
     for _, earlier in kept:
         if earlier is not None:
-            with contextlib.suppress(OSError):  # a kept file that stays is only a hidden copy
+            with contextlib.suppress(OSError):  # all renamed: the earlier file is no longer needed
                 earlier.unlink()
 
 

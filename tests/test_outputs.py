@@ -135,6 +135,16 @@ def test_replace_whole_names_its_file_only_for_errors_about_it(tmp_path, make_wr
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"summary.json": "earlier"}
 
 
+def test_replace_whole_over_a_folder_is_an_error_naming_it_that_leaves_the_folder(tmp_path):
+    """A folder at the path was handed to `write` as if it were /dev/stdout (write_text raised
+    IsADirectoryError as it is); it is refused as the file it cannot be, the folder untouched."""
+    folder = tmp_path / "summary.json"
+    (folder / "inside").mkdir(parents=True)
+    with pytest.raises(OutputError, match=f"^cannot write {folder}: Is a directory$"):
+        replace_whole(folder, lambda partial: partial.write_text("{}"))
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"] and [p.name for p in folder.iterdir()] == ["inside"]
+
+
 def test_replace_whole_checks_before_it_renames(tmp_path):
     """before_rename (a batch worker asking whether its run still owns OUT_DIR) runs after the
     write; what it raises leaves the earlier file and no partial file."""
