@@ -107,14 +107,19 @@ def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from camface.export.ranking import quiet_graph_log
+
+    with quiet_graph_log(getattr(args, "debug", False)):  # the table names the provider
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from camface.evaluate import crops as crop_sources
     from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
     from camface.api import load
     from camface.outputs import check_not_an_input, check_output_file, replace_whole
 
-    if not getattr(args, "debug", False):  # the table names the provider
-        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
         raise UsageError("give SNAPSHOT_DIRs or --source, not both")
     if args.snapshots:  # they hold the crops already cut: these would be ignored without a word
