@@ -79,19 +79,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, "graph_threads", graph_threads=0)
 
 
+def named_methods(spec: str) -> list[str] | None:
+    """The method names of --methods `spec` (None for "all"). CamfaceError naming the valid ones
+    for an unknown name: the registry knows them, so this is said before the graph loads."""
+    from camface import methods
+
+    if spec.strip() == "all":
+        return None
+    wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in methods.METHODS]
+    if unknown or not wanted:
+        raise CamfaceError(f"unknown method {', '.join(unknown) or repr(spec)}; choose from "
+                           f"all, {', '.join(methods.METHODS)}")
+    return wanted
+
+
 def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
     """The methods to score, in registry order, the random baseline last. CamfaceError naming
     the valid ones for an unknown or absent name."""
     from camface import methods
 
-    if spec.strip() == "all":
+    wanted = named_methods(spec)
+    if wanted is None:
         wanted = list(available)
     else:
-        wanted = [name.strip() for name in spec.split(",") if name.strip()]
-        unknown = [name for name in wanted if name not in methods.METHODS]
-        if unknown or not wanted:
-            raise CamfaceError(f"unknown method {', '.join(unknown) or repr(spec)}; choose from "
-                               f"all, {', '.join(methods.METHODS)}")
         absent = [name for name in wanted if name not in available]
         if absent:
             raise CamfaceError(f"the graph has no {', '.join(absent)} heatmap; it offers "
@@ -143,6 +154,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.keras is not None and not args.sanity:
         raise UsageError("--keras is for the --sanity checks: add --sanity")
+    # what can be checked before the graph (and, with --sanity, TensorFlow) loads
+    if args.keras is not None and not args.keras.is_file():
+        raise ModelError(f"--keras: model file not found: {args.keras}")
+    named_methods(args.methods)
+    if not args.snapshots:
+        from camface.realtime.sources import check_source
+
+        check_source(config.source, "--source")
     sanity_plot = None if args.plot is None or not args.sanity else \
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
     written = [(flag, out) for flag, out in (("--json", args.json), ("--plot", args.plot),

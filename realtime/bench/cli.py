@@ -189,6 +189,13 @@ def _bench(args: argparse.Namespace) -> int:
         from camface.outputs import check_output_file
 
         check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
+    # the files the last rows read: now, not after the live rows have run
+    if config.baseline == "keras" and config.keras_model is not None and not config.keras_model.is_file():
+        raise ModelError(f"--keras-model: model file not found: {config.keras_model}")
+    if config.compare_int8:
+        from camface.realtime.sources import check_source
+
+        check_source(config.calibration, "--calibration")
     report, rows = run(config)
     from camface.realtime.bench.report import format_report
 
