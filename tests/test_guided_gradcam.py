@@ -462,7 +462,8 @@ def test_a_target_two_nested_heads_deep_is_refused_and_one_deep_is_cut():
 
 def _squeezed(head: str):
     """16x16x3 -> Conv2D "conv" (6) [N, 14, 14, 6] -> a head whose probabilities are a 1x1 map's
-    channels squeezed to [N, 4]: GAP(keepdims) -> Conv2D(4, 1, softmax) -> Flatten, or an
+    channels squeezed to [N, 4]: GAP(keepdims) -> Conv2D(4, 1, softmax) -> Flatten (in a nested
+    Sequential head too), or an
     all-convolutional (GAP-free) Conv2D(4, 14) to 1x1 -> sigmoid / Softmax -> Flatten, Reshape
     or global pooling of the 1x1 map."""
     inputs = keras.Input((16, 16, 3))
@@ -471,6 +472,10 @@ def _squeezed(head: str):
     if head == "gap-conv1x1-softmax-flatten":
         x = layers.Conv2D(4, 1, activation="softmax", name="classes")(layers.GlobalAveragePooling2D(keepdims=True)(x))
         return keras.Model(inputs, layers.Flatten()(x))
+    if head == "nested-gap-conv1x1-softmax-flatten":
+        return keras.Model(inputs, keras.Sequential([
+            layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(4, 1, activation="softmax", name="classes"),
+            layers.Flatten()], name="head")(x))
     if head == "all-conv-sigmoid-flatten":
         return keras.Model(inputs, layers.Flatten()(layers.Conv2D(4, 14, activation="sigmoid", name="classes")(x)))
     if head == "all-conv-softmax-reshape-dropout":
@@ -480,7 +485,8 @@ def _squeezed(head: str):
     return keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
 
 
-@pytest.mark.parametrize("head", ["gap-conv1x1-softmax-flatten", "all-conv-sigmoid-flatten",
+@pytest.mark.parametrize("head", ["gap-conv1x1-softmax-flatten", "nested-gap-conv1x1-softmax-flatten",
+                                  "all-conv-sigmoid-flatten",
                                   "all-conv-softmax-reshape-dropout", "all-conv-softmax-gap"])
 def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head):
     """A 1x1 map of probabilities flattened (or pooled) to [N, classes] was refused ('probabilities
@@ -498,7 +504,7 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head
     keras.utils.set_random_seed(0)
     model = _squeezed(head)
     graph, info = export_in_memory(model, preset="unit")
-    assert info.target_layer == "conv" and ("cam" in info.heatmaps) == head.startswith("gap")
+    assert info.target_layer == "conv" and ("cam" in info.heatmaps) == ("gap-" in head)
     images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     classes = np.array([-1, 0, 3], np.int64)
     outputs = graph(images, classes)
@@ -506,7 +512,8 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head
     np.testing.assert_allclose(outputs["probs"], want, rtol=1e-5, atol=1e-6)
     chosen = np.where(classes < 0, want.argmax(1), classes)
     if "cam" in info.heatmaps:
-        kernel = np.asarray(model.get_layer("classes").kernel)[0, 0]  # [6, 4]
+        owner = model.get_layer("head") if head.startswith("nested") else model
+        kernel = np.asarray(owner.get_layer("classes").kernel)[0, 0]  # [6, 4]
         expected = np.einsum("nhwk,kn->nhw", outputs["activations"], kernel[:, chosen])
         np.testing.assert_allclose(outputs["cam"], expected, rtol=1e-4,
                                    atol=1e-5 * float(np.abs(expected).max()))
