@@ -172,9 +172,9 @@ DEFAULT_TARGET_REASON = ("default: the last 4-D layer before the head's global p
 
 def _head_pools(layers) -> list[int]:
     """Indices into `layers` ((path, layer) pairs) of the global pooling layers that pool for the
-    head: those whose input, more than 1x1, only they read. A squeeze-and-excitation block's
-    pooling (EfficientNet, MobileNetV3) shares its input with the multiply that scales the map
-    by the excitation."""
+    head: those whose input only they read, a 1x1 map of probabilities (squeezed) left out. A
+    squeeze-and-excitation block's pooling (EfficientNet, MobileNetV3) shares its input with the
+    multiply that scales the map by the excitation."""
     readers: dict[int, int] = {}
     for _, layer in layers:
         try:
@@ -183,10 +183,15 @@ def _head_pools(layers) -> list[int]:
             continue
         for tensor in {id(t): t for t in inputs}.values():
             readers[id(tensor)] = readers.get(id(tensor), 0) + 1
-    # a pooling of a 1x1 map only squeezes it (an all-convolutional head's probabilities)
+    producers = {id(_output_in_parent(layer)): layer for _, layer in layers if _rank(layer) >= 0}
+
+    def squeezes_probabilities(pool) -> bool:  # an all-convolutional head's 1x1 map of them
+        source = _input_in_parent(pool)
+        return tuple(source.shape[1:3]) == (1, 1) and id(source) in producers and \
+            activation_name(producers[id(source)]) in _PROBABILITY_ACTIVATIONS
+
     return [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES
-            and readers.get(id(_input_in_parent(layer)), 0) <= 1
-            and tuple(_input_in_parent(layer).shape[1:3]) != (1, 1)]
+            and readers.get(id(_input_in_parent(layer)), 0) <= 1 and not squeezes_probabilities(layer)]
 
 
 def default_target_layer(model) -> str:
