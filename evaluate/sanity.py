@@ -222,7 +222,7 @@ def check(randomizer, crops: np.ndarray, names: tuple[str, ...], threads: int = 
 
         model, preprocessing, layer = guided
         found, maps = sanity_guided.check(model, preprocessing, layer, crops, predicted, other, drawn,
-                                          seed=seed, progress=progress)
+                                          seed=seed, feature_steps=randomizer.feature_steps, progress=progress)
         results.extend(found)
         figure_maps.update(maps)
     return results, {"crops": crops[drawn], "steps": [s.name for s in randomizer.steps], "maps": figure_maps}
