@@ -262,6 +262,7 @@ class Randomizer:
         self.forward = self._classifier.model
         head, features = weight_layers(self.forward, self.target)
         self.steps = cascade(head, features, feature_steps)
+        self.feature_steps = feature_steps  # the guided cascade (`sanity_guided`) groups its features alike
         self.seed = int(seed)
         self._values = {i.name: numpy_helper.to_array(i) for i in self.forward.graph.initializer}
 

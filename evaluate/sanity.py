@@ -150,9 +150,16 @@ def _run(session, crops: np.ndarray, classes: np.ndarray, names) -> dict[str, np
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def _session(model_bytes: bytes, threads: int):
+def _session(model_bytes: bytes, threads: int, outputs):
+    """A CPU session of the graph pruned to `outputs`: ONNX Runtime runs every node of a graph
+    whatever the outputs asked for, and a CAM graph's gradient-free methods (Score-CAM,
+    Ablation-CAM) run the model again K times a crop, so the whole graph would cost ~100x the
+    methods a sanity check scores."""
     import onnxruntime as ort
 
+    from camface.realtime.graph import prune
+
+    model_bytes = prune(model_bytes, ("probs", *outputs))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -178,7 +185,7 @@ def check(randomizer, crops: np.ndarray, names: tuple[str, ...], threads: int = 
                          f"{', '.join(sorted(outputs - {'probs', 'activations'}))}")
     crops = np.ascontiguousarray(crops)
     size = compared_size(crops.shape[1:3])
-    original = _session(randomizer.graph().SerializeToString(), threads)
+    original = _session(randomizer.graph().SerializeToString(), threads, names)
     probs = _run(original, crops, -np.ones(len(crops), np.int64), ("probs",))["probs"]
     predicted = probs.argmax(axis=1)
     reference = _run(original, crops, predicted, names)
@@ -194,7 +201,7 @@ def check(randomizer, crops: np.ndarray, names: tuple[str, ...], threads: int = 
         missing = [name for name in names if name not in {o.name for o in graph.graph.output}]
         if missing:
             raise ModelError(f"the rebuilt graph has no {', '.join(missing)} heatmap")
-        maps = _run(_session(graph.SerializeToString(), threads), crops, predicted, names)
+        maps = _run(_session(graph.SerializeToString(), threads, names), crops, predicted, names)
         broken = [name for name in names if not np.isfinite(maps[name]).all()]
         if broken:
             raise ModelError(f"randomisation step {step.name!r} gives non-finite {', '.join(broken)} maps")
@@ -215,7 +222,7 @@ def check(randomizer, crops: np.ndarray, names: tuple[str, ...], threads: int = 
 
         model, preprocessing, layer = guided
         found, maps = sanity_guided.check(model, preprocessing, layer, crops, predicted, other, drawn,
-                                          seed=seed, progress=progress)
+                                          seed=seed, feature_steps=randomizer.feature_steps, progress=progress)
         results.extend(found)
         figure_maps.update(maps)
     return results, {"crops": crops[drawn], "steps": [s.name for s in randomizer.steps], "maps": figure_maps}
@@ -235,7 +242,7 @@ def _other_classes(predicted: np.ndarray, num_classes: int, seed: int) -> np.nda
 def _compare_with_the_graph(cam, crops, classes, rebuilt: dict, names, threads: int) -> None:
     """Warn when the graph's own maps differ from the rebuilt graph's by more than 1e-3 of their
     largest magnitude (rounding gives ~1e-7)."""
-    own = _run(_session(cam.SerializeToString(), threads), crops, classes, names)
+    own = _run(_session(cam.SerializeToString(), threads, names), crops, classes, names)
     differ = {}
     for name in names:
         scale = float(np.abs(own[name]).max())

@@ -39,7 +39,7 @@ def weighted_layers(model) -> list:
 
 def _maps(explainer, crops: np.ndarray, classes: np.ndarray) -> dict[str, list[np.ndarray]]:
     size = compared_size(crops.shape[1:3])
-    items = explainer.explain(crops, classes)
+    items = explainer.explain(crops, classes, only=())  # Grad-CAM alone: Guided Grad-CAM's weight
     return {"guidedbackprop": [shown(np.abs(e.input_gradient).sum(axis=-1), size) for e in items],
             "guidedgradcam": [shown(np.abs(e.guided_gradcam).sum(axis=-1), size) for e in items]}
 

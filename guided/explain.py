@@ -93,11 +93,14 @@ class Explainer:
         return self._backprop.label
 
     def explain(self, crops: np.ndarray, class_index: np.ndarray,
-                names: tuple[str, ...] = (), recorded: np.ndarray | None = None) -> list[Explanation]:
+                names: tuple[str, ...] = (), recorded: np.ndarray | None = None,
+                only: tuple[str, ...] | None = None) -> list[Explanation]:
         """crops: uint8 [N, H, W, C] in the preprocessing's colour order; class_index: int [N],
         -1 = the predicted class. recorded: int [N], the class a snapshot recorded as predicted
         (named predicted instead of the model's own argmax, which smoothing or an int8 / fp16
-        graph may have changed), -1 = none. Returns one Explanation per crop."""
+        graph may have changed), -1 = none. only: the heatmaps to compute (Grad-CAM always, for
+        Guided Grad-CAM); None = all of `methods` (Score-CAM runs the model again K times a crop).
+        Returns one Explanation per crop."""
         images = self.preprocessing.apply(crops)
         passes = self._runner.run(images, class_index)
         # The class named predicted and, for -1, explained: live's (the first of tied top
@@ -108,8 +111,9 @@ class Explainer:
         activations, gradients = passes.activations[0], passes.gradients[0]
         weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
         calls = self._calls(images, activations, explained)
+        wanted = [name for name in self.methods if only is None or name in only or name == "gradcam"]
         heatmaps = {name: methods.get(name).reference(activations, gradients, weights, model=calls)
-                    for name in self.methods}
+                    for name in wanted}
         gradcam = heatmaps["gradcam"]
         # Chain rule through x * scale + offset: gradient w.r.t. raw pixel values.
         input_gradient = (self._backprop.gradients(images, explained)

@@ -97,10 +97,17 @@ ORT_SETTINGS = {"optimised-1": (True, 1), "unoptimised-1": (False, 1),
                 "optimised-2": (True, 2), "unoptimised-2": (False, 2)}
 
 
-def ort_session(model_bytes: bytes, optimised: bool = True, threads: int = 0):
+def ort_session(model_bytes: bytes, optimised: bool = True, threads: int = 0, outputs=None):
     """An ONNX Runtime CPU session with graph optimisations on or off and `threads` intra-op
-    threads (0: ONNX Runtime's default)."""
+    threads (0: ONNX Runtime's default); of the graph pruned to `outputs` (names) when given, as
+    the live loop prunes it (ONNX Runtime runs every node of a graph whatever is fetched, and a
+    CAM graph's Score-CAM and Ablation-CAM run the model again K times a crop)."""
     import onnxruntime as ort
+
+    if outputs is not None:
+        from camface.realtime.graph import prune
+
+        model_bytes = prune(model_bytes, tuple(outputs))
 
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimised

@@ -273,6 +273,20 @@ def test_changing_the_class_changes_guided_gradcam(explained):
                                atol=1e-9)
 
 
+@pytest.mark.parametrize("only, computed", [((), {"gradcam"}), (("hirescam", "cam"), {"gradcam", "hirescam", "cam"})])
+def test_only_the_heatmaps_asked_for_are_computed_grad_cam_always(explained, only, computed):
+    """`explain(only=...)` (the sanity check's guided maps: no Score-CAM, K model runs a crop):
+    those heatmaps and Grad-CAM, Guided Grad-CAM's weight, equal to a call that computes all."""
+    explainer, (_, sad) = explained
+    assert {"scorecam", "ablationcam"} <= set(explainer.methods)
+    crops = np.stack([sad.image_rgb[..., :1]])  # one grey channel: the colour order's own crop
+    (got,) = explainer.explain(crops, np.array([SAD]), only=only)
+    assert set(got.heatmaps) == computed
+    for name in computed:
+        np.testing.assert_allclose(got.heatmaps[name], sad.heatmaps[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.guided_gradcam, sad.guided_gradcam, rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.skipif(not EMOTION_ONNX.is_file(), reason="bundled CAM graph not exported yet")
 def test_gradcam_equals_exported_onnx_graph(emotion_model, crops):
     """Same crop and class: this command's TF Grad-CAM / Grad-CAM++ / CAM / probs equal the ONNX

@@ -165,10 +165,12 @@ def _gapped(n=3, h=5, w=6, k=16, gap=0.5, seed=0):
 
 
 @pytest.mark.parametrize("gap", [0.5, 0.8, 0.9])
-def test_eigencam_matches_numpy_svd(run, gap):
+@pytest.mark.parametrize("h, w, k", [(5, 6, 16), (3, 4, 16), (4, 4, 16)])  # more positions than channels, fewer, as many
+def test_eigencam_matches_numpy_svd(run, gap, h, w, k):
     """Up to sign, Eigen-CAM's power method gives numpy's SVD projection; the sign is the
-    largest-magnitude entry's (to 1e-4 after normalisation, singular value ratios up to 0.9)."""
-    x = _gapped(gap=gap)
+    largest-magnitude entry's (to 1e-4 after normalisation, singular value ratios up to 0.9),
+    whether it iterates on the positions' Gram matrix or the channels' (h w > K)."""
+    x = _gapped(h=h, w=w, k=k, gap=gap)
     got = run(methods.get("eigencam"), x)
     want = _svd_projection(x)
     for g, w in zip(got, want):

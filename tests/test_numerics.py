@@ -87,7 +87,7 @@ def bundled_activations(astronaut_bgr):
     from camface.models import EMOTION_KERAS, EMOTION_ONNX
 
     image = many_crops(astronaut_bgr)
-    session = ort_session(EMOTION_ONNX.read_bytes())
+    session = ort_session(EMOTION_ONNX.read_bytes(), outputs=("probs", "activations"))
     probs, activations = session.run(["probs", "activations"],
                                      {"image": image, "class_index": -np.ones(len(image), np.int64)})
     model = keras.models.load_model(EMOTION_KERAS, compile=False)
@@ -137,7 +137,7 @@ def test_bundled_graph_normalised_maps_do_not_depend_on_onnx_runtime_settings(as
     model = EMOTION_ONNX.read_bytes()
     # not the methods that run the model again: 64 x 64 forward passes per run (test_gradient_free.py)
     names = [n for n in methods.names() if n != "cam" and not methods.get(n).reruns]
-    baseline, other = ort_session(model, True, 1), ort_session(model, *ORT_SETTINGS[setting])
+    baseline, other = ort_session(model, True, 1, names), ort_session(model, *ORT_SETTINGS[setting], outputs=names)
     worst = {}
     for c in range(-1, 7):
         feed = {"image": image, "class_index": np.full(len(image), c, np.int64)}
