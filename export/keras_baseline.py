@@ -81,6 +81,8 @@ class KerasGradCam:
         self._probabilities = tf.nn.sigmoid if activation == "sigmoid" else tf.nn.softmax
         if type(final).__name__ in ("Activation", "Softmax") and activation in ("softmax", "sigmoid"):
             logits = final.input  # the example's "remove the last layer's softmax"
+            if len(logits.shape) > 2:  # a 1x1 map's probabilities squeezed after it: the logits are its channels
+                logits = keras.layers.Reshape((int(logits.shape[-1]),))(logits)
         else:  # an Activation layer of another kind (linear, relu) gives the logits as it is, as the graph takes them
             if getattr(final, "activation", None) is not None and type(final).__name__ not in ("Activation", "Softmax"):
                 final.activation = None  # exactly what the example does

@@ -485,6 +485,42 @@ def test_the_keras_baseline_gives_the_models_probabilities_and_the_graphs_gradca
     np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())
 
 
+@pytest.mark.parametrize("head", ["softmax-reshape", "activation-gap", "conv-softmax-flatten"])
+def test_the_keras_baseline_of_probabilities_squeezed_off_a_1x1_map(tmp_path, head):
+    """An all-convolutional head (Conv2D to a 1x1 map, its Softmax / Activation layer, then
+    Reshape, Flatten or global pooling), which export explains at the map's channels: the
+    baseline took the 4-D input of that Softmax for the logits, and `camface bench --baseline
+    keras` failed ("only 0-dimensional arrays can be converted"). Its probabilities are the
+    model's and its Grad-CAM the graph's."""
+    import keras
+    from keras import layers
+
+    from camface.export.keras_baseline import KerasGradCam
+
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    if head == "softmax-reshape":
+        x = layers.Reshape((NUM_CLASSES,))(layers.Softmax()(layers.Conv2D(NUM_CLASSES, 14, name="classes")(x)))
+    elif head == "activation-gap":
+        x = layers.GlobalAveragePooling2D()(layers.Activation("softmax")(layers.Conv2D(NUM_CLASSES, 14, name="classes")(x)))
+    else:
+        x = layers.Flatten()(layers.Conv2D(NUM_CLASSES, 14, activation="softmax", name="classes")(x))
+    model = keras.Model(inputs, x, name="all_conv")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    graph, info = export_in_memory(model, preset="unit")
+    assert info.target_layer == "conv"
+    image = images(2, 16, 3, seed=8)
+    classes = class_indices(2)
+    probs, gradcam = KerasGradCam(path, info.target_layer, [1 / 255] * 3, [0.0] * 3).explain(image, classes)
+    want = graph(image, classes)
+    np.testing.assert_allclose(probs, model.predict(image.astype(np.float32) / 255, verbose=0),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs, want["probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())
+
+
 @pytest.mark.parametrize("activation", ["linear", "relu"])
 def test_the_keras_baseline_of_a_model_ending_in_an_activation_layer_that_is_not_probabilities(tmp_path, activation):
     """Activation('linear', dtype='float32') last (the mixed-precision recipe for a model that
