@@ -70,8 +70,8 @@ def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order:
     whole or not at all."""
     try:
         return _write_report(outputs, videos, labels, color_order, method, colormap, alpha, run)
-    except OSError as exc:
-        raise OutputError(f"cannot write {exc.filename or outputs.root}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # not a file written (replace_whole names those): a record or class sums read
+        raise OutputError(f"cannot write the report in {outputs.root}: {exc}") from exc
 
 
 def _write_report(outputs: Outputs, videos, labels, color_order, method, colormap, alpha, run) -> dict:

@@ -9,28 +9,24 @@
   OUT_DIR/.camface-run.lock, .camface-run.json    the run that owns OUT_DIR (camface.batch.owner)
 
 Every file is written under a temporary name starting with "." (which Parquet readers skip)
-and renamed into place, the record last: a video counts as finished only when its record
-exists, so a task that Ray retries, or a run killed half-way, never leaves a duplicate or a
-half-written file behind, and `--resume` redoes exactly the videos without a "done" record.
+and renamed into place (`camface.outputs.replace_whole`: an error names the file, never its
+temporary one, and leaves the earlier file whole), the record last: a video counts as finished
+only when its record exists, so a task that Ray retries, or a run killed half-way, never leaves
+a duplicate or a half-written file behind, and `--resume` redoes exactly the videos without a
+"done" record.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from camface.outputs import left_beside
+from camface.errors import OutputError
+from camface.outputs import left_beside, replace_whole
 
 DONE, FAILED = "done", "failed"
-
-
-def atomic_path(final: Path) -> Path:
-    """A temporary name beside `final` (same folder, so the rename is atomic)."""
-    return final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.tmp{final.suffix}")
 
 
 class Outputs:
@@ -43,22 +39,17 @@ class Outputs:
         self.videos, self.rows, self.state = self.root / "videos", self.root / "rows", self.root / "state"
         self.parts = self.root / "parts"
 
-    def publish(self, tmp: Path, final: Path) -> None:
-        """Rename a finished temporary file into place, if this run still owns OUT_DIR (a
-        worker of a killed driver raises Superseded instead, and its file is never seen)."""
+    def check(self) -> None:
+        """Raise Superseded unless this run still owns OUT_DIR (asked before each file is
+        renamed into place: a worker of a killed driver publishes nothing)."""
         if self.owner is not None:
             self.owner.check()
-        os.replace(tmp, final)
 
     def write(self, final: Path, write) -> None:
-        """`write(tmp)` a temporary file beside `final`, then publish it; no temporary file
-        is left behind either way."""
-        tmp = atomic_path(final)
-        try:
-            write(tmp)
-            self.publish(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """`write(tmp)` a temporary file beside `final`, then rename it into place if this run
+        still owns OUT_DIR (`camface.outputs.replace_whole`: OutputError naming `final` when it
+        cannot be written, the earlier file kept; no temporary file left behind either way)."""
+        replace_whole(final, write, self.check)
 
     def make(self) -> None:
         for folder in (self.videos, self.rows, self.state):
@@ -97,7 +88,7 @@ class Outputs:
         removed = 0
         parts = [p for p in self.parts.iterdir() if p.is_dir()] if self.parts.is_dir() else []
         for folder in (self.root, self.root / "report", self.videos, self.rows, self.state, *parts):
-            # atomic_path's names, and camface.outputs.beside's (the report's files)
+            # camface.outputs.beside's names, and (".*.tmp*") those of runs of camface before it
             for path in [*folder.glob(".*.tmp*"), *left_beside(folder)] if folder.is_dir() else ():
                 path.unlink(missing_ok=True)
                 removed += 1
@@ -128,11 +119,16 @@ class Outputs:
         if out["ok"] and out.get("incomplete"):
             record["incomplete"] = incomplete(out["incomplete"], out.get("frames", 0))
         try:
-            write_json(path or self.record_path(video_id), record, self.publish)
-        except OSError as exc:  # a full disk: no record, so the unit is not finished; the driver says why
+            write_json(path or self.record_path(video_id), record, self.check)
+        except (OSError, OutputError) as exc:  # a full disk: no record, so the unit is not finished;
+            from camface.batch.owner import Superseded  # the driver says why
+
+            if isinstance(exc, Superseded):  # an OutputError too: this run lost OUT_DIR, no record at all
+                raise
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             return {"video": video_id, "path": out["path"], "status": FAILED, "stage": "record",
                     "reason": f"cannot write its record {path or self.record_path(video_id)}: "
-                              f"{exc.strerror or exc}"}
+                              f"{getattr(cause, 'strerror', None) or cause}"}
         return record
 
 
@@ -150,13 +146,10 @@ def describe_incomplete(record: dict) -> str:
     return f"read {entry['frames_read']}{of} frames ({entry['reason']})"
 
 
-def write_json(path: Path, value, publish=os.replace) -> None:
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(value, indent=2))
-        publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_json(path: Path, value, before_rename=None) -> None:
+    """`value` as JSON at `path`, whole or not at all (`camface.outputs.replace_whole`, which
+    runs `before_rename`: `Outputs.check`)."""
+    replace_whole(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2)), before_rename)
 
 
 def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, method: str,
@@ -188,7 +181,8 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
         results = [smoother.update(result) for result in results]
     if renderer is not None and results:  # a segment past the file's real end has none
         video = outputs.video(video_id) if paths is None else paths["video"]
-        out["video_file"] = str(_write_video(video, out, results, renderer, outputs.publish))
+        outputs.write(video, lambda tmp: _write_video(tmp, out, results, renderer))
+        out["video_file"] = str(video)
     table = build_rows(video_id, out["path"], out["fps"], results)
     final = outputs.parquet(video_id) if paths is None else paths["rows"]
     outputs.write(final, lambda tmp: write_parquet(table, tmp))
@@ -213,24 +207,18 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
         out["unknown_faces"] = sum(p.is_unknown(r.threshold) for r in results for p in r.predictions)
 
 
-def _write_video(final: Path, out: dict, results, renderer, publish=os.replace) -> Path:
-    """Decode the video again, draw each frame's result, encode with the live loop's sink."""
+def _write_video(path: Path, out: dict, results, renderer) -> None:
+    """Decode the video again, draw each frame's result, encode at `path` with the live loop's sink."""
     from camface.errors import SourceError
     from camface.realtime.sinks import VideoSink
     from camface.realtime.sources import VideoFileSource
 
-    tmp = atomic_path(final)
     written = 0
-    try:
-        with VideoFileSource(out["path"], out.get("start", 0), out.get("stop")) as source, \
-                VideoSink(tmp, out["fps"], overwrite=True) as sink:
-            for frame, result in zip(source, results):
-                renderer.annotate(frame, result, hud=False)  # no HUD: rolling fps means nothing here
-                sink.write(frame)
-                written += 1
-        if written != len(results):
-            raise SourceError(f"{out['path']}: {written} frames decoded for drawing, {len(results)} detected")
-        publish(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    with VideoFileSource(out["path"], out.get("start", 0), out.get("stop")) as source, \
+            VideoSink(path, out["fps"], overwrite=True) as sink:
+        for frame, result in zip(source, results):
+            renderer.annotate(frame, result, hud=False)  # no HUD: rolling fps means nothing here
+            sink.write(frame)
+            written += 1
+    if written != len(results):
+        raise SourceError(f"{out['path']}: {written} frames decoded for drawing, {len(results)} detected")

@@ -4,12 +4,15 @@ slow work starts."""
 from __future__ import annotations
 
 import contextlib
-import errno
+import logging
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from camface.errors import CamfaceError, OutputError
+
+log = logging.getLogger(__name__)
 
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
@@ -33,15 +36,17 @@ def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
 
 def beside(final: Path, tag: str = "partial") -> Path:
     """A hidden temporary name beside `final`, in its folder (so that renaming it over `final` is
-    atomic), unique to this process and ending in `final`'s suffix (numpy and matplotlib choose
-    the format by it): cam.onnx -> .cam.onnx.1234.partial.onnx."""
+    atomic), unique to this call (the process id and a random part: two threads, or two Ray tasks
+    of one worker, writing the same final never share it) and ending in `final`'s suffix (numpy
+    and matplotlib choose the format by it): cam.onnx -> .cam.onnx.1234-5f0c2a.partial.onnx."""
     final = Path(final)
-    return final.with_name(f".{final.name}.{os.getpid()}.{tag}{final.suffix}")
+    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.{tag}{final.suffix}")
 
 
 def left_beside(folder: str | Path, tag: str = "partial") -> list[Path]:
     """The temporary files `beside` names with `tag` that lie in `folder`: a process killed
-    while writing leaves them (the caller knows whether any such process may still run)."""
+    while writing leaves them (the caller knows whether any such process may still run).
+    `written_beside` keeps an earlier file, while it renames several, under the tag "previous"."""
     folder = Path(folder)
     return sorted(folder.glob(f".*.{tag}*")) if folder.is_dir() else []
 
@@ -52,11 +57,21 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
     order, for the block to write. When the block ends without an error, each is renamed over its
     final (a final whose temporary file the block did not write is removed: no earlier run's file
     is left beside this run's); on an error, Ctrl-C included, the temporary files are removed and
-    the finals stay as they were (an earlier run's, or none). OutputError naming a final that
-    cannot be renamed into place. Errors name the finals, never a temporary file: an OSError
-    about one (a full disk while numpy or matplotlib writes it) becomes an OutputError naming its
-    final, and a camface error whose message names one (`convert.save`'s "cannot write ...")
-    names its final instead."""
+    the finals stay as they were (an earlier run's, or none).
+
+    All or none: with several finals, each earlier file is first kept beside its final (a hard
+    link, so the final never goes missing; moved aside where the file system has none) and, when
+    any rename fails (or Ctrl-C comes), the finals renamed so far get their earlier files back (or
+    are removed, where there was none) before the error is raised; on success the kept files are
+    removed. What the file system cannot promise: a process killed (SIGKILL, power) in the
+    moment between two renames leaves some finals new and the rest as before, the earlier files
+    kept beside them as .NAME.PID-XXXXXX.previous.SUFFIX (`left_beside(folder, "previous")`).
+
+    OutputError naming a final that cannot be renamed into place. Errors name the finals, never a
+    temporary file: an OSError about one, or about a final (a full disk while numpy or matplotlib
+    writes it), becomes an OutputError naming its final; a camface error whose message names one
+    (`convert.save`'s "cannot write ...") names its final instead; an OSError about any other
+    file (an input read while writing) is raised as it is, naming that file."""
     finals = tuple(Path(final) for final in finals)
     staged = tuple(beside(final, tag) for final in finals)
     try:
@@ -68,22 +83,76 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
         except OSError as exc:
             final = next((final for tmp, final in zip(staged, finals)
                           for name in (exc.filename, exc.filename2)
-                          if name is not None and os.path.abspath(os.fsdecode(name)) == os.path.abspath(tmp)),
+                          if name is not None and os.path.abspath(os.fsdecode(name)) in
+                          (os.path.abspath(tmp), os.path.abspath(final))),
                          None)
             if final is None:
                 raise
-            raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
+            why = naming_finals(exc.strerror or str(exc), staged, finals)
+            raise OutputError(f"cannot write {final}: {why}") from exc
+        _rename_all(staged, finals)
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _rename_all(staged: tuple[Path, ...], finals: tuple[Path, ...]) -> None:
+    """Rename each of `staged` over its final (remove the final where the block wrote none), all
+    or none (see `written_beside`). One final needs nothing kept: its one rename is atomic."""
+    kept: list[tuple[Path, Path | None]] = []  # (final, its earlier file kept, or None: there was none)
+    try:
         for tmp, final in zip(staged, finals):
             try:
+                earlier = _keep_earlier(final) if len(finals) > 1 else None
+                if earlier is not None or not os.path.lexists(final):
+                    kept.append((final, earlier))
                 if tmp.exists():
                     os.replace(tmp, final)
                 else:
                     final.unlink(missing_ok=True)
             except OSError as exc:
                 raise OutputError(f"cannot write {final}: {exc.strerror or exc}") from exc
-    finally:
-        for tmp in staged:
-            tmp.unlink(missing_ok=True)
+    except BaseException:
+        _put_back(kept)
+        raise
+    for _, earlier in kept:
+        if earlier is not None:
+            with contextlib.suppress(OSError):  # all renamed: the earlier file is no longer needed
+                earlier.unlink()
+
+
+def _keep_earlier(final: Path) -> Path | None:
+    """Keep `final`'s current file beside it (None when there is none to keep, or a folder, which
+    the rename then refuses): a hard link where the file system has them, so that `final` stays
+    in place until it is replaced, else the file moved aside."""
+    if not os.path.lexists(final) or (final.is_dir() and not final.is_symlink()):
+        return None
+    earlier = beside(final, "previous")
+    try:
+        os.link(final, earlier, follow_symlinks=False)
+    except (OSError, NotImplementedError):  # FAT, some network shares: no hard links
+        os.replace(final, earlier)
+    return earlier
+
+
+def _put_back(kept: list[tuple[Path, Path | None]]) -> None:
+    """Undo the renames of `_rename_all` that were done: each final gets its earlier file back, or
+    is removed where it had none. A file that cannot be put back stays where it was kept, said
+    in the log (the error that stopped the renames is the one raised)."""
+    for final, earlier in reversed(kept):
+        if earlier is None:
+            try:
+                final.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("could not remove the new %s (%s), which had no earlier file", final, exc.strerror or exc)
+        else:
+            try:
+                os.replace(earlier, final)
+                # still there when final was never replaced: renaming one of two links of a file does nothing
+                earlier.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("could not put back the earlier %s (%s): it is kept as %s", final, exc.strerror or exc,
+                          earlier)
 
 
 @contextlib.contextmanager
@@ -107,23 +176,26 @@ def naming_finals(text: str, staged, finals) -> str:
     return text
 
 
-def replace_whole(path: str | Path, write) -> None:
+def replace_whole(path: str | Path, write, before_rename=None) -> None:
     """`write(partial)` a file beside `path`, then rename it over `path`: a failure or a kill
-    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file. A
-    failed write is an OSError naming `path`, never the partial file; so is a `write` that
-    returns False (cv2.imwrite says a failure so, raising nothing)."""
+    midway (a full disk, Ctrl-C) leaves the previous file as it was, never half a file, and no
+    partial file (a kill leaves one, for `left_beside`). `before_rename()`, when given, runs
+    after the write and before the rename: an error it raises (a batch worker whose run lost
+    OUT_DIR) writes nothing. A write that fails on the partial file (an OSError naming it, or
+    naming no file: write() on a full disk), or that returns False (cv2.imwrite says a failure
+    so, raising nothing), is an OutputError naming `path`; an OSError about another file (an
+    input that `write` reads) is raised as it is, naming that file."""
     path = Path(path)
-    if path.exists() and not path.is_file():  # /dev/stdout, a pipe: nothing to replace, written as is
-        write(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/stdout, a pipe: nothing
+        write(path)                                                  # to replace, written as is
         return
     with written_beside(path) as (partial,):
-        try:
+        with writing(partial):
             written = write(partial)
-        except OSError as exc:
-            exc.filename = str(path)
-            raise
         if written is False:
-            raise OSError(errno.EIO, "the file could not be written (is the disk full?)", str(path))
+            raise OutputError(f"cannot write {path}: the file could not be written (is the disk full?)")
+        if before_rename is not None:
+            before_rename()
 
 
 def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:

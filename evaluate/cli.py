@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from camface.errors import CamfaceError, ModelError, OutputError, UsageError
+from camface.errors import CamfaceError, ModelError, UsageError
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser, "graph_threads", graph_threads=0)
 
 
+def named_methods(spec: str) -> list[str] | None:
+    """The method names of --methods `spec` (None for "all"). CamfaceError naming the valid ones
+    for an unknown name: the registry knows them, so this is said before the graph loads."""
+    from camface import methods
+
+    if spec.strip() == "all":
+        return None
+    wanted = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in methods.METHODS]
+    if unknown or not wanted:
+        raise CamfaceError(f"unknown method {', '.join(unknown) or repr(spec)}; choose from "
+                           f"all, {', '.join(methods.METHODS)}")
+    return wanted
+
+
 def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
     """The methods to score, in registry order, the random baseline last. CamfaceError naming
     the valid ones for an unknown or absent name."""
     from camface import methods
 
-    if spec.strip() == "all":
+    wanted = named_methods(spec)
+    if wanted is None:
         wanted = list(available)
     else:
-        wanted = [name.strip() for name in spec.split(",") if name.strip()]
-        unknown = [name for name in wanted if name not in methods.METHODS]
-        if unknown or not wanted:
-            raise CamfaceError(f"unknown method {', '.join(unknown) or repr(spec)}; choose from "
-                               f"all, {', '.join(methods.METHODS)}")
         absent = [name for name in wanted if name not in available]
         if absent:
             raise CamfaceError(f"the graph has no {', '.join(absent)} heatmap; it offers "
@@ -107,14 +118,19 @@ def resolve_methods(spec: str, available: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from camface.export.ranking import quiet_graph_log
+
+    with quiet_graph_log(getattr(args, "debug", False)):  # the table names the provider
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from camface.evaluate import crops as crop_sources
     from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
     from camface.api import load
     from camface.outputs import check_not_an_input, check_output_file, replace_whole
 
-    if not getattr(args, "debug", False):  # the table names the provider
-        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
     if args.snapshots and args.source is not None:
         raise UsageError("give SNAPSHOT_DIRs or --source, not both")
     if args.snapshots:  # they hold the crops already cut: these would be ignored without a word
@@ -138,6 +154,14 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.keras is not None and not args.sanity:
         raise UsageError("--keras is for the --sanity checks: add --sanity")
+    # what can be checked before the graph (and, with --sanity, TensorFlow) loads
+    if args.keras is not None and not args.keras.is_file():
+        raise ModelError(f"--keras: model file not found: {args.keras}")
+    named_methods(args.methods)
+    if not args.snapshots:
+        from camface.realtime.sources import check_source
+
+        check_source(config.source, "--source")
     sanity_plot = None if args.plot is None or not args.sanity else \
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
     written = [(flag, out) for flag, out in (("--json", args.json), ("--plot", args.plot),
@@ -201,10 +225,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(report))
     if args.json is not None:
         text = json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n"
-        try:  # a full disk leaves an earlier file whole, not half a JSON
-            replace_whole(args.json, lambda partial: partial.write_text(text))
-        except OSError as exc:
-            raise OutputError(f"cannot write {args.json}: {exc.strerror or exc}") from exc
+        # a full disk leaves an earlier file whole, not half a JSON (OutputError naming it)
+        replace_whole(args.json, lambda partial: partial.write_text(text))
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
         from camface.evaluate.plot import plot_curves

@@ -84,11 +84,11 @@ def _save(figure, path: Path, dpi: int) -> Path:
     from camface.outputs import replace_whole
 
     figure.tight_layout()
-    try:  # a full disk leaves an earlier figure whole, not half a PNG
+    try:  # a full disk leaves an earlier figure whole, not half a PNG (OutputError naming it)
         replace_whole(path, lambda partial: figure.savefig(partial, dpi=dpi,
                                                            format=Path(path).suffix.lstrip(".").lower() or None))
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # about another file savefig read: named as it is
+        raise OutputError(f"cannot write {path}: {exc}") from exc
     finally:
         plt.close(figure)
     return path

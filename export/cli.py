@@ -44,7 +44,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if getattr(args, "opset", None) is not None and not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise UsageError(f"--opset must be {MIN_OPSET}..{MAX_OPSET} (tf2onnx converts up to {MAX_OPSET}), "
                          f"got {args.opset}")
-    if getattr(args, "rank_seconds", 0) < 0:
+    if not getattr(args, "rank_seconds", 0) >= 0:  # NaN too
         raise UsageError(f"--rank-seconds must be >= 0 (0 = no limit), got {args.rank_seconds:g}")
     if getattr(args, "prefix_tokens", None) is not None and args.prefix_tokens < 0:
         raise UsageError(f"--prefix-tokens must be >= 0, got {args.prefix_tokens}")
@@ -64,17 +64,6 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
     if args.no_rank and args.rank_seconds != ranking.SECONDS:
         out.append(f"--rank-seconds {args.rank_seconds:g} with --no-rank; ignored")
     return out
-
-
-def check_crop_source(source: str, flag: str) -> None:
-    """SourceError naming `source` now when it does not exist or holds no image, rather than
-    after the graph is built (cameras and streams are opened only when read)."""
-    from camface.realtime.sources import ImageFolderSource, make_source
-
-    opened = make_source(source)
-    if isinstance(opened, ImageFolderSource):
-        with opened:
-            pass
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +158,9 @@ def _export(args: argparse.Namespace) -> int:
     for sentence in unused_flags(args):
         log.warning("camface export: %s", sentence)
     if args.int8 or not args.no_rank:  # before the build: a bad source must not cost minutes, or leave a graph
-        check_crop_source(args.calibration, "--calibration")
+        from camface.realtime.sources import check_source
+
+        check_source(args.calibration, "--calibration")
     labels = read_labels_file(args.labels) if args.labels else None
     options = ExportOptions(
         target_layer=args.target_layer,

@@ -120,17 +120,29 @@ def check_figure_output(path: Path, flag: str = "-o") -> None:
         raise UsageError(f"{flag} {path}: a figure is one of {', '.join('.' + f for f in sorted(formats))}")
 
 
-def one_face(path: Path, cropper, input_size: tuple[int, int], color_order: str, detect: bool) -> np.ndarray:
-    """uint8 [H, W, C] crop of the one face of the photo at `path`, in `color_order`; SourceError
-    naming the photo when it cannot be read or holds no face or several."""
+def read_photos(paths) -> list[np.ndarray]:
+    """The photos at `paths`, uint8 BGR [H, W, 3]; SourceError naming the first that is missing
+    or cannot be decoded."""
+    from camface.models.dataset import read_photo
+
+    images = []
+    for path in paths:
+        image = read_photo(path) if Path(path).is_file() else None
+        if image is None:
+            raise SourceError(f"cannot read the photo {path}")
+        images.append(image)
+    return images
+
+
+def one_face(path: Path, image: np.ndarray, cropper, input_size: tuple[int, int], color_order: str,
+             detect: bool) -> np.ndarray:
+    """uint8 [H, W, C] crop of the one face of `image` (uint8 BGR, the photo at `path`), in
+    `color_order`; SourceError naming the photo when it holds no face or several."""
     import cv2
 
     from camface.color_order import ColorOrder
-    from camface.models.dataset import read_photo, resize_square
+    from camface.models.dataset import resize_square
 
-    image = read_photo(path) if path.is_file() else None
-    if image is None:
-        raise SourceError(f"cannot read the photo {path}")
     height, width = input_size
     if detect:
         crops = cropper.crop_faces(image)
@@ -156,13 +168,15 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
     from camface.models.dataset import LiveCropper
     from camface.realtime.config import LiveConfig
 
+    images = read_photos((a, b))  # before the embedder loads (TensorFlow, for a Keras one)
     embedder = gallery.load(model, options, from_classifier)
     order = embedder.preprocessing.color_order
     live = LiveConfig()
     with contextlib.ExitStack() as stack:
         cropper = stack.enter_context(LiveCropper(face_detector(live), live.margin, max(embedder.input_size))) \
             if detect else None
-        crops = np.stack([one_face(p, cropper, embedder.input_size, order, detect) for p in (a, b)])
+        crops = np.stack([one_face(p, image, cropper, embedder.input_size, order, detect)
+                          for p, image in zip((a, b), images)])
     rows = gallery.normalise(gallery.embed(embedder, crops))
     similarity = float(np.clip(rows[0].astype(np.float64) @ rows[1].astype(np.float64), -1.0, 1.0))
     target = PROJECTION if 1.0 - similarity < SATURATED else COSINE

@@ -24,7 +24,6 @@ Global pooling's gradient is made convertible on the TensorFlow side instead
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -583,24 +582,18 @@ def _isolate_outputs(model):
 
 
 def save(model, path: str | Path) -> Path:
-    """Write the model; raises OutputError naming the path when it cannot be written."""
+    """Write the model (binary protobuf, whatever the name's suffix), whole or not at all
+    (`camface.outputs.replace_whole`: a failure or a kill midway leaves the previous file, or
+    none, never half a graph); raises OutputError naming the path when it cannot be written."""
     import onnx
+
+    from camface.outputs import replace_whole
 
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a directory")
     if not path.parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
-    # whole or not at all: written beside it, then renamed over it (a failure or a kill midway
-    # leaves the previous file, or none, never half a graph)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        onnx.save_model(model, str(partial))
-        os.replace(partial, path)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:  # Ctrl-C, or onnx refusing the model (over 2 GB) midway: no partial file left
-        partial.unlink(missing_ok=True)
-        raise
+    # format given: onnx picks it by the suffix otherwise (g.json would be written as JSON text)
+    replace_whole(path, lambda partial: onnx.save_model(model, str(partial), format="protobuf"))
     return path

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from camface.errors import ModelError
@@ -167,13 +167,14 @@ def candidate_layers(model) -> list[str]:
 
 
 DEFAULT_TARGET_REASON = ("default: the last 4-D layer before the head's global pooling (the last "
-                         "4-D layer when the head has none)")
+                         "4-D layer larger than 1x1 when the head has none)")
 
 
 def _head_pools(layers) -> list[int]:
     """Indices into `layers` ((path, layer) pairs) of the global pooling layers that pool for the
-    head: those whose input only they read. A squeeze-and-excitation block's pooling (EfficientNet,
-    MobileNetV3) shares its input with the multiply that scales the map by the excitation."""
+    head: those whose input only they read, a 1x1 map of probabilities (squeezed) left out. A
+    squeeze-and-excitation block's pooling (EfficientNet, MobileNetV3) shares its input with the
+    multiply that scales the map by the excitation."""
     readers: dict[int, int] = {}
     for _, layer in layers:
         try:
@@ -182,21 +183,31 @@ def _head_pools(layers) -> list[int]:
             continue
         for tensor in {id(t): t for t in inputs}.values():
             readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    producers = {id(_output_in_parent(layer)): layer for _, layer in layers if _rank(layer) >= 0}
+
+    def squeezes_probabilities(pool) -> bool:  # an all-convolutional head's 1x1 map of them
+        source = _input_in_parent(pool)
+        return tuple(source.shape[1:3]) == (1, 1) and id(source) in producers and \
+            activation_name(producers[id(source)]) in _PROBABILITY_ACTIVATIONS
+
     return [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES
-            and readers.get(id(_input_in_parent(layer)), 0) <= 1]
+            and readers.get(id(_input_in_parent(layer)), 0) <= 1 and not squeezes_probabilities(layer)]
 
 
 def default_target_layer(model) -> str:
     """The last layer with a 4-D output before the head's global pooling (the study's "last
     conv"; pooling layers inside blocks, as the squeeze-and-excitation of EfficientNet and
     MobileNetV3, are not the head's: their maps go on); when the head has none (Flatten -> Dense),
-    the last 4-D layer. Raises `ModelError` when the model has no 4-D layer."""
+    the last 4-D layer, larger than 1x1 where one is (an all-convolutional head's class map is 1x1). Raises `ModelError` when the model has no 4-D layer."""
     layers = list(iter_layers(model))
     pools = _head_pools(layers)
     candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
                   if _rank(layer) == 4]
     if not candidates:
         candidates = [(p, layer) for p, layer in layers if _rank(layer) == 4]
+    if not pools:  # an all-convolutional head (Conv2D to 1x1, then softmax) ends in a 1x1 map
+        candidates = [(p, layer) for p, layer in candidates
+                      if tuple(_output_in_parent(layer).shape[1:3]) != (1, 1)] or candidates
     if not candidates:
         raise ModelError(f"model {model.name!r} has no layer with a 4-D output (N, H, W, C): "
                          "camface explains convolutional classifiers")
@@ -363,7 +374,9 @@ def _passes_through(layer) -> bool:
 def probability_layer(model):
     """The layer whose output the model's output is: the output layer, or the layer before the
     ones that are the identity at inference after it (a softmax then Dropout: the softmax, so
-    that probabilities are not taken for logits and softmaxed again)."""
+    that probabilities are not taken for logits and softmaxed again), or before one that
+    squeezes a 1x1 map of probabilities to [N, classes] (whose output is then no 2-D tensor:
+    `logits_of` flattens its logits)."""
     final = _final_layer(model)
     while _passes_through(final) and not _is_model(final):
         source = _input_in_parent(final)
@@ -372,8 +385,7 @@ def probability_layer(model):
         if before is None:
             break
         final = before
-    _check_probabilities_not_reshaped(model, final)
-    return final
+    return _check_probabilities_not_reshaped(model, final)
 
 
 # Layers that reshape or pool what they get: after a softmax / sigmoid their output holds
@@ -381,26 +393,41 @@ def probability_layer(model):
 _RESHAPING_TYPES = POOLING_TYPES + ("Flatten", "Reshape", "AveragePooling2D", "MaxPooling2D")
 
 
-def _check_probabilities_not_reshaped(model, final) -> None:
-    """ModelError when the model's output is probabilities reshaped or pooled after the layer
-    that computed them (Conv2D(softmax) -> GlobalAveragePooling2D): the output would be taken
-    for logits and softmaxed again, and no logits give it."""
+def _check_probabilities_not_reshaped(model, final):
+    """The layer that computed the model's output when `final` only squeezes its probabilities
+    off a 1x1 map (Conv2D(classes, 1, softmax) on a 1x1 map -> Flatten, or its global pooling:
+    the class scores are the map's channels, the softmax over them), else `final`. ModelError
+    when the output is probabilities pooled or reshaped after the layer that computed them
+    (Conv2D(softmax) -> GlobalAveragePooling2D over a 3x3 map): the output would be taken for
+    logits and softmaxed again, and no logits give it."""
     kind = type(final).__name__
     if kind not in _RESHAPING_TYPES or activation_name(final) in _PROBABILITY_ACTIVATIONS:
-        return
+        return final
     source = _input_in_parent(final)
     before = next((layer for layer in reversed(operations(model))
                    if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is source), None)
     if before is None or _is_model(before):
-        return
+        return final
     activation = activation_name(before)
-    if activation in _PROBABILITY_ACTIVATIONS:
-        raise ModelError(
-            f"model {model.name!r}: its output is the {activation} of layer {before.name!r} "
-            f"({type(before).__name__}) passed through {final.name!r} ({kind}), probabilities that "
-            f"no logits give; camface explains the logits before the final {activation}: build "
-            f"{before.name!r} with a linear activation and end the model in "
-            f"keras.layers.Activation({activation!r}) after {final.name!r}")
+    if activation not in _PROBABILITY_ACTIVATIONS:
+        return final
+    shape = tuple(source.shape)
+    axis = getattr(before, "axis", -1) if type(before).__name__ == "Softmax" else -1
+    axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+    out = tuple(_output_in_parent(final).shape)
+    squeezed = (len(out) == 2 and all(isinstance(d, int) for d in shape[1:]) and
+                all(d == 1 for d in shape[1:-1]) and out[1] == shape[-1])
+    if squeezed and (activation == "sigmoid" or isinstance(axis, int) and axis % len(shape) == len(shape) - 1):
+        return before
+    why = (f"its softmax runs over axis {axis} of {shape}, not the class scores alone" if squeezed else
+           f"{final.name!r} turns {shape} into {out}")
+    raise ModelError(
+        f"model {model.name!r}: its output is the {activation} of layer {before.name!r} "
+        f"({type(before).__name__}) passed through {final.name!r} ({kind}), probabilities that "
+        f"no logits give ({why}; a 1x1 map's channels squeezed off are the one kind read); camface "
+        f"explains the logits before the final {activation}: build "
+        f"{before.name!r} with a linear activation and end the model in "
+        f"keras.layers.Activation({activation!r}) after {final.name!r}")
 
 
 @dataclass(frozen=True)
@@ -410,7 +437,7 @@ class Logits:
 
     layers: the layers `tail` runs (for the CAM check). activation: "softmax" / "sigmoid", the
     model's own final activation, or "linear" when its output is the logits. kernel: the
-    [K', classes] kernel of a final Dense whose linear part `tail` is, else None."""
+    [K', classes] kernel of a final Dense (or 1x1 Conv2D) whose linear part `tail` is, else None."""
 
     end: object
     tail: Callable | None
@@ -444,11 +471,22 @@ def logits_of(model) -> Logits:
     end = _input_in_parent(final)
     kind = type(final).__name__
     if kind in ("Activation", "Softmax"):
-        return Logits(end, None, (), final, activation)
-    if kind == "Dense":
-        return Logits(end, _linear_dense(final), (final,), final, activation, final.kernel)
-    twin = linear_twin(final)
-    return Logits(end, lambda x, twin=twin: twin(x, training=False), (final,), final, activation)
+        logits = Logits(end, None, (), final, activation)
+    elif kind == "Dense":
+        logits = Logits(end, _linear_dense(final), (final,), final, activation, final.kernel)
+    else:
+        twin = linear_twin(final)
+        one_by_one = kind == "Conv2D" and tuple(final.kernel_size) == (1, 1)  # CAM reads its kernel
+        logits = Logits(end, lambda x, twin=twin: twin(x, training=False), (final,), final, activation,
+                        final.kernel if one_by_one else None)
+    if len(_output_in_parent(final).shape) == 2:
+        return logits
+    # probabilities squeezed off a 1x1 map (`probability_layer`): the logits are its channels
+    from keras import ops
+
+    classes = int(_output_in_parent(final).shape[-1])
+    run = logits.tail or (lambda x: x)
+    return replace(logits, tail=lambda x, run=run: ops.reshape(run(x), (-1, classes)))
 
 
 def linear_twin(layer):

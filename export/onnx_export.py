@@ -68,7 +68,8 @@ class TargetChoice:
 
 # why a default target was chosen, by kind (`camface info` prints it)
 REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
-REASON_LAST_MAP = "default: the last spatial feature map before the logits (no global pooling)"
+REASON_LAST_MAP = ("default: the last spatial feature map larger than 1x1 before the logits (no global "
+                   "pooling)")
 REASON_VIT = ("default for ViT/DeiT: the last block's norm1, the tokens the last attention reads "
               "(pytorch-grad-cam's choice)")
 REASON_SWIN = ("default for Swin: the last block's norm2, the tokens the MLP after the last "

@@ -34,6 +34,9 @@ _FINAL = ("Softmax", "Sigmoid", "LogSoftmax")  # their input is the logits
 _SPATIAL_REDUCE = ("ReduceMean", "ReduceMax")
 # Ops CAM may look through between the pooling and the linear layer.
 _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
+# Ops that pool what they get: after the final activation, they pass probabilities only when
+# they pool a 1x1 map (squeeze it).
+_POOLING = _POOLS + ("AveragePool", "MaxPool", "ReduceMean", "ReduceMax")
 
 
 
@@ -256,18 +259,84 @@ def describe(model, where: object = "model") -> Classifier:
     check_inference_mode(model, where)
     check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
-    final = producer.get(output.name)
+    final, after = producer.get(output.name), []
     # an Identity (tf2onnx names outputs so), Reshape or Flatten after the Softmax leaves it final
-    while final is not None and final.op_type in _PASS_THROUGH and final.input[0] in producer:
+    while final is not None and final.op_type in _PASS_THROUGH + _POOLING and final.input[0] in producer:
+        after.append(final)
         final = producer[final.input[0]]
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
     logits = final.input[0] if activation else output.name
+    if activation and after and (any(n.op_type in _POOLING for n in after)
+                                 or len(shapes(model).get(logits) or []) != 2):
+        model = _logits_squeezed(model, final, after[::-1], where)
+        logits = model.graph.node[-2].output[0]
     logit_dims = shapes(model).get(logits)
     if not logit_dims or len(logit_dims) != 2 or not isinstance(logit_dims[1], int):
         raise ModelError(f"{where}: the logits {logits!r} must be [N, classes] (they are "
                          f"{logit_dims})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
                       output.name, logits, activation, int(logit_dims[1]))
+
+
+def _logits_squeezed(model, final, after: list, where: object):
+    """`model` ending in `final` (Softmax / Sigmoid / LogSoftmax) of its logits, when the nodes
+    `after` it (in graph order: pooling, flatten, reshape...) only squeeze axes of size 1 away
+    (a Conv(classes, 1) on a 1x1 map -> Softmax -> Flatten: the class scores are the map's
+    channels); rewritten to Flatten(logits) -> `final` over the last axis -> the output, the
+    last two nodes. ModelError naming the nodes when they pool or mix the probabilities, which
+    no logits then give (a Softmax -> GlobalAveragePool over a 3x3 map: a mean of softmaxes)."""
+    import onnx
+    from onnx import helper
+
+    dims = shapes(model)
+    scores, output = final.input[0], model.graph.output[0].name
+    shape = dims.get(scores) or []
+    axis = next((a.i for a in final.attribute if a.name == "axis"), -1)
+    passed = " -> ".join(f"{n.name!r} ({n.op_type})" for n in after)
+    known = len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:])
+    why = None
+    if not known:
+        why = f"its logits {scores!r} have no fixed shape ({_symbolic(shape)})"
+    for node in after:
+        into, out = dims.get(node.input[0]) or [], dims.get(node.output[0]) or []
+        if why is None and not (all(isinstance(d, int) and d > 0 for d in into[1:] + out[1:])
+                                and math.prod(into[1:]) == math.prod(out[1:])):
+            why = (f"{node.name!r} ({node.op_type}) turns {_symbolic(into)} into {_symbolic(out)}: "
+                   "it pools or reshapes the probabilities, and no logits give what comes out")
+    spread = [i for i in range(1, len(shape)) if known and shape[i] != 1]
+    if why is None and final.op_type != "Sigmoid" and (len(spread) > 1 or spread and spread[0] != axis % len(shape)):
+        why = (f"its {final.op_type} runs over axis {axis} of {_symbolic(shape)}, not over the class "
+               "scores alone, so the flattened output is no softmax of them")
+    readers = {x for n in model.graph.node if n is not final and n not in after for x in n.input}
+    if why is None and readers & {o for n in [final, *after] for o in n.output}:
+        why = "other nodes read the probabilities before the output"
+    if why is not None:
+        raise ModelError(f"{where}: its output is the {final.op_type} of {scores!r} (node {final.name!r}) "
+                         f"passed through {passed}: {why}; camface explains the logits before the final "
+                         f"{final.op_type}: export the model ending in the {final.op_type} of [N, classes] "
+                         f"logits, after {after[-1].name!r}")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    dropped = {o for n in [final, *after] for o in n.output}
+    kept = [n for n in copy.graph.node if not any(o in dropped for o in n.output)]
+    taken = {o for n in copy.graph.node for o in n.output} | {i.name for i in copy.graph.initializer}
+    logits, index = f"{scores}/logits", 1
+    while logits in taken:
+        index += 1
+        logits = f"{scores}/logits_{index}"
+    flatten = helper.make_node("Flatten", [scores], [logits], axis=1, name=f"{final.name}/flatten_logits")
+    attrs = {} if final.op_type == "Sigmoid" else {"axis": -1}
+    again = helper.make_node(final.op_type, [logits], [output], name=final.name, **attrs)
+    for node in (flatten, again):  # in the final's PyTorch module (module_outputs)
+        node.metadata_props.extend(final.metadata_props)
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept + [flatten, again])
+    values = [v for v in copy.graph.value_info if v.name not in dropped]
+    del copy.graph.value_info[:]
+    copy.graph.value_info.extend(values)
+    log.info("%s: its %s's input %s %s, squeezed by %s, is read as the logits [N, %d]", where,
+             final.op_type, scores, _symbolic(shape), passed, math.prod(shape[1:]))
+    return prepare(copy, where=where)
 
 
 def fix_input_size(model, size: tuple[int, int], where: object = "model"):
@@ -747,7 +816,9 @@ def default_target(classifier: Classifier) -> str:
                          f"{classifier.logits!r}: its 4-D tensors come from reshapes, transposes "
                          f"or attention, not from convolutions (e.g. {shown}); pass one with "
                          "--target-layer to explain it anyway")
-    target = pooled[-1] if pooled else maps[-1]
+    # an all-convolutional head (Conv to 1x1, then softmax) ends in a 1x1 map: no heatmap
+    wide = [t for t in maps if math.prod(d if isinstance(d, int) else 2 for d in _hw(dims.get(t), grid[t])) > 1]
+    target = pooled[-1] if pooled else (wide or maps)[-1]
     feature_dims(classifier, target, grid[target])  # ModelError when h, w are symbolic
     mixing = _attention(model, target, classifier.logits)
     if mixing is not None:
@@ -933,9 +1004,15 @@ def cam_weights(classifier: Classifier, target: str, head_nodes: list) -> tuple[
                             for a in node.attribute)
             if weights.ndim == 2 and plain:
                 return (weights if trans_b else weights.T), ""
+    if len(rest) == 1 and rest[0].op_type == "Conv" and rest[0].input[1] in values:
+        # a 1x1 convolution of the pooled [N, K, 1, 1] map (an all-convolutional head)
+        weights = np.asarray(values[rest[0].input[1]], np.float32)
+        if weights.ndim == 4 and weights.shape[2:] == (1, 1) and \
+                all(a.i == 1 for a in rest[0].attribute if a.name == "group"):
+            return weights[:, :, 0, 0], ""
     names = " -> ".join(f"{n.name} ({n.op_type})" for n in rest) or "nothing"
     return None, (f"the head after global average pooling is not one linear layer ({names}); "
-                  "CAM needs GAP -> Gemm/MatMul -> softmax")
+                  "CAM needs GAP -> Gemm/MatMul/1x1 Conv -> softmax")
 
 
 @dataclass(frozen=True)

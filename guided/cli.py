@@ -41,6 +41,12 @@ class GuidedConfig:
     min_confidence: float
     max_faces: int
 
+    def __post_init__(self) -> None:
+        # live's checks of the crop options (UsageError naming the flag), as `camface train` does:
+        # here, before TensorFlow loads the model, not when the image's faces are detected
+        LiveConfig(detector=self.detector, margin=self.margin, min_confidence=self.min_confidence,
+                   max_faces=self.max_faces)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "GuidedConfig":
         return cls(Path(args.input), Path(args.output) if args.output else None,

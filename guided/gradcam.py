@@ -97,9 +97,12 @@ def logits_model(model):
     if _probability_activation(last) is None:
         return model
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-        return keras.Model(inputs, _node_input(last), name=f"{model.name}_logits")
-    # a layer (Dense, Conv...) built with the activation: its linear twin
-    return keras.Model(inputs, linear_twin(last)(_node_input(last)), name=f"{model.name}_logits")
+        logits = _node_input(last)
+    else:  # a layer (Dense, Conv...) built with the activation: its linear twin
+        logits = linear_twin(last)(_node_input(last))
+    if len(logits.shape) > 2:  # probabilities squeezed off a 1x1 map: the logits are its channels
+        logits = keras.layers.Reshape((int(logits.shape[-1]),))(logits)
+    return keras.Model(inputs, logits, name=f"{model.name}_logits")
 
 
 def resolve_layer(model, name: str | None) -> str:
@@ -168,6 +171,10 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     if len(rest) == 1 and isinstance(rest[0], keras.layers.Dense) and (
             _probability_activation(rest[0]) is not None or rest[0].activation is keras.activations.linear):
         return np.asarray(rest[0].get_weights()[0], dtype=np.float32), ""
+    if len(rest) == 1 and type(rest[0]) is keras.layers.Conv2D and tuple(rest[0].kernel_size) == (1, 1) \
+            and (_probability_activation(rest[0]) is not None or rest[0].activation is keras.activations.linear):
+        # a 1x1 convolution of the pooled map (an all-convolutional head), as export reads it
+        return np.asarray(rest[0].get_weights()[0], dtype=np.float32).reshape(channels, -1), ""
     return None, f"CAM needs one linear layer between the pooling after {layer!r} and the softmax"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -66,6 +67,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # the live loop's checks of the crop options (UsageError naming the flag)
         live_config.LiveConfig(detector=self.detector, margin=self.margin, min_confidence=self.min_confidence)
+        for flag, rate in (("--learning-rate", self.learning_rate),
+                           ("--fine-tune-learning-rate", self.fine_tune_learning_rate)):
+            if not 0 < rate < math.inf:  # NaN too: Adam trained on (or diverged) for every epoch
+                raise UsageError(f"{flag} must be a finite number > 0, got {rate}")
+        if self.seed < 0:  # numpy's generators refuse it: a traceback once the photos were cropped
+            raise UsageError(f"--seed must be >= 0, got {self.seed}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":

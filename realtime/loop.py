@@ -152,11 +152,14 @@ class LiveLoop:
             check_not_an_input(cfg.record, [cfg.source], "--record")  # --overwrite would wipe the video read
             check_output_file(cfg.record, cfg.overwrite)
         encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
+        if cfg.snapshot_every or cfg.show:
+            SnapshotWriter.check_folder(cfg.snapshot_dir)
+        # a source that is not there is said before the model loads (nothing is opened yet)
+        source = self._source if self._source is not None else make_source(cfg.source)
         pipeline = load(config=cfg, timer=self.timer)
         cfg = self.config = pipeline.config  # method "auto" resolved
         renderer, model_path = pipeline.renderer, pipeline.model_path
         graph, explainer = pipeline.graph, pipeline.explainer
-        source = self._source if self._source is not None else make_source(cfg.source)
         if cfg.loop:
             source = LoopingSource(source)
         with pipeline, source, contextlib.ExitStack() as detectors_open:

@@ -51,16 +51,23 @@ class SnapshotWriter:
 
     def __init__(self, folder: str | Path, source: str, model_path: str | Path, info: GraphInfo):
         self.folder = Path(folder)
-        existing = self.folder if self.folder.is_dir() else self.folder.parent
-        if self.folder.exists() and not self.folder.is_dir():
-            raise OutputError(f"cannot write snapshots to {self.folder}: it is a file")
-        if not existing.is_dir():
-            raise OutputError(f"cannot write snapshots to {self.folder}: folder {existing} does not exist")
-        if not os.access(existing, os.W_OK):
-            raise OutputError(f"cannot write snapshots to {self.folder}: folder {existing} is not writable")
+        self.check_folder(self.folder)
         self.source, self.model_path, self.info = source, Path(model_path).resolve(), info
         self.count = 0
         self.last: Path | None = None
+
+    @staticmethod
+    def check_folder(folder: str | Path) -> None:
+        """OutputError naming `folder` when snapshots cannot be written there (a file, its parent
+        missing or not writable): the live loop asks before it loads the model too."""
+        folder = Path(folder)
+        existing = folder if folder.is_dir() else folder.parent
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"cannot write snapshots to {folder}: it is a file")
+        if not existing.is_dir():
+            raise OutputError(f"cannot write snapshots to {folder}: folder {existing} does not exist")
+        if not os.access(existing, os.W_OK):
+            raise OutputError(f"cannot write snapshots to {folder}: folder {existing} is not writable")
 
     @cached_property
     def model_sha256(self) -> str:

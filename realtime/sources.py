@@ -400,3 +400,16 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "(0 is the first camera)")
     raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")
+
+
+def check_source(spec: str, flag: str) -> None:
+    """SourceError naming `flag` and `spec` now, before any model loads, when `spec` names no
+    camera, stream, file or folder, or a folder that holds no image (cameras and streams are
+    opened only when read: they are not tried here)."""
+    try:
+        opened = make_source(spec)
+        if isinstance(opened, ImageFolderSource):
+            with opened:
+                pass
+    except SourceError as exc:
+        raise SourceError(f"{flag}: {exc}") from exc

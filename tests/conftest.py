@@ -37,16 +37,3 @@ def ray_cluster():
     ray.shutdown()
     cluster.shutdown()
 
-
-@pytest.fixture
-def graph_log_unset():
-    """The graph's logger at its own default (NOTSET) for the test, as in a fresh process, and as
-    it was afterwards: `camface evaluate` and `bench` called through main() earlier in the run
-    leave it at WARNING (a command's process ends there)."""
-    import logging
-
-    logger = logging.getLogger("camface.realtime.graph")
-    level = logger.level
-    logger.setLevel(logging.NOTSET)
-    yield logger
-    logger.setLevel(level)

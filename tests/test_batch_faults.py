@@ -241,11 +241,11 @@ def test_a_worker_of_a_killed_driver_publishes_nothing(tmp_path):
     driver, owner = _driver(tmp_path)
     outputs = Outputs(tmp_path, owner)
     outputs.make()
-    write_json(outputs.record_path("a"), {"status": "done"}, outputs.publish)  # the driver lives: published
+    write_json(outputs.record_path("a"), {"status": "done"}, outputs.check)  # the driver lives: published
     driver.kill()
     driver.wait()
     with pytest.raises(Superseded, match=rf"its driver \(pid {driver.pid}\) is dead"):
-        write_json(outputs.record_path("b"), {"status": "done"}, outputs.publish)
+        write_json(outputs.record_path("b"), {"status": "done"}, outputs.check)
     assert sorted(p.name for p in outputs.state.iterdir()) == ["a.json"]  # no temporary file left either
     resume = RunLock(tmp_path).acquire()  # the kernel dropped the dead driver's lock
     assert resume.earlier["token"] == owner.token  # it never released: the resume gives its workers time

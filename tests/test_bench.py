@@ -373,3 +373,39 @@ def test_a_slow_graph_is_timed_by_one_run_and_said(monkeypatch):
     assert "5000.000 (+49900.0%)*" in row and row.rstrip().endswith("-")
     assert any("* scorecam: one timed run at batch 1 (its first run took 5.0 s, over 1 s)" in line
                for line in table)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, fails, faces_clip, caplog, monkeypatch):
+    """bench set the graph's logger to WARNING for good: every later graph load in the process was
+    silenced, --debug or not. Now as export does: hidden while the command runs, unless --debug,
+    and the level restored after it, whether the rows ran or a row failed (--debug raises the
+    error rather than printing it)."""
+    import contextlib
+    import logging
+
+    from camface.errors import SourceError
+    from camface.realtime.bench import rows
+
+    def broken_row(*args, **kwargs):
+        raise SourceError("the clip broke")
+
+    if fails:
+        monkeypatch.setattr(rows, "run_live", broken_row)
+    graph_log = logging.getLogger("camface.realtime.graph")
+    level = graph_log.level
+    graph_log.setLevel(logging.INFO)  # a level of its own, neither WARNING nor unset
+    try:
+        caplog.set_level(logging.DEBUG)
+        raised = pytest.raises(SourceError, match="the clip broke") if fails and debug else contextlib.nullcontext()
+        with raised:
+            code = camface_main(["bench", "--source", str(faces_clip), "--frames", "2", "--warmup", "0",
+                                 "--detect-every", "1", *(["--debug"] if debug else [])])
+            assert code == (2 if fails else 0)
+        after = graph_log.level
+    finally:
+        graph_log.setLevel(level)
+    shown = [r.getMessage() for r in caplog.records if r.name == graph_log.name]
+    assert (f"CAM graph {EMOTION_ONNX.name} on CPUExecutionProvider" in shown) == debug, shown
+    assert after == logging.INFO

@@ -420,3 +420,39 @@ def test_a_full_disk_leaves_the_earlier_output_whole(tmp_path, astronaut_bgr, ca
     assert f"cannot write {out}" in err and "No space left on device" in err and "Traceback" not in err
     assert out.read_bytes() == b"an earlier run's output"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["photos", name])  # no partial file left
+
+
+@pytest.mark.parametrize("debug", [False, True])
+@pytest.mark.parametrize("steps, fails", [("2", False), ("5000", True)])
+def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, steps, fails, tmp_path, astronaut_bgr,
+                                                                     caplog):
+    """evaluate set the graph's logger to WARNING for good (it hides "CAM graph NAME on PROVIDER",
+    which the table says): every later load in the process was silenced, --debug or not. Now as
+    export does: hidden while the command runs, unless --debug, and the level restored after it,
+    whether the command ends well or fails after the graph has loaded (--steps above its 64x64
+    pixels; --debug raises the error rather than printing it)."""
+    import contextlib
+    import logging
+
+    from camface.errors import UsageError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "face.png"), astronaut_bgr)
+    graph_log = logging.getLogger("camface.realtime.graph")
+    level = graph_log.level
+    graph_log.setLevel(logging.INFO)  # a level of its own, neither WARNING nor unset
+    try:
+        caplog.set_level(logging.DEBUG)
+        raised = pytest.raises(UsageError, match="--steps must be at most 4096") if fails and debug \
+            else contextlib.nullcontext()
+        with raised:
+            code = camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", steps,
+                                 *(["--debug"] if debug else [])])
+            assert code == (2 if fails else 0)
+        after = graph_log.level
+    finally:
+        graph_log.setLevel(level)
+    shown = [r.getMessage() for r in caplog.records if r.name == graph_log.name]
+    assert (f"CAM graph {EMOTION_ONNX.name} on CPUExecutionProvider" in shown) == debug, shown
+    assert after == logging.INFO

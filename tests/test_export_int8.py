@@ -434,7 +434,7 @@ def test_an_interrupted_write_leaves_the_previous_graph_and_no_partial_file(erro
     out = tmp_path / "cam.onnx"
     out.write_bytes(b"the previous graph")
 
-    def interrupted(model, path):
+    def interrupted(model, path, **kwargs):
         with open(path, "wb") as f:
             f.write(b"half a gra")
         raise error("stopped")

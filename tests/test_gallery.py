@@ -1097,8 +1097,7 @@ def test_a_full_disk_while_enrolling_names_the_output_not_its_temporary_file(peo
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_enroll_logs_the_graphs_it_ranks_under_debug_only_as_export_does(debug, people, embedder, tmp_path, caplog,
-                                                                          graph_log_unset):
+def test_enroll_logs_the_graphs_it_ranks_under_debug_only_as_export_does(debug, people, embedder, tmp_path, caplog):
     """The ranking loads the graph several times: enroll said "CAM graph g.onnx on
     CPUExecutionProvider" two or three times where export says it under --debug only."""
     import camface.realtime.graph

@@ -460,3 +460,34 @@ def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_b
     assert re.search(message, err[-1]), err[-1]
     assert "Traceback" not in "\n".join(err)
     assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-faces", "0", r"--max-faces must be 1..32 \(the graph.s batch range\), got 0"),
+    ("--max-faces", "33", r"--max-faces must be 1..32 \(the graph.s batch range\), got 33"),
+    ("--margin", "-0.5", r"--margin must be in \[0, 2\], got -0.5"),
+    ("--margin", "nan", r"--margin must be in \[0, 2\], got nan"),
+    ("--min-confidence", "1.5", r"--min-confidence must be in \[0, 1\], got 1.5"),
+    ("--min-confidence", "-0.1", r"--min-confidence must be in \[0, 1\], got -0.1"),
+])
+@pytest.mark.parametrize("kind", ["photo", "snapshot"])
+def test_bad_crop_options_are_refused_before_the_model_loads(kind, flag, value, message, tmp_path, astronaut_bgr,
+                                                             capsys, monkeypatch):
+    """--max-faces, --margin and --min-confidence were checked only when the photo's faces were
+    detected, after TensorFlow had loaded the model (and never for a snapshot): now at once, by
+    live's own checks."""
+    import re
+
+    import camface.guided.cli as guided_cli
+
+    def no_model(*args, **kwargs):
+        pytest.fail("the Keras model was loaded before the options were checked")
+
+    monkeypatch.setattr(guided_cli, "_load_keras", no_model)
+    source = _photo(tmp_path, astronaut_bgr) if kind == "photo" else make_snapshot(tmp_path / "snap", astronaut_bgr)
+    before = files_under(tmp_path)
+    capsys.readouterr()
+    assert main(["guided", str(source), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(f"camface: error: {message}", err[0]), err
+    assert files_under(tmp_path) == before

@@ -6,6 +6,7 @@ import errno
 import numpy as np
 import pytest
 
+from camface.errors import OutputError
 from camface.guided.figure import gradient_image, save_figure, save_gif
 
 
@@ -21,7 +22,7 @@ class _DiskFullFigure:
 def test_a_failed_figure_write_keeps_the_previous_figure(tmp_path):
     out = tmp_path / "guided.png"
     out.write_bytes(b"the figure of the last run")
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match=f"^cannot write {out}: No space left on device$"):
         save_figure(_DiskFullFigure(), out)
     assert out.read_bytes() == b"the figure of the last run"
     assert [p.name for p in tmp_path.iterdir()] == ["guided.png"]  # no partial file left
@@ -38,7 +39,7 @@ def test_a_failed_gif_write_keeps_the_previous_gif(tmp_path, monkeypatch):
     out = tmp_path / "layers.gif"
     out.write_bytes(b"the animation of the last run")
     monkeypatch.setattr(Image.Image, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match=f"^cannot write {out}: No space left on device$"):
         save_gif([np.zeros((4, 4, 3), np.uint8)] * 2, out)
     assert out.read_bytes() == b"the animation of the last run"
     assert [p.name for p in tmp_path.iterdir()] == ["layers.gif"]

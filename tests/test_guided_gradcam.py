@@ -392,21 +392,23 @@ def test_a_head_ending_in_probabilities_is_explained_at_its_logits_by_export_and
             assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * cam_scale + 1e-7
 
 
-@pytest.mark.parametrize("build, layer", [
+@pytest.mark.parametrize("build, layer, why", [
     (lambda x: keras.layers.GlobalAveragePooling2D(name="pool")(
-        keras.layers.Conv2D(4, 1, activation="softmax", name="classes")(x)), "classes"),
-    (lambda x: keras.layers.Flatten(name="pool")(keras.layers.Conv2D(4, 14, activation="sigmoid", name="classes")(x)),
-     "classes"),
-], ids=["global-pooling", "flatten"])
-def test_probabilities_pooled_after_their_activation_are_refused_by_export_and_guided(build, layer):
+        keras.layers.Conv2D(4, 1, activation="softmax", name="classes")(x)), r"'classes' \(Conv2D\)",
+     r"'pool' turns \(None, 14, 14, 4\) into \(None, 4\)"),
+    (lambda x: keras.layers.Flatten(name="pool")(keras.layers.Softmax(axis=1, name="classes")(
+        keras.layers.Conv2D(4, 14)(x))), r"'classes' \(Softmax\)",
+     r"its softmax runs over axis 1 of \(None, 1, 1, 4\), not the class scores alone"),
+], ids=["global-pooling", "softmax-over-a-size-1-axis"])
+def test_probabilities_pooled_after_their_activation_are_refused_by_export_and_guided(build, layer, why):
     """Conv2D(softmax) -> global pooling: the output holds probabilities no logits give; export
-    softmaxed them again. Both refuse, naming the layer and the fix."""
+    softmaxed them again. Both refuse, naming the layer, why and the fix."""
     from camface.errors import ModelError
     from camface.export import exporter
 
     inputs = keras.Input((16, 16, 3))
     model = keras.Model(inputs, build(keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)))
-    match = rf"its output is the \w+ of layer '{layer}' \(Conv2D\) passed through 'pool'.*Activation"
+    match = rf"its output is the \w+ of layer {layer} passed through 'pool'.*no logits give \({why};.*Activation"
     with pytest.raises(ModelError, match=match):
         exporter.prepare(model, exporter.ExportOptions(preset="unit"))
     with pytest.raises(ModelError, match=match):
@@ -470,3 +472,71 @@ def test_a_target_two_nested_heads_deep_is_refused_and_one_deep_is_cut():
     image = np.random.default_rng(0).random((2, 16, 16, 3), np.float32)
     probs = parts.split.probabilities(parts.split.head(parts.split.features(image)))
     np.testing.assert_allclose(probs, model(image, training=False), rtol=1e-5, atol=1e-6)
+
+
+def _squeezed(head: str):
+    """16x16x3 -> Conv2D "conv" (6) [N, 14, 14, 6] -> a head whose probabilities are a 1x1 map's
+    channels squeezed to [N, 4]: GAP(keepdims) -> Conv2D(4, 1, softmax) -> Flatten (in a nested
+    Sequential head too), or an
+    all-convolutional (GAP-free) Conv2D(4, 14) to 1x1 -> sigmoid / Softmax -> Flatten, Reshape
+    or global pooling of the 1x1 map."""
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)
+    layers = keras.layers
+    if head == "gap-conv1x1-softmax-flatten":
+        x = layers.Conv2D(4, 1, activation="softmax", name="classes")(layers.GlobalAveragePooling2D(keepdims=True)(x))
+        return keras.Model(inputs, layers.Flatten()(x))
+    if head == "nested-gap-conv1x1-softmax-flatten":
+        return keras.Model(inputs, keras.Sequential([
+            layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(4, 1, activation="softmax", name="classes"),
+            layers.Flatten()], name="head")(x))
+    if head == "all-conv-sigmoid-flatten":
+        return keras.Model(inputs, layers.Flatten()(layers.Conv2D(4, 14, activation="sigmoid", name="classes")(x)))
+    if head == "all-conv-softmax-reshape-dropout":
+        x = layers.Softmax()(layers.Conv2D(4, 14, name="classes")(x))
+        return keras.Model(inputs, layers.Dropout(0.3)(layers.Reshape((4,))(x)))
+    x = layers.Activation("softmax")(layers.Conv2D(4, 14, name="classes")(x))  # "all-conv-softmax-gap"
+    return keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
+
+
+@pytest.mark.parametrize("head", ["gap-conv1x1-softmax-flatten", "nested-gap-conv1x1-softmax-flatten",
+                                  "all-conv-sigmoid-flatten",
+                                  "all-conv-softmax-reshape-dropout", "all-conv-softmax-gap"])
+def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head):
+    """A 1x1 map of probabilities flattened (or pooled) to [N, classes] was refused ('probabilities
+    that no logits give'), though its channels are the class scores and the softmax runs over
+    them. Export and guided now explain the logits, the map's channels before the activation:
+    the graph's probs are the model's, guided gives the same class and Grad-CAM, and CAM (GAP ->
+    1x1 conv) is the conv's kernel's weighted sum of the activations."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_export_graph import export_in_memory
+
+    from camface.guided.snapshot import Preprocessing
+
+    keras.utils.set_random_seed(0)
+    model = _squeezed(head)
+    graph, info = export_in_memory(model, preset="unit")
+    assert info.target_layer == "conv" and ("cam" in info.heatmaps) == ("gap-" in head)
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    classes = np.array([-1, 0, 3], np.int64)
+    outputs = graph(images, classes)
+    want = np.asarray(model(images.astype(np.float32) / 255, training=False))
+    np.testing.assert_allclose(outputs["probs"], want, rtol=1e-5, atol=1e-6)
+    chosen = np.where(classes < 0, want.argmax(1), classes)
+    if "cam" in info.heatmaps:
+        owner = model.get_layer("head") if head.startswith("nested") else model
+        kernel = np.asarray(owner.get_layer("classes").kernel)[0, 0]  # [6, 4]
+        expected = np.einsum("nhwk,kn->nhw", outputs["activations"], kernel[:, chosen])
+        np.testing.assert_allclose(outputs["cam"], expected, rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(expected).max()))
+    preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
+    scale = float(np.abs(outputs["gradcam"]).max())
+    assert scale > 0
+    for i, item in enumerate(Explainer(model, "conv", preprocessing).explain(images, classes)):
+        np.testing.assert_allclose(item.probs, want[i], rtol=1e-5, atol=1e-6)
+        assert item.explained == chosen[i]
+        assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7
+        if "cam" in info.heatmaps:
+            assert np.abs(item.heatmaps["cam"] - outputs["cam"][i]).max() <= 1e-4 * float(np.abs(outputs["cam"]).max())

@@ -396,8 +396,7 @@ def test_int8_flag_is_part_of_the_command(tmp_path):
 
 
 @pytest.mark.parametrize("debug", [False, True])
-def test_train_logs_the_graph_loads_under_debug_only_as_export_does(debug, tmp_path, monkeypatch, caplog,
-                                                                    graph_log_unset):
+def test_train_logs_the_graph_loads_under_debug_only_as_export_does(debug, tmp_path, monkeypatch, caplog):
     """train ranks and scores the graph it writes, each load saying "CAM graph model.onnx on
     CPUExecutionProvider"; as export (and enroll), it says so under --debug only."""
     import logging

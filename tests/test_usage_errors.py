@@ -37,3 +37,48 @@ def test_a_config_built_in_code_raises_the_same_error():
     with pytest.raises(UsageError, match=r"--max-faces must be 1..32 \(the graph.s batch range\), got 0") as caught:
         LiveConfig(max_faces=0)
     assert isinstance(caught.value, CamfaceError) and isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["live", "--source", "nope.mp4", "--no-show"], "source not found: nope.mp4"),
+    (["live", "--source", "sample", "--no-show", "--snapshot-every", "1", "--snapshot-dir", "a_file"],
+     "cannot write snapshots to a_file: it is a file"),
+    (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
+    (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
+    (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
+    (["evaluate", "--sanity", "--keras", "nope.keras"], "--keras: model file not found: nope.keras"),
+    (["bench", "--baseline", "keras", "--keras-model", "nope.keras"], "--keras-model: model file not found: nope.keras"),
+    (["bench", "--compare-int8", "--calibration", "nope"], "--calibration: source not found: nope"),
+    (["bench", "--backbone", "resnet50", "--backbone-size", "16"],
+     "--backbone-size must be at least 32 (the Keras backbones' smallest input), got 16"),
+    (["compare", "nope.png", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo nope.png"),
+    (["compare", "a_file", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo a_file"),
+    (["train", "data", "-o", "out", "--learning-rate", "0"], "--learning-rate must be a finite number > 0, got 0.0"),
+    (["train", "data", "-o", "out", "--fine-tune-learning-rate", "nan"],
+     "--fine-tune-learning-rate must be a finite number > 0, got nan"),
+    (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["export", "m.keras", "-o", "g.onnx", "--rank-seconds", "nan"], "--rank-seconds must be >= 0 (0 = no limit), got nan"),
+    (["enroll", "people", "--model", "m.onnx", "-o", "g.onnx", "--preset", "arcface", "--rank-seconds", "nan"],
+     "--rank-seconds must be >= 0 (0 = no limit), got nan"),
+])
+def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, monkeypatch, tmp_path):
+    """Values each command checked only after its model had loaded (TensorFlow's with --sanity
+    or a Keras embedder), after bench's live rows had run, or never (a learning rate of 0 trained
+    for every epoch; a negative backbone size was Keras' traceback): refused now before any model
+    loads, in one error line."""
+    import camface.api
+    import camface.export.gallery
+    import camface.realtime.bench.rows
+
+    def no_model(*args, **kwargs):
+        pytest.fail("a model was loaded (or a row run) before the options were checked")
+
+    for owner, name in ((camface.api, "load"), (camface.export.gallery, "load"),
+                        (camface.realtime.bench.rows, "run_live")):
+        monkeypatch.setattr(owner, name, no_model)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a photo")
+    (tmp_path / "empty").mkdir()
+    assert camface_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("camface: error: ") and message in err[0], err

@@ -175,8 +175,13 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline == "keras":  # before anything imports TensorFlow (see export/keras_baseline.py)
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if not getattr(args, "debug", False):  # the table names the provider; one line per session is noise
-        logging.getLogger("camface.realtime.graph").setLevel(logging.WARNING)
+    from camface.export.ranking import quiet_graph_log
+
+    with quiet_graph_log(getattr(args, "debug", False)):  # the table names the provider; a line per session is noise
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig.from_args(args)
     for sentence in unused_flags(args):
         log.warning("camface bench: %s", sentence)
@@ -184,6 +189,13 @@ def main(args: argparse.Namespace) -> int:
         from camface.outputs import check_output_file
 
         check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
+    # the files the last rows read: now, not after the live rows have run
+    if config.baseline == "keras" and config.keras_model is not None and not config.keras_model.is_file():
+        raise ModelError(f"--keras-model: model file not found: {config.keras_model}")
+    if config.compare_int8:
+        from camface.realtime.sources import check_source
+
+        check_source(config.calibration, "--calibration")
     report, rows = run(config)
     from camface.realtime.bench.report import format_report
 

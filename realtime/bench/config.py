@@ -12,6 +12,7 @@ from camface.realtime.config import LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
                     "device", "codec")
+MIN_BACKBONE_SIZE = 32  # keras.applications' smallest input side
 BACKBONES = {"resnet50": "resnet50_gap", "vgg16": "vgg16_conv_gap", "mobilenetv2": "mobilenetv2_gap"}
 
 
@@ -117,6 +118,9 @@ class BenchConfig:
             raise UsageError("--repeats must be >= 1 and --batches within 1..32")
         if any(t < 1 for t in self.int8_threads):
             raise UsageError(f"--int8-threads must be >= 1, got {list(self.int8_threads)}")
+        if self.backbone_size < MIN_BACKBONE_SIZE:  # Keras said so in a traceback, after TensorFlow loaded
+            raise UsageError(f"--backbone-size must be at least {MIN_BACKBONE_SIZE} (the Keras backbones' "
+                             f"smallest input), got {self.backbone_size}")
         if self.backbone and self.pipeline.model is not None:
             raise UsageError("--model and --backbone exclude each other")
 
