@@ -71,10 +71,11 @@ class Explainer:
         return tuple(m.name for m in methods.METHODS.values()
                      if m.display and (methods.CLASS_WEIGHTS not in m.needs or self._cam_weights is not None))
 
-    def _calls(self, images, activations, class_index):
-        """methods.ModelCalls of the Keras model for the methods that run it again (its head cut
-        at the layer as the exporter cuts it, and the model to its logits); lazily built."""
-        if not any(methods.get(name).reruns for name in self.methods):
+    def _calls(self, images, activations, class_index, wanted):
+        """methods.ModelCalls of the Keras model for the `wanted` methods that run it again (its
+        head cut at the layer as the exporter cuts it, and the model to its logits); lazily
+        built, None when none of them does."""
+        if not any(methods.get(name).reruns for name in wanted):
             return None
         if getattr(self, "_parts", None) is None:
             from camface.export.keras_model import split_model
@@ -110,8 +111,8 @@ class Explainer:
             predicted = np.where(np.asarray(recorded) >= 0, recorded, predicted)
         activations, gradients = passes.activations[0], passes.gradients[0]
         weights = (self._cam_weights.T[explained][:, None, None, :] if self._cam_weights is not None else None)
-        calls = self._calls(images, activations, explained)
         wanted = [name for name in self.methods if only is None or name in only or name == "gradcam"]
+        calls = self._calls(images, activations, explained, wanted)
         heatmaps = {name: methods.get(name).reference(activations, gradients, weights, model=calls)
                     for name in wanted}
         gradcam = heatmaps["gradcam"]

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -267,9 +266,12 @@ def _read_index(path: Path, settings: CropSettings) -> dict:
 
 
 def _write_index(path: Path, settings: CropSettings, photos: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": asdict(settings), "photos": photos}, indent=1))
-    os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written index
+    """Written beside `path` and renamed (an interrupted run never leaves a half-written index;
+    two runs on one cache never share a partial file); a failure is an OutputError naming it."""
+    from camface.outputs import replace_whole
+
+    text = json.dumps({"settings": asdict(settings), "photos": photos}, indent=1)
+    replace_whole(path, lambda partial: Path(partial).write_text(text))
 
 
 def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:

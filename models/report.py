@@ -144,7 +144,15 @@ def cam_montage_figure(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.n
 
 
 def write_json(path: Path, data: Mapping) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` written whole or not at all (beside `path`, then renamed); an OutputError naming
+    `path` on a failure (a full disk), no partial file left."""
+    from camface.outputs import replace_whole
+
+    replace_whole(path, lambda partial: Path(partial).write_text(text))
 
 
 def write_report(path: Path, *, command: str, labels: Sequence[str],
@@ -195,4 +203,4 @@ def write_report(path: Path, *, command: str, labels: Sequence[str],
               "- `model.onnx`: the CAM graph; run it with `camface live --model model.onnx`",
               "- `metrics.json`, `confusion.png`, `cam_montage.png`: the test split",
               "- `crops/`: cached face crops (re-runs with the same settings reuse them)", ""]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))

@@ -254,7 +254,7 @@ def run(config: TrainConfig) -> dict:
     model_path = out / "model.keras"
     stages = _fit(config, labels, images, targets, split, model_path)
     labels_path = out / "labels.txt"
-    labels_path.write_text("\n".join(labels) + "\n")
+    report.write_text(labels_path, "\n".join(labels) + "\n")
 
     # 3. the CAM graph, through the exporter (with its self-check)
     onnx_path = out / "model.onnx"

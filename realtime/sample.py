@@ -95,13 +95,16 @@ class SampleSource:
     def cached_clip(self) -> Path:
         """Path of the clip as an mp4 in the temporary folder, drawn on first use.
 
-        Written under a private name and renamed, so concurrent runs never see half a file."""
+        Written under a private name and renamed, so concurrent runs never see half a file (a
+        name of its own for each call: two threads of one process never write the same file)."""
+        from camface.outputs import beside
+
         width, height = self.size
         path = Path(tempfile.gettempdir()) / (
             f"camface-sample-v{CLIP_VERSION}-{width}x{height}-{self.frames}f-{self.fps:g}fps.mp4")
         if path.is_file() and path.stat().st_size > 0:
             return path
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.mp4")
+        partial = beside(path)
         # mp4v, not H.264: this cache is only ever decoded here, and mp4v decodes in half the
         # time (0.5 vs 1 ms a frame at 640x480), which the reader thread would otherwise pay.
         try:

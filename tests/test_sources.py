@@ -6,6 +6,7 @@ to tmp_path."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from realtime_helpers import FakeCamera
@@ -422,3 +423,29 @@ def test_closing_a_stream_whose_reader_is_stuck_leaves_the_capture_to_it(caplog)
     gate.set()
     source._thread.join(5)
     assert not source._thread.is_alive() and opened[0].released and source._capture is None
+
+
+def test_each_drawing_of_the_sample_clip_writes_a_file_of_its_own(tmp_path, monkeypatch):
+    """The cached clip was drawn to `{stem}.{pid}.partial.mp4`: two threads of one process (two
+    `camface.load(...).process_video("sample")` at once) wrote the same file. Each drawing now
+    has a hidden name of its own, renamed over the clip when whole, nothing left beside it."""
+    import tempfile
+
+    from camface.realtime import sample
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    opened = []
+    real = sample.VideoSink
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "VideoSink", recording)
+    clips = []
+    for _ in range(2):
+        clip = sample.SampleSource(frames=3, size=(64, 48)).cached_clip()
+        clips.append(clip.read_bytes())
+        clip.unlink()  # drawn again by the next call
+    assert len(set(opened)) == 2 and all(p.parent == tmp_path and p.name.startswith(".") for p in opened)
+    assert clips[0] and clips[0] == clips[1] and list(tmp_path.iterdir()) == []

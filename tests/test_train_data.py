@@ -421,3 +421,49 @@ def test_cam_montage_titles_fit_and_do_not_overlap(n):
         assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1, text.get_text()
     for a, b in zip(boxes, boxes[1:]):
         assert not a.overlaps(b)
+
+
+def _full_disk_on_partials(monkeypatch):
+    """Path.write_text raises ENOSPC for a file written beside its final (a hidden name), after
+    writing half of it."""
+    import errno
+
+    real = Path.write_text
+
+    def half_then_full(self, text, *args, **kwargs):
+        if self.name.startswith("."):
+            real(self, text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+
+
+@pytest.mark.parametrize("what", ["crop index", "metrics.json", "report.md"])
+def test_a_full_disk_keeps_train_s_earlier_file_whole_and_names_it(tmp_path, monkeypatch, what):
+    """The crop cache's index (written to a fixed index.tmp: two runs on one cache shared it, and
+    a failure left it and named it) and train's metrics.json and report.md (written in place:
+    half a file on a full disk) are written beside and renamed; the error names the file."""
+    from camface.errors import OutputError
+
+    data = tmp_path / "data"
+    _write(data / "a" / "x.png", np.full((20, 20, 3), 50, np.uint8))
+    _write(data / "b" / "y.png", np.full((20, 20, 3), 90, np.uint8))
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    cache = tmp_path / "c"
+    target = {"crop index": cache / dataset.CACHE_INDEX, "metrics.json": tmp_path / "metrics.json",
+              "report.md": tmp_path / "report.md"}[what]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("an earlier run's file")
+    _full_disk_on_partials(monkeypatch)
+    with pytest.raises(OutputError, match=f"cannot write {target}: No space left on device"):
+        if what == "crop index":
+            dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+        elif what == "metrics.json":
+            report.write_json(target, {"accuracy": 1.0})
+        else:
+            metrics = report.classification_metrics(np.array([0, 1]), np.array([0, 0]), ["a", "b"])
+            report.write_report(target, command="camface train", labels=["a", "b"], counts={"a": {}, "b": {}},
+                                unreadable=[], split_sizes={}, stages=[], metrics=metrics, settings={}, seconds=1.0)
+    assert target.read_text() == "an earlier run's file"
+    assert [p.name for p in target.parent.iterdir() if p.is_file()] == [target.name]  # no partial left
