@@ -5,6 +5,7 @@ out by hand (or taken from Keras), the gradient comes from tf.GradientTape with 
 gradients, and the heatmaps are numpy transcriptions of the papers' equations.
 """
 
+import functools
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -447,6 +448,14 @@ def _softmax_then(tail: str, activation: str):
     return keras.Model(inputs, x, name="softmax_then")
 
 
+@functools.cache
+def _softmax_then_exported(tail: str, activation: str):
+    """(model, Graph, GraphInfo) of `_softmax_then(tail, activation)` exported (preset unit); the
+    two tables below share the models they both hold, each exported once."""
+    model = _softmax_then(tail, activation)
+    return (model, *export_in_memory(model, preset="unit"))
+
+
 @pytest.mark.parametrize("tail, activation", [("dropout", "softmax"), ("flatten", "softmax"),
                                               ("identity", "softmax"), ("reshape", "softmax"),
                                               ("dropout+flatten", "softmax"), ("dropout", "sigmoid"),
@@ -454,8 +463,7 @@ def _softmax_then(tail: str, activation: str):
 def test_probabilities_followed_by_identity_layers_are_not_activated_twice(tail, activation):
     """The model's own output is its probabilities: `probs` equals it (not a softmax of it), and
     the gradient is taken at the logits (CAM's weights: the Dense kernel)."""
-    model = _softmax_then(tail, activation)
-    graph, info = export_in_memory(model, preset="unit")
+    model, graph, info = _softmax_then_exported(tail, activation)
     image = images(3, 16, 3, seed=5)
     got = graph(image, class_indices(3))
     want = model.predict(image.astype(np.float32) / 255, verbose=0)
@@ -470,10 +478,9 @@ def test_the_keras_baseline_gives_the_models_probabilities_and_the_graphs_gradca
     softmax's before a Dropout), as the graph's are; its Grad-CAM is the graph's."""
     from camface.export.keras_baseline import KerasGradCam
 
-    model = _softmax_then(tail, activation)
+    model, graph, info = _softmax_then_exported(tail, activation)
     path = tmp_path / "model.keras"
     model.save(path)
-    graph, info = export_in_memory(model, preset="unit")
     image = images(2, 16, 3, seed=6)
     classes = class_indices(2)
     baseline = KerasGradCam(path, info.target_layer, [1 / 255] * 3, [0.0] * 3)

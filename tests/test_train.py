@@ -71,6 +71,52 @@ def trained(tmp_path_factory, astronaut_bgr):
     return rc, out, data
 
 
+@pytest.fixture(scope="module")
+def int8_memo():
+    """{key: Int8Result}: the int8 tests quantise the same model.onnx on the same crops; each
+    asks export_int8 for it, and the quantisation (minutes of the suite) runs once."""
+    return {}
+
+
+@pytest.fixture
+def to_int8_once(int8_memo, monkeypatch):
+    """camface.export.int8.to_int8, its result kept per (graph, crops, arguments): the same
+    inputs give the result the first call computed, any other input is quantised afresh."""
+    import hashlib
+
+    from camface.export import int8
+
+    real = int8.to_int8
+
+    def once(model, *args, crops=None, **kwargs):
+        digest = hashlib.sha256(model.SerializeToString())
+        for part in (crops.source, crops.calibration, crops.held_out):
+            digest.update(part.encode() if isinstance(part, str) else np.ascontiguousarray(part).tobytes())
+        key = (digest.hexdigest(), args, tuple(sorted(kwargs.items())))
+        if key not in int8_memo:
+            int8_memo[key] = real(model, *args, crops=crops, **kwargs)
+        return int8_memo[key]
+
+    monkeypatch.setattr(int8, "to_int8", once)
+
+
+@pytest.fixture(scope="module")
+def converted(trained, tmp_path_factory):
+    """(bytes, ExportResult) of model.keras exported once as train.export_graph exports it (what
+    the staging tests below replay; the conversion and its self-check take a quarter of a minute).
+    The export writes its graph and nothing beside it."""
+    from camface.export.exporter import ExportOptions, export
+    from camface.models import train
+
+    _, out, _ = trained
+    folder = tmp_path_factory.mktemp("converted")
+    labels = tuple((out / "labels.txt").read_text().split())
+    options = ExportOptions(labels=labels, preset=train.backbone_preprocessing("mobilenetv2").preset)
+    result = export(out / "model.keras", folder / "model.onnx", options)
+    assert [p.name for p in folder.iterdir()] == ["model.onnx"]
+    return (folder / "model.onnx").read_bytes(), result, options
+
+
 def test_run_succeeds_and_writes_every_output(trained):
     rc, out, _ = trained
     assert rc == 0
@@ -253,7 +299,7 @@ def test_missing_weights_file(tmp_path, capsys, astronaut_bgr):
     assert rc == 2 and "nope.h5: no such file" in capsys.readouterr().err
 
 
-def test_int8_export_of_the_trained_graph(trained, tmp_path):
+def test_int8_export_of_the_trained_graph(trained, to_int8_once, tmp_path):
     """`camface train --int8`'s step: model.onnx -> model.int8.onnx, calibrated on training
     crops, its agreement checked on held-out ones (as the flag does with the test split). This
     toy MobileNetV2 (8 epochs from scratch, 36 photos) sits near the bars: runs measured top-1
@@ -279,7 +325,7 @@ def test_int8_export_of_the_trained_graph(trained, tmp_path):
     assert result.agreement.crops == len(crops[1::2]) and result.agreement.top1_agreement >= 0.9
 
 
-def test_int8_that_fails_its_check_writes_nothing_and_gives_trains_advice(trained, tmp_path, monkeypatch):
+def test_int8_that_fails_its_check_writes_nothing_and_gives_trains_advice(trained, to_int8_once, tmp_path, monkeypatch):
     from camface.errors import ModelError
     from camface.export import agreement
     from camface.models import train
@@ -297,7 +343,7 @@ def test_int8_that_fails_its_check_writes_nothing_and_gives_trains_advice(traine
     assert "leave out --int8" in message and "--calibration" not in message  # no such flag in train
 
 
-def test_an_int8_graph_that_fails_to_be_written_keeps_the_earlier_one_whole(trained, tmp_path, monkeypatch):
+def test_an_int8_graph_that_fails_to_be_written_keeps_the_earlier_one_whole(trained, to_int8_once, tmp_path, monkeypatch):
     """model.int8.onnx was written in place: a full disk midway left half a graph where an
     earlier one was. It is now written beside it and renamed when whole (as model.onnx): the
     earlier file stays as it was, no partial file is left, and the error names model.int8.onnx."""
@@ -331,14 +377,28 @@ def test_an_int8_graph_that_fails_to_be_written_keeps_the_earlier_one_whole(trai
 
 
 @pytest.mark.parametrize("ranked", [False, True])
-def test_model_onnx_is_replaced_only_once_ranked(ranked, trained, tmp_path, monkeypatch):
+def test_model_onnx_is_replaced_only_once_ranked(ranked, trained, converted, tmp_path, monkeypatch):
     """train exported model.onnx, then ranked its methods: a failed ranking (or Ctrl-C) left an
-    unranked graph in place. It is now written and ranked beside model.onnx, then renamed."""
-    from camface.export import ranking
+    unranked graph in place. It is now written and ranked beside model.onnx, then renamed.
+    The conversion itself is the `converted` fixture's, written again where export_graph asks."""
+    from dataclasses import replace
+
+    from camface.export import exporter, ranking
     from camface.models import train
     from camface.realtime.graph import CamGraph
 
     _, out, _ = trained
+    graph_bytes, exported, options = converted
+    staged = []
+
+    def export_again(model_path, output, given):
+        assert Path(model_path) == out / "model.keras" and given == options
+        assert Path(output).parent == tmp_path and Path(output) != tmp_path / "model.onnx"  # beside it
+        Path(output).write_bytes(graph_bytes)
+        staged.append(Path(output))
+        return replace(exported, path=Path(output))
+
+    monkeypatch.setattr(exporter, "export", export_again)
     labels = (out / "labels.txt").read_text().split()
     crops = dataset.load_crops(sorted((out / "crops").rglob("*.png"))[:4], SIZE)
     target = tmp_path / "model.onnx"
@@ -353,6 +413,7 @@ def test_model_onnx_is_replaced_only_once_ranked(ranked, trained, tmp_path, monk
     else:
         result = train.export_graph(out / "model.keras", target, labels, "mobilenetv2", crops)
         assert result.path == target and CamGraph(target, "cpu").info.ranking == result.info.ranking
+    assert len(staged) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # nothing left beside it
 
 
