@@ -290,3 +290,25 @@ def carry_accuracy(carried: list, detected: list, truth: list[dict] | None = Non
         stale = max(stale, stale_run)
     return {"face_frames": face_frames, "iou90": hits / face_frames if face_frames else 1.0,
             "late": late, "stale": stale}
+
+
+def graph_log_of(command, caplog, argv, debug: bool, error=None) -> tuple[list[str], int]:
+    """Run camface `command` (`main`) on `argv` (plus --debug) with the graph's logger at a level
+    of its own (INFO: neither WARNING nor unset), expecting exit 2 where `error` (a
+    `pytest.raises` context for --debug, which raises rather than prints) is given, else 0.
+    Returns (the graph logger's messages, its level after the command); the level is put back."""
+    import contextlib
+    import logging
+
+    graph_log = logging.getLogger("camface.realtime.graph")
+    level = graph_log.level
+    graph_log.setLevel(logging.INFO)
+    try:
+        caplog.set_level(logging.DEBUG)
+        with error if error is not None and debug else contextlib.nullcontext():
+            code = command([*argv, *(["--debug"] if debug else [])])
+            assert code == (2 if error is not None else 0)
+        after = graph_log.level
+    finally:
+        graph_log.setLevel(level)
+    return [r.getMessage() for r in caplog.records if r.name == graph_log.name], after

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from realtime_helpers import BLOCK_TF, write_clip  # noqa: E402
+from realtime_helpers import BLOCK_TF, graph_log_of, write_clip  # noqa: E402
 
 from camface.cli import main as camface_main  # noqa: E402
 from camface.models import EMOTION_KERAS, EMOTION_ONNX  # noqa: E402
@@ -382,7 +382,6 @@ def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, fails
     silenced, --debug or not. Now as export does: hidden while the command runs, unless --debug,
     and the level restored after it, whether the rows ran or a row failed (--debug raises the
     error rather than printing it)."""
-    import contextlib
     import logging
 
     from camface.errors import SourceError
@@ -393,19 +392,8 @@ def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, fails
 
     if fails:
         monkeypatch.setattr(rows, "run_live", broken_row)
-    graph_log = logging.getLogger("camface.realtime.graph")
-    level = graph_log.level
-    graph_log.setLevel(logging.INFO)  # a level of its own, neither WARNING nor unset
-    try:
-        caplog.set_level(logging.DEBUG)
-        raised = pytest.raises(SourceError, match="the clip broke") if fails and debug else contextlib.nullcontext()
-        with raised:
-            code = camface_main(["bench", "--source", str(faces_clip), "--frames", "2", "--warmup", "0",
-                                 "--detect-every", "1", *(["--debug"] if debug else [])])
-            assert code == (2 if fails else 0)
-        after = graph_log.level
-    finally:
-        graph_log.setLevel(level)
-    shown = [r.getMessage() for r in caplog.records if r.name == graph_log.name]
+    shown, after = graph_log_of(camface_main, caplog, ["bench", "--source", str(faces_clip), "--frames", "2",
+                                                       "--warmup", "0", "--detect-every", "1"], debug,
+                                pytest.raises(SourceError, match="the clip broke") if fails else None)
     assert (f"CAM graph {EMOTION_ONNX.name} on CPUExecutionProvider" in shown) == debug, shown
     assert after == logging.INFO

@@ -9,7 +9,7 @@ import json
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import write_clip
+from realtime_helpers import graph_log_of, write_clip
 
 from camface.cli import main as camface_main
 from camface.evaluate import metrics
@@ -431,7 +431,6 @@ def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, steps
     export does: hidden while the command runs, unless --debug, and the level restored after it,
     whether the command ends well or fails after the graph has loaded (--steps above its 64x64
     pixels; --debug raises the error rather than printing it)."""
-    import contextlib
     import logging
 
     from camface.errors import UsageError
@@ -439,20 +438,8 @@ def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, steps
     folder = tmp_path / "photos"
     folder.mkdir()
     cv2.imwrite(str(folder / "face.png"), astronaut_bgr)
-    graph_log = logging.getLogger("camface.realtime.graph")
-    level = graph_log.level
-    graph_log.setLevel(logging.INFO)  # a level of its own, neither WARNING nor unset
-    try:
-        caplog.set_level(logging.DEBUG)
-        raised = pytest.raises(UsageError, match="--steps must be at most 4096") if fails and debug \
-            else contextlib.nullcontext()
-        with raised:
-            code = camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", steps,
-                                 *(["--debug"] if debug else [])])
-            assert code == (2 if fails else 0)
-        after = graph_log.level
-    finally:
-        graph_log.setLevel(level)
-    shown = [r.getMessage() for r in caplog.records if r.name == graph_log.name]
+    shown, after = graph_log_of(camface_main, caplog, ["evaluate", "--source", str(folder), "--methods", "gradcam",
+                                                       "--steps", steps], debug,
+                                pytest.raises(UsageError, match="--steps must be at most 4096") if fails else None)
     assert (f"CAM graph {EMOTION_ONNX.name} on CPUExecutionProvider" in shown) == debug, shown
     assert after == logging.INFO
