@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -348,10 +349,9 @@ def test_rerun_crops_are_the_first_that_fit(held_out, channels, want):
     assert int8.rerun_crops(crops, channels).tolist() == list(range(want))
 
 
-@pytest.mark.parametrize("stage", ["int8", "ranking"])
-def test_a_failed_export_keeps_the_previous_graph(stage, small, tmp_path, monkeypatch, capsys):
-    """The ranking runs after the graph is written: a failure there (or Ctrl-C) left the new,
-    unranked graph in place of the previous one."""
+def _previous_graph_beside_a_model(small, tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """net.onnx (the small classifier) and cam.onnx holding b"the previous graph", in tmp_path;
+    calibration and ranking read the small crops."""
     from camface.export import ranking
 
     _, _, crops = small
@@ -361,6 +361,16 @@ def test_a_failed_export_keeps_the_previous_graph(stage, small, tmp_path, monkey
     out.write_bytes(b"the previous graph")
     monkeypatch.setattr(calibration, "crop_sets", lambda *args: crops)
     monkeypatch.setattr(ranking, "source_crops", lambda source, graph: (crops.held_out, {"source": "smooth.png"}))
+    return model, out
+
+
+@pytest.mark.parametrize("stage", ["int8", "ranking"])
+def test_a_failed_export_keeps_the_previous_graph(stage, small, tmp_path, monkeypatch, capsys):
+    """The ranking runs after the graph is written: a failure there (or Ctrl-C) left the new,
+    unranked graph in place of the previous one."""
+    from camface.export import ranking
+
+    model, out = _previous_graph_beside_a_model(small, tmp_path, monkeypatch)
 
     def fail(*args, **kwargs):
         raise ModelError(f"{stage} failed")
@@ -374,15 +384,7 @@ def test_a_failed_export_keeps_the_previous_graph(stage, small, tmp_path, monkey
 
 
 def test_an_export_replaces_the_previous_graph_whole(small, tmp_path, monkeypatch, capsys):
-    from camface.export import ranking
-
-    _, _, crops = small
-    model = tmp_path / "net.onnx"
-    onnx.save(_small_classifier(), str(model))
-    out = tmp_path / "cam.onnx"
-    out.write_bytes(b"the previous graph")
-    monkeypatch.setattr(calibration, "crop_sets", lambda *args: crops)
-    monkeypatch.setattr(ranking, "source_crops", lambda source, graph: (crops.held_out, {"source": "smooth.png"}))
+    model, out = _previous_graph_beside_a_model(small, tmp_path, monkeypatch)
     assert camface_main(["export", str(model), "-o", str(out), "--preset", "unit", "--target-layer", "target",
                          "--int8"]) == 0
     assert f"wrote {out} (" in capsys.readouterr().out

@@ -277,21 +277,28 @@ def test_a_camera_recording_lasts_as_long_as_the_camera_ran(tmp_path):
     assert source.info.fps > 1 / 0.1 * 2  # else the test could not tell the two apart
 
 
-class _CameraWithClock:
-    """A live source whose i-th frame is taken at 0.1 * i s on `clock` (its `now`, which the
-    source sets as it hands the frame over; calling the clock does not move it)."""
+class _FakeSource:
+    """A source's context-manager side: `info` named `name`, 30 fps, `live` or a file."""
 
-    def __init__(self, frames: list[np.ndarray]):
+    def __init__(self, name: str, live: bool):
         from camface.realtime.sources import SourceInfo
 
-        self.frames, self.now = frames, 1000.0
-        self.info = SourceInfo("fake camera", 30.0, None, live=True)
+        self.info = SourceInfo(name, 30.0, None, live=live)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return None
+
+
+class _CameraWithClock(_FakeSource):
+    """A live source whose i-th frame is taken at 0.1 * i s on `clock` (its `now`, which the
+    source sets as it hands the frame over; calling the clock does not move it)."""
+
+    def __init__(self, frames: list[np.ndarray]):
+        super().__init__("fake camera", live=True)
+        self.frames, self.now = frames, 1000.0
 
     def __iter__(self):
         for i, frame in enumerate(self.frames):
@@ -788,22 +795,14 @@ def test_parallel_detectors_keep_every_frame_in_order(tmp_path, face_clip, monke
     assert " ms detect (3 detectors side by side), " in loop.summary.line()
 
 
-class _FailingClip:
+class _FailingClip(_FakeSource):
     """A file-like source (not live) that raises after `good` frames (None: never);
     `pulled` counts the frames taken from it."""
 
     def __init__(self, frames, good: int | None):
-        from camface.realtime.sources import SourceInfo
-
+        super().__init__("failing-clip", live=False)
         self.frames, self.good = frames, good
         self.pulled = 0
-        self.info = SourceInfo("failing-clip", 30.0, None, live=False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
     def __iter__(self):
         for i, frame in enumerate(self.frames):

@@ -127,6 +127,22 @@ def test_the_default_token_target_is_the_last_blocks_norm1_on_its_patch_grid(tok
 def test_token_heatmaps_equal_those_of_torch_autograd(token_graph, batch):
     name, model, _, _, grid, built, _ = token_graph
     stage = model.blocks[1].norm1 if name != "vit-mean-tokens" else model.blocks[0]
+    images, classes, logits, seen = torch_backward(model, stage, batch)
+
+    def on_grid(t):  # [N, T, C] -> the patches [N, 4, 4, C]
+        return t[:, grid.prefix:].reshape(batch, 4, 4, -1).numpy()
+
+    a, g = on_grid(seen.detach()), on_grid(seen.grad)
+    session = ort.InferenceSession(built.model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
+    assert_heatmaps(got, torch.softmax(logits, 1).detach().numpy(), a, g, built.heatmaps)
+
+
+def torch_backward(model, stage, batch: int):
+    """`batch` random uint8 crops and classes (-1: the top class) seeded by `batch`, the model's
+    logits on them, and `stage`'s output with its gradient of the chosen classes' logits."""
     seen = {}
 
     def keep(module, args, out):
@@ -141,16 +157,7 @@ def test_token_heatmaps_equal_those_of_torch_autograd(token_graph, batch):
     hook.remove()
     chosen = np.where(classes < 0, logits.detach().numpy().argmax(1), classes)
     logits[torch.arange(batch), torch.tensor(chosen)].sum().backward()
-
-    def on_grid(t):  # [N, T, C] -> the patches [N, 4, 4, C]
-        return t[:, grid.prefix:].reshape(batch, 4, 4, -1).numpy()
-
-    a, g = on_grid(seen["a"].detach()), on_grid(seen["a"].grad)
-    session = ort.InferenceSession(built.model.SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
-    assert_heatmaps(got, torch.softmax(logits, 1).detach().numpy(), a, g, built.heatmaps)
+    return images, classes, logits, seen["a"]
 
 
 def assert_heatmaps(got, probs, a, g, heatmaps):
@@ -329,23 +336,10 @@ def test_a_swins_default_target_is_its_last_blocks_norm2(swin_graph):
 @pytest.mark.parametrize("batch", [1, 4, 32])
 def test_swin_heatmaps_equal_those_of_torch_autograd(swin_graph, batch):
     model, result = swin_graph
-    seen = {}
-
-    def keep(module, args, out):
-        out.retain_grad()
-        seen["a"] = out
-
-    rng = np.random.default_rng(batch)
-    images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
-    classes = rng.integers(-1, 4, batch).astype(np.int64)
-    hook = model.stage2.norm2.register_forward_hook(keep)
-    logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
-    hook.remove()
-    chosen = np.where(classes < 0, logits.detach().numpy().argmax(1), classes)
-    logits[torch.arange(batch), torch.tensor(chosen)].sum().backward()
+    images, classes, logits, seen = torch_backward(model, model.stage2.norm2, batch)
     # tokens [N, 16, C] row by row, or the stage [N, 4, 4, C]: the same NHWC map
-    a = seen["a"].detach().reshape(batch, 4, 4, -1).numpy()
-    g = seen["a"].grad.reshape(batch, 4, 4, -1).numpy()
+    a = seen.detach().reshape(batch, 4, 4, -1).numpy()
+    g = seen.grad.reshape(batch, 4, 4, -1).numpy()
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
