@@ -284,10 +284,18 @@ def _logits_squeezed(model, final, after: list, where: object):
     (a Conv(classes, 1) on a 1x1 map -> Softmax -> Flatten: the class scores are the map's
     channels); rewritten to Flatten(logits) -> `final` over the last axis -> the output, the
     last two nodes. ModelError naming the nodes when they pool or mix the probabilities, which
-    no logits then give (a Softmax -> GlobalAveragePool over a 3x3 map: a mean of softmaxes)."""
+    no logits then give (a Softmax -> GlobalAveragePool over a 3x3 map: a mean of softmaxes).
+
+    Reads `final` as opset 13 on defines it (one axis, -1 when not given): every caller gets
+    `model` from `onnx_export.upgrade` (opset >= 13, or refused); before 13 a Softmax without
+    an axis ran over axes 1.. flattened, so an older model is refused here, not misread."""
     import onnx
     from onnx import helper
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelError(f"{where}: opset {opset}: its {final.op_type} {final.name!r} is read as opset 13 defines "
+                         "it (one axis, -1 by default); convert the model first (onnx_export.upgrade)")
     dims = shapes(model)
     scores, output = final.input[0], model.graph.output[0].name
     shape = dims.get(scores) or []

@@ -20,7 +20,7 @@ from camface.export.exporter import ExportOptions
 SIZE = 8
 
 
-def _onnx(nodes, inits, classes=4):
+def _onnx(nodes, inits, classes=4, opset=18):
     """x [N, 3, 8, 8] -> conv "conv" [N, 6, 8, 8] (relu) -> `nodes` -> "out" [N, classes]."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
@@ -30,7 +30,7 @@ def _onnx(nodes, inits, classes=4):
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", classes])],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
 
@@ -136,6 +136,35 @@ def test_probabilities_pooled_after_their_activation_are_refused_naming_the_node
     nodes, inits, match = REFUSED[name]
     with pytest.raises(ModelError, match=match):
         onnx_export.build(_onnx(nodes, inits), ExportOptions(preset="unit"))
+
+
+_DEFAULT_AXIS = ([  # a Softmax without an axis of [N, 4, 1, 1] scores, then flattened
+    _node("GlobalAveragePool", ["a"], "pool"), _node("Conv", ["pool", "k"], "scores"),
+    _node("Softmax", ["scores"], "probs4"), _node("Flatten", ["probs4"], "out")], {"k": _KERNEL})
+
+
+def test_a_softmax_without_an_axis_before_opset_13_runs_over_the_classes():
+    """Before opset 13 a Softmax's default axis is 1, its input flattened from there: over the
+    class scores of [N, 4, 1, 1] (refused at opset 18 above, where it runs over the last axis).
+    The export upgrades the model first and its probs are the model's own."""
+    model = _onnx(*_DEFAULT_AXIS, opset=11)
+    cam_graph, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer="a"))
+    assert all(d.ok for d in differences)
+    images = np.random.default_rng(3).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    got = _graph(cam_graph, images, np.array([-1, 2], np.int64))
+    own = _run(model, images)
+    np.testing.assert_allclose(own.sum(1), 1, rtol=1e-5)  # a softmax over the four classes
+    np.testing.assert_allclose(got["probs"], own, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_read_before_its_upgrade_to_opset_13_is_refused_naming_the_opset():
+    """`_logits_squeezed` took a Softmax without an axis for axis -1 at any opset (before 13 it
+    is 1): a model not upgraded first is refused, naming its opset and the node."""
+    from camface.export import onnx_model
+
+    model = onnx_model.prepare(_onnx(*_DEFAULT_AXIS, opset=11))
+    with pytest.raises(ModelError, match=r"m: opset 11: its Softmax 'probs4' is read as opset 13 defines it"):
+        onnx_model.describe(model, where="m")
 
 
 # ---------------------------------------------------------------- PyTorch (.pt2)
