@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from camface.errors import OutputError
+from camface.outputs import replace_whole
 
 log = logging.getLogger(__name__)
 
@@ -165,16 +166,10 @@ class RunLock:
             self._fd = None
 
     def _write(self, value: dict) -> None:
-        """Replace the owner file (OutputError naming it when it cannot be written: a full disk)."""
-        path = self.out_dir / OWNER_NAME
-        tmp = path.with_name(f"{OWNER_NAME}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(value))
-            os.replace(tmp, path)  # workers never read half a file
-        except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Replace the owner file whole, workers never reading half of it (OutputError naming it
+        when it cannot be written: a full disk). No ownership check: only the flock's holder writes
+        it, and it is what `Owner.check` reads."""
+        replace_whole(self.out_dir / OWNER_NAME, lambda tmp: tmp.write_text(json.dumps(value)))
 
 
 def _describe(info: Path) -> str:

@@ -35,22 +35,19 @@ def backbone_graph(builder: str, size: int, folder: str | Path) -> tuple[Path, P
     import keras
 
     from camface.export.exporter import ExportOptions, export
+    from camface.outputs import writing, written_beside
 
     log.info("building %s at %dx%d with random weights and exporting it to %s (once)",
              builder, size, size, onnx_path)
     keras.utils.set_random_seed(0)
     model = BUILDERS[builder](CLASSES, input_size=size, weights=None)
-    # Written under private names and renamed, so a concurrent run never reads half a file.
-    partial_keras = keras_path.with_name(f"{stem}.{os.getpid()}.partial.keras")
-    partial_onnx = onnx_path.with_name(f"{stem}.{os.getpid()}.partial.onnx")
-    try:
-        model.save(partial_keras)
-        os.replace(partial_keras, keras_path)
-        export(keras_path, partial_onnx, ExportOptions(preset=PRESETS[builder]))
-        os.replace(partial_onnx, onnx_path)
-    finally:
-        for leftover in (partial_keras, partial_onnx):
-            leftover.unlink(missing_ok=True)
+    # Both written beside their names and renamed over them together (camface.outputs): a
+    # concurrent run never reads half a file, and a failure (the export, a rename, Ctrl-C) leaves
+    # no new Keras model beside an older graph, errors naming the cached files
+    with written_beside(keras_path, onnx_path) as (staged_keras, staged_onnx):
+        with writing(staged_keras):
+            model.save(staged_keras)
+        export(staged_keras, staged_onnx, ExportOptions(preset=PRESETS[builder]), source_name=keras_path.name)
     return onnx_path, keras_path
 
 

@@ -160,8 +160,11 @@ def _warn_assumed_raw_pixels(model) -> None:
                 model.name)
 
 
-def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
-    """Load, build, convert, verify and write. Raises ModelError / OutputError."""
+def export(model_path: str | Path, output: str | Path, options: ExportOptions,
+           source_name: str | None = None) -> ExportResult:
+    """Load, build, convert, verify and write. Raises ModelError / OutputError. `source_name`:
+    the Keras file's name the graph records (`model_path`'s by default; a caller exporting a
+    model written beside its final name gives that name, which evaluate and guided look for)."""
     import time
 
     from camface.export import convert, graph, keras_model, onnx_rerun, verify
@@ -180,10 +183,10 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     # tf2onnx converts the rest (see `build`); the methods that run the model again are written
     # into the ONNX graph after the self-check
     function = graph.build_function(parts, tuple(h for h in heads if h not in onnx_rerun.rerun_names(heads)))
-    info = replace(info, source_model=model_path.name, source_sha256=sha256_file(model_path),
+    info = replace(info, source_model=source_name or model_path.name, source_sha256=sha256_file(model_path),
                    heatmaps=tuple(h for h in info.heatmaps if h not in onnx_rerun.rerun_names(heads)))
     log.info("exporting %s at target layer %s (feature map %dx%d), heatmaps %s",
-             model_path.name, info.target_layer, *info.feature_size, ", ".join(info.heatmaps + reruns))
+             info.source_model, info.target_layer, *info.feature_size, ", ".join(info.heatmaps + reruns))
     if info.cam_unavailable_reason:
         log.info("no CAM: %s", info.cam_unavailable_reason)
     onnx_model = convert.to_onnx(function, opset=options.opset, layers=keras_model.layer_names(model))
@@ -191,7 +194,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
     if options.fp16:
         onnx_model = convert.to_float16(onnx_model)
     convert.set_metadata(onnx_model, info.to_metadata(),
-                         doc=f"camface CAM graph of {model_path.name}, see camface/graph_spec.py")
+                         doc=f"camface CAM graph of {info.source_model}, see camface/graph_spec.py")
     differences = ()
     if options.verify:
         # tolerances widen by the outputs' sensitivity: to float16 activations (float16), to

@@ -37,6 +37,9 @@ _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 # Ops that pool what they get: after the final activation, they pass probabilities only when
 # they pool a 1x1 map (squeeze it).
 _POOLING = _POOLS + ("AveragePool", "MaxPool", "ReduceMean", "ReduceMax")
+# Ops after the final activation that pass the probabilities as they are when the Cast is to
+# float32 (of float32) and the Unsqueeze adds an axis after the batch (`_logits_squeezed` checks)
+_AFTER_FINAL = ("Cast", "Unsqueeze")
 
 
 
@@ -260,13 +263,15 @@ def describe(model, where: object = "model") -> Classifier:
     check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
     final, after = producer.get(output.name), []
-    # an Identity (tf2onnx names outputs so), Reshape or Flatten after the Softmax leaves it final
-    while final is not None and final.op_type in _PASS_THROUGH + _POOLING and final.input[0] in producer:
+    # an Identity (tf2onnx names outputs so), Reshape, Flatten, Cast or Unsqueeze after the
+    # Softmax leaves it final
+    while final is not None and final.op_type in _PASS_THROUGH + _POOLING + _AFTER_FINAL \
+            and final.input[0] in producer:
         after.append(final)
         final = producer[final.input[0]]
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
     logits = final.input[0] if activation else output.name
-    if activation and after and (any(n.op_type in _POOLING for n in after)
+    if activation and after and (any(n.op_type in _POOLING + _AFTER_FINAL for n in after)
                                  or len(shapes(model).get(logits) or []) != 2):
         model = _logits_squeezed(model, final, after[::-1], where)
         logits = model.graph.node[-2].output[0]
@@ -281,13 +286,23 @@ def describe(model, where: object = "model") -> Classifier:
 def _logits_squeezed(model, final, after: list, where: object):
     """`model` ending in `final` (Softmax / Sigmoid / LogSoftmax) of its logits, when the nodes
     `after` it (in graph order: pooling, flatten, reshape...) only squeeze axes of size 1 away
-    (a Conv(classes, 1) on a 1x1 map -> Softmax -> Flatten: the class scores are the map's
-    channels); rewritten to Flatten(logits) -> `final` over the last axis -> the output, the
-    last two nodes. ModelError naming the nodes when they pool or mix the probabilities, which
-    no logits then give (a Softmax -> GlobalAveragePool over a 3x3 map: a mean of softmaxes)."""
+    or add them (a Conv(classes, 1) on a 1x1 map -> Softmax -> Flatten: the class scores are the
+    map's channels; a Softmax -> Unsqueeze) and cast float32 to float32; rewritten to
+    Flatten(logits) -> `final` over the last axis -> the output [N, classes], the last two
+    nodes. ModelError naming the nodes when they pool or mix the probabilities, which no logits
+    then give (a Softmax -> GlobalAveragePool over a 3x3 map: a mean of softmaxes), or cast
+    them to another type.
+
+    Reads `final` as opset 13 on defines it (one axis, -1 when not given): every caller gets
+    `model` from `onnx_export.upgrade` (opset >= 13, or refused); before 13 a Softmax without
+    an axis ran over axes 1.. flattened, so an older model is refused here, not misread."""
     import onnx
     from onnx import helper
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelError(f"{where}: opset {opset}: its {final.op_type} {final.name!r} is read as opset 13 defines "
+                         "it (one axis, -1 by default); convert the model first (onnx_export.upgrade)")
     dims = shapes(model)
     scores, output = final.input[0], model.graph.output[0].name
     shape = dims.get(scores) or []
@@ -297,8 +312,14 @@ def _logits_squeezed(model, final, after: list, where: object):
     why = None
     if not known:
         why = f"its logits {scores!r} have no fixed shape ({_symbolic(shape)})"
+    types = elem_types(model)
     for node in after:
         into, out = dims.get(node.input[0]) or [], dims.get(node.output[0]) or []
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if why is None and node.op_type == "Cast" and (types.get(node.input[0]), to) != (FLOAT, FLOAT):
+            kinds = [onnx.TensorProto.DataType.Name(t).lower() for t in (types.get(node.input[0]) or 0, to or 0)]
+            why = (f"{node.name!r} (Cast) casts the probabilities to {kinds[1]} (from {kinds[0]}); "
+                   "camface's probabilities are float32")
         if why is None and not (all(isinstance(d, int) and d > 0 for d in into[1:] + out[1:])
                                 and math.prod(into[1:]) == math.prod(out[1:])):
             why = (f"{node.name!r} ({node.op_type}) turns {_symbolic(into)} into {_symbolic(out)}: "
@@ -331,6 +352,12 @@ def _logits_squeezed(model, final, after: list, where: object):
         node.metadata_props.extend(final.metadata_props)
     del copy.graph.node[:]
     copy.graph.node.extend(kept + [flatten, again])
+    declared = copy.graph.output[0].type.tensor_type
+    if declared.HasField("shape") and len(declared.shape.dim) != 2:  # [N, C, 1] or [N, C, 1, 1]: [N, C] now
+        batch = onnx.TensorShapeProto.Dimension()
+        batch.CopyFrom(declared.shape.dim[0])
+        del declared.shape.dim[:]
+        declared.shape.dim.extend([batch, onnx.TensorShapeProto.Dimension(dim_value=math.prod(shape[1:]))])
     values = [v for v in copy.graph.value_info if v.name not in dropped]
     del copy.graph.value_info[:]
     copy.graph.value_info.extend(values)

@@ -145,7 +145,7 @@ class LiveLoop:
         from camface.realtime.pace import LoopingSource
         from camface.realtime.sinks import encoder_for
         from camface.realtime.snapshot import SnapshotWriter
-        from camface.realtime.sources import make_source
+        from camface.realtime.sources import ImageFolderSource, make_source
 
         cfg = self.config
         if cfg.record is not None:  # fail before any model or camera is opened
@@ -154,8 +154,12 @@ class LiveLoop:
         encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
         if cfg.snapshot_every or cfg.show:
             SnapshotWriter.check_folder(cfg.snapshot_dir)
-        # a source that is not there is said before the model loads (nothing is opened yet)
+        # a source that is not there is said before the model loads (nothing is opened yet), and
+        # so is a folder without images (entering it lists them; it is entered again below)
         source = self._source if self._source is not None else make_source(cfg.source)
+        if isinstance(source, ImageFolderSource):
+            with source:
+                pass
         pipeline = load(config=cfg, timer=self.timer)
         cfg = self.config = pipeline.config  # method "auto" resolved
         renderer, model_path = pipeline.renderer, pipeline.model_path

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # eager conv gradients segfault in oneDNN here
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -397,3 +399,61 @@ def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, fails
                                 pytest.raises(SourceError, match="the clip broke") if fails else None)
     assert (f"CAM graph {EMOTION_ONNX.name} on CPUExecutionProvider" in shown) == debug, shown
     assert after == logging.INFO
+
+
+class _SavedModel:
+    """Stands in for a built Keras model: `save` writes known bytes (no TensorFlow graph built)."""
+
+    def save(self, path):
+        with open(path, "wb") as file:
+            file.write(b"new keras")
+
+
+@pytest.mark.parametrize("fails", ["export", "onnx rename", None])
+def test_backbone_cache_is_written_whole_or_not_at_all(tmp_path, monkeypatch, fails):
+    """bench_graphs renamed the new .keras over the cached one before exporting the graph: a failed
+    export (or a graph that could not be renamed into place) left a new Keras model beside an
+    older graph. Both are now renamed together, or neither, and no temporary file is left."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from camface.errors import ModelError, OutputError
+    from camface.export import bench_graphs, exporter
+    from camface.models import builders
+
+    stem = "tiny_32_random_seed0"
+    keras_path, onnx_path = tmp_path / f"{stem}.keras", tmp_path / f"{stem}.onnx"
+    keras_path.write_bytes(b"old keras")
+    if fails == "onnx rename":
+        onnx_path.mkdir()
+    else:  # a graph cached before a method was added: exported again
+        old = helper.make_model(helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])], "old",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+        onnx.save(old, str(onnx_path))
+    old_onnx = onnx_path.read_bytes() if onnx_path.is_file() else None
+    asked = []
+
+    def fake_export(model_path, output, options, source_name=None):
+        asked.append((Path(model_path).read_bytes(), source_name))
+        if fails == "export":
+            raise ModelError(f"cannot convert {model_path}")
+        Path(output).write_bytes(b"new onnx")
+
+    monkeypatch.setitem(builders.BUILDERS, "tiny", lambda classes, input_size, weights: _SavedModel())
+    monkeypatch.setitem(builders.PRESETS, "tiny", "none")
+    monkeypatch.setattr(exporter, "export", fake_export)
+    if fails is None:
+        assert bench_graphs.backbone_graph("tiny", 32, tmp_path) == (onnx_path, keras_path)
+        assert (keras_path.read_bytes(), onnx_path.read_bytes()) == (b"new keras", b"new onnx")
+    else:
+        error, named = (ModelError, keras_path) if fails == "export" else (OutputError, onnx_path)
+        with pytest.raises(error, match=re.escape(str(named))) as raised:
+            bench_graphs.backbone_graph("tiny", 32, tmp_path)
+        assert ".partial" not in str(raised.value)
+        assert keras_path.read_bytes() == b"old keras"
+        assert (onnx_path.read_bytes() if onnx_path.is_file() else None) == old_onnx
+    # the graph records the final Keras name (evaluate and guided look for it beside the graph)
+    assert asked == [(b"new keras", keras_path.name)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([keras_path.name, onnx_path.name])

@@ -20,17 +20,18 @@ from camface.export.exporter import ExportOptions
 SIZE = 8
 
 
-def _onnx(nodes, inits, classes=4):
-    """x [N, 3, 8, 8] -> conv "conv" [N, 6, 8, 8] (relu) -> `nodes` -> "out" [N, classes]."""
+def _onnx(nodes, inits, classes=4, opset=18, out=None, out_type=TensorProto.FLOAT):
+    """x [N, 3, 8, 8] -> conv "conv" [N, 6, 8, 8] (relu) -> `nodes` -> "out" [N, classes] (or
+    the dims `out`, of `out_type`)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
              *[numpy_helper.from_array(value, name) for name, value in inits.items()]]
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
              helper.make_node("Relu", ["conv"], ["a"], name="relu"), *nodes]
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", classes])],
+                              [helper.make_tensor_value_info("out", out_type, out or ["N", classes])],
                               initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
 
@@ -40,13 +41,21 @@ _KERNEL = _RNG.standard_normal((4, 6, 1, 1)).astype(np.float32)  # Conv(4, 1): t
 _WIDE = _RNG.standard_normal((4, 6, SIZE, SIZE)).astype(np.float32) / 8  # Conv(4, 8), valid: 1x1
 _BIAS = _RNG.standard_normal(4).astype(np.float32)
 _SHAPE = np.array([-1, 4], np.int64)
+_DENSE = {"k": _KERNEL[:, :, 0, 0], "b": _BIAS}  # Gemm(4): the 1x1 conv's weights
 
 
 def _node(op, inputs, output, **attrs):
     return helper.make_node(op, inputs, [output], name=output, **attrs)
 
 
-# name -> (nodes after "a" [N, 6, 8, 8], initializers, whether the 1x1 conv follows a pooling (CAM))
+def _dense_softmax(*tail):
+    """a -> GAP -> Flatten -> Gemm(4) -> Softmax "probs" [N, 4] -> `tail` (the last writes "out")."""
+    return [_node("GlobalAveragePool", ["a"], "pool"), _node("Flatten", ["pool"], "flat"),
+            _node("Gemm", ["flat", "k", "b"], "scores", transB=1), _node("Softmax", ["scores"], "probs"), *tail]
+
+
+# name -> (nodes after "a" [N, 6, 8, 8], initializers, whether the 1x1 conv follows a pooling (CAM),
+# and the output's dims where they are not [N, 4])
 SQUEEZED = {
     "gap-conv1x1-softmax-flatten": ([
         _node("GlobalAveragePool", ["a"], "pool"), _node("Conv", ["pool", "k", "b"], "scores"),
@@ -64,6 +73,16 @@ SQUEEZED = {
         _node("Conv", ["a", "k"], "scores"), _node("LogSoftmax", ["scores"], "probs4", axis=1),
         _node("Squeeze", ["probs4", "axes"], "flat"), _node("Dropout", ["flat"], "out")],
         {"k": _WIDE, "axes": np.array([2, 3], np.int64)}, False),
+    # a Cast to float32 or an Unsqueeze after the activation (as exporters write them)
+    "gap-gemm-softmax-cast": (_dense_softmax(_node("Cast", ["probs"], "out", to=TensorProto.FLOAT)), _DENSE, True),
+    "gap-gemm-softmax-unsqueeze": (_dense_softmax(_node("Unsqueeze", ["probs", "axis1"], "out")),
+                                   {**_DENSE, "axis1": np.array([1], np.int64)}, True, ["N", 1, 4]),
+    "all-conv-softmax-cast-squeeze-unsqueeze": ([
+        _node("Conv", ["a", "k", "b"], "scores"), _node("Softmax", ["scores"], "probs4", axis=1),
+        _node("Cast", ["probs4"], "same", to=TensorProto.FLOAT), _node("Squeeze", ["same", "axes"], "flat"),
+        _node("Unsqueeze", ["flat", "axis2"], "out")],
+        {"k": _WIDE, "b": _BIAS, "axes": np.array([2, 3], np.int64), "axis2": np.array([2], np.int64)}, False,
+        ["N", 4, 1]),
 }
 
 
@@ -84,14 +103,14 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(name
     after): the logits are the 1x1 map's channels; the export refused them ('the logits must be
     [N, classes]') or, pooled, softmaxed the probabilities again. The graph's probs are the
     model's, and CAM (GAP -> 1x1 conv) is its kernel's weighted sum of the activations."""
-    nodes, inits, with_cam = SQUEEZED[name]
-    model = _onnx(nodes, inits)
+    nodes, inits, with_cam, *out = SQUEEZED[name]
+    model = _onnx(nodes, inits, out=out[0] if out else None)
     cam_graph, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer="a"))
     assert all(d.ok for d in differences)
     images = np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     classes = np.array([-1, 0, 3], np.int64)
     got = _graph(cam_graph, images, classes)
-    own = _run(model, images)
+    own = _run(model, images).reshape(len(images), -1)  # [N, 1, 4] or [N, 4, 1] unsqueezed
     want = np.exp(own) if "logsoftmax" in name else own
     np.testing.assert_allclose(got["probs"], want, rtol=1e-5, atol=1e-6)
     assert ("cam" in info.heatmaps) == with_cam
@@ -126,6 +145,14 @@ REFUSED = {
         _node("Softmax", ["scores"], "probs4"), _node("Flatten", ["probs4"], "out")],
         {"k": _KERNEL}, r"node 'probs4'.*its Softmax runs over axis -1 of \[N, 4, 1, 1\], not over the "
                         r"class scores alone"),
+    "softmax-cast-to-double": (
+        _dense_softmax(_node("Cast", ["probs"], "out", to=TensorProto.DOUBLE)), _DENSE,
+        r"its output is the Softmax of 'scores' \(node 'probs'\) passed through 'out' \(Cast\): 'out' "
+        r"\(Cast\) casts the probabilities to double", {"out_type": TensorProto.DOUBLE}),
+    "softmax-unsqueezed-before-the-batch": (
+        _dense_softmax(_node("Unsqueeze", ["probs", "axis0"], "out")), {**_DENSE, "axis0": np.array([0], np.int64)},
+        r"the Softmax of 'scores' \(node 'probs'\) passed through 'out' \(Unsqueeze\): 'out' \(Unsqueeze\) "
+        r"turns \[N, 4\] into \[1, N, 4\]", {"out": [1, "N", 4]}),
 }
 
 
@@ -133,9 +160,38 @@ REFUSED = {
 def test_probabilities_pooled_after_their_activation_are_refused_naming_the_nodes(name):
     """A mean (or max) of softmaxes over a map is no softmax of any logits: the export took it
     for logits and softmaxed it again. It is refused, naming the activation and what pooled it."""
-    nodes, inits, match = REFUSED[name]
+    nodes, inits, match, *declared = REFUSED[name]
     with pytest.raises(ModelError, match=match):
-        onnx_export.build(_onnx(nodes, inits), ExportOptions(preset="unit"))
+        onnx_export.build(_onnx(nodes, inits, **(declared[0] if declared else {})), ExportOptions(preset="unit"))
+
+
+_DEFAULT_AXIS = ([  # a Softmax without an axis of [N, 4, 1, 1] scores, then flattened
+    _node("GlobalAveragePool", ["a"], "pool"), _node("Conv", ["pool", "k"], "scores"),
+    _node("Softmax", ["scores"], "probs4"), _node("Flatten", ["probs4"], "out")], {"k": _KERNEL})
+
+
+def test_a_softmax_without_an_axis_before_opset_13_runs_over_the_classes():
+    """Before opset 13 a Softmax's default axis is 1, its input flattened from there: over the
+    class scores of [N, 4, 1, 1] (refused at opset 18 above, where it runs over the last axis).
+    The export upgrades the model first and its probs are the model's own."""
+    model = _onnx(*_DEFAULT_AXIS, opset=11)
+    cam_graph, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer="a"))
+    assert all(d.ok for d in differences)
+    images = np.random.default_rng(3).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    got = _graph(cam_graph, images, np.array([-1, 2], np.int64))
+    own = _run(model, images)
+    np.testing.assert_allclose(own.sum(1), 1, rtol=1e-5)  # a softmax over the four classes
+    np.testing.assert_allclose(got["probs"], own, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_read_before_its_upgrade_to_opset_13_is_refused_naming_the_opset():
+    """`_logits_squeezed` took a Softmax without an axis for axis -1 at any opset (before 13 it
+    is 1): a model not upgraded first is refused, naming its opset and the node."""
+    from camface.export import onnx_model
+
+    model = onnx_model.prepare(_onnx(*_DEFAULT_AXIS, opset=11))
+    with pytest.raises(ModelError, match=r"m: opset 11: its Softmax 'probs4' is read as opset 13 defines it"):
+        onnx_model.describe(model, where="m")
 
 
 # ---------------------------------------------------------------- PyTorch (.pt2)

@@ -41,6 +41,8 @@ def test_a_config_built_in_code_raises_the_same_error():
 
 @pytest.mark.parametrize("argv, message", [
     (["live", "--source", "nope.mp4", "--no-show"], "source not found: nope.mp4"),
+    (["live", "--source", "empty", "--no-show"], "in folder empty"),
+    (["live", "--source", "notes", "--no-show"], "in folder notes"),
     (["live", "--source", "sample", "--no-show", "--snapshot-every", "1", "--snapshot-dir", "a_file"],
      "cannot write snapshots to a_file: it is a file"),
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
@@ -65,7 +67,8 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     """Values each command checked only after its model had loaded (TensorFlow's with --sanity
     or a Keras embedder), after bench's live rows had run, or never (a learning rate of 0 trained
     for every epoch; a negative backbone size was Keras' traceback): refused now before any model
-    loads, in one error line."""
+    loads, in one error line. `camface live` on a folder without images said so only after
+    loading its models."""
     import camface.api
     import camface.export.gallery
     import camface.realtime.bench.rows
@@ -79,6 +82,8 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a photo")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()  # a folder with a file, but no image
+    (tmp_path / "notes" / "read-me.txt").write_text("not an image")
     assert camface_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("camface: error: ") and message in err[0], err
