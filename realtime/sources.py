@@ -227,7 +227,10 @@ class VideoFileSource:
     def _open_complete_part(self):
         from camface.realtime.fmp4 import PrefixReader, complete_length
 
-        length = complete_length(self.path)
+        try:
+            length = complete_length(self.path)
+        except OSError as exc:  # e.g. no read permission: why OpenCV did not open it either
+            raise SourceError(f"cannot open video file {self.path}: {exc.strerror or exc}") from exc
         if length is not None:
             self._prefix = PrefixReader(self.path, length)
             try:

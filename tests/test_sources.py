@@ -159,6 +159,29 @@ def test_a_video_range_reads_its_frames_and_no_truncation(tmp_path, caplog, star
     assert not source.truncated and "ended early" not in caplog.text
 
 
+def test_a_video_file_that_cannot_be_read_is_a_source_error_naming_it(tmp_path, monkeypatch):
+    """A video file without read permission: OpenCV does not open it, and the look for a cut
+    MP4's readable part raised PermissionError out of the source (a traceback from
+    `camface live --source`, not one error line)."""
+    import builtins
+
+    from camface.realtime import fmp4
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "private.mp4"
+    path.write_bytes(b"\0\0\0\x18ftypisom" + b"\0" * 64)  # what FFmpeg will not open, as an unreadable file
+
+    def refused(file, *args, **kwargs):  # root reads any file: as chmod 000 does for a user
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(fmp4, "open", refused, raising=False)
+    with pytest.raises(SourceError, match=f"cannot open video file {path}: Permission denied"):
+        with VideoFileSource(path):
+            pass
+
+
 @pytest.fixture
 def served(tmp_path):
     """A folder served over HTTP on 127.0.0.1 (python's http.server on a thread): its URL."""
