@@ -377,6 +377,8 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
         indices = np.full(count, int(value) if -2 ** 62 < int(value) < 2 ** 62 else classes, np.int64)
     else:
         array = np.asarray(value)
+        if array.shape == (0,) and array.dtype.kind == "f":  # [] or (): numpy makes them float64
+            array = array.astype(np.int64)
         if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
             raise UsageError(f"{name} must be an integer or {count} integers, got {value!r}")
         # out of range beyond int64 (uint64) becomes `classes`, not a wrapped (maybe -1) index

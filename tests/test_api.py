@@ -270,6 +270,13 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
     assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
 
 
+@pytest.mark.parametrize("class_index", [[], (), np.zeros(0, np.int64), None, 3])
+def test_no_crops_with_no_classes_give_no_predictions(cam, class_index):
+    """Zero crops (a frame without faces) and their per-crop classes, an empty list built the
+    same way: `np.asarray([])` is float64, and was refused as 'must be an integer or 0 integers'."""
+    assert cam.explain_crops(np.zeros((0, 64, 64, 1), np.uint8), class_index=class_index) == ()
+
+
 def test_a_method_the_graph_lacks_is_a_clear_error(cam, tmp_path):
     with pytest.raises(ModelError, match=r"emotion.onnx has no 'cam' heatmap \(CAM needs global average pooling"):
         cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), method="cam")
