@@ -289,11 +289,13 @@ class Pipeline:
         is not uint8 BGR [H, W, 3] when it comes; closing the pipeline while iterating ends the
         iteration with one.
         """
+        import numbers
+
         from camface.realtime.sources import make_source
 
         self._check_open()
-        if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool)
-                                       or max_frames < 1):
+        if max_frames is not None and (not isinstance(max_frames, numbers.Integral)  # np.int64 too, as load's
+                                       or isinstance(max_frames, bool) or max_frames < 1):
             raise UsageError(f"max_frames must be an integer >= 1 (or None), got {max_frames!r}")
         if max_frames is None:
             max_frames = self.config.max_frames  # LiveConfig's --max-frames, as live stops there

@@ -397,6 +397,15 @@ def test_process_video_checks_its_arguments_at_once_and_reads_no_frame_beyond(tw
 
 
 
+@pytest.mark.parametrize("max_frames", [np.int64(2), np.uint8(2)])
+def test_process_video_takes_a_numpy_integer_max_frames(cam, two_faces, max_frames):
+    """A count computed with numpy (np.int64) was refused as 'max_frames must be an integer',
+    which it is; load(max_frames=np.int64(2)) takes it."""
+    counting = _CountingSource([two_faces] * 4)
+    assert [r.index for r, _ in cam.process_video(counting, max_frames=max_frames)] == [0, 1]
+    assert counting.taken == 2
+
+
 @pytest.mark.parametrize("bad, message", [
     (lambda f: f.astype(np.float32), r"frame 1 of _CountingSource must be uint8 BGR .* got dtype float32"),
     (lambda f: f[:, :, 0], r"frame 1 of _CountingSource must be uint8 BGR \[H, W, 3\]; got shape \(512, 949\)"),
