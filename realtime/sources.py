@@ -401,6 +401,10 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
     if re.fullmatch(r"-[0-9]+", spec):  # OpenCV's -1 is "any camera": say which to give instead
         raise SourceError(f"camera index {spec} is negative: camera indices are 0, 1, ... "
                           "(0 is the first camera)")
+    if path.exists():  # a device (/dev/video0) or a pipe: it was "not found"
+        camera = re.fullmatch(r"/dev/video([0-9]+)", os.path.realpath(spec))
+        hint = f"this camera is --source {camera.group(1)}" if camera else "a camera is given by its index: 0, 1, ..."
+        raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a pipe); {hint}")
     raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")
 

@@ -109,6 +109,23 @@ def test_make_source_names_what_is_wrong_with_a_camera_index(spec, message):
         make_source(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("/dev/null", r"source /dev/null is neither a video file nor a folder of images \(a device or a pipe\); "
+                  r"a camera is given by its index"),
+    ("/dev/video7", r"source /dev/video7 is neither a video file nor a folder of images \(a device or a pipe\); "
+                    r"this camera is --source 7"),
+])
+def test_make_source_says_a_device_exists_but_is_no_file(spec, message, monkeypatch):
+    """A path that exists but is neither a file nor a folder (/dev/video0, which OpenCV's own
+    examples open) was 'source not found'."""
+    from camface.realtime.sources import make_source
+
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: str(self) == "/dev/video7" or real_exists(self))
+    with pytest.raises(SourceError, match=message):
+        make_source(spec)
+
+
 def test_make_source_prefers_an_existing_file_named_like_a_negative_index(tmp_path, monkeypatch):
     from camface.realtime.sources import VideoFileSource, make_source
 
