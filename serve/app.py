@@ -283,8 +283,8 @@ async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
             raise  # the handler closes the client
         except Exception as exc:  # the snapshot folder became unwritable, the frame failed (FrameFailed): say so, end this client
             log.warning("client %d: %s", session.id, exc)
-            with contextlib.suppress(Exception):
-                await ws.close(1011, _reason(f"server error: {exc}"))
+            with contextlib.suppress(Exception):  # bounded: a client that does not read may not take it
+                await asyncio.wait_for(ws.close(1011, _reason(f"server error: {exc}")), CLOSE_WAIT_S)
             return
         finally:
             session.sent()
