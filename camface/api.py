@@ -277,7 +277,8 @@ class Pipeline:
     def process_video(self, source: str | int | os.PathLike[str] | Any,
                       max_frames: int | None = None) -> Iterator[tuple[FrameResult, np.ndarray]]:
         """(result, frame) for each frame of `source`: a video file, a folder of images, a
-        camera index, a stream URL, "sample", or an un-entered camface source object. frame:
+        camera index, a stream URL, "sample" (a Path is a file or folder, Path("sample") too), or an
+        un-entered camface source object. frame:
         uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
         indices from 0, fresh smoothing tracks, its own detector carrying boxes between key frames
         as `camface live` does (`detect_every`), so the results are live's. The source is closed
@@ -299,8 +300,12 @@ class Pipeline:
             raise UsageError(f"max_frames must be an integer >= 1 (or None), got {max_frames!r}")
         if max_frames is None:
             max_frames = self.config.max_frames  # LiveConfig's --max-frames, as live stops there
-        if isinstance(source, (str, os.PathLike)) or (isinstance(source, int) and not isinstance(source, bool)):
-            opened = make_source(os.fspath(source) if isinstance(source, os.PathLike) else str(source))
+        if isinstance(source, os.PathLike):
+            spec = os.fspath(source)
+            # a path, never the bundled clip or a camera (Path("./0") is "0", as `--source 0`)
+            opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or spec.isdigit() else spec)
+        elif isinstance(source, str) or (isinstance(source, int) and not isinstance(source, bool)):
+            opened = make_source(str(source))
         elif all(callable(getattr(source, name, None)) for name in ("__enter__", "__exit__", "__iter__")):
             opened = source
         else:

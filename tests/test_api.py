@@ -397,6 +397,24 @@ def test_process_video_checks_its_arguments_at_once_and_reads_no_frame_beyond(tw
 
 
 
+@pytest.mark.parametrize("name", ["sample", "0"])
+def test_process_video_reads_a_path_named_like_sample_or_a_camera_index_as_that_path(cam, tmp_path, monkeypatch,
+                                                                                     name):
+    """A Path is a file or a folder: Path("sample") played the bundled clip, not the folder
+    `sample` beside the script, and Path("0") opened camera 0 (Path("./0") is "0" too)."""
+    monkeypatch.chdir(tmp_path)
+    frames = [np.full((48, 64, 3), 40 * k, np.uint8) for k in range(3)]
+    if name == "sample":
+        (tmp_path / name).mkdir()
+        for k, frame in enumerate(frames):
+            cv2.imwrite(str(tmp_path / name / f"{k}.png"), frame)
+    else:
+        write_clip(tmp_path / "clip.mp4", frames).rename(tmp_path / name)
+    got = [frame for _, frame in cam.process_video(Path(name), max_frames=10)]
+    assert len(got) == 3 and all(frame.shape == (48, 64, 3) for frame in got)
+    assert [int(frame.mean() / 40 + 0.5) for frame in got] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("max_frames", [np.int64(2), np.uint8(2)])
 def test_process_video_takes_a_numpy_integer_max_frames(cam, two_faces, max_frames):
     """A count computed with numpy (np.int64) was refused as 'max_frames must be an integer',
