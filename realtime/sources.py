@@ -102,7 +102,7 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\r\n]*)@")
 
 
 def redact(text: str) -> str:
@@ -111,8 +111,9 @@ def redact(text: str) -> str:
 
     Every message, log line and SourceInfo.name that shows a stream URL goes through here:
     camera URLs carry their credentials, and logs, summaries and snapshot metadata get shared.
-    The authority ends at the first "/", "?" or "#" (as FFmpeg splits it); its last "@" ends
-    the credentials, so a password holding an "@" is hidden whole."""
+    The authority ends at the first "/", "?" or "#" (as FFmpeg splits it; a space does not end
+    it); its last "@" ends the credentials, so a password holding an "@" or a space is hidden
+    whole (in a message, words up to an "@" later on its line may be hidden with it)."""
     return _USERINFO.sub(r"\1***@", text)
 
 

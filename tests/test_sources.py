@@ -44,6 +44,9 @@ def number(frame) -> int:
     ("/videos/me@home.mp4", "/videos/me@home.mp4"),
     ("0", "0"),
     ("stream rtsp://a:b@h/x failed; retry rtsp://c:d@h/y", "stream rtsp://***@h/x failed; retry rtsp://***@h/y"),
+    # a space in the password: FFmpeg's authority ends at "/", "?" or "#" only, so it logs in with it
+    ("rtsp://admin:two words@cam/x", "rtsp://***@cam/x"),
+    ("stream rtsp://admin:two words@cam failed", "stream rtsp://***@cam failed"),
 ])
 def test_redact_hides_the_credentials_of_urls_only(text, expected):
     assert redact(text) == expected
