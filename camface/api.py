@@ -323,8 +323,8 @@ class Pipeline:
         explainer = FrameExplainer.from_config(self.config, self.graph)
         controls = Controls(method=self.config.method)
         with opened, self.face_detector() as detector:
-            carrier = BoxCarrier(detector, every_for(self.config.detect_every, bool(getattr(opened.info, "still", False)),
-                                                     self.config.detect_workers))
+            still = bool(getattr(getattr(opened, "info", None), "still", False))  # a user's object may have no info
+            carrier = BoxCarrier(detector, every_for(self.config.detect_every, still, self.config.detect_workers))
             passes = getattr(opened, "passes", 0)  # a LoopingSource's passes, a LiveSource's reconnections
             for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates

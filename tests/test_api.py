@@ -415,6 +415,29 @@ def test_process_video_reads_a_path_named_like_sample_or_a_camera_index_as_that_
     assert [int(frame.mean() / 40 + 0.5) for frame in got] == [0, 1, 2]
 
 
+class _FramesOnly:
+    """A source object as process_video checks one (enter, exit, iterate), with no `info`."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def __iter__(self):
+        return iter(self.frames)
+
+
+def test_process_video_takes_a_source_object_without_info(cam, two_faces):
+    """process_video took the object (it has __enter__, __exit__ and __iter__), then failed at
+    its first frame with AttributeError: 'info' (read for a folder's stills only)."""
+    results = [result for result, _ in cam.process_video(_FramesOnly([two_faces] * 2))]
+    assert [r.index for r in results] == [0, 1] and all(len(r.faces) == 2 for r in results)
+
+
 @pytest.mark.parametrize("max_frames", [np.int64(2), np.uint8(2)])
 def test_process_video_takes_a_numpy_integer_max_frames(cam, two_faces, max_frames):
     """A count computed with numpy (np.int64) was refused as 'max_frames must be an integer',
