@@ -91,6 +91,25 @@ def test_a_client_whose_frame_failed_and_that_does_not_read_is_freed(make_client
         wait_until(lambda: state.connected == 0)  # not after 600 s of --idle-timeout
 
 
+def test_a_client_that_leaves_while_its_frame_is_sent_is_no_warning(make_client, astronaut_bgr, monkeypatch, caplog):
+    """The socket gone under a send (WebSocketDisconnect, 1006) is a client leaving: the
+    sender logged it as a failure, 'client 1: 1006', and tried to close the closed socket."""
+    import logging
+
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    async def gone(self, data):
+        raise WebSocketDisconnect(1006)
+
+    monkeypatch.setattr(WebSocket, "send_bytes", gone)
+    client, state = make_client()
+    with caplog.at_level(logging.INFO, logger="camface"), client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_bytes(struct.pack(">I", 1) + jpeg(astronaut_bgr))
+        wait_until(lambda: state.connected == 0)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 @pytest.mark.parametrize("options, message", [
     ({"idle_timeout_s": 0}, "--idle-timeout must be a finite number of seconds > 0, got 0"),
     ({"send_timeout_s": -1.0}, "--send-timeout must be a finite number of seconds > 0, got -1.0"),
