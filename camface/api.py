@@ -277,7 +277,8 @@ class Pipeline:
     def process_video(self, source: str | int | os.PathLike[str] | Any,
                       max_frames: int | None = None) -> Iterator[tuple[FrameResult, np.ndarray]]:
         """(result, frame) for each frame of `source`: a video file, a folder of images, a
-        camera index, a stream URL, "sample", or an un-entered camface source object. frame:
+        camera index, a stream URL, "sample" (a Path is a file or folder, Path("sample") too), or an
+        un-entered camface source object. frame:
         uint8 BGR [H, W, 3] as the source gave it (not annotated). A stream of its own: frame
         indices from 0, fresh smoothing tracks, its own detector carrying boxes between key frames
         as `camface live` does (`detect_every`), so the results are live's. The source is closed
@@ -289,16 +290,22 @@ class Pipeline:
         is not uint8 BGR [H, W, 3] when it comes; closing the pipeline while iterating ends the
         iteration with one.
         """
+        import numbers
+
         from camface.realtime.sources import make_source
 
         self._check_open()
-        if max_frames is not None and (not isinstance(max_frames, int) or isinstance(max_frames, bool)
-                                       or max_frames < 1):
+        if max_frames is not None and (not isinstance(max_frames, numbers.Integral)  # np.int64 too, as load's
+                                       or isinstance(max_frames, bool) or max_frames < 1):
             raise UsageError(f"max_frames must be an integer >= 1 (or None), got {max_frames!r}")
         if max_frames is None:
             max_frames = self.config.max_frames  # LiveConfig's --max-frames, as live stops there
-        if isinstance(source, (str, os.PathLike)) or (isinstance(source, int) and not isinstance(source, bool)):
-            opened = make_source(os.fspath(source) if isinstance(source, os.PathLike) else str(source))
+        if isinstance(source, os.PathLike):
+            spec = os.fspath(source)
+            # a path, never the bundled clip or a camera (Path("./0") is "0", as `--source 0`)
+            opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or spec.isdigit() else spec)
+        elif isinstance(source, str) or (isinstance(source, int) and not isinstance(source, bool)):
+            opened = make_source(str(source))
         elif all(callable(getattr(source, name, None)) for name in ("__enter__", "__exit__", "__iter__")):
             opened = source
         else:
@@ -316,8 +323,8 @@ class Pipeline:
         explainer = FrameExplainer.from_config(self.config, self.graph)
         controls = Controls(method=self.config.method)
         with opened, self.face_detector() as detector:
-            carrier = BoxCarrier(detector, every_for(self.config.detect_every, bool(getattr(opened.info, "still", False)),
-                                                     self.config.detect_workers))
+            still = bool(getattr(getattr(opened, "info", None), "still", False))  # a user's object may have no info
+            carrier = BoxCarrier(detector, every_for(self.config.detect_every, still, self.config.detect_workers))
             passes = getattr(opened, "passes", 0)  # a LoopingSource's passes, a LiveSource's reconnections
             for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates
@@ -377,6 +384,8 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
         indices = np.full(count, int(value) if -2 ** 62 < int(value) < 2 ** 62 else classes, np.int64)
     else:
         array = np.asarray(value)
+        if array.shape == (0,) and array.dtype.kind == "f":  # [] or (): numpy makes them float64
+            array = array.astype(np.int64)
         if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
             raise UsageError(f"{name} must be an integer or {count} integers, got {value!r}")
         # out of range beyond int64 (uint64) becomes `classes`, not a wrapped (maybe -1) index

@@ -102,7 +102,7 @@ def to_bgr8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)@")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\r\n]*)@")
 
 
 def redact(text: str) -> str:
@@ -111,8 +111,9 @@ def redact(text: str) -> str:
 
     Every message, log line and SourceInfo.name that shows a stream URL goes through here:
     camera URLs carry their credentials, and logs, summaries and snapshot metadata get shared.
-    The authority ends at the first "/", "?" or "#" (as FFmpeg splits it); its last "@" ends
-    the credentials, so a password holding an "@" is hidden whole."""
+    The authority ends at the first "/", "?" or "#" (as FFmpeg splits it; a space does not end
+    it); its last "@" ends the credentials, so a password holding an "@" or a space is hidden
+    whole (in a message, words up to an "@" later on its line may be hidden with it)."""
     return _USERINFO.sub(r"\1***@", text)
 
 
@@ -227,7 +228,10 @@ class VideoFileSource:
     def _open_complete_part(self):
         from camface.realtime.fmp4 import PrefixReader, complete_length
 
-        length = complete_length(self.path)
+        try:
+            length = complete_length(self.path)
+        except OSError as exc:  # e.g. no read permission: why OpenCV did not open it either
+            raise SourceError(f"cannot open video file {self.path}: {exc.strerror or exc}") from exc
         if length is not None:
             self._prefix = PrefixReader(self.path, length)
             try:
@@ -398,6 +402,10 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
     if re.fullmatch(r"-[0-9]+", spec):  # OpenCV's -1 is "any camera": say which to give instead
         raise SourceError(f"camera index {spec} is negative: camera indices are 0, 1, ... "
                           "(0 is the first camera)")
+    if path.exists():  # a device (/dev/video0) or a pipe: it was "not found"
+        camera = re.fullmatch(r"/dev/video([0-9]+)", os.path.realpath(spec))
+        hint = f"this camera is --source {camera.group(1)}" if camera else "a camera is given by its index: 0, 1, ..."
+        raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a pipe); {hint}")
     raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")
 

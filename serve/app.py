@@ -270,6 +270,8 @@ async def _apply(ws, state: ServeState, session, control) -> None:
 async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
     """The client's sender: draw, record and encode each processed frame off the event loop,
     then send it (and any notes, e.g. a snapshot taken)."""
+    from starlette.websockets import WebSocketDisconnect
+
     while True:
         work = await outbox.get()
         try:
@@ -281,10 +283,12 @@ async def _send(ws, state: ServeState, session, outbox: asyncio.Queue) -> None:
                 await _timed_send(ws.send_json(note), state.options.send_timeout_s)
         except ProtocolError:
             raise  # the handler closes the client
+        except WebSocketDisconnect:  # the client left under the send: nothing failed, nothing to close
+            return
         except Exception as exc:  # the snapshot folder became unwritable, the frame failed (FrameFailed): say so, end this client
             log.warning("client %d: %s", session.id, exc)
-            with contextlib.suppress(Exception):
-                await ws.close(1011, _reason(f"server error: {exc}"))
+            with contextlib.suppress(Exception):  # bounded: a client that does not read may not take it
+                await asyncio.wait_for(ws.close(1011, _reason(f"server error: {exc}")), CLOSE_WAIT_S)
             return
         finally:
             session.sent()

@@ -25,7 +25,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Messages uvicorn reads ahead of the app, per client: the app reads the next frame only once the
 # one before is decoded, so more only buffer memory (up to ws_max_size, 4 MiB, each; uvicorn's
 # default of 32 let one fast client hold 128 MiB). Past it, the socket is no longer read and the
-# client's sends wait: backpressure.
+# client's sends wait: backpressure. No permessage-deflate: the caps count inflated bytes, and
+# uvicorn inflates every message of a read before the app sees one (251 KB of deflated 4 MiB
+# messages took ~170 MB); JPEG and PNG frames do not deflate anyway.
 WS_QUEUE = 4
 
 
@@ -155,7 +157,8 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
         port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(
             create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
-            ws_max_queue=WS_QUEUE, ssl_certfile=str(certfile) if certfile else None,
+            ws_max_queue=WS_QUEUE, ws_per_message_deflate=False,  # see WS_QUEUE
+            ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=5, lifespan="on"))
         urls = _urls(host, port, certfile is not None, options.token)
         print(f"camface serve: {model_path.name} on {graph.provider.replace('ExecutionProvider', '')}; "

@@ -149,13 +149,16 @@ class Session:
         return sink.path, sink.frames_kept
 
     def close(self) -> None:
-        """Finalise the recording and close the detector (after the worker's current use)."""
+        """Finalise the recording and close the detector (after the worker's current use; also
+        when the recording fails to close, whose error is raised after)."""
         self.closed = True
-        self.stop_recording()
-        with self.detect_lock:
-            if self.detector is not None:
-                self.detector.close()
-                self.detector = None
+        try:
+            self.stop_recording()
+        finally:
+            with self.detect_lock:
+                if self.detector is not None:
+                    self.detector.close()
+                    self.detector = None
 
     # ---------------------------------------------------------------- worker side
 

@@ -5,6 +5,7 @@ recordings)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import threading
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,5 +152,8 @@ class ServeState:
             return
         self._closed = True
         for session in self.active():
-            session.close()
+            try:
+                session.close()
+            except Exception:  # one recording that will not close must not leave the others unfinished
+                log.exception("camface serve: client %d did not close cleanly", session.id)
         self.worker.stop()

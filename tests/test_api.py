@@ -270,6 +270,13 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
     assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
 
 
+@pytest.mark.parametrize("class_index", [[], (), np.zeros(0, np.int64), None, 3])
+def test_no_crops_with_no_classes_give_no_predictions(cam, class_index):
+    """Zero crops (a frame without faces) and their per-crop classes, an empty list built the
+    same way: `np.asarray([])` is float64, and was refused as 'must be an integer or 0 integers'."""
+    assert cam.explain_crops(np.zeros((0, 64, 64, 1), np.uint8), class_index=class_index) == ()
+
+
 def test_a_method_the_graph_lacks_is_a_clear_error(cam, tmp_path):
     with pytest.raises(ModelError, match=r"emotion.onnx has no 'cam' heatmap \(CAM needs global average pooling"):
         cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), method="cam")
@@ -388,6 +395,56 @@ def test_process_video_checks_its_arguments_at_once_and_reads_no_frame_beyond(tw
         assert [r.index for r, _ in api.process_video(counting)] == [0, 1, 2] and counting.taken == 3
         assert len(list(api.process_video(_CountingSource([two_faces] * 5), max_frames=4))) == 4  # the call's wins
 
+
+
+@pytest.mark.parametrize("name", ["sample", "0"])
+def test_process_video_reads_a_path_named_like_sample_or_a_camera_index_as_that_path(cam, tmp_path, monkeypatch,
+                                                                                     name):
+    """A Path is a file or a folder: Path("sample") played the bundled clip, not the folder
+    `sample` beside the script, and Path("0") opened camera 0 (Path("./0") is "0" too)."""
+    monkeypatch.chdir(tmp_path)
+    frames = [np.full((48, 64, 3), 40 * k, np.uint8) for k in range(3)]
+    if name == "sample":
+        (tmp_path / name).mkdir()
+        for k, frame in enumerate(frames):
+            cv2.imwrite(str(tmp_path / name / f"{k}.png"), frame)
+    else:
+        write_clip(tmp_path / "clip.mp4", frames).rename(tmp_path / name)
+    got = [frame for _, frame in cam.process_video(Path(name), max_frames=10)]
+    assert len(got) == 3 and all(frame.shape == (48, 64, 3) for frame in got)
+    assert [int(frame.mean() / 40 + 0.5) for frame in got] == [0, 1, 2]
+
+
+class _FramesOnly:
+    """A source object as process_video checks one (enter, exit, iterate), with no `info`."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def __iter__(self):
+        return iter(self.frames)
+
+
+def test_process_video_takes_a_source_object_without_info(cam, two_faces):
+    """process_video took the object (it has __enter__, __exit__ and __iter__), then failed at
+    its first frame with AttributeError: 'info' (read for a folder's stills only)."""
+    results = [result for result, _ in cam.process_video(_FramesOnly([two_faces] * 2))]
+    assert [r.index for r in results] == [0, 1] and all(len(r.faces) == 2 for r in results)
+
+
+@pytest.mark.parametrize("max_frames", [np.int64(2), np.uint8(2)])
+def test_process_video_takes_a_numpy_integer_max_frames(cam, two_faces, max_frames):
+    """A count computed with numpy (np.int64) was refused as 'max_frames must be an integer',
+    which it is; load(max_frames=np.int64(2)) takes it."""
+    counting = _CountingSource([two_faces] * 4)
+    assert [r.index for r, _ in cam.process_video(counting, max_frames=max_frames)] == [0, 1]
+    assert counting.taken == 2
 
 
 @pytest.mark.parametrize("bad, message", [

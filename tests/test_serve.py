@@ -561,6 +561,48 @@ def test_a_session_that_cannot_open_closes_the_client_saying_why(make_client, mo
     assert state.connected == 0 and state.stats()["clients"] == 0
 
 
+class _ClosingDetector:
+    """A face detector that finds nothing and says whether it was closed."""
+
+    closed = False
+
+    def detect(self, frame):
+        return ()
+
+    def close(self):
+        self.closed = True
+
+
+class _Sink:
+    """A recording in progress whose close fails (`fails`: an encoder's flush error) or works."""
+
+    def __init__(self, path, fails: bool):
+        self.path, self.fails, self.closed, self.frames_written, self.frames_kept = path, fails, False, 0, 0
+
+    def close(self):
+        if self.fails:
+            raise RuntimeError("the encoder failed to flush")
+        self.closed = True
+
+
+def test_a_recording_that_fails_to_close_leaves_no_detector_recording_or_worker_open(make_client, tmp_path, caplog):
+    """Shutting down with two clients recording, the first client's recording failing to
+    close (not an OutputError): that error left its face detector open and, out of
+    ServeState.close, every later client's recording unfinished and the worker running."""
+    from camface.serve.session import Session
+
+    _, state = make_client()
+    sessions = [Session(state, _ClosingDetector()) for _ in range(2)]
+    for session, fails in zip(sessions, (True, False)):
+        session.sink = _Sink(tmp_path / f"client{session.id}.mp4", fails)
+        state.add(session)
+    detectors, sinks = [s.detector.detector for s in sessions], [s.sink for s in sessions]
+    state.close()
+    assert [d.closed for d in detectors] == [True, True]
+    assert sinks[1].closed and not state.worker._thread.is_alive()
+    assert f"client {sessions[0].id} did not close cleanly" in caplog.text and "failed to flush" in caplog.text
+
+
 # ------------------------------------------------------------------ protocol pieces and the command
 
 

@@ -103,6 +103,25 @@ def test_one_client_cannot_make_the_server_buffer_more_than_16_mib(tmp_path, mon
     assert configs[0].ws_max_queue * configs[0].ws_max_size <= 16 * 1024 * 1024
 
 
+def test_messages_are_not_compressed_so_a_small_send_cannot_fill_the_servers_memory(tmp_path):
+    """uvicorn offered permessage-deflate: the caps (2 MiB a message, 4 MiB for uvicorn) apply
+    to the inflated message, and uvicorn inflates and queues every message of a read (256 KiB)
+    before the app sees the first, so 251 KB of deflated 4 MiB messages took the server's memory
+    up by ~170 MB (per client, and per refused socket). JPEG and PNG frames do not deflate: the
+    server now offers no compression, and a client's bytes on the wire are what it costs."""
+    server, url = start_server(tmp_path)
+    try:
+        with connect(url.replace("http", "ws") + "ws", compression="deflate") as ws:
+            assert json.loads(ws.recv())["type"] == "hello"
+            assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+            ws.send(struct.pack(">I", 1) + _frame_jpeg())
+            message, _ = protocol.unpack_result(ws.recv())
+            assert message["seq"] == 1 and len(message["faces"]) == 3
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+
+
 def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
     """The port is bound first: a port in use is one error line naming host:port, exit 2, and
     no model is loaded (it was said only after the model had loaded, seconds later)."""

@@ -67,6 +67,49 @@ def test_a_client_that_does_not_read_is_closed_and_its_place_freed(make_client, 
         assert next_one.receive_json()["type"] == "hello"
 
 
+def test_a_client_whose_frame_failed_and_that_does_not_read_is_freed(make_client, astronaut_bgr, monkeypatch):
+    """A frame that fails (FrameFailed) closes its client; when the client does not read, the
+    close frame cannot go out (its send waits for the socket to drain), and the sender waited
+    for it without a bound: a client that went on sending (never idle) kept its place."""
+    import asyncio
+    import contextlib
+
+    import camface.api
+    from starlette.websockets import WebSocket
+
+    from tests.test_serve import _BrokenDetector
+
+    async def never_taken(self, code=1000, reason=None):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(WebSocket, "close", never_taken)
+    monkeypatch.setattr(camface.api, "face_detector", lambda config: contextlib.nullcontext(_BrokenDetector()))
+    client, state = make_client(max_clients=1, idle_timeout_s=600)
+    with client.websocket_connect("/ws") as stuck:
+        stuck.receive_json()
+        stuck.send_bytes(struct.pack(">I", 1) + jpeg(astronaut_bgr))
+        wait_until(lambda: state.connected == 0)  # not after 600 s of --idle-timeout
+
+
+def test_a_client_that_leaves_while_its_frame_is_sent_is_no_warning(make_client, astronaut_bgr, monkeypatch, caplog):
+    """The socket gone under a send (WebSocketDisconnect, 1006) is a client leaving: the
+    sender logged it as a failure, 'client 1: 1006', and tried to close the closed socket."""
+    import logging
+
+    from starlette.websockets import WebSocket, WebSocketDisconnect
+
+    async def gone(self, data):
+        raise WebSocketDisconnect(1006)
+
+    monkeypatch.setattr(WebSocket, "send_bytes", gone)
+    client, state = make_client()
+    with caplog.at_level(logging.INFO, logger="camface"), client.websocket_connect("/ws") as ws:
+        ws.receive_json()
+        ws.send_bytes(struct.pack(">I", 1) + jpeg(astronaut_bgr))
+        wait_until(lambda: state.connected == 0)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 @pytest.mark.parametrize("options, message", [
     ({"idle_timeout_s": 0}, "--idle-timeout must be a finite number of seconds > 0, got 0"),
     ({"send_timeout_s": -1.0}, "--send-timeout must be a finite number of seconds > 0, got -1.0"),

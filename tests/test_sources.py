@@ -44,6 +44,9 @@ def number(frame) -> int:
     ("/videos/me@home.mp4", "/videos/me@home.mp4"),
     ("0", "0"),
     ("stream rtsp://a:b@h/x failed; retry rtsp://c:d@h/y", "stream rtsp://***@h/x failed; retry rtsp://***@h/y"),
+    # a space in the password: FFmpeg's authority ends at "/", "?" or "#" only, so it logs in with it
+    ("rtsp://admin:two words@cam/x", "rtsp://***@cam/x"),
+    ("stream rtsp://admin:two words@cam failed", "stream rtsp://***@cam failed"),
 ])
 def test_redact_hides_the_credentials_of_urls_only(text, expected):
     assert redact(text) == expected
@@ -109,6 +112,23 @@ def test_make_source_names_what_is_wrong_with_a_camera_index(spec, message):
         make_source(spec)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("/dev/null", r"source /dev/null is neither a video file nor a folder of images \(a device or a pipe\); "
+                  r"a camera is given by its index"),
+    ("/dev/video7", r"source /dev/video7 is neither a video file nor a folder of images \(a device or a pipe\); "
+                    r"this camera is --source 7"),
+])
+def test_make_source_says_a_device_exists_but_is_no_file(spec, message, monkeypatch):
+    """A path that exists but is neither a file nor a folder (/dev/video0, which OpenCV's own
+    examples open) was 'source not found'."""
+    from camface.realtime.sources import make_source
+
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: str(self) == "/dev/video7" or real_exists(self))
+    with pytest.raises(SourceError, match=message):
+        make_source(spec)
+
+
 def test_make_source_prefers_an_existing_file_named_like_a_negative_index(tmp_path, monkeypatch):
     from camface.realtime.sources import VideoFileSource, make_source
 
@@ -157,6 +177,29 @@ def test_a_video_range_reads_its_frames_and_no_truncation(tmp_path, caplog, star
         read = [round(int(frame[0, 0, 0]) / 20) for frame in source]
     assert read == list(range(start, start + frames))
     assert not source.truncated and "ended early" not in caplog.text
+
+
+def test_a_video_file_that_cannot_be_read_is_a_source_error_naming_it(tmp_path, monkeypatch):
+    """A video file without read permission: OpenCV does not open it, and the look for a cut
+    MP4's readable part raised PermissionError out of the source (a traceback from
+    `camface live --source`, not one error line)."""
+    import builtins
+
+    from camface.realtime import fmp4
+    from camface.realtime.sources import VideoFileSource
+
+    path = tmp_path / "private.mp4"
+    path.write_bytes(b"\0\0\0\x18ftypisom" + b"\0" * 64)  # what FFmpeg will not open, as an unreadable file
+
+    def refused(file, *args, **kwargs):  # root reads any file: as chmod 000 does for a user
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(fmp4, "open", refused, raising=False)
+    with pytest.raises(SourceError, match=f"cannot open video file {path}: Permission denied"):
+        with VideoFileSource(path):
+            pass
 
 
 @pytest.fixture
