@@ -326,6 +326,30 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     assert "face 0 names no crop file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("saved, message", [
+    ((8, 4), "face_00.png is 4x8, not the 8x4 crop its snapshot.json says"),  # the pixels of 4x8, turned
+    ((4, 8), None),
+])
+def test_a_snapshot_crop_is_checked_by_its_height_and_width_not_its_pixel_count(tmp_path, saved, message):
+    """A non-square graph input (4 high, 8 wide): a crop saved 8 high and 4 wide holds as many
+    pixels and was reshaped to 4x8, its rows scrambled, and scored; it is refused naming it."""
+    from types import SimpleNamespace
+
+    from camface.errors import SourceError
+    from camface.evaluate.crops import from_snapshots
+
+    crop = np.arange(32, dtype=np.uint8).reshape(saved) * 7
+    cv2.imwrite(str(tmp_path / "face_00.png"), crop)
+    (tmp_path / "snapshot.json").write_text(json.dumps(
+        {"color_order": "GRAY", "input_size": [4, 8], "faces": [{"crop": "face_00.png"}]}))
+    info = SimpleNamespace(color_order="GRAY", input_size=(4, 8), channels=1)
+    if message is None:
+        np.testing.assert_array_equal(from_snapshots([tmp_path], info), crop[None, ..., None])
+    else:
+        with pytest.raises(SourceError, match=message):
+            from_snapshots([tmp_path], info)
+
+
 @pytest.mark.parametrize("argv, message", [
     (lambda clips, tmp: ["--source", str(clips["blank"])], "no faces found in 3 frames"),
     (lambda clips, tmp: ["--source", str(clips["faces"]), "--methods", "gradcam,nope"],
