@@ -185,6 +185,19 @@ def test_tied_top_probabilities_are_scored_on_the_map_of_the_class_named_predict
     assert predicted.tolist() == [0, 0] and full.tolist() == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("full, masked, increase", [
+    ([0.75, 0.5], [0.75 * (1 + 2 ** -23), 0.6], 50.0),  # the crop itself, one ulp apart: no increase
+    ([0.75, 0.5], [0.75 * (1 + 2 ** -20), 0.5 * (1 - 2 ** -22)], 0.0),
+    ([0.75, 0.5], [0.76, 0.6], 100.0),
+    ([-0.5, 0.0], [-0.49, 1e-3], 100.0),  # cosine similarities (gallery graphs)
+])
+def test_increase_in_confidence_does_not_count_float_rounding(full, masked, increase):
+    """Y (the crop) and O (the masked crop) come from two graph calls whose kernels may round
+    differently: a masked crop equal to the crop (a map of ones) counted as an increase in
+    confidence on a CPU that rounded O one ulp up."""
+    assert metrics.increase_in_confidence(full, masked) == pytest.approx(increase)
+
+
 @pytest.mark.parametrize("saliency, expected", [
     ([[3.0, 1.0], [2.0, 0.0]], [[0, 2], [1, 3]]),
     ([[1.0, 1.0], [5.0, 1.0]], None),  # ties: 5 first, then the three in a fixed random order
