@@ -69,7 +69,7 @@ def from_snapshots(folders, info) -> np.ndarray:
             if not isinstance(face, dict) or not isinstance(face.get("crop"), str):
                 raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: face {number} names no crop file")
             crop = read_crop(folder / face["crop"], order)
-            if crop.size != size[0] * size[1] * info.channels:
+            if crop.shape[:2] != size or crop.size != size[0] * size[1] * info.channels:
                 raise SourceError(f"{folder / face['crop']} is {crop.shape[1]}x{crop.shape[0]}, not the "
                                   f"{size[1]}x{size[0]} crop its snapshot.json says")
             crops.append(crop.reshape(*size, info.channels))

@@ -5,7 +5,9 @@ the scores from the probabilities the classifier gives them.
   the crop multiplied pixel-wise by its map (upsampled, normalised to [0, 1] as displayed) is
   classified again; Average Drop = mean_i max(0, Y_i - O_i) / Y_i x 100, Increase in Confidence
   = mean_i [Y_i < O_i] x 100, with Y_i the explained class's probability on crop i and O_i on
-  the masked crop. Lower drop / higher increase is better.
+  the masked crop (O_i above Y_i by more than float32 rounding, ROUNDING: the two come from
+  different graph calls, whose kernels may round differently). Lower drop / higher increase is
+  better.
 - Deletion and Insertion (Petsiuk et al., RISE, arXiv:1806.07421, sec. 4.1): the crop's pixels
   are removed (deletion) or revealed (insertion) in order of the map's value, highest first, in
   K equal steps; the explained class's probability after each step, against the fraction of
@@ -111,6 +113,14 @@ def average_drop(full: np.ndarray, masked: np.ndarray) -> float:
     return float(100.0 * np.mean(np.maximum(0.0, full[kept] - masked[kept]) / full[kept]))
 
 
+# relative: one crop's probability from two graph calls (a graph pruned otherwise, another batch)
+# differs by a few float32 ulps (2^-24 = 6e-8 relative each); a masked crop that is the crop must
+# not count as an increase on one CPU and not on another
+ROUNDING = 1e-5
+
+
 def increase_in_confidence(full: np.ndarray, masked: np.ndarray) -> float:
-    """Increase in Confidence in %: share of crops whose probability rose on the masked crop."""
-    return float(100.0 * np.mean(np.asarray(full) < np.asarray(masked)))
+    """Increase in Confidence in %: share of crops whose probability rose on the masked crop (by
+    more than ROUNDING of its magnitude)."""
+    full, masked = np.asarray(full, np.float64), np.asarray(masked, np.float64)
+    return float(100.0 * np.mean(masked - full > ROUNDING * np.maximum(np.abs(full), np.abs(masked))))

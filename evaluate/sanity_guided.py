@@ -59,7 +59,12 @@ def check(model, preprocessing, layer: str, crops: np.ndarray, predicted: np.nda
     want = _maps(explainer, crops, predicted)
     switched = _maps(explainer, crops, other)
     order = [layer_.name for layer_ in all_layers(model)]
-    target = order.index(explainer.layer.split("/")[-1])
+    inner = model
+    for name in explainer.layer.split("/"):
+        inner = inner.get_layer(name)
+    # a nested model as the target (`backbone`): its output is its last layer's (all_layers
+    # lists the layers inside it, never the model itself)
+    target = order.index((all_layers(inner)[-1] if isinstance(inner, keras.Model) else inner).name)
     weighted = [[layer_.name] for layer_ in reversed(weighted_layers(model))]  # from the logits down
     steps = cascade([w for w in weighted if order.index(w[0]) > target],
                     [w for w in weighted if order.index(w[0]) <= target], feature_steps)

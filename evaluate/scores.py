@@ -92,17 +92,32 @@ class Scorer:
 
     def heatmaps(self, crops: np.ndarray, names) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(probs [N, classes] (a gallery graph's similarities), {method: [N, h, w]}) of the
-        predicted class, BATCH crops per call."""
+        predicted class (`predicted_classes`: the first of tied top probabilities, as live names
+        and explains it; the graph explains the argmax of its logits, which a saturated sigmoid
+        may make another of the tied classes), BATCH crops per call."""
+        from camface.realtime.results import predicted_classes
+
         names = tuple(names)
         if names not in self._heatmap_sessions:
             self._heatmap_sessions[names] = _probability_session(self.graph, self._device, self._threads,
                                                                  (self.output, *names))
-        session = self._heatmap_sessions[names]
+        probs, maps = self._run_heatmaps(self._heatmap_sessions[names], crops, np.full(len(crops), -1, np.int64),
+                                         names)
+        top = probs.max(axis=1, keepdims=True) if len(probs) else probs
+        tied = np.flatnonzero((probs == top).sum(axis=1) > 1)
+        if len(tied):  # explained again for the class scored (`score`: the first of the tied)
+            _, again = self._run_heatmaps(self._heatmap_sessions[names], crops[tied],
+                                          predicted_classes(probs[tied]), names)
+            for name in names:
+                maps[name][tied] = again[name]
+        return probs, maps
+
+    def _run_heatmaps(self, session, crops, class_index, names):
         probs, maps = [], {name: [] for name in names}
         for start in range(0, len(crops), BATCH):
             chunk = np.ascontiguousarray(crops[start:start + BATCH])
             values = session.run([self.output, *names], {
-                graph_spec.INPUT_IMAGE: chunk, graph_spec.INPUT_CLASS: np.full(len(chunk), -1, np.int64)})
+                graph_spec.INPUT_IMAGE: chunk, graph_spec.INPUT_CLASS: class_index[start:start + BATCH]})
             probs.append(values[0])
             for name, value in zip(names, values[1:]):
                 maps[name].append(value)
@@ -114,8 +129,10 @@ class Scorer:
         from tqdm import tqdm
 
         names = list(names)
+        from camface.realtime.results import predicted_classes
+
         probs, maps = self.heatmaps(crops, names)
-        predicted = probs.argmax(axis=1)
+        predicted = predicted_classes(probs)
         full = probs[np.arange(len(crops)), predicted].astype(np.float64)
         baselines = np.stack([metrics.BASELINES[self.baseline](crop) for crop in crops])
         empty = self.classify(baselines)[np.arange(len(crops)), predicted].astype(np.float64)

@@ -391,39 +391,65 @@ def probability_layer(model):
 # Layers that reshape or pool what they get: after a softmax / sigmoid their output holds
 # probabilities that no logits give (an average of softmaxes is no softmax).
 _RESHAPING_TYPES = POOLING_TYPES + ("Flatten", "Reshape", "AveragePooling2D", "MaxPooling2D")
+# ... and what may lie between them and the probabilities: a Permute (which reorders the class
+# scores unless it moves axes of size 1 only) and the layers that change nothing at inference
+_TAIL_TYPES = _RESHAPING_TYPES + ("Permute",) + _IDENTITY_AT_INFERENCE
+
+
+def _layer_before(model, layer):
+    """The layer (or operation) of `model` whose output `layer` reads, None for the input."""
+    source = _input_in_parent(layer)
+    return next((item for item in reversed(operations(model))
+                 if type(item).__name__ != "InputLayer" and _output_in_parent(item) is source), None)
 
 
 def _check_probabilities_not_reshaped(model, final):
-    """The layer that computed the model's output when `final` only squeezes its probabilities
-    off a 1x1 map (Conv2D(classes, 1, softmax) on a 1x1 map -> Flatten, or its global pooling:
-    the class scores are the map's channels, the softmax over them), else `final`. ModelError
-    when the output is probabilities pooled or reshaped after the layer that computed them
-    (Conv2D(softmax) -> GlobalAveragePooling2D over a 3x3 map): the output would be taken for
-    logits and softmaxed again, and no logits give it."""
+    """The layer that computed the model's output when `final` (and the reshaping layers before
+    it) only squeeze its probabilities off a 1x1 map (Conv2D(classes, 1, softmax) on a 1x1 map ->
+    Flatten, or its global pooling: the class scores are the map's channels, the softmax over
+    them), else `final`. ModelError when the output is probabilities pooled or reshaped after the
+    layer that computed them (Conv2D(softmax) -> GlobalAveragePooling2D over a 3x3 map, a
+    Dense(softmax) -> Reshape((2, 2)) -> Permute -> Flatten that reorders the classes): the
+    output would be taken for logits and softmaxed again, and no logits give it."""
     kind = type(final).__name__
-    if kind not in _RESHAPING_TYPES or activation_name(final) in _PROBABILITY_ACTIVATIONS:
+    if kind not in _RESHAPING_TYPES + ("Permute",) or activation_name(final) in _PROBABILITY_ACTIVATIONS:
         return final
-    source = _input_in_parent(final)
-    before = next((layer for layer in reversed(operations(model))
-                   if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is source), None)
+    tail, before = [final], _layer_before(model, final)
+    while before is not None and not _is_model(before) and type(before).__name__ in _TAIL_TYPES \
+            and activation_name(before) not in _PROBABILITY_ACTIVATIONS:
+        tail.insert(0, before)
+        before = _layer_before(model, before)
     if before is None or _is_model(before):
         return final
     activation = activation_name(before)
     if activation not in _PROBABILITY_ACTIVATIONS:
         return final
-    shape = tuple(source.shape)
+    shape = tuple(_output_in_parent(before).shape)
     axis = getattr(before, "axis", -1) if type(before).__name__ == "Softmax" else -1
     axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
-    out = tuple(_output_in_parent(final).shape)
-    squeezed = (len(out) == 2 and all(isinstance(d, int) for d in shape[1:]) and
-                all(d == 1 for d in shape[1:-1]) and out[1] == shape[-1])
-    if squeezed and (activation == "sigmoid" or isinstance(axis, int) and axis % len(shape) == len(shape) - 1):
+
+    def dims(tensor) -> tuple:
+        return tuple(tensor.shape)
+
+    def classes_alone(layer) -> bool:  # its output holds the class scores on one axis, the others of size 1
+        out = dims(_output_in_parent(layer))
+        return [d for d in out[1:] if d != 1] == [shape[-1]] and (layer is not final or len(out) == 2)
+
+    # a 1x1 map of class scores (or [N, classes]) whose every tensor after it keeps them on one
+    # axis: no layer of the tail pools them or puts them in another order
+    moved = next((layer for layer in tail if not classes_alone(layer)), None)
+    if not (all(isinstance(d, int) for d in shape[1:]) and all(d == 1 for d in shape[1:-1])):
+        why = f"{tail[0].name!r} turns {shape} into {dims(_output_in_parent(tail[0]))}"
+    elif moved is not None:
+        why = f"{moved.name!r} turns {dims(_input_in_parent(moved))} into {dims(_output_in_parent(moved))}"
+    elif activation == "sigmoid" or isinstance(axis, int) and axis % len(shape) == len(shape) - 1:
         return before
-    why = (f"its softmax runs over axis {axis} of {shape}, not the class scores alone" if squeezed else
-           f"{final.name!r} turns {shape} into {out}")
+    else:
+        why = f"its softmax runs over axis {axis} of {shape}, not the class scores alone"
+    passed = " -> ".join(f"{layer.name!r} ({type(layer).__name__})" for layer in tail)
     raise ModelError(
         f"model {model.name!r}: its output is the {activation} of layer {before.name!r} "
-        f"({type(before).__name__}) passed through {final.name!r} ({kind}), probabilities that "
+        f"({type(before).__name__}) passed through {passed}, probabilities that "
         f"no logits give ({why}; a 1x1 map's channels squeezed off are the one kind read); camface "
         f"explains the logits before the final {activation}: build "
         f"{before.name!r} with a linear activation and end the model in "

@@ -38,8 +38,9 @@ _PASS_THROUGH = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze")
 # they pool a 1x1 map (squeeze it).
 _POOLING = _POOLS + ("AveragePool", "MaxPool", "ReduceMean", "ReduceMax")
 # Ops after the final activation that pass the probabilities as they are when the Cast is to
-# float32 (of float32) and the Unsqueeze adds an axis after the batch (`_logits_squeezed` checks)
-_AFTER_FINAL = ("Cast", "Unsqueeze")
+# float32 (of float32), the Unsqueeze adds an axis after the batch and the Transpose moves only
+# axes of size 1 (`_tail_refusal` checks)
+_AFTER_FINAL = ("Cast", "Unsqueeze", "Transpose")
 
 
 
@@ -263,18 +264,23 @@ def describe(model, where: object = "model") -> Classifier:
     check_control_flow(model, where)
     producer = {o: n for n in graph.node for o in n.output}
     final, after = producer.get(output.name), []
-    # an Identity (tf2onnx names outputs so), Reshape, Flatten, Cast or Unsqueeze after the
-    # Softmax leaves it final
+    # an Identity (tf2onnx names outputs so), Reshape, Flatten, Cast, Unsqueeze or Transpose
+    # after the Softmax leaves it final
     while final is not None and final.op_type in _PASS_THROUGH + _POOLING + _AFTER_FINAL \
             and final.input[0] in producer:
         after.append(final)
         final = producer[final.input[0]]
     activation = final.op_type if final is not None and final.op_type in _FINAL else ""
     logits = final.input[0] if activation else output.name
+    dims = shapes(model)
     if activation and after and (any(n.op_type in _POOLING + _AFTER_FINAL for n in after)
-                                 or len(shapes(model).get(logits) or []) != 2):
+                                 or len(dims.get(logits) or []) != 2 or len(dims.get(output.name) or []) != 2):
         model = _logits_squeezed(model, final, after[::-1], where)
         logits = model.graph.node[-2].output[0]
+    elif activation and any(n.op_type not in ("Identity", "Dropout") for n in after):
+        # [N, classes] -> Reshape / Flatten / Squeeze -> [N, classes]: the output is the
+        # probabilities when no node moves the batch or the classes
+        _refuse_tail(model, final, after[::-1], where)
     logit_dims = shapes(model).get(logits)
     if not logit_dims or len(logit_dims) != 2 or not isinstance(logit_dims[1], int):
         raise ModelError(f"{where}: the logits {logits!r} must be [N, classes] (they are "
@@ -289,9 +295,9 @@ def _logits_squeezed(model, final, after: list, where: object):
     or add them (a Conv(classes, 1) on a 1x1 map -> Softmax -> Flatten: the class scores are the
     map's channels; a Softmax -> Unsqueeze) and cast float32 to float32; rewritten to
     Flatten(logits) -> `final` over the last axis -> the output [N, classes], the last two
-    nodes. ModelError naming the nodes when they pool or mix the probabilities, which no logits
-    then give (a Softmax -> GlobalAveragePool over a 3x3 map: a mean of softmaxes), or cast
-    them to another type.
+    nodes. ModelError naming the nodes (`_refuse_tail`) when they pool or mix the
+    probabilities, which no logits then give (a Softmax -> GlobalAveragePool over a 3x3 map: a
+    mean of softmaxes), move the batch or the classes, or cast them to another type.
 
     Reads `final` as opset 13 on defines it (one axis, -1 when not given): every caller gets
     `model` from `onnx_export.upgrade` (opset >= 13, or refused); before 13 a Softmax without
@@ -299,43 +305,11 @@ def _logits_squeezed(model, final, after: list, where: object):
     import onnx
     from onnx import helper
 
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise ModelError(f"{where}: opset {opset}: its {final.op_type} {final.name!r} is read as opset 13 defines "
-                         "it (one axis, -1 by default); convert the model first (onnx_export.upgrade)")
+    _refuse_tail(model, final, after, where, rewritten=True)
     dims = shapes(model)
     scores, output = final.input[0], model.graph.output[0].name
     shape = dims.get(scores) or []
-    axis = next((a.i for a in final.attribute if a.name == "axis"), -1)
     passed = " -> ".join(f"{n.name!r} ({n.op_type})" for n in after)
-    known = len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:])
-    why = None
-    if not known:
-        why = f"its logits {scores!r} have no fixed shape ({_symbolic(shape)})"
-    types = elem_types(model)
-    for node in after:
-        into, out = dims.get(node.input[0]) or [], dims.get(node.output[0]) or []
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if why is None and node.op_type == "Cast" and (types.get(node.input[0]), to) != (FLOAT, FLOAT):
-            kinds = [onnx.TensorProto.DataType.Name(t).lower() for t in (types.get(node.input[0]) or 0, to or 0)]
-            why = (f"{node.name!r} (Cast) casts the probabilities to {kinds[1]} (from {kinds[0]}); "
-                   "camface's probabilities are float32")
-        if why is None and not (all(isinstance(d, int) and d > 0 for d in into[1:] + out[1:])
-                                and math.prod(into[1:]) == math.prod(out[1:])):
-            why = (f"{node.name!r} ({node.op_type}) turns {_symbolic(into)} into {_symbolic(out)}: "
-                   "it pools or reshapes the probabilities, and no logits give what comes out")
-    spread = [i for i in range(1, len(shape)) if known and shape[i] != 1]
-    if why is None and final.op_type != "Sigmoid" and (len(spread) > 1 or spread and spread[0] != axis % len(shape)):
-        why = (f"its {final.op_type} runs over axis {axis} of {_symbolic(shape)}, not over the class "
-               "scores alone, so the flattened output is no softmax of them")
-    readers = {x for n in model.graph.node if n is not final and n not in after for x in n.input}
-    if why is None and readers & {o for n in [final, *after] for o in n.output}:
-        why = "other nodes read the probabilities before the output"
-    if why is not None:
-        raise ModelError(f"{where}: its output is the {final.op_type} of {scores!r} (node {final.name!r}) "
-                         f"passed through {passed}: {why}; camface explains the logits before the final "
-                         f"{final.op_type}: export the model ending in the {final.op_type} of [N, classes] "
-                         f"logits, after {after[-1].name!r}")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     dropped = {o for n in [final, *after] for o in n.output}
@@ -364,6 +338,63 @@ def _logits_squeezed(model, final, after: list, where: object):
     log.info("%s: its %s's input %s %s, squeezed by %s, is read as the logits [N, %d]", where,
              final.op_type, scores, _symbolic(shape), passed, math.prod(shape[1:]))
     return prepare(copy, where=where)
+
+
+def _refuse_tail(model, final, after: list, where: object, rewritten: bool = False) -> None:
+    """ModelError naming the nodes when `after` (the nodes between `final` and the output, in
+    graph order) pool the probabilities, move the batch or the classes (a Reshape of [N, 4] to
+    [-1, 2], a Transpose that is not of size-1 axes), cast them to another type, or when
+    `final` is no softmax of one axis of them; with `rewritten` (`_logits_squeezed` reads the
+    logits before `final` again), also when other nodes read the probabilities."""
+    import onnx
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelError(f"{where}: opset {opset}: its {final.op_type} {final.name!r} is read as opset 13 defines "
+                         "it (one axis, -1 by default); convert the model first (onnx_export.upgrade)")
+    dims = shapes(model)
+    scores = final.input[0]
+    shape = dims.get(scores) or []
+    axis = next((a.i for a in final.attribute if a.name == "axis"), -1)
+    passed = " -> ".join(f"{n.name!r} ({n.op_type})" for n in after)
+    known = len(shape) >= 2 and all(isinstance(d, int) and d > 0 for d in shape[1:])
+    why = None
+    if not known:
+        why = f"its logits {scores!r} have no fixed shape ({_symbolic(shape)})"
+    types = elem_types(model)
+    for node in after:
+        into, out = dims.get(node.input[0]), dims.get(node.output[0])
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if why is None and node.op_type == "Cast" and (types.get(node.input[0]), to) != (FLOAT, FLOAT):
+            kinds = [onnx.TensorProto.DataType.Name(t).lower() for t in (types.get(node.input[0]) or 0, to or 0)]
+            why = (f"{node.name!r} (Cast) casts the probabilities to {kinds[1]} (from {kinds[0]}); "
+                   "camface's probabilities are float32")
+        if why is None and (not into or not out):  # a shape inference could not follow
+            why = (f"{node.name!r} ({node.op_type}) turns {_symbolic(into or [])} into an unknown "
+                   f"shape ({_symbolic(out or [])}): the probabilities may be moved across crops")
+        if why is None and not (all(isinstance(d, int) and d > 0 for d in into[1:] + out[1:])
+                                and math.prod(into[1:]) == math.prod(out[1:])):
+            why = (f"{node.name!r} ({node.op_type}) turns {_symbolic(into)} into {_symbolic(out)}: "
+                   "it pools or reshapes the probabilities, and no logits give what comes out")
+        if why is None and node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) \
+                or list(range(len(into)))[::-1]
+            moved = [a for a in perm if into[a] != 1]  # the batch and the class axes, in their new order
+            if perm[0] != 0 or moved != sorted(moved):
+                why = (f"{node.name!r} (Transpose) permutes {_symbolic(into)} by {perm}: it reorders "
+                       "the class scores (or the batch), which camface does not follow")
+    spread = [i for i in range(1, len(shape)) if known and shape[i] != 1]
+    if why is None and final.op_type != "Sigmoid" and (len(spread) > 1 or spread and spread[0] != axis % len(shape)):
+        why = (f"its {final.op_type} runs over axis {axis} of {_symbolic(shape)}, not over the class "
+               "scores alone, so the flattened output is no softmax of them")
+    readers = {x for n in model.graph.node if n is not final and n not in after for x in n.input}
+    if why is None and rewritten and readers & {o for n in [final, *after] for o in n.output}:
+        why = "other nodes read the probabilities before the output"
+    if why is not None:
+        raise ModelError(f"{where}: its output is the {final.op_type} of {scores!r} (node {final.name!r}) "
+                         f"passed through {passed}: {why}; camface explains the logits before the final "
+                         f"{final.op_type}: export the model ending in the {final.op_type} of [N, classes] "
+                         f"logits, after {after[-1].name!r}")
 
 
 def fix_input_size(model, size: tuple[int, int], where: object = "model"):

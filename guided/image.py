@@ -38,7 +38,11 @@ def image_model(model_override: str | Path | None) -> tuple[Path, Preprocessing 
     digest = sha256_file(path)
     for graph in dict.fromkeys((path.with_suffix(".onnx"), EMOTION_ONNX)):
         if graph.is_file():
-            info = read_graph_metadata(graph)
+            try:
+                info = read_graph_metadata(graph)
+            except ModelError as exc:  # MODEL.onnx beside it is the model itself, no CAM graph of it
+                log.info("%s is not a CAM graph made from %s (%s)", graph, path, exc)
+                continue
             if info.source_sha256 == digest and info.normalization:
                 return (path, Preprocessing.from_normalization(info.color_order, info.normalization),
                         info.labels, info.target_layer)

@@ -122,6 +122,82 @@ def test_scoring_in_small_chunks_gives_the_same_scores(tmp_path, chunk):
             assert getattr(mine, key) == pytest.approx(getattr(theirs, key), abs=1e-4)
 
 
+def tied_graph(path):
+    """A CAM graph on GRAY 4x4 crops whose sigmoid saturates: logits [20, 30], probs [1.0, 1.0]
+    (tied), class -1 -> the argmax of the logits (1); gradcam = x for class 0, 1 - x for class 1."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(1 / 255, np.float32), "scale"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array([20.0, 30.0], np.float32), "bias"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([1, 2, 3], np.int64), "all_axes"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "map_axes"),
+             numpy_helper.from_array(np.array([3], np.int64), "last")]
+    nodes = [helper.make_node("Cast", ["image"], ["x_f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x_f", "scale"], ["activations"]),
+             helper.make_node("ReduceMean", ["activations", "all_axes"], ["mean"], keepdims=1),  # [N, 1, 1, 1]
+             helper.make_node("Squeeze", ["mean", "map_axes"], ["mean_2d"]),  # [N, 1]
+             helper.make_node("Sub", ["mean_2d", "mean_2d"], ["nothing"]),
+             helper.make_node("Add", ["nothing", "bias"], ["logits"]),  # [N, 2]: 20, 30
+             helper.make_node("Sigmoid", ["logits"], ["probs"]),
+             helper.make_node("ArgMax", ["logits"], ["argmax"], axis=1, keepdims=0),
+             helper.make_node("Less", ["class_index", "zero"], ["asked_predicted"]),
+             helper.make_node("Where", ["asked_predicted", "argmax", "class_index"], ["chosen"]),
+             helper.make_node("Equal", ["chosen", "zero"], ["is_first"]),
+             helper.make_node("Cast", ["is_first"], ["first_f"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["first_f", "map_axes"], ["first"]),  # [N, 1, 1]
+             helper.make_node("Squeeze", ["activations", "last"], ["x"]),
+             helper.make_node("Sub", ["one", "x"], ["dark"]),
+             helper.make_node("Sub", ["x", "dark"], ["bright_minus_dark"]),
+             helper.make_node("Mul", ["first", "bright_minus_dark"], ["picked"]),
+             helper.make_node("Add", ["dark", "picked"], ["gradcam"])]
+    inputs = [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 4, 4, 1]),
+              helper.make_tensor_value_info("class_index", TensorProto.INT64, ["N"])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
+               (("probs", ["N", 2]), ("activations", ["N", 4, 4, 1]), ("gradcam", ["N", 4, 4]))]
+    model = helper.make_model(helper.make_graph(nodes, "tied", inputs, outputs, initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    info = GraphInfo(labels=("first", "second"), input_size=(4, 4), color_order="GRAY", target_layer="x",
+                     heatmaps=("gradcam",), feature_size=(4, 4))
+    helper.set_model_props(model, info.to_metadata())
+    onnx.save(model, str(path))
+    return path
+
+
+def test_tied_top_probabilities_are_scored_on_the_map_of_the_class_named_predicted(tmp_path):
+    """A saturated sigmoid ties its top probabilities (1.0, 1.0): the predicted class scored is
+    the first of them (as live names it), but the maps were the graph's for class -1, the argmax
+    of its logits (the other class): the curves then scored one class's map on another class's
+    probability. The maps are now those of the class scored, as live explains it."""
+    from camface.evaluate.scores import Scorer
+    from camface.realtime.graph import CamGraph
+
+    scorer = Scorer(CamGraph(tied_graph(tmp_path / "tied.onnx"), "cpu"), steps=4, baseline="mean",
+                    device="cpu", threads=1)
+    crops = np.stack([CROP, 255 - CROP])
+    probs, maps = scorer.heatmaps(crops, ["gradcam"])
+    np.testing.assert_array_equal(probs, np.ones((2, 2), np.float32))
+    np.testing.assert_allclose(maps["gradcam"], crops[..., 0] / 255, atol=1e-6)  # class 0's map: x
+    predicted, full, (scores,) = scorer.score(crops, ["gradcam"])
+    assert predicted.tolist() == [0, 0] and full.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("full, masked, increase", [
+    ([0.75, 0.5], [0.75 * (1 + 2 ** -23), 0.6], 50.0),  # the crop itself, one ulp apart: no increase
+    ([0.75, 0.5], [0.75 * (1 + 2 ** -20), 0.5 * (1 - 2 ** -22)], 0.0),
+    ([0.75, 0.5], [0.76, 0.6], 100.0),
+    ([-0.5, 0.0], [-0.49, 1e-3], 100.0),  # cosine similarities (gallery graphs)
+])
+def test_increase_in_confidence_does_not_count_float_rounding(full, masked, increase):
+    """Y (the crop) and O (the masked crop) come from two graph calls whose kernels may round
+    differently: a masked crop equal to the crop (a map of ones) counted as an increase in
+    confidence on a CPU that rounded O one ulp up."""
+    assert metrics.increase_in_confidence(full, masked) == pytest.approx(increase)
+
+
 @pytest.mark.parametrize("saliency, expected", [
     ([[3.0, 1.0], [2.0, 0.0]], [[0, 2], [1, 3]]),
     ([[1.0, 1.0], [5.0, 1.0]], None),  # ties: 5 first, then the three in a fixed random order
@@ -261,6 +337,30 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     (snapshot / "snapshot.json").write_text(json.dumps(meta))
     assert camface_main(["evaluate", str(snapshot), "--methods", "gradcam", "--steps", "2"]) == 2
     assert "face 0 names no crop file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("saved, message", [
+    ((8, 4), "face_00.png is 4x8, not the 8x4 crop its snapshot.json says"),  # the pixels of 4x8, turned
+    ((4, 8), None),
+])
+def test_a_snapshot_crop_is_checked_by_its_height_and_width_not_its_pixel_count(tmp_path, saved, message):
+    """A non-square graph input (4 high, 8 wide): a crop saved 8 high and 4 wide holds as many
+    pixels and was reshaped to 4x8, its rows scrambled, and scored; it is refused naming it."""
+    from types import SimpleNamespace
+
+    from camface.errors import SourceError
+    from camface.evaluate.crops import from_snapshots
+
+    crop = np.arange(32, dtype=np.uint8).reshape(saved) * 7
+    cv2.imwrite(str(tmp_path / "face_00.png"), crop)
+    (tmp_path / "snapshot.json").write_text(json.dumps(
+        {"color_order": "GRAY", "input_size": [4, 8], "faces": [{"crop": "face_00.png"}]}))
+    info = SimpleNamespace(color_order="GRAY", input_size=(4, 8), channels=1)
+    if message is None:
+        np.testing.assert_array_equal(from_snapshots([tmp_path], info), crop[None, ..., None])
+    else:
+        with pytest.raises(SourceError, match=message):
+            from_snapshots([tmp_path], info)
 
 
 @pytest.mark.parametrize("argv, message", [

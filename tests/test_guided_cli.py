@@ -110,6 +110,28 @@ def test_plain_image(tmp_path, astronaut_bgr, caplog):
     assert "1 face(s) found" in caplog.text and "2 row(s)" in caplog.text
 
 
+def test_an_onnx_model_beside_the_keras_model_that_is_no_cam_graph_is_passed_over(tmp_path):
+    """`camface guided photo.jpg --model m.keras` looks for m.onnx, a CAM graph made from it, for
+    its preprocessing, labels and target layer; m.onnx holding the model itself (a tf2onnx
+    conversion, no CAM metadata) failed the run ("cannot read CAM graph metadata"). It is passed
+    over: the bundled graph made from the same file gives them."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from camface.guided.image import image_model
+
+    keras_copy = tmp_path / "m.keras"
+    keras_copy.write_bytes(EMOTION_KERAS.read_bytes())
+    plain = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7])])
+    onnx.save(helper.make_model(plain), str(tmp_path / "m.onnx"))
+    path, preprocessing, labels, layer = image_model(keras_copy)
+    assert path == keras_copy
+    assert (preprocessing, labels, layer) == image_model(EMOTION_KERAS)[1:]
+    assert preprocessing is not None and len(labels) == 7 and layer
+
+
 @pytest.mark.parametrize("field, value", [("detector", "short"), ("margin", 0.25), ("min_confidence", 0.7),
                                           ("max_faces", 3)])
 def test_image_inputs_are_detected_and_cropped_with_live_defaults(monkeypatch, field, value):

@@ -400,16 +400,26 @@ def test_a_head_ending_in_probabilities_is_explained_at_its_logits_by_export_and
     (lambda x: keras.layers.Flatten(name="pool")(keras.layers.Softmax(axis=1, name="classes")(
         keras.layers.Conv2D(4, 14)(x))), r"'classes' \(Softmax\)",
      r"its softmax runs over axis 1 of \(None, 1, 1, 4\), not the class scores alone"),
-], ids=["global-pooling", "softmax-over-a-size-1-axis"])
+    # Dense(softmax) [N, 4] -> Reshape((2, 2)) -> Permute((2, 1)) -> Flatten: the classes reordered
+    (lambda x: keras.layers.Flatten(name="pool")(keras.layers.Permute((2, 1), name="turn")(keras.layers.Reshape(
+        (2, 2), name="square")(keras.layers.Dense(4, activation="softmax", name="classes")(
+            keras.layers.GlobalAveragePooling2D()(x))))), r"'classes' \(Dense\)",
+     r"'square' turns \(None, 4\) into \(None, 2, 2\)"),
+    (lambda x: keras.layers.Flatten(name="pool")(keras.layers.Reshape((2, 2), name="square")(
+        keras.layers.Dense(4, activation="softmax", name="classes")(keras.layers.GlobalAveragePooling2D()(x)))),
+     r"'classes' \(Dense\)", r"'square' turns \(None, 4\) into \(None, 2, 2\)"),
+], ids=["global-pooling", "softmax-over-a-size-1-axis", "reshape-permute-flatten", "reshape-flatten"])
 def test_probabilities_pooled_after_their_activation_are_refused_by_export_and_guided(build, layer, why):
     """Conv2D(softmax) -> global pooling: the output holds probabilities no logits give; export
-    softmaxed them again. Both refuse, naming the layer, why and the fix."""
+    softmaxed them again. Both refuse, naming the layer, why and the fix. A Reshape (and Permute)
+    of the probabilities before the last layer was not looked through: they were taken for logits
+    (reordered by the Permute) and softmaxed again."""
     from camface.errors import ModelError
     from camface.export import exporter
 
     inputs = keras.Input((16, 16, 3))
     model = keras.Model(inputs, build(keras.layers.Conv2D(6, 3, activation="relu", name="conv")(inputs)))
-    match = rf"its output is the \w+ of layer {layer} passed through 'pool'.*no logits give \({why};.*Activation"
+    match = rf"its output is the \w+ of layer {layer} passed through .*'pool'.*no logits give \({why};.*Activation"
     with pytest.raises(ModelError, match=match):
         exporter.prepare(model, exporter.ExportOptions(preset="unit"))
     with pytest.raises(ModelError, match=match):
@@ -496,13 +506,17 @@ def _squeezed(head: str):
     if head == "all-conv-softmax-reshape-dropout":
         x = layers.Softmax()(layers.Conv2D(4, 14, name="classes")(x))
         return keras.Model(inputs, layers.Dropout(0.3)(layers.Reshape((4,))(x)))
+    if head == "all-conv-softmax-reshape-permute-flatten":  # [N, 1, 1, 4] -> [N, 4, 1] -> [N, 1, 4] -> [N, 4]
+        x = layers.Softmax()(layers.Conv2D(4, 14, name="classes")(x))
+        return keras.Model(inputs, layers.Flatten()(layers.Permute((2, 1))(layers.Reshape((4, 1))(x))))
     x = layers.Activation("softmax")(layers.Conv2D(4, 14, name="classes")(x))  # "all-conv-softmax-gap"
     return keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
 
 
 @pytest.mark.parametrize("head", ["gap-conv1x1-softmax-flatten", "nested-gap-conv1x1-softmax-flatten",
                                   "all-conv-sigmoid-flatten",
-                                  "all-conv-softmax-reshape-dropout", "all-conv-softmax-gap"])
+                                  "all-conv-softmax-reshape-dropout", "all-conv-softmax-gap",
+                                  "all-conv-softmax-reshape-permute-flatten"])
 def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head):
     """A 1x1 map of probabilities flattened (or pooled) to [N, classes] was refused ('probabilities
     that no logits give'), though its channels are the class scores and the softmax runs over

@@ -2,7 +2,8 @@
 Sigmoid (no-ops after it) is where the logits are; a head nested in submodules is explained at
 its logits, a target inside it too; probabilities squeezed off a 1x1 map (an all-convolutional
 head: Conv(classes, 1) -> Softmax -> Flatten) are explained at the map's channels, and
-probabilities pooled or mixed after their activation are refused naming the nodes."""
+probabilities pooled or mixed after their activation (across crops, or classes reordered by a
+Transpose) are refused naming the nodes."""
 
 from __future__ import annotations
 
@@ -83,6 +84,14 @@ SQUEEZED = {
         _node("Unsqueeze", ["flat", "axis2"], "out")],
         {"k": _WIDE, "b": _BIAS, "axes": np.array([2, 3], np.int64), "axis2": np.array([2], np.int64)}, False,
         ["N", 4, 1]),
+    # [N, 4] probabilities reshaped or transposed without moving the batch or the classes
+    "gap-gemm-softmax-transpose-in-place": (_dense_softmax(_node("Transpose", ["probs"], "out", perm=[0, 1])),
+                                            _DENSE, True),
+    "gap-gemm-softmax-reshape-to-2x2": (_dense_softmax(_node("Reshape", ["probs", "shape"], "out")),
+                                        {**_DENSE, "shape": np.array([-1, 2, 2], np.int64)}, True, ["N", 2, 2]),
+    "gap-gemm-softmax-reshape-transpose-size-1": (_dense_softmax(
+        _node("Reshape", ["probs", "shape"], "r"), _node("Transpose", ["r"], "out", perm=[0, 2, 1])),
+        {**_DENSE, "shape": np.array([-1, 1, 4], np.int64)}, True, ["N", 4, 1]),
 }
 
 
@@ -153,6 +162,24 @@ REFUSED = {
         _dense_softmax(_node("Unsqueeze", ["probs", "axis0"], "out")), {**_DENSE, "axis0": np.array([0], np.int64)},
         r"the Softmax of 'scores' \(node 'probs'\) passed through 'out' \(Unsqueeze\): 'out' \(Unsqueeze\) "
         r"turns \[N, 4\] into \[1, N, 4\]", {"out": [1, "N", 4]}),
+    # [N, 4] probabilities whose tail moves the batch or the classes: the export kept the
+    # model's output as its probs (mixed across crops) or, after a Transpose, softmaxed them again
+    "softmax-reshaped-across-the-batch": (
+        _dense_softmax(_node("Reshape", ["probs", "shape"], "out")), {**_DENSE, "shape": np.array([-1, 2], np.int64)},
+        r"the Softmax of 'scores' \(node 'probs'\) passed through 'out' \(Reshape\): 'out' \(Reshape\) "
+        r"turns \[N, 4\] into \[M, 2\]", {"out": ["M", 2]}),
+    "softmax-reshaped-classes-first": (
+        _dense_softmax(_node("Reshape", ["probs", "shape"], "out")), {**_DENSE, "shape": np.array([4, -1], np.int64)},
+        r"passed through 'out' \(Reshape\): 'out' \(Reshape\) turns \[N, 4\] into \[4, N\]", {"out": [4, "N"]}),
+    "softmax-transposed": (
+        _dense_softmax(_node("Transpose", ["probs"], "out", perm=[1, 0])), _DENSE,
+        r"passed through 'out' \(Transpose\): 'out' \(Transpose\) turns \[N, 4\] into \[4, N\]", {"out": [4, "N"]}),
+    "softmax-classes-permuted": (
+        _dense_softmax(_node("Reshape", ["probs", "shape"], "r"), _node("Transpose", ["r"], "t", perm=[0, 2, 1]),
+                       _node("Reshape", ["t", "back"], "out")),
+        {**_DENSE, "shape": np.array([-1, 2, 2], np.int64), "back": np.array([-1, 4], np.int64)},
+        r"passed through 'r' \(Reshape\) -> 't' \(Transpose\) -> 'out' \(Reshape\): 't' \(Transpose\) "
+        r"permutes \[\w+, 2, 2\] by \[0, 2, 1\]: it reorders the class scores"),
 }
 
 

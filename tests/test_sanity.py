@@ -176,6 +176,35 @@ def test_guided_backprop_fails_while_the_top_layers_are_random(cam, astronaut_bg
     assert set(figure["maps"]) == {"gradcam", "guidedbackprop", "guidedgradcam"}
 
 
+def test_a_nested_backbone_named_as_the_guided_target_is_cut_at_its_output():
+    """The target `backbone` (a nested model, a candidate target layer of export and guided):
+    the guided sanity check looked its name up among the layers, where no model is, and failed
+    with "ValueError: 'backbone' is not in list". It is the backbone's last layer's output, the
+    same maps and cascade as `backbone/c2`."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from camface.evaluate import sanity_guided
+    from camface.guided.snapshot import Preprocessing
+
+    keras.utils.set_random_seed(0)
+    inner = keras.Input((8, 8, 3))
+    features = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="c2")(
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inner))
+    backbone = keras.Model(inner, features, name="backbone")
+    image = keras.Input((8, 8, 3))
+    model = keras.Model(image, keras.layers.Dense(3, activation="softmax", name="dense")(
+        keras.layers.GlobalAveragePooling2D()(backbone(image))))
+    crops = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    scaled = Preprocessing("RGB", (1 / 255,) * 3, (0.0,) * 3)
+    found = {layer: sanity_guided.check(model, scaled, layer, crops, np.array([0, 1, 2]), np.array([1, 2, 0]), [0],
+                                        feature_steps=2)[0] for layer in ("backbone/c2", "backbone")}
+    for whole, inside in zip(found["backbone"], found["backbone/c2"]):
+        assert (whole.method, whole.steps, whole.crops) == (inside.method, inside.steps, inside.crops)
+        assert whole.steps == ("logits", "features 1/2", "all")  # c2, then c1: the layers up to the target
+        np.testing.assert_allclose(whole.spearman, inside.spearman, atol=0.02)
+
+
 def test_class_agnostic_methods_fail_random_logit(results):
     found, _ = results
     for name in ("eigencam", "random"):  # class-agnostic by design
