@@ -13,8 +13,11 @@
             VideoSink.write; decoding left out: the sample is drawn), CPU (process time) per
             frame over frames 30-299 of the sample, every frame / auto / auto with the cheapest
             carrying, interleaved; the detection stage split into detector runs and carrying
+  bench     `camface bench --source sample --record --detect-workers 1` (the live loop, its
+            threads) with today's carrying and with the cheapest, alternately first: CPU ms per
+            frame of auto and of every frame in each run
 
-    .venv/bin/python benchmarks/detect_levers.py [reduced] [carrying] [stages] [--repeats 7]
+    .venv/bin/python benchmarks/detect_levers.py [reduced] [carrying] [stages] [bench] [--repeats 7]
 
 Medians over repeats; the machine is shared, so CPU time (not wall time) is what is timed.
 """
@@ -22,7 +25,9 @@ Medians over repeats; the machine is shared, so CPU time (not wall time) is what
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -311,9 +316,39 @@ def stages(repeats: int) -> None:
               + ", ".join(f"{x:.2f}" for x in ratios) + ")")
 
 
+def bench(repeats: int) -> None:
+    runs: dict[str, list[tuple[float, float]]] = {"today": [], "cheapest": []}
+    started = time.strftime("%H:%M", time.gmtime())
+    for repeat in range(repeats):
+        for carrying_setting in list(runs)[::1 if repeat % 2 == 0 else -1]:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                subprocess.run([sys.executable, __file__, "_bench", carrying_setting, "bench", "--source", "sample",
+                                "--record", "--frames", "300", "--json", out.name, "--detector-runtime", "onnx",
+                                "--detect-workers", "1"], check=True, capture_output=True)
+                report = json.loads(Path(out.name).read_text())
+            runs[carrying_setting].append((report["runs"][0]["cpu_ms_per_frame"], report["runs"][1]["cpu_ms_per_frame"]))
+    print(f"\ncamface bench --source sample --record --frames 300 --detect-workers 1 (ONNX Runtime), {repeats} repeats, "
+          f"{started}-{time.strftime('%H:%M', time.gmtime())} UTC, {load()}")
+    print("| carrying | CPU ms/frame, auto | CPU ms/frame, every frame | ratio in the run |")
+    print("|---|---|---|---|")
+    for name, rows in runs.items():
+        print(f"| {name} | {statistics.median(r[0] for r in rows):.2f} | {statistics.median(r[1] for r in rows):.2f} | "
+              f"{statistics.median(r[1] / r[0] for r in rows):.2f}x (" + ", ".join(f"{r[1] / r[0]:.2f}" for r in rows) + ") |")
+    saved = [t[0] / c[0] for t, c in zip(runs["today"], runs["cheapest"])]
+    print(f"auto, today's carrying / the cheapest, same repeat: {statistics.median(saved):.2f}x ("
+          + ", ".join(f"{x:.2f}" for x in saved) + ")")
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["_bench"]:  # (in a fresh process) camface with the carrying setting argv[2]
+        if sys.argv[2] == "cheapest":
+            set_carrying(CHEAPEST)
+        from camface.cli import run
+
+        sys.argv[:3] = ["camface"]
+        return run()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["reduced", "carrying", "stages"])
+    parser.add_argument("parts", nargs="*", default=["reduced", "carrying", "stages", "bench"])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     if "reduced" in args.parts:
@@ -322,6 +357,8 @@ def main() -> int:
         carrying(args.repeats)
     if "stages" in args.parts:
         stages(args.repeats)
+    if "bench" in args.parts:
+        bench(args.repeats)
     return 0
 
 
