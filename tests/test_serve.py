@@ -485,11 +485,11 @@ def test_a_frame_that_fails_fails_only_its_client(make_client, astronaut_bgr, mo
         # the graph call for everyone fails once (one client's crops): each frame alone, then
         explain_many, calls = worker_module.explain_many, []
 
-        def flaky(items):
+        def flaky(items, **kwargs):
             calls.append(len(items))
             if len(items) > 1 or items[0][1].shape[1] == 100:
                 raise ValueError("this crop upset the graph")
-            return explain_many(items)
+            return explain_many(items, **kwargs)
 
         monkeypatch.setattr(worker_module, "explain_many", flaky)
         delivered.clear()
@@ -503,6 +503,76 @@ def test_a_frame_that_fails_fails_only_its_client(make_client, astronaut_bgr, mo
         assert good.pending == later.pending == 1
     finally:
         for session in (good, bad, later):
+            session.close()
+
+
+class _CountingSmoother:
+    """Wraps a Smoother: records the frame index of each result its update takes; raises on
+    each when `broken`."""
+
+    def __init__(self, smoother, broken=False):
+        self.smoother, self.broken, self.frames = smoother, broken, []
+
+    def explain_classes(self, faces):
+        return self.smoother.explain_classes(faces)
+
+    def update(self, result):
+        self.frames.append(result.index)
+        if self.broken:
+            raise RuntimeError("smoother broke on this frame")
+        return self.smoother.update(result)
+
+
+def test_a_smoother_that_fails_fails_only_its_client_and_the_others_smooth_each_frame_once(make_client,
+                                                                                          astronaut_bgr):
+    """One client's smoother raising in the shared call: that client gets a FrameFailed, and
+    every other client's smoother takes each frame once (the retry one by one updated the
+    clients before it a second time with the same frame: their averages counted it twice)."""
+    from camface.api import face_detector
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.controls import Controls
+    from camface.realtime.explainer import FrameExplainer
+    from camface.serve.session import Frame, Session
+    from camface.serve.worker import FrameFailed
+
+    _, state = make_client(LiveConfig(smooth=0.7))
+    state.worker.stop()  # drive rounds by hand
+    delivered = []
+    state.worker._deliver = lambda session, work: delivered.append((session.id, work))
+    with face_detector(state.config) as detector:
+        faces = detector.detect(astronaut_bgr)
+    assert len(faces) == 1
+    sessions = [Session(state, None) for _ in range(3)]  # no detector: every frame has the astronaut's face
+    for session in sessions:
+        session.detect = lambda frame, index: faces
+    first, broken, last = sessions
+    counted = {s.id: _CountingSmoother(s.explainer.smoother, broken=s is broken) for s in sessions}
+    for session in sessions:
+        session.explainer.smoother = counted[session.id]
+    state.sessions.update({s.id: s for s in sessions})
+    frames = (astronaut_bgr, cv2.convertScaleAbs(astronaut_bgr, alpha=0.6))
+    try:
+        for frame in frames:
+            delivered.clear()
+            for session in sessions:
+                session.put(Frame(0, frame.copy(), 0.0))
+            assert state.worker.round() == 2
+            got = dict(delivered)
+            assert isinstance(got[broken.id], FrameFailed)
+            assert str(got[broken.id]) == "explaining faces failed: RuntimeError: smoother broke on this frame"
+            for session in sessions:
+                session.sent()
+        assert counted[first.id].frames == counted[last.id].frames == [0, 1]  # each frame once
+        # what one stream's explainer gives for the two frames: each counted once in the average
+        alone = FrameExplainer(state.graph, state.config.margin, state.config.max_faces, 0.7)
+        want = [alone.explain(frame, faces, Controls(state.config.method), index).result
+                for index, frame in enumerate(frames)][-1].predictions[0]
+        for session in (first, last):
+            prediction = got[session.id].explained.result.predictions[0]
+            np.testing.assert_allclose(prediction.probs, want.probs, atol=2e-4)
+            np.testing.assert_allclose(prediction.heatmap, want.heatmap, atol=2e-3 * np.abs(want.heatmap).max())
+    finally:
+        for session in sessions:
             session.close()
 
 
