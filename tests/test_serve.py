@@ -631,6 +631,53 @@ def test_a_session_that_cannot_open_closes_the_client_saying_why(make_client, mo
     assert state.connected == 0 and state.stats()["clients"] == 0
 
 
+def test_a_client_whose_session_is_still_opening_at_shutdown_is_told_and_its_detector_closed(make_client,
+                                                                                             monkeypatch):
+    """The server shuts down while a client's face detector opens (in a thread): the late
+    session was served by a closed server (hello, then nothing) and its detector left open;
+    now it is closed and the client told (1001)."""
+    import threading
+
+    import camface.api
+
+    client, state = make_client(idle_timeout_s=5)
+    opening, release, detector = threading.Event(), threading.Event(), _ClosingDetector()
+
+    def slow(config):
+        opening.set()
+        assert release.wait(60)
+        return contextlib.nullcontext(detector)
+
+    monkeypatch.setattr(camface.api, "face_detector", slow)
+    with client.websocket_connect("/ws") as ws:
+        assert opening.wait(60)
+        state.close()  # what the app's shutdown does
+        release.set()
+        close = closed(ws)
+    assert close["code"] == 1001 and close["reason"] == "server shutting down", close
+    assert detector.closed and state.sessions == {}
+    wait_until(lambda: state.connected == 0)
+
+
+@pytest.mark.parametrize("server_closes", ["before it opens", "after it opens"])
+def test_a_session_whose_handler_is_gone_is_closed_at_shutdown(make_client, monkeypatch, server_closes):
+    """A handler cancelled at shutdown (uvicorn's graceful timeout) while its session opened
+    in a thread: nobody took the session, and its detector stayed open. Now the server closes
+    it, or the thread does when the server closed first."""
+    import camface.api
+    from camface.serve.app import _open_session
+
+    _, state = make_client()
+    detector = _ClosingDetector()
+    monkeypatch.setattr(camface.api, "face_detector", lambda config: contextlib.nullcontext(detector))
+    if server_closes == "before it opens":
+        state.close()
+    _open_session(state)  # its session dropped, as by a cancelled handler
+    if server_closes == "after it opens":
+        state.close()
+    assert detector.closed
+
+
 class _ClosingDetector:
     """A face detector that finds nothing and says whether it was closed."""
 
