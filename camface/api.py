@@ -171,11 +171,20 @@ class Pipeline:
 
     def close(self) -> None:
         """Close the face detector and release the graph's sessions (idempotent); waits for an
-        `explain` running in another thread (its detector was closed under it)."""
+        `explain` running in another thread (its detector was closed under it). A detector
+        whose close raises: the graph is released all the same, then CamfaceError naming the
+        detector (from the error)."""
+        from camface.errors import CamfaceError
+
         with self._lock:
             self._closed = True
-            self._stack.close()
-            self._detector = self._graph = self._explainer = None
+            try:
+                self._stack.close()
+            except Exception as exc:
+                raise CamfaceError(f"closing the camface pipeline's face detector ({self.config.detector}) failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self._detector = self._graph = self._explainer = None
 
     @property
     def graph(self) -> CamGraph:
