@@ -171,11 +171,20 @@ class Pipeline:
 
     def close(self) -> None:
         """Close the face detector and release the graph's sessions (idempotent); waits for an
-        `explain` running in another thread (its detector was closed under it)."""
+        `explain` running in another thread (its detector was closed under it). A detector
+        whose close raises: the graph is released all the same, then CamfaceError naming the
+        detector (from the error)."""
+        from camface.errors import CamfaceError
+
         with self._lock:
             self._closed = True
-            self._stack.close()
-            self._detector = self._graph = self._explainer = None
+            try:
+                self._stack.close()
+            except Exception as exc:
+                raise CamfaceError(f"closing the camface pipeline's face detector ({self.config.detector}) failed: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                self._detector = self._graph = self._explainer = None
 
     @property
     def graph(self) -> CamGraph:
@@ -300,12 +309,15 @@ class Pipeline:
             raise UsageError(f"max_frames must be an integer >= 1 (or None), got {max_frames!r}")
         if max_frames is None:
             max_frames = self.config.max_frames  # LiveConfig's --max-frames, as live stops there
+        opened: Any  # a camface Source, or the caller's source object
         if isinstance(source, os.PathLike):
             spec = os.fspath(source)
             # a path, never the bundled clip or a camera (Path("./0") is "0", as `--source 0`)
             opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or spec.isdigit() else spec)
-        elif isinstance(source, str) or (isinstance(source, int) and not isinstance(source, bool)):
-            opened = make_source(str(source))
+        elif isinstance(source, str):
+            opened = make_source(source)
+        elif isinstance(source, numbers.Integral) and not isinstance(source, (bool, np.bool_)):  # np.int64 too
+            opened = make_source(str(int(source)))
         elif all(callable(getattr(source, name, None)) for name in ("__enter__", "__exit__", "__iter__")):
             opened = source
         else:

@@ -278,7 +278,7 @@ def frame_result(index: int, faces: tuple[Face, ...], probs: np.ndarray, heatmap
                        provider=provider, pace_fps=pace_fps, threshold=threshold)
 
 
-def explain_many(items) -> list[Explained]:
+def explain_many(items, *, item_errors: bool = False) -> list:
     """Explain several frames, each of its own stream, with ONE graph call per method in use
     for the crops of all of them (`camface serve`'s batch: one call for every client's current
     frame). Each result equals `explainer.explain(frame, faces, controls, index, fps, stage_ms)`
@@ -289,6 +289,12 @@ def explain_many(items) -> list[Explained]:
     of `explain` after its explainer. Crops beyond the graph's batch range go in further calls
     of at most 32. The explainers' timers, if any, get `crop` and `classify` (the shared call's
     time, for each).
+
+    Every step shared by the items (cropping, the graph calls) runs before any smoother is
+    updated: when one raises, no stream's smoothing has seen the frame and the items can be
+    retried (e.g. one by one). item_errors: an item whose own last steps (its result, its
+    smoother's update) raise gets that exception in place of its Explained, and the items after
+    it go on (without it, the exception is raised, after the items before it were smoothed).
     """
     start = time.perf_counter()
     items = [(explainer, frame, faces, concrete(controls, explainer.graph.info), *rest)
@@ -317,15 +323,21 @@ def explain_many(items) -> list[Explained]:
     for (explainer, _, _, controls, index, fps, stage_ms), (kept, crops, dropped, class_index), row in zip(
             items, prepared, rows):
         graph = explainer.graph
-        probs, heatmaps, similarity = row if row is not None else _no_scores(graph.info)
-        result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
-                              controls.explained_class, graph.info.labels, graph.provider, fps=fps, stage_ms=stage_ms,
-                              similarity=similarity, threshold=graph.info.threshold,
-                              saturated_below=graph.info.saturated_below)
-        if explainer.timer is not None:
-            explainer.timer.add("crop", (cropped - start) / len(items))
-            explainer.timer.add("classify", classified - cropped)
-        if explainer.smoother is not None:
-            result = explainer.smoother.update(result)
+        try:
+            probs, heatmaps, similarity = row if row is not None else _no_scores(graph.info)
+            result = frame_result(index, kept, probs, heatmaps, class_index, dropped, controls.method,
+                                  controls.explained_class, graph.info.labels, graph.provider, fps=fps,
+                                  stage_ms=stage_ms, similarity=similarity, threshold=graph.info.threshold,
+                                  saturated_below=graph.info.saturated_below)
+            if explainer.timer is not None:
+                explainer.timer.add("crop", (cropped - start) / len(items))
+                explainer.timer.add("classify", classified - cropped)
+            if explainer.smoother is not None:
+                result = explainer.smoother.update(result)
+        except Exception as exc:
+            if not item_errors:
+                raise
+            explained.append(exc)
+            continue
         explained.append(Explained(result, crops))
     return explained

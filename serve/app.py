@@ -146,9 +146,13 @@ def create_app(state: ServeState):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(1011, _reason(f"server error: {exc}")), CLOSE_WAIT_S)
             return
+        if session is None:  # the server closed while it opened (the session is closed)
+            state.connected -= 1
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(protocol.GOING_AWAY, "server shutting down"), CLOSE_WAIT_S)
+            return
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         state._loops[session.id] = (loop, outbox)
-        state.add(session)
         sender = asyncio.create_task(_send(ws, state, session, outbox))
         receiver = None
         graph, options = state.graph, state.options
@@ -203,13 +207,20 @@ def create_app(state: ServeState):
 
 
 def _open_session(state: ServeState):
+    """A new client's Session, served (`state.add`), or None when the server closed while its
+    detector opened: then it is closed here. Registered in this thread, not by the handler
+    after it: a handler cancelled at shutdown meanwhile would leave it to no one, its face
+    detector open."""
     from camface.api import face_detector
     from camface.serve.session import Session
 
     with contextlib.ExitStack() as opened:  # the session closes its detector; until it exists, this does
         session = Session(state, opened.enter_context(face_detector(state.config)))
         opened.pop_all()
-    return session
+    if state.add(session):
+        return session
+    session.close()
+    return None
 
 
 async def _timed_send(sending, seconds: float) -> None:

@@ -22,12 +22,18 @@ LIVE_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confiden
                 "cam_boxes", "bars", "colormap", "alpha", "snapshot_dir", "graph_threads", "codec", "detect_every")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-# Messages uvicorn reads ahead of the app, per client: the app reads the next frame only once the
-# one before is decoded, so more only buffer memory (up to ws_max_size, 4 MiB, each; uvicorn's
-# default of 32 let one fast client hold 128 MiB). Past it, the socket is no longer read and the
-# client's sends wait: backpressure. No permessage-deflate: the caps count inflated bytes, and
-# uvicorn inflates every message of a read before the app sees one (251 KB of deflated 4 MiB
-# messages took ~170 MB); JPEG and PNG frames do not deflate anyway.
+# What one client can make the server buffer: uvicorn 0.54's WebSocket protocol (websockets-sansio,
+# which it picks when `websockets` is installed; wsproto's does the same) pauses reading the socket
+# after each complete message until the app has taken every message it queued. So besides the
+# message the app holds, the server holds the messages of one read (asyncio reads at most 256 KiB
+# at a time; over TLS about twice that, with the buffer of bytes not yet decrypted) and one message
+# still arriving (at most ws_max_size, 4 MiB: a longer one is refused with 1009), under 5 MiB per
+# client; past that the socket is not read and the client's sends wait: backpressure. These
+# protocols ignore ws_max_queue: WS_QUEUE bounds only uvicorn's legacy `websockets` protocol (its
+# default of 32 messages of 4 MiB let one fast client hold 128 MiB there). No permessage-deflate:
+# the bounds are bytes on the wire only while messages are not inflated (uvicorn inflates every
+# message of a read before the app sees one: 251 KB of deflated 4 MiB messages took ~170 MB);
+# JPEG and PNG frames do not deflate anyway.
 WS_QUEUE = 4
 
 

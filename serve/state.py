@@ -118,10 +118,15 @@ class ServeState:
         except RuntimeError:  # the client's loop is gone
             session.sent()
 
-    def add(self, session) -> None:
+    def add(self, session) -> bool:
+        """Serve a session: True, or False once the server is closing (`close` has run or
+        runs now: the caller closes the session, which nothing else would close)."""
         with self.lock:
+            if self._closed:
+                return False
             self.sessions[session.id] = session
             self.clients_served += 1
+            return True
 
     def active(self) -> list:
         with self.lock:
@@ -148,10 +153,12 @@ class ServeState:
                 "frames_dropped": gone["dropped"] + sum(s.dropped for s in sessions)}
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for session in self.active():
+        with self.lock:  # a session still opening is either among these or refused by `add`
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self.sessions.values())
+        for session in sessions:
             try:
                 session.close()
             except Exception:  # one recording that will not close must not leave the others unfinished

@@ -117,23 +117,26 @@ class InferenceWorker:
 
     def _explain(self, taken: list[tuple]) -> list:
         """Each taken frame's Explained from ONE call for all; when that call fails, each frame
-        alone, so one client's bad frame fails only that client (FrameFailed in its place)."""
+        alone, so one client's bad frame fails only that client (FrameFailed in its place). A
+        client's own step failing (its smoother) fails that client only, without a retry: the
+        others' smoothers have taken the frame already and must not take it twice."""
         items = []
         for session, frame, explainer, controls, index, faces, _ in taken:
             fps, hud_ms = session.hud()
             items.append((explainer, frame.frame, faces, controls, index, fps, hud_ms))
         try:
-            return explain_many(items)
-        except Exception as exc:
+            results = explain_many(items, item_errors=True)
+        except Exception as exc:  # a shared step: no smoother has seen the frames yet
             if len(items) == 1:
                 return [self._failure(taken[0][0], "explaining faces", exc)]
-        results = []
-        for (session, *_), item in zip(taken, items):
-            try:
-                results += explain_many([item])
-            except Exception as exc:
-                results.append(self._failure(session, "explaining faces", exc))
-        return results
+            results = []
+            for item in items:
+                try:
+                    results += explain_many([item], item_errors=True)
+                except Exception as exc:
+                    results.append(exc)
+        return [self._failure(session, "explaining faces", result) if isinstance(result, Exception) else result
+                for (session, *_), result in zip(taken, results)]
 
     def _failure(self, session, what: str, exc: Exception) -> "FrameFailed":
         self.errors += 1

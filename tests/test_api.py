@@ -699,6 +699,29 @@ def test_what_is_computed_from_a_picture_is_not_shown_as_one():
     assert type(picture + 1) is Picture and (picture + 1)._repr_png_().startswith(b"\x89PNG")
 
 
+def test_a_detector_that_fails_to_close_still_releases_the_graph_and_is_named(two_faces):
+    """The detector's close raising left the graph and explainer held (their ONNX Runtime
+    sessions) until close() was called again; now they are released, then the error names the
+    detector."""
+    api = camface.load(device="cpu")
+    api.explain(two_faces)  # the detector is open
+    detector = api._detector
+    really_close = detector.close
+
+    def fails():
+        really_close()
+        raise RuntimeError("the detector would not close")
+
+    detector.close = fails
+    with pytest.raises(CamfaceError, match=r"closing the camface pipeline's face detector \(\w+\) failed: "
+                                           r"RuntimeError: the detector would not close"):
+        api.close()
+    for attribute in ("graph", "explainer"):
+        with pytest.raises(UsageError, match="this camface pipeline is closed"):
+            getattr(api, attribute)
+    api.close()  # closed: nothing more to do, nothing raised again
+
+
 def test_close_waits_for_an_explain_in_another_thread(two_faces):
     """Closing while another thread explains closed the face detector under its running call."""
     import threading

@@ -485,11 +485,11 @@ def test_a_frame_that_fails_fails_only_its_client(make_client, astronaut_bgr, mo
         # the graph call for everyone fails once (one client's crops): each frame alone, then
         explain_many, calls = worker_module.explain_many, []
 
-        def flaky(items):
+        def flaky(items, **kwargs):
             calls.append(len(items))
             if len(items) > 1 or items[0][1].shape[1] == 100:
                 raise ValueError("this crop upset the graph")
-            return explain_many(items)
+            return explain_many(items, **kwargs)
 
         monkeypatch.setattr(worker_module, "explain_many", flaky)
         delivered.clear()
@@ -503,6 +503,76 @@ def test_a_frame_that_fails_fails_only_its_client(make_client, astronaut_bgr, mo
         assert good.pending == later.pending == 1
     finally:
         for session in (good, bad, later):
+            session.close()
+
+
+class _CountingSmoother:
+    """Wraps a Smoother: records the frame index of each result its update takes; raises on
+    each when `broken`."""
+
+    def __init__(self, smoother, broken=False):
+        self.smoother, self.broken, self.frames = smoother, broken, []
+
+    def explain_classes(self, faces):
+        return self.smoother.explain_classes(faces)
+
+    def update(self, result):
+        self.frames.append(result.index)
+        if self.broken:
+            raise RuntimeError("smoother broke on this frame")
+        return self.smoother.update(result)
+
+
+def test_a_smoother_that_fails_fails_only_its_client_and_the_others_smooth_each_frame_once(make_client,
+                                                                                          astronaut_bgr):
+    """One client's smoother raising in the shared call: that client gets a FrameFailed, and
+    every other client's smoother takes each frame once (the retry one by one updated the
+    clients before it a second time with the same frame: their averages counted it twice)."""
+    from camface.api import face_detector
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.controls import Controls
+    from camface.realtime.explainer import FrameExplainer
+    from camface.serve.session import Frame, Session
+    from camface.serve.worker import FrameFailed
+
+    _, state = make_client(LiveConfig(smooth=0.7))
+    state.worker.stop()  # drive rounds by hand
+    delivered = []
+    state.worker._deliver = lambda session, work: delivered.append((session.id, work))
+    with face_detector(state.config) as detector:
+        faces = detector.detect(astronaut_bgr)
+    assert len(faces) == 1
+    sessions = [Session(state, None) for _ in range(3)]  # no detector: every frame has the astronaut's face
+    for session in sessions:
+        session.detect = lambda frame, index: faces
+    first, broken, last = sessions
+    counted = {s.id: _CountingSmoother(s.explainer.smoother, broken=s is broken) for s in sessions}
+    for session in sessions:
+        session.explainer.smoother = counted[session.id]
+    state.sessions.update({s.id: s for s in sessions})
+    frames = (astronaut_bgr, cv2.convertScaleAbs(astronaut_bgr, alpha=0.6))
+    try:
+        for frame in frames:
+            delivered.clear()
+            for session in sessions:
+                session.put(Frame(0, frame.copy(), 0.0))
+            assert state.worker.round() == 2
+            got = dict(delivered)
+            assert isinstance(got[broken.id], FrameFailed)
+            assert str(got[broken.id]) == "explaining faces failed: RuntimeError: smoother broke on this frame"
+            for session in sessions:
+                session.sent()
+        assert counted[first.id].frames == counted[last.id].frames == [0, 1]  # each frame once
+        # what one stream's explainer gives for the two frames: each counted once in the average
+        alone = FrameExplainer(state.graph, state.config.margin, state.config.max_faces, 0.7)
+        want = [alone.explain(frame, faces, Controls(state.config.method), index).result
+                for index, frame in enumerate(frames)][-1].predictions[0]
+        for session in (first, last):
+            prediction = got[session.id].explained.result.predictions[0]
+            np.testing.assert_allclose(prediction.probs, want.probs, atol=2e-4)
+            np.testing.assert_allclose(prediction.heatmap, want.heatmap, atol=2e-3 * np.abs(want.heatmap).max())
+    finally:
+        for session in sessions:
             session.close()
 
 
@@ -559,6 +629,53 @@ def test_a_session_that_cannot_open_closes_the_client_saying_why(make_client, mo
         close = closed(ws)
     assert close["code"] == 1011 and close["reason"] == "server error: no detector today", close
     assert state.connected == 0 and state.stats()["clients"] == 0
+
+
+def test_a_client_whose_session_is_still_opening_at_shutdown_is_told_and_its_detector_closed(make_client,
+                                                                                             monkeypatch):
+    """The server shuts down while a client's face detector opens (in a thread): the late
+    session was served by a closed server (hello, then nothing) and its detector left open;
+    now it is closed and the client told (1001)."""
+    import threading
+
+    import camface.api
+
+    client, state = make_client(idle_timeout_s=5)
+    opening, release, detector = threading.Event(), threading.Event(), _ClosingDetector()
+
+    def slow(config):
+        opening.set()
+        assert release.wait(60)
+        return contextlib.nullcontext(detector)
+
+    monkeypatch.setattr(camface.api, "face_detector", slow)
+    with client.websocket_connect("/ws") as ws:
+        assert opening.wait(60)
+        state.close()  # what the app's shutdown does
+        release.set()
+        close = closed(ws)
+    assert close["code"] == 1001 and close["reason"] == "server shutting down", close
+    assert detector.closed and state.sessions == {}
+    wait_until(lambda: state.connected == 0)
+
+
+@pytest.mark.parametrize("server_closes", ["before it opens", "after it opens"])
+def test_a_session_whose_handler_is_gone_is_closed_at_shutdown(make_client, monkeypatch, server_closes):
+    """A handler cancelled at shutdown (uvicorn's graceful timeout) while its session opened
+    in a thread: nobody took the session, and its detector stayed open. Now the server closes
+    it, or the thread does when the server closed first."""
+    import camface.api
+    from camface.serve.app import _open_session
+
+    _, state = make_client()
+    detector = _ClosingDetector()
+    monkeypatch.setattr(camface.api, "face_detector", lambda config: contextlib.nullcontext(detector))
+    if server_closes == "before it opens":
+        state.close()
+    _open_session(state)  # its session dropped, as by a cancelled handler
+    if server_closes == "after it opens":
+        state.close()
+    assert detector.closed
 
 
 class _ClosingDetector:

@@ -3,6 +3,7 @@ client (no browser): a token off localhost, SIGTERM finalising a recording, http
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -78,14 +79,27 @@ def test_https_and_wss_with_a_certificate(tmp_path):
     assert re.search(r"camface serve: [1-9]\d* frames in [1-9]\d* graph calls", err), err
 
 
-def test_one_client_cannot_make_the_server_buffer_more_than_16_mib(tmp_path, monkeypatch):
-    """uvicorn reads at most WS_QUEUE messages ahead of the app per client (its default, 32
-    messages of up to 4 MiB, let one client that sends faster than frames decode hold 128 MiB)."""
+ASYNCIO_READ_BYTES = 256 * 1024  # what asyncio's socket transport reads at most at once (max_size)
+
+
+def test_one_client_cannot_make_the_server_buffer_more_than_one_read_ahead_of_the_app(tmp_path, monkeypatch):
+    """The server `camface serve` configures, with an app that takes no message (a frame that
+    decodes slowly), and a client that sends 4 MiB of small messages as fast as it can: uvicorn
+    pauses reading after a message, so it queues only what one read of the socket held, reads
+    no more until the app takes them, and the client's other sends wait. (This test checked
+    ws_max_queue x ws_max_size <= 16 MiB, a limit not enforced: uvicorn 0.54's websockets-sansio
+    ignores ws_max_queue, and queues every message of a read, more than WS_QUEUE here. No
+    compression is part of the bound: inflated, one read would queue far more.)"""
+    import asyncio
+    import socket
+    import threading
+    import time
+
     import uvicorn
 
     from camface.cli import main as camface_main
 
-    configs = []
+    configs, real_server = [], uvicorn.Server
 
     class Server:
         def __init__(self, config):
@@ -99,8 +113,57 @@ def test_one_client_cannot_make_the_server_buffer_more_than_16_mib(tmp_path, mon
     code = camface_main(["serve", "--port", "0", "--record-dir", str(tmp_path / "r"),
                          "--snapshot-dir", str(tmp_path / "s")])
     assert code == 130 and len(configs) == 1
-    assert configs[0].ws_max_size >= protocol.MAX_MESSAGE_BYTES  # a whole frame message still fits
-    assert configs[0].ws_max_queue * configs[0].ws_max_size <= 16 * 1024 * 1024
+    config = configs[0]
+    assert config.ws_max_size >= protocol.MAX_MESSAGE_BYTES  # a whole frame message still fits
+
+    sent, seen = [0], {}
+
+    async def app_not_reading(scope, receive, send):
+        assert scope["type"] == "websocket"
+        await receive()
+        await send({"type": "websocket.accept"})
+        queue = receive.__self__.queue  # uvicorn's queue of the messages it read for the app
+        last, since = -1, time.monotonic()
+        while time.monotonic() - since < 0.5:  # the event loop held: the client fills the socket's buffers
+            time.sleep(0.02)
+            last, since = (sent[0], time.monotonic()) if sent[0] != last else (last, since)
+        seen["sent"] = sent[0]
+        while queue.empty():  # the server reads again, once
+            await asyncio.sleep(0)
+        queued = []
+        while not queue.empty():  # taken without `receive`, which would let uvicorn read on
+            queued.append(queue.get_nowait())
+        await asyncio.sleep(0.2)
+        seen["queued"], seen["read_later"] = queued, queue.qsize()
+
+    config.app, config.lifespan = app_not_reading, "off"
+    server = real_server(config)
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        serving = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
+        serving.start()
+
+        def client():
+            with contextlib.suppress(Exception), \
+                    connect(f"ws://127.0.0.1:{listening.getsockname()[1]}/ws") as ws:  # default: offers deflate
+                for _ in range(1024):
+                    ws.send(bytes(4096))
+                    sent[0] += 1
+
+        while not server.started:
+            time.sleep(0.01)
+        threading.Thread(target=client, daemon=True).start()
+        try:
+            deadline = time.monotonic() + 60
+            while "read_later" not in seen:
+                assert time.monotonic() < deadline and serving.is_alive(), "the app never saw a message"
+                time.sleep(0.01)
+        finally:
+            server.should_exit = True
+            serving.join(30)
+    queued_bytes = sum(len(message.get("bytes") or b"") for message in seen["queued"])
+    assert seen["sent"] * 4096 > ASYNCIO_READ_BYTES  # the client had sent more than one read
+    assert 0 < queued_bytes <= ASYNCIO_READ_BYTES, (len(seen["queued"]), queued_bytes)
+    assert seen["read_later"] == 0  # paused: nothing more read until the app takes what is queued
 
 
 def test_messages_are_not_compressed_so_a_small_send_cannot_fill_the_servers_memory(tmp_path):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from realtime_helpers import FakeCamera
 
-from camface.errors import SourceError
+from camface.errors import SourceError, UsageError
 from camface.realtime.live_source import LiveSource
 from camface.realtime.sources import redact
 
@@ -363,6 +364,32 @@ def test_process_video_says_what_is_wrong_with_a_source_when_the_docstring_says(
         frames = api.process_video(tmp_path / "text.mp4")  # nothing opened yet
         with pytest.raises(SourceError, match="cannot open video file .*text.mp4: not a video"):
             next(frames)
+
+
+@pytest.mark.parametrize("index", [0, 3, np.int64(0), np.int32(3), np.uint8(3), np.int64(-1)])
+def test_process_video_takes_any_integer_as_a_camera_index(index, monkeypatch):
+    """np.int64(0) was refused ("source must be ..."), while the API's other integers (a class
+    index, max_frames) take numpy's: any integer but a bool is a camera index."""
+    import camface
+    from camface.realtime import sources
+
+    asked, make_source = [], sources.make_source
+
+    def recording(spec, *args):
+        asked.append(spec)
+        return make_source(spec, *args)
+
+    monkeypatch.setattr(sources, "make_source", recording)
+    with camface.load(device="cpu") as api:
+        if index < 0:
+            with pytest.raises(SourceError, match="camera index -1 is negative"):
+                api.process_video(index)
+        else:
+            api.process_video(index).close()  # nothing opened: the camera opens at the first frame
+        for bad in (True, np.True_):
+            with pytest.raises(UsageError, match="source must be a video file, a folder of images"):
+                api.process_video(bad)
+    assert asked == [str(int(index))]
 
 
 def _live_webm(path, intervals_ms):
