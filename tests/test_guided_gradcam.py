@@ -264,13 +264,37 @@ def test_changing_the_class_changes_guided_gradcam(explained):
     correlation = np.corrcoef(a, b)[0, 1]
     assert correlation < 0.8, correlation
     assert not np.allclose(happy.heatmaps["gradcam"], sad.heatmaps["gradcam"])
-    # Guided Grad-CAM is Guided Backprop x Grad-CAM upsampled and scaled to [0, 1].
+    # Guided Grad-CAM is Guided Backprop x Grad-CAM normalised to [0, 1] (as shown), upsampled.
     from camface.guided.explain import upsample
 
-    weight = upsample(sad.heatmaps["gradcam"], (64, 64))
-    np.testing.assert_allclose(sad.guided_gradcam[..., 0],
-                               sad.input_gradient[..., 0] * weight / weight.max(), rtol=1e-5,
+    weight = upsample(methods.normalize(sad.heatmaps["gradcam"], "gradcam"), (64, 64))
+    np.testing.assert_allclose(sad.guided_gradcam[..., 0], sad.input_gradient[..., 0] * weight, rtol=1e-5,
                                atol=1e-9)
+
+
+@pytest.mark.parametrize("scale, shown", [(1.0, True), (1e-20, False)])
+def test_guided_gradcam_weighs_by_the_gradcam_its_column_shows(scale, shown):
+    """A head whose weights are ~1e-20 gives a Grad-CAM of rounding residue (peak at most
+    methods.FLAT_PEAK): its column is empty, and so is Guided Grad-CAM; it was scaled by its own
+    peak (> 0) to full strength beside the empty Grad-CAM."""
+    from camface.guided.explain import upsample
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    kernel, bias = model.get_layer("head").get_weights()
+    model.get_layer("head").set_weights([kernel * np.float32(scale), bias])
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    for item in Explainer(model, "conv", EMOTION_PREPROCESSING).explain(images, np.array([0, 1])):
+        gradcam = item.heatmaps["gradcam"]
+        assert 0 < float(gradcam.max()) and (float(gradcam.max()) > methods.FLAT_PEAK) == shown
+        assert np.abs(item.input_gradient).max() > 0  # the gradient is there; the weight decides
+        column = methods.normalize(gradcam, "gradcam")
+        assert column.any() == shown
+        np.testing.assert_allclose(item.guided_gradcam[..., 0], item.input_gradient[..., 0] * upsample(column, (8, 8)),
+                                   rtol=1e-5, atol=1e-9 * float(np.abs(item.input_gradient).max()))
+        assert np.abs(item.guided_gradcam).any() == shown
 
 
 @pytest.mark.parametrize("only, computed", [((), {"gradcam"}), (("hirescam", "cam"), {"gradcam", "hirescam", "cam"})])
