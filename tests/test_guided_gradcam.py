@@ -525,6 +525,13 @@ def _squeezed(head: str):
         return keras.Model(inputs, keras.Sequential([
             layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(4, 1, activation="softmax", name="classes"),
             layers.Flatten()], name="head")(x))
+    if head == "gap-conv1x1-softmax-reshape-permute-flatten":  # [N, 1, 1, 4] -> [N, 4, 1] -> [N, 1, 4] -> [N, 4]
+        x = layers.Conv2D(4, 1, activation="softmax", name="classes")(layers.GlobalAveragePooling2D(keepdims=True)(x))
+        return keras.Model(inputs, layers.Flatten()(layers.Permute((2, 1))(layers.Reshape((4, 1))(x))))
+    if head == "nested-gap-conv1x1-softmax-reshape-permute-flatten":
+        return keras.Model(inputs, keras.Sequential([
+            layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(4, 1, activation="softmax", name="classes"),
+            layers.Reshape((4, 1)), layers.Permute((2, 1)), layers.Flatten()], name="head")(x))
     if head == "all-conv-sigmoid-flatten":
         return keras.Model(inputs, layers.Flatten()(layers.Conv2D(4, 14, activation="sigmoid", name="classes")(x)))
     if head == "all-conv-softmax-reshape-dropout":
@@ -538,6 +545,8 @@ def _squeezed(head: str):
 
 
 @pytest.mark.parametrize("head", ["gap-conv1x1-softmax-flatten", "nested-gap-conv1x1-softmax-flatten",
+                                  "gap-conv1x1-softmax-reshape-permute-flatten",
+                                  "nested-gap-conv1x1-softmax-reshape-permute-flatten",
                                   "all-conv-sigmoid-flatten",
                                   "all-conv-softmax-reshape-dropout", "all-conv-softmax-gap",
                                   "all-conv-softmax-reshape-permute-flatten"])
@@ -546,7 +555,9 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head
     that no logits give'), though its channels are the class scores and the softmax runs over
     them. Export and guided now explain the logits, the map's channels before the activation:
     the graph's probs are the model's, guided gives the same class and Grad-CAM, and CAM (GAP ->
-    1x1 conv) is the conv's kernel's weighted sum of the activations."""
+    1x1 conv) is the conv's kernel's weighted sum of the activations. Guided has CAM exactly when
+    the graph has it, with the same weights: behind a Permute of the size-1 axes (after the
+    probabilities, not in the head) it had none."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -573,7 +584,12 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head
     preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
     scale = float(np.abs(outputs["gradcam"]).max())
     assert scale > 0
-    for i, item in enumerate(Explainer(model, "conv", preprocessing).explain(images, classes)):
+    explainer = Explainer(model, "conv", preprocessing)
+    assert ("cam" in explainer.methods) == ("cam" in info.heatmaps) and (explainer.cam_reason == "") == ("gap-" in head)
+    if "cam" in info.heatmaps:
+        np.testing.assert_array_equal(maps.cam_weights(model, "conv")[0], kernel)
+    for i, item in enumerate(explainer.explain(images, classes)):
+        assert ("cam" in item.heatmaps) == ("cam" in info.heatmaps)
         np.testing.assert_allclose(item.probs, want[i], rtol=1e-5, atol=1e-6)
         assert item.explained == chosen[i]
         assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7
