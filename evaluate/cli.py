@@ -72,8 +72,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "OUT-sanity.png")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sanity checks' weight draws and classes")
     parser.add_argument("--keras", type=Path, default=None, metavar="MODEL",
-                        help="with --sanity: the Keras model the graph was exported from, to check Guided Backprop "
-                             "and Guided Grad-CAM too (TensorFlow); default: the graph's source model beside it "
+                        help="with --sanity: the Keras model the graph was exported from (its sha256 checked "
+                             "against the graph's record), to check Guided Backprop and Guided Grad-CAM too "
+                             "(TensorFlow); default: the graph's source model beside it "
                              "or the bundled one when its sha256 matches, else they are skipped")
     add_arguments(parser, "detector", "detector_runtime", "min_confidence", "margin", "max_faces", "device")
     add_arguments(parser, "graph_threads", graph_threads=0)
@@ -250,7 +251,7 @@ def keras_for_guided(graph_path, info, override):
     model when it is the graph's source (sha256). An explicit `override` that cannot be used is
     an error (ModelError)."""
     from camface.errors import ModelError
-    from camface.guided.snapshot import Preprocessing
+    from camface.guided.snapshot import Preprocessing, source_mismatch
     from camface.hashing import sha256_file
     from camface.models import EMOTION_KERAS
 
@@ -289,6 +290,13 @@ def keras_for_guided(graph_path, info, override):
         if override is not None:
             raise ModelError(f"--keras {path}: {why}")
         return None, f"{path}: {why}"
+    if override is not None:  # as `camface guided --model` checks a snapshot's: another checkpoint
+        if not info.source_sha256:  # of the same layers would give other maps without a word
+            log.warning("the graph %s records no source_sha256: cannot check that --keras %s is its model",
+                        graph_path, path)
+        elif why := source_mismatch(path, info.source_sha256):
+            raise ModelError(f"--keras {path}: not the model the graph {graph_path} was exported from "
+                             f"({info.source_model or 'its source model'}): {why} recorded in the graph")
     return (model, Preprocessing.from_normalization(info.color_order, info.normalization), info.target_layer), ""
 
 

@@ -4,8 +4,8 @@ One `Explainer` per (model, layer): a forward/backward pass at the layer, every 
 method registry (camface.methods, its numpy references) from it, and a guided copy of the model
 for Guided Backprop. Guided Grad-CAM is Guided
 Backprop times Grad-CAM upsampled (bilinear) to the input (Selvaraju et al., arXiv:1610.02391,
-sec. 3 "Guided Grad-CAM"); Grad-CAM is scaled to [0, 1] first so the product keeps the units
-of the gradient.
+sec. 3 "Guided Grad-CAM"); Grad-CAM is normalised to [0, 1] first, as its column shows it
+(`camface.methods.normalize`), so the product keeps the units of the gradient.
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ class Explainer:
         size = crops.shape[1:3]
         results = []
         for i in range(len(crops)):
-            upsampled = upsample(gradcam[i], size)
-            peak = float(upsampled.max())
-            weight = upsampled / peak if peak > 0 else upsampled
+            # Grad-CAM as its column shows it (one normalisation: a map of rounding residue, its
+            # peak at most methods.FLAT_PEAK, is empty there and weighs nothing here)
+            weight = upsample(methods.normalize(gradcam[i], "gradcam"), size)
             results.append(Explanation(
                 name=names[i] if i < len(names) else f"face {i}",
                 image_rgb=to_rgb(crops[i], self.preprocessing.color_order),

@@ -135,7 +135,8 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     channels are the logits, as in the bundled emotion model: conv2d_7 -> GAP -> softmax).
     A layer inside a nested backbone qualifies when it produces the backbone's output; a nested
     head ending the model (a Sequential of pooling and Dense) is read layer by layer, as export
-    reads it, a target inside it included.
+    reads it, a target inside it included. The layers after the probabilities, which only
+    squeeze a 1x1 map of them to [N, classes] (export's `probability_layer`), are not the head.
     """
     import keras
 
@@ -158,7 +159,13 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
                 (flat(item.layers) if isinstance(item, keras.Model) else [item])
                 if not isinstance(leaf, keras.layers.InputLayer)]
 
-    head = [item for item in flat(head) if not identity_at_inference(item)]  # as export's CAM check
+    head = flat(head)
+    final = _probability_layer(model)  # as export's head ends: at the probabilities, not after
+    while isinstance(final, keras.Model):  # the layers that only squeeze them off a 1x1 map (a
+        final = _probability_layer(final)  # Reshape -> Permute of its size-1 axes -> Flatten)
+    end = next((i for i, item in enumerate(head) if item is final), None)
+    head = head if end is None else head[:end + 1]
+    head = [item for item in head if not identity_at_inference(item)]  # as export's CAM check
     if not head or not isinstance(head[0], keras.layers.GlobalAveragePooling2D):
         return None, f"CAM needs global average pooling right after {layer!r}"
     rest = head[1:]

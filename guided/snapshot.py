@@ -91,6 +91,13 @@ def read_graph_metadata(onnx_path: Path):
         raise ModelError(f"cannot read CAM graph metadata from {onnx_path}: {exc}") from exc
 
 
+def source_mismatch(candidate: Path, expected: str) -> str:
+    """"" when the file `candidate` has the sha256 `expected` (the `source_sha256` a snapshot or a
+    CAM graph records of the model it was exported from), else why not ("sha256 ... != ...")."""
+    actual = sha256_file(candidate)
+    return "" if actual == expected else f"sha256 {actual[:12]}... != source_sha256 {expected[:12]}..."
+
+
 def resolve_keras_model(model_entry: dict, override: Path | None, where: Path) -> Path:
     """The Keras file a snapshot's ONNX graph was exported from, its sha256 checked.
 
@@ -124,10 +131,8 @@ def resolve_keras_model(model_entry: dict, override: Path | None, where: Path) -
                              f"(source_model {source_name or '?'!r}; "
                              f"tried: {', '.join(tried) or 'nothing'}); pass it with --model")
     if expected:
-        actual = sha256_file(candidate)
-        if actual != expected:
-            raise ModelError(f"model {candidate} does not match snapshot {where}: sha256 {actual[:12]}... "
-                             f"!= source_sha256 {expected[:12]}... recorded in {SNAPSHOT_JSON}")
+        if why := source_mismatch(candidate, expected):
+            raise ModelError(f"model {candidate} does not match snapshot {where}: {why} recorded in {SNAPSHOT_JSON}")
     else:
         log.warning("snapshot %s records no source_sha256: cannot check that %s is its model",
                     where, candidate)

@@ -264,13 +264,37 @@ def test_changing_the_class_changes_guided_gradcam(explained):
     correlation = np.corrcoef(a, b)[0, 1]
     assert correlation < 0.8, correlation
     assert not np.allclose(happy.heatmaps["gradcam"], sad.heatmaps["gradcam"])
-    # Guided Grad-CAM is Guided Backprop x Grad-CAM upsampled and scaled to [0, 1].
+    # Guided Grad-CAM is Guided Backprop x Grad-CAM normalised to [0, 1] (as shown), upsampled.
     from camface.guided.explain import upsample
 
-    weight = upsample(sad.heatmaps["gradcam"], (64, 64))
-    np.testing.assert_allclose(sad.guided_gradcam[..., 0],
-                               sad.input_gradient[..., 0] * weight / weight.max(), rtol=1e-5,
+    weight = upsample(methods.normalize(sad.heatmaps["gradcam"], "gradcam"), (64, 64))
+    np.testing.assert_allclose(sad.guided_gradcam[..., 0], sad.input_gradient[..., 0] * weight, rtol=1e-5,
                                atol=1e-9)
+
+
+@pytest.mark.parametrize("scale, shown", [(1.0, True), (1e-20, False)])
+def test_guided_gradcam_weighs_by_the_gradcam_its_column_shows(scale, shown):
+    """A head whose weights are ~1e-20 gives a Grad-CAM of rounding residue (peak at most
+    methods.FLAT_PEAK): its column is empty, and so is Guided Grad-CAM; it was scaled by its own
+    peak (> 0) to full strength beside the empty Grad-CAM."""
+    from camface.guided.explain import upsample
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    kernel, bias = model.get_layer("head").get_weights()
+    model.get_layer("head").set_weights([kernel * np.float32(scale), bias])
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
+    for item in Explainer(model, "conv", EMOTION_PREPROCESSING).explain(images, np.array([0, 1])):
+        gradcam = item.heatmaps["gradcam"]
+        assert 0 < float(gradcam.max()) and (float(gradcam.max()) > methods.FLAT_PEAK) == shown
+        assert np.abs(item.input_gradient).max() > 0  # the gradient is there; the weight decides
+        column = methods.normalize(gradcam, "gradcam")
+        assert column.any() == shown
+        np.testing.assert_allclose(item.guided_gradcam[..., 0], item.input_gradient[..., 0] * upsample(column, (8, 8)),
+                                   rtol=1e-5, atol=1e-9 * float(np.abs(item.input_gradient).max()))
+        assert np.abs(item.guided_gradcam).any() == shown
 
 
 @pytest.mark.parametrize("only, computed", [((), {"gradcam"}), (("hirescam", "cam"), {"gradcam", "hirescam", "cam"})])
@@ -501,6 +525,13 @@ def _squeezed(head: str):
         return keras.Model(inputs, keras.Sequential([
             layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(4, 1, activation="softmax", name="classes"),
             layers.Flatten()], name="head")(x))
+    if head == "gap-conv1x1-softmax-reshape-permute-flatten":  # [N, 1, 1, 4] -> [N, 4, 1] -> [N, 1, 4] -> [N, 4]
+        x = layers.Conv2D(4, 1, activation="softmax", name="classes")(layers.GlobalAveragePooling2D(keepdims=True)(x))
+        return keras.Model(inputs, layers.Flatten()(layers.Permute((2, 1))(layers.Reshape((4, 1))(x))))
+    if head == "nested-gap-conv1x1-softmax-reshape-permute-flatten":
+        return keras.Model(inputs, keras.Sequential([
+            layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(4, 1, activation="softmax", name="classes"),
+            layers.Reshape((4, 1)), layers.Permute((2, 1)), layers.Flatten()], name="head")(x))
     if head == "all-conv-sigmoid-flatten":
         return keras.Model(inputs, layers.Flatten()(layers.Conv2D(4, 14, activation="sigmoid", name="classes")(x)))
     if head == "all-conv-softmax-reshape-dropout":
@@ -514,6 +545,8 @@ def _squeezed(head: str):
 
 
 @pytest.mark.parametrize("head", ["gap-conv1x1-softmax-flatten", "nested-gap-conv1x1-softmax-flatten",
+                                  "gap-conv1x1-softmax-reshape-permute-flatten",
+                                  "nested-gap-conv1x1-softmax-reshape-permute-flatten",
                                   "all-conv-sigmoid-flatten",
                                   "all-conv-softmax-reshape-dropout", "all-conv-softmax-gap",
                                   "all-conv-softmax-reshape-permute-flatten"])
@@ -522,7 +555,9 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head
     that no logits give'), though its channels are the class scores and the softmax runs over
     them. Export and guided now explain the logits, the map's channels before the activation:
     the graph's probs are the model's, guided gives the same class and Grad-CAM, and CAM (GAP ->
-    1x1 conv) is the conv's kernel's weighted sum of the activations."""
+    1x1 conv) is the conv's kernel's weighted sum of the activations. Guided has CAM exactly when
+    the graph has it, with the same weights: behind a Permute of the size-1 axes (after the
+    probabilities, not in the head) it had none."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -549,7 +584,12 @@ def test_probabilities_squeezed_off_a_1x1_map_are_explained_at_its_channels(head
     preprocessing = Preprocessing.from_normalization(info.color_order, info.normalization)
     scale = float(np.abs(outputs["gradcam"]).max())
     assert scale > 0
-    for i, item in enumerate(Explainer(model, "conv", preprocessing).explain(images, classes)):
+    explainer = Explainer(model, "conv", preprocessing)
+    assert ("cam" in explainer.methods) == ("cam" in info.heatmaps) and (explainer.cam_reason == "") == ("gap-" in head)
+    if "cam" in info.heatmaps:
+        np.testing.assert_array_equal(maps.cam_weights(model, "conv")[0], kernel)
+    for i, item in enumerate(explainer.explain(images, classes)):
+        assert ("cam" in item.heatmaps) == ("cam" in info.heatmaps)
         np.testing.assert_allclose(item.probs, want[i], rtol=1e-5, atol=1e-6)
         assert item.explained == chosen[i]
         assert np.abs(item.heatmaps["gradcam"] - outputs["gradcam"][i]).max() <= 1e-4 * scale + 1e-7

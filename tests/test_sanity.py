@@ -4,6 +4,7 @@ weights and the random-logit test, on the bundled graph and the crops of tests/t
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,41 @@ def test_a_graph_whose_maps_differ_from_the_rebuild_is_warned_about(cam, astrona
         sanity.check(Randomizer(changed), many_crops(astronaut_bgr)[:4], ("gradcam", "layercam"))
     assert "differ from camface's rebuild" in caplog.text and "gradcam" in caplog.text
     assert "layercam" not in caplog.text.split("largest difference")[1]
+
+
+@pytest.mark.parametrize("rebuilt_crop_1, warned", [
+    (lambda m: m[::-1, ::-1], True),  # another map: the same values turned upside down
+    (lambda m: m * np.float32(1 + 1e-6), False),  # rounding
+    (lambda m: m, False),
+], ids=["another-map", "rounding", "the-same"])
+def test_each_crop_is_compared_with_the_rebuild_by_its_own_normalised_map(cam, astronaut_bgr, caplog,
+                                                                          rebuilt_crop_1, warned):
+    """The graph's Grad-CAM of crop 1 is 1e-4 of the other crops' (here: scaled by a Mul the
+    rebuild lacks; a face the model barely sees): a rebuild that shows it as another map is warned
+    about, though the difference is below 1e-3 of the batch's largest map (the one tolerance for
+    the whole batch let it pass); one that shows the same map (rounding, nothing) is not."""
+    import logging
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    changed = onnx.ModelProto()
+    changed.CopyFrom(cam)
+    producer = next(n for n in changed.graph.node if "gradcam" in n.output)
+    producer.output[list(producer.output).index("gradcam")] = "old/gradcam"
+    scale = np.array([1, 1e-4, 1, 1], np.float32).reshape(4, 1, 1)
+    changed.graph.initializer.append(numpy_helper.from_array(scale, "test/crop_scale"))
+    changed.graph.node.append(helper.make_node("Mul", ["old/gradcam", "test/crop_scale"], ["gradcam"]))
+    crops, classes = many_crops(astronaut_bgr)[:4], np.full(4, -1, np.int64)
+    own = sanity._run(sanity._session(changed.SerializeToString(), 0, ("gradcam",)), crops, classes, ("gradcam",))
+    maps = own["gradcam"].copy()
+    assert np.abs(maps[1]).max() < 1e-3 * np.abs(maps).max() and np.abs(maps[1]).max() > 0
+    maps[1] = rebuilt_crop_1(maps[1])
+    with caplog.at_level(logging.WARNING, logger="camface.evaluate.sanity"):
+        sanity._compare_with_the_graph(changed, crops, classes, {"gradcam": maps}, ("gradcam",), 0)
+    assert ("differ from camface's rebuild" in caplog.text) == warned
+    if warned:
+        assert "1 of 4 crops, crop 1 by" in caplog.text
 
 
 def test_randomisation_changes_exactly_the_weights_it_claims(cam):
@@ -396,22 +432,48 @@ def test_a_method_with_no_non_zero_original_map_is_reported_not_a_crash(tmp_path
 @pytest.mark.parametrize("head, message", [
     ("conv", "the graph's target layer: no layer named 'add_3'"),
     ("classes", "the model has 3 classes, the graph 7"),
+    # the graph's layer and classes, another file: its maps were taken for the graph's without a word
+    ("checkpoint", f"not the model the graph {re.escape(str(EMOTION_ONNX))} was exported from \\(emotion.*\\): sha256 .* "
+                   "!= source_sha256 .* recorded in the graph"),
 ])
 def test_evaluate_sanity_checks_the_keras_model_before_scoring(tmp_path, capsys, monkeypatch, head, message):
-    """--keras naming a model that is not the graph's (no target layer, other classes) is a one-line
-    error naming the file before any scoring, not a failure at the end of the sanity checks."""
+    """--keras naming a model that is not the graph's (no target layer, other classes, another
+    file than the one whose sha256 the graph records) is a one-line error naming the file before
+    any scoring, not a failure at the end of the sanity checks."""
     keras = pytest.importorskip("keras")
     from camface.evaluate.scores import Scorer
 
     inputs = keras.Input((64, 64, 1))
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="add_3" if head == "classes" else "conv")(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv" if head == "conv" else "add_3")(inputs)
     x = keras.layers.GlobalAveragePooling2D()(x)
     path = tmp_path / "other.keras"
     keras.Model(inputs, keras.layers.Dense(3 if head == "classes" else 7, activation="softmax")(x)).save(path)
     monkeypatch.setattr(Scorer, "score", lambda *args, **kwargs: pytest.fail("scored before checking --keras"))
     assert camface_main(["evaluate", "--sanity", "--frames", "5", "--keras", str(path)]) == 2
     err = capsys.readouterr().err
-    assert f"--keras {path}: {message}" in err and "Traceback" not in err
+    assert re.search(re.escape(f"--keras {path}: ") + message, err) and "Traceback" not in err
+
+
+def test_a_keras_model_is_taken_unchecked_only_with_a_warning_when_the_graph_records_no_sha256(tmp_path, caplog):
+    """A graph without source_sha256: --keras cannot be checked against it; it is used, and said so."""
+    import dataclasses
+    import logging
+
+    keras = pytest.importorskip("keras")
+    from camface.evaluate.cli import keras_for_guided
+    from camface.guided.snapshot import read_graph_metadata
+
+    inputs = keras.Input((64, 64, 1))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu", name="add_3")(inputs))
+    path = tmp_path / "other.keras"
+    keras.Model(inputs, keras.layers.Dense(7, activation="softmax")(x)).save(path)
+    info = read_graph_metadata(EMOTION_ONNX)
+    with caplog.at_level(logging.WARNING, logger="camface.evaluate.cli"):
+        guided, why = keras_for_guided(EMOTION_ONNX, dataclasses.replace(info, source_sha256=""), path)
+    assert guided is not None and why == "" and guided[2] == "add_3"
+    assert f"{EMOTION_ONNX} records no source_sha256: cannot check that --keras {path}" in caplog.text
+    with pytest.raises(ModelError, match=re.escape(f"--keras {path}: not the model the graph {EMOTION_ONNX} was exported")):
+        keras_for_guided(EMOTION_ONNX, info, path)
 
 
 def test_guided_sanity_is_not_run_on_a_gallery_graph(tmp_path):
