@@ -457,3 +457,25 @@ def test_backbone_cache_is_written_whole_or_not_at_all(tmp_path, monkeypatch, fa
     # the graph records the final Keras name (evaluate and guided look for it beside the graph)
     assert asked == [(b"new keras", keras_path.name)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([keras_path.name, onnx_path.name])
+
+
+@pytest.mark.parametrize("input_flag", ["--source", "--model"])
+def test_json_that_is_an_input_is_refused_before_the_run(tmp_path, faces_clip, capsys, monkeypatch, input_flag):
+    """`--json` naming the clip (or the model) the bench reads ran every row, then wrote the
+    report over that file: the clip was lost. Now refused before anything runs."""
+    import shutil
+
+    from camface.realtime.bench import cli as bench_cli
+
+    def run(config):
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(bench_cli, "run", run)
+    given = tmp_path / ("clip.mp4" if input_flag == "--source" else "graph.onnx")
+    shutil.copy(faces_clip if input_flag == "--source" else EMOTION_ONNX, given)
+    before = given.read_bytes()
+    argv = ["--source", str(faces_clip), input_flag, str(given), "--json", str(given)]
+    assert camface_main(["bench", *argv]) == 2
+    assert f"--json {given} is an input" in capsys.readouterr().err
+    assert given.read_bytes() == before
+

@@ -186,9 +186,12 @@ def _bench(args: argparse.Namespace) -> int:
     for sentence in unused_flags(args):
         log.warning("camface bench: %s", sentence)
     if config.json is not None:
-        from camface.outputs import check_output_file
+        from camface.outputs import check_not_an_input, check_output_file
 
         check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
+        # the report replaces an existing file: never one the run reads (the clip, a model)
+        check_not_an_input(config.json, [config.pipeline.source, config.pipeline.model, config.keras_model,
+                                         config.calibration if config.compare_int8 else None], "--json")
     # the files the last rows read: now, not after the live rows have run
     if config.baseline == "keras" and config.keras_model is not None and not config.keras_model.is_file():
         raise ModelError(f"--keras-model: model file not found: {config.keras_model}")
