@@ -479,3 +479,30 @@ def test_json_that_is_an_input_is_refused_before_the_run(tmp_path, faces_clip, c
     assert f"--json {given} is an input" in capsys.readouterr().err
     assert given.read_bytes() == before
 
+
+def test_json_is_written_whole_or_the_earlier_report_stays(tmp_path, monkeypatch, capsys):
+    """The report was written in place: a full disk halfway left half a JSON file where the
+    earlier report had been. Now it is written beside and renamed, and the error names it."""
+    import errno
+    from pathlib import Path
+
+    from camface.realtime.bench import cli as bench_cli
+    from camface.realtime.bench import report as bench_report
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"earlier": true}\n')
+    monkeypatch.setattr(bench_cli, "run", lambda config: ({"runs": [1, 2, 3]}, []))
+    monkeypatch.setattr(bench_report, "format_report", lambda report, rows: "table")
+    write_text = Path.write_text
+
+    def disk_fills(path, text, *args, **kwargs):
+        write_text(path, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    assert camface_main(["bench", "--json", str(out)]) == 2
+    assert f"cannot write {out}: No space left on device" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": true}\n' and sorted(tmp_path.iterdir()) == [out]
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert camface_main(["bench", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"runs": [1, 2, 3]}

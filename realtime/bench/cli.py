@@ -204,6 +204,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     print(format_report(report, rows))
     if config.json is not None:
-        config.json.write_text(json.dumps(report, indent=2) + "\n")
+        from camface.outputs import replace_whole
+
+        text = json.dumps(report, indent=2) + "\n"
+        replace_whole(config.json, lambda partial: partial.write_text(text))  # a full disk keeps the earlier file
         print(f"wrote {config.json}", file=sys.stderr)
     return 0
