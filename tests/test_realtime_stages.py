@@ -417,6 +417,46 @@ def test_snapshot_contents_and_folders_never_collide(tmp_path, tiny_graph):
         SnapshotWriter(tmp_path / "no" / "snaps", "x", tiny_graph.path, tiny_graph.info)
 
 
+
+@pytest.mark.parametrize("fails", ["crop", "json"])
+def test_a_snapshot_that_fails_midway_leaves_no_half_snapshot(tmp_path, tiny_graph, monkeypatch, fails):
+    """A snapshot whose crop could not be written left its folder with frame.png alone, and one
+    whose snapshot.json hit a full disk left half a JSON file that `camface guided snaps/` then
+    took for a snapshot and failed to read. Now the folder goes and the error names the file."""
+    import errno
+
+    from camface.realtime import snapshot as snapshot_module
+    from camface.realtime.snapshot import find_snapshots
+
+    snaps = tmp_path / "snaps"
+    writer = SnapshotWriter(snaps, "clip.mp4", tiny_graph.path, tiny_graph.info)
+    frame = np.full((60, 80, 3), 7, np.uint8)
+    crops = np.zeros((2, 32, 32, 1), np.uint8)
+    faces = [Face((1, 2, 30, 30), 0.9, crop_box=(0, 1, 32, 32)), Face((40, 20, 30, 30), 0.5, crop_box=(39, 19, 32, 32))]
+    result = _result(faces, [np.ones((4, 4), np.float32)] * 2)
+    first = writer.save(frame, crops, result)
+    if fails == "crop":
+        imwrite = cv2.imwrite
+        monkeypatch.setattr(snapshot_module.cv2, "imwrite",
+                            lambda path, image: False if path.endswith("face_01.png") else imwrite(path, image))
+        message = "cannot write .*frame_000000-2/face_01.png"
+    else:
+        write_text = Path.write_text
+
+        def disk_fills(path, text, *args, **kwargs):
+            write_text(path, text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", disk_fills)
+        message = "cannot write .*frame_000000-2/snapshot.json: No space left on device"
+    with pytest.raises(OutputError, match=message):
+        writer.save(frame, crops, result)
+    assert [p.name for p in snaps.iterdir()] == [first.name] and find_snapshots([snaps]) == [first]
+    assert writer.count == 1 and writer.last == first
+    monkeypatch.undo()
+    assert writer.save(frame, crops, result).name == "frame_000000-2"
+
+
 # ---- regressions found in review of the live loop
 
 @pytest.mark.parametrize("char", ["\u00b2", "\u00b3", "\u00b9"])  # ² (AZERTY top-left key), ³, ¹
