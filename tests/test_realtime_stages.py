@@ -270,6 +270,30 @@ def test_box_labels_and_hud_draw_where_expected():
     assert hud_frame[:20, :40].any() and not hud_frame[60:].any()
 
 
+
+@pytest.mark.parametrize("annotator", ["labels", "bars"])
+@pytest.mark.parametrize("x", [0, 80, 160])  # 160: the face touches the frame's right edge
+def test_labels_and_bars_stay_whole_at_the_right_edge(annotator, x):
+    """A face at the right edge of the frame had its label (and its --top3 bars and class names)
+    drawn from the box's left side on, so they ran out of the frame and were cut: the same
+    drawing on a wider frame now inks as many pixels, and nothing moves where there is room."""
+    from camface.realtime.render import BarsAnnotator
+
+    face = Face((x, 40, 40, 40), 0.9, crop_box=(x, 40, 40, 40))
+    result = _result([face], [np.ones((4, 4), np.float32)])
+    drawn = {}
+    for width in (200, 400):
+        frame = np.full((140, width, 3), 100, np.uint8)
+        (BoxAnnotator() if annotator == "labels" else BarsAnnotator()).annotate(frame, result)
+        drawn[width] = frame
+    # the label above the box, the bars below it (the box's own outline is cut by the edge)
+    inked = {width: int((frame[list(range(38)) + list(range(81, 140))] != 100).any(axis=2).sum())
+             for width, frame in drawn.items()}
+    assert inked[200] == inked[400] > 0
+    if x + 40 + 135 <= 200:  # room for the label and the bars: drawn exactly where they were
+        np.testing.assert_array_equal(drawn[200], drawn[400][:, :200])
+
+
 # ------------------------------------------------------------------------------ smoothing
 
 def test_smoother_keeps_ids_and_averages():
