@@ -506,3 +506,34 @@ def test_json_is_written_whole_or_the_earlier_report_stays(tmp_path, monkeypatch
     monkeypatch.setattr(Path, "write_text", write_text)
     assert camface_main(["bench", "--json", str(out)]) == 0
     assert json.loads(out.read_text()) == {"runs": [1, 2, 3]}
+
+
+@pytest.mark.parametrize("method, expected", [(None, "gradcam"), ("gradcam", "gradcam"), ("hirescam", None)])
+def test_keras_baseline_rows_all_explain_gradcam(faces_clip, capsys, monkeypatch, method, expected):
+    """The live rows showed --method auto (the graph's top-ranked heatmap, not Grad-CAM on the
+    bundled graph) while the Keras and one-thread rows computed Grad-CAM, so the speed-ups
+    compared two different heatmaps. Now every row explains Grad-CAM, and another --method with
+    --baseline keras is refused naming it."""
+    from camface.realtime.bench import rows as bench_rows
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def run_live(config, *args, **kwargs):
+        seen.append(config.pipeline.method)
+        raise Stop
+
+    monkeypatch.setattr(bench_rows, "run_live", run_live)
+    argv = ["bench", "--source", str(faces_clip), "--frames", "3", "--warmup", "0", "--baseline", "keras",
+            *(["--method", method] if method else [])]
+    if expected is None:
+        assert camface_main(argv) == 2
+        assert f"--baseline keras computes Grad-CAM, the Keras example's heatmap; --method {method}" \
+            in capsys.readouterr().err
+        assert seen == []
+    else:
+        with pytest.raises(Stop):
+            camface_main(argv)
+        assert seen == [expected]

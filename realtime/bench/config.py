@@ -123,6 +123,10 @@ class BenchConfig:
                              f"smallest input), got {self.backbone_size}")
         if self.backbone and self.pipeline.model is not None:
             raise UsageError("--model and --backbone exclude each other")
+        if self.baseline == "keras" and self.pipeline.method not in ("auto", "gradcam"):
+            raise UsageError(f"--baseline keras computes Grad-CAM, the Keras example's heatmap; --method "
+                             f"{self.pipeline.method} would time another heatmap against it (leave --method out, "
+                             "or give gradcam)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
