@@ -60,7 +60,8 @@ def localisation_box(heatmap01: np.ndarray, threshold: float = 0.2) -> Box | Non
 class HeatmapAnnotator:
     """Each face's heatmap over its face box only (pixels outside every box are untouched),
     drawn by the one overlay function (`camface.realtime.overlay.overlay`) with the heatmap
-    spread over the face's crop square."""
+    spread over the face's crop square. Each is blended over the frame as it came, never over
+    another face's heatmap: where boxes overlap, the face drawn last (the smaller) shows alone."""
 
     def __init__(self, colormap: str = LIVE["colormap"], alpha: float = LIVE["alpha"]):
         if not 0.0 <= alpha <= 1.0:
@@ -69,10 +70,13 @@ class HeatmapAnnotator:
         self._lut = colormap_lut(colormap)
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
-        for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result):
-            frame[y0:y1, x0:x1] = overlay(frame[y0:y1, x0:x1], prediction.heatmap, prediction.method,
-                                          self.colormap, self.alpha, side=face.crop_box[2], offset=(dx, dy),
-                                          lut=self._lut)
+        # every overlay first (each a new image of the undrawn pixels), then into the frame
+        drawn = [((y0, y1, x0, x1), overlay(frame[y0:y1, x0:x1], prediction.heatmap, prediction.method,
+                                            self.colormap, self.alpha, side=face.crop_box[2], offset=(dx, dy),
+                                            lut=self._lut))
+                 for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result)]
+        for (y0, y1, x0, x1), image in drawn:
+            frame[y0:y1, x0:x1] = image
         return frame
 
 

@@ -253,6 +253,29 @@ def test_heatmap_overlay_changes_pixels_only_inside_face_boxes(frame_shape):
         assert changed[20:60, 10:50].mean() > 0.5
 
 
+@pytest.mark.parametrize("small_heat", ["none", "ramp"])
+def test_overlapping_faces_each_show_their_own_heatmap(small_heat):
+    """Where two face boxes overlap, the second face's heatmap was blended over the first
+    face's (already tinted) pixels, so a quarter of the first face's heatmap showed inside the
+    second face's box. Now each is blended over the frame as it came: inside the smaller box,
+    drawn last, exactly what that face alone gives; outside it, the larger face's."""
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    big = Face((10, 10, 80, 80), 0.9, crop_box=(10, 10, 80, 80))
+    small = Face((60, 50, 40, 40), 0.8, crop_box=(60, 50, 40, 40))
+    heat = np.arange(16, dtype=np.float32).reshape(4, 4)
+    small_map = np.zeros((4, 4), np.float32) if small_heat == "none" else heat.T.copy()
+
+    def drawn(faces, heatmaps):
+        return HeatmapAnnotator("jet", 0.5).annotate(frame.copy(), _result(faces, heatmaps))
+
+    both, big_alone, small_alone = drawn([big, small], [heat, small_map]), drawn([big], [heat]), drawn([small], [small_map])
+    in_small = np.zeros(frame.shape[:2], bool)
+    in_small[50:90, 60:100] = True
+    np.testing.assert_array_equal(both[in_small], small_alone[in_small])
+    np.testing.assert_array_equal(both[~in_small], big_alone[~in_small])
+
+
 def test_box_labels_and_hud_draw_where_expected():
     frame = np.zeros((120, 160, 3), np.uint8)
     result = _result([Face((40, 40, 40, 40), 0.9, crop_box=(40, 40, 40, 40))], [np.ones((4, 4), np.float32)])
