@@ -29,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "`camface live --record` does; adds the encode stage")
     parser.add_argument("--baseline", choices=("keras", "none"), default="none",
                         help="keras: also run each face's Grad-CAM the Keras-example way (eager "
-                             "GradientTape per face) on the same frames, and print the speedup")
+                             "GradientTape per face) on the same frames, and print the speedup (every "
+                             "row then shows Grad-CAM)")
     parser.add_argument("--keras-model", type=Path, default=None,
                         help="Keras model with the CAM graph's weights, for --baseline keras; default: "
                              "the bundled emotion model (bundled graph) or the --backbone's model")
