@@ -60,7 +60,8 @@ def localisation_box(heatmap01: np.ndarray, threshold: float = 0.2) -> Box | Non
 class HeatmapAnnotator:
     """Each face's heatmap over its face box only (pixels outside every box are untouched),
     drawn by the one overlay function (`camface.realtime.overlay.overlay`) with the heatmap
-    spread over the face's crop square."""
+    spread over the face's crop square. Each is blended over the frame as it came, never over
+    another face's heatmap: where boxes overlap, the face drawn last (the smaller) shows alone."""
 
     def __init__(self, colormap: str = LIVE["colormap"], alpha: float = LIVE["alpha"]):
         if not 0.0 <= alpha <= 1.0:
@@ -69,10 +70,13 @@ class HeatmapAnnotator:
         self._lut = colormap_lut(colormap)
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
-        for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result):
-            frame[y0:y1, x0:x1] = overlay(frame[y0:y1, x0:x1], prediction.heatmap, prediction.method,
-                                          self.colormap, self.alpha, side=face.crop_box[2], offset=(dx, dy),
-                                          lut=self._lut)
+        # every overlay first (each a new image of the undrawn pixels), then into the frame
+        drawn = [((y0, y1, x0, x1), overlay(frame[y0:y1, x0:x1], prediction.heatmap, prediction.method,
+                                            self.colormap, self.alpha, side=face.crop_box[2], offset=(dx, dy),
+                                            lut=self._lut))
+                 for face, prediction, (x0, y0, x1, y1, dx, dy) in _explained_faces(frame, result)]
+        for (y0, y1, x0, x1), image in drawn:
+            frame[y0:y1, x0:x1] = image
         return frame
 
 
@@ -95,7 +99,8 @@ class CamBoxAnnotator:
 
 class BoxAnnotator:
     """Face box with the predicted label and its probability (above the box, or inside it at
-    the top edge of the frame); the explained class when it differs from the predicted one."""
+    the top edge of the frame; moved left as far as needed to stay whole at the right edge);
+    the explained class when it differs from the predicted one."""
 
     def __init__(self, color: tuple[int, int, int] = GREEN, thickness: int = 2, scale: float = 0.5,
                  text: TextPainter | None = None):
@@ -111,14 +116,16 @@ class BoxAnnotator:
             text = result.predictions[i].caption(result.labels, result.threshold)
             (tw, th), base = self.text.size(text, self.scale)
             top = y - th - base - 2 if y - th - base - 2 >= 0 else y + self.thickness
-            cv2.rectangle(frame, (x, top), (x + tw + 4, top + th + base + 2), self.color, -1)
-            self.text.put(frame, text, (x + 2, top + th + 1), self.scale, BLACK)
+            left = max(0, min(x, frame.shape[1] - (tw + 5)))  # a face at the right edge: its label whole
+            cv2.rectangle(frame, (left, top), (left + tw + 4, top + th + base + 2), self.color, -1)
+            self.text.put(frame, text, (left + 2, top + th + 1), self.scale, BLACK)
         return frame
 
 
 class BarsAnnotator:
     """The `top` most probable classes of each face as horizontal bars under its box (or
-    inside it near the bottom of the frame)."""
+    inside it near the bottom of the frame; moved left as far as needed for bars and names to
+    stay whole at the right edge)."""
 
     def __init__(self, top: int = 3, width: int = 90, row: int = 14, text: TextPainter | None = None):
         self.top, self.width, self.row = top, width, row
@@ -131,14 +138,16 @@ class BarsAnnotator:
             top = y + h + 2
             if top + self.row * len(order) > frame.shape[0]:
                 top = max(0, y + h - self.row * len(order) - 2)
-            for rank, k in enumerate(order):
+            names = [f"{result.labels[k] if k < len(result.labels) else str(k)} {prediction.probs[k]:.2f}"
+                     for k in order]
+            wide = self.width + 4 + max((self.text.size(name, 0.4)[0][0] for name in names), default=0)
+            left = max(0, min(x, frame.shape[1] - wide))  # a face at the right edge: bars and names whole
+            for rank, (k, name) in enumerate(zip(order, names)):
                 row_y = top + rank * self.row
                 filled = int(round(float(prediction.probs[k]) * self.width))
-                cv2.rectangle(frame, (x, row_y), (x + self.width, row_y + self.row - 3), BLACK, -1)
-                cv2.rectangle(frame, (x, row_y), (x + filled, row_y + self.row - 3), GREEN, -1)
-                name = result.labels[k] if k < len(result.labels) else str(k)
-                self.text.put(frame, f"{name} {prediction.probs[k]:.2f}", (x + self.width + 4, row_y + self.row - 4),
-                              0.4, WHITE)
+                cv2.rectangle(frame, (left, row_y), (left + self.width, row_y + self.row - 3), BLACK, -1)
+                cv2.rectangle(frame, (left, row_y), (left + filled, row_y + self.row - 3), GREEN, -1)
+                self.text.put(frame, name, (left + self.width + 4, row_y + self.row - 4), 0.4, WHITE)
         return frame
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from camface.color_order import ColorOrder
 from camface.errors import OutputError, SourceError
 from camface.graph_spec import GraphInfo
 from camface.hashing import sha256_file
+from camface.outputs import replace_whole
 from camface.realtime.results import FrameResult
 
 SNAPSHOT_JSON = "snapshot.json"
@@ -76,6 +78,7 @@ class SnapshotWriter:
     def save(self, frame: np.ndarray, crops: np.ndarray, result: FrameResult) -> Path:
         """Write one snapshot. frame: uint8 BGR [H, W, 3] without overlays; crops: uint8
         [N, H, W, C] as fed to the graph (in the graph's colour order)."""
+        folder = None
         try:
             self.folder.mkdir(exist_ok=True)
             folder = unique_folder(self.folder, f"frame_{result.index:06d}")
@@ -112,9 +115,15 @@ class SnapshotWriter:
                           "source_model": self.info.source_model, "source_sha256": self.info.source_sha256},
                 "faces": faces,
             }
-            (folder / SNAPSHOT_JSON).write_text(json.dumps(meta, indent=2))
-        except OSError as exc:
-            raise OutputError(f"cannot write snapshot in {self.folder}: {exc}") from exc
+            text = json.dumps(meta, indent=2)
+            # last, and whole or not at all: a folder holding snapshot.json is a snapshot to its readers
+            replace_whole(folder / SNAPSHOT_JSON, lambda partial: partial.write_text(text))
+        except BaseException as exc:
+            if folder is not None:  # no half snapshot (a frame without its crops or its json) is left
+                shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write snapshot in {self.folder}: {exc}") from exc
+            raise
         self.count, self.last = self.count + 1, folder
         return folder
 

@@ -457,3 +457,83 @@ def test_backbone_cache_is_written_whole_or_not_at_all(tmp_path, monkeypatch, fa
     # the graph records the final Keras name (evaluate and guided look for it beside the graph)
     assert asked == [(b"new keras", keras_path.name)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([keras_path.name, onnx_path.name])
+
+
+@pytest.mark.parametrize("input_flag", ["--source", "--model"])
+def test_json_that_is_an_input_is_refused_before_the_run(tmp_path, faces_clip, capsys, monkeypatch, input_flag):
+    """`--json` naming the clip (or the model) the bench reads ran every row, then wrote the
+    report over that file: the clip was lost. Now refused before anything runs."""
+    import shutil
+
+    from camface.realtime.bench import cli as bench_cli
+
+    def run(config):
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(bench_cli, "run", run)
+    given = tmp_path / ("clip.mp4" if input_flag == "--source" else "graph.onnx")
+    shutil.copy(faces_clip if input_flag == "--source" else EMOTION_ONNX, given)
+    before = given.read_bytes()
+    argv = ["--source", str(faces_clip), input_flag, str(given), "--json", str(given)]
+    assert camface_main(["bench", *argv]) == 2
+    assert f"--json {given} is an input" in capsys.readouterr().err
+    assert given.read_bytes() == before
+
+
+def test_json_is_written_whole_or_the_earlier_report_stays(tmp_path, monkeypatch, capsys):
+    """The report was written in place: a full disk halfway left half a JSON file where the
+    earlier report had been. Now it is written beside and renamed, and the error names it."""
+    import errno
+    from pathlib import Path
+
+    from camface.realtime.bench import cli as bench_cli
+    from camface.realtime.bench import report as bench_report
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"earlier": true}\n')
+    monkeypatch.setattr(bench_cli, "run", lambda config: ({"runs": [1, 2, 3]}, []))
+    monkeypatch.setattr(bench_report, "format_report", lambda report, rows: "table")
+    write_text = Path.write_text
+
+    def disk_fills(path, text, *args, **kwargs):
+        write_text(path, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    assert camface_main(["bench", "--json", str(out)]) == 2
+    assert f"cannot write {out}: No space left on device" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": true}\n' and sorted(tmp_path.iterdir()) == [out]
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert camface_main(["bench", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"runs": [1, 2, 3]}
+
+
+@pytest.mark.parametrize("method, expected", [(None, "gradcam"), ("gradcam", "gradcam"), ("hirescam", None)])
+def test_keras_baseline_rows_all_explain_gradcam(faces_clip, capsys, monkeypatch, method, expected):
+    """The live rows showed --method auto (the graph's top-ranked heatmap, not Grad-CAM on the
+    bundled graph) while the Keras and one-thread rows computed Grad-CAM, so the speed-ups
+    compared two different heatmaps. Now every row explains Grad-CAM, and another --method with
+    --baseline keras is refused naming it."""
+    from camface.realtime.bench import rows as bench_rows
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def run_live(config, *args, **kwargs):
+        seen.append(config.pipeline.method)
+        raise Stop
+
+    monkeypatch.setattr(bench_rows, "run_live", run_live)
+    argv = ["bench", "--source", str(faces_clip), "--frames", "3", "--warmup", "0", "--baseline", "keras",
+            *(["--method", method] if method else [])]
+    if expected is None:
+        assert camface_main(argv) == 2
+        assert f"--baseline keras computes Grad-CAM, the Keras example's heatmap; --method {method}" \
+            in capsys.readouterr().err
+        assert seen == []
+    else:
+        with pytest.raises(Stop):
+            camface_main(argv)
+        assert seen == [expected]

@@ -253,6 +253,29 @@ def test_heatmap_overlay_changes_pixels_only_inside_face_boxes(frame_shape):
         assert changed[20:60, 10:50].mean() > 0.5
 
 
+@pytest.mark.parametrize("small_heat", ["none", "ramp"])
+def test_overlapping_faces_each_show_their_own_heatmap(small_heat):
+    """Where two face boxes overlap, the second face's heatmap was blended over the first
+    face's (already tinted) pixels, so a quarter of the first face's heatmap showed inside the
+    second face's box. Now each is blended over the frame as it came: inside the smaller box,
+    drawn last, exactly what that face alone gives; outside it, the larger face's."""
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    big = Face((10, 10, 80, 80), 0.9, crop_box=(10, 10, 80, 80))
+    small = Face((60, 50, 40, 40), 0.8, crop_box=(60, 50, 40, 40))
+    heat = np.arange(16, dtype=np.float32).reshape(4, 4)
+    small_map = np.zeros((4, 4), np.float32) if small_heat == "none" else heat.T.copy()
+
+    def drawn(faces, heatmaps):
+        return HeatmapAnnotator("jet", 0.5).annotate(frame.copy(), _result(faces, heatmaps))
+
+    both, big_alone, small_alone = drawn([big, small], [heat, small_map]), drawn([big], [heat]), drawn([small], [small_map])
+    in_small = np.zeros(frame.shape[:2], bool)
+    in_small[50:90, 60:100] = True
+    np.testing.assert_array_equal(both[in_small], small_alone[in_small])
+    np.testing.assert_array_equal(both[~in_small], big_alone[~in_small])
+
+
 def test_box_labels_and_hud_draw_where_expected():
     frame = np.zeros((120, 160, 3), np.uint8)
     result = _result([Face((40, 40, 40, 40), 0.9, crop_box=(40, 40, 40, 40))], [np.ones((4, 4), np.float32)])
@@ -268,6 +291,30 @@ def test_box_labels_and_hud_draw_where_expected():
     hud_frame = np.zeros((120, 160, 3), np.uint8)
     Renderer().hud_layer.annotate(hud_frame, result)
     assert hud_frame[:20, :40].any() and not hud_frame[60:].any()
+
+
+
+@pytest.mark.parametrize("annotator", ["labels", "bars"])
+@pytest.mark.parametrize("x", [0, 80, 160])  # 160: the face touches the frame's right edge
+def test_labels_and_bars_stay_whole_at_the_right_edge(annotator, x):
+    """A face at the right edge of the frame had its label (and its --top3 bars and class names)
+    drawn from the box's left side on, so they ran out of the frame and were cut: the same
+    drawing on a wider frame now inks as many pixels, and nothing moves where there is room."""
+    from camface.realtime.render import BarsAnnotator
+
+    face = Face((x, 40, 40, 40), 0.9, crop_box=(x, 40, 40, 40))
+    result = _result([face], [np.ones((4, 4), np.float32)])
+    drawn = {}
+    for width in (200, 400):
+        frame = np.full((140, width, 3), 100, np.uint8)
+        (BoxAnnotator() if annotator == "labels" else BarsAnnotator()).annotate(frame, result)
+        drawn[width] = frame
+    # the label above the box, the bars below it (the box's own outline is cut by the edge)
+    inked = {width: int((frame[list(range(38)) + list(range(81, 140))] != 100).any(axis=2).sum())
+             for width, frame in drawn.items()}
+    assert inked[200] == inked[400] > 0
+    if x + 40 + 135 <= 200:  # room for the label and the bars: drawn exactly where they were
+        np.testing.assert_array_equal(drawn[200], drawn[400][:, :200])
 
 
 # ------------------------------------------------------------------------------ smoothing
@@ -415,6 +462,46 @@ def test_snapshot_contents_and_folders_never_collide(tmp_path, tiny_graph):
     np.testing.assert_array_equal(cv2.imread(str(first / "frame.png")), frame)
     with pytest.raises(OutputError, match="does not exist"):
         SnapshotWriter(tmp_path / "no" / "snaps", "x", tiny_graph.path, tiny_graph.info)
+
+
+
+@pytest.mark.parametrize("fails", ["crop", "json"])
+def test_a_snapshot_that_fails_midway_leaves_no_half_snapshot(tmp_path, tiny_graph, monkeypatch, fails):
+    """A snapshot whose crop could not be written left its folder with frame.png alone, and one
+    whose snapshot.json hit a full disk left half a JSON file that `camface guided snaps/` then
+    took for a snapshot and failed to read. Now the folder goes and the error names the file."""
+    import errno
+
+    from camface.realtime import snapshot as snapshot_module
+    from camface.realtime.snapshot import find_snapshots
+
+    snaps = tmp_path / "snaps"
+    writer = SnapshotWriter(snaps, "clip.mp4", tiny_graph.path, tiny_graph.info)
+    frame = np.full((60, 80, 3), 7, np.uint8)
+    crops = np.zeros((2, 32, 32, 1), np.uint8)
+    faces = [Face((1, 2, 30, 30), 0.9, crop_box=(0, 1, 32, 32)), Face((40, 20, 30, 30), 0.5, crop_box=(39, 19, 32, 32))]
+    result = _result(faces, [np.ones((4, 4), np.float32)] * 2)
+    first = writer.save(frame, crops, result)
+    if fails == "crop":
+        imwrite = cv2.imwrite
+        monkeypatch.setattr(snapshot_module.cv2, "imwrite",
+                            lambda path, image: False if path.endswith("face_01.png") else imwrite(path, image))
+        message = "cannot write .*frame_000000-2/face_01.png"
+    else:
+        write_text = Path.write_text
+
+        def disk_fills(path, text, *args, **kwargs):
+            write_text(path, text[: len(text) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(Path, "write_text", disk_fills)
+        message = "cannot write .*frame_000000-2/snapshot.json: No space left on device"
+    with pytest.raises(OutputError, match=message):
+        writer.save(frame, crops, result)
+    assert [p.name for p in snaps.iterdir()] == [first.name] and find_snapshots([snaps]) == [first]
+    assert writer.count == 1 and writer.last == first
+    monkeypatch.undo()
+    assert writer.save(frame, crops, result).name == "frame_000000-2"
 
 
 # ---- regressions found in review of the live loop

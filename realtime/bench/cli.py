@@ -8,7 +8,8 @@ Rows (each on the same frames of `--source`, after `--warmup` frames that are no
                       thread, with the CAM graph: separates what pipelining gains from what
                       the graph gains.
   Keras GradientTape  (with `--baseline keras`) the same loop, but each face's Grad-CAM
-                      computed the Keras-example way (export/keras_baseline.py).
+                      computed the Keras-example way (export/keras_baseline.py); every row
+                      then shows Grad-CAM, so the speed-ups compare the same heatmap.
 Stages: decode, detect, crop, classify+explain, render, encode; median and p95 milliseconds.
 `--compare-heads` adds the gradient outputs' cost (camface.realtime.bench.heads).
 `--compare-int8` adds the int8 graph: a live row and float32 vs int8 graph calls (bench.precision).
@@ -87,6 +88,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
 
     import_mediapipe_vision()  # once, before any row: the live row's CPU time must not include it
     graph_path, keras_path = _resolve_models(config)
+    if config.baseline == "keras":  # every row explains what the Keras baseline does: the speed-ups compare like with like
+        pipeline = pipeline.replace(method="gradcam")
     # the graph of the rows run here (sequential, heads) and "auto" resolved, once; its detector is
     # never opened (each row opens its own), so closing it at once leaves the graph in use
     with load(graph_path, config=pipeline) as opened:
@@ -186,9 +189,12 @@ def _bench(args: argparse.Namespace) -> int:
     for sentence in unused_flags(args):
         log.warning("camface bench: %s", sentence)
     if config.json is not None:
-        from camface.outputs import check_output_file
+        from camface.outputs import check_not_an_input, check_output_file
 
         check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
+        # the report replaces an existing file: never one the run reads (the clip, a model)
+        check_not_an_input(config.json, [config.pipeline.source, config.pipeline.model, config.keras_model,
+                                         config.calibration if config.compare_int8 else None], "--json")
     # the files the last rows read: now, not after the live rows have run
     if config.baseline == "keras" and config.keras_model is not None and not config.keras_model.is_file():
         raise ModelError(f"--keras-model: model file not found: {config.keras_model}")
@@ -201,6 +207,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     print(format_report(report, rows))
     if config.json is not None:
-        config.json.write_text(json.dumps(report, indent=2) + "\n")
+        from camface.outputs import replace_whole
+
+        text = json.dumps(report, indent=2) + "\n"
+        replace_whole(config.json, lambda partial: partial.write_text(text))  # a full disk keeps the earlier file
         print(f"wrote {config.json}", file=sys.stderr)
     return 0

@@ -29,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "`camface live --record` does; adds the encode stage")
     parser.add_argument("--baseline", choices=("keras", "none"), default="none",
                         help="keras: also run each face's Grad-CAM the Keras-example way (eager "
-                             "GradientTape per face) on the same frames, and print the speedup")
+                             "GradientTape per face) on the same frames, and print the speedup (every "
+                             "row then shows Grad-CAM)")
     parser.add_argument("--keras-model", type=Path, default=None,
                         help="Keras model with the CAM graph's weights, for --baseline keras; default: "
                              "the bundled emotion model (bundled graph) or the --backbone's model")
@@ -123,6 +124,10 @@ class BenchConfig:
                              f"smallest input), got {self.backbone_size}")
         if self.backbone and self.pipeline.model is not None:
             raise UsageError("--model and --backbone exclude each other")
+        if self.baseline == "keras" and self.pipeline.method not in ("auto", "gradcam"):
+            raise UsageError(f"--baseline keras computes Grad-CAM, the Keras example's heatmap; --method "
+                             f"{self.pipeline.method} would time another heatmap against it (leave --method out, "
+                             "or give gradcam)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
