@@ -151,7 +151,10 @@ class LiveLoop:
         if cfg.record is not None:  # fail before any model or camera is opened
             check_not_an_input(cfg.record, [cfg.source], "--record")  # --overwrite would wipe the video read
             check_output_file(cfg.record, cfg.overwrite)
-        encoder_for(cfg.codec)  # --codec h264 without an H.264 encoder: an error now, not at key r
+        if cfg.record is not None or cfg.show or self._window is not None:
+            # --codec h264 without an H.264 encoder: an error now, not at key r; a run that
+            # records nothing (no --record, no window for key r) never uses the codec
+            encoder_for(cfg.codec)
         if cfg.snapshot_every or cfg.show:
             SnapshotWriter.check_folder(cfg.snapshot_dir)
         # a source that is not there is said before the model loads (nothing is opened yet), and

@@ -225,6 +225,22 @@ def test_bad_flags_are_clear_errors(faces_clip, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("record, code", [(False, 0), (True, 2)])
+def test_codec_h264_without_an_encoder_fails_only_a_bench_that_records(faces_clip, capsys, monkeypatch, record,
+                                                                       code):
+    """--codec h264 where no H.264 encoder opens: a bench without --record never encodes."""
+    from camface.realtime import fmp4
+
+    monkeypatch.setattr(fmp4, "h264_encoder", lambda: (None, "no H.264 encoder in this test"))
+    argv = ["bench", "--source", str(faces_clip), "--frames", "2", "--warmup", "0", "--codec", "h264"]
+    assert camface_main([*argv, *(["--record"] if record else [])]) == code
+    captured = capsys.readouterr()
+    if record:
+        assert "camface: error: cannot record H.264: no H.264 encoder in this test" in captured.err
+    else:
+        assert "camface live" in captured.out and "error" not in captured.err
+
+
 def test_bench_runs_without_tensorflow(tmp_path, faces_clip):
     run = subprocess.run([sys.executable, "-c", BLOCK_TF, "bench", "--source", str(faces_clip),
                           "--frames", "3", "--warmup", "0", "--json", str(tmp_path / "b.json")],

@@ -453,6 +453,24 @@ def test_cli_smoke_file_folder_and_bad_camera(tmp_path, face_clip, capsys):
     assert camface_main(["live", "--source", "sample", "--no-show", "--alpha", "2"]) == 2
 
 
+@pytest.mark.parametrize("record, code", [(False, 0), (True, 2)])
+def test_codec_h264_without_an_encoder_fails_only_a_run_that_records(tmp_path, monkeypatch, capsys, record, code):
+    """--codec h264 where no H.264 encoder opens: a headless run without --record never uses
+    the codec and runs; with --record it is refused, naming the codec, before any frame."""
+    from camface.realtime import fmp4
+
+    monkeypatch.setattr(fmp4, "h264_encoder", lambda: (None, "no H.264 encoder in this test"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["live", "--source", "sample", "--no-show", "--codec", "h264", "--max-frames", "2", "--method", "none"]
+    assert camface_main([*argv, *(["--record", "out.mp4"] if record else [])]) == code
+    err = capsys.readouterr().err
+    if record:
+        assert "camface: error: cannot record H.264: no H.264 encoder in this test" in err
+        assert not (tmp_path / "out.mp4").exists()
+    else:
+        assert "Speed: " in err and "error" not in err
+
+
 def test_sample_runs_with_tensorflow_blocked(tmp_path):
     out = tmp_path / "sample.mp4"
     run = subprocess.run([sys.executable, "-c", BLOCK_TF, "live", "--source", "sample", "--no-show",
