@@ -85,6 +85,8 @@ class LiveConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        from camface.realtime.sources import is_camera_index
+
         checks = (
             (self.method in method_choices() or self.method in methods.METHODS,
              f"--method {self.method!r} unknown; choose from {', '.join(method_choices())}"),
@@ -113,6 +115,10 @@ class LiveConfig:
             (self.record is None or Path(self.record).suffix.lower() == ".mp4",
              f"--record {self.record}: recordings are MP4 files; give a name ending in .mp4"),
             (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
+            # before any model loads; a stream is known to be one only once it opens (LoopingSource)
+            (not (self.loop and is_camera_index(self.source)),
+             f"--loop plays files, folders and the sample again; --source {self.source} is a camera "
+             "(leave out --loop)"),
         )
         for ok, message in checks:
             if not ok:

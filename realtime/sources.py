@@ -370,6 +370,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def is_camera_index(spec: str | None) -> bool:
+    """True when the `--source` value `spec` names a camera by its index ("0", "1", ...)."""
+    return isinstance(spec, str) and spec.isascii() and spec.isdigit()  # not "²" or "٣" (int("²") raises)
+
+
 def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
     """The source for a `--source` value (not yet entered).
 
@@ -390,7 +395,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
-    if spec.isascii() and spec.isdigit():  # not "²" or "٣" (isdigit, and int("²") raises)
+    if is_camera_index(spec):
         return LiveSource(int(spec))
     if "://" in spec:
         return LiveSource(spec)

@@ -45,6 +45,8 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["live", "--source", "notes", "--no-show"], "in folder notes"),
     (["live", "--source", "sample", "--no-show", "--snapshot-every", "1", "--snapshot-dir", "a_file"],
      "cannot write snapshots to a_file: it is a file"),
+    (["live", "--source", "0", "--loop", "--no-show"],
+     "--loop plays files, folders and the sample again; --source 0 is a camera (leave out --loop)"),
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
@@ -67,8 +69,8 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     """Values each command checked only after its model had loaded (TensorFlow's with --sanity
     or a Keras embedder), after bench's live rows had run, or never (a learning rate of 0 trained
     for every epoch; a negative backbone size was Keras' traceback): refused now before any model
-    loads, in one error line. `camface live` on a folder without images said so only after
-    loading its models."""
+    loads, in one error line. `camface live` on a folder without images, and `--loop` with a
+    camera, said so only after loading its models."""
     import camface.api
     import camface.export.gallery
     import camface.realtime.bench.rows
