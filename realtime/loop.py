@@ -46,6 +46,7 @@ __all__ = ["LiveConfig", "LiveLoop", "RunSummary", "Terminated", "detect_workers
 STAGES = ("decode", "detect", "crop", "classify", "render", "encode")
 HUD_EVERY = 15  # frames between refreshes of the HUD's stage times
 QUEUE_SIZE = 4  # items between each pair of threads
+JOIN_TIMEOUT_S = 5.0  # how long the shutdown waits for the reader and detectors, all together
 
 
 class LiveLoop:
@@ -76,6 +77,7 @@ class LiveLoop:
         self._clock = clock  # times a camera's frames for recordings (tests pass a fake one)
         self._read_at: dict[int, float] = {}  # frame index -> self._clock() when the reader read it
         self.summary: RunSummary | None = None
+        self._busy_detectors: set[int] = set()  # detectors whose thread outlived the shutdown's wait
 
     # ---------------------------------------------------------------- worker threads
 
@@ -174,8 +176,10 @@ class LiveLoop:
             # (one detection every N frames, flow on the others) is then below the main thread's.
             every = every_for(cfg.detect_every, bool(getattr(source.info, "still", False)), cfg.detect_workers)
             workers = 1 if every > 1 else detect_workers_for(cfg.detect_workers, cfg.graph_threads, source.info.live)
-            detectors = [BoxCarrier(detectors_open.enter_context(pipeline.face_detector()), every)
-                         for _ in range(workers)]
+            # one exit stack per detector: one whose thread is still detecting at the end is left open
+            detector_stacks = [detectors_open.enter_context(contextlib.ExitStack()) for _ in range(workers)]
+            detectors = [BoxCarrier(stack.enter_context(pipeline.face_detector()), every)
+                         for stack in detector_stacks]
             snapshots = None
             if cfg.snapshot_every or cfg.show:
                 snapshots = SnapshotWriter(cfg.snapshot_dir, source.info.name, model_path, graph.info)
@@ -188,7 +192,11 @@ class LiveLoop:
                 if window is not None and hasattr(window, "__enter__"):
                     stack.enter_context(window)
                 stack.enter_context(opencv_single_threaded())
-                self._pipeline(source, detectors, explainer, renderer, recorder, window)
+                try:
+                    self._pipeline(source, detectors, explainer, renderer, recorder, window)
+                finally:
+                    for n in self._busy_detectors:
+                        detector_stacks[n].pop_all()  # never closed under its thread (it is a daemon)
         return self.summary
 
     def _progress(self, source):
@@ -302,9 +310,19 @@ class LiveLoop:
                 stop.set()
                 output_q.put(END)
                 writer_thread.join()
-                deadline = time.monotonic() + 5
+                deadline = time.monotonic() + JOIN_TIMEOUT_S
                 for thread in threads:
                     thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                self._busy_detectors = {n for n, thread in enumerate(threads[1:]) if thread.is_alive()}
+                for thread in threads:
+                    if not thread.is_alive():
+                        continue
+                    if thread is threads[0]:
+                        doing, then = "a read", "the source is closed under it"
+                    else:
+                        doing, then = "a detection", "its face detector is left open, and the thread ends when it returns"
+                    log.warning("camface: %s is still running %g s after the stop (%s that does not return); %s",
+                                thread.name, JOIN_TIMEOUT_S, doing, then)
                 recorder.close_sink()
                 if progress is not None:
                     finish_progress(progress, stopped_by == "end of input")

@@ -877,6 +877,56 @@ def test_a_stalled_detector_holds_back_the_reader(face_clip, monkeypatch):
     assert ahead and ahead[0] <= 2 * QUEUE_SIZE + 2
 
 
+def test_a_detector_still_running_at_the_end_is_named_and_left_open(face_clip, monkeypatch, caplog, tmp_path):
+    """A detection that does not return when the run stops (q on frame 0 while the detector
+    is stuck in frame 1): the shutdown's wait for the thread ends, a warning names it, and its
+    detector is not closed under it (it was, in silence)."""
+    import threading
+
+    from camface.realtime import loop as loop_module
+
+    cap = cv2.VideoCapture(str(face_clip))
+    frames = [cap.read()[1] for _ in range(4)]
+    cap.release()
+    detector_class = type(face_detector(LiveConfig()))  # the one the loop opens
+    real_detect, real_close = detector_class.detect, detector_class.close
+    stuck, release, closed = threading.Event(), threading.Event(), []
+
+    def stuck_detect(self, frame):
+        if frame.tobytes() == frames[1].tobytes():
+            stuck.set()
+            release.wait(timeout=60)
+        return real_detect(self, frame)
+
+    def spy_close(self):
+        closed.append(threading.current_thread().name)
+        real_close(self)
+
+    class QuitWhenStuck(FakeWindow):
+        def show(self, frame):
+            assert stuck.wait(timeout=60)
+            return super().show(frame)
+
+    monkeypatch.setattr(detector_class, "detect", stuck_detect)
+    monkeypatch.setattr(detector_class, "close", spy_close)
+    monkeypatch.setattr(loop_module, "JOIN_TIMEOUT_S", 0.2)
+    loop = LiveLoop(LiveConfig(show=True, detect_every=1, detect_workers=1, snapshot_dir=tmp_path / "snaps"),
+                    source=_FailingClip(frames, good=None), window=QuitWhenStuck("q"))
+    try:
+        with caplog.at_level("WARNING", logger="camface.realtime.loop"):
+            summary = loop.run()
+        assert summary.stopped_by == "quit" and summary.frames == 1
+        assert closed == []
+        said = [r.getMessage() for r in caplog.records if "camface-detector-0" in r.getMessage()]
+        assert said == ["camface: camface-detector-0 is still running 0.2 s after the stop (a detection that does "
+                        "not return); its face detector is left open, and the thread ends when it returns"]
+    finally:
+        release.set()
+        for thread in threading.enumerate():
+            if thread.name.startswith("camface-detector-"):
+                thread.join(timeout=30)
+
+
 class _PacedCamera(_CameraWithClock):
     """A live source that films a frame every `period` s of real time (time.monotonic)."""
 
