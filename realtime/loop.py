@@ -324,6 +324,8 @@ class LiveLoop:
                     log.warning("camface: %s is still running %g s after the stop (%s that does not return); %s",
                                 thread.name, JOIN_TIMEOUT_S, doing, then)
                 recorder.close_sink()
+                if recorder.error is not None and stopped_by in ("interrupted", "terminated"):
+                    say_lost_error(recorder)  # the signal's exit code wins, but the error is not lost
                 if progress is not None:
                     finish_progress(progress, stopped_by == "end of input")
                 self.summary = RunSummary(
@@ -340,6 +342,14 @@ class LiveLoop:
         if recorder.error is not None:
             raise recorder.error
 
+
+
+def say_lost_error(recorder: Recorder) -> None:
+    """Log the recorder's error (a full disk on the final flush) that a Ctrl-C or SIGTERM on its
+    way out would otherwise hide: the run exits with the signal's code, not with this error."""
+    error = recorder.error
+    where = f"recording {recorder.error_path} failed: " if recorder.error_path is not None else ""
+    log.error("camface: error: %s%s", where, error if str(error) else type(error).__name__)
 
 
 def paused_before(at: float, pauses: list[tuple[float, float]]) -> float:

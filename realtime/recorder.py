@@ -53,6 +53,7 @@ class Recorder:
         self.sink = self._open(first_record, overwrite) if first_record else None
         self.recordings: list[tuple[str, int]] = []  # (path, frames the file holds)
         self.error: BaseException | None = None
+        self.error_path: Path | None = None  # the recording `error` happened in (None: not in one)
 
     def _open(self, path: Path, overwrite: bool):
         from camface.realtime.sinks import VideoSink
@@ -86,7 +87,7 @@ class Recorder:
             sink.close()
         except Exception as exc:
             if self.error is None:
-                self.error = exc
+                self.error, self.error_path = exc, sink.path
             else:
                 log.warning("camface: %s", exc)
         if sink.frames_written:  # what the file holds (fewer than written after a full disk)
@@ -97,7 +98,11 @@ class Recorder:
             self.toggle()
         if self.sink is not None and item.frame is not None:
             with self.timer.stage("encode"):
-                self.sink.write(item.frame, item.at)
+                try:
+                    self.sink.write(item.frame, item.at)
+                except BaseException:
+                    self.error_path = self.sink.path
+                    raise
         if item.snapshot and self.snapshots is not None and item.raw is not None:
             with self.timer.stage("snapshot"):
                 self.snapshots.save(item.raw, item.explained.crops, item.explained.result)

@@ -21,7 +21,7 @@ from camface.api import face_detector
 from camface.cli import main as camface_main
 from camface.errors import OutputError, SourceError
 from camface.models import DETECTORS, EMOTION_ONNX
-from camface.realtime.loop import LiveConfig, LiveLoop, detect_workers_for, finish_progress
+from camface.realtime.loop import LiveConfig, LiveLoop, Terminated, detect_workers_for, finish_progress
 from camface.realtime.sample import SampleSource
 from camface.realtime.smooth import iou
 from camface.realtime.sources import ImageFolderSource, LiveSource, VideoFileSource, make_source
@@ -504,6 +504,38 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
     assert process.returncode == code, err
     recorded = int(err.split("recorded ")[1].split(" frames")[0])
     assert recorded > 0 and count_frames(out) == recorded
+
+
+@pytest.mark.parametrize("signal_error", [KeyboardInterrupt, Terminated])
+def test_a_recording_error_at_a_signal_is_said_with_the_signal(tmp_path, face_clip, monkeypatch, caplog, signal_error):
+    """Ctrl-C (or SIGTERM) on frame 3, and the disk full when the recording's last fragment is
+    written: the signal still ends the run (its exit code), and the recording's error is said
+    too, naming the file; it was lost behind the signal."""
+    import errno
+
+    from camface.realtime import fmp4
+
+    real_close = fmp4.H264Writer.close
+
+    def full_disk_close(self):
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    class SignalOnFrame3(FakeWindow):
+        def show(self, frame):
+            if len(self.shown) == 2:
+                raise signal_error()
+            return super().show(frame)
+
+    monkeypatch.setattr(fmp4.H264Writer, "close", full_disk_close)
+    out = tmp_path / "full.mp4"
+    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, codec="h264", show=True, method="none",
+                               snapshot_dir=tmp_path / "snaps"), window=SignalOnFrame3(""))
+    with caplog.at_level("ERROR", logger="camface.realtime.loop"), pytest.raises(signal_error):
+        loop.run()
+    assert loop.summary.stopped_by in ("interrupted", "terminated") and loop.summary.frames == 2
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said == [f"camface: error: recording {out} failed: [Errno {errno.ENOSPC}] No space left on device"]
 
 
 def test_window_keys_drive_the_loop(tmp_path, face_clip):
