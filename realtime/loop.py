@@ -205,9 +205,9 @@ class LiveLoop:
             return None
         from tqdm import tqdm
 
-        total = source.info.frames
-        if self.config.max_frames is not None and total is not None:
-            total = min(total, self.config.max_frames)
+        total, limit = source.info.frames, self.config.max_frames
+        if limit is not None:  # an endless source (--loop, a camera) then stops at the limit too
+            total = limit if total is None else min(total, limit)
         return tqdm(total=total, unit="frame", file=sys.stderr, mininterval=0.5, leave=False)
 
     @staticmethod

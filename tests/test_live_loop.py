@@ -431,6 +431,28 @@ def test_the_progress_bar_finishes_when_a_folder_holds_an_unreadable_file(tmp_pa
     assert bars[0] == (4, 9)
 
 
+@pytest.mark.parametrize("looped", [True, False])
+def test_the_progress_bar_of_an_endless_source_counts_to_max_frames(face_clip, sample_frames, monkeypatch, looped):
+    """--loop over a 12-frame clip, or a camera, with --max-frames: the run stops at that many
+    frames, and the bar counts to them (it had no total)."""
+    import tqdm
+
+    bars = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    clip, _ = sample_frames
+    source = None if looped else _CameraWithClock([clip.frame(i) for i in range(20)])
+    config = LiveConfig(source=str(face_clip) if looped else None, loop=looped, max_frames=15, method="none",
+                        progress=True, detector="short")
+    loop = _run(config, source=source)
+    assert loop.summary.frames == 15 and bars[0] == (15, 15)
+
+
 # ------------------------------------------------------------------------------ the command
 
 def test_cli_smoke_file_folder_and_bad_camera(tmp_path, face_clip, capsys):
