@@ -301,7 +301,7 @@ class Pipeline:
         """
         import numbers
 
-        from camface.realtime.sources import make_source
+        from camface.realtime.sources import is_camera_index, make_source
 
         self._check_open()
         if max_frames is not None and (not isinstance(max_frames, numbers.Integral)  # np.int64 too, as load's
@@ -313,7 +313,7 @@ class Pipeline:
         if isinstance(source, os.PathLike):
             spec = os.fspath(source)
             # a path, never the bundled clip or a camera (Path("./0") is "0", as `--source 0`)
-            opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or spec.isdigit() else spec)
+            opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or is_camera_index(spec) else spec)
         elif isinstance(source, str):
             opened = make_source(source)
         elif isinstance(source, numbers.Integral) and not isinstance(source, (bool, np.bool_)):  # np.int64 too
