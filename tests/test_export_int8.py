@@ -343,10 +343,24 @@ def test_a_target_too_wide_to_compare_the_reruns_says_so(small, monkeypatch, cap
 
 
 @pytest.mark.parametrize("held_out, channels, want", [(64, 64, 64), (64, 512, 8), (64, 1024, 4), (64, 2048, 0),
-                                                       (10, 8, 10)])
-def test_rerun_crops_are_the_first_that_fit(held_out, channels, want):
-    crops = np.arange(held_out)
-    assert int8.rerun_crops(crops, channels).tolist() == list(range(want))
+                                                       (10, 8, 10), (9, 1024, 4)])
+def test_rerun_crops_are_as_many_as_fit_spread_over_the_held_out_crops(held_out, channels, want):
+    """One crop from each of `want` equal stretches of the held-out crops (the first ones were
+    taken: a clip's frames right after the calibration crops, and in train the held-out crops of
+    the first class only)."""
+    picked = int8.rerun_crops(np.arange(held_out), channels).tolist()
+    assert len(picked) == want
+    stretch = [index * want // held_out for index in picked]
+    assert stretch == list(range(want))  # one in each stretch, in order
+    if 0 < want < held_out:
+        assert 0 not in picked  # not the crop next to the calibration crops
+
+
+def test_rerun_crops_of_train_s_class_by_class_test_split_cover_every_class():
+    """train's held-out crops are its test split, class after class (4 classes of 16 here): a
+    1024-channel target's 4 reruns were all of the first class."""
+    classes = np.repeat(np.arange(4), 16)
+    assert sorted(int8.rerun_crops(classes, 1024).tolist()) == [0, 1, 2, 3]
 
 
 def _previous_graph_beside_a_model(small, tmp_path, monkeypatch) -> tuple[Path, Path]:
