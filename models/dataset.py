@@ -115,7 +115,8 @@ class Photo:
 
 
 def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
-    """Class name -> image files (sorted), one class per sub-folder of `data_dir`.
+    """Class name -> image files, one class per sub-folder of `data_dir`, both in name order
+    ignoring case (`_name_order`: the same order on every machine).
 
     Hidden files and folders are ignored; files with other extensions are ignored. Raises
     SourceError naming `data_dir` when it is missing, holds no class folder with images, or
@@ -125,11 +126,15 @@ def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
     if not data_dir.is_dir():
         raise SourceError(f"DATA_DIR {data_dir} is not a folder")
     classes: dict[str, list[Path]] = {}
-    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    # One order on every machine (Windows sorts paths ignoring case, POSIX does not): the labels'
+    # order and the stratified split follow it.
+    for folder in sorted((p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                         key=lambda p: _name_order(Path(p.name))):
         files = sorted(
-            p for p in folder.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+            (p for p in folder.rglob("*")
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+            key=lambda p: _name_order(p.relative_to(folder)))
         if files:
             classes[folder.name] = files
         else:
@@ -144,6 +149,12 @@ def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
             f"DATA_DIR {data_dir} holds one class only ({only!r}): a classifier needs at least two "
             "class folders")
     return classes
+
+
+def _name_order(relative: Path) -> tuple:
+    """Sort key of a path relative to its folder: folder by folder, names ignoring case, then as
+    written (so "a.jpg" and "A.jpg" keep one order too); the same on every operating system."""
+    return tuple((part.casefold(), part) for part in relative.parts)
 
 
 def read_photo(path: Path) -> np.ndarray | None:

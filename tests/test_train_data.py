@@ -50,6 +50,20 @@ def test_scan_classes_sorted_ignores_hidden_and_other_files(tmp_path):
     assert [p.relative_to(tmp_path / "bob").as_posix() for p in classes["bob"]] == ["b.png", "nested/a.jpg"]
 
 
+def test_scan_classes_orders_names_as_every_machine_does(tmp_path):
+    """Windows sorts paths ignoring case, POSIX by code point ("B" before "a"): the labels'
+    order and the photos' (which the stratified split draws from) were another on another
+    machine. Both ignore case now, as Windows does, on every machine."""
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    for name in ("b.png", "A.png", "sub/C.png", "Sub2/a.png"):
+        _write(tmp_path / "alice" / name, grey)
+    _write(tmp_path / "Bob" / "x.png", grey)
+    classes = dataset.scan_classes(tmp_path)
+    assert list(classes) == ["alice", "Bob"]
+    assert [p.relative_to(tmp_path / "alice").as_posix() for p in classes["alice"]] == [
+        "A.png", "b.png", "sub/C.png", "Sub2/a.png"]
+
+
 @pytest.mark.parametrize("layout, match", [
     ({}, "holds no class folders with images"),
     ({"only": 2}, "one class only \\('only'\\)"),
