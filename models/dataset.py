@@ -187,9 +187,18 @@ def _cache_name(source: Path, class_dir: Path, key: str) -> str:
     return "__".join(source.relative_to(class_dir).parts) + f".{digest}.png"
 
 
-def _fingerprint(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+def _fingerprint(path: Path) -> list:
+    """[size, sha256 of the bytes] (sha256 None when the file cannot be read). The bytes, not the
+    modification time: a photo replaced by another of its size keeps its time when copied with it
+    (cp -p, rsync -a, unzip) or written within one tick of the file system's clock, and its crop
+    would be reused for the new photo."""
+    from camface.hashing import sha256_file
+
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        digest = None
+    return [path.stat().st_size, digest]
 
 
 def prepare_crops(
@@ -204,10 +213,10 @@ def prepare_crops(
 
     `classes` is what scan_classes(data_dir) returned (files under data_dir/<class>/).
     cache_dir/<class>/<file>.<digest>.png holds the crops (uint8 BGR, settings.size square) and
-    cache_dir/index.json what each photo gave, keyed by path, size and mtime, so a re-run with the
-    same settings reads no photo twice. `open_cropper` is called (once, lazily: not at all when
-    every photo is cached) to make a FaceCropper; it may return a context manager, which is closed
-    at the end. Required when settings.detect is True.
+    cache_dir/index.json what each photo gave, keyed by path, size and digest of its bytes, so a
+    re-run with the same settings detects no photo twice. `open_cropper` is called (once, lazily:
+    not at all when every photo is cached) to make a FaceCropper; it may return a context
+    manager, which is closed at the end. Required when settings.detect is True.
     """
     cache_dir = Path(cache_dir)
     try:

@@ -120,6 +120,31 @@ def test_prepare_crops_counts_statuses_and_reuses_cache(tmp_path):
     assert cropper2.calls == 5
 
 
+@pytest.mark.parametrize("touched", ["same mtime", "new mtime"])
+def test_a_photo_replaced_by_another_of_its_size_is_cropped_again(tmp_path, touched):
+    """The cache knew a photo by its size and mtime: another photo of the same size copied over
+    it with its time (cp -p, rsync -a, unzip), or written within one tick of the clock, kept the
+    first photo's crop. The photo's bytes decide now."""
+    import os
+
+    data = tmp_path / "data"
+    photo = _write(data / "a" / "x.bmp", np.full((12, 12, 3), 50, np.uint8))  # BMP: size by shape only
+    _write(data / "b" / "y.bmp", np.full((12, 12, 3), 90, np.uint8))
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+
+    def crop_means():
+        photos = dataset.prepare_crops(data, dataset.scan_classes(data), tmp_path / "c", settings)
+        return [int(c.mean()) for c in dataset.load_crops([p.crop for p in photos], 8)]
+
+    assert crop_means() == [50, 90]
+    before = photo.stat()
+    _write(photo, np.full((12, 12, 3), 200, np.uint8))
+    assert photo.stat().st_size == before.st_size
+    if touched == "same mtime":
+        os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert crop_means() == [200, 90]
+
+
 def test_a_cache_made_before_boxes_were_clipped_at_the_edges_is_made_again(tmp_path):
     """Crops cached with MediaPipe's boxes (a face cut by the left or top edge boxed a whole face
     wide from it) differ from today's for such faces: a crop cache whose index predates the
