@@ -369,12 +369,13 @@ class Split:
 
 
 def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
-                     seed: int) -> Split:
+                     seed: int, labels: Sequence[str] | None = None) -> Split:
     """Split indices so that every class keeps its share in each part.
 
     Per class of n items: round(n * test_fraction) to test and round(n * val_fraction) to
     validation, each at least 1, the rest (at least 1) to training. Deterministic for a seed.
-    Raises ValueError when fractions leave no training data.
+    Raises ValueError when fractions leave no training data, naming the class by `labels`
+    (class index -> name) when given.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
@@ -387,7 +388,8 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         n_test = max(1, round(n * test_fraction))
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
-            raise ValueError(f"class {cls} has {n} items: too few for a train/val/test split")
+            name = repr(labels[cls]) if labels is not None else cls
+            raise ValueError(f"class {name} has {n} items: too few for a train/val/test split")
         parts["test"].append(members[:n_test])
         parts["val"].append(members[n_test:n_test + n_val])
         parts["train"].append(members[n_test + n_val:])

@@ -229,13 +229,14 @@ def test_stratified_split_keeps_class_shares_and_is_deterministic():
     assert not np.array_equal(split.test, other.test)
 
 
-@pytest.mark.parametrize("targets, val, test, match", [
-    ([0, 0, 1, 1, 1], 0.2, 0.2, "too few"),
-    ([0, 0, 0, 1, 1, 1], 0.6, 0.5, "sum to less than 1"),
+@pytest.mark.parametrize("targets, val, test, labels, match", [
+    ([0, 0, 1, 1, 1], 0.2, 0.2, None, "class 0 has 2 items: too few"),
+    ([0, 0, 0, 1, 1, 1, 1], 0.4, 0.4, ["alice", "bob"], "class 'bob' has 4 items: too few"),
+    ([0, 0, 0, 1, 1, 1], 0.6, 0.5, None, "sum to less than 1"),
 ])
-def test_stratified_split_errors(targets, val, test, match):
+def test_stratified_split_errors(targets, val, test, labels, match):
     with pytest.raises(ValueError, match=match):
-        dataset.stratified_split(np.array(targets), val, test, seed=0)
+        dataset.stratified_split(np.array(targets), val, test, seed=0, labels=labels)
 
 
 def test_class_weights_balance_the_loss():
@@ -342,6 +343,17 @@ def test_cli_split_fractions_leaving_no_training_data_fail_before_cropping(tmp_p
     rc, err = _train([str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--val-split", "0.5",
                       "--test-split", "0.5"], capsys)
     assert rc == 2 and "--val-split 0.5 and --test-split 0.5 leave no training data" in err
+
+
+def test_cli_a_class_too_small_for_the_split_fractions_is_named(tmp_path, capsys):
+    """Four photos at --val-split 0.4 --test-split 0.4 leave that class no training photo: the
+    error said "class 0 has 4 items", an index, not the class folder or the flags."""
+    data = _square_photos(tmp_path / "data", 4)
+    _write(data / "b" / "4.png", np.full((12, 12, 3), 250, np.uint8))  # 5 in b: 2 / 2 / 1
+    rc, err = _train([str(data), "-o", str(tmp_path / "o"), "--no-detect", "--input-size", "32",
+                      "--weights", "none", "--val-split", "0.4", "--test-split", "0.4"], capsys)
+    assert rc == 2 and "class 'a' has 4 items: too few" in err, err
+    assert "--val-split 0.4, --test-split 0.4" in err
 
 
 def test_cli_bad_split_fraction(tmp_path, capsys):
