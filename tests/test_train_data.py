@@ -518,3 +518,30 @@ def test_a_full_disk_keeps_train_s_earlier_file_whole_and_names_it(tmp_path, mon
                                 unreadable=[], split_sizes={}, stages=[], metrics=metrics, settings={}, seconds=1.0)
     assert target.read_text() == "an earlier run's file"
     assert [p.name for p in target.parent.iterdir() if p.is_file()] == [target.name]  # no partial left
+
+
+@pytest.mark.parametrize("figure", ["confusion.png", "cam_montage.png"])
+def test_a_full_disk_keeps_train_s_earlier_figure_whole_and_names_it(tmp_path, monkeypatch, figure):
+    """confusion.png and cam_montage.png were saved in place: a full disk left half a PNG and a
+    traceback naming no file. They are written beside and renamed, as metrics.json is."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from camface.errors import OutputError
+
+    def half_then_full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")  # write() names no file
+
+    target = tmp_path / figure
+    target.write_bytes(b"an earlier run's figure")
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    with pytest.raises(OutputError, match=f"cannot write {target}: No space left on device"):
+        if figure == "confusion.png":
+            report.save_confusion(np.array([[2, 1], [0, 3]]), ["a", "b"], target)
+        else:
+            report.save_cam_montage(np.full((2, 32, 32, 3), 128, np.uint8), np.zeros((2, 4, 4), np.float32),
+                                    np.array([0, 1]), np.float32([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"], target)
+    assert target.read_bytes() == b"an earlier run's figure"
+    assert [p.name for p in tmp_path.iterdir()] == [figure]  # no partial left
