@@ -303,9 +303,11 @@ def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:
 
 
 def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tuple[Path, Path]]]:
-    """Usable photos whose face crops are byte-identical (the same photo copied, under another
-    name or in a sub-folder) are used once: a copy in the training split and another in the
-    test split would score the model on a face it was trained on.
+    """Usable photos whose face crops are identical, pixel for pixel (the same photo copied, under
+    another name or in a sub-folder), are used once: a copy in the training split and another in
+    the test split would score the model on a face it was trained on. The pixels, not the PNG
+    files' bytes: a crop cached by an earlier run (another OpenCV, zlib or compression level)
+    holds the same pixels in other bytes.
 
     Returns the photos without the copies (order kept) and (copy, first photo) source pairs.
     Raises SourceError naming both files when copies sit in two class folders (one face, two
@@ -318,11 +320,10 @@ def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tu
         if photo.status != OK or photo.crop is None:
             kept.append(photo)
             continue
-        try:
-            digest = hashlib.sha1(photo.crop.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise SourceError(f"cached crop {photo.crop} cannot be read: {exc.strerror or exc}; "
-                              "delete it and run again") from exc
+        pixels = read_photo(photo.crop)
+        if pixels is None:
+            raise SourceError(f"cached crop {photo.crop} cannot be read: delete it and run again")
+        digest = hashlib.sha1(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
         first = first_by_digest.setdefault(digest, photo)
         if first is photo:
             kept.append(photo)

@@ -453,6 +453,28 @@ def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, ca
     assert rc == 2 and "4.png (class 'b') and" in err and "1.png (class 'a') are the same photo" in err
 
 
+def test_a_copy_whose_crop_an_earlier_run_cached_in_other_bytes_is_still_a_copy(tmp_path):
+    """Copies were found by their crop files' bytes: a crop cached by an earlier run (another
+    OpenCV or zlib, another PNG compression) holds the same pixels in other bytes, so a copy
+    added since was trained on while the first was tested. The pixels decide now."""
+    data = _square_photos(tmp_path / "data", 3)
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    _write(data / "a" / "face.png", face)
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    cache = tmp_path / "crops"
+    first = dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+    crop, = [p.crop for p in first if p.source.name == "face.png"]
+    assert cv2.imwrite(str(crop), cv2.imread(str(crop)), [cv2.IMWRITE_PNG_COMPRESSION, 9])  # as another OpenCV
+    _write(data / "a" / "later" / "face copy.png", face)
+    photos = dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+    copy, = [p.crop for p in photos if p.source.name == "face copy.png"]
+    assert copy.read_bytes() != crop.read_bytes()
+    kept, copies = dataset.drop_duplicates(photos)
+    assert copies == [(data / "a" / "later" / "face copy.png", data / "a" / "face.png")]
+    assert len(kept) == len(photos) - 1
+
+
 @pytest.mark.parametrize("n", [1, 2, 7])
 def test_cam_montage_titles_fit_and_do_not_overlap(n):
     """A small test split (one or two crops) and long class names: the figure's title stays
