@@ -60,6 +60,25 @@ def test_crops_are_cut_as_live_and_split_in_time(crops):
     assert 60 < crops.held_out.mean() < 200  # faces, not padding
 
 
+@pytest.mark.parametrize("count, copied, held_out", [(24, [], 6), (24, [0, 5], 4), (16, [3], None)])
+def test_held_out_crops_identical_to_a_calibration_crop_are_left_out(count, copied, held_out):
+    """A folder of photos holding a photo and its copy (or a clip repeating a frame) put one in
+    the calibration crops and the other among the held-out crops the agreement is judged on."""
+    crops = np.stack([np.full((4, 4, 1), 10 * i, np.uint8) for i in range(count)])
+    calibrated = count - max(calibration.MIN_HELD_OUT, round(count * calibration.HELD_OUT_FRACTION))
+    for n, index in enumerate(copied):
+        crops[calibrated + n] = crops[index]  # the first held-out crops: copies of calibration crops
+    if held_out is None:
+        with pytest.raises(ModelError, match="calibration source photos/: 3 of its 4 held-out face crops differ"):
+            calibration.split("photos/", crops)
+        return
+    sets = calibration.split("photos/", crops)
+    assert len(sets.calibration) == calibrated and len(sets.held_out) == held_out
+    seen = {crop.tobytes() for crop in sets.calibration}
+    assert not any(crop.tobytes() in seen for crop in sets.held_out)
+    np.testing.assert_array_equal(sets.held_out, crops[calibrated + len(copied):])
+
+
 def test_int8_agrees_with_float32_within_the_bars(float32, quantized):
     result = quantized.agreement
     assert result.failures(agreement.THRESHOLDS, quantized.floor) == []
