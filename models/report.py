@@ -152,7 +152,19 @@ def cam_montage_figure(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.n
 
 
 def write_json(path: Path, data: Mapping) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    """`data` as strict JSON: an undefined number (a diverged stage's NaN loss) is null, never
+    the `NaN` / `Infinity` that strict JSON readers (jq, browsers) fail on."""
+    write_text(path, json.dumps(_finite_or_null(data), indent=2, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def write_text(path: Path, text: str) -> None:

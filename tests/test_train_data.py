@@ -259,6 +259,20 @@ def test_classification_metrics_hand_computed():
     assert m["macro"]["recall"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
 
 
+def test_metrics_json_of_a_diverged_stage_is_strict_json(tmp_path):
+    """A stage whose loss diverged (--learning-rate too high) wrote NaN into metrics.json, which
+    strict JSON readers (jq, a browser) refuse; an undefined number is null now."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    stages = [{"name": "frozen backbone", "history": {"loss": [0.7, float("nan")], "val_loss": [0.6, float("inf")]},
+               "best_val_accuracy": 0.5, "best_val_loss": float("nan"), "best_epoch": 1}]
+    report.write_json(tmp_path / "metrics.json", {"accuracy": 0.5, "stages": stages})
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert written["stages"][0]["history"] == {"loss": [0.7, None], "val_loss": [0.6, None]}
+    assert written["stages"][0]["best_val_loss"] is None and written["accuracy"] == 0.5
+
+
 def test_pick_montage_covers_classes_mistakes_first():
     y_true = np.array([0, 0, 0, 1, 1, 2])
     y_pred = np.array([0, 1, 0, 1, 1, 2])
