@@ -74,14 +74,24 @@ def face_crops(source: str, size: tuple[int, int], color_order: str, limit: int 
 
 
 def split(source: str, crops: np.ndarray) -> CropSets:
-    """The first 75% of `crops` for calibration, the rest held out. Raises ModelError naming
-    the source when either part would be too small to trust."""
+    """The first 75% of `crops` for calibration, the rest held out, less the held-out crops
+    identical to a calibration crop (a photo and its copy in one folder, a clip's repeated
+    frames): the agreement check is judged on crops the calibration has not seen. Raises
+    ModelError naming the source when either part would be too small to trust."""
     held = max(MIN_HELD_OUT, int(round(len(crops) * HELD_OUT_FRACTION)))
     if len(crops) - held < MIN_CALIBRATION:
         raise ModelError(f"calibration source {source}: {len(crops)} face crops found, int8 needs at least "
                          f"{MIN_CALIBRATION + MIN_HELD_OUT} ({MIN_CALIBRATION} to calibrate, {MIN_HELD_OUT} "
                          "held out for the agreement check); give a folder of photos or a clip with more faces")
-    return CropSets(source, crops[:-held], crops[-held:])
+    calibration, held_out = crops[:-held], crops[-held:]
+    seen = {crop.tobytes() for crop in calibration}
+    unseen = np.asarray([crop.tobytes() not in seen for crop in held_out], bool)
+    if not unseen.all() and unseen.sum() < MIN_HELD_OUT:
+        raise ModelError(f"calibration source {source}: {int(unseen.sum())} of its {held} held-out face crops differ "
+                         f"from every calibration crop (the others are copies of one); int8 needs at least "
+                         f"{MIN_HELD_OUT} for the agreement check; give a folder of photos or a clip with more, "
+                         "different faces")
+    return CropSets(source, calibration, held_out[unseen])
 
 
 def crop_sets(source: str, size: tuple[int, int], color_order: str) -> CropSets:

@@ -350,12 +350,17 @@ def agreements(reference: bytes, quantized: bytes, crops: np.ndarray, info: grap
 
 def rerun_crops(crops: np.ndarray, channels: int) -> np.ndarray:
     """The held-out crops Ablation-CAM and Score-CAM are compared on: each crop runs the head or
-    the model once per channel of the target, so at most RERUN_VARIANTS // channels of them
-    (the first ones); none when that is fewer than calibration.MIN_HELD_OUT."""
+    the model once per channel of the target, so at most RERUN_VARIANTS // channels of them,
+    spread over the held-out crops (the middle of each of as many equal stretches); none when
+    that is fewer than calibration.MIN_HELD_OUT. Not the first ones: a clip's first held-out
+    crops are the frames right after the last calibration crops (near-copies of them), and
+    train's held-out crops come class by class (the first ones, all of one class)."""
     from camface.export.calibration import MIN_HELD_OUT
 
     count = min(len(crops), RERUN_VARIANTS // max(channels, 1))
-    return crops[:count] if count >= MIN_HELD_OUT else crops[:0]
+    if count < MIN_HELD_OUT:
+        return crops[:0]
+    return crops[(np.arange(count) * 2 + 1) * len(crops) // (2 * count)]
 
 
 def _merge(first: Agreement, second: Agreement | None, not_compared: dict) -> Agreement:
@@ -375,7 +380,7 @@ def to_int8(model, calibration: str = "sample", method: str = DEFAULT_CALIBRATIO
     The methods that run the model again (Ablation-CAM, Score-CAM: export/onnx_rerun.py) are
     taken out first and written again into the int8 graph, so they run its int8 features; they
     are checked against the numpy reference on that graph's own head and model (`onnx_rerun.attach`)
-    and, like every other heatmap, against the float32 graph's maps: on the first held-out crops
+    and, like every other heatmap, against the float32 graph's maps: on held-out crops spread over them
     (`rerun_crops`: each crop reruns the model once per channel), or, for a target with too many
     channels for that, not (the report says so, and a warning).
     """

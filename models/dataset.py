@@ -115,7 +115,8 @@ class Photo:
 
 
 def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
-    """Class name -> image files (sorted), one class per sub-folder of `data_dir`.
+    """Class name -> image files, one class per sub-folder of `data_dir`, both in name order
+    ignoring case (`_name_order`: the same order on every machine).
 
     Hidden files and folders are ignored; files with other extensions are ignored. Raises
     SourceError naming `data_dir` when it is missing, holds no class folder with images, or
@@ -125,11 +126,15 @@ def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
     if not data_dir.is_dir():
         raise SourceError(f"DATA_DIR {data_dir} is not a folder")
     classes: dict[str, list[Path]] = {}
-    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    # One order on every machine (Windows sorts paths ignoring case, POSIX does not): the labels'
+    # order and the stratified split follow it.
+    for folder in sorted((p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                         key=lambda p: _name_order(Path(p.name))):
         files = sorted(
-            p for p in folder.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+            (p for p in folder.rglob("*")
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+            key=lambda p: _name_order(p.relative_to(folder)))
         if files:
             classes[folder.name] = files
         else:
@@ -144,6 +149,12 @@ def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
             f"DATA_DIR {data_dir} holds one class only ({only!r}): a classifier needs at least two "
             "class folders")
     return classes
+
+
+def _name_order(relative: Path) -> tuple:
+    """Sort key of a path relative to its folder: folder by folder, names ignoring case, then as
+    written (so "a.jpg" and "A.jpg" keep one order too); the same on every operating system."""
+    return tuple((part.casefold(), part) for part in relative.parts)
 
 
 def read_photo(path: Path) -> np.ndarray | None:
@@ -176,9 +187,18 @@ def _cache_name(source: Path, class_dir: Path, key: str) -> str:
     return "__".join(source.relative_to(class_dir).parts) + f".{digest}.png"
 
 
-def _fingerprint(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+def _fingerprint(path: Path) -> list:
+    """[size, sha256 of the bytes] (sha256 None when the file cannot be read). The bytes, not the
+    modification time: a photo replaced by another of its size keeps its time when copied with it
+    (cp -p, rsync -a, unzip) or written within one tick of the file system's clock, and its crop
+    would be reused for the new photo."""
+    from camface.hashing import sha256_file
+
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        digest = None
+    return [path.stat().st_size, digest]
 
 
 def prepare_crops(
@@ -193,10 +213,10 @@ def prepare_crops(
 
     `classes` is what scan_classes(data_dir) returned (files under data_dir/<class>/).
     cache_dir/<class>/<file>.<digest>.png holds the crops (uint8 BGR, settings.size square) and
-    cache_dir/index.json what each photo gave, keyed by path, size and mtime, so a re-run with the
-    same settings reads no photo twice. `open_cropper` is called (once, lazily: not at all when
-    every photo is cached) to make a FaceCropper; it may return a context manager, which is closed
-    at the end. Required when settings.detect is True.
+    cache_dir/index.json what each photo gave, keyed by path, size and digest of its bytes, so a
+    re-run with the same settings detects no photo twice. `open_cropper` is called (once, lazily:
+    not at all when every photo is cached) to make a FaceCropper; it may return a context
+    manager, which is closed at the end. Required when settings.detect is True.
     """
     cache_dir = Path(cache_dir)
     try:
@@ -283,9 +303,11 @@ def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:
 
 
 def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tuple[Path, Path]]]:
-    """Usable photos whose face crops are byte-identical (the same photo copied, under another
-    name or in a sub-folder) are used once: a copy in the training split and another in the
-    test split would score the model on a face it was trained on.
+    """Usable photos whose face crops are identical, pixel for pixel (the same photo copied, under
+    another name or in a sub-folder), are used once: a copy in the training split and another in
+    the test split would score the model on a face it was trained on. The pixels, not the PNG
+    files' bytes: a crop cached by an earlier run (another OpenCV, zlib or compression level)
+    holds the same pixels in other bytes.
 
     Returns the photos without the copies (order kept) and (copy, first photo) source pairs.
     Raises SourceError naming both files when copies sit in two class folders (one face, two
@@ -298,11 +320,10 @@ def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tu
         if photo.status != OK or photo.crop is None:
             kept.append(photo)
             continue
-        try:
-            digest = hashlib.sha1(photo.crop.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise SourceError(f"cached crop {photo.crop} cannot be read: {exc.strerror or exc}; "
-                              "delete it and run again") from exc
+        pixels = read_photo(photo.crop)
+        if pixels is None:
+            raise SourceError(f"cached crop {photo.crop} cannot be read: delete it and run again")
+        digest = hashlib.sha1(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
         first = first_by_digest.setdefault(digest, photo)
         if first is photo:
             kept.append(photo)
@@ -349,12 +370,13 @@ class Split:
 
 
 def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
-                     seed: int) -> Split:
+                     seed: int, labels: Sequence[str] | None = None) -> Split:
     """Split indices so that every class keeps its share in each part.
 
     Per class of n items: round(n * test_fraction) to test and round(n * val_fraction) to
     validation, each at least 1, the rest (at least 1) to training. Deterministic for a seed.
-    Raises ValueError when fractions leave no training data.
+    Raises ValueError when fractions leave no training data, naming the class by `labels`
+    (class index -> name) when given.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
@@ -367,7 +389,8 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         n_test = max(1, round(n * test_fraction))
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
-            raise ValueError(f"class {cls} has {n} items: too few for a train/val/test split")
+            name = repr(labels[cls]) if labels is not None else cls
+            raise ValueError(f"class {name} has {n} items: too few for a train/val/test split")
         parts["test"].append(members[:n_test])
         parts["val"].append(members[n_test:n_test + n_val])
         parts["train"].append(members[n_test + n_val:])

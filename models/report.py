@@ -72,7 +72,15 @@ def save_confusion(confusion: np.ndarray, labels: Sequence[str], path: Path,
         for j in range(k):
             ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center",
                     color="white" if confusion[i, j] > threshold else "black")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, whole or not at all (beside `path`, then renamed): a full disk
+    is an OutputError naming `path`, no half image left."""
+    from camface.outputs import replace_whole
+
+    replace_whole(path, lambda partial: fig.savefig(partial, dpi=100))
 
 
 def overlay_heatmap(crop_bgr: np.ndarray, heatmap: np.ndarray, method: str = "gradcam",
@@ -111,7 +119,7 @@ def save_cam_montage(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.nda
     crops_bgr: uint8 [N, S, S, 3] BGR; heatmaps: float [N, h, w] for each crop's predicted
     class; y_true: int [N]; probs: float [N, classes]. Wrong predictions get a red title.
     """
-    cam_montage_figure(crops_bgr, heatmaps, y_true, probs, labels, method, columns).savefig(path, dpi=100)
+    _save_figure(cam_montage_figure(crops_bgr, heatmaps, y_true, probs, labels, method, columns), path)
 
 
 def cam_montage_figure(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.ndarray,
@@ -144,7 +152,19 @@ def cam_montage_figure(crops_bgr: np.ndarray, heatmaps: np.ndarray, y_true: np.n
 
 
 def write_json(path: Path, data: Mapping) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    """`data` as strict JSON: an undefined number (a diverged stage's NaN loss) is null, never
+    the `NaN` / `Infinity` that strict JSON readers (jq, browsers) fail on."""
+    write_text(path, json.dumps(_finite_or_null(data), indent=2, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: _finite_or_null(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def write_text(path: Path, text: str) -> None:

@@ -240,9 +240,10 @@ def run(config: TrainConfig) -> dict:
     duplicates = [str(copy) for copy, _ in copies]
     paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
     try:
-        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed)
+        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed, labels)
     except ValueError as exc:
-        raise SourceError(f"DATA_DIR {config.data_dir}: {exc}") from exc
+        raise SourceError(f"DATA_DIR {config.data_dir}: {exc} (--val-split {config.val_split}, --test-split "
+                          f"{config.test_split}): add photos to that class folder or lower the fractions") from exc
     log.info("split (stratified, seed %d): %d train, %d validation, %d test", config.seed,
              len(split.train), len(split.val), len(split.test))
     if config.int8:

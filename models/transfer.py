@@ -252,8 +252,12 @@ def best_checkpoint(path: Path, patience: int, best_so_far: tuple[float, float] 
     few validation photos a small dataset has, accuracy ties are common (6 photos allow only 7
     values) and Keras' ModelCheckpoint/EarlyStopping on accuracy alone would keep the first,
     barely trained epoch. `best_so_far` (accuracy, loss) carries an earlier stage's best over.
+    Each save is written beside `path` and renamed: a failure (a full disk) is an OutputError
+    naming `path`, and the checkpoint saved before stays whole.
     """
     import keras
+
+    from camface.outputs import replace_whole
 
     class BestCheckpoint(keras.callbacks.Callback):
         def __init__(self):
@@ -269,7 +273,8 @@ def best_checkpoint(path: Path, patience: int, best_so_far: tuple[float, float] 
                 self.best = (score[0], -score[1])
                 self.best_epoch = epoch + 1
                 self.waited = 0
-                self.model.save(path)
+                # beside and renamed: a full disk or Ctrl-C midway keeps the earlier checkpoint
+                replace_whole(path, self.model.save)
             else:
                 self.waited += 1
                 if self.waited >= patience:

@@ -60,6 +60,25 @@ def test_crops_are_cut_as_live_and_split_in_time(crops):
     assert 60 < crops.held_out.mean() < 200  # faces, not padding
 
 
+@pytest.mark.parametrize("count, copied, held_out", [(24, [], 6), (24, [0, 5], 4), (16, [3], None)])
+def test_held_out_crops_identical_to_a_calibration_crop_are_left_out(count, copied, held_out):
+    """A folder of photos holding a photo and its copy (or a clip repeating a frame) put one in
+    the calibration crops and the other among the held-out crops the agreement is judged on."""
+    crops = np.stack([np.full((4, 4, 1), 10 * i, np.uint8) for i in range(count)])
+    calibrated = count - max(calibration.MIN_HELD_OUT, round(count * calibration.HELD_OUT_FRACTION))
+    for n, index in enumerate(copied):
+        crops[calibrated + n] = crops[index]  # the first held-out crops: copies of calibration crops
+    if held_out is None:
+        with pytest.raises(ModelError, match="calibration source photos/: 3 of its 4 held-out face crops differ"):
+            calibration.split("photos/", crops)
+        return
+    sets = calibration.split("photos/", crops)
+    assert len(sets.calibration) == calibrated and len(sets.held_out) == held_out
+    seen = {crop.tobytes() for crop in sets.calibration}
+    assert not any(crop.tobytes() in seen for crop in sets.held_out)
+    np.testing.assert_array_equal(sets.held_out, crops[calibrated + len(copied):])
+
+
 def test_int8_agrees_with_float32_within_the_bars(float32, quantized):
     result = quantized.agreement
     assert result.failures(agreement.THRESHOLDS, quantized.floor) == []
@@ -343,10 +362,24 @@ def test_a_target_too_wide_to_compare_the_reruns_says_so(small, monkeypatch, cap
 
 
 @pytest.mark.parametrize("held_out, channels, want", [(64, 64, 64), (64, 512, 8), (64, 1024, 4), (64, 2048, 0),
-                                                       (10, 8, 10)])
-def test_rerun_crops_are_the_first_that_fit(held_out, channels, want):
-    crops = np.arange(held_out)
-    assert int8.rerun_crops(crops, channels).tolist() == list(range(want))
+                                                       (10, 8, 10), (9, 1024, 4)])
+def test_rerun_crops_are_as_many_as_fit_spread_over_the_held_out_crops(held_out, channels, want):
+    """One crop from each of `want` equal stretches of the held-out crops (the first ones were
+    taken: a clip's frames right after the calibration crops, and in train the held-out crops of
+    the first class only)."""
+    picked = int8.rerun_crops(np.arange(held_out), channels).tolist()
+    assert len(picked) == want
+    stretch = [index * want // held_out for index in picked]
+    assert stretch == list(range(want))  # one in each stretch, in order
+    if 0 < want < held_out:
+        assert 0 not in picked  # not the crop next to the calibration crops
+
+
+def test_rerun_crops_of_train_s_class_by_class_test_split_cover_every_class():
+    """train's held-out crops are its test split, class after class (4 classes of 16 here): a
+    1024-channel target's 4 reruns were all of the first class."""
+    classes = np.repeat(np.arange(4), 16)
+    assert sorted(int8.rerun_crops(classes, 1024).tolist()) == [0, 1, 2, 3]
 
 
 def _previous_graph_beside_a_model(small, tmp_path, monkeypatch) -> tuple[Path, Path]:

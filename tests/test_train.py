@@ -261,6 +261,37 @@ def test_backbone_frozen_head_trains_and_last_block_unfreezes(backbone, head):
     assert transfer.set_backbone_trainable(classifier, "none") == 0
 
 
+def test_a_checkpoint_is_saved_whole_or_the_earlier_one_kept(tmp_path, monkeypatch):
+    """The best checkpoint was saved over model.keras in place: a full disk (or Ctrl-C) while a
+    better epoch was saved, the fine-tuning stage's say, left half a zip where the first stage's
+    best model was, and a traceback. It is saved beside and renamed; the error names model.keras."""
+    import errno
+
+    import keras
+
+    from camface.errors import OutputError
+    from camface.models import transfer
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="dense")])
+    path = tmp_path / "model.keras"
+    keeper = transfer.best_checkpoint(path, patience=3)
+    keeper.set_model(model)
+    keeper.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 1.0})
+    saved = keras.models.load_model(path, compile=False)
+    np.testing.assert_array_equal(saved.get_layer("dense").get_weights()[0], model.get_layer("dense").get_weights()[0])
+    first = path.read_bytes()
+
+    def half_then_full(self, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"PK half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")  # write() names no file
+
+    monkeypatch.setattr(type(model), "save", half_then_full)
+    with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device"):
+        keeper.on_epoch_end(1, {"val_accuracy": 0.75, "val_loss": 0.5})
+    assert path.read_bytes() == first
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no partial left
+
+
 def test_offline_imagenet_weights_give_a_clear_error(tmp_path, capsys, monkeypatch, astronaut_bgr):
     """With no network Keras' get_file raises Exception('URL fetch failure ...'): camface says
     what happened and what to do instead."""

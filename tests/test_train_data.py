@@ -50,6 +50,20 @@ def test_scan_classes_sorted_ignores_hidden_and_other_files(tmp_path):
     assert [p.relative_to(tmp_path / "bob").as_posix() for p in classes["bob"]] == ["b.png", "nested/a.jpg"]
 
 
+def test_scan_classes_orders_names_as_every_machine_does(tmp_path):
+    """Windows sorts paths ignoring case, POSIX by code point ("B" before "a"): the labels'
+    order and the photos' (which the stratified split draws from) were another on another
+    machine. Both ignore case now, as Windows does, on every machine."""
+    grey = np.full((8, 8, 3), 100, np.uint8)
+    for name in ("b.png", "A.png", "sub/C.png", "Sub2/a.png"):
+        _write(tmp_path / "alice" / name, grey)
+    _write(tmp_path / "Bob" / "x.png", grey)
+    classes = dataset.scan_classes(tmp_path)
+    assert list(classes) == ["alice", "Bob"]
+    assert [p.relative_to(tmp_path / "alice").as_posix() for p in classes["alice"]] == [
+        "A.png", "b.png", "sub/C.png", "Sub2/a.png"]
+
+
 @pytest.mark.parametrize("layout, match", [
     ({}, "holds no class folders with images"),
     ({"only": 2}, "one class only \\('only'\\)"),
@@ -104,6 +118,31 @@ def test_prepare_crops_counts_statuses_and_reuses_cache(tmp_path):
     cropper2 = FakeCropper({10: 1, 20: 0, 30: 2}, 16)
     dataset.prepare_crops(data, classes, tmp_path / "crops", other, lambda: cropper2)
     assert cropper2.calls == 5
+
+
+@pytest.mark.parametrize("touched", ["same mtime", "new mtime"])
+def test_a_photo_replaced_by_another_of_its_size_is_cropped_again(tmp_path, touched):
+    """The cache knew a photo by its size and mtime: another photo of the same size copied over
+    it with its time (cp -p, rsync -a, unzip), or written within one tick of the clock, kept the
+    first photo's crop. The photo's bytes decide now."""
+    import os
+
+    data = tmp_path / "data"
+    photo = _write(data / "a" / "x.bmp", np.full((12, 12, 3), 50, np.uint8))  # BMP: size by shape only
+    _write(data / "b" / "y.bmp", np.full((12, 12, 3), 90, np.uint8))
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+
+    def crop_means():
+        photos = dataset.prepare_crops(data, dataset.scan_classes(data), tmp_path / "c", settings)
+        return [int(c.mean()) for c in dataset.load_crops([p.crop for p in photos], 8)]
+
+    assert crop_means() == [50, 90]
+    before = photo.stat()
+    _write(photo, np.full((12, 12, 3), 200, np.uint8))
+    assert photo.stat().st_size == before.st_size
+    if touched == "same mtime":
+        os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert crop_means() == [200, 90]
 
 
 def test_a_cache_made_before_boxes_were_clipped_at_the_edges_is_made_again(tmp_path):
@@ -190,13 +229,14 @@ def test_stratified_split_keeps_class_shares_and_is_deterministic():
     assert not np.array_equal(split.test, other.test)
 
 
-@pytest.mark.parametrize("targets, val, test, match", [
-    ([0, 0, 1, 1, 1], 0.2, 0.2, "too few"),
-    ([0, 0, 0, 1, 1, 1], 0.6, 0.5, "sum to less than 1"),
+@pytest.mark.parametrize("targets, val, test, labels, match", [
+    ([0, 0, 1, 1, 1], 0.2, 0.2, None, "class 0 has 2 items: too few"),
+    ([0, 0, 0, 1, 1, 1, 1], 0.4, 0.4, ["alice", "bob"], "class 'bob' has 4 items: too few"),
+    ([0, 0, 0, 1, 1, 1], 0.6, 0.5, None, "sum to less than 1"),
 ])
-def test_stratified_split_errors(targets, val, test, match):
+def test_stratified_split_errors(targets, val, test, labels, match):
     with pytest.raises(ValueError, match=match):
-        dataset.stratified_split(np.array(targets), val, test, seed=0)
+        dataset.stratified_split(np.array(targets), val, test, seed=0, labels=labels)
 
 
 def test_class_weights_balance_the_loss():
@@ -217,6 +257,20 @@ def test_classification_metrics_hand_computed():
                                                  "f1": 0.4, "support": 2})
     assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert m["macro"]["recall"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+
+
+def test_metrics_json_of_a_diverged_stage_is_strict_json(tmp_path):
+    """A stage whose loss diverged (--learning-rate too high) wrote NaN into metrics.json, which
+    strict JSON readers (jq, a browser) refuse; an undefined number is null now."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    stages = [{"name": "frozen backbone", "history": {"loss": [0.7, float("nan")], "val_loss": [0.6, float("inf")]},
+               "best_val_accuracy": 0.5, "best_val_loss": float("nan"), "best_epoch": 1}]
+    report.write_json(tmp_path / "metrics.json", {"accuracy": 0.5, "stages": stages})
+    written = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert written["stages"][0]["history"] == {"loss": [0.7, None], "val_loss": [0.6, None]}
+    assert written["stages"][0]["best_val_loss"] is None and written["accuracy"] == 0.5
 
 
 def test_pick_montage_covers_classes_mistakes_first():
@@ -303,6 +357,17 @@ def test_cli_split_fractions_leaving_no_training_data_fail_before_cropping(tmp_p
     rc, err = _train([str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--val-split", "0.5",
                       "--test-split", "0.5"], capsys)
     assert rc == 2 and "--val-split 0.5 and --test-split 0.5 leave no training data" in err
+
+
+def test_cli_a_class_too_small_for_the_split_fractions_is_named(tmp_path, capsys):
+    """Four photos at --val-split 0.4 --test-split 0.4 leave that class no training photo: the
+    error said "class 0 has 4 items", an index, not the class folder or the flags."""
+    data = _square_photos(tmp_path / "data", 4)
+    _write(data / "b" / "4.png", np.full((12, 12, 3), 250, np.uint8))  # 5 in b: 2 / 2 / 1
+    rc, err = _train([str(data), "-o", str(tmp_path / "o"), "--no-detect", "--input-size", "32",
+                      "--weights", "none", "--val-split", "0.4", "--test-split", "0.4"], capsys)
+    assert rc == 2 and "class 'a' has 4 items: too few" in err, err
+    assert "--val-split 0.4, --test-split 0.4" in err
 
 
 def test_cli_bad_split_fraction(tmp_path, capsys):
@@ -402,6 +467,28 @@ def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, ca
     assert rc == 2 and "4.png (class 'b') and" in err and "1.png (class 'a') are the same photo" in err
 
 
+def test_a_copy_whose_crop_an_earlier_run_cached_in_other_bytes_is_still_a_copy(tmp_path):
+    """Copies were found by their crop files' bytes: a crop cached by an earlier run (another
+    OpenCV or zlib, another PNG compression) holds the same pixels in other bytes, so a copy
+    added since was trained on while the first was tested. The pixels decide now."""
+    data = _square_photos(tmp_path / "data", 3)
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    _write(data / "a" / "face.png", face)
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    cache = tmp_path / "crops"
+    first = dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+    crop, = [p.crop for p in first if p.source.name == "face.png"]
+    assert cv2.imwrite(str(crop), cv2.imread(str(crop)), [cv2.IMWRITE_PNG_COMPRESSION, 9])  # as another OpenCV
+    _write(data / "a" / "later" / "face copy.png", face)
+    photos = dataset.prepare_crops(data, dataset.scan_classes(data), cache, settings)
+    copy, = [p.crop for p in photos if p.source.name == "face copy.png"]
+    assert copy.read_bytes() != crop.read_bytes()
+    kept, copies = dataset.drop_duplicates(photos)
+    assert copies == [(data / "a" / "later" / "face copy.png", data / "a" / "face.png")]
+    assert len(kept) == len(photos) - 1
+
+
 @pytest.mark.parametrize("n", [1, 2, 7])
 def test_cam_montage_titles_fit_and_do_not_overlap(n):
     """A small test split (one or two crops) and long class names: the figure's title stays
@@ -467,3 +554,30 @@ def test_a_full_disk_keeps_train_s_earlier_file_whole_and_names_it(tmp_path, mon
                                 unreadable=[], split_sizes={}, stages=[], metrics=metrics, settings={}, seconds=1.0)
     assert target.read_text() == "an earlier run's file"
     assert [p.name for p in target.parent.iterdir() if p.is_file()] == [target.name]  # no partial left
+
+
+@pytest.mark.parametrize("figure", ["confusion.png", "cam_montage.png"])
+def test_a_full_disk_keeps_train_s_earlier_figure_whole_and_names_it(tmp_path, monkeypatch, figure):
+    """confusion.png and cam_montage.png were saved in place: a full disk left half a PNG and a
+    traceback naming no file. They are written beside and renamed, as metrics.json is."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    from camface.errors import OutputError
+
+    def half_then_full(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")  # write() names no file
+
+    target = tmp_path / figure
+    target.write_bytes(b"an earlier run's figure")
+    monkeypatch.setattr(Figure, "savefig", half_then_full)
+    with pytest.raises(OutputError, match=f"cannot write {target}: No space left on device"):
+        if figure == "confusion.png":
+            report.save_confusion(np.array([[2, 1], [0, 3]]), ["a", "b"], target)
+        else:
+            report.save_cam_montage(np.full((2, 32, 32, 3), 128, np.uint8), np.zeros((2, 4, 4), np.float32),
+                                    np.array([0, 1]), np.float32([[0.9, 0.1], [0.2, 0.8]]), ["a", "b"], target)
+    assert target.read_bytes() == b"an earlier run's figure"
+    assert [p.name for p in tmp_path.iterdir()] == [figure]  # no partial left
