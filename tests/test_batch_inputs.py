@@ -79,6 +79,11 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "1.5"], "--smooth must be in [0, 1)"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "-1"], "--graph-gpus must be a number >= 0"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "nan"], "--graph-gpus must be a number >= 0"),
+    # Ray refuses these inside the pipeline (a ValueError after OUT_DIR was made and Ray started)
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "1.5"],
+     "--graph-gpus 1.5: a share of a GPU is a fraction from 0.0001 to 1, and more than one GPU per actor a whole"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "0.00001"],
+     "--graph-gpus 1e-05: a share of a GPU is a fraction from 0.0001 to 1"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--model", "{p}/missing.onnx"], "missing.onnx"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "1", "--no-split-stages"],
      "--graph-gpus 1 puts the graph in its own actors on GPUs, which --no-split-stages rules out"),
