@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
                 "first_video_started_s": round((result.first_unit_started or result.started_at)
                                                - result.started_at, 3)}
     summary = write_report(outputs, videos, graph.info.labels, graph.info.color_order, config.method,
-                           config.colormap, config.alpha, run_info)
+                           config.colormap, config.alpha, run_info, job.settings())
     totals = summary["totals"]
     print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
           f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in "

@@ -239,11 +239,17 @@ def changed_since(outputs: Outputs, videos: list[Video], settings: dict) -> tupl
         record = records.get(video.id) or {}
         if record.get("status") != DONE:
             continue
-        if record.get("settings") != settings:
-            earlier = record.get("settings") or {}
-            # the drawing options are stored only with record: a change of record names record alone
-            keys = settings.keys() & earlier.keys() if earlier.get("record") != settings.get("record") \
-                else settings.keys() | earlier.keys()
-            changed |= {key for key in keys if earlier.get(key) != settings.get(key)}
+        changed |= options_changed(record, settings)
         files += record.get("source") != stamp(video.path)
     return sorted(changed), files
+
+
+def options_changed(record: dict, settings: dict) -> set[str]:
+    """The options (keys of `settings`) a record was made with otherwise."""
+    if record.get("settings") == settings:
+        return set()
+    earlier = record.get("settings") or {}
+    # the drawing options are stored only with record: a change of record names record alone
+    keys = settings.keys() & earlier.keys() if earlier.get("record") != settings.get("record") \
+        else settings.keys() | earlier.keys()
+    return {key for key in keys if earlier.get(key) != settings.get(key)}
