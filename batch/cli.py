@@ -151,10 +151,17 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
     from camface.batch.state import describe_incomplete
+    from camface.errors import OutputError
 
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
                             config=config, record=args.record,
                             owner=lock.owner.to_dict())
+    others, changed = pipeline.done_otherwise(outputs, videos, job.settings())
+    if others:  # a resume with other options over other inputs: two runs' rows side by side
+        raise OutputError(f"{args.out} holds {len(others)} video(s) done with other options "
+                          f"({', '.join(changed) or 'unknown'}) that are not among the inputs, e.g. {others[0]}; "
+                          "their rows would lie beside this run's: name them too (they are done again) or "
+                          "choose another folder")
     if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
         print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
               f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)

@@ -244,6 +244,19 @@ def changed_since(outputs: Outputs, videos: list[Video], settings: dict) -> tupl
     return sorted(changed), files
 
 
+def done_otherwise(outputs: Outputs, videos: list[Video], settings: dict) -> tuple[list[str], list[str]]:
+    """The videos done in `outputs` with other options that are not among `videos` (their paths,
+    in id order), and those options: a run with `settings` would not do them again, and their
+    rows would lie in OUT_DIR/rows beside its own."""
+    ours = {video.id for video in videos}
+    paths, changed = [], set()
+    for video_id, record in outputs.records().items():
+        if video_id not in ours and record.get("status") == DONE and record.get("settings") != settings:
+            paths.append(record.get("path", video_id))
+            changed |= options_changed(record, settings)
+    return paths, sorted(changed)
+
+
 def options_changed(record: dict, settings: dict) -> set[str]:
     """The options (keys of `settings`) a record was made with otherwise."""
     if record.get("settings") == settings:

@@ -271,3 +271,42 @@ def test_a_glob_over_an_archive_holding_out_dir_does_not_name_the_runs_own_files
     skipped = [r.getMessage() for r in caplog.records if "no video suffix" in r.getMessage()]
     assert len(skipped) == 1 and "matched 1 file(s)" in skipped[0] and str(archive / "notes.txt") in skipped[0]
     assert str(archive / "out") not in skipped[0]
+
+
+def test_a_resume_with_other_options_refuses_to_leave_other_videos_rows_of_other_options(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """OUT_DIR holds a video done with another model that is not among a --resume's inputs: the
+    run did not do it again and left its rows in OUT_DIR/rows beside its own (two models' rows in
+    one folder, a table that reads them all mixing them). Refused before Ray starts, naming the
+    option and the video; a video done with the same options is kept as before."""
+    import json
+
+    from camface.api import load
+    from camface.batch import cluster
+    from camface.batch.pipeline import BatchJob, done_otherwise
+    from camface.batch.inputs import Video
+    from camface.batch.state import Outputs
+    from camface.realtime.config import LiveConfig
+
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    out = tmp_path / "out"
+    outputs = Outputs(out)
+    outputs.make()
+    with load(device="cpu") as opened:  # as the driver resolves the bundled graph and --method auto
+        config = LiveConfig(model=opened.model_path.resolve(), method=opened.config.method)
+    settings = BatchJob((), str(out), config).settings()
+    for name, model in (("old", "/models/other.onnx"), ("same", str(config.model))):
+        outputs.record_path(f"{name}-0123abcd").write_text(json.dumps(
+            {"video": f"{name}-0123abcd", "path": f"/archive/{name}.mp4", "status": "done",
+             "settings": {**settings, "model": model}}))
+    assert done_otherwise(outputs, [], settings) == (["/archive/old.mp4"], ["model"])
+    assert done_otherwise(outputs, [], {**settings, "model": "/models/other.onnx"}) == (["/archive/same.mp4"],
+                                                                                       ["model"])
+    assert done_otherwise(outputs, [Video("/archive/old.mp4", "old-0123abcd")], settings) == ([], [])  # redone
+    monkeypatch.setattr(cluster, "connect", lambda address: pytest.fail("Ray started"))
+    assert main(["batch", str(tmp_path / "v.mp4"), "-o", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds 1 video(s) done with other options (model) that are not among the inputs, " \
+           "e.g. /archive/old.mp4" in err
+    assert sorted(p.name for p in outputs.state.iterdir()) == ["old-0123abcd.json", "same-0123abcd.json"]
+    assert json.loads((out / ".camface-run.json").read_text())["token"] is None  # the lock released
