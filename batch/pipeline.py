@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from camface.batch.cluster import Plan
+from camface.batch.cluster import ClusterError, Plan
 from camface.batch.inputs import Video, stamp
 from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
@@ -204,6 +205,12 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
                 finished(finish(outputs, by_video[video], labels, job.record))
     except (KeyboardInterrupt, Terminated) as exc:
         result.interrupted, result.terminated = True, isinstance(exc, Terminated)
+    except Exception as exc:
+        why = worker_failure(exc)
+        if why is None:
+            raise
+        raise ClusterError(f"a Ray worker failed: {why}; the run stopped (on a cluster, --model and the inputs "
+                           "must be paths every node sees; --resume continues)") from exc
     finally:
         signals.close()
         close = getattr(rows, "close", None) if rows is not None else None
@@ -213,6 +220,26 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             bar.close()
         result.wall_s = time.perf_counter() - started
     return result
+
+
+def worker_failure(exc: BaseException) -> str | None:
+    """What a Ray error raised on the driver says went wrong in a worker (a stage's constructor:
+    the model not found on that node; a stage raising), as 'ModelError: CAM graph not found:
+    PATH', else None: not a Ray error. Ray passes the worker's exception as a traceback in its
+    text (the exception object itself is not kept when an actor's constructor fails)."""
+    import ray.exceptions
+
+    if not isinstance(exc, ray.exceptions.RayError):
+        return None
+    raised = [match for line in str(exc).splitlines()
+              if (match := _RAISED.match(line)) and not match[1].startswith("ray.")]
+    if not raised:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return f"{raised[-1][1].rsplit('.', 1)[-1]}: {raised[-1][2]}"
+
+
+_RAISED = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*): (.+)$")  # a traceback's last line: NAME: message
 
 
 def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:
