@@ -310,3 +310,26 @@ def test_a_resume_with_other_options_refuses_to_leave_other_videos_rows_of_other
            "e.g. /archive/old.mp4" in err
     assert sorted(p.name for p in outputs.state.iterdir()) == ["old-0123abcd.json", "same-0123abcd.json"]
     assert json.loads((out / ".camface-run.json").read_text())["token"] is None  # the lock released
+
+
+@pytest.mark.parametrize("stem", ["a" * 230, "é" * 120, "a" * 205 + "é"])
+def test_a_video_with_a_long_name_gets_an_id_its_outputs_can_be_written_under(tmp_path, stem):
+    """A name of up to 255 bytes is a valid file, but its id named outputs whose temporary files
+    (".<id>.parquet.<pid>-<6>.partial.parquet") passed the 255 bytes a name may have: the video
+    failed ('File name too long') and so did its record. The stem is cut, the digest keeps two
+    such videos apart, and shorter names keep their ids (a resume finds their outputs)."""
+    from camface.batch.inputs import MAX_STEM_BYTES
+    from camface.batch.state import Outputs, write_json
+
+    first, second = tmp_path / f"{stem}1.mp4", tmp_path / f"{stem}2.mp4"
+    ids = [video_id(path) for path in (first, second)]
+    assert ids[0] != ids[1] and ids[0][:-9] == ids[1][:-9] and stem.startswith(ids[0][:-9])
+    assert len(ids[0][:-9].encode()) <= MAX_STEM_BYTES and ids[0][:-9].encode() == stem.encode()[:len(ids[0][:-9].encode())]
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    for path in (outputs.parquet(ids[0]), outputs.video(ids[0]), outputs.sums_path(ids[0])):
+        outputs.write(path, lambda tmp: tmp.write_bytes(b"x"))
+    write_json(outputs.record_path(ids[0]), {"status": "done"})
+    assert sorted(p.name for p in outputs.state.iterdir()) == sorted([f"{ids[0]}.json", f"{ids[0]}.npz"])
+    short = tmp_path / ("b" * MAX_STEM_BYTES + ".mp4")
+    assert video_id(short).startswith("b" * MAX_STEM_BYTES + "-")  # as before
