@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from camface.batch.segments import Unit, done_before, drop_parts, finish, part_r
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
-from camface.realtime.threads import Terminated, stop_signals
+from camface.realtime.threads import StopRequest, Terminated, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
 
     rows = None
     signals = contextlib.ExitStack()
+    stop = StopRequest()  # none yet
     try:
         # SIGTERM: not Ray's handler (sys.exit): the run stops as on Ctrl-C. Both are remembered
         # and checked at every row, in case Ray's code caught the first KeyboardInterrupt.
@@ -206,11 +208,13 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
     except (KeyboardInterrupt, Terminated) as exc:
         result.interrupted, result.terminated = True, isinstance(exc, Terminated)
     except Exception as exc:
-        why = worker_failure(exc)
-        if why is None:
-            raise
-        raise ClusterError(f"a Ray worker failed: {why}; the run stopped (on a cluster, --model and the inputs "
-                           "must be paths every node sees; --resume continues)") from exc
+        if not stop.signum:  # else Ray's code caught the Ctrl-C or SIGTERM and raised an error of its own
+            why = worker_failure(exc)
+            if why is None:
+                raise
+            raise ClusterError(f"a Ray worker failed: {why}; the run stopped (on a cluster, --model and the "
+                               "inputs must be paths every node sees; --resume continues)") from exc
+        result.interrupted, result.terminated = True, stop.signum == signal.SIGTERM
     finally:
         signals.close()
         close = getattr(rows, "close", None) if rows is not None else None

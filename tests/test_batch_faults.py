@@ -384,3 +384,38 @@ def test_a_stage_that_cannot_start_on_a_worker_stops_the_run_with_one_line(ray_c
     with pytest.raises(ClusterError, match=rf"^a Ray worker failed: ModelError: CAM graph not found: {missing};"):
         run(job, plan({"CPU": 2}, graph_gpus=0, videos=1), [Unit("v-0123abcd", str(clip))], outputs, ("x",), False)
     assert outputs.records() == {}
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_that_ray_turns_into_an_error_of_its_own_still_interrupts_the_run(tmp_path, monkeypatch, signum):
+    """Ray's iterator may catch the KeyboardInterrupt (or Terminated) raised in it and raise a
+    Ray error instead: the run is interrupted (exit 130, or 143 for SIGTERM, with a summary),
+    not failed as a worker's error."""
+    import os
+    import signal
+
+    from ray.exceptions import RayError
+
+    from camface.batch import pipeline
+    from camface.batch.cluster import plan
+    from camface.batch.inputs import Video
+    from camface.batch.segments import Unit
+    from camface.batch.state import Outputs
+    from camface.realtime.config import LiveConfig
+
+    class Rows:
+        def iter_rows(self):
+            try:
+                os.kill(os.getpid(), getattr(signal, signum))
+                pytest.fail("no signal")
+            except BaseException as exc:  # KeyboardInterrupt, Terminated
+                raise RayError(f"the streaming executor stopped: {type(exc).__name__}") from exc
+            yield {}
+
+    monkeypatch.setattr(pipeline, "build_dataset", lambda *args: Rows())
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    job = pipeline.BatchJob((Video(str(tmp_path / "v.mp4"), "v"),), str(outputs.root), LiveConfig(model=tmp_path))
+    result = pipeline.run(job, plan({"CPU": 2}), [Unit("v", str(tmp_path / "v.mp4"))], outputs, ("x",), False)
+    assert result.interrupted and result.terminated == (signum == "SIGTERM") and result.finished == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
