@@ -25,6 +25,7 @@ EXIT_INCOMPLETE = 3  # every video explained, some only up to where their file e
 # own processes ~1 GB). A unit's crops and heatmaps (~4.5 kB per face per frame) come on top.
 STAGE_MEMORY_GB = {"whole": 0.5, "detect": 0.4, "graph": 0.35, "render": 0.35}
 
+MIN_GPU_SHARE = 0.0001  # Ray's resource precision: a smaller request is an error inside the pipeline
 SHARED_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confidence", "max_faces", "margin", "smooth", "device",
                   "cam_boxes", "bars", "colormap", "alpha", "graph_threads", "detect_every")
 
@@ -51,8 +52,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join: 'auto', HOST:PORT or ray://HOST:PORT; default: RAY_ADDRESS if "
                              "set, else a local Ray on this machine's cores")
     parser.add_argument("--graph-gpus", type=float, default=None, metavar="F",
-                        help="GPUs per graph actor (fractions share one GPU); default: 1 if the cluster has a "
-                             "GPU, else 0 (CPU)")
+                        help="GPUs per graph actor (fractions of 0.0001 to 1 share one GPU; above 1 a whole number); "
+                             "default: 1 if the cluster has a GPU, else 0 (CPU)")
     parser.add_argument("--graph-actors", type=int, default=1, metavar="N",
                         help=f"CAM graph actors (separate stages only; ~{STAGE_MEMORY_GB['graph']} GB each)")
     parser.add_argument("--detect-actors", type=int, default=0, metavar="N",
@@ -113,6 +114,10 @@ def main(args: argparse.Namespace, on_video=None) -> int:
             raise UsageError(f"{flag} must be >= {1 if flag == '--graph-actors' else 0}, got {value}")
     if args.graph_gpus is not None and not 0 <= args.graph_gpus < math.inf:  # NaN too
         raise UsageError(f"--graph-gpus must be a number >= 0, got {args.graph_gpus}")
+    if args.graph_gpus and not (args.graph_gpus >= MIN_GPU_SHARE and (args.graph_gpus <= 1 or args.graph_gpus.is_integer())):
+        # Ray refuses both inside the pipeline, after OUT_DIR is made and Ray is started
+        raise UsageError(f"--graph-gpus {args.graph_gpus:g}: a share of a GPU is a fraction from {MIN_GPU_SHARE:g} "
+                         "to 1, and more than one GPU per actor a whole number")
     if args.graph_gpus and args.split_stages is False:
         raise UsageError(f"--graph-gpus {args.graph_gpus:g} puts the graph in its own actors on GPUs, which "
                          "--no-split-stages rules out; drop one of them")
@@ -146,10 +151,17 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
     from camface.batch.state import describe_incomplete
+    from camface.errors import OutputError
 
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
                             config=config, record=args.record,
                             owner=lock.owner.to_dict())
+    others, changed = pipeline.done_otherwise(outputs, videos, job.settings())
+    if others:  # a resume with other options over other inputs: two runs' rows side by side
+        raise OutputError(f"{args.out} holds {len(others)} video(s) done with other options "
+                          f"({', '.join(changed) or 'unknown'}) that are not among the inputs, e.g. {others[0]}; "
+                          "their rows would lie beside this run's: name them too (they are done again) or "
+                          "choose another folder")
     if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
         print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
               f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
@@ -196,7 +208,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
                 "first_video_started_s": round((result.first_unit_started or result.started_at)
                                                - result.started_at, 3)}
     summary = write_report(outputs, videos, graph.info.labels, graph.info.color_order, config.method,
-                           config.colormap, config.alpha, run_info)
+                           config.colormap, config.alpha, run_info, job.settings())
     totals = summary["totals"]
     print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
           f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in "

@@ -2,9 +2,9 @@
 recursive; hidden files, as a glob's *, skipped) and glob patterns (their files with a video
 suffix, as a folder's; the others named in a warning).
 
-Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>`, which names
-its outputs: two `clip.mp4` in different folders get different ids, and a rerun (`--resume`)
-finds the same ids whatever the order of the arguments.
+Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>` (the stem cut to
+MAX_STEM_BYTES), which names its outputs: two `clip.mp4` in different folders get different ids,
+and a rerun (`--resume`) finds the same ids whatever the order of the arguments.
 """
 
 from __future__ import annotations
@@ -45,9 +45,16 @@ def stamp(path: str | Path) -> dict | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+# The longest file name made from an id, its rows' temporary file (`camface.outputs.beside`):
+# ".<id>.parquet.<pid, up to 7 digits>-<6>.partial.parquet", 40 bytes more than the id, within
+# the 255 bytes of a name; a longer stem is cut (the digest of the whole path keeps ids apart).
+MAX_STEM_BYTES = 255 - 40 - 9
+
+
 def video_id(path: Path) -> str:
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-    return f"{path.stem}-{digest}"
+    stem = path.stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")  # never half a character
+    return f"{stem}-{digest}"
 
 
 def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:

@@ -16,18 +16,20 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from camface.batch.cluster import Plan
+from camface.batch.cluster import ClusterError, Plan
 from camface.batch.inputs import Video, stamp
 from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
-from camface.realtime.threads import Terminated, stop_signals
+from camface.realtime.threads import StopRequest, Terminated, stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,7 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
 
     rows = None
     signals = contextlib.ExitStack()
+    stop = StopRequest()  # none yet
     try:
         # SIGTERM: not Ray's handler (sys.exit): the run stops as on Ctrl-C. Both are remembered
         # and checked at every row, in case Ray's code caught the first KeyboardInterrupt.
@@ -204,6 +207,14 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
                 finished(finish(outputs, by_video[video], labels, job.record))
     except (KeyboardInterrupt, Terminated) as exc:
         result.interrupted, result.terminated = True, isinstance(exc, Terminated)
+    except Exception as exc:
+        if not stop.signum:  # else Ray's code caught the Ctrl-C or SIGTERM and raised an error of its own
+            why = worker_failure(exc)
+            if why is None:
+                raise
+            raise ClusterError(f"a Ray worker failed: {why}; the run stopped (on a cluster, --model and the "
+                               "inputs must be paths every node sees; --resume continues)") from exc
+        result.interrupted, result.terminated = True, stop.signum == signal.SIGTERM
     finally:
         signals.close()
         close = getattr(rows, "close", None) if rows is not None else None
@@ -213,6 +224,26 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             bar.close()
         result.wall_s = time.perf_counter() - started
     return result
+
+
+def worker_failure(exc: BaseException) -> str | None:
+    """What a Ray error raised on the driver says went wrong in a worker (a stage's constructor:
+    the model not found on that node; a stage raising), as 'ModelError: CAM graph not found:
+    PATH', else None: not a Ray error. Ray passes the worker's exception as a traceback in its
+    text (the exception object itself is not kept when an actor's constructor fails)."""
+    import ray.exceptions
+
+    if not isinstance(exc, ray.exceptions.RayError):
+        return None
+    raised = [match for line in str(exc).splitlines()
+              if (match := _RAISED.match(line)) and not match[1].startswith("ray.")]
+    if not raised:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return f"{raised[-1][1].rsplit('.', 1)[-1]}: {raised[-1][2]}"
+
+
+_RAISED = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*): (.+)$")  # a traceback's last line: NAME: message
 
 
 def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:
@@ -239,11 +270,30 @@ def changed_since(outputs: Outputs, videos: list[Video], settings: dict) -> tupl
         record = records.get(video.id) or {}
         if record.get("status") != DONE:
             continue
-        if record.get("settings") != settings:
-            earlier = record.get("settings") or {}
-            # the drawing options are stored only with record: a change of record names record alone
-            keys = settings.keys() & earlier.keys() if earlier.get("record") != settings.get("record") \
-                else settings.keys() | earlier.keys()
-            changed |= {key for key in keys if earlier.get(key) != settings.get(key)}
+        changed |= options_changed(record, settings)
         files += record.get("source") != stamp(video.path)
     return sorted(changed), files
+
+
+def done_otherwise(outputs: Outputs, videos: list[Video], settings: dict) -> tuple[list[str], list[str]]:
+    """The videos done in `outputs` with other options that are not among `videos` (their paths,
+    in id order), and those options: a run with `settings` would not do them again, and their
+    rows would lie in OUT_DIR/rows beside its own."""
+    ours = {video.id for video in videos}
+    paths, changed = [], set()
+    for video_id, record in outputs.records().items():
+        if video_id not in ours and record.get("status") == DONE and record.get("settings") != settings:
+            paths.append(record.get("path", video_id))
+            changed |= options_changed(record, settings)
+    return paths, sorted(changed)
+
+
+def options_changed(record: dict, settings: dict) -> set[str]:
+    """The options (keys of `settings`) a record was made with otherwise."""
+    if record.get("settings") == settings:
+        return set()
+    earlier = record.get("settings") or {}
+    # the drawing options are stored only with record: a change of record names record alone
+    keys = settings.keys() & earlier.keys() if earlier.get("record") != settings.get("record") \
+        else settings.keys() | earlier.keys()
+    return {key for key in keys if earlier.get(key) != settings.get(key)}

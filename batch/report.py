@@ -63,24 +63,33 @@ def _cell(value) -> str:
 
 
 def write_report(outputs: Outputs, videos, labels: tuple[str, ...], color_order: str, method: str,
-                 colormap: str, alpha: float, run: dict) -> dict:
+                 colormap: str, alpha: float, run: dict, settings: dict | None = None) -> dict:
     """Write summary.json, report.md and report/<class>.png for `videos` (inputs, in order);
     `run` (plan, timings, interrupted...) goes into the summary as is. Returns the summary.
-    OutputError naming the file that cannot be written (a full disk); each file is replaced
-    whole or not at all."""
+    settings: the run's (`BatchJob.settings`); given, a video done earlier with other options or
+    from another version of its file (a resume stopped before it was done again) is not finished,
+    its outputs left out. OutputError naming the file that cannot be written (a full disk); each
+    file is replaced whole or not at all."""
     try:
-        return _write_report(outputs, videos, labels, color_order, method, colormap, alpha, run)
+        return _write_report(outputs, videos, labels, color_order, method, colormap, alpha, run, settings)
     except OSError as exc:  # not a file written (replace_whole names those): a record or class sums read
         raise OutputError(f"cannot write the report in {outputs.root}: {exc}") from exc
 
 
-def _write_report(outputs: Outputs, videos, labels, color_order, method, colormap, alpha, run) -> dict:
+def _write_report(outputs: Outputs, videos, labels, color_order, method, colormap, alpha, run, settings) -> dict:
     import cv2
+
+    from camface.batch.pipeline import done_alike, options_changed
 
     records = outputs.records()
     rows = []
     for video in videos:
         record = records.get(video.id) or {"video": video.id, "path": video.path, "status": "not finished"}
+        if settings is not None and record["status"] == DONE and not done_alike(record, settings, video.path):
+            changed = sorted(options_changed(record, settings))
+            why = f"with other options ({', '.join(changed)})" if changed else "from an earlier version of its file"
+            record = {"video": video.id, "path": video.path, "status": "not finished",
+                      "reason": f"done earlier {why}; --resume does it again"}
         rows.append(record)
     done_ids = [r["video"] for r in rows if r["status"] == DONE]
     count, heat, crop = _class_sums(outputs, done_ids, len(labels))

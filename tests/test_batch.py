@@ -482,3 +482,44 @@ def test_a_stale_picture_of_a_class_numbered_past_99_is_dropped_too(tmp_path):
     done({5: 3})  # resumed: class 100 has no faces now
     write_report(*args)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["05-p5.png"]
+
+
+def test_a_video_done_earlier_with_other_options_is_not_in_the_report_of_a_resume_stopped_before_it(tmp_path):
+    """A --resume with another model or method, stopped (Ctrl-C, a record the full disk refused)
+    before a video was done again: the report counted the earlier run's outputs as done under this
+    run's options, its class means mixing the two models' heatmaps (and failing when their class
+    counts differ). Such a video is not finished, saying why; done alike, it counts."""
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.report import write_report
+    from camface.batch.state import Outputs
+
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    clips = []
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.mp4").write_bytes(b"x" * 10)
+        clips.append(Video(str(tmp_path / f"{name}.mp4"), f"{name}-0123abcd"))
+    earlier = {"model": "/m/emotion.onnx", "method": "gradcam"}
+    now = {**earlier, "method": "layercam"}
+    _done(outputs, clips[0].id, clips[0].path, [1, 2])  # done again by this run
+    _done(outputs, clips[1].id, clips[1].path, [4, 0])  # not yet: the earlier run's outputs
+    for video, settings in zip(clips, (now, earlier)):
+        record = json.loads(outputs.record_path(video.id).read_text())
+        outputs.record_path(video.id).write_text(json.dumps({**record, "settings": settings,
+                                                             "source": stamp(video.path)}))
+    summary = write_report(outputs, clips, ("x", "y"), "BGR", "layercam", "jet", 0.5, {}, now)
+    assert [r["status"] for r in summary["videos"]] == ["done", "not finished"]
+    assert summary["videos"][1]["reason"] == "done earlier with other options (method); --resume does it again"
+    assert summary["totals"] == {**summary["totals"], "done": 1, "not_finished": 1, "faces": 3, "frames": 3}
+    assert [summary["classes"][k]["faces"] for k in ("x", "y")] == [1, 2]  # the earlier heatmaps left out
+    assert "done earlier with other options (method)" in (outputs.root / "report.md").read_text()
+    # another model with three classes: its sums are not added to two classes' (a ValueError)
+    summary = write_report(outputs, clips, ("x", "y", "z"), "BGR", "layercam", "jet", 0.5, {},
+                           {**earlier, "model": "/m/other.onnx"})
+    assert [r["status"] for r in summary["videos"]] == ["not finished"] * 2 and summary["totals"]["faces"] == 0
+    assert summary["videos"][0]["reason"].startswith("done earlier with other options (method, model)")
+    (tmp_path / "b.mp4").write_bytes(b"y" * 20)  # replaced since it was read
+    summary = write_report(outputs, clips, ("x", "y"), "BGR", "gradcam", "jet", 0.5, {}, earlier)
+    assert summary["videos"][1]["reason"] == "done earlier from an earlier version of its file; --resume does it again"
+    summary = write_report(outputs, clips[:1], ("x", "y"), "BGR", "layercam", "jet", 0.5, {}, now)
+    assert summary["totals"]["done"] == 1 and summary["classes"]["y"]["faces"] == 2

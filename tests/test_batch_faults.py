@@ -323,3 +323,99 @@ def test_sigkill_of_the_driver_then_resume_at_once_nothing_written_by_the_old_ru
         table = rows_of(out, record["video"])
         keys = list(zip(table.column("frame").to_pylist(), table.column("face").to_pylist()))
         assert len(set(keys)) == len(keys) == record["faces_total"]
+
+
+# ------------------------------------------------------------------ a worker that fails as a whole
+
+
+RAY_TEXTS = {  # what Ray 2.60 raises on the driver, shortened: an actor's constructor, a stage's call
+    "constructor": ("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker(Map("
+                    "Whole)).__init__()\x1b[39m (pid=1, ip=10.0.0.2)\n  File \"/x/stages.py\", line 1, in __init__\n"
+                    "    raise ModelError(\"CAM graph not found: /nfs/g.onnx\")\n"
+                    "camface.errors.ModelError: CAM graph not found: /nfs/g.onnx",
+                    "ModelError: CAM graph not found: /nfs/g.onnx"),
+    "call": ("\x1b[36mray::MapWorker(Map(Render)).submit()\x1b[39m (pid=2)\n  File \"/x/stages.py\", line 2\n"
+             "camface.batch.owner.Superseded: not writing to /out: the run has ended\n\n"
+             "The above exception was the direct cause of the following exception:\n\n"
+             "\x1b[36mray::MapWorker(Map(Render)).submit()\x1b[39m (pid=2)\n"
+             "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+             "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+             "To change retry attempts, configure `ray.data.DataContext.get_current()`.",
+             "Superseded: not writing to /out: the run has ended"),
+    "no traceback": ("The actor died unexpectedly before finishing this task.\n\tclass_name: MapWorker",
+                     "The actor died unexpectedly before finishing this task."),
+}
+
+
+@pytest.mark.parametrize("case", list(RAY_TEXTS))
+def test_a_ray_error_is_said_in_one_line_by_the_workers_own_error(case):
+    from ray.exceptions import RayError
+
+    from camface.batch.pipeline import worker_failure
+
+    text, said = RAY_TEXTS[case]
+
+    class Raised(RayError):
+        def __str__(self):
+            return text
+
+    assert worker_failure(Raised()) == said
+    assert worker_failure(ValueError("x: y")) is None  # not Ray's: raised as it is
+
+
+def test_a_stage_that_cannot_start_on_a_worker_stops_the_run_with_one_line(ray_cluster, tmp_path):
+    """The model is not where a worker looks (a path only the driver's disk has): the actors'
+    constructors fail, and the driver got Ray's ActorDiedError, a page of traceback naming no
+    option. It is a ClusterError (one line, exit 2) saying the worker's own error."""
+    from camface.batch.cluster import ClusterError, plan
+    from camface.batch.inputs import Video
+    from camface.batch.pipeline import BatchJob, run
+    from camface.batch.segments import Unit
+    from camface.batch.state import Outputs
+    from camface.realtime.config import LiveConfig
+
+    clip = tmp_path / "v.mp4"
+    clip.write_bytes(b"x")
+    missing = tmp_path / "elsewhere" / "g.onnx"
+    job = BatchJob((Video(str(clip), "v-0123abcd"),), str(tmp_path / "out"),
+                   LiveConfig(model=missing, method="gradcam", device="cpu"))
+    outputs = Outputs(job.out_dir)
+    outputs.make()
+    with pytest.raises(ClusterError, match=rf"^a Ray worker failed: ModelError: CAM graph not found: {missing};"):
+        run(job, plan({"CPU": 2}, graph_gpus=0, videos=1), [Unit("v-0123abcd", str(clip))], outputs, ("x",), False)
+    assert outputs.records() == {}
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_that_ray_turns_into_an_error_of_its_own_still_interrupts_the_run(tmp_path, monkeypatch, signum):
+    """Ray's iterator may catch the KeyboardInterrupt (or Terminated) raised in it and raise a
+    Ray error instead: the run is interrupted (exit 130, or 143 for SIGTERM, with a summary),
+    not failed as a worker's error."""
+    import os
+    import signal
+
+    from ray.exceptions import RayError
+
+    from camface.batch import pipeline
+    from camface.batch.cluster import plan
+    from camface.batch.inputs import Video
+    from camface.batch.segments import Unit
+    from camface.batch.state import Outputs
+    from camface.realtime.config import LiveConfig
+
+    class Rows:
+        def iter_rows(self):
+            try:
+                os.kill(os.getpid(), getattr(signal, signum))
+                pytest.fail("no signal")
+            except BaseException as exc:  # KeyboardInterrupt, Terminated
+                raise RayError(f"the streaming executor stopped: {type(exc).__name__}") from exc
+            yield {}
+
+    monkeypatch.setattr(pipeline, "build_dataset", lambda *args: Rows())
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    job = pipeline.BatchJob((Video(str(tmp_path / "v.mp4"), "v"),), str(outputs.root), LiveConfig(model=tmp_path))
+    result = pipeline.run(job, plan({"CPU": 2}), [Unit("v", str(tmp_path / "v.mp4"))], outputs, ("x",), False)
+    assert result.interrupted and result.terminated == (signum == "SIGTERM") and result.finished == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

@@ -79,6 +79,11 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--smooth", "1.5"], "--smooth must be in [0, 1)"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "-1"], "--graph-gpus must be a number >= 0"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "nan"], "--graph-gpus must be a number >= 0"),
+    # Ray refuses these inside the pipeline (a ValueError after OUT_DIR was made and Ray started)
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "1.5"],
+     "--graph-gpus 1.5: a share of a GPU is a fraction from 0.0001 to 1, and more than one GPU per actor a whole"),
+    (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "0.00001"],
+     "--graph-gpus 1e-05: a share of a GPU is a fraction from 0.0001 to 1"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--model", "{p}/missing.onnx"], "missing.onnx"),
     (lambda p: (p / "v.mp4").write_bytes(b"x"), ["{p}/v.mp4", "--graph-gpus", "1", "--no-split-stages"],
      "--graph-gpus 1 puts the graph in its own actors on GPUs, which --no-split-stages rules out"),
@@ -266,3 +271,65 @@ def test_a_glob_over_an_archive_holding_out_dir_does_not_name_the_runs_own_files
     skipped = [r.getMessage() for r in caplog.records if "no video suffix" in r.getMessage()]
     assert len(skipped) == 1 and "matched 1 file(s)" in skipped[0] and str(archive / "notes.txt") in skipped[0]
     assert str(archive / "out") not in skipped[0]
+
+
+def test_a_resume_with_other_options_refuses_to_leave_other_videos_rows_of_other_options(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """OUT_DIR holds a video done with another model that is not among a --resume's inputs: the
+    run did not do it again and left its rows in OUT_DIR/rows beside its own (two models' rows in
+    one folder, a table that reads them all mixing them). Refused before Ray starts, naming the
+    option and the video; a video done with the same options is kept as before."""
+    import json
+
+    from camface.api import load
+    from camface.batch import cluster
+    from camface.batch.pipeline import BatchJob, done_otherwise
+    from camface.batch.inputs import Video
+    from camface.batch.state import Outputs
+    from camface.realtime.config import LiveConfig
+
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    out = tmp_path / "out"
+    outputs = Outputs(out)
+    outputs.make()
+    with load(device="cpu") as opened:  # as the driver resolves the bundled graph and --method auto
+        config = LiveConfig(model=opened.model_path.resolve(), method=opened.config.method)
+    settings = BatchJob((), str(out), config).settings()
+    for name, model in (("old", "/models/other.onnx"), ("same", str(config.model))):
+        outputs.record_path(f"{name}-0123abcd").write_text(json.dumps(
+            {"video": f"{name}-0123abcd", "path": f"/archive/{name}.mp4", "status": "done",
+             "settings": {**settings, "model": model}}))
+    assert done_otherwise(outputs, [], settings) == (["/archive/old.mp4"], ["model"])
+    assert done_otherwise(outputs, [], {**settings, "model": "/models/other.onnx"}) == (["/archive/same.mp4"],
+                                                                                       ["model"])
+    assert done_otherwise(outputs, [Video("/archive/old.mp4", "old-0123abcd")], settings) == ([], [])  # redone
+    monkeypatch.setattr(cluster, "connect", lambda address: pytest.fail("Ray started"))
+    assert main(["batch", str(tmp_path / "v.mp4"), "-o", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds 1 video(s) done with other options (model) that are not among the inputs, " \
+           "e.g. /archive/old.mp4" in err
+    assert sorted(p.name for p in outputs.state.iterdir()) == ["old-0123abcd.json", "same-0123abcd.json"]
+    assert json.loads((out / ".camface-run.json").read_text())["token"] is None  # the lock released
+
+
+@pytest.mark.parametrize("stem", ["a" * 230, "é" * 120, "a" * 205 + "é"])
+def test_a_video_with_a_long_name_gets_an_id_its_outputs_can_be_written_under(tmp_path, stem):
+    """A name of up to 255 bytes is a valid file, but its id named outputs whose temporary files
+    (".<id>.parquet.<pid>-<6>.partial.parquet") passed the 255 bytes a name may have: the video
+    failed ('File name too long') and so did its record. The stem is cut, the digest keeps two
+    such videos apart, and shorter names keep their ids (a resume finds their outputs)."""
+    from camface.batch.inputs import MAX_STEM_BYTES
+    from camface.batch.state import Outputs, write_json
+
+    first, second = tmp_path / f"{stem}1.mp4", tmp_path / f"{stem}2.mp4"
+    ids = [video_id(path) for path in (first, second)]
+    assert ids[0] != ids[1] and ids[0][:-9] == ids[1][:-9] and stem.startswith(ids[0][:-9])
+    assert len(ids[0][:-9].encode()) <= MAX_STEM_BYTES and ids[0][:-9].encode() == stem.encode()[:len(ids[0][:-9].encode())]
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    for path in (outputs.parquet(ids[0]), outputs.video(ids[0]), outputs.sums_path(ids[0])):
+        outputs.write(path, lambda tmp: tmp.write_bytes(b"x"))
+    write_json(outputs.record_path(ids[0]), {"status": "done"})
+    assert sorted(p.name for p in outputs.state.iterdir()) == sorted([f"{ids[0]}.json", f"{ids[0]}.npz"])
+    short = tmp_path / ("b" * MAX_STEM_BYTES + ".mp4")
+    assert video_id(short).startswith("b" * MAX_STEM_BYTES + "-")  # as before
