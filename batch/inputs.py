@@ -48,6 +48,8 @@ def stamp(path: str | Path) -> dict | None:
 # The longest file name made from an id, its rows' temporary file (`camface.outputs.beside`):
 # ".<id>.parquet.<pid, up to 7 digits>-<6>.partial.parquet", 40 bytes more than the id, within
 # the 255 bytes of a name; a longer stem is cut (the digest of the whole path keeps ids apart).
+# `beside` now cuts a temporary name to fit by itself; the cut stays as it was, so that a
+# `--resume` finds the ids an earlier run gave.
 MAX_STEM_BYTES = 255 - 40 - 9
 
 

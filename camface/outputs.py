@@ -14,6 +14,8 @@ from camface.errors import CamfaceError, OutputError
 
 log = logging.getLogger(__name__)
 
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows' NTFS counts 255 UTF-16 units)
+
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     """Return `path` if it can be written, else raise OutputError naming it: its folder must
@@ -38,9 +40,16 @@ def beside(final: Path, tag: str = "partial") -> Path:
     """A hidden temporary name beside `final`, in its folder (so that renaming it over `final` is
     atomic), unique to this call (the process id and a random part: two threads, or two Ray tasks
     of one worker, writing the same final never share it) and ending in `final`'s suffix (numpy
-    and matplotlib choose the format by it): cam.onnx -> .cam.onnx.1234-5f0c2a.partial.onnx."""
+    and matplotlib choose the format by it): cam.onnx -> .cam.onnx.1234-5f0c2a.partial.onnx.
+    `final`'s name is cut in it so that it stays within NAME_MAX bytes (a final named near the
+    limit would otherwise get a temporary name too long to create)."""
     final = Path(final)
-    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.{tag}{final.suffix}")
+    tail = f".{os.getpid()}-{uuid.uuid4().hex[:6]}.{tag}{final.suffix}"
+    room = NAME_MAX - 1 - len(os.fsencode(tail))
+    name = os.fsencode(final.name)
+    if len(name) > room:  # whole UTF-8 characters (a file system may refuse half of one)
+        name = name[:room].decode("utf-8", "ignore").encode("utf-8")
+    return final.with_name(f".{os.fsdecode(name)}{tail}")
 
 
 def left_beside(folder: str | Path, tag: str = "partial") -> list[Path]:
@@ -93,7 +102,10 @@ def written_beside(*finals: str | Path, tag: str = "partial") -> Iterator[tuple[
         _rename_all(staged, finals)
     finally:
         for tmp in staged:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError as exc:  # never in place of the error that ended the block
+                log.warning("could not remove the temporary file %s: %s", tmp, exc.strerror or exc)
 
 
 def _rename_all(staged: tuple[Path, ...], finals: tuple[Path, ...]) -> None:

@@ -277,3 +277,29 @@ def test_the_report_names_a_record_it_cannot_read_as_read_not_written(tmp_path, 
         write_report(outputs, [Video("/archive/a.mp4", "a")], ("x",), "BGR", "gradcam", "jet", 0.5, {})
     assert f"cannot write {record}" not in str(raised.value)
     assert f"Permission denied: '{record}'" in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["a" * 230 + ".mp4", "é" * 115 + ".json", "a" * 250 + ".md"])
+def test_a_final_named_near_the_limit_is_written_through_a_temporary_name_within_it(tmp_path, name):
+    """The temporary name is the final's and 24 bytes more: a final of 232-255 bytes could not be
+    written ('File name too long'), and removing its temporary then raised that error again, in
+    place of the one that named the final."""
+    final = tmp_path / name
+    with written_beside(final) as (partial,):
+        assert len(os.fsencode(partial.name)) <= 255 and partial.suffix == final.suffix
+        partial.write_bytes(b"whole")
+    assert final.read_bytes() == b"whole" and sorted(tmp_path.iterdir()) == [final]
+
+
+def test_a_temporary_that_cannot_be_removed_does_not_hide_the_error(tmp_path, monkeypatch):
+    real = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if ".partial" in path.name:
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return real(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(OutputError, match="cannot write .*g.json: No space left on device"):
+        with written_beside(tmp_path / "g.json") as (partial,):
+            raise OSError(errno.ENOSPC, "No space left on device", str(partial))
