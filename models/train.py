@@ -264,8 +264,12 @@ def run(config: TrainConfig) -> dict:
     # 4. the test split on model.onnx: metrics and figures
     metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
                                    counts, unreadable, duplicates, split, stages, started)
-    log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
-             metrics["test_images"], metrics["chance"], out)
+    log.info("test accuracy %.3f on %d crops (chance %.3f, always %s %.3f); outputs in %s",
+             metrics["accuracy"], metrics["test_images"], metrics["chance"],
+             metrics["majority_class"], metrics["majority"], out)
+    if metrics["accuracy"] <= metrics["majority"]:
+        log.warning("test accuracy %.3f does not beat always predicting the largest class, %s (%.3f)",
+                    metrics["accuracy"], metrics["majority_class"], metrics["majority"])
     # 5. last, so that an int8 graph that fails its check leaves model.onnx's report written
     if config.int8:
         export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])

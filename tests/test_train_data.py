@@ -259,6 +259,40 @@ def test_classification_metrics_hand_computed():
     assert m["macro"]["recall"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
 
 
+@pytest.mark.parametrize("supports, predicted, majority, beaten", [
+    ((9, 2, 2, 2, 2), "always a", 9 / 17, False),  # chance 0.200, and always "a" scores 0.529
+    ((9, 2, 2, 2, 2), "right but 1", 9 / 17, True),  # 16 / 17 right
+    ((2, 5, 2), "always b", 5 / 9, False),  # the largest class need not be the first
+    ((3, 3), "right but 1", 3 / 6, True),  # a tie: the first class in label order
+    ((3, 3), "always a", 3 / 6, False),  # equal to the majority share does not beat it
+])
+def test_the_report_sets_the_accuracy_beside_the_majority_class_share(tmp_path, supports, predicted,
+                                                                      majority, beaten):
+    """The report's only baseline was chance, 1 / classes: with imbalanced test counts (9/2/2/2/2)
+    always predicting the first class scored 0.53 against "chance 0.200". The test split's
+    majority-class share stands beside it now, and report.md says when it is not beaten."""
+    labels = "abcde"[:len(supports)]
+    y_true = np.repeat(np.arange(len(supports)), supports)
+    largest = int(np.argmax(supports))
+    if predicted.startswith("always"):
+        y_pred = np.full_like(y_true, "abcde".index(predicted[-1]))
+    else:
+        y_pred = y_true.copy()
+        y_pred[-1] = (y_pred[-1] + 1) % len(supports)
+    m = report.classification_metrics(y_true, y_pred, list(labels))
+    assert m["chance"] == pytest.approx(1 / len(supports))
+    assert m["majority"] == pytest.approx(majority) and m["majority_class"] == labels[largest]
+    report.write_json(tmp_path / "metrics.json", m)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["majority"] == pytest.approx(majority) and written["majority_class"] == labels[largest]
+    report.write_report(tmp_path / "report.md", command="camface train", labels=list(labels),
+                        counts={}, unreadable=[], split_sizes={}, stages=[], metrics=m, settings={},
+                        seconds=1.0)
+    text = (tmp_path / "report.md").read_text()
+    assert f"always predicting the test split's largest class, {labels[largest]}, scores {majority:.3f}" in text
+    assert ("does not beat always predicting" in text) is not beaten
+
+
 def test_metrics_json_of_a_diverged_stage_is_strict_json(tmp_path):
     """A stage whose loss diverged (--learning-rate too high) wrote NaN into metrics.json, which
     strict JSON readers (jq, a browser) refuse; an undefined number is null now."""
