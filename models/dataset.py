@@ -188,17 +188,25 @@ def _cache_name(source: Path, class_dir: Path, key: str) -> str:
 
 
 def _fingerprint(path: Path) -> list:
-    """[size, sha256 of the bytes] (sha256 None when the file cannot be read). The bytes, not the
-    modification time: a photo replaced by another of its size keeps its time when copied with it
-    (cp -p, rsync -a, unzip) or written within one tick of the file system's clock, and its crop
-    would be reused for the new photo."""
+    """[size, sha256 of the bytes] (sha256 None when the file cannot be read: it is then listed
+    as unreadable). The bytes, not the modification time: a photo replaced by another of its size
+    keeps its time when copied with it (cp -p, rsync -a, unzip) or written within one tick of the
+    file system's clock, and its crop would be reused for the new photo.
+
+    Raises SourceError naming the photo when it is gone (deleted or moved after DATA_DIR was
+    scanned): the run would otherwise train on another set of photos than it reports."""
     from camface.hashing import sha256_file
 
     try:
         digest = sha256_file(path)
     except OSError:
         digest = None
-    return [path.stat().st_size, digest]
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SourceError(f"photo {path} cannot be read: {exc.strerror or exc} (deleted or moved "
+                          "while camface train ran?); run again") from exc
+    return [size, digest]
 
 
 def prepare_crops(
@@ -268,7 +276,11 @@ def prepare_crops(
 
 def _write_crop(photo: Photo, crop_bgr: np.ndarray) -> Photo:
     assert photo.crop is not None
-    photo.crop.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        photo.crop.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, no permission, a full disk
+        raise OutputError(f"cannot create the crop folder {photo.crop.parent}: "
+                          f"{exc.strerror or exc}") from exc
     if not cv2.imwrite(str(photo.crop), crop_bgr):
         raise OutputError(f"cannot write the face crop {photo.crop}")
     return photo

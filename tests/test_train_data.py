@@ -454,6 +454,41 @@ def test_cli_int8_with_too_few_test_crops_fails_before_training(tmp_path, capsys
     assert "gives 6 and 2" in err
 
 
+@pytest.mark.parametrize("fault, named, message", [
+    ("photo deleted", "data/b/1.png", "cannot be read"),
+    ("crop folder is a file", "out/crops/b", "cannot create the crop folder"),
+])
+def test_a_photo_gone_or_a_crop_folder_not_made_is_an_error_naming_it(tmp_path, capsys, monkeypatch,
+                                                                     fault, named, message):
+    """A photo deleted after DATA_DIR was scanned (the cache's fingerprint stat) and a crop folder
+    that cannot be made (a file of its name, no permission) gave tracebacks. Each is one error line
+    naming the path and exit 2; the crops cached before it stay in the index."""
+    from camface.models import train
+
+    data = _square_photos(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    if fault == "photo deleted":
+        def deleting(items):
+            for label, source in items:
+                if source == data / "b" / "1.png":
+                    source.unlink()
+                yield label, source
+
+        monkeypatch.setattr(train, "_progress", deleting)
+    else:
+        (out / "crops").mkdir(parents=True)
+        (out / "crops" / "b").write_text("a file where the class's crop folder goes")
+    rc, err = _train([str(data), "-o", str(out), "--no-detect", "--input-size", "32",
+                      "--weights", "none"], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    line, = err.strip().splitlines()
+    assert line.startswith("camface: error:") and message in line
+    assert str(tmp_path.joinpath(*named.split("/"))) in line
+    index = json.loads((out / "crops" / dataset.CACHE_INDEX).read_text())
+    assert sorted(Path(key).relative_to(data.resolve()).as_posix() for key in index["photos"]) == [
+        "a/0.png", "a/1.png", "a/2.png", *(["b/0.png"] if fault == "photo deleted" else [])]
+
+
 def test_interrupted_run_leaves_no_earlier_runs_outputs(tmp_path, monkeypatch):
     """Ctrl-C while training: OUT_DIR keeps the crop cache, but no model.onnx, labels or
     model.int8.onnx of an earlier run (another DATA_DIR, other classes) beside the new files."""
