@@ -41,6 +41,10 @@ UNREADABLE = "unreadable"
 STATUSES = (OK, NO_FACE, MANY_FACES, UNREADABLE)
 
 CACHE_INDEX = "index.json"
+# The version of the code that turns a photo into a crop (camface.realtime.crop.crop_faces, the
+# boxes it is given, resize_square): raise it with any change that cuts another crop from the same
+# photo and detections, and crop caches made before are cropped again.
+CROP_CODE_VERSION = 1
 
 
 class FaceCropper(Protocol):
@@ -96,6 +100,10 @@ class CropSettings:
     # blazeface.frame_box); crops cached before, from MediaPipe's boxes moved inside the photo a
     # whole face wide, are made again
     boxes: str = "clipped"
+    # sha256 of the face detector's model file ("" with detect False): another model file under
+    # the same detector name (a camface upgrade, a converted or replaced .onnx) finds other faces
+    detector_sha256: str = ""
+    crop_code: int = CROP_CODE_VERSION
 
 
 @dataclass(frozen=True)
@@ -291,8 +299,13 @@ def _read_index(path: Path, settings: CropSettings) -> dict:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if stored.get("settings") != asdict(settings):
-        log.info("crop cache %s was made with other settings: cropping again", path.parent)
+    wanted = asdict(settings)
+    made_with = stored.get("settings")
+    if made_with != wanted:
+        made_with = made_with if isinstance(made_with, dict) else {}
+        changed = sorted(key for key in {*wanted, *made_with} if made_with.get(key) != wanted.get(key))
+        log.info("crop cache %s was made with other settings (%s): cropping again", path.parent,
+                 ", ".join(changed))
         return {}
     return stored.get("photos", {})
 

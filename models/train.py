@@ -225,10 +225,7 @@ def run(config: TrainConfig) -> dict:
 
     # 1. photos -> face crops (cached), skipped photos counted
     labels = list(classes)
-    settings = dataset.CropSettings(size=config.input_size, detect=config.detect,
-                                    detector=config.detector if config.detect else "",
-                                    margin=config.margin if config.detect else 0.0,
-                                    min_confidence=config.min_confidence if config.detect else 0.0)
+    settings = crop_settings(config)
     photos = dataset.prepare_crops(config.data_dir, classes, out / "crops", settings,
                                    open_cropper=lambda: _open_cropper(config), progress=_progress)
     counts = dataset.count_statuses(photos)
@@ -346,12 +343,35 @@ def _log_counts(counts: dict, unreadable: list[str]) -> None:
         log.warning("unreadable image skipped: %s", path)
 
 
-def _open_cropper(config: TrainConfig):
+def _face_detector(config: TrainConfig):
+    """The live loop's face detector for the crop options, not yet opened."""
     from camface.api import face_detector
     from camface.realtime.config import LiveConfig
 
-    detector = face_detector(LiveConfig(detector=config.detector, min_confidence=config.min_confidence))
-    return dataset.LiveCropper(detector, margin=config.margin, size=config.input_size)
+    return face_detector(LiveConfig(detector=config.detector, min_confidence=config.min_confidence))
+
+
+def crop_settings(config: TrainConfig) -> dataset.CropSettings:
+    """The settings the crop cache is kept by: the crop options and, when detecting, the sha256
+    of the detector's model file (another file under the same name finds other faces). Raises
+    ModelError naming the model file when it cannot be read."""
+    if not config.detect:
+        return dataset.CropSettings(size=config.input_size, detect=False, detector="", margin=0.0,
+                                    min_confidence=0.0)
+    from camface.hashing import sha256_file
+
+    model = _face_detector(config).model_path
+    try:
+        digest = sha256_file(model)
+    except OSError as exc:
+        raise ModelError(f"face detector model {model} cannot be read: {exc.strerror or exc}") from exc
+    return dataset.CropSettings(size=config.input_size, detect=True, detector=config.detector,
+                                margin=config.margin, min_confidence=config.min_confidence,
+                                detector_sha256=digest)
+
+
+def _open_cropper(config: TrainConfig):
+    return dataset.LiveCropper(_face_detector(config), margin=config.margin, size=config.input_size)
 
 
 def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np.ndarray,

@@ -167,6 +167,77 @@ def test_a_cache_made_before_boxes_were_clipped_at_the_edges_is_made_again(tmp_p
     assert cropper.calls == 2
 
 
+@pytest.mark.parametrize("change, recropped", [
+    ("nothing", False),
+    ("another detector model file", True),
+    ("another crop code version", True),
+    ("made before both were recorded", True),
+])
+def test_a_cache_made_by_another_detector_file_or_crop_code_is_made_again(tmp_path, caplog, change, recropped):
+    """The cache's settings named the detector ("short") but not its model file nor the version
+    of the crop code: crops cut by another detector model (a camface upgrade, a replaced .onnx)
+    or by older crop code were reused. Both are in the settings now, and the log names them."""
+    import logging
+    from dataclasses import asdict, replace
+
+    data = tmp_path / "data"
+    _write(data / "a" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    _write(data / "b" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    classes = dataset.scan_classes(data)
+    settings = dataset.CropSettings(size=16, detect=True, detector="short", margin=0.25, min_confidence=0.5,
+                                    detector_sha256="1" * 64)
+    cache = tmp_path / "crops"
+    dataset.prepare_crops(data, classes, cache, settings, lambda: FakeCropper({10: 1}, 16))
+    index = cache / dataset.CACHE_INDEX
+    stored = json.loads(index.read_text())
+    assert stored["settings"]["detector_sha256"] == "1" * 64
+    assert stored["settings"]["crop_code"] == dataset.CROP_CODE_VERSION
+    now, named = settings, []
+    if change == "another detector model file":
+        now, named = replace(settings, detector_sha256="2" * 64), ["detector_sha256"]
+    elif change == "another crop code version":
+        index.write_text(json.dumps({**stored, "settings": {**stored["settings"],
+                                                           "crop_code": dataset.CROP_CODE_VERSION - 1}}))
+        named = ["crop_code"]
+    elif change == "made before both were recorded":
+        older = {k: v for k, v in asdict(settings).items() if k not in ("detector_sha256", "crop_code")}
+        index.write_text(json.dumps({**stored, "settings": older}))
+        named = ["crop_code", "detector_sha256"]
+    cropper = FakeCropper({10: 1}, 16)
+    with caplog.at_level(logging.INFO, logger=dataset.__name__):
+        dataset.prepare_crops(data, classes, cache, now, lambda: cropper)
+    assert cropper.calls == (2 if recropped else 0)
+    said = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+    assert said == ([f"crop cache {cache} was made with other settings ({', '.join(named)}): cropping again"]
+                    if recropped else [])
+
+
+def test_train_keys_its_crop_cache_on_the_detector_model_file(tmp_path, monkeypatch):
+    """`camface train` records the sha256 of the model file the live loop's detector loads (none
+    with --no-detect); a file that cannot be read is an error naming it."""
+    import hashlib
+    import re
+
+    from camface import models
+    from camface.errors import ModelError
+    from camface.models import train
+
+    model = tmp_path / "detector.onnx"
+    model.write_bytes(b"one detector")
+    monkeypatch.setitem(models.DETECTORS_ONNX, "short", model)
+    config = train.TrainConfig(tmp_path / "data", tmp_path / "out", detector="short")
+    first = train.crop_settings(config)
+    assert first.detector_sha256 == hashlib.sha256(b"one detector").hexdigest()
+    assert first.crop_code == dataset.CROP_CODE_VERSION and first.detector == "short"
+    model.write_bytes(b"another detector")
+    assert train.crop_settings(config).detector_sha256 == hashlib.sha256(b"another detector").hexdigest()
+    no_detect = train.TrainConfig(tmp_path / "data", tmp_path / "out", detect=False)
+    assert train.crop_settings(no_detect).detector_sha256 == ""
+    model.unlink()
+    with pytest.raises(ModelError, match=re.escape(f"face detector model {model} cannot be read")):
+        train.crop_settings(config)
+
+
 def test_prepare_crops_no_detect_resizes(tmp_path):
     data = tmp_path / "data"
     _write(data / "a" / "x.png", np.full((40, 20, 3), 50, np.uint8))
