@@ -6,7 +6,9 @@ The pipeline, in data-flow order:
                                 live loop's own detector and crop code, the crop cached as PNG
   drop_duplicates(...)          copies of a photo used once (never in two split parts)
   usable_crops(...)             photos with exactly one face, per class; clear errors otherwise
-  stratified_split(...)         train / val / test indices, same class ratios, fixed seed
+  split_groups(...)             which usable photos must stay together (one sub-folder: one group)
+  stratified_split(...)         train / val / test indices, same class ratios, groups kept whole,
+                                fixed seed
   load_crops(...)               uint8 BGR [N, S, S, 3] arrays for Keras / ONNX Runtime
 
 Photos with no face or several faces are skipped and counted (the original study removed those
@@ -372,7 +374,7 @@ def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,
     targets: list[int] = []
     for class_index, label in enumerate(labels):
         mine = [p for p in photos if p.label == label]
-        ok = [p.crop for p in mine if p.status == OK]
+        ok = [p.crop for p in _usable(photos, label)]
         if len(ok) < min_per_class:
             tally = Counter(p.status for p in mine)
             why = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in tally.items() if s != OK)
@@ -385,6 +387,27 @@ def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,
     return paths, np.asarray(targets, dtype=np.int64)
 
 
+def _usable(photos: Sequence[Photo], label: str) -> list[Photo]:
+    """The usable photos of class `label`, in the order usable_crops lists their crops."""
+    return [p for p in photos if p.label == label and p.status == OK]
+
+
+def split_groups(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path) -> np.ndarray:
+    """int64 [N]: a group id for each crop usable_crops lists (same order). The photos under one
+    sub-folder of a class folder (DATA_DIR/alice/clip1/..., at any depth) are one group: frames of
+    one clip or one session are near-identical, and stratified_split keeps a group in one part,
+    so no frame is trained on while its neighbour is tested. A photo directly in the class folder
+    is a group of its own."""
+    ids: dict[tuple, int] = {}
+    groups: list[int] = []
+    for label in labels:
+        for photo in _usable(photos, label):
+            parts = photo.source.relative_to(Path(data_dir) / label).parts
+            key = (label, "folder", parts[0]) if len(parts) > 1 else (label, "photo", parts[0])
+            groups.append(ids.setdefault(key, len(ids)))
+    return np.asarray(groups, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Split:
     """Indices (int64, sorted) into the usable crops for each part of a stratified split."""
@@ -395,30 +418,59 @@ class Split:
 
 
 def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
-                     seed: int, labels: Sequence[str] | None = None) -> Split:
-    """Split indices so that every class keeps its share in each part.
+                     seed: int, labels: Sequence[str] | None = None,
+                     groups: np.ndarray | None = None) -> Split:
+    """Split indices so that every class keeps its share in each part, and no group (int ids [N],
+    `split_groups`; None: every item its own group) spans two parts.
 
-    Per class of n items: round(n * test_fraction) to test and round(n * val_fraction) to
-    validation, each at least 1, the rest (at least 1) to training. Deterministic for a seed.
-    Raises ValueError when fractions leave no training data, naming the class by `labels`
-    (class index -> name) when given.
+    Per class of n items, the targets are round(n * test_fraction) for test and
+    round(n * val_fraction) for validation, each at least 1, the rest (at least 1) for training.
+    The class's groups are drawn in a seeded random order; test, then validation, takes each
+    drawn group that fits in what it still lacks (a part that has nothing yet and no group fits
+    takes the smallest group), leaving at least one group for each later part; training gets the
+    rest. With one item per group the parts are exactly the targets. Deterministic for a seed.
+    Raises ValueError naming the class (by `labels`, class index -> name, when given) when the
+    fractions leave it no training item, or when it has fewer than three groups.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
                          "(0, 1) and sum to less than 1")
+    targets = np.asarray(targets)
+    groups = np.arange(len(targets)) if groups is None else np.asarray(groups)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for cls in np.unique(targets):
-        members = rng.permutation(np.flatnonzero(targets == cls))
+        name = repr(labels[cls]) if labels is not None else cls
+        members = np.flatnonzero(targets == cls)
         n = len(members)
         n_test = max(1, round(n * test_fraction))
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
-            name = repr(labels[cls]) if labels is not None else cls
             raise ValueError(f"class {name} has {n} items: too few for a train/val/test split")
-        parts["test"].append(members[:n_test])
-        parts["val"].append(members[n_test:n_test + n_val])
-        parts["train"].append(members[n_test + n_val:])
+        # the class's groups in order of their first item, then drawn in a seeded order (with one
+        # item per group, the same draw as permuting the items)
+        _, first = np.unique(groups[members], return_index=True)
+        keys = groups[members][np.sort(first)]
+        if len(keys) < 3:
+            raise ValueError(
+                f"class {name} has its {n} items in {len(keys)} sub-folder(s), and a sub-folder is "
+                "kept whole in one of train / validation / test: too few for a train/val/test split "
+                "(spread them over at least 3 sub-folders, or put photos directly in the class folder)")
+        drawn = [members[groups[members] == key] for key in rng.permutation(keys)]
+        taken: dict[str, list[np.ndarray]] = {}
+        for part, wanted, later in (("test", n_test, 2), ("val", n_val, 1)):
+            taken[part], count = [], 0
+            while count < wanted and len(drawn) > later:
+                pick = next((i for i, g in enumerate(drawn) if len(g) <= wanted - count), None)
+                if pick is None:
+                    if count:
+                        break
+                    pick = int(np.argmin([len(g) for g in drawn]))
+                taken[part].append(drawn.pop(pick))
+                count += len(taken[part][-1])
+        for part in ("test", "val"):
+            parts[part].extend(taken[part])
+        parts["train"].extend(drawn)
     return Split(**{name: np.sort(np.concatenate(chunks)).astype(np.int64)
                     for name, chunks in parts.items()})
 

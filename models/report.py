@@ -206,7 +206,7 @@ def write_report(path: Path, *, command: str, labels: Sequence[str],
     if duplicates:
         lines += ["Copies of another photo of the same class (counted as used above, left out of "
                   "the split):", ""] + [f"- `{p}`" for p in duplicates] + [""]
-    lines += ["Split (stratified): " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()), ""]
+    lines += ["Split (stratified, each sub-folder of a class folder in one part): " + ", ".join(f"{k} {v}" for k, v in split_sizes.items()), ""]
     lines += ["## Training", "",
               "Checkpoint: best validation accuracy, ties to the lower validation loss; a stage "
               "with best epoch '-' did not beat the one before it.", "",

@@ -236,13 +236,15 @@ def run(config: TrainConfig) -> dict:
         log.warning("%s is a copy of %s: used once", copy, first)
     duplicates = [str(copy) for copy, _ in copies]
     paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
+    groups = dataset.split_groups(photos, labels, config.data_dir)
     try:
-        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed, labels)
+        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed,
+                                         labels, groups)
     except ValueError as exc:
         raise SourceError(f"DATA_DIR {config.data_dir}: {exc} (--val-split {config.val_split}, --test-split "
                           f"{config.test_split}): add photos to that class folder or lower the fractions") from exc
-    log.info("split (stratified, seed %d): %d train, %d validation, %d test", config.seed,
-             len(split.train), len(split.val), len(split.test))
+    log.info("split (stratified, each sub-folder of a class folder in one part, seed %d): %d train, "
+             "%d validation, %d test", config.seed, len(split.train), len(split.val), len(split.test))
     if config.int8:
         _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)

@@ -310,6 +310,114 @@ def test_stratified_split_errors(targets, val, test, labels, match):
         dataset.stratified_split(np.array(targets), val, test, seed=0, labels=labels)
 
 
+def _old_split(targets, val, test, seed):
+    """The split before groups (every photo drawn on its own), as the reference for photos
+    directly in their class folder."""
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for cls in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == cls))
+        n_test, n_val = max(1, round(len(members) * test)), max(1, round(len(members) * val))
+        parts["test"] += list(members[:n_test])
+        parts["val"] += list(members[n_test:n_test + n_val])
+        parts["train"] += list(members[n_test + n_val:])
+    return {name: sorted(int(i) for i in v) for name, v in parts.items()}
+
+
+@pytest.mark.parametrize("sizes_per_class, val, test, seed", [
+    ([[1] * 20, [1] * 10, [1] * 5], 0.2, 0.2, 3),  # no sub-folders: the split as before
+    ([[5, 5, 5, 5], [4, 4, 4, 4, 4]], 0.15, 0.15, 0),  # frames of clips, one sub-folder each
+    ([[5, 5, 5, 5], [4, 4, 4, 4, 4]], 0.15, 0.15, 7),
+    ([[8, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3], [30, 2, 2]], 0.2, 0.2, 1),  # sub-folders and loose photos
+    ([[10, 10, 10]], 0.15, 0.15, 5),  # every group larger than a part's share
+])
+def test_stratified_split_keeps_each_group_in_one_part(sizes_per_class, val, test, seed):
+    """Consecutive frames of one clip (near-identical) were split at random, t in train and t+1
+    in test, which inflated the test accuracy. A group (a sub-folder of a class folder) now stays
+    whole in one part; every part still gets some of every class, near its share."""
+    targets, groups = [], []
+    for cls, sizes in enumerate(sizes_per_class):
+        for size in sizes:
+            targets += [cls] * size
+            groups += [len(set(groups))] * size
+    targets, groups = np.array(targets), np.array(groups)
+    split = dataset.stratified_split(targets, val, test, seed=seed, groups=groups)
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(targets)))
+    part_of_group = {}
+    for name, indices in parts.items():
+        for g in groups[indices]:
+            assert part_of_group.setdefault(int(g), name) == name, f"group {g} in two parts"
+        assert set(targets[indices].tolist()) == set(range(len(sizes_per_class)))  # every class
+    if all(size == 1 for sizes in sizes_per_class for size in sizes):
+        assert {k: v.tolist() for k, v in parts.items()} == _old_split(targets, val, test, seed)
+        assert dataset.stratified_split(targets, val, test, seed=seed).test.tolist() == split.test.tolist()
+    for cls, sizes in enumerate(sizes_per_class):  # a part overshoots its share by less than a group
+        n = sum(sizes)
+        for name, fraction in (("test", test), ("val", val)):
+            got = int(np.sum(targets[parts[name]] == cls))
+            assert got < max(1, round(n * fraction)) + max(sizes), (cls, name, got)
+
+
+def test_stratified_split_of_a_class_in_too_few_sub_folders_says_so():
+    targets = np.array([0] * 6 + [1] * 6)
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7])
+    with pytest.raises(ValueError, match=r"class 'alice' has its 6 items in 2 sub-folder\(s\)"):
+        dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups)
+
+
+def test_split_groups_are_the_class_folders_sub_folders(tmp_path):
+    """A sub-folder of a class folder (at any depth below it) is one group; a photo directly in
+    the class folder is its own; ids follow usable_crops' order."""
+    data = tmp_path / "data"
+    names = {"a": ["x.png", "y.png", "clip1/0.png", "clip1/1.png", "clip1/deep/2.png", "clip2/0.png"],
+             "b": ["clip1/0.png", "z.png"]}
+    photos = [dataset.Photo(data / label / name, label, "ok", tmp_path / f"{label}{i}.png", 1)
+              for label, files in names.items() for i, name in enumerate(files)]
+    photos.insert(1, dataset.Photo(data / "a" / "noface.png", "a", "no_face", None, 0))
+    paths, _ = dataset.usable_crops(photos, ["a", "b"], data, min_per_class=1)
+    groups = dataset.split_groups(photos, ["a", "b"], data)
+    assert len(groups) == len(paths)
+    by_name = {f"{p.label}/{p.source.relative_to(data / p.label).as_posix()}": int(g)
+               for p, g in zip([p for p in photos if p.status == "ok"], groups)}
+    assert by_name["a/clip1/0.png"] == by_name["a/clip1/1.png"] == by_name["a/clip1/deep/2.png"]
+    assert len({by_name[k] for k in ("a/x.png", "a/y.png", "a/clip1/0.png", "a/clip2/0.png",
+                                     "b/clip1/0.png", "b/z.png")}) == 6
+
+
+def test_train_keeps_a_clips_frames_in_one_part(tmp_path, monkeypatch):
+    """`camface train` splits by the class folders' sub-folders: no clip's frames are both
+    trained on and tested."""
+    from camface.models import train
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, labels, images, targets, split, model_path):
+        seen.update(images=images, split=split)
+        raise Stop
+
+    monkeypatch.setattr(train, "_fit", capture)
+    data = tmp_path / "data"
+    for label, base in (("a", 0), ("b", 120)):
+        for clip in range(4):
+            for frame in range(5):  # each frame its own value: no copies
+                _write(data / label / f"clip{clip}" / f"{frame}.png",
+                       np.full((12, 12, 3), base + 20 * clip + frame, np.uint8))
+    config = train.TrainConfig(data, tmp_path / "out", backbone="mobilenetv2", input_size=32,
+                               weights="none", detect=False)
+    with pytest.raises(Stop):
+        train.run(config)
+    clip_of = {}
+    for name in ("train", "val", "test"):
+        for i in getattr(seen["split"], name):
+            clip = int(seen["images"][i].mean()) // 20
+            assert clip_of.setdefault(clip, name) == name, f"clip {clip} in {clip_of[clip]} and {name}"
+    assert set(clip_of.values()) == {"train", "val", "test"}
+
+
 def test_class_weights_balance_the_loss():
     weights = dataset.class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
