@@ -392,6 +392,11 @@ def _usable(photos: Sequence[Photo], label: str) -> list[Photo]:
     return [p for p in photos if p.label == label and p.status == OK]
 
 
+def usable_sources(photos: Sequence[Photo], labels: Sequence[str]) -> list[Path]:
+    """The source photo of each crop usable_crops lists, in its order."""
+    return [p.source for label in labels for p in _usable(photos, label)]
+
+
 def split_groups(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path) -> np.ndarray:
     """int64 [N]: a group id for each crop usable_crops lists (same order). The photos under one
     sub-folder of a class folder (DATA_DIR/alice/clip1/..., at any depth) are one group: frames of
@@ -473,6 +478,35 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         parts["train"].extend(drawn)
     return Split(**{name: np.sort(np.concatenate(chunks)).astype(np.int64)
                     for name, chunks in parts.items()})
+
+
+NEAR_THUMB = 16  # side of the thumbnails near_identical compares
+NEAR_MAD = 6.0  # their mean absolute difference (of 255) at or below which two crops are near-identical
+
+
+def near_identical(crops_bgr: np.ndarray, test: np.ndarray, train: np.ndarray,
+                   threshold: float = NEAR_MAD) -> list[tuple[int, int, float]]:
+    """(test index, train index, difference) for each test crop whose nearest training crop is
+    near-identical: the mean absolute difference of their NEAR_THUMB-pixel thumbnails (uint8 BGR
+    crops [N, S, S, 3] resized with INTER_AREA; 0-255 per channel) is at most `threshold`.
+    Consecutive frames of a video put directly in a class folder (not each clip in its own
+    sub-folder) look so; one of them tested while the other was trained on inflates the accuracy.
+    """
+    if not len(test) or not len(train):
+        return []
+
+    def thumbs(indices):
+        return np.stack([cv2.resize(crops_bgr[i], (NEAR_THUMB, NEAR_THUMB), interpolation=cv2.INTER_AREA)
+                         for i in indices]).reshape(len(indices), -1).astype(np.float32)
+
+    trained = thumbs(train)
+    found = []
+    for i, thumb in zip(test, thumbs(test)):
+        differences = np.abs(trained - thumb).mean(axis=1)
+        nearest = int(np.argmin(differences))
+        if differences[nearest] <= threshold:
+            found.append((int(i), int(train[nearest]), float(differences[nearest])))
+    return found
 
 
 def load_crops(paths: Sequence[Path], size: int) -> np.ndarray:

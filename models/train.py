@@ -248,6 +248,7 @@ def run(config: TrainConfig) -> dict:
     if config.int8:
         _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)
+    _warn_near_identical(images, split, dataset.usable_sources(photos, labels))
     _remove_previous_outputs(out)
 
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
@@ -315,6 +316,20 @@ def _check_int8_split(split: dataset.Split, config: TrainConfig) -> None:
             f"calibrate and check the int8 graph; the split of DATA_DIR {config.data_dir} gives "
             f"{len(split.train)} and {len(split.test)} (--test-split {config.test_split}): add "
             "photos, raise --test-split, or leave out --int8")
+
+
+def _warn_near_identical(images: np.ndarray, split: dataset.Split, sources: list[Path],
+                         shown: int = 10) -> None:
+    """A warning for each test crop near-identical to a training crop (dataset.near_identical),
+    naming both photos: frames of one clip not kept in a sub-folder of their own."""
+    pairs = dataset.near_identical(images, split.test, split.train)
+    for test, train, difference in pairs[:shown]:
+        log.warning("test photo %s is near-identical to training photo %s (mean absolute difference "
+                    "%.1f <= %.1f of 255 on %dx%d thumbnails): its accuracy counts for little; put "
+                    "each clip or session in its own sub-folder of the class folder", sources[test],
+                    sources[train], difference, dataset.NEAR_MAD, dataset.NEAR_THUMB, dataset.NEAR_THUMB)
+    if len(pairs) > shown:
+        log.warning("%d more test photos are near-identical to a training photo", len(pairs) - shown)
 
 
 def _remove_previous_outputs(out_dir: Path) -> None:

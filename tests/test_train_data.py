@@ -418,6 +418,57 @@ def test_train_keeps_a_clips_frames_in_one_part(tmp_path, monkeypatch):
     assert set(clip_of.values()) == {"train", "val", "test"}
 
 
+def _face(astronaut_bgr, dx=0, dy=0):
+    return cv2.resize(astronaut_bgr[30 + dy:230 + dy, 125 + dx:325 + dx], (64, 64), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("test_shift, near", [
+    ((0, 0), True),  # the same frame
+    ((1, 0), True),  # the next frame of a steady clip: half a percent of the crop's side
+    ((12, 6), False),  # another photo of the face (moved by 6% of the side)
+    ((0, 60), False),
+])
+def test_near_identical_finds_a_test_crop_that_is_a_neighbouring_frame(astronaut_bgr, test_shift, near):
+    """Frames of one clip put directly in a class folder (not in a sub-folder of their own) are
+    still split one by one: train warns, naming both photos, when a test crop's nearest training
+    crop differs by at most NEAR_MAD (of 255) on NEAR_THUMB-pixel thumbnails."""
+    crops = np.stack([_face(astronaut_bgr, 30, 30), _face(astronaut_bgr), _face(astronaut_bgr, 0, 40),
+                      _face(astronaut_bgr, *test_shift)])
+    found = dataset.near_identical(crops, np.array([3]), np.array([0, 1, 2]))
+    if near:
+        (test, train, difference), = found
+        assert (test, train) == (3, 1) and 0 <= difference <= dataset.NEAR_MAD
+    else:
+        assert found == []
+    assert dataset.near_identical(crops, np.array([], np.int64), np.array([0, 1])) == []
+
+
+def test_train_warns_of_test_photos_near_identical_to_training_photos(tmp_path, monkeypatch, caplog):
+    import logging
+    import re
+
+    from camface.models import train
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train, "_fit", stop)
+    data = _square_photos(tmp_path / "data", 5)  # within a class the grey levels differ by 1 to 4
+    config = train.TrainConfig(data, tmp_path / "out", backbone="mobilenetv2", input_size=32,
+                               weights="none", detect=False)
+    with caplog.at_level(logging.WARNING, logger=train.__name__), pytest.raises(Stop):
+        train.run(config)
+    pairs = [re.match(r"test photo (.+) is near-identical to training photo (.+) \(mean absolute", r.getMessage())
+             for r in caplog.records if "near-identical" in r.getMessage()]
+    assert len(pairs) == 2 and all(pairs)  # one test photo per class, each near its class's others
+    for pair in pairs:
+        test, trained = Path(pair[1]), Path(pair[2])
+        assert test.parent == trained.parent and test != trained and test.parent.parent == data
+
+
 def test_class_weights_balance_the_loss():
     weights = dataset.class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
