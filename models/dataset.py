@@ -458,9 +458,10 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         keys = groups[members][np.sort(first)]
         if len(keys) < 3:
             raise ValueError(
-                f"class {name} has its {n} items in {len(keys)} sub-folder(s), and a sub-folder is "
-                "kept whole in one of train / validation / test: too few for a train/val/test split "
-                "(spread them over at least 3 sub-folders, or put photos directly in the class folder)")
+                f"class {name} has its {n} items in {len(keys)} group(s) (a sub-folder of the class "
+                "folder is one group, kept whole in one of train / validation / test; a photo directly "
+                "in it is one): too few for a train/val/test split (spread them over at least 3 "
+                "sub-folders, or put photos directly in the class folder)")
         drawn = [members[groups[members] == key] for key in rng.permutation(keys)]
         taken: dict[str, list[np.ndarray]] = {}
         for part, wanted, later in (("test", n_test, 2), ("val", n_val, 1)):

@@ -362,7 +362,7 @@ def test_stratified_split_keeps_each_group_in_one_part(sizes_per_class, val, tes
 def test_stratified_split_of_a_class_in_too_few_sub_folders_says_so():
     targets = np.array([0] * 6 + [1] * 6)
     groups = np.array([0, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7])
-    with pytest.raises(ValueError, match=r"class 'alice' has its 6 items in 2 sub-folder\(s\)"):
+    with pytest.raises(ValueError, match=r"class 'alice' has its 6 items in 2 group\(s\) \(a sub-folder"):
         dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups)
 
 
