@@ -6,7 +6,9 @@ The pipeline, in data-flow order:
                                 live loop's own detector and crop code, the crop cached as PNG
   drop_duplicates(...)          copies of a photo used once (never in two split parts)
   usable_crops(...)             photos with exactly one face, per class; clear errors otherwise
-  stratified_split(...)         train / val / test indices, same class ratios, fixed seed
+  split_groups(...)             which usable photos must stay together (one sub-folder: one group)
+  stratified_split(...)         train / val / test indices, same class ratios, groups kept whole,
+                                fixed seed
   load_crops(...)               uint8 BGR [N, S, S, 3] arrays for Keras / ONNX Runtime
 
 Photos with no face or several faces are skipped and counted (the original study removed those
@@ -41,6 +43,10 @@ UNREADABLE = "unreadable"
 STATUSES = (OK, NO_FACE, MANY_FACES, UNREADABLE)
 
 CACHE_INDEX = "index.json"
+# The version of the code that turns a photo into a crop (camface.realtime.crop.crop_faces, the
+# boxes it is given, resize_square): raise it with any change that cuts another crop from the same
+# photo and detections, and crop caches made before are cropped again.
+CROP_CODE_VERSION = 1
 
 
 class FaceCropper(Protocol):
@@ -96,6 +102,10 @@ class CropSettings:
     # blazeface.frame_box); crops cached before, from MediaPipe's boxes moved inside the photo a
     # whole face wide, are made again
     boxes: str = "clipped"
+    # sha256 of the face detector's model file ("" with detect False): another model file under
+    # the same detector name (a camface upgrade, a converted or replaced .onnx) finds other faces
+    detector_sha256: str = ""
+    crop_code: int = CROP_CODE_VERSION
 
 
 @dataclass(frozen=True)
@@ -188,17 +198,25 @@ def _cache_name(source: Path, class_dir: Path, key: str) -> str:
 
 
 def _fingerprint(path: Path) -> list:
-    """[size, sha256 of the bytes] (sha256 None when the file cannot be read). The bytes, not the
-    modification time: a photo replaced by another of its size keeps its time when copied with it
-    (cp -p, rsync -a, unzip) or written within one tick of the file system's clock, and its crop
-    would be reused for the new photo."""
+    """[size, sha256 of the bytes] (sha256 None when the file cannot be read: it is then listed
+    as unreadable). The bytes, not the modification time: a photo replaced by another of its size
+    keeps its time when copied with it (cp -p, rsync -a, unzip) or written within one tick of the
+    file system's clock, and its crop would be reused for the new photo.
+
+    Raises SourceError naming the photo when it is gone (deleted or moved after DATA_DIR was
+    scanned): the run would otherwise train on another set of photos than it reports."""
     from camface.hashing import sha256_file
 
     try:
         digest = sha256_file(path)
     except OSError:
         digest = None
-    return [path.stat().st_size, digest]
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise SourceError(f"photo {path} cannot be read: {exc.strerror or exc} (deleted or moved "
+                          "while camface train ran?); run again") from exc
+    return [size, digest]
 
 
 def prepare_crops(
@@ -268,7 +286,11 @@ def prepare_crops(
 
 def _write_crop(photo: Photo, crop_bgr: np.ndarray) -> Photo:
     assert photo.crop is not None
-    photo.crop.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        photo.crop.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, no permission, a full disk
+        raise OutputError(f"cannot create the crop folder {photo.crop.parent}: "
+                          f"{exc.strerror or exc}") from exc
     if not cv2.imwrite(str(photo.crop), crop_bgr):
         raise OutputError(f"cannot write the face crop {photo.crop}")
     return photo
@@ -279,8 +301,13 @@ def _read_index(path: Path, settings: CropSettings) -> dict:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if stored.get("settings") != asdict(settings):
-        log.info("crop cache %s was made with other settings: cropping again", path.parent)
+    wanted = asdict(settings)
+    made_with = stored.get("settings")
+    if made_with != wanted:
+        made_with = made_with if isinstance(made_with, dict) else {}
+        changed = sorted(key for key in {*wanted, *made_with} if made_with.get(key) != wanted.get(key))
+        log.info("crop cache %s was made with other settings (%s): cropping again", path.parent,
+                 ", ".join(changed))
         return {}
     return stored.get("photos", {})
 
@@ -347,7 +374,7 @@ def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,
     targets: list[int] = []
     for class_index, label in enumerate(labels):
         mine = [p for p in photos if p.label == label]
-        ok = [p.crop for p in mine if p.status == OK]
+        ok = [p.crop for p in _usable(photos, label)]
         if len(ok) < min_per_class:
             tally = Counter(p.status for p in mine)
             why = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in tally.items() if s != OK)
@@ -360,6 +387,32 @@ def usable_crops(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path,
     return paths, np.asarray(targets, dtype=np.int64)
 
 
+def _usable(photos: Sequence[Photo], label: str) -> list[Photo]:
+    """The usable photos of class `label`, in the order usable_crops lists their crops."""
+    return [p for p in photos if p.label == label and p.status == OK]
+
+
+def usable_sources(photos: Sequence[Photo], labels: Sequence[str]) -> list[Path]:
+    """The source photo of each crop usable_crops lists, in its order."""
+    return [p.source for label in labels for p in _usable(photos, label)]
+
+
+def split_groups(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path) -> np.ndarray:
+    """int64 [N]: a group id for each crop usable_crops lists (same order). The photos under one
+    sub-folder of a class folder (DATA_DIR/alice/clip1/..., at any depth) are one group: frames of
+    one clip or one session are near-identical, and stratified_split keeps a group in one part,
+    so no frame is trained on while its neighbour is tested. A photo directly in the class folder
+    is a group of its own."""
+    ids: dict[tuple, int] = {}
+    groups: list[int] = []
+    for label in labels:
+        for photo in _usable(photos, label):
+            parts = photo.source.relative_to(Path(data_dir) / label).parts
+            key = (label, "folder", parts[0]) if len(parts) > 1 else (label, "photo", parts[0])
+            groups.append(ids.setdefault(key, len(ids)))
+    return np.asarray(groups, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Split:
     """Indices (int64, sorted) into the usable crops for each part of a stratified split."""
@@ -370,32 +423,91 @@ class Split:
 
 
 def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
-                     seed: int, labels: Sequence[str] | None = None) -> Split:
-    """Split indices so that every class keeps its share in each part.
+                     seed: int, labels: Sequence[str] | None = None,
+                     groups: np.ndarray | None = None) -> Split:
+    """Split indices so that every class keeps its share in each part, and no group (int ids [N],
+    `split_groups`; None: every item its own group) spans two parts.
 
-    Per class of n items: round(n * test_fraction) to test and round(n * val_fraction) to
-    validation, each at least 1, the rest (at least 1) to training. Deterministic for a seed.
-    Raises ValueError when fractions leave no training data, naming the class by `labels`
-    (class index -> name) when given.
+    Per class of n items, the targets are round(n * test_fraction) for test and
+    round(n * val_fraction) for validation, each at least 1, the rest (at least 1) for training.
+    The class's groups are drawn in a seeded random order; test, then validation, takes each
+    drawn group that fits in what it still lacks (a part that has nothing yet and no group fits
+    takes the smallest group), leaving at least one group for each later part; training gets the
+    rest. With one item per group the parts are exactly the targets. Deterministic for a seed.
+    Raises ValueError naming the class (by `labels`, class index -> name, when given) when the
+    fractions leave it no training item, or when it has fewer than three groups.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
                          "(0, 1) and sum to less than 1")
+    targets = np.asarray(targets)
+    groups = np.arange(len(targets)) if groups is None else np.asarray(groups)
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for cls in np.unique(targets):
-        members = rng.permutation(np.flatnonzero(targets == cls))
+        name = repr(labels[cls]) if labels is not None else cls
+        members = np.flatnonzero(targets == cls)
         n = len(members)
         n_test = max(1, round(n * test_fraction))
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
-            name = repr(labels[cls]) if labels is not None else cls
             raise ValueError(f"class {name} has {n} items: too few for a train/val/test split")
-        parts["test"].append(members[:n_test])
-        parts["val"].append(members[n_test:n_test + n_val])
-        parts["train"].append(members[n_test + n_val:])
+        # the class's groups in order of their first item, then drawn in a seeded order (with one
+        # item per group, the same draw as permuting the items)
+        _, first = np.unique(groups[members], return_index=True)
+        keys = groups[members][np.sort(first)]
+        if len(keys) < 3:
+            raise ValueError(
+                f"class {name} has its {n} items in {len(keys)} group(s) (a sub-folder of the class "
+                "folder is one group, kept whole in one of train / validation / test; a photo directly "
+                "in it is one): too few for a train/val/test split (spread them over at least 3 "
+                "sub-folders, or put photos directly in the class folder)")
+        drawn = [members[groups[members] == key] for key in rng.permutation(keys)]
+        taken: dict[str, list[np.ndarray]] = {}
+        for part, wanted, later in (("test", n_test, 2), ("val", n_val, 1)):
+            taken[part], count = [], 0
+            while count < wanted and len(drawn) > later:
+                pick = next((i for i, g in enumerate(drawn) if len(g) <= wanted - count), None)
+                if pick is None:
+                    if count:
+                        break
+                    pick = int(np.argmin([len(g) for g in drawn]))
+                taken[part].append(drawn.pop(pick))
+                count += len(taken[part][-1])
+        for part in ("test", "val"):
+            parts[part].extend(taken[part])
+        parts["train"].extend(drawn)
     return Split(**{name: np.sort(np.concatenate(chunks)).astype(np.int64)
                     for name, chunks in parts.items()})
+
+
+NEAR_THUMB = 16  # side of the thumbnails near_identical compares
+NEAR_MAD = 6.0  # their mean absolute difference (of 255) at or below which two crops are near-identical
+
+
+def near_identical(crops_bgr: np.ndarray, test: np.ndarray, train: np.ndarray,
+                   threshold: float = NEAR_MAD) -> list[tuple[int, int, float]]:
+    """(test index, train index, difference) for each test crop whose nearest training crop is
+    near-identical: the mean absolute difference of their NEAR_THUMB-pixel thumbnails (uint8 BGR
+    crops [N, S, S, 3] resized with INTER_AREA; 0-255 per channel) is at most `threshold`.
+    Consecutive frames of a video put directly in a class folder (not each clip in its own
+    sub-folder) look so; one of them tested while the other was trained on inflates the accuracy.
+    """
+    if not len(test) or not len(train):
+        return []
+
+    def thumbs(indices):
+        return np.stack([cv2.resize(crops_bgr[i], (NEAR_THUMB, NEAR_THUMB), interpolation=cv2.INTER_AREA)
+                         for i in indices]).reshape(len(indices), -1).astype(np.float32)
+
+    trained = thumbs(train)
+    found = []
+    for i, thumb in zip(test, thumbs(test)):
+        differences = np.abs(trained - thumb).mean(axis=1)
+        nearest = int(np.argmin(differences))
+        if differences[nearest] <= threshold:
+            found.append((int(i), int(train[nearest]), float(differences[nearest])))
+    return found
 
 
 def load_crops(paths: Sequence[Path], size: int) -> np.ndarray:

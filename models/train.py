@@ -225,10 +225,7 @@ def run(config: TrainConfig) -> dict:
 
     # 1. photos -> face crops (cached), skipped photos counted
     labels = list(classes)
-    settings = dataset.CropSettings(size=config.input_size, detect=config.detect,
-                                    detector=config.detector if config.detect else "",
-                                    margin=config.margin if config.detect else 0.0,
-                                    min_confidence=config.min_confidence if config.detect else 0.0)
+    settings = crop_settings(config)
     photos = dataset.prepare_crops(config.data_dir, classes, out / "crops", settings,
                                    open_cropper=lambda: _open_cropper(config), progress=_progress)
     counts = dataset.count_statuses(photos)
@@ -239,16 +236,19 @@ def run(config: TrainConfig) -> dict:
         log.warning("%s is a copy of %s: used once", copy, first)
     duplicates = [str(copy) for copy, _ in copies]
     paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
+    groups = dataset.split_groups(photos, labels, config.data_dir)
     try:
-        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed, labels)
+        split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed,
+                                         labels, groups)
     except ValueError as exc:
         raise SourceError(f"DATA_DIR {config.data_dir}: {exc} (--val-split {config.val_split}, --test-split "
                           f"{config.test_split}): add photos to that class folder or lower the fractions") from exc
-    log.info("split (stratified, seed %d): %d train, %d validation, %d test", config.seed,
-             len(split.train), len(split.val), len(split.test))
+    log.info("split (stratified, each sub-folder of a class folder in one part, seed %d): %d train, "
+             "%d validation, %d test", config.seed, len(split.train), len(split.val), len(split.test))
     if config.int8:
         _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)
+    _warn_near_identical(images, split, dataset.usable_sources(photos, labels))
     _remove_previous_outputs(out)
 
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
@@ -264,8 +264,12 @@ def run(config: TrainConfig) -> dict:
     # 4. the test split on model.onnx: metrics and figures
     metrics = _evaluate_and_report(config, labels, images[split.test], targets[split.test],
                                    counts, unreadable, duplicates, split, stages, started)
-    log.info("test accuracy %.3f on %d crops (chance %.3f); outputs in %s", metrics["accuracy"],
-             metrics["test_images"], metrics["chance"], out)
+    log.info("test accuracy %.3f on %d crops (chance %.3f, always %s %.3f); outputs in %s",
+             metrics["accuracy"], metrics["test_images"], metrics["chance"],
+             metrics["majority_class"], metrics["majority"], out)
+    if metrics["accuracy"] <= metrics["majority"]:
+        log.warning("test accuracy %.3f does not beat always predicting the largest class, %s (%.3f)",
+                    metrics["accuracy"], metrics["majority_class"], metrics["majority"])
     # 5. last, so that an int8 graph that fails its check leaves model.onnx's report written
     if config.int8:
         export_int8(onnx_path, out / "model.int8.onnx", images[split.train], images[split.test])
@@ -314,6 +318,20 @@ def _check_int8_split(split: dataset.Split, config: TrainConfig) -> None:
             "photos, raise --test-split, or leave out --int8")
 
 
+def _warn_near_identical(images: np.ndarray, split: dataset.Split, sources: list[Path],
+                         shown: int = 10) -> None:
+    """A warning for each test crop near-identical to a training crop (dataset.near_identical),
+    naming both photos: frames of one clip not kept in a sub-folder of their own."""
+    pairs = dataset.near_identical(images, split.test, split.train)
+    for test, train, difference in pairs[:shown]:
+        log.warning("test photo %s is near-identical to training photo %s (mean absolute difference "
+                    "%.1f <= %.1f of 255 on %dx%d thumbnails): its accuracy counts for little; put "
+                    "each clip or session in its own sub-folder of the class folder", sources[test],
+                    sources[train], difference, dataset.NEAR_MAD, dataset.NEAR_THUMB, dataset.NEAR_THUMB)
+    if len(pairs) > shown:
+        log.warning("%d more test photos are near-identical to a training photo", len(pairs) - shown)
+
+
 def _remove_previous_outputs(out_dir: Path) -> None:
     for name in OUTPUTS:
         try:
@@ -342,12 +360,35 @@ def _log_counts(counts: dict, unreadable: list[str]) -> None:
         log.warning("unreadable image skipped: %s", path)
 
 
-def _open_cropper(config: TrainConfig):
+def _face_detector(config: TrainConfig):
+    """The live loop's face detector for the crop options, not yet opened."""
     from camface.api import face_detector
     from camface.realtime.config import LiveConfig
 
-    detector = face_detector(LiveConfig(detector=config.detector, min_confidence=config.min_confidence))
-    return dataset.LiveCropper(detector, margin=config.margin, size=config.input_size)
+    return face_detector(LiveConfig(detector=config.detector, min_confidence=config.min_confidence))
+
+
+def crop_settings(config: TrainConfig) -> dataset.CropSettings:
+    """The settings the crop cache is kept by: the crop options and, when detecting, the sha256
+    of the detector's model file (another file under the same name finds other faces). Raises
+    ModelError naming the model file when it cannot be read."""
+    if not config.detect:
+        return dataset.CropSettings(size=config.input_size, detect=False, detector="", margin=0.0,
+                                    min_confidence=0.0)
+    from camface.hashing import sha256_file
+
+    model = _face_detector(config).model_path
+    try:
+        digest = sha256_file(model)
+    except OSError as exc:
+        raise ModelError(f"face detector model {model} cannot be read: {exc.strerror or exc}") from exc
+    return dataset.CropSettings(size=config.input_size, detect=True, detector=config.detector,
+                                margin=config.margin, min_confidence=config.min_confidence,
+                                detector_sha256=digest)
+
+
+def _open_cropper(config: TrainConfig):
+    return dataset.LiveCropper(_face_detector(config), margin=config.margin, size=config.input_size)
 
 
 def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np.ndarray,

@@ -458,7 +458,8 @@ def test_int8_runs_after_the_report_of_model_onnx(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "export_graph", lambda *a, **k: calls.append("export"))
     monkeypatch.setattr(train, "_evaluate_and_report",
                         lambda *a, **k: calls.append("report") or {"accuracy": 1.0, "test_images": 8,
-                                                                    "chance": 0.5})
+                                                                    "chance": 0.5, "majority": 0.5,
+                                                                    "majority_class": "a"})
 
     def int8_fails(*args, **kwargs):
         calls.append("int8")

@@ -167,6 +167,77 @@ def test_a_cache_made_before_boxes_were_clipped_at_the_edges_is_made_again(tmp_p
     assert cropper.calls == 2
 
 
+@pytest.mark.parametrize("change, recropped", [
+    ("nothing", False),
+    ("another detector model file", True),
+    ("another crop code version", True),
+    ("made before both were recorded", True),
+])
+def test_a_cache_made_by_another_detector_file_or_crop_code_is_made_again(tmp_path, caplog, change, recropped):
+    """The cache's settings named the detector ("short") but not its model file nor the version
+    of the crop code: crops cut by another detector model (a camface upgrade, a replaced .onnx)
+    or by older crop code were reused. Both are in the settings now, and the log names them."""
+    import logging
+    from dataclasses import asdict, replace
+
+    data = tmp_path / "data"
+    _write(data / "a" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    _write(data / "b" / "one.png", np.full((20, 30, 3), 10, np.uint8))
+    classes = dataset.scan_classes(data)
+    settings = dataset.CropSettings(size=16, detect=True, detector="short", margin=0.25, min_confidence=0.5,
+                                    detector_sha256="1" * 64)
+    cache = tmp_path / "crops"
+    dataset.prepare_crops(data, classes, cache, settings, lambda: FakeCropper({10: 1}, 16))
+    index = cache / dataset.CACHE_INDEX
+    stored = json.loads(index.read_text())
+    assert stored["settings"]["detector_sha256"] == "1" * 64
+    assert stored["settings"]["crop_code"] == dataset.CROP_CODE_VERSION
+    now, named = settings, []
+    if change == "another detector model file":
+        now, named = replace(settings, detector_sha256="2" * 64), ["detector_sha256"]
+    elif change == "another crop code version":
+        index.write_text(json.dumps({**stored, "settings": {**stored["settings"],
+                                                           "crop_code": dataset.CROP_CODE_VERSION - 1}}))
+        named = ["crop_code"]
+    elif change == "made before both were recorded":
+        older = {k: v for k, v in asdict(settings).items() if k not in ("detector_sha256", "crop_code")}
+        index.write_text(json.dumps({**stored, "settings": older}))
+        named = ["crop_code", "detector_sha256"]
+    cropper = FakeCropper({10: 1}, 16)
+    with caplog.at_level(logging.INFO, logger=dataset.__name__):
+        dataset.prepare_crops(data, classes, cache, now, lambda: cropper)
+    assert cropper.calls == (2 if recropped else 0)
+    said = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+    assert said == ([f"crop cache {cache} was made with other settings ({', '.join(named)}): cropping again"]
+                    if recropped else [])
+
+
+def test_train_keys_its_crop_cache_on_the_detector_model_file(tmp_path, monkeypatch):
+    """`camface train` records the sha256 of the model file the live loop's detector loads (none
+    with --no-detect); a file that cannot be read is an error naming it."""
+    import hashlib
+    import re
+
+    from camface import models
+    from camface.errors import ModelError
+    from camface.models import train
+
+    model = tmp_path / "detector.onnx"
+    model.write_bytes(b"one detector")
+    monkeypatch.setitem(models.DETECTORS_ONNX, "short", model)
+    config = train.TrainConfig(tmp_path / "data", tmp_path / "out", detector="short")
+    first = train.crop_settings(config)
+    assert first.detector_sha256 == hashlib.sha256(b"one detector").hexdigest()
+    assert first.crop_code == dataset.CROP_CODE_VERSION and first.detector == "short"
+    model.write_bytes(b"another detector")
+    assert train.crop_settings(config).detector_sha256 == hashlib.sha256(b"another detector").hexdigest()
+    no_detect = train.TrainConfig(tmp_path / "data", tmp_path / "out", detect=False)
+    assert train.crop_settings(no_detect).detector_sha256 == ""
+    model.unlink()
+    with pytest.raises(ModelError, match=re.escape(f"face detector model {model} cannot be read")):
+        train.crop_settings(config)
+
+
 def test_prepare_crops_no_detect_resizes(tmp_path):
     data = tmp_path / "data"
     _write(data / "a" / "x.png", np.full((40, 20, 3), 50, np.uint8))
@@ -239,6 +310,165 @@ def test_stratified_split_errors(targets, val, test, labels, match):
         dataset.stratified_split(np.array(targets), val, test, seed=0, labels=labels)
 
 
+def _old_split(targets, val, test, seed):
+    """The split before groups (every photo drawn on its own), as the reference for photos
+    directly in their class folder."""
+    rng = np.random.default_rng(seed)
+    parts = {"train": [], "val": [], "test": []}
+    for cls in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == cls))
+        n_test, n_val = max(1, round(len(members) * test)), max(1, round(len(members) * val))
+        parts["test"] += list(members[:n_test])
+        parts["val"] += list(members[n_test:n_test + n_val])
+        parts["train"] += list(members[n_test + n_val:])
+    return {name: sorted(int(i) for i in v) for name, v in parts.items()}
+
+
+@pytest.mark.parametrize("sizes_per_class, val, test, seed", [
+    ([[1] * 20, [1] * 10, [1] * 5], 0.2, 0.2, 3),  # no sub-folders: the split as before
+    ([[5, 5, 5, 5], [4, 4, 4, 4, 4]], 0.15, 0.15, 0),  # frames of clips, one sub-folder each
+    ([[5, 5, 5, 5], [4, 4, 4, 4, 4]], 0.15, 0.15, 7),
+    ([[8, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3], [30, 2, 2]], 0.2, 0.2, 1),  # sub-folders and loose photos
+    ([[10, 10, 10]], 0.15, 0.15, 5),  # every group larger than a part's share
+])
+def test_stratified_split_keeps_each_group_in_one_part(sizes_per_class, val, test, seed):
+    """Consecutive frames of one clip (near-identical) were split at random, t in train and t+1
+    in test, which inflated the test accuracy. A group (a sub-folder of a class folder) now stays
+    whole in one part; every part still gets some of every class, near its share."""
+    targets, groups = [], []
+    for cls, sizes in enumerate(sizes_per_class):
+        for size in sizes:
+            targets += [cls] * size
+            groups += [len(set(groups))] * size
+    targets, groups = np.array(targets), np.array(groups)
+    split = dataset.stratified_split(targets, val, test, seed=seed, groups=groups)
+    parts = {"train": split.train, "val": split.val, "test": split.test}
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(len(targets)))
+    part_of_group = {}
+    for name, indices in parts.items():
+        for g in groups[indices]:
+            assert part_of_group.setdefault(int(g), name) == name, f"group {g} in two parts"
+        assert set(targets[indices].tolist()) == set(range(len(sizes_per_class)))  # every class
+    if all(size == 1 for sizes in sizes_per_class for size in sizes):
+        assert {k: v.tolist() for k, v in parts.items()} == _old_split(targets, val, test, seed)
+        assert dataset.stratified_split(targets, val, test, seed=seed).test.tolist() == split.test.tolist()
+    for cls, sizes in enumerate(sizes_per_class):  # a part overshoots its share by less than a group
+        n = sum(sizes)
+        for name, fraction in (("test", test), ("val", val)):
+            got = int(np.sum(targets[parts[name]] == cls))
+            assert got < max(1, round(n * fraction)) + max(sizes), (cls, name, got)
+
+
+def test_stratified_split_of_a_class_in_too_few_sub_folders_says_so():
+    targets = np.array([0] * 6 + [1] * 6)
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7])
+    with pytest.raises(ValueError, match=r"class 'alice' has its 6 items in 2 group\(s\) \(a sub-folder"):
+        dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups)
+
+
+def test_split_groups_are_the_class_folders_sub_folders(tmp_path):
+    """A sub-folder of a class folder (at any depth below it) is one group; a photo directly in
+    the class folder is its own; ids follow usable_crops' order."""
+    data = tmp_path / "data"
+    names = {"a": ["x.png", "y.png", "clip1/0.png", "clip1/1.png", "clip1/deep/2.png", "clip2/0.png"],
+             "b": ["clip1/0.png", "z.png"]}
+    photos = [dataset.Photo(data / label / name, label, "ok", tmp_path / f"{label}{i}.png", 1)
+              for label, files in names.items() for i, name in enumerate(files)]
+    photos.insert(1, dataset.Photo(data / "a" / "noface.png", "a", "no_face", None, 0))
+    paths, _ = dataset.usable_crops(photos, ["a", "b"], data, min_per_class=1)
+    groups = dataset.split_groups(photos, ["a", "b"], data)
+    assert len(groups) == len(paths)
+    by_name = {f"{p.label}/{p.source.relative_to(data / p.label).as_posix()}": int(g)
+               for p, g in zip([p for p in photos if p.status == "ok"], groups)}
+    assert by_name["a/clip1/0.png"] == by_name["a/clip1/1.png"] == by_name["a/clip1/deep/2.png"]
+    assert len({by_name[k] for k in ("a/x.png", "a/y.png", "a/clip1/0.png", "a/clip2/0.png",
+                                     "b/clip1/0.png", "b/z.png")}) == 6
+
+
+def test_train_keeps_a_clips_frames_in_one_part(tmp_path, monkeypatch):
+    """`camface train` splits by the class folders' sub-folders: no clip's frames are both
+    trained on and tested."""
+    from camface.models import train
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, labels, images, targets, split, model_path):
+        seen.update(images=images, split=split)
+        raise Stop
+
+    monkeypatch.setattr(train, "_fit", capture)
+    data = tmp_path / "data"
+    for label, base in (("a", 0), ("b", 120)):
+        for clip in range(4):
+            for frame in range(5):  # each frame its own value: no copies
+                _write(data / label / f"clip{clip}" / f"{frame}.png",
+                       np.full((12, 12, 3), base + 20 * clip + frame, np.uint8))
+    config = train.TrainConfig(data, tmp_path / "out", backbone="mobilenetv2", input_size=32,
+                               weights="none", detect=False)
+    with pytest.raises(Stop):
+        train.run(config)
+    clip_of = {}
+    for name in ("train", "val", "test"):
+        for i in getattr(seen["split"], name):
+            clip = int(seen["images"][i].mean()) // 20
+            assert clip_of.setdefault(clip, name) == name, f"clip {clip} in {clip_of[clip]} and {name}"
+    assert set(clip_of.values()) == {"train", "val", "test"}
+
+
+def _face(astronaut_bgr, dx=0, dy=0):
+    return cv2.resize(astronaut_bgr[30 + dy:230 + dy, 125 + dx:325 + dx], (64, 64), interpolation=cv2.INTER_AREA)
+
+
+@pytest.mark.parametrize("test_shift, near", [
+    ((0, 0), True),  # the same frame
+    ((1, 0), True),  # the next frame of a steady clip: half a percent of the crop's side
+    ((12, 6), False),  # another photo of the face (moved by 6% of the side)
+    ((0, 60), False),
+])
+def test_near_identical_finds_a_test_crop_that_is_a_neighbouring_frame(astronaut_bgr, test_shift, near):
+    """Frames of one clip put directly in a class folder (not in a sub-folder of their own) are
+    still split one by one: train warns, naming both photos, when a test crop's nearest training
+    crop differs by at most NEAR_MAD (of 255) on NEAR_THUMB-pixel thumbnails."""
+    crops = np.stack([_face(astronaut_bgr, 30, 30), _face(astronaut_bgr), _face(astronaut_bgr, 0, 40),
+                      _face(astronaut_bgr, *test_shift)])
+    found = dataset.near_identical(crops, np.array([3]), np.array([0, 1, 2]))
+    if near:
+        (test, train, difference), = found
+        assert (test, train) == (3, 1) and 0 <= difference <= dataset.NEAR_MAD
+    else:
+        assert found == []
+    assert dataset.near_identical(crops, np.array([], np.int64), np.array([0, 1])) == []
+
+
+def test_train_warns_of_test_photos_near_identical_to_training_photos(tmp_path, monkeypatch, caplog):
+    import logging
+    import re
+
+    from camface.models import train
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train, "_fit", stop)
+    data = _square_photos(tmp_path / "data", 5)  # within a class the grey levels differ by 1 to 4
+    config = train.TrainConfig(data, tmp_path / "out", backbone="mobilenetv2", input_size=32,
+                               weights="none", detect=False)
+    with caplog.at_level(logging.WARNING, logger=train.__name__), pytest.raises(Stop):
+        train.run(config)
+    pairs = [re.match(r"test photo (.+) is near-identical to training photo (.+) \(mean absolute", r.getMessage())
+             for r in caplog.records if "near-identical" in r.getMessage()]
+    assert len(pairs) == 2 and all(pairs)  # one test photo per class, each near its class's others
+    for pair in pairs:
+        test, trained = Path(pair[1]), Path(pair[2])
+        assert test.parent == trained.parent and test != trained and test.parent.parent == data
+
+
 def test_class_weights_balance_the_loss():
     weights = dataset.class_weights(np.array([0, 0, 0, 1]), 2)
     assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
@@ -257,6 +487,40 @@ def test_classification_metrics_hand_computed():
                                                  "f1": 0.4, "support": 2})
     assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     assert m["macro"]["recall"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+
+
+@pytest.mark.parametrize("supports, predicted, majority, beaten", [
+    ((9, 2, 2, 2, 2), "always a", 9 / 17, False),  # chance 0.200, and always "a" scores 0.529
+    ((9, 2, 2, 2, 2), "right but 1", 9 / 17, True),  # 16 / 17 right
+    ((2, 5, 2), "always b", 5 / 9, False),  # the largest class need not be the first
+    ((3, 3), "right but 1", 3 / 6, True),  # a tie: the first class in label order
+    ((3, 3), "always a", 3 / 6, False),  # equal to the majority share does not beat it
+])
+def test_the_report_sets_the_accuracy_beside_the_majority_class_share(tmp_path, supports, predicted,
+                                                                      majority, beaten):
+    """The report's only baseline was chance, 1 / classes: with imbalanced test counts (9/2/2/2/2)
+    always predicting the first class scored 0.53 against "chance 0.200". The test split's
+    majority-class share stands beside it now, and report.md says when it is not beaten."""
+    labels = "abcde"[:len(supports)]
+    y_true = np.repeat(np.arange(len(supports)), supports)
+    largest = int(np.argmax(supports))
+    if predicted.startswith("always"):
+        y_pred = np.full_like(y_true, "abcde".index(predicted[-1]))
+    else:
+        y_pred = y_true.copy()
+        y_pred[-1] = (y_pred[-1] + 1) % len(supports)
+    m = report.classification_metrics(y_true, y_pred, list(labels))
+    assert m["chance"] == pytest.approx(1 / len(supports))
+    assert m["majority"] == pytest.approx(majority) and m["majority_class"] == labels[largest]
+    report.write_json(tmp_path / "metrics.json", m)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["majority"] == pytest.approx(majority) and written["majority_class"] == labels[largest]
+    report.write_report(tmp_path / "report.md", command="camface train", labels=list(labels),
+                        counts={}, unreadable=[], split_sizes={}, stages=[], metrics=m, settings={},
+                        seconds=1.0)
+    text = (tmp_path / "report.md").read_text()
+    assert f"always predicting the test split's largest class, {labels[largest]}, scores {majority:.3f}" in text
+    assert ("does not beat always predicting" in text) is not beaten
 
 
 def test_metrics_json_of_a_diverged_stage_is_strict_json(tmp_path):
@@ -418,6 +682,41 @@ def test_cli_int8_with_too_few_test_crops_fails_before_training(tmp_path, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "--int8 needs at least 8 training and 4 test crops" in err
     assert "gives 6 and 2" in err
+
+
+@pytest.mark.parametrize("fault, named, message", [
+    ("photo deleted", "data/b/1.png", "cannot be read"),
+    ("crop folder is a file", "out/crops/b", "cannot create the crop folder"),
+])
+def test_a_photo_gone_or_a_crop_folder_not_made_is_an_error_naming_it(tmp_path, capsys, monkeypatch,
+                                                                     fault, named, message):
+    """A photo deleted after DATA_DIR was scanned (the cache's fingerprint stat) and a crop folder
+    that cannot be made (a file of its name, no permission) gave tracebacks. Each is one error line
+    naming the path and exit 2; the crops cached before it stay in the index."""
+    from camface.models import train
+
+    data = _square_photos(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    if fault == "photo deleted":
+        def deleting(items):
+            for label, source in items:
+                if source == data / "b" / "1.png":
+                    source.unlink()
+                yield label, source
+
+        monkeypatch.setattr(train, "_progress", deleting)
+    else:
+        (out / "crops").mkdir(parents=True)
+        (out / "crops" / "b").write_text("a file where the class's crop folder goes")
+    rc, err = _train([str(data), "-o", str(out), "--no-detect", "--input-size", "32",
+                      "--weights", "none"], capsys)
+    assert rc == 2 and "Traceback" not in err, err
+    line, = err.strip().splitlines()
+    assert line.startswith("camface: error:") and message in line
+    assert str(tmp_path.joinpath(*named.split("/"))) in line
+    index = json.loads((out / "crops" / dataset.CACHE_INDEX).read_text())
+    assert sorted(Path(key).relative_to(data.resolve()).as_posix() for key in index["photos"]) == [
+        "a/0.png", "a/1.png", "a/2.png", *(["b/0.png"] if fault == "photo deleted" else [])]
 
 
 def test_interrupted_run_leaves_no_earlier_runs_outputs(tmp_path, monkeypatch):
