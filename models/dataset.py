@@ -435,7 +435,8 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
     takes the smallest group), leaving at least one group for each later part; training gets the
     rest. With one item per group the parts are exactly the targets. Deterministic for a seed.
     Raises ValueError naming the class (by `labels`, class index -> name, when given) when the
-    fractions leave it no training item, or when it has fewer than three groups.
+    fractions leave it no training item. A class in fewer than three groups is split item by item
+    (a warning says so): its groups cannot each stay whole in one part.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
@@ -456,12 +457,14 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         # item per group, the same draw as permuting the items)
         _, first = np.unique(groups[members], return_index=True)
         keys = groups[members][np.sort(first)]
-        if len(keys) < 3:
-            raise ValueError(
-                f"class {name} has its {n} items in {len(keys)} group(s) (a sub-folder of the class "
-                "folder is one group, kept whole in one of train / validation / test; a photo directly "
-                "in it is one): too few for a train/val/test split (spread them over at least 3 "
-                "sub-folders, or put photos directly in the class folder)")
+        if len(keys) < 3:  # alice/photos/*.jpg: no way to keep a group whole; photo by photo, as before
+            log.warning("class %s has its %d photos in %d sub-folder(s) (a photo directly in the class "
+                        "folder counts as one): too few to keep each whole in one of train / validation "
+                        "/ test, so its photos are split one by one (spread them over at least 3 "
+                        "sub-folders to keep clips apart)", name, n, len(keys))
+            keys = members
+            groups = groups.copy()
+            groups[members] = members
         drawn = [members[groups[members] == key] for key in rng.permutation(keys)]
         taken: dict[str, list[np.ndarray]] = {}
         for part, wanted, later in (("test", n_test, 2), ("val", n_val, 1)):

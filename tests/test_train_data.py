@@ -1,6 +1,7 @@
 """camface train, the parts without TensorFlow: folder scan, crop cache, split, metrics, errors."""
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
@@ -359,11 +360,20 @@ def test_stratified_split_keeps_each_group_in_one_part(sizes_per_class, val, tes
             assert got < max(1, round(n * fraction)) + max(sizes), (cls, name, got)
 
 
-def test_stratified_split_of_a_class_in_too_few_sub_folders_says_so():
+@pytest.mark.parametrize("alice_groups", [[0] * 6, [0, 0, 0, 1, 1, 1]])
+def test_a_class_in_too_few_sub_folders_is_split_photo_by_photo_and_says_so(alice_groups, caplog):
+    """A class whose photos all sit in one or two sub-folders (alice/photos/*.jpg) cannot keep each
+    whole in one of three parts: it was refused, though it trained before sub-folders were groups;
+    it is split as a folder without sub-folders is, and a warning names it."""
     targets = np.array([0] * 6 + [1] * 6)
-    groups = np.array([0, 0, 0, 1, 1, 1, 2, 3, 4, 5, 6, 7])
-    with pytest.raises(ValueError, match=r"class 'alice' has its 6 items in 2 group\(s\) \(a sub-folder"):
-        dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups)
+    groups = np.array(alice_groups + [2, 3, 4, 5, 6, 7])
+    with caplog.at_level(logging.WARNING, logger="camface.models.dataset"):
+        got = dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups)
+    flat = dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"])
+    for part in ("train", "val", "test"):
+        assert getattr(got, part).tolist() == getattr(flat, part).tolist()
+    assert "class 'alice' has its 6 photos in" in caplog.text and "split one by one" in caplog.text
+    assert "'bob'" not in caplog.text
 
 
 def test_split_groups_are_the_class_folders_sub_folders(tmp_path):
