@@ -177,7 +177,7 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
             if detect else None
         crops = np.stack([one_face(p, image, cropper, embedder.input_size, order, detect)
                           for p, image in zip((a, b), images)])
-    rows = gallery.normalise(gallery.embed(embedder, crops))
+    rows = gallery.normalise(gallery.embed(embedder, crops, names=[str(a), str(b)]))
     similarity = float(np.clip(rows[0].astype(np.float64) @ rows[1].astype(np.float64), -1.0, 1.0))
     target = PROJECTION if 1.0 - similarity < SATURATED else COSINE
     maps = explain(embedder, options, crops, rows, method, target, _names(a, b))

@@ -191,7 +191,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     labels = list(people)
     crops, targets, used, counts = face_crops(people_dir, people, embedder.input_size,
                                               embedder.preprocessing.color_order, detect)
-    embeddings = gallery.embed(embedder, crops)
+    embeddings = gallery.embed(embedder, crops, names=[f"{path} ({labels[k]})" for path, k in zip(used, targets)])
     identities = gallery.identity_embeddings(embeddings, targets, len(labels))
     loo = leave_one_out(embeddings, targets, len(labels))
     chosen, rule = equal_error_threshold(loo.genuine, loo.impostor)

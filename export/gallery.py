@@ -178,9 +178,10 @@ def load(path: str | Path, options: ExportOptions, from_classifier: bool = False
                     described.channels, int(dims[1]), pre)
 
 
-def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32) -> np.ndarray:
+def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32, names=None) -> np.ndarray:
     """Embeddings float32 [N, D] of uint8 crops [N, H, W, C] in the embedder's colour order
-    (ONNX Runtime on CPU). ModelError when a row holds NaN or infinity."""
+    (ONNX Runtime on CPU). ModelError when a row holds NaN or infinity, naming the first such
+    crop by `names` (one per crop: its photo and person), else by its row."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -198,8 +199,9 @@ def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32) -> np.ndarray:
     embeddings = np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
     bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if len(bad):
+        first = names[bad[0]] if names is not None else f"row {bad[0]}"
         raise ModelError(f"embedder {embedder.source.name}: {len(bad)} of {len(crops)} embeddings hold NaN "
-                         f"or infinity (first: row {bad[0]}); check its preprocessing (--preset)")
+                         f"or infinity (first: {first}); check its preprocessing (--preset)")
     return embeddings.astype(np.float32)
 
 

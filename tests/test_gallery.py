@@ -507,7 +507,30 @@ def test_embeddings_with_nans_are_refused(people, tmp_path, capsys):
     assert main(["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"),
                  "--preset", "arcface"]) == 2
     err = capsys.readouterr().err
-    assert "embedder broken.onnx: 12 of 12 embeddings hold NaN or infinity (first: row 0)" in err
+    first = people / "cameraman" / "0.png"
+    assert f"embedder broken.onnx: 12 of 12 embeddings hold NaN or infinity (first: {first} (cameraman))" in err
+
+
+def test_the_one_photo_whose_embedding_is_not_finite_is_named_with_its_person(people, tmp_path, capsys):
+    """An embedding that is infinite for one photo only (the cameraman's unaugmented photo, the one
+    grey crop: log |red - green| is -inf there) names that photo and its person, not a row."""
+    from torch import nn
+
+    class GreyIsInfinite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 1, 1)
+
+        def forward(self, x):
+            colour = torch.log((x[:, 0] - x[:, 1]).abs().mean(dim=(1, 2)))[:, None]
+            return self.conv(x).mean(dim=(2, 3)) + colour
+
+    path = to_onnx(GreyIsInfinite(), tmp_path / "grey.onnx")
+    assert main(["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface"]) == 2
+    err = capsys.readouterr().err
+    first = people / "cameraman" / "0.png"
+    assert f"embedder grey.onnx: 1 of 12 embeddings hold NaN or infinity (first: {first} (cameraman))" in err
 
 
 def test_embedding_from_a_classifier_uses_its_pooled_features(tmp_path, crops):
