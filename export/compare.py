@@ -87,8 +87,11 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
-    if args.output:  # before the work: the figure's folder and format
+    if args.output:  # before the work: the figure's folder and format, and not over a photo or the model
+        from camface.outputs import check_not_an_input
+
         check_figure_output(Path(args.output))
+        check_not_an_input(Path(args.output), [*args.photos, args.model or args.embedding_from], "-o")
     options = ExportOptions(target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
                             scale=tuple(args.scale) if args.scale else None,
                             offset=tuple(args.offset) if args.offset else None, verify=False)

@@ -883,6 +883,21 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people
         "embedder.onnx"]
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_compare_refuses_a_figure_written_over_one_of_its_photos(which, people, embedder, tmp_path, capsys):
+    """compare -o A.png (one of the photos compared) would replace the photo with the figure:
+    refused before any work, naming it, and the photo is left as it was."""
+    photos = [tmp_path / "a.png", tmp_path / "b.png"]
+    for photo, source in zip(photos, (people / "collins" / "0.png", people / "hopper" / "0.png")):
+        photo.write_bytes(source.read_bytes())
+    before = photos[which].read_bytes()
+    assert main(["compare", *map(str, photos), "--model", str(embedder[1]), "--preset", "arcface",
+                 "-o", str(photos[which])]) == 2
+    err = capsys.readouterr().err
+    assert f"-o {photos[which]} is an input" in err and "Traceback" not in err, err
+    assert photos[which].read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
 def test_an_undefined_average_drop_is_recorded_as_null_never_nan(monkeypatch):
     """A gallery graph whose ranking crops all score <= 0 (every face unknown, e.g. a random
     embedder) has no Average Drop (metrics.average_drop: NaN). The ranking recorded in the
