@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from camface import __version__, graph_spec
-from camface.errors import ModelError
+from camface.errors import ModelError, UsageError
 from camface.outputs import check_model_file
 from camface.export.exporter import ExportOptions
 from camface.export.preprocess import Preprocessing
@@ -64,8 +64,10 @@ class Embedder:
         return self.model.graph.output[0].name
 
 
-def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
-    """onnx.ModelProto of an .onnx, .pt2 or Keras file, forward only (as `camface export` reads them)."""
+def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True,
+                  input_size: tuple[int, int] | None = None):
+    """onnx.ModelProto of an .onnx, .pt2 or Keras file, forward only (as `camface export` reads them).
+    input_size: (H, W) of an .onnx / .pt2 model whose height and width are dynamic (--input-size)."""
     from camface.export import onnx_model, torch_model
 
     path = Path(path)
@@ -74,14 +76,17 @@ def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
     if suffix in torch_model.PICKLE_SUFFIXES:
         torch_model.refuse_pickle(path)
     if suffix == ".pt2":
-        return torch_model.to_onnx(path, max(opset, torch_model.DEFAULT_OPSET))
+        return torch_model.to_onnx(path, max(opset, torch_model.DEFAULT_OPSET), input_size)
     if suffix in KERAS_SUFFIXES:
         from camface.export import keras_model
 
+        if input_size is not None:
+            raise UsageError(f"{path}: --input-size is for .onnx / .pt2 models with a dynamic height and width")
         return keras_to_onnx(keras_model.load_model(path, safe_mode=safe_mode), opset)
     if suffix != ".onnx":
         raise ModelError(f"{path}: expected an .onnx, .pt2 or Keras (.keras, .h5) model")
-    return onnx_model.load(path)
+    model = onnx_model.load(path)
+    return model if input_size is None else onnx_model.fix_input_size(model, input_size, path)
 
 
 def keras_to_onnx(model, opset: int = 17):
@@ -160,7 +165,7 @@ def load(path: str | Path, options: ExportOptions, from_classifier: bool = False
     from camface.export import onnx_export, onnx_model
 
     path = Path(path)
-    model = forward_model(path, options.opset, options.safe_mode)
+    model = forward_model(path, options.opset, options.safe_mode, options.input_size)
     if from_classifier:
         model = embedding_from(model, where=path)
     model = onnx_model.prepare(onnx_export.upgrade(model, path), where=path)

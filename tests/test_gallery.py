@@ -824,6 +824,42 @@ def test_a_pt2_embedder_enrols_as_its_onnx_export_does(people, embedder, tmp_pat
     assert np.abs(a["embeddings"] - b["embeddings"]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_an_embedder_of_dynamic_height_and_width_takes_the_input_size_its_error_names(
+        suffix, people, embedder, tmp_path, capsys):
+    """An embedder saved with a dynamic height and width is refused with "pass ... --input-size HxW";
+    enroll and compare had no such flag (argparse refused it). They take it now, and its gallery
+    equals that of the same embedder saved at the size."""
+    import warnings
+
+    model, onnx_path = embedder
+    path = tmp_path / f"dynamic{suffix}"
+    if suffix == ".pt2":
+        sides = {0: torch.export.Dim("batch", min=1, max=32), 2: torch.export.Dim("height", min=16, max=256),
+                 3: torch.export.Dim("width", min=16, max=256)}
+        torch.export.save(torch.export.export(model, (torch.zeros(2, 3, SIZE, SIZE),), dynamic_shapes=(sides,)),
+                          str(path))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
+                              input_names=["x"], output_names=["embedding"],
+                              dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "embedding": {0: "N"}})
+    enrol = ["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"), "--preset", "arcface",
+             "--no-rank", "--no-detect"]
+    assert main(enrol) == 2
+    assert "--input-size HxW" in capsys.readouterr().err
+    assert main([*enrol, "--input-size", f"{SIZE}x{SIZE}"]) == 0
+    assert main(["enroll", str(people), "--model", str(onnx_path), "-o", str(tmp_path / "fixed.onnx"),
+                 "--preset", "arcface", "--no-rank", "--no-detect"]) == 0
+    got, want = np.load(tmp_path / "g.npz"), np.load(tmp_path / "fixed.npz")
+    assert np.abs(got["embeddings"] - want["embeddings"]).max() <= 1e-5
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    assert main(["compare", str(a), str(b), "--model", str(path), "--preset", "arcface", "--no-detect",
+                 "--input-size", f"{SIZE}x{SIZE}"]) == 0
+    assert "cosine similarity collins/0.png - hopper/0.png: " in capsys.readouterr().out
+
+
 def test_the_contract_requires_similarity_of_a_gallery_graph():
     info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
                                 heatmaps=("gradcam",), gallery={"scale": 30.0, "threshold": 0.4})
