@@ -152,9 +152,12 @@ def _export(args: argparse.Namespace) -> int:
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     check_graph_output(Path(args.output), Path(args.model))
     check_numbers(args)
-    if args.opset is not None and suffix in SUFFIXES:
+    if args.opset is not None and suffix == ".onnx":
         log.warning("camface: --opset is for converting Keras and .pt2 models; %s keeps its own opset",
                     Path(args.model).name)
+    elif args.opset is not None and suffix == ".pt2" and args.opset < TORCH_MIN_OPSET:
+        log.warning("camface: --opset %d: %s is converted at opset %d, the lowest camface converts .pt2 "
+                    "models at", args.opset, Path(args.model).name, TORCH_MIN_OPSET)
     for sentence in unused_flags(args):
         log.warning("camface export: %s", sentence)
     if args.int8 or not args.no_rank:  # before the build: a bad source must not cost minutes, or leave a graph
