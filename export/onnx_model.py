@@ -870,6 +870,15 @@ def default_target(classifier: Classifier) -> str:
     pooled = [p for p in pooled if p in set(maps)]
     if not maps:
         shown = ", ".join(f"{t} {_symbolic(dims.get(t))}" for t in found[-3:])
+        read = set(found)
+        attention = next((n for n in _attentions(classifier) if n.output[0] in read), None)
+        if attention is not None:  # patches embedded by a linear layer (lucidrains' ViT): tokens only
+            raise AttentionBeforeLogits(
+                f"no spatial feature map (N, C, h, w) on the image grid before the logits "
+                f"{classifier.logits!r}: its patches are embedded without a convolution and read "
+                f"through attention ({attention.op_type} node {attention.name!r}); its 4-D tensors "
+                f"are reshapes and attention (e.g. {shown}); pass a token target [N, T, C] with "
+                "--target-layer")
         raise ModelError(f"no spatial feature map (N, C, h, w) on the image grid before the logits "
                          f"{classifier.logits!r}: its 4-D tensors come from reshapes, transposes "
                          f"or attention, not from convolutions (e.g. {shown}); pass one with "
