@@ -66,6 +66,20 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--token-grid, --prefix-tokens and --input-size: what the errors of an .onnx / .pt2 model's
+    token grid and dynamic size ask for (export, enroll and compare take them)."""
+    parser.add_argument("--token-grid", metavar="HxW", default=None, type=_grid,
+                        help=".onnx/.pt2 transformers: the patch grid of a token target [N, T, C] (default: "
+                             "the input size over the patch embedding's stride)")
+    parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
+                        help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
+                             "(default: as the model's Concat of them and the patches says, else T - h * w)")
+    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
+                        help=".onnx/.pt2 whose height and width are dynamic: the crop size the CAM graph "
+                             "takes (the size the model was trained on)")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
@@ -77,15 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              " .onnx/.pt2: a tensor, node or PyTorch module name such as layer4); "
                              "default: the last spatial feature map (N, C, h, w on the image grid) before "
                              "global pooling")
-    parser.add_argument("--token-grid", metavar="HxW", default=None, type=_grid,
-                        help=".onnx/.pt2 transformers: the patch grid of a token target [N, T, C] (default: "
-                             "the input size over the patch embedding's stride)")
-    parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
-                        help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
-                             "(default: as the model's Concat of them and the patches says, else T - h * w)")
-    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
-                        help=".onnx/.pt2 whose height and width are dynamic: the crop size the CAM graph "
-                             "takes (the size the model was trained on)")
+    add_shape_arguments(parser)
     parser.add_argument("--class-output", metavar="NAME", default=None,
                         help=".onnx/.pt2 with several outputs (logits and an embedding, say): the output "
                              "holding the class scores (logits, or a Softmax / Sigmoid of them); the others "

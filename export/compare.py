@@ -59,7 +59,7 @@ class Comparison:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface import methods
-    from camface.export.cli import _grid
+    from camface.export.cli import add_shape_arguments
     from camface.export.preprocess import add_input_arguments
 
     parser.add_argument("photos", nargs=2, metavar="PHOTO", help="two photos, one face in each")
@@ -73,9 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser, "the embedder's input normalisation (arcface, facenet, ...; see `camface enroll`)")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the maps use (default: as `camface export`)")
-    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
-                        help=".onnx/.pt2 embedder whose height and width are dynamic: the crop size it takes "
-                             "(the size it was trained on)")
+    add_shape_arguments(parser)
     parser.add_argument("--method", default="gradcam", choices=methods.names(),
                         help="heatmap method of the maps")
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
@@ -98,7 +96,9 @@ def main(args: argparse.Namespace) -> int:
         check_not_an_input(Path(args.output), [*args.photos, args.model or args.embedding_from], "-o")
     options = ExportOptions(target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
                             scale=tuple(args.scale) if args.scale else None,
-                            offset=tuple(args.offset) if args.offset else None, verify=False, input_size=args.input_size)
+                            offset=tuple(args.offset) if args.offset else None, verify=False,
+                            input_size=args.input_size, token_grid=args.token_grid,
+                            prefix_tokens=args.prefix_tokens)
     result = compare(Path(args.photos[0]), Path(args.photos[1]), Path(args.model or args.embedding_from),
                      options, args.method, from_classifier=args.embedding_from is not None,
                      detect=not args.no_detect)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from camface.export.cli import _grid
+    from camface.export.cli import add_shape_arguments
     from camface.export.preprocess import add_input_arguments
 
     parser.add_argument("people", metavar="PEOPLE_DIR", help="one folder of photos per person; the folder "
@@ -47,9 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="tensor, node or PyTorch module whose activations the maps use (default: the "
                              "last spatial feature map before global pooling, or a transformer's tokens)")
-    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
-                        help=".onnx/.pt2 embedder whose height and width are dynamic: the crop size it takes "
-                             "(the size it was trained on)")
+    add_shape_arguments(parser)
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
                         help="cosine similarity below which a face is unknown (default: the equal-error point "
                              "of the gallery's leave-one-out scores)")
@@ -161,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
     options = ExportOptions(
         target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
         scale=tuple(args.scale) if args.scale else None, offset=tuple(args.offset) if args.offset else None,
-        opset=args.opset, verify=not args.no_verify, safe_mode=not args.unsafe_load, input_size=args.input_size)
+        opset=args.opset, verify=not args.no_verify, safe_mode=not args.unsafe_load, input_size=args.input_size,
+        token_grid=args.token_grid, prefix_tokens=args.prefix_tokens)
     from camface.export import ranking
 
     with ranking.quiet_graph_log(getattr(args, "debug", False)):

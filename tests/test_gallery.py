@@ -860,6 +860,45 @@ def test_an_embedder_of_dynamic_height_and_width_takes_the_input_size_its_error_
     assert "cosine similarity collins/0.png - hopper/0.png: " in capsys.readouterr().out
 
 
+def test_a_transformer_embedder_whose_grid_camface_cannot_find_takes_the_token_grid_its_error_names(
+        people, tmp_path, capsys):
+    """A transformer embedder of 8x12 patches (4x4 of them on a 32x48 input, embedded by a linear
+    layer: no patch-embedding map, and no square patches tile the input) is refused with "pass
+    --token-grid HxW and --prefix-tokens N"; enroll and compare had neither flag. They take them
+    now, and the gallery graph's maps lie on that grid."""
+    from test_onnx_export_models import TransformerBlock
+    from torch import nn
+
+    from camface.graph_spec import GraphInfo
+
+    class WidePatches(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.embed, self.pos = nn.Linear(3 * 8 * 12, dim), nn.Parameter(torch.randn(1, 16, dim))
+            self.blocks, self.fc = nn.Sequential(TransformerBlock(dim, 2)), nn.Linear(dim, 8)
+
+        def forward(self, x):
+            n = x.shape[0]
+            x = x.reshape(n, 3, 4, 8, 4, 12).permute(0, 2, 4, 1, 3, 5).reshape(n, 16, 3 * 8 * 12)
+            return self.fc(self.blocks(self.embed(x) + self.pos).mean(1))
+
+    torch.manual_seed(0)
+    path = to_onnx(WidePatches().eval(), tmp_path / "wide.onnx", size=(32, 48))
+    out = tmp_path / "g.onnx"
+    enrol = ["enroll", str(people), "--model", str(path), "-o", str(out), "--preset", "arcface", "--no-rank",
+             "--no-detect"]
+    assert main(enrol) == 2
+    assert "pass --token-grid HxW and --prefix-tokens N" in capsys.readouterr().err
+    assert main([*enrol, "--token-grid", "4x4", "--prefix-tokens", "0"]) == 0
+    import onnx
+
+    info = GraphInfo.from_metadata({p.key: p.value for p in onnx.load(out).metadata_props})
+    assert info.token_grid == {"prefix": 0, "height": 4, "width": 4} and info.feature_size == (4, 4)
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    assert main(["compare", str(a), str(b), "--model", str(path), "--preset", "arcface", "--no-detect",
+                 "--token-grid", "4x4"]) == 0
+
+
 def test_the_contract_requires_similarity_of_a_gallery_graph():
     info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
                                 heatmaps=("gradcam",), gallery={"scale": 30.0, "threshold": 0.4})
