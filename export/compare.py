@@ -74,6 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the maps use (default: as `camface export`)")
     add_shape_arguments(parser)
+    parser.add_argument("--model-output", metavar="NAME", default=None,
+                        help="a model with several outputs (a dict such as {embedding, logits}): the one to use, "
+                             "the embedding [N, D] (--model) or the class scores (--embedding-from)")
     parser.add_argument("--method", default="gradcam", choices=methods.names(),
                         help="heatmap method of the maps")
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
@@ -101,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
                             prefix_tokens=args.prefix_tokens)
     result = compare(Path(args.photos[0]), Path(args.photos[1]), Path(args.model or args.embedding_from),
                      options, args.method, from_classifier=args.embedding_from is not None,
-                     detect=not args.no_detect)
+                     detect=not args.no_detect, model_output=args.model_output)
     verdict = "" if args.threshold is None else \
         (" (same person" if result.similarity >= args.threshold else " (different people") + \
         f" at threshold {args.threshold:g})"
@@ -165,7 +168,7 @@ def one_face(path: Path, image: np.ndarray, cropper, input_size: tuple[int, int]
 
 
 def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", from_classifier: bool = False,
-            detect: bool = True) -> Comparison:
+            detect: bool = True, model_output: str | None = None) -> Comparison:
     """The comparison of photos `a` and `b` by the embedder in `model` (see the module docstring)."""
     import contextlib
 
@@ -176,7 +179,7 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
     from camface.realtime.config import LiveConfig
 
     images = read_photos((a, b))  # before the embedder loads (TensorFlow, for a Keras one)
-    embedder = gallery.load(model, options, from_classifier)
+    embedder = gallery.load(model, options, from_classifier, model_output)
     order = embedder.preprocessing.color_order
     live = LiveConfig()
     with contextlib.ExitStack() as stack:

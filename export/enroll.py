@@ -48,6 +48,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tensor, node or PyTorch module whose activations the maps use (default: the "
                              "last spatial feature map before global pooling, or a transformer's tokens)")
     add_shape_arguments(parser)
+    parser.add_argument("--model-output", metavar="NAME", default=None,
+                        help="a model with several outputs (a dict such as {embedding, logits}): the one to use, "
+                             "the embedding [N, D] (--model) or the class scores (--embedding-from)")
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
                         help="cosine similarity below which a face is unknown (default: the equal-error point "
                              "of the gallery's leave-one-out scores)")
@@ -167,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         result = enroll(Path(args.people), Path(args.model or args.embedding_from), Path(args.output), options,
                         from_classifier=args.embedding_from is not None, threshold=args.threshold,
                         softmax_scale=args.softmax_scale, detect=not args.no_detect,
-                        rank_seconds=None if args.no_rank else args.rank_seconds)
+                        rank_seconds=None if args.no_rank else args.rank_seconds, model_output=args.model_output)
     for line in summary_lines(result):
         print(line)
     return 0
@@ -175,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
 
 def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier: bool = False,
            threshold: float | None = None, softmax_scale: float | None = None, detect: bool = True,
-           rank_seconds: float | None = None) -> dict:
+           rank_seconds: float | None = None, model_output: str | None = None) -> dict:
     """Enrol PEOPLE_DIR with the embedder in `model`; writes the files the module docstring lists
     and returns the report (as written to OUT.enroll.json)."""
     from camface.export import convert, gallery, ranking
@@ -190,7 +193,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)
     people = scan_people(people_dir)
-    embedder = gallery.load(model, options, from_classifier)
+    embedder = gallery.load(model, options, from_classifier, model_output)
     labels = list(people)
     crops, targets, used, counts = face_crops(people_dir, people, embedder.input_size,
                                               embedder.preprocessing.color_order, detect)

@@ -159,20 +159,28 @@ def embedding_from(model, where: object = "model"):
     return onnx_model.prepare(cut, where=where)
 
 
-def load(path: str | Path, options: ExportOptions, from_classifier: bool = False) -> Embedder:
+def load(path: str | Path, options: ExportOptions, from_classifier: bool = False,
+         output: str | None = None) -> Embedder:
     """The embedder in `path` (or the pooled features of the classifier in `path`), checked:
-    one image input, one output [N, D]. options: preset / colour order / scale / offset / opset."""
+    one image input, one output [N, D]. options: preset / colour order / scale / offset / opset.
+    output: of a model with several outputs, the one to use (--model-output): the embedding, or
+    with `from_classifier` the class scores."""
     from camface.export import onnx_export, onnx_model
 
     path = Path(path)
     model = forward_model(path, options.opset, options.safe_mode, options.input_size)
+    if output is not None:
+        model = onnx_model.keep_output(model, output, path, "--model-output")
+    what = "classifier" if from_classifier else "embedder"
+    needs = "the class scores" if from_classifier else "the embedding [N, D]"
+    if len(model.graph.output) != 1:
+        raise ModelError(f"{what} {path}: needs one output, {needs} (it has "
+                         f"{[o.name for o in model.graph.output]}); name the one holding {needs} "
+                         "with --model-output NAME")
     if from_classifier:
         model = embedding_from(model, where=path)
     model = onnx_model.prepare(onnx_export.upgrade(model, path), where=path)
     outputs = list(model.graph.output)
-    if len(outputs) != 1:
-        raise ModelError(f"embedder {path}: needs one output, the embedding [N, D] (it has "
-                         f"{[o.name for o in outputs]})")
     dims = onnx_model.shapes(model).get(outputs[0].name) or []
     if len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 1:
         raise ModelError(f"embedder {path}: output {outputs[0].name!r} is {dims or 'of unknown shape'}; "

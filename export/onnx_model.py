@@ -506,15 +506,15 @@ def free_batch(model, where: object = "model"):
     return copy
 
 
-def keep_output(model, name: str, where: object = "model"):
+def keep_output(model, name: str, where: object = "model", flag: str = "--class-output"):
     """A copy of `model` whose one output is `name` (the class scores of a model that also
     returns an embedding, say; the nodes only the others need stay, unread); ModelError listing
-    the outputs when none is called `name`."""
+    the outputs when none is called `name`, naming the `flag` that asked for it."""
     import onnx
 
     names = [o.name for o in model.graph.output]
     if name not in names:
-        raise ModelError(f"{where}: --class-output {name!r}: no output of that name (its outputs: "
+        raise ModelError(f"{where}: {flag} {name!r}: no output of that name (its outputs: "
                          f"{', '.join(names)})")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)

@@ -899,6 +899,42 @@ def test_a_transformer_embedder_whose_grid_camface_cannot_find_takes_the_token_g
                  "--token-grid", "4x4"]) == 0
 
 
+@pytest.mark.parametrize("flag, chosen, dim", [("--model", "embedding", 4), ("--embedding-from", "logits", 6)])
+def test_a_model_returning_several_outputs_takes_the_model_output_to_use(flag, chosen, dim, people, tmp_path,
+                                                                          capsys):
+    """A program returning {"embedding": ..., "logits": ...} (as many face models do) was refused
+    by enroll with no way to pick one (--model), or told to pass --class-output, a flag enroll did
+    not have (--embedding-from). --model-output names the one to use: the embedding, or the
+    classifier's class scores whose pooled features (6 channels) become the embedding."""
+    from onnx_helpers import save_program
+    from torch import nn
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.embed = nn.Conv2d(3, 6, 3, 2, 1), nn.Linear(6, 5), nn.Linear(6, 4)
+
+        def forward(self, x):
+            pooled = torch.relu(self.conv(x)).mean((2, 3))
+            return {"embedding": self.embed(pooled), "logits": self.fc(pooled)}
+
+    torch.manual_seed(0)
+    path = save_program(TwoOutputs().eval(), tmp_path / "two.pt2", size=SIZE)
+    out = tmp_path / "g.onnx"
+    enrol = ["enroll", str(people), flag, str(path), "-o", str(out), "--preset", "arcface", "--no-rank",
+             "--no-detect"]
+    assert main(enrol) == 2
+    err = capsys.readouterr().err
+    assert "['embedding', 'logits']" in err and "with --model-output NAME" in err and "--class-output" not in err
+    assert main([*enrol, "--model-output", "nothing"]) == 2
+    assert "--model-output 'nothing': no output of that name" in capsys.readouterr().err
+    assert main([*enrol, "--model-output", chosen]) == 0
+    assert np.load(tmp_path / "g.npz")["embeddings"].shape == (3, dim)
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    assert main(["compare", str(a), str(b), flag, str(path), "--preset", "arcface", "--no-detect",
+                 "--model-output", chosen]) == 0
+
+
 def test_the_contract_requires_similarity_of_a_gallery_graph():
     info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
                                 heatmaps=("gradcam",), gallery={"scale": 30.0, "threshold": 0.4})
