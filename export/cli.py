@@ -66,6 +66,20 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """--token-grid, --prefix-tokens and --input-size: what the errors of an .onnx / .pt2 model's
+    token grid and dynamic size ask for (export, enroll and compare take them)."""
+    parser.add_argument("--token-grid", metavar="HxW", default=None, type=_grid,
+                        help=".onnx/.pt2 transformers: the patch grid of a token target [N, T, C] (default: "
+                             "the input size over the patch embedding's stride)")
+    parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
+                        help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
+                             "(default: as the model's Concat of them and the patches says, else T - h * w)")
+    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
+                        help=".onnx/.pt2 whose height and width are dynamic: the crop size the CAM graph "
+                             "takes (the size the model was trained on)")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
@@ -77,15 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              " .onnx/.pt2: a tensor, node or PyTorch module name such as layer4); "
                              "default: the last spatial feature map (N, C, h, w on the image grid) before "
                              "global pooling")
-    parser.add_argument("--token-grid", metavar="HxW", default=None, type=_grid,
-                        help=".onnx/.pt2 transformers: the patch grid of a token target [N, T, C] (default: "
-                             "the input size over the patch embedding's stride)")
-    parser.add_argument("--prefix-tokens", metavar="N", default=None, type=int,
-                        help=".onnx/.pt2 transformers: class/distillation/register tokens before the patches "
-                             "(default: as the model's Concat of them and the patches says, else T - h * w)")
-    parser.add_argument("--input-size", metavar="HxW", default=None, type=_grid,
-                        help=".onnx/.pt2 whose height and width are dynamic: the crop size the CAM graph "
-                             "takes (the size the model was trained on)")
+    add_shape_arguments(parser)
     parser.add_argument("--class-output", metavar="NAME", default=None,
                         help=".onnx/.pt2 with several outputs (logits and an embedding, say): the output "
                              "holding the class scores (logits, or a Softmax / Sigmoid of them); the others "
@@ -152,9 +158,12 @@ def _export(args: argparse.Namespace) -> int:
     onnx_engine = suffix in SUFFIXES + PICKLE_SUFFIXES
     check_graph_output(Path(args.output), Path(args.model))
     check_numbers(args)
-    if args.opset is not None and suffix in SUFFIXES:
+    if args.opset is not None and suffix == ".onnx":
         log.warning("camface: --opset is for converting Keras and .pt2 models; %s keeps its own opset",
                     Path(args.model).name)
+    elif args.opset is not None and suffix == ".pt2" and args.opset < TORCH_MIN_OPSET:
+        log.warning("camface: --opset %d: %s is converted at opset %d, the lowest camface converts .pt2 "
+                    "models at", args.opset, Path(args.model).name, TORCH_MIN_OPSET)
     for sentence in unused_flags(args):
         log.warning("camface export: %s", sentence)
     if args.int8 or not args.no_rank:  # before the build: a bad source must not cost minutes, or leave a graph

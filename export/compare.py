@@ -59,6 +59,7 @@ class Comparison:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface import methods
+    from camface.export.cli import add_shape_arguments
     from camface.export.preprocess import add_input_arguments
 
     parser.add_argument("photos", nargs=2, metavar="PHOTO", help="two photos, one face in each")
@@ -72,6 +73,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser, "the embedder's input normalisation (arcface, facenet, ...; see `camface enroll`)")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the maps use (default: as `camface export`)")
+    add_shape_arguments(parser)
+    parser.add_argument("--model-output", metavar="NAME", default=None,
+                        help="a model with several outputs (a dict such as {embedding, logits}): the one to use, "
+                             "the embedding [N, D] (--model) or the class scores (--embedding-from)")
     parser.add_argument("--method", default="gradcam", choices=methods.names(),
                         help="heatmap method of the maps")
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
@@ -87,14 +92,19 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
-    if args.output:  # before the work: the figure's folder and format
+    if args.output:  # before the work: the figure's folder and format, and not over a photo or the model
+        from camface.outputs import check_not_an_input
+
         check_figure_output(Path(args.output))
+        check_not_an_input(Path(args.output), [*args.photos, args.model or args.embedding_from], "-o")
     options = ExportOptions(target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
                             scale=tuple(args.scale) if args.scale else None,
-                            offset=tuple(args.offset) if args.offset else None, verify=False)
+                            offset=tuple(args.offset) if args.offset else None, verify=False,
+                            input_size=args.input_size, token_grid=args.token_grid,
+                            prefix_tokens=args.prefix_tokens)
     result = compare(Path(args.photos[0]), Path(args.photos[1]), Path(args.model or args.embedding_from),
                      options, args.method, from_classifier=args.embedding_from is not None,
-                     detect=not args.no_detect)
+                     detect=not args.no_detect, model_output=args.model_output)
     verdict = "" if args.threshold is None else \
         (" (same person" if result.similarity >= args.threshold else " (different people") + \
         f" at threshold {args.threshold:g})"
@@ -158,7 +168,7 @@ def one_face(path: Path, image: np.ndarray, cropper, input_size: tuple[int, int]
 
 
 def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", from_classifier: bool = False,
-            detect: bool = True) -> Comparison:
+            detect: bool = True, model_output: str | None = None) -> Comparison:
     """The comparison of photos `a` and `b` by the embedder in `model` (see the module docstring)."""
     import contextlib
 
@@ -169,7 +179,7 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
     from camface.realtime.config import LiveConfig
 
     images = read_photos((a, b))  # before the embedder loads (TensorFlow, for a Keras one)
-    embedder = gallery.load(model, options, from_classifier)
+    embedder = gallery.load(model, options, from_classifier, model_output)
     order = embedder.preprocessing.color_order
     live = LiveConfig()
     with contextlib.ExitStack() as stack:
@@ -177,7 +187,7 @@ def compare(a: Path, b: Path, model: Path, options, method: str = "gradcam", fro
             if detect else None
         crops = np.stack([one_face(p, image, cropper, embedder.input_size, order, detect)
                           for p, image in zip((a, b), images)])
-    rows = gallery.normalise(gallery.embed(embedder, crops))
+    rows = gallery.normalise(gallery.embed(embedder, crops, names=[str(a), str(b)]))
     similarity = float(np.clip(rows[0].astype(np.float64) @ rows[1].astype(np.float64), -1.0, 1.0))
     target = PROJECTION if 1.0 - similarity < SATURATED else COSINE
     maps = explain(embedder, options, crops, rows, method, target, _names(a, b))

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from camface.export.cli import add_shape_arguments
     from camface.export.preprocess import add_input_arguments
 
     parser.add_argument("people", metavar="PEOPLE_DIR", help="one folder of photos per person; the folder "
@@ -46,6 +47,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="tensor, node or PyTorch module whose activations the maps use (default: the "
                              "last spatial feature map before global pooling, or a transformer's tokens)")
+    add_shape_arguments(parser)
+    parser.add_argument("--model-output", metavar="NAME", default=None,
+                        help="a model with several outputs (a dict such as {embedding, logits}): the one to use, "
+                             "the embedding [N, D] (--model) or the class scores (--embedding-from)")
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
                         help="cosine similarity below which a face is unknown (default: the equal-error point "
                              "of the gallery's leave-one-out scores)")
@@ -157,14 +162,15 @@ def main(args: argparse.Namespace) -> int:
     options = ExportOptions(
         target_layer=args.target_layer, preset=args.preset, color_order=args.color_order,
         scale=tuple(args.scale) if args.scale else None, offset=tuple(args.offset) if args.offset else None,
-        opset=args.opset, verify=not args.no_verify, safe_mode=not args.unsafe_load)
+        opset=args.opset, verify=not args.no_verify, safe_mode=not args.unsafe_load, input_size=args.input_size,
+        token_grid=args.token_grid, prefix_tokens=args.prefix_tokens)
     from camface.export import ranking
 
     with ranking.quiet_graph_log(getattr(args, "debug", False)):
         result = enroll(Path(args.people), Path(args.model or args.embedding_from), Path(args.output), options,
                         from_classifier=args.embedding_from is not None, threshold=args.threshold,
                         softmax_scale=args.softmax_scale, detect=not args.no_detect,
-                        rank_seconds=None if args.no_rank else args.rank_seconds)
+                        rank_seconds=None if args.no_rank else args.rank_seconds, model_output=args.model_output)
     for line in summary_lines(result):
         print(line)
     return 0
@@ -172,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
 
 def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier: bool = False,
            threshold: float | None = None, softmax_scale: float | None = None, detect: bool = True,
-           rank_seconds: float | None = None) -> dict:
+           rank_seconds: float | None = None, model_output: str | None = None) -> dict:
     """Enrol PEOPLE_DIR with the embedder in `model`; writes the files the module docstring lists
     and returns the report (as written to OUT.enroll.json)."""
     from camface.export import convert, gallery, ranking
@@ -187,11 +193,11 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)
     people = scan_people(people_dir)
-    embedder = gallery.load(model, options, from_classifier)
+    embedder = gallery.load(model, options, from_classifier, model_output)
     labels = list(people)
     crops, targets, used, counts = face_crops(people_dir, people, embedder.input_size,
                                               embedder.preprocessing.color_order, detect)
-    embeddings = gallery.embed(embedder, crops)
+    embeddings = gallery.embed(embedder, crops, names=[f"{path} ({labels[k]})" for path, k in zip(used, targets)])
     identities = gallery.identity_embeddings(embeddings, targets, len(labels))
     loo = leave_one_out(embeddings, targets, len(labels))
     chosen, rule = equal_error_threshold(loo.genuine, loo.impostor)

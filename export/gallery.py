@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from camface import __version__, graph_spec
-from camface.errors import ModelError
+from camface.errors import ModelError, UsageError
 from camface.outputs import check_model_file
 from camface.export.exporter import ExportOptions
 from camface.export.preprocess import Preprocessing
@@ -64,8 +64,10 @@ class Embedder:
         return self.model.graph.output[0].name
 
 
-def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
-    """onnx.ModelProto of an .onnx, .pt2 or Keras file, forward only (as `camface export` reads them)."""
+def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True,
+                  input_size: tuple[int, int] | None = None):
+    """onnx.ModelProto of an .onnx, .pt2 or Keras file, forward only (as `camface export` reads them).
+    input_size: (H, W) of an .onnx / .pt2 model whose height and width are dynamic (--input-size)."""
     from camface.export import onnx_model, torch_model
 
     path = Path(path)
@@ -74,14 +76,17 @@ def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True):
     if suffix in torch_model.PICKLE_SUFFIXES:
         torch_model.refuse_pickle(path)
     if suffix == ".pt2":
-        return torch_model.to_onnx(path, max(opset, torch_model.DEFAULT_OPSET))
+        return torch_model.to_onnx(path, max(opset, torch_model.DEFAULT_OPSET), input_size)
     if suffix in KERAS_SUFFIXES:
         from camface.export import keras_model
 
+        if input_size is not None:
+            raise UsageError(f"{path}: --input-size is for .onnx / .pt2 models with a dynamic height and width")
         return keras_to_onnx(keras_model.load_model(path, safe_mode=safe_mode), opset)
     if suffix != ".onnx":
         raise ModelError(f"{path}: expected an .onnx, .pt2 or Keras (.keras, .h5) model")
-    return onnx_model.load(path)
+    model = onnx_model.load(path)
+    return model if input_size is None else onnx_model.fix_input_size(model, input_size, path)
 
 
 def keras_to_onnx(model, opset: int = 17):
@@ -154,20 +159,28 @@ def embedding_from(model, where: object = "model"):
     return onnx_model.prepare(cut, where=where)
 
 
-def load(path: str | Path, options: ExportOptions, from_classifier: bool = False) -> Embedder:
+def load(path: str | Path, options: ExportOptions, from_classifier: bool = False,
+         output: str | None = None) -> Embedder:
     """The embedder in `path` (or the pooled features of the classifier in `path`), checked:
-    one image input, one output [N, D]. options: preset / colour order / scale / offset / opset."""
+    one image input, one output [N, D]. options: preset / colour order / scale / offset / opset.
+    output: of a model with several outputs, the one to use (--model-output): the embedding, or
+    with `from_classifier` the class scores."""
     from camface.export import onnx_export, onnx_model
 
     path = Path(path)
-    model = forward_model(path, options.opset, options.safe_mode)
+    model = forward_model(path, options.opset, options.safe_mode, options.input_size)
+    if output is not None:
+        model = onnx_model.keep_output(model, output, path, "--model-output")
+    what = "classifier" if from_classifier else "embedder"
+    needs = "the class scores" if from_classifier else "the embedding [N, D]"
+    if len(model.graph.output) != 1:
+        raise ModelError(f"{what} {path}: needs one output, {needs} (it has "
+                         f"{[o.name for o in model.graph.output]}); name the one holding {needs} "
+                         "with --model-output NAME")
     if from_classifier:
         model = embedding_from(model, where=path)
     model = onnx_model.prepare(onnx_export.upgrade(model, path), where=path)
     outputs = list(model.graph.output)
-    if len(outputs) != 1:
-        raise ModelError(f"embedder {path}: needs one output, the embedding [N, D] (it has "
-                         f"{[o.name for o in outputs]})")
     dims = onnx_model.shapes(model).get(outputs[0].name) or []
     if len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 1:
         raise ModelError(f"embedder {path}: output {outputs[0].name!r} is {dims or 'of unknown shape'}; "
@@ -178,9 +191,10 @@ def load(path: str | Path, options: ExportOptions, from_classifier: bool = False
                     described.channels, int(dims[1]), pre)
 
 
-def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32) -> np.ndarray:
+def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32, names=None) -> np.ndarray:
     """Embeddings float32 [N, D] of uint8 crops [N, H, W, C] in the embedder's colour order
-    (ONNX Runtime on CPU). ModelError when a row holds NaN or infinity."""
+    (ONNX Runtime on CPU). ModelError when a row holds NaN or infinity, naming the first such
+    crop by `names` (one per crop: its photo and person), else by its row."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -198,8 +212,9 @@ def embed(embedder: Embedder, crops: np.ndarray, batch: int = 32) -> np.ndarray:
     embeddings = np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
     bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if len(bad):
+        first = names[bad[0]] if names is not None else f"row {bad[0]}"
         raise ModelError(f"embedder {embedder.source.name}: {len(bad)} of {len(crops)} embeddings hold NaN "
-                         f"or infinity (first: row {bad[0]}); check its preprocessing (--preset)")
+                         f"or infinity (first: {first}); check its preprocessing (--preset)")
     return embeddings.astype(np.float32)
 
 

@@ -506,15 +506,15 @@ def free_batch(model, where: object = "model"):
     return copy
 
 
-def keep_output(model, name: str, where: object = "model"):
+def keep_output(model, name: str, where: object = "model", flag: str = "--class-output"):
     """A copy of `model` whose one output is `name` (the class scores of a model that also
     returns an embedding, say; the nodes only the others need stay, unread); ModelError listing
-    the outputs when none is called `name`."""
+    the outputs when none is called `name`, naming the `flag` that asked for it."""
     import onnx
 
     names = [o.name for o in model.graph.output]
     if name not in names:
-        raise ModelError(f"{where}: --class-output {name!r}: no output of that name (its outputs: "
+        raise ModelError(f"{where}: {flag} {name!r}: no output of that name (its outputs: "
                          f"{', '.join(names)})")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -870,6 +870,15 @@ def default_target(classifier: Classifier) -> str:
     pooled = [p for p in pooled if p in set(maps)]
     if not maps:
         shown = ", ".join(f"{t} {_symbolic(dims.get(t))}" for t in found[-3:])
+        read = set(found)
+        attention = next((n for n in _attentions(classifier) if n.output[0] in read), None)
+        if attention is not None:  # patches embedded by a linear layer (lucidrains' ViT): tokens only
+            raise AttentionBeforeLogits(
+                f"no spatial feature map (N, C, h, w) on the image grid before the logits "
+                f"{classifier.logits!r}: its patches are embedded without a convolution and read "
+                f"through attention ({attention.op_type} node {attention.name!r}); its 4-D tensors "
+                f"are reshapes and attention (e.g. {shown}); pass a token target [N, T, C] with "
+                "--target-layer")
         raise ModelError(f"no spatial feature map (N, C, h, w) on the image grid before the logits "
                          f"{classifier.logits!r}: its 4-D tensors come from reshapes, transposes "
                          f"or attention, not from convolutions (e.g. {shown}); pass one with "

@@ -87,13 +87,15 @@ def centre_on(model, crops_rgb: np.ndarray):
     return model
 
 
-def to_onnx(model, path: Path, size: int = SIZE, output: str = "embedding") -> Path:
-    """`model` -> ONNX (TorchScript exporter, opset 17, dynamic batch), input x [N, 3, size, size]."""
+def to_onnx(model, path: Path, size: int | tuple[int, int] = SIZE, output: str = "embedding") -> Path:
+    """`model` -> ONNX (TorchScript exporter, opset 17, dynamic batch), input x [N, 3, size, size]
+    (size: a side, or (height, width))."""
     import torch
 
+    height, width = (size, size) if isinstance(size, int) else size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(2, 3, size, size),), str(path), dynamo=False,
+        torch.onnx.export(model.eval(), (torch.zeros(2, 3, height, width),), str(path), dynamo=False,
                           opset_version=17, input_names=["x"], output_names=[output],
                           dynamic_axes={"x": {0: "N"}, output: {0: "N"}})
     return path

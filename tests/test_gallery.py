@@ -507,7 +507,30 @@ def test_embeddings_with_nans_are_refused(people, tmp_path, capsys):
     assert main(["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"),
                  "--preset", "arcface"]) == 2
     err = capsys.readouterr().err
-    assert "embedder broken.onnx: 12 of 12 embeddings hold NaN or infinity (first: row 0)" in err
+    first = people / "cameraman" / "0.png"
+    assert f"embedder broken.onnx: 12 of 12 embeddings hold NaN or infinity (first: {first} (cameraman))" in err
+
+
+def test_the_one_photo_whose_embedding_is_not_finite_is_named_with_its_person(people, tmp_path, capsys):
+    """An embedding that is infinite for one photo only (the cameraman's unaugmented photo, the one
+    grey crop: log |red - green| is -inf there) names that photo and its person, not a row."""
+    from torch import nn
+
+    class GreyIsInfinite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, 1, 1)
+
+        def forward(self, x):
+            colour = torch.log((x[:, 0] - x[:, 1]).abs().mean(dim=(1, 2)))[:, None]
+            return self.conv(x).mean(dim=(2, 3)) + colour
+
+    path = to_onnx(GreyIsInfinite(), tmp_path / "grey.onnx")
+    assert main(["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"),
+                 "--preset", "arcface"]) == 2
+    err = capsys.readouterr().err
+    first = people / "cameraman" / "0.png"
+    assert f"embedder grey.onnx: 1 of 12 embeddings hold NaN or infinity (first: {first} (cameraman))" in err
 
 
 def test_embedding_from_a_classifier_uses_its_pooled_features(tmp_path, crops):
@@ -801,6 +824,117 @@ def test_a_pt2_embedder_enrols_as_its_onnx_export_does(people, embedder, tmp_pat
     assert np.abs(a["embeddings"] - b["embeddings"]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_an_embedder_of_dynamic_height_and_width_takes_the_input_size_its_error_names(
+        suffix, people, embedder, tmp_path, capsys):
+    """An embedder saved with a dynamic height and width is refused with "pass ... --input-size HxW";
+    enroll and compare had no such flag (argparse refused it). They take it now, and its gallery
+    equals that of the same embedder saved at the size."""
+    import warnings
+
+    model, onnx_path = embedder
+    path = tmp_path / f"dynamic{suffix}"
+    if suffix == ".pt2":
+        sides = {0: torch.export.Dim("batch", min=1, max=32), 2: torch.export.Dim("height", min=16, max=256),
+                 3: torch.export.Dim("width", min=16, max=256)}
+        torch.export.save(torch.export.export(model, (torch.zeros(2, 3, SIZE, SIZE),), dynamic_shapes=(sides,)),
+                          str(path))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
+                              input_names=["x"], output_names=["embedding"],
+                              dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}, "embedding": {0: "N"}})
+    enrol = ["enroll", str(people), "--model", str(path), "-o", str(tmp_path / "g.onnx"), "--preset", "arcface",
+             "--no-rank", "--no-detect"]
+    assert main(enrol) == 2
+    assert "--input-size HxW" in capsys.readouterr().err
+    assert main([*enrol, "--input-size", f"{SIZE}x{SIZE}"]) == 0
+    assert main(["enroll", str(people), "--model", str(onnx_path), "-o", str(tmp_path / "fixed.onnx"),
+                 "--preset", "arcface", "--no-rank", "--no-detect"]) == 0
+    got, want = np.load(tmp_path / "g.npz"), np.load(tmp_path / "fixed.npz")
+    assert np.abs(got["embeddings"] - want["embeddings"]).max() <= 1e-5
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    assert main(["compare", str(a), str(b), "--model", str(path), "--preset", "arcface", "--no-detect",
+                 "--input-size", f"{SIZE}x{SIZE}"]) == 0
+    assert "cosine similarity collins/0.png - hopper/0.png: " in capsys.readouterr().out
+
+
+def test_a_transformer_embedder_whose_grid_camface_cannot_find_takes_the_token_grid_its_error_names(
+        people, tmp_path, capsys):
+    """A transformer embedder of 8x12 patches (4x4 of them on a 32x48 input, embedded by a linear
+    layer: no patch-embedding map, and no square patches tile the input) is refused with "pass
+    --token-grid HxW and --prefix-tokens N"; enroll and compare had neither flag. They take them
+    now, and the gallery graph's maps lie on that grid."""
+    from test_onnx_export_models import TransformerBlock
+    from torch import nn
+
+    from camface.graph_spec import GraphInfo
+
+    class WidePatches(nn.Module):
+        def __init__(self, dim=16):
+            super().__init__()
+            self.embed, self.pos = nn.Linear(3 * 8 * 12, dim), nn.Parameter(torch.randn(1, 16, dim))
+            self.blocks, self.fc = nn.Sequential(TransformerBlock(dim, 2)), nn.Linear(dim, 8)
+
+        def forward(self, x):
+            n = x.shape[0]
+            x = x.reshape(n, 3, 4, 8, 4, 12).permute(0, 2, 4, 1, 3, 5).reshape(n, 16, 3 * 8 * 12)
+            return self.fc(self.blocks(self.embed(x) + self.pos).mean(1))
+
+    torch.manual_seed(0)
+    path = to_onnx(WidePatches().eval(), tmp_path / "wide.onnx", size=(32, 48))
+    out = tmp_path / "g.onnx"
+    enrol = ["enroll", str(people), "--model", str(path), "-o", str(out), "--preset", "arcface", "--no-rank",
+             "--no-detect"]
+    assert main(enrol) == 2
+    assert "pass --token-grid HxW and --prefix-tokens N" in capsys.readouterr().err
+    assert main([*enrol, "--token-grid", "4x4", "--prefix-tokens", "0"]) == 0
+    import onnx
+
+    info = GraphInfo.from_metadata({p.key: p.value for p in onnx.load(out).metadata_props})
+    assert info.token_grid == {"prefix": 0, "height": 4, "width": 4} and info.feature_size == (4, 4)
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    assert main(["compare", str(a), str(b), "--model", str(path), "--preset", "arcface", "--no-detect",
+                 "--token-grid", "4x4"]) == 0
+
+
+@pytest.mark.parametrize("flag, chosen, dim", [("--model", "embedding", 4), ("--embedding-from", "logits", 6)])
+def test_a_model_returning_several_outputs_takes_the_model_output_to_use(flag, chosen, dim, people, tmp_path,
+                                                                          capsys):
+    """A program returning {"embedding": ..., "logits": ...} (as many face models do) was refused
+    by enroll with no way to pick one (--model), or told to pass --class-output, a flag enroll did
+    not have (--embedding-from). --model-output names the one to use: the embedding, or the
+    classifier's class scores whose pooled features (6 channels) become the embedding."""
+    from onnx_helpers import save_program
+    from torch import nn
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.embed = nn.Conv2d(3, 6, 3, 2, 1), nn.Linear(6, 5), nn.Linear(6, 4)
+
+        def forward(self, x):
+            pooled = torch.relu(self.conv(x)).mean((2, 3))
+            return {"embedding": self.embed(pooled), "logits": self.fc(pooled)}
+
+    torch.manual_seed(0)
+    path = save_program(TwoOutputs().eval(), tmp_path / "two.pt2", size=SIZE)
+    out = tmp_path / "g.onnx"
+    enrol = ["enroll", str(people), flag, str(path), "-o", str(out), "--preset", "arcface", "--no-rank",
+             "--no-detect"]
+    assert main(enrol) == 2
+    err = capsys.readouterr().err
+    assert "['embedding', 'logits']" in err and "with --model-output NAME" in err and "--class-output" not in err
+    assert main([*enrol, "--model-output", "nothing"]) == 2
+    assert "--model-output 'nothing': no output of that name" in capsys.readouterr().err
+    assert main([*enrol, "--model-output", chosen]) == 0
+    assert np.load(tmp_path / "g.npz")["embeddings"].shape == (3, dim)
+    a, b = people / "collins" / "0.png", people / "hopper" / "0.png"
+    assert main(["compare", str(a), str(b), flag, str(path), "--preset", "arcface", "--no-detect",
+                 "--model-output", chosen]) == 0
+
+
 def test_the_contract_requires_similarity_of_a_gallery_graph():
     info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(8, 8), color_order="RGB", target_layer="t",
                                 heatmaps=("gradcam",), gallery={"scale": 30.0, "threshold": 0.4})
@@ -858,6 +992,21 @@ def test_outputs_that_would_destroy_a_file_or_fail_late_are_refused_first(people
         assert message in err and "Traceback" not in err, (argv, err)
     assert model.read_bytes() == embedder[1].read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [
         "embedder.onnx"]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_compare_refuses_a_figure_written_over_one_of_its_photos(which, people, embedder, tmp_path, capsys):
+    """compare -o A.png (one of the photos compared) would replace the photo with the figure:
+    refused before any work, naming it, and the photo is left as it was."""
+    photos = [tmp_path / "a.png", tmp_path / "b.png"]
+    for photo, source in zip(photos, (people / "collins" / "0.png", people / "hopper" / "0.png")):
+        photo.write_bytes(source.read_bytes())
+    before = photos[which].read_bytes()
+    assert main(["compare", *map(str, photos), "--model", str(embedder[1]), "--preset", "arcface",
+                 "-o", str(photos[which])]) == 2
+    err = capsys.readouterr().err
+    assert f"-o {photos[which]} is an input" in err and "Traceback" not in err, err
+    assert photos[which].read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
 def test_an_undefined_average_drop_is_recorded_as_null_never_nan(monkeypatch):

@@ -740,6 +740,33 @@ def test_a_dict_without_class_output_names_its_keys(tmp_path, key):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit"))
 
 
+@pytest.mark.parametrize("suffix, opset, warned, graph_opset", [
+    (".pt2", 18, None, 18), (".pt2", 14, "net.pt2 is converted at opset 18", 18),
+    (".onnx", 14, "net.onnx keeps its own opset", None)])
+def test_the_opset_warning_says_what_a_pt2_or_onnx_model_is_converted_at(tmp_path, caplog, suffix, opset,
+                                                                           warned, graph_opset):
+    """--opset on a .pt2 warned that the .pt2 "keeps its own opset" (the warning meant for .onnx
+    files), though the .pt2 is converted at --opset (at least torch_model.DEFAULT_OPSET): only a
+    value below that minimum is said now, with the opset used; an .onnx file keeps its own."""
+    import logging
+
+    import onnx
+
+    path = tmp_path / f"net{suffix}"
+    if suffix == ".pt2":
+        save_program(torch_models()["linear"], path)
+    else:
+        onnx.save(torch_model.to_onnx(save_program(torch_models()["linear"], tmp_path / "net.pt2")), path)
+    out = tmp_path / "cam.onnx"
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", str(path), "-o", str(out), "--preset", "torch", "--opset", str(opset),
+                     "--no-rank", "--no-verify"]) == 0
+    said = [r.getMessage() for r in caplog.records if "--opset" in r.getMessage()]
+    assert (said == []) if warned is None else (len(said) == 1 and warned in said[0]), said
+    if graph_opset is not None:
+        assert {o.domain: o.version for o in onnx.load(out).opset_import}[""] == graph_opset
+
+
 def test_a_pt2_export_says_nothing_of_the_exporters_own_unless_debug(tmp_path, caplog, capfd):
     """torch's and onnxscript's warnings and optimiser lines (`Removed 101 unused nodes`, ...) on
     a normal run: none logged, warned or printed; under --debug (root logger at DEBUG) they are."""

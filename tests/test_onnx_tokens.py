@@ -263,6 +263,23 @@ def test_tokens_without_a_patch_embedding_conv_make_a_square(tmp_path):
         onnx_model.token_grid(classifier, tokens, prefix=2)
 
 
+def test_a_vit_whose_patches_a_linear_layer_embeds_defaults_to_its_last_blocks_norm1(tmp_path):
+    """lucidrains' ViT embeds its patches by a linear layer (no convolution, so no spatial map at
+    all): the default target was refused ("no spatial feature map ... pass one with
+    --target-layer"); it is the last block's norm1 on the square grid, as for a ViT with a
+    patch-embedding convolution, and the maps pass the self-check."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = legacy_onnx(LinearPatchViT().eval(), tmp_path / "m.onnx")
+    _, info, differences = onnx_export.build(onnx_model.load(path), ExportOptions(preset="unit"))
+    assert (info.target_layer, info.token_grid, info.feature_size) == (
+        "blocks.1.norm1", {"prefix": 1, "height": 4, "width": 4}, (4, 4))
+    assert info.target_reason == onnx_export.REASON_VIT and "gradcam" in info.heatmaps
+    assert differences and all(d.ok for d in differences)
+
+
 def test_cam_is_offered_where_the_tokens_are_averaged_into_one_linear_layer(tmp_path):
     """The mean-token ViT at its last block's output: the head is the mean of the tokens and the
     linear layer, so CAM is a weighted sum of the channels on the grid (eq. 2); with a class
