@@ -192,6 +192,7 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)
+    _check_outside_the_photos(output, Path(people_dir))
     people = scan_people(people_dir)
     embedder = gallery.load(model, options, from_classifier, model_output)
     labels = list(people)
@@ -242,6 +243,16 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
         with writing(staging["report"]):
             staging["report"].write_text(json.dumps(report, indent=1, allow_nan=False))
     return report
+
+
+def _check_outside_the_photos(output: Path, people_dir: Path) -> None:
+    """UsageError when OUT's figure (a .png) would land in a person's folder of PEOPLE_DIR (the next
+    enrolment would read it as one of that person's photos, then write over it)."""
+    figure, root = beside_paths(output)["figure"].resolve(), people_dir.resolve()
+    if figure.parent != root and figure.is_relative_to(root):
+        person = root / figure.relative_to(root).parts[0]
+        raise UsageError(f"-o {output} is inside the person folder {person}: its figure {figure.name} would be "
+                         f"read as one of that person's photos; write the gallery outside {people_dir}")
 
 
 def beside_paths(output: Path) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from gallery_helpers import SIZE, centre_on, faces_bgr, people_dir, to_onnx, tor
 
 from camface import graph_spec, methods  # noqa: E402
 from camface.cli import main  # noqa: E402
-from camface.errors import ModelError, SourceError  # noqa: E402
+from camface.errors import ModelError, SourceError, UsageError  # noqa: E402
 from camface.export import enroll, gallery, threshold  # noqa: E402
 from camface.export.exporter import ExportOptions  # noqa: E402
 from camface.realtime.results import Prediction  # noqa: E402
@@ -1285,3 +1285,26 @@ def test_a_full_disk_naming_no_file_while_enrolling_is_one_line_naming_the_outpu
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"camface: error: cannot write {tmp_path / final}: No space left on device"], err
     assert {path: path.read_text() for path in tmp_path.iterdir()} == earlier
+
+
+@pytest.mark.parametrize("where, refused", [("collins/g.onnx", True), ("collins/sub/g.onnx", True),
+                                            ("g.onnx", False)])
+def test_enroll_refuses_a_gallery_whose_figure_would_land_among_a_persons_photos(where, refused, people, embedder,
+                                                                                 monkeypatch):
+    """-o people/collins/g.onnx wrote g.similarity.png into collins' folder: the next enrolment read
+    it as one of his photos (no face: skipped, counted) and wrote over it. Refused before any work;
+    PEOPLE_DIR itself is fine (a loose photo there is ignored)."""
+    out = people / where
+    made = not out.parent.exists()
+    out.parent.mkdir(exist_ok=True)
+    monkeypatch.setattr(enroll, "scan_people", lambda folder: (_ for _ in ()).throw(RuntimeError("scanned")))
+    try:
+        with pytest.raises(UsageError if refused else RuntimeError) as raised:
+            enroll.enroll(people, embedder[1], out, ARCFACE)
+    finally:
+        if made:
+            out.parent.rmdir()  # the folder is the module's people fixture
+    if refused:
+        assert f"inside the person folder {people.resolve() / 'collins'}" in str(raised.value)
+        assert "g.similarity.png" in str(raised.value)
+    assert not out.exists()
