@@ -471,3 +471,51 @@ def test_a_video_that_kills_its_worker_fails_alone_and_a_resume_goes_on(ray_clus
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run"]["videos_this_run"] == [crashing]
     assert summary["run"]["units_run"] == (3 if segmented else 1)
+
+
+STARTUP_DRIVER = """
+import os, signal, sys, time
+import ray
+from camface.batch import cluster
+from camface.cli import main
+where, signum = sys.argv[1], getattr(signal, sys.argv[2])
+
+def connect(address):  # the signal comes while Ray starts
+    os.kill(os.getpid(), signum)
+    time.sleep(60)
+
+def init(*args, **kwargs):  # as ray.init does first: SIGTERM exits through its own handler
+    signal.signal(signal.SIGTERM, lambda received, frame: sys.exit(received))
+    os.kill(os.getpid(), signum)
+    time.sleep(60)
+
+if where == "connect":
+    cluster.connect = connect
+else:
+    ray.init = init
+sys.exit(main(["batch", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize("where, signum, code", [("connect", "SIGINT", 130), ("connect", "SIGTERM", 143),
+                                                  ("ray.init", "SIGINT", 130), ("ray.init", "SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_while_ray_starts_releases_the_output_folder(clips, tmp_path, where, signum, code):
+    """SIGTERM's default ended the driver holding OUT_DIR (and ray.init's handler exited 15): the
+    next run waited, saying the earlier one "ended without releasing". Now both release it and
+    exit 130 / 143."""
+    import subprocess
+    import sys
+
+    from camface.batch.owner import OWNER_NAME, RunLock
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", STARTUP_DRIVER, where, signum, str(paths[0]), "-o", str(out),
+                          "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == code, run.stderr
+    assert f"camface batch: interrupted; {out} released, no summary written; rerun with --resume" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert json.loads((out / OWNER_NAME).read_text())["token"] is None
+    lock = RunLock(out).acquire()
+    assert lock.earlier is None  # the next run does not wait for the workers of a killed one
+    lock.release()
