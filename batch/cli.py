@@ -178,6 +178,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
               f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
         time.sleep(ORPHAN_GRACE_S)
     removed = outputs.clean_partials()
+    segments.drop_finished_parts(outputs)  # joined by a run that died before removing them
     todo = pipeline.videos_to_do(outputs, videos, job.settings())
     if args.resume:
         changed, files = pipeline.changed_since(outputs, videos, job.settings())
