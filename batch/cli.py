@@ -10,6 +10,7 @@ Exit codes: 0 every video explained, 1 some failed (see summary.json), 2 bad inp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -139,14 +140,24 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
+    from camface.realtime.threads import Terminated, stop_signals
+
     outputs, lock = _check_out_dir(args.out, args.resume)
     try:
-        return _run(args, config, graph, videos, outputs, lock, on_video)
+        # Ctrl-C and SIGTERM while Ray starts or the frames are counted end the run here (the
+        # pipeline catches its own); SIGTERM's default would end the process holding OUT_DIR.
+        with contextlib.ExitStack() as signals:
+            signals.enter_context(stop_signals())
+            return _run(args, config, graph, videos, outputs, lock, on_video, signals)
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"camface batch: interrupted; {args.out} released, no summary written; rerun with --resume",
+              file=sys.stderr)
+        return Terminated.exit_code if isinstance(exc, Terminated) else 130
     finally:
         lock.release()  # the run has ended: any worker still alive stops, and writes nothing
 
 
-def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_video) -> int:
+def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_video, signals) -> int:
     from camface.batch import cluster, pipeline, segments
     from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
@@ -167,6 +178,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
               f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
         time.sleep(ORPHAN_GRACE_S)
     removed = outputs.clean_partials()
+    segments.drop_finished_parts(outputs)  # joined by a run that died before removing them
     todo = pipeline.videos_to_do(outputs, videos, job.settings())
     if args.resume:
         changed, files = pipeline.changed_since(outputs, videos, job.settings())
@@ -178,7 +190,10 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     started = cluster.connect(args.address)
     import ray
 
+    from camface.realtime.threads import stop_signals
+
     try:
+        signals.enter_context(stop_signals())  # over the SIGTERM handler ray.init put in place (sys.exit)
         ray_start_s = time.perf_counter() - start
         resources = ray.cluster_resources()
         planned = dict(graph_gpus=args.graph_gpus, detect_actors=args.detect_actors, render_actors=args.render_actors,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 from dataclasses import dataclass
 
@@ -67,6 +68,14 @@ def connect(address: str | None) -> bool:
             common.pop("include_dashboard")  # the cluster's own choice
             ray.init(address=address, **common)
     except ClusterError:
+        raise
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, or SIGTERM through ray.init's own handler
+        if ray.is_initialized():
+            ray.shutdown()  # a half-started local Ray's processes go too
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            from camface.realtime.threads import Terminated
+
+            raise Terminated() from None
         raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

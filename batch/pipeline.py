@@ -33,6 +33,13 @@ from camface.realtime.threads import StopRequest, Terminated, stop_signals
 
 log = logging.getLogger(__name__)
 
+# A unit whose worker process dies (a decoder crash, the OOM killer) is tried this many times
+# more, then once more alone on its actor (a unit queued on the same actor dies with it), then
+# failed: Ray Data's default retries it without end, and the run hangs.
+WORKER_RETRIES = 1
+ATTEMPTS = WORKER_RETRIES + 2
+_DROPPED_LOG = "ray.data._internal.execution.streaming_executor_state"  # says which tasks Ray Data went on without
+
 
 @dataclass(frozen=True)
 class BatchJob:
@@ -94,14 +101,19 @@ def frame_count(path: str) -> int:
         capture.release()
 
 
-def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[str, ...]):
-    """The lazy Ray Dataset: one output row per unit, {video, unit (JSON), record (JSON)}."""
+def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[str, ...], alone: bool = False):
+    """The lazy Ray Dataset: one output row per unit, {video, unit (JSON), record (JSON)}. A unit
+    whose worker process died is left out (`DroppedTasks` says why). alone: each actor holds one
+    unit at a time and a call whose actor dies is not retried (the second chance of those lost)."""
+    import warnings
+
     import ray.data as rd
 
     context = rd.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows of the driver in input order
     context.enable_progress_bars = False  # the driver draws its own bar over videos and frames
     context.print_on_execution_start = False
+    context.max_errored_blocks = -1  # a unit whose worker died is left out, the run goes on
     items = [unit.row() for unit in units]
     ds = rd.from_items(items, override_num_blocks=len(items))  # else several videos share one block
     cfg = job.config
@@ -110,19 +122,81 @@ def build_dataset(job: BatchJob, plan: Plan, units: list[Unit], labels: tuple[st
                    explained_class=job.explained_class, owner=job.owner)
     render = dict(out_dir=job.out_dir, record=job.record, config=cfg, explained_class=job.explained_class,
                   labels=labels, settings=job.settings(), owner=job.owner)
-    if plan.fused:
-        return ds.map(Whole, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
-                      fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render))
-    ds = ds.map(Detect, compute=rd.ActorPoolStrategy(size=plan.detect_actors), num_cpus=plan.detect_cpus,
-                fn_constructor_kwargs=detect)
-    graph_resources = dict(num_cpus=plan.graph_cpus)
-    if plan.graph_gpus:
-        graph_resources["num_gpus"] = plan.graph_gpus
-    ds = ds.map(Explain, compute=rd.ActorPoolStrategy(size=plan.graph_actors), **graph_resources,
-                fn_constructor_kwargs=explain)
-    ds = ds.map(Render, compute=rd.ActorPoolStrategy(size=plan.render_actors), num_cpus=plan.render_cpus,
-                fn_constructor_kwargs=render)
-    return ds
+    # Ray Data retries a call whose actor died without end (a video that crashes its decoder
+    # hangs the run). Ray 2.60 takes max_task_retries only as a deprecated remote argument.
+    retries = dict(max_task_retries=0 if alone else WORKER_RETRIES)
+    in_flight = dict(max_tasks_in_flight_per_actor=1) if alone else {}
+
+    def pool(size: int):
+        return rd.ActorPoolStrategy(size=min(size, len(units)) if alone else size, **in_flight)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        if plan.fused:
+            return ds.map(Whole, compute=pool(plan.detect_actors), num_cpus=plan.detect_cpus,
+                          fn_constructor_kwargs=dict(detect=detect, explain=explain, render=render), **retries)
+        ds = ds.map(Detect, compute=pool(plan.detect_actors), num_cpus=plan.detect_cpus,
+                    fn_constructor_kwargs=detect, **retries)
+        graph_resources = dict(num_cpus=plan.graph_cpus)
+        if plan.graph_gpus:
+            graph_resources["num_gpus"] = plan.graph_gpus
+        ds = ds.map(Explain, compute=pool(plan.graph_actors), **graph_resources,
+                    fn_constructor_kwargs=explain, **retries)
+        return ds.map(Render, compute=pool(plan.render_actors), num_cpus=plan.render_cpus,
+                      fn_constructor_kwargs=render, **retries)
+
+
+def worker_died(exc: BaseException) -> bool:
+    """A Ray error saying the worker process itself was lost (killed, crashed, out of memory),
+    not an exception raised by camface's code in it."""
+    import ray.exceptions as rex
+
+    return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.OutOfMemoryError, rex.NodeDiedError))
+
+
+class DroppedTasks(logging.Filter):
+    """The errors of the tasks Ray Data went on without (`max_errored_blocks`), kept instead of
+    logged (a page of traceback each). A worker that died fails its unit alone (`lost_record`);
+    any other error stops the run (`check`), as it did before."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("An exception was raised from a task"):
+            self.errors.append(record.exc_info[1])
+            return False
+        return True
+
+    def check(self) -> None:
+        for exc in self.errors:
+            if not worker_died(exc):
+                raise exc
+
+    @contextlib.contextmanager
+    def attached(self):
+        logger = logging.getLogger(_DROPPED_LOG)
+        level = logger.level
+        if not logger.isEnabledFor(logging.ERROR):
+            logger.setLevel(logging.ERROR)  # else the errors would go unseen
+        logger.addFilter(self)
+        try:
+            yield self
+        finally:
+            logger.removeFilter(self)
+            logger.setLevel(level)
+
+
+def lost_record(outputs: Outputs, unit: Unit, labels: tuple[str, ...]) -> dict:
+    """The failed record of a unit whose worker process died on it each time it was tried (a
+    segment's: its part record, the video failing when it is joined)."""
+    from camface.batch.segments import part_paths
+
+    reason = (f"its worker process died each of the {ATTEMPTS} times it was tried (a crash in the decoder or "
+              "the graph, or the OOM killer; the Ray logs of its node say which)")
+    out = {"path": unit.path, "ok": False, "error": reason, "stage": "worker"}
+    return outputs.write_record(unit.video, out, labels, None if unit.whole else part_paths(outputs, unit)["record"])
 
 
 def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: tuple[str, ...],
@@ -152,6 +226,9 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         bar = tqdm(total=total or None, initial=initial, unit="frame", file=sys.stderr, mininterval=0.5,
                    leave=False, desc=f"videos 0/{len(by_video)}")
 
+    def say(message: str) -> None:
+        bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
+
     def finished(record: dict) -> None:
         result.finished.append(record)
         if bar is not None:
@@ -162,17 +239,45 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         elif "incomplete" in record:  # the worker's "ended early" warning stays in the worker's log
             message = f"camface batch: {record['path']} incomplete: {describe_incomplete(record)}"
         if message is not None:
-            bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
+            say(message)
         if on_video is not None:
             on_video(record)
+
+    seen: set[Unit] = set()
+
+    def take(row: dict) -> None:
+        """One unit's row back from the pipeline."""
+        stop.check()
+        dropped.check()
+        unit = Unit.from_row(json.loads(row["unit"]))
+        seen.add(unit)
+        record = json.loads(row["record"])  # the video's record, or a segment's part record
+        if record["status"] == DONE:
+            result.frames_run += record.get("frames", 0)
+            result.graph_calls_run += record.get("graph_calls", 0)
+        if "started_at" in record:
+            result.first_unit_started = min(result.first_unit_started or record["started_at"], record["started_at"])
+        if bar is not None:
+            bar.update(record.get("frames", 0) if record["status"] == DONE else 0)
+        left[unit.video] -= 1
+        if unit.whole:
+            drop_parts(outputs, unit.video)  # a killed run's, cut under other options
+            finished(record)
+            return
+        if record["status"] != DONE:  # said now; the video fails when its last segment is back
+            say(segment_failed(unit, record))
+        if not left[unit.video]:  # the video's last segment: join its parts
+            finished(finish(outputs, by_video[unit.video], labels, job.record))
 
     rows = None
     signals = contextlib.ExitStack()
     stop = StopRequest()  # none yet
+    dropped = DroppedTasks()
     try:
         # SIGTERM: not Ray's handler (sys.exit): the run stops as on Ctrl-C. Both are remembered
         # and checked at every row, in case Ray's code caught the first KeyboardInterrupt.
         stop = signals.enter_context(stop_signals())
+        signals.enter_context(dropped.attached())
         for video, parts in by_video.items():  # every segment done in an earlier run: join them
             if not left[video]:
                 finished(finish(outputs, parts, labels, job.record))
@@ -181,30 +286,26 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
         if todo:
             rows = iter(build_dataset(job, plan, todo, labels).iter_rows())  # a generator: close() stops it
         for row in rows or ():
+            take(row)
+        lost = [u for u in todo if u not in seen]
+        if lost:  # a worker died on them, or on a unit queued on the same actor: once more, each alone
             stop.check()
-            record = json.loads(row["record"])  # the video's record, or a segment's part record
-            if record["status"] == DONE:
-                result.frames_run += record.get("frames", 0)
-                result.graph_calls_run += record.get("graph_calls", 0)
-            if "started_at" in record:
-                result.first_unit_started = min(result.first_unit_started or record["started_at"],
-                                                record["started_at"])
-            if bar is not None:
-                bar.update(record.get("frames", 0) if record["status"] == DONE else 0)
-            video = row["video"]
-            left[video] -= 1
-            unit = Unit.from_row(json.loads(row["unit"]))
+            dropped.check()
+            rows = iter(build_dataset(job, plan, lost, labels, alone=True).iter_rows())
+            for row in rows:
+                take(row)
+        stop.check()
+        dropped.check()
+        for unit in (u for u in lost if u not in seen):  # its worker died each time: it fails alone
+            record = lost_record(outputs, unit, labels)
+            left[unit.video] -= 1
             if unit.whole:
-                drop_parts(outputs, video)  # a killed run's, cut under other options
+                drop_parts(outputs, unit.video)
                 finished(record)
-                continue
-            if record["status"] != DONE:  # said now; the video fails when its last segment is back
-                message = (f"camface batch: {record['path']} segment {unit.segment + 1} of {unit.segments} "
-                           f"(frames {unit.start}-{'end' if unit.stop is None else unit.stop - 1}) failed: "
-                           f"{record.get('reason')}")
-                bar.write(message, file=sys.stderr) if bar is not None else log.warning(message)
-            if not left[video]:  # the video's last segment: join its parts
-                finished(finish(outputs, by_video[video], labels, job.record))
+            else:
+                say(segment_failed(unit, record))
+                if not left[unit.video]:
+                    finished(finish(outputs, by_video[unit.video], labels, job.record))
     except (KeyboardInterrupt, Terminated) as exc:
         result.interrupted, result.terminated = True, isinstance(exc, Terminated)
     except Exception as exc:
@@ -224,6 +325,11 @@ def run(job: BatchJob, plan: Plan, units: list[Unit], outputs: Outputs, labels: 
             bar.close()
         result.wall_s = time.perf_counter() - started
     return result
+
+
+def segment_failed(unit: Unit, record: dict) -> str:
+    return (f"camface batch: {unit.path} segment {unit.segment + 1} of {unit.segments} "
+            f"(frames {unit.start}-{'end' if unit.stop is None else unit.stop - 1}) failed: {record.get('reason')}")
 
 
 def worker_failure(exc: BaseException) -> str | None:

@@ -198,6 +198,37 @@ def drop_parts(outputs, video: str) -> None:
         pass  # other videos' parts are still there
 
 
+def drop_finished_parts(outputs) -> int:
+    """Remove the parts of each video whose record says done under the options its parts were cut
+    with (`finish` wrote it, then the driver died before removing them, or the removal failed):
+    no run would use them again. Parts cut under other options are kept (a resume under those
+    options goes on from them), and so are those of videos without a done record. Returns how
+    many videos' parts went."""
+    from camface.batch.state import DONE
+
+    folders = sorted(p for p in outputs.parts.iterdir() if p.is_dir()) if outputs.parts.is_dir() else []
+    dropped = 0
+    for folder in folders:
+        record = outputs.read_record(folder.name)
+        if not record or record.get("status") != DONE or record.get("settings") != _parts_settings(folder):
+            continue
+        drop_parts(outputs, folder.name)
+        dropped += 1
+    return dropped
+
+
+def _parts_settings(folder: Path) -> dict | None:
+    """The options a video's parts were cut under: its saved split's, else a part record's."""
+    for path in (folder / "split.json", *sorted(folder.glob("[!.]*.json"))):
+        try:
+            settings = json.loads(path.read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if settings is not None:
+            return settings
+    return None
+
+
 def _join(outputs, units, parts, labels, record_video, out) -> None:
     """The parts' rows, class sums and video written as the video's own files (`Outputs.write`:
     atomic, and only while this run owns OUT_DIR)."""

@@ -329,6 +329,33 @@ def test_parts_of_a_killed_run_go_when_the_resume_does_the_video_whole(ray_clust
     assert not (out / "parts").exists()
 
 
+def test_parts_left_beside_a_joined_video_go_at_the_next_run(ray_cluster, clips, tmp_path):
+    """The driver died after writing a segmented video's record, before removing its parts (or
+    the removal failed): they stayed in OUT_DIR/parts/ for good. The next run removes them;
+    parts cut under other options (a resume under those goes on from them) stay."""
+    from camface.batch import segments
+    from camface.batch.inputs import video_id
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    argv = [paths[0], paths[1], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record",
+            "--segment-frames", "4"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(segments, "drop_parts", lambda outputs, video: None)  # the removal failed
+        assert batch(argv) == 0
+    done, other = (video_id(path.resolve()) for path in paths[:2])
+    assert sorted(p.name for p in (out / "parts").iterdir()) == sorted([done, other])
+    for saved in (out / "parts" / other).glob("[!.]*.json"):  # as a run killed under other options left them
+        value = json.loads(saved.read_text())
+        value["settings"]["method"] = "none"
+        saved.write_text(json.dumps(value))
+    assert batch([*argv, "--resume"]) == 0
+    assert [p.name for p in (out / "parts").iterdir()] == [other]
+    assert len(list((out / "parts" / other).glob("0*.json"))) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["videos_this_run"] == [] and [r["status"] for r in summary["videos"]] == ["done"] * 2
+
+
 def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips, tmp_path):
     folder, paths = clips
     out = tmp_path / "out"

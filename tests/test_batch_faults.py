@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_batch import batch
+from tests.test_batch import batch, clips  # noqa: F401 (clips: a fixture)
 
 ray = pytest.importorskip("ray")
 av = pytest.importorskip("av")
@@ -419,3 +419,103 @@ def test_a_ctrl_c_that_ray_turns_into_an_error_of_its_own_still_interrupts_the_r
     result = pipeline.run(job, plan({"CPU": 2}), [Unit("v", str(tmp_path / "v.mp4"))], outputs, ("x",), False)
     assert result.interrupted and result.terminated == (signum == "SIGTERM") and result.finished == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_a_video_that_kills_its_worker_fails_alone_and_a_resume_goes_on(ray_cluster, clips, tmp_path, capfd,
+                                                                         caplog, segmented):
+    """A decoder crash or the OOM killer ends the worker's process on one video: Ray Data retried
+    it without end and the run hung. Now it is tried again (then alone on its actor), then that video
+    (or segment) is failed with the reason, the others are done, and --resume does only it."""
+    import os
+    import signal
+    import threading
+
+    from camface.batch import pipeline, stages
+    from camface.batch.inputs import video_id
+
+    folder, paths = clips
+    crashing = video_id(paths[1].resolve())
+    segment = 1 if segmented else 0
+
+    class Crashing(stages.Whole):  # defined here: Ray pickles it by value into the workers
+        def __call__(self, row):
+            if row["video"] == crashing and row["segment"] == segment:
+                os._exit(1)
+            return super().__call__(row)
+
+    out = tmp_path / "out"
+    argv = [*paths, "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record",
+            "--segment-frames", "4" if segmented else "0"]
+    hung = threading.Timer(240, os.kill, (os.getpid(), signal.SIGINT))  # a hang fails (exit 130), not waits
+    hung.start()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pipeline, "Whole", Crashing)
+            code = batch(argv)
+    finally:
+        hung.cancel()
+    err = capfd.readouterr().err
+    assert code == 1, err
+    summary = json.loads((out / "summary.json").read_text())
+    status = {r["video"]: r["status"] for r in summary["videos"]}
+    assert status == {video_id(p.resolve()): "failed" if p == paths[1] else "done" for p in paths}
+    failed = next(r for r in summary["videos"] if r["video"] == crashing)
+    assert failed["reason"].startswith("its worker process died each of the 3 times it was tried")
+    assert f"camface batch: failed: {paths[1]}: its worker process died" in err
+    assert "Traceback" not in err
+    if segmented:
+        assert f"{paths[1]} segment 2 of 3 (frames 3-6) failed: its worker process died" in caplog.text
+    capfd.readouterr()
+    assert batch([*argv, "--resume"]) == 0  # the crash is gone: only that video is done again
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["videos_this_run"] == [crashing]
+    assert summary["run"]["units_run"] == (3 if segmented else 1)
+
+
+STARTUP_DRIVER = """
+import os, signal, sys, time
+import ray
+from camface.batch import cluster
+from camface.cli import main
+where, signum = sys.argv[1], getattr(signal, sys.argv[2])
+
+def connect(address):  # the signal comes while Ray starts
+    os.kill(os.getpid(), signum)
+    time.sleep(60)
+
+def init(*args, **kwargs):  # as ray.init does first: SIGTERM exits through its own handler
+    signal.signal(signal.SIGTERM, lambda received, frame: sys.exit(received))
+    os.kill(os.getpid(), signum)
+    time.sleep(60)
+
+if where == "connect":
+    cluster.connect = connect
+else:
+    ray.init = init
+sys.exit(main(["batch", *sys.argv[3:]]))
+"""
+
+
+@pytest.mark.parametrize("where, signum, code", [("connect", "SIGINT", 130), ("connect", "SIGTERM", 143),
+                                                  ("ray.init", "SIGINT", 130), ("ray.init", "SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_while_ray_starts_releases_the_output_folder(clips, tmp_path, where, signum, code):
+    """SIGTERM's default ended the driver holding OUT_DIR (and ray.init's handler exited 15): the
+    next run waited, saying the earlier one "ended without releasing". Now both release it and
+    exit 130 / 143."""
+    import subprocess
+    import sys
+
+    from camface.batch.owner import OWNER_NAME, RunLock
+
+    folder, paths = clips
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", STARTUP_DRIVER, where, signum, str(paths[0]), "-o", str(out),
+                          "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == code, run.stderr
+    assert f"camface batch: interrupted; {out} released, no summary written; rerun with --resume" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert json.loads((out / OWNER_NAME).read_text())["token"] is None
+    lock = RunLock(out).acquire()
+    assert lock.earlier is None  # the next run does not wait for the workers of a killed one
+    lock.release()
