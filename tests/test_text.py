@@ -52,11 +52,11 @@ def _result(labels: tuple[str, ...], box=(40, 50, 60, 60)) -> FrameResult:
 def test_labels_opencv_draws_keep_cv2_puttext_pixels(labels):
     """ASCII and Latin-1 labels: the same pixels as the cv2 calls BoxAnnotator and BarsAnnotator made before."""
     result = _result(labels)
-    frame = np.full((160, 240, 3), 90, np.uint8)
+    frame = np.full((160, 320, 3), 90, np.uint8)  # wide enough: a label past the edge is moved in (3c2a778)
     BoxAnnotator().annotate(frame, result)
     BarsAnnotator().annotate(frame, result)
 
-    want = np.full((160, 240, 3), 90, np.uint8)
+    want = np.full((160, 320, 3), 90, np.uint8)
     x, y, w, h = result.faces[0].box
     cv2.rectangle(want, (x, y), (x + w - 1, y + h - 1), (0, 200, 0), 2)
     caption = result.predictions[0].caption(labels)
