@@ -2,15 +2,17 @@
 Score-CAM) written into a finished CAM graph, whatever made it: tf2onnx (Keras), camface's ONNX
 engine, int8 quantisation.
 
-Inside the graph they find three tensors: the target (`activations` followed back through
-Identity, Transpose and int8 QDQ nodes to a tensor the logits read), the logits (the input of the Softmax / Sigmoid that `probs` comes from)
-and the normalised input (`image` cast, then scaled and offset per channel: NHWC float32). The
-head is every node between the target and the logits, the model every node between the
-normalised input and the logits; each is cloned, once per chunk of `chunk` variants of every
-crop (at most N * chunk rows at a time, so memory does not grow with the number of channels):
-unrolled into the graph up to MAX_UNROLLED chunks, beyond that once, into the body of an ONNX
-Loop over the chunks. The clones read the graph's own initializers (from the outer scope in a
-Loop): the file grows by the clones' nodes only, never by a weight.
+Inside the graph they find three tensors: the target (`activations` followed back through Identity,
+Transpose and int8 QDQ nodes to a tensor the logits read), the logits (the input of the Softmax /
+Sigmoid that `probs` comes from) and the normalised input (`image` cast, then scaled and offset per
+channel: NHWC float32). The head is every node between the target and the logits, the model every
+node between the normalised input and the logits (with the nodes that compute a head's indices from
+the batch size of the graph's input, torch.export's as_strided, which the clones compute from their
+own rows); each is cloned, once per chunk of `chunk` variants of every crop (at most N * chunk rows
+at a time, so memory does not grow with the number of channels): unrolled into the graph up to
+MAX_UNROLLED chunks, beyond that once, into the body of an ONNX Loop over the chunks. The clones
+read the graph's own initializers (from the outer scope in a Loop): the file grows by the clones'
+nodes only, never by a weight.
 
 `attach` adds them and checks them against the numpy reference (`methods.ModelCalls` around ONNX
 Runtime sessions of the same graph's head and model; the reference reruns one variant per chunk,
@@ -101,10 +103,12 @@ def _descendants(graph, start: set[str]) -> set[str]:
     return live
 
 
-def between(graph, start: str, end: str) -> tuple:
+def between(graph, start: str, end: str, shapes: dict | None = None) -> tuple:
     """The nodes that depend on `start` and that `end` depends on, in graph order. Raises
     ModelError when one of them also reads a tensor computed from the graph's inputs some other
-    way (its batch would not be the clone's)."""
+    way (its batch would not be the clone's), unless that tensor depends on them only through
+    their batch size (`_from_batch`; shapes: tensor -> inferred dims): then the nodes computing
+    it are among those returned, reading the batch size of `start` instead."""
     live = _descendants(graph, {start})
     producer = _producers(graph)
     needed, stack = set(), [end]
@@ -117,13 +121,54 @@ def between(graph, start: str, end: str) -> tuple:
         stack.extend(reads(node))
     nodes = tuple(n for n in graph.node if any(o in needed for o in n.output))
     inputs = _descendants(graph, {i.name for i in graph.input})
+    sized = {}
     for node in nodes:
         outside = [x for x in reads(node) if x not in live and x in inputs]
-        if outside:
+        found = _from_batch(graph, outside, start, shapes, inputs) if outside and shapes else None
+        if outside and found is None:
             raise ModelError(f"node {node.name!r} ({node.op_type}) between {start!r} and {end!r} also reads "
                              f"{outside[0]!r}, computed from the graph's input without passing through "
                              f"{start!r}: it cannot be run again on modified copies")
-    return nodes
+        sized.update(found or {})
+    if not sized:
+        return nodes
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    return tuple(n for _, n in sorted([*sized.items(), *((order[id(n)], n) for n in nodes)], key=lambda x: x[0]))
+
+
+def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict | None:
+    """{position in the graph: node} computing `tensors` from the graph's input through its batch
+    size alone (Shape nodes with start 0, end 1 of a tensor whose first dimension is `start`'s,
+    same symbol: torch.export writes a reshape after global pooling as a Gather whose indices
+    count the rows from the input's Shape), those Shape nodes copied to read `start` (the batch
+    of a rerun is that of its rows: the clone computes what the model computes on that many
+    inputs), others as they are; None when one depends on the input in any other way."""
+    from onnx import NodeProto
+
+    batch = (shapes.get(start) or [None])[0]
+    where = {o: (i, n) for i, n in enumerate(graph.node) for o in n.output}
+    found, stack, seen = {}, list(tensors), set()
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen or tensor not in inputs:
+            continue
+        seen.add(tensor)
+        if tensor not in where:
+            return None  # the graph's input itself
+        index, node = where[tensor]
+        if node.op_type == "Shape":
+            bounds = {a.name: a.i for a in node.attribute}
+            if batch is None or bounds.get("start", 0) != 0 or bounds.get("end") != 1 or \
+                    (shapes.get(node.input[0]) or [None])[0] != batch:
+                return None
+            copy = NodeProto()
+            copy.CopyFrom(node)
+            copy.input[0] = start
+            found[index] = copy
+            continue
+        found[index] = node
+        stack.extend(reads(node))
+    return found
 
 
 def normalising(graph, values: dict) -> list:
@@ -195,7 +240,7 @@ def anatomy(model) -> Anatomy:
     if not isinstance(num_classes, int):
         raise ModelError("the CAM graph's probs have no static number of classes")
     try:
-        head_nodes, head_problem = between(graph, target, logits), ""
+        head_nodes, head_problem = between(graph, target, logits, shapes), ""
     except ModelError as exc:
         head_nodes, head_problem = None, str(exc)
     return Anatomy(target, perm, logits, num_classes, images, image_dims, feature_dims,
@@ -409,7 +454,13 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
 
     from camface.export import onnx_model
 
-    extractor = onnx.utils.Extractor(onnx_model.prepare(model, where="the CAM graph"))
+    prepared = onnx_model.prepare(model, where="the CAM graph")
+    # the head reads the batch size of the target where the graph reads its input's (`_from_batch`)
+    sized = {n.output[0] for n in parts.head_nodes or () if n.op_type == "Shape" and n.input[0] == parts.target}
+    for node in prepared.graph.node:
+        if node.op_type == "Shape" and node.output[0] in sized:
+            node.input[0] = parts.target
+    extractor = onnx.utils.Extractor(prepared)
     head = None if parts.head_nodes is None else _session(extractor.extract_model([parts.target], [parts.logits]))
     whole = _session(extractor.extract_model([parts.images], [parts.logits]))
     probe = onnx.ModelProto()

@@ -334,6 +334,61 @@ def test_a_model_too_large_for_a_score_cam_pass_is_a_clear_error(caplog):
     assert "scorecam left out: scorecam: one pass of 16 variants" in caplog.text
 
 
+def _batch_sized_graph(source, bounds):
+    """t = Relu(x [N, 4]); out = t + Cast(Shape(source, **bounds)): a head (t -> out) that also
+    reads a tensor computed from the graph's input (x, or y [M, 4] of another batch)."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["t"]),
+             helper.make_node("Shape", [source], ["s"], name="shape", **bounds),
+             helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["t", "c"], ["out"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                                           helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("source, bounds, cloned", [
+    ("x", {"start": 0, "end": 1}, True),  # the batch size of the head's own input: rebuilt
+    ("x", {"start": 1, "end": 2}, False),  # another dimension
+    ("x", {}, False),  # the whole shape
+    ("x", {"end": 1}, True),  # start 0 by default
+    ("y", {"start": 0, "end": 1}, False),  # the batch of another input
+])
+def test_a_head_reading_the_inputs_batch_size_reads_its_own(source, bounds, cloned):
+    """A head node that reads a tensor computed from the graph's input through its batch size
+    alone (torch.export's as_strided indices) gets the nodes that compute it, its Shape reading
+    the head's own input: run on 6 rows, the head adds 6; anything else is refused, naming the
+    node and the tensor."""
+    from onnx import TensorProto, helper
+
+    from camface.export import onnx_model, onnx_rerun
+
+    model = _batch_sized_graph(source, bounds)
+    shapes = onnx_model.shapes(onnx_model.prepare(model))
+    if not cloned:
+        with pytest.raises(ModelError, match=r"node 'add' \(Add\) between 't' and 'out' also reads 'c', computed "
+                                             r"from the graph's input"):
+            onnx_rerun.between(model.graph, "t", "out", shapes)
+        return
+    with pytest.raises(ModelError, match="also reads 'c'"):  # without the shapes, as before
+        onnx_rerun.between(model.graph, "t", "out")
+    nodes = onnx_rerun.between(model.graph, "t", "out", shapes)
+    assert [n.op_type for n in nodes] == ["Shape", "Cast", "Add"] and nodes[0].input[0] == "t"
+    assert model.graph.node[1].input[0] == "x"  # the graph itself is unchanged
+    head = helper.make_model(helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("t", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    head.ir_version = 8
+    rows = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    session = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"t": rows})[0], rows + 6, rtol=1e-6)
+
+
 def test_reference_without_the_model_is_refused():
     a = np.ones((1, 2, 2, 3), np.float32)
     with pytest.raises(ValueError, match="scorecam runs the model again: pass model=ModelCalls"):

@@ -612,6 +612,48 @@ def test_convnext_heatmaps_equal_those_of_torch_autograd(convnext_graph, batch):
                                    err_msg=name)
 
 
+@pytest.fixture(scope="module")
+def convnext_pt2_and_legacy(tmp_path_factory):
+    """(the torch model, {"pt2" | "legacy": the export result}) of one ConvNeXt-like model saved
+    by torch.export and by the legacy exporter (opset 17), every method asked for."""
+    from onnx_helpers import save_program
+
+    from camface import methods
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    folder = tmp_path_factory.mktemp("convnext_pt2")
+    torch.manual_seed(0)
+    model = ConvNeXt().eval()
+    paths = {"pt2": save_program(model, folder / "convnext.pt2", size=SIZE),
+             "legacy": legacy_onnx(model, folder / "convnext.onnx")}
+    options = ExportOptions(preset="unit", heads=methods.names())
+    return model, {kind: onnx_export.export(path, folder / f"cam_{kind}.onnx", options)
+                   for kind, path in paths.items()}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_convnext_from_a_pt2_keeps_ablation_cam_equal_to_the_legacy_exporters(convnext_pt2_and_legacy,
+                                                                               batch):
+    """torch.export writes the head's flatten after global pooling as a Gather whose indices
+    count the rows from the input's Shape (`node_as_strided`): Ablation-CAM was left out ("also
+    reads 'val_83', computed from the graph's input"). The index nodes are cloned into the rerun
+    reading its own rows' batch size: the .pt2's Ablation-CAM equals the legacy graph's and torch's
+    (the head rerun on the ablated activations by a forward hook)."""
+    model, results = convnext_pt2_and_legacy
+    assert all("ablationcam" in r.info.heatmaps for r in results.values())
+    assert all(d.ok for r in results.values() for d in r.differences)
+    rng = np.random.default_rng(batch)
+    images = rng.integers(0, 256, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = rng.integers(-1, 4, batch).astype(np.int64)
+    got = {kind: run_graph(r.path, images, classes)["ablationcam"] for kind, r in results.items()}
+    _, _, expected = torch_heatmaps(model, model.stages, images, classes, ["ablationcam"])
+    scale = float(np.abs(expected["ablationcam"]).max())
+    assert got["pt2"].shape == (batch, 4, 4) and scale > 0
+    for heatmap in (got["legacy"], expected["ablationcam"]):
+        np.testing.assert_allclose(got["pt2"], heatmap, rtol=1e-4, atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize("module, channels_last", [("stages.1.2.norm", True), ("stages.1.2.mlp.0", True),
                                                    ("stages.0.1.conv_dw", False)])
 def test_a_module_inside_nested_sequentials_is_named_as_pytorch_names_it(tmp_path, module,
