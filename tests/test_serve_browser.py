@@ -33,6 +33,12 @@ def launch(playwright, clip: Path):
         f"--use-file-for-fake-video-capture={clip}"])
 
 
+def page_of(browser, policy: bool = False):
+    """A new page in a context of its own. Playwright's wait_for_function evaluates its string in
+    the page, which the page's Content-Security-Policy forbids: it is bypassed unless `policy`."""
+    return browser.new_context(bypass_csp=not policy).new_page()
+
+
 def shown(page, more: int = 0, timeout: float = 20_000) -> int:
     """Wait until `more` frames beyond those shown now were shown; returns the count."""
     now = page.evaluate("window.camface ? window.camface.stats.framesShown : 0")
@@ -76,7 +82,7 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
     try:
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
-            page = browser.new_context().new_page()
+            page = page_of(browser)
             page.goto(url)
             shown(page, 5)
             stats = page.evaluate("window.camface.stats")
@@ -186,7 +192,7 @@ def test_the_snapshot_download_is_the_frame_of_the_snapshot_while_decoding_lags(
     try:
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
-            page = browser.new_context().new_page()
+            page = page_of(browser)
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.add_init_script(_RECEIVED_AND_SLOW_DECODE)
@@ -218,7 +224,7 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
     try:
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
-            page = browser.new_context().new_page()
+            page = page_of(browser)
             page.goto(url)
             shown(page, 3)
             methods = page.evaluate("window.camface.hello.methods")
@@ -240,6 +246,38 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
             assert page.input_value("#method") == chosen
             assert page.locator("#method option").count() == len(methods) + 1  # and "none"
             assert page.locator("#class option").count() == len(info.labels) + 1  # and "predicted"
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+def test_the_page_runs_under_its_own_policy(tmp_path):
+    """The page's Content-Security-Policy (its own script, style and WebSocket only) leaves it
+    working: frames drawn, the panel filled, and no violation reported."""
+    import time
+
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = page_of(browser, policy=True)
+            page.add_init_script("window.violations = []; document.addEventListener('securitypolicyviolation', "
+                                 "(e) => window.violations.push(`${e.violatedDirective} ${e.blockedURI}`));")
+            response = page.goto(url)
+            assert "default-src 'none'" in response.headers["content-security-policy"]
+            deadline = time.monotonic() + 30  # wait_for_function cannot run under the policy: poll
+            while page.evaluate("window.camface ? window.camface.stats.framesShown : 0") < 5:
+                assert time.monotonic() < deadline, page.text_content("#status")
+                page.wait_for_timeout(100)
+            page.wait_for_timeout(300)  # the panel refreshes every 250 ms
+            assert page.locator("#faces .face").count() == 3
+            assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(21, 23, 26)"  # app.css
+            assert page.evaluate("window.violations") == []
             browser.close()
     finally:
         server.send_signal(signal.SIGTERM)
