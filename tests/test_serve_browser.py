@@ -282,3 +282,44 @@ def test_the_page_runs_under_its_own_policy(tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+# Every ImageBitmap the page decodes, and those it closed; every other decode made slow, so
+# that a frame decodes after the next one, which is drawn first.
+_BITMAPS_OUT_OF_ORDER = """
+window.bitmaps = { made: 0, closed: 0 };
+const decode = window.createImageBitmap;
+window.createImageBitmap = (...args) => decode(...args).then((bitmap) => {
+  window.bitmaps.made += 1;
+  const close = bitmap.close.bind(bitmap);
+  bitmap.close = () => { window.bitmaps.closed += 1; close(); };
+  return new Promise((done) => setTimeout(() => done(bitmap), window.bitmaps.made % 2 ? 250 : 0));
+});
+"""
+
+
+def test_every_decoded_frame_is_released_also_one_decoded_too_late_to_draw(tmp_path):
+    """A frame whose decode ends after a newer one was drawn is not drawn, and its ImageBitmap
+    (a decoded frame's pixels, outside the JavaScript heap) is closed all the same: it was left
+    to the garbage collector, the page's memory growing with every late frame."""
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = page_of(browser)
+            page.add_init_script(_BITMAPS_OUT_OF_ORDER)
+            page.goto(url)
+            shown(page, 10)
+            page.evaluate("document.getElementById('camera').pause()")
+            # once the last replies are decoded, every bitmap was closed: drawn or not
+            page.wait_for_function("bitmaps.made === bitmaps.closed", timeout=10_000)
+            made, drawn = page.evaluate("[bitmaps.made, camface.stats.framesShown]")
+            assert made > drawn, "no frame decoded late: the test did not exercise it"
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)

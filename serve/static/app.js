@@ -119,7 +119,10 @@ function onMessage(event) {
   for (const seq of sentAt.keys()) if (seq <= result.seq) sentAt.delete(seq);
   const received = performance.now(), connection = connections;
   createImageBitmap(jpeg).then((bitmap) => {
-    if (connection !== connections || result.seq <= drawn) return;  // an older frame decoded late
+    if (connection !== connections || result.seq <= drawn) {  // an older frame decoded late
+      bitmap.close();  // its pixels live outside the JavaScript heap: release them now, as a drawn one's
+      return;
+    }
     drawn = result.seq;
     if (view.width !== bitmap.width || view.height !== bitmap.height) {
       view.width = bitmap.width; view.height = bitmap.height;
