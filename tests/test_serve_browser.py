@@ -123,6 +123,14 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
             snapshot = tmp_path / "snapshots" / folder
             assert (snapshot / "snapshot.json").is_file() and (snapshot / "face_02.png").is_file()
             assert page.locator("#downloads a", has_text=folder).count() == 1  # the annotated frame's download
+            # the key held down (it repeats): one more snapshot, not one per repeat
+            snapshots = "window.camface.notes.filter(n => n.type === 'snapshot').length"
+            for _ in range(4):
+                page.keyboard.down("s")
+            page.keyboard.up("s")
+            page.wait_for_function(f"{snapshots} === 2", timeout=10_000)
+            shown(page, 5)  # any further snapshot would have come by now, each after its frame
+            assert page.evaluate(snapshots) == 2 and len(list((tmp_path / "snapshots").iterdir())) == 2
 
             page.click("#record")
             page.wait_for_function("window.camface.notes.some(n => n.type === 'recording')", timeout=10_000)

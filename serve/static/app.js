@@ -240,10 +240,10 @@ document.addEventListener("keydown", (event) => {
     klass.value = "";
   } else if (key === "h") {
     $("hud").checked = !$("hud").checked;
-  } else if (key === "s") {
-    $("snapshot").click(); return;
+  } else if (key === "s") {  // a held key repeats: one snapshot, one toggle, per press
+    if (!event.repeat) $("snapshot").click(); return;
   } else if (key === "r") {
-    $("record").click(); return;
+    if (!event.repeat) $("record").click(); return;
   } else {
     return;
   }
