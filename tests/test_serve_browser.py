@@ -216,6 +216,16 @@ def test_the_snapshot_download_is_the_frame_of_the_snapshot_while_decoding_lags(
         server.communicate(timeout=30)
 
 
+# How many of the page's sockets closed (counted before the page's own onclose runs).
+_COUNT_CLOSES = """
+window.closes = 0;
+const Socket = window.WebSocket;
+window.WebSocket = class extends Socket {
+  constructor(...args) { super(...args); this.addEventListener("close", () => { window.closes += 1; }); }
+};
+"""
+
+
 def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path):
     """A camera that sends nothing for --idle-timeout (a hidden tab, a sleeping laptop; here the
     video paused) is closed as idle; once it has frames again the page reconnects by itself, with
@@ -233,6 +243,7 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
             page = page_of(browser)
+            page.add_init_script(_COUNT_CLOSES)
             page.goto(url)
             shown(page, 3)
             methods = page.evaluate("window.camface.hello.methods")
@@ -254,6 +265,16 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
             assert page.input_value("#method") == chosen
             assert page.locator("#method option").count() == len(methods) + 1  # and "none"
             assert page.locator("#class option").count() == len(info.labels) + 1  # and "predicted"
+            # the camera itself ends (unplugged, taken by another program): the page says so, and
+            # the idle close that follows does not hide it behind "disconnected"
+            closes = page.evaluate("window.closes")
+            page.evaluate("const camera = document.getElementById('camera'); camera.pause(); "
+                          "camera.srcObject.getVideoTracks()[0].dispatchEvent(new Event('ended'))")
+            page.wait_for_function("document.getElementById('status').textContent.includes('camera stopped')",
+                                   timeout=5_000)
+            page.wait_for_function(f"window.closes === {closes + 1}", timeout=10_000)  # idle, again
+            assert "camera stopped" in page.text_content("#status")
+            assert page.get_attribute("#status", "class") == "error"
             browser.close()
     finally:
         server.send_signal(signal.SIGTERM)

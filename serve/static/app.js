@@ -23,6 +23,7 @@ const sentAt = new Map();
 const shownAt = [];
 let lastJpeg = null, labels = [], panelAt = 0;
 let connections = 0, retry = false, closedAt = 0;
+let cameraStopped = null;  // why the camera ended, once it has: it outlasts the socket's own news
 
 function status(text, error = false) {
   $("status").textContent = text;
@@ -39,6 +40,10 @@ async function start() {
   try {
     video.srcObject = await navigator.mediaDevices.getUserMedia(
       { video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+    video.srcObject.getVideoTracks()[0].addEventListener("ended", () => {
+      cameraStopped = "camera stopped (unplugged, or taken by another program): reload the page once it is back";
+      status(cameraStopped, true);
+    });
     await video.play();
   } catch (error) {
     status(`camera refused: ${error.message}`, true);
@@ -65,7 +70,8 @@ function connect() {
 // restarting (1012) or full (1013), or a lost connection (1006): reconnect once the camera has
 // a new frame, at most every RETRY_MS. A refusal, a bad message or a server error stays closed.
 function onClose(event) {
-  status(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""})`, event.code !== 1000);
+  status(cameraStopped ?? `disconnected (${event.code}${event.reason ? ": " + event.reason : ""})`,
+         cameraStopped !== null || event.code !== 1000);
   setRecording(false);  // the server finalised it: this socket's recording is over
   retry = [1006, 1012, 1013].includes(event.code) || (event.code === 1008 && event.reason.startsWith("idle:"));
   closedAt = performance.now();
