@@ -32,12 +32,11 @@ CLOCK = time.monotonic  # stamps each frame's arrival, for recordings (tests: a 
 
 STATIC = Path(__file__).resolve().parent / "static"
 # On every HTTP response: the page runs only its own script and style and connects only to its
-# own server ('self' covers its ws:/wss:; blob: for the snapshot's download of a received frame),
-# no other site may frame it (clicks on snapshot or record through a transparent frame), and
-# the ?token= of its URL goes out in no Referer.
+# own server ('self' covers its ws:/wss:), no other site may frame it (clicks on snapshot or
+# record through a transparent frame), and the ?token= of its URL goes out in no Referer.
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "connect-src 'self' blob:; base-uri 'none'; form-action 'none'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
