@@ -283,7 +283,8 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
 
 def test_the_page_runs_under_its_own_policy(tmp_path):
     """The page's Content-Security-Policy (its own script, style and WebSocket only) leaves it
-    working: frames drawn, the panel filled, and no violation reported."""
+    working: frames drawn, the panel filled, and no violation reported. Without a camera it
+    says why (it once said "camera refused" when there was none)."""
     import time
 
     from camface.realtime.sample import SampleSource
@@ -308,6 +309,15 @@ def test_the_page_runs_under_its_own_policy(tmp_path):
             assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(21, 23, 26)"  # app.css
             assert page.evaluate("window.violations") == []
             browser.close()
+            # and where there is no camera at all, or the user said no, the page says which
+            for args, says in ((["--use-fake-ui-for-media-stream"], "no camera found"),
+                               (["--use-fake-device-for-media-stream"], "camera not allowed")):
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+                page = page_of(browser)
+                page.goto(url)
+                page.wait_for_function("window.camface.error", timeout=10_000)
+                assert page.text_content("#status").startswith(says), page.text_content("#status")
+                browser.close()
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)

@@ -8,6 +8,11 @@
 const WINDOW = 2;
 const RETRY_MS = 3000;  // between attempts to reconnect
 const PANEL_EVERY_MS = 250;  // the side panel's refresh: layout costs the browser CPU the frames need
+const CAMERA_ERRORS = {  // getUserMedia's errors, by name, as the user can act on them
+  NotAllowedError: "camera not allowed (allow it for this site, then reload)",
+  NotFoundError: "no camera found", OverconstrainedError: "no camera found",
+  NotReadableError: "camera busy or broken (another program may hold it)",
+};
 const token = new URLSearchParams(location.search).get("token");
 const query = token ? `?token=${encodeURIComponent(token)}` : "";
 const stats = { framesSent: 0, framesShown: 0, lastLatencyMs: null, method: null };
@@ -46,7 +51,7 @@ async function start() {
     });
     await video.play();
   } catch (error) {
-    status(`camera refused: ${error.message}`, true);
+    status(`${CAMERA_ERRORS[error.name] ?? "camera failed"}: ${error.message}`, true);
     return;
   }
   connect();
