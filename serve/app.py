@@ -4,7 +4,7 @@ the finished recordings, and a small JSON of counters.
 Routes (each refuses a request without the token when the server has one, or, without a
 token, one whose Host is not localhost: HTTP 403, or WebSocket close code 1008):
   GET /                  the page (static/index.html)
-  GET /app.js            the page's script (no secrets in it: served without the token)
+  GET /app.js, /app.css  the page's script and style (no secrets in them: served without the token)
   WS  /ws                the protocol of camface.serve.protocol; the Origin must be the page's
   GET /recordings/NAME   a finished recording of this server (video/mp4)
   GET /stats             counters: clients, frames received/dropped/processed, graph calls
@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 CLOCK = time.monotonic  # stamps each frame's arrival, for recordings (tests: a fake)
 
 STATIC = Path(__file__).resolve().parent / "static"
+# On every HTTP response: the page runs only its own script and style and connects only to its
+# own server ('self' covers its ws:/wss:), no other site may frame it (clicks on snapshot or
+# record through a transparent frame), and the ?token= of its URL goes out in no Referer.
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 CLOSE_WAIT_S = 2.0  # for the close frame to go out; a client that does not read may never take it
 
 
@@ -105,6 +115,9 @@ def create_app(state: ServeState):
 
     async def script(request):
         return FileResponse(STATIC / "app.js", media_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+    async def style(request):
+        return FileResponse(STATIC / "app.css", media_type="text/css", headers={"Cache-Control": "no-store"})
 
     async def recording(request):
         if (refusal := refused(request)) is not None:
@@ -201,9 +214,29 @@ def create_app(state: ServeState):
         finally:
             await asyncio.to_thread(state.close)
 
-    return Starlette(routes=[Route("/", page), Route("/app.js", script), Route("/stats", stats),
-                             Route("/recordings/{name}", recording), WebSocketRoute("/ws", socket)],
-                     lifespan=lifespan)
+    app = Starlette(routes=[Route("/", page), Route("/app.js", script), Route("/app.css", style),
+                            Route("/stats", stats), Route("/recordings/{name}", recording),
+                            WebSocketRoute("/ws", socket)],
+                    lifespan=lifespan)
+    return _with_headers(app, SECURITY_HEADERS)
+
+
+def _with_headers(app, headers: dict[str, str]):
+    """The ASGI app `app` with `headers` added to every HTTP response (404s and 403s too)."""
+    extra = [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return wrapped
 
 
 def _open_session(state: ServeState):

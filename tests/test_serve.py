@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
 
 import cv2
@@ -235,6 +236,31 @@ def test_the_token_is_needed_by_the_page_the_socket_and_the_files(make_client):
             assert close["code"] == 1008 and close["reason"] == "missing or wrong token"
     with client.websocket_connect("/ws?token=s3cret-token") as ws:
         assert ws.receive_json()["type"] == "hello"
+
+
+@pytest.mark.parametrize("path", ["/", "/app.js", "/app.css", "/stats", "/recordings/x.mp4", "/?token=wrong"])
+def test_every_response_carries_a_policy_that_allows_only_this_server(make_client, path):
+    """The camera page runs only its own script and style, connects only to its own server
+    (and WebSocket), cannot be framed by another site (a click on snapshot or record through
+    a transparent frame), and names no token in a Referer."""
+    client, _ = make_client()
+    response = client.get(path)
+    policy = dict(part.strip().split(" ", 1) for part in response.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == policy["style-src"] == "'self'"  # no inline script or style, no eval
+    assert policy["connect-src"] == "'self'"  # its own WebSocket included (CSP level 3)
+    assert policy["frame-ancestors"] == "'none'" and policy["base-uri"] == "'none'"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_the_page_has_no_inline_script_or_style_its_policy_would_block(make_client):
+    client, _ = make_client()
+    page = client.get("/").text
+    assert not re.search(r"<style|\sstyle=|<script(?![^>]*\ssrc=)|\son[a-z]+=", page)
+    for link in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert client.get("/" + link.lstrip("/")).status_code == 200, link
+    assert client.get("/app.css").headers["content-type"].startswith("text/css")
 
 
 @pytest.mark.parametrize("origin, accepted", [

@@ -33,6 +33,12 @@ def launch(playwright, clip: Path):
         f"--use-file-for-fake-video-capture={clip}"])
 
 
+def page_of(browser, policy: bool = False):
+    """A new page in a context of its own. Playwright's wait_for_function evaluates its string in
+    the page, which the page's Content-Security-Policy forbids: it is bypassed unless `policy`."""
+    return browser.new_context(bypass_csp=not policy).new_page()
+
+
 def shown(page, more: int = 0, timeout: float = 20_000) -> int:
     """Wait until `more` frames beyond those shown now were shown; returns the count."""
     now = page.evaluate("window.camface ? window.camface.stats.framesShown : 0")
@@ -76,7 +82,7 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
     try:
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
-            page = browser.new_context().new_page()
+            page = page_of(browser)
             page.goto(url)
             shown(page, 5)
             stats = page.evaluate("window.camface.stats")
@@ -117,6 +123,14 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
             snapshot = tmp_path / "snapshots" / folder
             assert (snapshot / "snapshot.json").is_file() and (snapshot / "face_02.png").is_file()
             assert page.locator("#downloads a", has_text=folder).count() == 1  # the annotated frame's download
+            # the key held down (it repeats): one more snapshot, not one per repeat
+            snapshots = "window.camface.notes.filter(n => n.type === 'snapshot').length"
+            for _ in range(4):
+                page.keyboard.down("s")
+            page.keyboard.up("s")
+            page.wait_for_function(f"{snapshots} === 2", timeout=10_000)
+            shown(page, 5)  # any further snapshot would have come by now, each after its frame
+            assert page.evaluate(snapshots) == 2 and len(list((tmp_path / "snapshots").iterdir())) == 2
 
             page.click("#record")
             page.wait_for_function("window.camface.notes.some(n => n.type === 'recording')", timeout=10_000)
@@ -186,7 +200,7 @@ def test_the_snapshot_download_is_the_frame_of_the_snapshot_while_decoding_lags(
     try:
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
-            page = browser.new_context().new_page()
+            page = page_of(browser)
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.add_init_script(_RECEIVED_AND_SLOW_DECODE)
@@ -200,6 +214,16 @@ def test_the_snapshot_download_is_the_frame_of_the_snapshot_while_decoding_lags(
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+# How many of the page's sockets closed (counted before the page's own onclose runs).
+_COUNT_CLOSES = """
+window.closes = 0;
+const Socket = window.WebSocket;
+window.WebSocket = class extends Socket {
+  constructor(...args) { super(...args); this.addEventListener("close", () => { window.closes += 1; }); }
+};
+"""
 
 
 def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path):
@@ -218,7 +242,8 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
     try:
         with sync_api.sync_playwright() as playwright:
             browser = launch(playwright, clip)
-            page = browser.new_context().new_page()
+            page = page_of(browser)
+            page.add_init_script(_COUNT_CLOSES)
             page.goto(url)
             shown(page, 3)
             methods = page.evaluate("window.camface.hello.methods")
@@ -240,6 +265,99 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
             assert page.input_value("#method") == chosen
             assert page.locator("#method option").count() == len(methods) + 1  # and "none"
             assert page.locator("#class option").count() == len(info.labels) + 1  # and "predicted"
+            # the camera itself ends (unplugged, taken by another program): the page says so, and
+            # the idle close that follows does not hide it behind "disconnected"
+            closes = page.evaluate("window.closes")
+            page.evaluate("const camera = document.getElementById('camera'); camera.pause(); "
+                          "camera.srcObject.getVideoTracks()[0].dispatchEvent(new Event('ended'))")
+            page.wait_for_function("document.getElementById('status').textContent.includes('camera stopped')",
+                                   timeout=5_000)
+            page.wait_for_function(f"window.closes === {closes + 1}", timeout=10_000)  # idle, again
+            assert "camera stopped" in page.text_content("#status")
+            assert page.get_attribute("#status", "class") == "error"
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+def test_the_page_runs_under_its_own_policy(tmp_path):
+    """The page's Content-Security-Policy (its own script, style and WebSocket only) leaves it
+    working: frames drawn, the panel filled, and no violation reported. Without a camera it
+    says why (it once said "camera refused" when there was none)."""
+    import time
+
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = page_of(browser, policy=True)
+            page.add_init_script("window.violations = []; document.addEventListener('securitypolicyviolation', "
+                                 "(e) => window.violations.push(`${e.violatedDirective} ${e.blockedURI}`));")
+            response = page.goto(url)
+            assert "default-src 'none'" in response.headers["content-security-policy"]
+            deadline = time.monotonic() + 30  # wait_for_function cannot run under the policy: poll
+            while page.evaluate("window.camface ? window.camface.stats.framesShown : 0") < 5:
+                assert time.monotonic() < deadline, page.text_content("#status")
+                page.wait_for_timeout(100)
+            page.wait_for_timeout(300)  # the panel refreshes every 250 ms
+            assert page.locator("#faces .face").count() == 3
+            assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(21, 23, 26)"  # app.css
+            assert page.evaluate("window.violations") == []
+            browser.close()
+            # and where there is no camera at all, or the user said no, the page says which
+            for args, says in ((["--use-fake-ui-for-media-stream"], "no camera found"),
+                               (["--use-fake-device-for-media-stream"], "camera not allowed")):
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+                page = page_of(browser)
+                page.goto(url)
+                page.wait_for_function("window.camface.error", timeout=10_000)
+                assert page.text_content("#status").startswith(says), page.text_content("#status")
+                browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+
+
+# Every ImageBitmap the page decodes, and those it closed; every other decode made slow, so
+# that a frame decodes after the next one, which is drawn first.
+_BITMAPS_OUT_OF_ORDER = """
+window.bitmaps = { made: 0, closed: 0 };
+const decode = window.createImageBitmap;
+window.createImageBitmap = (...args) => decode(...args).then((bitmap) => {
+  window.bitmaps.made += 1;
+  const close = bitmap.close.bind(bitmap);
+  bitmap.close = () => { window.bitmaps.closed += 1; close(); };
+  return new Promise((done) => setTimeout(() => done(bitmap), window.bitmaps.made % 2 ? 250 : 0));
+});
+"""
+
+
+def test_every_decoded_frame_is_released_also_one_decoded_too_late_to_draw(tmp_path):
+    """A frame whose decode ends after a newer one was drawn is not drawn, and its ImageBitmap
+    (a decoded frame's pixels, outside the JavaScript heap) is closed all the same: it was left
+    to the garbage collector, the page's memory growing with every late frame."""
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = launch(playwright, clip)
+            page = page_of(browser)
+            page.add_init_script(_BITMAPS_OUT_OF_ORDER)
+            page.goto(url)
+            shown(page, 10)
+            page.evaluate("document.getElementById('camera').pause()")
+            # once the last replies are decoded, every bitmap was closed: drawn or not
+            page.wait_for_function("bitmaps.made === bitmaps.closed", timeout=10_000)
+            made, drawn = page.evaluate("[bitmaps.made, camface.stats.framesShown]")
+            assert made > drawn, "no frame decoded late: the test did not exercise it"
             browser.close()
     finally:
         server.send_signal(signal.SIGTERM)

@@ -8,6 +8,11 @@
 const WINDOW = 2;
 const RETRY_MS = 3000;  // between attempts to reconnect
 const PANEL_EVERY_MS = 250;  // the side panel's refresh: layout costs the browser CPU the frames need
+const CAMERA_ERRORS = {  // getUserMedia's errors, by name, as the user can act on them
+  NotAllowedError: "camera not allowed (allow it for this site, then reload)",
+  NotFoundError: "no camera found", OverconstrainedError: "no camera found",
+  NotReadableError: "camera busy or broken (another program may hold it)",
+};
 const token = new URLSearchParams(location.search).get("token");
 const query = token ? `?token=${encodeURIComponent(token)}` : "";
 const stats = { framesSent: 0, framesShown: 0, lastLatencyMs: null, method: null };
@@ -23,6 +28,7 @@ const sentAt = new Map();
 const shownAt = [];
 let lastJpeg = null, labels = [], panelAt = 0;
 let connections = 0, retry = false, closedAt = 0;
+let cameraStopped = null;  // why the camera ended, once it has: it outlasts the socket's own news
 
 function status(text, error = false) {
   $("status").textContent = text;
@@ -39,9 +45,13 @@ async function start() {
   try {
     video.srcObject = await navigator.mediaDevices.getUserMedia(
       { video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 30 } }, audio: false });
+    video.srcObject.getVideoTracks()[0].addEventListener("ended", () => {
+      cameraStopped = "camera stopped (unplugged, or taken by another program): reload the page once it is back";
+      status(cameraStopped, true);
+    });
     await video.play();
   } catch (error) {
-    status(`camera refused: ${error.message}`, true);
+    status(`${CAMERA_ERRORS[error.name] ?? "camera failed"}: ${error.message}`, true);
     return;
   }
   connect();
@@ -65,7 +75,8 @@ function connect() {
 // restarting (1012) or full (1013), or a lost connection (1006): reconnect once the camera has
 // a new frame, at most every RETRY_MS. A refusal, a bad message or a server error stays closed.
 function onClose(event) {
-  status(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""})`, event.code !== 1000);
+  status(cameraStopped ?? `disconnected (${event.code}${event.reason ? ": " + event.reason : ""})`,
+         cameraStopped !== null || event.code !== 1000);
   setRecording(false);  // the server finalised it: this socket's recording is over
   retry = [1006, 1012, 1013].includes(event.code) || (event.code === 1008 && event.reason.startsWith("idle:"));
   closedAt = performance.now();
@@ -119,7 +130,10 @@ function onMessage(event) {
   for (const seq of sentAt.keys()) if (seq <= result.seq) sentAt.delete(seq);
   const received = performance.now(), connection = connections;
   createImageBitmap(jpeg).then((bitmap) => {
-    if (connection !== connections || result.seq <= drawn) return;  // an older frame decoded late
+    if (connection !== connections || result.seq <= drawn) {  // an older frame decoded late
+      bitmap.close();  // its pixels live outside the JavaScript heap: release them now, as a drawn one's
+      return;
+    }
     drawn = result.seq;
     if (view.width !== bitmap.width || view.height !== bitmap.height) {
       view.width = bitmap.width; view.height = bitmap.height;
@@ -237,10 +251,10 @@ document.addEventListener("keydown", (event) => {
     klass.value = "";
   } else if (key === "h") {
     $("hud").checked = !$("hud").checked;
-  } else if (key === "s") {
-    $("snapshot").click(); return;
+  } else if (key === "s") {  // a held key repeats: one snapshot, one toggle, per press
+    if (!event.repeat) $("snapshot").click(); return;
   } else if (key === "r") {
-    $("record").click(); return;
+    if (!event.repeat) $("record").click(); return;
   } else {
     return;
   }
