@@ -404,10 +404,8 @@ def test_file_and_folder_sources_yield_every_frame(tmp_path, face_clip):
     assert len(values) == 3 and values == sorted(values, reverse=True)  # img8, img9, img10
 
 
-def test_the_progress_bar_finishes_when_a_folder_holds_an_unreadable_file(tmp_path, monkeypatch):
-    """An image folder announces its files, unreadable ones included (skipped with a warning):
-    the bar ended at 2/3. At the end of input it is made full (2/2); stopped early (quit,
-    Ctrl-C, a failure), it keeps the announced total and says how far the run got."""
+def _recorded_bars(monkeypatch):
+    """tqdm.tqdm replaced by a subclass that appends (n, total) to the returned list as it closes."""
     import tqdm
 
     bars = []
@@ -418,6 +416,14 @@ def test_the_progress_bar_finishes_when_a_folder_holds_an_unreadable_file(tmp_pa
             super().close()
 
     monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    return bars, Recorded
+
+
+def test_the_progress_bar_finishes_when_a_folder_holds_an_unreadable_file(tmp_path, monkeypatch):
+    """An image folder announces its files, unreadable ones included (skipped with a warning):
+    the bar ended at 2/3. At the end of input it is made full (2/2); stopped early (quit,
+    Ctrl-C, a failure), it keeps the announced total and says how far the run got."""
+    bars, Recorded = _recorded_bars(monkeypatch)
     for i in range(2):
         cv2.imwrite(str(tmp_path / f"{i}.png"), SampleSource().frame(150 + i))
     (tmp_path / "2.png").write_bytes(b"not a png")
@@ -435,16 +441,7 @@ def test_the_progress_bar_finishes_when_a_folder_holds_an_unreadable_file(tmp_pa
 def test_the_progress_bar_of_an_endless_source_counts_to_max_frames(face_clip, sample_frames, monkeypatch, looped):
     """--loop over a 12-frame clip, or a camera, with --max-frames: the run stops at that many
     frames, and the bar counts to them (it had no total)."""
-    import tqdm
-
-    bars = []
-
-    class Recorded(tqdm.tqdm):
-        def close(self):
-            bars.append((self.n, self.total))
-            super().close()
-
-    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    bars, _ = _recorded_bars(monkeypatch)
     clip, _ = sample_frames
     source = None if looped else _CameraWithClock([clip.frame(i) for i in range(20)])
     config = LiveConfig(source=str(face_clip) if looped else None, loop=looped, max_frames=15, method="none",
