@@ -46,6 +46,18 @@ def shown(page, more: int = 0, timeout: float = 20_000) -> int:
     return page.evaluate("window.camface.stats.framesShown")
 
 
+def showing(playwright, clip: Path, url: str, frames: int, script: str | None = None):
+    """(browser, page): Chromium on the fake camera `clip`, a page at `url` (with the init
+    `script`, if any) that has shown `frames` frames."""
+    browser = launch(playwright, clip)
+    page = page_of(browser)
+    if script is not None:
+        page.add_init_script(script)
+    page.goto(url)
+    shown(page, frames)
+    return browser, page
+
+
 def view_pixels(page) -> np.ndarray:
     """The pixels #view shows, uint8 BGR."""
     url = page.evaluate("document.getElementById('view').toDataURL('image/png')")
@@ -81,10 +93,7 @@ def test_the_page_shows_live_overlays_switches_methods_snapshots_and_records(tmp
     server, url = start_server(tmp_path)
     try:
         with sync_api.sync_playwright() as playwright:
-            browser = launch(playwright, clip)
-            page = page_of(browser)
-            page.goto(url)
-            shown(page, 5)
+            browser, page = showing(playwright, clip, url, 5)
             stats = page.evaluate("window.camface.stats")
             assert stats["framesSent"] >= stats["framesShown"] >= 5
             assert stats["method"] == auto_method(CamGraph(EMOTION_ONNX, "cpu").info)[0]  # the panel names it
@@ -241,11 +250,7 @@ def test_the_page_reconnects_after_an_idle_close_and_keeps_its_controls(tmp_path
     server, url = start_server(tmp_path, "--idle-timeout", "3")
     try:
         with sync_api.sync_playwright() as playwright:
-            browser = launch(playwright, clip)
-            page = page_of(browser)
-            page.add_init_script(_COUNT_CLOSES)
-            page.goto(url)
-            shown(page, 3)
+            browser, page = showing(playwright, clip, url, 3, _COUNT_CLOSES)
             methods = page.evaluate("window.camface.hello.methods")
             chosen = next(m for m in methods if m != page.evaluate("window.camface.hello.method"))
             page.select_option("#method", chosen)
@@ -348,11 +353,7 @@ def test_every_decoded_frame_is_released_also_one_decoded_too_late_to_draw(tmp_p
     server, url = start_server(tmp_path)
     try:
         with sync_api.sync_playwright() as playwright:
-            browser = launch(playwright, clip)
-            page = page_of(browser)
-            page.add_init_script(_BITMAPS_OUT_OF_ORDER)
-            page.goto(url)
-            shown(page, 10)
+            browser, page = showing(playwright, clip, url, 10, _BITMAPS_OUT_OF_ORDER)
             page.evaluate("document.getElementById('camera').pause()")
             # once the last replies are decoded, every bitmap was closed: drawn or not
             page.wait_for_function("bitmaps.made === bitmaps.closed", timeout=10_000)
