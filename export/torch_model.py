@@ -2,17 +2,28 @@
 `torch.onnx.export(..., dynamo=True)`; the ONNX engine (`onnx_export`) does the rest, so every
 framework shares one gradient engine and one set of heatmap equations.
 
-`.pt` / `.pth` files are refused: loading them unpickles, which runs code from the file.
+`.pt` / `.pth` files are refused: loading them unpickles, which runs code from the file. A .pt2
+holds pickles too (its sample inputs, and weights or constants torch could not store as raw
+bytes), which `torch.export.load` unpickles with `torch.load(weights_only=False)` when the safe
+load fails: camface loads it with every pickle held to tensors and plain containers
+(`_load_program`). A program saved on a GPU is loaded on the CPU (`_on_cpu`).
 torch is imported inside functions (the `camface[torch]` extra; the live loop never needs it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
+import logging
+import threading
+import zipfile
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError
 from camface.outputs import check_model_file
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
@@ -73,6 +84,11 @@ def _exporter_quiet():
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         yield
         return
+    # imported first: torch gives some of its loggers a level of their own when they are made
+    # (torch.onnx's at WARNING), which a logger made inside the block would keep
+    for module in ("torch", "torch.onnx", "onnxscript"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
     names = [n for n in logging.root.manager.loggerDict
              if any(n == top or n.startswith(top + ".") for top in EXPORTER_LOGGERS)]
     loggers = [logging.getLogger(n) for n in {*EXPORTER_LOGGERS, *names}]
@@ -94,14 +110,7 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
         import torch
     except ImportError as exc:
         raise CamfaceError(f"{path}: .pt2 models need PyTorch: pip install 'camface[torch]'") from exc
-    try:
-        # torch logs a traceback (as a warning) for a file it cannot read before it raises:
-        # the error below says it in one line
-        with _quiet("torch.export"):
-            program = torch.export.load(str(path))
-    except Exception as exc:  # a zip that is not an exported program raises many types
-        raise ModelError(f"{path}: not a program saved with torch.export.save ({_what_it_is(path, exc)}); "
-                         f"make one with {HOW_TO_EXPORT}") from exc
+    program = _load_program(path)
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"
                     and n.name in program.graph_signature.user_inputs]
     if len(placeholders) != 1:
@@ -141,6 +150,138 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0]  # no terminal colours
         raise ModelError(f"{path}: torch.onnx.export fails ({first})") from exc
     return exported.model_proto
+
+
+class _UnsafePickle(Exception):
+    """A pickle in a .pt2 that is more than tensors and plain containers."""
+
+
+_LOAD_LOCK = threading.Lock()  # torch.load is swapped for the whole process while a .pt2 loads
+
+
+def _load_program(path: Path):
+    """torch.export.load of `path` (ModelError saying why when it is not an exported program),
+    with every pickle in it held to tensors and plain containers (the rule of
+    `torch.load(weights_only=True)`) and mapped to the CPU, and a program saved on a GPU
+    rewritten to the CPU first (`_on_cpu`). torch.export.load itself retries a pickle that the
+    safe load refuses with weights_only=False, and unpickles opaque constants with
+    pickle.loads: either runs code from the file, as a .pt would."""
+    import pickle
+    import types
+    from unittest import mock
+
+    import torch
+
+    def safe_load(f, *args, **kwargs):
+        kwargs.update(weights_only=True, map_location="cpu")
+        try:
+            return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise _UnsafePickle(_unsafe_global(exc)) from exc
+
+    def refuse(*args, **kwargs):
+        raise _UnsafePickle("a pickled Python object (a TorchScript class or an opaque constant)")
+
+    real_load = torch.load
+    patches = [mock.patch.object(torch, "load", safe_load)]
+    if hasattr(torch._C, "_pickle_load_obj"):
+        patches.append(mock.patch.object(torch._C, "_pickle_load_obj", refuse))
+    try:
+        from torch.export.pt2_archive import _package
+    except ImportError:  # another torch: its loader is not patched past torch.load
+        _package = None
+    if _package is not None and hasattr(_package, "pickle"):
+        patches.append(mock.patch.object(_package, "pickle", types.SimpleNamespace(
+            **{**{k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")}, "loads": refuse})))
+    source, devices = _on_cpu(path)
+    try:
+        # torch logs a traceback (as a warning) for a file it cannot read before it raises:
+        # the error below says it in one line
+        with _LOAD_LOCK, _quiet("torch.export"), contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            program = torch.export.load(source)
+    except Exception as exc:  # a zip that is not an exported program raises many types
+        unsafe = next((e for e in _chain(exc) if isinstance(e, _UnsafePickle)), None)
+        if unsafe is not None:
+            raise ModelError(f"{path}: refused: it holds a pickle that is not only tensors ({unsafe}); "
+                             "loading it would RUN CODE FROM THE FILE, as a .pt would. Export the model "
+                             f"again with torch.export.save from plain tensors: {HOW_TO_EXPORT}") from exc
+        raise ModelError(f"{path}: not a program saved with torch.export.save ({_what_it_is(path, exc)}); "
+                         f"make one with {HOW_TO_EXPORT}") from exc
+    if devices:
+        log.info("%s: saved on %s; loaded on the CPU", path, ", ".join(sorted(devices)))
+    return program
+
+
+def _chain(exc: BaseException):
+    """`exc` and the exceptions it was raised from or during."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _unsafe_global(exc: Exception) -> str:
+    """What torch's safe unpickler refused, from its message (e.g. "GLOBAL posix.system")."""
+    import re
+
+    found = re.search(r"Unsupported global: (GLOBAL \S+)", str(exc))
+    return found.group(1) if found else str(exc).strip().splitlines()[-1][:200]
+
+
+_NOT_MOVED = ("cpu", "meta")  # devices a program's tensors keep
+
+
+def _on_cpu(path: Path):
+    """(source for torch.export.load, the devices it was saved on besides the CPU): `path`
+    itself when every device its archive names is the CPU, else the archive rewritten in
+    memory with each device in its JSON (the weights' and constants' tensor metadata, the
+    graph's values and device arguments) set to the CPU, as torch.export.passes'
+    move_to_device_pass does to a loaded program. torch.export.load cannot itself load a
+    program saved on a GPU where there is none (it makes each weight on its saved device), and
+    camface exports on the CPU where there is one."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile):
+        return str(path), set()  # torch.export.load says what it is
+    devices: set[str] = set()
+    changes = [0]
+
+    def moved(value):
+        if isinstance(value, dict):
+            if value.keys() == {"type", "index"} and isinstance(value["type"], str) \
+                    and value["type"] not in _NOT_MOVED:
+                changes[0] += 1
+                devices.add(value["type"] + ("" if value["index"] is None else f":{value['index']}"))
+                return {"type": "cpu", "index": None}
+            return {k: moved(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    with archive:
+        rewritten = {}
+        for info in archive.infolist():
+            if not info.filename.endswith(".json"):
+                continue
+            try:
+                document = json.loads(archive.read(info))
+            except (ValueError, UnicodeDecodeError):
+                continue  # not the program's: torch.export.load reads it or not
+            before = changes[0]
+            document = moved(document)
+            if changes[0] > before:
+                rewritten[info.filename] = json.dumps(document).encode()
+        if not devices:
+            return str(path), devices
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as copy:
+            for info in archive.infolist():
+                copy.writestr(info, rewritten.get(info.filename) or archive.read(info))
+    buffer.seek(0)
+    return buffer, devices
 
 
 def output_names(program) -> list[str] | None:
@@ -189,6 +330,7 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
 # ops whose argument is a shape: traced at a fixed batch, its first entry is that batch
 _SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "empty", "full",
               "new_zeros", "new_ones", "new_empty", "new_full")
+_VIEW_OPS = ("view", "reshape", "_unsafe_view")  # as many elements out as in
 
 
 def _free_batch(module, batch: int):
@@ -199,6 +341,13 @@ def _free_batch(module, batch: int):
 
     graph = module.graph
     image = next(n for n in graph.nodes if n.op == "placeholder")
+    # a view of a tensor that does not depend on the image (a constant, a parameter, an arange
+    # made on the input's device) has as many elements at any batch: a leading 1 there is no
+    # batch (scale.view(1, -1, 1, 1) must stay); an expand of one can be (a class token's)
+    from_image = {image}
+    for node in graph.nodes:
+        if any(arg in from_image for arg in node.all_input_nodes):
+            from_image.add(node)
     with graph.inserting_after(image):
         size = graph.call_function(torch.ops.aten.sym_size.int, (image, 0))
     for node in list(graph.nodes):
@@ -206,6 +355,8 @@ def _free_batch(module, batch: int):
         value = node.meta.get("val")
         if node.op != "call_function" or op not in _SHAPE_OPS or value is None or \
                 not value.shape or value.shape[0] != batch:
+            continue
+        if op in _VIEW_OPS and node.args and node.args[0] not in from_image:
             continue
         node.args = tuple([size, *arg[1:]] if isinstance(arg, (list, tuple)) and arg and
                           isinstance(arg[0], int) and arg[0] == batch else arg for arg in node.args)

@@ -1,0 +1,222 @@
+""".pt2 archives as users bring them: pickles inside that would run code (refused before they
+run), programs saved on a GPU (exported on the CPU, as saved), a fixed batch of 1 whose
+constants are reshaped with a leading 1 (kept, not taken for the batch)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+import zipfile
+from unittest import mock
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxscript")
+import onnxruntime as ort  # noqa: E402
+from torch import nn  # noqa: E402
+
+from camface.cli import main  # noqa: E402
+from camface.errors import ModelError  # noqa: E402
+from camface.export import torch_model  # noqa: E402
+
+SIZE = 32
+
+
+class ScaledCNN(nn.Module):
+    """BatchNorm, and a tensor made on the input's device and viewed as [1, C, 1, 1]: traced at
+    a fixed batch of 1, that view's leading 1 is no batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        scale = torch.arange(1, 17, device=x.device, dtype=x.dtype) / 16
+        return self.fc((self.features(x) * scale.view(1, -1, 1, 1)).mean((2, 3)))
+
+
+def saved(path, batch: int | None = 1):
+    """ScaledCNN exported at a fixed `batch` (None: dynamic) and saved at `path`."""
+    model = ScaledCNN().eval()
+    example = torch.randn(batch or 2, 3, SIZE, SIZE)
+    shapes = None if batch else ({0: torch.export.Dim("batch", min=1, max=32)},)
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=shapes), str(path))
+    return model, path
+
+
+def rewritten(source, target, change):
+    """A copy of the .pt2 `source` at `target`, change(name, bytes, archive) -> bytes applied
+    to each member."""
+    with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as copy:
+        for info in archive.infolist():
+            data = change(info.filename, archive.read(info), archive)
+            copy.writestr(zipfile.ZipInfo(info.filename, info.date_time), data)  # writestr(info) moves info
+    return target
+
+
+def as_if_saved_on_cuda(name, data, archive):
+    """What torch.export.save writes for a program on cuda:0 (read from programs saved on an
+    H200 with torch 2.11: every device in the JSON is {"type": "cuda", "index": 0}, the sample
+    inputs' storages are at "cuda:0")."""
+    if name.endswith(".json"):
+        def moved(value):
+            if isinstance(value, dict):
+                if value.keys() == {"type", "index"}:
+                    assert value == {"type": "cpu", "index": None}
+                    return {"type": "cuda", "index": 0}
+                return {k: moved(v) for k, v in value.items()}
+            return [moved(v) for v in value] if isinstance(value, list) else value
+        return json.dumps(moved(json.loads(data))).encode()
+    if "/sample_inputs/" in name:
+        inputs, buffer = torch.load(io.BytesIO(data), weights_only=True), io.BytesIO()
+        with mock.patch("torch.serialization.location_tag", lambda storage: "cuda:0"):
+            torch.save(inputs, buffer)
+        return buffer.getvalue()
+    return data
+
+
+def graph_outputs(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["probs", "gradcam"], {"image": images, "class_index": np.full(len(images), -1, np.int64)})
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+EXPORT = ["--preset", "torch", "--heads", "gradcam", "--no-rank"]
+
+
+def test_a_fixed_batch_of_one_keeps_the_leading_one_of_its_constants_views(tmp_path, capsys):
+    """The view of a tensor that does not depend on the image was rewritten to read the batch:
+    the re-export failed ('The size of tensor a (16) must match the size of tensor b ((16//s77))')."""
+    model, path = saved(tmp_path / "fixed.pt2", batch=1)
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 0, capsys.readouterr().err
+    probs, _ = graph_outputs(tmp_path / "cam.onnx", IMAGES)  # 3 crops through a program traced at 1
+    x = (torch.tensor(IMAGES, dtype=torch.float32) / 255 - torch.tensor([0.485, 0.456, 0.406])) / \
+        torch.tensor([0.229, 0.224, 0.225])
+    with torch.no_grad():
+        expected = torch.softmax(model(x.permute(0, 3, 1, 2)), 1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def test_a_program_saved_on_a_gpu_exports_on_the_cpu_as_saved_there(tmp_path, caplog):
+    """torch.export.load makes each weight on its saved device: without a GPU it fails ('Torch
+    not compiled with CUDA enabled'); with one, the program's device arguments do not match
+    camface's CPU example. camface loads it on the CPU: the graph equals the CPU program's."""
+    _, on_cpu = saved(tmp_path / "cpu.pt2", batch=1)
+    on_gpu = rewritten(on_cpu, tmp_path / "gpu.pt2", as_if_saved_on_cuda)
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+            torch.export.load(str(on_gpu))
+    caplog.set_level(logging.INFO, "camface")
+    for path in (on_cpu, on_gpu):
+        assert main(["export", str(path), "-o", str(path.with_suffix(".onnx")), *EXPORT]) == 0
+    assert f"{on_gpu}: saved on cuda:0; loaded on the CPU" in caplog.messages
+    assert not any("cpu.pt2: saved on" in m for m in caplog.messages)
+    for got, want in zip(graph_outputs(on_gpu.with_suffix(".onnx"), IMAGES),
+                         graph_outputs(on_cpu.with_suffix(".onnx"), IMAGES)):
+        np.testing.assert_array_equal(got, want)
+
+
+class Touch:
+    """Unpickled, it creates `marker`: what a pickle can make torch.load run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def with_sample_inputs(payload):
+    def change(name, data, archive):
+        if "/sample_inputs/" in name:
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            return buffer.getvalue()
+        return data
+    return change
+
+
+def with_pickled_weight(payload):
+    """The first weight stored as a pickle (use_pickle: torch.export.load reads it with
+    torch.load(weights_only=False)) holding `payload`."""
+    def change(name, data, archive):
+        config_name = next(n for n in archive.namelist() if n.endswith("weights_config.json"))
+        config = json.loads(archive.read(config_name))
+        first = next(iter(config["config"].values()))
+        if name == config_name:
+            first["use_pickle"] = True
+            return json.dumps(config).encode()
+        if name.endswith("/weights/" + first["path_name"]):
+            buffer = io.BytesIO()
+            torch.save(payload, buffer)
+            return buffer.getvalue()
+        return data
+    return change
+
+
+@pytest.mark.parametrize("where", ["sample inputs", "weight"])
+def test_a_pt2_holding_a_pickle_that_runs_code_is_refused_before_it_runs(tmp_path, capsys, where):
+    """.pt/.pth are refused because unpickling runs code; a .pt2 ran it: torch.export.load
+    retries sample inputs the safe load refuses with weights_only=False, and reads pickled
+    weights with weights_only=False at once."""
+    marker = tmp_path / "ran"
+    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+    change = with_sample_inputs((Touch(marker),)) if where == "sample inputs" else with_pickled_weight(Touch(marker))
+    evil = rewritten(clean, tmp_path / "evil.pt2", change)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(evil), "-o", str(out), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert f"{evil}: refused: it holds a pickle that is not only tensors (GLOBAL" in err
+    assert "RUN CODE FROM THE FILE" in err and "torch.export.save" in err
+    assert not marker.exists() and not out.exists()
+    with pytest.raises(ModelError, match="refused"):  # the gallery and the API load through here too
+        torch_model.to_onnx(evil)
+    assert not marker.exists()
+    logging.getLogger("torch").disabled = True  # torch's fallback warning has a format bug
+    try:
+        torch.export.load(str(evil))  # what the file does when torch loads it: the test's premise
+    except Exception:  # noqa: BLE001 - a weight that is not a tensor may fail after it ran
+        pass
+    finally:
+        logging.getLogger("torch").disabled = False
+    assert marker.exists()
+
+
+def test_a_pt2_whose_pickles_hold_only_tensors_loads(tmp_path, capsys):
+    """Pickles of plain tensors (a weight torch could not store as raw bytes) are what
+    weights_only allows: such a program still exports, with the same graph."""
+    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+    with zipfile.ZipFile(clean) as archive:
+        config = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("weights_config.json"))))
+    first_name, first = next(iter(config["config"].items()))
+    weight = ScaledCNN().eval().state_dict()[first_name]
+    assert first["path_name"] and weight.shape == tuple(d["as_int"] for d in first["tensor_meta"]["sizes"])
+    pickled = rewritten(clean, tmp_path / "pickled.pt2", with_pickled_weight(nn.Parameter(weight)))
+    for path in (clean, pickled):
+        assert main(["export", str(path), "-o", str(path.with_suffix(".onnx")), *EXPORT]) == 0, capsys.readouterr().err
+    for got, want in zip(graph_outputs(pickled.with_suffix(".onnx"), IMAGES),
+                         graph_outputs(clean.with_suffix(".onnx"), IMAGES)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_command_line_shows_camface_messages_not_torch_info_logs(tmp_path):
+    """torch's loggers have no level of their own: at camface's INFO they printed the dynamo and
+    inductor summaries at exit (15 'I1204 ... eval_frame.py] TorchDynamo attempted to trace'
+    lines after every .pt2 export)."""
+    _, path = saved(tmp_path / "net.pt2", batch=None)
+    done = subprocess.run([sys.executable, "-m", "camface", "export", str(path), "-o", str(tmp_path / "cam.onnx"),
+                           *EXPORT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    assert "verify gradcam" in printed  # camface's own lines still show
+    torch_lines = [line for line in printed.splitlines() if line[:1] in "IWD" and line[1:5].isdigit()]
+    assert torch_lines == [], torch_lines[:3]
