@@ -172,10 +172,9 @@ def _load_program(path: Path):
 
     import torch
 
-    def safe_load(f, *args, **kwargs):
-        kwargs.update(weights_only=True, map_location="cpu")
+    def safe_load(f, *args, **kwargs):  # torch's own arguments dropped: weights_only allows no pickle_module
         try:
-            return real_load(f, *args, **kwargs)
+            return real_load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise _UnsafePickle(_unsafe_global(exc)) from exc
 

@@ -162,7 +162,7 @@ def create_app(state: ServeState):
         if session is None:  # the server closed while it opened (the session is closed)
             state.connected -= 1
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(protocol.GOING_AWAY, "server shutting down"), CLOSE_WAIT_S)
+                await asyncio.wait_for(ws.close(protocol.SHUTTING_DOWN, "server shutting down"), CLOSE_WAIT_S)
             return
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         state._loops[session.id] = (loop, outbox)

@@ -36,7 +36,9 @@ POLICY = 1008  # token or Origin refused
 UNSUPPORTED = 1003  # a message that is not what the protocol allows
 TOO_BIG = 1009
 TRY_LATER = 1013  # the server is full (--max-clients)
-GOING_AWAY = 1001
+# the server is shutting down: what uvicorn sends the sockets it holds at shutdown (1012, service
+# restart), which the page retries once the server answers again (1001 was not retried)
+SHUTTING_DOWN = 1012
 
 
 class ProtocolError(ValueError):
