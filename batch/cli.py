@@ -164,6 +164,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     from camface.batch.state import describe_incomplete
     from camface.errors import OutputError
 
+    videos = pipeline.earlier_ids(outputs, videos)  # done under an id hashing its absolute path
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
                             config=config, record=args.record,
                             owner=lock.owner.to_dict())
