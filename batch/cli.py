@@ -149,7 +149,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         with contextlib.ExitStack() as signals:
             signals.enter_context(stop_signals())
             return _run(args, config, graph, videos, outputs, lock, on_video, signals)
-    except (KeyboardInterrupt, Terminated) as exc:  # a second one, while the summary was written
+    except (KeyboardInterrupt, Terminated) as exc:  # before _run's own (its checks), or while the summary was written
         print(f"camface batch: interrupted; {args.out} released, no summary written; rerun with --resume",
               file=sys.stderr)
         return Terminated.exit_code if isinstance(exc, Terminated) else 130

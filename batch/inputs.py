@@ -146,10 +146,11 @@ def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:
 
 def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
-    each once, but none of the outputs in `out_dir` of another of them (its annotated video
-    OUT_DIR/videos/<id>.mp4 or its segments' parts OUT_DIR/parts/<id>/, which a recursive glob
-    over an archive holding OUT_DIR finds on a --resume). Raises InputError naming the inputs
-    when none matched."""
+    each once, but none of the outputs in `out_dir` of another of them or of a video OUT_DIR
+    holds a record of (its annotated video OUT_DIR/videos/<id>.mp4 or its segments' parts
+    OUT_DIR/parts/<id>/, which a recursive glob over an archive holding OUT_DIR finds on a
+    --resume; a record's id may be one an earlier camface gave: `pipeline.earlier_ids`).
+    Raises InputError naming the inputs when none matched."""
     seen: dict[Path, tuple[Path, int]] = {}  # resolved -> (absolute as found, parts of its key)
     for spec in specs:
         root = _root(spec)
