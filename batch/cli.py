@@ -149,7 +149,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
         with contextlib.ExitStack() as signals:
             signals.enter_context(stop_signals())
             return _run(args, config, graph, videos, outputs, lock, on_video, signals)
-    except (KeyboardInterrupt, Terminated) as exc:
+    except (KeyboardInterrupt, Terminated) as exc:  # before _run's own (its checks), or while the summary was written
         print(f"camface batch: interrupted; {args.out} released, no summary written; rerun with --resume",
               file=sys.stderr)
         return Terminated.exit_code if isinstance(exc, Terminated) else 130
@@ -163,7 +163,9 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     from camface.batch.report import write_report
     from camface.batch.state import describe_incomplete
     from camface.errors import OutputError
+    from camface.realtime.threads import Terminated
 
+    videos = pipeline.earlier_ids(outputs, videos)  # done under an id hashing its absolute path
     job = pipeline.BatchJob(videos=tuple(videos), out_dir=str(args.out.resolve()),
                             config=config, record=args.record,
                             owner=lock.owner.to_dict())
@@ -173,26 +175,31 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
                           f"({', '.join(changed) or 'unknown'}) that are not among the inputs, e.g. {others[0]}; "
                           "their rows would lie beside this run's: name them too (they are done again) or "
                           "choose another folder")
-    if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
-        print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
-              f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
-        time.sleep(ORPHAN_GRACE_S)
-    removed = outputs.clean_partials()
-    segments.drop_finished_parts(outputs)  # joined by a run that died before removing them
-    todo = pipeline.videos_to_do(outputs, videos, job.settings())
-    if args.resume:
-        changed, files = pipeline.changed_since(outputs, videos, job.settings())
-        print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
-              + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
-              + (f"; {files} video file(s) changed since they were done are done again" if files else "")
-              + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
-    start = time.perf_counter()
-    started = cluster.connect(args.address)
-    import ray
-
-    from camface.realtime.threads import stop_signals
-
+    # Ctrl-C or SIGTERM from here until the pipeline runs (it catches its own): the same summary
+    # as an interrupt later, nothing done in this run
+    result = pipeline.RunResult(interrupted=True)
+    plan = unit_reason = ray_start_s = None
+    started = False
     try:
+        if lock.earlier is not None:  # killed: its workers may live on; they stop once they see the new owner
+            print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
+                  f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
+            time.sleep(ORPHAN_GRACE_S)
+        removed = outputs.clean_partials()
+        segments.drop_finished_parts(outputs)  # joined by a run that died before removing them
+        todo = pipeline.videos_to_do(outputs, videos, job.settings())
+        if args.resume:
+            changed, files = pipeline.changed_since(outputs, videos, job.settings())
+            print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
+                  + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
+                  + (f"; {files} video file(s) changed since they were done are done again" if files else "")
+                  + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
+        start = time.perf_counter()
+        started = cluster.connect(args.address)
+        import ray
+
+        from camface.realtime.threads import stop_signals
+
         signals.enter_context(stop_signals())  # over the SIGTERM handler ray.init put in place (sys.exit)
         ray_start_s = time.perf_counter() - start
         resources = ray.cluster_resources()
@@ -209,13 +216,17 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
         print(f"camface batch: {plan.describe()}; unit of work: {unit_reason}", file=sys.stderr)
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         result = pipeline.run(job, plan, units, outputs, graph.info.labels, progress, announced, on_video)
+    except (KeyboardInterrupt, Terminated) as exc:
+        result.interrupted, result.terminated = True, isinstance(exc, Terminated)
     finally:
         if started:
+            import ray
+
             ray.shutdown()
         outputs.clean_partials()  # nothing of this run is in flight now; a dead run's leftovers go too
     frames = result.frames_run  # of the units run now (a resumed video's earlier segments are not)
-    run_info = {"plan": plan.describe(), "units": unit_reason, "units_run": result.units_run, "run": lock.owner.token,
-                "ray_start_s": round(ray_start_s, 3),
+    run_info = {"plan": plan and plan.describe(), "units": unit_reason, "units_run": result.units_run,
+                "run": lock.owner.token, "ray_start_s": None if ray_start_s is None else round(ray_start_s, 3),
                 "wall_s": round(result.wall_s, 3),
                 "frames_this_run": frames, "fps": round(frames / result.wall_s, 2) if result.wall_s else 0.0,
                 "videos_this_run": [r["video"] for r in result.finished], "interrupted": result.interrupted,
@@ -225,10 +236,11 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     summary = write_report(outputs, videos, graph.info.labels, graph.info.color_order, config.method,
                            config.colormap, config.alpha, run_info, job.settings())
     totals = summary["totals"]
+    ray_start = "not finished" if ray_start_s is None else f"{ray_start_s:.1f} s"
     print(f"camface batch: {totals['done']} of {totals['videos']} videos done, {totals['failed']} failed, "
           f"{totals['not_finished']} not finished, {totals['incomplete']} incomplete; {frames} frames in "
           f"{result.wall_s:.1f} s "
-          f"({run_info['fps']:.0f} fps; Ray start {ray_start_s:.1f} s); report: {args.out / 'report.md'}",
+          f"({run_info['fps']:.0f} fps; Ray start {ray_start}); report: {args.out / 'report.md'}",
           file=sys.stderr)
     for record in summary["videos"]:
         if record["status"] == "failed":

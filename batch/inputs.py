@@ -2,9 +2,15 @@
 recursive; hidden files, as a glob's *, skipped) and glob patterns (their files with a video
 suffix, as a folder's; the others named in a warning).
 
-Each video gets a stable id, `<stem>-<8 hex digits of its absolute path's sha1>` (the stem cut to
-MAX_STEM_BYTES), which names its outputs: two `clip.mp4` in different folders get different ids,
-and a rerun (`--resume`) finds the same ids whatever the order of the arguments.
+Each video gets a stable id, `<stem>-<8 hex digits of the sha1 of its key>` (the stem cut to
+MAX_STEM_BYTES), which names its outputs. Its key is its path from the folder above the input
+that named it: a folder's files and a file named alone count from their folder's name, a glob's
+from the name of its last folder before the first wildcard (`day1/clip.mp4` from `archive/day1/`
+or `archive/day1/clip.mp4`, `archive/day1/clip.mp4` from `'archive/**/*.mp4'`). So the same archive moved or copied under another parent keeps its ids, and a
+`--resume` there redoes nothing. Videos of the same key (`a/day1/clip.mp4`, `b/day1/clip.mp4`
+named as `a/day1 b/day1`) each take one folder more, until their keys differ (at worst the
+absolute path). A file named by several inputs takes the longest of their keys: the ids do not
+depend on the order of the arguments.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +36,7 @@ class InputError(CamfaceError):
 
 @dataclass(frozen=True)
 class Video:
-    """One input video. path: absolute. id: stable name of its outputs (see module doc)."""
+    """One input video. path: absolute, resolved. id: stable name of its outputs (see module doc)."""
 
     path: str
     id: str
@@ -53,10 +60,56 @@ def stamp(path: str | Path) -> dict | None:
 MAX_STEM_BYTES = 255 - 40 - 9
 
 
-def video_id(path: Path) -> str:
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+def video_id(path: Path, key: str | None = None) -> str:
+    """The id of the video at `path` whose key (see the module doc) is `key`; None: its folder's
+    name and its own, as a file named alone, or found by a folder or a `*` glob, gets it."""
+    key = key if key is not None else _key(_absolute(path), 2)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
     stem = path.stem.encode()[:MAX_STEM_BYTES].decode(errors="ignore")  # never half a character
     return f"{stem}-{digest}"
+
+
+def _absolute(path: Path) -> Path:
+    """`path` absolute, `..` taken out, links kept (as the user sees the archive)."""
+    return Path(os.path.abspath(path))
+
+
+def _key(absolute: Path, depth: int) -> str:
+    """The last `depth` parts of `absolute` joined by '/' (the whole path when it has fewer)."""
+    parts = absolute.parts
+    return "/".join(parts[-depth:]) if depth < len(parts) else absolute.as_posix()
+
+
+def _root(spec: str) -> Path:
+    """The folder an input's files count from (their key starts with its name): a folder itself,
+    a glob's last folder before its first wildcard, a file's own folder."""
+    path = Path(spec)
+    if path.is_dir():
+        return _absolute(path)
+    if glob.has_magic(spec):
+        fixed = []
+        for part in path.parts[:-1]:
+            if glob.has_magic(part):
+                break
+            fixed.append(part)
+        return _absolute(Path(*fixed) if fixed else Path("."))
+    return _absolute(path).parent
+
+
+def _ids(found: dict[Path, int]) -> dict[Path, str]:
+    """Per file (absolute, as found) the id of the key of `found[file]` parts; files whose keys
+    meet take one part more each time, until no two meet."""
+    depth = dict(found)
+    while True:
+        keys: dict[str, list[Path]] = {}
+        for path, parts in depth.items():
+            keys.setdefault(_key(path, parts), []).append(path)
+        clashes = [path for paths in keys.values() if len(paths) > 1 for path in paths
+                   if depth[path] < len(path.parts)]
+        if not clashes:  # (a whole absolute path meets no other: distinct files)
+            return {path: video_id(path, _key(path, parts)) for path, parts in depth.items()}
+        for path in clashes:
+            depth[path] += 1
 
 
 def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:
@@ -93,15 +146,23 @@ def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:
 
 def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
-    each once, but none of the outputs in `out_dir` of another of them (its annotated video
-    OUT_DIR/videos/<id>.mp4 or its segments' parts OUT_DIR/parts/<id>/, which a recursive glob
-    over an archive holding OUT_DIR finds on a --resume). Raises InputError naming the inputs
-    when none matched."""
-    seen: dict[Path, None] = {}
+    each once, but none of the outputs in `out_dir` of another of them or of a video OUT_DIR
+    holds a record of (its annotated video OUT_DIR/videos/<id>.mp4 or its segments' parts
+    OUT_DIR/parts/<id>/, which a recursive glob over an archive holding OUT_DIR finds on a
+    --resume; a record's id may be one an earlier camface gave: `pipeline.earlier_ids`).
+    Raises InputError naming the inputs when none matched."""
+    seen: dict[Path, tuple[Path, int]] = {}  # resolved -> (absolute as found, parts of its key)
     for spec in specs:
+        root = _root(spec)
         for path in _expand(spec, out_dir):
-            seen.setdefault(path.resolve(), None)
-    ours = _outputs_among(list(seen), out_dir) if out_dir is not None else []
+            found = _absolute(path)
+            parts = len(found.relative_to(root).parts) + 1 if found.is_relative_to(root) else 2
+            earlier = seen.setdefault(path.resolve(), (found, parts))
+            if earlier != (found, parts) and (parts, found.as_posix()) > (earlier[1], earlier[0].as_posix()):
+                seen[path.resolve()] = (found, parts)  # the longest key, whatever the order of the inputs
+    ids = _ids(dict(seen.values()))
+    ours = _outputs_among({path: ids[found] for path, (found, _) in seen.items()}, out_dir) \
+        if out_dir is not None else []
     if ours:
         log.warning("camface batch: skipping %d file(s) that this run writes in %s, e.g. %s",
                     len(ours), out_dir, ours[0])
@@ -110,13 +171,15 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     if not seen:
         raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
                          f"{', '.join(sorted(VIDEO_SUFFIXES))})")
-    return [Video(str(path), video_id(path)) for path in seen]
+    ids = _ids(dict(seen.values()))  # without those: the same ids as a run that did not find them
+    return [Video(str(path), ids[found]) for path, (found, _) in seen.items()]
 
 
-def _outputs_among(paths: list[Path], out_dir: Path) -> list[Path]:
-    """The `paths` (resolved) that are outputs in `out_dir` of others among them."""
+def _outputs_among(ids: dict[Path, str], out_dir: Path) -> list[Path]:
+    """The files of `ids` (resolved -> id) that are outputs in `out_dir`: of another of them,
+    or of a video OUT_DIR holds a record of (an earlier run's, under an id it gave)."""
     root = out_dir.resolve()
-    ids = {video_id(path) for path in paths}
-    videos = {root / "videos" / f"{id_}.mp4" for id_ in ids}
-    parts = {root / "parts" / id_ for id_ in ids}
-    return [path for path in paths if path in videos or path.parent in parts]
+    known = set(ids.values()) | {path.stem for path in (root / "state").glob("[!.]*.json")}
+    videos = {root / "videos" / f"{id_}.mp4" for id_ in known}
+    parts = {root / "parts" / id_ for id_ in known}
+    return [path for path in ids if path in videos or path.parent in parts]

@@ -352,6 +352,31 @@ def worker_failure(exc: BaseException) -> str | None:
 _RAISED = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*): (.+)$")  # a traceback's last line: NAME: message
 
 
+def earlier_ids(outputs: Outputs, videos: list[Video]) -> list[Video]:
+    """`videos`, each without a record in `outputs` under its id taking the id of the one 'done'
+    record there, not of another input, of a file of its name, size and modification time: the
+    same video, done by a camface whose ids hashed the absolute path (before an archive was moved,
+    or camface upgraded). Else a --resume would do it again under the new id, its earlier rows left
+    beside the new ones. A match that is not one to one is left alone."""
+    records = outputs.records()
+    ours = {video.id for video in videos}
+    earlier: dict[tuple, list[str]] = {}
+    for video_id, record in records.items():
+        if video_id not in ours and record.get("status") == DONE and record.get("source") and record.get("path"):
+            source = record["source"]
+            earlier.setdefault((Path(record["path"]).name, source.get("size"), source.get("mtime_ns")), []).append(video_id)
+    if not earlier:
+        return list(videos)
+    wanted: dict[tuple, list[Video]] = {}
+    for video in videos:
+        source = stamp(video.path)
+        if video.id not in records and source is not None:
+            wanted.setdefault((Path(video.path).name, source["size"], source["mtime_ns"]), []).append(video)
+    adopted = {match[0]: earlier[key][0] for key, match in wanted.items()
+               if len(match) == 1 and len(earlier.get(key, ())) == 1}
+    return [Video(video.path, adopted[video]) if video in adopted else video for video in videos]
+
+
 def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:
     """The videos without a 'done' record made with these `settings` (`BatchJob.settings`)
     from the file as it is now: failed ones are tried again, and so are those done with other

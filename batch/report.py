@@ -85,6 +85,8 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
     rows = []
     for video in videos:
         record = records.get(video.id) or {"video": video.id, "path": video.path, "status": "not finished"}
+        if record.get("path") != video.path:  # done before its archive was moved: where it is now
+            record = {**record, "path": video.path}
         if settings is not None and record["status"] == DONE and not done_alike(record, settings, video.path):
             changed = sorted(options_changed(record, settings))
             why = f"with other options ({', '.join(changed)})" if changed else "from an earlier version of its file"

@@ -224,6 +224,40 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
 
 
+@pytest.mark.parametrize("inputs", [["archive/**/*.mp4"], ["archive/day1", "archive/day2"]])
+def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster, clips, tmp_path, inputs):
+    """Ids hashed the absolute path: the archive's folder moved (OUT_DIR with it) and resumed
+    there, every video was done again under new ids, its rows beside the earlier ones. Now
+    nothing is redone, OUT_DIR holds one record and one table per video, and the summary names
+    the videos where they are now. day1/ and day2/ hold the same file name: two ids."""
+    import shutil
+
+    folder, paths = clips
+    for day, clip in (("day1", paths[0]), ("day2", paths[1])):
+        (tmp_path / "site" / "archive" / day).mkdir(parents=True)
+        shutil.copy2(clip, tmp_path / "site" / "archive" / day / "clip.mp4")
+    flags = ["--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record"]
+
+    def run(site, *extra):
+        assert batch([*(site / spec for spec in inputs), "-o", site / "out", *flags, *extra]) == 0
+        return json.loads((site / "out" / "summary.json").read_text())
+
+    first = run(tmp_path / "site")
+    ids = [r["video"] for r in first["videos"]]
+    assert len(set(ids)) == 2 and sorted(first["run"]["videos_this_run"]) == sorted(ids)
+    shutil.move(tmp_path / "site", tmp_path / "moved")
+    out = tmp_path / "moved" / "out"
+    second = run(tmp_path / "moved", "--resume")
+    assert second["run"]["videos_this_run"] == [] and [r["video"] for r in second["videos"]] == ids
+    assert [r["path"] for r in second["videos"]] == [str(tmp_path / "moved" / "archive" / day / "clip.mp4")
+                                                    for day in ("day1", "day2")]
+    assert sorted(p.stem for p in (out / "state").glob("*.json")) == sorted(ids)
+    assert sorted(p.stem for p in (out / "rows").glob("*.parquet")) == sorted(ids)
+    assert second["totals"]["faces"] == first["totals"]["faces"] > 0
+    for record in second["videos"]:
+        assert rows_of(out, record["video"]).num_rows == record["faces_total"]
+
+
 def test_sigterm_stops_the_run_as_ctrl_c_does_with_a_summary(ray_cluster, clips, tmp_path, capfd):
     """`ray job stop`, a scheduler's time limit: SIGTERM says what finished, writes the summary
     and exits 143 (Ray's own handler would exit 15 at once, saying nothing)."""

@@ -503,7 +503,8 @@ sys.exit(main(["batch", *sys.argv[3:]]))
 def test_ctrl_c_or_sigterm_while_ray_starts_releases_the_output_folder(clips, tmp_path, where, signum, code):
     """SIGTERM's default ended the driver holding OUT_DIR (and ray.init's handler exited 15): the
     next run waited, saying the earlier one "ended without releasing". Now both release it and
-    exit 130 / 143."""
+    exit 130 / 143, and write the summary an interrupt later writes (none was written while Ray
+    started): interrupted, nothing done in this run."""
     import subprocess
     import sys
 
@@ -514,8 +515,16 @@ def test_ctrl_c_or_sigterm_while_ray_starts_releases_the_output_folder(clips, tm
     run = subprocess.run([sys.executable, "-c", STARTUP_DRIVER, where, signum, str(paths[0]), "-o", str(out),
                           "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert run.returncode == code, run.stderr
-    assert f"camface batch: interrupted; {out} released, no summary written; rerun with --resume" in run.stderr
+    assert "camface batch: interrupted; rerun with --resume to finish the 1 video(s) left" in run.stderr
+    assert "0 of 1 videos done" in run.stderr and "Ray start not finished" in run.stderr
     assert "Traceback" not in run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["interrupted"] and summary["run"]["videos_this_run"] == []
+    assert summary["run"]["units_run"] == summary["run"]["frames_this_run"] == 0
+    assert summary["totals"] == {"videos": 1, "done": 0, "failed": 0, "not_finished": 1, "incomplete": 0,
+                                 "frames": 0, "faces": 0}
+    assert [(r["path"], r["status"]) for r in summary["videos"]] == [(str(paths[0].resolve()), "not finished")]
+    assert (out / "report.md").is_file()
     assert json.loads((out / OWNER_NAME).read_text())["token"] is None
     lock = RunLock(out).acquire()
     assert lock.earlier is None  # the next run does not wait for the workers of a killed one

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from camface.batch.cluster import ClusterError, Plan, plan
@@ -23,15 +26,17 @@ def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
     videos and segment parts of the run itself; the user's videos under OUT_DIR stay inputs."""
     archive = tmp_path / "archive"
     out = archive / "out"
-    a, b = video_id(archive / "a.mp4"), video_id(archive / "day2" / "b.mp4")
+    a, b = video_id(archive / "a.mp4"), video_id(archive / "day2" / "b.mp4", "archive/day2/b.mp4")
+    earlier = "c-0123abcd"  # a video OUT_DIR holds a record of, under an id an earlier camface gave
     for path in (archive / "a.mp4", archive / "day2" / "b.mp4", out / "videos" / f"{a}.mp4",
-                 out / "parts" / b / "00000-0-300.mp4", out / "videos" / "mine.mp4"):
+                 out / "parts" / b / "00000-0-300.mp4", out / "videos" / "mine.mp4",
+                 out / "state" / f"{earlier}.json", out / "videos" / f"{earlier}.mp4"):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     videos = find_videos([str(archive / "**" / "*.mp4")], out)
     assert [v.path for v in videos] == [str(archive / "a.mp4"), str(archive / "day2" / "b.mp4"),
                                         str(out / "videos" / "mine.mp4")]
-    assert "skipping 2 file(s) that this run writes in" in caplog.text
+    assert "skipping 3 file(s) that this run writes in" in caplog.text
     # OUT_DIR above the archive (`camface batch recordings/ -o .`): the inputs are inputs
     assert [v.path for v in find_videos([str(archive / "a.mp4"), str(archive / "day2")], tmp_path)] == [
         str(archive / "a.mp4"), str(archive / "day2" / "b.mp4")]
@@ -60,6 +65,71 @@ def test_same_name_in_two_folders_gets_two_ids(tmp_path):
     (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
     assert video_id(tmp_path / "x" / "clip.mp4") != video_id(tmp_path / "y" / "clip.mp4")
     assert video_id(tmp_path / "x" / "clip.mp4") == video_id(tmp_path / "x" / "clip.mp4")
+
+
+ARCHIVE = ("archive/a.mp4", "archive/day1/clip.mp4", "archive/day2/clip.mp4")
+
+
+@pytest.mark.parametrize("inputs", [
+    ["archive/**/*.mp4"],  # one glob over the sub-folders
+    ["archive", "archive/day1", "archive/day2"],  # folders; day1/ and day2/ hold the same name
+    ["archive/day2/clip.mp4", "archive/a.mp4", "archive/day1/clip.mp4"],  # files named alone
+    ["archive/day1/*.mp4", "archive/day2/clip.mp4", "archive"],
+])
+def test_ids_follow_the_archive_moved_under_another_parent_and_stay_apart(tmp_path, monkeypatch, inputs):
+    """Ids hashed the absolute path: an archive moved or renamed above its own folder got new
+    ids on --resume, and every video was done again, its rows beside the earlier ones. Ids come
+    from the path below the folder above each input now; two files of one name in two folders
+    keep two ids, whatever the order of the inputs."""
+    import shutil
+
+    for name in ARCHIVE:
+        (tmp_path / "old" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "old" / name).write_bytes(b"x")
+
+    def ids(parent, specs):
+        return {v.path: v.id for v in find_videos([str(parent / spec) for spec in specs])}
+
+    before = ids(tmp_path / "old", inputs)
+    assert len(before) == len(ARCHIVE) and len(set(before.values())) == len(ARCHIVE)
+    assert ids(tmp_path / "old", inputs[::-1]) == before  # the order of the inputs does not count
+    shutil.move(tmp_path / "old", tmp_path / "elsewhere" / "new")
+    after = ids(tmp_path / "elsewhere" / "new", inputs)
+    assert after == {path.replace(str(tmp_path / "old"), str(tmp_path / "elsewhere" / "new")): id_
+                     for path, id_ in before.items()}
+    monkeypatch.chdir(tmp_path / "elsewhere" / "new")  # relative inputs name the same files
+    assert ids(Path("."), inputs) == after
+
+
+def test_a_video_done_under_an_id_of_its_absolute_path_keeps_that_id(tmp_path):
+    """OUT_DIR of a camface whose ids hashed the absolute path: a --resume gives the same file
+    (its name, size and modification time) its earlier id, so it is not done again beside its
+    earlier rows; a file not matched one to one keeps its own id."""
+    import hashlib
+    import json
+
+    from camface.batch.inputs import stamp
+    from camface.batch.pipeline import earlier_ids
+    from camface.batch.state import Outputs
+
+    for name in ("a/one.mp4", "a/two.mp4", "b/two.mp4"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * 10)
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    old = {}
+    for name in ("a/one.mp4", "a/two.mp4"):
+        path = tmp_path / name
+        old[name] = f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        outputs.record_path(old[name]).write_text(json.dumps(
+            {"video": old[name], "path": str(path), "status": "done", "source": stamp(path)}))
+    os.utime(tmp_path / "b" / "two.mp4", ns=(0, (tmp_path / "a" / "two.mp4").stat().st_mtime_ns))
+    videos = find_videos([str(tmp_path / "a"), str(tmp_path / "b")])
+    kept = earlier_ids(outputs, videos)
+    assert [v.path for v in kept] == [v.path for v in videos]
+    assert [v.id for v in kept] == [old["a/one.mp4"], videos[1].id, videos[2].id]  # two.mp4: two matches
+    os.utime(tmp_path / "a" / "one.mp4", ns=(0, 1))  # another version of the file: redone under its id
+    assert earlier_ids(outputs, videos) == videos
 
 
 @pytest.mark.parametrize("make, args, message", [
