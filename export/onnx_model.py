@@ -224,6 +224,21 @@ def constants(model) -> dict[str, np.ndarray]:
     return found
 
 
+def constant(graph, name: str) -> np.ndarray | None:
+    """The value of the initializer or Constant node `name` of `graph` (as `constants`, without
+    reading every weight), None when it is neither."""
+    from onnx import numpy_helper
+
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute and \
+                node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
 def describe(model, where: object = "model") -> Classifier:
     """The classifier's input, layout and logits. Raises ModelError for what camface cannot
     explain: several inputs/outputs, a non-float or non-image input, a fixed batch dimension."""
