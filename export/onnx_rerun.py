@@ -512,14 +512,22 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     from camface.export import onnx_model
 
     prepared = onnx_model.prepare(model, where="the CAM graph")
-    # the head reads the batch size of the target where the graph reads its input's (`_from_batch`)
-    sized = {n.output[0] for n in parts.head_nodes or () if n.op_type == "Shape" and n.input[0] == parts.target}
-    for node in prepared.graph.node:
-        if node.op_type == "Shape" and node.output[0] in sized:
-            node.input[0] = parts.target
     extractor = onnx.utils.Extractor(prepared)
-    head = None if parts.head_nodes is None else _session(extractor.extract_model([parts.target], [parts.logits]))
     whole = _session(extractor.extract_model([parts.images], [parts.logits]))
+    head = None
+    if parts.head_nodes is not None:
+        # the head reads the batch size of the target where the graph reads its input's
+        # (`_from_batch`), in a copy: the same Shape may also give the model its input's other
+        # dimensions, or a batch size that the target itself depends on
+        sized = {n.output[0] for n in parts.head_nodes if n.op_type == "Shape" and n.input[0] == parts.target}
+        if sized:
+            rewired = onnx.ModelProto()
+            rewired.CopyFrom(prepared)
+            for node in rewired.graph.node:
+                if node.op_type == "Shape" and node.output[0] in sized:
+                    node.input[0] = parts.target
+            extractor = onnx.utils.Extractor(rewired)
+        head = _session(extractor.extract_model([parts.target], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     made = {o for n in model.graph.node for o in n.output}

@@ -434,13 +434,36 @@ def _classifier_reading_its_batch(form):
     read from the input x's Shape: Shape(start=0, end=1) (form None, as torch.export), or its
     first element taken by `_first_of`'s pick `form` (the legacy torch exporter's x.size(0),
     tf2onnx's tf.shape(x)[0]); "channels": Flatten, then divided by x's channel count (Shape ->
-    Gather 1); "flatten": the Flatten itself."""
+    Gather 1); "shared": ("gather", 0) from one Shape of x whose batch also expands a tensor
+    before the target (a ViT's class token) and whose channel count scales x (both no-ops), as
+    the legacy exporter shares one Shape after its common-subexpression pass; "flatten": the
+    Flatten itself."""
     from onnx import TensorProto, helper, numpy_helper
 
     model = _onnx_classifier(16, 6)
     if form == "flatten":
         return model
     graph = model.graph
+    if form == "shared":
+        model = _classifier_reading_its_batch(("gather", 0))
+        graph = model.graph
+        shape = [n for n in graph.node if n.op_type in ("Shape", "Constant", "Gather", "Unsqueeze")]
+        for node in shape:
+            graph.node.remove(node)
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, t), n) for n, v, t in (
+            ("one", [[[[1.0]]]], np.float32), ("three", 3.0, np.float32), ("ones3", [1, 1, 1], np.int64),
+            ("at1", 1, np.int64)))
+        before = [*shape, helper.make_node("Gather", ["shape", "at1"], ["channels"], axis=0),
+                  helper.make_node("Cast", ["channels"], ["channels_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", ["channels_f", "three"], ["scale"]),
+                  helper.make_node("Concat", ["batch", "ones3"], ["ones_shape"], axis=0),
+                  helper.make_node("Expand", ["one", "ones_shape"], ["ones"]),
+                  helper.make_node("Mul", ["x", "scale"], ["x_scaled"]),
+                  helper.make_node("Mul", ["x_scaled", "ones"], ["x_expanded"])]
+        for offset, node in enumerate(before):
+            graph.node.insert(offset, node)
+        next(n for n in graph.node if n.name == "conv").input[0] = "x_expanded"
+        return model
     at = next(i for i, n in enumerate(graph.node) if n.name == "flat")
     if form == "channels":
         picked, values = _first_of(("gather", 1), "shape", "picked")
@@ -481,13 +504,16 @@ def _gradient_free_maps(model):
 
 
 @pytest.mark.parametrize("form", [None, ("gather", 0), ("gather", [0]), ("slice", 0, 1),
-                                  ("cast", "slice", 0, 1), "channels"])
+                                  ("cast", "slice", 0, 1), "shared", "channels"])
 def test_a_head_reshaping_to_the_inputs_batch_keeps_ablation_cam(flattened_maps, form, caplog):
     """A head that reshapes its pooled features to [x.shape[0], -1] (a hand-written model, the
     legacy torch exporter's Shape -> Gather, tf2onnx's Shape -> Cast -> Slice) lost Ablation-CAM
     ("also reads ..., computed from the graph's input"): only Shape(start=0, end=1) was rebuilt.
     Each form now gets the maps of the same model with a Flatten, on 3 crops (the rerun's batch
-    is 3 x 6 ablated rows); a head that reads the input's channel count still loses it."""
+    is 3 x 6 ablated rows); a head that reads the input's channel count still loses it. The
+    self-check's reference head read the target's Shape where the whole graph did: a Shape x's
+    channel count also came from was read there too, the model's reference scaled x by 6 / 3
+    (the target's channels), and its batch fed the target itself (a cycle)."""
     with caplog.at_level(logging.WARNING):
         got = _gradient_free_maps(_classifier_reading_its_batch(form))
     assert set(flattened_maps) == set(RERUNS)
