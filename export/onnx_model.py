@@ -1115,7 +1115,11 @@ class TokenGrid:
         return {**found, "suffix": self.suffix} if self.suffix else found
 
 
-MAX_PREFIX = 8  # more leading tokens than this are not taken for class/distillation tokens
+# More tokens beside the patches than this are not taken for class/distillation/register tokens: a
+# class token and up to 16 registers ("Vision Transformers Need Registers" trained up to 16, lightly's
+# CAPI ViT-B has 16, UNI2-h 8 + a class token, DINOv2 / DINOv3 4 + 1). The guesses without a patch
+# embedding (a square, the patches that tile the input) try the fewest extra tokens first.
+MAX_PREFIX = 17
 
 
 def _ancestors(model, tensor: str) -> set[str]:
