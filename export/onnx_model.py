@@ -224,6 +224,21 @@ def constants(model) -> dict[str, np.ndarray]:
     return found
 
 
+def constant(graph, name: str) -> np.ndarray | None:
+    """The value of the initializer or Constant node `name` of `graph` (as `constants`, without
+    reading every weight), None when it is neither."""
+    from onnx import numpy_helper
+
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute and \
+                node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
 def describe(model, where: object = "model") -> Classifier:
     """The classifier's input, layout and logits. Raises ModelError for what camface cannot
     explain: several inputs/outputs, a non-float or non-image input, a fixed batch dimension."""
@@ -1100,7 +1115,11 @@ class TokenGrid:
         return {**found, "suffix": self.suffix} if self.suffix else found
 
 
-MAX_PREFIX = 8  # more leading tokens than this are not taken for class/distillation tokens
+# More tokens beside the patches than this are not taken for class/distillation/register tokens: a
+# class token and up to 16 registers ("Vision Transformers Need Registers" trained up to 16, lightly's
+# CAPI ViT-B has 16, UNI2-h 8 + a class token, DINOv2 / DINOv3 4 + 1). The guesses without a patch
+# embedding (a square, the patches that tile the input) try the fewest extra tokens first.
+MAX_PREFIX = 17
 
 
 def _ancestors(model, tensor: str) -> set[str]:

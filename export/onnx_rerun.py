@@ -6,13 +6,13 @@ Inside the graph they find three tensors: the target (`activations` followed bac
 Transpose and int8 QDQ nodes to a tensor the logits read), the logits (the input of the Softmax /
 Sigmoid that `probs` comes from) and the normalised input (`image` cast, then scaled and offset per
 channel: NHWC float32). The head is every node between the target and the logits, the model every
-node between the normalised input and the logits (with the nodes that compute a head's indices from
-the batch size of the graph's input, torch.export's as_strided, which the clones compute from their
-own rows); each is cloned, once per chunk of `chunk` variants of every crop (at most N * chunk rows
-at a time, so memory does not grow with the number of channels): unrolled into the graph up to
-MAX_UNROLLED chunks, beyond that once, into the body of an ONNX Loop over the chunks. The clones
-read the graph's own initializers (from the outer scope in a Loop): the file grows by the clones'
-nodes only, never by a weight.
+node between the normalised input and the logits (with the nodes that compute a head's indices or
+shapes from the batch size of the graph's input, torch.export's as_strided, `x.shape[0]`, which the
+clones compute from their own rows); each is cloned, once per chunk of `chunk` variants of every
+crop (at most N * chunk rows at a time, so memory does not grow with the number of channels):
+unrolled into the graph up to MAX_UNROLLED chunks, beyond that once, into the body of an ONNX Loop
+over the chunks. The clones read the graph's own initializers (from the outer scope in a Loop): the
+file grows by the clones' nodes only, never by a weight.
 
 `attach` adds them and checks them against the numpy reference (`methods.ModelCalls` around ONNX
 Runtime sessions of the same graph's head and model; the reference reruns one variant per chunk,
@@ -138,15 +138,47 @@ def between(graph, start: str, end: str, shapes: dict | None = None) -> tuple:
 
 def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict | None:
     """{position in the graph: node} computing `tensors` from the graph's input through its batch
-    size alone (Shape nodes with start 0, end 1 of a tensor whose first dimension is `start`'s,
-    same symbol: torch.export writes a reshape after global pooling as a Gather whose indices
-    count the rows from the input's Shape), those Shape nodes copied to read `start` (the batch
-    of a rerun is that of its rows: the clone computes what the model computes on that many
-    inputs), others as they are; None when one depends on the input in any other way."""
+    size alone, read by a Shape of a tensor whose first dimension is `start`'s (same symbol):
+    Shape with start 0, end 1 (torch.export writes a reshape after global pooling as a Gather
+    whose indices count the rows from the input's Shape), or a Shape from 0 (any end, the whole
+    shape) whose first element a Gather (constant indices all 0: 0, [0]; axis 0) or a Slice (0:1
+    of axis 0)
+    takes, through Casts (the legacy torch exporter's and hand-written `x.shape[0]`, tf2onnx's
+    `tf.shape(x)[0]`). Those Shape nodes are copied to read `start` (the batch of a rerun is that
+    of its rows: the clone computes what the model computes on that many inputs), the nodes
+    after them kept as they are; None when one of `tensors` depends on the input in any other
+    way (another element of a shape: the channels, the image size)."""
     from onnx import NodeProto
+
+    from camface.export import onnx_model
 
     batch = (shapes.get(start) or [None])[0]
     where = {o: (i, n) for i, n in enumerate(graph.node) for o in n.output}
+
+    def batch_shape(index, node, whole: bool):
+        """{index: node reading `start`} when `node` is a Shape from 0 (to 1 unless `whole`) of a
+        tensor of the batch; else None."""
+        bounds = {a.name: a.i for a in node.attribute}
+        if node.op_type != "Shape" or batch is None or bounds.get("start", 0) != 0 or \
+                not (whole or bounds.get("end") == 1) or (shapes.get(node.input[0]) or [None])[0] != batch:
+            return None
+        copy = NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0] = start
+        return {index: copy}
+
+    def first_of_shape(node):
+        """{index: node} of the Shape of a tensor of the batch whose first element `node` (Gather,
+        Slice) takes, and of the Casts between; None when it is not that."""
+        if not _takes_first(node, lambda name: onnx_model.constant(graph, name)):
+            return None
+        found, tensor = {}, node.input[0]
+        while tensor in where and where[tensor][1].op_type == "Cast":
+            index, cast = where[tensor]
+            found[index], tensor = cast, cast.input[0]
+        shape = batch_shape(*where[tensor], whole=True) if tensor in where else None
+        return None if shape is None else {**found, **shape}
+
     found, stack, seen = {}, list(tensors), set()
     while stack:
         tensor = stack.pop()
@@ -157,18 +189,43 @@ def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict |
             return None  # the graph's input itself
         index, node = where[tensor]
         if node.op_type == "Shape":
-            bounds = {a.name: a.i for a in node.attribute}
-            if batch is None or bounds.get("start", 0) != 0 or bounds.get("end") != 1 or \
-                    (shapes.get(node.input[0]) or [None])[0] != batch:
+            shape = batch_shape(index, node, whole=False)
+            if shape is None:
                 return None
-            copy = NodeProto()
-            copy.CopyFrom(node)
-            copy.input[0] = start
-            found[index] = copy
+            found.update(shape)
             continue
+        first = first_of_shape(node)
         found[index] = node
+        if first is not None:
+            found.update(first)
+            continue
         stack.extend(reads(node))
     return found
+
+
+def _takes_first(node, value) -> bool:
+    """Whether `node` takes the first element of a 1-D tensor (a shape): Gather of constant
+    indices 0 or [0] on axis 0, or Slice 0:1 (step 1) of axis 0, its bounds inputs (opset 10+)
+    or attributes (before). value: tensor name -> its constant value, or None."""
+    attributes = {a.name: (list(a.ints) if a.ints else a.i) for a in node.attribute}
+
+    def constant(position, default=None):
+        name = node.input[position] if len(node.input) > position else ""
+        if not name:
+            return default
+        found = value(name)
+        return None if found is None else np.asarray(found).reshape(-1).tolist()
+
+    if node.op_type == "Gather":
+        indices = constant(1)
+        return attributes.get("axis", 0) in (0, -1) and bool(indices) and not any(indices)
+    if node.op_type != "Slice":
+        return False
+    if len(node.input) > 1:
+        bounds = [constant(1), constant(2), constant(3, [0]), constant(4, [1])]
+    else:
+        bounds = [attributes.get("starts"), attributes.get("ends"), attributes.get("axes", [0]), [1]]
+    return bounds[0] == [0] and bounds[1] == [1] and bounds[2] in ([0], [-1]) and bounds[3] == [1]
 
 
 def normalising(graph, values: dict) -> list:
@@ -455,14 +512,22 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     from camface.export import onnx_model
 
     prepared = onnx_model.prepare(model, where="the CAM graph")
-    # the head reads the batch size of the target where the graph reads its input's (`_from_batch`)
-    sized = {n.output[0] for n in parts.head_nodes or () if n.op_type == "Shape" and n.input[0] == parts.target}
-    for node in prepared.graph.node:
-        if node.op_type == "Shape" and node.output[0] in sized:
-            node.input[0] = parts.target
     extractor = onnx.utils.Extractor(prepared)
-    head = None if parts.head_nodes is None else _session(extractor.extract_model([parts.target], [parts.logits]))
     whole = _session(extractor.extract_model([parts.images], [parts.logits]))
+    head = None
+    if parts.head_nodes is not None:
+        # the head reads the batch size of the target where the graph reads its input's
+        # (`_from_batch`), in a copy: the same Shape may also give the model its input's other
+        # dimensions, or a batch size that the target itself depends on
+        sized = {n.output[0] for n in parts.head_nodes if n.op_type == "Shape" and n.input[0] == parts.target}
+        if sized:
+            rewired = onnx.ModelProto()
+            rewired.CopyFrom(prepared)
+            for node in rewired.graph.node:
+                if node.op_type == "Shape" and node.output[0] in sized:
+                    node.input[0] = parts.target
+            extractor = onnx.utils.Extractor(rewired)
+        head = _session(extractor.extract_model([parts.target], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     made = {o for n in model.graph.node for o in n.output}

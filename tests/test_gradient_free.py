@@ -334,40 +334,78 @@ def test_a_model_too_large_for_a_score_cam_pass_is_a_clear_error(caplog):
     assert "scorecam left out: scorecam: one pass of 16 variants" in caplog.text
 
 
-def _batch_sized_graph(source, bounds):
-    """t = Relu(x [N, 4]); out = t + Cast(Shape(source, **bounds)): a head (t -> out) that also
-    reads a tensor computed from the graph's input (x, or y [M, 4] of another batch)."""
+def _first_of(pick, tensor, out):
+    """Nodes taking element(s) of the shape `tensor` into `out`, and their constants:
+    ("gather", indices) | ("slice", start, end) (bounds as inputs) | ("slice9", start, end)
+    (bounds as attributes, opset 9) | ("cast", pick...): Cast to int32 first (tf2onnx)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if pick[0] == "cast":
+        cast = f"{out}_int32"
+        nodes, values = _first_of(pick[1:], cast, out)
+        return [helper.make_node("Cast", [tensor], [cast], to=TensorProto.INT32), *nodes], values
+    if pick[0] == "gather":  # the indices a Constant node, as the legacy torch exporter writes them
+        return [helper.make_node("Constant", [], [f"{out}_at"], value=numpy_helper.from_array(
+                    np.array(pick[1], np.int64))),
+                helper.make_node("Gather", [tensor, f"{out}_at"], [out], axis=0)], []
+    if pick[0] == "slice9":
+        return [helper.make_node("Slice", [tensor], [out], starts=[pick[1]], ends=[pick[2]], axes=[0])], []
+    bounds = [numpy_helper.from_array(np.array([v], np.int64), f"{out}_{k}")
+              for k, v in zip(("starts", "ends", "axes"), (pick[1], pick[2], 0))]
+    return [helper.make_node("Slice", [tensor, *(t.name for t in bounds)], [out])], bounds
+
+
+def _batch_sized_graph(source, bounds, pick=None):
+    """t = Relu(x [N, 4]); out = t + Cast(pick(Shape(source, **bounds))): a head (t -> out) that
+    also reads a tensor computed from the graph's input (x, or y [M, 4] of another batch); pick:
+    `_first_of`'s, or None (the Shape itself)."""
     from onnx import TensorProto, helper
 
+    picked, values = _first_of(pick, "s", "p") if pick else ([], [])
     nodes = [helper.make_node("Relu", ["x"], ["t"]),
-             helper.make_node("Shape", [source], ["s"], name="shape", **bounds),
-             helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT),
+             helper.make_node("Shape", [source], ["s"], name="shape", **bounds), *picked,
+             helper.make_node("Cast", ["p" if pick else "s"], ["c"], to=TensorProto.FLOAT),
              helper.make_node("Add", ["t", "c"], ["out"], name="add")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
                                            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], values)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9 if "slice9" in (pick or ()) else 17)])
+    model.ir_version = 8 if model.opset_import[0].version > 9 else 4
     return model
 
 
-@pytest.mark.parametrize("source, bounds, cloned", [
-    ("x", {"start": 0, "end": 1}, True),  # the batch size of the head's own input: rebuilt
-    ("x", {"start": 1, "end": 2}, False),  # another dimension
-    ("x", {}, False),  # the whole shape
-    ("x", {"end": 1}, True),  # start 0 by default
-    ("y", {"start": 0, "end": 1}, False),  # the batch of another input
+@pytest.mark.parametrize("source, bounds, pick, cloned", [
+    ("x", {"start": 0, "end": 1}, None, True),  # the batch size of the head's own input: rebuilt
+    ("x", {"start": 1, "end": 2}, None, False),  # another dimension
+    ("x", {}, None, False),  # the whole shape
+    ("x", {"end": 1}, None, True),  # start 0 by default
+    ("y", {"start": 0, "end": 1}, None, False),  # the batch of another input
+    # its first element: the legacy torch exporter's x.size(0), tf2onnx's tf.shape(x)[0]
+    ("x", {}, ("gather", 0), True),
+    ("x", {}, ("gather", [0]), True),
+    ("x", {"start": 0}, ("gather", 0), True),
+    ("x", {}, ("slice", 0, 1), True),
+    ("x", {}, ("slice9", 0, 1), True),  # opset 9: bounds as attributes
+    ("x", {}, ("cast", "slice", 0, 1), True),
+    ("x", {}, ("cast", "gather", [0]), True),
+    ("x", {}, ("gather", 1), False),  # the channels, not the batch
+    ("x", {}, ("gather", [0, 1]), False),
+    ("x", {}, ("slice", 0, 2), False),
+    ("x", {}, ("slice", 1, 2), False),
+    ("x", {"start": 1}, ("gather", 0), False),  # the first of the dimensions after the batch
+    ("y", {}, ("gather", 0), False),
 ])
-def test_a_head_reading_the_inputs_batch_size_reads_its_own(source, bounds, cloned):
+def test_a_head_reading_the_inputs_batch_size_reads_its_own(source, bounds, pick, cloned):
     """A head node that reads a tensor computed from the graph's input through its batch size
-    alone (torch.export's as_strided indices) gets the nodes that compute it, its Shape reading
-    the head's own input: run on 6 rows, the head adds 6; anything else is refused, naming the
-    node and the tensor."""
+    alone (torch.export's as_strided indices, `x.shape[0]`) gets the nodes that compute it, its
+    Shape reading the head's own input and the Gather / Slice after it kept: run on 6 rows, the
+    head adds 6; anything else is refused, naming the node and the tensor. Shape -> Gather /
+    Slice was refused."""
     from onnx import TensorProto, helper
 
     from camface.export import onnx_model, onnx_rerun
 
-    model = _batch_sized_graph(source, bounds)
+    model = _batch_sized_graph(source, bounds, pick)
     shapes = onnx_model.shapes(onnx_model.prepare(model))
     if not cloned:
         with pytest.raises(ModelError, match=r"node 'add' \(Add\) between 't' and 'out' also reads 'c', computed "
@@ -377,16 +415,117 @@ def test_a_head_reading_the_inputs_batch_size_reads_its_own(source, bounds, clon
     with pytest.raises(ModelError, match="also reads 'c'"):  # without the shapes, as before
         onnx_rerun.between(model.graph, "t", "out")
     nodes = onnx_rerun.between(model.graph, "t", "out", shapes)
-    assert [n.op_type for n in nodes] == ["Shape", "Cast", "Add"] and nodes[0].input[0] == "t"
+    constants = [n for n in model.graph.node if n.op_type == "Constant"]
+    assert [n.op_type for n in nodes] == [n.op_type for n in model.graph.node[1:] if n not in constants]
+    assert nodes[0].op_type == "Shape" and nodes[0].input[0] == "t"
     assert model.graph.node[1].input[0] == "x"  # the graph itself is unchanged
     head = helper.make_model(helper.make_graph(
-        nodes, "head", [helper.make_tensor_value_info("t", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]),
-        opset_imports=[helper.make_opsetid("", 17)])
-    head.ir_version = 8
+        [*constants, *nodes], "head", [helper.make_tensor_value_info("t", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], list(model.graph.initializer)),
+        opset_imports=list(model.opset_import))
+    head.ir_version = model.ir_version
     rows = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     session = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"t": rows})[0], rows + 6, rtol=1e-6)
+
+
+def _classifier_reading_its_batch(form):
+    """`_onnx_classifier(16, 6)` whose Flatten after pooling is a Reshape to [batch, -1], the batch
+    read from the input x's Shape: Shape(start=0, end=1) (form None, as torch.export), or its
+    first element taken by `_first_of`'s pick `form` (the legacy torch exporter's x.size(0),
+    tf2onnx's tf.shape(x)[0]); "channels": Flatten, then divided by x's channel count (Shape ->
+    Gather 1); "shared": ("gather", 0) from one Shape of x whose batch also expands a tensor
+    before the target (a ViT's class token) and whose channel count scales x (both no-ops), as
+    the legacy exporter shares one Shape after its common-subexpression pass; "flatten": the
+    Flatten itself."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = _onnx_classifier(16, 6)
+    if form == "flatten":
+        return model
+    graph = model.graph
+    if form == "shared":
+        model = _classifier_reading_its_batch(("gather", 0))
+        graph = model.graph
+        shape = [n for n in graph.node if n.op_type in ("Shape", "Constant", "Gather", "Unsqueeze")]
+        for node in shape:
+            graph.node.remove(node)
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, t), n) for n, v, t in (
+            ("one", [[[[1.0]]]], np.float32), ("three", 3.0, np.float32), ("ones3", [1, 1, 1], np.int64),
+            ("at1", 1, np.int64)))
+        before = [*shape, helper.make_node("Gather", ["shape", "at1"], ["channels"], axis=0),
+                  helper.make_node("Cast", ["channels"], ["channels_f"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", ["channels_f", "three"], ["scale"]),
+                  helper.make_node("Concat", ["batch", "ones3"], ["ones_shape"], axis=0),
+                  helper.make_node("Expand", ["one", "ones_shape"], ["ones"]),
+                  helper.make_node("Mul", ["x", "scale"], ["x_scaled"]),
+                  helper.make_node("Mul", ["x_scaled", "ones"], ["x_expanded"])]
+        for offset, node in enumerate(before):
+            graph.node.insert(offset, node)
+        next(n for n in graph.node if n.name == "conv").input[0] = "x_expanded"
+        return model
+    at = next(i for i, n in enumerate(graph.node) if n.name == "flat")
+    if form == "channels":
+        picked, values = _first_of(("gather", 1), "shape", "picked")
+        nodes = [helper.make_node("Flatten", ["pooled"], ["flat0"]), helper.make_node("Shape", ["x"], ["shape"]),
+                 *picked, helper.make_node("Cast", ["picked"], ["count"], to=TensorProto.FLOAT),
+                 helper.make_node("Div", ["flat0", "count"], ["flat"])]
+    else:
+        picked, values = _first_of(form, "shape", "picked") if form else ([], [])
+        batch = [helper.make_node("Unsqueeze", ["picked", "axis0"], ["batch"])] if form == ("gather", 0) else \
+            [helper.make_node("Cast", ["picked"], ["batch"], to=TensorProto.INT64)] if form else []
+        values.extend(numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("axis0", [0]), ("rest", [-1])))
+        nodes = [helper.make_node("Shape", ["x"], ["shape" if form else "batch"], **({} if form else {"start": 0, "end": 1})),
+                 *picked, *batch, helper.make_node("Concat", ["batch", "rest"], ["dims"], axis=0),
+                 helper.make_node("Reshape", ["pooled", "dims"], ["flat"])]
+    graph.node.remove(graph.node[at])
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
+    graph.initializer.extend(values)
+    return model
+
+
+@pytest.fixture(scope="module")
+def flattened_maps():
+    """The gradient-free maps of `_classifier_reading_its_batch("flatten")` on 3 crops."""
+    return _gradient_free_maps(_classifier_reading_its_batch("flatten"))
+
+
+def _gradient_free_maps(model):
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    cam_graph, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer="target"))
+    assert all(d.ok for d in differences)
+    names = [n for n in RERUNS if n in info.heatmaps]
+    session = ort.InferenceSession(cam_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    return dict(zip(names, session.run(names, {"image": images, "class_index": np.array([-1, 0, 3])})))
+
+
+@pytest.mark.parametrize("form", [None, ("gather", 0), ("gather", [0]), ("slice", 0, 1),
+                                  ("cast", "slice", 0, 1), "shared", "channels"])
+def test_a_head_reshaping_to_the_inputs_batch_keeps_ablation_cam(flattened_maps, form, caplog):
+    """A head that reshapes its pooled features to [x.shape[0], -1] (a hand-written model, the
+    legacy torch exporter's Shape -> Gather, tf2onnx's Shape -> Cast -> Slice) lost Ablation-CAM
+    ("also reads ..., computed from the graph's input"): only Shape(start=0, end=1) was rebuilt.
+    Each form now gets the maps of the same model with a Flatten, on 3 crops (the rerun's batch
+    is 3 x 6 ablated rows); a head that reads the input's channel count still loses it. The
+    self-check's reference head read the target's Shape where the whole graph did: a Shape x's
+    channel count also came from was read there too, the model's reference scaled x by 6 / 3
+    (the target's channels), and its batch fed the target itself (a cycle)."""
+    with caplog.at_level(logging.WARNING):
+        got = _gradient_free_maps(_classifier_reading_its_batch(form))
+    assert set(flattened_maps) == set(RERUNS)
+    if form == "channels":
+        assert set(got) == {"scorecam"}  # the model's rerun reads its own input's shape
+        assert "ablationcam left out: node" in caplog.text and "computed from the graph's input" in caplog.text
+        return
+    assert set(got) == set(RERUNS) and "left out" not in caplog.text
+    for name, heatmap in flattened_maps.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 def test_reference_without_the_model_is_refused():

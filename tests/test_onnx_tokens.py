@@ -489,13 +489,16 @@ class TokensAroundPatches(nn.Module):
 
 @pytest.mark.parametrize("before, after, registers_first, grid", [
     (1, 0, 0, (1, 4, 6, 0)), (0, 1, 0, (0, 4, 6, 1)), (1, 4, 0, (1, 4, 6, 4)),
-    (1, 0, 4, (5, 4, 6, 0))], ids=["class-token", "class-token-after", "registers-after",
-                                   "dinov2-registers"])
+    (1, 0, 4, (5, 4, 6, 0)), (1, 0, 8, (9, 4, 6, 0)), (1, 0, 16, (17, 4, 6, 0)), (1, 16, 0, (1, 4, 6, 16))],
+    ids=["class-token", "class-token-after", "registers-after", "dinov2-registers", "uni2-registers",
+         "16-registers", "16-registers-after"])
 def test_each_patch_lands_on_its_own_grid_cell(tmp_path, before, after, registers_first, grid):
     """One lit 8x8 patch at row 1, column 3 of a 4x6 grid: the graph's activations (the tokens on
     the grid) differ from those of a dark image there and nowhere else, and equal torch's token
     of patch 1 * 6 + 3. Tokens after the patches (registers packed after them) were taken for
-    prefix tokens: the grid started one token late and the map was shifted by a patch."""
+    prefix tokens: the grid started one token late and the map was shifted by a patch. More than
+    8 extra tokens (UNI2-h's class token and 8 registers, 16 registers) were refused, even with
+    --prefix-tokens."""
     torch.manual_seed(0)
     model = TokensAroundPatches(32, 48, before, after, registers_first).eval()
     classifier = classifier_of(model, tmp_path / "m.onnx", (32, 48))
