@@ -89,14 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    # camface's own messages at INFO; other libraries' (torch's exit summaries, Ray's start-up)
-    # only from WARNING, unless --debug: their loggers inherit the root's level
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
+        level=logging.DEBUG if args.debug else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("camface").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         check_command(args.command)
         return int(args._main(args) or 0)

@@ -84,8 +84,9 @@ def _exporter_quiet():
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         yield
         return
-    # imported first: torch gives some of its loggers a level of their own when they are made
-    # (torch.onnx's at WARNING), which a logger made inside the block would keep
+    # imported first: torch gives its loggers levels of their own when it is imported (its
+    # top logger WARNING, which a level saved before would undo at the end; a logger made
+    # inside the block would keep its own WARNING)
     for module in ("torch", "torch.onnx", "onnxscript"):
         with contextlib.suppress(ImportError):
             __import__(module)
@@ -156,56 +157,84 @@ class _UnsafePickle(Exception):
     """A pickle in a .pt2 that is more than tensors and plain containers."""
 
 
-_LOAD_LOCK = threading.Lock()  # torch.load is swapped for the whole process while a .pt2 loads
+class _Refused(Exception):
+    """What in a .pt2 would run code or load native code when torch.export.load reads it."""
 
 
-def _load_program(path: Path):
-    """torch.export.load of `path` (ModelError saying why when it is not an exported program),
-    with every pickle in it held to tensors and plain containers (the rule of
-    `torch.load(weights_only=True)`) and mapped to the CPU, and a program saved on a GPU
-    rewritten to the CPU first (`_on_cpu`). torch.export.load itself retries a pickle that the
-    safe load refuses with weights_only=False, and unpickles opaque constants with
-    pickle.loads: either runs code from the file, as a .pt would."""
+_LOAD_LOCK = threading.Lock()  # torch's loader modules are guarded while one .pt2 loads
+
+
+class _Guarded:
+    """A module seen through a proxy: the attributes given replaced, the others the module's."""
+
+    def __init__(self, module, **replaced):
+        self.__dict__.update(replaced, _module=module)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _guards():
+    """mock patches that hold torch.export.load's unpicklers to tensors and plain containers
+    (`torch.load(weights_only=True)`, mapped to the CPU) and refuse its object pickles, in the
+    two modules that call them (not torch.load itself: other threads keep theirs). Raises
+    _Refused when this torch's loader is not where they go (they would guard nothing)."""
     import pickle
-    import types
     from unittest import mock
 
     import torch
 
     def safe_load(f, *args, **kwargs):  # torch's own arguments dropped: weights_only allows no pickle_module
         try:
-            return real_load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise _UnsafePickle(_unsafe_global(exc)) from exc
 
     def refuse(*args, **kwargs):
         raise _UnsafePickle("a pickled Python object (a TorchScript class or an opaque constant)")
 
-    real_load = torch.load
-    patches = [mock.patch.object(torch, "load", safe_load)]
-    if hasattr(torch._C, "_pickle_load_obj"):
-        patches.append(mock.patch.object(torch._C, "_pickle_load_obj", refuse))
     try:
+        from torch._export.serde import serialize
         from torch.export.pt2_archive import _package
-    except ImportError:  # another torch: its loader is not patched past torch.load
-        _package = None
-    if _package is not None and hasattr(_package, "pickle"):
-        patches.append(mock.patch.object(_package, "pickle", types.SimpleNamespace(
-            **{**{k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")}, "loads": refuse})))
-    source, devices = _on_cpu(path)
+    except ImportError as exc:
+        raise _Refused(f"torch {torch.__version__} reads .pt2 files elsewhere than the torch 2.13 "
+                       f"camface checks ({exc})") from exc
+    if not all(hasattr(m, "torch") for m in (_package, serialize)) or not hasattr(_package, "pickle"):
+        raise _Refused(f"torch {torch.__version__} reads .pt2 files otherwise than the torch 2.13 camface checks")
+    return [mock.patch.object(_package, "torch", _Guarded(torch, load=safe_load,
+                                                          _C=_Guarded(torch._C, _pickle_load_obj=refuse))),
+            mock.patch.object(_package, "pickle", _Guarded(pickle, loads=refuse, load=refuse)),
+            mock.patch.object(serialize, "torch", _Guarded(torch, load=safe_load))]
+
+
+def _load_program(path: Path):
+    """torch.export.load of `path` (ModelError saying why when it is not an exported program).
+    torch says not to load a .pt2 from an untrusted source: loading one runs code from it in
+    several ways. camface loads the archive's bytes only after `_vetted` checked them (no
+    native libraries, symbolic expressions that are sympy arithmetic, graph calls of torch's
+    and Python's operators; a program saved on a GPU rewritten to the CPU), with every pickle
+    held to tensors and plain containers (`_guards`): torch.export.load itself retries a pickle
+    the safe load refuses with weights_only=False, and unpickles opaque constants with
+    pickle.loads."""
+    import torch
+
     try:
-        # torch logs a traceback (as a warning) for a file it cannot read before it raises:
-        # the error below says it in one line
+        source, devices = _vetted(path)
         with _LOAD_LOCK, _quiet("torch.export"), contextlib.ExitStack() as stack:
-            for patch in patches:
+            for patch in _guards():
                 stack.enter_context(patch)
+            # torch logs a traceback (as a warning) for a file it cannot read before it raises:
+            # the error below says it in one line
             program = torch.export.load(source)
     except Exception as exc:  # a zip that is not an exported program raises many types
-        unsafe = next((e for e in _chain(exc) if isinstance(e, _UnsafePickle)), None)
-        if unsafe is not None:
+        unsafe = next((e for e in _chain(exc) if isinstance(e, (_UnsafePickle, _Refused))), None)
+        if isinstance(unsafe, _UnsafePickle):
             raise ModelError(f"{path}: refused: it holds a pickle that is not only tensors ({unsafe}); "
                              "loading it would RUN CODE FROM THE FILE, as a .pt would. Export the model "
                              f"again with torch.export.save from plain tensors: {HOW_TO_EXPORT}") from exc
+        if unsafe is not None:
+            raise ModelError(f"{path}: refused: {unsafe}; loading it would RUN CODE FROM THE FILE. "
+                             f"camface loads programs saved as {HOW_TO_EXPORT}") from exc
         raise ModelError(f"{path}: not a program saved with torch.export.save ({_what_it_is(path, exc)}); "
                          f"make one with {HOW_TO_EXPORT}") from exc
     if devices:
@@ -231,36 +260,103 @@ def _unsafe_global(exc: Exception) -> str:
 
 
 _NOT_MOVED = ("cpu", "meta")  # devices a program's tensors keep
+# torch.export.load unpacks and dlopens an AOTInductor library it finds in the archive
+_NATIVE = (".so", ".dll", ".dylib", ".pyd", ".o", ".cpp", ".cubin", ".ptx")
+# what a graph node may call: torch's operators and Python's (a name anywhere else, e.g.
+# torch.export.custom_ops', imports a module the file names)
+_CALLS = ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.higher_order.", "torch.ops.quantized_decomposed.",
+          "_operator.", "operator.", "math.", "torch.sym_", "torch._sym_")
+# sympy.sympify evaluates a symbolic size's expr_str as Python: only sympy arithmetic is let through
+_SYMPY_CALLS = frozenset({
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "Eq", "Ne",
+    "Lt", "Le", "Gt", "Ge", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Equality",
+    "Unequality", "And", "Or", "Not", "Piecewise", "floor", "ceiling", "sqrt", "BooleanTrue", "BooleanFalse"})
+_SYMPY_NAMES = frozenset({"oo", "zoo", "nan", "true", "false", "True", "False", "S"})
+_SYMPY_KEYWORDS = frozenset({"integer", "positive", "negative", "nonnegative", "nonpositive", "real", "finite",
+                             "even", "odd", "commutative", "evaluate"})
 
 
-def _on_cpu(path: Path):
-    """(source for torch.export.load, the devices it was saved on besides the CPU): `path`
-    itself when every device its archive names is the CPU, else the archive rewritten in
-    memory with each device in its JSON (the weights' and constants' tensor metadata, the
-    graph's values and device arguments) set to the CPU, as torch.export.passes'
-    move_to_device_pass does to a loaded program. torch.export.load cannot itself load a
-    program saved on a GPU where there is none (it makes each weight on its saved device), and
-    camface exports on the CPU where there is one."""
+def _torch_sympy_functions() -> frozenset[str]:
+    """The names of torch's own sympy functions (FloorDiv, CleanDiv, ModularIndexing...)."""
+    import sympy
+    from torch.utils._sympy import functions
+
+    return frozenset(n for n, v in vars(functions).items() if isinstance(v, type) and issubclass(v, sympy.Basic))
+
+
+def _expression_refused(text: str, calls: frozenset[str]) -> str:
+    """Why the symbolic-size expression `text` is more than sympy arithmetic ("" when it is not)."""
+    import ast
+    import re
+
     try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile):
-        return str(path), set()  # torch.export.load says what it is
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return "it does not parse"
+    allowed = (ast.Expression, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
+               ast.Compare, ast.BoolOp, ast.Tuple, ast.Load, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed):
+            return f"it has {type(node).__name__}"
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in calls):
+            return f"it calls {ast.unparse(node.func)}"
+        if isinstance(node, ast.Name) and node.id not in calls and node.id not in _SYMPY_NAMES \
+                and not re.fullmatch(r"[a-z]+\d+", node.id):
+            return f"it names {node.id}"
+        if isinstance(node, ast.keyword) and node.arg not in _SYMPY_KEYWORDS:
+            return f"it passes {node.arg}="
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not re.fullmatch(r"[a-z]+\d+", node.value):
+            return f"it holds the string {node.value!r}"
+    return ""
+
+
+def _vetted(path: Path):
+    """(source for torch.export.load, the devices the program was saved on besides the CPU):
+    the archive's bytes, read once, checked, and given to torch as checked (a second entry of
+    the same name, which Python's zipfile and torch's reader do not pick alike, is refused).
+    Raises _Refused naming an entry that would load native code (an AOTInductor library), a
+    symbolic size that is more than arithmetic (sympy evaluates it as Python), or a graph node
+    calling anything but torch's and Python's operators. A program saved on a GPU has each
+    device in its JSON (the weights' and constants' tensor metadata, the graph's values and
+    device arguments) set to the CPU, as torch.export.passes' move_to_device_pass does to a
+    loaded program: torch.export.load makes each weight on its saved device (it fails where
+    there is none), and camface exports on the CPU."""
+    data = path.read_bytes()
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        return io.BytesIO(data), set()  # torch.export.load says what it is
     devices: set[str] = set()
+    calls = _SYMPY_CALLS | _torch_sympy_functions()
     changes = [0]
 
-    def moved(value):
+    def checked(value, where: str):
         if isinstance(value, dict):
             if value.keys() == {"type", "index"} and isinstance(value["type"], str) \
                     and value["type"] not in _NOT_MOVED:
                 changes[0] += 1
                 devices.add(value["type"] + ("" if value["index"] is None else f":{value['index']}"))
                 return {"type": "cpu", "index": None}
-            return {k: moved(v) for k, v in value.items()}
+            for key, item in value.items():
+                if key == "expr_str" and isinstance(item, str) and (why := _expression_refused(item, calls)):
+                    raise _Refused(f"{where} holds the symbolic size {item[:120]!r}, which is not arithmetic ({why})")
+                if key == "target" and isinstance(item, str) and "inputs" in value and not item.startswith(_CALLS):
+                    raise _Refused(f"{where}: a node calls {item[:120]}, which is not one of torch's or Python's "
+                                   "operators")
+            return {k: checked(v, where) for k, v in value.items()}
         if isinstance(value, list):
-            return [moved(v) for v in value]
+            return [checked(v, where) for v in value]
         return value
 
     with archive:
+        names = [info.filename for info in archive.infolist()]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise _Refused(f"it holds two entries named {twice}")
+        for name in names:
+            if "/data/aotinductor/" in f"/{name}" or name.lower().endswith(_NATIVE):
+                raise _Refused(f"it holds {name}, an AOTInductor build: native code that torch.export.load "
+                              "would load")
         rewritten = {}
         for info in archive.infolist():
             if not info.filename.endswith(".json"):
@@ -270,15 +366,16 @@ def _on_cpu(path: Path):
             except (ValueError, UnicodeDecodeError):
                 continue  # not the program's: torch.export.load reads it or not
             before = changes[0]
-            document = moved(document)
+            document = checked(document, info.filename)
             if changes[0] > before:
                 rewritten[info.filename] = json.dumps(document).encode()
-        if not devices:
-            return str(path), devices
+        if not rewritten:
+            return io.BytesIO(data), devices
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as copy:
             for info in archive.infolist():
-                copy.writestr(info, rewritten.get(info.filename) or archive.read(info))
+                copy.writestr(zipfile.ZipInfo(info.filename, info.date_time),
+                              rewritten[info.filename] if info.filename in rewritten else archive.read(info))
     buffer.seek(0)
     return buffer, devices
 

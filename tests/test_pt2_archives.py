@@ -8,8 +8,11 @@ import io
 import json
 import logging
 import pathlib
+import pickle
+import re
 import subprocess
 import sys
+import warnings
 import zipfile
 from unittest import mock
 
@@ -163,32 +166,159 @@ def with_pickled_weight(payload):
     return change
 
 
-@pytest.mark.parametrize("where", ["sample inputs", "weight"])
-def test_a_pt2_holding_a_pickle_that_runs_code_is_refused_before_it_runs(tmp_path, capsys, where):
+def with_symbolic_size(marker):
+    """The first symbolic size's expr_str (which torch.export.load hands to sympy.sympify, an
+    eval) made to create `marker` too."""
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        text = data.decode()
+        found = re.search(r'"expr_str": "(Symbol\([^"]*\))"', text)
+        evil = f"(__import__('pathlib').Path('{marker}').touch() or {found.group(1)})"
+        return text.replace(found.group(0), f'"expr_str": "{evil}"', 1).encode()
+    return change
+
+
+def with_constant(path_name, payload):
+    """A constant stored as a pickle: `tensor_*` files are read with torch.load(weights_only=
+    False), `opaque_obj_*` with pickle.loads, `custom_obj_*` with TorchScript's unpickler."""
+    def change(name, data, archive):
+        if name.endswith("model_constants_config.json"):
+            config = json.loads(data)
+            config["config"]["extra"] = {"path_name": path_name, "is_param": False, "use_pickle": True,
+                                         "tensor_meta": None}
+            return json.dumps(config).encode()
+        return data
+    return change, (f"data/constants/{path_name}", payload)
+
+
+def with_node(target):
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        graph = program["graph_module"]["graph"]
+        first = graph["nodes"][0]
+        graph["nodes"].insert(0, {**first, "target": target, "name": "called"})
+        return json.dumps(program).encode()
+    return change
+
+
+def torch_save(payload):
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def refused_archive(case, clean, target, marker):
+    """`clean` changed as `case` says, at `target`."""
+    added = None
+    if case == "sample inputs":
+        change = with_sample_inputs((Touch(marker),))
+    elif case == "weight":
+        change = with_pickled_weight(Touch(marker))
+    elif case == "symbolic size":
+        change = with_symbolic_size(marker)
+    elif case == "tensor constant":
+        change, added = with_constant("tensor_9", torch_save(Touch(marker)))
+    elif case == "opaque constant":
+        change, added = with_constant("opaque_obj_0", pickle.dumps(Touch(marker)))
+    elif case == "custom object":
+        change, added = with_constant("custom_obj_0", pickle.dumps(Touch(marker)))
+    elif case == "node call":
+        change = with_node("torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch")
+    else:
+        change = lambda name, data, archive: data  # noqa: E731
+    rewritten(clean, target, change)
+    with zipfile.ZipFile(clean) as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+        model_json = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        original = archive.read(model_json)
+    if case == "AOTInductor library":
+        added = ("data/aotinductor/model/model.wrapper.so", b"\x7fELF not really")
+    with zipfile.ZipFile(target, "a") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        if added:
+            archive.writestr(f"{prefix}/{added[0]}", added[1])
+        if case == "two entries of one name":
+            # torch reads the first (the symbolic size that runs code), Python's zipfile the last
+            archive.writestr(model_json, original)
+    return target
+
+
+# case, what the refusal names, whether torch.export.load runs the file's code (the premise)
+REFUSED = [
+    ("sample inputs", r"a pickle that is not only tensors \(GLOBAL getattr\)", True),
+    ("weight", r"a pickle that is not only tensors \(GLOBAL getattr\)", True),
+    ("tensor constant", r"a pickle that is not only tensors \(GLOBAL getattr\)", True),
+    ("opaque constant", r"a pickle that is not only tensors \(a pickled Python object", True),
+    ("custom object", r"a pickle that is not only tensors \(a pickled Python object", False),
+    ("symbolic size", r"holds the symbolic size .*which is not arithmetic \(it calls __import__", True),
+    ("two entries of one name", r"it holds two entries named \S+/models/model.json", True),
+    ("AOTInductor library", r"it holds \S+/data/aotinductor/model/model.wrapper.so, an AOTInductor build", False),
+    ("node call", r"a node calls torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch, "
+                  r"which is not one of torch's or Python's operators", False),
+]
+
+
+@pytest.mark.parametrize("case, named, runs", REFUSED, ids=[c[0] for c in REFUSED])
+def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_path, capsys, case, named, runs):
     """.pt/.pth are refused because unpickling runs code; a .pt2 ran it: torch.export.load
-    retries sample inputs the safe load refuses with weights_only=False, and reads pickled
-    weights with weights_only=False at once."""
+    retries sample inputs the safe load refuses with weights_only=False, reads pickled weights
+    and tensor constants with weights_only=False and opaque constants with pickle.loads, hands
+    each symbolic size's text to sympy.sympify (an eval), dlopens an AOTInductor library it
+    finds, and reads the first of two entries of one name where Python's zipfile reads the
+    last."""
     marker = tmp_path / "ran"
     _, clean = saved(tmp_path / "clean.pt2", batch=None)
-    change = with_sample_inputs((Touch(marker),)) if where == "sample inputs" else with_pickled_weight(Touch(marker))
-    evil = rewritten(clean, tmp_path / "evil.pt2", change)
+    if case == "two entries of one name":
+        evil = refused_archive("symbolic size", clean, tmp_path / "first.pt2", marker)
+        evil = refused_archive(case, evil, tmp_path / "evil.pt2", marker)
+    else:
+        evil = refused_archive(case, clean, tmp_path / "evil.pt2", marker)
     out = tmp_path / "cam.onnx"
     assert main(["export", str(evil), "-o", str(out), *EXPORT]) == 2
     err = capsys.readouterr().err
-    assert f"{evil}: refused: it holds a pickle that is not only tensors (GLOBAL" in err
+    assert re.search(rf"{re.escape(str(evil))}: refused: .*{named}", err), err
     assert "RUN CODE FROM THE FILE" in err and "torch.export.save" in err
     assert not marker.exists() and not out.exists()
     with pytest.raises(ModelError, match="refused"):  # the gallery and the API load through here too
         torch_model.to_onnx(evil)
     assert not marker.exists()
-    logging.getLogger("torch").disabled = True  # torch's fallback warning has a format bug
-    try:
-        torch.export.load(str(evil))  # what the file does when torch loads it: the test's premise
-    except Exception:  # noqa: BLE001 - a weight that is not a tensor may fail after it ran
-        pass
-    finally:
-        logging.getLogger("torch").disabled = False
-    assert marker.exists()
+    if runs:  # what the file does when torch loads it: the test's premise
+        logging.getLogger("torch").disabled = True  # torch's fallback warning has a format bug
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.export.load(str(evil))
+        except Exception:  # noqa: BLE001 - a weight that is not a tensor may fail after it ran
+            pass
+        finally:
+            logging.getLogger("torch").disabled = False
+        assert marker.exists()
+
+
+def test_torch_load_elsewhere_is_left_as_it_is_while_a_pt2_loads(tmp_path, monkeypatch):
+    """The unpicklers are guarded inside torch's .pt2 loader only: a torch.load the user's own
+    code makes meanwhile (another thread) keeps its arguments (it was held to weights_only and
+    the CPU while camface loaded a .pt2)."""
+    from torch.export.pt2_archive import _package
+
+    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.ones(2)}, checkpoint)
+    seen = []
+    real = torch.export.load
+
+    def load_and_look(source, **kwargs):
+        seen.append(torch.load(checkpoint, map_location="meta", weights_only=False)["w"].device.type)
+        seen.append(_package.torch.load is torch.load)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", load_and_look)
+    torch_model.to_onnx(clean)
+    assert seen == ["meta", False]
+    assert _package.torch is torch  # and put back
 
 
 def test_a_pt2_whose_pickles_hold_only_tensors_loads(tmp_path, capsys):
@@ -209,9 +339,12 @@ def test_a_pt2_whose_pickles_hold_only_tensors_loads(tmp_path, capsys):
 
 
 def test_the_command_line_shows_camface_messages_not_torch_info_logs(tmp_path):
-    """torch's loggers have no level of their own: at camface's INFO they printed the dynamo and
-    inductor summaries at exit (15 'I1204 ... eval_frame.py] TorchDynamo attempted to trace'
-    lines after every .pt2 export)."""
+    """The exporters were silenced by saving their loggers' levels before torch was imported and
+    restoring them after: torch's own WARNING level on its logger came back as none, so at
+    camface's INFO torch printed its dynamo and inductor summaries at exit (15 'I1204 ...
+    eval_frame.py] TorchDynamo attempted to trace' lines after every .pt2 export), and loggers
+    torch made inside the block kept their WARNING ('torchvision is not installed. Skipping
+    torchvision::nms')."""
     _, path = saved(tmp_path / "net.pt2", batch=None)
     done = subprocess.run([sys.executable, "-m", "camface", "export", str(path), "-o", str(tmp_path / "cam.onnx"),
                            *EXPORT], capture_output=True, text=True, timeout=300)
