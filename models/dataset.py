@@ -520,7 +520,11 @@ def _warn_if_off(name, n: int, wanted: Mapping[str, int], got: Mapping[str, int]
 
 
 NEAR_THUMB = 16  # side of the thumbnails near_identical compares
-NEAR_MAD = 6.0  # their mean absolute difference (of 255) at or below which two crops are near-identical
+# Their mean absolute difference (of 255) at or below which two crops are near-identical. Measured
+# on the sample clip's decoded frames (faces moving 2-3.5 px a frame): consecutive frames differ by
+# up to 9.3, 11.8 for a face half outside the frame; the astronaut and Grace Hopper by 45 or more,
+# the astronaut's face shifted by 6% of the crop's side by 29.
+NEAR_MAD = 12.0
 
 
 def near_identical(crops_bgr: np.ndarray, test: np.ndarray, train: np.ndarray,

@@ -598,6 +598,7 @@ def _face(astronaut_bgr, dx=0, dy=0):
 @pytest.mark.parametrize("test_shift, near", [
     ((0, 0), True),  # the same frame
     ((1, 0), True),  # the next frame of a steady clip: half a percent of the crop's side
+    ((4, 0), True),  # the next frame of a moving face: 2% of the side
     ((12, 6), False),  # another photo of the face (moved by 6% of the side)
     ((0, 60), False),
 ])
@@ -614,6 +615,76 @@ def test_near_identical_finds_a_test_crop_that_is_a_neighbouring_frame(astronaut
     else:
         assert found == []
     assert dataset.near_identical(crops, np.array([], np.int64), np.array([0, 1])) == []
+
+
+SAMPLE_FRAMES = range(56, 114)  # the sample clip's A at its worst (86, 106, 110); B entering at the edge (72)
+
+
+@pytest.fixture(scope="module")
+def sample_clip_faces(tmp_path_factory) -> dict[str, np.ndarray]:
+    """Face crops of consecutive frames of the bundled sample clip, cut as `camface train` cuts
+    them (live margin, 224 px, uint8 BGR) from frames written as an mp4 and decoded again: "A"
+    (drifting, growing and shrinking, up to ~2 px a frame) and "B" (the mirrored face crossing the
+    frame at ~3.5 px a frame, half outside it at first), [len(SAMPLE_FRAMES), 224, 224, 3] each."""
+    from camface.realtime.config import DEFAULTS
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.results import Face
+    from camface.realtime.sample import SampleSource
+    from camface.realtime.sinks import VideoSink
+
+    sample = SampleSource()
+    width, height = sample.size
+    path = tmp_path_factory.mktemp("sample") / "clip.mp4"
+    with VideoSink(path, sample.fps, codec="mp4v") as sink:
+        for index in SAMPLE_FRAMES:
+            sink.write(sample.frame(index))
+    capture = cv2.VideoCapture(str(path))
+    faces: dict[str, list[np.ndarray]] = {"A": [], "B": []}
+    for index in SAMPLE_FRAMES:
+        ok, frame = capture.read()
+        assert ok, f"frame {index} of {path} not decoded"
+        for x, y, w, h in sample.face_boxes(index):
+            name = "B" if y + h / 2 > height / 2 else "A" if x + w / 2 < width / 2 else None  # C: upper right
+            if name:
+                crops, _ = crop_faces(frame, (Face((x, y, w, h), 1.0),), DEFAULTS["margin"], (224, 224), "BGR")
+                faces[name].append(crops[0])
+    capture.release()
+    return {name: np.stack(crops) for name, crops in faces.items()}
+
+
+@pytest.mark.parametrize("face", ["A", "B"])
+def test_consecutive_frames_of_the_sample_clip_are_near_identical(sample_clip_faces, face):
+    """NEAR_MAD was set on the astronaut still shifted by a pixel; on the sample clip's decoded
+    frames a face moving 2-3.5 px a frame differed from the previous frame by up to 9.3 (A) and
+    11.8 (B, half outside the frame) of 255, and 6 missed 20 of A's 299 pairs and 17 of B's 183:
+    every pair of consecutive frames is near-identical now, and so is every frame of the clip split
+    one by one."""
+    crops = sample_clip_faces[face]
+    assert len(crops) == len(SAMPLE_FRAMES) - (0 if face == "A" else 2)  # B is half inside from frame 58
+    missed = [k for k in range(len(crops) - 1) if not dataset.near_identical(crops, np.array([k + 1]), np.array([k]))]
+    assert missed == []
+    odd, even = np.arange(1, len(crops), 2), np.arange(0, len(crops), 2)
+    assert [test for test, _, _ in dataset.near_identical(crops, odd, even)] == odd.tolist()
+
+
+def test_different_people_are_not_near_identical(sample_clip_faces, astronaut_bgr):
+    """The astronaut (the still, and the sample clip's faces A and mirrored B) against Grace Hopper,
+    and A against B: far apart (45 of 255 and more, measured), never warned about."""
+    from matplotlib import cbook
+
+    from camface.realtime.config import DEFAULTS
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.results import Face
+
+    hopper_bgr = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    stills, _ = crop_faces(astronaut_bgr, (Face((173, 67, 103, 103), 1.0),), DEFAULTS["margin"], (224, 224), "BGR")
+    hopper, _ = crop_faces(hopper_bgr, (Face((166, 130, 199, 199), 1.0),), DEFAULTS["margin"], (224, 224), "BGR")
+    a, b = sample_clip_faces["A"], sample_clip_faces["B"]
+    crops = np.concatenate([hopper, stills, a, b])
+    clip_a, clip_b = np.arange(2, 2 + len(a)), np.arange(2 + len(a), len(crops))
+    for test, train in ((np.array([1]), np.array([0])), (np.array([0]), np.concatenate([[1], clip_a, clip_b])),
+                        (clip_a, np.array([0])), (clip_b, np.array([0])), (clip_a, clip_b), (clip_b, clip_a)):
+        assert dataset.near_identical(crops, test, train) == []
 
 
 def test_train_warns_of_test_photos_near_identical_to_training_photos(tmp_path, monkeypatch, caplog):
