@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -429,12 +430,17 @@ SPLIT_OFF_FACTOR = 2.0
 
 
 def draw_order(keys: Iterable[str], seed: int) -> list[str]:
-    """`keys` in the split's seeded order: by sha256(f"{seed}:{key}") (hex), then by key.
+    """`keys` in the split's seeded order: by sha256(f"{seed}:{key}") (hex, of the key's UTF-8 in
+    Unicode's NFC form, which macOS file names may not be in), then by key.
 
     A function of the seed and the names only: the same on every machine and with every numpy
     (whose Generator streams may change between versions, NEP 19), whatever order the files
     are listed in, and one class's order does not move when another class changes."""
-    return sorted(keys, key=lambda key: (hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), key))
+    def rank(key: str) -> tuple[str, str]:
+        text = unicodedata.normalize("NFC", f"{seed}:{key}")
+        return hashlib.sha256(text.encode("utf-8")).hexdigest(), str(key)
+
+    return sorted(keys, key=rank)
 
 
 def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
@@ -475,16 +481,14 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
             raise ValueError(f"class {name} has {n} items: too few for a train/val/test split")
-        mine = groups[members]
-        keys = np.unique(mine)
-        if len(keys) < 3:  # alice/photos/*.jpg: no way to keep a group whole; photo by photo, as before
+        by_key = _members_by_key(members, groups[members])
+        if len(by_key) < 3:  # alice/photos/*.jpg: no way to keep a group whole; photo by photo, as before
             log.warning("class %s has its %d photos in %d sub-folder(s) (a photo directly in the class "
                         "folder counts as one): too few to keep each whole in one of train / validation "
                         "/ test, so its photos are split one by one (spread them over at least 3 "
-                        "sub-folders to keep clips apart)", name, n, len(keys))
-            mine = item_names[members]
-            keys = mine
-        drawn = [members[mine == key] for key in draw_order(keys, seed)]
+                        "sub-folders to keep clips apart)", name, n, len(by_key))
+            by_key = _members_by_key(members, item_names[members])
+        drawn = [np.asarray(by_key[key], dtype=np.int64) for key in draw_order(by_key, seed)]
         taken: dict[str, list[np.ndarray]] = {}
         for part, wanted, later in (("test", n_test, 2), ("val", n_val, 1)):
             taken[part], count = [], 0
@@ -504,6 +508,14 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
             parts[part].extend(chosen)
     return Split(**{name: np.sort(np.concatenate(chunks)).astype(np.int64)
                     for name, chunks in parts.items()})
+
+
+def _members_by_key(members: np.ndarray, keys: np.ndarray) -> dict[str, list[int]]:
+    """key -> the members (indices) that hold it, in one pass (a class may hold many photos)."""
+    by_key: dict[str, list[int]] = {}
+    for index, key in zip(members.tolist(), keys.tolist()):
+        by_key.setdefault(key, []).append(index)
+    return by_key
 
 
 def _warn_if_off(name, n: int, wanted: Mapping[str, int], got: Mapping[str, int],

@@ -518,6 +518,20 @@ def test_train_splits_by_the_photos_names(tmp_path, monkeypatch):
     assert len({frozenset(t) for t in seeds}) > 1
 
 
+def test_a_name_copied_from_macos_in_decomposed_unicode_is_split_as_its_composed_form():
+    """macOS may hand a name as "e" + a combining accent where Linux lists one "é": the split
+    hashes the NFC form, so the folder copied across gives the same parts."""
+    import unicodedata
+
+    targets, groups, names = _class_folders({"renée": [1] * 9, "zoë": [2, 3, 2, 1, 1]})
+    split = _parts_by_name(dataset.stratified_split(targets, 0.2, 0.2, 1, groups=groups, names=names), names)
+    nfd = [unicodedata.normalize("NFD", n) for n in names]
+    assert nfd != names
+    copied = dataset.stratified_split(targets, 0.2, 0.2, 1, groups=[unicodedata.normalize("NFD", g) for g in groups],
+                                      names=nfd)
+    assert _parts_by_name(copied, names) == split
+
+
 def test_stratified_split_refuses_names_that_are_not_one_per_item():
     with pytest.raises(ValueError, match="one distinct name per item: got 2 names"):
         dataset.stratified_split(np.zeros(3, np.int64), 0.2, 0.2, 0, names=["a", "b"])
