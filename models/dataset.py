@@ -8,7 +8,7 @@ The pipeline, in data-flow order:
   usable_crops(...)             photos with exactly one face, per class; clear errors otherwise
   split_groups(...)             which usable photos must stay together (one sub-folder: one group)
   stratified_split(...)         train / val / test indices, same class ratios, groups kept whole,
-                                fixed seed
+                                in an order that depends only on --seed and the photos' names
   load_crops(...)               uint8 BGR [N, S, S, 3] arrays for Keras / ONNX Runtime
 
 Photos with no face or several faces are skipped and counted (the original study removed those
@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -397,20 +398,21 @@ def usable_sources(photos: Sequence[Photo], labels: Sequence[str]) -> list[Path]
     return [p.source for label in labels for p in _usable(photos, label)]
 
 
+def split_names(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path) -> list[str]:
+    """The name of each crop usable_crops lists (same order): its photo's path relative to
+    DATA_DIR, "/"-separated ("alice/clip1/0.png"), the same on every operating system."""
+    return [photo.source.relative_to(Path(data_dir)).as_posix()
+            for label in labels for photo in _usable(photos, label)]
+
+
 def split_groups(photos: Sequence[Photo], labels: Sequence[str], data_dir: Path) -> np.ndarray:
-    """int64 [N]: a group id for each crop usable_crops lists (same order). The photos under one
-    sub-folder of a class folder (DATA_DIR/alice/clip1/..., at any depth) are one group: frames of
-    one clip or one session are near-identical, and stratified_split keeps a group in one part,
-    so no frame is trained on while its neighbour is tested. A photo directly in the class folder
-    is a group of its own."""
-    ids: dict[tuple, int] = {}
-    groups: list[int] = []
-    for label in labels:
-        for photo in _usable(photos, label):
-            parts = photo.source.relative_to(Path(data_dir) / label).parts
-            key = (label, "folder", parts[0]) if len(parts) > 1 else (label, "photo", parts[0])
-            groups.append(ids.setdefault(key, len(ids)))
-    return np.asarray(groups, dtype=np.int64)
+    """str [N]: the group of each crop usable_crops lists (same order), named by its path relative
+    to DATA_DIR. The photos under one sub-folder of a class folder (DATA_DIR/alice/clip1/..., at
+    any depth) are one group, "alice/clip1": frames of one clip or one session are near-identical,
+    and stratified_split keeps a group in one part, so no frame is trained on while its neighbour
+    is tested. A photo directly in the class folder is a group of its own ("alice/x.jpg")."""
+    return np.asarray(["/".join(name.split("/")[:2]) for name in split_names(photos, labels, data_dir)],
+                      dtype=str)
 
 
 @dataclass(frozen=True)
@@ -422,28 +424,54 @@ class Split:
     test: np.ndarray
 
 
+# A part of a class whose sub-folders, kept whole, give it less than 1/SPLIT_OFF_FACTOR or more
+# than SPLIT_OFF_FACTOR times the photos its fraction asks for is warned about.
+SPLIT_OFF_FACTOR = 2.0
+
+
+def draw_order(keys: Iterable[str], seed: int) -> list[str]:
+    """`keys` in the split's seeded order: by sha256(f"{seed}:{key}") (hex, of the key's UTF-8 in
+    Unicode's NFC form, which macOS file names may not be in), then by key.
+
+    A function of the seed and the names only: the same on every machine and with every numpy
+    (whose Generator streams may change between versions, NEP 19), whatever order the files
+    are listed in, and one class's order does not move when another class changes."""
+    def rank(key: str) -> tuple[str, str]:
+        text = unicodedata.normalize("NFC", f"{seed}:{key}")
+        return hashlib.sha256(text.encode("utf-8")).hexdigest(), str(key)
+
+    return sorted(keys, key=rank)
+
+
 def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: float,
                      seed: int, labels: Sequence[str] | None = None,
-                     groups: np.ndarray | None = None) -> Split:
-    """Split indices so that every class keeps its share in each part, and no group (int ids [N],
-    `split_groups`; None: every item its own group) spans two parts.
+                     groups: np.ndarray | None = None, names: Sequence[str] | None = None) -> Split:
+    """Split indices so that every class keeps its share in each part, and no group (one name
+    per item, `split_groups`; None: every item its own group) spans two parts.
 
     Per class of n items, the targets are round(n * test_fraction) for test and
     round(n * val_fraction) for validation, each at least 1, the rest (at least 1) for training.
-    The class's groups are drawn in a seeded random order; test, then validation, takes each
-    drawn group that fits in what it still lacks (a part that has nothing yet and no group fits
-    takes the smallest group), leaving at least one group for each later part; training gets the
-    rest. With one item per group the parts are exactly the targets. Deterministic for a seed.
-    Raises ValueError naming the class (by `labels`, class index -> name, when given) when the
-    fractions leave it no training item. A class in fewer than three groups is split item by item
-    (a warning says so): its groups cannot each stay whole in one part.
+    The class's groups are drawn in the order `draw_order` gives their names (str of each group;
+    of each item, `names`, when split item by item; an item without `names` is named by its
+    index), so the split depends only on the seed and the names: not on numpy's version nor on
+    the order the photos are listed in. Test, then validation, takes each drawn group that fits
+    in what it still lacks (a part that has nothing yet and no group fits takes the smallest
+    group), leaving at least one group for each later part; training gets the rest. With one
+    item per group the parts are exactly the targets; a class whose whole groups leave a part
+    off its target by more than a factor SPLIT_OFF_FACTOR is warned about, naming the fractions
+    asked for and obtained. Raises ValueError naming the class (by `labels`, class index -> name,
+    when given) when the fractions leave it no training item. A class in fewer than three groups
+    is split item by item (a warning says so): its groups cannot each stay whole in one part.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"--val-split {val_fraction} and --test-split {test_fraction} must be in "
                          "(0, 1) and sum to less than 1")
     targets = np.asarray(targets)
-    groups = np.arange(len(targets)) if groups is None else np.asarray(groups)
-    rng = np.random.default_rng(seed)
+    item_names = np.asarray([str(i) for i in range(len(targets))] if names is None else list(names), dtype=str)
+    if len(item_names) != len(targets) or len(set(item_names.tolist())) != len(item_names):
+        raise ValueError(f"stratified_split needs one distinct name per item: got {len(item_names)} "
+                         f"names ({len(set(item_names.tolist()))} distinct) for {len(targets)} items")
+    groups = item_names if groups is None else np.asarray(groups).astype(str)
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
     for cls in np.unique(targets):
         name = repr(labels[cls]) if labels is not None else cls
@@ -453,19 +481,14 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
         n_val = max(1, round(n * val_fraction))
         if n - n_test - n_val < 1:
             raise ValueError(f"class {name} has {n} items: too few for a train/val/test split")
-        # the class's groups in order of their first item, then drawn in a seeded order (with one
-        # item per group, the same draw as permuting the items)
-        _, first = np.unique(groups[members], return_index=True)
-        keys = groups[members][np.sort(first)]
-        if len(keys) < 3:  # alice/photos/*.jpg: no way to keep a group whole; photo by photo, as before
+        by_key = _members_by_key(members, groups[members])
+        if len(by_key) < 3:  # alice/photos/*.jpg: no way to keep a group whole; photo by photo, as before
             log.warning("class %s has its %d photos in %d sub-folder(s) (a photo directly in the class "
                         "folder counts as one): too few to keep each whole in one of train / validation "
                         "/ test, so its photos are split one by one (spread them over at least 3 "
-                        "sub-folders to keep clips apart)", name, n, len(keys))
-            keys = members
-            groups = groups.copy()
-            groups[members] = members
-        drawn = [members[groups[members] == key] for key in rng.permutation(keys)]
+                        "sub-folders to keep clips apart)", name, n, len(by_key))
+            by_key = _members_by_key(members, item_names[members])
+        drawn = [np.asarray(by_key[key], dtype=np.int64) for key in draw_order(by_key, seed)]
         taken: dict[str, list[np.ndarray]] = {}
         for part, wanted, later in (("test", n_test, 2), ("val", n_val, 1)):
             taken[part], count = [], 0
@@ -477,15 +500,43 @@ def stratified_split(targets: np.ndarray, val_fraction: float, test_fraction: fl
                     pick = int(np.argmin([len(g) for g in drawn]))
                 taken[part].append(drawn.pop(pick))
                 count += len(taken[part][-1])
-        for part in ("test", "val"):
-            parts[part].extend(taken[part])
-        parts["train"].extend(drawn)
+        taken["train"] = drawn
+        _warn_if_off(name, n, {"train": n - n_test - n_val, "val": n_val, "test": n_test},
+                     {part: sum(len(g) for g in chosen) for part, chosen in taken.items()},
+                     {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction})
+        for part, chosen in taken.items():
+            parts[part].extend(chosen)
     return Split(**{name: np.sort(np.concatenate(chunks)).astype(np.int64)
                     for name, chunks in parts.items()})
 
 
+def _members_by_key(members: np.ndarray, keys: np.ndarray) -> dict[str, list[int]]:
+    """key -> the members (indices) that hold it, in one pass (a class may hold many photos)."""
+    by_key: dict[str, list[int]] = {}
+    for index, key in zip(members.tolist(), keys.tolist()):
+        by_key.setdefault(key, []).append(index)
+    return by_key
+
+
+def _warn_if_off(name, n: int, wanted: Mapping[str, int], got: Mapping[str, int],
+                 asked: Mapping[str, float]) -> None:
+    """One warning when a part of class `name` (n items) holds less than 1/SPLIT_OFF_FACTOR or
+    more than SPLIT_OFF_FACTOR times the items it wanted (its target, rounded and at least 1)."""
+    if all(wanted[p] / SPLIT_OFF_FACTOR <= got[p] <= wanted[p] * SPLIT_OFF_FACTOR for p in wanted):
+        return
+    order = ("train", "val", "test")
+    log.warning("class %s: keeping its sub-folders whole splits its %d photos %s (train / validation / "
+                "test: %s photos) where %s was asked for: spread its photos over more sub-folders of "
+                "similar sizes", name, n, " / ".join(f"{got[p] / n:.2f}" for p in order),
+                " / ".join(str(got[p]) for p in order), " / ".join(f"{asked[p]:.2f}" for p in order))
+
+
 NEAR_THUMB = 16  # side of the thumbnails near_identical compares
-NEAR_MAD = 6.0  # their mean absolute difference (of 255) at or below which two crops are near-identical
+# Their mean absolute difference (of 255) at or below which two crops are near-identical. Measured
+# on the sample clip's decoded frames (faces moving 2-3.5 px a frame): consecutive frames differ by
+# up to 9.3, 11.8 for a face half outside the frame; the astronaut and Grace Hopper by 45 or more,
+# the astronaut's face shifted by 6% of the crop's side by 29.
+NEAR_MAD = 12.0
 
 
 def near_identical(crops_bgr: np.ndarray, test: np.ndarray, train: np.ndarray,

@@ -239,7 +239,7 @@ def run(config: TrainConfig) -> dict:
     groups = dataset.split_groups(photos, labels, config.data_dir)
     try:
         split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed,
-                                         labels, groups)
+                                         labels, groups, dataset.split_names(photos, labels, config.data_dir))
     except ValueError as exc:
         raise SourceError(f"DATA_DIR {config.data_dir}: {exc} (--val-split {config.val_split}, --test-split "
                           f"{config.test_split}): add photos to that class folder or lower the fractions") from exc

@@ -1,5 +1,6 @@
 """camface train, the parts without TensorFlow: folder scan, crop cache, split, metrics, errors."""
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -311,13 +312,14 @@ def test_stratified_split_errors(targets, val, test, labels, match):
         dataset.stratified_split(np.array(targets), val, test, seed=0, labels=labels)
 
 
-def _old_split(targets, val, test, seed):
-    """The split before groups (every photo drawn on its own), as the reference for photos
-    directly in their class folder."""
-    rng = np.random.default_rng(seed)
+def _one_by_one(targets, val, test, seed):
+    """The documented split of items each in a group of its own (named by its index): a class's
+    items in the order of sha256(f"{seed}:{index}"), the first round(n * test) to test, the next
+    round(n * val) to validation, the rest to training."""
     parts = {"train": [], "val": [], "test": []}
     for cls in np.unique(targets):
-        members = rng.permutation(np.flatnonzero(targets == cls))
+        members = sorted(np.flatnonzero(targets == cls),
+                         key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
         n_test, n_val = max(1, round(len(members) * test)), max(1, round(len(members) * val))
         parts["test"] += list(members[:n_test])
         parts["val"] += list(members[n_test:n_test + n_val])
@@ -326,7 +328,7 @@ def _old_split(targets, val, test, seed):
 
 
 @pytest.mark.parametrize("sizes_per_class, val, test, seed", [
-    ([[1] * 20, [1] * 10, [1] * 5], 0.2, 0.2, 3),  # no sub-folders: the split as before
+    ([[1] * 20, [1] * 10, [1] * 5], 0.2, 0.2, 3),  # no sub-folders: the documented order, exactly
     ([[5, 5, 5, 5], [4, 4, 4, 4, 4]], 0.15, 0.15, 0),  # frames of clips, one sub-folder each
     ([[5, 5, 5, 5], [4, 4, 4, 4, 4]], 0.15, 0.15, 7),
     ([[8, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3], [30, 2, 2]], 0.2, 0.2, 1),  # sub-folders and loose photos
@@ -351,7 +353,7 @@ def test_stratified_split_keeps_each_group_in_one_part(sizes_per_class, val, tes
             assert part_of_group.setdefault(int(g), name) == name, f"group {g} in two parts"
         assert set(targets[indices].tolist()) == set(range(len(sizes_per_class)))  # every class
     if all(size == 1 for sizes in sizes_per_class for size in sizes):
-        assert {k: v.tolist() for k, v in parts.items()} == _old_split(targets, val, test, seed)
+        assert {k: v.tolist() for k, v in parts.items()} == _one_by_one(targets, val, test, seed)
         assert dataset.stratified_split(targets, val, test, seed=seed).test.tolist() == split.test.tolist()
     for cls, sizes in enumerate(sizes_per_class):  # a part overshoots its share by less than a group
         n = sum(sizes)
@@ -366,10 +368,12 @@ def test_a_class_in_too_few_sub_folders_is_split_photo_by_photo_and_says_so(alic
     whole in one of three parts: it was refused, though it trained before sub-folders were groups;
     it is split as a folder without sub-folders is, and a warning names it."""
     targets = np.array([0] * 6 + [1] * 6)
-    groups = np.array(alice_groups + [2, 3, 4, 5, 6, 7])
+    names = [f"alice/photos{g}/{i}.jpg" for i, g in enumerate(alice_groups)] + [f"bob/{i}.jpg" for i in range(6)]
+    groups = np.array([f"alice/photos{g}" for g in alice_groups] + names[6:])
     with caplog.at_level(logging.WARNING, logger="camface.models.dataset"):
-        got = dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups)
-    flat = dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"])
+        got = dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], groups=groups,
+                                       names=names)
+    flat = dataset.stratified_split(targets, 0.2, 0.2, seed=0, labels=["alice", "bob"], names=names)
     for part in ("train", "val", "test"):
         assert getattr(got, part).tolist() == getattr(flat, part).tolist()
     assert "class 'alice' has its 6 photos in" in caplog.text and "split one by one" in caplog.text
@@ -377,8 +381,9 @@ def test_a_class_in_too_few_sub_folders_is_split_photo_by_photo_and_says_so(alic
 
 
 def test_split_groups_are_the_class_folders_sub_folders(tmp_path):
-    """A sub-folder of a class folder (at any depth below it) is one group; a photo directly in
-    the class folder is its own; ids follow usable_crops' order."""
+    """A sub-folder of a class folder (at any depth below it) is one group, named by its path
+    under DATA_DIR; a photo directly in the class folder is its own; both follow usable_crops'
+    order, as split_names (each photo's path under DATA_DIR) does."""
     data = tmp_path / "data"
     names = {"a": ["x.png", "y.png", "clip1/0.png", "clip1/1.png", "clip1/deep/2.png", "clip2/0.png"],
              "b": ["clip1/0.png", "z.png"]}
@@ -388,11 +393,183 @@ def test_split_groups_are_the_class_folders_sub_folders(tmp_path):
     paths, _ = dataset.usable_crops(photos, ["a", "b"], data, min_per_class=1)
     groups = dataset.split_groups(photos, ["a", "b"], data)
     assert len(groups) == len(paths)
-    by_name = {f"{p.label}/{p.source.relative_to(data / p.label).as_posix()}": int(g)
-               for p, g in zip([p for p in photos if p.status == "ok"], groups)}
-    assert by_name["a/clip1/0.png"] == by_name["a/clip1/1.png"] == by_name["a/clip1/deep/2.png"]
+    names = dataset.split_names(photos, ["a", "b"], data)
+    assert names == [f"{p.label}/{p.source.relative_to(data / p.label).as_posix()}"
+                     for p in photos if p.status == "ok"]
+    by_name = dict(zip(names, groups.tolist()))
+    assert by_name["a/clip1/0.png"] == by_name["a/clip1/1.png"] == by_name["a/clip1/deep/2.png"] == "a/clip1"
+    assert by_name["a/x.png"] == "a/x.png"
     assert len({by_name[k] for k in ("a/x.png", "a/y.png", "a/clip1/0.png", "a/clip2/0.png",
                                      "b/clip1/0.png", "b/z.png")}) == 6
+
+
+def _class_folders(layout: dict[str, list[int]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """targets, groups and names of class folders; layout: class -> sizes of its groups (1: a
+    photo directly in the class folder, more: a sub-folder of that many frames)."""
+    targets, groups, names = [], [], []
+    for cls, sizes in enumerate(layout.values()):
+        label = list(layout)[cls]
+        for g, size in enumerate(sizes):
+            for frame in range(size):
+                group = f"{label}/{g}.jpg" if size == 1 else f"{label}/clip{g}"
+                names.append(group if size == 1 else f"{group}/{frame}.jpg")
+                targets.append(cls)
+                groups.append(group)
+    return np.array(targets), np.array(groups), names
+
+
+def _parts_by_name(split, names) -> dict[str, set[str]]:
+    return {part: {names[i] for i in getattr(split, part)} for part in ("train", "val", "test")}
+
+
+LAYOUT = {"alice": [1] * 12, "bob": [3, 3, 4, 2, 3, 1, 1]}  # loose photos; clips and loose photos
+
+
+@pytest.mark.parametrize("numpy_now", [
+    lambda seed=None: np.random.Generator(np.random.MT19937(seed)),  # another bit stream
+    lambda seed=None: pytest.fail("the split drew from numpy's generator"),
+], ids=["other-stream", "no-generator"])
+def test_the_split_depends_on_the_seed_and_names_not_on_numpys_generator(monkeypatch, numpy_now):
+    """numpy keeps no Generator stream across its versions (NEP 19): a split drawn with
+    Generator.permutation could give another test set for the same folder and --seed after an
+    upgrade. The order is sha256(f"{seed}:{name}"): numpy's generator changed or gone, the split
+    is the same; another seed still gives another split."""
+    targets, groups, names = _class_folders(LAYOUT)
+    before = {seed: _parts_by_name(dataset.stratified_split(targets, 0.2, 0.2, seed, groups=groups, names=names),
+                                   names) for seed in (0, 1)}
+    assert before[0]["test"] != before[1]["test"]
+    monkeypatch.setattr(np.random, "default_rng", numpy_now)
+    for seed in (0, 1):
+        after = dataset.stratified_split(targets, 0.2, 0.2, seed, groups=groups, names=names)
+        assert _parts_by_name(after, names) == before[seed]
+    order = dataset.draw_order(["alice/0.jpg", "alice/1.jpg", "bob/clip0"], 5)
+    assert order == sorted(order, key=lambda key: hashlib.sha256(f"5:{key}".encode()).hexdigest())
+
+
+@pytest.mark.parametrize("listing", [
+    lambda n: np.arange(n)[::-1],  # the folder listed backwards
+    lambda n: np.roll(np.arange(n), 7),
+    lambda n: np.argsort([hashlib.md5(str(i).encode()).hexdigest() for i in range(n)]),  # shuffled
+], ids=["backwards", "rolled", "shuffled"])
+def test_a_class_folders_split_is_a_function_of_its_names_not_of_their_listing_order(listing):
+    """The same photos listed in another order (another file system, another sort) get the same
+    parts, sub-folders and loose photos alike; and a class's split does not move when another
+    class gains a photo."""
+    targets, groups, names = _class_folders(LAYOUT)
+    split = _parts_by_name(dataset.stratified_split(targets, 0.2, 0.2, 3, groups=groups, names=names), names)
+    order = listing(len(names))
+    shuffled = dataset.stratified_split(targets[order], 0.2, 0.2, 3, groups=groups[order],
+                                        names=[names[i] for i in order])
+    assert _parts_by_name(shuffled, [names[i] for i in order]) == split
+    grown, grown_groups, grown_names = _class_folders({"alice": [1] * 13, "bob": LAYOUT["bob"]})
+    alice = {part: {n for n in got if n.startswith("alice/")} for part, got in split.items()}
+    bobs = {part: {n for n in got if n.startswith("bob/")} for part, got in split.items()}
+    again = _parts_by_name(dataset.stratified_split(grown, 0.2, 0.2, 3, groups=grown_groups, names=grown_names),
+                           grown_names)
+    assert {part: {n for n in got if n.startswith("bob/")} for part, got in again.items()} == bobs
+    assert sum(len(v) for v in alice.values()) == 12
+
+
+def _split_of_run(tmp_path, monkeypatch, data: Path, seed: int = 0) -> dict[str, set[str]]:
+    """The split `camface train` makes of `data`, as photo names (relative to `data`) per part;
+    each photo is one grey level, its name's number (`_grey`)."""
+    from camface.models import train
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(config, labels, images, targets, split, model_path):
+        seen.update(images=images, split=split)
+        raise Stop
+
+    monkeypatch.setattr(train, "_fit", capture)
+    out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+    config = train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none",
+                               detect=False, seed=seed)
+    with pytest.raises(Stop):
+        train.run(config)
+    name_of = {int(p.stem): p.relative_to(data).as_posix() for p in data.rglob("*.png")}
+    return {part: {name_of[int(round(seen["images"][i].mean()))] for i in getattr(seen["split"], part)}
+            for part in ("train", "val", "test")}
+
+
+def _grey(path: Path) -> Path:
+    return _write(path, np.full((12, 12, 3), int(path.stem), np.uint8))
+
+
+def test_train_splits_by_the_photos_names(tmp_path, monkeypatch):
+    """`camface train` hands the photos' names to the split: a class split photo by photo (all in
+    one sub-folder) keeps its parts when another class gains a photo (its photos' places in the
+    list move, their names do not), and --seed still changes the split."""
+    data = tmp_path / "data"
+    for i in range(6):
+        _grey(data / "b" / "photos" / f"{150 + 5 * i}.png")
+    for i in range(5):
+        _grey(data / "a" / f"{10 + 5 * i}.png")
+    before = _split_of_run(tmp_path, monkeypatch, data)
+    _grey(data / "a" / "60.png")
+    after = _split_of_run(tmp_path, monkeypatch, data)
+    assert sum(len(v) for v in after.values()) == 12
+    assert {part: {n for n in got if n.startswith("b/")} for part, got in after.items()} == \
+        {part: {n for n in got if n.startswith("b/")} for part, got in before.items()}
+    seeds = [_split_of_run(tmp_path, monkeypatch, data, seed)["test"] for seed in range(4)]
+    assert len({frozenset(t) for t in seeds}) > 1
+
+
+def test_a_name_copied_from_macos_in_decomposed_unicode_is_split_as_its_composed_form():
+    """macOS may hand a name as "e" + a combining accent where Linux lists one "é": the split
+    hashes the NFC form, so the folder copied across gives the same parts."""
+    import unicodedata
+
+    targets, groups, names = _class_folders({"renée": [1] * 9, "zoë": [2, 3, 2, 1, 1]})
+    split = _parts_by_name(dataset.stratified_split(targets, 0.2, 0.2, 1, groups=groups, names=names), names)
+    nfd = [unicodedata.normalize("NFD", n) for n in names]
+    assert nfd != names
+    copied = dataset.stratified_split(targets, 0.2, 0.2, 1, groups=[unicodedata.normalize("NFD", g) for g in groups],
+                                      names=nfd)
+    assert _parts_by_name(copied, names) == split
+
+
+def test_stratified_split_refuses_names_that_are_not_one_per_item():
+    with pytest.raises(ValueError, match="one distinct name per item: got 2 names"):
+        dataset.stratified_split(np.zeros(3, np.int64), 0.2, 0.2, 0, names=["a", "b"])
+    with pytest.raises(ValueError, match=r"got 3 names \(2 distinct\)"):
+        dataset.stratified_split(np.zeros(3, np.int64), 0.2, 0.2, 0, names=["a", "b", "a"])
+
+
+@pytest.mark.parametrize("alice, val, test, off", [
+    ([30, 2, 2], 0.2, 0.2, True),  # one large clip: test and validation get 2 photos each, not 7
+    ([10, 10, 10], 0.15, 0.15, True),  # a third each, where 0.70 / 0.15 / 0.15 was asked
+    ([12, 1, 1, 1], 0.2, 0.2, True),  # validation gets 1 photo of 15, for 3 asked
+    ([5, 5, 5, 5], 0.15, 0.15, False),  # 10 / 5 / 5 for 14 / 3 / 3: within a factor 2 of each
+    ([4, 3, 5, 4, 1, 1, 3], 0.2, 0.2, False),
+    ([1] * 20, 0.2, 0.2, False),  # loose photos: the parts are the targets
+    ([8, 8], 0.2, 0.2, False),  # two clips: split photo by photo (said otherwise), on target
+])
+def test_a_class_whose_sub_folders_leave_a_part_far_from_its_fraction_is_warned_about(alice, val, test, off,
+                                                                                      caplog):
+    """Sub-folders kept whole can leave a part far from its fraction (three clips of 30, 2 and 2
+    frames give test 2 of 34 photos for 0.2 asked) and nothing said so: one warning names the
+    class, the fractions asked for and those obtained, when a part holds less than half or more
+    than twice the photos its fraction asks for."""
+    targets, groups, names = _class_folders({"alice": alice, "bob": [1] * 10})
+    with caplog.at_level(logging.WARNING, logger="camface.models.dataset"):
+        split = dataset.stratified_split(targets, val, test, seed=0, labels=["alice", "bob"], groups=groups,
+                                         names=names)
+    warned = [r.getMessage() for r in caplog.records if "keeping its sub-folders whole" in r.getMessage()]
+    if not off:
+        assert warned == []
+        return
+    n = len(names) - 10
+    got = [int(np.sum(targets[getattr(split, part)] == 0)) for part in ("train", "val", "test")]
+    wanted = [n - max(1, round(n * val)) - max(1, round(n * test)), max(1, round(n * val)), max(1, round(n * test))]
+    assert any(g < w / 2 or g > 2 * w for g, w in zip(got, wanted))  # the table's case is off indeed
+    message, = warned
+    assert message.startswith("class 'alice':") and "'bob'" not in message
+    assert " / ".join(f"{g / n:.2f}" for g in got) in message
+    assert f"where {1 - val - test:.2f} / {val:.2f} / {test:.2f} was asked for" in message
 
 
 def test_train_keeps_a_clips_frames_in_one_part(tmp_path, monkeypatch):
@@ -435,6 +612,7 @@ def _face(astronaut_bgr, dx=0, dy=0):
 @pytest.mark.parametrize("test_shift, near", [
     ((0, 0), True),  # the same frame
     ((1, 0), True),  # the next frame of a steady clip: half a percent of the crop's side
+    ((4, 0), True),  # the next frame of a moving face: 2% of the side
     ((12, 6), False),  # another photo of the face (moved by 6% of the side)
     ((0, 60), False),
 ])
@@ -451,6 +629,76 @@ def test_near_identical_finds_a_test_crop_that_is_a_neighbouring_frame(astronaut
     else:
         assert found == []
     assert dataset.near_identical(crops, np.array([], np.int64), np.array([0, 1])) == []
+
+
+SAMPLE_FRAMES = range(56, 114)  # the sample clip's A at its worst (86, 106, 110); B entering at the edge (72)
+
+
+@pytest.fixture(scope="module")
+def sample_clip_faces(tmp_path_factory) -> dict[str, np.ndarray]:
+    """Face crops of consecutive frames of the bundled sample clip, cut as `camface train` cuts
+    them (live margin, 224 px, uint8 BGR) from frames written as an mp4 and decoded again: "A"
+    (drifting, growing and shrinking, up to ~2 px a frame) and "B" (the mirrored face crossing the
+    frame at ~3.5 px a frame, half outside it at first), [len(SAMPLE_FRAMES), 224, 224, 3] each."""
+    from camface.realtime.config import DEFAULTS
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.results import Face
+    from camface.realtime.sample import SampleSource
+    from camface.realtime.sinks import VideoSink
+
+    sample = SampleSource()
+    width, height = sample.size
+    path = tmp_path_factory.mktemp("sample") / "clip.mp4"
+    with VideoSink(path, sample.fps, codec="mp4v") as sink:
+        for index in SAMPLE_FRAMES:
+            sink.write(sample.frame(index))
+    capture = cv2.VideoCapture(str(path))
+    faces: dict[str, list[np.ndarray]] = {"A": [], "B": []}
+    for index in SAMPLE_FRAMES:
+        ok, frame = capture.read()
+        assert ok, f"frame {index} of {path} not decoded"
+        for x, y, w, h in sample.face_boxes(index):
+            name = "B" if y + h / 2 > height / 2 else "A" if x + w / 2 < width / 2 else None  # C: upper right
+            if name:
+                crops, _ = crop_faces(frame, (Face((x, y, w, h), 1.0),), DEFAULTS["margin"], (224, 224), "BGR")
+                faces[name].append(crops[0])
+    capture.release()
+    return {name: np.stack(crops) for name, crops in faces.items()}
+
+
+@pytest.mark.parametrize("face", ["A", "B"])
+def test_consecutive_frames_of_the_sample_clip_are_near_identical(sample_clip_faces, face):
+    """NEAR_MAD was set on the astronaut still shifted by a pixel; on the sample clip's decoded
+    frames a face moving 2-3.5 px a frame differed from the previous frame by up to 9.3 (A) and
+    11.8 (B, half outside the frame) of 255, and 6 missed 20 of A's 299 pairs and 17 of B's 183:
+    every pair of consecutive frames is near-identical now, and so is every frame of the clip split
+    one by one."""
+    crops = sample_clip_faces[face]
+    assert len(crops) == len(SAMPLE_FRAMES) - (0 if face == "A" else 2)  # B is half inside from frame 58
+    missed = [k for k in range(len(crops) - 1) if not dataset.near_identical(crops, np.array([k + 1]), np.array([k]))]
+    assert missed == []
+    odd, even = np.arange(1, len(crops), 2), np.arange(0, len(crops), 2)
+    assert [test for test, _, _ in dataset.near_identical(crops, odd, even)] == odd.tolist()
+
+
+def test_different_people_are_not_near_identical(sample_clip_faces, astronaut_bgr):
+    """The astronaut (the still, and the sample clip's faces A and mirrored B) against Grace Hopper,
+    and A against B: far apart (45 of 255 and more, measured), never warned about."""
+    from matplotlib import cbook
+
+    from camface.realtime.config import DEFAULTS
+    from camface.realtime.crop import crop_faces
+    from camface.realtime.results import Face
+
+    hopper_bgr = cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    stills, _ = crop_faces(astronaut_bgr, (Face((173, 67, 103, 103), 1.0),), DEFAULTS["margin"], (224, 224), "BGR")
+    hopper, _ = crop_faces(hopper_bgr, (Face((166, 130, 199, 199), 1.0),), DEFAULTS["margin"], (224, 224), "BGR")
+    a, b = sample_clip_faces["A"], sample_clip_faces["B"]
+    crops = np.concatenate([hopper, stills, a, b])
+    clip_a, clip_b = np.arange(2, 2 + len(a)), np.arange(2 + len(a), len(crops))
+    for test, train in ((np.array([1]), np.array([0])), (np.array([0]), np.concatenate([[1], clip_a, clip_b])),
+                        (clip_a, np.array([0])), (clip_b, np.array([0])), (clip_a, clip_b), (clip_b, clip_a)):
+        assert dataset.near_identical(crops, test, train) == []
 
 
 def test_train_warns_of_test_photos_near_identical_to_training_photos(tmp_path, monkeypatch, caplog):
