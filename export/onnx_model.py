@@ -1192,8 +1192,10 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
                         fitting[-1])
     if grid is None:
         sources = fitting or sources
+        # a guess keeps fewer extra tokens than patches (16 tokens on a 32x48 input are no 2x3
+        # grid of 16-px patches behind 10 registers)
         squares = [(p, math.isqrt(count - p)) for p in range(min(MAX_PREFIX, count - 1) + 1)
-                   if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p)]
+                   if math.isqrt(count - p) ** 2 == count - p and prefix in (None, p) and (prefix == p or p < count - p)]
         if sources:
             source = sources[-1]
             grid = tuple(_hw(found[sources[-1]], maps[sources[-1]]))
@@ -1204,7 +1206,7 @@ def token_grid(classifier: Classifier, tokens: str, grid: tuple[int, int] | None
             # a non-square input: the grid of patches s x s that tile it (the fewest extra tokens)
             height, width = classifier.input_size
             tiles = [(height // s, width // s) for p in range(min(MAX_PREFIX, count - 1) + 1)
-                     if prefix in (None, p) for s in range(1, min(height, width) + 1)
+                     if prefix in (None, p) and (prefix == p or p < count - p) for s in range(1, min(height, width) + 1)
                      if height % s == 0 and width % s == 0 and (height // s) * (width // s) == count - p]
             if tiles:
                 grid, how = tiles[0], f"the patches that tile the {height}x{width} input"

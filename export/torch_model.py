@@ -179,6 +179,7 @@ def _guards():
     (`torch.load(weights_only=True)`, mapped to the CPU) and refuse its object pickles, in the
     two modules that call them (not torch.load itself: other threads keep theirs). Raises
     _Refused when this torch's loader is not where they go (they would guard nothing)."""
+    import importlib
     import pickle
     from unittest import mock
 
@@ -199,12 +200,20 @@ def _guards():
     except ImportError as exc:
         raise _Refused(f"torch {torch.__version__} reads .pt2 files elsewhere than the torch 2.13 "
                        f"camface checks ({exc})") from exc
-    if not all(hasattr(m, "torch") for m in (_package, serialize)) or not hasattr(_package, "pickle"):
+    from torch.utils import _pytree
+
+    def refuse_import(name, *args, **kwargs):
+        raise _Refused(f"its tree specs import the module {name}")
+
+    if not all(hasattr(m, "torch") for m in (_package, serialize)) or not hasattr(_package, "pickle") \
+            or not hasattr(_pytree, "importlib"):
         raise _Refused(f"torch {torch.__version__} reads .pt2 files otherwise than the torch 2.13 camface checks")
     return [mock.patch.object(_package, "torch", _Guarded(torch, load=safe_load,
                                                           _C=_Guarded(torch._C, _pickle_load_obj=refuse))),
             mock.patch.object(_package, "pickle", _Guarded(pickle, loads=refuse, load=refuse)),
-            mock.patch.object(serialize, "torch", _Guarded(torch, load=safe_load))]
+            mock.patch.object(serialize, "torch", _Guarded(torch, load=safe_load)),
+            # a tree spec's enum or defaultdict names a module that the spec's loader imports
+            mock.patch.object(_pytree, "importlib", _Guarded(importlib, import_module=refuse_import))]
 
 
 def _load_program(path: Path):
@@ -278,10 +287,10 @@ _SYMPY_KEYWORDS = frozenset({"integer", "positive", "negative", "nonnegative", "
 
 def _torch_sympy_functions() -> frozenset[str]:
     """The names of torch's own sympy functions (FloorDiv, CleanDiv, ModularIndexing...)."""
-    import sympy
     from torch.utils._sympy import functions
 
-    return frozenset(n for n, v in vars(functions).items() if isinstance(v, type) and issubclass(v, sympy.Basic))
+    return frozenset(n for n, v in vars(functions).items() if isinstance(v, type)
+                     and getattr(v, "__module__", "").startswith(("torch.utils._sympy", "sympy")))
 
 
 def _expression_refused(text: str, calls: frozenset[str]) -> str:
@@ -310,10 +319,72 @@ def _expression_refused(text: str, calls: frozenset[str]) -> str:
     return ""
 
 
+_VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
+
+
+def _identifier(text) -> bool:
+    import keyword
+
+    return isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
+
+
+def _dotted(text) -> bool:
+    """A module path such as `features.4.num_batches_tracked` (or none)."""
+    return not text or (isinstance(text, str) and all(_identifier(p) or p.isdigit() for p in text.split(".")))
+
+
+def _name_refused(key: str, value) -> str:
+    """Why `value` under `key` in a program's JSON is no name torch.fx may write into the
+    Python source it generates and runs when the program loads ("" when it is one)."""
+    if key in ("name", "as_name", "forward_arg_names") and isinstance(value, (str, list)):
+        bad = [v for v in (value if isinstance(value, list) else [value]) if not _identifier(v)]
+        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
+    if key in ("parameter_name", "buffer_name", "fqn") and isinstance(value, str) and not _dotted(value):
+        return f"the module path {value!r} is not one"
+    if key in _VALUE_TABLES and isinstance(value, dict):
+        bad = [k for k in value if not _identifier(k)]
+        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
+    if key in ("in_spec", "out_spec") and isinstance(value, str):
+        return _spec_refused(value, key)
+    return ""
+
+
+def _spec_refused(text: str, key: str) -> str:
+    """Why a tree spec (a JSON string in the program's JSON) would import a module or inject a
+    name when torch reads it ("" when it would not)."""
+    try:
+        spec = json.loads(text)
+    except ValueError:
+        return f"its {key} does not parse"
+    stack = [spec]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if "__enum__" in value:
+                return f"its {key} names an enum of the module {str(value.get('fqn'))[:80]!r}"
+            if value.get("type") == "collections.defaultdict":
+                return f"its {key} names a defaultdict, whose factory's module torch imports"
+            if key == "in_spec" and value.get("type") == "builtins.dict" and isinstance(value.get("context"), str):
+                with contextlib.suppress(ValueError):
+                    keys = json.loads(value["context"])
+                    if isinstance(keys, list) and not all(_identifier(k) for k in keys):
+                        return f"its in_spec's argument names {keys!r} are not identifiers"
+            if isinstance(value.get("context"), str):
+                with contextlib.suppress(ValueError):
+                    stack.append(json.loads(value["context"]))
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return ""
+
+
 def _vetted(path: Path):
     """(source for torch.export.load, the devices the program was saved on besides the CPU):
-    the archive's bytes, read once, checked, and given to torch as checked (a second entry of
-    the same name, which Python's zipfile and torch's reader do not pick alike, is refused).
+    the archive's entries, read once, checked, and written again for torch as checked (a
+    second entry of the same name, which Python's zipfile and torch's reader do not pick
+    alike, is refused; so is any program entry but models/model.json, names that are not
+    identifiers, which torch.fx writes into the source it runs, and tree specs that name a
+    module to import).
     Raises _Refused naming an entry that would load native code (an AOTInductor library), a
     symbolic size that is more than arithmetic (sympy evaluates it as Python), or a graph node
     calling anything but torch's and Python's operators. A program saved on a GPU has each
@@ -338,6 +409,8 @@ def _vetted(path: Path):
                 devices.add(value["type"] + ("" if value["index"] is None else f":{value['index']}"))
                 return {"type": "cpu", "index": None}
             for key, item in value.items():
+                if why := _name_refused(key, item):
+                    raise _Refused(f"{where}: {why}")
                 if key == "expr_str" and isinstance(item, str) and (why := _expression_refused(item, calls)):
                     raise _Refused(f"{where} holds the symbolic size {item[:120]!r}, which is not arithmetic ({why})")
                 if key == "target" and isinstance(item, str) and "inputs" in value and not item.startswith(_CALLS):
@@ -353,7 +426,13 @@ def _vetted(path: Path):
         if len(set(names)) < len(names):
             twice = next(n for n in names if names.count(n) > 1)
             raise _Refused(f"it holds two entries named {twice}")
+        programs = [n for n in names if "/models/" in f"/{n}"]
+        if len(programs) > 1 or any(not n.endswith("models/model.json") for n in programs):
+            raise _Refused(f"it holds {', '.join(programs)[:200]} where torch.export.save writes one "
+                           "models/model.json (torch.export.load reads every entry there, whatever its suffix)")
         for name in names:
+            if "\0" in name or "\\" in name or ".." in name.split("/") or len(name) > 255:
+                raise _Refused(f"it holds an entry named {name[:80]!r}, which no saved program has")
             if "/data/aotinductor/" in f"/{name}" or name.lower().endswith(_NATIVE):
                 raise _Refused(f"it holds {name}, an AOTInductor build: native code that torch.export.load "
                               "would load")
@@ -369,8 +448,8 @@ def _vetted(path: Path):
             document = checked(document, info.filename)
             if changes[0] > before:
                 rewritten[info.filename] = json.dumps(document).encode()
-        if not rewritten:
-            return io.BytesIO(data), devices
+        # written again from the entries read here, also when nothing changed: torch's zip
+        # reader can find other entries than Python's in the same bytes (a second directory)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as copy:
             for info in archive.infolist():

@@ -58,11 +58,12 @@ def saved(path, batch: int | None = 1):
 
 def rewritten(source, target, change):
     """A copy of the .pt2 `source` at `target`, change(name, bytes, archive) -> bytes applied
-    to each member."""
+    to each member (and change.rename(name) -> name, when it has one)."""
+    rename = getattr(change, "rename", lambda name: name)
     with zipfile.ZipFile(source) as archive, zipfile.ZipFile(target, "w") as copy:
         for info in archive.infolist():
             data = change(info.filename, archive.read(info), archive)
-            copy.writestr(zipfile.ZipInfo(info.filename, info.date_time), data)  # writestr(info) moves info
+            copy.writestr(zipfile.ZipInfo(rename(info.filename), info.date_time), data)  # writestr(info) moves info
     return target
 
 
@@ -204,6 +205,52 @@ def with_node(target):
     return change
 
 
+def with_input_named(marker):
+    """The program's input renamed to a default argument that runs code: torch.fx writes names
+    into the forward's source, which runs as the program loads; the body still reads the input."""
+    evil = f"x=[__import__('pathlib').Path('{marker}').touch(), locals().get('x')][1]"
+
+    def renamed(value):
+        if isinstance(value, dict):
+            return {(evil if k == "x" else k): (evil if k == "name" and v == "x" else renamed(v)) for k, v in value.items()}
+        return [renamed(v) for v in value] if isinstance(value, list) else value
+
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        module = program["graph_module"]
+        module["graph"], module["signature"] = renamed(module["graph"]), renamed(module["signature"])
+        return json.dumps(program).encode()
+    return change
+
+
+def with_spec_import(module):
+    """The input's tree spec (a JSON string in model.json) naming an enum of `module`, which
+    torch's pytree imports as it reads the spec."""
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(signature["in_spec"])
+        spec[1]["children_spec"][1]["context"] = json.dumps([{"__enum__": True, "fqn": f"{module}:X", "name": "y"}])
+        signature["in_spec"] = json.dumps(spec)
+        return json.dumps(program).encode()
+    return change
+
+
+def with_program_entry_renamed(marker):
+    """The symbolic size that runs code, in models/model.JSON: torch.export.load reads every
+    entry under models/ whatever its suffix."""
+    sized = with_symbolic_size(marker)
+
+    def change(name, data, archive):
+        return sized(name, data, archive)
+    change.rename = lambda name: name[:-5] + ".JSON" if name.endswith("models/model.json") else name
+    return change
+
+
 def torch_save(payload):
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -225,6 +272,13 @@ def refused_archive(case, clean, target, marker):
         change, added = with_constant("opaque_obj_0", pickle.dumps(Touch(marker)))
     elif case == "custom object":
         change, added = with_constant("custom_obj_0", pickle.dumps(Touch(marker)))
+    elif case == "input name":
+        change = with_input_named(marker)
+    elif case == "tree spec import":
+        (target.parent / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nX = {{}}\n")
+        change = with_spec_import("planted")
+    elif case == "program entry renamed":
+        change = with_program_entry_renamed(marker)
     elif case == "node call":
         change = with_node("torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch")
     else:
@@ -256,20 +310,27 @@ REFUSED = [
     ("symbolic size", r"holds the symbolic size .*which is not arithmetic \(it calls __import__", True),
     ("two entries of one name", r"it holds two entries named \S+/models/model.json", True),
     ("AOTInductor library", r"it holds \S+/data/aotinductor/model/model.wrapper.so, an AOTInductor build", False),
+    ("input name", r"the name \"x=\[__import__.* is no Python identifier", True),
+    ("tree spec import", r"its in_spec's argument names .*'__enum__'", True),
+    ("program entry renamed", r"it holds \S+/models/model.JSON where torch.export.save writes one models/model.json",
+     True),
     ("node call", r"a node calls torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch, "
                   r"which is not one of torch's or Python's operators", False),
 ]
 
 
 @pytest.mark.parametrize("case, named, runs", REFUSED, ids=[c[0] for c in REFUSED])
-def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_path, capsys, case, named, runs):
+def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_path, capsys, monkeypatch, case,
+                                                                         named, runs):
     """.pt/.pth are refused because unpickling runs code; a .pt2 ran it: torch.export.load
     retries sample inputs the safe load refuses with weights_only=False, reads pickled weights
     and tensor constants with weights_only=False and opaque constants with pickle.loads, hands
     each symbolic size's text to sympy.sympify (an eval), dlopens an AOTInductor library it
-    finds, and reads the first of two entries of one name where Python's zipfile reads the
-    last."""
+    finds, reads the first of two entries of one name where Python's zipfile reads the last,
+    and every entry under models/ whatever its suffix; torch.fx writes the file's names into
+    the source it runs, and torch's pytree imports modules a tree spec names."""
     marker = tmp_path / "ran"
+    monkeypatch.syspath_prepend(str(tmp_path))  # a module planted there imports (`python -m camface` run there)
     _, clean = saved(tmp_path / "clean.pt2", batch=None)
     if case == "two entries of one name":
         evil = refused_archive("symbolic size", clean, tmp_path / "first.pt2", marker)
@@ -296,6 +357,65 @@ def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_pat
         finally:
             logging.getLogger("torch").disabled = False
         assert marker.exists()
+
+
+def two_directories(benign: bytes, evil: bytes) -> bytes:
+    """One file holding both archives (same entry names) with two central directories: Python's
+    zipfile finds the directory at (end record - its size) and reads `benign`'s, torch's reader
+    takes the end record's offset as written and reads `evil`'s."""
+    import struct
+
+    def parts(data):
+        end = data.rfind(b"PK\x05\x06")
+        count, size, offset = struct.unpack_from("<HII", data, end + 10)
+        return data[:offset], bytearray(data[offset:offset + size]), count
+
+    benign_entries, benign_directory, count = parts(benign)
+    evil_entries, evil_directory, evil_count = parts(evil)
+    assert (len(evil_directory), evil_count) == (len(benign_directory), count)
+    padding = len(benign_directory)
+    shift, at = padding + len(benign_entries), 0
+    for _ in range(count):
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", evil_directory, at + 28)
+        (offset,) = struct.unpack_from("<I", evil_directory, at + 42)
+        struct.pack_into("<I", evil_directory, at + 42, offset + shift)
+        at += 46 + name_length + extra_length + comment_length
+    directory_at = padding + len(benign_entries) + len(evil_entries)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(benign_directory), directory_at, 0)
+    return b"\0" * padding + benign_entries + evil_entries + bytes(evil_directory) + bytes(benign_directory) + end
+
+
+def test_a_pt2_whose_zip_reads_otherwise_in_torch_loads_what_camface_checked(tmp_path, capsys):
+    """camface checked the entries Python's zipfile reads and gave torch the file, whose reader
+    can find other entries in the same bytes: torch now gets the checked entries, written again."""
+    marker = tmp_path / "ran"
+    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+    sized = rewritten(clean, tmp_path / "sized.pt2", with_symbolic_size(marker))
+    # the same names and lengths: the payload replaces an expression of the same size
+    benign = rewritten(clean, tmp_path / "benign.pt2", lambda name, data, archive: data)
+    with zipfile.ZipFile(sized) as evil_zip, zipfile.ZipFile(benign) as benign_zip:
+        assert [i.filename for i in evil_zip.infolist()] == [i.filename for i in benign_zip.infolist()]
+    both = tmp_path / "both.pt2"
+    both.write_bytes(two_directories(benign.read_bytes(), sized.read_bytes()))
+    assert main(["export", str(both), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 0, capsys.readouterr().err
+    assert not marker.exists()
+    for got, want in zip(graph_outputs(tmp_path / "cam.onnx", IMAGES),
+                         graph_outputs(_exported(clean, tmp_path), IMAGES)):
+        np.testing.assert_array_equal(got, want)
+    logging.getLogger("torch").disabled = True
+    try:
+        torch.export.load(str(both))  # the premise: torch's reader finds the other directory
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        logging.getLogger("torch").disabled = False
+    assert marker.exists()
+
+
+def _exported(path, folder):
+    out = folder / f"{path.stem}.onnx"
+    assert main(["export", str(path), "-o", str(out), *EXPORT]) == 0
+    return out
 
 
 def test_torch_load_elsewhere_is_left_as_it_is_while_a_pt2_loads(tmp_path, monkeypatch):
