@@ -141,11 +141,7 @@ class Touch:
 
 def with_sample_inputs(payload):
     def change(name, data, archive):
-        if "/sample_inputs/" in name:
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            return buffer.getvalue()
-        return data
+        return torch_save(payload) if "/sample_inputs/" in name else data
     return change
 
 
@@ -159,11 +155,7 @@ def with_pickled_weight(payload):
         if name == config_name:
             first["use_pickle"] = True
             return json.dumps(config).encode()
-        if name.endswith("/weights/" + first["path_name"]):
-            buffer = io.BytesIO()
-            torch.save(payload, buffer)
-            return buffer.getvalue()
-        return data
+        return torch_save(payload) if name.endswith("/weights/" + first["path_name"]) else data
     return change
 
 
