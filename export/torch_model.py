@@ -319,6 +319,10 @@ def _expression_refused(text: str, calls: frozenset[str]) -> str:
     return ""
 
 
+# strings of a program's JSON that may hold quotes or line breaks (the others are names, ops
+# and numbers: torch.fx writes some into source, where a quote or a carriage return escapes)
+_FREE_TEXT = frozenset({"stack_trace", "in_spec", "out_spec", "metadata", "custom", "nn_module_stack",
+                        "source_fn_stack", "torch_fn"})
 _VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
 
 
@@ -337,10 +341,15 @@ def _name_refused(key: str, value) -> str:
     """Why `value` under `key` in a program's JSON is no name torch.fx may write into the
     Python source it generates and runs when the program loads ("" when it is one)."""
     if key in ("name", "as_name", "forward_arg_names") and isinstance(value, (str, list)):
-        bad = [v for v in (value if isinstance(value, list) else [value]) if not _identifier(v)]
+        # (a higher-order op's positional inputs are named "": only keyword inputs reach the source)
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v != "" and not _identifier(v)]
         return f"the name {bad[0]!r} is no Python identifier" if bad else ""
-    if key in ("parameter_name", "buffer_name", "fqn") and isinstance(value, str) and not _dotted(value):
-        return f"the module path {value!r} is not one"
+    if (key == "fqn" or key.endswith("_name")) and isinstance(value, str) and not _dotted(value):
+        return f"the module path {value!r} ({key}) is not one"
+    if key in ("target", "as_operator") and isinstance(value, str) and "__" in value:
+        return f"{key} {value[:120]!r} reaches through a dunder attribute"
+    if key not in _FREE_TEXT and isinstance(value, str) and any(c in value for c in '\r\n"'):
+        return f"{key} {value[:80]!r} holds a quote or a line break"
     if key in _VALUE_TABLES and isinstance(value, dict):
         bad = [k for k in value if not _identifier(k)]
         return f"the name {bad[0]!r} is no Python identifier" if bad else ""
@@ -409,6 +418,8 @@ def _vetted(path: Path):
                 devices.add(value["type"] + ("" if value["index"] is None else f":{value['index']}"))
                 return {"type": "cpu", "index": None}
             for key, item in value.items():
+                if key == "metadata":
+                    continue  # read as text (stack traces, module stacks), never as source
                 if why := _name_refused(key, item):
                     raise _Refused(f"{where}: {why}")
                 if key == "expr_str" and isinstance(item, str) and (why := _expression_refused(item, calls)):
@@ -416,7 +427,7 @@ def _vetted(path: Path):
                 if key == "target" and isinstance(item, str) and "inputs" in value and not item.startswith(_CALLS):
                     raise _Refused(f"{where}: a node calls {item[:120]}, which is not one of torch's or Python's "
                                    "operators")
-            return {k: checked(v, where) for k, v in value.items()}
+            return {k: (v if k == "metadata" else checked(v, where)) for k, v in value.items()}
         if isinstance(value, list):
             return [checked(v, where) for v in value]
         return value
@@ -445,6 +456,15 @@ def _vetted(path: Path):
             except (ValueError, UnicodeDecodeError):
                 continue  # not the program's: torch.export.load reads it or not
             before = changes[0]
+            if isinstance(document, dict) and document.get("guards_code"):
+                # Python source that program.module() runs (its shape checks): camface checks
+                # shapes itself and exports at sizes it chose, so they are dropped, not run
+                document["guards_code"] = []
+                changes[0] += 1
+            if info.filename.endswith("_config.json") and isinstance(document.get("config"), dict):
+                bad = next((k for k in document["config"] if not _dotted(k)), None)
+                if bad is not None:
+                    raise _Refused(f"{info.filename}: the module path {bad[:80]!r} is not one")
             document = checked(document, info.filename)
             if changes[0] > before:
                 rewritten[info.filename] = json.dumps(document).encode()

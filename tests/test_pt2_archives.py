@@ -243,6 +243,42 @@ def with_program_entry_renamed(marker):
     return change
 
 
+class WithConstant(nn.Module):
+    """A plain tensor attribute: torch.export lifts it into a tensor constant."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+        self.scale = torch.ones(4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)) * self.scale)
+
+
+def with_constant_named(marker):
+    """The tensor constant renamed to Python: torch.fx writes it into getattr(self, "...") of
+    the source program.module() runs; a quote ends the string, a carriage return (a line end to
+    Python, not to torch.fx's indenting) puts the payload at module level."""
+    evil = (f'scale")\rgetattr(getattr(__import__("pathlib"),"Path")("{marker}"),"touch")()\r'
+            'def _after(self):\r    y = getattr(self,"scale')
+    assert "." not in evil  # torch splits a get_attr target at dots
+
+    def change(name, data, archive):
+        if name.endswith("models/model.json"):
+            program = json.loads(data)
+            for spec in program["graph_module"]["signature"]["input_specs"]:
+                if "tensor_constant" in spec:
+                    spec["tensor_constant"]["tensor_constant_name"] = evil
+            return json.dumps(program).encode()
+        if name.endswith("model_constants_config.json"):
+            config = json.loads(data)
+            config["config"] = {evil: config["config"]["scale"]}
+            return json.dumps(config).encode()
+        return data
+    return change
+
+
 def torch_save(payload):
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -271,6 +307,10 @@ def refused_archive(case, clean, target, marker):
         change = with_spec_import("planted")
     elif case == "program entry renamed":
         change = with_program_entry_renamed(marker)
+    elif case == "constant name":
+        change = with_constant_named(marker)
+    elif case == "dunder target":
+        change = with_node("_operator._abs.__self__.eval")
     elif case == "node call":
         change = with_node("torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch")
     else:
@@ -306,6 +346,8 @@ REFUSED = [
     ("tree spec import", r"its in_spec's argument names .*'__enum__'", True),
     ("program entry renamed", r"it holds \S+/models/model.JSON where torch.export.save writes one models/model.json",
      True),
+    ("constant name", r"the module path 'scale\"\)\\rgetattr", True),
+    ("dunder target", r"target '_operator._abs.__self__.eval' reaches through a dunder attribute", False),
     ("node call", r"a node calls torch.export.custom_ops._call_custom_autograd_function_in_pre_dispatch, "
                   r"which is not one of torch's or Python's operators", False),
 ]
@@ -323,7 +365,11 @@ def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_pat
     the source it runs, and torch's pytree imports modules a tree spec names."""
     marker = tmp_path / "ran"
     monkeypatch.syspath_prepend(str(tmp_path))  # a module planted there imports (`python -m camface` run there)
-    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+    if case == "constant name":
+        clean = tmp_path / "clean.pt2"
+        torch.export.save(torch.export.export(WithConstant().eval(), (torch.randn(2, 3, SIZE, SIZE),)), str(clean))
+    else:
+        _, clean = saved(tmp_path / "clean.pt2", batch=None)
     if case == "two entries of one name":
         evil = refused_archive("symbolic size", clean, tmp_path / "first.pt2", marker)
         evil = refused_archive(case, evil, tmp_path / "evil.pt2", marker)
@@ -343,12 +389,34 @@ def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_pat
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.export.load(str(evil))
+                torch.export.load(str(evil)).module()  # what torch.onnx.export and a re-export call
         except Exception:  # noqa: BLE001 - a weight that is not a tensor may fail after it ran
             pass
         finally:
             logging.getLogger("torch").disabled = False
         assert marker.exists()
+
+
+def test_a_pt2_s_guards_are_dropped_not_run(tmp_path, capsys):
+    """A program's guards_code is Python that program.module() runs (torch.onnx.export calls it):
+    camface checks shapes itself, so the guards are dropped; the export goes on as before."""
+    marker = tmp_path / "ran"
+    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+
+    def guarded(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        program["guards_code"] = [f"__import__('pathlib').Path('{marker}').touch() is None"]
+        return json.dumps(program).encode()
+
+    evil = rewritten(clean, tmp_path / "guarded.pt2", guarded)
+    assert main(["export", str(evil), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 0, capsys.readouterr().err
+    assert not marker.exists()
+    for got, want in zip(graph_outputs(tmp_path / "cam.onnx", IMAGES), graph_outputs(_exported(clean, tmp_path), IMAGES)):
+        np.testing.assert_array_equal(got, want)
+    torch.export.load(str(evil)).module()(torch.zeros(2, 3, SIZE, SIZE))  # the premise: the guards run on a call
+    assert marker.exists()
 
 
 def two_directories(benign: bytes, evil: bytes) -> bytes:
@@ -465,3 +533,49 @@ def test_the_command_line_shows_camface_messages_not_torch_info_logs(tmp_path):
     assert "verify gradcam" in printed  # camface's own lines still show
     torch_lines = [line for line in printed.splitlines() if line[:1] in "IWD" and line[1:5].isdigit()]
     assert torch_lines == [], torch_lines[:3]
+
+
+class Branching(nn.Module):
+    """torch.cond: its positional inputs are serialised with the name ""."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cond(y.mean() > 0, lambda t: t * 2, lambda t: t - 1, (y,)).mean((2, 3))
+
+
+class Strided(nn.Module):
+    """Strided convolution and pooling at a dynamic height and width: the program holds guards
+    (Python source, dropped on load) and FloorDiv sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.class_ = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True))
+        self.register_buffer("def_", torch.ones(4))
+
+    def forward(self, x, *, scale: float = 1.0):
+        y = self.class_(x) * self.def_.view(1, -1, 1, 1) * scale
+        return {"logits": y.mean((2, 3)), "embedding": y.flatten(1)[:, :4]}
+
+
+@pytest.mark.parametrize("model, dynamic", [(Branching, {0: "batch"}), (Strided, {0: "batch", 2: "h", 3: "w"})],
+                         ids=["cond", "strided, dynamic size, dict output, keyword, keyword-like names"])
+def test_legitimate_programs_pass_the_load_checks(tmp_path, model, dynamic):
+    """What the checks must not refuse (a reviewer's cond program was refused for its "" names)."""
+    torch.manual_seed(0)
+    module = model().eval()
+    example = torch.randn(2, 3, 33, 35)
+    shapes = ({axis: torch.export.Dim(name, min=2, max=64) if axis == 0 else torch.export.Dim.AUTO
+               for axis, name in dynamic.items()},)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(module, (example,), dynamic_shapes=shapes), str(path))
+    with zipfile.ZipFile(path) as archive:
+        saved_program = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("models/model.json"))))
+    assert bool(saved_program["guards_code"]) == (model is Strided)  # the dropped guards' path is taken
+    program = torch_model._load_program(path)
+    expected, got = module(example), program.module()(example)
+    for want, have in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        torch.testing.assert_close(have, want)
