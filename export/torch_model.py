@@ -65,8 +65,33 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
     input_size: (H, W) of a program whose height and width are dynamic (ModelError without).
     What torch and onnxscript say on the way (warnings, optimiser passes) shows under --debug
     only."""
-    with _exporter_quiet():
+    with _exporter_quiet(), _no_guard_code(Path(path)):
         return _to_onnx(Path(path), opset, input_size)
+
+
+@contextlib.contextmanager
+def _no_guard_code(path: Path):
+    """Inside the block, program.module() (torch.onnx.export calls it, and so does a re-export)
+    builds no guard function: torch writes the program's guards, and the values of its constant
+    inputs, into Python source that it runs (a string input holding a quote escapes it).
+    camface checks shapes itself. ModelError when this torch builds guards elsewhere."""
+    from unittest import mock
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:  # _to_onnx says which extra to install
+        yield
+        return
+    try:
+        from torch.export import _unlift
+    except ImportError as exc:
+        raise ModelError(f"{path}: refused: this torch builds a program's guards elsewhere than the "
+                         f"torch 2.13 camface checks ({exc})") from exc
+    if not hasattr(_unlift, "_ok_to_generate_guards_fn"):
+        raise ModelError(f"{path}: refused: this torch builds a program's guards otherwise than the "
+                         "torch 2.13 camface checks")
+    with mock.patch.object(_unlift, "_ok_to_generate_guards_fn", lambda: False):
+        yield
 
 
 EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
@@ -348,6 +373,10 @@ def _name_refused(key: str, value) -> str:
         return f"the module path {value!r} ({key}) is not one"
     if key in ("target", "as_operator") and isinstance(value, str) and "__" in value:
         return f"{key} {value[:120]!r} reaches through a dunder attribute"
+    if key in ("as_int", "as_float", "as_bool") and not isinstance(value, (bool, int, float, list, dict)):
+        return f"{key} holds {str(value)[:80]!r}, no number"
+    if key == "as_string" and isinstance(value, str) and any(c in value for c in "'\\"):
+        return f"the string {value[:80]!r} holds a quote or a backslash (torch writes it into source)"
     if key not in _FREE_TEXT and isinstance(value, str) and any(c in value for c in '\r\n"'):
         return f"{key} {value[:80]!r} holds a quote or a line break"
     if key in _VALUE_TABLES and isinstance(value, dict):

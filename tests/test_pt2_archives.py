@@ -579,3 +579,64 @@ def test_legitimate_programs_pass_the_load_checks(tmp_path, model, dynamic):
     expected, got = module(example), program.module()(example)
     for want, have in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
         torch.testing.assert_close(have, want)
+
+
+class WithMode(nn.Module):
+    """A second, string input: torch.export keeps it as a constant input whose value program.module()
+    writes into the guard source it runs (L['mode'] == '<value>')."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x, mode: str):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def with_mode(marker):
+    evil = f"x' or __import__('pathlib').Path('{marker}').touch() or 'x"  # the guard holds: the export goes on
+
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        module = program["graph_module"]
+        for value in module["graph"]["inputs"]:
+            if "as_string" in value:
+                value["as_string"] = evil
+        for spec in module["signature"]["input_specs"]:
+            if "constant_input" in spec:
+                spec["constant_input"]["value"]["as_string"] = evil
+        return json.dumps(program).encode()
+    change.value = evil
+    return change
+
+
+def test_a_string_input_that_escapes_its_guard_is_refused_and_guards_are_never_built(tmp_path, capsys, monkeypatch):
+    """torch.onnx.export calls program.module(), which wrote a string input's value into guard
+    source and ran it (a fourth review: the export went on, exit 0). camface refuses quotes in
+    such strings, and no guard function is built while it exports."""
+    from torch.export import _unlift
+
+    marker = tmp_path / "ran"
+    clean = tmp_path / "clean.pt2"
+    batch = torch.export.Dim("batch", min=1, max=32)
+    torch.export.save(torch.export.export(WithMode().eval(), (torch.randn(2, 3, SIZE, SIZE), "plain"),
+                                          dynamic_shapes=({0: batch}, None)), str(clean))
+    change = with_mode(marker)
+    evil = rewritten(clean, tmp_path / "evil.pt2", change)
+    assert main(["export", str(evil), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    assert "holds a quote or a backslash" in capsys.readouterr().err and not marker.exists()
+    x = torch.zeros(2, 3, SIZE, SIZE)
+    with torch_model._no_guard_code(evil):  # the second wall, with the first out of the way
+        torch.export.load(str(evil)).module()(x, change.value)
+    assert not marker.exists()
+    torch.export.load(str(evil)).module()(x, change.value)  # the premise: torch builds and runs the guard
+    assert marker.exists()
+    seen = []
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: seen.append(_unlift._ok_to_generate_guards_fn()) or
+                        real(*a, **k))
+    torch_model.to_onnx(clean)
+    assert seen == [False] and _unlift._ok_to_generate_guards_fn()
