@@ -3,10 +3,8 @@
 framework shares one gradient engine and one set of heatmap equations.
 
 `.pt` / `.pth` files are refused: loading them unpickles, which runs code from the file. A .pt2
-holds pickles too (its sample inputs, and weights or constants torch could not store as raw
-bytes), which `torch.export.load` unpickles with `torch.load(weights_only=False)` when the safe
-load fails: camface loads it with every pickle held to tensors and plain containers
-(`_load_program`). A program saved on a GPU is loaded on the CPU (`_on_cpu`).
+can run code too: it is loaded only as `pt2_archive` checks and guards it (`_load_program`), and
+a program saved on a GPU is loaded on the CPU.
 torch is imported inside functions (the `camface[torch]` extra; the live loop never needs it).
 """
 
@@ -14,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import threading
 import zipfile
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError
+from camface.export import pt2_archive
 from camface.outputs import check_model_file
 
 log = logging.getLogger(__name__)
@@ -38,7 +35,6 @@ def _what_it_is(path: Path, exc: Exception) -> str:
     """What a file torch.export.load refused is, when its zip says so (a TorchScript archive or
     a torch.save pickle, renamed), else torch's message without the warnings it points to (they
     are silenced)."""
-    import zipfile
 
     try:
         names = zipfile.ZipFile(path).namelist()
@@ -65,33 +61,9 @@ def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int,
     input_size: (H, W) of a program whose height and width are dynamic (ModelError without).
     What torch and onnxscript say on the way (warnings, optimiser passes) shows under --debug
     only."""
-    with _exporter_quiet(), _no_guard_code(Path(path)):
+    with _exporter_quiet(), pt2_archive.no_guard_code(Path(path)):
         return _to_onnx(Path(path), opset, input_size)
 
-
-@contextlib.contextmanager
-def _no_guard_code(path: Path):
-    """Inside the block, program.module() (torch.onnx.export calls it, and so does a re-export)
-    builds no guard function: torch writes the program's guards, and the values of its constant
-    inputs, into Python source that it runs (a string input holding a quote escapes it).
-    camface checks shapes itself. ModelError when this torch builds guards elsewhere."""
-    from unittest import mock
-
-    try:
-        import torch  # noqa: F401
-    except ImportError:  # _to_onnx says which extra to install
-        yield
-        return
-    try:
-        from torch.export import _unlift
-    except ImportError as exc:
-        raise ModelError(f"{path}: refused: this torch builds a program's guards elsewhere than the "
-                         f"torch 2.13 camface checks ({exc})") from exc
-    if not hasattr(_unlift, "_ok_to_generate_guards_fn"):
-        raise ModelError(f"{path}: refused: this torch builds a program's guards otherwise than the "
-                         "torch 2.13 camface checks")
-    with mock.patch.object(_unlift, "_ok_to_generate_guards_fn", lambda: False):
-        yield
 
 
 EXPORTER_LOGGERS = ("torch", "onnxscript", "onnx_ir")
@@ -102,7 +74,6 @@ def _exporter_quiet():
     """Inside the block, unless camface logs at DEBUG (--debug): the exporters' loggers (and
     those below them) at ERROR, Python warnings off, stdout (the optimiser's progress lines)
     dropped."""
-    import io
     import logging
     import warnings
 
@@ -178,91 +149,24 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
     return exported.model_proto
 
 
-class _UnsafePickle(Exception):
-    """A pickle in a .pt2 that is more than tensors and plain containers."""
-
-
-class _Refused(Exception):
-    """What in a .pt2 would run code or load native code when torch.export.load reads it."""
-
-
-_LOAD_LOCK = threading.Lock()  # torch's loader modules are guarded while one .pt2 loads
-
-
-class _Guarded:
-    """A module seen through a proxy: the attributes given replaced, the others the module's."""
-
-    def __init__(self, module, **replaced):
-        self.__dict__.update(replaced, _module=module)
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
-
-
-def _guards():
-    """mock patches that hold torch.export.load's unpicklers to tensors and plain containers
-    (`torch.load(weights_only=True)`, mapped to the CPU) and refuse its object pickles, in the
-    two modules that call them (not torch.load itself: other threads keep theirs). Raises
-    _Refused when this torch's loader is not where they go (they would guard nothing)."""
-    import importlib
-    import pickle
-    from unittest import mock
-
-    import torch
-
-    def safe_load(f, *args, **kwargs):  # torch's own arguments dropped: weights_only allows no pickle_module
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise _UnsafePickle(_unsafe_global(exc)) from exc
-
-    def refuse(*args, **kwargs):
-        raise _UnsafePickle("a pickled Python object (a TorchScript class or an opaque constant)")
-
-    try:
-        from torch._export.serde import serialize
-        from torch.export.pt2_archive import _package
-    except ImportError as exc:
-        raise _Refused(f"torch {torch.__version__} reads .pt2 files elsewhere than the torch 2.13 "
-                       f"camface checks ({exc})") from exc
-    from torch.utils import _pytree
-
-    def refuse_import(name, *args, **kwargs):
-        raise _Refused(f"its tree specs import the module {name}")
-
-    if not all(hasattr(m, "torch") for m in (_package, serialize)) or not hasattr(_package, "pickle") \
-            or not hasattr(_pytree, "importlib"):
-        raise _Refused(f"torch {torch.__version__} reads .pt2 files otherwise than the torch 2.13 camface checks")
-    return [mock.patch.object(_package, "torch", _Guarded(torch, load=safe_load,
-                                                          _C=_Guarded(torch._C, _pickle_load_obj=refuse))),
-            mock.patch.object(_package, "pickle", _Guarded(pickle, loads=refuse, load=refuse)),
-            mock.patch.object(serialize, "torch", _Guarded(torch, load=safe_load)),
-            # a tree spec's enum or defaultdict names a module that the spec's loader imports
-            mock.patch.object(_pytree, "importlib", _Guarded(importlib, import_module=refuse_import))]
-
-
 def _load_program(path: Path):
-    """torch.export.load of `path` (ModelError saying why when it is not an exported program).
-    torch says not to load a .pt2 from an untrusted source: loading one runs code from it in
-    several ways. camface loads the archive's bytes only after `_vetted` checked them (no
-    native libraries, symbolic expressions that are sympy arithmetic, graph calls of torch's
-    and Python's operators; a program saved on a GPU rewritten to the CPU), with every pickle
-    held to tensors and plain containers (`_guards`): torch.export.load itself retries a pickle
-    the safe load refuses with weights_only=False, and unpickles opaque constants with
-    pickle.loads."""
+    """torch.export.load of the entries of `path` that `pt2_archive.vetted` checked, with its
+    unpicklers guarded (`pt2_archive.guards`); ModelError saying why when it is refused or is
+    not an exported program."""
     import torch
 
     try:
-        source, devices = _vetted(path)
-        with _LOAD_LOCK, _quiet("torch.export"), contextlib.ExitStack() as stack:
-            for patch in _guards():
+        source, devices = pt2_archive.vetted(path)
+        with pt2_archive.LOAD_LOCK, _quiet("torch.export"), contextlib.ExitStack() as stack:
+            for patch in pt2_archive.guards():
                 stack.enter_context(patch)
             # torch logs a traceback (as a warning) for a file it cannot read before it raises:
             # the error below says it in one line
             program = torch.export.load(source)
     except Exception as exc:  # a zip that is not an exported program raises many types
-        unsafe = next((e for e in _chain(exc) if isinstance(e, (_UnsafePickle, _Refused))), None)
-        if isinstance(unsafe, _UnsafePickle):
+        unsafe = next((e for e in pt2_archive.chain(exc)
+                       if isinstance(e, (pt2_archive.UnsafePickle, pt2_archive.Refused))), None)
+        if isinstance(unsafe, pt2_archive.UnsafePickle):
             raise ModelError(f"{path}: refused: it holds a pickle that is not only tensors ({unsafe}); "
                              "loading it would RUN CODE FROM THE FILE, as a .pt would. Export the model "
                              f"again with torch.export.save from plain tensors: {HOW_TO_EXPORT}") from exc
@@ -275,237 +179,6 @@ def _load_program(path: Path):
         log.info("%s: saved on %s; loaded on the CPU", path, ", ".join(sorted(devices)))
     return program
 
-
-def _chain(exc: BaseException):
-    """`exc` and the exceptions it was raised from or during."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _unsafe_global(exc: Exception) -> str:
-    """What torch's safe unpickler refused, from its message (e.g. "GLOBAL posix.system")."""
-    import re
-
-    found = re.search(r"Unsupported global: (GLOBAL \S+)", str(exc))
-    return found.group(1) if found else str(exc).strip().splitlines()[-1][:200]
-
-
-_NOT_MOVED = ("cpu", "meta")  # devices a program's tensors keep
-# torch.export.load unpacks and dlopens an AOTInductor library it finds in the archive
-_NATIVE = (".so", ".dll", ".dylib", ".pyd", ".o", ".cpp", ".cubin", ".ptx")
-# what a graph node may call: torch's operators and Python's (a name anywhere else, e.g.
-# torch.export.custom_ops', imports a module the file names)
-_CALLS = ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.higher_order.", "torch.ops.quantized_decomposed.",
-          "_operator.", "operator.", "math.", "torch.sym_", "torch._sym_")
-# sympy.sympify evaluates a symbolic size's expr_str as Python: only sympy arithmetic is let through
-_SYMPY_CALLS = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "Eq", "Ne",
-    "Lt", "Le", "Gt", "Ge", "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "Equality",
-    "Unequality", "And", "Or", "Not", "Piecewise", "floor", "ceiling", "sqrt", "BooleanTrue", "BooleanFalse"})
-_SYMPY_NAMES = frozenset({"oo", "zoo", "nan", "true", "false", "True", "False", "S"})
-_SYMPY_KEYWORDS = frozenset({"integer", "positive", "negative", "nonnegative", "nonpositive", "real", "finite",
-                             "even", "odd", "commutative", "evaluate"})
-
-
-def _torch_sympy_functions() -> frozenset[str]:
-    """The names of torch's own sympy functions (FloorDiv, CleanDiv, ModularIndexing...)."""
-    from torch.utils._sympy import functions
-
-    return frozenset(n for n, v in vars(functions).items() if isinstance(v, type)
-                     and getattr(v, "__module__", "").startswith(("torch.utils._sympy", "sympy")))
-
-
-def _expression_refused(text: str, calls: frozenset[str]) -> str:
-    """Why the symbolic-size expression `text` is more than sympy arithmetic ("" when it is not)."""
-    import ast
-    import re
-
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        return "it does not parse"
-    allowed = (ast.Expression, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
-               ast.Compare, ast.BoolOp, ast.Tuple, ast.Load, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
-    for node in ast.walk(tree):
-        if not isinstance(node, allowed):
-            return f"it has {type(node).__name__}"
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in calls):
-            return f"it calls {ast.unparse(node.func)}"
-        if isinstance(node, ast.Name) and node.id not in calls and node.id not in _SYMPY_NAMES \
-                and not re.fullmatch(r"[a-z]+\d+", node.id):
-            return f"it names {node.id}"
-        if isinstance(node, ast.keyword) and node.arg not in _SYMPY_KEYWORDS:
-            return f"it passes {node.arg}="
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not re.fullmatch(r"[a-z]+\d+", node.value):
-            return f"it holds the string {node.value!r}"
-    return ""
-
-
-# strings of a program's JSON that may hold quotes or line breaks (the others are names, ops
-# and numbers: torch.fx writes some into source, where a quote or a carriage return escapes)
-_FREE_TEXT = frozenset({"stack_trace", "in_spec", "out_spec", "metadata", "custom", "nn_module_stack",
-                        "source_fn_stack", "torch_fn"})
-_VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
-
-
-def _identifier(text) -> bool:
-    import keyword
-
-    return isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
-
-
-def _dotted(text) -> bool:
-    """A module path such as `features.4.num_batches_tracked` (or none)."""
-    return not text or (isinstance(text, str) and all(_identifier(p) or p.isdigit() for p in text.split(".")))
-
-
-def _name_refused(key: str, value) -> str:
-    """Why `value` under `key` in a program's JSON is no name torch.fx may write into the
-    Python source it generates and runs when the program loads ("" when it is one)."""
-    if key in ("name", "as_name", "forward_arg_names") and isinstance(value, (str, list)):
-        # (a higher-order op's positional inputs are named "": only keyword inputs reach the source)
-        bad = [v for v in (value if isinstance(value, list) else [value]) if v != "" and not _identifier(v)]
-        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
-    if (key == "fqn" or key.endswith("_name")) and isinstance(value, str) and not _dotted(value):
-        return f"the module path {value!r} ({key}) is not one"
-    if key in ("target", "as_operator") and isinstance(value, str) and "__" in value:
-        return f"{key} {value[:120]!r} reaches through a dunder attribute"
-    if key in ("as_int", "as_float", "as_bool") and not isinstance(value, (bool, int, float, list, dict)):
-        return f"{key} holds {str(value)[:80]!r}, no number"
-    if key == "as_string" and isinstance(value, str) and any(c in value for c in "'\\"):
-        return f"the string {value[:80]!r} holds a quote or a backslash (torch writes it into source)"
-    if key not in _FREE_TEXT and isinstance(value, str) and any(c in value for c in '\r\n"'):
-        return f"{key} {value[:80]!r} holds a quote or a line break"
-    if key in _VALUE_TABLES and isinstance(value, dict):
-        bad = [k for k in value if not _identifier(k)]
-        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
-    if key in ("in_spec", "out_spec") and isinstance(value, str):
-        return _spec_refused(value, key)
-    return ""
-
-
-def _spec_refused(text: str, key: str) -> str:
-    """Why a tree spec (a JSON string in the program's JSON) would import a module or inject a
-    name when torch reads it ("" when it would not)."""
-    try:
-        spec = json.loads(text)
-    except ValueError:
-        return f"its {key} does not parse"
-    stack = [spec]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            if "__enum__" in value:
-                return f"its {key} names an enum of the module {str(value.get('fqn'))[:80]!r}"
-            if value.get("type") == "collections.defaultdict":
-                return f"its {key} names a defaultdict, whose factory's module torch imports"
-            if key == "in_spec" and value.get("type") == "builtins.dict" and isinstance(value.get("context"), str):
-                with contextlib.suppress(ValueError):
-                    keys = json.loads(value["context"])
-                    if isinstance(keys, list) and not all(_identifier(k) for k in keys):
-                        return f"its in_spec's argument names {keys!r} are not identifiers"
-            if isinstance(value.get("context"), str):
-                with contextlib.suppress(ValueError):
-                    stack.append(json.loads(value["context"]))
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return ""
-
-
-def _vetted(path: Path):
-    """(source for torch.export.load, the devices the program was saved on besides the CPU):
-    the archive's entries, read once, checked, and written again for torch as checked (a
-    second entry of the same name, which Python's zipfile and torch's reader do not pick
-    alike, is refused; so is any program entry but models/model.json, names that are not
-    identifiers, which torch.fx writes into the source it runs, and tree specs that name a
-    module to import).
-    Raises _Refused naming an entry that would load native code (an AOTInductor library), a
-    symbolic size that is more than arithmetic (sympy evaluates it as Python), or a graph node
-    calling anything but torch's and Python's operators. A program saved on a GPU has each
-    device in its JSON (the weights' and constants' tensor metadata, the graph's values and
-    device arguments) set to the CPU, as torch.export.passes' move_to_device_pass does to a
-    loaded program: torch.export.load makes each weight on its saved device (it fails where
-    there is none), and camface exports on the CPU."""
-    data = path.read_bytes()
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        return io.BytesIO(data), set()  # torch.export.load says what it is
-    devices: set[str] = set()
-    calls = _SYMPY_CALLS | _torch_sympy_functions()
-    changes = [0]
-
-    def checked(value, where: str):
-        if isinstance(value, dict):
-            if value.keys() == {"type", "index"} and isinstance(value["type"], str) \
-                    and value["type"] not in _NOT_MOVED:
-                changes[0] += 1
-                devices.add(value["type"] + ("" if value["index"] is None else f":{value['index']}"))
-                return {"type": "cpu", "index": None}
-            for key, item in value.items():
-                if key == "metadata":
-                    continue  # read as text (stack traces, module stacks), never as source
-                if why := _name_refused(key, item):
-                    raise _Refused(f"{where}: {why}")
-                if key == "expr_str" and isinstance(item, str) and (why := _expression_refused(item, calls)):
-                    raise _Refused(f"{where} holds the symbolic size {item[:120]!r}, which is not arithmetic ({why})")
-                if key == "target" and isinstance(item, str) and "inputs" in value and not item.startswith(_CALLS):
-                    raise _Refused(f"{where}: a node calls {item[:120]}, which is not one of torch's or Python's "
-                                   "operators")
-            return {k: (v if k == "metadata" else checked(v, where)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [checked(v, where) for v in value]
-        return value
-
-    with archive:
-        names = [info.filename for info in archive.infolist()]
-        if len(set(names)) < len(names):
-            twice = next(n for n in names if names.count(n) > 1)
-            raise _Refused(f"it holds two entries named {twice}")
-        programs = [n for n in names if "/models/" in f"/{n}"]
-        if len(programs) > 1 or any(not n.endswith("models/model.json") for n in programs):
-            raise _Refused(f"it holds {', '.join(programs)[:200]} where torch.export.save writes one "
-                           "models/model.json (torch.export.load reads every entry there, whatever its suffix)")
-        for name in names:
-            if "\0" in name or "\\" in name or ".." in name.split("/") or len(name) > 255:
-                raise _Refused(f"it holds an entry named {name[:80]!r}, which no saved program has")
-            if "/data/aotinductor/" in f"/{name}" or name.lower().endswith(_NATIVE):
-                raise _Refused(f"it holds {name}, an AOTInductor build: native code that torch.export.load "
-                              "would load")
-        rewritten = {}
-        for info in archive.infolist():
-            if not info.filename.endswith(".json"):
-                continue
-            try:
-                document = json.loads(archive.read(info))
-            except (ValueError, UnicodeDecodeError):
-                continue  # not the program's: torch.export.load reads it or not
-            before = changes[0]
-            if isinstance(document, dict) and document.get("guards_code"):
-                # Python source that program.module() runs (its shape checks): camface checks
-                # shapes itself and exports at sizes it chose, so they are dropped, not run
-                document["guards_code"] = []
-                changes[0] += 1
-            if info.filename.endswith("_config.json") and isinstance(document.get("config"), dict):
-                bad = next((k for k in document["config"] if not _dotted(k)), None)
-                if bad is not None:
-                    raise _Refused(f"{info.filename}: the module path {bad[:80]!r} is not one")
-            document = checked(document, info.filename)
-            if changes[0] > before:
-                rewritten[info.filename] = json.dumps(document).encode()
-        # written again from the entries read here, also when nothing changed: torch's zip
-        # reader can find other entries than Python's in the same bytes (a second directory)
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as copy:
-            for info in archive.infolist():
-                copy.writestr(zipfile.ZipInfo(info.filename, info.date_time),
-                              rewritten[info.filename] if info.filename in rewritten else archive.read(info))
-    buffer.seek(0)
-    return buffer, devices
 
 
 def output_names(program) -> list[str] | None:
