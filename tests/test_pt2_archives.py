@@ -640,3 +640,19 @@ def test_a_string_input_that_escapes_its_guard_is_refused_and_guards_are_never_b
                         real(*a, **k))
     torch_model.to_onnx(clean)
     assert seen == [False] and _unlift._ok_to_generate_guards_fn()
+
+
+def test_a_damaged_pt2_is_one_line_naming_the_damage(tmp_path, capsys):
+    """A .pt2 whose program entry is damaged (a byte changed: its CRC fails) ended in a zipfile
+    traceback once camface read the archive itself; it is one line naming the entry."""
+    _, clean = saved(tmp_path / "clean.pt2", batch=None)
+    data = bytearray(clean.read_bytes())
+    at = data.find(b'"graph_module"')
+    data[at + 1] = ord("G")
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(damaged), "-o", str(out), *EXPORT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a program saved with torch.export.save (Bad CRC-32 for file" in err[0]
+    assert "models/model.json" in err[0] and not out.exists()
