@@ -69,13 +69,14 @@ RULES: dict[str, Rule] = {
     "MatMul": layers.matmul,
     "Gemm": layers.gemm,
     "Conv": layers.conv,
+    "Resize": layers.resize,
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
 DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Clip": (0,), "Pow": (0,),
     "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
     "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
-    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,),
+    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,), "Resize": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

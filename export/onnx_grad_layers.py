@@ -255,3 +255,114 @@ def max_pool(ctx, node, grads):
     attrs = {a.name: attribute(node, a.name) for a in node.attribute}
     _, indices = b.op("MaxPool", [x], outputs=2, **attrs)
     return [scatter(ctx, x, indices, grads[0], add=True)]
+
+
+def resize(ctx, node, grads):
+    """Resize of the last one or two axes (nearest, linear or cubic, any coordinate mode,
+    antialias): a linear map A_axis of each resized axis, applied one after the other, so
+    dx = A_h^T g A_w. The matrices are the node itself run by ONNX Runtime on basis inputs (what
+    the forward computes, whatever its attributes), then checked against it on a random input."""
+    b = ctx.builder
+    x, y = node.input[0], node.output[0]
+    mode = attribute(node, "mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    transform = attribute(node, "coordinate_transformation_mode", b"half_pixel")
+    if (transform.decode() if isinstance(transform, bytes) else transform) == "tf_crop_and_resize":
+        raise ModelError(f"node {node.name!r} (Resize): tf_crop_and_resize has no gradient rule")
+    before, after = ctx.static(x, node, "input"), ctx.static(y, node, "output")
+    if len(before) != len(after) or len(before) < 2:
+        raise ModelError(f"node {node.name!r} (Resize): input {before} and output {after} "
+                         "of different ranks")
+    scales = None  # the scales input (opset 10: the second) when the sizes input is empty
+    given = node.input[1:2] if b.opset < 11 else node.input[2:3]
+    if given and given[0] and not (b.opset >= 11 and len(node.input) > 3 and node.input[3]):
+        scales = ctx.constant(given[0], node, "the scales").astype(np.float32).reshape(-1)
+    rank = len(before)
+    axes = [a % rank for a in attribute(node, "axes", list(range(rank)))]
+    factor = dict(zip(axes, scales.tolist())) if scales is not None else {}
+    resized = [a for a in range(1, rank) if before[a] != after[a] or factor.get(a, 1.0) != 1.0]
+    spatial = _resize_spatial(rank)
+    # the batch axis may be dynamic (named differently on either side): only its scale is read
+    if factor.get(0, 1.0) != 1.0 or any(a not in spatial for a in resized):
+        raise ModelError(f"node {node.name!r} (Resize): only the last two axes (of 4 or more) may "
+                         f"be resized for a gradient ({before} -> {after}, mode {mode})")
+    if not resized:
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    sizes = list(after)  # the sizes input as written where constant (an aspect-ratio policy
+    # reads it), else the output's
+    if scales is None and len(node.input) > 3 and node.input[3] in ctx.constants:
+        for a, size in zip(axes, ctx.constants[node.input[3]].reshape(-1).tolist()):
+            sizes[a] = int(size)
+    maps = _resize_maps(node, b.opset, before, sizes, axes, factor, resized)
+    grad = grads[0]
+    for axis in sorted(resized, reverse=True):  # g A_w first, then A_h^T (g A_w)
+        if axis == rank - 1:
+            grad = b.op("MatMul", [grad, b.const(maps[axis])])
+        else:
+            grad = b.op("MatMul", [b.const(maps[axis].T), grad])
+    return [grad] + [None] * (len(node.input) - 1)
+
+
+def _resize_spatial(rank: int) -> list[int]:
+    """The axes a Resize may scale for its gradient: height and width of [N, C, H, W, ...]
+    (the last two), the length of [N, C, L] or the features of [N, F]."""
+    return [rank - 2, rank - 1] if rank >= 4 else [rank - 1]
+
+
+def _resize_maps(node, opset, before, sizes, axes, factor, resized) -> dict[int, np.ndarray]:
+    """axis -> A [out, in] with y = A x along that axis, measured by running `node` on ONNX
+    Runtime: a batch of basis inputs (row k: 1 at index k of the axis, constant along the
+    others) per resized axis, then one random input against the matrices."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rank = len(before)
+    spatial = _resize_spatial(rank)
+    small = [1] * rank  # the probe: batch = basis index, other non-spatial axes of size 1
+    for a in spatial:
+        small[a] = before[a]
+
+    def run(probe: np.ndarray) -> np.ndarray:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        inputs, initializers = (["x"] if opset < 11 else ["x", "", ""]), []
+        if factor:  # scales given: the same scales, 1 on the probe's other axes
+            values = [factor[a] if a in spatial else 1.0 for a in axes]
+            initializers.append(helper.make_tensor("scales", TensorProto.FLOAT, [len(values)],
+                                                   values))
+            inputs[2] = "scales"
+        else:  # sizes given: the probe's own, the output's on the spatial axes
+            values = [sizes[a] if a in spatial else probe.shape[a] for a in axes]
+            initializers.append(helper.make_tensor("sizes", TensorProto.INT64, [len(values)],
+                                                   values))
+            inputs.append("sizes")
+        graph = helper.make_graph(
+            [helper.make_node("Resize", inputs, ["y"], **attrs)], "resize",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(probe.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        model.ir_version = 8 if opset <= 18 else 9 if opset <= 20 else 10
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": probe})[0]
+
+    maps = {}
+    for axis in resized:
+        n = before[axis]
+        probe = np.zeros([n] + small[1:], np.float32)
+        for k in range(n):
+            selector = [slice(None)] * rank
+            selector[0], selector[axis] = k, k
+            probe[tuple(selector)] = 1.0
+        out = run(probe)
+        rows = [slice(None) if a in (0, axis) else 0 for a in range(rank)]
+        columns = out[tuple(rows)]  # [k, out along axis]
+        maps[axis] = np.ascontiguousarray(columns.T, np.float32)
+    check = np.random.default_rng(0).standard_normal([1] + small[1:]).astype(np.float32)
+    expected = run(check)
+    mapped = check.astype(np.float64)
+    for axis in sorted(resized):
+        mapped = np.moveaxis(np.tensordot(maps[axis], mapped, axes=([1], [axis])), 0, axis)
+    if mapped.shape != expected.shape or not np.allclose(mapped, expected, atol=1e-4, rtol=1e-4):
+        raise ModelError(f"node {node.name!r} (Resize): not a separable linear map of its last "
+                         "two axes, no gradient rule")
+    return maps

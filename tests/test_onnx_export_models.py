@@ -687,3 +687,52 @@ def test_a_module_inside_nested_sequentials_is_named_as_pytorch_names_it(tmp_pat
     want = seen["a"].numpy() if channels_last else seen["a"].numpy().transpose(0, 2, 3, 1)
     assert want.shape[1:3] in ((4, 6), (8, 12))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class Upsampling(nn.Module):
+    """A stride-2 stem, then the map upsampled (F.interpolate) before the last convolution, as
+    FPN-like and decoder heads do: a target before the Resize needs its gradient."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(8, 6, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        up = nn.functional.interpolate(self.stem(x), scale_factor=2, mode=self.mode,
+                                       **({} if self.mode == "nearest" else {"align_corners": False}))
+        return self.fc(self.head(up).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_a_target_before_an_upsampling_exports_with_torchs_gradient(tmp_path, mode, kind):
+    """`F.interpolate` after the target failed the export ("no gradient rule for op Resize"):
+    each mode, from the legacy exporter and from a .pt2, passes the self-check, and its heatmaps
+    equal the methods' references on torch autograd's gradient at the stem."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = Upsampling(mode).eval()
+    path = (legacy_onnx(model, tmp_path / "up.onnx") if kind == "legacy"
+            else save_program(model, tmp_path / "up.pt2", size=SIZE))
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer="stem"))
+    assert result.info.target_layer == "stem" and result.info.feature_size == (16, 16)
+    assert all(d.ok for d in result.differences)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = run_graph(result.path, images, classes)
+    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
+                                              ["gradcam", "hirescam"])
+    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)

@@ -254,6 +254,38 @@ CASES.update({
                               lambda t, F, x: F.layer_norm(x.permute(0, 2, 3, 1), (3,), t.tensor(
                                   W_LN[0][:3]), t.tensor(W_LN[1][:3]), 1e-6).permute(0, 3, 1, 2)),
 })
+# Resize (F.interpolate after the target: FPN-like heads, upsampling blocks), each mode as torch
+# writes it, by scales and by sizes (of both axes or through `axes`)
+CASES.update({
+    "Resize(nearest x2, scales)": ([node("Resize", ["x", "", "s"], mode="nearest")],
+                                   [init("s", np.float32([1, 1, 2, 2]))],
+                                   lambda t, F, x: F.interpolate(x, scale_factor=2)),
+    "Resize(bilinear x2)": ([node("Resize", ["x", "", "s"], mode="linear",
+                                  coordinate_transformation_mode="pytorch_half_pixel")],
+                            [init("s", np.float32([1, 1, 2, 2]))],
+                            lambda t, F, x: F.interpolate(x, scale_factor=2, mode="bilinear")),
+    "Resize(bilinear 4 -> 7, align_corners)": (
+        [node("Resize", ["x", "", "", "z"], mode="linear",
+              coordinate_transformation_mode="align_corners")], [init("z", np.int64([2, 3, 7, 7]))],
+        lambda t, F, x: F.interpolate(x, size=(7, 7), mode="bilinear", align_corners=True)),
+    "Resize(bicubic 4 -> 6x5)": ([node("Resize", ["x", "", "", "z"], mode="cubic",
+                                       cubic_coeff_a=-0.75)], [init("z", np.int64([2, 3, 6, 5]))],
+                                 lambda t, F, x: F.interpolate(x, size=(6, 5), mode="bicubic")),
+    "Resize(nearest 4 -> 3, axes)": ([node("Resize", ["x", "", "", "z"], mode="nearest", axes=[2, 3],
+                                           coordinate_transformation_mode="asymmetric",
+                                           nearest_mode="floor")], [init("z", np.int64([3, 3]))],
+                                     lambda t, F, x: F.interpolate(x, size=(3, 3))),
+    "Resize(antialiased 4 -> 3)": ([node("Resize", ["x", "", "", "z"], mode="linear", antialias=1,
+                                         exclude_outside=1)], [init("z", np.int64([2, 3, 3, 3]))],
+                                   lambda t, F, x: F.interpolate(x, size=(3, 3), mode="bilinear",
+                                                                 antialias=True)),
+    "Resize(width only, 4 -> 9)": ([node("Resize", ["x", "", "s"], mode="linear")],
+                                   [init("s", np.float32([1, 1, 1, 2.25]))],
+                                   lambda t, F, x: F.interpolate(x, size=(4, 9), mode="bilinear")),
+    "Resize(sizes, not_larger)": ([node("Resize", ["x", "", "", "z"], mode="linear", axes=[2, 3],
+                                        keep_aspect_ratio_policy="not_larger")],
+                                  [init("z", np.int64([7, 9]))], None),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 
 
@@ -332,7 +364,7 @@ def test_every_listed_op_has_a_rule():
     listed = ("Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip Sigmoid HardSigmoid HardSwish Gelu "
               "Tanh BatchNormalization GlobalAveragePool ReduceMean AveragePool MaxPool Flatten "
               "Reshape Transpose Squeeze Unsqueeze Concat Identity Dropout Conv LayerNormalization "
-              "Softmax Pow Sqrt Erf Split Slice Gather Expand Where").split()
+              "Softmax Pow Sqrt Erf Split Slice Gather Expand Where Resize").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -342,6 +374,19 @@ def test_an_op_without_a_rule_is_named_with_its_node():
                                          r"target layer"):
         gradient_model(nodes, [])
 
+
+
+@pytest.mark.parametrize("nodes, initializers, why", [
+    ([node("Resize", ["x", "", "s"], mode="nearest", name="the_resize")],
+     [init("s", np.float32([1, 2, 1, 1]))], r"only the last two axes \(of 4 or more\) may be resized"),
+    ([node("Resize", ["x", "roi", "s"], mode="linear", name="the_resize",
+           coordinate_transformation_mode="tf_crop_and_resize")],
+     [init("roi", np.float32([0, 0, 0, 0, 1, 1, 0.5, 0.5])), init("s", np.float32([1, 1, 2, 2]))],
+     r"tf_crop_and_resize has no gradient rule"),
+], ids=["channels", "crop"])
+def test_a_resize_without_a_rule_is_named(nodes, initializers, why):
+    with pytest.raises(ModelError, match=r"node 'the_resize' \(Resize\): " + why):
+        gradient_model(nodes, initializers)
 
 
 def test_layer_norms_statistics_outputs_on_the_path_are_refused():
