@@ -6,7 +6,7 @@
 2. gradient: the graph's d logit_c / dA against central finite differences of the original
    model's logit_c with the target tensor overridden (the extracted head), step eps = FD_STEP |A|:
    a. along the gradient's own direction: |fd - |g|| <= 2e-2 |g| + 1e-4 (1 + |logit_c|) / eps
-      (a gradient scaled or of the wrong sign);
+      + KINK_FACTOR |fd - fd'| (fd' below) (a gradient scaled or of the wrong sign);
    b. along RANDOM_DIRECTIONS random unit directions v_k, which see what (a) cannot: a rule that
       loses part of the gradient where the computed one is zero or small (a LeakyReLU taken for
       a ReLU, a dropped Add/Concat branch, a Mul missing one operand's term, a MaxPool routing
@@ -17,6 +17,9 @@
       with the step, a lost term does not) and noise the largest change of logit_c when the
       target moves by a few ulps (`ulp_perturbed`, NOISE_PROBES seeds): both are measured on
       the model and the CPU at hand, no machine's rounding is built in;
+   both move only the target's elements whose value occurs once in the sample (`untied`): a
+   max pool or ReduceMax over tied elements (a ReLU target's zeros) has one-sided slopes, no
+   derivative, and the rule's choice among them (torch's) is as right as another;
 3. heatmaps: each output against `Method.reference` (camface.methods, numpy) on the graph's own
    activations and gradient (verify.TOLERANCE fp32), the tolerance widened by CONDITIONING times
    how far the reference itself moves when those move by a few ulps (`ulp_perturbed`): a map
@@ -211,34 +214,48 @@ def _finite_differences(classifier, built, x, target, chosen, gradient_nhwc) -> 
     random_worst: RandomDirections | None = None
     for n, c in enumerate(chosen):
         a = target[n].astype(np.float64)
-        g = grad[n].astype(np.float64)
+        free = untied(target[n])
+        g = grad[n].astype(np.float64) * free
         norm = float(np.linalg.norm(g))
         scale = max(scale, norm)
         eps = FD_STEP * float(np.linalg.norm(a))
         unit_g = g / max(norm, 1e-30)
-        randoms = rng.standard_normal((RANDOM_DIRECTIONS, *g.shape))
+        randoms = rng.standard_normal((RANDOM_DIRECTIONS, *g.shape)) * free
         randoms /= np.sqrt((randoms ** 2).sum(axis=tuple(range(1, randoms.ndim)), keepdims=True))
         # rows: +-eps and +-eps/2 along each random direction (4 a direction, whole directions
         # a run); +-eps along g; the target as it is and moved by a few ulps (NOISE_PROBES
         # seeds): the logit's rounding noise
-        rows = [a + sign * step * v for v in randoms for step in (eps, eps / 2)
+        rows = [a + sign * step * v for v in (*randoms, unit_g) for step in (eps, eps / 2)
                 for sign in (1.0, -1.0)]
-        rows += [a + eps * unit_g, a - eps * unit_g, a]
-        rows += [ulp_perturbed(a.astype(np.float32), 100 + s) for s in range(NOISE_PROBES)]
+        rows += [a] + [ulp_perturbed(a.astype(np.float32), 100 + s) for s in range(NOISE_PROBES)]
         values = _head_logits(session, index, classifier.input_name, built.target,
                               x[n:n + 1], np.stack(rows), c)
         along_g = values[4 * RANDOM_DIRECTIONS:]
         fd = (along_g[0] - along_g[1]) / (2 * eps)
-        allowed = FD_RTOL * norm + 1e-4 * (1 + abs(along_g[0])) / eps
+        fd_half = (along_g[2] - along_g[3]) / eps
+        allowed = (FD_RTOL * norm + 1e-4 * (1 + abs(along_g[0])) / eps
+                   + KINK_FACTOR * abs(fd - fd_half))
         error = abs(fd - norm)
         if error - allowed > worst - worst_allowed or worst_allowed == np.inf:
             worst, worst_allowed = error, allowed
-        noise = float(np.abs(along_g[3:] - along_g[2]).max())
+        noise = float(np.abs(along_g[5:] - along_g[4]).max())
         found = _random_directions(values[:4 * RANDOM_DIRECTIONS], randoms, g, eps, noise,
                                    built.target)
         if random_worst is None or found.ratio > random_worst.ratio:
             random_worst = found
     return [Difference("gradient", worst, scale, worst_allowed), random_worst]
+
+
+def untied(target: np.ndarray) -> np.ndarray:
+    """1 where the target's value occurs once in the sample, 0 where it repeats (the zeros a
+    ReLU leaves, a clip's bound): the gradient check moves only the former. A max pool or a
+    ReduceMax over tied elements has no derivative there, only one-sided slopes, and a rule's
+    choice among the tied elements (MaxPool's first one, ReduceMax's equal shares, as torch's)
+    is as right as another; finite differences across such ties measure the tie being broken,
+    not the rule. Where every value repeats, every element is moved."""
+    _, inverse, counts = np.unique(target, return_inverse=True, return_counts=True)
+    once = (counts[inverse.reshape(-1)] == 1).reshape(target.shape)
+    return once.astype(np.float64) if once.any() else np.ones(target.shape)
 
 
 def _random_directions(values, directions, g, eps, noise, target) -> RandomDirections:
@@ -249,7 +266,8 @@ def _random_directions(values, directions, g, eps, noise, target) -> RandomDirec
     fd = (values[:, 0] - values[:, 1]) / (2 * eps)
     fd_half = (values[:, 2] - values[:, 3]) / eps
     expected = np.array([(g * v).sum() for v in directions])
-    unit = max(float(np.linalg.norm(g)) / np.sqrt(g.size), 1e-30)
+    moved = max(int(np.count_nonzero(directions[0])), 1)  # the elements the directions move
+    unit = max(float(np.linalg.norm(g)) / np.sqrt(moved), 1e-30)
     error = np.sqrt(np.mean((fd - expected) ** 2)) / unit
     measured = NOISE_FACTOR * noise / eps + KINK_FACTOR * np.abs(fd - fd_half)
     allowed = RANDOM_RTOL + np.sqrt(np.mean(measured ** 2)) / unit

@@ -1,8 +1,9 @@
 """The export's gradient self-check (export/onnx_verify.py, check 2) catches a backward rule that
 loses part of the gradient (a LeakyReLU rule with ReLU's slope, a dropped branch of an Add or a
-Concat, a Mul rule missing one operand's term, a MaxPool routing to the wrong element): the
-export exits 2, names the target layer and writes nothing; the same models with the right rules
-export, also with their weights moved by a few ulps."""
+Concat, a Mul rule missing one operand's term, a MaxPool routing to the wrong element, a
+ReduceMax taken for a mean): the export exits 2, names the target layer and writes nothing; the
+same models with the right rules export, also with their weights moved by a few ulps, and also
+where the max pool reads a ReLU target's tied zeros."""
 
 from __future__ import annotations
 
@@ -32,10 +33,17 @@ def _conv(name, source, cin, cout, rng, inits, kernel=3):
 
 
 def model(kind: str, seed: int = 0):
-    """x [N, 3, 16, 16] -> Conv `target` (8 channels) -> a `kind` block -> Conv, GAP, Gemm."""
+    """x [N, 3, 16, 16] -> Conv `target` (8 channels) -> a `kind` block -> Conv, GAP, Gemm.
+    relu_*: the target is a ReLU's output, three of its channels all zero and others zero in
+    places (ties for the max pool or ReduceMax after it)."""
     rng = np.random.default_rng(seed)
     inits: list = []
-    nodes = [_conv("target", "x", 3, 8, rng, inits)]
+    if kind.startswith("relu_"):
+        nodes = [_conv("pre", "x", 3, 8, rng, inits), helper.make_node("Relu", ["pre"], ["target"])]
+        bias = numpy_helper.to_array(inits[1]) - np.float32([9, 9, 9, 0.3, 0.3, 0, 0, 0])
+        inits[1] = numpy_helper.from_array(bias.astype(np.float32), "pre_b")
+    else:
+        nodes = [_conv("target", "x", 3, 8, rng, inits)]
     channels = 8
     if kind == "leaky_relu":
         nodes.append(helper.make_node("LeakyRelu", ["target"], ["block"], alpha=0.2))
@@ -52,9 +60,12 @@ def model(kind: str, seed: int = 0):
         nodes += [_conv("a", "target", 8, 8, rng, inits),
                   helper.make_node("Sigmoid", ["a"], ["gate"]),
                   helper.make_node("Mul", ["target", "gate"], ["block"])]
-    elif kind == "max_pool":
+    elif kind in ("max_pool", "relu_max_pool"):
         nodes.append(helper.make_node("MaxPool", ["target"], ["block"], kernel_shape=[2, 2],
                                       strides=[2, 2]))
+    elif kind == "relu_amax":
+        nodes.append(helper.make_node("ReduceMax", ["target", "hw"], ["block"], keepdims=1))
+        inits.append(numpy_helper.from_array(np.array([2, 3]), "hw"))
     else:
         raise ValueError(kind)
     nodes += [_conv("last", "block", channels, 16, rng, inits),
@@ -92,12 +103,21 @@ def _max_pool_to_the_min(ctx, node, grads):
     return layers.max_pool(ctx, wrong, grads)
 
 
+def _max_as_mean(ctx, node, grads):
+    """ReduceMax differentiated as ReduceMean: the gradient spread over every element."""
+    return layers.reduce(ctx, node, grads, mean=True)
+
+
 WRONG_RULES = {
     "leaky_relu": ("LeakyRelu", _relu_for_leaky),
     "add": ("Add", _first_branch_only(pointwise.add)),
     "concat": ("Concat", _first_branch_only(pointwise.concat)),
     "mul": ("Mul", _first_branch_only(pointwise.mul)),
     "max_pool": ("MaxPool", _max_pool_to_the_min),
+    # a max over a ReLU target's zeros: tied elements, where finite differences see the tie
+    # broken, not the rule (the check moves the untied elements only)
+    "relu_max_pool": ("MaxPool", _max_pool_to_the_min),
+    "relu_amax": ("ReduceMax", _max_as_mean),
 }
 
 
@@ -128,6 +148,8 @@ def _moved_by_ulps(forward, seed: int):
     moved = onnx.ModelProto()
     moved.CopyFrom(forward)
     for k, tensor in enumerate(moved.graph.initializer):
+        if tensor.data_type != TensorProto.FLOAT:  # axes
+            continue
         tensor.CopyFrom(numpy_helper.from_array(
             onnx_verify.ulp_perturbed(numpy_helper.to_array(tensor), seed * 100 + k), tensor.name))
     return moved
