@@ -290,15 +290,28 @@ _FREE_TEXT = frozenset({"stack_trace", "in_spec", "out_spec", "metadata", "custo
 _VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
 
 
-def _identifier(text) -> bool:
+def _not_a_name(text) -> str:
+    """Why `text` is no name torch.fx may write into source ("" when it is one): Python reads a
+    non-ASCII identifier as its NFKC form (`self.ｆｃ` is `self.fc`), another name than the
+    file's, which torch's name checks do not see."""
     import keyword
+    import unicodedata
 
-    return isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
+    if not (isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)):
+        return "is no Python identifier"
+    if not text.isascii():
+        return f"is not ASCII (Python reads it as {unicodedata.normalize('NFKC', text)!r})"
+    return ""
+
+
+def _identifier(text) -> bool:
+    return not _not_a_name(text)
 
 
 def _dotted(text) -> bool:
-    """A module path such as `features.4.num_batches_tracked` (or none)."""
-    return not text or (isinstance(text, str) and all(_identifier(p) or p.isdigit() for p in text.split(".")))
+    """A module path such as `features.4.num_batches_tracked` (or none), in ASCII."""
+    return not text or (isinstance(text, str) and text.isascii()
+                        and all(_identifier(p) or p.isdigit() for p in text.split(".")))
 
 
 def _name_refused(key: str, value) -> str:
@@ -307,11 +320,13 @@ def _name_refused(key: str, value) -> str:
     if key in ("name", "as_name", "forward_arg_names") and isinstance(value, (str, list)):
         # (a higher-order op's positional inputs are named "": only keyword inputs reach the source)
         bad = [v for v in (value if isinstance(value, list) else [value]) if v != "" and not _identifier(v)]
-        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
+        return f"the name {bad[0]!r} {_not_a_name(bad[0])}" if bad else ""
     if (key == "fqn" or key.endswith("_name")) and isinstance(value, str) and not _dotted(value):
-        return f"the module path {value!r} ({key}) is not one"
+        return f"the module path {value!r} ({key}) is not one" + ("" if value.isascii() else " in ASCII")
     if key in ("target", "as_operator") and isinstance(value, str) and "__" in value:
         return f"{key} {value[:120]!r} reaches through a dunder attribute"
+    if key in ("target", "as_operator") and isinstance(value, str) and not value.isascii():
+        return f"{key} {value[:120]!r} is not ASCII"
     if key in ("as_int", "as_float", "as_bool") and not isinstance(value, (bool, int, float, list, dict)):
         return f"{key} holds {str(value)[:80]!r}, no number"
     if key == "as_string" and isinstance(value, str) and any(c in value for c in "'\\"):
@@ -320,7 +335,7 @@ def _name_refused(key: str, value) -> str:
         return f"{key} {value[:80]!r} holds a quote or a line break"
     if key in _VALUE_TABLES and isinstance(value, dict):
         bad = [k for k in value if not _identifier(k)]
-        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
+        return f"the name {bad[0]!r} {_not_a_name(bad[0])}" if bad else ""
     if key in ("in_spec", "out_spec") and isinstance(value, str):
         return _spec_refused(value, key)
     return ""
@@ -438,7 +453,8 @@ def vetted(path: Path):
             if info.filename.endswith("_config.json") and isinstance(document.get("config"), dict):
                 bad = next((k for k in document["config"] if not _dotted(k)), None)
                 if bad is not None:
-                    raise Refused(f"{info.filename}: the module path {bad[:80]!r} is not one")
+                    raise Refused(f"{info.filename}: the module path {bad[:80]!r} is not one"
+                                  + ("" if bad.isascii() else " in ASCII"))
             document = checked(document, info.filename)
             if changes[0] > before:
                 rewritten[info.filename] = json.dumps(document).encode()

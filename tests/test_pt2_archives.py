@@ -467,6 +467,61 @@ class Gram(nn.Module):
         return torch.einsum("bci,bcj->bij", features, features).flatten(1).mean(1, keepdim=True)
 
 
+def _module_renamed(old, new):
+    """The tensor constant `old` renamed `new`, where torch.fx writes it (self.<name>)."""
+    def change(name, data, archive):
+        if name.endswith("models/model.json"):
+            program = json.loads(data)
+            for spec in program["graph_module"]["signature"]["input_specs"]:
+                if "tensor_constant" in spec:
+                    spec["tensor_constant"]["tensor_constant_name"] = new
+            return json.dumps(program).encode()
+        if name.endswith("model_constants_config.json"):
+            config = json.loads(data)
+            config["config"] = {new: config["config"][old]}
+            return json.dumps(config).encode()
+        return data
+    return change
+
+
+def _input_renamed(old, new):
+    def renamed(value):
+        if isinstance(value, dict):
+            return {(new if k == old else k): (new if k == "name" and v == old else renamed(v)) for k, v in value.items()}
+        return [renamed(v) for v in value] if isinstance(value, list) else value
+
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        module = program["graph_module"]
+        module["graph"], module["signature"] = renamed(module["graph"]), renamed(module["signature"])
+        return json.dumps(program).encode()
+    return change
+
+
+@pytest.mark.parametrize("change, named", [
+    (_module_renamed("scale", "ｆｃ"), r"the module path 'ｆｃ' (\(tensor_constant_name\) )?is not one in ASCII"),
+    (_input_renamed("x", "ｘ"), r"the name 'ｘ' is not ASCII \(Python reads it as 'x'\)"),
+    (_input_renamed("x", "xª"), r"the name 'xª' is not ASCII \(Python reads it as 'xa'\)"),
+], ids=["full-width constant", "full-width input", "ordinal indicator"])
+def test_a_name_python_reads_as_another_is_refused(tmp_path, capsys, change, named):
+    """torch.fx writes a program's names into the source it runs, and Python reads a non-ASCII
+    identifier as its NFKC form: a tensor constant named `ｆｃ` was read as self.fc (the Linear
+    module, not the constant) and passed every name check. Names must be ASCII identifiers."""
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(WithConstant().eval(), (torch.randn(2, 3, SIZE, SIZE),)), str(clean))
+    evil = rewritten(clean, tmp_path / "evil.pt2", change)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(evil), "-o", str(out), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(evil))}: refused: \S+\.json: {named}", err), err
+    assert not out.exists()
+    if "constant" in named:  # the premise: torch reads self.fc where the file names the constant
+        with pytest.raises(RuntimeError, match="found type 'Module'"):
+            torch.export.load(str(evil)).module()(torch.zeros(2, 3, SIZE, SIZE))
+
+
 def test_a_pt2_s_guards_are_dropped_not_run(tmp_path, capsys):
     """A program's guards_code is Python that program.module() runs (torch.onnx.export calls it):
     camface checks shapes itself, so the guards are dropped; the export goes on as before."""
