@@ -219,9 +219,30 @@ def constants(model) -> dict[str, np.ndarray]:
 
     found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            found[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        if (value := constant_node_value(node)) is not None:
+            found[node.output[0]] = value
     return found
+
+
+# a Constant node's value attribute, in each of its forms: value_int(s) and value_float(s) hold
+# what `value` holds as a tensor (the legacy torch exporter and hand-written graphs use both)
+_CONSTANT_FORMS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
+                   "value_floats": np.float32}
+
+
+def constant_node_value(node) -> np.ndarray | None:
+    """The value of `node` when it is a Constant holding a tensor, an int or a float (or a list
+    of them: a 1-D tensor; int64, float32), None otherwise (a string, a sparse tensor)."""
+    from onnx import helper, numpy_helper
+
+    if node.op_type != "Constant" or len(node.attribute) != 1:
+        return None
+    attribute = node.attribute[0]
+    if attribute.name == "value":
+        return numpy_helper.to_array(attribute.t)
+    if attribute.name in _CONSTANT_FORMS:
+        return np.array(helper.get_attribute_value(attribute), _CONSTANT_FORMS[attribute.name])
+    return None
 
 
 def constant(graph, name: str) -> np.ndarray | None:
@@ -233,9 +254,8 @@ def constant(graph, name: str) -> np.ndarray | None:
         if tensor.name == name:
             return numpy_helper.to_array(tensor)
     for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name and node.attribute and \
-                node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
+        if node.op_type == "Constant" and node.output[0] == name:
+            return constant_node_value(node)
     return None
 
 

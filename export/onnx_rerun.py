@@ -141,13 +141,14 @@ def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict |
     size alone, read by a Shape of a tensor whose first dimension is `start`'s (same symbol):
     Shape with start 0, end 1 (torch.export writes a reshape after global pooling as a Gather
     whose indices count the rows from the input's Shape), or a Shape from 0 (any end, the whole
-    shape) whose first element a Gather (constant indices all 0: 0, [0]; axis 0) or a Slice (0:1
-    of axis 0)
-    takes, through Casts (the legacy torch exporter's and hand-written `x.shape[0]`, tf2onnx's
-    `tf.shape(x)[0]`). Those Shape nodes are copied to read `start` (the batch of a rerun is that
-    of its rows: the clone computes what the model computes on that many inputs), the nodes
-    after them kept as they are; None when one of `tensors` depends on the input in any other
-    way (another element of a shape: the channels, the image size)."""
+    shape) whose first element a Gather (constant indices all 0: 0, [0], or their negative form
+    -rank; axis 0) or a Slice (0:1, or -rank:1, of axis 0) takes, through Casts (the legacy torch
+    exporter's and hand-written `x.shape[0]`, tf2onnx's `tf.shape(x)[0]`); their constants
+    initializers or Constant nodes (`value`, `value_int`, `value_ints`). Those Shape nodes are
+    copied to read `start` (the batch of a rerun is that of its rows: the clone computes what the
+    model computes on that many inputs), the nodes after them kept as they are; None when one of
+    `tensors` depends on the input in any other way (another element of a shape: the channels,
+    the image size)."""
     from onnx import NodeProto
 
     from camface.export import onnx_model
@@ -170,7 +171,8 @@ def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict |
     def first_of_shape(node):
         """{index: node} of the Shape of a tensor of the batch whose first element `node` (Gather,
         Slice) takes, and of the Casts between; None when it is not that."""
-        if not _takes_first(node, lambda name: onnx_model.constant(graph, name)):
+        length = (shapes.get(node.input[0]) or [None])[0] if node.input else None
+        if not _takes_first(node, lambda name: onnx_model.constant(graph, name), length):
             return None
         found, tensor = {}, node.input[0]
         while tensor in where and where[tensor][1].op_type == "Cast":
@@ -203,10 +205,12 @@ def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict |
     return found
 
 
-def _takes_first(node, value) -> bool:
-    """Whether `node` takes the first element of a 1-D tensor (a shape): Gather of constant
-    indices 0 or [0] on axis 0, or Slice 0:1 (step 1) of axis 0, its bounds inputs (opset 10+)
-    or attributes (before). value: tensor name -> its constant value, or None."""
+def _takes_first(node, value, length=None) -> bool:
+    """Whether `node` takes the first element of a 1-D tensor (a shape) of `length` elements
+    (an int when known): Gather of constant indices 0 or [0] on axis 0, or Slice 0:1 (step 1)
+    of axis 0, its bounds inputs (opset 10+) or attributes (before); index and start 0 may be
+    written -length. value: tensor name -> its constant value, or None."""
+    first = (0, -length) if isinstance(length, int) and length > 0 else (0,)
     attributes = {a.name: (list(a.ints) if a.ints else a.i) for a in node.attribute}
 
     def constant(position, default=None):
@@ -218,14 +222,14 @@ def _takes_first(node, value) -> bool:
 
     if node.op_type == "Gather":
         indices = constant(1)
-        return attributes.get("axis", 0) in (0, -1) and bool(indices) and not any(indices)
+        return attributes.get("axis", 0) in (0, -1) and bool(indices) and all(i in first for i in indices)
     if node.op_type != "Slice":
         return False
     if len(node.input) > 1:
         bounds = [constant(1), constant(2), constant(3, [0]), constant(4, [1])]
     else:
         bounds = [attributes.get("starts"), attributes.get("ends"), attributes.get("axes", [0]), [1]]
-    return bounds[0] == [0] and bounds[1] == [1] and bounds[2] in ([0], [-1]) and bounds[3] == [1]
+    return bounds[0] in [[i] for i in first] and bounds[1] == [1] and bounds[2] in ([0], [-1]) and bounds[3] == [1]
 
 
 def normalising(graph, values: dict) -> list:

@@ -54,6 +54,14 @@ class UnsafePickle(Exception):
 class Refused(Exception):
     """What in a .pt2 would run code or load native code when torch.export.load reads it."""
 
+    effect = "loading it would RUN CODE FROM THE FILE"
+
+
+class Unbounded(Refused):
+    """A symbolic size whose evaluation (sympy's, as torch.export.load reads it) is not bounded."""
+
+    effect = "loading it could hang or exhaust memory"
+
 
 LOAD_LOCK = threading.Lock()  # torch's loader modules are guarded while one .pt2 loads
 
@@ -152,30 +160,127 @@ def _torch_sympy_functions() -> frozenset[str]:
                      and getattr(v, "__module__", "").startswith(("torch.utils._sympy", "sympy")))
 
 
+# sympy evaluates what it can as it parses: a size's text that is arithmetic may still be a number
+# that takes hours or all memory to compute (9**9**99), or nest past the parser's recursion. torch
+# writes a few hundred characters, small literals, powers by 2 or 3 (s0**2) for a CNN's sizes.
+_EXPRESSION_CHARS = 10_000
+_EXPRESSION_DEPTH = 100  # levels of Python syntax (a call and its argument are 1 level, a keyword 2)
+_LITERAL_MAX = 2**63
+_EXPONENT_MAX = 64  # of a power (Pow, PowByNatural, FloatPow, **) and of a shift (LShift, <<)
+_BITS_MAX = 2**16  # of any number in the expression, each size taken as 64 bits
+_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow"})
+
+
+class _Unbounded(Exception):
+    """What in a symbolic size's text could make sympy's evaluation unbounded."""
+
+
 def _expression_refused(text: str, calls: frozenset[str]) -> str:
-    """Why the symbolic-size expression `text` is more than sympy arithmetic ("" when it is not)."""
+    """Why sympy may not evaluate the symbolic-size expression `text` ("" when it may): what
+    is more than sympy arithmetic, or arithmetic that is not bounded in time and memory."""
     import ast
     import re
 
+    if len(text) > _EXPRESSION_CHARS:
+        return (f"could take sympy unbounded time or memory (it is {len(text)} characters long, "
+                f"over {_EXPRESSION_CHARS})")
+    if not text.isascii():
+        return "is not arithmetic (it is not ASCII)"
     try:
         tree = ast.parse(text, mode="eval")
-    except SyntaxError:
-        return "it does not parse"
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return "is not arithmetic (it does not parse)"
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _EXPRESSION_DEPTH:
+            return f"could take sympy unbounded time or memory (it nests over {_EXPRESSION_DEPTH} levels deep)"
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
     allowed = (ast.Expression, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
                ast.Compare, ast.BoolOp, ast.Tuple, ast.Load, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
     for node in ast.walk(tree):
         if not isinstance(node, allowed):
-            return f"it has {type(node).__name__}"
+            return f"is not arithmetic (it has {type(node).__name__})"
         if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in calls):
-            return f"it calls {ast.unparse(node.func)}"
+            return f"is not arithmetic (it calls {ast.unparse(node.func)})"
         if isinstance(node, ast.Name) and node.id not in calls and node.id not in _SYMPY_NAMES \
-                and not re.fullmatch(r"[a-z]+\d+", node.id):
-            return f"it names {node.id}"
+                and not re.fullmatch(r"[a-z]+\d+", node.id, re.ASCII):
+            return f"is not arithmetic (it names {node.id})"
         if isinstance(node, ast.keyword) and node.arg not in _SYMPY_KEYWORDS:
-            return f"it passes {node.arg}="
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not re.fullmatch(r"[a-z]+\d+", node.value):
-            return f"it holds the string {node.value!r}"
+            return f"is not arithmetic (it passes {node.arg}=)"
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and not re.fullmatch(r"[a-z]+\d+", node.value, re.ASCII):
+            return f"is not arithmetic (it holds the string {node.value!r})"
+    try:
+        bits = _bits(tree.body)
+    except _Unbounded as exc:
+        return f"could take sympy unbounded time or memory ({exc})"
+    if bits > _BITS_MAX:
+        return f"could take sympy unbounded time or memory (its numbers could reach {bits} bits, over {_BITS_MAX})"
     return ""
+
+
+def _bits(node) -> int:
+    """An upper bound on the bits of what the (checked, depth-bounded) expression `node`
+    evaluates to, each symbol taken as 64 bits. Raises _Unbounded for a literal over
+    _LITERAL_MAX, a power or shift by other than a literal up to _EXPONENT_MAX, and `^` (a
+    power to sympy)."""
+    import ast
+
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, int) and not isinstance(node.value, bool):
+            if abs(node.value) > _LITERAL_MAX:
+                raise _Unbounded(f"the literal {str(node.value)[:40]} is over 2**63")
+            return max(1, node.value.bit_length())
+        return 64  # a float, a symbol's name, a flag
+    if isinstance(node, ast.UnaryOp):
+        return _bits(node.operand)
+    if isinstance(node, ast.BinOp):
+        if isinstance(node.op, ast.BitXor):
+            raise _Unbounded("it has ^, a power to sympy")
+        if isinstance(node.op, ast.Pow):
+            return _bits(node.left) * _exponent(node.right)
+        if isinstance(node.op, ast.LShift):
+            return _bits(node.left) + _exponent(node.right)
+        return _bits(node.left) + _bits(node.right) + 1
+    if isinstance(node, ast.Call):
+        name = node.func.id
+        if name == "Symbol":
+            return 64
+        if name in _POWERS and len(node.args) == 2:
+            return _bits(node.args[0]) * _exponent(node.args[1])
+        if name == "LShift" and len(node.args) == 2:
+            return _bits(node.args[0]) + _exponent(node.args[1])
+        if name in _POWERS or name == "LShift":
+            raise _Unbounded(f"{name} has {len(node.args)} arguments")
+        return sum(_bits(a) + 1 for a in node.args)
+    if isinstance(node, (ast.Compare, ast.BoolOp, ast.Tuple)):
+        return sum(_bits(c) + 1 for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr))
+    return 64  # a name
+
+
+def _exponent(node) -> int:
+    """|p| when `node` is a literal exponent p or p/q (an integer, Integer(p), Rational(p, q),
+    p/q) with |p| and |q| up to _EXPONENT_MAX (at least 1); raises _Unbounded otherwise."""
+    import ast
+
+    def literal(item):
+        while isinstance(item, ast.UnaryOp) and isinstance(item.op, (ast.USub, ast.UAdd)):
+            item = item.operand
+        if isinstance(item, ast.Call) and item.func.id == "Integer" and len(item.args) == 1 and not item.keywords:
+            item = item.args[0]
+        if isinstance(item, ast.Constant) and isinstance(item.value, int) and not isinstance(item.value, bool):
+            return abs(item.value)
+        return None
+
+    parts = [literal(node)]
+    if parts[0] is None and isinstance(node, ast.Call) and node.func.id == "Rational" and len(node.args) == 2:
+        parts = [literal(a) for a in node.args]
+    elif parts[0] is None and isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        parts = [literal(node.left), literal(node.right)]
+    if any(p is None or p > _EXPONENT_MAX for p in parts) or 0 in parts[1:]:
+        raise _Unbounded(f"the exponent {ast.unparse(node)[:40]} is no literal up to {_EXPONENT_MAX}")
+    return max(1, parts[0])
 
 
 # strings of a program's JSON that may hold quotes or line breaks (the others are names, ops
@@ -185,15 +290,28 @@ _FREE_TEXT = frozenset({"stack_trace", "in_spec", "out_spec", "metadata", "custo
 _VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
 
 
-def _identifier(text) -> bool:
+def _not_a_name(text) -> str:
+    """Why `text` is no name torch.fx may write into source ("" when it is one): Python reads a
+    non-ASCII identifier as its NFKC form (`self.ｆｃ` is `self.fc`), another name than the
+    file's, which torch's name checks do not see."""
     import keyword
+    import unicodedata
 
-    return isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)
+    if not (isinstance(text, str) and text.isidentifier() and not keyword.iskeyword(text)):
+        return "is no Python identifier"
+    if not text.isascii():
+        return f"is not ASCII (Python reads it as {unicodedata.normalize('NFKC', text)!r})"
+    return ""
+
+
+def _identifier(text) -> bool:
+    return not _not_a_name(text)
 
 
 def _dotted(text) -> bool:
-    """A module path such as `features.4.num_batches_tracked` (or none)."""
-    return not text or (isinstance(text, str) and all(_identifier(p) or p.isdigit() for p in text.split(".")))
+    """A module path such as `features.4.num_batches_tracked` (or none), in ASCII."""
+    return not text or (isinstance(text, str) and text.isascii()
+                        and all(_identifier(p) or p.isdigit() for p in text.split(".")))
 
 
 def _name_refused(key: str, value) -> str:
@@ -202,11 +320,13 @@ def _name_refused(key: str, value) -> str:
     if key in ("name", "as_name", "forward_arg_names") and isinstance(value, (str, list)):
         # (a higher-order op's positional inputs are named "": only keyword inputs reach the source)
         bad = [v for v in (value if isinstance(value, list) else [value]) if v != "" and not _identifier(v)]
-        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
+        return f"the name {bad[0]!r} {_not_a_name(bad[0])}" if bad else ""
     if (key == "fqn" or key.endswith("_name")) and isinstance(value, str) and not _dotted(value):
-        return f"the module path {value!r} ({key}) is not one"
+        return f"the module path {value!r} ({key}) is not one" + ("" if value.isascii() else " in ASCII")
     if key in ("target", "as_operator") and isinstance(value, str) and "__" in value:
         return f"{key} {value[:120]!r} reaches through a dunder attribute"
+    if key in ("target", "as_operator") and isinstance(value, str) and not value.isascii():
+        return f"{key} {value[:120]!r} is not ASCII"
     if key in ("as_int", "as_float", "as_bool") and not isinstance(value, (bool, int, float, list, dict)):
         return f"{key} holds {str(value)[:80]!r}, no number"
     if key == "as_string" and isinstance(value, str) and any(c in value for c in "'\\"):
@@ -215,7 +335,7 @@ def _name_refused(key: str, value) -> str:
         return f"{key} {value[:80]!r} holds a quote or a line break"
     if key in _VALUE_TABLES and isinstance(value, dict):
         bad = [k for k in value if not _identifier(k)]
-        return f"the name {bad[0]!r} is no Python identifier" if bad else ""
+        return f"the name {bad[0]!r} {_not_a_name(bad[0])}" if bad else ""
     if key in ("in_spec", "out_spec") and isinstance(value, str):
         return _spec_refused(value, key)
     return ""
@@ -258,7 +378,8 @@ def vetted(path: Path):
     identifiers, which torch.fx writes into the source it runs, and tree specs that name a
     module to import).
     Raises Refused naming an entry that would load native code (an AOTInductor library), a
-    symbolic size that is more than arithmetic (sympy evaluates it as Python), or a graph node
+    symbolic size that is more than arithmetic (sympy evaluates it as Python) or Unbounded (a
+    number, power or nesting sympy could spend hours or all memory on), or a graph node
     calling anything but torch's and Python's operators. A program saved on a GPU has each
     device in its JSON (the weights' and constants' tensor metadata, the graph's values and
     device arguments) set to the CPU, as torch.export.passes' move_to_device_pass does to a
@@ -286,13 +407,18 @@ def vetted(path: Path):
                 if why := _name_refused(key, item):
                     raise Refused(f"{where}: {why}")
                 if key == "expr_str" and isinstance(item, str) and (why := _expression_refused(item, calls)):
-                    raise Refused(f"{where} holds the symbolic size {item[:120]!r}, which is not arithmetic ({why})")
+                    kind = Refused if why.startswith("is not arithmetic") else Unbounded
+                    raise kind(f"{where} holds the symbolic size {item[:120]!r} (expr_str), which {why}")
                 if key == "target" and isinstance(item, str) and "inputs" in value and not item.startswith(_CALLS):
                     raise Refused(f"{where}: a node calls {item[:120]}, which is not one of torch's or Python's "
                                    "operators")
             return {k: (v if k == "metadata" else checked(v, where)) for k, v in value.items()}
         if isinstance(value, list):
             return [checked(v, where) for v in value]
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**64:
+            # a size's hint, a bound: sympy computes with them as with a size's literals
+            raise Unbounded(f"{where} holds the number {str(value)[:40]}..., past 64 bits (sympy "
+                            "computes with a size's hints and bounds)")
         return value
 
     with archive:
@@ -327,7 +453,8 @@ def vetted(path: Path):
             if info.filename.endswith("_config.json") and isinstance(document.get("config"), dict):
                 bad = next((k for k in document["config"] if not _dotted(k)), None)
                 if bad is not None:
-                    raise Refused(f"{info.filename}: the module path {bad[:80]!r} is not one")
+                    raise Refused(f"{info.filename}: the module path {bad[:80]!r} is not one"
+                                  + ("" if bad.isascii() else " in ASCII"))
             document = checked(document, info.filename)
             if changes[0] > before:
                 rewritten[info.filename] = json.dumps(document).encode()

@@ -171,7 +171,7 @@ def _load_program(path: Path):
                              "loading it would RUN CODE FROM THE FILE, as a .pt would. Export the model "
                              f"again with torch.export.save from plain tensors: {HOW_TO_EXPORT}") from exc
         if unsafe is not None:
-            raise ModelError(f"{path}: refused: {unsafe}; loading it would RUN CODE FROM THE FILE. "
+            raise ModelError(f"{path}: refused: {unsafe}; {unsafe.effect}. "
                              f"camface loads programs saved as {HOW_TO_EXPORT}") from exc
         raise ModelError(f"{path}: not a program saved with torch.export.save ({_what_it_is(path, exc)}); "
                          f"make one with {HOW_TO_EXPORT}") from exc

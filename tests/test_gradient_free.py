@@ -337,7 +337,9 @@ def test_a_model_too_large_for_a_score_cam_pass_is_a_clear_error(caplog):
 def _first_of(pick, tensor, out):
     """Nodes taking element(s) of the shape `tensor` into `out`, and their constants:
     ("gather", indices) | ("slice", start, end) (bounds as inputs) | ("slice9", start, end)
-    (bounds as attributes, opset 9) | ("cast", pick...): Cast to int32 first (tf2onnx)."""
+    (bounds as attributes, opset 9) | ("cast", pick...): Cast to int32 first (tf2onnx) |
+    ("gather_int", indices) | ("slice_ints", start, end): the indices or bounds Constant nodes
+    holding value_int / value_ints, not a tensor."""
     from onnx import TensorProto, helper, numpy_helper
 
     if pick[0] == "cast":
@@ -348,6 +350,14 @@ def _first_of(pick, tensor, out):
         return [helper.make_node("Constant", [], [f"{out}_at"], value=numpy_helper.from_array(
                     np.array(pick[1], np.int64))),
                 helper.make_node("Gather", [tensor, f"{out}_at"], [out], axis=0)], []
+    if pick[0] == "gather_int":
+        form = {"value_ints": pick[1]} if isinstance(pick[1], list) else {"value_int": pick[1]}
+        return [helper.make_node("Constant", [], [f"{out}_at"], **form),
+                helper.make_node("Gather", [tensor, f"{out}_at"], [out], axis=0)], []
+    if pick[0] == "slice_ints":
+        bounds = [helper.make_node("Constant", [], [f"{out}_{k}"], value_ints=[v])
+                  for k, v in zip(("starts", "ends", "axes"), (pick[1], pick[2], 0))]
+        return [*bounds, helper.make_node("Slice", [tensor, *(n.output[0] for n in bounds)], [out])], []
     if pick[0] == "slice9":
         return [helper.make_node("Slice", [tensor], [out], starts=[pick[1]], ends=[pick[2]], axes=[0])], []
     bounds = [numpy_helper.from_array(np.array([v], np.int64), f"{out}_{k}")
@@ -388,6 +398,22 @@ def _batch_sized_graph(source, bounds, pick=None):
     ("x", {}, ("slice9", 0, 1), True),  # opset 9: bounds as attributes
     ("x", {}, ("cast", "slice", 0, 1), True),
     ("x", {}, ("cast", "gather", [0]), True),
+    # index and start 0 written -rank (x's shape has 2 elements; Shape(end=1)'s, 1); Constant
+    # nodes holding value_int(s)
+    ("x", {}, ("gather", -2), True),
+    ("x", {}, ("gather", [-2]), True),
+    ("x", {"end": 1}, ("gather", -1), True),
+    ("x", {}, ("slice", -2, 1), True),
+    ("x", {}, ("gather_int", 0), True),
+    ("x", {}, ("gather_int", [0]), True),
+    ("x", {}, ("gather_int", -2), True),
+    ("x", {}, ("slice_ints", 0, 1), True),
+    ("x", {}, ("slice_ints", -2, 1), True),
+    ("x", {}, ("cast", "slice_ints", -2, 1), True),
+    ("x", {}, ("gather", -1), False),  # the last dimension
+    ("x", {}, ("gather_int", 1), False),
+    ("x", {}, ("slice_ints", 1, 2), False),
+    ("x", {}, ("slice", -1, 1), False),  # empty: from the last to the first
     ("x", {}, ("gather", 1), False),  # the channels, not the batch
     ("x", {}, ("gather", [0, 1]), False),
     ("x", {}, ("slice", 0, 2), False),
@@ -472,7 +498,8 @@ def _classifier_reading_its_batch(form):
                  helper.make_node("Div", ["flat0", "count"], ["flat"])]
     else:
         picked, values = _first_of(form, "shape", "picked") if form else ([], [])
-        batch = [helper.make_node("Unsqueeze", ["picked", "axis0"], ["batch"])] if form == ("gather", 0) else \
+        scalar = bool(form) and form[0] in ("gather", "gather_int") and not isinstance(form[1], list)
+        batch = [helper.make_node("Unsqueeze", ["picked", "axis0"], ["batch"])] if scalar else \
             [helper.make_node("Cast", ["picked"], ["batch"], to=TensorProto.INT64)] if form else []
         values.extend(numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("axis0", [0]), ("rest", [-1])))
         nodes = [helper.make_node("Shape", ["x"], ["shape" if form else "batch"], **({} if form else {"start": 0, "end": 1})),
@@ -504,7 +531,8 @@ def _gradient_free_maps(model):
 
 
 @pytest.mark.parametrize("form", [None, ("gather", 0), ("gather", [0]), ("slice", 0, 1),
-                                  ("cast", "slice", 0, 1), "shared", "channels"])
+                                  ("cast", "slice", 0, 1), ("gather_int", -4), ("slice_ints", -4, 1),
+                                  "shared", "channels"])
 def test_a_head_reshaping_to_the_inputs_batch_keeps_ablation_cam(flattened_maps, form, caplog):
     """A head that reshapes its pooled features to [x.shape[0], -1] (a hand-written model, the
     legacy torch exporter's Shape -> Gather, tf2onnx's Shape -> Cast -> Slice) lost Ablation-CAM

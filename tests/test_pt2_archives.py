@@ -162,13 +162,16 @@ def with_pickled_weight(payload):
 def with_symbolic_size(marker):
     """The first symbolic size's expr_str (which torch.export.load hands to sympy.sympify, an
     eval) made to create `marker` too."""
+    return with_size_text(lambda symbol: f"(__import__('pathlib').Path('{marker}').touch() or {symbol})")
+
+
+def with_size_text(text):
+    """The first symbolic size's expr_str, a Symbol(...), replaced by text(that Symbol(...))."""
     def change(name, data, archive):
         if not name.endswith("models/model.json"):
             return data
-        text = data.decode()
-        found = re.search(r'"expr_str": "(Symbol\([^"]*\))"', text)
-        evil = f"(__import__('pathlib').Path('{marker}').touch() or {found.group(1)})"
-        return text.replace(found.group(0), f'"expr_str": "{evil}"', 1).encode()
+        found = re.search(r'"expr_str": "(Symbol\([^"]*\))"', data.decode())
+        return data.decode().replace(found.group(0), f'"expr_str": "{text(found.group(1))}"', 1).encode()
     return change
 
 
@@ -397,6 +400,128 @@ def test_a_pt2_that_would_run_code_when_loaded_is_refused_before_it_runs(tmp_pat
         assert marker.exists()
 
 
+@pytest.fixture(scope="module")
+def dynamic_pt2(tmp_path_factory):
+    """ScaledCNN saved with a dynamic batch (its symbolic sizes: Symbol('s77', ...) and others)."""
+    return saved(tmp_path_factory.mktemp("dynamic") / "clean.pt2", batch=None)[1]
+
+
+def _times_zero(value):
+    return lambda symbol: f"Add({symbol}, Mul(Integer(0), {value}))"  # the size unchanged, once evaluated
+
+
+# past each bound, and yet quick for sympy (9**9**99 would hang the test without the checks)
+UNBOUNDED = [
+    ("power tower", _times_zero("Integer(2)**Integer(4096)"), r"the exponent Integer\(4096\) is no literal up to 64"),
+    ("power function", _times_zero("PowByNatural(Integer(2), Integer(4096))"), r"the exponent Integer\(4096\)"),
+    ("symbolic exponent", lambda s: _times_zero(f"Pow(Integer(2), {s})")(s), r"the exponent Symbol\('s\d+'"),
+    ("power of powers", _times_zero("Pow(Pow(Integer(4611686018427387904), Integer(64)), Integer(64))"),
+     r"its numbers could reach \d{6} bits, over 65536"),
+    ("huge literal", _times_zero(f"Integer({2**64})"), r"the literal 18446744073709551616 is over 2\*\*63"),
+    ("shift", _times_zero("LShift(Integer(1), Integer(4096))"), r"the exponent Integer\(4096\)"),
+    ("xor", _times_zero("(Integer(2)^Integer(3))"), r"it has \^, a power to sympy"),
+    ("deep", lambda s: "Add(" * 120 + s + ", Integer(0))" * 120, r"it nests over 100 levels deep"),
+    ("long", lambda s: f"Add({s}" + ", Integer(0)" * 900 + ")", r"it is 10\d\d\d characters long, over 10000"),
+]
+
+
+@pytest.mark.parametrize("text, named", [c[1:] for c in UNBOUNDED], ids=[c[0] for c in UNBOUNDED])
+def test_a_symbolic_size_sympy_could_not_evaluate_in_bounded_time_is_refused(dynamic_pt2, tmp_path, capsys, text,
+                                                                               named):
+    """A size's expr_str passed as arithmetic whatever its numbers: Integer(9)**Integer(9)**Integer(99)
+    would have hung the load (sympy evaluates it as it parses). Literals over 2**63, powers and
+    shifts by more than a literal up to 64, numbers past 2**16 bits, `^` (sympy's power), text
+    over 10,000 characters or 100 levels deep are refused, naming the entry and the field."""
+    evil = rewritten(dynamic_pt2, tmp_path / "evil.pt2", with_size_text(text))
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(evil), "-o", str(out), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(evil))}: refused: \S+/models/model.json holds the symbolic size .* "
+                     rf"\(expr_str\), which could take sympy unbounded time or memory \(.*{named}", err), err
+    assert "loading it could hang or exhaust memory" in err and not out.exists()
+
+
+def test_a_size_hint_past_64_bits_is_refused(dynamic_pt2, tmp_path, capsys):
+    """A size's hint (an int in the program's JSON, which Python reads at any length) is a number
+    sympy computes with, as with the size's literals: one past 64 bits is refused."""
+    def change(name, data, archive):
+        text = data.decode() if name.endswith("models/model.json") else None
+        return text.replace('"hint": {"as_int": 2}', f'"hint": {{"as_int": {2**64}}}', 1).encode() if text else data
+
+    evil = rewritten(dynamic_pt2, tmp_path / "evil.pt2", change)
+    assert main(["export", str(evil), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"refused: \S+/models/model.json holds the number 18446744073709551616\.\.\., past 64 bits", err), err
+    assert "loading it could hang or exhaust memory" in err
+
+
+class Gram(nn.Module):
+    """A Gram matrix of the positions: its sizes hold h*w squared (torch writes Pow(s, Integer(2)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        features = self.conv(x).flatten(2)
+        return torch.einsum("bci,bcj->bij", features, features).flatten(1).mean(1, keepdim=True)
+
+
+def _module_renamed(old, new):
+    """The tensor constant `old` renamed `new`, where torch.fx writes it (self.<name>)."""
+    def change(name, data, archive):
+        if name.endswith("models/model.json"):
+            program = json.loads(data)
+            for spec in program["graph_module"]["signature"]["input_specs"]:
+                if "tensor_constant" in spec:
+                    spec["tensor_constant"]["tensor_constant_name"] = new
+            return json.dumps(program).encode()
+        if name.endswith("model_constants_config.json"):
+            config = json.loads(data)
+            config["config"] = {new: config["config"][old]}
+            return json.dumps(config).encode()
+        return data
+    return change
+
+
+def _input_renamed(old, new):
+    def renamed(value):
+        if isinstance(value, dict):
+            return {(new if k == old else k): (new if k == "name" and v == old else renamed(v)) for k, v in value.items()}
+        return [renamed(v) for v in value] if isinstance(value, list) else value
+
+    def change(name, data, archive):
+        if not name.endswith("models/model.json"):
+            return data
+        program = json.loads(data)
+        module = program["graph_module"]
+        module["graph"], module["signature"] = renamed(module["graph"]), renamed(module["signature"])
+        return json.dumps(program).encode()
+    return change
+
+
+@pytest.mark.parametrize("change, named", [
+    (_module_renamed("scale", "ｆｃ"), r"the module path 'ｆｃ' (\(tensor_constant_name\) )?is not one in ASCII"),
+    (_input_renamed("x", "ｘ"), r"the name 'ｘ' is not ASCII \(Python reads it as 'x'\)"),
+    (_input_renamed("x", "xª"), r"the name 'xª' is not ASCII \(Python reads it as 'xa'\)"),
+], ids=["full-width constant", "full-width input", "ordinal indicator"])
+def test_a_name_python_reads_as_another_is_refused(tmp_path, capsys, change, named):
+    """torch.fx writes a program's names into the source it runs, and Python reads a non-ASCII
+    identifier as its NFKC form: a tensor constant named `ｆｃ` was read as self.fc (the Linear
+    module, not the constant) and passed every name check. Names must be ASCII identifiers."""
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(WithConstant().eval(), (torch.randn(2, 3, SIZE, SIZE),)), str(clean))
+    evil = rewritten(clean, tmp_path / "evil.pt2", change)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(evil), "-o", str(out), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(str(evil))}: refused: \S+\.json: {named}", err), err
+    assert not out.exists()
+    if "constant" in named:  # the premise: torch reads self.fc where the file names the constant
+        with pytest.raises(RuntimeError, match="found type 'Module'"):
+            torch.export.load(str(evil)).module()(torch.zeros(2, 3, SIZE, SIZE))
+
+
 def test_a_pt2_s_guards_are_dropped_not_run(tmp_path, capsys):
     """A program's guards_code is Python that program.module() runs (torch.onnx.export calls it):
     camface checks shapes itself, so the guards are dropped; the export goes on as before."""
@@ -561,8 +686,10 @@ class Strided(nn.Module):
         return {"logits": y.mean((2, 3)), "embedding": y.flatten(1)[:, :4]}
 
 
-@pytest.mark.parametrize("model, dynamic", [(Branching, {0: "batch"}), (Strided, {0: "batch", 2: "h", 3: "w"})],
-                         ids=["cond", "strided, dynamic size, dict output, keyword, keyword-like names"])
+@pytest.mark.parametrize("model, dynamic", [(Branching, {0: "batch"}), (Strided, {0: "batch", 2: "h", 3: "w"}),
+                                            (Gram, {0: "batch", 2: "h", 3: "w"})],
+                         ids=["cond", "strided, dynamic size, dict output, keyword, keyword-like names",
+                              "squared size"])
 def test_legitimate_programs_pass_the_load_checks(tmp_path, model, dynamic):
     """What the checks must not refuse (a reviewer's cond program was refused for its "" names)."""
     torch.manual_seed(0)
@@ -575,6 +702,7 @@ def test_legitimate_programs_pass_the_load_checks(tmp_path, model, dynamic):
     with zipfile.ZipFile(path) as archive:
         saved_program = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("models/model.json"))))
     assert bool(saved_program["guards_code"]) == (model is Strided)  # the dropped guards' path is taken
+    assert ("Pow(Symbol(" in json.dumps(saved_program)) == (model is Gram)  # a size squared, as torch writes it
     program = torch_model._load_program(path)
     expected, got = module(example), program.module()(example)
     for want, have in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
