@@ -17,6 +17,9 @@ classifier head needs are added here (and kept under test, tests/test_export_con
 - SigmoidGrad, TanhGrad, LeakyReluGrad, EluGrad, SeluGrad (those activations in a head): their
   derivatives written from the activation's output (its input for LeakyRelu), as TensorFlow's
   kernels compute them.
+- ResizeBilinearGrad, ResizeBicubicGrad (UpSampling2D / tf.image.resize after the target):
+  A_h^T g A_w, the matrices TensorFlow's own resize of basis images; ResizeBicubic itself as
+  A_h x A_w^T (tf2onnx's cubic Resize differs from TensorFlow's by up to 5e-4).
 Global pooling's gradient is made convertible on the TensorFlow side instead
 (graph.safe_global_average_pool).
 """
@@ -317,6 +320,77 @@ def _depthwise_backprop_input(ctx, node, name, args):
                   shapes=[out_shape], dtypes=[dtype])
 
 
+def _resize_grad(ctx, node, name, args):
+    """ResizeBilinearGrad / ResizeBicubicGrad(grads [N, H, W, C], original_image [N, h, w, C])
+    -> [N, h, w, C]: the resize is a linear map per axis, so the gradient is A_h^T g A_w, with
+    A_h [H, h] and A_w [W, w] TensorFlow's own resize of basis images (`_tf_resize_maps`)."""
+    grad, original = node.input[0], node.input[1]
+    before, after = ctx.get_shape(original), ctx.get_shape(grad)
+    out_shape = ctx.get_shape(node.output[0])
+    _require(before is not None and after is not None and -1 not in before[1:3] + after[1:3],
+             f"{node.type} needs a known height and width of the image and the gradient")
+    align = bool(node.get_attr_value("align_corners", 0))
+    half = bool(node.get_attr_value("half_pixel_centers", 0))
+    a_h, a_w = _tf_resize_maps(node.type[:-len("Grad")], tuple(before[1:3]), tuple(after[1:3]),
+                               align, half)
+    dtype = ctx.get_dtype(node.output[0])
+    output = node.output[0]
+    ctx.remove_node(node.name)
+    nchw = ctx.make_node("Transpose", [grad], attr={"perm": [0, 3, 1, 2]}).output[0]
+    rows = ctx.make_node("MatMul", [nchw, ctx.make_const(f"{node.name}_aw", a_w).output[0]]).output[0]
+    both = ctx.make_node("MatMul", [ctx.make_const(f"{node.name}_ah", a_h.T.copy()).output[0],
+                                    rows]).output[0]
+    ctx.make_node("Transpose", [both], attr={"perm": [0, 2, 3, 1]}, outputs=[output],
+                  shapes=[out_shape], dtypes=[dtype])
+
+
+def _resize_bicubic(ctx, node, name, args):
+    """ResizeBicubic(images [N, h, w, C], size) -> A_h x A_w^T: tf2onnx's own conversion (an ONNX
+    cubic Resize) moved TensorFlow's values by up to 5e-4 (another kernel at the borders)."""
+    images = node.input[0]
+    before, out_shape = ctx.get_shape(images), ctx.get_shape(node.output[0])
+    _require(before is not None and out_shape is not None and -1 not in before[1:3] + out_shape[1:3],
+             "ResizeBicubic needs a known height and width of the image and the output")
+    a_h, a_w = _tf_resize_maps("ResizeBicubic", tuple(before[1:3]), tuple(out_shape[1:3]),
+                               bool(node.get_attr_value("align_corners", 0)),
+                               bool(node.get_attr_value("half_pixel_centers", 0)))
+    dtype = ctx.get_dtype(node.output[0])
+    output = node.output[0]
+    ctx.remove_node(node.name)
+    nchw = ctx.make_node("Transpose", [images], attr={"perm": [0, 3, 1, 2]}).output[0]
+    rows = ctx.make_node("MatMul", [nchw, ctx.make_const(f"{node.name}_awt", a_w.T.copy()).output[0]]).output[0]
+    both = ctx.make_node("MatMul", [ctx.make_const(f"{node.name}_ah", a_h).output[0], rows]).output[0]
+    ctx.make_node("Transpose", [both], attr={"perm": [0, 2, 3, 1]}, outputs=[output],
+                  shapes=[out_shape], dtypes=[dtype])
+
+
+def _tf_resize_maps(op: str, before, after, align: bool, half: bool):
+    """(A_h [H, h], A_w [W, w]) of TensorFlow's `op` (ResizeBilinear, ResizeBicubic) from
+    (h, w) to (H, W): one axis at a time on basis images (the other axis of size 1, which both
+    keep), checked against the op on a random image."""
+    import numpy as np
+    import tensorflow as tf
+
+    resize = getattr(tf.raw_ops, op)
+
+    def run(images, size):  # a graph and session of its own: tf2onnx converts inside a graph
+        graph = tf.Graph()
+        with graph.as_default():
+            out = resize(images=tf.constant(images), size=list(size), align_corners=align,
+                         half_pixel_centers=half)
+        with tf.compat.v1.Session(graph=graph) as session:
+            return session.run(out).astype(np.float64)
+
+    (h, w), (big_h, big_w) = before, after
+    a_h = run(np.eye(h, dtype=np.float32).reshape(h, h, 1, 1), (big_h, 1))[:, :, 0, 0].T
+    a_w = run(np.eye(w, dtype=np.float32).reshape(w, 1, w, 1), (1, big_w))[:, 0, :, 0].T
+    probe = np.random.default_rng(0).standard_normal((1, h, w, 1)).astype(np.float32)
+    mapped = a_h @ probe[0, :, :, 0].astype(np.float64) @ a_w.T
+    _require(np.allclose(mapped, run(probe, after)[0, :, :, 0], atol=1e-4, rtol=1e-4),
+             f"{op}Grad: the resize is not one linear map per axis")
+    return a_h.astype(np.float32), a_w.astype(np.float32)
+
+
 def _data_format(node) -> str:
     value = node.get_attr_value("data_format", b"NHWC")
     return value.decode() if isinstance(value, bytes) else value
@@ -349,6 +423,9 @@ GRADIENT_HANDLERS = {
     "LeakyReluGrad": (_leaky_relu_grad, []),
     "EluGrad": (_elu_grad, []),
     "SeluGrad": (_selu_grad, []),
+    "ResizeBilinearGrad": (_resize_grad, []),
+    "ResizeBicubicGrad": (_resize_grad, []),
+    "ResizeBicubic": (_resize_bicubic, []),
 }
 
 

@@ -197,3 +197,23 @@ def test_activation_gradients_at_zero_equal_tensorflows(op, forward):
     want = function(x, upstream)["dx"].numpy()
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x, "upstream": upstream})))
     np.testing.assert_allclose(got["dx"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op, size, align, half", [
+    ("ResizeBilinear", (8, 10), False, True),  # tf.image.resize, Keras' UpSampling2D
+    ("ResizeBilinear", (7, 7), True, False),  # align_corners (TF1 code)
+    ("ResizeBilinear", (3, 2), False, False),  # down, legacy asymmetric
+    ("ResizeBicubic", (9, 6), False, True),
+])
+def test_resize_gradients_equal_tensorflows(op, size, align, half):
+    """ResizeBilinearGrad / ResizeBicubicGrad (an upsampling after the target) had no conversion
+    ("has no ONNX conversion"): A_h^T g A_w gives TensorFlow's gradient, up and down."""
+    import tensorflow as tf
+
+    def forward(x):
+        return getattr(tf.raw_ops, op)(images=x, size=list(size), align_corners=align,
+                                       half_pixel_centers=half)
+
+    function = _gradient_function(forward, (4, 5, 2), (*size, 2))
+    assert f"{op}Grad" in {node.op for node in function.get_concrete_function().graph.as_graph_def().node}
+    assert "MatMul" in _check(forward, (4, 5, 2), (*size, 2))

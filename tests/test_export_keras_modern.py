@@ -189,3 +189,34 @@ def test_a_mixed_precision_model_exports_in_float32(policy):
     want = reference.predict(image.astype(np.float32) / 255, verbose=0)
     np.testing.assert_allclose(got["probs"], want, rtol=1e-5, atol=1e-6)
     assert "gradcam" in info.heatmaps and mixed.layers[1].compute_dtype != "float32"
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_an_upsampling_after_the_target_exports_as_the_tape_reference(interpolation):
+    """UpSampling2D after the target (a decoder or FPN-like head): bilinear failed the export
+    ("TensorFlow op ResizeBilinearGrad ... has no ONNX conversion"), bicubic's forward differed
+    from TensorFlow's by up to 5e-4. Both export, every output as tf.GradientTape gives."""
+    import keras
+    from keras import layers
+    from test_export_graph import tape_reference
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    stem = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="stem")(inputs)
+    up = layers.UpSampling2D(2, interpolation=interpolation, name="up")(stem)
+    last = layers.Conv2D(6, 3, padding="same", activation="relu", name="last")(up)
+    dense = layers.Dense(4, name="dense")
+    model = keras.Model(inputs, layers.Activation("softmax")(dense(
+        layers.GlobalAveragePooling2D()(last))))
+    graph, info = export_in_memory(model, preset="unit", target_layer="stem")
+    assert info.feature_size == (16, 16) and "gradcam" in info.heatmaps
+    features = keras.Model(model.input, stem)
+    up_layer, last_layer = model.get_layer("up"), model.get_layer("last")
+
+    def head(a):
+        return dense(keras.ops.mean(last_layer(up_layer(a)), axis=(1, 2)))
+
+    image = images(3, 32, 3, seed=3)
+    classes = class_indices(3)
+    want = tape_reference(features, head, image.astype(np.float32) / 255, classes)
+    assert_outputs_close(graph(image, classes), want)
