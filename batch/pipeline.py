@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from camface.batch.cluster import ClusterError, Plan
@@ -57,16 +58,26 @@ class BatchJob:
     def model(self) -> str:
         return str(self.config.model)
 
+    @cached_property
+    def model_digest(self) -> str:
+        """What identifies the model among the settings: "sha256:" and the hex digest of its
+        bytes, not its path, so a model moved (with the archive) is the same model and one
+        replaced at the same path is not; the path itself when the file cannot be read."""
+        from camface.hashing import sha256_file
+
+        try:
+            return f"sha256:{sha256_file(self.model)}"
+        except OSError:
+            return self.model
+
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
         earlier run finished is kept only when they are the same. The drawing options only
         when the videos are drawn (record): without, they draw only the report, redrawn each run."""
         from camface.realtime.carry import every_for
 
-        model, cfg = Path(self.model), self.config
-        stat = model.stat() if model.is_file() else None
-        values = dict(model=str(model), model_size=stat.st_size if stat else 0,
-                      model_mtime_ns=stat.st_mtime_ns if stat else 0, method=cfg.method, record=self.record,
+        cfg = self.config
+        values = dict(model=self.model_digest, method=cfg.method, record=self.record,
                       detector=cfg.detector, min_confidence=cfg.min_confidence, margin=cfg.margin,
                       max_faces=cfg.max_faces, explained_class=self.explained_class, smooth=cfg.smooth,
                       detector_runtime=cfg.detector_runtime, detect_every=every_for(cfg.detect_every))

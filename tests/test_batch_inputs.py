@@ -365,7 +365,7 @@ def test_a_resume_with_other_options_refuses_to_leave_other_videos_rows_of_other
     with load(device="cpu") as opened:  # as the driver resolves the bundled graph and --method auto
         config = LiveConfig(model=opened.model_path.resolve(), method=opened.config.method)
     settings = BatchJob((), str(out), config).settings()
-    for name, model in (("old", "/models/other.onnx"), ("same", str(config.model))):
+    for name, model in (("old", "/models/other.onnx"), ("same", settings["model"])):
         outputs.record_path(f"{name}-0123abcd").write_text(json.dumps(
             {"video": f"{name}-0123abcd", "path": f"/archive/{name}.mp4", "status": "done",
              "settings": {**settings, "model": model}}))

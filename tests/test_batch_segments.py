@@ -334,3 +334,37 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame(method
             assert (p.predicted, p.explained) == (q.predicted, q.explained)
             np.testing.assert_allclose(p.probs, q.probs, rtol=1e-6)
             np.testing.assert_allclose(p.heatmap, q.heatmap, rtol=1e-6)
+
+
+def test_a_model_is_known_by_its_bytes_not_its_path(tmp_path):
+    """--resume compared the model's absolute path (and size and modification time): a model
+    moved with the archive had every video done again. It compares the model's sha256: a copy
+    elsewhere under another name is the same model; other bytes at the same path, size and
+    modification time are another, and the videos done with it are done again."""
+    import os
+
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.pipeline import BatchJob, changed_since, videos_to_do
+    from camface.batch.state import Outputs, write_json
+    from camface.realtime.config import LiveConfig
+
+    def settings(model):
+        return BatchJob((), "out", LiveConfig(model=model)).settings()
+
+    first, moved = tmp_path / "site" / "model.onnx", tmp_path / "moved" / "renamed.onnx"
+    for path in (first, moved):
+        path.parent.mkdir()
+        path.write_bytes(b"graph one" * 100)
+    os.utime(moved, ns=(0, 10**18))
+    clip = tmp_path / "v.mp4"
+    clip.write_bytes(b"x")
+    video, outputs = Video(str(clip), "v-0123abcd"), Outputs(tmp_path / "out")
+    outputs.make()
+    write_json(outputs.record_path(video.id), {"status": "done", "settings": settings(first), "source": stamp(clip)})
+    assert settings(moved) == settings(first) and videos_to_do(outputs, [video], settings(moved)) == []
+    before = first.stat()
+    first.write_bytes(b"graph two" * 100)  # another model, same size, its time set back
+    os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert settings(first) != settings(moved)
+    assert videos_to_do(outputs, [video], settings(first)) == [video]
+    assert changed_since(outputs, [video], settings(first)) == (["model"], 0)
