@@ -36,10 +36,18 @@ class InputError(CamfaceError):
 
 @dataclass(frozen=True)
 class Video:
-    """One input video. path: absolute, resolved. id: stable name of its outputs (see module doc)."""
+    """One input video. path: absolute, resolved. id: stable name of its outputs. key: its path
+    from the folder above the input that named it, "/"-separated (see the module doc; "": its
+    folder's name and its own, as a file named alone gets), which a move of the archive keeps:
+    rows and records carry it beside `path`, where the file was when it was explained."""
 
     path: str
     id: str
+    key: str = ""
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", _key(_absolute(Path(self.path)), 2))
 
 
 def stamp(path: str | Path) -> dict | None:
@@ -96,8 +104,8 @@ def _root(spec: str) -> Path:
     return _absolute(path).parent
 
 
-def _ids(found: dict[Path, int]) -> dict[Path, str]:
-    """Per file (absolute, as found) the id of the key of `found[file]` parts; files whose keys
+def _keys(found: dict[Path, int]) -> dict[Path, str]:
+    """Per file (absolute, as found) its key: its last `found[file]` parts; files whose keys
     meet take one part more each time, until no two meet."""
     depth = dict(found)
     while True:
@@ -107,7 +115,7 @@ def _ids(found: dict[Path, int]) -> dict[Path, str]:
         clashes = [path for paths in keys.values() if len(paths) > 1 for path in paths
                    if depth[path] < len(path.parts)]
         if not clashes:  # (a whole absolute path meets no other: distinct files)
-            return {path: video_id(path, _key(path, parts)) for path, parts in depth.items()}
+            return {path: _key(path, parts) for path, parts in depth.items()}
         for path in clashes:
             depth[path] += 1
 
@@ -160,8 +168,8 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
             earlier = seen.setdefault(path.resolve(), (found, parts))
             if earlier != (found, parts) and (parts, found.as_posix()) > (earlier[1], earlier[0].as_posix()):
                 seen[path.resolve()] = (found, parts)  # the longest key, whatever the order of the inputs
-    ids = _ids(dict(seen.values()))
-    ours = _outputs_among({path: ids[found] for path, (found, _) in seen.items()}, out_dir) \
+    keys = _keys(dict(seen.values()))
+    ours = _outputs_among({path: video_id(found, keys[found]) for path, (found, _) in seen.items()}, out_dir) \
         if out_dir is not None else []
     if ours:
         log.warning("camface batch: skipping %d file(s) that this run writes in %s, e.g. %s",
@@ -171,8 +179,8 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     if not seen:
         raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
                          f"{', '.join(sorted(VIDEO_SUFFIXES))})")
-    ids = _ids(dict(seen.values()))  # without those: the same ids as a run that did not find them
-    return [Video(str(path), ids[found]) for path, (found, _) in seen.items()]
+    keys = _keys(dict(seen.values()))  # without those: the same ids as a run that did not find them
+    return [Video(str(path), video_id(found, keys[found]), keys[found]) for path, (found, _) in seen.items()]
 
 
 def _outputs_among(ids: dict[Path, str], out_dir: Path) -> list[Path]:

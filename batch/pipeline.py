@@ -20,7 +20,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -206,7 +206,7 @@ def lost_record(outputs: Outputs, unit: Unit, labels: tuple[str, ...]) -> dict:
 
     reason = (f"its worker process died each of the {ATTEMPTS} times it was tried (a crash in the decoder or "
               "the graph, or the OOM killer; the Ray logs of its node say which)")
-    out = {"path": unit.path, "ok": False, "error": reason, "stage": "worker"}
+    out = {"path": unit.path, "key": unit.key, "ok": False, "error": reason, "stage": "worker"}
     return outputs.write_record(unit.video, out, labels, None if unit.whole else part_paths(outputs, unit)["record"])
 
 
@@ -385,7 +385,7 @@ def earlier_ids(outputs: Outputs, videos: list[Video]) -> list[Video]:
             wanted.setdefault((Path(video.path).name, source["size"], source["mtime_ns"]), []).append(video)
     adopted = {match[0]: earlier[key][0] for key, match in wanted.items()
                if len(match) == 1 and len(earlier.get(key, ())) == 1}
-    return [Video(video.path, adopted[video]) if video in adopted else video for video in videos]
+    return [replace(video, id=adopted[video]) if video in adopted else video for video in videos]
 
 
 def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:

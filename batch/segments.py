@@ -38,7 +38,8 @@ UNITS_PER_ACTOR = 2
 
 @dataclass(frozen=True)
 class Unit:
-    """One row of the pipeline. stop None: to the end of the file. segments 1: a whole video."""
+    """One row of the pipeline. stop None: to the end of the file. segments 1: a whole video.
+    key: the video's (`camface.batch.inputs.Video.key`)."""
 
     video: str
     path: str
@@ -46,6 +47,7 @@ class Unit:
     segments: int = 1
     start: int = 0
     stop: int | None = None
+    key: str = ""
 
     @property
     def whole(self) -> bool:
@@ -65,7 +67,7 @@ class Unit:
     def from_row(cls, row: dict) -> "Unit":
         stop = int(row["stop"])
         return cls(row["video"], row["path"], int(row["segment"]), int(row["segments"]), int(row["start"]),
-                   None if stop < 0 else stop)
+                   None if stop < 0 else stop, row.get("key", ""))
 
 
 def segment_frames_for(frames: list[int], actors: int) -> int:
@@ -80,9 +82,10 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
     and why. segment_frames: None = automatic, 0 = whole videos, N = segments of at most N
     frames (a file that announces no frame count stays whole)."""
     if smooth:
-        return [Unit(v.id, v.path) for v in videos], "whole videos: --smooth carries state from frame to frame"
+        return ([Unit(v.id, v.path, key=v.key) for v in videos],
+                "whole videos: --smooth carries state from frame to frame")
     if segment_frames == 0:
-        return [Unit(v.id, v.path) for v in videos], "whole videos (--segment-frames 0)"
+        return [Unit(v.id, v.path, key=v.key) for v in videos], "whole videos (--segment-frames 0)"
     length = segment_frames or segment_frames_for(frames, actors)
     units = []
     for video, count in zip(videos, frames):
@@ -91,12 +94,12 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
                                                                        count // MIN_SEGMENT_FRAMES)
         pieces = max(1, pieces)
         if pieces == 1:
-            units.append(Unit(video.id, video.path))
+            units.append(Unit(video.id, video.path, key=video.key))
             continue
         bounds = [round(k * count / pieces) for k in range(pieces + 1)]  # near-equal pieces
         for k in range(pieces):
             stop = None if k == pieces - 1 else bounds[k + 1]  # the last runs to the real end
-            units.append(Unit(video.id, video.path, k, pieces, bounds[k], stop))
+            units.append(Unit(video.id, video.path, k, pieces, bounds[k], stop, video.key))
     cut = len({u.video for u in units if not u.whole})
     how = "--segment-frames" if segment_frames else f"automatic: {UNITS_PER_ACTOR} units per actor, " \
                                                     f">= {MIN_SEGMENT_FRAMES} frames"
@@ -153,7 +156,8 @@ def keep_splits(outputs, units: list[Unit], settings: dict) -> list[Unit]:
             earlier = None
         if earlier and earlier.get("settings") == settings and earlier.get("bounds"):
             bounds = earlier["bounds"]
-            parts = [Unit(video, parts[0].path, k, len(bounds), start, stop) for k, (start, stop) in enumerate(bounds)]
+            parts = [Unit(video, parts[0].path, k, len(bounds), start, stop, parts[0].key)
+                     for k, (start, stop) in enumerate(bounds)]
         elif not parts[0].whole:
             saved.parent.mkdir(parents=True, exist_ok=True)
             write_json(saved, {"settings": settings, "bounds": [[u.start, u.stop] for u in parts]})
@@ -172,7 +176,7 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
 
     parts = [part_record(outputs, u) for u in units]
     video, path = units[0].video, units[0].path
-    out = {"path": path, "ok": True}
+    out = {"path": path, "key": units[0].key, "ok": True}
     failed = next((p for p in parts if p is None or p["status"] != DONE), None)
     if failed is not None:
         out.update(ok=False, error=(failed or {}).get("reason", "a segment's outputs are missing"),
@@ -237,7 +241,7 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     from camface.batch.rows import schema, write_parquet
 
     files = [part_paths(outputs, u) for u in units]
-    table = pa.concat_tables([_read_rows(f["rows"]) for f in files]).cast(schema())
+    table = pa.concat_tables([_located(_read_rows(f["rows"]), units[0]) for f in files]).cast(schema())
     outputs.write(outputs.parquet(units[0].video), lambda tmp: write_parquet(table, tmp))
     sums: dict[str, np.ndarray] = {}
     for f in files:
@@ -272,6 +276,20 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     cut = next((p["incomplete"] for p in parts if p.get("incomplete")), None)
     if cut is not None:  # the segment that met the file's early end; frames read: of all segments
         out["incomplete"] = {"frames_announced": cut.get("frames_announced"), "reason": cut.get("reason")}
+
+
+def _located(table, unit: Unit):
+    """A part's rows with the video's key and path as they are now: the video is explained when its
+    parts are joined, and parts written before the archive moved name where it was then (those of
+    an earlier camface have no key column)."""
+    import pyarrow as pa
+
+    from camface.batch.rows import schema
+
+    table = table.drop_columns([name for name in ("key", "path") if name in table.column_names])
+    for name, value in (("key", unit.key), ("path", unit.path)):
+        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+    return table.select(schema().names)
 
 
 def _read_rows(path: Path):

@@ -2,7 +2,8 @@
 
   OUT_DIR/videos/<id>.mp4        annotated video (--record)
   OUT_DIR/rows/<id>.parquet      its rows (one per face per frame; `camface.batch.rows`)
-  OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts
+  OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts; its
+                                 key and path as its rows say them (`camface.batch.rows`)
   OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
   OUT_DIR/parts/<id>/            a segmented video's parts while it is in work (`camface.batch.segments`)
   OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
@@ -98,7 +99,8 @@ class Outputs:
         """The video's record (done or failed) from a Render payload, written last; or, with
         `path`, a segment's part record. Returns it; when it cannot be written (OSError: a full
         disk) returns a failed record saying so, written nowhere."""
-        record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
+        record = {"video": video_id, "key": out.get("key", ""), "path": out["path"],
+                  "status": DONE if out["ok"] else FAILED}
         if self.owner is not None:
             self.owner.check()  # before anything is removed, too
             record["run"] = self.owner.token  # which run wrote it
@@ -126,7 +128,8 @@ class Outputs:
             if isinstance(exc, Superseded):  # an OutputError too: this run lost OUT_DIR, no record at all
                 raise
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-            return {"video": video_id, "path": out["path"], "status": FAILED, "stage": "record",
+            return {"video": video_id, "key": out.get("key", ""), "path": out["path"], "status": FAILED,
+                    "stage": "record",
                     "reason": f"cannot write its record {path or self.record_path(video_id)}: "
                               f"{getattr(cause, 'strerror', None) or cause}"}
         return record
@@ -183,7 +186,7 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
         video = outputs.video(video_id) if paths is None else paths["video"]
         outputs.write(video, lambda tmp: _write_video(tmp, out, results, renderer))
         out["video_file"] = str(video)
-    table = build_rows(video_id, out["path"], out["fps"], results)
+    table = build_rows(video_id, out["path"], out["fps"], results, out.get("key", ""))
     final = outputs.parquet(video_id) if paths is None else paths["rows"]
     outputs.write(final, lambda tmp: write_parquet(table, tmp))
     out["rows_file"] = str(final)

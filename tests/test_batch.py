@@ -224,22 +224,29 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
 
 
-@pytest.mark.parametrize("inputs", [["archive/**/*.mp4"], ["archive/day1", "archive/day2"]])
-def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster, clips, tmp_path, inputs):
-    """Ids hashed the absolute path: the archive's folder moved (OUT_DIR with it) and resumed
-    there, every video was done again under new ids, its rows beside the earlier ones. Now
-    nothing is redone, OUT_DIR holds one record and one table per video, and the summary names
-    the videos where they are now. day1/ and day2/ hold the same file name: two ids."""
+@pytest.mark.parametrize("inputs, keys", [(["archive/**/*.mp4"], ["archive/day1/clip.mp4", "archive/day2/clip.mp4"]),
+                                          (["archive/day1", "archive/day2"], ["day1/clip.mp4", "day2/clip.mp4"])])
+def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster, clips, tmp_path, inputs, keys):
+    """Ids hashed the absolute path: the archive's folder moved (OUT_DIR and the model with it)
+    and resumed there, every video was done again under new ids, its rows beside the earlier
+    ones. Now nothing is redone (the model is known by its bytes, not its path), OUT_DIR holds one
+    record and one table per video, and the summary names the videos and their outputs where they
+    are now. Rows and records say where the file was when it was explained, and the key (the path
+    from the folder above the input) that a move keeps. day1/ and day2/ hold the same file name."""
     import shutil
+
+    from camface.models import EMOTION_ONNX
 
     folder, paths = clips
     for day, clip in (("day1", paths[0]), ("day2", paths[1])):
         (tmp_path / "site" / "archive" / day).mkdir(parents=True)
         shutil.copy2(clip, tmp_path / "site" / "archive" / day / "clip.mp4")
+    shutil.copy2(EMOTION_ONNX, tmp_path / "site" / "model.onnx")
     flags = ["--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record"]
 
     def run(site, *extra):
-        assert batch([*(site / spec for spec in inputs), "-o", site / "out", *flags, *extra]) == 0
+        assert batch([*(site / spec for spec in inputs), "-o", site / "out", "--model", site / "model.onnx", *flags,
+                      *extra]) == 0
         return json.loads((site / "out" / "summary.json").read_text())
 
     first = run(tmp_path / "site")
@@ -249,13 +256,18 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
     out = tmp_path / "moved" / "out"
     second = run(tmp_path / "moved", "--resume")
     assert second["run"]["videos_this_run"] == [] and [r["video"] for r in second["videos"]] == ids
-    assert [r["path"] for r in second["videos"]] == [str(tmp_path / "moved" / "archive" / day / "clip.mp4")
-                                                    for day in ("day1", "day2")]
+    was, now = ([str(tmp_path / site / "archive" / day / "clip.mp4") for day in ("day1", "day2")]
+                for site in ("site", "moved"))
+    assert [r["path"] for r in second["videos"]] == now and [r["key"] for r in second["videos"]] == keys
+    assert [r["rows_file"] for r in second["videos"]] == [str(out / "rows" / f"{v}.parquet") for v in ids]
     assert sorted(p.stem for p in (out / "state").glob("*.json")) == sorted(ids)
     assert sorted(p.stem for p in (out / "rows").glob("*.parquet")) == sorted(ids)
     assert second["totals"]["faces"] == first["totals"]["faces"] > 0
-    for record in second["videos"]:
-        assert rows_of(out, record["video"]).num_rows == record["faces_total"]
+    for record, path, key in zip(second["videos"], was, keys):
+        rows = rows_of(out, record["video"])
+        assert rows.num_rows == record["faces_total"]
+        assert set(rows.column("key").to_pylist()) == {key} and set(rows.column("path").to_pylist()) == {path}
+        assert json.loads((out / "state" / f"{record['video']}.json").read_text())["key"] == key
 
 
 def test_sigterm_stops_the_run_as_ctrl_c_does_with_a_summary(ray_cluster, clips, tmp_path, capfd):

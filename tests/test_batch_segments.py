@@ -336,6 +336,34 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame(method
             np.testing.assert_allclose(p.heatmap, q.heatmap, rtol=1e-6)
 
 
+def test_a_video_joined_from_parts_written_before_a_move_says_where_it_is_now(tmp_path):
+    """A segmented video resumed after its archive moved: parts written before the move named the
+    old path (those of an earlier camface had no key column), parts written after it the new one,
+    and the joined table mixed them. Its rows all say where the video is now, with its key."""
+    import pyarrow.parquet as pq
+
+    from camface.batch.segments import Unit, finish, part_paths
+    from camface.batch.state import Outputs, write_video_outputs
+
+    outputs, labels = Outputs(tmp_path / "out"), tuple("abcdefg")
+    outputs.make()
+    now, key = "/moved/archive/v.mp4", "archive/v.mp4"
+    units = [Unit("v-0123abcd", now, 0, 2, 0, 3, key), Unit("v-0123abcd", now, 1, 2, 3, None, key)]
+    for unit, path, frames in ((units[0], "/site/archive/v.mp4", 3), (units[1], now, 2)):
+        paths = part_paths(outputs, unit)
+        paths["record"].parent.mkdir(parents=True, exist_ok=True)
+        out = {**_render_payload(frames), "path": path, "start": unit.start, "ok": True, "key": unit.key}
+        write_video_outputs(outputs, unit.video, out, None, "gradcam", None, labels, paths=paths)
+        outputs.write_record(unit.video, out, labels, paths["record"])
+    old = part_paths(outputs, units[0])["rows"]
+    pq.write_table(pq.read_table(old).drop_columns(["key"]), old)  # as an earlier camface wrote it
+    record = finish(outputs, units, labels, False)
+    assert record["status"] == "done" and record["path"] == now and record["key"] == key
+    rows = pq.read_table(outputs.parquet("v-0123abcd"))
+    assert rows.column("frame").to_pylist() == [0, 1, 2, 3, 4]
+    assert set(rows.column("path").to_pylist()) == {now} and set(rows.column("key").to_pylist()) == {key}
+
+
 def test_a_model_is_known_by_its_bytes_not_its_path(tmp_path):
     """--resume compared the model's absolute path (and size and modification time): a model
     moved with the archive had every video done again. It compares the model's sha256: a copy
