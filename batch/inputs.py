@@ -155,9 +155,9 @@ def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:
 def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
     each once, but none of the outputs in `out_dir` of another of them or of a video OUT_DIR
-    holds a record of (its annotated video OUT_DIR/videos/<id>.mp4 or its segments' parts
-    OUT_DIR/parts/<id>/, which a recursive glob over an archive holding OUT_DIR finds on a
-    --resume; a record's id may be one an earlier camface gave: `pipeline.earlier_ids`).
+    holds a record or parts of (its annotated video OUT_DIR/videos/<id>.mp4 or its segments'
+    parts OUT_DIR/parts/<id>/, which a recursive glob over an archive holding OUT_DIR finds on a
+    --resume; their id may be one an earlier camface gave: `pipeline.earlier_ids`).
     Raises InputError naming the inputs when none matched."""
     seen: dict[Path, tuple[Path, int]] = {}  # resolved -> (absolute as found, parts of its key)
     for spec in specs:
@@ -185,9 +185,10 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
 
 def _outputs_among(ids: dict[Path, str], out_dir: Path) -> list[Path]:
     """The files of `ids` (resolved -> id) that are outputs in `out_dir`: of another of them,
-    or of a video OUT_DIR holds a record of (an earlier run's, under an id it gave)."""
+    or of a video OUT_DIR holds a record or parts of (an earlier run's, under an id it gave)."""
     root = out_dir.resolve()
-    known = set(ids.values()) | {path.stem for path in (root / "state").glob("[!.]*.json")}
+    known = set(ids.values()) | {path.stem for path in (root / "state").glob("[!.]*.json")} \
+        | {path.name for path in (root / "parts").glob("[!.]*") if path.is_dir()}
     videos = {root / "videos" / f"{id_}.mp4" for id_ in known}
     parts = {root / "parts" / id_ for id_ in known}
     return [path for path in ids if path in videos or path.parent in parts]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from camface.batch.cluster import ClusterError, Plan
 from camface.batch.inputs import Video, stamp
-from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record
+from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record, part_records
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
@@ -364,26 +364,28 @@ _RAISED = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*): (.+)$")  # a tracebac
 
 
 def earlier_ids(outputs: Outputs, videos: list[Video]) -> list[Video]:
-    """`videos`, each without a record in `outputs` under its id taking the id of the one 'done'
-    record there, not of another input, of a file of its name, size and modification time: the
-    same video, done by a camface whose ids hashed the absolute path (before an archive was moved,
-    or camface upgraded). Else a --resume would do it again under the new id, its earlier rows left
-    beside the new ones. A match that is not one to one is left alone."""
+    """`videos`, each without a record or parts in `outputs` under its id taking the id of the one
+    'done' record, or segmented video with 'done' parts (cut by a run killed before it joined them),
+    there, not of another input, of a file of its name, size and modification time: the same video,
+    done by a camface whose ids hashed the absolute path (before an archive was moved, or camface
+    upgraded). Else a --resume would do it again under the new id, its earlier rows left beside the
+    new ones, or its segments done again from the start, its earlier parts left behind. A match that
+    is not one to one is left alone."""
     records = outputs.records()
     ours = {video.id for video in videos}
-    earlier: dict[tuple, list[str]] = {}
-    for video_id, record in records.items():
+    earlier: dict[tuple, set[str]] = {}
+    for video_id, record in [*records.items(), *part_records(outputs)]:
         if video_id not in ours and record.get("status") == DONE and record.get("source") and record.get("path"):
             source = record["source"]
-            earlier.setdefault((Path(record["path"]).name, source.get("size"), source.get("mtime_ns")), []).append(video_id)
+            earlier.setdefault((Path(record["path"]).name, source.get("size"), source.get("mtime_ns")), set()).add(video_id)
     if not earlier:
         return list(videos)
     wanted: dict[tuple, list[Video]] = {}
     for video in videos:
         source = stamp(video.path)
-        if video.id not in records and source is not None:
+        if video.id not in records and not (outputs.parts / video.id).is_dir() and source is not None:
             wanted.setdefault((Path(video.path).name, source["size"], source["mtime_ns"]), []).append(video)
-    adopted = {match[0]: earlier[key][0] for key, match in wanted.items()
+    adopted = {match[0]: next(iter(earlier[key])) for key, match in wanted.items()
                if len(match) == 1 and len(earlier.get(key, ())) == 1}
     return [replace(video, id=adopted[video]) if video in adopted else video for video in videos]
 

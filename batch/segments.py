@@ -125,6 +125,17 @@ def part_record(outputs, unit: Unit) -> dict | None:
         return None
 
 
+def part_records(outputs) -> list[tuple[str, dict]]:
+    """(video id, part record) of every part in OUT_DIR/parts/ (those that can be read)."""
+    found = []
+    for path in sorted(outputs.parts.glob("*/[0-9]*.json")) if outputs.parts.is_dir() else ():
+        try:
+            found.append((path.parent.name, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 def done_before(outputs, unit: Unit, settings: dict) -> bool:
     """A segment whose parts an earlier run finished with the same `settings` (its part
     record says done and names them)."""
