@@ -21,7 +21,6 @@ the video by copying its H.264 packets (no re-encoding) into one fragmented MP4.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -29,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from camface.batch.state import read_json
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def part_paths(outputs, unit: Unit) -> dict[str, Path]:
 
 def part_record(outputs, unit: Unit) -> dict | None:
     try:
-        return json.loads(part_paths(outputs, unit)["record"].read_text())
+        return read_json(part_paths(outputs, unit)["record"])
     except (OSError, ValueError):
         return None
 
@@ -130,7 +131,7 @@ def part_records(outputs) -> list[tuple[str, dict]]:
     found = []
     for path in sorted(outputs.parts.glob("*/[0-9]*.json")) if outputs.parts.is_dir() else ():
         try:
-            found.append((path.parent.name, json.loads(path.read_text())))
+            found.append((path.parent.name, read_json(path)))
         except (OSError, ValueError):
             continue
     return found
@@ -162,7 +163,7 @@ def keep_splits(outputs, units: list[Unit], settings: dict) -> list[Unit]:
     for video, parts in by_video.items():
         saved = outputs.parts / video / "split.json"
         try:
-            earlier = json.loads(saved.read_text())
+            earlier = read_json(saved)
         except (OSError, ValueError):
             earlier = None
         if earlier and earlier.get("settings") == settings and earlier.get("bounds"):
@@ -236,7 +237,7 @@ def _parts_settings(folder: Path) -> dict | None:
     """The options a video's parts were cut under: its saved split's, else a part record's."""
     for path in (folder / "split.json", *sorted(folder.glob("[!.]*.json"))):
         try:
-            settings = json.loads(path.read_text()).get("settings")
+            settings = read_json(path).get("settings")
         except (OSError, ValueError, AttributeError):
             continue
         if settings is not None:

@@ -20,6 +20,7 @@ a duplicate or a half-written file behind, and `--resume` redoes exactly the vid
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ class Outputs:
 
     def read_record(self, video_id: str) -> dict | None:
         try:
-            return json.loads(self.record_path(video_id).read_text())
+            return read_json(self.record_path(video_id))
         except (OSError, ValueError):
             return None
 
@@ -79,7 +80,7 @@ class Outputs:
         if self.state.is_dir():
             for path in sorted(self.state.glob("[!.]*.json")):
                 try:
-                    found[path.stem] = json.loads(path.read_text())
+                    found[path.stem] = read_json(path)
                 except ValueError:
                     continue
         return found
@@ -147,6 +148,44 @@ def describe_incomplete(record: dict) -> str:
     entry = record["incomplete"]
     of = f" of {entry['frames_announced']} announced" if entry.get("frames_announced") else ""
     return f"read {entry['frames_read']}{of} frames ({entry['reason']})"
+
+
+def read_json(path: Path):
+    """A record, part record or saved split of OUT_DIR (OSError, ValueError as reading and
+    json.loads raise them), its settings as this camface writes them (`upgraded`)."""
+    value = json.loads(Path(path).read_text())
+    if isinstance(value, dict) and isinstance(value.get("settings"), dict):
+        value["settings"] = upgraded(value["settings"])
+    return value
+
+
+def upgraded(settings: dict) -> dict:
+    """Settings an earlier camface wrote, naming the model by its path, size and modification
+    time, with the model named as now (`BatchJob.model_digest`): by the sha256 of that file if
+    it is still there with that size and time (the model that camface would have kept), else by
+    its path (another model: what they made is done again, as that camface did)."""
+    from camface.batch.inputs import stamp
+
+    if "model_size" not in settings and "model_mtime_ns" not in settings:
+        return settings
+    settings = dict(settings)
+    size, mtime_ns = settings.pop("model_size", None), settings.pop("model_mtime_ns", None)
+    path = str(settings.get("model"))
+    if stamp(path) == {"size": size, "mtime_ns": mtime_ns}:
+        settings["model"] = _digest(path, size, mtime_ns) or path
+    return settings
+
+
+@lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str | None:
+    """"sha256:<hex>" of the file at `path`, which has that size and modification time (the
+    cache's key: every record of a run names one model); None when it cannot be read."""
+    from camface.hashing import sha256_file
+
+    try:
+        return f"sha256:{sha256_file(path)}"
+    except OSError:
+        return None
 
 
 def write_json(path: Path, value, before_rename=None) -> None:

@@ -396,3 +396,38 @@ def test_a_model_is_known_by_its_bytes_not_its_path(tmp_path):
     assert settings(first) != settings(moved)
     assert videos_to_do(outputs, [video], settings(first)) == [video]
     assert changed_since(outputs, [video], settings(first)) == (["model"], 0)
+
+
+def test_what_an_earlier_camface_did_with_the_same_model_is_kept(tmp_path):
+    """OUT_DIR of a camface that named the model by its path, size and modification time: once
+    the model was known by its bytes, every video and segment it did counted as done with another
+    model (all done again; a resume over fewer inputs refused). The model still there as it was is
+    the same model; changed since, it is another, and they are done again as before."""
+    import os
+
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.pipeline import BatchJob, changed_since, done_otherwise, videos_to_do
+    from camface.batch.segments import Unit, done_before, keep_splits, part_paths
+    from camface.batch.state import Outputs, write_json
+    from camface.realtime.config import LiveConfig
+
+    model, clip = tmp_path / "model.onnx", tmp_path / "v.mp4"
+    model.write_bytes(b"graph" * 100)
+    clip.write_bytes(b"x")
+    now = BatchJob((), "out", LiveConfig(model=model)).settings()
+    older = {**now, "model": str(model), "model_size": 500, "model_mtime_ns": model.stat().st_mtime_ns}
+    outputs, video = Outputs(tmp_path / "out"), Video(str(clip), "v-0123abcd")
+    outputs.make()
+    units = [Unit(video.id, video.path, 0, 2, 0, 50, video.key), Unit(video.id, video.path, 1, 2, 50, None, video.key)]
+    write_json(outputs.record_path(video.id), {"status": "done", "settings": older, "source": stamp(clip)})
+    write_json(outputs.record_path("gone-0123abcd"), {"status": "done", "settings": older, "path": "/a/gone.mp4"})
+    part_paths(outputs, units[1])["record"].parent.mkdir(parents=True)
+    write_json(part_paths(outputs, units[1])["record"], {"status": "done", "settings": older, "source": stamp(clip)})
+    write_json(outputs.parts / video.id / "split.json", {"settings": older, "bounds": [[0, 50], [50, None]]})
+    assert videos_to_do(outputs, [video], now) == [] and done_otherwise(outputs, [video], now) == ([], [])
+    assert done_before(outputs, units[1], now)
+    assert keep_splits(outputs, [Unit(video.id, video.path, key=video.key)], now) == units
+    os.utime(model, ns=(0, 10**18))  # another model, as the earlier camface saw it
+    assert videos_to_do(outputs, [video], now) == [video] and not done_before(outputs, units[1], now)
+    assert changed_since(outputs, [video], now) == (["model"], 0)
+    assert done_otherwise(outputs, [video], now) == (["/a/gone.mp4"], ["model"])
