@@ -36,10 +36,18 @@ class InputError(CamfaceError):
 
 @dataclass(frozen=True)
 class Video:
-    """One input video. path: absolute, resolved. id: stable name of its outputs (see module doc)."""
+    """One input video. path: absolute, resolved. id: stable name of its outputs. key: its path
+    from the folder above the input that named it, "/"-separated (see the module doc; "": its
+    folder's name and its own, as a file named alone gets), which a move of the archive keeps:
+    rows and records carry it beside `path`, where the file was when it was explained."""
 
     path: str
     id: str
+    key: str = ""
+
+    def __post_init__(self):
+        if not self.key:
+            object.__setattr__(self, "key", _key(_absolute(Path(self.path)), 2))
 
 
 def stamp(path: str | Path) -> dict | None:
@@ -96,8 +104,8 @@ def _root(spec: str) -> Path:
     return _absolute(path).parent
 
 
-def _ids(found: dict[Path, int]) -> dict[Path, str]:
-    """Per file (absolute, as found) the id of the key of `found[file]` parts; files whose keys
+def _keys(found: dict[Path, int]) -> dict[Path, str]:
+    """Per file (absolute, as found) its key: its last `found[file]` parts; files whose keys
     meet take one part more each time, until no two meet."""
     depth = dict(found)
     while True:
@@ -107,7 +115,7 @@ def _ids(found: dict[Path, int]) -> dict[Path, str]:
         clashes = [path for paths in keys.values() if len(paths) > 1 for path in paths
                    if depth[path] < len(path.parts)]
         if not clashes:  # (a whole absolute path meets no other: distinct files)
-            return {path: video_id(path, _key(path, parts)) for path, parts in depth.items()}
+            return {path: _key(path, parts) for path, parts in depth.items()}
         for path in clashes:
             depth[path] += 1
 
@@ -147,9 +155,9 @@ def _expand(spec: str, out_dir: Path | None = None) -> list[Path]:
 def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     """The videos named by `specs`, in argument order (folders and globs sorted by name),
     each once, but none of the outputs in `out_dir` of another of them or of a video OUT_DIR
-    holds a record of (its annotated video OUT_DIR/videos/<id>.mp4 or its segments' parts
-    OUT_DIR/parts/<id>/, which a recursive glob over an archive holding OUT_DIR finds on a
-    --resume; a record's id may be one an earlier camface gave: `pipeline.earlier_ids`).
+    holds a record or parts of (its annotated video OUT_DIR/videos/<id>.mp4 or its segments'
+    parts OUT_DIR/parts/<id>/, which a recursive glob over an archive holding OUT_DIR finds on a
+    --resume; their id may be one an earlier camface gave: `pipeline.earlier_ids`).
     Raises InputError naming the inputs when none matched."""
     seen: dict[Path, tuple[Path, int]] = {}  # resolved -> (absolute as found, parts of its key)
     for spec in specs:
@@ -160,8 +168,8 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
             earlier = seen.setdefault(path.resolve(), (found, parts))
             if earlier != (found, parts) and (parts, found.as_posix()) > (earlier[1], earlier[0].as_posix()):
                 seen[path.resolve()] = (found, parts)  # the longest key, whatever the order of the inputs
-    ids = _ids(dict(seen.values()))
-    ours = _outputs_among({path: ids[found] for path, (found, _) in seen.items()}, out_dir) \
+    keys = _keys(dict(seen.values()))
+    ours = _outputs_among({path: video_id(found, keys[found]) for path, (found, _) in seen.items()}, out_dir) \
         if out_dir is not None else []
     if ours:
         log.warning("camface batch: skipping %d file(s) that this run writes in %s, e.g. %s",
@@ -171,15 +179,16 @@ def find_videos(specs: list[str], out_dir: Path | None = None) -> list[Video]:
     if not seen:
         raise InputError(f"no videos matched {' '.join(specs)} (video suffixes: "
                          f"{', '.join(sorted(VIDEO_SUFFIXES))})")
-    ids = _ids(dict(seen.values()))  # without those: the same ids as a run that did not find them
-    return [Video(str(path), ids[found]) for path, (found, _) in seen.items()]
+    keys = _keys(dict(seen.values()))  # without those: the same ids as a run that did not find them
+    return [Video(str(path), video_id(found, keys[found]), keys[found]) for path, (found, _) in seen.items()]
 
 
 def _outputs_among(ids: dict[Path, str], out_dir: Path) -> list[Path]:
     """The files of `ids` (resolved -> id) that are outputs in `out_dir`: of another of them,
-    or of a video OUT_DIR holds a record of (an earlier run's, under an id it gave)."""
+    or of a video OUT_DIR holds a record or parts of (an earlier run's, under an id it gave)."""
     root = out_dir.resolve()
-    known = set(ids.values()) | {path.stem for path in (root / "state").glob("[!.]*.json")}
+    known = set(ids.values()) | {path.stem for path in (root / "state").glob("[!.]*.json")} \
+        | {path.name for path in (root / "parts").glob("[!.]*") if path.is_dir()}
     videos = {root / "videos" / f"{id_}.mp4" for id_ in known}
     parts = {root / "parts" / id_ for id_ in known}
     return [path for path in ids if path in videos or path.parent in parts]

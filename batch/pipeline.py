@@ -20,12 +20,13 @@ import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from camface.batch.cluster import ClusterError, Plan
 from camface.batch.inputs import Video, stamp
-from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record
+from camface.batch.segments import Unit, done_before, drop_parts, finish, part_record, part_records
 from camface.batch.stages import Detect, Explain, Render, Whole
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.realtime.config import LiveConfig
@@ -57,16 +58,26 @@ class BatchJob:
     def model(self) -> str:
         return str(self.config.model)
 
+    @cached_property
+    def model_digest(self) -> str:
+        """What identifies the model among the settings: "sha256:" and the hex digest of its
+        bytes, not its path, so a model moved (with the archive) is the same model and one
+        replaced at the same path is not; the path itself when the file cannot be read."""
+        from camface.hashing import sha256_file
+
+        try:
+            return f"sha256:{sha256_file(self.model)}"
+        except OSError:
+            return self.model
+
     def settings(self) -> dict:
         """The options that change a unit's outputs, as JSON gives them back: a segment an
         earlier run finished is kept only when they are the same. The drawing options only
         when the videos are drawn (record): without, they draw only the report, redrawn each run."""
         from camface.realtime.carry import every_for
 
-        model, cfg = Path(self.model), self.config
-        stat = model.stat() if model.is_file() else None
-        values = dict(model=str(model), model_size=stat.st_size if stat else 0,
-                      model_mtime_ns=stat.st_mtime_ns if stat else 0, method=cfg.method, record=self.record,
+        cfg = self.config
+        values = dict(model=self.model_digest, method=cfg.method, record=self.record,
                       detector=cfg.detector, min_confidence=cfg.min_confidence, margin=cfg.margin,
                       max_faces=cfg.max_faces, explained_class=self.explained_class, smooth=cfg.smooth,
                       detector_runtime=cfg.detector_runtime, detect_every=every_for(cfg.detect_every))
@@ -195,7 +206,7 @@ def lost_record(outputs: Outputs, unit: Unit, labels: tuple[str, ...]) -> dict:
 
     reason = (f"its worker process died each of the {ATTEMPTS} times it was tried (a crash in the decoder or "
               "the graph, or the OOM killer; the Ray logs of its node say which)")
-    out = {"path": unit.path, "ok": False, "error": reason, "stage": "worker"}
+    out = {"path": unit.path, "key": unit.key, "ok": False, "error": reason, "stage": "worker"}
     return outputs.write_record(unit.video, out, labels, None if unit.whole else part_paths(outputs, unit)["record"])
 
 
@@ -353,28 +364,30 @@ _RAISED = re.compile(r"^((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*): (.+)$")  # a tracebac
 
 
 def earlier_ids(outputs: Outputs, videos: list[Video]) -> list[Video]:
-    """`videos`, each without a record in `outputs` under its id taking the id of the one 'done'
-    record there, not of another input, of a file of its name, size and modification time: the
-    same video, done by a camface whose ids hashed the absolute path (before an archive was moved,
-    or camface upgraded). Else a --resume would do it again under the new id, its earlier rows left
-    beside the new ones. A match that is not one to one is left alone."""
+    """`videos`, each without a record or parts in `outputs` under its id taking the id of the one
+    'done' record, or segmented video with 'done' parts (cut by a run killed before it joined them),
+    there, not of another input, of a file of its name, size and modification time: the same video,
+    done by a camface whose ids hashed the absolute path (before an archive was moved, or camface
+    upgraded). Else a --resume would do it again under the new id, its earlier rows left beside the
+    new ones, or its segments done again from the start, its earlier parts left behind. A match that
+    is not one to one is left alone."""
     records = outputs.records()
     ours = {video.id for video in videos}
-    earlier: dict[tuple, list[str]] = {}
-    for video_id, record in records.items():
+    earlier: dict[tuple, set[str]] = {}
+    for video_id, record in [*records.items(), *part_records(outputs)]:
         if video_id not in ours and record.get("status") == DONE and record.get("source") and record.get("path"):
             source = record["source"]
-            earlier.setdefault((Path(record["path"]).name, source.get("size"), source.get("mtime_ns")), []).append(video_id)
+            earlier.setdefault((Path(record["path"]).name, source.get("size"), source.get("mtime_ns")), set()).add(video_id)
     if not earlier:
         return list(videos)
     wanted: dict[tuple, list[Video]] = {}
     for video in videos:
         source = stamp(video.path)
-        if video.id not in records and source is not None:
+        if video.id not in records and not (outputs.parts / video.id).is_dir() and source is not None:
             wanted.setdefault((Path(video.path).name, source["size"], source["mtime_ns"]), []).append(video)
-    adopted = {match[0]: earlier[key][0] for key, match in wanted.items()
+    adopted = {match[0]: next(iter(earlier[key])) for key, match in wanted.items()
                if len(match) == 1 and len(earlier.get(key, ())) == 1}
-    return [Video(video.path, adopted[video]) if video in adopted else video for video in videos]
+    return [replace(video, id=adopted[video]) if video in adopted else video for video in videos]
 
 
 def videos_to_do(outputs: Outputs, videos: list[Video], settings: dict) -> list[Video]:

@@ -84,14 +84,11 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
     records = outputs.records()
     rows = []
     for video in videos:
-        record = records.get(video.id) or {"video": video.id, "path": video.path, "status": "not finished"}
-        if record.get("path") != video.path:  # done before its archive was moved: where it is now
-            record = {**record, "path": video.path}
+        record = now(outputs, video, records.get(video.id) or {"status": "not finished"})
         if settings is not None and record["status"] == DONE and not done_alike(record, settings, video.path):
             changed = sorted(options_changed(record, settings))
             why = f"with other options ({', '.join(changed)})" if changed else "from an earlier version of its file"
-            record = {"video": video.id, "path": video.path, "status": "not finished",
-                      "reason": f"done earlier {why}; --resume does it again"}
+            record = now(outputs, video, {"status": "not finished", "reason": f"done earlier {why}; --resume does it again"})
         rows.append(record)
     done_ids = [r["video"] for r in rows if r["status"] == DONE]
     count, heat, crop = _class_sums(outputs, done_ids, len(labels))
@@ -125,6 +122,16 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
         if PICTURE_NAME.fullmatch(stale.name) and stale.name not in pictures:
             stale.unlink(missing_ok=True)
     return summary
+
+
+def now(outputs: Outputs, video, record: dict) -> dict:
+    """A video's entry in the summary: its record saying where the video and its outputs are now
+    (the summary is written each run; a record, and the rows, say where the file was when it was
+    explained, before the archive or OUT_DIR moved), `video`, `key` and `path` first."""
+    files = {"video_file": outputs.video(video.id), "rows_file": outputs.parquet(video.id)}
+    moved = {name: str(files[name].resolve()) for name in files if name in record}
+    entry = {"video": video.id, "key": video.key, "path": video.path}
+    return {**entry, **record, **entry, **moved}
 
 
 def _write_markdown(path: Path, summary: dict, failed: list) -> None:

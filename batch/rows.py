@@ -2,7 +2,10 @@
 pandas, or `ray.data.read_parquet(OUT/rows)` (temporary files start with "." and are skipped).
 
 Columns:
-  video (str: the video's id), path (str), frame (int64, 0-based), timestamp_s (float64:
+  video (str: the video's id), key (str: its path from the folder above the input that named it,
+  "day1/clip.mp4", which a move of the archive keeps: `camface.batch.inputs`), path (str: the
+  file's absolute path when it was explained; a moved archive's rows written before the move keep
+  the earlier one), frame (int64, 0-based), timestamp_s (float64:
   frame / the file's fps), face (int32: rank in the frame, largest first), box and crop_box
   (list<int32> [x, y, w, h], pixels of the frame; the crop square may pass the frame's edges),
   score (float32, detector), track_id (int32, -1: not tracked), probs (list<float32> [classes]),
@@ -28,7 +31,8 @@ def schema():
 
     i32, f32 = pa.int32(), pa.float32()
     return pa.schema([
-        ("video", pa.string()), ("path", pa.string()), ("frame", pa.int64()), ("timestamp_s", pa.float64()),
+        ("video", pa.string()), ("key", pa.string()), ("path", pa.string()), ("frame", pa.int64()),
+        ("timestamp_s", pa.float64()),
         ("face", i32), ("box", pa.list_(i32)), ("crop_box", pa.list_(i32)), ("score", f32), ("track_id", i32),
         ("probs", pa.list_(f32)), ("predicted", i32), ("predicted_label", pa.string()), ("explained", i32),
         ("explained_label", pa.string()), ("method", pa.string()), ("heatmap", pa.list_(f32)),
@@ -41,7 +45,7 @@ def _label(labels, k: int) -> str:
     return labels[k] if 0 <= k < len(labels) else str(k)
 
 
-def build_rows(video_id: str, path: str, fps: float, results):
+def build_rows(video_id: str, path: str, fps: float, results, key: str = ""):
     """A pyarrow Table of the rows of `results` (FrameResults of one video, in frame order)."""
     import pyarrow as pa
 
@@ -56,7 +60,7 @@ def build_rows(video_id: str, path: str, fps: float, results):
                 row = col = -1
                 peak = float("nan")
             values = dict(
-                video=video_id, path=path, frame=result.index, timestamp_s=result.index / fps if fps else 0.0,
+                video=video_id, key=key, path=path, frame=result.index, timestamp_s=result.index / fps if fps else 0.0,
                 face=rank, box=list(face.box), crop_box=list(face.crop_box), score=face.score,
                 track_id=face.track_id, probs=prediction.probs.astype(np.float32).tolist(),
                 predicted=prediction.predicted, predicted_label=prediction.label(result.labels, result.threshold),

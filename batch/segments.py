@@ -21,7 +21,6 @@ the video by copying its H.264 packets (no re-encoding) into one fragmented MP4.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -29,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from camface.batch.state import read_json
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ UNITS_PER_ACTOR = 2
 
 @dataclass(frozen=True)
 class Unit:
-    """One row of the pipeline. stop None: to the end of the file. segments 1: a whole video."""
+    """One row of the pipeline. stop None: to the end of the file. segments 1: a whole video.
+    key: the video's (`camface.batch.inputs.Video.key`)."""
 
     video: str
     path: str
@@ -46,6 +48,7 @@ class Unit:
     segments: int = 1
     start: int = 0
     stop: int | None = None
+    key: str = ""
 
     @property
     def whole(self) -> bool:
@@ -65,7 +68,7 @@ class Unit:
     def from_row(cls, row: dict) -> "Unit":
         stop = int(row["stop"])
         return cls(row["video"], row["path"], int(row["segment"]), int(row["segments"]), int(row["start"]),
-                   None if stop < 0 else stop)
+                   None if stop < 0 else stop, row.get("key", ""))
 
 
 def segment_frames_for(frames: list[int], actors: int) -> int:
@@ -80,9 +83,10 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
     and why. segment_frames: None = automatic, 0 = whole videos, N = segments of at most N
     frames (a file that announces no frame count stays whole)."""
     if smooth:
-        return [Unit(v.id, v.path) for v in videos], "whole videos: --smooth carries state from frame to frame"
+        return ([Unit(v.id, v.path, key=v.key) for v in videos],
+                "whole videos: --smooth carries state from frame to frame")
     if segment_frames == 0:
-        return [Unit(v.id, v.path) for v in videos], "whole videos (--segment-frames 0)"
+        return [Unit(v.id, v.path, key=v.key) for v in videos], "whole videos (--segment-frames 0)"
     length = segment_frames or segment_frames_for(frames, actors)
     units = []
     for video, count in zip(videos, frames):
@@ -91,12 +95,12 @@ def split(videos, frames: list[int], actors: int, segment_frames: int | None, sm
                                                                        count // MIN_SEGMENT_FRAMES)
         pieces = max(1, pieces)
         if pieces == 1:
-            units.append(Unit(video.id, video.path))
+            units.append(Unit(video.id, video.path, key=video.key))
             continue
         bounds = [round(k * count / pieces) for k in range(pieces + 1)]  # near-equal pieces
         for k in range(pieces):
             stop = None if k == pieces - 1 else bounds[k + 1]  # the last runs to the real end
-            units.append(Unit(video.id, video.path, k, pieces, bounds[k], stop))
+            units.append(Unit(video.id, video.path, k, pieces, bounds[k], stop, video.key))
     cut = len({u.video for u in units if not u.whole})
     how = "--segment-frames" if segment_frames else f"automatic: {UNITS_PER_ACTOR} units per actor, " \
                                                     f">= {MIN_SEGMENT_FRAMES} frames"
@@ -117,9 +121,20 @@ def part_paths(outputs, unit: Unit) -> dict[str, Path]:
 
 def part_record(outputs, unit: Unit) -> dict | None:
     try:
-        return json.loads(part_paths(outputs, unit)["record"].read_text())
+        return read_json(part_paths(outputs, unit)["record"])
     except (OSError, ValueError):
         return None
+
+
+def part_records(outputs) -> list[tuple[str, dict]]:
+    """(video id, part record) of every part in OUT_DIR/parts/ (those that can be read)."""
+    found = []
+    for path in sorted(outputs.parts.glob("*/[0-9]*.json")) if outputs.parts.is_dir() else ():
+        try:
+            found.append((path.parent.name, read_json(path)))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def done_before(outputs, unit: Unit, settings: dict) -> bool:
@@ -148,12 +163,13 @@ def keep_splits(outputs, units: list[Unit], settings: dict) -> list[Unit]:
     for video, parts in by_video.items():
         saved = outputs.parts / video / "split.json"
         try:
-            earlier = json.loads(saved.read_text())
+            earlier = read_json(saved)
         except (OSError, ValueError):
             earlier = None
         if earlier and earlier.get("settings") == settings and earlier.get("bounds"):
             bounds = earlier["bounds"]
-            parts = [Unit(video, parts[0].path, k, len(bounds), start, stop) for k, (start, stop) in enumerate(bounds)]
+            parts = [Unit(video, parts[0].path, k, len(bounds), start, stop, parts[0].key)
+                     for k, (start, stop) in enumerate(bounds)]
         elif not parts[0].whole:
             saved.parent.mkdir(parents=True, exist_ok=True)
             write_json(saved, {"settings": settings, "bounds": [[u.start, u.stop] for u in parts]})
@@ -172,7 +188,7 @@ def finish(outputs, units: list[Unit], labels: tuple[str, ...], record_video: bo
 
     parts = [part_record(outputs, u) for u in units]
     video, path = units[0].video, units[0].path
-    out = {"path": path, "ok": True}
+    out = {"path": path, "key": units[0].key, "ok": True}
     failed = next((p for p in parts if p is None or p["status"] != DONE), None)
     if failed is not None:
         out.update(ok=False, error=(failed or {}).get("reason", "a segment's outputs are missing"),
@@ -221,7 +237,7 @@ def _parts_settings(folder: Path) -> dict | None:
     """The options a video's parts were cut under: its saved split's, else a part record's."""
     for path in (folder / "split.json", *sorted(folder.glob("[!.]*.json"))):
         try:
-            settings = json.loads(path.read_text()).get("settings")
+            settings = read_json(path).get("settings")
         except (OSError, ValueError, AttributeError):
             continue
         if settings is not None:
@@ -237,7 +253,7 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     from camface.batch.rows import schema, write_parquet
 
     files = [part_paths(outputs, u) for u in units]
-    table = pa.concat_tables([_read_rows(f["rows"]) for f in files]).cast(schema())
+    table = pa.concat_tables([_located(_read_rows(f["rows"]), units[0]) for f in files]).cast(schema())
     outputs.write(outputs.parquet(units[0].video), lambda tmp: write_parquet(table, tmp))
     sums: dict[str, np.ndarray] = {}
     for f in files:
@@ -272,6 +288,20 @@ def _join(outputs, units, parts, labels, record_video, out) -> None:
     cut = next((p["incomplete"] for p in parts if p.get("incomplete")), None)
     if cut is not None:  # the segment that met the file's early end; frames read: of all segments
         out["incomplete"] = {"frames_announced": cut.get("frames_announced"), "reason": cut.get("reason")}
+
+
+def _located(table, unit: Unit):
+    """A part's rows with the video's key and path as they are now: the video is explained when its
+    parts are joined, and parts written before the archive moved name where it was then (those of
+    an earlier camface have no key column)."""
+    import pyarrow as pa
+
+    from camface.batch.rows import schema
+
+    table = table.drop_columns([name for name in ("key", "path") if name in table.column_names])
+    for name, value in (("key", unit.key), ("path", unit.path)):
+        table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
+    return table.select(schema().names)
 
 
 def _read_rows(path: Path):

@@ -98,7 +98,7 @@ class Detect:
 
         start = time.perf_counter()
         unit = Unit.from_row(row)
-        out = {"path": unit.path, "unit": unit, "start": unit.start, "stop": unit.stop, "ok": True,
+        out = {"path": unit.path, "key": unit.key, "unit": unit, "start": unit.start, "stop": unit.stop, "ok": True,
                "detect_node": _node(), "started_at": time.time()}
         try:
             out["source"] = stamp(unit.path)  # before reading: a file changed later is redone by --resume

@@ -2,7 +2,8 @@
 
   OUT_DIR/videos/<id>.mp4        annotated video (--record)
   OUT_DIR/rows/<id>.parquet      its rows (one per face per frame; `camface.batch.rows`)
-  OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts
+  OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts; its
+                                 key and path as its rows say them (`camface.batch.rows`)
   OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
   OUT_DIR/parts/<id>/            a segmented video's parts while it is in work (`camface.batch.segments`)
   OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
@@ -19,6 +20,7 @@ a duplicate or a half-written file behind, and `--resume` redoes exactly the vid
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,7 @@ class Outputs:
 
     def read_record(self, video_id: str) -> dict | None:
         try:
-            return json.loads(self.record_path(video_id).read_text())
+            return read_json(self.record_path(video_id))
         except (OSError, ValueError):
             return None
 
@@ -78,7 +80,7 @@ class Outputs:
         if self.state.is_dir():
             for path in sorted(self.state.glob("[!.]*.json")):
                 try:
-                    found[path.stem] = json.loads(path.read_text())
+                    found[path.stem] = read_json(path)
                 except ValueError:
                     continue
         return found
@@ -98,7 +100,8 @@ class Outputs:
         """The video's record (done or failed) from a Render payload, written last; or, with
         `path`, a segment's part record. Returns it; when it cannot be written (OSError: a full
         disk) returns a failed record saying so, written nowhere."""
-        record = {"video": video_id, "path": out["path"], "status": DONE if out["ok"] else FAILED}
+        record = {"video": video_id, "key": out.get("key", ""), "path": out["path"],
+                  "status": DONE if out["ok"] else FAILED}
         if self.owner is not None:
             self.owner.check()  # before anything is removed, too
             record["run"] = self.owner.token  # which run wrote it
@@ -126,7 +129,8 @@ class Outputs:
             if isinstance(exc, Superseded):  # an OutputError too: this run lost OUT_DIR, no record at all
                 raise
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
-            return {"video": video_id, "path": out["path"], "status": FAILED, "stage": "record",
+            return {"video": video_id, "key": out.get("key", ""), "path": out["path"], "status": FAILED,
+                    "stage": "record",
                     "reason": f"cannot write its record {path or self.record_path(video_id)}: "
                               f"{getattr(cause, 'strerror', None) or cause}"}
         return record
@@ -144,6 +148,44 @@ def describe_incomplete(record: dict) -> str:
     entry = record["incomplete"]
     of = f" of {entry['frames_announced']} announced" if entry.get("frames_announced") else ""
     return f"read {entry['frames_read']}{of} frames ({entry['reason']})"
+
+
+def read_json(path: Path):
+    """A record, part record or saved split of OUT_DIR (OSError, ValueError as reading and
+    json.loads raise them), its settings as this camface writes them (`upgraded`)."""
+    value = json.loads(Path(path).read_text())
+    if isinstance(value, dict) and isinstance(value.get("settings"), dict):
+        value["settings"] = upgraded(value["settings"])
+    return value
+
+
+def upgraded(settings: dict) -> dict:
+    """Settings an earlier camface wrote, naming the model by its path, size and modification
+    time, with the model named as now (`BatchJob.model_digest`): by the sha256 of that file if
+    it is still there with that size and time (the model that camface would have kept), else by
+    its path (another model: what they made is done again, as that camface did)."""
+    from camface.batch.inputs import stamp
+
+    if "model_size" not in settings and "model_mtime_ns" not in settings:
+        return settings
+    settings = dict(settings)
+    size, mtime_ns = settings.pop("model_size", None), settings.pop("model_mtime_ns", None)
+    path = str(settings.get("model"))
+    if stamp(path) == {"size": size, "mtime_ns": mtime_ns}:
+        settings["model"] = _digest(path, size, mtime_ns) or path
+    return settings
+
+
+@lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str | None:
+    """"sha256:<hex>" of the file at `path`, which has that size and modification time (the
+    cache's key: every record of a run names one model); None when it cannot be read."""
+    from camface.hashing import sha256_file
+
+    try:
+        return f"sha256:{sha256_file(path)}"
+    except OSError:
+        return None
 
 
 def write_json(path: Path, value, before_rename=None) -> None:
@@ -183,7 +225,7 @@ def write_video_outputs(outputs: Outputs, video_id: str, out: dict, renderer, me
         video = outputs.video(video_id) if paths is None else paths["video"]
         outputs.write(video, lambda tmp: _write_video(tmp, out, results, renderer))
         out["video_file"] = str(video)
-    table = build_rows(video_id, out["path"], out["fps"], results)
+    table = build_rows(video_id, out["path"], out["fps"], results, out.get("key", ""))
     final = outputs.parquet(video_id) if paths is None else paths["rows"]
     outputs.write(final, lambda tmp: write_parquet(table, tmp))
     out["rows_file"] = str(final)

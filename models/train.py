@@ -237,9 +237,10 @@ def run(config: TrainConfig) -> dict:
     duplicates = [str(copy) for copy, _ in copies]
     paths, targets = dataset.usable_crops(photos, labels, config.data_dir)
     groups = dataset.split_groups(photos, labels, config.data_dir)
+    names = dataset.split_names(photos, labels, config.data_dir)
     try:
         split = dataset.stratified_split(targets, config.val_split, config.test_split, config.seed,
-                                         labels, groups, dataset.split_names(photos, labels, config.data_dir))
+                                         labels, groups, names)
     except ValueError as exc:
         raise SourceError(f"DATA_DIR {config.data_dir}: {exc} (--val-split {config.val_split}, --test-split "
                           f"{config.test_split}): add photos to that class folder or lower the fractions") from exc
@@ -253,7 +254,7 @@ def run(config: TrainConfig) -> dict:
 
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
     model_path = out / "model.keras"
-    stages = _fit(config, labels, images, targets, split, model_path)
+    stages = _fit(config, labels, images, targets, split, model_path, names)
     labels_path = out / "labels.txt"
     report.write_text(labels_path, "\n".join(labels) + "\n")
 
@@ -391,8 +392,19 @@ def _open_cropper(config: TrainConfig):
     return dataset.LiveCropper(_face_detector(config), margin=config.margin, size=config.input_size)
 
 
+def precise_bn_sample(train: np.ndarray, names: list[str], seed: int) -> np.ndarray:
+    """int64 indices: the training crops (`train`, indices into `names`) that set BatchNorm
+    statistics with --weights none, the first PRECISE_BN_IMAGES of them in the split's seeded
+    order (`dataset.draw_order` of their names): a function of the seed and the names only, not
+    of numpy's Generator streams (which may change between versions) nor of the listing order."""
+    index = {names[i]: int(i) for i in train}
+    drawn = dataset.draw_order(index, seed)[:PRECISE_BN_IMAGES]
+    return np.array([index[name] for name in drawn], np.int64)
+
+
 def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np.ndarray,
-         split: dataset.Split, model_path: Path) -> list:
+         split: dataset.Split, model_path: Path, names: list[str]) -> list:
+    """Train the model and save the best at `model_path`; names: each crop's (`dataset.split_names`)."""
     from camface.models import transfer
 
     preprocessing = backbone_preprocessing(config.backbone)
@@ -402,7 +414,7 @@ def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np
     callbacks: tuple = ()
     if config.weights == "none":
         layers = transfer.set_backbone_trainable(classifier, "all")
-        sample = np.random.default_rng(config.seed).permutation(split.train)[:PRECISE_BN_IMAGES]
+        sample = precise_bn_sample(split.train, names, config.seed)
         callbacks = (transfer.precise_batchnorm(transfer.normalise(images[sample], preprocessing)),)
         log.info("--weights none: training all %d backbone layers from scratch (BatchNorm "
                  "statistics re-estimated on %d training crops before each validation)", layers,

@@ -224,22 +224,29 @@ def test_interrupted_then_resume_does_nothing_twice(ray_cluster, clips, long_cli
     assert json.loads((out / "summary.json").read_text())["run"]["videos_this_run"] == []
 
 
-@pytest.mark.parametrize("inputs", [["archive/**/*.mp4"], ["archive/day1", "archive/day2"]])
-def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster, clips, tmp_path, inputs):
-    """Ids hashed the absolute path: the archive's folder moved (OUT_DIR with it) and resumed
-    there, every video was done again under new ids, its rows beside the earlier ones. Now
-    nothing is redone, OUT_DIR holds one record and one table per video, and the summary names
-    the videos where they are now. day1/ and day2/ hold the same file name: two ids."""
+@pytest.mark.parametrize("inputs, keys", [(["archive/**/*.mp4"], ["archive/day1/clip.mp4", "archive/day2/clip.mp4"]),
+                                          (["archive/day1", "archive/day2"], ["day1/clip.mp4", "day2/clip.mp4"])])
+def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster, clips, tmp_path, inputs, keys):
+    """Ids hashed the absolute path: the archive's folder moved (OUT_DIR and the model with it)
+    and resumed there, every video was done again under new ids, its rows beside the earlier
+    ones. Now nothing is redone (the model is known by its bytes, not its path), OUT_DIR holds one
+    record and one table per video, and the summary names the videos and their outputs where they
+    are now. Rows and records say where the file was when it was explained, and the key (the path
+    from the folder above the input) that a move keeps. day1/ and day2/ hold the same file name."""
     import shutil
+
+    from camface.models import EMOTION_ONNX
 
     folder, paths = clips
     for day, clip in (("day1", paths[0]), ("day2", paths[1])):
         (tmp_path / "site" / "archive" / day).mkdir(parents=True)
         shutil.copy2(clip, tmp_path / "site" / "archive" / day / "clip.mp4")
+    shutil.copy2(EMOTION_ONNX, tmp_path / "site" / "model.onnx")
     flags = ["--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record"]
 
     def run(site, *extra):
-        assert batch([*(site / spec for spec in inputs), "-o", site / "out", *flags, *extra]) == 0
+        assert batch([*(site / spec for spec in inputs), "-o", site / "out", "--model", site / "model.onnx", *flags,
+                      *extra]) == 0
         return json.loads((site / "out" / "summary.json").read_text())
 
     first = run(tmp_path / "site")
@@ -249,13 +256,66 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
     out = tmp_path / "moved" / "out"
     second = run(tmp_path / "moved", "--resume")
     assert second["run"]["videos_this_run"] == [] and [r["video"] for r in second["videos"]] == ids
-    assert [r["path"] for r in second["videos"]] == [str(tmp_path / "moved" / "archive" / day / "clip.mp4")
-                                                    for day in ("day1", "day2")]
+    was, now = ([str(tmp_path / site / "archive" / day / "clip.mp4") for day in ("day1", "day2")]
+                for site in ("site", "moved"))
+    assert [r["path"] for r in second["videos"]] == now and [r["key"] for r in second["videos"]] == keys
+    assert [r["rows_file"] for r in second["videos"]] == [str(out / "rows" / f"{v}.parquet") for v in ids]
     assert sorted(p.stem for p in (out / "state").glob("*.json")) == sorted(ids)
     assert sorted(p.stem for p in (out / "rows").glob("*.parquet")) == sorted(ids)
     assert second["totals"]["faces"] == first["totals"]["faces"] > 0
-    for record in second["videos"]:
-        assert rows_of(out, record["video"]).num_rows == record["faces_total"]
+    for record, path, key in zip(second["videos"], was, keys):
+        rows = rows_of(out, record["video"])
+        assert rows.num_rows == record["faces_total"]
+        assert set(rows.column("key").to_pylist()) == {key} and set(rows.column("path").to_pylist()) == {path}
+        assert json.loads((out / "state" / f"{record['video']}.json").read_text())["key"] == key
+
+
+def test_a_half_done_segmented_video_resumes_under_its_earlier_id_after_a_move(ray_cluster, long_clip, tmp_path):
+    """A camface whose ids hashed the absolute path cut a video into segments and was killed
+    before joining them; the archive (with OUT_DIR and the model) was moved and resumed. The
+    video started again under its new id from scratch, its earlier parts left in OUT_DIR/parts/
+    for good. Now it goes on under its earlier id: only the missing segment runs, and the joined
+    rows all say where the video is now, with its key."""
+    import hashlib
+    import shutil
+
+    from camface.batch import inputs, pipeline
+    from camface.models import EMOTION_ONNX
+
+    clip = tmp_path / "site" / "archive" / "long.mp4"
+    clip.parent.mkdir(parents=True)
+    shutil.copy2(long_clip, clip)
+    shutil.copy2(EMOTION_ONNX, tmp_path / "site" / "model.onnx")
+    old = f"long-{hashlib.sha1(str(clip).encode()).hexdigest()[:8]}"
+
+    def argv(site):
+        return [site / "archive", "-o", site / "out", "--model", site / "model.onnx", "--device", "cpu",
+                "--graph-gpus", "0", "--no-progress", "--no-record", "--segment-frames", "40"]  # 3 segments
+
+    def killed(*args, **kwargs):  # the driver dies when the last segment is back, before joining
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(inputs, "video_id", lambda path, key=None: f"{path.stem}-"
+                      f"{hashlib.sha1(str(path).encode()).hexdigest()[:8]}")  # as the earlier camface
+        patch.setattr(pipeline, "finish", killed)
+        assert batch(argv(tmp_path / "site")) == 130
+    parts = tmp_path / "moved" / "out" / "parts" / old
+    (tmp_path / "site" / "out" / "parts" / old / "00001-40-80.json").unlink()  # segment 1 was still in work
+    shutil.move(tmp_path / "site", tmp_path / "moved")
+    assert sorted(p.name for p in parts.glob("0*.json")) == ["00000-0-40.json", "00002-80-end.json"]
+    assert batch([*argv(tmp_path / "moved"), "--resume"]) == 0
+    summary = json.loads((tmp_path / "moved" / "out" / "summary.json").read_text())
+    assert summary["run"]["units_run"] == 1 and summary["run"]["frames_this_run"] == 40
+    (record,) = summary["videos"]
+    assert record["video"] == old and record["status"] == "done" and record["segments"] == 3
+    assert not (tmp_path / "moved" / "out" / "parts").exists()
+    out = tmp_path / "moved" / "out"
+    assert [p.name for p in (out / "state").glob("*.json")] == [f"{old}.json"]
+    rows = rows_of(out, old)
+    assert rows.num_rows == record["faces_total"] > 0 and sorted(set(rows.column("frame").to_pylist()))[-1] >= 80
+    assert set(rows.column("path").to_pylist()) == {str(tmp_path / "moved" / "archive" / "long.mp4")}
+    assert set(rows.column("key").to_pylist()) == {"archive/long.mp4"} and record["key"] == "archive/long.mp4"
 
 
 def test_sigterm_stops_the_run_as_ctrl_c_does_with_a_summary(ray_cluster, clips, tmp_path, capfd):

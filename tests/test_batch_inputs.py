@@ -30,13 +30,14 @@ def test_the_runs_own_outputs_are_never_inputs(tmp_path, caplog):
     earlier = "c-0123abcd"  # a video OUT_DIR holds a record of, under an id an earlier camface gave
     for path in (archive / "a.mp4", archive / "day2" / "b.mp4", out / "videos" / f"{a}.mp4",
                  out / "parts" / b / "00000-0-300.mp4", out / "videos" / "mine.mp4",
-                 out / "state" / f"{earlier}.json", out / "videos" / f"{earlier}.mp4"):
+                 out / "state" / f"{earlier}.json", out / "videos" / f"{earlier}.mp4",
+                 out / "parts" / "d-4567cdef" / "00000-0-300.mp4"):  # an earlier id's parts, not joined yet
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     videos = find_videos([str(archive / "**" / "*.mp4")], out)
     assert [v.path for v in videos] == [str(archive / "a.mp4"), str(archive / "day2" / "b.mp4"),
                                         str(out / "videos" / "mine.mp4")]
-    assert "skipping 3 file(s) that this run writes in" in caplog.text
+    assert "skipping 4 file(s) that this run writes in" in caplog.text
     # OUT_DIR above the archive (`camface batch recordings/ -o .`): the inputs are inputs
     assert [v.path for v in find_videos([str(archive / "a.mp4"), str(archive / "day2")], tmp_path)] == [
         str(archive / "a.mp4"), str(archive / "day2" / "b.mp4")]
@@ -365,7 +366,7 @@ def test_a_resume_with_other_options_refuses_to_leave_other_videos_rows_of_other
     with load(device="cpu") as opened:  # as the driver resolves the bundled graph and --method auto
         config = LiveConfig(model=opened.model_path.resolve(), method=opened.config.method)
     settings = BatchJob((), str(out), config).settings()
-    for name, model in (("old", "/models/other.onnx"), ("same", str(config.model))):
+    for name, model in (("old", "/models/other.onnx"), ("same", settings["model"])):
         outputs.record_path(f"{name}-0123abcd").write_text(json.dumps(
             {"video": f"{name}-0123abcd", "path": f"/archive/{name}.mp4", "status": "done",
              "settings": {**settings, "model": model}}))

@@ -334,3 +334,100 @@ def test_smoothing_across_frames_equals_the_live_explainer_frame_by_frame(method
             assert (p.predicted, p.explained) == (q.predicted, q.explained)
             np.testing.assert_allclose(p.probs, q.probs, rtol=1e-6)
             np.testing.assert_allclose(p.heatmap, q.heatmap, rtol=1e-6)
+
+
+def test_a_video_joined_from_parts_written_before_a_move_says_where_it_is_now(tmp_path):
+    """A segmented video resumed after its archive moved: parts written before the move named the
+    old path (those of an earlier camface had no key column), parts written after it the new one,
+    and the joined table mixed them. Its rows all say where the video is now, with its key."""
+    import pyarrow.parquet as pq
+
+    from camface.batch.segments import Unit, finish, part_paths
+    from camface.batch.state import Outputs, write_video_outputs
+
+    outputs, labels = Outputs(tmp_path / "out"), tuple("abcdefg")
+    outputs.make()
+    now, key = "/moved/archive/v.mp4", "archive/v.mp4"
+    units = [Unit("v-0123abcd", now, 0, 2, 0, 3, key), Unit("v-0123abcd", now, 1, 2, 3, None, key)]
+    for unit, path, frames in ((units[0], "/site/archive/v.mp4", 3), (units[1], now, 2)):
+        paths = part_paths(outputs, unit)
+        paths["record"].parent.mkdir(parents=True, exist_ok=True)
+        out = {**_render_payload(frames), "path": path, "start": unit.start, "ok": True, "key": unit.key}
+        write_video_outputs(outputs, unit.video, out, None, "gradcam", None, labels, paths=paths)
+        outputs.write_record(unit.video, out, labels, paths["record"])
+    old = part_paths(outputs, units[0])["rows"]
+    pq.write_table(pq.read_table(old).drop_columns(["key"]), old)  # as an earlier camface wrote it
+    record = finish(outputs, units, labels, False)
+    assert record["status"] == "done" and record["path"] == now and record["key"] == key
+    rows = pq.read_table(outputs.parquet("v-0123abcd"))
+    assert rows.column("frame").to_pylist() == [0, 1, 2, 3, 4]
+    assert set(rows.column("path").to_pylist()) == {now} and set(rows.column("key").to_pylist()) == {key}
+
+
+def test_a_model_is_known_by_its_bytes_not_its_path(tmp_path):
+    """--resume compared the model's absolute path (and size and modification time): a model
+    moved with the archive had every video done again. It compares the model's sha256: a copy
+    elsewhere under another name is the same model; other bytes at the same path, size and
+    modification time are another, and the videos done with it are done again."""
+    import os
+
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.pipeline import BatchJob, changed_since, videos_to_do
+    from camface.batch.state import Outputs, write_json
+    from camface.realtime.config import LiveConfig
+
+    def settings(model):
+        return BatchJob((), "out", LiveConfig(model=model)).settings()
+
+    first, moved = tmp_path / "site" / "model.onnx", tmp_path / "moved" / "renamed.onnx"
+    for path in (first, moved):
+        path.parent.mkdir()
+        path.write_bytes(b"graph one" * 100)
+    os.utime(moved, ns=(0, 10**18))
+    clip = tmp_path / "v.mp4"
+    clip.write_bytes(b"x")
+    video, outputs = Video(str(clip), "v-0123abcd"), Outputs(tmp_path / "out")
+    outputs.make()
+    write_json(outputs.record_path(video.id), {"status": "done", "settings": settings(first), "source": stamp(clip)})
+    assert settings(moved) == settings(first) and videos_to_do(outputs, [video], settings(moved)) == []
+    before = first.stat()
+    first.write_bytes(b"graph two" * 100)  # another model, same size, its time set back
+    os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert settings(first) != settings(moved)
+    assert videos_to_do(outputs, [video], settings(first)) == [video]
+    assert changed_since(outputs, [video], settings(first)) == (["model"], 0)
+
+
+def test_what_an_earlier_camface_did_with_the_same_model_is_kept(tmp_path):
+    """OUT_DIR of a camface that named the model by its path, size and modification time: once
+    the model was known by its bytes, every video and segment it did counted as done with another
+    model (all done again; a resume over fewer inputs refused). The model still there as it was is
+    the same model; changed since, it is another, and they are done again as before."""
+    import os
+
+    from camface.batch.inputs import Video, stamp
+    from camface.batch.pipeline import BatchJob, changed_since, done_otherwise, videos_to_do
+    from camface.batch.segments import Unit, done_before, keep_splits, part_paths
+    from camface.batch.state import Outputs, write_json
+    from camface.realtime.config import LiveConfig
+
+    model, clip = tmp_path / "model.onnx", tmp_path / "v.mp4"
+    model.write_bytes(b"graph" * 100)
+    clip.write_bytes(b"x")
+    now = BatchJob((), "out", LiveConfig(model=model)).settings()
+    older = {**now, "model": str(model), "model_size": 500, "model_mtime_ns": model.stat().st_mtime_ns}
+    outputs, video = Outputs(tmp_path / "out"), Video(str(clip), "v-0123abcd")
+    outputs.make()
+    units = [Unit(video.id, video.path, 0, 2, 0, 50, video.key), Unit(video.id, video.path, 1, 2, 50, None, video.key)]
+    write_json(outputs.record_path(video.id), {"status": "done", "settings": older, "source": stamp(clip)})
+    write_json(outputs.record_path("gone-0123abcd"), {"status": "done", "settings": older, "path": "/a/gone.mp4"})
+    part_paths(outputs, units[1])["record"].parent.mkdir(parents=True)
+    write_json(part_paths(outputs, units[1])["record"], {"status": "done", "settings": older, "source": stamp(clip)})
+    write_json(outputs.parts / video.id / "split.json", {"settings": older, "bounds": [[0, 50], [50, None]]})
+    assert videos_to_do(outputs, [video], now) == [] and done_otherwise(outputs, [video], now) == ([], [])
+    assert done_before(outputs, units[1], now)
+    assert keep_splits(outputs, [Unit(video.id, video.path, key=video.key)], now) == units
+    os.utime(model, ns=(0, 10**18))  # another model, as the earlier camface saw it
+    assert videos_to_do(outputs, [video], now) == [video] and not done_before(outputs, units[1], now)
+    assert changed_since(outputs, [video], now) == (["model"], 0)
+    assert done_otherwise(outputs, [video], now) == (["/a/gone.mp4"], ["model"])

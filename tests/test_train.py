@@ -503,3 +503,57 @@ def test_train_logs_the_graph_loads_under_debug_only_as_export_does(debug, tmp_p
     shown = [r.getMessage() for r in caplog.records if r.name == graph_log.name]
     assert shown == (["CAM graph model.onnx on CPUExecutionProvider"] if debug else [])
     assert graph_log.level == logging.NOTSET  # as it was
+
+
+def _precise_bn_names(tmp_path, monkeypatch, seed: int, reverse: bool) -> list[str]:
+    """The names of the crops `_fit` hands `precise_batchnorm` with --weights none (Keras stubbed
+    out), numpy's random generators made to raise; reverse: the crops listed the other way round."""
+    from types import SimpleNamespace
+
+    from camface.models import train, transfer
+
+    def no_numpy_random(*args, **kwargs):
+        raise AssertionError("numpy's random streams may change between versions")
+
+    names = [f"{label}/clip{i % 5}/{i}.png" for label in ("a", "b") for i in range(90)]
+    order = list(range(len(names)))[::-1] if reverse else list(range(len(names)))
+    listed = [names[i] for i in order]
+    images = np.array(order, np.float32).reshape(-1, 1, 1, 1)  # each crop says which name it is
+    targets = np.array([i // 90 for i in order], np.int64)
+    train_part = np.array(sorted(k for k, name in enumerate(listed) if not name.endswith(("0.png", "7.png"))), np.int64)
+    split = dataset.Split(train_part, np.array([], np.int64), np.array([], np.int64))
+    seen = []
+    monkeypatch.setattr(np.random, "default_rng", no_numpy_random)
+    monkeypatch.setattr(np.random, "permutation", no_numpy_random)
+    monkeypatch.setattr(transfer, "build_model", lambda *a, **k: SimpleNamespace(model=None))
+    monkeypatch.setattr(transfer, "set_backbone_trainable", lambda *a, **k: 0)
+    monkeypatch.setattr(transfer, "normalise", lambda images, preprocessing: images)
+    monkeypatch.setattr(transfer, "precise_batchnorm", lambda images: seen.append(images))
+    monkeypatch.setattr(transfer, "augmentation", lambda seed: None)
+    monkeypatch.setattr(transfer, "tf_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(transfer, "fit_stage", lambda *a, **k: None)
+    config = train.TrainConfig(tmp_path, tmp_path / "out", backbone="mobilenetv2", input_size=32,
+                               weights="none", detect=False, seed=seed)
+    train._fit(config, ["a", "b"], images, targets, split, tmp_path / "model.keras", listed)
+    assert len(seen) == 1
+    return [names[int(value)] for value in seen[0].ravel()]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_precise_bn_crops_are_drawn_in_the_splits_seeded_order_not_numpys(tmp_path, monkeypatch, seed):
+    """--weights none sets BatchNorm statistics on a sample of the training crops; it was drawn by
+    numpy's Generator.permutation, whose stream may change between numpy versions. It is the
+    first PRECISE_BN_IMAGES training crops by sha256(f"{seed}:{name}"), as the split draws: the
+    same for a seed whatever numpy and the listing order, another for another seed."""
+    import hashlib
+
+    from camface.models.train import PRECISE_BN_IMAGES
+
+    sample = _precise_bn_names(tmp_path, monkeypatch, seed, reverse=False)
+    names = [f"{label}/clip{i % 5}/{i}.png" for label in ("a", "b") for i in range(90)]
+    training = [name for name in names if not name.endswith(("0.png", "7.png"))]
+    expected = sorted(training, key=lambda name: hashlib.sha256(f"{seed}:{name}".encode()).hexdigest())
+    assert len(training) > PRECISE_BN_IMAGES
+    assert sample == expected[:PRECISE_BN_IMAGES]
+    assert _precise_bn_names(tmp_path, monkeypatch, seed, reverse=True) == sample
+    assert _precise_bn_names(tmp_path, monkeypatch, seed + 1, reverse=False) != sample
