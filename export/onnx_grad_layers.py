@@ -258,9 +258,9 @@ def max_pool(ctx, node, grads):
 
 
 def resize(ctx, node, grads):
-    """Resize of the last one or two axes (nearest, linear or cubic, any coordinate mode,
+    """Resize of any axes but the batch's (nearest, linear or cubic, any coordinate mode,
     antialias): a linear map A_axis of each resized axis, applied one after the other, so
-    dx = A_h^T g A_w. The matrices are the node itself run by ONNX Runtime on basis inputs (what
+    dx = A_h^T g A_w for height and width. The matrices are the node itself run by ONNX Runtime on basis inputs (what
     the forward computes, whatever its attributes), then checked against it on a random input."""
     b = ctx.builder
     x, y = node.input[0], node.output[0]
@@ -281,11 +281,10 @@ def resize(ctx, node, grads):
     axes = [a % rank for a in attribute(node, "axes", list(range(rank)))]
     factor = dict(zip(axes, scales.tolist())) if scales is not None else {}
     resized = [a for a in range(1, rank) if before[a] != after[a] or factor.get(a, 1.0) != 1.0]
-    spatial = _resize_spatial(rank)
     # the batch axis may be dynamic (named differently on either side): only its scale is read
-    if factor.get(0, 1.0) != 1.0 or any(a not in spatial for a in resized):
-        raise ModelError(f"node {node.name!r} (Resize): only the last two axes (of 4 or more) may "
-                         f"be resized for a gradient ({before} -> {after}, mode {mode})")
+    if factor.get(0, 1.0) != 1.0:
+        raise ModelError(f"node {node.name!r} (Resize): resizes the batch axis ({before} -> "
+                         f"{after}, mode {mode}); no gradient rule")
     if not resized:
         return [grads[0]] + [None] * (len(node.input) - 1)
     sizes = list(after)  # the sizes input as written where constant (an aspect-ratio policy
@@ -298,15 +297,13 @@ def resize(ctx, node, grads):
     for axis in sorted(resized, reverse=True):  # g A_w first, then A_h^T (g A_w)
         if axis == rank - 1:
             grad = b.op("MatMul", [grad, b.const(maps[axis])])
-        else:
+        elif axis == rank - 2:
             grad = b.op("MatMul", [b.const(maps[axis].T), grad])
+        else:  # another axis (NHWC's height): moved last and back
+            perm = [a for a in range(rank) if a != axis] + [axis]
+            moved = b.op("MatMul", [b.op("Transpose", [grad], perm=perm), b.const(maps[axis])])
+            grad = b.op("Transpose", [moved], perm=[int(i) for i in np.argsort(perm)])
     return [grad] + [None] * (len(node.input) - 1)
-
-
-def _resize_spatial(rank: int) -> list[int]:
-    """The axes a Resize may scale for its gradient: height and width of [N, C, H, W, ...]
-    (the last two), the length of [N, C, L] or the features of [N, F]."""
-    return [rank - 2, rank - 1] if rank >= 4 else [rank - 1]
 
 
 def _resize_maps(node, opset, before, sizes, axes, factor, resized) -> dict[int, np.ndarray]:
@@ -317,21 +314,20 @@ def _resize_maps(node, opset, before, sizes, axes, factor, resized) -> dict[int,
     from onnx import TensorProto, helper
 
     rank = len(before)
-    spatial = _resize_spatial(rank)
-    small = [1] * rank  # the probe: batch = basis index, other non-spatial axes of size 1
-    for a in spatial:
+    small = [1] * rank  # the probe: batch = basis index, the axes not resized of size 1
+    for a in resized:
         small[a] = before[a]
 
     def run(probe: np.ndarray) -> np.ndarray:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs, initializers = (["x"] if opset < 11 else ["x", "", ""]), []
         if factor:  # scales given: the same scales, 1 on the probe's other axes
-            values = [factor[a] if a in spatial else 1.0 for a in axes]
+            values = [factor[a] if a in resized else 1.0 for a in axes]
             initializers.append(helper.make_tensor("scales", TensorProto.FLOAT, [len(values)],
                                                    values))
-            inputs[2] = "scales"
-        else:  # sizes given: the probe's own, the output's on the spatial axes
-            values = [sizes[a] if a in spatial else probe.shape[a] for a in axes]
+            inputs[-1 if opset < 11 else 2:] = ["scales"]
+        else:  # sizes given: the probe's own, the output's on the resized axes
+            values = [sizes[a] if a in resized else probe.shape[a] for a in axes]
             initializers.append(helper.make_tensor("sizes", TensorProto.INT64, [len(values)],
                                                    values))
             inputs.append("sizes")

@@ -282,6 +282,10 @@ CASES.update({
     "Resize(width only, 4 -> 9)": ([node("Resize", ["x", "", "s"], mode="linear")],
                                    [init("s", np.float32([1, 1, 1, 2.25]))],
                                    lambda t, F, x: F.interpolate(x, size=(4, 9), mode="bilinear")),
+    "Resize(NHWC, bilinear x2)": ([node("Resize", ["x", "", "s"], mode="linear")],
+                                  [init("s", np.float32([1, 2, 2, 1]))],
+                                  lambda t, F, x: F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2,
+                                                                mode="bilinear").permute(0, 2, 3, 1)),
     "Resize(sizes, not_larger)": ([node("Resize", ["x", "", "", "z"], mode="linear", axes=[2, 3],
                                         keep_aspect_ratio_policy="not_larger")],
                                   [init("z", np.int64([7, 9]))], None),
@@ -378,12 +382,12 @@ def test_an_op_without_a_rule_is_named_with_its_node():
 
 @pytest.mark.parametrize("nodes, initializers, why", [
     ([node("Resize", ["x", "", "s"], mode="nearest", name="the_resize")],
-     [init("s", np.float32([1, 2, 1, 1]))], r"only the last two axes \(of 4 or more\) may be resized"),
+     [init("s", np.float32([2, 1, 1, 1]))], r"resizes the batch axis"),
     ([node("Resize", ["x", "roi", "s"], mode="linear", name="the_resize",
            coordinate_transformation_mode="tf_crop_and_resize")],
      [init("roi", np.float32([0, 0, 0, 0, 1, 1, 0.5, 0.5])), init("s", np.float32([1, 1, 2, 2]))],
      r"tf_crop_and_resize has no gradient rule"),
-], ids=["channels", "crop"])
+], ids=["batch", "crop"])
 def test_a_resize_without_a_rule_is_named(nodes, initializers, why):
     with pytest.raises(ModelError, match=r"node 'the_resize' \(Resize\): " + why):
         gradient_model(nodes, initializers)
