@@ -1,9 +1,10 @@
 """The export's gradient self-check (export/onnx_verify.py, check 2) catches a backward rule that
 loses part of the gradient (a LeakyReLU rule with ReLU's slope, a dropped branch of an Add or a
 Concat, a Mul rule missing one operand's term, a MaxPool routing to the wrong element, a
-ReduceMax taken for a mean): the export exits 2, names the target layer and writes nothing; the
-same models with the right rules export, also with their weights moved by a few ulps, and also
-where the max pool reads a ReLU target's tied zeros."""
+ReduceMax taken for a mean, a GroupNormalization without its scale): the export exits 2, names
+the target layer and writes nothing; the same models with the right rules export, also with
+their weights moved by a few ulps, and also where the max pool reads a ReLU target's tied
+zeros."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from camface.cli import main  # noqa: E402
 from camface.export import onnx_grad, onnx_verify  # noqa: E402
 from camface.export import onnx_grad_layers as layers  # noqa: E402
+from camface.export import onnx_grad_norms as norms  # noqa: E402
 from camface.export import onnx_grad_pointwise as pointwise  # noqa: E402
 
 CLASSES = 4
@@ -63,6 +65,11 @@ def model(kind: str, seed: int = 0):
     elif kind in ("max_pool", "relu_max_pool"):
         nodes.append(helper.make_node("MaxPool", ["target"], ["block"], kernel_shape=[2, 2],
                                       strides=[2, 2]))
+    elif kind == "group_norm":  # opset 21 (as torch's dynamo exporter writes nn.GroupNorm)
+        nodes.append(helper.make_node("GroupNormalization", ["target", "gn_scale", "gn_bias"],
+                                      ["block"], num_groups=2))
+        inits += [numpy_helper.from_array(np.float32([0.25, 2.5] * 4), "gn_scale"),
+                  numpy_helper.from_array(np.float32([0.1, -0.2] * 4), "gn_bias")]
     elif kind == "relu_amax":
         nodes.append(helper.make_node("ReduceMax", ["target", "hw"], ["block"], keepdims=1))
         inits.append(numpy_helper.from_array(np.array([2, 3]), "hw"))
@@ -79,8 +86,9 @@ def model(kind: str, seed: int = 0):
         nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
         initializer=inits)
-    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    built.ir_version = 8
+    opset = 21 if kind == "group_norm" else 18
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    built.ir_version = 8 if opset == 18 else 10
     return built
 
 
@@ -108,6 +116,14 @@ def _max_as_mean(ctx, node, grads):
     return layers.reduce(ctx, node, grads, mean=True)
 
 
+def _group_norm_without_its_scale(ctx, node, grads):
+    """GroupNormalization differentiated as if its scale were 1."""
+    wrong = onnx.NodeProto()
+    wrong.CopyFrom(node)
+    wrong.input[1] = ctx.builder.const(np.ones(8, np.float32))
+    return norms.group_norm(ctx, wrong, grads)
+
+
 WRONG_RULES = {
     "leaky_relu": ("LeakyRelu", _relu_for_leaky),
     "add": ("Add", _first_branch_only(pointwise.add)),
@@ -118,6 +134,9 @@ WRONG_RULES = {
     # broken, not the rule (the check moves the untied elements only)
     "relu_max_pool": ("MaxPool", _max_pool_to_the_min),
     "relu_amax": ("ReduceMax", _max_as_mean),
+    # ONNX's shape inference stops at GroupNormalization: the export gives its output the
+    # input's shape (onnx_model.prepare)
+    "group_norm": ("GroupNormalization", _group_norm_without_its_scale),
 }
 
 
