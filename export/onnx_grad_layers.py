@@ -61,6 +61,7 @@ def reduce(ctx, node, grads, mean: bool):
 
 
 def reduce_max(ctx, node, grads):
+    """ReduceMax / ReduceMin: the gradient shared among the elements equal to the result."""
     from onnx import TensorProto
 
     b = ctx.builder
@@ -75,9 +76,10 @@ def reduce_max(ctx, node, grads):
     return [b.op("Mul", [hits, b.op("Div", [grad, ties])])] + [None] * (len(node.input) - 1)
 
 
-def reduce_smooth(ctx, node, grads):
-    """ReduceL2 (dx = g x / y, 0 where y = 0 as torch's norm; F.normalize exports as ReduceL2,
-    Clip, Expand, Div), ReduceSumSquare (dx = 2 g x), ReduceLogSumExp (dx = g exp(x - y))."""
+def reduce_by_formula(ctx, node, grads):
+    """ReduceL1 (dx = g sign(x)), ReduceL2 (dx = g x / y, 0 where y = 0 as torch's norm;
+    F.normalize exports as ReduceL2, Clip, Expand, Div), ReduceSumSquare (dx = 2 g x),
+    ReduceLogSumExp (dx = g exp(x - y))."""
     b = ctx.builder
     x = node.input[0]
     axes, keepdims = _reduce_axes(ctx, node)
@@ -87,7 +89,9 @@ def reduce_smooth(ctx, node, grads):
     y = node.output[0] if keepdims else b.unsqueeze(node.output[0], axes)
     grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
     zero = b.const(0.0)
-    if node.op_type == "ReduceL2":
+    if node.op_type == "ReduceL1":
+        dx = b.op("Mul", [grad, b.op("Sign", [x])])
+    elif node.op_type == "ReduceL2":
         dx = b.op("Where", [b.op("Greater", [y, zero]),
                             b.op("Mul", [grad, b.op("Div", [x, y])]), zero])
     elif node.op_type == "ReduceSumSquare":

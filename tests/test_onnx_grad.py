@@ -384,6 +384,10 @@ CASES.update({
                         lambda t, F, x: (x * x).sum((2, 3), keepdim=True)),
     "ReduceLogSumExp": ([node("ReduceLogSumExp", ["x", "ax1"], keepdims=0)],
                         [init("ax1", np.array([1]))], lambda t, F, x: t.logsumexp(x, 1)),
+    "ReduceMin": ([node("ReduceMin", ["x", "hw"], keepdims=0)], [init("hw", np.array([2, 3]))],
+                  lambda t, F, x: x.amin((2, 3))),
+    "ReduceL1": ([node("ReduceL1", ["x", "ax1"])], [init("ax1", np.array([1]))],
+                 lambda t, F, x: x.norm(p=1, dim=1, keepdim=True)),
     "ReduceMax(no axes, noop)": ([node("ReduceMax", ["x"], noop_with_empty_axes=1)], [],
                                  lambda t, F, x: x),
 })
@@ -530,8 +534,8 @@ def test_every_listed_op_has_a_rule():
               "Reshape Transpose Squeeze Unsqueeze Concat Identity Dropout Conv LayerNormalization "
               "Softmax Pow Sqrt Erf Split Slice Gather Expand Where Resize Elu Selu Celu Softplus "
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
-              "GroupNormalization LpNormalization ReduceL2 ReduceSumSquare ReduceLogSumExp Pad "
-              "Tile DepthToSpace SpaceToDepth ConvTranspose").split()
+              "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
+              "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
