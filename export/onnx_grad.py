@@ -7,8 +7,8 @@ on the target. Gradients of several readers of a tensor are summed. Float32 only
 of the convolution and pooling layers must be known (shape inference): they fix the transposed
 convolutions' output padding; the batch dimension may stay dynamic.
 
-The rules live in `onnx_grad_pointwise` (element-wise arithmetic, ReLU-like and sigmoid-like
-activations, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, softmaxes),
+The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, sigmoids,
+Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, softmaxes),
 `onnx_grad_norms` (batch, layer, instance, group, Lp norm), `onnx_grad_moves` (Pad, Tile,
 DepthToSpace) and `onnx_grad_layers` (pooling, reductions, MatMul/Gemm, Conv, ConvTranspose,
 Resize); what they share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in

@@ -205,7 +205,7 @@ def conv_transpose(ctx, node, grads):
     """The input gradient of ConvTranspose (y[s i + d k - pad] += x[i] w[k]) is the convolution
     of g with the same weights, strides, dilations, pads and groups: g[s i + d k - pad] w[k]
     summed over k. Explicit pads (what torch writes) or VALID; output_padding below the
-    stride (the extra outputs at the end read no input the convolution misses)."""
+    strides (so that the convolution's output has the input's size)."""
     x, weights = node.input[:2]
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad

@@ -1,5 +1,5 @@
-"""Gradient rules of element-wise arithmetic (Add ... Max, Min, Sum, Mean), piecewise-linear and
-sigmoid-like activations, and shape ops (see `onnx_grad`):
+"""Gradient rules of element-wise arithmetic (Add ... Max, Min, Sum, Mean), the ReLU family,
+sigmoids, Tanh, Exp, Sqrt, Erf, Pow, Gelu, and shape ops (see `onnx_grad`):
 rule(ctx, node, grads) -> the gradient of each input, None where not needed."""
 
 from __future__ import annotations
