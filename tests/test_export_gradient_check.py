@@ -210,3 +210,61 @@ def test_a_head_that_will_not_take_a_batch_is_run_one_row_at_a_time():
     values = onnx_verify._head_logits(FoldsTheBatch(), 0, "x", "target", np.zeros((1, 2)),
                                       targets, 1)
     np.testing.assert_array_equal(values, targets[:, 1])
+
+
+def _newer_ops_net():
+    """A PyTorch classifier whose head (after the `target` conv) holds the ops with rules from
+    tests/test_onnx_grad.py's later tables: GroupNorm, Mish, ConvTranspose, reflect padding,
+    InstanceNorm, ELU, SELU, PixelShuffle, Softplus, torch.maximum, repeat, an L2-normalised
+    embedding and log_softmax."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+            self.target = nn.Conv2d(8, 8, 3, 2, 1)
+            self.norm = nn.GroupNorm(2, 8)
+            self.up = nn.ConvTranspose2d(8, 8, 3, 2, 1, output_padding=1)
+            self.instance = nn.InstanceNorm2d(8, affine=True)
+            self.conv = nn.Conv2d(8, 16, 3, 1, 1)
+            self.mix = nn.Conv2d(4, 8, 1)
+            self.embed = nn.Linear(8, 16)
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            y = F.mish(self.norm(self.target(F.relu(self.stem(x)))))
+            y = F.pad(self.up(y), (1, 1, 1, 1), mode="reflect")
+            y = F.selu(self.conv(F.elu(self.instance(y))))
+            y = F.softplus(self.mix(F.pixel_shuffle(y, 2)))
+            y = torch.maximum(y, y.mean((2, 3), keepdim=True)) + y.repeat(1, 1, 1, 1)
+            return F.log_softmax(self.fc(F.normalize(self.embed(y.mean((2, 3))), dim=1)) * 10, 1)
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.mark.parametrize("opset, dynamo", [(17, False), (18, True), (21, True)],
+                         ids=["torchscript-17", "dynamo-18", "dynamo-21"])
+def test_a_torch_head_of_the_newer_ops_exports_with_every_gradient_method(tmp_path, opset, dynamo):
+    """As each exporter writes them (GroupNorm: InstanceNormalization between Reshapes, or
+    GroupNormalization at 21; Mish: Softplus, Tanh, Mul or the op), the self-check passes."""
+    torch = pytest.importorskip("torch")
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    path, x = tmp_path / "m.onnx", torch.randn(1, 3, 32, 32)
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        torch.onnx.export(_newer_ops_net(), (x,), dynamo=True, opset_version=opset,
+                          dynamic_shapes={"x": {0: torch.export.Dim("N")}}).save(str(path))
+    else:
+        torch.onnx.export(_newer_ops_net(), (x,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    _, info, differences = onnx_export.build(onnx.load(str(path)),
+                                             ExportOptions(preset="unit", target_layer="target"))
+    random = [d for d in differences if isinstance(d, onnx_verify.RandomDirections)]
+    assert random and all(d.ok for d in random)
+    assert {"gradcam", "gradcampp", "layercam"} <= set(info.heatmaps)
