@@ -80,7 +80,9 @@ def instance_norm(ctx, node, grads):
 def group_norm(ctx, node, grads):
     """GroupNormalization of x [N, C, ...] in `num_groups` groups of channels: x as [N, G, -1]
     standardised over its last axis. The scale is per channel [C] from opset 21 (as torch's
-    dynamo exporter writes nn.GroupNorm there), per group [G] in opset 18's first form."""
+    dynamo exporter writes nn.GroupNorm there), per group [G] in opset 18's first form (which
+    ONNX's checker refuses as deprecated: the export stops there, a graph built directly
+    may hold it)."""
     b = ctx.builder
     x, scale = node.input[:2]
     rank = _known_rank(ctx, node, x)
