@@ -204,27 +204,40 @@ def conv(ctx, node, grads):
 def conv_transpose(ctx, node, grads):
     """The input gradient of ConvTranspose (y[s i + d k - pad] += x[i] w[k]) is the convolution
     of g with the same weights, strides, dilations, pads and groups: g[s i + d k - pad] w[k]
-    summed over k. Explicit pads (what torch writes) or VALID; output_padding below the
-    strides (so that the convolution's output has the input's size)."""
+    summed over k. Pads explicit (what torch writes), or from auto_pad SAME_* or output_shape
+    on static sizes as ONNX Runtime places them; output_padding below the strides (so that the
+    convolution's output has the input's size)."""
     x, weights = node.input[:2]
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    shape = attribute(node, "output_shape")
-    if auto_pad not in ("NOTSET", "VALID") or shape is not None:
-        raise ModelError(f"node {node.name!r} (ConvTranspose): only explicit pads have a "
-                         f"gradient rule (auto_pad {auto_pad}, output_shape {shape})")
     kernel = list(attribute(node, "kernel_shape", ctx.static(weights, node, "weight")[2:]))
     dims = len(kernel)
     strides = list(attribute(node, "strides", [1] * dims))
+    dilations = list(attribute(node, "dilations", [1] * dims))
     extra = list(attribute(node, "output_padding", [0] * dims))
     if any(e >= s for e, s in zip(extra, strides)):
         raise ModelError(f"node {node.name!r} (ConvTranspose): output_padding {extra} not below "
                          f"the strides {strides} has no gradient rule")
-    pads = [0] * (2 * dims) if auto_pad == "VALID" else list(
-        attribute(node, "pads", [0] * 2 * dims))
+    shape = attribute(node, "output_shape")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") or shape is not None:
+        size = ctx.static(x, node, "input")[2:]
+        out = list(shape)[-dims:] if shape is not None else [n * s for n, s in zip(size, strides)]
+        total = [strides[i] * (size[i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
+                 - out[i] for i in range(dims)]
+        if any(t < 0 for t in total):
+            raise ModelError(f"node {node.name!r} (ConvTranspose): output size {out} beyond what "
+                             f"the input {size} reaches has no gradient rule")
+        begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        pads = begin + [t - b for t, b in zip(total, begin)]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * dims)
+    elif auto_pad == "NOTSET":
+        pads = list(attribute(node, "pads", [0] * 2 * dims))
+    else:
+        raise ModelError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad} has no "
+                         "gradient rule")
     gx = ctx.builder.op("Conv", [grads[0], weights], kernel_shape=kernel, strides=strides,
-                        dilations=list(attribute(node, "dilations", [1] * dims)), pads=pads,
-                        group=int(attribute(node, "group", 1)))
+                        dilations=dilations, pads=pads, group=int(attribute(node, "group", 1)))
     return [gx] + [None] * (len(node.input) - 1)
 
 
