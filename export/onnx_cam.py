@@ -198,7 +198,13 @@ def build(classifier: onnx_model.Classifier, target: str, scale, offset,
                   graph_spec.OUTPUT_ACTIVATIONS: ["N", *feature_size, k]}
     graph.output.extend(helper.make_tensor_value_info(
         name, TensorProto.FLOAT, out_shapes.get(name, ["N", *feature_size])) for name in outputs)
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:  # an op the model's opset deprecates (ONNX
+        # Runtime still runs GroupNormalization-18, the checker refuses it): one line, no traceback
+        raise ModelError(f"ONNX's checker refuses the model's nodes in the CAM graph "
+                         f"({' '.join(str(exc).split())}); re-export the model (a deprecated op: "
+                         "at an opset that replaces it)") from exc
     model = onnx_model.prepare(model, where="the CAM graph")
     return Built(model, target, layout, feature_size, tuple(m.name for m in wanted),
                  weights, "" if weights is not None else why_no_cam)

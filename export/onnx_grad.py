@@ -7,16 +7,22 @@ on the target. Gradients of several readers of a tensor are summed. Float32 only
 of the convolution and pooling layers must be known (shape inference): they fix the transposed
 convolutions' output padding; the batch dimension may stay dynamic.
 
-The rules live in `onnx_grad_pointwise` (element-wise, activations, shapes) and
-`onnx_grad_layers` (batch norm, pooling, reductions, MatMul/Gemm, Conv); what they share in
-`onnx_grad_context`. Adding an op: a rule there, a row here, a row in tests/test_onnx_grad.py.
+The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, sigmoids,
+Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, softmaxes),
+`onnx_grad_norms` (batch, layer, instance, group, Lp norm), `onnx_grad_moves` (Pad, Tile,
+DepthToSpace) and `onnx_grad_layers` (pooling, reductions, MatMul/Gemm, Conv, ConvTranspose,
+Resize); what they share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
+DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from camface.export import onnx_grad_activations as activations
 from camface.export import onnx_grad_layers as layers
+from camface.export import onnx_grad_moves as moves
+from camface.export import onnx_grad_norms as norms
 from camface.export import onnx_grad_pointwise as pointwise
 from camface.export.onnx_grad_context import Context
 
@@ -36,6 +42,10 @@ RULES: dict[str, Rule] = {
     "Mul": pointwise.mul,
     "Div": pointwise.div,
     "Neg": pointwise.neg,
+    "Sum": pointwise.sum_,
+    "Mean": pointwise.mean,
+    "Max": pointwise.extremum,
+    "Min": pointwise.extremum,
     "Relu": pointwise.relu,
     "LeakyRelu": pointwise.leaky_relu,
     "PRelu": pointwise.prelu,
@@ -49,14 +59,32 @@ RULES: dict[str, Rule] = {
     "Erf": pointwise.erf,
     "Pow": pointwise.power,
     "Gelu": pointwise.gelu,
-    "Softmax": pointwise.softmax,
-    "BatchNormalization": layers.batch_norm,
-    "LayerNormalization": layers.layer_norm,
+    "Elu": activations.elu,
+    "Selu": activations.selu,
+    "Celu": activations.celu,
+    "Softplus": activations.softplus,
+    "Softsign": activations.softsign,
+    "Mish": activations.mish,
+    "Abs": activations.abs_,
+    "Log": activations.log,
+    "Reciprocal": activations.reciprocal,
+    "Softmax": activations.softmax,
+    "LogSoftmax": activations.log_softmax,
+    "BatchNormalization": norms.batch_norm,
+    "LayerNormalization": norms.layer_norm,
+    "InstanceNormalization": norms.instance_norm,
+    "GroupNormalization": norms.group_norm,
+    "LpNormalization": norms.lp_norm,
     "GlobalAveragePool": layers.global_average_pool,
     "GlobalMaxPool": layers.global_max_pool,
     "ReduceMean": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=True),
     "ReduceSum": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=False),
     "ReduceMax": layers.reduce_max,
+    "ReduceMin": layers.reduce_max,
+    "ReduceL1": layers.reduce_by_formula,
+    "ReduceL2": layers.reduce_by_formula,
+    "ReduceSumSquare": layers.reduce_by_formula,
+    "ReduceLogSumExp": layers.reduce_by_formula,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
     "Transpose": pointwise.transpose,
@@ -69,6 +97,11 @@ RULES: dict[str, Rule] = {
     "MatMul": layers.matmul,
     "Gemm": layers.gemm,
     "Conv": layers.conv,
+    "ConvTranspose": layers.conv_transpose,
+    "Pad": moves.pad,
+    "Tile": moves.tile,
+    "DepthToSpace": moves.depth_to_space,
+    "SpaceToDepth": moves.space_to_depth,
     "Resize": layers.resize,
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
@@ -77,6 +110,9 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
     "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
     "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,), "Resize": (0,),
+    "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
+    "ReduceLogSumExp": (0,), "ConvTranspose": (0,),
+    "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

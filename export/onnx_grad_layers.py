@@ -1,5 +1,5 @@
-"""Gradient rules of layers (see `onnx_grad`): batch and layer norm, pooling and reductions,
-MatMul/Gemm, Conv (a transposed convolution), AveragePool and MaxPool."""
+"""Gradient rules of layers (see `onnx_grad`): pooling and reductions, MatMul/Gemm, Conv (a
+transposed convolution) and ConvTranspose (a convolution), AveragePool and MaxPool, Resize."""
 
 from __future__ import annotations
 
@@ -10,51 +10,6 @@ import numpy as np
 from camface.errors import ModelError
 from camface.export.onnx_grad_context import (Context, attribute, float_tensor, scatter,
                                                unbroadcast)
-
-def batch_norm(ctx, node, grads):
-    """Inference BatchNormalization: dx = g * scale / sqrt(var + eps), per channel (axis 1)."""
-    b = ctx.builder
-    if len([o for o in node.output if o]) > 1 or attribute(node, "training_mode", 0):
-        raise ModelError(f"node {node.name!r}: BatchNormalization in training mode has no rule")
-    x, scale, _, _, var = node.input[:5]
-    eps = float(attribute(node, "epsilon", 1e-5))
-    factor = b.op("Div", [scale, b.op("Sqrt", [b.op("Add", [var, b.const(eps)])])])
-    rank = ctx.rank(x) or 4
-    if rank > 2:
-        factor = b.unsqueeze(factor, list(range(1, rank - 1)))
-    return [b.op("Mul", [grads[0], factor]), None, None, None, None]
-
-
-def layer_norm(ctx, node, grads):
-    """LayerNormalization (opset 17) over the axes from `axis` on: with x^ = (x - mean) r,
-    r = 1 / sqrt(var + eps) and d = g * scale, dx = r (d - mean(d) - x^ mean(d x^)) (means over
-    the normalised axes). The statistics are recomputed from x (the node rarely outputs them);
-    scale and bias are weights, not differentiated."""
-    b = ctx.builder
-    if any(g is not None for g in grads[1:]):
-        raise ModelError(f"node {node.name!r}: LayerNormalization's mean and inverse standard "
-                         "deviation outputs have no gradient rule")
-    x, scale = node.input[:2]
-    axis = int(attribute(node, "axis", -1))
-    eps = float(attribute(node, "epsilon", 1e-5))
-    rank = ctx.rank(x)
-    if axis >= 0 and rank is None:
-        raise ModelError(f"node {node.name!r}: LayerNormalization over axis {axis} of a tensor "
-                         "of unknown rank")
-    axes = list(range(axis, 0)) if axis < 0 else list(range(axis - rank, 0))
-
-    def mean(t):
-        return b.reduce("ReduceMean", t, axes, keepdims=True)
-
-    centred = b.op("Sub", [x, mean(x)])
-    inverse = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [
-        mean(b.op("Mul", [centred, centred])), b.const(eps)])])])
-    normalised = b.op("Mul", [centred, inverse])
-    d = b.op("Mul", [grads[0], scale])
-    inner = b.op("Sub", [b.op("Sub", [d, mean(d)]),
-                         b.op("Mul", [normalised, mean(b.op("Mul", [d, normalised]))])])
-    return [b.op("Mul", [inner, inverse])] + [None] * (len(node.input) - 1)
-
 
 def global_average_pool(ctx, node, grads):
     b = ctx.builder
@@ -106,16 +61,44 @@ def reduce(ctx, node, grads, mean: bool):
 
 
 def reduce_max(ctx, node, grads):
+    """ReduceMax / ReduceMin: the gradient shared among the elements equal to the result."""
     from onnx import TensorProto
 
     b = ctx.builder
     x = node.input[0]
     axes, keepdims = _reduce_axes(ctx, node)
+    if axes is None:  # no axes, noop_with_empty_axes: y = x
+        return [grads[0]] + [None] * (len(node.input) - 1)
     top = node.output[0] if keepdims else b.unsqueeze(node.output[0], axes)
     grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
     hits = b.op("Cast", [b.op("Equal", [x, top])], to=TensorProto.FLOAT)
     ties = b.reduce("ReduceSum", hits, axes, keepdims=True)
     return [b.op("Mul", [hits, b.op("Div", [grad, ties])])] + [None] * (len(node.input) - 1)
+
+
+def reduce_by_formula(ctx, node, grads):
+    """ReduceL1 (dx = g sign(x)), ReduceL2 (dx = g x / y, 0 where y = 0 as torch's norm;
+    F.normalize exports as ReduceL2, Clip, Expand, Div), ReduceSumSquare (dx = 2 g x),
+    ReduceLogSumExp (dx = g exp(x - y))."""
+    b = ctx.builder
+    x = node.input[0]
+    axes, keepdims = _reduce_axes(ctx, node)
+    if axes is None:
+        raise ModelError(f"node {node.name!r} ({node.op_type}): no axes with "
+                         "noop_with_empty_axes has no gradient rule")
+    y = node.output[0] if keepdims else b.unsqueeze(node.output[0], axes)
+    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+    zero = b.const(0.0)
+    if node.op_type == "ReduceL1":
+        dx = b.op("Mul", [grad, b.op("Sign", [x])])
+    elif node.op_type == "ReduceL2":
+        dx = b.op("Where", [b.op("Greater", [y, zero]),
+                            b.op("Mul", [grad, b.op("Div", [x, y])]), zero])
+    elif node.op_type == "ReduceSumSquare":
+        dx = b.op("Mul", [b.op("Mul", [grad, x]), b.const(2.0)])
+    else:  # ReduceLogSumExp
+        dx = b.op("Mul", [grad, b.op("Exp", [b.op("Sub", [x, y])])])
+    return [dx] + [None] * (len(node.input) - 1)
 
 
 def matmul(ctx, node, grads):
@@ -215,6 +198,46 @@ def conv(ctx, node, grads):
     kernel = attribute(node, "kernel_shape", shape[2:])
     group = int(attribute(node, "group", 1))
     gx = _transpose_conv(ctx, node, grads[0], x, weights, kernel, group)
+    return [gx] + [None] * (len(node.input) - 1)
+
+
+def conv_transpose(ctx, node, grads):
+    """The input gradient of ConvTranspose (y[s i + d k - pad] += x[i] w[k]) is the convolution
+    of g with the same weights, strides, dilations, pads and groups: g[s i + d k - pad] w[k]
+    summed over k. Pads explicit (what torch writes), or from auto_pad SAME_* or output_shape
+    on static sizes as ONNX Runtime places them; output_padding below the strides (so that the
+    convolution's output has the input's size)."""
+    x, weights = node.input[:2]
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    kernel = list(attribute(node, "kernel_shape", ctx.static(weights, node, "weight")[2:]))
+    dims = len(kernel)
+    strides = list(attribute(node, "strides", [1] * dims))
+    dilations = list(attribute(node, "dilations", [1] * dims))
+    extra = list(attribute(node, "output_padding", [0] * dims))
+    if any(e >= s for e, s in zip(extra, strides)):
+        raise ModelError(f"node {node.name!r} (ConvTranspose): output_padding {extra} not below "
+                         f"the strides {strides} has no gradient rule")
+    shape = attribute(node, "output_shape")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") or shape is not None:
+        size = ctx.static(x, node, "input")[2:]
+        out = list(shape)[-dims:] if shape is not None else [n * s for n, s in zip(size, strides)]
+        total = [strides[i] * (size[i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
+                 - out[i] for i in range(dims)]
+        if any(t < 0 for t in total):
+            raise ModelError(f"node {node.name!r} (ConvTranspose): output size {out} beyond what "
+                             f"the input {size} reaches has no gradient rule")
+        begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
+        pads = begin + [t - b for t, b in zip(total, begin)]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * dims)
+    elif auto_pad == "NOTSET":
+        pads = list(attribute(node, "pads", [0] * 2 * dims))
+    else:
+        raise ModelError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad} has no "
+                         "gradient rule")
+    gx = ctx.builder.op("Conv", [grads[0], weights], kernel_shape=kernel, strides=strides,
+                        dilations=dilations, pads=pads, group=int(attribute(node, "group", 1)))
     return [gx] + [None] * (len(node.input) - 1)
 
 

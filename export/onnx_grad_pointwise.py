@@ -1,4 +1,5 @@
-"""Gradient rules of element-wise, activation and shape ops (see `onnx_grad`):
+"""Gradient rules of element-wise arithmetic (Add ... Max, Min, Sum, Mean), the ReLU family,
+sigmoids, Tanh, Exp, Sqrt, Erf, Pow, Gelu, and shape ops (see `onnx_grad`):
 rule(ctx, node, grads) -> the gradient of each input, None where not needed."""
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ def div(ctx, node, grads):
     ga = b.op("Div", [grads[0], c])
     gc = b.op("Neg", [b.op("Mul", [ga, node.output[0]])])  # -g a / c^2 = -(g / c) y
     return [unbroadcast(ctx, ga, a, node.output[0]), unbroadcast(ctx, gc, c, node.output[0])]
+
+
+def sum_(ctx, node, grads):
+    """Sum of any number of inputs (broadcast): g to each."""
+    return [unbroadcast(ctx, grads[0], x, node.output[0]) for x in node.input]
+
+
+def mean(ctx, node, grads):
+    """Mean of any number of inputs (broadcast): g / n to each."""
+    share = ctx.builder.op("Mul", [grads[0], ctx.builder.const(1.0 / len(node.input))])
+    return [unbroadcast(ctx, share, x, node.output[0]) for x in node.input]
+
+
+def extremum(ctx, node, grads):
+    """Max / Min of any number of inputs (broadcast): g to the inputs equal to the result,
+    shared equally among tied ones. torch.maximum / torch.minimum give each of two tied inputs
+    half (the same rule for two inputs); a tie is rare but a ReLU-like max(x, 0) meets it."""
+    from onnx import TensorProto
+
+    b = ctx.builder
+    y = node.output[0]
+    if len(node.input) == 1:
+        return [grads[0]]
+    hits = [b.op("Cast", [b.op("Equal", [x, y])], to=TensorProto.FLOAT) for x in node.input]
+    share = b.op("Div", [grads[0], b.op("Sum", hits)])  # hits and their sum: y's shape
+    return [unbroadcast(ctx, b.op("Mul", [hit, share]), x, y) for hit, x in zip(hits, node.input)]
 
 
 def relu(ctx, node, grads):
@@ -166,15 +193,6 @@ def gelu(ctx, node, grads):
                            b.const(1 / np.sqrt(2 * np.pi))])
         slope = b.op("Add", [cdf, b.op("Mul", [x, pdf])])
     return [b.op("Mul", [grads[0], slope])]
-
-
-def softmax(ctx, node, grads):
-    """dx = y * (g - sum(g * y, axis)) (opset >= 13: one axis)."""
-    b = ctx.builder
-    y = node.output[0]
-    axis = int(attribute(node, "axis", -1))
-    dot = b.reduce("ReduceSum", b.op("Mul", [grads[0], y]), [axis], keepdims=True)
-    return [b.op("Mul", [y, b.op("Sub", [grads[0], dot])])]
 
 
 def transpose(ctx, node, grads):

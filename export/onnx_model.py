@@ -117,6 +117,12 @@ def check_runtime_reads(model, where: object = "model") -> None:
         log.debug("%s: the IR/opset probe failed (%s); the self-check will say if the model runs", where, exc)
 
 
+# Ops whose output is shaped like their first input but whose shape ONNX's inference leaves
+# unknown (GroupNormalization: a function whose body depends on its attributes), with every
+# tensor after them: their output is given the input's type, and shapes are inferred again.
+_SAME_SHAPE_UNINFERRED = ("GroupNormalization",)
+
+
 def prepare(model, where: object = "model"):
     """Inline local functions and infer shapes (data propagation on, for Reshape targets)."""
     from onnx import inliner, shape_inference
@@ -124,9 +130,31 @@ def prepare(model, where: object = "model"):
     if model.functions:
         model = inliner.inline_local_functions(model)
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        model = shape_inference.infer_shapes(model, data_prop=True)
+        while _shape_like_input(model):
+            model = shape_inference.infer_shapes(model, data_prop=True)
+        return model
     except Exception as exc:
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
+
+
+def _shape_like_input(model) -> bool:
+    """Give the outputs of `_SAME_SHAPE_UNINFERRED` ops that have no type their input's (in
+    place); whether any was given."""
+    graph = model.graph
+    known = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    given = False
+    for node in graph.node:
+        out = node.output[0] if node.output else ""
+        if node.op_type in _SAME_SHAPE_UNINFERRED and out and out not in known and \
+                node.input[0] in known:
+            value = graph.value_info.add()
+            value.CopyFrom(known[node.input[0]])
+            value.name = out
+            known[out] = value
+            given = True
+    return given
 
 
 def name_nodes(model) -> None:

@@ -1,9 +1,10 @@
 """The export's gradient self-check (export/onnx_verify.py, check 2) catches a backward rule that
 loses part of the gradient (a LeakyReLU rule with ReLU's slope, a dropped branch of an Add or a
 Concat, a Mul rule missing one operand's term, a MaxPool routing to the wrong element, a
-ReduceMax taken for a mean): the export exits 2, names the target layer and writes nothing; the
-same models with the right rules export, also with their weights moved by a few ulps, and also
-where the max pool reads a ReLU target's tied zeros."""
+ReduceMax taken for a mean, a GroupNormalization without its scale): the export exits 2, names
+the target layer and writes nothing; the same models with the right rules export, also with
+their weights moved by a few ulps, and also where the max pool reads a ReLU target's tied
+zeros."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from camface.cli import main  # noqa: E402
 from camface.export import onnx_grad, onnx_verify  # noqa: E402
 from camface.export import onnx_grad_layers as layers  # noqa: E402
+from camface.export import onnx_grad_norms as norms  # noqa: E402
 from camface.export import onnx_grad_pointwise as pointwise  # noqa: E402
 
 CLASSES = 4
@@ -63,6 +65,11 @@ def model(kind: str, seed: int = 0):
     elif kind in ("max_pool", "relu_max_pool"):
         nodes.append(helper.make_node("MaxPool", ["target"], ["block"], kernel_shape=[2, 2],
                                       strides=[2, 2]))
+    elif kind == "group_norm":  # opset 21 (as torch's dynamo exporter writes nn.GroupNorm)
+        nodes.append(helper.make_node("GroupNormalization", ["target", "gn_scale", "gn_bias"],
+                                      ["block"], num_groups=2))
+        inits += [numpy_helper.from_array(np.float32([0.25, 2.5] * 4), "gn_scale"),
+                  numpy_helper.from_array(np.float32([0.1, -0.2] * 4), "gn_bias")]
     elif kind == "relu_amax":
         nodes.append(helper.make_node("ReduceMax", ["target", "hw"], ["block"], keepdims=1))
         inits.append(numpy_helper.from_array(np.array([2, 3]), "hw"))
@@ -79,8 +86,9 @@ def model(kind: str, seed: int = 0):
         nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
         initializer=inits)
-    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    built.ir_version = 8
+    opset = 21 if kind == "group_norm" else 18
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    built.ir_version = 8 if opset == 18 else 10
     return built
 
 
@@ -108,6 +116,14 @@ def _max_as_mean(ctx, node, grads):
     return layers.reduce(ctx, node, grads, mean=True)
 
 
+def _group_norm_without_its_scale(ctx, node, grads):
+    """GroupNormalization differentiated as if its scale were 1."""
+    wrong = onnx.NodeProto()
+    wrong.CopyFrom(node)
+    wrong.input[1] = ctx.builder.const(np.ones(8, np.float32))
+    return norms.group_norm(ctx, wrong, grads)
+
+
 WRONG_RULES = {
     "leaky_relu": ("LeakyRelu", _relu_for_leaky),
     "add": ("Add", _first_branch_only(pointwise.add)),
@@ -118,6 +134,9 @@ WRONG_RULES = {
     # broken, not the rule (the check moves the untied elements only)
     "relu_max_pool": ("MaxPool", _max_pool_to_the_min),
     "relu_amax": ("ReduceMax", _max_as_mean),
+    # ONNX's shape inference stops at GroupNormalization: the export gives its output the
+    # input's shape (onnx_model.prepare)
+    "group_norm": ("GroupNormalization", _group_norm_without_its_scale),
 }
 
 
@@ -191,3 +210,61 @@ def test_a_head_that_will_not_take_a_batch_is_run_one_row_at_a_time():
     values = onnx_verify._head_logits(FoldsTheBatch(), 0, "x", "target", np.zeros((1, 2)),
                                       targets, 1)
     np.testing.assert_array_equal(values, targets[:, 1])
+
+
+def _newer_ops_net():
+    """A PyTorch classifier whose head (after the `target` conv) holds the ops with rules from
+    tests/test_onnx_grad.py's later tables: GroupNorm, Mish, ConvTranspose, reflect padding,
+    InstanceNorm, ELU, SELU, PixelShuffle, Softplus, torch.maximum, repeat, an L2-normalised
+    embedding and log_softmax."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+            self.target = nn.Conv2d(8, 8, 3, 2, 1)
+            self.norm = nn.GroupNorm(2, 8)
+            self.up = nn.ConvTranspose2d(8, 8, 3, 2, 1, output_padding=1)
+            self.instance = nn.InstanceNorm2d(8, affine=True)
+            self.conv = nn.Conv2d(8, 16, 3, 1, 1)
+            self.mix = nn.Conv2d(4, 8, 1)
+            self.embed = nn.Linear(8, 16)
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            y = F.mish(self.norm(self.target(F.relu(self.stem(x)))))
+            y = F.pad(self.up(y), (1, 1, 1, 1), mode="reflect")
+            y = F.selu(self.conv(F.elu(self.instance(y))))
+            y = F.softplus(self.mix(F.pixel_shuffle(y, 2)))
+            y = torch.maximum(y, y.mean((2, 3), keepdim=True)) + y.repeat(1, 1, 1, 1)
+            return F.log_softmax(self.fc(F.normalize(self.embed(y.mean((2, 3))), dim=1)) * 10, 1)
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+@pytest.mark.parametrize("opset, dynamo", [(17, False), (18, True), (21, True)],
+                         ids=["torchscript-17", "dynamo-18", "dynamo-21"])
+def test_a_torch_head_of_the_newer_ops_exports_with_every_gradient_method(tmp_path, opset, dynamo):
+    """As each exporter writes them (GroupNorm: InstanceNormalization between Reshapes, or
+    GroupNormalization at 21; Mish: Softplus, Tanh, Mul or the op), the self-check passes."""
+    torch = pytest.importorskip("torch")
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    path, x = tmp_path / "m.onnx", torch.randn(1, 3, 32, 32)
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        torch.onnx.export(_newer_ops_net(), (x,), dynamo=True, opset_version=opset,
+                          dynamic_shapes={"x": {0: torch.export.Dim("N")}}).save(str(path))
+    else:
+        torch.onnx.export(_newer_ops_net(), (x,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["x"], dynamic_axes={"x": {0: "N"}})
+    _, info, differences = onnx_export.build(onnx.load(str(path)),
+                                             ExportOptions(preset="unit", target_layer="target"))
+    random = [d for d in differences if isinstance(d, onnx_verify.RandomDirections)]
+    assert random and all(d.ok for d in random)
+    assert {"gradcam", "gradcampp", "layercam"} <= set(info.heatmaps)

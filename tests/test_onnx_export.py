@@ -288,6 +288,23 @@ def _float16_model(path):
     return path
 
 
+def _deprecated_group_norm(path):
+    """conv -> GroupNormalization in opset 18's form (deprecated, which ONNX's checker refuses
+    though ONNX Runtime runs it) -> pool -> linear."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(2, np.float32), "s"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["conv", "s", "b"], ["norm"], num_groups=2,
+                              name="the_norm"),
+             helper.make_node("GlobalAveragePool", ["norm"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
 ERRORS = [
     ("float16 input", _float16_model, [],
      r"input 'x' must be float32 \[N, C, H, W\] or \[N, H, W, C\] \(it is float16 \['N', 3, 8, 8\]\); convert "
@@ -310,6 +327,9 @@ ERRORS = [
      r"candidate target layers: conv, relu"),
     ("fixed batch", _fixed_batch, [], r"fixed batch dimension of 1.*dynamic"),
     ("no preset", _conv_sin_model, ["--no-preset"], r"m\.onnx does not say how it normalises.*--preset"),
+    ("a deprecated op", _deprecated_group_norm, ["--target-layer", "conv"],
+     r"ONNX's checker refuses the model's nodes in the CAM graph \(Op registered for "
+     r"GroupNormalization is deprecated .*Name: the_norm.*\); re-export the model"),
 ]
 
 

@@ -290,32 +290,206 @@ CASES.update({
                                         keep_aspect_ratio_policy="not_larger")],
                                   [init("z", np.int64([7, 9]))], None),
 })
+# Smooth activations, the log / exp family, and a head that ends in log_softmax
+CASES.update({
+    "Elu": ([node("Elu", ["x"], alpha=0.7)], [], lambda t, F, x: F.elu(x, 0.7)),
+    "Selu": ([node("Selu", ["x"])], [], lambda t, F, x: F.selu(x)),
+    "Celu": ([node("Celu", ["x"], alpha=0.5)], [], lambda t, F, x: F.celu(x, 0.5)),
+    "Softplus": ([node("Softplus", ["x"])], [], lambda t, F, x: F.softplus(x)),
+    "Softplus(threshold, as dynamo writes it)": (
+        [node("Softplus", ["x"], ["s"]), node("Greater", ["x", "one"], ["big"]),
+         node("Where", ["big", "x", "s"])], [init("one", np.float32(1))],
+        lambda t, F, x: F.softplus(x, threshold=1)),
+    "Softsign": ([node("Softsign", ["x"])], [], lambda t, F, x: F.softsign(x)),
+    "Softsign(Abs, Add, Div)": ([node("Abs", ["x"], ["a"]), node("Add", ["a", "one"], ["d"]),
+                                 node("Div", ["x", "d"])], [init("one", np.float32(1))],
+                                lambda t, F, x: F.softsign(x)),
+    "Mish": ([node("Mish", ["x"])], [], lambda t, F, x: F.mish(x)),
+    "Mish(Softplus, Tanh, Mul)": ([node("Softplus", ["x"], ["s"]), node("Tanh", ["s"], ["t"]),
+                                   node("Mul", ["x", "t"])], [], lambda t, F, x: F.mish(x)),
+    "Abs/Log": ([node("Abs", ["x"], ["a"]), node("Log", ["a"])], [],
+                lambda t, F, x: t.log(x.abs())),
+    "Reciprocal": ([node("Reciprocal", ["x"])], [], lambda t, F, x: t.reciprocal(x)),
+    "LogSoftmax": ([node("Flatten", ["x"], ["f"]), node("LogSoftmax", ["f"], axis=-1)], [],
+                   lambda t, F, x: F.log_softmax(x.flatten(1), -1)),
+    # before opset 13 the input is taken as 2-D [N, C H W] (axis 1 by default)
+    "LogSoftmax(opset 12, 4-D)": ([node("LogSoftmax", ["x"])], [],
+                                  lambda t, F, x: F.log_softmax(x.flatten(1), -1).reshape(x.shape)),
+    "Softmax(opset 12, 4-D)": ([node("Softmax", ["x"])], [],
+                               lambda t, F, x: x.flatten(1).softmax(-1).reshape(x.shape)),
+})
+# Variadic Max, Min, Sum, Mean with broadcasting. _inputs moves |x| < 0.05 to exactly 0.1: ties
+# with the constant 0.1, where torch.maximum gives each side half (and so does a central
+# difference of max(x, 0.1) at x = 0.1)
+CASES.update({
+    "Max(broadcast, ties)": ([node("ReduceMean", ["x", "hw"], ["m"]),
+                              node("Max", ["x", "m", "c"])],
+                             [init("hw", np.array([2, 3])), init("c", np.float32(0.1))],
+                             lambda t, F, x: t.maximum(t.maximum(x, x.mean((2, 3), keepdim=True)),
+                                                       t.tensor(0.1))),
+    "Min(broadcast, ties)": ([node("ReduceMean", ["x", "hw"], ["m"]),
+                              node("Min", ["c", "x", "m"])],
+                             [init("hw", np.array([2, 3])), init("c", np.float32(0.1))],
+                             lambda t, F, x: t.minimum(t.minimum(t.tensor(0.1), x),
+                                                       x.mean((2, 3), keepdim=True))),
+    "Max(one input)": ([node("Max", ["x"])], [], lambda t, F, x: x),
+    "Sum(broadcast)": ([node("ReduceMean", ["x", "hw"], ["m"]), node("Relu", ["x"], ["r"]),
+                        node("Sum", ["x", "m", "r"])], [init("hw", np.array([2, 3]))],
+                       lambda t, F, x: x + x.mean((2, 3), keepdim=True) + F.relu(x)),
+    "Mean(broadcast)": ([node("ReduceMean", ["x", "hw"], ["m"]), node("Mul", ["x", "x"], ["q"]),
+                         node("Mean", ["x", "m", "q", "c"])],
+                        [init("hw", np.array([2, 3])),
+                         init("c", np.float32([[[1]], [[2]], [[3]]]))],
+                        lambda t, F, x: (x + x.mean((2, 3), keepdim=True) + x * x
+                                         + t.tensor([1.0, 2, 3]).reshape(3, 1, 1)) / 4),
+})
+# Normalisations: instance and group norm (as torch's exporters write nn.GroupNorm: legacy and
+# dynamo below opset 21 by InstanceNormalization, dynamo from 21 by GroupNormalization), L2
+# normalised embeddings (F.normalize: ReduceL2, Clip, Expand, Div; or LpNormalization)
+W_GN = [RNG.uniform(0.5, 1.5, 4).astype(np.float32), RNG.standard_normal(4).astype(np.float32)]
+GROUPS = (2, 4, 3, 3)
+CASES.update({
+    "InstanceNormalization": ([node("InstanceNormalization", ["x", "s", "b"], epsilon=1e-5)],
+                              [init("s", BN[0]), init("b", BN[1])],
+                              lambda t, F, x: F.instance_norm(x, weight=t.tensor(BN[0]),
+                                                              bias=t.tensor(BN[1]), eps=1e-5)),
+    "GroupNorm(InstanceNormalization, as torch exports it)": (
+        [node("Reshape", ["x", "grouped"], ["r"]),
+         node("InstanceNormalization", ["r", "ones", "zeros"], ["n"]),
+         node("Shape", ["x"], ["shape"]), node("Reshape", ["n", "shape"], ["back"]),
+         node("Mul", ["back", "s"], ["scaled"]), node("Add", ["scaled", "b"])],
+        [init("grouped", np.array([0, 2, -1])), init("ones", np.ones(2, np.float32)),
+         init("zeros", np.zeros(2, np.float32)), init("s", W_GN[0].reshape(4, 1, 1)),
+         init("b", W_GN[1].reshape(4, 1, 1))],
+        lambda t, F, x: F.group_norm(x, 2, *map(t.tensor, W_GN))),
+    "GroupNormalization(opset 21)": ([node("GroupNormalization", ["x", "s", "b"], num_groups=2)],
+                                     [init("s", W_GN[0]), init("b", W_GN[1])],
+                                     lambda t, F, x: F.group_norm(x, 2, *map(t.tensor, W_GN))),
+    "GroupNormalization(opset 18, scale per group)": (
+        [node("GroupNormalization", ["x", "s", "b"], num_groups=2, epsilon=1e-3)],
+        [init("s", W_GN[0][:2]), init("b", W_GN[1][:2])],
+        lambda t, F, x: F.group_norm(x, 2, eps=1e-3)
+        * t.tensor(W_GN[0][:2]).repeat_interleave(2).reshape(4, 1, 1)
+        + t.tensor(W_GN[1][:2]).repeat_interleave(2).reshape(4, 1, 1)),
+    "LpNormalization(p 2)": ([node("Flatten", ["x"], ["f"]),
+                              node("LpNormalization", ["f"], axis=1, p=2)], [],
+                             lambda t, F, x: F.normalize(x.flatten(1), dim=1)),
+    "LpNormalization(p 1, channels)": ([node("LpNormalization", ["x"], axis=1, p=1)], [],
+                                       lambda t, F, x: F.normalize(x, p=1, dim=1)),
+    "F.normalize(ReduceL2, Clip, Expand, Div)": (
+        [node("Flatten", ["x"], ["f"]), node("ReduceL2", ["f", "ax1"], ["n"], keepdims=1),
+         node("Clip", ["n", "eps"], ["c"]), node("Shape", ["f"], ["shape"]),
+         node("Expand", ["c", "shape"], ["e"]), node("Div", ["f", "e"])],
+        [init("ax1", np.array([1])), init("eps", np.float32(1e-12))],
+        lambda t, F, x: F.normalize(x.flatten(1), dim=1)),
+    "ReduceL2(keepdims 0)": ([node("ReduceL2", ["x", "ax1"], keepdims=0)],
+                             [init("ax1", np.array([1]))], lambda t, F, x: x.norm(dim=1)),
+    "ReduceSumSquare": ([node("ReduceSumSquare", ["x", "hw"])], [init("hw", np.array([2, 3]))],
+                        lambda t, F, x: (x * x).sum((2, 3), keepdim=True)),
+    "ReduceLogSumExp": ([node("ReduceLogSumExp", ["x", "ax1"], keepdims=0)],
+                        [init("ax1", np.array([1]))], lambda t, F, x: t.logsumexp(x, 1)),
+    "ReduceMin": ([node("ReduceMin", ["x", "hw"], keepdims=0)], [init("hw", np.array([2, 3]))],
+                  lambda t, F, x: x.amin((2, 3))),
+    "ReduceL1": ([node("ReduceL1", ["x", "ax1"])], [init("ax1", np.array([1]))],
+                 lambda t, F, x: x.norm(p=1, dim=1, keepdim=True)),
+    "ReduceMax(no axes, noop)": ([node("ReduceMax", ["x"], noop_with_empty_axes=1)], [],
+                                 lambda t, F, x: x),
+})
+# Ops that move elements: Pad (F.pad: constant, negative pads crop; reflect, replicate and
+# circular as Pad's reflect, edge and wrap), Tile (Tensor.repeat), PixelShuffle (DepthToSpace
+# CRD), SpaceToDepth; and ConvTranspose (a decoder or FPN-like upsampling after the target)
+W_CONVT = RNG.standard_normal((3, 2, 3, 3)).astype(np.float32) * 0.3
+W_CONVT_DEPTH = RNG.standard_normal((3, 1, 3, 3)).astype(np.float32) * 0.3
+SHUFFLE = (2, 8, 3, 3)
+CASES.update({
+    "Pad(constant 0.5)": ([node("Pad", ["x", "pads", "v"], mode="constant")],
+                          [init("pads", np.array([0, 0, 1, 2, 0, 0, 3, 1])),
+                           init("v", np.float32(0.5))],
+                          lambda t, F, x: F.pad(x, (2, 1, 1, 3), value=0.5)),
+    "Pad(negative, axes)": ([node("Pad", ["x", "pads", "", "axes"])],
+                            [init("pads", np.array([-1, 2, 1, -1])),
+                             init("axes", np.array([2, 3]))],
+                            lambda t, F, x: F.pad(x, (2, -1, -1, 1))),
+    "Pad(run-time pads)": ([node("Shape", ["x"], ["shape"]), node("Slice", ["shape", "a", "b"],
+                                                                  ["hw"]),
+                            node("Sub", ["hw", "three"], ["p"]),
+                            node("Concat", ["zeros", "p", "zeros", "p"], ["pads"], axis=0),
+                            node("Pad", ["x", "pads"])],
+                           [init("a", np.array([2])), init("b", np.array([4])),
+                            init("three", np.array([3])), init("zeros", np.array([0, 0]))],
+                           lambda t, F, x: F.pad(x, (1, 1, 1, 1))),
+    "Pad(reflect)": ([node("Pad", ["x", "pads"], mode="reflect")],
+                     [init("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1]))],
+                     lambda t, F, x: F.pad(x, (2, 1, 1, 2), mode="reflect")),
+    "Pad(edge)": ([node("Pad", ["x", "pads"], mode="edge")],
+                  [init("pads", np.array([0, 0, 3, 2, 0, 0, 2, 1]))],
+                  lambda t, F, x: F.pad(x, (2, 1, 3, 2), mode="replicate")),
+    "Pad(wrap)": ([node("Pad", ["x", "pads", "", "axes"], mode="wrap")],
+                  [init("pads", np.array([1, 2, 2, 1])), init("axes", np.array([-2, -1]))],
+                  lambda t, F, x: F.pad(x, (2, 1, 1, 2), mode="circular")),
+    "Tile": ([node("Tile", ["x", "r"])], [init("r", np.array([1, 2, 1, 3]))],
+             lambda t, F, x: x.repeat(1, 2, 1, 3)),
+    "DepthToSpace(CRD, PixelShuffle)": ([node("DepthToSpace", ["x"], blocksize=2, mode="CRD")],
+                                        [], lambda t, F, x: F.pixel_shuffle(x, 2)),
+    "DepthToSpace(DCR)": ([node("DepthToSpace", ["x"], blocksize=2)], [],
+                          lambda t, F, x: x.reshape(2, 2, 2, 2, 3, 3).permute(0, 3, 4, 1, 5, 2)
+                          .reshape(2, 2, 6, 6)),
+    "SpaceToDepth": ([node("SpaceToDepth", ["x"], blocksize=2)], [],
+                     lambda t, F, x: x.reshape(2, 3, 2, 2, 2, 2).permute(0, 3, 5, 1, 2, 4)
+                     .reshape(2, 12, 2, 2)),
+    "ConvTranspose(stride 2, output_padding)": (
+        [node("ConvTranspose", ["x", "w"], strides=[2, 2], pads=[1, 1, 1, 1],
+              output_padding=[1, 1])], [init("w", W_CONVT)],
+        lambda t, F, x: F.conv_transpose2d(x, t.tensor(W_CONVT), stride=2, padding=1,
+                                           output_padding=1)),
+    "ConvTranspose(depthwise, dilated, bias)": (
+        [node("ConvTranspose", ["x", "w", "b"], group=3, dilations=[2, 2], pads=[2, 2, 2, 2])],
+        [init("w", W_CONVT_DEPTH), init("b", B_VEC[:3])],
+        lambda t, F, x: F.conv_transpose2d(x, t.tensor(W_CONVT_DEPTH), t.tensor(B_VEC[:3]),
+                                           padding=2, dilation=2, groups=3)),
+    "ConvTranspose(SAME_UPPER)": ([node("ConvTranspose", ["x", "w"], strides=[2, 2],
+                                        auto_pad="SAME_UPPER")], [init("w", W_CONVT)], None),
+    "ConvTranspose(SAME_LOWER, strides 2 x 3, dilated)": (
+        [node("ConvTranspose", ["x", "w"], strides=[2, 3], dilations=[1, 2],
+              auto_pad="SAME_LOWER")], [init("w", W_CONVT)], None),
+    "ConvTranspose(output_shape 7 x 8)": ([node("ConvTranspose", ["x", "w"], strides=[2, 2],
+                                                output_shape=[7, 8])], [init("w", W_CONVT)], None),
+    "ConvTranspose(asymmetric pads, stride 3)": (
+        [node("ConvTranspose", ["x", "w"], strides=[3, 2], pads=[0, 2, 1, 0],
+              output_padding=[2, 1])], [init("w", W_CONVT)], None),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
+SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
+               "GroupNormalization(opset 21)": GROUPS,
+               "GroupNormalization(opset 18, scale per group)": GROUPS,
+               "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
+OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
+          "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12}  # the others: 20
 
 
-def gradient_model(nodes, initializers, x_shape=X_SHAPE):
+def gradient_model(nodes, initializers, x_shape=X_SHAPE, opset=20):
     """(model bytes with outputs y and dx, y's shape): dx = d sum(seed * y) / dx."""
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, list(x_shape))], [helper.make_tensor_value_info(
             "y", TensorProto.FLOAT, None)], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 18 else 9 if opset <= 20 else 10
     model = onnx_model.prepare(model)
     y_shape = onnx_model.shapes(model)["y"]
     classifier = SimpleNamespace(model=model, logits="y")
-    builder = GraphBuilder(20, taken={"x", "y", "seed"})
+    builder = GraphBuilder(opset, taken={"x", "y", "seed"})
     dx = onnx_cam.gradient(classifier, builder, "x", "seed")
     return model, builder, dx, y_shape
 
 
-def run_gradient(nodes, initializers, x, seed):
-    model, builder, dx, _ = gradient_model(nodes, initializers, x.shape)
+def run_gradient(nodes, initializers, x, seed, opset=20):
+    model, builder, dx, _ = gradient_model(nodes, initializers, x.shape, opset)
     y, g = run_nodes(list(model.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
-                     list(model.graph.initializer) + builder.initializers, opset=20)
+                     list(model.graph.initializer) + builder.initializers, opset=opset)
     return y, g
 
 
-def finite_differences(nodes, initializers, x, seed, eps=1e-3):
+def finite_differences(nodes, initializers, x, seed, eps=1e-3, opset=20):
     flat = x.reshape(-1)
     probes = np.repeat(x[None], 2 * flat.size, axis=0).reshape(2 * flat.size, -1)
     for i in range(flat.size):
@@ -323,7 +497,7 @@ def finite_differences(nodes, initializers, x, seed, eps=1e-3):
         probes[2 * i + 1, i] -= eps
     values = []
     for probe in probes:  # the batch dimension is part of the op's shape: one run per probe
-        y = run_nodes(nodes, {"x": probe.reshape(x.shape)}, ["y"], initializers, opset=20)[0]
+        y = run_nodes(nodes, {"x": probe.reshape(x.shape)}, ["y"], initializers, opset=opset)[0]
         values.append(float((y.astype(np.float64) * seed).sum()))
     values = np.asarray(values).reshape(flat.size, 2)
     return ((values[:, 0] - values[:, 1]) / (2 * eps)).reshape(x.shape)
@@ -341,11 +515,12 @@ def _inputs(name, seed=0):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradient_rule_against_finite_differences(name):
     nodes, initializers, _ = CASES[name]
-    x = _inputs(name)
-    model, _, _, y_shape = gradient_model(nodes, initializers, x.shape)
+    x, opset = _inputs(name), OPSETS.get(name, 20)
+    # y's shape as run (shape inference leaves GroupNormalization's and run-time pads' open)
+    y_shape = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0].shape
     seed = np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
-    y, grad = run_gradient(nodes, initializers, x, seed)
-    expected = finite_differences(nodes, initializers, x, seed.astype(np.float64))
+    y, grad = run_gradient(nodes, initializers, x, seed, opset)
+    expected = finite_differences(nodes, initializers, x, seed.astype(np.float64), opset=opset)
     assert grad.shape == x.shape
     np.testing.assert_allclose(grad, expected, atol=5e-3, rtol=1e-2)
 
@@ -359,7 +534,7 @@ def test_gradient_rule_against_torch_autograd(name):
     yt = function(torch, F, xt)
     seed = np.random.default_rng(1).standard_normal(tuple(yt.shape)).astype(np.float32)
     (yt * torch.tensor(seed)).sum().backward()
-    y, grad = run_gradient(nodes, initializers, x, seed)
+    y, grad = run_gradient(nodes, initializers, x, seed, OPSETS.get(name, 20))
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad, xt.grad.numpy(), atol=1e-5, rtol=1e-4)
 
@@ -368,7 +543,10 @@ def test_every_listed_op_has_a_rule():
     listed = ("Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip Sigmoid HardSigmoid HardSwish Gelu "
               "Tanh BatchNormalization GlobalAveragePool ReduceMean AveragePool MaxPool Flatten "
               "Reshape Transpose Squeeze Unsqueeze Concat Identity Dropout Conv LayerNormalization "
-              "Softmax Pow Sqrt Erf Split Slice Gather Expand Where Resize").split()
+              "Softmax Pow Sqrt Erf Split Slice Gather Expand Where Resize Elu Selu Celu Softplus "
+              "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
+              "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
+              "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -400,3 +578,24 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     with pytest.raises(ModelError, match=r"node 'the_norm': LayerNormalization's mean and "
                                          r"inverse standard deviation outputs have no gradient"):
         gradient_model(nodes, [init("s", W_LN[0])], TOKENS)
+
+
+@pytest.mark.parametrize("nodes, initializers, opset, why", [
+    ([node("ConvTranspose", ["x", "w"], name="the_node", strides=[2, 2], output_shape=[12, 9])],
+     [init("w", W_CONVT)], 20,
+     r"\(ConvTranspose\): output size \[12, 9\] beyond what the input \[4, 4\] reaches"),
+    ([node("ConvTranspose", ["x", "w"], name="the_node", dilations=[2, 2], output_padding=[1, 1])],
+     [init("w", W_CONVT)], 20, r"\(ConvTranspose\): output_padding \[1, 1\] not below the "
+                                r"strides \[1, 1\]"),
+    ([node("Pad", ["x", "pads"], name="the_node", mode="reflect")],
+     [init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1]))], 15,
+     r"\(Pad\): the gradient of reflect padding needs opset >= 16 \(the model has 15\)"),
+    ([node("Pad", ["x"], name="the_node", pads=[0, 0, 1, 1, 0, 0, 1, 1])], [], 10,
+     r"\(Pad\): Pad before opset 11 \(pads as an attribute\) has no gradient rule"),
+    ([node("ReduceSumSquare", ["x"], name="the_node", noop_with_empty_axes=1)], [], 20,
+     r"\(ReduceSumSquare\): no axes with noop_with_empty_axes"),
+], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
+        "pad opset 10", "noop sum of squares"])
+def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
+    with pytest.raises(ModelError, match=r"node 'the_node' " + why):
+        gradient_model(nodes, initializers, opset=opset)

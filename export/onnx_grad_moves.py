@@ -1,0 +1,82 @@
+"""Gradient rules of ops that only move or copy elements of one input, no arithmetic (see
+`onnx_grad`): Pad, Tile, DepthToSpace (PixelShuffle) and SpaceToDepth. Each gradient is the
+inverse move, or the moved elements' positions (`positions`) scattered back and summed."""
+
+from __future__ import annotations
+
+from camface.errors import ModelError
+from camface.export.onnx_grad_context import attribute, positions, scatter
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def pad(ctx, node, grads):
+    """Pad (opset >= 11: pads, constant value and axes as inputs). constant: the gradient padded
+    by minus the pads (cropped where the forward padded, zero-filled where negative pads
+    cropped). reflect, edge, wrap: the input's element positions padded the same way say where
+    each output came from; the gradient is summed back there (ScatterElements add, opset >= 16)."""
+    b = ctx.builder
+    mode = _text(attribute(node, "mode", b"constant"))
+    if b.opset < 11:
+        raise ModelError(f"node {node.name!r} (Pad): Pad before opset 11 (pads as an attribute) "
+                         f"has no gradient rule (the model has opset {b.opset})")
+    x, pads = node.input[:2]
+    axes = node.input[3:4] if len(node.input) > 3 and node.input[3] else []
+    rest = [None] * (len(node.input) - 1)
+    if mode == "constant":
+        if pads in ctx.constants:
+            crop = b.ints(-ctx.constants[pads])
+        else:
+            crop = b.op("Neg", [pads])
+        cropped = b.op("Pad", [grads[0], crop, *([""] + axes if axes else [])], mode="constant")
+        return [cropped] + rest
+    if mode not in ("reflect", "edge", "wrap"):
+        raise ModelError(f"node {node.name!r} (Pad): mode {mode!r} has no gradient rule")
+    if b.opset < 16:
+        raise ModelError(f"node {node.name!r} (Pad): the gradient of {mode} padding needs "
+                         f"opset >= 16 (the model has {b.opset})")
+    taken = b.op("Pad", [positions(ctx, x), pads, *([""] + axes if axes else [])], mode=mode)
+    return [scatter(ctx, x, taken, grads[0], add=True)] + rest
+
+
+def tile(ctx, node, grads):
+    """y = x repeated r_i times along each axis i: g seen as [r_0, d_0, r_1, d_1, ...] (the
+    shape built at run time from the repeats and x's shape), summed over the r axes."""
+    b = ctx.builder
+    x, repeats = node.input
+    rank = ctx.rank(x)
+    if rank is None:
+        raise ModelError(f"node {node.name!r} (Tile): the gradient needs the rank of {x!r}, "
+                         "which shape inference left unknown")
+    column = b.ints([1])
+    pairs = b.op("Concat", [b.op("Unsqueeze", [repeats, column]),
+                            b.op("Unsqueeze", [b.op("Shape", [x]), column])], axis=1)
+    split = b.op("Reshape", [grads[0], b.op("Reshape", [pairs, b.ints([-1])])])
+    return [b.reduce("ReduceSum", split, list(range(0, 2 * rank, 2)), keepdims=False), None]
+
+
+def space_to_depth(ctx, node, grads):
+    """SpaceToDepth is undone by DepthToSpace in DCR mode (its default)."""
+    b = ctx.builder
+    attrs = {"mode": "DCR"} if b.opset >= 11 else {}
+    block = int(attribute(node, "blocksize"))
+    return [b.op("DepthToSpace", [grads[0]], blocksize=block, **attrs)]
+
+
+def depth_to_space(ctx, node, grads):
+    """DCR mode is undone by SpaceToDepth. CRD (PixelShuffle as torch exports it) moves x
+    [N, C b^2, H, W] as [N, C, b, b, H, W] -> [N, C, H, b, W, b]: g taken back the other way."""
+    b = ctx.builder
+    block = int(attribute(node, "blocksize"))
+    if _text(attribute(node, "mode", b"DCR")) == "DCR":
+        return [b.op("SpaceToDepth", [grads[0]], blocksize=block)]
+    x = node.input[0]
+    shape = ctx.static(x, node, "input")
+    if len(shape) != 4:
+        raise ModelError(f"node {node.name!r} (DepthToSpace): input {shape} is not 4-D")
+    channels, height, width = shape[1] // (block * block), shape[2], shape[3]
+    spread = b.op("Reshape", [grads[0], b.ints([0, channels, height, block, width, block])])
+    blocks = b.op("Transpose", [spread], perm=[0, 1, 3, 5, 2, 4])
+    return [b.op("Reshape", [blocks, b.op("Shape", [x])])]
