@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError
+from camface.native import opencv_path
 from camface.outputs import check_output_file
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Mp4vWriter:
         # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
         # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
         fps = round(fps, 2) if fps * 100 < 65535 else float(round(fps))
-        self._writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        self._writer = cv2.VideoWriter(opencv_path(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
         if not self._writer.isOpened():
             raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
         self._path, self._frames = path, 0
@@ -93,7 +94,7 @@ class Mp4vWriter:
 
 def mp4v_frames(path: Path) -> int:
     """Frames a plain MP4's index lists (0 when it has none: a file whose index was lost)."""
-    capture = cv2.VideoCapture(str(path))
+    capture = cv2.VideoCapture(opencv_path(path))
     try:
         return int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
     finally:

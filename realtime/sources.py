@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from camface.errors import SourceError
+from camface.native import opencv_path
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class VideoFileSource:
         self.truncated, self.truncation = truncated, truncation
 
     def _open(self):
-        capture = cv2.VideoCapture(str(self.path))
+        capture = cv2.VideoCapture(opencv_path(self.path))
         if not capture.isOpened():
             capture.release()
             capture = self._open_complete_part()
@@ -328,7 +329,7 @@ class ImageFolderSource:
             # any depth and colour as stored (to_bgr8 converts), turned upright by its EXIF
             # orientation as viewers show it (IMREAD_UNCHANGED would ignore it: phone portraits
             # would lie on their side, their faces missed)
-            image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+            image = cv2.imread(opencv_path(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
             if image is None:
                 why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
                 log.warning("skipping %s: %s", path, why)

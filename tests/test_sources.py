@@ -6,6 +6,7 @@ to tmp_path."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -519,3 +520,51 @@ def test_each_drawing_of_the_sample_clip_writes_a_file_of_its_own(tmp_path, monk
         clip.unlink()  # drawn again by the next call
     assert len(set(opened)) == 2 and all(p.parent == tmp_path and p.name.startswith(".") for p in opened)
     assert clips[0] and clips[0] == clips[1] and list(tmp_path.iterdir()) == []
+
+
+# Run in a child: without camface's bytes path, OpenCV 5.1 crashed the process (SIGSEGV) on a
+# name that is not valid UTF-8, which would take the whole test session with it.
+NOT_UTF8 = """
+import os, sys
+from pathlib import Path
+
+import numpy as np
+
+from camface.realtime.sinks import VideoSink
+from camface.realtime.snapshot import SnapshotWriter, read_crop
+from camface.realtime.sources import ImageFolderSource, VideoFileSource
+
+folder = Path(sys.argv[1])
+name = os.fsdecode(b"caf\\xe9")  # Latin-1 bytes: Python holds them as a surrogate
+frame = np.zeros((48, 64, 3), np.uint8)
+frame[8:40, 16:48] = (30, 120, 240)
+SnapshotWriter._write_image(folder / f"{name}.png", frame)
+with ImageFolderSource(folder) as images:
+    pictures = list(images)
+assert len(pictures) == 1 and np.array_equal(pictures[0], frame)
+assert np.array_equal(read_crop(folder / f"{name}.png", "BGR"), frame)
+with VideoSink(folder / f"{name}.mp4", 30, codec="mp4v") as sink:
+    for _ in range(5):
+        sink.write(frame)
+with VideoFileSource(folder / f"{name}.mp4") as clip:
+    print(len(list(clip)), sink.frames_kept)
+"""
+
+
+def test_files_whose_names_are_not_utf8_are_read_and_written(tmp_path):
+    """A photo, recording or snapshot named in Latin-1 (an old archive, a camera card) crashed
+    the process in OpenCV; they are read and written as any other."""
+    import subprocess
+    import sys
+
+    try:
+        (tmp_path / "probe").mkdir()
+        open(tmp_path / "probe" / os.fsdecode(b"\xe9"), "wb").close()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    done = subprocess.run([sys.executable, "-c", NOT_UTF8, str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["5", "5"]
