@@ -331,7 +331,10 @@ class ImageFolderSource:
             # would lie on their side, their faces missed)
             image = cv2.imread(opencv_path(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
             if image is None:
-                why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
+                if not path.exists():  # os.access says False for a file that is gone too
+                    why = "it is gone (deleted or moved since the folder was listed)"
+                else:
+                    why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
                 log.warning("skipping %s: %s", path, why)
                 continue
             if (why := cut_short(path)) is not None:

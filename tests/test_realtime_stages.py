@@ -591,11 +591,16 @@ def test_image_folder_says_why_a_file_was_skipped(tmp_path, caplog, monkeypatch)
     (tmp_path / "02.png").write_bytes(b"not a png")
     (tmp_path / "03.png").write_bytes(b"")
     readable = os.access
+    cv2.imwrite(str(tmp_path / "04.png"), np.full((6, 8, 3), 70, np.uint8))
     monkeypatch.setattr(sources.os, "access", lambda path, mode: readable(path, mode) and Path(path).name != "03.png")
     with caplog.at_level(logging.WARNING), ImageFolderSource(tmp_path) as source:
-        assert len(list(source)) == 1
+        frames = iter(source)
+        next(frames)
+        (tmp_path / "04.png").unlink()  # deleted while the run goes on: it was "permission denied"
+        assert list(frames) == []
     assert "02.png: not an image OpenCV can read" in caplog.text
     assert "03.png: permission denied" in caplog.text  # (root reads anything: the check is faked here)
+    assert "04.png: it is gone (deleted or moved since the folder was listed)" in caplog.text
 
 
 def test_a_jpeg_cut_short_is_named(tmp_path, caplog, astronaut_bgr):
