@@ -217,18 +217,22 @@ def capture_fps(path: Path) -> float:
 
 class _DiskOf:
     """open() whose files fail with ENOSPC once `limit` bytes in all were written (a disk
-    that fills up); `written` counts the bytes that went through."""
+    that fills up); `written` counts the bytes that went through. short: the write that
+    fills the disk writes what fits and says so, as a real disk's does (FFmpeg takes the
+    short count without a word); the next one fails."""
 
-    def __init__(self, limit: float):
-        self.limit, self.written = limit, 0
+    def __init__(self, limit: float, short: bool = False):
+        self.limit, self.written, self.short = limit, 0, short
 
     def __call__(self, path, mode="r", buffering=-1):
         disk = self
 
         class File(io.FileIO):
             def write(self, data):
-                if disk.written + len(data) > disk.limit:
+                room = int(disk.limit - disk.written) if disk.short else 0
+                if disk.written + len(data) > disk.limit and room <= 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                data = bytes(data)[:max(room, 0)] if disk.written + len(data) > disk.limit else data
                 disk.written += len(data)
                 return super().write(data)
 
@@ -270,6 +274,32 @@ def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_
     except OutputError as exc:
         assert "write.mp4" in str(exc)
     assert count_frames(tmp_path / "write.mp4") == 30 and sink.frames_kept == 30
+
+
+@pytest.mark.parametrize("share", [0.45, 0.5, 0.55, 0.8])
+def test_a_disk_that_fills_inside_a_frame_leaves_a_file_that_decodes_to_its_end(tmp_path, clip_frames, monkeypatch,
+                                                                                  share):
+    """A real disk writes the part of a fragment that fits: the file ended inside a frame, which
+    FFmpeg handed to the decoder and PyAV's decode raised on after the whole frames. The file
+    is cut at its last whole frame: every frame it holds decodes, without an error."""
+    import av
+
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    counting = _DiskOf(float("inf"))
+    monkeypatch.setattr(fmp4, "open", counting, raising=False)
+    record(tmp_path / "whole.mp4", clip_frames[:75])
+    monkeypatch.setattr(fmp4, "open", _DiskOf(counting.written * share, short=True), raising=False)
+    path = tmp_path / "full.mp4"
+    sink = VideoSink(path, FPS)
+    with pytest.raises(OutputError, match="No space left on device"):
+        with sink:
+            for frame in clip_frames[:75]:
+                sink.write(frame)
+    with av.open(str(path)) as container:
+        decoded = sum(1 for _ in container.decode(video=0))  # raised on a cut frame
+    assert 30 <= decoded == sink.frames_kept == fmp4.whole_frames(path) < 75
+    assert count_frames(path) == decoded
 
 
 def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, monkeypatch):
