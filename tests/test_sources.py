@@ -525,11 +525,12 @@ def test_each_drawing_of_the_sample_clip_writes_a_file_of_its_own(tmp_path, monk
 # Run in a child: without camface's bytes path, OpenCV 5.1 crashed the process (SIGSEGV) on a
 # name that is not valid UTF-8, which would take the whole test session with it.
 NOT_UTF8 = """
-import os, sys
+import os, sys, tempfile
 from pathlib import Path
 
 import numpy as np
 
+from camface.realtime.sample import SampleSource
 from camface.realtime.sinks import VideoSink
 from camface.realtime.snapshot import SnapshotWriter, read_crop
 from camface.realtime.sources import ImageFolderSource, VideoFileSource
@@ -548,12 +549,17 @@ with VideoSink(folder / f"{name}.mp4", 30, codec="mp4v") as sink:
         sink.write(frame)
 with VideoFileSource(folder / f"{name}.mp4") as clip:
     print(len(list(clip)), sink.frames_kept)
+tempfile.tempdir = str(folder / name)  # the sample's clip is cached in the temporary folder
+os.mkdir(tempfile.tempdir)
+with SampleSource(frames=4, size=(64, 48)) as sample:
+    print(len(list(sample)), len(os.listdir(tempfile.tempdir)))
 """
 
 
 def test_files_whose_names_are_not_utf8_are_read_and_written(tmp_path):
-    """A photo, recording or snapshot named in Latin-1 (an old archive, a camera card) crashed
-    the process in OpenCV; they are read and written as any other."""
+    """A photo, recording or snapshot named in Latin-1 (an old archive, a camera card), or the
+    sample's clip in such a temporary folder, crashed the process in OpenCV; they are read and
+    written as any other."""
     import subprocess
     import sys
 
@@ -567,4 +573,4 @@ def test_files_whose_names_are_not_utf8_are_read_and_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", NOT_UTF8, str(folder)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["5", "5"]
+    assert done.stdout.split() == ["5", "5", "4", "1"]
