@@ -101,13 +101,27 @@ def mp4v_frames(path: Path) -> int:
         capture.release()
 
 
+def fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A new uint8 BGR [height, width, 3] picture: `frame` scaled to fit inside it, its shape
+    kept (stretched to another shape, faces came out squeezed), centred on black."""
+    scale = min(width / frame.shape[1], height / frame.shape[0])
+    inner_w = min(width, max(1, round(frame.shape[1] * scale)))
+    inner_h = min(height, max(1, round(frame.shape[0] * scale)))
+    picture = np.zeros((height, width, 3), np.uint8)
+    left, top = (width - inner_w) // 2, (height - inner_h) // 2
+    picture[top:top + inner_h, left:left + inner_w] = cv2.resize(
+        frame, (inner_w, inner_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return picture
+
+
 class VideoSink:
     """Writes uint8 BGR frames to an mp4 at `fps`, with `codec` (one of CODECS; `encoder` is
     what it resolved to).
 
     The writer opens on the first frame, at that frame's size rounded down to even numbers
     (4:2:0 video needs even sizes; odd frames lose their last row/column). Later frames of
-    another size are resized to it. `frames_written` counts frames handed to the encoder;
+    another size are scaled to fit it, their shape kept, black bars beside or above and below
+    (`fit`: a folder's landscape photos after a portrait one). `frames_written` counts frames handed to the encoder;
     `frames_kept` those the file holds once closed (fewer after a write error: a full disk).
     """
 
@@ -163,9 +177,9 @@ class VideoSink:
             else:
                 if not self._resized:
                     self._resized = True
-                    log.warning("camface: %s: frames of %dx%d are scaled to the recording's %dx%d (its first "
+                    log.warning("camface: %s: frames of %dx%d are scaled to fit the recording's %dx%d (its first "
                                 "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
-                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+                frame = fit(frame, width, height)
         frame = np.ascontiguousarray(frame)
         elapsed = None if at is None or self._start is None else at - self._start
         try:

@@ -433,7 +433,7 @@ def test_video_sink_counts_frames_and_handles_odd_and_changing_sizes(tmp_path, c
         sink.write(np.zeros((30, 30, 3), np.uint8))  # another size: resized, said once
         sink.write(np.zeros((30, 30, 3), np.uint8))
     assert sink.frames_written == 7 and count_frames(path) == 7
-    assert caplog.text.count("frames of 30x30 are scaled to the recording's 80x60") == 1
+    assert caplog.text.count("frames of 30x30 are scaled to fit the recording's 80x60") == 1
     capture = cv2.VideoCapture(str(path))
     assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(25.0)
     assert capture.read()[1].shape == (60, 80, 3)

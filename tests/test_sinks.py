@@ -620,3 +620,25 @@ def test_codec_flag_reaches_the_recording(tmp_path):
             assert sum(1 for _ in container.decode(video=0)) == 5
     with pytest.raises(ValueError, match="--codec must be one of auto, h264, mp4v"):
         LiveConfig(codec="webm")
+
+
+@pytest.mark.parametrize("later, inner", [
+    ((60, 120), (50, 0, 60, 120)),  # a portrait photo after a landscape one: bars left and right
+    ((320, 60), (0, 45, 160, 30)),  # a panorama: bars above and below
+    ((80, 60), (0, 0, 160, 120)),  # the same shape: the whole frame
+])
+def test_frames_of_another_shape_keep_it_in_the_recording(tmp_path, later, inner):
+    """A folder's photos of another shape than the first were stretched to the recording's
+    size (faces squeezed); they are scaled to fit, their shape kept, on black. (width, height)
+    and (x, y, w, h) in pixels of the 160x120 recording."""
+    path = tmp_path / "mixed.mp4"
+    record(path, [np.full((120, 160, 3), 128, np.uint8), np.full((later[1], later[0], 3), 255, np.uint8)])
+    picture = decode(path)[1].astype(float)
+    x, y, w, h = inner
+    inside = np.zeros(picture.shape[:2], bool)
+    inside[y:y + h, x:x + w] = True
+    near = cv2.dilate(inside.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0  # the codec blurs the edge
+    far = cv2.erode(inside.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    assert picture[far].mean() > 245
+    if (~near).any():
+        assert picture[~near].mean() < 10
