@@ -36,6 +36,10 @@ MAX_HOLD_S = 5.0
 # frame period: frames that come faster than a stream says (an MJPEG stream reports 25 fps
 # whatever it sends) would otherwise each take a period, and the recording would play slow.
 CLOCK_HZ = 1000
+# The largest frame each encoder opens at: (pixels a side, pixels in all). MPEG-4 Part 2 stops
+# below 8192 a side; libx264 at 16384 a side, and short of 16384 x 16384 in all (16384 x 16000
+# opens, 16384 x 16368 not). A recording's first frame beyond them is scaled down to fit.
+LARGEST = {"mp4v": (8190, 8190 * 8190), "h264": (16384, 16384 * 16000)}
 
 
 def encoder_for(codec: str = "auto") -> str:
@@ -119,10 +123,11 @@ class VideoSink:
     what it resolved to).
 
     The writer opens on the first frame, at that frame's size rounded down to even numbers
-    (4:2:0 video needs even sizes; odd frames lose their last row/column). Later frames of
-    another size are scaled to fit it, their shape kept, black bars beside or above and below
-    (`fit`: a folder's landscape photos after a portrait one). `frames_written` counts frames handed to the encoder;
-    `frames_kept` those the file holds once closed (fewer after a write error: a full disk).
+    (4:2:0 video needs even sizes; odd frames lose their last row/column), or scaled down to
+    what the encoder takes (LARGEST). Later frames of another size are scaled to fit it, their
+    shape kept, black bars beside or above and below (`fit`: a folder's landscape photos after
+    a portrait one). `frames_written` counts frames handed to the encoder; `frames_kept` those
+    the file holds once closed (fewer after a write error: a full disk).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
@@ -134,6 +139,7 @@ class VideoSink:
         self._writer = None
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
+        self._first: tuple[int, int] | None = None  # the first frame's (height, width)
         self._start: float | None = None  # the first frame's `at`
         self._slot = -1  # mp4v: the last frame's period from the first
         self._last: np.ndarray | None = None  # mp4v: the last frame, repeated to fill a gap
@@ -142,7 +148,15 @@ class VideoSink:
         return self
 
     def _open(self, frame: np.ndarray, clock_hz: int | None = None) -> None:
-        height, width = frame.shape[:2]
+        height, width = self._first = frame.shape[:2]
+        side, pixels = LARGEST["mp4v" if self.encoder == "mp4v" else "h264"]
+        scale = min(1.0, side / max(width, height), (pixels / (width * height)) ** 0.5)
+        if scale < 1:  # a panorama first in a folder: the encoder refused it, and the run stopped
+            width, height = max(2, int(width * scale)), max(2, int(height * scale))
+            self._resized = True  # said here: every frame is scaled
+            log.warning("camface: %s: frames of %dx%d are larger than %s encodes; recording at %dx%d",
+                        self.path, frame.shape[1], frame.shape[0], self.encoder, width - width % 2,
+                        height - height % 2)
         self._size = (max(2, width - width % 2), max(2, height - height % 2))
         if self.encoder == "mp4v":
             self._writer = Mp4vWriter(self.path, self.fps, self._size)
@@ -174,6 +188,8 @@ class VideoSink:
         if frame.shape[1] != width or frame.shape[0] != height:
             if frame.shape[1] in (width, width + 1) and frame.shape[0] in (height, height + 1):
                 frame = frame[:height, :width]
+            elif frame.shape[:2] == self._first:  # scaled down for the encoder (`_open`): no bars
+                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
             else:
                 if not self._resized:
                     self._resized = True

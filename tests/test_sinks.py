@@ -642,3 +642,23 @@ def test_frames_of_another_shape_keep_it_in_the_recording(tmp_path, later, inner
     assert picture[far].mean() > 245
     if (~near).any():
         assert picture[~near].mean() < 10
+
+
+@pytest.mark.parametrize("codec, side", [("auto", 16384), ("mp4v", 8190)])
+def test_a_first_frame_larger_than_the_encoder_takes_is_recorded_smaller(tmp_path, codec, side, caplog):
+    """A panorama first in a folder (20000 pixels wide) stopped the run: libx264 refuses frames
+    over 16384 pixels a side, MPEG-4 Part 2 over 8190 ("mp4v codec unavailable?"). The
+    recording is scaled down to fit, its shape kept."""
+    if codec == "auto" and encoder_for("auto") == "mp4v":
+        side = 8190  # no H.264 here: auto is mp4v
+    path = tmp_path / "panorama.mp4"
+    panorama = np.zeros((40, 20000, 3), np.uint8)
+    panorama[:, :10000] = 255  # its left half white
+    with caplog.at_level(logging.WARNING):
+        record(path, [panorama, panorama], codec)
+    frames = decode(path)
+    assert len(frames) == 2 and "larger than" in caplog.text
+    height, width = frames[0].shape[:2]
+    assert side - 2 <= width <= side and width % 2 == 0 and height == pytest.approx(40 * width / 20000, abs=2)
+    columns = frames[1].mean(axis=(0, 2))
+    assert columns[: width // 2 - 8].min() > 240 and columns[width // 2 + 8:].max() < 15
