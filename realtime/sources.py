@@ -309,8 +309,11 @@ class ImageFolderSource:
 
     def __enter__(self) -> "ImageFolderSource":
         if self.path.is_dir():
-            self.files = sorted((p for p in self.path.iterdir()
-                                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+            try:
+                self.files = sorted((p for p in self.path.iterdir()
+                                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+            except OSError as exc:  # a folder the user may not list: a traceback, and exit 1
+                raise SourceError(f"cannot list folder {self.path}: {exc.strerror or exc}") from exc
             if not self.files:
                 raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {self.path}")
         elif self.path.is_file():

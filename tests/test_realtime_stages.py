@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -601,6 +602,27 @@ def test_image_folder_says_why_a_file_was_skipped(tmp_path, caplog, monkeypatch)
     assert "02.png: not an image OpenCV can read" in caplog.text
     assert "03.png: permission denied" in caplog.text  # (root reads anything: the check is faked here)
     assert "04.png: it is gone (deleted or moved since the folder was listed)" in caplog.text
+
+
+def test_a_folder_that_cannot_be_listed_is_a_source_error_naming_it(tmp_path, monkeypatch, capsys):
+    """A folder without read permission raised PermissionError from its listing: a traceback
+    and exit 1 from `camface live`, not the one line and exit 2 of other bad sources."""
+    import errno
+
+    from camface.cli import main
+
+    real = Path.iterdir
+
+    def refused(path):  # root lists any folder: as chmod 000 does for a user
+        if path == tmp_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    with pytest.raises(SourceError, match=f"cannot list folder {re.escape(str(tmp_path))}: Permission denied"):
+        ImageFolderSource(tmp_path).__enter__()
+    assert main(["live", "--source", str(tmp_path), "--no-show"]) == 2
+    assert f"camface: error: cannot list folder {tmp_path}: Permission denied" in capsys.readouterr().err
 
 
 def test_a_jpeg_cut_short_is_named(tmp_path, caplog, astronaut_bgr):
