@@ -377,6 +377,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+MAX_CAMERA_INDEX = 2 ** 31 - 1  # OpenCV takes a C int
+
+
 def is_camera_index(spec: str | None) -> bool:
     """True when the `--source` value `spec` names a camera by its index ("0", "1", ...)."""
     return isinstance(spec, str) and spec.isascii() and spec.isdigit()  # not "²" or "٣" (int("²") raises)
@@ -402,7 +405,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
-    if is_camera_index(spec):
+    if is_camera_index(spec) and int(spec) <= MAX_CAMERA_INDEX:
         return LiveSource(int(spec))
     if "://" in spec:
         return LiveSource(spec)
@@ -411,6 +414,8 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
         return ImageFolderSource(path)
     if path.is_file():
         return VideoFileSource(path)
+    if is_camera_index(spec):  # OpenCV raised a bare cv2.error on it (a traceback, exit 1)
+        raise SourceError(f"camera index {spec} is too large: camera indices are 0, 1, ... (0 is the first camera)")
     if re.fullmatch(r"-[0-9]+", spec):  # OpenCV's -1 is "any camera": say which to give instead
         raise SourceError(f"camera index {spec} is negative: camera indices are 0, 1, ... "
                           "(0 is the first camera)")

@@ -106,6 +106,8 @@ def test_a_live_source_opens_again_and_never_repeats_a_frame():
     ("-1", r"camera index -1 is negative: camera indices are 0, 1, \.\.\."),
     ("\u00b2", r"source not found: \u00b2 \(expected a camera index"),  # '²'.isdigit(); int('²') raised ValueError
     ("\u0663", r"source not found: \u0663 \(expected a camera index"),  # Arabic-Indic 3 opened camera 3
+    ("2147483648", r"camera index 2147483648 is too large: camera indices are 0, 1, \.\.\."),  # cv2.error
+    ("99999999999999999999", r"camera index 99999999999999999999 is too large"),
 ])
 def test_make_source_names_what_is_wrong_with_a_camera_index(spec, message):
     from camface.realtime.sources import make_source
