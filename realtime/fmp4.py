@@ -174,9 +174,16 @@ class H264Writer:
                 trim_to_whole_frames(self.path)
 
 
+# Boxes an MP4 holds at its top level (ISO/IEC 14496-12, and QuickTime's `wide`)
+TOP_LEVEL = frozenset({b"ftyp", b"styp", b"moov", b"moof", b"mdat", b"mfra", b"free", b"skip", b"wide", b"sidx",
+                       b"ssix", b"prft", b"emsg", b"meta", b"uuid", b"pdin", b"udta", b"meco"})
+
+
 def complete_length(path: Path) -> int | None:
     """For an ISO base media file (MP4) that ends inside a top-level box, the byte length of
-    its complete boxes; None when the file is whole or not an MP4.
+    its complete boxes; None when the file is whole or not an MP4. Bytes after the last box
+    that do not start a top-level box (TOP_LEVEL: a phone's or tool's trailer, padding) are
+    no cut: all of the file's frames read, and it was called truncated or damaged.
 
     FFmpeg reads every fragment index (`moof`) when it opens a fragmented MP4 and refuses the
     file if the last one is cut; a reader can open the complete prefix instead."""
@@ -192,6 +199,8 @@ def complete_length(path: Path) -> int | None:
             if length == 1 and len(header) == 16:  # 64-bit size follows the type
                 length = int.from_bytes(header[8:16], "big")
             elif length == 0:  # the box runs to the end of the file
+                return None
+            if position > 0 and kind not in TOP_LEVEL:  # not a box: data after the file's boxes
                 return None
             if length < 8 or position + length > size:
                 break

@@ -498,6 +498,19 @@ def test_complete_length_of_whole_cut_and_foreign_files(tmp_path, clip_frames):
     assert fmp4.complete_length(tmp_path / "text.mp4") is None
 
 
+@pytest.mark.parametrize("trailer", [b"SAMSUNG TRAILER " * 8, b"\xff" * 64, b"\x00\x00\x10\x00junkjunkjunk"])
+def test_a_whole_file_with_bytes_after_its_boxes_is_not_called_cut(tmp_path, clip_frames, caplog, trailer):
+    """Data after an MP4's last box (a phone's trailer, a tool's padding) read as a box cut
+    short: every frame read, and the file was warned about as truncated or damaged (batch
+    wrote that on its record)."""
+    path = record(tmp_path / "trailed.mp4", clip_frames[:40], "h264").path
+    path.write_bytes(path.read_bytes() + trailer)
+    assert fmp4.complete_length(path) is None
+    with caplog.at_level(logging.WARNING, logger="camface"), VideoFileSource(path) as source:
+        assert len(list(source)) == 40
+    assert not source.truncated and "ended early" not in caplog.text
+
+
 # ------------------------------------------------------------------------------ a recorder killed hard
 
 # `python -c COUNT_WRITES ARGS...` runs `camface ARGS...` and prints, on stdout, the number of
