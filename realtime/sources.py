@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # the one list of image suffixes (--source, image folders, enroll's and train's photos)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_FPS = 30.0  # for files that report no frame rate
+MAX_BAD_RUN = 25  # frames in a row that do not decode, read past in a file that announces more
 
 
 def cut_short(path: str | Path) -> str | None:
@@ -137,7 +138,10 @@ class VideoFileSource:
     A file that ends early (truncated, damaged; a recording whose writer was killed) stops at
     its last good frame with one warning; `truncated` then is True, `frames_read` says how
     far it got and `truncation` why. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
-    is read up to its last complete fragment.
+    is read up to its last complete fragment. A frame that does not decode with good frames
+    after it (a damaged JPEG in an MJPEG AVI) is given as the frame after it, with a warning
+    naming it, and reading goes on (it stopped there: the rest of the file was lost); the frames
+    keep their numbers and times. `bad_frames` counts them.
 
     info.fps: the container's figure; when that is none or above MAX_FPS (a time base: 1000
     for a WebM written live), the mean rate of its first frames' timestamps, else DEFAULT_FPS.
@@ -150,6 +154,7 @@ class VideoFileSource:
         self.path = Path(path)
         self.start, self.stop = start, stop
         self.frames_read = 0
+        self.bad_frames = 0  # frames that did not decode, given as the frame before them
         self.truncated = False
         self.truncation: str | None = None  # why, when truncated
         self._capture = None
@@ -198,6 +203,21 @@ class VideoFileSource:
             return None
         fps = (len(stamps) - 1) * 1000.0 / (stamps[-1] - stamps[0])
         return fps if 0.5 <= fps <= 1000 else None  # frames 1 ms apart: a high-speed camera's
+
+    def _read_past_bad_frames(self) -> tuple[int, np.ndarray | None]:
+        """After a read that failed: (frames that failed, the next good frame) when good frames
+        follow, within MAX_BAD_RUN reads; (0, None) at the end of the file, of the frames its
+        header announces (none announced: the end)."""
+        if not self.info.frames:
+            return 0, None
+        left = self.info.frames - self.start - self.frames_read - 1  # frames announced after the failed one
+        for failed in range(1, MAX_BAD_RUN + 1):
+            if left < failed:
+                return 0, None
+            ok, frame = self._capture.read()
+            if ok and frame is not None:
+                return failed, frame
+        return 0, None
 
     def _seek(self, start: int) -> None:
         """Put the capture before frame `start`. FFmpeg's seek goes to the keyframe before it
@@ -266,10 +286,24 @@ class VideoFileSource:
             self.frames_read = 0
         self._iterated = True
         wanted = None if self.stop is None else self.stop - self.start
+        self.bad_frames = 0
         while wanted is None or self.frames_read < wanted:
             ok, frame = self._capture.read()
             if not ok or frame is None:
-                break
+                bad, frame = self._read_past_bad_frames()
+                if frame is None:
+                    break
+                if wanted is not None:  # the range may end among them (the good frame read past it)
+                    bad = min(bad, wanted - self.frames_read)
+                frame = to_bgr8(frame)
+                for _ in range(bad):  # each in its place, so later frames keep their numbers
+                    log.warning("%s: frame %d does not decode; the frame after it is shown in its place",
+                                self.path, self.start + self.frames_read)
+                    self.frames_read += 1
+                    self.bad_frames += 1
+                    yield frame.copy()  # a copy: the live loop draws on the frames it is given
+                if wanted is not None and self.frames_read >= wanted:
+                    break
             self.frames_read += 1
             yield to_bgr8(frame)
         if self.frames_read == 0 and self.start == 0 and wanted != 0:

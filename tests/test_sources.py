@@ -576,3 +576,49 @@ def test_files_whose_names_are_not_utf8_are_read_and_written(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["5", "5", "4", "1"]
+
+
+@pytest.fixture(scope="module")
+def mjpeg_with_a_bad_frame(tmp_path_factory):
+    """(an MJPEG AVI of 60 frames whose frame 30 does not decode, the same file whole)."""
+    import cv2
+
+    from camface.realtime.sample import SampleSource
+
+    folder = tmp_path_factory.mktemp("mjpeg")
+    sample = SampleSource(frames=60, size=(160, 120))
+    whole = folder / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 30, (160, 120))
+    for index in range(60):
+        writer.write(sample.frame(index))
+    writer.release()
+    data = bytearray(whole.read_bytes())
+    starts = [at for at in range(len(data) - 2) if data[at:at + 3] == b"\xff\xd8\xff"]
+    assert len(starts) == 60
+    for at in range(starts[30] + 20, starts[30] + 400):  # its tables: it does not decode at all
+        data[at] ^= 0xFF
+    damaged = folder / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+    return damaged, whole
+
+
+@pytest.mark.parametrize("start, stop, bad", [(0, None, 1), (25, 35, 1), (30, 40, 1), (0, 31, 1), (0, 30, 0),
+                                              (31, 60, 0)])
+def test_a_frame_that_does_not_decode_is_read_past(mjpeg_with_a_bad_frame, caplog, start, stop, bad):
+    """A damaged JPEG in the middle of an MJPEG AVI stopped the file there ("ended early"): its
+    29 good frames after it were lost. It is given as the frame after it, with a warning naming
+    it, and every frame keeps its number (batch's segments stitch by them)."""
+    from camface.realtime.sources import VideoFileSource
+
+    damaged, whole = mjpeg_with_a_bad_frame
+    with VideoFileSource(whole, start, stop) as source:
+        expected = list(source)
+    with caplog.at_level(logging.WARNING), VideoFileSource(damaged, start, stop) as source:
+        frames = list(source)
+    assert len(frames) == len(expected) == (stop or 60) - start and source.bad_frames == bad
+    assert not source.truncated and "ended early" not in caplog.text
+    for number, (frame, good) in enumerate(zip(frames, expected), start):
+        if number == 30 and bad:
+            assert "damaged.avi: frame 30 does not decode; the frame after it is shown in its place" in caplog.text
+            good = expected[number - start + 1] if number + 1 < (stop or 60) else frame  # (the range's last)
+        assert np.array_equal(frame, good), number
