@@ -254,10 +254,11 @@ def trim_to_whole_frames(path: Path) -> int:
     part-way) at the end of its last whole frame; returns the frames it holds (`whole_frames`).
     FFmpeg gave the cut frame to the decoder, which refused it: a reader that stops at the
     first decoding error (PyAV's `decode`) failed on a file whose frames before were all
-    there. A file that is whole, or holds no whole frame, is left as it is."""
+    there. A file that is whole, holds no whole frame, or has a fragment whose sample sizes
+    cannot be told (cut there, frames after it would be lost), is left as it is."""
     frames, end = _whole(path)
     try:
-        if frames and end < path.stat().st_size:
+        if frames and 0 < end < path.stat().st_size:
             os.truncate(path, end)
     except OSError:  # gone, or not ours to change: readers still get its whole frames
         pass
@@ -265,7 +266,8 @@ def trim_to_whole_frames(path: Path) -> int:
 
 
 def _whole(path: Path) -> tuple[int, int]:
-    """(whole_frames, the byte just after the last of them; 0 when none)."""
+    """(whole_frames, the byte just after the last of them; 0 when none, -1 when a fragment's
+    sample sizes could not be told)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -278,7 +280,7 @@ def _whole(path: Path) -> tuple[int, int]:
                 if kind == b"moof" and position + length <= size:
                     file.seek(position)
                     count, last = _whole_samples(file.read(length), position, size)
-                    frames, end = frames + count, max(end, last)
+                    frames, end = frames + count, (-1 if min(end, last) < 0 else max(end, last))
                 position += length
             return frames, end
     except OSError:
@@ -308,7 +310,8 @@ def _children(data: bytes, start: int, end: int):
 
 def _whole_samples(moof: bytes, at: int, size: int) -> tuple[int, int]:
     """(samples of the fragment whose index is `moof` (the whole box, at byte `at` of a file of
-    `size` bytes) that end within the file, the byte just after the last of them; 0 when none)."""
+    `size` bytes) that end within the file, the byte just after the last of them; 0 when none,
+    -1 when their sizes cannot be told)."""
     count, end = 0, 0
     for kind, start, end in _children(moof, 8, len(moof)):
         if kind != b"traf":
@@ -344,7 +347,7 @@ def _whole_samples(moof: bytes, at: int, size: int) -> tuple[int, int]:
                     elif default_size is not None:
                         sample = default_size
                     else:
-                        return count, end  # sizes unknown: count no further
+                        return count, -1  # sizes unknown: count no further, and say where nothing ends
                     cursor += sample
                     if cursor > size:
                         return count, end

@@ -302,6 +302,26 @@ def test_a_disk_that_fills_inside_a_frame_leaves_a_file_that_decodes_to_its_end(
     assert count_frames(path) == decoded
 
 
+def test_trimming_leaves_a_file_whose_sample_sizes_it_cannot_tell(tmp_path, clip_frames):
+    """A fragment whose index gives no sample sizes: where its frames end is unknown, so a file
+    cut inside it is not trimmed (at the last frame counted, the frames after it were lost)."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    data = bytearray(record(tmp_path / "whole.mp4", clip_frames[:75]).path.read_bytes())
+    moofs = [m.start() - 4 for m in re.finditer(b"moof", data)]
+    cut = bytes(data[:moofs[2] + (len(data) - moofs[2]) // 2])  # inside the last fragment's samples
+    (tmp_path / "cut.mp4").write_bytes(cut)
+    assert fmp4.trim_to_whole_frames(tmp_path / "cut.mp4") == fmp4.whole_frames(tmp_path / "cut.mp4") > 60
+    assert (tmp_path / "cut.mp4").stat().st_size < len(cut)  # its sizes told: cut at its last whole frame
+    trun = data.index(b"trun", moofs[1])  # the 2nd fragment's index
+    data[trun + 6] &= ~0x02  # flags: sample sizes not present (nor in tfhd)
+    tfhd = data.index(b"tfhd", moofs[1])
+    data[tfhd + 7] &= ~0x10  # no default sample size
+    (tmp_path / "unknown.mp4").write_bytes(bytes(data[:len(cut)]))
+    assert fmp4.trim_to_whole_frames(tmp_path / "unknown.mp4") == fmp4.whole_frames(tmp_path / "unknown.mp4")
+    assert (tmp_path / "unknown.mp4").stat().st_size == len(cut)  # left whole
+
+
 def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, monkeypatch):
     """OpenCV's writer reports no write error (a full disk leaves a file without its index, and
     silence): the file is read back at close instead."""
