@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -622,3 +623,38 @@ def test_a_frame_that_does_not_decode_is_read_past(mjpeg_with_a_bad_frame, caplo
             assert "damaged.avi: frame 30 does not decode; the frame after it is shown in its place" in caplog.text
             good = expected[number - start + 1] if number + 1 < (stop or 60) else frame  # (the range's last)
         assert np.array_equal(frame, good), number
+
+
+class Uneven(FakeCamera):
+    """Reads 2 to `last` give `odd` (ok=True) at once, the others good frames, 0.1 s apart
+    after `last` (so the newest frame when the loop first asks is an odd one); 30 fps."""
+
+    def __init__(self, odd, last: int):
+        super().__init__()
+        self.odd, self.last = odd, last
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        if self.reads >= self.last:
+            time.sleep(0.1)
+        ok, frame = super().read()
+        return (True, self.odd) if ok and 2 <= self.reads <= self.last else (ok, frame)
+
+
+def test_a_camera_that_says_ok_with_an_empty_frame_goes_on():
+    """A backend that answers ok with an empty frame: to_bgr8 raised a bare ValueError in the
+    loop (a traceback, exit 1). It counts as a dropped frame; the camera is read on."""
+    with LiveSource(0, opener=lambda target, timeout: Uneven(np.zeros((0,), np.uint8), 4)) as source:
+        time.sleep(0.05)  # reads 2 to 4 are done
+        frames = [frame for _, frame in zip(range(5), source)]
+    assert all(frame.shape == (48, 64, 3) for frame in frames)
+
+
+def test_a_camera_whose_frames_camface_cannot_use_is_a_source_error_naming_it():
+    with LiveSource(0, opener=lambda target, timeout: Uneven(np.zeros((48, 64, 2), np.uint8), 10 ** 6)) as source:
+        with pytest.raises(SourceError, match=r"camera 0 delivers frames camface cannot use "
+                                              r"\(unsupported number of channels: 2\): uint8 \(48, 64, 2\)"):
+            for _ in zip(range(50), source):
+                pass
