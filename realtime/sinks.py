@@ -137,6 +137,7 @@ class VideoSink:
         self.frames_written = 0
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
+        self._closed = False
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
         self._first: tuple[int, int] | None = None  # the first frame's (height, width)
@@ -181,6 +182,8 @@ class VideoSink:
         (variable frame rate); mp4v, which cannot, repeats the frame before, and leaves out a
         frame taken within the frame period of the one before. None: the frame lasts 1 / fps
         (files: every frame is kept)."""
+        if self._closed:  # opening again would write over the finished recording
+            raise OutputError(f"{self.path} is finished: a closed recording takes no more frames")
         if self._writer is None:
             self._open(frame, None if at is None else CLOCK_HZ)
             self._start = at
@@ -228,6 +231,7 @@ class VideoSink:
 
     def close(self) -> None:
         """Finalise the file (idempotent)."""
+        self._closed = True
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:

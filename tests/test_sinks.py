@@ -695,3 +695,14 @@ def test_a_first_frame_larger_than_the_encoder_takes_is_recorded_smaller(tmp_pat
     assert side - 2 <= width <= side and width % 2 == 0 and height == pytest.approx(40 * width / 20000, abs=2)
     columns = frames[1].mean(axis=(0, 2))
     assert columns[: width // 2 - 8].min() > 240 and columns[width // 2 + 8:].max() < 15
+
+
+@pytest.mark.parametrize("codec", ["auto", "mp4v"])
+def test_a_closed_recording_takes_no_more_frames(tmp_path, clip_frames, codec):
+    """A frame written after close opened the file again and wrote over the finished recording
+    (one frame where there were ten); it is an OutputError, and the file keeps its frames."""
+    sink = record(tmp_path / "done.mp4", clip_frames[:10], codec)
+    with pytest.raises(OutputError, match="done.mp4 is finished: a closed recording takes no more frames"):
+        sink.write(clip_frames[10])
+    sink.close()
+    assert count_frames(tmp_path / "done.mp4") == 10 == sink.frames_kept
