@@ -105,7 +105,9 @@ def frame_count(path: str) -> int:
     """Frames the container announces (0 when unknown or unreadable), for the progress bar."""
     import cv2
 
-    capture = cv2.VideoCapture(path)
+    from camface.native import opencv_path
+
+    capture = cv2.VideoCapture(opencv_path(path))
     try:
         return max(0, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)) if capture.isOpened() else 0
     finally:

@@ -17,6 +17,7 @@ import numpy as np
 from camface.batch.state import DONE, Outputs, describe_incomplete
 from camface.color_order import ColorOrder
 from camface.errors import OutputError
+from camface.native import opencv_path
 from camface.outputs import replace_whole
 
 PICTURE_SIDE = 256  # pixels of each class picture
@@ -101,7 +102,7 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
         if count[k] and heat is not None:
             mean_heat = heat[k] / count[k]
             picture = folder / f"{k:02d}-{_slug(label)}.png"
-            replace_whole(picture, lambda tmp: cv2.imwrite(str(tmp), _picture(
+            replace_whole(picture, lambda tmp: cv2.imwrite(opencv_path(tmp), _picture(
                 mean_heat, crop[k] / count[k], color_order, method, colormap, alpha)))
             pictures.add(picture.name)
             entry.update(mean_heatmap=np.round(mean_heat, 5).tolist(), picture=str(picture.relative_to(outputs.root)))

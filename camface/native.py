@@ -1,5 +1,6 @@
 """Quieting native libraries (LiteRT/XNNPACK, CUDA stubs, absl) that write straight to file
-descriptor 2, bypassing Python's logging. Used by the detector and the Keras baseline."""
+descriptor 2, bypassing Python's logging (used by the detector and the Keras baseline), and
+handing OpenCV the paths it can take (`opencv_path`)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,16 @@ def quiet_native_stderr(enabled: bool = True):
         yield
     finally:
         _FD2.leave()
+
+
+def opencv_path(path: str | os.PathLike[str]) -> str | bytes:
+    """`path` as OpenCV's functions (imread, imwrite, VideoCapture, VideoWriter) take it: a
+    str, or the file system's bytes when the name is not valid UTF-8 (a name in Latin-1 from an
+    old archive or camera card, which Python holds with surrogates: OpenCV 5.1 crashed the
+    process on such a str, a segmentation fault that left no error and no finalised recording)."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text

@@ -122,6 +122,7 @@ def face_crops(people_dir: Path, people: dict[str, list[Path]], input_size: tupl
     from camface.api import face_detector
     from camface.color_order import ColorOrder
     from camface.models import dataset
+    from camface.native import opencv_path
     from camface.realtime.config import LiveConfig
 
     live = LiveConfig()
@@ -141,7 +142,7 @@ def face_crops(people_dir: Path, people: dict[str, list[Path]], input_size: tupl
                 raise SourceError(f"person folder {Path(people_dir) / label} has no usable face photo ("
                                   + ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in c.items() if n) + ")")
         used = [p for p in photos if p.status == dataset.OK]
-        bgr = [cv2.imread(str(p.crop), cv2.IMREAD_COLOR) for p in used]
+        bgr = [cv2.imread(opencv_path(p.crop), cv2.IMREAD_COLOR) for p in used]
     bgr = np.stack([b if b.shape[:2] == (height, width) else cv2.resize(b, (width, height),
                                                                         interpolation=cv2.INTER_AREA)
                     for b in bgr])

@@ -64,13 +64,14 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
     import cv2
 
     from camface.api import face_detector
+    from camface.native import opencv_path
     from camface.realtime.config import LiveConfig
     from camface.realtime.crop import crop_faces
     from camface.realtime.explainer import largest_faces
     from camface.realtime.sources import cut_short
 
     path = Path(path)
-    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    frame = cv2.imread(opencv_path(path), cv2.IMREAD_COLOR)
     if frame is None:
         raise SourceError(f"cannot read image {path}")
     if (why := cut_short(path)) is not None:

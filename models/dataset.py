@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError, SourceError
+from camface.native import opencv_path
 from camface.realtime.sources import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ def _write_crop(photo: Photo, crop_bgr: np.ndarray) -> Photo:
     except OSError as exc:  # a file of that name, no permission, a full disk
         raise OutputError(f"cannot create the crop folder {photo.crop.parent}: "
                           f"{exc.strerror or exc}") from exc
-    if not cv2.imwrite(str(photo.crop), crop_bgr):
+    if not cv2.imwrite(opencv_path(photo.crop), crop_bgr):
         raise OutputError(f"cannot write the face crop {photo.crop}")
     return photo
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -128,6 +129,7 @@ class H264Writer:
             path.unlink(missing_ok=True)
             raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
         self._av, self._pts = av, 0
+        self._failed = False  # a write or the close failed: the file may end inside a frame
         self._key_every = round(clock_hz * KEYFRAME_S) if clock_hz else None  # ticks between keyframes
         self._key_at: int | None = None  # the last keyframe's tick
 
@@ -151,26 +153,37 @@ class H264Writer:
         try:
             self._container.mux(self._stream.encode(video_frame))
         except OSError as exc:  # PyAV's errors are OSErrors too
+            self._failed = True
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
         """Drain the encoder and finish the last fragment (the file stays playable even if
-        this never runs); OutputError when that cannot be written (the file then ends at the
-        last complete fragment)."""
+        this never runs); OutputError when that cannot be written. After a write that failed
+        (a full disk) the file is cut at its last whole frame (`trim_to_whole_frames`)."""
         try:
             try:
                 self._container.mux(self._stream.encode(None))
             finally:
                 self._container.close()
         except OSError as exc:
+            self._failed = True
             raise OutputError(f"cannot finish {self.path}: {exc.strerror or exc}") from exc
         finally:
             self._file.close()
+            if self._failed:
+                trim_to_whole_frames(self.path)
+
+
+# Boxes an MP4 holds at its top level (ISO/IEC 14496-12, and QuickTime's `wide`)
+TOP_LEVEL = frozenset({b"ftyp", b"styp", b"moov", b"moof", b"mdat", b"mfra", b"free", b"skip", b"wide", b"sidx",
+                       b"ssix", b"prft", b"emsg", b"meta", b"uuid", b"pdin", b"udta", b"meco"})
 
 
 def complete_length(path: Path) -> int | None:
     """For an ISO base media file (MP4) that ends inside a top-level box, the byte length of
-    its complete boxes; None when the file is whole or not an MP4.
+    its complete boxes; None when the file is whole or not an MP4. Bytes after the last box
+    that do not start a top-level box (TOP_LEVEL: a phone's or tool's trailer, padding) are
+    no cut: all of the file's frames read, and it was called truncated or damaged.
 
     FFmpeg reads every fragment index (`moof`) when it opens a fragmented MP4 and refuses the
     file if the last one is cut; a reader can open the complete prefix instead."""
@@ -186,6 +199,8 @@ def complete_length(path: Path) -> int | None:
             if length == 1 and len(header) == 16:  # 64-bit size follows the type
                 length = int.from_bytes(header[8:16], "big")
             elif length == 0:  # the box runs to the end of the file
+                return None
+            if position > 0 and kind not in TOP_LEVEL:  # not a box: data after the file's boxes
                 return None
             if length < 8 or position + length > size:
                 break
@@ -231,10 +246,32 @@ def whole_frames(path: Path) -> int:
 
     Each fragment's `moof` holds a `traf` per track whose `trun` lists its samples' sizes and
     where they start (from the `moof`'s first byte: `default_base_moof`, or `tfhd`'s base)."""
+    return _whole(path)[0]
+
+
+def trim_to_whole_frames(path: Path) -> int:
+    """Cut a fragmented MP4 that ends inside a frame (a full disk stopped a fragment's write
+    part-way) at the end of its last whole frame; returns the frames it holds (`whole_frames`).
+    FFmpeg gave the cut frame to the decoder, which refused it: a reader that stops at the
+    first decoding error (PyAV's `decode`) failed on a file whose frames before were all
+    there. A file that is whole, holds no whole frame, or has a fragment whose sample sizes
+    cannot be told (cut there, frames after it would be lost), is left as it is."""
+    frames, end = _whole(path)
+    try:
+        if frames and 0 < end < path.stat().st_size:
+            os.truncate(path, end)
+    except OSError:  # gone, or not ours to change: readers still get its whole frames
+        pass
+    return frames
+
+
+def _whole(path: Path) -> tuple[int, int]:
+    """(whole_frames, the byte just after the last of them; 0 when none, -1 when a fragment's
+    sample sizes could not be told)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
-            frames, position = 0, 0
+            frames, position, end = 0, 0, 0
             while position + 8 <= size:
                 file.seek(position)
                 length, kind = _box_header(file.read(16))
@@ -242,11 +279,12 @@ def whole_frames(path: Path) -> int:
                     break
                 if kind == b"moof" and position + length <= size:
                     file.seek(position)
-                    frames += _whole_samples(file.read(length), position, size)
+                    count, last = _whole_samples(file.read(length), position, size)
+                    frames, end = frames + count, (-1 if min(end, last) < 0 else max(end, last))
                 position += length
-            return frames
+            return frames, end
     except OSError:
-        return 0
+        return 0, 0
 
 
 def _box_header(header: bytes) -> tuple[int, bytes]:
@@ -270,10 +308,11 @@ def _children(data: bytes, start: int, end: int):
         start += length
 
 
-def _whole_samples(moof: bytes, at: int, size: int) -> int:
-    """Samples of the fragment whose index is `moof` (the whole box, at byte `at` of a file of
-    `size` bytes) that end within the file."""
-    count = 0
+def _whole_samples(moof: bytes, at: int, size: int) -> tuple[int, int]:
+    """(samples of the fragment whose index is `moof` (the whole box, at byte `at` of a file of
+    `size` bytes) that end within the file, the byte just after the last of them; 0 when none,
+    -1 when their sizes cannot be told)."""
+    count, end = 0, 0
     for kind, start, end in _children(moof, 8, len(moof)):
         if kind != b"traf":
             continue
@@ -308,9 +347,9 @@ def _whole_samples(moof: bytes, at: int, size: int) -> int:
                     elif default_size is not None:
                         sample = default_size
                     else:
-                        return count  # sizes unknown: count no further
+                        return count, -1  # sizes unknown: count no further, and say where nothing ends
                     cursor += sample
                     if cursor > size:
-                        return count
-                    count += 1
-    return count
+                        return count, end
+                    count, end = count + 1, cursor
+    return count, end

@@ -96,7 +96,7 @@ class LiveSource:
         except BaseException:  # a backend's error, Ctrl-C: `with` will not call __exit__
             self._release()
             raise
-        if not ok or frame is None:
+        if not ok or frame is None or not frame.size:
             self._release()
             raise SourceError(f"{self._what} opened but delivered no frame")
         fps = self._capture.get(cv2.CAP_PROP_FPS)
@@ -164,7 +164,7 @@ class LiveSource:
             except cv2.error as exc:  # a backend's read error (V4L2 select(), FFmpeg): a failed read
                 log.debug("%s: read failed: %s", self._what, exc)
                 ok, frame = False, None
-            if ok and frame is not None:
+            if ok and frame is not None and frame.size:  # some backends say ok with an empty frame
                 failures, attempt = 0, 0
                 with self._cond:
                     self._frame, self._seq = frame, self._seq + 1
@@ -216,7 +216,16 @@ class LiveSource:
                 if self._yielded < self._restart <= self._seq:  # frames from a reconnection on
                     self.passes += 1
                 frame, self._yielded = self._frame, self._seq
-            yield to_bgr8(frame)
+            yield self._bgr8(frame)
+
+    def _bgr8(self, frame: np.ndarray) -> np.ndarray:
+        """`to_bgr8`, its refusal (a frame format camface cannot use) a SourceError naming the
+        camera or stream: a bare ValueError ended `camface live` with a traceback."""
+        try:
+            return to_bgr8(frame)
+        except ValueError as exc:
+            raise SourceError(f"{self._what} delivers frames camface cannot use ({exc}): "
+                              f"{frame.dtype} {frame.shape}") from exc
 
     def _read_in_order(self) -> Iterator[np.ndarray]:
         """A video file behind a URL: every frame in order, as a file's (no thread, no reconnection;
@@ -224,17 +233,17 @@ class LiveSource:
         when fewer frames came than FFmpeg announced."""
         if self._yielded < self._seq:  # the frame read on entering
             self._yielded = self._seq
-            yield to_bgr8(self._frame)
+            yield self._bgr8(self._frame)
         while True:
             try:
                 ok, frame = self._capture.read()
             except cv2.error as exc:
                 log.debug("%s: read failed: %s", self._what, exc)
                 ok, frame = False, None
-            if not ok or frame is None:
+            if not ok or frame is None or not frame.size:
                 break
             self._seq = self._yielded = self._seq + 1
-            yield to_bgr8(frame)
+            yield self._bgr8(frame)
         if self._seq < (self.info.frames or 0):
             log.warning("%s ended early: read %d of %d frames (connection lost or file damaged)",
                         self._what, self._seq, self.info.frames)

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError
+from camface.native import opencv_path
 from camface.realtime.sinks import VideoSink
 from camface.realtime.sources import SourceInfo
 
@@ -84,7 +85,7 @@ class SampleSource:
         except (OSError, OutputError) as exc:  # read-only temp folder: draw frames on the fly instead
             log.debug("cannot cache the sample clip (%s); drawing frames on the fly", exc)
             return self
-        self._capture = cv2.VideoCapture(str(path))
+        self._capture = cv2.VideoCapture(opencv_path(path))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -120,7 +121,7 @@ class SampleSource:
     @cached_property
     def _head(self) -> tuple[np.ndarray, np.ndarray]:
         """Head sprite (uint8 BGR) and its soft elliptical mask (float32 [h, w] in [0, 1])."""
-        photo = cv2.imread(str(ASTRONAUT), cv2.IMREAD_COLOR)
+        photo = cv2.imread(opencv_path(ASTRONAUT), cv2.IMREAD_COLOR)
         if photo is None:
             raise FileNotFoundError(f"bundled sample image missing: {ASTRONAUT}")
         x0, y0, x1, y1 = HEAD

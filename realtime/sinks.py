@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError
+from camface.native import opencv_path
 from camface.outputs import check_output_file
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ MAX_HOLD_S = 5.0
 # frame period: frames that come faster than a stream says (an MJPEG stream reports 25 fps
 # whatever it sends) would otherwise each take a period, and the recording would play slow.
 CLOCK_HZ = 1000
+# The largest frame each encoder opens at: (pixels a side, pixels in all). MPEG-4 Part 2 stops
+# below 8192 a side; libx264 at 16384 a side, and short of 16384 x 16384 in all (16384 x 16000
+# opens, 16384 x 16368 not). A recording's first frame beyond them is scaled down to fit.
+LARGEST = {"mp4v": (8190, 8190 * 8190), "h264": (16384, 16384 * 16000)}
 
 
 def encoder_for(codec: str = "auto") -> str:
@@ -69,7 +74,7 @@ class Mp4vWriter:
         # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
         # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
         fps = round(fps, 2) if fps * 100 < 65535 else float(round(fps))
-        self._writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        self._writer = cv2.VideoWriter(opencv_path(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
         if not self._writer.isOpened():
             raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
         self._path, self._frames = path, 0
@@ -93,11 +98,24 @@ class Mp4vWriter:
 
 def mp4v_frames(path: Path) -> int:
     """Frames a plain MP4's index lists (0 when it has none: a file whose index was lost)."""
-    capture = cv2.VideoCapture(str(path))
+    capture = cv2.VideoCapture(opencv_path(path))
     try:
         return int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
     finally:
         capture.release()
+
+
+def fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A new uint8 BGR [height, width, 3] picture: `frame` scaled to fit inside it, its shape
+    kept (stretched to another shape, faces came out squeezed), centred on black."""
+    scale = min(width / frame.shape[1], height / frame.shape[0])
+    inner_w = min(width, max(1, round(frame.shape[1] * scale)))
+    inner_h = min(height, max(1, round(frame.shape[0] * scale)))
+    picture = np.zeros((height, width, 3), np.uint8)
+    left, top = (width - inner_w) // 2, (height - inner_h) // 2
+    picture[top:top + inner_h, left:left + inner_w] = cv2.resize(
+        frame, (inner_w, inner_h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    return picture
 
 
 class VideoSink:
@@ -105,9 +123,11 @@ class VideoSink:
     what it resolved to).
 
     The writer opens on the first frame, at that frame's size rounded down to even numbers
-    (4:2:0 video needs even sizes; odd frames lose their last row/column). Later frames of
-    another size are resized to it. `frames_written` counts frames handed to the encoder;
-    `frames_kept` those the file holds once closed (fewer after a write error: a full disk).
+    (4:2:0 video needs even sizes; odd frames lose their last row/column), or scaled down to
+    what the encoder takes (LARGEST). Later frames of another size are scaled to fit it, their
+    shape kept, black bars beside or above and below (`fit`: a folder's landscape photos after
+    a portrait one). `frames_written` counts frames handed to the encoder; `frames_kept` those
+    the file holds once closed (fewer after a write error: a full disk).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
@@ -117,8 +137,10 @@ class VideoSink:
         self.frames_written = 0
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
+        self._closed = False
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
+        self._first: tuple[int, int] | None = None  # the first frame's (height, width)
         self._start: float | None = None  # the first frame's `at`
         self._slot = -1  # mp4v: the last frame's period from the first
         self._last: np.ndarray | None = None  # mp4v: the last frame, repeated to fill a gap
@@ -127,7 +149,15 @@ class VideoSink:
         return self
 
     def _open(self, frame: np.ndarray, clock_hz: int | None = None) -> None:
-        height, width = frame.shape[:2]
+        height, width = self._first = frame.shape[:2]
+        side, pixels = LARGEST["mp4v" if self.encoder == "mp4v" else "h264"]
+        scale = min(1.0, side / max(width, height), (pixels / (width * height)) ** 0.5)
+        if scale < 1:  # a panorama first in a folder: the encoder refused it, and the run stopped
+            width, height = max(2, int(width * scale)), max(2, int(height * scale))
+            self._resized = True  # said here: every frame is scaled
+            log.warning("camface: %s: frames of %dx%d are larger than %s encodes; recording at %dx%d",
+                        self.path, frame.shape[1], frame.shape[0], self.encoder, width - width % 2,
+                        height - height % 2)
         self._size = (max(2, width - width % 2), max(2, height - height % 2))
         if self.encoder == "mp4v":
             self._writer = Mp4vWriter(self.path, self.fps, self._size)
@@ -152,6 +182,8 @@ class VideoSink:
         (variable frame rate); mp4v, which cannot, repeats the frame before, and leaves out a
         frame taken within the frame period of the one before. None: the frame lasts 1 / fps
         (files: every frame is kept)."""
+        if self._closed:  # opening again would write over the finished recording
+            raise OutputError(f"{self.path} is finished: a closed recording takes no more frames")
         if self._writer is None:
             self._open(frame, None if at is None else CLOCK_HZ)
             self._start = at
@@ -159,12 +191,14 @@ class VideoSink:
         if frame.shape[1] != width or frame.shape[0] != height:
             if frame.shape[1] in (width, width + 1) and frame.shape[0] in (height, height + 1):
                 frame = frame[:height, :width]
+            elif frame.shape[:2] == self._first:  # scaled down for the encoder (`_open`): no bars
+                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
             else:
                 if not self._resized:
                     self._resized = True
-                    log.warning("camface: %s: frames of %dx%d are scaled to the recording's %dx%d (its first "
+                    log.warning("camface: %s: frames of %dx%d are scaled to fit the recording's %dx%d (its first "
                                 "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
-                frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+                frame = fit(frame, width, height)
         frame = np.ascontiguousarray(frame)
         elapsed = None if at is None or self._start is None else at - self._start
         try:
@@ -197,6 +231,7 @@ class VideoSink:
 
     def close(self) -> None:
         """Finalise the file (idempotent)."""
+        self._closed = True
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:

@@ -29,6 +29,7 @@ from camface.color_order import ColorOrder
 from camface.errors import OutputError, SourceError
 from camface.graph_spec import GraphInfo
 from camface.hashing import sha256_file
+from camface.native import opencv_path
 from camface.outputs import replace_whole
 from camface.realtime.results import FrameResult
 
@@ -129,7 +130,7 @@ class SnapshotWriter:
 
     @staticmethod
     def _write_image(path: Path, image: np.ndarray) -> None:
-        if not cv2.imwrite(str(path), image):
+        if not cv2.imwrite(opencv_path(path), image):
             raise OutputError(f"cannot write {path}")
 
 
@@ -170,7 +171,7 @@ def read_meta(folder: str | Path) -> dict:
 def read_crop(path: str | Path, color_order: str) -> np.ndarray:
     """A face crop as `SnapshotWriter` saved it, back as it was fed to the graph: uint8 [H, W, C]
     in `color_order` (C = 1 for GRAY). SourceError when it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR)
+    image = cv2.imread(opencv_path(path), cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR)
     if image is None:
         raise SourceError(f"cannot read face crop {path}")
     return ColorOrder.of(color_order).from_opencv(image)

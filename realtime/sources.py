@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from camface.errors import SourceError
+from camface.native import opencv_path
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # the one list of image suffixes (--source, image folders, enroll's and train's photos)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_FPS = 30.0  # for files that report no frame rate
+MAX_BAD_RUN = 25  # frames in a row that do not decode, read past in a file that announces more
 
 
 def cut_short(path: str | Path) -> str | None:
@@ -136,7 +138,10 @@ class VideoFileSource:
     A file that ends early (truncated, damaged; a recording whose writer was killed) stops at
     its last good frame with one warning; `truncated` then is True, `frames_read` says how
     far it got and `truncation` why. A fragmented MP4 cut inside a fragment's index, which FFmpeg refuses to open,
-    is read up to its last complete fragment.
+    is read up to its last complete fragment. A frame that does not decode with good frames
+    after it (a damaged JPEG in an MJPEG AVI) is given as the frame after it, with a warning
+    naming it, and reading goes on (it stopped there: the rest of the file was lost); the frames
+    keep their numbers and times. `bad_frames` counts them.
 
     info.fps: the container's figure; when that is none or above MAX_FPS (a time base: 1000
     for a WebM written live), the mean rate of its first frames' timestamps, else DEFAULT_FPS.
@@ -149,6 +154,7 @@ class VideoFileSource:
         self.path = Path(path)
         self.start, self.stop = start, stop
         self.frames_read = 0
+        self.bad_frames = 0  # frames that did not decode, given as the frame before them
         self.truncated = False
         self.truncation: str | None = None  # why, when truncated
         self._capture = None
@@ -198,6 +204,21 @@ class VideoFileSource:
         fps = (len(stamps) - 1) * 1000.0 / (stamps[-1] - stamps[0])
         return fps if 0.5 <= fps <= 1000 else None  # frames 1 ms apart: a high-speed camera's
 
+    def _read_past_bad_frames(self) -> tuple[int, np.ndarray | None]:
+        """After a read that failed: (frames that failed, the next good frame) when good frames
+        follow, within MAX_BAD_RUN reads; (0, None) at the end of the file, of the frames its
+        header announces (none announced: the end)."""
+        if not self.info.frames:
+            return 0, None
+        left = self.info.frames - self.start - self.frames_read - 1  # frames announced after the failed one
+        for failed in range(1, MAX_BAD_RUN + 1):
+            if left < failed:
+                return 0, None
+            ok, frame = self._capture.read()
+            if ok and frame is not None:
+                return failed, frame
+        return 0, None
+
     def _seek(self, start: int) -> None:
         """Put the capture before frame `start`. FFmpeg's seek goes to the keyframe before it
         and decodes forward (exact on the MP4s checked, B-frames included); when the position
@@ -219,7 +240,7 @@ class VideoFileSource:
         self.truncated, self.truncation = truncated, truncation
 
     def _open(self):
-        capture = cv2.VideoCapture(str(self.path))
+        capture = cv2.VideoCapture(opencv_path(self.path))
         if not capture.isOpened():
             capture.release()
             capture = self._open_complete_part()
@@ -265,10 +286,24 @@ class VideoFileSource:
             self.frames_read = 0
         self._iterated = True
         wanted = None if self.stop is None else self.stop - self.start
+        self.bad_frames = 0
         while wanted is None or self.frames_read < wanted:
             ok, frame = self._capture.read()
             if not ok or frame is None:
-                break
+                bad, frame = self._read_past_bad_frames()
+                if frame is None:
+                    break
+                if wanted is not None:  # the range may end among them (the good frame read past it)
+                    bad = min(bad, wanted - self.frames_read)
+                frame = to_bgr8(frame)
+                for _ in range(bad):  # each in its place, so later frames keep their numbers
+                    log.warning("%s: frame %d does not decode; the frame after it is shown in its place",
+                                self.path, self.start + self.frames_read)
+                    self.frames_read += 1
+                    self.bad_frames += 1
+                    yield frame.copy()  # a copy: the live loop draws on the frames it is given
+                if wanted is not None and self.frames_read >= wanted:
+                    break
             self.frames_read += 1
             yield to_bgr8(frame)
         if self.frames_read == 0 and self.start == 0 and wanted != 0:
@@ -308,8 +343,11 @@ class ImageFolderSource:
 
     def __enter__(self) -> "ImageFolderSource":
         if self.path.is_dir():
-            self.files = sorted((p for p in self.path.iterdir()
-                                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+            try:
+                self.files = sorted((p for p in self.path.iterdir()
+                                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+            except OSError as exc:  # a folder the user may not list: a traceback, and exit 1
+                raise SourceError(f"cannot list folder {self.path}: {exc.strerror or exc}") from exc
             if not self.files:
                 raise SourceError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {self.path}")
         elif self.path.is_file():
@@ -328,9 +366,12 @@ class ImageFolderSource:
             # any depth and colour as stored (to_bgr8 converts), turned upright by its EXIF
             # orientation as viewers show it (IMREAD_UNCHANGED would ignore it: phone portraits
             # would lie on their side, their faces missed)
-            image = cv2.imread(str(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+            image = cv2.imread(opencv_path(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
             if image is None:
-                why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
+                if not path.exists():  # os.access says False for a file that is gone too
+                    why = "it is gone (deleted or moved since the folder was listed)"
+                else:
+                    why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
                 log.warning("skipping %s: %s", path, why)
                 continue
             if (why := cut_short(path)) is not None:
@@ -370,6 +411,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+MAX_CAMERA_INDEX = 2 ** 31 - 1  # OpenCV takes a C int
+
+
 def is_camera_index(spec: str | None) -> bool:
     """True when the `--source` value `spec` names a camera by its index ("0", "1", ...)."""
     return isinstance(spec, str) and spec.isascii() and spec.isdigit()  # not "²" or "٣" (int("²") raises)
@@ -395,7 +439,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
-    if is_camera_index(spec):
+    if is_camera_index(spec) and int(spec) <= MAX_CAMERA_INDEX:
         return LiveSource(int(spec))
     if "://" in spec:
         return LiveSource(spec)
@@ -404,6 +448,8 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
         return ImageFolderSource(path)
     if path.is_file():
         return VideoFileSource(path)
+    if is_camera_index(spec):  # OpenCV raised a bare cv2.error on it (a traceback, exit 1)
+        raise SourceError(f"camera index {spec} is too large: camera indices are 0, 1, ... (0 is the first camera)")
     if re.fullmatch(r"-[0-9]+", spec):  # OpenCV's -1 is "any camera": say which to give instead
         raise SourceError(f"camera index {spec} is negative: camera indices are 0, 1, ... "
                           "(0 is the first camera)")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -433,7 +434,7 @@ def test_video_sink_counts_frames_and_handles_odd_and_changing_sizes(tmp_path, c
         sink.write(np.zeros((30, 30, 3), np.uint8))  # another size: resized, said once
         sink.write(np.zeros((30, 30, 3), np.uint8))
     assert sink.frames_written == 7 and count_frames(path) == 7
-    assert caplog.text.count("frames of 30x30 are scaled to the recording's 80x60") == 1
+    assert caplog.text.count("frames of 30x30 are scaled to fit the recording's 80x60") == 1
     capture = cv2.VideoCapture(str(path))
     assert capture.get(cv2.CAP_PROP_FPS) == pytest.approx(25.0)
     assert capture.read()[1].shape == (60, 80, 3)
@@ -591,11 +592,37 @@ def test_image_folder_says_why_a_file_was_skipped(tmp_path, caplog, monkeypatch)
     (tmp_path / "02.png").write_bytes(b"not a png")
     (tmp_path / "03.png").write_bytes(b"")
     readable = os.access
+    cv2.imwrite(str(tmp_path / "04.png"), np.full((6, 8, 3), 70, np.uint8))
     monkeypatch.setattr(sources.os, "access", lambda path, mode: readable(path, mode) and Path(path).name != "03.png")
     with caplog.at_level(logging.WARNING), ImageFolderSource(tmp_path) as source:
-        assert len(list(source)) == 1
+        frames = iter(source)
+        next(frames)
+        (tmp_path / "04.png").unlink()  # deleted while the run goes on: it was "permission denied"
+        assert list(frames) == []
     assert "02.png: not an image OpenCV can read" in caplog.text
     assert "03.png: permission denied" in caplog.text  # (root reads anything: the check is faked here)
+    assert "04.png: it is gone (deleted or moved since the folder was listed)" in caplog.text
+
+
+def test_a_folder_that_cannot_be_listed_is_a_source_error_naming_it(tmp_path, monkeypatch, capsys):
+    """A folder without read permission raised PermissionError from its listing: a traceback
+    and exit 1 from `camface live`, not the one line and exit 2 of other bad sources."""
+    import errno
+
+    from camface.cli import main
+
+    real = Path.iterdir
+
+    def refused(path):  # root lists any folder: as chmod 000 does for a user
+        if path == tmp_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    with pytest.raises(SourceError, match=f"cannot list folder {re.escape(str(tmp_path))}: Permission denied"):
+        ImageFolderSource(tmp_path).__enter__()
+    assert main(["live", "--source", str(tmp_path), "--no-show"]) == 2
+    assert f"camface: error: cannot list folder {tmp_path}: Permission denied" in capsys.readouterr().err
 
 
 def test_a_jpeg_cut_short_is_named(tmp_path, caplog, astronaut_bgr):

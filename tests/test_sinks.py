@@ -217,18 +217,22 @@ def capture_fps(path: Path) -> float:
 
 class _DiskOf:
     """open() whose files fail with ENOSPC once `limit` bytes in all were written (a disk
-    that fills up); `written` counts the bytes that went through."""
+    that fills up); `written` counts the bytes that went through. short: the write that
+    fills the disk writes what fits and says so, as a real disk's does (FFmpeg takes the
+    short count without a word); the next one fails."""
 
-    def __init__(self, limit: float):
-        self.limit, self.written = limit, 0
+    def __init__(self, limit: float, short: bool = False):
+        self.limit, self.written, self.short = limit, 0, short
 
     def __call__(self, path, mode="r", buffering=-1):
         disk = self
 
         class File(io.FileIO):
             def write(self, data):
-                if disk.written + len(data) > disk.limit:
+                room = int(disk.limit - disk.written) if disk.short else 0
+                if disk.written + len(data) > disk.limit and room <= 0:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                data = bytes(data)[:max(room, 0)] if disk.written + len(data) > disk.limit else data
                 disk.written += len(data)
                 return super().write(data)
 
@@ -270,6 +274,52 @@ def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_
     except OutputError as exc:
         assert "write.mp4" in str(exc)
     assert count_frames(tmp_path / "write.mp4") == 30 and sink.frames_kept == 30
+
+
+@pytest.mark.parametrize("share", [0.45, 0.5, 0.55, 0.8])
+def test_a_disk_that_fills_inside_a_frame_leaves_a_file_that_decodes_to_its_end(tmp_path, clip_frames, monkeypatch,
+                                                                                  share):
+    """A real disk writes the part of a fragment that fits: the file ended inside a frame, which
+    FFmpeg handed to the decoder and PyAV's decode raised on after the whole frames. The file
+    is cut at its last whole frame: every frame it holds decodes, without an error."""
+    import av
+
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    counting = _DiskOf(float("inf"))
+    monkeypatch.setattr(fmp4, "open", counting, raising=False)
+    record(tmp_path / "whole.mp4", clip_frames[:75])
+    monkeypatch.setattr(fmp4, "open", _DiskOf(counting.written * share, short=True), raising=False)
+    path = tmp_path / "full.mp4"
+    sink = VideoSink(path, FPS)
+    with pytest.raises(OutputError, match="No space left on device"):
+        with sink:
+            for frame in clip_frames[:75]:
+                sink.write(frame)
+    with av.open(str(path)) as container:
+        decoded = sum(1 for _ in container.decode(video=0))  # raised on a cut frame
+    assert 30 <= decoded == sink.frames_kept == fmp4.whole_frames(path) < 75
+    assert count_frames(path) == decoded
+
+
+def test_trimming_leaves_a_file_whose_sample_sizes_it_cannot_tell(tmp_path, clip_frames):
+    """A fragment whose index gives no sample sizes: where its frames end is unknown, so a file
+    cut inside it is not trimmed (at the last frame counted, the frames after it were lost)."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    data = bytearray(record(tmp_path / "whole.mp4", clip_frames[:75]).path.read_bytes())
+    moofs = [m.start() - 4 for m in re.finditer(b"moof", data)]
+    cut = bytes(data[:moofs[2] + (len(data) - moofs[2]) // 2])  # inside the last fragment's samples
+    (tmp_path / "cut.mp4").write_bytes(cut)
+    assert fmp4.trim_to_whole_frames(tmp_path / "cut.mp4") == fmp4.whole_frames(tmp_path / "cut.mp4") > 60
+    assert (tmp_path / "cut.mp4").stat().st_size < len(cut)  # its sizes told: cut at its last whole frame
+    trun = data.index(b"trun", moofs[1])  # the 2nd fragment's index
+    data[trun + 6] &= ~0x02  # flags: sample sizes not present (nor in tfhd)
+    tfhd = data.index(b"tfhd", moofs[1])
+    data[tfhd + 7] &= ~0x10  # no default sample size
+    (tmp_path / "unknown.mp4").write_bytes(bytes(data[:len(cut)]))
+    assert fmp4.trim_to_whole_frames(tmp_path / "unknown.mp4") == fmp4.whole_frames(tmp_path / "unknown.mp4")
+    assert (tmp_path / "unknown.mp4").stat().st_size == len(cut)  # left whole
 
 
 def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, monkeypatch):
@@ -468,6 +518,19 @@ def test_complete_length_of_whole_cut_and_foreign_files(tmp_path, clip_frames):
     assert fmp4.complete_length(tmp_path / "text.mp4") is None
 
 
+@pytest.mark.parametrize("trailer", [b"SAMSUNG TRAILER " * 8, b"\xff" * 64, b"\x00\x00\x10\x00junkjunkjunk"])
+def test_a_whole_file_with_bytes_after_its_boxes_is_not_called_cut(tmp_path, clip_frames, caplog, trailer):
+    """Data after an MP4's last box (a phone's trailer, a tool's padding) read as a box cut
+    short: every frame read, and the file was warned about as truncated or damaged (batch
+    wrote that on its record)."""
+    path = record(tmp_path / "trailed.mp4", clip_frames[:40], "h264").path
+    path.write_bytes(path.read_bytes() + trailer)
+    assert fmp4.complete_length(path) is None
+    with caplog.at_level(logging.WARNING, logger="camface"), VideoFileSource(path) as source:
+        assert len(list(source)) == 40
+    assert not source.truncated and "ended early" not in caplog.text
+
+
 # ------------------------------------------------------------------------------ a recorder killed hard
 
 # `python -c COUNT_WRITES ARGS...` runs `camface ARGS...` and prints, on stdout, the number of
@@ -590,3 +653,56 @@ def test_codec_flag_reaches_the_recording(tmp_path):
             assert sum(1 for _ in container.decode(video=0)) == 5
     with pytest.raises(ValueError, match="--codec must be one of auto, h264, mp4v"):
         LiveConfig(codec="webm")
+
+
+@pytest.mark.parametrize("later, inner", [
+    ((60, 120), (50, 0, 60, 120)),  # a portrait photo after a landscape one: bars left and right
+    ((320, 60), (0, 45, 160, 30)),  # a panorama: bars above and below
+    ((80, 60), (0, 0, 160, 120)),  # the same shape: the whole frame
+])
+def test_frames_of_another_shape_keep_it_in_the_recording(tmp_path, later, inner):
+    """A folder's photos of another shape than the first were stretched to the recording's
+    size (faces squeezed); they are scaled to fit, their shape kept, on black. (width, height)
+    and (x, y, w, h) in pixels of the 160x120 recording."""
+    path = tmp_path / "mixed.mp4"
+    record(path, [np.full((120, 160, 3), 128, np.uint8), np.full((later[1], later[0], 3), 255, np.uint8)])
+    picture = decode(path)[1].astype(float)
+    x, y, w, h = inner
+    inside = np.zeros(picture.shape[:2], bool)
+    inside[y:y + h, x:x + w] = True
+    near = cv2.dilate(inside.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0  # the codec blurs the edge
+    far = cv2.erode(inside.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    assert picture[far].mean() > 245
+    if (~near).any():
+        assert picture[~near].mean() < 10
+
+
+@pytest.mark.parametrize("codec, side", [("auto", 16384), ("mp4v", 8190)])
+def test_a_first_frame_larger_than_the_encoder_takes_is_recorded_smaller(tmp_path, codec, side, caplog):
+    """A panorama first in a folder (20000 pixels wide) stopped the run: libx264 refuses frames
+    over 16384 pixels a side, MPEG-4 Part 2 over 8190 ("mp4v codec unavailable?"). The
+    recording is scaled down to fit, its shape kept."""
+    if codec == "auto" and encoder_for("auto") == "mp4v":
+        side = 8190  # no H.264 here: auto is mp4v
+    path = tmp_path / "panorama.mp4"
+    panorama = np.zeros((40, 20000, 3), np.uint8)
+    panorama[:, :10000] = 255  # its left half white
+    with caplog.at_level(logging.WARNING):
+        record(path, [panorama, panorama], codec)
+    frames = decode(path)
+    assert len(frames) == 2 and "larger than" in caplog.text
+    height, width = frames[0].shape[:2]
+    assert side - 2 <= width <= side and width % 2 == 0 and height == pytest.approx(40 * width / 20000, abs=2)
+    columns = frames[1].mean(axis=(0, 2))
+    assert columns[: width // 2 - 8].min() > 240 and columns[width // 2 + 8:].max() < 15
+
+
+@pytest.mark.parametrize("codec", ["auto", "mp4v"])
+def test_a_closed_recording_takes_no_more_frames(tmp_path, clip_frames, codec):
+    """A frame written after close opened the file again and wrote over the finished recording
+    (one frame where there were ten); it is an OutputError, and the file keeps its frames."""
+    sink = record(tmp_path / "done.mp4", clip_frames[:10], codec)
+    with pytest.raises(OutputError, match="done.mp4 is finished: a closed recording takes no more frames"):
+        sink.write(clip_frames[10])
+    sink.close()
+    assert count_frames(tmp_path / "done.mp4") == 10 == sink.frames_kept

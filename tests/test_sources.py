@@ -6,6 +6,8 @@ to tmp_path."""
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,8 @@ def test_a_live_source_opens_again_and_never_repeats_a_frame():
     ("-1", r"camera index -1 is negative: camera indices are 0, 1, \.\.\."),
     ("\u00b2", r"source not found: \u00b2 \(expected a camera index"),  # '²'.isdigit(); int('²') raised ValueError
     ("\u0663", r"source not found: \u0663 \(expected a camera index"),  # Arabic-Indic 3 opened camera 3
+    ("2147483648", r"camera index 2147483648 is too large: camera indices are 0, 1, \.\.\."),  # cv2.error
+    ("99999999999999999999", r"camera index 99999999999999999999 is too large"),
 ])
 def test_make_source_names_what_is_wrong_with_a_camera_index(spec, message):
     from camface.realtime.sources import make_source
@@ -519,3 +523,138 @@ def test_each_drawing_of_the_sample_clip_writes_a_file_of_its_own(tmp_path, monk
         clip.unlink()  # drawn again by the next call
     assert len(set(opened)) == 2 and all(p.parent == tmp_path and p.name.startswith(".") for p in opened)
     assert clips[0] and clips[0] == clips[1] and list(tmp_path.iterdir()) == []
+
+
+# Run in a child: without camface's bytes path, OpenCV 5.1 crashed the process (SIGSEGV) on a
+# name that is not valid UTF-8, which would take the whole test session with it.
+NOT_UTF8 = """
+import os, sys, tempfile
+from pathlib import Path
+
+import numpy as np
+
+from camface.realtime.sample import SampleSource
+from camface.realtime.sinks import VideoSink
+from camface.realtime.snapshot import SnapshotWriter, read_crop
+from camface.realtime.sources import ImageFolderSource, VideoFileSource
+
+folder = Path(sys.argv[1])
+name = os.fsdecode(b"caf\\xe9")  # Latin-1 bytes: Python holds them as a surrogate
+frame = np.zeros((48, 64, 3), np.uint8)
+frame[8:40, 16:48] = (30, 120, 240)
+SnapshotWriter._write_image(folder / f"{name}.png", frame)
+with ImageFolderSource(folder) as images:
+    pictures = list(images)
+assert len(pictures) == 1 and np.array_equal(pictures[0], frame)
+assert np.array_equal(read_crop(folder / f"{name}.png", "BGR"), frame)
+with VideoSink(folder / f"{name}.mp4", 30, codec="mp4v") as sink:
+    for _ in range(5):
+        sink.write(frame)
+with VideoFileSource(folder / f"{name}.mp4") as clip:
+    print(len(list(clip)), sink.frames_kept)
+tempfile.tempdir = str(folder / name)  # the sample's clip is cached in the temporary folder
+os.mkdir(tempfile.tempdir)
+with SampleSource(frames=4, size=(64, 48)) as sample:
+    print(len(list(sample)), len(os.listdir(tempfile.tempdir)))
+"""
+
+
+def test_files_whose_names_are_not_utf8_are_read_and_written(tmp_path):
+    """A photo, recording or snapshot named in Latin-1 (an old archive, a camera card), or the
+    sample's clip in such a temporary folder, crashed the process in OpenCV; they are read and
+    written as any other."""
+    import subprocess
+    import sys
+
+    try:
+        (tmp_path / "probe").mkdir()
+        open(tmp_path / "probe" / os.fsdecode(b"\xe9"), "wb").close()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    done = subprocess.run([sys.executable, "-c", NOT_UTF8, str(folder)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["5", "5", "4", "1"]
+
+
+@pytest.fixture(scope="module")
+def mjpeg_with_a_bad_frame(tmp_path_factory):
+    """(an MJPEG AVI of 60 frames whose frame 30 does not decode, the same file whole)."""
+    import cv2
+
+    from camface.realtime.sample import SampleSource
+
+    folder = tmp_path_factory.mktemp("mjpeg")
+    sample = SampleSource(frames=60, size=(160, 120))
+    whole = folder / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 30, (160, 120))
+    for index in range(60):
+        writer.write(sample.frame(index))
+    writer.release()
+    data = bytearray(whole.read_bytes())
+    starts = [at for at in range(len(data) - 2) if data[at:at + 3] == b"\xff\xd8\xff"]
+    assert len(starts) == 60
+    for at in range(starts[30] + 20, starts[30] + 400):  # its tables: it does not decode at all
+        data[at] ^= 0xFF
+    damaged = folder / "damaged.avi"
+    damaged.write_bytes(bytes(data))
+    return damaged, whole
+
+
+@pytest.mark.parametrize("start, stop, bad", [(0, None, 1), (25, 35, 1), (30, 40, 1), (0, 31, 1), (0, 30, 0),
+                                              (31, 60, 0)])
+def test_a_frame_that_does_not_decode_is_read_past(mjpeg_with_a_bad_frame, caplog, start, stop, bad):
+    """A damaged JPEG in the middle of an MJPEG AVI stopped the file there ("ended early"): its
+    29 good frames after it were lost. It is given as the frame after it, with a warning naming
+    it, and every frame keeps its number (batch's segments stitch by them)."""
+    from camface.realtime.sources import VideoFileSource
+
+    damaged, whole = mjpeg_with_a_bad_frame
+    with VideoFileSource(whole, start, stop) as source:
+        expected = list(source)
+    with caplog.at_level(logging.WARNING), VideoFileSource(damaged, start, stop) as source:
+        frames = list(source)
+    assert len(frames) == len(expected) == (stop or 60) - start and source.bad_frames == bad
+    assert not source.truncated and "ended early" not in caplog.text
+    for number, (frame, good) in enumerate(zip(frames, expected), start):
+        if number == 30 and bad:
+            assert "damaged.avi: frame 30 does not decode; the frame after it is shown in its place" in caplog.text
+            good = expected[number - start + 1] if number + 1 < (stop or 60) else frame  # (the range's last)
+        assert np.array_equal(frame, good), number
+
+
+class Uneven(FakeCamera):
+    """Reads 2 to `last` give `odd` (ok=True) at once, the others good frames, 0.1 s apart
+    after `last` (so the newest frame when the loop first asks is an odd one); 30 fps."""
+
+    def __init__(self, odd, last: int):
+        super().__init__()
+        self.odd, self.last = odd, last
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        if self.reads >= self.last:
+            time.sleep(0.1)
+        ok, frame = super().read()
+        return (True, self.odd) if ok and 2 <= self.reads <= self.last else (ok, frame)
+
+
+def test_a_camera_that_says_ok_with_an_empty_frame_goes_on():
+    """A backend that answers ok with an empty frame: to_bgr8 raised a bare ValueError in the
+    loop (a traceback, exit 1). It counts as a dropped frame; the camera is read on."""
+    with LiveSource(0, opener=lambda target, timeout: Uneven(np.zeros((0,), np.uint8), 4)) as source:
+        time.sleep(0.05)  # reads 2 to 4 are done
+        frames = [frame for _, frame in zip(range(5), source)]
+    assert all(frame.shape == (48, 64, 3) for frame in frames)
+
+
+def test_a_camera_whose_frames_camface_cannot_use_is_a_source_error_naming_it():
+    with LiveSource(0, opener=lambda target, timeout: Uneven(np.zeros((48, 64, 2), np.uint8), 10 ** 6)) as source:
+        with pytest.raises(SourceError, match=r"camera 0 delivers frames camface cannot use "
+                                              r"\(unsupported number of channels: 2\): uint8 \(48, 64, 2\)"):
+            for _ in zip(range(50), source):
+                pass
