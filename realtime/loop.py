@@ -47,6 +47,7 @@ STAGES = ("decode", "detect", "crop", "classify", "render", "encode")
 HUD_EVERY = 15  # frames between refreshes of the HUD's stage times
 QUEUE_SIZE = 4  # items between each pair of threads
 JOIN_TIMEOUT_S = 5.0  # how long the shutdown waits for the reader and detectors, all together
+NOTICE_S = 5.0  # how long a notice (a recording key r could not start) stays on screen
 
 
 class LiveLoop:
@@ -249,6 +250,7 @@ class LiveLoop:
         first_mark, last_mark = self.cpu_marks or (0, 0)
         cpu_at: dict[int, float] = {}
         pauses: list[tuple[float, float]] = []  # (start, end) of each pause, on self._clock
+        notice, notice_until = None, 0.0  # the recorder's latest notice, and until when it is shown
         progress = self._progress(source)
         started = time.perf_counter()
         writer_thread.start()
@@ -265,8 +267,12 @@ class LiveLoop:
                         hud_ms = hud_stage_ms(self.timer, detectors[0].every)
                     explained = explainer.explain(frame, faces, controls, index, self.rate.rolling_fps, hud_ms,
                                                   pacer.fps if pacer is not None else 0.0, cut=cut)
+                    while not recorder.notices.empty():
+                        notice, notice_until = recorder.notices.get(), time.perf_counter() + NOTICE_S
+                    if notice is not None and time.perf_counter() > notice_until:
+                        notice = None
                     with self.timer.stage("render"):
-                        renderer.annotate(frame, explained.result, controls.hud)
+                        renderer.annotate(frame, explained.result, controls.hud, notice)
                     held = viewer.paused_s
                     controls, commands = viewer.show(frame, controls)
                     if viewer.paused_s > held:  # a pause just ended: its span on the clock that stamps frames

@@ -7,6 +7,7 @@ snapshot when asked, and finalises the recording whatever happens (the file stay
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from camface.errors import OutputError
 from camface.realtime.explainer import Explained
 from camface.realtime.threads import END
 from camface.realtime.timing import StageTimer
@@ -44,7 +46,12 @@ class Recorder:
     """Recording and snapshots for one run. first_record: the --record file (None: not
     recording until key r). fps: the source's rate, written into the file. snapshots: a
     SnapshotWriter or None. timer: gets the `encode` and `snapshot` stages. codec: see
-    camface.realtime.sinks."""
+    camface.realtime.sinks.
+
+    A recording that key r cannot start (its folder not writable, the encoder refusing the
+    file, up to its first frame written) is not started: the run goes on, the reason is logged
+    as a warning and put on `notices` (strings; the main thread shows them on the HUD). The
+    --record file's own failures end the run, as the CLI checked it before any frame."""
 
     def __init__(self, first_record: Path | None, fps: float, overwrite: bool, snapshots, timer: StageTimer,
                  codec: str = "auto"):
@@ -54,6 +61,8 @@ class Recorder:
         self.recordings: list[tuple[str, int]] = []  # (path, frames the file holds)
         self.error: BaseException | None = None
         self.error_path: Path | None = None  # the recording `error` happened in (None: not in one)
+        self.notices: queue.SimpleQueue = queue.SimpleQueue()  # recordings key r could not start
+        self._starting = False  # the sink is key r's and has not written its first frame yet
 
     def _open(self, path: Path, overwrite: bool):
         from camface.realtime.sinks import VideoSink
@@ -74,13 +83,32 @@ class Recorder:
             self.close_sink()
             log.info("recording stopped")
         else:
-            self.sink = self._open(self._next_path(), False)
+            path = self._next_path()
+            try:
+                self.sink = self._open(path, False)
+            except (OutputError, OSError) as exc:
+                self._not_started(path, exc)
+                return
+            self._starting = True
             log.info("recording to %s", self.sink.path)
+
+    def _not_started(self, path: Path, exc: BaseException) -> None:
+        """Key r's recording to `path` failed to start with `exc`: say so, and leave no empty
+        file behind (the path was new: `_next_path`)."""
+        reason = str(exc) if str(path) in str(exc) else f"cannot write {path}: {exc}"
+        notice = f"recording not started: {reason}"
+        log.warning("camface: %s", notice)
+        self.notices.put(notice)
+        try:
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.unlink(path)
+        except OSError:
+            pass
 
     def close_sink(self) -> None:
         """Finalise the recording in progress, if any (idempotent). A failure (a full disk)
         becomes `error` unless one came first: the main thread raises it."""
-        sink, self.sink = self.sink, None
+        sink, self.sink, self._starting = self.sink, None, False
         if sink is None:
             return
         try:
@@ -93,6 +121,14 @@ class Recorder:
         if sink.frames_written:  # what the file holds (fewer than written after a full disk)
             self.recordings.append((str(sink.path), sink.frames_kept))
 
+    def _drop_unstarted(self, exc: BaseException) -> None:
+        sink, self.sink, self._starting = self.sink, None, False
+        try:
+            sink.close()
+        except Exception as error:  # nothing was written; the first error says why
+            log.debug("closing the recording that did not start: %s", error)
+        self._not_started(sink.path, exc)
+
     def handle(self, item: Output) -> None:
         if item.toggle:
             self.toggle()
@@ -100,9 +136,16 @@ class Recorder:
             with self.timer.stage("encode"):
                 try:
                     self.sink.write(item.frame, item.at)
+                except (OutputError, OSError) as exc:
+                    if not self._starting:
+                        self.error_path = self.sink.path
+                        raise
+                    self._drop_unstarted(exc)  # the encoder opens on the first frame
                 except BaseException:
                     self.error_path = self.sink.path
                     raise
+                else:
+                    self._starting = False
         if item.snapshot and self.snapshots is not None and item.raw is not None:
             with self.timer.stage("snapshot"):
                 self.snapshots.save(item.raw, item.explained.crops, item.explained.result)

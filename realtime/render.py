@@ -16,7 +16,7 @@ from camface.realtime.results import Box, Face, FrameResult
 from camface.realtime.text import TextPainter
 from camface.realtime.timing import fps_text
 
-GREEN, WHITE, BLACK = (0, 200, 0), (255, 255, 255), (0, 0, 0)
+GREEN, WHITE, BLACK, DARK_RED = (0, 200, 0), (255, 255, 255), (0, 0, 0), (0, 0, 160)
 
 
 def _visible(face: Face, frame: np.ndarray) -> tuple[int, int, int, int, int, int]:
@@ -204,9 +204,18 @@ class Renderer:
         """The renderer a LiveConfig asks for."""
         return cls(config.colormap, config.alpha, config.cam_boxes, config.bars)
 
-    def annotate(self, frame: np.ndarray, result: FrameResult, hud: bool = True) -> np.ndarray:
+    def annotate(self, frame: np.ndarray, result: FrameResult, hud: bool = True,
+                 notice: str | None = None) -> np.ndarray:
+        """notice: a warning for the user (a recording key r could not start), drawn at the
+        bottom left in white on dark red, with or without the HUD."""
         for layer in self.layers:
             layer.annotate(frame, result)
         if hud:
             self.hud_layer.annotate(frame, result)
+        if notice:
+            scale = self.hud_layer.scale
+            (tw, th), base = self.hud_layer.text.size(notice, scale)
+            bottom = frame.shape[0] - 4
+            cv2.rectangle(frame, (4, bottom - th - base - 4), (8 + tw, bottom), DARK_RED, -1)
+            self.hud_layer.text.put(frame, notice, (6, bottom - base - 2), scale, WHITE)
         return frame

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -575,6 +576,59 @@ def test_window_keys_drive_the_loop(tmp_path, face_clip):
     assert meta["frame_index"] == 2 and meta["method"] == "gradcampp"
     assert all(f["explained"] == 3 for f in meta["faces"])
     assert not (window.shown[8][:40, :200] == window.shown[7][:40, :200]).all()  # HUD gone
+
+
+@pytest.mark.parametrize("fault", ["folder not writable", "encoder refuses the file"])
+def test_key_r_that_cannot_start_a_recording_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog, face_clip,
+                                                                         fault):
+    """r on frame 2 where the recording cannot start (its folder, here the working folder, not
+    writable; or the encoder refusing the file at its first frame) ended the run with exit 2.
+    The recording does not start, a warning names the path and the reason (the log, and the
+    frames shown after it), and the run goes on: r on frame 5, the fault gone, records 5-9."""
+    from camface.realtime.sinks import VideoSink
+    from camface.realtime.text import TextPainter
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # key r records to a timestamped name in the working folder
+    faults = [1]
+    if fault == "folder not writable":
+        reason, real_access = "permission denied", os.access
+
+        def access(path, mode, *args, **kwargs):  # root writes anywhere: as chmod 500 does for a user
+            if mode == os.W_OK and faults and Path(path).resolve() == here.resolve():
+                faults.pop()
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    else:
+        reason, real_open = "the encoder refused it", VideoSink._open
+
+        def refusing_open(self, frame, *args):
+            if faults:
+                faults.pop()
+                raise OutputError(f"cannot open {self.path} for writing: the encoder refused it")
+            return real_open(self, frame, *args)
+
+        monkeypatch.setattr(VideoSink, "_open", refusing_open)
+    drawn: list[str] = []
+    real_put = TextPainter.put
+    monkeypatch.setattr(TextPainter, "put", lambda self, frame, text, *a, **k: (drawn.append(text),
+                                                                             real_put(self, frame, text, *a, **k))[1])
+    window = FakeWindow("..r..r...q")
+    loop = LiveLoop(LiveConfig(source=str(face_clip), show=True, detector="short", method="none",
+                               snapshot_dir=tmp_path / "snaps"), window=window)
+    with caplog.at_level("WARNING", logger="camface.realtime.recorder"):
+        summary = loop.run()
+    assert summary.stopped_by == "quit" and summary.frames == 10 and not faults
+    said = [r.getMessage() for r in caplog.records if "recording not started" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("camface: recording not started: cannot ") and reason in said[0]
+    assert re.search(r"cannot (write|open) camface-\d{8}-\d{6}(-\d+)?\.mp4", said[0])  # the path
+    assert said[0].removeprefix("camface: ") in drawn  # on the frames shown after it
+    ((recorded, count),) = summary.recordings
+    assert count == 5 and count_frames(Path(recorded)) == 5
+    assert sorted(p.name for p in here.iterdir()) == [Path(recorded).name]
 
 
 class _KeyWhileHeld:
