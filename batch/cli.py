@@ -33,6 +33,7 @@ SHARED_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confid
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
+    from camface.outputs import output_path
 
     parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
                      f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
@@ -43,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="video files, folders of videos, glob patterns (quoted); on a cluster, paths every "
                              "node sees")
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR",
+    parser.add_argument("-o", "--out", type=output_path, required=True, metavar="OUT_DIR",
                         help="output folder: videos/, rows/ (Parquet), summary.json, report.md")
     add_arguments(parser, *SHARED_OPTIONS[:2])
     parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,

@@ -3,6 +3,7 @@ slow work starts."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -15,6 +16,17 @@ from camface.errors import CamfaceError, OutputError
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows' NTFS counts 255 UTF-16 units)
+
+
+def output_path(value: str) -> Path:
+    """argparse `type` of every option that names a file or folder to write (`--record`, `-o`,
+    `--json`, ...): an empty value (`--record ""`, `-o "$OUT"` with OUT unset) is a usage error
+    that argparse reports naming the option (exit 2). Path("") is "." and was taken as the
+    working folder: "--record .: ..." named a path never given, and a folder output
+    (`camface batch -o ""`, `--snapshot-dir ""`) was written into the working folder."""
+    if value == "":
+        raise argparse.ArgumentTypeError("the value is empty; give a path to write")
+    return Path(value)
 
 
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:

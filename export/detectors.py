@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from camface.models import DETECTORS, DETECTORS_ONNX
+from camface.outputs import output_path
 
 
 DENSIFY = 124  # tflite BuiltinOperator.DENSIFY
@@ -112,7 +113,7 @@ def convert(name: str, out_dir: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m camface.export.detectors", description=__doc__.split("\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=None, help="write here instead of beside the .tflite files")
+    parser.add_argument("--out-dir", type=output_path, default=None, help="write here instead of beside the .tflite files")
     args = parser.parse_args(argv)
     for name in DETECTORS:
         convert(name, args.out_dir)

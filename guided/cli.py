@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
-from camface.outputs import check_not_an_input, check_output_file
+from camface.outputs import check_not_an_input, check_output_file, output_path
 from camface.realtime.config import DETECTORS, LiveConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="classes", nargs="+", metavar="NAME|INDEX", default=None,
                         help="class(es) to explain; several give one row per face and class; "
                              "default: the class the snapshot explained, or the predicted class")
-    parser.add_argument("-o", "--output", metavar="OUT", default=None,
+    parser.add_argument("-o", "--output", type=output_path, metavar="OUT", default=None,
                         help="figure file (.png, .pdf, .svg), or OUT.gif with --layers all; default: "
                              "guided.png / guided_layers.gif in the snapshot folder, or "
                              "IMAGE_guided.png / IMAGE_guided_layers.gif beside the image")

@@ -25,6 +25,7 @@ import numpy as np
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.models import dataset, report
+from camface.outputs import output_path
 from camface.realtime import config as live_config
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig(Path("."), Path("."))
     parser.add_argument("data_dir", metavar="DATA_DIR",
                         help="one sub-folder of photos per class (folder name = class name)")
-    parser.add_argument("-o", "--out-dir", metavar="OUT_DIR", required=True,
+    parser.add_argument("-o", "--out-dir", type=output_path, metavar="OUT_DIR", required=True,
                         help="where model.keras, model.onnx, metrics and the report go")
     parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
                         help="ImageNet backbone -> GAP -> Dense(softmax) (vgg16-gap adds "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from camface import methods
 from camface.errors import UsageError
+from camface.outputs import output_path
 
 MAX_DETECT_WORKERS = 8
 MAX_FACES = 32  # the graph's batch range is 1..32
@@ -112,6 +113,8 @@ class LiveConfig:
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),
             (0 < self.image_seconds < float("inf"), f"--image-seconds must be > 0 and finite, got {self.image_seconds}"),
+            (self.record != "", "--record is empty; give a file name ending in .mp4"),
+            (self.snapshot_dir != "", "--snapshot-dir is empty; give a folder"),
             (self.record is None or Path(self.record).suffix.lower() == ".mp4",
              f"--record {self.record}: recordings are MP4 files; give a name ending in .mp4"),
             (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
@@ -173,7 +176,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                 help="heatmap to overlay (key m cycles it in live's window and serve's page); auto = the graph's most "
                                      "faithful method as ranked at export (`camface info` shows the ranking; "
                                      "Grad-CAM on a graph without one)")),
-    "record": ("--record", dict(type=Path, metavar="OUT.mp4",
+    "record": ("--record", dict(type=output_path, metavar="OUT.mp4",
                                 help="write the annotated frames to this mp4, at the source's frame rate")),
     "detector": ("--detector", dict(choices=DETECTORS, help="BlazeFace model: full-range (faces up to ~5 m) or "
                                                             "short-range (faster, faces within ~2 m)")),
@@ -198,7 +201,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "alpha": ("--alpha", dict(type=float, help="heatmap opacity in [0, 1]")),
     "snapshot_every": ("--snapshot-every", dict(type=int, metavar="N",
                                                 help="save a snapshot every N frames (0: only with key s)")),
-    "snapshot_dir": ("--snapshot-dir", dict(type=Path, help="folder for snapshots (one sub-folder per snapshot; "
+    "snapshot_dir": ("--snapshot-dir", dict(type=output_path, help="folder for snapshots (one sub-folder per snapshot; "
                                                             "read by `camface guided`)")),
     "codec": ("--codec", dict(choices=CODECS, help="recording codec: auto = H.264 in fragmented MP4 (plays in "
                                                    "browsers, survives a hard kill; NVENC on NVIDIA GPUs, else "

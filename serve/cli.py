@@ -39,6 +39,7 @@ WS_QUEUE = 4
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
+    from camface.outputs import output_path
 
     parser.description = (
         "Serve the live demo to web browsers: open the printed URL, allow the camera, and the page shows "
@@ -57,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                         "localhost, a random one (printed) on any other address")
     parser.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM): serve https/wss")
     parser.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
-    parser.add_argument("--record-dir", type=Path, default=Path("recordings"),
+    parser.add_argument("--record-dir", type=output_path, default=Path("recordings"),
                         help="folder for recordings started from the page")
     parser.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of the annotated frames")
     add_arguments(parser, *LIVE_OPTIONS)

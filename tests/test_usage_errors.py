@@ -89,3 +89,43 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     assert camface_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("camface: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["live", "--record", ""], "--record"),
+    (["live", "--snapshot-dir", ""], "--snapshot-dir"),
+    (["serve", "--record-dir", ""], "--record-dir"),
+    (["batch", "in.mp4", "-o", ""], "-o/--out"),
+    (["batch", "in.mp4", "--out="], "-o/--out"),
+    (["evaluate", "--json", ""], "--json"),
+    (["evaluate", "--plot", ""], "--plot"),
+    (["bench", "--json", ""], "--json"),
+    (["bench", "--work-dir", ""], "--work-dir"),
+    (["export", "m.keras", "-o", ""], "-o/--output"),
+    (["enroll", "people", "--model", "m.onnx", "-o", ""], "-o/--output"),
+    (["compare", "a.png", "b.png", "--model", "m.onnx", "-o", ""], "-o/--output"),
+    (["guided", "snapshots", "-o", ""], "-o/--output"),
+    (["train", "data", "-o", ""], "-o/--out-dir"),
+])
+def test_an_empty_output_path_is_a_usage_error_naming_the_option(argv, option, capsys, monkeypatch, tmp_path):
+    """`--record ""` (a shell variable left unset) became Path("") = ".": "--record .: ..." named a
+    path never given, and a folder output (`batch -o ""`, `--snapshot-dir ""`, `serve --record-dir
+    ""`, `train -o ""`) was the working folder, written into. argparse refuses it, naming the
+    option, with its usage and exit 2, before anything runs."""
+    import camface.api
+
+    monkeypatch.setattr(camface.api, "load", lambda *a, **k: pytest.fail("the command ran"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        camface_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: argument {option}: the value is empty; give a path to write" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written in the working folder
+
+
+@pytest.mark.parametrize("field, message", [("record", "--record is empty; give a file name ending in .mp4"),
+                                            ("snapshot_dir", "--snapshot-dir is empty; give a folder")])
+def test_an_empty_output_path_in_code_names_the_option(field, message):
+    """camface.load(record="") said "--record : recordings are MP4 files"; snapshots went to "."."""
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        LiveConfig(**{field: ""})

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camface.errors import UsageError
+from camface.outputs import output_path
 from camface.realtime.config import LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
@@ -52,13 +53,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="bench a CAM graph of this backbone (GAP head, random weights, built with "
                              "camface.models.builders and exported once into --work-dir) instead of --model")
     parser.add_argument("--backbone-size", type=int, default=224, help="input size of the --backbone graph")
-    parser.add_argument("--work-dir", type=Path, default=Path("~/.cache/camface/bench"),
+    parser.add_argument("--work-dir", type=output_path, default=Path("~/.cache/camface/bench"),
                         help="cache folder for --backbone graphs")
     add_arguments(parser, "detector", "detector_runtime")
     parser.add_argument("--max-faces", type=int, default=None,
                         help="faces classified per frame, largest first; default 8, or 1 with --backbone")
     add_arguments(parser, "graph_threads", "detect_workers", "detect_every", "device", "codec")
-    parser.add_argument("--json", type=Path, default=None, metavar="OUT.json",
+    parser.add_argument("--json", type=output_path, default=None, metavar="OUT.json",
                         help="also write the numbers to this JSON file")
 
 
