@@ -64,16 +64,15 @@ def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
     import cv2
 
     from camface.api import face_detector
-    from camface.native import opencv_path
     from camface.realtime.config import LiveConfig
     from camface.realtime.crop import crop_faces
     from camface.realtime.explainer import largest_faces
-    from camface.realtime.sources import cut_short
+    from camface.realtime.sources import cut_short, imread
 
     path = Path(path)
-    frame = cv2.imread(opencv_path(path), cv2.IMREAD_COLOR)
+    frame, why = imread(path, cv2.IMREAD_COLOR)
     if frame is None:
-        raise SourceError(f"cannot read image {path}")
+        raise SourceError(f"cannot read image {path}: {why}")
     if (why := cut_short(path)) is not None:
         log.warning("%s: %s", path, why)
     # LiveConfig checks detector, confidence and margin as `camface live` does (UsageError)

@@ -52,6 +52,86 @@ def cut_short(path: str | Path) -> str | None:
     return None
 
 
+# OpenCV refuses to decode an image larger than these (its imgcodecs' validateInputImageSize), read
+# from the environment when OpenCV loads: (variable, default)
+OPENCV_LIMITS = {"width": ("OPENCV_IO_MAX_IMAGE_WIDTH", 1 << 20), "height": ("OPENCV_IO_MAX_IMAGE_HEIGHT", 1 << 20),
+                 "pixels": ("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30)}
+
+
+def opencv_limit(which: str) -> int:
+    """OpenCV's limit on an image's "width", "height" or "pixels", as its environment variable
+    sets it (a number, or with a KB/MB suffix, as OpenCV parses it) or by default."""
+    variable, default = OPENCV_LIMITS[which]
+    value = os.environ.get(variable, "").strip()
+    match = re.fullmatch(r"([0-9]+)\s*(kb|mb)?", value, re.IGNORECASE)
+    if not match:
+        return default
+    return int(match[1]) * {None: 1, "kb": 1 << 10, "mb": 1 << 20}[match[2] and match[2].lower()]
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) an image file's header states, read without decoding it (Pillow's
+    format readers, short of `Image.open`'s own check on large images), or None when no reader
+    takes the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as file:
+            prefix = file.read(16)
+            Image.init()
+            for name in Image.ID:
+                factory, accept = Image.OPEN[name]
+                if accept is not None and not accept(prefix):
+                    continue
+                file.seek(0)
+                try:
+                    image = factory(file, str(path))
+                except Exception:  # not this format, or a header cut short: try the next
+                    continue
+                return tuple(image.size)
+    except Exception:  # an unreadable file, a Pillow without these internals: no size to give
+        return None
+    return None
+
+
+def too_large_for_opencv(path: str | Path, refused: bool = False) -> str | None:
+    """Why OpenCV refuses the image at `path` for its size (over OPENCV_LIMITS), naming its size
+    and the environment variable that raises the limit; None when its header says it is within
+    them or cannot be read. refused: OpenCV said so already (its error names the limit), so the
+    reason is given without the size when the header cannot be read."""
+    size = header_size(path)
+    if size is None:
+        return (f"larger than OpenCV reads (its limits: {opencv_limit('pixels')} pixels, {opencv_limit('width')} "
+                "a side); raise them with the environment variables OPENCV_IO_MAX_IMAGE_PIXELS, "
+                "OPENCV_IO_MAX_IMAGE_WIDTH and OPENCV_IO_MAX_IMAGE_HEIGHT before camface starts") if refused else None
+    width, height = size
+    for which, value in (("pixels", width * height), ("width", width), ("height", height)):
+        if value > opencv_limit(which):
+            memory = f" (decoding it takes {width * height * 3 / (1 << 30):.1f} GiB)" if which == "pixels" else ""
+            return (f"{width}x{height} = {width * height} pixels, over OpenCV's limit of {opencv_limit(which)} "
+                    f"{'pixels' if which == 'pixels' else 'pixels in ' + which}; to read it, set the environment "
+                    f"variable {OPENCV_LIMITS[which][0]}={value} (or more) before camface starts{memory}")
+    return None
+
+
+def imread(path: str | Path, flags: int) -> tuple[np.ndarray | None, str | None]:
+    """cv2.imread(path, flags), and why it gave no image: (image, None) or (None, why): the file
+    is gone, permission denied, too large for OpenCV (`too_large_for_opencv`: OpenCV 5 raises
+    cv2.error there, OpenCV 4 returns None), or not an image OpenCV can read."""
+    refused = False
+    try:
+        image = cv2.imread(opencv_path(path), flags)
+    except cv2.error as exc:
+        image, refused = None, "CV_IO_MAX_IMAGE_" in str(exc)
+    if image is not None:
+        return image, None
+    if not Path(path).exists():  # os.access says False for a file that is gone too
+        return None, "it is gone (deleted or moved since the folder was listed)"
+    if not os.access(path, os.R_OK):
+        return None, "permission denied"
+    return None, too_large_for_opencv(path, refused) or "not an image OpenCV can read"
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     """What the loop and the recorder need to know about a source.
@@ -366,12 +446,8 @@ class ImageFolderSource:
             # any depth and colour as stored (to_bgr8 converts), turned upright by its EXIF
             # orientation as viewers show it (IMREAD_UNCHANGED would ignore it: phone portraits
             # would lie on their side, their faces missed)
-            image = cv2.imread(opencv_path(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+            image, why = imread(path, cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
             if image is None:
-                if not path.exists():  # os.access says False for a file that is gone too
-                    why = "it is gone (deleted or moved since the folder was listed)"
-                else:
-                    why = "permission denied" if not os.access(path, os.R_OK) else "not an image OpenCV can read"
                 log.warning("skipping %s: %s", path, why)
                 continue
             if (why := cut_short(path)) is not None:

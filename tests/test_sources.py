@@ -658,3 +658,69 @@ def test_a_camera_whose_frames_camface_cannot_use_is_a_source_error_naming_it():
                                               r"\(unsupported number of channels: 2\): uint8 \(48, 64, 2\)"):
             for _ in zip(range(50), source):
                 pass
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (8-bit RGB) and whose data is a few bytes: OpenCV
+    reads its header and refuses it, or starts decoding; it is never whole."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _jpeg_header(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) says width x height instead."""
+    import struct
+
+    import cv2
+
+    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, data, size, variable, limit", [
+    ("big.png", _png_header(40000, 30000), "40000x30000 = 1200000000 pixels", "OPENCV_IO_MAX_IMAGE_PIXELS=1200000000",
+     f"limit of {2 ** 30} pixels"),
+    ("big.jpg", _jpeg_header(60000, 50000), "60000x50000 = 3000000000 pixels", "OPENCV_IO_MAX_IMAGE_PIXELS=3000000000",
+     f"limit of {2 ** 30} pixels"),
+    ("wide.png", _png_header(2 ** 20 + 2, 2), f"{2 ** 20 + 2}x2 = {2 ** 21 + 4} pixels",
+     f"OPENCV_IO_MAX_IMAGE_WIDTH={2 ** 20 + 2}", f"limit of {2 ** 20} pixels in width"),
+], ids=["png", "jpeg", "wide-png"])
+def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path, caplog, monkeypatch, name, data,
+                                                                         size, variable, limit):
+    """An image larger than OpenCV decodes (2^30 pixels, 2^20 a side) was skipped from a folder
+    as "not an image OpenCV can read" (OpenCV 4), or ended the run with cv2.error's traceback
+    (OpenCV 5 raises): it is skipped saying its size, the limit and the environment variable
+    that raises it; `camface guided` and `camface compare` say the same."""
+    from camface.export.compare import read_photos
+    from camface.guided.image import read_image
+    from camface.guided.snapshot import EMOTION_PREPROCESSING
+    from camface.realtime.sources import ImageFolderSource
+
+    for variable_name in ("OPENCV_IO_MAX_IMAGE_PIXELS", "OPENCV_IO_MAX_IMAGE_WIDTH", "OPENCV_IO_MAX_IMAGE_HEIGHT"):
+        monkeypatch.delenv(variable_name, raising=False)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "01.png"), np.full((6, 8, 3), 50, np.uint8))
+    (tmp_path / f"02-{name}").write_bytes(data)
+    cv2.imwrite(str(tmp_path / "03.png"), np.full((6, 8, 3), 90, np.uint8))
+    with caplog.at_level(logging.WARNING, logger="camface.realtime.sources"), ImageFolderSource(tmp_path) as source:
+        frames = list(source)
+    assert [int(f[0, 0, 0]) for f in frames] == [50, 90]
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"skipping {tmp_path / f'02-{name}'}: {size}, over OpenCV's {limit}; ")
+    assert f"set the environment variable {variable} (or more) before camface starts" in said
+    reason = said.split(": ", 1)[1]
+    with pytest.raises(SourceError) as guided:
+        read_image(tmp_path / f"02-{name}", Path("unused.keras"), EMOTION_PREPROCESSING, (48, 48), ("a",))
+    assert str(guided.value) == f"cannot read image {tmp_path / f'02-{name}'}: {reason}"
+    with pytest.raises(SourceError) as compared:
+        read_photos([tmp_path / "01.png", tmp_path / f"02-{name}"])
+    assert str(compared.value) == f"cannot read the photo {tmp_path / f'02-{name}'}: {reason}"
