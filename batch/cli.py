@@ -162,6 +162,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
     from camface.batch import cluster, pipeline, segments
     from camface.batch.owner import ORPHAN_GRACE_S
     from camface.batch.report import write_report
+    from camface.batch.rows import upgrade_rows
     from camface.batch.state import describe_incomplete
     from camface.errors import OutputError
     from camface.realtime.threads import Terminated
@@ -188,13 +189,17 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
             time.sleep(ORPHAN_GRACE_S)
         removed = outputs.clean_partials()
         segments.drop_finished_parts(outputs)  # joined by a run that died before removing them
+        # rows of an earlier camface lack columns (key): OUT_DIR/rows read as one table dropped them
+        upgraded = upgrade_rows(outputs, {video.id: video.key for video in videos})
         todo = pipeline.videos_to_do(outputs, videos, job.settings())
         if args.resume:
             changed, files = pipeline.changed_since(outputs, videos, job.settings())
             print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
                   + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
                   + (f"; {files} video file(s) changed since they were done are done again" if files else "")
-                  + (f"; removed {removed} partial file(s)" if removed else ""), file=sys.stderr)
+                  + (f"; removed {removed} partial file(s)" if removed else "")
+                  + (f"; rewrote {len(upgraded)} rows file(s) of an earlier camface with the columns it lacked "
+                     "(key)" if upgraded else ""), file=sys.stderr)
         start = time.perf_counter()
         started = cluster.connect(args.address)
         import ray

@@ -1,5 +1,9 @@
 """The Parquet rows: one per face per frame. Read them with `pyarrow.parquet.read_table(OUT/rows)`,
-pandas, or `ray.data.read_parquet(OUT/rows)` (temporary files start with "." and are skipped).
+`pyarrow.dataset.dataset(OUT/rows)`, pandas, or `ray.data.read_parquet(OUT/rows)` (temporary files
+start with "." and are skipped). Every file has the columns below: a run over an OUT_DIR rewrites
+the files an earlier camface wrote without some of them (`upgrade_rows`), as those readers take
+the first file's columns for all (a `key` missing there was dropped from every row, or was null in
+the rows of files that lacked it).
 
 Columns:
   video (str: the video's id), key (str: its path from the folder above the input that named it,
@@ -72,6 +76,48 @@ def build_rows(video_id: str, path: str, fps: float, results, key: str = ""):
             for name, value in values.items():
                 columns[name].append(value)
     return pa.table(columns, schema=schema())
+
+
+def conformed(table, key: str | None = None):
+    """`table`, rows an earlier camface wrote, with the columns of `schema()` in its order: a
+    missing `key` column (before camface gave rows one) holds `key` (None: null, not known), any
+    other missing column (`similarity`, before camface kept it) nulls: not recorded."""
+    import pyarrow as pa
+
+    target = schema()
+    for field in target:
+        if field.name not in table.column_names:
+            value = key if field.name == "key" else None
+            table = table.append_column(field.name, pa.array([value] * table.num_rows, field.type))
+    return table.select(target.names).cast(target)
+
+
+def upgrade_rows(outputs, keys: dict[str, str]) -> list[Path]:
+    """Rewrite each rows file in `outputs` (a `camface.batch.state.Outputs`) that lacks columns
+    of `schema()` (written by an earlier camface) as `conformed`, the key of a video that is
+    among `keys` (id -> key: this run's inputs) filled in, else its record's key, else null.
+    Each file is replaced whole (`Outputs.write`: atomic, only while this run owns OUT_DIR).
+    Returns the files rewritten; a file Parquet cannot read is left as it is, with a warning."""
+    import logging
+
+    import pyarrow.parquet as pq
+
+    log = logging.getLogger(__name__)
+    names, rewritten = set(schema().names), []
+    for path in sorted(outputs.rows.glob("[!.]*.parquet")) if outputs.rows.is_dir() else ():
+        try:
+            if names <= set(pq.read_schema(path).names):
+                continue
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow's ArrowInvalid, OSError: a damaged file is no reason to stop
+            log.warning("camface batch: cannot read %s to add the columns it lacks (%s); left as it is", path, exc)
+            continue
+        video_id = path.stem
+        key = keys.get(video_id) or (outputs.read_record(video_id) or {}).get("key") or None
+        upgraded = conformed(table, key)
+        outputs.write(path, lambda tmp, upgraded=upgraded: write_parquet(upgraded, tmp))
+        rewritten.append(path)
+    return rewritten
 
 
 def write_parquet(table, path: Path) -> None:

@@ -296,12 +296,12 @@ def _located(table, unit: Unit):
     an earlier camface have no key column)."""
     import pyarrow as pa
 
-    from camface.batch.rows import schema
+    from camface.batch.rows import conformed
 
     table = table.drop_columns([name for name in ("key", "path") if name in table.column_names])
     for name, value in (("key", unit.key), ("path", unit.path)):
         table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
-    return table.select(schema().names)
+    return conformed(table)  # columns an earlier camface did not write (similarity): null
 
 
 def _read_rows(path: Path):

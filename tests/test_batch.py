@@ -252,6 +252,8 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
     first = run(tmp_path / "site")
     ids = [r["video"] for r in first["videos"]]
     assert len(set(ids)) == 2 and sorted(first["run"]["videos_this_run"]) == sorted(ids)
+    old_rows = tmp_path / "site" / "out" / "rows" / f"{min(ids)}.parquet"  # read first: its columns are the folder's
+    pq.write_table(pq.read_table(old_rows).drop_columns(["key"]), old_rows)  # as a camface before keys wrote it
     shutil.move(tmp_path / "site", tmp_path / "moved")
     out = tmp_path / "moved" / "out"
     second = run(tmp_path / "moved", "--resume")
@@ -268,6 +270,11 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
         assert rows.num_rows == record["faces_total"]
         assert set(rows.column("key").to_pylist()) == {key} and set(rows.column("path").to_pylist()) == {path}
         assert json.loads((out / "state" / f"{record['video']}.json").read_text())["key"] == key
+    import pyarrow.dataset as ds
+
+    folder = ds.dataset(out / "rows").to_table()  # the folder as one table: every row has its key
+    assert sorted(set(zip(folder.column("video").to_pylist(), folder.column("key").to_pylist()))) == \
+        sorted(zip([r["video"] for r in second["videos"]], keys))
 
 
 def test_a_half_done_segmented_video_resumes_under_its_earlier_id_after_a_move(ray_cluster, long_clip, tmp_path):

@@ -431,3 +431,50 @@ def test_what_an_earlier_camface_did_with_the_same_model_is_kept(tmp_path):
     assert videos_to_do(outputs, [video], now) == [video] and not done_before(outputs, units[1], now)
     assert changed_since(outputs, [video], now) == (["model"], 0)
     assert done_otherwise(outputs, [video], now) == (["/a/gone.mp4"], ["model"])
+
+
+def test_rows_of_an_earlier_camface_get_the_columns_it_lacked_so_the_folder_reads_as_one_table(tmp_path):
+    """Rows files an earlier camface wrote have no `key` column (the oldest no `similarity`
+    either), beside files of this one that do: OUT_DIR/rows read as one table (pyarrow.dataset,
+    read_table) takes the first file's columns, so the key was dropped from every row when an old
+    file came first, and null in the old files' rows otherwise. A run over OUT_DIR rewrites the old
+    files whole, the key of each video among its inputs filled in (else its record's, else null),
+    similarity null (not recorded); every other value as it was."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from camface.batch.rows import schema, upgrade_rows
+    from camface.batch.state import Outputs, write_video_outputs
+
+    outputs, labels = Outputs(tmp_path / "out"), tuple("abcdefg")
+    outputs.make()
+    videos = {"a-old": ("day1/a.mp4", 3, ["key"]), "b-new": ("day1/b.mp4", 2, []),
+              "c-oldest": ("day2/c.mp4", 2, ["key", "similarity"]), "d-gone": (None, 1, ["key"])}
+    written = {}
+    for video_id, (key, frames, dropped) in videos.items():
+        out = {**_render_payload(frames), "ok": True, "key": key or "day9/d.mp4", "path": f"/archive/{video_id}.mp4"}
+        write_video_outputs(outputs, video_id, out, None, "gradcam", None, labels)
+        path = outputs.parquet(video_id)
+        pq.write_table(pq.read_table(path).drop_columns(dropped), path)  # as an earlier camface wrote it
+        written[video_id] = pq.read_table(path)
+    before = ds.dataset(outputs.rows).to_table()
+    assert "key" not in before.column_names  # the old file a-old came first: no row had its key
+
+    keys = {video_id: key for video_id, (key, *_) in videos.items() if key is not None}  # d-gone: not an input
+    rewritten = upgrade_rows(outputs, keys)
+    assert [p.stem for p in rewritten] == ["a-old", "c-oldest", "d-gone"]
+    assert upgrade_rows(outputs, keys) == []  # once
+    assert not [p for p in outputs.rows.iterdir() if p.name.startswith(".")]  # no temporary file left
+    for table in (ds.dataset(outputs.rows).to_table(), pq.read_table(outputs.rows)):
+        assert table.schema.names == schema().names and table.num_rows == 8
+        by_video = {}
+        for video, key in zip(table.column("video").to_pylist(), table.column("key").to_pylist()):
+            by_video.setdefault(video, set()).add(key)
+        assert by_video == {"a-old": {"day1/a.mp4"}, "b-new": {"day1/b.mp4"}, "c-oldest": {"day2/c.mp4"},
+                            "d-gone": {None}}
+    for video_id, earlier in written.items():
+        now = pq.read_table(outputs.parquet(video_id))
+        for name in earlier.column_names:
+            assert now.column(name).to_pylist() == earlier.column(name).to_pylist(), (video_id, name)
+    assert pq.read_table(outputs.parquet("c-oldest")).column("similarity").to_pylist() == [None, None]
+    assert pq.read_table(outputs.parquet("a-old")).column("similarity").to_pylist() == [[], [], []]
