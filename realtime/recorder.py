@@ -49,9 +49,10 @@ class Recorder:
     camface.realtime.sinks.
 
     A recording that key r cannot start (its folder not writable, the encoder refusing the
-    file, up to its first frame written) is not started: the run goes on, the reason is logged
-    as a warning and put on `notices` (strings; the main thread shows them on the HUD). The
-    --record file's own failures end the run, as the CLI checked it before any frame."""
+    file, up to its first frame written) is not started, and one of key r's that fails later (a
+    full disk) is stopped and finalised with what it holds: the run goes on, the reason is
+    logged as a warning and put on `notices` (strings; the main thread shows them on the HUD).
+    The --record file's own failures end the run: it is the job the command was asked for."""
 
     def __init__(self, first_record: Path | None, fps: float, overwrite: bool, snapshots, timer: StageTimer,
                  codec: str = "auto"):
@@ -63,6 +64,7 @@ class Recorder:
         self.error_path: Path | None = None  # the recording `error` happened in (None: not in one)
         self.notices: queue.SimpleQueue = queue.SimpleQueue()  # recordings key r could not start
         self._starting = False  # the sink is key r's and has not written its first frame yet
+        self._keyed = False  # the sink is key r's: its failures stop it, not the run
 
     def _open(self, path: Path, overwrite: bool):
         from camface.realtime.sinks import VideoSink
@@ -89,7 +91,7 @@ class Recorder:
             except (OutputError, OSError) as exc:
                 self._not_started(path, exc)
                 return
-            self._starting = True
+            self._starting = self._keyed = True
             log.info("recording to %s", self.sink.path)
 
     def _not_started(self, path: Path, exc: BaseException) -> None:
@@ -108,7 +110,7 @@ class Recorder:
     def close_sink(self) -> None:
         """Finalise the recording in progress, if any (idempotent). A failure (a full disk)
         becomes `error` unless one came first: the main thread raises it."""
-        sink, self.sink, self._starting = self.sink, None, False
+        sink, self.sink, self._starting, self._keyed = self.sink, None, False, False
         if sink is None:
             return
         try:
@@ -121,8 +123,24 @@ class Recorder:
         if sink.frames_written:  # what the file holds (fewer than written after a full disk)
             self.recordings.append((str(sink.path), sink.frames_kept))
 
+    def _stop_failed(self, exc: BaseException) -> None:
+        """Key r's recording failed after its first frame (`exc`: a full disk): finalise it with
+        the frames it holds (the sink trims a cut frame), say so, and go on without it."""
+        sink, self.sink, self._keyed = self.sink, None, False
+        try:
+            sink.close()
+        except Exception as error:  # the write's error says why; the file keeps what it can
+            log.debug("closing the recording that failed: %s", error)
+        kept = sink.frames_kept if sink.frames_written else 0
+        if kept:
+            self.recordings.append((str(sink.path), kept))
+        reason = str(exc) if str(sink.path) in str(exc) else f"writing {sink.path}: {exc}"
+        notice = f"recording stopped: {reason} ({kept} frames kept)"
+        log.warning("camface: %s", notice)
+        self.notices.put(notice)
+
     def _drop_unstarted(self, exc: BaseException) -> None:
-        sink, self.sink, self._starting = self.sink, None, False
+        sink, self.sink, self._starting, self._keyed = self.sink, None, False, False
         try:
             sink.close()
         except Exception as error:  # nothing was written; the first error says why
@@ -137,10 +155,13 @@ class Recorder:
                 try:
                     self.sink.write(item.frame, item.at)
                 except (OutputError, OSError) as exc:
-                    if not self._starting:
+                    if self._starting:
+                        self._drop_unstarted(exc)  # the encoder opens on the first frame
+                    elif self._keyed:
+                        self._stop_failed(exc)
+                    else:
                         self.error_path = self.sink.path
                         raise
-                    self._drop_unstarted(exc)  # the encoder opens on the first frame
                 except BaseException:
                     self.error_path = self.sink.path
                     raise

@@ -631,6 +631,44 @@ def test_key_r_that_cannot_start_a_recording_warns_and_the_run_goes_on(tmp_path,
     assert sorted(p.name for p in here.iterdir()) == [Path(recorded).name]
 
 
+def test_key_rs_recording_that_fills_the_disk_stops_and_the_run_goes_on(tmp_path, monkeypatch, caplog, face_clip):
+    """A recording key r started fails at its fourth frame (the disk full): it ended the run
+    (exit 2). The recording is stopped and finalised with its three frames (playable), a
+    warning names the file and the reason (the log, and the frames shown after it), and the run
+    goes on: r again, the disk freed, records a second file. (The --record file's own failure
+    still ends the run: test_a_recording_error_at_a_signal_is_said_with_the_signal.)"""
+    import errno
+
+    from camface.realtime.sinks import VideoSink
+    from camface.realtime.text import TextPainter
+
+    monkeypatch.chdir(tmp_path)  # key r records to a timestamped name in the working folder
+    real_write, writes = VideoSink.write, []
+
+    def filling_write(self, frame, *args, **kwargs):
+        writes.append(self.path)
+        if len(writes) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(VideoSink, "write", filling_write)
+    drawn: list[str] = []
+    real_put = TextPainter.put
+    monkeypatch.setattr(TextPainter, "put", lambda self, frame, text, *a, **k: (drawn.append(text),
+                                                                             real_put(self, frame, text, *a, **k))[1])
+    loop = LiveLoop(LiveConfig(source=str(face_clip), show=True, detector="short", method="none",
+                               snapshot_dir=tmp_path / "snaps"), window=FakeWindow("..r....r..q"))
+    with caplog.at_level("WARNING", logger="camface.realtime.recorder"):
+        summary = loop.run()
+    assert summary.stopped_by == "quit" and summary.frames == 11
+    said = [r.getMessage() for r in caplog.records if "recording stopped" in r.getMessage()]
+    assert len(said) == 1 and "No space left on device" in said[0] and "(3 frames kept)" in said[0]
+    assert said[0].removeprefix("camface: ") in drawn
+    (first, kept), (second, count) = summary.recordings
+    assert first in said[0] and kept == 3 and count_frames(Path(first)) == 3
+    assert second != first and count > 0 and count_frames(Path(second)) == count
+
+
 class _KeyWhileHeld:
     """A window whose user presses a key while the n-th frame shown is held on screen (the
     viewer polls it while it waits for the next frame's time, or at the end of the input):
