@@ -155,6 +155,39 @@ def test_keras_embedder_maps_equal_tensorflow_gradients(tmp_path):
         _maps_agree(got[name], methods.get(name).reference(activations.numpy(), grad, None), name)
 
 
+@pytest.mark.parametrize("layer", ["merge", "mid_relu"])
+def test_a_keras_layer_name_as_target_names_its_converted_tensor(layer, tmp_path):
+    """A Keras embedder is converted by tf2onnx, whose tensors are named by scope
+    (`functional_1/merge_1/Add:0`): `--target-layer merge`, the Keras layer's name, was refused
+    with a list of 40 such names and no hint. The error now suggests the layer's output tensor,
+    and that tensor is the layer's output (its activations equal Keras's)."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    y = keras.layers.Activation("relu", name="mid_relu")(x)
+    merged = keras.layers.Add(name="merge")([keras.layers.Conv2D(8, 3, padding="same")(y), x])
+    a = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="last_conv")(merged)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(a)))
+    path = tmp_path / "embedder.keras"
+    model.save(path)
+    rows = gallery.normalise(np.random.default_rng(1).standard_normal((2, 10)))
+    embedder = gallery.load(path, ARCFACE)
+    from dataclasses import replace
+
+    with pytest.raises(ModelError, match=rf"no tensor, node or module named '{layer}' \(did you mean "
+                                         rf"\S*/{layer}(_\d+)?/[^/ ]+\?\); candidate") as error:
+        gallery.build(embedder, rows, ("p", "q"), replace(ARCFACE, target_layer=layer), {})
+    suggested = str(error.value).split("did you mean ")[1].split("?)")[0]
+    graph, info, _ = gallery.build(embedder, rows, ("p", "q"), replace(ARCFACE, target_layer=suggested), {})
+    images = np.stack([cv2.resize(f, (SIZE, SIZE))[:, :, ::-1] for f in faces_bgr().values()])
+    got = _run(graph, images, np.array([-1, 1, 0], np.int64))
+    want = keras.Model(inputs, model.get_layer(layer).output)(images.astype(np.float32) / 127.5 - 1).numpy()
+    assert np.abs(got["activations"] - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_transformer_embedder_maps_equal_torch_autograd_at_its_tokens(tmp_path):
     from test_onnx_export_models import TransformerBlock
     from torch import nn
