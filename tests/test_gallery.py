@@ -1042,6 +1042,22 @@ def test_compare_refuses_a_figure_written_over_one_of_its_photos(which, people, 
     assert photos[which].read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
+@pytest.mark.parametrize("method, offered", [("random", False), ("gradcam", True), ("eigencam", True)])
+def test_compare_offers_the_displayed_methods_not_the_random_baseline(method, offered):
+    """compare --method random drew the random baseline's noise titled "random: why similar to B",
+    as if it explained the match; like live's --method, compare offers the methods shown, not the
+    baseline (which `camface evaluate` scores the others against)."""
+    from camface.cli import build_parser
+
+    argv = ["compare", "a.png", "b.png", "--model", "m.onnx", "--method", method]
+    if offered:
+        assert build_parser().parse_args(argv).method == method
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 2
+
+
 def test_an_undefined_average_drop_is_recorded_as_null_never_nan(monkeypatch):
     """A gallery graph whose ranking crops all score <= 0 (every face unknown, e.g. a random
     embedder) has no Average Drop (metrics.average_drop: NaN). The ranking recorded in the
