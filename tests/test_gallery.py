@@ -299,6 +299,39 @@ def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
            f"unknown below {report['threshold']}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("into", ["collins", "hopper"])
+def test_enroll_uses_a_copied_photo_once_and_refuses_one_in_two_person_folders(into, people, embedder, tmp_path,
+                                                                               capsys, caplog):
+    """A copy of a photo in its person's folder was embedded twice: it weighed twice in the
+    person's mean, and in the leave-one-out check it matched its own twin (a genuine score of 1,
+    which moves the threshold); in another person's folder, one face was enrolled under two
+    names. As `camface train` does: a copy is used once (a warning names it), and the same photo
+    in two person folders is an error naming both, with nothing written."""
+    import shutil
+
+    root = tmp_path / "people"
+    shutil.copytree(people, root)
+    original = sorted((root / "collins").glob("0.*"))[0]
+    copy = root / into / f"copy{original.suffix}"
+    shutil.copyfile(original, copy)
+    out = tmp_path / "g.onnx"
+    code = main(["enroll", str(root), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface", "--no-rank"])
+    err = capsys.readouterr().err
+    if into == "hopper":
+        assert code == 2 and f"{copy} (person 'hopper') and {original} (person 'collins') are the same photo" in err
+        assert not out.exists() and "Traceback" not in err
+        return
+    assert code == 0, err
+    assert f"{copy} is a copy of {original}: used once" in caplog.text
+    saved = np.load(out.with_suffix(".npz"))
+    assert str(copy) not in set(saved["photos"]) and str(original) in set(saved["photos"])
+    report = json.loads(out.with_name("g.enroll.json").read_text())
+    assert report["leave_one_out"]["identified"] == len(saved["photos"])
+    units = saved["photo_embeddings"] / np.linalg.norm(saved["photo_embeddings"], axis=1, keepdims=True)
+    same = units @ units.T - np.eye(len(units))
+    assert same.max() < 1 - 1e-6  # no photo is enrolled twice
+
+
 def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path, capsys):
     assert main(["enroll", str(people), "--model", str(embedder[1]), "-o", str(tmp_path / "g.onnx"),
                  "--preset", "arcface", "--no-rank", "--threshold", "0.25"]) == 0
