@@ -166,6 +166,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.keras is not None and not args.keras.is_file():
         raise ModelError(f"--keras: model file not found: {args.keras}")
     named_methods(args.methods)
+    if args.source is not None and Path(args.source).is_dir():
+        from camface.realtime.snapshot import SNAPSHOT_JSON
+
+        # read as a folder of images, a snapshot's frame, its crops and its figures were all "photos"
+        source = Path(args.source)
+        if (source / SNAPSHOT_JSON).is_file() or any(source.glob(f"*/{SNAPSHOT_JSON}")):
+            raise UsageError(f"--source {source} holds camface snapshots: give it as SNAPSHOT_DIR (camface evaluate "
+                             f"{source}) to score the crops they saved")
     if not args.snapshots:
         from camface.realtime.sources import check_source
 

@@ -339,6 +339,23 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     assert "face 0 names no crop file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["one", "parent"])
+def test_a_snapshot_folder_given_as_source_is_refused_naming_snapshot_dir(tmp_path, astronaut_bgr, capsys, given):
+    """`--source SNAP` read a snapshot folder as a folder of images: its frame, its 64x64 crops and
+    a guided figure were each detected and scored as photos. Refused, naming the way to score the
+    snapshot's crops."""
+    folder = tmp_path / "snaps" / "frame_000000"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "frame.png"), astronaut_bgr)
+    cv2.imwrite(str(folder / "face_00.png"), cv2.resize(astronaut_bgr, (64, 64))[:, :, 0])
+    (folder / "snapshot.json").write_text(json.dumps({"color_order": "GRAY", "input_size": [64, 64],
+                                                      "faces": [{"crop": "face_00.png"}]}))
+    source = folder if given == "one" else folder.parent
+    assert camface_main(["evaluate", "--source", str(source), "--methods", "gradcam", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--source {source} holds camface snapshots: give it as SNAPSHOT_DIR (camface evaluate {source})" in err
+
+
 @pytest.mark.parametrize("recorded, flags, scored_by, message", [
     ("other", [], "other", None),
     ("bundled", [], "bundled", None),
