@@ -46,7 +46,7 @@ def default_every(source: str) -> int:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("snapshots", nargs="*", metavar="SNAPSHOT_DIR",
                         help="snapshot folders saved by `camface live` (or a folder of them): score their "
-                             "crops instead of a --source")
+                             "crops instead of a --source, with the CAM graph they were taken with unless --model")
     parser.add_argument("--source", default=None,
                         help="video file, folder of images, camera index, stream URL or 'sample' (the bundled "
                              "demo clip); default: sample, unless SNAPSHOT_DIRs are given")
@@ -146,7 +146,14 @@ def _evaluate(args: argparse.Namespace) -> int:
                              "cut when the snapshots were taken")
     if args.seed != 0 and not args.sanity:
         raise UsageError("--seed is for the --sanity checks: add --sanity")
-    config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample")
+    taken_with = None
+    if args.snapshots and getattr(args, "model", None) is None:  # the graph the crops were cut for
+        taken_with = crop_sources.snapshot_graph(args.snapshots)
+    config = from_args(args, PIPELINE_OPTIONS, method="none", source=args.source or "sample",
+                       **({"model": str(taken_with)} if taken_with else {}))
+    if taken_with:
+        print(f"camface evaluate: scoring with {taken_with}, the CAM graph the snapshots were taken with "
+              "(--model picks another)", file=sys.stderr)
     every = args.every if args.every is not None else default_every(config.source)
     if args.frames < 1 or every < 1:
         raise UsageError("--frames and --every must be >= 1")
@@ -160,6 +167,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.keras is not None and not args.keras.is_file():
         raise ModelError(f"--keras: model file not found: {args.keras}")
     named_methods(args.methods)
+    if args.source is not None and Path(args.source).is_dir():
+        from camface.realtime.snapshot import SNAPSHOT_JSON
+
+        # read as a folder of images, a snapshot's frame, its crops and its figures were all "photos"
+        source = Path(args.source)
+        if (source / SNAPSHOT_JSON).is_file() or any(source.glob(f"*/{SNAPSHOT_JSON}")):
+            raise UsageError(f"--source {source} holds camface snapshots: give it as SNAPSHOT_DIR (camface evaluate "
+                             f"{source}) to score the crops they saved")
     if not args.snapshots:
         from camface.realtime.sources import check_source
 
@@ -168,7 +183,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
     written = [(flag, out) for flag, out in (("--json", args.json), ("--plot", args.plot),
                                               ("--plot (its sanity figure)", sanity_plot)) if out is not None]
-    inputs = [*(args.snapshots or ()), getattr(args, "model", None), getattr(args, "keras", None),
+    inputs = [*(args.snapshots or ()), config.model, getattr(args, "keras", None),
               args.source if args.source and Path(args.source).exists() else None]
     for flag, out in written:  # fail before minutes of work, and never over an input
         check_output_file(out, overwrite=True)

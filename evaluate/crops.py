@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from camface.errors import SourceError
@@ -47,6 +49,60 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
         raise NoFaces(f"no faces found in {read} frames of {source.info.name} (every {every}th frame "
                       f"looked at, detector {config.detector}, min confidence {config.min_confidence})", read)
     return np.concatenate(crops), read
+
+
+def snapshot_graph(folders) -> Path | None:
+    """The CAM graph the snapshots in `folders` were taken with (their snapshot.json's model
+    path and sha256), when it is not the bundled graph `camface evaluate` scores with by
+    default; None when they record the bundled one (by sha256 or by its path, an earlier export
+    of it included) or none. A graph changed since is used with a warning, as `camface guided`
+    reads one. UsageError naming them when they record several graphs, or one that is gone: the
+    crops would otherwise be scored by the bundled graph without a word (a gallery's crops are
+    the bundled graph's size and colour)."""
+    import os
+
+    from camface.errors import UsageError
+    from camface.hashing import sha256_file
+    from camface.api import model_path
+    from camface.realtime.config import LiveConfig
+    from camface.realtime.snapshot import find_snapshots, read_meta
+
+    bundled_graph = model_path(LiveConfig())  # what --model's default loads
+    default = sha256_file(bundled_graph) if bundled_graph.is_file() else ""
+
+    def bundled(path: str, digest: str) -> bool:
+        if digest == default:
+            return True
+        try:
+            return bool(path) and os.path.samefile(path, bundled_graph)
+        except OSError:
+            return False
+
+    recorded: dict[str, tuple[Path, str]] = {}  # graph path -> (a snapshot taken with it, its sha256)
+    for folder in find_snapshots(folders):
+        model = read_meta(folder).get("model")
+        if isinstance(model, dict) and isinstance(model.get("sha256"), str) and model["sha256"]:
+            path = str(model.get("path") or "")
+            if not bundled(path, model["sha256"]):
+                recorded.setdefault(path, (folder, model["sha256"]))
+            else:
+                recorded.setdefault(str(bundled_graph), (folder, default))
+    if not set(recorded) - {str(bundled_graph)}:
+        return None
+    if len(recorded) > 1:
+        raise UsageError(f"the snapshots were taken with {len(recorded)} CAM graphs "
+                         f"({', '.join(sorted(p or '?' for p in recorded))}); score them with one: pass it with --model")
+    path, (folder, digest) = next(iter(recorded.items()))
+    graph = Path(path)
+    if not path or not graph.is_file():
+        raise UsageError(f"snapshot {folder} was taken with the CAM graph {path or '?'}, which is gone; pass the "
+                         "graph to score its crops with --model")
+    if sha256_file(graph) != digest:
+        import sys
+
+        print(f"camface evaluate: {graph} changed since snapshot {folder} was taken (sha256 differs): scoring with "
+              "it anyway (--model picks another)", file=sys.stderr)
+    return graph
 
 
 def from_snapshots(folders, info) -> np.ndarray:

@@ -78,7 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-output", metavar="NAME", default=None,
                         help="a model with several outputs (a dict such as {embedding, logits}): the one to use, "
                              "the embedding [N, D] (--model) or the class scores (--embedding-from)")
-    parser.add_argument("--method", default="gradcam", choices=methods.names(),
+    # the methods offered for display: the random baseline is no explanation of the match
+    parser.add_argument("--method", default="gradcam", choices=methods.names(display_only=True),
                         help="heatmap method of the maps")
     parser.add_argument("--threshold", type=float, default=None, metavar="T",
                         help="say 'same person' at cosine similarity >= T (e.g. a gallery's threshold)")

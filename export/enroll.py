@@ -136,6 +136,12 @@ def face_crops(people_dir: Path, people: dict[str, list[Path]], input_size: tupl
         photos = dataset.prepare_crops(people_dir, people, Path(cache), settings, open_cropper=lambda: (
             dataset.LiveCropper(face_detector(live), live.margin, settings.size)))
         counts = dataset.count_statuses(photos)
+        # a copy of a photo (the same face crop, pixel for pixel) counted twice in its person's mean
+        # and matched against its twin in the leave-one-out check (a genuine score of 1, which moves
+        # the threshold); in two person folders, one face under two names: as `camface train` does
+        photos, copies = dataset.drop_duplicates(photos, "person")
+        for copy, first in copies:
+            log.warning("%s is a copy of %s: used once", copy, first)
         labels = list(people)
         for label in labels:
             if not counts.get(label, {}).get(dataset.OK):

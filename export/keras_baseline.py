@@ -52,12 +52,15 @@ class KerasGradCam:
     target_layer: the layer whose activations Grad-CAM weighs (the graph's `target_layer`;
         a flat layer name: nested backbones are not supported by the Keras example's recipe).
     scale, offset: the graph's normalisation (x * scale + offset, per channel or one value).
+    input_shape, classes: the graph's crops (H, W, C) and class count, when known: a model that
+        differs is refused (ModelError) here, not by Keras on the first face.
     """
 
     provider = "TensorFlow eager"
 
     def __init__(self, keras_path: str | Path, target_layer: str,
-                 scale: Sequence[float], offset: Sequence[float]):
+                 scale: Sequence[float], offset: Sequence[float],
+                 input_shape: Sequence[int] | None = None, classes: int | None = None):
         tf = _import_tensorflow()
         import keras
 
@@ -65,6 +68,14 @@ class KerasGradCam:
 
         self._tf = tf
         model = keras_model.load_model(keras_path)
+        shape = tuple(model.input_shape[1:])
+        if input_shape is not None and (len(shape) != 3 or any(
+                d is not None and d != e for d, e in zip(shape, input_shape))):  # Keras said so in a traceback
+            raise ModelError(f"{Path(keras_path).name} takes {'x'.join(str(d) for d in shape)} inputs, the CAM "
+                             f"graph {'x'.join(str(d) for d in input_shape)} crops: not the graph's model")
+        if classes is not None and int(model.output_shape[-1]) != classes:
+            raise ModelError(f"{Path(keras_path).name} has {model.output_shape[-1]} classes, the CAM graph "
+                             f"{classes}: not the graph's model")
         if "/" in target_layer:
             raise ModelError(f"the Keras baseline needs a flat target layer; {target_layer!r} is "
                              f"inside a nested model of {Path(keras_path).name}")

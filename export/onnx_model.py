@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1052,6 +1053,12 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
 
         named = [n for n, t in nodes.items() if t in set(found)] + module_names + found
         close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
+        # a Keras layer's name (a Keras embedder of enroll / compare, converted by tf2onnx): the ops
+        # right in its scope name its tensors, `model_1/add_3_1/Add:0` for layer add_3 (`_1`: called
+        # again), the layer's output the last of them (not `layer/depthwise/...` inside it)
+        scoped = [t for t in found if "/" not in name and t.count("/") >= 1
+                  and re.fullmatch(re.escape(name) + r"(_\d+)?", t.split("/")[-2])]
+        close = list(dict.fromkeys(scoped[-1:] + close))
         why = f"no tensor, node or module named {name!r}" + (
             f" (did you mean {' or '.join(close)}?)" if close else "")
     elif tensor == classifier.input_name:

@@ -331,7 +331,7 @@ def count_statuses(photos: Sequence[Photo]) -> dict[str, dict[str, int]]:
     return {label: {status: c[status] for status in STATUSES} for label, c in counts.items()}
 
 
-def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tuple[Path, Path]]]:
+def drop_duplicates(photos: Sequence[Photo], what: str = "class") -> tuple[tuple[Photo, ...], list[tuple[Path, Path]]]:
     """Usable photos whose face crops are identical, pixel for pixel (the same photo copied, under
     another name or in a sub-folder), are used once: a copy in the training split and another in
     the test split would score the model on a face it was trained on. The pixels, not the PNG
@@ -340,7 +340,7 @@ def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tu
 
     Returns the photos without the copies (order kept) and (copy, first photo) source pairs.
     Raises SourceError naming both files when copies sit in two class folders (one face, two
-    labels).
+    labels; `what` names those folders' kind: "class", or "person" for `camface enroll`).
     """
     first_by_digest: dict[str, Photo] = {}
     kept: list[Photo] = []
@@ -357,7 +357,7 @@ def drop_duplicates(photos: Sequence[Photo]) -> tuple[tuple[Photo, ...], list[tu
         if first is photo:
             kept.append(photo)
         elif first.label != photo.label:
-            raise SourceError(f"{photo.source} (class {photo.label!r}) and {first.source} (class "
+            raise SourceError(f"{photo.source} ({what} {photo.label!r}) and {first.source} ({what} "
                               f"{first.label!r}) are the same photo: a face can have one label; "
                               "remove one of them")
         else:

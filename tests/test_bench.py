@@ -553,3 +553,68 @@ def test_keras_baseline_rows_all_explain_gradcam(faces_clip, capsys, monkeypatch
         with pytest.raises(Stop):
             camface_main(argv)
         assert seen == [expected]
+
+
+@pytest.mark.parametrize("change, keras_file, message", [
+    ({}, b"another checkpoint", "--keras-model {keras}: not the model {graph} was exported from "
+                                "(emotion_mini_xception_fer2013.hdf5): sha256 "),
+    ({"gallery": {"scale": 30.0}}, None, "--baseline keras: {graph} is a gallery graph"),
+    ({"target_layer": "backbone/add_3"}, None, "the Keras baseline needs a flat target layer; 'backbone/add_3'"),
+])
+def test_keras_baseline_of_another_model_fails_before_any_row(tmp_path, faces_clip, capsys, monkeypatch, change,
+                                                              keras_file, message):
+    """--baseline keras with a Keras model that is not the graph's (another checkpoint, another input
+    shape: a Keras ValueError traceback), a gallery graph or a nested target failed, or timed other
+    maps, only after the live rows had run; each is refused now naming the file, before any row."""
+    import dataclasses
+
+    from camface.realtime.bench import rows
+    from camface.realtime.graph import CamGraph
+
+    info = dataclasses.replace(CamGraph(EMOTION_ONNX, "cpu").info, **change)
+    keras = tmp_path / "other.keras"
+    if keras_file is not None:
+        keras.write_bytes(keras_file)
+    else:
+        keras = EMOTION_KERAS
+
+    def no_row(*args, **kwargs):
+        raise AssertionError("a live row ran")
+
+    monkeypatch.setattr(rows, "run_live", no_row)
+    if change:  # the graph's metadata as the table says (bench imports `load` when it runs)
+        import camface.api
+
+        loaded = camface.api.load
+
+        def load(*args, **kwargs):
+            pipeline = loaded(*args, **kwargs)
+            pipeline.graph.info = info
+            return pipeline
+
+        monkeypatch.setattr(camface.api, "load", load)
+    assert camface_main(["bench", "--source", str(faces_clip), "--frames", "3", "--baseline", "keras",
+                         "--keras-model", str(keras)]) == 2
+    err = capsys.readouterr().err
+    assert f"camface: error: {message.format(keras=keras, graph=EMOTION_ONNX)}" in err, err
+    assert "Traceback" not in err
+
+
+def test_keras_baseline_refuses_a_model_of_other_crops(tmp_path):
+    """KerasGradCam (the baseline row) failed with Keras's ValueError on the first face when the
+    Keras model takes other inputs than the graph's crops; it is a ModelError naming both now."""
+    import keras
+
+    from camface.errors import ModelError
+    from camface.export.keras_baseline import KerasGradCam
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="add_3")(inputs)
+    outputs = keras.layers.Dense(7, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    path = tmp_path / "tiny.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(ModelError, match=r"tiny.keras takes 32x32x3 inputs, the CAM graph 64x64x1 crops"):
+        KerasGradCam(path, "add_3", [1 / 127.5], [-1.0], input_shape=(64, 64, 1), classes=7)
+    with pytest.raises(ModelError, match=r"tiny.keras has 7 classes, the CAM graph 5"):
+        KerasGradCam(path, "add_3", [1 / 127.5], [-1.0], input_shape=(32, 32, 3), classes=5)
+    KerasGradCam(path, "add_3", [1 / 127.5], [-1.0], input_shape=(32, 32, 3), classes=7)  # its own shape: fine

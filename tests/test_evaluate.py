@@ -339,6 +339,78 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     assert "face 0 names no crop file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["one", "parent"])
+def test_a_snapshot_folder_given_as_source_is_refused_naming_snapshot_dir(tmp_path, astronaut_bgr, capsys, given):
+    """`--source SNAP` read a snapshot folder as a folder of images: its frame, its 64x64 crops and
+    a guided figure were each detected and scored as photos. Refused, naming the way to score the
+    snapshot's crops."""
+    folder = tmp_path / "snaps" / "frame_000000"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "frame.png"), astronaut_bgr)
+    cv2.imwrite(str(folder / "face_00.png"), cv2.resize(astronaut_bgr, (64, 64))[:, :, 0])
+    (folder / "snapshot.json").write_text(json.dumps({"color_order": "GRAY", "input_size": [64, 64],
+                                                      "faces": [{"crop": "face_00.png"}]}))
+    source = folder if given == "one" else folder.parent
+    assert camface_main(["evaluate", "--source", str(source), "--methods", "gradcam", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--source {source} holds camface snapshots: give it as SNAPSHOT_DIR (camface evaluate {source})" in err
+
+
+@pytest.mark.parametrize("recorded, flags, scored_by, message", [
+    ("other", [], "other", None),
+    ("bundled", [], "bundled", None),
+    ("other", ["--model", "bundled"], "bundled", None),  # an explicit --model wins
+    ("gone", [], None, "was taken with the CAM graph {gone}, which is gone; pass the graph to score its crops "
+                       "with --model"),
+    ("changed", [], "other", None),  # used, with a warning (as camface guided reads it)
+    ("bundled, changed", [], "bundled", None),  # an earlier export of the bundled graph: the bundled graph
+    ("two", [], None, "the snapshots were taken with 2 CAM graphs"),
+])
+def test_snapshots_are_scored_by_the_graph_they_were_taken_with(tmp_path, astronaut_bgr, capsys, recorded, flags,
+                                                                 scored_by, message):
+    """`camface evaluate SNAPSHOT_DIR` scored the crops with the bundled graph whatever graph the
+    snapshots were taken with (a gallery's or another 64x64 grey graph's crops pass its size
+    check): another model's faithfulness, reported without a word. Without --model it now scores
+    them with the graph their snapshot.json records (by path and sha256), and says so (a graph
+    changed since with a warning); a graph that is gone, or snapshots of two graphs, are refused
+    naming them."""
+    import onnx
+
+    from camface.hashing import sha256_file
+
+    other = tmp_path / "other.onnx"  # the bundled graph with one more metadata entry: other bytes
+    model = onnx.load(str(EMOTION_ONNX))
+    model.metadata_props.add(key="note", value="another graph")
+    onnx.save(model, str(other))
+    graphs = {"other": (other, sha256_file(other)), "bundled": (EMOTION_ONNX, sha256_file(EMOTION_ONNX)),
+              "gone": (tmp_path / "gone.onnx", sha256_file(other)), "changed": (other, "0" * 64),
+              "bundled, changed": (EMOTION_ONNX, "0" * 64)}
+    crop = cv2.cvtColor(cv2.resize(astronaut_bgr[30:280, 120:370], (64, 64)), cv2.COLOR_BGR2GRAY)
+    snapshots = tmp_path / "snaps"
+    for number, key in enumerate(["other", "bundled"] if recorded == "two" else [recorded]):
+        folder = snapshots / f"frame_{number:06d}"
+        folder.mkdir(parents=True)
+        cv2.imwrite(str(folder / "face_00.png"), crop)
+        path, digest = graphs[key]
+        (folder / "snapshot.json").write_text(json.dumps({
+            "color_order": "GRAY", "input_size": [64, 64], "model": {"path": str(path), "sha256": digest},
+            "faces": [{"crop": "face_00.png"}]}))
+    out = tmp_path / "report.json"
+    flags = [str(EMOTION_ONNX) if flag == "bundled" else flag for flag in flags]
+    code = camface_main(["evaluate", str(snapshots), "--methods", "gradcam", "--steps", "2", "--json", str(out),
+                         *flags])
+    err = capsys.readouterr().err
+    if message is not None:
+        assert code == 2 and message.format(gone=graphs["gone"][0]) in err and "Traceback" not in err, err
+        assert not out.exists()
+        return
+    assert code == 0, err
+    assert json.loads(out.read_text())["settings"]["model"] == str(graphs[scored_by][0])
+    said = f"scoring with {other}, the CAM graph the snapshots were taken with"
+    assert (said in err) == (scored_by == "other" and not flags), err
+    assert ("changed since snapshot" in err) == (recorded == "changed"), err
+
+
 @pytest.mark.parametrize("saved, message", [
     ((8, 4), "face_00.png is 4x8, not the 8x4 crop its snapshot.json says"),  # the pixels of 4x8, turned
     ((4, 8), None),

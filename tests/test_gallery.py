@@ -155,6 +155,39 @@ def test_keras_embedder_maps_equal_tensorflow_gradients(tmp_path):
         _maps_agree(got[name], methods.get(name).reference(activations.numpy(), grad, None), name)
 
 
+@pytest.mark.parametrize("layer", ["merge", "mid_relu"])
+def test_a_keras_layer_name_as_target_names_its_converted_tensor(layer, tmp_path):
+    """A Keras embedder is converted by tf2onnx, whose tensors are named by scope
+    (`functional_1/merge_1/Add:0`): `--target-layer merge`, the Keras layer's name, was refused
+    with a list of 40 such names and no hint. The error now suggests the layer's output tensor,
+    and that tensor is the layer's output (its activations equal Keras's)."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+    y = keras.layers.Activation("relu", name="mid_relu")(x)
+    merged = keras.layers.Add(name="merge")([keras.layers.Conv2D(8, 3, padding="same")(y), x])
+    a = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="last_conv")(merged)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(a)))
+    path = tmp_path / "embedder.keras"
+    model.save(path)
+    rows = gallery.normalise(np.random.default_rng(1).standard_normal((2, 10)))
+    embedder = gallery.load(path, ARCFACE)
+    from dataclasses import replace
+
+    with pytest.raises(ModelError, match=rf"no tensor, node or module named '{layer}' \(did you mean "
+                                         rf"\S*/{layer}(_\d+)?/[^/ ]+\?\); candidate") as error:
+        gallery.build(embedder, rows, ("p", "q"), replace(ARCFACE, target_layer=layer), {})
+    suggested = str(error.value).split("did you mean ")[1].split("?)")[0]
+    graph, info, _ = gallery.build(embedder, rows, ("p", "q"), replace(ARCFACE, target_layer=suggested), {})
+    images = np.stack([cv2.resize(f, (SIZE, SIZE))[:, :, ::-1] for f in faces_bgr().values()])
+    got = _run(graph, images, np.array([-1, 1, 0], np.int64))
+    want = keras.Model(inputs, model.get_layer(layer).output)(images.astype(np.float32) / 127.5 - 1).numpy()
+    assert np.abs(got["activations"] - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_transformer_embedder_maps_equal_torch_autograd_at_its_tokens(tmp_path):
     from test_onnx_export_models import TransformerBlock
     from torch import nn
@@ -264,6 +297,39 @@ def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
     assert main(["info", str(enrolled)]) == 0
     assert f"gallery: 3 identities, D = 16, embedder embedder.onnx; probs = softmax(30.0 * similarity); " \
            f"unknown below {report['threshold']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("into", ["collins", "hopper"])
+def test_enroll_uses_a_copied_photo_once_and_refuses_one_in_two_person_folders(into, people, embedder, tmp_path,
+                                                                               capsys, caplog):
+    """A copy of a photo in its person's folder was embedded twice: it weighed twice in the
+    person's mean, and in the leave-one-out check it matched its own twin (a genuine score of 1,
+    which moves the threshold); in another person's folder, one face was enrolled under two
+    names. As `camface train` does: a copy is used once (a warning names it), and the same photo
+    in two person folders is an error naming both, with nothing written."""
+    import shutil
+
+    root = tmp_path / "people"
+    shutil.copytree(people, root)
+    original = sorted((root / "collins").glob("0.*"))[0]
+    copy = root / into / f"copy{original.suffix}"
+    shutil.copyfile(original, copy)
+    out = tmp_path / "g.onnx"
+    code = main(["enroll", str(root), "--model", str(embedder[1]), "-o", str(out), "--preset", "arcface", "--no-rank"])
+    err = capsys.readouterr().err
+    if into == "hopper":
+        assert code == 2 and f"{copy} (person 'hopper') and {original} (person 'collins') are the same photo" in err
+        assert not out.exists() and "Traceback" not in err
+        return
+    assert code == 0, err
+    assert f"{copy} is a copy of {original}: used once" in caplog.text
+    saved = np.load(out.with_suffix(".npz"))
+    assert str(copy) not in set(saved["photos"]) and str(original) in set(saved["photos"])
+    report = json.loads(out.with_name("g.enroll.json").read_text())
+    assert report["leave_one_out"]["identified"] == len(saved["photos"])
+    units = saved["photo_embeddings"] / np.linalg.norm(saved["photo_embeddings"], axis=1, keepdims=True)
+    same = units @ units.T - np.eye(len(units))
+    assert same.max() < 1 - 1e-6  # no photo is enrolled twice
 
 
 def test_enroll_prints_photos_accuracy_and_threshold(people, embedder, tmp_path, capsys):
@@ -1007,6 +1073,22 @@ def test_compare_refuses_a_figure_written_over_one_of_its_photos(which, people, 
     err = capsys.readouterr().err
     assert f"-o {photos[which]} is an input" in err and "Traceback" not in err, err
     assert photos[which].read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("method, offered", [("random", False), ("gradcam", True), ("eigencam", True)])
+def test_compare_offers_the_displayed_methods_not_the_random_baseline(method, offered):
+    """compare --method random drew the random baseline's noise titled "random: why similar to B",
+    as if it explained the match; like live's --method, compare offers the methods shown, not the
+    baseline (which `camface evaluate` scores the others against)."""
+    from camface.cli import build_parser
+
+    argv = ["compare", "a.png", "b.png", "--model", "m.onnx", "--method", method]
+    if offered:
+        assert build_parser().parse_args(argv).method == method
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 2
 
 
 def test_an_undefined_average_drop_is_recorded_as_null_never_nan(monkeypatch):

@@ -480,7 +480,7 @@ def _split_of_run(tmp_path, monkeypatch, data: Path, seed: int = 0) -> dict[str,
 
     seen = {}
 
-    def capture(config, labels, images, targets, split, model_path):
+    def capture(config, labels, images, targets, split, model_path, names=None):
         seen.update(images=images, split=split)
         raise Stop
 
@@ -582,7 +582,7 @@ def test_train_keeps_a_clips_frames_in_one_part(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    def capture(config, labels, images, targets, split, model_path):
+    def capture(config, labels, images, targets, split, model_path, names=None):
         seen.update(images=images, split=split)
         raise Stop
 

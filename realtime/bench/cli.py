@@ -60,6 +60,30 @@ def _resolve_models(config: BenchConfig) -> tuple[Path, Path | None]:
     return graph, keras_model
 
 
+def check_keras_baseline(graph_path: Path, info, keras_path: Path) -> None:
+    """ModelError when the Keras baseline cannot explain what the graph `graph_path` (GraphInfo
+    `info`) explains with `keras_path`: a gallery graph (its source model is the embedder, its
+    classes the identities), a target inside a nested model (the Keras example's recipe takes a
+    flat layer), or another model than the graph's source (its sha256 against the graph's
+    `source_sha256`: another checkpoint would time other maps, another input shape failed the
+    Keras row with a traceback after the live rows had run). Reads the file, not TensorFlow."""
+    from camface.hashing import sha256_file
+
+    if info.gallery:
+        raise ModelError(f"--baseline keras: {graph_path} is a gallery graph; the Keras baseline explains a "
+                         "classifier's classes, not a similarity to enrolled identities")
+    if "/" in info.target_layer:
+        raise ModelError(f"the Keras baseline needs a flat target layer; {info.target_layer!r} of {graph_path} is "
+                         f"inside a nested model of {keras_path.name}")
+    if not info.source_sha256:  # an older graph: KerasGradCam still checks the input shape and classes
+        log.warning("camface bench: %s records no source_sha256: cannot check that %s is its model",
+                    graph_path, keras_path)
+    elif (actual := sha256_file(keras_path)) != info.source_sha256:
+        raise ModelError(f"--keras-model {keras_path}: not the model {graph_path} was exported from "
+                         f"({info.source_model or 'its source model'}): sha256 {actual[:12]}... != source_sha256 "
+                         f"{info.source_sha256[:12]}... recorded in the graph")
+
+
 def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     """Measure everything `config` asks for; returns the report (JSON-ready) and the rows."""
     from camface.realtime.bench.heads import compare_heads
@@ -96,6 +120,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
         graph, pipeline = opened.graph, opened.config
     config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info
+    if config.baseline == "keras":  # before the live rows, not minutes after (as --compare-int8 below)
+        check_keras_baseline(graph_path, info, keras_path)
     if config.compare_int8 and info.precision != "fp32":  # before the live rows, not minutes after
         raise UsageError(f"--compare-int8 quantizes a float32 CAM graph; {graph_path} is {info.precision}")
     rows: list[Row] = []
@@ -123,7 +149,8 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
             method = "gradcam"  # what the Keras example computes
             rows.append(run_sequential("ONNX, one thread", config, graph, method, record_dir, every))
             norm = info.normalization or {"scale": [1.0], "offset": [0.0]}
-            keras = baseline.KerasGradCam(keras_path, info.target_layer, norm["scale"], norm["offset"])
+            keras = baseline.KerasGradCam(keras_path, info.target_layer, norm["scale"], norm["offset"],
+                                          input_shape=(*info.input_size, info.channels), classes=len(info.labels))
             rows.append(run_sequential("Keras GradientTape", config, ExplainerGraph(keras, info, method), method,
                                        record_dir, every))
             live, onnx_seq, keras_row = rows[0], rows[-2], rows[-1]
