@@ -32,15 +32,28 @@ PIPELINE_OPTIONS = ("source", "model", "detector", "detector_runtime", "min_conf
                     "graph_threads")
 RANDOM = "random"
 EVERY = 5  # --every's default for a clip, camera or stream
-FRAMES = 300  # --frames' default
+FRAMES = 300  # --frames' default for a clip, camera or stream
 # what finds and cuts the faces of a --source: snapshots hold crops already cut
 SOURCE_ONLY = ("detector", "detector_runtime", "min_confidence", "margin", "max_faces")
 
 
+def _photos(source: str) -> bool:
+    """A folder of images or one image: distinct photos, none to skip and none to cap."""
+    from camface.realtime.sources import IMAGE_SUFFIXES
+
+    path = Path(source)
+    return path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def default_every(source: str) -> int:
-    """--every when it is not given: 1 for a folder of images (distinct photos, none to skip),
-    else EVERY (neighbouring video frames are near duplicates)."""
-    return 1 if Path(source).is_dir() else EVERY
+    """--every when it is not given: 1 for a folder of images or an image (distinct photos,
+    none to skip), else EVERY (neighbouring video frames are near duplicates)."""
+    return 1 if _photos(source) else EVERY
+
+
+def default_frames(source: str) -> int:
+    """--frames when it is not given: every image of a folder, else the first FRAMES frames."""
+    return sys.maxsize if _photos(source) else FRAMES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +67,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="all",
                         help="'all' (every heatmap of the graph, the random baseline included) or a "
                              "comma-separated list; the random baseline is always added when the graph has it")
-    parser.add_argument("--frames", type=int, default=FRAMES, help="frames read from --source")
+    parser.add_argument("--frames", type=int, default=None,
+                        help=f"frames read from --source (default: the first {FRAMES} of a clip, camera or "
+                             "stream; every image of a folder)")
     parser.add_argument("--every", type=int, default=None,
                         help=f"score the faces of every N-th frame read (neighbouring video frames are near "
                              f"duplicates; 1: every frame); default: {EVERY} for a clip, camera or stream, 1 for a "
@@ -139,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from camface.realtime.config import DEFAULTS, FLAGS
 
         given = [FLAGS[name][0] for name in SOURCE_ONLY if getattr(args, name) != DEFAULTS[name]]
-        given += [flag for flag, used in (("--frames", args.frames != FRAMES), ("--every", args.every is not None))
+        given += [flag for flag, used in (("--frames", args.frames is not None), ("--every", args.every is not None))
                   if used]
         if given:
             raise UsageError(f"{', '.join(given)}: for faces found in a --source; SNAPSHOT_DIRs hold the crops "
@@ -155,7 +170,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"camface evaluate: scoring with {taken_with}, the CAM graph the snapshots were taken with "
               "(--model picks another)", file=sys.stderr)
     every = args.every if args.every is not None else default_every(config.source)
-    if args.frames < 1 or every < 1:
+    frames = args.frames if args.frames is not None else default_frames(config.source)
+    if frames < 1 or every < 1:
         raise UsageError("--frames and --every must be >= 1")
     if args.steps < 2:
         raise UsageError(f"--steps must be at least 2, got {args.steps}")
@@ -217,7 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         from camface.realtime.sources import redact
 
-        crops, frames = crop_sources.from_source(config, graph, args.frames, every, progress)
+        crops, frames = crop_sources.from_source(config, graph, frames, every, progress)
         source = redact(config.source)  # the report is shared: no camera's password in it
     detected = time.perf_counter()
     scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,

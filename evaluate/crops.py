@@ -24,6 +24,7 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
     `FrameExplainer` with `config.margin` and `config.max_faces`. Raises SourceError when no
     face is found."""
     from camface.api import face_detector
+    from camface.realtime.config import every_nth_frame
     from camface.realtime.explainer import FrameExplainer
     from camface.realtime.sources import make_source
     from camface.realtime.controls import Controls
@@ -46,7 +47,7 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
                 crops.append(explainer.explain(frame, faces, controls, index).crops)
         bar.close()
     if not crops:
-        raise NoFaces(f"no faces found in {read} frames of {source.info.name} (every {every}th frame "
+        raise NoFaces(f"no faces found in {read} frames of {source.info.name} ({every_nth_frame(every)} "
                       f"looked at, detector {config.detector}, min confidence {config.min_confidence})", read)
     return np.concatenate(crops), read
 

@@ -110,13 +110,13 @@ def source_crops(source: str, graph) -> tuple[np.ndarray, dict]:
     cuts them for `graph` (a CamGraph): every EVERY-th of the first FRAMES frames of a clip or
     the sample, every image of a folder (`--every 1`). No face: zero crops. SourceError when
     the source does not open."""
-    from camface.evaluate.cli import default_every
+    from camface.evaluate.cli import default_every, default_frames
     from camface.evaluate.crops import NoFaces, from_source
     from camface.realtime.config import LiveConfig
 
     every = default_every(source)
     try:
-        crops, read = from_source(LiveConfig(source=source), graph, FRAMES, every)
+        crops, read = from_source(LiveConfig(source=source), graph, default_frames(source), every)
     except NoFaces as exc:
         info = graph.info
         crops, read = np.zeros((0, *info.input_size, info.channels), np.uint8), exc.frames
@@ -164,10 +164,11 @@ def summary_lines(ranked: dict, fallback: str = graph_spec.FALLBACK_METHOD) -> l
     if "skipped" in ranked:
         return [f"none: {ranked['skipped']}; --method auto shows {fallback}"]
     from camface.evaluate.report import METRICS
+    from camface.realtime.config import every_nth_frame
 
     s = ranked["settings"]
     frames = "" if "every" not in s else (
-        f" (every {s['every']} of {s['frames_read']} frames)" if s["every"] > 1 else f" ({s['frames_read']} images)")
+        f" ({every_nth_frame(s['every'])} of {s['frames_read']})" if s["every"] > 1 else f" ({s['frames_read']} images)")
     crops = f"{s['crops']} (evenly spaced) of {s['crops_found']}" if "crops_found" in s else f"{s['crops']}"
     again = ("" if "every" not in s or "crops_found" in s else
              f"; `camface evaluate --source {s['source']}{' --every 1' if s['every'] == 1 else ''}` reproduces it")

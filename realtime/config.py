@@ -44,6 +44,15 @@ def _detect_every(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
 
 
+def every_nth_frame(every: int) -> str:
+    """'every frame', 'every 2nd frame', 'every 3rd frame', 'every 4th frame', 'every 21st
+    frame', ...: how often a detector or a scorer looks, in words."""
+    if every == 1:
+        return "every frame"
+    suffix = "th" if every % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(every % 10, "th")
+    return f"every {every}{suffix} frame"
+
+
 def method_choices() -> tuple[str, ...]:
     """`--method` choices: "auto" (the graph's top-ranked method, `graph_spec.auto_method`), the
     registry's displayable methods, then "none" (no heatmap)."""

@@ -5,6 +5,7 @@ consistent, clear errors). TensorFlow is never needed."""
 from __future__ import annotations
 
 import json
+import sys
 
 import cv2
 import numpy as np
@@ -557,7 +558,38 @@ def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, ca
     settings = json.loads(out.read_text())["settings"]
     assert (settings["crops"], settings["every"], settings["frames_read"]) == (2, 1, 3)
     assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--every", "5"]) == 2
-    assert "no faces found in 3 frames" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no faces found in 3 frames" in err and "photos (every 5th frame looked at" in err
+
+
+def test_every_photo_of_a_folder_and_one_photo_are_scored_whatever_the_frame_cap(tmp_path, astronaut_bgr,
+                                                                                monkeypatch):
+    """--frames' default (300) capped a folder of images, which the README says is scored whole,
+    and a single photo was scored as a clip's frames ("every 5 of 1 frames"): a folder's every
+    image and a photo are scored (the cap made 2 here), a clip keeps the first 300 frames."""
+    from camface.evaluate import cli
+
+    monkeypatch.setattr(cli, "FRAMES", 2)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(3):
+        cv2.imwrite(str(folder / f"{k}.png"), astronaut_bgr if k % 2 == 0 else astronaut_bgr[:, ::-1])
+    out = tmp_path / "photos.json"
+    assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
+                         "--json", str(out)]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert (settings["crops"], settings["every"], settings["frames_read"]) == (3, 1, 3)
+    assert (cli.default_every(str(folder / "0.png")), cli.default_frames(str(folder / "0.png"))) == (1, sys.maxsize)
+    assert (cli.default_every("sample"), cli.default_frames("sample")) == (cli.EVERY, 2)
+
+
+@pytest.mark.parametrize("every, words", [(1, "every frame"), (2, "every 2nd frame"), (3, "every 3rd frame"),
+                                          (5, "every 5th frame"), (11, "every 11th frame"), (21, "every 21st frame"),
+                                          (112, "every 112th frame"), (122, "every 122nd frame")])
+def test_how_often_is_said_in_words(every, words):
+    from camface.realtime.config import every_nth_frame
+
+    assert every_nth_frame(every) == words
 
 
 @pytest.mark.parametrize("flag, name, breaks", [

@@ -264,7 +264,7 @@ def test_info_prints_metadata_and_signature(capsys):
     for expected in ("target_layer", TARGET, '"happy"', "image", "uint8", "[N, 64, 64, 1]",
                      "gradcam", "[N, 8, 8]", "source_sha256",
                      "method ranking (--method auto shows gradcamelementwise):",
-                     "on 116 face crops of sample (every 5 of 300 frames), 16 steps"):
+                     "on 116 face crops of sample (every 5th frame of 300), 16 steps"):
         assert expected in text
 
 

@@ -113,7 +113,7 @@ def test_export_records_the_ranking_evaluate_computes_on_the_same_crops(tmp_path
     assert camface_main(["info", str(out)]) == 0
     shown = capsys.readouterr().out
     assert f"method ranking (--method auto shows {ranked['ranking'][0]}):" in shown
-    assert (f"on {settings['crops']} face crops of sample (every 5 of 300 frames), 16 steps, removed pixels -> blur; "
+    assert (f"on {settings['crops']} face crops of sample (every 5th frame of 300), 16 steps, removed pixels -> blur; "
             "`camface evaluate --source sample` reproduces it") in shown
     best = ranked["scores"][ranked["ranking"][0]]
     assert f"1   {ranked['ranking'][0]:<20}{best['deletion_auc']:>16.3f}{best['insertion_auc']:>16.3f}" in shown

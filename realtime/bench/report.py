@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from camface.realtime.bench.rows import Row
+from camface.realtime.config import every_nth_frame
 
 STAGE_LABELS = {"decode": "decode", "detect": "detect", "crop": "crop",
                 "classify": "classify+explain", "render": "render", "encode": "encode"}
@@ -16,11 +17,6 @@ def _stage_cell(row: Row, stage: str) -> str:
     return f"{s.median_ms:.2f} / {s.p95_ms:.2f}" if s is not None else "-"
 
 
-def _every(every: int) -> str:
-    """'every frame', 'every 2nd frame', 'every 3rd frame', 'every 4th frame', ..."""
-    return "every frame" if every == 1 else f"every {({2: '2nd', 3: '3rd'}).get(every, f'{every}th')} frame"
-
-
 def format_report(report: dict, rows: list[Row]) -> str:
     """The table printed on stdout: stages down, rows across."""
     machine, setup = report["machine"], report["settings"]
@@ -28,7 +24,7 @@ def format_report(report: dict, rows: list[Row]) -> str:
     lines = [
         f"camface bench {report['date']}: {setup['source']} ({setup['source_size']}, {rows[0].frames} frames "
         f"+ {setup['warmup']} warm-up), {Path(setup['model']).name} ({setup['method']}), detector "
-        f"{setup['detector']} ({setup.get('detector_runtime', 'mediapipe')}) on {_every(setup.get('detect_every', 1))}, "
+        f"{setup['detector']} ({setup.get('detector_runtime', 'mediapipe')}) on {every_nth_frame(setup.get('detect_every', 1))}, "
         f"max {setup['max_faces']} faces, recording {'on' if setup['record'] else 'off'}",
         f"machine: {machine['cpu']}, {machine['usable_cores']} cores, {gpus}; ONNX Runtime "
         f"{machine['onnxruntime']}, {setup['graph_threads']} graph thread(s), {setup['detect_workers']} "
@@ -80,7 +76,7 @@ def format_detect_every(carried: dict) -> str:
                f"{carried['every_frame_cpu_ms_per_frame']:.2f} with detection on every frame, "
                + (f"{ratio:.2f}x less" if ratio >= 1 else f"{1 / ratio:.2f}x more"))
     fps = "fps not measured" if carried["fps_ratio"] is None else f"{carried['fps_ratio']:.2f}x the fps"
-    return f"detector on {_every(carried['every'])} (boxes carried between): {cpu}; {fps} (this run)"
+    return f"detector on {every_nth_frame(carried['every'])} (boxes carried between): {cpu}; {fps} (this run)"
 
 
 def format_heads(heads: dict) -> list[str]:
