@@ -740,30 +740,40 @@ def test_a_target_before_an_upsampling_exports_with_torchs_gradient(tmp_path, mo
 
 class MaxAfterReLU(nn.Module):
     """VGG's order (conv, ReLU, max pool) or a global max (amax) after a ReLU target, a third of
-    whose channels are all zero: the max reads tied zeros."""
+    whose channels are all zero: the max reads tied zeros. `stem`: ResNet's stem (conv, BN,
+    ReLU, a 3x3 max pool of stride 2), two of its channels a hair either side of zero (their
+    conv's weights 1e-5, no bias) and read 50 times as strongly by the next conv."""
 
     def __init__(self, pool):
         super().__init__()
         self.pool = pool
-        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.ReLU()) if pool != "stem" else \
+            nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.conv = nn.Conv2d(12, 6, 3, 1, 1)
         with torch.no_grad():
             self.stem[0].bias[:4] -= 9.0
-        self.conv = nn.Conv2d(12, 6, 3, 1, 1)
+            if pool == "stem":
+                self.stem[0].weight[4:6] *= 1e-5
+                self.stem[0].bias[4:6] = 0.0
+                self.conv.weight[:, 4:6] *= 50.0
         self.fc = nn.Linear(12 if pool == "amax" else 6, 4)
 
     def forward(self, x):
         y = self.stem(x)
         if self.pool == "amax":
             return self.fc(y.amax((2, 3)))
-        return self.fc(torch.relu(self.conv(nn.functional.max_pool2d(y, 2))).mean((2, 3)))
+        y = nn.functional.max_pool2d(y, 3, 2, 1) if self.pool == "stem" else nn.functional.max_pool2d(y, 2)
+        return self.fc(torch.relu(self.conv(y)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("pool", ["max_pool", "amax"])
+@pytest.mark.parametrize("pool", ["max_pool", "amax", "stem"])
 def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
     """A max pool or amax after a ReLU target failed the export's gradient self-check (finite
     differences across the tied zeros see the tie broken: 4.4e-2 against 1.9e-2 allowed); it
     exports, and its maps equal the references on torch autograd's gradient (the first of tied
-    elements for max_pool2d, equal shares for amax)."""
+    elements for max_pool2d, equal shares for amax). ResNet's stem (`relu` before `maxpool`)
+    failed it still: elements a hair above the zeros cross them at every step (0.126 against
+    0.109 on a ResNet-like net); the check moves none within its step of a tied value."""
     from camface.export import onnx_export
     from camface.export.exporter import ExportOptions
 
