@@ -980,6 +980,32 @@ def dotted(scope: str) -> str:
     return ".".join(parts)
 
 
+def _scope_part(segments: list[str]) -> str:
+    """TorchScript's scope of the module `segments` (its PyTorch name, split at the dots) as
+    its caller's scope extends it: from its last name that is no index (`proj` for
+    `patch_embed.proj`, `blocks.0` for `blocks.0`, `seq.1.0` for `seq.1.0`)."""
+    last = max((i for i, part in enumerate(segments) if not part.isdigit()), default=0)
+    return ".".join(segments[last:])
+
+
+def scoped_as(name: str, modules: dict[str, str]) -> list[str]:
+    """The TorchScript module scopes (`module_outputs`' keys, as PyTorch names) that the PyTorch
+    module `name` has when a forward above its parent's calls it (`self.patch_embed.proj(x)` in
+    the model's forward: scoped `proj`, not `patch_embed/proj`): each scope's parts name `name`
+    or its ancestors, in order, the last one `name` itself."""
+    segments = name.split(".")
+    forms = [_scope_part(segments[:k]) for k in range(1, len(segments) + 1)]
+    found = []
+    for module in modules:
+        parts = module.split("/")
+        if parts[-1] != forms[-1] or dotted(module) == name:
+            continue
+        ancestors = iter(forms[:-1])
+        if all(any(part == form for form in ancestors) for part in parts[:-1]):
+            found.append(dotted(module))
+    return list(dict.fromkeys(found))
+
+
 def module_name(model, tensor: str) -> str:
     """The PyTorch module whose output `tensor` is (the outermost, as PyTorch spells it:
     `blocks.11.norm1`), else the tensor's own name."""
@@ -1023,8 +1049,13 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
         import difflib
 
         named = [n for n, t in nodes.items() if t in set(found)] + module_names + found
+        torchscript = not any(p.key == NAME_SCOPES for n in model.graph.node for p in n.metadata_props)
+        scoped = scoped_as(name, modules) if torchscript else []
         close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
         why = f"no tensor, node or module named {name!r}" + (
+            f" (TorchScript's exporter scopes a module by the forward that calls it: {name}, called "
+            f"from an ancestor's forward, not its parent's, is scoped {' or '.join(map(repr, scoped))}; pass that "
+            "name, or export the model to .pt2, which keeps PyTorch's names)" if scoped else
             f" (did you mean {' or '.join(close)}?)" if close else "")
     elif tensor == classifier.input_name:
         why = f"{name!r} is the model's input, not a layer"

@@ -689,6 +689,49 @@ def test_a_module_inside_nested_sequentials_is_named_as_pytorch_names_it(tmp_pat
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+class CalledFromAbove(nn.Module):
+    """A stem whose conv the model's forward calls itself (`self.stem.proj(x)`, as some ViT and
+    MLP-Mixer code does), not the stem's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Module()
+        self.stem.proj = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem.proj(x)).mean((2, 3)))
+
+
+def test_a_module_called_from_above_its_parent_is_refused_naming_its_torchscript_scope(tmp_path,
+                                                                                      capsys):
+    """TorchScript scopes `stem.proj`, called from the model's forward, as `proj`: the PyTorch
+    name was refused with no hint (its did-you-mean list misses it, `patch_embed.proj` being too
+    unlike `proj`); the refusal names the scope, which exports, and a .pt2 takes the PyTorch
+    name."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = CalledFromAbove().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx")
+    err = refused(capsys, path, tmp_path, "--target-layer", "stem.proj")
+    assert "no tensor, node or module named 'stem.proj' (TorchScript's exporter scopes a module by " \
+           "the forward that calls it: stem.proj, called from an ancestor's forward, not its parent's, " \
+           "is scoped 'proj'; pass that name" in err
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    with torch.no_grad():
+        want = model.stem.proj(torch.from_numpy(images / np.float32(255)).permute(0, 3, 1, 2))
+    for source, name in ((path, "proj"), (save_program(model, tmp_path / "m.pt2", size=SIZE), "stem.proj")):
+        result = onnx_export.export(source, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                                 target_layer=name))
+        got = run_graph(result.path, images, np.array([-1, 1]))["activations"]
+        np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
+
+
 class Upsampling(nn.Module):
     """A stride-2 stem, then the map upsampled (F.interpolate) before the last convolution, as
     FPN-like and decoder heads do: a target before the Resize needs its gradient."""
