@@ -113,6 +113,13 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
     if len(onnx_model.shapes(model).get(tensor) or []) == 3:
         return _on_grid(classifier, tensor, name, reason, options)
     tensor, recorded = onnx_model.resolve_target(classifier, name)
+    folded = onnx_model.folded_weights(model, name, tensor) if name in modules else None
+    if folded is not None:
+        log.warning("target %s: torch.onnx folded the BatchNorm after this convolution into it (its "
+                    "weights are %s, not %s.weight), so the map is the BatchNorm's output, not the "
+                    "convolution's; export the model with do_constant_folding=False, or to .pt2, to "
+                    "keep them apart", name, folded, name)
+        reason += ", the BatchNorm after it folded in"
     return TargetChoice(classifier, tensor, recorded, reason)
 
 

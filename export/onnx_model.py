@@ -1006,6 +1006,23 @@ def scoped_as(name: str, modules: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def folded_weights(model, module: str, tensor: str) -> str | None:
+    """The weights' name when `tensor`, the output of the PyTorch module `module`, comes from a
+    Conv of that module whose weights torch.onnx's TorchScript exporter made anew (`onnx::Conv_12`,
+    not `module.weight`) while it kept other parameters' names: in eval mode it folds the
+    BatchNorm after a convolution into it, so the tensor is the BatchNorm's output, not the
+    convolution's. Else None."""
+    node = next((n for n in model.graph.node if tensor in n.output), None)
+    if node is None or node.op_type != "Conv" or len(node.input) < 2 or not node.name.startswith("/"):
+        return None
+    if dotted("/".join(node.name.strip("/").split("/")[:-1])) != module:
+        return None  # a block around the convolution: its output is the block's
+    names = {i.name for i in model.graph.initializer}
+    weights = node.input[1]
+    kept = any(n.endswith(".weight") for n in names)
+    return weights if kept and weights in names and weights.startswith("onnx::") else None
+
+
 def module_name(model, tensor: str) -> str:
     """The PyTorch module whose output `tensor` is (the outermost, as PyTorch spells it:
     `blocks.11.norm1`), else the tensor's own name."""

@@ -732,6 +732,54 @@ def test_a_module_called_from_above_its_parent_is_refused_naming_its_torchscript
         np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
 
 
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.weight.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.fc(self.head(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("folding", [True, False], ids=["folded", "kept-apart"])
+def test_a_conv_target_whose_batchnorm_torch_onnx_folded_in_says_so(tmp_path, caplog, folding):
+    """torch.onnx's TorchScript exporter folds an eval-mode BatchNorm into the Conv before it
+    and scopes the fused node as the Conv: `--target-layer conv` silently gave the BatchNorm's
+    output, recorded as the convolution (its maps unlike pytorch-grad-cam's at model.conv). It is
+    exported with a warning saying so (the recorded reason too); with do_constant_folding=False
+    the Conv is its own, no warning."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},
+                          do_constant_folding=folding)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                           target_layer="conv"))
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    got = run_graph(result.path, images, np.array([-1, 1]))["activations"]
+    with torch.no_grad():
+        conv = model.conv(torch.from_numpy(images / np.float32(255)).permute(0, 3, 1, 2))
+        want = (model.bn(conv) if folding else conv).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    warned = "target conv: torch.onnx folded the BatchNorm after this convolution into it (its weights " \
+             "are onnx::Conv_"
+    assert (warned in caplog.text) == folding
+    assert result.info.target_reason == "--target-layer conv (a PyTorch module name)" + (
+        ", the BatchNorm after it folded in" if folding else "")
+
+
 class Upsampling(nn.Module):
     """A stride-2 stem, then the map upsampled (F.interpolate) before the last convolution, as
     FPN-like and decoder heads do: a target before the Resize needs its gradient."""
