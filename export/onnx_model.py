@@ -1023,6 +1023,30 @@ def folded_weights(model, module: str, tensor: str) -> str | None:
     return weights if kept and weights in names and weights.startswith("onnx::") else None
 
 
+def folded_siblings(model, name: str, modules: dict[str, str], torchscript: bool) -> list[str]:
+    """The modules beside `name` (the same parent) whose map is a convolution and the BatchNorm
+    after it folded into one: TorchScript's exporter names it as the convolution
+    (`folded_weights`), a .pt2's optimiser as the BatchNorm (its Conv node's last scope is
+    `_native_batch_norm_legit_no_training`)."""
+    parent = name.rpartition(".")[0]
+    if torchscript:
+        return [m for m, t in modules.items() if "/" not in m and m != name
+                and m.rpartition(".")[0] == parent and folded_weights(model, m, t)]
+    found = []
+    for node in model.graph.node:
+        value = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        if node.op_type != "Conv" or not value:
+            continue
+        try:
+            scopes = [s for s in ast.literal_eval(value) if s]
+        except (ValueError, SyntaxError):
+            continue
+        if len(scopes) >= 2 and scopes[-1].startswith("_native_batch_norm") and \
+                scopes[-2].rpartition(".")[0] == parent and scopes[-2] in modules:
+            found.append(scopes[-2])
+    return list(dict.fromkeys(found))
+
+
 def module_name(model, tensor: str) -> str:
     """The PyTorch module whose output `tensor` is (the outermost, as PyTorch spells it:
     `blocks.11.norm1`), else the tensor's own name."""
@@ -1068,12 +1092,20 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
         named = [n for n, t in nodes.items() if t in set(found)] + module_names + found
         torchscript = not any(p.key == NAME_SCOPES for n in model.graph.node for p in n.metadata_props)
         scoped = scoped_as(name, modules) if torchscript else []
+        fused = folded_siblings(model, name, modules, torchscript)
+        parent = name.rpartition(".")[0] or "the model"
         close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
-        why = f"no tensor, node or module named {name!r}" + (
-            f" (TorchScript's exporter scopes a module by the forward that calls it: {name}, called "
-            f"from an ancestor's forward, not its parent's, is scoped {' or '.join(map(repr, scoped))}; pass that "
-            "name, or export the model to .pt2, which keeps PyTorch's names)" if scoped else
-            f" (did you mean {' or '.join(close)}?)" if close else "")
+        notes = [f"TorchScript's exporter scopes a module by the forward that calls it: {name}, called "
+                 f"from an ancestor's forward, not its parent's, is scoped {' or '.join(map(repr, scoped))}; "
+                 "pass that name, or export the model to .pt2, which keeps PyTorch's names"] if scoped else \
+            [f"did you mean {' or '.join(close)}?"] if close else []
+        if fused and not scoped:
+            notes.append(f"torch.onnx folded each BatchNorm of {parent} into the convolution before it, "
+                         f"whose name the fused map keeps: {', '.join(fused)}; export with "
+                         "do_constant_folding=False to keep them apart" if torchscript else
+                         f"torch.onnx's optimiser folded each convolution of {parent} and the BatchNorm "
+                         f"after it into one map, named as the BatchNorm: {', '.join(fused)}")
+        why = f"no tensor, node or module named {name!r}" + (f" ({'; '.join(notes)})" if notes else "")
     elif tensor == classifier.input_name:
         why = f"{name!r} is the model's input, not a layer"
     elif (rank == 4 or rank == 3 and tokens) and tensor not in _ancestors(model, classifier.logits):

@@ -780,6 +780,26 @@ def test_a_conv_target_whose_batchnorm_torch_onnx_folded_in_says_so(tmp_path, ca
         ", the BatchNorm after it folded in" if folding else "")
 
 
+@pytest.mark.parametrize("kind, name, why", [
+    ("legacy", "bn", "torch.onnx folded each BatchNorm of the model into the "
+                     "convolution before it, whose name the fused map keeps: conv; export with "
+                     "do_constant_folding=False to keep them apart); candidate target layers: "),
+    ("pt2", "conv", "torch.onnx's optimiser folded each convolution of the model and the BatchNorm "
+                    "after it into one map, named as the BatchNorm: bn); candidate target layers: ")])
+def test_a_module_folded_away_is_refused_naming_the_fused_map(tmp_path, capsys, kind, name, why):
+    """The module of a Conv + BatchNorm pair that an exporter folded away was refused as unknown,
+    with no word of the folding (a .pt2 refused `conv`, the legacy exporter `bn`, suggesting
+    nothing): the refusal says which name the fused map has."""
+    from onnx_helpers import save_program
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    err = refused(capsys, path, tmp_path, "--target-layer", name)
+    assert f"no tensor, node or module named '{name}' (" in err and why in err, err
+
+
 class Upsampling(nn.Module):
     """A stride-2 stem, then the map upsampled (F.interpolate) before the last convolution, as
     FPN-like and decoder heads do: a target before the Resize needs its gradient."""
