@@ -742,6 +742,25 @@ def _token_pool_input(model, node, dims, values) -> str | None:
     return back.input[0]
 
 
+def pooled_tokens(classifier: Classifier, source: str) -> str | None:
+    """The tokens [N, T, C] that the last mean over the token axis before the logits reads, when
+    they come from `source` (the last spatial map: an MLP-Mixer's patch embedding, its tokens
+    mixed by linear layers, not attention, after it), else None."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    after, before = differentiable(model, source), _ancestors(model, classifier.logits)
+    found = None
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean" or node.input[0] not in after or node.output[0] not in before:
+            continue
+        axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+        if len(node.input) > 1 and node.input[1] in values:
+            axes = values[node.input[1]].tolist()
+        if len(dims.get(node.input[0]) or []) == 3 and axes is not None and [a % 3 for a in axes] == [1]:
+            found = node.input[0]
+    return found
+
+
 def candidates(model, logits: str) -> list[str]:
     """4-D float tensors that the logits depend on, in graph order (tensor names)."""
     dims, types = shapes(model), elem_types(model)

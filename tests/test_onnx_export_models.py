@@ -336,6 +336,63 @@ def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_o
     np.testing.assert_allclose(got["gradcam"], np.maximum(cam, 0) / 16, rtol=1e-4, atol=1e-6)
 
 
+class Mixer(nn.Module):
+    """MLP-Mixer-like: a 4x4 patch-embedding conv (64 tokens), a block mixing the tokens by a
+    linear layer over the token axis and the channels by another, a LayerNorm, the mean over
+    the tokens, a linear head. No attention."""
+
+    def __init__(self, dim=8, classes=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.norm1, self.mix_tokens = nn.LayerNorm(dim), nn.Linear(64, 64)
+        self.norm2, self.mix_channels = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(),
+                                                                            nn.Linear(2 * dim, dim))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.mix_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.mix_channels(self.norm2(x))
+        return self.head(self.norm(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_an_mlp_mixer_defaults_to_the_tokens_its_mean_reads(tmp_path, kind):
+    """An MLP-Mixer's only 4-D map is its patch embedding, read through token mixing by linear
+    layers (no attention, so no ViT default): its first layer was the default target. The
+    default is the tokens the final mean reads (`norm`) on their 8x8 grid: CAM is its head,
+    and the maps equal torch's."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = Mixer().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    info = result.info
+    assert info.target_layer == "norm" and info.feature_size == (8, 8)
+    assert info.token_grid == {"prefix": 0, "height": 8, "width": 8}
+    assert info.target_reason.startswith("default for MLP-Mixer: the tokens the mean over tokens")
+    assert {"cam", "gradcam"} <= set(info.heatmaps) and all(d.ok for d in result.differences)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1, 3], np.int64)
+    got = run_graph(result.path, images, classes)
+    seen = {}
+    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(a=out))
+    with torch.no_grad():
+        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)).numpy()
+    hook.remove()
+    tokens = seen["a"].numpy().reshape(3, 8, 8, -1)
+    np.testing.assert_allclose(got["activations"], tokens, rtol=1e-4, atol=1e-5)
+    chosen = np.where(classes < 0, logits.argmax(1), classes)
+    cam = np.einsum("nhwk,nk->nhw", tokens, model.head.weight.detach().numpy()[chosen])
+    np.testing.assert_allclose(got["cam"], cam, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(cam, 0) / 64, rtol=1e-4, atol=1e-6)
+
+
 def test_an_attention_target_named_explicitly_is_exported_with_a_warning(tmp_path, caplog):
     from camface.export import onnx_export
     from camface.export.exporter import ExportOptions
