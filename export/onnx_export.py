@@ -127,6 +127,16 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
                     "convolution's; export the model with do_constant_folding=False, or to .pt2, to "
                     "keep them apart", name, folded, name)
         reason += ", the BatchNorm after it folded in"
+    again = []
+    while name in modules and f"{name}_{len(again) + 1}" in modules:
+        again.append(f"{name}_{len(again) + 1}")
+    if again:  # TorchScript scopes the calls of a module called again `relu`, `relu_1`, ...
+        log.warning("target %s: TorchScript scopes the calls of a module called again %s, %s; unless "
+                    "%s, the map is this module's first call's output, where a forward hook keeping "
+                    "the latest output and a .pt2 read its last: pass %s for that",
+                    name, name, ", ".join(again), " and ".join(again) + (
+                        " are modules of their own" if len(again) > 1 else " is a module of its own"),
+                    again[-1])
     return TargetChoice(classifier, tensor, recorded, reason)
 
 

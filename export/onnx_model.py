@@ -1085,7 +1085,9 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     found = candidates(model, classifier.logits)
     modules = module_outputs(model)
     nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
-    for tensor in (name if name in found else None, modules.get(name), nodes.get(name)):
+    # a module first: a .pt2's tensors are named after their ops, so `relu` is also the tensor
+    # of the first call of a module `relu` called twice, whose output is its last call's
+    for tensor in (modules.get(name), name if name in found else None, nodes.get(name)):
         if tensor is not None and tensor in found:
             if tensor not in spatial_maps(classifier):
                 producer = next((n for n in model.graph.node if tensor in n.output), None)

@@ -857,6 +857,53 @@ def test_a_module_folded_away_is_refused_naming_the_fused_map(tmp_path, capsys, 
     assert f"no tensor, node or module named '{name}' (" in err and why in err, err
 
 
+class ReLUTwice(nn.Module):
+    """torchvision's BasicBlock habit: one ReLU module called twice (after the first conv, and
+    after the sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.relu(self.conv1(x))
+        return self.fc(self.relu(self.conv2(y) + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_a_module_called_twice_is_its_last_call_or_a_warning_says_so(tmp_path, caplog, kind):
+    """TorchScript scopes a module's second call `relu_1`: `--target-layer relu` on a legacy
+    export was silently the first call's output; on a .pt2 too, though its module `relu` is the
+    last call's output (the first call's tensor is named `relu` as well, and tensor names went
+    first). A .pt2 gives the last call, as a forward hook keeping the latest output does; a
+    legacy export warns and names `relu_1`, which is the last call."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ReLUTwice().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    seen = []
+    hook = model.relu.register_forward_hook(lambda _m, _i, out: seen.append(out.permute(0, 2, 3, 1).numpy()))
+    with torch.no_grad():
+        model(torch.from_numpy(images / np.float32(255)).permute(0, 3, 1, 2))
+    hook.remove()
+    for name, call in [("relu", 0 if kind == "legacy" else 1)] + [("relu_1", 1)] * (kind == "legacy"):
+        caplog.clear()
+        result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                               target_layer=name))
+        got = run_graph(result.path, images, np.array([-1, 1]))["activations"]
+        np.testing.assert_allclose(got, seen[call], rtol=1e-4, atol=1e-5)
+        warned = "target relu: TorchScript scopes the calls of a module called again relu, relu_1; " \
+                 "unless relu_1 is a module of its own, the map is this module's first call's output"
+        assert (warned in caplog.text) == (kind == "legacy" and name == "relu"), caplog.text
+
+
 class Upsampling(nn.Module):
     """A stride-2 stem, then the map upsampled (F.interpolate) before the last convolution, as
     FPN-like and decoder heads do: a target before the Resize needs its gradient."""
