@@ -662,7 +662,7 @@ class CosineNet(nn.Module):
 # one, and a post-ReLU one followed by max pooling is there where the model has one
 ZOO = {
     "vgg": (VGG, ["features.1", "features.4", "features.8"]),
-    "resnet-basic": (lambda: ResNet("basic"), ["relu", "layer1", "layer2.0.conv1"]),
+    "resnet-basic": (lambda: ResNet("basic"), ["relu", "layer1", "layer1.0.relu"]),
     "resnet-bottleneck": (lambda: ResNet("bottleneck"), ["relu", "layer1.0.bn3", "layer2"]),
     "resnext": (lambda: ResNet("resnext"), ["relu", "layer1.0.conv2", "layer2"]),
     "densenet": (DenseNet, ["features.relu0", "features.denseblock1", "features.transition1"]),
