@@ -70,6 +70,9 @@ class TargetChoice:
 REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
 REASON_LAST_MAP = ("default: the last spatial feature map larger than 1x1 before the logits (no global "
                    "pooling)")
+REASON_POOLED_TOKENS = ("default for MLP-Mixer: the tokens the mean over tokens before the head reads, "
+                        "on their patch grid (the last spatial map, the patch embedding, is read "
+                        "through token mixing)")
 REASON_VIT = ("default for ViT/DeiT: the last block's norm1, the tokens the last attention reads "
               "(pytorch-grad-cam's choice)")
 REASON_SWIN = ("default for Swin: the last block's norm2, the tokens the MLP after the last "
@@ -103,6 +106,10 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
                                 options)
             return TargetChoice(classifier, mlp, onnx_model.module_name(model, mlp), REASON_SWIN)
         pooled = tensor in onnx_model.pooled_maps(model)
+        tokens = None if pooled else onnx_model.pooled_tokens(classifier, tensor)
+        if tokens is not None:
+            return _on_grid(classifier, tokens, onnx_model.module_name(model, tokens), REASON_POOLED_TOKENS,
+                            options)
         return TargetChoice(classifier, tensor, recorded, REASON_CNN if pooled else REASON_LAST_MAP)
     modules = onnx_model.module_outputs(model)
     nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
@@ -113,6 +120,23 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
     if len(onnx_model.shapes(model).get(tensor) or []) == 3:
         return _on_grid(classifier, tensor, name, reason, options)
     tensor, recorded = onnx_model.resolve_target(classifier, name)
+    folded = onnx_model.folded_weights(model, name, tensor) if name in modules else None
+    if folded is not None:
+        log.warning("target %s: torch.onnx folded the BatchNorm after this convolution into it (its "
+                    "weights are %s, not %s.weight), so the map is the BatchNorm's output, not the "
+                    "convolution's; export the model with do_constant_folding=False, or to .pt2, to "
+                    "keep them apart", name, folded, name)
+        reason += ", the BatchNorm after it folded in"
+    again = []
+    while name in modules and f"{name}_{len(again) + 1}" in modules:
+        again.append(f"{name}_{len(again) + 1}")
+    if again:  # TorchScript scopes the calls of a module called again `relu`, `relu_1`, ...
+        log.warning("target %s: TorchScript scopes the calls of a module called again %s, %s; unless "
+                    "%s, the map is this module's first call's output, where a forward hook keeping "
+                    "the latest output and a .pt2 read its last: pass %s for that",
+                    name, name, ", ".join(again), " and ".join(again) + (
+                        " are modules of their own" if len(again) > 1 else " is a module of its own"),
+                    again[-1])
     return TargetChoice(classifier, tensor, recorded, reason)
 
 

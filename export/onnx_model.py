@@ -771,6 +771,25 @@ def _token_pool_input(model, node, dims, values) -> str | None:
     return back.input[0]
 
 
+def pooled_tokens(classifier: Classifier, source: str) -> str | None:
+    """The tokens [N, T, C] that the last mean over the token axis before the logits reads, when
+    they come from `source` (the last spatial map: an MLP-Mixer's patch embedding, its tokens
+    mixed by linear layers, not attention, after it), else None."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    after, before = differentiable(model, source), _ancestors(model, classifier.logits)
+    found = None
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean" or node.input[0] not in after or node.output[0] not in before:
+            continue
+        axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+        if len(node.input) > 1 and node.input[1] in values:
+            axes = values[node.input[1]].tolist()
+        if len(dims.get(node.input[0]) or []) == 3 and axes is not None and [a % 3 for a in axes] == [1]:
+            found = node.input[0]
+    return found
+
+
 def candidates(model, logits: str) -> list[str]:
     """4-D float tensors that the logits depend on, in graph order (tensor names)."""
     dims, types = shapes(model), elem_types(model)
@@ -1009,6 +1028,73 @@ def dotted(scope: str) -> str:
     return ".".join(parts)
 
 
+def _scope_part(segments: list[str]) -> str:
+    """TorchScript's scope of the module `segments` (its PyTorch name, split at the dots) as
+    its caller's scope extends it: from its last name that is no index (`proj` for
+    `patch_embed.proj`, `blocks.0` for `blocks.0`, `seq.1.0` for `seq.1.0`)."""
+    last = max((i for i, part in enumerate(segments) if not part.isdigit()), default=0)
+    return ".".join(segments[last:])
+
+
+def scoped_as(name: str, modules: dict[str, str]) -> list[str]:
+    """The TorchScript module scopes (`module_outputs`' keys, as PyTorch names) that the PyTorch
+    module `name` has when a forward above its parent's calls it (`self.patch_embed.proj(x)` in
+    the model's forward: scoped `proj`, not `patch_embed/proj`): each scope's parts name `name`
+    or its ancestors, in order, the last one `name` itself."""
+    segments = name.split(".")
+    forms = [_scope_part(segments[:k]) for k in range(1, len(segments) + 1)]
+    found = []
+    for module in modules:
+        parts = module.split("/")
+        if parts[-1] != forms[-1] or dotted(module) == name:
+            continue
+        ancestors = iter(forms[:-1])
+        if all(any(part == form for form in ancestors) for part in parts[:-1]):
+            found.append(dotted(module))
+    return list(dict.fromkeys(found))
+
+
+def folded_weights(model, module: str, tensor: str) -> str | None:
+    """The weights' name when `tensor`, the output of the PyTorch module `module`, comes from a
+    Conv of that module whose weights torch.onnx's TorchScript exporter made anew (`onnx::Conv_12`,
+    not `module.weight`) while it kept other parameters' names: in eval mode it folds the
+    BatchNorm after a convolution into it, so the tensor is the BatchNorm's output, not the
+    convolution's. Else None."""
+    node = next((n for n in model.graph.node if tensor in n.output), None)
+    if node is None or node.op_type != "Conv" or len(node.input) < 2 or not node.name.startswith("/"):
+        return None
+    if dotted("/".join(node.name.strip("/").split("/")[:-1])) != module:
+        return None  # a block around the convolution: its output is the block's
+    names = {i.name for i in model.graph.initializer}
+    weights = node.input[1]
+    kept = any(n.endswith(".weight") for n in names)
+    return weights if kept and weights in names and weights.startswith("onnx::") else None
+
+
+def folded_siblings(model, name: str, modules: dict[str, str], torchscript: bool) -> list[str]:
+    """The modules beside `name` (the same parent) whose map is a convolution and the BatchNorm
+    after it folded into one: TorchScript's exporter names it as the convolution
+    (`folded_weights`), a .pt2's optimiser as the BatchNorm (its Conv node's last scope is
+    `_native_batch_norm_legit_no_training`)."""
+    parent = name.rpartition(".")[0]
+    if torchscript:
+        return [m for m, t in modules.items() if "/" not in m and m != name
+                and m.rpartition(".")[0] == parent and folded_weights(model, m, t)]
+    found = []
+    for node in model.graph.node:
+        value = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        if node.op_type != "Conv" or not value:
+            continue
+        try:
+            scopes = [s for s in ast.literal_eval(value) if s]
+        except (ValueError, SyntaxError):
+            continue
+        if len(scopes) >= 2 and scopes[-1].startswith("_native_batch_norm") and \
+                scopes[-2].rpartition(".")[0] == parent and scopes[-2] in modules:
+            found.append(scopes[-2])
+    return list(dict.fromkeys(found))
+
+
 def module_name(model, tensor: str) -> str:
     """The PyTorch module whose output `tensor` is (the outermost, as PyTorch spells it:
     `blocks.11.norm1`), else the tensor's own name."""
@@ -1028,7 +1114,9 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     found = candidates(model, classifier.logits)
     modules = module_outputs(model)
     nodes = {n.name: n.output[0] for n in model.graph.node if n.output}
-    for tensor in (name if name in found else None, modules.get(name), nodes.get(name)):
+    # a module first: a .pt2's tensors are named after their ops, so `relu` is also the tensor
+    # of the first call of a module `relu` called twice, whose output is its last call's
+    for tensor in (modules.get(name), name if name in found else None, nodes.get(name)):
         if tensor is not None and tensor in found:
             if tensor not in spatial_maps(classifier):
                 producer = next((n for n in model.graph.node if tensor in n.output), None)
@@ -1052,15 +1140,28 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
         import difflib
 
         named = [n for n, t in nodes.items() if t in set(found)] + module_names + found
+        torchscript = not any(p.key == NAME_SCOPES for n in model.graph.node for p in n.metadata_props)
+        scoped = scoped_as(name, modules) if torchscript else []
+        fused = folded_siblings(model, name, modules, torchscript)
+        parent = name.rpartition(".")[0] or "the model"
         close = difflib.get_close_matches(name, list(dict.fromkeys(named)), n=3, cutoff=0.6)
         # a Keras layer's name (a Keras embedder of enroll / compare, converted by tf2onnx): the ops
         # right in its scope name its tensors, `model_1/add_3_1/Add:0` for layer add_3 (`_1`: called
         # again), the layer's output the last of them (not `layer/depthwise/...` inside it)
-        scoped = [t for t in found if "/" not in name and t.count("/") >= 1
-                  and re.fullmatch(re.escape(name) + r"(_\d+)?", t.split("/")[-2])]
-        close = list(dict.fromkeys(scoped[-1:] + close))
-        why = f"no tensor, node or module named {name!r}" + (
-            f" (did you mean {' or '.join(close)}?)" if close else "")
+        keras_scoped = [t for t in found if "/" not in name and t.count("/") >= 1
+                        and re.fullmatch(re.escape(name) + r"(_\d+)?", t.split("/")[-2])]
+        close = list(dict.fromkeys(keras_scoped[-1:] + close))
+        notes = [f"TorchScript's exporter scopes a module by the forward that calls it: {name}, called "
+                 f"from an ancestor's forward, not its parent's, is scoped {' or '.join(map(repr, scoped))}; "
+                 "pass that name, or export the model to .pt2, which keeps PyTorch's names"] if scoped else \
+            [f"did you mean {' or '.join(close)}?"] if close else []
+        if fused and not scoped:
+            notes.append(f"torch.onnx folded each BatchNorm of {parent} into the convolution before it, "
+                         f"whose name the fused map keeps: {', '.join(fused)}; export with "
+                         "do_constant_folding=False to keep them apart" if torchscript else
+                         f"torch.onnx's optimiser folded each convolution of {parent} and the BatchNorm "
+                         f"after it into one map, named as the BatchNorm: {', '.join(fused)}")
+        why = f"no tensor, node or module named {name!r}" + (f" ({'; '.join(notes)})" if notes else "")
     elif tensor == classifier.input_name:
         why = f"{name!r} is the model's input, not a layer"
     elif (rank == 4 or rank == 3 and tokens) and tensor not in _ancestors(model, classifier.logits):

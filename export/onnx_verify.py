@@ -17,9 +17,10 @@
       with the step, a lost term does not) and noise the largest change of logit_c when the
       target moves by a few ulps (`ulp_perturbed`, NOISE_PROBES seeds): both are measured on
       the model and the CPU at hand, no machine's rounding is built in;
-   both move only the target's elements whose value occurs once in the sample (`untied`): a
-   max pool or ReduceMax over tied elements (a ReLU target's zeros) has one-sided slopes, no
-   derivative, and the rule's choice among them (torch's) is as right as another;
+   both move only the target's elements whose value occurs once in the sample and lies more
+   than eps from the values that repeat (`untied`): a max pool or ReduceMax over tied elements
+   (a ReLU target's zeros) has one-sided slopes, no derivative, and the rule's choice among
+   them (torch's) is as right as another;
 3. heatmaps: each output against `Method.reference` (camface.methods, numpy) on the graph's own
    activations and gradient (verify.TOLERANCE fp32), the tolerance widened by CONDITIONING times
    how far the reference itself moves when those move by a few ulps (`ulp_perturbed`): a map
@@ -214,11 +215,11 @@ def _finite_differences(classifier, built, x, target, chosen, gradient_nhwc) -> 
     random_worst: RandomDirections | None = None
     for n, c in enumerate(chosen):
         a = target[n].astype(np.float64)
-        free = untied(target[n])
+        eps = FD_STEP * float(np.linalg.norm(a))
+        free = untied(target[n], eps)
         g = grad[n].astype(np.float64) * free
         norm = float(np.linalg.norm(g))
         scale = max(scale, norm)
-        eps = FD_STEP * float(np.linalg.norm(a))
         unit_g = g / max(norm, 1e-30)
         randoms = rng.standard_normal((RANDOM_DIRECTIONS, *g.shape)) * free
         randoms /= np.sqrt((randoms ** 2).sum(axis=tuple(range(1, randoms.ndim)), keepdims=True))
@@ -246,15 +247,27 @@ def _finite_differences(classifier, built, x, target, chosen, gradient_nhwc) -> 
     return [Difference("gradient", worst, scale, worst_allowed), random_worst]
 
 
-def untied(target: np.ndarray) -> np.ndarray:
-    """1 where the target's value occurs once in the sample, 0 where it repeats (the zeros a
-    ReLU leaves, a clip's bound): the gradient check moves only the former. A max pool or a
-    ReduceMax over tied elements has no derivative there, only one-sided slopes, and a rule's
+def untied(target: np.ndarray, step: float = 0.0) -> np.ndarray:
+    """1 where the target's value occurs once in the sample and lies more than `step` (the
+    largest move of an element by the check: eps along a unit direction) from every value that
+    repeats, 0 elsewhere (the zeros a ReLU leaves, a clip's bound, and the elements a step
+    would carry onto or across them): the gradient check moves only the former. A max pool or
+    a ReduceMax over tied elements has no derivative there, only one-sided slopes, and a rule's
     choice among the tied elements (MaxPool's first one, ReduceMax's equal shares, as torch's)
     is as right as another; finite differences across such ties measure the tie being broken,
-    not the rule. Where every value repeats, every element is moved."""
-    _, inverse, counts = np.unique(target, return_inverse=True, return_counts=True)
-    once = (counts[inverse.reshape(-1)] == 1).reshape(target.shape)
+    not the rule. An element a hair above a ReLU's zeros before a max pool of them (conv, BN,
+    ReLU, max pool: a ResNet's stem) is such a kink at every step down to the rounding, so
+    halving the step cannot show it. Where every value repeats, every element is moved."""
+    values, inverse, counts = np.unique(target, return_inverse=True, return_counts=True)
+    once = counts[inverse.reshape(-1)] == 1
+    tied = values[counts > 1].astype(np.float64)
+    if step > 0 and len(tied):
+        flat = np.asarray(target, np.float64).reshape(-1)
+        at = np.clip(np.searchsorted(tied, flat), 1, len(tied)) - 1
+        nearest = np.minimum(np.abs(flat - tied[at]), np.abs(flat - tied[np.minimum(at + 1, len(tied) - 1)]))
+        far = once & (nearest > step)
+        once = far if far.any() else once
+    once = once.reshape(target.shape)
     return once.astype(np.float64) if once.any() else np.ones(target.shape)
 
 

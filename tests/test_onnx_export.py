@@ -97,7 +97,7 @@ def test_every_heatmap_equals_torch_autograd(exported, name, target, module):
 @pytest.mark.parametrize("typo, meant", [("layr3", "layer3"), ("layer4.bn", "layer4.bn[12] or layer4.bn[12]")])
 def test_a_misspelt_target_names_the_near_matches(exported, typo, meant):
     with pytest.raises(ModelError, match=rf"no tensor, node or module named '{typo}' \(did you mean "
-                                         rf"{meant}.*\?\); candidate target layers: "):
+                                         rf"{meant}.*\?[;)].*; candidate target layers: "):
         onnx_export.build(exported["linear"][1], ExportOptions(preset="torch", target_layer=typo))
 
 

@@ -336,6 +336,63 @@ def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_o
     np.testing.assert_allclose(got["gradcam"], np.maximum(cam, 0) / 16, rtol=1e-4, atol=1e-6)
 
 
+class Mixer(nn.Module):
+    """MLP-Mixer-like: a 4x4 patch-embedding conv (64 tokens), a block mixing the tokens by a
+    linear layer over the token axis and the channels by another, a LayerNorm, the mean over
+    the tokens, a linear head. No attention."""
+
+    def __init__(self, dim=8, classes=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.norm1, self.mix_tokens = nn.LayerNorm(dim), nn.Linear(64, 64)
+        self.norm2, self.mix_channels = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(),
+                                                                            nn.Linear(2 * dim, dim))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.mix_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.mix_channels(self.norm2(x))
+        return self.head(self.norm(x).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_an_mlp_mixer_defaults_to_the_tokens_its_mean_reads(tmp_path, kind):
+    """An MLP-Mixer's only 4-D map is its patch embedding, read through token mixing by linear
+    layers (no attention, so no ViT default): its first layer was the default target. The
+    default is the tokens the final mean reads (`norm`) on their 8x8 grid: CAM is its head,
+    and the maps equal torch's."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = Mixer().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    info = result.info
+    assert info.target_layer == "norm" and info.feature_size == (8, 8)
+    assert info.token_grid == {"prefix": 0, "height": 8, "width": 8}
+    assert info.target_reason.startswith("default for MLP-Mixer: the tokens the mean over tokens")
+    assert {"cam", "gradcam"} <= set(info.heatmaps) and all(d.ok for d in result.differences)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1, 3], np.int64)
+    got = run_graph(result.path, images, classes)
+    seen = {}
+    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(a=out))
+    with torch.no_grad():
+        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)).numpy()
+    hook.remove()
+    tokens = seen["a"].numpy().reshape(3, 8, 8, -1)
+    np.testing.assert_allclose(got["activations"], tokens, rtol=1e-4, atol=1e-5)
+    chosen = np.where(classes < 0, logits.argmax(1), classes)
+    cam = np.einsum("nhwk,nk->nhw", tokens, model.head.weight.detach().numpy()[chosen])
+    np.testing.assert_allclose(got["cam"], cam, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["gradcam"], np.maximum(cam, 0) / 64, rtol=1e-4, atol=1e-6)
+
+
 def test_an_attention_target_named_explicitly_is_exported_with_a_warning(tmp_path, caplog):
     from camface.export import onnx_export
     from camface.export.exporter import ExportOptions
@@ -689,6 +746,164 @@ def test_a_module_inside_nested_sequentials_is_named_as_pytorch_names_it(tmp_pat
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+class CalledFromAbove(nn.Module):
+    """A stem whose conv the model's forward calls itself (`self.stem.proj(x)`, as some ViT and
+    MLP-Mixer code does), not the stem's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Module()
+        self.stem.proj = nn.Conv2d(3, 8, 4, 4)
+        self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem.proj(x)).mean((2, 3)))
+
+
+def test_a_module_called_from_above_its_parent_is_refused_naming_its_torchscript_scope(tmp_path,
+                                                                                      capsys):
+    """TorchScript scopes `stem.proj`, called from the model's forward, as `proj`: the PyTorch
+    name was refused with no hint (its did-you-mean list misses it, `patch_embed.proj` being too
+    unlike `proj`); the refusal names the scope, which exports, and a .pt2 takes the PyTorch
+    name."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = CalledFromAbove().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx")
+    err = refused(capsys, path, tmp_path, "--target-layer", "stem.proj")
+    assert "no tensor, node or module named 'stem.proj' (TorchScript's exporter scopes a module by " \
+           "the forward that calls it: stem.proj, called from an ancestor's forward, not its parent's, " \
+           "is scoped 'proj'; pass that name" in err
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    with torch.no_grad():
+        want = model.stem.proj(torch.from_numpy(images / np.float32(255)).permute(0, 3, 1, 2))
+    for source, name in ((path, "proj"), (save_program(model, tmp_path / "m.pt2", size=SIZE), "stem.proj")):
+        result = onnx_export.export(source, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                                 target_layer=name))
+        got = run_graph(result.path, images, np.array([-1, 1]))["activations"]
+        np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.weight.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.fc(self.head(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("folding", [True, False], ids=["folded", "kept-apart"])
+def test_a_conv_target_whose_batchnorm_torch_onnx_folded_in_says_so(tmp_path, caplog, folding):
+    """torch.onnx's TorchScript exporter folds an eval-mode BatchNorm into the Conv before it
+    and scopes the fused node as the Conv: `--target-layer conv` silently gave the BatchNorm's
+    output, recorded as the convolution (its maps unlike pytorch-grad-cam's at model.conv). It is
+    exported with a warning saying so (the recorded reason too); with do_constant_folding=False
+    the Conv is its own, no warning."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},
+                          do_constant_folding=folding)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                           target_layer="conv"))
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    got = run_graph(result.path, images, np.array([-1, 1]))["activations"]
+    with torch.no_grad():
+        conv = model.conv(torch.from_numpy(images / np.float32(255)).permute(0, 3, 1, 2))
+        want = (model.bn(conv) if folding else conv).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    warned = "target conv: torch.onnx folded the BatchNorm after this convolution into it (its weights " \
+             "are onnx::Conv_"
+    assert (warned in caplog.text) == folding
+    assert result.info.target_reason == "--target-layer conv (a PyTorch module name)" + (
+        ", the BatchNorm after it folded in" if folding else "")
+
+
+@pytest.mark.parametrize("kind, name, why", [
+    ("legacy", "bn", "torch.onnx folded each BatchNorm of the model into the "
+                     "convolution before it, whose name the fused map keeps: conv; export with "
+                     "do_constant_folding=False to keep them apart); candidate target layers: "),
+    ("pt2", "conv", "torch.onnx's optimiser folded each convolution of the model and the BatchNorm "
+                    "after it into one map, named as the BatchNorm: bn); candidate target layers: ")])
+def test_a_module_folded_away_is_refused_naming_the_fused_map(tmp_path, capsys, kind, name, why):
+    """The module of a Conv + BatchNorm pair that an exporter folded away was refused as unknown,
+    with no word of the folding (a .pt2 refused `conv`, the legacy exporter `bn`, suggesting
+    nothing): the refusal says which name the fused map has."""
+    from onnx_helpers import save_program
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    err = refused(capsys, path, tmp_path, "--target-layer", name)
+    assert f"no tensor, node or module named '{name}' (" in err and why in err, err
+
+
+class ReLUTwice(nn.Module):
+    """torchvision's BasicBlock habit: one ReLU module called twice (after the first conv, and
+    after the sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.relu, self.fc = nn.ReLU(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.relu(self.conv1(x))
+        return self.fc(self.relu(self.conv2(y) + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_a_module_called_twice_is_its_last_call_or_a_warning_says_so(tmp_path, caplog, kind):
+    """TorchScript scopes a module's second call `relu_1`: `--target-layer relu` on a legacy
+    export was silently the first call's output; on a .pt2 too, though its module `relu` is the
+    last call's output (the first call's tensor is named `relu` as well, and tensor names went
+    first). A .pt2 gives the last call, as a forward hook keeping the latest output does; a
+    legacy export warns and names `relu_1`, which is the last call."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ReLUTwice().eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    seen = []
+    hook = model.relu.register_forward_hook(lambda _m, _i, out: seen.append(out.permute(0, 2, 3, 1).numpy()))
+    with torch.no_grad():
+        model(torch.from_numpy(images / np.float32(255)).permute(0, 3, 1, 2))
+    hook.remove()
+    for name, call in [("relu", 0 if kind == "legacy" else 1)] + [("relu_1", 1)] * (kind == "legacy"):
+        caplog.clear()
+        result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit",
+                                                                               target_layer=name))
+        got = run_graph(result.path, images, np.array([-1, 1]))["activations"]
+        np.testing.assert_allclose(got, seen[call], rtol=1e-4, atol=1e-5)
+        warned = "target relu: TorchScript scopes the calls of a module called again relu, relu_1; " \
+                 "unless relu_1 is a module of its own, the map is this module's first call's output"
+        assert (warned in caplog.text) == (kind == "legacy" and name == "relu"), caplog.text
+
+
 class Upsampling(nn.Module):
     """A stride-2 stem, then the map upsampled (F.interpolate) before the last convolution, as
     FPN-like and decoder heads do: a target before the Resize needs its gradient."""
@@ -740,30 +955,40 @@ def test_a_target_before_an_upsampling_exports_with_torchs_gradient(tmp_path, mo
 
 class MaxAfterReLU(nn.Module):
     """VGG's order (conv, ReLU, max pool) or a global max (amax) after a ReLU target, a third of
-    whose channels are all zero: the max reads tied zeros."""
+    whose channels are all zero: the max reads tied zeros. `stem`: ResNet's stem (conv, BN,
+    ReLU, a 3x3 max pool of stride 2), two of its channels a hair either side of zero (their
+    conv's weights 1e-5, no bias) and read 50 times as strongly by the next conv."""
 
     def __init__(self, pool):
         super().__init__()
         self.pool = pool
-        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.ReLU()) if pool != "stem" else \
+            nn.Sequential(nn.Conv2d(3, 12, 3, 2, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.conv = nn.Conv2d(12, 6, 3, 1, 1)
         with torch.no_grad():
             self.stem[0].bias[:4] -= 9.0
-        self.conv = nn.Conv2d(12, 6, 3, 1, 1)
+            if pool == "stem":
+                self.stem[0].weight[4:6] *= 1e-5
+                self.stem[0].bias[4:6] = 0.0
+                self.conv.weight[:, 4:6] *= 50.0
         self.fc = nn.Linear(12 if pool == "amax" else 6, 4)
 
     def forward(self, x):
         y = self.stem(x)
         if self.pool == "amax":
             return self.fc(y.amax((2, 3)))
-        return self.fc(torch.relu(self.conv(nn.functional.max_pool2d(y, 2))).mean((2, 3)))
+        y = nn.functional.max_pool2d(y, 3, 2, 1) if self.pool == "stem" else nn.functional.max_pool2d(y, 2)
+        return self.fc(torch.relu(self.conv(y)).mean((2, 3)))
 
 
-@pytest.mark.parametrize("pool", ["max_pool", "amax"])
+@pytest.mark.parametrize("pool", ["max_pool", "amax", "stem"])
 def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
     """A max pool or amax after a ReLU target failed the export's gradient self-check (finite
     differences across the tied zeros see the tie broken: 4.4e-2 against 1.9e-2 allowed); it
     exports, and its maps equal the references on torch autograd's gradient (the first of tied
-    elements for max_pool2d, equal shares for amax)."""
+    elements for max_pool2d, equal shares for amax). ResNet's stem (`relu` before `maxpool`)
+    failed it still: elements a hair above the zeros cross them at every step (0.126 against
+    0.109 on a ResNet-like net); the check moves none within its step of a tied value."""
     from camface.export import onnx_export
     from camface.export.exporter import ExportOptions
 
