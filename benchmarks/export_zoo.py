@@ -33,6 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# timm's multi-head self-attention, LayerNorm2d and ConvNeXt block (no drop path: eval mode)
+from test_onnx_export_models import Attention, ConvNeXtBlock, LayerNorm2d  # noqa: E402
+
 SIZE = 32
 CLASSES = 5
 
@@ -476,24 +480,6 @@ class GhostNet(nn.Module):
         return self.classifier(x.flatten(1))
 
 
-class LayerNorm2d(nn.LayerNorm):
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class ConvNeXtBlock(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
-
-    def forward(self, x):
-        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma
-        return x + drop_path(y.permute(0, 3, 1, 2), 0.1, self.training)
-
-
 class ConvNeXt(nn.Module):
     """timm's ConvNeXt layout: patchify stem + LayerNorm2d, stages, head (pool, norm, fc)."""
 
@@ -508,20 +494,6 @@ class ConvNeXt(nn.Module):
     def forward(self, x):
         x = self.stages(self.stem(x))
         return self.fc(self.norm(x.mean((2, 3), keepdim=True)).flatten(1))
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        n, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(n, tokens, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attention = (q @ k.transpose(-2, -1) * self.head_dim ** -0.5).softmax(-1)
-        return self.proj((attention @ v).transpose(1, 2).reshape(n, tokens, dim))
 
 
 class Mlp(nn.Module):

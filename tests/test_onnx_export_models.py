@@ -322,14 +322,10 @@ def test_a_swin_exports_at_its_last_stage_with_the_dims_shape_inference_leaves_o
     images = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     classes = np.array([-1, 1, 3], np.int64)
     got = run_graph(result.path, images, classes)
-    seen = {}
-    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(a=out))
-    with torch.no_grad():
-        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)).numpy()
-    hook.remove()
+    logits, norm = logits_and_output(model, model.norm, images)
     np.testing.assert_allclose(got["probs"], torch.softmax(torch.tensor(logits), 1).numpy(),
                                rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got["activations"], seen["a"].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["activations"], norm, rtol=1e-4, atol=1e-4)
     chosen = np.where(classes < 0, logits.argmax(1), classes)
     cam = np.einsum("nhwk,nk->nhw", got["activations"], model.head.weight.detach().numpy()[chosen])
     np.testing.assert_allclose(got["cam"], cam, rtol=1e-4, atol=1e-5)
@@ -380,12 +376,8 @@ def test_an_mlp_mixer_defaults_to_the_tokens_its_mean_reads(tmp_path, kind):
     images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     classes = np.array([-1, 1, 3], np.int64)
     got = run_graph(result.path, images, classes)
-    seen = {}
-    hook = model.norm.register_forward_hook(lambda module, args, out: seen.update(a=out))
-    with torch.no_grad():
-        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)).numpy()
-    hook.remove()
-    tokens = seen["a"].numpy().reshape(3, 8, 8, -1)
+    logits, norm = logits_and_output(model, model.norm, images)
+    tokens = norm.reshape(3, 8, 8, -1)
     np.testing.assert_allclose(got["activations"], tokens, rtol=1e-4, atol=1e-5)
     chosen = np.where(classes < 0, logits.argmax(1), classes)
     cam = np.einsum("nhwk,nk->nhw", tokens, model.head.weight.detach().numpy()[chosen])
@@ -519,6 +511,16 @@ def test_an_attention_tensor_is_no_spatial_map(tmp_path):
     softmax = next(n.output[0] for n in classifier.model.graph.node if n.op_type == "Softmax")
     assert dims[softmax][1:] == [2, 16, 16]
     assert onnx_model.spatial_maps(classifier) == {"/patch_embed/Conv_output_0": "NCHW"}
+
+
+def logits_and_output(model, module, images):
+    """(logits, `module`'s output) of torch `model` on uint8 NHWC `images` (preset unit), numpy."""
+    seen = {}
+    hook = module.register_forward_hook(lambda _module, _args, out: seen.update(a=out))
+    with torch.no_grad():
+        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)).numpy()
+    hook.remove()
+    return logits, seen["a"].numpy()
 
 
 def run_graph(path, images, classes):

@@ -203,21 +203,7 @@ def with_node(target):
 def with_input_named(marker):
     """The program's input renamed to a default argument that runs code: torch.fx writes names
     into the forward's source, which runs as the program loads; the body still reads the input."""
-    evil = f"x=[__import__('pathlib').Path('{marker}').touch(), locals().get('x')][1]"
-
-    def renamed(value):
-        if isinstance(value, dict):
-            return {(evil if k == "x" else k): (evil if k == "name" and v == "x" else renamed(v)) for k, v in value.items()}
-        return [renamed(v) for v in value] if isinstance(value, list) else value
-
-    def change(name, data, archive):
-        if not name.endswith("models/model.json"):
-            return data
-        program = json.loads(data)
-        module = program["graph_module"]
-        module["graph"], module["signature"] = renamed(module["graph"]), renamed(module["signature"])
-        return json.dumps(program).encode()
-    return change
+    return _input_renamed("x", f"x=[__import__('pathlib').Path('{marker}').touch(), locals().get('x')][1]")
 
 
 def with_spec_import(module):
@@ -266,20 +252,7 @@ def with_constant_named(marker):
     evil = (f'scale")\rgetattr(getattr(__import__("pathlib"),"Path")("{marker}"),"touch")()\r'
             'def _after(self):\r    y = getattr(self,"scale')
     assert "." not in evil  # torch splits a get_attr target at dots
-
-    def change(name, data, archive):
-        if name.endswith("models/model.json"):
-            program = json.loads(data)
-            for spec in program["graph_module"]["signature"]["input_specs"]:
-                if "tensor_constant" in spec:
-                    spec["tensor_constant"]["tensor_constant_name"] = evil
-            return json.dumps(program).encode()
-        if name.endswith("model_constants_config.json"):
-            config = json.loads(data)
-            config["config"] = {evil: config["config"]["scale"]}
-            return json.dumps(config).encode()
-        return data
-    return change
+    return _module_renamed("scale", evil)
 
 
 def torch_save(payload):
@@ -485,6 +458,8 @@ def _module_renamed(old, new):
 
 
 def _input_renamed(old, new):
+    """A `change` for `archive_with`: the program's input named `new` instead of `old` (in the graph and
+    the signature)."""
     def renamed(value):
         if isinstance(value, dict):
             return {(new if k == old else k): (new if k == "name" and v == old else renamed(v)) for k, v in value.items()}
