@@ -236,7 +236,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         crops, frames = crop_sources.from_source(config, graph, frames, every, progress)
         source = redact(config.source)  # the report is shared: no camera's password in it
     detected = time.perf_counter()
-    scorer = Scorer(graph, device=config.device, threads=config.graph_threads, progress=progress, steps=args.steps,
+    # the scorer's sessions run where the graph's does (a --device that fell back to the CPU is
+    # said once, by the graph, not again per session)
+    device = "cpu" if graph.provider == "CPUExecutionProvider" else config.device
+    scorer = Scorer(graph, device=device, threads=config.graph_threads, progress=progress, steps=args.steps,
                     baseline=args.baseline)
     predicted, probability, scores = scorer.score(crops, names)
     finished = time.perf_counter()

@@ -647,3 +647,16 @@ def test_the_graph_log_shows_under_debug_only_and_is_left_as_it_was(debug, steps
                                 pytest.raises(UsageError, match="--steps must be at most 4096") if fails else None)
     assert (f"CAM graph {EMOTION_ONNX.name} on CPUExecutionProvider" in shown) == debug, shown
     assert after == logging.INFO
+
+
+def test_a_device_that_falls_back_to_the_cpu_is_said_once(tmp_path, astronaut_bgr, caplog):
+    """`--device cuda` where ONNX Runtime has no CUDA: the graph says it runs on the CPU; the
+    scorer's sessions said it again, each (three lines for one fallback)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "face.png"), astronaut_bgr)
+    with caplog.at_level("WARNING"):
+        assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
+                             "--device", "cuda"]) == 0
+    said = [r.getMessage() for r in caplog.records if "is not usable here" in r.getMessage()]
+    assert said == ["camface: --device cuda is not usable here; running the CAM graph on CPU"]
