@@ -35,7 +35,7 @@ class GuidedConfig:
     layer: str | None
     classes: tuple[str, ...]
     all_layers: bool
-    cam_boxes: bool
+    cam_boxes: bool | None  # None: not given (boxes drawn on the figure)
     detector: str
     margin: float
     min_confidence: float
@@ -76,9 +76,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "IMAGE_guided.png / IMAGE_guided_layers.gif beside the image")
     parser.add_argument("--layers", choices=["all"], default=None,
                         help="animate Grad-CAM over every convolutional layer, first to last (GIF)")
-    parser.add_argument("--cam-boxes", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--cam-boxes", action=argparse.BooleanOptionalAction, default=None,
                         help="draw the study's localisation box (largest region above 20%% of the "
-                             "map's maximum) on the overlays")
+                             "map's maximum) on the figure's overlays (default: drawn; not for "
+                             "--layers all)")
     # image inputs are detected and cropped as live does: its defaults, from its config
     parser.add_argument("--detector", choices=DETECTORS, default=LiveConfig.detector,
                         help="face detector for image inputs (as `camface live --detector`)")
@@ -96,20 +97,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _output_path(config: GuidedConfig) -> Path:
     """The output file, checked before any work: right suffix, writable folder."""
     suffix = ".gif" if config.all_layers else ".png"
-    if config.output is not None:
-        out = config.output
-    elif config.input.is_dir():
-        out = config.input / ("guided_layers.gif" if config.all_layers else "guided.png")
+    if config.input.is_dir():
+        default = config.input / ("guided_layers.gif" if config.all_layers else "guided.png")
     else:
-        out = config.input.with_name(config.input.stem + ("_guided_layers" if config.all_layers
-                                                           else "_guided") + suffix)
+        default = config.input.with_name(config.input.stem + ("_guided_layers" if config.all_layers
+                                                               else "_guided") + suffix)
+    out = config.output if config.output is not None else default
     if config.all_layers and out.suffix.lower() != ".gif":
         raise OutputError(f"--layers all writes an animated GIF: use -o OUT.gif, not {out}")
     if not config.all_layers and out.suffix.lower() not in FIGURE_SUFFIXES:
         raise OutputError(f"cannot write a figure to {out}: use one of "
                           f"{', '.join(FIGURE_SUFFIXES)} (or --layers all with .gif)")
     check_output_file(out, overwrite=True)  # its folder, a folder in its place, permissions: before any work
-    if config.output is not None:  # the default names are new files beside the input
+    # the default names are guided's own files beside the input (-o naming one of them too: it
+    # writes there again, as without -o)
+    if config.output is not None and out.absolute() != default.absolute():
         check_not_an_input(out, [config.input], "-o")
     return out
 
@@ -205,6 +207,10 @@ def main(args: argparse.Namespace) -> int:
     if config.all_layers and config.layer is not None:  # the GIF's frames are every layer
         raise UsageError(f"--layer {config.layer} and --layers all exclude each other: the GIF shows "
                          "Grad-CAM at every convolutional layer")
+    if config.all_layers and config.cam_boxes is not None:  # it would be ignored without a word
+        flag = "--cam-boxes" if config.cam_boxes else "--no-cam-boxes"
+        raise UsageError(f"{flag} is for the figure: --layers all writes a GIF of each layer's Grad-CAM, "
+                         "which draws no boxes")
     out = _output_path(config)
     started = time.perf_counter()
     source, model = _read_input(config)
@@ -268,7 +274,7 @@ def _write_figure(model, layer, crops, class_index, names, labels, source, confi
     items = explainer.explain(crops, class_index, tuple(names), recorded)
     if explainer.cam_reason:
         log.info("CAM not shown: %s", explainer.cam_reason)
-    fig = comparison_figure(items, labels, boxes=config.cam_boxes,
+    fig = comparison_figure(items, labels, boxes=config.cam_boxes is not False,
                             color_order=source.preprocessing.color_order,
                             gradient_label=explainer.gradient_label,
                             cam_note=explainer.cam_reason)

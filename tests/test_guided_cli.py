@@ -67,6 +67,11 @@ def test_snapshot_figure(snapshot_dir, caplog):
     image = cv2.imread(str(out))
     assert image is not None and image.shape[1] > 1000
     assert "2 row(s)" in caplog.text and "conv2d_7" in caplog.text
+    # -o naming guided's own default file writes it again, as without -o; it was refused as "a
+    # file of the input folder" once the first run had written it
+    stamp = out.stat().st_mtime_ns
+    assert main(["guided", str(snapshot_dir), "--layer", "conv2d_7", "-o", str(out)]) == 0
+    assert out.stat().st_mtime_ns != stamp and cv2.imread(str(out)) is not None
 
 
 def test_snapshot_without_graph_uses_bundled_model_by_sha(tmp_path, astronaut_bgr, caplog):
@@ -426,6 +431,13 @@ def _layer_with_all_layers(tmp_path, astronaut_bgr):
         "--layer add_3 and --layers all exclude each other"
 
 
+def _cam_boxes_with_all_layers(tmp_path, astronaut_bgr):
+    """--cam-boxes was ignored without a word by --layers all (its GIF draws no boxes)."""
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--layers", "all", "--no-cam-boxes", "-o", str(tmp_path / "x.gif")], \
+        "--no-cam-boxes is for the figure: --layers all writes a GIF"
+
+
 def _one_unit_model(tmp_path):
     """A binary classifier's single sigmoid unit ("is X"), 64x64 gray."""
     inputs = keras.Input((64, 64, 1))
@@ -467,7 +479,7 @@ def _snapshot_of_a_torch_graph(tmp_path, astronaut_bgr):
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
                                   _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
-                                  _layer_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot,
+                                  _layer_with_all_layers, _cam_boxes_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot,
                                   _snapshot_of_a_torch_graph],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
