@@ -234,7 +234,7 @@ class VideoFileSource:
         self.path = Path(path)
         self.start, self.stop = start, stop
         self.frames_read = 0
-        self.bad_frames = 0  # frames that did not decode, given as the frame before them
+        self.bad_frames = 0  # frames that did not decode, given as the frame after them
         self.truncated = False
         self.truncation: str | None = None  # why, when truncated
         self._capture = None
