@@ -77,6 +77,21 @@ def video_id(path: Path, key: str | None = None) -> str:
     return f"{stem}-{digest}"
 
 
+def key_of(id_: str, path: str) -> str | None:
+    """The key that the video id `id_` was made from, found among the trailing parts of `path` (where the
+    video was when it was explained: its record's or rows' path): the one whose digest the id
+    carries. None when none does: an id an earlier camface hashed from the absolute path (it says
+    nothing of the input that named the video), or a path recorded through other links."""
+    if not path:
+        return None
+    absolute = _absolute(Path(path))
+    for depth in range(1, len(absolute.parts)):  # not the whole path: see above
+        key = _key(absolute, depth)
+        if video_id(absolute, key) == id_:
+            return key
+    return None
+
+
 def _absolute(path: Path) -> Path:
     """`path` absolute, `..` taken out, links kept (as the user sees the archive)."""
     return Path(os.path.abspath(path))

@@ -95,12 +95,17 @@ def conformed(table, key: str | None = None):
 def upgrade_rows(outputs, keys: dict[str, str]) -> list[Path]:
     """Rewrite each rows file in `outputs` (a `camface.batch.state.Outputs`) that lacks columns
     of `schema()` (written by an earlier camface) as `conformed`, the key of a video that is
-    among `keys` (id -> key: this run's inputs) filled in, else its record's key, else null.
+    among `keys` (id -> key: this run's inputs) filled in, else its record's key, else the key its
+    id was made from, found in the path its rows or record name (`inputs.key_of`), else null (an
+    id an earlier camface hashed from the absolute path: the input that named the video is not
+    recorded anywhere).
     Each file is replaced whole (`Outputs.write`: atomic, only while this run owns OUT_DIR).
     Returns the files rewritten; a file Parquet cannot read is left as it is, with a warning."""
     import logging
 
     import pyarrow.parquet as pq
+
+    from camface.batch.inputs import key_of
 
     log = logging.getLogger(__name__)
     names, rewritten = set(schema().names), []
@@ -113,11 +118,18 @@ def upgrade_rows(outputs, keys: dict[str, str]) -> list[Path]:
             log.warning("camface batch: cannot read %s to add the columns it lacks (%s); left as it is", path, exc)
             continue
         video_id = path.stem
-        key = keys.get(video_id) or (outputs.read_record(video_id) or {}).get("key") or None
+        record = outputs.read_record(video_id) or {}
+        key = keys.get(video_id) or record.get("key") or key_of(video_id, _recorded_path(table, record))
         upgraded = conformed(table, key)
         outputs.write(path, lambda tmp, upgraded=upgraded: write_parquet(upgraded, tmp))
         rewritten.append(path)
     return rewritten
+
+
+def _recorded_path(table, record: dict) -> str:
+    """Where a video was when it was explained: its rows' path, else (no rows) its record's."""
+    paths = table.column("path").drop_null() if "path" in table.column_names else []
+    return paths[0].as_py() if len(paths) else record.get("path", "")
 
 
 def write_parquet(table, path: Path) -> None:

@@ -478,3 +478,35 @@ def test_rows_of_an_earlier_camface_get_the_columns_it_lacked_so_the_folder_read
             assert now.column(name).to_pylist() == earlier.column(name).to_pylist(), (video_id, name)
     assert pq.read_table(outputs.parquet("c-oldest")).column("similarity").to_pylist() == [None, None]
     assert pq.read_table(outputs.parquet("a-old")).column("similarity").to_pylist() == [[], [], []]
+
+
+@pytest.mark.parametrize("hashed, key", [
+    ("archive/day1/clip.mp4", "archive/day1/clip.mp4"),  # the key its id was made from: a glob's
+    ("day1/clip.mp4", "day1/clip.mp4"),  # a folder's
+    ("/site/archive/day1/clip.mp4", None),  # an id an earlier camface hashed from the absolute path
+    ("elsewhere/clip.mp4", None),  # not a part of the recorded path
+])
+def test_a_resume_fills_the_key_of_rows_of_videos_not_among_its_inputs_from_their_id(tmp_path, hashed, key):
+    """Rows written before rows had a key column, of a video that a --resume does not name (its
+    key is not among the inputs) and whose record, as old, has no key either, got a null key. The
+    id was made from the key: the key is the trailing part of the recorded path whose digest the id
+    carries. An id an earlier camface hashed from the absolute path names no input: null still."""
+    import pyarrow.parquet as pq
+
+    from camface.batch.inputs import video_id
+    from camface.batch.rows import upgrade_rows
+    from camface.batch.state import Outputs, write_json, write_video_outputs
+
+    clip = Path("/site/archive/day1/clip.mp4")
+    vid = video_id(clip, hashed)
+    outputs, labels = Outputs(tmp_path / "out"), tuple("abcdefg")
+    outputs.make()
+    write_video_outputs(outputs, vid, {**_render_payload(2), "ok": True, "path": str(clip)}, None, "gradcam", None,
+                        labels)
+    path = outputs.parquet(vid)
+    pq.write_table(pq.read_table(path).drop_columns(["key"]), path)  # as a camface before keys wrote them
+    write_json(outputs.record_path(vid), {"video": vid, "path": str(clip), "status": "done"})  # no key
+    assert upgrade_rows(outputs, {"other-0123abcd": "x/other.mp4"}) == [path]
+    table = pq.read_table(path)
+    assert table.num_rows == 2 and table.column("key").to_pylist() == [key, key]
+
