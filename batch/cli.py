@@ -82,7 +82,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _check_out_dir(out: Path, resume: bool):
     """(Outputs, the RunLock held on OUT_DIR): the folder made, writable, not in use by another
-    run, and holding no earlier run's outputs unless resuming."""
+    run, and holding no earlier run's outputs unless resuming: no record, no segment's part
+    record. A run killed before it finished anything (a segmented video's saved split, parts
+    whose record was never written) left nothing to resume: the folder is taken as new, and
+    `segments.drop_unused_parts` removes those leftovers."""
     from camface.batch.owner import RunLock
     from camface.batch.state import Outputs
     from camface.errors import OutputError
@@ -97,7 +100,7 @@ def _check_out_dir(out: Path, resume: bool):
     if not os.access(out, os.W_OK):
         raise OutputError(f"cannot write to output folder {out}: permission denied")
     lock = RunLock(out).acquire()
-    unjoined = outputs.parts.is_dir() and any(outputs.parts.iterdir())
+    unjoined = any(outputs.parts.glob("*/[0-9]*.json"))  # segments' part records (a split alone: none)
     if (outputs.records() or unjoined) and not resume:
         lock.release()
         raise OutputError(f"{out} holds the outputs of an earlier run; pass --resume to continue it, "
@@ -188,7 +191,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
                   f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
             time.sleep(ORPHAN_GRACE_S)
         removed = outputs.clean_partials()
-        segments.drop_finished_parts(outputs)  # joined by a run that died before removing them
+        segments.drop_unused_parts(outputs)  # joined by a run that died before removing them, or holding no result
         # rows of an earlier camface lack columns (key): OUT_DIR/rows read as one table dropped them
         upgraded = upgrade_rows(outputs, {video.id: video.key for video in videos})
         todo = pipeline.videos_to_do(outputs, videos, job.settings())

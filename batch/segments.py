@@ -214,11 +214,13 @@ def drop_parts(outputs, video: str) -> None:
         pass  # other videos' parts are still there
 
 
-def drop_finished_parts(outputs) -> int:
-    """Remove the parts of each video whose record says done under the options its parts were cut
-    with (`finish` wrote it, then the driver died before removing them, or the removal failed):
-    no run would use them again. Parts cut under other options are kept (a resume under those
-    options goes on from them), and so are those of videos without a done record. Returns how
+def drop_unused_parts(outputs) -> int:
+    """Remove the parts no run would use again: those of each video whose record says done under
+    the options its parts were cut with (`finish` wrote it, then the driver died before removing
+    them, or the removal failed), and those holding no result, no part record (a run killed
+    before any segment of the video finished left its saved split, or parts whose record, written
+    last, never was). Parts cut under other options are kept (a resume under those options goes on
+    from them), and so are the finished segments of videos without a done record. Returns how
     many videos' parts went."""
     from camface.batch.state import DONE
 
@@ -226,7 +228,9 @@ def drop_finished_parts(outputs) -> int:
     dropped = 0
     for folder in folders:
         record = outputs.read_record(folder.name)
-        if not record or record.get("status") != DONE or record.get("settings") != _parts_settings(folder):
+        finished = any(folder.glob("[0-9]*.json"))
+        if finished and (not record or record.get("status") != DONE
+                         or record.get("settings") != _parts_settings(folder)):
             continue
         drop_parts(outputs, folder.name)
         dropped += 1

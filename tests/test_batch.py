@@ -457,6 +457,34 @@ def test_parts_left_beside_a_joined_video_go_at_the_next_run(ray_cluster, clips,
     assert summary["run"]["videos_this_run"] == [] and [r["status"] for r in summary["videos"]] == ["done"] * 2
 
 
+def test_a_run_killed_before_any_segment_finished_leaves_the_folder_new(ray_cluster, clips, tmp_path):
+    """A run killed after it cut a video into segments, before any of them finished, left
+    parts/<id>/split.json: every later run without --resume was refused ("holds the outputs of an
+    earlier run"), though nothing was done to resume. Such a run starts as in a new folder, the
+    leftovers gone; with a finished segment --resume is still asked for."""
+    from camface.batch import pipeline
+    from camface.batch.inputs import video_id
+
+    folder, paths = clips
+    out, vid = tmp_path / "out", video_id(paths[0].resolve())
+    argv = [paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", "--no-record",
+            "--segment-frames", "4"]
+
+    def killed(*args, **kwargs):  # before any segment came back
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "run", killed)
+        assert batch(argv) == 130
+    assert [p.name for p in (out / "parts" / vid).iterdir()] == ["split.json"]
+    (out / "parts" / vid / "00000-0-4.parquet").write_bytes(b"renamed into place, its record never written")
+    assert batch(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["videos_this_run"] == [vid] and summary["run"]["units_run"] == 3
+    assert summary["videos"][0]["status"] == "done" and summary["videos"][0]["segments"] == 3
+    assert not (out / "parts").exists() and rows_of(out, vid).num_rows == summary["videos"][0]["faces_total"] > 0
+
+
 def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips, tmp_path):
     folder, paths = clips
     out = tmp_path / "out"

@@ -510,3 +510,29 @@ def test_a_resume_fills_the_key_of_rows_of_videos_not_among_its_inputs_from_thei
     table = pq.read_table(path)
     assert table.num_rows == 2 and table.column("key").to_pylist() == [key, key]
 
+
+def test_parts_holding_no_result_go_and_leave_the_folder_new(tmp_path):
+    """A run killed before any segment finished left parts/<id>/split.json (and maybe parts whose
+    record, written last, never was): every later run without --resume was refused as if OUT_DIR
+    held an earlier run's outputs. It holds no result: the folder is taken as new and the leftovers
+    go; a segment's part record, done or failed, still needs --resume."""
+    from camface.batch.cli import _check_out_dir
+    from camface.batch.segments import Unit, drop_unused_parts, keep_splits, part_paths
+    from camface.batch.state import Outputs, write_json
+    from camface.errors import OutputError
+
+    out = tmp_path / "out"
+    outputs = Outputs(out)
+    outputs.make()
+    units = [Unit("v-0123abcd", "/a/v.mp4", k, 2, a, b) for k, (a, b) in enumerate(((0, 50), (50, None)))]
+    keep_splits(outputs, units, {"method": "gradcam"})
+    part_paths(outputs, units[0])["rows"].write_bytes(b"rows, renamed before the record")
+    outputs, lock = _check_out_dir(out, resume=False)
+    lock.release()
+    assert drop_unused_parts(outputs) == 1 and not outputs.parts.exists()
+    keep_splits(outputs, units, {"method": "gradcam"})
+    write_json(part_paths(outputs, units[1])["record"], {"status": "failed", "settings": {"method": "gradcam"}})
+    with pytest.raises(OutputError, match="holds the outputs of an earlier run; pass --resume"):
+        _check_out_dir(out, resume=False)
+    assert drop_unused_parts(outputs) == 0 and len(list(outputs.parts.glob("*/*"))) == 2
+
