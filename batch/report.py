@@ -128,9 +128,9 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
 def now(outputs: Outputs, video, record: dict) -> dict:
     """A video's entry in the summary: its record saying where the video and its outputs are now
     (the summary is written each run; a record, and the rows, say where the file was when it was
-    explained, before the archive or OUT_DIR moved), `video`, `key` and `path` first."""
-    files = {"video_file": outputs.video(video.id), "rows_file": outputs.parquet(video.id)}
-    moved = {name: str(files[name].resolve()) for name in files if name in record}
+    explained, before the archive moved; a record's outputs are named from OUT_DIR, or by an earlier
+    camface where OUT_DIR was), `video`, `key` and `path` first."""
+    moved = {name: str(outputs.file(record[name]).resolve()) for name in ("video_file", "rows_file") if name in record}
     entry = {"video": video.id, "key": video.key, "path": video.path}
     return {**entry, **record, **entry, **moved}
 

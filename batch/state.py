@@ -3,7 +3,8 @@
   OUT_DIR/videos/<id>.mp4        annotated video (--record)
   OUT_DIR/rows/<id>.parquet      its rows (one per face per frame; `camface.batch.rows`)
   OUT_DIR/state/<id>.json        the video's record: done or failed (with the reason), counts; its
-                                 key and path as its rows say them (`camface.batch.rows`)
+                                 key and path as its rows say them (`camface.batch.rows`); its
+                                 video_file and rows_file from OUT_DIR (`Outputs.file` reads them)
   OUT_DIR/state/<id>.npz         per explained class: sum and count of normalised heatmaps and of crops
   OUT_DIR/parts/<id>/            a segmented video's parts while it is in work (`camface.batch.segments`)
   OUT_DIR/summary.json, report.md, report/*.png   (camface.batch.report)
@@ -85,6 +86,26 @@ class Outputs:
                     continue
         return found
 
+    def relative(self, path: str | Path) -> str:
+        """A file of OUT_DIR as a record names it: its path from OUT_DIR ("rows/<id>.parquet"),
+        which a move of OUT_DIR keeps."""
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:  # not under OUT_DIR: as it is
+            return str(path)
+
+    def file(self, named: str) -> Path:
+        """The file a record's `video_file` / `rows_file` names, under OUT_DIR as it is now: a path
+        from OUT_DIR (`relative`), or an absolute one an earlier camface wrote, into OUT_DIR where
+        it was then (OUT_DIR's own folders are found in it: videos/, rows/, parts/<id>/)."""
+        path = Path(named)
+        if not path.is_absolute():
+            return self.root / path
+        for depth in (2, 3):  # videos/<id>.mp4, rows/<id>.parquet; parts/<id>/<segment>.<suffix>
+            if len(path.parts) > depth and path.parts[-depth] in ("videos", "rows", "parts"):
+                return self.root.joinpath(*path.parts[-depth:])
+        return path
+
     def clean_partials(self) -> int:
         """Remove temporary files a killed run left behind; returns how many."""
         removed = 0
@@ -117,6 +138,9 @@ class Outputs:
                     "video_file", "rows_file"):
             if key in out:
                 record[key] = out[key]
+        for name in ("video_file", "rows_file"):  # OUT_DIR moved elsewhere still finds them (`file`)
+            if name in record:
+                record[name] = self.relative(record[name])
         if not out["ok"] and path is not None:
             record.update(reason=out.get("error", "unknown"), stage=out.get("stage", ""))
         if out["ok"] and out.get("incomplete"):

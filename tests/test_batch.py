@@ -269,7 +269,9 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
         rows = rows_of(out, record["video"])
         assert rows.num_rows == record["faces_total"]
         assert set(rows.column("key").to_pylist()) == {key} and set(rows.column("path").to_pylist()) == {path}
-        assert json.loads((out / "state" / f"{record['video']}.json").read_text())["key"] == key
+        written = json.loads((out / "state" / f"{record['video']}.json").read_text())
+        assert written["key"] == key and written["rows_file"] == f"rows/{record['video']}.parquet"  # from OUT_DIR
+        assert (out / written["rows_file"]).is_file()
     import pyarrow.dataset as ds
 
     folder = ds.dataset(out / "rows").to_table()  # the folder as one table: every row has its key

@@ -536,3 +536,37 @@ def test_parts_holding_no_result_go_and_leave_the_folder_new(tmp_path):
         _check_out_dir(out, resume=False)
     assert drop_unused_parts(outputs) == 0 and len(list(outputs.parts.glob("*/*"))) == 2
 
+
+@pytest.mark.parametrize("written_by", ["this camface", "an earlier camface"])
+def test_records_name_their_outputs_from_out_dir_so_a_moved_out_dir_still_finds_them(tmp_path, written_by):
+    """Records kept the absolute paths of a video's outputs (video_file, rows_file): OUT_DIR moved
+    elsewhere, they named files in the old place (gone, or another run's there now). They are
+    paths from OUT_DIR; the absolute ones of an earlier camface are read as the same files of
+    OUT_DIR where it is now."""
+    import json
+    import shutil
+
+    from camface.batch.inputs import Video
+    from camface.batch.report import now
+    from camface.batch.state import Outputs, write_json, write_video_outputs
+
+    video, labels = Video("/archive/v.mp4", "v-0123abcd"), tuple("abcdefg")
+    outputs = Outputs(tmp_path / "site" / "out")
+    outputs.make()
+    outputs.video(video.id).write_bytes(b"annotated")
+    out = {**_render_payload(2), "ok": True, "path": video.path, "video_file": str(outputs.video(video.id))}
+    write_video_outputs(outputs, video.id, out, None, "gradcam", None, labels)
+    outputs.write_record(video.id, out, labels)
+    record = json.loads(outputs.record_path(video.id).read_text())
+    assert (record["video_file"], record["rows_file"]) == (f"videos/{video.id}.mp4", f"rows/{video.id}.parquet")
+    if written_by == "an earlier camface":
+        record.update(video_file=str(outputs.video(video.id)), rows_file=str(outputs.parquet(video.id)))
+        write_json(outputs.record_path(video.id), record)
+    shutil.move(tmp_path / "site", tmp_path / "moved")
+    moved = Outputs(tmp_path / "moved" / "out")
+    record = moved.read_record(video.id)
+    for name, path in (("video_file", moved.video(video.id)), ("rows_file", moved.parquet(video.id))):
+        assert moved.file(record[name]) == path and path.is_file()
+        assert now(moved, video, record)[name] == str(path.resolve())
+    part = tmp_path / "site" / "out" / "parts" / video.id / "00000-0-50.mp4"  # a part record's, as then
+    assert moved.file(str(part)) == moved.parts / video.id / part.name
