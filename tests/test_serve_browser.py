@@ -363,3 +363,49 @@ def test_every_decoded_frame_is_released_also_one_decoded_too_late_to_draw(tmp_p
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
+
+
+# Every object URL the page makes and revokes, in order.
+_OBJECT_URLS = """
+window.objectUrls = { made: [], revoked: [] };
+const make = URL.createObjectURL, revoke = URL.revokeObjectURL;
+URL.createObjectURL = (blob) => { const url = make(blob); window.objectUrls.made.push(url); return url; };
+URL.revokeObjectURL = (url) => { window.objectUrls.revoked.push(url); revoke(url); };
+"""
+
+_FETCHES = """async (urls) => Promise.all(urls.map((url) => fetch(url).then((r) => r.blob()).then((b) => b.size > 0,
+                                                                                      () => false)))"""
+
+
+def test_only_the_newest_snapshot_downloads_are_kept_and_the_others_released(tmp_path):
+    """Each snapshot's download holds its annotated frame's JPEG in the page through an object URL,
+    which was kept as long as the page lived: a page left open all day taking snapshots grew
+    without end. The newest SNAPSHOTS_KEPT are offered; an older one's link goes and its URL is
+    revoked (its bytes can no longer be fetched)."""
+    from camface.realtime.sample import SampleSource
+    from camface.serve.y4m import write_y4m
+
+    clip = write_y4m(tmp_path / "camera.y4m", [SampleSource(frames=300, size=(320, 240)).frame(150)] * 15)
+    server, url = start_server(tmp_path)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser, page = showing(playwright, clip, url, 3, _OBJECT_URLS)
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            kept = page.evaluate("SNAPSHOTS_KEPT")
+            page.click("#snapshot")  # one from the server, then more notes as the server sends them
+            page.wait_for_function("window.camface.notes.some(n => n.type === 'snapshot')", timeout=10_000)
+            first = page.evaluate("window.camface.notes.find(n => n.type === 'snapshot').folder")
+            extra = kept + 3
+            page.evaluate(f"for (let i = 0; i < {extra}; i++) onNote({{type: 'snapshot', folder: `extra-${{i}}`}})")
+            made, revoked = page.evaluate("[window.objectUrls.made, window.objectUrls.revoked]")
+            assert len(made) == extra + 1 and revoked == made[:extra + 1 - kept]  # the oldest, in order
+            links = page.locator("#downloads a")
+            assert links.count() == kept and page.locator("#downloads a", has_text=first).count() == 0
+            assert [links.nth(i).get_attribute("href") for i in range(kept)] == made[::-1][:kept]  # newest first
+            assert page.evaluate(_FETCHES, made) == [False] * len(revoked) + [True] * kept
+            assert errors == []
+            browser.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)

@@ -8,6 +8,9 @@
 const WINDOW = 2;
 const RETRY_MS = 3000;  // between attempts to reconnect
 const PANEL_EVERY_MS = 250;  // the side panel's refresh: layout costs the browser CPU the frames need
+// Snapshot downloads offered, newest first: each holds its JPEG in the page's memory through an
+// object URL, so an older one's link goes and its URL is revoked (the server keeps its folder).
+const SNAPSHOTS_KEPT = 20;
 const CAMERA_ERRORS = {  // getUserMedia's errors, by name, as the user can act on them
   NotAllowedError: "camera not allowed (allow it for this site, then reload)",
   NotFoundError: "no camera found", OverconstrainedError: "no camera found",
@@ -29,6 +32,7 @@ const shownAt = [];
 let lastJpeg = null, labels = [], panelAt = 0;
 let connections = 0, retry = false, closedAt = 0;
 let cameraStopped = null;  // why the camera ended, once it has: it outlasts the socket's own news
+const snapshotLinks = [];  // the snapshot downloads offered, oldest first
 
 function status(text, error = false) {
   $("status").textContent = text;
@@ -172,7 +176,13 @@ function onNote(note) {
                           ...labels.map((label, i) => new Option(`${i}: ${label}`, String(i), false, String(i) === k)));
     if (again) sendControls(); else $("smooth").checked = note.smooth;
   } else if (note.type === "snapshot") {
-    link(URL.createObjectURL(lastJpeg), `${note.folder}.jpg`, `snapshot ${note.folder} (annotated frame)`);
+    snapshotLinks.push(link(URL.createObjectURL(lastJpeg), `${note.folder}.jpg`,
+                            `snapshot ${note.folder} (annotated frame)`));
+    while (snapshotLinks.length > SNAPSHOTS_KEPT) {
+      const oldest = snapshotLinks.shift();
+      URL.revokeObjectURL(oldest.href);
+      oldest.remove();
+    }
   } else if (note.type === "recording") {
     setRecording(true);
   } else if (note.type === "recorded") {
@@ -190,6 +200,7 @@ function link(href, filename, text) {
   const a = document.createElement("a");
   a.href = href; a.download = filename; a.textContent = text;
   $("downloads").prepend(a);
+  return a;
 }
 
 function panel(result) {
