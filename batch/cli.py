@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
             print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
                   f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
             time.sleep(ORPHAN_GRACE_S)
-        removed = outputs.clean_partials()
+        removed = outputs.clean_partials() + outputs.drop_unrecorded()
         segments.drop_unused_parts(outputs)  # joined by a run that died before removing them, or holding no result
         # rows of an earlier camface lack columns (key): OUT_DIR/rows read as one table dropped them
         upgraded = upgrade_rows(outputs, {video.id: video.key for video in videos})
@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
             print(f"camface batch: resuming: {len(videos) - len(todo)} of {len(videos)} videos already done"
                   + (f"; videos done with other options ({', '.join(changed)}) are done again" if changed else "")
                   + (f"; {files} video file(s) changed since they were done are done again" if files else "")
-                  + (f"; removed {removed} partial file(s)" if removed else "")
+                  + (f"; removed {removed} file(s) a killed run left unfinished" if removed else "")
                   + (f"; rewrote {len(upgraded)} rows file(s) of an earlier camface with the columns it lacked "
                      "(key)" if upgraded else ""), file=sys.stderr)
         start = time.perf_counter()

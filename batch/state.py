@@ -21,6 +21,7 @@ a duplicate or a half-written file behind, and `--resume` redoes exactly the vid
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from camface.errors import OutputError
 from camface.outputs import left_beside, replace_whole
 
 DONE, FAILED = "done", "failed"
+_ID = re.compile(r".+-[0-9a-f]{8}")  # a video's id (`camface.batch.inputs.video_id`)
 
 
 class Outputs:
@@ -115,6 +117,21 @@ class Outputs:
             for path in [*folder.glob(".*.tmp*"), *left_beside(folder)] if folder.is_dir() else ():
                 path.unlink(missing_ok=True)
                 removed += 1
+        return removed
+
+    def drop_unrecorded(self) -> int:
+        """Remove the outputs (annotated video, rows, class sums) of each video without a record:
+        a run killed after renaming them into place, before writing its record (written last), left
+        them. The video is not finished, and its rows would lie in OUT_DIR/rows beside finished
+        ones for good when it is not among a later run's inputs. A record that cannot be read keeps
+        them, and so does a name that is not a video's id. Returns how many files went."""
+        recorded = {path.stem for path in self.state.glob("[!.]*.json")} if self.state.is_dir() else set()
+        removed = 0
+        for folder, suffix in ((self.videos, "mp4"), (self.rows, "parquet"), (self.state, "npz")):
+            for path in folder.glob(f"[!.]*.{suffix}") if folder.is_dir() else ():
+                if _ID.fullmatch(path.stem) and path.stem not in recorded:
+                    path.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
     def write_record(self, video_id: str, out: dict, labels: tuple[str, ...], path: Path | None = None) -> dict:

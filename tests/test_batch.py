@@ -480,7 +480,11 @@ def test_a_run_killed_before_any_segment_finished_leaves_the_folder_new(ray_clus
         assert batch(argv) == 130
     assert [p.name for p in (out / "parts" / vid).iterdir()] == ["split.json"]
     (out / "parts" / vid / "00000-0-4.parquet").write_bytes(b"renamed into place, its record never written")
+    gone = [out / "rows" / "gone-0123abcd.parquet", out / "videos" / "gone-0123abcd.mp4"]  # of another video,
+    for path in gone:  # whole, not segmented: renamed into place, its record never written
+        path.write_bytes(b"unrecorded")
     assert batch(argv) == 0
+    assert not any(path.exists() for path in gone)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run"]["videos_this_run"] == [vid] and summary["run"]["units_run"] == 3
     assert summary["videos"][0]["status"] == "done" and summary["videos"][0]["segments"] == 3

@@ -570,3 +570,26 @@ def test_records_name_their_outputs_from_out_dir_so_a_moved_out_dir_still_finds_
         assert now(moved, video, record)[name] == str(path.resolve())
     part = tmp_path / "site" / "out" / "parts" / video.id / "00000-0-50.mp4"  # a part record's, as then
     assert moved.file(str(part)) == moved.parts / video.id / part.name
+
+
+def test_outputs_a_killed_run_never_recorded_go_so_they_are_not_read_as_rows(tmp_path):
+    """A run killed after renaming a video's outputs into place, before its record (written last),
+    left them: the video is not finished, yet its rows lay in OUT_DIR/rows, read with the rest as
+    one table, for good when a later run did not name it. The next run removes them; a video with
+    a record (even one that cannot be read) keeps its outputs, and so does a file not named by an id."""
+    from camface.batch.state import Outputs, write_json, write_video_outputs
+
+    outputs, labels = Outputs(tmp_path / "out"), tuple("abcdefg")
+    outputs.make()
+    for vid in ("kept-0123abcd", "killed-0123abcd", "damaged-0123abcd"):
+        write_video_outputs(outputs, vid, {**_render_payload(2), "ok": True}, None, "gradcam", None, labels)
+        outputs.video(vid).write_bytes(b"annotated")
+    write_json(outputs.record_path("kept-0123abcd"), {"video": "kept-0123abcd", "status": "done"})
+    outputs.record_path("damaged-0123abcd").write_text("{")
+    (outputs.rows / "notes.parquet").write_bytes(b"the user's")
+    assert outputs.drop_unrecorded() == 3
+    assert sorted(p.name for p in outputs.rows.iterdir()) == ["damaged-0123abcd.parquet", "kept-0123abcd.parquet",
+                                                              "notes.parquet"]
+    assert sorted(p.stem for p in outputs.videos.iterdir()) == ["damaged-0123abcd", "kept-0123abcd"]
+    assert sorted(p.name for p in outputs.state.glob("*.npz")) == ["damaged-0123abcd.npz", "kept-0123abcd.npz"]
+    assert outputs.drop_unrecorded() == 0
