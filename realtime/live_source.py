@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from camface.errors import SourceError
-from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, redact, to_bgr8
+from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, read_past_bad_frames, redact, to_bgr8
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ class LiveSource:
     `SourceError` saying so.
 
     A URL to a video file (FFmpeg knows its frame count: http(s)://host/clip.mp4, an HLS
-    recording) is read as a file is: every frame in order, no thread, no reconnection; its
-    `info` says live=False and the frame count.
+    recording) is read as a file is: every frame in order, no thread, no reconnection, a frame
+    that does not decode read past (`bad_frames`); its `info` says live=False and the frame count.
 
     `passes`: how many times a stalled stream was reconnected and went on delivering; the first
     frame after a reconnection does not follow the one before it (a gap of seconds), so the live
@@ -66,6 +66,7 @@ class LiveSource:
         self._yielded = 0  # the _seq of the last frame iteration gave (a new iteration goes on from it)
         self._restart = 0  # the _seq of the first frame after the last reconnection (0: none)
         self.passes = 0
+        self.bad_frames = 0  # a video file behind a URL: frames that did not decode (see _read_in_order)
         self._error: str | None = None
         self._stop = threading.Event()
 
@@ -229,8 +230,12 @@ class LiveSource:
 
     def _read_in_order(self) -> Iterator[np.ndarray]:
         """A video file behind a URL: every frame in order, as a file's (no thread, no reconnection;
-        paced like a file in a window). A read that fails or times out ends it, with a warning
-        when fewer frames came than FFmpeg announced."""
+        paced like a file in a window). A frame that does not decode with good frames after it
+        (within the frames FFmpeg announced) is given as the frame after it, with a warning
+        naming it, as VideoFileSource does (`bad_frames` counts them); a read that fails with
+        none after it, or times out, ends it, with a warning when fewer frames came than FFmpeg
+        announced."""
+        self.bad_frames = 0
         if self._yielded < self._seq:  # the frame read on entering
             self._yielded = self._seq
             yield self._bgr8(self._frame)
@@ -241,7 +246,17 @@ class LiveSource:
                 log.debug("%s: read failed: %s", self._what, exc)
                 ok, frame = False, None
             if not ok or frame is None or not frame.size:
-                break
+                left = (self.info.frames or 0) - self._seq - 1  # frames announced after the failed one
+                bad, frame = read_past_bad_frames(self._capture, left, time.perf_counter() + self.timeout_s)
+                if frame is None:
+                    break
+                frame = self._bgr8(frame)
+                for _ in range(bad):  # each in its place, so later frames keep their numbers
+                    log.warning("%s: frame %d does not decode; the frame after it is shown in its place",
+                                self._what, self._seq)
+                    self._seq = self._yielded = self._seq + 1
+                    self.bad_frames += 1
+                    yield frame.copy()  # a copy: the live loop draws on the frames it is given
             self._seq = self._yielded = self._seq + 1
             yield self._bgr8(frame)
         if self._seq < (self.info.frames or 0):

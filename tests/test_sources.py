@@ -625,6 +625,26 @@ def test_a_frame_that_does_not_decode_is_read_past(mjpeg_with_a_bad_frame, caplo
         assert np.array_equal(frame, good), number
 
 
+def test_a_video_file_behind_a_url_reads_past_a_frame_that_does_not_decode(mjpeg_with_a_bad_frame, tmp_path,
+                                                                            served, caplog):
+    """The damaged MJPEG AVI served over HTTP stopped at its frame 30 ("ended early: read 30 of
+    60 frames"), where the same file read locally goes on: it goes on alike now."""
+    import shutil
+
+    from camface.realtime.sources import VideoFileSource, make_source
+
+    damaged, _ = mjpeg_with_a_bad_frame
+    with VideoFileSource(damaged) as source:
+        local = list(source)
+    shutil.copy(damaged, tmp_path / "damaged.avi")
+    with caplog.at_level(logging.WARNING), make_source(f"{served}/damaged.avi") as source:
+        frames = list(source)
+    assert (source.info.live, source.info.frames, source.bad_frames) == (False, 60, 1)
+    assert len(frames) == len(local) == 60 and all(np.array_equal(a, b) for a, b in zip(frames, local))
+    assert f"stream {served}/damaged.avi: frame 30 does not decode; the frame after it is shown" in caplog.text
+    assert "ended early" not in caplog.text
+
+
 class Uneven(FakeCamera):
     """Reads 2 to `last` give `odd` (ok=True) at once, the others good frames, 0.1 s apart
     after `last` (so the newest frame when the loop first asks is an odd one); 30 fps."""
