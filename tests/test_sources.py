@@ -833,7 +833,8 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
     """An image larger than OpenCV decodes (2^30 pixels, 2^20 a side) was skipped from a folder
     as "not an image OpenCV can read" (OpenCV 4), or ended the run with cv2.error's traceback
     (OpenCV 5 raises): it is skipped saying its size, the limit and the environment variable
-    that raises it; `camface guided` and `camface compare` say the same."""
+    that raises it; `camface guided`, `camface compare`, `camface train` (its log and report.md)
+    and `camface enroll` say the same."""
     from camface.export.compare import read_photos
     from camface.guided.image import read_image
     from camface.guided.snapshot import EMOTION_PREPROCESSING
@@ -859,3 +860,33 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
     with pytest.raises(SourceError) as compared:
         read_photos([tmp_path / "01.png", tmp_path / f"02-{name}"])
     assert str(compared.value) == f"cannot read the photo {tmp_path / f'02-{name}'}: {reason}"
+    # `camface train` and `camface enroll` read their photos alike: they said "unreadable" only
+    import shutil
+
+    from camface.export.enroll import face_crops, scan_people
+    from camface.models import dataset, report
+    from camface.models.train import _log_counts
+
+    people = tmp_path / "people"
+    for folder, photos in {"a": ["01.png", f"02-{name}"], "b": ["03.png"]}.items():
+        (people / folder).mkdir(parents=True)
+        for photo in photos:
+            shutil.copy(tmp_path / photo, people / folder / photo)
+    big = people / "a" / f"02-{name}"
+    classes = dataset.scan_classes(people)
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    photos = dataset.prepare_crops(people, classes, tmp_path / "crops", settings)
+    assert [(p.source, p.why) for p in photos if p.status == dataset.UNREADABLE] == [(big, reason)]
+    again = dataset.prepare_crops(people, classes, tmp_path / "crops", settings)  # tried again, not cached
+    assert again == photos
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _log_counts(dataset.count_statuses(photos), {str(big): reason})
+        face_crops(people, scan_people(people), (8, 8), "BGR", detect=False)
+    assert [r.getMessage() for r in caplog.records] == [f"unreadable image skipped: {big}: {reason}",
+                                                        f"skipping {big}: {reason}"]
+    report.write_report(tmp_path / "report.md", command="camface train", labels=["a", "b"],
+                        counts=dataset.count_statuses(photos), unreadable={str(big): reason}, split_sizes={},
+                        stages=[], metrics=report.classification_metrics(np.array([0, 1]), np.array([0, 1]), ["a", "b"]),
+                        settings={}, seconds=1.0)
+    assert f"- `{big}`: {reason}\n" in (tmp_path / "report.md").read_text()
