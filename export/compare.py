@@ -136,14 +136,14 @@ def read_photos(paths) -> list[np.ndarray]:
     """The photos at `paths`, uint8 BGR [H, W, 3]; SourceError naming the first that is missing
     or cannot be decoded."""
     from camface.models.dataset import read_photo
-    from camface.realtime.sources import too_large_for_opencv
 
     images = []
     for path in paths:
-        image = read_photo(path) if Path(path).is_file() else None
+        if not Path(path).is_file():
+            raise SourceError(f"cannot read the photo {path}: no such file")
+        image, why = read_photo(path)
         if image is None:
-            why = too_large_for_opencv(path) if Path(path).is_file() else None
-            raise SourceError(f"cannot read the photo {path}" + (f": {why}" if why else ""))
+            raise SourceError(f"cannot read the photo {path}: {why}")
         images.append(image)
     return images
 

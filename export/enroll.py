@@ -136,6 +136,9 @@ def face_crops(people_dir: Path, people: dict[str, list[Path]], input_size: tupl
         photos = dataset.prepare_crops(people_dir, people, Path(cache), settings, open_cropper=lambda: (
             dataset.LiveCropper(face_detector(live), live.margin, settings.size)))
         counts = dataset.count_statuses(photos)
+        for photo in photos:
+            if photo.status == dataset.UNREADABLE:
+                log.warning("skipping %s: %s", photo.source, photo.why)
         # a copy of a photo (the same face crop, pixel for pixel) counted twice in its person's mean
         # and matched against its twin in the leave-one-out check (a genuine score of 1, which moves
         # the threshold); in two person folders, one face under two names: as `camface train` does

@@ -117,6 +117,7 @@ class Photo:
     source: the photo's path; label: its class (folder name); status: one of STATUSES;
     crop: the cached face crop (uint8 BGR PNG, `size` x `size`) when status is OK;
     faces: faces the detector found (-1 when not detected: unreadable or --no-detect).
+    why: why it is unreadable (`read_photo`), else None.
     """
 
     source: Path
@@ -124,6 +125,7 @@ class Photo:
     status: str
     crop: Path | None = None
     faces: int = -1
+    why: str | None = None
 
 
 def scan_classes(data_dir: Path) -> dict[str, list[Path]]:
@@ -169,19 +171,14 @@ def _name_order(relative: Path) -> tuple:
     return tuple((part.casefold(), part) for part in relative.parts)
 
 
-def read_photo(path: Path) -> np.ndarray | None:
-    """uint8 [H, W, 3] BGR, or None when OpenCV cannot decode the file (grayscale, 16-bit and
-    alpha images are converted)."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)  # fromfile + imdecode: non-ASCII paths work
-    except OSError:
-        return None
-    if data.size == 0:
-        return None
-    try:
-        return cv2.imdecode(data, cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
+def read_photo(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 [H, W, 3] BGR, None), or (None, why) when OpenCV cannot decode the file: the one
+    reason the live image folder gives (`camface.realtime.sources.imread`: gone, permission
+    denied, over OpenCV's size limits with the variable that raises them, not an image).
+    Grayscale, 16-bit and alpha images are converted; turned upright by their EXIF orientation."""
+    from camface.realtime.sources import imread
+
+    return imread(path, cv2.IMREAD_COLOR)
 
 
 def resize_square(image_bgr: np.ndarray, size: int) -> np.ndarray:
@@ -257,14 +254,16 @@ def prepare_crops(
             fingerprint = _fingerprint(source)
             cached = index.get(key)
             crop_path = cache_dir / label / _cache_name(source, class_dir, key)
-            if cached and cached["fingerprint"] == fingerprint and (
+            # an unreadable photo is tried again: what kept it unreadable may be gone (the size
+            # limit raised with OPENCV_IO_MAX_IMAGE_PIXELS, as its reason says, or a permission)
+            if cached and cached["fingerprint"] == fingerprint and cached["status"] != UNREADABLE and (
                     cached["status"] != OK or crop_path.is_file()):
                 photos.append(Photo(source, label, cached["status"],
                                     crop_path if cached["status"] == OK else None, cached["faces"]))
                 continue
-            image = read_photo(source)
+            image, why = read_photo(source)
             if image is None:
-                photo = Photo(source, label, UNREADABLE)
+                photo = Photo(source, label, UNREADABLE, why=why)
             elif not settings.detect:
                 photo = _write_crop(Photo(source, label, OK, crop_path), resize_square(image, settings.size))
             else:
@@ -349,9 +348,9 @@ def drop_duplicates(photos: Sequence[Photo], what: str = "class") -> tuple[tuple
         if photo.status != OK or photo.crop is None:
             kept.append(photo)
             continue
-        pixels = read_photo(photo.crop)
+        pixels, why = read_photo(photo.crop)
         if pixels is None:
-            raise SourceError(f"cached crop {photo.crop} cannot be read: delete it and run again")
+            raise SourceError(f"cached crop {photo.crop} cannot be read ({why}): delete it and run again")
         digest = hashlib.sha1(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
         first = first_by_digest.setdefault(digest, photo)
         if first is photo:
@@ -569,9 +568,9 @@ def load_crops(paths: Sequence[Path], size: int) -> np.ndarray:
     """uint8 [N, size, size, 3] BGR stack of cached crops."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        image = read_photo(Path(path))
+        image, why = read_photo(Path(path))
         if image is None:
-            raise SourceError(f"cached crop {path} cannot be read: delete it and run again")
+            raise SourceError(f"cached crop {path} cannot be read ({why}): delete it and run again")
         out[i] = image if image.shape[:2] == (size, size) else resize_square(image, size)
     return out
 

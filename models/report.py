@@ -185,7 +185,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_report(path: Path, *, command: str, labels: Sequence[str],
-                 counts: Mapping[str, Mapping[str, int]], unreadable: Sequence[str],
+                 counts: Mapping[str, Mapping[str, int]], unreadable: Mapping[str, str | None] | Sequence[str],
                  duplicates: Sequence[str] = (),
                  split_sizes: Mapping[str, int], stages: Sequence[Mapping], metrics: Mapping,
                  settings: Mapping[str, object], seconds: float) -> None:
@@ -201,8 +201,10 @@ def write_report(path: Path, *, command: str, labels: Sequence[str],
         lines.append(f"| {label} | {sum(c.values())} | {c.get('ok', 0)} | {c.get('no_face', 0)} | "
                      f"{c.get('many_faces', 0)} | {c.get('unreadable', 0)} |")
     lines.append("")
-    if unreadable:
-        lines += ["Unreadable files (skipped):", ""] + [f"- `{p}`" for p in unreadable] + [""]
+    if unreadable:  # path -> why (`dataset.read_photo`), or paths
+        reasons = unreadable if isinstance(unreadable, Mapping) else dict.fromkeys(unreadable)
+        lines += ["Unreadable files (skipped):", ""] + [f"- `{p}`" + (f": {why}" if why else "")
+                                                       for p, why in reasons.items()] + [""]
     if duplicates:
         lines += ["Copies of another photo of the same class (counted as used above, left out of "
                   "the split):", ""] + [f"- `{p}`" for p in duplicates] + [""]

@@ -230,7 +230,7 @@ def run(config: TrainConfig) -> dict:
     photos = dataset.prepare_crops(config.data_dir, classes, out / "crops", settings,
                                    open_cropper=lambda: _open_cropper(config), progress=_progress)
     counts = dataset.count_statuses(photos)
-    unreadable = [str(p.source) for p in photos if p.status == dataset.UNREADABLE]
+    unreadable = {str(p.source): p.why for p in photos if p.status == dataset.UNREADABLE}  # path -> why
     _log_counts(counts, unreadable)
     photos, copies = dataset.drop_duplicates(photos)
     for copy, first in copies:
@@ -279,7 +279,7 @@ def run(config: TrainConfig) -> dict:
 
 
 def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.ndarray,
-                         y_true: np.ndarray, counts: dict, unreadable: list[str],
+                         y_true: np.ndarray, counts: dict, unreadable: dict[str, str | None],
                          duplicates: list[str], split: dataset.Split, stages: list,
                          started: float) -> dict:
     """model.onnx on the test crops (uint8 BGR) -> metrics.json, confusion.png,
@@ -290,7 +290,7 @@ def _evaluate_and_report(config: TrainConfig, labels: list[str], test_crops: np.
     metrics = report.classification_metrics(y_true, y_pred, labels)
     metrics["skipped"] = {status: sum(c[status] for c in counts.values())
                           for status in dataset.STATUSES if status != dataset.OK}
-    metrics["unreadable_files"] = unreadable
+    metrics["unreadable_files"] = list(unreadable)
     metrics["duplicate_files"] = duplicates  # copies of another photo, left out
     metrics["split"] = {"train": len(split.train), "val": len(split.val), "test": len(split.test)}
     metrics["stages"] = [asdict(s) for s in stages]
@@ -353,13 +353,14 @@ def _settings_for_report(config: TrainConfig) -> dict:
     return out
 
 
-def _log_counts(counts: dict, unreadable: list[str]) -> None:
+def _log_counts(counts: dict, unreadable: dict[str, str | None]) -> None:
+    """Per class what became of its photos; a warning per unreadable photo, saying why (path -> why)."""
     for label, c in counts.items():
         log.info("%s: %d photo(s), %d used, %d no face, %d several faces, %d unreadable", label,
                  sum(c.values()), c[dataset.OK], c[dataset.NO_FACE], c[dataset.MANY_FACES],
                  c[dataset.UNREADABLE])
-    for path in unreadable:
-        log.warning("unreadable image skipped: %s", path)
+    for path, why in unreadable.items():
+        log.warning("unreadable image skipped: %s: %s", path, why)
 
 
 def _face_detector(config: TrainConfig):

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from camface.errors import SourceError
-from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, redact, to_bgr8
+from camface.realtime.sources import DEFAULT_FPS, SourceInfo, _valid_fps, read_past_bad_frames, redact, to_bgr8
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,40 @@ def _open_capture(target: int | str, timeout_s: float):
                             [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
 
 
+PLAYLISTS = ("mpegurl", "dash+xml", "multipart/")  # Content-Types of a length that is not the video's:
+# an HLS or DASH playlist (a live one too), an MJPEG stream's parts
+
+
+def served_as_a_file(url: str, timeout_s: float) -> bool:
+    """True when the http(s) `url` is a file of known length: its server answers a HEAD request
+    with a Content-Length, and not as a playlist (PLAYLISTS). A live stream sent over HTTP has no
+    length (chunked, or until the connection closes). False for other schemes, and when the
+    server cannot be asked (no HEAD, an error, a time-out, a certificate not verified: read as
+    a stream then, as before). The URL's user name and password go as Basic authentication,
+    as FFmpeg sends them."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https"):
+            return False
+        headers = {}
+        if parts.username is not None:
+            user = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode("ascii")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        request = urllib.request.Request(url, method="HEAD", headers=headers)
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            length = response.headers.get("Content-Length", "")
+            kind = response.headers.get("Content-Type", "").lower()
+    except Exception as exc:  # URLError, HTTPError (a 405 to HEAD), a time-out, a malformed URL
+        log.debug("%s: its server was not asked its length: %s", redact(url), redact(str(exc)))
+        return False
+    return length.strip().isdigit() and int(length) > 0 and not any(p in kind for p in PLAYLISTS)
+
+
 class LiveSource:
     """A camera index or a stream URL, read on a background thread; iteration yields the newest
     frame each time (never the same frame twice).
@@ -39,8 +73,11 @@ class LiveSource:
     `SourceError` saying so.
 
     A URL to a video file (FFmpeg knows its frame count: http(s)://host/clip.mp4, an HLS
-    recording) is read as a file is: every frame in order, no thread, no reconnection; its
-    `info` says live=False and the frame count.
+    recording; or its server gives its length, `served_as_a_file`: an MPEG-TS behind a server
+    that cannot seek, whose frame count then is unknown) is read as a file is: every frame in
+    order, no thread, no reconnection, a frame that does not decode read past (`bad_frames`);
+    its `info` says live=False and the frame count (None when unknown). The suffix decides
+    nothing: a .ts may be a file or a live stream.
 
     `passes`: how many times a stalled stream was reconnected and went on delivering; the first
     frame after a reconnection does not follow the one before it (a gap of seconds), so the live
@@ -66,6 +103,7 @@ class LiveSource:
         self._yielded = 0  # the _seq of the last frame iteration gave (a new iteration goes on from it)
         self._restart = 0  # the _seq of the first frame after the last reconnection (0: none)
         self.passes = 0
+        self.bad_frames = 0  # a video file behind a URL: frames that did not decode (see _read_in_order)
         self._error: str | None = None
         self._stop = threading.Event()
 
@@ -103,14 +141,24 @@ class LiveSource:
         self._frame, self._seq = frame, 1
         self._thread = None
         count = self._capture.get(cv2.CAP_PROP_FRAME_COUNT) if isinstance(self.target, str) else 0
-        if count is not None and math.isfinite(count) and count > 0:
+        known = count is not None and math.isfinite(count) and count > 0
+        try:
+            # FFmpeg knows no length of an MPEG-TS (.ts) behind a server that cannot seek
+            # (no Range requests): the server's Content-Length says it is a file all the same
+            whole = known or (isinstance(self.target, str) and served_as_a_file(self.target, self.timeout_s))
+        except BaseException:  # Ctrl-C while asking: `with` will not call __exit__
+            self._release()
+            raise
+        if whole:
             # a video file behind a URL (http(s)://host/clip.mp4): FFmpeg knows how long it is.
             # Read on a thread, it decoded as fast as it could (the loop saw a few of its frames)
             # and its end read as a stall: reconnecting played it again, forever.
             if not _valid_fps(fps):
                 log.warning("%s reports no frame rate (%s); assuming %g fps", self._what, fps, DEFAULT_FPS)
                 fps = DEFAULT_FPS
-            self.info = SourceInfo(redact(self.target), float(fps), int(count), live=False)
+            if not known:
+                log.info("%s: its server gives its length: read as a file (its frame count unknown)", self._what)
+            self.info = SourceInfo(redact(self.target), float(fps), int(count) if known else None, live=False)
             return self
         self._thread = threading.Thread(target=self._read_forever, name=f"camface-{self._what}",
                                         daemon=True)
@@ -229,8 +277,12 @@ class LiveSource:
 
     def _read_in_order(self) -> Iterator[np.ndarray]:
         """A video file behind a URL: every frame in order, as a file's (no thread, no reconnection;
-        paced like a file in a window). A read that fails or times out ends it, with a warning
-        when fewer frames came than FFmpeg announced."""
+        paced like a file in a window). A frame that does not decode with good frames after it
+        (within the frames FFmpeg announced) is given as the frame after it, with a warning
+        naming it, as VideoFileSource does (`bad_frames` counts them); a read that fails with
+        none after it, or times out, ends it, with a warning when fewer frames came than FFmpeg
+        announced."""
+        self.bad_frames = 0
         if self._yielded < self._seq:  # the frame read on entering
             self._yielded = self._seq
             yield self._bgr8(self._frame)
@@ -241,7 +293,17 @@ class LiveSource:
                 log.debug("%s: read failed: %s", self._what, exc)
                 ok, frame = False, None
             if not ok or frame is None or not frame.size:
-                break
+                left = (self.info.frames or 0) - self._seq - 1  # frames announced after the failed one
+                bad, frame = read_past_bad_frames(self._capture, left, time.perf_counter() + self.timeout_s)
+                if frame is None:
+                    break
+                frame = self._bgr8(frame)
+                for _ in range(bad):  # each in its place, so later frames keep their numbers
+                    log.warning("%s: frame %d does not decode; the frame after it is shown in its place",
+                                self._what, self._seq)
+                    self._seq = self._yielded = self._seq + 1
+                    self.bad_frames += 1
+                    yield frame.copy()  # a copy: the live loop draws on the frames it is given
             self._seq = self._yielded = self._seq + 1
             yield self._bgr8(frame)
         if self._seq < (self.info.frames or 0):

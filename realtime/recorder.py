@@ -120,8 +120,8 @@ class Recorder:
                 self.error, self.error_path = exc, sink.path
             else:
                 log.warning("camface: %s", exc)
-        if sink.frames_written:  # what the file holds (fewer than written after a full disk)
-            self.recordings.append((str(sink.path), sink.frames_kept))
+        if sink.frames_written and sink.frames_kept:  # what the file holds (fewer than written after a
+            self.recordings.append((str(sink.path), sink.frames_kept))  # full disk; none: it is removed)
 
     def _stop_failed(self, exc: BaseException) -> None:
         """Key r's recording failed after its first frame (`exc`: a full disk): finalise it with

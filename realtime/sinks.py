@@ -230,7 +230,10 @@ class VideoSink:
         self.frames_written += 1
 
     def close(self) -> None:
-        """Finalise the file (idempotent)."""
+        """Finalise the file (idempotent). A file that holds no frame once closed (its first
+        frame's write failed after the encoder had written the file's header, or no whole frame
+        of H.264 reached a full disk) is removed, with a warning saying so: it would not play, and
+        looked like a recording."""
         self._closed = True
         if self._writer is not None:
             writer, self._writer = self._writer, None
@@ -239,7 +242,24 @@ class VideoSink:
             except BaseException:
                 self._failed = True
                 raise
+            finally:
+                self._remove_if_empty()
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
+
+    def _remove_if_empty(self) -> None:
+        if self.encoder == "mp4v" and self.frames_written:  # its frames may be in the file without
+            return  # their index (written last, lost to a full disk): a repair tool can get them back
+        if self.frames_kept or not self.path.is_file():  # (not a device: /dev/full)
+            return
+        try:
+            self.path.unlink()
+        except OSError as exc:
+            log.warning("camface: %s holds no frame (it would not play) and could not be removed: %s",
+                        self.path, exc.strerror or exc)
+            return
+        log.warning("camface: removed %s: it holds no frame (%s), so it would not play", self.path,
+                    "its first frame could not be written" if not self.frames_written
+                    else f"{self.frames_written} encoded, none written whole")
 
     @property
     def frames_kept(self) -> int:

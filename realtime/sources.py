@@ -210,6 +210,27 @@ def _valid_fps(fps: float) -> bool:
 # ---------------------------------------------------------------------------- files
 
 
+def read_past_bad_frames(capture, left: int, deadline: float | None = None) -> tuple[int, np.ndarray | None]:
+    """After a read of `capture` (a cv2.VideoCapture) that failed, with `left` frames announced
+    after the failed one: (frames that failed, the next good frame) when a good frame follows
+    within MAX_BAD_RUN reads; (0, None) at the end of the announced frames, or past `deadline`
+    (a time.perf_counter() time: a URL whose connection dropped waits out its read time-out on
+    each read). A damaged frame in a file (a JPEG of an MJPEG AVI that does not decode) fails
+    its read and the next read goes on after it, locally or behind a URL alike."""
+    import time
+
+    for failed in range(1, MAX_BAD_RUN + 1):
+        if left < failed or (deadline is not None and time.perf_counter() > deadline):
+            return 0, None
+        try:
+            ok, frame = capture.read()
+        except cv2.error:  # a backend's read error (FFmpeg behind a URL): this frame failed too
+            ok, frame = False, None
+        if ok and frame is not None and frame.size:
+            return failed, frame
+    return 0, None
+
+
 class VideoFileSource:
     """Every frame of a video file, in order; or frames start..stop-1 of it (`camface batch`'s
     segments: `start` is reached by seeking, checked, and by reading from the first frame when
@@ -285,19 +306,9 @@ class VideoFileSource:
         return fps if 0.5 <= fps <= 1000 else None  # frames 1 ms apart: a high-speed camera's
 
     def _read_past_bad_frames(self) -> tuple[int, np.ndarray | None]:
-        """After a read that failed: (frames that failed, the next good frame) when good frames
-        follow, within MAX_BAD_RUN reads; (0, None) at the end of the file, of the frames its
-        header announces (none announced: the end)."""
-        if not self.info.frames:
+        if not self.info.frames:  # none announced: the end
             return 0, None
-        left = self.info.frames - self.start - self.frames_read - 1  # frames announced after the failed one
-        for failed in range(1, MAX_BAD_RUN + 1):
-            if left < failed:
-                return 0, None
-            ok, frame = self._capture.read()
-            if ok and frame is not None:
-                return failed, frame
-        return 0, None
+        return read_past_bad_frames(self._capture, self.info.frames - self.start - self.frames_read - 1)
 
     def _seek(self, start: int) -> None:
         """Put the capture before frame `start`. FFmpeg's seek goes to the keyframe before it

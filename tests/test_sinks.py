@@ -276,6 +276,48 @@ def test_a_full_disk_is_an_error_naming_the_file_and_what_was_written_stays(tmp_
     assert count_frames(tmp_path / "write.mp4") == 30 and sink.frames_kept == 30
 
 
+@pytest.mark.parametrize("disk, frames, fails, reason", [
+    (_DiskOf(28 + 100), 1, "write", "its first frame could not be written"),  # after the ftyp box, in the header
+    (_DiskOf(40, short=True), 1, "finish", "1 encoded, none written whole"),  # header cut, at close
+    (_DiskOf(2000), 35, "write", "30 encoded, none written whole"),  # the header, no fragment
+], ids=["first-frame", "header-cut", "no-fragment"])
+def test_a_recording_that_holds_no_frame_is_removed_and_said_so(tmp_path, clip_frames, monkeypatch, caplog, disk,
+                                                                 frames, fails, reason):
+    """A disk that fills before the first frame reached the file left a stub: the encoder's
+    header (or part of it), which no player opens and looked like a recording. It is removed,
+    with a warning saying so; the write's or the close's error still names the file."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    monkeypatch.setattr(fmp4, "open", disk, raising=False)
+    path = tmp_path / "stub.mp4"
+    sink = VideoSink(path, FPS)
+    with caplog.at_level(logging.WARNING), pytest.raises(OutputError, match=f"cannot {fails} {re.escape(str(path))}: "
+                                                                            "No space left on device"):
+        with sink:
+            for frame in clip_frames[:frames]:
+                sink.write(frame)
+    assert 0 < disk.written and not path.exists() and sink.frames_kept == 0
+    assert f"camface: removed {path}: it holds no frame ({reason}), so it would not play" in caplog.text
+
+
+def test_key_r_leaves_no_stub_when_its_first_frame_fails(tmp_path, clip_frames, monkeypatch, caplog):
+    """Key r's recording whose first frame failed after its header was written: only an empty
+    file was removed; the stub stayed beside the next ones."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    from camface.realtime.recorder import Output, Recorder
+    from camface.realtime.timing import StageTimer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fmp4, "open", _DiskOf(28 + 100), raising=False)
+    recorder = Recorder(None, FPS, False, None, StageTimer())
+    with caplog.at_level(logging.WARNING):
+        recorder.handle(Output(clip_frames[0], explained=None, toggle=True))  # (used for snapshots only)
+    assert recorder.sink is None and recorder.recordings == [] and list(tmp_path.iterdir()) == []
+    assert "recording not started: cannot write" in recorder.notices.get_nowait()
+    assert "it holds no frame (its first frame could not be written)" in caplog.text
+
+
 @pytest.mark.parametrize("share", [0.45, 0.5, 0.55, 0.8])
 def test_a_disk_that_fills_inside_a_frame_leaves_a_file_that_decodes_to_its_end(tmp_path, clip_frames, monkeypatch,
                                                                                   share):

@@ -625,6 +625,141 @@ def test_a_frame_that_does_not_decode_is_read_past(mjpeg_with_a_bad_frame, caplo
         assert np.array_equal(frame, good), number
 
 
+def test_a_video_file_behind_a_url_reads_past_a_frame_that_does_not_decode(mjpeg_with_a_bad_frame, tmp_path,
+                                                                            served, caplog):
+    """The damaged MJPEG AVI served over HTTP stopped at its frame 30 ("ended early: read 30 of
+    60 frames"), where the same file read locally goes on: it goes on alike now."""
+    import shutil
+
+    from camface.realtime.sources import VideoFileSource, make_source
+
+    damaged, _ = mjpeg_with_a_bad_frame
+    with VideoFileSource(damaged) as source:
+        local = list(source)
+    shutil.copy(damaged, tmp_path / "damaged.avi")
+    with caplog.at_level(logging.WARNING), make_source(f"{served}/damaged.avi") as source:
+        frames = list(source)
+    assert (source.info.live, source.info.frames, source.bad_frames) == (False, 60, 1)
+    assert len(frames) == len(local) == 60 and all(np.array_equal(a, b) for a, b in zip(frames, local))
+    assert f"stream {served}/damaged.avi: frame 30 does not decode; the frame after it is shown" in caplog.text
+    assert "ended early" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def ts_server(tmp_path_factory):
+    """An MPEG-TS of 40 frames (64x48, 25 fps) served on 127.0.0.1 as
+    /<how>/clip.ts, how: "ranges" (Content-Length and Range requests, as nginx), "length"
+    (Content-Length, no Range: python's http.server), "live" (no length: sent until the
+    connection closes, as a live stream is), "playlist" (a length, as an HLS playlist);
+    /auth/... wants Basic authentication as u:p. Yields (the server's URL, the Authorization
+    headers it got, the folder of clip.ts)."""
+    import base64
+    import functools
+    import http.server
+    import re
+    import threading
+
+    import av
+
+    folder = tmp_path_factory.mktemp("ts")
+    with av.open(str(folder / "clip.ts"), "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg2video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(40):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), index * 5, np.uint8),
+                                                                  format="bgr24")))
+        container.mux(stream.encode(None))
+    data = (folder / "clip.ts").read_bytes()
+    asked = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.answer(head=True)
+
+        def do_GET(self):
+            self.answer(head=False)
+
+        def answer(self, head: bool):
+            how = self.path.split("/")[1]
+            if how == "auth":
+                asked.append(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"u:p").decode():
+                    self.send_error(401)
+                    return
+                how = self.path.split("/")[2]
+            wanted = re.fullmatch(r"bytes=([0-9]+)-([0-9]*)", self.headers.get("Range", "")) if how == "ranges" else None
+            start, end = (int(wanted[1]), int(wanted[2] or len(data) - 1)) if wanted else (0, len(data) - 1)
+            self.send_response(206 if wanted else 200)
+            self.send_header("Content-Type", "application/vnd.apple.mpegurl" if how == "playlist" else "video/mp2t")
+            if how == "ranges":
+                self.send_header("Accept-Ranges", "bytes")
+            if wanted:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            if how != "live":
+                self.send_header("Content-Length", str(end - start + 1))
+            else:
+                self.close_connection = True
+            self.end_headers()
+            if not head:
+                self.wfile.write(data[start:end + 1])
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Server))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", asked, folder
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize("how, live, frames", [("ranges", False, 40), ("length", False, None), ("live", True, None)])
+def test_a_ts_behind_a_url_is_a_file_when_its_server_says_its_length(ts_server, how, live, frames):
+    """An MPEG-TS behind a server that cannot seek has no frame count in FFmpeg: it was read as a
+    live stream (on a thread, newest frame only, not paced as a file, its end a stall). The
+    server's Content-Length says it is a file; a .ts sent with no length is a live stream."""
+    from camface.realtime.sources import make_source
+
+    from camface.realtime.sources import VideoFileSource
+
+    url, _, folder = ts_server
+    with VideoFileSource(folder / "clip.ts") as clip:
+        local = list(clip)
+    source = make_source(f"{url}/{how}/clip.ts")
+    source.reconnects = 0
+    with source:
+        assert (source.info.live, source.info.frames, source.info.fps) == (live, frames, 25.0)
+        if not live:
+            frames_read = list(source)
+    if not live:  # every frame, in order: as the file read locally
+        assert len(frames_read) == len(local) == 40
+        assert all(np.array_equal(a, b) for a, b in zip(frames_read, local))
+
+
+@pytest.mark.parametrize("path, whole", [
+    ("/length/clip.ts", True), ("/ranges/clip.ts", True), ("/live/clip.ts", False),
+    ("/playlist/clip.ts", False),  # an HLS playlist's length is not its video's
+    ("/auth/length/clip.ts", False),  # no password: 401
+])
+def test_served_as_a_file_asks_the_server(ts_server, path, whole):
+    from camface.realtime.live_source import served_as_a_file
+
+    url, _, _ = ts_server
+    assert served_as_a_file(url + path, 5.0) is whole
+
+
+def test_served_as_a_file_logs_in_as_ffmpeg_does(ts_server):
+    from camface.realtime.live_source import served_as_a_file
+
+    url, asked, _ = ts_server
+    asked.clear()
+    assert served_as_a_file(url.replace("://", "://u:p@") + "/auth/length/clip.ts", 5.0)
+    assert not served_as_a_file(url.replace("://", "://u:wrong@") + "/auth/length/clip.ts", 5.0)
+    assert asked == ["Basic " + __import__("base64").b64encode(s).decode() for s in (b"u:p", b"u:wrong")]
+
+
 class Uneven(FakeCamera):
     """Reads 2 to `last` give `odd` (ok=True) at once, the others good frames, 0.1 s apart
     after `last` (so the newest frame when the loop first asks is an odd one); 30 fps."""
@@ -698,7 +833,8 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
     """An image larger than OpenCV decodes (2^30 pixels, 2^20 a side) was skipped from a folder
     as "not an image OpenCV can read" (OpenCV 4), or ended the run with cv2.error's traceback
     (OpenCV 5 raises): it is skipped saying its size, the limit and the environment variable
-    that raises it; `camface guided` and `camface compare` say the same."""
+    that raises it; `camface guided`, `camface compare`, `camface train` (its log and report.md)
+    and `camface enroll` say the same."""
     from camface.export.compare import read_photos
     from camface.guided.image import read_image
     from camface.guided.snapshot import EMOTION_PREPROCESSING
@@ -724,3 +860,33 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
     with pytest.raises(SourceError) as compared:
         read_photos([tmp_path / "01.png", tmp_path / f"02-{name}"])
     assert str(compared.value) == f"cannot read the photo {tmp_path / f'02-{name}'}: {reason}"
+    # `camface train` and `camface enroll` read their photos alike: they said "unreadable" only
+    import shutil
+
+    from camface.export.enroll import face_crops, scan_people
+    from camface.models import dataset, report
+    from camface.models.train import _log_counts
+
+    people = tmp_path / "people"
+    for folder, photos in {"a": ["01.png", f"02-{name}"], "b": ["03.png"]}.items():
+        (people / folder).mkdir(parents=True)
+        for photo in photos:
+            shutil.copy(tmp_path / photo, people / folder / photo)
+    big = people / "a" / f"02-{name}"
+    classes = dataset.scan_classes(people)
+    settings = dataset.CropSettings(size=8, detect=False, detector="", margin=0.0, min_confidence=0.0)
+    photos = dataset.prepare_crops(people, classes, tmp_path / "crops", settings)
+    assert [(p.source, p.why) for p in photos if p.status == dataset.UNREADABLE] == [(big, reason)]
+    again = dataset.prepare_crops(people, classes, tmp_path / "crops", settings)  # tried again, not cached
+    assert again == photos
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _log_counts(dataset.count_statuses(photos), {str(big): reason})
+        face_crops(people, scan_people(people), (8, 8), "BGR", detect=False)
+    assert [r.getMessage() for r in caplog.records] == [f"unreadable image skipped: {big}: {reason}",
+                                                        f"skipping {big}: {reason}"]
+    report.write_report(tmp_path / "report.md", command="camface train", labels=["a", "b"],
+                        counts=dataset.count_statuses(photos), unreadable={str(big): reason}, split_sizes={},
+                        stages=[], metrics=report.classification_metrics(np.array([0, 1]), np.array([0, 1]), ["a", "b"]),
+                        settings={}, seconds=1.0)
+    assert f"- `{big}`: {reason}\n" in (tmp_path / "report.md").read_text()
