@@ -9,9 +9,9 @@ convolutions' output padding; the batch dimension may stay dynamic.
 
 The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, sigmoids,
 Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, softmaxes),
-`onnx_grad_norms` (batch, layer, instance, group, Lp norm), `onnx_grad_moves` (Pad, Tile,
-DepthToSpace) and `onnx_grad_layers` (pooling, reductions, MatMul/Gemm, Conv, ConvTranspose,
-Resize); what they share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
+`onnx_grad_norms` (batch, layer, instance, group, Lp norm, LRN), `onnx_grad_moves` (Pad, Tile,
+DepthToSpace), `onnx_grad_layers` (pooling, reductions, MatMul/Gemm, Conv, ConvTranspose,
+Resize) and `onnx_grad_einsum` (Einsum); what they share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from camface.export import onnx_grad_activations as activations
+from camface.export import onnx_grad_einsum as einsum
 from camface.export import onnx_grad_layers as layers
 from camface.export import onnx_grad_moves as moves
 from camface.export import onnx_grad_norms as norms
@@ -48,6 +49,7 @@ RULES: dict[str, Rule] = {
     "Min": pointwise.extremum,
     "Relu": pointwise.relu,
     "LeakyRelu": pointwise.leaky_relu,
+    "ThresholdedRelu": pointwise.thresholded_relu,
     "PRelu": pointwise.prelu,
     "Clip": pointwise.clip,
     "Sigmoid": pointwise.sigmoid,
@@ -75,6 +77,7 @@ RULES: dict[str, Rule] = {
     "InstanceNormalization": norms.instance_norm,
     "GroupNormalization": norms.group_norm,
     "LpNormalization": norms.lp_norm,
+    "LRN": norms.lrn,
     "GlobalAveragePool": layers.global_average_pool,
     "GlobalMaxPool": layers.global_max_pool,
     "ReduceMean": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=True),
@@ -87,6 +90,8 @@ RULES: dict[str, Rule] = {
     "ReduceLogSumExp": layers.reduce_by_formula,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
+    "LpPool": layers.lp_pool,
+    "GlobalLpPool": layers.global_lp_pool,
     "Transpose": pointwise.transpose,
     "Concat": pointwise.concat,
     "Split": pointwise.split,
@@ -96,6 +101,7 @@ RULES: dict[str, Rule] = {
     "Where": pointwise.where,
     "MatMul": layers.matmul,
     "Gemm": layers.gemm,
+    "Einsum": einsum.einsum,
     "Conv": layers.conv,
     "ConvTranspose": layers.conv_transpose,
     "Pad": moves.pad,
