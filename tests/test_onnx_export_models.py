@@ -1008,3 +1008,58 @@ def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
     for name, heatmap in expected.items():
         scale = float(np.abs(heatmap).max())
         np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+class EinsumAttention(nn.Module):
+    """A conv stem (the target), then two-head self-attention over its 8 x 8 tokens written with
+    torch.einsum as transformers often are: the q, k, v projection (`bld,od->blo`), the scores
+    (`bhqd,bhkd->bhqk`), the values (`bhqk,bhkd->bhqd`) and the classifier (`bd,od->bo`)."""
+
+    def __init__(self, dim=8, heads=2, classes=4):
+        super().__init__()
+        self.heads = heads
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.ReLU())
+        self.qkv = nn.Parameter(torch.randn(3 * dim, dim) * dim ** -0.5)
+        self.fc = nn.Parameter(torch.randn(classes, dim) * dim ** -0.5)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        n, count, dim = tokens.shape
+        q, k, v = torch.einsum("bld,od->blo", tokens, self.qkv).reshape(
+            n, count, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attention = (torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.5).softmax(-1)
+        y = torch.einsum("bhqk,bhkd->bhqd", attention, v).transpose(1, 2).reshape(n, count, dim)
+        return torch.einsum("bd,od->bo", y.mean(1), self.fc)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_a_target_before_einsum_attention_exports_with_torchs_gradient(tmp_path, kind):
+    """torch.einsum between the target and the logits (ONNX Einsum, kept by both exporters)
+    dropped the gradient methods ("no gradient rule for op Einsum"): the graph passes the
+    self-check with Grad-CAM and HiResCAM, and they equal the references on torch autograd's
+    gradient at the conv stem."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = EinsumAttention().eval()
+    path = (legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy"
+            else save_program(model, tmp_path / "m.pt2", size=SIZE))
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer="stem"))
+    assert sum(n.op_type == "Einsum" for n in onnx.load(str(result.path)).graph.node) > 4
+    assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
+    assert result.info.feature_size == (8, 8) and all(d.ok for d in result.differences)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = run_graph(result.path, images, classes)
+    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
+                                              ["gradcam", "hirescam"])
+    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
