@@ -8,10 +8,11 @@ of the convolution and pooling layers must be known (shape inference): they fix 
 convolutions' output padding; the batch dimension may stay dynamic.
 
 The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, sigmoids,
-Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, softmaxes),
-`onnx_grad_norms` (batch, layer, instance, group, Lp norm, LRN), `onnx_grad_moves` (Pad, Tile,
-DepthToSpace), `onnx_grad_layers` (pooling, reductions, MatMul/Gemm, Conv, ConvTranspose,
-Resize) and `onnx_grad_einsum` (Einsum); what they share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
+Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, Sign,
+trigonometry, softmaxes), `onnx_grad_norms` (batch, layer, instance, group, Lp norm, LRN),
+`onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK), `onnx_grad_layers` (pooling, reductions,
+CumSum, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
+share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
 
@@ -68,6 +69,10 @@ RULES: dict[str, Rule] = {
     "Softsign": activations.softsign,
     "Mish": activations.mish,
     "Abs": activations.abs_,
+    "Sign": activations.sign,
+    "Sin": activations.sin,
+    "Cos": activations.cos,
+    "Atan": activations.atan,
     "Log": activations.log,
     "Reciprocal": activations.reciprocal,
     "Softmax": activations.softmax,
@@ -88,6 +93,7 @@ RULES: dict[str, Rule] = {
     "ReduceL2": layers.reduce_by_formula,
     "ReduceSumSquare": layers.reduce_by_formula,
     "ReduceLogSumExp": layers.reduce_by_formula,
+    "CumSum": layers.cumsum,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
     "LpPool": layers.lp_pool,
@@ -108,6 +114,7 @@ RULES: dict[str, Rule] = {
     "Tile": moves.tile,
     "DepthToSpace": moves.depth_to_space,
     "SpaceToDepth": moves.space_to_depth,
+    "TopK": moves.top_k,
     "Resize": layers.resize,
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
@@ -119,6 +126,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
     "ReduceLogSumExp": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
+    "CumSum": (0,), "TopK": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

@@ -102,6 +102,16 @@ def reduce_by_formula(ctx, node, grads):
     return [dx] + [None] * (len(node.input) - 1)
 
 
+def cumsum(ctx, node, grads):
+    """y_i = sum of x_j for j <= i (j < i exclusive; j >= i reversed): dx_j sums g_i over the
+    i that read x_j, the same CumSum run the other way."""
+    reverse = int(attribute(node, "reverse", 0))
+    exclusive = int(attribute(node, "exclusive", 0))
+    summed = ctx.builder.op("CumSum", [grads[0], node.input[1]], exclusive=exclusive,
+                            reverse=1 - reverse)
+    return [summed, None]
+
+
 def matmul(ctx, node, grads):
     """numpy matmul of rank >= 2 operands: dA = g B^T, dB = A^T g, summed over the leading
     axes an operand of lower rank was broadcast along."""

@@ -529,6 +529,33 @@ CASES.update({
     "GlobalLpPool(p 3)": ([node("GlobalLpPool", ["x"], p=3)], [],
                           lambda t, F, x: (x.abs() ** 3).sum((2, 3), keepdim=True) ** (1 / 3)),
 })
+# What torch writes for LPPool2d (Pow, AveragePool, sign(s) relu(|s|), Pow), cumsum, topk and
+# sort (TopK), and trigonometry
+CASES.update({
+    "Sign": ([node("Sign", ["x"], ["s"]), node("Mul", ["s", "x"])], [],
+             lambda t, F, x: t.sign(x) * x),
+    "LPPool2d(as torch writes it)": (
+        [node("Pow", ["x", "two"], ["p"]), node("AveragePool", ["p"], ["a"], kernel_shape=[2, 2],
+                                                strides=[2, 2]),
+         node("Sign", ["a"], ["s"]), node("Abs", ["a"], ["m"]), node("Relu", ["m"], ["r"]),
+         node("Mul", ["s", "r"], ["sr"]), node("Mul", ["sr", "four"], ["f"]),
+         node("Pow", ["f", "half"])],
+        [init("two", np.float32(2)), init("four", np.float32(4)), init("half", np.float32(0.5))],
+        lambda t, F, x: F.lp_pool2d(x, 2, 2)),
+    "CumSum": ([node("CumSum", ["x", "ax"])], [init("ax", np.array(2))],
+               lambda t, F, x: x.cumsum(2)),
+    "CumSum(reverse, exclusive)": ([node("CumSum", ["x", "ax"], reverse=1, exclusive=1)],
+                                   [init("ax", np.array(-1))],
+                                   lambda t, F, x: x.flip(3).cumsum(3).flip(3) - x),
+    "TopK(torch.topk)": ([node("Flatten", ["x"], ["f"]), node("TopK", ["f", "k"], ["y", "i"])],
+                         [init("k", np.array([5]))],
+                         lambda t, F, x: x.flatten(1).topk(5)[0]),
+    "TopK(smallest, torch.sort)": ([node("TopK", ["x", "k"], ["y", "i"], axis=1, largest=0)],
+                                   [init("k", np.array([3]))],
+                                   lambda t, F, x: x.sort(1)[0]),
+    "Sin/Cos/Atan": ([node("Sin", ["x"], ["s"]), node("Cos", ["s"], ["c"]), node("Atan", ["c"])],
+                     [], lambda t, F, x: t.atan(t.cos(t.sin(x)))),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -621,7 +648,7 @@ def test_every_listed_op_has_a_rule():
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
-              "LpPool GlobalLpPool").split()
+              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
