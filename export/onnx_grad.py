@@ -10,7 +10,7 @@ convolutions' output padding; the batch dimension may stay dynamic.
 The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, sigmoids,
 Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, Sign,
 trigonometry, softmaxes), `onnx_grad_norms` (batch, layer, instance, group, Lp norm, LRN),
-`onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK), `onnx_grad_layers` (pooling, reductions,
+`onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK, GatherND), `onnx_grad_layers` (pooling, reductions,
 CumSum, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
 share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
@@ -115,6 +115,7 @@ RULES: dict[str, Rule] = {
     "DepthToSpace": moves.depth_to_space,
     "SpaceToDepth": moves.space_to_depth,
     "TopK": moves.top_k,
+    "GatherND": moves.gather_nd,
     "Resize": layers.resize,
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
@@ -126,7 +127,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
     "ReduceLogSumExp": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
-    "CumSum": (0,), "TopK": (0,),
+    "CumSum": (0,), "TopK": (0,), "GatherND": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

@@ -1147,3 +1147,44 @@ def test_an_if_is_folded_only_where_the_shapes_decide_it(axis, reduce, folded):
     ops = [n.op_type for n in onnx_model.prepare(model).graph.node]
     assert ("If" in ops) == (folded is None)
     assert ("Relu" in ops, "Neg" in ops) == (folded == "then", folded == "else")
+
+
+class AdaptivePooling(nn.Module):
+    """A stride-4 stem (8 x 8, the target), AdaptiveAvgPool2d(3) (windows of 3 and 4 that
+    overlap: torch.export writes GatherND for them), a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 4, 4), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.fc = nn.Linear(54, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stem(x)).flatten(1))
+
+
+def test_a_target_before_an_adaptive_pooling_of_a_pt2_exports_with_torchs_gradient(tmp_path):
+    """AdaptiveAvgPool2d whose output size does not divide the map's, from a .pt2, dropped the
+    gradient methods ("no gradient rule for op GatherND"); its Grad-CAM and HiResCAM equal the
+    references on torch autograd's gradient at the stem."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = AdaptivePooling().eval()
+    result = onnx_export.export(save_program(model, tmp_path / "m.pt2", size=SIZE),
+                                tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer="stem"))
+    assert any(n.op_type == "GatherND" for n in onnx.load(str(result.path)).graph.node)
+    assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
+    assert all(d.ok for d in result.differences)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = run_graph(result.path, images, classes)
+    _, _, expected = torch_heatmaps(model, model.stem, images, classes, ["gradcam", "hirescam"])
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)

@@ -530,7 +530,7 @@ CASES.update({
                           lambda t, F, x: (x.abs() ** 3).sum((2, 3), keepdim=True) ** (1 / 3)),
 })
 # What torch writes for LPPool2d (Pow, AveragePool, sign(s) relu(|s|), Pow), cumsum, topk and
-# sort (TopK), and trigonometry
+# sort (TopK), adaptive pooling from a .pt2 (GatherND), and trigonometry
 CASES.update({
     "Sign": ([node("Sign", ["x"], ["s"]), node("Mul", ["s", "x"])], [],
              lambda t, F, x: t.sign(x) * x),
@@ -553,6 +553,12 @@ CASES.update({
     "TopK(smallest, torch.sort)": ([node("TopK", ["x", "k"], ["y", "i"], axis=1, largest=0)],
                                    [init("k", np.array([3]))],
                                    lambda t, F, x: x.sort(1)[0]),
+    "GatherND(repeated, negative)": ([node("GatherND", ["x", "at"])],
+                                     [init("at", np.array([[0, 1], [1, -1], [0, 1]]))],
+                                     lambda t, F, x: x[[0, 1, 0], [1, 2, 1]]),
+    "GatherND(whole elements)": ([node("GatherND", ["x", "at"])],
+                                 [init("at", np.array([[[1, 0, 3, 2], [0, 2, 1, 1]]]))],
+                                 lambda t, F, x: x[[1, 0], [0, 2], [3, 1], [2, 1]][None]),
     "Sin/Cos/Atan": ([node("Sin", ["x"], ["s"]), node("Cos", ["s"], ["c"]), node("Atan", ["c"])],
                      [], lambda t, F, x: t.atan(t.cos(t.sin(x)))),
 })
@@ -648,7 +654,7 @@ def test_every_listed_op_has_a_rule():
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
-              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK").split()
+              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -705,9 +711,13 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
      [], 20, r"\(LpPool\): ceil_mode 1 has no gradient rule"),
     ([node("GlobalLpPool", ["x"], name="the_node", p=0)], [], 20,
      r"\(GlobalLpPool\): p = 0 has no gradient rule"),
+    ([node("GatherND", ["x", "at"], name="the_node", batch_dims=1)],
+     [init("at", np.array([[0], [2]]))], 20, r"\(GatherND\): batch_dims 1 has no gradient rule"),
+    ([node("GatherND", ["x", "at"], name="the_node")], [init("at", np.array([[0, 1]]))], 15,
+     r"\(GatherND\): its gradient needs opset >= 16 \(the model has 15\)"),
 ], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
-        "lp pool ceil_mode", "global lp pool p 0"])
+        "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)
