@@ -94,9 +94,17 @@ def _decide(model, conditions: dict[str, set[str]], constants: dict) -> dict[str
     """condition -> its value, where the shapes it reads (as ONNX Runtime gives them on batches
     of 1 and 2) decide it whatever the batch."""
     dims = _probe(model, sorted(set().union(*conditions.values())))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    reads, stack = set(), list(conditions)  # the tensors the conditions are computed from
+    while stack:
+        name = stack.pop()
+        if name not in reads and name in producer:
+            reads.add(name)
+            if producer[name].op_type not in ("Shape", "Size"):
+                stack.extend(producer[name].input)
     known = {name: (np.asarray(v), np.ones(np.shape(v), bool)) for name, v in constants.items()}
     for node in model.graph.node:
-        if node.output and node.output[0] not in known:
+        if node.output and node.output[0] in reads and node.output[0] not in known:
             found = _evaluate(node, [known.get(x) for x in node.input], dims)
             if found is not None:
                 known[node.output[0]] = found
