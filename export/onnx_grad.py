@@ -93,6 +93,7 @@ RULES: dict[str, Rule] = {
     "ReduceL2": layers.reduce_by_formula,
     "ReduceSumSquare": layers.reduce_by_formula,
     "ReduceLogSumExp": layers.reduce_by_formula,
+    "ReduceProd": layers.reduce_prod,
     "CumSum": layers.cumsum,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
@@ -127,7 +128,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
     "ReduceLogSumExp": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
-    "CumSum": (0,), "TopK": (0,), "GatherND": (0,),
+    "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

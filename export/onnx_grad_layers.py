@@ -102,6 +102,30 @@ def reduce_by_formula(ctx, node, grads):
     return [dx] + [None] * (len(node.input) - 1)
 
 
+def reduce_prod(ctx, node, grads):
+    """ReduceProd (torch.prod): dx = g times the product of the others in x's slice, taken as
+    P / x with P the product of the slice's non-zero elements: P / x where the slice holds no
+    zero, P at its one zero, 0 elsewhere (never 0 / 0)."""
+    from onnx import TensorProto
+
+    b = ctx.builder
+    x = node.input[0]
+    axes, keepdims = _reduce_axes(ctx, node)
+    if axes is None:
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+    zero, one = b.const(0.0), b.const(1.0)
+    is_zero = b.op("Equal", [x, zero])
+    zeros = b.reduce("ReduceSum", b.op("Cast", [is_zero], to=TensorProto.FLOAT), axes, True)
+    safe = b.op("Where", [is_zero, one, x])
+    product = b.reduce("ReduceProd", safe, axes, keepdims=True)
+    others = b.op("Where", [is_zero,
+                            b.op("Where", [b.op("Equal", [zeros, one]), product, zero]),
+                            b.op("Where", [b.op("Equal", [zeros, zero]),
+                                           b.op("Div", [product, safe]), zero])])
+    return [b.op("Mul", [grad, others])] + [None] * (len(node.input) - 1)
+
+
 def cumsum(ctx, node, grads):
     """y_i = sum of x_j for j <= i (j < i exclusive; j >= i reversed): dx_j sums g_i over the
     i that read x_j, the same CumSum run the other way."""

@@ -529,8 +529,9 @@ CASES.update({
     "GlobalLpPool(p 3)": ([node("GlobalLpPool", ["x"], p=3)], [],
                           lambda t, F, x: (x.abs() ** 3).sum((2, 3), keepdim=True) ** (1 / 3)),
 })
+ZEROS_KEPT = (RNG.random((3, 4, 4)) > 0.4).astype(np.float32)
 # What torch writes for LPPool2d (Pow, AveragePool, sign(s) relu(|s|), Pow), cumsum, topk and
-# sort (TopK), adaptive pooling from a .pt2 (GatherND), and trigonometry
+# sort (TopK), adaptive pooling from a .pt2 (GatherND), torch.prod, and trigonometry
 CASES.update({
     "Sign": ([node("Sign", ["x"], ["s"]), node("Mul", ["s", "x"])], [],
              lambda t, F, x: t.sign(x) * x),
@@ -559,6 +560,12 @@ CASES.update({
     "GatherND(whole elements)": ([node("GatherND", ["x", "at"])],
                                  [init("at", np.array([[[1, 0, 3, 2], [0, 2, 1, 1]]]))],
                                  lambda t, F, x: x[[1, 0], [0, 2], [3, 1], [2, 1]][None]),
+    "ReduceProd": ([node("ReduceProd", ["x", "ax"], keepdims=0)], [init("ax", np.array([1]))],
+                   lambda t, F, x: x.prod(1)),
+    # zeros in the slices (one, two, three of the three channels): no 0 / 0
+    "ReduceProd(zeros)": ([node("Mul", ["x", "keep"], ["m"]), node("ReduceProd", ["m", "ax"])],
+                          [init("keep", ZEROS_KEPT), init("ax", np.array([1]))],
+                          lambda t, F, x: (x * t.tensor(ZEROS_KEPT)).prod(1, keepdim=True)),
     "Sin/Cos/Atan": ([node("Sin", ["x"], ["s"]), node("Cos", ["s"], ["c"]), node("Atan", ["c"])],
                      [], lambda t, F, x: t.atan(t.cos(t.sin(x)))),
 })
@@ -654,7 +661,7 @@ def test_every_listed_op_has_a_rule():
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
-              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND").split()
+              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
