@@ -8,10 +8,11 @@ of the convolution and pooling layers must be known (shape inference): they fix 
 convolutions' output padding; the batch dimension may stay dynamic.
 
 The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, sigmoids,
-Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, softmaxes),
-`onnx_grad_norms` (batch, layer, instance, group, Lp norm), `onnx_grad_moves` (Pad, Tile,
-DepthToSpace) and `onnx_grad_layers` (pooling, reductions, MatMul/Gemm, Conv, ConvTranspose,
-Resize); what they share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
+Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Log, Sign,
+trigonometry, softmaxes), `onnx_grad_norms` (batch, layer, instance, group, Lp norm, LRN),
+`onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK, GatherND), `onnx_grad_layers` (pooling, reductions,
+CumSum, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
+share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from camface.export import onnx_grad_activations as activations
+from camface.export import onnx_grad_einsum as einsum
 from camface.export import onnx_grad_layers as layers
 from camface.export import onnx_grad_moves as moves
 from camface.export import onnx_grad_norms as norms
@@ -48,6 +50,7 @@ RULES: dict[str, Rule] = {
     "Min": pointwise.extremum,
     "Relu": pointwise.relu,
     "LeakyRelu": pointwise.leaky_relu,
+    "ThresholdedRelu": pointwise.thresholded_relu,
     "PRelu": pointwise.prelu,
     "Clip": pointwise.clip,
     "Sigmoid": pointwise.sigmoid,
@@ -66,6 +69,10 @@ RULES: dict[str, Rule] = {
     "Softsign": activations.softsign,
     "Mish": activations.mish,
     "Abs": activations.abs_,
+    "Sign": activations.sign,
+    "Sin": activations.sin,
+    "Cos": activations.cos,
+    "Atan": activations.atan,
     "Log": activations.log,
     "Reciprocal": activations.reciprocal,
     "Softmax": activations.softmax,
@@ -75,6 +82,7 @@ RULES: dict[str, Rule] = {
     "InstanceNormalization": norms.instance_norm,
     "GroupNormalization": norms.group_norm,
     "LpNormalization": norms.lp_norm,
+    "LRN": norms.lrn,
     "GlobalAveragePool": layers.global_average_pool,
     "GlobalMaxPool": layers.global_max_pool,
     "ReduceMean": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=True),
@@ -85,8 +93,12 @@ RULES: dict[str, Rule] = {
     "ReduceL2": layers.reduce_by_formula,
     "ReduceSumSquare": layers.reduce_by_formula,
     "ReduceLogSumExp": layers.reduce_by_formula,
+    "ReduceProd": layers.reduce_prod,
+    "CumSum": layers.cumsum,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
+    "LpPool": layers.lp_pool,
+    "GlobalLpPool": layers.global_lp_pool,
     "Transpose": pointwise.transpose,
     "Concat": pointwise.concat,
     "Split": pointwise.split,
@@ -96,12 +108,15 @@ RULES: dict[str, Rule] = {
     "Where": pointwise.where,
     "MatMul": layers.matmul,
     "Gemm": layers.gemm,
+    "Einsum": einsum.einsum,
     "Conv": layers.conv,
     "ConvTranspose": layers.conv_transpose,
     "Pad": moves.pad,
     "Tile": moves.tile,
     "DepthToSpace": moves.depth_to_space,
     "SpaceToDepth": moves.space_to_depth,
+    "TopK": moves.top_k,
+    "GatherND": moves.gather_nd,
     "Resize": layers.resize,
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
@@ -113,6 +128,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
     "ReduceLogSumExp": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
+    "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

@@ -1,12 +1,12 @@
-"""Gradient rules of the smooth activations, the log / exp family and the softmaxes (see
-`onnx_grad`): Elu, Selu, Celu, Softplus, Softsign, Mish, Abs, Log, Reciprocal, Softmax,
-LogSoftmax. At x = 0 each takes the slope torch's autograd takes (the negative branch of the
-ELUs, 0 for Abs)."""
+"""Gradient rules of the smooth activations, the log / exp family, trigonometry and the
+softmaxes (see `onnx_grad`): Elu, Selu, Celu, Softplus, Softsign, Mish, Abs, Sign, Log,
+Reciprocal, Sin, Cos, Atan, Softmax, LogSoftmax. At x = 0 each takes the slope torch's
+autograd takes (the negative branch of the ELUs, 0 for Abs)."""
 
 from __future__ import annotations
 
 from camface.errors import ModelError
-from camface.export.onnx_grad_context import attribute
+from camface.export.onnx_grad_context import attribute, float_tensor
 
 
 def _by_sign(ctx, node, grads, positive: float, negative: str):
@@ -68,6 +68,29 @@ def mish(ctx, node, grads):
 def abs_(ctx, node, grads):
     """dy/dx = sign(x), 0 at 0 (torch's sgn)."""
     return [ctx.builder.op("Mul", [grads[0], ctx.builder.op("Sign", [node.input[0]])])]
+
+
+def sign(ctx, node, grads):
+    """Flat everywhere (torch's too): zeros shaped like x. torch's LPPool2d writes
+    sign(s) relu(|s|) of the pooled powers s; the gradient goes through the ReLU."""
+    b = ctx.builder
+    return [b.op("ConstantOfShape", [b.op("Shape", [node.input[0]])], value=float_tensor(0.0))]
+
+
+def sin(ctx, node, grads):
+    return [ctx.builder.op("Mul", [grads[0], ctx.builder.op("Cos", [node.input[0]])])]
+
+
+def cos(ctx, node, grads):
+    b = ctx.builder
+    return [b.op("Neg", [b.op("Mul", [grads[0], b.op("Sin", [node.input[0]])])])]
+
+
+def atan(ctx, node, grads):
+    """dy/dx = 1 / (1 + x^2)."""
+    b = ctx.builder
+    x = node.input[0]
+    return [b.op("Div", [grads[0], b.op("Add", [b.op("Mul", [x, x]), b.const(1.0)])])]
 
 
 def log(ctx, node, grads):

@@ -1,5 +1,6 @@
 """Gradient rules of layers (see `onnx_grad`): pooling and reductions, MatMul/Gemm, Conv (a
-transposed convolution) and ConvTranspose (a convolution), AveragePool and MaxPool, Resize."""
+transposed convolution) and ConvTranspose (a convolution), AveragePool, LpPool and MaxPool,
+Resize."""
 
 from __future__ import annotations
 
@@ -99,6 +100,40 @@ def reduce_by_formula(ctx, node, grads):
     else:  # ReduceLogSumExp
         dx = b.op("Mul", [grad, b.op("Exp", [b.op("Sub", [x, y])])])
     return [dx] + [None] * (len(node.input) - 1)
+
+
+def reduce_prod(ctx, node, grads):
+    """ReduceProd (torch.prod): dx = g times the product of the others in x's slice, taken as
+    P / x with P the product of the slice's non-zero elements: P / x where the slice holds no
+    zero, P at its one zero, 0 elsewhere (never 0 / 0)."""
+    from onnx import TensorProto
+
+    b = ctx.builder
+    x = node.input[0]
+    axes, keepdims = _reduce_axes(ctx, node)
+    if axes is None:
+        return [grads[0]] + [None] * (len(node.input) - 1)
+    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+    zero, one = b.const(0.0), b.const(1.0)
+    is_zero = b.op("Equal", [x, zero])
+    zeros = b.reduce("ReduceSum", b.op("Cast", [is_zero], to=TensorProto.FLOAT), axes, True)
+    safe = b.op("Where", [is_zero, one, x])
+    product = b.reduce("ReduceProd", safe, axes, keepdims=True)
+    others = b.op("Where", [is_zero,
+                            b.op("Where", [b.op("Equal", [zeros, one]), product, zero]),
+                            b.op("Where", [b.op("Equal", [zeros, zero]),
+                                           b.op("Div", [product, safe]), zero])])
+    return [b.op("Mul", [grad, others])] + [None] * (len(node.input) - 1)
+
+
+def cumsum(ctx, node, grads):
+    """y_i = sum of x_j for j <= i (j < i exclusive; j >= i reversed): dx_j sums g_i over the
+    i that read x_j, the same CumSum run the other way."""
+    reverse = int(attribute(node, "reverse", 0))
+    exclusive = int(attribute(node, "exclusive", 0))
+    summed = ctx.builder.op("CumSum", [grads[0], node.input[1]], exclusive=exclusive,
+                            reverse=1 - reverse)
+    return [summed, None]
 
 
 def matmul(ctx, node, grads):
@@ -263,6 +298,46 @@ def average_pool(ctx, node, grads):
         grad = b.op("Div", [grad, counts])
     padded = _transpose_conv(ctx, node, grad, x, ones, kernel, channels)
     return [padded]
+
+
+def _lp_slope(ctx, node, x: str, y: str, grad: str, p: int) -> tuple[str, str]:
+    """(d|x|^p / dx / p, g y^(1 - p)) of an Lp pooling, y = (sum |x|^p)^(1 / p) over each
+    window: dx = |x|^(p - 1) sign(x) * (the windows' g y^(1 - p) summed back). A window of
+    zeros (y = 0) passes no gradient."""
+    b = ctx.builder
+    if p < 1:
+        raise ModelError(f"node {node.name!r} ({node.op_type}): p = {p} has no gradient rule")
+    if p == 1:
+        slope = b.op("Sign", [x])
+    elif p == 2:
+        slope = x
+    else:
+        slope = b.op("Mul", [b.op("Sign", [x]), b.op("Pow", [b.op("Abs", [x]), b.const(p - 1.0)])])
+    zero = b.const(0.0)
+    scaled = grad if p == 1 else b.op("Mul", [grad, b.op("Pow", [y, b.const(1.0 - p)])])
+    return slope, b.op("Where", [b.op("Greater", [y, zero]), scaled, zero])
+
+
+def lp_pool(ctx, node, grads):
+    """LpPool (p >= 1, strides, pads, auto_pad, dilations): each window's g y^(1 - p) summed
+    back over the window (a transposed convolution with a ones kernel per channel, as
+    AveragePool), times |x|^(p - 1) sign(x)."""
+    b = ctx.builder
+    x, y = node.input[0], node.output[0]
+    if attribute(node, "ceil_mode", 0):
+        raise ModelError(f"node {node.name!r} (LpPool): ceil_mode 1 has no gradient rule")
+    kernel = list(attribute(node, "kernel_shape"))
+    channels = ctx.static(x, node, "input")[1]
+    slope, scaled = _lp_slope(ctx, node, x, y, grads[0], int(attribute(node, "p", 2)))
+    ones = b.const(np.ones([channels, 1, *kernel], np.float32))
+    return [b.op("Mul", [slope, _transpose_conv(ctx, node, scaled, x, ones, kernel, channels)])]
+
+
+def global_lp_pool(ctx, node, grads):
+    """GlobalLpPool: LpPool over every spatial axis, g y^(1 - p) broadcast back."""
+    x, y = node.input[0], node.output[0]
+    slope, scaled = _lp_slope(ctx, node, x, y, grads[0], int(attribute(node, "p", 2)))
+    return [ctx.builder.op("Mul", [slope, scaled])]
 
 
 def max_pool(ctx, node, grads):

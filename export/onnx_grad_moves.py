@@ -1,11 +1,12 @@
 """Gradient rules of ops that only move or copy elements of one input, no arithmetic (see
-`onnx_grad`): Pad, Tile, DepthToSpace (PixelShuffle) and SpaceToDepth. Each gradient is the
+`onnx_grad`): Pad, Tile, DepthToSpace (PixelShuffle), SpaceToDepth, TopK (torch.topk,
+torch.sort) and GatherND (adaptive pooling of sizes that do not divide, from a .pt2). Each gradient is the
 inverse move, or the moved elements' positions (`positions`) scattered back and summed."""
 
 from __future__ import annotations
 
 from camface.errors import ModelError
-from camface.export.onnx_grad_context import attribute, positions, scatter
+from camface.export.onnx_grad_context import attribute, float_tensor, positions, scatter
 
 
 def _text(value) -> str:
@@ -55,6 +56,33 @@ def tile(ctx, node, grads):
                             b.op("Unsqueeze", [b.op("Shape", [x]), column])], axis=1)
     split = b.op("Reshape", [grads[0], b.op("Reshape", [pairs, b.ints([-1])])])
     return [b.reduce("ReduceSum", split, list(range(0, 2 * rank, 2)), keepdims=False), None]
+
+
+def top_k(ctx, node, grads):
+    """The values' gradient put back where TopK took them (its indices, distinct along the
+    axis), zeros elsewhere."""
+    b = ctx.builder
+    x = node.input[0]
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [x])], value=float_tensor(0.0))
+    placed = b.op("ScatterElements", [zeros, node.output[1], grads[0]],
+                  axis=int(attribute(node, "axis", -1)))
+    return [placed] + [None] * (len(node.input) - 1)
+
+
+def gather_nd(ctx, node, grads):
+    """GatherND (batch_dims 0): the gradient added back at the index tuples taken, summed
+    where one repeats (ScatterND add, opset >= 16)."""
+    b = ctx.builder
+    batch_dims = int(attribute(node, "batch_dims", 0))
+    if batch_dims:
+        raise ModelError(f"node {node.name!r} (GatherND): batch_dims {batch_dims} has no "
+                         "gradient rule")
+    if b.opset < 16:
+        raise ModelError(f"node {node.name!r} (GatherND): its gradient needs opset >= 16 (the "
+                         f"model has {b.opset})")
+    x, indices = node.input
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [x])], value=float_tensor(0.0))
+    return [b.op("ScatterND", [zeros, indices, grads[0]], reduction="add"), None]
 
 
 def space_to_depth(ctx, node, grads):

@@ -1,6 +1,7 @@
 """Gradient rules of the normalisations (see `onnx_grad`): batch norm (inference), and the norms
 that compute their statistics from the input itself: layer, instance and group norm (one
-formula, `_standardised`) and LpNormalization (an embedding scaled to unit length)."""
+formula, `_standardised`), LpNormalization (an embedding scaled to unit length) and LRN (local
+response normalisation across channels)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,32 @@ def lp_norm(ctx, node, grads):
     dot = b.reduce("ReduceSum", b.op("Mul", [grads[0], y]), [axis], keepdims=True)
     dx = b.op("Div", [b.op("Sub", [grads[0], b.op("Mul", [along, dot])]), norm])
     return [b.op("Where", [b.op("Greater", [norm, b.const(0.0)]), dx, b.const(0.0)])]
+
+
+def lrn(ctx, node, grads):
+    """LRN (AlexNet, GoogLeNet), y = x s^-beta with s = bias + alpha / size * W(x^2), W the sum
+    over the channels c - floor((size - 1) / 2) ... c + ceil((size - 1) / 2):
+    dx = g s^-beta - 2 alpha beta / size * x * W^T(g x s^(-beta - 1)), W^T the window mirrored
+    (the same one for an odd size). Each window sum: an AveragePool of x taken as
+    [N, 1, C, ...] that counts the zero padding, times `size`."""
+    b = ctx.builder
+    x = node.input[0]
+    rank = _known_rank(ctx, node, x)
+    size = int(attribute(node, "size"))
+    alpha = float(attribute(node, "alpha", 1e-4))
+    beta = float(attribute(node, "beta", 0.75))
+    bias = float(attribute(node, "bias", 1.0))
+    front, back = (size - 1) // 2, size - 1 - (size - 1) // 2
+    zeros = [0] * (rank - 2)
+
+    def window(t, before, after):
+        pooled = b.op("AveragePool", [b.unsqueeze(t, [1])], kernel_shape=[size] + [1] * (rank - 2),
+                      pads=[before, *zeros, after, *zeros], count_include_pad=1)
+        return b.squeeze(pooled, [1])  # the mean over `size`: alpha / size * sum = alpha * mean
+
+    s = b.op("Add", [b.op("Mul", [window(b.op("Mul", [x, x]), front, back), b.const(alpha)]),
+                     b.const(bias)])
+    direct = b.op("Mul", [grads[0], b.op("Pow", [s, b.const(-beta)])])
+    inner = b.op("Mul", [b.op("Mul", [grads[0], x]), b.op("Pow", [s, b.const(-beta - 1.0)])])
+    spread = b.op("Mul", [window(inner, back, front), b.const(2.0 * alpha * beta)])
+    return [b.op("Sub", [direct, b.op("Mul", [x, spread])])]

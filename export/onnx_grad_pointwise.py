@@ -1,6 +1,6 @@
-"""Gradient rules of element-wise arithmetic (Add ... Max, Min, Sum, Mean), the ReLU family,
-sigmoids, Tanh, Exp, Sqrt, Erf, Pow, Gelu, and shape ops (see `onnx_grad`):
-rule(ctx, node, grads) -> the gradient of each input, None where not needed."""
+"""Gradient rules of element-wise arithmetic (Add ... Max, Min, Sum, Mean), the ReLU family
+(ThresholdedRelu included), sigmoids, Tanh, Exp, Sqrt, Erf, Pow, Gelu, and shape ops (see
+`onnx_grad`): rule(ctx, node, grads) -> the gradient of each input, None where not needed."""
 
 from __future__ import annotations
 
@@ -83,6 +83,13 @@ def leaky_relu(ctx, node, grads):
     alpha = float(attribute(node, "alpha", 0.01))
     positive = b.op("Greater", [node.input[0], b.const(0.0)])
     return [b.op("Where", [positive, grads[0], b.op("Mul", [grads[0], b.const(alpha)])])]
+
+
+def thresholded_relu(ctx, node, grads):
+    """y = x where x > alpha, else 0 (torch's F.threshold(x, alpha, 0))."""
+    b = ctx.builder
+    alpha = float(attribute(node, "alpha", 1.0))
+    return [mask(ctx, b.op("Greater", [node.input[0], b.const(alpha)]), grads[0])]
 
 
 def prelu(ctx, node, grads):

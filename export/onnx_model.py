@@ -125,14 +125,17 @@ _SAME_SHAPE_UNINFERRED = ("GroupNormalization",)
 
 
 def prepare(model, where: object = "model"):
-    """Inline local functions and infer shapes (data propagation on, for Reshape targets)."""
+    """Inline local functions and infer shapes (data propagation on, for Reshape targets); an
+    If whose condition the shapes decide is replaced by its branch (`onnx_fold`)."""
     from onnx import inliner, shape_inference
 
     if model.functions:
         model = inliner.inline_local_functions(model)
+    from camface.export.onnx_fold import fold_static_branches
+
     try:
         model = shape_inference.infer_shapes(model, data_prop=True)
-        while _shape_like_input(model):
+        while _shape_like_input(model) or fold_static_branches(model, constants(model)):
             model = shape_inference.infer_shapes(model, data_prop=True)
         return model
     except Exception as exc:

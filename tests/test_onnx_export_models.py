@@ -1008,3 +1008,183 @@ def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
     for name, heatmap in expected.items():
         scale = float(np.abs(heatmap).max())
         np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+class EinsumAttention(nn.Module):
+    """A conv stem (the target), then two-head self-attention over its 8 x 8 tokens written with
+    torch.einsum as transformers often are: the q, k, v projection (`bld,od->blo`), the scores
+    (`bhqd,bhkd->bhqk`), the values (`bhqk,bhkd->bhqd`) and the classifier (`bd,od->bo`)."""
+
+    def __init__(self, dim=8, heads=2, classes=4):
+        super().__init__()
+        self.heads = heads
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.ReLU())
+        self.qkv = nn.Parameter(torch.randn(3 * dim, dim) * dim ** -0.5)
+        self.fc = nn.Parameter(torch.randn(classes, dim) * dim ** -0.5)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        n, count, dim = tokens.shape
+        q, k, v = torch.einsum("bld,od->blo", tokens, self.qkv).reshape(
+            n, count, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attention = (torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.5).softmax(-1)
+        y = torch.einsum("bhqk,bhkd->bhqd", attention, v).transpose(1, 2).reshape(n, count, dim)
+        return torch.einsum("bd,od->bo", y.mean(1), self.fc)
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_a_target_before_einsum_attention_exports_with_torchs_gradient(tmp_path, kind):
+    """torch.einsum between the target and the logits (ONNX Einsum, kept by both exporters)
+    dropped the gradient methods ("no gradient rule for op Einsum"): the graph passes the
+    self-check with Grad-CAM and HiResCAM, and they equal the references on torch autograd's
+    gradient at the conv stem."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = EinsumAttention().eval()
+    path = (legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy"
+            else save_program(model, tmp_path / "m.pt2", size=SIZE))
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer="stem"))
+    assert sum(n.op_type == "Einsum" for n in onnx.load(str(result.path)).graph.node) > 4
+    assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
+    assert result.info.feature_size == (8, 8) and all(d.ok for d in result.differences)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = run_graph(result.path, images, classes)
+    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
+                                              ["gradcam", "hirescam"])
+    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+class LocalResponseNormNet(nn.Module):
+    """AlexNet's order: conv, ReLU (the target), nn.LocalResponseNorm, then a conv and a linear
+    layer. torch.onnx's TorchScript exporter writes its squeeze(1) as an If on Shape(x)[1] == 1,
+    the size of an axis its Pad of computed pads hides from ONNX's shape inference."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.norm = nn.LocalResponseNorm(3, alpha=0.5, beta=0.75, k=2.0)
+        self.conv = nn.Conv2d(8, 6, 3, 1, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(self.norm(self.stem(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pt2"])
+def test_a_target_before_a_local_response_norm_exports_with_torchs_gradient(tmp_path, kind):
+    """nn.LocalResponseNorm from the TorchScript exporter was refused ("If node '/norm/If'
+    reads ... inside its subgraph"): the If, whose condition reads only shapes, is folded to
+    its branch; from both exporters the graph passes the self-check and its Grad-CAM and
+    HiResCAM equal the references on torch autograd's gradient at the stem."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = LocalResponseNormNet().eval()
+    path = (legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy"
+            else save_program(model, tmp_path / "m.pt2", size=SIZE))
+    result = onnx_export.export(path, tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer="stem"))
+    assert not any(n.op_type == "If" for n in onnx.load(str(result.path)).graph.node)
+    assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
+    assert all(d.ok for d in result.differences)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = run_graph(result.path, images, classes)
+    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
+                                              ["gradcam", "hirescam"])
+    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("axis, reduce, folded", [
+    (1, None, "then"),  # Shape(x)[1] == 3: the channels, the same at any batch
+    (2, None, "else"),  # Shape(x)[2] == 3: 8, never 3
+    (0, None, None),  # the batch: 1 or not, the If stays
+    (1, "ReduceSum", None),  # a value of x: the If stays
+], ids=["channels", "height", "batch", "values"])
+def test_an_if_is_folded_only_where_the_shapes_decide_it(axis, reduce, folded):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from camface.export import onnx_model
+
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                None)])
+
+    reads = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "axis"], ["size"]),
+             helper.make_node("Equal", ["size", "three"], ["condition"])]
+    if reduce:
+        reads = [helper.make_node(reduce, ["x"], ["total"], keepdims=0),
+                 helper.make_node("Greater", ["total", "zero"], ["condition"])]
+    graph = helper.make_graph(
+        reads + [helper.make_node("If", ["condition"], ["y"], then_branch=branch("then", "Relu"),
+                                  else_branch=branch("else", "Neg"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(axis), "axis"), numpy_helper.from_array(np.array(3), "three"),
+         numpy_helper.from_array(np.float32(0), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ops = [n.op_type for n in onnx_model.prepare(model).graph.node]
+    assert ("If" in ops) == (folded is None)
+    assert ("Relu" in ops, "Neg" in ops) == (folded == "then", folded == "else")
+
+
+class AdaptivePooling(nn.Module):
+    """A stride-4 stem (8 x 8, the target), AdaptiveAvgPool2d(3) (windows of 3 and 4 that
+    overlap: torch.export writes GatherND for them), a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 4, 4), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.fc = nn.Linear(54, 4)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stem(x)).flatten(1))
+
+
+def test_a_target_before_an_adaptive_pooling_of_a_pt2_exports_with_torchs_gradient(tmp_path):
+    """AdaptiveAvgPool2d whose output size does not divide the map's, from a .pt2, dropped the
+    gradient methods ("no gradient rule for op GatherND"); its Grad-CAM and HiResCAM equal the
+    references on torch autograd's gradient at the stem."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = AdaptivePooling().eval()
+    result = onnx_export.export(save_program(model, tmp_path / "m.pt2", size=SIZE),
+                                tmp_path / "cam.onnx",
+                                ExportOptions(preset="unit", target_layer="stem"))
+    assert any(n.op_type == "GatherND" for n in onnx.load(str(result.path)).graph.node)
+    assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
+    assert all(d.ok for d in result.differences)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = run_graph(result.path, images, classes)
+    _, _, expected = torch_heatmaps(model, model.stem, images, classes, ["gradcam", "hirescam"])
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)

@@ -458,7 +458,121 @@ CASES.update({
         [node("ConvTranspose", ["x", "w"], strides=[3, 2], pads=[0, 2, 1, 0],
               output_padding=[2, 1])], [init("w", W_CONVT)], None),
 })
+# Einsum as torch.einsum writes attention (scores, then values), linear layers, reductions and
+# transpositions: explicit and implicit outputs, labels only one operand holds, an ellipsis (of
+# a batch of 1 broadcast), and an axis of size 1 broadcast along a label of the other operand
+W_EINSUM = RNG.standard_normal((6, 8)).astype(np.float32) * 0.3
+V_EINSUM = RNG.standard_normal(5).astype(np.float32)
+M_EINSUM = RNG.standard_normal((1, 3, 4, 5)).astype(np.float32) * 0.3
+EINSUM_TOKENS = ("Einsum(linear bld,od->blo)", "Einsum(ellipsis, linear ...d,od->...o)")
+CASES.update({
+    "Einsum(attention scores bhqd,bhkd->bhqk)": (
+        [node("Einsum", ["x", "x"], equation="bhqd,bhkd->bhqk")], [],
+        lambda t, F, x: t.einsum("bhqd,bhkd->bhqk", x, x)),
+    "Einsum(attention values bhqk,bhkd->bhqd)": (
+        [node("Softmax", ["x"], ["a"], axis=-1),
+         node("Einsum", ["a", "x"], equation="bhqk, bhkd -> bhqd")], [],
+        lambda t, F, x: t.einsum("bhqk,bhkd->bhqd", x.softmax(-1), x)),
+    "Einsum(linear bld,od->blo)": ([node("Einsum", ["x", "w"], equation="bld,od->blo")],
+                                   [init("w", W_EINSUM)],
+                                   lambda t, F, x: t.einsum("bld,od->blo", x, t.tensor(W_EINSUM))),
+    "Einsum(one operand, nchw->nhc)": ([node("Einsum", ["x"], equation="nchw->nhc")], [],
+                                       lambda t, F, x: t.einsum("nchw->nhc", x)),
+    "Einsum(implicit nchw,c)": ([node("Einsum", ["x", "v"], equation="nchw,c")],
+                                [init("v", V_EINSUM[:3])],
+                                lambda t, F, x: t.einsum("nchw,c", x, t.tensor(V_EINSUM[:3]))),
+    "Einsum(labels of one operand, nchw,k->nk)": (
+        [node("Einsum", ["x", "v"], equation="nchw,k->nk")], [init("v", V_EINSUM)],
+        lambda t, F, x: t.einsum("nchw,k->nk", x, t.tensor(V_EINSUM))),
+    "Einsum(to a scalar, nchw->)": ([node("Einsum", ["x"], equation="nchw->")], [],
+                                    lambda t, F, x: t.einsum("nchw->", x)),
+    "Einsum(ellipsis, ...qd,...kd->...qk)": (
+        [node("Einsum", ["x", "x"], equation="...qd,...kd->...qk")], [],
+        lambda t, F, x: t.einsum("...qd,...kd->...qk", x, x)),
+    "Einsum(ellipsis, linear ...d,od->...o)": (
+        [node("Einsum", ["x", "w"], equation="...d,od->...o")], [init("w", W_EINSUM)],
+        lambda t, F, x: t.einsum("...d,od->...o", x, t.tensor(W_EINSUM))),
+    "Einsum(ellipsis, batch of 1 broadcast)": (
+        [node("Einsum", ["x", "m"], equation="...ij,...jk->...ik")], [init("m", M_EINSUM)],
+        lambda t, F, x: t.einsum("...ij,...jk->...ik", x, t.tensor(M_EINSUM))),
+    "Einsum(size-1 axis broadcast)": (
+        [node("ReduceMean", ["x", "ax1"], ["m"]),
+         node("Einsum", ["x", "m"], equation="bhqd,bhkd->bhqk")], [init("ax1", np.array([1]))],
+        lambda t, F, x: t.einsum("bhqd,bhkd->bhqk", x, x.mean(1, keepdim=True))),
+})
+# LRN (AlexNet, GoogLeNet; ONNX Runtime runs it on 4-D inputs and odd sizes only),
+# ThresholdedRelu, LpPool (p 1, 2, 3; strides, pads, dilations, auto_pad) and GlobalLpPool
+W_LRN = dict(alpha=0.5, beta=0.75, bias=2.0)
+CASES.update({
+    "LRN(size 3)": ([node("LRN", ["x"], size=3, **W_LRN)], [],
+                    lambda t, F, x: F.local_response_norm(x, 3, 0.5, 0.75, 2.0)),
+    "LRN(size 5, wider than the channels)": (
+        [node("LRN", ["x"], size=5, **W_LRN)], [],
+        lambda t, F, x: F.local_response_norm(x, 5, 0.5, 0.75, 2.0)),
+    "LRN(size 1, defaults)": ([node("LRN", ["x"], size=1)], [],
+                              lambda t, F, x: F.local_response_norm(x, 1, 1e-4, 0.75, 1.0)),
+    "ThresholdedRelu": ([node("ThresholdedRelu", ["x"], alpha=0.5)], [],
+                        lambda t, F, x: F.threshold(x, 0.5, 0.0)),
+    "LpPool(p 2, stride 2)": ([node("LpPool", ["x"], kernel_shape=[2, 2], strides=[2, 2])], [],
+                              lambda t, F, x: F.lp_pool2d(x, 2, 2)),
+    "LpPool(p 1, pads)": ([node("LpPool", ["x"], p=1, kernel_shape=[3, 3], strides=[2, 2],
+                                pads=[1, 1, 1, 1])], [],
+                          lambda t, F, x: F.avg_pool2d(x.abs(), 3, 2, 1) * 9),
+    "LpPool(p 3, dilated)": ([node("LpPool", ["x"], p=3, kernel_shape=[2, 2], dilations=[2, 1],
+                                   pads=[1, 0, 0, 1])], [], None),
+    "LpPool(p 2, SAME_UPPER)": ([node("LpPool", ["x"], kernel_shape=[2, 3], strides=[2, 2],
+                                      auto_pad="SAME_UPPER")], [], None),
+    "LpPool(p 2, 1-D)": ([node("LpPool", ["x"], kernel_shape=[3], strides=[2])], [],
+                         lambda t, F, x: F.lp_pool1d(x, 2, 3, 2)),
+    "GlobalLpPool(p 2)": ([node("GlobalLpPool", ["x"])], [],
+                          lambda t, F, x: x.norm(dim=(2, 3), keepdim=True)),
+    "GlobalLpPool(p 3)": ([node("GlobalLpPool", ["x"], p=3)], [],
+                          lambda t, F, x: (x.abs() ** 3).sum((2, 3), keepdim=True) ** (1 / 3)),
+})
+ZEROS_KEPT = (RNG.random((3, 4, 4)) > 0.4).astype(np.float32)
+# What torch writes for LPPool2d (Pow, AveragePool, sign(s) relu(|s|), Pow), cumsum, topk and
+# sort (TopK), adaptive pooling from a .pt2 (GatherND), torch.prod, and trigonometry
+CASES.update({
+    "Sign": ([node("Sign", ["x"], ["s"]), node("Mul", ["s", "x"])], [],
+             lambda t, F, x: t.sign(x) * x),
+    "LPPool2d(as torch writes it)": (
+        [node("Pow", ["x", "two"], ["p"]), node("AveragePool", ["p"], ["a"], kernel_shape=[2, 2],
+                                                strides=[2, 2]),
+         node("Sign", ["a"], ["s"]), node("Abs", ["a"], ["m"]), node("Relu", ["m"], ["r"]),
+         node("Mul", ["s", "r"], ["sr"]), node("Mul", ["sr", "four"], ["f"]),
+         node("Pow", ["f", "half"])],
+        [init("two", np.float32(2)), init("four", np.float32(4)), init("half", np.float32(0.5))],
+        lambda t, F, x: F.lp_pool2d(x, 2, 2)),
+    "CumSum": ([node("CumSum", ["x", "ax"])], [init("ax", np.array(2))],
+               lambda t, F, x: x.cumsum(2)),
+    "CumSum(reverse, exclusive)": ([node("CumSum", ["x", "ax"], reverse=1, exclusive=1)],
+                                   [init("ax", np.array(-1))],
+                                   lambda t, F, x: x.flip(3).cumsum(3).flip(3) - x),
+    "TopK(torch.topk)": ([node("Flatten", ["x"], ["f"]), node("TopK", ["f", "k"], ["y", "i"])],
+                         [init("k", np.array([5]))],
+                         lambda t, F, x: x.flatten(1).topk(5)[0]),
+    "TopK(smallest, torch.sort)": ([node("TopK", ["x", "k"], ["y", "i"], axis=1, largest=0)],
+                                   [init("k", np.array([3]))],
+                                   lambda t, F, x: x.sort(1)[0]),
+    "GatherND(repeated, negative)": ([node("GatherND", ["x", "at"])],
+                                     [init("at", np.array([[0, 1], [1, -1], [0, 1]]))],
+                                     lambda t, F, x: x[[0, 1, 0], [1, 2, 1]]),
+    "GatherND(whole elements)": ([node("GatherND", ["x", "at"])],
+                                 [init("at", np.array([[[1, 0, 3, 2], [0, 2, 1, 1]]]))],
+                                 lambda t, F, x: x[[1, 0], [0, 2], [3, 1], [2, 1]][None]),
+    "ReduceProd": ([node("ReduceProd", ["x", "ax"], keepdims=0)], [init("ax", np.array([1]))],
+                   lambda t, F, x: x.prod(1)),
+    # zeros in the slices (one, two, three of the three channels): no 0 / 0
+    "ReduceProd(zeros)": ([node("Mul", ["x", "keep"], ["m"]), node("ReduceProd", ["m", "ax"])],
+                          [init("keep", ZEROS_KEPT), init("ax", np.array([1]))],
+                          lambda t, F, x: (x * t.tensor(ZEROS_KEPT)).prod(1, keepdim=True)),
+    "Sin/Cos/Atan": ([node("Sin", ["x"], ["s"]), node("Cos", ["s"], ["c"]), node("Atan", ["c"])],
+                     [], lambda t, F, x: t.atan(t.cos(t.sin(x)))),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
+SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
+SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
+               "LRN(size 1, defaults)": GROUPS, "LpPool(p 2, 1-D)": TOKENS})
 SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 21)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
@@ -508,7 +622,7 @@ def _inputs(name, seed=0):
     x = rng.standard_normal(SHAPES.get(name, X_SHAPE)).astype(np.float32)
     # keep values off the kinks (ReLU, Clip, HardSwish at +-3) and off ties (max pools)
     x = np.where(np.abs(x) < 0.05, 0.1, x)
-    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x) if "Clip" in name else x
+    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x) if "Clip" in name or "Thresholded" in name else x
     return x
 
 
@@ -546,13 +660,14 @@ def test_every_listed_op_has_a_rule():
               "Softmax Pow Sqrt Erf Split Slice Gather Expand Where Resize Elu Selu Celu Softplus "
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
-              "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose").split()
+              "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
+              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
 def test_an_op_without_a_rule_is_named_with_its_node():
-    nodes = [node("Sin", ["x"], ["s"], name="the_sine"), node("Relu", ["s"])]
-    with pytest.raises(ModelError, match=r"no gradient rule for op Sin \(node 'the_sine'\).*later "
+    nodes = [node("Asinh", ["x"], ["s"], name="the_asinh"), node("Relu", ["s"])]
+    with pytest.raises(ModelError, match=r"no gradient rule for op Asinh \(node 'the_asinh'\).*later "
                                          r"target layer"):
         gradient_model(nodes, [])
 
@@ -594,8 +709,22 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
      r"\(Pad\): Pad before opset 11 \(pads as an attribute\) has no gradient rule"),
     ([node("ReduceSumSquare", ["x"], name="the_node", noop_with_empty_axes=1)], [], 20,
      r"\(ReduceSumSquare\): no axes with noop_with_empty_axes"),
+    ([node("Einsum", ["x"], name="the_node", equation="nchh->nch")], [], 20,
+     r"\(Einsum\): equation 'nchh->nch' repeats a label within one term \(a diagonal\); no "
+     r"gradient rule"),
+    ([node("Einsum", ["x", "x"], name="the_node", equation="nch,nchw->nc")], [], 20,
+     r"\(Einsum\): equation 'nch,nchw->nc' labels 3 axes of 'x', which has 4; no gradient rule"),
+    ([node("LpPool", ["x"], name="the_node", kernel_shape=[3, 3], ceil_mode=1, strides=[2, 2])],
+     [], 20, r"\(LpPool\): ceil_mode 1 has no gradient rule"),
+    ([node("GlobalLpPool", ["x"], name="the_node", p=0)], [], 20,
+     r"\(GlobalLpPool\): p = 0 has no gradient rule"),
+    ([node("GatherND", ["x", "at"], name="the_node", batch_dims=1)],
+     [init("at", np.array([[0], [2]]))], 20, r"\(GatherND\): batch_dims 1 has no gradient rule"),
+    ([node("GatherND", ["x", "at"], name="the_node")], [init("at", np.array([[0, 1]]))], 15,
+     r"\(GatherND\): its gradient needs opset >= 16 \(the model has 15\)"),
 ], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
-        "pad opset 10", "noop sum of squares"])
+        "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
+        "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)
