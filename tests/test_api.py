@@ -790,6 +790,28 @@ def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):
         camface.load(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("inputs, outputs, hint", [
+    (("input",), ("logits",), True),  # a forward-only classifier: export makes it a CAM graph
+    (("image", "class_index"), ("probs", "activations"), False),  # a CAM graph short of a heatmap: no export hint
+])
+def test_an_onnx_model_that_is_no_cam_graph_says_whether_to_export_it(tmp_path, inputs, outputs, hint):
+    """A plain ONNX classifier given to `load` was 'not a camface CAM graph: missing image,
+    class_index, probs, activations, a heatmap output', with no word of `camface export`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Identity", [inputs[0]], [name]) for name in outputs]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3])
+                                           for name in inputs],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3]) for name in outputs])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    with pytest.raises(ModelError, match=f"{path} is not a camface CAM graph: missing .*a heatmap output") as caught:
+        camface.load(path, device="cpu")
+    export = f"; a classifier becomes one with `camface export {path} -o cam.onnx`"
+    assert str(caught.value).endswith(export) == hint, caught.value
+
+
 def test_a_classifier_given_as_the_model_says_to_export_it():
     """The bundled Keras classifier sits beside its graph; loading it was ONNX Runtime's
     'INVALID_PROTOBUF : Failed to load model because protobuf parsing failed'."""
