@@ -266,6 +266,11 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
     for bad in (1.5, "1", -1):
         with pytest.raises(UsageError, match="explained_class"):
             cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
+    for bad, message in [("happy", r"explained_class must be an integer, got 'happy' \(a class index: "
+                                   r"pipeline.labels.index\('happy'\)\)"),  # was 'an integer or 1 integers'
+                         (2.0, "explained_class must be an integer, got 2.0$")]:
+        with pytest.raises(UsageError, match=message):
+            cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
     result = cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=np.int64(2))
     assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
 
