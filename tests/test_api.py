@@ -97,6 +97,17 @@ def test_annotate_returns_a_new_picture_drawn_over_the_faces_only(cam, two_faces
     np.testing.assert_array_equal(decoded, picture)  # Jupyter shows exactly this picture
 
 
+def test_the_hud_of_an_api_result_claims_no_frame_rate(cam, two_faces):
+    """`explain` times nothing (fps 0, no stages): annotate(hud=True) drew "0 fps" over the frame."""
+    result = cam.explain(two_faces)
+    lines = cam.renderer.hud_layer.lines(result)
+    assert lines == [f"{result.method} of predicted class | CPU"], lines
+    timed = cam.renderer.hud_layer.lines(replace(result, fps=24.0, stage_ms={"classify": 1.5}))
+    assert timed[0] == "24 fps | ms: classify 1.5" and timed[1:] == lines  # as live draws it
+    picture, plain = cam.annotate(two_faces, result, hud=True), cam.annotate(two_faces, result)
+    assert (picture[:40, :300] != plain[:40, :300]).any()  # the HUD's method line is drawn
+
+
 def test_results_show_their_probability_bars_in_jupyter(cam, two_faces):
     result = cam.explain(two_faces)
     page = result._repr_html_()
