@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,9 @@ class Pipeline:
 
         self.model_path = model_path(config)
         self._stack = contextlib.ExitStack()
+        # a pipeline dropped or left open at exit closes its detector too (not left to module
+        # teardown, where MediaPipe's own __del__ printed a TypeError traceback)
+        self._release = weakref.finalize(self, self._stack.close)
         self._detector: FaceDetector | OnnxFaceDetector | None = None
         self._closed = False
         self._index = 0
@@ -179,7 +183,7 @@ class Pipeline:
         with self._lock:
             self._closed = True
             try:
-                self._stack.close()
+                self._release()  # the ExitStack's close, once
             except Exception as exc:
                 raise CamfaceError(f"closing the camface pipeline's face detector ({self.config.detector}) failed: "
                                    f"{type(exc).__name__}: {exc}") from exc

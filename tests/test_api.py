@@ -554,6 +554,35 @@ def test_opening_and_closing_15_times_releases_detector_and_graph(two_faces, tmp
     assert rss_after - rss < 20
 
 
+LEFT_OPEN = """
+import sys
+
+import cv2
+
+import camface
+
+pipeline = camface.load(device="cpu", detector_runtime=sys.argv[2])
+assert len(pipeline.explain(cv2.imread(sys.argv[1])).faces) == 2
+dropped = camface.load(device="cpu", detector_runtime=sys.argv[2])
+assert len(dropped.explain(cv2.imread(sys.argv[1])).faces) == 2
+del dropped
+print("done")
+"""
+
+
+@pytest.mark.parametrize("runtime", ["mediapipe", "onnx"])
+def test_a_pipeline_left_open_or_dropped_closes_its_detector_quietly(two_faces, tmp_path, runtime):
+    """A script that never closes its pipeline: MediaPipe's detector was left to the
+    interpreter's teardown, where its __del__ printed 'Exception ignored ... TypeError:
+    'NoneType' object is not callable' with a traceback."""
+    photo = tmp_path / "two.png"
+    cv2.imwrite(str(photo), two_faces)
+    done = subprocess.run([sys.executable, "-c", LEFT_OPEN, str(photo), runtime], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]
+
+
 def test_explain_from_two_threads_is_one_stream(two_faces):
     """One pipeline shared by two threads: each frame gets its own index (two threads read the
     same index while the first was still in the graph) and the smoother's tracks are updated one
