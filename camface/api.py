@@ -404,7 +404,8 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
             array = array.astype(np.int64)
         if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
             what = "an integer" if count == 1 else f"an integer or {count} integers"  # not "1 integers"
-            how = f" (a class index: pipeline.labels.index({value!r}))" if isinstance(value, str) else ""
+            how = (f" (a class index: pipeline.labels.index({value!r}))"  # a name; "1" is said as it is
+                   if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else "")
             raise UsageError(f"{name} must be {what}, got {value!r}{how}")
         # out of range beyond int64 (uint64) becomes `classes`, not a wrapped (maybe -1) index
         indices = np.broadcast_to(np.where(array >= classes, classes, array).astype(np.int64), (count,))
