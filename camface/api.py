@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,9 @@ class Pipeline:
 
         self.model_path = model_path(config)
         self._stack = contextlib.ExitStack()
+        # a pipeline dropped or left open at exit closes its detector too (not left to module
+        # teardown, where MediaPipe's own __del__ printed a TypeError traceback)
+        self._release = weakref.finalize(self, self._stack.close)
         self._detector: FaceDetector | OnnxFaceDetector | None = None
         self._closed = False
         self._index = 0
@@ -179,7 +183,7 @@ class Pipeline:
         with self._lock:
             self._closed = True
             try:
-                self._stack.close()
+                self._release()  # the ExitStack's close, once
             except Exception as exc:
                 raise CamfaceError(f"closing the camface pipeline's face detector ({self.config.detector}) failed: "
                                    f"{type(exc).__name__}: {exc}") from exc
@@ -399,7 +403,10 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
         if array.shape == (0,) and array.dtype.kind == "f":  # [] or (): numpy makes them float64
             array = array.astype(np.int64)
         if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
-            raise UsageError(f"{name} must be an integer or {count} integers, got {value!r}")
+            what = "an integer" if count == 1 else f"an integer or {count} integers"  # not "1 integers"
+            how = (f" (a class index: pipeline.labels.index({value!r}))"  # a name; "1" is said as it is
+                   if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else "")
+            raise UsageError(f"{name} must be {what}, got {value!r}{how}")
         # out of range beyond int64 (uint64) becomes `classes`, not a wrapped (maybe -1) index
         indices = np.broadcast_to(np.where(array >= classes, classes, array).astype(np.int64), (count,))
     lowest = -1 if allow_predicted else 0

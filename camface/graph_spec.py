@@ -273,8 +273,11 @@ def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outp
     if not any(name in outputs for name in _methods.METHODS):
         missing.append("a heatmap output")
     if missing:
+        # none of the CAM graph's own names: a forward-only model (a classifier's .onnx), which export turns into one
+        plain = INPUT_CLASS not in inputs and OUTPUT_ACTIVATIONS not in outputs and "a heatmap output" in missing
         raise ModelError(f"{where} is not a camface CAM graph: missing {', '.join(missing)} "
-                         f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})")
+                         f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})"
+                         + (f"; a classifier becomes one with `camface export {where} -o cam.onnx`" if plain else ""))
     try:
         info = GraphInfo.from_metadata(dict(metadata))
     except KeyError as exc:

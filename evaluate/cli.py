@@ -145,7 +145,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from camface.evaluate import crops as crop_sources
     from camface.evaluate.report import format_table, strict_json, to_json
     from camface.evaluate.scores import Scorer
-    from camface.api import load
+    from camface.api import load, model_path
+    from camface.models import EMOTION_KERAS
     from camface.outputs import check_not_an_input, check_output_file, replace_whole
 
     if args.snapshots and args.source is not None:
@@ -199,7 +200,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.plot.with_name(f"{args.plot.stem}-sanity{args.plot.suffix or '.png'}")
     written = [(flag, out) for flag, out in (("--json", args.json), ("--plot", args.plot),
                                               ("--plot (its sanity figure)", sanity_plot)) if out is not None]
-    inputs = [*(args.snapshots or ()), config.model, getattr(args, "keras", None),
+    # the graph read is the bundled one without --model (config.model None), and --sanity may read
+    # the bundled Keras model (keras_for_guided): --json naming either wrote over it
+    inputs = [*(args.snapshots or ()), model_path(config), getattr(args, "keras", None),
+              EMOTION_KERAS if args.sanity and args.keras is None else None,
               args.source if args.source and Path(args.source).exists() else None]
     for flag, out in written:  # fail before minutes of work, and never over an input
         check_output_file(out, overwrite=True)
@@ -222,6 +226,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         if len(graph.info.labels) < 2:  # not at the end of the cascade (sanity._other_classes)
             raise ModelError(f"--sanity: the random-logit test needs at least 2 classes; {graph_path} has "
                              f"{len(graph.info.labels)}")
+        if args.keras is None and graph.info.source_model:  # keras_for_guided reads it beside the graph
+            for flag, out in written:
+                check_not_an_input(out, [graph_path.parent / Path(graph.info.source_model).name], flag)
         randomizer = sanity_randomizer(graph_path, args.seed)
         guided, why_not = keras_for_guided(graph_path, graph.info, args.keras)
         if why_not:

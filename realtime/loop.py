@@ -288,13 +288,16 @@ class LiveLoop:
                     # left out); stamped by the reader, as a detection's cost varies by frame
                     read_at = self._read_at.pop(index, None)
                     at = read_at - paused_before(read_at, pauses) if read_at is not None else None
-                    put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
-                    shown = (raw, explained, snapshot) if keep_raw else None
+                    # counted before it goes to the writer: a SIGTERM handled on the put's return (the
+                    # signal taken by another thread while this one waited for room) left a frame
+                    # recorded but not counted ("1148 frames ...; recorded 1149 frames")
                     frames += 1
                     if frames in (first_mark, last_mark):
                         cpu_at[frames] = time.process_time()
                     faces_total += len(explained.result.faces)
                     dropped_total += explained.result.dropped
+                    put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
+                    shown = (raw, explained, snapshot) if keep_raw else None
                     self.rate.tick()
                     if progress is not None:
                         progress.update(1)

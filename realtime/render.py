@@ -170,6 +170,8 @@ class HudAnnotator:
         lines = [f"{rate} | processing ms: {stages}" if stages and result.pace_fps else
                  f"{rate} | ms: {stages}" if stages else rate,
                  f"{result.method} of {explained} | {result.provider.replace('ExecutionProvider', '')}"]
+        if not (result.fps or result.pace_fps or stages):  # nothing timed (an API result): no "0 fps"
+            del lines[0]
         if result.dropped:
             lines.append(f"{result.dropped} more face(s) not shown (--max-faces)")
         return lines

@@ -97,6 +97,17 @@ def test_annotate_returns_a_new_picture_drawn_over_the_faces_only(cam, two_faces
     np.testing.assert_array_equal(decoded, picture)  # Jupyter shows exactly this picture
 
 
+def test_the_hud_of_an_api_result_claims_no_frame_rate(cam, two_faces):
+    """`explain` times nothing (fps 0, no stages): annotate(hud=True) drew "0 fps" over the frame."""
+    result = cam.explain(two_faces)
+    lines = cam.renderer.hud_layer.lines(result)
+    assert lines == [f"{result.method} of predicted class | CPU"], lines
+    timed = cam.renderer.hud_layer.lines(replace(result, fps=24.0, stage_ms={"classify": 1.5}))
+    assert timed[0] == "24 fps | ms: classify 1.5" and timed[1:] == lines  # as live draws it
+    picture, plain = cam.annotate(two_faces, result, hud=True), cam.annotate(two_faces, result)
+    assert (picture[:40, :300] != plain[:40, :300]).any()  # the HUD's method line is drawn
+
+
 def test_results_show_their_probability_bars_in_jupyter(cam, two_faces):
     result = cam.explain(two_faces)
     page = result._repr_html_()
@@ -253,7 +264,7 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
         cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=9)
     crops = np.zeros((2, 64, 64, 1), np.uint8)
     for bad, message in [(1.7, "class_index must be an integer or 2 integers, got 1.7"),
-                         ("1", "class_index must be an integer or 2 integers, got '1'"),
+                         ("1", "class_index must be an integer or 2 integers, got '1'$"),  # no labels.index('1')
                          ([1, 2, 3], r"class_index must be an integer or 2 integers, got \[1, 2, 3\]"),
                          (True, "class_index must be an integer"), (2 ** 70, "class_index 1180591620717411303424 out"),
                          (-2, r"class_index -2 out of range 0..6 or -1 \(the predicted class\)")]:
@@ -265,6 +276,11 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
             cam.explain_crops(crops, class_index=huge)
     for bad in (1.5, "1", -1):
         with pytest.raises(UsageError, match="explained_class"):
+            cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
+    for bad, message in [("happy", r"explained_class must be an integer, got 'happy' \(a class index: "
+                                   r"pipeline.labels.index\('happy'\)\)"),  # was 'an integer or 1 integers'
+                         (2.0, "explained_class must be an integer, got 2.0$")]:
+        with pytest.raises(UsageError, match=message):
             cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
     result = cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=np.int64(2))
     assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
@@ -538,6 +554,35 @@ def test_opening_and_closing_15_times_releases_detector_and_graph(two_faces, tmp
     assert rss_after - rss < 20
 
 
+LEFT_OPEN = """
+import sys
+
+import cv2
+
+import camface
+
+pipeline = camface.load(device="cpu", detector_runtime=sys.argv[2])
+assert len(pipeline.explain(cv2.imread(sys.argv[1])).faces) == 2
+dropped = camface.load(device="cpu", detector_runtime=sys.argv[2])
+assert len(dropped.explain(cv2.imread(sys.argv[1])).faces) == 2
+del dropped
+print("done")
+"""
+
+
+@pytest.mark.parametrize("runtime", ["mediapipe", "onnx"])
+def test_a_pipeline_left_open_or_dropped_closes_its_detector_quietly(two_faces, tmp_path, runtime):
+    """A script that never closes its pipeline: MediaPipe's detector was left to the
+    interpreter's teardown, where its __del__ printed 'Exception ignored ... TypeError:
+    'NoneType' object is not callable' with a traceback."""
+    photo = tmp_path / "two.png"
+    cv2.imwrite(str(photo), two_faces)
+    done = subprocess.run([sys.executable, "-c", LEFT_OPEN, str(photo), runtime], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]
+
+
 def test_explain_from_two_threads_is_one_stream(two_faces):
     """One pipeline shared by two threads: each frame gets its own index (two threads read the
     same index while the first was still in the graph) and the smoother's tracks are updated one
@@ -788,6 +833,28 @@ def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
 def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):
     with pytest.raises(ModelError, match=f"{tmp_path} is a folder, not a CAM graph"):
         camface.load(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("inputs, outputs, hint", [
+    (("input",), ("logits",), True),  # a forward-only classifier: export makes it a CAM graph
+    (("image", "class_index"), ("probs", "activations"), False),  # a CAM graph short of a heatmap: no export hint
+])
+def test_an_onnx_model_that_is_no_cam_graph_says_whether_to_export_it(tmp_path, inputs, outputs, hint):
+    """A plain ONNX classifier given to `load` was 'not a camface CAM graph: missing image,
+    class_index, probs, activations, a heatmap output', with no word of `camface export`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Identity", [inputs[0]], [name]) for name in outputs]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3])
+                                           for name in inputs],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3]) for name in outputs])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    with pytest.raises(ModelError, match=f"{path} is not a camface CAM graph: missing .*a heatmap output") as caught:
+        camface.load(path, device="cpu")
+    export = f"; a classifier becomes one with `camface export {path} -o cam.onnx`"
+    assert str(caught.value).endswith(export) == hint, caught.value
 
 
 def test_a_classifier_given_as_the_model_says_to_export_it():

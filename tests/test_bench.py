@@ -496,6 +496,28 @@ def test_json_that_is_an_input_is_refused_before_the_run(tmp_path, faces_clip, c
     assert given.read_bytes() == before
 
 
+@pytest.mark.parametrize("bundled, flags", [("EMOTION_ONNX", []), ("EMOTION_KERAS", ["--baseline", "keras"])])
+def test_json_over_the_bundled_model_it_reads_is_refused(tmp_path, faces_clip, capsys, monkeypatch, bundled, flags):
+    """Without --model the bench reads the bundled graph (and for --baseline keras the bundled
+    Keras model): `--json` naming it was checked against --model, None, and wrote over it."""
+    import shutil
+
+    import camface.models
+    from camface.realtime.bench import cli as bench_cli
+
+    def run(config):
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(bench_cli, "run", run)
+    given = tmp_path / getattr(camface.models, bundled).name  # a copy stands for the bundled file
+    shutil.copy(getattr(camface.models, bundled), given)
+    monkeypatch.setattr(camface.models, bundled, given)
+    before = given.read_bytes()
+    assert camface_main(["bench", "--source", str(faces_clip), *flags, "--json", str(given)]) == 2
+    assert f"--json {given} is an input" in capsys.readouterr().err
+    assert given.read_bytes() == before
+
+
 def test_json_is_written_whole_or_the_earlier_report_stays(tmp_path, monkeypatch, capsys):
     """The report was written in place: a full disk halfway left half a JSON file where the
     earlier report had been. Now it is written beside and renamed, and the error names it."""

@@ -95,3 +95,25 @@ def test_help_texts_name_only_flags_their_command_has():
                 if flag not in own:
                     foreign.append(f"camface {name}: {flag} in {text!r}")
     assert not foreign, foreign
+
+
+def test_readme_ranking_table_is_the_bundled_graphs_ranking():
+    """The "Heatmap methods" table of the bundled graph's ranking shows what `camface info`
+    prints from the graph: its order, and each score at the table's precision (a re-export
+    that moves them must update the README)."""
+    import onnx
+
+    from camface.graph_spec import GraphInfo
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX), load_external_data=False)
+    ranking = GraphInfo.from_metadata({p.key: p.value for p in model.metadata_props}).ranking
+    section = REPO.joinpath("README.md").read_text().split("\n## Heatmap methods\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+|-) \| `(\w+)`[^|]* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", section, re.M)
+    assert [name for rank, name, *_ in rows if rank != "-"] == ranking["ranking"]
+    assert [name for rank, name, *_ in rows if rank == "-"] == ["random"]
+    keys = ("deletion_auc", "insertion_auc", "average_drop_pct")
+    wrong = [(name, key, shown, ranking["scores"][name][key])
+             for _, name, *figures in rows for key, shown, step in zip(keys, figures, (1e-3, 1e-3, 0.1))
+             if abs(float(shown) - ranking["scores"][name][key]) > 0.5 * step + 1e-4]  # printed rounded
+    assert not wrong, wrong

@@ -340,6 +340,41 @@ def test_evaluate_reads_snapshots(tmp_path, faces_clip, capsys):
     assert "face 0 names no crop file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bundled, flags", [("EMOTION_ONNX", []), ("EMOTION_KERAS", ["--sanity"])])
+def test_json_over_the_bundled_model_it_reads_is_refused(tmp_path, faces_clip, capsys, monkeypatch, bundled, flags):
+    """Without --model evaluate reads the bundled graph (and with --sanity the bundled Keras
+    model): `--json` naming it was checked against --model, None, and the report replaced it."""
+    import shutil
+
+    import camface.models
+
+    given = tmp_path / getattr(camface.models, bundled).name  # a copy stands for the bundled file
+    shutil.copy(getattr(camface.models, bundled), given)
+    monkeypatch.setattr(camface.models, bundled, given)
+    before = given.read_bytes()
+    assert camface_main(["evaluate", "--source", str(faces_clip["faces"]), "--methods", "gradcam", "--steps", "2",
+                         *flags, "--json", str(given)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {given} is an input" in err and "Traceback" not in err, err
+    assert given.read_bytes() == before
+
+
+def test_json_over_the_keras_model_beside_the_graph_is_refused_with_sanity(tmp_path, faces_clip, capsys):
+    """--sanity reads the graph's source model beside it (Guided Backprop): `--json` naming it."""
+    import shutil
+
+    from camface.models import EMOTION_KERAS, EMOTION_ONNX
+
+    graph, keras = tmp_path / "graph.onnx", tmp_path / EMOTION_KERAS.name
+    shutil.copy(EMOTION_ONNX, graph)
+    shutil.copy(EMOTION_KERAS, keras)
+    before = keras.read_bytes()
+    assert camface_main(["evaluate", "--source", str(faces_clip["faces"]), "--model", str(graph), "--methods",
+                         "gradcam", "--steps", "2", "--sanity", "--json", str(keras)]) == 2
+    assert f"--json {keras} is an input" in capsys.readouterr().err
+    assert keras.read_bytes() == before
+
+
 @pytest.mark.parametrize("given", ["one", "parent"])
 def test_a_snapshot_folder_given_as_source_is_refused_naming_snapshot_dir(tmp_path, astronaut_bgr, capsys, given):
     """`--source SNAP` read a snapshot folder as a folder of images: its frame, its 64x64 crops and

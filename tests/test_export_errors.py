@@ -124,6 +124,23 @@ def test_a_folder_given_as_a_model_is_named_as_one(tmp_path, capsys):
         assert code == 2 and f"{tmp_path} is a folder, not a" in line, line
 
 
+def test_a_cam_graph_given_to_export_is_said_to_be_one(tmp_path, capsys):
+    """Exporting a CAM graph again renamed its tensors `model/...` (a log line listing all 16)
+    and failed as 'camface needs one image input and one output'."""
+    import shutil
+
+    from camface.models import EMOTION_ONNX
+
+    graph = tmp_path / "cam.onnx"
+    shutil.copy(EMOTION_ONNX, graph)
+    assert camface_main(["export", str(graph), "-o", str(tmp_path / "again.onnx"), "--no-rank"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"camface: error: {graph} is a CAM graph already (what camface export writes): `camface live "
+                   f"--model {graph}` runs it and `camface info {graph}` shows it; export the classifier it was "
+                   "made from to make another"], err
+    assert not (tmp_path / "again.onnx").exists()
+
+
 def test_a_pt2_that_is_not_a_program_is_one_line(tmp_path, capsys):
     pytest.importorskip("torch")
     bad = tmp_path / "bad.pt2"

@@ -527,6 +527,33 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
 
 
 @pytest.mark.parametrize("signal_error", [KeyboardInterrupt, Terminated])
+def test_a_signal_handled_as_a_frame_is_handed_to_the_writer_leaves_it_counted(tmp_path, face_clip, monkeypatch,
+                                                                               signal_error):
+    """SIGTERM taken by another thread while the main one waited for room in the writer's queue
+    is raised when the put returns: the frame was recorded but not counted ('1148 frames ...;
+    recorded 1149 frames', one run in two on the sample). The summary counts every frame the
+    file holds."""
+    from camface.realtime import loop as loop_module
+    from camface.realtime.recorder import Output
+
+    real_put = loop_module.put
+
+    def put_then_signal(q, item, stop):
+        done = real_put(q, item, stop)
+        if isinstance(item, Output) and item.explained is not None and item.explained.result.index == 2:
+            raise signal_error()  # the handler, run on the put's return
+        return done
+
+    monkeypatch.setattr(loop_module, "put", put_then_signal)
+    out = tmp_path / "signal.mp4"
+    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, method="none"))
+    with pytest.raises(signal_error):
+        loop.run()
+    assert loop.summary.recordings == ((str(out), 3),) and count_frames(out) == 3
+    assert loop.summary.frames == 3 and "; 3 frames, " in loop.summary.line()
+
+
+@pytest.mark.parametrize("signal_error", [KeyboardInterrupt, Terminated])
 def test_a_recording_error_at_a_signal_is_said_with_the_signal(tmp_path, face_clip, monkeypatch, caplog, signal_error):
     """Ctrl-C (or SIGTERM) on frame 3, and the disk full when the recording's last fragment is
     written: the signal still ends the run (its exit code), and the recording's error is said

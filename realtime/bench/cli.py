@@ -216,12 +216,18 @@ def _bench(args: argparse.Namespace) -> int:
     for sentence in unused_flags(args):
         log.warning("camface bench: %s", sentence)
     if config.json is not None:
+        from camface.api import model_path
+        from camface.models import EMOTION_KERAS
         from camface.outputs import check_not_an_input, check_output_file
 
         check_output_file(config.json, overwrite=True)  # fail before minutes of measuring
-        # the report replaces an existing file: never one the run reads (the clip, a model)
-        check_not_an_input(config.json, [config.pipeline.source, config.pipeline.model, config.keras_model,
-                                         config.calibration if config.compare_int8 else None], "--json")
+        # the report replaces an existing file: never one the run reads (the clip, a model; without
+        # --model the bundled graph, and for --baseline keras its Keras model, as _resolve_models)
+        keras = config.keras_model
+        if keras is None and config.baseline == "keras" and config.pipeline.model is None and not config.backbone:
+            keras = EMOTION_KERAS
+        check_not_an_input(config.json, [config.pipeline.source, None if config.backbone else model_path(config.pipeline),
+                                         keras, config.calibration if config.compare_int8 else None], "--json")
     # the files the last rows read: now, not after the live rows have run
     if config.baseline == "keras" and config.keras_model is not None and not config.keras_model.is_file():
         raise ModelError(f"--keras-model: model file not found: {config.keras_model}")
