@@ -437,6 +437,59 @@ def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"camface: error: cannot write {full}: No space left on device" in err and "Traceback" not in err
 
+def _refuse_the_container(monkeypatch):
+    import av
+
+    def refused(*args, **kwargs):
+        raise av.FFmpegError(22, "Invalid argument")
+
+    monkeypatch.setattr(av, "open", refused)
+
+
+def _refuse_the_stream(monkeypatch):
+    import av
+
+    def refused(self, *args, **kwargs):
+        raise ValueError("no encoder of that name")
+
+    monkeypatch.setattr(av.container.OutputContainer, "add_stream", refused)
+
+
+def _refuse_the_encoder(monkeypatch):
+    for name in ("libx264", "h264_nvenc"):  # (NVENC, where it opens, gives way to libx264)
+        monkeypatch.setitem(fmp4.ENCODER_OPTIONS, name, {"preset": "no-such-preset"})
+
+
+@pytest.mark.parametrize("refuse, reason", [
+    (_refuse_the_container, "cannot open {out} for writing: .*Invalid argument"),
+    (_refuse_the_stream, "cannot open {out} for writing: no encoder of that name"),
+    (_refuse_the_encoder, "libx264 cannot encode [0-9]+x[0-9]+ video for {out}: "),
+], ids=["container", "stream", "encoder"])
+@pytest.mark.parametrize("before", [None, b"an earlier recording"], ids=["new", "overwrite"])
+def test_a_record_file_whose_encoder_does_not_open_is_one_error_and_no_file(tmp_path, capsys, monkeypatch, refuse,
+                                                                            reason, before):
+    """The encoder refusing the --record file left an empty file behind (the container's refusal),
+    or a traceback (the stream's), and --overwrite's earlier file was emptied before the encoder
+    opened. One error line names the file and why, exit 2; a file the run made is removed, an
+    earlier one is kept as it was."""
+    if encoder_for("auto") == "mp4v":  # (also finds the encoder before its options are spoilt)
+        pytest.skip("no H.264 encoder here")
+    from camface.cli import main
+
+    out = tmp_path / "out.mp4"
+    if before is not None:
+        out.write_bytes(before)
+    refuse(monkeypatch)
+    argv = ["live", "--source", "sample", "--no-show", "--max-frames", "3", "--record", str(out)]
+    assert main(argv + (["--overwrite"] if before is not None else [])) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("camface: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch("camface: error: " + reason.format(out=re.escape(str(out))) + ".*", errors[0]), errors
+    assert (out.read_bytes() if before is not None else out.exists()) == (before if before is not None else False)
+    assert list(tmp_path.iterdir()) == ([out] if before is not None else [])
+
+
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),
     ("H264", ValueError, "unknown codec 'H264'"),
