@@ -300,22 +300,34 @@ def test_a_recording_that_holds_no_frame_is_removed_and_said_so(tmp_path, clip_f
     assert f"camface: removed {path}: it holds no frame ({reason}), so it would not play" in caplog.text
 
 
-def test_key_r_leaves_no_stub_when_its_first_frame_fails(tmp_path, clip_frames, monkeypatch, caplog):
+@pytest.mark.parametrize("disk, frames, said", [
+    (_DiskOf(28 + 100), 1, "recording not started: cannot write {path}: No space left on device; the file was "
+                           "removed: it holds no frame (its first frame could not be written), so it would not play"),
+    (_DiskOf(2000), 35, "recording stopped: cannot write {path}: No space left on device (0 frames kept); the file "
+                        "was removed: it holds no frame (30 encoded, none written whole), so it would not play"),
+], ids=["first-frame", "no-fragment"])
+def test_key_r_leaves_no_stub_and_says_so_in_one_line(tmp_path, clip_frames, monkeypatch, caplog, disk, frames, said):
     """Key r's recording whose first frame failed after its header was written: only an empty
-    file was removed; the stub stayed beside the next ones."""
+    file was removed; the stub stayed beside the next ones. Its removal and the recording's
+    failure were two warnings: they are one line, on screen (`notices`) and in the log."""
     if encoder_for("auto") == "mp4v":
         pytest.skip("no H.264 encoder here")
     from camface.realtime.recorder import Output, Recorder
     from camface.realtime.timing import StageTimer
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fmp4, "open", _DiskOf(28 + 100), raising=False)
+    monkeypatch.setattr(fmp4, "open", disk, raising=False)
     recorder = Recorder(None, FPS, False, None, StageTimer())
+    path = recorder._next_path()  # camface-DATE-TIME.mp4: the name key r records to
+    recorder._next_path = lambda: path  # (the same, should the second change meanwhile)
     with caplog.at_level(logging.WARNING):
-        recorder.handle(Output(clip_frames[0], explained=None, toggle=True))  # (used for snapshots only)
+        for index, frame in enumerate(clip_frames[:frames]):
+            recorder.handle(Output(frame, explained=None, toggle=index == 0))  # (used for snapshots only)
     assert recorder.sink is None and recorder.recordings == [] and list(tmp_path.iterdir()) == []
-    assert "recording not started: cannot write" in recorder.notices.get_nowait()
-    assert "it holds no frame (its first frame could not be written)" in caplog.text
+    notice = recorder.notices.get_nowait()
+    assert notice == said.format(path=path) and recorder.notices.empty()
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == \
+        [f"camface: {notice}"]
 
 
 @pytest.mark.parametrize("share", [0.45, 0.5, 0.55, 0.8])
