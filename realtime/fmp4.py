@@ -16,9 +16,11 @@ the GIL meanwhile, so the writer thread does not hold up the live loop's other t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
+import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -92,19 +94,39 @@ class H264Writer:
         self.path, self.encoder = path, encoder
         # Through a Python file, unbuffered: FFmpeg's own file protocol loses the error of the
         # last writes (a full disk while the last fragment is written: PyAV's close() returns,
-        # the fragment is cut), while a Python file's write raises and PyAV passes it on.
+        # the fragment is cut), while a Python file's write raises and PyAV passes it on. Opened
+        # without truncating it: a file given with --overwrite keeps what it holds until the
+        # encoder has opened (a refusal leaves it as it was; a file this made is removed).
+        self._made = not os.path.lexists(path)
+        self._container = None
         try:
-            self._file = open(path, "wb", buffering=0)
+            self._file = open(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666), "wb",
+                              buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
         try:
-            self._container = av.open(self._file, "w", format="mp4",
-                                      options={"movflags": MOVFLAGS, "flush_packets": "1"})
-        except av.FFmpegError as exc:
-            self._file.close()
+            context = self._set_up(av, fps, size, encoder, options, clock_hz)
+        except (av.FFmpegError, OSError, ValueError, TypeError, NotImplementedError) as exc:  # an unknown encoder
+            self._abandon()
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
+        try:
+            context.open()  # now rather than on the first frame, so a refusal is clear
+        except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+            self._abandon()
+            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
+        if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # (not a device: /dev/full)
+            self._file.truncate(0)  # nothing is written before the first frame
+        self._av, self._pts = av, 0
+        self._failed = False  # a write or the close failed: the file may end inside a frame
+        self._key_every = round(clock_hz * KEYFRAME_S) if clock_hz else None  # ticks between keyframes
+        self._key_at: int | None = None  # the last keyframe's tick
+
+    def _set_up(self, av, fps: float, size: tuple[int, int], encoder: str, options: dict[str, str] | None,
+                clock_hz: int | None):
+        """The container and its stream, the encoder's context (not opened) returned."""
         from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc
 
+        self._container = av.open(self._file, "w", format="mp4", options={"movflags": MOVFLAGS, "flush_packets": "1"})
         rate = Fraction(fps).limit_denominator(1001)
         self._stream = self._container.add_stream(encoder, rate=rate)
         context = self._stream.codec_context
@@ -121,17 +143,21 @@ class H264Writer:
         context.color_primaries, context.color_trc = ColorPrimaries.SMPTE170M, ColorTrc.SMPTE170M
         context.color_range = ColorRange.MPEG  # limited range, 16-235
         context.options = {**ENCODER_OPTIONS.get(encoder, {}), **(options or {})}
+        return context
+
+    def _abandon(self) -> None:
+        """The encoder did not open: close what was opened (nothing was written: the container
+        writes its header with the first frame) and remove the file if this made it."""
         try:
-            context.open()  # now rather than on the first frame, so a refusal is clear
-        except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
-            self._container.close()
+            if self._container is not None:
+                self._container.close()
+        except Exception:  # the error that stopped the opening says why
+            pass
+        finally:
             self._file.close()
-            path.unlink(missing_ok=True)
-            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
-        self._av, self._pts = av, 0
-        self._failed = False  # a write or the close failed: the file may end inside a frame
-        self._key_every = round(clock_hz * KEYFRAME_S) if clock_hz else None  # ticks between keyframes
-        self._key_at: int | None = None  # the last keyframe's tick
+            if self._made:
+                with contextlib.suppress(OSError):  # (the same error: never in place of it)
+                    Path(self.path).unlink(missing_ok=True)
 
     def write(self, frame: np.ndarray, tick: int | None = None) -> None:
         """Encode one frame; OutputError (naming the file) when it cannot be written, e.g. a

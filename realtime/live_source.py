@@ -278,10 +278,11 @@ class LiveSource:
     def _read_in_order(self) -> Iterator[np.ndarray]:
         """A video file behind a URL: every frame in order, as a file's (no thread, no reconnection;
         paced like a file in a window). A frame that does not decode with good frames after it
-        (within the frames FFmpeg announced) is given as the frame after it, with a warning
+        (within the frames FFmpeg announced, or within MAX_BAD_RUN reads where it announced none:
+        a file the server's length said is one) is given as the frame after it, with a warning
         naming it, as VideoFileSource does (`bad_frames` counts them); a read that fails with
         none after it, or times out, ends it, with a warning when fewer frames came than FFmpeg
-        announced."""
+        announced (none without a count: OpenCV does not say how much of the file it read)."""
         self.bad_frames = 0
         if self._yielded < self._seq:  # the frame read on entering
             self._yielded = self._seq
@@ -293,7 +294,8 @@ class LiveSource:
                 log.debug("%s: read failed: %s", self._what, exc)
                 ok, frame = False, None
             if not ok or frame is None or not frame.size:
-                left = (self.info.frames or 0) - self._seq - 1  # frames announced after the failed one
+                # frames announced after the failed one (None: no count, the server's length said file)
+                left = None if self.info.frames is None else self.info.frames - self._seq - 1
                 bad, frame = read_past_bad_frames(self._capture, left, time.perf_counter() + self.timeout_s)
                 if frame is None:
                     break

@@ -7,7 +7,6 @@ snapshot when asked, and finalises the recording whatever happens (the file stay
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import time
 from dataclasses import dataclass
@@ -94,18 +93,18 @@ class Recorder:
             self._starting = self._keyed = True
             log.info("recording to %s", self.sink.path)
 
-    def _not_started(self, path: Path, exc: BaseException) -> None:
-        """Key r's recording to `path` failed to start with `exc`: say so, and leave no empty
-        file behind (the path was new: `_next_path`)."""
+    def _not_started(self, path: Path, exc: BaseException, removed: str | None = None) -> None:
+        """Key r's recording to `path` failed to start with `exc`: say so, in one line with why its
+        file was removed (`removed`: VideoSink.removed; a writer that did not open leaves none)."""
         reason = str(exc) if str(path) in str(exc) else f"cannot write {path}: {exc}"
-        notice = f"recording not started: {reason}"
+        self._notice(f"recording not started: {reason}", removed)
+
+    def _notice(self, notice: str, removed: str | None) -> None:
+        """Log `notice` as a warning and put it on `notices`, with why the file was removed."""
+        if removed is not None:
+            notice += f"; the file was removed: {removed}"
         log.warning("camface: %s", notice)
         self.notices.put(notice)
-        try:
-            if os.path.isfile(path) and os.path.getsize(path) == 0:
-                os.unlink(path)
-        except OSError:
-            pass
 
     def close_sink(self) -> None:
         """Finalise the recording in progress, if any (idempotent). A failure (a full disk)
@@ -128,24 +127,22 @@ class Recorder:
         the frames it holds (the sink trims a cut frame), say so, and go on without it."""
         sink, self.sink, self._keyed = self.sink, None, False
         try:
-            sink.close()
+            sink.close(say_removed=False)
         except Exception as error:  # the write's error says why; the file keeps what it can
             log.debug("closing the recording that failed: %s", error)
         kept = sink.frames_kept if sink.frames_written else 0
         if kept:
             self.recordings.append((str(sink.path), kept))
         reason = str(exc) if str(sink.path) in str(exc) else f"writing {sink.path}: {exc}"
-        notice = f"recording stopped: {reason} ({kept} frames kept)"
-        log.warning("camface: %s", notice)
-        self.notices.put(notice)
+        self._notice(f"recording stopped: {reason} ({kept} frames kept)", sink.removed)
 
     def _drop_unstarted(self, exc: BaseException) -> None:
         sink, self.sink, self._starting, self._keyed = self.sink, None, False, False
         try:
-            sink.close()
+            sink.close(say_removed=False)
         except Exception as error:  # nothing was written; the first error says why
             log.debug("closing the recording that did not start: %s", error)
-        self._not_started(sink.path, exc)
+        self._not_started(sink.path, exc, sink.removed)
 
     def handle(self, item: Output) -> None:
         if item.toggle:

@@ -127,7 +127,8 @@ class VideoSink:
     what the encoder takes (LARGEST). Later frames of another size are scaled to fit it, their
     shape kept, black bars beside or above and below (`fit`: a folder's landscape photos after
     a portrait one). `frames_written` counts frames handed to the encoder; `frames_kept` those
-    the file holds once closed (fewer after a write error: a full disk).
+    the file holds once closed (fewer after a write error: a full disk); `removed` why the file
+    was removed at close (it held no frame), None when it was not.
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
@@ -135,6 +136,7 @@ class VideoSink:
         self.fps = fps
         self.encoder = encoder_for(codec)
         self.frames_written = 0
+        self.removed: str | None = None
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
         self._closed = False
@@ -229,11 +231,12 @@ class VideoSink:
         self._slot = self._slot + 1 if slot is None else slot
         self.frames_written += 1
 
-    def close(self) -> None:
+    def close(self, say_removed: bool = True) -> None:
         """Finalise the file (idempotent). A file that holds no frame once closed (its first
         frame's write failed after the encoder had written the file's header, or no whole frame
-        of H.264 reached a full disk) is removed, with a warning saying so: it would not play, and
-        looked like a recording."""
+        of H.264 reached a full disk) is removed, with a warning saying so (say_removed=False: the
+        caller says it, with `removed`, in its own line): it would not play, and looked like a
+        recording."""
         self._closed = True
         if self._writer is not None:
             writer, self._writer = self._writer, None
@@ -243,10 +246,10 @@ class VideoSink:
                 self._failed = True
                 raise
             finally:
-                self._remove_if_empty()
+                self._remove_if_empty(say_removed)
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
-    def _remove_if_empty(self) -> None:
+    def _remove_if_empty(self, say: bool) -> None:
         if self.encoder == "mp4v" and self.frames_written:  # its frames may be in the file without
             return  # their index (written last, lost to a full disk): a repair tool can get them back
         if self.frames_kept or not self.path.is_file():  # (not a device: /dev/full)
@@ -257,9 +260,11 @@ class VideoSink:
             log.warning("camface: %s holds no frame (it would not play) and could not be removed: %s",
                         self.path, exc.strerror or exc)
             return
-        log.warning("camface: removed %s: it holds no frame (%s), so it would not play", self.path,
-                    "its first frame could not be written" if not self.frames_written
-                    else f"{self.frames_written} encoded, none written whole")
+        why = ("its first frame could not be written" if not self.frames_written
+               else f"{self.frames_written} encoded, none written whole")
+        self.removed = f"it holds no frame ({why}), so it would not play"
+        if say:
+            log.warning("camface: removed %s: %s", self.path, self.removed)
 
     @property
     def frames_kept(self) -> int:

@@ -210,17 +210,20 @@ def _valid_fps(fps: float) -> bool:
 # ---------------------------------------------------------------------------- files
 
 
-def read_past_bad_frames(capture, left: int, deadline: float | None = None) -> tuple[int, np.ndarray | None]:
+def read_past_bad_frames(capture, left: int | None, deadline: float | None = None) -> tuple[int, np.ndarray | None]:
     """After a read of `capture` (a cv2.VideoCapture) that failed, with `left` frames announced
-    after the failed one: (frames that failed, the next good frame) when a good frame follows
-    within MAX_BAD_RUN reads; (0, None) at the end of the announced frames, or past `deadline`
-    (a time.perf_counter() time: a URL whose connection dropped waits out its read time-out on
-    each read). A damaged frame in a file (a JPEG of an MJPEG AVI that does not decode) fails
-    its read and the next read goes on after it, locally or behind a URL alike."""
+    after the failed one (None: the file announces no count, as a Matroska written live or an
+    MPEG-TS behind a server that cannot seek): (frames that failed, the next good frame) when a
+    good frame follows within MAX_BAD_RUN reads; (0, None) at the end of the announced frames, or
+    past `deadline` (a time.perf_counter() time: a URL whose connection dropped waits out its read
+    time-out on each read). A damaged frame in a file (a JPEG of an MJPEG AVI that does not
+    decode) fails its read and the next read goes on after it, locally or behind a URL alike.
+    Without a count the end is where MAX_BAD_RUN reads fail: reads at the end of a file fail at
+    once (25 take under 10 ms, locally or over HTTP)."""
     import time
 
     for failed in range(1, MAX_BAD_RUN + 1):
-        if left < failed or (deadline is not None and time.perf_counter() > deadline):
+        if (left is not None and left < failed) or (deadline is not None and time.perf_counter() > deadline):
             return 0, None
         try:
             ok, frame = capture.read()
@@ -306,8 +309,8 @@ class VideoFileSource:
         return fps if 0.5 <= fps <= 1000 else None  # frames 1 ms apart: a high-speed camera's
 
     def _read_past_bad_frames(self) -> tuple[int, np.ndarray | None]:
-        if not self.info.frames:  # none announced: the end
-            return 0, None
+        if not self.info.frames:  # none announced (a Matroska written live): read on while reads give frames
+            return read_past_bad_frames(self._capture, None)
         return read_past_bad_frames(self._capture, self.info.frames - self.start - self.frames_read - 1)
 
     def _seek(self, start: int) -> None:

@@ -300,22 +300,34 @@ def test_a_recording_that_holds_no_frame_is_removed_and_said_so(tmp_path, clip_f
     assert f"camface: removed {path}: it holds no frame ({reason}), so it would not play" in caplog.text
 
 
-def test_key_r_leaves_no_stub_when_its_first_frame_fails(tmp_path, clip_frames, monkeypatch, caplog):
+@pytest.mark.parametrize("disk, frames, said", [
+    (_DiskOf(28 + 100), 1, "recording not started: cannot write {path}: No space left on device; the file was "
+                           "removed: it holds no frame (its first frame could not be written), so it would not play"),
+    (_DiskOf(2000), 35, "recording stopped: cannot write {path}: No space left on device (0 frames kept); the file "
+                        "was removed: it holds no frame (30 encoded, none written whole), so it would not play"),
+], ids=["first-frame", "no-fragment"])
+def test_key_r_leaves_no_stub_and_says_so_in_one_line(tmp_path, clip_frames, monkeypatch, caplog, disk, frames, said):
     """Key r's recording whose first frame failed after its header was written: only an empty
-    file was removed; the stub stayed beside the next ones."""
+    file was removed; the stub stayed beside the next ones. Its removal and the recording's
+    failure were two warnings: they are one line, on screen (`notices`) and in the log."""
     if encoder_for("auto") == "mp4v":
         pytest.skip("no H.264 encoder here")
     from camface.realtime.recorder import Output, Recorder
     from camface.realtime.timing import StageTimer
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(fmp4, "open", _DiskOf(28 + 100), raising=False)
+    monkeypatch.setattr(fmp4, "open", disk, raising=False)
     recorder = Recorder(None, FPS, False, None, StageTimer())
+    path = recorder._next_path()  # camface-DATE-TIME.mp4: the name key r records to
+    recorder._next_path = lambda: path  # (the same, should the second change meanwhile)
     with caplog.at_level(logging.WARNING):
-        recorder.handle(Output(clip_frames[0], explained=None, toggle=True))  # (used for snapshots only)
+        for index, frame in enumerate(clip_frames[:frames]):
+            recorder.handle(Output(frame, explained=None, toggle=index == 0))  # (used for snapshots only)
     assert recorder.sink is None and recorder.recordings == [] and list(tmp_path.iterdir()) == []
-    assert "recording not started: cannot write" in recorder.notices.get_nowait()
-    assert "it holds no frame (its first frame could not be written)" in caplog.text
+    notice = recorder.notices.get_nowait()
+    assert notice == said.format(path=path) and recorder.notices.empty()
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == \
+        [f"camface: {notice}"]
 
 
 @pytest.mark.parametrize("share", [0.45, 0.5, 0.55, 0.8])
@@ -436,6 +448,59 @@ def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
                  "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert f"camface: error: cannot write {full}: No space left on device" in err and "Traceback" not in err
+
+def _refuse_the_container(monkeypatch):
+    import av
+
+    def refused(*args, **kwargs):
+        raise av.FFmpegError(22, "Invalid argument")
+
+    monkeypatch.setattr(av, "open", refused)
+
+
+def _refuse_the_stream(monkeypatch):
+    import av
+
+    def refused(self, *args, **kwargs):
+        raise ValueError("no encoder of that name")
+
+    monkeypatch.setattr(av.container.OutputContainer, "add_stream", refused)
+
+
+def _refuse_the_encoder(monkeypatch):
+    for name in ("libx264", "h264_nvenc"):  # (NVENC, where it opens, gives way to libx264)
+        monkeypatch.setitem(fmp4.ENCODER_OPTIONS, name, {"preset": "no-such-preset"})
+
+
+@pytest.mark.parametrize("refuse, reason", [
+    (_refuse_the_container, "cannot open {out} for writing: .*Invalid argument"),
+    (_refuse_the_stream, "cannot open {out} for writing: no encoder of that name"),
+    (_refuse_the_encoder, "libx264 cannot encode [0-9]+x[0-9]+ video for {out}: "),
+], ids=["container", "stream", "encoder"])
+@pytest.mark.parametrize("before", [None, b"an earlier recording"], ids=["new", "overwrite"])
+def test_a_record_file_whose_encoder_does_not_open_is_one_error_and_no_file(tmp_path, capsys, monkeypatch, refuse,
+                                                                            reason, before):
+    """The encoder refusing the --record file left an empty file behind (the container's refusal),
+    or a traceback (the stream's), and --overwrite's earlier file was emptied before the encoder
+    opened. One error line names the file and why, exit 2; a file the run made is removed, an
+    earlier one is kept as it was."""
+    if encoder_for("auto") == "mp4v":  # (also finds the encoder before its options are spoilt)
+        pytest.skip("no H.264 encoder here")
+    from camface.cli import main
+
+    out = tmp_path / "out.mp4"
+    if before is not None:
+        out.write_bytes(before)
+    refuse(monkeypatch)
+    argv = ["live", "--source", "sample", "--no-show", "--max-frames", "3", "--record", str(out)]
+    assert main(argv + (["--overwrite"] if before is not None else [])) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("camface: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.fullmatch("camface: error: " + reason.format(out=re.escape(str(out))) + ".*", errors[0]), errors
+    assert (out.read_bytes() if before is not None else out.exists()) == (before if before is not None else False)
+    assert list(tmp_path.iterdir()) == ([out] if before is not None else [])
+
 
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),

@@ -646,6 +646,61 @@ def test_a_video_file_behind_a_url_reads_past_a_frame_that_does_not_decode(mjpeg
 
 
 @pytest.fixture(scope="module")
+def mkv_with_a_bad_frame(tmp_path_factory):
+    """(a Matroska written live, no frame count, of 60 MJPEG frames whose frame 30 does not
+    decode; the same file whole)."""
+    import fractions
+
+    import av
+    import cv2
+
+    from camface.realtime.sample import SampleSource
+
+    folder = tmp_path_factory.mktemp("mkv")
+    sample = SampleSource(frames=60, size=(160, 120))
+    jpegs = [bytearray(cv2.imencode(".jpg", sample.frame(index))[1].tobytes()) for index in range(60)]
+    whole = [bytes(jpeg) for jpeg in jpegs]
+    for at in range(20, 400):  # its tables: it does not decode at all
+        jpegs[30][at] ^= 0xFF
+    for name, frames in (("whole.mkv", whole), ("damaged.mkv", [bytes(jpeg) for jpeg in jpegs])):
+        with av.open(str(folder / name), "w", format="matroska", container_options={"live": "1"}) as out:
+            stream = out.add_stream("mjpeg", rate=30)
+            stream.width, stream.height, stream.pix_fmt = 160, 120, "yuvj420p"
+            for index, jpeg in enumerate(frames):
+                packet = av.Packet(jpeg)
+                packet.stream, packet.pts, packet.dts = stream, index, index
+                packet.time_base = fractions.Fraction(1, 30)
+                out.mux(packet)
+    return folder / "damaged.mkv", folder / "whole.mkv"
+
+
+@pytest.mark.parametrize("where", ["file", "url"])
+def test_a_frame_that_does_not_decode_is_read_past_in_a_file_without_a_frame_count(mkv_with_a_bad_frame, tmp_path,
+                                                                                   served, caplog, where):
+    """A file that announces no frame count (a Matroska written live; behind a URL, any file its
+    server gives a length for: an MPEG-TS that cannot seek) stopped at a frame that does not
+    decode, its 29 good frames after it lost, without a word. It is read past as in a file with
+    a count."""
+    import shutil
+
+    from camface.realtime.sources import VideoFileSource, make_source
+
+    damaged, whole = mkv_with_a_bad_frame
+    with VideoFileSource(whole) as source:
+        expected = list(source)
+    assert source.info.frames is None and len(expected) == 60
+    shutil.copy(damaged, tmp_path / "damaged.mkv")
+    spec = f"{served}/damaged.mkv" if where == "url" else str(tmp_path / "damaged.mkv")
+    with caplog.at_level(logging.WARNING), make_source(spec) as source:
+        frames = list(source)
+    assert (source.info.live, source.info.frames, source.bad_frames) == (False, None, 1)
+    assert len(frames) == 60 and "ended early" not in caplog.text
+    assert "damaged.mkv: frame 30 does not decode; the frame after it is shown in its place" in caplog.text
+    for number, (frame, good) in enumerate(zip(frames, expected)):
+        assert np.array_equal(frame, expected[31] if number == 30 else good), number
+
+
+@pytest.fixture(scope="module")
 def ts_server(tmp_path_factory):
     """An MPEG-TS of 40 frames (64x48, 25 fps) served on 127.0.0.1 as
     /<how>/clip.ts, how: "ranges" (Content-Length and Range requests, as nginx), "length"
