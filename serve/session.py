@@ -134,15 +134,18 @@ class Session:
     def stop_recording(self) -> tuple[Path, int] | None:
         """Finalise the recording in progress (idempotent): (path, frames written), or None.
         A file that cannot be finished (a full disk) is logged; it keeps its complete
-        fragments."""
+        fragments. One that holds no frame was removed by the sink: (path, 0), not listed."""
         with self.record_lock:
             sink, self.sink = self.sink, None
             if sink is None:
                 return None
             try:
-                sink.close()
+                sink.close(say_removed=False)  # said below, with the client
             except OutputError as exc:
                 log.warning("client %d: %s", self.id, exc)
+        if getattr(sink, "removed", None) is not None:  # it held no frame: gone, not a recording to offer
+            log.warning("client %d: removed %s: %s", self.id, sink.path, sink.removed)
+            return sink.path, 0
         if sink.frames_written:
             self.server.recorded(sink.path)
         log.info("client %d: recorded %d frames to %s", self.id, sink.frames_kept, sink.path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import struct
 
@@ -727,7 +728,9 @@ class _Sink:
     def __init__(self, path, fails: bool):
         self.path, self.fails, self.closed, self.frames_written, self.frames_kept = path, fails, False, 0, 0
 
-    def close(self):
+    removed = None
+
+    def close(self, say_removed=True):
         if self.fails:
             raise RuntimeError("the encoder failed to flush")
         self.closed = True
@@ -749,6 +752,25 @@ def test_a_recording_that_fails_to_close_leaves_no_detector_recording_or_worker_
     assert [d.closed for d in detectors] == [True, True]
     assert sinks[1].closed and not state.worker._thread.is_alive()
     assert f"client {sessions[0].id} did not close cleanly" in caplog.text and "failed to flush" in caplog.text
+
+
+def test_a_recording_removed_at_close_is_not_offered(make_client, tmp_path, caplog):
+    """A recording none of whose encoded frames reached the disk is removed by its sink at
+    close: stop_recording still listed it (a download link to a missing file) and logged
+    "recorded 0 frames". It says the removal once, with the client, and offers no file."""
+    from camface.serve.session import Session
+
+    _, state = make_client()
+    session = Session(state, _ClosingDetector())
+    state.add(session)
+    sink = session.sink = _Sink(tmp_path / "gone.mp4", False)
+    sink.frames_written, sink.removed = 30, "it holds no frame (30 encoded, none written whole), so it would not play"
+    with caplog.at_level(logging.INFO):
+        assert session.stop_recording() == (sink.path, 0)
+    assert "gone.mp4" not in state.recordings
+    assert f"client {session.id}: removed {sink.path}: it holds no frame" in caplog.text
+    assert "recorded" not in caplog.text
+    state.close()
 
 
 # ------------------------------------------------------------------ protocol pieces and the command
