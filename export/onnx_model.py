@@ -1160,7 +1160,8 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
                          f"whose name the fused map keeps: {', '.join(fused)}; export with "
                          "do_constant_folding=False to keep them apart" if torchscript else
                          f"torch.onnx's optimiser folded each convolution of {parent} and the BatchNorm "
-                         f"after it into one map, named as the BatchNorm: {', '.join(fused)}")
+                         f"after it into one map, named as the BatchNorm: {', '.join(fused)}; export with "
+                         "optimize=False, or to .pt2, to keep them apart")
         why = f"no tensor, node or module named {name!r}" + (f" ({'; '.join(notes)})" if notes else "")
     elif tensor == classifier.input_name:
         why = f"{name!r} is the model's input, not a layer"
