@@ -68,6 +68,9 @@ class TargetChoice:
 
 # why a default target was chosen, by kind (`camface info` prints it)
 REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
+REASON_CLASS_SCORES = ("default for an all-convolutional head (SqueezeNet's: a convolution to one channel "
+                       "per class, pooled): the feature map that convolution reads, not the class-score "
+                       "map (pytorch-grad-cam's choice)")
 REASON_LAST_MAP = ("default: the last spatial feature map larger than 1x1 before the logits (no global "
                    "pooling)")
 REASON_POOLED_TOKENS = ("default for MLP-Mixer: the tokens the mean over tokens before the head reads, "
@@ -106,6 +109,10 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
                                 options)
             return TargetChoice(classifier, mlp, onnx_model.module_name(model, mlp), REASON_SWIN)
         pooled = tensor in onnx_model.pooled_maps(model)
+        features = onnx_model.class_score_input(classifier, tensor) if pooled else None
+        if features is not None:
+            return TargetChoice(classifier, features, onnx_model.module_name(model, features),
+                                REASON_CLASS_SCORES)
         tokens = None if pooled else onnx_model.pooled_tokens(classifier, tensor)
         if tokens is not None:
             return _on_grid(classifier, tokens, onnx_model.module_name(model, tokens), REASON_POOLED_TOKENS,

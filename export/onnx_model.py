@@ -1536,6 +1536,43 @@ def _attentions(classifier: Classifier) -> list:
             and dims[n.output[0]][2] == dims[n.output[0]][3]]
 
 
+# Elementwise activations between an all-convolutional head's class-score convolution and its
+# global pooling (SqueezeNet's ReLU)
+_SCORE_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "HardSwish",
+                      "Softplus", "Identity", "Dropout")
+
+
+def class_score_input(classifier: Classifier, target: str) -> str | None:
+    """When `target`, the map the global pooling reads, holds the class scores themselves (an
+    all-convolutional head: a convolution to one channel per class, elementwise activations, the
+    pooling, then only reshapes to the logits, as SqueezeNet's and NiN's), the feature map that
+    convolution reads (SqueezeNet's `features`, pytorch-grad-cam's choice; the score map's
+    channels are classes, not features); else None."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    nodes = head(model, target, classifier.logits)
+    pools = [n for n in nodes if _spatial_pool_input(n, dims, values) == target]
+    if len(pools) != 1 or any(n.op_type not in _PASS_THROUGH for n in nodes if n is not pools[0]):
+        return None  # a linear layer (or anything else) after the pooling: the map holds features
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(target)
+    while node is not None and node.op_type in _SCORE_ACTIVATIONS:
+        node = producer.get(node.input[0])
+    grid = spatial_maps(classifier)
+    if node is None or node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in values \
+            or any(a.name == "group" and a.i != 1 for a in node.attribute) \
+            or values[node.input[1]].shape[0] != classifier.num_classes:
+        return None
+    source = node.input[0]
+    while source in producer and producer[source].op_type in ("Identity", "Dropout"):
+        source = producer[source].input[0]
+    size = _hw(dims.get(source), grid.get(source, "NCHW"))
+    if source not in grid or len(size) != 2 or not all(isinstance(d, int) for d in size) or \
+            math.prod(size) <= 1:
+        return None
+    return source
+
+
 def default_mlp_target(classifier: Classifier, target: str) -> str | None:
     """A hierarchical transformer's default target: the tokens that the MLP after the last
     attention reads (Swin's layers[-1].blocks[-1].norm2, pytorch-grad-cam's choice), [N, h * w, C]

@@ -1047,3 +1047,57 @@ def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
     for name, heatmap in expected.items():
         scale = float(np.abs(heatmap).max())
         np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+class ScoreHead(nn.Module):
+    """features (conv-ReLU, 8x8) then a head: `squeezenet`, SqueezeNet's all-convolutional one
+    (dropout, a 1x1 convolution to one channel per class, ReLU, global average pooling, flatten);
+    `no-relu` without the ReLU; `linear-after`, the same convolution and pooling then a linear
+    layer (the pooled map's channels are features again, though as many as the classes)."""
+
+    def __init__(self, kind, classes=5):
+        super().__init__()
+        self.kind = kind
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(12, classes, 1),
+                                        nn.ReLU() if kind != "no-relu" else nn.Identity(),
+                                        nn.AdaptiveAvgPool2d((1, 1)))
+        self.fc = nn.Linear(classes, classes) if kind == "linear-after" else nn.Identity()
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.classifier(self.features(x)), 1))
+
+
+@pytest.mark.parametrize("kind, default", [("squeezenet", "features"), ("no-relu", "features"),
+                                           ("linear-after", "classifier.2")])
+@pytest.mark.parametrize("exporter", ["legacy", "pt2"])
+def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolution_reads(
+        tmp_path, kind, default, exporter):
+    """SqueezeNet's head is a convolution to one channel per class, pooled: the default target
+    was that class-score map (`classifier.2`, its channels classes, not features), where
+    pytorch-grad-cam's examples take `features`. The default is now the map the convolution
+    reads, recorded with why, and its heatmaps are torch autograd's there; a head with a linear
+    layer after the pooling keeps the pooled map."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ScoreHead(kind).eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if exporter == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    assert all(d.ok for d in result.differences)
+    assert result.info.target_layer == default
+    assert (result.info.target_reason == onnx_export.REASON_CLASS_SCORES) == (default == "features")
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1, 3])
+    got = run_graph(result.path, images, classes)
+    heatmaps = ["gradcam", "hirescam", "layercam"]
+    _, a, want = torch_heatmaps(model, model.get_submodule(default), images, classes, heatmaps)
+    np.testing.assert_allclose(got["activations"], a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    scale = max(float(np.abs(want[method]).max()) for method in heatmaps)
+    assert scale > 0
+    for method in heatmaps:
+        np.testing.assert_allclose(got[method], want[method], rtol=1e-4, atol=1e-5 * scale, err_msg=method)
