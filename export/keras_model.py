@@ -195,7 +195,7 @@ def _head_pools(layers) -> list[int]:
 
 
 CLASS_SCORES_REASON = ("default for an all-convolutional head (SqueezeNet's: a Conv2D to one channel per "
-                       "class, pooled): the feature map that convolution reads, not the class-score map "
+                       "class, a ReLU, pooled): the feature map that convolution reads, not the class-score map "
                        "(pytorch-grad-cam's choice)")
 # what may lie between an all-convolutional head's class-score Conv2D and its global pooling,
 # besides the layers that change nothing at inference
@@ -204,9 +204,11 @@ _SCORE_ACTIVATION_TYPES = ("ReLU", "LeakyReLU", "ELU", "PReLU")
 
 def _class_score_input(layers, pool_index: int):
     """(path, layer) of the feature map that an all-convolutional head's class-score Conv2D reads
-    (SqueezeNet's, NiN's: a Conv2D to one channel per class, activations, the global pooling
-    layers[pool_index], then only reshapes and the final activation), else None: the pooled map
-    holds classes, not features."""
+    (SqueezeNet's, NiN's: a Conv2D to one channel per class, an activation (ReLU), the global
+    pooling layers[pool_index], then only reshapes and the final activation: the pooled map holds
+    classes, not features), else None. Without an activation (the bundled emotion model's
+    conv2d_7 -> GAP -> softmax) the class-score map stays: its class channel is exactly CAM of
+    the map before, the study's "last conv"."""
     producers = {id(_output_in_parent(layer)): (path, layer) for path, layer in layers if _rank(layer) >= 0}
     pool = layers[pool_index][1]
     for _, layer in layers[pool_index + 1:]:  # a Dense (or anything but a reshape) after it: features
@@ -215,18 +217,19 @@ def _class_score_input(layers, pool_index: int):
                 kind == "Activation" and activation_name(layer) in _PROBABILITY_ACTIVATIONS):
             return None
 
-    def producer(tensor):
-        found = producers.get(id(tensor))
-        while found is not None and (identity_at_inference(found[1]) or type(found[1]).__name__ in
-                                     _SCORE_ACTIVATION_TYPES or type(found[1]).__name__ == "Activation"
-                                     and activation_name(found[1]) not in _PROBABILITY_ACTIVATIONS):
-            found = producers.get(id(_input_in_parent(found[1])))
-        return found
+    def activation(layer) -> bool:
+        return type(layer).__name__ in _SCORE_ACTIVATION_TYPES or type(layer).__name__ == "Activation" \
+            and activation_name(layer) not in _PROBABILITY_ACTIVATIONS + ("linear",)
 
-    found = producer(_input_in_parent(pool))
+    found, activated = producers.get(id(_input_in_parent(pool))), False
+    while found is not None and (identity_at_inference(found[1]) or activation(found[1])):
+        activated = activated or activation(found[1])
+        found = producers.get(id(_input_in_parent(found[1])))
     if found is None or type(found[1]).__name__ != "Conv2D" or getattr(found[1], "groups", 1) != 1 or \
             activation_name(found[1]) in _PROBABILITY_ACTIVATIONS:
         return None
+    if not activated and activation_name(found[1]) == "linear":
+        return None  # conv -> GAP: the class channel is exactly CAM of the map before (the study's)
     conv = found[1]
     source = _input_in_parent(conv)
     while id(source) in producers and identity_at_inference(producers[id(source)][1]):

@@ -1544,10 +1544,12 @@ _SCORE_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip
 
 def class_score_input(classifier: Classifier, target: str) -> str | None:
     """When `target`, the map the global pooling reads, holds the class scores themselves (an
-    all-convolutional head: a convolution to one channel per class, elementwise activations, the
+    all-convolutional head: a convolution to one channel per class, an activation (ReLU), the
     pooling, then only reshapes to the logits, as SqueezeNet's and NiN's), the feature map that
     convolution reads (SqueezeNet's `features`, pytorch-grad-cam's choice; the score map's
-    channels are classes, not features); else None."""
+    channels are classes, not features); else None. Without an activation between the
+    convolution and the pooling (the bundled emotion model's conv2d_7 -> GAP) the class-score
+    map stays: its class channel is exactly CAM of the map before, the study's choice."""
     model = classifier.model
     dims, values = shapes(model), constants(model)
     nodes = head(model, target, classifier.logits)
@@ -1555,11 +1557,12 @@ def class_score_input(classifier: Classifier, target: str) -> str | None:
     if len(pools) != 1 or any(n.op_type not in _PASS_THROUGH for n in nodes if n is not pools[0]):
         return None  # a linear layer (or anything else) after the pooling: the map holds features
     producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(target)
+    node, activations = producer.get(target), 0
     while node is not None and node.op_type in _SCORE_ACTIVATIONS:
+        activations += node.op_type not in ("Identity", "Dropout")
         node = producer.get(node.input[0])
     grid = spatial_maps(classifier)
-    if node is None or node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in values \
+    if not activations or node is None or node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in values \
             or any(a.name == "group" and a.i != 1 for a in node.attribute) \
             or values[node.input[1]].shape[0] != classifier.num_classes:
         return None

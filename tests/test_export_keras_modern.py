@@ -161,8 +161,10 @@ def test_the_default_target_of_a_squeeze_excitation_net_with_a_flatten_head_is_i
 def _score_head_model(head: str):
     """16x16x3 -> conv "features" (8x8) -> a head: `squeezenet`, SqueezeNet's all-convolutional
     one (Dropout, a 1x1 Conv2D "classes" to one channel per class, ReLU, GAP, softmax);
-    `relu-inside` with the ReLU as the Conv2D's activation; `dense-after` with a Dense(softmax)
-    after the GAP (the pooled channels are features again, though as many as the classes)."""
+    `relu-inside` with the ReLU as the Conv2D's activation; `linear` without it (as the bundled
+    emotion model's conv2d_7 -> GAP: its class channel is exactly CAM of `features`);
+    `dense-after` with a Dense(softmax) after the GAP (the pooled channels are features again,
+    though as many as the classes)."""
     import keras
     from keras import layers
 
@@ -170,8 +172,8 @@ def _score_head_model(head: str):
     inputs = keras.Input((16, 16, 3))
     x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="features")(inputs)
     x = layers.Dropout(0.5)(x)
-    if head == "relu-inside":
-        x = layers.Conv2D(3, 1, activation="relu", name="classes")(x)
+    if head in ("relu-inside", "linear"):
+        x = layers.Conv2D(3, 1, activation="relu" if head == "relu-inside" else None, name="classes")(x)
     else:
         x = layers.ReLU(name="class_relu")(layers.Conv2D(3, 1, name="classes")(x))
     x = layers.GlobalAveragePooling2D(name="gap")(x)
@@ -180,12 +182,13 @@ def _score_head_model(head: str):
 
 
 @pytest.mark.parametrize("head, expected", [("squeezenet", "features"), ("relu-inside", "features"),
-                                            ("dense-after", "class_relu")])
+                                            ("linear", "classes"), ("dense-after", "class_relu")])
 def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolution_reads(head, expected):
     """SqueezeNet's head is a Conv2D to one channel per class, pooled: the default target was that
     class-score map (its channels classes, not features), where pytorch-grad-cam's examples take
     `features`. The default is now the map the convolution reads, recorded with why, its Grad-CAM
-    tf.GradientTape's there; a head with a Dense after the pooling keeps the pooled map."""
+    tf.GradientTape's there; a head with a Dense after the pooling, or no activation before it,
+    keeps the pooled map."""
     import keras
 
     from camface.export.keras_model import CLASS_SCORES_REASON

@@ -1052,7 +1052,7 @@ def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
 class ScoreHead(nn.Module):
     """features (conv-ReLU, 8x8) then a head: `squeezenet`, SqueezeNet's all-convolutional one
     (dropout, a 1x1 convolution to one channel per class, ReLU, global average pooling, flatten);
-    `no-relu` without the ReLU; `linear-after`, the same convolution and pooling then a linear
+    `no-relu` without the ReLU (its class channel exactly CAM of `features`); `linear-after`, the same convolution and pooling then a linear
     layer (the pooled map's channels are features again, though as many as the classes)."""
 
     def __init__(self, kind, classes=5):
@@ -1068,7 +1068,7 @@ class ScoreHead(nn.Module):
         return self.fc(torch.flatten(self.classifier(self.features(x)), 1))
 
 
-@pytest.mark.parametrize("kind, default", [("squeezenet", "features"), ("no-relu", "features"),
+@pytest.mark.parametrize("kind, default", [("squeezenet", "features"), ("no-relu", "classifier.1"),
                                            ("linear-after", "classifier.2")])
 @pytest.mark.parametrize("exporter", ["legacy", "pt2"])
 def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolution_reads(
@@ -1077,7 +1077,9 @@ def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolut
     was that class-score map (`classifier.2`, its channels classes, not features), where
     pytorch-grad-cam's examples take `features`. The default is now the map the convolution
     reads, recorded with why, and its heatmaps are torch autograd's there; a head with a linear
-    layer after the pooling keeps the pooled map."""
+    layer after the pooling, or none between the convolution and the pooling (its class channel
+    is then exactly CAM of the map before, as the bundled emotion model's conv2d_7), keeps the
+    pooled map."""
     from onnx_helpers import save_program
 
     from camface.export import onnx_export
