@@ -252,8 +252,10 @@ def default_target_layer(model) -> str:
     """The last layer with a 4-D output before the head's global pooling (the study's "last
     conv"; pooling layers inside blocks, as the squeeze-and-excitation of EfficientNet and
     MobileNetV3, are not the head's: their maps go on; an all-convolutional head's, whose pooled
-    map holds the class scores: the map its class-score Conv2D reads, `_class_score_input`); when the head has none (Flatten -> Dense),
-    the last 4-D layer, larger than 1x1 where one is (an all-convolutional head's class map is 1x1). Raises `ModelError` when the model has no 4-D layer."""
+    map holds the class scores: the map its class-score Conv2D reads, `_class_score_input`); when
+    the head has none (Flatten -> Dense), the last 4-D layer, larger than 1x1 where one is (an
+    all-convolutional head's class map is 1x1). Raises `ModelError` when the model has no 4-D
+    layer."""
     layers = list(iter_layers(model))
     pools = _head_pools(layers)
     candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]

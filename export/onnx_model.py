@@ -1562,8 +1562,8 @@ def class_score_input(classifier: Classifier, target: str) -> str | None:
         activations += node.op_type not in ("Identity", "Dropout")
         node = producer.get(node.input[0])
     grid = spatial_maps(classifier)
-    if not activations or node is None or node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in values \
-            or any(a.name == "group" and a.i != 1 for a in node.attribute) \
+    if not activations or node is None or node.op_type != "Conv" or len(node.input) < 2 \
+            or node.input[1] not in values or any(a.name == "group" and a.i != 1 for a in node.attribute) \
             or values[node.input[1]].shape[0] != classifier.num_classes:
         return None
     source = node.input[0]
