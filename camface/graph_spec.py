@@ -24,11 +24,14 @@ Optional output (gallery graphs of `camface enroll`, whose classes are enrolled 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from camface import methods as _methods
 from camface.color_order import ColorOrder
+
+log = logging.getLogger(__name__)
 
 INPUT_IMAGE = "image"
 INPUT_CLASS = "class_index"
@@ -45,6 +48,9 @@ REQUIRED_OUTPUTS = (OUTPUT_PROBS, OUTPUT_ACTIVATIONS)
 
 # metadata_props keys; values are strings, JSON where marked.
 META_VERSION = "camface_version"
+# the version of the heatmap methods' maths the graph's maps were built by (camface.methods.VERSION,
+# an integer); absent (read as 0) in graphs exported before it was recorded
+META_METHODS_VERSION = "methods_version"
 META_LABELS = "labels"  # JSON list of class names
 META_INPUT_SIZE = "input_size"  # JSON [H, W]
 META_CHANNELS = "channels"  # "1" or "3"
@@ -97,6 +103,8 @@ class GraphInfo:
     gallery: dict = field(default_factory=dict)  # see META_GALLERY; {} for a classifier's graph
     target_reason: str = ""  # see META_TARGET_REASON; "" in graphs exported before it existed
     token_grid: dict = field(default_factory=dict)  # see META_TOKEN_GRID; {} for feature maps
+    # see META_METHODS_VERSION: this camface's when a graph is built, 0 when its metadata lacks it
+    methods_version: int = _methods.VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "color_order", ColorOrder.of(self.color_order))
@@ -140,6 +148,7 @@ class GraphInfo:
             gallery=_json(props, META_GALLERY, dict),
             target_reason=props.get(META_TARGET_REASON, ""),
             token_grid=_json(props, META_TOKEN_GRID, dict),
+            methods_version=_count(props, META_METHODS_VERSION),
         )
 
     def to_metadata(self) -> dict[str, str]:
@@ -150,6 +159,7 @@ class GraphInfo:
             META_CHANNELS: str(self.channels),
             META_COLOR_ORDER: self.color_order.value,
             META_NORMALIZATION: _dumps(self.normalization),
+            **({META_METHODS_VERSION: str(self.methods_version)} if self.methods_version else {}),
             META_TARGET_LAYER: self.target_layer,
             **({META_TARGET_REASON: self.target_reason} if self.target_reason else {}),
             **({META_TOKEN_GRID: _dumps(self.token_grid)} if self.token_grid else {}),
@@ -189,6 +199,14 @@ def _json(props: Mapping[str, str], key: str, kind: type, item: type | None = No
         what = f"a JSON list of {item.__name__}" if kind is list else "a JSON object"
         raise ValueError(f"{key} must be {what}, got {props.get(key, default)[:200]}")
     return value
+
+
+def _count(props: Mapping[str, str], key: str) -> int:
+    """The integer metadata value `key` (0 when absent); ValueError naming the key otherwise."""
+    value = props.get(key, "0")
+    if not value.isascii() or not value.isdigit():
+        raise ValueError(f"{key} must be a whole number, got {value[:200]}")
+    return int(value)
 
 
 def _size(values: list, key: str, lowest: int) -> tuple[int, int]:
@@ -295,6 +313,11 @@ def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outp
     if not any(h in _methods.METHODS for h in info.heatmaps):
         raise ModelError(f"{where}: its metadata lists no heatmap this camface knows "
                          f"({', '.join(info.heatmaps) or 'none'}; it knows {', '.join(_methods.METHODS)})")
+    if info.methods_version > _methods.VERSION:  # still runs: the graph computes its own maps
+        log.warning("%s: its heatmaps were built by version %d of camface's methods, newer than this "
+                    "camface's %d (camface %s exported it): its maps may not be what this camface's "
+                    "method descriptions and references say; upgrade camface to read it as made",
+                    where, info.methods_version, _methods.VERSION, info.version or "of unknown version")
     absent = [h for h in info.heatmaps if h not in outputs]
     if absent:
         raise ModelError(f"{where}: metadata lists heatmaps {', '.join(absent)} "

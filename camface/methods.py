@@ -35,6 +35,13 @@ from typing import Protocol
 
 import numpy as np
 
+# The version of the methods' maths, recorded in every CAM graph at export (graph_spec
+# META_METHODS_VERSION): bump it whenever a `compute` below changes what it returns (an equation,
+# a constant such as EIGEN_SQUARINGS), so that a graph whose maps were built by
+# other formulas than this camface's numpy references is told apart. Adding a method does not
+# change the others' maths: no bump.
+VERSION = 1
+
 GRADIENTS = "gradients"  # needs g = d logit_c / dA
 CLASS_WEIGHTS = "class_weights"  # needs a pooling -> one linear layer head
 HEAD = "head"  # runs the head (target -> logits) again: ops.head, ops.class_logit

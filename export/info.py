@@ -118,6 +118,20 @@ def feature_size(summary: GraphSummary, info: graph_spec.GraphInfo) -> tuple:
         else ("?", "?")
 
 
+def methods_version_line(info: graph_spec.GraphInfo) -> str:
+    """The version of the methods' maths that built the graph's maps, against this camface's
+    (`camface.methods.VERSION`)."""
+    from camface import methods
+
+    if not info.methods_version:
+        return f"version not recorded (an older camface; this camface's is {methods.VERSION})"
+    if info.methods_version > methods.VERSION:
+        return f"version {info.methods_version}, NEWER than this camface's {methods.VERSION} (upgrade camface)"
+    if info.methods_version < methods.VERSION:
+        return f"version {info.methods_version}, older than this camface's {methods.VERSION}"
+    return f"version {info.methods_version} (this camface's)"
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("graph", metavar="MODEL.onnx", nargs="?", default=None,
                         help="a CAM graph written by camface export; default: the bundled emotion graph "
@@ -136,6 +150,7 @@ def main(args: argparse.Namespace) -> int:
           f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_description} "
           f"{height}x{width}; {info.precision}")
     print(f"target {info.target_layer}: {info.target_reason or 'not recorded (an older camface)'}")
+    print(f"methods' maths: {methods_version_line(info)}")
     print("methods (what each costs beyond the forward pass):")
     for line in method_lines(summary, info):
         print(f"  {line}")

@@ -194,11 +194,68 @@ def _head_pools(layers) -> list[int]:
             and readers.get(id(_input_in_parent(layer)), 0) <= 1 and not squeezes_probabilities(layer)]
 
 
+CLASS_SCORES_REASON = ("default for an all-convolutional head (SqueezeNet's: a Conv2D to one channel per "
+                       "class, a ReLU, pooled): the feature map that convolution reads, not the class-score map "
+                       "(pytorch-grad-cam's choice)")
+# what may lie between an all-convolutional head's class-score Conv2D and its global pooling,
+# besides the layers that change nothing at inference
+_SCORE_ACTIVATION_TYPES = ("ReLU", "LeakyReLU", "ELU", "PReLU")
+
+
+def _class_score_input(layers, pool_index: int):
+    """(path, layer) of the feature map that an all-convolutional head's class-score Conv2D reads
+    (SqueezeNet's, NiN's: a Conv2D to one channel per class, an activation (ReLU), the global
+    pooling layers[pool_index], then only reshapes and the final activation: the pooled map holds
+    classes, not features), else None. Without an activation (the bundled emotion model's
+    conv2d_7 -> GAP -> softmax) the class-score map stays: its class channel is exactly CAM of
+    the map before, the study's "last conv"."""
+    producers = {id(_output_in_parent(layer)): (path, layer) for path, layer in layers if _rank(layer) >= 0}
+    pool = layers[pool_index][1]
+    for _, layer in layers[pool_index + 1:]:  # a Dense (or anything but a reshape) after it: features
+        kind = type(layer).__name__
+        if not (identity_at_inference(layer) or kind in ("Flatten", "Reshape", "Softmax") or
+                kind == "Activation" and activation_name(layer) in _PROBABILITY_ACTIVATIONS):
+            return None
+
+    def activation(layer) -> bool:
+        return type(layer).__name__ in _SCORE_ACTIVATION_TYPES or type(layer).__name__ == "Activation" \
+            and activation_name(layer) not in _PROBABILITY_ACTIVATIONS + ("linear",)
+
+    found, activated = producers.get(id(_input_in_parent(pool))), False
+    while found is not None and (identity_at_inference(found[1]) or activation(found[1])):
+        activated = activated or activation(found[1])
+        found = producers.get(id(_input_in_parent(found[1])))
+    if found is None or type(found[1]).__name__ != "Conv2D" or getattr(found[1], "groups", 1) != 1 or \
+            activation_name(found[1]) in _PROBABILITY_ACTIVATIONS:
+        return None
+    if not activated and activation_name(found[1]) == "linear":
+        return None  # conv -> GAP: the class channel is exactly CAM of the map before (the study's)
+    conv = found[1]
+    source = _input_in_parent(conv)
+    while id(source) in producers and identity_at_inference(producers[id(source)][1]):
+        source = _input_in_parent(producers[id(source)][1])
+    found = producers.get(id(source))
+    if found is None or len(source.shape) != 4 or any(not isinstance(d, int) for d in source.shape[1:3]) \
+            or tuple(source.shape[1:3]) == (1, 1):
+        return None
+    return found
+
+
+def default_target_reason(model) -> str:
+    """Why `default_target_layer` picks what it picks, in words (the graph's target_reason)."""
+    layers = list(iter_layers(model))
+    pools = _head_pools(layers)
+    return CLASS_SCORES_REASON if pools and _class_score_input(layers, pools[-1]) else DEFAULT_TARGET_REASON
+
+
 def default_target_layer(model) -> str:
     """The last layer with a 4-D output before the head's global pooling (the study's "last
     conv"; pooling layers inside blocks, as the squeeze-and-excitation of EfficientNet and
-    MobileNetV3, are not the head's: their maps go on); when the head has none (Flatten -> Dense),
-    the last 4-D layer, larger than 1x1 where one is (an all-convolutional head's class map is 1x1). Raises `ModelError` when the model has no 4-D layer."""
+    MobileNetV3, are not the head's: their maps go on; an all-convolutional head's, whose pooled
+    map holds the class scores: the map its class-score Conv2D reads, `_class_score_input`); when
+    the head has none (Flatten -> Dense), the last 4-D layer, larger than 1x1 where one is (an
+    all-convolutional head's class map is 1x1). Raises `ModelError` when the model has no 4-D
+    layer."""
     layers = list(iter_layers(model))
     pools = _head_pools(layers)
     candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
@@ -212,6 +269,9 @@ def default_target_layer(model) -> str:
         raise ModelError(f"model {model.name!r} has no layer with a 4-D output (N, H, W, C): "
                          "camface explains convolutional classifiers")
     path, layer = candidates[-1]
+    features = _class_score_input(layers, pools[-1]) if pools else None
+    if features is not None:
+        path, layer = features
     while _is_model(layer):  # name the layer that produces a nested model's output
         inner = layer.outputs[0]
         owner = next(sub for sub in reversed(operations(layer)) if _output_in_parent(sub) is inner)

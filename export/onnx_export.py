@@ -68,6 +68,9 @@ class TargetChoice:
 
 # why a default target was chosen, by kind (`camface info` prints it)
 REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
+REASON_CLASS_SCORES = ("default for an all-convolutional head (SqueezeNet's: a convolution to one channel "
+                       "per class, a ReLU, pooled): the feature map that convolution reads, not the class-score "
+                       "map (pytorch-grad-cam's choice)")
 REASON_LAST_MAP = ("default: the last spatial feature map larger than 1x1 before the logits (no global "
                    "pooling)")
 REASON_POOLED_TOKENS = ("default for MLP-Mixer: the tokens the mean over tokens before the head reads, "
@@ -106,6 +109,10 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
                                 options)
             return TargetChoice(classifier, mlp, onnx_model.module_name(model, mlp), REASON_SWIN)
         pooled = tensor in onnx_model.pooled_maps(model)
+        features = onnx_model.class_score_input(classifier, tensor) if pooled else None
+        if features is not None:
+            return TargetChoice(classifier, features, onnx_model.module_name(model, features),
+                                REASON_CLASS_SCORES)
         tokens = None if pooled else onnx_model.pooled_tokens(classifier, tensor)
         if tokens is not None:
             return _on_grid(classifier, tokens, onnx_model.module_name(model, tokens), REASON_POOLED_TOKENS,
@@ -260,6 +267,37 @@ def _without_empty_gradients(classifier, choice: TargetChoice, built, pre, heads
     return onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, kept)
 
 
+def _program_as_onnx(path: Path, options: ExportOptions):
+    """The .pt2 at `path` as ONNX (`torch_model.to_onnx`), exported again without torch.onnx's
+    Conv + BatchNorm fusion when --target-layer names a module that the fusion took away: a
+    convolution followed by a BatchNorm, whose fused map is named as the BatchNorm (the map would
+    be the BatchNorm's output, not the convolution's that pytorch-grad-cam hooks)."""
+    from camface.export import onnx_model, torch_model
+
+    opset = max(options.opset, torch_model.DEFAULT_OPSET)
+    model = torch_model.to_onnx(path, opset, options.input_size)
+    name = options.target_layer
+    if name is None or _names(model, name):
+        return model
+    modules = onnx_model.module_outputs(model)
+    if not onnx_model.folded_siblings(model, name, modules, torchscript=False):
+        return model  # no fused Conv + BatchNorm beside it: the unknown name is refused as such
+    unfused = torch_model.to_onnx(path, opset, options.input_size, fuse=False)
+    if not _names(unfused, name):
+        return model
+    log.info("target %s: torch.onnx's optimiser fuses this convolution and the BatchNorm after it "
+             "into one map named as the BatchNorm; %s exported again without that fusion", name, path)
+    return unfused
+
+
+def _names(model, name: str) -> bool:
+    """Whether `name` is a PyTorch module, node or tensor of the forward ONNX `model`."""
+    from camface.export import onnx_model
+
+    return name in onnx_model.module_outputs(model) or \
+        any(n.name == name or name in n.output for n in model.graph.node)
+
+
 def export(model_path: str | Path, output: str | Path, options: ExportOptions) -> ExportResult:
     """Load (.onnx, or .pt2 through torch.onnx), build, self-check and write."""
     from camface.export import convert, onnx_model, torch_model
@@ -271,8 +309,7 @@ def export(model_path: str | Path, output: str | Path, options: ExportOptions) -
         torch_model.refuse_pickle(model_path)
     check_output_file(output, overwrite=True)
     if suffix == ".pt2":
-        model = torch_model.to_onnx(model_path, max(options.opset, torch_model.DEFAULT_OPSET),
-                                    options.input_size)
+        model = _program_as_onnx(model_path, options)
     else:
         model = onnx_model.load(model_path)
     cam_graph, info, differences = build(model, options, source=str(model_path))

@@ -1163,7 +1163,8 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
                          f"whose name the fused map keeps: {', '.join(fused)}; export with "
                          "do_constant_folding=False to keep them apart" if torchscript else
                          f"torch.onnx's optimiser folded each convolution of {parent} and the BatchNorm "
-                         f"after it into one map, named as the BatchNorm: {', '.join(fused)}")
+                         f"after it into one map, named as the BatchNorm: {', '.join(fused)}; export with "
+                         "optimize=False, or to .pt2, to keep them apart")
         why = f"no tensor, node or module named {name!r}" + (f" ({'; '.join(notes)})" if notes else "")
     elif tensor == classifier.input_name:
         why = f"{name!r} is the model's input, not a layer"
@@ -1536,6 +1537,46 @@ def _attentions(classifier: Classifier) -> list:
     return [n for n in classifier.model.graph.node if n.op_type == "Softmax" and n.output[0] !=
             classifier.output_name and len(dims.get(n.output[0]) or []) == 4
             and dims[n.output[0]][2] == dims[n.output[0]][3]]
+
+
+# Elementwise activations between an all-convolutional head's class-score convolution and its
+# global pooling (SqueezeNet's ReLU)
+_SCORE_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Clip", "HardSwish",
+                      "Softplus", "Identity", "Dropout")
+
+
+def class_score_input(classifier: Classifier, target: str) -> str | None:
+    """When `target`, the map the global pooling reads, holds the class scores themselves (an
+    all-convolutional head: a convolution to one channel per class, an activation (ReLU), the
+    pooling, then only reshapes to the logits, as SqueezeNet's and NiN's), the feature map that
+    convolution reads (SqueezeNet's `features`, pytorch-grad-cam's choice; the score map's
+    channels are classes, not features); else None. Without an activation between the
+    convolution and the pooling (the bundled emotion model's conv2d_7 -> GAP) the class-score
+    map stays: its class channel is exactly CAM of the map before, the study's choice."""
+    model = classifier.model
+    dims, values = shapes(model), constants(model)
+    nodes = head(model, target, classifier.logits)
+    pools = [n for n in nodes if _spatial_pool_input(n, dims, values) == target]
+    if len(pools) != 1 or any(n.op_type not in _PASS_THROUGH for n in nodes if n is not pools[0]):
+        return None  # a linear layer (or anything else) after the pooling: the map holds features
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node, activations = producer.get(target), 0
+    while node is not None and node.op_type in _SCORE_ACTIVATIONS:
+        activations += node.op_type not in ("Identity", "Dropout")
+        node = producer.get(node.input[0])
+    grid = spatial_maps(classifier)
+    if not activations or node is None or node.op_type != "Conv" or len(node.input) < 2 \
+            or node.input[1] not in values or any(a.name == "group" and a.i != 1 for a in node.attribute) \
+            or values[node.input[1]].shape[0] != classifier.num_classes:
+        return None
+    source = node.input[0]
+    while source in producer and producer[source].op_type in ("Identity", "Dropout"):
+        source = producer[source].input[0]
+    size = _hw(dims.get(source), grid.get(source, "NCHW"))
+    if source not in grid or len(size) != 2 or not all(isinstance(d, int) for d in size) or \
+            math.prod(size) <= 1:
+        return None
+    return source
 
 
 def default_mlp_target(classifier: Classifier, target: str) -> str | None:

@@ -55,14 +55,18 @@ def refuse_pickle(path: Path) -> None:
         f"program instead: {HOW_TO_EXPORT}; then camface export model.pt2 ...")
 
 
-def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int, int] | None = None):
+def to_onnx(path: str | Path, opset: int = DEFAULT_OPSET, input_size: tuple[int, int] | None = None,
+            fuse: bool = True):
     """onnx.ModelProto of the exported program at `path`, its batch dynamic (a program exported
     at a fixed batch is exported again with a dynamic one; ModelError when it does not run so);
     input_size: (H, W) of a program whose height and width are dynamic (ModelError without).
-    What torch and onnxscript say on the way (warnings, optimiser passes) shows under --debug
-    only."""
+    fuse: torch.onnx's optimiser runs as it does by default, which also fuses each convolution
+    and the BatchNorm after it into one Conv (scoped as the BatchNorm: the convolution's own
+    output is gone); False: no fusion, only onnxscript's constant folding (a convolution can be
+    the target). What torch and onnxscript say on the way (warnings, optimiser passes) shows
+    under --debug only."""
     with _exporter_quiet(), pt2_archive.no_guard_code(Path(path)):
-        return _to_onnx(Path(path), opset, input_size)
+        return _to_onnx(Path(path), opset, input_size, fuse)
 
 
 
@@ -101,7 +105,7 @@ def _exporter_quiet():
             logger.setLevel(level)
 
 
-def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
+def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None, fuse: bool = True):
     check_model_file(path)
     try:
         import torch
@@ -140,7 +144,12 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None):
     args = (torch.zeros(shape, dtype=torch.float32),)
     try:
         exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
-                                     opset_version=max(opset, 16), verbose=False)
+                                     opset_version=max(opset, 16), verbose=False, optimize=fuse)
+        if not fuse:  # the optimiser's constant folding alone (its rewrite rules fuse Conv + BN)
+            from onnxscript import optimizer
+
+            optimizer.fold_constants(exported.model)
+            optimizer.remove_unused_nodes(exported.model)
     except Exception as exc:
         import re
 

@@ -400,6 +400,56 @@ def test_info_names_what_auto_shows_on_a_graph_without_gradcam_or_ranking(tmp_pa
         in text, text
 
 
+@pytest.mark.parametrize("recorded, line, warned", [
+    (None, "version not recorded (an older camface; this camface's is {now})", False),
+    ("{now}", "version {now} (this camface's)", False),
+    ("{newer}", "version {newer}, NEWER than this camface's {now} (upgrade camface)", True),
+])
+def test_info_shows_the_methods_version_and_a_newer_one_is_warned(tmp_path, capsys, caplog, recorded, line,
+                                                                  warned):
+    """The graph records the version of the methods' maths its maps were built by
+    (`methods.VERSION`); `camface info` shows it, and a graph of a newer version than this camface
+    knows (its maps may follow other formulas than this camface describes) loads with a warning
+    naming both versions."""
+    import logging
+
+    import onnx
+
+    from camface import graph_spec, methods
+    from camface.models import EMOTION_ONNX
+
+    now, newer = methods.VERSION, methods.VERSION + 1
+    model = onnx.load(str(EMOTION_ONNX))
+    props = {p.key: p.value for p in model.metadata_props if p.key != graph_spec.META_METHODS_VERSION}
+    if recorded is not None:
+        props[graph_spec.META_METHODS_VERSION] = recorded.format(now=now, newer=newer)
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    path = tmp_path / "graph.onnx"
+    onnx.save(model, str(path))
+    with caplog.at_level(logging.WARNING):
+        assert camface_main(["info", str(path)]) == 0
+    assert f"methods' maths: {line.format(now=now, newer=newer)}" in capsys.readouterr().out.splitlines()
+    said = [r.getMessage() for r in caplog.records if "camface's methods" in r.getMessage()]
+    assert said == ([f"{path}: its heatmaps were built by version {newer} of camface's methods, newer than "
+                     f"this camface's {now} (camface {props['camface_version']} exported it): its maps may not "
+                     "be what this camface's method descriptions and references say; upgrade camface to "
+                     "read it as made"] if warned else [])
+
+
+@pytest.mark.parametrize("value", ["one", "-1", "1.5", ""])
+def test_a_malformed_methods_version_is_refused_naming_the_key(value):
+    from camface import graph_spec
+
+    info = graph_spec.GraphInfo(labels=("a", "b"), input_size=(4, 4), color_order="GRAY",
+                                target_layer="conv", heatmaps=("gradcam",))
+    outputs = {"probs": ("N", 2), "activations": ("N", 2, 2, 3), "gradcam": ("N", 2, 2)}
+    with pytest.raises(ModelError, match=rf"g.onnx has malformed CAM graph metadata: methods_version must be a "
+                                         rf"whole number, got {value}$"):
+        graph_spec.validate("g.onnx", ["image", "class_index"], outputs,
+                            {**info.to_metadata(), "methods_version": value})
+
+
 @pytest.mark.parametrize("argv, said", [
     (["--calibration-method", "minmax"], ["--calibration-method minmax is for --int8; ignored"]),
     (["--calibration-method", "minmax", "--int8"], []),

@@ -14,7 +14,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 pytest.importorskip("tensorflow")
-from test_export_graph import assert_outputs_close, class_indices, export_in_memory, images  # noqa: E402
+from test_export_graph import (  # noqa: E402
+    assert_outputs_close, class_indices, export_in_memory, images, tape_reference)
 
 from camface.errors import ModelError  # noqa: E402
 from camface.export import keras_model  # noqa: E402
@@ -155,6 +156,63 @@ def test_the_default_target_of_a_squeeze_excitation_net_with_a_flatten_head_is_i
     graph, info = export_in_memory(model, preset="unit")
     assert info.target_layer == expected and info.feature_size == (8, 8)
     assert float(np.abs(graph(images(2, 16, 3), class_indices(2, 3))["gradcam"]).max()) > 0
+
+
+def _score_head_model(head: str):
+    """16x16x3 -> conv "features" (8x8) -> a head: `squeezenet`, SqueezeNet's all-convolutional
+    one (Dropout, a 1x1 Conv2D "classes" to one channel per class, ReLU, GAP, softmax);
+    `relu-inside` with the ReLU as the Conv2D's activation; `linear` without it (as the bundled
+    emotion model's conv2d_7 -> GAP: its class channel is exactly CAM of `features`);
+    `dense-after` with a Dense(softmax) after the GAP (the pooled channels are features again,
+    though as many as the classes)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="features")(inputs)
+    x = layers.Dropout(0.5)(x)
+    if head in ("relu-inside", "linear"):
+        x = layers.Conv2D(3, 1, activation="relu" if head == "relu-inside" else None, name="classes")(x)
+    else:
+        x = layers.ReLU(name="class_relu")(layers.Conv2D(3, 1, name="classes")(x))
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    out = layers.Dense(3, activation="softmax")(x) if head == "dense-after" else layers.Activation("softmax")(x)
+    return keras.Model(inputs, out)
+
+
+@pytest.mark.parametrize("head, expected", [("squeezenet", "features"), ("relu-inside", "features"),
+                                            ("linear", "classes"), ("dense-after", "class_relu")])
+def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolution_reads(head, expected):
+    """SqueezeNet's head is a Conv2D to one channel per class, pooled: the default target was that
+    class-score map (its channels classes, not features), where pytorch-grad-cam's examples take
+    `features`. The default is now the map the convolution reads, recorded with why, its Grad-CAM
+    tf.GradientTape's there; a head with a Dense after the pooling, or no activation before it,
+    keeps the pooled map."""
+    import keras
+
+    from camface.export.keras_model import CLASS_SCORES_REASON
+
+    model = _score_head_model(head)
+    assert keras_model.default_target_layer(model) == expected
+    graph, info = export_in_memory(model, preset="unit")
+    assert info.target_layer == expected
+    assert (info.target_reason == CLASS_SCORES_REASON) == (expected == "features")
+    if expected != "features":
+        return
+    features = keras.Model(model.input, model.get_layer("features").output)
+    after = model.layers[model.layers.index(model.get_layer("features")) + 1:-1]  # up to the softmax
+
+    def scores(a):
+        for layer in after:
+            a = layer(a)
+        return a
+
+    image, classes = images(3, 16, 3), class_indices(3, 3)
+    want = tape_reference(features, scores, image.astype(np.float32) / 255, classes)
+    got = graph(image, classes)
+    assert float(np.abs(want["gradcam"]).max()) > 0
+    assert_outputs_close({k: got[k] for k in want}, want)
 
 
 def _small_classifier(policy: str):

@@ -155,11 +155,21 @@ def _conv_asinh_model(path):
     return _tiny_onnx(path, nodes, inits)
 
 
-def test_onnx_file_with_default_target_exports(tmp_path):
+def test_onnx_file_with_default_target_exports(tmp_path, capsys):
+    """An ONNX file exports at its default target, recording the version of the methods' maths its
+    maps follow (`methods.VERSION`), which `camface info` shows."""
+    import onnx
+
+    from camface import graph_spec, methods
+
     out = tmp_path / "out.onnx"
     assert main(["export", str(_conv_asinh_model(tmp_path / "m.onnx")), "-o", str(out),
                  "--preset", "unit", "--no-rank"]) == 0
-    assert out.is_file()
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta[graph_spec.META_METHODS_VERSION] == str(methods.VERSION)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"methods' maths: version {methods.VERSION} (this camface's)" in capsys.readouterr().out
 
 
 def test_a_graph_without_heatmaps_exports_unranked(tmp_path, capsys):

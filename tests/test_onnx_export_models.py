@@ -839,24 +839,63 @@ def test_a_conv_target_whose_batchnorm_torch_onnx_folded_in_says_so(tmp_path, ca
         ", the BatchNorm after it folded in" if folding else "")
 
 
+def _dynamo_onnx(model, path):
+    """`model` -> ONNX at `path` by torch.onnx's dynamo exporter, its optimiser on (the default)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=True,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    return path
+
+
 @pytest.mark.parametrize("kind, name, why", [
     ("legacy", "bn", "torch.onnx folded each BatchNorm of the model into the "
                      "convolution before it, whose name the fused map keeps: conv; export with "
                      "do_constant_folding=False to keep them apart); candidate target layers: "),
-    ("pt2", "conv", "torch.onnx's optimiser folded each convolution of the model and the BatchNorm "
-                    "after it into one map, named as the BatchNorm: bn); candidate target layers: ")])
+    ("dynamo", "conv", "torch.onnx's optimiser folded each convolution of the model and the BatchNorm "
+                       "after it into one map, named as the BatchNorm: bn; export with optimize=False, "
+                       "or to .pt2, to keep them apart); candidate target layers: ")])
 def test_a_module_folded_away_is_refused_naming_the_fused_map(tmp_path, capsys, kind, name, why):
     """The module of a Conv + BatchNorm pair that an exporter folded away was refused as unknown,
-    with no word of the folding (a .pt2 refused `conv`, the legacy exporter `bn`, suggesting
-    nothing): the refusal says which name the fused map has."""
+    with no word of the folding (the dynamo exporter's file refused `conv`, the legacy exporter's
+    `bn`, suggesting nothing): the refusal says which name the fused map has and how to keep the
+    pair apart."""
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    path = (legacy_onnx if kind == "legacy" else _dynamo_onnx)(model, tmp_path / "m.onnx")
+    err = refused(capsys, path, tmp_path, "--target-layer", name)
+    assert f"no tensor, node or module named '{name}' (" in err and why in err, err
+
+
+@pytest.mark.parametrize("name", ["conv", "bn"])
+def test_a_pt2_conv_followed_by_a_batchnorm_is_a_target_of_its_own(tmp_path, caplog, name):
+    """torch.onnx's optimiser fuses a convolution and the BatchNorm after it into one Conv scoped
+    as the BatchNorm, so `--target-layer conv` on a .pt2 was refused (the zoo's ResNeXt
+    `layer1.0.conv2`). The program is exported again without that fusion: the map is the
+    convolution's own output and its Grad-CAM is that of torch autograd's gradient there (as
+    pytorch-grad-cam's at model.conv); the BatchNorm's name still gives the BatchNorm's output."""
     from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
 
     torch.manual_seed(0)
     model = ConvBN().eval()
-    path = legacy_onnx(model, tmp_path / "m.onnx") if kind == "legacy" else \
-        save_program(model, tmp_path / "m.pt2", size=SIZE)
-    err = refused(capsys, path, tmp_path, "--target-layer", name)
-    assert f"no tensor, node or module named '{name}' (" in err and why in err, err
+    path = save_program(model, tmp_path / "m.pt2", size=SIZE)
+    with caplog.at_level(logging.INFO):
+        result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit", target_layer=name))
+    assert all(d.ok for d in result.differences) and result.info.target_layer == name
+    assert ("exported again without that fusion" in caplog.text) == (name == "conv")
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1, 3])
+    got = run_graph(result.path, images, classes)
+    heatmaps = ["gradcam", "gradcampp", "layercam"]
+    _, a, want = torch_heatmaps(model, model.get_submodule(name), images, classes, heatmaps)
+    np.testing.assert_allclose(got["activations"], a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    for method in heatmaps:
+        assert np.abs(want[method]).max() > 0, method
+        np.testing.assert_allclose(got[method], want[method], rtol=1e-4,
+                                   atol=1e-5 * np.abs(want[method]).max(), err_msg=method)
 
 
 class ReLUTwice(nn.Module):
@@ -1188,3 +1227,61 @@ def test_a_target_before_an_adaptive_pooling_of_a_pt2_exports_with_torchs_gradie
         scale = float(np.abs(heatmap).max())
         assert scale > 0
         np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+
+
+
+
+class ScoreHead(nn.Module):
+    """features (conv-ReLU, 8x8) then a head: `squeezenet`, SqueezeNet's all-convolutional one
+    (dropout, a 1x1 convolution to one channel per class, ReLU, global average pooling, flatten);
+    `no-relu` without the ReLU (its class channel exactly CAM of `features`); `linear-after`, the same convolution and pooling then a linear
+    layer (the pooled map's channels are features again, though as many as the classes)."""
+
+    def __init__(self, kind, classes=5):
+        super().__init__()
+        self.kind = kind
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(12, classes, 1),
+                                        nn.ReLU() if kind != "no-relu" else nn.Identity(),
+                                        nn.AdaptiveAvgPool2d((1, 1)))
+        self.fc = nn.Linear(classes, classes) if kind == "linear-after" else nn.Identity()
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.classifier(self.features(x)), 1))
+
+
+@pytest.mark.parametrize("kind, default", [("squeezenet", "features"), ("no-relu", "classifier.1"),
+                                           ("linear-after", "classifier.2")])
+@pytest.mark.parametrize("exporter", ["legacy", "pt2"])
+def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolution_reads(
+        tmp_path, kind, default, exporter):
+    """SqueezeNet's head is a convolution to one channel per class, pooled: the default target
+    was that class-score map (`classifier.2`, its channels classes, not features), where
+    pytorch-grad-cam's examples take `features`. The default is now the map the convolution
+    reads, recorded with why, and its heatmaps are torch autograd's there; a head with a linear
+    layer after the pooling, or none between the convolution and the pooling (its class channel
+    is then exactly CAM of the map before, as the bundled emotion model's conv2d_7), keeps the
+    pooled map."""
+    from onnx_helpers import save_program
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = ScoreHead(kind).eval()
+    path = legacy_onnx(model, tmp_path / "m.onnx") if exporter == "legacy" else \
+        save_program(model, tmp_path / "m.pt2", size=SIZE)
+    result = onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
+    assert all(d.ok for d in result.differences)
+    assert result.info.target_layer == default
+    assert (result.info.target_reason == onnx_export.REASON_CLASS_SCORES) == (default == "features")
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1, 3])
+    got = run_graph(result.path, images, classes)
+    heatmaps = ["gradcam", "hirescam", "layercam"]
+    _, a, want = torch_heatmaps(model, model.get_submodule(default), images, classes, heatmaps)
+    np.testing.assert_allclose(got["activations"], a, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    scale = max(float(np.abs(want[method]).max()) for method in heatmaps)
+    assert scale > 0
+    for method in heatmaps:
+        np.testing.assert_allclose(got[method], want[method], rtol=1e-4, atol=1e-5 * scale, err_msg=method)

@@ -431,21 +431,26 @@ def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("exporter", ["legacy", "pt2"])
 @pytest.mark.parametrize("layer", ["norm", "blocks.1"])
 def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_maps(tmp_path, caplog,
-                                                                                    layer):
+                                                                                    layer, exporter):
     """A ViT's head reads the class token alone: after the last attention (the final norm, the
     last block's output) no patch token reaches the logits, every gradient there is exactly 0,
     and the gradient maps were exported empty without a word (pytorch-grad-cam's FAQ: use
     blocks[-1].norm1). They are left out with a warning naming the layer and the default; the
-    maps that do not need the gradient stay; asked for by name, the export is refused."""
+    maps that do not need the gradient stay; asked for by name, the export is refused. Both
+    torch.onnx's TorchScript exporter and a .pt2 (the zoo's ViT, benchmarks/export_zoo.py)."""
     import onnx
+    from onnx_helpers import save_program
 
-    from camface.export import onnx_export
+    from camface.export import onnx_export, torch_model
     from camface.export.exporter import ExportOptions
 
     torch.manual_seed(0)
-    model = onnx.load(legacy_onnx(ViT(True).eval(), tmp_path / "m.onnx"))
+    vit = ViT(True).eval()
+    model = onnx.load(legacy_onnx(vit, tmp_path / "m.onnx")) if exporter == "legacy" else \
+        torch_model.to_onnx(save_program(vit, tmp_path / "m.pt2", size=SIZE))
     with caplog.at_level(logging.WARNING):
         _, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer))
     gradient_maps = {m for m in methods.names() if methods.GRADIENTS in methods.get(m).needs}
