@@ -1229,8 +1229,6 @@ def test_a_target_before_an_adaptive_pooling_of_a_pt2_exports_with_torchs_gradie
         np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
 
 
-
-
 class ScoreHead(nn.Module):
     """features (conv-ReLU, 8x8) then a head: `squeezenet`, SqueezeNet's all-convolutional one
     (dropout, a 1x1 convolution to one channel per class, ReLU, global average pooling, flatten);
