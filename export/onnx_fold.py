@@ -93,7 +93,7 @@ def _evaluate(node, inputs: list, dims: dict):
 def _decide(model, conditions: dict[str, set[str]], constants: dict) -> dict[str, bool]:
     """condition -> its value, where the shapes it reads (as ONNX Runtime gives them on batches
     of 1 and 2) decide it whatever the batch."""
-    dims = _probe(model, sorted(set().union(*conditions.values())))
+    dims = probe(model, sorted(set().union(*conditions.values())))
     producer = {o: n for n in model.graph.node for o in n.output}
     reads, stack = set(), list(conditions)  # the tensors the conditions are computed from
     while stack:
@@ -156,10 +156,20 @@ def fold_static_branches(model, constants: dict) -> bool:
     return folded
 
 
-def _probe(model, tensors: list[str]) -> dict[str, list]:
+def probe(model, tensors: list[str]) -> dict[str, list]:
     """tensor -> its sizes as ONNX Runtime gives them on zero inputs of batch 1 and 2 (None
     where the two differ); empty where an input has another open dim or the model does not
     run."""
+    runs = probe_values(model, tensors)
+    if runs is None:
+        return {}
+    return {name: [a if a == b else None for a, b in zip(one.shape, two.shape)]
+            if one.ndim == two.ndim else None for name, one, two in zip(tensors, *runs)}
+
+
+def probe_values(model, tensors: list[str]) -> tuple[list, list] | None:
+    """(values at batch 1, values at batch 2) of `tensors` as ONNX Runtime computes them on zero
+    inputs; None where an input has another open dim or the model does not run."""
     import onnx
     from onnx import helper
 
@@ -172,23 +182,22 @@ def _probe(model, tensors: list[str]) -> dict[str, list]:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
         if None in dims[1:]:
-            return {}
+            return None
         feeds.append((value.name, dims[1:], helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in tensors)
+    asked = onnx.ModelProto()
+    asked.CopyFrom(model)
+    del asked.graph.output[:]
+    asked.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in tensors)
     try:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 4
-        session = ort.InferenceSession(probe.SerializeToString(), options,
+        session = ort.InferenceSession(asked.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         runs = [session.run(tensors, {name: np.zeros((n, *dims), dtype)
                                       for name, dims, dtype in feeds}) for n in (1, 2)]
     except Exception as exc:  # ONNX Runtime raises its own types; the Ifs stay
-        log.debug("If conditions not probed: %s", exc)
-        return {}
-    return {name: [a if a == b else None for a, b in zip(one.shape, two.shape)]
-            if one.ndim == two.ndim else None for name, one, two in zip(tensors, *runs)}
+        log.debug("not probed: %s", exc)
+        return None
+    return runs[0], runs[1]

@@ -78,6 +78,8 @@ class Anatomy:
     model_nodes: tuple
     shapes: dict  # tensor -> dims, inferred (onnx_model.shapes)
     head_problem: str = ""
+    head_sides: tuple[str, ...] = ()  # tensors [N, ...] beside the target the head reads (`_sides`)
+    head_shapes: tuple = ()  # (tensor, int64 vector): shapes the head's Reshapes read instead (`_sides`)
 
     def nodes_for(self, method) -> tuple:
         """The nodes `method` (a methods.Method) runs again: the model's (FORWARD) or the head's
@@ -103,12 +105,15 @@ def _descendants(graph, start: set[str]) -> set[str]:
     return live
 
 
-def between(graph, start: str, end: str, shapes: dict | None = None) -> tuple:
+def between(graph, start: str, end: str, shapes: dict | None = None, sides: list | None = None) -> tuple:
     """The nodes that depend on `start` and that `end` depends on, in graph order. Raises
     ModelError when one of them also reads a tensor computed from the graph's inputs some other
     way (its batch would not be the clone's), unless that tensor depends on them only through
     their batch size (`_from_batch`; shapes: tensor -> inferred dims): then the nodes computing
-    it are among those returned, reading the batch size of `start` instead."""
+    it are among those returned, reading the batch size of `start` instead. With a list `sides`,
+    such a tensor whose first dimension is open (a transformer's class token or residual stream
+    beside a norm target), or that a Reshape reads as its shape (Swin's `view(n, h, w, c)` of
+    another tensor's sizes), is appended to it instead, for `_sides` to judge."""
     live = _descendants(graph, {start})
     producer = _producers(graph)
     needed, stack = set(), [end]
@@ -125,6 +130,13 @@ def between(graph, start: str, end: str, shapes: dict | None = None) -> tuple:
     for node in nodes:
         outside = [x for x in reads(node) if x not in live and x in inputs]
         found = _from_batch(graph, outside, start, shapes, inputs) if outside and shapes else None
+        # ONNX's inference names the batch afresh after some ops (unk__1, unk__4): which open
+        # first dimension is the batch, ONNX Runtime says (`anatomy`: `_sides`)
+        if outside and found is None and sides is not None and isinstance((shapes or {}).get(start, [1])[0], str) \
+                and all(isinstance((shapes.get(x) or [1])[0], str) or (node.op_type == "Reshape" and
+                                                                       x == node.input[1]) for x in outside):
+            sides.extend(x for x in outside if x not in sides)
+            continue
         if outside and found is None:
             raise ModelError(f"node {node.name!r} ({node.op_type}) between {start!r} and {end!r} also reads "
                              f"{outside[0]!r}, computed from the graph's input without passing through "
@@ -300,12 +312,57 @@ def anatomy(model) -> Anatomy:
     num_classes = (shapes.get(graph_spec.OUTPUT_PROBS) or [None, None])[-1]
     if not isinstance(num_classes, int):
         raise ModelError("the CAM graph's probs have no static number of classes")
+    sides, fixed = [], ()
     try:
-        head_nodes, head_problem = between(graph, target, logits, shapes), ""
+        head_nodes, head_problem = between(graph, target, logits, shapes, sides), ""
+        sides, fixed = _sides(model, target, sides, head_nodes)
     except ModelError as exc:
-        head_nodes, head_problem = None, str(exc)
+        head_nodes, head_problem, sides = None, str(exc), []
     return Anatomy(target, perm, logits, num_classes, images, image_dims, feature_dims,
-                   head_nodes, between(graph, images, logits), shapes, head_problem)
+                   head_nodes, between(graph, images, logits), shapes, head_problem, tuple(sides), fixed)
+
+
+def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
+    """(tensors [N, ...], ((tensor, int64 vector), ...)) that the head's clones read beside
+    their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops:
+    - a tensor whose first dimension is the batch and the rest fixed (a ViT's class token, the
+      residual stream beside a norm target): each crop's value in the graph's forward pass,
+      repeated for each of its variants, as a forward hook replacing the target's output leaves
+      it (`OnnxModelOps._pass`);
+    - a shape that only Reshapes read, whose one element that changes with the batch is the
+      batch (1, then 2), no other -1: that element is -1 in the clones' copy, so they reshape
+      their own rows (Swin's `view(n, h, w, c)`).
+    Raises ModelError naming the first other one: it cannot run again on modified copies."""
+    if not sides:
+        return [], ()
+    from camface.export.onnx_fold import probe_values
+
+    runs = probe_values(model, [target, *sides])
+    if runs is None:
+        raise ModelError(f"the head after {target!r} also reads {sides[0]!r}, computed beside it from the graph's "
+                         "input, and the graph did not run on zeros to say how: it cannot be run again on "
+                         "modified copies")
+    ones, twos = ({name: v for name, v in zip([target, *sides], run)} for run in runs)
+    rows, fixed = [], []
+    for name in [target, *sides]:
+        one, two = ones[name], twos[name]
+        as_shape = all(n.op_type == "Reshape" and list(n.input).index(name) == 1
+                       for n in head_nodes if name in n.input)
+        changed = np.flatnonzero(one != two) if one.shape == two.shape else None
+        if one.ndim and one.shape[1:] == two.shape[1:] and (len(one), len(two)) == (1, 2):
+            if name != target:
+                rows.append(name)
+        elif (name != target and as_shape and one.ndim == 1 and one.dtype == np.int64 and changed is not None
+              and len(changed) == 1 and (one[changed[0]], two[changed[0]]) == (1, 2) and -1 not in one):
+            vector = one.copy()
+            vector[changed[0]] = -1
+            fixed.append((name, vector))
+        else:
+            raise ModelError(f"the head after {target!r} also reads {name!r}, computed beside it from the graph's "
+                             f"input, neither the crop's own rows (shape {list(one.shape)} on 1 crop, "
+                             f"{list(two.shape)} on 2) nor a shape of them: it cannot be run again on modified "
+                             "copies")
+    return rows, tuple(fixed)
 
 
 def pass_bytes(shapes: dict, nodes, chunk: int) -> tuple[int, str, list]:
@@ -341,7 +398,8 @@ class OnnxModelOps(OnnxOps):
 
     def head(self, variants, count, chunk):
         return self._named(self._loop(self.parts.head_nodes, self.parts.target, self.parts.feature_dims,
-                                      self.parts.target_perm, variants, count, chunk, "head"))
+                                      self.parts.target_perm, variants, count, chunk, "head",
+                                      self.parts.head_sides, self.parts.head_shapes))
 
     def forward(self, variants, count, chunk):
         return self._named(self._loop(self.parts.model_nodes, self.parts.images, self.parts.image_dims, None,
@@ -357,7 +415,7 @@ class OnnxModelOps(OnnxOps):
         producer.output[list(producer.output).index(scores.name)] = name
         return OnnxTensor(self.b, name)
 
-    def _loop(self, nodes, start, dims, perm, variants, count, chunk, what):
+    def _loop(self, nodes, start, dims, perm, variants, count, chunk, what, sides=(), shapes=()):
         """[N, count] scores: the passes unrolled into the graph (one clone per chunk) up to
         MAX_UNROLLED chunks, else an ONNX Loop over chunks (one clone in its body)."""
         b, count, chunk = self.b, int(count), int(chunk)
@@ -366,12 +424,15 @@ class OnnxModelOps(OnnxOps):
             parts = []
             for first in range(0, count, chunk):
                 k = b.const(np.arange(first, min(first + chunk, count)), np.int64)
-                parts.append(self._pass(nodes, start, dims, perm, variants, k, min(chunk, count - first), what))
+                parts.append(self._pass(nodes, start, dims, perm, variants, k, min(chunk, count - first), what,
+                                        sides, shapes))
             return OnnxTensor(b, parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=1))
-        return self._scan(nodes, start, dims, perm, variants, count, chunk, what)
+        return self._scan(nodes, start, dims, perm, variants, count, chunk, what, sides, shapes)
 
-    def _pass(self, nodes, start, dims, perm, variants, k: str, size: int, what) -> str:
-        """Scores [N, size] of the variants `k` (int64 [size]): one clone of `nodes`."""
+    def _pass(self, nodes, start, dims, perm, variants, k: str, size: int, what, sides=(), shapes=()) -> str:
+        """Scores [N, size] of the variants `k` (int64 [size]): one clone of `nodes`, reading each
+        of `sides` [N, ...] repeated `size` times per crop (its rows follow the variants'), and
+        `shapes` ((tensor, int64 vector)) as those vectors."""
         from onnx import helper
 
         b = self.b
@@ -379,7 +440,12 @@ class OnnxModelOps(OnnxOps):
         rows = b.op("Reshape", [batch.name, b.ints([-1, *dims])])
         if perm is not None:
             rows = b.op("Transpose", [rows], perm=list(perm))
-        renamed = {start: rows}
+        renamed = {start: rows, **{name: b.const(vector, np.int64) for name, vector in shapes}}
+        for side in sides:
+            rank = len(self.parts.shapes[side])
+            repeated = b.op("Tile", [b.unsqueeze(side, [1]), b.ints([1, size] + [1] * (rank - 1))])
+            rest = b.op("Slice", [b.op("Shape", [side]), b.ints([1]), b.ints([rank])])
+            renamed[side] = b.op("Reshape", [repeated, b.op("Concat", [b.ints([-1]), rest], axis=0)])
         for node in nodes:
             copy = helper.make_node(node.op_type, [renamed.get(x, x) for x in node.input],
                                     [renamed.setdefault(o, b.name(f"{what}_{node.op_type.lower()}")) if o else ""
@@ -389,7 +455,7 @@ class OnnxModelOps(OnnxOps):
         logits = b.op("Reshape", [renamed[self.parts.logits], b.ints([-1, size, self.parts.num_classes])])
         return b.reduce("ReduceSum", b.op("Mul", [logits, b.unsqueeze(self.one_hot_classes, [1])]), [2], False)
 
-    def _scan(self, nodes, start, dims, perm, variants, count, chunk, what):
+    def _scan(self, nodes, start, dims, perm, variants, count, chunk, what, sides=(), shapes=()):
         from onnx import TensorProto, helper
 
         b = self.b
@@ -398,7 +464,7 @@ class OnnxModelOps(OnnxOps):
         first = b.op("Mul", [iteration, b.const(chunk, np.int64)])
         k = b.op("Min", [b.op("Add", [first, b.const(np.arange(chunk), np.int64)]),
                          b.const(count - 1, np.int64)])  # the last chunk repeats the last variant
-        scores = b.op("Transpose", [self._pass(nodes, start, dims, perm, variants, k, chunk, what)],
+        scores = b.op("Transpose", [self._pass(nodes, start, dims, perm, variants, k, chunk, what, sides, shapes)],
                       perm=[1, 0])  # [chunk, N]
         done = b.op("Identity", [condition])
         body = helper.make_graph(
@@ -531,22 +597,26 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
                 if node.op_type == "Shape" and node.output[0] in sized:
                     node.input[0] = parts.target
             extractor = onnx.utils.Extractor(rewired)
-        head = _session(extractor.extract_model([parts.target], [parts.logits]))
+        fixed = [name for name, _ in parts.head_shapes]
+        head = _session(extractor.extract_model([parts.target, *parts.head_sides, *fixed], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     made = {o for n in model.graph.node for o in n.output}
     names = tuple(name for name in names if scores_tensor(name) in made)
     probe.graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                               for name in (parts.images, *map(scores_tensor, names))])
+                               for name in (parts.images, *parts.head_sides, *map(scores_tensor, names))])
     session = _session(probe)
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, {graph_spec.INPUT_IMAGE: images, graph_spec.INPUT_CLASS: class_index})))
     graph_scores = {name: got.pop(scores_tensor(name)) for name in names}
+    sides = {name: got.pop(name) for name in parts.head_sides}
     perm = parts.target_perm
 
     def run_head(rows):
         rows = rows if perm is None else np.ascontiguousarray(rows.transpose(perm))
-        return head.run(None, {parts.target: rows})[0]
+        # each crop's tensors beside the target, once per variant (rows: crop after crop)
+        feeds = {name: np.repeat(value, len(rows) // len(value), axis=0) for name, value in sides.items()}
+        return head.run(None, {parts.target: rows, **feeds, **dict(parts.head_shapes)})[0]
 
     def run_model(rows):
         return whole.run(None, {parts.images: rows})[0]

@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # as test_export_graph: eager conv gradients
 
 import logging  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -676,3 +677,38 @@ def test_the_check_runs_a_sample_of_the_passes_and_catches_scores_out_of_place(m
     differences = onnx_rerun.check(older, RERUNS, (size, size), 3, classes, batch=2)
     assert all(d.ok for d in differences) and not any("sampled" in d.output for d in differences)
     assert sum(rows) == 2 + 2 + 2 * (40 + 40)
+
+
+@pytest.mark.parametrize("side, reader, found", [
+    ("rows", "Add", ("rows", None)),  # [N, 4]: each crop's own row, repeated for its variants
+    ("shape", "Reshape", ("shape", [-1, 4])),  # Shape(x) read as a Reshape's shape: -1 for the batch
+    ("doubled", "Concat", "neither the crop's own rows (shape [2, 4] on 1 crop, [4, 4] on 2)"),
+    ("shape", "Cast", "neither the crop's own rows (shape [2] on 1 crop, [2] on 2)"),  # a shape read as values
+])
+def test_tensors_a_head_reads_beside_its_target_are_judged_by_how_they_follow_the_batch(side, reader, found):
+    """Ablation-CAM's head clones read what the head reads beside the target (a ViT's class
+    token and residual stream, Swin's view sizes) as ONNX Runtime computes it on 1 and 2 crops:
+    a tensor [N, ...] is repeated per variant, a shape only Reshapes read gets -1 for its batch,
+    anything else is refused naming it."""
+    from onnx import TensorProto, helper
+
+    from camface.export import onnx_rerun
+
+    made = {"rows": [helper.make_node("Neg", ["x"], ["s"])],
+            "shape": [helper.make_node("Shape", ["x"], ["s"])],
+            "doubled": [helper.make_node("Concat", ["x", "x"], ["s"], axis=0)]}[side]
+    head = helper.make_node(reader, ["t", "s"] if reader != "Cast" else ["s"], ["out"],
+                            **({"to": TensorProto.FLOAT} if reader == "Cast" else {"axis": 0} if reader == "Concat"
+                               else {}))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), *made, head], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    if isinstance(found, str):
+        with pytest.raises(ModelError, match=re.escape(f"the head after 't' also reads 's', computed beside it "
+                                                       f"from the graph's input, {found}")):
+            onnx_rerun._sides(model, "t", ["s"], [head])
+        return
+    rows, fixed = onnx_rerun._sides(model, "t", ["s"], [head])
+    assert rows == (["s"] if found[0] == "rows" else [])
+    assert [(name, v.tolist()) for name, v in fixed] == ([("s", found[1])] if found[0] == "shape" else [])

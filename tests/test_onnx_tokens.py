@@ -345,9 +345,54 @@ def test_a_swins_default_target_is_its_last_blocks_norm2(swin_graph):
     assert info.target_layer == "stage2.norm2" and info.target_reason == REASON_SWIN
     assert info.token_grid == ({"prefix": 0, "height": 4, "width": 4} if model.stage2.tokens else {})
     assert info.feature_size == (4, 4) and "cam" not in info.heatmaps  # the MLP lies before the head
-    # the head also reads the residual stream beside norm2: no Ablation-CAM; Score-CAM runs the model
-    assert "scorecam" in info.heatmaps and "ablationcam" not in info.heatmaps
+    # the head also reads the residual stream beside norm2: Ablation-CAM's head passes read it
+    # as the forward pass left it; Score-CAM runs the model
+    assert {"scorecam", "ablationcam"} <= set(info.heatmaps)
     assert all(d.ok for d in result.differences)
+
+
+def torch_ablation_cam(model, stage, images, classes, prefix):
+    """Ablation-CAM (camface.methods.ablationcam) in torch: `stage`'s output (tokens [N, T, K]
+    after `prefix` class tokens, or an NHWC stage) with channel k of its patch tokens set to 0 by
+    a forward hook, every other tensor as the forward pass computes it; [N, h, w] on the
+    square grid of the patches."""
+    x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    seen = {}
+    hook = stage.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+    with torch.no_grad():
+        logits = model(x)
+    hook.remove()
+    rows = torch.arange(len(images))
+    chosen = torch.where(torch.from_numpy(classes) < 0, logits.argmax(1), torch.from_numpy(classes))
+    a = seen["a"].reshape(len(images), -1, seen["a"].shape[-1])[:, prefix:]  # [N, patches, K]
+    scores = torch.zeros(a.shape[0], a.shape[2])
+    for k in range(a.shape[2]):
+        def ablate(_m, _i, out, k=k):
+            out = out.clone()
+            out.view(len(images), -1, out.shape[-1])[:, prefix:, k] = 0
+            return out
+
+        hook = stage.register_forward_hook(ablate)
+        with torch.no_grad():
+            scores[:, k] = model(x)[rows, chosen]
+        hook.remove()
+    y = logits[rows, chosen][:, None]
+    weights = torch.where(y != 0, (y - scores) / y, torch.zeros_like(scores))
+    side = int(round(a.shape[1] ** 0.5))
+    return torch.relu((weights[:, None, :] * a).sum(-1)).reshape(len(images), side, side).numpy()
+
+
+def test_swin_ablation_cam_equals_torch(swin_graph):
+    """Swin's head reads the residual stream beside norm2: Ablation-CAM was left out; its head
+    passes read the stream as the forward pass left it and the map equals torch's."""
+    model, result = swin_graph
+    images = np.random.default_rng(7).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 1], np.int64)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    got = session.run(["ablationcam"], {"image": images, "class_index": classes})[0]
+    want = torch_ablation_cam(model, model.stage2.norm2, images, classes, 0)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("batch", [1, 4, 32])
@@ -394,7 +439,10 @@ def test_the_self_check_judges_eigen_maps_of_layernorm_tokens_by_their_condition
 def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
     """Score-CAM runs the whole model on masked images, so a head that also reads tensors beside
     the target (the class tokens, the residual stream around norm1) does not stop it; it used to
-    be left out with Ablation-CAM, which runs the head alone from the target and still cannot."""
+    be left out with Ablation-CAM. Ablation-CAM runs the head alone, from the target, reading
+    those tensors as the crop's forward pass left them (as a forward hook replacing norm1's
+    patch tokens does): it was left out ("computed from the graph's input") and equals torch's
+    now (`torch_ablation_cam`)."""
     import onnx
 
     from camface.export import onnx_export
@@ -405,11 +453,15 @@ def test_score_cam_of_a_vit_with_class_tokens_equals_torch(tmp_path, name):
     model = make().eval()
     graph, info, differences = onnx_export.build(onnx.load(legacy_onnx(model, tmp_path / "m.onnx")),
                                                  ExportOptions(preset="unit"))
-    assert "scorecam" in info.heatmaps and "ablationcam" not in info.heatmaps
+    assert {"scorecam", "ablationcam"} <= set(info.heatmaps)
     assert all(d.ok for d in differences)
     images = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     classes = np.array([-1, 2], np.int64)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    ablation = session.run(["ablationcam"], {"image": images, "class_index": classes})[0]
+    want = torch_ablation_cam(model, model.blocks[1].norm1, images, classes, prefix)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(ablation, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     got = session.run(["scorecam"], {"image": images, "class_index": classes})[0]
     # pytorch-grad-cam 1.5.7's ScoreCAM at the tokens, on their 4x4 grid (its reshape_transform)
     x = torch.from_numpy(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
