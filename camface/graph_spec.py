@@ -252,7 +252,7 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
     if not info.ranking:
         why = f"it records no method ranking (made by an older camface, or not by {ranked_by(info)})"
     elif info.ranking.get("skipped"):
-        why = f"its export ranked no methods: {info.ranking['skipped']}"
+        why = f"its {'enrolment' if info.gallery else 'export'} ranked no methods: {info.ranking['skipped']}"
     else:
         why = "its method ranking names none of the heatmaps it holds"
     # a graph without gradients (int8 or a head without gradient rules) may lack Grad-CAM

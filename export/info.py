@@ -154,6 +154,6 @@ def main(args: argparse.Namespace) -> int:
 
     method, _ = graph_spec.auto_method(info)
     print(f"method ranking (--method auto shows {method}):")
-    for line in ranking_lines(info.ranking, method):
+    for line in ranking_lines(info.ranking, method, graph_spec.ranked_by(info)):
         print(f"  {line}")
     return 0
