@@ -67,7 +67,7 @@ class TargetChoice:
 
 
 # why a default target was chosen, by kind (`camface info` prints it)
-REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
+REASON_CNN = "default: the last 4-D feature map before global pooling"
 REASON_LAST_MAP = ("default: the last spatial feature map larger than 1x1 before the logits (no global "
                    "pooling)")
 REASON_POOLED_TOKENS = ("default for MLP-Mixer: the tokens the mean over tokens before the head reads, "
