@@ -134,7 +134,7 @@ def prepare(model, options: ExportOptions):
         precision="fp16" if options.fp16 else "fp32",
         version=__version__,
         target_reason=f"--target-layer {options.target_layer} (a Keras layer name)"
-        if options.target_layer else keras_model.DEFAULT_TARGET_REASON,
+        if options.target_layer else keras_model.default_target_reason(model),
     )
     return parts, heads, info
 
