@@ -138,7 +138,7 @@ def main(args: argparse.Namespace, on_video=None) -> int:
 
     videos = find_videos(args.inputs, args.out)
     # Bad input fails before OUT_DIR is made: the model, the cluster's address.
-    with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report
+    with load(config=config, device="cpu", cli=True) as opened:  # fail on a bad model before Ray starts; labels for the report
         graph, model = opened.graph, str(opened.model_path.resolve())
         config = config.replace(method=opened.config.method, model=Path(model))  # "auto" -> a heatmap
     address = args.address or os.environ.get("RAY_ADDRESS")

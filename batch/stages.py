@@ -142,7 +142,7 @@ class Explain:
         from camface.api import load
 
         _watch_owner(owner)
-        self._pipeline = load(config=config)  # the graph on this node's device, the method checked
+        self._pipeline = load(config=config, cli=True)  # the graph on this node's device, the method checked
         self.graph, config = self._pipeline.graph, self._pipeline.config
         self.method, self.explained_class, self.smooth = config.method, explained_class, config.smooth
 

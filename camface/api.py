@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from camface.errors import UsageError
-from camface.realtime.config import LiveConfig
+from camface.realtime.config import LiveConfig, check
 from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class Picture(np.ndarray):
 
 
 def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | None = None, timer: Any = None,
-         **options: Any) -> Pipeline:
+         cli: bool = False, **options: Any) -> Pipeline:
     """Open a pipeline: the CAM graph `model` (default: `config.model`, else the bundled emotion
     graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field a
     pipeline uses: method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence,
@@ -104,6 +104,8 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     (not `camface live`'s own, LIVE_ONLY: UsageError).
 
     timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
+    cli: messages name options as the command line's flags (`--method auto`), for camface's own
+    front ends; by default as this function's keywords (`method='auto'`).
     Raises UsageError for an unknown option or a bad value, ModelError for a missing or broken
     graph, or a method the graph does not offer. Use the pipeline as a context manager (or call
     `close()`): it holds a MediaPipe detector and ONNX Runtime sessions.
@@ -125,7 +127,10 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
         raise UsageError(f"option {', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
                          "pacing): a pipeline does not use it; give process_video the source, and write "
                          "`annotate`'s pictures yourself (cv2.VideoWriter, cv2.imwrite)")
-    return Pipeline((config or LiveConfig()).replace(**options), timer)  # LiveConfig checks: UsageError
+    config = config or LiveConfig()
+    # LiveConfig's checks, naming the option as the caller spelled it (`replace` would name the flag)
+    check({**{f: getattr(config, f) for f in fields}, **options}, api=not cli)
+    return Pipeline(config.replace(**options), timer, api=not cli)
 
 
 class Pipeline:
@@ -139,7 +144,7 @@ class Pipeline:
     side, or as separate streams, each load their own.
     """
 
-    def __init__(self, config: LiveConfig, timer: Any = None):
+    def __init__(self, config: LiveConfig, timer: Any = None, api: bool = True):
         from camface.errors import ModelError
         from camface.graph_spec import one_class
         from camface.realtime.explainer import FrameExplainer
@@ -155,6 +160,7 @@ class Pipeline:
         self._closed = False
         self._index = 0
         self._lock = threading.Lock()  # explain: the frame index, the smoother and the detector
+        self._api = api  # messages name options as `load`'s keywords (else as flags)
         self._graph: CamGraph | None = CamGraph(self.model_path, config.device, threads=config.graph_threads)
         if (why := one_class(len(self._graph.info.labels), bool(self._graph.info.gallery))) is not None:
             raise ModelError(f"{self.model_path}: {why}")  # made by an older camface export
@@ -163,7 +169,7 @@ class Pipeline:
         self.config = config = config.replace(method=self._resolve(config.method))
         self._explainer: FrameExplainer | None = FrameExplainer.from_config(config, self._graph, timer)
         self._explainer.warm_up(config.method)
-        self.renderer: Renderer = Renderer.from_config(config)
+        self.renderer: Renderer = Renderer.from_config(config, api)
 
     # ---------------------------------------------------------------- resources
 
@@ -239,9 +245,9 @@ class Pipeline:
         from camface.realtime.explainer import AUTO, check_method
 
         if method != AUTO:
-            return check_method(self.graph, method)
+            return check_method(self.graph, method, api=self._api)
         if self._auto is None:
-            self._auto = check_method(self.graph, AUTO)
+            self._auto = check_method(self.graph, AUTO, api=self._api)
         return self._auto
 
     # ---------------------------------------------------------------- the verbs
@@ -317,11 +323,12 @@ class Pipeline:
         if isinstance(source, os.PathLike):
             spec = os.fspath(source)
             # a path, never the bundled clip or a camera (Path("./0") is "0", as `--source 0`)
-            opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or is_camera_index(spec) else spec)
+            opened = make_source(os.path.join(os.curdir, spec) if spec == "sample" or is_camera_index(spec) else spec,
+                                 api=self._api)
         elif isinstance(source, str):
-            opened = make_source(source)
+            opened = make_source(source, api=self._api)
         elif isinstance(source, numbers.Integral) and not isinstance(source, (bool, np.bool_)):  # np.int64 too
-            opened = make_source(str(int(source)))
+            opened = make_source(str(int(source)), api=self._api)
         elif all(callable(getattr(source, name, None)) for name in ("__enter__", "__exit__", "__iter__")):
             opened = source
         else:

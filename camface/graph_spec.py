@@ -253,6 +253,12 @@ def methods_of(info: GraphInfo, display_only: bool = True) -> tuple[str, ...]:
     return tuple(name for name in _methods.names(display_only) if name in info.heatmaps)
 
 
+def ranked_by(info: GraphInfo) -> str:
+    """The command that ranks the methods of `info`'s graph: `camface enroll` a gallery's (on the
+    enrolled faces), `camface export` a classifier's."""
+    return "`camface enroll`" if info.gallery else "`camface export`"
+
+
 def auto_method(info: GraphInfo) -> tuple[str, str]:
     """(method, why_fallback) that `--method auto` shows on `info`'s graph: the first method of
     its recorded ranking that the graph holds and that is meant for display, with why_fallback
@@ -262,9 +268,9 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
     if ranked:
         return ranked[0], ""
     if not info.ranking:
-        why = "it records no method ranking (made by an older camface, or not by `camface export`)"
+        why = f"it records no method ranking (made by an older camface, or not by {ranked_by(info)})"
     elif info.ranking.get("skipped"):
-        why = f"its export ranked no methods: {info.ranking['skipped']}"
+        why = f"its {'enrolment' if info.gallery else 'export'} ranked no methods: {info.ranking['skipped']}"
     else:
         why = "its method ranking names none of the heatmaps it holds"
     # a graph without gradients (int8 or a head without gradient rules) may lack Grad-CAM

@@ -214,7 +214,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from camface.export.compare import check_figure_output
 
         check_figure_output(args.plot, "--plot")
-    pipeline = load(config=config)
+    pipeline = load(config=config, cli=True)
     graph_path, graph = pipeline.model_path, pipeline.graph
     pixels = graph.info.input_size[0] * graph.info.input_size[1]
     if args.steps > pixels:  # a step removes or adds at least one pixel

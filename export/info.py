@@ -147,7 +147,8 @@ def main(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     height, width = feature_size(summary, info)
     print(f"CAM graph: {info.color_order} {info.input_size[0]}x{info.input_size[1]} crops -> "
-          f"{len(info.labels)} classes; {', '.join(info.heatmaps)} at {info.target_description} "
+          f"{len(info.labels)} {'identities' if info.gallery else 'classes'}; {', '.join(info.heatmaps)} at "
+          f"{info.target_description} "
           f"{height}x{width}; {info.precision}")
     print(f"target {info.target_layer}: {info.target_reason or 'not recorded (an older camface)'}")
     print(f"methods' maths: {methods_version_line(info)}")
@@ -169,6 +170,6 @@ def main(args: argparse.Namespace) -> int:
 
     method, _ = graph_spec.auto_method(info)
     print(f"method ranking (--method auto shows {method}):")
-    for line in ranking_lines(info.ranking, method):
+    for line in ranking_lines(info.ranking, method, graph_spec.ranked_by(info)):
         print(f"  {line}")
     return 0

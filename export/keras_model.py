@@ -166,8 +166,14 @@ def candidate_layers(model) -> list[str]:
     return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
 
 
-DEFAULT_TARGET_REASON = ("default: the last 4-D layer before the head's global pooling (the last "
-                         "4-D layer larger than 1x1 when the head has none)")
+# why the default target was chosen (`camface info` prints it), by the head of the model at hand
+REASON_HEAD_POOLING = "default: the last 4-D layer before the head's global pooling"
+REASON_NO_HEAD_POOLING = "default: the last 4-D layer larger than 1x1 (the head has no global pooling)"
+
+
+def default_target_reason(model) -> str:
+    """Why `default_target_layer(model)` is the target, said of this model's head only."""
+    return REASON_HEAD_POOLING if _head_pools(list(iter_layers(model))) else REASON_NO_HEAD_POOLING
 
 
 def _head_pools(layers) -> list[int]:

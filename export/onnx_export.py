@@ -67,7 +67,7 @@ class TargetChoice:
 
 
 # why a default target was chosen, by kind (`camface info` prints it)
-REASON_CNN = "default: the last 4-D feature map before global pooling (ConvNeXt: its last stage)"
+REASON_CNN = "default: the last 4-D feature map before global pooling"
 REASON_CLASS_SCORES = ("default for an all-convolutional head (SqueezeNet's: a convolution to one channel "
                        "per class, a ReLU, pooled): the feature map that convolution reads, not the class-score "
                        "map (pytorch-grad-cam's choice)")

@@ -139,7 +139,7 @@ def record(result, source: str | None, seconds: float = SECONDS, crops: np.ndarr
     started = time.perf_counter()
     model = onnx.load(str(result.path))
     if crops is None and source is None:
-        ranked = {"skipped": "exported with --no-rank"}
+        ranked = {"skipped": f"{'enrolled' if result.info.gallery else 'exported'} with --no-rank"}
     elif not result.info.heatmaps:  # --heads without a heatmap (a forward-only graph for timing)
         ranked = {"skipped": "no heatmap exported (--heads): nothing to rank"}
     else:
@@ -153,13 +153,15 @@ def record(result, source: str | None, seconds: float = SECONDS, crops: np.ndarr
     return replace(result, info=info, seconds=result.seconds + time.perf_counter() - started)
 
 
-def summary_lines(ranked: dict, fallback: str = graph_spec.FALLBACK_METHOD) -> list[str]:
+def summary_lines(ranked: dict, fallback: str = graph_spec.FALLBACK_METHOD,
+                  ranked_by: str = "`camface export`") -> list[str]:
     """The ranking as text: what it was measured on, then one line per method, best first, and
     the random baseline's scores (`camface export` and `camface info` print these). fallback:
     what `--method auto` shows without a ranking (`graph_spec.auto_method`: Grad-CAM, or the
-    first method of a graph that has none)."""
+    first method of a graph that has none). ranked_by: the command that ranks this graph's
+    methods (`graph_spec.ranked_by`)."""
     if not ranked:
-        return ["none recorded (made by an older camface, or not by `camface export`): --method auto shows "
+        return [f"none recorded (made by an older camface, or not by {ranked_by}): --method auto shows "
                 f"{fallback}"]
     if "skipped" in ranked:
         return [f"none: {ranked['skipped']}; --method auto shows {fallback}"]

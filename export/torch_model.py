@@ -151,11 +151,27 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None, fuse: b
             optimizer.fold_constants(exported.model)
             optimizer.remove_unused_nodes(exported.model)
     except Exception as exc:
-        import re
-
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines()[0]  # no terminal colours
-        raise ModelError(f"{path}: torch.onnx.export fails ({first})") from exc
+        raise ModelError(f"{path}: torch.onnx.export fails ({_export_failure(exc)})") from exc
     return exported.model_proto
+
+
+def _export_failure(exc: BaseException) -> str:
+    """Why torch.onnx.export failed, in one line: its own message is "Failed to convert ... Next
+    steps:" with the cause chained below it, so the innermost exception's last line, after the
+    aten op whose translation raised it (`at aten.scaled_dot_product_attention: only 4D query,
+    key, and value are supported`); the message's first line when nothing is chained."""
+    import re
+
+    def plain(error: BaseException) -> list[str]:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    errors = list(pt2_archive.chain(exc))
+    lines = next((plain(e) for e in reversed(errors[1:]) if plain(e)), None)
+    if lines is None:
+        return (plain(exc) or [type(exc).__name__])[0]
+    op = next((m.group(1) for e in errors if (m := re.search(r"target=(?:torch\.ops\.)?(\w+\.\w+)", str(e)))), None)
+    return f"at {op}: {lines[-1]}" if op else lines[-1]
 
 
 def _load_program(path: Path):

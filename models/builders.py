@@ -65,6 +65,14 @@ def mobilenetv2_gap(num_classes: int, input_size: int = 224,
 
 BUILDERS = {"resnet50_gap": resnet50_gap, "vgg16_conv_gap": vgg16_conv_gap,
             "mobilenetv2_gap": mobilenetv2_gap}
+# `--backbone` of `camface train` and `camface bench` -> its builder: one name per architecture.
+BACKBONES = {"resnet50": "resnet50_gap", "vgg16": "vgg16_conv_gap", "mobilenetv2": "mobilenetv2_gap"}
+BACKBONE_ALIASES = {"vgg16-gap": "vgg16"}  # `camface train`'s earlier spelling, still accepted
+
+
+def backbone_name(text: str) -> str:
+    """argparse `type` of `--backbone`: an alias becomes its name (`choices` checks the rest)."""
+    return BACKBONE_ALIASES.get(text, text)
 
 
 def _backbone(application, weights, input_size: int, **kwargs):

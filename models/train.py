@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
-from camface.models import dataset, report
+from camface.models import builders, dataset, report
 from camface.outputs import output_path
 from camface.realtime import config as live_config
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet50", "vgg16-gap", "mobilenetv2")
 LIVE_DEFAULTS = live_config.DEFAULTS  # detector, margin, min_confidence: as `camface live`
 PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
 # What a run writes into OUT_DIR besides crops/: a new run removes them before training, so an
@@ -137,9 +136,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="one sub-folder of photos per class (folder name = class name)")
     parser.add_argument("-o", "--out-dir", type=output_path, metavar="OUT_DIR", required=True,
                         help="where model.keras, model.onnx, metrics and the report go")
-    parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
-                        help="ImageNet backbone -> GAP -> Dense(softmax) (vgg16-gap adds "
-                             "Conv2D(1024) before GAP, as the study did)")
+    parser.add_argument("--backbone", type=builders.backbone_name, choices=tuple(builders.BACKBONES),
+                        default=defaults.backbone,
+                        help="ImageNet backbone -> GAP -> Dense(softmax) (vgg16 adds Conv2D(1024) "
+                             "before GAP, as the study did; 'vgg16-gap' is an alias of vgg16)")
     parser.add_argument("--input-size", type=_positive, default=defaults.input_size,
                         help="crop side in pixels (model input); at least 32")
     parser.add_argument("--epochs", type=_positive, default=defaults.epochs,
@@ -445,10 +445,8 @@ def _fit(config: TrainConfig, labels: list[str], images: np.ndarray, targets: np
 def backbone_preprocessing(backbone: str):
     """The exporter's Preprocessing for `backbone` (colour order and x * scale + offset)."""
     from camface.export.preprocess import Preprocessing
-    from camface.models import builders
-    from camface.models.transfer import BUILDER_NAMES
 
-    return Preprocessing.resolve(3, builders.PRESETS[BUILDER_NAMES[backbone]])
+    return Preprocessing.resolve(3, builders.PRESETS[builders.BACKBONES[backbone]])
 
 
 def export_graph(model_path: Path, onnx_path: Path, labels: list[str], backbone: str, test_bgr: np.ndarray):

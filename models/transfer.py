@@ -29,12 +29,9 @@ log = logging.getLogger(__name__)
 # Layers of each backbone's last block, by name prefix: what --fine-tune-epochs unfreezes.
 LAST_BLOCK_PREFIXES: dict[str, tuple[str, ...]] = {
     "resnet50": ("conv5_",),
-    "vgg16-gap": ("block5_",),
+    "vgg16": ("block5_",),
     "mobilenetv2": ("block_16_", "Conv_1", "out_relu"),
 }
-
-BUILDER_NAMES = {"resnet50": "resnet50_gap", "vgg16-gap": "vgg16_conv_gap",
-                 "mobilenetv2": "mobilenetv2_gap"}  # --backbone -> camface.models.builders
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def build_model(backbone: str, input_size: int, num_classes: int, weights: str,
     from camface.models import builders
 
     keras.utils.set_random_seed(seed)
-    build = builders.BUILDERS[BUILDER_NAMES[backbone]]
+    build = builders.BUILDERS[builders.BACKBONES[backbone]]
     try:
         model = build(num_classes, input_size=input_size,
                       weights=None if weights == "none" else weights, trainable_base=False)

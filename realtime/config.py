@@ -3,8 +3,9 @@
 `LiveConfig` holds every option of the frame pipeline (detection, cropping, the graph, the
 overlay, recording). Its field defaults are the only defaults: `add_arguments` reads them into
 argparse, and `camface live`, `camface bench`, `camface train` (and later front ends) add the
-flags they share with it by name. Checks live in `__post_init__` only, so a config built in
-code is checked as one built from the command line; a bad value raises UsageError naming the flag.
+flags they share with it by name. Checks live in `check` only, which `__post_init__` runs, so a
+config built in code is checked as one built from the command line; a bad value raises UsageError
+naming the option as its user spells it (`option`: the flag, or `camface.load`'s keyword).
 
 Top-level imports stay light (no cv2, onnxruntime or mediapipe): `camface --help` imports this.
 """
@@ -94,72 +95,99 @@ class LiveConfig:
     quiet_native: bool = True
 
     def __post_init__(self) -> None:
-        self._check_types()
-        from camface.realtime.sources import is_camera_index
-
-        checks = (
-            (self.method in method_choices() or self.method in methods.METHODS,
-             f"--method {self.method!r} unknown; choose from {', '.join(method_choices())}"),
-            (self.detector in DETECTORS, f"--detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}"),
-            (self.detector_runtime in DETECTOR_RUNTIMES,
-             f"--detector-runtime must be one of {', '.join(DETECTOR_RUNTIMES)}, got {self.detector_runtime!r}"),
-            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
-            (1 <= self.max_faces <= MAX_FACES,
-             f"--max-faces must be 1..{MAX_FACES} (the graph's batch range), got {self.max_faces}"),
-            (0 <= self.margin <= MAX_MARGIN, f"--margin must be in [0, {MAX_MARGIN:g}], got {self.margin}"),
-            (0.0 <= self.min_confidence <= 1.0, f"--min-confidence must be in [0, 1], got {self.min_confidence}"),
-            (self.max_frames is None or self.max_frames >= 1, f"--max-frames must be >= 1, got {self.max_frames}"),
-            (self.snapshot_every >= 0, f"--snapshot-every must be >= 0, got {self.snapshot_every}"),
-            (0 <= self.detect_workers <= MAX_DETECT_WORKERS,
-             f"--detect-workers must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {self.detect_workers}"),
-            (self.detect_every == "auto" or (isinstance(self.detect_every, int) and self.detect_every >= 1),
-             f"--detect-every must be auto or an integer >= 1, got {self.detect_every!r}"),
-            (self.detect_every in ("auto", 1) or self.detect_workers <= 1,
-             "--detect-workers above 1 needs --detect-every 1 (carried boxes follow the frames in order, "
-             "in one thread)"),
-            (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
-            (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
-            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
-            (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),
-            (0 < self.image_seconds < float("inf"), f"--image-seconds must be > 0 and finite, got {self.image_seconds}"),
-            (self.record != "", "--record is empty; give a file name ending in .mp4"),
-            (self.snapshot_dir != "", "--snapshot-dir is empty; give a folder"),
-            (self.record is None or Path(self.record).suffix.lower() == ".mp4",
-             f"--record {self.record}: recordings are MP4 files; give a name ending in .mp4"),
-            (self.codec in CODECS, f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}"),
-            # before any model loads; a stream is known to be one only once it opens (LoopingSource)
-            (not (self.loop and is_camera_index(self.source)),
-             f"--loop plays files, folders and the sample again; --source {self.source} is a camera "
-             "(leave out --loop)"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        from camface.realtime.overlay import COLORMAPS  # cv2: only when a config is built
-
-        if self.colormap not in COLORMAPS:
-            raise UsageError(f"--colormap {self.colormap!r} unknown; choose from {', '.join(sorted(COLORMAPS))}")
-
-    def _check_types(self) -> None:
-        """UsageError naming the option for a value of the wrong type (a LiveConfig built in
-        code, e.g. `camface.load(max_faces="3")`): the value checks that follow compare numbers."""
-        import numbers
-
-        for field in dataclasses.fields(self):
-            value, kind = getattr(self, field.name), _field_kinds(field)
-            if value is None and "None" in kind:
-                continue
-            ok = (("bool" in kind and isinstance(value, bool))
-                  or ("int" in kind and isinstance(value, numbers.Integral) and not isinstance(value, bool))
-                  or ("float" in kind and isinstance(value, numbers.Real) and not isinstance(value, bool))
-                  or ("str" in kind and isinstance(value, str))
-                  or ("Path" in kind and isinstance(value, (str, Path))))
-            if not ok:
-                flag = FLAGS.get(field.name, (f"--{field.name.replace('_', '-')}",))[0]
-                raise UsageError(f"{flag} must be {_describe(kind)}, got {value!r} ({type(value).__name__})")
+        check({field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
 
     def replace(self, **changes) -> "LiveConfig":
         return dataclasses.replace(self, **changes)
+
+
+_NO_VALUE = object()
+
+
+def option(field: str, value: object = _NO_VALUE, *, api: bool = False) -> str:
+    """How a user names LiveConfig's `field` (with `value` when given), for messages: on the
+    command line `--max-faces`, `--method auto`; api: as a keyword of `camface.load`,
+    `max_faces`, `method='auto'`."""
+    if api:
+        return field if value is _NO_VALUE else f"{field}={str(value) if isinstance(value, Path) else value!r}"
+    flag = FLAGS.get(field, (f"--{field.replace('_', '-')}",))[0]
+    return flag if value is _NO_VALUE else f"{flag} {value}"
+
+
+def check(values: dict, *, api: bool = False) -> None:
+    """UsageError for the first bad value of `values` (LiveConfig field -> value, every field),
+    naming the option as `option(field, api=api)` does: the command line's flag, or with `api`
+    the keyword of `camface.load`. LiveConfig runs it on every config built; `camface.load`
+    runs it first with `api` on what its caller asked for."""
+    from camface.realtime.sources import is_camera_index
+
+    _check_types(values, api)
+    v = argparse.Namespace(**values)
+
+    def name(field: str, value: object = _NO_VALUE) -> str:
+        return option(field, value, api=api)
+
+    checks = (
+        (v.method in method_choices() or v.method in methods.METHODS,
+         f"{name('method')} {v.method!r} unknown; choose from {', '.join(method_choices())}"),
+        (v.detector in DETECTORS, f"{name('detector')} must be one of {', '.join(DETECTORS)}, got {v.detector!r}"),
+        (v.detector_runtime in DETECTOR_RUNTIMES,
+         f"{name('detector_runtime')} must be one of {', '.join(DETECTOR_RUNTIMES)}, got {v.detector_runtime!r}"),
+        (v.device in DEVICES, f"{name('device')} must be one of {', '.join(DEVICES)}, got {v.device!r}"),
+        (1 <= v.max_faces <= MAX_FACES,
+         f"{name('max_faces')} must be 1..{MAX_FACES} (the graph's batch range), got {v.max_faces}"),
+        (0 <= v.margin <= MAX_MARGIN, f"{name('margin')} must be in [0, {MAX_MARGIN:g}], got {v.margin}"),
+        (0.0 <= v.min_confidence <= 1.0, f"{name('min_confidence')} must be in [0, 1], got {v.min_confidence}"),
+        (v.max_frames is None or v.max_frames >= 1, f"{name('max_frames')} must be >= 1, got {v.max_frames}"),
+        (v.snapshot_every >= 0, f"{name('snapshot_every')} must be >= 0, got {v.snapshot_every}"),
+        (0 <= v.detect_workers <= MAX_DETECT_WORKERS,
+         f"{name('detect_workers')} must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {v.detect_workers}"),
+        (v.detect_every == "auto" or (isinstance(v.detect_every, int) and v.detect_every >= 1),
+         f"{name('detect_every')} must be auto or an integer >= 1, got {v.detect_every!r}"),
+        (v.detect_every in ("auto", 1) or v.detect_workers <= 1,
+         f"{name('detect_workers')} above 1 needs {name('detect_every', 1)} (carried boxes follow the frames "
+         "in order, in one thread)"),
+        (v.graph_threads >= 0, f"{name('graph_threads')} must be >= 0, got {v.graph_threads}"),
+        (0.0 <= v.smooth < 1.0, f"{name('smooth')} must be in [0, 1), got {v.smooth}"),
+        (0.0 <= v.alpha <= 1.0, f"{name('alpha')} must be in [0, 1], got {v.alpha}"),
+        (v.pace in PACES, f"{name('pace')} must be one of {', '.join(PACES)}, got {v.pace!r}"),
+        (0 < v.image_seconds < float("inf"), f"{name('image_seconds')} must be > 0 and finite, got {v.image_seconds}"),
+        (v.record != "", f"{name('record')} is empty; give a file name ending in .mp4"),
+        (v.snapshot_dir != "", f"{name('snapshot_dir')} is empty; give a folder"),
+        (v.record is None or Path(v.record).suffix.lower() == ".mp4",
+         f"{name('record', v.record)}: recordings are MP4 files; give a name ending in .mp4"),
+        (v.codec in CODECS, f"{name('codec')} must be one of {', '.join(CODECS)}, got {v.codec!r}"),
+        # before any model loads; a stream is known to be one only once it opens (LoopingSource)
+        (not (v.loop and is_camera_index(v.source)),
+         f"{name('loop')} plays files, folders and the sample again; {name('source', v.source)} is a camera "
+         f"(leave out {name('loop')})"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    from camface.realtime.overlay import COLORMAPS  # cv2: only when a config is built
+
+    if v.colormap not in COLORMAPS:
+        raise UsageError(f"{name('colormap')} {v.colormap!r} unknown; choose from {', '.join(sorted(COLORMAPS))}")
+
+
+def _check_types(values: dict, api: bool) -> None:
+    """UsageError naming the option for a value of the wrong type (a LiveConfig built in
+    code, e.g. `camface.load(max_faces="3")`): the value checks that follow compare numbers."""
+    import numbers
+
+    for field in dataclasses.fields(LiveConfig):
+        value, kind = values[field.name], _field_kinds(field)
+        if value is None and "None" in kind:
+            continue
+        ok = (("bool" in kind and isinstance(value, bool))
+              or ("int" in kind and isinstance(value, numbers.Integral) and not isinstance(value, bool))
+              or ("float" in kind and isinstance(value, numbers.Real) and not isinstance(value, bool))
+              or ("str" in kind and isinstance(value, str))
+              or ("Path" in kind and isinstance(value, (str, Path))))
+        if not ok:
+            raise UsageError(f"{option(field.name, api=api)} must be {_describe(kind)}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 _KIND_WORDS = {"bool": "True or False", "int": "an integer", "float": "a number", "str": "a string",

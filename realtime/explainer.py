@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from camface.errors import ModelError
-from camface.graph_spec import AUTO, auto_method
+from camface.graph_spec import AUTO, auto_method, ranked_by
 from camface.realtime.crop import crop_faces
 from camface.realtime.results import Face, FrameResult, Prediction, is_saturated, predicted_classes
 from camface.realtime.controls import Controls
@@ -98,23 +98,26 @@ class FrameExplainer:
         return Explained(result, crops)
 
 
-def check_method(graph, method: str) -> str:
+def check_method(graph, method: str, *, api: bool = False) -> str:
     """The heatmap `method` asks for on `graph`, for a front end to use from then on: "auto" is
     the graph's top-ranked displayable method (`graph_spec.auto_method`), or Grad-CAM with one
     warning saying why on a graph without a ranking; any other name is returned as it is: one of
     the graph's methods, "none", or a registry heatmap the graph holds but does not offer for
     display (the "random" baseline). ModelError naming the graph and what it offers when it has
-    no such heatmap."""
+    no such heatmap. api: the messages name the option as `camface.load`'s keyword
+    (`method='auto'`), not as the flag (`--method auto`)."""
     from camface.methods import METHODS
+    from camface.realtime.config import option
 
     if method == AUTO:
         method, why = auto_method(graph.info)
         if why:
-            log.warning("camface: --method auto shows %s on %s: %s; `camface export` ranks the methods, "
-                        "--method picks one", method, graph.path.name, why)
+            log.warning("camface: %s shows %s on %s: %s; %s ranks the methods, %s picks one",
+                        option("method", AUTO, api=api), method, graph.path.name, why,
+                        ranked_by(graph.info), option("method", "NAME", api=api))
         else:
-            log.info("camface: --method auto shows %s, the most faithful method of %s (`camface info` "
-                     "shows the ranking)", method, graph.path.name)
+            log.info("camface: %s shows %s, the most faithful method of %s (`camface info` "
+                     "shows the ranking)", option("method", AUTO, api=api), method, graph.path.name)
     if method != "none" and method not in graph.methods and not (method in METHODS and method in graph.info.heatmaps):
         reason = f" ({graph.info.cam_unavailable_reason})" if method == "cam" and graph.info.cam_unavailable_reason else ""
         raise ModelError(f"{graph.path} has no {method!r} heatmap{reason}; "

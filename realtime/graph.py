@@ -196,7 +196,7 @@ class CamGraph:
                 self._session, self.provider = session, provider
                 return
         if device != "cpu" and device != "auto":
-            log.warning("camface: --device %s is not usable here; running the CAM graph on CPU", device)
+            log.warning("camface: device %r is not usable here; running the CAM graph on CPU", device)
 
     # -------------------------------------------------------------- running
 

@@ -166,7 +166,7 @@ class LiveLoop:
         if isinstance(source, ImageFolderSource):
             with source:
                 pass
-        pipeline = load(config=cfg, timer=self.timer)
+        pipeline = load(config=cfg, timer=self.timer, cli=True)
         cfg = self.config = pipeline.config  # method "auto" resolved
         renderer, model_path = pipeline.renderer, pipeline.model_path
         graph, explainer = pipeline.graph, pipeline.explainer

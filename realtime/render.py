@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from camface.methods import normalize
+from camface.realtime.config import option
 from camface.realtime.overlay import LIVE, colormap_lut, overlay, upsample
 from camface.realtime.results import Box, Face, FrameResult
 from camface.realtime.text import TextPainter
@@ -153,11 +154,13 @@ class BarsAnnotator:
 
 class HudAnnotator:
     """Heads-up display at the top left: rolling fps, per-stage milliseconds, method, class
-    explained, provider, and faces dropped beyond --max-faces."""
+    explained, provider, and faces dropped beyond --max-faces (api: named `max_faces`, the
+    keyword of `camface.load`)."""
 
-    def __init__(self, scale: float = 0.45, text: TextPainter | None = None):
+    def __init__(self, scale: float = 0.45, text: TextPainter | None = None, api: bool = False):
         self.scale = scale
         self.text = text or TextPainter()
+        self.api = api
 
     def lines(self, result: FrameResult) -> list[str]:
         stages = " ".join(f"{name} {ms:.1f}" for name, ms in result.stage_ms.items())
@@ -173,7 +176,7 @@ class HudAnnotator:
         if not (result.fps or result.pace_fps or stages):  # nothing timed (an API result): no "0 fps"
             del lines[0]
         if result.dropped:
-            lines.append(f"{result.dropped} more face(s) not shown (--max-faces)")
+            lines.append(f"{result.dropped} more face(s) not shown ({option('max_faces', api=self.api)})")
         return lines
 
     def annotate(self, frame: np.ndarray, result: FrameResult) -> np.ndarray:
@@ -188,10 +191,11 @@ class HudAnnotator:
 
 class Renderer:
     """Runs annotators in order: `annotate(frame, result, hud) -> frame`, in place; the HUD is
-    drawn when `hud` (the window's key h toggles it per frame)."""
+    drawn when `hud` (the window's key h toggles it per frame). api: the HUD names options as
+    `camface.load`'s keywords, not as flags."""
 
     def __init__(self, colormap: str = LIVE["colormap"], alpha: float = LIVE["alpha"], cam_boxes: bool = False,
-                 bars: bool = False):
+                 bars: bool = False, api: bool = False):
         text = TextPainter()  # one per renderer: its caches, and one missing-font warning per run
         self.layers = [HeatmapAnnotator(colormap, alpha)]
         if cam_boxes:
@@ -199,12 +203,12 @@ class Renderer:
         self.layers.append(BoxAnnotator(text=text))
         if bars:
             self.layers.append(BarsAnnotator(text=text))
-        self.hud_layer = HudAnnotator(text=text)
+        self.hud_layer = HudAnnotator(text=text, api=api)
 
     @classmethod
-    def from_config(cls, config) -> "Renderer":
-        """The renderer a LiveConfig asks for."""
-        return cls(config.colormap, config.alpha, config.cam_boxes, config.bars)
+    def from_config(cls, config, api: bool = False) -> "Renderer":
+        """The renderer a LiveConfig asks for (api: see the class)."""
+        return cls(config.colormap, config.alpha, config.cam_boxes, config.bars, api)
 
     def annotate(self, frame: np.ndarray, result: FrameResult, hud: bool = True,
                  notice: str | None = None) -> np.ndarray:

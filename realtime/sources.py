@@ -509,24 +509,26 @@ def is_camera_index(spec: str | None) -> bool:
     return isinstance(spec, str) and spec.isascii() and spec.isdigit()  # not "²" or "٣" (int("²") raises)
 
 
-def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
+def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool = False) -> Source:
     """The source for a `--source` value (not yet entered).
 
     spec: a camera index ("0"), a video file, a folder of images (or one image), a stream URL
     (rtsp://, http(s)://...), "sample", or None: camera 0 if it opens, else the sample clip
-    (with one log line saying so).
+    (with one log line saying so). api: messages name the Python API's `source`, not the flag.
     """
+    from camface.realtime.config import option
     from camface.realtime.live_source import LiveSource
     from camface.realtime.sample import SampleSource
 
     if spec is None:
         if _camera_opens(0):
             return LiveSource(0)
-        log.info("camface: no camera 0 could be opened; playing the sample clip instead (--source sample)")
+        log.info("camface: no camera 0 could be opened; playing the sample clip instead (%s)",
+                 option("source", "sample", api=api))
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
     if not spec.strip():  # Path("") is the current folder: an empty value is a mistake, not "."
-        raise SourceError("--source is empty (expected a camera index, a video file, a folder of images, "
-                          "a stream URL or 'sample')")
+        raise SourceError(f"{option('source', api=api)} is empty (expected a camera index, a video file, "
+                          "a folder of images, a stream URL or 'sample')")
     if spec == "sample":
         return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
     if is_camera_index(spec) and int(spec) <= MAX_CAMERA_INDEX:
@@ -545,7 +547,7 @@ def make_source(spec: str | None, sample_frames: int | None = None) -> Source:
                           "(0 is the first camera)")
     if path.exists():  # a device (/dev/video0) or a pipe: it was "not found"
         camera = re.fullmatch(r"/dev/video([0-9]+)", os.path.realpath(spec))
-        hint = f"this camera is --source {camera.group(1)}" if camera else "a camera is given by its index: 0, 1, ..."
+        hint = f"this camera is {option('source', int(camera.group(1)), api=api)}" if camera else "a camera is given by its index: 0, 1, ..."
         raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a pipe); {hint}")
     raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")

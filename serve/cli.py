@@ -153,7 +153,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     with contextlib.ExitStack() as on_error:  # whatever fails before serving closes what was opened
         sock = _listen(host, port)  # first: a port in use is said at once, not after the model has loaded
         on_error.callback(sock.close)
-        pipeline = load(config=config)
+        pipeline = load(config=config, cli=True)
         on_error.callback(pipeline.close)
         config, model_path, graph = pipeline.config, pipeline.model_path, pipeline.graph  # method "auto" resolved
         state = ServeState(config, options, graph, model_path)

@@ -323,9 +323,59 @@ def test_auto_is_said_once_per_model_not_per_call(caplog, two_faces, configured)
                 auto, = api.explain_crops(crops, method="auto")
                 assert api.explain(two_faces, method="auto").method == auto.method
             assert api.explain_crops(crops)[0].method == configured.replace("auto", auto.method)
-    said = [r.getMessage() for r in caplog.records if "--method auto shows" in r.getMessage()]
-    assert said == [f"camface: --method auto shows {auto.method}, the most faithful method of emotion.onnx "
-                    "(`camface info` shows the ranking)"]
+    said = [r.getMessage() for r in caplog.records if "shows" in r.getMessage()]
+    assert said == [f"camface: method='auto' shows {auto.method}, the most faithful method of emotion.onnx "
+                    "(`camface info` shows the ranking)"]  # load's keyword, not the flag --method auto
+
+
+@pytest.mark.parametrize("api, auto, pick", [
+    (True, "method='auto'", "method='NAME'"),  # camface.load: its keyword
+    (False, "--method auto", "--method NAME"),  # camface live, bench, serve...: the flag
+])
+def test_the_unranked_fallback_names_the_option_as_its_caller_spells_it(tmp_path, caplog, api, auto, pick):
+    """check_method's fallback warning said `--method auto` to callers of the Python API."""
+    from camface.realtime.explainer import check_method
+    from camface.realtime.graph import CamGraph
+
+    graph = CamGraph(tiny_cam_graph(tmp_path / "g.onnx"), "cpu")
+    assert not graph.info.ranking and not graph.info.gallery
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        method = check_method(graph, "auto", api=api)
+    assert caplog.messages == [
+        f"camface: {auto} shows {method} on g.onnx: it records no method ranking (made by an older camface, "
+        f"or not by `camface export`); `camface export` ranks the methods, {pick} picks one"]
+
+
+@pytest.mark.parametrize("cli", [False, True])
+def test_load_names_options_as_the_command_line_for_the_front_ends(tmp_path, caplog, cli):
+    """The front ends (camface live, serve, ...) open their pipeline with load(cli=True): their
+    users typed flags, and the messages name those."""
+    with pytest.raises(UsageError, match="^--alpha must be" if cli else "^alpha must be"):
+        camface.load(tiny_cam_graph(tmp_path / "g.onnx"), alpha=3.0, cli=cli)
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        with camface.load(tiny_cam_graph(tmp_path / "g.onnx"), device="cuda", cli=cli) as opened:
+            assert opened.graph.provider == "CPUExecutionProvider"
+    assert f"{'--method auto' if cli else 'method=' + repr('auto')} shows" in caplog.text
+    assert "camface: device 'cuda' is not usable here" in caplog.text  # either caller's spelling
+
+
+@pytest.mark.parametrize("api, said", [(True, "source is empty"), (False, "--source is empty")])
+def test_a_sources_message_names_the_option_as_its_caller_spells_it(api, said):
+    from camface.errors import SourceError
+    from camface.realtime.sources import make_source
+
+    with pytest.raises(SourceError, match=f"^{said} "):
+        make_source(" ", api=api)
+
+
+def test_the_hud_names_max_faces_as_its_caller_spells_it(tmp_path, two_faces):
+    from camface.realtime.render import HudAnnotator
+
+    with camface.load(device="cpu", max_faces=1) as opened:
+        result = opened.explain(two_faces)
+    assert result.dropped == 1
+    assert opened.renderer.hud_layer.lines(result)[-1] == "1 more face(s) not shown (max_faces)"
+    assert HudAnnotator().lines(result)[-1] == "1 more face(s) not shown (--max-faces)"
 
 
 def _binary_graph(path: Path) -> Path:
@@ -480,14 +530,21 @@ def test_a_source_objects_bad_frame_is_a_clear_error(cam, two_faces, bad, messag
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda: camface.load("no/such/model.onnx"), ModelError, "CAM graph not found: no/such/model.onnx"),
-    (lambda: camface.load(device="gpu"), UsageError, "--device must be one of"),
-    (lambda: camface.load(alpha=2.0), UsageError, r"--alpha must be in \[0, 1\], got 2.0"),
+    # options are named as load's keywords (they were named as the command line's flags, --max-faces)
+    (lambda: camface.load(device="gpu"), UsageError, "^device must be one of"),
+    (lambda: camface.load(alpha=2.0), UsageError, r"^alpha must be in \[0, 1\], got 2.0"),
     (lambda: camface.load(colour_map="jet"), UsageError, "unknown option colour_map; LiveConfig has"),
-    (lambda: camface.load(max_faces="3"), UsageError, r"--max-faces must be an integer, got '3' \(str\)"),
-    (lambda: camface.load(max_faces=2.5), UsageError, "--max-faces must be an integer, got 2.5"),
-    (lambda: camface.load(margin=None), UsageError, "--margin must be a number, got None"),
-    (lambda: camface.load(colormap=["jet"]), UsageError, r"--colormap must be a string, got \['jet'\]"),
-    (lambda: camface.load(graph_threads=1.5), UsageError, "--graph-threads must be an integer"),
+    (lambda: camface.load(max_faces="3"), UsageError, r"^max_faces must be an integer, got '3' \(str\)"),
+    (lambda: camface.load(max_faces=2.5), UsageError, "^max_faces must be an integer, got 2.5"),
+    (lambda: camface.load(margin=None), UsageError, "^margin must be a number, got None"),
+    (lambda: camface.load(colormap=["jet"]), UsageError, r"^colormap must be a string, got \['jet'\]"),
+    (lambda: camface.load(colormap="jett"), UsageError, "^colormap 'jett' unknown; choose from"),
+    (lambda: camface.load(method="bogus"), UsageError, "^method 'bogus' unknown; choose from"),
+    (lambda: camface.load(graph_threads=1.5), UsageError, "^graph_threads must be an integer"),
+    (lambda: camface.load(detect_workers=2, detect_every=3), UsageError,
+     "^detect_workers above 1 needs detect_every=1 "),
+    (lambda: camface.load(config=camface.LiveConfig(max_faces=3), max_faces=0), UsageError,
+     r"^max_faces must be 1\.\.32 \(the graph's batch range\), got 0"),
     (lambda: camface.load(config={"max_faces": 2}), UsageError, "config must be a LiveConfig"),
     (lambda: camface.load(123), UsageError, "model must be a path"),
     (lambda: camface.load(timer=5), UsageError, "timer must be a camface.realtime.timing.StageTimer"),

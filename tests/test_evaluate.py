@@ -694,4 +694,4 @@ def test_a_device_that_falls_back_to_the_cpu_is_said_once(tmp_path, astronaut_bg
         assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
                              "--device", "cuda"]) == 0
     said = [r.getMessage() for r in caplog.records if "is not usable here" in r.getMessage()]
-    assert said == ["camface: --device cuda is not usable here; running the CAM graph on CPU"]
+    assert said == ["camface: device 'cuda' is not usable here; running the CAM graph on CPU"]

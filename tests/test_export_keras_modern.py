@@ -156,6 +156,9 @@ def test_the_default_target_of_a_squeeze_excitation_net_with_a_flatten_head_is_i
     graph, info = export_in_memory(model, preset="unit")
     assert info.target_layer == expected and info.feature_size == (8, 8)
     assert float(np.abs(graph(images(2, 16, 3), class_indices(2, 3))["gradcam"]).max()) > 0
+    # the reason `camface info` prints is said of this head (it gave both cases' rules to every model)
+    assert info.target_reason == ("default: the last 4-D layer before the head's global pooling" if head == "gap"
+                                  else "default: the last 4-D layer larger than 1x1 (the head has no global pooling)")
 
 
 def _score_head_model(head: str):

@@ -295,8 +295,11 @@ def test_enroll_three_identities(enrolled, people, embedder, crops, capsys):
     assert np.abs(got["similarity"] - units @ stored["embeddings"].T).max() <= 1e-5
     capsys.readouterr()
     assert main(["info", str(enrolled)]) == 0
+    shown = capsys.readouterr().out
     assert f"gallery: 3 identities, D = 16, embedder embedder.onnx; probs = softmax(30.0 * similarity); " \
-           f"unknown below {report['threshold']}" in capsys.readouterr().out
+           f"unknown below {report['threshold']}" in shown
+    summary = next(line for line in shown.splitlines() if line.startswith("CAM graph: "))
+    assert " crops -> 3 identities; " in summary  # it said "3 classes": a gallery's are people
 
 
 @pytest.mark.parametrize("into", ["collins", "hopper"])

@@ -816,3 +816,30 @@ def test_a_pt2_export_says_nothing_of_the_exporters_own_unless_debug(tmp_path, c
     torch_model.to_onnx(path)
     assert any(r.name.split(".")[0] in torch_model.EXPORTER_LOGGERS and r.levelno >= logging.INFO
                for r in caplog.records)
+
+
+class TokenAttention(torch.nn.Module):
+    """A conv map's cells as tokens [N, HW, C] through F.scaled_dot_product_attention on 3-D
+    query, key and value (no heads axis), which torch.onnx's dynamo exporter does not convert."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens).mean(1))
+
+
+def test_a_conversion_failure_names_the_op_and_its_innermost_cause(tmp_path):
+    """torch.onnx.export's own message is "Failed to convert ..." and next steps: camface kept its
+    first line, so the cause (an aten op it cannot translate, and why) was lost."""
+    path = save_program(TokenAttention().eval(), tmp_path / "attention.pt2", size=SIZE)
+    with pytest.raises(ModelError, match=r"attention\.pt2: torch\.onnx\.export fails") as caught:
+        onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="torch"))
+    message = str(caught.value)
+    assert message.endswith("at aten.scaled_dot_product_attention: only 4D query, key, and value are supported)")
+    assert "Next steps" not in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == [path]

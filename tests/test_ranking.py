@@ -21,6 +21,7 @@ from camface.cli import main as camface_main
 from camface.errors import ModelError
 from camface.evaluate.report import METRICS
 from camface.export import ranking
+from camface.export.exporter import ExportResult
 from camface.graph_spec import GraphInfo, auto_method
 from camface.realtime.explainer import FrameExplainer, check_method
 from camface.realtime.graph import CamGraph
@@ -153,6 +154,35 @@ def test_auto_is_the_first_ranked_method_the_graph_shows(ranked, expected, why):
     method, fallback = auto_method(info)
     assert method == expected and why in fallback and bool(fallback) == bool(why)
     assert GraphInfo.from_metadata(info.to_metadata()).ranking == ranked  # round trip through the metadata
+
+
+GALLERY = {"scale": 10.0, "embedding_dim": 4}  # a `camface enroll` graph's metadata (enough for ranked_by)
+
+
+@pytest.mark.parametrize("gallery, ranker, skipped, doing", [
+    ({}, "`camface export`", "exported with --no-rank", "export"),
+    (GALLERY, "`camface enroll`", "enrolled with --no-rank", "enrolment"),
+])
+def test_an_unranked_graph_names_the_command_that_ranks_it(tmp_path, caplog, gallery, ranker, skipped, doing):
+    """A gallery graph of `camface enroll` without a ranking was told that `camface export` ranks
+    the methods, and `enroll --no-rank` recorded 'exported with --no-rank': enroll ranks them (on
+    the enrolled faces) unless --no-rank."""
+    graph = CamGraph(tiny_cam_graph(tmp_path / "g.onnx"), "cpu")
+    graph.info = dataclasses.replace(graph.info, ranking={}, gallery=gallery)
+    assert graph_spec.ranked_by(graph.info) == ranker
+    with caplog.at_level(logging.WARNING, logger="camface.realtime.explainer"):
+        check_method(graph, "auto")
+    assert caplog.messages == [f"camface: --method auto shows gradcam on g.onnx: it records no method ranking (made "
+                               f"by an older camface, or not by {ranker}); {ranker} ranks the methods, --method "
+                               "NAME picks one"]
+    assert ranking.summary_lines({}, "gradcam", graph_spec.ranked_by(graph.info)) == [
+        f"none recorded (made by an older camface, or not by {ranker}): --method auto shows gradcam"]
+
+    result = ExportResult(tmp_path / "g.onnx", graph.info)
+    recorded = ranking.record(result, None).info.ranking
+    assert recorded == {"skipped": skipped}
+    assert auto_method(dataclasses.replace(graph.info, ranking=recorded)) == (
+        "gradcam", f"its {doing} ranked no methods: {skipped}")
 
 
 def test_an_explicit_method_always_wins(tmp_path, caplog):

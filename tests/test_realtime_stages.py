@@ -185,7 +185,7 @@ def test_unusable_gpu_provider_falls_back_to_cpu_with_one_line(tiny_graph_path, 
         pytest.skip("a usable GPU is present")
     assert graph.provider == "CPUExecutionProvider"
     assert [r.message for r in caplog.records if r.levelno == logging.WARNING] == [
-        "camface: --device cuda is not usable here; running the CAM graph on CPU"]
+        "camface: device 'cuda' is not usable here; running the CAM graph on CPU"]
 
 
 # ------------------------------------------------------------------------------ rendering

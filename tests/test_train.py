@@ -237,9 +237,29 @@ def test_crops_use_the_live_loops_defaults():
         assert mine.get_default(dest) == live.get_default(dest), dest
 
 
+@pytest.mark.parametrize("given, meant", [
+    ("vgg16", "vgg16"), ("vgg16-gap", "vgg16"), ("resnet50", "resnet50"), ("mobilenetv2", "mobilenetv2"),
+])
+def test_train_and_bench_name_each_backbone_alike(given, meant):
+    """`camface bench --backbone` offered vgg16 and `camface train --backbone` vgg16-gap for the
+    same architecture: both now offer the same names, and train's old spelling still works."""
+    import argparse
+
+    from camface.models import train
+    from camface.realtime.bench import config as bench_config
+
+    trainer, bench = argparse.ArgumentParser(), argparse.ArgumentParser()
+    train.configure(trainer)
+    bench_config.configure(bench)
+    choices = [next(a.choices for a in p._actions if a.dest == "backbone") for p in (trainer, bench)]
+    assert list(choices[0]) == list(choices[1])
+    assert trainer.parse_args(["data", "-o", "out", "--backbone", given]).backbone == meant
+    assert bench.parse_args(["--backbone", given]).backbone == meant
+
+
 @pytest.mark.parametrize("backbone, head", [
     ("mobilenetv2", ["gap", "predictions"]),
-    ("vgg16-gap", ["cam_conv", "gap", "predictions"]),
+    ("vgg16", ["cam_conv", "gap", "predictions"]),
 ])
 def test_backbone_frozen_head_trains_and_last_block_unfreezes(backbone, head):
     import keras

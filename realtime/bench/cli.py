@@ -116,7 +116,7 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
         pipeline = pipeline.replace(method="gradcam")
     # the graph of the rows run here (sequential, heads) and "auto" resolved, once; its detector is
     # never opened (each row opens its own), so closing it at once leaves the graph in use
-    with load(graph_path, config=pipeline) as opened:
+    with load(graph_path, config=pipeline, cli=True) as opened:
         graph, pipeline = opened.graph, opened.config
     config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camface.errors import UsageError
+from camface.models.builders import BACKBONES, backbone_name
 from camface.outputs import output_path
 from camface.realtime.config import LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
                     "device", "codec")
 MIN_BACKBONE_SIZE = 32  # keras.applications' smallest input side
-BACKBONES = {"resnet50": "resnet50_gap", "vgg16": "vgg16_conv_gap", "mobilenetv2": "mobilenetv2_gap"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --compare-int8: folder of photos or clip whose faces calibrate the int8 graph")
     parser.add_argument("--int8-threads", type=int, nargs="+", default=[1, 2], metavar="N",
                         help="graph threads for the --compare-int8 table")
-    parser.add_argument("--backbone", choices=tuple(BACKBONES), default=None,
+    parser.add_argument("--backbone", type=backbone_name, choices=tuple(BACKBONES), default=None,
                         help="bench a CAM graph of this backbone (GAP head, random weights, built with "
                              "camface.models.builders and exported once into --work-dir) instead of --model")
     parser.add_argument("--backbone-size", type=int, default=224, help="input size of the --backbone graph")
