@@ -171,11 +171,6 @@ REASON_HEAD_POOLING = "default: the last 4-D layer before the head's global pool
 REASON_NO_HEAD_POOLING = "default: the last 4-D layer larger than 1x1 (the head has no global pooling)"
 
 
-def default_target_reason(model) -> str:
-    """Why `default_target_layer(model)` is the target, said of this model's head only."""
-    return REASON_HEAD_POOLING if _head_pools(list(iter_layers(model))) else REASON_NO_HEAD_POOLING
-
-
 def _head_pools(layers) -> list[int]:
     """Indices into `layers` ((path, layer) pairs) of the global pooling layers that pool for the
     head: those whose input only they read, a 1x1 map of probabilities (squeezed) left out. A
@@ -248,10 +243,13 @@ def _class_score_input(layers, pool_index: int):
 
 
 def default_target_reason(model) -> str:
-    """Why `default_target_layer` picks what it picks, in words (the graph's target_reason)."""
+    """Why `default_target_layer(model)` is the target, in words (the graph's target_reason), said
+    of this model's head only."""
     layers = list(iter_layers(model))
     pools = _head_pools(layers)
-    return CLASS_SCORES_REASON if pools and _class_score_input(layers, pools[-1]) else DEFAULT_TARGET_REASON
+    if pools and _class_score_input(layers, pools[-1]):
+        return CLASS_SCORES_REASON
+    return REASON_HEAD_POOLING if pools else REASON_NO_HEAD_POOLING
 
 
 def default_target_layer(model) -> str:
