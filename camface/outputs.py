@@ -29,6 +29,17 @@ def output_path(value: str) -> Path:
     return Path(value)
 
 
+def output_file(value: str) -> Path:
+    """argparse `type` of an option that names a file to write (`--record`, `-o OUT.onnx`,
+    `--json`): `output_path`'s checks, and a value ending in a path separator (`--record
+    out.mp4/`, a folder by its spelling) is a usage error; Path() dropped the separator and the
+    file was written as out.mp4."""
+    path = output_path(value)
+    if value.endswith(tuple({os.sep, os.altsep or os.sep})):
+        raise argparse.ArgumentTypeError(f"{value!r} ends with {value[-1]!r}, a folder; give a file to write")
+    return path
+
+
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     """Return `path` if it can be written, else raise OutputError naming it: its folder must
     exist, be a folder and be writable; the path must not be a folder; an existing file is

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError, UsageError
-from camface.outputs import output_path
+from camface.outputs import output_file
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="K: deletion / insertion curves remove or reveal 1/K of the pixels per step")
     parser.add_argument("--baseline", choices=("blur", "mean"), default="blur",
                         help="what removed pixels become: the crop blurred (sigma = side/8) or its mean colour")
-    parser.add_argument("--json", type=output_path, default=None, metavar="OUT.json", help="write every number here")
-    parser.add_argument("--plot", type=output_path, default=None, metavar="OUT.png",
+    parser.add_argument("--json", type=output_file, default=None, metavar="OUT.json", help="write every number here")
+    parser.add_argument("--plot", type=output_file, default=None, metavar="OUT.png",
                         help="plot the mean deletion and insertion curves per method (matplotlib)")
     parser.add_argument("--sanity", action="store_true",
                         help="also run the sanity checks of Adebayo et al. 2018: cascading randomisation of "

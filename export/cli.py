@@ -21,7 +21,7 @@ from camface.export import ranking
 from camface.export.convert import DEFAULT_OPSET
 from camface.export.preprocess import add_input_arguments
 from camface.export.torch_model import DEFAULT_OPSET as TORCH_MIN_OPSET
-from camface.outputs import output_path
+from camface.outputs import output_file
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
                              "or PyTorch program saved with torch.export.save (.pt2)")
-    parser.add_argument("-o", "--output", type=output_path, required=True, metavar="OUT.onnx",
+    parser.add_argument("-o", "--output", type=output_file, required=True, metavar="OUT.onnx",
                         help="where to write the CAM graph")
     parser.add_argument("--target-layer", metavar="NAME", default=None,
                         help="layer whose activations the heatmaps use (Keras: nested outer/inner;"

@@ -27,7 +27,7 @@ import numpy as np
 
 from camface.errors import SourceError, UsageError
 from camface.export.gallery import SATURATED  # 1 - cosine below it: the maps explain the projection
-from camface.outputs import output_path
+from camface.outputs import output_file
 
 log = logging.getLogger(__name__)
 COSINE, PROJECTION = "cosine", "projection"  # what the maps explain (Comparison.target)
@@ -69,7 +69,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                            "whose one output is an embedding [N, D]")
     which.add_argument("--embedding-from", metavar="MODEL",
                        help="a classifier whose pooled features are the embedding (as `camface enroll`)")
-    parser.add_argument("-o", "--output", type=output_path, metavar="FIGURE.png", default=None,
+    parser.add_argument("-o", "--output", type=output_file, metavar="FIGURE.png", default=None,
                         help="write the figure (the crops under their maps) here")
     add_input_arguments(parser, "the embedder's input normalisation (arcface, facenet, ...; see `camface enroll`)")
     parser.add_argument("--target-layer", metavar="NAME", default=None,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import SourceError, UsageError
-from camface.outputs import output_path
+from camface.outputs import output_file
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--embedding-from", metavar="MODEL",
                        help="a classifier (.onnx, .pt2 or Keras, e.g. from `camface train`): its pooled "
                             "features, the input of its first linear layer, are the embedding")
-    parser.add_argument("-o", "--output", type=output_path, required=True, metavar="OUT.onnx", help="the gallery graph to write")
+    parser.add_argument("-o", "--output", type=output_file, required=True, metavar="OUT.onnx", help="the gallery graph to write")
     add_input_arguments(parser, "input normalisation and colour order of the embedder (required unless "
                                 "--scale/--offset): arcface = RGB (x-127.5)/127.5; facenet = RGB (x-127.5)/128; "
                                 "see `camface export --help` for the others")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from camface import methods
 from camface.errors import UsageError
-from camface.outputs import output_path
+from camface.outputs import output_file, output_path
 
 MAX_DETECT_WORKERS = 8
 MAX_FACES = 32  # the graph's batch range is 1..32
@@ -154,7 +155,7 @@ def check(values: dict, *, api: bool = False) -> None:
         (0 < v.image_seconds < float("inf"), f"{name('image_seconds')} must be > 0 and finite, got {v.image_seconds}"),
         (v.record != "", f"{name('record')} is empty; give a file name ending in .mp4"),
         (v.snapshot_dir != "", f"{name('snapshot_dir')} is empty; give a folder"),
-        (v.record is None or Path(v.record).suffix.lower() == ".mp4",
+        (v.record is None or Path(v.record).suffix.lower() == ".mp4" and not str(v.record).endswith(("/", os.sep)),
          f"{name('record', v.record)}: recordings are MP4 files; give a name ending in .mp4"),
         (v.codec in CODECS, f"{name('codec')} must be one of {', '.join(CODECS)}, got {v.codec!r}"),
         # before any model loads; a stream is known to be one only once it opens (LoopingSource)
@@ -213,7 +214,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
                                 help="heatmap to overlay (key m cycles it in live's window and serve's page); auto = the graph's most "
                                      "faithful method as ranked at export (`camface info` shows the ranking; "
                                      "Grad-CAM on a graph without one)")),
-    "record": ("--record", dict(type=output_path, metavar="OUT.mp4",
+    "record": ("--record", dict(type=output_file, metavar="OUT.mp4",
                                 help="write the annotated frames to this mp4, at the source's frame rate")),
     "detector": ("--detector", dict(choices=DETECTORS, help="BlazeFace model: full-range (faces up to ~5 m) or "
                                                             "short-range (faster, faces within ~2 m)")),

@@ -129,6 +129,35 @@ def test_an_empty_output_path_is_a_usage_error_naming_the_option(argv, option, c
     assert list(tmp_path.iterdir()) == []  # nothing written in the working folder
 
 
+@pytest.mark.parametrize("argv, option, value", [
+    (["live", "--record", "out.mp4/"], "--record", "out.mp4/"),
+    (["evaluate", "--json", "out.json/"], "--json", "out.json/"),
+    (["evaluate", "--plot", "curves.png/"], "--plot", "curves.png/"),
+    (["bench", "--json", "rows.json/"], "--json", "rows.json/"),
+    (["export", "m.keras", "-o", "cam.onnx/"], "-o/--output", "cam.onnx/"),
+    (["enroll", "people", "--model", "m.onnx", "-o", "gallery.onnx/"], "-o/--output", "gallery.onnx/"),
+    (["compare", "a.png", "b.png", "--model", "m.onnx", "-o", "why.png/"], "-o/--output", "why.png/"),
+])
+def test_a_file_output_spelled_as_a_folder_is_a_usage_error(argv, option, value, capsys, monkeypatch, tmp_path):
+    """`--record out.mp4/` recorded to out.mp4 (Path drops the separator): a file option whose
+    value ends in a separator is refused, naming the option and the value, exit 2, nothing
+    written; a folder option (`--snapshot-dir snaps/`) keeps taking one."""
+    import camface.api
+
+    monkeypatch.setattr(camface.api, "load", lambda *a, **k: pytest.fail("the command ran"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        camface_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: argument {option}: {value!r} ends with '/', a folder; give a file" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recording_named_as_a_folder_in_code_is_refused():
+    with pytest.raises(UsageError, match="^--record out.mp4/: recordings are MP4 files"):
+        LiveConfig(record="out.mp4/")
+
+
 @pytest.mark.parametrize("field, message", [("record", "--record is empty; give a file name ending in .mp4"),
                                             ("snapshot_dir", "--snapshot-dir is empty; give a folder")])
 def test_an_empty_output_path_in_code_names_the_option(field, message):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from camface.errors import UsageError
 from camface.models.builders import BACKBONES, backbone_name
-from camface.outputs import output_path
+from camface.outputs import output_file, output_path
 from camface.realtime.config import LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
@@ -59,7 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-faces", type=int, default=None,
                         help="faces classified per frame, largest first; default 8, or 1 with --backbone")
     add_arguments(parser, "graph_threads", "detect_workers", "detect_every", "device", "codec")
-    parser.add_argument("--json", type=output_path, default=None, metavar="OUT.json",
+    parser.add_argument("--json", type=output_file, default=None, metavar="OUT.json",
                         help="also write the numbers to this JSON file")
 
 
