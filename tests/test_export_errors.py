@@ -319,6 +319,65 @@ def test_info_errors(tmp_path, capsys, make, message):
     assert err[0].startswith("camface: error: ") and re.search(message, err[0]), err[0]
 
 
+def _edited_committed(tmp, key, value, input_type=None):
+    """The committed emotion graph with the metadata `key` set to `value` (None: left as it is)
+    and its image input's element type changed to `input_type` (an onnx.TensorProto type)."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    if key is not None:
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key != key]
+        del model.metadata_props[:]
+        for k, v in [*kept, (key, value)]:
+            model.metadata_props.add(key=k, value=v)
+    if input_type is not None:
+        next(i for i in model.graph.input if i.name == "image").type.tensor_type.elem_type = input_type
+    path = tmp / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("key, value, input_type, message, loads", [
+    ("token_grid", '{"prefix": "a"}', None, r"malformed CAM graph metadata: token_grid must be "
+                                             r'\{"prefix": P, "height": h, "width": w\}', False),
+    ("token_grid", '{"prefix": 1, "height": 0, "width": 4}', None, "token_grid must be", False),
+    ("method_ranking", '{"ranking": 5}', None, "method_ranking's 'ranking' must be a list of strings, got 5", False),
+    ("method_ranking", '{"ranking": "scorecam"}', None, "method_ranking's 'ranking' must be a list of strings", False),
+    ("method_ranking", '{"skipped": 5}', None, "method_ranking's 'skipped' must be a string, got 5", False),
+    ("gallery", '{"threshold": "high"}', None, "gallery's 'threshold' must be a number, got \"high\"", False),
+    ("method_ranking", '{"ranking": ["gradcam"]}', None,
+     r"malformed CAM graph metadata: method_ranking \(no field 'settings'\)", True),
+    ("quantization", '{"scheme": "x"}', None,
+     r"malformed CAM graph metadata: quantization \(no field 'calibration'\)", True),
+    (None, None, 1, "its 'image' input is float, not uint8", False),  # TensorProto.FLOAT
+])
+def test_an_edited_graphs_metadata_or_input_type_is_one_line(tmp_path, capsys, key, value, input_type, message,
+                                                            loads):
+    """A CAM graph whose metadata was edited (a token grid without its height, a ranking that is
+    not a list, a gallery threshold that is not a number) or whose image input is float was a
+    traceback in `camface info` (KeyError, TypeError) or in the first graph call (ONNX Runtime's
+    INVALID_ARGUMENT): one line naming the file and the key, before anything is printed, and the
+    same ModelError from `camface.load`; metadata only `camface info` reads (a ranking's
+    settings, an int8 graph's calibration) is said by `camface info` and does not stop a load."""
+    import re
+
+    import camface
+
+    path = _edited_committed(tmp_path, key, value, input_type)
+    code = camface_main(["info", str(path)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not captured.out, captured
+    assert err[0].startswith(f"camface: error: {path}") and re.search(message, err[0]), err[0]
+    if loads:
+        camface.load(path, device="cpu").close()
+    else:
+        with pytest.raises(ModelError, match=message):
+            camface.load(path, device="cpu")
+
+
 def test_graph_spec_validate():
     """The shared check (camface info, the live loop's loader) on hand-made signatures."""
     from camface import graph_spec
