@@ -72,8 +72,9 @@ class TrainConfig:
                            ("--fine-tune-learning-rate", self.fine_tune_learning_rate)):
             if not 0 < rate < math.inf:  # NaN too: Adam trained on (or diverged) for every epoch
                 raise UsageError(f"{flag} must be a finite number > 0, got {rate}")
-        if self.seed < 0:  # numpy's generators refuse it: a traceback once the photos were cropped
-            raise UsageError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2 ** 32:  # keras.utils.set_random_seed (numpy's legacy seed) refuses
+            # it: a traceback once the photos were cropped
+            raise UsageError(f"--seed must be 0..{2 ** 32 - 1}, got {self.seed}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":

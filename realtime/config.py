@@ -21,6 +21,9 @@ from camface.errors import UsageError
 from camface.outputs import output_path
 
 MAX_DETECT_WORKERS = 8
+# ONNX Runtime's intra-op threads: more than cores only compete, and past 2**31 - 1 its SessionOptions
+# raised a TypeError traceback when the graph loaded
+MAX_GRAPH_THREADS = 1024
 MAX_FACES = 32  # the graph's batch range is 1..32
 MAX_MARGIN = 2.0  # a crop 5 boxes wide: more shows the model mostly background
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -117,7 +120,8 @@ class LiveConfig:
             (self.detect_every in ("auto", 1) or self.detect_workers <= 1,
              "--detect-workers above 1 needs --detect-every 1 (carried boxes follow the frames in order, "
              "in one thread)"),
-            (self.graph_threads >= 0, f"--graph-threads must be >= 0, got {self.graph_threads}"),
+            (0 <= self.graph_threads <= MAX_GRAPH_THREADS,
+             f"--graph-threads must be 0 (all cores) .. {MAX_GRAPH_THREADS}, got {self.graph_threads}"),
             (0.0 <= self.smooth < 1.0, f"--smooth must be in [0, 1), got {self.smooth}"),
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}"),
             (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),

@@ -60,7 +60,12 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["train", "data", "-o", "out", "--learning-rate", "0"], "--learning-rate must be a finite number > 0, got 0.0"),
     (["train", "data", "-o", "out", "--fine-tune-learning-rate", "nan"],
      "--fine-tune-learning-rate must be a finite number > 0, got nan"),
-    (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be 0..4294967295, got -1"),
+    (["train", "data", "-o", "out", "--seed", str(2 ** 32)], "--seed must be 0..4294967295, got 4294967296"),
+    (["live", "--graph-threads", "5000000000"], "--graph-threads must be 0 (all cores) .. 1024, got 5000000000"),
+    (["evaluate", "--graph-threads", "1025"], "--graph-threads must be 0 (all cores) .. 1024, got 1025"),
+    (["serve", "--graph-threads", str(2 ** 64)], "--graph-threads must be 0 (all cores) .. 1024"),
+    (["bench", "--compare-int8", "--int8-threads", "1", "5000000000"], "--int8-threads must be 1..1024, got [1, "),
     (["export", "m.keras", "-o", "g.onnx", "--rank-seconds", "nan"], "--rank-seconds must be >= 0 (0 = no limit), got nan"),
     (["enroll", "people", "--model", "m.onnx", "-o", "g.onnx", "--preset", "arcface", "--rank-seconds", "nan"],
      "--rank-seconds must be >= 0 (0 = no limit), got nan"),
@@ -70,7 +75,9 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     or a Keras embedder), after bench's live rows had run, or never (a learning rate of 0 trained
     for every epoch; a negative backbone size was Keras' traceback): refused now before any model
     loads, in one error line. `camface live` on a folder without images, and `--loop` with a
-    camera, said so only after loading its models."""
+    camera, said so only after loading its models. A --graph-threads (or --int8-threads) past
+    2**31 - 1 was ONNX Runtime's TypeError traceback as the graph loaded, and a training --seed
+    of 2**32 or more Keras' ValueError traceback once every photo was cropped."""
     import camface.api
     import camface.export.gallery
     import camface.realtime.bench.rows

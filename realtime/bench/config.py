@@ -9,7 +9,7 @@ from pathlib import Path
 
 from camface.errors import UsageError
 from camface.outputs import output_path
-from camface.realtime.config import LiveConfig, add_arguments, from_args
+from camface.realtime.config import MAX_GRAPH_THREADS, LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
                     "device", "codec")
@@ -118,8 +118,8 @@ class BenchConfig:
             raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
         if self.repeats < 1 or any(not 1 <= b <= 32 for b in self.batches):
             raise UsageError("--repeats must be >= 1 and --batches within 1..32")
-        if any(t < 1 for t in self.int8_threads):
-            raise UsageError(f"--int8-threads must be >= 1, got {list(self.int8_threads)}")
+        if any(not 1 <= t <= MAX_GRAPH_THREADS for t in self.int8_threads):
+            raise UsageError(f"--int8-threads must be 1..{MAX_GRAPH_THREADS}, got {list(self.int8_threads)}")
         if self.backbone_size < MIN_BACKBONE_SIZE:  # Keras said so in a traceback, after TensorFlow loaded
             raise UsageError(f"--backbone-size must be at least {MIN_BACKBONE_SIZE} (the Keras backbones' "
                              f"smallest input), got {self.backbone_size}")
