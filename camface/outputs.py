@@ -242,9 +242,13 @@ def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
 
 
 def check_model_file(path: Path, what: str = "model file") -> None:
-    """ModelError naming `path` when it is not a file: a folder, or nothing there."""
+    """ModelError naming `path` when it is not a file: a folder, nothing there (a dangling link
+    too), or something that is not a regular file (a pipe, a device: said "not found", or a read
+    of a pipe without a writer waited for good)."""
     from camface.errors import ModelError
 
     if not path.is_file():
-        raise ModelError(f"{path} is a folder, not {'an' if what[0] in 'AEIOU' else 'a'} {what}"
-                         if path.is_dir() else f"{what} not found: {path}")
+        article = "an" if what[0] in "AEIOU" else "a"
+        raise ModelError(f"{path} is a folder, not {article} {what}" if path.is_dir() else
+                         f"{path} is not a regular file (a pipe, a device or a socket), not {article} {what}"
+                         if path.exists() else f"{what} not found: {path}")

@@ -1,6 +1,7 @@
 """`camface export` / `camface info` misuse: one clear line on stderr and exit code 2."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -308,6 +309,12 @@ def _truncated_committed(tmp):
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
                                 "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),
+    # a pipe or a device was "not found"
+    (lambda tmp: os.mkfifo(tmp / "pipe.onnx") or tmp / "pipe.onnx",
+     r"pipe.onnx is not a regular file \(a pipe, a device or a socket\), not an ONNX file"),
+    (lambda tmp: Path(os.devnull), r"/dev/null is not a regular file \(a pipe, a device or a socket\)"),
+    (lambda tmp: (tmp / "gone.onnx").symlink_to(tmp / "nowhere.onnx") or tmp / "gone.onnx",
+     "ONNX file not found: .*gone.onnx"),
 ])
 def test_info_errors(tmp_path, capsys, make, message):
     import re
