@@ -80,8 +80,23 @@ def load(path: str | Path):
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX
         raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    check_not_a_cam_graph(model, path)
     check_runtime_reads(model, where=path)
     return prepare(model, where=path)
+
+
+def check_not_a_cam_graph(model, path: Path) -> None:
+    """ModelError when `model` is a CAM graph already (camface's inputs and metadata): exporting
+    it again said that the tensors were renamed, then that it has two inputs and a dozen outputs."""
+    from camface import graph_spec
+
+    metadata = {p.key: p.value for p in model.metadata_props}
+    inputs = {i.name for i in model.graph.input}
+    if graph_spec.META_HEATMAPS in metadata and {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS} <= inputs:
+        made_from = metadata.get(graph_spec.META_SOURCE_MODEL)
+        raise ModelError(f"{path} is a CAM graph already (made by camface export"
+                         + (f" from {made_from}" if made_from else "") + f"): run it with `camface live --model "
+                         f"{path}`, or export the classifier it was made from")
 
 
 def check_runtime_reads(model, where: object = "model") -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from camface.cli import main as camface_main
 from camface.errors import ModelError
-from camface.models import EMOTION_KERAS
+from camface.models import EMOTION_KERAS, EMOTION_ONNX
 
 
 def run(capsys, *argv):
@@ -36,6 +36,16 @@ def dense_only_model(tmp_path_factory):
     (lambda tmp: _write(tmp / "notes.txt", b"hello"), "expected a Keras model file"),
     (lambda tmp: _write(tmp / "broken.h5", b"not hdf5 at all" * 10), "broken.h5: not a loadable Keras model"),
     (lambda tmp: _write(tmp / "broken.keras", b"PK\x03\x04junk"), "broken.keras: not a loadable Keras model"),
+    # Keras said "File not found" of these, which are there
+    (lambda tmp: _write(tmp / "empty.keras", b""), "empty.keras: not a loadable Keras model: it is empty$"),
+    (lambda tmp: _write(tmp / "notes.keras", b"hello"), r"notes.keras: not a loadable Keras model: it is not a zip "
+                                                        r"archive \(a .keras model is one\)"),
+    (lambda tmp: _write(tmp / "renamed.keras", EMOTION_KERAS.read_bytes()),
+     r"renamed.keras: not a loadable Keras model: it is an HDF5 file: a Keras .h5 model renamed .keras\? Name it .h5"),
+    # a graph camface exported: "tensors renamed", then two inputs and a dozen outputs
+    (lambda tmp: _write(tmp / "cam.onnx", EMOTION_ONNX.read_bytes()),
+     r"cam.onnx is a CAM graph already \(made by camface export from emotion_mini_xception_fer2013.hdf5\): run it "
+     r"with `camface live --model .*cam.onnx`, or export the classifier it was made from"),
 ])
 def test_bad_model_files(tmp_path, capsys, make, message):
     import re
