@@ -97,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
     from camface.serve.state import ServeOptions
 
     config = from_args(args, LIVE_OPTIONS)
+    if not args.host.strip():  # a shell variable left unset: the socket listened on every interface
+        raise UsageError("--host is empty; give an address: 127.0.0.1 (this machine only, the default) or "
+                         "0.0.0.0 (every interface)")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
     for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):

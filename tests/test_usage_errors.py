@@ -60,6 +60,9 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["train", "data", "-o", "out", "--learning-rate", "0"], "--learning-rate must be a finite number > 0, got 0.0"),
     (["train", "data", "-o", "out", "--fine-tune-learning-rate", "nan"],
      "--fine-tune-learning-rate must be a finite number > 0, got nan"),
+    # an unset shell variable listened on every interface
+    (["serve", "--host", ""], "--host is empty; give an address: 127.0.0.1 (this machine only, the default) or "
+                              "0.0.0.0 (every interface)"),
     (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be 0..4294967295, got -1"),
     (["train", "data", "-o", "out", "--seed", str(2 ** 32)], "--seed must be 0..4294967295, got 4294967296"),
     (["live", "--graph-threads", "5000000000"], "--graph-threads must be 0 (all cores) .. 1024, got 5000000000"),
@@ -77,7 +80,8 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     loads, in one error line. `camface live` on a folder without images, and `--loop` with a
     camera, said so only after loading its models. A --graph-threads (or --int8-threads) past
     2**31 - 1 was ONNX Runtime's TypeError traceback as the graph loaded, and a training --seed
-    of 2**32 or more Keras' ValueError traceback once every photo was cropped."""
+    of 2**32 or more Keras' ValueError traceback once every photo was cropped. `serve --host ""`
+    listened on every interface."""
     import camface.api
     import camface.export.gallery
     import camface.realtime.bench.rows
