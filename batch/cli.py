@@ -136,6 +136,10 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     from camface.batch.cluster import check_reachable
     from camface.batch.inputs import find_videos
 
+    if args.out.exists() and not args.out.is_dir():  # said after the model had loaded
+        from camface.errors import OutputError
+
+        raise OutputError(f"cannot write to output folder {args.out}: it is a file")
     videos = find_videos(args.inputs, args.out)
     # Bad input fails before OUT_DIR is made: the model, the cluster's address.
     with load(config=config, device="cpu") as opened:  # fail on a bad model before Ray starts; labels for the report

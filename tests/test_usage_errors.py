@@ -47,6 +47,7 @@ def test_a_config_built_in_code_raises_the_same_error():
      "cannot write snapshots to a_file: it is a file"),
     (["live", "--source", "0", "--loop", "--no-show"],
      "--loop plays files, folders and the sample again; --source 0 is a camera (leave out --loop)"),
+    (["batch", "in.mp4", "-o", "a_file"], "cannot write to output folder a_file: it is a file"),
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
@@ -81,7 +82,7 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     camera, said so only after loading its models. A --graph-threads (or --int8-threads) past
     2**31 - 1 was ONNX Runtime's TypeError traceback as the graph loaded, and a training --seed
     of 2**32 or more Keras' ValueError traceback once every photo was cropped. `serve --host ""`
-    listened on every interface."""
+    listened on every interface. `batch -o A_FILE` said so after its model had loaded."""
     import camface.api
     import camface.export.gallery
     import camface.realtime.bench.rows
