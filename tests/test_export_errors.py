@@ -188,6 +188,10 @@ def test_wrong_label_count(tmp_path, capsys):
     (lambda tmp: _write(tmp / "blank.txt", b"\n  \n"), "labels file .*blank.txt holds no labels"),
     (lambda tmp: _write(tmp / "binary.txt", b"\xff\xfe\x00\x81"),
      "cannot read labels file .*binary.txt"),
+    # exported: two classes the overlay could not tell apart
+    (lambda tmp: _write(tmp / "twice.txt", b"a\nb\na\nc\nb\nd\ne\n"),
+     "labels file .*twice.txt: 'a' names classes 0, 2; 'b' names classes 1, 4; each class needs a name of its own"),
+    (lambda tmp: tmp, "labels file .* is a folder; give a text file, one class name per line"),  # "not found"
 ])
 def test_bad_labels_file(tmp_path, capsys, make, message):
     """Checked before the model is loaded (fast), one line naming the file."""
