@@ -29,6 +29,22 @@ def output_path(value: str) -> Path:
     return Path(value)
 
 
+def input_spec(value: str) -> str:
+    """argparse `type` of every option that names a file, folder, glob or source to read (a
+    model, photos, `--labels`, ...): an empty value (`--model "$M"` with M unset) is a usage
+    error naming the option (exit 2). Path("") is ".": "--model ''" said ". is a folder", `compare
+    --model ''` was a TypeError traceback, and `camface batch ''` explained every video of the
+    working folder."""
+    if value == "":
+        raise argparse.ArgumentTypeError("the value is empty; give a path to read")
+    return value
+
+
+def input_path(value: str) -> Path:
+    """`input_spec` as a Path (options whose type was Path)."""
+    return Path(input_spec(value))
+
+
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     """Return `path` if it can be written, else raise OutputError naming it: its folder must
     exist, be a folder and be writable; the path must not be a folder; an existing file is

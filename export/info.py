@@ -11,7 +11,7 @@ from pathlib import Path
 
 from camface import graph_spec
 from camface.errors import ModelError
-from camface.outputs import check_model_file
+from camface.outputs import check_model_file, input_spec
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def feature_size(summary: GraphSummary, info: graph_spec.GraphInfo) -> tuple:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", metavar="MODEL.onnx", nargs="?", default=None,
+    parser.add_argument("graph", type=input_spec, metavar="MODEL.onnx", nargs="?", default=None,
                         help="a CAM graph written by camface export; default: the bundled emotion graph "
                              "(what `camface live` runs by default)")
 

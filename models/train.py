@@ -25,7 +25,7 @@ import numpy as np
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.models import dataset, report
-from camface.outputs import output_path
+from camface.outputs import input_spec, output_path
 from camface.realtime import config as live_config
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
 
     defaults = TrainConfig(Path("."), Path("."))
-    parser.add_argument("data_dir", metavar="DATA_DIR",
+    parser.add_argument("data_dir", type=input_spec, metavar="DATA_DIR",
                         help="one sub-folder of photos per class (folder name = class name)")
     parser.add_argument("-o", "--out-dir", type=output_path, metavar="OUT_DIR", required=True,
                         help="where model.keras, model.onnx, metrics and the report go")
@@ -150,7 +150,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="then epochs with the backbone's last block unfrozen (0: skip)")
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size,
                         help="crops per training step")
-    parser.add_argument("--weights", default=defaults.weights, metavar="imagenet|none|PATH",
+    parser.add_argument("--weights", type=input_spec, default=defaults.weights, metavar="imagenet|none|PATH",
                         help="backbone weights: ImageNet (Keras downloads them on first use), "
                              "random, or a local weights file")
     parser.add_argument("--val-split", type=_fraction, default=defaults.val_split,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from camface import methods
 from camface.errors import UsageError
-from camface.outputs import output_path
+from camface.outputs import input_path, output_path
 
 MAX_DETECT_WORKERS = 8
 # ONNX Runtime's intra-op threads: more than cores only compete, and past 2**31 - 1 its SessionOptions
@@ -127,6 +127,7 @@ class LiveConfig:
             (self.pace in PACES, f"--pace must be one of {', '.join(PACES)}, got {self.pace!r}"),
             (0 < self.image_seconds < float("inf"), f"--image-seconds must be > 0 and finite, got {self.image_seconds}"),
             (self.record != "", "--record is empty; give a file name ending in .mp4"),
+            (self.model != "", "--model is empty; give a CAM graph (.onnx), or leave it out for the bundled one"),
             (self.snapshot_dir != "", "--snapshot-dir is empty; give a folder"),
             (self.record is None or Path(self.record).suffix.lower() == ".mp4",
              f"--record {self.record}: recordings are MP4 files; give a name ending in .mp4"),
@@ -183,7 +184,7 @@ def _describe(kind: frozenset[str]) -> str:
 FLAGS: dict[str, tuple[str, dict]] = {
     "source": ("--source", dict(help="camera index (0), video file, folder of images, stream URL (rtsp/http) "
                                      "or 'sample' (a bundled demo clip); default: camera 0 if it opens, else sample")),
-    "model": ("--model", dict(type=Path, help="CAM graph (.onnx) made by `camface export`; default: the "
+    "model": ("--model", dict(type=input_path, help="CAM graph (.onnx) made by `camface export`; default: the "
                                               "bundled emotion graph")),
     "method": ("--method", dict(choices=method_choices,
                                 help="heatmap to overlay (key m cycles it in live's window and serve's page); auto = the graph's most "

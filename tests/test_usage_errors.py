@@ -141,3 +141,53 @@ def test_an_empty_output_path_in_code_names_the_option(field, message):
     """camface.load(record="") said "--record : recordings are MP4 files"; snapshots went to "."."""
     with pytest.raises(UsageError, match=f"^{message}$"):
         LiveConfig(**{field: ""})
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["live", "--model", ""], "--model"),
+    (["info", ""], "MODEL.onnx"),
+    (["export", "", "-o", "g.onnx"], "MODEL"),
+    (["export", "m.keras", "-o", "g.onnx", "--labels", ""], "--labels"),
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", ""], "--calibration"),
+    (["compare", "a.png", "b.png", "--model", ""], "--model"),  # a TypeError traceback
+    (["compare", "", "b.png", "--model", "m.onnx"], "PHOTO"),
+    (["enroll", "people", "--embedding-from", "", "-o", "g.onnx"], "--embedding-from"),  # a TypeError traceback
+    (["enroll", "", "--model", "m.onnx", "-o", "g.onnx"], "PEOPLE_DIR"),
+    (["guided", ""], "INPUT"),
+    (["guided", "snapshots", "--model", ""], "--model"),
+    (["evaluate", ""], "SNAPSHOT_DIR"),
+    (["evaluate", "--source", ""], "--source"),  # scored the bundled clip
+    (["evaluate", "--sanity", "--keras", ""], "--keras"),
+    (["bench", "--baseline", "keras", "--keras-model", ""], "--keras-model"),
+    (["bench", "--compare-int8", "--calibration", ""], "--calibration"),
+    (["batch", "", "-o", "out"], "INPUT"),  # explained every video of the working folder
+    (["serve", "--ssl-certfile", "", "--ssl-keyfile", "k.pem"], "--ssl-certfile"),
+    (["train", "", "-o", "out"], "DATA_DIR"),
+    (["train", "data", "-o", "out", "--weights", ""], "--weights"),
+])
+def test_an_empty_input_path_is_a_usage_error_naming_the_option(argv, option, capsys, monkeypatch, tmp_path):
+    """An input given as "" (a shell variable left unset) was Path("") = ".": "'.' is a folder, not a
+    CAM graph", "--keras: model file not found: .", a TypeError traceback in `compare` and `enroll`
+    (an empty --model read as no model), the bundled clip scored by `evaluate --source ""`, and
+    every video of the working folder explained by `batch ""`. argparse refuses it, naming the
+    option, with exit 2, before anything runs."""
+    import camface.api
+
+    monkeypatch.setattr(camface.api, "load", lambda *a, **k: pytest.fail("the command ran"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        camface_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: argument {option}: the value is empty; give a path to read" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_model_in_code_names_it():
+    """camface.load("") said "'.' is a folder, not a CAM graph"."""
+    import camface
+
+    with pytest.raises(UsageError, match=r"^model is empty; give the path of a CAM graph \(.onnx\), or None for the "
+                                         r"bundled one$"):
+        camface.load("")
+    with pytest.raises(UsageError, match=r"^--model is empty; give a CAM graph \(.onnx\), or leave it out"):
+        LiveConfig(model="")

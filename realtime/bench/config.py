@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camface.errors import UsageError
-from camface.outputs import output_path
+from camface.outputs import input_path, input_spec, output_path
 from camface.realtime.config import MAX_GRAPH_THREADS, LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keras: also run each face's Grad-CAM the Keras-example way (eager "
                              "GradientTape per face) on the same frames, and print the speedup (every "
                              "row then shows Grad-CAM)")
-    parser.add_argument("--keras-model", type=Path, default=None,
+    parser.add_argument("--keras-model", type=input_path, default=None,
                         help="Keras model with the CAM graph's weights, for --baseline keras; default: "
                              "the bundled emotion model (bundled graph) or the --backbone's model")
     parser.add_argument("--compare-heads", action="store_true",
@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-int8", action="store_true",
                         help="also quantize the graph as `camface export --int8` does (calibrated on --calibration) and "
                              "time float32 vs int8: a live row, and graph calls at --batches x --int8-threads")
-    parser.add_argument("--calibration", metavar="SRC", default="sample",
+    parser.add_argument("--calibration", type=input_spec, metavar="SRC", default="sample",
                         help="with --compare-int8: folder of photos or clip whose faces calibrate the int8 graph")
     parser.add_argument("--int8-threads", type=int, nargs="+", default=[1, 2], metavar="N",
                         help="graph threads for the --compare-int8 table")
