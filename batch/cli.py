@@ -33,7 +33,7 @@ SHARED_OPTIONS = ("model", "method", "detector", "detector_runtime", "min_confid
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
-    from camface.outputs import output_path
+    from camface.outputs import input_spec, output_path
 
     parser.epilog = (f"exit codes: 0 every video explained; 1 some failed; 2 bad input or cluster; "
                      f"{EXIT_INCOMPLETE} every video explained, some only in part (a file truncated or damaged: "
@@ -41,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      f"Memory: ~{STAGE_MEMORY_GB['whole']} GB per worker (--detect-actors caps them), ~0.3 GB for "
                      "this driver, ~1 GB for a local Ray's own processes")
 
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", type=input_spec, nargs="+", metavar="INPUT",
                         help="video files, folders of videos, glob patterns (quoted); on a cluster, paths every "
                              "node sees")
     parser.add_argument("-o", "--out", type=output_path, required=True, metavar="OUT_DIR",
@@ -136,6 +136,10 @@ def main(args: argparse.Namespace, on_video=None) -> int:
     from camface.batch.cluster import check_reachable
     from camface.batch.inputs import find_videos
 
+    if args.out.exists() and not args.out.is_dir():  # said after the model had loaded
+        from camface.errors import OutputError
+
+        raise OutputError(f"cannot write to output folder {args.out}: it is a file")
     videos = find_videos(args.inputs, args.out)
     # Bad input fails before OUT_DIR is made: the model, the cluster's address.
     with load(config=config, device="cpu", cli=True) as opened:  # fail on a bad model before Ray starts; labels for the report

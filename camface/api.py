@@ -113,6 +113,8 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     if model is not None:
         if not isinstance(model, (str, os.PathLike)):
             raise UsageError(f"model must be a path (str or os.PathLike), got {type(model).__name__}")
+        if os.fspath(model) == "":  # Path("") is ".": "'.' is a folder, not a CAM graph"
+            raise UsageError("model is empty; give the path of a CAM graph (.onnx), or None for the bundled one")
         options["model"] = Path(model)
     if config is not None and not isinstance(config, LiveConfig):
         raise UsageError(f"config must be a LiveConfig (or None; options go as keywords), got {type(config).__name__}")

@@ -144,10 +144,11 @@ class GraphInfo:
             precision=props.get(META_PRECISION, "fp32"),
             version=props.get(META_VERSION, ""),
             quantization=_json(props, META_QUANTIZATION, dict),
-            ranking=_json(props, META_RANKING, dict),
-            gallery=_json(props, META_GALLERY, dict),
+            ranking=_fields(_json(props, META_RANKING, dict), META_RANKING, ranking=(list, str), skipped=str),
+            gallery=_fields(_json(props, META_GALLERY, dict), META_GALLERY, scale=float, threshold=float,
+                            saturated_below=float),
             target_reason=props.get(META_TARGET_REASON, ""),
-            token_grid=_json(props, META_TOKEN_GRID, dict),
+            token_grid=_token_grid(_json(props, META_TOKEN_GRID, dict)),
             methods_version=_count(props, META_METHODS_VERSION),
         )
 
@@ -207,6 +208,40 @@ def _count(props: Mapping[str, str], key: str) -> int:
     if not value.isascii() or not value.isdigit():
         raise ValueError(f"{key} must be a whole number, got {value[:200]}")
     return int(value)
+
+
+def _fields(value: dict, key: str, **kinds) -> dict:
+    """`value` (a JSON object of the metadata `key`) when each of its fields named in `kinds` is
+    absent, null or of its kind: str, float (any JSON number), or (list, str) for a list of
+    strings; ValueError naming the key and field otherwise (a ranking of 5 failed `--method
+    auto` with "'int' object is not iterable", a threshold "high" every frame of a gallery)."""
+    for name, kind in kinds.items():
+        got = value.get(name)
+        if kind == (list, str):
+            ok = isinstance(got, list) and all(isinstance(item, str) for item in got)
+            what = "a list of strings"
+        elif kind is float:
+            ok = isinstance(got, (int, float)) and not isinstance(got, bool)
+            what = "a number"
+        else:
+            ok, what = isinstance(got, kind), "a string"
+        if got is not None and not ok:
+            raise ValueError(f"{key}'s {name!r} must be {what}, got {json.dumps(got)[:200]}")
+    return value
+
+
+def _token_grid(value: dict) -> dict:
+    """META_TOKEN_GRID's object ({} for feature maps), or ValueError naming the field: prefix and
+    suffix (optional) integers >= 0, height and width integers >= 1 (a grid without them failed
+    `camface info` with KeyError: 'height')."""
+    if not value:
+        return value
+    for name, lowest in (("prefix", 0), ("height", 1), ("width", 1), ("suffix", 0)):
+        got = value.get(name, 0 if name == "suffix" else None)
+        if not isinstance(got, int) or isinstance(got, bool) or got < lowest:
+            raise ValueError(f"{META_TOKEN_GRID} must be {{\"prefix\": P, \"height\": h, \"width\": w}} "
+                             f"(integers, h and w >= 1; \"suffix\": S optional), got {json.dumps(value)[:200]}")
+    return value
 
 
 def _size(values: list, key: str, lowest: int) -> tuple[int, int]:
@@ -278,13 +313,14 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
 
 
 def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outputs: Mapping[str, Sequence],
-             metadata: Mapping[str, str]) -> GraphInfo:
+             metadata: Mapping[str, str], types: Mapping[str, str] | None = None) -> GraphInfo:
     """Check that a loaded ONNX model is a CAM graph and read its metadata.
 
     where: the file (named in messages). inputs: input names, or input name -> shape (then the
     image input's static dimensions are checked against the metadata's input_size and colour
     order). outputs: output name -> shape (ints, or str/None/0 for dynamic dims). metadata:
-    `metadata_props` as str -> str.
+    `metadata_props` as str -> str. types: input name -> element type ("uint8", or ONNX Runtime's
+    "tensor(uint8)"), when known: the image must be uint8 and class_index int64.
     Raises `camface.errors.ModelError` with one line naming the file and what is wrong (missing
     inputs/outputs listed); used by `camface info` and the live loop's graph loader.
     """
@@ -302,6 +338,11 @@ def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outp
         raise ModelError(f"{where} is not a camface CAM graph: missing {', '.join(missing)} "
                          f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})"
                          + (f"; a classifier becomes one with `camface export {where} -o cam.onnx`" if plain else ""))
+    for name, want in ((INPUT_IMAGE, "uint8"), (INPUT_CLASS, "int64")):  # else every call failed inside
+        got = (types or {}).get(name, want).removeprefix("tensor(").removesuffix(")")  # ONNX Runtime
+        if got != want:
+            raise ModelError(f"{where}: its {name!r} input is {got}, not {want} (a CAM graph takes {want}; "
+                             "export the model with `camface export`)")
     try:
         info = GraphInfo.from_metadata(dict(metadata))
     except KeyError as exc:

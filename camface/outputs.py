@@ -40,6 +40,22 @@ def output_file(value: str) -> Path:
     return path
 
 
+def input_spec(value: str) -> str:
+    """argparse `type` of every option that names a file, folder, glob or source to read (a
+    model, photos, `--labels`, ...): an empty value (`--model "$M"` with M unset) is a usage
+    error naming the option (exit 2). Path("") is ".": "--model ''" said ". is a folder", `compare
+    --model ''` was a TypeError traceback, and `camface batch ''` explained every video of the
+    working folder."""
+    if value == "":
+        raise argparse.ArgumentTypeError("the value is empty; give a path to read")
+    return value
+
+
+def input_path(value: str) -> Path:
+    """`input_spec` as a Path (options whose type was Path)."""
+    return Path(input_spec(value))
+
+
 def check_output_file(path: str | Path, overwrite: bool = False) -> Path:
     """Return `path` if it can be written, else raise OutputError naming it: its folder must
     exist, be a folder and be writable; the path must not be a folder; an existing file is
@@ -253,9 +269,13 @@ def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
 
 
 def check_model_file(path: Path, what: str = "model file") -> None:
-    """ModelError naming `path` when it is not a file: a folder, or nothing there."""
+    """ModelError naming `path` when it is not a file: a folder, nothing there (a dangling link
+    too), or something that is not a regular file (a pipe, a device: said "not found", or a read
+    of a pipe without a writer waited for good)."""
     from camface.errors import ModelError
 
     if not path.is_file():
-        raise ModelError(f"{path} is a folder, not {'an' if what[0] in 'AEIOU' else 'a'} {what}"
-                         if path.is_dir() else f"{what} not found: {path}")
+        article = "an" if what[0] in "AEIOU" else "a"
+        raise ModelError(f"{path} is a folder, not {article} {what}" if path.is_dir() else
+                         f"{path} is not a regular file (a pipe, a device or a socket), not {article} {what}"
+                         if path.exists() else f"{what} not found: {path}")

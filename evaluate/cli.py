@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError, UsageError
-from camface.outputs import output_file
+from camface.outputs import input_path, input_spec, output_file
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,10 @@ def default_frames(source: str) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("snapshots", nargs="*", metavar="SNAPSHOT_DIR",
+    parser.add_argument("snapshots", type=input_spec, nargs="*", metavar="SNAPSHOT_DIR",
                         help="snapshot folders saved by `camface live` (or a folder of them): score their "
                              "crops instead of a --source, with the CAM graph they were taken with unless --model")
-    parser.add_argument("--source", default=None,
+    parser.add_argument("--source", type=input_spec, default=None,
                         help="video file, folder of images, camera index, stream URL or 'sample' (the bundled "
                              "demo clip); default: sample, unless SNAPSHOT_DIRs are given")
     add_arguments(parser, "model")
@@ -87,7 +87,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(needs the onnx package); with --plot, the randomisation figure goes to "
                              "OUT-sanity.png")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sanity checks' weight draws and classes")
-    parser.add_argument("--keras", type=Path, default=None, metavar="MODEL",
+    parser.add_argument("--keras", type=input_path, default=None, metavar="MODEL",
                         help="with --sanity: the Keras model the graph was exported from (its sha256 checked "
                              "against the graph's record), to check Guided Backprop and Guided Grad-CAM too "
                              "(TensorFlow); default: the graph's source model beside it "

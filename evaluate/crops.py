@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -115,10 +116,17 @@ def from_snapshots(folders, info) -> np.ndarray:
     crops = []
     for folder in found:
         meta = read_meta(folder)
-        try:
-            faces, order, size = meta["faces"], meta["color_order"], tuple(meta["input_size"])
-        except (KeyError, TypeError) as exc:
-            raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: {exc}") from exc
+        faces, order, size = meta["faces"], meta.get("color_order"), meta.get("input_size")
+        # a hand-edited file: an input_size of one number was an IndexError traceback, a missing
+        # key said only "'color_order'"
+        if order not in ("GRAY", "RGB", "BGR"):
+            raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: color_order is {json.dumps(order)}, "
+                              "not GRAY, RGB or BGR")
+        if not (isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise SourceError(f"cannot read {folder / SNAPSHOT_JSON}: input_size is {json.dumps(size)[:100]}, "
+                              "not [height, width]")
+        size = tuple(size)
         if order != info.color_order or size != tuple(info.input_size):
             raise SourceError(f"snapshot {folder} holds {order} {size[0]}x{size[1]} crops; the graph takes "
                               f"{info.color_order} {info.input_size[0]}x{info.input_size[1]}")

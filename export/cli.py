@@ -21,7 +21,7 @@ from camface.export import ranking
 from camface.export.convert import DEFAULT_OPSET
 from camface.export.preprocess import add_input_arguments
 from camface.export.torch_model import DEFAULT_OPSET as TORCH_MIN_OPSET
-from camface.outputs import output_file
+from camface.outputs import input_spec, output_file
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL",
+    parser.add_argument("model", type=input_spec, metavar="MODEL",
                         help="Keras model (.keras, .h5, .hdf5), forward ONNX classifier (.onnx) "
                              "or PyTorch program saved with torch.export.save (.pt2)")
     parser.add_argument("-o", "--output", type=output_file, required=True, metavar="OUT.onnx",
@@ -97,7 +97,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=".onnx/.pt2 with several outputs (logits and an embedding, say): the output "
                              "holding the class scores (logits, or a Softmax / Sigmoid of them); the others "
                              "are left out (default: the model's one output)")
-    parser.add_argument("--labels", metavar="FILE", default=None,
+    parser.add_argument("--labels", type=input_spec, metavar="FILE", default=None,
                         help="class names, one per line (default: class_0, class_1, ...)")
     add_input_arguments(parser, "input normalisation and colour order the model expects (required "
                                 "for .onnx/.pt2 unless --scale/--offset are given; Keras default: "
@@ -113,7 +113,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            help="int8 features (for CPUs with VNNI): everything before the target layer "
                                 "quantized by ONNX Runtime; head, gradient and heatmaps stay float32; fails "
                                 "when it no longer agrees with float32 on held-out crops")
-    parser.add_argument("--calibration", metavar="SRC", default="sample",
+    parser.add_argument("--calibration", type=input_spec, metavar="SRC", default="sample",
                         help="folder of photos, a clip or 'sample' (the bundled clip): its faces, detected and "
                              "cropped as live, rank the graph's methods by faithfulness as `camface evaluate "
                              "--source SRC` does (recorded in the graph; `--method auto` shows the first); with "

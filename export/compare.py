@@ -27,7 +27,7 @@ import numpy as np
 
 from camface.errors import SourceError, UsageError
 from camface.export.gallery import SATURATED  # 1 - cosine below it: the maps explain the projection
-from camface.outputs import output_file
+from camface.outputs import input_spec, output_file
 
 log = logging.getLogger(__name__)
 COSINE, PROJECTION = "cosine", "projection"  # what the maps explain (Comparison.target)
@@ -63,11 +63,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from camface.export.cli import add_shape_arguments
     from camface.export.preprocess import add_input_arguments
 
-    parser.add_argument("photos", nargs=2, metavar="PHOTO", help="two photos, one face in each")
+    parser.add_argument("photos", type=input_spec, nargs=2, metavar="PHOTO", help="two photos, one face in each")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", metavar="EMBEDDER", help="face-recognition model (.onnx, .pt2 or Keras) "
+    which.add_argument("--model", type=input_spec, metavar="EMBEDDER", help="face-recognition model (.onnx, .pt2 or Keras) "
                                                            "whose one output is an embedding [N, D]")
-    which.add_argument("--embedding-from", metavar="MODEL",
+    which.add_argument("--embedding-from", type=input_spec, metavar="MODEL",
                        help="a classifier whose pooled features are the embedding (as `camface enroll`)")
     parser.add_argument("-o", "--output", type=output_file, metavar="FIGURE.png", default=None,
                         help="write the figure (the crops under their maps) here")

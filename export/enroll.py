@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import SourceError, UsageError
-from camface.outputs import output_file
+from camface.outputs import input_spec, output_file
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from camface.export.cli import add_shape_arguments
     from camface.export.preprocess import add_input_arguments
 
-    parser.add_argument("people", metavar="PEOPLE_DIR", help="one folder of photos per person; the folder "
+    parser.add_argument("people", type=input_spec, metavar="PEOPLE_DIR", help="one folder of photos per person; the folder "
                                                               "name is the label")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--model", metavar="EMBEDDER", help="face-recognition model (.onnx, .pt2 or Keras) "
+    which.add_argument("--model", type=input_spec, metavar="EMBEDDER", help="face-recognition model (.onnx, .pt2 or Keras) "
                                                            "whose one output is an embedding [N, D]")
-    which.add_argument("--embedding-from", metavar="MODEL",
+    which.add_argument("--embedding-from", type=input_spec, metavar="MODEL",
                        help="a classifier (.onnx, .pt2 or Keras, e.g. from `camface train`): its pooled "
                             "features, the input of its first linear layer, are the embedding")
     parser.add_argument("-o", "--output", type=output_file, required=True, metavar="OUT.onnx", help="the gallery graph to write")

@@ -56,6 +56,8 @@ def read_labels_file(path: str | Path) -> tuple[str, ...]:
     from camface.models import read_labels
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"labels file {path} is a folder; give a text file, one class name per line")
     if not path.is_file():
         raise ModelError(f"labels file not found: {path}")
     try:
@@ -64,6 +66,13 @@ def read_labels_file(path: str | Path) -> tuple[str, ...]:
         raise ModelError(f"cannot read labels file {path}: {exc}") from exc
     if not labels:
         raise ModelError(f"labels file {path} holds no labels (one class name per line)")
+    # two classes of one name were exported: the overlay could not tell them apart, and a class
+    # given by name (`camface guided --class`) was always the first
+    repeated = sorted({label for label in labels if labels.count(label) > 1}, key=labels.index)
+    if repeated:
+        where = "; ".join(f"{label!r} names classes {', '.join(str(i) for i, x in enumerate(labels) if x == label)}"
+                          for label in repeated[:3])
+        raise ModelError(f"labels file {path}: {where}; each class needs a name of its own")
     return labels
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from camface import graph_spec
 from camface.errors import ModelError
-from camface.outputs import check_model_file
+from camface.outputs import check_model_file, input_spec
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class GraphSummary:
         CAM graph."""
         return graph_spec.validate(self.path, {name: shape for name, _, shape in self.inputs},
                                    {name: shape for name, _, shape in self.outputs},
-                                   self.metadata)
+                                   self.metadata, types={name: kind for name, kind, _ in self.inputs})
 
 
 def read(path: str | Path) -> GraphSummary:
@@ -133,7 +133,7 @@ def methods_version_line(info: graph_spec.GraphInfo) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("graph", metavar="MODEL.onnx", nargs="?", default=None,
+    parser.add_argument("graph", type=input_spec, metavar="MODEL.onnx", nargs="?", default=None,
                         help="a CAM graph written by camface export; default: the bundled emotion graph "
                              "(what `camface live` runs by default)")
 
@@ -144,6 +144,16 @@ def main(args: argparse.Namespace) -> int:
 
     summary = read(model_path(LiveConfig(model=args.graph)))  # no MODEL.onnx: the graph live runs
     info = summary.info  # ModelError, one line, when it is not a CAM graph
+    from camface.export.ranking import summary_lines as ranking_lines
+
+    method, _ = graph_spec.auto_method(info)
+    # before anything is printed: ModelError, one line, for malformed JSON metadata
+    ranking = _lines(summary, graph_spec.META_RANKING, ranking_lines, info.ranking, method, graph_spec.ranked_by(info))
+    quantization = []
+    if info.quantization:
+        from camface.export.int8 import summary_lines  # imports numpy only until it quantizes
+
+        quantization = _lines(summary, graph_spec.META_QUANTIZATION, summary_lines, info.quantization)
     print(format_summary(summary))
     height, width = feature_size(summary, info)
     print(f"CAM graph: {info.color_order} {info.input_size[0]}x{info.input_size[1]} crops -> "
@@ -155,21 +165,28 @@ def main(args: argparse.Namespace) -> int:
     print("methods (what each costs beyond the forward pass):")
     for line in method_lines(summary, info):
         print(f"  {line}")
-    if info.quantization:
-        from camface.export.int8 import summary_lines  # imports numpy only until it quantizes
-
+    if quantization:
         print("quantization:")
-        for line in summary_lines(info.quantization):
+        for line in quantization:
             print(f"  {line}")
     if info.gallery:
         g = info.gallery
         print(f"gallery: {len(info.labels)} identities, D = {g.get('embedding_dim')}, embedder "
               f"{g.get('embedder', '?')}; probs = softmax({g.get('scale')} * similarity); unknown below "
               f"{info.threshold} ({g.get('threshold_rule', '')})")
-    from camface.export.ranking import summary_lines as ranking_lines
-
-    method, _ = graph_spec.auto_method(info)
     print(f"method ranking (--method auto shows {method}):")
-    for line in ranking_lines(info.ranking, method, graph_spec.ranked_by(info)):
+    for line in ranking:
         print(f"  {line}")
     return 0
+
+
+def _lines(summary: GraphSummary, key: str, lines_of, *args) -> list[str]:
+    """`lines_of(*args)`, the text of the metadata `key`; ModelError naming the file, the key and
+    what is wrong when its JSON lacks a field or holds the wrong kind of value (a graph edited by
+    hand: a ranking without its settings was a KeyError traceback, after half the summary)."""
+    try:
+        return lines_of(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        what = f"no field {exc.args[0]!r}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ModelError(f"{summary.path} has malformed CAM graph metadata: {key} ({what}): "
+                         f"{summary.metadata.get(key, '')[:200]}") from exc

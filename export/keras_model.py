@@ -42,6 +42,7 @@ def load_model(path: str | Path, safe_mode: bool = True):
     check_model_file(path)
     if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
         raise ModelError(f"{path}: expected a Keras model file (.keras, .h5 or .hdf5)")
+    _check_container(path)
     import keras
 
     try:
@@ -57,6 +58,21 @@ def load_model(path: str | Path, safe_mode: bool = True):
     if not isinstance(model, keras.Model) or len(model.outputs) != 1 or len(model.inputs) != 1:
         raise ModelError(f"{path}: camface needs a model with one image input and one output")
     return model
+
+
+def _check_container(path: Path) -> None:
+    """ModelError when a .keras file is not a zip archive (Keras said "File not found" of a file
+    that is there: an empty or text file, or an HDF5 model renamed .keras, which Keras reads as
+    .h5 only)."""
+    import zipfile
+
+    if path.suffix.lower() != ".keras" or zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as file:
+        head = file.read(8)
+    what = ("an HDF5 file: a Keras .h5 model renamed .keras? Name it .h5" if head == b"\x89HDF\r\n\x1a\n" else
+            "empty" if not head else "not a zip archive (a .keras model is one): truncated, or another format")
+    raise ModelError(f"{path}: not a loadable Keras model: it is {what}")
 
 
 _HALF_DTYPES = ("float16", "bfloat16", "mixed_float16", "mixed_bfloat16")

@@ -158,18 +158,6 @@ def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOpt
     return TargetChoice(gridded, target, name, reason, grid)
 
 
-def _refuse_a_cam_graph(model, source: str) -> None:
-    """ModelError when `model` is a CAM graph already (its contract's inputs and outputs): its
-    names were renamed `model/...` and it failed as 'one image input and one output'."""
-    from camface import graph_spec
-
-    inputs, outputs = {v.name for v in model.graph.input}, {v.name for v in model.graph.output}
-    if {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS} <= inputs and graph_spec.OUTPUT_PROBS in outputs:
-        raise ModelError(f"{source} is a CAM graph already (what camface export writes): `camface live --model "
-                         f"{source}` runs it and `camface info {source}` shows it; export the classifier it was "
-                         "made from to make another")
-
-
 def build(model, options: ExportOptions, source: str = "model", gallery: bool = False):
     """(CAM graph ModelProto, GraphInfo, self-check differences) of a forward onnx.ModelProto.
     gallery: the model is a gallery's similarity head (`export.gallery`), whose one identity
@@ -178,7 +166,7 @@ def build(model, options: ExportOptions, source: str = "model", gallery: bool = 
 
     if options.fp16:
         raise ModelError("--fp16 is not supported for ONNX / PyTorch models yet")
-    _refuse_a_cam_graph(model, source)
+    onnx_model.check_not_a_cam_graph(model, source)
     model = onnx_model.prepare(upgrade(model, source), where=source)
     onnx_model.name_nodes(model)
     # a model whose own tensors are called `probs`, `image`, ...: renamed, the contract wins

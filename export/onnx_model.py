@@ -80,8 +80,26 @@ def load(path: str | Path):
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX
         raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    check_not_a_cam_graph(model, path)
     check_runtime_reads(model, where=path)
     return prepare(model, where=path)
+
+
+def check_not_a_cam_graph(model, path) -> None:
+    """ModelError when `model` is a CAM graph already (camface's inputs, and its metadata or its
+    `probs` output): exporting it again said that the tensors were renamed `model/...`, then that
+    it has two inputs and a dozen outputs. `path`: the file, or how a model in memory is named."""
+    from camface import graph_spec
+
+    metadata = {p.key: p.value for p in model.metadata_props}
+    inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    if {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS} <= inputs and \
+            (graph_spec.META_HEATMAPS in metadata or graph_spec.OUTPUT_PROBS in outputs):
+        made_from = metadata.get(graph_spec.META_SOURCE_MODEL)
+        raise ModelError(f"{path} is a CAM graph already (made by camface export"
+                         + (f" from {made_from}" if made_from else "") + f"): `camface live --model {path}` runs it "
+                         f"and `camface info {path}` shows it; export the classifier it was made from to make "
+                         "another")
 
 
 def check_runtime_reads(model, where: object = "model") -> None:

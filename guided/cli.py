@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
-from camface.outputs import check_not_an_input, check_output_file, output_path
+from camface.outputs import check_not_an_input, check_output_file, input_spec, output_path
 from camface.realtime.config import DETECTORS, LiveConfig
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,10 @@ class GuidedConfig:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", metavar="INPUT",
+    parser.add_argument("input", type=input_spec, metavar="INPUT",
                         help="a snapshot folder saved by `camface live` (key s or `--snapshot-every`), "
                              "or an image file (faces are detected and cropped as in the live loop)")
-    parser.add_argument("--model", metavar="MODEL.keras|.h5", default=None,
+    parser.add_argument("--model", type=input_spec, metavar="MODEL.keras|.h5", default=None,
                         help="Keras model to explain with; default: the snapshot's (found beside its "
                              "ONNX graph, or the bundled one when its sha256 matches), or the bundled "
                              "emotion model for images")

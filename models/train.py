@@ -25,7 +25,7 @@ import numpy as np
 
 from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.models import builders, dataset, report
-from camface.outputs import output_path
+from camface.outputs import input_spec, output_path
 from camface.realtime import config as live_config
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class TrainConfig:
                            ("--fine-tune-learning-rate", self.fine_tune_learning_rate)):
             if not 0 < rate < math.inf:  # NaN too: Adam trained on (or diverged) for every epoch
                 raise UsageError(f"{flag} must be a finite number > 0, got {rate}")
-        if self.seed < 0:  # numpy's generators refuse it: a traceback once the photos were cropped
-            raise UsageError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2 ** 32:  # keras.utils.set_random_seed (numpy's legacy seed) refuses
+            # it: a traceback once the photos were cropped
+            raise UsageError(f"--seed must be 0..{2 ** 32 - 1}, got {self.seed}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -132,7 +133,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
 
     defaults = TrainConfig(Path("."), Path("."))
-    parser.add_argument("data_dir", metavar="DATA_DIR",
+    parser.add_argument("data_dir", type=input_spec, metavar="DATA_DIR",
                         help="one sub-folder of photos per class (folder name = class name)")
     parser.add_argument("-o", "--out-dir", type=output_path, metavar="OUT_DIR", required=True,
                         help="where model.keras, model.onnx, metrics and the report go")
@@ -149,7 +150,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="then epochs with the backbone's last block unfrozen (0: skip)")
     parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size,
                         help="crops per training step")
-    parser.add_argument("--weights", default=defaults.weights, metavar="imagenet|none|PATH",
+    parser.add_argument("--weights", type=input_spec, default=defaults.weights, metavar="imagenet|none|PATH",
                         help="backbone weights: ImageNet (Keras downloads them on first use), "
                              "random, or a local weights file")
     parser.add_argument("--val-split", type=_fraction, default=defaults.val_split,

@@ -20,9 +20,12 @@ from pathlib import Path
 
 from camface import methods
 from camface.errors import UsageError
-from camface.outputs import output_file, output_path
+from camface.outputs import input_path, output_file, output_path
 
 MAX_DETECT_WORKERS = 8
+# ONNX Runtime's intra-op threads: more than cores only compete, and past 2**31 - 1 its SessionOptions
+# raised a TypeError traceback when the graph loaded
+MAX_GRAPH_THREADS = 1024
 MAX_FACES = 32  # the graph's batch range is 1..32
 MAX_MARGIN = 2.0  # a crop 5 boxes wide: more shows the model mostly background
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -148,12 +151,14 @@ def check(values: dict, *, api: bool = False) -> None:
         (v.detect_every in ("auto", 1) or v.detect_workers <= 1,
          f"{name('detect_workers')} above 1 needs {name('detect_every', 1)} (carried boxes follow the frames "
          "in order, in one thread)"),
-        (v.graph_threads >= 0, f"{name('graph_threads')} must be >= 0, got {v.graph_threads}"),
+        (0 <= v.graph_threads <= MAX_GRAPH_THREADS,
+         f"{name('graph_threads')} must be 0 (all cores) .. {MAX_GRAPH_THREADS}, got {v.graph_threads}"),
         (0.0 <= v.smooth < 1.0, f"{name('smooth')} must be in [0, 1), got {v.smooth}"),
         (0.0 <= v.alpha <= 1.0, f"{name('alpha')} must be in [0, 1], got {v.alpha}"),
         (v.pace in PACES, f"{name('pace')} must be one of {', '.join(PACES)}, got {v.pace!r}"),
         (0 < v.image_seconds < float("inf"), f"{name('image_seconds')} must be > 0 and finite, got {v.image_seconds}"),
         (v.record != "", f"{name('record')} is empty; give a file name ending in .mp4"),
+        (v.model != "", f"{name('model')} is empty; give a CAM graph (.onnx), or leave it out for the bundled one"),
         (v.snapshot_dir != "", f"{name('snapshot_dir')} is empty; give a folder"),
         (v.record is None or Path(v.record).suffix.lower() == ".mp4" and not str(v.record).endswith(("/", os.sep)),
          f"{name('record', v.record)}: recordings are MP4 files; give a name ending in .mp4"),
@@ -208,7 +213,7 @@ def _describe(kind: frozenset[str]) -> str:
 FLAGS: dict[str, tuple[str, dict]] = {
     "source": ("--source", dict(help="camera index (0), video file, folder of images, stream URL (rtsp/http) "
                                      "or 'sample' (a bundled demo clip); default: camera 0 if it opens, else sample")),
-    "model": ("--model", dict(type=Path, help="CAM graph (.onnx) made by `camface export`; default: the "
+    "model": ("--model", dict(type=input_path, help="CAM graph (.onnx) made by `camface export`; default: the "
                                               "bundled emotion graph")),
     "method": ("--method", dict(choices=method_choices,
                                 help="heatmap to overlay (key m cycles it in live's window and serve's page); auto = the graph's most "

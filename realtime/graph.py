@@ -177,7 +177,8 @@ class CamGraph:
     def _read_info(self, session) -> spec.GraphInfo:
         return spec.validate(self.path, {i.name: i.shape for i in session.get_inputs()},
                              {o.name: o.shape for o in session.get_outputs()},
-                             session.get_modelmeta().custom_metadata_map)
+                             session.get_modelmeta().custom_metadata_map,
+                             types={i.name: i.type for i in session.get_inputs()})
 
     def _select_provider(self, device: str) -> None:
         available = set(self._ort.get_available_providers())

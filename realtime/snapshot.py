@@ -155,16 +155,24 @@ def find_snapshots(folders) -> list[Path]:
 
 def read_meta(folder: str | Path) -> dict:
     """The snapshot.json of `folder` (see the module's docstring); SourceError when it is missing,
-    unreadable or lists no "faces"."""
+    unreadable, not a JSON object, lists no "faces" or has "labels" that are not a list of strings."""
     path = Path(folder) / SNAPSHOT_JSON
     if not path.is_file():
         raise SourceError(f"{folder} is not a camface snapshot: {SNAPSHOT_JSON} is missing")
     try:
         meta = json.loads(path.read_text())
-        if not isinstance(meta["faces"], list):
-            raise TypeError("faces is not a list")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {path}: {exc}") from exc
+    # a hand-edited file: "list indices must be integers", "'faces'", or a TypeError traceback
+    # where the labels were read
+    if not isinstance(meta, dict):
+        raise SourceError(f"cannot read {path}: not a JSON object but {json.dumps(meta)[:100]}")
+    if not isinstance(meta.get("faces"), list):
+        raise SourceError(f"cannot read {path}: faces is not a list"
+                          + (f" ({json.dumps(meta['faces'])[:100]})" if "faces" in meta else " (it has none)"))
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(label, str) for label in labels)):
+        raise SourceError(f"cannot read {path}: labels is not a list of strings ({json.dumps(labels)[:100]})")
     return meta
 
 

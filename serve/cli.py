@@ -39,7 +39,7 @@ WS_QUEUE = 4
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from camface.realtime.config import add_arguments
-    from camface.outputs import output_path
+    from camface.outputs import input_path, output_path
 
     parser.description = (
         "Serve the live demo to web browsers: open the printed URL, allow the camera, and the page shows "
@@ -56,8 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="close a client that does not read an annotated frame within S seconds")
     parser.add_argument("--token", help="secret every request must carry (?token=...); default: none on "
                                         "localhost, a random one (printed) on any other address")
-    parser.add_argument("--ssl-certfile", type=Path, help="TLS certificate (PEM): serve https/wss")
-    parser.add_argument("--ssl-keyfile", type=Path, help="TLS private key (PEM)")
+    parser.add_argument("--ssl-certfile", type=input_path, help="TLS certificate (PEM): serve https/wss")
+    parser.add_argument("--ssl-keyfile", type=input_path, help="TLS private key (PEM)")
     parser.add_argument("--record-dir", type=output_path, default=Path("recordings"),
                         help="folder for recordings started from the page")
     parser.add_argument("--jpeg-quality", type=int, default=80, help="JPEG quality of the annotated frames")
@@ -97,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
     from camface.serve.state import ServeOptions
 
     config = from_args(args, LIVE_OPTIONS)
+    if not args.host.strip():  # a shell variable left unset: the socket listened on every interface
+        raise UsageError("--host is empty; give an address: 127.0.0.1 (this machine only, the default) or "
+                         "0.0.0.0 (every interface)")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         raise UsageError("--ssl-certfile and --ssl-keyfile go together")
     for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):

@@ -447,13 +447,18 @@ def test_snapshots_are_scored_by_the_graph_they_were_taken_with(tmp_path, astron
     assert ("changed since snapshot" in err) == (recorded == "changed"), err
 
 
-@pytest.mark.parametrize("saved, message", [
-    ((8, 4), "face_00.png is 4x8, not the 8x4 crop its snapshot.json says"),  # the pixels of 4x8, turned
-    ((4, 8), None),
+@pytest.mark.parametrize("saved, message, edit", [
+    ((8, 4), "face_00.png is 4x8, not the 8x4 crop its snapshot.json says", {}),  # the pixels of 4x8, turned
+    ((4, 8), None, {}),
+    # a hand-edited snapshot.json: an IndexError traceback, or only "'color_order'"
+    ((4, 8), r"snapshot.json: input_size is \[4\], not \[height, width\]", {"input_size": [4]}),
+    ((4, 8), r"snapshot.json: input_size is null, not \[height, width\]", {"input_size": None}),
+    ((4, 8), r"snapshot.json: color_order is null, not GRAY, RGB or BGR", {"color_order": None}),
 ])
-def test_a_snapshot_crop_is_checked_by_its_height_and_width_not_its_pixel_count(tmp_path, saved, message):
+def test_a_snapshot_crop_is_checked_against_its_snapshot_json(tmp_path, saved, message, edit):
     """A non-square graph input (4 high, 8 wide): a crop saved 8 high and 4 wide holds as many
-    pixels and was reshaped to 4x8, its rows scrambled, and scored; it is refused naming it."""
+    pixels and was reshaped to 4x8, its rows scrambled, and scored; it is refused naming it. So
+    is a snapshot.json whose input_size is not [height, width] or whose color_order is none."""
     from types import SimpleNamespace
 
     from camface.errors import SourceError
@@ -462,7 +467,7 @@ def test_a_snapshot_crop_is_checked_by_its_height_and_width_not_its_pixel_count(
     crop = np.arange(32, dtype=np.uint8).reshape(saved) * 7
     cv2.imwrite(str(tmp_path / "face_00.png"), crop)
     (tmp_path / "snapshot.json").write_text(json.dumps(
-        {"color_order": "GRAY", "input_size": [4, 8], "faces": [{"crop": "face_00.png"}]}))
+        {"color_order": "GRAY", "input_size": [4, 8], "faces": [{"crop": "face_00.png"}], **edit}))
     info = SimpleNamespace(color_order="GRAY", input_size=(4, 8), channels=1)
     if message is None:
         np.testing.assert_array_equal(from_snapshots([tmp_path], info), crop[None, ..., None])

@@ -1,6 +1,7 @@
 """`camface export` / `camface info` misuse: one clear line on stderr and exit code 2."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -9,7 +10,7 @@ import pytest
 
 from camface.cli import main as camface_main
 from camface.errors import ModelError
-from camface.models import EMOTION_KERAS
+from camface.models import EMOTION_KERAS, EMOTION_ONNX
 
 
 def run(capsys, *argv):
@@ -35,6 +36,17 @@ def dense_only_model(tmp_path_factory):
     (lambda tmp: _write(tmp / "notes.txt", b"hello"), "expected a Keras model file"),
     (lambda tmp: _write(tmp / "broken.h5", b"not hdf5 at all" * 10), "broken.h5: not a loadable Keras model"),
     (lambda tmp: _write(tmp / "broken.keras", b"PK\x03\x04junk"), "broken.keras: not a loadable Keras model"),
+    # Keras said "File not found" of these, which are there
+    (lambda tmp: _write(tmp / "empty.keras", b""), "empty.keras: not a loadable Keras model: it is empty$"),
+    (lambda tmp: _write(tmp / "notes.keras", b"hello"), r"notes.keras: not a loadable Keras model: it is not a zip "
+                                                        r"archive \(a .keras model is one\)"),
+    (lambda tmp: _write(tmp / "renamed.keras", EMOTION_KERAS.read_bytes()),
+     r"renamed.keras: not a loadable Keras model: it is an HDF5 file: a Keras .h5 model renamed .keras\? Name it .h5"),
+    # a graph camface exported: "tensors renamed", then two inputs and a dozen outputs
+    (lambda tmp: _write(tmp / "cam.onnx", EMOTION_ONNX.read_bytes()),
+     r"cam.onnx is a CAM graph already \(made by camface export from emotion_mini_xception_fer2013.hdf5\): "
+     r"`camface live --model .*cam.onnx` runs it and `camface info .*cam.onnx` shows it; export the classifier it was "
+     r"made from to make another"),
 ])
 def test_bad_model_files(tmp_path, capsys, make, message):
     import re
@@ -135,7 +147,8 @@ def test_a_cam_graph_given_to_export_is_said_to_be_one(tmp_path, capsys):
     shutil.copy(EMOTION_ONNX, graph)
     assert camface_main(["export", str(graph), "-o", str(tmp_path / "again.onnx"), "--no-rank"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"camface: error: {graph} is a CAM graph already (what camface export writes): `camface live "
+    assert err == [f"camface: error: {graph} is a CAM graph already (made by camface export from "
+                   f"emotion_mini_xception_fer2013.hdf5): `camface live "
                    f"--model {graph}` runs it and `camface info {graph}` shows it; export the classifier it was "
                    "made from to make another"], err
     assert not (tmp_path / "again.onnx").exists()
@@ -194,6 +207,10 @@ def test_wrong_label_count(tmp_path, capsys):
     (lambda tmp: _write(tmp / "blank.txt", b"\n  \n"), "labels file .*blank.txt holds no labels"),
     (lambda tmp: _write(tmp / "binary.txt", b"\xff\xfe\x00\x81"),
      "cannot read labels file .*binary.txt"),
+    # exported: two classes the overlay could not tell apart
+    (lambda tmp: _write(tmp / "twice.txt", b"a\nb\na\nc\nb\nd\ne\n"),
+     "labels file .*twice.txt: 'a' names classes 0, 2; 'b' names classes 1, 4; each class needs a name of its own"),
+    (lambda tmp: tmp, "labels file .* is a folder; give a text file, one class name per line"),  # "not found"
 ])
 def test_bad_labels_file(tmp_path, capsys, make, message):
     """Checked before the model is loaded (fast), one line naming the file."""
@@ -325,6 +342,12 @@ def _truncated_committed(tmp):
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
                                 "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),
+    # a pipe or a device was "not found"
+    (lambda tmp: os.mkfifo(tmp / "pipe.onnx") or tmp / "pipe.onnx",
+     r"pipe.onnx is not a regular file \(a pipe, a device or a socket\), not an ONNX file"),
+    (lambda tmp: Path(os.devnull), r"/dev/null is not a regular file \(a pipe, a device or a socket\)"),
+    (lambda tmp: (tmp / "gone.onnx").symlink_to(tmp / "nowhere.onnx") or tmp / "gone.onnx",
+     "ONNX file not found: .*gone.onnx"),
 ])
 def test_info_errors(tmp_path, capsys, make, message):
     import re
@@ -334,6 +357,65 @@ def test_info_errors(tmp_path, capsys, make, message):
     err = captured.err.strip().splitlines()
     assert code == 2 and len(err) == 1 and not captured.out, captured
     assert err[0].startswith("camface: error: ") and re.search(message, err[0]), err[0]
+
+
+def _edited_committed(tmp, key, value, input_type=None):
+    """The committed emotion graph with the metadata `key` set to `value` (None: left as it is)
+    and its image input's element type changed to `input_type` (an onnx.TensorProto type)."""
+    import onnx
+
+    from camface.models import EMOTION_ONNX
+
+    model = onnx.load(str(EMOTION_ONNX))
+    if key is not None:
+        kept = [(p.key, p.value) for p in model.metadata_props if p.key != key]
+        del model.metadata_props[:]
+        for k, v in [*kept, (key, value)]:
+            model.metadata_props.add(key=k, value=v)
+    if input_type is not None:
+        next(i for i in model.graph.input if i.name == "image").type.tensor_type.elem_type = input_type
+    path = tmp / "edited.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("key, value, input_type, message, loads", [
+    ("token_grid", '{"prefix": "a"}', None, r"malformed CAM graph metadata: token_grid must be "
+                                             r'\{"prefix": P, "height": h, "width": w\}', False),
+    ("token_grid", '{"prefix": 1, "height": 0, "width": 4}', None, "token_grid must be", False),
+    ("method_ranking", '{"ranking": 5}', None, "method_ranking's 'ranking' must be a list of strings, got 5", False),
+    ("method_ranking", '{"ranking": "scorecam"}', None, "method_ranking's 'ranking' must be a list of strings", False),
+    ("method_ranking", '{"skipped": 5}', None, "method_ranking's 'skipped' must be a string, got 5", False),
+    ("gallery", '{"threshold": "high"}', None, "gallery's 'threshold' must be a number, got \"high\"", False),
+    ("method_ranking", '{"ranking": ["gradcam"]}', None,
+     r"malformed CAM graph metadata: method_ranking \(no field 'settings'\)", True),
+    ("quantization", '{"scheme": "x"}', None,
+     r"malformed CAM graph metadata: quantization \(no field 'calibration'\)", True),
+    (None, None, 1, "its 'image' input is float, not uint8", False),  # TensorProto.FLOAT
+])
+def test_an_edited_graphs_metadata_or_input_type_is_one_line(tmp_path, capsys, key, value, input_type, message,
+                                                            loads):
+    """A CAM graph whose metadata was edited (a token grid without its height, a ranking that is
+    not a list, a gallery threshold that is not a number) or whose image input is float was a
+    traceback in `camface info` (KeyError, TypeError) or in the first graph call (ONNX Runtime's
+    INVALID_ARGUMENT): one line naming the file and the key, before anything is printed, and the
+    same ModelError from `camface.load`; metadata only `camface info` reads (a ranking's
+    settings, an int8 graph's calibration) is said by `camface info` and does not stop a load."""
+    import re
+
+    import camface
+
+    path = _edited_committed(tmp_path, key, value, input_type)
+    code = camface_main(["info", str(path)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not captured.out, captured
+    assert err[0].startswith(f"camface: error: {path}") and re.search(message, err[0]), err[0]
+    if loads:
+        camface.load(path, device="cpu").close()
+    else:
+        with pytest.raises(ModelError, match=message):
+            camface.load(path, device="cpu")
 
 
 def test_graph_spec_validate():

@@ -95,6 +95,22 @@ def _unknown_color_order(meta):
     meta["color_order"] = "YUV"
 
 
+def _labels_a_number(meta):
+    meta["labels"] = 5
+
+
+def _labels_not_strings(meta):
+    meta["labels"] = ["happy", 3]
+
+
+def _faces_left_out(meta):
+    del meta["faces"]
+
+
+def _a_list(meta):
+    return [1, 2]  # what is written instead of the edited snapshot.json
+
+
 @pytest.mark.parametrize("edit, message", [
     (_faces_not_objects, "every entry of \"faces\" must be an object"),
     (_explained_not_a_number, "face 0: invalid literal .*'happy'"),
@@ -102,18 +118,22 @@ def _unknown_color_order(meta):
     (_box_too_short, r"face 0: box \(1, 2\) is not \[x, y, w, h\]"),
     (_model_not_an_object, "\"model\" is 'emotion.onnx', not an object"),
     (_unknown_color_order, "unknown color_order 'YUV'"),
+    (_labels_a_number, r"labels is not a list of strings \(5\)"),
+    (_labels_not_strings, r"labels is not a list of strings \(\[\"happy\", 3\]\)"),
+    (_faces_left_out, r"faces is not a list \(it has none\)"),
+    (_a_list, r"not a JSON object but \[1, 2\]"),
 ], ids=lambda v: v.__name__.strip("_") if callable(v) else "")
 def test_a_corrupt_snapshot_json_is_a_source_error_naming_it(tmp_path, edit, message):
     """A hand-edited or truncated snapshot.json: one SourceError naming the file (the CLI's
-    one-line error, exit 2), never an AttributeError / TypeError traceback."""
+    one-line error, exit 2), never an AttributeError / TypeError traceback (labels of 5 were one in
+    `camface guided`; a list, or no faces, said "list indices must be integers" or "'faces'")."""
     keras_file = tmp_path / "m.keras"
     keras_file.write_bytes(b"weights")
     model = {"path": str(tmp_path / "m.onnx"), "source_model": "m.keras",
              "source_sha256": sha256_file(keras_file)}
     folder = write_snapshot(tmp_path / "snap", [np.zeros((8, 8), np.uint8)] * 2, "GRAY", model)
     meta = json.loads((folder / "snapshot.json").read_text())
-    edit(meta)
-    (folder / "snapshot.json").write_text(json.dumps(meta))
+    (folder / "snapshot.json").write_text(json.dumps(edit(meta) or meta))
     with pytest.raises(SourceError, match=f"cannot read .*snapshot.json: .*{message}"):
         read_snapshot(folder)
 

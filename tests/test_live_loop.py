@@ -900,7 +900,7 @@ def test_emotion_graph_explains_the_class_asked_for(astronaut_bgr):
 @pytest.mark.parametrize("flags, message", [
     (["--alpha", "2"], "--alpha must be in [0, 1]"),
     (["--smooth", "1"], "--smooth must be in [0, 1)"),
-    (["--graph-threads", "-1"], "--graph-threads must be >= 0"),
+    (["--graph-threads", "-1"], "--graph-threads must be 0 (all cores) .. 1024, got -1"),
     (["--colormap", "rainbowish"], "--colormap 'rainbowish' unknown"),
     (["--max-faces", "0"], "--max-faces must be 1..32"),
     (["--max-frames", "0"], "--max-frames must be >= 1"),

@@ -53,6 +53,7 @@ def test_a_config_built_in_code_raises_the_same_error():
      "--record out: recordings are MP4 files; give a name ending in .mp4"),
     (["live", "--source", "sample", "--no-show", "--record", "nowhere/out.mp4"],
      "cannot write nowhere/out.mp4: folder nowhere does not exist"),
+    (["batch", "in.mp4", "-o", "a_file"], "cannot write to output folder a_file: it is a file"),
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
@@ -66,7 +67,15 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["train", "data", "-o", "out", "--learning-rate", "0"], "--learning-rate must be a finite number > 0, got 0.0"),
     (["train", "data", "-o", "out", "--fine-tune-learning-rate", "nan"],
      "--fine-tune-learning-rate must be a finite number > 0, got nan"),
-    (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    # an unset shell variable listened on every interface
+    (["serve", "--host", ""], "--host is empty; give an address: 127.0.0.1 (this machine only, the default) or "
+                              "0.0.0.0 (every interface)"),
+    (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be 0..4294967295, got -1"),
+    (["train", "data", "-o", "out", "--seed", str(2 ** 32)], "--seed must be 0..4294967295, got 4294967296"),
+    (["live", "--graph-threads", "5000000000"], "--graph-threads must be 0 (all cores) .. 1024, got 5000000000"),
+    (["evaluate", "--graph-threads", "1025"], "--graph-threads must be 0 (all cores) .. 1024, got 1025"),
+    (["serve", "--graph-threads", str(2 ** 64)], "--graph-threads must be 0 (all cores) .. 1024"),
+    (["bench", "--compare-int8", "--int8-threads", "1", "5000000000"], "--int8-threads must be 1..1024, got [1, "),
     (["export", "m.keras", "-o", "g.onnx", "--rank-seconds", "nan"], "--rank-seconds must be >= 0 (0 = no limit), got nan"),
     (["enroll", "people", "--model", "m.onnx", "-o", "g.onnx", "--preset", "arcface", "--rank-seconds", "nan"],
      "--rank-seconds must be >= 0 (0 = no limit), got nan"),
@@ -76,7 +85,10 @@ def test_bad_values_are_refused_before_any_model_loads(argv, message, capsys, mo
     or a Keras embedder), after bench's live rows had run, or never (a learning rate of 0 trained
     for every epoch; a negative backbone size was Keras' traceback): refused now before any model
     loads, in one error line. `camface live` on a folder without images, and `--loop` with a
-    camera, said so only after loading its models."""
+    camera, said so only after loading its models. A --graph-threads (or --int8-threads) past
+    2**31 - 1 was ONNX Runtime's TypeError traceback as the graph loaded, and a training --seed
+    of 2**32 or more Keras' ValueError traceback once every photo was cropped. `serve --host ""`
+    listened on every interface. `batch -o A_FILE` said so after its model had loaded."""
     import camface.api
     import camface.export.gallery
     import camface.realtime.bench.rows
@@ -164,3 +176,53 @@ def test_an_empty_output_path_in_code_names_the_option(field, message):
     """camface.load(record="") said "--record : recordings are MP4 files"; snapshots went to "."."""
     with pytest.raises(UsageError, match=f"^{message}$"):
         LiveConfig(**{field: ""})
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["live", "--model", ""], "--model"),
+    (["info", ""], "MODEL.onnx"),
+    (["export", "", "-o", "g.onnx"], "MODEL"),
+    (["export", "m.keras", "-o", "g.onnx", "--labels", ""], "--labels"),
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", ""], "--calibration"),
+    (["compare", "a.png", "b.png", "--model", ""], "--model"),  # a TypeError traceback
+    (["compare", "", "b.png", "--model", "m.onnx"], "PHOTO"),
+    (["enroll", "people", "--embedding-from", "", "-o", "g.onnx"], "--embedding-from"),  # a TypeError traceback
+    (["enroll", "", "--model", "m.onnx", "-o", "g.onnx"], "PEOPLE_DIR"),
+    (["guided", ""], "INPUT"),
+    (["guided", "snapshots", "--model", ""], "--model"),
+    (["evaluate", ""], "SNAPSHOT_DIR"),
+    (["evaluate", "--source", ""], "--source"),  # scored the bundled clip
+    (["evaluate", "--sanity", "--keras", ""], "--keras"),
+    (["bench", "--baseline", "keras", "--keras-model", ""], "--keras-model"),
+    (["bench", "--compare-int8", "--calibration", ""], "--calibration"),
+    (["batch", "", "-o", "out"], "INPUT"),  # explained every video of the working folder
+    (["serve", "--ssl-certfile", "", "--ssl-keyfile", "k.pem"], "--ssl-certfile"),
+    (["train", "", "-o", "out"], "DATA_DIR"),
+    (["train", "data", "-o", "out", "--weights", ""], "--weights"),
+])
+def test_an_empty_input_path_is_a_usage_error_naming_the_option(argv, option, capsys, monkeypatch, tmp_path):
+    """An input given as "" (a shell variable left unset) was Path("") = ".": "'.' is a folder, not a
+    CAM graph", "--keras: model file not found: .", a TypeError traceback in `compare` and `enroll`
+    (an empty --model read as no model), the bundled clip scored by `evaluate --source ""`, and
+    every video of the working folder explained by `batch ""`. argparse refuses it, naming the
+    option, with exit 2, before anything runs."""
+    import camface.api
+
+    monkeypatch.setattr(camface.api, "load", lambda *a, **k: pytest.fail("the command ran"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        camface_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"error: argument {option}: the value is empty; give a path to read" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_model_in_code_names_it():
+    """camface.load("") said "'.' is a folder, not a CAM graph"."""
+    import camface
+
+    with pytest.raises(UsageError, match=r"^model is empty; give the path of a CAM graph \(.onnx\), or None for the "
+                                         r"bundled one$"):
+        camface.load("")
+    with pytest.raises(UsageError, match=r"^--model is empty; give a CAM graph \(.onnx\), or leave it out"):
+        LiveConfig(model="")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from camface.errors import UsageError
 from camface.models.builders import BACKBONES, backbone_name
-from camface.outputs import output_file, output_path
-from camface.realtime.config import LiveConfig, add_arguments, from_args
+from camface.outputs import input_path, input_spec, output_file, output_path
+from camface.realtime.config import MAX_GRAPH_THREADS, LiveConfig, add_arguments, from_args
 
 PIPELINE_OPTIONS = ("source", "model", "method", "detector", "detector_runtime", "graph_threads", "detect_workers", "detect_every",
                     "device", "codec")
@@ -32,7 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keras: also run each face's Grad-CAM the Keras-example way (eager "
                              "GradientTape per face) on the same frames, and print the speedup (every "
                              "row then shows Grad-CAM)")
-    parser.add_argument("--keras-model", type=Path, default=None,
+    parser.add_argument("--keras-model", type=input_path, default=None,
                         help="Keras model with the CAM graph's weights, for --baseline keras; default: "
                              "the bundled emotion model (bundled graph) or the --backbone's model")
     parser.add_argument("--compare-heads", action="store_true",
@@ -45,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-int8", action="store_true",
                         help="also quantize the graph as `camface export --int8` does (calibrated on --calibration) and "
                              "time float32 vs int8: a live row, and graph calls at --batches x --int8-threads")
-    parser.add_argument("--calibration", metavar="SRC", default="sample",
+    parser.add_argument("--calibration", type=input_spec, metavar="SRC", default="sample",
                         help="with --compare-int8: folder of photos or clip whose faces calibrate the int8 graph")
     parser.add_argument("--int8-threads", type=int, nargs="+", default=[1, 2], metavar="N",
                         help="graph threads for the --compare-int8 table")
@@ -118,8 +118,8 @@ class BenchConfig:
             raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
         if self.repeats < 1 or any(not 1 <= b <= 32 for b in self.batches):
             raise UsageError("--repeats must be >= 1 and --batches within 1..32")
-        if any(t < 1 for t in self.int8_threads):
-            raise UsageError(f"--int8-threads must be >= 1, got {list(self.int8_threads)}")
+        if any(not 1 <= t <= MAX_GRAPH_THREADS for t in self.int8_threads):
+            raise UsageError(f"--int8-threads must be 1..{MAX_GRAPH_THREADS}, got {list(self.int8_threads)}")
         if self.backbone_size < MIN_BACKBONE_SIZE:  # Keras said so in a traceback, after TensorFlow loaded
             raise UsageError(f"--backbone-size must be at least {MIN_BACKBONE_SIZE} (the Keras backbones' "
                              f"smallest input), got {self.backbone_size}")
