@@ -164,11 +164,16 @@ def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> l
         built.class_weights[chosen][:, None, None, :]
     reference = {name: methods.get(name).reference(got["activations"], gradient_nhwc, weights)
                  for name in built.heatmaps}
-    moved_a = ulp_perturbed(got["activations"], 1)
-    moved_g = None if gradient_nhwc is None else ulp_perturbed(gradient_nhwc, 2)
-    sensitivity = {name: CONDITIONING * float(np.abs(methods.get(name).reference(moved_a, moved_g, weights)
-                                                     - reference[name]).max(initial=0.0))
-                   for name in built.heatmaps}
+    # the largest of NOISE_PROBES perturbations: where rounding decides a map (singular values
+    # nearly tied), one draw can move it less than another runtime's rounding does (ONNX
+    # Runtime without its graph optimisations moved a ViT's Eigen-CAM past one draw's allowance)
+    sensitivity = dict.fromkeys(built.heatmaps, 0.0)
+    for seed in range(NOISE_PROBES):
+        moved_a = ulp_perturbed(got["activations"], 2 * seed + 1)
+        moved_g = None if gradient_nhwc is None else ulp_perturbed(gradient_nhwc, 2 * seed + 2)
+        for name in built.heatmaps:
+            change = np.abs(methods.get(name).reference(moved_a, moved_g, weights) - reference[name])
+            sensitivity[name] = max(sensitivity[name], CONDITIONING * float(change.max(initial=0.0)))
     differences += verify.compare(got, reference, sensitivity=sensitivity)
     differences = [d if isinstance(d, RandomDirections)
                    else Check(d.output, d.max_abs, d.reference_max, d.allowed, d.sensitivity)
