@@ -54,13 +54,37 @@ def served_as_a_file(url: str, timeout_s: float) -> bool:
             headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode("ascii")
             url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         request = urllib.request.Request(url, method="HEAD", headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.build_opener(_same_origin_auth()).open(request, timeout=timeout_s) as response:
             length = response.headers.get("Content-Length", "")
             kind = response.headers.get("Content-Type", "").lower()
     except Exception as exc:  # URLError, HTTPError (a 405 to HEAD), a time-out, a malformed URL
         log.debug("%s: its server was not asked its length: %s", redact(url), redact(str(exc)))
         return False
     return length.strip().isdigit() and int(length) > 0 and not any(p in kind for p in PLAYLISTS)
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+def _same_origin_auth():
+    import urllib.request
+
+    class SameOriginAuth(urllib.request.HTTPRedirectHandler):
+        """Follows a redirect without the URL's credentials when it leads to another server
+        (urllib passes every header on, Authorization too: the password went to wherever the
+        first server pointed)."""
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and _origin(newurl) != _origin(req.full_url):
+                new.remove_header("Authorization")
+            return new
+
+    return SameOriginAuth
 
 
 class LiveSource:

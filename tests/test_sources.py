@@ -945,3 +945,48 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
                         stages=[], metrics=report.classification_metrics(np.array([0, 1]), np.array([0, 1]), ["a", "b"]),
                         settings={}, seconds=1.0)
     assert f"- `{big}`: {reason}\n" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("where, sent", [("elsewhere", None), ("here", "Basic dTpw")])  # base64 of u:p
+def test_served_as_a_file_sends_the_urls_password_to_its_own_server_only(where, sent):
+    """The HEAD request carried the URL's user name and password as Authorization through a
+    redirect to any other server (urllib passes every header on). A redirect to another server
+    (here: another port) gets none; one to the same server keeps them."""
+    import http.server
+    import threading
+
+    from camface.realtime.live_source import served_as_a_file
+
+    heard, servers = [], []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            if self.path == "/clip.ts":
+                target = servers[1] if where == "elsewhere" else servers[0]
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{target.server_address[1]}/moved.ts")
+            else:
+                heard.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.send_header("Content-Length", "1000")
+            self.end_headers()
+
+        do_GET = do_HEAD  # (urllib follows a redirect of a HEAD with a GET before Python 3.13)
+
+    threads = []
+    for _ in range(2):
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server))
+        threads.append(threading.Thread(target=servers[-1].serve_forever, daemon=True))
+        threads[-1].start()
+    try:
+        assert served_as_a_file(f"http://u:p@127.0.0.1:{servers[0].server_address[1]}/clip.ts", 5.0)
+    finally:
+        for server, thread in zip(servers, threads):
+            server.shutdown()
+            server.server_close()
+            thread.join()
+    assert heard == [sent]
