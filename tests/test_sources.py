@@ -379,9 +379,9 @@ def test_process_video_takes_any_integer_as_a_camera_index(index, monkeypatch):
 
     asked, make_source = [], sources.make_source
 
-    def recording(spec, *args):
+    def recording(spec, *args, **kwargs):
         asked.append(spec)
-        return make_source(spec, *args)
+        return make_source(spec, *args, **kwargs)
 
     monkeypatch.setattr(sources, "make_source", recording)
     with camface.load(device="cpu") as api:
