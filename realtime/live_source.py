@@ -31,14 +31,17 @@ def _open_capture(target: int | str, timeout_s: float):
 
 PLAYLISTS = ("mpegurl", "dash+xml", "multipart/")  # Content-Types of a length that is not the video's:
 # an HLS or DASH playlist (a live one too), an MJPEG stream's parts
+PLAYLIST_SUFFIXES = (".m3u8", ".m3u", ".mpd")  # the same by the URL's path: a server (a bucket) sending a
+# playlist as application/octet-stream or text/plain
 
 
 def served_as_a_file(url: str, timeout_s: float) -> bool:
     """True when the http(s) `url` is a file of known length: its server answers a HEAD request
     with a Content-Length, and not as a playlist (PLAYLISTS). A live stream sent over HTTP has no
-    length (chunked, or until the connection closes). False for other schemes, and when the
-    server cannot be asked (no HEAD, an error, a time-out, a certificate not verified: read as
-    a stream then, as before). The URL's user name and password go as Basic authentication,
+    length (chunked, or until the connection closes). False for other schemes, for a playlist
+    by its suffix (PLAYLIST_SUFFIXES, whatever its Content-Type: a live one's length is the
+    list's), and when the server cannot be asked (no HEAD, an error, a time-out, a certificate
+    not verified: read as a stream then, as before). The URL's user name and password go as Basic authentication,
     as FFmpeg sends them."""
     import base64
     import urllib.parse
@@ -46,7 +49,7 @@ def served_as_a_file(url: str, timeout_s: float) -> bool:
 
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
+        if parts.scheme.lower() not in ("http", "https") or parts.path.lower().endswith(PLAYLIST_SUFFIXES):
             return False
         headers = {}
         if parts.username is not None:

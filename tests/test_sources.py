@@ -990,3 +990,35 @@ def test_served_as_a_file_sends_the_urls_password_to_its_own_server_only(where, 
             server.server_close()
             thread.join()
     assert heard == [sent]
+
+
+@pytest.mark.parametrize("path, whole", [("/live.m3u8", False), ("/live.M3U8?token=1", False), ("/live.mpd", False),
+                                         ("/clip.ts", True)])
+def test_a_playlist_sent_as_octet_stream_is_not_a_file(path, whole):
+    """A live HLS or DASH playlist that a server (a bucket) sends as application/octet-stream, with
+    the list's Content-Length, was taken as a file of known length: read in order with no
+    reconnection, paced as a file. Its suffix says it is a playlist, whatever the type."""
+    import http.server
+    import threading
+
+    from camface.realtime.live_source import served_as_a_file
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", "321")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert served_as_a_file(f"http://127.0.0.1:{server.server_address[1]}{path}", 5.0) is whole
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
