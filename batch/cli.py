@@ -194,7 +194,7 @@ def _run(args: argparse.Namespace, config, graph, videos, outputs, lock, on_vide
             print(f"camface batch: the run of pid {lock.earlier.get('pid')} on {lock.earlier.get('host')} ended "
                   f"without releasing {args.out}; giving its workers {ORPHAN_GRACE_S:g} s to stop", file=sys.stderr)
             time.sleep(ORPHAN_GRACE_S)
-        removed = outputs.clean_partials() + outputs.drop_unrecorded()
+        removed = outputs.clean_partials() + outputs.drop_unrecorded(video.path for video in videos)
         segments.drop_unused_parts(outputs)  # joined by a run that died before removing them, or holding no result
         # rows of an earlier camface lack columns (key): OUT_DIR/rows read as one table dropped them
         upgraded = upgrade_rows(outputs, {video.id: video.key for video in videos})

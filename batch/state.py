@@ -119,17 +119,20 @@ class Outputs:
                 removed += 1
         return removed
 
-    def drop_unrecorded(self) -> int:
+    def drop_unrecorded(self, inputs=()) -> int:
         """Remove the outputs (annotated video, rows, class sums) of each video without a record:
         a run killed after renaming them into place, before writing its record (written last), left
         them. The video is not finished, and its rows would lie in OUT_DIR/rows beside finished
         ones for good when it is not among a later run's inputs. A record that cannot be read keeps
-        them, and so does a name that is not a video's id. Returns how many files went."""
+        them, and so does a name that is not a video's id, and a file among `inputs` (this run's
+        videos: one in OUT_DIR/videos named like an id, e.g. clip-20240101.mp4, is the user's).
+        Returns how many files went."""
         recorded = {path.stem for path in self.state.glob("[!.]*.json")} if self.state.is_dir() else set()
+        named = {Path(path).resolve() for path in inputs}
         removed = 0
         for folder, suffix in ((self.videos, "mp4"), (self.rows, "parquet"), (self.state, "npz")):
             for path in folder.glob(f"[!.]*.{suffix}") if folder.is_dir() else ():
-                if _ID.fullmatch(path.stem) and path.stem not in recorded:
+                if _ID.fullmatch(path.stem) and path.stem not in recorded and path.resolve() not in named:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed

@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 
 # ops whose output's shape depends on their input's values, not only on its shape
 _VALUE_SHAPED = ("NonZero", "Unique", "Compress", "Loop", "If", "Scan", "TopK")
+# ops whose output's shape depends on the values of inputs after the first (a Reshape's shape, an
+# Expand's, a Slice's starts, a Pad's pads, axes given as an input), or of every input (Range,
+# ConstantOfShape): those values are read, not only shapes
+_SIZED_BY_VALUES = ("Reshape", "Expand", "Tile", "Slice", "Pad", "Resize", "Upsample", "Squeeze", "Unsqueeze",
+                    "Split", "OneHot", "CenterCropPad", "Col2Im", "DFT", "STFT", "ReduceSum", "ReduceMean",
+                    "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                    "ReduceLogSumExp", "ReduceSumSquare")
+_SIZED_BY_ALL_VALUES = ("Range", "ConstantOfShape")
 # ops on shape values the evaluator runs: numpy's function of the values
 _ELEMENTWISE = {"Equal": np.equal, "Greater": np.greater, "Less": np.less,
                 "GreaterOrEqual": np.greater_equal, "LessOrEqual": np.less_equal,
@@ -46,7 +54,10 @@ def _measured(condition: str, producer: dict, values: set[str]) -> set[str] | No
         if node.op_type in ("Shape", "Size") and not shaped:
             measured.add(node.input[0])
         below = shaped or node.op_type in ("Shape", "Size")
-        stack.extend((x, below) for x in node.input if x)
+        for index, x in enumerate(node.input):
+            if x:  # a shape read from inputs' values reads those values
+                by_value = node.op_type in _SIZED_BY_ALL_VALUES or (index and node.op_type in _SIZED_BY_VALUES)
+                stack.append((x, below and not by_value))
     return measured
 
 

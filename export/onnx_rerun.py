@@ -105,6 +105,13 @@ def _descendants(graph, start: set[str]) -> set[str]:
     return live
 
 
+def _open_batch(shapes: dict | None, name: str) -> bool:
+    """Whether `name`'s first dimension is named but not fixed (inferred dims; a scalar, or a tensor
+    whose shape inference left unknown, has none)."""
+    dims = (shapes or {}).get(name) or [None]
+    return isinstance(dims[0], str)
+
+
 def between(graph, start: str, end: str, shapes: dict | None = None, sides: list | None = None) -> tuple:
     """The nodes that depend on `start` and that `end` depends on, in graph order. Raises
     ModelError when one of them also reads a tensor computed from the graph's inputs some other
@@ -132,9 +139,9 @@ def between(graph, start: str, end: str, shapes: dict | None = None, sides: list
         found = _from_batch(graph, outside, start, shapes, inputs) if outside and shapes else None
         # ONNX's inference names the batch afresh after some ops (unk__1, unk__4): which open
         # first dimension is the batch, ONNX Runtime says (`anatomy`: `_sides`)
-        if outside and found is None and sides is not None and isinstance((shapes or {}).get(start, [1])[0], str) \
-                and all(isinstance((shapes.get(x) or [1])[0], str) or (node.op_type == "Reshape" and
-                                                                       x == node.input[1]) for x in outside):
+        if outside and found is None and sides is not None and _open_batch(shapes, start) \
+                and all(_open_batch(shapes, x) or (node.op_type == "Reshape" and x == node.input[1])
+                        for x in outside):
             sides.extend(x for x in outside if x not in sides)
             continue
         if outside and found is None:

@@ -65,6 +65,11 @@ class TrainConfig:
     int8: bool = False  # also model.int8.onnx (export/int8.py)
 
     def __post_init__(self) -> None:
+        # --backbone's earlier spelling (vgg16-gap), as the command line takes it; an unknown name
+        # is refused here, not as a KeyError once the photos were cropped
+        object.__setattr__(self, "backbone", builders.backbone_name(self.backbone))
+        if self.backbone not in builders.BACKBONES:
+            raise UsageError(f"--backbone must be one of {', '.join(builders.BACKBONES)}, got {self.backbone!r}")
         # the live loop's checks of the crop options (UsageError naming the flag)
         live_config.LiveConfig(detector=self.detector, margin=self.margin, min_confidence=self.min_confidence)
         for flag, rate in (("--learning-rate", self.learning_rate),

@@ -31,14 +31,17 @@ def _open_capture(target: int | str, timeout_s: float):
 
 PLAYLISTS = ("mpegurl", "dash+xml", "multipart/")  # Content-Types of a length that is not the video's:
 # an HLS or DASH playlist (a live one too), an MJPEG stream's parts
+PLAYLIST_SUFFIXES = (".m3u8", ".m3u", ".mpd")  # the same by the URL's path: a server (a bucket) sending a
+# playlist as application/octet-stream or text/plain
 
 
 def served_as_a_file(url: str, timeout_s: float) -> bool:
     """True when the http(s) `url` is a file of known length: its server answers a HEAD request
     with a Content-Length, and not as a playlist (PLAYLISTS). A live stream sent over HTTP has no
-    length (chunked, or until the connection closes). False for other schemes, and when the
-    server cannot be asked (no HEAD, an error, a time-out, a certificate not verified: read as
-    a stream then, as before). The URL's user name and password go as Basic authentication,
+    length (chunked, or until the connection closes). False for other schemes, for a playlist
+    by its suffix (PLAYLIST_SUFFIXES, whatever its Content-Type: a live one's length is the
+    list's), and when the server cannot be asked (no HEAD, an error, a time-out, a certificate
+    not verified: read as a stream then, as before). The URL's user name and password go as Basic authentication,
     as FFmpeg sends them."""
     import base64
     import urllib.parse
@@ -46,7 +49,7 @@ def served_as_a_file(url: str, timeout_s: float) -> bool:
 
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
+        if parts.scheme.lower() not in ("http", "https") or parts.path.lower().endswith(PLAYLIST_SUFFIXES):
             return False
         headers = {}
         if parts.username is not None:
@@ -54,13 +57,37 @@ def served_as_a_file(url: str, timeout_s: float) -> bool:
             headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode("ascii")
             url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         request = urllib.request.Request(url, method="HEAD", headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.build_opener(_same_origin_auth()).open(request, timeout=timeout_s) as response:
             length = response.headers.get("Content-Length", "")
             kind = response.headers.get("Content-Type", "").lower()
     except Exception as exc:  # URLError, HTTPError (a 405 to HEAD), a time-out, a malformed URL
         log.debug("%s: its server was not asked its length: %s", redact(url), redact(str(exc)))
         return False
     return length.strip().isdigit() and int(length) > 0 and not any(p in kind for p in PLAYLISTS)
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+def _same_origin_auth():
+    import urllib.request
+
+    class SameOriginAuth(urllib.request.HTTPRedirectHandler):
+        """Follows a redirect without the URL's credentials when it leads to another server
+        (urllib passes every header on, Authorization too: the password went to wherever the
+        first server pointed)."""
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and _origin(newurl) != _origin(req.full_url):
+                new.remove_header("Authorization")
+            return new
+
+    return SameOriginAuth
 
 
 class LiveSource:

@@ -593,3 +593,25 @@ def test_outputs_a_killed_run_never_recorded_go_so_they_are_not_read_as_rows(tmp
     assert sorted(p.stem for p in outputs.videos.iterdir()) == ["damaged-0123abcd", "kept-0123abcd"]
     assert sorted(p.name for p in outputs.state.glob("*.npz")) == ["damaged-0123abcd.npz", "kept-0123abcd.npz"]
     assert outputs.drop_unrecorded() == 0
+
+
+@pytest.mark.parametrize("named", ["absolute", "relative", "link"])
+def test_an_input_video_in_out_dir_videos_named_like_an_id_is_not_removed_as_unrecorded(tmp_path, monkeypatch,
+                                                                                          named):
+    """A video the user keeps in OUT_DIR/videos whose name reads as an id (clip-20240101.mp4: 8 hex
+    digits) is an input of the run, not an output a killed run left: drop_unrecorded removed it before
+    the run read it. Given as this run's inputs (absolute, relative to the working folder, or through
+    a link to it), it stays; an unrecorded output beside it still goes."""
+    from camface.batch.state import Outputs
+
+    outputs = Outputs(tmp_path / "out")
+    outputs.make()
+    mine, left = outputs.videos / "clip-20240101.mp4", outputs.videos / "gone-0123abcd.mp4"
+    mine.write_bytes(b"the user's video")
+    left.write_bytes(b"a killed run's")
+    monkeypatch.chdir(tmp_path)
+    if named == "link":
+        (tmp_path / "link.mp4").symlink_to(mine)
+    given = {"absolute": str(mine), "relative": "out/videos/clip-20240101.mp4", "link": "link.mp4"}[named]
+    assert outputs.drop_unrecorded([given]) == 1
+    assert mine.read_bytes() == b"the user's video" and not left.exists()

@@ -712,3 +712,24 @@ def test_tensors_a_head_reads_beside_its_target_are_judged_by_how_they_follow_th
     rows, fixed = onnx_rerun._sides(model, "t", ["s"], [head])
     assert rows == (["s"] if found[0] == "rows" else [])
     assert [(name, v.tolist()) for name, v in fixed] == ([("s", found[1])] if found[0] == "shape" else [])
+
+
+@pytest.mark.parametrize("target_dims", [None, [], [None, 3]], ids=["no-shape", "scalar", "unknown-batch"])
+def test_a_head_reading_another_tensor_is_refused_whatever_the_targets_inferred_shape(target_dims):
+    """`between` with `sides` (the anatomy's call) read the target's first inferred dimension as
+    shapes[target][0]: a target whose shape inference left none (None) or a scalar raised TypeError
+    / IndexError, a traceback where the head was refused (ModelError: the method left out)."""
+    from onnx import TensorProto, helper
+
+    from camface.export import onnx_rerun
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["image"], ["t"], name="relu"), helper.make_node("Neg", ["image"], ["u"], name="neg"),
+         helper.make_node("Add", ["t", "u"], ["out"], name="add")], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])])
+    shapes = {"image": ["N", 3], "t": target_dims, "u": ["N", 3], "out": ["N", 3]}
+    sides = []
+    with pytest.raises(ModelError, match=r"node 'add' \(Add\) between 't' and 'out' also reads 'u'"):
+        onnx_rerun.between(graph, "t", "out", shapes, sides)
+    assert sides == []

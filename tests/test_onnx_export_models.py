@@ -1284,3 +1284,41 @@ def test_an_all_convolutional_heads_default_target_is_the_map_its_class_convolut
     assert scale > 0
     for method in heatmaps:
         np.testing.assert_allclose(got[method], want[method], rtol=1e-4, atol=1e-5 * scale, err_msg=method)
+
+
+@pytest.mark.parametrize("sized", ["expand", "range"])
+def test_an_if_on_a_size_that_values_decide_is_not_folded(sized):
+    """The condition reads the size of a tensor whose shape x's values decide (an Expand to a shape
+    computed from them; a Range up to their sum): the walk to the graph's input read only shapes
+    there, so ONNX Runtime's sizes on zero inputs folded the If to the branch of zeros, wrong
+    for any other x. It stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from camface.export import onnx_model
+
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["x"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                None)])
+
+    total = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Cast", ["total"], ["count"], to=TensorProto.INT64)]
+    if sized == "expand":  # [1 + count]: 1 on zeros
+        total += [helper.make_node("Add", ["count", "one"], ["long"]),
+                  helper.make_node("Unsqueeze", ["long", "axes"], ["dims"]),
+                  helper.make_node("Expand", ["zero", "dims"], ["sized"])]
+    else:  # range(0, count): empty on zeros
+        total += [helper.make_node("Range", ["none", "count", "one"], ["sized"])]
+    reads = total + [helper.make_node("Size", ["sized"], ["size"]),
+                     helper.make_node("Equal", ["size", "one" if sized == "expand" else "none"], ["condition"])]
+    graph = helper.make_graph(
+        reads + [helper.make_node("If", ["condition"], ["y"], then_branch=branch("then", "Relu"),
+                                  else_branch=branch("else", "Neg"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array(0, np.int64), "none"),
+         numpy_helper.from_array(np.array([0], np.int64), "axes"), numpy_helper.from_array(np.float32(0), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ops = [n.op_type for n in onnx_model.prepare(model).graph.node]
+    assert "If" in ops and "Relu" not in ops and "Neg" not in ops

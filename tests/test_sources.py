@@ -379,9 +379,9 @@ def test_process_video_takes_any_integer_as_a_camera_index(index, monkeypatch):
 
     asked, make_source = [], sources.make_source
 
-    def recording(spec, *args):
+    def recording(spec, *args, **kwargs):
         asked.append(spec)
-        return make_source(spec, *args)
+        return make_source(spec, *args, **kwargs)
 
     monkeypatch.setattr(sources, "make_source", recording)
     with camface.load(device="cpu") as api:
@@ -945,3 +945,80 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
                         stages=[], metrics=report.classification_metrics(np.array([0, 1]), np.array([0, 1]), ["a", "b"]),
                         settings={}, seconds=1.0)
     assert f"- `{big}`: {reason}\n" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("where, sent", [("elsewhere", None), ("here", "Basic dTpw")])  # base64 of u:p
+def test_served_as_a_file_sends_the_urls_password_to_its_own_server_only(where, sent):
+    """The HEAD request carried the URL's user name and password as Authorization through a
+    redirect to any other server (urllib passes every header on). A redirect to another server
+    (here: another port) gets none; one to the same server keeps them."""
+    import http.server
+    import threading
+
+    from camface.realtime.live_source import served_as_a_file
+
+    heard, servers = [], []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            if self.path == "/clip.ts":
+                target = servers[1] if where == "elsewhere" else servers[0]
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{target.server_address[1]}/moved.ts")
+            else:
+                heard.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Type", "video/mp2t")
+                self.send_header("Content-Length", "1000")
+            self.end_headers()
+
+        do_GET = do_HEAD  # (urllib follows a redirect of a HEAD with a GET before Python 3.13)
+
+    threads = []
+    for _ in range(2):
+        servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server))
+        threads.append(threading.Thread(target=servers[-1].serve_forever, daemon=True))
+        threads[-1].start()
+    try:
+        assert served_as_a_file(f"http://u:p@127.0.0.1:{servers[0].server_address[1]}/clip.ts", 5.0)
+    finally:
+        for server, thread in zip(servers, threads):
+            server.shutdown()
+            server.server_close()
+            thread.join()
+    assert heard == [sent]
+
+
+@pytest.mark.parametrize("path, whole", [("/live.m3u8", False), ("/live.M3U8?token=1", False), ("/live.mpd", False),
+                                         ("/clip.ts", True)])
+def test_a_playlist_sent_as_octet_stream_is_not_a_file(path, whole):
+    """A live HLS or DASH playlist that a server (a bucket) sends as application/octet-stream, with
+    the list's Content-Length, was taken as a file of known length: read in order with no
+    reconnection, paced as a file. Its suffix says it is a playlist, whatever the type."""
+    import http.server
+    import threading
+
+    from camface.realtime.live_source import served_as_a_file
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", "321")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert served_as_a_file(f"http://127.0.0.1:{server.server_address[1]}{path}", 5.0) is whole
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

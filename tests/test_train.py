@@ -257,6 +257,25 @@ def test_train_and_bench_name_each_backbone_alike(given, meant):
     assert bench.parse_args(["--backbone", given]).backbone == meant
 
 
+@pytest.mark.parametrize("given, meant", [("vgg16-gap", "vgg16"), ("vgg16", "vgg16"), ("mobilenetv2", "mobilenetv2"),
+                                          ("vgg19", None)])
+def test_a_train_config_built_in_code_takes_the_backbones_names_as_the_command_line(tmp_path, given, meant):
+    """TrainConfig(backbone='vgg16-gap'), built in code, kept the earlier spelling the README says still
+    works, and the run failed with a KeyError once the photos were cropped (builders.BACKBONES and
+    transfer.LAST_BLOCK_PREFIXES know vgg16 only); it is read as vgg16, and an unknown name is a
+    UsageError naming the option and the choices before anything runs."""
+    from camface.errors import UsageError
+    from camface.models import builders, train
+
+    if meant is None:
+        with pytest.raises(UsageError, match=r"--backbone must be one of resnet50, vgg16, mobilenetv2, got 'vgg19'"):
+            train.TrainConfig(tmp_path / "data", tmp_path / "out", backbone=given)
+        return
+    config = train.TrainConfig(tmp_path / "data", tmp_path / "out", backbone=given)
+    assert config.backbone == meant and config.backbone in builders.BACKBONES
+    assert f"--backbone {meant} " in config.command()
+
+
 @pytest.mark.parametrize("backbone, head", [
     ("mobilenetv2", ["gap", "predictions"]),
     ("vgg16", ["cam_conv", "gap", "predictions"]),
