@@ -93,6 +93,7 @@ def _check_out_dir(out: Path, resume: bool):
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write to output folder {out}: it is a file")
     outputs = Outputs(out)
+    outputs.used = outputs.state.is_dir()  # a camface batch run made it: its leftovers may be dropped
     try:
         outputs.make()
     except OSError as exc:

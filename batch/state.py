@@ -43,6 +43,7 @@ class Outputs:
         self.owner = owner
         self.videos, self.rows, self.state = self.root / "videos", self.root / "rows", self.root / "state"
         self.parts = self.root / "parts"
+        self.used = True  # OUT_DIR held a state folder before this run (`drop_unrecorded`)
 
     def check(self) -> None:
         """Raise Superseded unless this run still owns OUT_DIR (asked before each file is
@@ -126,7 +127,11 @@ class Outputs:
         ones for good when it is not among a later run's inputs. A record that cannot be read keeps
         them, and so does a name that is not a video's id, and a file among `inputs` (this run's
         videos: one in OUT_DIR/videos named like an id, e.g. clip-20240101.mp4, is the user's).
-        Returns how many files went."""
+        Nothing goes from a folder no camface batch run has used (`used`: no state folder before
+        this run; `-o` pointed at a folder of the user's own with a videos/ sub-folder). Returns
+        how many files went."""
+        if not self.used:
+            return 0
         recorded = {path.stem for path in self.state.glob("[!.]*.json")} if self.state.is_dir() else set()
         named = {Path(path).resolve() for path in inputs}
         removed = 0

@@ -615,3 +615,24 @@ def test_an_input_video_in_out_dir_videos_named_like_an_id_is_not_removed_as_unr
     given = {"absolute": str(mine), "relative": "out/videos/clip-20240101.mp4", "link": "link.mp4"}[named]
     assert outputs.drop_unrecorded([given]) == 1
     assert mine.read_bytes() == b"the user's video" and not left.exists()
+
+
+@pytest.mark.parametrize("state_before", [False, True])
+def test_a_folder_no_batch_run_used_loses_nothing_as_unrecorded(tmp_path, state_before):
+    """`-o` pointed at a folder of the user's own with a videos/ sub-folder: its files named like
+    ids (take-0123abcd.mp4) were removed as a killed run's leftovers. Only a folder a camface batch
+    run used (its state/ folder there before this run) has leftovers to drop."""
+    from camface.batch.cli import _check_out_dir
+
+    out = tmp_path / "mine"
+    (out / "videos").mkdir(parents=True)
+    if state_before:
+        (out / "state").mkdir()
+    video = out / "videos" / "take-0123abcd.mp4"
+    video.write_bytes(b"the user's")
+    outputs, lock = _check_out_dir(out, resume=False)
+    try:
+        assert outputs.drop_unrecorded() == int(state_before)
+        assert video.exists() != state_before
+    finally:
+        lock.release()
