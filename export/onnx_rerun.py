@@ -611,7 +611,8 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     made = {o for n in model.graph.node for o in n.output}
     names = tuple(name for name in names if scores_tensor(name) in made)
     probe.graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                               for name in (parts.images, *parts.head_sides, *map(scores_tensor, names))])
+                               for name in (parts.images, *map(scores_tensor, names))])
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in parts.head_sides)  # any type
     session = _session(probe)
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, {graph_spec.INPUT_IMAGE: images, graph_spec.INPUT_CLASS: class_index})))
