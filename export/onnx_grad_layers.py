@@ -48,13 +48,21 @@ def _reduce_axes(ctx, node):
     return sorted(a % rank if rank else a for a in axes), bool(attribute(node, "keepdims", 1))
 
 
+def _kept(ctx, node, grads):
+    """(axes, g with the reduced axes kept as 1s) of a Reduce* node; axes None where it reduces
+    nothing (no axes, noop_with_empty_axes: y = x)."""
+    axes, keepdims = _reduce_axes(ctx, node)
+    if axes is None:
+        return None, grads[0]
+    return axes, grads[0] if keepdims else ctx.builder.unsqueeze(grads[0], axes)
+
+
 def reduce(ctx, node, grads, mean: bool):
     b = ctx.builder
     x = node.input[0]
-    axes, keepdims = _reduce_axes(ctx, node)
+    axes, grad = _kept(ctx, node, grads)
     if axes is None:
-        return [grads[0]] + [None] * (len(node.input) - 1)
-    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+        return [grad] + [None] * (len(node.input) - 1)
     spread = b.op("Expand", [grad, b.op("Shape", [x])])
     if mean:
         spread = b.op("Div", [spread, b.count(x, node.output[0])])
@@ -67,11 +75,10 @@ def reduce_max(ctx, node, grads):
 
     b = ctx.builder
     x = node.input[0]
-    axes, keepdims = _reduce_axes(ctx, node)
-    if axes is None:  # no axes, noop_with_empty_axes: y = x
-        return [grads[0]] + [None] * (len(node.input) - 1)
-    top = node.output[0] if keepdims else b.unsqueeze(node.output[0], axes)
-    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+    axes, grad = _kept(ctx, node, grads)
+    if axes is None:
+        return [grad] + [None] * (len(node.input) - 1)
+    top = node.output[0] if attribute(node, "keepdims", 1) else b.unsqueeze(node.output[0], axes)
     hits = b.op("Cast", [b.op("Equal", [x, top])], to=TensorProto.FLOAT)
     ties = b.reduce("ReduceSum", hits, axes, keepdims=True)
     return [b.op("Mul", [hits, b.op("Div", [grad, ties])])] + [None] * (len(node.input) - 1)
@@ -110,10 +117,9 @@ def reduce_prod(ctx, node, grads):
 
     b = ctx.builder
     x = node.input[0]
-    axes, keepdims = _reduce_axes(ctx, node)
+    axes, grad = _kept(ctx, node, grads)
     if axes is None:
-        return [grads[0]] + [None] * (len(node.input) - 1)
-    grad = grads[0] if keepdims else b.unsqueeze(grads[0], axes)
+        return [grad] + [None] * (len(node.input) - 1)
     zero, one = b.const(0.0), b.const(1.0)
     is_zero = b.op("Equal", [x, zero])
     zeros = b.reduce("ReduceSum", b.op("Cast", [is_zero], to=TensorProto.FLOAT), axes, True)

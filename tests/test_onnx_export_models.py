@@ -530,6 +530,22 @@ def run_graph(path, images, classes):
     return dict(zip(names, session.run(None, {"image": images, "class_index": classes})))
 
 
+def assert_heatmaps_equal_torch(result, model, stage, classes=(-1, 2, 0), heatmaps=("gradcam", "hirescam")):
+    """The exported graph's activations and `heatmaps` on random crops (one per class of
+    `classes`, -1: the predicted) against the methods' references on torch autograd's gradient
+    at `stage`'s output (`torch_heatmaps`); each map non-zero. Returns the activations."""
+    images = np.random.default_rng(0).integers(0, 256, (len(classes), SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array(classes)
+    got = run_graph(result.path, images, classes)
+    _, activations, expected = torch_heatmaps(model, stage, images, classes, list(heatmaps))
+    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
+    for name, heatmap in expected.items():
+        scale = float(np.abs(heatmap).max())
+        assert scale > 0, name
+        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    return activations
+
+
 @pytest.mark.parametrize("input_name, output_name", [("x", "probs"), ("image", "probs"),
                                                       ("x", "gradcam"), ("activations", "class_index")])
 def test_tensors_named_like_the_contract_are_renamed_inside_the_graph(tmp_path, capsys, caplog,
@@ -982,17 +998,7 @@ def test_a_target_before_an_upsampling_exports_with_torchs_gradient(tmp_path, mo
                                 ExportOptions(preset="unit", target_layer="stem"))
     assert result.info.target_layer == "stem" and result.info.feature_size == (16, 16)
     assert all(d.ok for d in result.differences)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    classes = np.array([-1, 2, 0])
-    got = run_graph(result.path, images, classes)
-    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
-                                              ["gradcam", "hirescam"])
-    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
-    for name, heatmap in expected.items():
-        scale = float(np.abs(heatmap).max())
-        assert scale > 0
-        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    assert_heatmaps_equal_torch(result, model, model.stem)
 
 
 class MaxAfterReLU(nn.Module):
@@ -1039,15 +1045,8 @@ def test_a_max_after_a_relu_target_exports_with_torchs_gradient(tmp_path, pool):
     result = onnx_export.export(legacy_onnx(model, tmp_path / "m.onnx"), tmp_path / "cam.onnx",
                                 ExportOptions(preset="unit", target_layer="stem"))
     assert all(d.ok for d in result.differences)
-    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    classes = np.array([-1, 1, 3])
-    got = run_graph(result.path, images, classes)
-    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
-                                              ["gradcam", "hirescam"])
+    activations = assert_heatmaps_equal_torch(result, model, model.stem, classes=(-1, 1, 3))
     assert (activations[..., :4] == 0).all()
-    for name, heatmap in expected.items():
-        scale = float(np.abs(heatmap).max())
-        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
 
 
 class EinsumAttention(nn.Module):
@@ -1092,17 +1091,7 @@ def test_a_target_before_einsum_attention_exports_with_torchs_gradient(tmp_path,
     assert sum(n.op_type == "Einsum" for n in onnx.load(str(result.path)).graph.node) > 4
     assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
     assert result.info.feature_size == (8, 8) and all(d.ok for d in result.differences)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    classes = np.array([-1, 2, 0])
-    got = run_graph(result.path, images, classes)
-    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
-                                              ["gradcam", "hirescam"])
-    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
-    for name, heatmap in expected.items():
-        scale = float(np.abs(heatmap).max())
-        assert scale > 0
-        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    assert_heatmaps_equal_torch(result, model, model.stem)
 
 
 class LocalResponseNormNet(nn.Module):
@@ -1141,16 +1130,7 @@ def test_a_target_before_a_local_response_norm_exports_with_torchs_gradient(tmp_
     assert not any(n.op_type == "If" for n in onnx.load(str(result.path)).graph.node)
     assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
     assert all(d.ok for d in result.differences)
-    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    classes = np.array([-1, 2, 0])
-    got = run_graph(result.path, images, classes)
-    _, activations, expected = torch_heatmaps(model, model.stem, images, classes,
-                                              ["gradcam", "hirescam"])
-    np.testing.assert_allclose(got["activations"], activations, rtol=1e-4, atol=1e-5)
-    for name, heatmap in expected.items():
-        scale = float(np.abs(heatmap).max())
-        assert scale > 0
-        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    assert_heatmaps_equal_torch(result, model, model.stem)
 
 
 @pytest.mark.parametrize("axis, reduce, folded", [
@@ -1220,14 +1200,7 @@ def test_a_target_before_an_adaptive_pooling_of_a_pt2_exports_with_torchs_gradie
     assert any(n.op_type == "GatherND" for n in onnx.load(str(result.path)).graph.node)
     assert {"gradcam", "hirescam"} <= set(result.info.heatmaps)
     assert all(d.ok for d in result.differences)
-    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    classes = np.array([-1, 2, 0])
-    got = run_graph(result.path, images, classes)
-    _, _, expected = torch_heatmaps(model, model.stem, images, classes, ["gradcam", "hirescam"])
-    for name, heatmap in expected.items():
-        scale = float(np.abs(heatmap).max())
-        assert scale > 0
-        np.testing.assert_allclose(got[name], heatmap, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
+    assert_heatmaps_equal_torch(result, model, model.stem)
 
 
 class ScoreHead(nn.Module):
