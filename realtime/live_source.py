@@ -35,12 +35,20 @@ PLAYLIST_SUFFIXES = (".m3u8", ".m3u", ".mpd")  # the same by the URL's path: a s
 # playlist as application/octet-stream or text/plain
 
 
+LENGTH_WAIT_S = 1.0  # the most a URL FFmpeg has just opened waits for its server's headers (a
+# server that answered FFmpeg answers the same GET within a round trip or two; one that does not
+# is read as a stream, as before)
+
+
 def served_as_a_file(url: str, timeout_s: float) -> bool:
-    """True when the http(s) `url` is a file of known length: its server answers a HEAD request
-    with a Content-Length, and not as a playlist (PLAYLISTS). A live stream sent over HTTP has no
-    length (chunked, or until the connection closes). False for other schemes, for a playlist
+    """True when the http(s) `url` is a file of known length: its server answers a GET with a
+    Content-Length, and not as a playlist (PLAYLISTS). A live stream sent over HTTP has no
+    length (chunked, or until the connection closes). Only the status line and headers are read
+    (the body is left unread, the connection closed): the request FFmpeg made, so a server that
+    answers FFmpeg answers it (a HEAD waited out its whole time-out on a server that ignores
+    HEAD, was refused by one signing URLs for GET only). False for other schemes, for a playlist
     by its suffix (PLAYLIST_SUFFIXES, whatever its Content-Type: a live one's length is the
-    list's), and when the server cannot be asked (no HEAD, an error, a time-out, a certificate
+    list's), and when the server cannot be asked (an error, a time-out, a certificate
     not verified: read as a stream then, as before). The URL's user name and password go as Basic authentication,
     as FFmpeg sends them."""
     import base64
@@ -56,11 +64,11 @@ def served_as_a_file(url: str, timeout_s: float) -> bool:
             user = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
             headers["Authorization"] = "Basic " + base64.b64encode(user.encode()).decode("ascii")
             url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        request = urllib.request.Request(url, method="HEAD", headers=headers)
+        request = urllib.request.Request(url, method="GET", headers=headers)
         with urllib.request.build_opener(_same_origin_auth()).open(request, timeout=timeout_s) as response:
             length = response.headers.get("Content-Length", "")
             kind = response.headers.get("Content-Type", "").lower()
-    except Exception as exc:  # URLError, HTTPError (a 405 to HEAD), a time-out, a malformed URL
+    except Exception as exc:  # URLError, HTTPError (a 401), a time-out, a malformed URL
         log.debug("%s: its server was not asked its length: %s", redact(url), redact(str(exc)))
         return False
     return length.strip().isdigit() and int(length) > 0 and not any(p in kind for p in PLAYLISTS)
@@ -172,7 +180,7 @@ class LiveSource:
         try:
             # FFmpeg knows no length of an MPEG-TS (.ts) behind a server that cannot seek
             # (no Range requests): the server's Content-Length says it is a file all the same
-            whole = known or (isinstance(self.target, str) and served_as_a_file(self.target, self.timeout_s))
+            whole = known or (isinstance(self.target, str) and served_as_a_file(self.target, min(self.timeout_s, LENGTH_WAIT_S)))
         except BaseException:  # Ctrl-C while asking: `with` will not call __exit__
             self._release()
             raise

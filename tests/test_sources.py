@@ -949,7 +949,7 @@ def test_an_image_over_opencvs_pixel_limit_says_so_and_how_to_raise_it(tmp_path,
 
 @pytest.mark.parametrize("where, sent", [("elsewhere", None), ("here", "Basic dTpw")])  # base64 of u:p
 def test_served_as_a_file_sends_the_urls_password_to_its_own_server_only(where, sent):
-    """The HEAD request carried the URL's user name and password as Authorization through a
+    """The request for its length carried the URL's user name and password as Authorization through a
     redirect to any other server (urllib passes every header on). A redirect to another server
     (here: another port) gets none; one to the same server keeps them."""
     import http.server
@@ -963,7 +963,7 @@ def test_served_as_a_file_sends_the_urls_password_to_its_own_server_only(where, 
         def log_message(self, *args):
             pass
 
-        def do_HEAD(self):
+        def do_GET(self):
             if self.path == "/clip.ts":
                 target = servers[1] if where == "elsewhere" else servers[0]
                 self.send_response(302)
@@ -974,8 +974,6 @@ def test_served_as_a_file_sends_the_urls_password_to_its_own_server_only(where, 
                 self.send_header("Content-Type", "video/mp2t")
                 self.send_header("Content-Length", "1000")
             self.end_headers()
-
-        do_GET = do_HEAD  # (urllib follows a redirect of a HEAD with a GET before Python 3.13)
 
     threads = []
     for _ in range(2):
@@ -1007,7 +1005,7 @@ def test_a_playlist_sent_as_octet_stream_is_not_a_file(path, whole):
         def log_message(self, *args):
             pass
 
-        def do_HEAD(self):
+        def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", "321")
@@ -1022,3 +1020,61 @@ def test_a_playlist_sent_as_octet_stream_is_not_a_file(path, whole):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.mark.parametrize("head", ["refused", "ignored"])
+def test_a_ts_whose_server_does_not_answer_head_is_asked_its_length_by_get(head):
+    """The length was asked with a HEAD, after FFmpeg had opened the URL and before its first
+    frame was given: a server that ignores HEAD (answers only the GET FFmpeg sends) held the
+    source for its whole time-out (5 s), then had a .ts of known length read as a live stream;
+    one that refuses HEAD (405, a URL signed for GET) had it read as a stream. The headers of a
+    GET say the same, from any server that answers FFmpeg."""
+    import http.server
+    import threading
+
+    from camface.realtime.live_source import served_as_a_file
+
+    release, asked = threading.Event(), []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            asked.append("HEAD")
+            if head == "ignored":
+                release.wait(30)  # never answers while the test runs
+            self.send_error(405)
+
+        def do_GET(self):
+            asked.append("GET")
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp2t")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(bytes(1000))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert served_as_a_file(f"http://127.0.0.1:{server.server_address[1]}/clip.ts", 5.0)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert asked == ["GET"]
+
+
+def test_a_stream_url_waits_for_its_servers_length_far_less_than_its_time_out(monkeypatch):
+    """A stream whose server took its time to answer the length request held the source for
+    the whole open/read time-out (5 s) before its first frame was given; FFmpeg has just opened
+    it, so its server's headers come within LENGTH_WAIT_S or it is read as a stream."""
+    from camface.realtime import live_source
+
+    asked = []
+    monkeypatch.setattr(live_source, "served_as_a_file", lambda url, timeout_s: asked.append(timeout_s) or False)
+    with LiveSource("http://127.0.0.1:9/live.ts", timeout_s=5.0, opener=lambda target, timeout: FakeCamera()) as source:
+        assert source.info.live
+    assert asked == [live_source.LENGTH_WAIT_S] and live_source.LENGTH_WAIT_S <= 1.0
