@@ -34,7 +34,7 @@ from camface.realtime.config import LiveConfig
 from camface.realtime.recorder import Output, Recorder
 from camface.realtime.summary import RunSummary, detect_workers_for, hud_stage_ms
 from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in_order, opencv_single_threaded,
-                                      put, sigterm_raises, signals_held)
+                                      put, sigterm_raises, signals_deferred, signals_held)
 from camface.realtime.timing import RateMeter, StageTimer
 from camface.realtime.controls import QUIT, RECORD, SNAPSHOT, Controls
 from camface.realtime.viewer import SNAPSHOT_SHOWN, Viewer
@@ -288,15 +288,17 @@ class LiveLoop:
                     # left out); stamped by the reader, as a detection's cost varies by frame
                     read_at = self._read_at.pop(index, None)
                     at = read_at - paused_before(read_at, pauses) if read_at is not None else None
-                    # counted before it goes to the writer: a SIGTERM handled on the put's return (the
-                    # signal taken by another thread while this one waited for room) left a frame
-                    # recorded but not counted ("1148 frames ...; recorded 1149 frames")
-                    frames += 1
-                    if frames in (first_mark, last_mark):
-                        cpu_at[frames] = time.process_time()
-                    faces_total += len(explained.result.faces)
-                    dropped_total += explained.result.dropped
-                    put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
+                    # counted and handed to the writer as one step: a signal handled on the put's
+                    # return left a frame recorded but not counted ("1148 frames ...; recorded
+                    # 1149 frames"), one that came while the put waited for room in a full queue a
+                    # frame counted but not recorded; it now takes effect once the frame is in both
+                    with signals_deferred():
+                        frames += 1
+                        if frames in (first_mark, last_mark):
+                            cpu_at[frames] = time.process_time()
+                        faces_total += len(explained.result.faces)
+                        dropped_total += explained.result.dropped
+                        put(output_q, Output(frame, explained, raw, snapshot, toggle, at), None)
                     shown = (raw, explained, snapshot) if keep_raw else None
                     self.rate.tick()
                     if progress is not None:

@@ -169,6 +169,29 @@ def signals_held():
 
 
 @contextlib.contextmanager
+def signals_deferred():
+    """SIGINT/SIGTERM that arrive while the block runs take effect when it ends, through the
+    handlers in place then (as if they came then): a step that must happen whole (a frame
+    handed to the writer and counted) is not cut in two. The block should be short, or wait
+    only on something that moves on by itself (the writer's queue): the signal waits for it.
+    A signal that came while the block raised is dropped: the block's exception ends the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda signum, frame: received.append(signum))
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        signal.raise_signal(received[0])  # its handler (KeyboardInterrupt, Terminated) raises here
+
+
+@contextlib.contextmanager
 def opencv_single_threaded():
     """OpenCV's own worker threads only add contention: the pipeline's stages already run
     in parallel, one thread each."""

@@ -526,31 +526,37 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
     assert recorded > 0 and count_frames(out) == recorded
 
 
-@pytest.mark.parametrize("signal_error", [KeyboardInterrupt, Terminated])
-def test_a_signal_handled_as_a_frame_is_handed_to_the_writer_leaves_it_counted(tmp_path, face_clip, monkeypatch,
-                                                                               signal_error):
-    """SIGTERM taken by another thread while the main one waited for room in the writer's queue
-    is raised when the put returns: the frame was recorded but not counted ('1148 frames ...;
-    recorded 1149 frames', one run in two on the sample). The summary counts every frame the
-    file holds."""
+@pytest.mark.parametrize("when", ["waiting for room", "on the put's return"])
+@pytest.mark.parametrize("sig, signal_error", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_a_signal_as_a_frame_is_handed_to_the_writer_leaves_it_counted_and_recorded(tmp_path, face_clip, monkeypatch,
+                                                                                   when, sig, signal_error):
+    """A signal that came while the main thread waited for room in the writer's full queue left
+    the frame counted but not recorded (its put cut short); one handled when the put returned
+    (SIGTERM taken by another thread meanwhile) left it recorded but not counted ('1148 frames
+    ...; recorded 1149 frames', one run in two on the sample). The signal takes effect once the
+    frame is both: the summary counts every frame the file holds."""
     from camface.realtime import loop as loop_module
     from camface.realtime.recorder import Output
 
     real_put = loop_module.put
 
-    def put_then_signal(q, item, stop):
+    def put_with_a_signal(q, item, stop):
+        third = isinstance(item, Output) and item.explained is not None and item.explained.result.index == 2
+        if third and when == "waiting for room":
+            signal.raise_signal(sig)
         done = real_put(q, item, stop)
-        if isinstance(item, Output) and item.explained is not None and item.explained.result.index == 2:
-            raise signal_error()  # the handler, run on the put's return
+        if third and when == "on the put's return":
+            signal.raise_signal(sig)
         return done
 
-    monkeypatch.setattr(loop_module, "put", put_then_signal)
+    monkeypatch.setattr(loop_module, "put", put_with_a_signal)
     out = tmp_path / "signal.mp4"
     loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, method="none"))
     with pytest.raises(signal_error):
         loop.run()
     assert loop.summary.recordings == ((str(out), 3),) and count_frames(out) == 3
     assert loop.summary.frames == 3 and "; 3 frames, " in loop.summary.line()
+    assert loop.summary.stopped_by == ("interrupted" if sig == signal.SIGINT else "terminated")
 
 
 @pytest.mark.parametrize("signal_error", [KeyboardInterrupt, Terminated])
