@@ -126,11 +126,13 @@ def _write_report(outputs: Outputs, videos, labels, color_order, method, colorma
 
 
 def now(outputs: Outputs, video, record: dict) -> dict:
-    """A video's entry in the summary: its record saying where the video and its outputs are now
-    (the summary is written each run; a record, and the rows, say where the file was when it was
-    explained, before the archive moved; a record's outputs are named from OUT_DIR, or by an earlier
-    camface where OUT_DIR was), `video`, `key` and `path` first."""
-    moved = {name: str(outputs.file(record[name]).resolve()) for name in ("video_file", "rows_file") if name in record}
+    """A video's entry in the summary: its record saying where the video is now (the summary is
+    written each run; a record, and the rows, say where the file was when it was explained, before
+    the archive moved), and its outputs named from OUT_DIR ("rows/<id>.parquet"), as the record and
+    the class pictures name theirs: absolute, they named OUT_DIR's old place once it moved, until
+    the next run (an earlier camface's record names them where OUT_DIR was then), `video`, `key`
+    and `path` first."""
+    moved = {name: outputs.relative(outputs.file(record[name])) for name in ("video_file", "rows_file") if name in record}
     entry = {"video": video.id, "key": video.key, "path": video.path}
     return {**entry, **record, **entry, **moved}
 

@@ -231,7 +231,7 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
     and resumed there, every video was done again under new ids, its rows beside the earlier
     ones. Now nothing is redone (the model is known by its bytes, not its path), OUT_DIR holds one
     record and one table per video, and the summary names the videos and their outputs where they
-    are now. Rows and records say where the file was when it was explained, and the key (the path
+    are now (the outputs from OUT_DIR). Rows and records say where the file was when it was explained, and the key (the path
     from the folder above the input) that a move keeps. day1/ and day2/ hold the same file name."""
     import shutil
 
@@ -261,7 +261,7 @@ def test_an_archive_moved_elsewhere_resumes_without_redoing_anything(ray_cluster
     was, now = ([str(tmp_path / site / "archive" / day / "clip.mp4") for day in ("day1", "day2")]
                 for site in ("site", "moved"))
     assert [r["path"] for r in second["videos"]] == now and [r["key"] for r in second["videos"]] == keys
-    assert [r["rows_file"] for r in second["videos"]] == [str(out / "rows" / f"{v}.parquet") for v in ids]
+    assert [r["rows_file"] for r in second["videos"]] == [f"rows/{v}.parquet" for v in ids]  # from OUT_DIR
     assert sorted(p.stem for p in (out / "state").glob("*.json")) == sorted(ids)
     assert sorted(p.stem for p in (out / "rows").glob("*.parquet")) == sorted(ids)
     assert second["totals"]["faces"] == first["totals"]["faces"] > 0
@@ -570,6 +570,38 @@ def test_real_ctrl_c_then_sigkill_of_the_driver_then_resume(ray_cluster, clips, 
     assert len(set(keys)) == len(keys) == table.num_rows > 0 and max(k[0] for k in keys) == 399
     assert count_frames(out / "videos" / f"{long_id}.mp4") == 400
     assert not list(out.rglob(".*.tmp*"))
+
+
+@pytest.mark.parametrize("written_by", ["this camface", "an earlier camface"])
+def test_summary_names_outputs_from_out_dir_so_it_holds_after_out_dir_moves(tmp_path, written_by):
+    """summary.json named each video's outputs (video_file, rows_file) by absolute path: OUT_DIR
+    moved or renamed, it named files in the old place (gone, or another run's) until the next run,
+    while its class pictures and the records named theirs from OUT_DIR. They are named from
+    OUT_DIR too; a record of an earlier camface (absolute paths) is named so in the summary."""
+    import shutil
+
+    from camface.batch.inputs import Video
+    from camface.batch.report import write_report
+    from camface.batch.state import Outputs
+
+    outputs = Outputs(tmp_path / "site" / "out")
+    outputs.make()
+    video = Video("/archive/a.mp4", "a-0123abcd")
+    _done(outputs, video.id, video.path, [1, 2])
+    record = json.loads(outputs.record_path(video.id).read_text())
+    named = {"video_file": outputs.video(video.id), "rows_file": outputs.parquet(video.id)}
+    for path in named.values():
+        path.write_bytes(b"output")
+    record.update({name: str(path) if written_by == "an earlier camface" else outputs.relative(path)
+                   for name, path in named.items()})
+    outputs.record_path(video.id).write_text(json.dumps(record))
+    write_report(outputs, [video], ("x", "y"), "BGR", "gradcam", "jet", 0.5, {})
+    shutil.move(tmp_path / "site", tmp_path / "moved")
+    moved = tmp_path / "moved" / "out"
+    (entry,) = json.loads((moved / "summary.json").read_text())["videos"]
+    assert (entry["video_file"], entry["rows_file"]) == (f"videos/{video.id}.mp4", f"rows/{video.id}.parquet")
+    assert all((moved / entry[name]).is_file() for name in named)
+    assert entry["path"] == video.path  # the input's own place: outside OUT_DIR, as it is
 
 
 def _done(outputs, video_id, path, counts, status="done", reason=None):
