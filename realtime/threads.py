@@ -174,19 +174,32 @@ def signals_deferred():
     handlers in place then (as if they came then): a step that must happen whole (a frame
     handed to the writer and counted) is not cut in two. The block should be short, or wait
     only on something that moves on by itself (the writer's queue): the signal waits for it.
-    A signal that came while the block raised is dropped: the block's exception ends the run."""
+    A second signal takes effect at once, through the handlers in place before the block: a
+    block stuck waiting (a writer hung on its file) can still be interrupted, as a second Ctrl-C
+    does elsewhere. A signal that came while the block raised is dropped: the block's exception
+    ends the run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
     previous = {}
-    try:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            previous[s] = signal.signal(s, lambda signum, frame: received.append(signum))
-        yield
-    finally:
+
+    def restore() -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+    def defer(signum, frame) -> None:
+        if received:  # the second: the previous handlers take it now
+            restore()
+            signal.raise_signal(signum)
+        received.append(signum)
+
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, defer)
+        yield
+    finally:
+        restore()
     if received:
         signal.raise_signal(received[0])  # its handler (KeyboardInterrupt, Terminated) raises here
 

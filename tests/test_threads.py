@@ -1,6 +1,10 @@
 """The live loop's thread plumbing (camface.realtime.threads): results put back in frame order,
 failures raised after every frame before them."""
 
+import signal
+
+import pytest
+
 from camface.errors import SourceError
 from camface.realtime.threads import END, Failure
 
@@ -101,3 +105,26 @@ def test_signals_held_restores_ctrl_c_when_interrupted_while_setting_up(monkeypa
             pass
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("signals, raised_inside", [
+    ((signal.SIGINT,), False),  # one: deferred to the block's end
+    ((signal.SIGTERM,), False),
+    ((signal.SIGINT, signal.SIGINT), True),  # a second: at once (a block stuck waiting is interrupted)
+    ((signal.SIGTERM, signal.SIGINT), True),
+])
+def test_signals_deferred_takes_one_signal_at_the_end_and_a_second_at_once(signals, raised_inside):
+    from camface.realtime import threads
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    steps: list[str] = []
+    with threads.sigterm_raises(), pytest.raises((KeyboardInterrupt, threads.Terminated)) as caught:
+        with threads.signals_deferred():
+            for signum in signals:
+                signal.raise_signal(signum)
+                steps.append("after signal")
+            steps.append("block ended")
+    assert steps == (["after signal"] if raised_inside else ["after signal", "block ended"])
+    assert isinstance(caught.value, KeyboardInterrupt if signals[-1 if raised_inside else 0] == signal.SIGINT
+                      else threads.Terminated)
+    assert {s: signal.getsignal(s) for s in before} == before
