@@ -6,7 +6,7 @@ last second. Where PyAV is missing or has no H.264 encoder, `auto` falls back to
 MPEG-4 Part 2 (`mp4v`) in a plain MP4, with one log line saying so: browsers do not play
 that, and a hard kill leaves it unplayable.
 
-`check_output_file` runs before any frame is processed, so a recording that cannot be written
+`check_record_file` runs before any frame is processed, so a recording that cannot be written
 fails at once; `VideoSink` is a context manager whose exit (normal end, error, Ctrl-C,
 SIGTERM) always finalises the file.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import stat
 from pathlib import Path
 
 import cv2
@@ -40,6 +41,23 @@ CLOCK_HZ = 1000
 # below 8192 a side; libx264 at 16384 a side, and short of 16384 x 16384 in all (16384 x 16000
 # opens, 16384 x 16368 not). A recording's first frame beyond them is scaled down to fit.
 LARGEST = {"mp4v": (8190, 8190 * 8190), "h264": (16384, 16384 * 16000)}
+
+
+def check_record_file(path: str | Path, overwrite: bool = False) -> Path:
+    """`check_output_file`'s checks for a recording, and an OutputError naming `path` when it
+    is a named pipe (FIFO), a socket or a block device: opening a pipe that no program reads
+    waited for good (the run hung until SIGKILL), and an MP4 is finished by reading it back.
+    A character device (/dev/null, /dev/full) is written as it is."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # nothing there (or a dangling link): check_output_file says what it must
+        mode = 0
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a block device" if stat.S_ISBLK(mode) else None)
+    if kind is not None:
+        raise OutputError(f"cannot record to {path}: it is {kind}, not a file; give an .mp4 file to write")
+    return check_output_file(path, overwrite)
 
 
 def encoder_for(codec: str = "auto") -> str:
@@ -132,7 +150,7 @@ class VideoSink:
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
-        self.path = check_output_file(path, overwrite)
+        self.path = check_record_file(path, overwrite)
         self.fps = fps
         self.encoder = encoder_for(codec)
         self.frames_written = 0

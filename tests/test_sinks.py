@@ -502,6 +502,33 @@ def test_a_record_file_whose_encoder_does_not_open_is_one_error_and_no_file(tmp_
     assert list(tmp_path.iterdir()) == ([out] if before is not None else [])
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_a_record_path_that_is_a_named_pipe_is_refused_naming_it(tmp_path, overwrite):
+    """--record at a named pipe waited for good (until SIGKILL) for a program to read it, or
+    with no --overwrite was told to pass --overwrite, which then hung. It is refused before
+    anything opens it, naming it and what it is."""
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    with pytest.raises(OutputError, match=f"cannot record to {re.escape(str(pipe))}: it is a named pipe"):
+        VideoSink(pipe, FPS, overwrite=overwrite)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_live_record_to_a_named_pipe_is_one_error_before_any_work(tmp_path, capsys):
+    from camface.cli import main
+
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.mp4"
+    link.symlink_to(pipe)
+    for target in (pipe, link):
+        assert main(["live", "--source", "sample", "--no-show", "--max-frames", "3", "--record", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"camface: error: cannot record to {target}: it is a named pipe (FIFO), not a file" in err, err
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),
     ("H264", ValueError, "unknown codec 'H264'"),
