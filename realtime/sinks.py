@@ -146,7 +146,9 @@ class VideoSink:
     shape kept, black bars beside or above and below (`fit`: a folder's landscape photos after
     a portrait one). `frames_written` counts frames handed to the encoder; `frames_kept` those
     the file holds once closed (fewer after a write error: a full disk); `removed` why the file
-    was removed at close (it held no frame), None when it was not.
+    was removed at close (it held no frame), None when it was not. An H.264 recording over an
+    existing file (overwrite; through a link, the file it points to) replaces it only once it
+    holds a whole frame: one that holds none keeps the earlier file (`kept_earlier`).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
@@ -155,6 +157,7 @@ class VideoSink:
         self.encoder = encoder_for(codec)
         self.frames_written = 0
         self.removed: str | None = None
+        self.kept_earlier = False  # closed with no frame over an earlier file, which was kept
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
         self._closed = False
@@ -264,7 +267,11 @@ class VideoSink:
                 self._failed = True
                 raise
             finally:
-                self._remove_if_empty(say_removed)
+                self.kept_earlier = getattr(writer, "kept_earlier", False)
+                if self.kept_earlier:
+                    log.warning("camface: %s keeps its earlier file: the recording holds no frame", self.path)
+                else:
+                    self._remove_if_empty(say_removed)
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
     def _remove_if_empty(self, say: bool) -> None:
@@ -288,6 +295,8 @@ class VideoSink:
     def frames_kept(self) -> int:
         """Frames the closed file holds: `frames_written`, or after a write error (the encoder
         had taken frames that never reached the disk) those a reader gets from the file."""
+        if self.kept_earlier:
+            return 0
         if not self._failed or not self.frames_written:
             return self.frames_written
         if self.encoder == "mp4v":

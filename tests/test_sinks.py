@@ -438,6 +438,58 @@ def test_live_summary_counts_the_frames_the_file_holds_after_a_full_disk(tmp_pat
     assert 0 < kept < 60 and f"recorded {kept} frames to {out}" in err
 
 
+def _earlier_recording(tmp_path, clip_frames, given):
+    """(the path given to --record, the file it writes, that file's bytes before the run)."""
+    earlier = record(tmp_path / "earlier.mp4", clip_frames[:10]).path
+    if given == "file":
+        return earlier, earlier, earlier.read_bytes()
+    link = tmp_path / "link.mp4"
+    link.symlink_to(earlier)
+    return link, earlier, earlier.read_bytes()
+
+
+@pytest.mark.parametrize("given", ["file", "link"])
+@pytest.mark.parametrize("disk", [lambda: _DiskOf(28 + 100), lambda: _DiskOf(40, short=True), lambda: _DiskOf(2000)],
+                         ids=["first-frame", "header-cut", "no-fragment"])
+def test_an_earlier_recording_is_kept_when_the_new_one_holds_no_frame(tmp_path, clip_frames, monkeypatch, given,
+                                                                       disk):
+    """--overwrite over an earlier recording (or a link to one), the disk full before a whole
+    frame reached the file: the earlier file was emptied when the encoder opened, and then
+    removed (a link: the link removed, the file it points to left holding the encoder's stub).
+    The earlier file is kept as it was, the link too, and nothing is left beside them."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
+    kept = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(fmp4, "open", disk(), raising=False)
+    sink = VideoSink(path, FPS, overwrite=True)
+    with pytest.raises(OutputError, match=f"cannot (write|finish) {re.escape(str(path))}: No space left"):
+        with sink:
+            for frame in clip_frames[:35]:
+                sink.write(frame)
+    assert earlier.read_bytes() == before and path.resolve() == earlier
+    assert sorted(tmp_path.iterdir()) == kept and sink.frames_kept == 0 and sink.kept_earlier
+
+
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_an_earlier_recording_is_replaced_once_the_new_one_holds_a_whole_frame(tmp_path, clip_frames, given):
+    """The new recording takes the earlier one's place as soon as its first fragment is on
+    disk (so a hard kill after it leaves the new recording there, playable), through a link the
+    file it points to; the link stays a link."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
+    with VideoSink(path, FPS, overwrite=True) as sink:
+        for frame in clip_frames[:29]:
+            sink.write(frame)
+        assert earlier.read_bytes() == before  # no fragment on disk yet
+        for frame in clip_frames[29:35]:
+            sink.write(frame)
+        assert count_frames(earlier) == 30  # the first fragment, in the earlier file's place
+    assert count_frames(earlier) == 35 and path.resolve() == earlier and path.is_symlink() == (given == "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
     from camface.cli import main
