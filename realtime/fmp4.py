@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
+import re
 import stat
 from fractions import Fraction
 from pathlib import Path
@@ -28,7 +30,10 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError
+from camface.native import native_stderr_captured
 from camface.outputs import beside
+
+log = logging.getLogger(__name__)
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 KEYFRAME_S = 1.0  # seconds between keyframes, so between fragments
@@ -117,11 +122,21 @@ class H264Writer:
         except (av.FFmpegError, OSError, ValueError, TypeError, NotImplementedError) as exc:  # an unknown encoder
             self._abandon()
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
-        try:
-            context.open()  # now rather than on the first frame, so a refusal is clear
-        except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+        # x264 writes why it refuses an option (a preset, a tune) straight to fd 2, beside the
+        # one-line error: it is put in that error instead (PyAV's logging never sees it)
+        with native_stderr_captured() as said:
+            try:
+                context.open()  # now rather than on the first frame, so a refusal is clear
+                refused = None
+            except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+                refused = exc
+        said = [re.sub(r"^x264 \[\w+\]: ", "", line) for line in said]
+        if refused is not None:
             self._abandon()
-            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
+            why = "; ".join([*said, str(refused)])
+            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {why}") from refused
+        for line in said:
+            log.info("%s: %s", encoder, line)
         if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # (not a device: /dev/full)
             self._file.truncate(0)  # nothing is written before the first frame
         self._av, self._pts = av, 0

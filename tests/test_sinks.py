@@ -581,6 +581,24 @@ def test_live_record_to_a_named_pipe_is_one_error_before_any_work(tmp_path, caps
         assert "Traceback" not in err
 
 
+def test_x264s_own_refusal_is_in_the_one_error_line_not_beside_it(tmp_path, capfd, monkeypatch):
+    """x264 prints why it refuses an option ("x264 [error]: invalid preset ...") straight to
+    file descriptor 2, beside camface's one-line error, which said only "avcodec_open2 ...
+    returned 22". The reason is in camface's line, and nothing else reaches stderr."""
+    if encoder_for("auto") != "libx264":
+        pytest.skip("libx264 is not the encoder here")
+    from camface.cli import main
+
+    out = tmp_path / "out.mp4"
+    _refuse_the_encoder(monkeypatch)
+    assert main(["live", "--source", "sample", "--no-show", "--max-frames", "3", "--record", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert "x264 [" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("camface: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"camface: error: libx264 cannot encode 640x480 video for {out}: invalid preset 'no-such-preset'; "), err
+
+
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),
     ("H264", ValueError, "unknown codec 'H264'"),
