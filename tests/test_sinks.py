@@ -610,6 +610,42 @@ def test_unknown_codecs_are_refused(tmp_path, codec, error, message):
     assert CODECS == ("auto", "h264", "mp4v")
 
 
+@pytest.mark.parametrize("codec", ["auto", "mp4v"])
+@pytest.mark.parametrize("small", [(1, 1), (3, 7), (7, 200)], ids=["1x1", "7x3", "200x7"])
+def test_small_first_frames_do_not_set_the_recordings_size(tmp_path, clip_frames, caplog, codec, small):
+    """A first frame that cannot show a face (a 1x1 image first in a folder) set the recording's
+    size: 2x2, every photo after it squeezed into that. Small first frames are held, said once
+    naming the recording, and the first larger frame sets the size; the held ones are scaled
+    into it (their colour kept), in order."""
+    if codec == "auto" and encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path = tmp_path / "out.mp4"
+    colours = (60, 200)
+    with caplog.at_level(logging.WARNING):
+        record(path, [np.full((*small, 3), c, np.uint8) for c in colours] + clip_frames[:5], codec)
+    decoded = decode(path)
+    assert len(decoded) == 7 and all(frame.shape == (SIZE[1], SIZE[0], 3) for frame in decoded)
+    for frame, colour in zip(decoded, colours):  # the middle of each held frame, scaled up
+        middle = frame[SIZE[1] // 2 - 1:SIZE[1] // 2 + 1, SIZE[0] // 2 - 1:SIZE[0] // 2 + 1]
+        assert abs(float(middle.mean()) - colour) < LOSSY, (colour, middle.mean())
+    for frame, original in zip(decoded[2:], clip_frames):
+        assert mad(frame, original) < LOSSY
+    assert caplog.text.count(f"camface: {path}: a first frame of {small[1]}x{small[0]} cannot show a face") == 1
+    assert "scaled to fit" not in caplog.text
+
+
+def test_a_recording_of_small_frames_only_keeps_their_size(tmp_path, monkeypatch):
+    """Small frames and nothing else (or more than MAX_HELD of them) are recorded as they are,
+    at their size rounded down to even numbers, every frame kept."""
+    monkeypatch.setattr(sinks, "MAX_HELD", 4)
+    for frames, name in ((3, "few.mp4"), (9, "many.mp4")):
+        path = tmp_path / name
+        sink = record(path, [np.full((5, 7, 3), 20 * k, np.uint8) for k in range(frames)], "mp4v")
+        decoded = decode(path)
+        assert sink.frames_written == len(decoded) == frames and decoded[0].shape == (4, 6, 3)
+        assert [round(float(frame.mean()) / 20) for frame in decoded] == list(range(frames))
+
+
 # ------------------------------------------------------------------------------ choosing the encoder
 
 @pytest.mark.parametrize("usable, encoder, reason", [
