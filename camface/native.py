@@ -1,5 +1,6 @@
-"""Quieting native libraries (LiteRT/XNNPACK, CUDA stubs, absl) that write straight to file
-descriptor 2, bypassing Python's logging (used by the detector and the Keras baseline), and
+"""Quieting native libraries (LiteRT/XNNPACK, CUDA stubs, absl, x264) that write straight to file
+descriptor 2, bypassing Python's logging (used by the detector, the Keras baseline and the H.264
+writer), and
 handing OpenCV the paths it can take (`opencv_path`)."""
 
 from __future__ import annotations
@@ -21,14 +22,21 @@ class _Fd2Silencer:
         self._depth = 0
         self._saved: int | None = None
 
-    def enter(self) -> None:
+    def enter(self, target: int | None = None) -> bool:
+        """Point fd 2 at `target` (a file descriptor; None: /dev/null) unless an outer block has
+        already pointed it elsewhere: True when this block's target gets the lines."""
         with self._lock:
-            if self._depth == 0:
+            first = self._depth == 0
+            if first:
                 sys.stderr.flush()
                 self._saved = os.dup(2)
-                with open(os.devnull, "wb") as devnull:
-                    os.dup2(devnull.fileno(), 2)
+                if target is not None:
+                    os.dup2(target, 2)
+                else:
+                    with open(os.devnull, "wb") as devnull:
+                        os.dup2(devnull.fileno(), 2)
             self._depth += 1
+            return first
 
     def leave(self) -> None:
         with self._lock:
@@ -56,6 +64,27 @@ def quiet_native_stderr(enabled: bool = True):
         yield
     finally:
         _FD2.leave()
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """Hold back what native code writes straight to file descriptor 2 while the block runs
+    (x264 prints why it refuses a preset there, beside the error camface raises): yields a list
+    that gets those lines once the block ends, for the caller to put in its own message. Empty
+    when a `quiet_native_stderr` block of another thread had fd 2 silenced already."""
+    import tempfile
+
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as file:
+        mine = _FD2.enter(file.fileno())
+        try:
+            yield lines
+        finally:
+            _FD2.leave()
+            if mine:
+                file.seek(0)
+                lines.extend(line.strip() for line in file.read().decode("utf-8", "replace").splitlines()
+                             if line.strip())
 
 
 def opencv_path(path: str | os.PathLike[str]) -> str | bytes:

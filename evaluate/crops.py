@@ -48,7 +48,7 @@ def from_source(config, graph, frames: int, every: int, progress: bool = False) 
                 crops.append(explainer.explain(frame, faces, controls, index).crops)
         bar.close()
     if not crops:
-        raise NoFaces(f"no faces found in {read} frames of {source.info.name} ({every_nth_frame(every)} "
+        raise NoFaces(f"no faces found in {read} frames of {source.info.name} ({every_nth_frame(every, read)} "
                       f"looked at, detector {config.detector}, min confidence {config.min_confidence})", read)
     return np.concatenate(crops), read
 

@@ -92,7 +92,7 @@ def format_table(report: dict) -> str:
     settings, methods = report["settings"], report["methods"]
     from camface.realtime.config import every_nth_frame
 
-    frames = (f"{every_nth_frame(settings['every'])} of {settings['frames_read']}" if settings["frames_read"]
+    frames = (f"{every_nth_frame(settings['every'], settings['frames_read'])} of {settings['frames_read']}" if settings["frames_read"]
               else "snapshots")
     lines = [f"camface evaluate: {settings['source']} ({frames}, {settings['crops']} face crops), "
              f"{Path(settings['model']).name} at {settings['target_layer']}, explaining each crop's predicted class",

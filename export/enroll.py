@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -56,7 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="cosine similarity below which a face is unknown (default: the equal-error point "
                              "of the gallery's leave-one-out scores)")
     parser.add_argument("--softmax-scale", type=float, default=None, metavar="S",
-                        help="probs = softmax(S * similarity) (default: 30, as CosFace/ArcFace train)")
+                        help="probs = softmax(S * similarity), S in [0.01, 1000] (default: 30, as CosFace/ArcFace "
+                             "train)")
     parser.add_argument("--no-detect", action="store_true", help="photos are face crops already: resize only")
     parser.add_argument("--no-rank", action="store_true",
                         help="record no method ranking (default: rank the methods on the enrolled faces)")
@@ -198,8 +198,9 @@ def enroll(people_dir: Path, model: Path, output: Path, options, from_classifier
     from camface.outputs import check_output_file, writing, written_beside
 
     started = time.perf_counter()
-    if softmax_scale is not None and not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise UsageError(f"--softmax-scale must be a positive number, got {softmax_scale}")
+    low, high = gallery.SCALE_RANGE
+    if softmax_scale is not None and not low <= softmax_scale <= high:  # (nan is in no range)
+        raise UsageError(f"--softmax-scale must be in [{low:g}, {high:g}], got {softmax_scale:g}")
     if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
     check_output_file(output, overwrite=True)

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-12  # inside the square root of the norm: a zero embedding gives 0, not NaN
 SCALE = 30.0  # probs = softmax(SCALE * cosine): CosFace / ArcFace train with s = 30..64
+# --softmax-scale's range. Above 1000, identities whose cosines differ by 0.1 already get
+# probabilities of e^-100 (float32 holds nothing below e^-103): every face is one identity's
+# at 100%, and 1e300 became infinity in the float32 graph (probs NaN). Below 0.01 the
+# probabilities of identities at cosines 1 and -1 differ by 2%: no identity stands out.
+SCALE_RANGE = (0.01, 1000.0)
 COSINE = "gallery/cosine"  # the similarity head's output inside the graph (the logits)
 PROJECTION = "gallery/projection"  # e . g, the raw embedding on each identity's direction
 SATURATED = graph_spec.SATURATED  # 1 - cosine below it: the map explains the projection (`_saturated_switch`)

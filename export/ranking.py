@@ -170,7 +170,7 @@ def summary_lines(ranked: dict, fallback: str = graph_spec.FALLBACK_METHOD,
 
     s = ranked["settings"]
     frames = "" if "every" not in s else (
-        f" ({every_nth_frame(s['every'])} of {s['frames_read']})" if s["every"] > 1 else f" ({s['frames_read']} images)")
+        f" ({every_nth_frame(s['every'], s['frames_read'])} of {s['frames_read']})" if s["every"] > 1 else f" ({s['frames_read']} images)")
     crops = f"{s['crops']} (evenly spaced) of {s['crops_found']}" if "crops_found" in s else f"{s['crops']}"
     again = ("" if "every" not in s or "crops_found" in s else
              f"; `camface evaluate --source {s['source']}{' --every 1' if s['every'] == 1 else ''}` reproduces it")

@@ -49,11 +49,15 @@ def _detect_every(text: str) -> str | int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
 
 
-def every_nth_frame(every: int) -> str:
+def every_nth_frame(every: int, read: int | None = None) -> str:
     """'every frame', 'every 2nd frame', 'every 3rd frame', 'every 4th frame', 'every 21st
-    frame', ...: how often a detector or a scorer looks, in words."""
+    frame', ...: how often a detector or a scorer looks, in words. read: the frames there were,
+    when known: 'only the first frame' when there were too few for a second look (a 3-frame
+    clip was said to be scored at every 5th frame)."""
     if every == 1:
         return "every frame"
+    if read is not None and 0 < read <= every:
+        return "only the first frame"
     suffix = "th" if every % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(every % 10, "th")
     return f"every {every}{suffix} frame"
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
+import re
 import stat
 from fractions import Fraction
 from pathlib import Path
@@ -28,6 +30,10 @@ import cv2
 import numpy as np
 
 from camface.errors import OutputError
+from camface.native import native_stderr_captured
+from camface.outputs import beside
+
+log = logging.getLogger(__name__)
 
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 KEYFRAME_S = 1.0  # seconds between keyframes, so between fragments
@@ -92,16 +98,23 @@ class H264Writer:
         import av
 
         self.path, self.encoder = path, encoder
+        # A file already there (--overwrite; through a link, the file it points to) is written
+        # beside it and renamed over it once the new one holds a whole frame (`_place`): a run
+        # whose frames never reached the disk leaves the earlier recording as it was.
+        self._final = Path(os.path.realpath(path))
+        self._staged = beside(self._final) if self._final.is_file() else None
+        self.kept_earlier = False  # closed with no whole frame: the earlier file was kept
+        self._written = self._staged or Path(path)  # the file the frames go to
         # Through a Python file, unbuffered: FFmpeg's own file protocol loses the error of the
         # last writes (a full disk while the last fragment is written: PyAV's close() returns,
         # the fragment is cut), while a Python file's write raises and PyAV passes it on. Opened
-        # without truncating it: a file given with --overwrite keeps what it holds until the
-        # encoder has opened (a refusal leaves it as it was; a file this made is removed).
-        self._made = not os.path.lexists(path)
+        # without truncating it: a device (/dev/full) is written as it is; a file this made is
+        # removed when the encoder does not open.
+        self._made = not os.path.lexists(self._written)
         self._container = None
         try:
-            self._file = open(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666), "wb",
-                              buffering=0)
+            self._file = open(os.open(self._written, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666),
+                              "wb", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
         try:
@@ -109,11 +122,21 @@ class H264Writer:
         except (av.FFmpegError, OSError, ValueError, TypeError, NotImplementedError) as exc:  # an unknown encoder
             self._abandon()
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
-        try:
-            context.open()  # now rather than on the first frame, so a refusal is clear
-        except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+        # x264 writes why it refuses an option (a preset, a tune) straight to fd 2, beside the
+        # one-line error: it is put in that error instead (PyAV's logging never sees it)
+        with native_stderr_captured() as said:
+            try:
+                context.open()  # now rather than on the first frame, so a refusal is clear
+                refused = None
+            except av.FFmpegError as exc:  # e.g. NVENC below its smallest frame size
+                refused = exc
+        said = [re.sub(r"^x264 \[\w+\]: ", "", line) for line in said]
+        if refused is not None:
             self._abandon()
-            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {exc}") from exc
+            why = "; ".join([*said, str(refused)])
+            raise OutputError(f"{encoder} cannot encode {size[0]}x{size[1]} video for {path}: {why}") from refused
+        for line in said:
+            log.info("%s: %s", encoder, line)
         if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # (not a device: /dev/full)
             self._file.truncate(0)  # nothing is written before the first frame
         self._av, self._pts = av, 0
@@ -157,7 +180,7 @@ class H264Writer:
             self._file.close()
             if self._made:
                 with contextlib.suppress(OSError):  # (the same error: never in place of it)
-                    Path(self.path).unlink(missing_ok=True)
+                    self._written.unlink(missing_ok=True)
 
     def write(self, frame: np.ndarray, tick: int | None = None) -> None:
         """Encode one frame; OutputError (naming the file) when it cannot be written, e.g. a
@@ -177,10 +200,24 @@ class H264Writer:
             video_frame.pict_type = PictureType.I  # the encoder makes it a keyframe (an IDR frame)
             self._key_at = video_frame.pts
         try:
-            self._container.mux(self._stream.encode(video_frame))
+            packets = self._stream.encode(video_frame)
+            self._container.mux(packets)
         except OSError as exc:  # PyAV's errors are OSErrors too
             self._failed = True
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        # a keyframe after the first starts a fragment: the one before it is on disk now
+        if self._staged is not None and self._pts > 1 and any(packet.is_keyframe for packet in packets) \
+                and whole_frames(self._staged) > 0:
+            self._place()
+
+    def _place(self) -> None:
+        """Rename the file written beside the earlier one over it (it holds a whole frame)."""
+        try:
+            os.replace(self._staged, self._final)
+        except OSError as exc:
+            self._failed = True
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self._written, self._staged = self._final, None
 
     def close(self) -> None:
         """Drain the encoder and finish the last fragment (the file stays playable even if
@@ -197,7 +234,19 @@ class H264Writer:
         finally:
             self._file.close()
             if self._failed:
-                trim_to_whole_frames(self.path)
+                trim_to_whole_frames(self._written)
+            if self._staged is not None:  # no fragment was on disk before the close
+                self._place_or_drop()
+
+    def _place_or_drop(self) -> None:
+        """At close: the file written beside the earlier one replaces it when it holds a whole
+        frame; else it is removed and the earlier file kept (`kept_earlier`)."""
+        if whole_frames(self._staged) > 0:
+            self._place()
+            return
+        self.kept_earlier = True
+        with contextlib.suppress(OSError):
+            self._staged.unlink(missing_ok=True)
 
 
 # Boxes an MP4 holds at its top level (ISO/IEC 14496-12, and QuickTime's `wide`)

@@ -144,16 +144,16 @@ class LiveLoop:
     def run(self) -> RunSummary:
         from camface.api import load
         from camface.realtime.carry import BoxCarrier, every_for
-        from camface.outputs import check_not_an_input, check_output_file
+        from camface.outputs import check_not_an_input
         from camface.realtime.pace import LoopingSource
-        from camface.realtime.sinks import encoder_for
+        from camface.realtime.sinks import check_record_file, encoder_for
         from camface.realtime.snapshot import SnapshotWriter
         from camface.realtime.sources import ImageFolderSource, make_source
 
         cfg = self.config
         if cfg.record is not None:  # fail before any model or camera is opened
             check_not_an_input(cfg.record, [cfg.source], "--record")  # --overwrite would wipe the video read
-            check_output_file(cfg.record, cfg.overwrite)
+            check_record_file(cfg.record, cfg.overwrite)
         if cfg.record is not None or cfg.show or self._window is not None:
             # --codec h264 without an H.264 encoder: an error now, not at key r; a run that
             # records nothing (no --record, no window for key r) never uses the codec

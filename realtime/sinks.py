@@ -6,7 +6,7 @@ last second. Where PyAV is missing or has no H.264 encoder, `auto` falls back to
 MPEG-4 Part 2 (`mp4v`) in a plain MP4, with one log line saying so: browsers do not play
 that, and a hard kill leaves it unplayable.
 
-`check_output_file` runs before any frame is processed, so a recording that cannot be written
+`check_record_file` runs before any frame is processed, so a recording that cannot be written
 fails at once; `VideoSink` is a context manager whose exit (normal end, error, Ctrl-C,
 SIGTERM) always finalises the file.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import stat
 from pathlib import Path
 
 import cv2
@@ -40,6 +41,30 @@ CLOCK_HZ = 1000
 # below 8192 a side; libx264 at 16384 a side, and short of 16384 x 16384 in all (16384 x 16000
 # opens, 16384 x 16368 not). A recording's first frame beyond them is scaled down to fit.
 LARGEST = {"mp4v": (8190, 8190 * 8190), "h264": (16384, 16384 * 16000)}
+# A frame smaller than this a side shows no face (BlazeFace's finest anchor cells are 8 px of its
+# 128 px input): first in a folder of photos, a 1x1 image made the recording 2x2, every photo
+# after it squeezed into that. Such first frames are held until a larger one sets the size (they
+# are then scaled into it), at most MAX_HELD of them (a source of small frames only is recorded
+# at its own size).
+MIN_SIDE = 8
+MAX_HELD = 300
+
+
+def check_record_file(path: str | Path, overwrite: bool = False) -> Path:
+    """`check_output_file`'s checks for a recording, and an OutputError naming `path` when it
+    is a named pipe (FIFO), a socket or a block device: opening a pipe that no program reads
+    waited for good (the run hung until SIGKILL), and an MP4 is finished by reading it back.
+    A character device (/dev/null, /dev/full) is written as it is."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # nothing there (or a dangling link): check_output_file says what it must
+        mode = 0
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a block device" if stat.S_ISBLK(mode) else None)
+    if kind is not None:
+        raise OutputError(f"cannot record to {path}: it is {kind}, not a file; give an .mp4 file to write")
+    return check_output_file(path, overwrite)
 
 
 def encoder_for(codec: str = "auto") -> str:
@@ -122,21 +147,25 @@ class VideoSink:
     """Writes uint8 BGR frames to an mp4 at `fps`, with `codec` (one of CODECS; `encoder` is
     what it resolved to).
 
-    The writer opens on the first frame, at that frame's size rounded down to even numbers
+    The writer opens on the first frame (of MIN_SIDE pixels a side or more: smaller ones before
+    it are held, then scaled into it), at that frame's size rounded down to even numbers
     (4:2:0 video needs even sizes; odd frames lose their last row/column), or scaled down to
     what the encoder takes (LARGEST). Later frames of another size are scaled to fit it, their
     shape kept, black bars beside or above and below (`fit`: a folder's landscape photos after
     a portrait one). `frames_written` counts frames handed to the encoder; `frames_kept` those
     the file holds once closed (fewer after a write error: a full disk); `removed` why the file
-    was removed at close (it held no frame), None when it was not.
+    was removed at close (it held no frame), None when it was not. An H.264 recording over an
+    existing file (overwrite; through a link, the file it points to) replaces it only once it
+    holds a whole frame: one that holds none keeps the earlier file (`kept_earlier`).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
-        self.path = check_output_file(path, overwrite)
+        self.path = check_record_file(path, overwrite)
         self.fps = fps
         self.encoder = encoder_for(codec)
         self.frames_written = 0
         self.removed: str | None = None
+        self.kept_earlier = False  # closed with no frame over an earlier file, which was kept
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
         self._closed = False
@@ -146,6 +175,7 @@ class VideoSink:
         self._start: float | None = None  # the first frame's `at`
         self._slot = -1  # mp4v: the last frame's period from the first
         self._last: np.ndarray | None = None  # mp4v: the last frame, repeated to fill a gap
+        self._held: list[tuple[np.ndarray, float | None]] = []  # small first frames (MIN_SIDE), with their `at`
 
     def __enter__(self) -> "VideoSink":
         return self
@@ -187,8 +217,27 @@ class VideoSink:
         if self._closed:  # opening again would write over the finished recording
             raise OutputError(f"{self.path} is finished: a closed recording takes no more frames")
         if self._writer is None:
-            self._open(frame, None if at is None else CLOCK_HZ)
-            self._start = at
+            if min(frame.shape[:2]) < MIN_SIDE and len(self._held) < MAX_HELD:
+                if not self._held:
+                    log.warning("camface: %s: a first frame of %dx%d cannot show a face; the recording takes its "
+                                "size from the first frame of %d pixels a side or more", self.path, frame.shape[1],
+                                frame.shape[0], MIN_SIDE)
+                self._held.append((frame.copy(), at))
+                return
+            held, self._held = self._held, []
+            self._open_with(frame, held[0][1] if held else at, held)
+        self._put(frame, at)
+
+    def _open_with(self, frame: np.ndarray, start: float | None, held: list) -> None:
+        """Open the writer at `frame`'s size, its time starting at `start`, then write `held`
+        ((frame, at) pairs: the small frames held before it)."""
+        self._open(frame, None if start is None else CLOCK_HZ)
+        self._start = start
+        for small, small_at in held:
+            self._put(small, small_at, said=True)
+
+    def _put(self, frame: np.ndarray, at: float | None, said: bool = False) -> None:
+        """Write `frame` at the recording's size (said: its scaling was said already)."""
         width, height = self._size
         if frame.shape[1] != width or frame.shape[0] != height:
             if frame.shape[1] in (width, width + 1) and frame.shape[0] in (height, height + 1):
@@ -196,7 +245,7 @@ class VideoSink:
             elif frame.shape[:2] == self._first:  # scaled down for the encoder (`_open`): no bars
                 frame = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
             else:
-                if not self._resized:
+                if not self._resized and not said:
                     self._resized = True
                     log.warning("camface: %s: frames of %dx%d are scaled to fit the recording's %dx%d (its first "
                                 "frame's size)", self.path, frame.shape[1], frame.shape[0], width, height)
@@ -237,7 +286,15 @@ class VideoSink:
         of H.264 reached a full disk) is removed, with a warning saying so (say_removed=False: the
         caller says it, with `removed`, in its own line): it would not play, and looked like a
         recording."""
+        held, self._held = self._held, []
         self._closed = True
+        try:
+            if held and self._writer is None:  # no frame came of a size to show a face: recorded as they are
+                self._open_with(held[0][0], held[0][1], held)
+        finally:
+            self._finish(say_removed)
+
+    def _finish(self, say_removed: bool) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:
@@ -246,7 +303,11 @@ class VideoSink:
                 self._failed = True
                 raise
             finally:
-                self._remove_if_empty(say_removed)
+                self.kept_earlier = getattr(writer, "kept_earlier", False)
+                if self.kept_earlier:
+                    log.warning("camface: %s keeps its earlier file: the recording holds no frame", self.path)
+                else:
+                    self._remove_if_empty(say_removed)
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
     def _remove_if_empty(self, say: bool) -> None:
@@ -270,6 +331,8 @@ class VideoSink:
     def frames_kept(self) -> int:
         """Frames the closed file holds: `frames_written`, or after a write error (the encoder
         had taken frames that never reached the disk) those a reader gets from the file."""
+        if self.kept_earlier:
+            return 0
         if not self._failed or not self.frames_written:
             return self.frames_written
         if self.encoder == "mp4v":

@@ -134,7 +134,8 @@ class Session:
     def stop_recording(self) -> tuple[Path, int] | None:
         """Finalise the recording in progress (idempotent): (path, frames written), or None.
         A file that cannot be finished (a full disk) is logged; it keeps its complete
-        fragments. One that holds no frame was removed by the sink: (path, 0), not listed."""
+        fragments. One that holds no frame was removed by the sink, or (mp4v, its index lost) kept
+        for a repair tool: (path, 0), not listed."""
         with self.record_lock:
             sink, self.sink = self.sink, None
             if sink is None:
@@ -146,7 +147,11 @@ class Session:
         if getattr(sink, "removed", None) is not None:  # it held no frame: gone, not a recording to offer
             log.warning("client %d: removed %s: %s", self.id, sink.path, sink.removed)
             return sink.path, 0
-        if sink.frames_written:
+        if sink.frames_written and not sink.frames_kept:  # mp4v whose index was lost: kept for a repair tool
+            log.warning("client %d: %s holds none of its %d frames that a player reads (its index was lost); "
+                        "it is kept, not offered", self.id, sink.path, sink.frames_written)
+            return sink.path, 0
+        if sink.frames_kept:
             self.server.recorded(sink.path)
         log.info("client %d: recorded %d frames to %s", self.id, sink.frames_kept, sink.path)
         return sink.path, sink.frames_kept

@@ -599,7 +599,7 @@ def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, ca
     assert (settings["crops"], settings["every"], settings["frames_read"]) == (2, 1, 3)
     assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--every", "5"]) == 2
     err = capsys.readouterr().err
-    assert "no faces found in 3 frames" in err and "photos (every 5th frame looked at" in err
+    assert "no faces found in 3 frames" in err and "photos (only the first frame looked at" in err
 
 
 def test_every_photo_of_a_folder_and_one_photo_are_scored_whatever_the_frame_cap(tmp_path, astronaut_bgr,
@@ -623,13 +623,27 @@ def test_every_photo_of_a_folder_and_one_photo_are_scored_whatever_the_frame_cap
     assert (cli.default_every("sample"), cli.default_frames("sample")) == (cli.EVERY, 2)
 
 
-@pytest.mark.parametrize("every, words", [(1, "every frame"), (2, "every 2nd frame"), (3, "every 3rd frame"),
-                                          (5, "every 5th frame"), (11, "every 11th frame"), (21, "every 21st frame"),
-                                          (112, "every 112th frame"), (122, "every 122nd frame")])
-def test_how_often_is_said_in_words(every, words):
+@pytest.mark.parametrize("every, read, words", [
+    (1, None, "every frame"), (2, None, "every 2nd frame"), (3, None, "every 3rd frame"), (5, None, "every 5th frame"),
+    (11, None, "every 11th frame"), (21, None, "every 21st frame"), (112, None, "every 112th frame"),
+    (122, None, "every 122nd frame"),
+    # too few frames for a second look: said so, not "every 5th frame" of 3
+    (5, 300, "every 5th frame"), (5, 6, "every 5th frame"), (5, 5, "only the first frame"),
+    (5, 3, "only the first frame"), (5, 1, "only the first frame"), (1, 3, "every frame"), (1, 1, "every frame"),
+])
+def test_how_often_is_said_in_words(every, read, words):
     from camface.realtime.config import every_nth_frame
 
-    assert every_nth_frame(every) == words
+    assert every_nth_frame(every, read) == words
+
+
+def test_a_clip_shorter_than_every_says_only_its_first_frame_was_scored(faces_clip, capsys):
+    """A 4-frame clip at --every's default of 5: its table said "every 5th frame of 4", while
+    one frame was looked at."""
+    assert camface_main(["evaluate", "--source", str(faces_clip["faces"]), "--methods", "gradcam",
+                         "--steps", "2"]) == 0
+    table = capsys.readouterr().out
+    assert f"camface evaluate: {faces_clip['faces']} (only the first frame of 4, 1 face crops)" in table, table
 
 
 @pytest.mark.parametrize("flag, name, breaks", [

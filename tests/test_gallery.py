@@ -1028,9 +1028,14 @@ def test_an_embedder_without_a_preset_is_refused_naming_the_recognition_presets(
 @pytest.mark.parametrize("flag, value, message", [
     ("--threshold", "31", "--threshold is a cosine similarity in [-1, 1], got 31.0"),
     ("--threshold", "nan", "--threshold is a cosine similarity in [-1, 1], got nan"),
-    ("--softmax-scale", "nan", "--softmax-scale must be a positive number, got nan"),  # was written as NaN
-    ("--softmax-scale", "inf", "--softmax-scale must be a positive number, got inf"),
-    ("--softmax-scale", "0", "--softmax-scale must be a positive number, got 0.0"),
+    ("--softmax-scale", "nan", "--softmax-scale must be in [0.01, 1000], got nan"),  # was written as NaN
+    ("--softmax-scale", "inf", "--softmax-scale must be in [0.01, 1000], got inf"),
+    ("--softmax-scale", "0", "--softmax-scale must be in [0.01, 1000], got 0"),
+    ("--softmax-scale", "-30", "--softmax-scale must be in [0.01, 1000], got -30"),
+    # finite, but infinity in the float32 graph (probs NaN), or every face one identity's at 100%
+    ("--softmax-scale", "1e300", "--softmax-scale must be in [0.01, 1000], got 1e+300"),
+    ("--softmax-scale", "1000.5", "--softmax-scale must be in [0.01, 1000], got 1000.5"),
+    ("--softmax-scale", "1e-50", "--softmax-scale must be in [0.01, 1000], got 1e-50"),  # 0 in float32
 ])
 def test_a_threshold_outside_minus_one_to_one_or_a_scale_not_positive_is_refused(
         flag, value, message, people, embedder, tmp_path, capsys):

@@ -4,6 +4,7 @@ snapshots, signals and the `camface live` command. Short synthetic clips; no cam
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -221,6 +222,24 @@ def test_frames_of_every_kind(tmp_path, astronaut_bgr):
     loop = _run(LiveConfig(source=str(folder), record=out, detector="short"))
     assert loop.summary.frames == 6 and count_frames(out) == 6
     assert loop.summary.faces >= 4  # the astronaut in each of the four photos
+
+
+def test_a_1x1_image_first_in_a_folder_does_not_shrink_the_recording(tmp_path, astronaut_bgr, caplog):
+    """A 1x1 image first in a folder made the recording 2x2, the photos after it squeezed into
+    that. The photos set its size; the 1x1 image is a frame of it, and a warning says why."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "00_dot.png"), np.full((1, 1, 3), 255, np.uint8))
+    cv2.imwrite(str(folder / "01_face.png"), astronaut_bgr)
+    cv2.imwrite(str(folder / "02_face.png"), astronaut_bgr[:, ::-1])
+    out = tmp_path / "photos.mp4"
+    with caplog.at_level(logging.WARNING):
+        loop = _run(LiveConfig(source=str(folder), record=out, detector="short"))
+    assert loop.summary.frames == 3 and count_frames(out) == 3
+    capture = cv2.VideoCapture(str(out))
+    assert capture.read()[1].shape == astronaut_bgr.shape
+    capture.release()
+    assert f"{out}: a first frame of 1x1 cannot show a face" in caplog.text
 
 
 def test_fails_before_processing_when_output_is_unwritable(tmp_path, face_clip):

@@ -102,3 +102,21 @@ def test_disabled_leaves_fd2_alone(tmp_path):
             assert fd2_identity() != original
             raise RuntimeError("a failure inside the block")
         assert fd2_identity() == original
+
+
+def test_captured_lines_are_held_back_and_given_to_the_caller(tmp_path):
+    """What native code writes to fd 2 inside `native_stderr_captured` is the caller's (x264's
+    refusal, put in camface's error), not the terminal's; fd 2 is given back after. Inside a
+    silencing block of another thread, the lines stay silenced and the caller gets none."""
+    from camface.native import native_stderr_captured
+
+    with fd2_to_file(tmp_path) as (path, original):
+        with native_stderr_captured() as said:
+            os.write(2, b"x264 [error]: invalid preset 'nope'\n\n")
+            assert fd2_identity() != original
+        assert said == ["x264 [error]: invalid preset 'nope'"] and fd2_identity() == original
+        with quiet_native_stderr(), native_stderr_captured() as nested:
+            os.write(2, b"chatter\n")
+        assert nested == [] and fd2_identity() == original
+        os.write(2, b"the log line\n")
+        assert path.read_bytes() == b"the log line\n"

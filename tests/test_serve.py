@@ -773,6 +773,31 @@ def test_a_recording_removed_at_close_is_not_offered(make_client, tmp_path, capl
     state.close()
 
 
+def test_an_mp4v_recording_whose_index_was_lost_is_kept_and_not_offered(make_client, tmp_path, caplog, monkeypatch):
+    """An mp4v recording whose index (written last) did not reach the disk plays nowhere: its
+    sink keeps it (a repair tool can get its frames back) and the close's error was logged, but
+    stop_recording still listed it and offered its link, as for a playable one. It is kept, not
+    offered, and said so with the client."""
+    from camface.realtime import sinks
+    from camface.serve.session import Session
+
+    _, state = make_client()
+    session = Session(state, _ClosingDetector())
+    state.add(session)
+    path = tmp_path / "lost.mp4"
+    sink = session.sink = sinks.VideoSink(path, 30.0, codec="mp4v")
+    for k in range(5):
+        sink.write(np.full((64, 80, 3), 40 * k, np.uint8))
+    monkeypatch.setattr(sinks, "mp4v_frames", lambda path: 0)  # what a reader finds in a file without its index
+    with caplog.at_level(logging.INFO):
+        assert session.stop_recording() == (path, 0)
+    assert path.is_file() and "lost.mp4" not in state.recordings
+    assert f"cannot finish {path}: it holds 0 of the 5 frames written" in caplog.text
+    assert f"client {session.id}: {path} holds none of its 5 frames that a player reads" in caplog.text
+    assert "recorded" not in caplog.text
+    state.close()
+
+
 # ------------------------------------------------------------------ protocol pieces and the command
 
 

@@ -438,6 +438,58 @@ def test_live_summary_counts_the_frames_the_file_holds_after_a_full_disk(tmp_pat
     assert 0 < kept < 60 and f"recorded {kept} frames to {out}" in err
 
 
+def _earlier_recording(tmp_path, clip_frames, given):
+    """(the path given to --record, the file it writes, that file's bytes before the run)."""
+    earlier = record(tmp_path / "earlier.mp4", clip_frames[:10]).path
+    if given == "file":
+        return earlier, earlier, earlier.read_bytes()
+    link = tmp_path / "link.mp4"
+    link.symlink_to(earlier)
+    return link, earlier, earlier.read_bytes()
+
+
+@pytest.mark.parametrize("given", ["file", "link"])
+@pytest.mark.parametrize("disk", [lambda: _DiskOf(28 + 100), lambda: _DiskOf(40, short=True), lambda: _DiskOf(2000)],
+                         ids=["first-frame", "header-cut", "no-fragment"])
+def test_an_earlier_recording_is_kept_when_the_new_one_holds_no_frame(tmp_path, clip_frames, monkeypatch, given,
+                                                                       disk):
+    """--overwrite over an earlier recording (or a link to one), the disk full before a whole
+    frame reached the file: the earlier file was emptied when the encoder opened, and then
+    removed (a link: the link removed, the file it points to left holding the encoder's stub).
+    The earlier file is kept as it was, the link too, and nothing is left beside them."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
+    kept = sorted(tmp_path.iterdir())
+    monkeypatch.setattr(fmp4, "open", disk(), raising=False)
+    sink = VideoSink(path, FPS, overwrite=True)
+    with pytest.raises(OutputError, match=f"cannot (write|finish) {re.escape(str(path))}: No space left"):
+        with sink:
+            for frame in clip_frames[:35]:
+                sink.write(frame)
+    assert earlier.read_bytes() == before and path.resolve() == earlier
+    assert sorted(tmp_path.iterdir()) == kept and sink.frames_kept == 0 and sink.kept_earlier
+
+
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_an_earlier_recording_is_replaced_once_the_new_one_holds_a_whole_frame(tmp_path, clip_frames, given):
+    """The new recording takes the earlier one's place as soon as its first fragment is on
+    disk (so a hard kill after it leaves the new recording there, playable), through a link the
+    file it points to; the link stays a link."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
+    with VideoSink(path, FPS, overwrite=True) as sink:
+        for frame in clip_frames[:29]:
+            sink.write(frame)
+        assert earlier.read_bytes() == before  # no fragment on disk yet
+        for frame in clip_frames[29:35]:
+            sink.write(frame)
+        assert count_frames(earlier) == 30  # the first fragment, in the earlier file's place
+    assert count_frames(earlier) == 35 and path.resolve() == earlier and path.is_symlink() == (given == "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
     from camface.cli import main
@@ -502,6 +554,51 @@ def test_a_record_file_whose_encoder_does_not_open_is_one_error_and_no_file(tmp_
     assert list(tmp_path.iterdir()) == ([out] if before is not None else [])
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_a_record_path_that_is_a_named_pipe_is_refused_naming_it(tmp_path, overwrite):
+    """--record at a named pipe waited for good (until SIGKILL) for a program to read it, or
+    with no --overwrite was told to pass --overwrite, which then hung. It is refused before
+    anything opens it, naming it and what it is."""
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    with pytest.raises(OutputError, match=f"cannot record to {re.escape(str(pipe))}: it is a named pipe"):
+        VideoSink(pipe, FPS, overwrite=overwrite)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_live_record_to_a_named_pipe_is_one_error_before_any_work(tmp_path, capsys):
+    from camface.cli import main
+
+    pipe = tmp_path / "pipe.mp4"
+    os.mkfifo(pipe)
+    link = tmp_path / "link.mp4"
+    link.symlink_to(pipe)
+    for target in (pipe, link):
+        assert main(["live", "--source", "sample", "--no-show", "--max-frames", "3", "--record", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"camface: error: cannot record to {target}: it is a named pipe (FIFO), not a file" in err, err
+        assert "Traceback" not in err
+
+
+def test_x264s_own_refusal_is_in_the_one_error_line_not_beside_it(tmp_path, capfd, monkeypatch):
+    """x264 prints why it refuses an option ("x264 [error]: invalid preset ...") straight to
+    file descriptor 2, beside camface's one-line error, which said only "avcodec_open2 ...
+    returned 22". The reason is in camface's line, and nothing else reaches stderr."""
+    if encoder_for("auto") != "libx264":
+        pytest.skip("libx264 is not the encoder here")
+    from camface.cli import main
+
+    out = tmp_path / "out.mp4"
+    _refuse_the_encoder(monkeypatch)
+    assert main(["live", "--source", "sample", "--no-show", "--max-frames", "3", "--record", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert "x264 [" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("camface: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"camface: error: libx264 cannot encode 640x480 video for {out}: invalid preset 'no-such-preset'; "), err
+
+
 @pytest.mark.parametrize("codec, error, message", [
     ("vp9", ValueError, "unknown codec 'vp9'; expected one of auto, h264, mp4v"),
     ("H264", ValueError, "unknown codec 'H264'"),
@@ -511,6 +608,42 @@ def test_unknown_codecs_are_refused(tmp_path, codec, error, message):
         VideoSink(tmp_path / "x.mp4", FPS, codec=codec)
     assert not (tmp_path / "x.mp4").exists()
     assert CODECS == ("auto", "h264", "mp4v")
+
+
+@pytest.mark.parametrize("codec", ["auto", "mp4v"])
+@pytest.mark.parametrize("small", [(1, 1), (3, 7), (7, 200)], ids=["1x1", "7x3", "200x7"])
+def test_small_first_frames_do_not_set_the_recordings_size(tmp_path, clip_frames, caplog, codec, small):
+    """A first frame that cannot show a face (a 1x1 image first in a folder) set the recording's
+    size: 2x2, every photo after it squeezed into that. Small first frames are held, said once
+    naming the recording, and the first larger frame sets the size; the held ones are scaled
+    into it (their colour kept), in order."""
+    if codec == "auto" and encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path = tmp_path / "out.mp4"
+    colours = (60, 200)
+    with caplog.at_level(logging.WARNING):
+        record(path, [np.full((*small, 3), c, np.uint8) for c in colours] + clip_frames[:5], codec)
+    decoded = decode(path)
+    assert len(decoded) == 7 and all(frame.shape == (SIZE[1], SIZE[0], 3) for frame in decoded)
+    for frame, colour in zip(decoded, colours):  # the middle of each held frame, scaled up
+        middle = frame[SIZE[1] // 2 - 1:SIZE[1] // 2 + 1, SIZE[0] // 2 - 1:SIZE[0] // 2 + 1]
+        assert abs(float(middle.mean()) - colour) < LOSSY, (colour, middle.mean())
+    for frame, original in zip(decoded[2:], clip_frames):
+        assert mad(frame, original) < LOSSY
+    assert caplog.text.count(f"camface: {path}: a first frame of {small[1]}x{small[0]} cannot show a face") == 1
+    assert "scaled to fit" not in caplog.text
+
+
+def test_a_recording_of_small_frames_only_keeps_their_size(tmp_path, monkeypatch):
+    """Small frames and nothing else (or more than MAX_HELD of them) are recorded as they are,
+    at their size rounded down to even numbers, every frame kept."""
+    monkeypatch.setattr(sinks, "MAX_HELD", 4)
+    for frames, name in ((3, "few.mp4"), (9, "many.mp4")):
+        path = tmp_path / name
+        sink = record(path, [np.full((5, 7, 3), 20 * k, np.uint8) for k in range(frames)], "mp4v")
+        decoded = decode(path)
+        assert sink.frames_written == len(decoded) == frames and decoded[0].shape == (4, 6, 3)
+        assert [round(float(frame.mean()) / 20) for frame in decoded] == list(range(frames))
 
 
 # ------------------------------------------------------------------------------ choosing the encoder
