@@ -569,6 +569,39 @@ CASES.update({
     "Sin/Cos/Atan": ([node("Sin", ["x"], ["s"]), node("Cos", ["s"], ["c"]), node("Atan", ["c"])],
                      [], lambda t, F, x: t.atan(t.cos(t.sin(x)))),
 })
+# The other element-wise functions of one input: Tan, the inverse trigonometric and the
+# (inverse) hyperbolic functions, each fed values inside its domain (|s| < 1 for Asin, Acos,
+# Atanh; s > 1 for Acosh); Swish (opset 24); Shrink (hardshrink, softshrink); and the steps
+# Floor, Ceil, Round, fed x / 10 (no step within a finite difference of the inputs)
+CASES.update({
+    "Tan": ([node("Mul", ["x", "c"], ["s"]), node("Tan", ["s"])], [init("c", np.float32(0.3))],
+            lambda t, F, x: t.tan(0.3 * x)),
+    "Asin/Acos/Atanh": ([node("Tanh", ["x"], ["h"]), node("Mul", ["h", "c"], ["s"]),
+                         node("Asin", ["s"], ["a"]), node("Acos", ["s"], ["o"]),
+                         node("Atanh", ["s"], ["n"]), node("Mul", ["a", "o"], ["ao"]),
+                         node("Add", ["ao", "n"])], [init("c", np.float32(0.8))],
+                        lambda t, F, x: t.asin(0.8 * t.tanh(x)) * t.acos(0.8 * t.tanh(x))
+                        + t.atanh(0.8 * t.tanh(x))),
+    "Sinh/Cosh": ([node("Sinh", ["x"], ["s"]), node("Cosh", ["x"], ["c"]),
+                   node("Mul", ["c", "half"], ["h"]), node("Add", ["s", "h"])],
+                  [init("half", np.float32(0.5))], lambda t, F, x: t.sinh(x) + 0.5 * t.cosh(x)),
+    "Asinh/Acosh": ([node("Asinh", ["x"], ["a"]), node("Mul", ["x", "x"], ["q"]),
+                     node("Add", ["q", "c"], ["s"]), node("Acosh", ["s"], ["o"]),
+                     node("Mul", ["a", "o"])], [init("c", np.float32(1.5))],
+                    lambda t, F, x: t.asinh(x) * t.acosh(x * x + 1.5)),
+    "Swish": ([node("Swish", ["x"])], [], lambda t, F, x: F.silu(x)),
+    "Swish(alpha 0.5)": ([node("Swish", ["x"], alpha=0.5)], [],
+                         lambda t, F, x: x * t.sigmoid(0.5 * x)),
+    "Shrink(hardshrink)": ([node("Shrink", ["x"], lambd=0.5)], [],
+                           lambda t, F, x: F.hardshrink(x, 0.5)),
+    "Shrink(softshrink)": ([node("Shrink", ["x"], lambd=0.5, bias=0.5)], [],
+                           lambda t, F, x: F.softshrink(x, 0.5)),
+    "Floor/Ceil/Round": ([node("Mul", ["x", "tenth"], ["s"]), node("Floor", ["s"], ["f"]),
+                          node("Ceil", ["s"], ["c"]), node("Round", ["s"], ["r"]),
+                          node("Sum", ["f", "c", "r"], ["k"]), node("Mul", ["k", "x"])],
+                         [init("tenth", np.float32(0.1))],
+                         lambda t, F, x: (t.floor(x / 10) + t.ceil(x / 10) + t.round(x / 10)) * x),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -578,7 +611,8 @@ SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
 OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
-          "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12}  # the others: 20
+          "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12,
+          "Swish": 24, "Swish(alpha 0.5)": 24}  # the others: 20
 
 
 def gradient_model(nodes, initializers, x_shape=X_SHAPE, opset=20):
@@ -622,7 +656,8 @@ def _inputs(name, seed=0):
     x = rng.standard_normal(SHAPES.get(name, X_SHAPE)).astype(np.float32)
     # keep values off the kinks (ReLU, Clip, HardSwish at +-3) and off ties (max pools)
     x = np.where(np.abs(x) < 0.05, 0.1, x)
-    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x) if "Clip" in name or "Thresholded" in name else x
+    if any(kinked in name for kinked in ("Clip", "Thresholded", "Shrink")):  # at |x| = 0.5
+        x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x)
     return x
 
 
@@ -661,13 +696,14 @@ def test_every_listed_op_has_a_rule():
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
-              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd").split()
+              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
+              "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
 def test_an_op_without_a_rule_is_named_with_its_node():
-    nodes = [node("Asinh", ["x"], ["s"], name="the_asinh"), node("Relu", ["s"])]
-    with pytest.raises(ModelError, match=r"no gradient rule for op Asinh \(node 'the_asinh'\).*later "
+    nodes = [node("Det", ["x"], ["s"], name="the_det"), node("Relu", ["s"])]
+    with pytest.raises(ModelError, match=r"no gradient rule for op Det \(node 'the_det'\).*later "
                                          r"target layer"):
         gradient_model(nodes, [])
 
