@@ -207,7 +207,8 @@ def build(model, options: ExportOptions, source: str = "model", gallery: bool = 
         token_grid=choice.grid.to_metadata() if choice.grid else {})
     differences = ()
     if options.verify:
-        differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset))
+        differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset,
+                                              source=source))
     wanted = onnx_rerun.rerun_names(methods.names() if heads is None else heads)
     model, info, rerun_differences = onnx_rerun.attach(built.model, info, wanted, options.verify,
                                                        required=onnx_rerun.asked(heads))

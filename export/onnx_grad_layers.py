@@ -204,6 +204,11 @@ def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     pads = list(attribute(node, "pads", [0] * (2 * dims)))
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        raise ModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto_pad} with dilations "
+                         f"{dilations} has no gradient rule (ONNX Runtime pads such a pool as if "
+                         "undilated, its output smaller than ONNX's shapes say, and refuses such "
+                         "a Conv)")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         size = ctx.static(x, node, "input")[2:]
         pads = [0] * (2 * dims)
@@ -299,7 +304,8 @@ def average_pool(ctx, node, grads):
     else:  # the count of real (unpadded) inputs under each window
         window = b.op("AveragePool", [b.op("ConstantOfShape", [b.op("Shape", [x])],
                                            value=float_tensor(1.0))],
-                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1)
+                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1,
+                      **({"dilations": dilations} if any(d != 1 for d in dilations) else {}))
         counts = b.op("Mul", [window, b.const(float(np.prod(kernel)))])
         grad = b.op("Div", [grad, counts])
     padded = _transpose_conv(ctx, node, grad, x, ones, kernel, channels)

@@ -102,6 +102,8 @@ CASES = {
     "AveragePool(pad, exclude)": ([node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
                                         pads=[1, 1, 1, 1])], [],
                                   lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)),
+    "AveragePool(dilated, pads, exclude)": ([node("AveragePool", ["x"], kernel_shape=[2, 2],
+                                                  dilations=[2, 2], pads=[1, 1, 0, 1])], [], None),
     "MaxPool": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                 [], lambda t, F, x: F.max_pool2d(x, 3, 2, 1)),
     "Flatten+Gemm": ([node("Flatten", ["x"], ["f"]), node("Gemm", ["f", "w", "b"], transB=1)],
@@ -522,6 +524,14 @@ CASES.update({
                                    pads=[1, 0, 0, 1])], [], None),
     "LpPool(p 2, SAME_UPPER)": ([node("LpPool", ["x"], kernel_shape=[2, 3], strides=[2, 2],
                                       auto_pad="SAME_UPPER")], [], None),
+    "LpPool(p 2, SAME_LOWER)": ([node("LpPool", ["x"], kernel_shape=[3, 2], strides=[2, 2],
+                                      auto_pad="SAME_LOWER")], [], None),
+    "LpPool(p 3, dilated, strided, VALID)": ([node("LpPool", ["x"], p=3, kernel_shape=[2, 2],
+                                                   dilations=[2, 2], strides=[1, 2],
+                                                   auto_pad="VALID")], [], None),
+    "LpPool(p 2, dilated, strided, pads)": ([node("LpPool", ["x"], kernel_shape=[3, 3],
+                                                  dilations=[2, 2], strides=[2, 2],
+                                                  pads=[2, 1, 1, 2])], [], None),
     "LpPool(p 2, 1-D)": ([node("LpPool", ["x"], kernel_shape=[3], strides=[2])], [],
                          lambda t, F, x: F.lp_pool1d(x, 2, 3, 2)),
     "GlobalLpPool(p 2)": ([node("GlobalLpPool", ["x"])], [],
@@ -758,9 +768,23 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
      [init("at", np.array([[0], [2]]))], 20, r"\(GatherND\): batch_dims 1 has no gradient rule"),
     ([node("GatherND", ["x", "at"], name="the_node")], [init("at", np.array([[0, 1]]))], 15,
      r"\(GatherND\): its gradient needs opset >= 16 \(the model has 15\)"),
+    ([node("LRN", ["x"], name="the_node", size=4)], [], 20,
+     r"\(LRN\): size 4 is even; ONNX Runtime runs LRN of odd sizes only"),
+    # ONNX Runtime sizes these as if undilated ([1, 3] where ONNX's shapes say [2, 4])
+    ([node("LpPool", ["x"], name="the_node", kernel_shape=[2, 2], dilations=[2, 2],
+           strides=[2, 1], auto_pad="SAME_UPPER")], [], 20,
+     r"\(LpPool\): auto_pad SAME_UPPER with dilations \[2, 2\] has no gradient rule \(ONNX "
+     r"Runtime pads such a pool as if undilated"),
+    ([node("LpPool", ["x"], name="the_node", p=1, kernel_shape=[2, 3], dilations=[1, 2],
+           auto_pad="SAME_LOWER")], [], 20,
+     r"\(LpPool\): auto_pad SAME_LOWER with dilations \[1, 2\] has no gradient rule"),
+    ([node("AveragePool", ["x"], name="the_node", kernel_shape=[2, 2], dilations=[2, 2],
+           auto_pad="SAME_LOWER")], [], 20,
+     r"\(AveragePool\): auto_pad SAME_LOWER with dilations \[2, 2\] has no gradient rule"),
 ], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
-        "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15"])
+        "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
+        "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)
