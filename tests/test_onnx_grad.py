@@ -497,6 +497,18 @@ CASES.update({
     "Einsum(ellipsis, batch of 1 broadcast)": (
         [node("Einsum", ["x", "m"], equation="...ij,...jk->...ik")], [init("m", M_EINSUM)],
         lambda t, F, x: t.einsum("...ij,...jk->...ik", x, t.tensor(M_EINSUM))),
+    # x declared [2, ?, 4, 4]: its first channel's size (1, broadcast) is unknown to the rule;
+    # the second form contracts the label, so x's own gradient is stretched along it
+    "Einsum(unknown-size axis broadcast)": (
+        [node("Slice", ["x", "zero", "one", "ax1"], ["first"]),
+         node("Einsum", ["x", "first"], equation="bhqd,bhkd->bhqk")],
+        [init("zero", np.array([0])), init("one", np.array([1])), init("ax1", np.array([1]))],
+        lambda t, F, x: t.einsum("bhqd,bhkd->bhqk", x, x[:, :1])),
+    "Einsum(unknown-size axis broadcast, contracted)": (
+        [node("Slice", ["x", "zero", "one", "ax1"], ["first"]),
+         node("Einsum", ["first", "x"], equation="bhqd,bhkd->bqk")],
+        [init("zero", np.array([0])), init("one", np.array([1])), init("ax1", np.array([1]))],
+        lambda t, F, x: t.einsum("bhqd,bhkd->bqk", x[:, :1], x)),
     "Einsum(size-1 axis broadcast)": (
         [node("ReduceMean", ["x", "ax1"], ["m"]),
          node("Einsum", ["x", "m"], equation="bhqd,bhkd->bhqk")], [init("ax1", np.array([1]))],
@@ -620,6 +632,9 @@ SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 21)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
+# x's shape as the model declares it, where not x's own
+DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
+            "Einsum(unknown-size axis broadcast, contracted)": (2, None, 4, 4)}
 OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
           "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12,
           "Swish": 24, "Swish(alpha 0.5)": 24}  # the others: 20
@@ -640,8 +655,8 @@ def gradient_model(nodes, initializers, x_shape=X_SHAPE, opset=20):
     return model, builder, dx, y_shape
 
 
-def run_gradient(nodes, initializers, x, seed, opset=20):
-    model, builder, dx, _ = gradient_model(nodes, initializers, x.shape, opset)
+def run_gradient(nodes, initializers, x, seed, opset=20, declared=None):
+    model, builder, dx, _ = gradient_model(nodes, initializers, declared or x.shape, opset)
     y, g = run_nodes(list(model.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
                      list(model.graph.initializer) + builder.initializers, opset=opset)
     return y, g
@@ -678,7 +693,7 @@ def test_gradient_rule_against_finite_differences(name):
     # y's shape as run (shape inference leaves GroupNormalization's and run-time pads' open)
     y_shape = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0].shape
     seed = np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
-    y, grad = run_gradient(nodes, initializers, x, seed, opset)
+    y, grad = run_gradient(nodes, initializers, x, seed, opset, DECLARED.get(name))
     expected = finite_differences(nodes, initializers, x, seed.astype(np.float64), opset=opset)
     assert grad.shape == x.shape
     np.testing.assert_allclose(grad, expected, atol=5e-3, rtol=1e-2)
@@ -693,7 +708,7 @@ def test_gradient_rule_against_torch_autograd(name):
     yt = function(torch, F, xt)
     seed = np.random.default_rng(1).standard_normal(tuple(yt.shape)).astype(np.float32)
     (yt * torch.tensor(seed)).sum().backward()
-    y, grad = run_gradient(nodes, initializers, x, seed, OPSETS.get(name, 20))
+    y, grad = run_gradient(nodes, initializers, x, seed, OPSETS.get(name, 20), DECLARED.get(name))
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad, xt.grad.numpy(), atol=1e-5, rtol=1e-4)
 
@@ -788,3 +803,16 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)
+
+
+def test_an_einsum_broadcasting_an_unknown_size_before_opset_13_is_named():
+    """The run-time sum over the broadcast axes takes its axes as an input from opset 13 on."""
+    nodes = [node("Slice", ["x", "zero", "one", "ax1"], ["first"]),
+             node("Einsum", ["x", "first"], name="the_node", equation="bhqd,bhkd->bhqk")]
+    initializers = [init("zero", np.array([0])), init("one", np.array([1])),
+                    init("ax1", np.array([1]))]
+    with pytest.raises(ModelError, match=r"node 'the_node' \(Einsum\): equation 'bhqd,bhkd->bhqk' "
+                                         r"shares a label of unknown size with 'x' \(it may be "
+                                         r"broadcast\); its gradient needs opset >= 13 \(the model "
+                                         r"has 12\); no gradient rule"):
+        gradient_model(nodes, initializers, (2, None, 4, 4), opset=12)
