@@ -106,6 +106,7 @@ RULES: dict[str, Rule] = {
     "ReduceL2": layers.reduce_by_formula,
     "ReduceSumSquare": layers.reduce_by_formula,
     "ReduceLogSumExp": layers.reduce_by_formula,
+    "ReduceLogSum": layers.reduce_by_formula,
     "ReduceProd": layers.reduce_prod,
     "CumSum": layers.cumsum,
     "AveragePool": layers.average_pool,
@@ -139,7 +140,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
     "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,), "Resize": (0,),
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
-    "ReduceLogSumExp": (0,), "ConvTranspose": (0,),
+    "ReduceLogSumExp": (0,), "ReduceLogSum": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
     "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
 }

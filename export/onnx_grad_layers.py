@@ -87,7 +87,7 @@ def reduce_max(ctx, node, grads):
 def reduce_by_formula(ctx, node, grads):
     """ReduceL1 (dx = g sign(x)), ReduceL2 (dx = g x / y, 0 where y = 0 as torch's norm;
     F.normalize exports as ReduceL2, Clip, Expand, Div), ReduceSumSquare (dx = 2 g x),
-    ReduceLogSumExp (dx = g exp(x - y))."""
+    ReduceLogSumExp (dx = g exp(x - y)), ReduceLogSum (dx = g / exp(y), the sum's reciprocal)."""
     b = ctx.builder
     x = node.input[0]
     axes, keepdims = _reduce_axes(ctx, node)
@@ -104,6 +104,8 @@ def reduce_by_formula(ctx, node, grads):
                             b.op("Mul", [grad, b.op("Div", [x, y])]), zero])
     elif node.op_type == "ReduceSumSquare":
         dx = b.op("Mul", [b.op("Mul", [grad, x]), b.const(2.0)])
+    elif node.op_type == "ReduceLogSum":
+        dx = b.op("Expand", [b.op("Div", [grad, b.op("Exp", [y])]), b.op("Shape", [x])])
     else:  # ReduceLogSumExp
         dx = b.op("Mul", [grad, b.op("Exp", [b.op("Sub", [x, y])])])
     return [dx] + [None] * (len(node.input) - 1)

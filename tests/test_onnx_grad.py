@@ -390,6 +390,13 @@ CASES.update({
                         lambda t, F, x: (x * x).sum((2, 3), keepdim=True)),
     "ReduceLogSumExp": ([node("ReduceLogSumExp", ["x", "ax1"], keepdims=0)],
                         [init("ax1", np.array([1]))], lambda t, F, x: t.logsumexp(x, 1)),
+    "ReduceLogSum": ([node("Mul", ["x", "x"], ["q"]), node("Add", ["q", "one"], ["p"]),
+                      node("ReduceLogSum", ["p", "hw"], keepdims=0)],
+                     [init("one", np.float32(1)), init("hw", np.array([2, 3]))],
+                     lambda t, F, x: t.log((x * x + 1).sum((2, 3)))),
+    "ReduceLogSum(keepdims)": ([node("Exp", ["x"], ["e"]), node("ReduceLogSum", ["e", "ax1"])],
+                               [init("ax1", np.array([1]))],
+                               lambda t, F, x: t.logsumexp(x, 1, keepdim=True)),
     "ReduceMin": ([node("ReduceMin", ["x", "hw"], keepdims=0)], [init("hw", np.array([2, 3]))],
                   lambda t, F, x: x.amin((2, 3))),
     "ReduceL1": ([node("ReduceL1", ["x", "ax1"])], [init("ax1", np.array([1]))],
@@ -722,7 +729,7 @@ def test_every_listed_op_has_a_rule():
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
               "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
-              "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round").split()
+              "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
