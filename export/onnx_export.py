@@ -197,8 +197,9 @@ def build(model, options: ExportOptions, source: str = "model", gallery: bool = 
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))
     built = onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, heads)
+    empty = ()
     if choice.grid is not None:
-        built = _without_empty_gradients(classifier, choice, built, pre, heads, source)
+        built, empty = _without_empty_maps(classifier, choice, built, pre, heads, source)
     info = graph_spec.GraphInfo(
         labels=tuple(labels), input_size=classifier.input_size, color_order=pre.color_order,
         target_layer=choice.name, heatmaps=built.heatmaps, feature_size=built.feature_size,
@@ -207,52 +208,71 @@ def build(model, options: ExportOptions, source: str = "model", gallery: bool = 
         token_grid=choice.grid.to_metadata() if choice.grid else {})
     differences = ()
     if options.verify:
-        differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset))
-    wanted = onnx_rerun.rerun_names(methods.names() if heads is None else heads)
+        differences = tuple(onnx_verify.check(classifier, built, pre.scale, pre.offset,
+                                              source=source))
+    wanted = tuple(n for n in _reruns(heads) if n not in empty)
     model, info, rerun_differences = onnx_rerun.attach(built.model, info, wanted, options.verify,
                                                        required=onnx_rerun.asked(heads))
     return model, info, differences + rerun_differences
 
 
-def _without_empty_gradients(classifier, choice: TargetChoice, built, pre, heads, source):
-    """`built`, or the CAM graph again without the gradient methods when the logits read none of
-    the token target's patch tokens: a head that reads the class token alone, after the last
-    attention (a ViT's final norm, its last block's output), has a gradient of exactly 0 at every
-    patch, so every gradient map would be empty. ModelError when a gradient method was asked for
-    by name (--heads). Found by running the graph on a few random crops: a gradient that the
-    structure zeroes is 0.0 exactly on any CPU."""
+def _without_empty_maps(classifier, choice: TargetChoice, built, pre, heads, source):
+    """(built, the methods left out): `built`, or the CAM graph again without the gradient
+    methods, when the logits read none of the token target's patch tokens: a head that reads the
+    class token alone, after the last attention (a ViT's final norm, its last block's output),
+    has a gradient of exactly 0 at every patch, so every gradient map would be empty; and so
+    would Ablation-CAM's (the methods that run the head again from the target: zeroing a
+    channel of the patch tokens changes no logit, every weight is 0). ModelError when one of
+    them was asked for by name (--heads). Found by running the graph (or one with Grad-CAM
+    alone, to probe) on a few random crops: a gradient that the structure zeroes is 0.0 exactly
+    on any CPU."""
     import numpy as np
 
     from camface.export import onnx_cam, onnx_model, onnx_verify
 
     gradient_maps = [h for h in built.heatmaps if methods.GRADIENTS in methods.get(h).needs]
-    if not gradient_maps:
-        return built
+    head_maps = [h for h in _reruns(heads) if methods.HEAD in methods.get(h).needs]
+    if not gradient_maps and not head_maps:
+        return built, ()
+    probe = built if gradient_maps else onnx_cam.build(classifier, choice.tensor, pre.scale,
+                                                       pre.offset, ("gradcam",))
     height, width = classifier.input_size
     images = np.random.default_rng(0).integers(0, 256, (3, height, width, classifier.channels),
                                                dtype=np.uint8)
     try:
-        session = onnx_verify._session(onnx_verify._with_outputs(built.model, [onnx_cam.GRADIENT]))
+        session = onnx_verify._session(onnx_verify._with_outputs(probe.model, [onnx_cam.GRADIENT]))
         gradient = session.run([onnx_cam.GRADIENT], {graph_spec.INPUT_IMAGE: images,
                                                      graph_spec.INPUT_CLASS: np.full(3, -1, np.int64)})[0]
     except Exception as exc:  # ONNX Runtime's own types; the self-check says what fails
         log.debug("the token target's gradient not probed: %s", exc)
-        return built
+        return built, ()
     if np.any(gradient):
-        return built
+        return built, ()
     default = onnx_model.default_token_target(classifier)
     shown = f"; pick a layer before the last attention, such as " \
         f"{onnx_model.module_name(classifier.model, default)} (the default)" if default else ""
     alone = f"the head reads its {choice.grid.prefix} prefix token(s) alone after it; " \
         if choice.grid.prefix else ""
+    empty = [f"the gradient maps ({', '.join(gradient_maps)})"] if gradient_maps else []
+    empty += [f"{', '.join(head_maps)} (zeroing a channel of the patch tokens changes no logit)"] \
+        if head_maps else []
     why = (f"target {choice.name}: the logits read none of its patch tokens ({alone}the gradient "
-           f"is 0 at every patch of 3 random crops), so the gradient maps "
-           f"({', '.join(gradient_maps)}) would be empty{shown}")
+           f"is 0 at every patch of 3 random crops), so {' and '.join(empty)} would be "
+           f"empty{shown}")
     if heads is not None:
         raise ModelError(f"{source}: {why}")
-    log.warning("%s; exporting the maps that need no gradient", why)
+    log.warning("%s; exporting the maps that need neither the gradient nor the head run again", why)
     kept = tuple(h for h in methods.names() if methods.GRADIENTS not in methods.get(h).needs)
-    return onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, kept)
+    built = onnx_cam.build(classifier, choice.tensor, pre.scale, pre.offset, kept) \
+        if gradient_maps else built
+    return built, tuple(gradient_maps + head_maps)
+
+
+def _reruns(heads) -> tuple[str, ...]:
+    """The methods that run part of the model again that `heads` (None: the default set) asks."""
+    from camface.export import onnx_rerun
+
+    return onnx_rerun.rerun_names(methods.names() if heads is None else heads)
 
 
 def _program_as_onnx(path: Path, options: ExportOptions):

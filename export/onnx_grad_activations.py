@@ -1,7 +1,9 @@
 """Gradient rules of the smooth activations, the log / exp family, trigonometry and the
-softmaxes (see `onnx_grad`): Elu, Selu, Celu, Softplus, Softsign, Mish, Abs, Sign, Log,
-Reciprocal, Sin, Cos, Atan, Softmax, LogSoftmax. At x = 0 each takes the slope torch's
-autograd takes (the negative branch of the ELUs, 0 for Abs)."""
+softmaxes (see `onnx_grad`): Elu, Selu, Celu, Softplus, Softsign, Mish, Swish, Abs, Sign (and
+the other flat steps: Floor, Ceil, Round), Log, Reciprocal, Sin, Cos, Tan, their inverses
+Asin, Acos, Atan, the hyperbolic Sinh, Cosh and inverses Asinh, Acosh, Atanh, Softmax,
+LogSoftmax. At x = 0 each takes the slope torch's autograd takes (the negative branch of the
+ELUs, 0 for Abs)."""
 
 from __future__ import annotations
 
@@ -65,14 +67,25 @@ def mish(ctx, node, grads):
     return [b.op("Mul", [grads[0], slope])]
 
 
+def swish(ctx, node, grads):
+    """Swish (opset 24), y = x sigmoid(alpha x): dy/dx = s + alpha x s (1 - s), s the sigmoid."""
+    b = ctx.builder
+    x = node.input[0]
+    alpha = float(attribute(node, "alpha", 1.0))
+    s = b.op("Sigmoid", [b.op("Mul", [x, b.const(alpha)])])
+    rest = b.op("Mul", [b.op("Mul", [x, b.const(alpha)]), b.op("Sub", [b.const(1.0), s])])
+    return [b.op("Mul", [grads[0], b.op("Mul", [s, b.op("Add", [rest, b.const(1.0)])])])]
+
+
 def abs_(ctx, node, grads):
     """dy/dx = sign(x), 0 at 0 (torch's sgn)."""
     return [ctx.builder.op("Mul", [grads[0], ctx.builder.op("Sign", [node.input[0]])])]
 
 
 def sign(ctx, node, grads):
-    """Flat everywhere (torch's too): zeros shaped like x. torch's LPPool2d writes
-    sign(s) relu(|s|) of the pooled powers s; the gradient goes through the ReLU."""
+    """Sign, Floor, Ceil, Round: flat between their steps (torch's gradient is 0 everywhere):
+    zeros shaped like x. torch's LPPool2d writes sign(s) relu(|s|) of the pooled powers s; the
+    gradient goes through the ReLU."""
     b = ctx.builder
     return [b.op("ConstantOfShape", [b.op("Shape", [node.input[0]])], value=float_tensor(0.0))]
 
@@ -86,11 +99,63 @@ def cos(ctx, node, grads):
     return [b.op("Neg", [b.op("Mul", [grads[0], b.op("Sin", [node.input[0]])])])]
 
 
+def tan(ctx, node, grads):
+    """y = tan x: dy/dx = 1 + y^2."""
+    b = ctx.builder
+    y = node.output[0]
+    return [b.op("Mul", [grads[0], b.op("Add", [b.op("Mul", [y, y]), b.const(1.0)])])]
+
+
+def _over(ctx, node, grads, denominator, square_root: bool = False):
+    """g / d(x^2), d a function of x^2 (the inverse trigonometric and hyperbolic slopes)."""
+    b = ctx.builder
+    x = node.input[0]
+    d = denominator(b.op("Mul", [x, x]))
+    return [b.op("Div", [grads[0], b.op("Sqrt", [d]) if square_root else d])]
+
+
+def asin(ctx, node, grads):
+    """dy/dx = 1 / sqrt(1 - x^2)."""
+    b = ctx.builder
+    return _over(ctx, node, grads, lambda q: b.op("Sub", [b.const(1.0), q]), square_root=True)
+
+
+def acos(ctx, node, grads):
+    """dy/dx = -1 / sqrt(1 - x^2)."""
+    b = ctx.builder
+    return [b.op("Neg", asin(ctx, node, grads))]
+
+
 def atan(ctx, node, grads):
     """dy/dx = 1 / (1 + x^2)."""
     b = ctx.builder
-    x = node.input[0]
-    return [b.op("Div", [grads[0], b.op("Add", [b.op("Mul", [x, x]), b.const(1.0)])])]
+    return _over(ctx, node, grads, lambda q: b.op("Add", [q, b.const(1.0)]))
+
+
+def sinh(ctx, node, grads):
+    return [ctx.builder.op("Mul", [grads[0], ctx.builder.op("Cosh", [node.input[0]])])]
+
+
+def cosh(ctx, node, grads):
+    return [ctx.builder.op("Mul", [grads[0], ctx.builder.op("Sinh", [node.input[0]])])]
+
+
+def asinh(ctx, node, grads):
+    """dy/dx = 1 / sqrt(x^2 + 1)."""
+    b = ctx.builder
+    return _over(ctx, node, grads, lambda q: b.op("Add", [q, b.const(1.0)]), square_root=True)
+
+
+def acosh(ctx, node, grads):
+    """dy/dx = 1 / sqrt(x^2 - 1) (x > 1)."""
+    b = ctx.builder
+    return _over(ctx, node, grads, lambda q: b.op("Sub", [q, b.const(1.0)]), square_root=True)
+
+
+def atanh(ctx, node, grads):
+    """dy/dx = 1 / (1 - x^2)."""
+    b = ctx.builder
+    return _over(ctx, node, grads, lambda q: b.op("Sub", [b.const(1.0), q]))
 
 
 def log(ctx, node, grads):

@@ -6,7 +6,10 @@ The gradient of operand i is itself an Einsum: the output's gradient and the oth
 contracted to operand i's labels (`out,others->in_i`); a label of operand i found nowhere else
 (summed inside it by the forward) is restored by Unsqueeze and Expand to the operand's shape.
 An axis of static size 1 is taken as broadcast (numpy's rule): it gets a label of its own, so
-that the gradient is summed over the axis it was stretched along.
+that the gradient is summed over the axis it was stretched along. A label whose sizes shape
+inference leaves unknown (or symbolic and different) in the operands may be 1 in one of them
+at run time: that operand's gradient is expanded to its shape and summed over the axes where
+it holds 1 and the gradient does not, found at run time.
 """
 
 from __future__ import annotations
@@ -89,9 +92,36 @@ def _broadcast_labels(ctx, node, operands: list[list[str]], unused: list[str]) -
                 labels[axis] = unused.pop(0)
 
 
+def _unsure(ctx, node, operands: list[list[str]]) -> set[str]:
+    """The labels two operands share whose sizes shape inference does not show equal (one
+    unknown, or two different symbols): an operand may hold 1 there, broadcast, at run time."""
+    sizes: dict[str, set] = {}
+    for labels, x in zip(operands, node.input):
+        for label, size in zip(labels, ctx.shape(x) or [None] * len(labels)):
+            sizes.setdefault(label, set()).add(size)
+    shared = {c for c in sizes if sum(c in labels for labels in operands) > 1}
+    return {c for c in shared if None in sizes[c] or len(sizes[c]) > 1}
+
+
+def _fit(ctx, node, g: str, x: str) -> str:
+    """g (x's rank) made x's shape at run time: expanded where g holds 1 and x does not, summed
+    where x holds 1 (an axis broadcast in the forward) and g does not."""
+    b = ctx.builder
+    if b.opset < 13:
+        raise _refuse(node, f"shares a label of unknown size with {x!r} (it may be broadcast); "
+                            f"its gradient needs opset >= 13 (the model has {b.opset})")
+    shape, one = b.op("Shape", [x]), b.ints([1])
+    g = b.op("Expand", [g, shape])
+    stretched = b.op("And", [b.op("Equal", [shape, one]),
+                             b.op("Not", [b.op("Equal", [b.op("Shape", [g]), one])])])
+    axes = b.op("Reshape", [b.op("NonZero", [stretched]), b.ints([-1])])
+    return b.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
+
+
 def einsum(ctx, node, grads):
     b = ctx.builder
     operands, output = _parse(ctx, node)
+    unsure = _unsure(ctx, node, operands)
     grad_in = "".join(output)
     result = []
     for i, (labels, x) in enumerate(zip(operands, node.input)):
@@ -106,6 +136,10 @@ def einsum(ctx, node, grads):
         else:
             g = b.op("Einsum", [grads[0], *[t for _, t in others]], equation=equation)
         if alone:  # labels summed inside this operand alone: its gradient spread back along them
-            g = b.op("Expand", [b.unsqueeze(g, alone), b.op("Shape", [x])])
+            g = b.unsqueeze(g, alone)
+        if unsure.intersection(labels):
+            g = _fit(ctx, node, g, x)
+        elif alone:
+            g = b.op("Expand", [g, b.op("Shape", [x])])
         result.append(g)
     return result

@@ -87,7 +87,7 @@ def reduce_max(ctx, node, grads):
 def reduce_by_formula(ctx, node, grads):
     """ReduceL1 (dx = g sign(x)), ReduceL2 (dx = g x / y, 0 where y = 0 as torch's norm;
     F.normalize exports as ReduceL2, Clip, Expand, Div), ReduceSumSquare (dx = 2 g x),
-    ReduceLogSumExp (dx = g exp(x - y))."""
+    ReduceLogSumExp (dx = g exp(x - y)), ReduceLogSum (dx = g / exp(y), the sum's reciprocal)."""
     b = ctx.builder
     x = node.input[0]
     axes, keepdims = _reduce_axes(ctx, node)
@@ -104,6 +104,8 @@ def reduce_by_formula(ctx, node, grads):
                             b.op("Mul", [grad, b.op("Div", [x, y])]), zero])
     elif node.op_type == "ReduceSumSquare":
         dx = b.op("Mul", [b.op("Mul", [grad, x]), b.const(2.0)])
+    elif node.op_type == "ReduceLogSum":
+        dx = b.op("Expand", [b.op("Div", [grad, b.op("Exp", [y])]), b.op("Shape", [x])])
     else:  # ReduceLogSumExp
         dx = b.op("Mul", [grad, b.op("Exp", [b.op("Sub", [x, y])])])
     return [dx] + [None] * (len(node.input) - 1)
@@ -204,6 +206,11 @@ def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     pads = list(attribute(node, "pads", [0] * (2 * dims)))
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        raise ModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto_pad} with dilations "
+                         f"{dilations} has no gradient rule (ONNX Runtime pads such a pool as if "
+                         "undilated, its output smaller than ONNX's shapes say, and refuses such "
+                         "a Conv)")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         size = ctx.static(x, node, "input")[2:]
         pads = [0] * (2 * dims)
@@ -299,7 +306,8 @@ def average_pool(ctx, node, grads):
     else:  # the count of real (unpadded) inputs under each window
         window = b.op("AveragePool", [b.op("ConstantOfShape", [b.op("Shape", [x])],
                                            value=float_tensor(1.0))],
-                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1)
+                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1,
+                      **({"dilations": dilations} if any(d != 1 for d in dilations) else {}))
         counts = b.op("Mul", [window, b.const(float(np.prod(kernel)))])
         grad = b.op("Div", [grad, counts])
     padded = _transpose_conv(ctx, node, grad, x, ones, kernel, channels)

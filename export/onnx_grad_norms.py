@@ -120,12 +120,15 @@ def lrn(ctx, node, grads):
     """LRN (AlexNet, GoogLeNet), y = x s^-beta with s = bias + alpha / size * W(x^2), W the sum
     over the channels c - floor((size - 1) / 2) ... c + ceil((size - 1) / 2):
     dx = g s^-beta - 2 alpha beta / size * x * W^T(g x s^(-beta - 1)), W^T the window mirrored
-    (the same one for an odd size). Each window sum: an AveragePool of x taken as
+    (the same one for an odd size, the only one ONNX Runtime runs). Each window sum: an AveragePool of x taken as
     [N, 1, C, ...] that counts the zero padding, times `size`."""
     b = ctx.builder
     x = node.input[0]
     rank = _known_rank(ctx, node, x)
     size = int(attribute(node, "size"))
+    if size % 2 == 0:  # ONNX's window is then one channel longer after c than before it
+        raise ModelError(f"node {node.name!r} (LRN): size {size} is even; ONNX Runtime runs LRN "
+                         "of odd sizes only (neither the model nor a CAM graph of it would run)")
     alpha = float(attribute(node, "alpha", 1e-4))
     beta = float(attribute(node, "beta", 0.75))
     bias = float(attribute(node, "bias", 1.0))

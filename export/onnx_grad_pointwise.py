@@ -1,5 +1,5 @@
 """Gradient rules of element-wise arithmetic (Add ... Max, Min, Sum, Mean), the ReLU family
-(ThresholdedRelu included), sigmoids, Tanh, Exp, Sqrt, Erf, Pow, Gelu, and shape ops (see
+(ThresholdedRelu and Shrink included), sigmoids, Tanh, Exp, Sqrt, Erf, Pow, Gelu, and shape ops (see
 `onnx_grad`): rule(ctx, node, grads) -> the gradient of each input, None where not needed."""
 
 from __future__ import annotations
@@ -90,6 +90,14 @@ def thresholded_relu(ctx, node, grads):
     b = ctx.builder
     alpha = float(attribute(node, "alpha", 1.0))
     return [mask(ctx, b.op("Greater", [node.input[0], b.const(alpha)]), grads[0])]
+
+
+def shrink(ctx, node, grads):
+    """Shrink (torch's hardshrink, softshrink): y = x + bias below -lambd, x - bias above
+    lambd, 0 between: the gradient passes where |x| > lambd."""
+    b = ctx.builder
+    lambd = float(attribute(node, "lambd", 0.5))
+    return [mask(ctx, b.op("Greater", [b.op("Abs", [node.input[0]]), b.const(lambd)]), grads[0])]
 
 
 def prelu(ctx, node, grads):

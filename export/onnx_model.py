@@ -835,7 +835,9 @@ _GRID_MAKERS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 # do not: their output is no feature map.
 _GRID_KEEPERS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
                  "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Clip", "Abs",
-                 "Neg", "Exp", "Log", "Sqrt", "Pow", "Sin", "Cos", "Identity", "Dropout", "Cast",
+                 "Neg", "Exp", "Log", "Sqrt", "Pow", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan",
+                 "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Swish", "Shrink", "ThresholdedRelu",
+                 "Reciprocal", "Sign", "Floor", "Ceil", "Round", "Identity", "Dropout", "Cast",
                  "Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Where",
                  "BatchNormalization", "InstanceNormalization", "LayerNormalization",
                  "GroupNormalization", "LRN")

@@ -136,14 +136,23 @@ def _softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3) -> list[Difference]:
-    """Run the three checks; raise ModelError naming every output over its tolerance."""
+def check(classifier, built: onnx_cam.Built, scale, offset, batch: int = 3,
+          source: object = "model") -> list[Difference]:
+    """Run the three checks; raise ModelError naming every output over its tolerance, or
+    ONNX Runtime's refusal of the model itself (`source`)."""
+    import onnxruntime as ort
+
     images, classes = verify.sample_batch(classifier.input_size, classifier.channels,
                                           classifier.num_classes, batch)
     x = _normalised(classifier, images, scale, offset)
-    original = _session(_with_outputs(classifier.model, [built.target, classifier.logits]))
-    names = [o.name for o in original.get_outputs()]
-    ref = dict(zip(names, original.run(None, {classifier.input_name: x})))
+    try:
+        original = _session(_with_outputs(classifier.model, [built.target, classifier.logits]))
+        names = [o.name for o in original.get_outputs()]
+        ref = dict(zip(names, original.run(None, {classifier.input_name: x})))
+    except Exception as exc:  # ONNX Runtime's own types: a kernel it does not have, or refuses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{source}: ONNX Runtime {ort.__version__} does not run the model, so "
+                         f"neither would a CAM graph of it ({first})") from exc
     logits = ref[classifier.logits]
     probs = ref[classifier.output_name] if classifier.final_activation in ("Softmax", "Sigmoid") \
         else _softmax(logits)

@@ -552,8 +552,9 @@ def test_export_names_flags_it_would_ignore(argv, said):
     assert unused_flags(parser.parse_args(["model.keras", "-o", "out.onnx", *argv])) == said
 
 
-def _tiny_onnx_classifier(path, ir_version, opset):
-    """Conv -> ReLU -> global average pool -> Gemm: 3 classes from [N, 3, 16, 16] float."""
+def _tiny_onnx_classifier(path, ir_version, opset, lrn_size=None):
+    """Conv -> ReLU (-> LRN of `lrn_size`) -> global average pool -> Gemm: 3 classes from
+    [N, 3, 16, 16] float."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -562,7 +563,9 @@ def _tiny_onnx_classifier(path, ir_version, opset):
                for name, shape in (("w", (4, 3, 3, 3)), ("b", (4,)), ("g", (4, 3)), ("c", (3,)))]
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["conv"], ["relu"]),
-             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             *([helper.make_node("LRN", ["relu"], ["normed"], name="the_lrn", size=lrn_size)]
+               if lrn_size else []),
+             helper.make_node("GlobalAveragePool", ["normed" if lrn_size else "relu"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
              helper.make_node("Gemm", ["flat", "g", "c"], ["logits"])]
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
@@ -590,6 +593,20 @@ def test_the_same_onnx_model_at_versions_onnx_runtime_reads_exports(tmp_path, ca
     assert camface_main(["export", str(model), "-o", str(tmp_path / "out.onnx"), "--preset", "unit",
                          "--no-rank"]) == 0
     assert (tmp_path / "out.onnx").is_file()
+
+
+@pytest.mark.parametrize("target", ["relu", "normed"])  # the LRN after the target, or before it
+def test_an_onnx_model_onnx_runtime_does_not_run_is_one_line(tmp_path, capsys, target):
+    """An LRN of an even size (ONNX Runtime runs odd ones only): the self-check's session of the
+    model raised a traceback."""
+    import re
+
+    model = _tiny_onnx_classifier(tmp_path / "tiny.onnx", 8, 17, lrn_size=4)
+    code, line = run(capsys, "export", str(model), "-o", str(tmp_path / "out.onnx"), "--preset", "unit",
+                     "--target-layer", target)
+    assert code == 2 and re.search(r"tiny.onnx: ONNX Runtime [\d.]+ does not run the model, so neither "
+                                   r"would a CAM graph of it \(.*LRN", line), line
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def _one_unit_onnx(path, activation):

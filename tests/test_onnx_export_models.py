@@ -495,6 +495,35 @@ def test_a_residual_add_keeps_the_map_whatever_its_batch_dim_is_called():
     assert onnx_model.default_target(classifier) == "relu"
 
 
+@pytest.mark.parametrize("op, opset", [("Swish", 24), ("Shrink", 17), ("ThresholdedRelu", 17),
+                                       ("Tan", 17), ("Atanh", 17), ("Sinh", 17), ("Reciprocal", 17),
+                                       ("Floor", 17)])
+def test_an_elementwise_op_with_a_gradient_rule_keeps_the_map(op, opset):
+    """conv -> `op` -> ReLU -> pooled logits: the op's output is on the map, a target as the
+    conv's and the ReLU's (these ops have gradient rules since; they were taken for ops that
+    break the map, so only the pooled ReLU was found again)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from camface.export import onnx_model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node(op, ["conv"], ["act"]),
+             helper.make_node("Relu", ["act"], ["relu"]),
+             helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+             helper.make_node("Flatten", ["pool"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset > 20 else 8
+    classifier = onnx_model.describe(onnx_model.prepare(model))
+    assert onnx_model.spatial_maps(classifier) == {"conv": "NCHW", "act": "NCHW", "relu": "NCHW"}
+
+
 def test_an_attention_tensor_is_no_spatial_map(tmp_path):
     """spatial_maps on the mean-token ViT: the patch embedding only, though its attention
     [N, 2, 16, 16] has 16 = 32 / 2 on both sides, like a map at stride 2."""

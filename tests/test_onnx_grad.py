@@ -102,6 +102,8 @@ CASES = {
     "AveragePool(pad, exclude)": ([node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
                                         pads=[1, 1, 1, 1])], [],
                                   lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)),
+    "AveragePool(dilated, pads, exclude)": ([node("AveragePool", ["x"], kernel_shape=[2, 2],
+                                                  dilations=[2, 2], pads=[1, 1, 0, 1])], [], None),
     "MaxPool": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                 [], lambda t, F, x: F.max_pool2d(x, 3, 2, 1)),
     "Flatten+Gemm": ([node("Flatten", ["x"], ["f"]), node("Gemm", ["f", "w", "b"], transB=1)],
@@ -388,6 +390,13 @@ CASES.update({
                         lambda t, F, x: (x * x).sum((2, 3), keepdim=True)),
     "ReduceLogSumExp": ([node("ReduceLogSumExp", ["x", "ax1"], keepdims=0)],
                         [init("ax1", np.array([1]))], lambda t, F, x: t.logsumexp(x, 1)),
+    "ReduceLogSum": ([node("Mul", ["x", "x"], ["q"]), node("Add", ["q", "one"], ["p"]),
+                      node("ReduceLogSum", ["p", "hw"], keepdims=0)],
+                     [init("one", np.float32(1)), init("hw", np.array([2, 3]))],
+                     lambda t, F, x: t.log((x * x + 1).sum((2, 3)))),
+    "ReduceLogSum(keepdims)": ([node("Exp", ["x"], ["e"]), node("ReduceLogSum", ["e", "ax1"])],
+                               [init("ax1", np.array([1]))],
+                               lambda t, F, x: t.logsumexp(x, 1, keepdim=True)),
     "ReduceMin": ([node("ReduceMin", ["x", "hw"], keepdims=0)], [init("hw", np.array([2, 3]))],
                   lambda t, F, x: x.amin((2, 3))),
     "ReduceL1": ([node("ReduceL1", ["x", "ax1"])], [init("ax1", np.array([1]))],
@@ -495,6 +504,18 @@ CASES.update({
     "Einsum(ellipsis, batch of 1 broadcast)": (
         [node("Einsum", ["x", "m"], equation="...ij,...jk->...ik")], [init("m", M_EINSUM)],
         lambda t, F, x: t.einsum("...ij,...jk->...ik", x, t.tensor(M_EINSUM))),
+    # x declared [2, ?, 4, 4]: its first channel's size (1, broadcast) is unknown to the rule;
+    # the second form contracts the label, so x's own gradient is stretched along it
+    "Einsum(unknown-size axis broadcast)": (
+        [node("Slice", ["x", "zero", "one", "ax1"], ["first"]),
+         node("Einsum", ["x", "first"], equation="bhqd,bhkd->bhqk")],
+        [init("zero", np.array([0])), init("one", np.array([1])), init("ax1", np.array([1]))],
+        lambda t, F, x: t.einsum("bhqd,bhkd->bhqk", x, x[:, :1])),
+    "Einsum(unknown-size axis broadcast, contracted)": (
+        [node("Slice", ["x", "zero", "one", "ax1"], ["first"]),
+         node("Einsum", ["first", "x"], equation="bhqd,bhkd->bqk")],
+        [init("zero", np.array([0])), init("one", np.array([1])), init("ax1", np.array([1]))],
+        lambda t, F, x: t.einsum("bhqd,bhkd->bqk", x[:, :1], x)),
     "Einsum(size-1 axis broadcast)": (
         [node("ReduceMean", ["x", "ax1"], ["m"]),
          node("Einsum", ["x", "m"], equation="bhqd,bhkd->bhqk")], [init("ax1", np.array([1]))],
@@ -522,6 +543,14 @@ CASES.update({
                                    pads=[1, 0, 0, 1])], [], None),
     "LpPool(p 2, SAME_UPPER)": ([node("LpPool", ["x"], kernel_shape=[2, 3], strides=[2, 2],
                                       auto_pad="SAME_UPPER")], [], None),
+    "LpPool(p 2, SAME_LOWER)": ([node("LpPool", ["x"], kernel_shape=[3, 2], strides=[2, 2],
+                                      auto_pad="SAME_LOWER")], [], None),
+    "LpPool(p 3, dilated, strided, VALID)": ([node("LpPool", ["x"], p=3, kernel_shape=[2, 2],
+                                                   dilations=[2, 2], strides=[1, 2],
+                                                   auto_pad="VALID")], [], None),
+    "LpPool(p 2, dilated, strided, pads)": ([node("LpPool", ["x"], kernel_shape=[3, 3],
+                                                  dilations=[2, 2], strides=[2, 2],
+                                                  pads=[2, 1, 1, 2])], [], None),
     "LpPool(p 2, 1-D)": ([node("LpPool", ["x"], kernel_shape=[3], strides=[2])], [],
                          lambda t, F, x: F.lp_pool1d(x, 2, 3, 2)),
     "GlobalLpPool(p 2)": ([node("GlobalLpPool", ["x"])], [],
@@ -569,6 +598,39 @@ CASES.update({
     "Sin/Cos/Atan": ([node("Sin", ["x"], ["s"]), node("Cos", ["s"], ["c"]), node("Atan", ["c"])],
                      [], lambda t, F, x: t.atan(t.cos(t.sin(x)))),
 })
+# The other element-wise functions of one input: Tan, the inverse trigonometric and the
+# (inverse) hyperbolic functions, each fed values inside its domain (|s| < 1 for Asin, Acos,
+# Atanh; s > 1 for Acosh); Swish (opset 24); Shrink (hardshrink, softshrink); and the steps
+# Floor, Ceil, Round, fed x / 10 (no step within a finite difference of the inputs)
+CASES.update({
+    "Tan": ([node("Mul", ["x", "c"], ["s"]), node("Tan", ["s"])], [init("c", np.float32(0.3))],
+            lambda t, F, x: t.tan(0.3 * x)),
+    "Asin/Acos/Atanh": ([node("Tanh", ["x"], ["h"]), node("Mul", ["h", "c"], ["s"]),
+                         node("Asin", ["s"], ["a"]), node("Acos", ["s"], ["o"]),
+                         node("Atanh", ["s"], ["n"]), node("Mul", ["a", "o"], ["ao"]),
+                         node("Add", ["ao", "n"])], [init("c", np.float32(0.8))],
+                        lambda t, F, x: t.asin(0.8 * t.tanh(x)) * t.acos(0.8 * t.tanh(x))
+                        + t.atanh(0.8 * t.tanh(x))),
+    "Sinh/Cosh": ([node("Sinh", ["x"], ["s"]), node("Cosh", ["x"], ["c"]),
+                   node("Mul", ["c", "half"], ["h"]), node("Add", ["s", "h"])],
+                  [init("half", np.float32(0.5))], lambda t, F, x: t.sinh(x) + 0.5 * t.cosh(x)),
+    "Asinh/Acosh": ([node("Asinh", ["x"], ["a"]), node("Mul", ["x", "x"], ["q"]),
+                     node("Add", ["q", "c"], ["s"]), node("Acosh", ["s"], ["o"]),
+                     node("Mul", ["a", "o"])], [init("c", np.float32(1.5))],
+                    lambda t, F, x: t.asinh(x) * t.acosh(x * x + 1.5)),
+    "Swish": ([node("Swish", ["x"])], [], lambda t, F, x: F.silu(x)),
+    "Swish(alpha 0.5)": ([node("Swish", ["x"], alpha=0.5)], [],
+                         lambda t, F, x: x * t.sigmoid(0.5 * x)),
+    "Shrink(hardshrink)": ([node("Shrink", ["x"], lambd=0.5)], [],
+                           lambda t, F, x: F.hardshrink(x, 0.5)),
+    "Shrink(softshrink)": ([node("Shrink", ["x"], lambd=0.5, bias=0.5)], [],
+                           lambda t, F, x: F.softshrink(x, 0.5)),
+    "Floor/Ceil/Round": ([node("Mul", ["x", "tenth"], ["s"]), node("Floor", ["s"], ["f"]),
+                          node("Ceil", ["s"], ["c"]), node("Round", ["s"], ["r"]),
+                          node("Sum", ["f", "c", "r"], ["k"]), node("Mul", ["k", "x"])],
+                         [init("tenth", np.float32(0.1))],
+                         lambda t, F, x: (t.floor(x / 10) + t.ceil(x / 10) + t.round(x / 10)) * x),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -577,8 +639,12 @@ SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 21)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
+# x's shape as the model declares it, where not x's own
+DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
+            "Einsum(unknown-size axis broadcast, contracted)": (2, None, 4, 4)}
 OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
-          "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12}  # the others: 20
+          "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12,
+          "Swish": 24, "Swish(alpha 0.5)": 24}  # the others: 20
 
 
 def gradient_model(nodes, initializers, x_shape=X_SHAPE, opset=20):
@@ -596,8 +662,8 @@ def gradient_model(nodes, initializers, x_shape=X_SHAPE, opset=20):
     return model, builder, dx, y_shape
 
 
-def run_gradient(nodes, initializers, x, seed, opset=20):
-    model, builder, dx, _ = gradient_model(nodes, initializers, x.shape, opset)
+def run_gradient(nodes, initializers, x, seed, opset=20, declared=None):
+    model, builder, dx, _ = gradient_model(nodes, initializers, declared or x.shape, opset)
     y, g = run_nodes(list(model.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
                      list(model.graph.initializer) + builder.initializers, opset=opset)
     return y, g
@@ -622,7 +688,8 @@ def _inputs(name, seed=0):
     x = rng.standard_normal(SHAPES.get(name, X_SHAPE)).astype(np.float32)
     # keep values off the kinks (ReLU, Clip, HardSwish at +-3) and off ties (max pools)
     x = np.where(np.abs(x) < 0.05, 0.1, x)
-    x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x) if "Clip" in name or "Thresholded" in name else x
+    if any(kinked in name for kinked in ("Clip", "Thresholded", "Shrink")):  # at |x| = 0.5
+        x = np.where(np.abs(np.abs(x) - 0.5) < 0.05, 0.6, x)
     return x
 
 
@@ -633,7 +700,7 @@ def test_gradient_rule_against_finite_differences(name):
     # y's shape as run (shape inference leaves GroupNormalization's and run-time pads' open)
     y_shape = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0].shape
     seed = np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
-    y, grad = run_gradient(nodes, initializers, x, seed, opset)
+    y, grad = run_gradient(nodes, initializers, x, seed, opset, DECLARED.get(name))
     expected = finite_differences(nodes, initializers, x, seed.astype(np.float64), opset=opset)
     assert grad.shape == x.shape
     np.testing.assert_allclose(grad, expected, atol=5e-3, rtol=1e-2)
@@ -648,7 +715,7 @@ def test_gradient_rule_against_torch_autograd(name):
     yt = function(torch, F, xt)
     seed = np.random.default_rng(1).standard_normal(tuple(yt.shape)).astype(np.float32)
     (yt * torch.tensor(seed)).sum().backward()
-    y, grad = run_gradient(nodes, initializers, x, seed, OPSETS.get(name, 20))
+    y, grad = run_gradient(nodes, initializers, x, seed, OPSETS.get(name, 20), DECLARED.get(name))
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad, xt.grad.numpy(), atol=1e-5, rtol=1e-4)
 
@@ -661,13 +728,14 @@ def test_every_listed_op_has_a_rule():
               "Softsign Mish Abs Log Reciprocal LogSoftmax Max Min Sum Mean InstanceNormalization "
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
-              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd").split()
+              "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
+              "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
 def test_an_op_without_a_rule_is_named_with_its_node():
-    nodes = [node("Asinh", ["x"], ["s"], name="the_asinh"), node("Relu", ["s"])]
-    with pytest.raises(ModelError, match=r"no gradient rule for op Asinh \(node 'the_asinh'\).*later "
+    nodes = [node("Det", ["x"], ["s"], name="the_det"), node("Relu", ["s"])]
+    with pytest.raises(ModelError, match=r"no gradient rule for op Det \(node 'the_det'\).*later "
                                          r"target layer"):
         gradient_model(nodes, [])
 
@@ -722,9 +790,36 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
      [init("at", np.array([[0], [2]]))], 20, r"\(GatherND\): batch_dims 1 has no gradient rule"),
     ([node("GatherND", ["x", "at"], name="the_node")], [init("at", np.array([[0, 1]]))], 15,
      r"\(GatherND\): its gradient needs opset >= 16 \(the model has 15\)"),
+    ([node("LRN", ["x"], name="the_node", size=4)], [], 20,
+     r"\(LRN\): size 4 is even; ONNX Runtime runs LRN of odd sizes only"),
+    # ONNX Runtime sizes these as if undilated ([1, 3] where ONNX's shapes say [2, 4])
+    ([node("LpPool", ["x"], name="the_node", kernel_shape=[2, 2], dilations=[2, 2],
+           strides=[2, 1], auto_pad="SAME_UPPER")], [], 20,
+     r"\(LpPool\): auto_pad SAME_UPPER with dilations \[2, 2\] has no gradient rule \(ONNX "
+     r"Runtime pads such a pool as if undilated"),
+    ([node("LpPool", ["x"], name="the_node", p=1, kernel_shape=[2, 3], dilations=[1, 2],
+           auto_pad="SAME_LOWER")], [], 20,
+     r"\(LpPool\): auto_pad SAME_LOWER with dilations \[1, 2\] has no gradient rule"),
+    ([node("AveragePool", ["x"], name="the_node", kernel_shape=[2, 2], dilations=[2, 2],
+           auto_pad="SAME_LOWER")], [], 20,
+     r"\(AveragePool\): auto_pad SAME_LOWER with dilations \[2, 2\] has no gradient rule"),
 ], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
-        "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15"])
+        "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
+        "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)
+
+
+def test_an_einsum_broadcasting_an_unknown_size_before_opset_13_is_named():
+    """The run-time sum over the broadcast axes takes its axes as an input from opset 13 on."""
+    nodes = [node("Slice", ["x", "zero", "one", "ax1"], ["first"]),
+             node("Einsum", ["x", "first"], name="the_node", equation="bhqd,bhkd->bhqk")]
+    initializers = [init("zero", np.array([0])), init("one", np.array([1])),
+                    init("ax1", np.array([1]))]
+    with pytest.raises(ModelError, match=r"node 'the_node' \(Einsum\): equation 'bhqd,bhkd->bhqk' "
+                                         r"shares a label of unknown size with 'x' \(it may be "
+                                         r"broadcast\); its gradient needs opset >= 13 \(the model "
+                                         r"has 12\); no gradient rule"):
+        gradient_model(nodes, initializers, (2, None, 4, 4), opset=12)

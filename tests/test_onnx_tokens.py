@@ -490,9 +490,12 @@ def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_m
     """A ViT's head reads the class token alone: after the last attention (the final norm, the
     last block's output) no patch token reaches the logits, every gradient there is exactly 0,
     and the gradient maps were exported empty without a word (pytorch-grad-cam's FAQ: use
-    blocks[-1].norm1). They are left out with a warning naming the layer and the default; the
-    maps that do not need the gradient stay; asked for by name, the export is refused. Both
-    torch.onnx's TorchScript exporter and a .pt2 (the zoo's ViT, benchmarks/export_zoo.py)."""
+    blocks[-1].norm1). So was Ablation-CAM's (as torch's with a forward hook: zeroing a channel
+    of the patch tokens changes no logit, every weight is 0), the warning naming the gradient
+    maps only. They are left out with a warning naming the layer, each of them and the default;
+    Eigen-CAM and Score-CAM (which masks the image) stay; asked for by name, the export is
+    refused. Both torch.onnx's TorchScript exporter and a .pt2 (the zoo's ViT,
+    benchmarks/export_zoo.py)."""
     import onnx
     from onnx_helpers import save_program
 
@@ -506,16 +509,24 @@ def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_m
     with caplog.at_level(logging.WARNING):
         _, info, differences = onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer))
     gradient_maps = {m for m in methods.names() if methods.GRADIENTS in methods.get(m).needs}
-    assert not gradient_maps & set(info.heatmaps)
+    assert not (gradient_maps | {"ablationcam"}) & set(info.heatmaps)
     assert {"eigencam", "scorecam"} <= set(info.heatmaps) and all(d.ok for d in differences)
     assert f"target {layer}: the logits read none of its patch tokens" in caplog.text
+    assert "ablationcam (zeroing a channel of the patch tokens changes no logit)" in caplog.text
     assert "blocks.1.norm1 (the default)" in caplog.text
-    with pytest.raises(ModelError, match=rf"target {layer}: the logits read none of its patch "
-                                         r"tokens.*gradcam"):
-        onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer, heads=("gradcam",)))
-    # at the default target the gradient reaches the patches: every map stays
-    _, info, _ = onnx_export.build(model, ExportOptions(preset="unit"))
-    assert gradient_maps <= set(info.heatmaps)
+    for asked in ("gradcam", "ablationcam"):
+        with pytest.raises(ModelError, match=rf"target {layer}: the logits read none of its patch "
+                                             rf"tokens.*{asked}"):
+            onnx_export.build(model, ExportOptions(preset="unit", target_layer=layer, heads=(asked,)))
+    # at the default target, and at the first block's output, the gradient reaches the patches
+    # through the last attention: every map stays, Ablation-CAM's not empty
+    for target in (None, "blocks.0"):
+        graph, info, _ = onnx_export.build(model, ExportOptions(preset="unit", target_layer=target))
+        assert gradient_maps | {"ablationcam"} <= set(info.heatmaps)
+        images = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+        session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert np.abs(session.run(["ablationcam"], {"image": images,
+                                                    "class_index": np.array([-1, 2])})[0]).max() > 0
 
 
 class TokensAroundPatches(nn.Module):
