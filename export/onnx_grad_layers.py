@@ -198,19 +198,27 @@ def gemm(ctx, node, grads):
     return result
 
 
+def _refuse_dilated_same(node, dilations: Sequence[int]) -> str:
+    """The node's auto_pad, or ModelError naming the node for SAME_* with dilations: ONNX
+    Runtime pads such a pool as if undilated, so its output is smaller than ONNX's shapes say
+    (and the rules after it, which read those shapes, build a graph that does not run)."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        raise ModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto_pad} with dilations "
+                         f"{list(dilations)} has no gradient rule (ONNX Runtime pads such a pool as "
+                         "if undilated, its output smaller than ONNX's shapes say, and refuses "
+                         "such a Conv)")
+    return auto_pad
+
+
 def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     """(strides, dilations, pads [begin..., end...]) with auto_pad resolved on static shapes."""
     dims = len(kernel)
     strides = list(attribute(node, "strides", [1] * dims))
     dilations = list(attribute(node, "dilations", [1] * dims))
     pads = list(attribute(node, "pads", [0] * (2 * dims)))
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
-        raise ModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto_pad} with dilations "
-                         f"{dilations} has no gradient rule (ONNX Runtime pads such a pool as if "
-                         "undilated, its output smaller than ONNX's shapes say, and refuses such "
-                         "a Conv)")
+    auto_pad = _refuse_dilated_same(node, dilations)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         size = ctx.static(x, node, "input")[2:]
         pads = [0] * (2 * dims)
@@ -365,6 +373,9 @@ def max_pool(ctx, node, grads):
         raise ModelError(f"node {node.name!r}: MaxPool with storage_order 1 has no rule")
     x = node.input[0]
     attrs = {a.name: attribute(node, a.name) for a in node.attribute}
+    # The indices are ONNX Runtime's own (right for any padding), but the later rules would
+    # read ONNX's shapes of the output, which a dilated SAME pool does not have
+    _refuse_dilated_same(node, attrs.get("dilations", []))
     _, indices = b.op("MaxPool", [x], outputs=2, **attrs)
     return [scatter(ctx, x, indices, grads[0], add=True)]
 

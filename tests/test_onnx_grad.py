@@ -106,6 +106,11 @@ CASES = {
                                                   dilations=[2, 2], pads=[1, 1, 0, 1])], [], None),
     "MaxPool": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                 [], lambda t, F, x: F.max_pool2d(x, 3, 2, 1)),
+    "MaxPool(dilated, pads)": ([node("MaxPool", ["x"], kernel_shape=[2, 2], dilations=[2, 2],
+                                     pads=[1, 1, 1, 1])], [],
+                               lambda t, F, x: F.max_pool2d(x, 2, 1, 1, dilation=2)),
+    "MaxPool(SAME_UPPER, strides 2)": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                             auto_pad="SAME_UPPER")], [], None),
     "Flatten+Gemm": ([node("Flatten", ["x"], ["f"]), node("Gemm", ["f", "w", "b"], transB=1)],
                      [init("w", W_GEMM), init("b", np.zeros(5, np.float32))],
                      lambda t, F, x: F.linear(x.flatten(1), t.tensor(W_GEMM))),
@@ -803,10 +808,20 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("AveragePool", ["x"], name="the_node", kernel_shape=[2, 2], dilations=[2, 2],
            auto_pad="SAME_LOWER")], [], 20,
      r"\(AveragePool\): auto_pad SAME_LOWER with dilations \[2, 2\] has no gradient rule"),
+    # MaxPool's own gradient (ONNX Runtime's indices) is right, but the rules after it read
+    # ONNX's [4, 4] where ONNX Runtime makes [2, 2]: their graph does not run
+    ([node("MaxPool", ["x"], ["m"], name="the_node", kernel_shape=[3, 3], dilations=[2, 2],
+           auto_pad="SAME_UPPER"), node("GlobalAveragePool", ["m"])], [], 20,
+     r"\(MaxPool\): auto_pad SAME_UPPER with dilations \[2, 2\] has no gradient rule \(ONNX "
+     r"Runtime pads such a pool as if undilated"),
+    ([node("MaxPool", ["x"], name="the_node", kernel_shape=[2, 3], dilations=[1, 2],
+           auto_pad="SAME_LOWER")], [], 20,
+     r"\(MaxPool\): auto_pad SAME_LOWER with dilations \[1, 2\] has no gradient rule"),
 ], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
-        "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated"])
+        "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
+        "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)
