@@ -12,7 +12,7 @@ sigmoids, Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mis
 Sign and the other steps, trigonometric and hyperbolic functions, softmaxes), `onnx_grad_norms` (batch, layer, instance, group,
 mean-variance, RMS, Lp norm, LRN), `onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK, GatherND,
 GatherElements, ScatterElements), `onnx_grad_layers` (pooling, reductions,
-CumSum, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
+CumSum, CumProd, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
 share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
@@ -114,6 +114,7 @@ RULES: dict[str, Rule] = {
     "ReduceLogSum": layers.reduce_by_formula,
     "ReduceProd": layers.reduce_prod,
     "CumSum": layers.cumsum,
+    "CumProd": layers.cumprod,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
     "LpPool": layers.lp_pool,
@@ -151,7 +152,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
     "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
     "CastLike": (0,), "RMSNormalization": (0,), "GatherElements": (0,),
-    "ScatterElements": (0, 2),
+    "ScatterElements": (0, 2), "CumProd": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

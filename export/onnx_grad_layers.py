@@ -144,6 +144,42 @@ def cumsum(ctx, node, grads):
     return [summed, None]
 
 
+def cumprod(ctx, node, grads):
+    """CumProd (opset 26, torch.cumprod), Y_i the product of x_j for j <= i (the direction
+    reversed with `reverse`; exclusive reads Y one step back, so its g is moved one step on):
+    dx_j = sum over i >= j of g_i Y_i / x_j before the first zero z of the slice, sum over
+    i >= z of g_i Y'_i at z (Y' the products with x_z taken as 1), 0 after it (never 0 / 0)."""
+    from onnx import TensorProto
+
+    b = ctx.builder
+    x, axis = node.input[:2]
+    reverse = int(attribute(node, "reverse", 0))
+    axes = b.op("Reshape", [axis, b.ints([-1])])
+    g = grads[0]
+    if int(attribute(node, "exclusive", 0)):
+        padded = b.op("Pad", [g, b.ints([1, 0] if reverse else [0, 1]), "", axes])
+        g = b.op("Slice", [padded, b.ints([0 if reverse else 1]),
+                           b.ints([-1 if reverse else np.iinfo(np.int64).max]), axes])
+    zero, one = b.const(0.0), b.const(1.0)
+    is_zero = b.op("Equal", [x, zero])
+    zeros_so_far = b.op("CumSum", [b.op("Cast", [is_zero], to=TensorProto.FLOAT), axis],
+                        reverse=reverse)
+    first_zero = b.op("And", [is_zero, b.op("Equal", [zeros_so_far, one])])
+    safe = b.op("Where", [is_zero, one, x])
+
+    def products(t):
+        return b.op("CumProd", [t, axis], reverse=reverse)
+
+    def summed_back(t):  # sum over the i that read x_j
+        return b.op("CumSum", [t, axis], reverse=1 - reverse)
+
+    before = b.op("Div", [summed_back(b.op("Mul", [g, products(x)])), safe])
+    at = summed_back(b.op("Mul", [g, products(b.op("Where", [first_zero, one, x]))]))
+    dx = b.op("Where", [b.op("Equal", [zeros_so_far, zero]), before,
+                        b.op("Where", [first_zero, at, zero])])
+    return [dx, None]
+
+
 def matmul(ctx, node, grads):
     """numpy matmul of rank >= 2 operands: dA = g B^T, dB = A^T g, summed over the leading
     axes an operand of lower rank was broadcast along."""

@@ -744,6 +744,32 @@ def _inputs(name, seed=0):
     return x
 
 
+# CumProd (opset 26, torch.cumprod); its zeros are x less x's own value (0 exactly, a slope of
+# 1): none to three in a slice, so before, at and after the first zero
+ZEROS_AT = _inputs("CumProd(zeros)") * (1 - ZEROS_KEPT)
+CASES.update({
+    "CumProd": ([node("CumProd", ["x", "ax"])], [init("ax", np.array(2))],
+                lambda t, F, x: x.cumprod(2)),
+    "CumProd(zeros)": ([node("Sub", ["x", "c"], ["m"]), node("CumProd", ["m", "ax"])],
+                       [init("c", ZEROS_AT), init("ax", np.array(1))],
+                       lambda t, F, x: (x - t.tensor(ZEROS_AT)).cumprod(1)),
+    "CumProd(zeros, reverse)": ([node("Sub", ["x", "c"], ["m"]),
+                                 node("CumProd", ["m", "ax"], reverse=1)],
+                                [init("c", ZEROS_AT), init("ax", np.array([-3]))],
+                                lambda t, F, x: (x - t.tensor(ZEROS_AT)).flip(1).cumprod(1)
+                                .flip(1)),
+    "CumProd(exclusive)": ([node("CumProd", ["x", "ax"], exclusive=1)], [init("ax", np.array(3))],
+                           lambda t, F, x: t.cat([t.ones_like(x[..., :1]),
+                                                  x.cumprod(3)[..., :-1]], 3)),
+    "CumProd(zeros, reverse, exclusive)": (
+        [node("Sub", ["x", "c"], ["m"]), node("CumProd", ["m", "ax"], reverse=1, exclusive=1)],
+        [init("c", ZEROS_AT), init("ax", np.array(1))],
+        lambda t, F, x: t.cat([t.ones_like(x[:, :1]),
+                               (x - t.tensor(ZEROS_AT)).flip(1).cumprod(1)[:, :-1]], 1).flip(1)),
+})
+OPSETS.update({name: 26 for name in CASES if name.startswith("CumProd")})
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradient_rule_against_finite_differences(name):
     nodes, initializers, _ = CASES[name]
@@ -781,7 +807,7 @@ def test_every_listed_op_has_a_rule():
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
               "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
               "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum GatherElements "
-              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax").split()
+              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
