@@ -25,7 +25,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import opencv_path
-from camface.outputs import beside, check_output_file
+from camface.outputs import beside, check_output_file, left_by_dead
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,23 @@ class Mp4vWriter:
             staged.unlink(missing_ok=True)
 
 
+def remove_left_by_dead(path: Path) -> None:
+    """Remove what recordings to `path` killed hard before they held a frame left: the file they
+    wrote beside the earlier one (`left_by_dead`: of dead processes only). A live run has no
+    `camface batch` start to clean them (batch removes every one in its folders)."""
+    final = Path(os.path.realpath(path))
+    if not final.is_file():  # such files are written only beside an existing recording
+        return
+    for left in left_by_dead(final):
+        try:
+            left.unlink()
+        except OSError as exc:
+            log.warning("camface: could not remove %s, which a killed recording of %s left: %s", left, path,
+                        exc.strerror or exc)
+            continue
+        log.info("camface: removed %s, which a killed recording of %s left", left.name, path)
+
+
 def mp4v_frames(path: Path) -> int:
     """Frames a plain MP4's index lists (0 when it has none: a file whose index was lost)."""
     capture = cv2.VideoCapture(opencv_path(path))
@@ -193,6 +210,7 @@ class VideoSink:
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
         self.path = check_record_file(path, overwrite)
+        remove_left_by_dead(self.path)
         self.fps = fps
         self.encoder = encoder_for(codec)
         self.frames_written = 0

@@ -536,6 +536,28 @@ def test_mp4v_over_an_earlier_recording_keeps_it_when_the_new_one_holds_no_frame
     assert sorted(tmp_path.iterdir()) == kept and sink.frames_kept == 0 and sink.kept_earlier
 
 
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_a_recording_removes_what_killed_recordings_of_its_path_left(tmp_path, clip_frames, given):
+    """A recording killed hard before it held a frame leaves its file beside the earlier one
+    (.NAME.PID-XXXXXX.partial.mp4); the next recording to that path removes it (through a link:
+    beside the file it points to), not one of a live process or of another recording."""
+    path, earlier, _ = _earlier_recording(tmp_path, clip_frames, given)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 60
+
+    def left(final, pid):
+        name = tmp_path / f".{final}.{pid}-a1b2c3.partial.mp4"
+        name.write_bytes(b"\0\0\0\x18ftypisom")
+        os.utime(name, (old, old))
+        return name
+
+    killed, live, other = left("earlier.mp4", dead.pid), left("earlier.mp4", os.getpid()), left("other.mp4", dead.pid)
+    with VideoSink(path, FPS, overwrite=True, codec="mp4v") as sink:
+        sink.write(clip_frames[0])
+    assert not killed.exists() and live.exists() and other.exists() and count_frames(earlier) == 1
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
     from camface.cli import main
