@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from camface.errors import OutputError
-from camface.outputs import replace_whole
+from camface.outputs import process_alive, replace_whole
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,7 @@ class Superseded(OutputError):
     """This worker's run no longer owns OUT_DIR: its driver died, or another run took over."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+_alive = process_alive
 
 
 @dataclass(frozen=True)

@@ -83,12 +83,56 @@ def beside(final: Path, tag: str = "partial") -> Path:
     `final`'s name is cut in it so that it stays within NAME_MAX bytes (a final named near the
     limit would otherwise get a temporary name too long to create)."""
     final = Path(final)
-    tail = f".{os.getpid()}-{uuid.uuid4().hex[:6]}.{tag}{final.suffix}"
+    return final.with_name(_hidden_name(final, f".{os.getpid()}-{uuid.uuid4().hex[:6]}.{tag}{final.suffix}"))
+
+
+def _hidden_name(final: Path, tail: str) -> str:
+    """`beside`'s name: "." + `final`'s name, cut to leave room for `tail`, + `tail`."""
     room = NAME_MAX - 1 - len(os.fsencode(tail))
     name = os.fsencode(final.name)
     if len(name) > room:  # whole UTF-8 characters (a file system may refuse half of one)
         name = name[:room].decode("utf-8", "ignore").encode("utf-8")
-    return final.with_name(f".{os.fsdecode(name)}{tail}")
+    return f".{os.fsdecode(name)}{tail}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (someone else's counts: it may not be signalled)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # a pid beyond what the system takes
+        return False
+    return True
+
+
+QUIET_S = 10.0  # a temporary file touched within this long may be written still (see `left_by_dead`)
+
+
+def left_by_dead(final: str | Path, tag: str = "partial", quiet_s: float = QUIET_S) -> list[Path]:
+    """The temporary files `beside(final, tag)` named for `final` itself (not for another file
+    of its folder) whose process is dead (a hard kill left them) and that nobody wrote to for
+    `quiet_s`: a process of another machine writing to a shared folder has a pid this one cannot
+    look up. A process id this machine reuses meanwhile keeps its file (for a later start)."""
+    import re
+    import time
+
+    final = Path(final)
+    pattern = re.compile(rf"\..*(\.(\d+)-[0-9a-f]{{6}}\.{re.escape(tag)}{re.escape(final.suffix)})")
+    found = []
+    for path in left_beside(final.parent, tag):
+        match = pattern.fullmatch(path.name)
+        if match is None or path.name != _hidden_name(final, match.group(1)):
+            continue
+        try:
+            quiet = time.time() - path.lstat().st_mtime >= quiet_s
+        except OSError:  # gone meanwhile
+            continue
+        if quiet and not process_alive(int(match.group(2))):
+            found.append(path)
+    return found
 
 
 def left_beside(folder: str | Path, tag: str = "partial") -> list[Path]:

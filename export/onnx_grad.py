@@ -9,9 +9,10 @@ convolutions' output padding; the batch dimension may stay dynamic.
 
 The rules live in `onnx_grad_pointwise` (element-wise arithmetic, the ReLU family, Shrink,
 sigmoids, Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mish, Swish, Log,
-Sign and the other steps, trigonometric and hyperbolic functions, softmaxes), `onnx_grad_norms` (batch, layer, instance, group, Lp norm, LRN),
-`onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK, GatherND), `onnx_grad_layers` (pooling, reductions,
-CumSum, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
+Sign and the other steps, trigonometric and hyperbolic functions, softmaxes), `onnx_grad_norms` (batch, layer, instance, group,
+mean-variance, RMS, Lp norm, LRN), `onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK, GatherND,
+GatherElements, ScatterElements), `onnx_grad_layers` (pooling, reductions,
+CumSum, CumProd, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
 share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
@@ -35,6 +36,7 @@ RULES: dict[str, Rule] = {
     "Identity": pointwise.identity,
     "Dropout": pointwise.identity,
     "Cast": pointwise.identity,  # float -> float only (checked where the head is read)
+    "CastLike": pointwise.identity,  # as Cast (a tensor of another type breaks the chain)
     "Flatten": pointwise.reshape_like_input,
     "Reshape": pointwise.reshape_like_input,
     "Squeeze": pointwise.reshape_like_input,
@@ -75,6 +77,7 @@ RULES: dict[str, Rule] = {
     "Floor": activations.sign,
     "Ceil": activations.sign,
     "Round": activations.sign,
+    "Hardmax": activations.sign,
     "Sin": activations.sin,
     "Cos": activations.cos,
     "Tan": activations.tan,
@@ -96,6 +99,8 @@ RULES: dict[str, Rule] = {
     "GroupNormalization": norms.group_norm,
     "LpNormalization": norms.lp_norm,
     "LRN": norms.lrn,
+    "MeanVarianceNormalization": norms.mean_variance_norm,
+    "RMSNormalization": norms.rms_norm,
     "GlobalAveragePool": layers.global_average_pool,
     "GlobalMaxPool": layers.global_max_pool,
     "ReduceMean": lambda ctx, node, grads: layers.reduce(ctx, node, grads, mean=True),
@@ -109,6 +114,7 @@ RULES: dict[str, Rule] = {
     "ReduceLogSum": layers.reduce_by_formula,
     "ReduceProd": layers.reduce_prod,
     "CumSum": layers.cumsum,
+    "CumProd": layers.cumprod,
     "AveragePool": layers.average_pool,
     "MaxPool": layers.max_pool,
     "LpPool": layers.lp_pool,
@@ -131,6 +137,8 @@ RULES: dict[str, Rule] = {
     "SpaceToDepth": moves.space_to_depth,
     "TopK": moves.top_k,
     "GatherND": moves.gather_nd,
+    "GatherElements": moves.gather_elements,
+    "ScatterElements": moves.scatter_elements,
     "Resize": layers.resize,
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
@@ -143,6 +151,8 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "ReduceLogSumExp": (0,), "ReduceLogSum": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
     "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
+    "CastLike": (0,), "RMSNormalization": (0,), "GatherElements": (0,),
+    "ScatterElements": (0, 2), "CumProd": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

@@ -83,7 +83,7 @@ def abs_(ctx, node, grads):
 
 
 def sign(ctx, node, grads):
-    """Sign, Floor, Ceil, Round: flat between their steps (torch's gradient is 0 everywhere):
+    """Sign, Floor, Ceil, Round, Hardmax: flat between their steps (torch's gradient is 0):
     zeros shaped like x. torch's LPPool2d writes sign(s) relu(|s|) of the pooled powers s; the
     gradient goes through the ReLU."""
     b = ctx.builder

@@ -144,6 +144,42 @@ def cumsum(ctx, node, grads):
     return [summed, None]
 
 
+def cumprod(ctx, node, grads):
+    """CumProd (opset 26, torch.cumprod), Y_i the product of x_j for j <= i (the direction
+    reversed with `reverse`; exclusive reads Y one step back, so its g is moved one step on):
+    dx_j = sum over i >= j of g_i Y_i / x_j before the first zero z of the slice, sum over
+    i >= z of g_i Y'_i at z (Y' the products with x_z taken as 1), 0 after it (never 0 / 0)."""
+    from onnx import TensorProto
+
+    b = ctx.builder
+    x, axis = node.input[:2]
+    reverse = int(attribute(node, "reverse", 0))
+    axes = b.op("Reshape", [axis, b.ints([-1])])
+    g = grads[0]
+    if int(attribute(node, "exclusive", 0)):
+        padded = b.op("Pad", [g, b.ints([1, 0] if reverse else [0, 1]), "", axes])
+        g = b.op("Slice", [padded, b.ints([0 if reverse else 1]),
+                           b.ints([-1 if reverse else np.iinfo(np.int64).max]), axes])
+    zero, one = b.const(0.0), b.const(1.0)
+    is_zero = b.op("Equal", [x, zero])
+    zeros_so_far = b.op("CumSum", [b.op("Cast", [is_zero], to=TensorProto.FLOAT), axis],
+                        reverse=reverse)
+    first_zero = b.op("And", [is_zero, b.op("Equal", [zeros_so_far, one])])
+    safe = b.op("Where", [is_zero, one, x])
+
+    def products(t):
+        return b.op("CumProd", [t, axis], reverse=reverse)
+
+    def summed_back(t):  # sum over the i that read x_j
+        return b.op("CumSum", [t, axis], reverse=1 - reverse)
+
+    before = b.op("Div", [summed_back(b.op("Mul", [g, products(x)])), safe])
+    at = summed_back(b.op("Mul", [g, products(b.op("Where", [first_zero, one, x]))]))
+    dx = b.op("Where", [b.op("Equal", [zeros_so_far, zero]), before,
+                        b.op("Where", [first_zero, at, zero])])
+    return [dx, None]
+
+
 def matmul(ctx, node, grads):
     """numpy matmul of rank >= 2 operands: dA = g B^T, dB = A^T g, summed over the leading
     axes an operand of lower rank was broadcast along."""
@@ -198,19 +234,27 @@ def gemm(ctx, node, grads):
     return result
 
 
+def _refuse_dilated_same(node, dilations: Sequence[int]) -> str:
+    """The node's auto_pad, or ModelError naming the node for SAME_* with dilations: ONNX
+    Runtime pads such a pool as if undilated, so its output is smaller than ONNX's shapes say
+    (and the rules after it, which read those shapes, build a graph that does not run)."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
+        raise ModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto_pad} with dilations "
+                         f"{list(dilations)} has no gradient rule (ONNX Runtime pads such a pool as "
+                         "if undilated, its output smaller than ONNX's shapes say, and refuses "
+                         "such a Conv)")
+    return auto_pad
+
+
 def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     """(strides, dilations, pads [begin..., end...]) with auto_pad resolved on static shapes."""
     dims = len(kernel)
     strides = list(attribute(node, "strides", [1] * dims))
     dilations = list(attribute(node, "dilations", [1] * dims))
     pads = list(attribute(node, "pads", [0] * (2 * dims)))
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and any(d != 1 for d in dilations):
-        raise ModelError(f"node {node.name!r} ({node.op_type}): auto_pad {auto_pad} with dilations "
-                         f"{dilations} has no gradient rule (ONNX Runtime pads such a pool as if "
-                         "undilated, its output smaller than ONNX's shapes say, and refuses such "
-                         "a Conv)")
+    auto_pad = _refuse_dilated_same(node, dilations)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         size = ctx.static(x, node, "input")[2:]
         pads = [0] * (2 * dims)
@@ -365,6 +409,9 @@ def max_pool(ctx, node, grads):
         raise ModelError(f"node {node.name!r}: MaxPool with storage_order 1 has no rule")
     x = node.input[0]
     attrs = {a.name: attribute(node, a.name) for a in node.attribute}
+    # The indices are ONNX Runtime's own (right for any padding), but the later rules would
+    # read ONNX's shapes of the output, which a dilated SAME pool does not have
+    _refuse_dilated_same(node, attrs.get("dilations", []))
     _, indices = b.op("MaxPool", [x], outputs=2, **attrs)
     return [scatter(ctx, x, indices, grads[0], add=True)]
 

@@ -5,6 +5,8 @@ inverse move, or the moved elements' positions (`positions`) scattered back and 
 
 from __future__ import annotations
 
+import numpy as np
+
 from camface.errors import ModelError
 from camface.export.onnx_grad_context import attribute, float_tensor, positions, scatter
 
@@ -108,3 +110,43 @@ def depth_to_space(ctx, node, grads):
     spread = b.op("Reshape", [grads[0], b.ints([0, channels, height, block, width, block])])
     blocks = b.op("Transpose", [spread], perm=[0, 1, 3, 5, 2, 4])
     return [b.op("Reshape", [blocks, b.op("Shape", [x])])]
+
+
+def gather_elements(ctx, node, grads):
+    """GatherElements (torch.gather): the gradient added back where each element was taken,
+    summed where an index repeats (ScatterElements add, opset >= 16)."""
+    b = ctx.builder
+    if b.opset < 16:
+        raise ModelError(f"node {node.name!r} (GatherElements): its gradient needs opset >= 16 "
+                         f"(the model has {b.opset})")
+    x, indices = node.input
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [x])], value=float_tensor(0.0))
+    return [b.op("ScatterElements", [zeros, indices, grads[0]], reduction="add",
+                 axis=int(attribute(node, "axis", 0))), None]
+
+
+def scatter_elements(ctx, node, grads):
+    """ScatterElements (Tensor.scatter, scatter_add): the updates' gradient is g taken where they
+    went (GatherElements); the data's is g, zeroed where updates replaced it (no reduction) or
+    whole (reduction add). Repeated indices without a reduction (ONNX leaves which update wins
+    undefined) and the mul, max and min reductions have no rule here."""
+    b = ctx.builder
+    reduction = _text(attribute(node, "reduction", b"none"))
+    if reduction not in ("none", "add"):
+        raise ModelError(f"node {node.name!r} (ScatterElements): reduction {reduction!r} has no "
+                         "gradient rule")
+    x, indices, updates = node.input
+    axis = int(attribute(node, "axis", 0))
+    if reduction == "none" and indices in ctx.constants:
+        size = (ctx.shape(x) or [None] * (axis + 1 if axis >= 0 else -axis))[axis]
+        at = ctx.constants[indices] % size if isinstance(size, int) else ctx.constants[indices]
+        if at.size and np.any(np.diff(np.sort(at, axis=axis), axis=axis) == 0):
+            raise ModelError(f"node {node.name!r} (ScatterElements): indices {indices!r} repeat "
+                             "along the axis without a reduction (which update wins is "
+                             "undefined); no gradient rule")
+    g = grads[0]
+    dupdates = b.op("GatherElements", [g, indices], axis=axis)
+    if reduction == "add":
+        return [g, None, dupdates]
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [updates])], value=float_tensor(0.0))
+    return [b.op("ScatterElements", [g, indices, zeros], axis=axis), None, dupdates]

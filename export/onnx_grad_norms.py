@@ -1,12 +1,41 @@
 """Gradient rules of the normalisations (see `onnx_grad`): batch norm (inference), and the norms
-that compute their statistics from the input itself: layer, instance and group norm (one
-formula, `_standardised`), LpNormalization (an embedding scaled to unit length) and LRN (local
+that compute their statistics from the input itself: layer, instance, group and mean-variance
+norm (one formula, `_standardised`), RMS norm, LpNormalization (an embedding scaled to unit length) and LRN (local
 response normalisation across channels)."""
 
 from __future__ import annotations
 
 from camface.errors import ModelError
 from camface.export.onnx_grad_context import attribute
+
+
+def mean_variance_norm(ctx, node, grads):
+    """MeanVarianceNormalization, x standardised over `axes` (default N, H, W): the layer norm's
+    formula with the scale 1 and ONNX's epsilon (1e-9)."""
+    axes = [int(a) for a in attribute(node, "axes", [0, 2, 3])]
+    return [_standardised(ctx.builder, node.input[0], grads[0], axes, 1e-9)]
+
+
+def rms_norm(ctx, node, grads):
+    """RMSNormalization (opset 23) over the axes from `axis` on, y = x r scale with
+    r = 1 / sqrt(mean(x^2) + eps): dx = r (d - x^ mean(d x^)), x^ = x r, d = g * scale (a
+    weight, not differentiated)."""
+    b = ctx.builder
+    x, scale = node.input[:2]
+    rank = _known_rank(ctx, node, x)
+    axis = int(attribute(node, "axis", -1))
+    axes = list(range(axis if axis >= 0 else rank + axis, rank))
+    eps = float(attribute(node, "epsilon", 1e-5))
+
+    def mean(t):
+        return b.reduce("ReduceMean", t, axes, keepdims=True)
+
+    inverse = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [mean(b.op("Mul", [x, x])),
+                                                             b.const(eps)])])])
+    normalised = b.op("Mul", [x, inverse])
+    d = b.op("Mul", [grads[0], scale])
+    inner = b.op("Sub", [d, b.op("Mul", [normalised, mean(b.op("Mul", [d, normalised]))])])
+    return [b.op("Mul", [inner, inverse])] + [None] * (len(node.input) - 1)
 
 
 def batch_norm(ctx, node, grads):

@@ -13,8 +13,10 @@ SIGTERM) always finalises the file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import stat
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import opencv_path
-from camface.outputs import check_output_file
+from camface.outputs import beside, check_output_file, left_by_dead
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +95,26 @@ def _say_fallback(reason: str) -> None:
 
 
 class Mp4vWriter:
-    """MPEG-4 Part 2 (`mp4v`, which every OpenCV build can encode) in a plain MP4."""
+    """MPEG-4 Part 2 (`mp4v`, which every OpenCV build can encode) in a plain MP4.
+
+    A file already there (--overwrite; through a link, the file it points to) is written beside
+    it (`beside`) and renamed over it at close when the new one holds a frame (mp4v's index is
+    written at close, so no frame is readable before): a run that wrote none (or lost its index
+    to a full disk) keeps the earlier recording (`kept_earlier`); OpenCV emptied it on opening."""
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int]):
         # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
         # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
         fps = round(fps, 2) if fps * 100 < 65535 else float(round(fps))
-        self._writer = cv2.VideoWriter(opencv_path(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        self._final = Path(os.path.realpath(path))
+        self._staged = beside(self._final) if self._final.is_file() else None
+        self.kept_earlier = False  # closed with no frame readable: the earlier file was kept
+        self._written = self._staged or Path(path)  # the file the frames go to
+        self._writer = cv2.VideoWriter(opencv_path(self._written), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
         if not self._writer.isOpened():
+            self._writer.release()
+            if self._staged is not None:
+                self._staged.unlink(missing_ok=True)
             raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
         self._path, self._frames = path, 0
 
@@ -113,12 +127,46 @@ class Mp4vWriter:
         error, so a full disk would otherwise leave an unplayable file (its index, written
         last, missing) and no word of it. OutputError when the file holds fewer frames."""
         self._writer.release()
-        if not self._frames:
-            return
-        readable = mp4v_frames(self._path)
+        readable = mp4v_frames(self._written) if self._frames else 0
+        if self._staged is not None:
+            self._place_or_drop(readable)
         if readable < self._frames:
-            raise OutputError(f"cannot finish {self._path}: it holds {readable} of the {self._frames} frames "
-                              "written (is the disk full?)")
+            what, kept = ("the new recording", "; the earlier file is kept") if self.kept_earlier else ("it", "")
+            raise OutputError(f"cannot finish {self._path}: {what} holds {readable} of the {self._frames} frames "
+                              f"written (is the disk full?){kept}")
+
+    def _place_or_drop(self, readable: int) -> None:
+        """The file written beside the earlier one replaces it when it holds a frame; else it
+        is removed and the earlier file kept (`kept_earlier`)."""
+        staged, self._staged = self._staged, None
+        if readable > 0:
+            try:
+                os.replace(staged, self._final)
+            except OSError as exc:
+                staged.unlink(missing_ok=True)
+                raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}") from exc
+            self._written = self._final
+            return
+        self.kept_earlier = True
+        with contextlib.suppress(OSError):
+            staged.unlink(missing_ok=True)
+
+
+def remove_left_by_dead(path: Path) -> None:
+    """Remove what recordings to `path` killed hard before they held a frame left: the file they
+    wrote beside the earlier one (`left_by_dead`: of dead processes only). A live run has no
+    `camface batch` start to clean them (batch removes every one in its folders)."""
+    final = Path(os.path.realpath(path))
+    if not final.is_file():  # such files are written only beside an existing recording
+        return
+    for left in left_by_dead(final):
+        try:
+            left.unlink()
+        except OSError as exc:
+            log.warning("camface: could not remove %s, which a killed recording of %s left: %s", left, path,
+                        exc.strerror or exc)
+            continue
+        log.info("camface: removed %s, which a killed recording of %s left", left.name, path)
 
 
 def mp4v_frames(path: Path) -> int:
@@ -154,13 +202,15 @@ class VideoSink:
     shape kept, black bars beside or above and below (`fit`: a folder's landscape photos after
     a portrait one). `frames_written` counts frames handed to the encoder; `frames_kept` those
     the file holds once closed (fewer after a write error: a full disk); `removed` why the file
-    was removed at close (it held no frame), None when it was not. An H.264 recording over an
-    existing file (overwrite; through a link, the file it points to) replaces it only once it
-    holds a whole frame: one that holds none keeps the earlier file (`kept_earlier`).
+    was removed at close (it held no frame), None when it was not. A recording over an existing
+    file (overwrite; through a link, the file it points to) replaces it only once it holds a
+    whole frame (H.264: its first fragment on disk; mp4v: at close): one that holds none keeps
+    the earlier file (`kept_earlier`).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
         self.path = check_record_file(path, overwrite)
+        remove_left_by_dead(self.path)
         self.fps = fps
         self.encoder = encoder_for(codec)
         self.frames_written = 0

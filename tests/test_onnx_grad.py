@@ -106,6 +106,11 @@ CASES = {
                                                   dilations=[2, 2], pads=[1, 1, 0, 1])], [], None),
     "MaxPool": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
                 [], lambda t, F, x: F.max_pool2d(x, 3, 2, 1)),
+    "MaxPool(dilated, pads)": ([node("MaxPool", ["x"], kernel_shape=[2, 2], dilations=[2, 2],
+                                     pads=[1, 1, 1, 1])], [],
+                               lambda t, F, x: F.max_pool2d(x, 2, 1, 1, dilation=2)),
+    "MaxPool(SAME_UPPER, strides 2)": ([node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                             auto_pad="SAME_UPPER")], [], None),
     "Flatten+Gemm": ([node("Flatten", ["x"], ["f"]), node("Gemm", ["f", "w", "b"], transB=1)],
                      [init("w", W_GEMM), init("b", np.zeros(5, np.float32))],
                      lambda t, F, x: F.linear(x.flatten(1), t.tensor(W_GEMM))),
@@ -631,6 +636,51 @@ CASES.update({
                          [init("tenth", np.float32(0.1))],
                          lambda t, F, x: (t.floor(x / 10) + t.ceil(x / 10) + t.round(x / 10)) * x),
 })
+# torch.gather (GatherElements: repeated and negative indices), Tensor.scatter and scatter_add
+# (ScatterElements: the gradient to the data and to the updates, x's own channels here),
+# CastLike, MeanVarianceNormalization, RMSNormalization (opset 23, F.rms_norm) and Hardmax
+GATHER_AT = RNG.integers(-3, 3, (2, 5, 4, 4))
+SCATTER_AT = np.argsort(RNG.random((2, 3, 4, 4)), axis=1)[:, :2]  # two distinct channels
+SCATTER_ADD_AT = RNG.integers(0, 3, (2, 2, 4, 4))  # repeats summed
+W_RMS = RNG.uniform(0.5, 1.5, (3, 4, 4)).astype(np.float32)
+TWO_CHANNELS = [init("zero", np.array([0])), init("two", np.array([2])),
+                init("ax1", np.array([1]))]
+CASES.update({
+    "GatherElements(repeated, negative)": (
+        [node("GatherElements", ["x", "at"], axis=1)], [init("at", GATHER_AT)],
+        lambda t, F, x: x.gather(1, t.tensor(GATHER_AT % 3))),
+    "GatherElements(last axis)": (
+        [node("GatherElements", ["x", "at"], axis=-1)], [init("at", SCATTER_ADD_AT[:, :1] + 1)],
+        lambda t, F, x: x.gather(3, t.tensor(SCATTER_ADD_AT[:, :1] + 1))),
+    "ScatterElements(Tensor.scatter)": (
+        [node("Slice", ["x", "zero", "two", "ax1"], ["s"]), node("Tanh", ["s"], ["u"]),
+         node("ScatterElements", ["x", "at", "u"], axis=1)],
+        [init("at", SCATTER_AT)] + TWO_CHANNELS,
+        lambda t, F, x: x.scatter(1, t.tensor(SCATTER_AT), t.tanh(x[:, :2]))),
+    "ScatterElements(scatter_add, repeated)": (
+        [node("Slice", ["x", "zero", "two", "ax1"], ["s"]), node("Tanh", ["s"], ["u"]),
+         node("ScatterElements", ["x", "at", "u"], axis=1, reduction="add")],
+        [init("at", SCATTER_ADD_AT)] + TWO_CHANNELS,
+        lambda t, F, x: x.scatter_add(1, t.tensor(SCATTER_ADD_AT), t.tanh(x[:, :2]))),
+    "CastLike": ([node("CastLike", ["x", "like"], ["c"]), node("Mul", ["c", "c"])],
+                 [init("like", np.float32([0]))], lambda t, F, x: x * x),
+    "MeanVarianceNormalization": (
+        [node("MeanVarianceNormalization", ["x"])], [],
+        lambda t, F, x: (x - x.mean((0, 2, 3), keepdim=True))
+        / t.sqrt(x.var((0, 2, 3), keepdim=True, unbiased=False) + 1e-9)),
+    "MeanVarianceNormalization(axes 1, 2, 3)": (
+        [node("MeanVarianceNormalization", ["x"], axes=[1, 2, 3])], [],
+        lambda t, F, x: (x - x.mean((1, 2, 3), keepdim=True))
+        / t.sqrt(x.var((1, 2, 3), keepdim=True, unbiased=False) + 1e-9)),
+    "RMSNormalization(last axis)": (
+        [node("RMSNormalization", ["x", "w"])], [init("w", W_RMS[0, 0])],
+        lambda t, F, x: F.rms_norm(x, (4,), t.tensor(W_RMS[0, 0]), 1e-5)),
+    "RMSNormalization(axis 1, epsilon)": (
+        [node("RMSNormalization", ["x", "w"], axis=1, epsilon=0.1)], [init("w", W_RMS)],
+        lambda t, F, x: F.rms_norm(x, (3, 4, 4), t.tensor(W_RMS), 0.1)),
+    "Hardmax": ([node("Hardmax", ["x"], ["h"], axis=1), node("Mul", ["h", "x"])], [],
+                lambda t, F, x: F.one_hot(x.argmax(1), 3).permute(0, 3, 1, 2) * x),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -644,7 +694,8 @@ DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
             "Einsum(unknown-size axis broadcast, contracted)": (2, None, 4, 4)}
 OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
           "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12,
-          "Swish": 24, "Swish(alpha 0.5)": 24}  # the others: 20
+          "Swish": 24, "Swish(alpha 0.5)": 24, "RMSNormalization(last axis)": 23,
+          "RMSNormalization(axis 1, epsilon)": 23}  # the others: 20
 
 
 def gradient_model(nodes, initializers, x_shape=X_SHAPE, opset=20):
@@ -693,6 +744,32 @@ def _inputs(name, seed=0):
     return x
 
 
+# CumProd (opset 26, torch.cumprod); its zeros are x less x's own value (0 exactly, a slope of
+# 1): none to three in a slice, so before, at and after the first zero
+ZEROS_AT = _inputs("CumProd(zeros)") * (1 - ZEROS_KEPT)
+CASES.update({
+    "CumProd": ([node("CumProd", ["x", "ax"])], [init("ax", np.array(2))],
+                lambda t, F, x: x.cumprod(2)),
+    "CumProd(zeros)": ([node("Sub", ["x", "c"], ["m"]), node("CumProd", ["m", "ax"])],
+                       [init("c", ZEROS_AT), init("ax", np.array(1))],
+                       lambda t, F, x: (x - t.tensor(ZEROS_AT)).cumprod(1)),
+    "CumProd(zeros, reverse)": ([node("Sub", ["x", "c"], ["m"]),
+                                 node("CumProd", ["m", "ax"], reverse=1)],
+                                [init("c", ZEROS_AT), init("ax", np.array([-3]))],
+                                lambda t, F, x: (x - t.tensor(ZEROS_AT)).flip(1).cumprod(1)
+                                .flip(1)),
+    "CumProd(exclusive)": ([node("CumProd", ["x", "ax"], exclusive=1)], [init("ax", np.array(3))],
+                           lambda t, F, x: t.cat([t.ones_like(x[..., :1]),
+                                                  x.cumprod(3)[..., :-1]], 3)),
+    "CumProd(zeros, reverse, exclusive)": (
+        [node("Sub", ["x", "c"], ["m"]), node("CumProd", ["m", "ax"], reverse=1, exclusive=1)],
+        [init("c", ZEROS_AT), init("ax", np.array(1))],
+        lambda t, F, x: t.cat([t.ones_like(x[:, :1]),
+                               (x - t.tensor(ZEROS_AT)).flip(1).cumprod(1)[:, :-1]], 1).flip(1)),
+})
+OPSETS.update({name: 26 for name in CASES if name.startswith("CumProd")})
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_gradient_rule_against_finite_differences(name):
     nodes, initializers, _ = CASES[name]
@@ -729,7 +806,8 @@ def test_every_listed_op_has_a_rule():
               "GroupNormalization LpNormalization ReduceL1 ReduceL2 ReduceSumSquare ReduceLogSumExp "
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
               "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
-              "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum").split()
+              "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum GatherElements "
+              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -803,10 +881,31 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("AveragePool", ["x"], name="the_node", kernel_shape=[2, 2], dilations=[2, 2],
            auto_pad="SAME_LOWER")], [], 20,
      r"\(AveragePool\): auto_pad SAME_LOWER with dilations \[2, 2\] has no gradient rule"),
+    # MaxPool's own gradient (ONNX Runtime's indices) is right, but the rules after it read
+    # ONNX's [4, 4] where ONNX Runtime makes [2, 2]: their graph does not run
+    ([node("MaxPool", ["x"], ["m"], name="the_node", kernel_shape=[3, 3], dilations=[2, 2],
+           auto_pad="SAME_UPPER"), node("GlobalAveragePool", ["m"])], [], 20,
+     r"\(MaxPool\): auto_pad SAME_UPPER with dilations \[2, 2\] has no gradient rule \(ONNX "
+     r"Runtime pads such a pool as if undilated"),
+    ([node("MaxPool", ["x"], name="the_node", kernel_shape=[2, 3], dilations=[1, 2],
+           auto_pad="SAME_LOWER")], [], 20,
+     r"\(MaxPool\): auto_pad SAME_LOWER with dilations \[1, 2\] has no gradient rule"),
+    ([node("ScatterElements", ["x", "at", "x"], name="the_node", reduction="mul")],
+     [init("at", np.zeros(X_SHAPE, np.int64))], 20,
+     r"\(ScatterElements\): reduction 'mul' has no gradient rule"),
+    ([node("ScatterElements", ["x", "at", "u"], name="the_node", axis=1)],
+     [init("at", np.array([0, -3])[None, :, None, None] + np.zeros((2, 2, 4, 4), np.int64)),
+      init("u", np.ones((2, 2, 4, 4), np.float32))], 20,
+     r"\(ScatterElements\): indices 'at' repeat along the axis without a reduction"),
+    ([node("GatherElements", ["x", "at"], name="the_node")], [init("at", np.zeros((1, 3, 4, 4),
+                                                                              np.int64))], 15,
+     r"\(GatherElements\): its gradient needs opset >= 16 \(the model has 15\)"),
 ], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
-        "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated"])
+        "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
+        "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "scatter mul",
+        "scatter repeated", "gather_elements opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
         gradient_model(nodes, initializers, opset=opset)

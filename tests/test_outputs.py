@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from camface.errors import OutputError
-from camface.outputs import replace_whole, written_beside
+from camface.outputs import QUIET_S, beside, left_by_dead, replace_whole, written_beside
 
 
 def _failing_rename(monkeypatch, target: str, error=None):
@@ -303,3 +306,35 @@ def test_a_temporary_that_cannot_be_removed_does_not_hide_the_error(tmp_path, mo
     with pytest.raises(OutputError, match="cannot write .*g.json: No space left on device"):
         with written_beside(tmp_path / "g.json") as (partial,):
             raise OSError(errno.ENOSPC, "No space left on device", str(partial))
+
+
+@pytest.fixture(scope="module")
+def dead_pid():
+    """The id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _left(final: Path, pid: int, tag: str = "partial", age: float = 2 * QUIET_S, of: Path | None = None) -> Path:
+    """A file as `beside(of or final, tag)` names it in process `pid`, last written `age` s ago."""
+    with pytest.MonkeyPatch.context() as patch:  # the name cut for that pid's digits
+        patch.setattr(os, "getpid", lambda: pid)
+        path = beside(of or final, tag)
+    path.write_bytes(b"half")
+    os.utime(path, (time.time() - age,) * 2)
+    return path
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "a.b.mp4", "a" * 240 + ".mp4", "é" * 118 + ".mp4"])
+def test_left_by_dead_finds_only_a_dead_process_s_quiet_files_for_that_final(tmp_path, dead_pid, name):
+    """A hard-killed recording's partial file is found for its own final (names cut near the
+    limit too); not one of a live process, one written to within QUIET_S (another machine's, on a
+    shared folder), one of another final or tag, nor an ordinary file."""
+    final = tmp_path / name
+    final.write_bytes(b"earlier")
+    dead = _left(final, dead_pid)
+    kept = [_left(final, os.getpid()), _left(final, dead_pid, age=0), _left(final, dead_pid, "previous"),
+            _left(final, dead_pid, of=tmp_path / ("x" + name)), _left(final, dead_pid, of=final.with_suffix(".json"))]
+    assert left_by_dead(final) == [dead]
+    assert all(path.exists() for path in kept)

@@ -490,6 +490,74 @@ def test_an_earlier_recording_is_replaced_once_the_new_one_holds_a_whole_frame(t
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
 
 
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_mp4v_over_an_earlier_recording_replaces_it_at_close(tmp_path, clip_frames, given):
+    """--codec mp4v --overwrite: OpenCV emptied the earlier file as it opened, so a run killed
+    or failing before its close had lost it. It is written beside it and renamed over it at
+    close (mp4v's index is written then); through a link, the file it points to."""
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
+    with VideoSink(path, FPS, overwrite=True, codec="mp4v") as sink:
+        for frame in clip_frames[:12]:
+            sink.write(frame)
+        assert earlier.read_bytes() == before
+    assert count_frames(earlier) == 12 and sink.frames_kept == 12 and not sink.kept_earlier
+    assert path.resolve() == earlier and path.is_symlink() == (given == "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
+
+
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_mp4v_over_an_earlier_recording_keeps_it_when_the_new_one_holds_no_frame(tmp_path, clip_frames, monkeypatch,
+                                                                                 given):
+    """A full disk takes the new mp4v file's index (no frame readable): the earlier recording
+    stays as it was, said in the error, and nothing is left beside it."""
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
+    kept = sorted(tmp_path.iterdir())
+    real = cv2.VideoWriter
+
+    class LosesItsIndex:
+        def __init__(self, name, *args):
+            self.name, self.writer = name, real(name, *args)
+
+        def __getattr__(self, attr):
+            return getattr(self.writer, attr)
+
+        def release(self):
+            self.writer.release()
+            os.truncate(self.name, os.path.getsize(self.name) // 2)
+
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", LosesItsIndex)
+    sink = VideoSink(path, FPS, overwrite=True, codec="mp4v")
+    for frame in clip_frames[:10]:
+        sink.write(frame)
+    with pytest.raises(OutputError, match=f"cannot finish {re.escape(str(path))}: the new recording holds 0 of "
+                                          "the 10 frames written .*; the earlier file is kept"):
+        sink.close()
+    assert earlier.read_bytes() == before and path.resolve() == earlier
+    assert sorted(tmp_path.iterdir()) == kept and sink.frames_kept == 0 and sink.kept_earlier
+
+
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_a_recording_removes_what_killed_recordings_of_its_path_left(tmp_path, clip_frames, given):
+    """A recording killed hard before it held a frame leaves its file beside the earlier one
+    (.NAME.PID-XXXXXX.partial.mp4); the next recording to that path removes it (through a link:
+    beside the file it points to), not one of a live process or of another recording."""
+    path, earlier, _ = _earlier_recording(tmp_path, clip_frames, given)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 60
+
+    def left(final, pid):
+        name = tmp_path / f".{final}.{pid}-a1b2c3.partial.mp4"
+        name.write_bytes(b"\0\0\0\x18ftypisom")
+        os.utime(name, (old, old))
+        return name
+
+    killed, live, other = left("earlier.mp4", dead.pid), left("earlier.mp4", os.getpid()), left("other.mp4", dead.pid)
+    with VideoSink(path, FPS, overwrite=True, codec="mp4v") as sink:
+        sink.write(clip_frames[0])
+    assert not killed.exists() and live.exists() and other.exists() and count_frames(earlier) == 1
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 def test_live_on_a_full_disk_stops_with_one_error_line(tmp_path, capsys):
     from camface.cli import main
