@@ -117,6 +117,9 @@ class H264Writer:
                               "wb", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
+        if self._staged is not None:  # the earlier file's mode (a private 0600 recording stays private)
+            with contextlib.suppress(OSError, NotImplementedError):  # (no fchmod: Windows)
+                os.chmod(self._file.fileno(), stat.S_IMODE(self._final.stat().st_mode))
         try:
             context = self._set_up(av, fps, size, encoder, options, clock_hz)
         except (av.FFmpegError, OSError, ValueError, TypeError, NotImplementedError) as exc:  # an unknown encoder

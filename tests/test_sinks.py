@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -488,6 +489,28 @@ def test_an_earlier_recording_is_replaced_once_the_new_one_holds_a_whole_frame(t
         assert count_frames(earlier) == 30  # the first fragment, in the earlier file's place
     assert count_frames(earlier) == 35 and path.resolve() == earlier and path.is_symlink() == (given == "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("given", ["file", "link"])
+@pytest.mark.parametrize("mode", [0o600, 0o664], ids=["0600", "0664"])
+def test_an_earlier_recording_replaced_keeps_its_mode(tmp_path, clip_frames, given, mode):
+    """The new recording, written beside the earlier one and renamed over it, took the mode of
+    a new file (0644 under umask 022): a private 0600 recording became readable by everyone.
+    It keeps the earlier file's mode, through a link too."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, _ = _earlier_recording(tmp_path, clip_frames, given)
+    earlier.chmod(mode)
+    umask = os.umask(0o022)
+    try:
+        record_over = VideoSink(path, FPS, overwrite=True)
+        with record_over:
+            for frame in clip_frames[:35]:
+                record_over.write(frame)
+    finally:
+        os.umask(umask)
+    assert count_frames(earlier) == 35 and stat.S_IMODE(earlier.stat().st_mode) == mode
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
