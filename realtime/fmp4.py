@@ -127,7 +127,7 @@ class H264Writer:
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
         # x264 writes why it refuses an option (a preset, a tune) straight to fd 2, beside the
         # one-line error: it is put in that error instead (PyAV's logging never sees it)
-        with native_stderr_captured() as said:
+        with native_stderr_captured("x264 [") as said:  # (not another thread's line meanwhile)
             try:
                 context.open()  # now rather than on the first frame, so a refusal is clear
                 refused = None
