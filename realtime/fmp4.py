@@ -112,9 +112,19 @@ class H264Writer:
         # removed when the encoder does not open.
         self._made = not os.path.lexists(self._written)
         self._container = None
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
-            self._file = open(os.open(self._written, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666),
-                              "wb", buffering=0)
+            try:
+                fd = os.open(self._written, flags, 0o666)
+            except PermissionError:
+                if self._staged is None:
+                    raise
+                # the earlier file's folder takes no new file (a link into a folder not ours, the
+                # file in it writable): written over in place, as before, the earlier one not kept
+                log.debug("%s: no file can be made beside %s; it is written over in place", path, self._final)
+                self._staged, self._written, self._made = None, Path(path), False
+                fd = os.open(self._written, flags, 0o666)
+            self._file = open(fd, "wb", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
         if self._staged is not None:  # the earlier file's mode (a private 0600 recording stays private)

@@ -491,6 +491,33 @@ def test_an_earlier_recording_is_replaced_once_the_new_one_holds_a_whole_frame(t
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
 
 
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_an_earlier_recording_in_a_folder_taking_no_new_file_is_written_over_in_place(tmp_path, clip_frames,
+                                                                                        monkeypatch, given):
+    """A link to a writable recording in a folder where no new file can be made (another user's,
+    read-only to this one) was written over before; written beside it, the recording failed at
+    its first frame ("cannot open ...: Permission denied"). It is written over in place, as
+    before (the link stays a link)."""
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, _ = _earlier_recording(tmp_path, clip_frames, given)
+    real_open = os.open
+
+    def no_new_file_beside(name, flags, mode=0o777):
+        if ".partial" in os.fspath(name):  # (root makes files in a read-only folder: refused here)
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(name))
+        return real_open(name, flags, mode)
+
+    monkeypatch.setattr(fmp4.os, "open", no_new_file_beside)
+    with VideoSink(path, FPS, overwrite=True) as sink:
+        for frame in clip_frames[:35]:
+            sink.write(frame)
+    monkeypatch.undo()
+    assert count_frames(earlier) == 35 and sink.frames_kept == 35
+    assert path.resolve() == earlier and path.is_symlink() == (given == "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.parametrize("given", ["file", "link"])
 @pytest.mark.parametrize("mode", [0o600, 0o664], ids=["0600", "0664"])
