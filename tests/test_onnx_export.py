@@ -375,6 +375,50 @@ def test_a_head_without_gradient_rules_exports_the_gradient_free_methods(tmp_pat
     assert "--method auto shows eigencam" in printed
 
 
+def _conv_step_model(path, step: str, side_path: bool):
+    """Conv -> `step` (Floor, Round ...) -> ReLU -> pooled logits; side_path: the step's output
+    added to the conv's (a path around the step, as torch's LPPool2d has)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node(step, ["conv"], ["stepped"], name="the_step")]
+    if side_path:
+        nodes.append(helper.make_node("Add", ["conv", "stepped"], ["both"], name="both"))
+    nodes += [helper.make_node("Relu", ["both" if side_path else "stepped"], ["relu"], name="relu"),
+              helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+              helper.make_node("Flatten", ["pool"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
+@pytest.mark.parametrize("step", ["Floor", "Ceil", "Round", "Sign"])
+@pytest.mark.parametrize("target, side_path, gradients", [
+    ("conv", False, False),  # every path passes the step: a gradient of 0
+    ("relu", False, True),  # the step before the target
+    ("conv", True, True),  # a path around the step
+], ids=["before-the-step", "after-the-step", "around-the-step"])
+def test_a_target_whose_every_path_to_the_logits_passes_a_step_has_no_gradient_maps(tmp_path, caplog, step, target,
+                                                                                       side_path, gradients):
+    """Floor, Ceil and Round got a gradient rule (0, as torch's): a target before one that every
+    path to the logits passes was exported with every gradient map all zero, without a word, and
+    `--method auto` showing Grad-CAM (zeros). The gradient methods are left out there, the
+    warning naming the step; a target after it, or one with a path around it, keeps them."""
+    import logging
+
+    import onnx
+
+    path = _conv_step_model(tmp_path / "m.onnx", step, side_path)
+    with caplog.at_level(logging.WARNING):
+        _, info, differences = onnx_export.build(onnx.load(str(path)),
+                                                 ExportOptions(preset="unit", target_layer=target))
+    assert ("gradcam" in info.heatmaps) == gradients and "eigencam" in info.heatmaps
+    assert all(d.ok for d in differences)
+    warned = "no gradient methods (the gradient at target 'conv' is 0 everywhere: every path from it to the " \
+             f"logits passes a step whose slope is 0 ({step} (node 'the_step'))"
+    assert (warned in caplog.text) == (not gradients), caplog.text
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
 def test_pickled_torch_files_are_refused(tmp_path, capsys, suffix):
     path = tmp_path / f"model{suffix}"
