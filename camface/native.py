@@ -67,11 +67,13 @@ def quiet_native_stderr(enabled: bool = True):
 
 
 @contextlib.contextmanager
-def native_stderr_captured():
+def native_stderr_captured(prefix: str = ""):
     """Hold back what native code writes straight to file descriptor 2 while the block runs
     (x264 prints why it refuses a preset there, beside the error camface raises): yields a list
-    that gets those lines once the block ends, for the caller to put in its own message. Empty
-    when a `quiet_native_stderr` block of another thread had fd 2 silenced already."""
+    that gets those lines starting with `prefix` once the block ends, for the caller to put in
+    its own message. fd 2 is the process's: the other lines (another thread's log line written
+    meanwhile) are written back to it then, not taken for the caller's. Empty when a
+    `quiet_native_stderr` block of another thread had fd 2 silenced already."""
     import tempfile
 
     lines: list[str] = []
@@ -83,8 +85,18 @@ def native_stderr_captured():
             _FD2.leave()
             if mine:
                 file.seek(0)
-                lines.extend(line.strip() for line in file.read().decode("utf-8", "replace").splitlines()
-                             if line.strip())
+                others = []
+                for raw in file.read().splitlines(keepends=True):
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line:
+                        continue
+                    if line.startswith(prefix):
+                        lines.append(line)
+                    else:
+                        others.append(raw)
+                if others:
+                    with contextlib.suppress(OSError):
+                        os.write(2, b"".join(others))
 
 
 def opencv_path(path: str | os.PathLike[str]) -> str | bytes:

@@ -53,6 +53,7 @@ def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: s
                              f"between target {target!r} and the logits; choose a later "
                              f"target layer (--target-layer) or an op from: "
                              f"{', '.join(sorted(onnx_grad.RULES))}")
+    _check_not_cut_by_steps(nodes, target, classifier.logits)
     live = onnx_model.differentiable(model, target)
     context = onnx_grad.Context(builder, onnx_model.shapes(model), onnx_model.constants(model))
     pending: dict[str, list[str]] = {classifier.logits: [seed]}
@@ -78,6 +79,27 @@ def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: s
     if not parts:
         raise ModelError(f"the gradient does not reach target {target!r}")
     return parts[0] if len(parts) == 1 else builder.op("Sum", parts)
+
+
+def _check_not_cut_by_steps(nodes: list, target: str, logits: str) -> None:
+    """ModelError naming them when every path from `target` to `logits` through `nodes` (the
+    head, in graph order) passes a step (onnx_grad.STEPS: Floor, Round ... whose slope is 0):
+    the gradient would be 0 everywhere, every gradient map empty (the export offered Grad-CAM
+    of zeros, `--method auto` showing it). A step on one path of several (torch's LPPool2d:
+    sign(s) relu(|s|)) cuts nothing."""
+    reached, steps = {target}, []
+    for node in nodes:
+        carry = onnx_grad.DIFFERENTIABLE_INPUTS.get(node.op_type)
+        if not any(x in reached and (carry is None or i in carry) for i, x in enumerate(node.input)):
+            continue
+        if node.op_type in onnx_grad.STEPS:
+            steps.append(f"{node.op_type} (node {node.name!r})")
+        else:
+            reached.update(o for o in node.output if o)
+    if logits not in reached and steps:
+        raise ModelError(f"the gradient at target {target!r} is 0 everywhere: every path from it to "
+                         f"the logits passes a step whose slope is 0 ({', '.join(steps)}); choose a "
+                         f"target layer after it (--target-layer)")
 
 
 def used(nodes: list, outputs) -> list:

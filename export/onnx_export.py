@@ -234,8 +234,12 @@ def _without_empty_maps(classifier, choice: TargetChoice, built, pre, heads, sou
     head_maps = [h for h in _reruns(heads) if methods.HEAD in methods.get(h).needs]
     if not gradient_maps and not head_maps:
         return built, ()
-    probe = built if gradient_maps else onnx_cam.build(classifier, choice.tensor, pre.scale,
-                                                       pre.offset, ("gradcam",))
+    try:  # (a head without a gradient rule has no gradient to probe: Ablation-CAM stays)
+        probe = built if gradient_maps else onnx_cam.build(classifier, choice.tensor, pre.scale,
+                                                           pre.offset, ("gradcam",))
+    except ModelError as exc:
+        log.debug("the token target's gradient not probed: %s", exc)
+        return built, ()
     height, width = classifier.input_size
     images = np.random.default_rng(0).integers(0, 256, (3, height, width, classifier.channels),
                                                dtype=np.uint8)

@@ -157,3 +157,6 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.
 EVERY_OUTPUT = frozenset({"Split", "LayerNormalization"})
+# Steps flat between their jumps: their gradient is 0 everywhere (torch's too). A target from
+# which every path to the logits passes one has a gradient of 0: `onnx_cam.gradient` refuses it
+STEPS = frozenset({"Sign", "Floor", "Ceil", "Round", "Hardmax"})

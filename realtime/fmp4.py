@@ -112,11 +112,24 @@ class H264Writer:
         # removed when the encoder does not open.
         self._made = not os.path.lexists(self._written)
         self._container = None
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
         try:
-            self._file = open(os.open(self._written, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666),
-                              "wb", buffering=0)
+            try:
+                fd = os.open(self._written, flags, 0o666)
+            except PermissionError:
+                if self._staged is None:
+                    raise
+                # the earlier file's folder takes no new file (a link into a folder not ours, the
+                # file in it writable): written over in place, as before, the earlier one not kept
+                log.debug("%s: no file can be made beside %s; it is written over in place", path, self._final)
+                self._staged, self._written, self._made = None, Path(path), False
+                fd = os.open(self._written, flags, 0o666)
+            self._file = open(fd, "wb", buffering=0)
         except OSError as exc:
             raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
+        if self._staged is not None:  # the earlier file's mode (a private 0600 recording stays private)
+            with contextlib.suppress(OSError, NotImplementedError):  # (no fchmod: Windows)
+                os.chmod(self._file.fileno(), stat.S_IMODE(self._final.stat().st_mode))
         try:
             context = self._set_up(av, fps, size, encoder, options, clock_hz)
         except (av.FFmpegError, OSError, ValueError, TypeError, NotImplementedError) as exc:  # an unknown encoder
@@ -124,7 +137,7 @@ class H264Writer:
             raise OutputError(f"cannot open {path} for writing: {exc}") from exc
         # x264 writes why it refuses an option (a preset, a tune) straight to fd 2, beside the
         # one-line error: it is put in that error instead (PyAV's logging never sees it)
-        with native_stderr_captured() as said:
+        with native_stderr_captured("x264 [") as said:  # (not another thread's line meanwhile)
             try:
                 context.open()  # now rather than on the first frame, so a refusal is clear
                 refused = None

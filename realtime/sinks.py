@@ -107,7 +107,7 @@ class Mp4vWriter:
         # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
         fps = round(fps, 2) if fps * 100 < 65535 else float(round(fps))
         self._final = Path(os.path.realpath(path))
-        self._staged = beside(self._final) if self._final.is_file() else None
+        self._staged = _made_beside(self._final, path) if self._final.is_file() else None
         self.kept_earlier = False  # closed with no frame readable: the earlier file was kept
         self._written = self._staged or Path(path)  # the file the frames go to
         self._writer = cv2.VideoWriter(opencv_path(self._written), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
@@ -150,6 +150,27 @@ class Mp4vWriter:
         self.kept_earlier = True
         with contextlib.suppress(OSError):
             staged.unlink(missing_ok=True)
+
+
+def _made_beside(final: Path, path: Path) -> Path | None:
+    """An empty file `beside` the earlier recording `final`, with its mode (a private 0600
+    recording stays private once replaced), for the new one; None when its folder takes no new
+    file (a link into a folder not ours, the file in it writable): written over in place then,
+    as before, the earlier one not kept (as H264Writer does)."""
+    staged = beside(final)
+    try:
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except PermissionError:
+        log.debug("%s: no file can be made beside %s; it is written over in place", path, final)
+        return None
+    except OSError as exc:
+        raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
+    try:
+        with contextlib.suppress(OSError, NotImplementedError):  # (no fchmod: Windows)
+            os.chmod(fd, stat.S_IMODE(final.stat().st_mode))
+    finally:
+        os.close(fd)
+    return staged
 
 
 def remove_left_by_dead(path: Path) -> None:

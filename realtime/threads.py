@@ -185,8 +185,19 @@ def signals_deferred():
     previous = {}
 
     def restore() -> None:
+        # each one set back even when a signal's handler raises meanwhile: signal.signal runs the
+        # pending handlers before it sets its own, so a SIGINT taken (KeyboardInterrupt) once
+        # SIGINT's handler was back left SIGTERM's `defer`, every later SIGTERM swallowed
+        raised = None
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            for _ in range(len(previous) + 1):  # (each signal's pending handler runs once)
+                try:
+                    signal.signal(s, handler)
+                    break
+                except BaseException as exc:
+                    raised = raised or exc
+        if raised is not None:
+            raise raised
 
     def defer(signum, frame) -> None:
         if received:  # the second: the previous handlers take it now

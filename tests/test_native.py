@@ -120,3 +120,22 @@ def test_captured_lines_are_held_back_and_given_to_the_caller(tmp_path):
         assert nested == [] and fd2_identity() == original
         os.write(2, b"the log line\n")
         assert path.read_bytes() == b"the log line\n"
+
+
+def test_captured_lines_of_another_thread_go_back_to_fd2(tmp_path):
+    """fd 2 is the process's: a log line another thread wrote while x264's lines were held back
+    was taken for x264's (logged as "libx264: ..." at info level, so lost, or put in the
+    encoder's error). Only the lines starting with the prefix are the caller's; the others reach
+    fd 2 once it is given back."""
+    import threading
+
+    from camface.native import native_stderr_captured
+
+    with fd2_to_file(tmp_path) as (path, original):
+        with native_stderr_captured("x264 [") as said:
+            os.write(2, b"x264 [error]: invalid preset 'nope'\n")
+            writer = threading.Thread(target=os.write, args=(2, b"camface: another thread's warning\n\n"))
+            writer.start()
+            writer.join()
+        assert said == ["x264 [error]: invalid preset 'nope'"] and fd2_identity() == original
+        assert path.read_bytes() == b"camface: another thread's warning\n"

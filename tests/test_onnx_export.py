@@ -143,12 +143,12 @@ def _tiny_onnx(path, nodes, inits, input_shape=("N", 3, 8, 8), classes=4):
     return path
 
 
-def _conv_asinh_model(path):
+def _conv_trilu_model(path):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("Asinh", ["conv"], ["wave"], name="wave_node"),
+             helper.make_node("Trilu", ["conv"], ["wave"], name="wave_node"),  # (no gradient rule)
              helper.make_node("GlobalAveragePool", ["wave"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
@@ -156,13 +156,13 @@ def _conv_asinh_model(path):
 
 
 @pytest.fixture
-def asinh_without_rule(monkeypatch):
-    """Asinh (which `_conv_asinh_model` puts after the target) as an op with no gradient rule:
-    the rule taken away, so these tests keep an op ONNX Runtime runs but the backward pass
-    cannot cross, whatever rules camface gains."""
+def trilu_without_rule(monkeypatch):
+    """Trilu (which `_conv_trilu_model` puts after the target) as an op with no gradient rule,
+    should it ever get one: these tests need an op ONNX Runtime runs but the backward pass cannot
+    cross."""
     from camface.export import onnx_grad
 
-    monkeypatch.delitem(onnx_grad.RULES, "Asinh")
+    monkeypatch.delitem(onnx_grad.RULES, "Trilu", raising=False)
 
 
 def test_onnx_file_with_default_target_exports(tmp_path, capsys):
@@ -173,7 +173,7 @@ def test_onnx_file_with_default_target_exports(tmp_path, capsys):
     from camface import graph_spec, methods
 
     out = tmp_path / "out.onnx"
-    assert main(["export", str(_conv_asinh_model(tmp_path / "m.onnx")), "-o", str(out),
+    assert main(["export", str(_conv_trilu_model(tmp_path / "m.onnx")), "-o", str(out),
                  "--preset", "unit", "--no-rank"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta[graph_spec.META_METHODS_VERSION] == str(methods.VERSION)
@@ -190,7 +190,7 @@ def test_a_graph_without_heatmaps_exports_unranked(tmp_path, capsys):
     from camface.graph_spec import META_RANKING
 
     out = tmp_path / "out.onnx"
-    assert main(["export", str(_conv_asinh_model(tmp_path / "m.onnx")), "-o", str(out), "--preset", "unit",
+    assert main(["export", str(_conv_trilu_model(tmp_path / "m.onnx")), "-o", str(out), "--preset", "unit",
                  "--heads", "probs", "activations"]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta[META_RANKING]) == {"skipped": "no heatmap exported (--heads): nothing to rank"}
@@ -301,7 +301,7 @@ def _conv_with_a_side_branch(path):
 def _float16_model(path):
     import onnx
 
-    _conv_asinh_model(path)
+    _conv_trilu_model(path)
     model = onnx.load(str(path))
     model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.save(model, str(path))
@@ -335,10 +335,10 @@ ERRORS = [
      r"BatchNormalization node 'bn_left_training' is in training mode.*eval mode"),
     ("dropout in training mode", _dropout_training, ["--target-layer", "relu"],
      r"Dropout node 'drop_left_training' is in training mode.*eval mode"),
-    ("unknown target", _conv_asinh_model, ["--target-layer", "layer9"],
+    ("unknown target", _conv_trilu_model, ["--target-layer", "layer9"],
      r"no tensor, node or module named 'layer9'; candidate target layers: conv, wave"),
     ("no 4-D tensor", _mlp_only, [], r"no 4-D tensor .* before the logits 'logits'"),
-    ("a target that is not 4-D", _conv_asinh_model, ["--target-layer", "flat"],
+    ("a target that is not 4-D", _conv_trilu_model, ["--target-layer", "flat"],
      r"'flat' \[N, 6\] is not a 4-D tensor before the logits; candidate target layers: conv, wave"),
     ("the input as a target", _conv_with_a_side_branch, ["--target-layer", "x"],
      r"'x' is the model's input, not a layer; candidate target layers: conv, relu"),
@@ -346,7 +346,7 @@ ERRORS = [
      r"the logits 'logits' do not depend on 'side' \[N, 6, 8, 8\]: it is no target layer; "
      r"candidate target layers: conv, relu"),
     ("fixed batch", _fixed_batch, [], r"fixed batch dimension of 1.*dynamic"),
-    ("no preset", _conv_asinh_model, ["--no-preset"], r"m\.onnx does not say how it normalises.*--preset"),
+    ("no preset", _conv_trilu_model, ["--no-preset"], r"m\.onnx does not say how it normalises.*--preset"),
     ("a deprecated op", _deprecated_group_norm, ["--target-layer", "conv"],
      r"ONNX's checker refuses the model's nodes in the CAM graph \(Op registered for "
      r"GroupNormalization is deprecated .*Name: the_norm.*\); re-export the model"),
@@ -367,23 +367,67 @@ def test_export_errors(tmp_path, capsys, what, make, flags, message):
 
 
 def test_a_head_without_gradient_rules_exports_the_gradient_free_methods(tmp_path, capsys, caplog,
-                                                                         asinh_without_rule):
-    """Asinh after the target has no gradient rule: the export says why (one line) and offers the
+                                                                         trilu_without_rule):
+    """Trilu after the target has no gradient rule: the export says why (one line) and offers the
     methods that need no gradient; the graph loads and `camface info` lists what it offers."""
     import logging
 
-    path = _conv_asinh_model(tmp_path / "m.onnx")
+    path = _conv_trilu_model(tmp_path / "m.onnx")
     out = tmp_path / "out.onnx"
     with caplog.at_level(logging.WARNING):
         assert main(["export", str(path), "-o", str(out), "--preset", "unit", "--target-layer", "conv",
                      "--no-rank"]) == 0
     warned = [r.getMessage() for r in caplog.records if "no gradient methods" in r.getMessage()]
-    assert len(warned) == 1 and "no gradient rule for op Asinh (node 'wave_node')" in warned[0]
+    assert len(warned) == 1 and "no gradient rule for op Trilu (node 'wave_node')" in warned[0]
     capsys.readouterr()
     assert main(["info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ablationcam" in printed and "scorecam" in printed and "gradcam " not in printed
     assert "--method auto shows eigencam" in printed
+
+
+def _conv_step_model(path, step: str, side_path: bool):
+    """Conv -> `step` (Floor, Round ...) -> ReLU -> pooled logits; side_path: the step's output
+    added to the conv's (a path around the step, as torch's LPPool2d has)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node(step, ["conv"], ["stepped"], name="the_step")]
+    if side_path:
+        nodes.append(helper.make_node("Add", ["conv", "stepped"], ["both"], name="both"))
+    nodes += [helper.make_node("Relu", ["both" if side_path else "stepped"], ["relu"], name="relu"),
+              helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
+              helper.make_node("Flatten", ["pool"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
+    return _tiny_onnx(path, nodes, inits)
+
+
+@pytest.mark.parametrize("step", ["Floor", "Ceil", "Round", "Sign", "Hardmax"])
+@pytest.mark.parametrize("target, side_path, gradients", [
+    ("conv", False, False),  # every path passes the step: a gradient of 0
+    ("relu", False, True),  # the step before the target
+    ("conv", True, True),  # a path around the step
+], ids=["before-the-step", "after-the-step", "around-the-step"])
+def test_a_target_whose_every_path_to_the_logits_passes_a_step_has_no_gradient_maps(tmp_path, caplog, step, target,
+                                                                                       side_path, gradients):
+    """Floor, Ceil and Round got a gradient rule (0, as torch's): a target before one that every
+    path to the logits passes was exported with every gradient map all zero, without a word, and
+    `--method auto` showing Grad-CAM (zeros). The gradient methods are left out there, the
+    warning naming the step; a target after it, or one with a path around it, keeps them."""
+    import logging
+
+    import onnx
+
+    path = _conv_step_model(tmp_path / "m.onnx", step, side_path)
+    with caplog.at_level(logging.WARNING):
+        _, info, differences = onnx_export.build(onnx.load(str(path)),
+                                                 ExportOptions(preset="unit", target_layer=target))
+    assert ("gradcam" in info.heatmaps) == gradients and "eigencam" in info.heatmaps
+    assert all(d.ok for d in differences)
+    warned = "no gradient methods (the gradient at target 'conv' is 0 everywhere: every path from it to the " \
+             f"logits passes a step whose slope is 0 ({step} (node 'the_step'))"
+    assert (warned in caplog.text) == (not gradients), caplog.text
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
@@ -725,16 +769,16 @@ def test_a_softmax_followed_by_an_identity_or_reshape_is_still_the_final_activat
     np.testing.assert_allclose(got["gradcam"], np.maximum(expected, 0) / 64, rtol=1e-5, atol=1e-7)
 
 
-def test_an_unnamed_node_is_named_by_its_op_and_output(tmp_path, asinh_without_rule):
+def test_an_unnamed_node_is_named_by_its_op_and_output(tmp_path, trilu_without_rule):
     """ONNX node names are optional: a refusal said "node ''"."""
     import onnx
 
-    path = _conv_asinh_model(tmp_path / "m.onnx")
+    path = _conv_trilu_model(tmp_path / "m.onnx")
     model = onnx.load(str(path))
     for node in model.graph.node:
         node.name = ""
     onnx.save(model, str(path))
-    with pytest.raises(ModelError, match=r"no gradient rule for op Asinh \(node 'Asinh:wave'\)"):
+    with pytest.raises(ModelError, match=r"no gradient rule for op Trilu \(node 'Trilu:wave'\)"):
         onnx_export.export(path, tmp_path / "o.onnx", ExportOptions(preset="unit", target_layer="conv",
                                                                     heads=("gradcam",)))
 

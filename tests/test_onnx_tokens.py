@@ -529,6 +529,37 @@ def test_a_token_target_whose_patches_the_logits_do_not_read_keeps_no_gradient_m
                                                     "class_index": np.array([-1, 2])})[0]).max() > 0
 
 
+class TriuHeadViT(PatchViT):
+    """PatchViT whose head reads the tokens through torch.triu (ONNX Trilu: no gradient rule)."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(torch.triu(self.blocks(x))[:, 0])
+
+
+@pytest.mark.parametrize("heads", [None, ("probs", "activations", "ablationcam")], ids=["default", "ablationcam"])
+def test_a_token_target_whose_head_has_no_gradient_rule_exports_the_gradient_free_maps(tmp_path, caplog, heads):
+    """A ViT whose head holds an op without a gradient rule was exported with the maps that need
+    no gradient; probing whether Ablation-CAM would be all zero there built a Grad-CAM graph,
+    whose ModelError (no gradient rule) failed the whole export, --heads ablationcam too.
+    Ablation-CAM stays (its map is not zero), with the other gradient-free maps."""
+    import onnx
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = onnx.load(legacy_onnx(TriuHeadViT(SIZE, 8), tmp_path / "m.onnx"))
+    with caplog.at_level(logging.WARNING):
+        graph, info, differences = onnx_export.build(model, ExportOptions(preset="unit", heads=heads))
+    assert "ablationcam" in info.heatmaps and "gradcam" not in info.heatmaps and all(d.ok for d in differences)
+    assert (heads is not None) or "no gradient rule for op Trilu" in caplog.text
+    images = np.random.default_rng(5).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(["ablationcam"], {"image": images, "class_index": np.array([-1, 2])})[0]).max() > 0
+
+
 class TokensAroundPatches(nn.Module):
     """Patches of a `height` x `width` image (8x8 each) with extra tokens on either side: a class
     token before them and `after` register tokens after (lucidrains' SimpleViT with registers

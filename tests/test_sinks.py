@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -505,6 +506,40 @@ def test_mp4v_over_an_earlier_recording_replaces_it_at_close(tmp_path, clip_fram
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
 
 
+@pytest.mark.parametrize("codec", ["auto", "mp4v"])
+@pytest.mark.parametrize("given", ["file", "link"])
+def test_an_earlier_recording_in_a_folder_taking_no_new_file_is_written_over_in_place(tmp_path, clip_frames,
+                                                                                        monkeypatch, given, codec):
+    """A link to a writable recording in a folder where no new file can be made (another user's,
+    read-only to this one) was written over before; written beside it, the recording failed at
+    its first frame ("cannot open ...: Permission denied"). It is written over in place, as
+    before (the link stays a link)."""
+    if codec == "auto" and encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, _ = _earlier_recording(tmp_path, clip_frames, given)
+    real_open = os.open
+
+    def no_new_file_beside(name, flags, mode=0o777):
+        if ".partial" in os.fspath(name):  # (root makes files in a read-only folder: refused here)
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(name))
+        return real_open(name, flags, mode)
+
+    real_writer = cv2.VideoWriter
+
+    def writer_no_new_file_beside(name, *args):  # OpenCV opens its files itself (mp4v)
+        return real_writer() if ".partial" in os.fspath(name) else real_writer(name, *args)  # (not opened)
+
+    monkeypatch.setattr(fmp4.os, "open", no_new_file_beside)
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", writer_no_new_file_beside)
+    with VideoSink(path, FPS, overwrite=True, codec=codec) as sink:
+        for frame in clip_frames[:35]:
+            sink.write(frame)
+    monkeypatch.undo()
+    assert count_frames(earlier) == 35 and sink.frames_kept == 35
+    assert path.resolve() == earlier and path.is_symlink() == (given == "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"earlier.mp4", path.name})
+
+
 @pytest.mark.parametrize("given", ["file", "link"])
 def test_mp4v_over_an_earlier_recording_keeps_it_when_the_new_one_holds_no_frame(tmp_path, clip_frames, monkeypatch,
                                                                                  given):
@@ -556,6 +591,29 @@ def test_a_recording_removes_what_killed_recordings_of_its_path_left(tmp_path, c
     with VideoSink(path, FPS, overwrite=True, codec="mp4v") as sink:
         sink.write(clip_frames[0])
     assert not killed.exists() and live.exists() and other.exists() and count_frames(earlier) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("given", ["file", "link"])
+@pytest.mark.parametrize("mode", [0o600, 0o664], ids=["0600", "0664"])
+@pytest.mark.parametrize("codec", ["auto", "mp4v"])
+def test_an_earlier_recording_replaced_keeps_its_mode(tmp_path, clip_frames, given, mode, codec):
+    """The new recording, written beside the earlier one and renamed over it, took the mode of
+    a new file (0644 under umask 022): a private 0600 recording became readable by everyone.
+    It keeps the earlier file's mode, through a link too."""
+    if codec == "auto" and encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here")
+    path, earlier, _ = _earlier_recording(tmp_path, clip_frames, given)
+    earlier.chmod(mode)
+    umask = os.umask(0o022)
+    try:
+        record_over = VideoSink(path, FPS, overwrite=True, codec=codec)
+        with record_over:
+            for frame in clip_frames[:35]:
+                record_over.write(frame)
+    finally:
+        os.umask(umask)
+    assert count_frames(earlier) == 35 and stat.S_IMODE(earlier.stat().st_mode) == mode
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")

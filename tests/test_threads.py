@@ -128,3 +128,27 @@ def test_signals_deferred_takes_one_signal_at_the_end_and_a_second_at_once(signa
     assert isinstance(caught.value, KeyboardInterrupt if signals[-1 if raised_inside else 0] == signal.SIGINT
                       else threads.Terminated)
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_signals_deferred_sets_every_handler_back_when_a_signal_is_taken_meanwhile(monkeypatch):
+    """signal.signal runs the pending handlers before it sets its own: a SIGINT taken while the
+    block's handlers were set back, once SIGINT's was back, raised KeyboardInterrupt before
+    SIGTERM's was, leaving it deferring every later SIGTERM to no one. Both are set back, and
+    the KeyboardInterrupt still raised."""
+    from camface.realtime import threads
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    real, taken = signal.signal, []
+
+    def pending_sigint(signum, handler):
+        if signum == signal.SIGTERM and handler is before[signal.SIGTERM] and not taken:
+            taken.append(signum)
+            raise KeyboardInterrupt()  # SIGINT's handler (its own again), run before SIGTERM's is set
+        return real(signum, handler)
+
+    monkeypatch.setattr(threads.signal, "signal", pending_sigint)
+    with pytest.raises(KeyboardInterrupt):
+        with threads.signals_deferred():
+            pass
+    monkeypatch.undo()
+    assert taken and {s: signal.getsignal(s) for s in before} == before
