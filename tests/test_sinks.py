@@ -377,24 +377,28 @@ def test_trimming_leaves_a_file_whose_sample_sizes_it_cannot_tell(tmp_path, clip
     assert (tmp_path / "unknown.mp4").stat().st_size == len(cut)  # left whole
 
 
+class _LosesItsIndex:
+    """What a full disk does to OpenCV's mp4v file: the index, written last, is lost (a
+    cv2.VideoWriter whose file loses its second half at release)."""
+
+    real = cv2.VideoWriter  # (taken before a test puts this class in its place)
+
+    def __init__(self, path, *args):
+        self.path, self.writer = path, self.real(path, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+    def release(self):
+        self.writer.release()
+        os.truncate(self.path, os.path.getsize(self.path) // 2)
+
+
 def test_mp4v_says_when_its_file_could_not_be_finished(tmp_path, clip_frames, monkeypatch):
     """OpenCV's writer reports no write error (a full disk leaves a file without its index, and
     silence): the file is read back at close instead."""
-    real = cv2.VideoWriter
-
-    class LosesItsIndex:  # what a full disk does to OpenCV's mp4v file: the index, written last, is lost
-        def __init__(self, path, *args):
-            self.path, self.writer = path, real(path, *args)
-
-        def __getattr__(self, name):
-            return getattr(self.writer, name)
-
-        def release(self):
-            self.writer.release()
-            os.truncate(self.path, os.path.getsize(self.path) // 2)
-
     assert count_frames(record(tmp_path / "fine.mp4", clip_frames[:10], "mp4v").path) == 10  # a whole file passes
-    monkeypatch.setattr(sinks.cv2, "VideoWriter", LosesItsIndex)
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", _LosesItsIndex)
     sink = VideoSink(tmp_path / "cut.mp4", FPS, codec="mp4v")
     for frame in clip_frames[:10]:
         sink.write(frame)
@@ -547,20 +551,7 @@ def test_mp4v_over_an_earlier_recording_keeps_it_when_the_new_one_holds_no_frame
     stays as it was, said in the error, and nothing is left beside it."""
     path, earlier, before = _earlier_recording(tmp_path, clip_frames, given)
     kept = sorted(tmp_path.iterdir())
-    real = cv2.VideoWriter
-
-    class LosesItsIndex:
-        def __init__(self, name, *args):
-            self.name, self.writer = name, real(name, *args)
-
-        def __getattr__(self, attr):
-            return getattr(self.writer, attr)
-
-        def release(self):
-            self.writer.release()
-            os.truncate(self.name, os.path.getsize(self.name) // 2)
-
-    monkeypatch.setattr(sinks.cv2, "VideoWriter", LosesItsIndex)
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", _LosesItsIndex)
     sink = VideoSink(path, FPS, overwrite=True, codec="mp4v")
     for frame in clip_frames[:10]:
         sink.write(frame)
