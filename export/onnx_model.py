@@ -80,6 +80,8 @@ def load(path: str | Path):
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX
         raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    if not model.HasField("graph"):  # an empty file parses: "needs one output (it has [])", "opset 0"
+        raise ModelError(f"{path}: not an ONNX model (no graph)")
     check_not_a_cam_graph(model, path)
     check_runtime_reads(model, where=path)
     return prepare(model, where=path)
