@@ -71,6 +71,10 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["serve", "--host", ""], "--host is empty; give an address: 127.0.0.1 (this machine only, the default) or "
                               "0.0.0.0 (every interface)"),
     (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be 0..4294967295, got -1"),
+    # OpenCV's out-of-memory traceback as the first photo was cropped
+    (["train", "data", "-o", "out", "--input-size", "100000"], "--input-size must be 32..1024 (the backbones need "
+                                                               "32+; they were trained at 224), got 100000"),
+    (["train", "data", "-o", "out", "--input-size", "16"], "--input-size must be 32..1024"),
     (["train", "data", "-o", "out", "--seed", str(2 ** 32)], "--seed must be 0..4294967295, got 4294967296"),
     (["live", "--graph-threads", "5000000000"], "--graph-threads must be 0 (all cores) .. 1024, got 5000000000"),
     (["evaluate", "--graph-threads", "1025"], "--graph-threads must be 0 (all cores) .. 1024, got 1025"),
