@@ -228,6 +228,8 @@ def run(config: TrainConfig) -> dict:
     if out_dir == data_dir or data_dir in out_dir.parents:
         raise OutputError(f"-o {config.out_dir} is inside DATA_DIR {config.data_dir}: its crops and figures "
                           "would become a class of the next run; write it elsewhere")
+    if config.out_dir.exists() and not config.out_dir.is_dir():  # said "File exists"
+        raise OutputError(f"cannot write to OUT_DIR {config.out_dir}: it is a file; give a folder")
     if config.val_split + config.test_split >= 1:  # before the photos are cropped, not after
         raise UsageError(f"--val-split {config.val_split} and --test-split {config.test_split} "
                          "leave no training data: they must sum to less than 1")
