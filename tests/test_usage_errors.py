@@ -65,6 +65,8 @@ def test_a_config_built_in_code_raises_the_same_error():
      "--backbone-size must be at least 32 (the Keras backbones' smallest input), got 16"),
     (["compare", "nope.png", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo nope.png"),
     (["compare", "a_file", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo a_file"),
+    (["compare", "empty", "a_file", "--model", "m.onnx", "--preset", "arcface"],
+     "cannot read the photo empty: it is a folder; give an image file"),  # "no such file"
     (["train", "data", "-o", "out", "--learning-rate", "0"], "--learning-rate must be a finite number > 0, got 0.0"),
     (["train", "data", "-o", "out", "--fine-tune-learning-rate", "nan"],
      "--fine-tune-learning-rate must be a finite number > 0, got nan"),
