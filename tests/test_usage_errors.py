@@ -59,6 +59,7 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
     (["evaluate", "--sanity", "--keras", "nope.keras"], "--keras: model file not found: nope.keras"),
+    (["evaluate", "--sanity", "--keras", "empty"], "--keras: empty is a folder, not a model file"),  # "not found"
     (["bench", "--baseline", "keras", "--keras-model", "nope.keras"], "--keras-model: model file not found: nope.keras"),
     (["bench", "--compare-int8", "--calibration", "nope"], "--calibration: source not found: nope"),
     (["bench", "--backbone", "resnet50", "--backbone-size", "16"],
