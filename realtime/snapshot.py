@@ -139,18 +139,21 @@ class SnapshotWriter:
 
 def find_snapshots(folders) -> list[Path]:
     """The snapshot folders among `folders`: each one holding snapshot.json, or a folder of such
-    folders (its snapshots in name order). SourceError names a folder that is neither."""
-    found = []
+    folders (its snapshots in name order), each once however often it is named (`camface
+    evaluate snaps snaps/frame_1` scored frame_1's crops twice). SourceError names a folder that
+    is neither."""
+    found: dict[Path, Path] = {}  # resolved -> as named first
     for folder in map(Path, folders):
         inside = sorted(folder.glob(f"*/{SNAPSHOT_JSON}")) if folder.is_dir() else []
         if (folder / SNAPSHOT_JSON).is_file():
-            found.append(folder)
+            found.setdefault(folder.resolve(), folder)
         elif inside:
-            found.extend(path.parent for path in inside)
+            for path in inside:
+                found.setdefault(path.parent.resolve(), path.parent)
         else:
             raise SourceError(f"{folder} is not a camface snapshot folder (no {SNAPSHOT_JSON} in it or "
                               "its sub-folders)")
-    return found
+    return list(found.values())
 
 
 def read_meta(folder: str | Path) -> dict:

@@ -25,6 +25,8 @@ def test_crops_come_back_as_fed_to_the_graph(tmp_path, order, channels):
     writer = SnapshotWriter(tmp_path / "snaps", "clip.mp4", model, info)
     folder = writer.save(np.zeros((40, 40, 3), np.uint8), crops, result)
     assert find_snapshots([tmp_path / "snaps"]) == [folder] == find_snapshots([folder])
+    # a snapshot named twice, or by its parent too, is one snapshot: its crops were scored twice
+    assert find_snapshots([tmp_path / "snaps", folder, tmp_path / "snaps" / ".." / "snaps"]) == [folder]
     meta = read_meta(folder)
     assert meta["color_order"] == order and meta["frame_index"] == 5 and len(meta["faces"]) == 2
     for i, face in enumerate(meta["faces"]):
