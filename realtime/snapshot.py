@@ -161,6 +161,10 @@ def read_meta(folder: str | Path) -> dict:
     unreadable, not a JSON object, lists no "faces" or has "labels" that are not a list of strings."""
     path = Path(folder) / SNAPSHOT_JSON
     if not path.is_file():
+        inside = sorted(Path(folder).glob(f"*/{SNAPSHOT_JSON}")) if Path(folder).is_dir() else []
+        if inside:  # `camface guided snaps`, the --snapshot-dir `camface live` wrote them to
+            raise SourceError(f"{folder} holds {len(inside)} camface snapshot(s) but is none: give one of them, "
+                              f"such as {inside[0].parent}")
         raise SourceError(f"{folder} is not a camface snapshot: {SNAPSHOT_JSON} is missing")
     try:
         meta = json.loads(path.read_text())

@@ -27,6 +27,10 @@ def test_crops_come_back_as_fed_to_the_graph(tmp_path, order, channels):
     assert find_snapshots([tmp_path / "snaps"]) == [folder] == find_snapshots([folder])
     # a snapshot named twice, or by its parent too, is one snapshot: its crops were scored twice
     assert find_snapshots([tmp_path / "snaps", folder, tmp_path / "snaps" / ".." / "snaps"]) == [folder]
+    # `camface guided snaps` said "snapshot.json is missing", of the folder `camface live` wrote them to
+    with pytest.raises(SourceError, match=f"^{tmp_path / 'snaps'} holds 1 camface snapshot\\(s\\) but is none: "
+                                          f"give one of them, such as {folder}$"):
+        read_meta(tmp_path / "snaps")
     meta = read_meta(folder)
     assert meta["color_order"] == order and meta["frame_index"] == 5 and len(meta["faces"]) == 2
     for i, face in enumerate(meta["faces"]):
