@@ -204,6 +204,9 @@ def main(args: argparse.Namespace) -> int:
     config = GuidedConfig.from_args(args)
     if config.input.name == SNAPSHOT_JSON:  # the snapshot's own file names its folder
         config = dataclasses.replace(config, input=config.input.parent)
+    if config.layer is not None and not config.layer.strip():  # an unset shell variable: the default layer,
+        # without a word
+        raise UsageError("--layer is empty; give a layer name, or leave it out for the default")
     if config.all_layers and config.layer is not None:  # the GIF's frames are every layer
         raise UsageError(f"--layer {config.layer} and --layers all exclude each other: the GIF shows "
                          "Grad-CAM at every convolutional layer")

@@ -503,6 +503,7 @@ def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_b
     ("--margin", "nan", r"--margin must be in \[0, 2\], got nan"),
     ("--min-confidence", "1.5", r"--min-confidence must be in \[0, 1\], got 1.5"),
     ("--min-confidence", "-0.1", r"--min-confidence must be in \[0, 1\], got -0.1"),
+    ("--layer", "", "--layer is empty; give a layer name, or leave it out for the default"),  # the default, unsaid
 ])
 @pytest.mark.parametrize("kind", ["photo", "snapshot"])
 def test_bad_crop_options_are_refused_before_the_model_loads(kind, flag, value, message, tmp_path, astronaut_bgr,
