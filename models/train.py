@@ -222,7 +222,8 @@ def run(config: TrainConfig) -> dict:
     """Train, export and report; returns the test metrics (as written to metrics.json)."""
     started = time.perf_counter()
     if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
-        raise ModelError(f"--weights {config.weights}: no such file (use imagenet, none or a path "
+        what = "a folder, not a weights file" if Path(config.weights).is_dir() else "no such file"
+        raise ModelError(f"--weights {config.weights}: {what} (use imagenet, none or a path "
                          f"to a weights file of the {config.backbone} backbone without its top)")
     data_dir, out_dir = config.data_dir.resolve(), config.out_dir.resolve()  # symlinks too
     if out_dir == data_dir or data_dir in out_dir.parents:

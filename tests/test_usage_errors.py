@@ -54,6 +54,8 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["live", "--source", "sample", "--no-show", "--record", "nowhere/out.mp4"],
      "cannot write nowhere/out.mp4: folder nowhere does not exist"),
     (["batch", "in.mp4", "-o", "a_file"], "cannot write to output folder a_file: it is a file"),
+    (["train", "data", "-o", "out", "--weights", "empty"], "--weights empty: a folder, not a weights file (use "
+                                                           "imagenet, none or a path"),  # "no such file"
     (["train", "data", "-o", "a_file"], "cannot write to OUT_DIR a_file: it is a file; give a folder"),  # "File exists"
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
