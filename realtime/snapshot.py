@@ -186,6 +186,9 @@ def read_meta(folder: str | Path) -> dict:
 def read_crop(path: str | Path, color_order: str) -> np.ndarray:
     """A face crop as `SnapshotWriter` saved it, back as it was fed to the graph: uint8 [H, W, C]
     in `color_order` (C = 1 for GRAY). SourceError when it cannot be read."""
+    if not Path(path).is_file():  # said only "cannot read", after OpenCV's own warning line
+        raise SourceError(f"cannot read face crop {path}: "
+                          + ("it is a folder" if Path(path).is_dir() else "it is missing"))
     image = cv2.imread(opencv_path(path), cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR)
     if image is None:
         raise SourceError(f"cannot read face crop {path}")
