@@ -139,11 +139,13 @@ class SnapshotWriter:
 
 def find_snapshots(folders) -> list[Path]:
     """The snapshot folders among `folders`: each one holding snapshot.json, or a folder of such
-    folders (its snapshots in name order), each once however often it is named (`camface
-    evaluate snaps snaps/frame_1` scored frame_1's crops twice). SourceError names a folder that
-    is neither."""
+    folders (its snapshots in name order), or a snapshot.json (its folder); each once however
+    often it is named (`camface evaluate snaps snaps/frame_1` scored frame_1's crops twice).
+    SourceError names a folder that is neither."""
     found: dict[Path, Path] = {}  # resolved -> as named first
     for folder in map(Path, folders):
+        if folder.name == SNAPSHOT_JSON and folder.is_file():  # its own file names it, as for `camface guided`
+            folder = folder.parent
         inside = sorted(folder.glob(f"*/{SNAPSHOT_JSON}")) if folder.is_dir() else []
         if (folder / SNAPSHOT_JSON).is_file():
             found.setdefault(folder.resolve(), folder)

@@ -28,6 +28,9 @@ def test_crops_come_back_as_fed_to_the_graph(tmp_path, order, channels):
     assert find_snapshots([tmp_path / "snaps"]) == [folder] == find_snapshots([folder])
     # a snapshot named twice, or by its parent too, is one snapshot: its crops were scored twice
     assert find_snapshots([tmp_path / "snaps", folder, tmp_path / "snaps" / ".." / "snaps"]) == [folder]
+    # its snapshot.json, as `camface guided` takes it ("snapshot.json is not a camface snapshot folder (no
+    # snapshot.json in it ...)")
+    assert find_snapshots([folder / "snapshot.json"]) == [folder]
     # `camface guided snaps` said "snapshot.json is missing", of the folder `camface live` wrote them to
     with pytest.raises(SourceError, match=f"^{tmp_path / 'snaps'} holds 1 camface snapshot\\(s\\) but is none: "
                                           f"give one of them, such as {folder}$"):
