@@ -194,7 +194,10 @@ def _json(props: Mapping[str, str], key: str, kind: type, item: type | None = No
     """The JSON metadata value `key` (`default` when absent) as a `kind` (list or dict) whose
     items are `item`s; ValueError naming the key otherwise (a bare string was read as a list of
     its letters, a list where an object belongs failed later on `.get`)."""
-    value = json.loads(props.get(key, default))
+    try:
+        value = json.loads(props.get(key, default))
+    except ValueError as exc:  # said only "Expecting property name enclosed in double quotes: ..."
+        raise ValueError(f"{key} is not JSON ({exc}): {props.get(key, default)[:200]}") from exc
     if not isinstance(value, kind) or (item is not None and not all(
             isinstance(v, item) and not isinstance(v, bool) for v in value)):
         what = f"a JSON list of {item.__name__}" if kind is list else "a JSON object"

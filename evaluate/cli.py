@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError, UsageError
-from camface.outputs import input_path, input_spec, output_file
+from camface.outputs import check_model_file, input_path, input_spec, output_file
 from camface.realtime.config import add_arguments, from_args
 
 log = logging.getLogger(__name__)
@@ -181,8 +181,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.keras is not None and not args.sanity:
         raise UsageError("--keras is for the --sanity checks: add --sanity")
     # what can be checked before the graph (and, with --sanity, TensorFlow) loads
-    if args.keras is not None and not args.keras.is_file():
-        raise ModelError(f"--keras: model file not found: {args.keras}")
+    if args.keras is not None:
+        check_keras_file(args.keras)
     named_methods(args.methods)
     if args.source is not None and Path(args.source).is_dir():
         from camface.realtime.snapshot import SNAPSHOT_JSON
@@ -287,6 +287,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
+def check_keras_file(path: Path) -> None:
+    """ModelError "--keras: ..." when `path` is missing, a folder (it said "not found") or no
+    regular file."""
+    try:
+        check_model_file(path)
+    except ModelError as exc:
+        raise ModelError(f"--keras: {exc}") from exc
+
+
 def keras_for_guided(graph_path, info, override):
     """((Keras model, Preprocessing, target layer), "") for the guided sanity checks, or (None, why
     not): `override` (--keras), else the graph's source model beside it, else the bundled Keras
@@ -303,8 +312,7 @@ def keras_for_guided(graph_path, info, override):
                              "and Guided Grad-CAM explain a classifier's classes, not a similarity")
         return None, "the graph is a gallery graph (its source model is an embedder, not a classifier)"
     if override is not None:
-        if not override.is_file():
-            raise ModelError(f"--keras: model file not found: {override}")
+        check_keras_file(override)
         path = override
     else:
         source = Path(info.source_model or "")

@@ -140,7 +140,8 @@ def read_photos(paths) -> list[np.ndarray]:
     images = []
     for path in paths:
         if not Path(path).is_file():
-            raise SourceError(f"cannot read the photo {path}: no such file")
+            why = "it is a folder; give an image file" if Path(path).is_dir() else "no such file"
+            raise SourceError(f"cannot read the photo {path}: {why}")
         image, why = read_photo(path)
         if image is None:
             raise SourceError(f"cannot read the photo {path}: {why}")

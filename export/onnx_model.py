@@ -80,6 +80,8 @@ def load(path: str | Path):
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not ONNX
         raise ModelError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    if not model.HasField("graph"):  # an empty file parses: "needs one output (it has [])", "opset 0"
+        raise ModelError(f"{path}: not an ONNX model (no graph)")
     check_not_a_cam_graph(model, path)
     check_runtime_reads(model, where=path)
     return prepare(model, where=path)
@@ -137,9 +139,10 @@ def check_runtime_reads(model, where: object = "model") -> None:
 
 
 # Ops whose output is shaped like their first input but whose shape ONNX's inference leaves
-# unknown (GroupNormalization: a function whose body depends on its attributes), with every
-# tensor after them: their output is given the input's type, and shapes are inferred again.
-_SAME_SHAPE_UNINFERRED = ("GroupNormalization",)
+# unknown (GroupNormalization: a function whose body depends on its attributes;
+# MeanVarianceNormalization: a function with no inference of its own), with every tensor after
+# them: their output is given the input's type, and shapes are inferred again.
+_SAME_SHAPE_UNINFERRED = ("GroupNormalization", "MeanVarianceNormalization")
 
 
 def prepare(model, where: object = "model"):
@@ -830,17 +833,17 @@ def candidates(model, logits: str) -> list[str]:
 # Ops that lay a feature map on the image grid whatever their input: ONNX's are NCHW.
 _GRID_MAKERS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 # Ops whose output keeps the grid (and layout) of an input of the output's shape: elementwise
-# maths and normalisations (resizing, and a Concat of channels, below). Softmax, Reshape,
-# Transpose (but NCHW <-> NHWC), Slice, Gather and MatMul of two varying tensors (attention)
-# do not: their output is no feature map.
+# maths and normalisations (resizing, and a Concat of channels, below). Softmax, Hardmax (a
+# one-hot along an axis, gradient 0), Reshape, Transpose (but NCHW <-> NHWC), Slice, Gather and
+# MatMul of two varying tensors (attention) do not: their output is no feature map.
 _GRID_KEEPERS = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid",
                  "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Gelu", "Erf", "Clip", "Abs",
                  "Neg", "Exp", "Log", "Sqrt", "Pow", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan",
                  "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Swish", "Shrink", "ThresholdedRelu",
                  "Reciprocal", "Sign", "Floor", "Ceil", "Round", "Identity", "Dropout", "Cast",
-                 "Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Where",
+                 "CastLike", "Add", "Sub", "Mul", "Div", "Max", "Min", "Mean", "Sum", "Where",
                  "BatchNormalization", "InstanceNormalization", "LayerNormalization",
-                 "GroupNormalization", "LRN")
+                 "GroupNormalization", "MeanVarianceNormalization", "RMSNormalization", "LRN")
 _GRID_RESIZERS = ("Resize", "Upsample", "Pad")  # the same grid, another size
 _LAYOUT_PERMS = {("NCHW", (0, 2, 3, 1)): "NHWC", ("NHWC", (0, 3, 1, 2)): "NCHW"}
 

@@ -161,6 +161,23 @@ def _load_keras(path: Path):
     return model
 
 
+def _refuse_a_snapshot_crop(path: Path) -> None:
+    """UsageError when `path` is a face crop a snapshot saved (face_00.png beside its
+    snapshot.json): read as a photo, its face was detected again in the tight crop, where the
+    detector found none ("no faces found in face_00.png")."""
+    from camface.realtime.snapshot import SNAPSHOT_JSON, read_meta
+
+    if not (path.is_file() and (path.parent / SNAPSHOT_JSON).is_file()):
+        return
+    try:
+        crops = {face.get("crop") for face in read_meta(path.parent)["faces"] if isinstance(face, dict)}
+    except SourceError:
+        return  # a broken snapshot.json: the photo is read as a photo
+    if path.name in crops:
+        raise UsageError(f"{path} is a face crop of the snapshot {path.parent}: give the snapshot folder "
+                         f"(camface guided {path.parent}) to explain its faces")
+
+
 def _read_input(config: GuidedConfig):
     """(GuidedInput, keras model) for a snapshot folder or an image file."""
     from camface.guided import snapshot
@@ -204,6 +221,10 @@ def main(args: argparse.Namespace) -> int:
     config = GuidedConfig.from_args(args)
     if config.input.name == SNAPSHOT_JSON:  # the snapshot's own file names its folder
         config = dataclasses.replace(config, input=config.input.parent)
+    _refuse_a_snapshot_crop(config.input)
+    if config.layer is not None and not config.layer.strip():  # an unset shell variable: the default layer,
+        # without a word
+        raise UsageError("--layer is empty; give a layer name, or leave it out for the default")
     if config.all_layers and config.layer is not None:  # the GIF's frames are every layer
         raise UsageError(f"--layer {config.layer} and --layers all exclude each other: the GIF shows "
                          "Grad-CAM at every convolutional layer")

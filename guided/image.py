@@ -16,6 +16,7 @@ from camface.errors import ModelError, SourceError
 from camface.guided.snapshot import (EMOTION_PREPROCESSING, FaceCrop, GuidedInput, Preprocessing,
                                      read_graph_metadata)
 from camface.hashing import sha256_file
+from camface.outputs import check_model_file
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,7 @@ def image_model(model_override: str | Path | None) -> tuple[Path, Preprocessing 
     from camface.models import EMOTION_KERAS, EMOTION_LABELS, EMOTION_ONNX, read_labels
 
     path = Path(model_override) if model_override is not None else EMOTION_KERAS
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+    check_model_file(path)  # a folder was "model file not found"
     digest = sha256_file(path)
     for graph in dict.fromkeys((path.with_suffix(".onnx"), EMOTION_ONNX)):
         if graph.is_file():

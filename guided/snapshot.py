@@ -23,6 +23,7 @@ import numpy as np
 
 from camface.errors import ModelError, SourceError
 from camface.hashing import sha256_file
+from camface.outputs import check_model_file
 from camface.realtime.snapshot import SNAPSHOT_JSON, read_crop, read_meta
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,7 @@ def resolve_keras_model(model_entry: dict, override: Path | None, where: Path) -
     expected = model_entry.get("source_sha256", "")
     tried: list[str] = []
     if override is not None:
-        if not override.is_file():
-            raise ModelError(f"model file not found: {override}")
+        check_model_file(override)  # a folder was "model file not found"
         candidate = override
     else:
         candidate = None

@@ -39,6 +39,9 @@ OUTPUTS = ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metric
            "confusion.png", "cam_montage.png", "report.md")
 
 
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 1024  # crop side in pixels
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs, built once from the command line."""
@@ -76,6 +79,10 @@ class TrainConfig:
                            ("--fine-tune-learning-rate", self.fine_tune_learning_rate)):
             if not 0 < rate < math.inf:  # NaN too: Adam trained on (or diverged) for every epoch
                 raise UsageError(f"{flag} must be a finite number > 0, got {rate}")
+        if not MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE:  # 100000: OpenCV's out-of-memory
+            # traceback as the first photo was cropped (every crop is held in memory)
+            raise UsageError(f"--input-size must be {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} (the backbones need "
+                             f"{MIN_INPUT_SIZE}+; they were trained at 224), got {self.input_size}")
         if not 0 <= self.seed < 2 ** 32:  # keras.utils.set_random_seed (numpy's legacy seed) refuses
             # it: a traceback once the photos were cropped
             raise UsageError(f"--seed must be 0..{2 ** 32 - 1}, got {self.seed}")
@@ -147,7 +154,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="ImageNet backbone -> GAP -> Dense(softmax) (vgg16 adds Conv2D(1024) "
                              "before GAP, as the study did; 'vgg16-gap' is an alias of vgg16)")
     parser.add_argument("--input-size", type=_positive, default=defaults.input_size,
-                        help="crop side in pixels (model input); at least 32")
+                        help=f"crop side in pixels (model input), {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}")
     parser.add_argument("--epochs", type=_positive, default=defaults.epochs,
                         help="epochs of the first stage: backbone frozen (with --weights none "
                              "the whole network trains from scratch)")
@@ -214,15 +221,16 @@ def _progress(items):
 def run(config: TrainConfig) -> dict:
     """Train, export and report; returns the test metrics (as written to metrics.json)."""
     started = time.perf_counter()
-    if config.input_size < 32:
-        raise ModelError(f"--input-size {config.input_size} is too small: the backbones need 32+")
     if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
-        raise ModelError(f"--weights {config.weights}: no such file (use imagenet, none or a path "
+        what = "a folder, not a weights file" if Path(config.weights).is_dir() else "no such file"
+        raise ModelError(f"--weights {config.weights}: {what} (use imagenet, none or a path "
                          f"to a weights file of the {config.backbone} backbone without its top)")
     data_dir, out_dir = config.data_dir.resolve(), config.out_dir.resolve()  # symlinks too
     if out_dir == data_dir or data_dir in out_dir.parents:
         raise OutputError(f"-o {config.out_dir} is inside DATA_DIR {config.data_dir}: its crops and figures "
                           "would become a class of the next run; write it elsewhere")
+    if config.out_dir.exists() and not config.out_dir.is_dir():  # said "File exists"
+        raise OutputError(f"cannot write to OUT_DIR {config.out_dir}: it is a file; give a folder")
     if config.val_split + config.test_split >= 1:  # before the photos are cropped, not after
         raise UsageError(f"--val-split {config.val_split} and --test-split {config.test_split} "
                          "leave no training data: they must sum to less than 1")

@@ -139,18 +139,23 @@ class SnapshotWriter:
 
 def find_snapshots(folders) -> list[Path]:
     """The snapshot folders among `folders`: each one holding snapshot.json, or a folder of such
-    folders (its snapshots in name order). SourceError names a folder that is neither."""
-    found = []
+    folders (its snapshots in name order), or a snapshot.json (its folder); each once however
+    often it is named (`camface evaluate snaps snaps/frame_1` scored frame_1's crops twice).
+    SourceError names a folder that is neither."""
+    found: dict[Path, Path] = {}  # resolved -> as named first
     for folder in map(Path, folders):
+        if folder.name == SNAPSHOT_JSON and folder.is_file():  # its own file names it, as for `camface guided`
+            folder = folder.parent
         inside = sorted(folder.glob(f"*/{SNAPSHOT_JSON}")) if folder.is_dir() else []
         if (folder / SNAPSHOT_JSON).is_file():
-            found.append(folder)
+            found.setdefault(folder.resolve(), folder)
         elif inside:
-            found.extend(path.parent for path in inside)
+            for path in inside:
+                found.setdefault(path.parent.resolve(), path.parent)
         else:
             raise SourceError(f"{folder} is not a camface snapshot folder (no {SNAPSHOT_JSON} in it or "
                               "its sub-folders)")
-    return found
+    return list(found.values())
 
 
 def read_meta(folder: str | Path) -> dict:
@@ -158,6 +163,10 @@ def read_meta(folder: str | Path) -> dict:
     unreadable, not a JSON object, lists no "faces" or has "labels" that are not a list of strings."""
     path = Path(folder) / SNAPSHOT_JSON
     if not path.is_file():
+        inside = sorted(Path(folder).glob(f"*/{SNAPSHOT_JSON}")) if Path(folder).is_dir() else []
+        if inside:  # `camface guided snaps`, the --snapshot-dir `camface live` wrote them to
+            raise SourceError(f"{folder} holds {len(inside)} camface snapshot(s) but is none: give one of them, "
+                              f"such as {inside[0].parent}")
         raise SourceError(f"{folder} is not a camface snapshot: {SNAPSHOT_JSON} is missing")
     try:
         meta = json.loads(path.read_text())
@@ -179,6 +188,9 @@ def read_meta(folder: str | Path) -> dict:
 def read_crop(path: str | Path, color_order: str) -> np.ndarray:
     """A face crop as `SnapshotWriter` saved it, back as it was fed to the graph: uint8 [H, W, C]
     in `color_order` (C = 1 for GRAY). SourceError when it cannot be read."""
+    if not Path(path).is_file():  # said only "cannot read", after OpenCV's own warning line
+        raise SourceError(f"cannot read face crop {path}: "
+                          + ("it is a folder" if Path(path).is_dir() else "it is missing"))
     image = cv2.imread(opencv_path(path), cv2.IMREAD_GRAYSCALE if color_order == "GRAY" else cv2.IMREAD_COLOR)
     if image is None:
         raise SourceError(f"cannot read face crop {path}")

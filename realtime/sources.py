@@ -118,6 +118,12 @@ def imread(path: str | Path, flags: int) -> tuple[np.ndarray | None, str | None]
     """cv2.imread(path, flags), and why it gave no image: (image, None) or (None, why): the file
     is gone, permission denied, too large for OpenCV (`too_large_for_opencv`: OpenCV 5 raises
     cv2.error there, OpenCV 4 returns None), or not an image OpenCV can read."""
+    # asked first: OpenCV writes its own warning line for a file it cannot open, before the one
+    # error line (`camface compare`, `guided`) or the log line saying why a photo was skipped
+    if not Path(path).exists():  # os.access says False for a file that is gone too
+        return None, "it is gone (deleted or moved since the folder was listed)"
+    if not os.access(path, os.R_OK):
+        return None, "permission denied"
     refused = False
     try:
         image = cv2.imread(opencv_path(path), flags)

@@ -684,6 +684,9 @@ def test_explain_from_two_threads_is_one_stream(two_faces):
     ("heatmaps", "[]", "its metadata lists no heatmap this camface knows"),
     ("method_ranking", '["gradcam"]', "malformed CAM graph metadata: method_ranking must be a JSON object"),
     ("feature_size", '"8x8"', "feature_size must be a JSON list of int"),
+    # "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)", no key named
+    ("labels", "{bad json", r"malformed CAM graph metadata: labels is not JSON \(Expecting property name .*\): "
+                            r"\{bad json$"),
 ])
 def test_a_graph_whose_metadata_disagrees_is_a_clear_error(tmp_path, key, value, message):
     """Metadata that an older or a hand-edited export got wrong is refused at load with the file

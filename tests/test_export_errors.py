@@ -42,6 +42,8 @@ def dense_only_model(tmp_path_factory):
                                                         r"archive \(a .keras model is one\)"),
     (lambda tmp: _write(tmp / "renamed.keras", EMOTION_KERAS.read_bytes()),
      r"renamed.keras: not a loadable Keras model: it is an HDF5 file: a Keras .h5 model renamed .keras\? Name it .h5"),
+    # "opset 0 is older than 13 and onnx.version_converter cannot convert it"
+    (lambda tmp: _write(tmp / "empty.onnx", b""), r"empty.onnx: not an ONNX model \(no graph\)$"),
     # a graph camface exported: "tensors renamed", then two inputs and a dozen outputs
     (lambda tmp: _write(tmp / "cam.onnx", EMOTION_ONNX.read_bytes()),
      r"cam.onnx is a CAM graph already \(made by camface export from emotion_mini_xception_fer2013.hdf5\): "
@@ -55,6 +57,24 @@ def test_bad_model_files(tmp_path, capsys, make, message):
     code, line = run(capsys, "export", str(path), "-o", str(tmp_path / "out.onnx"))
     assert code == 2 and line.startswith("camface: error: ") and re.search(message, line), line
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("argv", [["compare", "a.png", "b.png", "--model", "empty.onnx", "--preset", "arcface"],
+                                  ["enroll", "people", "--embedding-from", "empty.onnx", "-o", "g.onnx",
+                                   "--preset", "arcface"]])
+def test_an_empty_onnx_embedder_is_no_onnx_model(argv, tmp_path, capsys, monkeypatch):
+    """An empty .onnx parses as a model with no graph: compare and enroll said it "needs one
+    output, the embedding [N, D] (it has [])"."""
+    import cv2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "people" / "someone").mkdir(parents=True)
+    for photo in ("a.png", "b.png", "people/someone/0.png"):
+        cv2.imwrite(str(tmp_path / photo), np.full((64, 64, 3), 128, np.uint8))
+    code, line = run(capsys, *argv)
+    assert code == 2 and line == "camface: error: empty.onnx: not an ONNX model (no graph)", line
+    assert not (tmp_path / "g.onnx").exists()
 
 
 def _write(path, data):

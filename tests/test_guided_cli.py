@@ -305,6 +305,18 @@ def _no_json(tmp_path, astronaut_bgr):
     return [str(folder)], "snapshot.json is missing"
 
 
+def _a_folder_of_snapshots(tmp_path, astronaut_bgr):  # said "snapshot.json is missing"
+    (tmp_path / "snaps").mkdir()
+    make_snapshot(tmp_path / "snaps" / "frame_000012", astronaut_bgr, faces=1)
+    return [str(tmp_path / "snaps")], r"snaps holds 1 camface snapshot\(s\) but is none: give one of them, such as "
+
+
+def _a_snapshot_s_crop(tmp_path, astronaut_bgr):  # "no faces found in face_00.png", after the model loaded
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder / "face_00.png")], (f"{folder / 'face_00.png'} is a face crop of the snapshot {folder}: give "
+                                           f"the snapshot folder \\(camface guided {folder}\\) to explain its faces")
+
+
 def _model_missing(tmp_path, astronaut_bgr):
     folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
     return [str(folder), "--model", str(tmp_path / "nope.keras")], "model file not found: .*nope.keras"
@@ -474,7 +486,7 @@ def _snapshot_of_a_torch_graph(tmp_path, astronaut_bgr):
     return [str(folder)], r"net.pt2 is not a Keras model \(.keras, .h5, .hdf5\): camface guided explains Keras"
 
 
-@pytest.mark.parametrize("case", [_no_json, _model_missing, _model_mismatch, _model_not_found,
+@pytest.mark.parametrize("case", [_no_json, _a_folder_of_snapshots, _a_snapshot_s_crop, _model_missing, _model_mismatch, _model_not_found,
                                   _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
@@ -503,6 +515,7 @@ def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_b
     ("--margin", "nan", r"--margin must be in \[0, 2\], got nan"),
     ("--min-confidence", "1.5", r"--min-confidence must be in \[0, 1\], got 1.5"),
     ("--min-confidence", "-0.1", r"--min-confidence must be in \[0, 1\], got -0.1"),
+    ("--layer", "", "--layer is empty; give a layer name, or leave it out for the default"),  # the default, unsaid
 ])
 @pytest.mark.parametrize("kind", ["photo", "snapshot"])
 def test_bad_crop_options_are_refused_before_the_model_loads(kind, flag, value, message, tmp_path, astronaut_bgr,

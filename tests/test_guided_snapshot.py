@@ -147,3 +147,18 @@ def test_crops_of_different_sizes_are_a_source_error_naming_the_crop(tmp_path):
                             "GRAY", model)
     with pytest.raises(SourceError, match="face crop .*face_01.png is 6x6 but face 0's is 8x8"):
         read_snapshot(folder)
+
+
+def test_a_folder_given_as_the_model_is_named_a_folder(tmp_path, astronaut_bgr):
+    """`camface guided SNAPSHOT --model FOLDER` (or an image's) said "model file not found: FOLDER"."""
+    from camface.guided.image import image_model
+
+    (tmp_path / "saved.keras").mkdir()
+    crop = cv2.resize(astronaut_bgr[82:177, 177:272], (32, 32))
+    model = {"path": str(tmp_path / "mine.onnx"), "sha256": "", "source_model": "mine.keras", "source_sha256": ""}
+    folder = write_snapshot(tmp_path / "snap", [crop], "BGR", model)
+    message = f"^{tmp_path / 'saved.keras'} is a folder, not a model file$"
+    with pytest.raises(ModelError, match=message):
+        read_snapshot(folder, model_override=tmp_path / "saved.keras")
+    with pytest.raises(ModelError, match=message):
+        image_model(tmp_path / "saved.keras")

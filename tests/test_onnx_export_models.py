@@ -495,13 +495,37 @@ def test_a_residual_add_keeps_the_map_whatever_its_batch_dim_is_called():
     assert onnx_model.default_target(classifier) == "relu"
 
 
-@pytest.mark.parametrize("op, opset", [("Swish", 24), ("Shrink", 17), ("ThresholdedRelu", 17),
-                                       ("Tan", 17), ("Atanh", 17), ("Sinh", 17), ("Reciprocal", 17),
-                                       ("Floor", 17)])
-def test_an_elementwise_op_with_a_gradient_rule_keeps_the_map(op, opset):
+# op, opset, its second input (a constant: CastLike's type, RMSNormalization's scale), attributes
+_MAP_KEEPING_OPS = [("Swish", 24, None, {}), ("Shrink", 17, None, {}),
+                    ("ThresholdedRelu", 17, None, {}), ("Tan", 17, None, {}),
+                    ("Atanh", 17, None, {}), ("Sinh", 17, None, {}), ("Reciprocal", 17, None, {}),
+                    ("Floor", 17, None, {}), ("CastLike", 17, np.zeros(1, np.float32), {}),
+                    ("MeanVarianceNormalization", 17, None, {}),
+                    ("RMSNormalization", 23, np.ones((6, 1, 1), np.float32), {"axis": 1})]
+
+
+@pytest.mark.parametrize("op, opset, second, attrs", _MAP_KEEPING_OPS)
+def test_an_elementwise_op_with_a_gradient_rule_keeps_the_map(op, opset, second, attrs):
     """conv -> `op` -> ReLU -> pooled logits: the op's output is on the map, a target as the
     conv's and the ReLU's (these ops have gradient rules since; they were taken for ops that
     break the map, so only the pooled ReLU was found again)."""
+    classifier = _conv_op_relu_classifier(op, opset, second, attrs)
+    from camface.export import onnx_model
+
+    assert onnx_model.spatial_maps(classifier) == {"conv": "NCHW", "act": "NCHW", "relu": "NCHW"}
+
+
+def test_a_hardmax_breaks_the_map():
+    """conv -> Hardmax -> ReLU -> pooled logits: Hardmax's one-hot along the width (gradient 0)
+    is no feature map to offer; the pooled ReLU's input is found as before."""
+    from camface.export import onnx_model
+
+    classifier = _conv_op_relu_classifier("Hardmax", 17, None, {})
+    assert "act" not in onnx_model.spatial_maps(classifier)
+    assert "conv" in onnx_model.spatial_maps(classifier)
+
+
+def _conv_op_relu_classifier(op, opset, second, attrs):
     from onnx import TensorProto, helper, numpy_helper
 
     from camface.export import onnx_model
@@ -509,8 +533,11 @@ def test_an_elementwise_op_with_a_gradient_rule_keeps_the_map(op, opset):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.standard_normal((4, 6)).astype(np.float32), "fc")]
+    if second is not None:
+        inits.append(numpy_helper.from_array(second, "second"))
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
-             helper.make_node(op, ["conv"], ["act"]),
+             helper.make_node(op, ["conv"] + (["second"] if second is not None else []), ["act"],
+                              **attrs),
              helper.make_node("Relu", ["act"], ["relu"]),
              helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
@@ -520,8 +547,7 @@ def test_an_elementwise_op_with_a_gradient_rule_keeps_the_map(op, opset):
             "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10 if opset > 20 else 8
-    classifier = onnx_model.describe(onnx_model.prepare(model))
-    assert onnx_model.spatial_maps(classifier) == {"conv": "NCHW", "act": "NCHW", "relu": "NCHW"}
+    return onnx_model.describe(onnx_model.prepare(model))
 
 
 def test_an_attention_tensor_is_no_spatial_map(tmp_path):

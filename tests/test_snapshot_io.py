@@ -1,6 +1,7 @@
 """Snapshots are written and read by one module (camface.realtime.snapshot): the crops come back
 exactly as they were fed to the graph, in each colour order."""
 
+import cv2
 import numpy as np
 import pytest
 from realtime_helpers import TINY_LABELS
@@ -25,6 +26,15 @@ def test_crops_come_back_as_fed_to_the_graph(tmp_path, order, channels):
     writer = SnapshotWriter(tmp_path / "snaps", "clip.mp4", model, info)
     folder = writer.save(np.zeros((40, 40, 3), np.uint8), crops, result)
     assert find_snapshots([tmp_path / "snaps"]) == [folder] == find_snapshots([folder])
+    # a snapshot named twice, or by its parent too, is one snapshot: its crops were scored twice
+    assert find_snapshots([tmp_path / "snaps", folder, tmp_path / "snaps" / ".." / "snaps"]) == [folder]
+    # its snapshot.json, as `camface guided` takes it ("snapshot.json is not a camface snapshot folder (no
+    # snapshot.json in it ...)")
+    assert find_snapshots([folder / "snapshot.json"]) == [folder]
+    # `camface guided snaps` said "snapshot.json is missing", of the folder `camface live` wrote them to
+    with pytest.raises(SourceError, match=f"^{tmp_path / 'snaps'} holds 1 camface snapshot\\(s\\) but is none: "
+                                          f"give one of them, such as {folder}$"):
+        read_meta(tmp_path / "snaps")
     meta = read_meta(folder)
     assert meta["color_order"] == order and meta["frame_index"] == 5 and len(meta["faces"]) == 2
     for i, face in enumerate(meta["faces"]):
@@ -41,3 +51,16 @@ def test_what_is_not_a_snapshot_is_named(tmp_path):
         read_meta(tmp_path)
     with pytest.raises(SourceError, match="cannot read face crop .*face_00.png"):
         read_crop(tmp_path / "face_00.png", "GRAY")
+
+
+@pytest.mark.parametrize("make, why", [(lambda path: path.unlink(), "it is missing"),
+                                       (lambda path: (path.unlink(), path.mkdir()), "it is a folder")])
+def test_a_missing_crop_is_named_in_one_line(tmp_path, capfd, make, why):
+    """A snapshot's crop deleted (or a folder in its place) said "cannot read face crop X" after
+    OpenCV's own warning line ("[ WARN:0@1.4] global loadsave.cpp ... can't open/read file")."""
+    crop = tmp_path / "face_00.png"
+    cv2.imwrite(str(crop), np.zeros((8, 8, 3), np.uint8))
+    make(crop)
+    with pytest.raises(SourceError, match=f"^cannot read face crop {crop}: {why}$"):
+        read_crop(crop, "BGR")
+    assert capfd.readouterr().err == ""

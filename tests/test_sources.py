@@ -1078,3 +1078,28 @@ def test_a_stream_url_waits_for_its_servers_length_far_less_than_its_time_out(mo
     with LiveSource("http://127.0.0.1:9/live.ts", timeout_s=5.0, opener=lambda target, timeout: FakeCamera()) as source:
         assert source.info.live
     assert asked == [live_source.LENGTH_WAIT_S] and live_source.LENGTH_WAIT_S <= 1.0
+
+
+@pytest.mark.parametrize("fault, why", [("gone", "it is gone (deleted or moved since the folder was listed)"),
+                                        ("unreadable", "permission denied")])
+def test_an_image_that_cannot_be_opened_is_said_in_one_line(tmp_path, monkeypatch, capfd, fault, why):
+    """`camface compare` / `guided` on a photo without read permission printed OpenCV's warning
+    line ("[ WARN:0@0.07] global loadsave.cpp:279 findDecoder imread_(...): can't open/read
+    file") before their own error line: the reason is now found before OpenCV is asked."""
+    import cv2
+
+    from camface.realtime import sources
+
+    path = tmp_path / "photo.png"
+    if fault == "unreadable":  # root reads anything: the check is faked, as chmod 000 does for a user
+        cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
+        readable = os.access
+        monkeypatch.setattr(sources.os, "access", lambda p, mode: readable(p, mode) and Path(p) != path)
+        monkeypatch.setattr(sources.cv2, "imread", lambda *a: pytest.fail("OpenCV was asked"))
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_WARNING)  # OpenCV's default
+    try:
+        assert sources.imread(path, cv2.IMREAD_COLOR) == (None, why)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    assert capfd.readouterr().err == ""

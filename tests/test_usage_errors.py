@@ -54,16 +54,22 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["live", "--source", "sample", "--no-show", "--record", "nowhere/out.mp4"],
      "cannot write nowhere/out.mp4: folder nowhere does not exist"),
     (["batch", "in.mp4", "-o", "a_file"], "cannot write to output folder a_file: it is a file"),
+    (["train", "data", "-o", "out", "--weights", "empty"], "--weights empty: a folder, not a weights file (use "
+                                                           "imagenet, none or a path"),  # "no such file"
+    (["train", "data", "-o", "a_file"], "cannot write to OUT_DIR a_file: it is a file; give a folder"),  # "File exists"
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
     (["evaluate", "--sanity", "--keras", "nope.keras"], "--keras: model file not found: nope.keras"),
+    (["evaluate", "--sanity", "--keras", "empty"], "--keras: empty is a folder, not a model file"),  # "not found"
     (["bench", "--baseline", "keras", "--keras-model", "nope.keras"], "--keras-model: model file not found: nope.keras"),
     (["bench", "--compare-int8", "--calibration", "nope"], "--calibration: source not found: nope"),
     (["bench", "--backbone", "resnet50", "--backbone-size", "16"],
      "--backbone-size must be at least 32 (the Keras backbones' smallest input), got 16"),
     (["compare", "nope.png", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo nope.png"),
     (["compare", "a_file", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo a_file"),
+    (["compare", "empty", "a_file", "--model", "m.onnx", "--preset", "arcface"],
+     "cannot read the photo empty: it is a folder; give an image file"),  # "no such file"
     (["train", "data", "-o", "out", "--learning-rate", "0"], "--learning-rate must be a finite number > 0, got 0.0"),
     (["train", "data", "-o", "out", "--fine-tune-learning-rate", "nan"],
      "--fine-tune-learning-rate must be a finite number > 0, got nan"),
@@ -71,6 +77,10 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["serve", "--host", ""], "--host is empty; give an address: 127.0.0.1 (this machine only, the default) or "
                               "0.0.0.0 (every interface)"),
     (["train", "data", "-o", "out", "--seed", "-1"], "--seed must be 0..4294967295, got -1"),
+    # OpenCV's out-of-memory traceback as the first photo was cropped
+    (["train", "data", "-o", "out", "--input-size", "100000"], "--input-size must be 32..1024 (the backbones need "
+                                                               "32+; they were trained at 224), got 100000"),
+    (["train", "data", "-o", "out", "--input-size", "16"], "--input-size must be 32..1024"),
     (["train", "data", "-o", "out", "--seed", str(2 ** 32)], "--seed must be 0..4294967295, got 4294967296"),
     (["live", "--graph-threads", "5000000000"], "--graph-threads must be 0 (all cores) .. 1024, got 5000000000"),
     (["evaluate", "--graph-threads", "1025"], "--graph-threads must be 0 (all cores) .. 1024, got 1025"),
