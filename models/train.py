@@ -14,9 +14,12 @@ Heavy imports (TensorFlow, Keras, MediaPipe, ONNX Runtime) happen inside functio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import shlex
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +35,10 @@ log = logging.getLogger(__name__)
 
 LIVE_DEFAULTS = live_config.DEFAULTS  # detector, margin, min_confidence: as `camface live`
 PRECISE_BN_IMAGES = 64  # training crops that set BatchNorm statistics with --weights none
-# What a run writes into OUT_DIR besides crops/: a new run removes them before training, so an
-# interrupted or failed run never leaves an earlier run's files (another DATA_DIR's labels, a
-# model.int8.onnx of a run with --int8) beside its own.
+# What a run writes into OUT_DIR besides crops/: a new run sets the earlier run's aside before
+# training (an earlier run's files, another DATA_DIR's labels or a model.int8.onnx of a run with
+# --int8, are never left beside its own), puts them back if the training fails or is interrupted,
+# and deletes them once its model is trained.
 OUTPUTS = ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json",
            "confusion.png", "cam_montage.png", "report.md")
 
@@ -265,13 +269,18 @@ def run(config: TrainConfig) -> dict:
         _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)
     _warn_near_identical(images, split, dataset.usable_sources(photos, labels))
-    _remove_previous_outputs(out)
+    earlier = _set_aside_earlier_outputs(out)
 
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
     model_path = out / "model.keras"
-    stages = _fit(config, labels, images, targets, split, model_path, names)
     labels_path = out / "labels.txt"
-    report.write_text(labels_path, "\n".join(labels) + "\n")
+    try:
+        stages = _fit(config, labels, images, targets, split, model_path, names)
+        report.write_text(labels_path, "\n".join(labels) + "\n")
+    except BaseException:  # a failed or interrupted training: the earlier run's outputs back as they were
+        _put_back(earlier, out)
+        raise
+    _drop(earlier)  # the new model is trained: from here on OUT_DIR is this run's
 
     # 3. the CAM graph, through the exporter (with its self-check)
     onnx_path = out / "model.onnx"
@@ -348,13 +357,60 @@ def _warn_near_identical(images: np.ndarray, split: dataset.Split, sources: list
         log.warning("%d more test photos are near-identical to a training photo", len(pairs) - shown)
 
 
-def _remove_previous_outputs(out_dir: Path) -> None:
-    for name in OUTPUTS:
+EARLIER_PREFIX = ".earlier-run."  # the hidden folder in OUT_DIR an earlier run's outputs wait in
+
+
+def _set_aside_earlier_outputs(out_dir: Path) -> Path | None:
+    """Move an earlier run's OUTPUTS into a hidden folder of `out_dir` (None when there are
+    none): out of the way of this run's, and back in place (`_put_back`) if this run fails or is
+    interrupted before its model is trained, so a failed run never costs the earlier model. A
+    folder that a run killed outright left is named in a warning (its files are not ours to drop)."""
+    import tempfile
+
+    for left in sorted(out_dir.glob(EARLIER_PREFIX + "*")):
+        log.warning("%s holds the outputs of an earlier run that a killed run set aside: move them back "
+                    "into %s or delete the folder", left, out_dir)
+    names = [name for name in OUTPUTS if os.path.lexists(out_dir / name)]
+    if not names:
+        return None
+    try:
+        aside = Path(tempfile.mkdtemp(prefix=EARLIER_PREFIX, dir=out_dir))
+    except OSError as exc:
+        raise OutputError(f"cannot make a folder in {out_dir} to set an earlier run's outputs aside in: "
+                          f"{exc.strerror or exc}") from exc
+    for name in names:
         try:
-            (out_dir / name).unlink(missing_ok=True)
+            os.replace(out_dir / name, aside / name)
         except OSError as exc:
-            raise OutputError(f"cannot remove {out_dir / name} of an earlier run: "
-                              f"{exc.strerror or exc}") from exc
+            _put_back(aside, out_dir, new=False)
+            raise OutputError(f"cannot move {out_dir / name} of an earlier run aside: {exc.strerror or exc}") from exc
+    return aside
+
+
+def _put_back(aside: Path | None, out_dir: Path, new: bool = True) -> None:
+    """This run's OUTPUTS removed (new=False: it wrote none) and the earlier run's
+    (`_set_aside_earlier_outputs`) put back."""
+    for name in OUTPUTS if new else ():
+        with contextlib.suppress(OSError):
+            (out_dir / name).unlink(missing_ok=True)
+    if aside is None:
+        return
+    try:
+        for moved in aside.iterdir():
+            os.replace(moved, out_dir / moved.name)
+        aside.rmdir()
+    except OSError as exc:  # (the error that ended the run is the one raised)
+        log.warning("could not put the earlier run's outputs back from %s: %s", aside, exc.strerror or exc)
+
+
+def _drop(aside: Path | None) -> None:
+    """The earlier run's outputs set aside, deleted: this run's model replaced them."""
+    if aside is None:
+        return
+    try:
+        shutil.rmtree(aside)
+    except OSError as exc:
+        log.warning("could not remove %s (the earlier run's outputs): %s", aside, exc.strerror or exc)
 
 
 def _settings_for_report(config: TrainConfig) -> dict:

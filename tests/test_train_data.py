@@ -977,27 +977,72 @@ def test_a_photo_gone_or_a_crop_folder_not_made_is_an_error_naming_it(tmp_path, 
         "a/0.png", "a/1.png", "a/2.png", *(["b/0.png"] if fault == "photo deleted" else [])]
 
 
-def test_interrupted_run_leaves_no_earlier_runs_outputs(tmp_path, monkeypatch):
-    """Ctrl-C while training: OUT_DIR keeps the crop cache, but no model.onnx, labels or
-    model.int8.onnx of an earlier run (another DATA_DIR, other classes) beside the new files."""
+EARLIER_OUTPUTS = ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json", "confusion.png",
+                   "cam_montage.png", "report.md")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError], ids=["ctrl-c", "a-failure"])
+def test_a_run_stopped_while_training_keeps_the_earlier_runs_outputs(tmp_path, monkeypatch, stop):
+    """Ctrl-C or a failure while training: the earlier run's model and outputs (removed before
+    training, so lost) are back as they were, with nothing of the new run beside them (its model
+    half-written); OUT_DIR keeps the crop cache."""
     from camface.models import train
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    def stopped(config, labels, images, targets, split, model_path, names):
+        model_path.write_text("half a model")
+        raise stop
 
-    monkeypatch.setattr(train, "_fit", interrupted)
+    monkeypatch.setattr(train, "_fit", stopped)
     out = tmp_path / "out"
     out.mkdir()
-    for name in ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx", "metrics.json",
-                 "confusion.png", "cam_montage.png", "report.md"):
-        (out / name).write_text("an earlier run's")
+    for name in EARLIER_OUTPUTS:
+        (out / name).write_text(f"the earlier run's {name}")
     data = _square_photos(tmp_path / "data", 4)
     config = train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none",
                                detect=False)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         train.run(config)
-    assert sorted(p.name for p in out.iterdir()) == ["crops"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["crops", *EARLIER_OUTPUTS])
+    assert all((out / name).read_text() == f"the earlier run's {name}" for name in EARLIER_OUTPUTS)
     assert len(list((out / "crops").rglob("*.png"))) == 8
+
+
+def test_a_trained_run_replaces_the_earlier_runs_outputs_whole(tmp_path, monkeypatch):
+    """Once the new model is trained, no file of the earlier run stays beside it (its
+    model.int8.onnx, of a run with --int8, would pass for this one's), even when the export
+    fails after; the folder they waited in is gone."""
+    from camface.errors import ModelError
+    from camface.models import train
+
+    def trained(config, labels, images, targets, split, model_path, names):
+        model_path.write_text("the new model")
+        return []
+
+    def export_fails(*args, **kwargs):
+        raise ModelError("the export failed")
+
+    monkeypatch.setattr(train, "_fit", trained)
+    monkeypatch.setattr(train, "export_graph", export_fails)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in EARLIER_OUTPUTS:
+        (out / name).write_text(f"the earlier run's {name}")
+    data = _square_photos(tmp_path / "data", 4)
+    with pytest.raises(ModelError, match="the export failed"):
+        train.run(train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none", detect=False))
+    assert sorted(p.name for p in out.iterdir()) == ["crops", "labels.txt", "model.keras"]
+    assert (out / "model.keras").read_text() == "the new model" and (out / "labels.txt").read_text() == "a\nb\n"
+
+
+def test_outputs_a_killed_run_set_aside_are_named_not_deleted(tmp_path, monkeypatch, caplog):
+    from camface.models import train
+
+    out = tmp_path / "out"
+    (out / ".earlier-run.abc").mkdir(parents=True)
+    (out / ".earlier-run.abc" / "model.keras").write_text("kept")
+    assert train._set_aside_earlier_outputs(out) is None
+    assert "out/.earlier-run.abc holds the outputs of an earlier run that a killed run set aside" in caplog.text
+    assert (out / ".earlier-run.abc" / "model.keras").read_text() == "kept"
 
 
 def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, capsys, monkeypatch):
