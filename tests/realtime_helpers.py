@@ -111,6 +111,14 @@ def sigint_as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def photo_folder(folder: Path, first: np.ndarray, face: np.ndarray) -> Path:
+    """`folder` made with three photos in name order: `first`, then `face` and `face` mirrored."""
+    folder.mkdir()
+    for name, photo in (("00_first.png", first), ("01_face.png", face), ("02_face.png", face[:, ::-1])):
+        cv2.imwrite(str(folder / name), photo)
+    return folder
+
+
 def count_frames(path: Path) -> int:
     """Frames OpenCV can decode from `path` (decoding each, not trusting the header)."""
     capture = cv2.VideoCapture(str(path))

@@ -10,7 +10,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import graph_log_of, write_clip
+from realtime_helpers import graph_log_of, photo_folder, write_clip
 
 from camface.cli import main as camface_main
 from camface.evaluate import metrics
@@ -587,11 +587,7 @@ def test_a_graph_the_sanity_checks_cannot_randomise_is_named(tmp_path, capsys, m
 def test_a_folder_of_photos_is_scored_photo_by_photo(tmp_path, astronaut_bgr, capsys):
     """--every's default skips near-duplicate video frames; in a folder of images each is its own
     photo: all are looked at (the first, faceless, photo left the two faces unseen with every 5th)."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    cv2.imwrite(str(folder / "a_wall.png"), np.full((480, 640, 3), 128, np.uint8))
-    cv2.imwrite(str(folder / "b_face.png"), astronaut_bgr)
-    cv2.imwrite(str(folder / "c_face.png"), astronaut_bgr[:, ::-1])
+    folder = photo_folder(tmp_path / "photos", np.full((480, 640, 3), 128, np.uint8), astronaut_bgr)
     out = tmp_path / "photos.json"
     assert camface_main(["evaluate", "--source", str(folder), "--methods", "gradcam", "--steps", "2",
                          "--json", str(out)]) == 0

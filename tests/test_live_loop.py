@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from realtime_helpers import (BLOCK_TF, FakeCamera, FakeWindow, count_frames, frame_times, sigint_as_from_a_terminal,
-                              write_clip)
+from realtime_helpers import (BLOCK_TF, FakeCamera, FakeWindow, count_frames, frame_times, photo_folder,
+                              sigint_as_from_a_terminal, write_clip)
 
 from camface.api import face_detector
 from camface.cli import main as camface_main
@@ -227,11 +227,7 @@ def test_frames_of_every_kind(tmp_path, astronaut_bgr):
 def test_a_1x1_image_first_in_a_folder_does_not_shrink_the_recording(tmp_path, astronaut_bgr, caplog):
     """A 1x1 image first in a folder made the recording 2x2, the photos after it squeezed into
     that. The photos set its size; the 1x1 image is a frame of it, and a warning says why."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    cv2.imwrite(str(folder / "00_dot.png"), np.full((1, 1, 3), 255, np.uint8))
-    cv2.imwrite(str(folder / "01_face.png"), astronaut_bgr)
-    cv2.imwrite(str(folder / "02_face.png"), astronaut_bgr[:, ::-1])
+    folder = photo_folder(tmp_path / "photos", np.full((1, 1, 3), 255, np.uint8), astronaut_bgr)
     out = tmp_path / "photos.mp4"
     with caplog.at_level(logging.WARNING):
         loop = _run(LiveConfig(source=str(folder), record=out, detector="short"))

@@ -414,19 +414,14 @@ def test_a_target_with_symbolic_height_and_width_is_one_line_naming_it(tmp_path,
 def test_a_model_whose_4d_tensors_are_reshapes_has_no_default_target(tmp_path, capsys):
     """[N, 3, 8, 8] reshaped to [N, 3, 4, 16] and averaged over its last two axes: pooled like a
     map, but 16 is no stride of 8, and nothing else is 4-D."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     inits = [numpy_helper.from_array(np.array([0, 3, 4, 16], np.int64), "shape"),
              numpy_helper.from_array(np.ones((4, 3), np.float32), "fc")]
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["tokens"]),
              helper.make_node("ReduceMean", ["tokens"], ["pool"], axes=[2, 3], keepdims=0),
              helper.make_node("Gemm", ["pool", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
-            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "m.onnx"))
+    onnx.save(_tiny_classifier(nodes, inits), str(tmp_path / "m.onnx"))
     err = refused(capsys, tmp_path / "m.onnx", tmp_path)
     assert "no spatial feature map (N, C, h, w) on the image grid before the logits 'logits'" in err
     assert "(e.g. tokens [N, 3, 4, 16]); pass one with --target-layer" in err
@@ -464,10 +459,22 @@ def test_concat_of_channels_excitation_and_upsampling_keep_the_map(tmp_path):
     assert producers[target] == "Relu" and onnx_model.shapes(classifier.model)[target][1:] == [12, 32, 32]
 
 
+def _tiny_classifier(nodes: list, inits: list, opset: int = 17) -> onnx.ModelProto:
+    """`nodes` (with initializers `inits`) as a model from x [N, 3, 8, 8] to logits [N, 4]."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10 if opset > 20 else 8
+    return model
+
+
 def test_a_residual_add_keeps_the_map_whatever_its_batch_dim_is_called():
     """conv + (conv reshaped away and back): shape inference names the sum's batch unk__2, the
     conv's N; the sum, and the ReLU after it, are still the map."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from camface.export import onnx_model
 
@@ -483,12 +490,7 @@ def test_a_residual_add_keeps_the_map_whatever_its_batch_dim_is_called():
              helper.make_node("Relu", ["sum"], ["relu"]),
              helper.make_node("Flatten", ["relu"], ["flat"]),
              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
-            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    classifier = onnx_model.describe(onnx_model.prepare(model))
+    classifier = onnx_model.describe(onnx_model.prepare(_tiny_classifier(nodes, inits)))
     dims = onnx_model.shapes(classifier.model)
     assert dims["conv"][0] != dims["sum"][0]
     assert onnx_model.spatial_maps(classifier) == {"conv": "NCHW", "sum": "NCHW", "relu": "NCHW"}
@@ -526,7 +528,7 @@ def test_a_hardmax_breaks_the_map():
 
 
 def _conv_op_relu_classifier(op, opset, second, attrs):
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from camface.export import onnx_model
 
@@ -542,12 +544,7 @@ def _conv_op_relu_classifier(op, opset, second, attrs):
              helper.make_node("GlobalAveragePool", ["relu"], ["pool"]),
              helper.make_node("Flatten", ["pool"], ["flat"]),
              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info(
-            "logits", TensorProto.FLOAT, ["N", 4])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 10 if opset > 20 else 8
-    return onnx_model.describe(onnx_model.prepare(model))
+    return onnx_model.describe(onnx_model.prepare(_tiny_classifier(nodes, inits, opset)))
 
 
 def test_an_attention_tensor_is_no_spatial_map(tmp_path):

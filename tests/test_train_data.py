@@ -981,6 +981,18 @@ EARLIER_OUTPUTS = ("model.keras", "labels.txt", "model.onnx", "model.int8.onnx",
                    "cam_montage.png", "report.md")
 
 
+def _after_an_earlier_run(tmp_path: Path):
+    """(OUT_DIR holding an earlier run's EARLIER_OUTPUTS, a quick TrainConfig of a new run into it)."""
+    from camface.models import train
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in EARLIER_OUTPUTS:
+        (out / name).write_text(f"the earlier run's {name}")
+    data = _square_photos(tmp_path / "data", 4)
+    return out, train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none", detect=False)
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, MemoryError], ids=["ctrl-c", "a-failure"])
 def test_a_run_stopped_while_training_keeps_the_earlier_runs_outputs(tmp_path, monkeypatch, stop):
     """Ctrl-C or a failure while training: the earlier run's model and outputs (removed before
@@ -993,13 +1005,7 @@ def test_a_run_stopped_while_training_keeps_the_earlier_runs_outputs(tmp_path, m
         raise stop
 
     monkeypatch.setattr(train, "_fit", stopped)
-    out = tmp_path / "out"
-    out.mkdir()
-    for name in EARLIER_OUTPUTS:
-        (out / name).write_text(f"the earlier run's {name}")
-    data = _square_photos(tmp_path / "data", 4)
-    config = train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none",
-                               detect=False)
+    out, config = _after_an_earlier_run(tmp_path)
     with pytest.raises(stop):
         train.run(config)
     assert sorted(p.name for p in out.iterdir()) == sorted(["crops", *EARLIER_OUTPUTS])
@@ -1023,13 +1029,9 @@ def test_a_trained_run_replaces_the_earlier_runs_outputs_whole(tmp_path, monkeyp
 
     monkeypatch.setattr(train, "_fit", trained)
     monkeypatch.setattr(train, "export_graph", export_fails)
-    out = tmp_path / "out"
-    out.mkdir()
-    for name in EARLIER_OUTPUTS:
-        (out / name).write_text(f"the earlier run's {name}")
-    data = _square_photos(tmp_path / "data", 4)
+    out, config = _after_an_earlier_run(tmp_path)
     with pytest.raises(ModelError, match="the export failed"):
-        train.run(train.TrainConfig(data, out, backbone="mobilenetv2", input_size=32, weights="none", detect=False))
+        train.run(config)
     assert sorted(p.name for p in out.iterdir()) == ["crops", "labels.txt", "model.keras"]
     assert (out / "model.keras").read_text() == "the new model" and (out / "labels.txt").read_text() == "a\nb\n"
 
