@@ -269,11 +269,10 @@ def run(config: TrainConfig) -> dict:
         _check_int8_split(split, config)
     images = dataset.load_crops(paths, config.input_size)
     _warn_near_identical(images, split, dataset.usable_sources(photos, labels))
-    earlier = _set_aside_earlier_outputs(out)
-
     # 2. Keras: frozen backbone (or from scratch), head, optional fine-tuning
     model_path = out / "model.keras"
     labels_path = out / "labels.txt"
+    earlier = _set_aside_earlier_outputs(out)
     try:
         stages = _fit(config, labels, images, targets, split, model_path, names)
         report.write_text(labels_path, "\n".join(labels) + "\n")
@@ -381,15 +380,43 @@ def _set_aside_earlier_outputs(out_dir: Path) -> Path | None:
     for name in names:
         try:
             os.replace(out_dir / name, aside / name)
-        except OSError as exc:
+        except BaseException as exc:  # Ctrl-C too: those moved so far go back
             _put_back(aside, out_dir, new=False)
-            raise OutputError(f"cannot move {out_dir / name} of an earlier run aside: {exc.strerror or exc}") from exc
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot move {out_dir / name} of an earlier run aside: "
+                                  f"{exc.strerror or exc}") from exc
+            raise
     return aside
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """A Ctrl-C (SIGINT) that comes inside the block is held until it ends, then raised: a second
+    Ctrl-C never stops the earlier run's outputs half put back. (Only the main thread gets signals.)"""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _put_back(aside: Path | None, out_dir: Path, new: bool = True) -> None:
     """This run's OUTPUTS removed (new=False: it wrote none) and the earlier run's
-    (`_set_aside_earlier_outputs`) put back."""
+    (`_set_aside_earlier_outputs`) put back, a Ctrl-C meanwhile held until they are."""
+    with _ctrl_c_held():
+        _put_back_now(aside, out_dir, new)
+
+
+def _put_back_now(aside: Path | None, out_dir: Path, new: bool) -> None:
     for name in OUTPUTS if new else ():
         with contextlib.suppress(OSError):
             (out_dir / name).unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -1034,6 +1035,36 @@ def test_a_trained_run_replaces_the_earlier_runs_outputs_whole(tmp_path, monkeyp
         train.run(config)
     assert sorted(p.name for p in out.iterdir()) == ["crops", "labels.txt", "model.keras"]
     assert (out / "model.keras").read_text() == "the new model" and (out / "labels.txt").read_text() == "a\nb\n"
+
+
+@pytest.mark.parametrize("when", ["setting aside", "putting back"])
+def test_ctrl_c_while_the_earlier_outputs_move_leaves_them_in_place(tmp_path, monkeypatch, when):
+    """Ctrl-C between the moves that set the earlier run's outputs aside put none back (they
+    stayed in the hidden folder); a second Ctrl-C while they were put back, after a failed
+    training, stopped that half way. Either way they are all back in OUT_DIR, the Ctrl-C raised."""
+    import signal
+
+    from camface.models import train
+
+    replace = os.replace
+    moves = []
+
+    def interrupted(src, dst):
+        moves.extend([src] if Path(src).name in EARLIER_OUTPUTS else [])
+        if len(moves) == (2 if when == "setting aside" else len(EARLIER_OUTPUTS) + 1):
+            os.kill(os.getpid(), signal.SIGINT)  # the (second) Ctrl-C, between two moves
+        replace(src, dst)
+
+    def fails(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(train, "_fit", fails)
+    monkeypatch.setattr(train.os, "replace", interrupted)
+    out, config = _after_an_earlier_run(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["crops", *EARLIER_OUTPUTS])
+    assert all((out / name).read_text() == f"the earlier run's {name}" for name in EARLIER_OUTPUTS)
 
 
 def test_outputs_a_killed_run_set_aside_are_named_not_deleted(tmp_path, monkeypatch, caplog):
