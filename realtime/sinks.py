@@ -110,12 +110,16 @@ class Mp4vWriter:
         self._staged = _made_beside(self._final, path) if self._final.is_file() else None
         self.kept_earlier = False  # closed with no frame readable: the earlier file was kept
         self._written = self._staged or Path(path)  # the file the frames go to
-        self._writer = cv2.VideoWriter(opencv_path(self._written), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
-        if not self._writer.isOpened():
-            self._writer.release()
+        try:
+            self._writer = cv2.VideoWriter(opencv_path(self._written), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+            if not self._writer.isOpened():
+                self._writer.release()
+                raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
+        except BaseException:  # (an OpenCV error, Ctrl-C too): the empty file made beside, removed
             if self._staged is not None:
-                self._staged.unlink(missing_ok=True)
-            raise OutputError(f"cannot open {path} for writing (mp4v codec unavailable?)")
+                with contextlib.suppress(OSError):  # (the error that stopped the opening says why)
+                    self._staged.unlink(missing_ok=True)
+            raise
         self._path, self._frames = path, 0
 
     def write(self, frame: np.ndarray) -> None:

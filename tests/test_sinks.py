@@ -562,6 +562,25 @@ def test_mp4v_over_an_earlier_recording_keeps_it_when_the_new_one_holds_no_frame
     assert sorted(tmp_path.iterdir()) == kept and sink.frames_kept == 0 and sink.kept_earlier
 
 
+@pytest.mark.parametrize("stop", [cv2.error, KeyboardInterrupt], ids=["opencv-error", "ctrl-c"])
+def test_mp4v_over_an_earlier_recording_that_fails_to_open_leaves_nothing_beside_it(tmp_path, clip_frames,
+                                                                                   monkeypatch, stop):
+    """OpenCV's VideoWriter raising (rather than returning a writer not opened), or Ctrl-C while
+    it opens, left the empty file made beside the earlier recording. It is removed, the earlier
+    recording kept as it was."""
+    path, earlier, before = _earlier_recording(tmp_path, clip_frames, "file")
+    kept = sorted(tmp_path.iterdir())
+
+    def raises(*args):
+        raise stop("the writer did not open")
+
+    monkeypatch.setattr(sinks.cv2, "VideoWriter", raises)
+    sink = VideoSink(path, FPS, overwrite=True, codec="mp4v")
+    with pytest.raises(stop, match="the writer did not open"):
+        sink.write(clip_frames[0])  # (opened with the first frame)
+    assert sorted(tmp_path.iterdir()) == kept and earlier.read_bytes() == before
+
+
 @pytest.mark.parametrize("given", ["file", "link"])
 def test_a_recording_removes_what_killed_recordings_of_its_path_left(tmp_path, clip_frames, given):
     """A recording killed hard before it held a frame leaves its file beside the earlier one
