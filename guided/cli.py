@@ -170,7 +170,8 @@ def _refuse_a_snapshot_crop(path: Path) -> None:
     if not (path.is_file() and (path.parent / SNAPSHOT_JSON).is_file()):
         return
     try:
-        crops = {face.get("crop") for face in read_meta(path.parent)["faces"] if isinstance(face, dict)}
+        crops = {face.get("crop") for face in read_meta(path.parent)["faces"]
+                 if isinstance(face, dict) and isinstance(face.get("crop"), str)}  # (a list: unhashable)
     except SourceError:
         return  # a broken snapshot.json: the photo is read as a photo
     if path.name in crops:

@@ -538,3 +538,17 @@ def test_bad_crop_options_are_refused_before_the_model_loads(kind, flag, value, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.fullmatch(f"camface: error: {message}", err[0]), err
     assert files_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("crop", [["face_00.png"], {"file": "face_00.png"}, 0])
+def test_a_photo_beside_a_hand_edited_snapshot_json_is_taken_as_a_photo(tmp_path, astronaut_bgr, crop):
+    """A snapshot.json whose face names its crop with a list or an object (hand-edited) made
+    `camface guided face_00.png` a TypeError traceback (unhashable), before the photo was read:
+    the file is taken as a photo, as beside any broken snapshot.json."""
+    from camface.guided.cli import _refuse_a_snapshot_crop
+
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    meta = json.loads((folder / "snapshot.json").read_text())
+    meta["faces"][0]["crop"] = crop
+    (folder / "snapshot.json").write_text(json.dumps(meta))
+    assert _refuse_a_snapshot_crop(folder / "face_00.png") is None
