@@ -431,11 +431,13 @@ def _put_back_now(aside: Path | None, out_dir: Path, new: bool) -> None:
 
 
 def _drop(aside: Path | None) -> None:
-    """The earlier run's outputs set aside, deleted: this run's model replaced them."""
+    """The earlier run's outputs set aside, deleted: this run's model replaced them (a Ctrl-C
+    meanwhile held until they are: a half-deleted folder would pass for a killed run's)."""
     if aside is None:
         return
     try:
-        shutil.rmtree(aside)
+        with _ctrl_c_held():
+            shutil.rmtree(aside)
     except OSError as exc:
         log.warning("could not remove %s (the earlier run's outputs): %s", aside, exc.strerror or exc)
 

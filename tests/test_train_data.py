@@ -1067,6 +1067,34 @@ def test_ctrl_c_while_the_earlier_outputs_move_leaves_them_in_place(tmp_path, mo
     assert all((out / name).read_text() == f"the earlier run's {name}" for name in EARLIER_OUTPUTS)
 
 
+def test_ctrl_c_while_the_earlier_outputs_are_deleted_leaves_no_hidden_folder(tmp_path, monkeypatch):
+    """Ctrl-C as the earlier run's outputs were deleted (the new model trained) left the hidden
+    folder, which the next run named as a killed run's outputs to move back. It goes whole;
+    the Ctrl-C is raised after, the new model kept."""
+    import shutil
+    import signal
+
+    from camface.models import train
+
+    def trained(config, labels, images, targets, split, model_path, names):
+        model_path.write_text("the new model")
+        return []
+
+    rmtree = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(train, "_fit", trained)
+    monkeypatch.setattr(train.shutil, "rmtree", interrupted)
+    out, config = _after_an_earlier_run(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(config)
+    assert sorted(p.name for p in out.iterdir()) == ["crops", "labels.txt", "model.keras"]
+    assert (out / "model.keras").read_text() == "the new model"
+
+
 def test_outputs_a_killed_run_set_aside_are_named_not_deleted(tmp_path, monkeypatch, caplog):
     from camface.models import train
 
