@@ -370,6 +370,10 @@ def _set_aside_earlier_outputs(out_dir: Path) -> Path | None:
         log.warning("%s holds the outputs of an earlier run that a killed run set aside: move them back "
                     "into %s or delete the folder", left, out_dir)
     names = [name for name in OUTPUTS if os.path.lexists(out_dir / name)]
+    for name in names:  # (set aside, it would be deleted whole with them; unlink refused it before)
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+            raise OutputError(f"{out_dir / name} is a folder, not an output of camface train: move it "
+                              "out of OUT_DIR or give another OUT_DIR")
     if not names:
         return None
     try:

@@ -1,9 +1,11 @@
 """camface train, the parts without TensorFlow: folder scan, crop cache, split, metrics, errors."""
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -1093,6 +1095,43 @@ def test_ctrl_c_while_the_earlier_outputs_are_deleted_leaves_no_hidden_folder(tm
         train.run(config)
     assert sorted(p.name for p in out.iterdir()) == ["crops", "labels.txt", "model.keras"]
     assert (out / "model.keras").read_text() == "the new model"
+
+
+@pytest.mark.parametrize("fault", ["rename fails", "a folder"])
+def test_earlier_outputs_that_cannot_be_set_aside_stop_the_run_with_all_in_place(tmp_path, monkeypatch, fault):
+    """An output that cannot be moved aside: the run stops naming it, before training, with
+    every earlier output back in OUT_DIR. A folder of an output's name (unlink refused it before)
+    was moved aside and deleted whole once the new model was trained."""
+    from camface.errors import OutputError
+    from camface.models import train
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("training must not start")
+
+    out, config = _after_an_earlier_run(tmp_path)
+    monkeypatch.setattr(train, "_fit", must_not_train)
+    if fault == "a folder":
+        (out / "report.md").unlink()
+        (out / "report.md").mkdir()
+        (out / "report.md" / "notes.txt").write_text("mine")
+        message = f"{out / 'report.md'} is a folder, not an output of camface train"
+    else:
+        replace = os.replace
+
+        def fails(src, dst):
+            if Path(src).name == "model.onnx" and Path(dst).parent.name.startswith(train.EARLIER_PREFIX):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            replace(src, dst)
+
+        monkeypatch.setattr(train.os, "replace", fails)
+        message = f"cannot move {out / 'model.onnx'} of an earlier run aside: Invalid cross-device link"
+    with pytest.raises(OutputError, match=re.escape(message)):
+        train.run(config)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["crops", *EARLIER_OUTPUTS])
+    assert all((out / name).read_text() == f"the earlier run's {name}" for name in EARLIER_OUTPUTS
+               if name != "report.md" or fault != "a folder")
+    assert fault != "a folder" or (out / "report.md" / "notes.txt").read_text() == "mine"
 
 
 def test_outputs_a_killed_run_set_aside_are_named_not_deleted(tmp_path, monkeypatch, caplog):
