@@ -98,10 +98,12 @@ def check_not_a_cam_graph(model, path) -> None:
     if {graph_spec.INPUT_IMAGE, graph_spec.INPUT_CLASS} <= inputs and \
             (graph_spec.META_HEATMAPS in metadata or graph_spec.OUTPUT_PROBS in outputs):
         made_from = metadata.get(graph_spec.META_SOURCE_MODEL)
-        raise ModelError(f"{path} is a CAM graph already (made by camface export"
+        gallery = graph_spec.META_GALLERY in metadata
+        raise ModelError(f"{path} is a CAM graph already (made by camface {'enroll' if gallery else 'export'}"
                          + (f" from {made_from}" if made_from else "") + f"): `camface live --model {path}` runs it "
-                         f"and `camface info {path}` shows it; export the classifier it was made from to make "
-                         "another")
+                         f"and `camface info {path}` shows it; "
+                         + ("give the face embedder it was enrolled from (the ONNX model of `camface enroll "
+                            "--model`)" if gallery else "export the classifier it was made from to make another"))
 
 
 def check_runtime_reads(model, where: object = "model") -> None:

@@ -130,6 +130,9 @@ def _class_indices(names: tuple[str, ...], labels: tuple[str, ...], classes: int
                              f"{', '.join(labels) or f'0..{classes - 1}'}")
         if not 0 <= index < classes:
             raise ModelError(f"class index {index} is out of range: the model has {classes} classes")
+        if index in indices:  # (two identical rows of the figure)
+            raise UsageError(f"--class {name} names class {labels[index] if index < len(labels) else index} "
+                             "twice: give each class once")
         indices.append(index)
     return indices
 

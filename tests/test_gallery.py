@@ -1083,6 +1083,17 @@ def test_compare_refuses_a_figure_written_over_one_of_its_photos(which, people, 
     assert photos[which].read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
+def test_compare_with_a_gallery_graph_points_to_the_embedder(enrolled, people, tmp_path, capsys):
+    """compare --model GALLERY.onnx said to "export the classifier it was made from": a gallery
+    is enrolled from an embedder, the model compare takes."""
+    photos = [people / "collins" / "0.png", people / "hopper" / "0.png"]
+    assert main(["compare", *map(str, photos), "--model", str(enrolled), "--preset", "arcface",
+                 "-o", str(tmp_path / "fig.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{enrolled} is a CAM graph already (made by camface enroll" in err, err
+    assert "give the face embedder it was enrolled from" in err and "classifier" not in err, err
+
+
 @pytest.mark.parametrize("method, offered", [("random", False), ("gradcam", True), ("eigencam", True)])
 def test_compare_offers_the_displayed_methods_not_the_random_baseline(method, offered):
     """compare --method random drew the random baseline's noise titled "random: why similar to B",

@@ -355,6 +355,11 @@ def _unknown_class(tmp_path, astronaut_bgr):
     return [str(folder), "--class", "joy"], "unknown class 'joy'.*angry, disgust"
 
 
+def _class_twice(tmp_path, astronaut_bgr):
+    folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
+    return [str(folder), "--class", "happy", "3"], "--class 3 names class happy twice: give each class once"
+
+
 def _unknown_layer(tmp_path, astronaut_bgr):
     folder = make_snapshot(tmp_path / "snap", astronaut_bgr, faces=1)
     return [str(folder), "--layer", "conv9"], "no layer named 'conv9' .*candidate target layers.*conv2d_7"
@@ -487,7 +492,7 @@ def _snapshot_of_a_torch_graph(tmp_path, astronaut_bgr):
 
 
 @pytest.mark.parametrize("case", [_no_json, _a_folder_of_snapshots, _a_snapshot_s_crop, _model_missing, _model_mismatch, _model_not_found,
-                                  _no_faces, _gif_needs_gif_suffix, _unknown_class, _unknown_layer,
+                                  _no_faces, _gif_needs_gif_suffix, _unknown_class, _class_twice, _unknown_layer,
                                   _missing_input, _output_over_the_photo, _output_into_the_snapshot,
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
                                   _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
