@@ -193,6 +193,11 @@ def build(model, options: ExportOptions, source: str = "model", gallery: bool = 
     pre = preprocessing(options, classifier.channels, source)
     choice = choose_target(classifier, renamed.get(options.target_layer, options.target_layer),
                            options)
+    given = [flag for flag, value in (("--token-grid", options.token_grid), ("--prefix-tokens", options.prefix_tokens))
+             if value is not None and value != ()]
+    if choice.grid is None and given:  # (a CNN's map: they were dropped without a word)
+        log.warning("%s ignored: target %s is a feature map, not tokens [N, T, C] to lay out on a grid",
+                    " and ".join(given), choice.name)
     classifier = choice.classifier
     heads = None if options.heads is None else tuple(
         h for h in options.heads if h not in (graph_spec.OUTPUT_PROBS, graph_spec.OUTPUT_ACTIVATIONS))

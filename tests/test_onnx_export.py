@@ -430,6 +430,28 @@ def test_a_target_whose_every_path_to_the_logits_passes_a_step_has_no_gradient_m
     assert (warned in caplog.text) == (not gradients), caplog.text
 
 
+@pytest.mark.parametrize("given, named", [
+    (dict(token_grid=(4, 4)), "--token-grid ignored"),
+    (dict(prefix_tokens=1), "--prefix-tokens ignored"),
+    (dict(token_grid=(4, 4), prefix_tokens=0), "--token-grid and --prefix-tokens ignored"),
+    (dict(), None),
+])
+def test_token_options_for_a_cnn_s_map_are_said_to_be_ignored(tmp_path, caplog, given, named):
+    """--token-grid / --prefix-tokens lay a transformer's tokens out; given for a CNN (whose
+    target is a map already) they were dropped without a word."""
+    import logging
+
+    import onnx
+
+    path = _conv_step_model(tmp_path / "m.onnx", "Relu", side_path=False)
+    with caplog.at_level(logging.WARNING):
+        _, info, _ = onnx_export.build(onnx.load(str(path)), ExportOptions(preset="unit", verify=False, **given))
+    assert "gradcam" in info.heatmaps
+    warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert warned == ([] if named is None else [
+        f"{named}: target {info.target_layer} is a feature map, not tokens [N, T, C] to lay out on a grid"]), warned
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
 def test_pickled_torch_files_are_refused(tmp_path, capsys, suffix):
     path = tmp_path / f"model{suffix}"
