@@ -129,6 +129,24 @@ class StopRequest:
             raise KeyboardInterrupt()
 
 
+def _set_back(previous: dict[int, object]) -> None:
+    """Set each signal's handler back to `previous`'s, every one of them even when a signal's
+    handler raises meanwhile: signal.signal runs the pending handlers before it sets its own, so
+    a SIGINT taken (KeyboardInterrupt) once SIGINT's handler was back would leave SIGTERM's
+    block handler in place for good (every later SIGTERM swallowed, or deferred to no one). The
+    first exception a handler raised is raised once all are back."""
+    raised = None
+    for s, handler in previous.items():
+        for _ in range(len(previous) + 1):  # (each signal's pending handler runs once)
+            try:
+                signal.signal(s, handler)
+                break
+            except BaseException as exc:
+                raised = raised or exc
+    if raised is not None:
+        raise raised
+
+
 @contextlib.contextmanager
 def stop_signals():
     """While the block runs, SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated in
@@ -142,14 +160,13 @@ def stop_signals():
         request.signum = request.signum or signum
         request.check()
 
-    previous = {}
+    previous: dict[int, object] = {}
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             previous[s] = signal.signal(s, on_signal)
         yield request
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _set_back(previous)
 
 
 @contextlib.contextmanager
@@ -158,14 +175,13 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {}
+    previous: dict[int, object] = {}
     try:  # set one by one inside the try: a signal between the two must not leave one ignored
         for s in (signal.SIGINT, signal.SIGTERM):
             previous[s] = signal.signal(s, signal.SIG_IGN)
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _set_back(previous)
 
 
 @contextlib.contextmanager
@@ -182,26 +198,11 @@ def signals_deferred():
         yield
         return
     received: list[int] = []
-    previous = {}
-
-    def restore() -> None:
-        # each one set back even when a signal's handler raises meanwhile: signal.signal runs the
-        # pending handlers before it sets its own, so a SIGINT taken (KeyboardInterrupt) once
-        # SIGINT's handler was back left SIGTERM's `defer`, every later SIGTERM swallowed
-        raised = None
-        for s, handler in previous.items():
-            for _ in range(len(previous) + 1):  # (each signal's pending handler runs once)
-                try:
-                    signal.signal(s, handler)
-                    break
-                except BaseException as exc:
-                    raised = raised or exc
-        if raised is not None:
-            raise raised
+    previous: dict[int, object] = {}
 
     def defer(signum, frame) -> None:
         if received:  # the second: the previous handlers take it now
-            restore()
+            _set_back(previous)
             signal.raise_signal(signum)
         received.append(signum)
 
@@ -210,7 +211,7 @@ def signals_deferred():
             previous[s] = signal.signal(s, defer)
         yield
     finally:
-        restore()
+        _set_back(previous)
     if received:
         signal.raise_signal(received[0])  # its handler (KeyboardInterrupt, Terminated) raises here
 

@@ -130,11 +130,13 @@ def test_signals_deferred_takes_one_signal_at_the_end_and_a_second_at_once(signa
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_signals_deferred_sets_every_handler_back_when_a_signal_is_taken_meanwhile(monkeypatch):
+@pytest.mark.parametrize("block", ["signals_deferred", "stop_signals", "signals_held"])
+def test_signal_blocks_set_every_handler_back_when_a_signal_is_taken_meanwhile(monkeypatch, block):
     """signal.signal runs the pending handlers before it sets its own: a SIGINT taken while the
     block's handlers were set back, once SIGINT's was back, raised KeyboardInterrupt before
-    SIGTERM's was, leaving it deferring every later SIGTERM to no one. Both are set back, and
-    the KeyboardInterrupt still raised."""
+    SIGTERM's was, leaving the block's own SIGTERM handler in place for good (deferring every
+    later SIGTERM to no one, raising into a finished loop, or ignoring it). Both are set back,
+    and the KeyboardInterrupt still raised."""
     from camface.realtime import threads
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -148,7 +150,7 @@ def test_signals_deferred_sets_every_handler_back_when_a_signal_is_taken_meanwhi
 
     monkeypatch.setattr(threads.signal, "signal", pending_sigint)
     with pytest.raises(KeyboardInterrupt):
-        with threads.signals_deferred():
+        with getattr(threads, block)():
             pass
     monkeypatch.undo()
     assert taken and {s: signal.getsignal(s) for s in before} == before
