@@ -48,6 +48,11 @@ class _Fd2Silencer:
 
 
 _FD2 = _Fd2Silencer()  # one per process, as fd 2 is
+# One capture at a time: fd 2 goes to one capture's file, so a second capture entering meanwhile
+# (serve opening two clients' encoders at once) got none of its lines, and the first got both
+# encoders' (one client's error naming the other's refusal). Re-entrant: a capture nested in
+# the same thread gets no lines (as inside a silencing block) instead of waiting for itself.
+_CAPTURE = threading.RLock()
 
 
 @contextlib.contextmanager
@@ -73,11 +78,12 @@ def native_stderr_captured(prefix: str = ""):
     that gets those lines starting with `prefix` once the block ends, for the caller to put in
     its own message. fd 2 is the process's: the other lines (another thread's log line written
     meanwhile) are written back to it then, not taken for the caller's. Empty when a
-    `quiet_native_stderr` block of another thread had fd 2 silenced already."""
+    `quiet_native_stderr` block of another thread had fd 2 silenced already. Captures of several
+    threads take turns (each gets its own lines): the blocks should be short (an encoder's open)."""
     import tempfile
 
     lines: list[str] = []
-    with tempfile.TemporaryFile() as file:
+    with _CAPTURE, tempfile.TemporaryFile() as file:
         mine = _FD2.enter(file.fileno())
         try:
             yield lines

@@ -139,3 +139,30 @@ def test_captured_lines_of_another_thread_go_back_to_fd2(tmp_path):
             writer.join()
         assert said == ["x264 [error]: invalid preset 'nope'"] and fd2_identity() == original
         assert path.read_bytes() == b"camface: another thread's warning\n"
+
+
+def test_captures_of_two_threads_each_get_their_own_lines(tmp_path):
+    """`camface serve` opens two clients' encoders at once: the second capture, entering while
+    the first held fd 2, got none of its x264 lines and the first got both (one client's error
+    naming the other's refusal). Captures take turns: each gets its own line only."""
+    import threading
+
+    from camface.native import native_stderr_captured
+
+    second_in, results = threading.Event(), {}
+
+    def second():
+        with native_stderr_captured("x264 [") as said:
+            os.write(2, b"x264 [error]: second\n")
+            second_in.set()
+        results["second"] = said
+
+    with fd2_to_file(tmp_path) as (path, original):
+        with native_stderr_captured("x264 [") as said:
+            os.write(2, b"x264 [error]: first\n")
+            thread = threading.Thread(target=second)
+            thread.start()
+            second_in.wait(timeout=1)  # (it cannot come while this capture holds fd 2: waited out)
+        thread.join(timeout=30)
+        assert said == ["x264 [error]: first"]
+        assert results["second"] == ["x264 [error]: second"] and fd2_identity() == original
