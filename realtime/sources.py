@@ -114,6 +114,14 @@ def too_large_for_opencv(path: str | Path, refused: bool = False) -> str | None:
     return None
 
 
+def _gone(path: str | Path) -> str:
+    """Why `path`, which does not exist, gave no image: a link to nothing says where it points
+    (the file it named was deleted or moved, or the link was made wrong), else the file went."""
+    if os.path.islink(path):
+        return f"it is a link to {os.readlink(path)}, which does not exist"
+    return "it is gone (deleted or moved since the folder was listed)"
+
+
 def imread(path: str | Path, flags: int) -> tuple[np.ndarray | None, str | None]:
     """cv2.imread(path, flags), and why it gave no image: (image, None) or (None, why): the file
     is gone, permission denied, too large for OpenCV (`too_large_for_opencv`: OpenCV 5 raises
@@ -121,7 +129,7 @@ def imread(path: str | Path, flags: int) -> tuple[np.ndarray | None, str | None]
     # asked first: OpenCV writes its own warning line for a file it cannot open, before the one
     # error line (`camface compare`, `guided`) or the log line saying why a photo was skipped
     if not Path(path).exists():  # os.access says False for a file that is gone too
-        return None, "it is gone (deleted or moved since the folder was listed)"
+        return None, _gone(path)
     if not os.access(path, os.R_OK):
         return None, "permission denied"
     refused = False
@@ -132,7 +140,7 @@ def imread(path: str | Path, flags: int) -> tuple[np.ndarray | None, str | None]
     if image is not None:
         return image, None
     if not Path(path).exists():  # os.access says False for a file that is gone too
-        return None, "it is gone (deleted or moved since the folder was listed)"
+        return None, _gone(path)
     if not os.access(path, os.R_OK):
         return None, "permission denied"
     return None, too_large_for_opencv(path, refused) or "not an image OpenCV can read"

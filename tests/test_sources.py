@@ -1081,6 +1081,7 @@ def test_a_stream_url_waits_for_its_servers_length_far_less_than_its_time_out(mo
 
 
 @pytest.mark.parametrize("fault, why", [("gone", "it is gone (deleted or moved since the folder was listed)"),
+                                        ("dangling link", "it is a link to nowhere.png, which does not exist"),
                                         ("unreadable", "permission denied")])
 def test_an_image_that_cannot_be_opened_is_said_in_one_line(tmp_path, monkeypatch, capfd, fault, why):
     """`camface compare` / `guided` on a photo without read permission printed OpenCV's warning
@@ -1091,6 +1092,8 @@ def test_an_image_that_cannot_be_opened_is_said_in_one_line(tmp_path, monkeypatc
     from camface.realtime import sources
 
     path = tmp_path / "photo.png"
+    if fault == "dangling link":  # was called "gone (deleted or moved since the folder was listed)"
+        path.symlink_to("nowhere.png")
     if fault == "unreadable":  # root reads anything: the check is faked, as chmod 000 does for a user
         cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
         readable = os.access
