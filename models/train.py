@@ -363,10 +363,14 @@ def _set_aside_earlier_outputs(out_dir: Path) -> Path | None:
     """Move an earlier run's OUTPUTS into a hidden folder of `out_dir` (None when there are
     none): out of the way of this run's, and back in place (`_put_back`) if this run fails or is
     interrupted before its model is trained, so a failed run never costs the earlier model. A
-    folder that a run killed outright left is named in a warning (its files are not ours to drop)."""
+    folder that a run killed outright left is named in a warning (its files are not ours to drop);
+    an empty one (a run interrupted between making it and moving the first file) is removed."""
     import tempfile
 
     for left in sorted(out_dir.glob(EARLIER_PREFIX + "*")):
+        with contextlib.suppress(OSError):  # empty (a run interrupted as it made it): nothing to name
+            left.rmdir()
+            continue
         log.warning("%s holds the outputs of an earlier run that a killed run set aside: move them back "
                     "into %s or delete the folder", left, out_dir)
     names = [name for name in OUTPUTS if os.path.lexists(out_dir / name)]

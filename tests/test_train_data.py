@@ -1145,6 +1145,20 @@ def test_outputs_a_killed_run_set_aside_are_named_not_deleted(tmp_path, monkeypa
     assert (out / ".earlier-run.abc" / "model.keras").read_text() == "kept"
 
 
+def test_an_empty_folder_an_interrupted_run_left_is_removed_not_named(tmp_path, caplog):
+    """A Ctrl-C between making the folder and the first move left it empty; the next run named
+    it as holding an earlier run's outputs, to move back or delete. It is removed."""
+    from camface.models import train
+
+    out = tmp_path / "out"
+    (out / ".earlier-run.abc").mkdir(parents=True)
+    (out / "model.keras").write_text("earlier")
+    aside = train._set_aside_earlier_outputs(out)
+    assert "set aside" not in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == [aside.name] and aside.name != ".earlier-run.abc"
+    assert (aside / "model.keras").read_text() == "earlier"
+
+
 def test_copies_of_a_photo_are_used_once_and_never_span_two_classes(tmp_path, capsys, monkeypatch):
     from camface.models import train
 
