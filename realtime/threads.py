@@ -7,6 +7,7 @@ Nothing here knows about frames or faces: `camface.realtime.loop` builds the pip
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import threading
@@ -169,16 +170,32 @@ def stop_signals():
         _set_back(previous)
 
 
+FORCE_AFTER = 3  # signals inside `signals_held` that end the process without waiting more
+
+
 @contextlib.contextmanager
-def signals_held():
-    """Ignore SIGINT/SIGTERM while the block runs (finalising the recording must finish)."""
+def signals_held(forced: str = "camface: stopped without finishing"):
+    """Hold off SIGINT/SIGTERM while the block runs (finalising the recording must finish):
+    they are ignored, except that the FORCE_AFTER-th one ends the process at once, `forced`
+    written to stderr first, with the signal's exit code (130, 143). A writer stuck on its file
+    (a network mount that hangs) otherwise left a process that only SIGKILL ends; pressing
+    Ctrl-C three times is the way out, as in docker. A single SIGTERM still waits: finishing
+    the recording comes first, and a supervisor's SIGKILL is its escalation."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    taken: list[int] = []
+
+    def held(signum, frame) -> None:
+        taken.append(signum)
+        if len(taken) >= FORCE_AFTER:
+            os.write(2, f"\n{forced} ({len(taken)} signals while it finished)\n".encode(errors="replace"))
+            os._exit(128 + signum)
+
     previous: dict[int, object] = {}
     try:  # set one by one inside the try: a signal between the two must not leave one ignored
         for s in (signal.SIGINT, signal.SIGTERM):
-            previous[s] = signal.signal(s, signal.SIG_IGN)
+            previous[s] = signal.signal(s, held)
         yield
     finally:
         _set_back(previous)

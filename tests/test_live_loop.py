@@ -541,6 +541,54 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
     assert recorded > 0 and count_frames(out) == recorded
 
 
+STUCK_WRITER = """
+import sys, threading
+from camface.realtime import fmp4
+real, written = fmp4.H264Writer.write, []
+def write(self, frame, tick=None):
+    written.append(1)
+    if len(written) == 70:  # a file system that hangs: the write never returns
+        print("stuck", file=sys.stderr, flush=True)
+        threading.Event().wait()
+    return real(self, frame, tick)
+fmp4.H264Writer.write = write
+from camface.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
+    """A writer stuck on its file: signals are held while the recording is finished, so Ctrl-C
+    did nothing and only SIGKILL ended the run. Pressed again (the first is deferred while a
+    frame is handed over, the next stops the loop, three more while it finishes), the run ends
+    with 130, says why, and the fragments on disk play."""
+    out = tmp_path / "stuck.mp4"
+    process = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, "live", "--source", "sample", "--loop",
+                                "--no-show", "--record", str(out), "--method", "none"],
+                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+                               preexec_fn=sigint_as_from_a_terminal)
+    try:
+        said = []
+        while not said or said[-1] not in ("stuck\n", ""):  # (camface's own lines come first)
+            said.append(process.stderr.readline())
+        assert said[-1] == "stuck\n", "".join(said)
+        deadline = time.time() + 60
+        while process.poll() is None and time.time() < deadline:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        if process.poll() is None:  # (the stuck run never ends: read what it said after the kill)
+            process.kill()
+        err = process.communicate()[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    assert (f"camface: stopped without finishing: the writer of recordings and snapshots did not return; {out} "
+            "holds what reached the disk (3 signals while it finished)") in err
+    assert 30 <= count_frames(out) < 70
+
+
 @pytest.mark.parametrize("when", ["waiting for room", "on the put's return"])
 @pytest.mark.parametrize("sig, signal_error", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_a_signal_as_a_frame_is_handed_to_the_writer_leaves_it_counted_and_recorded(tmp_path, face_clip, monkeypatch,

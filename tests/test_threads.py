@@ -2,8 +2,11 @@
 failures raised after every frame before them."""
 
 import signal
+import subprocess
+import sys
 
 import pytest
+from realtime_helpers import sigint_as_from_a_terminal
 
 from camface.errors import SourceError
 from camface.realtime.threads import END, Failure
@@ -154,3 +157,25 @@ def test_signal_blocks_set_every_handler_back_when_a_signal_is_taken_meanwhile(m
             pass
     monkeypatch.undo()
     assert taken and {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("signals, code", [((signal.SIGINT, signal.SIGINT), 0),
+                                           ((signal.SIGINT, signal.SIGTERM, signal.SIGINT), 130),
+                                           ((signal.SIGTERM,) * 3, 143)])
+def test_signals_held_end_the_process_on_the_third_signal(signals, code):
+    """Finishing the recording holds signals off; a writer stuck on its file then left a process
+    that only SIGKILL ended (Ctrl-C did nothing). Two signals are still held off; the third ends
+    the process at once with its exit code, the caller's line said first."""
+    script = ("import signal, sys\n"
+              "from camface.realtime.threads import signals_held\n"
+              "with signals_held('camface: stopped without finishing'):\n"
+              f"    for s in {[int(s) for s in signals]}:\n"
+              "        signal.raise_signal(s)\n"
+              "print('finished')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         preexec_fn=sigint_as_from_a_terminal)
+    assert run.returncode == code, run.stderr
+    if code:
+        assert run.stdout == "" and run.stderr.strip() == "camface: stopped without finishing (3 signals while it finished)"
+    else:
+        assert run.stdout == "finished\n" and run.stderr == ""
