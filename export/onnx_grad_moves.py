@@ -1,14 +1,16 @@
 """Gradient rules of ops that only move or copy elements of one input, no arithmetic (see
 `onnx_grad`): Pad, Tile, DepthToSpace (PixelShuffle), SpaceToDepth, TopK (torch.topk,
-torch.sort) and GatherND (adaptive pooling of sizes that do not divide, from a .pt2). Each gradient is the
-inverse move, or the moved elements' positions (`positions`) scattered back and summed."""
+torch.sort), GatherND (adaptive pooling of sizes that do not divide, from a .pt2),
+GatherElements and ScatterElements. Each gradient is the inverse move, or the moved elements'
+positions (`positions`) scattered back and summed."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from camface.errors import ModelError
-from camface.export.onnx_grad_context import attribute, float_tensor, positions, scatter
+from camface.export.onnx_grad_context import (attribute, float_tensor, int_tensor, mask,
+                                               positions, scatter)
 
 
 def _text(value) -> str:
@@ -128,8 +130,17 @@ def gather_elements(ctx, node, grads):
 def scatter_elements(ctx, node, grads):
     """ScatterElements (Tensor.scatter, scatter_add): the updates' gradient is g taken where they
     went (GatherElements); the data's is g, zeroed where updates replaced it (no reduction) or
-    whole (reduction add). Repeated indices without a reduction (ONNX leaves which update wins
-    undefined) and the mul, max and min reductions have no rule here."""
+    whole (reduction add). The mul, max and min reductions have no rule here.
+
+    Without a reduction only one of several updates sent to the same place reaches the output
+    (ONNX leaves which undefined). Constant indices that repeat are refused. Indices computed at
+    run time cannot be checked here: the same scatter is run on the updates' flat positions
+    (`positions`), and an update whose position is the one left at its place is the one kept;
+    the others get 0. ONNX Runtime's CPU scatter writes the updates in order, so the same op on
+    the same indices keeps the same update as the forward pass. A runtime whose scatter may
+    pick differently from call to call (a parallel GPU one) could give the gradient to another
+    of the repeats than the one in the output: accepted, as such a runtime's forward pass is
+    itself not repeatable there."""
     b = ctx.builder
     reduction = _text(attribute(node, "reduction", b"none"))
     if reduction not in ("none", "add"):
@@ -148,5 +159,11 @@ def scatter_elements(ctx, node, grads):
     dupdates = b.op("GatherElements", [g, indices], axis=axis)
     if reduction == "add":
         return [g, None, dupdates]
+    if indices not in ctx.constants:  # checked distinct above when constant
+        ids = positions(ctx, updates)
+        empty = b.op("ConstantOfShape", [b.op("Shape", [x])], value=int_tensor(-1))
+        winner = b.op("ScatterElements", [empty, indices, ids], axis=axis)
+        kept = b.op("Equal", [b.op("GatherElements", [winner, indices], axis=axis), ids])
+        dupdates = mask(ctx, kept, dupdates)
     zeros = b.op("ConstantOfShape", [b.op("Shape", [updates])], value=float_tensor(0.0))
     return [b.op("ScatterElements", [g, indices, zeros], axis=axis), None, dupdates]

@@ -645,6 +645,15 @@ SCATTER_ADD_AT = RNG.integers(0, 3, (2, 2, 4, 4))  # repeats summed
 W_RMS = RNG.uniform(0.5, 1.5, (3, 4, 4)).astype(np.float32)
 TWO_CHANNELS = [init("zero", np.array([0])), init("two", np.array([2])),
                 init("ax1", np.array([1]))]
+# Indices computed from x at run time, over the channels u = tanh(s) is made of (s = x[:, :2]):
+# ArgMax and ArgMin of s (distinct), or ArgMin of x and of s, which repeat where x's lowest
+# channel is one of s's. x's margins (>= 0.09 between the lowest two, >= 0.12 between s's two)
+# keep the indices fixed within a finite difference.
+RUN_TIME_SCATTER = [node("Slice", ["x", "zero", "two", "ax1"], ["s"]), node("Tanh", ["s"], ["u"]),
+                    node("ArgMax", ["s"], ["hi"], axis=1), node("ArgMin", ["s"], ["lo"], axis=1)]
+RUN_TIME_SCATTER_REPEATED = RUN_TIME_SCATTER + [
+    node("ArgMin", ["x"], ["low"], axis=1), node("Concat", ["low", "lo"], ["at"], axis=1),
+    node("ScatterElements", ["x", "at", "u"], axis=1)]
 CASES.update({
     "GatherElements(repeated, negative)": (
         [node("GatherElements", ["x", "at"], axis=1)], [init("at", GATHER_AT)],
@@ -662,6 +671,13 @@ CASES.update({
          node("ScatterElements", ["x", "at", "u"], axis=1, reduction="add")],
         [init("at", SCATTER_ADD_AT)] + TWO_CHANNELS,
         lambda t, F, x: x.scatter_add(1, t.tensor(SCATTER_ADD_AT), t.tanh(x[:, :2]))),
+    "ScatterElements(run-time indices)": (RUN_TIME_SCATTER + [node(
+        "Concat", ["hi", "lo"], ["at"], axis=1), node("ScatterElements", ["x", "at", "u"], axis=1)],
+        TWO_CHANNELS,
+        lambda t, F, x: x.scatter(1, t.cat([x[:, :2].argmax(1, True), x[:, :2].argmin(1, True)], 1),
+                                  t.tanh(x[:, :2]))),
+    # torch gives every repeated update the gradient (as camface did): finite differences only
+    "ScatterElements(run-time indices, repeated)": (RUN_TIME_SCATTER_REPEATED, TWO_CHANNELS, None),
     "CastLike": ([node("CastLike", ["x", "like"], ["c"]), node("Mul", ["c", "c"])],
                  [init("like", np.float32([0]))], lambda t, F, x: x * x),
     "MeanVarianceNormalization": (
@@ -795,6 +811,39 @@ def test_gradient_rule_against_torch_autograd(name):
     y, grad = run_gradient(nodes, initializers, x, seed, OPSETS.get(name, 20), DECLARED.get(name))
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(grad, xt.grad.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_run_time_scatter_gives_gradient_to_the_update_onnx_runtime_kept_only():
+    """Repeated run-time indices: of the updates sent to one place, the one whose value is in
+    ONNX Runtime's output gets the gradient; the others 0 (not g again: torch's and camface's
+    earlier answer). x's gradient: the seed where no update landed, plus, on the channels the
+    updates are made of (u = tanh(s)), tanh'(s) times the seed where a kept update landed."""
+    x = _inputs("ScatterElements(run-time indices, repeated)")
+    at = np.stack([x.argmin(1), x[:, :2].argmin(1)], 1)  # [2, 2, 4, 4], channels of x
+    seed = np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)
+    y, u = run_nodes(RUN_TIME_SCATTER_REPEATED, {"x": x}, ["y", "u"], TWO_CHANNELS, opset=20)
+    repeated = at[:, 0] == at[:, 1]
+    assert repeated.any() and not repeated.all()
+    assert np.abs(u[:, 0] - u[:, 1]).min() > 0.01  # which update is in y is plain
+    landed = np.take_along_axis(y, at, 1)
+    kept = landed == u
+    assert ((kept[:, 0] ^ kept[:, 1]) == repeated).all() and kept.sum() == at.size - repeated.sum()
+    expected = seed.copy()
+    np.put_along_axis(expected, at, 0.0, 1)
+    expected[:, :2] += kept * np.take_along_axis(seed, at, 1) * (1 - u.astype(np.float64) ** 2)
+    _, grad = run_gradient(RUN_TIME_SCATTER_REPEATED, TWO_CHANNELS, x, seed)
+    np.testing.assert_allclose(grad, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, checked", [("ScatterElements(Tensor.scatter)", False),
+                                           ("ScatterElements(run-time indices)", True)])
+def test_a_scatter_checks_its_winners_at_run_time_only_for_run_time_indices(name, checked):
+    """Constant indices are checked distinct when exported: no extra scatter in the graph
+    (the two there: the data's gradient, and the Slice's under the updates)."""
+    nodes, initializers, _ = CASES[name]
+    _, builder, _, _ = gradient_model(nodes, initializers)
+    ops = [n.op_type for n in builder.nodes]
+    assert ops.count("ScatterElements") == 2 + checked and ops.count("Equal") == checked
 
 
 def test_every_listed_op_has_a_rule():
