@@ -137,6 +137,19 @@ def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int |
     return copy_into(staged, final)
 
 
+def keep_unplaced(staged: Path, final: Path) -> Path:
+    """The staged file that `place_over` could not put in `final`'s place, renamed `beside` it
+    under the tag "unplaced" (a writer may still hold it open: its frames go on there) so that
+    the next recording to `final`, which removes what killed recordings left ("partial"), keeps
+    it; the name it now has (`staged` where even that rename fails)."""
+    kept = beside(final, "unplaced")
+    try:
+        os.replace(staged, kept)
+    except OSError:
+        return staged
+    return kept
+
+
 def _owned_as(fd: int, earlier: os.stat_result) -> bool:
     """Whether the file open as `fd` is owned by `earlier`'s user and group, made so (fchown)
     where this process may; its mode then set to `earlier`'s again."""

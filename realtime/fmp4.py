@@ -31,7 +31,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import native_stderr_captured
-from camface.outputs import beside, place_over
+from camface.outputs import beside, keep_unplaced, place_over
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +232,10 @@ class H264Writer:
         file's inode, the writer then going on there: its descriptor is made the earlier file's
         (dup2) at the same offset (PyAV's own position stays right: the bytes before it are the
         same). OutputError naming the path when neither can be done: the new recording is then
-        left in the staged file (named in the error; the next recording to this path removes it),
-        which takes the rest of it, and the earlier file holds its earlier bytes (or, a copy cut
-        short, part of the new ones)."""
+        left beside it (`keep_unplaced`, named in the error), which takes the rest of it, and
+        the earlier file holds its earlier bytes (or, a copy cut short, part of the new ones). A
+        kill during the copy leaves the new recording's first fragment in the staged file (which
+        the next recording to this path removes) and the earlier file cut."""
         staged = self._staged
         live = not self._file.closed
         self._staged = None  # placed once, or never: a failure leaves the recording where it is
@@ -250,9 +251,10 @@ class H264Writer:
                 with contextlib.suppress(OSError):  # placed: one left is removed by the next recording
                     staged.unlink()
         except OSError as exc:
-            self._failed, self.unplaced = True, staged
+            self._failed = True
+            self._written = self.unplaced = keep_unplaced(staged, self._final)
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
-                              f"as {staged}") from exc
+                              f"as {self.unplaced}") from exc
         self._written = self._final
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import opencv_path
-from camface.outputs import beside, check_output_file, left_by_dead, place_over
+from camface.outputs import beside, check_output_file, keep_unplaced, left_by_dead, place_over
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,9 @@ class Mp4vWriter:
         (`place_over`: renamed over it, or copied into its inode where a rename would change
         which file the name is: other hard links, another owner or group, a sticky folder); else
         it is removed and the earlier file kept (`kept_earlier`). OutputError naming the path
-        when it cannot be placed: the new recording is left in the staged file, named in the
-        error (the next recording to this path removes it)."""
+        when it cannot be placed: the new recording is left beside it (`keep_unplaced`), named
+        in the error. A kill during the copy leaves it in the staged file (which the next
+        recording to this path removes) and the earlier file cut."""
         staged, self._staged = self._staged, None
         if readable > 0:
             try:
@@ -157,9 +158,9 @@ class Mp4vWriter:
                     with contextlib.suppress(OSError):  # placed: one left is removed by the next recording
                         staged.unlink()
             except OSError as exc:
-                self.unplaced = staged
+                self._written = self.unplaced = keep_unplaced(staged, self._final)
                 raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}; the new recording is kept "
-                                  f"as {staged}") from exc
+                                  f"as {self.unplaced}") from exc
             self._written = self._final
             return
         self.kept_earlier = True

@@ -15,6 +15,7 @@ from realtime_helpers import count_frames
 
 from camface import outputs
 from camface.errors import OutputError
+from camface.outputs import left_beside
 from camface.realtime.sinks import VideoSink, encoder_for
 
 FPS = 30.0
@@ -134,9 +135,10 @@ def test_an_earlier_recording_that_cannot_be_renamed_over_is_copied_into(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["earlier.mp4"]
 
 
-def test_a_copy_that_fails_leaves_the_new_recording_in_the_staged_file(tmp_path, earlier, codec, monkeypatch):
+def test_a_copy_that_fails_keeps_the_new_recording_beside_it(tmp_path, earlier, codec, monkeypatch):
     """A copy into the earlier file that fails (a full disk) is one error naming the path and the
-    file that holds the new recording, which is left there whole (not removed, not lost): H.264
+    file that holds the new recording, which is left beside it whole, under a name the next
+    recording to the path does not remove (it removes the "partial" files of killed runs): H.264
     stops at the frame whose fragment was to be placed (the 31st), mp4v at its close."""
     os.link(earlier, tmp_path / "link.mp4")
 
@@ -146,13 +148,15 @@ def test_a_copy_that_fails_leaves_the_new_recording_in_the_staged_file(tmp_path,
     monkeypatch.setattr(outputs.shutil, "copyfileobj", disk_full)
     sink = VideoSink(earlier, FPS, overwrite=True, codec=codec)
     with pytest.raises(OutputError, match=f"cannot write {re.escape(str(earlier))}: No space left on device; "
-                                          "the new recording is kept as .*partial.mp4") as raised:
+                                          "the new recording is kept as .*unplaced.mp4") as raised:
         with sink:
             for frame in frames(NEW, 20):
                 sink.write(frame)
     monkeypatch.undo()
-    kept = next(tmp_path.glob(".earlier.mp4.*.partial.mp4"))
+    kept = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
     assert str(kept) in str(raised.value) and earlier.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["earlier.mp4", "link.mp4", kept.name])
+    assert not left_beside(tmp_path)  # (what the next recording to it, or batch, removes)
     held = NEW if codec == "mp4v" else 31
     assert_new_recording(kept, held)
     assert sink.frames_kept in (held - 1, held)  # (H.264: the 31st frame's write raised, so it is not counted)
