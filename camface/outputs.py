@@ -7,6 +7,8 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +95,90 @@ def _hidden_name(final: Path, tail: str) -> str:
     if len(name) > room:  # whole UTF-8 characters (a file system may refuse half of one)
         name = name[:room].decode("utf-8", "ignore").encode("utf-8")
     return f".{os.fsdecode(name)}{tail}"
+
+
+def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int | None:
+    """Put the file `staged` (written `beside` the existing file `final`) in `final`'s place,
+    so that `final`'s name, its other hard links, its owner, group and mode all show the new
+    bytes. `staged_fd`: a descriptor open on `staged` (one is opened when None).
+
+    Renamed over it (atomic: a reader sees the earlier file or the new one, never half) where
+    that changes nothing but the bytes: `final` a regular file with one link, owned by the user
+    and group that own `staged` (made so with fchown where this process may: root; the mode then
+    set again, as chown clears set-id bits); returns None, `staged` gone. Otherwise (another
+    hard link would keep the earlier bytes; another owner or group, e.g. a user's file that root
+    records over, a setgid folder's group, would be lost; or the rename is refused: a sticky
+    folder such as /tmp, another user's file) the bytes are copied into `final`'s own inode
+    (`copy_into`) and a descriptor open for writing on it, after them, is returned: the caller
+    goes on writing through it (or closes it) and removes `staged`.
+
+    OSError when neither can be done. `staged` is left holding the new bytes; `final` holds the
+    earlier ones, or, when the copy failed part-way (a full disk; a kill leaves the same), a
+    cut copy of the new ones."""
+    try:
+        earlier = os.stat(final)
+    except FileNotFoundError:  # removed meanwhile: nothing to keep
+        os.replace(staged, final)
+        return None
+    opened = staged_fd is None
+    if opened:
+        staged_fd = os.open(staged, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        renames = stat.S_ISREG(earlier.st_mode) and earlier.st_nlink == 1 and _owned_as(staged_fd, earlier)
+    finally:
+        if opened:
+            os.close(staged_fd)
+    if renames:
+        try:
+            os.replace(staged, final)
+            return None
+        except PermissionError as exc:  # a sticky folder: another user's file is theirs to replace
+            log.debug("%s cannot be renamed over (%s); copied into it", final, exc.strerror or exc)
+    return copy_into(staged, final)
+
+
+def keep_unplaced(staged: Path, final: Path) -> Path:
+    """The staged file that `place_over` could not put in `final`'s place, renamed `beside` it
+    under the tag "unplaced" (a writer may still hold it open: its frames go on there) so that
+    the next recording to `final`, which removes what killed recordings left ("partial"), keeps
+    it; the name it now has (`staged` where even that rename fails)."""
+    kept = beside(final, "unplaced")
+    try:
+        os.replace(staged, kept)
+    except OSError:
+        return staged
+    return kept
+
+
+def _owned_as(fd: int, earlier: os.stat_result) -> bool:
+    """Whether the file open as `fd` is owned by `earlier`'s user and group, made so (fchown)
+    where this process may; its mode then set to `earlier`'s again."""
+    new = os.fstat(fd)
+    if (new.st_uid, new.st_gid) == (earlier.st_uid, earlier.st_gid):
+        return True
+    try:
+        os.fchown(fd, earlier.st_uid, earlier.st_gid)
+    except (PermissionError, AttributeError):  # not root (no fchown: Windows)
+        return False
+    with contextlib.suppress(OSError):
+        os.chmod(fd, stat.S_IMODE(earlier.st_mode))
+    return True
+
+
+def copy_into(staged: Path, final: Path) -> int:
+    """Write `staged`'s bytes over `final`'s in `final`'s own inode (its links, owner, group
+    and mode stay); returns a descriptor open for writing on `final`, just after them. Opened
+    without O_CREAT (in a sticky folder Linux refuses O_CREAT on another user's existing file:
+    fs.protected_regular) and emptied after the open, so a refused open changes nothing."""
+    fd = os.open(final, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.ftruncate(fd, 0)
+        with open(staged, "rb") as source, open(fd, "wb", closefd=False) as target:
+            shutil.copyfileobj(source, target)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def process_alive(pid: int) -> bool:

@@ -31,7 +31,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import native_stderr_captured
-from camface.outputs import beside
+from camface.outputs import beside, keep_unplaced, place_over
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,13 @@ class H264Writer:
 
         self.path, self.encoder = path, encoder
         # A file already there (--overwrite; through a link, the file it points to) is written
-        # beside it and renamed over it once the new one holds a whole frame (`_place`): a run
-        # whose frames never reached the disk leaves the earlier recording as it was.
+        # beside it and put in its place once the new one holds a whole frame (`_place`: renamed,
+        # or copied into its inode): a run whose frames never reached the disk leaves the
+        # earlier recording as it was.
         self._final = Path(os.path.realpath(path))
         self._staged = beside(self._final) if self._final.is_file() else None
         self.kept_earlier = False  # closed with no whole frame: the earlier file was kept
+        self.unplaced: Path | None = None  # the staged file, when it could not be put in place (`_place`)
         self._written = self._staged or Path(path)  # the file the frames go to
         # Through a Python file, unbuffered: FFmpeg's own file protocol loses the error of the
         # last writes (a full disk while the last fragment is written: PyAV's close() returns,
@@ -224,13 +226,36 @@ class H264Writer:
             self._place()
 
     def _place(self) -> None:
-        """Rename the file written beside the earlier one over it (it holds a whole frame)."""
+        """Put the file written beside the earlier one (it holds a whole frame) in its place
+        (`place_over`): renamed over it, or, where that would change which file the name is
+        (other hard links, another owner or group, a sticky folder), copied into the earlier
+        file's inode, the writer then going on there: its descriptor is made the earlier file's
+        (dup2) at the same offset (PyAV's own position stays right: the bytes before it are the
+        same). OutputError naming the path when neither can be done: the new recording is then
+        left beside it (`keep_unplaced`, named in the error), which takes the rest of it, and
+        the earlier file holds its earlier bytes (or, a copy cut short, part of the new ones). A
+        kill during the copy leaves the new recording's first fragment in the staged file (which
+        the next recording to this path removes) and the earlier file cut."""
+        staged = self._staged
+        live = not self._file.closed
+        self._staged = None  # placed once, or never: a failure leaves the recording where it is
         try:
-            os.replace(self._staged, self._final)
+            target = place_over(staged, self._final, self._file.fileno() if live else None)
+            if target is not None:
+                try:
+                    if live:
+                        os.lseek(target, os.lseek(self._file.fileno(), 0, os.SEEK_CUR), os.SEEK_SET)
+                        os.dup2(target, self._file.fileno(), inheritable=False)
+                finally:
+                    os.close(target)
+                with contextlib.suppress(OSError):  # placed: one left is removed by the next recording
+                    staged.unlink()
         except OSError as exc:
             self._failed = True
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        self._written, self._staged = self._final, None
+            self._written = self.unplaced = keep_unplaced(staged, self._final)
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
+                              f"as {self.unplaced}") from exc
+        self._written = self._final
 
     def close(self) -> None:
         """Drain the encoder and finish the last fragment (the file stays playable even if

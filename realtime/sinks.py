@@ -25,7 +25,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import opencv_path
-from camface.outputs import beside, check_output_file, left_by_dead
+from camface.outputs import beside, check_output_file, keep_unplaced, left_by_dead, place_over
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,10 @@ class Mp4vWriter:
     """MPEG-4 Part 2 (`mp4v`, which every OpenCV build can encode) in a plain MP4.
 
     A file already there (--overwrite; through a link, the file it points to) is written beside
-    it (`beside`) and renamed over it at close when the new one holds a frame (mp4v's index is
-    written at close, so no frame is readable before): a run that wrote none (or lost its index
-    to a full disk) keeps the earlier recording (`kept_earlier`); OpenCV emptied it on opening."""
+    it (`beside`) and put in its place at close (`_place_or_drop`) when the new one holds a frame
+    (mp4v's index is written at close, so no frame is readable before): a run that wrote none (or
+    lost its index to a full disk) keeps the earlier recording (`kept_earlier`); OpenCV emptied it
+    on opening."""
 
     def __init__(self, path: Path, fps: float, size: tuple[int, int]):
         # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
@@ -109,6 +110,7 @@ class Mp4vWriter:
         self._final = Path(os.path.realpath(path))
         self._staged = _made_beside(self._final, path) if self._final.is_file() else None
         self.kept_earlier = False  # closed with no frame readable: the earlier file was kept
+        self.unplaced: Path | None = None  # the staged file, when it could not be put in place
         self._written = self._staged or Path(path)  # the file the frames go to
         try:
             self._writer = cv2.VideoWriter(opencv_path(self._written), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
@@ -140,15 +142,25 @@ class Mp4vWriter:
                               f"written (is the disk full?){kept}")
 
     def _place_or_drop(self, readable: int) -> None:
-        """The file written beside the earlier one replaces it when it holds a frame; else it
-        is removed and the earlier file kept (`kept_earlier`)."""
+        """The file written beside the earlier one takes its place when it holds a frame
+        (`place_over`: renamed over it, or copied into its inode where a rename would change
+        which file the name is: other hard links, another owner or group, a sticky folder); else
+        it is removed and the earlier file kept (`kept_earlier`). OutputError naming the path
+        when it cannot be placed: the new recording is left beside it (`keep_unplaced`), named
+        in the error. A kill during the copy leaves it in the staged file (which the next
+        recording to this path removes) and the earlier file cut."""
         staged, self._staged = self._staged, None
         if readable > 0:
             try:
-                os.replace(staged, self._final)
+                target = place_over(staged, self._final)
+                if target is not None:
+                    os.close(target)
+                    with contextlib.suppress(OSError):  # placed: one left is removed by the next recording
+                        staged.unlink()
             except OSError as exc:
-                staged.unlink(missing_ok=True)
-                raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}") from exc
+                self._written = self.unplaced = keep_unplaced(staged, self._final)
+                raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}; the new recording is kept "
+                                  f"as {self.unplaced}") from exc
             self._written = self._final
             return
         self.kept_earlier = True
@@ -229,8 +241,8 @@ class VideoSink:
     the file holds once closed (fewer after a write error: a full disk); `removed` why the file
     was removed at close (it held no frame), None when it was not. A recording over an existing
     file (overwrite; through a link, the file it points to) replaces it only once it holds a
-    whole frame (H.264: its first fragment on disk; mp4v: at close): one that holds none keeps
-    the earlier file (`kept_earlier`).
+    whole frame (H.264: its first fragment on disk; mp4v: at close; renamed over it, or copied
+    into its inode: `place_over`): one that holds none keeps the earlier file (`kept_earlier`).
     """
 
     def __init__(self, path: str | Path, fps: float, overwrite: bool = False, codec: str = "auto"):
@@ -241,6 +253,7 @@ class VideoSink:
         self.frames_written = 0
         self.removed: str | None = None
         self.kept_earlier = False  # closed with no frame over an earlier file, which was kept
+        self._unplaced: Path | None = None  # the new recording's file, when it could not take the earlier one's place
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
         self._closed = False
@@ -379,9 +392,10 @@ class VideoSink:
                 raise
             finally:
                 self.kept_earlier = getattr(writer, "kept_earlier", False)
+                self._unplaced = getattr(writer, "unplaced", None)
                 if self.kept_earlier:
                     log.warning("camface: %s keeps its earlier file: the recording holds no frame", self.path)
-                else:
+                elif self._unplaced is None:  # (else the error names the file the recording is in)
                     self._remove_if_empty(say_removed)
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
@@ -410,11 +424,12 @@ class VideoSink:
             return 0
         if not self._failed or not self.frames_written:
             return self.frames_written
+        held_in = self._unplaced or self.path
         if self.encoder == "mp4v":
-            return min(self.frames_written, mp4v_frames(self.path))
+            return min(self.frames_written, mp4v_frames(held_in))
         from camface.realtime.fmp4 import whole_frames
 
-        return min(self.frames_written, whole_frames(self.path))
+        return min(self.frames_written, whole_frames(held_in))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from camface.errors import OutputError
-from camface.outputs import QUIET_S, beside, left_by_dead, replace_whole, written_beside
+from camface.outputs import QUIET_S, beside, left_by_dead, place_over, replace_whole, written_beside
 
 
 def _failing_rename(monkeypatch, target: str, error=None):
@@ -338,3 +338,37 @@ def test_left_by_dead_finds_only_a_dead_process_s_quiet_files_for_that_final(tmp
             _left(final, dead_pid, of=tmp_path / ("x" + name)), _left(final, dead_pid, of=final.with_suffix(".json"))]
     assert left_by_dead(final) == [dead]
     assert all(path.exists() for path in kept)
+
+
+@pytest.mark.parametrize("links, refused, renamed", [
+    (1, False, True),  # one link, this user's: the atomic rename
+    (2, False, False),  # another hard link: copied into the inode, which both names show
+    (1, True, False),  # the rename refused (a sticky folder, another user's file): copied into it
+], ids=["lone", "hard-link", "rename-refused"])
+def test_place_over_renames_only_where_nothing_else_changes(tmp_path, monkeypatch, links, refused, renamed):
+    """`place_over` puts a staged file in the earlier one's place: renamed where that changes
+    nothing but the bytes, else copied into the earlier inode (a descriptor on it returned,
+    after the bytes); the caller removes the staged file then."""
+    final = tmp_path / "rec.mp4"
+    final.write_bytes(b"earlier bytes, longer than the new ones")
+    if links == 2:
+        os.link(final, tmp_path / "other.mp4")
+    if refused:
+        def refuse(src, dst, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+        monkeypatch.setattr(os, "replace", refuse)
+    inode = final.stat().st_ino
+    staged = beside(final)
+    staged.write_bytes(b"new bytes")
+    target = place_over(staged, final)
+    monkeypatch.undo()
+    assert (target is None) == renamed and final.read_bytes() == b"new bytes"
+    assert (final.stat().st_ino == inode) == (not renamed) and staged.exists() == (not renamed)
+    if target is not None:
+        assert os.lseek(target, 0, os.SEEK_CUR) == len(b"new bytes")
+        os.write(target, b"+more")
+        os.close(target)
+        assert final.read_bytes() == b"new bytes+more"
+    if links == 2:
+        assert (tmp_path / "other.mp4").read_bytes() == final.read_bytes()
