@@ -250,15 +250,22 @@ def slice_(ctx, node, grads):
 def gather(ctx, node, grads):
     """Gather (the class token x[:, 0], a token subset): the gradient added back at the rows
     taken, as Slice; an index taken twice sums its gradients (ScatterElements add, opset >= 16)
-    unless the indices are constant and distinct."""
+    unless the indices are constant and name distinct rows (a negative index counts from the
+    end: with the axis's size unknown, it is taken as possibly repeated)."""
     b = ctx.builder
     x, indices = node.input
+    axis = int(attribute(node, "axis", 0))
     values = ctx.constants.get(indices)
+    if values is not None and np.asarray(values).size and np.min(values) < 0:
+        # -1 and size - 1 name one row: compared as rows, or taken as possibly repeated
+        shape = ctx.shape(x)
+        size = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+        values = np.asarray(values) % size if isinstance(size, int) and size > 0 else None
     distinct = values is not None and np.unique(values).size == np.asarray(values).size
     if not distinct and b.opset < 16:
         raise ModelError(f"node {node.name!r}: the gradient of Gather with run-time or repeated "
                          f"indices needs opset >= 16 (the model has {b.opset})")
-    taken = b.op("Gather", [positions(ctx, x), indices], axis=int(attribute(node, "axis", 0)))
+    taken = b.op("Gather", [positions(ctx, x), indices], axis=axis)
     return [scatter(ctx, x, taken, grads[0], add=not distinct), None]
 
 

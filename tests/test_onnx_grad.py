@@ -211,6 +211,9 @@ TOKEN_CASES = {
     "Gather(repeated, negative)": ([node("Gather", ["x", "rows"], axis=1)],
                                    [init("rows", np.array([[0, 2], [0, -1]]))],
                                    lambda t, F, x: x[:, [[0, 2], [0, 4]]]),
+    # -1 and 4 name one row: taken as distinct (np.unique of the raw values), one gradient was lost
+    "Gather(one row named 4 and -1)": ([node("Gather", ["x", "rows"], axis=1)],
+                                       [init("rows", np.array([4, -1]))], lambda t, F, x: x[:, [4, 4]]),
     "Gather(run-time indices)": ([node("Shape", ["x"], ["shape"]),
                                   node("Gather", ["shape", "i1"], ["tokens"]),
                                   node("Sub", ["tokens", "one"], ["last"]),
