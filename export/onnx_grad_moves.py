@@ -148,9 +148,12 @@ def scatter_elements(ctx, node, grads):
                          "gradient rule")
     x, indices, updates = node.input
     axis = int(attribute(node, "axis", 0))
+    checked = False  # the indices are constant and known to name distinct places
     if reduction == "none" and indices in ctx.constants:
         size = (ctx.shape(x) or [None] * (axis + 1 if axis >= 0 else -axis))[axis]
         at = ctx.constants[indices] % size if isinstance(size, int) else ctx.constants[indices]
+        # (-1 and size - 1 name one place: with the size unknown, negatives are checked at run time)
+        checked = isinstance(size, int) or not np.any(at < 0)
         if at.size and np.any(np.diff(np.sort(at, axis=axis), axis=axis) == 0):
             raise ModelError(f"node {node.name!r} (ScatterElements): indices {indices!r} repeat "
                              "along the axis without a reduction (which update wins is "
@@ -159,7 +162,7 @@ def scatter_elements(ctx, node, grads):
     dupdates = b.op("GatherElements", [g, indices], axis=axis)
     if reduction == "add":
         return [g, None, dupdates]
-    if indices not in ctx.constants:  # checked distinct above when constant
+    if not checked:
         ids = positions(ctx, updates)
         empty = b.op("ConstantOfShape", [b.op("Shape", [x])], value=int_tensor(-1))
         winner = b.op("ScatterElements", [empty, indices, ids], axis=axis)

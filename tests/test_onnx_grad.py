@@ -849,6 +849,23 @@ def test_a_scatter_checks_its_winners_at_run_time_only_for_run_time_indices(name
     assert ops.count("ScatterElements") == 2 + checked and ops.count("Equal") == checked
 
 
+@pytest.mark.parametrize("x_shape, checked", [(X_SHAPE, False), ((2, "channels", 4, 4), True)])
+def test_a_scatter_checks_negative_constant_indices_at_run_time_when_the_size_is_unknown(x_shape, checked):
+    """-1 and size - 1 name one place: with the axis's size unknown when exported, constant
+    negative indices cannot be checked distinct, and are checked at run time. The gradient is
+    the one of the same indices counted from the start."""
+    nodes, initializers, _ = CASES["ScatterElements(Tensor.scatter)"]
+    negative = [init("at", SCATTER_AT - 3)] + TWO_CHANNELS
+    _, builder, _, _ = gradient_model(nodes, negative, x_shape)
+    ops = [n.op_type for n in builder.nodes]
+    assert ops.count("ScatterElements") == 2 + checked and ops.count("Equal") == checked
+    x = RNG.standard_normal(X_SHAPE).astype(np.float32)
+    seed = RNG.standard_normal(X_SHAPE).astype(np.float32)
+    _, expected = run_gradient(nodes, initializers, x, seed)
+    _, grad = run_gradient(nodes, negative, x, seed, declared=x_shape)
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+
 def test_every_listed_op_has_a_rule():
     listed = ("Gemm MatMul Add Sub Mul Div Relu LeakyRelu Clip Sigmoid HardSigmoid HardSwish Gelu "
               "Tanh BatchNormalization GlobalAveragePool ReduceMean AveragePool MaxPool Flatten "
