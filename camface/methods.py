@@ -361,9 +361,15 @@ def first_component(ops, x, dims: tuple[int, int, int], squarings: int = EIGEN_S
     v = C^(2^s) C 1 / |...| (equal up to rounding; C squared `squarings` times the same way).
     Cost per crop: min(h w, K)^2 max(h w, K) + squarings min(h w, K)^3 multiply-adds (8x8x64:
     1.8 M; 7x7x2048: 5.6 M; a 32x32 map of 8 channels: 0.07 M, against 6.4 G on its positions).
-    A crop whose X is 0 gives a map of zeros."""
+    A crop whose X is 0 gives a map of zeros. X is divided by (about) its largest magnitude first
+    and the map multiplied back by it: |X^T u|^2 holds X to the fourth power, which left float32's
+    range for activations near 1e-11 (a random-weight MobileNetV2): TensorFlow flushed it to 0
+    (an all-zero map) where ONNX Runtime kept a subnormal (a map), and the export failed."""
     height, width, channels = (int(d) for d in dims)
     x = ops.reshape(x - ops.mean(x, axis=(1, 2), keepdims=True), (-1, height * width, channels))
+    # between max |X| and twice it, 0 only where X is 0; [N, 1, 1]
+    scale = ops.relu(ops.max(x, axis=(1, 2), keepdims=True)) + ops.relu(ops.max(-x, axis=(1, 2), keepdims=True))
+    x = ops.safe_divide(x, scale)
     if height * width <= channels:
         gram = _squared(ops, ops.matmul(x, ops.transpose(x, (0, 2, 1))), squarings)  # [N, hw, hw]
         u = ops.matmul(gram, ops.sum(x, axis=-1, keepdims=True))  # [N, hw, 1]
@@ -375,7 +381,8 @@ def first_component(ops, x, dims: tuple[int, int, int], squarings: int = EIGEN_S
     projection = ops.sum(x * v, axis=-1)  # [N, hw]
     peak = ops.max(projection, axis=1, keepdims=True)
     trough = ops.max(-projection, axis=1, keepdims=True)
-    return ops.reshape(_sign_or_one(ops, peak - trough) * projection, (-1, height, width))
+    return ops.reshape(_sign_or_one(ops, peak - trough) * projection * ops.reshape(scale, (-1, 1)),
+                       (-1, height, width))
 
 
 def _squared(ops, gram, squarings: int):

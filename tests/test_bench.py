@@ -640,3 +640,27 @@ def test_keras_baseline_refuses_a_model_of_other_crops(tmp_path):
     with pytest.raises(ModelError, match=r"tiny.keras has 7 classes, the CAM graph 5"):
         KerasGradCam(path, "add_3", [1 / 127.5], [-1.0], input_shape=(32, 32, 3), classes=5)
     KerasGradCam(path, "add_3", [1 / 127.5], [-1.0], input_shape=(32, 32, 3), classes=7)  # its own shape: fine
+
+
+def test_backbone_bench_runs_its_graph(tmp_path, faces_clip, capsys, monkeypatch):
+    """`camface bench --backbone NAME` stopped after building its graph with "--model and --backbone
+    exclude each other": the config load() returned names the graph it opened, and replacing the
+    bench config with it ran the check again. The backbone's graph is faked as the bundled one."""
+    from camface.export import bench_graphs
+    from camface.models import EMOTION_KERAS, EMOTION_ONNX
+
+    asked = []
+
+    def fake_backbone_graph(builder, size, folder):
+        asked.append((builder, size))
+        return EMOTION_ONNX, EMOTION_KERAS
+
+    monkeypatch.setattr(bench_graphs, "backbone_graph", fake_backbone_graph)
+    out = tmp_path / "bench.json"
+    assert camface_main(["bench", "--source", str(faces_clip), "--backbone", "mobilenetv2", "--backbone-size", "64",
+                         "--frames", "3", "--warmup", "0", "--work-dir", str(tmp_path), "--json", str(out)]) == 0
+    assert asked == [("mobilenetv2_gap", 64)]
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert (settings["backbone"], settings["model"], settings["frames"]) == ("mobilenetv2", str(EMOTION_ONNX), 3)
+    assert report["runs"]

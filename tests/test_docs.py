@@ -117,3 +117,71 @@ def test_readme_ranking_table_is_the_bundled_graphs_ranking():
              for _, name, *figures in rows for key, shown, step in zip(keys, figures, (1e-3, 1e-3, 0.1))
              if abs(float(shown) - ranking["scores"][name][key]) > 0.5 * step + 1e-4]  # printed rounded
     assert not wrong, wrong
+
+
+FLAG = r"(?<![\w-])--[a-z][a-z0-9-]*"
+NOT_CAMFACE_FLAGS = {"--head", "--working-dir",  # `ray start --head`, `ray job submit --working-dir`
+                     "--use-file-for-fake-video-capture"}  # Chromium's fake camera
+
+
+def _commands() -> dict[str, dict[str, argparse.Action]]:
+    """camface subcommand -> {flag: its argparse action}."""
+    from camface.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {name: {flag: action for action in command._actions for flag in action.option_strings}
+            for name, command in commands.items()}
+
+
+def _readme_sections() -> list[tuple[str, str]]:
+    """(heading, text) of each `##` / `###` section of the README."""
+    parts = re.split(r"\n(?=#{2,3} )", REPO.joinpath("README.md").read_text())
+    return [(part.split("\n", 1)[0], part) for part in parts[1:]]
+
+
+def _command_lines(text: str) -> list[str]:
+    """The `camface CMD ...` commands a README text shows: its code blocks' lines (less their
+    `#` comments) and its inline code spans, each cut where another command starts."""
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    lines = [line.split(" #")[0] for block in blocks for line in block.splitlines()] + spans
+    return [command for line in lines for command in re.findall(r"camface (\w+.*?)(?=camface |$)", line, re.S)]
+
+
+def test_readme_commands_use_only_their_commands_flags():
+    """Every `camface CMD --flag ...` the README shows (code blocks, inline code) names flags that
+    CMD's --help lists, and every other flag it names is one of some camface command (users copy
+    them: a renamed or removed flag must take the README with it)."""
+    commands = _commands()
+    text = REPO.joinpath("README.md").read_text()
+    wrong = []
+    for line in _command_lines(text):
+        name = line.split()[0]
+        if name in commands:
+            wrong += [f"camface {name} has no {flag}: {line.strip()!r}" for flag in re.findall(FLAG, line)
+                      if flag not in commands[name]]
+    every = set().union(*commands.values())
+    wrong += [f"no camface command has {flag}" for flag in sorted(set(re.findall(FLAG, text)) - every - NOT_CAMFACE_FLAGS)]
+    assert not wrong, wrong
+
+
+def test_readme_defaults_are_the_commands_defaults():
+    """A default the README states beside a flag (`--max-clients` (4), `--idle-timeout` (60 s),
+    `--pace auto`, the default) is that flag's argparse default in the command(s) its section is
+    about (the heading's `camface CMD`), or, in a section about no command, in one that has it."""
+    commands = _commands()
+    stated = r"`(--[a-z0-9-]+)(?: ([\w.]+))?`(?: \((\d+(?:\.\d+)?)(?: s)?\)|,? \(?the default)"
+    wrong, seen = [], 0
+    for heading, text in _readme_sections():
+        about = [name for name in re.findall(r"`camface (\w+)`", heading) if name in commands] or list(commands)
+        for flag, value, number in re.findall(stated, text):
+            given = number or value
+            defaults = [commands[name][flag].default for name in about if flag in commands[name]]
+            seen += 1
+            if not defaults or not any(str(d) == given or (number and d == float(number)) for d in defaults):
+                wrong.append(f"{heading}: {flag} default {given!r}, argparse says {defaults}")
+            elif about != list(commands) and any(str(d) != given and not (number and d == float(number))
+                                                 for d in defaults):
+                wrong.append(f"{heading}: {flag} default {given!r} in one command, argparse says {defaults}")
+    assert seen >= 7 and not wrong, (seen, wrong)

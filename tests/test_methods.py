@@ -178,6 +178,23 @@ def test_eigencam_matches_numpy_svd(run, gap, h, w, k):
         np.testing.assert_allclose(g, w, atol=1e-4 * np.abs(w).max())  # unnormalised too: X v1
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e-11, 1e18])
+@pytest.mark.parametrize("h, w, k", [(5, 6, 16), (2, 2, 64)])  # the channels' matrix, the positions'
+def test_eigencam_scales_with_the_activations(run, scale, h, w, k):
+    """Eigen-CAM is linear in A: A * scale gives the map * scale. Activations near 1e-11 (a
+    random-weight MobileNetV2 at 64x64) put |X^T u|^2 below float32's normal range: TensorFlow
+    flushed it to 0 and gave an all-zero map where ONNX Runtime gave one (the export failed);
+    near 1e18 the Gram matrix overflowed."""
+    x = _gapped(h=h, w=w, k=k, gap=0.5, seed=1)
+    eigencam = methods.get("eigencam")
+    want = run(eigencam, x) * np.float64(scale)
+    got = run(eigencam, (x * np.float64(scale)).astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    eigengradcam = methods.get("eigengradcam")
+    np.testing.assert_allclose(run(eigengradcam, (x * np.float64(scale)).astype(np.float32), np.ones_like(x)),
+                               want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
 def test_eigencam_sign_is_deterministic():
     """pytorch-grad-cam leaves the SVD's sign to chance (then ReLU may leave nothing): here the
     map of -A is the map of A, and its largest-magnitude entry is positive."""

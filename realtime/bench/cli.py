@@ -117,7 +117,9 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     # the graph of the rows run here (sequential, heads) and "auto" resolved, once; its detector is
     # never opened (each row opens its own), so closing it at once leaves the graph in use
     with load(graph_path, config=pipeline, cli=True) as opened:
-        graph, pipeline = opened.graph, opened.config
+        # load names the graph it opened in its config; a --backbone run keeps its model unset (the
+        # rows are given graph_path), or the config refused it: "--model and --backbone exclude each other"
+        graph, pipeline = opened.graph, opened.config.replace(model=config.pipeline.model)
     config = dataclasses.replace(config, pipeline=pipeline)
     info = graph.info
     if config.baseline == "keras":  # before the live rows, not minutes after (as --compare-int8 below)
