@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    if not args.debug:  # (--debug shows everything TensorFlow says)
+        from camface.native import quiet_tensorflow_import
+
+        quiet_tensorflow_import()
     try:
         check_command(args.command)
         return int(args._main(args) or 0)

@@ -1,6 +1,6 @@
-"""Quieting native libraries (LiteRT/XNNPACK, CUDA stubs, absl, x264) that write straight to file
-descriptor 2, bypassing Python's logging (used by the detector, the Keras baseline and the H.264
-writer), and
+"""Quieting native libraries (LiteRT/XNNPACK, CUDA stubs, absl, x264, TensorFlow's import) that
+write straight to file descriptor 2, bypassing Python's logging (used by the detector, the Keras
+baseline, the H.264 writer and the command line), and
 handing OpenCV the paths it can take (`opencv_path`)."""
 
 from __future__ import annotations
@@ -103,6 +103,48 @@ def native_stderr_captured(prefix: str = ""):
                 if others:
                     with contextlib.suppress(OSError):
                         os.write(2, b"".join(others))
+
+
+class QuietImport:
+    """A `sys.meta_path` entry that finds nothing itself: the import of module `name` found by
+    the finders after it runs with file descriptor 2 silenced (`quiet_native_stderr`). TensorFlow
+    2.21 writes absl's "All log messages before absl::InitializeLog() is called are written to
+    STDERR", oneDNN's and the CUDA stub's lines (six lines) to fd 2 as it is imported, whatever
+    TF_CPP_MIN_LOG_LEVEL says, before every `camface export`, `train`, `guided` or `enroll`
+    output. An import that fails still says why: the exception is raised once fd 2 is back."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is not None and hasattr(loader, "exec_module"):
+            run = loader.exec_module
+
+            def exec_module(module):
+                with quiet_native_stderr():
+                    run(module)
+
+            loader.exec_module = exec_module  # (this spec's own loader: nothing else's)
+        return spec
+
+
+def quiet_tensorflow_import() -> None:
+    """Silence TensorFlow's start-up lines (`QuietImport`) wherever this process imports it
+    later; nothing when it is imported already. Importing it stays where it is needed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, QuietImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, QuietImport("tensorflow"))
 
 
 def opencv_path(path: str | os.PathLike[str]) -> str | bytes:

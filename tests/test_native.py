@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from pathlib import Path
 
 from camface.native import quiet_native_stderr
 
@@ -166,3 +167,27 @@ def test_captures_of_two_threads_each_get_their_own_lines(tmp_path):
         thread.join(timeout=30)
         assert said == ["x264 [error]: first"]
         assert results["second"] == ["x264 [error]: second"] and fd2_identity() == original
+
+
+def test_tensorflow_start_up_lines_are_silenced_after_the_command_line_starts():
+    """TensorFlow 2.21 wrote six lines to fd 2 as it was imported (absl's "All log messages
+    before absl::InitializeLog() is called are written to STDERR", oneDNN's, the CUDA stub's),
+    whatever TF_CPP_MIN_LOG_LEVEL said, before the first line of every `camface export`, `train`,
+    `guided` or `enroll`. The command line silences that import (not with --debug); camface's
+    own lines and Python's warnings after it still show."""
+    import subprocess
+    import sys
+
+    model = Path(__file__).resolve().parents[1] / "models" / "emotion" / "emotion.onnx"
+    script = ("import sys, warnings\n"
+              "from camface.cli import main\n"
+              f"assert main(['info', {str(model)!r}]) == 0\n"
+              "assert 'tensorflow' not in sys.modules  # (info never needs it: imported only where needed)\n"
+              "import tensorflow\n"
+              "print('imported', file=sys.stderr)\n"
+              "warnings.warn('a warning after')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines()[0] == "imported" and "UserWarning: a warning after" in run.stderr
+    assert "absl" not in run.stderr and "I0000" not in run.stderr
