@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,10 @@ PROVIDER_DEVICES = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}  # --device 
 MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
 # models `camface export` turns into CAM graphs, by file suffix (named when one is loaded as a graph)
 SOURCE_MODELS = {".hdf5": "Keras", ".h5": "Keras", ".keras": "Keras", ".pt2": "PyTorch (torch.export)"}
+# sys.stdout and ONNX Runtime's default logger belong to the process: sessions made in several
+# threads at once (two pipelines loading, two methods' first calls) each swapped them and put
+# back what they found, which left sys.stdout a StringIO for good (every later print lost)
+_QUIET = threading.Lock()
 
 
 def _provider_options(provider: str, image_shape: str) -> dict:
@@ -132,6 +137,7 @@ class CamGraph:
 
         self.path, self._ort, self._model_bytes = path, ort, model_bytes
         self._by_method: dict[str, tuple] = {}  # method -> (session, its input names); see _session_for
+        self._making = threading.Lock()  # one session per method when threads call it first together
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3
         if threads:
@@ -156,7 +162,7 @@ class CamGraph:
         try:
             # A provider that cannot load prints to stdout and logs errors before ORT falls
             # back; the check after creation is what decides, so keep the noise away.
-            with contextlib.redirect_stdout(io.StringIO()):
+            with _QUIET, contextlib.redirect_stdout(io.StringIO()):
                 if provider != CPU:
                     self._ort.set_default_logger_severity(4)
                 try:
@@ -222,21 +228,24 @@ class CamGraph:
         outputs are asked for, so the whole graph would compute every heatmap of the registry
         on each call. Without the `onnx` package (it comes with camface's extras), or where
         pruning fails, the whole graph."""
-        entry = self._by_method.get(method)
-        if entry is None:
-            session = self._session
-            try:
-                outputs = self._outputs(method)
-                height, width = self.info.input_size
-                pruned = self._create(self.provider, f"{height}x{width}x{self.info.channels}",
-                                      prune(self._model_bytes, outputs))
-                if pruned.get_providers()[0] == self.provider:
-                    session = pruned
-            except ImportError:
-                log.debug("no `onnx` package: every call computes every heatmap of %s", self.path.name)
-            except Exception as exc:  # a graph onnx.utils cannot cut: run it whole
-                log.debug("cannot prune %s to %s (%s): running it whole", self.path.name, method, exc)
-            entry = self._by_method[method] = (session, tuple(i.name for i in session.get_inputs()))
+        with self._making:
+            return self._by_method.get(method) or self._make_session(method)
+
+    def _make_session(self, method: str):
+        """`_session_for`'s entry for `method`, made and kept (under `_making`)."""
+        session = self._session
+        try:
+            outputs = self._outputs(method)
+            height, width = self.info.input_size
+            pruned = self._create(self.provider, f"{height}x{width}x{self.info.channels}",
+                                  prune(self._model_bytes, outputs))
+            if pruned.get_providers()[0] == self.provider:
+                session = pruned
+        except ImportError:
+            log.debug("no `onnx` package: every call computes every heatmap of %s", self.path.name)
+        except Exception as exc:  # a graph onnx.utils cannot cut: run it whole
+            log.debug("cannot prune %s to %s (%s): running it whole", self.path.name, method, exc)
+        entry = self._by_method[method] = (session, tuple(i.name for i in session.get_inputs()))
         return entry
 
     def _outputs(self, method: str) -> tuple[str, ...]:

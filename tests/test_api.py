@@ -674,6 +674,45 @@ def test_explain_from_two_threads_is_one_stream(two_faces):
     assert all(len(result.faces) == 2 for result in results)
 
 
+def test_methods_first_called_from_threads_at_once_leave_stdout_alone(cam, monkeypatch):
+    """Each method's session is made on its first call, with stdout redirected around it: two
+    threads making theirs at once each put back what they found, and sys.stdout stayed a
+    StringIO (every later print lost, the process looked dead). Their maps are the single
+    thread's, and each method's session is made once."""
+    import sys
+    import threading
+    import time
+
+    import onnxruntime
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 1), np.uint8)
+    methods = ("gradcam", "layercam", "xgradcam")
+    expected = {method: cam.explain_crops(crops, method=method) for method in methods}
+    made, session = [], onnxruntime.InferenceSession
+
+    def slow_session(*args, **kwargs):  # widens the window in which stdout is redirected
+        made.append(threading.get_ident())
+        time.sleep(0.2)
+        return session(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", slow_session)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # put back after the test, should it fail
+    before, results = sys.stdout, {}
+    with camface.load(device="cpu", method="hirescam") as fresh:
+        made.clear()  # its loading's sessions
+        threads = [threading.Thread(target=lambda m=method: results.setdefault(m, fresh.explain_crops(crops, method=m)))
+                   for method in methods * 2]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sys.stdout is before
+    assert len(made) == len(methods)  # one session per method, not one per thread
+    for method in methods:
+        for want, got in zip(expected[method], results[method]):
+            np.testing.assert_allclose(got.heatmap, want.heatmap, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("input_size", "[48, 48]", r"its 'image' input is \[N, 64, 64, 1\] but its metadata says \[N, 48, 48, 1\]"),
     ("color_order", "RGB", r"'image' input is \[N, 64, 64, 1\] but .* \[N, 64, 64, 3\] .*color_order RGB"),
