@@ -181,6 +181,13 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle and copy refuse: a pickled pipeline was ONNX Runtime's 'cannot pickle
+        InferenceSession', and a copy shared the original's detector, so closing the copy closed
+        it under the original (a RuntimeError traceback at its next frame)."""
+        raise TypeError("a camface Pipeline cannot be pickled or copied (it holds ONNX Runtime sessions and a "
+                        "face detector): call camface.load() in each process or thread that needs one")
+
     def close(self) -> None:
         """Close the face detector and release the graph's sessions (idempotent); waits for an
         `explain` running in another thread (its detector was closed under it). A detector

@@ -562,6 +562,22 @@ def test_a_closed_pipeline_says_so(two_faces):
         closed.explain(two_faces)
 
 
+@pytest.mark.parametrize("how", ["pickle", "copy", "deepcopy"])
+def test_a_pipeline_is_not_pickled_or_copied(two_faces, how):
+    """Pickling was ONNX Runtime's 'cannot pickle InferenceSession'; copy.copy shared the
+    detector, and closing the copy closed it under the original (RuntimeError at its next frame)."""
+    import copy
+    import pickle
+
+    call = {"pickle": pickle.dumps, "copy": copy.copy, "deepcopy": copy.deepcopy}[how]
+    with camface.load(device="cpu") as pipeline:
+        pipeline.explain(two_faces)
+        with pytest.raises(TypeError, match=r"^a camface Pipeline cannot be pickled or copied .*camface.load\(\) in "
+                                            "each process or thread"):
+            call(pipeline)
+        assert len(pipeline.explain(two_faces).faces) == 2  # still open, its detector too
+
+
 # Run in a fresh process: what other tests left loaded (TensorFlow's allocators and thread pools)
 # moves RSS by tens of MB on its own.
 CYCLES = 15
