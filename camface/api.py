@@ -101,7 +101,8 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field a
     pipeline uses: method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence,
     max_faces, margin, smooth, colormap, alpha, graph_threads, max_frames, detect_every, ...
-    (not `camface live`'s own, LIVE_ONLY: UsageError).
+    (not `camface live`'s own, LIVE_ONLY: UsageError). A numpy scalar is taken as the Python
+    value it holds (`max_faces=np.int64(3)` is 3, `cam_boxes=np.True_` is True).
 
     timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
     cli: messages name options as the command line's flags (`--method auto`), for camface's own
@@ -120,6 +121,9 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
         raise UsageError(f"config must be a LiveConfig (or None; options go as keywords), got {type(config).__name__}")
     if timer is not None and not (callable(getattr(timer, "add", None)) and callable(getattr(timer, "stage", None))):
         raise UsageError(f"timer must be a camface.realtime.timing.StageTimer (or None), got {type(timer).__name__}")
+    # numpy scalars (np.int64(2), np.True_ from a comparison) as the Python numbers they hold:
+    # detect_every=np.int64(2) and cam_boxes=np.True_ were refused, and accepted ones stayed numpy
+    options = {name: value.item() if isinstance(value, np.generic) else value for name, value in options.items()}
     fields = {f.name for f in dataclasses.fields(LiveConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:

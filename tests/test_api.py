@@ -555,6 +555,19 @@ def test_bad_load_arguments_are_clear_errors(call, error, message):
     assert isinstance(caught.value, CamfaceError)
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("detect_every", np.int64(2), 2),  # was refused: 'must be auto or an integer >= 1, got np.int64(2)'
+    ("cam_boxes", np.True_, True),  # was refused: 'must be True or False, got np.True_ (bool)'
+    ("max_frames", np.int64(5), 5), ("margin", np.float32(0.25), 0.25), ("method", np.str_("hirescam"), "hirescam"),
+])
+def test_numpy_scalars_are_taken_as_the_python_values_they_hold(two_faces, option, value, expected):
+    with camface.load(device="cpu", **{option: value}) as pipeline:
+        assert getattr(pipeline.config, option) == expected
+        assert type(getattr(pipeline.config, option)) is type(expected)  # JSON-ready, as a Python value
+        assert len(pipeline.explain(two_faces).faces) == 2
+    assert camface.LiveConfig(detect_every=np.int64(3)).detect_every == 3  # a config built in code too
+
+
 def test_a_closed_pipeline_says_so(two_faces):
     with camface.load(device="cpu") as closed:
         closed.explain(two_faces)
