@@ -384,9 +384,11 @@ class Pipeline:
         expected = (*info.input_size, info.channels)
         if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8 or crops.ndim != 4 \
                 or crops.shape[1:] != expected:
-            shape = getattr(crops, "shape", None)
+            got = (f"{crops.dtype} {crops.shape}" if isinstance(crops, np.ndarray) else  # not 'list None'
+                   f"{type(crops).__name__} (a numpy array: np.stack(crops))" if isinstance(crops, (list, tuple))
+                   else type(crops).__name__)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
-                             f"({info.color_order}), got {getattr(crops, 'dtype', type(crops).__name__)} {shape}")
+                             f"({info.color_order}), got {got}")
         method = self._heatmap(method)
         wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))

@@ -258,6 +258,10 @@ def test_a_bad_frame_is_a_clear_error(cam, frame, message):
 def test_bad_crops_and_classes_are_clear_errors(cam):
     with pytest.raises(UsageError, match=r"crops must be uint8 \[N, 64, 64, 1\] \(GRAY\), got uint8 \(2, 64, 64, 3\)"):
         cam.explain_crops(np.zeros((2, 64, 64, 3), np.uint8))
+    for bad, got in [([np.zeros((64, 64, 1), np.uint8)], r"list \(a numpy array: np.stack\(crops\)\)$"),
+                     (None, "NoneType$")]:  # were 'got list None', 'got NoneType None'
+        with pytest.raises(UsageError, match=r"crops must be uint8 \[N, 64, 64, 1\] \(GRAY\), got " + got):
+            cam.explain_crops(bad)
     with pytest.raises(UsageError, match="class_index 7 out of range 0..6"):
         cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), class_index=7)
     with pytest.raises(UsageError, match="explained_class 9 out of range"):
