@@ -464,6 +464,8 @@ def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
             how = " (grayscale: cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
         elif frame.ndim == 3 and frame.shape[2] == 4:
             how = " (with alpha: cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), or COLOR_RGBA2BGR for RGBA)"
+        elif frame.ndim == 3 and frame.shape[0] == 3:  # [3, H, W], as torchvision and PIL-to-tensor give
+            how = " (channels first: np.ascontiguousarray(frame.transpose(1, 2, 0)), BGR)"
         elif frame.ndim == 4:
             how = " (one frame per call; explain_crops takes a batch of face crops)"
         else:

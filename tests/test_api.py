@@ -929,6 +929,7 @@ def test_close_waits_for_an_explain_in_another_thread(two_faces):
     (np.zeros((64, 64, 1), np.uint8), "grayscale: cv2.cvtColor"),
     (np.zeros((64, 64, 4), np.uint8), r"with alpha: cv2.cvtColor\(frame, cv2.COLOR_BGRA2BGR\)"),
     (np.zeros((2, 64, 64, 3), np.uint8), "one frame per call; explain_crops takes a batch"),
+    (np.zeros((3, 64, 48), np.uint8), r"got shape \(3, 64, 48\) \(channels first: np.ascontiguousarray\(frame.transpose"),
     ("photo.jpg", "got str .a path: read it with cv2.imread, or give it to process_video"),
     (Path("photo.jpg"), r"got \w*Path .a path"),
     ([np.zeros((64, 64, 3), np.uint8)] * 2, "got list .one frame per call, as a numpy array"),
