@@ -115,7 +115,13 @@ class CamGraph:
 
         path = Path(path)
         check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
-        self._load(path.read_bytes(), path, device, threads)
+        try:
+            model_bytes = path.read_bytes()
+        except OSError as exc:  # no read permission: was a PermissionError traceback
+            raise ModelError(f"cannot read CAM graph {path}: {exc.strerror or exc}") from exc
+        if not model_bytes:  # ONNX Runtime's word for it: 'No graph was found in the protobuf'
+            raise ModelError(f"{path} is empty (0 bytes), not a CAM graph")
+        self._load(model_bytes, path, device, threads)
 
     @classmethod
     def from_bytes(cls, model: bytes, name: str | Path = "<memory>", device: str = "auto",

@@ -963,6 +963,22 @@ def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
         camface.load(fixed, device="cpu")
 
 
+@pytest.mark.parametrize("unreadable, message", [
+    (False, "{path} is empty \\(0 bytes\\), not a CAM graph$"),  # was ONNX Runtime's 'No graph was found in the protobuf'
+    (True, "^cannot read CAM graph {path}: Permission denied$"),  # was a PermissionError traceback
+])
+def test_an_empty_or_unreadable_model_is_said_to_be_one(tmp_path, monkeypatch, unreadable, message):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"")
+    if unreadable:  # chmod 000 does not stop root, who runs the CI
+        def refuse(self):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ModelError, match=message.format(path=re.escape(str(path)))):
+        camface.load(path, device="cpu")
+
+
 def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):
     with pytest.raises(ModelError, match=f"{tmp_path} is a folder, not a CAM graph"):
         camface.load(tmp_path, device="cpu")
