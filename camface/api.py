@@ -279,7 +279,7 @@ class Pipeline:
         """
         from camface.realtime.controls import Controls
 
-        frame = _check_frame(frame)
+        frame = check_frame(frame)
         if explained_class is not None:
             explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
         controls = Controls(method=self._heatmap(method),
@@ -296,7 +296,7 @@ class Pipeline:
         self._check_open()
         if not isinstance(result, FrameResult):
             raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
-        picture = _check_frame(frame).copy()
+        picture = check_frame(frame).copy()
         height, width = picture.shape[:2]
         outside = [face.box for face in result.faces if face.box[0] < 0 or face.box[1] < 0
                    or face.box[0] + face.box[2] > width or face.box[1] + face.box[3] > height]
@@ -364,7 +364,7 @@ class Pipeline:
             passes = getattr(opened, "passes", 0)  # a LoopingSource's passes, a LiveSource's reconnections
             for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates
-                frame = _check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
+                frame = check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
                 now = getattr(opened, "passes", 0)
                 cut, passes = now != passes, now  # a new pass or reconnection: detected and smoothed afresh, as live does
                 yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index, cut=cut).result, frame
@@ -438,9 +438,10 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
     return indices
 
 
-def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
+def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
     """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
-    naming it as `name`."""
+    naming it as `name`: the pipeline's verbs and both face detectors (`face_detector`) check
+    their frames with it."""
     if not isinstance(frame, np.ndarray):
         if isinstance(frame, (str, os.PathLike)):
             how = " (a path: read it with cv2.imread, or give it to process_video)"

@@ -940,6 +940,26 @@ def test_a_frame_in_another_form_says_how_to_convert_it(cam, frame, hint):
         cam.explain(frame)
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "mediapipe"])
+def test_the_pipelines_face_detector_checks_its_frames(astronaut_bgr, runtime):
+    """`Pipeline.face_detector()` hands out a detector whose `detect` took any array: a float
+    frame in [0, 1] found no face without a word on ONNX (ValueError inside MediaPipe), an empty
+    frame was a ZeroDivisionError or an OpenCV assertion, a list an AttributeError; used outside
+    its `with` block it raised a RuntimeError."""
+    with camface.load(device="cpu", detector_runtime=runtime) as pipeline:
+        detector = pipeline.face_detector()
+        with pytest.raises(UsageError, match="FaceDetector used outside its `with` block"):
+            detector.detect(astronaut_bgr)
+        with detector:
+            assert len(detector.detect(astronaut_bgr[:, ::-1])) == 1  # a view is fine
+            for frame, message in [(astronaut_bgr.astype(np.float32) / 255, "got dtype float32 .scale floats"),
+                                   (np.zeros((0, 0, 3), np.uint8), r"got shape \(0, 0, 3\)"),
+                                   (astronaut_bgr[:, :, 0], "grayscale: cv2.cvtColor"),
+                                   (astronaut_bgr.tolist(), "must be a numpy array, uint8 BGR .* got list")]:
+                with pytest.raises(UsageError, match=message):
+                    detector.detect(frame)
+
+
 def test_a_pil_image_says_how_to_convert_it(cam):
     from PIL import Image
 
