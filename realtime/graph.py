@@ -184,6 +184,9 @@ class CamGraph:
             if kind:  # the classifier itself, not its CAM graph (the bundled .hdf5 sits beside the .onnx)
                 raise ModelError(f"{self.path} is a {kind} model, not a CAM graph: make one with "
                                  f"`camface export {self.path} -o model.onnx`") from exc
+            if "INVALID_PROTOBUF" in first_line:  # a text file, an image, a TFLite model named .onnx
+                raise ModelError(f"{self.path} is not an ONNX model (ONNX Runtime cannot parse it): a CAM graph "
+                                 "is the .onnx that `camface export` writes") from exc
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:

@@ -983,6 +983,18 @@ def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
         camface.load(fixed, device="cpu")
 
 
+@pytest.mark.parametrize("content", [b"hello world\n", cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()],
+                         ids=["text", "png"])
+def test_a_file_that_is_no_onnx_model_is_said_to_be_one(tmp_path, content):
+    """A text file or a PNG named .onnx was ONNX Runtime's '[ONNXRuntimeError] : 7 :
+    INVALID_PROTOBUF : Failed to load model because protobuf parsing failed.'"""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is not an ONNX model .ONNX Runtime cannot parse "
+                                         "it.: a CAM graph is the .onnx that `camface export` writes$"):
+        camface.load(path, device="cpu")
+
+
 @pytest.mark.parametrize("unreadable, message", [
     (False, "{path} is empty \\(0 bytes\\), not a CAM graph$"),  # was ONNX Runtime's 'No graph was found in the protobuf'
     (True, "^cannot read CAM graph {path}: Permission denied$"),  # was a PermissionError traceback
