@@ -298,6 +298,9 @@ class Pipeline:
             raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
         picture = check_frame(frame).copy()
         height, width = picture.shape[:2]
+        for i, face in enumerate(result.faces):
+            if (why := _unfit(face, result.predictions[i] if result.predictions else None)) is not None:
+                raise UsageError(f"result's face {i} cannot be drawn: {why}")  # a FrameResult built by hand
         outside = [face.box for face in result.faces if face.box[0] < 0 or face.box[1] < 0
                    or face.box[0] + face.box[2] > width or face.box[1] + face.box[3] > height]
         if outside:  # a result of another frame: its overlay was drawn cut off, or not at all
@@ -401,6 +404,36 @@ class Pipeline:
                                 saturated=bool(heatmaps[i].size)
                                 and is_saturated(similarity[i], explained[i], info.saturated_below))
                      for i in range(len(crops)))
+
+
+def _unfit(face: Any, prediction: Any) -> str | None:
+    """What keeps the renderer from drawing a hand-built face and its prediction (None: a face
+    without one), as a phrase (it raised an IndexError, a numpy ValueError or TypeError), or None: box and crop_box 4 integers, a
+    heatmap (when there is one) that spans a crop square holding the box, probs finite [classes]
+    and predicted / explained classes among them. `explain`'s results always fit."""
+    import numbers
+
+    boxes = (face.box, face.crop_box)
+    if not all(isinstance(box, (tuple, list)) and len(box) == 4 and all(isinstance(v, numbers.Integral) for v in box)
+               for box in boxes):
+        return f"box {face.box} and crop_box {face.crop_box} must be 4 integers (x, y, w, h)"
+    if face.box[2] < 1 or face.box[3] < 1:
+        return f"box {face.box} is empty"
+    if prediction is None:  # a face with no prediction: only its box is drawn
+        return None
+    heatmap, probs = prediction.heatmap, prediction.probs
+    if not isinstance(heatmap, np.ndarray) or heatmap.ndim != 2:
+        return f"heatmap must be a 2-D numpy array, got {type(heatmap).__name__} {np.shape(heatmap)}"
+    (x, y, w, h), (cx, cy, side, _) = boxes
+    if heatmap.size and not (side >= 1 and cx <= x and cy <= y and x + w <= cx + side and y + h <= cy + side):
+        return f"its heatmap spans crop_box {face.crop_box}, which must be a square holding box {face.box}"
+    if not isinstance(probs, np.ndarray) or probs.ndim != 1 or not np.isfinite(probs).all():
+        return f"probs must be finite numbers, one per class, got {np.shape(probs)}"
+    for name in ("predicted", "explained"):
+        value = getattr(prediction, name)
+        if not isinstance(value, numbers.Integral) or not 0 <= int(value) < len(probs):
+            return f"{name} {value!r} is not a class index 0..{len(probs) - 1}"
+    return None
 
 
 def _method(method: Any, default: str) -> str:

@@ -809,6 +809,42 @@ def test_annotate_refuses_a_result_of_another_frame(cam, two_faces):
     assert cam.annotate(two_faces[:, :900], result).shape == (512, 900, 3)
 
 
+def _hand_built(face=None, **prediction):
+    """A FrameResult of one face built by hand: a 50-pixel box at (10, 10), its crop square,
+    uniform probabilities over the 7 emotions and a 4x4 heatmap, with `face` / `prediction`'s
+    fields in their place."""
+    from camface import Face, FrameResult, Prediction
+
+    fields = dict(probs=np.full(7, 1 / 7, np.float32), heatmap=np.eye(4, dtype=np.float32), predicted=3,
+                  explained=3, method="gradcam") | prediction
+    return FrameResult(index=0, faces=(face or Face(box=(10, 10, 50, 50), score=0.9, crop_box=(5, 5, 60, 60)),),
+                       predictions=(Prediction(**fields),), labels=EMOTIONS)
+
+
+@pytest.mark.parametrize("result, message", [
+    # each was a numpy or OpenCV error from inside the renderer
+    (dict(face=camface.Face(box=(10, 10, 50, 50), score=0.9)),  # crop_box left at (0, 0, 0, 0)
+     r"its heatmap spans crop_box \(0, 0, 0, 0\), which must be a square holding box \(10, 10, 50, 50\)"),
+    (dict(predicted=99), r"predicted 99 is not a class index 0..6"),
+    (dict(explained=-5), r"explained -5 is not a class index 0..6"),
+    (dict(probs=np.full(2, 0.5, np.float32)), r"predicted 3 is not a class index 0..1"),
+    (dict(probs=np.full(7, np.nan, np.float32)), r"probs must be finite numbers, one per class"),
+    (dict(heatmap=[[0.1, 0.2], [0.3, 0.4]]), r"heatmap must be a 2-D numpy array, got list \(2, 2\)"),
+    (dict(face=camface.Face(box=(10.5, 10, 50, 50), score=0.9, crop_box=(5, 5, 60, 60))),
+     r"box \(10.5, 10, 50, 50\) and crop_box \(5, 5, 60, 60\) must be 4 integers"),
+], ids=["no crop_box", "predicted", "explained", "few probs", "nan probs", "list heatmap", "float box"])
+def test_annotate_names_what_keeps_a_hand_built_result_from_being_drawn(cam, two_faces, result, message):
+    with pytest.raises(UsageError, match="^result's face 0 cannot be drawn: " + message):
+        cam.annotate(two_faces, _hand_built(**result))
+
+
+def test_annotate_draws_a_hand_built_result_that_fits(cam, two_faces):
+    """The check refuses no result that fits: the heatmap is drawn inside the box, nothing far from it."""
+    picture = cam.annotate(two_faces, _hand_built())
+    assert (picture[15:55, 15:55] != two_faces[15:55, 15:55]).any(axis=2).mean() > 0.5
+    assert np.array_equal(picture[100:], two_faces[100:]) and np.array_equal(picture[:, 100:], two_faces[:, 100:])
+
+
 @pytest.mark.parametrize("dtype, hint", [(np.uint16, "divide by 257"), (np.float64, "scale floats in"),
                                          (np.int64, "scale to 0..255"), (bool, "scale to 0..255")])
 def test_a_frame_of_another_dtype_says_how_to_convert_it(cam, dtype, hint):
