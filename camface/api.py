@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from camface.errors import UsageError
-from camface.realtime.config import LiveConfig, check
+from camface.realtime.config import LiveConfig, check, option
 from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
@@ -101,7 +101,8 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field a
     pipeline uses: method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence,
     max_faces, margin, smooth, colormap, alpha, graph_threads, max_frames, detect_every, ...
-    (not `camface live`'s own, LIVE_ONLY: UsageError). A numpy scalar is taken as the Python
+    (not `camface live`'s own, LIVE_ONLY: UsageError; nor a `config` with one of them changed
+    from its default, which the pipeline would ignore, unless `cli`). A numpy scalar is taken as the Python
     value it holds (`max_faces=np.int64(3)` is 3, `cam_boxes=np.True_` is True).
 
     timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
@@ -128,9 +129,13 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UsageError(f"unknown option {', '.join(unknown)}; LiveConfig has {', '.join(sorted(fields))}")
-    unused = [name for name in LIVE_ONLY if name in options]
+    unused = [f"option {name}" for name in LIVE_ONLY if name in options]
+    if config is not None and not cli:  # the front ends' configs hold live's own fields: they read them
+        default = LiveConfig()
+        unused += [f"config's {option(name, getattr(config, name), api=True)}" for name in LIVE_ONLY
+                   if name not in options and getattr(config, name) != getattr(default, name)]
     if unused:
-        raise UsageError(f"option {', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
+        raise UsageError(f"{', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
                          "pacing): a pipeline does not use it; give process_video the source, and write "
                          "`annotate`'s pictures yourself (cv2.VideoWriter, cv2.imwrite)")
     config = config or LiveConfig()

@@ -897,6 +897,19 @@ def test_options_only_camface_live_reads_are_refused_not_ignored(option, value):
     assert option in LIVE_ONLY and set(LIVE_ONLY) <= {f.name for f in dataclasses.fields(camface.LiveConfig)}
     with pytest.raises(UsageError, match=f"option {option} is `camface live`'s .* a pipeline does not use it"):
         camface.load(device="cpu", **{option: value})
+    # in a LiveConfig too: it was accepted without a word, and the pipeline ignored it
+    with pytest.raises(UsageError, match=f"^config's {option}={re.escape(repr(value))} is `camface live`'s .* "
+                                         "a pipeline does not use it"):
+        camface.load(device="cpu", config=camface.LiveConfig(**{option: value}))
+
+
+def test_a_config_of_live_s_defaults_and_the_front_ends_configs_are_taken():
+    """Only a changed live-only field is refused: a config built with other fields, and a front
+    end's config (cli=True: `camface live` reads its source and recording itself), load."""
+    with camface.load(config=camface.LiveConfig(max_faces=2, alpha=0.3), device="cpu") as pipeline:
+        assert (pipeline.config.max_faces, pipeline.config.alpha) == (2, 0.3)
+    with camface.load(config=camface.LiveConfig(source="talk.mp4", record="out.mp4"), device="cpu", cli=True) as live:
+        assert live.config.record == "out.mp4"
 
 
 def test_what_is_computed_from_a_picture_is_not_shown_as_one():
