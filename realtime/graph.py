@@ -37,6 +37,9 @@ SOURCE_MODELS = {".hdf5": "Keras", ".h5": "Keras", ".keras": "Keras", ".pt2": "P
 # threads at once (two pipelines loading, two methods' first calls) each swapped them and put
 # back what they found, which left sys.stdout a StringIO for good (every later print lost)
 _QUIET = threading.Lock()
+# a video given as the model (`camface.load("talk.mp4")`) was read whole into memory before
+# ONNX Runtime refused it: gigabytes for a long one
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
 
 
 def _provider_options(provider: str, image_shape: str) -> dict:
@@ -115,6 +118,9 @@ class CamGraph:
 
         path = Path(path)
         check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            raise ModelError(f"{path} is a video, not a CAM graph (.onnx): a video is a source "
+                             "(`process_video`, --source)")
         try:
             model_bytes = path.read_bytes()
         except OSError as exc:  # no read permission: was a PermissionError traceback

@@ -1044,6 +1044,19 @@ def test_a_file_that_is_no_onnx_model_is_said_to_be_one(tmp_path, content):
         camface.load(path, device="cpu")
 
 
+def test_a_video_given_as_the_model_is_said_to_be_a_source(tmp_path, monkeypatch, clip):
+    """`camface.load("talk.mp4")` (the video where the model goes) read the whole file into
+    memory before ONNX Runtime refused it as 'INVALID_PROTOBUF': gigabytes for a long video.
+    It is refused by its name, unread."""
+    def unread(self):
+        raise AssertionError(f"{self} was read")
+
+    monkeypatch.setattr(Path, "read_bytes", unread)
+    with pytest.raises(ModelError, match=f"^{re.escape(str(clip))} is a video, not a CAM graph .*a video is a source "
+                                         r"\(`process_video`, --source\)$"):
+        camface.load(clip, device="cpu")
+
+
 @pytest.mark.parametrize("unreadable, message", [
     (False, "{path} is empty \\(0 bytes\\), not a CAM graph$"),  # was ONNX Runtime's 'No graph was found in the protobuf'
     (True, "^cannot read CAM graph {path}: Permission denied$"),  # was a PermissionError traceback
