@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +36,43 @@ PROVIDER_DEVICES = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}  # --device 
 MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
 # models `camface export` turns into CAM graphs, by file suffix (named when one is loaded as a graph)
 SOURCE_MODELS = {".hdf5": "Keras", ".h5": "Keras", ".keras": "Keras", ".pt2": "PyTorch (torch.export)"}
-# sys.stdout and ONNX Runtime's default logger belong to the process: sessions made in several
-# threads at once (two pipelines loading, two methods' first calls) each swapped them and put
-# back what they found, which left sys.stdout a StringIO for good (every later print lost)
-_QUIET = threading.Lock()
 # a video given as the model (`camface.load("talk.mp4")`) was read whole into memory before
 # ONNX Runtime refused it: gigabytes for a long one
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
+
+
+class _Quiet:
+    """`with quiet(ort, provider):` sys.stdout swapped for a StringIO and, for a GPU provider,
+    ONNX Runtime's default logger set to fatal only, while a session is made. Both belong to the
+    process: the first thread in swaps them and the last one out puts them back. (Each thread
+    putting back what it found left sys.stdout a StringIO for good when two overlapped: two
+    pipelines loading, two methods' first calls; every later print was lost.) Threads still make
+    their sessions side by side: a TensorRT engine build takes minutes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._stdout: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self, ort: Any, provider: str) -> Iterator[None]:
+        with self._lock:
+            if not self._inside:
+                self._stdout, sys.stdout = sys.stdout, io.StringIO()
+            self._inside += 1
+            if provider != CPU:
+                ort.set_default_logger_severity(4)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if not self._inside:
+                    sys.stdout = self._stdout
+                    ort.set_default_logger_severity(2)
+
+
+_quiet = _Quiet()
 
 
 def _provider_options(provider: str, image_shape: str) -> dict:
@@ -149,7 +182,10 @@ class CamGraph:
 
         self.path, self._ort, self._model_bytes = path, ort, model_bytes
         self._by_method: dict[str, tuple] = {}  # method -> (session, its input names); see _session_for
-        self._making = threading.Lock()  # one session per method when threads call it first together
+        # method -> its lock: one session per method when threads call it first together, while
+        # other methods' sessions are made side by side (guarded by `_locks`)
+        self._making: dict[str, threading.Lock] = {}
+        self._locks = threading.Lock()
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3
         if threads:
@@ -174,14 +210,9 @@ class CamGraph:
         try:
             # A provider that cannot load prints to stdout and logs errors before ORT falls
             # back; the check after creation is what decides, so keep the noise away.
-            with _QUIET, contextlib.redirect_stdout(io.StringIO()):
-                if provider != CPU:
-                    self._ort.set_default_logger_severity(4)
-                try:
-                    return self._ort.InferenceSession(model_bytes or self._model_bytes, self._options,
-                                                      providers=providers)
-                finally:
-                    self._ort.set_default_logger_severity(2)
+            with _quiet(self._ort, provider):
+                return self._ort.InferenceSession(model_bytes or self._model_bytes, self._options,
+                                                  providers=providers)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             if provider != CPU:
                 raise
@@ -243,11 +274,13 @@ class CamGraph:
         outputs are asked for, so the whole graph would compute every heatmap of the registry
         on each call. Without the `onnx` package (it comes with camface's extras), or where
         pruning fails, the whole graph."""
-        with self._making:
+        with self._locks:
+            making = self._making.setdefault(method, threading.Lock())
+        with making:
             return self._by_method.get(method) or self._make_session(method)
 
     def _make_session(self, method: str):
-        """`_session_for`'s entry for `method`, made and kept (under `_making`)."""
+        """`_session_for`'s entry for `method`, made and kept (under its lock in `_making`)."""
         session = self._session
         try:
             outputs = self._outputs(method)
