@@ -359,6 +359,7 @@ class Pipeline:
 
     def _frames_of(self, opened, max_frames: int | None) -> Iterator[tuple[FrameResult, np.ndarray]]:
         import itertools
+        import sys
 
         from camface.realtime.carry import BoxCarrier, every_for
         from camface.realtime.controls import Controls
@@ -370,7 +371,9 @@ class Pipeline:
             still = bool(getattr(getattr(opened, "info", None), "still", False))  # a user's object may have no info
             carrier = BoxCarrier(detector, every_for(self.config.detect_every, still, self.config.detect_workers))
             passes = getattr(opened, "passes", 0)  # a LoopingSource's passes, a LiveSource's reconnections
-            for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
+            # beyond sys.maxsize (more than any source holds): every frame; islice raised a ValueError
+            stop = None if max_frames is None or max_frames > sys.maxsize else int(max_frames)
+            for index, frame in enumerate(itertools.islice(opened, stop)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates
                 frame = check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
                 now = getattr(opened, "passes", 0)

@@ -508,6 +508,15 @@ def test_process_video_takes_a_source_object_without_info(cam, two_faces):
     assert [r.index for r in results] == [0, 1] and all(len(r.faces) == 2 for r in results)
 
 
+@pytest.mark.parametrize("where", ["load", "process_video"])
+def test_a_max_frames_beyond_any_source_reads_every_frame(clip, where):
+    """max_frames=2**63 and beyond (a 'no limit' number) was islice's ValueError at the first frame."""
+    huge = 2 ** 64
+    with camface.load(device="cpu", **({"max_frames": huge} if where == "load" else {})) as pipeline:
+        frames = pipeline.process_video(clip, **({"max_frames": huge} if where == "process_video" else {}))
+        assert [result.index for result, _ in frames] == list(range(8))
+
+
 @pytest.mark.parametrize("max_frames", [np.int64(2), np.uint8(2)])
 def test_process_video_takes_a_numpy_integer_max_frames(cam, two_faces, max_frames):
     """A count computed with numpy (np.int64) was refused as 'max_frames must be an integer',
