@@ -1066,6 +1066,17 @@ def test_a_video_given_as_the_model_is_said_to_be_a_source(tmp_path, monkeypatch
         camface.load(clip, device="cpu")
 
 
+@pytest.mark.parametrize("name", ["talk.mp4\n", " talk.mp4", "a\x00b"])
+def test_a_path_not_found_with_a_newline_or_space_shows_it_on_one_line(cam, name):
+    """A path read from a list kept its newline: 'source not found: talk.mp4' and the rest of the
+    message on a second line, the newline unseen. The path is shown quoted, escapes and all."""
+    for call, said in [(lambda: cam.process_video(name), "source not found: "),
+                       (lambda: camface.load(name, device="cpu"), "CAM graph not found: ")]:
+        with pytest.raises(CamfaceError, match=re.escape(said + repr(name))) as caught:
+            call()
+        assert "\n" not in str(caught.value) and "\x00" not in str(caught.value)
+
+
 @pytest.mark.parametrize("unreadable, message", [
     (False, "{path} is empty \\(0 bytes\\), not a CAM graph$"),  # was ONNX Runtime's 'No graph was found in the protobuf'
     (True, "^cannot read CAM graph {path}: Permission denied$"),  # was a PermissionError traceback
