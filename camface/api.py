@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from camface.errors import UsageError
-from camface.realtime.config import LiveConfig, check
+from camface.realtime.config import LiveConfig, check, option
 from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
@@ -101,7 +101,9 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
     graph) with `config` (default: `LiveConfig()`) changed by `options`, any LiveConfig field a
     pipeline uses: method, device ("auto", "cpu", "cuda", "tensorrt"), detector, min_confidence,
     max_faces, margin, smooth, colormap, alpha, graph_threads, max_frames, detect_every, ...
-    (not `camface live`'s own, LIVE_ONLY: UsageError).
+    (not `camface live`'s own, LIVE_ONLY: UsageError; nor a `config` with one of them changed
+    from its default, which the pipeline would ignore, unless `cli`). A numpy scalar is taken as the Python
+    value it holds (`max_faces=np.int64(3)` is 3, `cam_boxes=np.True_` is True).
 
     timer: a StageTimer that gets the `crop` and `classify` stages (front ends that time them).
     cli: messages name options as the command line's flags (`--method auto`), for camface's own
@@ -120,13 +122,20 @@ def load(model: str | os.PathLike[str] | None = None, *, config: LiveConfig | No
         raise UsageError(f"config must be a LiveConfig (or None; options go as keywords), got {type(config).__name__}")
     if timer is not None and not (callable(getattr(timer, "add", None)) and callable(getattr(timer, "stage", None))):
         raise UsageError(f"timer must be a camface.realtime.timing.StageTimer (or None), got {type(timer).__name__}")
+    # numpy scalars (np.int64(2), np.True_ from a comparison) as the Python numbers they hold:
+    # detect_every=np.int64(2) and cam_boxes=np.True_ were refused, and accepted ones stayed numpy
+    options = {name: value.item() if isinstance(value, np.generic) else value for name, value in options.items()}
     fields = {f.name for f in dataclasses.fields(LiveConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise UsageError(f"unknown option {', '.join(unknown)}; LiveConfig has {', '.join(sorted(fields))}")
-    unused = [name for name in LIVE_ONLY if name in options]
+    unused = [f"option {name}" for name in LIVE_ONLY if name in options]
+    if config is not None and not cli:  # the front ends' configs hold live's own fields: they read them
+        default = LiveConfig()
+        unused += [f"config's {option(name, getattr(config, name), api=True)}" for name in LIVE_ONLY
+                   if name not in options and getattr(config, name) != getattr(default, name)]
     if unused:
-        raise UsageError(f"option {', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
+        raise UsageError(f"{', '.join(unused)} is `camface live`'s (its source, window, recording, snapshots, "
                          "pacing): a pipeline does not use it; give process_video the source, and write "
                          "`annotate`'s pictures yourself (cv2.VideoWriter, cv2.imwrite)")
     config = config or LiveConfig()
@@ -180,6 +189,13 @@ class Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle and copy refuse: a pickled pipeline was ONNX Runtime's 'cannot pickle
+        InferenceSession', and a copy shared the original's detector, so closing the copy closed
+        it under the original (a RuntimeError traceback at its next frame)."""
+        raise TypeError("a camface Pipeline cannot be pickled or copied (it holds ONNX Runtime sessions and a "
+                        "face detector): call camface.load() in each process or thread that needs one")
 
     def close(self) -> None:
         """Close the face detector and release the graph's sessions (idempotent); waits for an
@@ -268,7 +284,7 @@ class Pipeline:
         """
         from camface.realtime.controls import Controls
 
-        frame = _check_frame(frame)
+        frame = check_frame(frame)
         if explained_class is not None:
             explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
         controls = Controls(method=self._heatmap(method),
@@ -285,8 +301,11 @@ class Pipeline:
         self._check_open()
         if not isinstance(result, FrameResult):
             raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
-        picture = _check_frame(frame).copy()
+        picture = check_frame(frame).copy()
         height, width = picture.shape[:2]
+        for i, face in enumerate(result.faces):
+            if (why := _unfit(face, result.predictions[i] if result.predictions else None)) is not None:
+                raise UsageError(f"result's face {i} cannot be drawn: {why}")  # a FrameResult built by hand
         outside = [face.box for face in result.faces if face.box[0] < 0 or face.box[1] < 0
                    or face.box[0] + face.box[2] > width or face.box[1] + face.box[3] > height]
         if outside:  # a result of another frame: its overlay was drawn cut off, or not at all
@@ -340,6 +359,7 @@ class Pipeline:
 
     def _frames_of(self, opened, max_frames: int | None) -> Iterator[tuple[FrameResult, np.ndarray]]:
         import itertools
+        import sys
 
         from camface.realtime.carry import BoxCarrier, every_for
         from camface.realtime.controls import Controls
@@ -351,9 +371,11 @@ class Pipeline:
             still = bool(getattr(getattr(opened, "info", None), "still", False))  # a user's object may have no info
             carrier = BoxCarrier(detector, every_for(self.config.detect_every, still, self.config.detect_workers))
             passes = getattr(opened, "passes", 0)  # a LoopingSource's passes, a LiveSource's reconnections
-            for index, frame in enumerate(itertools.islice(opened, max_frames)):  # no frame read beyond
+            # beyond sys.maxsize (more than any source holds): every frame; islice raised a ValueError
+            stop = None if max_frames is None or max_frames > sys.maxsize else int(max_frames)
+            for index, frame in enumerate(itertools.islice(opened, stop)):  # no frame read beyond
                 self._check_open()  # closed while the caller iterates
-                frame = _check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
+                frame = check_frame(frame, f"frame {index} of {type(opened).__name__}")  # a user's source object
                 now = getattr(opened, "passes", 0)
                 cut, passes = now != passes, now  # a new pass or reconnection: detected and smoothed afresh, as live does
                 yield explainer.explain(frame, carrier.detect(frame, index, cut), controls, index, cut=cut).result, frame
@@ -373,9 +395,11 @@ class Pipeline:
         expected = (*info.input_size, info.channels)
         if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8 or crops.ndim != 4 \
                 or crops.shape[1:] != expected:
-            shape = getattr(crops, "shape", None)
+            got = (f"{crops.dtype} {crops.shape}" if isinstance(crops, np.ndarray) else  # not 'list None'
+                   f"{type(crops).__name__} (a numpy array: np.stack(crops))" if isinstance(crops, (list, tuple))
+                   else type(crops).__name__)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
-                             f"({info.color_order}), got {getattr(crops, 'dtype', type(crops).__name__)} {shape}")
+                             f"({info.color_order}), got {got}")
         method = self._heatmap(method)
         wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))
@@ -388,6 +412,36 @@ class Pipeline:
                                 saturated=bool(heatmaps[i].size)
                                 and is_saturated(similarity[i], explained[i], info.saturated_below))
                      for i in range(len(crops)))
+
+
+def _unfit(face: Any, prediction: Any) -> str | None:
+    """What keeps the renderer from drawing a hand-built face and its prediction (None: a face
+    without one), as a phrase (it raised an IndexError, a numpy ValueError or TypeError), or None: box and crop_box 4 integers, a
+    heatmap (when there is one) that spans a crop square holding the box, probs finite [classes]
+    and predicted / explained classes among them. `explain`'s results always fit."""
+    import numbers
+
+    boxes = (face.box, face.crop_box)
+    if not all(isinstance(box, (tuple, list)) and len(box) == 4 and all(isinstance(v, numbers.Integral) for v in box)
+               for box in boxes):
+        return f"box {face.box} and crop_box {face.crop_box} must be 4 integers (x, y, w, h)"
+    if face.box[2] < 1 or face.box[3] < 1:
+        return f"box {face.box} is empty"
+    if prediction is None:  # a face with no prediction: only its box is drawn
+        return None
+    heatmap, probs = prediction.heatmap, prediction.probs
+    if not isinstance(heatmap, np.ndarray) or heatmap.ndim != 2:
+        return f"heatmap must be a 2-D numpy array, got {type(heatmap).__name__} {np.shape(heatmap)}"
+    (x, y, w, h), (cx, cy, side, _) = boxes
+    if heatmap.size and not (side >= 1 and cx <= x and cy <= y and x + w <= cx + side and y + h <= cy + side):
+        return f"its heatmap spans crop_box {face.crop_box}, which must be a square holding box {face.box}"
+    if not isinstance(probs, np.ndarray) or probs.ndim != 1 or not np.isfinite(probs).all():
+        return f"probs must be finite numbers, one per class, got {np.shape(probs)}"
+    for name in ("predicted", "explained"):
+        value = getattr(prediction, name)
+        if not isinstance(value, numbers.Integral) or not 0 <= int(value) < len(probs):
+            return f"{name} {value!r} is not a class index 0..{len(probs) - 1}"
+    return None
 
 
 def _method(method: Any, default: str) -> str:
@@ -425,9 +479,10 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
     return indices
 
 
-def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
+def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
     """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
-    naming it as `name`."""
+    naming it as `name`: the pipeline's verbs and both face detectors (`face_detector`) check
+    their frames with it."""
     if not isinstance(frame, np.ndarray):
         if isinstance(frame, (str, os.PathLike)):
             how = " (a path: read it with cv2.imread, or give it to process_video)"
@@ -451,6 +506,8 @@ def _check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
             how = " (grayscale: cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
         elif frame.ndim == 3 and frame.shape[2] == 4:
             how = " (with alpha: cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), or COLOR_RGBA2BGR for RGBA)"
+        elif frame.ndim == 3 and frame.shape[0] == 3:  # [3, H, W], as torchvision and PIL-to-tensor give
+            how = " (channels first: np.ascontiguousarray(frame.transpose(1, 2, 0)), BGR)"
         elif frame.ndim == 4:
             how = " (one frame per call; explain_crops takes a batch of face crops)"
         else:

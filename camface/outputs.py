@@ -398,6 +398,14 @@ def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
             raise OutputError(f"{what + ' ' if what else ''}{output} is an input ({given}); write it elsewhere")
 
 
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as a one-line message shows it: as it is, or quoted with escapes when it holds a
+    control character or ends in whitespace (a line read from a list kept its newline: the
+    message broke in two and the newline could not be seen)."""
+    text = os.fspath(path)
+    return text if text.isprintable() and text == text.strip() else repr(text)
+
+
 def check_model_file(path: Path, what: str = "model file") -> None:
     """ModelError naming `path` when it is not a file: a folder, nothing there (a dangling link
     too), or something that is not a regular file (a pipe, a device: said "not found", or a read
@@ -408,4 +416,4 @@ def check_model_file(path: Path, what: str = "model file") -> None:
         article = "an" if what[0] in "AEIOU" else "a"
         raise ModelError(f"{path} is a folder, not {article} {what}" if path.is_dir() else
                          f"{path} is not a regular file (a pipe, a device or a socket), not {article} {what}"
-                         if path.exists() else f"{what} not found: {path}")
+                         if path.exists() else f"{what} not found: {shown(path)}")

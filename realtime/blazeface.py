@@ -32,7 +32,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from camface.errors import ModelError
+from camface.api import check_frame
+from camface.errors import ModelError, UsageError
 from camface.realtime.results import Face
 
 SCORE_CLIP = 100.0  # TensorsToDetectionsCalculatorOptions.score_clipping_thresh
@@ -204,9 +205,12 @@ class OnnxFaceDetector:
 
     def detect(self, frame: np.ndarray) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3]), boxes in pixels clipped to the frame,
-        largest first. Boxes entirely outside the frame are dropped."""
+        largest first. Boxes entirely outside the frame are dropped. UsageError for another
+        frame (a float, gray or BGRA image, a list: `camface.api.check_frame`) or when used
+        outside its `with` block."""
         if self._session is None:
-            raise RuntimeError("OnnxFaceDetector used outside its `with` block (or after close())")
+            raise UsageError("OnnxFaceDetector used outside its `with` block (or after close())")
+        frame = check_frame(frame)  # a float frame in [0, 1] found no face, an empty one raised inside OpenCV
         height, width = frame.shape[:2]
         size = self._spec.input_size
         tensor, x0, y0, side = letterbox(frame, size)

@@ -150,7 +150,7 @@ def check(values: dict, *, api: bool = False) -> None:
         (v.snapshot_every >= 0, f"{name('snapshot_every')} must be >= 0, got {v.snapshot_every}"),
         (0 <= v.detect_workers <= MAX_DETECT_WORKERS,
          f"{name('detect_workers')} must be 0 (auto) .. {MAX_DETECT_WORKERS}, got {v.detect_workers}"),
-        (v.detect_every == "auto" or (isinstance(v.detect_every, int) and v.detect_every >= 1),
+        (v.detect_every == "auto" or (not isinstance(v.detect_every, str) and v.detect_every >= 1),  # np.int64 too
          f"{name('detect_every')} must be auto or an integer >= 1, got {v.detect_every!r}"),
         (v.detect_every in ("auto", 1) or v.detect_workers <= 1,
          f"{name('detect_workers')} above 1 needs {name('detect_every', 1)} (carried boxes follow the frames "

@@ -23,7 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from camface.errors import ModelError
+from camface.api import check_frame
+from camface.errors import ModelError, UsageError
 from camface.native import quiet_native_stderr
 from camface.realtime.results import Face
 
@@ -109,9 +110,12 @@ class FaceDetector:
 
     def detect(self, frame: np.ndarray) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3]), boxes in pixels clipped to the frame,
-        largest first. Boxes entirely outside the frame are dropped."""
+        largest first. Boxes entirely outside the frame are dropped. UsageError for another
+        frame (a float, gray or BGRA image, a list: `camface.api.check_frame`) or when used
+        outside its `with` block."""
         if self._detector is None:
-            raise RuntimeError("FaceDetector used outside its `with` block (or after close())")
+            raise UsageError("FaceDetector used outside its `with` block (or after close())")
+        frame = check_frame(frame)  # a float frame in [0, 1] found no face, an empty one raised inside OpenCV
         height, width = frame.shape[:2]
         rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=rgb)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +36,43 @@ PROVIDER_DEVICES = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}  # --device 
 MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
 # models `camface export` turns into CAM graphs, by file suffix (named when one is loaded as a graph)
 SOURCE_MODELS = {".hdf5": "Keras", ".h5": "Keras", ".keras": "Keras", ".pt2": "PyTorch (torch.export)"}
+# a video given as the model (`camface.load("talk.mp4")`) was read whole into memory before
+# ONNX Runtime refused it: gigabytes for a long one
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
+
+
+class _Quiet:
+    """`with quiet(ort, provider):` sys.stdout swapped for a StringIO and, for a GPU provider,
+    ONNX Runtime's default logger set to fatal only, while a session is made. Both belong to the
+    process: the first thread in swaps them and the last one out puts them back. (Each thread
+    putting back what it found left sys.stdout a StringIO for good when two overlapped: two
+    pipelines loading, two methods' first calls; every later print was lost.) Threads still make
+    their sessions side by side: a TensorRT engine build takes minutes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._stdout: Any = None
+
+    @contextlib.contextmanager
+    def __call__(self, ort: Any, provider: str) -> Iterator[None]:
+        with self._lock:
+            if not self._inside:
+                self._stdout, sys.stdout = sys.stdout, io.StringIO()
+            self._inside += 1
+            if provider != CPU:
+                ort.set_default_logger_severity(4)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if not self._inside:
+                    sys.stdout = self._stdout
+                    ort.set_default_logger_severity(2)
+
+
+_quiet = _Quiet()
 
 
 def _provider_options(provider: str, image_shape: str) -> dict:
@@ -110,7 +151,16 @@ class CamGraph:
 
         path = Path(path)
         check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
-        self._load(path.read_bytes(), path, device, threads)
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            raise ModelError(f"{path} is a video, not a CAM graph (.onnx): a video is a source "
+                             "(`process_video`, --source)")
+        try:
+            model_bytes = path.read_bytes()
+        except OSError as exc:  # no read permission: was a PermissionError traceback
+            raise ModelError(f"cannot read CAM graph {path}: {exc.strerror or exc}") from exc
+        if not model_bytes:  # ONNX Runtime's word for it: 'No graph was found in the protobuf'
+            raise ModelError(f"{path} is empty (0 bytes), not a CAM graph")
+        self._load(model_bytes, path, device, threads)
 
     @classmethod
     def from_bytes(cls, model: bytes, name: str | Path = "<memory>", device: str = "auto",
@@ -132,6 +182,10 @@ class CamGraph:
 
         self.path, self._ort, self._model_bytes = path, ort, model_bytes
         self._by_method: dict[str, tuple] = {}  # method -> (session, its input names); see _session_for
+        # method -> its lock: one session per method when threads call it first together, while
+        # other methods' sessions are made side by side (guarded by `_locks`)
+        self._making: dict[str, threading.Lock] = {}
+        self._locks = threading.Lock()
         self._options = ort.SessionOptions()
         self._options.log_severity_level = 3
         if threads:
@@ -156,14 +210,9 @@ class CamGraph:
         try:
             # A provider that cannot load prints to stdout and logs errors before ORT falls
             # back; the check after creation is what decides, so keep the noise away.
-            with contextlib.redirect_stdout(io.StringIO()):
-                if provider != CPU:
-                    self._ort.set_default_logger_severity(4)
-                try:
-                    return self._ort.InferenceSession(model_bytes or self._model_bytes, self._options,
-                                                      providers=providers)
-                finally:
-                    self._ort.set_default_logger_severity(2)
+            with _quiet(self._ort, provider):
+                return self._ort.InferenceSession(model_bytes or self._model_bytes, self._options,
+                                                  providers=providers)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             if provider != CPU:
                 raise
@@ -172,6 +221,9 @@ class CamGraph:
             if kind:  # the classifier itself, not its CAM graph (the bundled .hdf5 sits beside the .onnx)
                 raise ModelError(f"{self.path} is a {kind} model, not a CAM graph: make one with "
                                  f"`camface export {self.path} -o model.onnx`") from exc
+            if "INVALID_PROTOBUF" in first_line:  # a text file, an image, a TFLite model named .onnx
+                raise ModelError(f"{self.path} is not an ONNX model (ONNX Runtime cannot parse it): a CAM graph "
+                                 "is the .onnx that `camface export` writes") from exc
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:
@@ -222,21 +274,26 @@ class CamGraph:
         outputs are asked for, so the whole graph would compute every heatmap of the registry
         on each call. Without the `onnx` package (it comes with camface's extras), or where
         pruning fails, the whole graph."""
-        entry = self._by_method.get(method)
-        if entry is None:
-            session = self._session
-            try:
-                outputs = self._outputs(method)
-                height, width = self.info.input_size
-                pruned = self._create(self.provider, f"{height}x{width}x{self.info.channels}",
-                                      prune(self._model_bytes, outputs))
-                if pruned.get_providers()[0] == self.provider:
-                    session = pruned
-            except ImportError:
-                log.debug("no `onnx` package: every call computes every heatmap of %s", self.path.name)
-            except Exception as exc:  # a graph onnx.utils cannot cut: run it whole
-                log.debug("cannot prune %s to %s (%s): running it whole", self.path.name, method, exc)
-            entry = self._by_method[method] = (session, tuple(i.name for i in session.get_inputs()))
+        with self._locks:
+            making = self._making.setdefault(method, threading.Lock())
+        with making:
+            return self._by_method.get(method) or self._make_session(method)
+
+    def _make_session(self, method: str):
+        """`_session_for`'s entry for `method`, made and kept (under its lock in `_making`)."""
+        session = self._session
+        try:
+            outputs = self._outputs(method)
+            height, width = self.info.input_size
+            pruned = self._create(self.provider, f"{height}x{width}x{self.info.channels}",
+                                  prune(self._model_bytes, outputs))
+            if pruned.get_providers()[0] == self.provider:
+                session = pruned
+        except ImportError:
+            log.debug("no `onnx` package: every call computes every heatmap of %s", self.path.name)
+        except Exception as exc:  # a graph onnx.utils cannot cut: run it whole
+            log.debug("cannot prune %s to %s (%s): running it whole", self.path.name, method, exc)
+        entry = self._by_method[method] = (session, tuple(i.name for i in session.get_inputs()))
         return entry
 
     def _outputs(self, method: str) -> tuple[str, ...]:

@@ -563,7 +563,9 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
         camera = re.fullmatch(r"/dev/video([0-9]+)", os.path.realpath(spec))
         hint = f"this camera is {option('source', int(camera.group(1)), api=api)}" if camera else "a camera is given by its index: 0, 1, ..."
         raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a pipe); {hint}")
-    raise SourceError(f"source not found: {spec} (expected a camera index, a video file, "
+    from camface.outputs import shown
+
+    raise SourceError(f"source not found: {shown(spec)} (expected a camera index, a video file, "
                       "a folder of images, a stream URL or 'sample')")
 
 

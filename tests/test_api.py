@@ -258,6 +258,10 @@ def test_a_bad_frame_is_a_clear_error(cam, frame, message):
 def test_bad_crops_and_classes_are_clear_errors(cam):
     with pytest.raises(UsageError, match=r"crops must be uint8 \[N, 64, 64, 1\] \(GRAY\), got uint8 \(2, 64, 64, 3\)"):
         cam.explain_crops(np.zeros((2, 64, 64, 3), np.uint8))
+    for bad, got in [([np.zeros((64, 64, 1), np.uint8)], r"list \(a numpy array: np.stack\(crops\)\)$"),
+                     (None, "NoneType$")]:  # were 'got list None', 'got NoneType None'
+        with pytest.raises(UsageError, match=r"crops must be uint8 \[N, 64, 64, 1\] \(GRAY\), got " + got):
+            cam.explain_crops(bad)
     with pytest.raises(UsageError, match="class_index 7 out of range 0..6"):
         cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), class_index=7)
     with pytest.raises(UsageError, match="explained_class 9 out of range"):
@@ -504,6 +508,15 @@ def test_process_video_takes_a_source_object_without_info(cam, two_faces):
     assert [r.index for r in results] == [0, 1] and all(len(r.faces) == 2 for r in results)
 
 
+@pytest.mark.parametrize("where", ["load", "process_video"])
+def test_a_max_frames_beyond_any_source_reads_every_frame(clip, where):
+    """max_frames=2**63 and beyond (a 'no limit' number) was islice's ValueError at the first frame."""
+    huge = 2 ** 64
+    with camface.load(device="cpu", **({"max_frames": huge} if where == "load" else {})) as pipeline:
+        frames = pipeline.process_video(clip, **({"max_frames": huge} if where == "process_video" else {}))
+        assert [result.index for result, _ in frames] == list(range(8))
+
+
 @pytest.mark.parametrize("max_frames", [np.int64(2), np.uint8(2)])
 def test_process_video_takes_a_numpy_integer_max_frames(cam, two_faces, max_frames):
     """A count computed with numpy (np.int64) was refused as 'max_frames must be an integer',
@@ -555,11 +568,40 @@ def test_bad_load_arguments_are_clear_errors(call, error, message):
     assert isinstance(caught.value, CamfaceError)
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("detect_every", np.int64(2), 2),  # was refused: 'must be auto or an integer >= 1, got np.int64(2)'
+    ("cam_boxes", np.True_, True),  # was refused: 'must be True or False, got np.True_ (bool)'
+    ("max_frames", np.int64(5), 5), ("margin", np.float32(0.25), 0.25), ("method", np.str_("hirescam"), "hirescam"),
+])
+def test_numpy_scalars_are_taken_as_the_python_values_they_hold(two_faces, option, value, expected):
+    with camface.load(device="cpu", **{option: value}) as pipeline:
+        assert getattr(pipeline.config, option) == expected
+        assert type(getattr(pipeline.config, option)) is type(expected)  # JSON-ready, as a Python value
+        assert len(pipeline.explain(two_faces).faces) == 2
+    assert camface.LiveConfig(detect_every=np.int64(3)).detect_every == 3  # a config built in code too
+
+
 def test_a_closed_pipeline_says_so(two_faces):
     with camface.load(device="cpu") as closed:
         closed.explain(two_faces)
     with pytest.raises(UsageError, match="closed"):
         closed.explain(two_faces)
+
+
+@pytest.mark.parametrize("how", ["pickle", "copy", "deepcopy"])
+def test_a_pipeline_is_not_pickled_or_copied(two_faces, how):
+    """Pickling was ONNX Runtime's 'cannot pickle InferenceSession'; copy.copy shared the
+    detector, and closing the copy closed it under the original (RuntimeError at its next frame)."""
+    import copy
+    import pickle
+
+    call = {"pickle": pickle.dumps, "copy": copy.copy, "deepcopy": copy.deepcopy}[how]
+    with camface.load(device="cpu") as pipeline:
+        pipeline.explain(two_faces)
+        with pytest.raises(TypeError, match=r"^a camface Pipeline cannot be pickled or copied .*camface.load\(\) in "
+                                            "each process or thread"):
+            call(pipeline)
+        assert len(pipeline.explain(two_faces).faces) == 2  # still open, its detector too
 
 
 # Run in a fresh process: what other tests left loaded (TensorFlow's allocators and thread pools)
@@ -674,6 +716,45 @@ def test_explain_from_two_threads_is_one_stream(two_faces):
     assert all(len(result.faces) == 2 for result in results)
 
 
+def test_methods_first_called_from_threads_at_once_leave_stdout_alone(cam, monkeypatch):
+    """Each method's session is made on its first call, with stdout redirected around it: two
+    threads making theirs at once each put back what they found, and sys.stdout stayed a
+    StringIO (every later print lost, the process looked dead). Their maps are the single
+    thread's, and each method's session is made once."""
+    import sys
+    import threading
+    import time
+
+    import onnxruntime
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 1), np.uint8)
+    methods = ("gradcam", "layercam", "xgradcam")
+    expected = {method: cam.explain_crops(crops, method=method) for method in methods}
+    made, session = [], onnxruntime.InferenceSession
+
+    def slow_session(*args, **kwargs):  # widens the window in which stdout is redirected
+        made.append(threading.get_ident())
+        time.sleep(0.2)
+        return session(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", slow_session)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # put back after the test, should it fail
+    before, results = sys.stdout, {}
+    with camface.load(device="cpu", method="hirescam") as fresh:
+        made.clear()  # its loading's sessions
+        threads = [threading.Thread(target=lambda m=method: results.setdefault(m, fresh.explain_crops(crops, method=m)))
+                   for method in methods * 2]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sys.stdout is before
+    assert len(made) == len(methods)  # one session per method, not one per thread
+    for method in methods:
+        for want, got in zip(expected[method], results[method]):
+            np.testing.assert_allclose(got.heatmap, want.heatmap, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("input_size", "[48, 48]", r"its 'image' input is \[N, 64, 64, 1\] but its metadata says \[N, 48, 48, 1\]"),
     ("color_order", "RGB", r"'image' input is \[N, 64, 64, 1\] but .* \[N, 64, 64, 3\] .*color_order RGB"),
@@ -737,6 +818,42 @@ def test_annotate_refuses_a_result_of_another_frame(cam, two_faces):
     assert cam.annotate(two_faces[:, :900], result).shape == (512, 900, 3)
 
 
+def _hand_built(face=None, **prediction):
+    """A FrameResult of one face built by hand: a 50-pixel box at (10, 10), its crop square,
+    uniform probabilities over the 7 emotions and a 4x4 heatmap, with `face` / `prediction`'s
+    fields in their place."""
+    from camface import Face, FrameResult, Prediction
+
+    fields = dict(probs=np.full(7, 1 / 7, np.float32), heatmap=np.eye(4, dtype=np.float32), predicted=3,
+                  explained=3, method="gradcam") | prediction
+    return FrameResult(index=0, faces=(face or Face(box=(10, 10, 50, 50), score=0.9, crop_box=(5, 5, 60, 60)),),
+                       predictions=(Prediction(**fields),), labels=EMOTIONS)
+
+
+@pytest.mark.parametrize("result, message", [
+    # each was a numpy or OpenCV error from inside the renderer
+    (dict(face=camface.Face(box=(10, 10, 50, 50), score=0.9)),  # crop_box left at (0, 0, 0, 0)
+     r"its heatmap spans crop_box \(0, 0, 0, 0\), which must be a square holding box \(10, 10, 50, 50\)"),
+    (dict(predicted=99), r"predicted 99 is not a class index 0..6"),
+    (dict(explained=-5), r"explained -5 is not a class index 0..6"),
+    (dict(probs=np.full(2, 0.5, np.float32)), r"predicted 3 is not a class index 0..1"),
+    (dict(probs=np.full(7, np.nan, np.float32)), r"probs must be finite numbers, one per class"),
+    (dict(heatmap=[[0.1, 0.2], [0.3, 0.4]]), r"heatmap must be a 2-D numpy array, got list \(2, 2\)"),
+    (dict(face=camface.Face(box=(10.5, 10, 50, 50), score=0.9, crop_box=(5, 5, 60, 60))),
+     r"box \(10.5, 10, 50, 50\) and crop_box \(5, 5, 60, 60\) must be 4 integers"),
+], ids=["no crop_box", "predicted", "explained", "few probs", "nan probs", "list heatmap", "float box"])
+def test_annotate_names_what_keeps_a_hand_built_result_from_being_drawn(cam, two_faces, result, message):
+    with pytest.raises(UsageError, match="^result's face 0 cannot be drawn: " + message):
+        cam.annotate(two_faces, _hand_built(**result))
+
+
+def test_annotate_draws_a_hand_built_result_that_fits(cam, two_faces):
+    """The check refuses no result that fits: the heatmap is drawn inside the box, nothing far from it."""
+    picture = cam.annotate(two_faces, _hand_built())
+    assert (picture[15:55, 15:55] != two_faces[15:55, 15:55]).any(axis=2).mean() > 0.5
+    assert np.array_equal(picture[100:], two_faces[100:]) and np.array_equal(picture[:, 100:], two_faces[:, 100:])
+
+
 @pytest.mark.parametrize("dtype, hint", [(np.uint16, "divide by 257"), (np.float64, "scale floats in"),
                                          (np.int64, "scale to 0..255"), (bool, "scale to 0..255")])
 def test_a_frame_of_another_dtype_says_how_to_convert_it(cam, dtype, hint):
@@ -789,6 +906,19 @@ def test_options_only_camface_live_reads_are_refused_not_ignored(option, value):
     assert option in LIVE_ONLY and set(LIVE_ONLY) <= {f.name for f in dataclasses.fields(camface.LiveConfig)}
     with pytest.raises(UsageError, match=f"option {option} is `camface live`'s .* a pipeline does not use it"):
         camface.load(device="cpu", **{option: value})
+    # in a LiveConfig too: it was accepted without a word, and the pipeline ignored it
+    with pytest.raises(UsageError, match=f"^config's {option}={re.escape(repr(value))} is `camface live`'s .* "
+                                         "a pipeline does not use it"):
+        camface.load(device="cpu", config=camface.LiveConfig(**{option: value}))
+
+
+def test_a_config_of_live_s_defaults_and_the_front_ends_configs_are_taken():
+    """Only a changed live-only field is refused: a config built with other fields, and a front
+    end's config (cli=True: `camface live` reads its source and recording itself), load."""
+    with camface.load(config=camface.LiveConfig(max_faces=2, alpha=0.3), device="cpu") as pipeline:
+        assert (pipeline.config.max_faces, pipeline.config.alpha) == (2, 0.3)
+    with camface.load(config=camface.LiveConfig(source="talk.mp4", record="out.mp4"), device="cpu", cli=True) as live:
+        assert live.config.record == "out.mp4"
 
 
 def test_what_is_computed_from_a_picture_is_not_shown_as_one():
@@ -857,6 +987,7 @@ def test_close_waits_for_an_explain_in_another_thread(two_faces):
     (np.zeros((64, 64, 1), np.uint8), "grayscale: cv2.cvtColor"),
     (np.zeros((64, 64, 4), np.uint8), r"with alpha: cv2.cvtColor\(frame, cv2.COLOR_BGRA2BGR\)"),
     (np.zeros((2, 64, 64, 3), np.uint8), "one frame per call; explain_crops takes a batch"),
+    (np.zeros((3, 64, 48), np.uint8), r"got shape \(3, 64, 48\) \(channels first: np.ascontiguousarray\(frame.transpose"),
     ("photo.jpg", "got str .a path: read it with cv2.imread, or give it to process_video"),
     (Path("photo.jpg"), r"got \w*Path .a path"),
     ([np.zeros((64, 64, 3), np.uint8)] * 2, "got list .one frame per call, as a numpy array"),
@@ -865,6 +996,26 @@ def test_a_frame_in_another_form_says_how_to_convert_it(cam, frame, hint):
     """Grayscale, RGBA, a batch, a path: the error says which conversion gives a BGR frame."""
     with pytest.raises(UsageError, match=hint):
         cam.explain(frame)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "mediapipe"])
+def test_the_pipelines_face_detector_checks_its_frames(astronaut_bgr, runtime):
+    """`Pipeline.face_detector()` hands out a detector whose `detect` took any array: a float
+    frame in [0, 1] found no face without a word on ONNX (ValueError inside MediaPipe), an empty
+    frame was a ZeroDivisionError or an OpenCV assertion, a list an AttributeError; used outside
+    its `with` block it raised a RuntimeError."""
+    with camface.load(device="cpu", detector_runtime=runtime) as pipeline:
+        detector = pipeline.face_detector()
+        with pytest.raises(UsageError, match="FaceDetector used outside its `with` block"):
+            detector.detect(astronaut_bgr)
+        with detector:
+            assert len(detector.detect(astronaut_bgr[:, ::-1])) == 1  # a view is fine
+            for frame, message in [(astronaut_bgr.astype(np.float32) / 255, "got dtype float32 .scale floats"),
+                                   (np.zeros((0, 0, 3), np.uint8), r"got shape \(0, 0, 3\)"),
+                                   (astronaut_bgr[:, :, 0], "grayscale: cv2.cvtColor"),
+                                   (astronaut_bgr.tolist(), "must be a numpy array, uint8 BGR .* got list")]:
+                with pytest.raises(UsageError, match=message):
+                    detector.detect(frame)
 
 
 def test_a_pil_image_says_how_to_convert_it(cam):
@@ -888,6 +1039,58 @@ def test_a_graph_with_a_fixed_batch_is_a_clear_error(tmp_path):
     onnx.save(model, str(fixed))
     with pytest.raises(ModelError, match=f"{fixed}: its 'image' input has a fixed batch of 1; a CAM graph takes any batch"):
         camface.load(fixed, device="cpu")
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()],
+                         ids=["text", "png"])
+def test_a_file_that_is_no_onnx_model_is_said_to_be_one(tmp_path, content):
+    """A text file or a PNG named .onnx was ONNX Runtime's '[ONNXRuntimeError] : 7 :
+    INVALID_PROTOBUF : Failed to load model because protobuf parsing failed.'"""
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is not an ONNX model .ONNX Runtime cannot parse "
+                                         "it.: a CAM graph is the .onnx that `camface export` writes$"):
+        camface.load(path, device="cpu")
+
+
+def test_a_video_given_as_the_model_is_said_to_be_a_source(tmp_path, monkeypatch, clip):
+    """`camface.load("talk.mp4")` (the video where the model goes) read the whole file into
+    memory before ONNX Runtime refused it as 'INVALID_PROTOBUF': gigabytes for a long video.
+    It is refused by its name, unread."""
+    def unread(self):
+        raise AssertionError(f"{self} was read")
+
+    monkeypatch.setattr(Path, "read_bytes", unread)
+    with pytest.raises(ModelError, match=f"^{re.escape(str(clip))} is a video, not a CAM graph .*a video is a source "
+                                         r"\(`process_video`, --source\)$"):
+        camface.load(clip, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["talk.mp4\n", " talk.mp4", "a\x00b"])
+def test_a_path_not_found_with_a_newline_or_space_shows_it_on_one_line(cam, name):
+    """A path read from a list kept its newline: 'source not found: talk.mp4' and the rest of the
+    message on a second line, the newline unseen. The path is shown quoted, escapes and all."""
+    for call, said in [(lambda: cam.process_video(name), "source not found: "),
+                       (lambda: camface.load(name, device="cpu"), "CAM graph not found: ")]:
+        with pytest.raises(CamfaceError, match=re.escape(said + repr(name))) as caught:
+            call()
+        assert "\n" not in str(caught.value) and "\x00" not in str(caught.value)
+
+
+@pytest.mark.parametrize("unreadable, message", [
+    (False, "{path} is empty \\(0 bytes\\), not a CAM graph$"),  # was ONNX Runtime's 'No graph was found in the protobuf'
+    (True, "^cannot read CAM graph {path}: Permission denied$"),  # was a PermissionError traceback
+])
+def test_an_empty_or_unreadable_model_is_said_to_be_one(tmp_path, monkeypatch, unreadable, message):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"")
+    if unreadable:  # chmod 000 does not stop root, who runs the CI
+        def refuse(self):
+            raise PermissionError(13, "Permission denied", str(self))
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ModelError, match=message.format(path=re.escape(str(path)))):
+        camface.load(path, device="cpu")
 
 
 def test_a_folder_given_as_the_model_is_said_to_be_one(tmp_path):

@@ -55,7 +55,7 @@ def test_same_faces_as_mediapipe(name, images):
                 assert have.score == pytest.approx(want.score, abs=0.01), label
             faces_seen += len(expected)
     assert faces_seen >= 10  # the images hold faces for both models
-    with pytest.raises(RuntimeError, match="outside its `with` block"):
+    with pytest.raises(UsageError, match="outside its `with` block"):
         onnx.detect(images["empty"])
 
 

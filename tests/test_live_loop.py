@@ -21,7 +21,7 @@ from realtime_helpers import (BLOCK_TF, FakeCamera, FakeWindow, count_frames, fr
 
 from camface.api import face_detector
 from camface.cli import main as camface_main
-from camface.errors import OutputError, SourceError
+from camface.errors import OutputError, SourceError, UsageError
 from camface.models import DETECTORS, EMOTION_ONNX
 from camface.realtime.loop import LiveConfig, LiveLoop, Terminated, detect_workers_for, finish_progress
 from camface.realtime.sample import SampleSource
@@ -80,7 +80,7 @@ def test_detector_astronaut_and_faces_cut_by_the_border(astronaut_bgr):
         for f in detector.detect(cut):
             x, y, w, h = f.box
             assert x >= 0 and y >= 0 and x + w <= cut.shape[1] and y + h <= cut.shape[0]
-    with pytest.raises(RuntimeError, match="outside its `with` block"):
+    with pytest.raises(UsageError, match="outside its `with` block"):
         detector.detect(astronaut_bgr)
 
 
