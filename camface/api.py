@@ -301,6 +301,8 @@ class Pipeline:
         self._check_open()
         if not isinstance(result, FrameResult):
             raise UsageError(f"result must be the FrameResult of `explain` or `process_video`, got {type(result).__name__}")
+        if not isinstance(hud, (bool, np.bool_)):  # hud="no" drew the HUD (a non-empty string is true)
+            raise UsageError(f"hud must be True or False, got {hud!r}")
         picture = check_frame(frame).copy()
         height, width = picture.shape[:2]
         for i, face in enumerate(result.faces):

@@ -274,6 +274,9 @@ class CamGraph:
         outputs are asked for, so the whole graph would compute every heatmap of the registry
         on each call. Without the `onnx` package (it comes with camface's extras), or where
         pruning fails, the whole graph."""
+        entry = self._by_method.get(method)  # made already: no lock on every frame's call
+        if entry is not None:
+            return entry
         with self._locks:
             making = self._making.setdefault(method, threading.Lock())
         with making:

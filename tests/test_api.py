@@ -1128,3 +1128,12 @@ def test_a_classifier_given_as_the_model_says_to_export_it():
     with pytest.raises(ModelError, match=f"{EMOTION_KERAS} is a Keras model, not a CAM graph: make one with "
                                          f"`camface export {EMOTION_KERAS} -o model.onnx`"):
         camface.load(EMOTION_KERAS, device="cpu")
+
+
+@pytest.mark.parametrize("hud", ["no", 0, None, "False"])
+def test_annotate_refuses_a_hud_that_is_not_true_or_false(cam, two_faces, hud):
+    """annotate(hud="no") drew the HUD: any non-empty string is true."""
+    result = cam.explain(two_faces)
+    with pytest.raises(UsageError, match=f"hud must be True or False, got {re.escape(repr(hud))}"):
+        cam.annotate(two_faces, result, hud=hud)
+    assert (cam.annotate(two_faces, result, hud=np.bool_(False)) == cam.annotate(two_faces, result)).all()
