@@ -189,7 +189,8 @@ def signals_held(forced: str = "camface: stopped without finishing"):
     def held(signum, frame) -> None:
         taken.append(signum)
         if len(taken) >= FORCE_AFTER:
-            os.write(2, f"\n{forced} ({len(taken)} signals while it finished)\n".encode(errors="replace"))
+            with contextlib.suppress(OSError):  # (a stderr nobody reads, EPIPE: the process ends all the same)
+                os.write(2, f"\n{forced} ({len(taken)} signals while it finished)\n".encode(errors="replace"))
             os._exit(128 + signum)
 
     previous: dict[int, object] = {}
