@@ -317,7 +317,8 @@ class LiveLoop:
             stopped_by = f"stopped: {exc}" if isinstance(exc, CamfaceError) else f"failed: {type(exc).__name__}"
             raise
         finally:
-            recording = recorder.sink.path if recorder.sink is not None else None
+            sink = recorder.sink  # (read once: the writer thread may close it meanwhile, key r)
+            recording = sink.path if sink is not None else None
             with signals_held("camface: stopped without finishing: the writer of recordings and snapshots did not "
                               "return" + (f"; {recording} holds what reached the disk" if recording else "")):
                 stop.set()

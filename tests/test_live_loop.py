@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -587,6 +588,34 @@ def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
     assert (f"camface: stopped without finishing: the writer of recordings and snapshots did not return; {out} "
             "holds what reached the disk (3 signals while it finished)") in err
     assert 30 <= count_frames(out) < 70
+
+
+def test_a_recording_closed_by_the_writer_as_the_run_ends_is_finished(tmp_path, face_clip, monkeypatch):
+    """The run's end read `recorder.sink` twice (is one there? its path) while the writer thread
+    may close it in between (key r, a failed recording: `sink` set to None): AttributeError
+    there skipped the stop, the writer's join and the recording's close, and lost the summary.
+    Read once: here the second read is made to see the writer's None."""
+    from camface.realtime import loop as loop_module
+
+    class Racing(loop_module.Recorder):
+        reads = 0
+
+        @property
+        def sink(self):
+            if threading.current_thread() is threading.main_thread():
+                Racing.reads += 1
+                if Racing.reads > 1:  # (as if the writer thread closed it just after the first read)
+                    return None
+            return self.__dict__.get("_sink")
+
+        @sink.setter
+        def sink(self, value):
+            self.__dict__["_sink"] = value
+
+    monkeypatch.setattr(loop_module, "Recorder", Racing)
+    out = tmp_path / "out.mp4"
+    loop = _run(LiveConfig(source=str(face_clip), record=out, detector="full"))
+    assert Racing.reads >= 1 and loop.summary.recordings == ((str(out), 12),) and count_frames(out) == 12
 
 
 @pytest.mark.parametrize("when", ["waiting for room", "on the put's return"])
