@@ -424,12 +424,17 @@ class VideoSink:
             return 0
         if not self._failed or not self.frames_written:
             return self.frames_written
-        held_in = self._unplaced or self.path
         if self.encoder == "mp4v":
-            return min(self.frames_written, mp4v_frames(held_in))
+            return min(self.frames_written, mp4v_frames(self.kept_in))
         from camface.realtime.fmp4 import whole_frames
 
-        return min(self.frames_written, whole_frames(held_in))
+        return min(self.frames_written, whole_frames(self.kept_in))
+
+    @property
+    def kept_in(self) -> Path:
+        """The file the recording's frames are in: `path`, or, where the new recording could not
+        take the earlier file's place, the file beside it that the error named (`keep_unplaced`)."""
+        return self._unplaced or self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

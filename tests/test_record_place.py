@@ -160,3 +160,32 @@ def test_a_copy_that_fails_keeps_the_new_recording_beside_it(tmp_path, earlier, 
     held = NEW if codec == "mp4v" else 31
     assert_new_recording(kept, held)
     assert sink.frames_kept in (held - 1, held)  # (H.264: the 31st frame's write raised, so it is not counted)
+
+
+def test_a_run_whose_recording_could_not_be_placed_names_the_file_it_is_in(tmp_path, earlier, codec, monkeypatch):
+    """The live run's error said the new recording was kept beside the path, and its summary
+    then said "recorded N frames to" the path, which holds the earlier recording (or a copy cut
+    short): the run's recordings name the file that holds the frames."""
+    import queue
+
+    from camface.realtime.recorder import Output, Recorder
+    from camface.realtime.threads import END
+    from camface.realtime.timing import StageTimer
+
+    os.link(earlier, tmp_path / "link.mp4")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", disk_full)
+    recorder = Recorder(earlier, FPS, True, None, StageTimer(), codec)
+    inbox: queue.Queue = queue.Queue()
+    for frame in frames(NEW, 20):
+        inbox.put(Output(frame, None))
+    inbox.put(END)
+    recorder.run(inbox)
+    monkeypatch.undo()
+    kept = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
+    assert isinstance(recorder.error, OutputError) and str(kept) in str(recorder.error)
+    assert [path for path, _ in recorder.recordings] == [str(kept)]
+    assert recorder.recordings[0][1] in (count_frames(kept) - 1, count_frames(kept))  # (H.264: as above)
