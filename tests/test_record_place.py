@@ -189,3 +189,28 @@ def test_a_run_whose_recording_could_not_be_placed_names_the_file_it_is_in(tmp_p
     assert isinstance(recorder.error, OutputError) and str(kept) in str(recorder.error)
     assert [path for path, _ in recorder.recordings] == [str(kept)]
     assert recorder.recordings[0][1] in (count_frames(kept) - 1, count_frames(kept))  # (H.264: as above)
+
+
+def test_a_copy_cut_short_by_a_kill_keeps_the_new_recording(tmp_path, earlier, codec, monkeypatch):
+    """A copy into the earlier file cut short (Ctrl-C pressed three times while a long mp4v
+    recording was copied at its close ends the process at once; here an interrupt half-way) left
+    the new recording in its staged "partial" file, which the next recording to the path removes
+    as left by a killed run, and the earlier file cut: both recordings lost. The staged file
+    holds the name "unplaced" while it is copied, which nothing removes."""
+    os.link(earlier, tmp_path / "link.mp4")
+    copy = outputs.shutil.copyfileobj
+
+    def killed_half_way(source, target, *args):
+        target.write(source.read(100))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", killed_half_way)
+    sink = VideoSink(earlier, FPS, overwrite=True, codec=codec)
+    with pytest.raises(KeyboardInterrupt):
+        with sink:
+            for frame in frames(NEW, 20):
+                sink.write(frame)
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", copy)
+    assert not left_beside(tmp_path)  # (what the next recording to it, or batch, removes)
+    kept = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
+    assert_new_recording(kept, NEW if codec == "mp4v" else 31)
