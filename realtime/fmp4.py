@@ -234,8 +234,8 @@ class H264Writer:
         same). OutputError naming the path when neither can be done: the new recording is then
         left beside it (`keep_unplaced`, named in the error), which takes the rest of it, and
         the earlier file holds its earlier bytes (or, a copy cut short, part of the new ones). A
-        kill during the copy leaves the new recording's first fragment in the staged file (which
-        the next recording to this path removes) and the earlier file cut."""
+        kill during the copy leaves the new recording's first fragment beside it, named
+        .NAME.PID-XXXXXX.unplaced.mp4 (which nothing removes), and the earlier file cut."""
         staged = self._staged
         live = not self._file.closed
         self._staged = None  # placed once, or never: a failure leaves the recording where it is

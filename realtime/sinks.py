@@ -147,8 +147,8 @@ class Mp4vWriter:
         which file the name is: other hard links, another owner or group, a sticky folder); else
         it is removed and the earlier file kept (`kept_earlier`). OutputError naming the path
         when it cannot be placed: the new recording is left beside it (`keep_unplaced`), named
-        in the error. A kill during the copy leaves it in the staged file (which the next
-        recording to this path removes) and the earlier file cut."""
+        in the error. A kill during the copy leaves it beside it, named
+        .NAME.PID-XXXXXX.unplaced.mp4 (which nothing removes), and the earlier file cut."""
         staged, self._staged = self._staged, None
         if readable > 0:
             try:
