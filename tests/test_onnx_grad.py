@@ -1008,3 +1008,20 @@ def test_a_gather_of_distinct_constant_rows_of_an_unknown_count_needs_no_opset_1
     _, expected = run_gradient(forward, [init("rows", rows % TOKENS[1])], x, seed, opset=opset)
     np.testing.assert_allclose(grad, expected, atol=1e-6)
     assert np.abs(grad).sum() > 0
+
+
+@pytest.mark.parametrize("declared", [X_SHAPE, (2, None, 4, 4)], ids=["static", "channels unknown"])
+def test_a_run_time_scatter_of_no_updates_has_a_gradient(declared):
+    """The run-time check of which update was kept numbers the updates (`positions`: a Range
+    reshaped to their shape), and Reshape takes a 0 in the shape as "keep the input's size":
+    a scatter of no updates (an empty selection) gave a gradient graph ONNX Runtime refused.
+    Nothing is scattered: x's gradient is the seed."""
+    nodes = RUN_TIME_SCATTER + [node("Concat", ["hi", "lo"], ["both"], axis=1),
+                                node("Slice", ["both", "zero", "zero", "ax1"], ["at"]),
+                                node("Slice", ["u", "zero", "zero", "ax1"], ["none"]),
+                                node("ScatterElements", ["x", "at", "none"], axis=1)]
+    x = _inputs("ScatterElements(run-time indices)")
+    seed = np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)
+    y, grad = run_gradient(nodes, TWO_CHANNELS, x, seed, declared=declared)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(grad, seed)
