@@ -257,6 +257,12 @@ class H264Writer:
                               f"as {self.unplaced}") from exc
         self._written = self._final
 
+    @property
+    def written(self) -> Path:
+        """The file the frames go to now: the path's, or the one beside it until the new
+        recording takes the earlier one's place, or the one it was kept in (`unplaced`)."""
+        return self._written
+
     def close(self) -> None:
         """Drain the encoder and finish the last fragment (the file stays playable even if
         this never runs); OutputError when that cannot be written. After a write that failed

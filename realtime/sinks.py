@@ -128,6 +128,12 @@ class Mp4vWriter:
         self._writer.write(frame)
         self._frames += 1
 
+    @property
+    def written(self) -> Path:
+        """The file the frames go to now: the path's, or the one beside it until the new
+        recording takes the earlier one's place, or the one it was kept in (`unplaced`)."""
+        return self._written
+
     def close(self) -> None:
         """Finalise the file, then read its index back: OpenCV's writer reports no write
         error, so a full disk would otherwise leave an unplayable file (its index, written
@@ -432,9 +438,12 @@ class VideoSink:
 
     @property
     def kept_in(self) -> Path:
-        """The file the recording's frames are in: `path`, or, where the new recording could not
-        take the earlier file's place, the file beside it that the error named (`keep_unplaced`)."""
-        return self._unplaced or self.path
+        """The file the recording's frames are in: `path`; while a recording over an earlier
+        file is written beside it (until its first whole frame, mp4v: until its close), that
+        file; where the new recording could not take the earlier file's place, the file beside
+        it that the error named (`keep_unplaced`)."""
+        writer = self._writer
+        return (writer.written if writer is not None else None) or self._unplaced or self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

@@ -590,6 +590,40 @@ def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
     assert 30 <= count_frames(out) < 70
 
 
+def test_a_stuck_recording_over_an_earlier_one_names_the_file_its_frames_are_in(tmp_path):
+    """A recording over an earlier file (--overwrite) is written beside it until its first
+    fragment is on disk: a writer stuck before then, ended by Ctrl-C, was said to have left
+    what reached the disk in the path, which holds the earlier recording; the frames are in the
+    file beside it, which the next recording to the path removes. The line names that file."""
+    out = tmp_path / "stuck.mp4"
+    out.write_bytes(b"the earlier recording")
+    process = subprocess.Popen([sys.executable, "-c", STUCK_WRITER.replace("== 70", "== 10"), "live", "--source",
+                                "sample", "--loop", "--no-show", "--record", str(out), "--overwrite", "--method",
+                                "none"], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+                               preexec_fn=sigint_as_from_a_terminal)
+    try:
+        said = []
+        while not said or said[-1] not in ("stuck\n", ""):
+            said.append(process.stderr.readline())
+        assert said[-1] == "stuck\n", "".join(said)
+        deadline = time.time() + 60
+        while process.poll() is None and time.time() < deadline:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.kill()
+        err = process.communicate()[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    staged = next(tmp_path.glob(".stuck.mp4.*.partial.mp4"))
+    assert (f"what reached the disk is in {staged}, not in {out}: move it away before recording to {out} "
+            "again (3 signals while it finished)") in err
+    assert out.read_bytes() == b"the earlier recording"
+
+
 def test_a_recording_closed_by_the_writer_as_the_run_ends_is_finished(tmp_path, face_clip, monkeypatch):
     """The run's end read `recorder.sink` twice (is one there? its path) while the writer thread
     may close it in between (key r, a failed recording: `sink` set to None): AttributeError
