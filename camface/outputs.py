@@ -113,8 +113,10 @@ def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int |
     goes on writing through it (or closes it) and removes `staged`.
 
     OSError when neither can be done. `staged` is left holding the new bytes; `final` holds the
-    earlier ones, or, when the copy failed part-way (a full disk; a kill leaves the same), a
-    cut copy of the new ones."""
+    earlier ones, or, when the copy failed part-way (a full disk), a cut copy of the new ones.
+    While the copy runs `staged` is named `beside` `final` under the tag "unplaced": a kill (or
+    Ctrl-C) during it leaves `final` cut and the new bytes there, which the next recording to
+    `final` keeps (it removes the "partial" files of killed runs)."""
     try:
         earlier = os.stat(final)
     except FileNotFoundError:  # removed meanwhile: nothing to keep
@@ -134,7 +136,20 @@ def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int |
             return None
         except PermissionError as exc:  # a sticky folder: another user's file is theirs to replace
             log.debug("%s cannot be renamed over (%s); copied into it", final, exc.strerror or exc)
-    return copy_into(staged, final)
+    copied = beside(final, "unplaced")
+    try:
+        os.replace(staged, copied)
+    except OSError:  # (Windows: a file open cannot be renamed) copied under its own name
+        copied = staged
+    try:
+        fd = copy_into(copied, final)
+    except OSError:
+        with contextlib.suppress(OSError):  # (the caller keeps it: `keep_unplaced`)
+            os.replace(copied, staged)
+        raise
+    with contextlib.suppress(OSError):  # (a kill now leaves it "partial": `final` holds it whole)
+        os.replace(copied, staged)
+    return fd
 
 
 def keep_unplaced(staged: Path, final: Path) -> Path:

@@ -101,10 +101,11 @@ def mask(ctx: Context, condition: str, grad: str) -> str:
 def positions(ctx: Context, x: str) -> str:
     """int64 tensor shaped like `x` holding each element's flat (row-major) index: an op that
     only moves elements (Gather, Slice, MaxPool's indices) applied to it says where each of its
-    outputs came from."""
+    outputs came from. From opset 14 an empty `x` too (allowzero: Reshape takes a 0 in the
+    shape for "keep the input's size" without it, and refuses the empty Range)."""
     b = ctx.builder
     flat = b.op("Range", [b.const(0, np.int64), b.op("Size", [x]), b.const(1, np.int64)])
-    return b.op("Reshape", [flat, b.op("Shape", [x])])
+    return b.op("Reshape", [flat, b.op("Shape", [x])], **({"allowzero": 1} if b.opset >= 14 else {}))
 
 
 def scatter(ctx: Context, x: str, where: str, grad: str, add: bool) -> str:

@@ -251,7 +251,8 @@ def gather(ctx, node, grads):
     """Gather (the class token x[:, 0], a token subset): the gradient added back at the rows
     taken, as Slice; an index taken twice sums its gradients (ScatterElements add, opset >= 16)
     unless the indices are constant and name distinct rows (a negative index counts from the
-    end: with the axis's size unknown, it is taken as possibly repeated)."""
+    end: with the axis's size unknown, one is taken as possibly naming the row of a
+    non-negative one; indices of one sign are compared as they are)."""
     b = ctx.builder
     x, indices = node.input
     axis = int(attribute(node, "axis", 0))
@@ -260,7 +261,10 @@ def gather(ctx, node, grads):
         # -1 and size - 1 name one row: compared as rows, or taken as possibly repeated
         shape = ctx.shape(x)
         size = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
-        values = np.asarray(values) % size if isinstance(size, int) and size > 0 else None
+        if isinstance(size, int) and size > 0:
+            values = np.asarray(values) % size
+        elif np.max(values) >= 0:  # (only -k and size - k can meet: x[:, -1] alone is distinct)
+            values = None
     distinct = values is not None and np.unique(values).size == np.asarray(values).size
     if not distinct and b.opset < 16:
         raise ModelError(f"node {node.name!r}: the gradient of Gather with run-time or repeated "

@@ -234,8 +234,8 @@ class H264Writer:
         same). OutputError naming the path when neither can be done: the new recording is then
         left beside it (`keep_unplaced`, named in the error), which takes the rest of it, and
         the earlier file holds its earlier bytes (or, a copy cut short, part of the new ones). A
-        kill during the copy leaves the new recording's first fragment in the staged file (which
-        the next recording to this path removes) and the earlier file cut."""
+        kill during the copy leaves the new recording's first fragment beside it, named
+        .NAME.PID-XXXXXX.unplaced.mp4 (which nothing removes), and the earlier file cut."""
         staged = self._staged
         live = not self._file.closed
         self._staged = None  # placed once, or never: a failure leaves the recording where it is
@@ -256,6 +256,12 @@ class H264Writer:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
                               f"as {self.unplaced}") from exc
         self._written = self._final
+
+    @property
+    def written(self) -> Path:
+        """The file the frames go to now: the path's, or the one beside it until the new
+        recording takes the earlier one's place, or the one it was kept in (`unplaced`)."""
+        return self._written
 
     def close(self) -> None:
         """Drain the encoder and finish the last fragment (the file stays playable even if

@@ -23,7 +23,9 @@ plumbing is `camface.realtime.threads`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 import queue
 import sys
 import threading
@@ -317,9 +319,8 @@ class LiveLoop:
             stopped_by = f"stopped: {exc}" if isinstance(exc, CamfaceError) else f"failed: {type(exc).__name__}"
             raise
         finally:
-            recording = recorder.sink.path if recorder.sink is not None else None
-            with signals_held("camface: stopped without finishing: the writer of recordings and snapshots did not "
-                              "return" + (f"; {recording} holds what reached the disk" if recording else "")):
+            sink = recorder.sink  # (read once: the writer thread may close it meanwhile, key r)
+            with signals_held(functools.partial(stuck_writer_line, sink)):
                 stop.set()
                 output_q.put(END)
                 writer_thread.join()
@@ -355,6 +356,21 @@ class LiveLoop:
         if recorder.error is not None:
             raise recorder.error
 
+
+
+def stuck_writer_line(sink) -> str:
+    """The line a run whose writer did not return ends with (`signals_held`): where the frames
+    of `sink` (a VideoSink, or None) that reached the disk are as it ends: the recording's path,
+    or the file beside it that a recording over an earlier one is written to until it takes its
+    place, which the next recording to the path removes (a killed run's)."""
+    line = "camface: stopped without finishing: the writer of recordings and snapshots did not return"
+    if sink is None:
+        return line
+    held = sink.kept_in
+    if os.path.realpath(held) == os.path.realpath(sink.path):  # (placed: its real path, through a link)
+        return f"{line}; {held} holds what reached the disk"
+    return f"{line}; what reached the disk is in {held}, not in {sink.path}: move it away before recording to " \
+           f"{sink.path} again"
 
 
 def say_lost_error(recorder: Recorder) -> None:

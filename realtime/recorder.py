@@ -120,7 +120,7 @@ class Recorder:
             else:
                 log.warning("camface: %s", exc)
         if sink.frames_written and sink.frames_kept:  # what the file holds (fewer than written after a
-            self.recordings.append((str(sink.path), sink.frames_kept))  # full disk; none: it is removed)
+            self.recordings.append((str(sink.kept_in), sink.frames_kept))  # full disk; none: it is removed)
 
     def _stop_failed(self, exc: BaseException) -> None:
         """Key r's recording failed after its first frame (`exc`: a full disk): finalise it with
@@ -132,7 +132,7 @@ class Recorder:
             log.debug("closing the recording that failed: %s", error)
         kept = sink.frames_kept if sink.frames_written else 0
         if kept:
-            self.recordings.append((str(sink.path), kept))
+            self.recordings.append((str(sink.kept_in), kept))
         reason = str(exc) if str(sink.path) in str(exc) else f"writing {sink.path}: {exc}"
         self._notice(f"recording stopped: {reason} ({kept} frames kept)", sink.removed)
 

@@ -128,6 +128,12 @@ class Mp4vWriter:
         self._writer.write(frame)
         self._frames += 1
 
+    @property
+    def written(self) -> Path:
+        """The file the frames go to now: the path's, or the one beside it until the new
+        recording takes the earlier one's place, or the one it was kept in (`unplaced`)."""
+        return self._written
+
     def close(self) -> None:
         """Finalise the file, then read its index back: OpenCV's writer reports no write
         error, so a full disk would otherwise leave an unplayable file (its index, written
@@ -147,8 +153,8 @@ class Mp4vWriter:
         which file the name is: other hard links, another owner or group, a sticky folder); else
         it is removed and the earlier file kept (`kept_earlier`). OutputError naming the path
         when it cannot be placed: the new recording is left beside it (`keep_unplaced`), named
-        in the error. A kill during the copy leaves it in the staged file (which the next
-        recording to this path removes) and the earlier file cut."""
+        in the error. A kill during the copy leaves it beside it, named
+        .NAME.PID-XXXXXX.unplaced.mp4 (which nothing removes), and the earlier file cut."""
         staged, self._staged = self._staged, None
         if readable > 0:
             try:
@@ -424,12 +430,20 @@ class VideoSink:
             return 0
         if not self._failed or not self.frames_written:
             return self.frames_written
-        held_in = self._unplaced or self.path
         if self.encoder == "mp4v":
-            return min(self.frames_written, mp4v_frames(held_in))
+            return min(self.frames_written, mp4v_frames(self.kept_in))
         from camface.realtime.fmp4 import whole_frames
 
-        return min(self.frames_written, whole_frames(held_in))
+        return min(self.frames_written, whole_frames(self.kept_in))
+
+    @property
+    def kept_in(self) -> Path:
+        """The file the recording's frames are in: `path`; while a recording over an earlier
+        file is written beside it (until its first whole frame, mp4v: until its close), that
+        file; where the new recording could not take the earlier file's place, the file beside
+        it that the error named (`keep_unplaced`)."""
+        writer = self._writer
+        return (writer.written if writer is not None else None) or self._unplaced or self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

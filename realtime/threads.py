@@ -11,6 +11,7 @@ import os
 import queue
 import signal
 import threading
+from collections.abc import Callable
 
 END = object()  # sent once by each producer when it has nothing more
 
@@ -174,10 +175,11 @@ FORCE_AFTER = 3  # signals inside `signals_held` that end the process without wa
 
 
 @contextlib.contextmanager
-def signals_held(forced: str = "camface: stopped without finishing"):
+def signals_held(forced: str | Callable[[], str] = "camface: stopped without finishing"):
     """Hold off SIGINT/SIGTERM while the block runs (finalising the recording must finish):
     they are ignored, except that the FORCE_AFTER-th one ends the process at once, `forced`
-    written to stderr first, with the signal's exit code (130, 143). A writer stuck on its file
+    written to stderr first (a callable: the line it gives then, as things stand at that
+    moment), with the signal's exit code (130, 143). A writer stuck on its file
     (a network mount that hangs) otherwise left a process that only SIGKILL ends; pressing
     Ctrl-C three times is the way out, as in docker. A single SIGTERM still waits: finishing
     the recording comes first, and a supervisor's SIGKILL is its escalation."""
@@ -189,7 +191,12 @@ def signals_held(forced: str = "camface: stopped without finishing"):
     def held(signum, frame) -> None:
         taken.append(signum)
         if len(taken) >= FORCE_AFTER:
-            os.write(2, f"\n{forced} ({len(taken)} signals while it finished)\n".encode(errors="replace"))
+            try:
+                line = forced() if callable(forced) else forced
+            except Exception:  # (never in the way of the exit)
+                line = "camface: stopped without finishing"
+            with contextlib.suppress(OSError):  # (a stderr nobody reads, EPIPE: the process ends all the same)
+                os.write(2, f"\n{line} ({len(taken)} signals while it finished)\n".encode(errors="replace"))
             os._exit(128 + signum)
 
     previous: dict[int, object] = {}

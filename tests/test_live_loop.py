@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -587,6 +588,68 @@ def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
     assert (f"camface: stopped without finishing: the writer of recordings and snapshots did not return; {out} "
             "holds what reached the disk (3 signals while it finished)") in err
     assert 30 <= count_frames(out) < 70
+
+
+def test_a_stuck_recording_over_an_earlier_one_names_the_file_its_frames_are_in(tmp_path):
+    """A recording over an earlier file (--overwrite) is written beside it until its first
+    fragment is on disk: a writer stuck before then, ended by Ctrl-C, was said to have left
+    what reached the disk in the path, which holds the earlier recording; the frames are in the
+    file beside it, which the next recording to the path removes. The line names that file."""
+    out = tmp_path / "stuck.mp4"
+    out.write_bytes(b"the earlier recording")
+    process = subprocess.Popen([sys.executable, "-c", STUCK_WRITER.replace("== 70", "== 10"), "live", "--source",
+                                "sample", "--loop", "--no-show", "--record", str(out), "--overwrite", "--method",
+                                "none"], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+                               preexec_fn=sigint_as_from_a_terminal)
+    try:
+        said = []
+        while not said or said[-1] not in ("stuck\n", ""):
+            said.append(process.stderr.readline())
+        assert said[-1] == "stuck\n", "".join(said)
+        deadline = time.time() + 60
+        while process.poll() is None and time.time() < deadline:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        if process.poll() is None:
+            process.kill()
+        err = process.communicate()[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, err
+    staged = next(tmp_path.glob(".stuck.mp4.*.partial.mp4"))
+    assert (f"what reached the disk is in {staged}, not in {out}: move it away before recording to {out} "
+            "again (3 signals while it finished)") in err
+    assert out.read_bytes() == b"the earlier recording"
+
+
+def test_a_recording_closed_by_the_writer_as_the_run_ends_is_finished(tmp_path, face_clip, monkeypatch):
+    """The run's end read `recorder.sink` twice (is one there? its path) while the writer thread
+    may close it in between (key r, a failed recording: `sink` set to None): AttributeError
+    there skipped the stop, the writer's join and the recording's close, and lost the summary.
+    Read once: here the second read is made to see the writer's None."""
+    from camface.realtime import loop as loop_module
+
+    class Racing(loop_module.Recorder):
+        reads = 0
+
+        @property
+        def sink(self):
+            if threading.current_thread() is threading.main_thread():
+                Racing.reads += 1
+                if Racing.reads > 1:  # (as if the writer thread closed it just after the first read)
+                    return None
+            return self.__dict__.get("_sink")
+
+        @sink.setter
+        def sink(self, value):
+            self.__dict__["_sink"] = value
+
+    monkeypatch.setattr(loop_module, "Recorder", Racing)
+    out = tmp_path / "out.mp4"
+    loop = _run(LiveConfig(source=str(face_clip), record=out, detector="full"))
+    assert Racing.reads >= 1 and loop.summary.recordings == ((str(out), 12),) and count_frames(out) == 12
 
 
 @pytest.mark.parametrize("when", ["waiting for room", "on the put's return"])

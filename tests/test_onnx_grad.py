@@ -991,3 +991,37 @@ def test_an_einsum_broadcasting_an_unknown_size_before_opset_13_is_named():
                                          r"broadcast\); its gradient needs opset >= 13 \(the model "
                                          r"has 12\); no gradient rule"):
         gradient_model(nodes, initializers, (2, None, 4, 4), opset=12)
+
+
+@pytest.mark.parametrize("rows, opset", [(np.array(-1), 13), (np.array([-1, -3]), 13), (np.array([0, 2]), 13),
+                                         (np.array([4, -1]), 16)], ids=["last", "negatives", "firsts", "one row twice"])
+def test_a_gather_of_distinct_constant_rows_of_an_unknown_count_needs_no_opset_16(rows, opset):
+    """x[:, -1] (the last token) where the token count is unknown when exported: every Gather
+    with a negative constant index was taken as possibly repeated, which needs opset >= 16, so
+    a model of opset 13 that worked was refused. Indices of one sign name distinct rows whatever
+    the count (only -k and size - k can meet: those are still summed); their gradient is the one
+    of the same rows named from the start."""
+    x = _inputs("Gather(class token)")
+    forward = [node("Gather", ["x", "rows"], axis=1)]
+    seed = np.random.default_rng(1).standard_normal(x[:, rows].shape).astype(np.float32)
+    _, grad = run_gradient(forward, [init("rows", rows)], x, seed, opset=opset, declared=(2, None, 8))
+    _, expected = run_gradient(forward, [init("rows", rows % TOKENS[1])], x, seed, opset=opset)
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+    assert np.abs(grad).sum() > 0
+
+
+@pytest.mark.parametrize("declared", [X_SHAPE, (2, None, 4, 4)], ids=["static", "channels unknown"])
+def test_a_run_time_scatter_of_no_updates_has_a_gradient(declared):
+    """The run-time check of which update was kept numbers the updates (`positions`: a Range
+    reshaped to their shape), and Reshape takes a 0 in the shape as "keep the input's size":
+    a scatter of no updates (an empty selection) gave a gradient graph ONNX Runtime refused.
+    Nothing is scattered: x's gradient is the seed."""
+    nodes = RUN_TIME_SCATTER + [node("Concat", ["hi", "lo"], ["both"], axis=1),
+                                node("Slice", ["both", "zero", "zero", "ax1"], ["at"]),
+                                node("Slice", ["u", "zero", "zero", "ax1"], ["none"]),
+                                node("ScatterElements", ["x", "at", "none"], axis=1)]
+    x = _inputs("ScatterElements(run-time indices)")
+    seed = np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)
+    y, grad = run_gradient(nodes, TWO_CHANNELS, x, seed, declared=declared)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(grad, seed)

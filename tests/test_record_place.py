@@ -24,8 +24,8 @@ LOSSY = 8.0  # mean absolute difference (grey levels) a decoded frame may have f
 
 
 def frames(count: int, offset: int) -> list[np.ndarray]:
-    """`count` uint8 BGR [48, 64, 3] frames, frame i flat grey at `offset` + 4 i."""
-    return [np.full((48, 64, 3), offset + 4 * i, np.uint8) for i in range(count)]
+    """`count` uint8 BGR [48, 64, 3] frames, frame i flat grey at `offset` + 4 i mod 200."""
+    return [np.full((48, 64, 3), offset + (4 * i) % 200, np.uint8) for i in range(count)]
 
 
 def record(path, count: int, offset: int, codec: str, overwrite: bool = False) -> VideoSink:
@@ -48,7 +48,7 @@ def assert_new_recording(path, count: int = NEW) -> None:
     """`path` decodes whole (PyAV and OpenCV) to the first `count` frames of the new recording."""
     greys = decoded_greys(path)
     assert len(greys) == count == count_frames(path)
-    want = [20 + 4 * i for i in range(count)]  # (PyAV converts back to full-range grey)
+    want = [20 + (4 * i) % 200 for i in range(count)]  # (PyAV converts back to full-range grey)
     assert np.abs(np.array(greys) - want).max() < LOSSY
 
 
@@ -82,6 +82,15 @@ def test_other_hard_links_to_an_earlier_recording_show_the_new_one(tmp_path, ear
     assert_new_recording(link)
     assert oct(earlier.stat().st_mode & 0o777) == oct(0o640)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.mp4", "link.mp4"]
+
+
+def test_fragments_written_after_the_copy_land_in_the_earlier_file_whole(tmp_path, earlier, codec):
+    """H.264 goes on through the earlier file's descriptor (dup2) after the copy: the fragments
+    flushed mid-run after it (frames 30-59, 60-89) and at close follow the copied bytes, none
+    lost or doubled (PyAV's own position and its buffer stay right). Decoded whole."""
+    os.link(earlier, tmp_path / "link.mp4")
+    record(earlier, 100, 20, codec, overwrite=True)
+    assert_new_recording(tmp_path / "link.mp4", 100)
 
 
 def test_a_lone_earlier_recording_is_still_renamed_over(tmp_path, earlier, codec):
@@ -160,3 +169,57 @@ def test_a_copy_that_fails_keeps_the_new_recording_beside_it(tmp_path, earlier, 
     held = NEW if codec == "mp4v" else 31
     assert_new_recording(kept, held)
     assert sink.frames_kept in (held - 1, held)  # (H.264: the 31st frame's write raised, so it is not counted)
+
+
+def test_a_run_whose_recording_could_not_be_placed_names_the_file_it_is_in(tmp_path, earlier, codec, monkeypatch):
+    """The live run's error said the new recording was kept beside the path, and its summary
+    then said "recorded N frames to" the path, which holds the earlier recording (or a copy cut
+    short): the run's recordings name the file that holds the frames."""
+    import queue
+
+    from camface.realtime.recorder import Output, Recorder
+    from camface.realtime.threads import END
+    from camface.realtime.timing import StageTimer
+
+    os.link(earlier, tmp_path / "link.mp4")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", disk_full)
+    recorder = Recorder(earlier, FPS, True, None, StageTimer(), codec)
+    inbox: queue.Queue = queue.Queue()
+    for frame in frames(NEW, 20):
+        inbox.put(Output(frame, None))
+    inbox.put(END)
+    recorder.run(inbox)
+    monkeypatch.undo()
+    kept = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
+    assert isinstance(recorder.error, OutputError) and str(kept) in str(recorder.error)
+    assert [path for path, _ in recorder.recordings] == [str(kept)]
+    assert recorder.recordings[0][1] in (count_frames(kept) - 1, count_frames(kept))  # (H.264: as above)
+
+
+def test_a_copy_cut_short_by_a_kill_keeps_the_new_recording(tmp_path, earlier, codec, monkeypatch):
+    """A copy into the earlier file cut short (Ctrl-C pressed three times while a long mp4v
+    recording was copied at its close ends the process at once; here an interrupt half-way) left
+    the new recording in its staged "partial" file, which the next recording to the path removes
+    as left by a killed run, and the earlier file cut: both recordings lost. The staged file
+    holds the name "unplaced" while it is copied, which nothing removes."""
+    os.link(earlier, tmp_path / "link.mp4")
+    copy = outputs.shutil.copyfileobj
+
+    def killed_half_way(source, target, *args):
+        target.write(source.read(100))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", killed_half_way)
+    sink = VideoSink(earlier, FPS, overwrite=True, codec=codec)
+    with pytest.raises(KeyboardInterrupt):
+        with sink:
+            for frame in frames(NEW, 20):
+                sink.write(frame)
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", copy)
+    assert not left_beside(tmp_path)  # (what the next recording to it, or batch, removes)
+    kept = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
+    assert_new_recording(kept, NEW if codec == "mp4v" else 31)

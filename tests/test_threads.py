@@ -179,3 +179,22 @@ def test_signals_held_end_the_process_on_the_third_signal(signals, code):
         assert run.stdout == "" and run.stderr.strip() == "camface: stopped without finishing (3 signals while it finished)"
     else:
         assert run.stdout == "finished\n" and run.stderr == ""
+
+
+def test_signals_held_end_the_process_even_where_stderr_is_gone():
+    """The forced exit wrote its line first, and a stderr whose reader had gone (`camface live
+    2>&1 | head`, a closed terminal) made that write raise BrokenPipeError in the handler: the
+    process did not exit but raised into the finishing run, which then waited on the stuck
+    writer for ever. The line is dropped; the process still ends with the signal's code."""
+    script = ("import os, signal\n"
+              "from camface.realtime.threads import signals_held\n"
+              "read, write = os.pipe()\n"
+              "os.close(read)\n"
+              "os.dup2(write, 2)  # a pipe nobody reads: writes fail with EPIPE\n"
+              "with signals_held('camface: stopped without finishing'):\n"
+              "    for _ in range(3):\n"
+              "        signal.raise_signal(signal.SIGINT)\n"
+              "print('finished')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         preexec_fn=sigint_as_from_a_terminal)
+    assert (run.returncode, run.stdout) == (130, "")
