@@ -558,16 +558,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
-    """A writer stuck on its file: signals are held while the recording is finished, so Ctrl-C
-    did nothing and only SIGKILL ended the run. Pressed again (the first is deferred while a
-    frame is handed over, the next stops the loop, three more while it finishes), the run ends
-    with 130, says why, and the fragments on disk play."""
-    out = tmp_path / "stuck.mp4"
-    process = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, "live", "--source", "sample", "--loop",
-                                "--no-show", "--record", str(out), "--method", "none"],
-                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
-                               preexec_fn=sigint_as_from_a_terminal)
+def _ctrl_c_until_a_stuck_run_ends(script: str, record: list[str], folder: Path) -> tuple[int, str]:
+    """Run `camface live` on the looping sample through `script` (STUCK_WRITER: its writer
+    blocks and it says "stuck"), then press Ctrl-C every 0.2 s until it ends (at most 60 s, then
+    killed): (its exit code, its stderr)."""
+    process = subprocess.Popen([sys.executable, "-c", script, "live", "--source", "sample", "--loop", "--no-show",
+                                *record, "--method", "none"], stderr=subprocess.PIPE, text=True, env=ENV,
+                               cwd=folder, preexec_fn=sigint_as_from_a_terminal)
     try:
         said = []
         while not said or said[-1] not in ("stuck\n", ""):  # (camface's own lines come first)
@@ -580,11 +577,21 @@ def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
         if process.poll() is None:  # (the stuck run never ends: read what it said after the kill)
             process.kill()
         err = process.communicate()[1]
+        return process.returncode, err
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 130, err
+
+
+def test_ctrl_c_pressed_again_ends_a_run_whose_writer_is_stuck(tmp_path):
+    """A writer stuck on its file: signals are held while the recording is finished, so Ctrl-C
+    did nothing and only SIGKILL ended the run. Pressed again (the first is deferred while a
+    frame is handed over, the next stops the loop, three more while it finishes), the run ends
+    with 130, says why, and the fragments on disk play."""
+    out = tmp_path / "stuck.mp4"
+    code, err = _ctrl_c_until_a_stuck_run_ends(STUCK_WRITER, ["--record", str(out)], tmp_path)
+    assert code == 130, err
     assert (f"camface: stopped without finishing: the writer of recordings and snapshots did not return; {out} "
             "holds what reached the disk (3 signals while it finished)") in err
     assert 30 <= count_frames(out) < 70
@@ -597,27 +604,9 @@ def test_a_stuck_recording_over_an_earlier_one_names_the_file_its_frames_are_in(
     file beside it, which the next recording to the path removes. The line names that file."""
     out = tmp_path / "stuck.mp4"
     out.write_bytes(b"the earlier recording")
-    process = subprocess.Popen([sys.executable, "-c", STUCK_WRITER.replace("== 70", "== 10"), "live", "--source",
-                                "sample", "--loop", "--no-show", "--record", str(out), "--overwrite", "--method",
-                                "none"], stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
-                               preexec_fn=sigint_as_from_a_terminal)
-    try:
-        said = []
-        while not said or said[-1] not in ("stuck\n", ""):
-            said.append(process.stderr.readline())
-        assert said[-1] == "stuck\n", "".join(said)
-        deadline = time.time() + 60
-        while process.poll() is None and time.time() < deadline:
-            process.send_signal(signal.SIGINT)
-            time.sleep(0.2)
-        if process.poll() is None:
-            process.kill()
-        err = process.communicate()[1]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 130, err
+    code, err = _ctrl_c_until_a_stuck_run_ends(STUCK_WRITER.replace("== 70", "== 10"),
+                                               ["--record", str(out), "--overwrite"], tmp_path)
+    assert code == 130, err
     staged = next(tmp_path.glob(".stuck.mp4.*.partial.mp4"))
     assert (f"what reached the disk is in {staged}, not in {out}: move it away before recording to {out} "
             "again (3 signals while it finished)") in err
