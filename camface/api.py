@@ -32,6 +32,7 @@ import numpy as np
 
 from camface.errors import UsageError
 from camface.realtime.config import LiveConfig, check, option
+from camface.realtime.frames import check_frame
 from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
@@ -479,40 +480,3 @@ def _class_indices(value: Any, count: int, classes: int, name: str, allow_predic
         predicted = " or -1 (the predicted class)" if allow_predicted else ""
         raise UsageError(f"{name} {value!r} out of range 0..{classes - 1}{predicted}")
     return indices
-
-
-def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
-    """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
-    naming it as `name`: the pipeline's verbs and both face detectors (`face_detector`) check
-    their frames with it."""
-    if not isinstance(frame, np.ndarray):
-        if isinstance(frame, (str, os.PathLike)):
-            how = " (a path: read it with cv2.imread, or give it to process_video)"
-        elif hasattr(frame, "getbands"):  # a PIL image: RGB(A) or L
-            how = " (a PIL image: cv2.cvtColor(np.asarray(image.convert('RGB')), cv2.COLOR_RGB2BGR))"
-        elif isinstance(frame, (list, tuple)):
-            how = " (one frame per call, as a numpy array; explain_crops takes a batch of face crops)"
-        else:
-            how = ""
-        raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}{how}")
-    if frame.dtype != np.uint8:
-        if frame.dtype.kind == "f":
-            how = "scale floats in [0, 1] by 255 and convert with .astype(np.uint8)"
-        elif frame.dtype == np.uint16:
-            how = "16-bit: divide by 257 and convert with .astype(np.uint8)"
-        else:
-            how = "scale to 0..255 and convert with .astype(np.uint8)"
-        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} ({how})")
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
-        if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
-            how = " (grayscale: cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
-        elif frame.ndim == 3 and frame.shape[2] == 4:
-            how = " (with alpha: cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), or COLOR_RGBA2BGR for RGBA)"
-        elif frame.ndim == 3 and frame.shape[0] == 3:  # [3, H, W], as torchvision and PIL-to-tensor give
-            how = " (channels first: np.ascontiguousarray(frame.transpose(1, 2, 0)), BGR)"
-        elif frame.ndim == 4:
-            how = " (one frame per call; explain_crops takes a batch of face crops)"
-        else:
-            how = ""
-        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}{how}")
-    return np.ascontiguousarray(frame)

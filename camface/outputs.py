@@ -136,11 +136,7 @@ def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int |
             return None
         except PermissionError as exc:  # a sticky folder: another user's file is theirs to replace
             log.debug("%s cannot be renamed over (%s); copied into it", final, exc.strerror or exc)
-    copied = beside(final, "unplaced")
-    try:
-        os.replace(staged, copied)
-    except OSError:  # (Windows: a file open cannot be renamed) copied under its own name
-        copied = staged
+    copied = keep_unplaced(staged, final)  # (`staged` itself where it cannot be renamed: Windows, open)
     try:
         fd = copy_into(copied, final)
     except OSError:

@@ -23,8 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from camface.api import check_frame
 from camface.errors import ModelError, UsageError
+from camface.realtime.frames import check_frame
 from camface.native import quiet_native_stderr
 from camface.realtime.results import Face
 
@@ -111,7 +111,7 @@ class FaceDetector:
     def detect(self, frame: np.ndarray) -> tuple[Face, ...]:
         """Faces in `frame` (uint8 BGR [H, W, 3]), boxes in pixels clipped to the frame,
         largest first. Boxes entirely outside the frame are dropped. UsageError for another
-        frame (a float, gray or BGRA image, a list: `camface.api.check_frame`) or when used
+        frame (a float, gray or BGRA image, a list: `camface.realtime.frames.check_frame`) or when used
         outside its `with` block."""
         if self._detector is None:
             raise UsageError("FaceDetector used outside its `with` block (or after close())")

@@ -1,0 +1,49 @@
+"""What a frame is inside camface: a uint8 BGR image [H, W, 3], and the check that says how to
+make one of what a caller gave instead (`check_frame`). Light: numpy only, so that the API and
+the face detectors share it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from camface.errors import UsageError
+
+
+def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
+    """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
+    naming it as `name`: the pipeline's verbs (`camface.api`) and both face detectors check
+    their frames with it."""
+    if not isinstance(frame, np.ndarray):
+        if isinstance(frame, (str, os.PathLike)):
+            how = " (a path: read it with cv2.imread, or give it to process_video)"
+        elif hasattr(frame, "getbands"):  # a PIL image: RGB(A) or L
+            how = " (a PIL image: cv2.cvtColor(np.asarray(image.convert('RGB')), cv2.COLOR_RGB2BGR))"
+        elif isinstance(frame, (list, tuple)):
+            how = " (one frame per call, as a numpy array; explain_crops takes a batch of face crops)"
+        else:
+            how = ""
+        raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}{how}")
+    if frame.dtype != np.uint8:
+        if frame.dtype.kind == "f":
+            how = "scale floats in [0, 1] by 255 and convert with .astype(np.uint8)"
+        elif frame.dtype == np.uint16:
+            how = "16-bit: divide by 257 and convert with .astype(np.uint8)"
+        else:
+            how = "scale to 0..255 and convert with .astype(np.uint8)"
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got dtype {frame.dtype} ({how})")
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] < 1 or frame.shape[1] < 1:
+        if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
+            how = " (grayscale: cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))"
+        elif frame.ndim == 3 and frame.shape[2] == 4:
+            how = " (with alpha: cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR), or COLOR_RGBA2BGR for RGBA)"
+        elif frame.ndim == 3 and frame.shape[0] == 3:  # [3, H, W], as torchvision and PIL-to-tensor give
+            how = " (channels first: np.ascontiguousarray(frame.transpose(1, 2, 0)), BGR)"
+        elif frame.ndim == 4:
+            how = " (one frame per call; explain_crops takes a batch of face crops)"
+        else:
+            how = ""
+        raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}{how}")
+    return np.ascontiguousarray(frame)
