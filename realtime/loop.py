@@ -36,7 +36,7 @@ from camface.realtime.config import LiveConfig
 from camface.realtime.recorder import Output, Recorder
 from camface.realtime.summary import RunSummary, detect_workers_for, hud_stage_ms
 from camface.realtime.threads import (END, Failure, Terminated, acquire, get, in_order, opencv_single_threaded,
-                                      put, sigterm_raises, signals_deferred, signals_held)
+                                      put, sigterm_raises, signals_deferred, stop_then_held)
 from camface.realtime.timing import RateMeter, StageTimer
 from camface.realtime.controls import QUIT, RECORD, SNAPSHOT, Controls
 from camface.realtime.viewer import SNAPSHOT_SHOWN, Viewer
@@ -258,9 +258,12 @@ class LiveLoop:
         writer_thread.start()
         for thread in threads:
             thread.start()
-        try:
-            with sigterm_raises():
+        # the first SIGINT / SIGTERM stops the run (KeyboardInterrupt, Terminated); from then on
+        # signals are held while the recording is finished, the third ending the process
+        with stop_then_held(lambda: stuck_writer_line(recorder.sink)) as signals:
+            try:
                 for index, frame, faces, cut in in_order(detections_q, len(detectors), slots):
+                    signals.check()  # (a first Ctrl-C that library code caught still stops the run)
                     if recorder.error is not None:
                         raise recorder.error
                     snapshot = cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0
@@ -309,18 +312,19 @@ class LiveLoop:
                         break
                 if stopped_by == "end of input" and SNAPSHOT_SHOWN in viewer.hold_last(controls):
                     self._snapshot_shown(shown, output_q)
-        except KeyboardInterrupt:
-            stopped_by = "interrupted"
-            raise
-        except Terminated:
-            stopped_by = "terminated"
-            raise
-        except BaseException as exc:
-            stopped_by = f"stopped: {exc}" if isinstance(exc, CamfaceError) else f"failed: {type(exc).__name__}"
-            raise
-        finally:
-            sink = recorder.sink  # (read once: the writer thread may close it meanwhile, key r)
-            with signals_held(functools.partial(stuck_writer_line, sink)):
+            except KeyboardInterrupt:
+                stopped_by = "interrupted"
+                raise
+            except Terminated:
+                stopped_by = "terminated"
+                raise
+            except BaseException as exc:
+                stopped_by = f"stopped: {exc}" if isinstance(exc, CamfaceError) else f"failed: {type(exc).__name__}"
+                raise
+            finally:
+                signals.finishing = True  # first: a signal from here on is held, whatever ended the run
+                sink = recorder.sink  # (read once: the writer thread may close it meanwhile, key r)
+                signals.forced = functools.partial(stuck_writer_line, sink)
                 stop.set()
                 output_q.put(END)
                 writer_thread.join()

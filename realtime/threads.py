@@ -172,10 +172,76 @@ def stop_signals():
 
 
 FORCE_AFTER = 3  # signals inside `signals_held` that end the process without waiting more
+UNFINISHED = "camface: stopped without finishing"
+
+
+class Held(StopRequest):
+    """The handler of SIGINT/SIGTERM while a run goes on and then finishes what it started (the
+    recording), set by `stop_then_held` and `signals_held`. Until the run is stopped, the first
+    signal stops it: KeyboardInterrupt or Terminated raised at once, and again by `check()`.
+    Every signal after that one, or after `finishing` is set, is held: ignored, except that the
+    FORCE_AFTER-th held one ends the process at once, `forced` written to stderr first (a
+    callable: the line it gives then, as things stand at that moment), with the signal's exit
+    code (130, 143).
+
+    One handler for both parts, in place from the start: a second Ctrl-C handled after the
+    first had raised, before the finishing block had put a holding handler in place, raised
+    KeyboardInterrupt in the middle of the finishing (the writer not joined, the recording not
+    finished, no summary)."""
+
+    def __init__(self, forced: str | Callable[[], str] = UNFINISHED, finishing: bool = False):
+        super().__init__()
+        self.forced = forced
+        self.finishing = finishing  # set: every signal is held (the run is finishing)
+        self.held: list[int] = []  # the signals held so far
+
+    def __call__(self, signum, frame) -> None:
+        if self.finishing or self.signum:
+            self._hold(signum)
+            return
+        self.signum = signum
+        self.check()
+
+    def _hold(self, signum: int) -> None:
+        self.held.append(signum)
+        if len(self.held) < FORCE_AFTER:
+            return
+        try:
+            line = self.forced() if callable(self.forced) else self.forced
+        except Exception:  # (never in the way of the exit)
+            line = UNFINISHED
+        with contextlib.suppress(OSError):  # (a stderr nobody reads, EPIPE: the process ends all the same)
+            os.write(2, f"\n{line} ({len(self.held)} signals while it finished)\n".encode(errors="replace"))
+        os._exit(128 + signum)
 
 
 @contextlib.contextmanager
-def signals_held(forced: str | Callable[[], str] = "camface: stopped without finishing"):
+def _handled_by(handler: Held):
+    """While the block runs, `handler` takes SIGINT and SIGTERM (in the main thread; elsewhere
+    nothing is set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield handler
+        return
+    previous: dict[int, object] = {}
+    try:  # set one by one inside the try: a signal between the two must not leave one ignored
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, handler)
+        yield handler
+    finally:
+        _set_back(previous)
+
+
+def stop_then_held(forced: str | Callable[[], str] = UNFINISHED):
+    """While the block runs, the first SIGINT raises KeyboardInterrupt and the first SIGTERM
+    Terminated in the main thread, and every later one is held (`Held`, yielded): the block's
+    own finishing (its `except` and `finally`) is never cut by a second signal, however soon
+    after the first it comes. Set `finishing` on the object yielded as the finishing starts
+    without a signal (the end of input, an error): signals are held from then on. A loop calls
+    its `check()` at each step: a first KeyboardInterrupt caught by library code still stops it."""
+    return _handled_by(Held(forced))
+
+
+def signals_held(forced: str | Callable[[], str] = UNFINISHED):
     """Hold off SIGINT/SIGTERM while the block runs (finalising the recording must finish):
     they are ignored, except that the FORCE_AFTER-th one ends the process at once, `forced`
     written to stderr first (a callable: the line it gives then, as things stand at that
@@ -183,29 +249,7 @@ def signals_held(forced: str | Callable[[], str] = "camface: stopped without fin
     (a network mount that hangs) otherwise left a process that only SIGKILL ends; pressing
     Ctrl-C three times is the way out, as in docker. A single SIGTERM still waits: finishing
     the recording comes first, and a supervisor's SIGKILL is its escalation."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    taken: list[int] = []
-
-    def held(signum, frame) -> None:
-        taken.append(signum)
-        if len(taken) >= FORCE_AFTER:
-            try:
-                line = forced() if callable(forced) else forced
-            except Exception:  # (never in the way of the exit)
-                line = "camface: stopped without finishing"
-            with contextlib.suppress(OSError):  # (a stderr nobody reads, EPIPE: the process ends all the same)
-                os.write(2, f"\n{line} ({len(taken)} signals while it finished)\n".encode(errors="replace"))
-            os._exit(128 + signum)
-
-    previous: dict[int, object] = {}
-    try:  # set one by one inside the try: a signal between the two must not leave one ignored
-        for s in (signal.SIGINT, signal.SIGTERM):
-            previous[s] = signal.signal(s, held)
-        yield
-    finally:
-        _set_back(previous)
+    return _handled_by(Held(forced, finishing=True))
 
 
 @contextlib.contextmanager

@@ -641,6 +641,52 @@ def test_a_recording_closed_by_the_writer_as_the_run_ends_is_finished(tmp_path, 
     assert Racing.reads >= 1 and loop.summary.recordings == ((str(out), 12),) and count_frames(out) == 12
 
 
+@pytest.mark.parametrize("first, second, signal_error", [(signal.SIGINT, signal.SIGINT, KeyboardInterrupt),
+                                                         (signal.SIGTERM, signal.SIGINT, Terminated),
+                                                         (signal.SIGINT, signal.SIGTERM, KeyboardInterrupt)])
+def test_a_second_signal_right_after_the_first_is_held_while_the_run_finishes(tmp_path, face_clip, monkeypatch,
+                                                                             first, second, signal_error):
+    """A second Ctrl-C (or SIGTERM) handled after the first had stopped the loop, before the
+    finishing block had put its holding handler in place (here: as it reads the recorder's sink,
+    its first step), raised in the middle of the finishing: the writer was not joined, the
+    recording not finished, no summary. It is held: the run finishes, the first signal's
+    exception ends it, and the recording holds every frame counted."""
+    from camface.realtime import loop as loop_module
+    from camface.realtime.threads import sigterm_raises
+
+    stopped = []
+
+    class SecondSignalAsTheRunFinishes(loop_module.Recorder):
+        @property
+        def sink(self):
+            if stopped and threading.current_thread() is threading.main_thread():
+                stopped.clear()  # (once)
+                signal.raise_signal(second)
+            return self.__dict__.get("_sink")
+
+        @sink.setter
+        def sink(self, value):
+            self.__dict__["_sink"] = value
+
+    class FirstSignalOnFrame3(FakeWindow):
+        def show(self, frame):
+            if len(self.shown) == 2:
+                stopped.append(True)
+                signal.raise_signal(first)
+            return super().show(frame)
+
+    monkeypatch.setattr(loop_module, "Recorder", SecondSignalAsTheRunFinishes)
+    out = tmp_path / "out.mp4"
+    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, show=True, method="none"),
+                    window=FirstSignalOnFrame3(""))
+    with sigterm_raises(), pytest.raises(signal_error):  # (SIGTERM's handler outside the loop, as the CLI's)
+        loop.run()
+    assert not stopped  # (the second signal was sent)
+    assert loop.summary is not None and loop.summary.frames == 2
+    assert loop.summary.stopped_by == ("interrupted" if first == signal.SIGINT else "terminated")
+    assert loop.summary.recordings == ((str(out), 2),) and count_frames(out) == 2
+
+
 @pytest.mark.parametrize("when", ["waiting for room", "on the put's return"])
 @pytest.mark.parametrize("sig, signal_error", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
 def test_a_signal_as_a_frame_is_handed_to_the_writer_leaves_it_counted_and_recorded(tmp_path, face_clip, monkeypatch,

@@ -1,6 +1,7 @@
 """The live loop's thread plumbing (camface.realtime.threads): results put back in frame order,
 failures raised after every frame before them."""
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def test_signals_deferred_takes_one_signal_at_the_end_and_a_second_at_once(signa
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-@pytest.mark.parametrize("block", ["signals_deferred", "stop_signals", "signals_held"])
+@pytest.mark.parametrize("block", ["signals_deferred", "stop_signals", "signals_held", "stop_then_held"])
 def test_signal_blocks_set_every_handler_back_when_a_signal_is_taken_meanwhile(monkeypatch, block):
     """signal.signal runs the pending handlers before it sets its own: a SIGINT taken while the
     block's handlers were set back, once SIGINT's was back, raised KeyboardInterrupt before
@@ -198,3 +199,63 @@ def test_signals_held_end_the_process_even_where_stderr_is_gone():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          preexec_fn=sigint_as_from_a_terminal)
     assert (run.returncode, run.stdout) == (130, "")
+
+
+def test_stop_then_held_raises_the_first_signal_and_holds_the_rest():
+    """The live loop's signals: the first Ctrl-C (or SIGTERM) raises at once and stays asked for
+    (`check()`); every later one is held from the moment the first was handled, so the run's
+    finishing is never cut by a second that came before it could hold them. The handlers before
+    the block come back after it."""
+    import os
+
+    from camface.realtime.threads import Terminated, stop_then_held
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for first, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+        steps = []
+        with stop_then_held() as signals:
+            signals.check()  # nothing asked yet
+            with pytest.raises(raised):
+                os.kill(os.getpid(), first)
+                for _ in range(1000):  # the handler runs between two bytecodes
+                    pass
+            for later in (signal.SIGINT, signal.SIGTERM):
+                signal.raise_signal(later)
+                steps.append(later)
+            with pytest.raises(raised):  # the first, asked again
+                signals.check()
+        assert steps == [signal.SIGINT, signal.SIGTERM] and signals.held == steps and signals.signum == first
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("finishing", [False, True])
+def test_stop_then_held_holds_every_signal_once_finishing(finishing):
+    """A run that ended by itself (the end of input, an error) sets `finishing`: a signal then is
+    held, not raised into the finishing."""
+    from camface.realtime.threads import stop_then_held
+
+    with pytest.raises(KeyboardInterrupt) if not finishing else contextlib.nullcontext():
+        with stop_then_held() as signals:
+            signals.finishing = finishing
+            signal.raise_signal(signal.SIGINT)
+    assert signals.held == ([signal.SIGINT] if finishing else []) and signals.signum == (0 if finishing else 2)
+
+
+def test_stop_then_held_ends_the_process_on_the_third_signal_after_the_stop():
+    """The stop, then two held signals; the third held one ends the process with its code and
+    the line as it is then."""
+    script = ("import signal\n"
+              "from camface.realtime.threads import stop_then_held\n"
+              "with stop_then_held('first line') as signals:\n"
+              "    try:\n"
+              "        signal.raise_signal(signal.SIGINT)\n"
+              "    except KeyboardInterrupt:\n"
+              "        signals.forced = lambda: 'camface: the line said at the exit'\n"
+              "        for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):\n"
+              "            signal.raise_signal(s)\n"
+              "print('finished')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         preexec_fn=sigint_as_from_a_terminal)
+    assert (run.returncode, run.stdout) == (143, "")
+    assert run.stderr.strip() == "camface: the line said at the exit (3 signals while it finished)"
+
