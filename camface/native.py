@@ -48,6 +48,25 @@ class _Fd2Silencer:
 
 
 _FD2 = _Fd2Silencer()  # one per process, as fd 2 is
+
+
+def write_to_stderr(data: bytes) -> None:
+    """Write `data` to the stderr the process had before any block here pointed fd 2 elsewhere (a
+    capture's file, /dev/null): for a line that must be seen even while another thread's block
+    holds fd 2 (an encoder's capture whose writer hangs: the forced exit's line went into the
+    capture's file, which the exit dropped). Takes no lock, so it may run in a signal handler
+    (the lock's holder may be the thread it interrupted); a block that ends meanwhile closes the
+    saved descriptor, and fd 2 itself is then written. Errors are dropped (a stderr nobody reads:
+    EPIPE)."""
+    saved = _FD2._saved
+    for fd in (2,) if saved is None else (saved, 2):
+        try:
+            os.write(fd, data)
+            return
+        except OSError:
+            continue
+
+
 # One capture at a time: fd 2 goes to one capture's file, so a second capture entering meanwhile
 # (serve opening two clients' encoders at once) got none of its lines, and the first got both
 # encoders' (one client's error naming the other's refusal). Re-entrant: a capture nested in

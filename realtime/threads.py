@@ -210,8 +210,11 @@ class Held(StopRequest):
             line = self.forced() if callable(self.forced) else self.forced
         except Exception:  # (never in the way of the exit)
             line = UNFINISHED
-        with contextlib.suppress(OSError):  # (a stderr nobody reads, EPIPE: the process ends all the same)
-            os.write(2, f"\n{line} ({len(self.held)} signals while it finished)\n".encode(errors="replace"))
+        from camface.native import write_to_stderr
+
+        # to the stderr the user sees, even while an encoder's fd-2 capture holds fd 2 (a writer
+        # stuck in it): the line was written into the capture's file, which the exit drops
+        write_to_stderr(f"\n{line} ({len(self.held)} signals while it finished)\n".encode(errors="replace"))
         os._exit(128 + signum)
 
 

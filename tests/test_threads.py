@@ -259,3 +259,27 @@ def test_stop_then_held_ends_the_process_on_the_third_signal_after_the_stop():
     assert (run.returncode, run.stdout) == (143, "")
     assert run.stderr.strip() == "camface: the line said at the exit (3 signals while it finished)"
 
+
+def test_the_forced_exit_line_is_seen_while_a_stuck_writer_captures_fd_2():
+    """The writer stuck while an encoder's fd-2 capture was open (`native_stderr_captured`: a
+    hang as the encoder opened): the forced exit's line went into the capture's file, which the
+    exit dropped, so Ctrl-C pressed three times ended the run without a word. It goes to the
+    stderr the process had."""
+    script = ("import signal, threading\n"
+              "from camface.native import native_stderr_captured\n"
+              "from camface.realtime.threads import signals_held\n"
+              "capturing = threading.Event()\n"
+              "def stuck_writer():\n"
+              "    with native_stderr_captured('x264 ['):\n"
+              "        capturing.set()\n"
+              "        threading.Event().wait()  # a file system that hangs\n"
+              "threading.Thread(target=stuck_writer, daemon=True).start()\n"
+              "capturing.wait()\n"
+              "with signals_held('camface: stopped without finishing'):\n"
+              "    for _ in range(3):\n"
+              "        signal.raise_signal(signal.SIGINT)\n"
+              "print('finished')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         preexec_fn=sigint_as_from_a_terminal)
+    assert (run.returncode, run.stdout) == (130, "")
+    assert run.stderr.strip() == "camface: stopped without finishing (3 signals while it finished)"
