@@ -82,6 +82,12 @@ def _opens(av, name: str) -> bool:
         return False
 
 
+class UnplacedError(OutputError):
+    """The new recording could not take the earlier file's place (`H264Writer._place`): it is
+    kept beside it (`unplaced`, named in the message). Raised by a `write`, the frame it was
+    given is in that file all the same (encoded before the placement was tried): it counts."""
+
+
 class H264Writer:
     """Writes uint8 BGR [height, width, 3] frames of exactly `size` (width, height; even
     numbers) at `fps` as H.264 (yuv420p, BT.601 limited range) in a fragmented MP4.
@@ -253,8 +259,8 @@ class H264Writer:
         except OSError as exc:
             self._failed = True
             self._written = self.unplaced = keep_unplaced(staged, self._final)
-            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
-                              f"as {self.unplaced}") from exc
+            raise UnplacedError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
+                                f"as {self.unplaced}") from exc
         self._written = self._final
 
     @property

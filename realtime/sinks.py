@@ -352,8 +352,13 @@ class VideoSink:
             else:
                 self._writer.write(frame, None if elapsed is None else round(elapsed * CLOCK_HZ))
                 self.frames_written += 1
-        except BaseException:
+        except BaseException as exc:
             self._failed = True
+            if self.encoder != "mp4v":
+                from camface.realtime.fmp4 import UnplacedError
+
+                if isinstance(exc, UnplacedError):  # only the placement failed: the frame is in the
+                    self.frames_written += 1  # file the recording is kept in, which the error names
             raise
 
     def _write_mp4v(self, frame: np.ndarray, slot: int | None) -> None:
