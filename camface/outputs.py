@@ -10,7 +10,7 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from camface.errors import CamfaceError, OutputError
@@ -97,7 +97,8 @@ def _hidden_name(final: Path, tail: str) -> str:
     return f".{os.fsdecode(name)}{tail}"
 
 
-def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int | None:
+def place_over(staged: Path, final: Path, staged_fd: int | None = None,
+               moved: Callable[[Path], None] | None = None) -> int | None:
     """Put the file `staged` (written `beside` the existing file `final`) in `final`'s place,
     so that `final`'s name, its other hard links, its owner, group and mode all show the new
     bytes. `staged_fd`: a descriptor open on `staged` (one is opened when None).
@@ -116,7 +117,10 @@ def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int |
     earlier ones, or, when the copy failed part-way (a full disk), a cut copy of the new ones.
     While the copy runs `staged` is named `beside` `final` under the tag "unplaced": a kill (or
     Ctrl-C) during it leaves `final` cut and the new bytes there, which the next recording to
-    `final` keeps (it removes the "partial" files of killed runs)."""
+    `final` keeps (it removes the "partial" files of killed runs). `moved(path)`, when given, is
+    told each name the new bytes take meanwhile (the "unplaced" one, then `staged` again), so that
+    a caller asked where they are while the copy runs (a forced exit's line, a Ctrl-C in it) names
+    the file that holds them."""
     try:
         earlier = os.stat(final)
     except FileNotFoundError:  # removed meanwhile: nothing to keep
@@ -136,15 +140,19 @@ def place_over(staged: Path, final: Path, staged_fd: int | None = None) -> int |
             return None
         except PermissionError as exc:  # a sticky folder: another user's file is theirs to replace
             log.debug("%s cannot be renamed over (%s); copied into it", final, exc.strerror or exc)
+    moved = moved or (lambda path: None)
     copied = keep_unplaced(staged, final)  # (`staged` itself where it cannot be renamed: Windows, open)
+    moved(copied)
     try:
         fd = copy_into(copied, final)
     except OSError:
         with contextlib.suppress(OSError):  # (the caller keeps it: `keep_unplaced`)
             os.replace(copied, staged)
+            moved(staged)
         raise
     with contextlib.suppress(OSError):  # (a kill now leaves it "partial": `final` holds it whole)
         os.replace(copied, staged)
+        moved(staged)
     return fd
 
 

@@ -246,7 +246,7 @@ class H264Writer:
         live = not self._file.closed
         self._staged = None  # placed once, or never: a failure leaves the recording where it is
         try:
-            target = place_over(staged, self._final, self._file.fileno() if live else None)
+            target = place_over(staged, self._final, self._file.fileno() if live else None, self._moved)
             if target is not None:
                 try:
                     if live:
@@ -261,7 +261,18 @@ class H264Writer:
             self._written = self.unplaced = keep_unplaced(staged, self._final)
             raise UnplacedError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
                                 f"as {self.unplaced}") from exc
+        except BaseException:  # Ctrl-C in the copy (a writer in the main thread): where it left them
+            self._failed = True
+            if self._written != staged:
+                self.unplaced = self._written
+                log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
+                            "recording is kept as %s", self.path, self.unplaced)
+            raise
         self._written = self._final
+
+    def _moved(self, path: Path) -> None:
+        """`place_over` renamed the new recording's file to `path` (see `written`)."""
+        self._written = path
 
     @property
     def written(self) -> Path:

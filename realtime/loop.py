@@ -366,7 +366,8 @@ def stuck_writer_line(sink) -> str:
     """The line a run whose writer did not return ends with (`signals_held`): where the frames
     of `sink` (a VideoSink, or None) that reached the disk are as it ends: the recording's path,
     or the file beside it that a recording over an earlier one is written to until it takes its
-    place, which the next recording to the path removes (a killed run's)."""
+    place, which the next recording to the path removes (a killed run's), or is copied from while
+    it takes its place (an "unplaced" file, which nothing removes)."""
     line = "camface: stopped without finishing: the writer of recordings and snapshots did not return"
     if sink is None:
         return line

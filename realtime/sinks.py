@@ -134,6 +134,10 @@ class Mp4vWriter:
         recording takes the earlier one's place, or the one it was kept in (`unplaced`)."""
         return self._written
 
+    def _moved(self, path: Path) -> None:
+        """`place_over` renamed the new recording's file to `path` (see `written`)."""
+        self._written = path
+
     def close(self) -> None:
         """Finalise the file, then read its index back: OpenCV's writer reports no write
         error, so a full disk would otherwise leave an unplayable file (its index, written
@@ -158,7 +162,7 @@ class Mp4vWriter:
         staged, self._staged = self._staged, None
         if readable > 0:
             try:
-                target = place_over(staged, self._final)
+                target = place_over(staged, self._final, moved=self._moved)
                 if target is not None:
                     os.close(target)
                     with contextlib.suppress(OSError):  # placed: one left is removed by the next recording
@@ -167,6 +171,12 @@ class Mp4vWriter:
                 self._written = self.unplaced = keep_unplaced(staged, self._final)
                 raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}; the new recording is kept "
                                   f"as {self.unplaced}") from exc
+            except BaseException:  # Ctrl-C in the copy (bench, the API: a close in the main thread)
+                if self._written != staged:
+                    self.unplaced = self._written
+                    log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
+                                "recording is kept as %s", self._path, self.unplaced)
+                raise
             self._written = self._final
             return
         self.kept_earlier = True
@@ -262,6 +272,7 @@ class VideoSink:
         self._unplaced: Path | None = None  # the new recording's file, when it could not take the earlier one's place
         self._failed = False  # a write or the close raised: the file may hold fewer frames
         self._writer = None
+        self._closing = None  # the writer while its close runs
         self._closed = False
         self._size: tuple[int, int] | None = None  # (width, height)
         self._resized = False  # a frame of another size was scaled (said once)
@@ -396,6 +407,7 @@ class VideoSink:
     def _finish(self, say_removed: bool) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
+            self._closing = writer  # (`kept_in` while it closes: it may be placing the file, a copy)
             try:
                 writer.close()
             except BaseException:
@@ -408,6 +420,7 @@ class VideoSink:
                     log.warning("camface: %s keeps its earlier file: the recording holds no frame", self.path)
                 elif self._unplaced is None:  # (else the error names the file the recording is in)
                     self._remove_if_empty(say_removed)
+                self._closing = None
             log.debug("recording %s finalised (%s): %d frames", self.path, self.encoder, self.frames_written)
 
     def _remove_if_empty(self, say: bool) -> None:
@@ -447,7 +460,7 @@ class VideoSink:
         file is written beside it (until its first whole frame, mp4v: until its close), that
         file; where the new recording could not take the earlier file's place, the file beside
         it that the error named (`keep_unplaced`)."""
-        writer = self._writer
+        writer = self._writer or self._closing
         return (writer.written if writer is not None else None) or self._unplaced or self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:

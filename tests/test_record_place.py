@@ -202,7 +202,7 @@ def test_a_run_whose_recording_could_not_be_placed_names_the_file_it_is_in(tmp_p
     assert recorder.recordings[0][1] == count_frames(kept) == len(decoded_greys(kept))  # (H.264: as above)
 
 
-def test_a_copy_cut_short_by_a_kill_keeps_the_new_recording(tmp_path, earlier, codec, monkeypatch):
+def test_a_copy_cut_short_by_a_kill_keeps_the_new_recording(tmp_path, earlier, codec, monkeypatch, caplog):
     """A copy into the earlier file cut short (Ctrl-C pressed three times while a long mp4v
     recording was copied at its close ends the process at once; here an interrupt half-way) left
     the new recording in its staged "partial" file, which the next recording to the path removes
@@ -217,7 +217,7 @@ def test_a_copy_cut_short_by_a_kill_keeps_the_new_recording(tmp_path, earlier, c
 
     monkeypatch.setattr(outputs.shutil, "copyfileobj", killed_half_way)
     sink = VideoSink(earlier, FPS, overwrite=True, codec=codec)
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
         with sink:
             for frame in frames(NEW, 20):
                 sink.write(frame)
@@ -225,3 +225,39 @@ def test_a_copy_cut_short_by_a_kill_keeps_the_new_recording(tmp_path, earlier, c
     assert not left_beside(tmp_path)  # (what the next recording to it, or batch, removes)
     kept = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
     assert_new_recording(kept, NEW if codec == "mp4v" else 31)
+    # a Ctrl-C in a main thread's copy (bench; live holds signals while its writer copies) says
+    # where the new recording is, and the sink names that file; neither did
+    assert sink.kept_in == kept
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"camface: {earlier}: stopped while the new recording was copied over the earlier file: the new recording "
+        f"is kept as {kept}"]
+
+
+def test_a_writer_stuck_in_the_copy_names_the_file_that_holds_the_new_recording(tmp_path, earlier, codec,
+                                                                                monkeypatch):
+    """The live run's forced exit (Ctrl-C three times, its writer stuck on a file system that
+    hangs) names the file that holds what reached the disk: while the new recording was copied
+    into the earlier file, that is the "unplaced" file it is copied from, which the line did not
+    name (the "partial" name it had before the copy, gone, or the path, which holds a cut copy)."""
+    from camface.realtime.loop import stuck_writer_line
+
+    os.link(earlier, tmp_path / "link.mp4")
+    copy, seen = outputs.shutil.copyfileobj, []
+    sink = VideoSink(earlier, FPS, overwrite=True, codec=codec)
+
+    def copy_seen_from_the_main_thread(source, target, *args):
+        held = next(tmp_path.glob(".earlier.mp4.*.unplaced.mp4"))
+        seen.append((held, sink.kept_in, stuck_writer_line(sink)))
+        copy(source, target, *args)
+
+    monkeypatch.setattr(outputs.shutil, "copyfileobj", copy_seen_from_the_main_thread)
+    with sink:
+        for frame in frames(NEW, 20):
+            sink.write(frame)
+    monkeypatch.undo()
+    [(held, kept_in, line)] = seen
+    assert kept_in == held
+    assert line.endswith(f"what reached the disk is in {held}, not in {earlier}: move it away before recording to "
+                         f"{earlier} again")
+    assert sink.kept_in == earlier and sink.frames_kept == NEW
+    assert_new_recording(earlier)
