@@ -542,6 +542,32 @@ def test_signal_mid_clip_leaves_a_playable_recording(tmp_path, sig, code):
     assert recorded > 0 and count_frames(out) == recorded
 
 
+def test_a_recording_that_fills_the_disk_keeps_its_frames_playable(tmp_path):
+    """A real write error, not a patched one: the file size limit (RLIMIT_FSIZE, as a full disk
+    to the writer: EFBIG instead of ENOSPC) stops the recording mid-fragment. The run ends with
+    an error naming the path, the file holds every frame the summary says it recorded, whole
+    (PyAV decodes them all), and nothing is left beside it."""
+    import resource
+
+    from camface.realtime.sinks import encoder_for
+
+    if encoder_for("auto") == "mp4v":
+        pytest.skip("no H.264 encoder here (mp4v writes its index last: a full disk loses it)")
+    out = tmp_path / "full.mp4"
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # (Python ignores SIGXFSZ)
+
+    run = subprocess.run([sys.executable, "-m", "camface", "live", "--source", "sample", "--no-show", "--record",
+                          str(out), "--max-frames", "300"], capture_output=True, text=True, env=ENV, timeout=180,
+                         cwd=tmp_path, preexec_fn=small_disk)
+    assert run.returncode == 2, run.stderr
+    assert f"camface: error: cannot write {out}: File too large" in run.stderr.splitlines()
+    recorded = int(run.stderr.split("recorded ")[1].split(f" frames to {out}")[0])
+    assert 0 < recorded < 300 and count_frames(out) == recorded == len(frame_times(out))
+    assert [p.name for p in tmp_path.iterdir()] == ["full.mp4"]
+
+
 STUCK_WRITER = """
 import sys, threading
 from camface.realtime import fmp4
