@@ -108,8 +108,8 @@ class H264Writer:
         # beside it and put in its place once the new one holds a whole frame (`_place`: renamed,
         # or copied into its inode): a run whose frames never reached the disk leaves the
         # earlier recording as it was.
-        self._final = Path(os.path.realpath(path))
-        self._staged = beside(self._final) if self._final.is_file() else None
+        self.final = Path(os.path.realpath(path))  # the file `path` names (through a link), as it opened
+        self._staged = beside(self.final) if self.final.is_file() else None
         self.kept_earlier = False  # closed with no whole frame: the earlier file was kept
         self.unplaced: Path | None = None  # the staged file, when it could not be put in place (`_place`)
         self._written = self._staged or Path(path)  # the file the frames go to
@@ -129,7 +129,7 @@ class H264Writer:
                     raise
                 # the earlier file's folder takes no new file (a link into a folder not ours, the
                 # file in it writable): written over in place, as before, the earlier one not kept
-                log.debug("%s: no file can be made beside %s; it is written over in place", path, self._final)
+                log.debug("%s: no file can be made beside %s; it is written over in place", path, self.final)
                 self._staged, self._written, self._made = None, Path(path), False
                 fd = os.open(self._written, flags, 0o666)
             self._file = open(fd, "wb", buffering=0)
@@ -137,7 +137,7 @@ class H264Writer:
             raise OutputError(f"cannot open {path} for writing: {exc.strerror or exc}") from exc
         if self._staged is not None:  # the earlier file's mode (a private 0600 recording stays private)
             with contextlib.suppress(OSError, NotImplementedError):  # (no fchmod: Windows)
-                os.chmod(self._file.fileno(), stat.S_IMODE(self._final.stat().st_mode))
+                os.chmod(self._file.fileno(), stat.S_IMODE(self.final.stat().st_mode))
         try:
             context = self._set_up(av, fps, size, encoder, options, clock_hz)
         except (av.FFmpegError, OSError, ValueError, TypeError, NotImplementedError) as exc:  # an unknown encoder
@@ -246,7 +246,7 @@ class H264Writer:
         live = not self._file.closed
         self._staged = None  # placed once, or never: a failure leaves the recording where it is
         try:
-            target = place_over(staged, self._final, self._file.fileno() if live else None, self._moved)
+            target = place_over(staged, self.final, self._file.fileno() if live else None, self._moved)
             if target is not None:
                 try:
                     if live:
@@ -258,7 +258,7 @@ class H264Writer:
                     staged.unlink()
         except OSError as exc:
             self._failed = True
-            self._written = self.unplaced = keep_unplaced(staged, self._final)
+            self._written = self.unplaced = keep_unplaced(staged, self.final)
             raise UnplacedError(f"cannot write {self.path}: {exc.strerror or exc}; the new recording is kept "
                                 f"as {self.unplaced}") from exc
         except BaseException:  # Ctrl-C in the copy (a writer in the main thread): where it left them
@@ -268,7 +268,7 @@ class H264Writer:
                 log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
                             "recording is kept as %s", self.path, self.unplaced)
             raise
-        self._written = self._final
+        self._written = self.final
 
     def _moved(self, path: Path) -> None:
         """`place_over` renamed the new recording's file to `path` (see `written`)."""

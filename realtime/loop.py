@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import queue
 import sys
 import threading
@@ -372,7 +371,7 @@ def stuck_writer_line(sink) -> str:
     if sink is None:
         return line
     held = sink.kept_in
-    if os.path.realpath(held) == os.path.realpath(sink.path):  # (placed: its real path, through a link)
+    if sink.in_place:  # (from memory: a realpath here waited on the file system that hangs)
         return f"{line}; {held} holds what reached the disk"
     return f"{line}; what reached the disk is in {held}, not in {sink.path}: move it away before recording to " \
            f"{sink.path} again"

@@ -107,8 +107,8 @@ class Mp4vWriter:
         # MPEG-4 caps the time base denominator at 65535: a measured rate like 192.103 fps
         # must be rounded (to 1/100 fps, or to whole frames when that is still too fine).
         fps = round(fps, 2) if fps * 100 < 65535 else float(round(fps))
-        self._final = Path(os.path.realpath(path))
-        self._staged = _made_beside(self._final, path) if self._final.is_file() else None
+        self.final = Path(os.path.realpath(path))  # the file `path` names (through a link), as it opened
+        self._staged = _made_beside(self.final, path) if self.final.is_file() else None
         self.kept_earlier = False  # closed with no frame readable: the earlier file was kept
         self.unplaced: Path | None = None  # the staged file, when it could not be put in place
         self._written = self._staged or Path(path)  # the file the frames go to
@@ -162,13 +162,13 @@ class Mp4vWriter:
         staged, self._staged = self._staged, None
         if readable > 0:
             try:
-                target = place_over(staged, self._final, moved=self._moved)
+                target = place_over(staged, self.final, moved=self._moved)
                 if target is not None:
                     os.close(target)
                     with contextlib.suppress(OSError):  # placed: one left is removed by the next recording
                         staged.unlink()
             except OSError as exc:
-                self._written = self.unplaced = keep_unplaced(staged, self._final)
+                self._written = self.unplaced = keep_unplaced(staged, self.final)
                 raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}; the new recording is kept "
                                   f"as {self.unplaced}") from exc
             except BaseException:  # Ctrl-C in the copy (bench, the API: a close in the main thread)
@@ -177,7 +177,7 @@ class Mp4vWriter:
                     log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
                                 "recording is kept as %s", self._path, self.unplaced)
                 raise
-            self._written = self._final
+            self._written = self.final
             return
         self.kept_earlier = True
         with contextlib.suppress(OSError):
@@ -462,6 +462,15 @@ class VideoSink:
         it that the error named (`keep_unplaced`)."""
         writer = self._writer or self._closing
         return (writer.written if writer is not None else None) or self._unplaced or self.path
+
+    @property
+    def in_place(self) -> bool:
+        """Whether `kept_in` is the path's own file (the recording placed, or never staged), told
+        without touching the disk: a forced exit asks while a file system hangs (`stuck_writer_line`)."""
+        writer = self._writer or self._closing
+        if writer is not None:
+            return writer.written in (self.path, writer.final)
+        return self._unplaced is None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:

@@ -261,3 +261,35 @@ def test_a_writer_stuck_in_the_copy_names_the_file_that_holds_the_new_recording(
                          f"{earlier} again")
     assert sink.kept_in == earlier and sink.frames_kept == NEW
     assert_new_recording(earlier)
+
+
+@pytest.mark.parametrize("over_earlier", [False, True])
+def test_the_forced_exit_line_is_made_without_touching_the_disk(tmp_path, earlier, codec, monkeypatch, over_earlier):
+    """The forced exit (Ctrl-C three times) is the way out of a writer stuck on a file system
+    that hangs; its line resolved the recording's path (os.path.realpath: an lstat of each part),
+    which waits on that file system too. It is told from memory: the path while the recording
+    is in place, the file beside it before its first fragment is placed (H.264; mp4v until its
+    close), the path's file once placed."""
+    from camface.realtime.loop import stuck_writer_line
+
+    path = earlier if over_earlier else tmp_path / "new.mp4"
+    real, lines = os.path.realpath, []
+
+    def hangs(*args, **kwargs):
+        raise AssertionError("the file system was asked (it hangs)")
+
+    with VideoSink(path, FPS, overwrite=True, codec=codec) as sink:
+        for n, frame in enumerate(frames(NEW, 20)):
+            sink.write(frame)
+            if n in (5, NEW - 1):
+                monkeypatch.setattr(os.path, "realpath", hangs)
+                lines.append(stuck_writer_line(sink))
+                monkeypatch.setattr(os.path, "realpath", real)
+    said = "camface: stopped without finishing: the writer of recordings and snapshots did not return"
+    if not over_earlier:
+        assert lines == [f"{said}; {path} holds what reached the disk"] * 2
+        return
+    staged = re.escape(str(tmp_path)) + r"/\.earlier\.mp4\.\d+-\w+\.partial\.mp4"
+    assert re.fullmatch(f"{re.escape(said)}; what reached the disk is in {staged}, not in {re.escape(str(path))}: "
+                        f"move it away before recording to {re.escape(str(path))} again", lines[0])
+    assert lines[1] == (lines[0] if codec == "mp4v" else f"{said}; {path} holds what reached the disk")
