@@ -219,15 +219,18 @@ class Held(StopRequest):
 
 
 @contextlib.contextmanager
-def _handled_by(handler: Held):
+def _handled_by(handler: Held, keep_ignored: bool = False):
     """While the block runs, `handler` takes SIGINT and SIGTERM (in the main thread; elsewhere
-    nothing is set)."""
+    nothing is set); keep_ignored: a signal ignored before the block (SIG_IGN: a job started in
+    the background by a shell, `nohup`) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield handler
         return
     previous: dict[int, object] = {}
     try:  # set one by one inside the try: a signal between the two must not leave one ignored
         for s in (signal.SIGINT, signal.SIGTERM):
+            if keep_ignored and signal.getsignal(s) is signal.SIG_IGN:
+                continue
             previous[s] = signal.signal(s, handler)
         yield handler
     finally:
@@ -240,8 +243,9 @@ def stop_then_held(forced: str | Callable[[], str] = UNFINISHED):
     own finishing (its `except` and `finally`) is never cut by a second signal, however soon
     after the first it comes. Set `finishing` on the object yielded as the finishing starts
     without a signal (the end of input, an error): signals are held from then on. A loop calls
-    its `check()` at each step: a first KeyboardInterrupt caught by library code still stops it."""
-    return _handled_by(Held(forced))
+    its `check()` at each step: a first KeyboardInterrupt caught by library code still stops it.
+    A signal ignored before the block stays ignored (the run never stopped by it, as before)."""
+    return _handled_by(Held(forced), keep_ignored=True)
 
 
 def signals_held(forced: str | Callable[[], str] = UNFINISHED):

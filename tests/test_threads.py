@@ -241,6 +241,21 @@ def test_stop_then_held_holds_every_signal_once_finishing(finishing):
     assert signals.held == ([signal.SIGINT] if finishing else []) and signals.signum == (0 if finishing else 2)
 
 
+
+def test_stop_then_held_leaves_an_ignored_signal_ignored():
+    """A run started in the background by a shell (SIGINT ignored) was never stopped by SIGINT:
+    it still is not."""
+    from camface.realtime.threads import stop_then_held
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_then_held() as signals:
+            signal.raise_signal(signal.SIGINT)
+            signals.check()
+        assert (signals.signum, signals.held) == (0, []) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
 def test_stop_then_held_ends_the_process_on_the_third_signal_after_the_stop():
     """The stop, then two held signals; the third held one ends the process with its code and
     the line as it is then."""
