@@ -13,6 +13,8 @@ import signal
 import threading
 from collections.abc import Callable
 
+from camface.native import write_to_stderr  # (imported here: never an import inside a signal handler)
+
 END = object()  # sent once by each producer when it has nothing more
 
 
@@ -210,8 +212,6 @@ class Held(StopRequest):
             line = self.forced() if callable(self.forced) else self.forced
         except Exception:  # (never in the way of the exit)
             line = UNFINISHED
-        from camface.native import write_to_stderr
-
         # to the stderr the user sees, even while an encoder's fd-2 capture holds fd 2 (a writer
         # stuck in it): the line was written into the capture's file, which the exit drops
         write_to_stderr(f"\n{line} ({len(self.held)} signals while it finished)\n".encode(errors="replace"))
