@@ -290,6 +290,17 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
     assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
 
 
+@pytest.mark.parametrize("bad, hint", [([3], True), ((3,), True), (np.array([3]), True), ([[1], [2, 3]], False)])
+def test_explain_takes_one_class_not_a_list_of_one(cam, bad, hint):
+    """`explain(frame, explained_class=[3])` was taken as class 3 without a word (a list of one
+    passed the per-crop check that explain_crops needs); a ragged list was numpy's traceback."""
+    hint = " (one class for every face; explain_crops takes one per crop)" if hint else ""  # not for a ragged list
+    with pytest.raises(UsageError, match=f"^explained_class must be an integer, got {re.escape(repr(bad) + hint)}$"):
+        cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
+    assert cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=np.array(3)).explained_class == 3  # 0-d
+    assert [p.explained for p in cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), class_index=[3])] == [3]
+
+
 @pytest.mark.parametrize("class_index", [[], (), np.zeros(0, np.int64), None, 3])
 def test_no_crops_with_no_classes_give_no_predictions(cam, class_index):
     """Zero crops (a frame without faces) and their per-crop classes, an empty list built the
