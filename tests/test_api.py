@@ -1064,6 +1064,22 @@ def test_a_file_that_is_no_onnx_model_is_said_to_be_one(tmp_path, content):
         camface.load(path, device="cpu")
 
 
+@pytest.mark.parametrize("detector, signature", [
+    ("short", r"input 'input' \[1, 128, 128, 3\], outputs boxes \[1, 896, 16\] and scores \[1, 896, 1\]"),
+    ("full", r"input 'input_1' \[1, 192, 192, 3\], outputs boxes \[1, 2304, 16\] and scores \[1, 2304, 1\]"),
+])
+def test_a_face_detector_given_as_the_model_is_said_to_be_one(detector, signature):
+    """A BlazeFace .onnx (the bundled detectors) loaded as the CAM graph ended 'a classifier
+    becomes one with `camface export models/detectors/blaze_face_short_range.onnx -o cam.onnx`'."""
+    from camface.models import DETECTORS_ONNX
+
+    path = DETECTORS_ONNX[detector]
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is a face detector model .BlazeFace: {signature}., "
+                                         "not a CAM graph: camface runs its own .detector='short' or 'full', "
+                                         "--detector.; the CAM graph is a face classifier's, made by `camface export`$"):
+        camface.load(path, device="cpu")
+
+
 def test_a_video_given_as_the_model_is_said_to_be_a_source(tmp_path, monkeypatch, clip):
     """`camface.load("talk.mp4")` (the video where the model goes) read the whole file into
     memory before ONNX Runtime refused it as 'INVALID_PROTOBUF': gigabytes for a long video.
