@@ -32,7 +32,7 @@ import numpy as np
 
 from camface.errors import UsageError
 from camface.realtime.config import LiveConfig, check, option
-from camface.realtime.frames import check_frame
+from camface.realtime.frames import check_frame, refuse_masked
 from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
@@ -403,6 +403,7 @@ class Pipeline:
                    else type(crops).__name__)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
                              f"({info.color_order}), got {got}")
+        refuse_masked(crops, "crops")  # its mask was dropped without a word, as a frame's
         method = self._heatmap(method)
         wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))

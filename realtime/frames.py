@@ -12,6 +12,16 @@ import numpy as np
 from camface.errors import UsageError
 
 
+def refuse_masked(array: np.ndarray, name: str) -> None:
+    """UsageError naming `name` when `array` is a numpy masked array with masked values: camface
+    reads pixel values only, so its mask was dropped without a word (the pixels under it read as
+    whatever they held). One with nothing masked is read as its data."""
+    if isinstance(array, np.ma.MaskedArray) and np.ma.is_masked(array):
+        raise UsageError(f"{name} is a masked array with {np.ma.count_masked(array)} masked values, and camface "
+                         "reads pixel values only: fill them (array.filled(0), black) or keep what they hold "
+                         "(array.data)")
+
+
 def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
     """frame itself when it is a uint8 BGR image [H, W, 3] (made contiguous), else UsageError
     naming it as `name`: the pipeline's verbs (`camface.api`) and both face detectors check
@@ -26,6 +36,7 @@ def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
         else:
             how = ""
         raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}{how}")
+    refuse_masked(frame, name)
     if frame.dtype != np.uint8:
         if frame.dtype.kind == "f":
             how = "scale floats in [0, 1] by 255 and convert with .astype(np.uint8)"

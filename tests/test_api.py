@@ -1029,6 +1029,28 @@ def test_the_pipelines_face_detector_checks_its_frames(astronaut_bgr, runtime):
                     detector.detect(frame)
 
 
+def test_a_masked_array_is_refused_not_read_without_its_mask(cam, two_faces):
+    """A numpy masked array's mask was dropped (np.ascontiguousarray): the pixels under it were
+    read as whatever they held. One with masked values is refused, naming the way out; one with
+    nothing masked is its data."""
+    hidden = np.ma.masked_array(two_faces, mask=np.zeros_like(two_faces, bool))
+    hidden[:, : two_faces.shape[1] // 2] = np.ma.masked  # one face hidden
+    count = int(hidden.mask.sum())
+    said = rf"is a masked array with {count} masked values, and camface reads pixel values only: fill them " \
+           r"\(array.filled\(0\), black\) or keep what they hold \(array.data\)$"
+    with pytest.raises(UsageError, match="^a frame " + said):
+        cam.explain(hidden)
+    with cam.face_detector() as detector, pytest.raises(UsageError, match="^a frame " + said):
+        detector.detect(hidden)
+    with pytest.raises(UsageError, match="^frame 0 of _FramesOnly " + said):
+        list(cam.process_video(_FramesOnly([hidden])))
+    crops = np.ma.masked_array(np.zeros((2, 64, 64, 1), np.uint8), mask=True)
+    with pytest.raises(UsageError, match=r"^crops is a masked array with 8192 masked values"):
+        cam.explain_crops(crops)
+    unmasked = cam.explain(np.ma.masked_array(two_faces))  # nothing masked: the frame itself
+    assert [f.box for f in unmasked.faces] == [f.box for f in cam.explain(two_faces).faces]
+
+
 def test_a_pil_image_says_how_to_convert_it(cam):
     from PIL import Image
 
