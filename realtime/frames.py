@@ -1,15 +1,19 @@
 """What a frame is inside camface: a uint8 BGR image [H, W, 3], and the check that says how to
-make one of what a caller gave instead (`check_frame`). Light: numpy only, so that the API and
-the face detectors share it."""
+make one of what a caller gave instead (`check_frame`); `RangeWatch` says once when a valid
+frame's values look like a mask's (0 and 1). Light: numpy only, so that the API and the face
+detectors share it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
 from camface.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def refuse_masked(array: np.ndarray, name: str) -> None:
@@ -58,3 +62,25 @@ def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
             how = ""
         raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}{how}")
     return np.ascontiguousarray(frame)
+
+
+class RangeWatch:
+    """Says once, a log warning, when a uint8 frame's values are all 0 or 1 and some are 1: a
+    boolean mask or a 0..1 image cast to uint8 (a valid frame, but no face is ever found in it;
+    an all-black frame is not said). Each face detector keeps one, so the frames of every front
+    end are watched.
+
+    Cost per frame: the max of 4 rows (about 2 us on 640x480); the whole frame is read (about 20
+    us) only when those rows hold nothing above 1 (a dark frame), and nothing once it has spoken."""
+
+    def __init__(self) -> None:
+        self.said = False
+
+    def __call__(self, frame: np.ndarray) -> None:
+        """frame: uint8 [H, W, C] (as `check_frame` returns it)."""
+        if self.said or frame[:: max(1, len(frame) // 4)].max() > 1 or frame.max() != 1:
+            return
+        self.said = True
+        log.warning("camface: a %dx%d frame holds values %d..1 only, but frames are uint8 BGR 0..255 (a boolean "
+                    "mask, or a 0..1 image cast to uint8?): no face is found in it; scale it to 0..255 "
+                    "(frame * 255). Said once", frame.shape[1], frame.shape[0], frame.min())

@@ -1051,6 +1051,26 @@ def test_a_masked_array_is_refused_not_read_without_its_mask(cam, two_faces):
     assert [f.box for f in unmasked.faces] == [f.box for f in cam.explain(two_faces).faces]
 
 
+@pytest.mark.parametrize("runtime", ["onnx", "mediapipe"])
+def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, runtime):
+    """A uint8 frame holding 0 and 1 only (a boolean mask, a 0..1 image cast to uint8) found no
+    face without a word. It is said once per detector, naming the range; a black frame and
+    ordinary frames are not."""
+    mask = (two_faces > 127).astype(np.uint8)
+    with camface.load(device="cpu", detector_runtime=runtime) as pipeline, \
+            caplog.at_level(logging.WARNING, logger="camface"):
+        assert len(pipeline.explain(two_faces).faces) == 2
+        assert not pipeline.explain(np.zeros_like(two_faces)).faces and not caplog.messages  # black: valid, unsaid
+        for _ in range(2):
+            assert not pipeline.explain(mask).faces
+        assert caplog.messages == [f"camface: a {two_faces.shape[1]}x{two_faces.shape[0]} frame holds values 0..1 "
+                                   "only, but frames are uint8 BGR 0..255 (a boolean mask, or a 0..1 image cast to "
+                                   "uint8?): no face is found in it; scale it to 0..255 (frame * 255). Said once"]
+        with pipeline.face_detector() as detector:  # each detector says it (process_video's, live's)
+            detector.detect(np.ones((48, 64, 3), np.uint8))
+        assert caplog.messages[1].startswith("camface: a 64x48 frame holds values 1..1 only")
+
+
 def test_a_pil_image_says_how_to_convert_it(cam):
     from PIL import Image
 
