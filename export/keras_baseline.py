@@ -20,7 +20,6 @@ baseline refuses to run in that process (`check_onednn_off`) rather than crash i
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,8 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from camface.errors import CamfaceError, ModelError
-
-log = logging.getLogger(__name__)
 
 
 def check_onednn_off() -> None:
