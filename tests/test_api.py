@@ -1071,6 +1071,25 @@ def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, runtime):
         assert caplog.messages[1].startswith("camface: a 64x48 frame holds values 1..1 only")
 
 
+def test_a_mask_after_a_black_stream_is_said_within_dark_every_frames():
+    """Past its first DARK_EVERY dark frames, a detector's watch reads the whole of one dark frame
+    in DARK_EVERY (a black stream's cost): a mask (its 1s in rows the cheap check skips) that
+    follows is said within DARK_EVERY frames, one in the first DARK_EVERY at once."""
+    from camface.realtime.frames import RangeWatch
+
+    black = np.zeros((480, 640, 3), np.uint8)
+    mask = black.copy()
+    mask[200:210, 300:320] = 1  # not in rows 0, 120, 240, 360
+    early, late = RangeWatch(), RangeWatch()
+    for _ in range(3):
+        early(black)
+    early(mask)
+    for _ in range(RangeWatch.DARK_EVERY + 15):
+        late(black)
+    waited = next(n for n in range(1, 2 * RangeWatch.DARK_EVERY) if late(mask) is None and late.said)
+    assert early.said and waited == RangeWatch.DARK_EVERY - 15
+
+
 def test_a_pil_image_says_how_to_convert_it(cam):
     from PIL import Image
 
