@@ -32,7 +32,7 @@ import numpy as np
 
 from camface.errors import UsageError
 from camface.realtime.config import LiveConfig, check, option
-from camface.realtime.frames import check_frame
+from camface.realtime.frames import check_frame, refuse_masked
 from camface.realtime.results import FrameResult, Prediction, is_saturated, predicted_classes
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ class Pipeline:
 
         frame = check_frame(frame)
         if explained_class is not None:
-            explained_class = int(_class_indices(explained_class, 1, len(self.labels), "explained_class")[0])
+            explained_class = int(_class_indices(explained_class, None, len(self.labels), "explained_class")[0])
         controls = Controls(method=self._heatmap(method),
                             explained_class=explained_class)
         with self._lock:  # one stream: two threads read the same index and raced the smoother's tracks
@@ -403,6 +403,7 @@ class Pipeline:
                    else type(crops).__name__)
             raise UsageError(f"crops must be uint8 [N, {expected[0]}, {expected[1]}, {expected[2]}] "
                              f"({info.color_order}), got {got}")
+        refuse_masked(crops, "crops")  # its mask was dropped without a word, as a frame's
         method = self._heatmap(method)
         wanted = (np.full(len(crops), -1, np.int64) if class_index is None else
                   _class_indices(class_index, len(crops), len(info.labels), "class_index", allow_predicted=True))
@@ -456,25 +457,34 @@ def _method(method: Any, default: str) -> str:
     return method
 
 
-def _class_indices(value: Any, count: int, classes: int, name: str, allow_predicted: bool = False) -> np.ndarray:
-    """int64 [count]: one class index for all, or one per item; UsageError naming `name` for a
-    non-integer, a wrong length or a class outside 0..classes-1 (-1 also, the predicted class,
-    with `allow_predicted`)."""
+def _class_indices(value: Any, count: int | None, classes: int, name: str, allow_predicted: bool = False) -> np.ndarray:
+    """int64 [count]: one class index for all, or one per item; count None: int64 [1], of one
+    integer only (`explain`'s class for every face: a list [3] was taken as 3). UsageError
+    naming `name` for a non-integer, a wrong length or a class outside 0..classes-1 (-1 also,
+    the predicted class, with `allow_predicted`)."""
     import numbers
 
+    size = 1 if count is None else count
     if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
-        indices = np.full(count, int(value) if -2 ** 62 < int(value) < 2 ** 62 else classes, np.int64)
+        indices = np.full(size, int(value) if -2 ** 62 < int(value) < 2 ** 62 else classes, np.int64)
     else:
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError):  # a ragged list: numpy's "inhomogeneous shape" traceback
+            array = np.asarray(None)
         if array.shape == (0,) and array.dtype.kind == "f":  # [] or (): numpy makes them float64
             array = array.astype(np.int64)
-        if array.dtype.kind not in "iu" or array.ndim > 1 or (array.ndim == 1 and len(array) != count):
-            what = "an integer" if count == 1 else f"an integer or {count} integers"  # not "1 integers"
+        if array.dtype.kind not in "iu" or array.ndim > (0 if count is None else 1) \
+                or (array.ndim == 1 and len(array) != count):
+            what = ("an integer" if count is None else "an integer or a list of one" if count == 1
+                    else f"an integer or {count} integers")  # not "1 integers"
             how = (f" (a class index: pipeline.labels.index({value!r}))"  # a name; "1" is said as it is
-                   if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else "")
+                   if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else
+                   " (one class for every face; explain_crops takes one per crop)" if count is None and array.ndim
+                   else "")
             raise UsageError(f"{name} must be {what}, got {value!r}{how}")
         # out of range beyond int64 (uint64) becomes `classes`, not a wrapped (maybe -1) index
-        indices = np.broadcast_to(np.where(array >= classes, classes, array).astype(np.int64), (count,))
+        indices = np.broadcast_to(np.where(array >= classes, classes, array).astype(np.int64), (size,))
     lowest = -1 if allow_predicted else 0
     if ((indices < lowest) | (indices >= classes)).any():
         predicted = " or -1 (the predicted class)" if allow_predicted else ""

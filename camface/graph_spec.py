@@ -315,6 +315,16 @@ def auto_method(info: GraphInfo) -> tuple[str, str]:
     return (FALLBACK_METHOD if FALLBACK_METHOD in offered or not offered else offered[0]), why
 
 
+def _is_face_detector(inputs: Mapping[str, Sequence], outputs: Mapping[str, Sequence]) -> bool:
+    """Whether a model's signature is BlazeFace's (the bundled models/detectors/*.onnx, whose
+    tensor names differ): one image input [1, S, S, 3], S = 128 or 192 (camface.realtime.blazeface's
+    ANCHORS), and two outputs, boxes [1, N, 16] and scores [1, N, 1]."""
+    shapes = [list(shape or []) for shape in inputs.values()]
+    widths = sorted(list(shape or [0])[-1] for shape in outputs.values())
+    return (len(shapes) == 1 and len(shapes[0]) == 4 and shapes[0][1] == shapes[0][2] in (128, 192)
+            and shapes[0][3] == 3 and widths == [1, 16])
+
+
 def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outputs: Mapping[str, Sequence],
              metadata: Mapping[str, str], types: Mapping[str, str] | None = None) -> GraphInfo:
     """Check that a loaded ONNX model is a CAM graph and read its metadata.
@@ -335,6 +345,13 @@ def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outp
     missing += [n for n in REQUIRED_OUTPUTS if n not in outputs]
     if not any(name in outputs for name in _methods.METHODS):
         missing.append("a heatmap output")
+    if missing and _is_face_detector(shapes, outputs):  # was "a classifier becomes one with `camface export`"
+        (name, shape), = shapes.items()
+        boxes, scores = sorted((list(s) for s in outputs.values()), key=lambda s: -s[-1])
+        raise ModelError(f"{where} is a face detector model (BlazeFace: input {name!r} {list(shape)}, outputs boxes "
+                         f"{boxes} and scores {scores}), not a CAM graph: camface runs "
+                         "its own (detector='short' or 'full', --detector); the CAM graph is a face classifier's, "
+                         "made by `camface export`")
     if missing:
         # none of the CAM graph's own names: a forward-only model (a classifier's .onnx), which export turns into one
         plain = INPUT_CLASS not in inputs and OUTPUT_ACTIVATIONS not in outputs and "a heatmap output" in missing

@@ -12,12 +12,14 @@ here it is built once, so the comparison measures the per-face eager tape, not m
 
 TensorFlow is imported in `KerasGradCam.__init__`, never at module level; `camface bench`
 loads this module only for `--baseline keras`. TF_ENABLE_ONEDNN_OPTS=0 is set before that
-import: eager convolution gradients segfault in oneDNN on some CPUs (TF 2.21).
+import: eager convolution gradients segfault in oneDNN on some CPUs (TF 2.21: the eager
+gradient of every Conv2D computes Conv2DBackpropFilter too, which crashes). TensorFlow reads
+the variable once, when it loads: one imported before it was set keeps oneDNN on, so the
+baseline refuses to run in that process (`check_onednn_off`) rather than crash it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -25,23 +27,42 @@ from pathlib import Path
 
 import numpy as np
 
-from camface.errors import ModelError
+from camface.errors import CamfaceError, ModelError
 
-log = logging.getLogger(__name__)
+
+def check_onednn_off() -> None:
+    """CamfaceError when this process's TensorFlow is loaded with oneDNN on, where the eager
+    baseline crashes (a segfault in Conv2DBackpropFilter); nothing when TensorFlow is not loaded
+    yet (`_import_tensorflow` sets TF_ENABLE_ONEDNN_OPTS=0 first). TensorFlow fixes the setting
+    when it loads: setting the variable afterwards (a module that imported TensorFlow before
+    `camface bench` ran in the same process) left it on, and the old check of the variable alone
+    said nothing."""
+    if "tensorflow" not in sys.modules:
+        return
+    try:  # the setting TensorFlow loaded with (private, but the only place that says it)
+        from tensorflow.python.util import _pywrap_util_port
+
+        on = bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # a TensorFlow without it: the variable is all there is
+        on = os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0"
+    if on:
+        raise CamfaceError("the Keras baseline cannot run in this process: TensorFlow was loaded with oneDNN on "
+                           "(TF_ENABLE_ONEDNN_OPTS was not 0 when it was imported), and eager convolution gradients "
+                           "crash in oneDNN; set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (in the "
+                           "environment, or before `import tensorflow`), or run `camface bench` in a process of its own")
 
 
 def _import_tensorflow():
     if "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    elif os.environ.get("TF_ENABLE_ONEDNN_OPTS") != "0":
-        log.warning("camface: TensorFlow was imported before TF_ENABLE_ONEDNN_OPTS=0 was set; "
-                    "eager Grad-CAM may crash in oneDNN on this CPU")
+    check_onednn_off()  # before the import too: loaded already, it is said without loading keras
     from camface.native import quiet_native_stderr
 
     with quiet_native_stderr():  # CUDA-stub and absl start-up lines written straight to fd 2
         import tensorflow as tf
 
+    check_onednn_off()  # TF_ENABLE_ONEDNN_OPTS=1 in the environment
     return tf
 
 

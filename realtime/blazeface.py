@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from camface.errors import ModelError, UsageError
-from camface.realtime.frames import check_frame
+from camface.realtime.frames import RangeWatch, check_frame
 from camface.realtime.results import Face
 
 SCORE_CLIP = 100.0  # TensorsToDetectionsCalculatorOptions.score_clipping_thresh
@@ -165,6 +165,7 @@ class OnnxFaceDetector:
         self.quiet = quiet
         self.threads = threads
         self._session = None
+        self._range = RangeWatch()  # a 0/1 frame (a mask) finds no face: said once
 
     def __enter__(self) -> "OnnxFaceDetector":
         if not self.model_path.is_file():
@@ -211,6 +212,7 @@ class OnnxFaceDetector:
         if self._session is None:
             raise UsageError("OnnxFaceDetector used outside its `with` block (or after close())")
         frame = check_frame(frame)  # a float frame in [0, 1] found no face, an empty one raised inside OpenCV
+        self._range(frame)
         height, width = frame.shape[:2]
         size = self._spec.input_size
         tensor, x0, y0, side = letterbox(frame, size)

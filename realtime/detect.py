@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from camface.errors import ModelError, UsageError
-from camface.realtime.frames import check_frame
+from camface.realtime.frames import RangeWatch, check_frame
 from camface.native import quiet_native_stderr
 from camface.realtime.results import Face
 
@@ -68,6 +68,7 @@ class FaceDetector:
         self._detector = None
         self._mp = None
         self._last_ms = -1
+        self._range = RangeWatch()  # a 0/1 frame (a mask) finds no face: said once
 
     def __enter__(self) -> "FaceDetector":
         if not self.model_path.is_file():
@@ -116,6 +117,7 @@ class FaceDetector:
         if self._detector is None:
             raise UsageError("FaceDetector used outside its `with` block (or after close())")
         frame = check_frame(frame)  # a float frame in [0, 1] found no face, an empty one raised inside OpenCV
+        self._range(frame)
         height, width = frame.shape[:2]
         rgb = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=rgb)

@@ -1,15 +1,29 @@
 """What a frame is inside camface: a uint8 BGR image [H, W, 3], and the check that says how to
-make one of what a caller gave instead (`check_frame`). Light: numpy only, so that the API and
-the face detectors share it."""
+make one of what a caller gave instead (`check_frame`); `RangeWatch` says once when a valid
+frame's values look like a mask's (0 and 1). Light: numpy only, so that the API and the face
+detectors share it."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
 from camface.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def refuse_masked(array: np.ndarray, name: str) -> None:
+    """UsageError naming `name` when `array` is a numpy masked array with masked values: camface
+    reads pixel values only, so its mask was dropped without a word (the pixels under it read as
+    whatever they held). One with nothing masked is read as its data."""
+    if isinstance(array, np.ma.MaskedArray) and np.ma.is_masked(array):
+        raise UsageError(f"{name} is a masked array with {np.ma.count_masked(array)} masked values, and camface "
+                         "reads pixel values only: fill them (array.filled(0), black) or keep what they hold "
+                         "(array.data)")
 
 
 def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
@@ -26,6 +40,7 @@ def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
         else:
             how = ""
         raise UsageError(f"{name} must be a numpy array, uint8 BGR [H, W, 3]; got {type(frame).__name__}{how}")
+    refuse_masked(frame, name)
     if frame.dtype != np.uint8:
         if frame.dtype.kind == "f":
             how = "scale floats in [0, 1] by 255 and convert with .astype(np.uint8)"
@@ -47,3 +62,33 @@ def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
             how = ""
         raise UsageError(f"{name} must be uint8 BGR [H, W, 3]; got shape {frame.shape}{how}")
     return np.ascontiguousarray(frame)
+
+
+class RangeWatch:
+    """Says once, a log warning, when a uint8 frame's values are all 0 or 1 and some are 1: a
+    boolean mask or a 0..1 image cast to uint8 (a valid frame, but no face is ever found in it;
+    an all-black frame is not said). Each face detector keeps one, so the frames of every front
+    end are watched.
+
+    Cost per frame (640x480): the max of 4 rows, about 2 us. Only when those rows hold nothing
+    above 1 (a dark frame) is the whole frame read (about 11 us more): the first DARK_EVERY dark
+    frames, then one in DARK_EVERY, so a black stream costs about 2.4 us a frame after its
+    first second. Nothing once said."""
+
+    DARK_EVERY = 30
+
+    def __init__(self) -> None:
+        self.said = False
+        self._dark = 0  # dark frames seen
+
+    def __call__(self, frame: np.ndarray) -> None:
+        """frame: uint8 [H, W, C] (as `check_frame` returns it)."""
+        if self.said or frame[:: max(1, len(frame) // 4)].max() > 1:
+            return
+        self._dark += 1
+        if (self._dark > self.DARK_EVERY and self._dark % self.DARK_EVERY) or frame.max() != 1:
+            return
+        self.said = True
+        log.warning("camface: a %dx%d frame holds values %d..1 only, but frames are uint8 BGR 0..255 (a boolean "
+                    "mask, or a 0..1 image cast to uint8?): no face is found in it; scale it to 0..255 "
+                    "(frame * 255). Said once", frame.shape[1], frame.shape[0], frame.min())

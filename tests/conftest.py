@@ -1,7 +1,16 @@
 """Shared fixtures: real face images that packages ship, written to tmp_path when needed."""
 
-import numpy as np
-import pytest
+import os
+
+# TensorFlow reads this once, when it loads, and eager convolution gradients crash in oneDNN on
+# this CPU (export/keras_baseline.py). Set here, before any test file is collected: a file that
+# imports TensorFlow when collected (test_onnx_engines' importorskip) loaded it with oneDNN on
+# before test_bench set the variable, when collected after it (`pytest tests/test_onnx_engines.py
+# tests/test_bench.py`), and the Keras baseline's test was a segfault.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

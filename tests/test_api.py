@@ -290,6 +290,17 @@ def test_bad_crops_and_classes_are_clear_errors(cam):
     assert type(result.explained_class) is int and json.dumps(result.to_dict())  # JSON-ready
 
 
+@pytest.mark.parametrize("bad, hint", [([3], True), ((3,), True), (np.array([3]), True), ([[1], [2, 3]], False)])
+def test_explain_takes_one_class_not_a_list_of_one(cam, bad, hint):
+    """`explain(frame, explained_class=[3])` was taken as class 3 without a word (a list of one
+    passed the per-crop check that explain_crops needs); a ragged list was numpy's traceback."""
+    hint = " (one class for every face; explain_crops takes one per crop)" if hint else ""  # not for a ragged list
+    with pytest.raises(UsageError, match=f"^explained_class must be an integer, got {re.escape(repr(bad) + hint)}$"):
+        cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=bad)
+    assert cam.explain(np.zeros((64, 64, 3), np.uint8), explained_class=np.array(3)).explained_class == 3  # 0-d
+    assert [p.explained for p in cam.explain_crops(np.zeros((1, 64, 64, 1), np.uint8), class_index=[3])] == [3]
+
+
 @pytest.mark.parametrize("class_index", [[], (), np.zeros(0, np.int64), None, 3])
 def test_no_crops_with_no_classes_give_no_predictions(cam, class_index):
     """Zero crops (a frame without faces) and their per-crop classes, an empty list built the
@@ -1018,6 +1029,67 @@ def test_the_pipelines_face_detector_checks_its_frames(astronaut_bgr, runtime):
                     detector.detect(frame)
 
 
+def test_a_masked_array_is_refused_not_read_without_its_mask(cam, two_faces):
+    """A numpy masked array's mask was dropped (np.ascontiguousarray): the pixels under it were
+    read as whatever they held. One with masked values is refused, naming the way out; one with
+    nothing masked is its data."""
+    hidden = np.ma.masked_array(two_faces, mask=np.zeros_like(two_faces, bool))
+    hidden[:, : two_faces.shape[1] // 2] = np.ma.masked  # one face hidden
+    count = int(hidden.mask.sum())
+    said = rf"is a masked array with {count} masked values, and camface reads pixel values only: fill them " \
+           r"\(array.filled\(0\), black\) or keep what they hold \(array.data\)$"
+    with pytest.raises(UsageError, match="^a frame " + said):
+        cam.explain(hidden)
+    with cam.face_detector() as detector, pytest.raises(UsageError, match="^a frame " + said):
+        detector.detect(hidden)
+    with pytest.raises(UsageError, match="^frame 0 of _FramesOnly " + said):
+        list(cam.process_video(_FramesOnly([hidden])))
+    crops = np.ma.masked_array(np.zeros((2, 64, 64, 1), np.uint8), mask=True)
+    with pytest.raises(UsageError, match=r"^crops is a masked array with 8192 masked values"):
+        cam.explain_crops(crops)
+    unmasked = cam.explain(np.ma.masked_array(two_faces))  # nothing masked: the frame itself
+    assert [f.box for f in unmasked.faces] == [f.box for f in cam.explain(two_faces).faces]
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "mediapipe"])
+def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, runtime):
+    """A uint8 frame holding 0 and 1 only (a boolean mask, a 0..1 image cast to uint8) found no
+    face without a word. It is said once per detector, naming the range; a black frame and
+    ordinary frames are not."""
+    mask = (two_faces > 127).astype(np.uint8)
+    with camface.load(device="cpu", detector_runtime=runtime) as pipeline, \
+            caplog.at_level(logging.WARNING, logger="camface"):
+        assert len(pipeline.explain(two_faces).faces) == 2
+        assert not pipeline.explain(np.zeros_like(two_faces)).faces and not caplog.messages  # black: valid, unsaid
+        for _ in range(2):
+            assert not pipeline.explain(mask).faces
+        assert caplog.messages == [f"camface: a {two_faces.shape[1]}x{two_faces.shape[0]} frame holds values 0..1 "
+                                   "only, but frames are uint8 BGR 0..255 (a boolean mask, or a 0..1 image cast to "
+                                   "uint8?): no face is found in it; scale it to 0..255 (frame * 255). Said once"]
+        with pipeline.face_detector() as detector:  # each detector says it (process_video's, live's)
+            detector.detect(np.ones((48, 64, 3), np.uint8))
+        assert caplog.messages[1].startswith("camface: a 64x48 frame holds values 1..1 only")
+
+
+def test_a_mask_after_a_black_stream_is_said_within_dark_every_frames():
+    """Past its first DARK_EVERY dark frames, a detector's watch reads the whole of one dark frame
+    in DARK_EVERY (a black stream's cost): a mask (its 1s in rows the cheap check skips) that
+    follows is said within DARK_EVERY frames, one in the first DARK_EVERY at once."""
+    from camface.realtime.frames import RangeWatch
+
+    black = np.zeros((480, 640, 3), np.uint8)
+    mask = black.copy()
+    mask[200:210, 300:320] = 1  # not in rows 0, 120, 240, 360
+    early, late = RangeWatch(), RangeWatch()
+    for _ in range(3):
+        early(black)
+    early(mask)
+    for _ in range(RangeWatch.DARK_EVERY + 15):
+        late(black)
+    waited = next(n for n in range(1, 2 * RangeWatch.DARK_EVERY) if late(mask) is None and late.said)
+    assert early.said and waited == RangeWatch.DARK_EVERY - 15
+
+
 def test_a_pil_image_says_how_to_convert_it(cam):
     from PIL import Image
 
@@ -1050,6 +1122,22 @@ def test_a_file_that_is_no_onnx_model_is_said_to_be_one(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is not an ONNX model .ONNX Runtime cannot parse "
                                          "it.: a CAM graph is the .onnx that `camface export` writes$"):
+        camface.load(path, device="cpu")
+
+
+@pytest.mark.parametrize("detector, signature", [
+    ("short", r"input 'input' \[1, 128, 128, 3\], outputs boxes \[1, 896, 16\] and scores \[1, 896, 1\]"),
+    ("full", r"input 'input_1' \[1, 192, 192, 3\], outputs boxes \[1, 2304, 16\] and scores \[1, 2304, 1\]"),
+])
+def test_a_face_detector_given_as_the_model_is_said_to_be_one(detector, signature):
+    """A BlazeFace .onnx (the bundled detectors) loaded as the CAM graph ended 'a classifier
+    becomes one with `camface export models/detectors/blaze_face_short_range.onnx -o cam.onnx`'."""
+    from camface.models import DETECTORS_ONNX
+
+    path = DETECTORS_ONNX[detector]
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is a face detector model .BlazeFace: {signature}., "
+                                         "not a CAM graph: camface runs its own .detector='short' or 'full', "
+                                         "--detector.; the CAM graph is a face classifier's, made by `camface export`$"):
         camface.load(path, device="cpu")
 
 

@@ -152,6 +152,35 @@ def test_keras_baseline_runs_on_the_same_frames(tmp_path, faces_clip, capsys):
                                                 / live["stages"]["classify"]["mean_ms"])
 
 
+def test_keras_baseline_refuses_a_tensorflow_loaded_with_onednn_on(tmp_path, faces_clip):
+    """TensorFlow imported before TF_ENABLE_ONEDNN_OPTS=0 was set (by a module of the same
+    process) keeps oneDNN on, and the baseline's eager convolution gradients killed the process
+    (a segfault in Conv2DBackpropFilter) after the live rows had run. Now a one-line error,
+    before any row."""
+    out = tmp_path / "baseline.json"
+    script = ("import os, sys\n"
+              "import tensorflow\n"
+              "from tensorflow.python.util import _pywrap_util_port\n"
+              "os.environ['TF_ENABLE_ONEDNN_OPTS'] = '0'  # too late: TensorFlow has read it\n"
+              "if not _pywrap_util_port.IsMklEnabled():\n"
+              "    sys.exit(99)\n"
+              "from camface.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    env = {name: value for name, value in os.environ.items() if name != "TF_ENABLE_ONEDNN_OPTS"}
+    run = subprocess.run([sys.executable, "-c", script, "bench", "--source", str(faces_clip), "--frames", "2",
+                          "--baseline", "keras", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if run.returncode == 99:
+        pytest.skip("this TensorFlow loads with oneDNN off")
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "camface: error: the Keras baseline cannot run in this process: TensorFlow was loaded with oneDNN on "
+        "(TF_ENABLE_ONEDNN_OPTS was not 0 when it was imported), and eager convolution gradients crash in oneDNN; "
+        "set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (in the environment, or before `import "
+        "tensorflow`), or run `camface bench` in a process of its own")
+    assert not out.exists() and "Speed" not in run.stdout  # refused before any row
+
+
 def test_keras_baseline_computes_the_graphs_gradcam(astronaut_bgr):
     """The baseline explains the same thing as the graph: same probabilities, same Grad-CAM
     (arXiv:1610.02391 eq. 1-2) at the graph's target layer, for the predicted and a chosen class."""

@@ -980,26 +980,33 @@ def test_a_reconnected_stream_is_a_cut_for_the_carried_boxes():
     import queue
     import threading
 
-    class Reconnected(FakeCamera):  # frames of 100 and up: told from the first connection's
+    class Camera(FakeCamera):  # frames of `value`; stalls once `until()`
+        def __init__(self, value, until=lambda: False):
+            super().__init__()
+            self.value, self.until = value, until
+
         def read(self):
             ok, frame = super().read()
-            return ok, None if frame is None else frame // 2 + 100
+            ok = ok and not self.until()
+            return ok, np.full_like(frame, self.value) if ok else None
 
+    # the first connection stalls once the loop's reader has taken 3 of its frames (not after 12
+    # reads, which a loaded machine could let pass, reconnected, before the reader's first)
+    out: queue.Queue = queue.Queue()
     opened = []
 
     def opener(target, timeout):
         opened.append(target)
-        return FakeCamera(good=12) if len(opened) == 1 else Reconnected()
+        return Camera(1, until=lambda: out.qsize() >= 3) if len(opened) == 1 else Camera(100)
 
     source = LiveSource("rtsp://camera.local/live", timeout_s=1.0, reconnects=2, opener=opener, backoff_s=0.01)
-    out: queue.Queue = queue.Queue()
     with source:
         LiveLoop(LiveConfig(max_frames=25))._read(source, out, threading.Event(), 1, threading.Semaphore(100))
     items = [item for item in out.queue if isinstance(item, tuple)]  # (index, frame, cut), then END
     assert len(items) == 25 and len(opened) == 2 and source.passes == 1
     after = [int(frame[0, 0, 0]) >= 100 for _, frame, _ in items]
     first = after.index(True)
-    assert 1 <= first and all(after[first:])
+    assert 3 <= first and all(after[first:])
     assert [cut for _, _, cut in items] == [index == first for index in range(25)]
 
 
@@ -1014,21 +1021,26 @@ def test_a_reconnected_stream_is_smoothed_afresh(sample_frames, monkeypatch):
     after = np.ascontiguousarray(before // 2 + 60)  # the same faces, paler
 
     class Camera(FakeCamera):
-        def __init__(self, frame, good=None):
-            super().__init__(good)
-            self.frame = frame
+        def __init__(self, frame, until=lambda: False):
+            super().__init__()
+            self.frame, self.until = frame, until
 
         def read(self):
             ok, _ = super().read()
+            ok = ok and not self.until()
             return ok, self.frame.copy() if ok else None  # the loop draws on the frames it gets
 
+    # The first connection stalls once the loop has drawn 3 of its frames, not after 12 reads:
+    # read at ~200 fps from the moment the source is entered, those 12 were gone (reconnected)
+    # before a loaded machine had opened the detectors and started the loop's reader, so the
+    # loop's first frame was already after the cut (no cut at index > 0: StopIteration).
+    seen = []
     opened = []
 
     def opener(target, timeout):
         opened.append(target)
-        return Camera(before, good=12) if len(opened) == 1 else Camera(after)
+        return Camera(before, until=lambda: len(seen) >= 3) if len(opened) == 1 else Camera(after)
 
-    seen = []
     real_annotate = render.Renderer.annotate
 
     def spy_annotate(self, frame, result, *args):
@@ -1037,11 +1049,13 @@ def test_a_reconnected_stream_is_smoothed_afresh(sample_frames, monkeypatch):
 
     monkeypatch.setattr(render.Renderer, "annotate", spy_annotate)
     source = LiveSource("rtsp://camera.local/live", timeout_s=1.0, reconnects=2, opener=opener, backoff_s=0.01)
-    _run(LiveConfig(smooth=0.6, max_frames=16, pace="none"), source=source)
-    assert len(opened) == 2 and source.passes == 1 and len(seen) == 16
+    _run(LiveConfig(smooth=0.6, max_frames=24, pace="none"), source=source)
+    assert len(opened) == 2 and source.passes == 1 and len(seen) == 24
     cut = next(i for i, result in enumerate(seen) if result.index > 0 and
                {f.track_id for f in result.faces}.isdisjoint({f.track_id for f in seen[i - 1].faces}))
-    assert 1 <= cut <= 12 and len(seen[cut].faces) >= 2
+    # frames 0-2 are the first connection's; only the loop's frames in flight (its slots: 2 x
+    # QUEUE_SIZE + one per detector thread) and the newest frame read follow them before the cut
+    assert 3 <= cut <= len(seen) - 3 and len(seen[cut].faces) >= 2
     for result in seen[cut + 1:]:  # the same frame after the cut: the average is that frame's own
         assert [f.track_id for f in result.faces] == [f.track_id for f in seen[cut].faces]
         for got, first in zip(result.predictions, seen[cut].predictions):
