@@ -181,33 +181,43 @@ def cumprod(ctx, node, grads):
 
 
 def matmul(ctx, node, grads):
-    """numpy matmul of rank >= 2 operands: dA = g B^T, dB = A^T g, summed over the leading
-    axes an operand of lower rank was broadcast along."""
+    """numpy matmul: dA = g B^T, dB = A^T g, each summed back over the batch axes its operand
+    was broadcast along (a lower rank, or a size of 1: multi-query attention's shared keys); a
+    1-D operand taken as a row (A) or a column (B) and the output's lost axis put back in g."""
     b = ctx.builder
     a, c = node.input
     ranks = [ctx.rank(a), ctx.rank(c)]
-    if None in ranks or min(ranks) < 2:
-        raise ModelError(f"node {node.name!r} (MatMul): only operands of known rank >= 2 have "
-                         f"a rule (ranks {ranks})")
-    rank = max(ranks)
-    for x in (a, c):
-        shape, out = ctx.shape(x), ctx.shape(node.output[0])
-        lead = rank - len(shape)
-        if any(d == 1 and out[lead + i] != 1 for i, d in enumerate(shape[:-2])):
-            raise ModelError(f"node {node.name!r} (MatMul): batch axes of size 1 broadcast "
-                             "have no rule")
+    if None in ranks:
+        raise ModelError(f"node {node.name!r} (MatMul): only operands of known rank have a rule "
+                         f"(ranks {ranks})")
+    shapes = [list(ctx.shape(a)), list(ctx.shape(c))]
+    lost = ([-2] if ranks[0] == 1 else []) + ([-1] if ranks[1] == 1 else [])
+    if ranks[0] == 1:
+        a, shapes[0] = b.op("Reshape", [a, b.ints([1, -1])]), [1, *shapes[0]]
+    if ranks[1] == 1:
+        c, shapes[1] = b.op("Reshape", [c, b.ints([-1, 1])]), [*shapes[1], 1]
+    g = grads[0]
+    if lost:
+        g = b.unsqueeze(g, lost) if b.opset >= 13 else b.op("Unsqueeze", [g], axes=lost)
+    rank = max(len(s) for s in shapes)
+    out = ctx.shape(node.output[0])
+    batch = list(out[:rank - 2]) if out is not None and len(out) + len(lost) == rank else \
+        [None] * (rank - 2)
 
     def swap(t, r):
         return b.op("Transpose", [t], perm=list(range(r - 2)) + [r - 1, r - 2])
 
-    def reduce_to(product, x, r):
-        if r == rank:
-            return product
-        summed = b.reduce("ReduceSum", product, list(range(rank - r)), keepdims=False)
-        return b.op("Reshape", [summed, b.op("Shape", [x])])
+    def summed_to(product, rows, cols, x, shape, original):
+        """product [*batch, rows, cols] summed over the axes `x` (`shape`) was broadcast along,
+        then shaped as `original` (the operand before a 1-D one was made 2-D)."""
+        ctx.shapes[product], ctx.shapes[x] = [*batch, rows, cols], shape
+        summed = unbroadcast(ctx, product, x, product)
+        return summed if x == original else b.op("Reshape", [summed, b.op("Shape", [original])])
 
-    ga = reduce_to(b.op("MatMul", [grads[0], swap(c, ranks[1])]), a, ranks[0])
-    gc = reduce_to(b.op("MatMul", [swap(a, ranks[0]), grads[0]]), c, ranks[1])
+    ga = summed_to(b.op("MatMul", [g, swap(c, len(shapes[1]))]), shapes[0][-2], shapes[0][-1],
+                   a, shapes[0], node.input[0])
+    gc = summed_to(b.op("MatMul", [swap(a, len(shapes[0])), g]), shapes[1][-2], shapes[1][-1],
+                   c, shapes[1], node.input[1])
     return [ga, gc]
 
 

@@ -700,8 +700,29 @@ CASES.update({
     "Hardmax": ([node("Hardmax", ["x"], ["h"], axis=1), node("Mul", ["h", "x"])], [],
                 lambda t, F, x: F.one_hot(x.argmax(1), 3).permute(0, 3, 1, 2) * x),
 })
+# MatMul broadcasting an operand's batch axis of size 1 (multi-query attention: one key head
+# shared by every query head; a [1, ...] weight) or of rank 1 (x @ v, v @ x: a learnt query
+# vector), refused before
+W_HEADS = RNG.standard_normal((1, 3, 5, 4)).astype(np.float32) * 0.3
+V_QUERY = RNG.standard_normal(8).astype(np.float32)
+MATMUL_TOKENS = ("MatMul(1-D right, x @ v)", "MatMul(1-D left, v @ x)")
+CASES.update({
+    "MatMul(shared key head, multi-query attention)": (
+        [node("Slice", ["x", "zero", "one", "ax1"], ["k"]),
+         node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["x", "kt"])],
+        [init("zero", np.array([0])), init("one", np.array([1])), init("ax1", np.array([1]))],
+        lambda t, F, x: x @ x[:, :1].transpose(-1, -2)),
+    "MatMul(batch of 1 broadcast, w @ x)": ([node("MatMul", ["w", "x"])], [init("w", W_HEADS)],
+                                            lambda t, F, x: t.tensor(W_HEADS) @ x),
+    "MatMul(1-D right, x @ v)": ([node("MatMul", ["x", "v"])], [init("v", V_QUERY)],
+                                lambda t, F, x: x @ t.tensor(V_QUERY)),
+    "MatMul(1-D left, v @ x)": ([node("MatMul", ["v", "x"])], [init("v", V_QUERY[:5])],
+                               lambda t, F, x: t.tensor(V_QUERY[:5]) @ x),
+})
+# the heads' count unknown when exported: the axes to sum over are found at run time
+CASES["MatMul(shared key head, heads unknown)"] = CASES["MatMul(shared key head, multi-query attention)"]
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
-SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
+SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
                "LRN(size 1, defaults)": GROUPS, "LpPool(p 2, 1-D)": TOKENS})
 SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
@@ -710,6 +731,7 @@ SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
 # x's shape as the model declares it, where not x's own
 DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
+            "MatMul(shared key head, heads unknown)": (2, None, 4, 4),
             "Einsum(unknown-size axis broadcast, contracted)": (2, None, 4, 4)}
 OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
           "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12,
