@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from camface.errors import ModelError
-from camface.export.onnx_grad_context import (Context, attribute, float_tensor, scatter,
+from camface.export.onnx_grad_context import (Context, attribute, scatter,
                                                unbroadcast)
 
 def global_average_pool(ctx, node, grads):
@@ -258,6 +258,25 @@ def _refuse_dilated_same(node, dilations: Sequence[int]) -> str:
     return auto_pad
 
 
+def _refuse_dropped_ceil_window(ctx, node, kernel: Sequence[int]) -> None:
+    """ModelError naming the node where ceil_mode's last window would start past the input and
+    its begin padding: ONNX Runtime drops such a window (as torch does), ONNX's shape inference
+    keeps it, and the gradient graph, built on ONNX's shapes, would not run."""
+    if not attribute(node, "ceil_mode", 0):
+        return
+    x = node.input[0]
+    strides, dilations, pads = _spatial(node, ctx, x, kernel)
+    size, dims = ctx.static(x, node, "input")[2:], len(kernel)
+    for i in range(dims):
+        span = size[i] + pads[i] + pads[i + dims] - (kernel[i] - 1) * dilations[i] - 1
+        if -(-span // strides[i]) * strides[i] >= size[i] + pads[i]:
+            raise ModelError(f"node {node.name!r} ({node.op_type}): ceil_mode with a last window "
+                             f"that starts in the end padding (axis {i + 2}: size {size[i]}, "
+                             f"kernel {kernel[i]}, stride {strides[i]}, pads {pads[i]}, "
+                             f"{pads[i + dims]}) has no gradient rule (ONNX Runtime drops that "
+                             "window, ONNX's shapes keep it)")
+
+
 def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     """(strides, dilations, pads [begin..., end...]) with auto_pad resolved on static shapes."""
     dims = len(kernel)
@@ -278,10 +297,11 @@ def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     return strides, dilations, pads
 
 
-def _transpose_conv(ctx, node, grad, x, weights, kernel, group):
+def _transpose_conv(ctx, node, grad, x, weights, kernel, group, pads=None):
     """The input gradient of a convolution: ConvTranspose with the same weights, padded back to
-    the input's spatial size."""
-    strides, dilations, pads = _spatial(node, ctx, x, kernel)
+    the input's spatial size. pads: the node's own (auto_pad resolved) when None."""
+    strides, dilations, own = _spatial(node, ctx, x, kernel)
+    pads = own if pads is None else pads
     size = ctx.static(x, node, "input")[2:]
     out = ctx.static(node.output[0], node, "output")[2:]
     dims = len(kernel)
@@ -344,28 +364,41 @@ def conv_transpose(ctx, node, grads):
 
 
 def average_pool(ctx, node, grads):
-    """Each output's gradient shared equally over its window: a transposed convolution with a
-    ones kernel per channel (group = C), divided by the window's count first."""
+    """Each output's gradient shared equally over its window: divided by the window's count,
+    then a transposed convolution with a ones kernel per channel (group = C). ceil_mode's last
+    windows, which run past the end padding, are clipped there: the transposed convolution
+    pads the end as far as they reach."""
     b = ctx.builder
     x = node.input[0]
-    if attribute(node, "ceil_mode", 0):
-        raise ModelError(f"node {node.name!r}: AveragePool with ceil_mode has no rule")
     kernel = list(attribute(node, "kernel_shape"))
     channels = ctx.static(x, node, "input")[1]
-    ones = b.const(np.ones([channels, 1, *kernel], np.float32))
+    _refuse_dropped_ceil_window(ctx, node, kernel)
     strides, dilations, pads = _spatial(node, ctx, x, kernel)
-    grad = grads[0]
-    if attribute(node, "count_include_pad", 0) or not any(pads):
-        grad = b.op("Mul", [grad, b.const(1.0 / float(np.prod(kernel)))])
-    else:  # the count of real (unpadded) inputs under each window
-        window = b.op("AveragePool", [b.op("ConstantOfShape", [b.op("Shape", [x])],
-                                           value=float_tensor(1.0))],
-                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1,
-                      **({"dilations": dilations} if any(d != 1 for d in dilations) else {}))
-        counts = b.op("Mul", [window, b.const(float(np.prod(kernel)))])
-        grad = b.op("Div", [grad, counts])
-    padded = _transpose_conv(ctx, node, grad, x, ones, kernel, channels)
-    return [padded]
+    size = ctx.static(x, node, "input")[2:]
+    out = ctx.static(node.output[0], node, "output")[2:]
+    counts = _window_counts(size, out, kernel, strides, dilations, pads,
+                            bool(attribute(node, "count_include_pad", 0)))
+    grad = b.op("Div", [grads[0], b.const(counts)])
+    dims = len(kernel)
+    reach = [max(pads[i + dims], (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                 - size[i] - pads[i]) for i in range(dims)]
+    ones = b.const(np.ones([channels, 1, *kernel], np.float32))
+    return [_transpose_conv(ctx, node, grad, x, ones, kernel, channels, pads[:dims] + reach)]
+
+
+def _window_counts(size, out, kernel, strides, dilations, pads, include_pad: bool) -> np.ndarray:
+    """float32 [*out]: how many of each pooling window's taps an AveragePool divides by, those
+    on the input (count_include_pad 0) or on the input and its pads (1; ceil_mode's windows are
+    clipped at the end pad, as ONNX Runtime and torch count them)."""
+    dims = len(kernel)
+    counts = np.ones([], np.float32)
+    for i in range(dims):
+        taps = (np.arange(out[i])[:, None] * strides[i] - pads[i]
+                + np.arange(kernel[i])[None] * dilations[i])
+        low, high = (-pads[i], size[i] + pads[i + dims]) if include_pad else (0, size[i])
+        along = ((taps >= low) & (taps < high)).sum(axis=1).astype(np.float32)
+        counts = np.multiply.outer(counts, along)
+    return np.maximum(counts, 1.0)
 
 
 def _lp_slope(ctx, node, x: str, y: str, grad: str, p: int) -> tuple[str, str]:

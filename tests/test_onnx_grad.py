@@ -721,6 +721,27 @@ CASES.update({
 })
 # the heads' count unknown when exported: the axes to sum over are found at run time
 CASES["MatMul(shared key head, heads unknown)"] = CASES["MatMul(shared key head, multi-query attention)"]
+# AveragePool with ceil_mode (timm's ResNet-D downsampling: AvgPool2d(2, 2, ceil_mode=True,
+# count_include_pad=False) on odd sizes), refused before: the last window runs past the input
+# (and its end pad), each window divided by the taps it holds on the input (or on the input
+# and its pads, clipped at the end pad, as torch counts them)
+CEIL_ODD = ("AveragePool(ceil_mode, ResNet-D downsampling)",)
+CASES.update({
+    "AveragePool(ceil_mode, ResNet-D downsampling)": (
+        [node("AveragePool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)], [],
+        lambda t, F, x: F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)),
+    "AveragePool(ceil_mode, pads, include)": (
+        [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+              ceil_mode=1, count_include_pad=1)], [],
+        lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=True)),
+    "AveragePool(ceil_mode, pads, exclude)": (
+        [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+              ceil_mode=1)], [],
+        lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False)),
+    "AveragePool(ceil_mode, dilated, asymmetric pads, include)": (
+        [node("AveragePool", ["x"], kernel_shape=[2, 3], strides=[2, 3], dilations=[2, 1],
+              pads=[1, 0, 0, 2], ceil_mode=1, count_include_pad=1)], [], None),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -729,6 +750,7 @@ SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 21)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
+SHAPES.update({name: (2, 3, 5, 5) for name in CEIL_ODD})
 # x's shape as the model declares it, where not x's own
 DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
             "MatMul(shared key head, heads unknown)": (2, None, 4, 4),
@@ -981,6 +1003,11 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("MaxPool", ["x"], name="the_node", kernel_shape=[2, 3], dilations=[1, 2],
            auto_pad="SAME_LOWER")], [], 20,
      r"\(MaxPool\): auto_pad SAME_LOWER with dilations \[1, 2\] has no gradient rule"),
+    # ONNX's shapes keep a ceil_mode window starting in the end padding, ONNX Runtime drops it
+    ([node("AveragePool", ["x"], name="the_node", kernel_shape=[2, 2], strides=[2, 2],
+           pads=[0, 0, 1, 0], ceil_mode=1)], [], 20,
+     r"\(AveragePool\): ceil_mode with a last window that starts in the end padding \(axis 2: "
+     r"size 4, kernel 2, stride 2, pads 0, 1\) has no gradient rule"),
     ([node("ScatterElements", ["x", "at", "x"], name="the_node", reduction="mul")],
      [init("at", np.zeros(X_SHAPE, np.int64))], 20,
      r"\(ScatterElements\): reduction 'mul' has no gradient rule"),
@@ -995,7 +1022,8 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
         "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
-        "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "scatter mul",
+        "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "average pool ceil dropped",
+        "scatter mul",
         "scatter repeated", "gather_elements opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
