@@ -143,10 +143,10 @@ RULES: dict[str, Rule] = {
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
 DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
-    "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Clip": (0,), "Pow": (0,),
+    "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
     "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
     "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
-    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,), "Resize": (0,),
+    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "Resize": (0,),
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
     "ReduceLogSumExp": (0,), "ReduceLogSum": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),

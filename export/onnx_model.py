@@ -721,14 +721,15 @@ def settle_shapes(classifier: Classifier) -> Classifier:
     return dataclasses.replace(classifier, model=fixed)
 
 
-def differentiable(model, start: str) -> set[str]:
-    """Float tensors that depend on `start` through the inputs that carry gradient."""
+def differentiable(model, start: str, every_input: bool = False) -> set[str]:
+    """Float tensors that depend on `start` through the inputs that carry gradient (through
+    any float input with `every_input`: what a weight computed from `start` reaches)."""
     from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
 
     types = elem_types(model)
     live = {start}
     for node in model.graph.node:
-        carry = DIFFERENTIABLE_INPUTS.get(node.op_type)
+        carry = None if every_input else DIFFERENTIABLE_INPUTS.get(node.op_type)
         reads = [x for i, x in enumerate(node.input) if carry is None or i in carry]
         if node.op_type in ("Shape", "Size") or not any(x in live for x in reads):
             continue
@@ -742,6 +743,16 @@ def head(model, target: str, logits: str) -> list:
 
     live = differentiable(model, target)
     if logits not in live:
+        if logits in differentiable(model, target, every_input=True):
+            raise ModelError(f"the logits {logits!r} depend on target {target!r} only through "
+                             f"inputs that have no gradient rule: {_weights_from(model, target)}; "
+                             "choose a later target layer (--target-layer)")
+        narrowed = _not_float32_between(model, target, logits)
+        if narrowed:
+            raise ModelError(f"the logits {logits!r} depend on target {target!r} only through "
+                             f"tensors that are not float32 ({narrowed}); the gradient is float32 "
+                             "only: choose a later target layer (--target-layer) or export the "
+                             "model in float32")
         raise ModelError(f"the logits {logits!r} do not depend on target {target!r}")
     needed, nodes = {logits}, []
     for node in reversed(model.graph.node):
@@ -754,6 +765,39 @@ def head(model, target: str, logits: str) -> list:
         nodes.append(node)
         needed.update(reads)
     return nodes[::-1]
+
+
+def _weights_from(model, target: str) -> str:
+    """The inputs that depend on `target` but carry no gradient (a convolution's weights, a
+    norm's scale, computed from it), as "input 1 ('w') of node 'conv' (Conv), ..."."""
+    from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
+
+    depends = differentiable(model, target, every_input=True)
+    found = [f"input {i} ({x!r}) of node {node.name!r} ({node.op_type})"
+             for node in model.graph.node
+             for i, x in enumerate(node.input)
+             if x in depends and i not in DIFFERENTIABLE_INPUTS.get(node.op_type, (i,))]
+    return ", ".join(found)
+
+
+def _not_float32_between(model, target: str, logits: str) -> str:
+    """Where `logits` depend on `target` through float16, bfloat16 or double tensors (a head
+    cast to half precision): "node 'c' (Cast) makes float16 'h', ..."; "" where they do not."""
+    import onnx
+
+    types, reached = elem_types(model), {target}
+    for node in model.graph.node:
+        if node.op_type not in ("Shape", "Size") and any(x in reached for x in node.input):
+            reached.update(o for o in node.output if o)
+    if logits not in reached:
+        return ""
+    live = differentiable(model, target, every_input=True)
+    return ", ".join(
+        f"node {node.name!r} ({node.op_type}) makes "
+        f"{onnx.TensorProto.DataType.Name(types[o]).lower()} {o!r}"
+        for node in model.graph.node if any(x in live for x in node.input)
+        for o in node.output if types.get(o) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                                 onnx.TensorProto.BFLOAT16))
 
 
 def _spatial_pool_input(node, dims, values) -> str | None:

@@ -742,6 +742,22 @@ CASES.update({
         [node("AveragePool", ["x"], kernel_shape=[2, 3], strides=[2, 3], dilations=[2, 1],
               pads=[1, 0, 0, 2], ceil_mode=1, count_include_pad=1)], [], None),
 })
+# An exponent, a clamp bound or a PReLU slope computed from the target: its gradient was lost
+# (2 ** x refused as "the logits do not depend on the target")
+CASES.update({
+    "Pow(exponent from x, 2 ** x)": ([node("Pow", ["two", "x"])], [init("two", np.float32(2))],
+                                     lambda t, F, x: 2.0 ** x),
+    "Pow(|x| ** |x|)": ([node("Abs", ["x"], ["a"]), node("Pow", ["a", "a"])], [],
+                        lambda t, F, x: x.abs() ** x.abs()),
+    "Clip(bounds from x, torch.clamp(x, min, max))": (
+        [node("ReduceMean", ["x"], ["lo"], keepdims=0), node("ReduceMax", ["x"], ["m"], keepdims=0),
+         node("Mul", ["m", "half"], ["hi"]), node("Clip", ["x", "lo", "hi"])],
+        [init("half", np.float32(0.5))],
+        lambda t, F, x: t.clamp(x, min=x.mean(), max=0.5 * x.amax())),
+    "PRelu(slope from x)": ([node("ReduceMean", ["x", "nhw"], ["m"]), node("PRelu", ["x", "m"])],
+                            [init("nhw", np.array([0, 2, 3]))],
+                            lambda t, F, x: t.where(x > 0, x, x * x.mean((0, 2, 3), keepdim=True))),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -1008,6 +1024,15 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
            pads=[0, 0, 1, 0], ceil_mode=1)], [], 20,
      r"\(AveragePool\): ceil_mode with a last window that starts in the end padding \(axis 2: "
      r"size 4, kernel 2, stride 2, pads 0, 1\) has no gradient rule"),
+    # weights computed from the target (a dynamic convolution, an adaptive norm): refused, not
+    # silently left out of the gradient
+    ([node("Slice", ["x", "zero", "two", "ax0"], ["w"]), node("Conv", ["x", "w"], name="the_node")],
+     [init("zero", np.array([0])), init("two", np.array([2])), init("ax0", np.array([0]))], 20,
+     r"\(Conv\): its input 1 \('w'\) depends on target 'x', and the gradient rule of Conv "
+     r"covers input\(s\) 0 only"),
+    ([node("ReduceMean", ["x", "ax0"], ["s"], keepdims=0),
+      node("LayerNormalization", ["x", "s"], name="the_node", axis=1)], [init("ax0", np.array([0]))],
+     20, r"\(LayerNormalization\): its input 1 \('s'\) depends on target 'x'"),
     ([node("ScatterElements", ["x", "at", "x"], name="the_node", reduction="mul")],
      [init("at", np.zeros(X_SHAPE, np.int64))], 20,
      r"\(ScatterElements\): reduction 'mul' has no gradient rule"),
@@ -1023,7 +1048,7 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
         "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
         "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "average pool ceil dropped",
-        "scatter mul",
+        "conv weights from x", "layer norm scale from x", "scatter mul",
         "scatter repeated", "gather_elements opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
@@ -1093,3 +1118,19 @@ def test_rules_that_number_elements_below_opset_14(name, opset):
     expected = finite_differences(nodes, initializers, x, seed.astype(np.float64), opset=opset)
     np.testing.assert_allclose(grad, expected, atol=5e-3, rtol=1e-2)
     assert np.abs(grad).max() > 0.1
+
+
+@pytest.mark.parametrize("nodes, initializers, why", [
+    ([node("Slice", ["x", "zero", "two", "ax0"], ["w"]), node("Conv", ["image", "w"], name="the_conv")],
+     [init("zero", np.array([0])), init("two", np.array([2])), init("ax0", np.array([0])),
+      init("image", np.ones(X_SHAPE, np.float32))],
+     r"only through inputs that have no gradient rule: input 1 \('w'\) of node 'the_conv' \(Conv\)"),
+    ([node("Cast", ["x"], ["half"], name="the_cast", to=TensorProto.FLOAT16),
+      node("Relu", ["half"], ["r"]), node("Cast", ["r"], to=TensorProto.FLOAT)], [],
+     r"only through tensors that are not float32 \(node 'the_cast' \(Cast\) makes float16 'half'\)"),
+], ids=["weights only", "half precision"])
+def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, why):
+    """"The logits do not depend on the target" was said of logits that do, through a weight
+    computed from it or a head cast to half precision: what stops the gradient is named."""
+    with pytest.raises(ModelError, match=r"the logits 'y' depend on target 'x' " + why):
+        gradient_model(nodes, initializers)
