@@ -758,6 +758,47 @@ CASES.update({
                             [init("nhw", np.array([0, 2, 3]))],
                             lambda t, F, x: t.where(x > 0, x, x * x.mean((0, 2, 3), keepdim=True))),
 })
+# Attention (opset 23: torch's dynamo exporter writes one per F.scaled_dot_product_attention),
+# x [2, 4 heads, 5 tokens, 6]: grouped-query (fewer key/value heads), causal with fewer queries
+# than keys, a boolean mask and 3-D inputs; no rule before (only gradient-free maps exported)
+HEADS = (2, 4, 5, 6)
+HEAD_SLICES = [init("zero", np.array([0])), init("two", np.array([2])), init("four", np.array([4])),
+               init("three", np.array([3])), init("ax1", np.array([1])), init("ax2", np.array([2]))]
+ATTENTION_MASK = RNG.random((5, 5)) > 0.3
+
+
+def _attention_3d(t, F, x):
+    """3-D Attention: [N, S, H D] read as [N, H, S, D] and written back."""
+    q = x.reshape(2, 5, 24)
+
+    def heads(z):
+        return z.reshape(2, 5, 4, 6).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(heads(q), heads(q), heads(t.tanh(q)),
+                                       attn_mask=t.tensor(ATTENTION_MASK), scale=0.3)
+    return y.transpose(1, 2).reshape(2, 5, 24)
+
+
+ATTENTION_OP = ("Attention(self)", "Attention(grouped-query, 2 key/value heads)",
+                "Attention(causal, 3 queries of 5 keys)", "Attention(3-D, boolean mask, scale)")
+CASES.update({
+    "Attention(self)": ([node("Attention", ["x", "x", "x"])], [],
+                        lambda t, F, x: F.scaled_dot_product_attention(x, x, x)),
+    "Attention(grouped-query, 2 key/value heads)": (
+        [node("Slice", ["x", "zero", "two", "ax1"], ["k"]),
+         node("Slice", ["x", "two", "four", "ax1"], ["v"]), node("Attention", ["x", "k", "v"])],
+        HEAD_SLICES, lambda t, F, x: F.scaled_dot_product_attention(x, x[:, :2], x[:, 2:],
+                                                                    enable_gqa=True)),
+    "Attention(causal, 3 queries of 5 keys)": (
+        [node("Slice", ["x", "zero", "three", "ax2"], ["q"]),
+         node("Attention", ["q", "x", "x"], is_causal=1)], HEAD_SLICES,
+        lambda t, F, x: F.scaled_dot_product_attention(x[:, :, :3], x, x, is_causal=True)),
+    "Attention(3-D, boolean mask, scale)": (
+        [node("Reshape", ["x", "tokens"], ["t"]), node("Tanh", ["t"], ["v"]),
+         node("Attention", ["t", "t", "v", "keep"], scale=0.3, q_num_heads=4, kv_num_heads=4)],
+        [init("tokens", np.array([2, 5, 24])), init("keep", ATTENTION_MASK)],
+        _attention_3d),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -767,6 +808,7 @@ SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
 SHAPES.update({name: (2, 3, 5, 5) for name in CEIL_ODD})
+SHAPES.update({name: HEADS for name in ATTENTION_OP})
 # x's shape as the model declares it, where not x's own
 DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
             "MatMul(shared key head, heads unknown)": (2, None, 4, 4),
@@ -847,6 +889,7 @@ CASES.update({
                                (x - t.tensor(ZEROS_AT)).flip(1).cumprod(1)[:, :-1]], 1).flip(1)),
 })
 OPSETS.update({name: 26 for name in CASES if name.startswith("CumProd")})
+OPSETS.update({name: 23 for name in ATTENTION_OP})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -936,7 +979,8 @@ def test_every_listed_op_has_a_rule():
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
               "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
               "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum GatherElements "
-              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd").split()
+              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd "
+              "Attention").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -1033,6 +1077,8 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("ReduceMean", ["x", "ax0"], ["s"], keepdims=0),
       node("LayerNormalization", ["x", "s"], name="the_node", axis=1)], [init("ax0", np.array([0]))],
      20, r"\(LayerNormalization\): its input 1 \('s'\) depends on target 'x'"),
+    ([node("Attention", ["x", "x", "x"], name="the_node", softcap=2.0)], [], 23,
+     r"\(Attention\): softcap has no gradient rule"),
     ([node("ScatterElements", ["x", "at", "x"], name="the_node", reduction="mul")],
      [init("at", np.zeros(X_SHAPE, np.int64))], 20,
      r"\(ScatterElements\): reduction 'mul' has no gradient rule"),
@@ -1048,7 +1094,7 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
         "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
         "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "average pool ceil dropped",
-        "conv weights from x", "layer norm scale from x", "scatter mul",
+        "conv weights from x", "layer norm scale from x", "attention softcap", "scatter mul",
         "scatter repeated", "gather_elements opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
