@@ -346,19 +346,29 @@ def conv_transpose(ctx, node, grads):
         out = list(shape)[-dims:] if shape is not None else [n * s for n, s in zip(size, strides)]
         total = [strides[i] * (size[i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
                  - out[i] for i in range(dims)]
-        if any(t < 0 for t in total):
-            raise ModelError(f"node {node.name!r} (ConvTranspose): output size {out} beyond what "
-                             f"the input {size} reaches has no gradient rule")
+        if any(t < 0 for t in total) and shape is None:
+            raise ModelError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad} to an output "
+                             f"size {out} beyond what the input {size} reaches has no gradient "
+                             "rule (ONNX Runtime's output stops where the input reaches, ONNX's "
+                             "shapes do not)")
+        # an output_shape beyond that reach: ONNX Runtime leaves the last outputs 0, which pass
+        # no gradient (cropped from it by a Pad of negative amounts)
+        beyond = [0] * dims + [min(t, 0) for t in total]
+        total = [max(t, 0) for t in total]
         begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
         pads = begin + [t - b for t, b in zip(total, begin)]
     elif auto_pad == "VALID":
-        pads = [0] * (2 * dims)
+        pads, beyond = [0] * (2 * dims), [0] * (2 * dims)
     elif auto_pad == "NOTSET":
-        pads = list(attribute(node, "pads", [0] * 2 * dims))
+        pads, beyond = list(attribute(node, "pads", [0] * 2 * dims)), [0] * (2 * dims)
     else:
         raise ModelError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad} has no "
                          "gradient rule")
-    gx = ctx.builder.op("Conv", [grads[0], weights], kernel_shape=kernel, strides=strides,
+    grad = grads[0]
+    if any(beyond):  # cropped by a Pad of negative amounts
+        grad = ctx.builder.op("Pad", [grad, ctx.builder.ints(
+            [0, 0, *beyond[:dims], 0, 0, *beyond[dims:]])])
+    gx = ctx.builder.op("Conv", [grad, weights], kernel_shape=kernel, strides=strides,
                         dilations=dilations, pads=pads, group=int(attribute(node, "group", 1)))
     return [gx] + [None] * (len(node.input) - 1)
 

@@ -471,6 +471,10 @@ CASES.update({
               auto_pad="SAME_LOWER")], [init("w", W_CONVT)], None),
     "ConvTranspose(output_shape 7 x 8)": ([node("ConvTranspose", ["x", "w"], strides=[2, 2],
                                                 output_shape=[7, 8])], [init("w", W_CONVT)], None),
+    # the last rows and columns beyond what the input reaches stay 0 (refused before)
+    "ConvTranspose(output_shape 10 x 9, beyond the reach)": (
+        [node("ConvTranspose", ["x", "w"], strides=[2, 2], output_shape=[10, 9])],
+        [init("w", W_CONVT)], None),
     "ConvTranspose(asymmetric pads, stride 3)": (
         [node("ConvTranspose", ["x", "w"], strides=[3, 2], pads=[0, 2, 1, 0],
               output_padding=[2, 1])], [init("w", W_CONVT)], None),
@@ -1015,9 +1019,10 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
 
 
 @pytest.mark.parametrize("nodes, initializers, opset, why", [
-    ([node("ConvTranspose", ["x", "w"], name="the_node", strides=[2, 2], output_shape=[12, 9])],
-     [init("w", W_CONVT)], 20,
-     r"\(ConvTranspose\): output size \[12, 9\] beyond what the input \[4, 4\] reaches"),
+    ([node("ConvTranspose", ["x", "w"], name="the_node", strides=[3, 3], auto_pad="SAME_UPPER")],
+     [init("w", W_CONVT[:, :, :1, :1])], 20,
+     r"\(ConvTranspose\): auto_pad SAME_UPPER to an output size \[12, 12\] beyond what the input "
+     r"\[4, 4\] reaches has no gradient rule \(ONNX Runtime's output stops where the input reaches"),
     ([node("ConvTranspose", ["x", "w"], name="the_node", dilations=[2, 2], output_padding=[1, 1])],
      [init("w", W_CONVT)], 20, r"\(ConvTranspose\): output_padding \[1, 1\] not below the "
                                 r"strides \[1, 1\]"),
@@ -1089,7 +1094,7 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("GatherElements", ["x", "at"], name="the_node")], [init("at", np.zeros((1, 3, 4, 4),
                                                                               np.int64))], 15,
      r"\(GatherElements\): its gradient needs opset >= 16 \(the model has 15\)"),
-], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
+], ids=["deconv SAME beyond the reach", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
         "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
