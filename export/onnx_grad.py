@@ -122,6 +122,7 @@ RULES: dict[str, Rule] = {
     "LpPool": layers.lp_pool,
     "GlobalLpPool": layers.global_lp_pool,
     "Transpose": pointwise.transpose,
+    "Trilu": pointwise.trilu,
     "Concat": pointwise.concat,
     "Split": pointwise.split,
     "Slice": pointwise.slice_,
@@ -156,6 +157,7 @@ DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
     "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
     "CastLike": (0,), "RMSNormalization": (0,), "GatherElements": (0,),
     "ScatterElements": (0, 2), "CumProd": (0,), "Attention": (0, 1, 2),
+    "Trilu": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

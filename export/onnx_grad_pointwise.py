@@ -233,6 +233,12 @@ def gelu(ctx, node, grads):
     return [b.op("Mul", [grads[0], slope])]
 
 
+def trilu(ctx, node, grads):
+    """Trilu (torch.tril / triu): the gradient masked by the same triangle."""
+    return [ctx.builder.op("Trilu", [grads[0], *node.input[1:2]],
+                           upper=int(attribute(node, "upper", 1)))] + [None] * (len(node.input) - 1)
+
+
 def transpose(ctx, node, grads):
     perm = attribute(node, "perm")
     if perm is None:

@@ -803,6 +803,12 @@ CASES.update({
         [init("tokens", np.array([2, 5, 24])), init("keep", ATTENTION_MASK)],
         _attention_3d),
 })
+# torch.tril / triu on a computed tensor (Trilu, opset 14), with and without the diagonal offset
+CASES.update({
+    "Trilu(tril)": ([node("Trilu", ["x"], upper=0)], [], lambda t, F, x: t.tril(x)),
+    "Trilu(triu, k = 1)": ([node("Trilu", ["x", "one"])], [init("one", np.array(1))],
+                           lambda t, F, x: t.triu(x, 1)),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
@@ -984,7 +990,7 @@ def test_every_listed_op_has_a_rule():
               "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
               "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum GatherElements "
               "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd "
-              "Attention").split()
+              "Attention Trilu").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
