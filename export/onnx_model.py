@@ -149,20 +149,25 @@ _SAME_SHAPE_UNINFERRED = ("GroupNormalization", "MeanVarianceNormalization")
 
 def prepare(model, where: object = "model"):
     """Inline local functions and infer shapes (data propagation on, for Reshape targets); an
-    If whose condition the shapes decide is replaced by its branch (`onnx_fold`)."""
+    If whose condition the shapes decide is replaced by its branch (`onnx_fold`), a pool whose
+    ceil_mode window ONNX Runtime drops set to ceil_mode 0 (`onnx_ceil`)."""
     from onnx import inliner, shape_inference
 
     if model.functions:
         model = inliner.inline_local_functions(model)
+    from camface.export import onnx_ceil
     from camface.export.onnx_fold import fold_static_branches
 
     try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-        while _shape_like_input(model) or fold_static_branches(model, constants(model)):
-            model = shape_inference.infer_shapes(model, data_prop=True)
-        return model
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        while _shape_like_input(inferred) or fold_static_branches(inferred, constants(inferred)):
+            inferred = shape_inference.infer_shapes(inferred, data_prop=True)
     except Exception as exc:
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
+    # inferred again from the model before inference: the shapes inferred with the dropped
+    # windows stay in the graph's outputs otherwise
+    dropped = onnx_ceil.dropped_windows(inferred, shapes(inferred))
+    return prepare(onnx_ceil.floored(model, dropped), where) if dropped else inferred
 
 
 def _shape_like_input(model) -> bool:
