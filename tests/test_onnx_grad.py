@@ -1203,3 +1203,28 @@ def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, w
     computed from it or a head cast to half precision: what stops the gradient is named."""
     with pytest.raises(ModelError, match=r"the logits 'y' depend on target 'x' " + why):
         gradient_model(nodes, initializers)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_an_opset_11_hardmax_keeps_its_rows_when_the_export_converts_the_model(axis):
+    """Before opset 13 Hardmax reads its input as 2-D [before axis, from axis on];
+    onnx.version_converter kept the node as it was when the export converted the model to 17,
+    so the converted head's one-hot rows (and the gradient, h) were another's. The
+    converted model now gives the original's values and its gradient the finite differences."""
+    from camface.export import onnx_export
+
+    nodes = [node("Hardmax", ["x"], ["h"], axis=axis), node("Mul", ["h", "x"])]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(X_SHAPE))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    old.ir_version = 8
+    converted = onnx_model.prepare(onnx_export.upgrade(old))
+    x = _inputs("Hardmax")
+    seed = np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)
+    builder = GraphBuilder(17, taken={"x", "y", "seed"})
+    dx = onnx_cam.gradient(SimpleNamespace(model=converted, logits="y"), builder, "x", "seed")
+    y, grad = run_nodes(list(converted.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
+                        builder.initializers, opset=17)
+    np.testing.assert_array_equal(y, run_nodes(nodes, {"x": x}, ["y"], opset=11)[0])
+    np.testing.assert_allclose(grad, finite_differences(nodes, [], x, seed.astype(np.float64), opset=11),
+                               atol=5e-3, rtol=1e-2)
