@@ -43,7 +43,8 @@ def upgrade(model, source: object = "model"):
     if opset >= 16:
         return model
     try:
-        return version_converter.convert_version(_hardmax_rows(model) if opset < 13 else model, 17)
+        converted = version_converter.convert_version(_hardmax_rows(model) if opset < 13 else model, 17)
+        return _asymmetric_linear_resizes(model, converted) if opset < 11 else converted
     except Exception as exc:  # the converter raises several types for ops it cannot convert
         if opset >= 13:
             log.info("%s: kept at opset %d (conversion to 17 fails: %s)", source, opset, exc)
@@ -78,6 +79,22 @@ def _hardmax_rows(model):
     del copy.graph.node[:]
     copy.graph.node.extend(nodes)
     return copy
+
+
+def _asymmetric_linear_resizes(before, converted):
+    """`converted` (in place) with coordinate_transformation_mode asymmetric on the linear
+    Resizes that were a Resize (opset 10) or Upsample of `before`: their coordinates were
+    asymmetric, onnx.version_converter leaves the mode to opset 11's default (half_pixel) and
+    the converted model interpolated other values. Nearest ones come through alike."""
+    from onnx import helper
+
+    linear = {n.output[0] for n in before.graph.node if n.op_type in ("Resize", "Upsample") and any(
+        a.name == "mode" and a.s in (b"linear", b"bilinear") for a in n.attribute)}
+    for node in converted.graph.node:
+        if node.op_type == "Resize" and node.output[0] in linear and not any(
+                a.name == "coordinate_transformation_mode" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    return converted
 
 
 @dataclass(frozen=True)

@@ -1205,26 +1205,34 @@ def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, w
         gradient_model(nodes, initializers)
 
 
-@pytest.mark.parametrize("axis", [0, 1, 2])
-def test_an_opset_11_hardmax_keeps_its_rows_when_the_export_converts_the_model(axis):
-    """Before opset 13 Hardmax reads its input as 2-D [before axis, from axis on];
-    onnx.version_converter kept the node as it was when the export converted the model to 17,
-    so the converted head's one-hot rows (and the gradient, h) were another's. The
-    converted model now gives the original's values and its gradient the finite differences."""
+@pytest.mark.parametrize("nodes, initializers, opset", [
+    *[([node("Hardmax", ["x"], ["h"], axis=axis), node("Mul", ["h", "x"])], [], 11) for axis in (0, 1, 2)],
+    ([node("Resize", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 1.5]))], 10),
+    ([node("Upsample", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 2]))], 9),
+    ([node("Upsample", ["x"], mode="linear", scales=[1.0, 1.0, 1.5, 2.0])], [], 8),
+], ids=["hardmax axis 0", "hardmax axis 1", "hardmax axis 2", "resize 10 linear", "upsample 9 linear",
+        "upsample 8 linear"])
+def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(nodes, initializers, opset):
+    """onnx.version_converter keeps ops whose meaning changed as they are: Hardmax (before 13
+    one-hot over the 2-D view [before axis, from axis on], from 13 along the axis alone), and a
+    linear Resize of opset 10 or Upsample (asymmetric coordinates, half_pixel from 11). When
+    the export converted such a model to 17, the head it differentiated computed other values.
+    The converted model now gives the original's values, its gradient the finite differences."""
     from camface.export import onnx_export
 
-    nodes = [node("Hardmax", ["x"], ["h"], axis=axis), node("Mul", ["h", "x"])]
     graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, list(X_SHAPE))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    old.ir_version = 8
+        "x", TensorProto.FLOAT, list(X_SHAPE))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=initializers)
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    old.ir_version = 7
     converted = onnx_model.prepare(onnx_export.upgrade(old))
     x = _inputs("Hardmax")
-    seed = np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)
+    expected_y = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0]
+    seed = np.random.default_rng(1).standard_normal(expected_y.shape).astype(np.float32)
     builder = GraphBuilder(17, taken={"x", "y", "seed"})
     dx = onnx_cam.gradient(SimpleNamespace(model=converted, logits="y"), builder, "x", "seed")
     y, grad = run_nodes(list(converted.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
-                        builder.initializers, opset=17)
-    np.testing.assert_array_equal(y, run_nodes(nodes, {"x": x}, ["y"], opset=11)[0])
-    np.testing.assert_allclose(grad, finite_differences(nodes, [], x, seed.astype(np.float64), opset=11),
-                               atol=5e-3, rtol=1e-2)
+                        list(converted.graph.initializer) + builder.initializers, opset=17)
+    np.testing.assert_allclose(y, expected_y, atol=1e-6)
+    np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
+                                                        opset=opset), atol=5e-3, rtol=1e-2)
