@@ -787,7 +787,8 @@ def _weights_from(model, target: str) -> str:
 
 def _not_float32_between(model, target: str, logits: str) -> str:
     """Where `logits` depend on `target` through float16, bfloat16 or double tensors (a head
-    cast to half precision): "node 'c' (Cast) makes float16 'h', ..."; "" where they do not."""
+    cast to half precision) or quantized ones (a QuantizeLinear of a QDQ model): "node 'c'
+    (Cast) makes float16 'h', ..."; "" where they do not."""
     import onnx
 
     types, reached = elem_types(model), {target}
@@ -801,8 +802,9 @@ def _not_float32_between(model, target: str, logits: str) -> str:
         f"node {node.name!r} ({node.op_type}) makes "
         f"{onnx.TensorProto.DataType.Name(types[o]).lower()} {o!r}"
         for node in model.graph.node if any(x in live for x in node.input)
-        for o in node.output if types.get(o) in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                                                 onnx.TensorProto.BFLOAT16))
+        for o in node.output[:1] if o in types and (
+            types[o] in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+            or node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")))
 
 
 def _spatial_pool_input(node, dims, values) -> str | None:

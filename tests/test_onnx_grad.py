@@ -1197,10 +1197,15 @@ def test_rules_that_number_elements_below_opset_14(name, opset):
     ([node("Cast", ["x"], ["half"], name="the_cast", to=TensorProto.FLOAT16),
       node("Relu", ["half"], ["r"]), node("Cast", ["r"], to=TensorProto.FLOAT)], [],
      r"only through tensors that are not float32 \(node 'the_cast' \(Cast\) makes float16 'half'\)"),
-], ids=["weights only", "half precision"])
+    ([node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"], name="the_q"),
+      node("DequantizeLinear", ["q", "scale", "zero_point"], ["d"]), node("Relu", ["d"])],
+     [init("scale", np.float32(0.05)), init("zero_point", np.uint8(128))],
+     r"only through tensors that are not float32 \(node 'the_q' \(QuantizeLinear\) makes uint8 'q'\)"),
+], ids=["weights only", "half precision", "quantized"])
 def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, why):
     """"The logits do not depend on the target" was said of logits that do, through a weight
-    computed from it or a head cast to half precision: what stops the gradient is named."""
+    computed from it, a head cast to half precision or quantized: what stops the gradient is
+    named."""
     with pytest.raises(ModelError, match=r"the logits 'y' depend on target 'x' " + why):
         gradient_model(nodes, initializers)
 
