@@ -726,6 +726,12 @@ def settle_shapes(classifier: Classifier) -> Classifier:
     return dataclasses.replace(classifier, model=fixed)
 
 
+# ops whose outputs depend on their inputs' shapes and types only, not on their values; and the
+# inputs whose values an op reads, where not all (CastLike's second gives its type only)
+_VALUE_FREE = ("Shape", "Size", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+_VALUED_INPUTS = {"CastLike": (0,)}
+
+
 def differentiable(model, start: str, every_input: bool = False) -> set[str]:
     """Float tensors that depend on `start` through the inputs that carry gradient (through
     any float input with `every_input`: what a weight computed from `start` reaches)."""
@@ -734,9 +740,10 @@ def differentiable(model, start: str, every_input: bool = False) -> set[str]:
     types = elem_types(model)
     live = {start}
     for node in model.graph.node:
-        carry = None if every_input else DIFFERENTIABLE_INPUTS.get(node.op_type)
+        carry = _VALUED_INPUTS.get(node.op_type) if every_input else \
+            DIFFERENTIABLE_INPUTS.get(node.op_type)
         reads = [x for i, x in enumerate(node.input) if carry is None or i in carry]
-        if node.op_type in ("Shape", "Size") or not any(x in live for x in reads):
+        if node.op_type in _VALUE_FREE or not any(x in live for x in reads):
             continue
         live.update(o for o in node.output if o and types.get(o, FLOAT) == FLOAT)
     return live

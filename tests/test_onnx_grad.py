@@ -769,6 +769,12 @@ CASES.update({
          node("Mul", ["m", "half"], ["hi"]), node("Clip", ["x", "lo", "hi"])],
         [init("half", np.float32(0.5))],
         lambda t, F, x: t.clamp(x, min=x.mean(), max=0.5 * x.amax())),
+    # CastLike(c, x) reads x's type only (torch's dynamo exporter casts constants so): its
+    # output is no weight computed from the target
+    "Pad(value CastLike x, as dynamo casts constants)": (
+        [node("CastLike", ["c", "x"], ["v"]), node("Pad", ["x", "pads", "v"])],
+        [init("c", np.float32(0.3)), init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1]))],
+        lambda t, F, x: F.pad(x, (1, 1, 1, 1), value=0.3)),
     "PRelu(slope from x)": ([node("ReduceMean", ["x", "nhw"], ["m"]), node("PRelu", ["x", "m"])],
                             [init("nhw", np.array([0, 2, 3]))],
                             lambda t, F, x: t.where(x > 0, x, x * x.mean((0, 2, 3), keepdim=True))),
