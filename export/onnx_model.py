@@ -150,12 +150,17 @@ _SAME_SHAPE_UNINFERRED = ("GroupNormalization", "MeanVarianceNormalization")
 def prepare(model, where: object = "model"):
     """Inline local functions and infer shapes (data propagation on, for Reshape targets); an
     If whose condition the shapes decide is replaced by its branch (`onnx_fold`), a pool whose
-    ceil_mode window ONNX Runtime drops set to ceil_mode 0 (`onnx_ceil`)."""
+    ceil_mode window ONNX Runtime drops set to ceil_mode 0 (`onnx_ceil`), a piece of a
+    SplitToSequence read by a Slice (`onnx_sequences`); small computations on constants
+    (axes, shapes) folded into Constants first."""
     from onnx import inliner, shape_inference
 
     if model.functions:
         model = inliner.inline_local_functions(model)
     from camface.export import onnx_ceil
+    from camface.export.onnx_sequences import sequences_as_slices
+
+    model = sequences_as_slices(_small_constants_folded(model), constants(model))
     from camface.export.onnx_fold import fold_static_branches
 
     try:
@@ -281,7 +286,74 @@ def constants(model) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         if (value := constant_node_value(node)) is not None:
             found[node.output[0]] = value
+        elif (value := _folded(node, found)) is not None:
+            found[node.output[0]] = value
     return found
+
+
+# Small computations on constants that torch's dynamo exporter leaves unfolded (optimize=False,
+# which camface's own advice asks for): a Reduce's axes as Reshape(Constant, Constant)
+_FOLDED_UNARY = {"Identity": lambda x: x, "Neg": np.negative}
+_FOLDED_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+_FOLDED_MAX = 64  # elements: shapes, axes and scalars, not weights
+
+
+def _folded(node, found: dict) -> np.ndarray | None:
+    """The value of `node` (Identity, Neg, Add, Sub, Mul, Reshape, Squeeze, Unsqueeze, Concat,
+    Cast) when its inputs are small constants in `found`, else None."""
+    from onnx import helper
+
+    inputs = [found.get(x) for x in node.input if x]
+    if not inputs or any(v is None or v.size > _FOLDED_MAX for v in inputs) or \
+            len(inputs) != len(node.input):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op in _FOLDED_UNARY and len(inputs) == 1:
+        return _FOLDED_UNARY[op](inputs[0])
+    if op in _FOLDED_BINARY and len(inputs) == 2 and inputs[0].dtype == inputs[1].dtype:
+        return _FOLDED_BINARY[op](*inputs)
+    if op == "Reshape" and len(inputs) == 2 and not attrs.get("allowzero"):
+        shape = [d if d != 0 else inputs[0].shape[i] for i, d in enumerate(inputs[1].tolist())]
+        return inputs[0].reshape(shape)
+    if op in ("Squeeze", "Unsqueeze") and len(inputs) == 2:
+        axes = tuple(int(a) for a in inputs[1].reshape(-1))
+        return np.squeeze(inputs[0], axes) if op == "Squeeze" else np.expand_dims(inputs[0], axes)
+    if op == "Concat":
+        return np.concatenate(inputs, axis=int(attrs["axis"]))
+    if op == "Cast" and len(inputs) == 1:
+        return inputs[0].astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+    if op == "Range" and len(inputs) == 3:
+        values = np.arange(*(v.item() for v in inputs)).astype(inputs[0].dtype)
+        return values if values.size <= _FOLDED_MAX else None
+    return None
+
+
+def _small_constants_folded(model):
+    """`model` with each node `_folded` computes replaced by a Constant of its value (a copy;
+    `model` itself when there is none): ONNX's shape inference reads axes and shapes from
+    constants, not from a Range or Reshape of them (torch's dynamo exporter, optimize=False)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes, changed = [], False
+    for node in model.graph.node:
+        value = constant_node_value(node)
+        if value is None and (value := _folded(node, found)) is not None:
+            node = helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                    value=numpy_helper.from_array(np.asarray(value)))
+            changed = True
+        if value is not None:
+            found[node.output[0]] = value
+        nodes.append(node)
+    if not changed:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
 
 
 # a Constant node's value attribute, in each of its forms: value_int(s) and value_float(s) hold

@@ -826,6 +826,37 @@ CASES.update({
     "Trilu(triu, k = 1)": ([node("Trilu", ["x", "one"])], [init("one", np.array(1))],
                            lambda t, F, x: t.triu(x, 1)),
 })
+# As torch's dynamo exporter writes a head with its optimiser off (optimize=False, camface's
+# advice for a BatchNorm folded into its convolution): torch.chunk as SplitToSequence and
+# SequenceAt (said not to reach the logits, or that path's gradient lost), a Reduce's axes as
+# Reshape(Constant), an Unsqueeze's as a Range of constants (shape inference stopped there)
+W_CHANNELS = RNG.standard_normal(3).astype(np.float32)
+CONSTANT = {name: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+            for name, value in (("one", np.array(1)), ("four", np.array(4)),
+                                ("hw", np.array([[2, 3]])), ("flat", np.array([-1])))}
+CASES.update({
+    "SplitToSequence(sizes 1, 2) + SequenceAt": (
+        [node("SplitToSequence", ["x", "sizes"], ["seq"], axis=1),
+         node("SequenceAt", ["seq", "zero"], ["a"]), node("SequenceAt", ["seq", "one"], ["b"]),
+         node("Mul", ["a", "b"])], [init("sizes", np.array([1, 2])), init("zero", np.array(0)),
+                                    init("one", np.array(1))],
+        lambda t, F, x: x[:, :1] * x[:, 1:]),
+    "SplitToSequence(chunks of 2, torch.chunk) + SequenceAt": (
+        [node("SplitToSequence", ["x", "two"], ["seq"], axis=-1),
+         node("SequenceAt", ["seq", "one"], ["b"]), node("Tanh", ["b"])],
+        [init("two", np.array(2)), init("one", np.array(1))], lambda t, F, x: t.tanh(x[..., 2:])),
+    "SplitToSequence(no sizes, keepdims 0) + SequenceAt": (
+        [node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=0),
+         node("SequenceAt", ["seq", "two"], ["c"]), node("Mul", ["c", "c"])],
+        [init("two", np.array(2))], lambda t, F, x: x[:, 2] * x[:, 2]),
+    "ReduceMean(axes Reshape(Constant)) + Unsqueeze(axes Range(Constant))": (
+        [CONSTANT["hw"], CONSTANT["flat"], node("Reshape", ["hw", "flat"], ["axes"]),
+         node("ReduceMean", ["x", "axes"], ["m"]), CONSTANT["one"], CONSTANT["four"],
+         node("Sub", ["four", "one"], ["stop"]), node("Range", ["one", "stop", "one"], ["ones"]),
+         node("Unsqueeze", ["w", "ones"], ["w3"]), node("Mul", ["m", "w3"])],
+        [init("w", W_CHANNELS)],
+        lambda t, F, x: x.mean((2, 3), keepdim=True) * t.tensor(W_CHANNELS)[:, None, None]),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
 SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
