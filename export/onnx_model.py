@@ -300,13 +300,13 @@ _FOLDED_MAX = 64  # elements: shapes, axes and scalars, not weights
 
 def _folded(node, found: dict) -> np.ndarray | None:
     """The value of `node` (Identity, Neg, Add, Sub, Mul, Reshape, Squeeze, Unsqueeze, Concat,
-    Cast) when its inputs are small constants in `found`, else None."""
+    Cast, Range) when its inputs are small integer constants in `found`, else None."""
     from onnx import helper
 
     inputs = [found.get(x) for x in node.input if x]
-    if not inputs or any(v is None or v.size > _FOLDED_MAX for v in inputs) or \
-            len(inputs) != len(node.input):
-        return None
+    if not inputs or len(inputs) != len(node.input) or any(
+            v is None or v.size > _FOLDED_MAX or v.dtype.kind not in "iu" for v in inputs):
+        return None  # integers only: shapes and axes, never a weight
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     op = node.op_type
     if op in _FOLDED_UNARY and len(inputs) == 1:
