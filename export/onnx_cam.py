@@ -55,6 +55,7 @@ def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: s
                              f"{', '.join(sorted(onnx_grad.RULES))}")
     _check_not_cut_by_steps(nodes, target, classifier.logits)
     live = onnx_model.differentiable(model, target)
+    _check_no_weights_from_target(model, nodes, target)
     context = onnx_grad.Context(builder, onnx_model.shapes(model), onnx_model.constants(model))
     pending: dict[str, list[str]] = {classifier.logits: [seed]}
     for node in reversed(nodes):
@@ -79,6 +80,21 @@ def gradient(classifier: onnx_model.Classifier, builder: GraphBuilder, target: s
     if not parts:
         raise ModelError(f"the gradient does not reach target {target!r}")
     return parts[0] if len(parts) == 1 else builder.op("Sum", parts)
+
+
+def _check_no_weights_from_target(model, nodes: list, target: str) -> None:
+    """ModelError naming the node where an input that carries no gradient (a convolution's
+    weights, a norm's scale, onnx_grad.DIFFERENTIABLE_INPUTS) is computed from `target`: the
+    gradient through it would be silently lost (a dynamic convolution, an adaptive norm)."""
+    depends = onnx_model.differentiable(model, target, every_input=True)
+    for node in nodes:
+        carry = onnx_grad.DIFFERENTIABLE_INPUTS.get(node.op_type)
+        for i, x in enumerate(node.input):
+            if carry is not None and i not in carry and x in depends:
+                raise ModelError(f"node {node.name!r} ({node.op_type}): its input {i} ({x!r}) "
+                                 f"depends on target {target!r}, and the gradient rule of "
+                                 f"{node.op_type} covers input(s) {', '.join(map(str, carry))} "
+                                 "only; choose a later target layer (--target-layer)")
 
 
 def _check_not_cut_by_steps(nodes: list, target: str, logits: str) -> None:

@@ -43,13 +43,58 @@ def upgrade(model, source: object = "model"):
     if opset >= 16:
         return model
     try:
-        return version_converter.convert_version(model, 17)
+        converted = version_converter.convert_version(_hardmax_rows(model) if opset < 13 else model, 17)
+        return _asymmetric_linear_resizes(model, converted) if opset < 11 else converted
     except Exception as exc:  # the converter raises several types for ops it cannot convert
         if opset >= 13:
             log.info("%s: kept at opset %d (conversion to 17 fails: %s)", source, opset, exc)
             return model
         raise ModelError(f"{source}: opset {opset} is older than 13 and onnx.version_converter "
                          f"cannot convert it ({exc}); re-export it with opset >= 13") from exc
+
+
+def _hardmax_rows(model):
+    """A copy of `model` (opset < 13) with each Hardmax written as Flatten(axis), Hardmax(axis 1),
+    Reshape back: before opset 13 Hardmax reads its input as 2-D [before axis, from axis on],
+    from 13 it works along `axis` alone, and onnx.version_converter keeps the node as it is
+    (it rewrites Softmax and LogSoftmax so): the converted model's one-hot rows changed."""
+    import onnx
+    from onnx import helper
+
+    if not any(n.op_type == "Hardmax" for n in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    nodes = []
+    for node in copy.graph.node:
+        if node.op_type != "Hardmax":
+            nodes.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        x, y, stem = node.input[0], node.output[0], f"{node.output[0]}/camface_hardmax"
+        nodes += [helper.make_node("Shape", [x], [f"{stem}_shape"]),
+                  helper.make_node("Flatten", [x], [f"{stem}_rows"], axis=axis),
+                  helper.make_node("Hardmax", [f"{stem}_rows"], [f"{stem}_hot"], name=node.name, axis=1),
+                  helper.make_node("Reshape", [f"{stem}_hot", f"{stem}_shape"], [y])]
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
+
+
+def _asymmetric_linear_resizes(before, converted):
+    """`converted` (in place) with coordinate_transformation_mode asymmetric on the linear
+    Resizes that were a Resize (opset 10) or Upsample of `before`: their coordinates were
+    asymmetric, onnx.version_converter leaves the mode to opset 11's default (half_pixel) and
+    the converted model interpolated other values. Nearest ones come through alike."""
+    from onnx import helper
+
+    linear = {n.output[0] for n in before.graph.node if n.op_type in ("Resize", "Upsample") and any(
+        a.name == "mode" and a.s in (b"linear", b"bilinear") for a in n.attribute)}
+    for node in converted.graph.node:
+        if node.op_type == "Resize" and node.output[0] in linear and not any(
+                a.name == "coordinate_transformation_mode" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    return converted
 
 
 @dataclass(frozen=True)

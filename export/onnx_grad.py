@@ -12,7 +12,8 @@ sigmoids, Tanh, Exp, Gelu, shapes), `onnx_grad_activations` (ELUs, Softplus, Mis
 Sign and the other steps, trigonometric and hyperbolic functions, softmaxes), `onnx_grad_norms` (batch, layer, instance, group,
 mean-variance, RMS, Lp norm, LRN), `onnx_grad_moves` (Pad, Tile, DepthToSpace, TopK, GatherND,
 GatherElements, ScatterElements), `onnx_grad_layers` (pooling, reductions,
-CumSum, CumProd, MatMul/Gemm, Conv, ConvTranspose, Resize) and `onnx_grad_einsum` (Einsum); what they
+CumSum, CumProd, MatMul/Gemm, Conv, ConvTranspose, Resize), `onnx_grad_einsum` (Einsum) and
+`onnx_grad_attention` (Attention, opset 23); what they
 share in `onnx_grad_context`. Adding an op: a rule there, a row here (and in
 DIFFERENTIABLE_INPUTS when some inputs are shapes or weights), a row in tests/test_onnx_grad.py.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from camface.export import onnx_grad_activations as activations
+from camface.export import onnx_grad_attention
 from camface.export import onnx_grad_einsum as einsum
 from camface.export import onnx_grad_layers as layers
 from camface.export import onnx_grad_moves as moves
@@ -120,6 +122,7 @@ RULES: dict[str, Rule] = {
     "LpPool": layers.lp_pool,
     "GlobalLpPool": layers.global_lp_pool,
     "Transpose": pointwise.transpose,
+    "Trilu": pointwise.trilu,
     "Concat": pointwise.concat,
     "Split": pointwise.split,
     "Slice": pointwise.slice_,
@@ -129,6 +132,7 @@ RULES: dict[str, Rule] = {
     "MatMul": layers.matmul,
     "Gemm": layers.gemm,
     "Einsum": einsum.einsum,
+    "Attention": onnx_grad_attention.attention,
     "Conv": layers.conv,
     "ConvTranspose": layers.conv_transpose,
     "Pad": moves.pad,
@@ -143,16 +147,17 @@ RULES: dict[str, Rule] = {
 }
 # Only these inputs of an op carry gradient (others are shapes, axes, bounds, exponents).
 DIFFERENTIABLE_INPUTS: dict[str, tuple[int, ...]] = {
-    "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Clip": (0,), "Pow": (0,),
+    "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
     "BatchNormalization": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "ReduceMax": (0,),
     "Conv": (0,), "Dropout": (0,), "LayerNormalization": (0,), "Split": (0,), "Slice": (0,),
-    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "PRelu": (0,), "Resize": (0,),
+    "Gather": (0,), "Expand": (0,), "Where": (1, 2), "Resize": (0,),
     "ReduceMin": (0,), "ReduceL1": (0,), "ReduceL2": (0,), "ReduceSumSquare": (0,),
     "ReduceLogSumExp": (0,), "ReduceLogSum": (0,), "ConvTranspose": (0,),
     "InstanceNormalization": (0,), "GroupNormalization": (0,), "Pad": (0,), "Tile": (0,),
     "CumSum": (0,), "TopK": (0,), "GatherND": (0,), "ReduceProd": (0,),
     "CastLike": (0,), "RMSNormalization": (0,), "GatherElements": (0,),
-    "ScatterElements": (0, 2), "CumProd": (0,),
+    "ScatterElements": (0, 2), "CumProd": (0,), "Attention": (0, 1, 2),
+    "Trilu": (0,),
 }
 # Ops whose rule reads the gradient of every output (None where nothing reads one); the other
 # rules read the first output's only.

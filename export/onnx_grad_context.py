@@ -101,11 +101,26 @@ def mask(ctx: Context, condition: str, grad: str) -> str:
 def positions(ctx: Context, x: str) -> str:
     """int64 tensor shaped like `x` holding each element's flat (row-major) index: an op that
     only moves elements (Gather, Slice, MaxPool's indices) applied to it says where each of its
-    outputs came from. From opset 14 an empty `x` too (allowzero: Reshape takes a 0 in the
-    shape for "keep the input's size" without it, and refuses the empty Range)."""
+    outputs came from. An empty `x` too: from opset 14 a Range reshaped with allowzero (without
+    it Reshape takes a 0 in the shape for "keep the input's size" and refuses the empty Range);
+    below, where `x`'s rank is known, each axis's index (an exclusive CumSum of ones along it)
+    folded in row-major order, (i0 d1 + i1) d2 + i2 ..., which no 0 in the shape upsets."""
     b = ctx.builder
-    flat = b.op("Range", [b.const(0, np.int64), b.op("Size", [x]), b.const(1, np.int64)])
-    return b.op("Reshape", [flat, b.op("Shape", [x])], **({"allowzero": 1} if b.opset >= 14 else {}))
+    rank = ctx.rank(x)
+    if b.opset >= 14 or not rank:
+        flat = b.op("Range", [b.const(0, np.int64), b.op("Size", [x]), b.const(1, np.int64)])
+        return b.op("Reshape", [flat, b.op("Shape", [x])],
+                    **({"allowzero": 1} if b.opset >= 14 else {}))
+    shape = b.op("Shape", [x])
+    ones = b.op("ConstantOfShape", [shape], value=int_tensor(1))
+    found = None
+    for axis in range(rank):
+        index = b.op("CumSum", [ones, b.const(axis, np.int64)], exclusive=1)
+        if found is not None:
+            size = b.op("Gather", [shape, b.const(axis, np.int64)])
+            index = b.op("Add", [b.op("Mul", [found, size]), index])
+        found = index
+    return found
 
 
 def scatter(ctx: Context, x: str, where: str, grad: str, add: bool) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from camface.errors import ModelError
-from camface.export.onnx_grad_context import (Context, attribute, float_tensor, scatter,
+from camface.export.onnx_grad_context import (Context, attribute, scatter,
                                                unbroadcast)
 
 def global_average_pool(ctx, node, grads):
@@ -181,33 +181,43 @@ def cumprod(ctx, node, grads):
 
 
 def matmul(ctx, node, grads):
-    """numpy matmul of rank >= 2 operands: dA = g B^T, dB = A^T g, summed over the leading
-    axes an operand of lower rank was broadcast along."""
+    """numpy matmul: dA = g B^T, dB = A^T g, each summed back over the batch axes its operand
+    was broadcast along (a lower rank, or a size of 1: multi-query attention's shared keys); a
+    1-D operand taken as a row (A) or a column (B) and the output's lost axis put back in g."""
     b = ctx.builder
     a, c = node.input
     ranks = [ctx.rank(a), ctx.rank(c)]
-    if None in ranks or min(ranks) < 2:
-        raise ModelError(f"node {node.name!r} (MatMul): only operands of known rank >= 2 have "
-                         f"a rule (ranks {ranks})")
-    rank = max(ranks)
-    for x in (a, c):
-        shape, out = ctx.shape(x), ctx.shape(node.output[0])
-        lead = rank - len(shape)
-        if any(d == 1 and out[lead + i] != 1 for i, d in enumerate(shape[:-2])):
-            raise ModelError(f"node {node.name!r} (MatMul): batch axes of size 1 broadcast "
-                             "have no rule")
+    if None in ranks:
+        raise ModelError(f"node {node.name!r} (MatMul): only operands of known rank have a rule "
+                         f"(ranks {ranks})")
+    shapes = [list(ctx.shape(a)), list(ctx.shape(c))]
+    lost = ([-2] if ranks[0] == 1 else []) + ([-1] if ranks[1] == 1 else [])
+    if ranks[0] == 1:
+        a, shapes[0] = b.op("Reshape", [a, b.ints([1, -1])]), [1, *shapes[0]]
+    if ranks[1] == 1:
+        c, shapes[1] = b.op("Reshape", [c, b.ints([-1, 1])]), [*shapes[1], 1]
+    g = grads[0]
+    if lost:
+        g = b.unsqueeze(g, lost) if b.opset >= 13 else b.op("Unsqueeze", [g], axes=lost)
+    rank = max(len(s) for s in shapes)
+    out = ctx.shape(node.output[0])
+    batch = list(out[:rank - 2]) if out is not None and len(out) + len(lost) == rank else \
+        [None] * (rank - 2)
 
     def swap(t, r):
         return b.op("Transpose", [t], perm=list(range(r - 2)) + [r - 1, r - 2])
 
-    def reduce_to(product, x, r):
-        if r == rank:
-            return product
-        summed = b.reduce("ReduceSum", product, list(range(rank - r)), keepdims=False)
-        return b.op("Reshape", [summed, b.op("Shape", [x])])
+    def summed_to(product, rows, cols, x, shape, original):
+        """product [*batch, rows, cols] summed over the axes `x` (`shape`) was broadcast along,
+        then shaped as `original` (the operand before a 1-D one was made 2-D)."""
+        ctx.shapes[product], ctx.shapes[x] = [*batch, rows, cols], shape
+        summed = unbroadcast(ctx, product, x, product)
+        return summed if x == original else b.op("Reshape", [summed, b.op("Shape", [original])])
 
-    ga = reduce_to(b.op("MatMul", [grads[0], swap(c, ranks[1])]), a, ranks[0])
-    gc = reduce_to(b.op("MatMul", [swap(a, ranks[0]), grads[0]]), c, ranks[1])
+    ga = summed_to(b.op("MatMul", [g, swap(c, len(shapes[1]))]), shapes[0][-2], shapes[0][-1],
+                   a, shapes[0], node.input[0])
+    gc = summed_to(b.op("MatMul", [swap(a, len(shapes[0])), g]), shapes[1][-2], shapes[1][-1],
+                   c, shapes[1], node.input[1])
     return [ga, gc]
 
 
@@ -248,6 +258,25 @@ def _refuse_dilated_same(node, dilations: Sequence[int]) -> str:
     return auto_pad
 
 
+def _refuse_dropped_ceil_window(ctx, node, kernel: Sequence[int]) -> None:
+    """ModelError naming the node where ceil_mode's last window would start past the input and
+    its begin padding: ONNX Runtime drops such a window (as torch does), ONNX's shape inference
+    keeps it, and the gradient graph, built on ONNX's shapes, would not run."""
+    if not attribute(node, "ceil_mode", 0):
+        return
+    x = node.input[0]
+    strides, dilations, pads = _spatial(node, ctx, x, kernel)
+    size, dims = ctx.static(x, node, "input")[2:], len(kernel)
+    for i in range(dims):
+        span = size[i] + pads[i] + pads[i + dims] - (kernel[i] - 1) * dilations[i] - 1
+        if -(-span // strides[i]) * strides[i] >= size[i] + pads[i]:
+            raise ModelError(f"node {node.name!r} ({node.op_type}): ceil_mode with a last window "
+                             f"that starts in the end padding (axis {i + 2}: size {size[i]}, "
+                             f"kernel {kernel[i]}, stride {strides[i]}, pads {pads[i]}, "
+                             f"{pads[i + dims]}) has no gradient rule (ONNX Runtime drops that "
+                             "window, ONNX's shapes keep it)")
+
+
 def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     """(strides, dilations, pads [begin..., end...]) with auto_pad resolved on static shapes."""
     dims = len(kernel)
@@ -268,10 +297,11 @@ def _spatial(node, ctx: Context, x: str, kernel: Sequence[int]):
     return strides, dilations, pads
 
 
-def _transpose_conv(ctx, node, grad, x, weights, kernel, group):
+def _transpose_conv(ctx, node, grad, x, weights, kernel, group, pads=None):
     """The input gradient of a convolution: ConvTranspose with the same weights, padded back to
-    the input's spatial size."""
-    strides, dilations, pads = _spatial(node, ctx, x, kernel)
+    the input's spatial size. pads: the node's own (auto_pad resolved) when None."""
+    strides, dilations, own = _spatial(node, ctx, x, kernel)
+    pads = own if pads is None else pads
     size = ctx.static(x, node, "input")[2:]
     out = ctx.static(node.output[0], node, "output")[2:]
     dims = len(kernel)
@@ -316,46 +346,69 @@ def conv_transpose(ctx, node, grads):
         out = list(shape)[-dims:] if shape is not None else [n * s for n, s in zip(size, strides)]
         total = [strides[i] * (size[i] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
                  - out[i] for i in range(dims)]
-        if any(t < 0 for t in total):
-            raise ModelError(f"node {node.name!r} (ConvTranspose): output size {out} beyond what "
-                             f"the input {size} reaches has no gradient rule")
+        if any(t < 0 for t in total) and shape is None:
+            raise ModelError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad} to an output "
+                             f"size {out} beyond what the input {size} reaches has no gradient "
+                             "rule (ONNX Runtime's output stops where the input reaches, ONNX's "
+                             "shapes do not)")
+        # an output_shape beyond that reach: ONNX Runtime leaves the last outputs 0, which pass
+        # no gradient (cropped from it by a Pad of negative amounts)
+        beyond = [0] * dims + [min(t, 0) for t in total]
+        total = [max(t, 0) for t in total]
         begin = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
         pads = begin + [t - b for t, b in zip(total, begin)]
     elif auto_pad == "VALID":
-        pads = [0] * (2 * dims)
+        pads, beyond = [0] * (2 * dims), [0] * (2 * dims)
     elif auto_pad == "NOTSET":
-        pads = list(attribute(node, "pads", [0] * 2 * dims))
+        pads, beyond = list(attribute(node, "pads", [0] * 2 * dims)), [0] * (2 * dims)
     else:
         raise ModelError(f"node {node.name!r} (ConvTranspose): auto_pad {auto_pad} has no "
                          "gradient rule")
-    gx = ctx.builder.op("Conv", [grads[0], weights], kernel_shape=kernel, strides=strides,
+    grad = grads[0]
+    if any(beyond):  # cropped by a Pad of negative amounts
+        grad = ctx.builder.op("Pad", [grad, ctx.builder.ints(
+            [0, 0, *beyond[:dims], 0, 0, *beyond[dims:]])])
+    gx = ctx.builder.op("Conv", [grad, weights], kernel_shape=kernel, strides=strides,
                         dilations=dilations, pads=pads, group=int(attribute(node, "group", 1)))
     return [gx] + [None] * (len(node.input) - 1)
 
 
 def average_pool(ctx, node, grads):
-    """Each output's gradient shared equally over its window: a transposed convolution with a
-    ones kernel per channel (group = C), divided by the window's count first."""
+    """Each output's gradient shared equally over its window: divided by the window's count,
+    then a transposed convolution with a ones kernel per channel (group = C). ceil_mode's last
+    windows, which run past the end padding, are clipped there: the transposed convolution
+    pads the end as far as they reach."""
     b = ctx.builder
     x = node.input[0]
-    if attribute(node, "ceil_mode", 0):
-        raise ModelError(f"node {node.name!r}: AveragePool with ceil_mode has no rule")
     kernel = list(attribute(node, "kernel_shape"))
     channels = ctx.static(x, node, "input")[1]
-    ones = b.const(np.ones([channels, 1, *kernel], np.float32))
+    _refuse_dropped_ceil_window(ctx, node, kernel)
     strides, dilations, pads = _spatial(node, ctx, x, kernel)
-    grad = grads[0]
-    if attribute(node, "count_include_pad", 0) or not any(pads):
-        grad = b.op("Mul", [grad, b.const(1.0 / float(np.prod(kernel)))])
-    else:  # the count of real (unpadded) inputs under each window
-        window = b.op("AveragePool", [b.op("ConstantOfShape", [b.op("Shape", [x])],
-                                           value=float_tensor(1.0))],
-                      kernel_shape=kernel, strides=strides, pads=pads, count_include_pad=1,
-                      **({"dilations": dilations} if any(d != 1 for d in dilations) else {}))
-        counts = b.op("Mul", [window, b.const(float(np.prod(kernel)))])
-        grad = b.op("Div", [grad, counts])
-    padded = _transpose_conv(ctx, node, grad, x, ones, kernel, channels)
-    return [padded]
+    size = ctx.static(x, node, "input")[2:]
+    out = ctx.static(node.output[0], node, "output")[2:]
+    counts = _window_counts(size, out, kernel, strides, dilations, pads,
+                            bool(attribute(node, "count_include_pad", 0)))
+    grad = b.op("Div", [grads[0], b.const(counts)])
+    dims = len(kernel)
+    reach = [max(pads[i + dims], (out[i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                 - size[i] - pads[i]) for i in range(dims)]
+    ones = b.const(np.ones([channels, 1, *kernel], np.float32))
+    return [_transpose_conv(ctx, node, grad, x, ones, kernel, channels, pads[:dims] + reach)]
+
+
+def _window_counts(size, out, kernel, strides, dilations, pads, include_pad: bool) -> np.ndarray:
+    """float32 [*out]: how many of each pooling window's taps an AveragePool divides by, those
+    on the input (count_include_pad 0) or on the input and its pads (1; ceil_mode's windows are
+    clipped at the end pad, as ONNX Runtime and torch count them)."""
+    dims = len(kernel)
+    counts = np.ones([], np.float32)
+    for i in range(dims):
+        taps = (np.arange(out[i])[:, None] * strides[i] - pads[i]
+                + np.arange(kernel[i])[None] * dilations[i])
+        low, high = (-pads[i], size[i] + pads[i + dims]) if include_pad else (0, size[i])
+        along = ((taps >= low) & (taps < high)).sum(axis=1).astype(np.float32)
+        counts = np.multiply.outer(counts, along)
+    return np.maximum(counts, 1.0)
 
 
 def _lp_slope(ctx, node, x: str, y: str, grad: str, p: int) -> tuple[str, str]:

@@ -101,29 +101,40 @@ def shrink(ctx, node, grads):
 
 
 def prelu(ctx, node, grads):
-    """PRelu(x, slope): the gradient passes where x > 0, times the (broadcast) slope elsewhere;
-    the slope is a weight, not differentiated (ArcFace's IResNet blocks)."""
+    """PRelu(x, slope): the gradient passes where x > 0, times the (broadcast) slope elsewhere.
+    The slope is a weight (ArcFace's IResNet blocks); where it is computed from the target, its
+    own gradient is g x where x <= 0, summed over the axes it was broadcast along."""
     b = ctx.builder
-    positive = b.op("Greater", [node.input[0], b.const(0.0)])
-    return [b.op("Where", [positive, grads[0], b.op("Mul", [grads[0], node.input[1]])]), None]
+    x, slope = node.input
+    positive = b.op("Greater", [x, b.const(0.0)])
+    gx = b.op("Where", [positive, grads[0], b.op("Mul", [grads[0], slope])])
+    if slope in ctx.constants:
+        return [gx, None]
+    gs = b.op("Where", [positive, b.const(0.0), b.op("Mul", [grads[0], x])])
+    return [gx, unbroadcast(ctx, gs, slope, node.output[0])]
 
 
 def clip(ctx, node, grads):
-    """Pass-through strictly between the bounds (as TensorFlow's Relu6Grad)."""
+    """Pass-through strictly between the bounds (as TensorFlow's Relu6Grad). A bound computed
+    from the target (torch.clamp(x, min=t)) takes the gradient where x lies beyond it, summed
+    over the axes it was broadcast along."""
     b = ctx.builder
     x = node.input[0]
     bounds = [node.input[i] if len(node.input) > i and node.input[i] else None for i in (1, 2)]
     if ctx.builder.opset < 11:
         lo, hi = attribute(node, "min"), attribute(node, "max")
         bounds = [None if v is None else b.const(v) for v in (lo, hi)]
-    inside = None
-    for bound, op_type in zip(bounds, ("Greater", "Less")):
+    inside, beyond = None, [None, None]
+    for k, (bound, op_type, past) in enumerate(zip(bounds, ("Greater", "Less"), ("Less", "Greater"))):
         if bound is None:
             continue
         test = b.op(op_type, [x, bound])
         inside = test if inside is None else b.op("And", [inside, test])
+        if bound not in ctx.constants and ctx.builder.opset >= 11:
+            beyond[k] = unbroadcast(ctx, mask(ctx, b.op(past, [x, bound]), grads[0]), bound,
+                                    node.output[0])
     grad = grads[0] if inside is None else mask(ctx, inside, grads[0])
-    return [grad] + [None] * (len(node.input) - 1)
+    return [grad, *beyond][:len(node.input)]
 
 
 def sigmoid(ctx, node, grads):
@@ -179,11 +190,23 @@ def erf(ctx, node, grads):
 
 
 def power(ctx, node, grads):
+    """y = x^p: dy/dx = p x^(p - 1); where p is computed from the target (not a constant),
+    dy/dp = y ln x where x > 0 (0 elsewhere, as torch gives at x = 0). Each summed over the
+    axes its operand was broadcast along."""
+    from onnx import TensorProto
+
     b = ctx.builder
     x, p = node.input
-    exponent = ctx.constant(p, node, "the exponent")
-    slope = b.op("Mul", [b.op("Pow", [x, b.const(exponent - 1)]), b.const(exponent)])
-    return [b.op("Mul", [grads[0], slope]), None]
+    y, g = node.output[0], grads[0]
+    if p in ctx.constants:
+        exponent = np.asarray(ctx.constants[p], np.float64)
+        slope = b.op("Mul", [b.op("Pow", [x, b.const(exponent - 1)]), b.const(exponent)])
+        return [unbroadcast(ctx, b.op("Mul", [g, slope]), x, y), None]
+    exponent = b.op("Cast", [p], to=TensorProto.FLOAT)
+    slope = b.op("Mul", [b.op("Pow", [x, b.op("Sub", [exponent, b.const(1.0)])]), exponent])
+    positive = b.op("Greater", [x, b.const(0.0)])
+    gp = mask(ctx, positive, b.op("Mul", [b.op("Mul", [g, y]), b.op("Log", [x])]))
+    return [unbroadcast(ctx, b.op("Mul", [g, slope]), x, y), unbroadcast(ctx, gp, p, y)]
 
 
 def gelu(ctx, node, grads):
@@ -208,6 +231,12 @@ def gelu(ctx, node, grads):
                            b.const(1 / np.sqrt(2 * np.pi))])
         slope = b.op("Add", [cdf, b.op("Mul", [x, pdf])])
     return [b.op("Mul", [grads[0], slope])]
+
+
+def trilu(ctx, node, grads):
+    """Trilu (torch.tril / triu): the gradient masked by the same triangle."""
+    return [ctx.builder.op("Trilu", [grads[0], *node.input[1:2]],
+                           upper=int(attribute(node, "upper", 1)))] + [None] * (len(node.input) - 1)
 
 
 def transpose(ctx, node, grads):

@@ -149,20 +149,30 @@ _SAME_SHAPE_UNINFERRED = ("GroupNormalization", "MeanVarianceNormalization")
 
 def prepare(model, where: object = "model"):
     """Inline local functions and infer shapes (data propagation on, for Reshape targets); an
-    If whose condition the shapes decide is replaced by its branch (`onnx_fold`)."""
+    If whose condition the shapes decide is replaced by its branch (`onnx_fold`), a pool whose
+    ceil_mode window ONNX Runtime drops set to ceil_mode 0 (`onnx_ceil`), a piece of a
+    SplitToSequence read by a Slice (`onnx_sequences`); small computations on constants
+    (axes, shapes) folded into Constants first."""
     from onnx import inliner, shape_inference
 
     if model.functions:
         model = inliner.inline_local_functions(model)
+    from camface.export import onnx_ceil
+    from camface.export.onnx_sequences import sequences_as_slices
+
+    model = sequences_as_slices(_small_constants_folded(model), constants(model))
     from camface.export.onnx_fold import fold_static_branches
 
     try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-        while _shape_like_input(model) or fold_static_branches(model, constants(model)):
-            model = shape_inference.infer_shapes(model, data_prop=True)
-        return model
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+        while _shape_like_input(inferred) or fold_static_branches(inferred, constants(inferred)):
+            inferred = shape_inference.infer_shapes(inferred, data_prop=True)
     except Exception as exc:
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
+    # inferred again from the model before inference: the shapes inferred with the dropped
+    # windows stay in the graph's outputs otherwise
+    dropped = onnx_ceil.dropped_windows(inferred, shapes(inferred))
+    return prepare(onnx_ceil.floored(model, dropped), where) if dropped else inferred
 
 
 def _shape_like_input(model) -> bool:
@@ -276,7 +286,74 @@ def constants(model) -> dict[str, np.ndarray]:
     for node in model.graph.node:
         if (value := constant_node_value(node)) is not None:
             found[node.output[0]] = value
+        elif (value := _folded(node, found)) is not None:
+            found[node.output[0]] = value
     return found
+
+
+# Small computations on constants that torch's dynamo exporter leaves unfolded (optimize=False,
+# which camface's own advice asks for): a Reduce's axes as Reshape(Constant, Constant)
+_FOLDED_UNARY = {"Identity": lambda x: x, "Neg": np.negative}
+_FOLDED_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+_FOLDED_MAX = 64  # elements: shapes, axes and scalars, not weights
+
+
+def _folded(node, found: dict) -> np.ndarray | None:
+    """The value of `node` (Identity, Neg, Add, Sub, Mul, Reshape, Squeeze, Unsqueeze, Concat,
+    Cast, Range) when its inputs are small integer constants in `found`, else None."""
+    from onnx import helper
+
+    inputs = [found.get(x) for x in node.input if x]
+    if not inputs or len(inputs) != len(node.input) or any(
+            v is None or v.size > _FOLDED_MAX or v.dtype.kind not in "iu" for v in inputs):
+        return None  # integers only: shapes and axes, never a weight
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op in _FOLDED_UNARY and len(inputs) == 1:
+        return _FOLDED_UNARY[op](inputs[0])
+    if op in _FOLDED_BINARY and len(inputs) == 2 and inputs[0].dtype == inputs[1].dtype:
+        return _FOLDED_BINARY[op](*inputs)
+    if op == "Reshape" and len(inputs) == 2 and not attrs.get("allowzero"):
+        shape = [d if d != 0 else inputs[0].shape[i] for i, d in enumerate(inputs[1].tolist())]
+        return inputs[0].reshape(shape)
+    if op in ("Squeeze", "Unsqueeze") and len(inputs) == 2:
+        axes = tuple(int(a) for a in inputs[1].reshape(-1))
+        return np.squeeze(inputs[0], axes) if op == "Squeeze" else np.expand_dims(inputs[0], axes)
+    if op == "Concat":
+        return np.concatenate(inputs, axis=int(attrs["axis"]))
+    if op == "Cast" and len(inputs) == 1:
+        return inputs[0].astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
+    if op == "Range" and len(inputs) == 3:
+        values = np.arange(*(v.item() for v in inputs)).astype(inputs[0].dtype)
+        return values if values.size <= _FOLDED_MAX else None
+    return None
+
+
+def _small_constants_folded(model):
+    """`model` with each node `_folded` computes replaced by a Constant of its value (a copy;
+    `model` itself when there is none): ONNX's shape inference reads axes and shapes from
+    constants, not from a Range or Reshape of them (torch's dynamo exporter, optimize=False)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    found = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes, changed = [], False
+    for node in model.graph.node:
+        value = constant_node_value(node)
+        if value is None and (value := _folded(node, found)) is not None:
+            node = helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                    value=numpy_helper.from_array(np.asarray(value)))
+            changed = True
+        if value is not None:
+            found[node.output[0]] = value
+        nodes.append(node)
+    if not changed:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy
 
 
 # a Constant node's value attribute, in each of its forms: value_int(s) and value_float(s) hold
@@ -721,16 +798,24 @@ def settle_shapes(classifier: Classifier) -> Classifier:
     return dataclasses.replace(classifier, model=fixed)
 
 
-def differentiable(model, start: str) -> set[str]:
-    """Float tensors that depend on `start` through the inputs that carry gradient."""
+# ops whose outputs depend on their inputs' shapes and types only, not on their values; and the
+# inputs whose values an op reads, where not all (CastLike's second gives its type only)
+_VALUE_FREE = ("Shape", "Size", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+_VALUED_INPUTS = {"CastLike": (0,)}
+
+
+def differentiable(model, start: str, every_input: bool = False) -> set[str]:
+    """Float tensors that depend on `start` through the inputs that carry gradient (through
+    any float input with `every_input`: what a weight computed from `start` reaches)."""
     from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
 
     types = elem_types(model)
     live = {start}
     for node in model.graph.node:
-        carry = DIFFERENTIABLE_INPUTS.get(node.op_type)
+        carry = _VALUED_INPUTS.get(node.op_type) if every_input else \
+            DIFFERENTIABLE_INPUTS.get(node.op_type)
         reads = [x for i, x in enumerate(node.input) if carry is None or i in carry]
-        if node.op_type in ("Shape", "Size") or not any(x in live for x in reads):
+        if node.op_type in _VALUE_FREE or not any(x in live for x in reads):
             continue
         live.update(o for o in node.output if o and types.get(o, FLOAT) == FLOAT)
     return live
@@ -742,6 +827,16 @@ def head(model, target: str, logits: str) -> list:
 
     live = differentiable(model, target)
     if logits not in live:
+        if logits in differentiable(model, target, every_input=True):
+            raise ModelError(f"the logits {logits!r} depend on target {target!r} only through "
+                             f"inputs that have no gradient rule: {_weights_from(model, target)}; "
+                             "choose a later target layer (--target-layer)")
+        narrowed = _not_float32_between(model, target, logits)
+        if narrowed:
+            raise ModelError(f"the logits {logits!r} depend on target {target!r} only through "
+                             f"tensors that are not float32 ({narrowed}); the gradient is float32 "
+                             "only: choose a later target layer (--target-layer) or export the "
+                             "model in float32")
         raise ModelError(f"the logits {logits!r} do not depend on target {target!r}")
     needed, nodes = {logits}, []
     for node in reversed(model.graph.node):
@@ -754,6 +849,41 @@ def head(model, target: str, logits: str) -> list:
         nodes.append(node)
         needed.update(reads)
     return nodes[::-1]
+
+
+def _weights_from(model, target: str) -> str:
+    """The inputs that depend on `target` but carry no gradient (a convolution's weights, a
+    norm's scale, computed from it), as "input 1 ('w') of node 'conv' (Conv), ..."."""
+    from camface.export.onnx_grad import DIFFERENTIABLE_INPUTS
+
+    depends = differentiable(model, target, every_input=True)
+    found = [f"input {i} ({x!r}) of node {node.name!r} ({node.op_type})"
+             for node in model.graph.node
+             for i, x in enumerate(node.input)
+             if x in depends and i not in DIFFERENTIABLE_INPUTS.get(node.op_type, (i,))]
+    return ", ".join(found)
+
+
+def _not_float32_between(model, target: str, logits: str) -> str:
+    """Where `logits` depend on `target` through float16, bfloat16 or double tensors (a head
+    cast to half precision) or quantized ones (a QuantizeLinear of a QDQ model): "node 'c'
+    (Cast) makes float16 'h', ..."; "" where they do not."""
+    import onnx
+
+    types, reached = elem_types(model), {target}
+    for node in model.graph.node:
+        if node.op_type not in ("Shape", "Size") and any(x in reached for x in node.input):
+            reached.update(o for o in node.output if o)
+    if logits not in reached:
+        return ""
+    live = differentiable(model, target, every_input=True)
+    return ", ".join(
+        f"node {node.name!r} ({node.op_type}) makes "
+        f"{onnx.TensorProto.DataType.Name(types[o]).lower()} {o!r}"
+        for node in model.graph.node if any(x in live for x in node.input)
+        for o in node.output[:1] if o in types and (
+            types[o] in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+            or node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")))
 
 
 def _spatial_pool_input(node, dims, values) -> str | None:

@@ -246,11 +246,15 @@ def _newer_ops_net():
     return Net().eval()
 
 
-@pytest.mark.parametrize("opset, dynamo", [(17, False), (18, True), (21, True)],
-                         ids=["torchscript-17", "dynamo-18", "dynamo-21"])
-def test_a_torch_head_of_the_newer_ops_exports_with_every_gradient_method(tmp_path, opset, dynamo):
+@pytest.mark.parametrize("opset, dynamo, optimize", [(17, False, True), (18, True, True), (21, True, True),
+                                                     (18, True, False)],
+                         ids=["torchscript-17", "dynamo-18", "dynamo-21", "dynamo-18-unoptimised"])
+def test_a_torch_head_of_the_newer_ops_exports_with_every_gradient_method(tmp_path, opset, dynamo,
+                                                                          optimize):
     """As each exporter writes them (GroupNorm: InstanceNormalization between Reshapes, or
-    GroupNormalization at 21; Mish: Softplus, Tanh, Mul or the op), the self-check passes."""
+    GroupNormalization at 21; Mish: Softplus, Tanh, Mul or the op), the self-check passes. Also
+    with dynamo's optimiser off (camface's advice where it folds a BatchNorm into a
+    convolution): axes as Reshapes and Ranges of Constants, which stopped the gradient before."""
     torch = pytest.importorskip("torch")
     from camface.export import onnx_export
     from camface.export.exporter import ExportOptions
@@ -258,13 +262,52 @@ def test_a_torch_head_of_the_newer_ops_exports_with_every_gradient_method(tmp_pa
     path, x = tmp_path / "m.onnx", torch.randn(1, 3, 32, 32)
     if dynamo:
         pytest.importorskip("onnxscript")
-        torch.onnx.export(_newer_ops_net(), (x,), dynamo=True, opset_version=opset,
+        torch.onnx.export(_newer_ops_net(), (x,), dynamo=True, opset_version=opset, optimize=optimize,
                           dynamic_shapes={"x": {0: torch.export.Dim("N")}}).save(str(path))
     else:
         torch.onnx.export(_newer_ops_net(), (x,), str(path), dynamo=False, opset_version=opset,
                           input_names=["x"], dynamic_axes={"x": {0: "N"}})
     _, info, differences = onnx_export.build(onnx.load(str(path)),
                                              ExportOptions(preset="unit", target_layer="target"))
+    random = [d for d in differences if isinstance(d, onnx_verify.RandomDirections)]
+    assert random and all(d.ok for d in random)
+    assert {"gradcam", "gradcampp", "layercam"} <= set(info.heatmaps)
+
+
+def test_a_torch_attention_head_at_opset_23_exports_with_every_gradient_method(tmp_path):
+    """From opset 23 torch's dynamo exporter writes F.scaled_dot_product_attention as ONNX's
+    Attention, which had no gradient rule: such a ViT-like head exported the gradient-free maps
+    only. Now its gradient passes the self-check and the gradient methods are exported."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    import torch.nn.functional as F
+    from torch import nn
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+            self.target = nn.Conv2d(16, 16, 3, 1, 1)
+            self.qkv = nn.Linear(16, 48)
+            self.fc = nn.Linear(16, CLASSES)
+
+        def forward(self, x):
+            tokens = self.target(F.relu(self.stem(x))).flatten(2).transpose(1, 2)  # [N, 64, 16]
+            n = tokens.shape[0]
+            q, k, v = self.qkv(tokens).reshape(n, 64, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.fc(y.transpose(1, 2).reshape(n, 64, 16).mean(1))
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 3, 16, 16),), dynamo=True, opset_version=23,
+                      dynamic_shapes={"x": {0: torch.export.Dim("N", min=1, max=32)}}).save(str(path))
+    forward = onnx.load(str(path))
+    assert "Attention" in {n.op_type for n in forward.graph.node}
+    _, info, differences = onnx_export.build(forward, ExportOptions(preset="unit", target_layer="target"))
     random = [d for d in differences if isinstance(d, onnx_verify.RandomDirections)]
     assert random and all(d.ok for d in random)
     assert {"gradcam", "gradcampp", "layercam"} <= set(info.heatmaps)

@@ -471,6 +471,10 @@ CASES.update({
               auto_pad="SAME_LOWER")], [init("w", W_CONVT)], None),
     "ConvTranspose(output_shape 7 x 8)": ([node("ConvTranspose", ["x", "w"], strides=[2, 2],
                                                 output_shape=[7, 8])], [init("w", W_CONVT)], None),
+    # the last rows and columns beyond what the input reaches stay 0 (refused before)
+    "ConvTranspose(output_shape 10 x 9, beyond the reach)": (
+        [node("ConvTranspose", ["x", "w"], strides=[2, 2], output_shape=[10, 9])],
+        [init("w", W_CONVT)], None),
     "ConvTranspose(asymmetric pads, stride 3)": (
         [node("ConvTranspose", ["x", "w"], strides=[3, 2], pads=[0, 2, 1, 0],
               output_padding=[2, 1])], [init("w", W_CONVT)], None),
@@ -700,16 +704,172 @@ CASES.update({
     "Hardmax": ([node("Hardmax", ["x"], ["h"], axis=1), node("Mul", ["h", "x"])], [],
                 lambda t, F, x: F.one_hot(x.argmax(1), 3).permute(0, 3, 1, 2) * x),
 })
+# MatMul broadcasting an operand's batch axis of size 1 (multi-query attention: one key head
+# shared by every query head; a [1, ...] weight) or of rank 1 (x @ v, v @ x: a learnt query
+# vector), refused before
+W_HEADS = RNG.standard_normal((1, 3, 5, 4)).astype(np.float32) * 0.3
+V_QUERY = RNG.standard_normal(8).astype(np.float32)
+MATMUL_TOKENS = ("MatMul(1-D right, x @ v)", "MatMul(1-D left, v @ x)")
+CASES.update({
+    "MatMul(shared key head, multi-query attention)": (
+        [node("Slice", ["x", "zero", "one", "ax1"], ["k"]),
+         node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["x", "kt"])],
+        [init("zero", np.array([0])), init("one", np.array([1])), init("ax1", np.array([1]))],
+        lambda t, F, x: x @ x[:, :1].transpose(-1, -2)),
+    "MatMul(batch of 1 broadcast, w @ x)": ([node("MatMul", ["w", "x"])], [init("w", W_HEADS)],
+                                            lambda t, F, x: t.tensor(W_HEADS) @ x),
+    "MatMul(1-D right, x @ v)": ([node("MatMul", ["x", "v"])], [init("v", V_QUERY)],
+                                lambda t, F, x: x @ t.tensor(V_QUERY)),
+    "MatMul(1-D left, v @ x)": ([node("MatMul", ["v", "x"])], [init("v", V_QUERY[:5])],
+                               lambda t, F, x: t.tensor(V_QUERY[:5]) @ x),
+})
+# the heads' count unknown when exported: the axes to sum over are found at run time
+CASES["MatMul(shared key head, heads unknown)"] = CASES["MatMul(shared key head, multi-query attention)"]
+# AveragePool with ceil_mode (timm's ResNet-D downsampling: AvgPool2d(2, 2, ceil_mode=True,
+# count_include_pad=False) on odd sizes), refused before: the last window runs past the input
+# (and its end pad), each window divided by the taps it holds on the input (or on the input
+# and its pads, clipped at the end pad, as torch counts them)
+CEIL_ODD = ("AveragePool(ceil_mode, ResNet-D downsampling)",)
+CASES.update({
+    "AveragePool(ceil_mode, ResNet-D downsampling)": (
+        [node("AveragePool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)], [],
+        lambda t, F, x: F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)),
+    "AveragePool(ceil_mode, pads, include)": (
+        [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+              ceil_mode=1, count_include_pad=1)], [],
+        lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=True)),
+    "AveragePool(ceil_mode, pads, exclude)": (
+        [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+              ceil_mode=1)], [],
+        lambda t, F, x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=True, count_include_pad=False)),
+    # the window ceil_mode adds starts in the end pad: ONNX Runtime (and torch) drop it, ONNX's
+    # shapes kept it, and the global pool's rule after the max pool built a graph that did not
+    # run; both pools are taken as ceil_mode 0, which both count alike
+    "MaxPool(ceil_mode, window in the end pad dropped)": (
+        [node("MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[3, 3], pads=[1, 1, 1, 1],
+              ceil_mode=1), node("GlobalAveragePool", ["m"])], [],
+        lambda t, F, x: F.max_pool2d(x, 2, 3, 1, ceil_mode=True).mean((2, 3), keepdim=True)),
+    "AveragePool(ceil_mode, window in the end pad dropped)": (
+        [node("AveragePool", ["x"], ["m"], kernel_shape=[2, 2], strides=[3, 3], pads=[1, 1, 1, 1],
+              ceil_mode=1, count_include_pad=1), node("GlobalMaxPool", ["m"])], [],
+        lambda t, F, x: F.avg_pool2d(x, 2, 3, 1, ceil_mode=True).amax((2, 3), keepdim=True)),
+    "AveragePool(ceil_mode, dilated, asymmetric pads, include)": (
+        [node("AveragePool", ["x"], kernel_shape=[2, 3], strides=[2, 3], dilations=[2, 1],
+              pads=[1, 0, 0, 2], ceil_mode=1, count_include_pad=1)], [], None),
+})
+# An exponent, a clamp bound or a PReLU slope computed from the target: its gradient was lost
+# (2 ** x refused as "the logits do not depend on the target")
+CASES.update({
+    "Pow(exponent from x, 2 ** x)": ([node("Pow", ["two", "x"])], [init("two", np.float32(2))],
+                                     lambda t, F, x: 2.0 ** x),
+    "Pow(|x| ** |x|)": ([node("Abs", ["x"], ["a"]), node("Pow", ["a", "a"])], [],
+                        lambda t, F, x: x.abs() ** x.abs()),
+    "Clip(bounds from x, torch.clamp(x, min, max))": (
+        [node("ReduceMean", ["x"], ["lo"], keepdims=0), node("ReduceMax", ["x"], ["m"], keepdims=0),
+         node("Mul", ["m", "half"], ["hi"]), node("Clip", ["x", "lo", "hi"])],
+        [init("half", np.float32(0.5))],
+        lambda t, F, x: t.clamp(x, min=x.mean(), max=0.5 * x.amax())),
+    # CastLike(c, x) reads x's type only (torch's dynamo exporter casts constants so): its
+    # output is no weight computed from the target
+    "Pad(value CastLike x, as dynamo casts constants)": (
+        [node("CastLike", ["c", "x"], ["v"]), node("Pad", ["x", "pads", "v"])],
+        [init("c", np.float32(0.3)), init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1]))],
+        lambda t, F, x: F.pad(x, (1, 1, 1, 1), value=0.3)),
+    "PRelu(slope from x)": ([node("ReduceMean", ["x", "nhw"], ["m"]), node("PRelu", ["x", "m"])],
+                            [init("nhw", np.array([0, 2, 3]))],
+                            lambda t, F, x: t.where(x > 0, x, x * x.mean((0, 2, 3), keepdim=True))),
+})
+# Attention (opset 23: torch's dynamo exporter writes one per F.scaled_dot_product_attention),
+# x [2, 4 heads, 5 tokens, 6]: grouped-query (fewer key/value heads), causal with fewer queries
+# than keys, a boolean mask and 3-D inputs; no rule before (only gradient-free maps exported)
+HEADS = (2, 4, 5, 6)
+HEAD_SLICES = [init("zero", np.array([0])), init("two", np.array([2])), init("four", np.array([4])),
+               init("three", np.array([3])), init("ax1", np.array([1])), init("ax2", np.array([2]))]
+ATTENTION_MASK = RNG.random((5, 5)) > 0.3
+
+
+def _attention_3d(t, F, x):
+    """3-D Attention: [N, S, H D] read as [N, H, S, D] and written back."""
+    q = x.reshape(2, 5, 24)
+
+    def heads(z):
+        return z.reshape(2, 5, 4, 6).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(heads(q), heads(q), heads(t.tanh(q)),
+                                       attn_mask=t.tensor(ATTENTION_MASK), scale=0.3)
+    return y.transpose(1, 2).reshape(2, 5, 24)
+
+
+ATTENTION_OP = ("Attention(self)", "Attention(grouped-query, 2 key/value heads)",
+                "Attention(causal, 3 queries of 5 keys)", "Attention(3-D, boolean mask, scale)")
+CASES.update({
+    "Attention(self)": ([node("Attention", ["x", "x", "x"])], [],
+                        lambda t, F, x: F.scaled_dot_product_attention(x, x, x)),
+    "Attention(grouped-query, 2 key/value heads)": (
+        [node("Slice", ["x", "zero", "two", "ax1"], ["k"]),
+         node("Slice", ["x", "two", "four", "ax1"], ["v"]), node("Attention", ["x", "k", "v"])],
+        HEAD_SLICES, lambda t, F, x: F.scaled_dot_product_attention(x, x[:, :2], x[:, 2:],
+                                                                    enable_gqa=True)),
+    "Attention(causal, 3 queries of 5 keys)": (
+        [node("Slice", ["x", "zero", "three", "ax2"], ["q"]),
+         node("Attention", ["q", "x", "x"], is_causal=1)], HEAD_SLICES,
+        lambda t, F, x: F.scaled_dot_product_attention(x[:, :, :3], x, x, is_causal=True)),
+    "Attention(3-D, boolean mask, scale)": (
+        [node("Reshape", ["x", "tokens"], ["t"]), node("Tanh", ["t"], ["v"]),
+         node("Attention", ["t", "t", "v", "keep"], scale=0.3, q_num_heads=4, kv_num_heads=4)],
+        [init("tokens", np.array([2, 5, 24])), init("keep", ATTENTION_MASK)],
+        _attention_3d),
+})
+# torch.tril / triu on a computed tensor (Trilu, opset 14), with and without the diagonal offset
+CASES.update({
+    "Trilu(tril)": ([node("Trilu", ["x"], upper=0)], [], lambda t, F, x: t.tril(x)),
+    "Trilu(triu, k = 1)": ([node("Trilu", ["x", "one"])], [init("one", np.array(1))],
+                           lambda t, F, x: t.triu(x, 1)),
+})
+# As torch's dynamo exporter writes a head with its optimiser off (optimize=False, camface's
+# advice for a BatchNorm folded into its convolution): torch.chunk as SplitToSequence and
+# SequenceAt (said not to reach the logits, or that path's gradient lost), a Reduce's axes as
+# Reshape(Constant), an Unsqueeze's as a Range of constants (shape inference stopped there)
+W_CHANNELS = RNG.standard_normal(3).astype(np.float32)
+CONSTANT = {name: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+            for name, value in (("one", np.array(1)), ("four", np.array(4)),
+                                ("hw", np.array([[2, 3]])), ("flat", np.array([-1])))}
+CASES.update({
+    "SplitToSequence(sizes 1, 2) + SequenceAt": (
+        [node("SplitToSequence", ["x", "sizes"], ["seq"], axis=1),
+         node("SequenceAt", ["seq", "zero"], ["a"]), node("SequenceAt", ["seq", "one"], ["b"]),
+         node("Mul", ["a", "b"])], [init("sizes", np.array([1, 2])), init("zero", np.array(0)),
+                                    init("one", np.array(1))],
+        lambda t, F, x: x[:, :1] * x[:, 1:]),
+    "SplitToSequence(chunks of 2, torch.chunk) + SequenceAt": (
+        [node("SplitToSequence", ["x", "two"], ["seq"], axis=-1),
+         node("SequenceAt", ["seq", "one"], ["b"]), node("Tanh", ["b"])],
+        [init("two", np.array(2)), init("one", np.array(1))], lambda t, F, x: t.tanh(x[..., 2:])),
+    "SplitToSequence(no sizes, keepdims 0) + SequenceAt": (
+        [node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=0),
+         node("SequenceAt", ["seq", "two"], ["c"]), node("Mul", ["c", "c"])],
+        [init("two", np.array(2))], lambda t, F, x: x[:, 2] * x[:, 2]),
+    "ReduceMean(axes Reshape(Constant)) + Unsqueeze(axes Range(Constant))": (
+        [CONSTANT["hw"], CONSTANT["flat"], node("Reshape", ["hw", "flat"], ["axes"]),
+         node("ReduceMean", ["x", "axes"], ["m"]), CONSTANT["one"], CONSTANT["four"],
+         node("Sub", ["four", "one"], ["stop"]), node("Range", ["one", "stop", "one"], ["ones"]),
+         node("Unsqueeze", ["w", "ones"], ["w3"]), node("Mul", ["m", "w3"])],
+        [init("w", W_CHANNELS)],
+        lambda t, F, x: x.mean((2, 3), keepdim=True) * t.tensor(W_CHANNELS)[:, None, None]),
+})
 SHAPES = {name: TOKENS for name in TOKEN_CASES}  # the others read x of X_SHAPE
-SHAPES.update({name: TOKENS for name in EINSUM_TOKENS})
+SHAPES.update({name: TOKENS for name in EINSUM_TOKENS + MATMUL_TOKENS})
 SHAPES.update({"LRN(size 3)": GROUPS, "LRN(size 5, wider than the channels)": GROUPS,
                "LRN(size 1, defaults)": GROUPS, "LpPool(p 2, 1-D)": TOKENS})
 SHAPES.update({"GroupNorm(InstanceNormalization, as torch exports it)": GROUPS,
                "GroupNormalization(opset 21)": GROUPS,
                "GroupNormalization(opset 18, scale per group)": GROUPS,
                "DepthToSpace(CRD, PixelShuffle)": SHUFFLE, "DepthToSpace(DCR)": SHUFFLE})
+SHAPES.update({name: (2, 3, 5, 5) for name in CEIL_ODD})
+SHAPES.update({name: HEADS for name in ATTENTION_OP})
 # x's shape as the model declares it, where not x's own
 DECLARED = {"Einsum(unknown-size axis broadcast)": (2, None, 4, 4),
+            "MatMul(shared key head, heads unknown)": (2, None, 4, 4),
             "Einsum(unknown-size axis broadcast, contracted)": (2, None, 4, 4)}
 OPSETS = {"GroupNormalization(opset 21)": 21, "GroupNormalization(opset 18, scale per group)": 18,
           "LogSoftmax(opset 12, 4-D)": 12, "Softmax(opset 12, 4-D)": 12,
@@ -787,6 +947,7 @@ CASES.update({
                                (x - t.tensor(ZEROS_AT)).flip(1).cumprod(1)[:, :-1]], 1).flip(1)),
 })
 OPSETS.update({name: 26 for name in CASES if name.startswith("CumProd")})
+OPSETS.update({name: 23 for name in ATTENTION_OP})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -876,7 +1037,8 @@ def test_every_listed_op_has_a_rule():
               "ReduceMin Pad Tile DepthToSpace SpaceToDepth ConvTranspose Einsum LRN ThresholdedRelu "
               "LpPool GlobalLpPool Sign Sin Cos Atan CumSum TopK GatherND ReduceProd Tan Asin Acos Sinh "
               "Cosh Asinh Acosh Atanh Swish Shrink Floor Ceil Round ReduceLogSum GatherElements "
-              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd").split()
+              "ScatterElements CastLike MeanVarianceNormalization RMSNormalization Hardmax CumProd "
+              "Attention Trilu").split()
     assert not [op for op in listed if op not in onnx_grad.RULES]
 
 
@@ -911,9 +1073,10 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
 
 
 @pytest.mark.parametrize("nodes, initializers, opset, why", [
-    ([node("ConvTranspose", ["x", "w"], name="the_node", strides=[2, 2], output_shape=[12, 9])],
-     [init("w", W_CONVT)], 20,
-     r"\(ConvTranspose\): output size \[12, 9\] beyond what the input \[4, 4\] reaches"),
+    ([node("ConvTranspose", ["x", "w"], name="the_node", strides=[3, 3], auto_pad="SAME_UPPER")],
+     [init("w", W_CONVT[:, :, :1, :1])], 20,
+     r"\(ConvTranspose\): auto_pad SAME_UPPER to an output size \[12, 12\] beyond what the input "
+     r"\[4, 4\] reaches has no gradient rule \(ONNX Runtime's output stops where the input reaches"),
     ([node("ConvTranspose", ["x", "w"], name="the_node", dilations=[2, 2], output_padding=[1, 1])],
      [init("w", W_CONVT)], 20, r"\(ConvTranspose\): output_padding \[1, 1\] not below the "
                                 r"strides \[1, 1\]"),
@@ -959,6 +1122,23 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("MaxPool", ["x"], name="the_node", kernel_shape=[2, 3], dilations=[1, 2],
            auto_pad="SAME_LOWER")], [], 20,
      r"\(MaxPool\): auto_pad SAME_LOWER with dilations \[1, 2\] has no gradient rule"),
+    # ONNX's shapes keep a ceil_mode window starting in the end padding, ONNX Runtime drops it;
+    # the pool is taken as ceil_mode 0 unless another axis keeps its ceil window, as here
+    ([node("AveragePool", ["x"], name="the_node", kernel_shape=[2, 3], strides=[2, 2],
+           pads=[0, 0, 1, 0], ceil_mode=1)], [], 20,
+     r"\(AveragePool\): ceil_mode with a last window that starts in the end padding \(axis 2: "
+     r"size 4, kernel 2, stride 2, pads 0, 1\) has no gradient rule"),
+    # weights computed from the target (a dynamic convolution, an adaptive norm): refused, not
+    # silently left out of the gradient
+    ([node("Slice", ["x", "zero", "two", "ax0"], ["w"]), node("Conv", ["x", "w"], name="the_node")],
+     [init("zero", np.array([0])), init("two", np.array([2])), init("ax0", np.array([0]))], 20,
+     r"\(Conv\): its input 1 \('w'\) depends on target 'x', and the gradient rule of Conv "
+     r"covers input\(s\) 0 only"),
+    ([node("ReduceMean", ["x", "ax0"], ["s"], keepdims=0),
+      node("LayerNormalization", ["x", "s"], name="the_node", axis=1)], [init("ax0", np.array([0]))],
+     20, r"\(LayerNormalization\): its input 1 \('s'\) depends on target 'x'"),
+    ([node("Attention", ["x", "x", "x"], name="the_node", softcap=2.0)], [], 23,
+     r"\(Attention\): softcap has no gradient rule"),
     ([node("ScatterElements", ["x", "at", "x"], name="the_node", reduction="mul")],
      [init("at", np.zeros(X_SHAPE, np.int64))], 20,
      r"\(ScatterElements\): reduction 'mul' has no gradient rule"),
@@ -969,11 +1149,12 @@ def test_layer_norms_statistics_outputs_on_the_path_are_refused():
     ([node("GatherElements", ["x", "at"], name="the_node")], [init("at", np.zeros((1, 3, 4, 4),
                                                                               np.int64))], 15,
      r"\(GatherElements\): its gradient needs opset >= 16 \(the model has 15\)"),
-], ids=["deconv output_shape", "deconv output_padding", "reflect opset 15",
+], ids=["deconv SAME beyond the reach", "deconv output_padding", "reflect opset 15",
         "pad opset 10", "noop sum of squares", "einsum diagonal", "einsum rank",
         "lp pool ceil_mode", "global lp pool p 0", "gather_nd batch_dims", "gather_nd opset 15",
         "lrn size 4", "lp pool SAME_UPPER dilated", "lp pool SAME_LOWER dilated", "average pool SAME dilated",
-        "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "scatter mul",
+        "max pool SAME_UPPER dilated", "max pool SAME_LOWER dilated", "average pool ceil dropped",
+        "conv weights from x", "layer norm scale from x", "attention softcap", "scatter mul",
         "scatter repeated", "gather_elements opset 15"])
 def test_an_unsupported_form_of_an_op_is_named(nodes, initializers, opset, why):
     with pytest.raises(ModelError, match=r"node 'the_node' " + why):
@@ -1010,18 +1191,90 @@ def test_a_gather_of_distinct_constant_rows_of_an_unknown_count_needs_no_opset_1
     assert np.abs(grad).sum() > 0
 
 
+@pytest.mark.parametrize("opset", [11, 13, 14, 20])
 @pytest.mark.parametrize("declared", [X_SHAPE, (2, None, 4, 4)], ids=["static", "channels unknown"])
-def test_a_run_time_scatter_of_no_updates_has_a_gradient(declared):
+def test_a_run_time_scatter_of_no_updates_has_a_gradient(declared, opset):
     """The run-time check of which update was kept numbers the updates (`positions`: a Range
     reshaped to their shape), and Reshape takes a 0 in the shape as "keep the input's size":
-    a scatter of no updates (an empty selection) gave a gradient graph ONNX Runtime refused.
-    Nothing is scattered: x's gradient is the seed."""
+    a scatter of no updates (an empty selection) gave a gradient graph ONNX Runtime refused
+    (below opset 14, which has no allowzero, still: the updates are now numbered from a CumSum
+    along each axis there). Nothing is scattered: x's gradient is the seed."""
     nodes = RUN_TIME_SCATTER + [node("Concat", ["hi", "lo"], ["both"], axis=1),
                                 node("Slice", ["both", "zero", "zero", "ax1"], ["at"]),
                                 node("Slice", ["u", "zero", "zero", "ax1"], ["none"]),
                                 node("ScatterElements", ["x", "at", "none"], axis=1)]
     x = _inputs("ScatterElements(run-time indices)")
     seed = np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)
-    y, grad = run_gradient(nodes, TWO_CHANNELS, x, seed, declared=declared)
+    y, grad = run_gradient(nodes, TWO_CHANNELS, x, seed, opset, declared=declared)
     np.testing.assert_array_equal(y, x)
     np.testing.assert_array_equal(grad, seed)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("name", ["Slice(steps 3, -2)", "Gather(class token)",
+                                  "ScatterElements(Tensor.scatter)", "ScatterElements(run-time indices)"])
+def test_rules_that_number_elements_below_opset_14(name, opset):
+    """Below opset 14 `positions` numbers the elements by CumSums along each axis (no Reshape
+    with allowzero there): the gradients still match finite differences."""
+    nodes, initializers, _ = CASES[name]
+    x = _inputs(name)
+    y_shape = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0].shape
+    seed = np.random.default_rng(1).standard_normal(y_shape).astype(np.float32)
+    _, grad = run_gradient(nodes, initializers, x, seed, opset)
+    expected = finite_differences(nodes, initializers, x, seed.astype(np.float64), opset=opset)
+    np.testing.assert_allclose(grad, expected, atol=5e-3, rtol=1e-2)
+    assert np.abs(grad).max() > 0.1
+
+
+@pytest.mark.parametrize("nodes, initializers, why", [
+    ([node("Slice", ["x", "zero", "two", "ax0"], ["w"]), node("Conv", ["image", "w"], name="the_conv")],
+     [init("zero", np.array([0])), init("two", np.array([2])), init("ax0", np.array([0])),
+      init("image", np.ones(X_SHAPE, np.float32))],
+     r"only through inputs that have no gradient rule: input 1 \('w'\) of node 'the_conv' \(Conv\)"),
+    ([node("Cast", ["x"], ["half"], name="the_cast", to=TensorProto.FLOAT16),
+      node("Relu", ["half"], ["r"]), node("Cast", ["r"], to=TensorProto.FLOAT)], [],
+     r"only through tensors that are not float32 \(node 'the_cast' \(Cast\) makes float16 'half'\)"),
+    ([node("QuantizeLinear", ["x", "scale", "zero_point"], ["q"], name="the_q"),
+      node("DequantizeLinear", ["q", "scale", "zero_point"], ["d"]), node("Relu", ["d"])],
+     [init("scale", np.float32(0.05)), init("zero_point", np.uint8(128))],
+     r"only through tensors that are not float32 \(node 'the_q' \(QuantizeLinear\) makes uint8 'q'\)"),
+], ids=["weights only", "half precision", "quantized"])
+def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, why):
+    """"The logits do not depend on the target" was said of logits that do, through a weight
+    computed from it, a head cast to half precision or quantized: what stops the gradient is
+    named."""
+    with pytest.raises(ModelError, match=r"the logits 'y' depend on target 'x' " + why):
+        gradient_model(nodes, initializers)
+
+
+@pytest.mark.parametrize("nodes, initializers, opset", [
+    *[([node("Hardmax", ["x"], ["h"], axis=axis), node("Mul", ["h", "x"])], [], 11) for axis in (0, 1, 2)],
+    ([node("Resize", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 1.5]))], 10),
+    ([node("Upsample", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 2]))], 9),
+    ([node("Upsample", ["x"], mode="linear", scales=[1.0, 1.0, 1.5, 2.0])], [], 8),
+], ids=["hardmax axis 0", "hardmax axis 1", "hardmax axis 2", "resize 10 linear", "upsample 9 linear",
+        "upsample 8 linear"])
+def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(nodes, initializers, opset):
+    """onnx.version_converter keeps ops whose meaning changed as they are: Hardmax (before 13
+    one-hot over the 2-D view [before axis, from axis on], from 13 along the axis alone), and a
+    linear Resize of opset 10 or Upsample (asymmetric coordinates, half_pixel from 11). When
+    the export converted such a model to 17, the head it differentiated computed other values.
+    The converted model now gives the original's values, its gradient the finite differences."""
+    from camface.export import onnx_export
+
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(X_SHAPE))], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=initializers)
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    old.ir_version = 7
+    converted = onnx_model.prepare(onnx_export.upgrade(old))
+    x = _inputs("Hardmax")
+    expected_y = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0]
+    seed = np.random.default_rng(1).standard_normal(expected_y.shape).astype(np.float32)
+    builder = GraphBuilder(17, taken={"x", "y", "seed"})
+    dx = onnx_cam.gradient(SimpleNamespace(model=converted, logits="y"), builder, "x", "seed")
+    y, grad = run_nodes(list(converted.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
+                        list(converted.graph.initializer) + builder.initializers, opset=17)
+    np.testing.assert_allclose(y, expected_y, atol=1e-6)
+    np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
+                                                        opset=opset), atol=5e-3, rtol=1e-2)
