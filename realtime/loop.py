@@ -261,8 +261,10 @@ class LiveLoop:
         # signals are held while the recording is finished, the third ending the process
         with stop_then_held(lambda: stuck_writer_line(recorder.sink)) as signals:
             try:
-                for index, frame, faces, cut in in_order(detections_q, len(detectors), slots):
-                    signals.check()  # (a first Ctrl-C that library code caught still stops the run)
+                # a first Ctrl-C that library code caught (a finaliser's) still stops the run: at
+                # the next frame, or while none comes (a stalled camera), where a second was held
+                for index, frame, faces, cut in in_order(detections_q, len(detectors), slots, signals.check):
+                    signals.check()
                     if recorder.error is not None:
                         raise recorder.error
                     snapshot = cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0

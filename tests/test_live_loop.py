@@ -1339,3 +1339,62 @@ def test_a_camera_recording_leaves_a_pause_out_without_squeezing_the_frames_befo
     # the pause left out; frames the reader read during it sit at its start
     filmed = camera.taken[-1] - camera.taken[0]
     assert times[-1] <= filmed - 0.9 * loop.summary.paused_s + 0.02
+
+
+def test_a_caught_first_signal_stops_a_run_whose_source_stalls(tmp_path, face_clip, monkeypatch):
+    """A first Ctrl-C caught by library code (a finaliser's KeyboardInterrupt is printed and
+    dropped) was raised again at the next frame only: with the camera stalled after it, the main
+    thread waited for that frame, and every later Ctrl-C was held (the run stopped, by the
+    first), so the fourth ended the process unfinished. It is raised while the loop waits too."""
+    from camface.realtime import loop as loop_module
+    from camface.realtime.sources import make_source
+
+    unblock = threading.Event()
+    waits = []  # True: the stall ended by the stop
+    real_in_order = loop_module.in_order
+
+    def in_order(*args, **kwargs):  # the stalled source is let go once the main thread stops waiting
+        try:
+            yield from real_in_order(*args, **kwargs)
+        finally:
+            unblock.set()
+
+    class StallsAfter3:
+        def __init__(self):
+            self.inner = make_source(str(face_clip))
+
+        @property
+        def info(self):
+            return self.inner.info
+
+        def __enter__(self):
+            self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __iter__(self):
+            for n, frame in enumerate(self.inner):
+                if n == 3:  # (let go after 20 s without the stop: the caught signal is raised then)
+                    waits.append(unblock.wait(timeout=20))
+                yield frame
+
+    class CaughtOnFrame3(FakeWindow):
+        def show(self, frame):
+            if len(self.shown) == 2:
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass  # as a finaliser's
+            return super().show(frame)
+
+    monkeypatch.setattr(loop_module, "in_order", in_order)
+    out = tmp_path / "out.mp4"
+    loop = LiveLoop(LiveConfig(source=str(face_clip), record=out, show=True, method="none"),
+                    window=CaughtOnFrame3(""), source=StallsAfter3())
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    assert waits == [True]  # stopped while it waited for the stalled frame
+    assert loop.summary.stopped_by == "interrupted" and loop.summary.frames == 3
+    assert loop.summary.recordings == ((str(out), 3),) and count_frames(out) == 3
