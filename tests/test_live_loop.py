@@ -1398,3 +1398,44 @@ def test_a_caught_first_signal_stops_a_run_whose_source_stalls(tmp_path, face_cl
     assert waits == [True]  # stopped while it waited for the stalled frame
     assert loop.summary.stopped_by == "interrupted" and loop.summary.frames == 3
     assert loop.summary.recordings == ((str(out), 3),) and count_frames(out) == 3
+
+
+THREADS_START_SIGNAL = """
+import signal, sys, threading
+from camface.realtime.loop import LiveConfig, LiveLoop, Terminated
+from camface.realtime.sources import make_source
+from camface.realtime.threads import sigterm_raises
+
+real_start, started = threading.Thread.start, []
+
+def start(thread):
+    real_start(thread)
+    started.append(thread)
+    if thread.name == "camface-detector-0" and threading.current_thread() is threading.main_thread():
+        signal.raise_signal(int(sys.argv[1]))
+
+threading.Thread.start = start
+loop = LiveLoop(LiveConfig(source="sample", method="none", max_frames=30), source=make_source("sample", sample_frames=30))
+try:
+    with sigterm_raises():
+        loop.run()
+except (KeyboardInterrupt, Terminated) as exc:
+    print(type(exc).__name__)
+threading.Thread.start = real_start
+for thread in started:
+    thread.join(timeout=10)
+print(sorted(thread.name for thread in started if thread.is_alive()), loop.summary and loop.summary.stopped_by)
+"""
+
+
+@pytest.mark.parametrize("sig, said", [(signal.SIGINT, "KeyboardInterrupt\n[] interrupted"),
+                                       (signal.SIGTERM, "Terminated\n[] terminated")])
+def test_a_signal_as_the_threads_start_stops_them_and_ends_with_a_summary(sig, said):
+    """A signal handled as the loop's threads started (before its handler was in place) escaped
+    the run: stop never set, the reader and detector threads went on with the source and the
+    detectors closed under them, which hung the process (a video file's capture released under
+    its reader's read; the sample source too). It stops the run as any first signal does. (In a
+    process of its own: the hang is no test's end.)"""
+    run = subprocess.run([sys.executable, "-c", THREADS_START_SIGNAL, str(int(sig))], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert (run.returncode, run.stdout.strip()) == (0, said), run.stderr
