@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from camface import __version__
 from camface.errors import CamfaceError
 from camface.extras import check_command, install_hint
+from camface.realtime.threads import Terminated  # (light: signal and threading only)
 
 # name -> (module, one-line help). Modules are imported only when needed.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -114,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated:  # SIGTERM in a command's live loop (bench's live row; live takes its own)
+        return Terminated.exit_code
 
 
 def run() -> None:

@@ -65,10 +65,11 @@ def check_frame(frame: Any, name: str = "a frame") -> np.ndarray:
 
 
 class RangeWatch:
-    """Says once, a log warning, when a uint8 frame's values are all 0 or 1 and some are 1: a
-    boolean mask or a 0..1 image cast to uint8 (a valid frame, but no face is ever found in it;
-    an all-black frame is not said). Each face detector keeps one, so the frames of every front
-    end are watched.
+    """Says once, a log warning, when a uint8 frame's values are all 0 or 1, both found: a
+    boolean mask or a 0..1 image cast to uint8 (a valid frame, but no face is ever found in it).
+    An all-black frame is not said, nor one of 1s only: a near-black video decodes to it (x264
+    makes a dark frame dithered with 0s and 2s a uniform Y of 17, read back as 1). Each face
+    detector keeps one, so the frames of every front end are watched.
 
     Cost per frame (640x480): the max of 4 rows, about 2 us. Only when those rows hold nothing
     above 1 (a dark frame) is the whole frame read (about 11 us more): the first DARK_EVERY dark
@@ -86,9 +87,9 @@ class RangeWatch:
         if self.said or frame[:: max(1, len(frame) // 4)].max() > 1:
             return
         self._dark += 1
-        if (self._dark > self.DARK_EVERY and self._dark % self.DARK_EVERY) or frame.max() != 1:
-            return
+        if (self._dark > self.DARK_EVERY and self._dark % self.DARK_EVERY) or frame.max() != 1 or frame.min() != 0:
+            return  # (all 1s: a near-black video's frame, as H.264 decodes a dark dithered one: no mask)
         self.said = True
-        log.warning("camface: a %dx%d frame holds values %d..1 only, but frames are uint8 BGR 0..255 (a boolean "
+        log.warning("camface: a %dx%d frame holds values 0..1 only, but frames are uint8 BGR 0..255 (a boolean "
                     "mask, or a 0..1 image cast to uint8?): no face is found in it; scale it to 0..255 "
-                    "(frame * 255). Said once", frame.shape[1], frame.shape[0], frame.min())
+                    "(frame * 255). Said once", frame.shape[1], frame.shape[0])

@@ -254,15 +254,19 @@ class LiveLoop:
         notice, notice_until = None, 0.0  # the recorder's latest notice, and until when it is shown
         progress = self._progress(source)
         started = time.perf_counter()
-        writer_thread.start()
-        for thread in threads:
-            thread.start()
         # the first SIGINT / SIGTERM stops the run (KeyboardInterrupt, Terminated); from then on
-        # signals are held while the recording is finished, the third ending the process
+        # signals are held while the recording is finished, the third ending the process. The
+        # threads start inside: a signal as they started escaped, the reader and detectors never
+        # told to stop (in a process that goes on, bench's, they held the source and detectors)
         with stop_then_held(lambda: stuck_writer_line(recorder.sink)) as signals:
             try:
-                for index, frame, faces, cut in in_order(detections_q, len(detectors), slots):
-                    signals.check()  # (a first Ctrl-C that library code caught still stops the run)
+                writer_thread.start()
+                for thread in threads:
+                    thread.start()
+                # a first Ctrl-C that library code caught (a finaliser's) still stops the run: at
+                # the next frame, or while none comes (a stalled camera), where a second was held
+                for index, frame, faces, cut in in_order(detections_q, len(detectors), slots, signals.check):
+                    signals.check()
                     if recorder.error is not None:
                         raise recorder.error
                     snapshot = cfg.snapshot_every > 0 and index % cfg.snapshot_every == 0
@@ -326,10 +330,12 @@ class LiveLoop:
                 signals.forced = functools.partial(stuck_writer_line, sink)
                 stop.set()
                 output_q.put(END)
-                writer_thread.join()
+                if writer_thread.ident is not None:  # (started)
+                    writer_thread.join()
                 deadline = time.monotonic() + JOIN_TIMEOUT_S
                 for thread in threads:
-                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
+                    if thread.ident is not None:
+                        thread.join(timeout=max(0.0, deadline - time.monotonic()))
                 self._busy_detectors = {n for n, thread in enumerate(threads[1:]) if thread.is_alive()}
                 for thread in threads:
                     if not thread.is_alive():

@@ -48,17 +48,21 @@ def put(q: queue.Queue, item, stop: threading.Event | None) -> bool:
                 return False
 
 
-def get(q: queue.Queue, stop: threading.Event | None = None):
-    """Get, waiting (interruptibly) for an item; END once `stop` is set and nothing comes."""
+def get(q: queue.Queue, stop: threading.Event | None = None, waiting: Callable[[], None] | None = None):
+    """Get, waiting (interruptibly) for an item; END once `stop` is set and nothing comes.
+    waiting: called every 0.05 s while nothing comes (a StopRequest's `check`)."""
     while True:
         try:
             return q.get(timeout=0.05)
         except queue.Empty:
             if stop is not None and stop.is_set():
                 return END
+            if waiting is not None:
+                waiting()
 
 
-def in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | None = None):
+def in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | None = None,
+             waiting: Callable[[], None] | None = None):
     """Yield (index, frame, faces, cut) from `producers` detector threads in frame order (each
     item as a producer sent it: a tuple whose first element is the frame index).
 
@@ -67,6 +71,7 @@ def in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | No
     frame before it has been yielded, so nothing already read is lost: a detector's failure
     on frame k after frames 0..k-1, the reader's after every frame it read. `slots` gets one
     release per frame yielded (the reader takes one per frame read: see LiveLoop._read).
+    `waiting` is called every 0.05 s while no item comes (`get`).
     """
     pending: dict[int, tuple] = {}
     wanted = ended = 0
@@ -81,7 +86,7 @@ def in_order(inbox: queue.Queue, producers: int, slots: threading.Semaphore | No
             raise failure.exc
         if ended == producers:
             return
-        item = get(inbox)
+        item = get(inbox, waiting=waiting)
         if item is END:
             ended += 1
         elif isinstance(item, Failure):

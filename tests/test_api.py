@@ -1066,9 +1066,31 @@ def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, runtime):
         assert caplog.messages == [f"camface: a {two_faces.shape[1]}x{two_faces.shape[0]} frame holds values 0..1 "
                                    "only, but frames are uint8 BGR 0..255 (a boolean mask, or a 0..1 image cast to "
                                    "uint8?): no face is found in it; scale it to 0..255 (frame * 255). Said once"]
+        small = np.zeros((48, 64, 3), np.uint8)
+        small[:, 32:] = 1
         with pipeline.face_detector() as detector:  # each detector says it (process_video's, live's)
-            detector.detect(np.ones((48, 64, 3), np.uint8))
-        assert caplog.messages[1].startswith("camface: a 64x48 frame holds values 1..1 only")
+            detector.detect(small)
+        assert caplog.messages[1].startswith("camface: a 64x48 frame holds values 0..1 only")
+
+
+def test_a_frame_of_ones_only_is_not_said_and_a_mask_after_it_is(caplog):
+    """A uniform frame of 1s is what a near-black video decodes to (x264 makes a dark frame
+    dithered with 0s and 2s a uniform Y of 17, read back as 1): a real clip was told it looked
+    like a boolean mask. It is not said; a frame of 0s and 1s after it still is."""
+    from camface.realtime.frames import RangeWatch
+
+    watch = RangeWatch()
+    near_black = np.ones((480, 640, 3), np.uint8)
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        for _ in range(3):
+            watch(near_black)
+        assert not watch.said and not caplog.messages
+        mask = near_black.copy()
+        mask[:, :320] = 0
+        watch(mask)
+    assert watch.said and caplog.messages == ["camface: a 640x480 frame holds values 0..1 only, but frames are uint8 "
+                                              "BGR 0..255 (a boolean mask, or a 0..1 image cast to uint8?): no face "
+                                              "is found in it; scale it to 0..255 (frame * 255). Said once"]
 
 
 def test_a_mask_after_a_black_stream_is_said_within_dark_every_frames():

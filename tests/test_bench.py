@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # eager conv gradients segfault in oneDNN here
@@ -693,3 +695,24 @@ def test_backbone_bench_runs_its_graph(tmp_path, faces_clip, capsys, monkeypatch
     settings = report["settings"]
     assert (settings["backbone"], settings["model"], settings["frames"]) == ("mobilenetv2", str(EMOTION_ONNX), 3)
     assert report["runs"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_in_the_live_row_ends_bench_with_its_exit_code(faces_clip, capsys, monkeypatch, sig, code):
+    """SIGTERM while bench's live row runs (the live loop's handler raises Terminated, as in
+    `camface live`) ended `camface bench` with a Terminated traceback and exit code 1: only
+    KeyboardInterrupt was taken. Both end it with the signal's code, and no traceback."""
+    from camface.realtime import loop as loop_module
+
+    real_put = loop_module.put
+    sent = []
+
+    def put_then_signal(q, item, stop):  # the frame handed to the writer, then the signal
+        if not sent and threading.current_thread() is threading.main_thread():
+            sent.append(sig)
+            signal.raise_signal(sig)
+        return real_put(q, item, stop)
+
+    monkeypatch.setattr(loop_module, "put", put_then_signal)
+    assert camface_main(["bench", "--source", str(faces_clip), "--frames", "4", "--warmup", "0"]) == code
+    assert sent == [sig] and "Traceback" not in capsys.readouterr().err
