@@ -115,6 +115,26 @@ def test_plain_image(tmp_path, astronaut_bgr, caplog):
     assert "1 face(s) found" in caplog.text and "2 row(s)" in caplog.text
 
 
+def test_guided_runs_with_tensorflow_s_own_onednn_setting(tmp_path, astronaut_bgr):
+    """conftest turns oneDNN off for the suite (eager convolution gradients crash in it here:
+    the Keras baseline), but users run TensorFlow with its default: a subprocess without the
+    variable runs `camface guided` through its gradients (Guided Backprop, Grad-CAM at every
+    layer) and writes both figures."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    image = tmp_path / "astronaut.png"
+    cv2.imwrite(str(image), astronaut_bgr)
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    for extra, out in (([], "figure.png"), (["--layers", "all"], "layers.gif")):
+        run = subprocess.run([sys.executable, "-m", "camface", "guided", str(image), "-o", str(tmp_path / out),
+                              *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert (tmp_path / out).stat().st_size > 10_000, out
+
+
 def test_an_onnx_model_beside_the_keras_model_that_is_no_cam_graph_is_passed_over(tmp_path):
     """`camface guided photo.jpg --model m.keras` looks for m.onnx, a CAM graph made from it, for
     its preprocessing, labels and target layer; m.onnx holding the model itself (a tf2onnx
