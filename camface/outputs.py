@@ -436,3 +436,14 @@ def check_model_file(path: Path, what: str = "model file") -> None:
         raise ModelError(f"{path} is a folder, not {article} {what}" if path.is_dir() else
                          f"{path} is not a regular file (a pipe, a device or a socket), not {article} {what}"
                          if path.exists() else f"{what} not found: {shown(path)}")
+
+
+def kept_by_a_stopped_copy(path: Path, written: Path, staged: Path) -> Path | None:
+    """Where a recording to `path` is when a Ctrl-C (or another exception than OSError) cut
+    `place_over` short: `written`, the file its `moved` last named, said in a warning, when that
+    is not `staged` (the copy had begun: `staged` renamed aside as "unplaced"); else None."""
+    if written == staged:
+        return None
+    log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
+                "recording is kept as %s", path, written)
+    return written

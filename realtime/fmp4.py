@@ -31,7 +31,7 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import native_stderr_captured
-from camface.outputs import beside, keep_unplaced, place_over
+from camface.outputs import beside, keep_unplaced, kept_by_a_stopped_copy, place_over
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,7 @@ class H264Writer:
                                 f"as {self.unplaced}") from exc
         except BaseException:  # Ctrl-C in the copy (a writer in the main thread): where it left them
             self._failed = True
-            if self._written != staged:
-                self.unplaced = self._written
-                log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
-                            "recording is kept as %s", self.path, self.unplaced)
+            self.unplaced = kept_by_a_stopped_copy(self.path, self._written, staged) or self.unplaced
             raise
         self._written = self.final
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from camface.errors import OutputError
 from camface.native import opencv_path
-from camface.outputs import beside, check_output_file, keep_unplaced, left_by_dead, place_over
+from camface.outputs import (beside, check_output_file, keep_unplaced, kept_by_a_stopped_copy, left_by_dead,
+                             place_over)
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +173,7 @@ class Mp4vWriter:
                 raise OutputError(f"cannot write {self._path}: {exc.strerror or exc}; the new recording is kept "
                                   f"as {self.unplaced}") from exc
             except BaseException:  # Ctrl-C in the copy (bench, the API: a close in the main thread)
-                if self._written != staged:
-                    self.unplaced = self._written
-                    log.warning("camface: %s: stopped while the new recording was copied over the earlier file: the new "
-                                "recording is kept as %s", self._path, self.unplaced)
+                self.unplaced = kept_by_a_stopped_copy(self._path, self._written, staged) or self.unplaced
                 raise
             self._written = self.final
             return

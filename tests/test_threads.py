@@ -40,6 +40,12 @@ def _drain(items, producers):
     return out["yielded"], out.get("raised")
 
 
+
+def run_script(script: str) -> subprocess.CompletedProcess:
+    """`script` run by this Python in a child whose SIGINT is as a terminal's (not ignored)."""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=sigint_as_from_a_terminal)
+
 def test_in_order_puts_detector_results_back_in_frame_order():
     items = [(1, "f1", ()), (3, "f3", ()), (0, "f0", ()), END, (2, "f2", ()), (4, "f4", ()), END]
     yielded, raised = _drain(items, producers=2)
@@ -173,8 +179,7 @@ def test_signals_held_end_the_process_on_the_third_signal(signals, code):
               f"    for s in {[int(s) for s in signals]}:\n"
               "        signal.raise_signal(s)\n"
               "print('finished')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         preexec_fn=sigint_as_from_a_terminal)
+    run = run_script(script)
     assert run.returncode == code, run.stderr
     if code:
         assert run.stdout == "" and run.stderr.strip() == "camface: stopped without finishing (3 signals while it finished)"
@@ -196,8 +201,7 @@ def test_signals_held_end_the_process_even_where_stderr_is_gone():
               "    for _ in range(3):\n"
               "        signal.raise_signal(signal.SIGINT)\n"
               "print('finished')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         preexec_fn=sigint_as_from_a_terminal)
+    run = run_script(script)
     assert (run.returncode, run.stdout) == (130, "")
 
 
@@ -269,8 +273,7 @@ def test_stop_then_held_ends_the_process_on_the_third_signal_after_the_stop():
               "        for s in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):\n"
               "            signal.raise_signal(s)\n"
               "print('finished')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         preexec_fn=sigint_as_from_a_terminal)
+    run = run_script(script)
     assert (run.returncode, run.stdout) == (143, "")
     assert run.stderr.strip() == "camface: the line said at the exit (3 signals while it finished)"
 
@@ -294,7 +297,6 @@ def test_the_forced_exit_line_is_seen_while_a_stuck_writer_captures_fd_2():
               "    for _ in range(3):\n"
               "        signal.raise_signal(signal.SIGINT)\n"
               "print('finished')\n")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         preexec_fn=sigint_as_from_a_terminal)
+    run = run_script(script)
     assert (run.returncode, run.stdout) == (130, "")
     assert run.stderr.strip() == "camface: stopped without finishing (3 signals while it finished)"
