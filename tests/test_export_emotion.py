@@ -203,6 +203,8 @@ def test_committed_metadata(committed):
     assert info.target_layer == TARGET and info.feature_size == (8, 8)
     assert info.heatmaps == tuple(m for m in methods.names() if m != "cam") and "conv" in info.cam_unavailable_reason.lower()
     assert info.source_model == EMOTION_KERAS.name and info.source_sha256 == sha256(EMOTION_KERAS)
+    # the maths its maps follow (`camface info` said "version not recorded" of a graph made before it was)
+    assert committed.metadata[graph_spec.META_METHODS_VERSION] == str(methods.VERSION)
     norm = json.loads(committed.metadata["normalization"])
     np.testing.assert_allclose(norm["scale"], [1 / 127.5])
     np.testing.assert_allclose(norm["offset"], [-1.0])

@@ -30,10 +30,32 @@ def cam():
     return onnx.load(str(EMOTION_ONNX))
 
 
+SEEDS = range(5)  # draws of the cascade: the claims below hold for their median, not for one draw
+
+
 @pytest.fixture(scope="module")
-def results(cam, astronaut_bgr):
-    found, figure = sanity.check(Randomizer(cam, seed=0), many_crops(astronaut_bgr), NAMES)
-    return {r.method: r for r in found}, figure
+def draws(cam, astronaut_bgr) -> list[tuple[dict[str, sanity.MethodSanity], dict]]:
+    """sanity.check for each of SEEDS on 16 crops (astronaut, Grace Hopper, noisy), the features
+    in 2 groups: ([method -> figures], figure data) per seed. A cascade step's figures are those
+    of its weights: logits, head and all are the default cascade's, with fewer steps between.
+
+    One draw's figures move with the draw, and a re-export is another draw: tf2onnx names the
+    initializers afresh and each is drawn by its name. Over 36 draws (3 exports x 12 seeds)
+    Layer-CAM's rho after the logits layer ranged 0.23-0.62 and Grad-CAM element-wise's with every
+    weight drawn 0.40-0.74, across the bars one draw was held to; the tests hold the median of 5
+    draws to bars that 4000 such medians (5 of the 36 draws at random) all met, with the margins
+    each test names."""
+    crops = many_crops(astronaut_bgr)[::4]
+    found = []
+    for seed in SEEDS:
+        results, figure = sanity.check(Randomizer(cam, seed=seed, feature_steps=2), crops, NAMES)
+        found.append(({r.method: r for r in results}, figure))
+    return found
+
+
+def _median(draws, method: str, figure: str = "spearman") -> np.ndarray:
+    """The median over the draws of a method's per-step figure ("spearman", "ssim"): float [steps]."""
+    return np.median([getattr(found[method], figure) for found, _ in draws], axis=0)
 
 
 def _initializers(model) -> dict[str, np.ndarray]:
@@ -157,36 +179,50 @@ def test_randomisation_changes_exactly_the_weights_it_claims(cam):
     np.testing.assert_array_equal(first[name], last[name])
 
 
-def test_seeded_runs_repeat_exactly(cam, astronaut_bgr):
-    crops = many_crops(astronaut_bgr)[::4]
+def test_seeded_runs_repeat_exactly(cam, astronaut_bgr, draws):
+    """Another Randomizer of the same seed gives the fixture's figures (a method's figures do not
+    depend on the other methods asked for); another seed re-draws the weights (the cascade's
+    figures differ, not only the random logit's class, which the seed draws too)."""
     names = ("gradcam", "layercam")
-    run = (lambda seed: [r.to_json() for r in sanity.check(Randomizer(cam, seed=seed, feature_steps=2), crops,
-                                                           names)[0]])
-    assert run(3) == run(3)
-    assert run(3) != run(4)
+    again = sanity.check(Randomizer(cam, seed=SEEDS[0], feature_steps=2), many_crops(astronaut_bgr)[::4], names)[0]
+    assert [r.to_json() for r in again] == [draws[0][0][name].to_json() for name in names]
+    for name in names:
+        assert draws[0][0][name].spearman != draws[1][0][name].spearman, name
 
 
-def test_gradcam_correlation_falls_as_steps_are_added(results):
-    found, _ = results
-    gradcam = found["gradcam"]
-    assert len(gradcam.spearman) == len(gradcam.steps) >= 7
-    assert max(gradcam.spearman) < sanity.SPEARMAN_PASS  # from 1 (the original itself) at the first step
-    assert max(gradcam.ssim) < 0.5 and gradcam.randomization_passed
-    layercam = found["layercam"]  # falls gradually as the cascade reaches the features
-    assert layercam.spearman[0] > 0.3 and layercam.spearman[-1] < layercam.spearman[0] - 0.3
+def test_gradcam_correlation_falls_as_steps_are_added(draws):
+    """Grad-CAM's map is the activations weighted by the mean gradient of the class's logit: once
+    the logits layer is drawn again, the logit is a random mix of the features and so are the
+    weights, and the map keeps little of the original's rank order (the medians, at every step:
+    at most 0.28, against SPEARMAN_PASS 0.5). Layer-CAM weights each activation by its own clipped gradient
+    ReLU(g) >= 0: the activations' structure survives the new logits layer (median rho 0.30-0.56,
+    against 0.2 and 0.8: a Layer-CAM blind to the gradient stays at 1), and it goes as the cascade
+    reaches the features (the median fall at least 0.24, against 0.15)."""
+    steps = draws[0][0]["gradcam"].steps
+    assert steps == ("logits", "head", "features 1/2", "all")
+    gradcam = _median(draws, "gradcam")
+    assert gradcam.max() < sanity.SPEARMAN_PASS  # from 1 (the original itself) at the first step
+    assert _median(draws, "gradcam", "ssim").max() < 0.5
+    layercam = _median(draws, "layercam")
+    falls = np.median([found["layercam"].spearman[0] - found["layercam"].spearman[-1] for found, _ in draws])
+    assert 0.2 < layercam[0] < 0.8 and falls > 0.15, (layercam, falls)
 
 
-def test_maps_of_the_activations_alone_fail_the_head_step(results):
+def test_maps_of_the_activations_alone_fail_the_head_step(draws):
     """Eigen-CAM and the random baseline read only the target's activations: re-drawing the layers
-    after the target leaves their maps exactly as they were (rho 1), so they fail; the whole
-    cascade then changes them."""
-    found, _ = results
+    after the target leaves their maps exactly as they were (rho 1, every draw), so they fail; the
+    whole cascade then changes them (medians at most 0.13, against SPEARMAN_PASS). Grad-CAM
+    element-wise (ReLU(g * A) summed over channels) keeps the input's structure through the
+    random weights' activations: its median rho with every weight drawn stays above 0.35 (at
+    least 0.42; Grad-CAM's is about 0)."""
+    for found, _ in draws:
+        for name in ("eigencam", "random"):
+            entry = found[name]
+            assert entry.steps[entry.head_step] == "head"
+            assert entry.spearman[entry.head_step] == pytest.approx(1.0) and not entry.randomization_passed
     for name in ("eigencam", "random"):
-        entry = found[name]
-        assert entry.steps[entry.head_step] == "head"
-        assert entry.spearman[entry.head_step] == pytest.approx(1.0) and not entry.randomization_passed
-        assert entry.spearman[-1] < sanity.SPEARMAN_PASS
-    assert found["gradcamelementwise"].spearman[-1] > sanity.SPEARMAN_PASS  # keeps the input's structure
+        assert _median(draws, name)[-1] < sanity.SPEARMAN_PASS
+    assert _median(draws, "gradcamelementwise")[-1] > 0.35
 
 
 def test_guided_backprop_fails_while_the_top_layers_are_random(cam, astronaut_bgr):
@@ -241,17 +277,22 @@ def test_a_nested_backbone_named_as_the_guided_target_is_cut_at_its_output():
         np.testing.assert_allclose(whole.spearman, inside.spearman, atol=0.02)
 
 
-def test_class_agnostic_methods_fail_random_logit(results):
-    found, _ = results
-    for name in ("eigencam", "random"):  # class-agnostic by design
-        assert found[name].random_logit_ssim > 0.99 and not found[name].random_logit_passed, name
+def test_class_agnostic_methods_fail_random_logit(draws):
+    """Eigen-CAM and the random baseline give one map whatever the class (SSIM 1 every draw); the
+    gradient methods' maps of another class differ (median SSIM at most 0.32, against SSIM_SAME
+    0.9), and Grad-CAM passes the randomisation check on the medians."""
+    for found, _ in draws:
+        for name in ("eigencam", "random"):  # class-agnostic by design
+            assert found[name].random_logit_ssim > 0.99 and not found[name].random_logit_passed, name
     for name in ("gradcam", "hirescam", "xgradcam"):
-        assert found[name].random_logit_passed, (name, found[name].random_logit_ssim)
-    assert found["gradcam"].randomization_passed
+        median = np.median([found[name].random_logit_ssim for found, _ in draws])
+        assert median < sanity.SSIM_SAME, (name, median)
+    gradcam, head = _median(draws, "gradcam"), draws[0][0]["gradcam"].head_step
+    assert max(gradcam[head], gradcam[-1]) < sanity.SPEARMAN_PASS
 
 
-def test_figure_data_holds_every_step(results):
-    found, figure = results
+def test_figure_data_holds_every_step(draws):
+    found, figure = draws[0]
     assert figure["steps"] == list(found["gradcam"].steps)
     assert len(figure["crops"]) == sanity.SHOWN
     for name in NAMES:
