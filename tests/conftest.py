@@ -9,6 +9,15 @@ import os
 # tests/test_bench.py`), and the Keras baseline's test was a segfault.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import signal  # noqa: E402
+
+# The suite runs as from a terminal, whatever started it: a background job of a non-interactive
+# shell (`make test &`, a CI runner) starts with SIGINT ignored, which the live loop keeps
+# ignored on purpose (a `nohup` run is not stopped by it), so a test that raises SIGINT in this
+# process to stop a run saw it run to the end. Subprocesses inherit the default as well.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
