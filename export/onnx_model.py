@@ -170,9 +170,11 @@ def prepare(model, where: object = "model"):
     except Exception as exc:
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
     # inferred again from the model before inference: the shapes inferred with the dropped
-    # windows stay in the graph's outputs otherwise
+    # windows stay in the graph's outputs otherwise. Each pass sets ceil_mode 0 on at least one
+    # pool, so the passes end (one that changed nothing, a pool it did not find, repeated itself)
     dropped = onnx_ceil.dropped_windows(inferred, shapes(inferred))
-    return prepare(onnx_ceil.floored(model, dropped), where) if dropped else inferred
+    floored, changed = onnx_ceil.floored(model, dropped) if dropped else (model, 0)
+    return prepare(floored, where) if changed else inferred
 
 
 def _shape_like_input(model) -> bool:

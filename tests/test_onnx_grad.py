@@ -1278,3 +1278,49 @@ def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(node
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
                                                         opset=opset), atol=5e-3, rtol=1e-2)
+
+
+def test_a_dropped_ceil_window_in_a_branch_the_shapes_decide_is_floored_once(monkeypatch):
+    """A pool whose ceil_mode window ONNX Runtime drops, inside an If branch that prepare()
+    folds into the main graph: prepare() set ceil_mode 0 on the pools of the model before the
+    folding, where the pool was still inside the If, changed nothing and prepared that model
+    again, until Python's recursion limit (the If was then left unfolded). It now sets the
+    branch's pool and prepares twice; the shapes and the gradient are ONNX Runtime's."""
+    def branch(name):
+        return helper.make_graph(
+            [node("MaxPool", ["x"], [f"{name}_m"], kernel_shape=[2, 2], strides=[3, 3],
+                  pads=[1, 1, 1, 1], ceil_mode=1)], name, [],
+            [helper.make_tensor_value_info(f"{name}_m", TensorProto.FLOAT, None)])
+
+    nodes = [node("Shape", ["x"], ["s"]), node("Gather", ["s", "one"], ["c"], axis=0),
+             node("Equal", ["c", "three"], ["cond"]),
+             node("If", ["cond"], ["m"], then_branch=branch("then"), else_branch=branch("other")),
+             node("GlobalAveragePool", ["m"])]
+    initializers = [init("one", np.int64(1)), init("three", np.int64(3))]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 4, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    prepare, passes = onnx_model.prepare, []
+
+    def counted(*args):
+        passes.append(1)
+        assert len(passes) <= 4, "prepare() keeps preparing the same model"
+        return prepare(*args)
+
+    monkeypatch.setattr(onnx_model, "prepare", counted)
+    prepared = onnx_model.prepare(model)
+    assert len(passes) == 2
+    pools = [n for n in prepared.graph.node if n.op_type == "MaxPool"]
+    assert [a.i for n in pools for a in n.attribute if a.name == "ceil_mode"] == [0]
+    x = _inputs("MaxPool")
+    m = run_nodes(nodes[:4], {"x": x}, ["m"], initializers, opset=17)[0]
+    assert onnx_model.shapes(prepared)["then_m"][1:] == list(m.shape[1:]) == [3, 2, 2]
+    seed = np.random.default_rng(1).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    builder = GraphBuilder(17, taken={"x", "y", "seed"})
+    dx = onnx_cam.gradient(SimpleNamespace(model=prepared, logits="y"), builder, "x", "seed")
+    grad = run_nodes(list(prepared.graph.node) + builder.nodes, {"x": x, "seed": seed}, [dx],
+                     list(prepared.graph.initializer) + builder.initializers, opset=17)[0]
+    np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
+                                                        opset=17), atol=5e-3, rtol=1e-2)
