@@ -44,13 +44,13 @@ def upgrade(model, source: object = "model"):
         return model
     try:
         converted = version_converter.convert_version(_hardmax_rows(model) if opset < 13 else model, 17)
-        return _asymmetric_linear_resizes(model, converted) if opset < 11 else converted
     except Exception as exc:  # the converter raises several types for ops it cannot convert
         if opset >= 13:
             log.info("%s: kept at opset %d (conversion to 17 fails: %s)", source, opset, exc)
             return model
         raise ModelError(f"{source}: opset {opset} is older than 13 and onnx.version_converter "
                          f"cannot convert it ({exc}); re-export it with opset >= 13") from exc
+    return _asymmetric_resizes(model, converted, source) if opset < 11 else converted
 
 
 def _hardmax_rows(model):
@@ -81,19 +81,36 @@ def _hardmax_rows(model):
     return copy
 
 
-def _asymmetric_linear_resizes(before, converted):
-    """`converted` (in place) with coordinate_transformation_mode asymmetric on the linear
-    Resizes that were a Resize (opset 10) or Upsample of `before`: their coordinates were
-    asymmetric, onnx.version_converter leaves the mode to opset 11's default (half_pixel) and
-    the converted model interpolated other values. Nearest ones come through alike."""
+def _asymmetric_resizes(before, converted, source: object = "model"):
+    """`converted` (in place) with the coordinates of the Resizes that were a Resize (opset 10)
+    or Upsample of `before`: those were asymmetric, and a nearest one took the floor of them
+    (the ceiling where it shrinks: ONNX Runtime's rule before opset 11); onnx.version_converter
+    leaves both to opset 11's defaults (half_pixel, round_prefer_floor), and the converted model
+    interpolated other values (a nearest one where a scale is not an integer, as 1.5). A nearest
+    one that enlarges one axis and shrinks another has no such mode: ModelError."""
     from onnx import helper
 
-    linear = {n.output[0] for n in before.graph.node if n.op_type in ("Resize", "Upsample") and any(
-        a.name == "mode" and a.s in (b"linear", b"bilinear") for a in n.attribute)}
+    from camface.export.onnx_model import constants
+
+    values = constants(before)
+    scales = {n.output[0]: values.get(n.input[1]) if len(n.input) > 1 else next(
+        (a.floats for a in n.attribute if a.name == "scales"), None)
+        for n in before.graph.node if n.op_type in ("Resize", "Upsample")}
     for node in converted.graph.node:
-        if node.op_type == "Resize" and node.output[0] in linear and not any(
-                a.name == "coordinate_transformation_mode" for a in node.attribute):
+        if node.op_type != "Resize" or node.output[0] not in scales:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if "coordinate_transformation_mode" not in attrs:
             node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        if attrs.get("mode", b"nearest") != b"nearest" or "nearest_mode" in attrs:
+            continue
+        scale = scales[node.output[0]]
+        shrinks = scale is not None and any(s < 1 for s in scale)
+        if shrinks and any(s > 1 for s in scale):
+            raise ModelError(f"{source}: node {node.name!r} (Resize, nearest, opset < 11) enlarges one "
+                             f"axis and shrinks another (scales {list(scale)}), which no mode of opset 11 "
+                             "rounds alike; re-export it with opset >= 11")
+        node.attribute.append(helper.make_attribute("nearest_mode", "ceil" if shrinks else "floor"))
     return converted
 
 

@@ -1252,12 +1252,18 @@ def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, w
     ([node("Resize", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 1.5]))], 10),
     ([node("Upsample", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 2]))], 9),
     ([node("Upsample", ["x"], mode="linear", scales=[1.0, 1.0, 1.5, 2.0])], [], 8),
+    ([node("Resize", ["x", "s"], mode="nearest")], [init("s", np.float32([1, 1, 1.75, 1.25]))], 10),
+    ([node("Resize", ["x", "s"])], [init("s", np.float32([1, 1, 0.75, 0.5]))], 10),
+    ([node("Upsample", ["x", "s"])], [init("s", np.float32([1, 1, 1.5, 1.75]))], 9),
+    ([node("Upsample", ["x"], scales=[1.0, 1.0, 1.75, 2.5])], [], 8),
 ], ids=["hardmax axis 0", "hardmax axis 1", "hardmax axis 2", "resize 10 linear", "upsample 9 linear",
-        "upsample 8 linear"])
+        "upsample 8 linear", "resize 10 nearest", "resize 10 nearest shrinking", "upsample 9 nearest",
+        "upsample 8 nearest"])
 def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(nodes, initializers, opset):
     """onnx.version_converter keeps ops whose meaning changed as they are: Hardmax (before 13
     one-hot over the 2-D view [before axis, from axis on], from 13 along the axis alone), and a
-    linear Resize of opset 10 or Upsample (asymmetric coordinates, half_pixel from 11). When
+    Resize of opset 10 or Upsample (asymmetric coordinates, half_pixel from 11; a nearest one
+    rounded them down, or up where it shrinks, round_prefer_floor from 11). When
     the export converted such a model to 17, the head it differentiated computed other values.
     The converted model now gives the original's values, its gradient the finite differences."""
     from camface.export import onnx_export
@@ -1324,3 +1330,19 @@ def test_a_dropped_ceil_window_in_a_branch_the_shapes_decide_is_floored_once(mon
                      list(prepared.graph.initializer) + builder.initializers, opset=17)[0]
     np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
                                                         opset=17), atol=5e-3, rtol=1e-2)
+
+
+def test_an_old_nearest_resize_that_enlarges_and_shrinks_is_refused_by_name():
+    """A nearest Resize of opset 10 rounds its coordinates down on an axis it enlarges and up
+    on one it shrinks (ONNX Runtime's rule); opset 11's nearest_mode is one for every axis."""
+    from camface.export import onnx_export
+
+    graph = helper.make_graph([node("Resize", ["x", "s"], name="up_down")], "head", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, list(X_SHAPE))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[init("s", np.float32([1, 1, 1.5, 0.5]))])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    old.ir_version = 7
+    with pytest.raises(ModelError, match=r"^m.onnx: node 'up_down' \(Resize, nearest, opset < 11\) "
+                                         r"enlarges one axis and shrinks another"):
+        onnx_export.upgrade(old, "m.onnx")
