@@ -1346,3 +1346,50 @@ def test_an_old_nearest_resize_that_enlarges_and_shrinks_is_refused_by_name():
     with pytest.raises(ModelError, match=r"^m.onnx: node 'up_down' \(Resize, nearest, opset < 11\) "
                                          r"enlarges one axis and shrinks another"):
         onnx_export.upgrade(old, "m.onnx")
+
+
+def _integer_graph(nodes, initializers):
+    graph = helper.make_graph(nodes, "shapes", [], [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+                              initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("nodes, initializers", [
+    ([node("Reshape", ["a", "s"])], [init("a", np.arange(6).reshape(2, 3)), init("s", np.array([0, -1, 1]))]),
+    ([node("Squeeze", ["a", "ax"])], [init("a", np.arange(3).reshape(1, 3, 1)), init("ax", np.array([-1, 0]))]),
+    ([node("Unsqueeze", ["a", "ax"])], [init("a", np.arange(3)), init("ax", np.array([-1, 0]))]),
+    ([node("Range", ["a", "b", "c"])], [init("a", np.int64(10)), init("b", np.int64(-3)), init("c", np.int64(-3))]),
+    ([node("Range", ["a", "b", "c"])], [init("a", np.int64(2)), init("b", np.int64(-5)), init("c", np.int64(1))]),
+    ([node("Concat", ["a", "b"], axis=-1), node("Sub", ["y", "c"], ["z"]), node("Neg", ["z"], ["w"]),
+      node("Mul", ["w", "c"], ["v"]), node("Cast", ["v"], ["f"], to=TensorProto.FLOAT)],
+     [init("a", np.array([[1]])), init("b", np.array([[2, 3]])), init("c", np.array([4]))]),
+], ids=["reshape 0 -1", "squeeze negative axes", "unsqueeze negative axes", "range down", "range empty",
+        "concat sub neg mul cast"])
+def test_small_integer_computations_fold_to_onnx_runtimes_values(nodes, initializers):
+    """onnx_model.constants folds small integer computations on constants (torch's dynamo
+    exporter's axes and shapes with optimize=False): the values ONNX Runtime computes."""
+    import onnxruntime as ort
+
+    outputs = [o for n in nodes for o in n.output]
+    model = _integer_graph(nodes, initializers)
+    found = onnx_model.constants(model)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, value in zip(outputs, session.run(outputs, {})):
+        assert found[name].dtype == value.dtype and found[name].shape == value.shape, name
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("limit, delta", [(2 ** 62, 1), (5, 0)], ids=["2 ** 62 elements", "delta 0"])
+def test_a_range_of_constants_that_is_no_small_shape_is_not_folded(limit, delta):
+    """A constant Range was made by numpy before its size was checked: one of 2 ** 62
+    elements raised ValueError (2 ** 40: MemoryError; 10 ** 8 took seconds and 800 MB in every
+    constants() call), a delta of 0 ZeroDivisionError, out of onnx_model.prepare. Neither is
+    folded now."""
+    nodes = [node("Range", ["a", "b", "c"], ["r"]), node("Shape", ["r"], ["y"])]
+    model = _integer_graph(nodes, [init("a", np.int64(0)), init("b", np.int64(limit)), init("c", np.int64(delta))])
+    assert "r" not in onnx_model.constants(model)
+    prepared = onnx_model.prepare(model)
+    assert [n.op_type for n in prepared.graph.node] == ["Range", "Shape"]
