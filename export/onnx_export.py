@@ -53,31 +53,44 @@ def upgrade(model, source: object = "model"):
     return _asymmetric_resizes(model, converted, source) if opset < 11 else converted
 
 
+def _graphs(graph) -> list:
+    """`graph` and every subgraph in it (If branches, Loop and Scan bodies), parents first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += _graphs(sub)
+    return found
+
+
 def _hardmax_rows(model):
     """A copy of `model` (opset < 13) with each Hardmax written as Flatten(axis), Hardmax(axis 1),
     Reshape back: before opset 13 Hardmax reads its input as 2-D [before axis, from axis on],
     from 13 it works along `axis` alone, and onnx.version_converter keeps the node as it is
-    (it rewrites Softmax and LogSoftmax so): the converted model's one-hot rows changed."""
+    (it rewrites Softmax and LogSoftmax so): the converted model's one-hot rows changed. Inside
+    If / Loop bodies too, which the converter leaves as they are (prepare() folds a branch the
+    shapes decide into the main graph)."""
     import onnx
     from onnx import helper
 
-    if not any(n.op_type == "Hardmax" for n in model.graph.node):
+    if not any(n.op_type == "Hardmax" for g in _graphs(model.graph) for n in g.node):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    nodes = []
-    for node in copy.graph.node:
-        if node.op_type != "Hardmax":
-            nodes.append(node)
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        x, y, stem = node.input[0], node.output[0], f"{node.output[0]}/camface_hardmax"
-        nodes += [helper.make_node("Shape", [x], [f"{stem}_shape"]),
-                  helper.make_node("Flatten", [x], [f"{stem}_rows"], axis=axis),
-                  helper.make_node("Hardmax", [f"{stem}_rows"], [f"{stem}_hot"], name=node.name, axis=1),
-                  helper.make_node("Reshape", [f"{stem}_hot", f"{stem}_shape"], [y])]
-    del copy.graph.node[:]
-    copy.graph.node.extend(nodes)
+    for graph in reversed(_graphs(copy.graph)):  # subgraphs first: a parent's rewrite copies them
+        nodes = []
+        for node in graph.node:
+            if node.op_type != "Hardmax":
+                nodes.append(node)
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            x, y, stem = node.input[0], node.output[0], f"{node.output[0]}/camface_hardmax"
+            nodes += [helper.make_node("Shape", [x], [f"{stem}_shape"]),
+                      helper.make_node("Flatten", [x], [f"{stem}_rows"], axis=axis),
+                      helper.make_node("Hardmax", [f"{stem}_rows"], [f"{stem}_hot"], name=node.name, axis=1),
+                      helper.make_node("Reshape", [f"{stem}_hot", f"{stem}_shape"], [y])]
+        del graph.node[:]
+        graph.node.extend(nodes)
     return copy
 
 

@@ -1393,3 +1393,39 @@ def test_a_range_of_constants_that_is_no_small_shape_is_not_folded(limit, delta)
     assert "r" not in onnx_model.constants(model)
     prepared = onnx_model.prepare(model)
     assert [n.op_type for n in prepared.graph.node] == ["Range", "Shape"]
+
+
+@pytest.mark.parametrize("inner, initializers", [
+    (lambda b: [node("Hardmax", ["x"], [f"{b}_h"], axis=1), node("Mul", [f"{b}_h", "x"], [f"{b}_y"])], []),
+    (lambda b: [node("Hardmax", ["x"], [f"{b}_y"], axis=2)], []),
+], ids=["hardmax axis 1", "hardmax axis 2"])
+def test_an_old_models_hardmax_inside_a_branch_keeps_its_values_when_converted(inner, initializers):
+    """The Hardmax rewrite (see above) read the main graph only (onnx.version_converter leaves
+    subgraphs as they are), and prepare() folds an If branch the shapes decide into it: a
+    Hardmax of an opset 10 model's branch computed other one-hot rows in the exported head."""
+    import onnxruntime as ort
+
+    from camface.export import onnx_export
+
+    def branch(name):
+        nodes = inner(name)
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            nodes[-1].output[0], TensorProto.FLOAT, None)])
+
+    nodes = [node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "one"], ["c"], axis=0),
+             node("Equal", ["c", "three"], ["cond"]),
+             node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("other"))]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[init("one", np.int64(1)), init("three", np.int64(3)), *initializers])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    old.ir_version = 7
+    prepared = onnx_model.prepare(onnx_export.upgrade(old))
+    assert "If" not in [n.op_type for n in prepared.graph.node]
+    x = _inputs("Hardmax")
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": x})[0]
+
+    np.testing.assert_allclose(run(prepared), run(old), atol=1e-6)
