@@ -42,17 +42,26 @@ def dropped_windows(model, shapes: dict) -> set[str]:
 
 
 def floored(model, outputs: set[str]):
-    """A copy of `model` with ceil_mode 0 on the pools that write `outputs`."""
+    """A copy of `model` with ceil_mode 0 on the pools that write `outputs`, inside If / Loop
+    bodies too (a pool of an If branch that prepare() folded into the main graph keeps its name),
+    and how many it changed."""
     import onnx
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for node in copy.graph.node:
-        if node.op_type in POOLS and node.output[0] in outputs:
-            next(a for a in node.attribute if a.name == "ceil_mode").i = 0
-            log.info("node %r (%s): ceil_mode set to 0 (its last window, which ONNX Runtime drops "
-                     "and ONNX's shapes keep, is the only one ceil_mode adds)", node.name, node.op_type)
-    return copy
+    graphs, changed = [copy.graph], 0
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            graphs += [sub for attr in node.attribute
+                       for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+            if node.op_type in POOLS and node.output[0] in outputs:
+                next(a for a in node.attribute if a.name == "ceil_mode").i = 0
+                changed += 1
+                log.info("node %r (%s): ceil_mode set to 0 (its last window, which ONNX Runtime "
+                         "drops and ONNX's shapes keep, is the only one ceil_mode adds)",
+                         node.name, node.op_type)
+    return copy, changed
 
 
 def _ceil_axes(size, kernel, strides, dilations, pads) -> list[str]:

@@ -44,56 +44,86 @@ def upgrade(model, source: object = "model"):
         return model
     try:
         converted = version_converter.convert_version(_hardmax_rows(model) if opset < 13 else model, 17)
-        return _asymmetric_linear_resizes(model, converted) if opset < 11 else converted
     except Exception as exc:  # the converter raises several types for ops it cannot convert
         if opset >= 13:
             log.info("%s: kept at opset %d (conversion to 17 fails: %s)", source, opset, exc)
             return model
         raise ModelError(f"{source}: opset {opset} is older than 13 and onnx.version_converter "
                          f"cannot convert it ({exc}); re-export it with opset >= 13") from exc
+    return _asymmetric_resizes(model, converted, source) if opset < 11 else converted
+
+
+def _graphs(graph) -> list:
+    """`graph` and every subgraph in it (If branches, Loop and Scan bodies), parents first."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += _graphs(sub)
+    return found
 
 
 def _hardmax_rows(model):
     """A copy of `model` (opset < 13) with each Hardmax written as Flatten(axis), Hardmax(axis 1),
     Reshape back: before opset 13 Hardmax reads its input as 2-D [before axis, from axis on],
     from 13 it works along `axis` alone, and onnx.version_converter keeps the node as it is
-    (it rewrites Softmax and LogSoftmax so): the converted model's one-hot rows changed."""
+    (it rewrites Softmax and LogSoftmax so): the converted model's one-hot rows changed. Inside
+    If / Loop bodies too, which the converter leaves as they are (prepare() folds a branch the
+    shapes decide into the main graph)."""
     import onnx
     from onnx import helper
 
-    if not any(n.op_type == "Hardmax" for n in model.graph.node):
+    if not any(n.op_type == "Hardmax" for g in _graphs(model.graph) for n in g.node):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    nodes = []
-    for node in copy.graph.node:
-        if node.op_type != "Hardmax":
-            nodes.append(node)
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        x, y, stem = node.input[0], node.output[0], f"{node.output[0]}/camface_hardmax"
-        nodes += [helper.make_node("Shape", [x], [f"{stem}_shape"]),
-                  helper.make_node("Flatten", [x], [f"{stem}_rows"], axis=axis),
-                  helper.make_node("Hardmax", [f"{stem}_rows"], [f"{stem}_hot"], name=node.name, axis=1),
-                  helper.make_node("Reshape", [f"{stem}_hot", f"{stem}_shape"], [y])]
-    del copy.graph.node[:]
-    copy.graph.node.extend(nodes)
+    for graph in reversed(_graphs(copy.graph)):  # subgraphs first: a parent's rewrite copies them
+        nodes = []
+        for node in graph.node:
+            if node.op_type != "Hardmax":
+                nodes.append(node)
+                continue
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            x, y, stem = node.input[0], node.output[0], f"{node.output[0]}/camface_hardmax"
+            nodes += [helper.make_node("Shape", [x], [f"{stem}_shape"]),
+                      helper.make_node("Flatten", [x], [f"{stem}_rows"], axis=axis),
+                      helper.make_node("Hardmax", [f"{stem}_rows"], [f"{stem}_hot"], name=node.name, axis=1),
+                      helper.make_node("Reshape", [f"{stem}_hot", f"{stem}_shape"], [y])]
+        del graph.node[:]
+        graph.node.extend(nodes)
     return copy
 
 
-def _asymmetric_linear_resizes(before, converted):
-    """`converted` (in place) with coordinate_transformation_mode asymmetric on the linear
-    Resizes that were a Resize (opset 10) or Upsample of `before`: their coordinates were
-    asymmetric, onnx.version_converter leaves the mode to opset 11's default (half_pixel) and
-    the converted model interpolated other values. Nearest ones come through alike."""
+def _asymmetric_resizes(before, converted, source: object = "model"):
+    """`converted` (in place) with the coordinates of the Resizes that were a Resize (opset 10)
+    or Upsample of `before`: those were asymmetric, and a nearest one took the floor of them
+    (the ceiling where it shrinks: ONNX Runtime's rule before opset 11); onnx.version_converter
+    leaves both to opset 11's defaults (half_pixel, round_prefer_floor), and the converted model
+    interpolated other values (a nearest one where a scale is not an integer, as 1.5). A nearest
+    one that enlarges one axis and shrinks another has no such mode: ModelError."""
     from onnx import helper
 
-    linear = {n.output[0] for n in before.graph.node if n.op_type in ("Resize", "Upsample") and any(
-        a.name == "mode" and a.s in (b"linear", b"bilinear") for a in n.attribute)}
+    from camface.export.onnx_model import constants
+
+    values = constants(before)
+    scales = {n.output[0]: values.get(n.input[1]) if len(n.input) > 1 else next(
+        (a.floats for a in n.attribute if a.name == "scales"), None)
+        for n in before.graph.node if n.op_type in ("Resize", "Upsample")}
     for node in converted.graph.node:
-        if node.op_type == "Resize" and node.output[0] in linear and not any(
-                a.name == "coordinate_transformation_mode" for a in node.attribute):
+        if node.op_type != "Resize" or node.output[0] not in scales:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if "coordinate_transformation_mode" not in attrs:
             node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+        if attrs.get("mode", b"nearest") != b"nearest" or "nearest_mode" in attrs:
+            continue
+        scale = scales[node.output[0]]
+        shrinks = scale is not None and any(s < 1 for s in scale)
+        if shrinks and any(s > 1 for s in scale):
+            raise ModelError(f"{source}: node {node.name!r} (Resize, nearest, opset < 11) enlarges one "
+                             f"axis and shrinks another (scales {list(scale)}), which no mode of opset 11 "
+                             "rounds alike; re-export it with opset >= 11")
+        node.attribute.append(helper.make_attribute("nearest_mode", "ceil" if shrinks else "floor"))
     return converted
 
 

@@ -170,9 +170,11 @@ def prepare(model, where: object = "model"):
     except Exception as exc:
         raise ModelError(f"{where}: ONNX shape inference fails ({exc})") from exc
     # inferred again from the model before inference: the shapes inferred with the dropped
-    # windows stay in the graph's outputs otherwise
+    # windows stay in the graph's outputs otherwise. Each pass sets ceil_mode 0 on at least one
+    # pool, so the passes end (one that changed nothing, a pool it did not find, repeated itself)
     dropped = onnx_ceil.dropped_windows(inferred, shapes(inferred))
-    return prepare(onnx_ceil.floored(model, dropped), where) if dropped else inferred
+    floored, changed = onnx_ceil.floored(model, dropped) if dropped else (model, 0)
+    return prepare(floored, where) if changed else inferred
 
 
 def _shape_like_input(model) -> bool:
@@ -324,8 +326,12 @@ def _folded(node, found: dict) -> np.ndarray | None:
     if op == "Cast" and len(inputs) == 1:
         return inputs[0].astype(helper.tensor_dtype_to_np_dtype(int(attrs["to"])))
     if op == "Range" and len(inputs) == 3:
-        values = np.arange(*(v.item() for v in inputs)).astype(inputs[0].dtype)
-        return values if values.size <= _FOLDED_MAX else None
+        start, limit, delta = (int(v.item()) for v in inputs)
+        # counted before it is made: a constant Range of 2**40 is no shape to fold, and numpy
+        # would allocate it first (a delta of 0 is ONNX Runtime's error to give)
+        if delta == 0 or -(-(limit - start) // delta) > _FOLDED_MAX:
+            return None
+        return np.arange(start, limit, delta).astype(inputs[0].dtype)
     return None
 
 

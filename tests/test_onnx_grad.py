@@ -1252,12 +1252,18 @@ def test_logits_reached_only_where_no_rule_goes_are_named(nodes, initializers, w
     ([node("Resize", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 1.5]))], 10),
     ([node("Upsample", ["x", "s"], mode="linear")], [init("s", np.float32([1, 1, 2, 2]))], 9),
     ([node("Upsample", ["x"], mode="linear", scales=[1.0, 1.0, 1.5, 2.0])], [], 8),
+    ([node("Resize", ["x", "s"], mode="nearest")], [init("s", np.float32([1, 1, 1.75, 1.25]))], 10),
+    ([node("Resize", ["x", "s"])], [init("s", np.float32([1, 1, 0.75, 0.5]))], 10),
+    ([node("Upsample", ["x", "s"])], [init("s", np.float32([1, 1, 1.5, 1.75]))], 9),
+    ([node("Upsample", ["x"], scales=[1.0, 1.0, 1.75, 2.5])], [], 8),
 ], ids=["hardmax axis 0", "hardmax axis 1", "hardmax axis 2", "resize 10 linear", "upsample 9 linear",
-        "upsample 8 linear"])
+        "upsample 8 linear", "resize 10 nearest", "resize 10 nearest shrinking", "upsample 9 nearest",
+        "upsample 8 nearest"])
 def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(nodes, initializers, opset):
     """onnx.version_converter keeps ops whose meaning changed as they are: Hardmax (before 13
     one-hot over the 2-D view [before axis, from axis on], from 13 along the axis alone), and a
-    linear Resize of opset 10 or Upsample (asymmetric coordinates, half_pixel from 11). When
+    Resize of opset 10 or Upsample (asymmetric coordinates, half_pixel from 11; a nearest one
+    rounded them down, or up where it shrinks, round_prefer_floor from 11). When
     the export converted such a model to 17, the head it differentiated computed other values.
     The converted model now gives the original's values, its gradient the finite differences."""
     from camface.export import onnx_export
@@ -1278,3 +1284,148 @@ def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(node
     np.testing.assert_allclose(y, expected_y, atol=1e-6)
     np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
                                                         opset=opset), atol=5e-3, rtol=1e-2)
+
+
+def test_a_dropped_ceil_window_in_a_branch_the_shapes_decide_is_floored_once(monkeypatch):
+    """A pool whose ceil_mode window ONNX Runtime drops, inside an If branch that prepare()
+    folds into the main graph: prepare() set ceil_mode 0 on the pools of the model before the
+    folding, where the pool was still inside the If, changed nothing and prepared that model
+    again, until Python's recursion limit (the If was then left unfolded). It now sets the
+    branch's pool and prepares twice; the shapes and the gradient are ONNX Runtime's."""
+    def branch(name):
+        return helper.make_graph(
+            [node("MaxPool", ["x"], [f"{name}_m"], kernel_shape=[2, 2], strides=[3, 3],
+                  pads=[1, 1, 1, 1], ceil_mode=1)], name, [],
+            [helper.make_tensor_value_info(f"{name}_m", TensorProto.FLOAT, None)])
+
+    nodes = [node("Shape", ["x"], ["s"]), node("Gather", ["s", "one"], ["c"], axis=0),
+             node("Equal", ["c", "three"], ["cond"]),
+             node("If", ["cond"], ["m"], then_branch=branch("then"), else_branch=branch("other")),
+             node("GlobalAveragePool", ["m"])]
+    initializers = [init("one", np.int64(1)), init("three", np.int64(3))]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", 3, 4, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, None)], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    prepare, passes = onnx_model.prepare, []
+
+    def counted(*args):
+        passes.append(1)
+        assert len(passes) <= 4, "prepare() keeps preparing the same model"
+        return prepare(*args)
+
+    monkeypatch.setattr(onnx_model, "prepare", counted)
+    prepared = onnx_model.prepare(model)
+    assert len(passes) == 2
+    pools = [n for n in prepared.graph.node if n.op_type == "MaxPool"]
+    assert [a.i for n in pools for a in n.attribute if a.name == "ceil_mode"] == [0]
+    x = _inputs("MaxPool")
+    m = run_nodes(nodes[:4], {"x": x}, ["m"], initializers, opset=17)[0]
+    assert onnx_model.shapes(prepared)["then_m"][1:] == list(m.shape[1:]) == [3, 2, 2]
+    seed = np.random.default_rng(1).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    builder = GraphBuilder(17, taken={"x", "y", "seed"})
+    dx = onnx_cam.gradient(SimpleNamespace(model=prepared, logits="y"), builder, "x", "seed")
+    grad = run_nodes(list(prepared.graph.node) + builder.nodes, {"x": x, "seed": seed}, [dx],
+                     list(prepared.graph.initializer) + builder.initializers, opset=17)[0]
+    np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
+                                                        opset=17), atol=5e-3, rtol=1e-2)
+
+
+def test_an_old_nearest_resize_that_enlarges_and_shrinks_is_refused_by_name():
+    """A nearest Resize of opset 10 rounds its coordinates down on an axis it enlarges and up
+    on one it shrinks (ONNX Runtime's rule); opset 11's nearest_mode is one for every axis."""
+    from camface.export import onnx_export
+
+    graph = helper.make_graph([node("Resize", ["x", "s"], name="up_down")], "head", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, list(X_SHAPE))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[init("s", np.float32([1, 1, 1.5, 0.5]))])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    old.ir_version = 7
+    with pytest.raises(ModelError, match=r"^m.onnx: node 'up_down' \(Resize, nearest, opset < 11\) "
+                                         r"enlarges one axis and shrinks another"):
+        onnx_export.upgrade(old, "m.onnx")
+
+
+def _integer_graph(nodes, initializers):
+    graph = helper.make_graph(nodes, "shapes", [], [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+                              initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("nodes, initializers", [
+    ([node("Reshape", ["a", "s"])], [init("a", np.arange(6).reshape(2, 3)), init("s", np.array([0, -1, 1]))]),
+    ([node("Squeeze", ["a", "ax"])], [init("a", np.arange(3).reshape(1, 3, 1)), init("ax", np.array([-1, 0]))]),
+    ([node("Unsqueeze", ["a", "ax"])], [init("a", np.arange(3)), init("ax", np.array([-1, 0]))]),
+    ([node("Range", ["a", "b", "c"])], [init("a", np.int64(10)), init("b", np.int64(-3)), init("c", np.int64(-3))]),
+    ([node("Range", ["a", "b", "c"])], [init("a", np.int64(2)), init("b", np.int64(-5)), init("c", np.int64(1))]),
+    ([node("Concat", ["a", "b"], axis=-1), node("Sub", ["y", "c"], ["z"]), node("Neg", ["z"], ["w"]),
+      node("Mul", ["w", "c"], ["v"]), node("Cast", ["v"], ["f"], to=TensorProto.FLOAT)],
+     [init("a", np.array([[1]])), init("b", np.array([[2, 3]])), init("c", np.array([4]))]),
+], ids=["reshape 0 -1", "squeeze negative axes", "unsqueeze negative axes", "range down", "range empty",
+        "concat sub neg mul cast"])
+def test_small_integer_computations_fold_to_onnx_runtimes_values(nodes, initializers):
+    """onnx_model.constants folds small integer computations on constants (torch's dynamo
+    exporter's axes and shapes with optimize=False): the values ONNX Runtime computes."""
+    import onnxruntime as ort
+
+    outputs = [o for n in nodes for o in n.output]
+    model = _integer_graph(nodes, initializers)
+    found = onnx_model.constants(model)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=o) for o in outputs)
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, value in zip(outputs, session.run(outputs, {})):
+        assert found[name].dtype == value.dtype and found[name].shape == value.shape, name
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("limit, delta", [(2 ** 62, 1), (5, 0)], ids=["2 ** 62 elements", "delta 0"])
+def test_a_range_of_constants_that_is_no_small_shape_is_not_folded(limit, delta):
+    """A constant Range was made by numpy before its size was checked: one of 2 ** 62
+    elements raised ValueError (2 ** 40: MemoryError; 10 ** 8 took seconds and 800 MB in every
+    constants() call), a delta of 0 ZeroDivisionError, out of onnx_model.prepare. Neither is
+    folded now."""
+    nodes = [node("Range", ["a", "b", "c"], ["r"]), node("Shape", ["r"], ["y"])]
+    model = _integer_graph(nodes, [init("a", np.int64(0)), init("b", np.int64(limit)), init("c", np.int64(delta))])
+    assert "r" not in onnx_model.constants(model)
+    prepared = onnx_model.prepare(model)
+    assert [n.op_type for n in prepared.graph.node] == ["Range", "Shape"]
+
+
+@pytest.mark.parametrize("inner, initializers", [
+    (lambda b: [node("Hardmax", ["x"], [f"{b}_h"], axis=1), node("Mul", [f"{b}_h", "x"], [f"{b}_y"])], []),
+    (lambda b: [node("Hardmax", ["x"], [f"{b}_y"], axis=2)], []),
+], ids=["hardmax axis 1", "hardmax axis 2"])
+def test_an_old_models_hardmax_inside_a_branch_keeps_its_values_when_converted(inner, initializers):
+    """The Hardmax rewrite (see above) read the main graph only (onnx.version_converter leaves
+    subgraphs as they are), and prepare() folds an If branch the shapes decide into it: a
+    Hardmax of an opset 10 model's branch computed other one-hot rows in the exported head."""
+    import onnxruntime as ort
+
+    from camface.export import onnx_export
+
+    def branch(name):
+        nodes = inner(name)
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            nodes[-1].output[0], TensorProto.FLOAT, None)])
+
+    nodes = [node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "one"], ["c"], axis=0),
+             node("Equal", ["c", "three"], ["cond"]),
+             node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("other"))]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[init("one", np.int64(1)), init("three", np.int64(3)), *initializers])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    old.ir_version = 7
+    prepared = onnx_model.prepare(onnx_export.upgrade(old))
+    assert "If" not in [n.op_type for n in prepared.graph.node]
+    x = _inputs("Hardmax")
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["y"], {"x": x})[0]
+
+    np.testing.assert_allclose(run(prepared), run(old), atol=1e-6)
