@@ -309,6 +309,34 @@ def test_a_nested_backbone_named_as_the_guided_target_is_cut_at_its_output():
         np.testing.assert_allclose(whole.spearman, inside.spearman, atol=0.02)
 
 
+def test_a_keras_model_built_again_is_the_same_guided_draw():
+    """The guided cascade draws each variable by its layer's position in the cascade: the same
+    model built again (its layers named conv2d_2... where they were conv2d...), with the same
+    weights, gets the same figures for a seed (keyed by the layer's name they differed)."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from camface.evaluate import sanity_guided
+    from camface.guided.snapshot import Preprocessing
+
+    def build():
+        image = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(image)
+        x = keras.layers.Conv2D(5, 3, padding="same", activation="relu", name="target")(x)
+        return keras.Model(image, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+
+    keras.utils.set_random_seed(0)
+    first, second = build(), build()
+    second.set_weights(first.get_weights())
+    assert [w.name for w in sanity_guided.weighted_layers(first)] != [w.name for w in sanity_guided.weighted_layers(second)]
+    crops = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    scaled = Preprocessing("RGB", (1 / 255,) * 3, (0.0,) * 3)
+    found = [[r.to_json() for r in sanity_guided.check(model, scaled, "target", crops, np.array([0, 1, 2]),
+                                                         np.array([1, 2, 0]), [0], seed=2, feature_steps=2)[0]]
+             for model in (first, second)]
+    assert found[0] == found[1]
+
+
 def test_class_agnostic_methods_fail_random_logit(draws):
     """Eigen-CAM and the random baseline give one map whatever the class (SSIM 1 every draw); the
     gradient methods' maps of another class differ (median SSIM at most 0.32, against SSIM_SAME
