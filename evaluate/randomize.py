@@ -26,9 +26,12 @@ anchor's position in the forward pass, from the logits down. Steps (cumulative, 
 cascade): "logits" (the last layer), "head" (the other layers after the target, when any), then
 the layers before the target in `FEATURE_STEPS` groups of about equal size, the last ("all")
 reaching the input. Each tensor's new values are drawn once (`redraw`), from a normal
-distribution with the tensor's own mean and standard deviation, seeded by (seed, tensor name):
-a tensor has the same new values in every step that includes it, and equal seeds give equal
-graphs. float16 and int8 graphs are refused: their weights are not float32 initializers.
+distribution with the tensor's own mean and standard deviation, seeded by (seed, the tensor's
+position in the cascade: its index in the last step's weights, from the logits down, in graph
+order within a layer): a tensor has the same new values in every step that includes it, equal
+seeds give equal graphs, and a re-export of the same model gets the same draw (exporters name
+initializers afresh on every export: tf2onnx's `functional_1/...` becomes `functional_2_1/...`,
+its `const_fold_opt__964` another number; a draw keyed by the name was another draw). float16 and int8 graphs are refused: their weights are not float32 initializers.
 """
 
 from __future__ import annotations
@@ -265,10 +268,12 @@ class Randomizer:
         self.feature_steps = feature_steps  # the guided cascade (`sanity_guided`) groups its features alike
         self.seed = int(seed)
         self._values = {i.name: numpy_helper.to_array(i) for i in self.forward.graph.initializer}
+        self._position = {name: i for i, name in enumerate(self.steps[-1].weights)}
 
     def redrawn(self, name: str) -> np.ndarray:
-        """Initializer `name` drawn again (`redraw`, keyed by its name)."""
-        return redraw(self._values[name], self.seed, name)
+        """Initializer `name` drawn again (`redraw`, keyed by its position in the cascade, not by
+        its name, which the exporter chose)."""
+        return redraw(self._values[name], self.seed, f"cascade/{self._position[name]}")
 
     def graph(self, step: Step | None = None):
         """The CAM graph (every heatmap the head allows, no metadata) with `step`'s weights re-drawn."""

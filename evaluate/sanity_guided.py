@@ -7,9 +7,11 @@ the colour channels at the crop's resolution. Cascade: the Keras layers that hol
 weights, from the logits down, grouped as the ONNX cascade groups them (the last layer, the
 other layers after the target, then the layers before it in `FEATURE_STEPS` groups); each
 trainable variable is drawn again from a normal distribution with its own mean and standard
-deviation, seeded by (seed, layer, variable). Batch normalisation's moving statistics are not
-trainable and are kept (a drawn variance could be negative); the ONNX graph has them folded into
-the weights, so its cascade re-draws them with the layer.
+deviation, seeded by (seed, the layer's position in the cascade, the variable's index), not
+by the layer's name (a model built again gets other automatic names: `conv2d_1` for `conv2d`).
+Batch normalisation's moving statistics are not trainable and are kept (a drawn variance could
+be negative); the ONNX graph has them folded into the weights, so its cascade re-draws them with
+the layer.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def check(model, preprocessing, layer: str, crops: np.ndarray, predicted: np.nda
     # lists the layers inside it, never the model itself)
     target = order.index((all_layers(inner)[-1] if isinstance(inner, keras.Model) else inner).name)
     weighted = [[layer_.name] for layer_ in reversed(weighted_layers(model))]  # from the logits down
+    position = {names[0]: i for i, names in enumerate(weighted)}
     steps = cascade([w for w in weighted if order.index(w[0]) > target],
                     [w for w in weighted if order.index(w[0]) <= target], feature_steps)
     usable = {m: [i for i, x in enumerate(want[m]) if x.max() > 0] for m in GUIDED}
@@ -78,7 +81,7 @@ def check(model, preprocessing, layer: str, crops: np.ndarray, predicted: np.nda
         for layer_ in weighted_layers(clone):
             if layer_.name in chosen:
                 for index, variable in enumerate(layer_.trainable_weights):
-                    variable.assign(redraw(variable.numpy(), seed, f"{layer_.name}/{index}"))
+                    variable.assign(redraw(variable.numpy(), seed, f"keras/{position[layer_.name]}/{index}"))
         got = _maps(Explainer(clone, layer, preprocessing), crops, predicted)
         for m in GUIDED:
             spearmen[m].append(_median([spearman(got[m][i], want[m][i]) for i in usable[m]]))
