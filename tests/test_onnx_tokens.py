@@ -803,6 +803,16 @@ class SdpaViT(ViT):
         return forward
 
 
+def sdpa_onnx(model, path, opset):
+    """`model` -> ONNX at `path` by torch.onnx's dynamo exporter at `opset`, dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=True,
+                          opset_version=opset,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    return path
+
+
 @pytest.mark.parametrize("opset", [18, 23])
 def test_a_vit_with_sdpa_defaults_to_its_last_blocks_norm1_at_every_opset(tmp_path, opset):
     """At opset 23 torch's dynamo exporter writes F.scaled_dot_product_attention as ONNX's
@@ -814,16 +824,29 @@ def test_a_vit_with_sdpa_defaults_to_its_last_blocks_norm1_at_every_opset(tmp_pa
     from camface.export.exporter import ExportOptions
 
     torch.manual_seed(0)
-    path = tmp_path / "m.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(SdpaViT().eval(), (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=True,
-                          opset_version=opset,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
-    model = onnx_model.load(path)
+    model = onnx_model.load(sdpa_onnx(SdpaViT().eval(), tmp_path / "m.onnx", opset))
     assert sum(n.op_type == "Attention" for n in model.graph.node) == (2 if opset >= 23 else 0)
     _, info, differences = onnx_export.build(model, ExportOptions(preset="unit"))
     assert (info.target_layer, info.token_grid, info.feature_size) == (
         "blocks.1.norm1", {"prefix": 1, "height": 4, "width": 4}, (4, 4))
     assert info.target_reason == onnx_export.REASON_VIT and "gradcam" in info.heatmaps
+    assert differences and all(d.ok for d in differences)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_a_swin_with_sdpa_defaults_to_its_last_blocks_norm2_at_every_opset(tmp_path, opset):
+    """The same for Swin: at opset 23 its default target was the final norm before the pooling
+    (no attention seen, so no MLP tokens to prefer); it is the last block's norm2 as at 18."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    swin = Swin(tokens=True).eval()
+    for stage in (swin.stage1, swin.stage2):
+        stage.attn.forward = SdpaViT._sdpa(stage.attn)
+    model = onnx_model.load(sdpa_onnx(swin, tmp_path / "m.onnx", opset))
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == (2 if opset >= 23 else 0)
+    _, info, differences = onnx_export.build(model, ExportOptions(preset="unit"))
+    assert (info.target_layer, info.feature_size) == ("stage2.norm2", (4, 4))
+    assert info.target_reason == onnx_export.REASON_SWIN
     assert differences and all(d.ok for d in differences)
