@@ -1088,12 +1088,13 @@ def feature_dims(classifier: Classifier, tensor: str, layout: str) -> tuple[int,
 
 
 def _attention(model, target: str, logits: str):
-    """The first node between `target` and the logits that mixes tokens (Softmax, or MatMul /
-    Einsum of two tensors that both depend on the target), or None."""
+    """The first node between `target` and the logits that mixes tokens (Softmax, ONNX's
+    Attention (opset 23: torch's F.scaled_dot_product_attention), or MatMul / Einsum of two
+    tensors that both depend on the target), or None."""
     live = differentiable(model, target)
     for node in head(model, target, logits):
         varying = [x for x in node.input if x in live]
-        if (node.op_type == "Softmax" and node.output[0] != logits) or \
+        if (node.op_type == "Softmax" and node.output[0] != logits) or node.op_type == "Attention" or \
                 (node.op_type in ("MatMul", "Einsum") and len(varying) > 1):
             return node
     return None
@@ -1292,7 +1293,7 @@ def resolve_target(classifier: Classifier, name: str | None) -> tuple[str, str]:
     maps = spatial_maps(classifier)
     found = [t for t in found if t in maps] or found  # attention and other 4-D tensors are no maps
     dims = shapes(model)
-    counts = {dims[n.output[0]][3] for n in _attentions(classifier)}
+    counts = {_attended_tokens(n, dims) for n in _attentions(classifier)}
     tokens = {t for t in modules.values() if len(dims.get(t) or []) == 3 and dims[t][1] in counts}
     module_names = [m for m, t in modules.items() if t in set(found) or t in tokens and "/" not in m]
     shown = (module_names + found)[-40:]
@@ -1693,11 +1694,34 @@ def with_token_grid(classifier: Classifier, tokens: str, grid: TokenGrid) -> tup
 
 
 def _attentions(classifier: Classifier) -> list:
-    """Softmax nodes of attention [N, heads, T, T] (not the model's own output), in graph order."""
+    """The self-attentions of T tokens to T tokens, in graph order: Softmax nodes of attention
+    probabilities [N, heads, T, T] (not the model's own output), and ONNX's Attention nodes
+    (opset 23: torch's dynamo exporter writes one for each F.scaled_dot_product_attention; their
+    probabilities stay inside the op) whose queries and keys number the same T
+    (`_attended_tokens`). Each user reads only the node's inputs, its first output and T."""
     dims = shapes(classifier.model)
-    return [n for n in classifier.model.graph.node if n.op_type == "Softmax" and n.output[0] !=
-            classifier.output_name and len(dims.get(n.output[0]) or []) == 4
-            and dims[n.output[0]][2] == dims[n.output[0]][3]]
+    found = []
+    for node in classifier.model.graph.node:
+        if node.op_type == "Softmax":
+            shape = dims.get(node.output[0]) or []
+            if node.output[0] != classifier.output_name and len(shape) == 4 and shape[2] == shape[3]:
+                found.append(node)
+        elif node.op_type == "Attention" and _attended_tokens(node, dims) is not None:
+            found.append(node)
+    return found
+
+
+def _attended_tokens(node, dims) -> int | str | None:
+    """T of a self-attention node from `_attentions`: a Softmax's last axis [N, heads, T, T], an
+    Attention's query length (Q [N, heads, T, head size] or [N, T, hidden]) when its keys
+    (K, of the same rank) number the same; None when they do not (cross-attention) or are unknown."""
+    if node.op_type == "Softmax":
+        return dims[node.output[0]][3]
+    query, key = (dims.get(x) or [] for x in node.input[:2])
+    if len(query) != len(key) or len(query) not in (3, 4):
+        return None
+    axis = len(query) - 2
+    return query[axis] if query[axis] == key[axis] else None
 
 
 # Elementwise activations between an all-convolutional head's class-score convolution and its
@@ -1768,12 +1792,12 @@ def default_token_target(classifier: Classifier) -> str | None:
     model = classifier.model
     dims = shapes(model)
     producer = {o: n for n in model.graph.node for o in n.output}
-    softmaxes = _attentions(classifier)
-    if not softmaxes:
+    attentions = _attentions(classifier)
+    if not attentions:
         return None
-    count = dims[softmaxes[-1].output[0]][3]
+    count = _attended_tokens(attentions[-1], dims)
     values = constants(model)
-    seen, queue = set(), list(softmaxes[-1].input)
+    seen, queue = set(), list(attentions[-1].input)
     while queue:  # breadth first: the nearest linear layer of tokens, q, k and v's
         name = queue.pop(0)
         if name in seen or name not in producer:

@@ -782,3 +782,71 @@ def test_patch_tokens_taken_column_by_column_are_refused(tmp_path):
     with pytest.raises(ModelError, match=r"come column by column from the patch embedding "
                                          r"'/patch_embed/Conv_output_0'.*row by row"):
         onnx_model.token_grid(classifier, tokens)
+
+
+class SdpaViT(ViT):
+    """The ViT whose attention is torch's F.scaled_dot_product_attention (timm's fused_attn): the
+    dynamo exporter writes it as Softmax and MatMuls up to opset 22, as one Attention op at 23."""
+
+    def __init__(self):
+        super().__init__(True)
+        for block in self.blocks:
+            block.attn.forward = self._sdpa(block.attn)
+
+    @staticmethod
+    def _sdpa(attn):
+        def forward(x):
+            n, tokens, dim = x.shape
+            qkv = attn.qkv(x).reshape(n, tokens, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            y = nn.functional.scaled_dot_product_attention(*qkv.unbind(0))
+            return attn.proj(y.transpose(1, 2).reshape(n, tokens, dim))
+        return forward
+
+
+def sdpa_onnx(model, path, opset):
+    """`model` -> ONNX at `path` by torch.onnx's dynamo exporter at `opset`, dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=True,
+                          opset_version=opset,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    return path
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_a_vit_with_sdpa_defaults_to_its_last_blocks_norm1_at_every_opset(tmp_path, opset):
+    """At opset 23 torch's dynamo exporter writes F.scaled_dot_product_attention as ONNX's
+    Attention op, which camface did not take for attention: the default target was the patch
+    embedding conv (a spatial map, "the last ... before the logits"), not the tokens the last
+    attention reads. It is the last block's norm1 on the patch grid at opset 23 as at 18, and
+    the maps pass the self-check."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    model = onnx_model.load(sdpa_onnx(SdpaViT().eval(), tmp_path / "m.onnx", opset))
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == (2 if opset >= 23 else 0)
+    _, info, differences = onnx_export.build(model, ExportOptions(preset="unit"))
+    assert (info.target_layer, info.token_grid, info.feature_size) == (
+        "blocks.1.norm1", {"prefix": 1, "height": 4, "width": 4}, (4, 4))
+    assert info.target_reason == onnx_export.REASON_VIT and "gradcam" in info.heatmaps
+    assert differences and all(d.ok for d in differences)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+def test_a_swin_with_sdpa_defaults_to_its_last_blocks_norm2_at_every_opset(tmp_path, opset):
+    """The same for Swin: at opset 23 its default target was the final norm before the pooling
+    (no attention seen, so no MLP tokens to prefer); it is the last block's norm2 as at 18."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    swin = Swin(tokens=True).eval()
+    for stage in (swin.stage1, swin.stage2):
+        stage.attn.forward = SdpaViT._sdpa(stage.attn)
+    model = onnx_model.load(sdpa_onnx(swin, tmp_path / "m.onnx", opset))
+    assert sum(n.op_type == "Attention" for n in model.graph.node) == (2 if opset >= 23 else 0)
+    _, info, differences = onnx_export.build(model, ExportOptions(preset="unit"))
+    assert (info.target_layer, info.feature_size) == ("stage2.norm2", (4, 4))
+    assert info.target_reason == onnx_export.REASON_SWIN
+    assert differences and all(d.ok for d in differences)
