@@ -30,10 +30,11 @@ demo: $(BASE_STAMP)
 	mkdir -p demo-out
 	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --overwrite --snapshot-every 60 --snapshot-dir demo-out/snapshots
 
-# ruff (pyproject's small rule set), then the tests; tests/test_api_typing.py runs mypy on the public API
+# ruff (pyproject's small rule set), then the tests; tests/test_api_typing.py runs mypy on the public API.
+# The 20 slowest tests are listed at the end, to keep CI's time in view.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # Regenerate the bundled CAM graph from the bundled Keras model. Its methods are ranked on all
 # 116 face crops of the sample (--rank-seconds 0: no time budget, so the ranking does not depend
