@@ -354,11 +354,11 @@ def _truncated_committed(tmp):
 
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: tmp / "graph.onnx", "ONNX file not found: .*graph.onnx"),
-    (lambda tmp: _write(tmp / "graph.onnx", b"\x00\x01garbage"), "graph.onnx: not an ONNX model"),
+    (lambda tmp: _write(tmp / "graph.onnx", b"\x00\x01garbage"), "graph.onnx is not an ONNX model"),
     (lambda tmp: _write(tmp / "random.onnx", bytes(np.random.default_rng(7).integers(0, 256, 4096,
                                                                               np.uint8))),
-     "random.onnx: not an ONNX model"),
-    (_truncated_committed, "truncated.onnx: not an ONNX model"),
+     "random.onnx is not an ONNX model"),
+    (_truncated_committed, "truncated.onnx is not an ONNX model"),
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
                                 "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),
