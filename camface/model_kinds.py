@@ -1,6 +1,7 @@
 """What a file given where a CAM graph is expected is, when it is not one: one line naming
 the kind of file and the command that makes a CAM graph of it. `camface.load` (every front
-end: live, bench, evaluate, serve, batch) and `camface info` both say it with `not_a_graph`.
+end: live, bench, evaluate, serve, batch) and `camface info` both say it with `not_a_graph`;
+`camface export` says what a file it cannot read is with `not_a_classifier`.
 
 The kind is read from the file's first bytes (a model renamed .onnx is named for what it is),
 then from its suffix: TFLite flatbuffers carry "TFL3" at byte 4, Keras .h5 files the HDF5
@@ -66,6 +67,22 @@ def not_a_graph(path: Path) -> str:
         return (f"{path} is {what}, not a CAM graph, and camface does not load pickles (unpickling runs code): "
                 f"save the model with torch.export.save as a .pt2, then `{TORCH_EXPORT}`")
     return f"{path} is not an ONNX model: {EXPORT_GRAPH}"
+
+
+def not_a_classifier(path: Path) -> str | None:
+    """The message for `path`, given as a classifier to export (or as the embedder of enroll and
+    compare, the Keras baseline's model), when it is a TFLite model: a face detector, or another, with what to do. None
+    otherwise. One line."""
+    kind = _kind(path)
+    if kind == "face detector":
+        return (f"{path} is a face-detector TFLite model (MediaPipe BlazeFace), not a face classifier or "
+                "recognition model: camface runs its own (detector='short' or 'full', --detector); give the "
+                "model whose maps you want (Keras, ONNX or .pt2)")
+    if kind == "tflite":
+        return (f"{path} is a TFLite model, which camface does not read: convert it to ONNX "
+                f"(`python -m tf2onnx.convert --tflite {path} --output model.onnx`), then "
+                "`camface export model.onnx -o cam.onnx --preset PRESET`, or give the Keras model it came from")
+    return None
 
 
 def _kind(path: Path) -> str | None:
