@@ -73,10 +73,17 @@ CASES = [
      r"{path} is not an ONNX model: a CAM graph is the .onnx that `camface export` writes$"),
     (lambda tmp: _write(tmp / "empty.onnx", b""),
      r"{path} is empty \(0 bytes\), not a CAM graph$"),
+    # said by its name: info read a video whole before refusing it
+    (lambda tmp: _write(tmp / "talk.mp4", bytes(100)),
+     r"{path} is a video, not a CAM graph \(.onnx\): a video is a source \(`process_video`, --source\)$"),
 ]
 
 
-@pytest.mark.parametrize("make, message", CASES)
+IDS = ["detector short", "detector full", "detector renamed", "tflite", "keras h5", "keras zip", "keras renamed",
+       "pt2", "pickle", "torchscript", "text", "empty", "video"]
+
+
+@pytest.mark.parametrize("make, message", CASES, ids=IDS)
 @pytest.mark.parametrize("reader", ["load", "info", "info without onnx"])
 def test_another_kind_of_model_is_named_alike_by_load_and_info(tmp_path, capsys, monkeypatch, make, message, reader):
     """The BlazeFace .tflite was 'not an ONNX model (ONNX Runtime cannot parse it)' to `load` and
