@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from camface import __version__, graph_spec
+from camface import __version__, graph_spec, model_kinds
 from camface.errors import ModelError, UsageError
 from camface.outputs import check_model_file
 from camface.export.exporter import ExportOptions
@@ -89,7 +89,7 @@ def forward_model(path: str | Path, opset: int = 17, safe_mode: bool = True,
             raise UsageError(f"{path}: --input-size is for .onnx / .pt2 models with a dynamic height and width")
         return keras_to_onnx(keras_model.load_model(path, safe_mode=safe_mode), opset)
     if suffix != ".onnx":
-        raise ModelError(f"{path}: expected an .onnx, .pt2 or Keras (.keras, .h5) model")
+        raise ModelError(model_kinds.not_a_classifier(path) or f"{path}: expected an .onnx, .pt2 or Keras (.keras, .h5) model")
     model = onnx_model.load(path)
     return model if input_size is None else onnx_model.fix_input_size(model, input_size, path)
 

@@ -9,7 +9,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from camface import graph_spec
+from camface import graph_spec, model_kinds
 from camface.errors import ModelError
 from camface.outputs import check_model_file, input_spec
 
@@ -35,16 +35,17 @@ def read(path: str | Path) -> GraphSummary:
     """Metadata and signature of an ONNX file. Raises ModelError naming the path."""
     path = Path(path)
     check_model_file(path, "ONNX file")
+    model_kinds.check_not_a_video(path)  # before onnx reads it all
     try:
         import onnx
     except ImportError:
         return _read_with_onnxruntime(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path}: not an ONNX model ({_first_line(exc)})") from exc
+    except Exception as exc:  # protobuf's DecodeError and friends: a BlazeFace .tflite, a Keras .h5
+        raise ModelError(model_kinds.not_a_graph(path)) from exc
     if not model.graph.node:
-        raise ModelError(f"{path}: not an ONNX model (no graph)")
+        raise ModelError(model_kinds.not_a_graph(path))
 
     def signature(values):
         rows = []
@@ -72,7 +73,10 @@ def _read_with_onnxruntime(path: Path) -> GraphSummary:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"{path}: not an ONNX model ({_first_line(exc)})") from exc
+        first = _first_line(exc)
+        if "INVALID_PROTOBUF" in first or "No graph was found" in first:
+            raise ModelError(model_kinds.not_a_graph(path)) from exc
+        raise ModelError(f"cannot load {path}: {first}") from exc
     meta = session.get_modelmeta().custom_metadata_map
 
     def signature(values):

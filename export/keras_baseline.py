@@ -16,6 +16,8 @@ import: eager convolution gradients segfault in oneDNN on some CPUs (TF 2.21: th
 gradient of every Conv2D computes Conv2DBackpropFilter too, which crashes). TensorFlow reads
 the variable once, when it loads: one imported before it was set keeps oneDNN on, so the
 baseline refuses to run in that process (`check_onednn_off`) rather than crash it.
+CAMFACE_ALLOW_ONEDNN=1 is for a CPU where oneDNN's gradients work: the variable is then left
+alone (TensorFlow's default, oneDNN on for x86 Linux) and oneDNN is not refused.
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from camface.errors import CamfaceError, ModelError
+from camface.errors import CamfaceError, ModelError, UsageError
+
+ALLOW_ONEDNN = "CAMFACE_ALLOW_ONEDNN"  # 1: run the baseline with oneDNN on (a CPU where it works)
+
+
+def onednn_allowed() -> bool:
+    """Whether CAMFACE_ALLOW_ONEDNN is 1; 0 or unset: no. UsageError for another value (a
+    "true" or "yes" read as no would refuse, or crash, with the user thinking it was set)."""
+    value = os.environ.get(ALLOW_ONEDNN, "").strip()
+    if value not in ("", "0", "1"):
+        raise UsageError(f"{ALLOW_ONEDNN} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def check_onednn_off() -> None:
@@ -36,8 +49,8 @@ def check_onednn_off() -> None:
     yet (`_import_tensorflow` sets TF_ENABLE_ONEDNN_OPTS=0 first). TensorFlow fixes the setting
     when it loads: setting the variable afterwards (a module that imported TensorFlow before
     `camface bench` ran in the same process) left it on, and the old check of the variable alone
-    said nothing."""
-    if "tensorflow" not in sys.modules:
+    said nothing. CAMFACE_ALLOW_ONEDNN=1: nothing (a CPU where oneDNN's gradients work)."""
+    if "tensorflow" not in sys.modules or onednn_allowed():
         return
     try:  # the setting TensorFlow loaded with (private, but the only place that says it)
         from tensorflow.python.util import _pywrap_util_port
@@ -49,13 +62,21 @@ def check_onednn_off() -> None:
         raise CamfaceError("the Keras baseline cannot run in this process: TensorFlow was loaded with oneDNN on "
                            "(TF_ENABLE_ONEDNN_OPTS was not 0 when it was imported), and eager convolution gradients "
                            "crash in oneDNN; set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (in the "
-                           "environment, or before `import tensorflow`), or run `camface bench` in a process of its own")
+                           "environment, or before `import tensorflow`), or run `camface bench` in a process of its own; "
+                           f"on a CPU where oneDNN's gradients work, {ALLOW_ONEDNN}=1 allows it")
+
+
+def prepare_environment() -> None:
+    """Before TensorFlow loads: TF_ENABLE_ONEDNN_OPTS=0 (unless it is set, or CAMFACE_ALLOW_ONEDNN
+    is 1) and its start-up logging off; nothing once it is loaded (it has read them)."""
+    if "tensorflow" not in sys.modules:
+        if not onednn_allowed():
+            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _import_tensorflow():
-    if "tensorflow" not in sys.modules:
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    prepare_environment()
     check_onednn_off()  # before the import too: loaded already, it is said without loading keras
     from camface.native import quiet_native_stderr
 

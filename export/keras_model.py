@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from camface import model_kinds
 from camface.errors import ModelError
 from camface.outputs import check_model_file
 
@@ -41,7 +42,9 @@ def load_model(path: str | Path, safe_mode: bool = True):
     path = Path(path)
     check_model_file(path)
     if path.suffix.lower() not in (".keras", ".h5", ".hdf5"):
-        raise ModelError(f"{path}: expected a Keras model file (.keras, .h5 or .hdf5)")
+        # export sends it every suffix but .onnx and .pt2: a BlazeFace .tflite is named for what it is
+        raise ModelError(model_kinds.not_a_classifier(path) or
+                         f"{path}: expected a Keras model file (.keras, .h5 or .hdf5)")
     _check_container(path)
     import keras
 

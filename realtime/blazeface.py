@@ -165,7 +165,7 @@ class OnnxFaceDetector:
         self.quiet = quiet
         self.threads = threads
         self._session = None
-        self._range = RangeWatch()  # a 0/1 frame (a mask) finds no face: said once
+        self._range = RangeWatch()  # a 0/1 frame (a mask) finds no face: said once per process
 
     def __enter__(self) -> "OnnxFaceDetector":
         if not self.model_path.is_file():

@@ -68,7 +68,7 @@ class FaceDetector:
         self._detector = None
         self._mp = None
         self._last_ms = -1
-        self._range = RangeWatch()  # a 0/1 frame (a mask) finds no face: said once
+        self._range = RangeWatch()  # a 0/1 frame (a mask) finds no face: said once per process
 
     def __enter__(self) -> "FaceDetector":
         if not self.model_path.is_file():

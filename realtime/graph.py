@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from camface import graph_spec as spec
+from camface import model_kinds
 from camface.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ DEVICE_CHAINS = {
 }
 PROVIDER_DEVICES = {TENSORRT: "tensorrt", CUDA: "cuda", CPU: "cpu"}  # --device that asks for each
 MAX_BATCH = 32  # the contract's dynamic batch range is 1..32
-# models `camface export` turns into CAM graphs, by file suffix (named when one is loaded as a graph)
-SOURCE_MODELS = {".hdf5": "Keras", ".h5": "Keras", ".keras": "Keras", ".pt2": "PyTorch (torch.export)"}
-# a video given as the model (`camface.load("talk.mp4")`) was read whole into memory before
-# ONNX Runtime refused it: gigabytes for a long one
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"})
 
 
 class _Quiet:
@@ -151,15 +147,13 @@ class CamGraph:
 
         path = Path(path)
         check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            raise ModelError(f"{path} is a video, not a CAM graph (.onnx): a video is a source "
-                             "(`process_video`, --source)")
+        model_kinds.check_not_a_video(path)
         try:
             model_bytes = path.read_bytes()
         except OSError as exc:  # no read permission: was a PermissionError traceback
             raise ModelError(f"cannot read CAM graph {path}: {exc.strerror or exc}") from exc
-        if not model_bytes:  # ONNX Runtime's word for it: 'No graph was found in the protobuf'
-            raise ModelError(f"{path} is empty (0 bytes), not a CAM graph")
+        if not model_bytes:
+            raise ModelError(model_kinds.not_a_graph(path))
         self._load(model_bytes, path, device, threads)
 
     @classmethod
@@ -217,13 +211,9 @@ class CamGraph:
             if provider != CPU:
                 raise
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            kind = SOURCE_MODELS.get(self.path.suffix.lower())
-            if kind:  # the classifier itself, not its CAM graph (the bundled .hdf5 sits beside the .onnx)
-                raise ModelError(f"{self.path} is a {kind} model, not a CAM graph: make one with "
-                                 f"`camface export {self.path} -o model.onnx`") from exc
-            if "INVALID_PROTOBUF" in first_line:  # a text file, an image, a TFLite model named .onnx
-                raise ModelError(f"{self.path} is not an ONNX model (ONNX Runtime cannot parse it): a CAM graph "
-                                 "is the .onnx that `camface export` writes") from exc
+            if "INVALID_PROTOBUF" in first_line or "No graph was found" in first_line:
+                # a text file, a Keras classifier (the bundled .hdf5 sits beside its graph), a BlazeFace .tflite
+                raise ModelError(model_kinds.not_a_graph(self.path)) from exc
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:

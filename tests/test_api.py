@@ -7,6 +7,7 @@ import re
 import subprocess
 from dataclasses import replace
 import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -1051,11 +1052,24 @@ def test_a_masked_array_is_refused_not_read_without_its_mask(cam, two_faces):
     assert [f.box for f in unmasked.faces] == [f.box for f in cam.explain(two_faces).faces]
 
 
+MASK_SAID = ("camface: a {w}x{h} frame holds values 0..1 only, but frames are uint8 BGR 0..255 (a boolean mask, or "
+             "a 0..1 image cast to uint8?): no face is found in it; scale it to 0..255 (frame * 255). Said once")
+
+
+@pytest.fixture
+def mask_unsaid(monkeypatch):
+    """The process's mask warning not said yet (another test may have said it), and as it was after."""
+    from camface.realtime import frames
+
+    monkeypatch.setattr(frames.MASK_WARNING, "said", False)
+
+
 @pytest.mark.parametrize("runtime", ["onnx", "mediapipe"])
-def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, runtime):
+def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, mask_unsaid, runtime):
     """A uint8 frame holding 0 and 1 only (a boolean mask, a 0..1 image cast to uint8) found no
-    face without a word. It is said once per detector, naming the range; a black frame and
-    ordinary frames are not."""
+    face without a word. It is said once in the process, naming the range: another detector (a
+    second detector thread, process_video's) said it again; a black frame and ordinary frames
+    are not."""
     mask = (two_faces > 127).astype(np.uint8)
     with camface.load(device="cpu", detector_runtime=runtime) as pipeline, \
             caplog.at_level(logging.WARNING, logger="camface"):
@@ -1063,46 +1077,95 @@ def test_a_frame_of_zeros_and_ones_is_said_once(two_faces, caplog, runtime):
         assert not pipeline.explain(np.zeros_like(two_faces)).faces and not caplog.messages  # black: valid, unsaid
         for _ in range(2):
             assert not pipeline.explain(mask).faces
-        assert caplog.messages == [f"camface: a {two_faces.shape[1]}x{two_faces.shape[0]} frame holds values 0..1 "
-                                   "only, but frames are uint8 BGR 0..255 (a boolean mask, or a 0..1 image cast to "
-                                   "uint8?): no face is found in it; scale it to 0..255 (frame * 255). Said once"]
-        small = np.zeros((48, 64, 3), np.uint8)
-        small[:, 32:] = 1
-        with pipeline.face_detector() as detector:  # each detector says it (process_video's, live's)
-            detector.detect(small)
-        assert caplog.messages[1].startswith("camface: a 64x48 frame holds values 0..1 only")
+        assert caplog.messages == [MASK_SAID.format(w=two_faces.shape[1], h=two_faces.shape[0])]
+        with pipeline.face_detector() as detector:  # another detector: not said again
+            assert not detector.detect(mask)
+        assert len(caplog.messages) == 1
 
 
-def test_a_frame_of_ones_only_is_not_said_and_a_mask_after_it_is(caplog):
-    """A uniform frame of 1s is what a near-black video decodes to (x264 makes a dark frame
-    dithered with 0s and 2s a uniform Y of 17, read back as 1): a real clip was told it looked
-    like a boolean mask. It is not said; a frame of 0s and 1s after it still is."""
+def test_two_detector_threads_say_a_mask_once(astronaut_bgr, caplog, mask_unsaid):
+    """Each detector thread (--detect-workers 2) kept its own 'said once': the user read it twice."""
     from camface.realtime.frames import RangeWatch
 
-    watch = RangeWatch()
-    near_black = np.ones((480, 640, 3), np.uint8)
+    mask = (astronaut_bgr > 127).astype(np.uint8)
+    watches = [RangeWatch() for _ in range(8)]  # as each detector makes its own
+    start = threading.Barrier(len(watches))
+
+    def watch(each):
+        start.wait()
+        for _ in range(20):
+            each(mask)
+
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        threads = [threading.Thread(target=watch, args=(each,)) for each in watches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert caplog.messages == [MASK_SAID.format(w=512, h=512)] and all(each.said for each in watches)
+
+
+def _blocks(shape, size, seed):
+    """0s and 1s constant over size x size blocks, as a codec decodes a near-black frame."""
+    blocks = np.random.default_rng(seed).random((shape[0] // size, shape[1] // size)) < 0.3
+    return np.repeat(np.repeat(blocks, size, 0), size, 1)[..., None].repeat(3, 2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda image: (image > 127).astype(np.uint8), True),  # a boolean mask
+    (lambda image: np.round(image / 255).astype(np.uint8), True),  # a 0..1 image cast to uint8
+    (lambda image: (cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) > 100).astype(np.uint8)[..., None].repeat(3, 2), True),
+    # a night camera's noise about a sensor offset of 0.5, sd 0.2, kept in 0..1: 50% 1s, scattered
+    (lambda image: np.random.default_rng(3).normal(0.5, 0.2, image.shape).round().clip(0, 1).astype(np.uint8), False),
+    # a capped lens: 0s, and 0.5% hot pixels at 1
+    (lambda image: (np.random.default_rng(4).random(image.shape) < 0.005).astype(np.uint8), False),
+    # a near-black clip's frame as a codec decodes it: 0s and 1s in 8x8 or 16x16 blocks, or in row bands
+    (lambda image: _blocks(image.shape, 8, 5), False),
+    (lambda image: _blocks(image.shape, 16, 6), False),
+    (lambda image: np.repeat(np.arange(image.shape[0])[:, None, None] // 16 % 2, image.shape[1], 1).repeat(3, 2)
+     .astype(np.uint8), False),
+], ids=["mask", "unit image", "gray mask", "sensor noise", "hot pixels", "codec 8x8", "codec 16x16", "bands"])
+def test_a_mask_is_said_and_a_dark_frame_of_0s_and_1s_is_not(astronaut_bgr, caplog, make, said):
+    """Any frame of 0s and 1s, both there, was said to look like a mask: a night camera's noise
+    kept in 0..1, or a near-black clip decoded to 0s and 1s, were told to scale by 255. A mask's
+    1s fill a share of the frame in regions whose edges follow the image; noise's are scattered
+    and a codec's blocks have their edges on its grid."""
+    from camface.realtime.frames import Once, RangeWatch
+
+    frame = make(cv2.resize(astronaut_bgr, (640, 480)))
+    assert frame.max() == 1 and frame.min() == 0  # the old rule said every one
+    watch = RangeWatch(Once())
+    with caplog.at_level(logging.WARNING, logger="camface"):
+        watch(frame)
+    assert watch.said == said and caplog.messages == ([MASK_SAID.format(w=640, h=480)] if said else [])
+
+
+def test_a_frame_of_ones_only_is_not_said_and_a_mask_after_it_is(astronaut_bgr, caplog):
+    """A uniform frame of 1s is what a near-black video decodes to (x264 makes a dark frame
+    dithered with 0s and 2s a uniform Y of 17, read back as 1): a real clip was told it looked
+    like a boolean mask. It is not said; a mask after it still is."""
+    from camface.realtime.frames import Once, RangeWatch
+
+    watch = RangeWatch(Once())
+    near_black = np.ones((512, 512, 3), np.uint8)
     with caplog.at_level(logging.WARNING, logger="camface"):
         for _ in range(3):
             watch(near_black)
         assert not watch.said and not caplog.messages
-        mask = near_black.copy()
-        mask[:, :320] = 0
-        watch(mask)
-    assert watch.said and caplog.messages == ["camface: a 640x480 frame holds values 0..1 only, but frames are uint8 "
-                                              "BGR 0..255 (a boolean mask, or a 0..1 image cast to uint8?): no face "
-                                              "is found in it; scale it to 0..255 (frame * 255). Said once"]
+        watch((astronaut_bgr > 127).astype(np.uint8))
+    assert watch.said and caplog.messages == [MASK_SAID.format(w=512, h=512)]
 
 
-def test_a_mask_after_a_black_stream_is_said_within_dark_every_frames():
+def test_a_mask_after_a_black_stream_is_said_within_dark_every_frames(astronaut_bgr):
     """Past its first DARK_EVERY dark frames, a detector's watch reads the whole of one dark frame
     in DARK_EVERY (a black stream's cost): a mask (its 1s in rows the cheap check skips) that
     follows is said within DARK_EVERY frames, one in the first DARK_EVERY at once."""
-    from camface.realtime.frames import RangeWatch
+    from camface.realtime.frames import Once, RangeWatch
 
     black = np.zeros((480, 640, 3), np.uint8)
     mask = black.copy()
-    mask[200:210, 300:320] = 1  # not in rows 0, 120, 240, 360
-    early, late = RangeWatch(), RangeWatch()
+    mask[130:230, 64:576] = astronaut_bgr[200:300] > 127  # not in rows 0, 120, 240, 360
+    early, late = RangeWatch(Once()), RangeWatch(Once())
     for _ in range(3):
         early(black)
     early(mask)
@@ -1142,8 +1205,8 @@ def test_a_file_that_is_no_onnx_model_is_said_to_be_one(tmp_path, content):
     INVALID_PROTOBUF : Failed to load model because protobuf parsing failed.'"""
     path = tmp_path / "model.onnx"
     path.write_bytes(content)
-    with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is not an ONNX model .ONNX Runtime cannot parse "
-                                         "it.: a CAM graph is the .onnx that `camface export` writes$"):
+    with pytest.raises(ModelError, match=f"^{re.escape(str(path))} is not an ONNX model: a CAM graph is the .onnx "
+                                         "that `camface export` writes$"):
         camface.load(path, device="cpu")
 
 
@@ -1236,7 +1299,7 @@ def test_a_classifier_given_as_the_model_says_to_export_it():
     from camface.models import EMOTION_KERAS
 
     with pytest.raises(ModelError, match=f"{EMOTION_KERAS} is a Keras model, not a CAM graph: make one with "
-                                         f"`camface export {EMOTION_KERAS} -o model.onnx`"):
+                                         f"`camface export {EMOTION_KERAS} -o cam.onnx`"):
         camface.load(EMOTION_KERAS, device="cpu")
 
 

@@ -179,8 +179,56 @@ def test_keras_baseline_refuses_a_tensorflow_loaded_with_onednn_on(tmp_path, fac
         "camface: error: the Keras baseline cannot run in this process: TensorFlow was loaded with oneDNN on "
         "(TF_ENABLE_ONEDNN_OPTS was not 0 when it was imported), and eager convolution gradients crash in oneDNN; "
         "set TF_ENABLE_ONEDNN_OPTS=0 before TensorFlow is imported (in the environment, or before `import "
-        "tensorflow`), or run `camface bench` in a process of its own")
+        "tensorflow`), or run `camface bench` in a process of its own; on a CPU where oneDNN's gradients work, "
+        "CAMFACE_ALLOW_ONEDNN=1 allows it")
     assert not out.exists() and "Speed" not in run.stdout  # refused before any row
+
+
+ONEDNN_PROBE = """
+import os, sys
+if sys.argv[1] == 'loaded':  # TensorFlow imported first, with its default (oneDNN on for x86 Linux)
+    import tensorflow
+from camface.export import keras_baseline
+keras_baseline.prepare_environment()
+print(os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset'))
+tf = keras_baseline._import_tensorflow()  # refuses (CamfaceError) when oneDNN is on and not allowed
+from tensorflow.python.util import _pywrap_util_port
+print('on' if _pywrap_util_port.IsMklEnabled() else 'off')
+"""
+
+
+@pytest.mark.parametrize("tensorflow, allow", [("loaded", "1"), ("loaded", "0"), ("not loaded", "1"),
+                                                ("not loaded", None)])
+def test_camface_allow_onednn_leaves_onednn_on_and_unrefused(tensorflow, allow):
+    """The Keras baseline refused a TensorFlow loaded with oneDNN on, with no way round it on a
+    CPU where oneDNN's convolution gradients work. CAMFACE_ALLOW_ONEDNN=1 is that way: oneDNN is
+    left on (TF_ENABLE_ONEDNN_OPTS not set) and not refused; 0 or unset, as before. (No gradient
+    is run: they crash in oneDNN on this project's CPU.)"""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("TF_ENABLE_ONEDNN_OPTS", "CAMFACE_ALLOW_ONEDNN")}
+    if allow is not None:
+        env["CAMFACE_ALLOW_ONEDNN"] = allow
+    run = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, tensorflow], capture_output=True, text=True,
+                         timeout=300, env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    lines = run.stdout.split()
+    if tensorflow == "loaded" and allow != "1":
+        assert run.returncode == 1 and "CamfaceError: the Keras baseline cannot run in this process" in run.stderr \
+            and "CAMFACE_ALLOW_ONEDNN=1 allows it" in run.stderr, run.stderr[-2000:]
+        return
+    assert run.returncode == 0, run.stderr[-2000:]
+    # what camface set before the import: nothing where oneDNN is allowed or TensorFlow had loaded
+    assert lines[0] == ("unset" if allow == "1" or tensorflow == "loaded" else "0"), lines
+    assert lines[1] == ("on" if allow == "1" else "off"), lines
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "2"])
+def test_camface_allow_onednn_other_than_0_or_1_is_refused(capsys, monkeypatch, faces_clip, value):
+    """A "true" read as no would have refused (or, unset, run oneDNN off) with the user thinking
+    it was set."""
+    monkeypatch.setenv("CAMFACE_ALLOW_ONEDNN", value)
+    code = camface_main(["bench", "--source", str(faces_clip), "--frames", "2", "--baseline", "keras"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"camface: error: CAMFACE_ALLOW_ONEDNN must be 0 or 1, got {value!r}"], err
 
 
 def test_keras_baseline_computes_the_graphs_gradcam(astronaut_bgr):

@@ -10,7 +10,7 @@ import pytest
 
 from camface.cli import main as camface_main
 from camface.errors import ModelError
-from camface.models import EMOTION_KERAS, EMOTION_ONNX
+from camface.models import DETECTORS, EMOTION_KERAS, EMOTION_ONNX
 
 
 def run(capsys, *argv):
@@ -34,6 +34,15 @@ def dense_only_model(tmp_path_factory):
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: tmp / "missing.h5", "model file not found: .*missing.h5"),
     (lambda tmp: _write(tmp / "notes.txt", b"hello"), "expected a Keras model file"),
+    # a TFLite model was "expected a Keras model file (.keras, .h5 or .hdf5)"
+    (lambda tmp: _write(tmp / "face.tflite", DETECTORS["short"].read_bytes()),
+     r"face.tflite is a face-detector TFLite model \(MediaPipe BlazeFace\), not a face classifier or recognition "
+     r"model: camface runs its own \(detector='short' or 'full', --detector\); give the model whose maps you want "
+     r"\(Keras, ONNX or \.pt2\)$"),
+    (lambda tmp: _write(tmp / "net.tflite", b"\x1c\x00\x00\x00TFL3" + bytes(64)),
+     r"net.tflite is a TFLite model, which camface does not read: convert it to ONNX \(`python -m "
+     r"tf2onnx.convert --tflite .*net.tflite --output model.onnx`\), then `camface export model.onnx -o cam.onnx "
+     r"--preset PRESET`, or give the Keras model it came from$"),
     (lambda tmp: _write(tmp / "broken.h5", b"not hdf5 at all" * 10), "broken.h5: not a loadable Keras model"),
     (lambda tmp: _write(tmp / "broken.keras", b"PK\x03\x04junk"), "broken.keras: not a loadable Keras model"),
     # Keras said "File not found" of these, which are there
@@ -74,6 +83,25 @@ def test_an_empty_onnx_embedder_is_no_onnx_model(argv, tmp_path, capsys, monkeyp
         cv2.imwrite(str(tmp_path / photo), np.full((64, 64, 3), 128, np.uint8))
     code, line = run(capsys, *argv)
     assert code == 2 and line == "camface: error: empty.onnx: not an ONNX model (no graph)", line
+    assert not (tmp_path / "g.onnx").exists()
+
+
+@pytest.mark.parametrize("argv", [["compare", "a.png", "b.png", "--model", "face.tflite", "--preset", "arcface"],
+                                  ["enroll", "people", "--embedding-from", "face.tflite", "-o", "g.onnx",
+                                   "--preset", "arcface"]])
+def test_a_face_detector_as_the_embedder_is_said_to_be_one(argv, tmp_path, capsys, monkeypatch):
+    """The BlazeFace .tflite given to compare or enroll was "expected an .onnx, .pt2 or Keras
+    (.keras, .h5) model"."""
+    import cv2
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "face.tflite", DETECTORS["short"].read_bytes())
+    (tmp_path / "people" / "someone").mkdir(parents=True)
+    for photo in ("a.png", "b.png", "people/someone/0.png"):
+        cv2.imwrite(str(tmp_path / photo), np.full((64, 64, 3), 128, np.uint8))
+    code, line = run(capsys, *argv)
+    assert code == 2 and line.startswith("camface: error: face.tflite is a face-detector TFLite model (MediaPipe "
+                                         "BlazeFace), not a face classifier or recognition model"), line
     assert not (tmp_path / "g.onnx").exists()
 
 
@@ -354,11 +382,11 @@ def _truncated_committed(tmp):
 
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: tmp / "graph.onnx", "ONNX file not found: .*graph.onnx"),
-    (lambda tmp: _write(tmp / "graph.onnx", b"\x00\x01garbage"), "graph.onnx: not an ONNX model"),
+    (lambda tmp: _write(tmp / "graph.onnx", b"\x00\x01garbage"), "graph.onnx is not an ONNX model"),
     (lambda tmp: _write(tmp / "random.onnx", bytes(np.random.default_rng(7).integers(0, 256, 4096,
                                                                               np.uint8))),
-     "random.onnx: not an ONNX model"),
-    (_truncated_committed, "truncated.onnx: not an ONNX model"),
+     "random.onnx is not an ONNX model"),
+    (_truncated_committed, "truncated.onnx is not an ONNX model"),
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
                                 "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),

@@ -205,10 +205,9 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     if args.baseline == "keras":  # before anything imports TensorFlow (see export/keras_baseline.py)
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        from camface.export.keras_baseline import check_onednn_off
+        from camface.export.keras_baseline import check_onednn_off, prepare_environment
 
+        prepare_environment()
         check_onednn_off()  # a TensorFlow this process loaded earlier: refused before any row, not a crash after
     from camface.export.ranking import quiet_graph_log
 

@@ -1,0 +1,113 @@
+"""A model file of another kind given where a CAM graph is expected (`camface.load`, `camface
+info`, live, evaluate) is named for what it is, with the command that makes a CAM graph of it,
+in the same words everywhere (`camface.model_kinds.not_a_graph`)."""
+
+import re
+import sys
+import zipfile
+
+import pytest
+
+import camface
+from camface.cli import main as camface_main
+from camface.errors import ModelError
+from camface.models import DETECTORS, EMOTION_KERAS
+
+DETECTOR = r"is a face-detector TFLite model \(MediaPipe BlazeFace\), not a CAM graph: camface runs its own " \
+           r"\(detector='short' or 'full', --detector\); the CAM graph is a face classifier's, made by " \
+           r"`camface export CLASSIFIER -o cam.onnx` from a Keras, ONNX or .pt2 classifier \(no model given: " \
+           r"the bundled emotion graph\)$"
+
+
+def _zip(path, names):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"{}")
+    return path
+
+
+def _tflite(path, body=b"\x00" * 64):
+    """A TFLite flatbuffer's first bytes: a root offset, then the identifier TFL3."""
+    path.write_bytes(b"\x1c\x00\x00\x00TFL3" + body)
+    return path
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _copy(source):
+    def make(tmp):
+        target = tmp / source.name
+        target.write_bytes(source.read_bytes())
+        return target
+    return make
+
+
+CASES = [
+    # both bundled BlazeFace detectors, and one renamed .onnx: found by their content
+    *[(_copy(path), "{path} " + DETECTOR) for path in DETECTORS.values()],
+    (lambda tmp: _write(tmp / "model.onnx", DETECTORS["short"].read_bytes()), "{path} " + DETECTOR),
+    (lambda tmp: _tflite(tmp / "mobilenet.tflite"),
+     r"{path} is a TFLite model, not a CAM graph, and camface does not read TFLite: convert it to ONNX "
+     r"\(`python -m tf2onnx.convert --tflite {path} --output model.onnx`\) and make a CAM graph of that with "
+     r"`camface export model.onnx -o cam.onnx --preset PRESET`, or export the Keras model it came from$"),
+    (_copy(EMOTION_KERAS), r"{path} is a Keras model, not a CAM graph: make one with `camface export {path} -o cam.onnx`$"),
+    (lambda tmp: _zip(tmp / "m.keras", ["metadata.json", "config.json", "model.weights.h5"]),
+     r"{path} is a Keras model, not a CAM graph: make one with `camface export {path} -o cam.onnx`$"),
+    # a Keras HDF5 renamed .onnx: export goes by the suffix, so the command names it .h5
+    (lambda tmp: _write(tmp / "cam.onnx", EMOTION_KERAS.read_bytes()),
+     r"{path} is a Keras model, not a CAM graph: make one with `camface export {stem}.h5 -o cam.onnx` "
+     r"\(renamed .h5: export reads a model by its suffix\)$"),
+    (lambda tmp: _zip(tmp / "m.pt2", ["m/models/model.json", "m/archive_format", "m/data/weights/weight_0"]),
+     r"{path} is a PyTorch exported program \(.pt2\), not a CAM graph: make one with "
+     r"`camface export {path} -o cam.onnx --preset torch`$"),
+    (lambda tmp: _zip(tmp / "m.pt", ["m/data.pkl", "m/version", "m/data/0"]),
+     r"{path} is a PyTorch pickle \(torch.save\), not a CAM graph, and camface does not load pickles \(unpickling "
+     r"runs code\): save the model with torch.export.save as a .pt2, then "
+     r"`camface export model.pt2 -o cam.onnx --preset torch`$"),
+    (lambda tmp: _zip(tmp / "m.pth", ["m/data.pkl", "m/constants.pkl", "m/code/__torch__/m.py"]),
+     r"{path} is a TorchScript archive \(torch.jit.save\), not a CAM graph, and camface does not load pickles"),
+    (lambda tmp: _write(tmp / "notes.onnx", b"hello world\n"),
+     r"{path} is not an ONNX model: a CAM graph is the .onnx that `camface export` writes$"),
+    (lambda tmp: _write(tmp / "empty.onnx", b""),
+     r"{path} is empty \(0 bytes\), not a CAM graph$"),
+    # said by its name: info read a video whole before refusing it
+    (lambda tmp: _write(tmp / "talk.mp4", bytes(100)),
+     r"{path} is a video, not a CAM graph \(.onnx\): a video is a source \(`process_video`, --source\)$"),
+]
+
+
+IDS = ["detector short", "detector full", "detector renamed", "tflite", "keras h5", "keras zip", "keras renamed",
+       "pt2", "pickle", "torchscript", "text", "empty", "video"]
+
+
+@pytest.mark.parametrize("make, message", CASES, ids=IDS)
+@pytest.mark.parametrize("reader", ["load", "info", "info without onnx"])
+def test_another_kind_of_model_is_named_alike_by_load_and_info(tmp_path, capsys, monkeypatch, make, message, reader):
+    """The BlazeFace .tflite was 'not an ONNX model (ONNX Runtime cannot parse it)' to `load` and
+    'not an ONNX model (Error parsing message with type 'onnx.ModelProto': Wire format was
+    corrupt)' to `info`; a .pt or a .tflite the same."""
+    path = make(tmp_path)
+    expected = "^" + message.format(path=re.escape(str(path)), stem=re.escape(str(path.with_suffix(""))))
+    if reader == "load":
+        with pytest.raises(ModelError) as caught:
+            camface.load(path, device="cpu")
+        said = str(caught.value)
+    else:
+        if reader == "info without onnx":  # the live-loop install reads it with ONNX Runtime
+            monkeypatch.setitem(sys.modules, "onnx", None)
+        assert camface_main(["info", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("camface: error: "), err
+        said = err[0].removeprefix("camface: error: ")
+    assert re.search(expected, said), said
+
+
+@pytest.mark.parametrize("command", [["live", "--source", "sample", "--no-show"], ["evaluate", "--source", "sample"]])
+def test_the_bundled_face_detector_as_the_model_of_a_command(capsys, command):
+    path = DETECTORS["short"]
+    assert camface_main([*command, "--model", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(f"^camface: error: {re.escape(str(path))} {DETECTOR}", err[0]), err
