@@ -203,6 +203,16 @@ def test_plan_says_where_the_graph_runs():
     assert "graph on CPU" in text and "the cluster's GPUs are not used" in text and "runs on it" not in text
 
 
+def test_plan_starts_at_most_one_cpu_graph_actor_per_cpu():
+    """1000 CPU graph actors on 2 CPUs started 144 Ray workers and made no progress."""
+    p = plan({"CPU": 2}, graph_actors=1000, split=True)
+    assert p.graph_actors == 2
+    assert "--graph-actors 1000: the graph runs on CPU, one thread an actor, so 2 (one per CPU)" in p.describe()
+    assert plan({"CPU": 2}, graph_actors=2, split=True).graph_actors == 2
+    assert "--graph-actors" not in plan({"CPU": 2}, graph_actors=2, split=True).describe()
+    assert plan({"CPU": 16, "GPU": 8}, graph_actors=8).graph_actors == 8  # on GPUs: as asked
+
+
 def test_plan_says_when_it_starts_fewer_actors_than_asked():
     text = plan({"CPU": 16, "GPU": 1}, detect_actors=8, render_actors=5, videos=3).describe()
     assert "--detect-actors 8: 3 unit(s) of work, so 3 actor(s)" in text
