@@ -94,36 +94,56 @@ def _hardmax_rows(model):
     return copy
 
 
+def _resize_scales(graph, outer: dict) -> list[dict]:
+    """Per graph of `_graphs(graph)`, in its order: the output of each Resize / Upsample -> its
+    scales (None where they are not constant), read from constants of the graph or of the
+    graphs around it (`outer`: name -> value)."""
+    from types import SimpleNamespace
+
+    from camface.export.onnx_model import constants
+
+    # constants() reads the graph alone: a subgraph as a model's, without copying its weights
+    values = {**outer, **constants(SimpleNamespace(graph=graph))}
+    found = [{n.output[0]: values.get(n.input[1]) if len(n.input) > 1 else next(
+        (a.floats for a in n.attribute if a.name == "scales"), None)
+        for n in graph.node if n.op_type in ("Resize", "Upsample")}]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                found += _resize_scales(sub, values)
+    return found
+
+
 def _asymmetric_resizes(before, converted, source: object = "model"):
     """`converted` (in place) with the coordinates of the Resizes that were a Resize (opset 10)
     or Upsample of `before`: those were asymmetric, and a nearest one took the floor of them
     (the ceiling where it shrinks: ONNX Runtime's rule before opset 11); onnx.version_converter
     leaves both to opset 11's defaults (half_pixel, round_prefer_floor), and the converted model
-    interpolated other values (a nearest one where a scale is not an integer, as 1.5). A nearest
-    one that enlarges one axis and shrinks another has no such mode: ModelError."""
+    interpolated other values (a nearest one where a scale is not an integer, as 1.5). Inside
+    If / Loop bodies too, which the converter upgrades as the main graph (each subgraph paired
+    with its own: branches may reuse names). A nearest one that enlarges one axis and shrinks
+    another has no such mode: ModelError."""
     from onnx import helper
 
-    from camface.export.onnx_model import constants
-
-    values = constants(before)
-    scales = {n.output[0]: values.get(n.input[1]) if len(n.input) > 1 else next(
-        (a.floats for a in n.attribute if a.name == "scales"), None)
-        for n in before.graph.node if n.op_type in ("Resize", "Upsample")}
-    for node in converted.graph.node:
-        if node.op_type != "Resize" or node.output[0] not in scales:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if "coordinate_transformation_mode" not in attrs:
-            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
-        if attrs.get("mode", b"nearest") != b"nearest" or "nearest_mode" in attrs:
-            continue
-        scale = scales[node.output[0]]
-        shrinks = scale is not None and any(s < 1 for s in scale)
-        if shrinks and any(s > 1 for s in scale):
-            raise ModelError(f"{source}: node {node.name!r} (Resize, nearest, opset < 11) enlarges one "
-                             f"axis and shrinks another (scales {list(scale)}), which no mode of opset 11 "
-                             "rounds alike; re-export it with opset >= 11")
-        node.attribute.append(helper.make_attribute("nearest_mode", "ceil" if shrinks else "floor"))
+    graphs, scaled = _graphs(converted.graph), _resize_scales(before.graph, {})
+    if len(graphs) != len(scaled):  # the converter added or dropped a subgraph: paired by name
+        scaled = [{k: v for found in scaled for k, v in found.items()}] * len(graphs)
+    for graph, scales in zip(graphs, scaled):
+        for node in graph.node:
+            if node.op_type != "Resize" or node.output[0] not in scales:
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if "coordinate_transformation_mode" not in attrs:
+                node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+            if attrs.get("mode", b"nearest") != b"nearest" or "nearest_mode" in attrs:
+                continue
+            scale = scales[node.output[0]]
+            shrinks = scale is not None and any(s < 1 for s in scale)
+            if shrinks and any(s > 1 for s in scale):
+                raise ModelError(f"{source}: node {node.name!r} (Resize, nearest, opset < 11) enlarges one "
+                                 f"axis and shrinks another (scales {list(scale)}), which no mode of opset 11 "
+                                 "rounds alike; re-export it with opset >= 11")
+            node.attribute.append(helper.make_attribute("nearest_mode", "ceil" if shrinks else "floor"))
     return converted
 
 

@@ -1,6 +1,7 @@
 """Fold the If nodes whose condition only the shapes decide: torch.onnx's TorchScript exporter
 writes `x.squeeze(1)` of an axis it cannot prove to be 1 as If(Shape(x)[1] == 1, Squeeze,
-Identity) (nn.LocalResponseNorm does), and camface follows the main graph only.
+Identity) (nn.LocalResponseNorm does), and camface follows the main graph only. And fold the
+Transpose / Cast / Identity of a weight into the weight (`weight_layouts_folded`).
 
 The condition is evaluated here on the sizes it reads, as ONNX Runtime gives them on zero
 inputs of batch 1 and of batch 2 (ONNX's shape inference often leaves the axis open: a Pad
@@ -212,3 +213,69 @@ def probe_values(model, tensors: list[str]) -> tuple[list, list] | None:
         log.debug("not probed: %s", exc)
         return None
     return runs[0], runs[1]
+
+
+# ops that only lay a weight out (or cast it) which torch's dynamo exporter leaves in the graph
+# with its optimiser off: numpy's function of the value and the node's attributes
+_LAYOUTS = {"Transpose": lambda x, a: np.transpose(x, a.get("perm")),
+            "Identity": lambda x, a: x,
+            "Cast": lambda x, a: x.astype(_np_type(a["to"]))}
+_FLOATS = (1, 10, 11)  # onnx.TensorProto.FLOAT, FLOAT16, DOUBLE
+
+
+def _np_type(onnx_type: int):
+    from onnx import helper
+
+    return helper.tensor_dtype_to_np_dtype(onnx_type)
+
+
+def weight_layouts_folded(model):
+    """`model` with each Transpose, Cast or Identity of an initializer that nothing else reads
+    replaced by an initializer of its value, named as its output (a copy; `model` itself when
+    there is none). torch's dynamo exporter with optimize=False writes nn.Linear on tokens as
+    MatMul(x, Transpose(weight)); camface finds linear layers (a ViT's qkv, a Swin's MLP, CAM's
+    class weights) by their constant weights, as optimize=True writes them. An initializer read
+    elsewhere stays (the CAM graph's backward transposes the weights its forward reads: folding
+    would store them twice), and so does one that is also a graph input (a value it may be fed)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from camface.export.onnx_model import outer_reads
+
+    graph = model.graph
+    inputs = {v.name for v in graph.input}
+    outputs = {v.name for v in graph.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for x in node.input:
+            readers[x] = readers.get(x, 0) + 1
+        for attr in node.attribute:  # a subgraph that reads the weight from the main graph
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                for x in outer_reads(sub):
+                    readers[x] = readers.get(x, 0) + 1
+    weights = {i.name: i for i in graph.initializer}
+    folded, dropped = {}, set()
+    for node in graph.node:
+        source = node.input[0] if len(node.input) == 1 else ""
+        if node.op_type not in _LAYOUTS or source not in weights or source in inputs or \
+                readers.get(source) != 1 or source in outputs or node.output[0] in outputs:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Cast" and (attrs.get("to") not in _FLOATS or weights[source].data_type not in _FLOATS):
+            continue  # a weight cast to float32 (or from it); bfloat16 and integers stay ONNX's to cast
+        value = _LAYOUTS[node.op_type](numpy_helper.to_array(weights[source]), attrs)
+        weights[node.output[0]] = folded[node.output[0]] = numpy_helper.from_array(
+            np.ascontiguousarray(value), node.output[0])
+        dropped.add(source)
+    if not folded:
+        return model
+    log.debug("%d weight layout(s) folded into their weights", len(folded))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [i for i in copy.graph.initializer if i.name not in dropped]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept + [t for name, t in folded.items() if name not in dropped])
+    nodes = [n for n in copy.graph.node if not (n.output and n.output[0] in folded)]
+    del copy.graph.node[:]
+    copy.graph.node.extend(nodes)
+    return copy

@@ -152,17 +152,18 @@ def prepare(model, where: object = "model"):
     If whose condition the shapes decide is replaced by its branch (`onnx_fold`), a pool whose
     ceil_mode window ONNX Runtime drops set to ceil_mode 0 (`onnx_ceil`), a piece of a
     SplitToSequence read by a Slice (`onnx_sequences`); small computations on constants
-    (axes, shapes) folded into Constants first."""
+    (axes, shapes) folded into Constants first, and a weight's Transpose / Cast into the weight
+    (`onnx_fold.weight_layouts_folded`)."""
     from onnx import inliner, shape_inference
 
     if model.functions:
         model = inliner.inline_local_functions(model)
     from camface.export import onnx_ceil
+    from camface.export.onnx_fold import fold_static_branches, weight_layouts_folded
     from camface.export.onnx_sequences import sequences_as_slices
 
-    model = sequences_as_slices(_small_constants_folded(model), constants(model))
-    from camface.export.onnx_fold import fold_static_branches
-
+    model = _small_constants_folded(weight_layouts_folded(model))
+    model = sequences_as_slices(model, constants(model))
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
         while _shape_like_input(inferred) or fold_static_branches(inferred, constants(inferred)):

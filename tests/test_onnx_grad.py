@@ -1286,6 +1286,110 @@ def test_an_old_model_converted_by_the_export_keeps_its_values_and_gradient(node
                                                         opset=opset), atol=5e-3, rtol=1e-2)
 
 
+OLD_RESIZES = {
+    "resize 10 linear": (node("Resize", ["x", "s"], ["r"], mode="linear"), [1, 1, 2, 1.5], 10),
+    "upsample 9 linear": (node("Upsample", ["x", "s"], ["r"], mode="linear"), [1, 1, 2, 2], 9),
+    "upsample 8 linear": (node("Upsample", ["x"], ["r"], mode="linear", scales=[1.0, 1.0, 1.5, 2.0]), None, 8),
+    "resize 10 nearest": (node("Resize", ["x", "s"], ["r"], mode="nearest"), [1, 1, 1.75, 1.25], 10),
+    "resize 10 nearest shrinking": (node("Resize", ["x", "s"], ["r"]), [1, 1, 0.75, 0.5], 10),
+}
+
+
+def _old_resize_in_a_body(name: str, loop: bool):
+    """(model, the resize and its scales as main-graph nodes) of `OLD_RESIZES[name]` inside an
+    If whose condition the shapes decide (x has 3 channels), each branch its own Resize (the
+    then branch reads its scales from the main graph, the else branch holds its own), or
+    inside a Loop's body run once, the Resize a scan output."""
+    resize, scales, opset = OLD_RESIZES[name]
+    values = {"f": TensorProto.FLOAT, "b": TensorProto.BOOL, "i": TensorProto.INT64}
+
+    def value(name, kind="f", shape=(None,) * 4):
+        return helper.make_tensor_value_info(name, values[kind], shape)
+
+    def body(prefix, source, scales_name, extra=()):
+        """(nodes, initializers) of a body: `extra`, then the Resize of `source` as `{prefix}r`,
+        its scales `scales_name` (held by the body when it starts with `prefix`)."""
+        inner = helper.make_node(resize.op_type, [source] + [scales_name] * (scales is not None),
+                                 [f"{prefix}r"], name=f"{prefix}resize")
+        inner.attribute.extend(resize.attribute)
+        own = scales is not None and scales_name.startswith(prefix)
+        return [*extra, inner], [init(scales_name, np.float32(scales))] if own else []
+
+    outer = [init("outer_s", np.float32(scales))] if scales else []
+    if loop:
+        nodes, inits = body("", "v", "s", [node("Identity", ["c_in"], ["c_out"]), node("Identity", ["v"], ["v_out"])])
+        graph = helper.make_graph(nodes, "body", [value("i", "i", []), value("c_in", "b", []), value("v")],
+                                  [value("c_out", "b", []), value("v_out"), value("r")], inits)
+        nodes = [node("Loop", ["once", "true", "x"], ["x_out", "y"], body=graph)]
+        inits = [init("once", np.int64(1)), init("true", np.bool_(True))]
+        out = value("y", shape=(None,) * 5)
+    else:
+        then, _ = body("then_", "x", "outer_s")
+        other, other_inits = body("else_", "x", "else_s")
+        nodes = [node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "one"], ["c"], axis=0),
+                 node("Equal", ["c", "three"], ["cond"]),
+                 node("If", ["cond"], ["y"], then_branch=helper.make_graph(then, "then", [], [value("then_r")]),
+                      else_branch=helper.make_graph(other, "else", [], [value("else_r")], other_inits))]
+        inits = [init("one", np.int64(1)), init("three", np.int64(3)), *outer]
+        out = value("y")
+    graph = helper.make_graph(nodes, "head", [value("x", shape=["N", 3, 4, 4])], [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7
+    unbranched = helper.make_node(resize.op_type, ["x"] + ["s"] * (scales is not None), ["y"])
+    unbranched.attribute.extend(resize.attribute)
+    return model, [unbranched], [init("s", np.float32(scales))] if scales else []
+
+
+def _ort(model, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0]
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["if", "loop"])
+@pytest.mark.parametrize("name", sorted(OLD_RESIZES))
+def test_an_old_resize_inside_a_branch_or_loop_body_keeps_its_values_after_the_upgrade(name, loop):
+    """onnx.version_converter upgrades If branches and Loop bodies as the main graph, and the
+    upgrade gave the main graph's old Resizes and Upsamples their coordinates back (asymmetric,
+    a nearest one floored, or ceiled where it shrinks) but not those of the subgraphs: their
+    values changed (by up to 3 on unit normal inputs). The upgraded model passes ONNX's full
+    check and gives the original's values in ONNX Runtime."""
+    import onnx
+
+    from camface.export import onnx_export
+
+    model, _, _ = _old_resize_in_a_body(name, loop)
+    onnx.checker.check_model(model, full_check=True)
+    converted = onnx_export.upgrade(model)
+    onnx.checker.check_model(converted, full_check=True)
+    assert converted.opset_import[0].version == 17
+    x = _inputs("Resize")
+    np.testing.assert_allclose(_ort(converted, x), _ort(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OLD_RESIZES))
+def test_an_old_resize_in_a_branch_the_shapes_decide_has_the_gradient_of_finite_differences(name):
+    """The same If, folded by prepare() into the main graph: the CAM graph's gradient through
+    the upgraded Resize is the finite differences of the original op's."""
+    from camface.export import onnx_export
+
+    model, nodes, initializers = _old_resize_in_a_body(name, loop=False)
+    opset = model.opset_import[0].version
+    prepared = onnx_model.prepare(onnx_export.upgrade(model))
+    assert "If" not in {n.op_type for n in prepared.graph.node}
+    x = _inputs("Resize")
+    expected_y = run_nodes(nodes, {"x": x}, ["y"], initializers, opset=opset)[0]
+    seed = np.random.default_rng(1).standard_normal(expected_y.shape).astype(np.float32)
+    builder = GraphBuilder(17, taken={"x", "y", "seed"})
+    dx = onnx_cam.gradient(SimpleNamespace(model=prepared, logits="y"), builder, "x", "seed")
+    y, grad = run_nodes(list(prepared.graph.node) + builder.nodes, {"x": x, "seed": seed}, ["y", dx],
+                        list(prepared.graph.initializer) + builder.initializers, opset=17)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad, finite_differences(nodes, initializers, x, seed.astype(np.float64),
+                                                        opset=opset), atol=5e-3, rtol=1e-2)
+
+
 def test_a_dropped_ceil_window_in_a_branch_the_shapes_decide_is_floored_once(monkeypatch):
     """A pool whose ceil_mode window ONNX Runtime drops, inside an If branch that prepare()
     folds into the main graph: prepare() set ceil_mode 0 on the pools of the model before the

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import onnxruntime as ort  # noqa: E402
-from test_onnx_export_models import SIZE, Swin, TransformerBlock, ViT, legacy_onnx  # noqa: E402
+from test_onnx_export_models import SIZE, ConvNeXt, Swin, TransformerBlock, ViT, legacy_onnx, run_graph  # noqa: E402
 from torch import nn  # noqa: E402
 
 from camface import methods  # noqa: E402
@@ -850,3 +850,88 @@ def test_a_swin_with_sdpa_defaults_to_its_last_blocks_norm2_at_every_opset(tmp_p
     assert (info.target_layer, info.feature_size) == ("stage2.norm2", (4, 4))
     assert info.target_reason == onnx_export.REASON_SWIN
     assert differences and all(d.ok for d in differences)
+
+
+def dynamo_onnx(model, path, opset, optimize):
+    """`model` -> ONNX at `path` by torch.onnx's dynamo exporter at `opset`, its optimiser on or
+    off, dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, SIZE, SIZE),), str(path), dynamo=True,
+                          opset_version=opset, optimize=optimize,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    return path
+
+
+OPTIMISED = {"vit": (lambda: ViT(True), "blocks.1.norm1"), "deit": (DeiT, "blocks.1.norm1"),
+             "swin": (lambda: Swin(tokens=True), "stage2.norm2"), "convnext": (ConvNeXt, "stages")}
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("name", sorted(OPTIMISED))
+def test_the_dynamo_exporters_optimiser_off_gives_the_target_and_maps_of_optimiser_on(tmp_path, name, opset):
+    """torch's dynamo exporter with optimize=False writes nn.Linear on tokens as MatMul(x,
+    Transpose(weight)): camface, which finds a ViT's qkv layer (and a Swin's MLP) by its constant
+    weights, found none, and refused a ViT or DeiT ("passes through ... attention ... pass one
+    with --target-layer") and took a Swin's final norm. Each weight's Transpose is now folded into
+    the weight: the target, its grid and every map (each scaled by its largest value) are
+    optimize=True's, at opset 18 (Softmax attention) and 23 (ONNX's Attention op)."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    make, layer = OPTIMISED[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    results = {}
+    for optimize in (True, False):
+        path = dynamo_onnx(model, tmp_path / f"m{optimize}.onnx", opset, optimize)
+        results[optimize] = onnx_export.export(path, tmp_path / f"cam{optimize}.onnx",
+                                               ExportOptions(preset="unit"))
+    on, off = (results[o].info for o in (True, False))
+    assert off.target_layer == on.target_layer == layer
+    assert (off.target_reason, off.token_grid, off.feature_size, off.heatmaps) == \
+        (on.target_reason, on.token_grid, on.feature_size, on.heatmaps)
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    classes = np.array([-1, 2, 0])
+    got = {o: run_graph(results[o].path, images, classes) for o in (True, False)}
+    np.testing.assert_allclose(got[False]["probs"], got[True]["probs"], rtol=1e-4, atol=1e-6)
+    for heatmap in on.heatmaps:
+        scale = float(np.abs(got[True][heatmap]).max())
+        assert scale > 0, heatmap
+        np.testing.assert_allclose(got[False][heatmap] / scale, got[True][heatmap] / scale,
+                                   atol=1e-4, err_msg=heatmap)
+
+
+def test_a_weights_transpose_is_folded_only_where_nothing_else_reads_the_weight():
+    """The Transpose (and Cast after it) of a weight that only it reads becomes the weight, laid
+    out: optimize=True's graph. A weight that another node reads too stays with its Transpose (the
+    CAM graph's backward transposes the weights its forward reads: folding would store them
+    twice), and the values ONNX Runtime computes stay."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from camface.export.onnx_fold import weight_layouts_folded
+
+    rng = np.random.default_rng(0)
+    alone, shared = rng.standard_normal((2, 3, 4)).astype(np.float16), rng.standard_normal((6, 6)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["alone"], ["alone_t"], perm=[2, 0, 1]),
+             helper.make_node("Cast", ["alone_t"], ["alone_f"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["alone_f", "shape"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("Transpose", ["shared"], ["shared_t"]),
+             helper.make_node("MatMul", ["y", "shared_t"], ["z"]),
+             helper.make_node("MatMul", ["z", "shared"], ["out"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(alone, "alone"), numpy_helper.from_array(shared, "shared"),
+         numpy_helper.from_array(np.array([4, 6], np.int64), "shape")]),
+        opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    folded = weight_layouts_folded(model)
+    weights = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    assert sorted(weights) == ["alone_f", "shape", "shared"]
+    np.testing.assert_array_equal(weights["alone_f"], alone.transpose(2, 0, 1).astype(np.float32))
+    assert [n.op_type for n in folded.graph.node] == ["Reshape", "MatMul", "Transpose", "MatMul", "MatMul"]
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0] for m in (model, folded)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-6)
