@@ -290,7 +290,7 @@ def _check_freed(program, again, shape: list[int]) -> None:
     from camface.export import verify
 
     def outputs(module, images):
-        return [t.numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
+        return [t.double().numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
 
     fixed = shape[0]
     crops = torch.from_numpy(np.random.default_rng(0).standard_normal([fixed + 1, *shape[1:]]).astype(np.float32))

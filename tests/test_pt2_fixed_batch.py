@@ -94,6 +94,34 @@ def test_a_contiguous_torch_dropped_at_a_batch_of_one_does_not_fail_the_re_expor
                                rtol=1e-4, atol=1e-6)
 
 
+class LogitsAndSigns(nn.Module):
+    """Two outputs: the logits and a boolean tensor of their signs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        logits = self.head(torch.relu(self.conv(x)).mean((2, 3)))
+        return {"logits": logits, "positive": logits > 0}
+
+
+def test_a_program_with_a_boolean_output_is_checked_as_freed(tmp_path, capsys):
+    """The check that the freed program gives each crop what the saved one does subtracted its
+    outputs as they came: a boolean one failed it (numpy has no boolean subtract) and the
+    program was refused."""
+    torch.manual_seed(0)
+    model = LogitsAndSigns().eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=1)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
+        capsys.readouterr().err
+    with torch.no_grad():
+        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
 class BatchMean(nn.Module):
     """Subtracts the batch's mean feature (crops mixed: no batch but the traced one is right)."""
 
