@@ -143,6 +143,10 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None, fuse: b
         shape[0] = 2
     shape = [d if isinstance(d, int) else 2 for d in shape]  # SymInt: the dynamic batch
     args = (torch.zeros(shape, dtype=torch.float32),)
+    # torch.onnx.export traces the program again on the CPU: a view that read the layout an
+    # operator had where it was saved (scaled_dot_product_attention's on a GPU, or another kernel's)
+    # fails there
+    _views_as_reshapes(program.graph_module)
     try:
         exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
                                      opset_version=max(opset, 16), verbose=False, optimize=fuse)
@@ -169,9 +173,14 @@ def _export_failure(exc: BaseException) -> str:
 
     errors = list(pt2_archive.chain(exc))
     lines = next((plain(e) for e in reversed(errors[1:]) if plain(e)), None)
-    if lines is None:
+    if lines is not None:  # torch's own lines after the error: the node, its source, tlparse
+        lines = lines[:next((i for i, line in enumerate(lines) if line.startswith("While executing")), None)]
+    if not lines:
         return (plain(exc) or [type(exc).__name__])[0]
     op = next((m.group(1) for e in errors if (m := re.search(r"target=(?:torch\.ops\.)?(\w+\.\w+)", str(e)))), None)
+    if op == "aten.view" and "view" in lines[-1]:  # kept where the program changes a tensor in place
+        return (f"at aten.view: {lines[-1]} (a .view() that holds only for the layout where the program was "
+                "traced: write .reshape() or .contiguous().view() there in the model and save it again)")
     return f"at {op}: {lines[-1]}" if op else lines[-1]
 
 
