@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 import zipfile
 from pathlib import Path
 
@@ -142,6 +143,10 @@ def _to_onnx(path: Path, opset: int, input_size: tuple[int, int] | None, fuse: b
         shape[0] = 2
     shape = [d if isinstance(d, int) else 2 for d in shape]  # SymInt: the dynamic batch
     args = (torch.zeros(shape, dtype=torch.float32),)
+    # torch.onnx.export traces the program again on the CPU: a view that read the layout an
+    # operator had where it was saved (scaled_dot_product_attention's on a GPU, or another kernel's)
+    # fails there
+    _views_as_reshapes(program.graph_module)
     try:
         exported = torch.onnx.export(program, args, dynamo=True, output_names=output_names(program),
                                      opset_version=max(opset, 16), verbose=False, optimize=fuse)
@@ -168,9 +173,14 @@ def _export_failure(exc: BaseException) -> str:
 
     errors = list(pt2_archive.chain(exc))
     lines = next((plain(e) for e in reversed(errors[1:]) if plain(e)), None)
-    if lines is None:
+    if lines is not None:  # torch's own lines after the error: the node, its source, tlparse
+        lines = lines[:next((i for i, line in enumerate(lines) if line.startswith("While executing")), None)]
+    if not lines:
         return (plain(exc) or [type(exc).__name__])[0]
     op = next((m.group(1) for e in errors if (m := re.search(r"target=(?:torch\.ops\.)?(\w+\.\w+)", str(e)))), None)
+    if op == "aten.view" and "view" in lines[-1]:  # kept where the program changes a tensor in place
+        return (f"at aten.view: {lines[-1]} (a .view() that holds only for the layout where the program was "
+                "traced: write .reshape() or .contiguous().view() there in the model and save it again)")
     return f"at {op}: {lines[-1]}" if op else lines[-1]
 
 
@@ -236,9 +246,16 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
 
     batch = torch.export.Dim("batch", min=1, max=32)
     module = _free_batch(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
+    _views_as_reshapes(module)
     try:
-        with _quiet("torch.export"):
-            return torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
+        # torch logs the failing op's traceback as an error before it raises: the error below
+        # says it in one line (--debug shows both)
+        with _quiet("torch.export"), _quiet("torch._subclasses.fake_tensor", logging.CRITICAL
+                                            if not log.isEnabledFor(logging.DEBUG) else logging.NOTSET):
+            again = torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
+            if fixed_batch:
+                _check_freed(program, again, [fixed_batch, *shape[1:]])
+            return again
     except Exception as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if fixed_batch:
@@ -247,6 +264,56 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                              f"at once: {why}); export it with a dynamic batch: {HOW_TO_EXPORT}") from exc
         raise ModelError(f"{path}: the program does not run at --input-size "
                          f"{input_size[0]}x{input_size[1]} ({why})") from exc
+
+
+def _views_as_reshapes(module) -> None:
+    """Each aten.view in `module` (a program's graph) made a reshape, in place, unless the
+    graph changes a tensor in place (a view must then alias its base). torch.export drops a
+    .contiguous() that does nothing at the traced size (tokens [T, 1, C] of a batch of 1), so
+    its .view() reads the traced layout, which another batch or size does not have (torch
+    #186381); a reshape is that view where the layout allows it and a copy where it does not,
+    as .contiguous().view() is."""
+    import torch
+
+    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
+    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in nodes):
+        return
+    for node in nodes:
+        if node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    module.recompile()
+
+
+class _NotFreed(Exception):
+    """The program exported again with a dynamic batch gives crops other outputs than it did."""
+
+
+def _check_freed(program, again, shape: list[int]) -> None:
+    """Raises _NotFreed unless `again` (the program at the fixed batch shape[0], exported again
+    with a dynamic one) gives a batch of shape[0] + 1 random crops what `program` gives them
+    shape[0] at a time: a size _free_batch read wrong gives other rows, or mixes crops."""
+    import numpy as np
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from camface.export import verify
+
+    def outputs(module, images):
+        return [t.double().numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
+
+    fixed = shape[0]
+    crops = torch.from_numpy(np.random.default_rng(0).standard_normal([fixed + 1, *shape[1:]]).astype(np.float32))
+    original = program.module(check_guards=False)
+    with torch.no_grad():
+        first, last = outputs(original, crops[:fixed]), outputs(original, crops[1:])
+        got = outputs(again.module(), crops)
+    atol, rtol = verify.TOLERANCE["fp32"]
+    for a, b, c in zip(first, last, got):
+        expected = np.concatenate([a, b[-1:]])
+        worst = float(np.abs(c - expected).max()) if c.shape == expected.shape else np.inf
+        if not worst <= atol + rtol * float(np.abs(expected).max()):
+            raise _NotFreed(f"a batch of {fixed + 1} crops does not give each crop what the batch of "
+                            f"{fixed} gives it (up to {worst:.3g} apart)")
 
 
 # ops whose argument is a shape: traced at a fixed batch, its first entry is that batch
@@ -272,13 +339,18 @@ def _free_batch(module, batch: int):
             from_image.add(node)
     with graph.inserting_after(image):
         size = graph.call_function(torch.ops.aten.sym_size.int, (image, 0))
+    leading = _batch_leading(graph, image, batch)
     for node in list(graph.nodes):
         op = getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
         value = node.meta.get("val")
-        if node.op != "call_function" or op not in _SHAPE_OPS or value is None or \
-                not value.shape or value.shape[0] != batch:
+        if node.op != "call_function" or op not in _SHAPE_OPS or value is None or not value.shape:
             continue
         if op in _VIEW_OPS and node.args and node.args[0] not in from_image:
+            continue
+        if op in _VIEW_OPS and node.args[0] in leading and (first := _leading(graph, node, batch)) is not None:
+            node.args = (node.args[0], [first, *node.args[1][1:]], *node.args[2:])
+            continue
+        if value.shape[0] != batch:
             continue
         node.args = tuple([size, *arg[1:]] if isinstance(arg, (list, tuple)) and arg and
                           isinstance(arg[0], int) and arg[0] == batch else arg for arg in node.args)
@@ -287,14 +359,74 @@ def _free_batch(module, batch: int):
     return module
 
 
-@contextlib.contextmanager
-def _quiet(logger: str):
-    """Logger `logger` at ERROR inside the block (its warnings dropped)."""
-    import logging
+def _batch_leading(graph, image, batch: int) -> set:
+    """The nodes of `graph` whose first axis holds the batch (the image's, a Swin's windows
+    [batch * windows, ...], its attention's queries): followed from the image through
+    permutes and transposes (the batch moves), views (kept when it leads) and the rest (kept
+    where the traced size still holds the batch); what moved it off the first axis (tokens
+    [T, N, C], as nn.MultiheadAttention lays them out) is left out."""
+    import torch
 
+    axes = {image: 0}
+    for node in graph.nodes:
+        sources = [a for a in node.all_input_nodes if a in axes]
+        if node.op != "call_function" or not sources:
+            continue
+        axis, value = axes[sources[0]], node.meta.get("val")
+        op = getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
+        rank = sources[0].meta["val"].dim() if isinstance(sources[0].meta.get("val"), torch.Tensor) else None
+        if op == "permute" and rank:
+            axis = [d % rank for d in node.args[1]].index(axis)
+        elif op == "transpose" and rank:
+            ends = [d % rank for d in node.args[1:3]]
+            axis = ends[1 - ends.index(axis)] if axis in ends else axis
+        elif op in ("select", "unbind") and rank:
+            dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+            if dim == axis:
+                continue
+            axis -= axis > dim
+        elif (op in _VIEW_OPS or op in ("flatten", "unflatten")) and axis != 0:
+            continue
+        if isinstance(value, (list, tuple)):  # unbind's tensors, read by getitem
+            axes[node] = axis
+        elif isinstance(value, torch.Tensor) and axis < value.dim() and isinstance(value.shape[axis], int) \
+                and value.shape[axis] % batch == 0:
+            axes[node] = axis
+    return {node for node, axis in axes.items() if axis == 0}
+
+
+def _leading(graph, node, batch: int):
+    """The leading size of the view `node` (of a tensor from the image) read from its input's
+    own leading size, whose traced value holds the batch: a Swin's windows [batch * windows, ...]
+    viewed as [batch * windows, tokens, heads, dim] (the same), as [batch, windows, ...] (a
+    divisor) or back; None where the traced sizes do not say so (left to the batch rule)."""
+    import torch
+
+    source, shape = node.args[0], node.args[1] if len(node.args) > 1 else None
+    before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
+    if before is None or not before.shape or not isinstance(shape, (list, tuple)) or not shape \
+            or not isinstance(shape[0], int) or shape[0] <= 0:
+        return None
+    first, wanted = before.shape[0], shape[0]
+    if not isinstance(first, int) or first <= 0 or first % batch or first == wanted == batch:
+        return None  # a symbolic or no batch; a plain batch is the batch rule's
+    if wanted % first and (first % wanted or wanted % batch):
+        return None
+    with graph.inserting_before(node):
+        size = graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
+        if wanted == first:
+            return size
+        if wanted % first == 0:
+            return graph.call_function(operator.mul, (size, wanted // first))
+        return graph.call_function(operator.floordiv, (size, first // wanted))
+
+
+@contextlib.contextmanager
+def _quiet(logger: str, level_inside: int = logging.ERROR):
+    """Logger `logger` at `level_inside` (ERROR: its warnings dropped) inside the block."""
     log_ = logging.getLogger(logger)
     level = log_.level
-    log_.setLevel(logging.ERROR)
+    log_.setLevel(level_inside)
     try:
         yield
     finally:

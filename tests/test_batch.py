@@ -67,7 +67,7 @@ def live_results(clip, folder, *extra):
         seen.append(item.explained.result)
         handle(self, item)
 
-    recording = folder / f"live-{clip.stem}{'-'.join(('', *extra))}.mp4"
+    recording = folder / f"live-{clip.stem}{'-'.join(('', *extra)).replace('/', '_')}.mp4"  # a flag may be a path
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Recorder, "handle", capture)
         assert main(["live", "--source", str(clip), "--no-show", "--device", "cpu", "--record", str(recording),
@@ -501,6 +501,38 @@ def test_graph_actors_on_the_gpu_node_detection_on_the_other(ray_cluster, clips,
     assert record["graph_node"] == ray_cluster["gpu"]
     assert record["detect_node"] == record["render_node"] == ray_cluster["head"]
     assert record["provider"] == "CPUExecutionProvider"
+
+
+def test_a_swin_graph_from_a_pt2_saved_at_a_fixed_batch_runs_as_live_runs_it(ray_cluster, clips, live, tmp_path):
+    """A Swin saved with torch.export at a batch of 1 failed to export (inside torch, at aten.view:
+    tests/test_pt2_fixed_batch.py), so batch never had its graph. Exported, its rows on Ray hold
+    what `camface live` gives with the same graph: probabilities and token-grid heatmaps."""
+    from camface.batch.inputs import video_id
+    from camface.batch.rows import heatmaps_of
+    from camface.cli import main
+
+    torch = pytest.importorskip("torch")
+    from tests.test_onnx_export_models import SIZE, Swin
+
+    torch.manual_seed(0)
+    program = tmp_path / "swin.pt2"
+    torch.export.save(torch.export.export(Swin(tokens=True).eval(), (torch.zeros(1, 3, SIZE, SIZE),)), str(program))
+    graph = tmp_path / "swin.onnx"
+    assert main(["export", str(program), "-o", str(graph), "--preset", "unit", "--heads", "gradcam",
+                 "--no-rank"]) == 0
+    _, paths = clips
+    out = tmp_path / "out"
+    flags = ("--model", str(graph), "--method", "gradcam")
+    assert batch([paths[0], "-o", out, "--device", "cpu", "--graph-gpus", "0", "--no-progress", *flags]) == 0
+    table = rows_of(out, video_id(paths[0].resolve()))
+    results, _ = live(paths[0], *flags)
+    expected = [p for r in results for p in r.predictions]
+    assert table.num_rows == len(expected) > 0
+    np.testing.assert_allclose(np.array(table.column("probs").to_pylist(), np.float32),
+                               np.stack([p.probs for p in expected]), rtol=1e-5, atol=1e-6)
+    heat = heatmaps_of(table)
+    assert heat.shape[1:] == (4, 4) and np.abs(heat).max() > 0  # Swin's last stage, 4x4 tokens
+    np.testing.assert_allclose(heat, np.stack([p.heatmap for p in expected]), rtol=1e-5, atol=1e-6)
 
 
 def wait_for(condition, process, timeout=90.0):
