@@ -22,6 +22,12 @@ from camface.realtime.config import LiveConfig
     (["live", "--margin", "inf"], "--margin must be in [0, 2], got inf"),
     (["live", "--record", "out.avi"], "--record out.avi: recordings are MP4 files; give a name ending in .mp4"),
     (["bench", "--frames", "1"], "--frames must be at least 2"),
+    # "--repeats must be >= 1 and --batches within 1..32", "--frames and --every must be >= 1": which one?
+    (["bench", "--compare-heads", "--batches", "1", "100"], "--batches must be 1..32 (the graph's batch range), "
+                                                           "got [1, 100]"),
+    (["bench", "--compare-heads", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["evaluate", "--frames", "0"], "--frames must be >= 1, got 0"),
+    (["evaluate", "--every", "-2"], "--every must be >= 1, got -2"),
     (["train", "data", "-o", "out", "--min-confidence", "2"], "--min-confidence must be in [0, 1], got 2.0"),
 ])
 def test_bad_values_are_one_error_line_and_exit_2(argv, message, capsys, monkeypatch, tmp_path):
