@@ -241,6 +241,15 @@ def test_bad_labels_file(tmp_path, capsys, make, message):
     assert code == 2 and re.search(message, line), line
 
 
+def test_a_labels_file_with_a_byte_order_mark_reads_as_its_names(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark and CRLF: the first class was exported as
+    '\ufeffangry', which `camface guided --class angry` did not find."""
+    from camface.export.exporter import read_labels_file
+
+    path = _write(tmp_path / "labels.txt", "\ufeffangry\r\nhappy \u00e9t\u00e9\r\n".encode())
+    assert read_labels_file(path) == ("angry", "happy \u00e9t\u00e9")
+
+
 @pytest.fixture(scope="module")
 def lambda_model(tmp_path_factory):
     """A tiny classifier whose first layer is a Lambda (Python code stored in the file)."""
