@@ -42,7 +42,7 @@ def read(path: str | Path) -> GraphSummary:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path}: not an ONNX model ({_first_line(exc)})") from exc
+        raise _not_onnx(path, exc) from exc
     if not model.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph)")
 
@@ -61,6 +61,18 @@ def read(path: str | Path) -> GraphSummary:
                         signature(model.graph.output), opset)
 
 
+def _not_onnx(path: Path, exc: BaseException) -> ModelError:
+    """The error for a file that does not parse as ONNX: a classifier (Keras, .pt2) is named as
+    one, as `camface live --model` names it (it said "Wire format was corrupt")."""
+    from camface.realtime.graph import SOURCE_MODELS
+
+    kind = SOURCE_MODELS.get(path.suffix.lower())
+    if kind:
+        return ModelError(f"{path} is a {kind} model, not a CAM graph: `camface export {path} -o model.onnx` "
+                          "makes one, which `camface info` then shows")
+    return ModelError(f"{path}: not an ONNX model ({_first_line(exc)})")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
@@ -72,7 +84,7 @@ def _read_with_onnxruntime(path: Path) -> GraphSummary:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"{path}: not an ONNX model ({_first_line(exc)})") from exc
+        raise _not_onnx(path, exc) from exc
     meta = session.get_modelmeta().custom_metadata_map
 
     def signature(values):

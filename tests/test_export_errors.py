@@ -368,6 +368,9 @@ def _truncated_committed(tmp):
                                                                               np.uint8))),
      "random.onnx: not an ONNX model"),
     (_truncated_committed, "truncated.onnx: not an ONNX model"),
+    # "not an ONNX model (Error parsing message with type 'onnx.ModelProto': Wire format was corrupt)"
+    (lambda tmp: EMOTION_KERAS, r"emotion_mini_xception_fer2013.hdf5 is a Keras model, not a CAM graph: `camface "
+                                r"export .*emotion_mini_xception_fer2013.hdf5 -o model.onnx` makes one"),
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
                                 "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),
