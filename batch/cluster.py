@@ -169,6 +169,12 @@ def plan(resources: dict, graph_gpus: float | None = None, detect_actors: int = 
         return Plan(actors, _floor(min(1.0, cpus / actors)), actors, 0.0, 0.0, actors, 0.0, cpus, gpus, reason,
                     fused=True)
     graph_cpus = 0.0 if graph_gpus > 0 else GRAPH_CPU
+    if graph_gpus == 0 and graph_actors > max(1, math.floor(cpus)):
+        # ORT on one thread an actor: one more than the CPUs only waits, ~0.35 GB each (1000 on 2 CPUs
+        # started hundreds of Ray workers, their shares scaled down to fit, and the run never moved)
+        reason += (f"; --graph-actors {graph_actors}: the graph runs on CPU, one thread an actor, so "
+                   f"{max(1, math.floor(cpus))} (one per CPU)")
+        graph_actors = max(1, math.floor(cpus))
     asked_detect, asked_render = detect_actors, render_actors
     render_actors = render_actors or max(1, round(cpus * (RENDER_SHARE if record else RENDER_SHARE_ROWS_ONLY)))
     detect_actors = detect_actors or max(1, math.floor(cpus - graph_cpus * graph_actors - RENDER_CPU * render_actors

@@ -203,6 +203,17 @@ def test_plan_says_where_the_graph_runs():
     assert "graph on CPU" in text and "the cluster's GPUs are not used" in text and "runs on it" not in text
 
 
+def test_graph_actors_on_cpu_are_at_most_one_per_cpu_and_said():
+    """1000 graph actors on CPU on a 2-CPU machine: Ray started hundreds of workers (their CPU
+    shares scaled down so that all could start, ~0.35 GB each) and the run made no progress."""
+    p = plan({"CPU": 2}, graph_actors=1000, split=True)
+    assert p.graph_actors == 2
+    assert "--graph-actors 1000: the graph runs on CPU, one thread an actor, so 2 (one per CPU)" in p.describe()
+    assert plan({"CPU": 2}, graph_actors=2, split=True).graph_actors == 2
+    assert "--graph-actors" not in plan({"CPU": 2}, graph_actors=2, split=True).describe()
+    assert plan({"CPU": 2, "GPU": 4}, graph_actors=4).graph_actors == 4  # on GPUs: as asked
+
+
 def test_plan_says_when_it_starts_fewer_actors_than_asked():
     text = plan({"CPU": 16, "GPU": 1}, detect_actors=8, render_actors=5, videos=3).describe()
     assert "--detect-actors 8: 3 unit(s) of work, so 3 actor(s)" in text
