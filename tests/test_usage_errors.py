@@ -20,6 +20,8 @@ from camface.realtime.config import LiveConfig
     (["evaluate", "--steps", "1"], "--steps must be at least 2, got 1"),
     (["evaluate", "--margin", "-1"], "--margin must be in [0, 2], got -1.0"),
     (["live", "--margin", "inf"], "--margin must be in [0, 2], got inf"),
+    (["live", "--record", "out.mp4", "--snapshot-dir", "./out.mp4", "--snapshot-every", "1"],
+     "--record out.mp4 and --snapshot-dir out.mp4 name the same path; give each its own"),
     (["live", "--record", "out.avi"], "--record out.avi: recordings are MP4 files; give a name ending in .mp4"),
     (["bench", "--frames", "1"], "--frames must be at least 2"),
     # "--repeats must be >= 1 and --batches within 1..32", "--frames and --every must be >= 1": which one?
