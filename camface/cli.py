@@ -95,10 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
-    if not args.debug:  # (--debug shows everything TensorFlow says)
-        from camface.native import quiet_tensorflow_import
+    if not args.debug:  # (--debug shows everything TensorFlow and OpenCV say)
+        from camface.native import quiet_opencv_logs, quiet_tensorflow_import
 
         quiet_tensorflow_import()
+        quiet_opencv_logs()
     try:
         check_command(args.command)
         return int(args._main(args) or 0)

@@ -166,6 +166,18 @@ def quiet_tensorflow_import() -> None:
         sys.meta_path.insert(0, QuietImport("tensorflow"))
 
 
+def quiet_opencv_logs() -> None:
+    """Silence OpenCV's and FFmpeg's own log lines, which camface's one error line says better:
+    a camera index that does not open printed a dozen WARN and ERROR lines and an OpenCV
+    exception's text, a damaged clip FFmpeg's "moov atom not found". For the OpenCV this
+    process imports later, and the one it has imported."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # read when FFmpeg first opens a file
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None and os.environ["OPENCV_LOG_LEVEL"] == "SILENT":
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
 def opencv_path(path: str | os.PathLike[str]) -> str | bytes:
     """`path` as OpenCV's functions (imread, imwrite, VideoCapture, VideoWriter) take it: a
     str, or the file system's bytes when the name is not valid UTF-8 (a name in Latin-1 from an

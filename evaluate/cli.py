@@ -172,8 +172,9 @@ def _evaluate(args: argparse.Namespace) -> int:
               "(--model picks another)", file=sys.stderr)
     every = args.every if args.every is not None else default_every(config.source)
     frames = args.frames if args.frames is not None else default_frames(config.source)
-    if frames < 1 or every < 1:
-        raise UsageError("--frames and --every must be >= 1")
+    for flag, value in (("--frames", frames), ("--every", every)):  # each named, with its value
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     if args.steps < 2:
         raise UsageError(f"--steps must be at least 2, got {args.steps}")
     if args.seed < 0:

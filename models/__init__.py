@@ -21,5 +21,6 @@ DETECTORS_ONNX = {name: path.with_suffix(".onnx") for name, path in DETECTORS.it
 
 
 def read_labels(path: str | Path) -> list[str]:
-    """Class names, one per non-empty line."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    """Class names, one per non-empty line of a UTF-8 text file. A byte-order mark (Windows
+    Notepad writes one) is not part of the first name: it was, and `--class NAME` missed it."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]

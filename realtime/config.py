@@ -166,6 +166,10 @@ def check(values: dict, *, api: bool = False) -> None:
         (v.snapshot_dir != "", f"{name('snapshot_dir')} is empty; give a folder"),
         (v.record is None or Path(v.record).suffix.lower() == ".mp4" and not str(v.record).endswith(("/", os.sep)),
          f"{name('record', v.record)}: recordings are MP4 files; give a name ending in .mp4"),
+        # (the recording ran until the first snapshot: "cannot write snapshot in X: [Errno 17] File exists")
+        (v.record is None or Path(v.record).absolute() != Path(v.snapshot_dir).absolute(),
+         f"{name('record', v.record)} and {name('snapshot_dir', v.snapshot_dir)} name the same path; give each "
+         "its own"),
         (v.codec in CODECS, f"{name('codec')} must be one of {', '.join(CODECS)}, got {v.codec!r}"),
         # before any model loads; a stream is known to be one only once it opens (LoopingSource)
         (not (v.loop and is_camera_index(v.source)),

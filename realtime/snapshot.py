@@ -152,6 +152,8 @@ def find_snapshots(folders) -> list[Path]:
         elif inside:
             for path in inside:
                 found.setdefault(path.parent.resolve(), path.parent)
+        elif not folder.exists():  # (it said "not a camface snapshot folder", as of a folder of other files)
+            raise SourceError(f"snapshot folder not found: {folder}")
         else:
             raise SourceError(f"{folder} is not a camface snapshot folder (no {SNAPSHOT_JSON} in it or "
                               "its sub-folders)")

@@ -309,6 +309,14 @@ class VideoFileSource:
             self._seek(self.start)
         return self
 
+    def check(self) -> None:
+        """SourceError now when the file does not open as a video (what entering it would raise
+        first), without reading its frames or logging what entering says of them."""
+        if not self.path.is_file():
+            raise SourceError(f"video file not found: {self.path}")
+        self._open().release()
+        self._close_prefix()
+
     def _fps_from_timestamps(self, frames: int = 31) -> float | None:
         """The mean frame rate of the first `frames` frames from their timestamps (N frames:
         N-1 intervals), or None when they say nothing plausible. The file is then opened
@@ -571,12 +579,14 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
 
 def check_source(spec: str, flag: str) -> None:
     """SourceError naming `flag` and `spec` now, before any model loads, when `spec` names no
-    camera, stream, file or folder, or a folder that holds no image (cameras and streams are
-    opened only when read: they are not tried here)."""
+    camera, stream, file or folder, a folder that holds no image, or a file that is not a video
+    (cameras and streams are opened only when read: they are not tried here)."""
     try:
         opened = make_source(spec)
         if isinstance(opened, ImageFolderSource):
             with opened:
                 pass
+        elif isinstance(opened, VideoFileSource):  # a .txt or a damaged clip failed only once it was read
+            opened.check()
     except SourceError as exc:
         raise SourceError(f"{flag}: {exc}") from exc

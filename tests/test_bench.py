@@ -304,6 +304,20 @@ def test_bad_flags_are_clear_errors(faces_clip, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("work_dir, message", [
+    ("a_file", "--work-dir a_file: it is a file; give a folder for the --backbone graphs"),
+    ("a_file/graphs", "--work-dir a_file/graphs: cannot create the folder (Not a directory)"),
+])
+def test_a_work_dir_that_cannot_be_a_folder_is_one_error_line(faces_clip, capsys, tmp_path, monkeypatch, work_dir,
+                                                              message):
+    """A file as --work-dir was a FileExistsError traceback (exit 1) once the source had opened."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    assert camface_main(["bench", "--source", str(faces_clip), "--frames", "3", "--backbone", "mobilenetv2",
+                         "--work-dir", work_dir]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"camface: error: {message}"]
+
+
 @pytest.mark.parametrize("record, code", [(False, 0), (True, 2)])
 def test_codec_h264_without_an_encoder_fails_only_a_bench_that_records(faces_clip, capsys, monkeypatch, record,
                                                                        code):

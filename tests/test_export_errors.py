@@ -269,6 +269,15 @@ def test_bad_labels_file(tmp_path, capsys, make, message):
     assert code == 2 and re.search(message, line), line
 
 
+def test_a_labels_file_with_a_byte_order_mark_reads_as_its_names(tmp_path):
+    """Notepad saves UTF-8 with a byte-order mark and CRLF: the first class was exported as
+    '\ufeffangry', which `camface guided --class angry` did not find."""
+    from camface.export.exporter import read_labels_file
+
+    path = _write(tmp_path / "labels.txt", "\ufeffangry\r\nhappy \u00e9t\u00e9\r\n".encode())
+    assert read_labels_file(path) == ("angry", "happy \u00e9t\u00e9")
+
+
 @pytest.fixture(scope="module")
 def lambda_model(tmp_path_factory):
     """A tiny classifier whose first layer is a Lambda (Python code stored in the file)."""
@@ -387,6 +396,9 @@ def _truncated_committed(tmp):
                                                                               np.uint8))),
      "random.onnx is not an ONNX model"),
     (_truncated_committed, "truncated.onnx is not an ONNX model"),
+    # it said "not an ONNX model (Error parsing message with type 'onnx.ModelProto': Wire format was corrupt)"
+    (lambda tmp: EMOTION_KERAS, r"emotion_mini_xception_fer2013.hdf5 is a Keras model, not a CAM graph: make one "
+                                r"with `camface export .*emotion_mini_xception_fer2013.hdf5 -o cam.onnx`"),
     (_onnx_without_cam_outputs, "plain.onnx is not a camface CAM graph: missing class_index, "
                                 "activations, a heatmap output "),
     (_committed_without_metadata, "bare.onnx lacks CAM graph metadata: labels"),

@@ -44,6 +44,9 @@ def test_crops_come_back_as_fed_to_the_graph(tmp_path, order, channels):
 def test_what_is_not_a_snapshot_is_named(tmp_path):
     with pytest.raises(SourceError, match=f"{tmp_path} is not a camface snapshot folder"):
         find_snapshots([tmp_path])
+    # a mistyped name: it said "not a camface snapshot folder", as of a folder of other files
+    with pytest.raises(SourceError, match=f"^snapshot folder not found: {tmp_path / 'snpas'}$"):
+        find_snapshots([tmp_path / "snpas"])
     with pytest.raises(SourceError, match="snapshot.json is missing"):
         read_meta(tmp_path)
     (tmp_path / "snapshot.json").write_text('{"faces": 3}')

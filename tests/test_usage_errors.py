@@ -20,8 +20,16 @@ from camface.realtime.config import LiveConfig
     (["evaluate", "--steps", "1"], "--steps must be at least 2, got 1"),
     (["evaluate", "--margin", "-1"], "--margin must be in [0, 2], got -1.0"),
     (["live", "--margin", "inf"], "--margin must be in [0, 2], got inf"),
+    (["live", "--record", "out.mp4", "--snapshot-dir", "./out.mp4", "--snapshot-every", "1"],
+     "--record out.mp4 and --snapshot-dir out.mp4 name the same path; give each its own"),
     (["live", "--record", "out.avi"], "--record out.avi: recordings are MP4 files; give a name ending in .mp4"),
     (["bench", "--frames", "1"], "--frames must be at least 2"),
+    # "--repeats must be >= 1 and --batches within 1..32", "--frames and --every must be >= 1": which one?
+    (["bench", "--compare-heads", "--batches", "1", "100"], "--batches must be 1..32 (the graph's batch range), "
+                                                           "got [1, 100]"),
+    (["bench", "--compare-heads", "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["evaluate", "--frames", "0"], "--frames must be >= 1, got 0"),
+    (["evaluate", "--every", "-2"], "--every must be >= 1, got -2"),
     (["train", "data", "-o", "out", "--min-confidence", "2"], "--min-confidence must be in [0, 1], got 2.0"),
 ])
 def test_bad_values_are_one_error_line_and_exit_2(argv, message, capsys, monkeypatch, tmp_path):
@@ -59,6 +67,11 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["train", "data", "-o", "a_file"], "cannot write to OUT_DIR a_file: it is a file; give a folder"),  # "File exists"
     (["evaluate", "--source", "nope.mp4", "--sanity"], "--source: source not found: nope.mp4"),
     (["evaluate", "--source", "empty"], "--source: no images (.bmp"),
+    # a file that is not a video: said once it was read, after the model (export: after the build)
+    (["evaluate", "--source", "a_file"], "--source: cannot open video file a_file: not a video OpenCV can decode"),
+    (["export", "m.keras", "-o", "g.onnx", "--int8", "--calibration", "a_file"],
+     "--calibration: cannot open video file a_file: not a video"),
+    (["bench", "--compare-int8", "--calibration", "a_file"], "--calibration: cannot open video file a_file"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
     (["evaluate", "--sanity", "--keras", "nope.keras"], "--keras: model file not found: nope.keras"),
     (["evaluate", "--sanity", "--keras", "empty"], "--keras: empty is a folder, not a model file"),  # "not found"
@@ -227,3 +240,21 @@ def test_an_empty_model_in_code_names_it():
         camface.load("")
     with pytest.raises(UsageError, match=r"^--model is empty; give a CAM graph \(.onnx\), or leave it out"):
         LiveConfig(model="")
+
+
+def test_opencv_and_ffmpeg_say_nothing_beside_the_error_line(tmp_path):
+    """A damaged clip printed FFmpeg's "[mov,mp4,...] moov atom not found" above the error line
+    of `camface evaluate` (and a camera that did not open a dozen OpenCV WARN and ERROR lines):
+    only `live`, `bench` and `batch` silenced them. A subprocess: FFmpeg reads its log level once
+    per process, and OpenCV writes to the file descriptor."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "junk.mp4").write_bytes(b"not a video\n" * 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    done = subprocess.run([sys.executable, "-m", "camface", "evaluate", "--source", "junk.mp4"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["camface: error: --source: cannot open video file junk.mp4: not a "
+                                                "video OpenCV can decode"], done.stderr

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from camface.errors import ModelError, SourceError, UsageError
+from camface.errors import ModelError, OutputError, SourceError, UsageError
 from camface.realtime.bench.config import BACKBONES, BenchConfig, configure, unused_flags  # noqa: F401 (configure: the CLI)
 
 if TYPE_CHECKING:
@@ -201,6 +201,18 @@ def run(config: BenchConfig) -> tuple[dict, list[Row]]:
     return report, rows
 
 
+def _make_work_dir(folder: Path) -> None:
+    """Create `folder` (--work-dir, the --backbone graphs' cache) and its parents, or raise
+    OutputError naming the flag: a file there, or a folder that cannot be made."""
+    folder = folder.expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--work-dir {folder}: it is a file; give a folder for the --backbone graphs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--work-dir {folder}: cannot create the folder ({exc.strerror or exc})") from exc
+
+
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
@@ -239,6 +251,8 @@ def _bench(args: argparse.Namespace) -> int:
         from camface.realtime.sources import check_source
 
         check_source(config.calibration, "--calibration")
+    if config.backbone:  # was a FileExistsError traceback (a file) once the source had opened
+        _make_work_dir(config.work_dir)
     report, rows = run(config)
     from camface.realtime.bench.report import format_report
 

@@ -116,8 +116,10 @@ class BenchConfig:
             raise UsageError(f"--frames must be at least 2 (fps needs two frame completions), got {self.frames}")
         if self.warmup < 0:
             raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.repeats < 1 or any(not 1 <= b <= 32 for b in self.batches):
-            raise UsageError("--repeats must be >= 1 and --batches within 1..32")
+        if self.repeats < 1:  # each flag named, with its value
+            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
+        if any(not 1 <= b <= 32 for b in self.batches):
+            raise UsageError(f"--batches must be 1..32 (the graph's batch range), got {list(self.batches)}")
         if any(not 1 <= t <= MAX_GRAPH_THREADS for t in self.int8_threads):
             raise UsageError(f"--int8-threads must be 1..{MAX_GRAPH_THREADS}, got {list(self.int8_threads)}")
         if self.backbone_size < MIN_BACKBONE_SIZE:  # Keras said so in a traceback, after TensorFlow loaded
