@@ -97,11 +97,13 @@ def _kind(path: Path) -> str | None:
         if head.startswith(HDF5_SIGNATURE):
             return "keras"
         if head.startswith(b"PK\x03\x04"):
-            names = zipfile.ZipFile(path).namelist()
-            found = _zip_kind(names)
+            with zipfile.ZipFile(path) as archive:
+                found = _zip_kind(archive.namelist())
             if found:
                 return found
-    except (OSError, zipfile.BadZipFile):
+    # zipfile's words for a broken archive besides BadZipFile: UnicodeDecodeError (a ValueError) for an
+    # entry flagged UTF-8 that is not, NotImplementedError for an entry's "zip file version 12.1"
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, EOFError):
         pass  # unreadable or a broken zip: the suffix says
     return {".tflite": "tflite", ".h5": "keras", ".hdf5": "keras", ".keras": "keras zip", ".pt2": "pt2",
             ".pt": "pickle", ".pth": "pickle"}.get(path.suffix.lower())

@@ -111,3 +111,43 @@ def test_the_bundled_face_detector_as_the_model_of_a_command(capsys, command):
     assert camface_main([*command, "--model", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(f"^camface: error: {re.escape(str(path))} {DETECTOR}", err[0]), err
+
+
+def _broken_zip(path, broken):
+    """A zip of one entry (m/\u00e9/data.pkl) with its central directory record made `broken`:
+    "name" (flagged UTF-8, not UTF-8) or "version" (needs zip 12.1 to extract)."""
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("m/\u00e9/data.pkl", b"{}")
+    data = bytearray(buffer.getvalue())
+    record = data.index(b"PK\x01\x02")
+    if broken == "name":
+        at = data.index("\u00e9".encode(), record)
+        data[at:at + 2] = b"\xff\xfe"
+    else:
+        data[record + 6] = 121  # the version needed to extract, in tenths
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    # an entry flagged UTF-8 whose name is not: zipfile raised UnicodeDecodeError
+    lambda tmp: _broken_zip(tmp / "broken.onnx", "name"),
+    # an entry whose "version needed" is 12.1: zipfile raised NotImplementedError
+    lambda tmp: _broken_zip(tmp / "broken.onnx", "version"),
+], ids=["utf-8 name", "zip version"])
+@pytest.mark.parametrize("reader", ["load", "info"])
+def test_a_broken_zip_is_not_an_onnx_model_in_one_line(tmp_path, capsys, make, reader):
+    """A broken archive renamed .onnx: sniffing it for a PyTorch or Keras zip raised zipfile's
+    UnicodeDecodeError or NotImplementedError, a traceback in place of the one line."""
+    path = make(tmp_path)
+    expected = f"{path} is not an ONNX model: a CAM graph is the .onnx that `camface export` writes"
+    if reader == "load":
+        with pytest.raises(ModelError) as caught:
+            camface.load(path, device="cpu")
+        assert str(caught.value) == expected
+    else:
+        assert camface_main(["info", str(path)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"camface: error: {expected}"]
