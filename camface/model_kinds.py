@@ -57,8 +57,9 @@ def not_a_graph(path: Path) -> str:
                 "that with `camface export model.onnx -o cam.onnx --preset PRESET`, or export the Keras model it came from")
     if kind in ("keras", "keras zip", "pt2"):
         suffix = {"keras": ".h5", "keras zip": ".keras", "pt2": ".pt2"}[kind]
-        # export picks its reader by the suffix: a model renamed .onnx is named back first
-        source, renamed = ((path, "") if path.suffix.lower() in (suffix, ".hdf5") else
+        # export picks its reader by the suffix: a model renamed .onnx is named back first (and a .pt2
+        # or .keras zip named .hdf5, which export reads as HDF5)
+        source, renamed = ((path, "") if path.suffix.lower() in {suffix, ".hdf5" if kind == "keras" else suffix} else
                            (path.with_suffix(suffix), f" (renamed {suffix}: export reads a model by its suffix)"))
         what, preset = ("a PyTorch exported program (.pt2)", " --preset torch") if kind == "pt2" else ("a Keras model", "")
         return f"{path} is {what}, not a CAM graph: make one with `camface export {source} -o cam.onnx{preset}`{renamed}"

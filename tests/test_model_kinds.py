@@ -63,6 +63,13 @@ CASES = [
     (lambda tmp: _zip(tmp / "m.pt2", ["m/models/model.json", "m/archive_format", "m/data/weights/weight_0"]),
      r"{path} is a PyTorch exported program \(.pt2\), not a CAM graph: make one with "
      r"`camface export {path} -o cam.onnx --preset torch`$"),
+    # named .hdf5, which export reads as a Keras HDF5: the command named it .hdf5
+    (lambda tmp: _zip(tmp / "m.hdf5", ["m/models/model.json", "m/archive_format", "m/data/weights/weight_0"]),
+     r"{path} is a PyTorch exported program \(.pt2\), not a CAM graph: make one with "
+     r"`camface export {stem}.pt2 -o cam.onnx --preset torch` \(renamed .pt2: export reads a model by its suffix\)$"),
+    (lambda tmp: _zip(tmp / "m.hdf5", ["metadata.json", "config.json", "model.weights.h5"]),
+     r"{path} is a Keras model, not a CAM graph: make one with `camface export {stem}.keras -o cam.onnx` "
+     r"\(renamed .keras: export reads a model by its suffix\)$"),
     (lambda tmp: _zip(tmp / "m.pt", ["m/data.pkl", "m/version", "m/data/0"]),
      r"{path} is a PyTorch pickle \(torch.save\), not a CAM graph, and camface does not load pickles \(unpickling "
      r"runs code\): save the model with torch.export.save as a .pt2, then "
@@ -80,7 +87,7 @@ CASES = [
 
 
 IDS = ["detector short", "detector full", "detector renamed", "tflite", "keras h5", "keras zip", "keras renamed",
-       "pt2", "pickle", "torchscript", "text", "empty", "video"]
+       "pt2", "pt2 named hdf5", "keras zip named hdf5", "pickle", "torchscript", "text", "empty", "video"]
 
 
 @pytest.mark.parametrize("make, message", CASES, ids=IDS)
