@@ -353,11 +353,13 @@ def validate(where: object, inputs: Iterable[str] | Mapping[str, Sequence], outp
                          "its own (detector='short' or 'full', --detector); the CAM graph is a face classifier's, "
                          "made by `camface export`")
     if missing:
-        # none of the CAM graph's own names: a forward-only model (a classifier's .onnx), which export turns into one
+        # none of the CAM graph's own names: a forward-only model (a classifier's .onnx), which export turns into one;
+        # an .onnx says nothing of its input's normalisation, so export refuses it without --preset
         plain = INPUT_CLASS not in inputs and OUTPUT_ACTIVATIONS not in outputs and "a heatmap output" in missing
         raise ModelError(f"{where} is not a camface CAM graph: missing {', '.join(missing)} "
                          f"(it has inputs {sorted(inputs)} and outputs {sorted(outputs)})"
-                         + (f"; a classifier becomes one with `camface export {where} -o cam.onnx`" if plain else ""))
+                         + (f"; a classifier becomes one with `camface export {where} -o cam.onnx --preset PRESET`"
+                            if plain else ""))
     for name, want in ((INPUT_IMAGE, "uint8"), (INPUT_CLASS, "int64")):  # else every call failed inside
         got = (types or {}).get(name, want).removeprefix("tensor(").removesuffix(")")  # ONNX Runtime
         if got != want:

@@ -57,8 +57,9 @@ def not_a_graph(path: Path) -> str:
                 "that with `camface export model.onnx -o cam.onnx --preset PRESET`, or export the Keras model it came from")
     if kind in ("keras", "keras zip", "pt2"):
         suffix = {"keras": ".h5", "keras zip": ".keras", "pt2": ".pt2"}[kind]
-        # export picks its reader by the suffix: a model renamed .onnx is named back first
-        source, renamed = ((path, "") if path.suffix.lower() in (suffix, ".hdf5") else
+        # export picks its reader by the suffix: a model renamed .onnx is named back first (and a .pt2
+        # or .keras zip named .hdf5, which export reads as HDF5)
+        source, renamed = ((path, "") if path.suffix.lower() in {suffix, ".hdf5" if kind == "keras" else suffix} else
                            (path.with_suffix(suffix), f" (renamed {suffix}: export reads a model by its suffix)"))
         what, preset = ("a PyTorch exported program (.pt2)", " --preset torch") if kind == "pt2" else ("a Keras model", "")
         return f"{path} is {what}, not a CAM graph: make one with `camface export {source} -o cam.onnx{preset}`{renamed}"
@@ -97,11 +98,13 @@ def _kind(path: Path) -> str | None:
         if head.startswith(HDF5_SIGNATURE):
             return "keras"
         if head.startswith(b"PK\x03\x04"):
-            names = zipfile.ZipFile(path).namelist()
-            found = _zip_kind(names)
+            with zipfile.ZipFile(path) as archive:
+                found = _zip_kind(archive.namelist())
             if found:
                 return found
-    except (OSError, zipfile.BadZipFile):
+    # zipfile's words for a broken archive besides BadZipFile: UnicodeDecodeError (a ValueError) for an
+    # entry flagged UTF-8 that is not, NotImplementedError for an entry's "zip file version 12.1"
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, EOFError):
         pass  # unreadable or a broken zip: the suffix says
     return {".tflite": "tflite", ".h5": "keras", ".hdf5": "keras", ".keras": "keras zip", ".pt2": "pt2",
             ".pt": "pickle", ".pth": "pickle"}.get(path.suffix.lower())

@@ -1289,7 +1289,8 @@ def test_an_onnx_model_that_is_no_cam_graph_says_whether_to_export_it(tmp_path, 
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     with pytest.raises(ModelError, match=f"{path} is not a camface CAM graph: missing .*a heatmap output") as caught:
         camface.load(path, device="cpu")
-    export = f"; a classifier becomes one with `camface export {path} -o cam.onnx`"
+    # without --preset, export refused the .onnx: "does not say how it normalises its input"
+    export = f"; a classifier becomes one with `camface export {path} -o cam.onnx --preset PRESET`"
     assert str(caught.value).endswith(export) == hint, caught.value
 
 

@@ -63,6 +63,13 @@ CASES = [
     (lambda tmp: _zip(tmp / "m.pt2", ["m/models/model.json", "m/archive_format", "m/data/weights/weight_0"]),
      r"{path} is a PyTorch exported program \(.pt2\), not a CAM graph: make one with "
      r"`camface export {path} -o cam.onnx --preset torch`$"),
+    # named .hdf5, which export reads as a Keras HDF5: the command named it .hdf5
+    (lambda tmp: _zip(tmp / "m.hdf5", ["m/models/model.json", "m/archive_format", "m/data/weights/weight_0"]),
+     r"{path} is a PyTorch exported program \(.pt2\), not a CAM graph: make one with "
+     r"`camface export {stem}.pt2 -o cam.onnx --preset torch` \(renamed .pt2: export reads a model by its suffix\)$"),
+    (lambda tmp: _zip(tmp / "m.hdf5", ["metadata.json", "config.json", "model.weights.h5"]),
+     r"{path} is a Keras model, not a CAM graph: make one with `camface export {stem}.keras -o cam.onnx` "
+     r"\(renamed .keras: export reads a model by its suffix\)$"),
     (lambda tmp: _zip(tmp / "m.pt", ["m/data.pkl", "m/version", "m/data/0"]),
      r"{path} is a PyTorch pickle \(torch.save\), not a CAM graph, and camface does not load pickles \(unpickling "
      r"runs code\): save the model with torch.export.save as a .pt2, then "
@@ -80,7 +87,7 @@ CASES = [
 
 
 IDS = ["detector short", "detector full", "detector renamed", "tflite", "keras h5", "keras zip", "keras renamed",
-       "pt2", "pickle", "torchscript", "text", "empty", "video"]
+       "pt2", "pt2 named hdf5", "keras zip named hdf5", "pickle", "torchscript", "text", "empty", "video"]
 
 
 @pytest.mark.parametrize("make, message", CASES, ids=IDS)
@@ -111,3 +118,43 @@ def test_the_bundled_face_detector_as_the_model_of_a_command(capsys, command):
     assert camface_main([*command, "--model", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(f"^camface: error: {re.escape(str(path))} {DETECTOR}", err[0]), err
+
+
+def _broken_zip(path, broken):
+    """A zip of one entry (m/\u00e9/data.pkl) with its central directory record made `broken`:
+    "name" (flagged UTF-8, not UTF-8) or "version" (needs zip 12.1 to extract)."""
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("m/\u00e9/data.pkl", b"{}")
+    data = bytearray(buffer.getvalue())
+    record = data.index(b"PK\x01\x02")
+    if broken == "name":
+        at = data.index("\u00e9".encode(), record)
+        data[at:at + 2] = b"\xff\xfe"
+    else:
+        data[record + 6] = 121  # the version needed to extract, in tenths
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("make", [
+    # an entry flagged UTF-8 whose name is not: zipfile raised UnicodeDecodeError
+    lambda tmp: _broken_zip(tmp / "broken.onnx", "name"),
+    # an entry whose "version needed" is 12.1: zipfile raised NotImplementedError
+    lambda tmp: _broken_zip(tmp / "broken.onnx", "version"),
+], ids=["utf-8 name", "zip version"])
+@pytest.mark.parametrize("reader", ["load", "info"])
+def test_a_broken_zip_is_not_an_onnx_model_in_one_line(tmp_path, capsys, make, reader):
+    """A broken archive renamed .onnx: sniffing it for a PyTorch or Keras zip raised zipfile's
+    UnicodeDecodeError or NotImplementedError, a traceback in place of the one line."""
+    path = make(tmp_path)
+    expected = f"{path} is not an ONNX model: a CAM graph is the .onnx that `camface export` writes"
+    if reader == "load":
+        with pytest.raises(ModelError) as caught:
+            camface.load(path, device="cpu")
+        assert str(caught.value) == expected
+    else:
+        assert camface_main(["info", str(path)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"camface: error: {expected}"]
