@@ -66,6 +66,11 @@ def placements(index: int, frames: int, width: int, height: int) -> list[Placeme
     return out
 
 
+# The clip is drawn ahead into a temporary file, about 3.5 KB a frame: 20 minutes at 30 fps
+# (about 126 MB) at most; `bench --frames 10000000` would have drawn for hours and filled /tmp.
+MAX_FRAMES = 36_000
+
+
 class SampleSource:
     """`frames` frames of `size` (width, height) pixels at `fps`, uint8 BGR.
 

@@ -531,6 +531,18 @@ def is_camera_index(spec: str | None) -> bool:
     return isinstance(spec, str) and spec.isascii() and spec.isdigit()  # not "²" or "٣" (int("²") raises)
 
 
+def _sample(frames: int | None):
+    """The sample clip, `frames` long (bench's --frames; None: its 300 frames)."""
+    from camface.realtime.sample import MAX_FRAMES, SampleSource
+
+    if frames is None:
+        return SampleSource()
+    if frames > MAX_FRAMES:
+        raise SourceError(f"--frames {frames}: the sample clip is drawn ahead into a temporary file, at most "
+                          f"{MAX_FRAMES} frames (20 minutes at 30 fps); time a longer run on a video file or camera")
+    return SampleSource(frames=frames)
+
+
 def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool = False) -> Source:
     """The source for a `--source` value (not yet entered).
 
@@ -540,19 +552,18 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
     """
     from camface.realtime.config import option
     from camface.realtime.live_source import LiveSource
-    from camface.realtime.sample import SampleSource
 
     if spec is None:
         if _camera_opens(0):
             return LiveSource(0)
         log.info("camface: no camera 0 could be opened; playing the sample clip instead (%s)",
                  option("source", "sample", api=api))
-        return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
+        return _sample(sample_frames)
     if not spec.strip():  # Path("") is the current folder: an empty value is a mistake, not "."
         raise SourceError(f"{option('source', api=api)} is empty (expected a camera index, a video file, "
                           "a folder of images, a stream URL or 'sample')")
     if spec == "sample":
-        return SampleSource() if sample_frames is None else SampleSource(frames=sample_frames)
+        return _sample(sample_frames)
     if is_camera_index(spec) and int(spec) <= MAX_CAMERA_INDEX:
         return LiveSource(int(spec))
     if "://" in spec:

@@ -304,6 +304,20 @@ def test_bad_flags_are_clear_errors(faces_clip, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_sample_clip_longer_than_can_be_drawn_ahead_is_refused_before_drawing(tmp_path, capsys, monkeypatch):
+    """--frames 10000000 on the sample drew a clip into the temporary folder for hours (about
+    3.5 KB a frame) before anything ran."""
+    from camface.realtime.sample import MAX_FRAMES
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    assert camface_main(["bench", "--source", "sample", "--frames", str(MAX_FRAMES + 1)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"camface: error: --frames {MAX_FRAMES + 1}: the sample clip is drawn ahead into a temporary file, at most "
+        f"{MAX_FRAMES} frames (20 minutes at 30 fps); time a longer run on a video file or camera"]
+    assert not list(tmp_path.glob("camface-sample-*"))
+
+
 @pytest.mark.parametrize("work_dir, message", [
     ("a_file", "--work-dir a_file: it is a file; give a folder for the --backbone graphs"),
     ("a_file/graphs", "--work-dir a_file/graphs: cannot create the folder (Not a directory)"),
