@@ -133,14 +133,16 @@ class KerasGradCam:
         activation = keras_model.activation_name(final)
         self._probabilities = tf.nn.sigmoid if activation == "sigmoid" else tf.nn.softmax
         if type(final).__name__ in ("Activation", "Softmax") and activation in ("softmax", "sigmoid"):
-            logits = final.input  # the example's "remove the last layer's softmax"
+            logits = keras_model.input_in(model, final)  # the example's "remove the last layer's softmax"
             if len(logits.shape) > 2:  # a 1x1 map's probabilities squeezed after it: the logits are its channels
                 logits = keras.layers.Reshape((int(logits.shape[-1]),))(logits)
         else:  # an Activation layer of another kind (linear, relu) gives the logits as it is, as the graph takes them
             if getattr(final, "activation", None) is not None and type(final).__name__ not in ("Activation", "Softmax"):
                 final.activation = None  # exactly what the example does
-            logits = model.output  # through the identity layers after `final`
-        self._grad_model = keras.Model(model.inputs[0], [target.output, logits])
+            logits = model.outputs[0]  # through the identity layers after `final` (a Sequential has none of its own: `model.output` raises)
+        # the target's output in the model's graph: `target.output` is the layer's first call, of an
+        # earlier build in a Sequential Keras loaded (one build per layer added)
+        self._grad_model = keras.Model(model.inputs[0], [keras_model.output_in(model, target), logits])
         self._scale = np.asarray(scale, np.float32)
         self._offset = np.asarray(offset, np.float32)
 

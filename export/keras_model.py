@@ -137,33 +137,64 @@ def _is_model(layer) -> bool:
     return isinstance(layer, keras.Model)
 
 
-def _node(layer):
-    """The call of `layer` in the graph that built it: its first inbound node. (Cutting a model
-    with keras.Model(intermediate, ...) re-calls the layers after the cut, adding nodes.)"""
-    nodes = layer._inbound_nodes
-    if not nodes:
+def graph_nodes(model) -> dict[int, object]:
+    """id(operation) -> its call (a Keras `Node`) in `model`'s own graph, the one from
+    `model.inputs` to `model.outputs` (a nested model: its call in the graph that calls it).
+
+    Not an operation's first call: a Sequential built layer by layer calls its layers again at
+    each `add` and keeps the last build as its graph (one Keras loads from a file, 4 layers:
+    4, 3, 2 and 1 calls), and cutting a model with keras.Model(intermediate, ...) calls the
+    layers after the cut again. An operation called twice in the graph: its call nearest the
+    input. A model without a graph of its own (subclassed): each operation's first call.
+    """
+    graph = getattr(model, "_functional", None) or model  # a Sequential's graph: its last build's
+    by_depth = getattr(graph, "_nodes_by_depth", None)
+    if by_depth is None:
+        return {id(op): op._inbound_nodes[0] for op in operations(model) if op._inbound_nodes}
+    nodes: dict[int, object] = {}
+    for depth in sorted(by_depth, reverse=True):  # from the inputs (deepest) to the outputs
+        for node in by_depth[depth]:
+            nodes.setdefault(id(node.operation), node)
+    return nodes
+
+
+def _node(layer, nodes: dict):
+    """The call of `layer` in a graph whose `graph_nodes` are `nodes`."""
+    node = nodes.get(id(layer))
+    if node is None:
         raise ModelError(f"layer {layer.name!r} is not connected to the model's graph")
-    return nodes[0]
+    return node
 
 
-def _output_in_parent(layer):
-    """`layer`'s output tensor in the graph that calls it (for a nested model, its call's output)."""
-    return _node(layer).output_tensors[0]
+def output_in(model, layer):
+    """`layer`'s output tensor in `model`'s graph (a nested model: its call's output)."""
+    return _node(layer, graph_nodes(model)).output_tensors[0]
 
 
-def _input_in_parent(layer):
-    return _node(layer).input_tensors[0]
+def input_in(model, layer):
+    """`layer`'s (first) input tensor in `model`'s graph."""
+    return _node(layer, graph_nodes(model)).input_tensors[0]
 
 
-def iter_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
-    """(path, layer) for every layer in topological order; nested models are walked into and
-    also listed themselves (after their layers). Input layers are skipped."""
+def _walk(model, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(path, layer, call) for every layer in topological order, `call` its Node in the graph of
+    the model that holds it (None when it is not in it); nested models are walked into and also
+    listed themselves (after their layers). Input layers are skipped."""
+    nodes, walked = graph_nodes(model), []
     for layer in operations(model):
         if type(layer).__name__ == "InputLayer":
             continue
         path = prefix + layer.name
         if _is_model(layer):
-            yield from iter_layers(layer, prefix=path + "/")
+            walked += _walk(layer, prefix=path + "/")
+        walked.append((path, layer, nodes.get(id(layer))))
+    return walked
+
+
+def iter_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(path, layer) for every layer in topological order; nested models are walked into and
+    also listed themselves (after their layers). Input layers are skipped."""
+    for path, layer, _ in _walk(model, prefix):
         yield path, layer
 
 
@@ -173,16 +204,25 @@ def layer_names(model) -> tuple[str, ...]:
     return tuple(path.split("/")[-1] for path, _ in iter_layers(model))
 
 
-def _rank(layer) -> int:
+def _output(node):
+    return node.output_tensors[0]
+
+
+def _input(node):
+    return node.input_tensors[0]
+
+
+def _rank(node) -> int:
+    """The rank of a call's output, -1 for a layer not in its model's graph (node None)."""
     try:
-        return len(_output_in_parent(layer).shape)
-    except (ModelError, AttributeError):
+        return len(_output(node).shape)
+    except AttributeError:
         return -1
 
 
 def candidate_layers(model) -> list[str]:
     """Paths of layers with a 4-D output (NHWC feature maps), in topological order."""
-    return [path for path, layer in iter_layers(model) if _rank(layer) == 4]
+    return [path for path, _, node in _walk(model) if _rank(node) == 4]
 
 
 # why the default target was chosen (`camface info` prints it), by the head of the model at hand
@@ -191,27 +231,23 @@ REASON_NO_HEAD_POOLING = "default: the last 4-D layer larger than 1x1 (the head 
 
 
 def _head_pools(layers) -> list[int]:
-    """Indices into `layers` ((path, layer) pairs) of the global pooling layers that pool for the
-    head: those whose input only they read, a 1x1 map of probabilities (squeezed) left out. A
-    squeeze-and-excitation block's pooling (EfficientNet, MobileNetV3) shares its input with the
-    multiply that scales the map by the excitation."""
+    """Indices into `layers` ((path, layer, call) from `_walk`) of the global pooling layers that
+    pool for the head: those whose input only they read, a 1x1 map of probabilities (squeezed)
+    left out. A squeeze-and-excitation block's pooling (EfficientNet, MobileNetV3) shares its
+    input with the multiply that scales the map by the excitation."""
     readers: dict[int, int] = {}
-    for _, layer in layers:
-        try:
-            inputs = _node(layer).input_tensors
-        except ModelError:
-            continue
-        for tensor in {id(t): t for t in inputs}.values():
+    for _, _, node in layers:
+        for tensor in {id(t): t for t in (node.input_tensors if node else ())}.values():
             readers[id(tensor)] = readers.get(id(tensor), 0) + 1
-    producers = {id(_output_in_parent(layer)): layer for _, layer in layers if _rank(layer) >= 0}
+    producers = {id(_output(node)): layer for _, layer, node in layers if _rank(node) >= 0}
 
-    def squeezes_probabilities(pool) -> bool:  # an all-convolutional head's 1x1 map of them
-        source = _input_in_parent(pool)
+    def squeezes_probabilities(node) -> bool:  # an all-convolutional head's 1x1 map of them
+        source = _input(node)
         return tuple(source.shape[1:3]) == (1, 1) and id(source) in producers and \
             activation_name(producers[id(source)]) in _PROBABILITY_ACTIVATIONS
 
-    return [i for i, (_, layer) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES
-            and readers.get(id(_input_in_parent(layer)), 0) <= 1 and not squeezes_probabilities(layer)]
+    return [i for i, (_, layer, node) in enumerate(layers) if type(layer).__name__ in POOLING_TYPES
+            and node is not None and readers.get(id(_input(node)), 0) <= 1 and not squeezes_probabilities(node)]
 
 
 CLASS_SCORES_REASON = ("default for an all-convolutional head (SqueezeNet's: a Conv2D to one channel per "
@@ -223,15 +259,15 @@ _SCORE_ACTIVATION_TYPES = ("ReLU", "LeakyReLU", "ELU", "PReLU")
 
 
 def _class_score_input(layers, pool_index: int):
-    """(path, layer) of the feature map that an all-convolutional head's class-score Conv2D reads
+    """(path, layer, call) of the feature map that an all-convolutional head's class-score Conv2D reads
     (SqueezeNet's, NiN's: a Conv2D to one channel per class, an activation (ReLU), the global
     pooling layers[pool_index], then only reshapes and the final activation: the pooled map holds
     classes, not features), else None. Without an activation (the bundled emotion model's
     conv2d_7 -> GAP -> softmax) the class-score map stays: its class channel is exactly CAM of
     the map before, the study's "last conv"."""
-    producers = {id(_output_in_parent(layer)): (path, layer) for path, layer in layers if _rank(layer) >= 0}
-    pool = layers[pool_index][1]
-    for _, layer in layers[pool_index + 1:]:  # a Dense (or anything but a reshape) after it: features
+    producers = {id(_output(node)): (path, layer, node) for path, layer, node in layers if _rank(node) >= 0}
+    pool = layers[pool_index][2]
+    for _, layer, _ in layers[pool_index + 1:]:  # a Dense (or anything but a reshape) after it: features
         kind = type(layer).__name__
         if not (identity_at_inference(layer) or kind in ("Flatten", "Reshape", "Softmax") or
                 kind == "Activation" and activation_name(layer) in _PROBABILITY_ACTIVATIONS):
@@ -241,19 +277,18 @@ def _class_score_input(layers, pool_index: int):
         return type(layer).__name__ in _SCORE_ACTIVATION_TYPES or type(layer).__name__ == "Activation" \
             and activation_name(layer) not in _PROBABILITY_ACTIVATIONS + ("linear",)
 
-    found, activated = producers.get(id(_input_in_parent(pool))), False
+    found, activated = producers.get(id(_input(pool))), False
     while found is not None and (identity_at_inference(found[1]) or activation(found[1])):
         activated = activated or activation(found[1])
-        found = producers.get(id(_input_in_parent(found[1])))
+        found = producers.get(id(_input(found[2])))
     if found is None or type(found[1]).__name__ != "Conv2D" or getattr(found[1], "groups", 1) != 1 or \
             activation_name(found[1]) in _PROBABILITY_ACTIVATIONS:
         return None
     if not activated and activation_name(found[1]) == "linear":
         return None  # conv -> GAP: the class channel is exactly CAM of the map before (the study's)
-    conv = found[1]
-    source = _input_in_parent(conv)
+    source = _input(found[2])
     while id(source) in producers and identity_at_inference(producers[id(source)][1]):
-        source = _input_in_parent(producers[id(source)][1])
+        source = _input(producers[id(source)][2])
     found = producers.get(id(source))
     if found is None or len(source.shape) != 4 or any(not isinstance(d, int) for d in source.shape[1:3]) \
             or tuple(source.shape[1:3]) == (1, 1):
@@ -264,7 +299,7 @@ def _class_score_input(layers, pool_index: int):
 def default_target_reason(model) -> str:
     """Why `default_target_layer(model)` is the target, in words (the graph's target_reason), said
     of this model's head only."""
-    layers = list(iter_layers(model))
+    layers = _walk(model)
     pools = _head_pools(layers)
     if pools and _class_score_input(layers, pools[-1]):
         return CLASS_SCORES_REASON
@@ -279,25 +314,25 @@ def default_target_layer(model) -> str:
     the head has none (Flatten -> Dense), the last 4-D layer, larger than 1x1 where one is (an
     all-convolutional head's class map is 1x1). Raises `ModelError` when the model has no 4-D
     layer."""
-    layers = list(iter_layers(model))
+    layers = _walk(model)
     pools = _head_pools(layers)
-    candidates = [(path, layer) for path, layer in layers[:pools[-1] if pools else len(layers)]
-                  if _rank(layer) == 4]
+    candidates = [item for item in layers[:pools[-1] if pools else len(layers)] if _rank(item[2]) == 4]
     if not candidates:
-        candidates = [(p, layer) for p, layer in layers if _rank(layer) == 4]
+        candidates = [item for item in layers if _rank(item[2]) == 4]
     if not pools:  # an all-convolutional head (Conv2D to 1x1, then softmax) ends in a 1x1 map
-        candidates = [(p, layer) for p, layer in candidates
-                      if tuple(_output_in_parent(layer).shape[1:3]) != (1, 1)] or candidates
+        candidates = [item for item in candidates
+                      if tuple(_output(item[2]).shape[1:3]) != (1, 1)] or candidates
     if not candidates:
         raise ModelError(f"model {model.name!r} has no layer with a 4-D output (N, H, W, C): "
                          "camface explains convolutional classifiers")
-    path, layer = candidates[-1]
+    path, layer, _ = candidates[-1]
     features = _class_score_input(layers, pools[-1]) if pools else None
     if features is not None:
-        path, layer = features
+        path, layer, _ = features
     while _is_model(layer):  # name the layer that produces a nested model's output
-        inner = layer.outputs[0]
-        owner = next(sub for sub in reversed(operations(layer)) if _output_in_parent(sub) is inner)
+        inner, nodes = layer.outputs[0], graph_nodes(layer)
+        owner = next(sub for sub in reversed(operations(layer))
+                     if id(sub) in nodes and _output(nodes[id(sub)]) is inner)
         path, layer = f"{path}/{owner.name}", owner
     return path
 
@@ -317,7 +352,7 @@ def resolve_target(model, name: str | None) -> list[str]:
         return matches[0].split("/")
     known = {path for path, _ in iter_layers(model)}
     if name in known or matches:
-        ranks = [_rank(layer) for path, layer in iter_layers(model) if path == name or
+        ranks = [_rank(node) for path, _, node in _walk(model) if path == name or
                  path.split("/")[-1] == name]
         tokens = " (it gives tokens [N, T, C]: token targets are for .onnx / .pt2 models)" \
             if 3 in ranks else ""
@@ -370,7 +405,7 @@ def split_model(model, target_path: list[str]) -> Split:
                              f"its nested head {target_path[0]!r}, in a model nested in it that ends in "
                              f"{activation}; name a 4-D layer before that head with --target-layer")
         inner_features, head, head_layers = _split(final, target_path[1:], logits.end)
-        before, _ = _submodel(model.inputs[0], _input_in_parent(final), where)
+        before, _ = _submodel(model.inputs[0], input_in(model, final), where)
 
         def features(x, before=before, inner_features=inner_features):
             return inner_features(before(x))
@@ -407,10 +442,10 @@ def depthwise_convolutions(model):
     convolution that is not depthwise."""
     import functools
 
-    for _, layer in iter_layers(model):
+    for _, layer, node in _walk(model):
         if not _grouped(layer):
             continue
-        channels = int(_input_in_parent(layer).shape[-1])
+        channels = int(_input(node).shape[-1])
         if not layer.groups == layer.filters == channels or layer.data_format != "channels_last":
             raise ModelError(f"layer {layer.name!r}: a grouped Conv2D ({layer.groups} groups, "
                              f"{channels} -> {layer.filters} channels) that is not depthwise has "
@@ -428,12 +463,18 @@ def _depthwise(layer, inputs, kernel):
                               data_format=layer.data_format)
 
 
+def _producer(model, tensor):
+    """The layer (or operation) of `model` whose call in its graph outputs `tensor`, else None."""
+    nodes = graph_nodes(model)
+    return next((op for op in reversed(operations(model)) if type(op).__name__ != "InputLayer"
+                 and id(op) in nodes and _output(nodes[id(op)]) is tensor), None)
+
+
 def _final_layer(model):
-    out = model.outputs[0]
-    for layer in reversed(operations(model)):
-        if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is out:
-            return layer
-    raise ModelError(f"cannot find the output layer of model {model.name!r}")
+    final = _producer(model, model.outputs[0])
+    if final is None:
+        raise ModelError(f"cannot find the output layer of model {model.name!r}")
+    return final
 
 
 def identity_at_inference(layer) -> bool:
@@ -443,14 +484,14 @@ def identity_at_inference(layer) -> bool:
     return type(layer).__name__ in _IDENTITY_AT_INFERENCE
 
 
-def _passes_through(layer) -> bool:
-    """Whether `layer` is the identity at inference on its input: Dropout and the like, and a
-    Flatten or Reshape that leaves the shape as it is."""
+def _passes_through(model, layer) -> bool:
+    """Whether `layer` (of `model`) is the identity at inference on its input: Dropout and the
+    like, and a Flatten or Reshape that leaves the shape as it is."""
     kind = type(layer).__name__
     if kind not in _IDENTITY_AT_INFERENCE:
         return False
     if kind in ("Flatten", "Reshape"):
-        return tuple(_input_in_parent(layer).shape) == tuple(_output_in_parent(layer).shape)
+        return tuple(input_in(model, layer).shape) == tuple(output_in(model, layer).shape)
     return True
 
 
@@ -461,10 +502,8 @@ def probability_layer(model):
     squeezes a 1x1 map of probabilities to [N, classes] (whose output is then no 2-D tensor:
     `logits_of` flattens its logits)."""
     final = _final_layer(model)
-    while _passes_through(final) and not _is_model(final):
-        source = _input_in_parent(final)
-        before = next((layer for layer in reversed(operations(model))
-                       if type(layer).__name__ != "InputLayer" and _output_in_parent(layer) is source), None)
+    while _passes_through(model, final) and not _is_model(final):
+        before = _producer(model, input_in(model, final))
         if before is None:
             break
         final = before
@@ -481,9 +520,7 @@ _TAIL_TYPES = _RESHAPING_TYPES + ("Permute",) + _IDENTITY_AT_INFERENCE
 
 def _layer_before(model, layer):
     """The layer (or operation) of `model` whose output `layer` reads, None for the input."""
-    source = _input_in_parent(layer)
-    return next((item for item in reversed(operations(model))
-                 if type(item).__name__ != "InputLayer" and _output_in_parent(item) is source), None)
+    return _producer(model, input_in(model, layer))
 
 
 def _check_probabilities_not_reshaped(model, final):
@@ -507,7 +544,7 @@ def _check_probabilities_not_reshaped(model, final):
     activation = activation_name(before)
     if activation not in _PROBABILITY_ACTIVATIONS:
         return final
-    shape = tuple(_output_in_parent(before).shape)
+    shape = tuple(output_in(model, before).shape)
     axis = getattr(before, "axis", -1) if type(before).__name__ == "Softmax" else -1
     axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
 
@@ -515,16 +552,16 @@ def _check_probabilities_not_reshaped(model, final):
         return tuple(tensor.shape)
 
     def classes_alone(layer) -> bool:  # its output holds the class scores on one axis, the others of size 1
-        out = dims(_output_in_parent(layer))
+        out = dims(output_in(model, layer))
         return [d for d in out[1:] if d != 1] == [shape[-1]] and (layer is not final or len(out) == 2)
 
     # a 1x1 map of class scores (or [N, classes]) whose every tensor after it keeps them on one
     # axis: no layer of the tail pools them or puts them in another order
     moved = next((layer for layer in tail if not classes_alone(layer)), None)
     if not (all(isinstance(d, int) for d in shape[1:]) and all(d == 1 for d in shape[1:-1])):
-        why = f"{tail[0].name!r} turns {shape} into {dims(_output_in_parent(tail[0]))}"
+        why = f"{tail[0].name!r} turns {shape} into {dims(output_in(model, tail[0]))}"
     elif moved is not None:
-        why = f"{moved.name!r} turns {dims(_input_in_parent(moved))} into {dims(_output_in_parent(moved))}"
+        why = f"{moved.name!r} turns {dims(input_in(model, moved))} into {dims(output_in(model, moved))}"
     elif activation == "sigmoid" or isinstance(axis, int) and axis % len(shape) == len(shape) - 1:
         return before
     else:
@@ -568,46 +605,48 @@ def logits_of(model) -> Logits:
                              "model with several inputs; camface needs one that takes one tensor")
         inner = logits_of(final)
         if inner.activation not in _PROBABILITY_ACTIVATIONS:
-            return Logits(_output_in_parent(final), None, (), final, "linear")
+            return Logits(output_in(model, final), None, (), final, "linear")
         run, layers = _submodel(final.inputs[0], inner.end, f"nested head {final.name!r}",
                                 differentiated=True)
         tail = run if inner.tail is None else (lambda x, run=run, tail=inner.tail: tail(run(x)))
-        return Logits(_input_in_parent(final), tail, layers + inner.layers, inner.final,
+        return Logits(input_in(model, final), tail, layers + inner.layers, inner.final,
                       inner.activation, inner.kernel)
     activation = activation_name(final)
     if activation not in _PROBABILITY_ACTIVATIONS:
-        return Logits(_output_in_parent(final), None, (), final, "linear")
-    end = _input_in_parent(final)
+        return Logits(output_in(model, final), None, (), final, "linear")
+    end = input_in(model, final)
     kind = type(final).__name__
     if kind in ("Activation", "Softmax"):
         logits = Logits(end, None, (), final, activation)
     elif kind == "Dense":
         logits = Logits(end, _linear_dense(final), (final,), final, activation, final.kernel)
     else:
-        twin = linear_twin(final)
+        twin = linear_twin(model, final)
         one_by_one = kind == "Conv2D" and tuple(final.kernel_size) == (1, 1)  # CAM reads its kernel
         logits = Logits(end, lambda x, twin=twin: twin(x, training=False), (final,), final, activation,
                         final.kernel if one_by_one else None)
-    if len(_output_in_parent(final).shape) == 2:
+    if len(output_in(model, final).shape) == 2:
         return logits
     # probabilities squeezed off a 1x1 map (`probability_layer`): the logits are its channels
     from keras import ops
 
-    classes = int(_output_in_parent(final).shape[-1])
+    classes = int(output_in(model, final).shape[-1])
     run = logits.tail or (lambda x: x)
     return replace(logits, tail=lambda x, run=run: ops.reshape(run(x), (-1, classes)))
 
 
-def linear_twin(layer):
-    """A copy of `layer` (a Conv2D, EinsumDense... built with a softmax / sigmoid activation)
-    with a linear activation and the same weight values, built on `layer`'s input: what it
-    computes before its activation. ModelError naming the layer when Keras cannot rebuild it."""
+def linear_twin(model, layer):
+    """A copy of `layer` of `model` (a Conv2D, EinsumDense... built with a softmax / sigmoid
+    activation) with a linear activation and the same weight values, built on `layer`'s input:
+    what it computes before its activation. ModelError naming the layer when Keras cannot
+    rebuild it."""
     import keras
 
+    source = input_in(model, layer)
     try:
         twin = layer.__class__.from_config({**layer.get_config(), "activation": "linear",
                                             "name": f"{layer.name}_logits"})
-        twin(keras.KerasTensor(_input_in_parent(layer).shape, dtype=_input_in_parent(layer).dtype))
+        twin(keras.KerasTensor(source.shape, dtype=source.dtype))
         twin.set_weights(layer.get_weights())
     except Exception as exc:  # Keras raises many types for a config it cannot rebuild
         raise ModelError(f"layer {layer.name!r} ({type(layer).__name__}) ends the model in "
@@ -693,15 +732,15 @@ def _split(model, path: list[str], end) -> tuple[Callable, Callable, tuple]:
         model.get_layer(path[0])
     where = f"layer {'/'.join(path)!r}"
     if len(path) == 1:
-        target = _output_in_parent(layer)
+        target = output_in(model, layer)
         features, _ = _submodel(model.inputs[0], target, where)
         head, layers = _submodel(target, end, where, differentiated=True)
         return features, head, layers
     if not _is_model(layer):
         raise ModelError(f"{path[0]!r} is not a nested model in {model.name!r}")
     inner_features, inner_head, inner_layers = _split(layer, path[1:], layer.outputs[0])
-    before, _ = _submodel(model.inputs[0], _input_in_parent(layer), where)
-    after, outer_layers = _submodel(_output_in_parent(layer), end, where, differentiated=True)
+    before, _ = _submodel(model.inputs[0], input_in(model, layer), where)
+    after, outer_layers = _submodel(output_in(model, layer), end, where, differentiated=True)
 
     def features(x):
         return inner_features(before(x))

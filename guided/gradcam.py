@@ -58,16 +58,6 @@ def probability_activation(model) -> str:
     return _probability_activation(last) or "softmax"
 
 
-def _node_output(layer):
-    """`layer`'s output in the graph that built it (for a nested model: its call's output).
-    The first inbound node: cutting a model elsewhere may call its layers again (more nodes)."""
-    return layer._inbound_nodes[0].output_tensors[0]
-
-
-def _node_input(layer):
-    return layer._inbound_nodes[0].input_tensors[0]
-
-
 def _single_input(model):
     """The model's input tensor, not a list of one: the sub-models built here are called with one
     tensor, and Keras warns (4 lines per call) when a model built on `[input]` gets a bare tensor."""
@@ -85,7 +75,7 @@ def logits_model(model):
     """
     import keras
 
-    from camface.export.keras_model import linear_twin
+    from camface.export.keras_model import input_in, linear_twin
 
     last = _probability_layer(model)
     inputs = _single_input(model)
@@ -93,13 +83,13 @@ def logits_model(model):
         inner = logits_model(last)
         if inner is last:
             return model
-        return keras.Model(inputs, inner(_node_input(last)), name=f"{model.name}_logits")
+        return keras.Model(inputs, inner(input_in(model, last)), name=f"{model.name}_logits")
     if _probability_activation(last) is None:
         return model
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
-        logits = _node_input(last)
+        logits = input_in(model, last)
     else:  # a layer (Dense, Conv...) built with the activation: its linear twin
-        logits = linear_twin(last)(_node_input(last))
+        logits = linear_twin(model, last)(input_in(model, last))
     if len(logits.shape) > 2:  # probabilities squeezed off a 1x1 map: the logits are its channels
         logits = keras.layers.Reshape((int(logits.shape[-1]),))(logits)
     return keras.Model(inputs, logits, name=f"{model.name}_logits")
@@ -140,26 +130,29 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     """
     import keras
 
-    from camface.export.keras_model import identity_at_inference
+    from camface.export.keras_model import identity_at_inference, output_in
 
     names = layer.split("/")
     top = model.get_layer(names[0])
-    head = model.layers[[item.name for item in model.layers].index(names[0]) + 1:]
+    head = [(item, model) for item in model.layers[[item.name for item in model.layers].index(names[0]) + 1:]]
     if len(names) > 1:
-        inner = top
+        parent, inner = model, top
         for name in names[1:]:
-            inner = inner.get_layer(name)
+            parent, inner = inner, inner.get_layer(name)
         if top is _probability_layer(model) and len(names) == 2:  # inside the nested head
-            head = top.layers[[item.name for item in top.layers].index(names[1]) + 1:] + head
-        elif _node_output(inner) is not top.outputs[0]:
+            head = [(item, top) for item in top.layers[[item.name for item in top.layers].index(names[1]) + 1:]] \
+                + head
+        elif output_in(parent, inner) is not top.outputs[0]:
             return None, f"CAM needs global average pooling right after {layer!r}"
 
-    def flat(layers):  # a nested head's layers in its place
-        return [leaf for item in layers for leaf in
-                (flat(item.layers) if isinstance(item, keras.Model) else [item])
-                if not isinstance(leaf, keras.layers.InputLayer)]
+    def flat(layers):  # a nested head's layers in its place, each with the model that holds it
+        return [leaf for item, parent in layers for leaf in
+                (flat([(sub, item) for sub in item.layers]) if isinstance(item, keras.Model) else [(item, parent)])
+                if not isinstance(leaf[0], keras.layers.InputLayer)]
 
     head = flat(head)
+    holder = {id(item): parent for item, parent in head}
+    head = [item for item, _ in head]
     final = _probability_layer(model)  # as export's head ends: at the probabilities, not after
     while isinstance(final, keras.Model):  # the layers that only squeeze them off a 1x1 map (a
         final = _probability_layer(final)  # Reshape -> Permute of its size-1 axes -> Flatten)
@@ -172,7 +165,7 @@ def cam_weights(model, layer: str) -> tuple[np.ndarray | None, str]:
     if rest and isinstance(rest[-1], (keras.layers.Softmax, keras.layers.Activation)) \
             and _probability_activation(rest[-1]) is not None:
         rest = rest[:-1]
-    channels = int(_node_output(head[0]).shape[-1])
+    channels = int(output_in(holder[id(head[0])], head[0]).shape[-1])
     if not rest:
         return np.eye(channels, dtype=np.float32), ""
     if len(rest) == 1 and isinstance(rest[0], keras.layers.Dense) and (
@@ -194,6 +187,8 @@ def _segments(model, layers: list[str]):
     """
     import keras
 
+    from camface.export.keras_model import input_in, output_in
+
     logits = logits_model(model).outputs[0]
     by_owner: dict[str, list[int]] = {}
     for index, path in enumerate(layers):
@@ -202,24 +197,23 @@ def _segments(model, layers: list[str]):
     segments = []
     for owner, indices in by_owner.items():
         if not owner:
-            outputs = [_node_output(model.get_layer(layers[i])) for i in indices] + [logits]
+            outputs = [output_in(model, model.get_layer(layers[i])) for i in indices] + [logits]
             net = keras.Model(_single_input(model), outputs)
             segments.append((lambda x, net=net: list(net(x, training=False)), indices))
             continue
         backbone = model.get_layer(owner)
-        inner_layers = []
+        inner_outputs = []
         for i in indices:
-            inner = backbone
+            parent, inner = model, backbone
             for name in layers[i].split("/")[1:]:
-                inner = inner.get_layer(name)
-            inner_layers.append(inner)
+                parent, inner = inner, inner.get_layer(name)
+            inner_outputs.append(output_in(parent, inner))
         # a nested head ending in softmax (the model's last layer) gives the logits itself
         head_logits = logits_model(backbone) if backbone is _probability_layer(model) else backbone
-        inner_net = keras.Model(backbone.inputs, [_node_output(layer) for layer in inner_layers]
-                                + [head_logits.outputs[0]])
-        source = _node_input(backbone)
+        inner_net = keras.Model(backbone.inputs, inner_outputs + [head_logits.outputs[0]])
+        source = input_in(model, backbone)
         before = keras.Model(_single_input(model), source) if source is not model.inputs[0] else None
-        after = keras.Model(_node_output(backbone), logits) if head_logits is backbone else None
+        after = keras.Model(output_in(model, backbone), logits) if head_logits is backbone else None
 
         def segment(x, before=before, inner_net=inner_net, after=after):
             if before is not None:

@@ -552,3 +552,55 @@ def test_the_keras_baseline_of_a_model_ending_in_an_activation_layer_that_is_not
     want = graph(image, classes)
     np.testing.assert_allclose(probs, want["probs"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gradcam, want["gradcam"], rtol=1e-3, atol=1e-4 * np.abs(gradcam).max())
+
+
+# ---- a Sequential saved and loaded again ------------------------------------------------------
+
+def _normalised_maps(maps):
+    """Each image's map divided by its largest value (the renderer's normalisation)."""
+    peak = np.abs(maps).reshape(len(maps), -1).max(axis=1).reshape(-1, *[1] * (maps.ndim - 1))
+    return maps / np.maximum(peak, 1e-12)
+
+
+@pytest.fixture(scope="module")
+def sequential_exported():
+    """(model, graph, info): the reviewer's 4-layer Sequential (two convolutions, global average
+    pooling, a softmax Dense), random weights, exported as built."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((16, 16, 3)), layers.Conv2D(4, 3, activation="relu"),
+                              layers.Conv2D(4, 3), layers.GlobalAveragePooling2D(),
+                              layers.Dense(NUM_CLASSES, activation="softmax")], name="sequential_saved")
+    return model, *export_in_memory(model, preset="none")
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_sequential_saved_and_loaded_again_exports_as_before(tmp_path, sequential_exported, suffix):
+    """Keras loads a Sequential by adding its layers one by one, building it again at each: the
+    first of 4 layers is called 4 times, the last once, and the model's graph is the last build.
+    Export took every layer's first call and failed ("cannot cut the model at layer ...");
+    `camface bench --baseline keras` took the target's first call (no gradient reaches it).
+    Loaded, it exports as before it was saved: the same target, probabilities and maps."""
+    from camface.export import keras_model
+    from camface.export.keras_baseline import KerasGradCam
+
+    model, graph, info = sequential_exported
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = keras_model.load_model(path)
+    assert [len(layer._inbound_nodes) for layer in loaded.layers] == [4, 3, 2, 1]  # the rebuilds
+    loaded_graph, loaded_info = export_in_memory(loaded, preset="none")
+    assert loaded_info.target_layer == info.target_layer == model.layers[1].name
+    assert loaded_info.heatmaps == info.heatmaps and "cam" in info.heatmaps
+    image, classes = images(3, 16, 3, seed=9), class_indices(3)
+    got, want = loaded_graph(image, classes), graph(image, classes)
+    np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(want["probs"], model.predict(image.astype(np.float32), verbose=0),
+                               rtol=1e-4, atol=1e-6)
+    for name in ("gradcam", "cam"):
+        assert np.abs(want[name]).max() > 0
+        np.testing.assert_allclose(_normalised_maps(got[name]), _normalised_maps(want[name]), atol=1e-4)
+    _, baseline = KerasGradCam(path, info.target_layer, [1.0] * 3, [0.0] * 3).explain(image, classes)
+    np.testing.assert_allclose(_normalised_maps(baseline), _normalised_maps(want["gradcam"]), atol=1e-4)

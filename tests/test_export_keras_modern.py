@@ -125,7 +125,7 @@ def test_the_default_target_of_a_backbone_with_squeeze_excitation_is_its_last_ma
     target = keras_model.default_target_layer(model)
     pool = [layer for layer in model.layers if type(layer).__name__ in keras_model.POOLING_TYPES][-1]
     assert target == (expected or target)
-    assert keras_model._output_in_parent(model.get_layer(target)) is keras_model._input_in_parent(pool)
+    assert keras_model.output_in(model, model.get_layer(target)) is keras_model.input_in(model, pool)
 
 
 def _squeeze_excitation_model(head: str):

@@ -87,6 +87,35 @@ def test_nested_backbone_gradcam_equals_flat_model():
     assert maps.conv_layers(nested) == ["backbone/conv_a", "backbone/conv_b"]
 
 
+@pytest.mark.parametrize("head, suffix", [("flat", ".keras"), ("flat", ".h5"), ("nested", ".keras")])
+def test_a_sequential_saved_and_loaded_again_is_explained_as_before(tmp_path, head, suffix):
+    """Keras loads a Sequential by adding its layers one by one, building it again at each (a
+    nested Sequential head too): guided took each layer's first call, of an earlier build, no
+    gradient reached it and the runner failed. Loaded, it explains as before it was saved."""
+    from keras import layers
+
+    keras.utils.set_random_seed(6)
+    tail = [layers.GlobalAveragePooling2D(), layers.Dense(3, activation="softmax")]
+    if head == "nested":
+        tail = [keras.Sequential([keras.Input((8, 8, 5)), *tail], name="head")]
+    model = keras.Sequential([keras.Input((12, 12, 1)), layers.Conv2D(4, 3, activation="relu", name="conv_a"),
+                              layers.Conv2D(5, 3, name="conv_b"), *tail])
+    path = tmp_path / f"model{suffix}"
+    model.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    assert len(loaded.layers[0]._inbound_nodes) == len(loaded.layers)  # one build per layer added
+    images = np.random.default_rng(3).integers(0, 255, (2, 12, 12, 1), dtype=np.uint8)
+    want = Explainer(model, None, EMOTION_PREPROCESSING).explain(images, np.array([-1, 2]))
+    explainer = Explainer(loaded, None, EMOTION_PREPROCESSING)
+    assert explainer.layer == "conv_b" and explainer.cam_reason == ""
+    got = explainer.explain(images, np.array([-1, 2]))
+    for a, b in zip(want, got):
+        assert np.abs(a.heatmaps["gradcam"]).max() > 0
+        for name in ("gradcam", "cam"):
+            np.testing.assert_allclose(b.heatmaps[name], a.heatmaps[name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.input_gradient, a.input_gradient, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("tail", ["dense", "activation", "dense+dropout", "activation+dropout"])
 def test_a_sigmoid_model_is_explained_at_its_logits_with_its_own_probabilities(tail):
     """A model ending in sigmoid (a binary or multi-label head) is explained as `camface export`
