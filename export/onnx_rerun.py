@@ -572,8 +572,10 @@ class SampledCalls(methods.ModelCalls):
         graph = np.asarray(self.graph_scores[self.method], np.float32)
         picked = sorted({first + (first // chunk) % min(chunk, count - first) for first in range(0, count, chunk)}
                         | {count - 1})
-        reference = super()._scores(logits_of, lambda k: variants(np.asarray(picked, np.int64)[k]), len(picked),
-                                    chunk)
+        # one variant per run, N rows, as the model runs: a head (the graph's clones and the cut-out
+        # session alike) that computed every row of a larger batch from its first (a Swin .pt2 at
+        # its LayerNorm target gave every ablated channel channel 0's score) would agree with itself
+        reference = super()._scores(logits_of, lambda k: variants(np.asarray(picked, np.int64)[k]), len(picked), 1)
         self.sampled[self.method] = (graph[:, picked], reference)
         full = graph.copy()
         full[:, picked] = reference

@@ -841,3 +841,40 @@ def test_a_map_that_is_a_small_difference_of_large_terms_is_judged_by_what_round
         with pytest.raises(ModelError, match=r"ablationcam +max \|graph - ref\| .* FAIL"):
             onnx_rerun.check(_output_through(sound, "ablationcam", op, *operands), ("ablationcam",),
                              (size, size), 3, 4, batch=2)
+
+
+def test_the_reference_runs_each_sampled_variant_as_the_model_runs_so_a_head_mixing_rows_is_caught(monkeypatch):
+    """A Swin .pt2 at its LayerNorm target gave every ablated channel channel 0's score: its head,
+    the graph's clones and the reference's cut-out session alike, computed every row of a batch
+    larger than the model's from the first. The reference runs each sampled variant on its own
+    (N rows, as the model runs), so such a graph fails its scores: here a graph whose
+    passes all give variant 0's score checked with a head session that, given more rows than
+    crops, repeats its first row's logits (as that head did)."""
+    from camface.export import onnx_export, onnx_rerun
+    from camface.export.exporter import ExportOptions
+
+    size, channels = 8, 40  # Ablation-CAM: two chunks of 32, three sampled variants
+    options = ExportOptions(preset="unit", target_layer="target", verify=False, heads=("probs", "activations",
+                                                                                         "ablationcam"))
+    graph, _, _ = onnx_export.build(_onnx_classifier(size, channels), options)
+    first = _output_through(graph, onnx_rerun.scores_tensor("ablationcam"), "Gather", np.zeros(channels, np.int64))
+    first.graph.node[[n.output[0] for n in first.graph.node].index(onnx_rerun.scores_tensor("ablationcam"))] \
+        .attribute.append(onnx.helper.make_attribute("axis", 1))
+    real = onnx_rerun._session
+
+    def mixing(model):
+        session = real(model)
+        run = session.run
+
+        def first_row_only(names, feeds):
+            out = run(names, feeds)
+            return [np.repeat(o[:1], len(o), axis=0) for o in out]
+
+        session.run = first_row_only
+        return session
+
+    monkeypatch.setattr(onnx_rerun, "_session", mixing)
+    (map_, scores) = onnx_rerun.check(graph, ("ablationcam",), (size, size), 3, 4, batch=1)
+    assert map_.ok and scores.ok and scores.output == "ablationcam scores (3 sampled)"
+    with pytest.raises(ModelError, match=r"ablationcam scores \(3 sampled\) .* FAIL"):
+        onnx_rerun.check(first, ("ablationcam",), (size, size), 3, 4, batch=1)
