@@ -602,8 +602,8 @@ def conditioning(name: str, activations, calls: SampledCalls, reference) -> floa
     methods' maps: CONDITIONING x the largest change of its maths (`reference`, [N, h, w]) when
     the quantities it is computed from, the activations [N, h, w, K], each crop's class logit
     and the passes' scores, move by a few ulps (`onnx_verify.ulp_perturbed`, NOISE_PROBES
-    draws). A map that is a small difference of large terms (Ablation-CAM at a LayerNorm
-    output, whose channels sum to 0: ReLU(w sum_k A_k) with every w_k alike) is judged by what
+    draws). A map that is a small difference of large terms (Ablation-CAM where the weighted
+    channels cancel: ReLU(sum_k w_k A_k) near 0 from terms w_k A_k near 1) is judged by what
     rounding makes of those terms, not by its own tiny peak; a well-conditioned one gets almost
     nothing added."""
     from camface.export import onnx_verify

@@ -790,8 +790,8 @@ def _weighing_another_layer(model, layer: str):
 
 
 def test_a_map_that_is_a_small_difference_of_large_terms_is_judged_by_what_rounding_does_to_them(monkeypatch):
-    """Ablation-CAM at a target whose channels cancel (a Swin's LayerNorm output: its peak 1.9e-9,
-    refused at 1.4e-9 from the reference against an allowance that shrank with the peak): the
+    """Ablation-CAM at a target whose channels cancel (its peak near 1e-7 from terms near 1, once
+    refused against an allowance that shrank with the peak, as a Swin's at 1.4e-9 was): the
     reference's copy of the graph's activations moved by a few ulps (as another runtime's
     rounding moves them, whatever this CPU's rounding did) moves the reference's near-zero map
     by far more than its peak's tolerance, so the check
