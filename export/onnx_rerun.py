@@ -334,8 +334,9 @@ def anatomy(model) -> Anatomy:
 def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
     """(tensors [N, ...], ((tensor, int64 vector), ...)) that the head's clones read beside
     their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops:
-    - a tensor whose first dimension is the batch and the rest fixed (a ViT's class token, the
-      residual stream beside a norm target): each crop's value in the graph's forward pass,
+    - a tensor whose first dimension is the batch and the rest fixed, each row the crop's alone
+      (on two zero crops both rows are the one crop's: a ViT's class token, the residual stream
+      beside a norm target; not indices that count the rows): each crop's value in the graph's forward pass,
       repeated for each of its variants, as a forward hook replacing the target's output leaves
       it (`OnnxModelOps._pass`);
     - a shape that only Reshapes read, whose one element that changes with the batch is the
@@ -358,7 +359,16 @@ def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
         as_shape = all(n.op_type == "Reshape" and list(n.input).index(name) == 1
                        for n in head_nodes if name in n.input)
         changed = np.flatnonzero(one != two) if one.shape == two.shape else None
-        if one.ndim and one.shape[1:] == two.shape[1:] and (len(one), len(two)) == (1, 2):
+        # the crop's own rows: on two zero crops, each row is the one crop's (an index tensor that
+        # counts the rows, torch.export's as_strided after Swin's permute, is not: its clones would
+        # all read the first row)
+        follows = bool(one.ndim) and one.shape[1:] == two.shape[1:] and (len(one), len(two)) == (1, 2)
+        if follows and name != target and not (np.array_equal(two[0], one[0]) and np.array_equal(two[1], one[0])):
+            raise ModelError(f"the head after {target!r} also reads {name!r}, computed beside it from the graph's "
+                             "input, whose rows on two identical crops differ from the one crop's (it counts the "
+                             "rows, as torch.export's as_strided indices do): it cannot be run again on modified "
+                             "copies")
+        if follows:
             if name != target:
                 rows.append(name)
         elif (name != target and as_shape and one.ndim == 1 and one.dtype == np.int64 and changed is not None

@@ -685,19 +685,28 @@ def test_the_check_runs_a_sample_of_the_passes_and_catches_scores_out_of_place(m
     ("shape", "Reshape", ("shape", [-1, 4])),  # Shape(x) read as a Reshape's shape: -1 for the batch
     ("doubled", "Concat", "neither the crop's own rows (shape [2, 4] on 1 crop, [4, 4] on 2)"),
     ("shape", "Cast", "neither the crop's own rows (shape [2] on 1 crop, [2] on 2)"),  # a shape read as values
+    # [N, 4] whose row b holds b + 1: indices counting the rows (a Swin .pt2's as_strided after its
+    # permute), which repeated per variant would have every clone read its first row
+    ("counted", "Add", "whose rows on two identical crops differ from the one crop's"),
 ])
 def test_tensors_a_head_reads_beside_its_target_are_judged_by_how_they_follow_the_batch(side, reader, found):
     """Ablation-CAM's head clones read what the head reads beside the target (a ViT's class
     token and residual stream, Swin's view sizes) as ONNX Runtime computes it on 1 and 2 crops:
-    a tensor [N, ...] is repeated per variant, a shape only Reshapes read gets -1 for its batch,
-    anything else is refused naming it."""
+    a tensor [N, ...] each of whose rows is its crop's alone is repeated per variant, a shape only
+    Reshapes read gets -1 for its batch, anything else is refused naming it."""
     from onnx import TensorProto, helper
 
     from camface.export import onnx_rerun
 
     made = {"rows": [helper.make_node("Neg", ["x"], ["s"])],
             "shape": [helper.make_node("Shape", ["x"], ["s"])],
-            "doubled": [helper.make_node("Concat", ["x", "x"], ["s"], axis=0)]}[side]
+            "doubled": [helper.make_node("Concat", ["x", "x"], ["s"], axis=0)],
+            "counted": [helper.make_node("Constant", [], ["zero"], value_float=0.0),
+                        helper.make_node("Constant", [], ["one"], value_float=1.0),
+                        helper.make_node("Constant", [], ["axis"], value_int=0),
+                        helper.make_node("Mul", ["x", "zero"], ["zeros"]),
+                        helper.make_node("Add", ["zeros", "one"], ["ones"]),
+                        helper.make_node("CumSum", ["ones", "axis"], ["s"])]}[side]
     head = helper.make_node(reader, ["t", "s"] if reader != "Cast" else ["s"], ["out"],
                             **({"to": TensorProto.FLOAT} if reader == "Cast" else {"axis": 0} if reader == "Concat"
                                else {}))
