@@ -685,19 +685,28 @@ def test_the_check_runs_a_sample_of_the_passes_and_catches_scores_out_of_place(m
     ("shape", "Reshape", ("shape", [-1, 4])),  # Shape(x) read as a Reshape's shape: -1 for the batch
     ("doubled", "Concat", "neither the crop's own rows (shape [2, 4] on 1 crop, [4, 4] on 2)"),
     ("shape", "Cast", "neither the crop's own rows (shape [2] on 1 crop, [2] on 2)"),  # a shape read as values
+    # [N, 4] whose row b holds b + 1: indices counting the rows (a Swin .pt2's as_strided after its
+    # permute), which repeated per variant would have every clone read its first row
+    ("counted", "Add", "whose rows on two identical crops differ from the one crop's"),
 ])
 def test_tensors_a_head_reads_beside_its_target_are_judged_by_how_they_follow_the_batch(side, reader, found):
     """Ablation-CAM's head clones read what the head reads beside the target (a ViT's class
     token and residual stream, Swin's view sizes) as ONNX Runtime computes it on 1 and 2 crops:
-    a tensor [N, ...] is repeated per variant, a shape only Reshapes read gets -1 for its batch,
-    anything else is refused naming it."""
+    a tensor [N, ...] each of whose rows is its crop's alone is repeated per variant, a shape only
+    Reshapes read gets -1 for its batch, anything else is refused naming it."""
     from onnx import TensorProto, helper
 
     from camface.export import onnx_rerun
 
     made = {"rows": [helper.make_node("Neg", ["x"], ["s"])],
             "shape": [helper.make_node("Shape", ["x"], ["s"])],
-            "doubled": [helper.make_node("Concat", ["x", "x"], ["s"], axis=0)]}[side]
+            "doubled": [helper.make_node("Concat", ["x", "x"], ["s"], axis=0)],
+            "counted": [helper.make_node("Constant", [], ["zero"], value_float=0.0),
+                        helper.make_node("Constant", [], ["one"], value_float=1.0),
+                        helper.make_node("Constant", [], ["axis"], value_int=0),
+                        helper.make_node("Mul", ["x", "zero"], ["zeros"]),
+                        helper.make_node("Add", ["zeros", "one"], ["ones"]),
+                        helper.make_node("CumSum", ["ones", "axis"], ["s"])]}[side]
     head = helper.make_node(reader, ["t", "s"] if reader != "Cast" else ["s"], ["out"],
                             **({"to": TensorProto.FLOAT} if reader == "Cast" else {"axis": 0} if reader == "Concat"
                                else {}))
@@ -734,3 +743,147 @@ def test_a_head_reading_another_tensor_is_refused_whatever_the_targets_inferred_
     with pytest.raises(ModelError, match=r"node 'add' \(Add\) between 't' and 'out' also reads 'u'"):
         onnx_rerun.between(graph, "t", "out", shapes, sides)
     assert sides == []
+
+
+def _cancelling_classifier(size: int, channels: int):
+    """Conv(3 -> channels) = x, target Concat(x, -x), GlobalAveragePool -> Gemm with weights
+    [v, -v] -> Softmax: zeroing channel k of x or of -x moves logit_c alike, so Ablation-CAM's
+    w_k = w_{k+channels} and its map sum_k w_k (x_k - x_k) is 0 but for rounding (as at a
+    LayerNorm output, whose channels sum to 0), while every term w_k x_k is of order 1."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((4, channels)).astype(np.float32)
+    weights = [numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
+               numpy_helper.from_array(np.concatenate([v, -v], axis=1), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Neg", ["conv"], ["negated"], name="neg"),
+             helper.make_node("Concat", ["conv", "negated"], ["target"], axis=1, name="target"),
+             helper.make_node("GlobalAveragePool", ["target"], ["pooled"], name="gap"),
+             helper.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
+    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                          ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _output_through(model, output: str, op: str, *operands: np.ndarray):
+    """A copy of the CAM graph whose `output` is op(output, *operands): a graph that computes it
+    otherwise."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    at, producer = next((i, n) for i, n in enumerate(copy.graph.node) if output in n.output)
+    producer.output[list(producer.output).index(output)] = f"{output}_as_made"
+    inputs = [f"{output}_as_made"]
+    for i, operand in enumerate(operands):
+        inputs.append(f"{output}_operand_{i}")
+        copy.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(operand), inputs[-1]))
+    copy.graph.node.insert(at + 1, onnx.helper.make_node(op, inputs, [output]))
+    return copy
+
+
+def _weighing_another_layer(model, layer: str):
+    """A copy of the CAM graph whose Ablation-CAM weighs the channels of `layer` (NCHW) with the
+    scores of the target's: a map computed at the wrong layer."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    weighing = next(n for n in copy.graph.node if n.op_type == "Mul" and "activations" in n.input)
+    weighing.input[list(weighing.input).index("activations")] = f"{layer}_nhwc"
+    at = list(copy.graph.node).index(weighing)
+    copy.graph.node.insert(at, onnx.helper.make_node("Transpose", [layer], [f"{layer}_nhwc"], perm=[0, 2, 3, 1]))
+    return copy
+
+
+def test_a_map_that_is_a_small_difference_of_large_terms_is_judged_by_what_rounding_does_to_them(monkeypatch):
+    """Ablation-CAM at a target whose channels cancel (its peak near 1e-7 from terms near 1, once
+    refused against an allowance that shrank with the peak, as a Swin's at 1.4e-9 was): the
+    reference's copy of the graph's activations moved by a few ulps (as another runtime's
+    rounding moves them, whatever this CPU's rounding did) moves the reference's near-zero map
+    by far more than its peak's tolerance, so the check
+    widens it by what rounding of the activations, class logits and scores does to the map
+    (`onnx_rerun.conditioning`), as the other methods' self-check does. A map scaled or shifted
+    by what a user would see is still refused, here and on a well-conditioned head, as is one
+    mirrored or computed at another layer."""
+    from camface.export import onnx_export, onnx_rerun, onnx_verify, verify
+    from camface.export.exporter import ExportOptions
+
+    size, channels = 8, 6
+    options = ExportOptions(preset="unit", target_layer="target", verify=False, heads=("probs", "activations",
+                                                                                         "ablationcam"))
+    graph, _, _ = onnx_export.build(_cancelling_classifier(size, channels), options)
+    (difference, _) = onnx_rerun.check(graph, ("ablationcam",), (size, size), 3, 4, batch=2)
+    assert difference.ok and difference.sensitivity > 0
+    as_graph = onnx_rerun.reference_calls
+
+    def rounded(*args, **kwargs):
+        got, calls = as_graph(*args, **kwargs)
+        got["activations"] = onnx_verify.ulp_perturbed(got["activations"], seed=7)
+        return got, calls
+
+    monkeypatch.setattr(onnx_rerun, "reference_calls", rounded)
+    (difference, _) = onnx_rerun.check(graph, ("ablationcam",), (size, size), 3, 4, batch=2)
+    assert difference.ok and difference.sensitivity > 0
+    monkeypatch.undo()
+    # far past the tolerance the peak alone gives (1e-4 + 1e-3 of it: verify.TOLERANCE fp32)
+    assert difference.max_abs > 100 * 1.1e-3 * difference.reference_max
+    images, classes = verify.sample_batch((size, size), 3, 4, 2)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    activations = session.run(["activations"], {"image": images, "class_index": classes})[0]
+    terms = float(np.abs(activations).max())
+    assert difference.reference_max < 1e-4 * terms and difference.allowed < 1e-3 * terms
+    with pytest.raises(ModelError, match=r"ablationcam +max \|graph - ref\| .* FAIL"):
+        onnx_rerun.check(_output_through(graph, "ablationcam", "Add", np.float32(1e-2 * terms)),
+                         ("ablationcam",), (size, size), 3, 4, batch=2)
+    sound, _, _ = onnx_export.build(_onnx_classifier(size, channels), options)
+    (difference, _) = onnx_rerun.check(sound, ("ablationcam",), (size, size), 3, 4, batch=2)
+    assert difference.ok and difference.sensitivity < 1e-3 * difference.reference_max
+    peak = difference.reference_max
+    with pytest.raises(ModelError, match=r"ablationcam +max \|graph - ref\| .* FAIL"):  # the target's input, before its ReLU
+        onnx_rerun.check(_weighing_another_layer(sound, "conv"), ("ablationcam",), (size, size), 3, 4, batch=2)
+    mirrored = [np.array([v], np.int64) for v in (-1, -(2 ** 62), 2, -1)]  # Slice starts, ends, axes, steps
+    for op, operands in (("Mul", [np.float32(1.02)]), ("Add", [np.float32(0.02 * peak)]),
+                         ("Slice", mirrored)):  # mirrored left to right: a map at the wrong places
+        with pytest.raises(ModelError, match=r"ablationcam +max \|graph - ref\| .* FAIL"):
+            onnx_rerun.check(_output_through(sound, "ablationcam", op, *operands), ("ablationcam",),
+                             (size, size), 3, 4, batch=2)
+
+
+def test_the_reference_runs_each_sampled_variant_as_the_model_runs_so_a_head_mixing_rows_is_caught(monkeypatch):
+    """A Swin .pt2 at its LayerNorm target gave every ablated channel channel 0's score: its head,
+    the graph's clones and the reference's cut-out session alike, computed every row of a batch
+    larger than the model's from the first. The reference runs each sampled variant on its own
+    (N rows, as the model runs), so such a graph fails its scores: here a graph whose
+    passes all give variant 0's score checked with a head session that, given more rows than
+    crops, repeats its first row's logits (as that head did)."""
+    from camface.export import onnx_export, onnx_rerun
+    from camface.export.exporter import ExportOptions
+
+    size, channels = 8, 40  # Ablation-CAM: two chunks of 32, three sampled variants
+    options = ExportOptions(preset="unit", target_layer="target", verify=False, heads=("probs", "activations",
+                                                                                         "ablationcam"))
+    graph, _, _ = onnx_export.build(_onnx_classifier(size, channels), options)
+    first = _output_through(graph, onnx_rerun.scores_tensor("ablationcam"), "Gather", np.zeros(channels, np.int64))
+    first.graph.node[[n.output[0] for n in first.graph.node].index(onnx_rerun.scores_tensor("ablationcam"))] \
+        .attribute.append(onnx.helper.make_attribute("axis", 1))
+    real = onnx_rerun._session
+
+    def mixing(model):
+        session = real(model)
+        run = session.run
+
+        def first_row_only(names, feeds):
+            out = run(names, feeds)
+            return [np.repeat(o[:1], len(o), axis=0) for o in out]
+
+        session.run = first_row_only
+        return session
+
+    monkeypatch.setattr(onnx_rerun, "_session", mixing)
+    (map_, scores) = onnx_rerun.check(graph, ("ablationcam",), (size, size), 3, 4, batch=1)
+    assert map_.ok and scores.ok and scores.output == "ablationcam scores (3 sampled)"
+    with pytest.raises(ModelError, match=r"ablationcam scores \(3 sampled\) .* FAIL"):
+        onnx_rerun.check(first, ("ablationcam",), (size, size), 3, 4, batch=1)
