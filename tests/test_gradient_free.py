@@ -281,7 +281,7 @@ def test_int8_graph_offers_both(tmp_path):
 def _onnx_classifier(size: int, channels: int, head_op: str | None = None):
     """Conv(3 -> channels) -> Relu [target] -> (head_op) -> GlobalAveragePool -> Flatten -> Gemm
     -> Softmax, on [N, 3, size, size]."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal((channels, 3, 3, 3)).astype(np.float32) * 0.3, "w"),
@@ -292,10 +292,18 @@ def _onnx_classifier(size: int, channels: int, head_op: str | None = None):
     if head_op:
         nodes.append(helper.make_node(head_op, [last], ["odd"], name="odd"))
         last = "odd"
-    nodes += [helper.make_node("GlobalAveragePool", [last], ["pooled"], name="gap"),
-              helper.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
-              helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
-              helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
+    return _with_head(nodes, last, weights, size)
+
+
+def _with_head(nodes: list, last: str, weights: list, size: int):
+    """`nodes` (from input x [N, 3, size, size] to `last`) -> GlobalAveragePool -> Flatten ->
+    Gemm with weight "fc" [4, C] -> Softmax y [N, 4], as an opset-17 model."""
+    from onnx import TensorProto, helper
+
+    nodes = nodes + [helper.make_node("GlobalAveragePool", [last], ["pooled"], name="gap"),
+                     helper.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
+                     helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
+                     helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                           ["N", 3, size, size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
@@ -750,7 +758,7 @@ def _cancelling_classifier(size: int, channels: int):
     [v, -v] -> Softmax: zeroing channel k of x or of -x moves logit_c alike, so Ablation-CAM's
     w_k = w_{k+channels} and its map sum_k w_k (x_k - x_k) is 0 but for rounding (as at a
     LayerNorm output, whose channels sum to 0), while every term w_k x_k is of order 1."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     v = rng.standard_normal((4, channels)).astype(np.float32)
@@ -758,17 +766,8 @@ def _cancelling_classifier(size: int, channels: int):
                numpy_helper.from_array(np.concatenate([v, -v], axis=1), "fc")]
     nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
              helper.make_node("Neg", ["conv"], ["negated"], name="neg"),
-             helper.make_node("Concat", ["conv", "negated"], ["target"], axis=1, name="target"),
-             helper.make_node("GlobalAveragePool", ["target"], ["pooled"], name="gap"),
-             helper.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
-             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc"),
-             helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax")]
-    graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                          ["N", 3, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+             helper.make_node("Concat", ["conv", "negated"], ["target"], axis=1, name="target")]
+    return _with_head(nodes, "target", weights, size)
 
 
 def _output_through(model, output: str, op: str, *operands: np.ndarray):
