@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
+MAX_CROPS = 32  # the most crops a camface graph takes at once (the re-export's dynamic batch)
 
 
 HOW_TO_EXPORT = ("ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
@@ -244,7 +245,7 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     (1..32); ModelError saying why when it does not run so (its batch or size fixed inside)."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=32)
+    batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
     module = _free_batch(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
     _views_as_reshapes(module)
     try:
@@ -291,7 +292,9 @@ class _NotFreed(Exception):
 def _check_freed(program, again, shape: list[int]) -> None:
     """Raises _NotFreed unless `again` (the program at the fixed batch shape[0], exported again
     with a dynamic one) gives a batch of shape[0] + 1 random crops what `program` gives them
-    shape[0] at a time: a size _free_batch read wrong gives other rows, or mixes crops."""
+    shape[0] at a time: a size _free_batch read wrong gives other rows, or mixes crops. A
+    program saved at MAX_CROPS or more (which `again` does not take + 1 of) is checked on
+    MAX_CROPS - 1 crops against the first rows of `program`'s batch."""
     import numpy as np
     import torch
     from torch.utils import _pytree as pytree
@@ -302,17 +305,20 @@ def _check_freed(program, again, shape: list[int]) -> None:
         return [t.double().numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
 
     fixed = shape[0]
-    crops = torch.from_numpy(np.random.default_rng(0).standard_normal([fixed + 1, *shape[1:]]).astype(np.float32))
+    count = fixed + 1 if fixed < MAX_CROPS else MAX_CROPS - 1  # never `fixed`, within the Dim
+    crops = torch.from_numpy(np.random.default_rng(0).standard_normal([max(fixed, count), *shape[1:]])
+                             .astype(np.float32))
     original = program.module(check_guards=False)
     with torch.no_grad():
-        first, last = outputs(original, crops[:fixed]), outputs(original, crops[1:])
-        got = outputs(again.module(), crops)
+        first = outputs(original, crops[:fixed])
+        last = outputs(original, crops[count - fixed:count]) if count > fixed else first
+        got = outputs(again.module(), crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
-        expected = np.concatenate([a, b[-1:]])
+        expected = np.concatenate([a, b[fixed - count:]]) if count > fixed else a[:count]
         worst = float(np.abs(c - expected).max()) if c.shape == expected.shape else np.inf
         if not worst <= atol + rtol * float(np.abs(expected).max()):
-            raise _NotFreed(f"a batch of {fixed + 1} crops does not give each crop what the batch of "
+            raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "
                             f"{fixed} gives it (up to {worst:.3g} apart)")
 
 

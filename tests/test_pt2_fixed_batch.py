@@ -167,3 +167,21 @@ def test_a_program_whose_batch_cannot_be_freed_is_refused_in_one_line(tmp_path, 
                                   "and does not run with a dynamic one"), done.stderr
     assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
     assert not (tmp_path / "cam.onnx").exists()
+
+
+@pytest.mark.parametrize("batch", [32, 40])
+def test_a_program_saved_at_32_crops_or_more_is_freed(tmp_path, capsys, batch):
+    """The check that the freed program gives each crop what the saved one does ran it on the
+    saved batch + 1 crops, over the 32 its dynamic batch takes: a .pt2 saved at a batch of 32
+    (or more) was refused ("Expected input at *args[0].shape[0] to be <= 32, but got 33"). It
+    runs on 31 crops there, against the first rows of the saved batch."""
+    torch.manual_seed(0)
+    model = LogitsAndSigns().eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=batch)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
+        capsys.readouterr().err
+    with torch.no_grad():
+        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
+                               rtol=1e-4, atol=1e-6)
