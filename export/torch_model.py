@@ -268,19 +268,37 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
 
 
 def _views_as_reshapes(module) -> None:
-    """Each aten.view in `module` (a program's graph) made a reshape, in place, unless the
-    graph changes a tensor in place (a view must then alias its base). torch.export drops a
+    """Each aten.view in `module` (a program's graph) made a reshape, in place, unless a
+    tensor it aliases (its base, itself, or a view of either) is changed in place (an
+    nn.ReLU(inplace=True): the view must then alias its base). torch.export drops a
     .contiguous() that does nothing at the traced size (tokens [T, 1, C] of a batch of 1), so
     its .view() reads the traced layout, which another batch or size does not have (torch
     #186381); a reshape is that view where the layout allows it and a copy where it does not,
     as .contiguous().view() is."""
     import torch
 
-    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
-    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in nodes):
-        return
+    nodes = [n for n in module.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    base: dict = {}  # node -> a node it aliases (union-find over the ops that return an alias)
+
+    def root(node):
+        while node in base:
+            node = base[node]
+        return node
+
+    written = set()
     for node in nodes:
-        if node.target is torch.ops.aten.view.default:
+        schema = node.target._schema
+        aliased = {name for r in schema.returns if r.alias_info for name in r.alias_info.before_set}
+        for arg, value in zip(schema.arguments, node.args):
+            if arg.alias_info is None or not isinstance(value, torch.fx.Node):
+                continue
+            if aliased & set(arg.alias_info.before_set) and root(node) is not root(value):
+                base[root(node)] = root(value)
+            if arg.alias_info.is_write:
+                written.add(value)
+    written = {root(node) for node in written}
+    for node in nodes:
+        if node.target is torch.ops.aten.view.default and root(node) not in written:
             node.target = torch.ops.aten.reshape.default
     module.recompile()
 
