@@ -363,7 +363,7 @@ def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
         # counts the rows, torch.export's as_strided after Swin's permute, is not: its clones would
         # all read the first row)
         follows = bool(one.ndim) and one.shape[1:] == two.shape[1:] and (len(one), len(two)) == (1, 2)
-        if follows and name != target and not (np.array_equal(two[0], one[0]) and np.array_equal(two[1], one[0])):
+        if follows and name != target and not _one_crops_rows(one[0], two):
             raise ModelError(f"the head after {target!r} also reads {name!r}, computed beside it from the graph's "
                              "input, whose rows on two identical crops differ from the one crop's (it counts the "
                              "rows, as torch.export's as_strided indices do): it cannot be run again on modified "
@@ -382,6 +382,16 @@ def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
                              f"{list(two.shape)} on 2) nor a shape of them: it cannot be run again on modified "
                              "copies")
     return rows, tuple(fixed)
+
+
+def _one_crops_rows(row, rows) -> bool:
+    """Whether both rows [2, ...] (two identical crops) are `row` (the one crop's): integers
+    exactly (indices that count the rows differ by a row's size), floats up to rounding (ONNX
+    Runtime's kernels may add a batch of 2 in another order than a batch of 1)."""
+    if not np.issubdtype(row.dtype, np.floating):
+        return bool(np.array_equal(rows[0], row) and np.array_equal(rows[1], row))
+    scale = float(np.abs(row).max(initial=0.0))
+    return bool(np.allclose(rows, row[None], rtol=1e-5, atol=1e-6 * max(scale, 1.0)))
 
 
 def pass_bytes(shapes: dict, nodes, chunk: int) -> tuple[int, str, list]:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
+MAX_CROPS = 32  # the most crops a camface graph takes at once (the re-export's dynamic batch)
 
 
 HOW_TO_EXPORT = ("ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
@@ -244,7 +245,7 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     (1..32); ModelError saying why when it does not run so (its batch or size fixed inside)."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=32)
+    batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
     module = _free_batch(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
     _views_as_reshapes(module)
     try:
@@ -267,19 +268,37 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
 
 
 def _views_as_reshapes(module) -> None:
-    """Each aten.view in `module` (a program's graph) made a reshape, in place, unless the
-    graph changes a tensor in place (a view must then alias its base). torch.export drops a
+    """Each aten.view in `module` (a program's graph) made a reshape, in place, unless a
+    tensor it aliases (its base, itself, or a view of either) is changed in place (an
+    nn.ReLU(inplace=True): the view must then alias its base). torch.export drops a
     .contiguous() that does nothing at the traced size (tokens [T, 1, C] of a batch of 1), so
     its .view() reads the traced layout, which another batch or size does not have (torch
     #186381); a reshape is that view where the layout allows it and a copy where it does not,
     as .contiguous().view() is."""
     import torch
 
-    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
-    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable for n in nodes):
-        return
+    nodes = [n for n in module.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
+    base: dict = {}  # node -> a node it aliases (union-find over the ops that return an alias)
+
+    def root(node):
+        while node in base:
+            node = base[node]
+        return node
+
+    written = set()
     for node in nodes:
-        if node.target is torch.ops.aten.view.default:
+        schema = node.target._schema
+        aliased = {name for r in schema.returns if r.alias_info for name in r.alias_info.before_set}
+        for arg, value in zip(schema.arguments, node.args):
+            if arg.alias_info is None or not isinstance(value, torch.fx.Node):
+                continue
+            if aliased & set(arg.alias_info.before_set) and root(node) is not root(value):
+                base[root(node)] = root(value)
+            if arg.alias_info.is_write:
+                written.add(value)
+    written = {root(node) for node in written}
+    for node in nodes:
+        if node.target is torch.ops.aten.view.default and root(node) not in written:
             node.target = torch.ops.aten.reshape.default
     module.recompile()
 
@@ -291,7 +310,9 @@ class _NotFreed(Exception):
 def _check_freed(program, again, shape: list[int]) -> None:
     """Raises _NotFreed unless `again` (the program at the fixed batch shape[0], exported again
     with a dynamic one) gives a batch of shape[0] + 1 random crops what `program` gives them
-    shape[0] at a time: a size _free_batch read wrong gives other rows, or mixes crops."""
+    shape[0] at a time: a size _free_batch read wrong gives other rows, or mixes crops. A
+    program saved at MAX_CROPS or more (which `again` does not take + 1 of) is checked on
+    MAX_CROPS - 1 crops against the first rows of `program`'s batch."""
     import numpy as np
     import torch
     from torch.utils import _pytree as pytree
@@ -302,17 +323,20 @@ def _check_freed(program, again, shape: list[int]) -> None:
         return [t.double().numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
 
     fixed = shape[0]
-    crops = torch.from_numpy(np.random.default_rng(0).standard_normal([fixed + 1, *shape[1:]]).astype(np.float32))
+    count = fixed + 1 if fixed < MAX_CROPS else MAX_CROPS - 1  # never `fixed`, within the Dim
+    crops = torch.from_numpy(np.random.default_rng(0).standard_normal([max(fixed, count), *shape[1:]])
+                             .astype(np.float32))
     original = program.module(check_guards=False)
     with torch.no_grad():
-        first, last = outputs(original, crops[:fixed]), outputs(original, crops[1:])
-        got = outputs(again.module(), crops)
+        first = outputs(original, crops[:fixed])
+        last = outputs(original, crops[count - fixed:count]) if count > fixed else first
+        got = outputs(again.module(), crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
-        expected = np.concatenate([a, b[-1:]])
+        expected = np.concatenate([a, b[fixed - count:]]) if count > fixed else a[:count]
         worst = float(np.abs(c - expected).max()) if c.shape == expected.shape else np.inf
         if not worst <= atol + rtol * float(np.abs(expected).max()):
-            raise _NotFreed(f"a batch of {fixed + 1} crops does not give each crop what the batch of "
+            raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "
                             f"{fixed} gives it (up to {worst:.3g} apart)")
 
 

@@ -886,3 +886,29 @@ def test_the_reference_runs_each_sampled_variant_as_the_model_runs_so_a_head_mix
     assert map_.ok and scores.ok and scores.output == "ablationcam scores (3 sampled)"
     with pytest.raises(ModelError, match=r"ablationcam scores \(3 sampled\) .* FAIL"):
         onnx_rerun.check(first, ("ablationcam",), (size, size), 3, 4, batch=1)
+
+
+def test_a_side_whose_rows_differ_by_rounding_on_two_crops_is_still_the_crops_own(monkeypatch):
+    """The per-crop-rows check compared a side's rows on two identical crops with the one crop's
+    bit for bit: a float side (a residual stream) that ONNX Runtime added in another order at a
+    batch of 2 (an ulp apart) was refused as counting the rows, and Ablation-CAM left out. Floats
+    agree up to rounding now; indices that count the rows (integers a row apart) are refused."""
+    from onnx import TensorProto, helper
+
+    from camface.export import onnx_fold, onnx_rerun
+
+    head = helper.make_node("Add", ["t", "s"], ["out"])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["x"], ["s"]), head],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    row = np.array([[0.3, -1.7, 2.5, 11.0]], np.float32)
+    ulp = np.concatenate([row, np.nextafter(row, np.float32(np.inf))])
+    counted = np.array([[0, 1, 2, 3]], np.int64)
+    for side, rows, kept in ((row, ulp, True), (counted, np.concatenate([counted, counted + 4]), False)):
+        monkeypatch.setattr(onnx_fold, "probe_values", lambda m, names, s=side, r=rows: ([row, s], [ulp, r]))
+        if kept:
+            assert onnx_rerun._sides(model, "t", ["s"], [head]) == (["s"], ())
+        else:
+            with pytest.raises(ModelError, match="whose rows on two identical crops differ from the one crop's"):
+                onnx_rerun._sides(model, "t", ["s"], [head])

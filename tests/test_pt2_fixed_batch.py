@@ -167,3 +167,55 @@ def test_a_program_whose_batch_cannot_be_freed_is_refused_in_one_line(tmp_path, 
                                   "and does not run with a dynamic one"), done.stderr
     assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
     assert not (tmp_path / "cam.onnx").exists()
+
+
+@pytest.mark.parametrize("batch", [32, 40])
+def test_a_program_saved_at_32_crops_or_more_is_freed(tmp_path, capsys, batch):
+    """The check that the freed program gives each crop what the saved one does ran it on the
+    saved batch + 1 crops, over the 32 its dynamic batch takes: a .pt2 saved at a batch of 32
+    (or more) was refused ("Expected input at *args[0].shape[0] to be <= 32, but got 33"). It
+    runs on 31 crops there, against the first rows of the saved batch."""
+    torch.manual_seed(0)
+    model = LogitsAndSigns().eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=batch)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
+        capsys.readouterr().err
+    with torch.no_grad():
+        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_a_contiguous_dropped_in_a_model_with_an_in_place_relu_does_not_fail_the_re_export(tmp_path, capsys):
+    """Any op that changed a tensor in place (an nn.ReLU(inplace=True), in most torchvision
+    models) kept every view a view, so the view after the dropped .contiguous() failed the
+    re-export as before ("Cannot view a tensor with shape ..."). Only views that alias a tensor
+    changed in place stay views now; the others are reshapes."""
+    from camface.export.torch_model import _views_as_reshapes
+
+    torch.manual_seed(0)
+    model = TokensFirst().eval()
+    model.embed = nn.Sequential(model.embed, nn.ReLU(inplace=True))
+    program = torch.export.export(model, (torch.zeros(1, 3, SIZE, SIZE),))
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(program, str(path))
+    out = exported(capsys, path, tmp_path / "cam.onnx")
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
+                               rtol=1e-4, atol=1e-6)
+    module = program.module(check_guards=False)
+    _views_as_reshapes(module)
+    assert torch.ops.aten.view.default not in {n.target for n in module.graph.nodes}
+
+    class ThroughAView(nn.Module):
+        def forward(self, x):
+            h = x * 2
+            h.view(-1).relu_()  # changes h through its view: a copy would not
+            return h.sum((1, 2, 3))
+
+    aliased = torch.export.export(ThroughAView(), (torch.zeros(1, 3, 4, 4),)).module()
+    _views_as_reshapes(aliased)
+    assert [str(n.target) for n in aliased.graph.nodes if "view" in str(n.target) or "reshape" in str(n.target)] \
+        == ["aten.view.default"]
+    crops = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(aliased(crops), (2 * crops).relu().sum((1, 2, 3)))
