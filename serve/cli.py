@@ -152,6 +152,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
     from camface.serve import protocol
     from camface.serve.app import create_app
     from camface.serve.state import ServeState
+    from camface.serve.ws_protocol import ServeWebSocketProtocol
 
     with contextlib.ExitStack() as on_error:  # whatever fails before serving closes what was opened
         sock = _listen(host, port)  # first: a port in use is said at once, not after the model has loaded
@@ -166,7 +167,7 @@ def serve(config, options, host: str, port: int, certfile: Path | None = None, k
         cv2.setNumThreads(1)  # the stages already run side by side (worker, decoding, encoding threads)
         port = sock.getsockname()[1]
         server = uvicorn.Server(uvicorn.Config(
-            create_app(state), log_level="warning", ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
+            create_app(state), log_level="warning", ws=ServeWebSocketProtocol, ws_max_size=2 * protocol.MAX_MESSAGE_BYTES,
             ws_max_queue=WS_QUEUE, ws_per_message_deflate=False,  # see WS_QUEUE
             ssl_certfile=str(certfile) if certfile else None,
             ssl_keyfile=str(keyfile) if keyfile else None, timeout_graceful_shutdown=5, lifespan="on"))

@@ -22,6 +22,7 @@ pytest.importorskip("starlette", reason="camface[serve] is not installed")
 from websockets.sync.client import connect  # noqa: E402
 
 from camface.serve import protocol  # noqa: E402
+from camface.serve.ws_protocol import ServeWebSocketProtocol  # noqa: E402
 
 
 def _frame_jpeg() -> bytes:
@@ -114,6 +115,7 @@ def test_one_client_cannot_make_the_server_buffer_more_than_one_read_ahead_of_th
                          "--snapshot-dir", str(tmp_path / "s")])
     assert code == 130 and len(configs) == 1
     config = configs[0]
+    assert config.ws is ServeWebSocketProtocol  # its shutdown: test_shutdown_after_a_client_closed...
     assert config.ws_max_size >= protocol.MAX_MESSAGE_BYTES  # a whole frame message still fits
 
     sent, seen = [0], {}
@@ -248,3 +250,80 @@ def test_a_failure_after_the_model_loaded_closes_the_socket_and_the_pipeline(tmp
     assert closed == [True]
     with socket.socket() as again:  # the port is free again
         again.bind(("127.0.0.1", ports[0]))
+
+
+class _Transport:
+    """What uvicorn's protocol writes and whether it closed the connection (no socket)."""
+
+    def __init__(self):
+        self.written, self.closing = bytearray(), False
+
+    def write(self, data):
+        self.written += data
+
+    def close(self):
+        self.closing = True
+
+    def is_closing(self):
+        return self.closing
+
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def set_write_buffer_limits(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("client_closed", [True, False], ids=["client closed", "open"])
+def test_shutdown_after_a_client_closed_but_before_its_connection_is_gone(client_closed):
+    """CI once failed here: Ctrl-C reached the server just after a wss client had closed (the TLS
+    shutdown keeps the connection listed), uvicorn sent a second close frame, websockets raised
+    InvalidState, and serve exited 1 with a traceback instead of 130. The protocol `serve` gives
+    uvicorn shuts such a connection down quietly; an open one still gets close code 1012."""
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+    from websockets.client import ClientProtocol
+    from websockets.frames import Close
+    from websockets.protocol import State
+    from websockets.uri import parse_uri
+
+    async def app(scope, receive, send):
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+
+    async def run():
+        config = Config(app, ws=ServeWebSocketProtocol, lifespan="off", log_level="warning")
+        config.load()
+        server = ServeWebSocketProtocol(config, ServerState(), {}, _loop=asyncio.get_running_loop())
+        transport = _Transport()
+        server.connection_made(transport)
+        client = ClientProtocol(parse_uri("ws://127.0.0.1:8000/ws"))
+        client.send_request(client.connect())
+        server.data_received(b"".join(client.data_to_send()))
+        for _ in range(50):  # the app's task accepts
+            if server.handshake_complete:
+                break
+            await asyncio.sleep(0)
+        assert server.handshake_complete
+        client.receive_data(bytes(transport.written))  # the 101 response
+        client.events_received()
+        del transport.written[:]
+        if client_closed:
+            client.send_close(1000)
+            server.data_received(b"".join(client.data_to_send()))
+            assert transport.closing  # closed by uvicorn, but not yet reported lost
+        sent = len(transport.written)
+        server.shutdown()
+        assert transport.closing
+        client.receive_data(bytes(transport.written))
+        client.events_received()
+        return client, len(transport.written) - sent
+
+    client, written_at_shutdown = asyncio.run(run())
+    if client_closed:
+        assert written_at_shutdown == 0 and client.close_rcvd.code == 1000  # its own close, answered once
+    else:
+        assert client.state is State.CLOSING and client.close_rcvd == Close(1012, "")
