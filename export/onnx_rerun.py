@@ -114,7 +114,8 @@ def _open_batch(shapes: dict | None, name: str) -> bool:
     return isinstance(dims[0], str)
 
 
-def between(graph, start: str, end: str, shapes: dict | None = None, sides: list | None = None) -> tuple:
+def between(graph, start: str, end: str, shapes: dict | None = None, sides: list | None = None,
+            batches: list | None = None) -> tuple:
     """The nodes that depend on `start` and that `end` depends on, in graph order. Raises
     ModelError when one of them also reads a tensor computed from the graph's inputs some other
     way (its batch would not be the clone's), unless that tensor depends on them only through
@@ -122,7 +123,11 @@ def between(graph, start: str, end: str, shapes: dict | None = None, sides: list
     it are among those returned, reading the batch size of `start` instead. With a list `sides`,
     such a tensor whose first dimension is open (a transformer's class token or residual stream
     beside a norm target), or that a Reshape reads as its shape (Swin's `view(n, h, w, c)` of
-    another tensor's sizes), is appended to it instead, for `_sides` to judge."""
+    another tensor's sizes), is appended to it instead, for `_sides` to judge. With a list
+    `batches`, the batch size may also be read from a tensor whose open first dimension shape
+    inference named otherwise than `start`'s (a Swin .pt2's as_strided indices, counted from the
+    input's batch where the target's is unk__30): those tensors are appended to it, for `_sides`
+    to check with ONNX Runtime that their first dimension is `start`'s."""
     live = _descendants(graph, {start})
     producer = _producers(graph)
     needed, stack = set(), [end]
@@ -138,7 +143,7 @@ def between(graph, start: str, end: str, shapes: dict | None = None, sides: list
     sized = {}
     for node in nodes:
         outside = [x for x in reads(node) if x not in live and x in inputs]
-        found = _from_batch(graph, outside, start, shapes, inputs) if outside and shapes else None
+        found = _from_batch(graph, outside, start, shapes, inputs, batches) if outside and shapes else None
         # ONNX's inference names the batch afresh after some ops (unk__1, unk__4): which open
         # first dimension is the batch, ONNX Runtime says (`anatomy`: `_sides`)
         if outside and found is None and sides is not None and _open_batch(shapes, start) \
@@ -157,7 +162,7 @@ def between(graph, start: str, end: str, shapes: dict | None = None, sides: list
     return tuple(n for _, n in sorted([*sized.items(), *((order[id(n)], n) for n in nodes)], key=lambda x: x[0]))
 
 
-def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict | None:
+def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set, batches: list | None = None) -> dict | None:
     """{position in the graph: node} computing `tensors` from the graph's input through its batch
     size alone, read by a Shape of a tensor whose first dimension is `start`'s (same symbol):
     Shape with start 0, end 1 (torch.export writes a reshape after global pooling as a Gather
@@ -169,21 +174,29 @@ def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict |
     copied to read `start` (the batch of a rerun is that of its rows: the clone computes what the
     model computes on that many inputs), the nodes after them kept as they are; None when one of
     `tensors` depends on the input in any other way (another element of a shape: the channels,
-    the image size)."""
+    the image size). With a list `batches`, a Shape of a tensor whose first dimension is open
+    but named otherwise than `start`'s (also open) counts too, that tensor appended to `batches`
+    when all of `tensors` are found (`between`)."""
     from onnx import NodeProto
 
     from camface.export import onnx_model
 
     batch = (shapes.get(start) or [None])[0]
     where = {o: (i, n) for i, n in enumerate(graph.node) for o in n.output}
+    assumed = []  # the tensors whose open first dimension is taken for `start`'s
 
     def batch_shape(index, node, whole: bool):
         """{index: node reading `start`} when `node` is a Shape from 0 (to 1 unless `whole`) of a
         tensor of the batch; else None."""
         bounds = {a.name: a.i for a in node.attribute}
         if node.op_type != "Shape" or batch is None or bounds.get("start", 0) != 0 or \
-                not (whole or bounds.get("end") == 1) or (shapes.get(node.input[0]) or [None])[0] != batch:
+                not (whole or bounds.get("end") == 1):
             return None
+        if (shapes.get(node.input[0]) or [None])[0] != batch:
+            # ONNX's inference names the batch afresh after some ops: ONNX Runtime says (`_sides`)
+            if batches is None or not (_open_batch(shapes, start) and _open_batch(shapes, node.input[0])):
+                return None
+            assumed.append(node.input[0])
         copy = NodeProto()
         copy.CopyFrom(node)
         copy.input[0] = start
@@ -223,6 +236,8 @@ def _from_batch(graph, tensors, start: str, shapes: dict, inputs: set) -> dict |
             found.update(first)
             continue
         stack.extend(reads(node))
+    if batches is not None:
+        batches.extend(x for x in assumed if x not in batches)
     return found
 
 
@@ -321,19 +336,21 @@ def anatomy(model) -> Anatomy:
     num_classes = (shapes.get(graph_spec.OUTPUT_PROBS) or [None, None])[-1]
     if not isinstance(num_classes, int):
         raise ModelError("the CAM graph's probs have no static number of classes")
-    sides, fixed = [], ()
+    sides, batches, fixed = [], [], ()
     try:
-        head_nodes, head_problem = between(graph, target, logits, shapes, sides), ""
-        sides, fixed = _sides(model, target, sides, head_nodes)
+        head_nodes, head_problem = between(graph, target, logits, shapes, sides, batches), ""
+        sides, fixed = _sides(model, target, sides, head_nodes, batches)
     except ModelError as exc:
         head_nodes, head_problem, sides = None, str(exc), []
     return Anatomy(target, perm, logits, num_classes, images, image_dims, feature_dims,
                    head_nodes, between(graph, images, logits), shapes, head_problem, tuple(sides), fixed)
 
 
-def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
+def _sides(model, target: str, sides: list, head_nodes, batches=()) -> tuple[list, tuple]:
     """(tensors [N, ...], ((tensor, int64 vector), ...)) that the head's clones read beside
-    their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops:
+    their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops
+    (where `between`'s `batches`, the tensors whose batch size the head's clones read from their
+    own rows instead, must have the target's first dimension, 1 then 2):
     - a tensor whose first dimension is the batch and the rest fixed, each row the crop's alone
       (on two zero crops both rows are the one crop's: a ViT's class token, the residual stream
       beside a norm target; not indices that count the rows): each crop's value in the graph's forward pass,
@@ -343,16 +360,24 @@ def _sides(model, target: str, sides: list, head_nodes) -> tuple[list, tuple]:
       batch (1, then 2), no other -1: that element is -1 in the clones' copy, so they reshape
       their own rows (Swin's `view(n, h, w, c)`).
     Raises ModelError naming the first other one: it cannot run again on modified copies."""
-    if not sides:
+    if not sides and not batches:
         return [], ()
     from camface.export.onnx_fold import probe_values
 
-    runs = probe_values(model, [target, *sides])
+    runs = probe_values(model, [target, *sides, *batches])
     if runs is None:
-        raise ModelError(f"the head after {target!r} also reads {sides[0]!r}, computed beside it from the graph's "
-                         "input, and the graph did not run on zeros to say how: it cannot be run again on "
-                         "modified copies")
-    ones, twos = ({name: v for name, v in zip([target, *sides], run)} for run in runs)
+        raise ModelError(f"the head after {target!r} also reads {[*sides, *batches][0]!r}, computed beside it from "
+                         "the graph's input, and the graph did not run on zeros to say how: it cannot be run again "
+                         "on modified copies")
+    ones, twos = ({name: v for name, v in zip([target, *sides, *batches], run)} for run in runs)
+    for name in batches:
+        # the indices the head computes from this tensor's batch size are the clones' when it is
+        # the target's: a Swin's window count (N * windows rows) is not
+        found = [v.shape[0] if v.ndim else None for v in (ones[name], twos[name])]
+        if found != [1, 2] or found != [v.shape[0] if v.ndim else None for v in (ones[target], twos[target])]:
+            raise ModelError(f"the head after {target!r} reads the batch size of {name!r}, which is not the "
+                             f"target's ({found[0]} rows on 1 crop, {found[1]} on 2): it cannot be run again "
+                             "on modified copies")
     rows, fixed = [], []
     for name in [target, *sides]:
         one, two = ones[name], twos[name]

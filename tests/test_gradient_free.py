@@ -465,6 +465,51 @@ def test_a_head_reading_the_inputs_batch_size_reads_its_own(source, bounds, pick
     np.testing.assert_allclose(session.run(None, {"t": rows})[0], rows + 6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("source, refused", [
+    ("x", None),  # the graph's input: its batch is the target's, named N where the target's is unk__1
+    ("doubled", [2, 4]),  # [2N, 4]: an open first dimension that is not the batch (a Swin's windows)
+])
+def test_a_batch_size_read_from_a_tensor_shape_inference_named_otherwise_is_checked_by_onnx_runtime(source,
+                                                                                                    refused):
+    """A Swin .pt2's as_strided indices count the rows from Shape(x)[0], the input's batch N,
+    where shape inference named the target's batch unk__30: `between` refused the node (and
+    Ablation-CAM was left out). With a list `batches` it takes the nodes, the Shape reading
+    the target's own rows, and `_sides` has ONNX Runtime say that the tensor's first dimension
+    is the target's on 1 and 2 crops: run on 6 rows, the head adds 6; a tensor whose first
+    dimension is another (2N rows) is refused, naming it."""
+    from onnx import TensorProto, helper
+
+    from camface.export import onnx_rerun
+
+    nodes = [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Concat", ["x", "x"], ["doubled"], axis=0),
+             helper.make_node("Shape", [source], ["s"], end=1),
+             helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT), helper.make_node("Add", ["t", "c"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    shapes = {"x": ["N", 4], "t": ["unk__1", 4], "doubled": ["unk__2", 4], "s": [1], "c": [1], "out": ["unk__1", 4]}
+    with pytest.raises(ModelError, match="also reads 'c'"):  # without `batches`, as before
+        onnx_rerun.between(graph, "t", "out", shapes, [])
+    sides, batches = [], []
+    head = onnx_rerun.between(graph, "t", "out", shapes, sides, batches)
+    assert sides == [] and batches == [source] and [n.op_type for n in head] == ["Shape", "Cast", "Add"]
+    assert head[0].input[0] == "t" and nodes[2].input[0] == source  # a copy reads the target's rows
+    if refused:
+        with pytest.raises(ModelError, match=re.escape(f"the head after 't' reads the batch size of {source!r}, which "
+                                                       f"is not the target's ({refused[0]} rows on 1 crop, "
+                                                       f"{refused[1]} on 2)")):
+            onnx_rerun._sides(model, "t", sides, head, batches)
+        return
+    assert onnx_rerun._sides(model, "t", sides, head, batches) == ([], ())
+    cut = helper.make_model(helper.make_graph(head, "head", [helper.make_tensor_value_info("t", TensorProto.FLOAT,
+                                                                                           [None, 4])],
+                                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]),
+                            opset_imports=list(model.opset_import), ir_version=8)
+    rows = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    session = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"t": rows})[0], rows + 6, rtol=1e-6)
+
+
 def _classifier_reading_its_batch(form):
     """`_onnx_classifier(16, 6)` whose Flatten after pooling is a Reshape to [batch, -1], the batch
     read from the input x's Shape: Shape(start=0, end=1) (form None, as torch.export), or its
