@@ -611,8 +611,10 @@ class SampledCalls(methods.ModelCalls):
 
     def _scores(self, logits_of, variants, count, chunk):
         count, chunk = int(count), int(chunk)
-        if self.method not in self.graph_scores:  # a graph made before the scores were named: all of them
-            self.scores[self.method] = super()._scores(logits_of, variants, count, chunk)
+        if self.method not in self.graph_scores:  # int8, or a graph made before the scores were named: all
+            # of them, one variant per run as below (batched as the graph's clones are, a head that
+            # computed every row from the first would agree with itself)
+            self.scores[self.method] = super()._scores(logits_of, variants, count, 1)
             return self.scores[self.method]
         graph = np.asarray(self.graph_scores[self.method], np.float32)
         picked = sorted({first + (first // chunk) % min(chunk, count - first) for first in range(0, count, chunk)}
@@ -668,7 +670,7 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
     of the HEAD / FORWARD methods around ONNX Runtime sessions of the graph's own head (target ->
     logits) and model (normalised input -> logits), cut out with onnx.utils. names: the methods
     whose scores the graph names (`scores_tensor`): their reference reruns a sample of the
-    variants (`SampledCalls`), the others' all of them."""
+    variants (`SampledCalls`), the others' all of them (each on its own, as the sampled)."""
     import onnx
     import onnx.utils
     from onnx import TensorProto, helper

@@ -933,6 +933,47 @@ def test_the_reference_runs_each_sampled_variant_as_the_model_runs_so_a_head_mix
         onnx_rerun.check(first, ("ablationcam",), (size, size), 3, 4, batch=1)
 
 
+@pytest.mark.parametrize("unnamed, precision", [(True, "fp32"), (False, "int8")], ids=["older-graph", "int8"])
+def test_the_reference_of_every_variant_runs_each_on_its_own_so_a_head_mixing_rows_is_caught(monkeypatch, unnamed,
+                                                                                             precision):
+    """The check of an int8 graph, or of one made before the scores were named, reruns every
+    variant (not a sample); it ran them batched, a chunk at a time, as the graph's clones do, so a
+    head computing every row of a larger batch from the first (the Swin .pt2's) agreed with
+    itself: a graph whose passes all give variant 0's score passed. Each variant runs on its own
+    now (N rows, as the model runs), as the sampled ones do: such a graph fails its map."""
+    from camface.export import onnx_export, onnx_rerun
+    from camface.export.exporter import ExportOptions
+
+    size, channels = 8, 24  # one chunk of Ablation-CAM's 32: one batched run held every variant
+    options = ExportOptions(preset="unit", target_layer="target", verify=False, heads=("probs", "activations",
+                                                                                         "ablationcam"))
+    graph, _, _ = onnx_export.build(_onnx_classifier(size, channels), options)
+    scores = onnx_rerun.scores_tensor("ablationcam")
+    first = _output_through(graph, scores, "Gather", np.zeros(channels, np.int64))
+    first.graph.node[[n.output[0] for n in first.graph.node].index(scores)].attribute.append(
+        onnx.helper.make_attribute("axis", 1))
+    for model in (graph, first) if unnamed else ():
+        for node in model.graph.node:
+            node.input[:] = [f"{x}_unnamed" if x == scores else x for x in node.input]
+            node.output[:] = [f"{x}_unnamed" if x == scores else x for x in node.output]
+    real = onnx_rerun._session
+
+    def mixing(model):
+        session = real(model)
+        run = session.run
+
+        def first_row_only(names, feeds):
+            return [np.repeat(o[:1], len(o), axis=0) for o in run(names, feeds)]
+
+        session.run = first_row_only
+        return session
+
+    monkeypatch.setattr(onnx_rerun, "_session", mixing)
+    (map_,) = onnx_rerun.check(graph, ("ablationcam",), (size, size), 3, 4, batch=1, precision=precision)
+    assert map_.ok and map_.reference_max > 0
+    with pytest.raises(ModelError, match=r"ablationcam +max \|graph - ref\| .* FAIL"):
+        onnx_rerun.check(first, ("ablationcam",), (size, size), 3, 4, batch=1, precision=precision)
+
 def test_a_side_whose_rows_differ_by_rounding_on_two_crops_is_still_the_crops_own(monkeypatch):
     """The per-crop-rows check compared a side's rows on two identical crops with the one crop's
     bit for bit: a float side (a residual stream) that ONNX Runtime added in another order at a
