@@ -595,6 +595,10 @@ def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Sourc
     they are not tried here). no_camera: what needs the same frames on every run
     ("calibration": its crops set the ranking and int8 ranges a graph records), which then refuses
     a camera index too (a camera was opened, or failed to, only after the whole build)."""
+    if not spec.strip():  # make_source's words name --source: "--calibration: --source is empty"
+        kinds = "a video file, a folder of images or 'sample'" if no_camera else \
+            "a camera index, a video file, a folder of images, a stream URL or 'sample'"
+        raise SourceError(f"{flag} is empty (expected {kinds})")
     try:
         if no_camera and is_camera_index(spec):
             raise SourceError(f"{spec} is a camera index; {no_camera} needs a video file or a folder of "

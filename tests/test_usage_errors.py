@@ -80,6 +80,11 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["export", "m.keras", "-o", "g.onnx", "--calibration", "0"], "--calibration: 0 is a camera index; calibration "
                                                                  "needs a video file or a folder of images"),
     (["bench", "--compare-int8", "--calibration", "1"], "--calibration: 1 is a camera index; calibration needs"),
+    # blank: '--source: --source is empty' (live, evaluate), '--calibration: --source is empty' (export)
+    (["live", "--source", " ", "--no-show"], "error: --source is empty (expected a camera index, a video file,"),
+    (["evaluate", "--source", " "], "error: --source is empty (expected a camera index"),
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", " "], "error: --calibration is empty (expected a video "
+                                                                  "file, a folder of images or 'sample')"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
     (["evaluate", "--sanity", "--keras", "nope.keras"], "--keras: model file not found: nope.keras"),
     (["evaluate", "--sanity", "--keras", "empty"], "--keras: empty is a folder, not a model file"),  # "not found"
