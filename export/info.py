@@ -45,7 +45,7 @@ def read(path: str | Path) -> GraphSummary:
     except Exception as exc:  # protobuf's DecodeError and friends: a BlazeFace .tflite, a Keras .h5
         raise ModelError(model_kinds.not_a_graph(path, _first_line(exc))) from exc
     if not model.graph.node:
-        raise ModelError(model_kinds.not_a_graph(path, "it parses as one, with no graph in it"))
+        raise ModelError(model_kinds.not_a_graph(path, "no graph was found in the protobuf"))
 
     def signature(values):
         rows = []

@@ -120,18 +120,22 @@ def _said(path, reader, capsys, monkeypatch) -> str:
     return err[0].removeprefix("camface: error: ")
 
 
-@pytest.mark.parametrize("reader, reason", [
-    ("load", r"ONNX Runtime: Failed to load model because protobuf parsing failed"),
-    ("info", r"Error parsing message with type 'onnx.ModelProto'.*"),
-    ("info without onnx", r"ONNX Runtime: Load model from .*cut.onnx failed:Protobuf parsing failed"),
+@pytest.mark.parametrize("damage, reader, reason", [
+    ("cut", "load", r"ONNX Runtime: Failed to load model because protobuf parsing failed"),
+    ("cut", "info", r"Error parsing message with type 'onnx.ModelProto'.*"),
+    ("cut", "info without onnx", r"ONNX Runtime: Load model from .*cut.onnx failed:Protobuf parsing failed"),
+    # a protobuf that parses, its graph gone (only the IR version left)
+    ("no graph", "load", r"ONNX Runtime: No graph was found in the protobuf"),
+    ("no graph", "info", r"no graph was found in the protobuf"),
+    ("no graph", "info without onnx", r"ONNX Runtime: Load model from .*cut.onnx failed:No graph was found in the protobuf"),
 ])
-def test_a_damaged_onnx_file_is_said_with_the_parsers_reason(tmp_path, capsys, monkeypatch, reader, reason):
+def test_a_damaged_onnx_file_is_said_with_the_parsers_reason(tmp_path, capsys, monkeypatch, damage, reader, reason):
     """A CAM graph cut short (a copy that stopped) was only 'is not an ONNX model' since the kinds
     of model files were named (protobuf's reason, which `camface info` printed before, was lost);
     a file named .onnx is meant to be one, so the parser's words are said too."""
     from camface.models import EMOTION_ONNX
 
-    path = _write(tmp_path / "cut.onnx", EMOTION_ONNX.read_bytes()[:50_000])
+    path = _write(tmp_path / "cut.onnx", EMOTION_ONNX.read_bytes()[:50_000] if damage == "cut" else b"\x08\x07")
     said = _said(path, reader, capsys, monkeypatch)
     assert re.fullmatch(f"{re.escape(str(path))} is not an ONNX model \\({reason}\\): a CAM graph is the .onnx "
                         "that `camface export` writes", said), said
