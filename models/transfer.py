@@ -65,8 +65,8 @@ def check_weights_file(weights: str, backbone: str) -> None:
     """ModelError naming --weights, before any photo is cropped, when `weights` (a path, not
     imagenet or none) is no file Keras can read weights from: missing, a folder, a name Keras
     does not read (notes.txt), or content other than its name says (a text file named .h5).
-    Keras said so only when the model was built, after every photo was cropped. Reads the
-    file's first bytes only (h5py for HDF5's signature, which may follow a user block)."""
+    Keras said so only when the model was built, after every photo was cropped. Reads an HDF5
+    or zip file's signature only (h5py's check: HDF5's may follow a user block), a JSON index whole."""
     if weights in ("imagenet", "none"):
         return
     path = Path(weights)
