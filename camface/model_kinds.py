@@ -37,11 +37,12 @@ def check_not_a_video(path: Path) -> None:
                          "(`process_video`, --source)")
 
 
-def not_a_graph(path: Path) -> str:
+def not_a_graph(path: Path, reason: str = "") -> str:
     """The message for `path`, given as a CAM graph, that is no ONNX model (its bytes do not
     parse as one, or hold no graph): what it is when its content or suffix says (a face
     detector, a TFLite, Keras or PyTorch model) and how to make a CAM graph; else that it is
-    not an ONNX model. One line."""
+    not an ONNX model, with the parser's `reason` (its first line) when the file is named .onnx:
+    meant to be one, it is damaged or cut short, and the parser's words say how. One line."""
     with contextlib.suppress(OSError):
         if path.stat().st_size == 0:  # ONNX Runtime's word for it: 'No graph was found in the protobuf'
             return f"{path} is empty (0 bytes), not a CAM graph"
@@ -67,7 +68,16 @@ def not_a_graph(path: Path) -> str:
         what = "a TorchScript archive (torch.jit.save)" if kind == "torchscript" else "a PyTorch pickle (torch.save)"
         return (f"{path} is {what}, not a CAM graph, and camface does not load pickles (unpickling runs code): "
                 f"save the model with torch.export.save as a .pt2, then `{TORCH_EXPORT}`")
-    return f"{path} is not an ONNX model: {EXPORT_GRAPH}"
+    why = reason.strip().splitlines()[0] if reason.strip() and path.suffix.lower() == ".onnx" else ""
+    return f"{path} is not an ONNX model{f' ({why})' if why else ''}: {EXPORT_GRAPH}"
+
+
+def onnx_runtime_reason(exc: BaseException) -> str:
+    """ONNX Runtime's words for a file it cannot parse, for `not_a_graph`, less its status code
+    ("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Failed to load model because protobuf parsing
+    failed." -> "ONNX Runtime: Failed to load model because protobuf parsing failed")."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"ONNX Runtime: {first.rsplit(' : ', 1)[-1].rstrip('.')}"
 
 
 def not_a_classifier(path: Path) -> str | None:

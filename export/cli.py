@@ -170,7 +170,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.int8 or not args.no_rank:  # before the build: a bad source must not cost minutes, or leave a graph
         from camface.realtime.sources import check_source
 
-        check_source(args.calibration, "--calibration")
+        check_source(args.calibration, "--calibration", no_camera="calibration")
     labels = read_labels_file(args.labels) if args.labels else None
     options = ExportOptions(
         target_layer=args.target_layer,

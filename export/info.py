@@ -43,9 +43,9 @@ def read(path: str | Path) -> GraphSummary:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends: a BlazeFace .tflite, a Keras .h5
-        raise ModelError(model_kinds.not_a_graph(path)) from exc
+        raise ModelError(model_kinds.not_a_graph(path, _first_line(exc))) from exc
     if not model.graph.node:
-        raise ModelError(model_kinds.not_a_graph(path))
+        raise ModelError(model_kinds.not_a_graph(path, "no graph was found in the protobuf"))
 
     def signature(values):
         rows = []
@@ -75,7 +75,7 @@ def _read_with_onnxruntime(path: Path) -> GraphSummary:
     except Exception as exc:
         first = _first_line(exc)
         if "INVALID_PROTOBUF" in first or "No graph was found" in first:
-            raise ModelError(model_kinds.not_a_graph(path)) from exc
+            raise ModelError(model_kinds.not_a_graph(path, model_kinds.onnx_runtime_reason(exc))) from exc
         raise ModelError(f"cannot load {path}: {first}") from exc
     meta = session.get_modelmeta().custom_metadata_map
 

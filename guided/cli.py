@@ -137,15 +137,13 @@ def _class_indices(names: tuple[str, ...], labels: tuple[str, ...], classes: int
     return indices
 
 
-KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")  # as `camface export` loads Keras models
-
-
 def _load_keras(path: Path):
     import zipfile
 
     import keras
 
     from camface.graph_spec import one_class
+    from camface.guided.image import KERAS_SUFFIXES
 
     if path.suffix.lower() not in KERAS_SUFFIXES:  # a graph exported from .pt2 / .onnx names that file
         raise ModelError(f"{path} is not a Keras model ({', '.join(KERAS_SUFFIXES)}): camface guided "
@@ -185,7 +183,7 @@ def _refuse_a_snapshot_crop(path: Path) -> None:
 def _read_input(config: GuidedConfig):
     """(GuidedInput, keras model) for a snapshot folder or an image file."""
     from camface.guided import snapshot
-    from camface.guided.image import image_model, read_image
+    from camface.guided.image import graph_beside, image_model, read_image
 
     if config.model is not None and config.model.suffix.lower() == ".onnx":  # what `live --model` takes
         raise ModelError(f"{config.model} is an ONNX graph: camface guided runs the Keras model it was "
@@ -198,11 +196,23 @@ def _read_input(config: GuidedConfig):
     keras_path, preprocessing, labels, layer = image_model(config.model)
     model = _load_keras(keras_path)
     channels = int(model.input_shape[-1])
+    passed_over = ""
+    if preprocessing is None:  # m.onnx exported from m.keras, for m.h5 (the same model): its sha256 is m.keras'
+        found, passed_over = graph_beside(keras_path, model, _load_keras)
+        if found is not None:
+            preprocessing, labels, layer = found
     if preprocessing is None:
+        graph = keras_path.with_suffix(".onnx")
+        if channels != 1 and passed_over:  # exporting to that name replaces the other model's graph
+            raise ModelError(f"cannot tell how {keras_path} expects its pixels: {graph} beside it {passed_over}; "
+                             f"to explain {keras_path.name}, export it (camface export {keras_path} -o {graph}, "
+                             "which replaces that graph)")
         if channels != 1:
             raise ModelError(f"cannot tell how {keras_path} expects its pixels: export it first "
-                             f"(camface export {keras_path} -o {keras_path.with_suffix('.onnx')}) "
+                             f"(camface export {keras_path} -o {graph}) "
                              "or explain a snapshot made with its graph")
+        if passed_over:
+            log.warning("%s beside %s %s", graph, keras_path, passed_over)
         log.warning("%s: assuming grayscale input scaled as x/127.5-1 (the emotion model's)",
                     keras_path)
         preprocessing = snapshot.EMOTION_PREPROCESSING

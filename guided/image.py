@@ -51,6 +51,58 @@ def image_model(model_override: str | Path | None) -> tuple[Path, Preprocessing 
     return path, None, (), ""
 
 
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")  # as `camface export` loads Keras models
+
+
+def graph_beside(path: Path, model, load_keras) -> tuple[tuple[Preprocessing, tuple[str, ...], str] | None, str]:
+    """The CAM graph MODEL.onnx beside the Keras model `path` (loaded: `model`) when `image_model`
+    found none made from that file (no sha256 matched) but the graph was exported from the same
+    model saved in the other Keras format: m.onnx, exported from m.keras, for `--model m.h5` (or
+    the reverse; both look for m.onnx). That holds when the graph's `source_model` is beside it,
+    has the sha256 the graph records, and, loaded with `load_keras`, has `model`'s input and output
+    shapes and weights, bit for bit, in the same order. Returns ((preprocessing, labels, target
+    layer), "") then; else (None, why the graph beside was passed over, in words that follow
+    "MODEL.onnx beside it": "" when there is no CAM graph there)."""
+    graph = path.with_suffix(".onnx")
+    if not graph.is_file():
+        return None, ""
+    try:
+        info = read_graph_metadata(graph)
+    except ModelError:  # no CAM graph (the model itself converted): image_model passed it over too
+        return None, ""
+    if not info.normalization:
+        return None, ""
+    source = graph.parent / Path(info.source_model).name
+    if source == path:
+        return None, f"was exported from an earlier {path.name} (sha256 differs)"
+    made_from = f"is the CAM graph of {info.source_model or 'another model'}, not of {path.name} (sha256 differs)"
+    if not info.source_model or source.suffix.lower() not in KERAS_SUFFIXES:
+        return None, made_from
+    if not source.is_file():
+        return None, f"{made_from}, and {source} is not there to compare weights with"
+    if info.source_sha256 and sha256_file(source) != info.source_sha256:
+        return None, f"{made_from}, and {source} changed since it was exported"
+    try:
+        other = load_keras(source)
+    except ModelError as exc:
+        return None, f"{made_from}, and {source} does not load to compare weights with ({exc})"
+    if not _same_weights(model, other):
+        return None, f"is the CAM graph of {source.name}, whose weights differ from {path.name}'s (--model {source} " \
+                     "explains that model)"
+    log.info("%s: using %s, the CAM graph of %s (the same weights)", path, graph, source.name)
+    return (Preprocessing.from_normalization(info.color_order, info.normalization), info.labels,
+            info.target_layer), ""
+
+
+def _same_weights(model, other) -> bool:
+    """Whether two Keras models take and give the same shapes and hold the same weights, bit
+    for bit, in the same order (one model saved as .keras and as .h5 does)."""
+    if (model.input_shape, model.output_shape) != (other.input_shape, other.output_shape):
+        return False
+    mine, theirs = model.get_weights(), other.get_weights()
+    return len(mine) == len(theirs) and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(mine, theirs))
+
+
 def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,
                input_size: tuple[int, int], labels: tuple[str, ...], *, detector: str = "full",
                margin: float = 0.1, min_confidence: float = 0.5, max_faces: int = 8,

@@ -224,11 +224,10 @@ def _progress(items):
 
 def run(config: TrainConfig) -> dict:
     """Train, export and report; returns the test metrics (as written to metrics.json)."""
+    from camface.models import transfer
+
     started = time.perf_counter()
-    if config.weights not in ("imagenet", "none") and not Path(config.weights).is_file():
-        what = "a folder, not a weights file" if Path(config.weights).is_dir() else "no such file"
-        raise ModelError(f"--weights {config.weights}: {what} (use imagenet, none or a path "
-                         f"to a weights file of the {config.backbone} backbone without its top)")
+    transfer.check_weights_file(config.weights, config.backbone)  # Keras read it after every photo was cropped
     data_dir, out_dir = config.data_dir.resolve(), config.out_dir.resolve()  # symlinks too
     if out_dir == data_dir or data_dir in out_dir.parents:
         raise OutputError(f"-o {config.out_dir} is inside DATA_DIR {config.data_dir}: its crops and figures "

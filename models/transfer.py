@@ -55,6 +55,59 @@ class StageResult:
     best_epoch: int  # 1-based within the stage; 0 when no epoch improved on the previous best
 
 
+# The names Keras 3's load_weights reads, by their ending (case as written: "W.H5" is refused),
+# and what each must hold: HDF5 (legacy and .weights.h5), a zip (.keras), a JSON index of shards
+WEIGHTS_FORMATS = ((".weights.json", "a JSON index of weight shards"), (".weights.h5", "an HDF5 file"),
+                   (".h5", "an HDF5 file"), (".hdf5", "an HDF5 file"), (".keras", "a zip archive"))
+
+
+def check_weights_file(weights: str, backbone: str) -> None:
+    """ModelError naming --weights, before any photo is cropped, when `weights` (a path, not
+    imagenet or none) is no file Keras can read weights from: missing, a folder, a name Keras
+    does not read (notes.txt), or content other than its name says (a text file named .h5).
+    Keras said so only when the model was built, after every photo was cropped. Reads an HDF5
+    or zip file's signature only (h5py's check: HDF5's may follow a user block), a JSON index whole."""
+    if weights in ("imagenet", "none"):
+        return
+    path = Path(weights)
+    use = f"use imagenet, none or a path to a weights file of the {backbone} backbone without its top"
+    if not path.is_file():
+        what = "a folder, not a weights file" if path.is_dir() else "no such file"
+        raise ModelError(f"--weights {weights}: {what} ({use})")
+    fmt = next((f for f in WEIGHTS_FORMATS if str(path).endswith(f[0])), None)
+    if fmt is None:
+        raise ModelError(f"--weights {weights}: not a Keras weights file (Keras reads "
+                         f"{', '.join(f[0] for f in WEIGHTS_FORMATS[1:])} and sharded .weights.json files; {use})")
+    suffix, holds = fmt
+    try:
+        right = _holds(path, suffix)
+    except OSError as exc:  # no read permission
+        raise ModelError(f"--weights {weights}: cannot read it: {exc.strerror or exc}") from exc
+    if not right:
+        raise ModelError(f"--weights {weights}: not a Keras weights file (a {suffix} file is {holds}; this one "
+                         "is not: damaged, or another file renamed)")
+
+
+def _holds(path: Path, suffix: str) -> bool:
+    """Whether `path` holds what Keras reads from a file named `suffix` (see WEIGHTS_FORMATS)."""
+    if suffix == ".keras":
+        import zipfile
+
+        return zipfile.is_zipfile(path)
+    if suffix == ".weights.json":
+        import json
+
+        try:
+            return isinstance(json.loads(path.read_bytes()), dict)
+        except ValueError:  # not JSON, or not UTF-8
+            return False
+    import h5py
+
+    with path.open("rb"):  # h5py says False for a file it cannot open: a permission is said as one
+        pass
+    return h5py.is_hdf5(str(path))
+
+
 def build_model(backbone: str, input_size: int, num_classes: int, weights: str,
                 seed: int) -> Classifier:
     """Backbone -> GAP -> Dense(softmax) from camface.models.builders (flat graph, so the

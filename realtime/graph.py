@@ -213,7 +213,7 @@ class CamGraph:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if "INVALID_PROTOBUF" in first_line or "No graph was found" in first_line:
                 # a text file, a Keras classifier (the bundled .hdf5 sits beside its graph), a BlazeFace .tflite
-                raise ModelError(model_kinds.not_a_graph(self.path)) from exc
+                raise ModelError(model_kinds.not_a_graph(self.path, model_kinds.onnx_runtime_reason(exc))) from exc
             raise ModelError(f"cannot load CAM graph {self.path}: {first_line}") from exc
 
     def _read_info(self, session) -> spec.GraphInfo:

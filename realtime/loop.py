@@ -149,7 +149,7 @@ class LiveLoop:
         from camface.realtime.pace import LoopingSource
         from camface.realtime.sinks import check_record_file, encoder_for
         from camface.realtime.snapshot import SnapshotWriter
-        from camface.realtime.sources import ImageFolderSource, make_source
+        from camface.realtime.sources import check_source, make_source
 
         cfg = self.config
         if cfg.record is not None:  # fail before any model or camera is opened
@@ -162,11 +162,11 @@ class LiveLoop:
         if cfg.snapshot_every or cfg.show:
             SnapshotWriter.check_folder(cfg.snapshot_dir)
         # a source that is not there is said before the model loads (nothing is opened yet), and
-        # so is a folder without images (entering it lists them; it is entered again below)
-        source = self._source if self._source is not None else make_source(cfg.source)
-        if isinstance(source, ImageFolderSource):
-            with source:
-                pass
+        # so are a folder without images and a file that is no video (a damaged clip was said only
+        # once the model had loaded); None tries camera 0, else plays the sample
+        source = self._source
+        if source is None:
+            source = make_source(None) if cfg.source is None else check_source(cfg.source, "--source")
         pipeline = load(config=cfg, timer=self.timer, cli=True)
         cfg = self.config = pipeline.config  # method "auto" resolved
         renderer, model_path = pipeline.renderer, pipeline.model_path

@@ -588,11 +588,21 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
                       "a folder of images, a stream URL or 'sample')")
 
 
-def check_source(spec: str, flag: str) -> None:
-    """SourceError naming `flag` and `spec` now, before any model loads, when `spec` names no
-    camera, stream, file or folder, a folder that holds no image, or a file that is not a video
-    (cameras and streams are opened only when read: they are not tried here)."""
+def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Source:
+    """The source for `spec` (not yet entered), or SourceError naming `flag` and `spec` now,
+    before any model loads, when `spec` names no camera, stream, file or folder, a folder that
+    holds no image, or a file that is not a video (cameras and streams are opened only when read:
+    they are not tried here). no_camera: what needs the same frames on every run
+    ("calibration": its crops set the ranking and int8 ranges a graph records), which then refuses
+    a camera index too (a camera was opened, or failed to, only after the whole build)."""
+    if not spec.strip():  # make_source's words name --source: "--calibration: --source is empty"
+        kinds = "a video file, a folder of images or 'sample'" if no_camera else \
+            "a camera index, a video file, a folder of images, a stream URL or 'sample'"
+        raise SourceError(f"{flag} is empty (expected {kinds})")
     try:
+        if no_camera and is_camera_index(spec):
+            raise SourceError(f"{spec} is a camera index; {no_camera} needs a video file or a folder of "
+                              "images (or 'sample', the bundled clip), not a camera")
         opened = make_source(spec)
         if isinstance(opened, ImageFolderSource):
             with opened:
@@ -601,3 +611,4 @@ def check_source(spec: str, flag: str) -> None:
             opened.check()
     except SourceError as exc:
         raise SourceError(f"{flag}: {exc}") from exc
+    return opened

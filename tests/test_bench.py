@@ -279,9 +279,10 @@ def test_forward_only_graph_keeps_the_forward_outputs():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda tmp: str(tmp / "missing.mp4"), "source not found: .*missing.mp4"),
+    # said before any model loads, naming the flag as evaluate and live do
+    (lambda tmp: str(tmp / "missing.mp4"), "--source: source not found: .*missing.mp4"),
     (lambda tmp: (tmp / "junk.mp4").write_bytes(b"not a video") and str(tmp / "junk.mp4"),
-     "cannot open video file .*junk.mp4"),
+     "--source: cannot open video file .*junk.mp4"),
     (lambda tmp: "9", "camera 9 could not be opened"),
 ])
 def test_source_that_does_not_open_is_a_clear_error(tmp_path, capsys, make, message):

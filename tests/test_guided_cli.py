@@ -157,6 +157,57 @@ def test_an_onnx_model_beside_the_keras_model_that_is_no_cam_graph_is_passed_ove
     assert preprocessing is not None and len(labels) == 7 and layer
 
 
+GRAPH_LABELS = ("calm", "glad", "sad")
+
+
+def _saved_as_keras_and_h5(folder, exported_from="m.keras", other_weights=False):
+    """A 64x64 RGB classifier saved as m.keras and m.h5 (`other_weights`: the .h5 holds other
+    weights), and m.onnx beside them: a CAM graph's metadata (its own class names, layer and
+    pixels, x / 127.5 - 1) recording `exported_from` as its source model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from camface.graph_spec import GraphInfo
+
+    inputs = keras.Input((64, 64, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    model.save(folder / "m.keras")
+    if other_weights:
+        model.set_weights([w + 1 for w in model.get_weights()])
+    model.save(folder / "m.h5")
+    info = GraphInfo(labels=GRAPH_LABELS, input_size=(64, 64), color_order="RGB", target_layer="conv",
+                     heatmaps=("gradcam",), normalization={"scale": [1 / 127.5] * 3, "offset": [-1.0] * 3},
+                     source_model=exported_from, source_sha256=sha256_file(folder / exported_from))
+    graph = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "cam",
+                                                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])]))
+    helper.set_model_props(graph, info.to_metadata())
+    onnx.save(graph, str(folder / "m.onnx"))
+
+
+@pytest.mark.parametrize("exported_from, given", [("m.keras", "m.h5"), ("m.h5", "m.keras")])
+def test_the_graph_of_the_same_model_in_the_other_keras_format_is_found(tmp_path, astronaut_bgr, exported_from,
+                                                                        given, caplog):
+    """`camface guided photo --model m.h5` looks for m.onnx beside it; m.onnx exported from
+    m.keras (the same model) records m.keras' sha256, so it was passed over and an RGB model was
+    refused ("cannot tell how m.h5 expects its pixels: export it first (camface export m.h5 -o
+    m.onnx)", which would replace m.keras' graph). Its source beside it with the same weights,
+    it is the graph: its pixels, class names and layer are used."""
+    from camface.guided.cli import GuidedConfig, _read_input
+    from camface.guided.snapshot import Preprocessing
+
+    _saved_as_keras_and_h5(tmp_path, exported_from)
+    config = GuidedConfig(_photo(tmp_path, astronaut_bgr), None, tmp_path / given, None, (), False, None,
+                          "full", 0.1, 0.5, 8)
+    with caplog.at_level(logging.INFO, logger="camface.guided.image"):
+        source, model = _read_input(config)
+    assert source.keras_path == tmp_path / given and len(source.faces) == 1
+    assert source.preprocessing == Preprocessing("RGB", (1 / 127.5,) * 3, (-1.0,) * 3)
+    assert (source.labels, source.target_layer) == (GRAPH_LABELS, "conv")
+    assert f"using {tmp_path / 'm.onnx'}, the CAM graph of {exported_from} (the same weights)" in caplog.text
+
+
 @pytest.mark.parametrize("field, value", [("detector", "short"), ("margin", 0.25), ("min_confidence", 0.7),
                                           ("max_faces", 3)])
 def test_image_inputs_are_detected_and_cropped_with_live_defaults(monkeypatch, field, value):
@@ -458,6 +509,17 @@ def _model_is_the_onnx_graph(tmp_path, astronaut_bgr):
         "emotion.onnx is an ONNX graph: camface guided runs the Keras model it was exported from"
 
 
+def _graph_of_another_model_beside(tmp_path, astronaut_bgr):
+    """m.onnx, exported from m.keras, beside an m.h5 of other weights: it names the graph it
+    looked at, why it is not m.h5's, and the flag (it said to export m.h5 -o m.onnx, which
+    replaces m.keras' graph, without a word of it)."""
+    _saved_as_keras_and_h5(tmp_path, "m.keras", other_weights=True)
+    return [str(_photo(tmp_path, astronaut_bgr)), "--model", str(tmp_path / "m.h5")], \
+        (r"cannot tell how .*m.h5 expects its pixels: .*m.onnx beside it is the CAM graph of m.keras, whose weights "
+         r"differ from m.h5's \(--model .*m.keras explains that model\); to explain m.h5, export it \(camface export "
+         r".*m.h5 -o .*m.onnx, which replaces that graph\)$")
+
+
 def _negative_margin(tmp_path, astronaut_bgr):
     return [str(_photo(tmp_path, astronaut_bgr)), "--margin", "-1"], r"--margin must be in \[0, .*got -1"
 
@@ -517,7 +579,7 @@ def _snapshot_of_a_torch_graph(tmp_path, astronaut_bgr):
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
                                   _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
                                   _layer_with_all_layers, _cam_boxes_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot,
-                                  _snapshot_of_a_torch_graph],
+                                  _snapshot_of_a_torch_graph, _graph_of_another_model_beside],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re

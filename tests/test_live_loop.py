@@ -377,11 +377,19 @@ def test_truncated_video_stops_at_the_last_good_frame(tmp_path, sample_frames, c
     assert f"read {loop.summary.frames} of 12 frames (file truncated or damaged)" in caplog.text
 
 
-def test_truncated_mp4_without_its_index_is_a_clear_error(tmp_path, face_clip):
+def test_truncated_mp4_without_its_index_is_a_clear_error(tmp_path, face_clip, monkeypatch):
+    """Said before the CAM graph loads, naming --source (it was said once the model had loaded,
+    as a bare 'cannot open video file')."""
+    import camface.api
+
+    def no_model(*args, **kwargs):
+        pytest.fail("the model was loaded before the source was checked")
+
+    monkeypatch.setattr(camface.api, "load", no_model)
     data = face_clip.read_bytes()  # OpenCV writes the mp4 index (moov) last: cut it off
     truncated = tmp_path / "cut.mp4"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SourceError, match="cannot open video file .*cut.mp4"):
+    with pytest.raises(SourceError, match="^--source: cannot open video file .*cut.mp4"):
         _run(LiveConfig(source=str(truncated), record=tmp_path / "never.mp4"))
     assert not (tmp_path / "never.mp4").exists()
 

@@ -622,7 +622,7 @@ def test_a_folder_that_cannot_be_listed_is_a_source_error_naming_it(tmp_path, mo
     with pytest.raises(SourceError, match=f"cannot list folder {re.escape(str(tmp_path))}: Permission denied"):
         ImageFolderSource(tmp_path).__enter__()
     assert main(["live", "--source", str(tmp_path), "--no-show"]) == 2
-    assert f"camface: error: cannot list folder {tmp_path}: Permission denied" in capsys.readouterr().err
+    assert f"camface: error: --source: cannot list folder {tmp_path}: Permission denied" in capsys.readouterr().err
 
 
 def test_a_jpeg_cut_short_is_named(tmp_path, caplog, astronaut_bgr):

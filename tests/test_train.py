@@ -369,6 +369,32 @@ def test_missing_weights_file(tmp_path, capsys, astronaut_bgr):
     assert rc == 2 and "nope.h5: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, content, said", [
+    ("notes.txt", b"my notes", "not a Keras weights file (Keras reads .weights.h5, .h5, .hdf5, .keras and sharded "
+                               ".weights.json files; use imagenet, none or a path to a weights file of the "
+                               "mobilenetv2 backbone without its top)"),
+    ("w.h5", b"not hdf5", "not a Keras weights file (a .h5 file is an HDF5 file; this one is not"),
+    ("w.weights.h5", b"", "not a Keras weights file (a .weights.h5 file is an HDF5 file; this one is not"),
+    ("w.keras", b"not a zip", "not a Keras weights file (a .keras file is a zip archive; this one is not"),
+    ("w.weights.json", b"\xff\xfe", "not a Keras weights file (a .weights.json file is a JSON index of weight shards"),
+])
+def test_a_file_keras_cannot_read_as_weights_is_refused_before_any_photo_is_cropped(tmp_path, capsys, astronaut_bgr,
+                                                                                     name, content, said):
+    """`--weights notes.txt` (or a text file named .h5) was Keras' refusal once every photo had
+    been cropped into OUT_DIR; now one line naming the flag and the file, before OUT_DIR is made."""
+    data = tmp_path / "data"
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(data / label / f"{i}.png"), astronaut_bgr[:64, :64])
+    (tmp_path / name).write_bytes(content)
+    rc = cli.main(["train", str(data), "-o", str(tmp_path / "out"), "--no-detect", "--backbone", "mobilenetv2",
+                   "--input-size", "64", "--weights", str(tmp_path / name)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"camface: error: --weights {tmp_path / name}: {said}"), err
+    assert not (tmp_path / "out").exists()  # no photo was cropped
+
+
 def test_int8_export_of_the_trained_graph(trained, to_int8_once, tmp_path):
     """`camface train --int8`'s step: model.onnx -> model.int8.onnx, calibrated on training
     crops, its agreement checked on held-out ones (as the flag does with the test split). This

@@ -72,6 +72,19 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["export", "m.keras", "-o", "g.onnx", "--int8", "--calibration", "a_file"],
      "--calibration: cannot open video file a_file: not a video"),
     (["bench", "--compare-int8", "--calibration", "a_file"], "--calibration: cannot open video file a_file"),
+    # live said it after its model had loaded, bench without the flag
+    (["live", "--source", "a_file", "--no-show"], "--source: cannot open video file a_file: not a video OpenCV "
+                                                  "can decode"),
+    (["bench", "--source", "a_file"], "--source: cannot open video file a_file: not a video OpenCV can decode"),
+    # a camera as calibration: 'camera 0 could not be opened' after the build (export) or the model (bench)
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", "0"], "--calibration: 0 is a camera index; calibration "
+                                                                 "needs a video file or a folder of images"),
+    (["bench", "--compare-int8", "--calibration", "1"], "--calibration: 1 is a camera index; calibration needs"),
+    # blank: '--source: --source is empty' (live, evaluate), '--calibration: --source is empty' (export)
+    (["live", "--source", " ", "--no-show"], "error: --source is empty (expected a camera index, a video file,"),
+    (["evaluate", "--source", " "], "error: --source is empty (expected a camera index"),
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", " "], "error: --calibration is empty (expected a video "
+                                                                  "file, a folder of images or 'sample')"),
     (["evaluate", "--methods", "gradcam,nosuch"], "unknown method nosuch; choose from all, gradcam,"),
     (["evaluate", "--sanity", "--keras", "nope.keras"], "--keras: model file not found: nope.keras"),
     (["evaluate", "--sanity", "--keras", "empty"], "--keras: empty is a folder, not a model file"),  # "not found"

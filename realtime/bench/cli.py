@@ -247,10 +247,12 @@ def _bench(args: argparse.Namespace) -> int:
     # the files the last rows read: now, not after the live rows have run
     if config.baseline == "keras" and config.keras_model is not None and not config.keras_model.is_file():
         raise ModelError(f"--keras-model: model file not found: {config.keras_model}")
-    if config.compare_int8:
-        from camface.realtime.sources import check_source
+    from camface.realtime.sources import check_source
 
-        check_source(config.calibration, "--calibration")
+    if config.pipeline.source is not None:  # run() opens it first too, but its error did not name the flag
+        check_source(config.pipeline.source, "--source")
+    if config.compare_int8:
+        check_source(config.calibration, "--calibration", no_camera="calibration")
     if config.backbone:  # was a FileExistsError traceback (a file) once the source had opened
         _make_work_dir(config.work_dir)
     report, rows = run(config)
