@@ -31,10 +31,12 @@ demo: $(BASE_STAMP)
 	$(CAMFACE) live --source sample --no-show --record demo-out/demo.mp4 --overwrite --snapshot-every 60 --snapshot-dir demo-out/snapshots
 
 # ruff (pyproject's small rule set), then the tests; tests/test_api_typing.py runs mypy on the public API.
+# Two worker processes, each taking whole test files (module fixtures are built once; the 2 cores
+# stay busy while one test waits on a subprocess, Ray or a browser): the suite took 23 min in one.
 # The 20 slowest tests are listed at the end, to keep CI's time in view.
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 # Regenerate the bundled CAM graph from the bundled Keras model. Its methods are ranked on all
 # 116 face crops of the sample (--rank-seconds 0: no time budget, so the ranking does not depend

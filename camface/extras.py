@@ -27,6 +27,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "keras": "keras",
     "tf2onnx": "keras",
     "onnxconverter_common": "keras",
+    "h5py": "keras",
     "torch": "torch",
     "onnxscript": "torch",
     "onnx_ir": "torch",
