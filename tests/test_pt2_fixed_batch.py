@@ -226,31 +226,36 @@ def test_a_contiguous_dropped_in_a_model_with_an_in_place_relu_does_not_fail_the
 class TokensFirstViT(nn.Module):
     """A ViT as users write it with nn.TransformerEncoder(batch_first=False): patch tokens
     [T, N, C], a class token expanded to [1, N, C] and joined before them, the encoder's
-    attention ([T, N * heads, dim] views, rows [T * N, C]), the class token's logits."""
+    attention ([T, N * heads, dim] views, rows [T * N, C]), the class token's logits;
+    batch_first: tokens [N, T, C] (nn.MultiheadAttention lays them out [T, N, C] inside)."""
 
-    def __init__(self):
+    def __init__(self, batch_first=False):
         super().__init__()
+        self.batch_first = batch_first
         self.embed = nn.Conv2d(3, 16, 8, 8)
         self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 16)), nn.Parameter(torch.randn(17, 1, 16))
-        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
         self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
         tokens = self.embed(x).flatten(2).permute(2, 0, 1)
         tokens = torch.cat([self.cls.expand(-1, tokens.shape[1], -1), tokens]) + self.pos
+        if self.batch_first:
+            return self.head(self.encoder(tokens.transpose(0, 1))[:, 0])
         return self.head(self.encoder(tokens)[0])
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_a_transformer_encoder_with_tokens_first_saved_at_a_fixed_batch_exports(tmp_path, capsys, batch):
+@pytest.mark.parametrize("batch, batch_first", [(1, False), (2, False), (1, True)])
+def test_a_transformer_encoder_saved_at_a_fixed_batch_exports(tmp_path, capsys, batch, batch_first):
     """nn.MultiheadAttention lays tokens out [T, N, C] and views them by their traced sizes
     ([T, N * heads, dim], rows [T * N, C]); only a batch on the first axis was freed, so such a
     program was refused ("Constraints violated (batch)", or "a and b must have same reduction
-    dim" at a batch of 1). Each view's batch is found where its elements lie now: the graph
-    takes 1 to 3 crops and its maps equal those of the same model saved with a dynamic batch."""
+    dim" at a batch of 1), with batch_first=True too. Each view's batch is found where its
+    elements lie now: the graph takes 1 to 3 crops and its maps equal those of the same model
+    saved with a dynamic batch."""
     torch.manual_seed(0)
-    model = TokensFirstViT().eval()
+    model = TokensFirstViT(batch_first).eval()
     options = [*EXPORT, "--target-layer", "embed"]
     paths = saved(model, tmp_path / "fixed.pt2", batch), saved(model, tmp_path / "dynamic.pt2")
     for path in paths:
