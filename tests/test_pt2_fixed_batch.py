@@ -349,3 +349,29 @@ def test_an_output_with_the_batch_on_another_axis_is_checked_on_that_axis(tmp_pa
         logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
     np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
                                rtol=1e-4, atol=1e-6)
+
+
+class TransposedLogits(nn.Module):
+    """Logits returned [classes, N]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3))).t()
+
+
+@pytest.mark.parametrize("batch", [1, None])
+def test_logits_with_the_batch_last_are_refused_saying_so(tmp_path, capsys, batch):
+    """Logits [classes, N] saved at a fixed batch were refused by the check of the freed program
+    ("a batch of 2 crops does not give each crop what the batch of 1 gives it (up to inf
+    apart)"), which was not what is wrong. Saved at a fixed or a dynamic batch, the error names
+    the logits' shape and what to do."""
+    path = saved(TransposedLogits().eval(), tmp_path / "model.pt2", batch)
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"camface: error: {path}: the logits 't' must be [N, classes] (they are [4, "), err
+    assert err.strip().endswith("; return them with the batch first, not transposed, or name another output "
+                                "with --class-output)"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
