@@ -457,8 +457,11 @@ def describe(model, where: object = "model") -> Classifier:
         _refuse_tail(model, final, after[::-1], where)
     logit_dims = shapes(model).get(logits)
     if not logit_dims or len(logit_dims) != 2 or not isinstance(logit_dims[1], int):
+        # [classes, N] (logits.t()): the batch is the dynamic axis, last
+        hint = ("; return them with the batch first, not transposed, or name another output with "
+                "--class-output") if logit_dims and len(logit_dims) == 2 and isinstance(logit_dims[0], int) else ""
         raise ModelError(f"{where}: the logits {logits!r} must be [N, classes] (they are "
-                         f"{logit_dims})")
+                         f"{logit_dims}{hint})")
     return Classifier(model, image.name, layout, (int(size[0]), int(size[1])), int(channels),
                       output.name, logits, activation, int(logit_dims[1]))
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import operator
 import zipfile
 from pathlib import Path
 
 from camface.errors import CamfaceError, ModelError
-from camface.export import pt2_archive
+from camface.export import pt2_archive, pt2_batch
 from camface.outputs import check_model_file
 
 log = logging.getLogger(__name__)
@@ -246,7 +245,7 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
-    module = _free_batch(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
+    module = pt2_batch.free(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
     _views_as_reshapes(module)
     try:
         # torch logs the failing op's traceback as an error before it raises: the error below
@@ -259,6 +258,9 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
             return again
     except Exception as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if fixed_batch and why.startswith("Constraints violated"):  # torch's next words: run with TORCH_LOGS
+            why = (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
+                   f"input's batch, so torch fixed the batch at {fixed_batch}: Constraints violated (batch)")
         if fixed_batch:
             raise ModelError(f"{path}: the program was exported with a fixed batch of {fixed_batch} "
                              "and does not run with a dynamic one (camface graphs take 1 to 32 crops "
@@ -310,7 +312,7 @@ class _NotFreed(Exception):
 def _check_freed(program, again, shape: list[int]) -> None:
     """Raises _NotFreed unless `again` (the program at the fixed batch shape[0], exported again
     with a dynamic one) gives a batch of shape[0] + 1 random crops what `program` gives them
-    shape[0] at a time: a size _free_batch read wrong gives other rows, or mixes crops. A
+    shape[0] at a time: a size pt2_batch.free read wrong gives other rows, or mixes crops. A
     program saved at MAX_CROPS or more (which `again` does not take + 1 of) is checked on
     MAX_CROPS - 1 crops against the first rows of `program`'s batch."""
     import numpy as np
@@ -333,116 +335,18 @@ def _check_freed(program, again, shape: list[int]) -> None:
         got = outputs(again.module(), crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
-        expected = np.concatenate([a, b[fixed - count:]]) if count > fixed else a[:count]
-        worst = float(np.abs(c - expected).max()) if c.shape == expected.shape else np.inf
-        if not worst <= atol + rtol * float(np.abs(expected).max()):
+        # an output's batch is the axis whose size went from `fixed` to `count` (logits [C, N]
+        # as well as [N, C]); one with none must not change with the batch
+        axis = next((i for i, (m, n) in enumerate(zip(a.shape, c.shape)) if (m, n) == (fixed, count)), None)
+        if axis is None:
+            expected = a
+        else:
+            a, b, c = (np.moveaxis(t, axis, 0) for t in (a, b, c))
+            expected = np.concatenate([a, b[fixed - count:]]) if count > fixed else a[:count]
+        worst = float(np.abs(c - expected).max(initial=0)) if c.shape == expected.shape else np.inf
+        if not worst <= atol + rtol * float(np.abs(expected).max(initial=0)):
             raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "
                             f"{fixed} gives it (up to {worst:.3g} apart)")
-
-
-# ops whose argument is a shape: traced at a fixed batch, its first entry is that batch
-_SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "empty", "full",
-              "new_zeros", "new_ones", "new_empty", "new_full")
-_VIEW_OPS = ("view", "reshape", "_unsafe_view")  # as many elements out as in
-
-
-def _free_batch(module, batch: int):
-    """`module` (a program's graph, traced at the fixed `batch`) with the shapes its reshapes,
-    expands and tensor constructors were traced with reading the input's batch instead of the
-    number `batch` (a flatten traced at batch 2 is a view(2, C)), in place; returns `module`."""
-    import torch
-
-    graph = module.graph
-    image = next(n for n in graph.nodes if n.op == "placeholder")
-    # a view of a tensor that does not depend on the image (a constant, a parameter, an arange
-    # made on the input's device) has as many elements at any batch: a leading 1 there is no
-    # batch (scale.view(1, -1, 1, 1) must stay); an expand of one can be (a class token's)
-    from_image = {image}
-    for node in graph.nodes:
-        if any(arg in from_image for arg in node.all_input_nodes):
-            from_image.add(node)
-    with graph.inserting_after(image):
-        size = graph.call_function(torch.ops.aten.sym_size.int, (image, 0))
-    leading = _batch_leading(graph, image, batch)
-    for node in list(graph.nodes):
-        op = getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
-        value = node.meta.get("val")
-        if node.op != "call_function" or op not in _SHAPE_OPS or value is None or not value.shape:
-            continue
-        if op in _VIEW_OPS and node.args and node.args[0] not in from_image:
-            continue
-        if op in _VIEW_OPS and node.args[0] in leading and (first := _leading(graph, node, batch)) is not None:
-            node.args = (node.args[0], [first, *node.args[1][1:]], *node.args[2:])
-            continue
-        if value.shape[0] != batch:
-            continue
-        node.args = tuple([size, *arg[1:]] if isinstance(arg, (list, tuple)) and arg and
-                          isinstance(arg[0], int) and arg[0] == batch else arg for arg in node.args)
-    graph.lint()
-    module.recompile()
-    return module
-
-
-def _batch_leading(graph, image, batch: int) -> set:
-    """The nodes of `graph` whose first axis holds the batch (the image's, a Swin's windows
-    [batch * windows, ...], its attention's queries): followed from the image through
-    permutes and transposes (the batch moves), views (kept when it leads) and the rest (kept
-    where the traced size still holds the batch); what moved it off the first axis (tokens
-    [T, N, C], as nn.MultiheadAttention lays them out) is left out."""
-    import torch
-
-    axes = {image: 0}
-    for node in graph.nodes:
-        sources = [a for a in node.all_input_nodes if a in axes]
-        if node.op != "call_function" or not sources:
-            continue
-        axis, value = axes[sources[0]], node.meta.get("val")
-        op = getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
-        rank = sources[0].meta["val"].dim() if isinstance(sources[0].meta.get("val"), torch.Tensor) else None
-        if op == "permute" and rank:
-            axis = [d % rank for d in node.args[1]].index(axis)
-        elif op == "transpose" and rank:
-            ends = [d % rank for d in node.args[1:3]]
-            axis = ends[1 - ends.index(axis)] if axis in ends else axis
-        elif op in ("select", "unbind") and rank:
-            dim = (node.args[1] if len(node.args) > 1 else 0) % rank
-            if dim == axis:
-                continue
-            axis -= axis > dim
-        elif (op in _VIEW_OPS or op in ("flatten", "unflatten")) and axis != 0:
-            continue
-        if isinstance(value, (list, tuple)):  # unbind's tensors, read by getitem
-            axes[node] = axis
-        elif isinstance(value, torch.Tensor) and axis < value.dim() and isinstance(value.shape[axis], int) \
-                and value.shape[axis] % batch == 0:
-            axes[node] = axis
-    return {node for node, axis in axes.items() if axis == 0}
-
-
-def _leading(graph, node, batch: int):
-    """The leading size of the view `node` (of a tensor from the image) read from its input's
-    own leading size, whose traced value holds the batch: a Swin's windows [batch * windows, ...]
-    viewed as [batch * windows, tokens, heads, dim] (the same), as [batch, windows, ...] (a
-    divisor) or back; None where the traced sizes do not say so (left to the batch rule)."""
-    import torch
-
-    source, shape = node.args[0], node.args[1] if len(node.args) > 1 else None
-    before = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
-    if before is None or not before.shape or not isinstance(shape, (list, tuple)) or not shape \
-            or not isinstance(shape[0], int) or shape[0] <= 0:
-        return None
-    first, wanted = before.shape[0], shape[0]
-    if not isinstance(first, int) or first <= 0 or first % batch or first == wanted == batch:
-        return None  # a symbolic or no batch; a plain batch is the batch rule's
-    if wanted % first and (first % wanted or wanted % batch):
-        return None
-    with graph.inserting_before(node):
-        size = graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
-        if wanted == first:
-            return size
-        if wanted % first == 0:
-            return graph.call_function(operator.mul, (size, wanted // first))
-        return graph.call_function(operator.floordiv, (size, first // wanted))
 
 
 @contextlib.contextmanager

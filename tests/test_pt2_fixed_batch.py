@@ -134,36 +134,38 @@ class BatchMean(nn.Module):
         return self.head(features - features.mean(0, keepdim=True) + 1)
 
 
-class RowsOfTokensFirst(nn.Module):
-    """Tokens [T, N, C] as rows [T * N, C] by their traced sizes (the batch on their second axis,
-    which camface does not free): at another batch the rows are [T, N * C] and the linear layer
-    reading them fails inside torch."""
+class ExpandedByItsBatch(nn.Module):
+    """Adds a bias expanded to [C, batch] by the traced number to features [C, N] (the batch on
+    their second axis, made by no view camface reads): at another batch the sum fails in torch."""
 
     def __init__(self):
         super().__init__()
-        self.embed, self.mix, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.bias = nn.Parameter(torch.ones(8, 1))
 
     def forward(self, x):
-        tokens = self.embed(x).flatten(2).permute(2, 0, 1)
-        rows = self.mix(tokens.reshape(tokens.shape[0] * tokens.shape[1], -1))
-        return self.head(rows.view(tokens.shape[0], -1, 8).mean(0))
+        features = self.conv(x).mean((2, 3)).t() + self.bias.expand(8, 2)
+        return self.head(features.t())
 
 
 @pytest.mark.parametrize("model, named", [
     (BatchMean, "a batch of 2 crops does not give each crop what the batch of 1 gives it"),
-    (RowsOfTokensFirst, "a and b must have same reduction dim")])
+    (ExpandedByItsBatch, "camface could not trace back to the input's batch, so torch fixed the batch at 2: "
+                         "Constraints violated (batch)); export it with a dynamic batch: ep = torch.export.export(")])
 def test_a_program_whose_batch_cannot_be_freed_is_refused_in_one_line(tmp_path, model, named):
     """A model that mixes its crops ran at any batch once freed, and its graph explained each crop
     with the others' mean: the freed program is checked against the saved one (a batch of 2
     against 1 crop at a time). Sizes camface cannot free fail in torch, which logged the failing
     op's traceback to stderr before camface's line (30 'E1205 ... fake_tensor.py' lines; its
-    handler writes to the process's stderr, hence a subprocess)."""
+    handler writes to the process's stderr, hence a subprocess). torch's "Constraints violated
+    (batch)! For more information, run with TORCH_LOGS=..." is said as what it means here."""
     torch.manual_seed(0)
-    path = saved(model().eval(), tmp_path / "fixed.pt2", batch=1)
+    batch = 2 if model is ExpandedByItsBatch else 1
+    path = saved(model().eval(), tmp_path / "fixed.pt2", batch=batch)
     done = subprocess.run([sys.executable, "-m", "camface", "export", str(path), "-o", str(tmp_path / "cam.onnx"),
                            *EXPORT], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"camface: error: {path}: the program was exported with a fixed batch of 1 "
+    assert done.stderr.startswith(f"camface: error: {path}: the program was exported with a fixed batch of {batch} "
                                   "and does not run with a dynamic one"), done.stderr
     assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
     assert not (tmp_path / "cam.onnx").exists()
@@ -219,3 +221,157 @@ def test_a_contiguous_dropped_in_a_model_with_an_in_place_relu_does_not_fail_the
         == ["aten.view.default"]
     crops = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(aliased(crops), (2 * crops).relu().sum((1, 2, 3)))
+
+
+class TokensFirstViT(nn.Module):
+    """A ViT as users write it with nn.TransformerEncoder(batch_first=False): patch tokens
+    [T, N, C], a class token expanded to [1, N, C] and joined before them, the encoder's
+    attention ([T, N * heads, dim] views, rows [T * N, C]), the class token's logits;
+    batch_first: tokens [N, T, C] (nn.MultiheadAttention lays them out [T, N, C] inside)."""
+
+    def __init__(self, batch_first=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.cls, self.pos = nn.Parameter(torch.randn(1, 1, 16)), nn.Parameter(torch.randn(17, 1, 16))
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).permute(2, 0, 1)
+        tokens = torch.cat([self.cls.expand(-1, tokens.shape[1], -1), tokens]) + self.pos
+        if self.batch_first:
+            return self.head(self.encoder(tokens.transpose(0, 1))[:, 0])
+        return self.head(self.encoder(tokens)[0])
+
+
+@pytest.mark.parametrize("batch, batch_first", [(1, False), (2, False), (1, True)])
+def test_a_transformer_encoder_saved_at_a_fixed_batch_exports(tmp_path, capsys, batch, batch_first):
+    """nn.MultiheadAttention lays tokens out [T, N, C] and views them by their traced sizes
+    ([T, N * heads, dim], rows [T * N, C]); only a batch on the first axis was freed, so such a
+    program was refused ("Constraints violated (batch)", or "a and b must have same reduction
+    dim" at a batch of 1), with batch_first=True too. Each view's batch is found where its
+    elements lie now: the graph takes 1 to 3 crops and its maps equal those of the same model
+    saved with a dynamic batch."""
+    torch.manual_seed(0)
+    model = TokensFirstViT(batch_first).eval()
+    options = [*EXPORT, "--target-layer", "embed"]
+    paths = saved(model, tmp_path / "fixed.pt2", batch), saved(model, tmp_path / "dynamic.pt2")
+    for path in paths:
+        assert main(["export", str(path), "-o", str(path.with_suffix(".onnx")), *options]) == 0, \
+            capsys.readouterr().err
+    for n in (1, 3):
+        got, expected = (run_graph(p.with_suffix(".onnx"), IMAGES[:n], CLASSES[:n]) for p in paths)
+        np.testing.assert_allclose(got["probs"], eager_probs(model, IMAGES[:n]), rtol=1e-4, atol=1e-6)
+        for name in ("probs", "gradcam"):
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-4,
+                                       atol=1e-6 * max(1.0, float(np.abs(expected[name]).max())), err_msg=name)
+    assert np.abs(got["gradcam"]).max() > 0
+
+
+class RowsOfTokensFirst(nn.Module):
+    """Tokens [T, N, C] as rows [T * N, C] by their traced sizes (the batch inside their first
+    axis), mixed by a linear layer and viewed back by T."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).permute(2, 0, 1)
+        rows = self.mix(tokens.reshape(tokens.shape[0] * tokens.shape[1], -1))
+        return self.head(rows.view(tokens.shape[0], -1, 8).mean(0))
+
+
+def test_rows_of_tokens_first_are_freed(tmp_path, capsys):
+    """Tokens [T, N, C] as rows [T * N, C] by their traced sizes: the batch there is inside the
+    first axis, after T (refused before: "a and b must have same reduction dim")."""
+    torch.manual_seed(0)
+    model = RowsOfTokensFirst().eval()
+    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
+                               rtol=1e-4, atol=1e-6)
+
+
+class Branches(nn.Module):
+    """A torch.cond on a parameter whose branches view features [N, 8] by the traced batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        return torch.cond(self.head.bias.sum() > 0,
+                          lambda f: self.head(f.flatten(2).mean(2).view(f.shape[0], 8)),
+                          lambda f: self.head(f.amax((2, 3)).view(f.shape[0], 8)), (features,))
+
+
+@pytest.mark.parametrize("positive", [True, False])
+def test_views_inside_torch_cond_branches_are_freed(tmp_path, capsys, positive):
+    """The branches of a torch.cond are subgraphs camface did not read: their views kept the
+    traced batch ("shape '[1, 8]' is invalid for input of size 8*s77"). They are freed as the
+    program's own graph is (and are reshapes): each branch gives what the model does."""
+    torch.manual_seed(0)
+    model = Branches().eval()
+    with torch.no_grad():
+        model.head.bias.abs_().mul_(1 if positive else -1)
+    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
+                               rtol=1e-4, atol=1e-6)
+
+
+class LogitsByClass(nn.Module):
+    """The logits, and the same transposed [classes, N] under another name."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        logits = self.head(torch.relu(self.conv(x)).mean((2, 3)))
+        return {"logits": logits, "by_class": logits.t()}
+
+
+def test_an_output_with_the_batch_on_another_axis_is_checked_on_that_axis(tmp_path, capsys):
+    """The check that the freed program gives each crop what the saved one does joined every
+    output's rows on its first axis: an output [classes, N] beside the logits was taken as a
+    wrong batch ("up to inf apart") and the program refused. The batch is the axis whose size
+    follows the crops."""
+    torch.manual_seed(0)
+    model = LogitsByClass().eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=2)
+    out = tmp_path / "cam.onnx"
+    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
+        capsys.readouterr().err
+    with torch.no_grad():
+        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
+                               rtol=1e-4, atol=1e-6)
+
+
+class TransposedLogits(nn.Module):
+    """Logits returned [classes, N]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3))).t()
+
+
+@pytest.mark.parametrize("batch", [1, None])
+def test_logits_with_the_batch_last_are_refused_saying_so(tmp_path, capsys, batch):
+    """Logits [classes, N] saved at a fixed batch were refused by the check of the freed program
+    ("a batch of 2 crops does not give each crop what the batch of 1 gives it (up to inf
+    apart)"), which was not what is wrong. Saved at a fixed or a dynamic batch, the error names
+    the logits' shape and what to do."""
+    path = saved(TransposedLogits().eval(), tmp_path / "model.pt2", batch)
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"camface: error: {path}: the logits 't' must be [N, classes] (they are [4, "), err
+    assert err.strip().endswith("; return them with the batch first, not transposed, or name another output "
+                                "with --class-output)"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()

@@ -1,0 +1,241 @@
+"""A .pt2 program saved at a fixed batch, made to read its batch from its input (torch_model
+exports it again with a dynamic batch and checks that each crop gets what it got).
+
+torch.export writes the traced batch into every shape it records: a flatten traced at a batch
+of 2 is view(2, C), nn.MultiheadAttention's heads are [T, 2 * heads, dim]. `free` follows the
+batch from the image through the graph (`_batch_axes`: which axis holds it, with the sizes
+beside it on that axis) and writes the input's batch into those shapes instead. torch is
+imported by the callers (the `camface[torch]` extra).
+"""
+
+from __future__ import annotations
+
+import operator
+
+
+# ops whose argument is a shape: traced at a fixed batch, its batch entry is that batch
+_SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "empty", "full",
+              "new_zeros", "new_ones", "new_empty", "new_full")
+_VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unflatten")  # as many elements out as in
+_REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "prod",
+               "logsumexp", "norm", "all", "any")
+
+
+def free(module, batch: int):
+    """`module` (a program's graph, traced at the fixed `batch`) with the shapes its views,
+    expands and tensor constructors were traced with reading the input's batch instead of the
+    number `batch` (a flatten traced at batch 2 is a view(2, C); nn.MultiheadAttention's heads
+    [T, 2 * heads, dim] at a batch of 2), in place, the branches of its torch.cond too;
+    returns `module`."""
+    image = next(n for n in module.graph.nodes if n.op == "placeholder")
+    _free_graph(module, batch, {image: (0, 1, 1)})
+    return module
+
+
+def _free_graph(module, batch: int, inputs: dict) -> dict:
+    """`free` of the graph of `module` whose placeholders `inputs` hold the batch as
+    {placeholder: (axis, outer, inner)} (that axis's size is outer * batch * inner); the same
+    for the nodes of the graph (`_batch_axes`)."""
+    import torch
+
+    graph = module.graph
+    # a view of a tensor that does not depend on the image (a constant, a parameter, an arange
+    # made on the input's device) has as many elements at any batch: a leading 1 there is no
+    # batch (scale.view(1, -1, 1, 1) must stay); an expand of one can be (a class token's)
+    from_image = set(inputs)
+    for node in graph.nodes:
+        if any(arg in from_image for arg in node.all_input_nodes):
+            from_image.add(node)
+    source, (axis, outer, inner) = next(iter(inputs.items()))
+    with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
+        size = graph.call_function(torch.ops.aten.sym_size.int, (source, axis))
+        if outer * inner > 1:
+            size = graph.call_function(operator.floordiv, (size, outer * inner))
+    axes = _batch_axes(module, inputs, batch)
+    _joined_axes(graph, axes, batch)
+    for node in list(graph.nodes):
+        op = _op_name(node)
+        value = node.meta.get("val")
+        if node.op != "call_function" or op not in _SHAPE_OPS or value is None or not value.shape:
+            continue
+        if op in _VIEW_OPS and node.args and node.args[0] not in from_image:
+            continue
+        index = 0 if op in ("zeros", "ones", "empty", "full") else 1  # the shape argument's
+        shape = node.args[index] if len(node.args) > index else None
+        if not isinstance(shape, (list, tuple)) or not shape:
+            continue
+        if isinstance(axes.get(node), tuple):
+            at, outer, inner = axes[node]
+            if at >= len(shape) or not isinstance(shape[at], int) or shape[at] != outer * batch * inner:
+                continue
+            with graph.inserting_before(node):
+                entry = size if outer * inner == 1 else graph.call_function(operator.mul, (size, outer * inner))
+        elif value.shape[0] == batch and isinstance(shape[0], int) and shape[0] == batch:
+            at, entry = 0, size
+        else:
+            continue
+        args = list(node.args)
+        args[index] = [*shape[:at], entry, *shape[at + 1:]]
+        node.args = tuple(args)
+    graph.lint()
+    module.recompile()
+    return axes
+
+
+def _joined_axes(graph, axes: dict, batch: int) -> None:
+    """Tensors made at the traced batch and joined to the image's by torch.cat (a class token
+    expanded to [1, batch, C] before tokens [T, batch, C], as nn.MultiheadAttention lays them
+    out): their batch is where the others' is; added to `axes`, in place."""
+    for node in graph.nodes:
+        if _op_name(node) != "cat" or not isinstance(node.args[0], (list, tuple)):
+            continue
+        joined = node.args[0]
+        held = [axes[t] for t in joined if isinstance(axes.get(t), tuple)]
+        value = node.meta.get("val")
+        if not held or value is None:
+            continue
+        dim = (node.args[1] if len(node.args) > 1 else 0) % value.dim()
+        if held[0][0] == dim:
+            continue
+        for made in joined:
+            made_value = getattr(made, "meta", {}).get("val")
+            if made not in axes and _op_name(made) in _SHAPE_OPS and _op_name(made) not in _VIEW_OPS \
+                    and made_value is not None and _holds(made_value, held[0], batch):
+                axes[made] = held[0]
+
+
+def _op_name(node) -> str:
+    """aten.view.default -> "view"; operator.getitem -> "getitem"; torch.cond -> "cond"."""
+    return getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
+
+
+def _batch_axes(module, inputs: dict, batch: int) -> dict:
+    """{node: (axis, outer, inner)} for the nodes of `module`'s graph that hold the batch on one
+    axis, that axis's size outer * batch * inner (a Swin's windows [batch * windows, ...] lead
+    with (0, 1, windows); nn.MultiheadAttention's tokens [T, batch, C] hold it at (1, 1, 1), its
+    heads [T, batch * heads, dim] at (1, 1, heads), its rows [T * batch, C] at (0, T, 1));
+    followed from `inputs` through permutes, transposes, selects, squeezes, views (by where
+    their elements lie) and the rest (an axis kept where its size holds); a node whose value is
+    a list (unbind, split, torch.cond) maps to a list, one entry a tensor. What moved it off an
+    axis, or split it, is left out."""
+    import torch
+
+    axes = dict(inputs)
+    for node in module.graph.nodes:
+        sources = [a for a in node.all_input_nodes if isinstance(axes.get(a), tuple)]
+        value = node.meta.get("val")
+        op = _op_name(node)
+        if node.op != "call_function":
+            continue
+        if op == "getitem" and isinstance(axes.get(node.args[0]), list):
+            entries = axes[node.args[0]]
+            if node.args[1] < len(entries) and entries[node.args[1]] is not None:
+                axes[node] = entries[node.args[1]]
+            continue
+        if op == "cond":
+            axes[node] = _cond_axes(module, node, axes, batch)
+            continue
+        if not sources:
+            continue
+        src = max(sources, key=lambda a: a.meta["val"].dim() if isinstance(a.meta.get("val"), torch.Tensor) else -1)
+        before = src.meta.get("val")
+        if not isinstance(before, torch.Tensor):
+            continue
+        axis, outer, inner = axes[src]
+        moved = _moved(op, node, before, value, axis, outer, inner, batch)
+        if moved is None:
+            continue
+        if isinstance(value, (list, tuple)):  # unbind's and split's tensors, read by getitem
+            axes[node] = [moved if isinstance(v, torch.Tensor) and _holds(v, moved, batch) else None
+                          for v in value]
+        elif isinstance(value, torch.Tensor) and _holds(value, moved, batch):
+            axes[node] = moved
+    return axes
+
+
+def _holds(value, at: tuple, batch: int) -> bool:
+    """Whether the tensor `value` has the size `at` says on its axis."""
+    axis, outer, inner = at
+    return 0 <= axis < value.dim() and isinstance(value.shape[axis], int) and value.shape[axis] == outer * batch * inner
+
+
+def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batch: int):
+    """(axis, outer, inner) of the batch in `node`'s value, from where it is in its input
+    `before`; None where the op takes it off an axis of its own."""
+    import torch
+
+    rank = before.dim()
+    # max.dim and the like return (values, indices), each of the reduced rank
+    out = value[0] if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor) else value
+    if op == "permute":
+        return [d % rank for d in node.args[1]].index(axis), outer, inner
+    if op == "transpose":
+        ends = [d % rank for d in node.args[1:3]]
+        return (ends[1 - ends.index(axis)] if axis in ends else axis), outer, inner
+    if op in ("select", "unbind"):
+        dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+        return None if dim == axis else (axis - (axis > dim), outer, inner)
+    if op == "unsqueeze":
+        dim = node.args[1] % (rank + 1)
+        return axis + (dim <= axis), outer, inner
+    if op == "squeeze" and isinstance(value, torch.Tensor):
+        dims = node.args[1] if len(node.args) > 1 else [d for d in range(rank) if before.shape[d] == 1]
+        dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims) if before.shape[d % rank] == 1]
+        return None if axis in dims else (axis - sum(d < axis for d in dims), outer, inner)
+    if op in _VIEW_OPS and isinstance(value, torch.Tensor):
+        return _view_axis(list(before.shape), list(value.shape), axis, outer, batch)
+    if op in _REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() < rank:
+        dims = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(dims, (list, tuple, int)):
+            return None
+        dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims)] or list(range(rank))
+        return None if axis in dims else (axis - sum(d < axis for d in dims), outer, inner)
+    out_rank = out.dim() if isinstance(out, torch.Tensor) else rank
+    if out_rank < rank:
+        return None
+    return axis + out_rank - rank, outer, inner  # broadcasting aligns the last axes
+
+
+def _view_axis(before: list, after: list, axis: int, outer: int, batch: int):
+    """Where a view (a reshape) of `before` that holds the batch on `axis` (of size outer *
+    batch * inner) puts it: the axis of `after` that holds the elements batch covers, whole;
+    (axis, outer, inner) there, or None (a batch split over axes, a symbolic size). At a batch
+    of 1 several axes can (nn.MultiheadAttention's [T, 1, heads, dim] as [T, C] holds it in
+    either): an axis other than the last (the features a linear layer reads at a fixed size)
+    first, then an axis of the batch alone, then one it leads."""
+    if not all(isinstance(d, int) for d in (*before, *after)):
+        return None
+    groups = outer  # index groups outside the batch: the axes before it, its outer part
+    for size in before[:axis]:
+        groups *= size
+    found, ahead = [], 1
+    for at, size in enumerate(after):
+        if groups % ahead == 0 and size % (groups // ahead) == 0 and (size // (groups // ahead)) % batch == 0:
+            found.append((at, groups // ahead, size // (groups // ahead) // batch))
+        ahead *= size
+        if ahead > groups * batch and found:
+            break
+    if not found:
+        return None
+    return min(found, key=lambda f: (f[0] == len(after) - 1 > 0, f[1] * f[2] != 1, f[1] != 1))
+
+
+def _cond_axes(module, node, axes: dict, batch: int) -> list | None:
+    """Where torch.cond `node`'s outputs hold the batch, its branches (subgraphs of `module`)
+    freed on the way (`_free_graph` with its operands' axes); None where a branch's outputs
+    disagree or no operand holds it."""
+    operands = node.args[3]
+    found = None
+    for branch in node.args[1:3]:
+        sub = getattr(module, branch.target)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        inputs = {p: axes[o] for p, o in zip(placeholders, operands) if isinstance(axes.get(o), tuple)}
+        if not inputs:
+            return None
+        inner_axes = _free_graph(sub, batch, inputs)
+        output = next(n for n in sub.graph.nodes if n.op == "output")
+        outs = [inner_axes.get(o) if isinstance(inner_axes.get(o), tuple) else None for o in output.args[0]]
+        if found is not None and outs != found:
+            return None
+        found = outs
+    return found
