@@ -179,9 +179,9 @@ def probe(model, tensors: list[str]) -> dict[str, list]:
             if one.ndim == two.ndim else None for name, one, two in zip(tensors, *runs)}
 
 
-def probe_values(model, tensors: list[str]) -> tuple[list, list] | None:
-    """(values at batch 1, values at batch 2) of `tensors` as ONNX Runtime computes them on zero
-    inputs; None where an input has another open dim or the model does not run."""
+def probe_values(model, tensors: list[str], sizes: tuple[int, ...] = (1, 2)) -> tuple[list, ...] | None:
+    """(values at batch 1, values at batch 2, ... one per `sizes`) of `tensors` as ONNX Runtime
+    computes them on zero inputs; None where an input has another open dim or the model does not run."""
     import onnx
     from onnx import helper
 
@@ -208,11 +208,11 @@ def probe_values(model, tensors: list[str]) -> tuple[list, list] | None:
         session = ort.InferenceSession(asked.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
         runs = [session.run(tensors, {name: np.zeros((n, *dims), dtype)
-                                      for name, dims, dtype in feeds}) for n in (1, 2)]
+                                      for name, dims, dtype in feeds}) for n in sizes]
     except Exception as exc:  # ONNX Runtime raises its own types; the Ifs stay
         log.debug("not probed: %s", exc)
         return None
-    return runs[0], runs[1]
+    return tuple(runs)
 
 
 # ops that only lay a weight out (or cast it) which torch's dynamo exporter leaves in the graph

@@ -350,7 +350,7 @@ def _sides(model, target: str, sides: list, head_nodes, batches=()) -> tuple[lis
     """(tensors [N, ...], ((tensor, int64 vector), ...)) that the head's clones read beside
     their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops
     (where `between`'s `batches`, the tensors whose batch size the head's clones read from their
-    own rows instead, must have the target's first dimension, 1 then 2):
+    own rows instead, must have the target's first dimension, 1, 2, then 3 on 3 crops):
     - a tensor whose first dimension is the batch and the rest fixed, each row the crop's alone
       (on two zero crops both rows are the one crop's: a ViT's class token, the residual stream
       beside a norm target; not indices that count the rows): each crop's value in the graph's forward pass,
@@ -364,20 +364,23 @@ def _sides(model, target: str, sides: list, head_nodes, batches=()) -> tuple[lis
         return [], ()
     from camface.export.onnx_fold import probe_values
 
-    runs = probe_values(model, [target, *sides, *batches])
+    # 3 crops too when a batch size is read: rows that are the batch on 1 and 2 crops only (x[:2]'s)
+    sizes = (1, 2, 3) if batches else (1, 2)
+    runs = probe_values(model, [target, *sides, *batches], sizes)
     if runs is None:
         raise ModelError(f"the head after {target!r} also reads {[*sides, *batches][0]!r}, computed beside it from "
                          "the graph's input, and the graph did not run on zeros to say how: it cannot be run again "
                          "on modified copies")
-    ones, twos = ({name: v for name, v in zip([target, *sides, *batches], run)} for run in runs)
+    ones, twos, *more = ({name: v for name, v in zip([target, *sides, *batches], run)} for run in runs)
     for name in batches:
         # the indices the head computes from this tensor's batch size are the clones' when it is
         # the target's: a Swin's window count (N * windows rows) is not
-        found = [v.shape[0] if v.ndim else None for v in (ones[name], twos[name])]
-        if found != [1, 2] or found != [v.shape[0] if v.ndim else None for v in (ones[target], twos[target])]:
+        found = [v[name].shape[0] if v[name].ndim else None for v in (ones, twos, *more)]
+        if found != list(sizes) or found != [v[target].shape[0] if v[target].ndim else None
+                                             for v in (ones, twos, *more)]:
             raise ModelError(f"the head after {target!r} reads the batch size of {name!r}, which is not the "
-                             f"target's ({found[0]} rows on 1 crop, {found[1]} on 2): it cannot be run again "
-                             "on modified copies")
+                             f"target's ({found[0]} rows on 1 crop, {found[1]} on 2, {found[2]} on 3): it cannot be "
+                             "run again on modified copies")
     rows, fixed = [], []
     for name in [target, *sides]:
         one, two = ones[name], twos[name]

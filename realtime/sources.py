@@ -524,6 +524,8 @@ def __getattr__(name: str):
 
 
 MAX_CAMERA_INDEX = 2 ** 31 - 1  # OpenCV takes a C int
+SOURCE_KINDS = "a camera index, a video file, a folder of images, a stream URL or 'sample'"  # what --source takes
+FIXED_KINDS = "a video file, a folder of images or 'sample'"  # what needs the same frames each run takes
 
 
 def is_camera_index(spec: str | None) -> bool:
@@ -584,8 +586,7 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
         raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a pipe); {hint}")
     from camface.outputs import shown
 
-    raise SourceError(f"source not found: {shown(spec)} (expected a camera index, a video file, "
-                      "a folder of images, a stream URL or 'sample')")
+    raise SourceError(f"source not found: {shown(spec)} (expected {SOURCE_KINDS})")
 
 
 def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Source:
@@ -595,14 +596,23 @@ def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Sourc
     they are not tried here). no_camera: what needs the same frames on every run
     ("calibration": its crops set the ranking and int8 ranges a graph records), which then refuses
     a camera index too (a camera was opened, or failed to, only after the whole build)."""
+    kinds = FIXED_KINDS if no_camera else SOURCE_KINDS
     if not spec.strip():  # make_source's words name --source: "--calibration: --source is empty"
-        kinds = "a video file, a folder of images or 'sample'" if no_camera else \
-            "a camera index, a video file, a folder of images, a stream URL or 'sample'"
         raise SourceError(f"{flag} is empty (expected {kinds})")
     try:
         if no_camera and is_camera_index(spec):
             raise SourceError(f"{spec} is a camera index; {no_camera} needs a video file or a folder of "
                               "images (or 'sample', the bundled clip), not a camera")
+        path = Path(spec)
+        if no_camera and spec != "sample" and "://" not in spec and not (path.is_file() or path.is_dir()):
+            # make_source's words offer a camera ("expected a camera index, ...", "camera indices
+            # are 0, 1, ...", "this camera is --source 0"): this flag takes none
+            from camface.outputs import shown
+
+            if path.exists():
+                raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a "
+                                  f"pipe; expected {kinds})")
+            raise SourceError(f"source not found: {shown(spec)} (expected {kinds})")
         opened = make_source(spec)
         if isinstance(opened, ImageFolderSource):
             with opened:

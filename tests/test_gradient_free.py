@@ -467,7 +467,8 @@ def test_a_head_reading_the_inputs_batch_size_reads_its_own(source, bounds, pick
 
 @pytest.mark.parametrize("source, refused", [
     ("x", None),  # the graph's input: its batch is the target's, named N where the target's is unk__1
-    ("doubled", [2, 4]),  # [2N, 4]: an open first dimension that is not the batch (a Swin's windows)
+    ("doubled", [2, 4, 6]),  # [2N, 4]: an open first dimension that is not the batch (a Swin's windows)
+    ("first_two", [1, 2, 2]),  # x[:2]: the batch on 1 and 2 crops only (the clones' 6 rows are not 2)
 ])
 def test_a_batch_size_read_from_a_tensor_shape_inference_named_otherwise_is_checked_by_onnx_runtime(source,
                                                                                                     refused):
@@ -475,29 +476,33 @@ def test_a_batch_size_read_from_a_tensor_shape_inference_named_otherwise_is_chec
     where shape inference named the target's batch unk__30: `between` refused the node (and
     Ablation-CAM was left out). With a list `batches` it takes the nodes, the Shape reading
     the target's own rows, and `_sides` has ONNX Runtime say that the tensor's first dimension
-    is the target's on 1 and 2 crops: run on 6 rows, the head adds 6; a tensor whose first
-    dimension is another (2N rows) is refused, naming it."""
+    is the target's on 1, 2 and 3 crops: run on 6 rows, the head adds 6; a tensor whose first
+    dimension is another (2N rows, or x[:2]'s, the batch on 1 and 2 crops only) is refused, naming it."""
     from onnx import TensorProto, helper
 
     from camface.export import onnx_rerun
 
     nodes = [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Concat", ["x", "x"], ["doubled"], axis=0),
+             helper.make_node("Slice", ["x", "zero", "two", "zero"], ["first_two"]),
              helper.make_node("Shape", [source], ["s"], end=1),
              helper.make_node("Cast", ["s"], ["c"], to=TensorProto.FLOAT), helper.make_node("Add", ["t", "c"], ["out"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+                               helper.make_tensor("two", TensorProto.INT64, [1], [2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    shapes = {"x": ["N", 4], "t": ["unk__1", 4], "doubled": ["unk__2", 4], "s": [1], "c": [1], "out": ["unk__1", 4]}
+    shapes = {"x": ["N", 4], "t": ["unk__1", 4], "doubled": ["unk__2", 4], "first_two": ["unk__3", 4], "s": [1],
+              "c": [1], "out": ["unk__1", 4]}
     with pytest.raises(ModelError, match="also reads 'c'"):  # without `batches`, as before
         onnx_rerun.between(graph, "t", "out", shapes, [])
     sides, batches = [], []
     head = onnx_rerun.between(graph, "t", "out", shapes, sides, batches)
     assert sides == [] and batches == [source] and [n.op_type for n in head] == ["Shape", "Cast", "Add"]
-    assert head[0].input[0] == "t" and nodes[2].input[0] == source  # a copy reads the target's rows
+    assert head[0].input[0] == "t" and nodes[3].input[0] == source  # a copy reads the target's rows
     if refused:
         with pytest.raises(ModelError, match=re.escape(f"the head after 't' reads the batch size of {source!r}, which "
                                                        f"is not the target's ({refused[0]} rows on 1 crop, "
-                                                       f"{refused[1]} on 2)")):
+                                                       f"{refused[1]} on 2, {refused[2]} on 3)")):
             onnx_rerun._sides(model, "t", sides, head, batches)
         return
     assert onnx_rerun._sides(model, "t", sides, head, batches) == ([], ())
@@ -992,7 +997,7 @@ def test_a_side_whose_rows_differ_by_rounding_on_two_crops_is_still_the_crops_ow
     ulp = np.concatenate([row, np.nextafter(row, np.float32(np.inf))])
     counted = np.array([[0, 1, 2, 3]], np.int64)
     for side, rows, kept in ((row, ulp, True), (counted, np.concatenate([counted, counted + 4]), False)):
-        monkeypatch.setattr(onnx_fold, "probe_values", lambda m, names, s=side, r=rows: ([row, s], [ulp, r]))
+        monkeypatch.setattr(onnx_fold, "probe_values", lambda m, names, sizes=(1, 2), s=side, r=rows: ([row, s], [ulp, r]))
         if kept:
             assert onnx_rerun._sides(model, "t", ["s"], [head]) == (["s"], ())
         else:

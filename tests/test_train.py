@@ -395,6 +395,34 @@ def test_a_file_keras_cannot_read_as_weights_is_refused_before_any_photo_is_crop
     assert not (tmp_path / "out").exists()  # no photo was cropped
 
 
+def _hdf5(path, **kwargs):
+    import h5py
+
+    with h5py.File(path, "w", **kwargs) as f:
+        f.create_dataset("model_weights/dense/kernel:0", data=np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("name, make", [
+    ("keras2.h5", _hdf5),  # Keras 2's model.save / save_weights: legacy HDF5
+    ("w.hdf5", _hdf5),
+    ("w.weights.h5", _hdf5),
+    ("blocked.h5", lambda path: _hdf5(path, userblock_size=512)),  # HDF5 after a user block: h5py's check finds it
+    ("w.keras", lambda path: __import__("zipfile").ZipFile(path, "w").writestr("model.weights.h5", b"")),
+    ("w.weights.json", lambda path: path.write_text('{"metadata": {}, "weight_map": {}}')),  # shards' index
+])
+def test_the_weights_files_keras_reads_pass_the_early_check(tmp_path, name, make):
+    """The signature check refuses files Keras cannot read; these it reads (its formats, a legacy
+    .h5 from Keras 2 and a sharded save's .weights.json among them) pass it."""
+    from camface.errors import ModelError
+    from camface.models import transfer
+
+    make(tmp_path / name)
+    assert transfer.check_weights_file(str(tmp_path / name), "mobilenetv2") is None
+    (tmp_path / "other.bin").write_bytes((tmp_path / name).read_bytes())  # the same bytes, a name Keras does not read
+    with pytest.raises(ModelError, match=r"other.bin: not a Keras weights file \(Keras reads"):
+        transfer.check_weights_file(str(tmp_path / "other.bin"), "mobilenetv2")
+
+
 def test_int8_export_of_the_trained_graph(trained, to_int8_once, tmp_path):
     """`camface train --int8`'s step: model.onnx -> model.int8.onnx, calibrated on training
     crops, its agreement checked on held-out ones (as the flag does with the test split). This

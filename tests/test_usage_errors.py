@@ -90,6 +90,13 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["evaluate", "--sanity", "--keras", "empty"], "--keras: empty is a folder, not a model file"),  # "not found"
     (["bench", "--baseline", "keras", "--keras-model", "nope.keras"], "--keras-model: model file not found: nope.keras"),
     (["bench", "--compare-int8", "--calibration", "nope"], "--calibration: source not found: nope"),
+    # what --source takes was offered ('expected a camera index, ...', 'camera indices are 0, 1, ...')
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", "nope"], "--calibration: source not found: nope (expected "
+                                                                    "a video file, a folder of images or 'sample')"),
+    (["bench", "--compare-int8", "--calibration", "-1"], "--calibration: source not found: -1 (expected a video file,"),
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", "/dev/null"],
+     "--calibration: source /dev/null is neither a video file nor a folder of images (a device or a pipe; expected a "
+     "video file, a folder of images or 'sample')"),
     (["bench", "--backbone", "resnet50", "--backbone-size", "16"],
      "--backbone-size must be at least 32 (the Keras backbones' smallest input), got 16"),
     (["compare", "nope.png", "a_file", "--model", "m.onnx", "--preset", "arcface"], "cannot read the photo nope.png"),
