@@ -375,3 +375,39 @@ def test_logits_with_the_batch_last_are_refused_saying_so(tmp_path, capsys, batc
     assert err.strip().endswith("; return them with the batch first, not transposed, or name another output "
                                 "with --class-output)"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
+
+
+class TwoChannels(nn.Module):
+    """Features with as many channels (2) as the batch the program is saved at, passed through
+    an op that adds an axis of its own (stack on dim 1, unfold's last) or a .t(), then viewed by
+    the traced batch."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.conv, self.head = op, nn.Conv2d(3, 2, 8, 8), nn.Linear(2 if op == "t" else 8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).flatten(2)  # [N, 2, 16]
+        if self.op == "stack":
+            stacked = torch.stack([features.mean(2), features.amax(2)], 1)  # [N, 2, 2]
+            return self.head(stacked.view(stacked.shape[0], -1).repeat(1, 2))
+        if self.op == "unfold":
+            windows = features.unfold(2, 4, 4)  # [N, 2, 4, 4]
+            return self.head(windows.mean(3).reshape(windows.shape[0], -1))
+        by_channel = features.mean(2).t()  # [2, N]
+        return self.head(by_channel.reshape(2, by_channel.shape[1], 1).sum(2).t())
+
+
+@pytest.mark.parametrize("op", ["stack", "unfold", "t"])
+def test_an_op_that_moves_the_batch_when_channels_equal_the_batch_is_freed(tmp_path, capsys, op):
+    """The batch was followed through an op that adds axes as if it broadcast (new axes in
+    front): stack(dim=1) and unfold of features [2, 2, 16] saved at a batch of 2 put it on the
+    channels, of size 2 too, and the view by the traced batch kept its 2 (refused, 'Constraints
+    violated (batch)'; accepted before the batch was followed off the first axis); .t() kept
+    it on the first axis, so the view of [C, N] read the channels as the batch. Freed, the
+    graph gives what the model does at 3 crops."""
+    torch.manual_seed(0)
+    model = TwoChannels(op).eval()
+    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=2), tmp_path / "cam.onnx")
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
+                               rtol=1e-4, atol=1e-6)
