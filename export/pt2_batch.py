@@ -207,12 +207,12 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
 def _view_axis(before: list, after: list, axis: int, outer: int, batch: int):
     """Where a view (a reshape) of `before` that holds the batch on `axis` (of size outer *
     batch * inner) puts it: the axis of `after` that holds the elements batch covers, whole;
-    (axis, outer, inner) there, or None (a batch split over axes, a symbolic size). At a batch
+    (axis, outer, inner) there, or None (a batch split over axes, a symbolic or empty size). At a batch
     of 1 several axes can (nn.MultiheadAttention's [T, 1, heads, dim] as [T, C] holds it in
     either): an axis other than the last (the features a linear layer reads at a fixed size)
     first, then an axis of the batch alone, then one it leads."""
-    if not all(isinstance(d, int) for d in (*before, *after)):
-        return None
+    if not all(isinstance(d, int) and d > 0 for d in (*before, *after)):
+        return None  # an empty tensor (no registers: tokens[:, 1:1]) has no elements to follow
     groups = outer  # index groups outside the batch: the axes before it, its outer part
     for size in before[:axis]:
         groups *= size

@@ -245,9 +245,10 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
-    module = pt2_batch.free(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
-    _views_as_reshapes(module)
     try:
+        # inside: a graph pt2_batch.free cannot read is refused in one line as well
+        module = pt2_batch.free(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
+        _views_as_reshapes(module)
         # torch logs the failing op's traceback as an error before it raises: the error below
         # says it in one line (--debug shows both)
         with _quiet("torch.export"), _quiet("torch._subclasses.fake_tensor", logging.CRITICAL
