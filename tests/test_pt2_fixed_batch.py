@@ -323,22 +323,25 @@ def test_views_inside_torch_cond_branches_are_freed(tmp_path, capsys, positive):
 
 
 class LogitsByClass(nn.Module):
-    """The logits, and the same transposed [classes, N] under another name."""
+    """The logits, the same transposed [classes, N] under another name, and the features' tokens
+    as rows [N * T, C]."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
 
     def forward(self, x):
-        logits = self.head(torch.relu(self.conv(x)).mean((2, 3)))
-        return {"logits": logits, "by_class": logits.t()}
+        features = self.conv(x)
+        logits = self.head(torch.relu(features).mean((2, 3)))
+        return {"logits": logits, "by_class": logits.t(), "rows": features.flatten(2).transpose(1, 2).reshape(-1, 8)}
 
 
 def test_an_output_with_the_batch_on_another_axis_is_checked_on_that_axis(tmp_path, capsys):
     """The check that the freed program gives each crop what the saved one does joined every
     output's rows on its first axis: an output [classes, N] beside the logits was taken as a
-    wrong batch ("up to inf apart") and the program refused. The batch is the axis whose size
-    follows the crops."""
+    wrong batch ("up to inf apart") and the program refused, as was one with tokens as rows
+    [N * T, C] (whose first axis grows by T a crop). The batch is the axis whose size follows
+    the crops, a number of rows each."""
     torch.manual_seed(0)
     model = LogitsByClass().eval()
     path = saved(model, tmp_path / "fixed.pt2", batch=2)
