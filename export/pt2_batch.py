@@ -169,9 +169,12 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     out = value[0] if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor) else value
     if op == "permute":
         return [d % rank for d in node.args[1]].index(axis), outer, inner
-    if op == "transpose":
-        ends = [d % rank for d in node.args[1:3]]
-        return (ends[1 - ends.index(axis)] if axis in ends else axis), outer, inner
+    if op == "transpose" or op == "t":  # t: a transpose(0, 1) of a matrix, nothing below 2 axes
+        ends = [d % rank for d in node.args[1:3]] if op == "transpose" else [0, 1][:rank]
+        return (ends[1 - ends.index(axis)] if axis in ends and len(ends) == 2 else axis), outer, inner
+    if op == "stack":  # a new axis at dim, in front of the batch's when dim <= its axis
+        dim = (node.args[1] if len(node.args) > 1 else 0) % (rank + 1)
+        return axis + (dim <= axis), outer, inner
     if op in ("select", "unbind"):
         dim = (node.args[1] if len(node.args) > 1 else 0) % rank
         return None if dim == axis else (axis - (axis > dim), outer, inner)
@@ -193,18 +196,23 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     out_rank = out.dim() if isinstance(out, torch.Tensor) else rank
     if out_rank < rank:
         return None
-    return axis + out_rank - rank, outer, inner  # broadcasting aligns the last axes
+    # broadcasting aligns the last axes: more axes out than in come from an operand with as many
+    # (x + pos[T, 1, C]); an op that adds its own (unfold's last) puts them elsewhere
+    if out_rank > rank and not any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == out_rank
+                                   for a in node.all_input_nodes):
+        return None
+    return axis + out_rank - rank, outer, inner
 
 
 def _view_axis(before: list, after: list, axis: int, outer: int, batch: int):
     """Where a view (a reshape) of `before` that holds the batch on `axis` (of size outer *
     batch * inner) puts it: the axis of `after` that holds the elements batch covers, whole;
-    (axis, outer, inner) there, or None (a batch split over axes, a symbolic size). At a batch
+    (axis, outer, inner) there, or None (a batch split over axes, a symbolic or empty size). At a batch
     of 1 several axes can (nn.MultiheadAttention's [T, 1, heads, dim] as [T, C] holds it in
     either): an axis other than the last (the features a linear layer reads at a fixed size)
     first, then an axis of the batch alone, then one it leads."""
-    if not all(isinstance(d, int) for d in (*before, *after)):
-        return None
+    if not all(isinstance(d, int) and d > 0 for d in (*before, *after)):
+        return None  # an empty tensor (no registers: tokens[:, 1:1]) has no elements to follow
     groups = outer  # index groups outside the batch: the axes before it, its outer part
     for size in before[:axis]:
         groups *= size

@@ -245,9 +245,10 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
-    module = pt2_batch.free(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
-    _views_as_reshapes(module)
     try:
+        # inside: a graph pt2_batch.free cannot read is refused in one line as well
+        module = pt2_batch.free(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
+        _views_as_reshapes(module)
         # torch logs the failing op's traceback as an error before it raises: the error below
         # says it in one line (--debug shows both)
         with _quiet("torch.export"), _quiet("torch._subclasses.fake_tensor", logging.CRITICAL
@@ -335,14 +336,16 @@ def _check_freed(program, again, shape: list[int]) -> None:
         got = outputs(again.module(), crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
-        # an output's batch is the axis whose size went from `fixed` to `count` (logits [C, N]
-        # as well as [N, C]); one with none must not change with the batch
-        axis = next((i for i, (m, n) in enumerate(zip(a.shape, c.shape)) if (m, n) == (fixed, count)), None)
+        # an output's batch is the axis whose size went from `fixed` * rows to `count` * rows
+        # (logits [C, N] as well as [N, C]; tokens as rows [N * T, C], T rows a crop); one with
+        # none must not change with the batch
+        axis, rows = next(((i, m // fixed) for i, (m, n) in enumerate(zip(a.shape, c.shape))
+                           if m > 0 and m % fixed == 0 and n * fixed == m * count), (None, 1))
         if axis is None:
             expected = a
         else:
             a, b, c = (np.moveaxis(t, axis, 0) for t in (a, b, c))
-            expected = np.concatenate([a, b[fixed - count:]]) if count > fixed else a[:count]
+            expected = np.concatenate([a, b[(fixed - count) * rows:]]) if count > fixed else a[:count * rows]
         worst = float(np.abs(c - expected).max(initial=0)) if c.shape == expected.shape else np.inf
         if not worst <= atol + rtol * float(np.abs(expected).max(initial=0)):
             raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "

@@ -323,22 +323,25 @@ def test_views_inside_torch_cond_branches_are_freed(tmp_path, capsys, positive):
 
 
 class LogitsByClass(nn.Module):
-    """The logits, and the same transposed [classes, N] under another name."""
+    """The logits, the same transposed [classes, N] under another name, and the features' tokens
+    as rows [N * T, C]."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
 
     def forward(self, x):
-        logits = self.head(torch.relu(self.conv(x)).mean((2, 3)))
-        return {"logits": logits, "by_class": logits.t()}
+        features = self.conv(x)
+        logits = self.head(torch.relu(features).mean((2, 3)))
+        return {"logits": logits, "by_class": logits.t(), "rows": features.flatten(2).transpose(1, 2).reshape(-1, 8)}
 
 
 def test_an_output_with_the_batch_on_another_axis_is_checked_on_that_axis(tmp_path, capsys):
     """The check that the freed program gives each crop what the saved one does joined every
     output's rows on its first axis: an output [classes, N] beside the logits was taken as a
-    wrong batch ("up to inf apart") and the program refused. The batch is the axis whose size
-    follows the crops."""
+    wrong batch ("up to inf apart") and the program refused, as was one with tokens as rows
+    [N * T, C] (whose first axis grows by T a crop). The batch is the axis whose size follows
+    the crops, a number of rows each."""
     torch.manual_seed(0)
     model = LogitsByClass().eval()
     path = saved(model, tmp_path / "fixed.pt2", batch=2)
@@ -374,4 +377,91 @@ def test_logits_with_the_batch_last_are_refused_saying_so(tmp_path, capsys, batc
     assert err.startswith(f"camface: error: {path}: the logits 't' must be [N, classes] (they are [4, "), err
     assert err.strip().endswith("; return them with the batch first, not transposed, or name another output "
                                 "with --class-output)"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
+
+
+class TwoChannels(nn.Module):
+    """Features with as many channels (2) as the batch the program is saved at, passed through
+    an op that adds an axis of its own (stack on dim 1, unfold's last) or a .t(), then viewed by
+    the traced batch."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.conv, self.head = op, nn.Conv2d(3, 2, 8, 8), nn.Linear(2 if op == "t" else 8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).flatten(2)  # [N, 2, 16]
+        if self.op == "stack":
+            stacked = torch.stack([features.mean(2), features.amax(2)], 1)  # [N, 2, 2]
+            return self.head(stacked.view(stacked.shape[0], -1).repeat(1, 2))
+        if self.op == "unfold":
+            windows = features.unfold(2, 4, 4)  # [N, 2, 4, 4]
+            return self.head(windows.mean(3).reshape(windows.shape[0], -1))
+        by_channel = features.mean(2).t()  # [2, N]
+        return self.head(by_channel.reshape(2, by_channel.shape[1], 1).sum(2).t())
+
+
+@pytest.mark.parametrize("op", ["stack", "unfold", "t"])
+def test_an_op_that_moves_the_batch_when_channels_equal_the_batch_is_freed(tmp_path, capsys, op):
+    """The batch was followed through an op that adds axes as if it broadcast (new axes in
+    front): stack(dim=1) and unfold of features [2, 2, 16] saved at a batch of 2 put it on the
+    channels, of size 2 too, and the view by the traced batch kept its 2 (refused, 'Constraints
+    violated (batch)'; accepted before the batch was followed off the first axis); .t() kept
+    it on the first axis, so the view of [C, N] read the channels as the batch. Freed, the
+    graph gives what the model does at 3 crops."""
+    torch.manual_seed(0)
+    model = TwoChannels(op).eval()
+    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=2), tmp_path / "cam.onnx")
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
+                               rtol=1e-4, atol=1e-6)
+
+
+class NoRegisters(nn.Module):
+    """A ViT's register tokens tokens[:, 1:1 + registers] viewed as heads, with no registers:
+    an empty [N, 0, 2, 4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Conv2d(3, 8, 8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # [N, 16, 8]
+        registers = tokens[:, 1:1].reshape(tokens.shape[0], 0, 2, 4)
+        return self.head(tokens.mean(1) + registers.sum((1, 2, 3)).unsqueeze(1))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_an_empty_view_in_a_program_saved_at_a_fixed_batch_is_freed(batch):
+    """Following the batch through a view of an empty tensor divided by its size 0: the export
+    ended in a ZeroDivisionError traceback. An empty view is left to the first-axis rule, as
+    before the batch was followed: freed, the program gives what the model does at 3 crops.
+    (ONNX cannot reshape an empty tensor by a dynamic batch, so this stops short of the CLI.)"""
+    from camface.export import pt2_batch
+
+    torch.manual_seed(0)
+    model = NoRegisters().eval()
+    program = torch.export.export(model, (torch.zeros(batch, 3, SIZE, SIZE),))
+    freed = pt2_batch.free(program.module(check_guards=False), batch)
+    again = torch.export.export(freed, (torch.zeros(2, 3, SIZE, SIZE),),
+                                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=32)},))
+    crops = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(again.module()(crops), model(crops))
+
+
+def test_a_graph_that_cannot_be_freed_for_any_reason_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """pt2_batch.free ran before camface's one-line errors: anything it raised (a
+    ZeroDivisionError on an empty view) ended the export in a traceback."""
+    from camface.export import pt2_batch
+
+    def fails(module, batch):
+        raise ZeroDivisionError("integer modulo by zero")
+
+    monkeypatch.setattr(pt2_batch, "free", fails)
+    path = saved(NoRegisters().eval(), tmp_path / "fixed.pt2", 2)
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"camface: error: {path}: the program was exported with a fixed batch of 2 and does not "
+                          "run with a dynamic one (camface graphs take 1 to 32 crops at once: integer modulo by "
+                          "zero); export it with a dynamic batch"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
