@@ -36,9 +36,20 @@ def exported(capsys, path, out):
     return out
 
 
-def eager_probs(model, images):
+def eager_probs(model, images, output=None):
+    """The model's probabilities on `images` (its output named `output` when it returns a dict)."""
     with torch.no_grad():
-        return torch.softmax(model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)), 1).numpy()
+        logits = model(torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2))
+    return torch.softmax(logits[output] if output else logits, 1).numpy()
+
+
+def assert_exports_as_the_model(model, capsys, path, out, output=None):
+    """Exports the saved program `path` to `out` (--class-output `output` when the model returns a
+    dict) and asserts the graph's probabilities on IMAGES are the model's."""
+    options = ["--class-output", output] if output else []
+    assert main(["export", str(path), "-o", str(out), *EXPORT, *options]) == 0, capsys.readouterr().err
+    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES, output),
+                               rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -89,9 +100,7 @@ def test_a_contiguous_torch_dropped_at_a_batch_of_one_does_not_fail_the_re_expor
     assert "aten.contiguous.default" not in {str(n.target) for n in program.graph.nodes}  # what torch does
     path = tmp_path / "fixed.pt2"
     torch.export.save(program, str(path))
-    out = exported(capsys, path, tmp_path / "cam.onnx")
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
 
 
 class LogitsAndSigns(nn.Module):
@@ -113,13 +122,7 @@ def test_a_program_with_a_boolean_output_is_checked_as_freed(tmp_path, capsys):
     torch.manual_seed(0)
     model = LogitsAndSigns().eval()
     path = saved(model, tmp_path / "fixed.pt2", batch=1)
-    out = tmp_path / "cam.onnx"
-    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
-        capsys.readouterr().err
-    with torch.no_grad():
-        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx", "logits")
 
 
 class BatchMean(nn.Module):
@@ -180,13 +183,7 @@ def test_a_program_saved_at_32_crops_or_more_is_freed(tmp_path, capsys, batch):
     torch.manual_seed(0)
     model = LogitsAndSigns().eval()
     path = saved(model, tmp_path / "fixed.pt2", batch=batch)
-    out = tmp_path / "cam.onnx"
-    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
-        capsys.readouterr().err
-    with torch.no_grad():
-        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx", "logits")
 
 
 def test_a_contiguous_dropped_in_a_model_with_an_in_place_relu_does_not_fail_the_re_export(tmp_path, capsys):
@@ -202,9 +199,7 @@ def test_a_contiguous_dropped_in_a_model_with_an_in_place_relu_does_not_fail_the
     program = torch.export.export(model, (torch.zeros(1, 3, SIZE, SIZE),))
     path = tmp_path / "fixed.pt2"
     torch.export.save(program, str(path))
-    out = exported(capsys, path, tmp_path / "cam.onnx")
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
     module = program.module(check_guards=False)
     _views_as_reshapes(module)
     assert torch.ops.aten.view.default not in {n.target for n in module.graph.nodes}
@@ -289,9 +284,7 @@ def test_rows_of_tokens_first_are_freed(tmp_path, capsys):
     first axis, after T (refused before: "a and b must have same reduction dim")."""
     torch.manual_seed(0)
     model = RowsOfTokensFirst().eval()
-    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
 
 
 class Branches(nn.Module):
@@ -317,9 +310,7 @@ def test_views_inside_torch_cond_branches_are_freed(tmp_path, capsys, positive):
     model = Branches().eval()
     with torch.no_grad():
         model.head.bias.abs_().mul_(1 if positive else -1)
-    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
 
 
 class LogitsByClass(nn.Module):
@@ -345,13 +336,7 @@ def test_an_output_with_the_batch_on_another_axis_is_checked_on_that_axis(tmp_pa
     torch.manual_seed(0)
     model = LogitsByClass().eval()
     path = saved(model, tmp_path / "fixed.pt2", batch=2)
-    out = tmp_path / "cam.onnx"
-    assert main(["export", str(path), "-o", str(out), *EXPORT, "--class-output", "logits"]) == 0, \
-        capsys.readouterr().err
-    with torch.no_grad():
-        logits = model(torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2))["logits"]
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], torch.softmax(logits, 1).numpy(),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx", "logits")
 
 
 class TransposedLogits(nn.Module):
@@ -411,9 +396,7 @@ def test_an_op_that_moves_the_batch_when_channels_equal_the_batch_is_freed(tmp_p
     graph gives what the model does at 3 crops."""
     torch.manual_seed(0)
     model = TwoChannels(op).eval()
-    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=2), tmp_path / "cam.onnx")
-    np.testing.assert_allclose(run_graph(out, IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
-                               rtol=1e-4, atol=1e-6)
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch=2), tmp_path / "cam.onnx")
 
 
 class NoRegisters(nn.Module):
