@@ -133,22 +133,27 @@ def main(args: argparse.Namespace, on_video=None) -> int:
                          "state from frame to frame through the whole video")
     os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    from camface.api import load
+    from camface.api import load, model_path
     from camface.batch.cluster import check_reachable
-    from camface.batch.inputs import find_videos
+    from camface.batch.inputs import check_one_opens, find_videos
+    from camface.realtime.graph import check_graph_path
 
     if args.out.exists() and not args.out.is_dir():  # said after the model had loaded
         from camface.errors import OutputError
 
         raise OutputError(f"cannot write to output folder {args.out}: it is a file")
     videos = find_videos(args.inputs, args.out)
-    # Bad input fails before OUT_DIR is made: the model, the cluster's address.
-    with load(config=config, device="cpu", cli=True) as opened:  # fail on a bad model before Ray starts; labels for the report
-        graph, model = opened.graph, str(opened.model_path.resolve())
-        config = config.replace(method=opened.config.method, model=Path(model))  # "auto" -> a heatmap
+    # Bad input fails before OUT_DIR is made, the cheap checks first: the model's path, the
+    # cluster's address, then whether any input opens as a video (with none, the model loaded
+    # and Ray started only to fail every video), then the model itself.
+    check_graph_path(model_path(config))
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
+    check_one_opens(videos)
+    with load(config=config, device="cpu", cli=True) as opened:  # fail on a bad model before Ray starts; labels for the report
+        graph, model = opened.graph, str(opened.model_path.resolve())
+        config = config.replace(method=opened.config.method, model=Path(model))  # "auto" -> a heatmap
     from camface.realtime.threads import Terminated, stop_signals
 
     outputs, lock = _check_out_dir(args.out, args.resume)

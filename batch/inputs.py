@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 SKIPPED_NAMED = 10  # files a glob skipped that its warning names; the others are counted
+UNOPENED_NAMED = 3  # videos that do not open that `check_one_opens`' error names; the others are counted
 
 
 class InputError(CamfaceError):
@@ -207,3 +208,28 @@ def _outputs_among(ids: dict[Path, str], out_dir: Path) -> list[Path]:
     videos = {root / "videos" / f"{id_}.mp4" for id_ in known}
     parts = {root / "parts" / id_ for id_ in known}
     return [path for path in ids if path in videos or path.parent in parts]
+
+
+def check_one_opens(videos: list[Video]) -> None:
+    """InputError naming the videos (the first UNOPENED_NAMED, then a count) and why, when not
+    one of them opens as a video: each damaged, or not a video (a file named alone is tried
+    whatever its suffix). The run would load its model and start Ray to fail every one. Each is
+    opened as a worker opens it (`VideoFileSource.check`: the header, no frame decoded; a file
+    cut short opens up to its last whole part), and only up to the first that opens: one
+    that does not among videos that do is that video's failure in the run, said in its record."""
+    from camface.errors import SourceError
+    from camface.outputs import shown
+    from camface.realtime.sources import VideoFileSource
+
+    unopened: dict[str, list[str]] = {}  # why -> the paths it was said of, in input order
+    for count, video in enumerate(videos):
+        try:
+            VideoFileSource(video.path).check()
+            return
+        except SourceError as exc:
+            if count < UNOPENED_NAMED:
+                said = str(exc).removeprefix(f"cannot open video file {video.path}: ")  # the path is named once
+                unopened.setdefault(said, []).append(shown(video.path))
+    named = "; ".join(f"{', '.join(paths)} ({why})" for why, paths in unopened.items())
+    more = f"; and {len(videos) - UNOPENED_NAMED} more" if len(videos) > UNOPENED_NAMED else ""
+    raise InputError(f"none of the {len(videos)} input file(s) opens as a video: {named}{more}; nothing was run")

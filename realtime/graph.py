@@ -134,6 +134,16 @@ def prune(model_bytes: bytes, outputs) -> bytes:
     return model.SerializeToString()
 
 
+def check_graph_path(path: Path) -> None:
+    """ModelError naming `path` when it cannot be a CAM graph whatever it holds, said before a
+    byte of it is read (`camface batch` asks before its inputs are probed): not a regular file
+    (a folder is said to be one, not "not found"), or named as a video."""
+    from camface.outputs import check_model_file
+
+    check_model_file(path, "CAM graph")
+    model_kinds.check_not_a_video(path)
+
+
 class CamGraph:
     """A loaded CAM graph.
 
@@ -143,11 +153,8 @@ class CamGraph:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int = 1):
-        from camface.outputs import check_model_file
-
         path = Path(path)
-        check_model_file(path, "CAM graph")  # a folder is said to be one, not "not found"
-        model_kinds.check_not_a_video(path)
+        check_graph_path(path)
         try:
             model_bytes = path.read_bytes()
         except OSError as exc:  # no read permission: was a PermissionError traceback

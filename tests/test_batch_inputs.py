@@ -169,6 +169,61 @@ def test_bad_input_is_a_clear_error_before_any_work(tmp_path, capsys, make, args
     assert not (tmp_path / "result").exists()  # nothing made: no empty OUT_DIR, lock or Ray left behind
 
 
+def tiny_clip(path: Path) -> Path:
+    """A 2-frame 32x32 MP4 that opens as a video."""
+    import numpy as np
+
+    from tests.realtime_helpers import write_clip
+
+    return write_clip(path, [np.full((32, 32, 3), 40 * k, np.uint8) for k in range(2)])
+
+
+def test_inputs_of_which_none_opens_are_refused_before_the_model_loads_and_out_dir_is_kept(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """Inputs that are all damaged or not videos loaded the model and started Ray, then failed
+    every video. Refused now in one line naming the first few (and a count) and why, exit 2,
+    before the model loads; OUT_DIR of an earlier run is left as it was (a --resume with good
+    inputs still continues it)."""
+    import camface.api
+    from camface.batch import cluster
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "a.mp4").write_bytes(b"x")
+    (archive / "b.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)  # a header, then noise
+    (archive / "c.mkv").write_bytes(b"")
+    (archive / "d.avi").write_bytes(b"RIFF" + b"\x00" * 60)
+    (tmp_path / "notes.txt").write_text("not a video")  # named alone: tried whatever its suffix
+    out = tmp_path / "out"
+    (out / "state").mkdir(parents=True)
+    earlier = {"state/old-0123abcd.json": '{"video": "old-0123abcd", "status": "done"}', "report.md": "# earlier"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    monkeypatch.setattr(camface.api, "load", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cluster, "connect", lambda address: pytest.fail("Ray started"))
+    assert main(["batch", str(archive), str(tmp_path / "notes.txt"), "-o", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"camface: error: none of the 5 input file(s) opens as a video: {archive / 'a.mp4'}, "
+                   f"{archive / 'b.mp4'}, {archive / 'c.mkv'} (not a video OpenCV can decode); and 2 more; "
+                   "nothing was run\n")
+    assert {str(p.relative_to(out)): p.read_text() for p in out.rglob("*") if p.is_file()} == earlier
+
+    # one that opens among them: the run goes on (the others fail in it, each in its record),
+    # and the probe stopped at the first that opened
+    from camface.batch.inputs import check_one_opens
+    from camface.realtime.sources import VideoFileSource
+
+    tiny_clip(archive / "e.mp4")
+    tried = []
+    real = VideoFileSource.check
+    monkeypatch.setattr(VideoFileSource, "check", lambda self: (tried.append(self.path.name), real(self))[1])
+    assert check_one_opens(find_videos([str(tmp_path / "*" / "[eab].mp4")])) is None
+    assert tried == ["a.mp4", "b.mp4", "e.mp4"]
+    tried.clear()
+    assert check_one_opens(find_videos([str(archive / "e.mp4"), str(archive)])) is None
+    assert tried == ["e.mp4"]
+
+
 @pytest.mark.parametrize("resources, kwargs, expected", [
     # (cluster, options) -> (fused, detect actors, detect cpu, graph gpus, graph cpu, render actors, render cpu)
     ({"CPU": 2}, {}, (True, 2, 1.0, 0.0, 0.0, 2, 0.0)),  # no GPU: one actor per CPU runs every stage
@@ -369,7 +424,7 @@ def test_a_resume_with_other_options_refuses_to_leave_other_videos_rows_of_other
     from camface.batch.state import Outputs
     from camface.realtime.config import LiveConfig
 
-    (tmp_path / "v.mp4").write_bytes(b"x")
+    tiny_clip(tmp_path / "v.mp4")  # a video that opens: one that does not is refused before this check
     out = tmp_path / "out"
     outputs = Outputs(out)
     outputs.make()
