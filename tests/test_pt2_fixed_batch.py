@@ -437,7 +437,7 @@ def test_a_graph_that_cannot_be_freed_for_any_reason_is_refused_in_one_line(tmp_
     ZeroDivisionError on an empty view) ended the export in a traceback."""
     from camface.export import pt2_batch
 
-    def fails(module, batch):
+    def fails(module, batch, ties=None):
         raise ZeroDivisionError("integer modulo by zero")
 
     monkeypatch.setattr(pt2_batch, "free", fails)
@@ -448,3 +448,30 @@ def test_a_graph_that_cannot_be_freed_for_any_reason_is_refused_in_one_line(tmp_
                           "run with a dynamic one (camface graphs take 1 to 32 crops at once: integer modulo by "
                           "zero); export it with a dynamic batch"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
+
+
+class ExpandedPair(nn.Module):
+    """Features f [N, C] expanded to a pair [2, N, C] and viewed as rows [2, N * C]: at a batch of
+    1, [2, 1, C] as [2, C] holds the batch on either axis (it is on the second, the -1's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.weights = nn.Parameter(torch.randn(2, 1))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        pair = features.unsqueeze(0).expand(2, -1, -1).reshape(2, -1)
+        return self.head((pair * self.weights).reshape(2, -1, 8).sum(0))
+
+
+def test_a_view_whose_batch_axis_is_ambiguous_at_a_batch_of_one_is_freed(tmp_path, capsys):
+    """Saved at a batch of 1, the pair [2, 1, C] viewed as [2, C] holds the batch on either axis;
+    the tie-break took the first, made the view (2 * N, -1), and the program was refused ("The
+    size of tensor a (2*s77) must match the size of tensor b (2)"; accepted at 7aad2f0, which
+    left the -1 alone). Each candidate of such a view is tried, the first whose freed program
+    gives each crop what the saved one does kept: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = ExpandedPair().eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+
