@@ -18,7 +18,8 @@ _SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "emp
               "new_zeros", "new_ones", "new_empty", "new_full")
 _VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unflatten")  # as many elements out as in
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "prod",
-               "logsumexp", "norm", "all", "any")
+               "logsumexp", "norm", "linalg_vector_norm", "all", "any")
+_DIMS_THIRD = ("norm", "linalg_vector_norm")  # (self, p, dim, ...): their reduced dims follow p
 
 
 class Ties:
@@ -214,7 +215,8 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     if op in _VIEW_OPS and isinstance(value, torch.Tensor):
         return _view_axis(list(before.shape), list(value.shape), axis, outer, batch, ties)
     if op in _REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() < rank:
-        dims = node.args[1] if len(node.args) > 1 else None
+        at = 2 if op in _DIMS_THIRD else 1
+        dims = node.args[at] if len(node.args) > at else None
         if not isinstance(dims, (list, tuple, int)):
             return None
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims)] or list(range(rank))
