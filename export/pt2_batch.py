@@ -18,21 +18,48 @@ _SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "emp
               "new_zeros", "new_ones", "new_empty", "new_full")
 _VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unflatten")  # as many elements out as in
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "prod",
-               "logsumexp", "norm", "all", "any")
+               "logsumexp", "norm", "linalg_vector_norm", "all", "any")
+_DIMS_THIRD = ("norm", "linalg_vector_norm")  # (self, p, dim, ...): their reduced dims follow p
 
 
-def free(module, batch: int):
+class Ties:
+    """The axes taken where a view's batch is ambiguous: at a batch of 1, [2, 1, C] viewed as
+    [2, C] holds it on either axis, and only running the freed program on another batch tells
+    which. `picks[k]` is the candidate taken at the k-th such view (in graph order; 0, the
+    tie-break's, past the end of `picks`); `counts[k]` is how many that view had, filled in by
+    `free`."""
+
+    def __init__(self, picks=()):
+        self.picks, self.counts = list(picks), []
+
+    def take(self, found: list):
+        """The candidate of `found` (best first) this view gets; counted when there are several."""
+        if len(found) < 2:
+            return found[0]
+        k = len(self.counts)
+        self.counts.append(len(found))
+        return found[self.picks[k]] if k < len(self.picks) and self.picks[k] < len(found) else found[0]
+
+    def others(self, limit: int) -> list:
+        """Up to `limit` Ties, each taking another candidate at one of the ambiguous views `free`
+        met with the tie-break's everywhere (these Ties, picking none), the tie-break's at the
+        others; in graph order."""
+        return [Ties([*[0] * k, j]) for k, count in enumerate(self.counts) for j in range(1, count)][:limit]
+
+
+def free(module, batch: int, ties: Ties | None = None):
     """`module` (a program's graph, traced at the fixed `batch`) with the shapes its views,
     expands and tensor constructors were traced with reading the input's batch instead of the
     number `batch` (a flatten traced at batch 2 is a view(2, C); nn.MultiheadAttention's heads
     [T, 2 * heads, dim] at a batch of 2), in place, the branches of its torch.cond too;
-    returns `module`."""
+    returns `module`. Where a view's batch axis is ambiguous, `ties` says which to take and
+    counts the candidates (the tie-break's when None)."""
     image = next(n for n in module.graph.nodes if n.op == "placeholder")
-    _free_graph(module, batch, {image: (0, 1, 1)})
+    _free_graph(module, batch, {image: (0, 1, 1)}, ties or Ties())
     return module
 
 
-def _free_graph(module, batch: int, inputs: dict) -> dict:
+def _free_graph(module, batch: int, inputs: dict, ties: Ties) -> dict:
     """`free` of the graph of `module` whose placeholders `inputs` hold the batch as
     {placeholder: (axis, outer, inner)} (that axis's size is outer * batch * inner); the same
     for the nodes of the graph (`_batch_axes`)."""
@@ -51,7 +78,7 @@ def _free_graph(module, batch: int, inputs: dict) -> dict:
         size = graph.call_function(torch.ops.aten.sym_size.int, (source, axis))
         if outer * inner > 1:
             size = graph.call_function(operator.floordiv, (size, outer * inner))
-    axes = _batch_axes(module, inputs, batch)
+    axes = _batch_axes(module, inputs, batch, ties)
     _joined_axes(graph, axes, batch)
     for node in list(graph.nodes):
         op = _op_name(node)
@@ -109,7 +136,7 @@ def _op_name(node) -> str:
     return getattr(node.target, "_opname", getattr(node.target, "__name__", ""))
 
 
-def _batch_axes(module, inputs: dict, batch: int) -> dict:
+def _batch_axes(module, inputs: dict, batch: int, ties: Ties) -> dict:
     """{node: (axis, outer, inner)} for the nodes of `module`'s graph that hold the batch on one
     axis, that axis's size outer * batch * inner (a Swin's windows [batch * windows, ...] lead
     with (0, 1, windows); nn.MultiheadAttention's tokens [T, batch, C] hold it at (1, 1, 1), its
@@ -133,7 +160,7 @@ def _batch_axes(module, inputs: dict, batch: int) -> dict:
                 axes[node] = entries[node.args[1]]
             continue
         if op == "cond":
-            axes[node] = _cond_axes(module, node, axes, batch)
+            axes[node] = _cond_axes(module, node, axes, batch, ties)
             continue
         if not sources:
             continue
@@ -142,7 +169,7 @@ def _batch_axes(module, inputs: dict, batch: int) -> dict:
         if not isinstance(before, torch.Tensor):
             continue
         axis, outer, inner = axes[src]
-        moved = _moved(op, node, before, value, axis, outer, inner, batch)
+        moved = _moved(op, node, before, value, axis, outer, inner, batch, ties)
         if moved is None:
             continue
         if isinstance(value, (list, tuple)):  # unbind's and split's tensors, read by getitem
@@ -159,7 +186,7 @@ def _holds(value, at: tuple, batch: int) -> bool:
     return 0 <= axis < value.dim() and isinstance(value.shape[axis], int) and value.shape[axis] == outer * batch * inner
 
 
-def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batch: int):
+def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batch: int, ties: Ties):
     """(axis, outer, inner) of the batch in `node`'s value, from where it is in its input
     `before`; None where the op takes it off an axis of its own."""
     import torch
@@ -186,9 +213,10 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims) if before.shape[d % rank] == 1]
         return None if axis in dims else (axis - sum(d < axis for d in dims), outer, inner)
     if op in _VIEW_OPS and isinstance(value, torch.Tensor):
-        return _view_axis(list(before.shape), list(value.shape), axis, outer, batch)
+        return _view_axis(list(before.shape), list(value.shape), axis, outer, batch, ties)
     if op in _REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() < rank:
-        dims = node.args[1] if len(node.args) > 1 else None
+        at = 2 if op in _DIMS_THIRD else 1
+        dims = node.args[at] if len(node.args) > at else None
         if not isinstance(dims, (list, tuple, int)):
             return None
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims)] or list(range(rank))
@@ -204,13 +232,13 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     return axis + out_rank - rank, outer, inner
 
 
-def _view_axis(before: list, after: list, axis: int, outer: int, batch: int):
+def _view_axis(before: list, after: list, axis: int, outer: int, batch: int, ties: Ties):
     """Where a view (a reshape) of `before` that holds the batch on `axis` (of size outer *
     batch * inner) puts it: the axis of `after` that holds the elements batch covers, whole;
     (axis, outer, inner) there, or None (a batch split over axes, a symbolic or empty size). At a batch
     of 1 several axes can (nn.MultiheadAttention's [T, 1, heads, dim] as [T, C] holds it in
     either): an axis other than the last (the features a linear layer reads at a fixed size)
-    first, then an axis of the batch alone, then one it leads."""
+    first, then an axis of the batch alone, then one it leads; `ties` may take another."""
     if not all(isinstance(d, int) and d > 0 for d in (*before, *after)):
         return None  # an empty tensor (no registers: tokens[:, 1:1]) has no elements to follow
     groups = outer  # index groups outside the batch: the axes before it, its outer part
@@ -225,10 +253,10 @@ def _view_axis(before: list, after: list, axis: int, outer: int, batch: int):
             break
     if not found:
         return None
-    return min(found, key=lambda f: (f[0] == len(after) - 1 > 0, f[1] * f[2] != 1, f[1] != 1))
+    return ties.take(sorted(found, key=lambda f: (f[0] == len(after) - 1 > 0, f[1] * f[2] != 1, f[1] != 1)))
 
 
-def _cond_axes(module, node, axes: dict, batch: int) -> list | None:
+def _cond_axes(module, node, axes: dict, batch: int, ties: Ties) -> list | None:
     """Where torch.cond `node`'s outputs hold the batch, its branches (subgraphs of `module`)
     freed on the way (`_free_graph` with its operands' axes); None where a branch's outputs
     disagree or no operand holds it."""
@@ -240,7 +268,7 @@ def _cond_axes(module, node, axes: dict, batch: int) -> list | None:
         inputs = {p: axes[o] for p, o in zip(placeholders, operands) if isinstance(axes.get(o), tuple)}
         if not inputs:
             return None
-        inner_axes = _free_graph(sub, batch, inputs)
+        inner_axes = _free_graph(sub, batch, inputs, ties)
         output = next(n for n in sub.graph.nodes if n.op == "output")
         outs = [inner_axes.get(o) if isinstance(inner_axes.get(o), tuple) else None for o in output.args[0]]
         if found is not None and outs != found:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
 MAX_CROPS = 32  # the most crops a camface graph takes at once (the re-export's dynamic batch)
+_OTHER_TIES = 6  # the most other choices tried where a view's batch axis is ambiguous (pt2_batch.Ties)
 
 
 HOW_TO_EXPORT = ("ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
@@ -245,19 +246,33 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
-    try:
+
+    def again(ties=None):
         # inside: a graph pt2_batch.free cannot read is refused in one line as well
-        module = pt2_batch.free(program.module(check_guards=False), fixed_batch) if fixed_batch else program.module()
+        module = (pt2_batch.free(program.module(check_guards=False), fixed_batch, ties) if fixed_batch
+                  else program.module())
         _views_as_reshapes(module)
         # torch logs the failing op's traceback as an error before it raises: the error below
         # says it in one line (--debug shows both)
         with _quiet("torch.export"), _quiet("torch._subclasses.fake_tensor", logging.CRITICAL
                                             if not log.isEnabledFor(logging.DEBUG) else logging.NOTSET):
-            again = torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
+            exported = torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
             if fixed_batch:
-                _check_freed(program, again, [fixed_batch, *shape[1:]])
-            return again
+                _check_freed(program, exported, [fixed_batch, *shape[1:]])
+            return exported
+
+    ties = pt2_batch.Ties()
+    try:
+        return again(ties)
     except Exception as exc:
+        # a view whose batch axis was ambiguous (at a batch of 1) may hold it on another: the
+        # first other choice whose freed program passes the check is it; else the first error
+        for other in ties.others(_OTHER_TIES) if fixed_batch else []:
+            try:
+                return again(other)
+            except Exception:
+                log.debug("%s: freed with the batch of view %d on its candidate %d: refused too",
+                          path, len(other.picks) - 1, other.picks[-1], exc_info=True)
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if fixed_batch and why.startswith("Constraints violated"):  # torch's next words: run with TORCH_LOGS
             why = (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "

@@ -437,7 +437,7 @@ def test_a_graph_that_cannot_be_freed_for_any_reason_is_refused_in_one_line(tmp_
     ZeroDivisionError on an empty view) ended the export in a traceback."""
     from camface.export import pt2_batch
 
-    def fails(module, batch):
+    def fails(module, batch, ties=None):
         raise ZeroDivisionError("integer modulo by zero")
 
     monkeypatch.setattr(pt2_batch, "free", fails)
@@ -448,3 +448,61 @@ def test_a_graph_that_cannot_be_freed_for_any_reason_is_refused_in_one_line(tmp_
                           "run with a dynamic one (camface graphs take 1 to 32 crops at once: integer modulo by "
                           "zero); export it with a dynamic batch"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
+
+
+class ExpandedPair(nn.Module):
+    """Features f [N, C] expanded to a pair [2, N, C] and viewed as rows [2, N * C]: at a batch of
+    1, [2, 1, C] as [2, C] holds the batch on either axis (it is on the second, the -1's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.weights = nn.Parameter(torch.randn(2, 1))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        pair = features.unsqueeze(0).expand(2, -1, -1).reshape(2, -1)
+        return self.head((pair * self.weights).reshape(2, -1, 8).sum(0))
+
+
+def test_a_view_whose_batch_axis_is_ambiguous_at_a_batch_of_one_is_freed(tmp_path, capsys):
+    """Saved at a batch of 1, the pair [2, 1, C] viewed as [2, C] holds the batch on either axis;
+    the tie-break took the first, made the view (2 * N, -1), and the program was refused ("The
+    size of tensor a (2*s77) must match the size of tensor b (2)"; accepted at 7aad2f0, which
+    left the -1 alone). Each candidate of such a view is tried, the first whose freed program
+    gives each crop what the saved one does kept: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = ExpandedPair().eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+
+
+class TokenNorms(nn.Module):
+    """Tokens [T, N, C] reduced to their norms [T, N] over C (p first, then the dims: aten.norm's
+    ScalarOpt_dim as an older torch recorded x.norm(1, -1), or linalg_vector_norm as torch 2.13
+    does), viewed as [T, N, 1] by their traced sizes."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.embed, self.head = op, nn.Conv2d(3, 8, 8, 8), nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).permute(2, 0, 1)
+        norms = torch.ops.aten.norm.ScalarOpt_dim(tokens, 1, [-1]) if self.op == "norm" else tokens.norm(1, -1)
+        return self.head((norms.reshape(norms.shape[0], norms.shape[1], 1) * self.scale).mean(0))
+
+
+@pytest.mark.parametrize("op", ["norm", "linalg_vector_norm"])
+def test_the_batch_is_followed_through_a_norm_over_other_axes(tmp_path, capsys, op):
+    """aten.norm.ScalarOpt_dim(x, p, dim) was read as reducing the axes p names (p=1: the
+    batch's axis of tokens [T, N, C]), and linalg_vector_norm not as a reduction: the batch was
+    lost, the view of the norms [T, N] as [T, N, 1] kept the traced N and the program was refused
+    ('Constraints violated (batch)'). Their dims are read after p: the graph gives the model's
+    probabilities."""
+    torch.manual_seed(0)
+    model = TokenNorms(op).eval()
+    program = torch.export.export(model, (torch.zeros(2, 3, SIZE, SIZE),))
+    assert f"aten.{op}" in {str(n.target).rsplit(".", 1)[0] for n in program.graph.nodes}
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(program, str(path))
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
