@@ -6,7 +6,8 @@ Every node lies on the graph as written (local functions inlined first); shapes 
 metadata `pkg.torch.onnx.name_scopes` that torch.onnx's dynamo exporter writes: the module's
 output is the last tensor written inside the module and read outside it.
 
-A vision transformer's target is tokens [N, T, C] (`default_token_target`): `token_grid` finds
+A vision transformer's target is tokens [N, T, C] (`default_token_target`; tokens [T, N, C] are
+transposed to [N, T, C] first by `batch_first`): `token_grid` finds
 how they lie on the image, `with_token_grid` lays the patches out as an NHWC map that the model
 reads back through, and that map is then a target like any spatial map.
 """
@@ -1792,7 +1793,10 @@ def default_mlp_target(classifier: Classifier, target: str) -> str | None:
 def default_token_target(classifier: Classifier) -> str | None:
     """A vision transformer's default target: the tokens [N, T, C] that the last attention's
     queries, keys and values are computed from (the input of its qkv linear layer: ViT and
-    DeiT's blocks[-1].norm1); None when the model has no attention [N, heads, T, T]."""
+    DeiT's blocks[-1].norm1), or [T, N, C] where the qkv layer reads tokens first
+    (nn.MultiheadAttention: the tokens [N, T, C] it transposes with batch_first=True, the
+    previous encoder layer's output; `batch_first` lays [T, N, C] out as [N, T, C]); None when
+    the model has no attention [N, heads, T, T]."""
     model = classifier.model
     dims = shapes(model)
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -1808,9 +1812,73 @@ def default_token_target(classifier: Classifier) -> str | None:
             continue
         seen.add(name)
         node = producer[name]
-        if node.op_type in ("MatMul", "Gemm") and node.input[1] in values:
+        if node.op_type in ("Shape", "Size"):
+            # sizes, not values: nn.MultiheadAttention's views read the shape of its input, which
+            # would lead back past it to the previous block's MLP
+            continue
+        weight = node.input[1] if len(node.input) > 1 else ""
+        while weight in producer and producer[weight].op_type == "Identity":
+            weight = producer[weight].input[0]  # a weight shared with an equal layer (nn.TransformerEncoder's copies)
+        if node.op_type in ("MatMul", "Gemm") and weight in values:
             shape = dims.get(node.input[0]) or []
             if len(shape) == 3 and shape[1] == count:
                 return node.input[0]
+            if len(shape) == 3 and shape[0] == count:  # [T, N, C]: nn.MultiheadAttention's layout
+                before = producer.get(node.input[0])
+                if before is not None and before.op_type == "Transpose" and \
+                        _perm(before) == [1, 0, 2] and (dims.get(before.input[0]) or [None] * 3)[1] == count:
+                    return before.input[0]  # batch_first=True: the tokens [N, T, C] it was given
+                return node.input[0]
         queue.extend(node.input)
     return None
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def tokens_first(classifier: Classifier, tokens: str) -> bool:
+    """Whether `tokens` are laid out [T, N, C], the token axis first (nn.TransformerEncoder and
+    nn.MultiheadAttention with batch_first=False): their first axis is fixed and their second
+    the batch (symbolic), or their first is the token count T of an attention and their second
+    is not."""
+    dims = shapes(classifier.model).get(tokens) or []
+    if len(dims) != 3:
+        return False
+    counts = {_attended_tokens(n, shapes(classifier.model)) for n in _attentions(classifier)}
+    return isinstance(dims[0], int) and (not isinstance(dims[1], int) or dims[0] in counts and dims[1] not in counts)
+
+
+def batch_first(classifier: Classifier, tokens: str) -> tuple[Classifier, str]:
+    """(the classifier, the tokens [N, T, C]): `tokens` themselves when they are [N, T, C]; when
+    they are [T, N, C] (`tokens_first`), the classifier rewritten to transpose them to [N, T, C]
+    and its readers to read them back through a second transpose (the same values), and that
+    [N, T, C] tensor, which `token_grid` and `with_token_grid` take as any other."""
+    import dataclasses
+
+    import onnx
+    from onnx import helper
+
+    if not tokens_first(classifier, tokens):
+        return classifier, tokens
+    model = onnx.ModelProto()
+    model.CopyFrom(classifier.model)
+    graph = model.graph
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+    names = []
+    for hint in ("batch_first", "tokens_first"):
+        name, index = f"{tokens}/{hint}", 1
+        while name in taken:
+            index += 1
+            name = f"{tokens}/{hint}_{index}"
+        taken.add(name)
+        names.append(name)
+    added = [helper.make_node("Transpose", [tokens], [names[0]], perm=[1, 0, 2], name=names[0]),
+             helper.make_node("Transpose", [names[0]], [names[1]], perm=[1, 0, 2], name=names[1])]
+    nodes = list(graph.node)
+    at = next((i + 1 for i, n in enumerate(nodes) if tokens in n.output), 0)
+    for node in nodes[at:]:
+        node.input[:] = [names[1] if x == tokens else x for x in node.input]
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + added + nodes[at:])
+    return dataclasses.replace(classifier, model=prepare(model, where="the token layout")), names[0]

@@ -968,3 +968,77 @@ def test_a_double_weight_cast_to_float16_is_not_folded():
     assert [n.op_type for n in folded.graph.node] == ["Identity"]
     np.testing.assert_array_equal(run(folded), run(single))
     assert np.isinf(run(folded)[3])
+
+
+class EncoderViT(nn.Module):
+    """A ViT as users write it with nn.TransformerEncoder: patch tokens [T, N, C]
+    (flatten(2).permute(2, 0, 1)), a class token joined before them or none, the encoder with
+    batch_first=False on [T, N, C], or batch_first=True on the same tokens transposed to
+    [N, T, C]; the class token's logits or the mean token's."""
+
+    def __init__(self, batch_first, class_token, dim=16, classes=4):
+        super().__init__()
+        self.batch_first, self.class_token = batch_first, class_token
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn((SIZE // 8) ** 2 + class_token, 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).permute(2, 0, 1)
+        if self.class_token:
+            x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x])
+        x = x + self.pos
+        if self.batch_first:
+            x = self.encoder(x.transpose(0, 1))
+            return self.head(x[:, 0] if self.class_token else x.mean(1))
+        x = self.encoder(x)
+        return self.head(x[0] if self.class_token else x.mean(0))
+
+
+@pytest.mark.parametrize("kind, class_token", [("legacy", True), ("pt2", False)])
+def test_a_transformer_encoder_on_tokens_first_defaults_to_the_target_of_batch_first(tmp_path, kind,
+                                                                                     class_token):
+    """nn.TransformerEncoder(batch_first=False) keeps tokens [T, N, C] between its layers: the
+    default target was refused ("no spatial feature map ... a token target [N, T, C] needs ..."),
+    and with batch_first=True it was the previous layer's MLP ReLU, found through the shape of
+    the tokens that nn.MultiheadAttention reads (and through the weights the exporter shares
+    between the encoder's equal copies). Both now take the tokens the last attention reads (the
+    previous layer's output), [T, N, C] read through a transpose to [N, T, C]: the same target,
+    grid, probabilities and maps (each scaled by its largest value) at 1 and 3 crops."""
+    from onnx_helpers import save_program
+    from test_onnx_export_models import run_graph
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    tokens_first = EncoderViT(False, class_token).eval()
+    batch_first = EncoderViT(True, class_token).eval()
+    batch_first.load_state_dict(tokens_first.state_dict())
+    results = {}
+    for name, model in (("tokens_first", tokens_first), ("batch_first", batch_first)):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = legacy_onnx(model, folder / "m.onnx") if kind == "legacy" else \
+            save_program(model, folder / "m.pt2", size=SIZE)
+        results[name] = onnx_export.export(path, folder / "cam.onnx", ExportOptions(preset="unit"))
+    first, batch = (results[n].info for n in ("tokens_first", "batch_first"))
+    assert first.target_layer == batch.target_layer == "encoder.layers.0"
+    assert first.token_grid == batch.token_grid == {"prefix": int(class_token), "height": 4, "width": 4}
+    assert first.target_reason == onnx_export.REASON_VIT and first.heatmaps == batch.heatmaps
+    assert "gradcam" in first.heatmaps
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    for crops in (1, 3):
+        classes = np.array([-1, 2, 0][:crops])
+        got = {n: run_graph(results[n].path, images[:crops], classes) for n in results}
+        np.testing.assert_allclose(got["tokens_first"]["probs"], got["batch_first"]["probs"],
+                                   rtol=1e-4, atol=1e-6)
+        for heatmap in batch.heatmaps:
+            scale = float(np.abs(got["batch_first"][heatmap]).max())
+            assert scale > 0, heatmap
+            np.testing.assert_allclose(got["tokens_first"][heatmap] / scale,
+                                       got["batch_first"][heatmap] / scale, atol=1e-4,
+                                       err_msg=f"{heatmap} at {crops} crop(s)")
