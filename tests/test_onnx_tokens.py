@@ -1042,3 +1042,27 @@ def test_a_transformer_encoder_on_tokens_first_defaults_to_the_target_of_batch_f
             np.testing.assert_allclose(got["tokens_first"][heatmap] / scale,
                                        got["batch_first"][heatmap] / scale, atol=1e-4,
                                        err_msg=f"{heatmap} at {crops} crop(s)")
+
+
+def test_tokens_first_named_by_target_layer_are_laid_on_their_grid(tmp_path):
+    """--target-layer naming tokens [T, N, C] (an nn.TransformerEncoder layer with
+    batch_first=False) was refused ("is no token tensor [N, tokens, channels] with a fixed
+    number of tokens"): they are transposed to [N, T, C] first, and the maps are the default's."""
+    from onnx_helpers import save_program
+    from test_onnx_export_models import run_graph
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = save_program(EncoderViT(False, True).eval(), tmp_path / "m.pt2", size=SIZE)
+    default = onnx_export.export(path, tmp_path / "default.onnx", ExportOptions(preset="unit"))
+    named = onnx_export.export(path, tmp_path / "named.onnx",
+                               ExportOptions(preset="unit", target_layer="encoder.layers.0"))
+    assert named.info.token_grid == {"prefix": 1, "height": 4, "width": 4}
+    assert named.info.heatmaps == default.info.heatmaps
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    got, want = (run_graph(r.path, images, np.array([-1, 2, 0])) for r in (named, default))
+    for output in want:
+        scale = max(float(np.abs(want[output]).max()), 1e-12)
+        np.testing.assert_allclose(got[output] / scale, want[output] / scale, atol=1e-5, err_msg=output)
