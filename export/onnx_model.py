@@ -1462,18 +1462,26 @@ def _ancestors(model, tensor: str) -> set[str]:
 
 def _patch_offset(classifier: Classifier, tokens: str, count: int, patches: int) -> int | None:
     """How many tokens come before the patches in `tokens` [N, count, C]: read from the last
-    Concat along the token axis that makes `count` tokens before them, as the sum of the token
+    Concat along the token axis (the first of tokens [T, N, C] laid out by `batch_first`) that
+    makes `count` tokens before them, as the sum of the token
     counts of its inputs before the one input of `patches` tokens computed from the image
     (the others are learned tokens: class, distillation, registers; DINOv2's class token sliced
     off the patches counts as one of them). None when no such Concat says it."""
     model, dims = classifier.model, shapes(classifier.model)
     live, ancestors = differentiable(model, classifier.input_name), _ancestors(model, tokens)
+
+    def token_axis(node) -> int | None:  # 1 of tokens [N, T, C], 0 of [T, N, C] (`batch_first`)
+        shape, axis = dims.get(node.output[0]) or [], next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if len(shape) != 3 or axis % 3 not in (0, 1) or shape[axis % 3] != count:
+            return None
+        return axis % 3 if axis % 3 == 1 or shape[1] != count else None
+
     joins = [n for n in model.graph.node if n.op_type == "Concat" and n.output[0] in ancestors
-             and len(dims.get(n.output[0]) or []) == 3 and dims[n.output[0]][1] == count
-             and next((a.i for a in n.attribute if a.name == "axis"), 0) % 3 == 1]
+             and token_axis(n) is not None]
     if not joins:
         return None
-    sizes = [(dims.get(x) or [None, None])[1] for x in joins[-1].input]
+    axis = token_axis(joins[-1])
+    sizes = [(dims.get(x) or [None, None])[axis] for x in joins[-1].input]
     if not all(isinstance(d, int) for d in sizes):
         return None
     carriers = [i for i, x in enumerate(joins[-1].input) if x in live and sizes[i] == patches]

@@ -1066,3 +1066,55 @@ def test_tokens_first_named_by_target_layer_are_laid_on_their_grid(tmp_path):
     for output in want:
         scale = max(float(np.abs(want[output]).max()), 1e-12)
         np.testing.assert_allclose(got[output] / scale, want[output] / scale, atol=1e-5, err_msg=output)
+
+
+class EncoderViTWithRegister(EncoderViT):
+    """EncoderViT with a class token before the patches and a register after them, joined
+    along the token axis of [T, N, C] (batch_first=False) or of [N, T, C] (batch_first=True)."""
+
+    def __init__(self, batch_first):
+        super().__init__(batch_first, True)
+        self.register = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos = nn.Parameter(torch.randn((SIZE // 8) ** 2 + 2, 1, 16))
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).permute(2, 0, 1)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+            n = x.shape[0]
+            x = torch.cat([self.cls.expand(n, -1, -1), x, self.register.expand(n, -1, -1)], 1)
+            return self.head(self.encoder(x + self.pos.transpose(0, 1))[:, 0])
+        n = x.shape[1]
+        x = torch.cat([self.cls.expand(-1, n, -1), x, self.register.expand(-1, n, -1)])
+        return self.head(self.encoder(x + self.pos)[0])
+
+
+def test_a_register_after_tokens_first_patches_is_a_suffix(tmp_path):
+    """Tokens [T, N, C] joined as class token, patches, register along their first axis: the
+    register was taken for a second prefix token (only a Concat along axis 1 was read), which
+    shifted every patch by one grid cell. It is a suffix token, as where the same tokens are
+    joined [N, T, C] along axis 1, and the maps are those."""
+    from test_onnx_export_models import run_graph
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    tokens_first = EncoderViTWithRegister(False).eval()
+    batch_first = EncoderViTWithRegister(True).eval()
+    batch_first.load_state_dict(tokens_first.state_dict())
+    results = {}
+    for name, model in (("tokens_first", tokens_first), ("batch_first", batch_first)):
+        (tmp_path / name).mkdir()
+        results[name] = onnx_export.export(legacy_onnx(model, tmp_path / name / "m.onnx"),
+                                           tmp_path / name / "cam.onnx", ExportOptions(preset="unit"))
+    first, batch = (results[n].info for n in ("tokens_first", "batch_first"))
+    assert first.token_grid == batch.token_grid == {"prefix": 1, "height": 4, "width": 4, "suffix": 1}
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    got = {n: run_graph(results[n].path, images, np.array([-1, 2, 0])) for n in results}
+    np.testing.assert_allclose(got["tokens_first"]["probs"], got["batch_first"]["probs"], rtol=1e-4, atol=1e-6)
+    for heatmap in ("gradcam", "hirescam", "eigencam"):
+        scale = float(np.abs(got["batch_first"][heatmap]).max())
+        assert scale > 0, heatmap
+        np.testing.assert_allclose(got["tokens_first"][heatmap] / scale, got["batch_first"][heatmap] / scale,
+                                   atol=1e-4, err_msg=heatmap)
