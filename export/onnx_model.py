@@ -1611,29 +1611,30 @@ def _check_patch_order(classifier: Classifier, tokens: str, source: str, layout:
     producer = {o: n for n in model.graph.node for o in n.output}
     height, width = grid
     ancestors = _ancestors(model, tokens)
-    carriers = []
+    carriers = []  # (tensor, its token axis: 0 of patches [h * w, N, C] (`batch_first`), else 1)
     for node in model.graph.node:
         out = node.output[0] if node.output else ""
         shape = dims.get(out) or []
-        if out not in ancestors or len(shape) != 3 or shape[1] != height * width:
+        if out not in ancestors or len(shape) != 3 or height * width not in shape[:2]:
             continue
         walk = out
         while walk in producer and producer[walk].op_type in _LAYOUT_OPS and walk != source:
             walk = producer[walk].input[0]
         if walk == source:
-            carriers.append(out)
+            carriers.append((out, 1 if shape[1] == height * width else 0))
     if not carriers:
         return
-    found = _probe(classifier, [source, carriers[0]])
+    carrier, axis = carriers[-1]  # the nearest the tokens (x.flatten(2) is [N, C, h * w] before)
+    found = _probe(classifier, [source, carrier])
     if found is None:
         return
-    patches, laid = found[carriers[0]][0], found[source][0]
+    patches, laid = found[carrier][0] if axis else found[carrier][:, 0], found[source][0]
     laid = laid.transpose(1, 2, 0) if layout == "NCHW" else laid  # [h, w, C]
     if laid.shape[:2] != (height, width) or patches.shape != (height * width, laid.shape[2]):
         return
     if not np.array_equal(patches, laid.reshape(height * width, -1)) and \
             np.array_equal(patches, laid.transpose(1, 0, 2).reshape(height * width, -1)):
-        raise ModelError(f"the patch tokens {carriers[0]!r} of {tokens!r} come column by column from "
+        raise ModelError(f"the patch tokens {carrier!r} of {tokens!r} come column by column from "
                          f"the patch embedding {source!r} (token i is patch (i % {height}, i // "
                          f"{height}) of the {height}x{width} grid); camface lays tokens out row by "
                          "row, as ViT, DeiT and Swin flatten them (x.flatten(2).transpose(1, 2)): "

@@ -1118,3 +1118,25 @@ def test_a_register_after_tokens_first_patches_is_a_suffix(tmp_path):
         assert scale > 0, heatmap
         np.testing.assert_allclose(got["tokens_first"][heatmap] / scale, got["batch_first"][heatmap] / scale,
                                    atol=1e-4, err_msg=heatmap)
+
+
+class ColumnMajorEncoderViT(EncoderViT):
+    """EncoderViT (batch_first=False) whose patches are flattened column by column."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).transpose(2, 3).flatten(2).permute(2, 0, 1)
+        x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x]) + self.pos
+        return self.head(self.encoder(x)[0])
+
+
+def test_tokens_first_patches_taken_column_by_column_are_refused(tmp_path):
+    """Patch tokens [T, N, C] flattened column by column were laid out row by row without a
+    word (the check read only patches [N, h * w, C]); they are refused as [N, T, C] ones are."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = legacy_onnx(ColumnMajorEncoderViT(False, True).eval(), tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match=r"come column by column from the patch embedding "
+                                         r"'/patch_embed/Conv_output_0'.*row by row"):
+        onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
