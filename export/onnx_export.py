@@ -245,6 +245,7 @@ def choose_target(classifier, name: str | None, options: ExportOptions) -> Targe
 def _on_grid(classifier, tokens: str, name: str, reason: str, options: ExportOptions) -> TargetChoice:
     from camface.export import onnx_model
 
+    classifier, tokens = onnx_model.batch_first(classifier, tokens)  # [T, N, C] -> [N, T, C]
     grid = onnx_model.token_grid(classifier, tokens, options.token_grid, options.prefix_tokens)
     gridded, target = onnx_model.with_token_grid(classifier, tokens, grid)
     after = f", {grid.suffix} token(s) after the patches" if grid.suffix else ""

@@ -6,7 +6,8 @@ Every node lies on the graph as written (local functions inlined first); shapes 
 metadata `pkg.torch.onnx.name_scopes` that torch.onnx's dynamo exporter writes: the module's
 output is the last tensor written inside the module and read outside it.
 
-A vision transformer's target is tokens [N, T, C] (`default_token_target`): `token_grid` finds
+A vision transformer's target is tokens [N, T, C] (`default_token_target`; tokens [T, N, C] are
+transposed to [N, T, C] first by `batch_first`): `token_grid` finds
 how they lie on the image, `with_token_grid` lays the patches out as an NHWC map that the model
 reads back through, and that map is then a target like any spatial map.
 """
@@ -1461,18 +1462,26 @@ def _ancestors(model, tensor: str) -> set[str]:
 
 def _patch_offset(classifier: Classifier, tokens: str, count: int, patches: int) -> int | None:
     """How many tokens come before the patches in `tokens` [N, count, C]: read from the last
-    Concat along the token axis that makes `count` tokens before them, as the sum of the token
+    Concat along the token axis (the first of tokens [T, N, C] laid out by `batch_first`) that
+    makes `count` tokens before them, as the sum of the token
     counts of its inputs before the one input of `patches` tokens computed from the image
     (the others are learned tokens: class, distillation, registers; DINOv2's class token sliced
     off the patches counts as one of them). None when no such Concat says it."""
     model, dims = classifier.model, shapes(classifier.model)
     live, ancestors = differentiable(model, classifier.input_name), _ancestors(model, tokens)
+
+    def token_axis(node) -> int | None:  # 1 of tokens [N, T, C], 0 of [T, N, C] (`batch_first`)
+        shape, axis = dims.get(node.output[0]) or [], next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if len(shape) != 3 or axis % 3 not in (0, 1) or shape[axis % 3] != count:
+            return None
+        return axis % 3 if axis % 3 == 1 or shape[1] != count else None
+
     joins = [n for n in model.graph.node if n.op_type == "Concat" and n.output[0] in ancestors
-             and len(dims.get(n.output[0]) or []) == 3 and dims[n.output[0]][1] == count
-             and next((a.i for a in n.attribute if a.name == "axis"), 0) % 3 == 1]
+             and token_axis(n) is not None]
     if not joins:
         return None
-    sizes = [(dims.get(x) or [None, None])[1] for x in joins[-1].input]
+    axis = token_axis(joins[-1])
+    sizes = [(dims.get(x) or [None, None])[axis] for x in joins[-1].input]
     if not all(isinstance(d, int) for d in sizes):
         return None
     carriers = [i for i, x in enumerate(joins[-1].input) if x in live and sizes[i] == patches]
@@ -1602,29 +1611,30 @@ def _check_patch_order(classifier: Classifier, tokens: str, source: str, layout:
     producer = {o: n for n in model.graph.node for o in n.output}
     height, width = grid
     ancestors = _ancestors(model, tokens)
-    carriers = []
+    carriers = []  # (tensor, its token axis: 0 of patches [h * w, N, C] (`batch_first`), else 1)
     for node in model.graph.node:
         out = node.output[0] if node.output else ""
         shape = dims.get(out) or []
-        if out not in ancestors or len(shape) != 3 or shape[1] != height * width:
+        if out not in ancestors or len(shape) != 3 or height * width not in shape[:2]:
             continue
         walk = out
         while walk in producer and producer[walk].op_type in _LAYOUT_OPS and walk != source:
             walk = producer[walk].input[0]
         if walk == source:
-            carriers.append(out)
+            carriers.append((out, 1 if shape[1] == height * width else 0))
     if not carriers:
         return
-    found = _probe(classifier, [source, carriers[0]])
+    carrier, axis = carriers[-1]  # the nearest the tokens (x.flatten(2) is [N, C, h * w] before)
+    found = _probe(classifier, [source, carrier])
     if found is None:
         return
-    patches, laid = found[carriers[0]][0], found[source][0]
+    patches, laid = found[carrier][0] if axis else found[carrier][:, 0], found[source][0]
     laid = laid.transpose(1, 2, 0) if layout == "NCHW" else laid  # [h, w, C]
     if laid.shape[:2] != (height, width) or patches.shape != (height * width, laid.shape[2]):
         return
     if not np.array_equal(patches, laid.reshape(height * width, -1)) and \
             np.array_equal(patches, laid.transpose(1, 0, 2).reshape(height * width, -1)):
-        raise ModelError(f"the patch tokens {carriers[0]!r} of {tokens!r} come column by column from "
+        raise ModelError(f"the patch tokens {carrier!r} of {tokens!r} come column by column from "
                          f"the patch embedding {source!r} (token i is patch (i % {height}, i // "
                          f"{height}) of the {height}x{width} grid); camface lays tokens out row by "
                          "row, as ViT, DeiT and Swin flatten them (x.flatten(2).transpose(1, 2)): "
@@ -1792,7 +1802,10 @@ def default_mlp_target(classifier: Classifier, target: str) -> str | None:
 def default_token_target(classifier: Classifier) -> str | None:
     """A vision transformer's default target: the tokens [N, T, C] that the last attention's
     queries, keys and values are computed from (the input of its qkv linear layer: ViT and
-    DeiT's blocks[-1].norm1); None when the model has no attention [N, heads, T, T]."""
+    DeiT's blocks[-1].norm1), or [T, N, C] where the qkv layer reads tokens first
+    (nn.MultiheadAttention: the tokens [N, T, C] it transposes with batch_first=True, the
+    previous encoder layer's output; `batch_first` lays [T, N, C] out as [N, T, C]); None when
+    the model has no attention [N, heads, T, T]."""
     model = classifier.model
     dims = shapes(model)
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -1808,9 +1821,73 @@ def default_token_target(classifier: Classifier) -> str | None:
             continue
         seen.add(name)
         node = producer[name]
-        if node.op_type in ("MatMul", "Gemm") and node.input[1] in values:
+        if node.op_type in ("Shape", "Size"):
+            # sizes, not values: nn.MultiheadAttention's views read the shape of its input, which
+            # would lead back past it to the previous block's MLP
+            continue
+        weight = node.input[1] if len(node.input) > 1 else ""
+        while weight in producer and producer[weight].op_type == "Identity":
+            weight = producer[weight].input[0]  # a weight shared with an equal layer (nn.TransformerEncoder's copies)
+        if node.op_type in ("MatMul", "Gemm") and weight in values:
             shape = dims.get(node.input[0]) or []
             if len(shape) == 3 and shape[1] == count:
                 return node.input[0]
+            if len(shape) == 3 and shape[0] == count:  # [T, N, C]: nn.MultiheadAttention's layout
+                before = producer.get(node.input[0])
+                if before is not None and before.op_type == "Transpose" and \
+                        _perm(before) == [1, 0, 2] and (dims.get(before.input[0]) or [None] * 3)[1] == count:
+                    return before.input[0]  # batch_first=True: the tokens [N, T, C] it was given
+                return node.input[0]
         queue.extend(node.input)
     return None
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def tokens_first(classifier: Classifier, tokens: str) -> bool:
+    """Whether `tokens` are laid out [T, N, C], the token axis first (nn.TransformerEncoder and
+    nn.MultiheadAttention with batch_first=False): their first axis is fixed and their second
+    the batch (symbolic), or their first is the token count T of an attention and their second
+    is not."""
+    dims = shapes(classifier.model).get(tokens) or []
+    if len(dims) != 3:
+        return False
+    counts = {_attended_tokens(n, shapes(classifier.model)) for n in _attentions(classifier)}
+    return isinstance(dims[0], int) and (not isinstance(dims[1], int) or dims[0] in counts and dims[1] not in counts)
+
+
+def batch_first(classifier: Classifier, tokens: str) -> tuple[Classifier, str]:
+    """(the classifier, the tokens [N, T, C]): `tokens` themselves when they are [N, T, C]; when
+    they are [T, N, C] (`tokens_first`), the classifier rewritten to transpose them to [N, T, C]
+    and its readers to read them back through a second transpose (the same values), and that
+    [N, T, C] tensor, which `token_grid` and `with_token_grid` take as any other."""
+    import dataclasses
+
+    import onnx
+    from onnx import helper
+
+    if not tokens_first(classifier, tokens):
+        return classifier, tokens
+    model = onnx.ModelProto()
+    model.CopyFrom(classifier.model)
+    graph = model.graph
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+    names = []
+    for hint in ("batch_first", "tokens_first"):
+        name, index = f"{tokens}/{hint}", 1
+        while name in taken:
+            index += 1
+            name = f"{tokens}/{hint}_{index}"
+        taken.add(name)
+        names.append(name)
+    added = [helper.make_node("Transpose", [tokens], [names[0]], perm=[1, 0, 2], name=names[0]),
+             helper.make_node("Transpose", [names[0]], [names[1]], perm=[1, 0, 2], name=names[1])]
+    nodes = list(graph.node)
+    at = next((i + 1 for i, n in enumerate(nodes) if tokens in n.output), 0)
+    for node in nodes[at:]:
+        node.input[:] = [names[1] if x == tokens else x for x in node.input]
+    del graph.node[:]
+    graph.node.extend(nodes[:at] + added + nodes[at:])
+    return dataclasses.replace(classifier, model=prepare(model, where="the token layout")), names[0]

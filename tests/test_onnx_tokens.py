@@ -968,3 +968,175 @@ def test_a_double_weight_cast_to_float16_is_not_folded():
     assert [n.op_type for n in folded.graph.node] == ["Identity"]
     np.testing.assert_array_equal(run(folded), run(single))
     assert np.isinf(run(folded)[3])
+
+
+class EncoderViT(nn.Module):
+    """A ViT as users write it with nn.TransformerEncoder: patch tokens [T, N, C]
+    (flatten(2).permute(2, 0, 1)), a class token joined before them or none, the encoder with
+    batch_first=False on [T, N, C], or batch_first=True on the same tokens transposed to
+    [N, T, C]; the class token's logits or the mean token's."""
+
+    def __init__(self, batch_first, class_token, dim=16, classes=4):
+        super().__init__()
+        self.batch_first, self.class_token = batch_first, class_token
+        self.patch_embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn((SIZE // 8) ** 2 + class_token, 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).permute(2, 0, 1)
+        if self.class_token:
+            x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x])
+        x = x + self.pos
+        if self.batch_first:
+            x = self.encoder(x.transpose(0, 1))
+            return self.head(x[:, 0] if self.class_token else x.mean(1))
+        x = self.encoder(x)
+        return self.head(x[0] if self.class_token else x.mean(0))
+
+
+@pytest.mark.parametrize("kind, class_token", [("legacy", True), ("pt2", False)])
+def test_a_transformer_encoder_on_tokens_first_defaults_to_the_target_of_batch_first(tmp_path, kind,
+                                                                                     class_token):
+    """nn.TransformerEncoder(batch_first=False) keeps tokens [T, N, C] between its layers: the
+    default target was refused ("no spatial feature map ... a token target [N, T, C] needs ..."),
+    and with batch_first=True it was the previous layer's MLP ReLU, found through the shape of
+    the tokens that nn.MultiheadAttention reads (and through the weights the exporter shares
+    between the encoder's equal copies). Both now take the tokens the last attention reads (the
+    previous layer's output), [T, N, C] read through a transpose to [N, T, C]: the same target,
+    grid, probabilities and maps (each scaled by its largest value) at 1 and 3 crops."""
+    from onnx_helpers import save_program
+    from test_onnx_export_models import run_graph
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    tokens_first = EncoderViT(False, class_token).eval()
+    batch_first = EncoderViT(True, class_token).eval()
+    batch_first.load_state_dict(tokens_first.state_dict())
+    results = {}
+    for name, model in (("tokens_first", tokens_first), ("batch_first", batch_first)):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = legacy_onnx(model, folder / "m.onnx") if kind == "legacy" else \
+            save_program(model, folder / "m.pt2", size=SIZE)
+        results[name] = onnx_export.export(path, folder / "cam.onnx", ExportOptions(preset="unit"))
+    first, batch = (results[n].info for n in ("tokens_first", "batch_first"))
+    assert first.target_layer == batch.target_layer == "encoder.layers.0"
+    assert first.token_grid == batch.token_grid == {"prefix": int(class_token), "height": 4, "width": 4}
+    assert first.target_reason == onnx_export.REASON_VIT and first.heatmaps == batch.heatmaps
+    assert "gradcam" in first.heatmaps
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    for crops in (1, 3):
+        classes = np.array([-1, 2, 0][:crops])
+        got = {n: run_graph(results[n].path, images[:crops], classes) for n in results}
+        np.testing.assert_allclose(got["tokens_first"]["probs"], got["batch_first"]["probs"],
+                                   rtol=1e-4, atol=1e-6)
+        for heatmap in batch.heatmaps:
+            scale = float(np.abs(got["batch_first"][heatmap]).max())
+            assert scale > 0, heatmap
+            np.testing.assert_allclose(got["tokens_first"][heatmap] / scale,
+                                       got["batch_first"][heatmap] / scale, atol=1e-4,
+                                       err_msg=f"{heatmap} at {crops} crop(s)")
+
+
+def test_tokens_first_named_by_target_layer_are_laid_on_their_grid(tmp_path):
+    """--target-layer naming tokens [T, N, C] (an nn.TransformerEncoder layer with
+    batch_first=False) was refused ("is no token tensor [N, tokens, channels] with a fixed
+    number of tokens"): they are transposed to [N, T, C] first, and the maps are the default's."""
+    from onnx_helpers import save_program
+    from test_onnx_export_models import run_graph
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = save_program(EncoderViT(False, True).eval(), tmp_path / "m.pt2", size=SIZE)
+    default = onnx_export.export(path, tmp_path / "default.onnx", ExportOptions(preset="unit"))
+    named = onnx_export.export(path, tmp_path / "named.onnx",
+                               ExportOptions(preset="unit", target_layer="encoder.layers.0"))
+    assert named.info.token_grid == {"prefix": 1, "height": 4, "width": 4}
+    assert named.info.heatmaps == default.info.heatmaps
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    got, want = (run_graph(r.path, images, np.array([-1, 2, 0])) for r in (named, default))
+    for output in want:
+        scale = max(float(np.abs(want[output]).max()), 1e-12)
+        np.testing.assert_allclose(got[output] / scale, want[output] / scale, atol=1e-5, err_msg=output)
+
+
+class EncoderViTWithRegister(EncoderViT):
+    """EncoderViT with a class token before the patches and a register after them, joined
+    along the token axis of [T, N, C] (batch_first=False) or of [N, T, C] (batch_first=True)."""
+
+    def __init__(self, batch_first):
+        super().__init__(batch_first, True)
+        self.register = nn.Parameter(torch.randn(1, 1, 16))
+        self.pos = nn.Parameter(torch.randn((SIZE // 8) ** 2 + 2, 1, 16))
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).permute(2, 0, 1)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+            n = x.shape[0]
+            x = torch.cat([self.cls.expand(n, -1, -1), x, self.register.expand(n, -1, -1)], 1)
+            return self.head(self.encoder(x + self.pos.transpose(0, 1))[:, 0])
+        n = x.shape[1]
+        x = torch.cat([self.cls.expand(-1, n, -1), x, self.register.expand(-1, n, -1)])
+        return self.head(self.encoder(x + self.pos)[0])
+
+
+def test_a_register_after_tokens_first_patches_is_a_suffix(tmp_path):
+    """Tokens [T, N, C] joined as class token, patches, register along their first axis: the
+    register was taken for a second prefix token (only a Concat along axis 1 was read), which
+    shifted every patch by one grid cell. It is a suffix token, as where the same tokens are
+    joined [N, T, C] along axis 1, and the maps are those."""
+    from test_onnx_export_models import run_graph
+
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    tokens_first = EncoderViTWithRegister(False).eval()
+    batch_first = EncoderViTWithRegister(True).eval()
+    batch_first.load_state_dict(tokens_first.state_dict())
+    results = {}
+    for name, model in (("tokens_first", tokens_first), ("batch_first", batch_first)):
+        (tmp_path / name).mkdir()
+        results[name] = onnx_export.export(legacy_onnx(model, tmp_path / name / "m.onnx"),
+                                           tmp_path / name / "cam.onnx", ExportOptions(preset="unit"))
+    first, batch = (results[n].info for n in ("tokens_first", "batch_first"))
+    assert first.token_grid == batch.token_grid == {"prefix": 1, "height": 4, "width": 4, "suffix": 1}
+    images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    got = {n: run_graph(results[n].path, images, np.array([-1, 2, 0])) for n in results}
+    np.testing.assert_allclose(got["tokens_first"]["probs"], got["batch_first"]["probs"], rtol=1e-4, atol=1e-6)
+    for heatmap in ("gradcam", "hirescam", "eigencam"):
+        scale = float(np.abs(got["batch_first"][heatmap]).max())
+        assert scale > 0, heatmap
+        np.testing.assert_allclose(got["tokens_first"][heatmap] / scale, got["batch_first"][heatmap] / scale,
+                                   atol=1e-4, err_msg=heatmap)
+
+
+class ColumnMajorEncoderViT(EncoderViT):
+    """EncoderViT (batch_first=False) whose patches are flattened column by column."""
+
+    def forward(self, x):
+        x = self.patch_embed(x).transpose(2, 3).flatten(2).permute(2, 0, 1)
+        x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x]) + self.pos
+        return self.head(self.encoder(x)[0])
+
+
+def test_tokens_first_patches_taken_column_by_column_are_refused(tmp_path):
+    """Patch tokens [T, N, C] flattened column by column were laid out row by row without a
+    word (the check read only patches [N, h * w, C]); they are refused as [N, T, C] ones are."""
+    from camface.export import onnx_export
+    from camface.export.exporter import ExportOptions
+
+    torch.manual_seed(0)
+    path = legacy_onnx(ColumnMajorEncoderViT(False, True).eval(), tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match=r"come column by column from the patch embedding "
+                                         r"'/patch_embed/Conv_output_0'.*row by row"):
+        onnx_export.export(path, tmp_path / "cam.onnx", ExportOptions(preset="unit"))
