@@ -533,6 +533,12 @@ def is_camera_index(spec: str | None) -> bool:
     return isinstance(spec, str) and spec.isascii() and spec.isdigit()  # not "²" or "٣" (int("²") raises)
 
 
+def is_stream_url(spec: str | None) -> bool:
+    """True when the `--source` value `spec` is a stream URL (rtsp://, http(s)://, udp://, ...):
+    any "scheme://", which `make_source` hands to OpenCV/FFmpeg as it is."""
+    return isinstance(spec, str) and "://" in spec
+
+
 def _sample(frames: int | None):
     """The sample clip, `frames` long (bench's --frames; None: its 300 frames)."""
     from camface.realtime.sample import MAX_FRAMES, SampleSource
@@ -568,7 +574,7 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
         return _sample(sample_frames)
     if is_camera_index(spec) and int(spec) <= MAX_CAMERA_INDEX:
         return LiveSource(int(spec))
-    if "://" in spec:
+    if is_stream_url(spec):
         return LiveSource(spec)
     path = Path(spec)
     if path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES):
@@ -595,20 +601,24 @@ def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Sourc
     holds no image, or a file that is not a video (cameras and streams are opened only when read:
     they are not tried here). no_camera: what needs the same frames on every run
     ("calibration": its crops set the ranking and int8 ranges a graph records), which then refuses
-    a camera index too (a camera was opened, or failed to, only after the whole build)."""
+    a camera index and a stream URL too (each was opened, or failed to, only after the whole
+    build; a live source gives other frames on every run)."""
     kinds = FIXED_KINDS if no_camera else SOURCE_KINDS
     if not spec.strip():  # make_source's words name --source: "--calibration: --source is empty"
         raise SourceError(f"{flag} is empty (expected {kinds})")
+    from camface.outputs import shown
+
     try:
         if no_camera and is_camera_index(spec):
             raise SourceError(f"{spec} is a camera index; {no_camera} needs a video file or a folder of "
                               "images (or 'sample', the bundled clip), not a camera")
+        if no_camera and is_stream_url(spec):  # was opened, or failed to, only after the whole build
+            raise SourceError(f"{shown(redact(spec))} is a stream URL; {no_camera} needs a video file or a folder "
+                              "of images (or 'sample', the bundled clip), not a stream")
         path = Path(spec)
-        if no_camera and spec != "sample" and "://" not in spec and not (path.is_file() or path.is_dir()):
+        if no_camera and spec != "sample" and not (path.is_file() or path.is_dir()):
             # make_source's words offer a camera ("expected a camera index, ...", "camera indices
             # are 0, 1, ...", "this camera is --source 0"): this flag takes none
-            from camface.outputs import shown
-
             if path.exists():
                 raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a "
                                   f"pipe; expected {kinds})")

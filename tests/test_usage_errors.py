@@ -80,6 +80,14 @@ def test_a_config_built_in_code_raises_the_same_error():
     (["export", "m.keras", "-o", "g.onnx", "--calibration", "0"], "--calibration: 0 is a camera index; calibration "
                                                                  "needs a video file or a folder of images"),
     (["bench", "--compare-int8", "--calibration", "1"], "--calibration: 1 is a camera index; calibration needs"),
+    # a stream URL as calibration: taken for a live source, opened (or refused) only after the build
+    (["export", "m.keras", "-o", "g.onnx", "--calibration", "rtsp://admin:pw@cam/stream"],
+     "--calibration: rtsp://***@cam/stream is a stream URL; calibration needs a video file or a folder of images "
+     "(or 'sample', the bundled clip), not a stream"),
+    (["export", "m.keras", "-o", "g.onnx", "--int8", "--no-rank", "--calibration", "udp://0.0.0.0:5000"],
+     "--calibration: udp://0.0.0.0:5000 is a stream URL; calibration needs a video file"),
+    (["bench", "--compare-int8", "--calibration", "https://example.com/clip.mp4"],
+     "--calibration: https://example.com/clip.mp4 is a stream URL; calibration needs a video file"),
     # blank: '--source: --source is empty' (live, evaluate), '--calibration: --source is empty' (export)
     (["live", "--source", " ", "--no-show"], "error: --source is empty (expected a camera index, a video file,"),
     (["evaluate", "--source", " "], "error: --source is empty (expected a camera index"),
