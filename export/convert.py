@@ -454,8 +454,11 @@ class _UnconvertedOpLines(logging.Filter):
 
 def by_tf2onnx(convert, *args, layers: tuple[str, ...] = (), **kwargs):
     """The onnx.ModelProto of `convert(*args, **kwargs)` (tf2onnx.convert.from_function or
-    from_keras), checked by `check_converted` (`layers`: the Keras layer names). tf2onnx's own
-    logs (every optimisation pass at INFO, its lines about unconverted ops) are kept for --debug."""
+    from_keras), checked by `check_converted` (`layers`: the Keras layer names), the same bytes
+    in every process (`tf2onnx_order`). tf2onnx's own logs (every optimisation pass at INFO, its
+    lines about unconverted ops) are kept for --debug."""
+    from camface.export.tf2onnx_order import fixed_order
+
     debug = logging.getLogger().isEnabledFor(logging.DEBUG)
     package, converter = logging.getLogger("tf2onnx"), logging.getLogger("tf2onnx.tfonnx")
     level, quiet = package.level, _UnconvertedOpLines()
@@ -463,7 +466,8 @@ def by_tf2onnx(convert, *args, layers: tuple[str, ...] = (), **kwargs):
         package.setLevel(logging.WARNING)
         converter.addFilter(quiet)
     try:
-        model, _ = convert(*args, **kwargs)
+        with fixed_order():
+            model, _ = convert(*args, **kwargs)
     finally:
         package.setLevel(level)
         converter.removeFilter(quiet)
