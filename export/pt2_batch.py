@@ -239,6 +239,8 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     out_rank = out.dim() if isinstance(out, torch.Tensor) else rank
     if out_rank < rank:
         return None
+    if op == "expand":  # its new axes lead ([N, C] to [2, N, C]), as broadcasting's do
+        return axis + out_rank - rank, outer, inner
     # broadcasting aligns the last axes: more axes out than in come from an operand with as many
     # (x + pos[T, 1, C]); an op that adds its own (unfold's last) puts them elsewhere
     if out_rank > rank and not any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == out_rank

@@ -539,3 +539,29 @@ def test_the_batch_in_unflattens_sizes_is_freed(tmp_path, capsys, batch):
     path = tmp_path / "fixed.pt2"
     torch.export.save(program, str(path))
     assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+class ExpandedInFront(nn.Module):
+    """Features f [N, C] expanded to a pair [2, N, C] by expand alone (its new axes lead), then
+    viewed as [2, N, C] by their traced sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.weights = nn.Parameter(torch.randn(2, 1, 1))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        pair = features.expand(2, -1, -1) * self.weights
+        return self.head(pair.reshape(2, features.shape[0], -1).sum(0))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_batch_is_followed_through_an_expand_that_adds_axes(tmp_path, capsys, batch):
+    """expand adds its new axes in front ([N, C] to [2, N, C]): the batch was lost there (taken
+    for an op adding axes of its own, as unfold does), the view of the pair kept the traced batch
+    or had its first axis taken for it, and the program was refused. The batch moves back by
+    the axes expand adds: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = ExpandedInFront().eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch), tmp_path / "cam.onnx")
