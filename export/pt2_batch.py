@@ -14,7 +14,7 @@ import operator
 
 
 # ops whose argument is a shape: traced at a fixed batch, its batch entry is that batch
-_SHAPE_OPS = ("view", "reshape", "_unsafe_view", "expand", "zeros", "ones", "empty", "full",
+_SHAPE_OPS = ("view", "reshape", "_unsafe_view", "unflatten", "expand", "zeros", "ones", "empty", "full",
               "new_zeros", "new_ones", "new_empty", "new_full")
 _VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unflatten")  # as many elements out as in
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "prod",
@@ -87,17 +87,22 @@ def _free_graph(module, batch: int, inputs: dict, ties: Ties) -> dict:
             continue
         if op in _VIEW_OPS and node.args and node.args[0] not in from_image:
             continue
-        index = 0 if op in ("zeros", "ones", "empty", "full") else 1  # the shape argument's
+        # the shape argument's index; unflatten(x, dim, sizes): its sizes are the output's axes from dim
+        index = 0 if op in ("zeros", "ones", "empty", "full") else 2 if op == "unflatten" else 1
         shape = node.args[index] if len(node.args) > index else None
         if not isinstance(shape, (list, tuple)) or not shape:
             continue
+        offset = _unflattened_from(node) if op == "unflatten" else 0
+        if offset is None:
+            continue
         if isinstance(axes.get(node), tuple):
             at, outer, inner = axes[node]
-            if at >= len(shape) or not isinstance(shape[at], int) or shape[at] != outer * batch * inner:
+            at -= offset
+            if not 0 <= at < len(shape) or not isinstance(shape[at], int) or shape[at] != outer * batch * inner:
                 continue
             with graph.inserting_before(node):
                 entry = size if outer * inner == 1 else graph.call_function(operator.mul, (size, outer * inner))
-        elif value.shape[0] == batch and isinstance(shape[0], int) and shape[0] == batch:
+        elif offset == 0 and value.shape[0] == batch and isinstance(shape[0], int) and shape[0] == batch:
             at, entry = 0, size
         else:
             continue
@@ -107,6 +112,16 @@ def _free_graph(module, batch: int, inputs: dict, ties: Ties) -> dict:
     graph.lint()
     module.recompile()
     return axes
+
+
+def _unflattened_from(node) -> int | None:
+    """The axis that unflatten `node` (x, dim, sizes) splits, from 0; None where x's rank is unknown."""
+    import torch
+
+    source = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(source, torch.Tensor) or not isinstance(node.args[1], int) or not source.dim():
+        return None
+    return node.args[1] % source.dim()
 
 
 def _joined_axes(graph, axes: dict, batch: int) -> None:
@@ -224,6 +239,8 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     out_rank = out.dim() if isinstance(out, torch.Tensor) else rank
     if out_rank < rank:
         return None
+    if op == "expand":  # its new axes lead ([N, C] to [2, N, C]), as broadcasting's do
+        return axis + out_rank - rank, outer, inner
     # broadcasting aligns the last axes: more axes out than in come from an operand with as many
     # (x + pos[T, 1, C]); an op that adds its own (unfold's last) puts them elsewhere
     if out_rank > rank and not any(isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == out_rank

@@ -59,10 +59,10 @@ def graph_beside(path: Path, model, load_keras) -> tuple[tuple[Preprocessing, tu
     found none made from that file (no sha256 matched) but the graph was exported from the same
     model saved in the other Keras format: m.onnx, exported from m.keras, for `--model m.h5` (or
     the reverse; both look for m.onnx). That holds when the graph's `source_model` is beside it,
-    has the sha256 the graph records, and, loaded with `load_keras`, has `model`'s input and output
-    shapes and weights, bit for bit, in the same order. Returns ((preprocessing, labels, target
-    layer), "") then; else (None, why the graph beside was passed over, in words that follow
-    "MODEL.onnx beside it": "" when there is no CAM graph there)."""
+    has the sha256 the graph records, and, loaded with `load_keras`, has `model`'s layers (class
+    and config), input and output shapes and weights, bit for bit, in the same order. Returns
+    ((preprocessing, labels, target layer), "") then; else (None, why the graph beside was passed
+    over, in words that follow "MODEL.onnx beside it": "" when there is no CAM graph there)."""
     graph = path.with_suffix(".onnx")
     if not graph.is_file():
         return None, ""
@@ -86,21 +86,32 @@ def graph_beside(path: Path, model, load_keras) -> tuple[tuple[Preprocessing, tu
         other = load_keras(source)
     except ModelError as exc:
         return None, f"{made_from}, and {source} does not load to compare weights with ({exc})"
-    if not _same_weights(model, other):
-        return None, f"is the CAM graph of {source.name}, whose weights differ from {path.name}'s (--model {source} " \
+    if (differ := _what_differs(model, other)):
+        return None, f"is the CAM graph of {source.name}, whose {differ} differ from {path.name}'s (--model {source} " \
                      "explains that model)"
     log.info("%s: using %s, the CAM graph of %s (the same weights)", path, graph, source.name)
     return (Preprocessing.from_normalization(info.color_order, info.normalization), info.labels,
             info.target_layer), ""
 
 
-def _same_weights(model, other) -> bool:
-    """Whether two Keras models take and give the same shapes and hold the same weights, bit
-    for bit, in the same order (one model saved as .keras and as .h5 does)."""
-    if (model.input_shape, model.output_shape) != (other.input_shape, other.output_shape):
-        return False
+def _what_differs(model, other) -> str:
+    """"" when two Keras models are one model (saved as .keras and as .h5): the same layers, each
+    of the same class and config but its name, in the same order (a Rescaling layer holds no
+    weight, and the graph's pixels are those of the model with it), taking and giving the same
+    shapes and holding the same weights, bit for bit, in the same order; else "layers" or "weights"."""
+    def config(layer) -> tuple:
+        try:
+            settings = layer.get_config()
+        except NotImplementedError:  # a custom layer that does not say its config: its class does
+            settings = {}
+        return type(layer).__name__, {k: v for k, v in settings.items() if k != "name"}
+
+    if (model.input_shape, model.output_shape) != (other.input_shape, other.output_shape) or \
+            [config(a) for a in model.layers] != [config(b) for b in other.layers]:
+        return "layers"
     mine, theirs = model.get_weights(), other.get_weights()
-    return len(mine) == len(theirs) and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(mine, theirs))
+    same = len(mine) == len(theirs) and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(mine, theirs))
+    return "" if same else "weights"
 
 
 def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,

@@ -164,11 +164,6 @@ def _saved_as_keras_and_h5(folder, exported_from="m.keras", other_weights=False)
     """A 64x64 RGB classifier saved as m.keras and m.h5 (`other_weights`: the .h5 holds other
     weights), and m.onnx beside them: a CAM graph's metadata (its own class names, layer and
     pixels, x / 127.5 - 1) recording `exported_from` as its source model."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from camface.graph_spec import GraphInfo
-
     inputs = keras.Input((64, 64, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
@@ -176,6 +171,16 @@ def _saved_as_keras_and_h5(folder, exported_from="m.keras", other_weights=False)
     if other_weights:
         model.set_weights([w + 1 for w in model.get_weights()])
     model.save(folder / "m.h5")
+    _graph_made_from(folder, exported_from)
+
+
+def _graph_made_from(folder, exported_from):
+    """m.onnx in `folder`: a CAM graph's metadata recording `exported_from` (and its sha256)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from camface.graph_spec import GraphInfo
+
     info = GraphInfo(labels=GRAPH_LABELS, input_size=(64, 64), color_order="RGB", target_layer="conv",
                      heatmaps=("gradcam",), normalization={"scale": [1 / 127.5] * 3, "offset": [-1.0] * 3},
                      source_model=exported_from, source_sha256=sha256_file(folder / exported_from))
@@ -520,6 +525,24 @@ def _graph_of_another_model_beside(tmp_path, astronaut_bgr):
          r".*m.h5 -o .*m.onnx, which replaces that graph\)$")
 
 
+def _graph_of_a_model_with_other_layers_beside(tmp_path, astronaut_bgr):
+    """m.onnx, exported from m.keras (which rescales its pixels itself: a Rescaling layer, no
+    weights), beside an m.h5 without that layer and the same weights, input and output shapes:
+    the graph's pixels (0..255 for m.keras) were taken for m.h5's, whose maps and probabilities
+    were then silently wrong. Its layers differ: it is not m.h5's graph."""
+    _saved_as_keras_and_h5(tmp_path, "m.keras")
+    inputs = keras.Input((64, 64, 3))
+    rescaled = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(rescaled)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    model.set_weights(keras.models.load_model(tmp_path / "m.h5", compile=False).get_weights())
+    model.save(tmp_path / "m.keras")
+    _graph_made_from(tmp_path, "m.keras")
+    return [str(_photo(tmp_path, astronaut_bgr)), "--model", str(tmp_path / "m.h5")], \
+        (r"cannot tell how .*m.h5 expects its pixels: .*m.onnx beside it is the CAM graph of m.keras, whose layers "
+         r"differ from m.h5's \(--model .*m.keras explains that model\); to explain m.h5, export it")
+
+
 def _negative_margin(tmp_path, astronaut_bgr):
     return [str(_photo(tmp_path, astronaut_bgr)), "--margin", "-1"], r"--margin must be in \[0, .*got -1"
 
@@ -579,7 +602,8 @@ def _snapshot_of_a_torch_graph(tmp_path, astronaut_bgr):
                                   _photo_for_a_model_of_any_size, _gallery_snapshot, _output_is_a_folder,
                                   _model_not_a_keras_zip, _model_is_the_onnx_graph, _negative_margin,
                                   _layer_with_all_layers, _cam_boxes_with_all_layers, _one_sigmoid_unit, _one_sigmoid_unit_snapshot,
-                                  _snapshot_of_a_torch_graph, _graph_of_another_model_beside],
+                                  _snapshot_of_a_torch_graph, _graph_of_another_model_beside,
+                                  _graph_of_a_model_with_other_layers_beside],
                          ids=lambda f: f.__name__.strip("_"))
 def test_errors_are_one_clear_line_and_write_nothing(case, tmp_path, astronaut_bgr, capsys):
     import re

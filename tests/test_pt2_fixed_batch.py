@@ -506,3 +506,62 @@ def test_the_batch_is_followed_through_a_norm_over_other_axes(tmp_path, capsys, 
     path = tmp_path / "fixed.pt2"
     torch.export.save(program, str(path))
     assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+class Unflattened(nn.Module):
+    """Rows [N * T, C] unflattened to tokens [N, T, C] (unflatten(0, (N, -1))), then laid out
+    [T, N, C] and as [T, N * C] unflattened back (unflatten(1, (N, C))): traced at a fixed batch,
+    the batch is a number in unflatten's sizes, its third argument (not its second, as a view's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.embed(x))
+        n, c = features.shape[:2]
+        rows = self.mix(features.flatten(2).transpose(1, 2).reshape(-1, c))
+        tokens = rows.unflatten(0, (n, -1))
+        first = tokens.transpose(0, 1).reshape(tokens.shape[1], -1).unflatten(1, (n, c))
+        return self.head(first.mean(0))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_batch_in_unflattens_sizes_is_freed(tmp_path, capsys, batch):
+    """unflatten(x, dim, sizes) holds the traced batch in `sizes`, which were left as traced: the
+    program was refused ('a batch of 3 crops does not give each crop what the batch of 2 gives
+    it'). The batch's entry of `sizes` (the output's batch axis less dim) reads the input's
+    batch: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = Unflattened().eval()
+    program = torch.export.export(model, (torch.zeros(batch, 3, SIZE, SIZE),))
+    assert sum(str(n.target) == "aten.unflatten.int" for n in program.graph.nodes) == 2
+    path = tmp_path / "fixed.pt2"
+    torch.export.save(program, str(path))
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+class ExpandedInFront(nn.Module):
+    """Features f [N, C] expanded to a pair [2, N, C] by expand alone (its new axes lead), then
+    viewed as [2, N, C] by their traced sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.weights = nn.Parameter(torch.randn(2, 1, 1))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        pair = features.expand(2, -1, -1) * self.weights
+        return self.head(pair.reshape(2, features.shape[0], -1).sum(0))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_batch_is_followed_through_an_expand_that_adds_axes(tmp_path, capsys, batch):
+    """expand adds its new axes in front ([N, C] to [2, N, C]): the batch was lost there (taken
+    for an op adding axes of its own, as unfold does), the view of the pair kept the traced batch
+    or had its first axis taken for it, and the program was refused. The batch moves back by
+    the axes expand adds: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = ExpandedInFront().eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch), tmp_path / "cam.onnx")
