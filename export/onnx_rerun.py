@@ -80,7 +80,8 @@ class Anatomy:
     model_nodes: tuple
     shapes: dict  # tensor -> dims, inferred (onnx_model.shapes)
     head_problem: str = ""
-    head_sides: tuple[str, ...] = ()  # tensors [N, ...] beside the target the head reads (`_sides`)
+    # (tensor, its batch axis): tensors beside the target the head reads, [N, ...] or [T, N, C] (`_sides`)
+    head_sides: tuple[tuple[str, int], ...] = ()
     head_shapes: tuple = ()  # (tensor, int64 vector): shapes the head's Reshapes read instead (`_sides`)
 
     def nodes_for(self, method) -> tuple:
@@ -114,6 +115,13 @@ def _open_batch(shapes: dict | None, name: str) -> bool:
     return isinstance(dims[0], str)
 
 
+def _open(shapes: dict | None, name: str) -> bool:
+    """Whether one of `name`'s dimensions is named but not fixed (inferred dims): the batch of a
+    tensor [N, ...], or of one that holds it on another axis (the residual stream [T, N, C] of an
+    nn.TransformerEncoder with batch_first=False); which axis is the batch, `_sides` tells."""
+    return any(isinstance(d, str) for d in (shapes or {}).get(name) or ())
+
+
 def between(graph, start: str, end: str, shapes: dict | None = None, sides: list | None = None,
             batches: list | None = None) -> tuple:
     """The nodes that depend on `start` and that `end` depends on, in graph order. Raises
@@ -121,8 +129,8 @@ def between(graph, start: str, end: str, shapes: dict | None = None, sides: list
     way (its batch would not be the clone's), unless that tensor depends on them only through
     their batch size (`_from_batch`; shapes: tensor -> inferred dims): then the nodes computing
     it are among those returned, reading the batch size of `start` instead. With a list `sides`,
-    such a tensor whose first dimension is open (a transformer's class token or residual stream
-    beside a norm target), or that a Reshape reads as its shape (Swin's `view(n, h, w, c)` of
+    such a tensor with an open dimension (a transformer's class token or residual stream beside
+    a norm target, [N, ...] or [T, N, C]), or that a Reshape reads as its shape (Swin's `view(n, h, w, c)` of
     another tensor's sizes), is appended to it instead, for `_sides` to judge. With a list
     `batches`, the batch size may also be read from a tensor whose open first dimension shape
     inference named otherwise than `start`'s (a Swin .pt2's as_strided indices, counted from the
@@ -145,9 +153,9 @@ def between(graph, start: str, end: str, shapes: dict | None = None, sides: list
         outside = [x for x in reads(node) if x not in live and x in inputs]
         found = _from_batch(graph, outside, start, shapes, inputs, batches) if outside and shapes else None
         # ONNX's inference names the batch afresh after some ops (unk__1, unk__4): which open
-        # first dimension is the batch, ONNX Runtime says (`anatomy`: `_sides`)
+        # dimension is the batch, ONNX Runtime says (`anatomy`: `_sides`)
         if outside and found is None and sides is not None and _open_batch(shapes, start) \
-                and all(_open_batch(shapes, x) or (node.op_type == "Reshape" and x == node.input[1])
+                and all(_open(shapes, x) or (node.op_type == "Reshape" and x == node.input[1])
                         for x in outside):
             sides.extend(x for x in outside if x not in sides)
             continue
@@ -347,15 +355,17 @@ def anatomy(model) -> Anatomy:
 
 
 def _sides(model, target: str, sides: list, head_nodes, batches=()) -> tuple[list, tuple]:
-    """(tensors [N, ...], ((tensor, int64 vector), ...)) that the head's clones read beside
-    their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops
+    """(((tensor, batch axis), ...), ((tensor, int64 vector), ...)) that the head's clones read
+    beside their rows, from `between`'s `sides`, as ONNX Runtime computes them on 1 and on 2 crops
     (where `between`'s `batches`, the tensors whose batch size the head's clones read from their
     own rows instead, must have the target's first dimension, 1, 2, then 3 on 3 crops):
-    - a tensor whose first dimension is the batch and the rest fixed, each row the crop's alone
-      (on two zero crops both rows are the one crop's: a ViT's class token, the residual stream
-      beside a norm target; not indices that count the rows): each crop's value in the graph's forward pass,
-      repeated for each of its variants, as a forward hook replacing the target's output leaves
-      it (`OnnxModelOps._pass`);
+    - a tensor one of whose axes is the batch (1 long on 1 crop, 2 on 2, the others alike: the
+      first of [N, ...], the second of an nn.TransformerEncoder's residual stream [T, N, C] with
+      batch_first=False), each crop's slice along it its own (on two zero crops both are the one
+      crop's: a ViT's class token, the residual stream beside a norm target; not indices that
+      count the rows): each crop's value in the graph's forward pass, repeated along that axis
+      for each of its variants, as a forward hook replacing the target's output leaves it
+      (`OnnxModelOps._pass`);
     - a shape that only Reshapes read, whose one element that changes with the batch is the
       batch (1, then 2), no other -1: that element is -1 in the clones' copy, so they reshape
       their own rows (Swin's `view(n, h, w, c)`).
@@ -390,15 +400,17 @@ def _sides(model, target: str, sides: list, head_nodes, batches=()) -> tuple[lis
         # the crop's own rows: on two zero crops, each row is the one crop's (an index tensor that
         # counts the rows, torch.export's as_strided after Swin's permute, is not: its clones would
         # all read the first row)
-        follows = bool(one.ndim) and one.shape[1:] == two.shape[1:] and (len(one), len(two)) == (1, 2)
-        if follows and name != target and not _one_crops_rows(one[0], two):
+        axis = _batch_axis(one, two)
+        follows = axis == 0 if name == target else axis is not None
+        if follows and name != target and not _one_crops_rows(np.moveaxis(one, axis, 0)[0],
+                                                               np.moveaxis(two, axis, 0)):
             raise ModelError(f"the head after {target!r} also reads {name!r}, computed beside it from the graph's "
                              "input, whose rows on two identical crops differ from the one crop's (it counts the "
                              "rows, as torch.export's as_strided indices do): it cannot be run again on modified "
                              "copies")
         if follows:
             if name != target:
-                rows.append(name)
+                rows.append((name, axis))
         elif (name != target and as_shape and one.ndim == 1 and one.dtype == np.int64 and changed is not None
               and len(changed) == 1 and (one[changed[0]], two[changed[0]]) == (1, 2) and -1 not in one):
             vector = one.copy()
@@ -410,6 +422,17 @@ def _sides(model, target: str, sides: list, head_nodes, batches=()) -> tuple[lis
                              f"{list(two.shape)} on 2) nor a shape of them: it cannot be run again on modified "
                              "copies")
     return rows, tuple(fixed)
+
+
+def _batch_axis(one, two) -> int | None:
+    """The axis that holds the crops of a tensor computed on 1 crop (`one`) and on 2 (`two`):
+    the only one 1 long, then 2, every other axis alike; None when there is no such axis, or
+    several (a scalar, a shape, a tensor whose size grows otherwise with the batch)."""
+    if one.ndim != two.ndim or not one.ndim:
+        return None
+    grown = [a for a in range(one.ndim) if (one.shape[a], two.shape[a]) == (1, 2)]
+    alike = all(one.shape[a] == two.shape[a] for a in range(one.ndim) if a not in grown)
+    return grown[0] if len(grown) == 1 and alike else None
 
 
 def _one_crops_rows(row, rows) -> bool:
@@ -488,8 +511,9 @@ class OnnxModelOps(OnnxOps):
 
     def _pass(self, nodes, start, dims, perm, variants, k: str, size: int, what, sides=(), shapes=()) -> str:
         """Scores [N, size] of the variants `k` (int64 [size]): one clone of `nodes`, reading each
-        of `sides` [N, ...] repeated `size` times per crop (its rows follow the variants'), and
-        `shapes` ((tensor, int64 vector)) as those vectors."""
+        of `sides` ((tensor, batch axis)) repeated `size` times per crop along its batch axis
+        (crop after crop, as the variants' rows), and `shapes` ((tensor, int64 vector)) as those
+        vectors."""
         from onnx import helper
 
         b = self.b
@@ -498,11 +522,17 @@ class OnnxModelOps(OnnxOps):
         if perm is not None:
             rows = b.op("Transpose", [rows], perm=list(perm))
         renamed = {start: rows, **{name: b.const(vector, np.int64) for name, vector in shapes}}
-        for side in sides:
+        for side, axis in sides:
+            # [..., N, ...] -> [..., N, size, ...] -> [..., N * size, ...]
             rank = len(self.parts.shapes[side])
-            repeated = b.op("Tile", [b.unsqueeze(side, [1]), b.ints([1, size] + [1] * (rank - 1))])
-            rest = b.op("Slice", [b.op("Shape", [side]), b.ints([1]), b.ints([rank])])
-            renamed[side] = b.op("Reshape", [repeated, b.op("Concat", [b.ints([-1]), rest], axis=0)])
+            repeated = b.op("Tile", [b.unsqueeze(side, [axis + 1]),
+                                     b.ints([1] * (axis + 1) + [size] + [1] * (rank - axis - 1))])
+            shape = b.op("Shape", [side])
+            sizes = [b.op("Slice", [shape, b.ints([0]), b.ints([axis])])] if axis else []
+            sizes.append(b.ints([-1]))
+            if axis + 1 < rank:
+                sizes.append(b.op("Slice", [shape, b.ints([axis + 1]), b.ints([rank])]))
+            renamed[side] = b.op("Reshape", [repeated, b.op("Concat", sizes, axis=0) if len(sizes) > 1 else sizes[0]])
         for node in nodes:
             copy = helper.make_node(node.op_type, [renamed.get(x, x) for x in node.input],
                                     [renamed.setdefault(o, b.name(f"{what}_{node.op_type.lower()}")) if o else ""
@@ -697,25 +727,27 @@ def reference_calls(model, parts: Anatomy, images, class_index, names=()):
                     node.input[0] = parts.target
             extractor = onnx.utils.Extractor(rewired)
         fixed = [name for name, _ in parts.head_shapes]
-        head = _session(extractor.extract_model([parts.target, *parts.head_sides, *fixed], [parts.logits]))
+        sides = [name for name, _ in parts.head_sides]
+        head = _session(extractor.extract_model([parts.target, *sides, *fixed], [parts.logits]))
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     made = {o for n in model.graph.node for o in n.output}
     names = tuple(name for name in names if scores_tensor(name) in made)
     probe.graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                                for name in (parts.images, *map(scores_tensor, names))])
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in parts.head_sides)  # any type
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name, _ in parts.head_sides)  # any type
     session = _session(probe)
     got = dict(zip([o.name for o in session.get_outputs()],
                    session.run(None, {graph_spec.INPUT_IMAGE: images, graph_spec.INPUT_CLASS: class_index})))
     graph_scores = {name: got.pop(scores_tensor(name)) for name in names}
-    sides = {name: got.pop(name) for name in parts.head_sides}
+    sides = {name: (got.pop(name), axis) for name, axis in parts.head_sides}
     perm = parts.target_perm
 
     def run_head(rows):
         rows = rows if perm is None else np.ascontiguousarray(rows.transpose(perm))
-        # each crop's tensors beside the target, once per variant (rows: crop after crop)
-        feeds = {name: np.repeat(value, len(rows) // len(value), axis=0) for name, value in sides.items()}
+        # each crop's tensors beside the target, once per variant along their batch axis (rows: crop after crop)
+        feeds = {name: np.repeat(value, len(rows) // value.shape[axis], axis=axis)
+                 for name, (value, axis) in sides.items()}
         return head.run(None, {parts.target: rows, **feeds, **dict(parts.head_shapes)})[0]
 
     def run_model(rows):

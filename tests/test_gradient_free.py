@@ -739,33 +739,47 @@ def test_the_check_runs_a_sample_of_the_passes_and_catches_scores_out_of_place(m
 
 
 @pytest.mark.parametrize("side, reader, found", [
-    ("rows", "Add", ("rows", None)),  # [N, 4]: each crop's own row, repeated for its variants
+    ("rows", "Add", ("rows", 0)),  # [N, 4]: each crop's own row, repeated for its variants
+    # [4, N] (the residual stream [T, N, C] of nn.TransformerEncoder with batch_first=False):
+    # each crop's own column, repeated along axis 1
+    ("columns", "MatMul", ("rows", 1)),
     ("shape", "Reshape", ("shape", [-1, 4])),  # Shape(x) read as a Reshape's shape: -1 for the batch
     ("doubled", "Concat", "neither the crop's own rows (shape [2, 4] on 1 crop, [4, 4] on 2)"),
     ("shape", "Cast", "neither the crop's own rows (shape [2] on 1 crop, [2] on 2)"),  # a shape read as values
     # [N, 4] whose row b holds b + 1: indices counting the rows (a Swin .pt2's as_strided after its
-    # permute), which repeated per variant would have every clone read its first row
+    # permute), which repeated per variant would have every clone read its first row; its
+    # transpose [4, N] likewise
     ("counted", "Add", "whose rows on two identical crops differ from the one crop's"),
+    ("counted_columns", "MatMul", "whose rows on two identical crops differ from the one crop's"),
+    # [N, N]: the batch on two axes
+    ("gram", "MatMul", "neither the crop's own rows (shape [1, 1] on 1 crop, [2, 2] on 2)"),
 ])
 def test_tensors_a_head_reads_beside_its_target_are_judged_by_how_they_follow_the_batch(side, reader, found):
     """Ablation-CAM's head clones read what the head reads beside the target (a ViT's class
     token and residual stream, Swin's view sizes) as ONNX Runtime computes it on 1 and 2 crops:
-    a tensor [N, ...] each of whose rows is its crop's alone is repeated per variant, a shape only
-    Reshapes read gets -1 for its batch, anything else is refused naming it."""
+    a tensor with one batch axis ([N, ...], [T, N, C]) each of whose slices along it is its
+    crop's alone is repeated per variant along that axis, a shape only Reshapes read gets -1 for
+    its batch, anything else is refused naming it."""
     from onnx import TensorProto, helper
 
     from camface.export import onnx_rerun
 
+    ones = [helper.make_node("Constant", [], ["zero"], value_float=0.0),
+            helper.make_node("Constant", [], ["one"], value_float=1.0),
+            helper.make_node("Constant", [], ["axis"], value_int=0),
+            helper.make_node("Mul", ["x", "zero"], ["zeros"]),
+            helper.make_node("Add", ["zeros", "one"], ["ones"])]
     made = {"rows": [helper.make_node("Neg", ["x"], ["s"])],
+            "columns": [helper.make_node("Transpose", ["x"], ["s"], perm=[1, 0])],
             "shape": [helper.make_node("Shape", ["x"], ["s"])],
             "doubled": [helper.make_node("Concat", ["x", "x"], ["s"], axis=0)],
-            "counted": [helper.make_node("Constant", [], ["zero"], value_float=0.0),
-                        helper.make_node("Constant", [], ["one"], value_float=1.0),
-                        helper.make_node("Constant", [], ["axis"], value_int=0),
-                        helper.make_node("Mul", ["x", "zero"], ["zeros"]),
-                        helper.make_node("Add", ["zeros", "one"], ["ones"]),
-                        helper.make_node("CumSum", ["ones", "axis"], ["s"])]}[side]
-    head = helper.make_node(reader, ["t", "s"] if reader != "Cast" else ["s"], ["out"],
+            "counted": [*ones, helper.make_node("CumSum", ["ones", "axis"], ["s"])],
+            "counted_columns": [*ones, helper.make_node("CumSum", ["ones", "axis"], ["counted"]),
+                                helper.make_node("Transpose", ["counted"], ["s"], perm=[1, 0])],
+            "gram": [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+                     helper.make_node("MatMul", ["x", "xt"], ["s"])]}[side]
+    inputs = ["s"] if reader == "Cast" else ["s", "t"] if side == "gram" else ["t", "s"]
+    head = helper.make_node(reader, inputs, ["out"],
                             **({"to": TensorProto.FLOAT} if reader == "Cast" else {"axis": 0} if reader == "Concat"
                                else {}))
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["t"]), *made, head], "g",
@@ -778,7 +792,7 @@ def test_tensors_a_head_reads_beside_its_target_are_judged_by_how_they_follow_th
             onnx_rerun._sides(model, "t", ["s"], [head])
         return
     rows, fixed = onnx_rerun._sides(model, "t", ["s"], [head])
-    assert rows == (["s"] if found[0] == "rows" else [])
+    assert rows == ([("s", found[1])] if found[0] == "rows" else [])
     assert [(name, v.tolist()) for name, v in fixed] == ([("s", found[1])] if found[0] == "shape" else [])
 
 
@@ -999,7 +1013,7 @@ def test_a_side_whose_rows_differ_by_rounding_on_two_crops_is_still_the_crops_ow
     for side, rows, kept in ((row, ulp, True), (counted, np.concatenate([counted, counted + 4]), False)):
         monkeypatch.setattr(onnx_fold, "probe_values", lambda m, names, sizes=(1, 2), s=side, r=rows: ([row, s], [ulp, r]))
         if kept:
-            assert onnx_rerun._sides(model, "t", ["s"], [head]) == (["s"], ())
+            assert onnx_rerun._sides(model, "t", ["s"], [head]) == ([("s", 0)], ())
         else:
             with pytest.raises(ModelError, match="whose rows on two identical crops differ from the one crop's"):
                 onnx_rerun._sides(model, "t", ["s"], [head])
