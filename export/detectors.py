@@ -2,10 +2,11 @@
 
     python -m camface.export.detectors [--out-dir DIR]
 
-Each model is converted as it is by tf2onnx (opset 17); the full-range model stores its
-convolution weights sparse (46 DENSIFY ops, which tf2onnx 1.17 cannot read), so it is first
-densified: TFLite's own interpreter (no delegate, so its DENSIFY kernels run) expands each
-sparse constant once, the dense values become that op's output buffer, and the op is removed.
+Each model is converted as it is by tf2onnx (opset 17), to the same bytes on every run (its
+walks in a fixed order: export/tf2onnx_order.py); the full-range model stores its convolution
+weights sparse (46 DENSIFY ops, which tf2onnx 1.17 cannot read), so it is first densified:
+TFLite's own interpreter (no delegate, so its DENSIFY kernels run) expands each sparse
+constant once, the dense values become that op's output buffer, and the op is removed.
 The converted model's outputs are then checked against TFLite's on random inputs (the
 pre- and post-processing around them are camface.realtime.blazeface's).
 
@@ -29,6 +30,14 @@ from camface.outputs import output_path
 DENSIFY = 124  # tflite BuiltinOperator.DENSIFY
 OPSET = 17
 TOLERANCE = 1e-3  # largest |onnx - tflite| on raw box/score outputs of magnitude up to ~140
+# tf2onnx's command line in a process of its own, so that the counters in the names it makes
+# (module globals) start afresh for each model: a model's file does not depend on which were
+# converted before it. Within fixed_order (export/tf2onnx_order.py), so that it does not depend on
+# the process's string hashes either (its constants were const_fold_opt__323 or __320).
+TF2ONNX_IN_FIXED_ORDER = ("from camface.export.tf2onnx_order import fixed_order\n"
+                          "from tf2onnx.convert import main\n"
+                          "with fixed_order():\n"
+                          "    main()\n")
 
 
 def densified(source: Path, target: Path) -> int:
@@ -94,7 +103,7 @@ def convert(name: str, out_dir: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tflite = Path(tmp) / source.name
         count = densified(source, tflite)
-        command = [sys.executable, "-m", "tf2onnx.convert", "--tflite", str(tflite), "--output", str(target),
+        command = [sys.executable, "-c", TF2ONNX_IN_FIXED_ORDER, "--tflite", str(tflite), "--output", str(target),
                    "--opset", str(OPSET)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
