@@ -258,21 +258,23 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                                             if not log.isEnabledFor(logging.DEBUG) else logging.NOTSET):
             exported = torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
             if fixed_batch:
-                _check_freed(program, exported, [fixed_batch, *shape[1:]])
+                _check_freed(program, exported.module(), [fixed_batch, *shape[1:]])
             return exported
 
-    ties = pt2_batch.Ties()
     try:
-        return again(ties)
+        # a view whose batch axis is ambiguous (at a batch of 1) may hold it on another: the
+        # choice is made by running the freed graph (no trace, milliseconds), so a program
+        # refused for any reason is traced once, with the tie-break's choices, as before
+        ties = _chosen_ties(path, program, [fixed_batch, *shape[1:]]) if fixed_batch else None
+        try:
+            return again(ties)
+        except Exception:
+            if ties is None or not any(ties.picks):
+                raise
+            log.debug("%s: freed with the batch of views on their candidates %s: refused", path, ties.picks,
+                      exc_info=True)
+            return again()
     except Exception as exc:
-        # a view whose batch axis was ambiguous (at a batch of 1) may hold it on another: the
-        # first other choice whose freed program passes the check is it; else the first error
-        for other in ties.others(_OTHER_TIES) if fixed_batch else []:
-            try:
-                return again(other)
-            except Exception:
-                log.debug("%s: freed with the batch of view %d on its candidate %d: refused too",
-                          path, len(other.picks) - 1, other.picks[-1], exc_info=True)
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if fixed_batch and why.startswith("Constraints violated"):  # torch's next words: run with TORCH_LOGS
             why = (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
@@ -283,6 +285,41 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                              f"at once: {why}); export it with a dynamic batch: {HOW_TO_EXPORT}") from exc
         raise ModelError(f"{path}: the program does not run at --input-size "
                          f"{input_size[0]}x{input_size[1]} ({why})") from exc
+
+
+def _chosen_ties(path: Path, program, shape: list[int]):
+    """The pt2_batch.Ties with which `program` (saved at the fixed batch shape[0]), freed and
+    run as it is, untraced, gives batch + 1 crops what it gives them (`_check_freed`): the
+    tie-break's where no view's batch axis is ambiguous or where it does, else the first of up
+    to _OTHER_TIES others that does, each taking another candidate at one view; the
+    tie-break's when none does (the re-export then says why)."""
+    import torch
+
+    def freed(ties):
+        module = pt2_batch.free(program.module(check_guards=False), shape[0], ties)
+        _views_as_reshapes(module)
+        module.validate_inputs = False  # its input's shapes as saved: the traced batch
+        return module
+
+    def runs(module, ties) -> bool:
+        try:
+            with torch.no_grad():
+                _check_freed(program, module, shape)
+        except Exception:  # any: the freed graph fails on the crops, or gives them other outputs
+            log.debug("%s: freed with the batch of views on their candidates %s: refused", path, ties.picks,
+                      exc_info=True)
+            return False
+        return True
+
+    ties = pt2_batch.Ties()
+    try:
+        module = freed(ties)
+    except Exception:  # pt2_batch.free's own: the re-export raises it again, in one line
+        return pt2_batch.Ties()
+    if not ties.counts or runs(module, ties):
+        return pt2_batch.Ties()
+    return next((pt2_batch.Ties(other.picks) for other in ties.others(_OTHER_TIES)
+                 if runs(freed(other), other)), pt2_batch.Ties())
 
 
 def _views_as_reshapes(module) -> None:
@@ -326,9 +363,9 @@ class _NotFreed(Exception):
 
 
 def _check_freed(program, again, shape: list[int]) -> None:
-    """Raises _NotFreed unless `again` (the program at the fixed batch shape[0], exported again
-    with a dynamic one) gives a batch of shape[0] + 1 random crops what `program` gives them
-    shape[0] at a time: a size pt2_batch.free read wrong gives other rows, or mixes crops. A
+    """Raises _NotFreed unless `again` (the module of the program at the fixed batch shape[0]
+    freed: exported again with a dynamic batch, or not yet traced) gives a batch of shape[0] + 1
+    random crops what `program` gives them shape[0] at a time: a size pt2_batch.free read wrong gives other rows, or mixes crops. A
     program saved at MAX_CROPS or more (which `again` does not take + 1 of) is checked on
     MAX_CROPS - 1 crops against the first rows of `program`'s batch."""
     import numpy as np
@@ -348,7 +385,7 @@ def _check_freed(program, again, shape: list[int]) -> None:
     with torch.no_grad():
         first = outputs(original, crops[:fixed])
         last = outputs(original, crops[count - fixed:count]) if count > fixed else first
-        got = outputs(again.module(), crops[:count])
+        got = outputs(again, crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
         # an output's batch is the axis whose size went from `fixed` * rows to `count` * rows
