@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
 MAX_CROPS = 32  # the most crops a camface graph takes at once (the re-export's dynamic batch)
-_OTHER_TIES = 6  # the most other choices tried where a view's batch axis is ambiguous (pt2_batch.Ties)
+_OTHER_TIES = 6  # the most other choices run where views' batch axes are ambiguous (_chosen_ties)
 
 
 HOW_TO_EXPORT = ("ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
@@ -290,36 +290,65 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
 def _chosen_ties(path: Path, program, shape: list[int]):
     """The pt2_batch.Ties with which `program` (saved at the fixed batch shape[0]), freed and
     run as it is, untraced, gives batch + 1 crops what it gives them (`_check_freed`): the
-    tie-break's where no view's batch axis is ambiguous or where it does, else the first of up
-    to _OTHER_TIES others that does, each taking another candidate at one view; the
-    tie-break's when none does (the re-export then says why)."""
+    tie-break's where no view's batch axis is ambiguous or where it does; else one found
+    greedily in up to _OTHER_TIES runs, each with another candidate at one view, the nearest
+    before where the run fails, kept when the run then fails further on (that view was wrong;
+    one after it is too); the tie-break's when none does (the re-export then says why)."""
     import torch
 
-    def freed(ties):
+    order = {n.name: i for i, n in enumerate(program.module(check_guards=False).graph.nodes)}
+
+    def failure(picks: tuple) -> tuple:
+        """Where the run freed with `picks` fails (its failing node's place in `order`; past the
+        end where it gives other outputs; None where it does not), and its Ties; raises what
+        pt2_batch.free does."""
+        ties = pt2_batch.Ties(picks)
         module = pt2_batch.free(program.module(check_guards=False), shape[0], ties)
         _views_as_reshapes(module)
-        module.validate_inputs = False  # its input's shapes as saved: the traced batch
-        return module
-
-    def runs(module, ties) -> bool:
+        interpreter, ran = torch.fx.Interpreter(module), []
+        interpreter.run_node = lambda node: (ran.append(node), torch.fx.Interpreter.run_node(interpreter, node))[1]
         try:
             with torch.no_grad():
-                _check_freed(program, module, shape)
-        except Exception:  # any: the freed graph fails on the crops, or gives them other outputs
-            log.debug("%s: freed with the batch of views on their candidates %s: refused", path, ties.picks,
-                      exc_info=True)
-            return False
-        return True
+                _check_freed(program, interpreter.run, shape)
+        except Exception as exc:  # any: the freed graph fails on the crops, or gives them other outputs
+            at = len(order) if isinstance(exc, _NotFreed) or not ran else order.get(ran[-1].name, len(order))
+            log.debug("%s: freed with the batch of views on their candidates %s: refused at node %d",
+                      path, picks, at, exc_info=True)
+            return at, ties
+        return None, ties
 
-    ties = pt2_batch.Ties()
     try:
-        module = freed(ties)
+        point, ties = failure(())
     except Exception:  # pt2_batch.free's own: the re-export raises it again, in one line
         return pt2_batch.Ties()
-    if not ties.counts or runs(module, ties):
-        return pt2_batch.Ties()
-    return next((pt2_batch.Ties(other.picks) for other in ties.others(_OTHER_TIES)
-                 if runs(freed(other), other)), pt2_batch.Ties())
+    picks, seen = (), set()
+    for _ in range(_OTHER_TIES if point is not None else 0):
+        nearest = [k for k in reversed(range(len(ties.counts)))
+                   if order.get(ties.places[k].name, len(order)) <= point and _pick(picks, k) == 0]
+        other = next((p for k in nearest for j in range(1, ties.counts[k])
+                      if (p := _picked(picks, k, j)) not in seen), None)
+        if other is None:
+            break
+        seen.add(other)
+        try:
+            moved, tried = failure(other)
+        except Exception:
+            continue
+        if moved is None:
+            return pt2_batch.Ties(other)
+        if moved > point:
+            picks, point, ties = other, moved, tried
+    return pt2_batch.Ties()
+
+
+def _pick(picks: tuple, k: int) -> int:
+    """The candidate `picks` takes at the k-th ambiguous view (0: the tie-break's)."""
+    return picks[k] if k < len(picks) else 0
+
+
+def _picked(picks: tuple, k: int, j: int) -> tuple:
+    """`picks` taking candidate j at the k-th ambiguous view."""
+    return tuple(j if i == k else _pick(picks, i) for i in range(max(len(picks), k + 1)))
 
 
 def _views_as_reshapes(module) -> None:

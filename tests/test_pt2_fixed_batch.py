@@ -492,6 +492,37 @@ def test_a_view_whose_batch_axis_is_ambiguous_at_a_batch_of_one_is_freed(tmp_pat
     assert len(calls) == 1
 
 
+class TwoPairs(nn.Module):
+    """ExpandedPair's pair [2, N, C] as rows [2, N * C], then the same of its sum as a triple
+    [3, N * C]: at a batch of 1 both views hold the batch on either axis, the second each time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.pair, self.triple = nn.Parameter(torch.randn(2, 1)), nn.Parameter(torch.randn(3, 1))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        for weights in (self.pair, self.triple):
+            rows = features.unsqueeze(0).expand(len(weights), -1, -1).reshape(len(weights), -1)
+            features = (rows * weights).reshape(len(weights), -1, 8).sum(0)
+        return self.head(features)
+
+
+def test_two_views_whose_batch_axis_is_ambiguous_at_a_batch_of_one_are_freed(tmp_path, capsys):
+    """Two views that both hold the batch on their tie-break's other axis: each other choice was
+    tried alone (the pair's or the triple's), each failed on the other view, and the program was
+    refused with the first error ("The size of tensor a (2*s77) must match the size of tensor b
+    (2)"). A choice that moves the failure further on is kept and the next view's tried: the
+    graph gives the model's probabilities at 1, 2 and 3 crops."""
+    torch.manual_seed(0)
+    model = TwoPairs().eval()
+    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+    for n in (1, 2, 3):
+        np.testing.assert_allclose(run_graph(out, IMAGES[:n], CLASSES[:n])["probs"], eager_probs(model, IMAGES[:n]),
+                                   rtol=1e-4, atol=1e-6)
+
+
 class WideRows(nn.Module):
     """Features f [N, C] repeated twice along a new axis and viewed as rows [N, 2 * C], twice (at
     a batch of 1, [1, 2, C] as [1, 2 * C] holds the batch on either axis; the tie-break's first
