@@ -20,6 +20,11 @@ _VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unflatten")  # as ma
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "prod",
                "logsumexp", "norm", "linalg_vector_norm", "all", "any")
 _DIMS_THIRD = ("norm", "linalg_vector_norm")  # (self, p, dim, ...): their reduced dims follow p
+# higher-order ops that run subgraphs on operands: {name: (the subgraphs' args, the operands' first arg)};
+# torch.export puts a block of forward under torch.no_grad() or torch.autocast in one (torch.cond's
+# operands are one list)
+_SUBGRAPH_OPS = {"cond": (slice(1, 3), 3), "wrap_with_set_grad_enabled": (slice(1, 2), 2),
+                 "wrap_with_autocast": (slice(4, 5), 5)}
 
 
 class Ties:
@@ -49,9 +54,10 @@ def free(module, batch: int, ties: Ties | None = None):
     """`module` (a program's graph, traced at the fixed `batch`) with the shapes its views,
     expands and tensor constructors were traced with reading the input's batch instead of the
     number `batch` (a flatten traced at batch 2 is a view(2, C); nn.MultiheadAttention's heads
-    [T, 2 * heads, dim] at a batch of 2), in place, the branches of its torch.cond too;
-    returns `module`. Where a view's batch axis is ambiguous, `ties` says which to take and
-    counts the candidates (the tie-break's when None)."""
+    [T, 2 * heads, dim] at a batch of 2), in place, the subgraphs of its torch.cond and of its
+    torch.no_grad() and torch.autocast blocks too; returns `module`. Where a view's batch axis
+    is ambiguous, `ties` says which to take and counts the candidates (the tie-break's when
+    None)."""
     image = next(n for n in module.graph.nodes if n.op == "placeholder")
     _free_graph(module, batch, {image: (0, 1, 1)}, ties or Ties())
     return module
@@ -141,8 +147,8 @@ def _batch_axes(module, inputs: dict, batch: int, ties: Ties) -> dict:
     heads [T, batch * heads, dim] at (1, 1, heads), its rows [T * batch, C] at (0, T, 1));
     followed from `inputs` through permutes, transposes, selects, squeezes, views (by where
     their elements lie) and the rest (an axis kept where its size holds); a node whose value is
-    a list (unbind, split, torch.cond) maps to a list, one entry a tensor. What moved it off an
-    axis, or split it, is left out."""
+    a list (unbind, split, torch.cond, a torch.no_grad() block) maps to a list, one entry a
+    tensor. What moved it off an axis, or split it, is left out."""
     import torch
 
     axes = dict(inputs)
@@ -157,9 +163,9 @@ def _batch_axes(module, inputs: dict, batch: int, ties: Ties) -> dict:
             if node.args[1] < len(entries) and entries[node.args[1]] is not None:
                 axes[node] = entries[node.args[1]]
             continue
-        if op == "cond":
+        if op in _SUBGRAPH_OPS:
             within, ties.within = ties.within, ties.within or node
-            axes[node] = _cond_axes(module, node, axes, batch, ties)
+            axes[node] = _subgraph_axes(module, node, axes, batch, ties)
             ties.within = within
             continue
         if not sources:
@@ -257,14 +263,16 @@ def _view_axis(before: list, after: list, axis: int, outer: int, batch: int, tie
     return ties.take(sorted(found, key=lambda f: (f[0] == len(after) - 1 > 0, f[1] * f[2] != 1, f[1] != 1)), node)
 
 
-def _cond_axes(module, node, axes: dict, batch: int, ties: Ties) -> list | None:
-    """Where torch.cond `node`'s outputs hold the batch, its branches (subgraphs of `module`)
-    freed on the way (`_free_graph` with its operands' axes); None where a branch's outputs
-    disagree or no operand holds it."""
-    operands = node.args[3]
+def _subgraph_axes(module, node, axes: dict, batch: int, ties: Ties) -> list | None:
+    """Where the outputs of `node`, a torch.cond or a block of `forward` under torch.no_grad()
+    or torch.autocast (their subgraphs of `module`: a torch.cond's two branches), hold the
+    batch, the subgraphs freed on the way (`_free_graph` with their operands' axes); None where
+    a branch's outputs disagree or no operand holds it."""
+    at, first = _SUBGRAPH_OPS[_op_name(node)]
+    operands = node.args[first] if _op_name(node) == "cond" else node.args[first:]
     found = None
-    for branch in node.args[1:3]:
-        sub = getattr(module, branch.target)
+    for subgraph in node.args[at]:
+        sub = getattr(module, subgraph.target)
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
         inputs = {p: axes[o] for p, o in zip(placeholders, operands) if isinstance(axes.get(o), tuple)}
         if not inputs:

@@ -593,3 +593,32 @@ def test_the_batch_is_followed_through_a_norm_over_other_axes(tmp_path, capsys, 
     path = tmp_path / "fixed.pt2"
     torch.export.save(program, str(path))
     assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+class UnderNoGrad(nn.Module):
+    """Features [N, 8] pooled and viewed by the traced batch inside a torch.no_grad() block of
+    forward (or a torch.autocast(enabled=False) one), added to the features pooled outside it."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.conv, self.head = block, nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        with torch.no_grad() if self.block == "no_grad" else torch.autocast("cpu", enabled=False):
+            pooled = features.flatten(2).amax(2).view(features.shape[0], 8)
+        return self.head(features.mean((2, 3)) + pooled)
+
+
+@pytest.mark.parametrize("block, batch", [("no_grad", 1), ("no_grad", 2), ("autocast", 1)])
+def test_views_inside_a_no_grad_block_are_freed(tmp_path, capsys, block, batch):
+    """torch.export puts a torch.no_grad() block of forward in a subgraph of its own (a
+    higher-order op, wrap_with_set_grad_enabled; torch.autocast's is wrap_with_autocast) that
+    camface did not read: its views kept the traced batch ("shape '[1, 8]' is invalid for input
+    of size 8*s77", "Constraints violated (batch)" at a batch of 2). They are freed as torch.cond's
+    branches are: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = UnderNoGrad(block).eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=batch)
+    assert "wrap_with_" in str(torch.export.load(str(path)).module().graph)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
