@@ -246,6 +246,7 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
+    saved: dict = {}  # the program's outputs on the crops `_check_freed` gives every module it checks
 
     def again(ties=None):
         # inside: a graph pt2_batch.free cannot read is refused in one line as well
@@ -258,14 +259,14 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                                             if not log.isEnabledFor(logging.DEBUG) else logging.NOTSET):
             exported = torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
             if fixed_batch:
-                _check_freed(program, exported.module(), [fixed_batch, *shape[1:]])
+                _check_freed(program, exported.module(), [fixed_batch, *shape[1:]], saved)
             return exported
 
     try:
         # a view whose batch axis is ambiguous (at a batch of 1) may hold it on another: the
         # choice is made by running the freed graph (no trace, milliseconds), so a program
         # refused for any reason is traced once, with the tie-break's choices, as before
-        ties = _chosen_ties(path, program, [fixed_batch, *shape[1:]]) if fixed_batch else None
+        ties = _chosen_ties(path, program, [fixed_batch, *shape[1:]], saved) if fixed_batch else None
         try:
             return again(ties)
         except Exception:
@@ -287,13 +288,14 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                          f"{input_size[0]}x{input_size[1]} ({why})") from exc
 
 
-def _chosen_ties(path: Path, program, shape: list[int]):
+def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
     """The pt2_batch.Ties with which `program` (saved at the fixed batch shape[0]), freed and
     run as it is, untraced, gives batch + 1 crops what it gives them (`_check_freed`): the
     tie-break's where no view's batch axis is ambiguous or where it does; else one found
     greedily in up to _OTHER_TIES runs, each with another candidate at one view, the nearest
     before where the run fails, kept when the run then fails further on (that view was wrong;
-    one after it is too); the tie-break's when none does (the re-export then says why)."""
+    one after it is too); the tie-break's when none does (the re-export then says why).
+    `saved`: `_check_freed`'s."""
     import torch
 
     order = {n.name: i for i, n in enumerate(program.module(check_guards=False).graph.nodes)}
@@ -309,7 +311,7 @@ def _chosen_ties(path: Path, program, shape: list[int]):
         interpreter.run_node = lambda node: (ran.append(node), torch.fx.Interpreter.run_node(interpreter, node))[1]
         try:
             with torch.no_grad():
-                _check_freed(program, interpreter.run, shape)
+                _check_freed(program, interpreter.run, shape, saved)
         except Exception as exc:  # any: the freed graph fails on the crops, or gives them other outputs
             at = len(order) if isinstance(exc, _NotFreed) or not ran else order.get(ran[-1].name, len(order))
             log.debug("%s: freed with the batch of views on their candidates %s: refused at node %d",
@@ -391,12 +393,14 @@ class _NotFreed(Exception):
     """The program exported again with a dynamic batch gives crops other outputs than it did."""
 
 
-def _check_freed(program, again, shape: list[int]) -> None:
+def _check_freed(program, again, shape: list[int], saved: dict | None = None) -> None:
     """Raises _NotFreed unless `again` (the module of the program at the fixed batch shape[0]
     freed: exported again with a dynamic batch, or not yet traced) gives a batch of shape[0] + 1
-    random crops what `program` gives them shape[0] at a time: a size pt2_batch.free read wrong gives other rows, or mixes crops. A
-    program saved at MAX_CROPS or more (which `again` does not take + 1 of) is checked on
-    MAX_CROPS - 1 crops against the first rows of `program`'s batch."""
+    random crops what `program` gives them shape[0] at a time: a size pt2_batch.free read wrong
+    gives other rows, or mixes crops. A program saved at MAX_CROPS or more (which `again` does
+    not take + 1 of) is checked on MAX_CROPS - 1 crops against the first rows of `program`'s
+    batch. `saved`: a dict kept by a caller that checks several modules of one program and
+    shape; it holds the program's outputs on these crops after the first check."""
     import numpy as np
     import torch
     from torch.utils import _pytree as pytree
@@ -410,10 +414,13 @@ def _check_freed(program, again, shape: list[int]) -> None:
     count = fixed + 1 if fixed < MAX_CROPS else MAX_CROPS - 1  # never `fixed`, within the Dim
     crops = torch.from_numpy(np.random.default_rng(0).standard_normal([max(fixed, count), *shape[1:]])
                              .astype(np.float32))
-    original = program.module(check_guards=False)
+    saved = {} if saved is None else saved
     with torch.no_grad():
-        first = outputs(original, crops[:fixed])
-        last = outputs(original, crops[count - fixed:count]) if count > fixed else first
+        if not saved:
+            original = program.module(check_guards=False)
+            saved["first"] = outputs(original, crops[:fixed])
+            saved["last"] = outputs(original, crops[count - fixed:count]) if count > fixed else saved["first"]
+        first, last = saved["first"], saved["last"]
         got = outputs(again, crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
