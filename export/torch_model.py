@@ -360,7 +360,17 @@ def _views_as_reshapes(module) -> None:
     .contiguous() that does nothing at the traced size (tokens [T, 1, C] of a batch of 1), so
     its .view() reads the traced layout, which another batch or size does not have (torch
     #186381); a reshape is that view where the layout allows it and a copy where it does not,
-    as .contiguous().view() is."""
+    as .contiguous().view() is. The subgraphs of its higher-order ops (torch.cond's branches,
+    a torch.no_grad() block of forward) too, each read alone: they neither change their
+    operands in place nor return an alias of them."""
+    import torch
+
+    for graph in [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]:
+        _graph_views_as_reshapes(graph)
+
+
+def _graph_views_as_reshapes(module) -> None:
+    """`_views_as_reshapes` of `module`'s own graph."""
     import torch
 
     nodes = [n for n in module.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]

@@ -622,3 +622,32 @@ def test_views_inside_a_no_grad_block_are_freed(tmp_path, capsys, block, batch):
     path = saved(model, tmp_path / "fixed.pt2", batch=batch)
     assert "wrap_with_" in str(torch.export.load(str(path)).module().graph)
     assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+class TokensFirstWithin(TokensFirst):
+    """TokensFirst's forward inside a torch.no_grad() block, or as both branches of a torch.cond
+    (the second doubling the logits) on a parameter."""
+
+    def __init__(self, within):
+        super().__init__()
+        self.within = within
+
+    def forward(self, x):
+        if self.within == "no_grad":
+            with torch.no_grad():
+                return super().forward(x)
+        return torch.cond(self.head.bias.sum() > -100, lambda x: TokensFirst.forward(self, x),
+                          lambda x: TokensFirst.forward(self, x) * 2, (x,))
+
+
+@pytest.mark.parametrize("within", ["no_grad", "cond"])
+def test_a_contiguous_dropped_inside_a_subgraph_does_not_fail_the_re_export(tmp_path, capsys, within):
+    """The views of a .pt2 were made reshapes in its own graph only: in a torch.no_grad() block
+    or a torch.cond branch, the view after a .contiguous() torch dropped at a batch of 1 failed
+    the re-export ("Cannot view a tensor with shape torch.Size([64, s77, 8]) and strides (8,
+    512, 1) ..."). Subgraphs' views are reshapes too: the graph gives the model's
+    probabilities."""
+    torch.manual_seed(0)
+    model = TokensFirstWithin(within).eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=1)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
