@@ -300,15 +300,24 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
 
     order = {n.name: i for i, n in enumerate(program.module(check_guards=False).graph.nodes)}
 
-    def failure(picks: tuple) -> tuple:
-        """Where the run freed with `picks` fails (its failing node's place in `order`; past the
-        end where it gives other outputs; None where it does not), and its Ties; raises what
-        pt2_batch.free does."""
+    def freed(picks: tuple) -> tuple:
+        """The program's module freed with `picks`, and its Ties (their counts and places)."""
         ties = pt2_batch.Ties(picks)
         module = pt2_batch.free(program.module(check_guards=False), shape[0], ties)
         _views_as_reshapes(module)
+        return module, ties
+
+    def failure(module, picks: tuple) -> int | None:
+        """Where `module` (freed with `picks`) fails the check, run node by node: its failing
+        node's place in `order`; past the end where it gives other outputs; None where it
+        passes."""
         interpreter, ran = torch.fx.Interpreter(module), []
-        interpreter.run_node = lambda node: (ran.append(node), torch.fx.Interpreter.run_node(interpreter, node))[1]
+
+        def run_node(node):
+            ran.append(node)
+            return torch.fx.Interpreter.run_node(interpreter, node)
+
+        interpreter.run_node = run_node
         try:
             with torch.no_grad():
                 _check_freed(program, interpreter.run, shape, saved)
@@ -316,13 +325,14 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
             at = len(order) if isinstance(exc, _NotFreed) or not ran else order.get(ran[-1].name, len(order))
             log.debug("%s: freed with the batch of views on their candidates %s: refused at node %d",
                       path, picks, at, exc_info=True)
-            return at, ties
-        return None, ties
+            return at
+        return None
 
     try:
-        point, ties = failure(())
+        module, ties = freed(())
     except Exception:  # pt2_batch.free's own: the re-export raises it again, in one line
         return pt2_batch.Ties()
+    point = failure(module, ()) if ties.counts else None
     picks, seen = (), set()
     for _ in range(_OTHER_TIES if point is not None else 0):
         nearest = [k for k in reversed(range(len(ties.counts)))
@@ -333,9 +343,10 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
             break
         seen.add(other)
         try:
-            moved, tried = failure(other)
+            module, tried = freed(other)
         except Exception:
             continue
+        moved = failure(module, other)
         if moved is None:
             return pt2_batch.Ties(other)
         if moved > point:

@@ -651,3 +651,26 @@ def test_a_contiguous_dropped_inside_a_subgraph_does_not_fail_the_re_export(tmp_
     model = TokensFirstWithin(within).eval()
     path = saved(model, tmp_path / "fixed.pt2", batch=1)
     assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+@pytest.mark.parametrize("model, batch, checks", [(LogitsAndSigns, 2, 1), (ExpandedPair, 1, 3)])
+def test_the_freed_graph_is_run_untraced_only_where_a_view_is_ambiguous(tmp_path, capsys, monkeypatch, model,
+                                                                        batch, checks):
+    """The freed graph is run untraced to choose where ambiguous views hold the batch: a program
+    with none is checked once, after its trace; ExpandedPair's tie-break fails that run, its
+    other candidate passes it, then the trace is checked."""
+    from camface.export import torch_model
+
+    torch.manual_seed(0)
+    path = saved(model().eval(), tmp_path / "fixed.pt2", batch=batch)
+    shapes, check = [], torch_model._check_freed
+
+    def counted(program, again, shape, saved=None):
+        shapes.append(shape)
+        return check(program, again, shape, saved)
+
+    monkeypatch.setattr(torch_model, "_check_freed", counted)
+    options = ["--class-output", "logits"] if model is LogitsAndSigns else []
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT, *options]) == 0, \
+        capsys.readouterr().err
+    assert shapes == [[batch, 3, SIZE, SIZE]] * checks
