@@ -20,40 +20,44 @@ _VIEW_OPS = ("view", "reshape", "_unsafe_view", "flatten", "unflatten")  # as ma
 _REDUCTIONS = ("mean", "sum", "amax", "amin", "max", "min", "argmax", "argmin", "var", "std", "prod",
                "logsumexp", "norm", "linalg_vector_norm", "all", "any")
 _DIMS_THIRD = ("norm", "linalg_vector_norm")  # (self, p, dim, ...): their reduced dims follow p
+# higher-order ops that run subgraphs on operands: {name: (the subgraphs' args, the operands' first arg)};
+# torch.export puts a block of forward under torch.no_grad() or torch.autocast in one (torch.cond's
+# operands are one list)
+_SUBGRAPH_OPS = {"cond": (slice(1, 3), 3), "wrap_with_set_grad_enabled": (slice(1, 2), 2),
+                 "wrap_with_autocast": (slice(4, 5), 5)}
 
 
 class Ties:
     """The axes taken where a view's batch is ambiguous: at a batch of 1, [2, 1, C] viewed as
     [2, C] holds it on either axis, and only running the freed program on another batch tells
     which. `picks[k]` is the candidate taken at the k-th such view (in graph order; 0, the
-    tie-break's, past the end of `picks`); `counts[k]` is how many that view had, filled in by
+    tie-break's, past the end of `picks`); `counts[k]` is how many that view had and
+    `places[k]` its node (in the program's own graph: the torch.cond holding it), filled in by
     `free`."""
 
     def __init__(self, picks=()):
-        self.picks, self.counts = list(picks), []
+        self.picks, self.counts, self.places = list(picks), [], []
+        self.within = None  # the node of the program's graph whose subgraph is being freed
 
-    def take(self, found: list):
-        """The candidate of `found` (best first) this view gets; counted when there are several."""
+    def take(self, found: list, view):
+        """The candidate of `found` (best first) view node `view` gets; counted when there are
+        several."""
         if len(found) < 2:
             return found[0]
         k = len(self.counts)
         self.counts.append(len(found))
+        self.places.append(self.within or view)
         return found[self.picks[k]] if k < len(self.picks) and self.picks[k] < len(found) else found[0]
-
-    def others(self, limit: int) -> list:
-        """Up to `limit` Ties, each taking another candidate at one of the ambiguous views `free`
-        met with the tie-break's everywhere (these Ties, picking none), the tie-break's at the
-        others; in graph order."""
-        return [Ties([*[0] * k, j]) for k, count in enumerate(self.counts) for j in range(1, count)][:limit]
 
 
 def free(module, batch: int, ties: Ties | None = None):
     """`module` (a program's graph, traced at the fixed `batch`) with the shapes its views,
     expands and tensor constructors were traced with reading the input's batch instead of the
     number `batch` (a flatten traced at batch 2 is a view(2, C); nn.MultiheadAttention's heads
-    [T, 2 * heads, dim] at a batch of 2), in place, the branches of its torch.cond too;
-    returns `module`. Where a view's batch axis is ambiguous, `ties` says which to take and
-    counts the candidates (the tie-break's when None)."""
+    [T, 2 * heads, dim] at a batch of 2), in place, the subgraphs of its torch.cond and of its
+    torch.no_grad() and torch.autocast blocks too; returns `module`. Where a view's batch axis
+    is ambiguous, `ties` says which to take and counts the candidates (the tie-break's when
+    None)."""
     image = next(n for n in module.graph.nodes if n.op == "placeholder")
     _free_graph(module, batch, {image: (0, 1, 1)}, ties or Ties())
     return module
@@ -158,8 +162,8 @@ def _batch_axes(module, inputs: dict, batch: int, ties: Ties) -> dict:
     heads [T, batch * heads, dim] at (1, 1, heads), its rows [T * batch, C] at (0, T, 1));
     followed from `inputs` through permutes, transposes, selects, squeezes, views (by where
     their elements lie) and the rest (an axis kept where its size holds); a node whose value is
-    a list (unbind, split, torch.cond) maps to a list, one entry a tensor. What moved it off an
-    axis, or split it, is left out."""
+    a list (unbind, split, torch.cond, a torch.no_grad() block) maps to a list, one entry a
+    tensor. What moved it off an axis, or split it, is left out."""
     import torch
 
     axes = dict(inputs)
@@ -174,8 +178,10 @@ def _batch_axes(module, inputs: dict, batch: int, ties: Ties) -> dict:
             if node.args[1] < len(entries) and entries[node.args[1]] is not None:
                 axes[node] = entries[node.args[1]]
             continue
-        if op == "cond":
-            axes[node] = _cond_axes(module, node, axes, batch, ties)
+        if op in _SUBGRAPH_OPS:
+            within, ties.within = ties.within, ties.within or node
+            axes[node] = _subgraph_axes(module, node, axes, batch, ties)
+            ties.within = within
             continue
         if not sources:
             continue
@@ -228,7 +234,7 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims) if before.shape[d % rank] == 1]
         return None if axis in dims else (axis - sum(d < axis for d in dims), outer, inner)
     if op in _VIEW_OPS and isinstance(value, torch.Tensor):
-        return _view_axis(list(before.shape), list(value.shape), axis, outer, batch, ties)
+        return _view_axis(list(before.shape), list(value.shape), axis, outer, batch, ties, node)
     if op in _REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() < rank:
         at = 2 if op in _DIMS_THIRD else 1
         dims = node.args[at] if len(node.args) > at else None
@@ -249,13 +255,14 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
     return axis + out_rank - rank, outer, inner
 
 
-def _view_axis(before: list, after: list, axis: int, outer: int, batch: int, ties: Ties):
+def _view_axis(before: list, after: list, axis: int, outer: int, batch: int, ties: Ties, node=None):
     """Where a view (a reshape) of `before` that holds the batch on `axis` (of size outer *
     batch * inner) puts it: the axis of `after` that holds the elements batch covers, whole;
     (axis, outer, inner) there, or None (a batch split over axes, a symbolic or empty size). At a batch
     of 1 several axes can (nn.MultiheadAttention's [T, 1, heads, dim] as [T, C] holds it in
     either): an axis other than the last (the features a linear layer reads at a fixed size)
-    first, then an axis of the batch alone, then one it leads; `ties` may take another."""
+    first, then an axis of the batch alone, then one it leads; `ties` may take another (at the
+    view `node`)."""
     if not all(isinstance(d, int) and d > 0 for d in (*before, *after)):
         return None  # an empty tensor (no registers: tokens[:, 1:1]) has no elements to follow
     groups = outer  # index groups outside the batch: the axes before it, its outer part
@@ -270,17 +277,19 @@ def _view_axis(before: list, after: list, axis: int, outer: int, batch: int, tie
             break
     if not found:
         return None
-    return ties.take(sorted(found, key=lambda f: (f[0] == len(after) - 1 > 0, f[1] * f[2] != 1, f[1] != 1)))
+    return ties.take(sorted(found, key=lambda f: (f[0] == len(after) - 1 > 0, f[1] * f[2] != 1, f[1] != 1)), node)
 
 
-def _cond_axes(module, node, axes: dict, batch: int, ties: Ties) -> list | None:
-    """Where torch.cond `node`'s outputs hold the batch, its branches (subgraphs of `module`)
-    freed on the way (`_free_graph` with its operands' axes); None where a branch's outputs
-    disagree or no operand holds it."""
-    operands = node.args[3]
+def _subgraph_axes(module, node, axes: dict, batch: int, ties: Ties) -> list | None:
+    """Where the outputs of `node`, a torch.cond or a block of `forward` under torch.no_grad()
+    or torch.autocast (their subgraphs of `module`: a torch.cond's two branches), hold the
+    batch, the subgraphs freed on the way (`_free_graph` with their operands' axes); None where
+    a branch's outputs disagree or no operand holds it."""
+    at, first = _SUBGRAPH_OPS[_op_name(node)]
+    operands = node.args[first] if _op_name(node) == "cond" else node.args[first:]
     found = None
-    for branch in node.args[1:3]:
-        sub = getattr(module, branch.target)
+    for subgraph in node.args[at]:
+        sub = getattr(module, subgraph.target)
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
         inputs = {p: axes[o] for p, o in zip(placeholders, operands) if isinstance(axes.get(o), tuple)}
         if not inputs:

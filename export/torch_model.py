@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".pt", ".pth")
 DEFAULT_OPSET = 18  # ScatterElements(add) for MaxPool's gradient needs >= 16
 MAX_CROPS = 32  # the most crops a camface graph takes at once (the re-export's dynamic batch)
-_OTHER_TIES = 6  # the most other choices tried where a view's batch axis is ambiguous (pt2_batch.Ties)
+_OTHER_TIES = 6  # the most other choices run where views' batch axes are ambiguous (_chosen_ties)
 
 
 HOW_TO_EXPORT = ("ep = torch.export.export(model.eval(), (torch.randn(2, 3, H, W),), "
@@ -246,6 +246,7 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=MAX_CROPS)
+    saved: dict = {}  # the program's outputs on the crops `_check_freed` gives every module it checks
 
     def again(ties=None):
         # inside: a graph pt2_batch.free cannot read is refused in one line as well
@@ -258,21 +259,23 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                                             if not log.isEnabledFor(logging.DEBUG) else logging.NOTSET):
             exported = torch.export.export(module, (torch.zeros(shape),), dynamic_shapes=({0: batch},))
             if fixed_batch:
-                _check_freed(program, exported, [fixed_batch, *shape[1:]])
+                _check_freed(program, exported.module(), [fixed_batch, *shape[1:]], saved)
             return exported
 
-    ties = pt2_batch.Ties()
     try:
-        return again(ties)
+        # a view whose batch axis is ambiguous (at a batch of 1) may hold it on another: the
+        # choice is made by running the freed graph (no trace, milliseconds), so a program
+        # refused for any reason is traced once, with the tie-break's choices, as before
+        ties = _chosen_ties(path, program, [fixed_batch, *shape[1:]], saved) if fixed_batch else None
+        try:
+            return again(ties)
+        except Exception:
+            if ties is None or not any(ties.picks):
+                raise
+            log.debug("%s: freed with the batch of views on their candidates %s: refused", path, ties.picks,
+                      exc_info=True)
+            return again()
     except Exception as exc:
-        # a view whose batch axis was ambiguous (at a batch of 1) may hold it on another: the
-        # first other choice whose freed program passes the check is it; else the first error
-        for other in ties.others(_OTHER_TIES) if fixed_batch else []:
-            try:
-                return again(other)
-            except Exception:
-                log.debug("%s: freed with the batch of view %d on its candidate %d: refused too",
-                          path, len(other.picks) - 1, other.picks[-1], exc_info=True)
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if fixed_batch and why.startswith("Constraints violated"):  # torch's next words: run with TORCH_LOGS
             why = (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
@@ -285,6 +288,82 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
                          f"{input_size[0]}x{input_size[1]} ({why})") from exc
 
 
+def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
+    """The pt2_batch.Ties with which `program` (saved at the fixed batch shape[0]), freed and
+    run as it is, untraced, gives batch + 1 crops what it gives them (`_check_freed`): the
+    tie-break's where no view's batch axis is ambiguous or where it does; else one found
+    greedily in up to _OTHER_TIES runs, each with another candidate at one view, the nearest
+    before where the run fails, kept when the run then fails further on (that view was wrong;
+    one after it is too); the tie-break's when none does (the re-export then says why).
+    `saved`: `_check_freed`'s."""
+    import torch
+
+    order = {n.name: i for i, n in enumerate(program.module(check_guards=False).graph.nodes)}
+
+    def freed(picks: tuple) -> tuple:
+        """The program's module freed with `picks`, and its Ties (their counts and places)."""
+        ties = pt2_batch.Ties(picks)
+        module = pt2_batch.free(program.module(check_guards=False), shape[0], ties)
+        _views_as_reshapes(module)
+        return module, ties
+
+    def failure(module, picks: tuple) -> int | None:
+        """Where `module` (freed with `picks`) fails the check, run node by node: its failing
+        node's place in `order`; past the end where it gives other outputs; None where it
+        passes."""
+        interpreter, ran = torch.fx.Interpreter(module), []
+
+        def run_node(node):
+            ran.append(node)
+            return torch.fx.Interpreter.run_node(interpreter, node)
+
+        interpreter.run_node = run_node
+        try:
+            with torch.no_grad():
+                _check_freed(program, interpreter.run, shape, saved)
+        except Exception as exc:  # any: the freed graph fails on the crops, or gives them other outputs
+            at = len(order) if isinstance(exc, _NotFreed) or not ran else order.get(ran[-1].name, len(order))
+            log.debug("%s: freed with the batch of views on their candidates %s: refused at node %d",
+                      path, picks, at, exc_info=True)
+            return at
+        return None
+
+    try:
+        module, ties = freed(())
+    except Exception:  # pt2_batch.free's own: the re-export raises it again, in one line
+        return pt2_batch.Ties()
+    point = failure(module, ()) if ties.counts else None
+    picks, seen = (), set()
+    for _ in range(_OTHER_TIES if point is not None else 0):
+        nearest = [k for k in reversed(range(len(ties.counts)))
+                   if order.get(ties.places[k].name, len(order)) <= point and _pick(picks, k) == 0]
+        other = next((p for k in nearest for j in range(1, ties.counts[k])
+                      if (p := _picked(picks, k, j)) not in seen), None)
+        if other is None:
+            break
+        seen.add(other)
+        try:
+            module, tried = freed(other)
+        except Exception:
+            continue
+        moved = failure(module, other)
+        if moved is None:
+            return pt2_batch.Ties(other)
+        if moved > point:
+            picks, point, ties = other, moved, tried
+    return pt2_batch.Ties()
+
+
+def _pick(picks: tuple, k: int) -> int:
+    """The candidate `picks` takes at the k-th ambiguous view (0: the tie-break's)."""
+    return picks[k] if k < len(picks) else 0
+
+
+def _picked(picks: tuple, k: int, j: int) -> tuple:
+    """`picks` taking candidate j at the k-th ambiguous view."""
+    return tuple(j if i == k else _pick(picks, i) for i in range(max(len(picks), k + 1)))
+
+
 def _views_as_reshapes(module) -> None:
     """Each aten.view in `module` (a program's graph) made a reshape, in place, unless a
     tensor it aliases (its base, itself, or a view of either) is changed in place (an
@@ -292,7 +371,17 @@ def _views_as_reshapes(module) -> None:
     .contiguous() that does nothing at the traced size (tokens [T, 1, C] of a batch of 1), so
     its .view() reads the traced layout, which another batch or size does not have (torch
     #186381); a reshape is that view where the layout allows it and a copy where it does not,
-    as .contiguous().view() is."""
+    as .contiguous().view() is. The subgraphs of its higher-order ops (torch.cond's branches,
+    a torch.no_grad() block of forward) too, each read alone: they neither change their
+    operands in place nor return an alias of them."""
+    import torch
+
+    for graph in [m for m in module.modules() if isinstance(m, torch.fx.GraphModule)]:
+        _graph_views_as_reshapes(graph)
+
+
+def _graph_views_as_reshapes(module) -> None:
+    """`_views_as_reshapes` of `module`'s own graph."""
     import torch
 
     nodes = [n for n in module.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)]
@@ -325,12 +414,14 @@ class _NotFreed(Exception):
     """The program exported again with a dynamic batch gives crops other outputs than it did."""
 
 
-def _check_freed(program, again, shape: list[int]) -> None:
-    """Raises _NotFreed unless `again` (the program at the fixed batch shape[0], exported again
-    with a dynamic one) gives a batch of shape[0] + 1 random crops what `program` gives them
-    shape[0] at a time: a size pt2_batch.free read wrong gives other rows, or mixes crops. A
-    program saved at MAX_CROPS or more (which `again` does not take + 1 of) is checked on
-    MAX_CROPS - 1 crops against the first rows of `program`'s batch."""
+def _check_freed(program, again, shape: list[int], saved: dict | None = None) -> None:
+    """Raises _NotFreed unless `again` (the module of the program at the fixed batch shape[0]
+    freed: exported again with a dynamic batch, or not yet traced) gives a batch of shape[0] + 1
+    random crops what `program` gives them shape[0] at a time: a size pt2_batch.free read wrong
+    gives other rows, or mixes crops. A program saved at MAX_CROPS or more (which `again` does
+    not take + 1 of) is checked on MAX_CROPS - 1 crops against the first rows of `program`'s
+    batch. `saved`: a dict kept by a caller that checks several modules of one program and
+    shape; it holds the program's outputs on these crops after the first check."""
     import numpy as np
     import torch
     from torch.utils import _pytree as pytree
@@ -344,11 +435,14 @@ def _check_freed(program, again, shape: list[int]) -> None:
     count = fixed + 1 if fixed < MAX_CROPS else MAX_CROPS - 1  # never `fixed`, within the Dim
     crops = torch.from_numpy(np.random.default_rng(0).standard_normal([max(fixed, count), *shape[1:]])
                              .astype(np.float32))
-    original = program.module(check_guards=False)
+    saved = {} if saved is None else saved
     with torch.no_grad():
-        first = outputs(original, crops[:fixed])
-        last = outputs(original, crops[count - fixed:count]) if count > fixed else first
-        got = outputs(again.module(), crops[:count])
+        if not saved:
+            original = program.module(check_guards=False)
+            saved["first"] = outputs(original, crops[:fixed])
+            saved["last"] = outputs(original, crops[count - fixed:count]) if count > fixed else saved["first"]
+        first, last = saved["first"], saved["last"]
+        got = outputs(again, crops[:count])
     atol, rtol = verify.TOLERANCE["fp32"]
     for a, b, c in zip(first, last, got):
         # an output's batch is the axis whose size went from `fixed` * rows to `count` * rows

@@ -465,15 +465,102 @@ class ExpandedPair(nn.Module):
         return self.head((pair * self.weights).reshape(2, -1, 8).sum(0))
 
 
-def test_a_view_whose_batch_axis_is_ambiguous_at_a_batch_of_one_is_freed(tmp_path, capsys):
+def traces(monkeypatch) -> list:
+    """The calls torch.export.export gets from here on, one entry each."""
+    calls, export = [], torch.export.export
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counted)
+    return calls
+
+
+def test_a_view_whose_batch_axis_is_ambiguous_at_a_batch_of_one_is_freed(tmp_path, capsys, monkeypatch):
     """Saved at a batch of 1, the pair [2, 1, C] viewed as [2, C] holds the batch on either axis;
     the tie-break took the first, made the view (2 * N, -1), and the program was refused ("The
     size of tensor a (2*s77) must match the size of tensor b (2)"; accepted at 7aad2f0, which
     left the -1 alone). Each candidate of such a view is tried, the first whose freed program
-    gives each crop what the saved one does kept: the graph gives the model's probabilities."""
+    gives each crop what the saved one does kept: the graph gives the model's probabilities.
+    The candidates are tried on the freed graph as it is: the program is traced once."""
     torch.manual_seed(0)
     model = ExpandedPair().eval()
-    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+    path = saved(model, tmp_path / "fixed.pt2", batch=1)
+    calls = traces(monkeypatch)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+    assert len(calls) == 1
+
+
+class TwoPairs(nn.Module):
+    """ExpandedPair's pair [2, N, C] as rows [2, N * C], then the same of its sum as a triple
+    [3, N * C]: at a batch of 1 both views hold the batch on either axis, the second each time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.pair, self.triple = nn.Parameter(torch.randn(2, 1)), nn.Parameter(torch.randn(3, 1))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        for weights in (self.pair, self.triple):
+            rows = features.unsqueeze(0).expand(len(weights), -1, -1).reshape(len(weights), -1)
+            features = (rows * weights).reshape(len(weights), -1, 8).sum(0)
+        return self.head(features)
+
+
+def test_two_views_whose_batch_axis_is_ambiguous_at_a_batch_of_one_are_freed(tmp_path, capsys):
+    """Two views that both hold the batch on their tie-break's other axis: each other choice was
+    tried alone (the pair's or the triple's), each failed on the other view, and the program was
+    refused with the first error ("The size of tensor a (2*s77) must match the size of tensor b
+    (2)"). A choice that moves the failure further on is kept and the next view's tried: the
+    graph gives the model's probabilities at 1, 2 and 3 crops."""
+    torch.manual_seed(0)
+    model = TwoPairs().eval()
+    out = exported(capsys, saved(model, tmp_path / "fixed.pt2", batch=1), tmp_path / "cam.onnx")
+    for n in (1, 2, 3):
+        np.testing.assert_allclose(run_graph(out, IMAGES[:n], CLASSES[:n])["probs"], eager_probs(model, IMAGES[:n]),
+                                   rtol=1e-4, atol=1e-6)
+
+
+class WideRows(nn.Module):
+    """Features f [N, C] repeated twice along a new axis and viewed as rows [N, 2 * C], twice (at
+    a batch of 1, [1, 2, C] as [1, 2 * C] holds the batch on either axis; the tie-break's first
+    is right), then the batch's mean subtracted (crops mixed) or the logits split into rows of
+    one crop each by the traced batch (split sizes [1]): refused on either axis."""
+
+    def __init__(self, then):
+        super().__init__()
+        self.then, self.conv, self.head = then, nn.Conv2d(3, 8, 4, 4), nn.Linear(32, 4)
+
+    def forward(self, x):
+        rows = torch.relu(self.conv(x)).mean((2, 3))
+        for _ in range(2):
+            rows = rows.unsqueeze(1).expand(-1, 2, -1).reshape(rows.shape[0], -1)
+        logits = self.head(rows)
+        if self.then == "mean":
+            return logits - logits.mean(0, keepdim=True)
+        return torch.cat(logits.split([1], 0)) * 2
+
+
+@pytest.mark.parametrize("then, why", [
+    ("mean", "a batch of 2 crops does not give each crop what the batch of 1 gives it (up to "),
+    ("split", "Split sizes add up to 1 but got the tensor's size of s")])
+def test_a_program_with_an_ambiguous_view_refused_for_another_reason_is_traced_once(
+        tmp_path, capsys, monkeypatch, then, why):
+    """A program saved at a batch of 1 with views whose batch axis is ambiguous was traced again
+    with each other candidate of each view (3 traces here, up to 7: 2.9 s for a small encoder)
+    before it was refused for a reason no candidate changes. The candidates are tried on the
+    freed graph, untraced: the program is traced once and refused as before."""
+    torch.manual_seed(0)
+    path = saved(WideRows(then).eval(), tmp_path / "fixed.pt2", batch=1)
+    calls = traces(monkeypatch)
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"camface: error: {path}: the program was exported with a fixed batch of 1 and does not "
+                          f"run with a dynamic one (camface graphs take 1 to 32 crops at once: {why}"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
+    assert len(calls) == 1
 
 
 class TokenNorms(nn.Module):
@@ -565,3 +652,84 @@ def test_the_batch_is_followed_through_an_expand_that_adds_axes(tmp_path, capsys
     torch.manual_seed(0)
     model = ExpandedInFront().eval()
     assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch), tmp_path / "cam.onnx")
+
+
+class UnderNoGrad(nn.Module):
+    """Features [N, 8] pooled and viewed by the traced batch inside a torch.no_grad() block of
+    forward (or a torch.autocast(enabled=False) one), added to the features pooled outside it."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.conv, self.head = block, nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        with torch.no_grad() if self.block == "no_grad" else torch.autocast("cpu", enabled=False):
+            pooled = features.flatten(2).amax(2).view(features.shape[0], 8)
+        return self.head(features.mean((2, 3)) + pooled)
+
+
+@pytest.mark.parametrize("block, batch", [("no_grad", 1), ("no_grad", 2), ("autocast", 1)])
+def test_views_inside_a_no_grad_block_are_freed(tmp_path, capsys, block, batch):
+    """torch.export puts a torch.no_grad() block of forward in a subgraph of its own (a
+    higher-order op, wrap_with_set_grad_enabled; torch.autocast's is wrap_with_autocast) that
+    camface did not read: its views kept the traced batch ("shape '[1, 8]' is invalid for input
+    of size 8*s77", "Constraints violated (batch)" at a batch of 2). They are freed as torch.cond's
+    branches are: the graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = UnderNoGrad(block).eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=batch)
+    assert "wrap_with_" in str(torch.export.load(str(path)).module().graph)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+class TokensFirstWithin(TokensFirst):
+    """TokensFirst's forward inside a torch.no_grad() block, or as both branches of a torch.cond
+    (the second doubling the logits) on a parameter."""
+
+    def __init__(self, within):
+        super().__init__()
+        self.within = within
+
+    def forward(self, x):
+        if self.within == "no_grad":
+            with torch.no_grad():
+                return super().forward(x)
+        return torch.cond(self.head.bias.sum() > -100, lambda x: TokensFirst.forward(self, x),
+                          lambda x: TokensFirst.forward(self, x) * 2, (x,))
+
+
+@pytest.mark.parametrize("within", ["no_grad", "cond"])
+def test_a_contiguous_dropped_inside_a_subgraph_does_not_fail_the_re_export(tmp_path, capsys, within):
+    """The views of a .pt2 were made reshapes in its own graph only: in a torch.no_grad() block
+    or a torch.cond branch, the view after a .contiguous() torch dropped at a batch of 1 failed
+    the re-export ("Cannot view a tensor with shape torch.Size([64, s77, 8]) and strides (8,
+    512, 1) ..."). Subgraphs' views are reshapes too: the graph gives the model's
+    probabilities."""
+    torch.manual_seed(0)
+    model = TokensFirstWithin(within).eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch=1)
+    assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
+
+
+@pytest.mark.parametrize("model, batch, checks", [(LogitsAndSigns, 2, 1), (ExpandedPair, 1, 3)])
+def test_the_freed_graph_is_run_untraced_only_where_a_view_is_ambiguous(tmp_path, capsys, monkeypatch, model,
+                                                                        batch, checks):
+    """The freed graph is run untraced to choose where ambiguous views hold the batch: a program
+    with none is checked once, after its trace; ExpandedPair's tie-break fails that run, its
+    other candidate passes it, then the trace is checked."""
+    from camface.export import torch_model
+
+    torch.manual_seed(0)
+    path = saved(model().eval(), tmp_path / "fixed.pt2", batch=batch)
+    shapes, check = [], torch_model._check_freed
+
+    def counted(program, again, shape, saved=None):
+        shapes.append(shape)
+        return check(program, again, shape, saved)
+
+    monkeypatch.setattr(torch_model, "_check_freed", counted)
+    options = ["--class-output", "logits"] if model is LogitsAndSigns else []
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT, *options]) == 0, \
+        capsys.readouterr().err
+    assert shapes == [[batch, 3, SIZE, SIZE]] * checks
