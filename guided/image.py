@@ -104,7 +104,7 @@ def _what_differs(model, other) -> str:
             settings = layer.get_config()
         except NotImplementedError:  # a custom layer that does not say its config: its class does
             settings = {}
-        return type(layer).__name__, {k: v for k, v in settings.items() if k != "name"}
+        return type(layer).__name__, _plain({k: v for k, v in settings.items() if k != "name"})
 
     if (model.input_shape, model.output_shape) != (other.input_shape, other.output_shape) or \
             [config(a) for a in model.layers] != [config(b) for b in other.layers]:
@@ -112,6 +112,17 @@ def _what_differs(model, other) -> str:
     mine, theirs = model.get_weights(), other.get_weights()
     same = len(mine) == len(theirs) and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(mine, theirs))
     return "" if same else "weights"
+
+
+def _plain(value):
+    """A layer's config with its tuples as lists and arrays as lists: a nested model's config
+    holds a shape as a list when loaded from .keras and as a tuple from .h5 (its build_config's
+    input_shape), which == took for other layers."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return _plain(value.tolist()) if isinstance(value, np.ndarray) else value
 
 
 def read_image(path: str | Path, keras_path: Path, preprocessing: Preprocessing,

@@ -160,12 +160,15 @@ def test_an_onnx_model_beside_the_keras_model_that_is_no_cam_graph_is_passed_ove
 GRAPH_LABELS = ("calm", "glad", "sad")
 
 
-def _saved_as_keras_and_h5(folder, exported_from="m.keras", other_weights=False):
+def _saved_as_keras_and_h5(folder, exported_from="m.keras", other_weights=False, nested=False):
     """A 64x64 RGB classifier saved as m.keras and m.h5 (`other_weights`: the .h5 holds other
-    weights), and m.onnx beside them: a CAM graph's metadata (its own class names, layer and
-    pixels, x / 127.5 - 1) recording `exported_from` as its source model."""
+    weights; `nested`: its features are a model of their own, as a pretrained base is), and
+    m.onnx beside them: a CAM graph's metadata (its own class names, layer and pixels,
+    x / 127.5 - 1) recording `exported_from` as its source model."""
     inputs = keras.Input((64, 64, 3))
     x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    if nested:
+        x = keras.Model(inputs, x, name="base")(inputs)
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
     model.save(folder / "m.keras")
     if other_weights:
@@ -191,18 +194,21 @@ def _graph_made_from(folder, exported_from):
     onnx.save(graph, str(folder / "m.onnx"))
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
 @pytest.mark.parametrize("exported_from, given", [("m.keras", "m.h5"), ("m.h5", "m.keras")])
 def test_the_graph_of_the_same_model_in_the_other_keras_format_is_found(tmp_path, astronaut_bgr, exported_from,
-                                                                        given, caplog):
+                                                                        given, nested, caplog):
     """`camface guided photo --model m.h5` looks for m.onnx beside it; m.onnx exported from
     m.keras (the same model) records m.keras' sha256, so it was passed over and an RGB model was
     refused ("cannot tell how m.h5 expects its pixels: export it first (camface export m.h5 -o
     m.onnx)", which would replace m.keras' graph). Its source beside it with the same weights,
-    it is the graph: its pixels, class names and layer are used."""
+    it is the graph: its pixels, class names and layer are used. Also with a nested model (a
+    pretrained base), whose config the two formats write with lists or tuples: it was taken for
+    other layers."""
     from camface.guided.cli import GuidedConfig, _read_input
     from camface.guided.snapshot import Preprocessing
 
-    _saved_as_keras_and_h5(tmp_path, exported_from)
+    _saved_as_keras_and_h5(tmp_path, exported_from, nested=nested)
     config = GuidedConfig(_photo(tmp_path, astronaut_bgr), None, tmp_path / given, None, (), False, None,
                           "full", 0.1, 0.5, 8)
     with caplog.at_level(logging.INFO, logger="camface.guided.image"):
