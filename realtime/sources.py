@@ -535,8 +535,21 @@ def is_camera_index(spec: str | None) -> bool:
 
 def is_stream_url(spec: str | None) -> bool:
     """True when the `--source` value `spec` is a stream URL (rtsp://, http(s)://, udp://, ...):
-    any "scheme://", which `make_source` hands to OpenCV/FFmpeg as it is."""
-    return isinstance(spec, str) and "://" in spec
+    any "scheme://" but file://, which `make_source` hands to OpenCV/FFmpeg as it is."""
+    return isinstance(spec, str) and "://" in spec and not spec[:7].lower() == "file://"
+
+
+def local_spec(spec: str) -> str:
+    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...)
+    as the path it names, so that it is read as that file or folder, not as a stream; any other
+    value as it is."""
+    if spec[:7].lower() != "file://":
+        return spec
+    from urllib.parse import urlsplit
+    from urllib.request import url2pathname
+
+    parts = urlsplit(spec)
+    return url2pathname(parts.path) if parts.netloc in ("", "localhost") else spec
 
 
 def _sample(frames: int | None):
@@ -572,6 +585,7 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
                           "a folder of images, a stream URL or 'sample')")
     if spec == "sample":
         return _sample(sample_frames)
+    spec = local_spec(spec)
     if is_camera_index(spec) and int(spec) <= MAX_CAMERA_INDEX:
         return LiveSource(int(spec))
     if is_stream_url(spec):
@@ -595,6 +609,16 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
     raise SourceError(f"source not found: {shown(spec)} (expected {SOURCE_KINDS})")
 
 
+def _a_live_stream(url: str) -> bool:
+    """Whether the http(s) `url` opens as a live stream, not as a video file behind it (whose
+    server gives its length: the same frames on every run); raises SourceError when it does not
+    open at all."""
+    source = make_source(url)
+    source.reconnects = 0
+    with source:
+        return source.info.live
+
+
 def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Source:
     """The source for `spec` (not yet entered), or SourceError naming `flag` and `spec` now,
     before any model loads, when `spec` names no camera, stream, file or folder, a folder that
@@ -602,7 +626,8 @@ def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Sourc
     they are not tried here). no_camera: what needs the same frames on every run
     ("calibration": its crops set the ranking and int8 ranges a graph records), which then refuses
     a camera index and a stream URL too (each was opened, or failed to, only after the whole
-    build; a live source gives other frames on every run)."""
+    build; a live source gives other frames on every run): an http(s) URL is opened now to tell
+    a live stream from a video file behind it, which is taken."""
     kinds = FIXED_KINDS if no_camera else SOURCE_KINDS
     if not spec.strip():  # make_source's words name --source: "--calibration: --source is empty"
         raise SourceError(f"{flag} is empty (expected {kinds})")
@@ -613,10 +638,12 @@ def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Sourc
             raise SourceError(f"{spec} is a camera index; {no_camera} needs a video file or a folder of "
                               "images (or 'sample', the bundled clip), not a camera")
         if no_camera and is_stream_url(spec):  # was opened, or failed to, only after the whole build
-            raise SourceError(f"{shown(redact(spec))} is a stream URL; {no_camera} needs a video file or a folder "
-                              "of images (or 'sample', the bundled clip), not a stream")
-        path = Path(spec)
-        if no_camera and spec != "sample" and not (path.is_file() or path.is_dir()):
+            if not spec[:8].lower().startswith(("http://", "https://")) or _a_live_stream(spec):
+                raise SourceError(f"{shown(redact(spec))} is a stream URL; {no_camera} needs a video file or a "
+                                  "folder of images (or 'sample', the bundled clip), not a stream (a video file "
+                                  "behind an http(s) URL is one when its server gives its length)")
+        path = Path(local_spec(spec))
+        if no_camera and spec != "sample" and not is_stream_url(spec) and not (path.is_file() or path.is_dir()):
             # make_source's words offer a camera ("expected a camera index, ...", "camera indices
             # are 0, 1, ...", "this camera is --source 0"): this flag takes none
             if path.exists():

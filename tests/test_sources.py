@@ -1106,3 +1106,48 @@ def test_an_image_that_cannot_be_opened_is_said_in_one_line(tmp_path, monkeypatc
     finally:
         cv2.utils.logging.setLogLevel(level)
     assert capfd.readouterr().err == ""
+
+
+def test_a_file_url_is_read_as_the_file_or_folder_it_names(tmp_path):
+    """file:///... was taken for a stream URL: played through FFmpeg as a live source by
+    --source, refused by --calibration as "a stream URL". It names a file or folder of this
+    machine, read as the path itself (a folder of images, a video file), also where
+    calibration refuses streams; a file URL of another host is no path here."""
+    import cv2
+
+    from camface.realtime.sources import ImageFolderSource, VideoFileSource, check_source, make_source
+
+    folder = tmp_path / "my faces"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10, (32, 32))
+    for _ in range(3):
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+    writer.release()
+    for path, kind in ((folder, ImageFolderSource), (clip, VideoFileSource)):
+        for url in (path.as_uri(), "file://localhost" + path.as_uri()[len("file://"):]):
+            assert isinstance(make_source(url), kind), url
+            assert isinstance(check_source(url, "--calibration", no_camera="calibration"), kind), url
+    with pytest.raises(SourceError, match=r"^--calibration: source not found: file://elsewhere/clip\.mp4"):
+        check_source("file://elsewhere/clip.mp4", "--calibration", no_camera="calibration")
+
+
+def test_calibration_takes_a_video_file_behind_a_url_but_no_live_stream(ts_server, tmp_path):
+    """Every URL was refused as --calibration, a video file behind an http(s) URL too, though
+    its frames are the same on every run (read as a file: test above). The URL is opened to
+    tell: a server that gives the length is a file, taken; one that sends until it closes is a
+    live stream, refused; one that does not answer is named."""
+    from camface.realtime.live_source import LiveSource
+    from camface.realtime.sources import check_source
+
+    url, _, _ = ts_server
+    source = check_source(f"{url}/length/clip.ts", "--calibration", no_camera="calibration")
+    assert isinstance(source, LiveSource) and source.target == f"{url}/length/clip.ts"
+    with source:  # not entered by the check: it opens as the file it is
+        assert not source.info.live and len(list(source)) == 40
+    with pytest.raises(SourceError, match=rf"^--calibration: {url}/live/clip\.ts is a stream URL; calibration "
+                                          r"needs a video file or a folder of images \(or 'sample'"):
+        check_source(f"{url}/live/clip.ts", "--calibration", no_camera="calibration")
+    with pytest.raises(SourceError, match=r"^--calibration: stream http://127\.0\.0\.1:9/clip\.ts could not be opened"):
+        check_source("http://127.0.0.1:9/clip.ts", "--calibration", no_camera="calibration")  # nothing listens

@@ -86,8 +86,8 @@ def test_a_config_built_in_code_raises_the_same_error():
      "(or 'sample', the bundled clip), not a stream"),
     (["export", "m.keras", "-o", "g.onnx", "--int8", "--no-rank", "--calibration", "udp://0.0.0.0:5000"],
      "--calibration: udp://0.0.0.0:5000 is a stream URL; calibration needs a video file"),
-    (["bench", "--compare-int8", "--calibration", "https://example.com/clip.mp4"],
-     "--calibration: https://example.com/clip.mp4 is a stream URL; calibration needs a video file"),
+    (["bench", "--compare-int8", "--calibration", "rtmp://example.com/live/clip"],
+     "--calibration: rtmp://example.com/live/clip is a stream URL; calibration needs a video file"),
     # blank: '--source: --source is empty' (live, evaluate), '--calibration: --source is empty' (export)
     (["live", "--source", " ", "--no-show"], "error: --source is empty (expected a camera index, a video file,"),
     (["evaluate", "--source", " "], "error: --source is empty (expected a camera index"),
