@@ -293,8 +293,9 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
     run as it is, untraced, gives batch + 1 crops what it gives them (`_check_freed`): the
     tie-break's where no view's batch axis is ambiguous or where it does; else one found
     greedily in up to _OTHER_TIES runs, each with another candidate at one view, the nearest
-    before where the run fails, kept when the run then fails further on (that view was wrong;
-    one after it is too); the tie-break's when none does (the re-export then says why).
+    before where the run fails (`_picked`: the views after it at the tie-break's, then as they
+    were), kept when the run then fails further on (that view was wrong; one after it is too);
+    the tie-break's when none does (the re-export then says why).
     `saved`: `_check_freed`'s."""
     import torch
 
@@ -338,7 +339,7 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
         nearest = [k for k in reversed(range(len(ties.counts)))
                    if order.get(ties.places[k].name, len(order)) <= point and _pick(picks, k) == 0]
         other = next((p for k in nearest for j in range(1, ties.counts[k])
-                      if (p := _picked(picks, k, j)) not in seen), None)
+                      for p in _picked(picks, k, j) if p not in seen), None)
         if other is None:
             break
         seen.add(other)
@@ -359,9 +360,14 @@ def _pick(picks: tuple, k: int) -> int:
     return picks[k] if k < len(picks) else 0
 
 
-def _picked(picks: tuple, k: int, j: int) -> tuple:
-    """`picks` taking candidate j at the k-th ambiguous view."""
-    return tuple(j if i == k else _pick(picks, i) for i in range(max(len(picks), k + 1)))
+def _picked(picks: tuple, k: int, j: int) -> list[tuple]:
+    """`picks` taking candidate j at the k-th ambiguous view, to be tried in turn: first with
+    the views after it back at the tie-break's (a later view's candidates follow from where the
+    views before it put the batch, so its pick, an index among them, chosen with the k-th view
+    elsewhere, may be wrong now), then with their picks kept (views on branches of their own)."""
+    head = tuple(_pick(picks, i) for i in range(k))
+    kept = tuple(j if i == k else _pick(picks, i) for i in range(max(len(picks), k + 1)))
+    return [(*head, j)] if not any(kept[k + 1:]) else [(*head, j), kept]
 
 
 def _views_as_reshapes(module) -> None:

@@ -628,6 +628,22 @@ def test_the_batch_in_unflattens_sizes_is_freed(tmp_path, capsys, batch):
     assert_exports_as_the_model(model, capsys, path, tmp_path / "cam.onnx")
 
 
+def test_another_candidate_at_an_earlier_view_is_tried_with_the_later_views_at_the_tie_break():
+    """Unflattened at a batch of 1: its last view ([1, N * C] unflattened) was given its other
+    candidate first (the failure moved from a crash there to other outputs, so it was kept),
+    and that index was kept when the view before it (its rows) was given its own: the later
+    view's candidates follow from where the earlier one puts the batch, so it then crashed
+    again, and the program was refused ('Provided sizes [s77, 8] don't multiply up'). Another
+    candidate at view k is tried with the views after it at the tie-break's first, then with
+    their picks as they were (views on branches of their own)."""
+    from camface.export import torch_model
+
+    assert torch_model._picked((0, 0, 0, 1), 2, 1) == [(0, 0, 1), (0, 0, 1, 1)]
+    assert torch_model._picked((1, 0), 0, 2) == [(2,)]
+    assert torch_model._picked((), 1, 1) == [(0, 1)]
+    assert torch_model._picked((0, 1), 1, 2) == [(0, 2)]
+
+
 class ExpandedInFront(nn.Module):
     """Features f [N, C] expanded to a pair [2, N, C] by expand alone (its new axes lead), then
     viewed as [2, N, C] by their traced sizes."""
