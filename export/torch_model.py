@@ -277,15 +277,32 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
             return again()
     except Exception as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = f"export it with a dynamic batch: {HOW_TO_EXPORT}"
         if fixed_batch and why.startswith("Constraints violated"):  # torch's next words: run with TORCH_LOGS
-            why = (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
-                   f"input's batch, so torch fixed the batch at {fixed_batch}: Constraints violated (batch)")
+            why, hint = _violated(str(exc), fixed_batch, hint)
         if fixed_batch:
             raise ModelError(f"{path}: the program was exported with a fixed batch of {fixed_batch} "
                              "and does not run with a dynamic one (camface graphs take 1 to 32 crops "
-                             f"at once: {why}); export it with a dynamic batch: {HOW_TO_EXPORT}") from exc
+                             f"at once: {why}); {hint}") from exc
         raise ModelError(f"{path}: the program does not run at --input-size "
                          f"{input_size[0]}x{input_size[1]} ({why})") from exc
+
+
+def _violated(message: str, fixed_batch: int, hint: str) -> tuple[str, str]:
+    """Why torch's "Constraints violated (batch)!" `message` refused the freed program, in one
+    line, and what to do. torch lists its reasons below, one a "  - " line: "your code
+    specialized it to be a constant (2)" means a size is the batch as a number camface did not
+    trace back to the input's (`hint`: export with a dynamic batch); any other (torch could
+    not prove a guard it made holds at every batch: "Not all values of batch ... satisfy the
+    generated guard ...") is said as torch says it: the model as written exports with no
+    dynamic batch at all."""
+    reasons = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    if any("specialized it to be a constant" in reason for reason in reasons):
+        return (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
+                f"input's batch, so torch fixed the batch at {fixed_batch}: Constraints violated (batch)"), hint
+    why = f"Constraints violated (batch): {reasons[0].rstrip('.')}" if reasons else message.strip().splitlines()[0]
+    return why, ("torch.export cannot give the model as written a dynamic batch either (TORCH_LOGS=\"+dynamic\" "
+                 f"shows where its guard comes from): change that code, then {HOW_TO_EXPORT}")
 
 
 def _chosen_ties(path: Path, program, shape: list[int], saved: dict):

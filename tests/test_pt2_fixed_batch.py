@@ -151,19 +151,40 @@ class ExpandedByItsBatch(nn.Module):
         return self.head(features.t())
 
 
+class GuardedView(nn.Module):
+    """Tokens [T, N, C] plus positions [T, 1, C], as rows [T * N, C] viewed back as [T, N, C] by
+    view(T, -1, C): exported with a dynamic batch, torch cannot prove the guard it makes there
+    for every batch ("Not all values of batch ... satisfy the generated guard ...")."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 8, 8), nn.Linear(8, 4)
+        self.pos = nn.Parameter(torch.randn((SIZE // 8) ** 2, 1, 8))
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).permute(2, 0, 1) + self.pos
+        rows = tokens.reshape(-1, 8)
+        return self.head(rows.view(len(self.pos), -1, 8).mean(0))
+
+
 @pytest.mark.parametrize("model, named", [
     (BatchMean, "a batch of 2 crops does not give each crop what the batch of 1 gives it"),
     (ExpandedByItsBatch, "camface could not trace back to the input's batch, so torch fixed the batch at 2: "
-                         "Constraints violated (batch)); export it with a dynamic batch: ep = torch.export.export(")])
+                         "Constraints violated (batch)); export it with a dynamic batch: ep = torch.export.export("),
+    (GuardedView, "Constraints violated (batch): Not all values of batch = "),
+    (GuardedView, "); torch.export cannot give the model as written a dynamic batch either (TORCH_LOGS=")])
 def test_a_program_whose_batch_cannot_be_freed_is_refused_in_one_line(tmp_path, model, named):
     """A model that mixes its crops ran at any batch once freed, and its graph explained each crop
     with the others' mean: the freed program is checked against the saved one (a batch of 2
     against 1 crop at a time). Sizes camface cannot free fail in torch, which logged the failing
     op's traceback to stderr before camface's line (30 'E1205 ... fake_tensor.py' lines; its
     handler writes to the process's stderr, hence a subprocess). torch's "Constraints violated
-    (batch)! For more information, run with TORCH_LOGS=..." is said as what it means here."""
+    (batch)! For more information, run with TORCH_LOGS=..." is said as what it means here: a
+    size camface did not trace back where torch says it specialized the batch to a constant;
+    torch's own reason where it could not prove a guard it made (it was said to be such a size,
+    though the model as written exports with no dynamic batch at all)."""
     torch.manual_seed(0)
-    batch = 2 if model is ExpandedByItsBatch else 1
+    batch = 1 if model is BatchMean else 2
     path = saved(model().eval(), tmp_path / "fixed.pt2", batch=batch)
     done = subprocess.run([sys.executable, "-m", "camface", "export", str(path), "-o", str(tmp_path / "cam.onnx"),
                            *EXPORT], capture_output=True, text=True, timeout=300)
@@ -171,6 +192,7 @@ def test_a_program_whose_batch_cannot_be_freed_is_refused_in_one_line(tmp_path, 
     assert done.stderr.startswith(f"camface: error: {path}: the program was exported with a fixed batch of {batch} "
                                   "and does not run with a dynamic one"), done.stderr
     assert named in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+    assert ("could not trace back" in done.stderr) == (model is ExpandedByItsBatch), done.stderr
     assert not (tmp_path / "cam.onnx").exists()
 
 
