@@ -277,15 +277,32 @@ def _exported_again(path: Path, program, shape: list[int], input_size, fixed_bat
             return again()
     except Exception as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = f"export it with a dynamic batch: {HOW_TO_EXPORT}"
         if fixed_batch and why.startswith("Constraints violated"):  # torch's next words: run with TORCH_LOGS
-            why = (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
-                   f"input's batch, so torch fixed the batch at {fixed_batch}: Constraints violated (batch)")
+            why, hint = _violated(str(exc), fixed_batch, hint)
         if fixed_batch:
             raise ModelError(f"{path}: the program was exported with a fixed batch of {fixed_batch} "
                              "and does not run with a dynamic one (camface graphs take 1 to 32 crops "
-                             f"at once: {why}); export it with a dynamic batch: {HOW_TO_EXPORT}") from exc
+                             f"at once: {why}); {hint}") from exc
         raise ModelError(f"{path}: the program does not run at --input-size "
                          f"{input_size[0]}x{input_size[1]} ({why})") from exc
+
+
+def _violated(message: str, fixed_batch: int, hint: str) -> tuple[str, str]:
+    """Why torch's "Constraints violated (batch)!" `message` refused the freed program, in one
+    line, and what to do. torch lists its reasons below, one a "  - " line: "your code
+    specialized it to be a constant (2)" means a size is the batch as a number camface did not
+    trace back to the input's (`hint`: export with a dynamic batch); any other (torch could
+    not prove a guard it made holds at every batch: "Not all values of batch ... satisfy the
+    generated guard ...") is said as torch says it: the model as written exports with no
+    dynamic batch at all."""
+    reasons = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    if any("specialized it to be a constant" in reason for reason in reasons):
+        return (f"a size in it is the batch {fixed_batch} as a number camface could not trace back to the "
+                f"input's batch, so torch fixed the batch at {fixed_batch}: Constraints violated (batch)"), hint
+    why = f"Constraints violated (batch): {reasons[0].rstrip('.')}" if reasons else message.strip().splitlines()[0]
+    return why, ("torch.export cannot give the model as written a dynamic batch either (TORCH_LOGS=\"+dynamic\" "
+                 f"shows where its guard comes from): change that code, then {HOW_TO_EXPORT}")
 
 
 def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
@@ -293,8 +310,9 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
     run as it is, untraced, gives batch + 1 crops what it gives them (`_check_freed`): the
     tie-break's where no view's batch axis is ambiguous or where it does; else one found
     greedily in up to _OTHER_TIES runs, each with another candidate at one view, the nearest
-    before where the run fails, kept when the run then fails further on (that view was wrong;
-    one after it is too); the tie-break's when none does (the re-export then says why).
+    before where the run fails (`_picked`: the views after it at the tie-break's, then as they
+    were), kept when the run then fails further on (that view was wrong; one after it is too);
+    the tie-break's when none does (the re-export then says why).
     `saved`: `_check_freed`'s."""
     import torch
 
@@ -338,7 +356,7 @@ def _chosen_ties(path: Path, program, shape: list[int], saved: dict):
         nearest = [k for k in reversed(range(len(ties.counts)))
                    if order.get(ties.places[k].name, len(order)) <= point and _pick(picks, k) == 0]
         other = next((p for k in nearest for j in range(1, ties.counts[k])
-                      if (p := _picked(picks, k, j)) not in seen), None)
+                      for p in _picked(picks, k, j) if p not in seen), None)
         if other is None:
             break
         seen.add(other)
@@ -359,9 +377,14 @@ def _pick(picks: tuple, k: int) -> int:
     return picks[k] if k < len(picks) else 0
 
 
-def _picked(picks: tuple, k: int, j: int) -> tuple:
-    """`picks` taking candidate j at the k-th ambiguous view."""
-    return tuple(j if i == k else _pick(picks, i) for i in range(max(len(picks), k + 1)))
+def _picked(picks: tuple, k: int, j: int) -> list[tuple]:
+    """`picks` taking candidate j at the k-th ambiguous view, to be tried in turn: first with
+    the views after it back at the tie-break's (a later view's candidates follow from where the
+    views before it put the batch, so its pick, an index among them, chosen with the k-th view
+    elsewhere, may be wrong now), then with their picks kept (views on branches of their own)."""
+    head = tuple(_pick(picks, i) for i in range(k))
+    kept = tuple(j if i == k else _pick(picks, i) for i in range(max(len(picks), k + 1)))
+    return [(*head, j)] if not any(kept[k + 1:]) else [(*head, j), kept]
 
 
 def _views_as_reshapes(module) -> None:
@@ -455,10 +478,27 @@ def _check_freed(program, again, shape: list[int], saved: dict | None = None) ->
         else:
             a, b, c = (np.moveaxis(t, axis, 0) for t in (a, b, c))
             expected = np.concatenate([a, b[(fixed - count) * rows:]]) if count > fixed else a[:count * rows]
-        worst = float(np.abs(c - expected).max(initial=0)) if c.shape == expected.shape else np.inf
-        if not worst <= atol + rtol * float(np.abs(expected).max(initial=0)):
+        # each element against its own scale (_scales), not the output's largest
+        same = c.shape == expected.shape
+        apart = np.abs(c - expected) if same else np.array(np.inf)
+        if not same or not np.all(apart <= atol + rtol * _scales(expected, 1 if axis is None else count)):
             raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "
-                            f"{fixed} gives it (up to {worst:.3g} apart)")
+                            f"{fixed} gives it (up to {float(apart.max(initial=0)):.3g} apart)")
+
+
+def _scales(values, crops: int):
+    """The scale `_check_freed` judges each element of `values` (an output, its first axis
+    `crops` crops' rows in turn; 1 where it has no batch) against: the largest |value| at that
+    position over the crops, at least the median of those over the positions (an element near
+    0 in each crop is no finer than the output's others). Not the output's largest: a logit
+    biased by 1e4 would let crops mix by 10 in every other element."""
+    import numpy as np
+
+    if values.size == 0:
+        return np.abs(values)
+    per_position = np.abs(values).reshape(crops, -1).max(0)
+    floor = float(np.median(per_position))
+    return np.broadcast_to(np.maximum(per_position, floor), (crops, per_position.size)).reshape(values.shape)
 
 
 @contextlib.contextmanager
