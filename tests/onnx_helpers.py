@@ -113,3 +113,40 @@ def torch_calls(model, module, images, activations, class_index):
             return model(torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2)).numpy()
 
     return methods.ModelCalls(head, forward, images, activations, class_index)
+
+
+def ablation_cam_alone(model, module: str, images, classes, channels=lambda out: out[0],
+                       zeroed=lambda out, k: out[..., k]):
+    """Ablation-CAM (Desai & Ramaswamy 2020, eq. 3) of the torch `model` at `module`'s output,
+    every ablated variant run alone: crop i's image with channel k of the module's output zeroed
+    by a forward hook (every other tensor as the forward pass computes it), y_c^k its class
+    logit; w_k = (y_c - y_c^k) / y_c, map = ReLU(sum_k w_k A_k). images: uint8 NHWC (preset
+    unit); classes: -1 for the top class. channels(out): one crop's activations A [..., K] in the
+    module's output; zeroed(out, k): the view of the output that channel k's ablation zeroes (by
+    default all of channel k). Returns the maps [N, ...] (A's shape less K)."""
+    import torch
+
+    layer = model.get_submodule(module)
+    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    maps = []
+    for i in range(len(images)):
+        seen = {}
+        hook = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
+        with torch.no_grad():
+            logits = model(x[i:i + 1])[0]
+        hook.remove()
+        a = channels(seen["a"])
+        chosen = int(logits.argmax()) if classes[i] < 0 else int(classes[i])
+        weights = []
+        for k in range(a.shape[-1]):
+            def ablate(_m, _i, out, k=k):
+                out = out.clone()
+                zeroed(out, k).zero_()
+                return out
+
+            hook = layer.register_forward_hook(ablate)
+            with torch.no_grad():
+                weights.append((float(logits[chosen]) - float(model(x[i:i + 1])[0, chosen])) / float(logits[chosen]))
+            hook.remove()
+        maps.append(np.maximum((a.numpy() * np.array(weights, np.float32)).sum(-1), 0))
+    return np.stack(maps)

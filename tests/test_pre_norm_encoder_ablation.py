@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxscript")
 from torch import nn  # noqa: E402
 
+from onnx_helpers import ablation_cam_alone  # noqa: E402
 from test_onnx_export_models import SIZE, legacy_onnx, run_graph  # noqa: E402
 
 TARGET = "encoder.layers.1.norm1"  # camface's default: the tokens the last attention reads
@@ -38,39 +39,6 @@ class PreNormViT(nn.Module):
         x = self.patch_embed(x).flatten(2).permute(2, 0, 1)
         x = torch.cat([self.cls.expand(-1, x.shape[1], -1), x]) + self.pos
         return self.head(self.encoder(x)[0])
-
-
-def ablation_cam_alone(model, module: str, images, classes):
-    """Ablation-CAM (Desai & Ramaswamy 2020, eq. 3) of `model` at `module`'s output, tokens
-    [T, N, K] after one class token, on the 4 x 4 grid of the patch tokens; every ablated variant
-    run alone: crop i's image with channel k of the module's patch tokens zeroed by a forward
-    hook (its class token and every other tensor as the forward pass computes them), y_c^k its
-    class logit; w_k = (y_c - y_c^k) / y_c, map = ReLU(sum_k w_k A_k) [N, 4, 4]. images: uint8
-    NHWC (preset unit)."""
-    layer = model.get_submodule(module)
-    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
-    maps = []
-    for i in range(len(images)):
-        seen = {}
-        hook = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
-        with torch.no_grad():
-            logits = model(x[i:i + 1])[0]
-        hook.remove()
-        a = seen["a"][1:, 0]  # the patch tokens [16, K]
-        chosen = int(logits.argmax()) if classes[i] < 0 else int(classes[i])
-        weights = []
-        for k in range(a.shape[-1]):
-            def ablate(_m, _i, out, k=k):
-                out = out.clone()
-                out[1:, :, k] = 0
-                return out
-
-            hook = layer.register_forward_hook(ablate)
-            with torch.no_grad():
-                weights.append((float(logits[chosen]) - float(model(x[i:i + 1])[0, chosen])) / float(logits[chosen]))
-            hook.remove()
-        maps.append(np.maximum((a.numpy() * np.array(weights, np.float32)).sum(-1), 0).reshape(4, 4))
-    return np.stack(maps)
 
 
 @pytest.mark.parametrize("kind, looped", [("legacy", False), ("pt2", False), ("pt2", True)],
@@ -102,7 +70,8 @@ def test_a_pre_norm_encoder_on_tokens_first_keeps_ablation_cam_equal_to_each_var
         images = rng.integers(0, 256, (crops, SIZE, SIZE, 3), dtype=np.uint8)
         classes = np.array([-1, 0, 3][:crops], np.int64)
         got = run_graph(result.path, images, classes)["ablationcam"]
-        expected = ablation_cam_alone(model, TARGET, images, classes)
+        expected = ablation_cam_alone(model, TARGET, images, classes, channels=lambda out: out[1:, 0],
+                                      zeroed=lambda out, k: out[1:, :, k]).reshape(crops, 4, 4)
         peak = expected.max(axis=(1, 2), keepdims=True)
         assert got.shape == (crops, 4, 4) and (peak > 0).all()
         np.testing.assert_allclose(got / peak, expected / peak, atol=1e-3, err_msg=f"{crops} crop(s)")

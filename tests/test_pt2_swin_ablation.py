@@ -14,6 +14,7 @@ pytest.importorskip("onnxscript")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from onnx_helpers import ablation_cam_alone  # noqa: E402
 from test_onnx_export_models import SIZE, run_graph  # noqa: E402
 
 TARGET = "features.3.1.norm2"  # camface's default for a Swin: the last block's norm2
@@ -106,34 +107,6 @@ class TorchvisionSwin(nn.Module):
 
     def forward(self, x):
         return self.head(self.flatten(self.avgpool(self.permute(self.norm(self.features(x))))))
-
-
-def ablation_cam_alone(model, module: str, images, classes):
-    """Ablation-CAM (Desai & Ramaswamy 2020, eq. 3) of `model` at `module`'s output [N, h, w, K],
-    every ablated variant run alone: crop i's image with the module's output replaced by its
-    activations with channel k zeroed (a forward hook), y_c^k its class logit; w_k =
-    (y_c - y_c^k) / y_c, map = ReLU(sum_k w_k A_k). images: uint8 NHWC (preset unit)."""
-    layer = model.get_submodule(module)
-    x = torch.tensor(images.astype(np.float32) / 255).permute(0, 3, 1, 2)
-    maps = []
-    for i in range(len(images)):
-        seen = {}
-        hook = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("a", out))
-        with torch.no_grad():
-            logits = model(x[i:i + 1])[0]
-        hook.remove()
-        a = seen["a"][0]
-        chosen = int(logits.argmax()) if classes[i] < 0 else int(classes[i])
-        weights = []
-        for k in range(a.shape[-1]):
-            ablated = a.clone()
-            ablated[..., k] = 0
-            hook = layer.register_forward_hook(lambda _m, _i, _o, rows=ablated[None]: rows)
-            with torch.no_grad():
-                weights.append((float(logits[chosen]) - float(model(x[i:i + 1])[0, chosen])) / float(logits[chosen]))
-            hook.remove()
-        maps.append(np.maximum((a.numpy() * np.array(weights, np.float32)).sum(-1), 0))
-    return np.stack(maps)
 
 
 @pytest.fixture(scope="module")
