@@ -539,17 +539,25 @@ def is_stream_url(spec: str | None) -> bool:
     return isinstance(spec, str) and "://" in spec and not spec[:7].lower() == "file://"
 
 
-def local_spec(spec: str) -> str:
-    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...)
-    as the path it names, so that it is read as that file or folder, not as a stream; any other
-    value as it is (one naming no path, file:// or file://localhost, too: "" would be the
+def local_spec(spec: str, windows: bool = os.name == "nt") -> str:
+    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...;
+    on Windows, `windows`, file:///C:/data/clip.mp4, and file://server/share/... a share's UNC
+    path) as the path it names, so that it is read as that file or folder, not as a stream; any
+    other value as it is (one naming no path, file:// or file://localhost, too: "" would be the
     current folder)."""
     if spec[:7].lower() != "file://":
         return spec
     from urllib.parse import urlsplit
-    from urllib.request import url2pathname
+
+    if windows:  # what urllib.request's is on Windows
+        from nturl2path import url2pathname
+    else:
+        from urllib.request import url2pathname
 
     parts = urlsplit(spec)
+    if windows and parts.netloc not in ("", "localhost") and "@" not in parts.netloc and parts.path:
+        # another host's share (\\server\share\clip.mp4: Path.as_uri() writes file://server/share/...)
+        return url2pathname(f"//{parts.netloc}{parts.path}")
     return url2pathname(parts.path) if parts.netloc in ("", "localhost") and parts.path else spec
 
 

@@ -1183,3 +1183,19 @@ def test_a_file_url_of_another_host_is_said_without_its_password(no_camera):
         check_source(url, "--calibration", no_camera=no_camera)
     assert str(raised.value).startswith("--calibration: source not found: file://***@nas/clip.mp4 ")
     assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url, path", [
+    ("file:///C:/data/my%20faces", "C:\\data\\my faces"),
+    ("file://localhost/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
+    ("file://server/share/clip.mp4", "\\\\server\\share\\clip.mp4"),  # Path(r"\\server\share\clip.mp4").as_uri()
+    ("file://admin:pw@server/share/clip.mp4", "file://admin:pw@server/share/clip.mp4"),  # said redacted, not found
+])
+def test_a_file_url_on_windows_is_its_drive_or_share_path(url, path):
+    """On Windows a file URL with a host names a share (pathlib writes \\\\server\\share\\x as
+    file://server/share/x): it was left as the URL, "not found", where FFmpeg had read it."""
+    from camface.realtime.sources import local_spec
+
+    assert local_spec(url, windows=True) == path
+    if url.startswith("file://server"):  # elsewhere a host's file is none of this machine's
+        assert local_spec(url, windows=False) == url
