@@ -492,8 +492,9 @@ def _check_freed(program, again, shape: list[int], saved: dict | None = None) ->
 def _scales(values, crops: int):
     """The scale `_check_freed` judges each element of `values` (an output, its first axis
     `crops` crops' rows in turn; 1 where it has no batch) against: the largest |value| at that
-    position over the crops, at least the median of those over the positions (an element near
-    0 in each crop is no finer than the output's others). Not the output's largest: a logit
+    position over the crops, at least the median of those over the positions not 0 in every
+    crop (an element near 0 in each crop is no finer than the output's others; a sparse output's
+    exact zeros, a ReLU's dead units, would make that median 0). Not the output's largest: a logit
     biased by 1e4 would let crops mix by 10 in every other element. A value that is not
     finite (a masked logit's -inf) counts as 0: it must be met exactly."""
     import numpy as np
@@ -501,7 +502,8 @@ def _scales(values, crops: int):
     if values.size == 0:
         return np.abs(values)
     per_position = np.where(np.isfinite(values), np.abs(values), 0.0).reshape(crops, -1).max(0)
-    floor = float(np.median(per_position))
+    live = per_position[per_position > 0]
+    floor = float(np.median(live)) if live.size else 0.0
     return np.broadcast_to(np.maximum(per_position, floor), (crops, per_position.size)).reshape(values.shape)
 
 

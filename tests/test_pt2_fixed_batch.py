@@ -827,3 +827,28 @@ def test_a_freed_program_that_loses_a_masked_logit_is_refused():
     unmasked = lambda x: model(x).nan_to_num(neginf=-1e30)  # noqa: E731
     with pytest.raises(torch_model._NotFreed, match="a batch of 2 crops does not give each crop what the batch"):
         torch_model._check_freed(Saved(), unmasked, [1, 3, SIZE, SIZE])
+
+
+@pytest.mark.parametrize("dead", [0.0, 300.0])
+def test_a_sparse_output_is_judged_at_the_scale_of_its_values_not_its_zeros(dead):
+    """Each element is judged at least at the median scale of its output's positions, so that
+    one near 0 in every crop is no finer than the others; but where most positions are exactly
+    0 in every crop (a ReLU's dead units), the median was 0, and an element of 0.01 beside
+    values of 500 was held to 1e-4: float32 rounding of values of 500 (a batch of 2 is summed
+    otherwise than 1 at a time, about 1e-4 apart) refused a valid program as crops mixed, where
+    the same output with no dead unit passed."""
+    from camface.export import torch_model
+
+    class Saved:
+        def module(self, check_guards=False):
+            return model
+
+    def model(x):
+        mean = x.flatten(1).mean(1, keepdim=True).double()
+        return torch.cat([torch.full((len(x), 6), dead, dtype=torch.float64), 500 + mean, 0.01 + 0 * mean], 1)
+
+    rounded = lambda x: model(x) + torch.tensor([0, 0, 0, 0, 0, 0, 2e-4, 2e-4], dtype=torch.float64)  # noqa: E731
+    torch_model._check_freed(Saved(), rounded, [1, 3, SIZE, SIZE])
+    mixed = lambda x: model(x) + model(x).mean(0) * 0.01  # noqa: E731
+    with pytest.raises(torch_model._NotFreed, match="a batch of 2 crops does not give each crop"):
+        torch_model._check_freed(Saved(), mixed, [1, 3, SIZE, SIZE])
