@@ -406,6 +406,10 @@ def check_not_an_input(output: str | Path, inputs, what: str = "") -> None:
     for given in inputs:
         if given is None:
             continue
+        if isinstance(given, str) and given[:7].lower() == "file://":  # a --source read as the path it names
+            from camface.realtime.sources import local_spec
+
+            given = local_spec(given)
         given = Path(given).absolute()
         if not given.exists():
             continue

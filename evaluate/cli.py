@@ -39,9 +39,9 @@ SOURCE_ONLY = ("detector", "detector_runtime", "min_confidence", "margin", "max_
 
 def _photos(source: str) -> bool:
     """A folder of images or one image: distinct photos, none to skip and none to cap."""
-    from camface.realtime.sources import IMAGE_SUFFIXES
+    from camface.realtime.sources import IMAGE_SUFFIXES, local_spec
 
-    path = Path(source)
+    path = Path(local_spec(source))  # file:///data/faces is the folder, as make_source reads it
     return path.is_dir() or (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -185,11 +185,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.keras is not None:
         check_keras_file(args.keras)
     named_methods(args.methods)
-    if args.source is not None and Path(args.source).is_dir():
+    from camface.realtime.sources import local_spec
+
+    given = local_spec(args.source) if args.source is not None else None  # file:///x: the path x
+    if given is not None and Path(given).is_dir():
         from camface.realtime.snapshot import SNAPSHOT_JSON
 
         # read as a folder of images, a snapshot's frame, its crops and its figures were all "photos"
-        source = Path(args.source)
+        source = Path(given)
         if (source / SNAPSHOT_JSON).is_file() or any(source.glob(f"*/{SNAPSHOT_JSON}")):
             raise UsageError(f"--source {source} holds camface snapshots: give it as SNAPSHOT_DIR (camface evaluate "
                              f"{source}) to score the crops they saved")
@@ -205,7 +208,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # the bundled Keras model (keras_for_guided): --json naming either wrote over it
     inputs = [*(args.snapshots or ()), model_path(config), getattr(args, "keras", None),
               EMOTION_KERAS if args.sanity and args.keras is None else None,
-              args.source if args.source and Path(args.source).exists() else None]
+              given if given and Path(given).exists() else None]
     for flag, out in written:  # fail before minutes of work, and never over an input
         check_output_file(out, overwrite=True)
         check_not_an_input(out, inputs, flag)

@@ -314,6 +314,10 @@ def _dotted(text) -> bool:
                         and all(_identifier(p) or p.isdigit() for p in text.split(".")))
 
 
+NON_FINITE = ("Infinity", "-Infinity", "NaN")  # how torch.export.save writes a float that is no JSON number
+# (masked_fill(mask, float("-inf")) in an attention mask); it reads them back with float()
+
+
 def _name_refused(key: str, value) -> str:
     """Why `value` under `key` in a program's JSON is no name torch.fx may write into the
     Python source it generates and runs when the program loads ("" when it is one)."""
@@ -327,7 +331,8 @@ def _name_refused(key: str, value) -> str:
         return f"{key} {value[:120]!r} reaches through a dunder attribute"
     if key in ("target", "as_operator") and isinstance(value, str) and not value.isascii():
         return f"{key} {value[:120]!r} is not ASCII"
-    if key in ("as_int", "as_float", "as_bool") and not isinstance(value, (bool, int, float, list, dict)):
+    if key in ("as_int", "as_float", "as_bool") and not isinstance(value, (bool, int, float, list, dict)) \
+            and not (key == "as_float" and value in NON_FINITE):
         return f"{key} holds {str(value)[:80]!r}, no number"
     if key == "as_string" and isinstance(value, str) and any(c in value for c in "'\\"):
         return f"the string {value[:80]!r} holds a quote or a backslash (torch writes it into source)"

@@ -478,9 +478,12 @@ def _check_freed(program, again, shape: list[int], saved: dict | None = None) ->
         else:
             a, b, c = (np.moveaxis(t, axis, 0) for t in (a, b, c))
             expected = np.concatenate([a, b[(fixed - count) * rows:]]) if count > fixed else a[:count * rows]
-        # each element against its own scale (_scales), not the output's largest
+        # each element against its own scale (_scales), not the output's largest; equal values
+        # are 0 apart (a masked logit's -inf in both: inf - inf is nan)
         same = c.shape == expected.shape
-        apart = np.abs(c - expected) if same else np.array(np.inf)
+        with np.errstate(invalid="ignore"):
+            apart = np.where((c == expected) | (np.isnan(c) & np.isnan(expected)), 0.0,
+                             np.abs(c - expected)) if same else np.array(np.inf)
         if not same or not np.all(apart <= atol + rtol * _scales(expected, 1 if axis is None else count)):
             raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "
                             f"{fixed} gives it (up to {float(apart.max(initial=0)):.3g} apart)")
@@ -489,15 +492,18 @@ def _check_freed(program, again, shape: list[int], saved: dict | None = None) ->
 def _scales(values, crops: int):
     """The scale `_check_freed` judges each element of `values` (an output, its first axis
     `crops` crops' rows in turn; 1 where it has no batch) against: the largest |value| at that
-    position over the crops, at least the median of those over the positions (an element near
-    0 in each crop is no finer than the output's others). Not the output's largest: a logit
-    biased by 1e4 would let crops mix by 10 in every other element."""
+    position over the crops, at least the median of those over the positions not 0 in every
+    crop (an element near 0 in each crop is no finer than the output's others; a sparse output's
+    exact zeros, a ReLU's dead units, would make that median 0). Not the output's largest: a logit
+    biased by 1e4 would let crops mix by 10 in every other element. A value that is not
+    finite (a masked logit's -inf) counts as 0: it must be met exactly."""
     import numpy as np
 
     if values.size == 0:
         return np.abs(values)
-    per_position = np.abs(values).reshape(crops, -1).max(0)
-    floor = float(np.median(per_position))
+    per_position = np.where(np.isfinite(values), np.abs(values), 0.0).reshape(crops, -1).max(0)
+    live = per_position[per_position > 0]
+    floor = float(np.median(live)) if live.size else 0.0
     return np.broadcast_to(np.maximum(per_position, floor), (crops, per_position.size)).reshape(values.shape)
 
 

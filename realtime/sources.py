@@ -539,17 +539,26 @@ def is_stream_url(spec: str | None) -> bool:
     return isinstance(spec, str) and "://" in spec and not spec[:7].lower() == "file://"
 
 
-def local_spec(spec: str) -> str:
-    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...)
-    as the path it names, so that it is read as that file or folder, not as a stream; any other
-    value as it is."""
+def local_spec(spec: str, windows: bool = os.name == "nt") -> str:
+    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...;
+    on Windows, `windows`, file:///C:/data/clip.mp4, and file://server/share/... a share's UNC
+    path) as the path it names, so that it is read as that file or folder, not as a stream; any
+    other value as it is (one naming no path, file:// or file://localhost, too: "" would be the
+    current folder)."""
     if spec[:7].lower() != "file://":
         return spec
     from urllib.parse import urlsplit
-    from urllib.request import url2pathname
+
+    if windows:  # what urllib.request's is on Windows
+        from nturl2path import url2pathname
+    else:
+        from urllib.request import url2pathname
 
     parts = urlsplit(spec)
-    return url2pathname(parts.path) if parts.netloc in ("", "localhost") else spec
+    if windows and parts.netloc not in ("", "localhost") and "@" not in parts.netloc and parts.path:
+        # another host's share (\\server\share\clip.mp4: Path.as_uri() writes file://server/share/...)
+        return url2pathname(f"//{parts.netloc}{parts.path}")
+    return url2pathname(parts.path) if parts.netloc in ("", "localhost") and parts.path else spec
 
 
 def _sample(frames: int | None):
@@ -606,7 +615,7 @@ def make_source(spec: str | None, sample_frames: int | None = None, *, api: bool
         raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a pipe); {hint}")
     from camface.outputs import shown
 
-    raise SourceError(f"source not found: {shown(spec)} (expected {SOURCE_KINDS})")
+    raise SourceError(f"source not found: {shown(redact(spec))} (expected {SOURCE_KINDS})")  # file://user:pw@host/...
 
 
 def _a_live_stream(url: str) -> bool:
@@ -649,7 +658,7 @@ def check_source(spec: str, flag: str, *, no_camera: str | None = None) -> Sourc
             if path.exists():
                 raise SourceError(f"source {spec} is neither a video file nor a folder of images (a device or a "
                                   f"pipe; expected {kinds})")
-            raise SourceError(f"source not found: {shown(spec)} (expected {kinds})")
+            raise SourceError(f"source not found: {shown(redact(spec))} (expected {kinds})")
         opened = make_source(spec)
         if isinstance(opened, ImageFolderSource):
             with opened:

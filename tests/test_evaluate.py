@@ -710,3 +710,24 @@ def test_a_device_that_falls_back_to_the_cpu_is_said_once(tmp_path, astronaut_bg
                              "--device", "cuda"]) == 0
     said = [r.getMessage() for r in caplog.records if "is not usable here" in r.getMessage()]
     assert said == ["camface: device 'cuda' is not usable here; running the CAM graph on CPU"]
+
+
+def test_a_file_url_of_a_folder_or_photo_is_scored_as_that_folder_or_photo(tmp_path, astronaut_bgr, capsys):
+    """A file:// URL is read as the path it names (sources.local_spec), but evaluate's defaults
+    (and export's ranking, which takes them) looked at the URL as a path: a folder of images
+    given as file:///... was scored by every 5th of its first 300 images, not whole, and a
+    --plot naming the photo given as --source was not seen as its input (written over it)."""
+    from camface.evaluate import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = folder / "0.png"
+    cv2.imwrite(str(photo), astronaut_bgr)
+    for path in (folder, photo):
+        assert (cli.default_every(path.as_uri()), cli.default_frames(path.as_uri())) == (1, sys.maxsize), path
+    before = photo.read_bytes()
+    assert camface_main(["evaluate", "--source", photo.as_uri(), "--methods", "gradcam", "--steps", "2",
+                         "--plot", str(photo)]) == 2
+    err = capsys.readouterr().err
+    assert f"--plot {photo} is an input" in err and "Traceback" not in err, err
+    assert photo.read_bytes() == before

@@ -1447,3 +1447,15 @@ def test_a_signal_as_the_threads_start_stops_them_and_ends_with_a_summary(sig, s
     run = subprocess.run([sys.executable, "-c", THREADS_START_SIGNAL, str(int(sig))], capture_output=True,
                          text=True, env=ENV, timeout=120)
     assert (run.returncode, run.stdout.strip()) == (0, said), run.stderr
+
+
+def test_a_recording_over_the_clip_given_as_a_file_url_is_refused(tmp_path, face_clip, capsys):
+    """--source file:///x.mp4 reads x.mp4 (sources.local_spec), but the check that --record does
+    not name the video being read looked at the URL as a path: --overwrite wiped the clip."""
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(face_clip.read_bytes())
+    before = clip.read_bytes()
+    assert camface_main(["live", "--source", clip.as_uri(), "--no-show", "--record", str(clip), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--record {clip} is an input" in err and "Traceback" not in err, err
+    assert clip.read_bytes() == before

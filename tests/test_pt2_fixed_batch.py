@@ -788,3 +788,67 @@ def test_the_freed_graph_is_run_untraced_only_where_a_view_is_ambiguous(tmp_path
     assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT, *options]) == 0, \
         capsys.readouterr().err
     assert shapes == [[batch, 3, SIZE, SIZE]] * checks
+
+
+class MaskedLogits(nn.Module):
+    """Logits with one class masked to -inf (masked_fill(mask, float("-inf"))): torch.export.save
+    writes the constant as the string "-Infinity", a float that is no JSON number."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.register_buffer("mask", torch.tensor([False, False, True, False]))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3))).masked_fill(self.mask, float("-inf"))
+
+
+@pytest.mark.parametrize("batch", [None, 1])
+def test_a_model_with_a_masked_logit_exports_as_the_model(tmp_path, capsys, batch):
+    """A masked logit's -inf was refused twice: its constant, saved as "-Infinity", as "no number"
+    whose load "would RUN CODE FROM THE FILE" (torch writes every non-finite float so and reads it
+    with float()); saved at a fixed batch, as crops mixed ("up to nan apart": -inf - -inf is nan)."""
+    torch.manual_seed(0)
+    model = MaskedLogits().eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "masked.pt2", batch), tmp_path / "cam.onnx")
+
+
+def test_a_freed_program_that_loses_a_masked_logit_is_refused():
+    """Equal values are 0 apart (-inf in both), but a finite value where the saved program gives
+    -inf is not: the scale of a value that is not finite is 0, never inf (inf <= inf held)."""
+    from camface.export import torch_model
+
+    class Saved:
+        def module(self, check_guards=False):
+            return model
+
+    model = MaskedLogits().eval()
+    torch_model._check_freed(Saved(), model, [1, 3, SIZE, SIZE])  # -inf in both: the same
+    unmasked = lambda x: model(x).nan_to_num(neginf=-1e30)  # noqa: E731
+    with pytest.raises(torch_model._NotFreed, match="a batch of 2 crops does not give each crop what the batch"):
+        torch_model._check_freed(Saved(), unmasked, [1, 3, SIZE, SIZE])
+
+
+@pytest.mark.parametrize("dead", [0.0, 300.0])
+def test_a_sparse_output_is_judged_at_the_scale_of_its_values_not_its_zeros(dead):
+    """Each element is judged at least at the median scale of its output's positions, so that
+    one near 0 in every crop is no finer than the others; but where most positions are exactly
+    0 in every crop (a ReLU's dead units), the median was 0, and an element of 0.01 beside
+    values of 500 was held to 1e-4: float32 rounding of values of 500 (a batch of 2 is summed
+    otherwise than 1 at a time, about 1e-4 apart) refused a valid program as crops mixed, where
+    the same output with no dead unit passed."""
+    from camface.export import torch_model
+
+    class Saved:
+        def module(self, check_guards=False):
+            return model
+
+    def model(x):
+        mean = x.flatten(1).mean(1, keepdim=True).double()
+        return torch.cat([torch.full((len(x), 6), dead, dtype=torch.float64), 500 + mean, 0.01 + 0 * mean], 1)
+
+    rounded = lambda x: model(x) + torch.tensor([0, 0, 0, 0, 0, 0, 2e-4, 2e-4], dtype=torch.float64)  # noqa: E731
+    torch_model._check_freed(Saved(), rounded, [1, 3, SIZE, SIZE])
+    mixed = lambda x: model(x) + model(x).mean(0) * 0.01  # noqa: E731
+    with pytest.raises(torch_model._NotFreed, match="a batch of 2 crops does not give each crop"):
+        torch_model._check_freed(Saved(), mixed, [1, 3, SIZE, SIZE])

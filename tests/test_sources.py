@@ -1151,3 +1151,51 @@ def test_calibration_takes_a_video_file_behind_a_url_but_no_live_stream(ts_serve
         check_source(f"{url}/live/clip.ts", "--calibration", no_camera="calibration")
     with pytest.raises(SourceError, match=r"^--calibration: stream http://127\.0\.0\.1:9/clip\.ts could not be opened"):
         check_source("http://127.0.0.1:9/clip.ts", "--calibration", no_camera="calibration")  # nothing listens
+
+
+@pytest.mark.parametrize("url", ["file://", "file://localhost", "FILE://"])
+def test_a_file_url_naming_no_path_is_not_the_current_folder(url, tmp_path, monkeypatch):
+    """local_spec gave "" for a file URL with no path, and Path("") is the current folder: it
+    was read as a folder of images (the one camface ran in), where an empty --source is refused."""
+    import cv2
+
+    from camface.realtime.sources import check_source, make_source
+
+    monkeypatch.chdir(tmp_path)
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))  # the folder would be read
+    with pytest.raises(SourceError, match=rf"^source not found: {url}( |$)"):
+        make_source(url)
+    with pytest.raises(SourceError, match=rf"^--calibration: source not found: {url} "):
+        check_source(url, "--calibration", no_camera="calibration")
+
+
+@pytest.mark.parametrize("no_camera", [None, "calibration"])
+def test_a_file_url_of_another_host_is_said_without_its_password(no_camera):
+    """A file:// URL was a stream URL, said redacted; read as a path since, a file URL of another
+    host (no path here) was said "not found" with its user name and password in the message."""
+    from camface.realtime.sources import check_source, make_source
+
+    url = "file://admin:s3cret@nas/clip.mp4"
+    with pytest.raises(SourceError) as raised:
+        make_source(url)
+    assert str(raised.value).startswith("source not found: file://***@nas/clip.mp4 ")
+    with pytest.raises(SourceError) as raised:
+        check_source(url, "--calibration", no_camera=no_camera)
+    assert str(raised.value).startswith("--calibration: source not found: file://***@nas/clip.mp4 ")
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url, path", [
+    ("file:///C:/data/my%20faces", "C:\\data\\my faces"),
+    ("file://localhost/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
+    ("file://server/share/clip.mp4", "\\\\server\\share\\clip.mp4"),  # Path(r"\\server\share\clip.mp4").as_uri()
+    ("file://admin:pw@server/share/clip.mp4", "file://admin:pw@server/share/clip.mp4"),  # said redacted, not found
+])
+def test_a_file_url_on_windows_is_its_drive_or_share_path(url, path):
+    """On Windows a file URL with a host names a share (pathlib writes \\\\server\\share\\x as
+    file://server/share/x): it was left as the URL, "not found", where FFmpeg had read it."""
+    from camface.realtime.sources import local_spec
+
+    assert local_spec(url, windows=True) == path
+    if url.startswith("file://server"):  # elsewhere a host's file is none of this machine's
+        assert local_spec(url, windows=False) == url
