@@ -540,9 +540,9 @@ def is_stream_url(spec: str | None) -> bool:
 
 
 def local_spec(spec: str, windows: bool = os.name == "nt") -> str:
-    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...;
-    on Windows, `windows`, file:///C:/data/clip.mp4, and file://server/share/... a share's UNC
-    path) as the path it names, so that it is read as that file or folder, not as a stream; any
+    """`spec` with a file:// URL of this machine (file:///data/clip.mp4, file://localhost/...,
+    file://127.0.0.1/..., file://[::1]/...; on Windows, `windows`, file:///C:/data/clip.mp4, and
+    file://server/share/... a share's UNC path) as the path it names, so that it is read as that file or folder, not as a stream; any
     other value as it is (one naming no path, file:// or file://localhost, too: "" would be the
     current folder)."""
     if spec[:7].lower() != "file://":
@@ -555,10 +555,28 @@ def local_spec(spec: str, windows: bool = os.name == "nt") -> str:
         from urllib.request import url2pathname
 
     parts = urlsplit(spec)
-    if windows and parts.netloc not in ("", "localhost") and "@" not in parts.netloc and parts.path:
+    here = _this_machine(parts.netloc)
+    if windows and not here and "@" not in parts.netloc and parts.path:
         # another host's share (\\server\share\clip.mp4: Path.as_uri() writes file://server/share/...)
         return url2pathname(f"//{parts.netloc}{parts.path}")
-    return url2pathname(parts.path) if parts.netloc in ("", "localhost") and parts.path else spec
+    return url2pathname(parts.path) if here and parts.path else spec
+
+
+def _this_machine(netloc: str) -> bool:
+    """True when a file URL's host part `netloc` names this machine: none, localhost (host names
+    are case-insensitive: LOCALHOST too) or a loopback address (127.0.0.1, [::1]); not one with a
+    user name or a port, nor any other host."""
+    import ipaddress
+
+    host = netloc.lower()
+    if host in ("", "localhost"):
+        return True
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address is written in brackets
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name (or user@host, host:port): another machine's
+        return False
 
 
 def _sample(frames: int | None):

@@ -1133,6 +1133,25 @@ def test_a_file_url_is_read_as_the_file_or_folder_it_names(tmp_path):
         check_source("file://elsewhere/clip.mp4", "--calibration", no_camera="calibration")
 
 
+@pytest.mark.parametrize("host", ["LOCALHOST", "LocalHost", "127.0.0.1", "[::1]"])
+def test_a_file_url_of_this_machine_by_any_name_is_read_as_its_path(host, tmp_path):
+    """file://LOCALHOST/... (host names are case-insensitive), file://127.0.0.1/... and
+    file://[::1]/... name this machine as file://localhost/... does: they were "not found"."""
+    import cv2
+
+    from camface.realtime.sources import ImageFolderSource, check_source, local_spec, make_source
+
+    folder = tmp_path / "my faces"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    url = f"file://{host}" + folder.as_uri()[len("file://"):]
+    assert local_spec(url) == str(folder)
+    assert isinstance(make_source(url), ImageFolderSource)
+    assert isinstance(check_source(url, "--calibration", no_camera="calibration"), ImageFolderSource)
+    for other in (f"file://{host}:8080/x", f"file://me@{host}/x", "file://127.0.0.1.example/x", "file://10.0.0.1/x"):
+        assert local_spec(other) == other, other  # a port, a user or another host: not this machine's path
+
+
 def test_calibration_takes_a_video_file_behind_a_url_but_no_live_stream(ts_server, tmp_path):
     """Every URL was refused as --calibration, a video file behind an http(s) URL too, though
     its frames are the same on every run (read as a file: test above). The URL is opened to
@@ -1188,6 +1207,8 @@ def test_a_file_url_of_another_host_is_said_without_its_password(no_camera):
 @pytest.mark.parametrize("url, path", [
     ("file:///C:/data/my%20faces", "C:\\data\\my faces"),
     ("file://localhost/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
+    ("file://LOCALHOST/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
+    ("file://127.0.0.1/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
     ("file://server/share/clip.mp4", "\\\\server\\share\\clip.mp4"),  # Path(r"\\server\share\clip.mp4").as_uri()
     ("file://admin:pw@server/share/clip.mp4", "file://admin:pw@server/share/clip.mp4"),  # said redacted, not found
 ])
