@@ -452,7 +452,10 @@ def _check_freed(program, again, shape: list[int], saved: dict | None = None) ->
     from camface.export import verify
 
     def outputs(module, images):
-        return [t.double().numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
+        # each run from the saved state: a buffer changed in place in forward (a counter, a running
+        # statistic) is the program's own tensor, shared by every module of it and by the re-export
+        with _state_kept(program, module):
+            return [t.double().numpy() for t in pytree.tree_leaves(module(images)) if isinstance(t, torch.Tensor)]
 
     fixed = shape[0]
     count = fixed + 1 if fixed < MAX_CROPS else MAX_CROPS - 1  # never `fixed`, within the Dim
@@ -487,6 +490,27 @@ def _check_freed(program, again, shape: list[int], saved: dict | None = None) ->
         if not same or not np.all(apart <= atol + rtol * _scales(expected, 1 if axis is None else count)):
             raise _NotFreed(f"a batch of {count} crops does not give each crop what the batch of "
                             f"{fixed} gives it (up to {float(apart.max(initial=0)):.3g} apart)")
+
+
+@contextlib.contextmanager
+def _state_kept(program, module):
+    """The buffers and constants of `program` (an ExportedProgram) and of `module` (an
+    nn.Module; anything else has none of its own) as they were on entry, put back in place on
+    exit: a run that changes one in place (self.n += 1 in forward) changes the program's own
+    tensor, which program.module() and a program exported again from it share."""
+    import torch
+
+    held = [*dict(program.named_buffers()).values(), *program.constants.values()] \
+        if isinstance(program, torch.export.ExportedProgram) else []
+    if isinstance(module, torch.nn.Module):
+        held += list(module.buffers())
+    kept = {id(t): (t, t.clone()) for t in held if isinstance(t, torch.Tensor)}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, before in kept.values():
+                tensor.copy_(before)
 
 
 def _scales(values, crops: int):

@@ -852,3 +852,41 @@ def test_a_sparse_output_is_judged_at_the_scale_of_its_values_not_its_zeros(dead
     mixed = lambda x: model(x) + model(x).mean(0) * 0.01  # noqa: E731
     with pytest.raises(torch_model._NotFreed, match="a batch of 2 crops does not give each crop"):
         torch_model._check_freed(Saved(), mixed, [1, 3, SIZE, SIZE])
+
+
+class Counting(nn.Module):
+    """Buffers changed in place in forward: a counter (self.n += 1) that scales the logits, and a
+    running mean of the features, added to the logits before it takes this batch in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.register_buffer("n", torch.zeros(()))
+        self.register_buffer("running", torch.linspace(-1, 1, 8))
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        self.n += 1
+        logits = self.head(features + self.running) * self.n
+        self.running.lerp_(features.mean(0), 0.5)
+        return logits
+
+
+@pytest.mark.parametrize("batch", [None, 1, 2])
+def test_buffers_changed_in_forward_are_exported_as_saved(tmp_path, capsys, batch):
+    """The checks of the freed program ran program.module(), whose buffers are the program's: each
+    run added to the counter and moved the running mean, so the saved program at a fixed batch was
+    refused as crops mixed (its runs gave other logits), and what the re-export captured was
+    not what was saved. Each run starts from the saved buffers and leaves them so: the graph gives
+    what the saved program gives on its first run, taken from a fresh load before the export."""
+    torch.manual_seed(0)
+    path = saved(Counting().eval(), tmp_path / "counting.pt2", batch)
+    images = torch.tensor(IMAGES.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    step = batch or len(IMAGES)
+    with torch.no_grad():  # a fresh load for each batch: each run changes the buffers
+        expected = torch.cat([torch.softmax(torch.export.load(str(path)).module()(images[i:i + step]), 1)
+                              for i in range(0, len(IMAGES) - step + 1, step)]).numpy()
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 0, capsys.readouterr().err
+    got = run_graph(tmp_path / "cam.onnx", IMAGES, CLASSES)["probs"]
+    np.testing.assert_allclose(got[:len(expected)], expected, rtol=1e-4, atol=1e-6)
+
