@@ -54,7 +54,8 @@ def free(module, batch: int, ties: Ties | None = None):
     """`module` (a program's graph, traced at the fixed `batch`) with the shapes its views,
     expands and tensor constructors were traced with reading the input's batch instead of the
     number `batch` (a flatten traced at batch 2 is a view(2, C); nn.MultiheadAttention's heads
-    [T, 2 * heads, dim] at a batch of 2), in place, the subgraphs of its torch.cond and of its
+    [T, 2 * heads, dim] at a batch of 2; torch.arange(x.shape[0]) indexing the batch's axis, an
+    arange(2): `_indexes_batch`), in place, the subgraphs of its torch.cond and of its
     torch.no_grad() and torch.autocast blocks too; returns `module`. Where a view's batch axis
     is ambiguous, `ties` says which to take and counts the candidates (the tie-break's when
     None)."""
@@ -87,6 +88,13 @@ def _free_graph(module, batch: int, inputs: dict, ties: Ties) -> dict:
     for node in list(graph.nodes):
         op = _op_name(node)
         value = node.meta.get("val")
+        if _batch_arange(node, batch) and node.users and all(_indexes_batch(user, node, axes) for user in node.users):
+            # torch.arange(x.shape[0]) picking one row of each crop (t[arange(N), idx], CLIP's pooling)
+            # was traced as arange(batch): its end is the input's batch (_check_freed refuses it if not)
+            args = list(node.args)
+            args[0 if len(args) == 1 else 1] = size
+            node.args = tuple(args)
+            continue
         if node.op != "call_function" or op not in _SHAPE_OPS or value is None or not value.shape:
             continue
         if op in _VIEW_OPS and node.args and node.args[0] not in from_image:
@@ -116,6 +124,31 @@ def _free_graph(module, batch: int, inputs: dict, ties: Ties) -> dict:
     graph.lint()
     module.recompile()
     return axes
+
+
+def _batch_arange(node, batch: int) -> bool:
+    """Whether `node` is arange(batch) (or arange(0, batch[, 1])) of integers: the indices of the
+    crops, as torch.arange(x.shape[0]) is traced at the fixed `batch`."""
+    import torch
+
+    value = node.meta.get("val")
+    if _op_name(node) != "arange" or not isinstance(value, torch.Tensor) or value.is_floating_point() \
+            or value.dtype == torch.bool:
+        return False
+    args = node.args  # arange(end), arange(start, end), arange(start, end, step)
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (*args[:2], 1) if len(args) == 2 else args[:3]
+    return (start, step) == (0, 1) and isinstance(end, int) and not isinstance(end, bool) and end == batch
+
+
+def _indexes_batch(user, node, axes: dict) -> bool:
+    """Whether `user` is an index (t[..., node, ...]) that takes arange `node` as the index of
+    t's batch axis, held there alone (outer and inner 1): crop i's row is picked from crop i."""
+    if _op_name(user) != "index" or len(user.args) < 2 or not isinstance(user.args[1], (list, tuple)):
+        return False
+    at = axes.get(user.args[0])
+    indices = list(user.args[1])
+    return isinstance(at, tuple) and at[1:] == (1, 1) and at[0] < len(indices) and indices[at[0]] is node \
+        and indices.count(node) == 1 and user.args[0] is not node
 
 
 def _unflattened_from(node) -> int | None:
@@ -233,6 +266,9 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
         dims = node.args[1] if len(node.args) > 1 else [d for d in range(rank) if before.shape[d] == 1]
         dims = [d % rank for d in ([dims] if isinstance(dims, int) else dims) if before.shape[d % rank] == 1]
         return None if axis in dims else (axis - sum(d < axis for d in dims), outer, inner)
+    indexed = _indexed_axis(node, before, out, axis, outer, inner, batch) if op == "index" else None
+    if indexed is not None:
+        return indexed
     if op in _VIEW_OPS and isinstance(value, torch.Tensor):
         return _view_axis(list(before.shape), list(value.shape), axis, outer, batch, ties, node)
     if op in _REDUCTIONS and isinstance(out, torch.Tensor) and out.dim() < rank:
@@ -253,6 +289,34 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
                                    for a in node.all_input_nodes):
         return None
     return axis + out_rank - rank, outer, inner
+
+
+def _indexed_axis(node, before, out, axis: int, outer: int, inner: int, batch: int):
+    """Where index `node` (t[indices], advanced indexing, t `before` holding the batch on `axis`)
+    puts it in `out`: an axis not indexed keeps it, moved past the indexed ones (their broadcast
+    axes stand where the first is when they are adjacent, in front when not); an indexed one keeps
+    it only where its index is the crops' own (an arange of the batch: `_batch_arange`) and the
+    indices broadcast to one axis; None elsewhere (a boolean mask, another index of the batch:
+    `_moved`'s other rules, as before)."""
+    import torch
+
+    if not isinstance(out, torch.Tensor):
+        return None
+    indices = list(node.args[1]) if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else []
+    held = [i for i, t in enumerate(indices) if t is not None]
+    values = [indices[i].meta.get("val") if isinstance(indices[i], torch.fx.Node) else None for i in held]
+    if not held or not all(isinstance(v, torch.Tensor) and v.dtype not in (torch.bool, torch.uint8) for v in values):
+        return None
+    broadcast = out.dim() - (before.dim() - len(held))  # the indices' broadcast axes
+    adjacent = held == list(range(held[0], held[-1] + 1))
+    first = held[0] if adjacent else 0
+    if axis in held:
+        if broadcast != 1 or outer * inner != 1 or not _batch_arange(indices[axis], batch):
+            return None
+        return first, outer, inner
+    if adjacent and axis < held[0]:
+        return axis, outer, inner
+    return axis - sum(i < axis for i in held) + broadcast, outer, inner
 
 
 def _view_axis(before: list, after: list, axis: int, outer: int, batch: int, ties: Ties, node=None):

@@ -890,3 +890,47 @@ def test_buffers_changed_in_forward_are_exported_as_saved(tmp_path, capsys, batc
     got = run_graph(tmp_path / "cam.onnx", IMAGES, CLASSES)["probs"]
     np.testing.assert_allclose(got[:len(expected)], expected, rtol=1e-4, atol=1e-6)
 
+
+class PickedToken(nn.Module):
+    """CLIP-style pooling: of each crop's tokens [N, T, C] the one chosen by index (the largest),
+    tokens[torch.arange(N), index], beside the tokens' mean, its rows viewed as [N, 2, C // 2];
+    `first` tokens (a number, not the batch) of each crop are taken by an arange too, on the
+    token axis; `mixed`: less the batch's mean (crops mixed)."""
+
+    def __init__(self, first=2, mixed=False):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8, 4)
+        self.first, self.mixed = first, mixed
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x))
+        tokens = features.flatten(2).transpose(1, 2)  # [N, T, C]
+        picked = tokens[torch.arange(tokens.shape[0]), tokens.sum(-1).argmax(-1)]
+        pooled = features.mean((2, 3)) + tokens[:, torch.arange(self.first)].sum(1) \
+            + picked.view(len(x), 2, 4).flatten(1)
+        return self.head(pooled - pooled.mean(0) if self.mixed else pooled)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_token_picked_by_an_arange_of_the_batch_is_freed(tmp_path, capsys, batch):
+    """torch.arange(x.shape[0]) traced at a fixed batch is arange(batch): the program saved so was
+    refused (tokens[arange(2), index] at 3 crops: "shape mismatch: indexing tensors could not be
+    broadcast together"). An arange of the batch that picks a row of each crop's own (the index of
+    the batch's axis) ends at the input's batch now; one of as many tokens, on another axis, keeps
+    its number: the graph gives the model's probabilities on 3 crops."""
+    torch.manual_seed(0)
+    model = PickedToken(first=batch).eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch), tmp_path / "cam.onnx")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_picked_token_of_crops_mixed_is_refused(tmp_path, capsys, batch):
+    """The arange of the batch freed, the check still runs: crops mixed (less the batch's mean
+    of the pooled tokens) are refused in one line as such (at a batch of 2 they were refused
+    as a size camface could not trace back, the arange's)."""
+    torch.manual_seed(0)
+    path = saved(PickedToken(mixed=True).eval(), tmp_path / "fixed.pt2", batch)
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT]) == 2
+    err = capsys.readouterr().err
+    assert f"a batch of {batch + 1} crops does not give each crop what the batch of {batch} gives it" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
