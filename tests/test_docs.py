@@ -185,3 +185,31 @@ def test_readme_defaults_are_the_commands_defaults():
                                                  for d in defaults):
                 wrong.append(f"{heading}: {flag} default {given!r} in one command, argparse says {defaults}")
     assert seen >= 7 and not wrong, (seen, wrong)
+
+
+def test_readme_gradient_free_growth_is_the_bundled_graphs():
+    """"Heatmap methods" says how much Ablation-CAM's and Score-CAM's clones add to the bundled
+    graph (`grew by A kB of nodes and B kB of constants (X -> Y MB)`): the graph less the nodes
+    only those two outputs need, against the file (a re-export that changes them must update it)."""
+    import onnx
+    from onnx.utils import Extractor
+
+    from camface.models import EMOTION_ONNX
+
+    section = REPO.joinpath("README.md").read_text().split("\n## Heatmap methods\n", 1)[1].split("\n## ", 1)[0]
+    nodes_kb, constants_kb, before_mb, after_mb = map(float, re.search(
+        r"grew by (\d+) kB of nodes and (\d+) kB of constants \(([\d.]+) -> ([\d.]+) MB\)", section).groups())
+    model = onnx.load(str(EMOTION_ONNX))
+    kept = [o.name for o in model.graph.output if o.name not in ("ablationcam", "scorecam")]
+    without = Extractor(model).extract_model([i.name for i in model.graph.input], kept)
+
+    def parts(m: onnx.ModelProto) -> tuple[int, int, int]:
+        return (m.ByteSize(), sum(n.ByteSize() for n in m.graph.node),
+                sum(t.ByteSize() for t in m.graph.initializer))
+
+    (size, nodes, constants), (size0, nodes0, constants0) = parts(model), parts(without)
+    assert size == EMOTION_ONNX.stat().st_size
+    shown = (before_mb, after_mb, nodes_kb, constants_kb)
+    measured = (round(size0 / 1e6, 3), round(size / 1e6, 3), round((nodes - nodes0) / 1e3),
+                round((constants - constants0) / 1e3))
+    assert shown == measured, (shown, measured)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -539,3 +540,15 @@ def test_weights_leave_room_for_cpus_without_vnni(quantized):
     largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
     assert 32 < largest <= int8.REDUCED_WEIGHT_MAX  # 7 bits, used (not a needlessly tiny scale)
     assert 255 * largest * 2 <= np.iinfo(np.int16).max
+
+
+def test_readme_int8_score_cam_figures_are_the_bundled_graphs(quantized):
+    """"Which precision where" quotes int8 Score-CAM's agreement on the bundled graph (`int8
+    Score-CAM holds r R, overlap O`): what quantizing it on the sample measures, at the README's
+    precision (half a printed step) plus 0.002 for another CPU's float32 reference."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = re.search(r"int8 Score-CAM holds r ([\d.]+), overlap ([\d.]+)", readme).groups()
+    scorecam = quantized.agreement.methods["scorecam"]
+    for text, measured in zip(shown, (scorecam.pearson, scorecam.overlap)):
+        step = 10.0 ** -len(text.split(".")[1])
+        assert abs(float(text) - measured) <= step / 2 + 0.002, (shown, scorecam.pearson, scorecam.overlap)
