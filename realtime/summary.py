@@ -82,12 +82,13 @@ class RunSummary:
     def line(self) -> str:
         """One line: 'Speed: 2.3 ms detect, 1.1 ms classify, 0.4 ms render per frame; ...'."""
         ms = ", ".join(self._stage_text(s) for s in HUD_STAGES if s in self.stages)
-        text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frames, "
-                f"{self.faces_per_frame:.1f} faces/frame, {fps_text(self.fps)} fps")
-        if self.pace_fps and self.still:
-            text += f" (each image held {1 / self.pace_fps:.3g} s)"
-        elif self.pace_fps:
-            text += f" (paced to the source's {self.pace_fps:.3g} fps)"
+        # one frame has no interval to time: its rate is no 0 fps (a photo given as --source)
+        rate = f"{fps_text(self.fps)} fps" if self.frames != 1 else "no rate (one frame)"
+        text = (f"Speed: {ms or 'n/a'} per frame; {self.frames} frame{'s' if self.frames != 1 else ''}, "
+                f"{self.faces_per_frame:.1f} faces/frame, {rate}")
+        if self.pace_fps and self.frames != 1:
+            text += (f" (each image held {1 / self.pace_fps:.3g} s)" if self.still else
+                     f" (paced to the source's {self.pace_fps:.3g} fps)")
         for path, written in self.recordings:
             text += f"; recorded {written} frames to {path}"
         if self.snapshots:

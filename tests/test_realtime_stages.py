@@ -798,6 +798,9 @@ def test_rates_below_ten_fps_are_not_printed_as_zero():
     summary = RunSummary(frames=3, faces=6, dropped=0, fps=0.5, wall_s=6.0, stages={}, provider="CPU",
                          source="photos", pace_fps=0.5, still=True)
     assert "; 3 frames, 2.0 faces/frame, 0.5 fps (each image held 2 s)" in summary.line()
+    one = RunSummary(frames=1, faces=1, dropped=0, fps=0.0, wall_s=0.1, stages={}, provider="CPU",
+                     source="photo.jpg", pace_fps=0.5, still=True)  # one photo: "1 frames, ... 0 fps" before
+    assert "; 1 frame, 1.0 faces/frame, no rate (one frame)" in one.line() and "fps" not in one.line()
     hud = HudAnnotator().lines(FrameResult(index=2, faces=(), predictions=(), dropped=0, method="gradcam",
                                            explained_class=None, labels=("a",), fps=0.5, stage_ms={},
                                            provider="CPUExecutionProvider", pace_fps=0.5))
