@@ -293,11 +293,13 @@ def _moved(op: str, node, before, value, axis: int, outer: int, inner: int, batc
 
 def _indexed_axis(node, before, out, axis: int, outer: int, inner: int, batch: int):
     """Where index `node` (t[indices], advanced indexing, t `before` holding the batch on `axis`)
-    puts it in `out`: an axis not indexed keeps it, moved past the indexed ones (their broadcast
-    axes stand where the first is when they are adjacent, in front when not); an indexed one keeps
-    it only where its index is the crops' own (an arange of the batch: `_batch_arange`) and the
-    indices broadcast to one axis; None elsewhere (a boolean mask, another index of the batch:
-    `_moved`'s other rules, as before)."""
+    puts it in `out`: an index `before` (of integers) that holds it puts it on the broadcast axes
+    (table[idx], an embedding looked up for each crop); an axis of t not indexed keeps it, moved
+    past the indexed ones (their broadcast axes stand where the first is when they are adjacent,
+    in front when not); an indexed one keeps it only where its index is the crops' own (an
+    arange of the batch: `_batch_arange`), on the last of the indices' broadcast axes
+    (t[arange(N), idx], idx [K, N]: [K, N, ...]); None elsewhere (a boolean mask, another index
+    of the batch: `_moved`'s other rules, as before)."""
     import torch
 
     if not isinstance(out, torch.Tensor):
@@ -307,13 +309,20 @@ def _indexed_axis(node, before, out, axis: int, outer: int, inner: int, batch: i
     values = [indices[i].meta.get("val") if isinstance(indices[i], torch.fx.Node) else None for i in held]
     if not held or not all(isinstance(v, torch.Tensor) and v.dtype not in (torch.bool, torch.uint8) for v in values):
         return None
-    broadcast = out.dim() - (before.dim() - len(held))  # the indices' broadcast axes
+    indexed = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(indexed, torch.Tensor):
+        return None
+    broadcast = out.dim() - (indexed.dim() - len(held))  # the indices' broadcast axes
     adjacent = held == list(range(held[0], held[-1] + 1))
     first = held[0] if adjacent else 0
+    if before is not indexed:
+        # the batch comes from an index (table[idx], idx [N] from the image: `before` is idx):
+        # it lies on the broadcast axes, which align the indices' last axes
+        return (first + axis + broadcast - before.dim(), outer, inner) if before.dim() <= broadcast else None
     if axis in held:
-        if broadcast != 1 or outer * inner != 1 or not _batch_arange(indices[axis], batch):
+        if broadcast < 1 or outer * inner != 1 or not _batch_arange(indices[axis], batch):
             return None
-        return first, outer, inner
+        return first + broadcast - 1, outer, inner  # the arange [N] aligns with the last broadcast axis
     if adjacent and axis < held[0]:
         return axis, outer, inner
     return axis - sum(i < axis for i in held) + broadcast, outer, inner

@@ -556,8 +556,12 @@ def local_spec(spec: str, windows: bool = os.name == "nt") -> str:
 
     parts = urlsplit(spec)
     here = _this_machine(parts.netloc)
-    if windows and not here and "@" not in parts.netloc and parts.path:
-        # another host's share (\\server\share\clip.mp4: Path.as_uri() writes file://server/share/...)
+    # a loopback address before a path with no drive names a share of this machine, as pathlib
+    # writes \\127.0.0.1\c$\clip.mp4: file://127.0.0.1/c%24/clip.mp4 (not \c$\clip.mp4)
+    drive = len(parts.path) > 2 and parts.path[0] == "/" and parts.path[1].isalpha() and parts.path[2] in ":|"
+    share = not here or (parts.netloc.lower() not in ("", "localhost") and not drive)
+    if windows and share and "@" not in parts.netloc and parts.path:
+        # a host's share (\\server\share\clip.mp4: Path.as_uri() writes file://server/share/...)
         return url2pathname(f"//{parts.netloc}{parts.path}")
     return url2pathname(parts.path) if here and parts.path else spec
 

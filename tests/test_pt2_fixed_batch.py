@@ -934,3 +934,64 @@ def test_a_picked_token_of_crops_mixed_is_refused(tmp_path, capsys, batch):
     err = capsys.readouterr().err
     assert f"a batch of {batch + 1} crops does not give each crop what the batch of {batch} gives it" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "cam.onnx").exists()
+
+class LookedUp(nn.Module):
+    """An embedding looked up for each crop by an index from its image: a table of `rows` rows
+    of 2, table[argmax] ([N, 2]) or, `columns`, a table [rows, 8] indexed on its columns
+    (table[:, argmax], [rows, N]), its crops' columns viewed as [N, rows]."""
+
+    def __init__(self, rows=8, columns=False):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8 + (rows if columns else 2), 4)
+        self.table, self.columns = nn.Parameter(torch.randn(rows, 8 if columns else 2)), columns
+
+    def forward(self, x):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        index = features.argmax(-1)
+        looked = self.table[:, index].t() if self.columns else self.table[index]
+        return self.head(torch.cat([features, looked.reshape(len(x), -1)], 1))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("rows, columns", [(8, False), (2, True), (3, True)])
+def test_an_embedding_looked_up_by_an_index_of_the_image_is_freed(tmp_path, capsys, batch, rows, columns):
+    """The batch of table[index] (index [N] from the image) is the index's, on the indices'
+    broadcast axes: _indexed_axis read the index's axis as the table's, so table[:, index] (its
+    crops on axis 1) was taken to hold them on axis 0 where the table has as many rows as the
+    batch (2), and table[index] lost them: the reshape(len(x), -1) after kept the number 2, and
+    the program saved at a batch of 2 was refused. The graph gives the model's probabilities."""
+    torch.manual_seed(0)
+    model = LookedUp(rows, columns).eval()
+    assert_exports_as_the_model(model, capsys, saved(model, tmp_path / "fixed.pt2", batch), tmp_path / "cam.onnx")
+
+
+class PickedTokens(nn.Module):
+    """Each crop's `k` largest tokens, tokens[arange(N), idx] with idx [k, N] (topk's, transposed):
+    [k, N, C], its crops' rows viewed as [N, k * C]."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 4, 4), nn.Linear(8 * k, 4)
+        self.k = k
+
+    def forward(self, x):
+        tokens = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)  # [N, T, C]
+        picked = tokens[torch.arange(len(x)), tokens.sum(-1).topk(self.k).indices.t()]  # [k, N, C]
+        return self.head(picked.permute(1, 0, 2).reshape(len(x), -1))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("k", [2, 3])
+def test_tokens_picked_by_an_arange_of_the_batch_beside_a_2d_index_are_freed(tmp_path, capsys, batch, k):
+    """tokens[arange(N), idx] with idx [k, N] puts the crops on the second of the broadcast axes
+    [k, N, C]: _indexed_axis followed the batch only where the indices broadcast to one axis, and
+    the rule after took the first axis, which holds the batch's size where k is the batch (2),
+    so the reshape(len(x), -1) after kept the number and the program saved at 2 was refused."""
+    torch.manual_seed(0)
+    model = PickedTokens(k).eval()
+    path = saved(model, tmp_path / "fixed.pt2", batch)
+    options = ["--target-layer", "relu"]  # the tokens are no grid: the feature map is the target
+    assert main(["export", str(path), "-o", str(tmp_path / "cam.onnx"), *EXPORT, *options]) == 0, \
+        capsys.readouterr().err
+    np.testing.assert_allclose(run_graph(tmp_path / "cam.onnx", IMAGES, CLASSES)["probs"], eager_probs(model, IMAGES),
+                               rtol=1e-4, atol=1e-6)

@@ -1210,6 +1210,8 @@ def test_a_file_url_of_another_host_is_said_without_its_password(no_camera):
     ("file://LOCALHOST/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
     ("file://127.0.0.1/C:/data/clip.mp4", "C:\\data\\clip.mp4"),
     ("file://server/share/clip.mp4", "\\\\server\\share\\clip.mp4"),  # Path(r"\\server\share\clip.mp4").as_uri()
+    # a share of this machine by its loopback address: PureWindowsPath(r"\\127.0.0.1\c$\data\clip.mp4").as_uri()
+    ("file://127.0.0.1/c%24/data/clip.mp4", "\\\\127.0.0.1\\c$\\data\\clip.mp4"),
     ("file://admin:pw@server/share/clip.mp4", "file://admin:pw@server/share/clip.mp4"),  # said redacted, not found
 ])
 def test_a_file_url_on_windows_is_its_drive_or_share_path(url, path):
