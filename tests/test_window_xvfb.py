@@ -41,15 +41,20 @@ def display():
         server.wait(timeout=10)
 
 
-def _window_id(env: dict, timeout_s: float = 60.0) -> str:
+def _window_id(env: dict, process: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    """The X window id of camface's window, once it appears; else an AssertionError with what
+    the camface `process` wrote (it may have ended, or run on without a window)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         found = subprocess.run(["xdotool", "search", "--name", "^camface$"], env=env,
                                capture_output=True, text=True)
         if found.stdout.strip():
             return found.stdout.split()[0]
         time.sleep(0.2)
-    raise AssertionError("the camface window never appeared")
+    if process.poll() is None:
+        process.kill()
+    _, err = process.communicate(timeout=30)
+    raise AssertionError(f"the camface window never appeared (camface exit {process.returncode}): {err[-3000:]}")
 
 
 def test_keys_in_a_real_window(tmp_path, display):
@@ -63,7 +68,7 @@ def test_keys_in_a_real_window(tmp_path, display):
          "--snapshot-dir", str(tmp_path / "snaps"), "--method", "gradcam"],  # --show is automatic with a display
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        window = _window_id(env)
+        window = _window_id(env, process)
         # arrows and Shift must do nothing (their low bytes read as 'Q', 'R', 'S', 'T'), then:
         # next method, pause for 1.5 s and resume (space), one snapshot, quit
         for key, wait in (("Left", 0.3), ("Up", 0.3), ("Right", 0.3), ("Down", 0.3), ("shift", 0.3), ("m", 0.3),
